@@ -1,0 +1,77 @@
+"""Turning a distribution built from plate tensors into a raw one with the plates as batch dims.
+
+User code builds ``torch.distributions`` objects from plate tensors (written for one sample).
+An estimator samples from the *raw* distribution, whose parameters are the raw tensors aligned
+to the union of their plates and expanded to the plate sizes, so that every plate entry gets
+its own, independent samples.
+"""
+
+from __future__ import annotations
+
+from torch.distributions import Distribution, Independent
+from torch.distributions.utils import lazy_property
+
+from ._errors import UnsupportedDistributionError
+from ._plates import Plate, PlateTensor, align, plates_of, union_plates
+
+__all__ = ["unwrap_distribution"]
+
+# a parameter given in two equivalent forms: keep one of them
+_PAIRS = (("logits", "probs"),)
+
+
+def _parameters(d: Distribution) -> dict:
+    params = {}
+    for name in d.arg_constraints:
+        if name in d.__dict__:
+            params[name] = d.__dict__[name]
+        else:
+            attr = getattr(type(d), name, None)
+            if isinstance(attr, property) and not isinstance(attr, lazy_property):
+                params[name] = getattr(d, name)
+    for keep, drop in _PAIRS:
+        if keep in params and drop in params:
+            del params[drop]
+    return params
+
+
+def unwrap_distribution(d: Distribution) -> tuple[Distribution, tuple[Plate, ...]]:
+    """Return ``(raw_distribution, plates)``; ``plates`` lead the raw batch shape."""
+    if isinstance(d, Independent):
+        base, plates = unwrap_distribution(d.base_dist)
+        if not plates:
+            return d, ()
+        return Independent(base, d.reinterpreted_batch_ndims, validate_args=False), plates
+    if not isinstance(d, Distribution):
+        raise UnsupportedDistributionError(
+            f"expected a torch.distributions.Distribution, got {type(d).__name__}"
+        )
+    try:
+        params = _parameters(d)
+    except NotImplementedError:
+        params = {}
+    plates = union_plates([plates_of(v) for v in params.values()] + [()])
+    if not plates:
+        if any(type(v) is PlateTensor for v in vars(d).values()):
+            raise UnsupportedDistributionError(
+                f"{type(d).__name__} holds plate tensors that storch cannot find among its "
+                "arg_constraints; build it from plain tensors or use a distribution whose "
+                "parameters are listed in arg_constraints"
+            )
+        return d, ()
+    sizes = [p.size for p in plates]
+    raw = {}
+    for name, v in params.items():
+        if type(v) is PlateTensor:
+            r = align(v._raw, v._plates, plates)
+            raw[name] = r.expand(*sizes, *r.shape[len(plates):])
+        else:
+            raw[name] = v.expand(*sizes, *v.shape) if hasattr(v, "expand") else v
+    try:
+        # parameters were validated when the user built `d`; the raw copy is internal
+        return type(d)(**raw, validate_args=False), plates
+    except TypeError as e:
+        raise UnsupportedDistributionError(
+            f"storch cannot rebuild {type(d).__name__} from its parameters {sorted(raw)} ({e}); "
+            "use a distribution whose constructor takes its arg_constraints as keywords"
+        ) from e

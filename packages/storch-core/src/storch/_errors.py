@@ -1,0 +1,47 @@
+"""Exceptions raised by storch. Every user-facing error is one of these, with a message
+that says what was wrong and how to fix it."""
+
+from __future__ import annotations
+
+__all__ = [
+    "StorchError",
+    "PlateError",
+    "OrderError",
+    "UnknownEstimatorError",
+    "UnsupportedDistributionError",
+    "OptionError",
+    "CostError",
+    "PluginError",
+]
+
+
+class StorchError(Exception):
+    """Base class of all storch errors."""
+
+
+class PlateError(StorchError, ValueError):
+    """An operation would mix plate (sample or data) dimensions, or a plate name is reused."""
+
+
+class OrderError(StorchError, ValueError):
+    """An estimator in the graph is not unbiased to the requested derivative order."""
+
+
+class UnknownEstimatorError(StorchError, LookupError):
+    """No installed plugin provides an estimator of the requested name."""
+
+
+class UnsupportedDistributionError(StorchError, TypeError):
+    """An estimator was applied to a distribution it does not support."""
+
+
+class OptionError(StorchError, ValueError):
+    """An estimator option has an invalid value."""
+
+
+class CostError(StorchError, ValueError):
+    """A cost passed to ``storch.add_cost`` cannot be used (for example, it has an event shape)."""
+
+
+class PluginError(StorchError, RuntimeError):
+    """A plugin is malformed or two plugins claim the same estimator name."""

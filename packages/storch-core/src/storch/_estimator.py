@@ -1,0 +1,211 @@
+"""The estimator protocol: the four components of the paper (section 3.2) and their metadata.
+
+An estimator 〈q, w, l, a〉 is bound to one stochastic node (its plate):
+
+- ``proposal(node)``: draw the set of samples X (the plate), shape ``(N, *parents, *batch, *event)``;
+- ``weighting_function(node)``: w(x) >= 0 per sample, may carry gradient;
+- ``gradient_function(node)``: l(x) per sample (log-probability for score functions);
+- ``control_variate(node, cost)``: a(x<i, X), zero in expectation at every declared order.
+
+Subclasses override only what differs. Capabilities are class attributes, checked at
+registration (``storch._registry``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import ClassVar, Optional
+
+import torch
+from torch.distributions import Distribution
+
+from ._distributions import unwrap_distribution
+from ._errors import OptionError, UnsupportedDistributionError
+from ._graph import Node, current_graph
+from ._plates import Plate, PlateTensor, align
+
+__all__ = ["Estimator", "CostFrame", "magic_box"]
+
+
+def magic_box(x: torch.Tensor) -> torch.Tensor:
+    """MagicBox(x) = exp(x - ⊥x): evaluates to 1, its derivative is MagicBox(x)·∇x (DiCE)."""
+    return torch.exp(x - x.detach())  # detach: Foerster et al. 2018, Eq. 3
+
+
+class CostFrame:
+    """The cost as one estimator's control variate sees it (inside the surrogate, Eq. 2).
+
+    Attributes:
+        tensor: forward values of the (inner) cost estimate, detached, leading dims ``plates``;
+            plates of later nodes have been reduced already (size 1).
+        plates: the plates of the frame.
+        dim: position of the node's own plate in ``plates``.
+    """
+
+    __slots__ = ("tensor", "plates", "dim", "node", "_live")
+
+    def __init__(self, tensor: torch.Tensor, plates: tuple[Plate, ...], node: Node, live: torch.Tensor):
+        self.tensor = tensor
+        self.plates = plates
+        self.node = node
+        self.dim = next(i for i, p in enumerate(plates) if p.name == node.plate.name)
+        self._live = live
+
+    def align(self, t: torch.Tensor, plates: Optional[tuple[Plate, ...]] = None) -> torch.Tensor:
+        """View a node tensor (leading dims ``plates``, default the node's) in this frame."""
+        t = _lead(t, len(plates or self.node.plates))
+        return align(t, plates or self.node.plates, self.plates)
+
+    def sum_plate(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of ``t`` over the node's plate (kept as a size-1 dim)."""
+        return t.sum(self.dim, keepdim=True)
+
+    def live(self) -> torch.Tensor:
+        """The inner cost estimate WITH its graph (for learned control variates that need it)."""
+        return self._live
+
+
+def _lead(t, n: int):
+    """Give ``t`` at least ``n`` dims by appending size-1 dims (for per-plate weights like (N,))."""
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t)
+    if t.dim() < n:
+        t = t.reshape(t.shape + (1,) * (n - t.dim()))
+    return t
+
+
+class Estimator(torch.nn.Module):
+    """Base class of gradient estimators: sampling with replacement, score function, no baseline.
+
+    Class attributes (capabilities):
+        name: the registry name.
+        aliases: other registry names.
+        max_order: highest derivative order for which it is unbiased (``math.inf`` = any).
+        biased: True if it estimates a different (relaxed / finite-difference) objective.
+        distributions: supported distribution types (``None``: any).
+        requires_rsample / requires_enumerate_support: capability requirements.
+
+    Args:
+        plate: name of the node's sample plate.
+        n_samples: number of samples (the plate size for sampling with replacement).
+    """
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    max_order: ClassVar[float] = math.inf
+    biased: ClassVar[bool] = False
+    distributions: ClassVar[Optional[tuple[type, ...]]] = None
+    requires_rsample: ClassVar[bool] = False
+    requires_enumerate_support: ClassVar[bool] = False
+    has_update: ClassVar[bool] = False
+
+    def __init__(self, plate: str, n_samples: int = 1) -> None:
+        super().__init__()
+        if not isinstance(plate, str) or not plate:
+            raise OptionError(f"plate must be a non-empty string, got {plate!r}")
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise OptionError(f"{self.name}: n_samples must be an int >= 1, got {n_samples!r}")
+        self.plate = plate
+        self.n_samples = n_samples
+
+    # -- the node call -----------------------------------------------------------------------
+
+    def forward(self, distribution: Distribution) -> PlateTensor:
+        """Sample the node for ``distribution`` (built from one-sample code) in the current graph."""
+        raw, parents = unwrap_distribution(distribution)
+        self.check_distribution(raw)
+        graph = current_graph()
+        node = Node(self, raw, parents, original=distribution)
+        sample = self.proposal(node)
+        node.plate = Plate(self.plate, sample.shape[0])
+        node.sample = sample
+        graph.add_node(node)
+        n = len(node.plates)
+        node.gradient_function = _lead(self.gradient_function(node), n)
+        node.weights = _lead(self.weighting_function(node), n)
+        node.value = PlateTensor._wrap(self.output(node), node.plates)
+        return node.value
+
+    def check_distribution(self, d: Distribution) -> None:
+        """Raise :class:`UnsupportedDistributionError` if this estimator cannot handle ``d``."""
+        base = d.base_dist if isinstance(d, torch.distributions.Independent) else d
+        ok = self.distributions is None or isinstance(base, self.distributions)
+        ok = ok and (not self.requires_rsample or d.has_rsample)
+        ok = ok and (not self.requires_enumerate_support or d.has_enumerate_support)
+        if not ok:
+            raise UnsupportedDistributionError(self._unsupported_message(d))
+
+    def _unsupported_message(self, d: Distribution) -> str:
+        need = []
+        if self.distributions is not None:
+            need.append("one of " + ", ".join(t.__name__ for t in self.distributions))
+        if self.requires_rsample:
+            need.append("a distribution with rsample (has_rsample=True)")
+        if self.requires_enumerate_support:
+            need.append("a distribution with a finite support (has_enumerate_support=True)")
+        from ._registry import supporting_estimators
+
+        others = supporting_estimators(d)
+        hint = f" Estimators that support it: {', '.join(others)}." if others else ""
+        return f"estimator {self.name!r} does not support {type(d).__name__}; it needs {' and '.join(need)}.{hint}"
+
+    # -- the four components (paper, section 3.2) --------------------------------------------
+
+    def proposal(self, node: Node) -> torch.Tensor:
+        """q(X | x<i): ``n_samples`` i.i.d. samples from p (appendix D.2.1)."""
+        return node.distribution.sample((self.n_samples,))
+
+    def weighting_function(self, node: Node) -> torch.Tensor:
+        """w(x) = 1/N for each of N samples (appendix D.2.1)."""
+        return torch.full((node.n,), 1.0 / node.n, dtype=_float_dtype(node), device=node.sample.device)
+
+    def gradient_function(self, node: Node) -> torch.Tensor:
+        """l(x) = log p(x | x<i), summed over the node's own batch dims (score function)."""
+        return node.log_prob(node.sample)
+
+    def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
+        """a(x<i, X) = (1 - MagicBox(l)) b (Theorem 2 with a baseline b; appendix C)."""
+        b = self.baseline(node, cost)
+        if b is None:
+            return None
+        # b must not carry gradient: appendix D.2.1, condition on the baseline
+        return (1.0 - magic_box(cost.align(node.gradient_function))) * b.detach()
+
+    def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
+        """b(x<i, X \\ {x}); ``None`` for no baseline."""
+        return None
+
+    def output(self, node: Node) -> torch.Tensor:
+        """The raw value handed to user code (the sample; relaxations return a relaxed sample)."""
+        return node.sample
+
+    def update_parameters(self, nodes: list[Node], loss: torch.Tensor) -> None:
+        """Train the estimator's own parts (run by ``storch.backward()`` when ``has_update``)."""
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    @classmethod
+    def describe(cls) -> str:
+        doc = inspect.getdoc(cls) or ""
+        return doc.splitlines()[0] if doc else ""
+
+    @classmethod
+    def options(cls) -> list[str]:
+        """Names of the constructor options (besides ``plate``)."""
+        params = inspect.signature(cls.__init__).parameters
+        return [p for p in params if p not in ("self", "plate") and params[p].kind not in (
+            inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+
+    def extra_repr(self) -> str:
+        return f"plate={self.plate!r}, n_samples={self.n_samples}"
+
+
+def _float_dtype(node: Node) -> torch.dtype:
+    s = node.sample
+    if s is not None and s.is_floating_point():
+        return s.dtype
+    for v in vars(node.distribution).values():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.dtype
+    return torch.get_default_dtype()

@@ -1,0 +1,418 @@
+"""Dimension-aware handlers: reductions, shape functions, concatenation, indexing, matmul, losses.
+
+User code addresses per-sample dims; these handlers translate every ``dim`` argument past the
+plate dims (negative dims already point at per-sample dims) and refuse dims out of the
+per-sample range with a :class:`storch.PlateError`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._errors import PlateError
+from ._plate_ops import _call, _default, broadcast, dispatch, register, scan, unwrap, wrap
+from ._plates import PlateTensor, _names, align, union_plates
+
+_PT = PlateTensor
+_T = torch.Tensor
+
+
+def _both(name):
+    return [f for f in (getattr(torch, name, None), getattr(_T, name, None)) if f is not None]
+
+
+def tdim(d, n: int, k: int, what="dim"):
+    """Translate a per-sample dim ``d`` (rank ``k``) to the raw tensor with ``n`` plate dims."""
+    if isinstance(d, (tuple, list)):
+        return type(d)(tdim(x, n, k, what) for x in d)
+    if d < 0:
+        if d >= -k:
+            return d
+    elif d < k:
+        return d + n
+    raise PlateError(
+        f"{what} {d} is out of range for a per-sample tensor with {k} dims; plate dims are not "
+        "addressable by dim (storch reduces plates in the surrogate loss)"
+    )
+
+
+def _get_dim(args, kwargs, pos, default=None):
+    if "dim" in kwargs:
+        return kwargs["dim"], "kw"
+    if len(args) > pos:
+        return args[pos], "pos"
+    return default, "default"
+
+
+def _set_dim(args, kwargs, pos, where, value):
+    if where == "pos":
+        return args[:pos] + (value,) + args[pos + 1:], kwargs
+    return args, {**kwargs, "dim": value}
+
+
+def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = False):
+    """Handler for functions of one plate tensor with a dim argument at ``pos``.
+
+    ``extra`` = 1 for functions that insert a dim (unsqueeze). With ``reduce_all`` a missing
+    dim means "over all per-sample dims" (sum(), mean(), max(), ...).
+    """
+
+    def handler(func, args, kwargs):
+        x = args[0]
+        if type(x) is not _PT or (len(args) > 1 and isinstance(args[1], _T)):
+            return broadcast(func, args, kwargs)  # e.g. torch.max(a, b) is elementwise
+        n = len(x._plates)
+        k = x._raw.dim() - n
+        d, where = _get_dim(args, kwargs, pos, default)
+        if d is None:
+            if not reduce_all:
+                raise PlateError(f"{func.__name__} on a PlateTensor needs an explicit dim")
+            flat = x._raw.reshape(x._raw.shape[:n] + (-1,))
+            out = func(flat, *args[1:], dim=-1, **{k_: v for k_, v in kwargs.items() if k_ != "dim"})
+            if isinstance(out, tuple):  # max()/min()/median() without dim return values only
+                out = out[0]
+            return wrap(out, x._plates)
+        args, kwargs = _set_dim(args, kwargs, pos, where, tdim(d, n, k + extra))
+        return wrap(func(x._raw, *args[1:], **kwargs), x._plates)
+
+    return handler
+
+
+_REDUCE = ["sum", "mean", "nansum", "nanmean", "prod", "amax", "amin", "all", "any", "argmax",
+           "argmin", "std", "var", "logsumexp", "max", "min", "median", "count_nonzero"]
+for _name in _REDUCE:
+    register(*_both(_name))(_dim_handler(1, reduce_all=True))
+register(*_both("norm"))(_dim_handler(2, reduce_all=True))
+for _name in ["softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin",
+              "unbind", "select", "narrow", "sort", "argsort", "index_select", "diff"]:
+    register(*_both(_name))(_dim_handler(1, default=0 if _name == "unbind" else None))
+register(F.softmax, F.log_softmax)(_dim_handler(1))
+register(F.gumbel_softmax)(_dim_handler(4, default=-1))
+register(F.normalize)(_dim_handler(2, default=1))
+for _name in ["split", "chunk", "topk", "kthvalue"]:
+    register(*_both(_name))(_dim_handler(2, default=0 if _name in ("split", "chunk") else -1))
+register(*_both("unsqueeze"))(_dim_handler(1, extra=1))
+
+
+@register(*_both("squeeze"))
+def _squeeze(func, args, kwargs):
+    x = args[0]
+    n = len(x._plates)
+    k = x._raw.dim() - n
+    d, _ = _get_dim(args, kwargs, 1)
+    if d is None:
+        d = tuple(i for i in range(n, n + k) if x._raw.shape[i] == 1)
+        return wrap(x._raw.squeeze(d) if d else x._raw, x._plates)
+    return wrap(x._raw.squeeze(tdim(d, n, k)), x._plates)
+
+
+@register(*_both("flatten"))
+def _flatten(func, args, kwargs):
+    x = args[0]
+    n = len(x._plates)
+    k = x._raw.dim() - n
+    start = kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
+    end = kwargs.get("end_dim", args[2] if len(args) > 2 else -1)
+    if k == 0:
+        return wrap(x._raw.unsqueeze(-1), x._plates)
+    return wrap(x._raw.flatten(tdim(start, n, k), tdim(end, n, k)), x._plates)
+
+
+@register(*_both("transpose"), *_both("swapaxes"), *_both("swapdims"), *_both("movedim"), *_both("moveaxis"))
+def _two_dims(func, args, kwargs):
+    x = args[0]
+    n = len(x._plates)
+    k = x._raw.dim() - n
+    a = kwargs.get("dim0", kwargs.get("source", args[1] if len(args) > 1 else None))
+    b = kwargs.get("dim1", kwargs.get("destination", args[2] if len(args) > 2 else None))
+    return wrap(func(x._raw, tdim(a, n, k), tdim(b, n, k)), x._plates)
+
+
+def _shape_arg(args, kwargs, key):
+    if key in kwargs:
+        return tuple(kwargs[key])
+    rest = args[1:]
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)):
+        return tuple(rest[0])
+    return tuple(rest)
+
+
+@register(*_both("permute"))
+def _permute(func, args, kwargs):
+    x = args[0]
+    n = len(x._plates)
+    k = x._raw.dim() - n
+    dims = [d % k + n if d < 0 else tdim(d, n, k) for d in _shape_arg(args, kwargs, "dims")]
+    return wrap(x._raw.permute(*range(n), *dims), x._plates)
+
+
+@register(*_both("reshape"), _T.view)
+def _reshape(func, args, kwargs):
+    x = args[0]
+    if len(args) == 2 and isinstance(args[1], torch.dtype) or "dtype" in kwargs:
+        return _default(func, args, kwargs)
+    shape = _shape_arg(args, kwargs, "shape")
+    raw = x._raw
+    new = raw.shape[: len(x._plates)] + shape
+    # plate dims may be non-contiguous views after alignment; reshape copies only if needed
+    return wrap(raw.reshape(new), x._plates)
+
+
+def _pad_raw(x, k_to):
+    n = len(x._plates)
+    raw = x._raw
+    for _ in range(k_to - (raw.dim() - n)):
+        raw = raw.unsqueeze(n)
+    return raw
+
+
+@register(_T.expand, *_both("broadcast_to"))
+def _expand(func, args, kwargs):
+    x = args[0]
+    sizes = _shape_arg(args, kwargs, "size")
+    raw = _pad_raw(x, len(sizes))
+    return wrap(raw.expand(*([-1] * len(x._plates)), *sizes), x._plates)
+
+
+@register(_T.expand_as)
+def _expand_as(func, args, kwargs):
+    x, other = args[0], args[1]
+    plates = union_plates(scan(args, kwargs))
+    shape = tuple(other.shape)
+    raw = align(x._raw if type(x) is _PT else x, x._plates if type(x) is _PT else (), plates, len(shape))
+    return wrap(raw.expand(*[p.size for p in plates], *shape), plates)
+
+
+@register(_T.repeat)
+def _repeat(func, args, kwargs):
+    x = args[0]
+    sizes = _shape_arg(args, kwargs, "repeats")
+    return wrap(_pad_raw(x, len(sizes)).repeat(*([1] * len(x._plates)), *sizes), x._plates)
+
+
+def _full(x, plates, k=None):
+    """``x`` aligned to ``plates`` and expanded to the plate sizes (for cat, stack, gather)."""
+    if type(x) is _PT:
+        raw = align(x._raw, x._plates, plates)
+        return raw.expand(*[p.size for p in plates], *raw.shape[len(plates):])
+    return x.expand(*[p.size for p in plates], *x.shape)
+
+
+@register(*_both("cat"), *_both("concat"), *_both("concatenate"), *_both("stack"))
+def _cat(func, args, kwargs):
+    tensors = args[0] if args else kwargs["tensors"]
+    plates = union_plates(scan((tensors,), {}))
+    n = len(plates)
+    k = max(t._raw.dim() - len(t._plates) if type(t) is _PT else t.dim() for t in tensors)
+    d, _ = _get_dim(args, kwargs, 1, 0)
+    extra = 1 if func in (torch.stack, getattr(_T, "stack", None)) else 0
+    raws = [_full(t, plates) for t in tensors]
+    return wrap(func(raws, tdim(d, n, k + extra)), plates)
+
+
+@register(*_both("gather"), *_both("take_along_dim"))
+def _gather(func, args, kwargs):
+    x, d, index = args[0], args[1] if len(args) > 1 else kwargs["dim"], args[2] if len(args) > 2 else kwargs["index"]
+    if func in _both("take_along_dim"):
+        d, index = (args[2] if len(args) > 2 else kwargs.get("dim")), args[1]
+    plates = union_plates(scan((x, index), {}))
+    k = x._raw.dim() - len(x._plates) if type(x) is _PT else x.dim()
+    raw_x, raw_i = _full(x, plates), _full(index, plates)
+    dd = tdim(d, len(plates), k)
+    out = torch.gather(raw_x, dd, raw_i) if func in _both("gather") else torch.take_along_dim(raw_x, raw_i, dd)
+    return wrap(out, plates)
+
+
+# -- indexing ------------------------------------------------------------------------------------
+
+
+def _index_tuple(idx):
+    return idx if isinstance(idx, tuple) else (idx,)
+
+
+def _raw_index(x, idx):
+    """The raw index for per-sample index ``idx`` into plate tensor ``x`` (and the result plates)."""
+    idx = _index_tuple(idx)
+    pts = [i for i in idx if type(i) is _PT]
+    if not pts:
+        adv = [j for j, i in enumerate(idx) if isinstance(i, (_T, list))]
+        if adv and adv != list(range(adv[0], adv[0] + len(adv))) and len(x._plates):
+            raise PlateError("non-adjacent tensor indices would move plate dims; index in two steps")
+        return (slice(None),) * len(x._plates) + idx, x._plates
+    if type(idx[0]) is not _PT or any(type(i) is _PT for i in idx[1:]):
+        raise PlateError(
+            "a PlateTensor used as an index must be the first index (x[z] or x[z, ...]); move the "
+            "indexed dim to the front first (e.g. with movedim)"
+        )
+    z = idx[0]
+    if z.dtype == torch.bool:
+        raise PlateError(
+            "boolean masks that vary per sample select a different number of elements per sample; "
+            "use torch.where(mask, x, other) instead"
+        )
+    xp = x._plates if type(x) is _PT else ()
+    plates = union_plates([xp, z._plates])
+    m = len(plates)
+    raw_z = align(z._raw, z._plates, plates)
+    e = raw_z.dim() - m
+    ar = tuple(
+        torch.arange(p.size, device=raw_z.device).view((1,) * j + (p.size,) + (1,) * (m - j - 1 + e))
+        for j, p in enumerate(plates)
+    )
+    if type(x) is _PT:
+        return ar + (raw_z,) + idx[1:], plates
+    return (raw_z,) + idx[1:], plates
+
+
+@register(_T.__getitem__)
+def _getitem(func, args, kwargs):
+    x, idx = args
+    raw_idx, plates = _raw_index(x, idx)
+    src = _full(x, plates) if type(x) is _PT and plates != x._plates else (x._raw if type(x) is _PT else x)
+    return wrap(src[raw_idx], plates)
+
+
+@register(_T.__setitem__)
+def _setitem(func, args, kwargs):
+    x, idx, value = args
+    if type(x) is not _PT:
+        raise PlateError("cannot assign per-sample values into a plain tensor; build a new tensor instead")
+    n = len(x._plates)
+    t = _index_tuple(idx)
+    if len(t) == 1 and type(t[0]) is _PT and t[0].dtype == torch.bool:
+        mask = align(t[0]._raw, t[0]._plates, x._plates).expand(x._raw.shape)
+        if type(value) is _PT:
+            value = align(value._raw, value._plates, x._plates).expand(x._raw.shape)[mask]
+        x._raw[mask] = value
+        return None
+    raw_idx, plates = _raw_index(x, idx)
+    if plates != x._plates:
+        raise PlateError("the index varies over plates the indexed tensor does not have")
+    if type(value) is _PT:
+        target = x._raw[raw_idx]
+        value = align(value._raw, value._plates, x._plates, target.dim() - n)
+    x._raw[raw_idx] = value
+    return None
+
+
+# -- matmul, linear --------------------------------------------------------------------------------
+
+
+@register(*_both("matmul"), _T.__matmul__, _T.__rmatmul__, *_both("mm"), *_both("bmm"), *_both("mv"))
+def _matmul(func, args, kwargs):
+    a, b = (args[1], args[0]) if func is _T.__rmatmul__ else (args[0], args[1])
+    plates = union_plates(scan((a, b), {}))
+    ka = a._raw.dim() - len(a._plates) if type(a) is _PT else a.dim()
+    kb = b._raw.dim() - len(b._plates) if type(b) is _PT else b.dim()
+    ra = align(a._raw, a._plates, plates) if type(a) is _PT else a
+    rb = align(b._raw, b._plates, plates) if type(b) is _PT else b
+    sq = []
+    if type(a) is _PT and ka == 1:
+        ra, ka = ra.unsqueeze(-2), 2
+        sq.append(-2)
+    if type(b) is _PT and kb == 1:
+        rb, kb = rb.unsqueeze(-1), 2
+        sq.append(-1)
+    k = max(ka, kb)
+    if type(a) is _PT:
+        ra = align(ra, plates, plates, k)
+    if type(b) is _PT:
+        rb = align(rb, plates, plates, k)
+    out = torch.matmul(ra, rb)
+    for d in sorted(sq):
+        out = out.squeeze(d)
+    return wrap(out, plates)
+
+
+@register(*_both("dot"), *_both("inner"))
+def _dot(func, args, kwargs):
+    return dispatch(_T.sum, (broadcast(torch.mul, args[:2], {}), -1), {})
+
+
+@register(F.linear)
+def _linear(func, args, kwargs):
+    x = args[0]
+    w = args[1] if len(args) > 1 else kwargs["weight"]
+    b = args[2] if len(args) > 2 else kwargs.get("bias")
+    if type(w) is not _PT and type(b) is not _PT:
+        return wrap(F.linear(x._raw, w, b), x._plates)
+    out = _matmul(torch.matmul, (x, dispatch(_T.transpose, (w, -1, -2), {})), {})
+    return out if b is None else broadcast(torch.add, (out, b), {})
+
+
+@register(F.embedding)
+def _embedding(func, args, kwargs):
+    if any(type(a) is _PT for a in list(args[1:]) + list(kwargs.values())):
+        raise PlateError("F.embedding with a per-sample weight matrix is not supported; index it instead")
+    x = args[0]
+    return wrap(func(x._raw, *args[1:], **kwargs), x._plates)
+
+
+# -- losses: computed per sample, reduced over per-sample dims only ---------------------------------
+
+
+def _reduce(out, reduction, n, what):
+    if reduction == "none":
+        return out
+    flat = out.reshape(out.shape[:n] + (-1,))
+    if reduction == "sum":
+        return flat.sum(-1)
+    if reduction == "mean":
+        return flat.mean(-1)
+    raise PlateError(f"reduction={reduction!r} of {what} is not supported on plate tensors")
+
+
+def _elementwise_loss(func, args, kwargs):
+    reduction = kwargs.pop("reduction", "mean") if kwargs else "mean"
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("size_average", "reduce")}
+    plates = union_plates(scan(args, kwargs))
+    pad = max(a._raw.dim() - len(a._plates) if type(a) is _PT else a.dim() for a in args[:2])
+    raws = [unwrap(a, plates, pad) for a in args[:2]]
+    shape = torch.broadcast_shapes(*[r.shape for r in raws])
+    raws = [r.expand(shape) for r in raws]
+    kw = {k: unwrap(v, plates, pad) for k, v in kwargs.items()}
+    red = reduction
+    if func is F.kl_div and reduction == "batchmean":
+        red = "sum"
+    out = func(*raws, *args[2:], reduction="none", **kw)
+    out = _reduce(out, red, len(plates), func.__name__)
+    if reduction == "batchmean":
+        out = out / (shape[len(plates)] if len(shape) > len(plates) else 1)
+    return wrap(out, plates)
+
+
+register(F.binary_cross_entropy, F.binary_cross_entropy_with_logits, F.mse_loss, F.l1_loss,
+         F.smooth_l1_loss, F.huber_loss, F.kl_div, F.poisson_nll_loss, F.soft_margin_loss)(
+    lambda func, args, kwargs: _elementwise_loss(func, args, dict(kwargs)))
+
+
+@register(F.cross_entropy, F.nll_loss)
+def _class_loss(func, args, kwargs):
+    kwargs = dict(kwargs)
+    inp, target = args[0], args[1]
+    weight = args[2] if len(args) > 2 else kwargs.pop("weight", None)
+    reduction = kwargs.pop("reduction", "mean")
+    ignore = kwargs.get("ignore_index", -100)
+    kwargs.pop("size_average", None)
+    kwargs.pop("reduce", None)
+    plates = union_plates(scan((inp, target), {}))
+    n = len(plates)
+    ri, rt = _full(inp, plates), _full(target, plates)
+    sizes = ri.shape[:n]
+    k = ri.dim() - n
+    probs = rt.dtype.is_floating_point
+    if k == 1:
+        out = func(ri.reshape(-1, ri.shape[-1]), rt.reshape((-1, ri.shape[-1]) if probs else (-1,)),
+                   weight, reduction="none", **kwargs).reshape(sizes)
+    else:
+        out = func(ri.reshape((-1,) + ri.shape[n + 1:]), rt.reshape((-1,) + rt.shape[n + 1:]),
+                   weight, reduction="none", **kwargs).reshape(sizes + (ri.shape[n],) + ri.shape[n + 2:])
+    if reduction == "mean" and not probs:
+        w = torch.ones_like(out) if weight is None else weight[rt.clamp(min=0)]
+        w = w * (rt != ignore)
+        out = out.reshape(sizes + (-1,)).sum(-1) / w.reshape(sizes + (-1,)).sum(-1)
+    else:
+        out = _reduce(out, reduction, n, func.__name__)
+    return wrap(out, plates)
+

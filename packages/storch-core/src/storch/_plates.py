@@ -1,0 +1,184 @@
+"""Plates: named dimensions that hold independent samples or data points (paper, section 3.7).
+
+A :class:`PlateTensor` is what user code sees: a tensor for ONE sample. Its raw storage
+(``.tensor``) has one leading dimension per plate, in the order of ``.plates``; the
+per-sample shape (``.shape``) is what is left. Torch functions called on plate tensors are
+routed through ``__torch_function__`` (see ``_plate_ops``), which lines plates up by name,
+runs the function once on the raw tensors (vectorised over all samples) and wraps the result.
+Nothing in torch is patched.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+from ._errors import PlateError
+
+__all__ = ["Plate", "PlateTensor", "plates_of", "union_plates", "align", "raw_of"]
+
+
+class Plate(NamedTuple):
+    """A named plate dimension.
+
+    Args:
+        name: the plate's name, unique within a graph.
+        size: the number of samples (or data points) along it.
+        independent: True for data plates from ``denote_independent`` (reduced by the mean in
+            the surrogate), False for sample plates of stochastic nodes (reduced by weights).
+    """
+
+    name: str
+    size: int
+    independent: bool = False
+
+
+class PlateTensor(torch.Tensor):
+    """A tensor that represents one sample of a value drawn over one or more plates.
+
+    Use it as if it were the tensor for a single sample: ``.shape``, ``.dim()``, ``dim=``
+    arguments, indexing and ``view`` all address the per-sample dimensions only.
+
+    Attributes:
+        plates: tuple of :class:`Plate`, in the order of the leading dims of ``.tensor``.
+        tensor: the raw ``torch.Tensor`` with the plate dimensions first.
+    """
+
+    _raw: torch.Tensor
+    _plates: tuple[Plate, ...]
+
+    @staticmethod
+    def __new__(cls, tensor: torch.Tensor, plates: Sequence[Plate]):
+        plates = tuple(plates)
+        n = len(plates)
+        if tensor.dim() < n:
+            raise PlateError(
+                f"a tensor of shape {tuple(tensor.shape)} cannot hold {n} plate dims {_names(plates)}"
+            )
+        for i, p in enumerate(plates):
+            if tensor.shape[i] != p.size and tensor.shape[i] != 1:
+                raise PlateError(
+                    f"dim {i} of the tensor has size {tensor.shape[i]} but plate {p.name!r} has size {p.size}"
+                )
+        return cls._wrap(tensor, plates)
+
+    @classmethod
+    def _wrap(cls, tensor: torch.Tensor, plates: tuple[Plate, ...]) -> "PlateTensor":
+        # Unchecked constructor used on the hot path: `plates` matches tensor's leading dims.
+        r = torch.Tensor._make_wrapper_subclass(
+            cls,
+            tensor.shape[len(plates):],
+            dtype=tensor.dtype,
+            device=tensor.device,
+            requires_grad=False,
+        )
+        r._raw = tensor
+        r._plates = plates
+        return r
+
+    @property
+    def plates(self) -> tuple[Plate, ...]:
+        return self._plates
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self._raw
+
+    @property
+    def plate_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self._plates)
+
+    def __repr__(self, *args, **kwargs) -> str:  # noqa: D105
+        return f"PlateTensor(plates={_names(self._plates)}, tensor={self._raw!r})"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return self.__repr__()
+
+    def __reduce_ex__(self, protocol):
+        return (PlateTensor, (self._raw, self._plates))
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        from ._plate_ops import dispatch
+
+        return dispatch(func, args, kwargs or {})
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # Every torch call on a PlateTensor is handled by __torch_function__ on raw tensors;
+        # reaching the dispatcher means some code bypassed it (e.g. a custom C++ extension).
+        raise PlateError(
+            f"{func} reached a PlateTensor below __torch_function__; pass `.tensor` explicitly "
+            "and handle the plate dimensions yourself"
+        )
+
+
+def _names(plates: Sequence[Plate]) -> tuple[str, ...]:
+    return tuple(p.name for p in plates)
+
+
+def plates_of(x) -> tuple[Plate, ...]:
+    """The plates of ``x`` (empty for anything that is not a PlateTensor)."""
+    return x._plates if type(x) is PlateTensor else ()
+
+
+def raw_of(x):
+    """The raw tensor of a PlateTensor; ``x`` itself otherwise."""
+    return x._raw if type(x) is PlateTensor else x
+
+
+def union_plates(groups: Sequence[tuple[Plate, ...]]) -> tuple[Plate, ...]:
+    """Union of plate tuples: the longest first, then others' missing plates in order."""
+    best = max(groups, key=len)
+    if all(g is best or g == best for g in groups):
+        return best
+    out = list(best)
+    seen = {p.name: p for p in best}
+    for g in groups:
+        for p in g:
+            q = seen.get(p.name)
+            if q is None:
+                seen[p.name] = p
+                out.append(p)
+            elif q.size != p.size:
+                raise PlateError(
+                    f"plate {p.name!r} appears with sizes {q.size} and {p.size}; tensors from "
+                    "different graphs (or an old graph) were mixed. Call storch.reset() between steps"
+                )
+    return tuple(out)
+
+
+def align(raw: torch.Tensor, plates: tuple[Plate, ...], target: tuple[Plate, ...], pad_to: int = -1) -> torch.Tensor:
+    """View ``raw`` (leading dims ``plates``) with leading dims ``target`` (size 1 where missing).
+
+    ``plates`` must be a subset of ``target``. With ``pad_to`` >= 0 the per-sample part is
+    left-padded with size-1 dims to that many dims (for broadcasting against other operands).
+    Only views are taken: no copies.
+    """
+    n = len(plates)
+    if plates != target:
+        pos = {p.name: i for i, p in enumerate(plates)}
+        order = [pos[p.name] for p in target if p.name in pos]
+        if len(order) != n:
+            missing = set(_names(plates)) - set(_names(target))
+            raise PlateError(f"plates {sorted(missing)} are not among {_names(target)}")
+        if order != list(range(n)):
+            raw = raw.permute(*order, *range(n, raw.dim()))
+        for i, p in enumerate(target):
+            if p.name not in pos:
+                raw = raw.unsqueeze(i)
+    if pad_to >= 0:
+        k = raw.dim() - len(target)
+        if k < pad_to:
+            m = len(target)
+            raw = raw.reshape(raw.shape[:m] + (1,) * (pad_to - k) + raw.shape[m:]) if raw.is_contiguous() else _unsqueeze_n(raw, m, pad_to - k)
+    return raw
+
+
+def _unsqueeze_n(raw: torch.Tensor, at: int, n: int) -> torch.Tensor:
+    for _ in range(n):
+        raw = raw.unsqueeze(at)
+    return raw

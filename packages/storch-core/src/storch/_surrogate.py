@@ -1,0 +1,117 @@
+"""The Storchastic surrogate loss (paper, Eq. 2; Algorithm 1), vectorised over plates.
+
+For each cost C, the sampling plates it carries name exactly the nodes upstream of it (credit
+assignment by plate membership). With those nodes in topological order 1..k and
+L_i = l_1 + ... + l_i, the nested sums of Eq. 2 are computed from the innermost out, one tensor
+reduction per node, never a Python loop over samples:
+
+    inner_k   = MagicBox(L_k) · C
+    inner_i-1 = Σ_{x_i ∈ X_i} w_i(x_i) · [ inner_i + MagicBox(L_{i-1}) · a_i(x<i, X_i) ]
+
+so each control variate is multiplied by MagicBox of the gradient functions before it (Theorem 2,
+appendix C), which makes baselines reduce variance at every order. Independent (data) plates
+are reduced by the mean; the costs' surrogates are summed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._errors import OrderError, StorchError
+from ._estimator import CostFrame, magic_box
+from ._graph import Graph, Node, current_graph
+from ._plates import align, plates_of, raw_of
+
+__all__ = ["surrogate_loss", "backward", "cost_nodes"]
+
+
+def cost_nodes(graph: Graph, cost) -> list[Node]:
+    """The stochastic nodes upstream of ``cost``, in topological order."""
+    nodes = [graph.node_of(p.name) for p in plates_of(cost)]
+    return sorted((n for n in nodes if n is not None), key=lambda n: n.index)
+
+
+def _check_order(graph: Graph, order: int) -> None:
+    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
+        raise StorchError(f"order must be an int >= 0, got {order!r}")
+    seen = set()
+    for _, c in graph.costs:
+        for node in cost_nodes(graph, c):
+            if node.index in seen:
+                continue
+            seen.add(node.index)
+            est = node.estimator
+            if est.max_order < order:
+                raise OrderError(
+                    f"estimator {est.name!r} on plate {node.plate.name!r} is unbiased only up to order "
+                    f"{est.max_order}, but order {order} was requested; choose an estimator with a "
+                    "higher max_order (see storch.available_estimators()) for this node"
+                )
+
+
+def _cost_surrogate(graph: Graph, cost) -> torch.Tensor:
+    plates = plates_of(cost)
+    raw = raw_of(cost)
+    nodes = cost_nodes(graph, cost)
+    # L_{i-1} for every node i, aligned to the cost's plates (Theorem 2's MagicBox arguments)
+    prefix: list[Optional[torch.Tensor]] = []
+    total = None
+    for node in nodes:
+        prefix.append(total)
+        l_i = align(node.gradient_function, node.plates, plates)
+        total = l_i if total is None else total + l_i
+    inner = raw if total is None else magic_box(total) * raw  # line 7 of Algorithm 1
+    for i in range(len(nodes) - 1, -1, -1):
+        node = nodes[i]
+        frame = CostFrame(inner.detach(), plates, node, inner)
+        a = node.estimator.control_variate(node, frame)  # line 11
+        if a is not None:
+            inner = inner + (a if prefix[i] is None else magic_box(prefix[i]) * a)
+        w = align(node.weights, node.plates, plates)
+        inner = (w * inner).sum(frame.dim, keepdim=True)  # line 14: weight and sum over X_i
+    # what is left are independent plates (and size-1 dims): the mean over data points
+    return inner.mean() if inner.dim() else inner
+
+
+def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tensor:
+    """The surrogate loss of the current graph (paper, Eq. 2).
+
+    Its value is the estimate of the expected total cost; differentiating it ``order`` times
+    gives unbiased estimates of the ``order``-th derivative (Theorem 1) for every estimator whose
+    ``max_order`` >= ``order``.
+
+    Raises:
+        OrderError: an estimator upstream of a cost is not unbiased to ``order``.
+    """
+    graph = graph or current_graph()
+    if not graph.costs:
+        raise StorchError("the graph has no costs; call storch.add_cost(...) before the surrogate loss")
+    _check_order(graph, order)
+    loss = None
+    for _, cost in graph.costs:
+        s = _cost_surrogate(graph, cost)
+        loss = s if loss is None else loss + s
+    return loss.reshape(())
+
+
+def backward(graph: Optional[Graph] = None) -> torch.Tensor:
+    """Backpropagate the first-order surrogate, run estimators' own updates, reset the graph.
+
+    Returns:
+        the detached estimate of the expected total cost.
+    """
+    graph = graph or current_graph()
+    try:
+        loss = surrogate_loss(1, graph)
+        updating: dict[int, list[Node]] = {}
+        for node in graph.nodes:
+            if node.estimator.has_update:
+                updating.setdefault(id(node.estimator), []).append(node)
+        for nodes in updating.values():
+            nodes[0].estimator.update_parameters(nodes, loss)
+        loss.backward()
+        return loss.detach()
+    finally:
+        graph.reset()

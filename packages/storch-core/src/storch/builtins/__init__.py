@@ -1,0 +1,12 @@
+"""storch's built-in estimators, registered through the ``storch.estimators`` entry point like any plugin."""
+
+from .._registry import hookimpl
+from .expect import Expect
+from .reparameterization import Reparameterization
+
+__all__ = ["Expect", "Reparameterization", "storch_estimators"]
+
+
+@hookimpl
+def storch_estimators():
+    return [Expect, Reparameterization]

@@ -1,0 +1,44 @@
+"""The pathwise derivative (reparameterization trick)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._estimator import Estimator
+from .._graph import Node
+
+__all__ = ["Reparameterization"]
+
+
+class Reparameterization(Estimator):
+    """Pathwise derivative: differentiate through ``rsample`` (paper, section 3.6).
+
+    Components:
+        q(X | x<i) = n i.i.d. reparameterised samples x = g(ε, θ);
+        w(x) = 1/n;
+        l(x) = 0 (the gradient flows through the sample itself);
+        a = 0.
+
+    Requires: a distribution with ``rsample`` and a cost differentiable in the sample.
+
+    max_order: ∞ — the SCG is transformed so that sampling is off the path from θ to the cost
+    (Schulman et al. 2015); any order of the pathwise estimate is unbiased.
+
+    Args:
+        plate: name of the node's plate.
+        n_samples: number of samples.
+
+    Example:
+        >>> est = storch.estimator("reparameterization", plate="z", n_samples=4)
+        >>> z = est(torch.distributions.Normal(mu, 1.0))
+    """
+
+    name = "reparameterization"
+    aliases = ("pathwise",)
+    requires_rsample = True
+
+    def proposal(self, node: Node) -> torch.Tensor:
+        return node.distribution.rsample((self.n_samples,))
+
+    def gradient_function(self, node: Node) -> torch.Tensor:
+        return torch.zeros((1,), dtype=node.sample.dtype, device=node.sample.device)
