@@ -1,0 +1,101 @@
+"""z-tests of many independent estimates against an exact value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .._graph import denote_independent
+from .._plates import PlateTensor
+
+__all__ = ["replicate", "per_replicate_derivatives", "assert_unbiased", "UnbiasednessReport"]
+
+
+def replicate(param: torch.Tensor, n: int, plate: str = "replicate") -> tuple[torch.Tensor, PlateTensor]:
+    """R independent copies of ``param`` on an independent plate, in the current graph.
+
+    Returns:
+        ``(leaf, copies)``: ``leaf`` has shape ``(n, *param.shape)`` and requires grad;
+        ``copies`` is the PlateTensor to use in the model instead of ``param``.
+    """
+    leaf = param.detach().unsqueeze(0).expand(n, *param.shape).clone().requires_grad_(True)
+    return leaf, denote_independent(leaf, 0, plate)
+
+
+def per_replicate_derivatives(loss: torch.Tensor, leaf: torch.Tensor, order: int) -> list[torch.Tensor]:
+    """Derivatives of orders 1..``order`` of each replicate's estimate.
+
+    The loss is the mean over R replicates, so its gradient w.r.t. ``leaf[r]`` is ĝ_r / R. Since
+    replicates do not interact, differentiating ``Σ_r ĝ_r[i]`` again gives each replicate's Hessian
+    row i. Order 3 is returned as the derivative of the Hessian along the all-ones direction.
+
+    Returns:
+        list of tensors: ``(R, d)``, ``(R, d, d)``, ``(R, d, d)`` for orders 1, 2, 3 (flattened
+        parameter of size d).
+    """
+    r = leaf.shape[0]
+    g = torch.autograd.grad(loss, leaf, create_graph=order > 1)[0].reshape(r, -1) * r
+    out = [g]
+    if order >= 2:
+        d = g.shape[1]
+        rows = [torch.autograd.grad(g[:, i].sum(), leaf, create_graph=order > 2, retain_graph=True)[0].reshape(r, d)
+                for i in range(d)]
+        h = torch.stack(rows, 1)
+        out.append(h)
+        if order >= 3:
+            hv = h.sum(-1)  # H·1 per replicate, shape (R, d)
+            rows3 = [torch.autograd.grad(hv[:, i].sum(), leaf, retain_graph=True)[0].reshape(r, d) for i in range(d)]
+            out.append(torch.stack(rows3, 1))
+    return out
+
+
+@dataclass
+class UnbiasednessReport:
+    """Result of a z-test: per-component mean, standard error, exact value and z-score."""
+
+    name: str
+    mean: torch.Tensor
+    stderr: torch.Tensor
+    exact: torch.Tensor
+    z: torch.Tensor
+    n: int
+    threshold: float
+    variance: torch.Tensor = field(default=None)
+
+    @property
+    def ok(self) -> bool:
+        return bool((self.z.abs() < self.threshold).all())
+
+    def table(self) -> str:
+        rows = [f"{self.name}: {self.n} estimates, |z| < {self.threshold}"]
+        rows.append(f"{'component':>10} {'mean':>12} {'stderr':>10} {'exact':>12} {'z':>8}")
+        for i, (m, s, e, z) in enumerate(zip(self.mean.flatten(), self.stderr.flatten(),
+                                            self.exact.flatten(), self.z.flatten())):
+            flag = "" if abs(float(z)) < self.threshold else "  <-- FAIL"
+            rows.append(f"{i:>10} {float(m):>12.6g} {float(s):>10.3g} {float(e):>12.6g} {float(z):>8.2f}{flag}")
+        return "\n".join(rows)
+
+
+def assert_unbiased(estimates: torch.Tensor, exact, name: str = "estimate", threshold: float = 4.0,
+                    atol: float = 1e-9) -> UnbiasednessReport:
+    """z-test ``estimates`` (R independent draws along dim 0) against ``exact``.
+
+    A component whose estimates have (numerically) zero variance must equal the exact value to
+    ``atol`` (relative to its magnitude). Raises AssertionError with a readable table on failure.
+    """
+    est = estimates.detach().to(torch.float64)
+    n = est.shape[0]
+    exact = torch.as_tensor(exact, dtype=torch.float64).expand(est.shape[1:])
+    mean = est.mean(0)
+    var = est.var(0)
+    stderr = (var / n).sqrt()
+    tiny = stderr <= atol * (1 + exact.abs())
+    z = torch.where(tiny, ((mean - exact).abs() > atol * (1 + exact.abs())).double() * float("inf"),
+                    (mean - exact) / stderr.clamp_min(1e-300))
+    z = torch.nan_to_num(z, nan=0.0)
+    report = UnbiasednessReport(name, mean, stderr, exact, z, n, threshold, var)
+    if not report.ok:
+        raise AssertionError("estimator is biased (or the exact value is wrong):\n" + report.table())
+    return report
