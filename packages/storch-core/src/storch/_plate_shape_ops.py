@@ -307,21 +307,21 @@ def _matmul(func, args, kwargs):
     kb = b._raw.dim() - len(b._plates) if type(b) is _PT else b.dim()
     ra = align(a._raw, a._plates, plates) if type(a) is _PT else a
     rb = align(b._raw, b._plates, plates) if type(b) is _PT else b
-    sq = []
+    if ka == 1 and kb == 1:  # vector · vector: a per-sample dot product
+        return dispatch(_T.sum, (broadcast(torch.mul, (a, b), {}), -1), {})
+    sq = None
     if type(a) is _PT and ka == 1:
-        ra, ka = ra.unsqueeze(-2), 2
-        sq.append(-2)
-    if type(b) is _PT and kb == 1:
-        rb, kb = rb.unsqueeze(-1), 2
-        sq.append(-1)
+        ra, ka, sq = ra.unsqueeze(-2), 2, -2
+    elif type(b) is _PT and kb == 1:
+        rb, kb, sq = rb.unsqueeze(-1), 2, -1
     k = max(ka, kb)
     if type(a) is _PT:
         ra = align(ra, plates, plates, k)
     if type(b) is _PT:
         rb = align(rb, plates, plates, k)
     out = torch.matmul(ra, rb)
-    for d in sorted(sq):
-        out = out.squeeze(d)
+    if sq is not None:
+        out = out.squeeze(sq)
     return wrap(out, plates)
 
 

@@ -1,0 +1,142 @@
+"""`expect` is exact: derivatives of the surrogate equal closed forms computed with plain torch.
+
+Orders 1, 2 (full Hessian) and 3 (a directional third derivative), float64 precision.
+"""
+
+import itertools
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Categorical, OneHotCategorical
+
+import storch
+
+torch.set_default_dtype(torch.float64)
+
+K1, K2 = 3, 4
+
+
+def _split(theta):
+    logits1 = theta[:K1]
+    w = theta[K1:K1 + K1 * K2].reshape(K1, K2)
+    phi = theta[-1]
+    return logits1, w, phi
+
+
+def _chain_cost(z1_onehot, z2_onehot, phi):
+    # pathwise dependence on phi, nonlinear in both samples
+    v = torch.arange(1.0, K2 + 1)
+    u = torch.tensor([0.5, -1.0, 2.0])
+    return (z2_onehot @ v + phi * (z1_onehot @ u)) ** 2 + torch.sin(phi) * (z2_onehot @ v)
+
+
+def chain_exact(theta):
+    logits1, w, phi = _split(theta)
+    p1 = torch.softmax(logits1, -1)
+    total = 0.0
+    eye1, eye2 = torch.eye(K1), torch.eye(K2)
+    for i in range(K1):
+        p2 = torch.softmax(eye1[i] @ w, -1)
+        for j in range(K2):
+            total = total + p1[i] * p2[j] * _chain_cost(eye1[i], eye2[j], phi)
+    return total
+
+
+def chain_storch(theta, order, one_hot_first=True):
+    logits1, w, phi = _split(theta)
+    e1, e2 = storch.estimator("expect", plate="z1"), storch.estimator("expect", plate="z2")
+    with storch.Graph():
+        if one_hot_first:
+            z1 = e1(OneHotCategorical(logits=logits1))
+        else:
+            z1 = torch.nn.functional.one_hot(e1(Categorical(logits=logits1)), K1).to(theta.dtype)
+        z2 = e2(OneHotCategorical(logits=z1 @ w))
+        storch.add_cost(_chain_cost(z1, z2, phi), name="chain")
+        return storch.surrogate_loss(order=order)
+
+
+def directional3(fn, theta, v):
+    g = torch.autograd.grad(fn(theta), theta, create_graph=True)[0]
+    h = torch.autograd.grad(g @ v, theta, create_graph=True)[0]
+    return torch.autograd.grad(h @ v, theta)[0] @ v
+
+
+@pytest.fixture
+def theta():
+    torch.manual_seed(0)
+    return (torch.randn(K1 + K1 * K2 + 1) * 0.7).requires_grad_(True)
+
+
+@pytest.mark.parametrize("one_hot_first", [True, False])
+def test_chain_orders_0_to_3(theta, one_hot_first):
+    fn = lambda t: chain_storch(t, order=3, one_hot_first=one_hot_first)
+    assert torch.allclose(fn(theta), chain_exact(theta), rtol=1e-12, atol=1e-12)
+    g = torch.autograd.grad(fn(theta), theta)[0]
+    g_exact = torch.autograd.grad(chain_exact(theta), theta)[0]
+    assert torch.allclose(g, g_exact, rtol=1e-10, atol=1e-12)
+    H = torch.autograd.functional.hessian(fn, theta)
+    H_exact = torch.autograd.functional.hessian(chain_exact, theta)
+    assert torch.allclose(H, H_exact, rtol=1e-10, atol=1e-11)
+    v = torch.linspace(-1, 1, theta.numel())
+    d3 = directional3(fn, theta, v)
+    d3_exact = directional3(chain_exact, theta, v)
+    assert torch.allclose(d3, d3_exact, rtol=1e-9, atol=1e-10), (d3, d3_exact)
+    assert d3_exact.abs() > 1e-3  # the check is not vacuous
+
+
+B, D = 4, 2
+X = torch.tensor([[0.0, 1.0], [1.0, 1.0], [-1.0, 0.5], [2.0, -0.5]])
+
+
+def _plate_split(theta):
+    return theta[:D * D].reshape(D, D), theta[D * D:D * D + D], theta[-1]
+
+
+def plate_exact(theta):
+    w, c, phi = _plate_split(theta)
+    rec = 0.0
+    for b in range(B):
+        p = torch.sigmoid(X[b] @ w + c)
+        for z in itertools.product([0.0, 1.0], repeat=D):
+            z = torch.tensor(z)
+            prob = torch.prod(torch.where(z > 0, p, 1 - p))
+            rec = rec + prob * (phi * ((z - X[b]) ** 2).sum() + phi ** 3 * z[0] * z[1])
+    other = ((w ** 2).sum() + (X * phi).sum(-1)).mean()
+    return rec / B + other
+
+
+def plate_storch(theta, order=3):
+    w, c, phi = _plate_split(theta)
+    est = storch.estimator("enumerate", plate="z")  # the alias
+    with storch.Graph():
+        x = storch.denote_independent(X, 0, "data")
+        z = est(Bernoulli(logits=x @ w + c))
+        storch.add_cost(phi * ((z - x) ** 2).sum() + phi ** 3 * z[0] * z[1], name="rec")
+        storch.add_cost((w ** 2).sum() + (x * phi).sum(), name="independent_of_z")
+        return storch.surrogate_loss(order=order)
+
+
+def test_data_plate_two_costs_orders_0_to_3():
+    torch.manual_seed(1)
+    theta = torch.randn(D * D + D + 1).requires_grad_(True)
+    assert torch.allclose(plate_storch(theta), plate_exact(theta), rtol=1e-12)
+    g = torch.autograd.grad(plate_storch(theta), theta)[0]
+    assert torch.allclose(g, torch.autograd.grad(plate_exact(theta), theta)[0], rtol=1e-10, atol=1e-12)
+    H = torch.autograd.functional.hessian(plate_storch, theta)
+    assert torch.allclose(H, torch.autograd.functional.hessian(plate_exact, theta), rtol=1e-10, atol=1e-11)
+    v = torch.linspace(1, -0.5, theta.numel())
+    d3, d3_exact = directional3(plate_storch, theta, v), directional3(plate_exact, theta, v)
+    assert torch.allclose(d3, d3_exact, rtol=1e-9, atol=1e-10)
+    assert d3_exact.abs() > 1e-3
+
+
+def test_expect_budget_error():
+    est = storch.estimator("expect", plate="z", budget=16)
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="budget"):
+        est(Bernoulli(logits=torch.zeros(5)))
+
+
+def test_expect_rejects_continuous():
+    est = storch.estimator("expect", plate="z")
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="finite support"):
+        est(torch.distributions.Normal(0.0, 1.0))
