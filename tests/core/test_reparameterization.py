@@ -1,0 +1,75 @@
+"""`reparameterization`: z-tests of first and second order on Gaussian models with closed forms."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, Independent
+
+import storch
+from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
+
+R = 4000
+
+
+def test_normal_mean_and_scale_cubic_orders_1_2():
+    """E[x^3 + x] for x ~ N(mu, sigma^2): mu^3 + 3 mu sigma^2 + mu."""
+    torch.manual_seed(10)
+    theta = torch.tensor([0.5, -0.3], dtype=torch.float64)  # mu, log sigma
+    est = storch.estimator("reparameterization", plate="x", n_samples=2)
+    with storch.Graph():
+        leaf, th = replicate(theta, R)
+        x = est(Normal(th[0], th[1].exp()))
+        storch.add_cost(x ** 3 + x)
+        loss = storch.surrogate_loss(order=2)
+        g, h = per_replicate_derivatives(loss, leaf, 2)
+
+    def exact(t):
+        mu, s2 = t[0], (2 * t[1]).exp()
+        return mu ** 3 + 3 * mu * s2 + mu
+
+    t = theta.clone().requires_grad_(True)
+    assert_unbiased(g, torch.autograd.functional.jacobian(exact, t), "gradient")
+    assert_unbiased(h, torch.autograd.functional.hessian(exact, t), "Hessian")
+
+
+def test_diagonal_gaussian_batch_with_data_plate_orders_1_2():
+    """E[||W x - y||^2] over a data plate; x ~ N(mu, diag(exp(2 s))) with batch dims summed jointly."""
+    torch.manual_seed(11)
+    d = 3
+    theta = torch.cat([torch.tensor([0.2, -0.1, 0.4]), torch.tensor([-0.5, 0.1, 0.0])]).double()
+    y = torch.tensor([[1.0, 0.0, 2.0], [-1.0, 0.5, 0.0]], dtype=torch.float64)
+    est = storch.estimator("pathwise", plate="x")
+    with storch.Graph():
+        leaf, th = replicate(theta, R)
+        yy = storch.denote_independent(y, 0, "data")
+        x = est(Independent(Normal(th[:d], th[d:].exp()), 1))
+        storch.add_cost(((x * th[:d] - yy) ** 2).sum())
+        loss = storch.surrogate_loss(order=2)
+        g, h = per_replicate_derivatives(loss, leaf, 2)
+
+    def exact(t):
+        mu, var = t[:d], (2 * t[d:]).exp()
+        # E[(mu_i x_i - y_i)^2] = mu_i^2 (mu_i^2 + var_i) - 2 y_i mu_i^2 + y_i^2
+        per = mu ** 2 * (mu ** 2 + var) - 2 * y * mu ** 2 + y ** 2
+        return per.sum(-1).mean()
+
+    t = theta.clone().requires_grad_(True)
+    assert_unbiased(g, torch.autograd.functional.jacobian(exact, t), "gradient")
+    assert_unbiased(h, torch.autograd.functional.hessian(exact, t), "Hessian")
+
+
+def test_requires_rsample():
+    est = storch.estimator("reparameterization", plate="z")
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="rsample"):
+        est(torch.distributions.Bernoulli(logits=torch.zeros(2)))
+
+
+def test_forward_value_is_monte_carlo_mean():
+    torch.manual_seed(12)
+    est = storch.estimator("reparameterization", plate="x", n_samples=5)
+    with storch.Graph():
+        x = est(Normal(torch.zeros(()), 1.0))
+        storch.add_cost(x ** 2)
+        loss = storch.surrogate_loss()
+        assert math.isclose(loss.item(), (x.tensor ** 2).mean().item(), rel_tol=1e-6)
