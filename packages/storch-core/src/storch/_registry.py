@@ -62,6 +62,7 @@ class _Registry:
         self.aliases: dict[str, str] = {}
         self.failed: dict[str, str] = {}
         self.conflicts: dict[str, tuple[str, str]] = {}
+        self.invalid: dict[str, str] = {}
 
     def load(self) -> None:
         from ._estimator import Estimator
@@ -85,7 +86,14 @@ class _Registry:
                     continue
                 classes = impl.function()
                 for cls in classes or ():
-                    _verify(cls, dist, Estimator)
+                    problem = _verify(cls, dist, Estimator)
+                    if problem is not None:
+                        # a malformed class is refused (named error on lookup); the others still work
+                        name = getattr(cls, "name", None)
+                        if isinstance(name, str) and name:
+                            self.invalid[name] = problem
+                        warnings.warn(f"storch: {problem}", RuntimeWarning, stacklevel=3)
+                        continue
                     clash = [k for k in (cls.name, *cls.aliases) if k in owners and owners[k] != dist]
                     if clash:
                         # the name stays unusable (a clear error on lookup); other names keep working
@@ -104,17 +112,20 @@ class _Registry:
                         self.aliases[a] = cls.name
 
 
-def _verify(cls, dist: str, base: type) -> None:
-    """Check a plugin's class against the protocol (pluggy's _verify_hook, for estimators)."""
+def _verify(cls, dist: str, base: type) -> Optional[str]:
+    """Check a plugin's class against the protocol (like pluggy's _verify_hook); the problem or None."""
     where = f"plugin {dist!r} provides {cls!r}"
     if not isinstance(cls, type) or not issubclass(cls, base):
-        raise PluginError(f"{where}, which is not a subclass of storch.Estimator")
+        return f"{where}, which is not a subclass of storch.Estimator"
     if not isinstance(cls.name, str) or not cls.name:
-        raise PluginError(f"{where} without a `name` class attribute")
+        return f"{where} without a `name` class attribute"
     if not (isinstance(cls.max_order, int) or cls.max_order == math.inf) or cls.max_order < 0:
-        raise PluginError(f"{where} with max_order={cls.max_order!r}; use an int >= 0 or math.inf")
+        return f"{where} with max_order={cls.max_order!r}; use an int >= 0 or math.inf"
     if not isinstance(cls.biased, bool):
-        raise PluginError(f"{where} with biased={cls.biased!r}; use True or False")
+        return f"{where} with biased={cls.biased!r}; use True or False"
+    if not isinstance(cls.aliases, tuple):
+        return f"{where} with aliases={cls.aliases!r}; use a tuple of names"
+    return None
 
 
 _lock = threading.Lock()
@@ -151,6 +162,8 @@ def get_estimator_class(name: str) -> type:
         raise PluginError(
             f"estimator name {name!r} is claimed by two plugins: {a!r} and {b!r}; uninstall one of them"
         )
+    if name in reg.invalid:
+        raise PluginError(reg.invalid[name])
     key = reg.aliases.get(name, name)
     cls = reg.classes.get(key)
     if cls is not None:

@@ -1,0 +1,133 @@
+"""The registry: discovery through entry points, aliases, errors. Runs in the `core` tox env,
+where the fixture plugins in tests/fixtures are installed and no estimator family is."""
+
+import importlib.util
+import os
+import warnings
+
+import pytest
+import torch
+from torch.distributions import Bernoulli
+
+import storch
+from storch import _registry
+
+FIXTURES_INSTALLED = importlib.util.find_spec("storch_fixture") is not None
+if os.environ.get("STORCH_REQUIRE_FIXTURES") and not FIXTURES_INSTALLED:
+    raise RuntimeError("the registry fixture plugins (tests/fixtures) must be installed in this environment")
+# outside tox (a developer's venv without the fixtures) these tests are skipped; `tox -e core` requires them
+needs_fixtures = pytest.mark.skipif(not FIXTURES_INSTALLED, reason="fixture plugins not installed: run `tox -e core`")
+
+
+@pytest.fixture
+def fresh_registry():
+    storch.reload_estimators()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        infos = storch.available_estimators()
+    yield infos, caught
+    storch.reload_estimators()
+
+
+def test_builtins_are_registered_through_entry_points(fresh_registry):
+    infos, _ = fresh_registry
+    assert infos["expect"].package == "storch-core" and infos["expect"].family == "core"
+    assert infos["reparameterization"].max_order == float("inf")
+    assert not infos["expect"].biased
+    assert "enumerat" in infos["expect"].description.lower()
+
+
+def test_aliases_resolve():
+    assert type(storch.estimator("enumerate", plate="z")) is type(storch.estimator("expect", plate="z"))
+    assert storch.get_estimator_class("pathwise").name == "reparameterization"
+
+
+def test_unknown_name_lists_installed_and_suggests():
+    with pytest.raises(storch.UnknownEstimatorError) as e:
+        storch.estimator("expcet", plate="z")
+    msg = str(e.value)
+    assert "'expect'" in msg and "Did you mean" in msg and "reparameterization" in msg
+    assert isinstance(e.value, LookupError)
+
+
+@pytest.mark.parametrize("name,dist,module", [
+    ("score", "storch-estimators-score", "storch_score"),
+    ("unordered_set", "storch-estimators-score", "storch_score"),
+    ("rebar", "storch-estimators-relaxed", "storch_relaxed"),
+    ("mvd", "storch-estimators-mvd", "storch_mvd"),
+])
+def test_first_party_name_of_missing_family_says_what_to_install(name, dist, module):
+    if importlib.util.find_spec(module) is not None:
+        assert storch.get_estimator_class(name).name == name
+        return
+    with pytest.raises(storch.UnknownEstimatorError, match=f"pip install {dist}"):
+        storch.estimator(name, plate="z")
+
+
+def test_options_are_validated():
+    with pytest.raises(storch.OptionError, match="n_samples"):
+        storch.estimator("reparameterization", plate="z", n_samples=0)
+    with pytest.raises(storch.OptionError, match="no option 'temperature'.*n_samples"):
+        storch.estimator("reparameterization", plate="z", temperature=0.5)
+    with pytest.raises(storch.OptionError, match="plate"):
+        storch.estimator("expect", plate="")
+
+
+def test_entry_points_are_scanned_once(monkeypatch):
+    storch.reload_estimators()
+    calls = []
+    real = _registry.entry_points
+    monkeypatch.setattr(_registry, "entry_points", lambda **kw: calls.append(kw) or real(**kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        storch.available_estimators()
+        storch.available_estimators()
+        storch.estimator("expect", plate="z")
+    assert len(calls) == 1
+    storch.reload_estimators()
+
+
+@needs_fixtures
+def test_third_party_plugin_found_by_name_and_alias(fresh_registry):
+    infos, _ = fresh_registry
+    assert infos["fixture_first_order"].package == "storch-fixture-plugin"
+    assert infos["fixture_first_order"].max_order == 1
+    assert storch.get_estimator_class("fixture_alias").name == "fixture_first_order"
+
+
+@needs_fixtures
+def test_broken_plugin_warns_with_its_name_and_others_still_work(fresh_registry):
+    infos, caught = fresh_registry
+    msgs = [str(w.message) for w in caught]
+    assert any("fixture_broken" in m and "storch-fixture-plugin" in m and "deliberately broken" in m for m in msgs)
+    assert "expect" in infos and "fixture_first_order" in infos
+
+
+@needs_fixtures
+def test_malformed_plugin_is_a_named_error(fresh_registry):
+    infos, caught = fresh_registry
+    assert "fixture_malformed" not in infos
+    assert any("max_order='two'" in str(w.message) for w in caught)
+    with pytest.raises(storch.PluginError, match="storch-fixture-plugin.*max_order='two'"):
+        storch.estimator("fixture_malformed", plate="z")
+
+
+@needs_fixtures
+def test_two_plugins_claiming_one_name_is_an_error_naming_both(fresh_registry):
+    infos, caught = fresh_registry
+    assert "fixture_twin" not in infos
+    with pytest.raises(storch.PluginError) as e:
+        storch.estimator("fixture_twin", plate="z")
+    assert "storch-fixture-plugin" in str(e.value) and "storch-fixture-twin" in str(e.value)
+
+
+@needs_fixtures
+def test_order_error_names_estimator_and_plate():
+    est = storch.estimator("fixture_first_order", plate="b", n_samples=2)
+    theta = torch.zeros(3, requires_grad=True)
+    with storch.Graph():
+        b = est(Bernoulli(logits=theta))
+        storch.add_cost(((b - 0.45) ** 2).sum())
+        storch.surrogate_loss(order=1)
+        with pytest.raises(storch.OrderError, match="'fixture_first_order' on plate 'b'.*order 2"):
+            storch.surrogate_loss(order=2)
