@@ -1,0 +1,126 @@
+"""The graph context: isolation, resets, errors for bad input, credit assignment by plates."""
+
+import threading
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Normal, OneHotCategorical
+
+import storch
+
+
+def test_plate_name_reused_is_an_error():
+    est1 = storch.estimator("expect", plate="z")
+    est2 = storch.estimator("expect", plate="z")
+    with storch.Graph():
+        storch.denote_independent(torch.zeros(3, 2), 0, "data")
+        with pytest.raises(storch.PlateError, match="'data' is already used"):
+            storch.denote_independent(torch.zeros(3, 2), 0, "data")
+        est1(Bernoulli(logits=torch.zeros(())))
+        with pytest.raises(storch.PlateError, match="'z' is already used"):
+            est2(Bernoulli(logits=torch.zeros(())))
+
+
+def test_cost_with_event_shape_is_an_error():
+    est = storch.estimator("expect", plate="z")
+    with storch.Graph():
+        z = est(Bernoulli(logits=torch.zeros(3)))
+        with pytest.raises(storch.CostError, match=r"per-sample shape \(3,\).*sum\(-1\)"):
+            storch.add_cost(z * 2.0)
+        with pytest.raises(storch.CostError, match="floating point"):
+            storch.add_cost(z.sum().long())
+
+
+def test_surrogate_without_costs_is_an_error():
+    with storch.Graph(), pytest.raises(storch.StorchError, match="add_cost"):
+        storch.surrogate_loss()
+
+
+def test_exception_inside_a_graph_leaves_the_next_one_clean():
+    est = storch.estimator("expect", plate="z")
+    theta = torch.zeros(2, requires_grad=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        with storch.Graph() as g:
+            est(Bernoulli(logits=theta))
+            raise RuntimeError("boom")
+    assert not g.nodes and not g.plates
+    with storch.Graph():
+        z = est(Bernoulli(logits=theta))
+        storch.add_cost(z.sum())
+        assert storch.surrogate_loss().item() == pytest.approx(1.0)
+
+
+def test_backward_resets_the_default_graph_even_after_an_error():
+    est = storch.estimator("expect", plate="z")
+    theta = torch.zeros(2, requires_grad=True)
+    z = est(Bernoulli(logits=theta))
+    storch.add_cost(z.sum())
+    value = storch.backward()
+    assert value.item() == pytest.approx(1.0) and theta.grad is not None
+    assert not storch.current_graph().nodes
+    est(Bernoulli(logits=theta))  # the same plate name works again: the graph was reset
+    with pytest.raises(storch.StorchError):
+        storch.backward()  # no costs
+    assert not storch.current_graph().nodes
+    storch.reset()
+
+
+def test_each_thread_has_its_own_default_graph():
+    est = storch.estimator("expect", plate="z")
+    theta = torch.zeros(2, requires_grad=True)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(20):
+                z = est(Bernoulli(logits=theta))
+                storch.add_cost(z.sum())
+                storch.backward()
+        except Exception as e:  # collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert errors == []
+
+
+def test_credit_assignment_by_plate_membership():
+    """A cost that does not depend on a node gets no gradient through that node's estimator."""
+    torch.manual_seed(0)
+    a = torch.tensor(0.3, requires_grad=True)
+    b = torch.tensor(-0.2, requires_grad=True)
+    with storch.Graph():
+        za = storch.estimator("reparameterization", plate="za", n_samples=3)(Normal(a, 1.0))
+        zb = storch.estimator("expect", plate="zb")(Bernoulli(logits=b))
+        storch.add_cost(za ** 2, name="only_a")
+        storch.add_cost(zb * 2.0, name="only_b")
+        loss = storch.surrogate_loss()
+        ga, gb = torch.autograd.grad(loss, (a, b))
+    s = torch.sigmoid(b).item()
+    assert gb.item() == pytest.approx(2 * s * (1 - s))
+    assert ga.item() == pytest.approx((2 * za.tensor).mean().item())
+
+
+def test_estimator_reused_across_graphs_keeps_no_graph_state():
+    est = storch.estimator("expect", plate="z")
+    for _ in range(3):
+        with storch.Graph():
+            z = est(OneHotCategorical(logits=torch.zeros(4)))
+            storch.add_cost(z[0])
+            assert storch.surrogate_loss().item() == pytest.approx(0.25)
+
+
+def test_unsupported_distribution_message_names_alternatives():
+    est = storch.estimator("reparameterization", plate="z")
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError) as e:
+        est(Bernoulli(logits=torch.zeros(1)))
+    assert "Bernoulli" in str(e.value) and "expect" in str(e.value)
+
+
+def test_order_must_be_a_nonnegative_int():
+    with storch.Graph():
+        storch.add_cost(torch.tensor(1.0))
+        with pytest.raises(storch.StorchError, match="order"):
+            storch.surrogate_loss(order=-1)
+        assert storch.surrogate_loss(order=0).item() == 1.0
