@@ -21,9 +21,9 @@ import torch
 from torch.distributions import Distribution
 
 from ._distributions import unwrap_distribution
-from ._errors import OptionError, UnsupportedDistributionError
+from ._errors import OptionError, PlateError, UnsupportedDistributionError
 from ._graph import Node, current_graph
-from ._plates import Plate, PlateTensor, align
+from ._plates import Plate, PlateTensor, align, union_plates
 
 __all__ = ["Estimator", "CostFrame", "magic_box"]
 
@@ -41,12 +41,16 @@ class CostFrame:
             plates of later nodes have been reduced already (size 1).
         plates: the plates of the frame.
         dim: position of the node's own plate in ``plates``.
+        name: the cost's name (from ``storch.add_cost``), for per-cost estimator state such as
+            moving-average baselines.
     """
 
-    __slots__ = ("tensor", "plates", "dim", "node", "_live")
+    __slots__ = ("tensor", "plates", "dim", "node", "name", "_live")
 
-    def __init__(self, tensor: torch.Tensor, plates: tuple[Plate, ...], node: Node, live: torch.Tensor):
+    def __init__(self, tensor: torch.Tensor, plates: tuple[Plate, ...], node: Node, live: torch.Tensor,
+                 name: Optional[str] = None):
         self.tensor = tensor
+        self.name = name
         self.plates = plates
         self.node = node
         self.dim = next(i for i, p in enumerate(plates) if p.name == node.plate.name)
@@ -99,6 +103,7 @@ class Estimator(torch.nn.Module):
     requires_rsample: ClassVar[bool] = False
     requires_enumerate_support: ClassVar[bool] = False
     has_update: ClassVar[bool] = False
+    supports_partitions: ClassVar[bool] = False
 
     def __init__(self, plate: str, n_samples: int = 1) -> None:
         super().__init__()
@@ -116,6 +121,9 @@ class Estimator(torch.nn.Module):
         raw, parents = unwrap_distribution(distribution)
         self.check_distribution(raw)
         graph = current_graph()
+        node = graph.partition_of(self)
+        if node is not None:
+            return self._extend_partition(graph, node, raw, parents)
         node = Node(self, raw, parents, original=distribution)
         sample = self.proposal(node)
         node.plate = Plate(self.plate, sample.shape[0])
@@ -126,6 +134,52 @@ class Estimator(torch.nn.Module):
         node.weights = _lead(self.weighting_function(node), n)
         node.value = PlateTensor._wrap(self.output(node), node.plates)
         return node.value
+
+    def _extend_partition(self, graph, node: Node, raw: Distribution, parents) -> PlateTensor:
+        """A further call of this estimator in the same graph: one more step of its partition.
+
+        Paper, section 3.2: the calls form one partition with one plate; its gradient function
+        is the sum of the steps' gradient functions, weights and baselines are per sequence.
+        """
+        if not self.supports_partitions:
+            raise PlateError(
+                f"estimator {self.name!r} (plate {self.plate!r}) was already used in this graph. Calling one "
+                "estimator several times makes its calls one partition (a sequence with one plate), which "
+                f"{self.name!r} does not support. Create one estimator per stochastic node, or start each "
+                "step with a new graph (storch.backward() / storch.reset())"
+            )
+        for p in parents:
+            other = graph.node_of(p.name)
+            if other is not None and other.index > node.index:
+                raise PlateError(
+                    f"step of partition {self.plate!r} depends on node {p.name!r}, which was sampled after "
+                    "the partition started; partitions must be topologically ordered (paper, section 3.2)"
+                )
+        sample, plates = self.extend(node, raw, parents)
+        step = self.step_gradient_function(node, raw, sample, plates)
+        union = union_plates([node.plates, plates])
+        node.gradient_function = align(node.gradient_function, node.plates, union) + align(
+            _lead(step, len(plates)), plates, union)
+        node.parents = tuple(p for p in union if p.name != node.plate.name)
+        node.gradient_function = align(node.gradient_function, union, node.plates)
+        node.context.setdefault("steps", []).append(sample)
+        return PlateTensor._wrap(sample, plates)
+
+    def extend(self, node: Node, distribution: Distribution, parents: tuple) -> tuple[torch.Tensor, tuple]:
+        """Proposal for a later step of a partition: one sample per entry of the node's plate."""
+        if any(p.name == node.plate.name for p in parents):
+            return self._draw(distribution, ()), parents
+        return self._draw(distribution, (node.n,)), (node.plate,) + parents
+
+    def _draw(self, distribution: Distribution, shape: tuple) -> torch.Tensor:
+        return distribution.rsample(shape) if self.requires_rsample else distribution.sample(shape)
+
+    def step_gradient_function(self, node: Node, distribution: Distribution, sample: torch.Tensor,
+                               plates: tuple) -> torch.Tensor:
+        """l of one partition step: its log-probability summed over its own batch dims."""
+        lp = distribution.log_prob(sample)
+        k = lp.dim() - len(plates)
+        return lp.sum(tuple(range(-k, 0))) if k > 0 else lp
 
     def check_distribution(self, d: Distribution) -> None:
         """Raise :class:`UnsupportedDistributionError` if this estimator cannot handle ``d``."""

@@ -119,6 +119,13 @@ class Graph:
         node.index = len(self.nodes)
         self.nodes.append(node)
 
+    def partition_of(self, estimator) -> Optional[Node]:
+        """The node an estimator already sampled in this graph (its partition), if any."""
+        for node in self.nodes:
+            if node.estimator is estimator:
+                return node
+        return None
+
     def node_of(self, plate_name: str) -> Optional[Node]:
         owner = self.plates.get(plate_name)
         return owner if isinstance(owner, Node) else None

@@ -36,9 +36,13 @@ class Reparameterization(Estimator):
     name = "reparameterization"
     aliases = ("pathwise",)
     requires_rsample = True
+    supports_partitions = True
 
     def proposal(self, node: Node) -> torch.Tensor:
         return node.distribution.rsample((self.n_samples,))
 
     def gradient_function(self, node: Node) -> torch.Tensor:
         return torch.zeros((1,), dtype=node.sample.dtype, device=node.sample.device)
+
+    def step_gradient_function(self, node, distribution, sample, plates) -> torch.Tensor:
+        return torch.zeros((1,), dtype=sample.dtype, device=sample.device)

@@ -1,0 +1,86 @@
+"""Partitions (paper, section 3.2): one estimator called in a loop makes one node with one plate."""
+
+import itertools
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Normal
+
+import storch
+from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
+
+R = 4000
+
+
+class SequenceScore(storch.Estimator):
+    """Score function over whole sequences (a test estimator built on the base protocol)."""
+
+    name = "test_sequence_score"
+    supports_partitions = True
+
+
+def _cost(b1, b2, b3):
+    return (b1 + 2 * b2 - 0.5 * b3 - 1.2) ** 2
+
+
+def exact(theta):
+    total = 0.0
+    for b1, b2, b3 in itertools.product([0.0, 1.0], repeat=3):
+        p1 = torch.sigmoid(theta[0])
+        p2 = torch.sigmoid(theta[1] + theta[2] * b1)
+        p3 = torch.sigmoid(theta[1] - theta[2] * b2)
+        pr = (p1 if b1 else 1 - p1) * (p2 if b2 else 1 - p2) * (p3 if b3 else 1 - p3)
+        total = total + pr * _cost(b1, b2, b3)
+    return total
+
+
+def test_autoregressive_bernoulli_sequence_is_unbiased_to_order_2():
+    torch.manual_seed(5)
+    theta = torch.tensor([0.3, -0.4, 1.1], dtype=torch.float64)
+    est = SequenceScore(plate="seq", n_samples=3)
+    with storch.Graph() as g:
+        leaf, th = replicate(theta, R)
+        b1 = est(Bernoulli(logits=th[0]))
+        b2 = est(Bernoulli(logits=th[1] + th[2] * b1))
+        b3 = est(Bernoulli(logits=th[1] - th[2] * b2))
+        assert len(g.nodes) == 1 and b3.plates[0].name == "seq"
+        storch.add_cost(_cost(b1, b2, b3))
+        loss = storch.surrogate_loss(order=2)
+        grad, hess = per_replicate_derivatives(loss, leaf, 2)
+    t = theta.clone().requires_grad_(True)
+    assert_unbiased(grad, torch.autograd.functional.jacobian(exact, t), "gradient")
+    assert_unbiased(hess, torch.autograd.functional.hessian(exact, t), "Hessian")
+
+
+def test_gaussian_random_walk_with_reparameterization():
+    torch.manual_seed(6)
+    mu = torch.tensor([0.7], dtype=torch.float64)
+    est = storch.estimator("reparameterization", plate="walk", n_samples=2)
+    with storch.Graph():
+        leaf, m = replicate(mu, R)
+        x = est(Normal(m[0], 1.0))
+        for _ in range(3):
+            x = est(Normal(x, 1.0))
+        storch.add_cost(x ** 2)  # E = mu^2 + 4
+        loss = storch.surrogate_loss(order=2)
+        grad, hess = per_replicate_derivatives(loss, leaf, 2)
+    assert_unbiased(grad, 2 * mu, "gradient")
+    assert_unbiased(hess, torch.tensor([[2.0]]), "Hessian")
+
+
+def test_partition_needs_support():
+    est = storch.estimator("expect", plate="z")
+    with storch.Graph():
+        z = est(Bernoulli(logits=torch.zeros(())))
+        with pytest.raises(storch.PlateError, match="partition"):
+            est(Bernoulli(logits=z))
+
+
+def test_partition_step_may_not_depend_on_a_later_node():
+    est = SequenceScore(plate="seq")
+    other = storch.estimator("expect", plate="other")
+    with storch.Graph():
+        est(Bernoulli(logits=torch.zeros(())))
+        o = other(Bernoulli(logits=torch.zeros(())))
+        with pytest.raises(storch.PlateError, match="topologically"):
+            est(Bernoulli(logits=o))
