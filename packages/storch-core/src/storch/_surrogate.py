@@ -51,7 +51,7 @@ def _check_order(graph: Graph, order: int) -> None:
                 )
 
 
-def _cost_surrogate(graph: Graph, cost) -> torch.Tensor:
+def _cost_surrogate(graph: Graph, cost, name: Optional[str] = None) -> torch.Tensor:
     plates = plates_of(cost)
     raw = raw_of(cost)
     nodes = cost_nodes(graph, cost)
@@ -65,7 +65,7 @@ def _cost_surrogate(graph: Graph, cost) -> torch.Tensor:
     inner = raw if total is None else magic_box(total) * raw  # line 7 of Algorithm 1
     for i in range(len(nodes) - 1, -1, -1):
         node = nodes[i]
-        frame = CostFrame(inner.detach(), plates, node, inner)
+        frame = CostFrame(inner.detach(), plates, node, inner, name)
         a = node.estimator.control_variate(node, frame)  # line 11
         if a is not None:
             inner = inner + (a if prefix[i] is None else magic_box(prefix[i]) * a)
@@ -90,8 +90,8 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
         raise StorchError("the graph has no costs; call storch.add_cost(...) before the surrogate loss")
     _check_order(graph, order)
     loss = None
-    for _, cost in graph.costs:
-        s = _cost_surrogate(graph, cost)
+    for name, cost in graph.costs:
+        s = _cost_surrogate(graph, cost, name)
         loss = s if loss is None else loss + s
     return loss.reshape(())
 
