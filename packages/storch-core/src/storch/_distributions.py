@@ -52,13 +52,13 @@ def unwrap_distribution(d: Distribution) -> tuple[Distribution, tuple[Plate, ...
         params = {}
     plates = union_plates([plates_of(v) for v in params.values()] + [()])
     if not plates:
-        if any(type(v) is PlateTensor for v in vars(d).values()):
+        if any(type(v) is PlateTensor for v in d.__dict__.values()):
             raise UnsupportedDistributionError(
                 f"{type(d).__name__} holds plate tensors that storch cannot find among its "
                 "arg_constraints; build it from plain tensors or use a distribution whose "
                 "parameters are listed in arg_constraints"
             )
-        return d, ()
+        return d, ()  # built from plain tensors: nothing to unwrap
     sizes = [p.size for p in plates]
     raw = {}
     for name, v in params.items():

@@ -36,9 +36,18 @@ def register(*funcs):
 
 def dispatch(func, args, kwargs):
     handler = HANDLERS.get(func)
-    if handler is None:
-        return _default(func, args, kwargs)
-    return handler(func, args, kwargs)
+    if handler is not None:
+        return handler(func, args, kwargs)
+    if not kwargs and len(args) == 1 and type(args[0]) is _PT:
+        # fast path: a function of one plate tensor acting on trailing dims (sigmoid, relu, ...)
+        x = args[0]
+        out = func(x._raw)
+        if _is_inplace(func):
+            return x
+        if type(out) is _T:
+            return _PT._wrap(out, x._plates)
+        return wrap(out, x._plates)
+    return _default(func, args, kwargs)
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -115,9 +124,15 @@ _INPLACE_DUNDERS = {
 }
 
 
+_INPLACE_CACHE: dict = {}
+
+
 def _is_inplace(func) -> bool:
-    name = getattr(func, "__name__", "")
-    return (name.endswith("_") and not name.startswith("__")) or name in _INPLACE_DUNDERS
+    r = _INPLACE_CACHE.get(func)
+    if r is None:
+        name = getattr(func, "__name__", "")
+        r = _INPLACE_CACHE[func] = (name.endswith("_") and not name.startswith("__")) or name in _INPLACE_DUNDERS
+    return r
 
 
 def _call(func, args, kwargs, pad: int):
@@ -170,6 +185,18 @@ def _default(func, args, kwargs):
 
 def broadcast(func, args, kwargs):
     """Elementwise functions with torch broadcasting: pad per-sample dims, align by plate."""
+    if not kwargs and len(args) == 2 and not _is_inplace(func):
+        # fast paths: a plate tensor and a Python scalar, or two plate tensors with equal plates
+        a, b = args
+        ta, tb = type(a), type(b)
+        if ta is _PT:
+            if tb is _PT:
+                if (a._plates is b._plates or a._plates == b._plates) and a._raw.dim() == b._raw.dim():
+                    return _PT._wrap(func(a._raw, b._raw), a._plates)
+            elif not isinstance(b, _T):
+                return wrap(func(a._raw, b), a._plates)
+        elif tb is _PT and not isinstance(a, _T):
+            return wrap(func(a, b._raw), b._plates)
     first = None
     same = True
     k0 = ks = plain = -1
@@ -312,3 +339,6 @@ def _broadcast_tensors(func, args, kwargs):
 
 
 from . import _plate_shape_ops  # noqa: E402,F401  (registers the dim-aware handlers)
+from . import _plates as _plates_module  # noqa: E402
+
+_plates_module._dispatch = dispatch  # bind the dispatcher once (no import per torch call)

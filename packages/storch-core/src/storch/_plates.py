@@ -102,9 +102,7 @@ class PlateTensor(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        from ._plate_ops import dispatch
-
-        return dispatch(func, args, kwargs or {})
+        return _dispatch(func, args, kwargs or {})
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -114,6 +112,12 @@ class PlateTensor(torch.Tensor):
             f"{func} reached a PlateTensor below __torch_function__; pass `.tensor` explicitly "
             "and handle the plate dimensions yourself"
         )
+
+
+def _dispatch(func, args, kwargs):  # replaced by _plate_ops.dispatch when storch is imported
+    from ._plate_ops import dispatch
+
+    return dispatch(func, args, kwargs)
 
 
 def _names(plates: Sequence[Plate]) -> tuple[str, ...]:

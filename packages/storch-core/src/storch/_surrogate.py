@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ._errors import OrderError, StorchError
-from ._estimator import CostFrame, magic_box
+from ._estimator import CostFrame, Estimator, magic_box
 from ._graph import Graph, Node, current_graph
 from ._plates import align, plates_of, raw_of
 
