@@ -33,28 +33,25 @@ def cost_nodes(graph: Graph, cost) -> list[Node]:
     return sorted((n for n in nodes if n is not None), key=lambda n: n.index)
 
 
-def _check_order(graph: Graph, order: int) -> None:
-    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
-        raise StorchError(f"order must be an int >= 0, got {order!r}")
-    seen = set()
-    for _, c in graph.costs:
-        for node in cost_nodes(graph, c):
-            if node.index in seen:
-                continue
-            seen.add(node.index)
-            est = node.estimator
-            if est.max_order < order:
-                raise OrderError(
-                    f"estimator {est.name!r} on plate {node.plate.name!r} is unbiased only up to order "
-                    f"{est.max_order}, but order {order} was requested; choose an estimator with a "
-                    "higher max_order (see storch.available_estimators()) for this node"
-                )
+def _check_order(nodes: list[Node], order: int) -> None:
+    for node in nodes:
+        est = node.estimator
+        if est.max_order < order:
+            raise OrderError(
+                f"estimator {est.name!r} on plate {node.plate.name!r} is unbiased only up to order "
+                f"{est.max_order}, but order {order} was requested; choose an estimator with a "
+                "higher max_order (see storch.available_estimators()) for this node"
+            )
 
 
-def _cost_surrogate(graph: Graph, cost, name: Optional[str] = None) -> torch.Tensor:
+def _has_control_variate(est) -> bool:
+    cls = type(est)
+    return cls.control_variate is not Estimator.control_variate or cls.baseline is not Estimator.baseline
+
+
+def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None) -> torch.Tensor:
     plates = plates_of(cost)
     raw = raw_of(cost)
-    nodes = cost_nodes(graph, cost)
     # L_{i-1} for every node i, aligned to the cost's plates (Theorem 2's MagicBox arguments)
     prefix: list[Optional[torch.Tensor]] = []
     total = None
@@ -65,12 +62,14 @@ def _cost_surrogate(graph: Graph, cost, name: Optional[str] = None) -> torch.Ten
     inner = raw if total is None else magic_box(total) * raw  # line 7 of Algorithm 1
     for i in range(len(nodes) - 1, -1, -1):
         node = nodes[i]
-        frame = CostFrame(inner.detach(), plates, node, inner, name)
-        a = node.estimator.control_variate(node, frame)  # line 11
-        if a is not None:
-            inner = inner + (a if prefix[i] is None else magic_box(prefix[i]) * a)
+        dim = plates.index(node.plate)
+        if _has_control_variate(node.estimator):
+            frame = CostFrame(inner.detach(), plates, node, inner, name)
+            a = node.estimator.control_variate(node, frame)  # line 11
+            if a is not None:
+                inner = inner + (a if prefix[i] is None else magic_box(prefix[i]) * a)
         w = align(node.weights, node.plates, plates)
-        inner = (w * inner).sum(frame.dim, keepdim=True)  # line 14: weight and sum over X_i
+        inner = (w * inner).sum(dim, keepdim=True)  # line 14: weight and sum over X_i
     # what is left are independent plates (and size-1 dims): the mean over data points
     return inner.mean() if inner.dim() else inner
 
@@ -88,10 +87,14 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     graph = graph or current_graph()
     if not graph.costs:
         raise StorchError("the graph has no costs; call storch.add_cost(...) before the surrogate loss")
-    _check_order(graph, order)
+    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
+        raise StorchError(f"order must be an int >= 0, got {order!r}")
+    per_cost = [(name, cost, cost_nodes(graph, cost)) for name, cost in graph.costs]
+    for _, _, nodes in per_cost:
+        _check_order(nodes, order)
     loss = None
-    for name, cost in graph.costs:
-        s = _cost_surrogate(graph, cost, name)
+    for name, cost, nodes in per_cost:
+        s = _cost_surrogate(cost, nodes, name)
         loss = s if loss is None else loss + s
     return loss.reshape(())
 
