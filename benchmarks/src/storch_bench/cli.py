@@ -1,0 +1,105 @@
+"""``storch-compare``: the estimator comparison demo.
+
+    storch-compare                 # discrete VAE on bundled digits, every installed estimator
+    storch-compare --full          # the longer comparison
+    storch-compare --estimators "score@1,score[baseline=leave_one_out]@8,gumbel_softmax@1"
+    storch-compare toy             # REBAR toy and K=10 categorical: bias, variance, time
+    storch-compare overhead        # storch vs hand-written torch: time and peak memory ratios
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["main"]
+
+COMMANDS = ("vae", "toy", "overhead")
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def _header(title: str) -> str:
+    return f"{title}\n\nRun {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {_machine()}.\n"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--estimators", default="auto",
+                   help="comma-separated specs name[option=value,...]@n; 'auto' = every installed estimator "
+                        "(default: auto)")
+    p.add_argument("--samples", type=int, default=None, help="sample count of the multi-sample presets "
+                   "(score with leave-one-out, unordered_set)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: reproducible, and no "
+                   "OpenMP spin-waits competing with other processes on small tensors)")
+    p.add_argument("--out", type=Path, default=Path("results"), help="output folder (default results/)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="storch-compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command")
+    v = sub.add_parser("vae", help="discrete VAE comparison (the default)")
+    _common(v)
+    v.add_argument("--full", action="store_true", help="the longer comparison (100 epochs, more checkpoints)")
+    v.add_argument("--models", default="bernoulli,categorical", help="bernoulli, categorical or both")
+    v.add_argument("--epochs", type=int, default=None)
+    v.add_argument("--batch-size", type=int, default=None)
+    v.add_argument("--lr", type=float, default=1e-3)
+    v.add_argument("--variance-reps", type=int, default=None, help="gradient estimates per checkpoint")
+    v.add_argument("--checkpoints", type=int, default=None, help="number of variance checkpoints")
+    v.add_argument("--max-train", type=int, default=None, help="use only the first N training points")
+    t = sub.add_parser("toy", help="REBAR toy and K=10 categorical: bias, variance, time per estimate")
+    _common(t)
+    t.add_argument("--replicates", type=int, default=2000, help="independent estimates per estimator")
+    t.add_argument("--timing-reps", type=int, default=100, help="single-estimate runs timed per estimator")
+    o = sub.add_parser("overhead", help="storch vs hand-written torch: time and peak memory ratios")
+    _common(o)
+    o.add_argument("--batch-sizes", default="1,100")
+    o.add_argument("--n-samples", default="1,8,64")
+    o.add_argument("--problems", default="toy,vae")
+    o.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per measurement")
+    o.add_argument("--configs", default=None, help="subset of score,loo,unordered_set,gumbel_softmax")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["vae", *argv]
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.command == "vae":
+        from .vae_cli import run
+
+        return run(args)
+    if args.command == "toy":
+        from .toy import run_cli
+
+        return run_cli(args)
+    from .overhead import run_cli
+
+    return run_cli(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Measurements: peak CPU memory of a call, seeding, and the variance of a gradient estimator.
+
+Peak memory comes from torch's own profiler (``torch.profiler`` with ``profile_memory=True``):
+every allocation and free of torch's CPU allocator is an event; the running sum of the
+events in time order gives the peak number of bytes held above what was held before the call.
+(``tracemalloc`` does not see tensor storage, which torch allocates outside Python's allocator.)
+Allocations made and freed inside one operator are netted at operator granularity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import random
+import warnings
+from typing import Callable
+
+import numpy as np
+import torch
+
+__all__ = ["peak_memory", "seed_everything", "gradient_variance"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and random (the demo's only sources of randomness)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    random.seed(seed)
+
+
+@contextlib.contextmanager
+def _quiet_profiler():
+    # the profiler's C++ side prints start/stop lines and allocator warnings on fd 2
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated by torch's CPU allocator during ``fn()`` (above the level before it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for e in events:
+        current += e.self_cpu_memory_usage
+        peak = max(peak, current)
+    return int(peak)
+
+
+def gradient_variance(grads: list[list[torch.Tensor]]) -> float:
+    """Trace of the covariance of R gradient estimates (sum of per-coordinate variances).
+
+    Args:
+        grads: R estimates, each a list of tensors (one per parameter).
+    """
+    flat = torch.stack([torch.cat([g.reshape(-1) for g in gs]) for gs in grads])  # (R, P)
+    return float(flat.double().var(0, unbiased=True).sum())
