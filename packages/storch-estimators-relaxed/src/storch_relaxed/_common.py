@@ -1,0 +1,248 @@
+"""Pieces shared by the relaxed family: noise, relaxations, conditional Gumbels, plate layout,
+the default learned control variate and the variance-minimising update (RELAX, Grathwohl et al. 2018).
+
+Several estimators here lay their node's plate out in blocks of ``n`` entries: the ``n`` real
+samples first (weight 1/n), then evaluation-only entries (weight 0: ARM's antithetic samples,
+REBAR's relaxed inputs, GO's neighbours) whose costs the control variate reads from the
+:class:`storch.CostFrame`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Union
+
+import torch
+from torch.distributions import Bernoulli, Categorical, Distribution, Independent, OneHotCategorical
+
+from storch import CostFrame, Estimator, Node, OptionError, StorchError
+
+__all__ = [
+    "base_of", "own_shape", "uniform", "logistic_noise", "gumbel_noise", "blocks_weights", "pad_blocks",
+    "block", "check_temperature", "ControlVariateNet", "VarianceTrained", "conditional_logistic",
+    "conditional_gumbel", "param_tensors", "flat", "evaluate_network", "discrete_with_relaxation",
+]
+
+Temperature = Union[float, Callable[[int], float]]
+
+
+def base_of(d: Distribution) -> Distribution:
+    """The distribution under an ``Independent`` wrapper (the one holding logits/probs)."""
+    return d.base_dist if isinstance(d, Independent) else d
+
+
+def own_shape(node: Node) -> tuple[int, ...]:
+    """The node's own batch shape (base batch dims after the parent plates)."""
+    return tuple(base_of(node.distribution).batch_shape[len(node.parents):])
+
+
+def param_tensors(d: Distribution) -> list[torch.Tensor]:
+    """The tensors ``d`` was built from (its arg_constraints present as attributes) that need grad."""
+    d = base_of(d)
+    if isinstance(d, OneHotCategorical):
+        d = d._categorical
+    out = []
+    for name in d.arg_constraints:
+        v = d.__dict__.get(name)
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            out.append(v)
+    return out
+
+
+def uniform(shape, like: torch.Tensor) -> torch.Tensor:
+    """U(0, 1) noise clamped away from 0 and 1 (so logits of it are finite)."""
+    eps = torch.finfo(like.dtype).eps
+    return torch.rand(shape, dtype=like.dtype, device=like.device).clamp(eps, 1 - eps)
+
+
+def logistic_noise(shape, like: torch.Tensor) -> torch.Tensor:
+    u = uniform(shape, like)
+    return torch.log(u) - torch.log1p(-u)
+
+
+def gumbel_noise(shape, like: torch.Tensor) -> torch.Tensor:
+    return -torch.log(-torch.log(uniform(shape, like)))
+
+
+def conditional_logistic(alpha: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """z̃ ~ Logistic(α, 1) conditioned on 1[z̃ > 0] = b, reparameterised in α (Tucker et al. 2017, App. A).
+
+    With p = σ(α): u' = 1 - p + v p if b = 1 else v (1 - p), v ~ U(0, 1); z̃ = α + logit(u').
+    """
+    p = torch.sigmoid(alpha)
+    v = uniform(b.shape, alpha)
+    u = torch.where(b > 0.5, 1 - p + v * p, v * (1 - p))
+    eps = torch.finfo(alpha.dtype).eps
+    u = u.clamp(eps, 1 - eps)
+    return alpha + torch.log(u) - torch.log1p(-u)
+
+
+def conditional_gumbel(logp: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """z̃ = log p + g conditioned on argmax z̃ = ``index`` (Tucker et al. 2017, App. A; Gumbel-max).
+
+    z̃_b = -log(-log v_b), z̃_k = -log(-log v_k / p_k - log v_b) for k != b, v ~ U(0, 1)^K,
+    with normalised p (so that max_k (log p_k + g_k) ~ Gumbel(0)).
+    """
+    v = uniform(index.shape + logp.shape[-1:], logp)
+    logp = logp.expand(v.shape)
+    log_vb = torch.log(v.gather(-1, index.unsqueeze(-1)))  # log v_b, shape (..., 1)
+    other = -torch.log(-torch.log(v) * torch.exp(-logp) - log_vb)
+    top = -torch.log(-log_vb).expand_as(other)
+    onehot = torch.nn.functional.one_hot(index, logp.shape[-1]).bool()
+    return torch.where(onehot, top, other)
+
+
+def discrete_with_relaxation(d: Distribution, n: int):
+    """n samples of ``d`` (Bernoulli, Categorical, OneHotCategorical) through their continuous z.
+
+    Returns ``(z, b, onehot, z_tilde)``: z (reparameterised: Logistic(α, 1) for Bernoulli, log p +
+    Gumbel for categoricals), the discrete sample b = H(z) as ``d`` samples it (float 0/1, index, or
+    one-hot), b as a float (one-hot for categoricals), and z̃ ~ p(z | b), reparameterised.
+    """
+    logits = d.logits
+    shape = (n,) + tuple(logits.shape)
+    if isinstance(d, Bernoulli):
+        z = logits + logistic_noise(shape, logits)
+        b = (z > 0).to(logits.dtype)  # H(z): an exact Bernoulli(σ(α)) sample, no gradient
+        return z, b, b, conditional_logistic(logits, b)
+    z = logits + gumbel_noise(shape, logits)
+    index = z.argmax(-1)  # Gumbel-max: an exact categorical sample, no gradient
+    onehot = torch.nn.functional.one_hot(index, z.shape[-1]).to(logits.dtype)
+    b = onehot if isinstance(d, OneHotCategorical) else index
+    return z, b, onehot, conditional_gumbel(logits, index)
+
+
+def check_temperature(name: str, temperature) -> None:
+    if callable(temperature):
+        return
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
+            or not math.isfinite(temperature):
+        raise OptionError(
+            f"{name}: temperature must be a finite float > 0 or a schedule step -> float, got {temperature!r}"
+        )
+
+
+def blocks_weights(node: Node, n: int, blocks: int) -> torch.Tensor:
+    """w = 1/n on the first block of n real samples, 0 on the evaluation-only blocks."""
+    s = node.sample
+    dtype = s.dtype if s.is_floating_point() else torch.get_default_dtype()
+    for v in vars(base_of(node.distribution)).values():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            dtype = v.dtype
+            break
+    w = torch.zeros((n * blocks,), dtype=dtype, device=s.device)
+    w[:n] = 1.0 / n
+    return w
+
+
+def pad_blocks(t: torch.Tensor, blocks: int, dim: int = 0) -> torch.Tensor:
+    """Append ``blocks - 1`` blocks of zeros along ``dim`` (for evaluation-only entries)."""
+    if blocks == 1:
+        return t
+    shape = list(t.shape)
+    shape[dim] = shape[dim] * (blocks - 1)
+    return torch.cat([t, t.new_zeros(shape)], dim)
+
+
+def block(cost_values: torch.Tensor, cost: CostFrame, n: int, k: int) -> torch.Tensor:
+    """Block ``k`` (n entries) of the node's plate in a cost-frame tensor."""
+    return cost_values.narrow(cost.dim, k * n, n)
+
+
+class ControlVariateNet(torch.nn.Module):
+    """c_φ(z): a two-layer MLP on the node's (relaxed) sample, flattened; one number per entry.
+
+    The layers are created on the first call, with the input's size, dtype and device, so their
+    parameters appear in ``.parameters()`` after the estimator's first node.
+
+    Args:
+        hidden: width of the hidden layer.
+    """
+
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.net: Optional[torch.nn.Sequential] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.net is None:
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(x.shape[-1], self.hidden), torch.nn.Tanh(), torch.nn.Linear(self.hidden, 1)
+            ).to(dtype=x.dtype, device=x.device)
+        return self.net(x)
+
+
+def flat(t: torch.Tensor, lead: int) -> torch.Tensor:
+    """Flatten every dim after the first ``lead`` into one (size 1 if there are none)."""
+    return t.reshape(tuple(t.shape[:lead]) + (-1,))
+
+
+def evaluate_network(name: str, network: Callable, z: torch.Tensor, lead: int) -> torch.Tensor:
+    """c_φ(z) per entry: ``network`` maps ``(*lead, F)`` to ``(*lead)`` or ``(*lead, 1)``."""
+    out = network(flat(z, lead))
+    if out.dim() == lead + 1 and out.shape[-1] == 1:
+        out = out.squeeze(-1)
+    if tuple(out.shape) != tuple(z.shape[:lead]):
+        raise StorchError(
+            f"{name}: the control-variate network returned shape {tuple(out.shape)} for input shape "
+            f"{tuple(flat(z, lead).shape)}; it must return one number per entry, shape {tuple(z.shape[:lead])}"
+        )
+    return out
+
+
+class VarianceTrained(Estimator):
+    """Base of estimators whose own parameters φ are trained to minimise the gradient variance.
+
+    ``storch.backward()`` runs :meth:`update_parameters` before ``loss.backward()``: it computes
+    the gradient estimate ĝ of the loss with respect to the parameters of the node's distribution
+    (``create_graph=True``), and since E[ĝ] does not depend on φ (the estimator is unbiased), the
+    variance is minimised by descending ∂/∂φ Σ ĝ² (Grathwohl et al. 2018, section 3.3). The step
+    is applied at the estimator's next node (the current graph still needs φ's old values for
+    ``loss.backward()``).
+    """
+
+    has_update = True
+
+    def _init_training(self, lr: float, update: bool) -> None:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise OptionError(f"{self.name}: lr must be a float > 0, got {lr!r}")
+        if not isinstance(update, bool):
+            raise OptionError(f"{self.name}: update must be True or False, got {update!r}")
+        self.lr = float(lr)
+        self.update = update
+        self.update_steps = 0
+        self._optimizer: Optional[torch.optim.Optimizer] = None
+        self._pending: Optional[list] = None
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def apply_pending_update(self) -> None:
+        """Apply the optimizer step computed by the last ``update_parameters`` (if any)."""
+        if self._pending is None:
+            return
+        params, grads = self._pending
+        self._pending = None
+        if self._optimizer is None or len(self._optimizer.param_groups[0]["params"]) != len(params):
+            self._optimizer = torch.optim.Adam(params, lr=self.lr)
+        for p, g in zip(params, grads):
+            p.grad = g
+        self._optimizer.step()
+        for p in params:
+            p.grad = None
+        self.update_steps += 1
+
+    def update_parameters(self, nodes: list[Node], loss: torch.Tensor) -> None:
+        if not self.update:
+            return
+        params = self._trainable()
+        targets = [t for node in nodes for t in node.context.get("params", ())]
+        if not params or not targets:
+            return
+        # ĝ = ∂loss/∂(distribution parameters), kept differentiable in φ (create_graph)
+        grads = torch.autograd.grad(loss, targets, retain_graph=True, create_graph=True, allow_unused=True)
+        var = sum((g ** 2).sum() for g in grads if g is not None)
+        if not isinstance(var, torch.Tensor) or not var.requires_grad:
+            return
+        dphi = torch.autograd.grad(var, params, retain_graph=True, allow_unused=True)
+        self._pending = (params, [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, dphi)])

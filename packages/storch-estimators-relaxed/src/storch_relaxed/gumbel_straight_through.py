@@ -1,0 +1,54 @@
+"""The straight-through Gumbel estimator."""
+
+from __future__ import annotations
+
+import torch
+
+from storch import Node
+
+from .gumbel_softmax import GumbelSoftmax
+
+__all__ = ["GumbelStraightThrough"]
+
+
+class GumbelStraightThrough(GumbelSoftmax):
+    """Straight-through Gumbel: a discrete forward value, the relaxed sample's gradient (biased).
+
+    Components:
+        q(X | x<i) = n i.i.d. samples x = H(z) + (z - ⊥z), where z is the Gumbel-softmax sample
+            at temperature τ and H(z) its discretisation (1[z > 1/2]; one_hot(argmax z)), which
+            is an exact sample of the Bernoulli / categorical;
+        w(x) = 1/n;
+        l(x) = 0;
+        a = 0.
+
+    The forward value is exactly H(z) (the term z - ⊥z evaluates to 0): 0/1 for Bernoulli, a
+    one-hot vector (shape ``(..., K)``) for OneHotCategorical and for Categorical (whose integer
+    index would carry no gradient, so a Categorical node hands out a one-hot vector).
+
+    Requires: Bernoulli, Categorical or OneHotCategorical, and a cost differentiable in its
+    (one-hot) input.
+
+    max_order: ∞ for its own surrogate, but ``biased``: ∇f(H(z)) · ∂z/∂θ is not the gradient of
+    E[f(b)]; the bias depends on τ (it vanishes as τ → 0 for costs quadratic in b).
+
+    Args:
+        plate: name of the node's plate.
+        n_samples: number of samples.
+        temperature: τ > 0, or a schedule ``step -> τ`` (see ``gumbel_softmax``).
+
+    Example:
+        >>> est = storch.estimator("gumbel_straight_through", plate="z", temperature=1.0)
+        >>> b = est(Bernoulli(logits=theta))   # values 0/1
+
+    References:
+        [1] Categorical Reparameterization with Gumbel-Softmax (Jang et al., 2017)
+        [2] Estimating or Propagating Gradients Through Stochastic Neurons (Bengio et al., 2013)
+    """
+
+    name = "gumbel_straight_through"
+
+    def proposal(self, node: Node) -> torch.Tensor:
+        soft = self.relaxed(node)
+        # ⊥: the forward value is exactly the hard sample, the gradient is the relaxed one's
+        return node.context["hard"] + (soft - soft.detach())

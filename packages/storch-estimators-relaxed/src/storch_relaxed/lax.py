@@ -1,0 +1,78 @@
+"""LAX: the score function with a learned, reparameterised control variate (continuous nodes)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from storch import CostFrame, Node, OptionError, magic_box
+
+from ._common import ControlVariateNet, VarianceTrained, evaluate_network, param_tensors
+
+__all__ = ["Lax"]
+
+
+class Lax(VarianceTrained):
+    """LAX: score function plus a learned control variate c_φ differentiated through ``rsample``.
+
+    Components (paper, appendix D.2.4):
+        q(X | x<i) = n i.i.d. reparameterised samples x = g(ε, θ);
+        w(x) = 1/n;
+        l(x) = log p(⊥x | x<i) (the cost is NOT differentiated through x: user code gets ⊥x);
+        a(x<i, X) = c_φ(x) - MagicBox(l) ⊥c_φ(x).
+
+    First order: ∇ = (f(x) - c_φ(x)) ∇l + ∇_θ c_φ(x(θ, ε)). The control variate is zero in
+    expectation at every order: E[∇ⁿ c_φ(x)] is the pathwise and E[⊥c_φ(x) ∇ⁿ MagicBox(l)] the score
+    function estimate of ∇ⁿ E[c_φ(x)] (c_φ has no other dependence on θ).
+
+    Requires: a distribution with ``rsample``; the cost need not be differentiable.
+
+    max_order: ∞ (appendix D.2.4).
+
+    φ is trained to minimise the variance of ĝ = ∂loss/∂(distribution parameters) by
+    ``storch.backward()`` (Adam, ``lr``); the step lands at the estimator's next node. The
+    parameters are ``est.parameters()``; to train them yourself pass ``update=False``.
+
+    Args:
+        plate: name of the node's plate.
+        n_samples: number of samples.
+        network: c_φ, a module mapping ``(..., F)`` (the sample, own dims flattened) to ``(...)``;
+            default: a tanh MLP with ``hidden`` units, built at the first node.
+        hidden: hidden width of the default network.
+        lr: Adam learning rate of the variance-minimising update.
+        update: whether ``storch.backward()`` trains φ.
+
+    Example:
+        >>> est = storch.estimator("lax", plate="x", n_samples=1)
+        >>> x = est(Normal(mu, 1.0))   # detached sample; its cost may be non-differentiable
+
+    References:
+        [1] Backpropagation through the Void (Grathwohl et al., 2018)
+    """
+
+    name = "lax"
+    requires_rsample = True
+
+    def __init__(self, plate: str, n_samples: int = 1, network: Optional[Callable] = None, hidden: int = 32,
+                 lr: float = 1e-2, update: bool = True) -> None:
+        super().__init__(plate, n_samples)
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise OptionError(f"{self.name}: hidden must be an int >= 1, got {hidden!r}")
+        if network is not None and not callable(network):
+            raise OptionError(f"{self.name}: network must be a torch.nn.Module (or callable), got {network!r}")
+        self.network = network if network is not None else ControlVariateNet(hidden)
+        self._init_training(lr, update)
+
+    def proposal(self, node: Node) -> torch.Tensor:
+        self.apply_pending_update()
+        node.context["params"] = param_tensors(node.distribution)
+        x = node.distribution.rsample((self.n_samples,))
+        node.context["z"] = x
+        return x.detach()  # ⊥x: the cost's gradient goes through l and c_φ only
+
+    def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
+        c = evaluate_network(self.name, self.network, node.context["z"], len(node.plates))
+        # appendix D.2.4: a = c_φ(x) - MagicBox(l) ⊥c_φ(x); ⊥ makes the score term's value c_φ
+        a = c - magic_box(node.gradient_function) * c.detach()
+        return cost.align(a)
