@@ -10,7 +10,7 @@ import torch
 from .._graph import denote_independent
 from .._plates import PlateTensor
 
-__all__ = ["replicate", "per_replicate_derivatives", "assert_unbiased", "UnbiasednessReport"]
+__all__ = ["replicate", "per_replicate_derivatives", "assert_unbiased", "z_test", "UnbiasednessReport"]
 
 
 def replicate(param: torch.Tensor, n: int, plate: str = "replicate") -> tuple[torch.Tensor, PlateTensor]:
@@ -30,25 +30,34 @@ def per_replicate_derivatives(loss: torch.Tensor, leaf: torch.Tensor, order: int
     The loss is the mean over R replicates, so its gradient w.r.t. ``leaf[r]`` is ĝ_r / R. Since
     replicates do not interact, differentiating ``Σ_r ĝ_r[i]`` again gives each replicate's Hessian
     row i. Order 3 is returned as the derivative of the Hessian along the all-ones direction.
+    A derivative that does not depend on ``leaf`` at all (e.g. the Hessian of a linear estimate)
+    is returned as zeros.
 
     Returns:
         list of tensors: ``(R, d)``, ``(R, d, d)``, ``(R, d, d)`` for orders 1, 2, 3 (flattened
         parameter of size d).
     """
     r = leaf.shape[0]
-    g = torch.autograd.grad(loss, leaf, create_graph=order > 1)[0].reshape(r, -1) * r
+    g = _grad(loss, leaf, create_graph=order > 1).reshape(r, -1) * r
     out = [g]
     if order >= 2:
         d = g.shape[1]
-        rows = [torch.autograd.grad(g[:, i].sum(), leaf, create_graph=order > 2, retain_graph=True)[0].reshape(r, d)
-                for i in range(d)]
+        rows = [_grad(g[:, i].sum(), leaf, create_graph=order > 2).reshape(r, d) for i in range(d)]
         h = torch.stack(rows, 1)
         out.append(h)
         if order >= 3:
             hv = h.sum(-1)  # H·1 per replicate, shape (R, d)
-            rows3 = [torch.autograd.grad(hv[:, i].sum(), leaf, retain_graph=True)[0].reshape(r, d) for i in range(d)]
+            rows3 = [_grad(hv[:, i].sum(), leaf, create_graph=False).reshape(r, d) for i in range(d)]
             out.append(torch.stack(rows3, 1))
     return out
+
+
+def _grad(y: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """dy/dx, zeros where y does not depend on x (keeps the graph for further derivatives)."""
+    if not y.requires_grad:
+        return torch.zeros_like(x)
+    (g,) = torch.autograd.grad(y, x, create_graph=create_graph, retain_graph=True, allow_unused=True)
+    return torch.zeros_like(x) if g is None else g
 
 
 @dataclass
@@ -68,6 +77,11 @@ class UnbiasednessReport:
     def ok(self) -> bool:
         return bool((self.z.abs() < self.threshold).all())
 
+    @property
+    def max_abs_z(self) -> float:
+        """The largest |z| over the components (0 for an empty report)."""
+        return float(self.z.abs().max()) if self.z.numel() else 0.0
+
     def table(self) -> str:
         rows = [f"{self.name}: {self.n} estimates, |z| < {self.threshold}"]
         rows.append(f"{'component':>10} {'mean':>12} {'stderr':>10} {'exact':>12} {'z':>8}")
@@ -78,6 +92,27 @@ class UnbiasednessReport:
         return "\n".join(rows)
 
 
+def z_test(estimates: torch.Tensor, exact, name: str = "estimate", threshold: float = 4.0,
+           atol: float = 1e-9) -> UnbiasednessReport:
+    """z-test ``estimates`` (R independent draws along dim 0) against ``exact``; never raises.
+
+    A component whose estimates have (numerically) zero variance must equal the exact value to
+    ``atol`` (relative to its magnitude); otherwise its z-score is infinite. Non-finite estimates
+    give an infinite z-score too.
+    """
+    est = estimates.detach().to(torch.float64)
+    n = est.shape[0]
+    exact = torch.as_tensor(exact).detach().to(torch.float64).expand(est.shape[1:])
+    mean = est.mean(0)
+    var = est.var(0) if n > 1 else torch.zeros_like(mean)
+    stderr = (var / n).sqrt()
+    tiny = stderr <= atol * (1 + exact.abs())
+    z = torch.where(tiny, ((mean - exact).abs() > atol * (1 + exact.abs())).double() * float("inf"),
+                    (mean - exact) / stderr.clamp_min(1e-300))
+    z = torch.where(torch.isfinite(mean), torch.nan_to_num(z, nan=0.0), torch.full_like(z, float("inf")))
+    return UnbiasednessReport(name, mean, stderr, exact, z, n, threshold, var)
+
+
 def assert_unbiased(estimates: torch.Tensor, exact, name: str = "estimate", threshold: float = 4.0,
                     atol: float = 1e-9) -> UnbiasednessReport:
     """z-test ``estimates`` (R independent draws along dim 0) against ``exact``.
@@ -85,17 +120,7 @@ def assert_unbiased(estimates: torch.Tensor, exact, name: str = "estimate", thre
     A component whose estimates have (numerically) zero variance must equal the exact value to
     ``atol`` (relative to its magnitude). Raises AssertionError with a readable table on failure.
     """
-    est = estimates.detach().to(torch.float64)
-    n = est.shape[0]
-    exact = torch.as_tensor(exact, dtype=torch.float64).expand(est.shape[1:])
-    mean = est.mean(0)
-    var = est.var(0)
-    stderr = (var / n).sqrt()
-    tiny = stderr <= atol * (1 + exact.abs())
-    z = torch.where(tiny, ((mean - exact).abs() > atol * (1 + exact.abs())).double() * float("inf"),
-                    (mean - exact) / stderr.clamp_min(1e-300))
-    z = torch.nan_to_num(z, nan=0.0)
-    report = UnbiasednessReport(name, mean, stderr, exact, z, n, threshold, var)
+    report = z_test(estimates, exact, name, threshold, atol)
     if not report.ok:
         raise AssertionError("estimator is biased (or the exact value is wrong):\n" + report.table())
     return report

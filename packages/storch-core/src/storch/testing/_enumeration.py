@@ -1,0 +1,150 @@
+"""``check_against_enumeration``: an estimator's estimates of orders 0..n against exact values."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .._graph import Graph
+from .._surrogate import surrogate_loss
+from ._models import EstimatorFactory, Model, standard_models, supports
+from ._resolve import EstimatorLike, default_orders, replicas, resolve
+from ._stats import UnbiasednessReport, per_replicate_derivatives, z_test
+
+__all__ = ["check_against_enumeration", "ConformanceReport", "exact_derivatives"]
+
+
+@dataclass
+class ConformanceReport:
+    """Outcome of :func:`check_against_enumeration`: one z-test per (model, order).
+
+    Attributes:
+        estimator: the estimator's registry name.
+        orders: the derivative orders that were tested.
+        checks: one :class:`UnbiasednessReport` per (model, order), named ``"model, order m"``.
+        skipped: models not run, with the reason (an unsupported distribution).
+        seconds: wall time of the whole check.
+    """
+
+    estimator: str
+    orders: tuple[int, ...]
+    checks: list[UnbiasednessReport] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    @property
+    def failures(self) -> list[UnbiasednessReport]:
+        return [c for c in self.checks if not c.ok]
+
+    def table(self, details: bool = True) -> str:
+        """One row per (model, order); below it the per-component table of each failure."""
+        head = f"{self.estimator}: orders {list(self.orders)}, {len(self.checks)} z-tests in {self.seconds:.1f}s"
+        rows = [head, f"{'model, order':<28} {'estimates':>9} {'components':>10} {'max |z|':>8}  result"]
+        for c in self.checks:
+            verdict = "ok" if c.ok else "FAIL"
+            rows.append(f"{c.name:<28} {c.n:>9} {c.z.numel():>10} {c.max_abs_z:>8.2f}  {verdict}")
+        for name, why in self.skipped.items():
+            rows.append(f"{name:<28} skipped: {why}")
+        if details:
+            for c in self.failures:
+                rows += ["", c.table()]
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def exact_derivatives(fn, theta: torch.Tensor, order: int) -> list[torch.Tensor]:
+    """``[fn(θ), ∇fn, ∇²fn, ∇³fn·1]`` up to ``order``, shaped like :func:`per_replicate_derivatives`."""
+    leaf = theta.detach().to(torch.float64).reshape(1, -1).clone().requires_grad_(True)
+    value = fn(leaf[0].reshape(theta.shape))
+    out = [value.detach().reshape(1)]
+    if order >= 1:
+        out += [d[0].detach() for d in per_replicate_derivatives(value, leaf, order)]
+    return out
+
+
+def _run_model(model: Model, make: EstimatorFactory, orders: Sequence[int], n: int, seed: int,
+               threshold: float) -> list[UnbiasednessReport]:
+    top = max(orders)
+    with torch.random.fork_rng(devices=[]), Graph():
+        torch.manual_seed(seed)
+        leaf, weights, theta = replicas(model.theta, n)
+        model.build(make, theta)
+        loss = surrogate_loss(order=top)
+        estimates: dict[int, torch.Tensor] = {}
+        if 0 in orders:
+            # ∂loss/∂u_r = S_r: each replicate's forward estimate (see _resolve._Replicas)
+            estimates[0] = torch.autograd.grad(loss, weights, retain_graph=top > 0)[0].reshape(n, 1)
+        if top > 0:
+            for m, d in enumerate(per_replicate_derivatives(loss, leaf, top), start=1):
+                estimates[m] = d
+    exact = exact_derivatives(model.exact, model.theta, top)
+    return [z_test(estimates[m], exact[m], f"{model.name}, order {m}", threshold) for m in orders]
+
+
+def check_against_enumeration(
+    estimator: EstimatorLike,
+    *,
+    orders: Optional[Sequence[int]] = None,
+    models: Optional[Sequence[Model]] = None,
+    options: Optional[dict[str, Any]] = None,
+    n_replicates: int = 4000,
+    seed: int = 0,
+    threshold: float = 4.0,
+    raise_on_failure: bool = True,
+) -> ConformanceReport:
+    """z-test an estimator's estimates of orders 0..n against exact values on small models.
+
+    Every model (see :func:`storch.testing.standard_models`) is built ONCE with ``n_replicates``
+    independent copies of its parameter on a replicate plate, so one surrogate loss holds all
+    estimates; its forward value and derivatives per replicate are z-tested against the exact
+    expectation (plain-torch enumeration or a closed form) and its derivatives.
+
+    Args:
+        estimator: a registry name, an estimator instance, class, or factory ``make(plate)``.
+        orders: derivative orders to test; default 0..min(max_order, 3), or only 0 (the forward
+            value) for an estimator declared ``biased``.
+        models: the models to run; default the kit's models whose distributions it supports.
+        options: constructor options for a name or class (default ``n_samples=2`` if accepted).
+        n_replicates: independent estimates per model (>= 2000 recommended).
+        seed: seed of the first model (model i uses ``seed + i``); the global RNG is restored.
+        threshold: the largest accepted |z| per component.
+        raise_on_failure: raise ``AssertionError`` with the report's table when a test fails.
+
+    Returns:
+        a :class:`ConformanceReport`.
+
+    Example:
+        >>> def test_my_estimator():
+        ...     storch.testing.check_against_enumeration("my_estimator")
+    """
+    start = time.perf_counter()
+    make, probe = resolve(estimator, options)
+    orders = tuple(sorted(set(orders))) if orders is not None else default_orders(probe)
+    if not orders or min(orders) < 0 or max(orders) > 3:
+        raise ValueError(f"orders must be a non-empty subset of 0..3, got {orders!r}")
+    if models is None:
+        models, skipped = standard_models(probe)
+    else:
+        skipped = {m.name: r for m in models if (r := supports(probe, m)) is not None}
+        models = [m for m in models if m.name not in skipped]
+    report = ConformanceReport(probe.name or type(probe).__name__, orders, skipped=skipped)
+    for i, model in enumerate(models):
+        report.checks += _run_model(model, make, orders, n_replicates, seed + i, threshold)
+    report.seconds = time.perf_counter() - start
+    if not report.checks:
+        raise AssertionError(
+            f"{report.estimator}: none of the models uses a distribution it supports; pass models=[...]\n"
+            + report.table()
+        )
+    if raise_on_failure and not report.ok:
+        raise AssertionError(f"{report.estimator} does not match the exact values:\n" + report.table())
+    return report

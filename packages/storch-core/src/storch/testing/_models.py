@@ -1,0 +1,232 @@
+"""Small stochastic computation graphs whose expected cost is known exactly.
+
+Each :class:`Model` holds a model written for ONE sample with storch (``build``) and the same
+expectation computed independently in plain torch (``exact``: enumeration of every joint value,
+or a closed form for Normal nodes), differentiable in θ so that exact derivatives of any order
+come from autograd. :func:`standard_models` picks those whose distributions an estimator
+supports (through its ``check_distribution``, i.e. its ``distributions``,
+``requires_rsample`` and ``requires_enumerate_support`` class attributes).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch.distributions import Bernoulli, Categorical, Distribution, Normal, OneHotCategorical
+
+from .._errors import UnsupportedDistributionError
+from .._estimator import Estimator
+from .._graph import add_cost
+
+__all__ = ["Model", "EstimatorFactory", "standard_models", "supports"]
+
+EstimatorFactory = Callable[[str], Estimator]
+"""``make(plate) -> Estimator``: a fresh estimator for the node with sample plate ``plate``."""
+
+_F64 = torch.float64
+
+
+def _t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=_F64)
+
+
+@dataclass(frozen=True)
+class Model:
+    """A small model with an exactly known expected total cost.
+
+    Attributes:
+        name: short name used in reports.
+        theta: the parameter vector (float64, shape ``(d,)``) at which the check runs.
+        build: ``build(make, theta)`` samples the model's nodes with estimators from
+            ``make(plate)`` and registers its costs with ``storch.add_cost``; ``theta`` is a
+            plate tensor of shape ``(d,)`` (one replicate's parameter).
+        exact: ``exact(theta) -> E[total cost]`` (0-dim) in plain torch, differentiable in θ.
+        distributions: example distributions of the model's nodes, used to decide whether an
+            estimator supports the model.
+    """
+
+    name: str
+    theta: torch.Tensor
+    build: Callable[[EstimatorFactory, torch.Tensor], None]
+    exact: Callable[[torch.Tensor], torch.Tensor]
+    distributions: Callable[[], Sequence[Distribution]]
+
+
+def supports(estimator: Estimator, model: Model) -> Optional[str]:
+    """``None`` if ``estimator`` accepts every node of ``model``, else the reason it does not."""
+    for d in model.distributions():
+        try:
+            estimator.check_distribution(d)
+        except UnsupportedDistributionError as e:
+            return str(e)
+    return None
+
+
+# -- single-node discrete models ---------------------------------------------------------------
+
+_C3 = _t(1.0, -0.5, 0.8)
+
+
+def _bernoulli() -> Model:
+    """Three jointly sampled Bernoullis (the node's own batch dims); C = (c·x - 0.3)²."""
+
+    def build(make: EstimatorFactory, theta: torch.Tensor) -> None:
+        x = make("x")(Bernoulli(logits=theta))
+        add_cost(((x * _C3).sum() - 0.3) ** 2)
+
+    def exact(theta: torch.Tensor) -> torch.Tensor:
+        xs = torch.tensor(list(itertools.product((0.0, 1.0), repeat=3)), dtype=_F64)  # (8, 3)
+        logp = (xs * torch.nn.functional.logsigmoid(theta) + (1 - xs) * torch.nn.functional.logsigmoid(-theta)).sum(-1)
+        return (logp.exp() * ((xs @ _C3) - 0.3) ** 2).sum()
+
+    theta = _t(0.3, -0.6, 1.1)
+    return Model("bernoulli[3]", theta, build, exact, lambda: [Bernoulli(logits=theta)])
+
+
+_LOGITS5 = _t(0.2, -0.4, 0.9, 0.0, -1.1)
+_V5 = _t(1.0, -0.5, 2.0, 0.3, -1.2)
+
+
+def _categorical() -> Model:
+    """One Categorical with K = 5; C = (x - 1.3)²."""
+    offset = torch.tensor(1.3, dtype=_F64)
+
+    def build(make: EstimatorFactory, theta: torch.Tensor) -> None:
+        x = make("x")(Categorical(logits=theta))
+        add_cost((x - offset) ** 2)
+
+    def exact(theta: torch.Tensor) -> torch.Tensor:
+        k = torch.arange(5, dtype=_F64)
+        return (torch.softmax(theta, -1) * (k - offset) ** 2).sum()
+
+    return Model("categorical[K=5]", _LOGITS5, build, exact, lambda: [Categorical(logits=_LOGITS5)])
+
+
+def _onehot() -> Model:
+    """One OneHotCategorical with K = 5; C = (v·x - 0.4)²."""
+
+    def build(make: EstimatorFactory, theta: torch.Tensor) -> None:
+        x = make("x")(OneHotCategorical(logits=theta))
+        add_cost(((x * _V5).sum() - 0.4) ** 2)
+
+    def exact(theta: torch.Tensor) -> torch.Tensor:
+        return (torch.softmax(theta, -1) * (_V5 - 0.4) ** 2).sum()
+
+    return Model("onehot[K=5]", _LOGITS5, build, exact, lambda: [OneHotCategorical(logits=_LOGITS5)])
+
+
+# -- a two-node discrete chain -----------------------------------------------------------------
+
+_DIR3, _OFF3 = _t(-1.0, 0.0, 1.0), _t(0.1, -0.2, 0.3)
+
+
+class _Family:
+    """A discrete family driven by one scalar s, with a scalar feature φ(x) of its samples."""
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+        self.values = (0.0, 1.0) if kind is Bernoulli else (0.0, 1.0, 2.0)
+
+    def make(self, s) -> Distribution:
+        if self.kind is Bernoulli:
+            return Bernoulli(logits=s)
+        return self.kind(logits=s * _DIR3 + _OFF3)
+
+    def feature(self, x):
+        return (x * torch.arange(3, dtype=_F64)).sum() if self.kind is OneHotCategorical else x
+
+    def log_probs(self, s: torch.Tensor) -> torch.Tensor:
+        """log p(v | s) for every support value v, as plain torch."""
+        if self.kind is Bernoulli:
+            return torch.stack([torch.nn.functional.logsigmoid(-s), torch.nn.functional.logsigmoid(s)])
+        return torch.log_softmax(s * _DIR3 + _OFF3, -1)
+
+
+def _chain(kind: type) -> Model:
+    """x1 ~ D(θ0), x2 ~ D(θ1 + 1.2 φ(x1) - 0.6); costs (φ(x2) - 0.5 φ(x1) - 0.25 θ0)² and θ1 φ(x1).
+
+    The second node's distribution depends on the first sample, and both costs depend on θ
+    directly (a pathwise term), so every part of Eq. 2 is exercised.
+    """
+    fam = _Family(kind)
+
+    def build(make: EstimatorFactory, theta: torch.Tensor) -> None:
+        x1 = make("x1")(fam.make(theta[0]))
+        f1 = fam.feature(x1)
+        x2 = make("x2")(fam.make(theta[1] + 1.2 * f1 - 0.6))
+        add_cost((fam.feature(x2) - 0.5 * f1 - 0.25 * theta[0]) ** 2)
+        add_cost(theta[1] * f1)
+
+    def exact(theta: torch.Tensor) -> torch.Tensor:
+        phi = torch.tensor(fam.values, dtype=_F64)
+        p1 = fam.log_probs(theta[0]).exp()
+        total = theta.new_zeros(())
+        for i, v1 in enumerate(phi):
+            p2 = fam.log_probs(theta[1] + 1.2 * v1 - 0.6).exp()
+            inner = (p2 * (phi - 0.5 * v1 - 0.25 * theta[0]) ** 2).sum()
+            total = total + p1[i] * (inner + theta[1] * v1)
+        return total
+
+    theta = _t(0.4, -0.3)
+    return Model(f"chain[{kind.__name__}]", theta, build, exact, lambda: [fam.make(theta[0])])
+
+
+# -- continuous models (closed forms) ----------------------------------------------------------
+
+_C2 = _t(1.0, -0.7)
+
+
+def _normal() -> Model:
+    """x ~ Normal(μ, σ) with two own batch dims, θ = (μ, log σ); C = (c·x)² + x0³."""
+
+    def build(make: EstimatorFactory, theta: torch.Tensor) -> None:
+        x = make("x")(Normal(theta[:2], theta[2:].exp()))
+        add_cost((x * _C2).sum() ** 2 + x[0] ** 3)
+
+    def exact(theta: torch.Tensor) -> torch.Tensor:
+        m, s = theta[:2], theta[2:].exp()
+        return (_C2 * m).sum() ** 2 + (_C2 ** 2 * s ** 2).sum() + m[0] ** 3 + 3 * m[0] * s[0] ** 2
+
+    theta = _t(0.5, -0.2, math.log(0.8), math.log(1.2))
+    return Model("normal[2]", theta, build, exact, lambda: [Normal(theta[:2], theta[2:].exp())])
+
+
+def _normal_chain() -> Model:
+    """x1 ~ Normal(θ0, 1), x2 ~ Normal(θ1 x1, 0.5); C = x2² + θ1 x1 (a pathwise term)."""
+
+    def build(make: EstimatorFactory, theta: torch.Tensor) -> None:
+        x1 = make("x1")(Normal(theta[0], torch.tensor(1.0, dtype=_F64)))
+        x2 = make("x2")(Normal(theta[1] * x1, torch.tensor(0.5, dtype=_F64)))
+        add_cost(x2 ** 2 + theta[1] * x1)
+
+    def exact(theta: torch.Tensor) -> torch.Tensor:
+        mu, a = theta[0], theta[1]
+        return a ** 2 * (mu ** 2 + 1) + 0.25 + a * mu
+
+    theta = _t(0.3, 0.7)
+    return Model("chain[Normal]", theta, build, exact, lambda: [Normal(theta[0], torch.tensor(1.0, dtype=_F64))])
+
+
+def standard_models(estimator: Estimator) -> tuple[list[Model], dict[str, str]]:
+    """The kit's models that ``estimator`` supports, and the reasons it skips the others.
+
+    Discrete: ``bernoulli[3]``, ``categorical[K=5]``, ``onehot[K=5]`` for each supported
+    family, and one two-node chain (the first supported of Bernoulli, OneHotCategorical,
+    Categorical). Continuous: ``normal[2]`` and ``chain[Normal]``.
+    """
+    candidates = [_bernoulli(), _categorical(), _onehot()]
+    chains = [_chain(k) for k in (Bernoulli, OneHotCategorical, Categorical)]
+    chain = next((c for c in chains if supports(estimator, c) is None), chains[0])
+    candidates += [chain, _normal(), _normal_chain()]
+    chosen, skipped = [], {}
+    for m in candidates:
+        reason = supports(estimator, m)
+        if reason is None:
+            chosen.append(m)
+        else:
+            skipped[m.name] = reason
+    return chosen, skipped
