@@ -1,0 +1,9 @@
+"""Score-function estimators for storch: ``score`` (REINFORCE) with baselines, ``importance``,
+``sum_and_sample`` (MAPO) and ``unordered_set``."""
+
+from .importance import Importance
+from .score import Score
+from .sum_and_sample import SumAndSample
+from .unordered_set import UnorderedSet
+
+__all__ = ["Score", "Importance", "SumAndSample", "UnorderedSet"]

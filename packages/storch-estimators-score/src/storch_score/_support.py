@@ -1,0 +1,53 @@
+"""Shared helpers of the score family: the finite joint support of a node, stable log-sum-exp."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from storch import Node, UnsupportedDistributionError
+
+__all__ = ["enumerate_joint", "masked_logsumexp"]
+
+
+def enumerate_joint(node: Node, budget: int, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every joint value of the node's own batch dims and its log-probability per parent entry.
+
+    Returns:
+        ``(values, logp)``: ``values`` has shape ``(M, *own_batch, *event)`` (M = K^n joint values),
+        ``logp`` has shape ``(M, *parents)`` and carries gradient.
+    """
+    d = node.distribution
+    support = d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
+    k = support.shape[0]
+    event = tuple(d.event_shape)
+    single = support.reshape((k,) + event)
+    own = tuple(d.batch_shape[len(node.parents):])
+    n = math.prod(own)
+    if k ** n > budget:
+        raise UnsupportedDistributionError(
+            f"{who}: the node on plate {node.estimator.plate!r} has {k}^{n} = {k ** n} joint values, more than "
+            f"budget={budget}; raise `budget`, split the node into several nodes, or use 'score'"
+        )
+    idx = torch.tensor(list(itertools.product(range(k), repeat=n)), dtype=torch.long,
+                       device=single.device).reshape(k ** n, n)
+    values = single[idx].reshape((k ** n,) + own + event)
+    full = values.reshape((k ** n,) + (1,) * len(node.parents) + own + event)
+    logp = node.log_prob(full.expand((k ** n,) + tuple(d.batch_shape) + event))
+    return values, logp
+
+
+def masked_logsumexp(x: torch.Tensor, mask: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """log Σ exp(x) over the entries where ``mask`` is False, without NaN gradients.
+
+    Returns:
+        ``(lse, empty)``: ``lse`` is -inf where every entry is masked (``empty``), with zero gradient there.
+    """
+    empty = mask.all(dim)
+    masked = x.masked_fill(mask, -math.inf)
+    # a row with every entry masked would give NaN gradients in logsumexp: use a dummy row there
+    safe = torch.where(empty.unsqueeze(dim), torch.zeros_like(x), masked)
+    lse = torch.logsumexp(safe, dim)
+    return torch.where(empty, torch.full_like(lse, -math.inf), lse), empty

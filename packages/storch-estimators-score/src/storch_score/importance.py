@@ -1,0 +1,88 @@
+"""Importance sampling with the score function."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+from torch.distributions import Distribution
+
+from storch import Estimator, Node, OptionError
+
+__all__ = ["Importance"]
+
+
+class Importance(Estimator):
+    """Score function on samples from a user-given proposal, reweighted by ⊥(p/q) (appendix D.2.2).
+
+    Components:
+        q(X | x<i) = n i.i.d. samples from the proposal q (the ``proposal`` option);
+        w(x) = ⊥(p(x | x<i) / q(x | x<i)) / n (detached importance weights);
+        l(x) = log p(x | x<i), summed over the node's own batch dims;
+        a = 0.
+
+    Requires: p and q with ``log_prob`` on the same event shape; q must put mass wherever p does
+    (otherwise the estimate is biased, as for any importance sampler).
+
+    max_order: ∞ — the weights are detached, so Σ_x q(x) ⊥(p/q) ∇ⁿ(MagicBox(l) f) equals the
+    score function's any-order estimate under p (D.2.2, using D.2.1).
+
+    Args:
+        plate: name of the node's plate.
+        proposal: the sampling distribution: a ``torch.distributions.Distribution`` whose batch
+            shape broadcasts to the node's (it is expanded to it), or a callable that gets the
+            node's raw distribution p (batch shape ``(*parent_plates, *own_batch)``) and returns
+            q with the same batch shape, e.g. ``lambda p: Categorical(logits=p.logits.detach() / 2)``.
+        n_samples: number of samples from q.
+
+    Example:
+        >>> q = torch.distributions.Categorical(probs=torch.full((5,), 0.2))
+        >>> est = storch.estimator("importance", plate="z", proposal=q, n_samples=4)
+        >>> z = est(torch.distributions.Categorical(logits=theta))
+
+    References:
+        [1] Storchastic: A Framework for General Stochastic Automatic Differentiation (van Krieken et al., 2021)
+    """
+
+    name = "importance"
+
+    def __init__(self, plate: str, proposal: Optional[Union[Distribution, Callable[[Distribution], Distribution]]] = None,
+                 n_samples: int = 1) -> None:
+        super().__init__(plate, n_samples)
+        if proposal is None:
+            raise OptionError("importance: the option `proposal` is required: a torch.distributions.Distribution "
+                              "or a callable p -> q")
+        if not isinstance(proposal, Distribution) and not callable(proposal):
+            raise OptionError(f"importance: proposal={proposal!r} is not accepted; give a "
+                              "torch.distributions.Distribution or a callable p -> q")
+        self.proposal_distribution = proposal
+
+    def _sampler(self, node: Node) -> Distribution:
+        p = node.distribution
+        q = self.proposal_distribution
+        q = q if isinstance(q, Distribution) else q(p)
+        if not isinstance(q, Distribution):
+            raise OptionError(f"importance: the proposal callable returned {type(q).__name__}, not a Distribution")
+        if q.event_shape != p.event_shape:
+            raise OptionError(
+                f"importance: the proposal has event shape {tuple(q.event_shape)} but the node's distribution "
+                f"{type(p).__name__} has event shape {tuple(p.event_shape)}")
+        if q.batch_shape != p.batch_shape:
+            try:
+                q = q.expand(p.batch_shape)
+            except (RuntimeError, ValueError, NotImplementedError) as e:
+                raise OptionError(
+                    f"importance: the proposal's batch shape {tuple(q.batch_shape)} does not broadcast to the "
+                    f"node's batch shape {tuple(p.batch_shape)} ((*parent plates, *own batch)): {e}") from e
+        return q
+
+    def proposal(self, node: Node) -> torch.Tensor:
+        q = self._sampler(node)
+        node.context["proposal"] = q
+        return q.sample((self.n_samples,))
+
+    def weighting_function(self, node: Node) -> torch.Tensor:
+        x = node.sample
+        log_ratio = node.log_prob(x) - node.log_prob(x, node.context["proposal"])
+        # ⊥(p/q): the importance weights are detached (appendix D.2.2, condition 3 of Theorem 1)
+        return log_ratio.detach().exp() / node.n

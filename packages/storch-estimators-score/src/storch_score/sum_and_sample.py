@@ -1,0 +1,170 @@
+"""Sum-and-sample (memory-augmented policy optimisation, MAPO)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+from torch.distributions import Categorical, Distribution
+
+from storch import CostFrame, Estimator, Node, OptionError
+
+from ._support import enumerate_joint, masked_logsumexp
+
+__all__ = ["SumAndSample"]
+
+
+class SumAndSample(Estimator):
+    """Sum exactly over a memory set M of values and sample the rest from p(x | x ∉ M) (appendix D.2.3).
+
+    Components (M: the k' most probable joint values, or a user-given memory; m samples outside M):
+        q(X | x<i) = δ_M · Π_{j=1..m} p(x_j | x_j ∉ M, x<i);
+        w(x) = p(x | x<i) for x ∈ M, p(x ∉ M | x<i) / m for a sample (both carry gradient);
+        l(x) = 0 for x ∈ M, log p(x | x ∉ M, x<i) = log p(x | x<i) - log p(x ∉ M | x<i) for a sample;
+        a(x<i, X) = (1 - MagicBox(l(x))) ⊥b(x) with b the leave-one-out mean over the m samples
+        (``baseline="leave_one_out"``), else 0.
+
+    Requires: a distribution with a finite support (``enumerate_support``: Bernoulli, Categorical,
+    OneHotCategorical, ...); the node's joint support (K^n values) is enumerated, up to ``budget``.
+
+    max_order: ∞ — the estimate is Σ_{x∈M} p(x) f(x) + p(x ∉ M) · (score estimate of E[f | x ∉ M]):
+    the first part is exact (D.1), the second the score function of the renormalised remainder
+    (D.2.1), and the product rule holds at every order; the baseline is zero-mean under the
+    remainder at every order because l is its normalised log-probability (appendix C).
+
+    Args:
+        plate: name of the node's plate (its size is |M| + n_samples, or K^n if M is everything).
+        n_samples: m, the number of samples from the remainder (with replacement).
+        n_enumerate: k', the number of most probable joint values summed exactly (default 1).
+        memory: instead of the k' most probable values, a user-given memory set: a tensor of
+            values ``(k', *own_batch, *event)`` or ``(k', *parent_plates, *own_batch, *event)``, or a
+            callable that gets the node's raw distribution and returns such a tensor. Repeated
+            values are counted once.
+        baseline: ``"none"`` or ``"leave_one_out"`` (alias ``"batch_average"``, needs n_samples >= 2).
+        budget: the largest joint support that is enumerated.
+
+    Example:
+        >>> est = storch.estimator("sum_and_sample", plate="z", n_enumerate=2, n_samples=3)
+        >>> z = est(torch.distributions.Categorical(logits=theta))
+
+    References:
+        [1] Memory Augmented Policy Optimization for Program Synthesis and Semantic Parsing (Liang et al., 2018)
+        [2] Rao-Blackwellized Stochastic Gradients for Discrete Distributions (Liu et al., 2019)
+    """
+
+    name = "sum_and_sample"
+    aliases = ("mapo",)
+    requires_enumerate_support = True
+
+    def __init__(self, plate: str, n_samples: int = 1, n_enumerate: Optional[int] = None,
+                 memory: Optional[Union[torch.Tensor, Callable[[Distribution], torch.Tensor]]] = None,
+                 baseline: str = "none", budget: int = 4096) -> None:
+        super().__init__(plate, n_samples)
+        if memory is not None and n_enumerate is not None:
+            raise OptionError("sum_and_sample: give either n_enumerate (the k' most probable values) or memory, not both")
+        if memory is not None and not (isinstance(memory, torch.Tensor) or callable(memory)):
+            raise OptionError(f"sum_and_sample: memory={memory!r} is not accepted; give a tensor of values or a "
+                              "callable distribution -> tensor of values")
+        n_enumerate = 1 if n_enumerate is None else n_enumerate
+        if isinstance(n_enumerate, bool) or not isinstance(n_enumerate, int) or n_enumerate < 0:
+            raise OptionError(f"sum_and_sample: n_enumerate must be an int >= 0, got {n_enumerate!r}")
+        if baseline not in ("none", "leave_one_out", "batch_average"):
+            raise OptionError(f"sum_and_sample: baseline={baseline!r} is not accepted; use 'none' or "
+                              "'leave_one_out' (alias 'batch_average')")
+        if baseline != "none" and n_samples < 2:
+            raise OptionError(f"sum_and_sample: baseline={baseline!r} needs n_samples >= 2, got {n_samples}")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise OptionError(f"sum_and_sample: budget must be an int >= 1, got {budget!r}")
+        self.n_enumerate = n_enumerate
+        self.memory = memory
+        self.leave_one_out = baseline != "none"
+        self.budget = budget
+
+    def proposal(self, node: Node) -> torch.Tensor:
+        values, logp = enumerate_joint(node, self.budget, self.name)  # (M, *own, *event), (M, *parents)
+        size = values.shape[0]
+        if self.memory is None:
+            k = min(self.n_enumerate, size)
+            top = logp.detach().topk(k, dim=0).indices  # the k' most probable values, (k', *parents)
+            first = torch.ones(top.shape, dtype=torch.bool, device=top.device)
+        else:
+            top = _memory_indices(self.memory, node, values)
+            k = top.shape[0]
+            same = top.unsqueeze(0) == top.unsqueeze(1)  # (k', k', *parents)
+            earlier = torch.ones(k, k, dtype=torch.bool, device=top.device).tril(-1)
+            first = ~(same & earlier.reshape((k, k) + (1,) * (top.dim() - 1))).any(1)
+        mask = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter(0, top, True)
+        m = 0 if (self.memory is None and k == size) else self.n_samples
+        idx = top
+        if m:
+            # sample from the renormalised remainder p(x | x ∉ M); where M is everything, from p (weight 0)
+            rest = logp.detach().masked_fill(mask, -float("inf"))
+            rest = torch.where(mask.all(0, keepdim=True), logp.detach(), rest)
+            drawn = Categorical(logits=rest.movedim(0, -1)).sample((m,))  # (m, *parents)
+            idx = torch.cat([top, drawn], 0)
+        node.context.update(logp=logp, idx=idx, mask=mask, k=k, m=m, first=first)
+        return values[idx]
+
+    def _parts(self, node: Node) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = node.context
+        if "log_rest" not in c:
+            # log p(x ∉ M), WITH gradient: stable in log space even when M holds almost all the mass
+            c["log_rest"], c["empty"] = masked_logsumexp(c["logp"], c["mask"], 0)
+        return c["logp"].gather(0, c["idx"]), c["log_rest"], c["empty"]
+
+    def weighting_function(self, node: Node) -> torch.Tensor:
+        lp, log_rest, _ = self._parts(node)
+        k, m = node.context["k"], node.context["m"]
+        # w = p(x) on the memory (appendix D.2.3), gradient-carrying like expect (D.1)
+        w_mem = lp[:k].exp() * node.context["first"]
+        if not m:
+            return w_mem
+        # w = p(x ∉ M) / m on the samples, gradient-carrying (appendix D.2.3)
+        w_smp = (log_rest.exp() / m).unsqueeze(0).expand((m,) + log_rest.shape)
+        return torch.cat([w_mem, w_smp], 0)
+
+    def gradient_function(self, node: Node) -> torch.Tensor:
+        lp, log_rest, empty = self._parts(node)
+        k, m = node.context["k"], node.context["m"]
+        l_mem = torch.zeros_like(lp[:k])
+        if not m:
+            return l_mem
+        # l = log p(x | x ∉ M): the score of the renormalised remainder (0 where M is everything)
+        l_smp = torch.where(empty, torch.zeros_like(lp[k:]), lp[k:] - torch.where(empty, torch.zeros_like(log_rest), log_rest))
+        return torch.cat([l_mem, l_smp], 0)
+
+    def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
+        if not self.leave_one_out or not node.context["m"]:
+            return None
+        k, m, d = node.context["k"], node.context["m"], cost.dim
+        t = cost.tensor
+        if t.shape[d] != node.n:
+            t = t.expand(t.shape[:d] + (node.n,) + t.shape[d + 1:])
+        smp = t.narrow(d, k, m)
+        # leave-one-out over the sampled part only: b_j = 1/(m-1) Σ_{j' ≠ j, j' > k'} f(x_j')
+        b = (smp.sum(d, keepdim=True) - smp) / (m - 1)
+        return torch.cat([torch.zeros_like(t.narrow(d, 0, k)), b], d)
+
+
+def _memory_indices(memory, node: Node, values: torch.Tensor) -> torch.Tensor:
+    """Joint-support indices ``(k', *parents)`` of the user's memory values."""
+    d = node.distribution
+    mem = memory(d) if callable(memory) and not isinstance(memory, torch.Tensor) else memory
+    if not isinstance(mem, torch.Tensor):
+        raise OptionError(f"sum_and_sample: memory must give a tensor of values, got {type(mem).__name__}")
+    per_value = values.shape[1:]  # (*own, *event)
+    parents = tuple(d.batch_shape[:len(node.parents)])
+    mem = mem.to(values.device)
+    if tuple(mem.shape[1:]) == tuple(per_value):
+        mem = mem.reshape((mem.shape[0],) + (1,) * len(parents) + tuple(per_value))
+    elif tuple(mem.shape[1:]) != parents + tuple(per_value):
+        raise OptionError(
+            f"sum_and_sample: memory has shape {tuple(mem.shape)}; expected (k', *own_batch, *event) = "
+            f"(k', {', '.join(map(str, per_value))}) or with the parent plates {parents} after k'")
+    flat_v = values.reshape(values.shape[0], -1).to(mem.dtype)  # (M, F)
+    flat_m = mem.reshape(mem.shape[:1 + len(parents)] + (-1,))  # (k', *parents or 1s, F)
+    eq = (flat_m.unsqueeze(-2) == flat_v).all(-1)  # (k', *parents, M)
+    if not bool(eq.any(-1).all()):
+        raise OptionError("sum_and_sample: a memory value is not in the support of the node's distribution")
+    idx = eq.to(torch.uint8).argmax(-1)
+    return idx.expand((idx.shape[0],) + parents).contiguous()

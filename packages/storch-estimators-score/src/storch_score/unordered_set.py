@@ -1,0 +1,167 @@
+"""The unordered set estimator: sampling without replacement with the built-in baseline."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+
+from storch import CostFrame, Estimator, Node, OptionError
+
+from ._support import enumerate_joint, masked_logsumexp
+
+__all__ = ["UnorderedSet"]
+
+_MAX_SAMPLES = 16  # the set probabilities take a 2^k dynamic programme
+
+
+class UnorderedSet(Estimator):
+    """Unordered set estimator: k distinct samples (Gumbel-top-k) reweighted exactly (appendix D.2.3).
+
+    With S the unordered sample and p^{D∖C}(S∖C) the probability of drawing S∖C without
+    replacement from the domain without C (p renormalised), R(S, s) = p^{D∖{s}}(S∖{s}) / p(S):
+
+    Components:
+        q(X | x<i) = an ordered sample without replacement of k values (Gumbel-top-k);
+        w(s) = ⊥(p(s) R(S, s)) (detached);
+        l(s) = log p(s | x<i);
+        a(x<i, X) = (1 - MagicBox(l(s))) ⊥b(s) with the built-in baseline of Kool et al. (2020)
+        b(s) = Σ_{s'∈S} p(s') R^{D∖{s}}(S, s') f(s'), R^{D∖{s}}(S, s) = 1 and
+        R^{D∖{s}}(S, s') = p^{D∖{s,s'}}(S∖{s,s'}) / p^{D∖{s}}(S∖{s}); or none (``baseline=False``).
+
+    All set probabilities come from one exact dynamic programme over the subsets of S in log space
+    (h(C) = p^{D∖C}(S∖C) for every C ⊆ S), so there is no quadrature error, and extreme logits or
+    k = K (every value drawn: the estimate becomes the exact expectation) give no NaN.
+
+    Requires: a distribution with a finite support (Bernoulli, Categorical, OneHotCategorical, ...);
+    the node's joint support (K^n values) is enumerated, up to ``budget``; k <= 16.
+
+    max_order: 1 with the baseline (Kool et al. prove it zero-mean at orders 0 and 1 only; paper,
+    D.2.3); ∞ without it, since the weights are detached and E[Σ w f] = E[f] (D.2.3).
+
+    Args:
+        plate: name of the node's plate (its size is min(k, number of joint values)).
+        n_samples: k, the number of distinct samples.
+        baseline: use the built-in baseline (needs n_samples >= 2).
+        budget: the largest joint support that is enumerated.
+
+    Example:
+        >>> est = storch.estimator("unordered_set", plate="z", n_samples=4)
+        >>> z = est(torch.distributions.Categorical(logits=theta))
+
+    References:
+        [1] Estimating Gradients for Discrete Random Variables by Sampling without Replacement (Kool et al., 2020)
+        [2] Stochastic Beams and Where to Find Them (Kool et al., 2019)
+    """
+
+    name = "unordered_set"
+    max_order = 1
+    requires_enumerate_support = True
+
+    def __init__(self, plate: str, n_samples: int = 2, baseline: bool = True, budget: int = 4096) -> None:
+        super().__init__(plate, n_samples)
+        if not isinstance(baseline, bool):
+            raise OptionError(f"unordered_set: baseline must be True (the built-in baseline) or False, got {baseline!r}")
+        if baseline and n_samples < 2:
+            raise OptionError(f"unordered_set: the built-in baseline needs n_samples >= 2, got {n_samples}; "
+                              "use baseline=False for a single sample")
+        if n_samples > _MAX_SAMPLES:
+            raise OptionError(f"unordered_set: n_samples={n_samples} is too large; the exact set probabilities "
+                              f"cost 2^k per set, so k <= {_MAX_SAMPLES}")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise OptionError(f"unordered_set: budget must be an int >= 1, got {budget!r}")
+        self.use_baseline = baseline
+        self.budget = budget
+        if not baseline:
+            self.max_order = math.inf  # detached weights, no baseline: any order (D.2.3)
+
+    def proposal(self, node: Node) -> torch.Tensor:
+        values, logp = enumerate_joint(node, self.budget, self.name)  # (M, *own, *event), (M, *parents)
+        k = min(self.n_samples, values.shape[0])
+        # Gumbel-top-k: the k largest of log p + Gumbel noise are an ordered sample without replacement
+        gumbel = -torch.empty_like(logp, dtype=logp.dtype).exponential_().log()
+        idx = (logp.detach() + gumbel).topk(k, dim=0).indices  # (k, *parents)
+        node.context.update(logp=logp, idx=idx)
+        return values[idx]
+
+    def _set_probabilities(self, node: Node) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = node.context
+        if "h" not in c:
+            with torch.no_grad():  # weights and baseline are detached (⊥ in D.2.3)
+                logp, idx = c["logp"].detach(), c["idx"]
+                lp = logp.gather(0, idx)
+                mask = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter(0, idx, True)
+                log_rest, _ = masked_logsumexp(logp, mask, 0)  # log(1 - p(S)), stable
+                floor = -1e30  # log of a probability that is exactly 0: finite, so no inf - inf
+                lp = lp.clamp_min(floor)
+                k = lp.shape[0]
+                flat = lp.reshape(k, -1)
+                h0, h1, h2 = _log_h(flat, log_rest.clamp_min(floor).reshape(-1))
+                shape = lp.shape[1:]
+                c["h"] = (lp, h0.reshape(shape), h1.reshape((k,) + shape), h2.reshape((k, k) + shape))
+        return c["h"]
+
+    def weighting_function(self, node: Node) -> torch.Tensor:
+        lp, h0, h1, _ = self._set_probabilities(node)
+        # w(s) = ⊥(p(s) p^{D∖s}(S∖s) / p(S)) (appendix D.2.3; Kool et al. 2020, Eq. 7)
+        return (lp + h1 - h0).exp()
+
+    def gradient_function(self, node: Node) -> torch.Tensor:
+        lp = node.context["logp"].gather(0, node.context["idx"])
+        # a value of probability exactly 0 (weight 0) gets l = 0 instead of -inf: no NaN in MagicBox
+        return torch.where(torch.isfinite(lp), lp, torch.zeros_like(lp))
+
+    def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
+        if not self.use_baseline:
+            return None
+        lp, _, h1, h2 = self._set_probabilities(node)
+        k = lp.shape[0]
+        # coefficients A[s, s'] = p(s') R^{D∖s}(S, s') (Kool et al. 2020, Eq. 11); h2[s, s] = h1[s],
+        # so the diagonal is p(s) with R^{D∖s}(S, s) = 1, which makes E[b(s) | s drawn first] = E[f]
+        coef = (lp.unsqueeze(0) + h2 - h1.unsqueeze(1)).exp()
+        d = cost.dim
+        f = cost.tensor
+        if f.shape[d] != k:
+            f = f.expand(f.shape[:d] + (k,) + f.shape[d + 1:])
+        a = cost.align(coef.movedim(1, -1))  # (frame..., k): s on the node's plate, s' last
+        return (a * f.movedim(d, -1).unsqueeze(d)).sum(-1)  # b(s) = Σ_s' A[s, s'] f(s')
+
+
+@functools.lru_cache(maxsize=None)
+def _layers(k: int) -> tuple:
+    """For each subset size j = k-1, ..., 0: the subsets (bitmasks), their missing elements, and
+    the subsets one element larger."""
+    out = []
+    for j in range(k - 1, -1, -1):
+        masks = [m for m in range(1 << k) if bin(m).count("1") == j]
+        missing = [[x for x in range(k) if not (m >> x) & 1] for m in masks]
+        larger = [[m | (1 << x) for x in miss] for m, miss in zip(masks, missing)]
+        out.append((torch.tensor(masks), torch.tensor(missing), torch.tensor(larger)))
+    return tuple(out)
+
+
+def _log_h(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log h(C) = log p^{D∖C}(S∖C) for C = ∅, {s}, {s, s'}: the probability of drawing the rest of S
+    without replacement once C has been drawn.
+
+    h(S) = 1 and h(C) = Σ_{x ∈ S∖C} p(x) / p(D∖C) · h(C ∪ {x}), with p(D∖C) = p(D∖S) + p(S∖C).
+
+    Args:
+        lp: log p(s) of the k set elements, shape (k, B).
+        log_rest: log p(D∖S), shape (B,).
+    """
+    k, size = lp.shape
+    dev = lp.device
+    h = lp.new_full((1 << k, size), -math.inf)
+    h[(1 << k) - 1] = 0.0
+    for masks, missing, larger in _layers(k):
+        masks, missing, larger = masks.to(dev), missing.to(dev), larger.to(dev)
+        lpm = lp[missing]  # (subsets, k - j, B)
+        rest = log_rest.expand(masks.shape[0], 1, size)
+        log_denominator = torch.logsumexp(torch.cat([rest, lpm], 1), 1)  # log p(D∖C)
+        h[masks] = torch.logsumexp(lpm - log_denominator.unsqueeze(1) + h[larger], 1)
+    single = 1 << torch.arange(k, device=dev)
+    pairs = single.unsqueeze(1) | single.unsqueeze(0)  # (k, k); diagonal = single
+    return h[0], h[single], h[pairs]
