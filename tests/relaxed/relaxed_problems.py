@@ -1,0 +1,148 @@
+"""Test problems for the relaxed family, with exact values by enumeration / closed form.
+
+Every problem builds its model for R replicates (``storch.testing.replicate``) with a fresh
+estimator per stochastic node, and knows its exact expected cost as a differentiable function
+of θ, so exact gradients and Hessians come from autograd on the exact function.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch.distributions import Bernoulli, Categorical, Normal, OneHotCategorical, Poisson
+
+import storch
+from storch.testing import per_replicate_derivatives, replicate
+
+R = 4000  # independent estimates per z-test (>= 2000)
+
+TOY_THETA = torch.tensor([0.3, -0.5, 1.0], dtype=torch.float64)
+CAT_THETA = torch.tensor([0.2, -0.4, 0.9, 0.0, -1.1], dtype=torch.float64)
+CAT_VALUES = torch.arange(5, dtype=torch.float64)  # category k has value k
+CHAIN_THETA = torch.tensor([0.4, -0.3, -0.2, 0.6], dtype=torch.float64)
+NORMAL_THETA = torch.tensor([0.3, -0.5, 1.0], dtype=torch.float64)
+POISSON_THETA = torch.tensor([0.2, -0.3, 0.7], dtype=torch.float64)
+
+
+# -- the REBAR toy: E[Σ_j (b_j - t)^2], b_j ~ Bernoulli(σ(θ_j)) independently ---------------------
+
+def toy_exact(theta: torch.Tensor, t: float = 0.45) -> torch.Tensor:
+    p = torch.sigmoid(theta)
+    return (p * (1 - t) ** 2 + (1 - p) * t ** 2).sum()
+
+
+def toy_model(est, x, t: float = 0.45) -> None:
+    b = est(Bernoulli(logits=x))
+    storch.add_cost(((b - t) ** 2).sum())
+
+
+# -- K = 5 categorical: E[(v_x - 1.7)^2], x ~ Categorical(softmax(θ)), v_k = k --------------------
+
+def cat_exact(theta: torch.Tensor) -> torch.Tensor:
+    return (torch.softmax(theta, -1) * (CAT_VALUES - 1.7) ** 2).sum()
+
+
+def cat_model(est, x, kind: str = "categorical") -> None:
+    if kind == "onehot":
+        z = est(OneHotCategorical(logits=x))
+        v = (z * CAT_VALUES).sum(-1)
+    else:
+        z = est(Categorical(logits=x))
+        # relaxations (rebar) hand out one-hot vectors for Categorical; score-type ones an index
+        v = (z * CAT_VALUES).sum(-1) if z.dim() == 1 else z.to(torch.float64)
+    storch.add_cost((v - 1.7) ** 2)
+
+
+# -- two-node chain: b1 ~ Bern(σ(θ[:2])), b2 ~ Bern(σ(θ[2:] + 1.5 b1 - 0.5)); two costs -----------
+
+def _chain_cost1(b1):
+    return ((b1 - 0.45) ** 2).sum(-1)
+
+
+def _chain_cost2(b1, b2):
+    return ((b2 - 0.3 * b1 - 0.2) ** 2).sum(-1)
+
+
+def chain_exact(theta: torch.Tensor) -> torch.Tensor:
+    total = theta.new_zeros(())
+    for v1 in itertools.product([0.0, 1.0], repeat=2):
+        b1 = theta.new_tensor(v1)
+        p1 = Bernoulli(logits=theta[:2]).log_prob(b1).sum().exp()
+        for v2 in itertools.product([0.0, 1.0], repeat=2):
+            b2 = theta.new_tensor(v2)
+            p2 = Bernoulli(logits=theta[2:] + 1.5 * b1 - 0.5).log_prob(b2).sum().exp()
+            total = total + p1 * p2 * (_chain_cost1(b1) + _chain_cost2(b1, b2))
+    return total
+
+
+def chain_model(est1, est2, x) -> None:
+    b1 = est1(Bernoulli(logits=x[:2]))
+    b2 = est2(Bernoulli(logits=x[2:] + 1.5 * b1 - 0.5))
+    storch.add_cost(_chain_cost1(b1), name="first")
+    storch.add_cost(_chain_cost2(b1, b2), name="second")
+
+
+# -- continuous problems for LAX ---------------------------------------------------------------
+
+def normal_exact(theta: torch.Tensor) -> torch.Tensor:
+    return ((theta - 0.45) ** 2 + 1.0).sum()
+
+
+def normal_model(est, x) -> None:
+    y = est(Normal(x, 1.0))
+    storch.add_cost(((y - 0.45) ** 2).sum())
+
+
+def normal_chain_exact(theta: torch.Tensor) -> torch.Tensor:
+    m1, m2 = theta[:2], theta[2:]
+    first = ((m1 - 0.45) ** 2 + 1.0).sum()
+    second = ((m2 + 0.5 * m1 - 0.2) ** 2 + 1.25).sum()  # Var(x2) = 1 + 0.25 Var(x1)
+    return first + second
+
+
+def normal_chain_model(est1, est2, x) -> None:
+    y1 = est1(Normal(x[:2], 1.0))
+    y2 = est2(Normal(x[2:] + 0.5 * y1, 1.0))
+    storch.add_cost(((y1 - 0.45) ** 2).sum())
+    storch.add_cost(((y2 - 0.2) ** 2).sum())
+
+
+# -- Poisson for GO: E[Σ (k - 1.7)^2], k ~ Poisson(exp θ) = Σ λ + (λ - 1.7)^2 ------------------------
+
+def poisson_exact(theta: torch.Tensor) -> torch.Tensor:
+    lam = theta.exp()
+    return (lam + (lam - 1.7) ** 2).sum()
+
+
+def poisson_model(est, x) -> None:
+    k = est(Poisson(x.exp()))
+    storch.add_cost(((k - 1.7) ** 2).sum())
+
+
+# -- running them -------------------------------------------------------------------------------
+
+def exact_derivatives(fn, theta: torch.Tensor, order: int) -> list[torch.Tensor]:
+    """Exact gradient (and Hessian) of ``fn`` at θ by autograd on the exact expectation."""
+    g = torch.autograd.functional.jacobian(fn, theta)
+    out = [g]
+    if order >= 2:
+        out.append(torch.autograd.functional.hessian(fn, theta))
+    return out
+
+
+def estimates(model, theta: torch.Tensor, order: int, n: int = R) -> list[torch.Tensor]:
+    """Per-replicate derivative estimates (orders 1..order) of ``model(x)`` built on n replicates."""
+    with storch.Graph():
+        leaf, x = replicate(theta, n)
+        model(x)
+        loss = storch.surrogate_loss(order=order)
+        return per_replicate_derivatives(loss, leaf, order)
+
+
+def score_at_1(theta: torch.Tensor, t: float, n: int = R) -> torch.Tensor:
+    """Plain score@1 on the toy, written by hand: f(b) ∇_θ log p(b) = f(b) (b - σ(θ))."""
+    p = torch.sigmoid(theta).expand(n, -1)
+    b = torch.bernoulli(p)
+    f = ((b - t) ** 2).sum(-1, keepdim=True)
+    return f * (b - p)
