@@ -113,17 +113,15 @@ def exact_derivatives(fn, theta, order):
 
 
 class Maker:
-    """``make(plate, distribution)``: the estimator ``name`` for each plate, created once and reused
-    across steps (as a user does), with ``options`` (a dict, or a callable plate -> dict)."""
+    """``make(plate, distribution)``: the estimator ``name`` with ``options`` for each plate, created
+    once and reused across steps (as a user does)."""
 
     def __init__(self, name, **options):
         self.name, self.options, self.estimators = name, options, {}
 
     def __call__(self, plate, distribution):
         if plate not in self.estimators:
-            opts = {k: (v(plate) if callable(v) and k.startswith("per_plate_") else v) for k, v in self.options.items()}
-            opts = {k.replace("per_plate_", ""): v for k, v in opts.items()}
-            self.estimators[plate] = storch.estimator(self.name, plate=plate, **opts)
+            self.estimators[plate] = storch.estimator(self.name, plate=plate, **self.options)
         return self.estimators[plate](distribution)
 
 
