@@ -41,8 +41,8 @@ class Spsa(Estimator):
     probs outside [0, 1]), so the perturbation is applied to the unconstrained u.
 
     Requires: parameters whose constraints have a ``torch.distributions.transform_to``
-    (Normal, Bernoulli, Categorical, Poisson, Exponential, Gamma, Beta, ...). Discrete
-    (integer) parameters are left unperturbed. Any cost.
+    (Normal, Bernoulli, Categorical, Poisson, Exponential, Gamma, Beta, ...). Only parameters
+    that require grad are perturbed (integer ones and constants stay fixed). Any cost.
 
     biased: True — E[ĝ] is the gradient of a finite difference, E[ĝ] − ∇ = O(c²) for smooth
     expectations (central difference; Spall 1992). max_order: 1 (appendix D.3).
@@ -134,7 +134,8 @@ def _replay_rng(device: torch.device, enabled: bool):
 
 
 def _split_parameters(d: Distribution) -> tuple[dict, dict]:
-    """``(perturbed, fixed)`` constructor arguments of ``d``: continuous parameters vs the rest."""
+    """``(perturbed, fixed)`` constructor arguments of ``d``: continuous parameters that require
+    grad vs the rest."""
     params = {k: d.__dict__[k] for k in d.arg_constraints if k in d.__dict__}
     for keep, drop in _PAIRS:
         if keep in params and drop in params:
@@ -142,7 +143,10 @@ def _split_parameters(d: Distribution) -> tuple[dict, dict]:
     free, fixed = {}, {}
     for k, v in params.items():
         constraint = d.arg_constraints[k]
-        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or constraint.is_discrete:
+        # integer parameters cannot be perturbed; parameters nothing differentiates are held fixed,
+        # since perturbing them only adds SPSA's cross-talk noise (f(x₁) − f(x₂)) ε_k / ε_j
+        if (not isinstance(v, torch.Tensor) or not v.is_floating_point() or constraint.is_discrete
+                or not v.requires_grad):
             fixed[k] = v
             continue
         try:
