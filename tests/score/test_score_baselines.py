@@ -1,0 +1,160 @@
+"""score's baselines (moving average, leave-one-out / batch_average, callables), importance's proposal
+forms, continuous distributions, and partitions."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Bernoulli, Categorical, Normal
+
+import storch
+from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
+
+torch.set_default_dtype(torch.float64)
+
+
+def _bernoulli_step(est, theta, cost_fn=lambda b: (b - 0.45) ** 2 + 1.0):
+    """One step: the gradient w.r.t. θ, the node's samples and log-prob gradients."""
+    theta = theta.clone().requires_grad_(True)
+    with storch.Graph() as graph:
+        b = est(Bernoulli(logits=theta))
+        storch.add_cost(cost_fn(b), name="c")
+        g, = torch.autograd.grad(storch.surrogate_loss(), theta)
+        x = graph.nodes[0].sample.detach()
+    return g, x
+
+
+def _manual_gradient(theta, x, baseline):
+    # (1/n) Σ_j (f(x_j) - b) ∇θ log p(x_j), ∇θ log Bern(x; σ(θ)) = x - σ(θ)
+    f = (x - 0.45) ** 2 + 1.0
+    return ((f - baseline) * (x - torch.sigmoid(theta))).mean()
+
+
+def test_moving_average_excludes_the_current_costs():
+    torch.manual_seed(0)
+    theta = torch.tensor(0.3)
+    est = storch.estimator("score", plate="b", n_samples=5, baseline="moving_average", decay=0.8)
+    g1, x1 = _bernoulli_step(est, theta)
+    # first step: no earlier costs, so no baseline (not the step's own mean)
+    assert torch.allclose(g1, _manual_gradient(theta, x1, 0.0))
+    g2, x2 = _bernoulli_step(est, theta)
+    b1 = ((x1 - 0.45) ** 2 + 1.0).mean()
+    assert torch.allclose(est.moving_averages["c"], b1)
+    assert torch.allclose(g2, _manual_gradient(theta, x2, b1))  # step 2 uses step 1's mean only
+    g3, x3 = _bernoulli_step(est, theta)
+    b2 = 0.8 * b1 + 0.2 * ((x2 - 0.45) ** 2 + 1.0).mean()
+    assert torch.allclose(g3, _manual_gradient(theta, x3, b2))
+
+
+def test_moving_average_is_per_cost_and_stable_within_a_step():
+    torch.manual_seed(1)
+    est = storch.estimator("score", plate="b", n_samples=3, baseline="moving_average")
+    theta = torch.tensor([0.2, -0.1], requires_grad=True)
+    for step in range(3):
+        with storch.Graph():
+            b = est(Bernoulli(logits=theta))
+            storch.add_cost(b.sum() + 10.0, name="big")
+            storch.add_cost(-b.sum(), name="small")
+            first = torch.autograd.grad(storch.surrogate_loss(), theta, retain_graph=True)[0]
+            again = torch.autograd.grad(storch.surrogate_loss(), theta)[0]  # a second surrogate, same step
+            assert torch.equal(first, again)
+    assert set(est.moving_averages) == {"big", "small"}
+    assert est.moving_averages["big"] > 9.0 and est.moving_averages["small"] < 0.0
+
+
+def test_batch_average_is_leave_one_out():
+    theta = torch.tensor(0.3)
+    ga = _bernoulli_step(torch.manual_seed(2) and storch.estimator("score", plate="b", n_samples=4, baseline="batch_average"), theta)
+    torch.manual_seed(2)
+    gb = _bernoulli_step(storch.estimator("score", plate="b", n_samples=4, baseline="leave_one_out"), theta)
+    assert torch.equal(ga[1], gb[1]) and torch.equal(ga[0], gb[0])
+    f = (gb[1] - 0.45) ** 2 + 1.0
+    loo = (f.sum() - f) / 3
+    assert torch.allclose(gb[0], ((f - loo) * (gb[1] - torch.sigmoid(theta))).mean())
+
+
+def test_self_critical_baseline_returns_a_plate_tensor_and_is_unbiased():
+    # b = cost of the greedy (most probable) value: depends on θ's value but not on the sample
+    torch.manual_seed(3)
+    c = torch.tensor([1.0, -2.0, 0.5, 3.0, 1.5])
+    theta = torch.tensor([0.3, -0.5, 0.8, 0.1, -1.2])
+    seen = {}
+
+    def greedy(node, cost):
+        seen["args"] = (type(node).__name__, type(cost).__name__)
+        return F.one_hot(node.original.logits.argmax(-1), 5).to(c.dtype) @ c
+
+    est = storch.estimator("score", plate="z", n_samples=2, baseline=greedy)
+    with storch.Graph():
+        leaf, th = replicate(theta, 4000)
+        z = est(Categorical(logits=th))
+        storch.add_cost(F.one_hot(z, 5).to(th.dtype) @ c)
+        g, h = per_replicate_derivatives(storch.surrogate_loss(2), leaf, 2)
+    assert seen["args"] == ("Node", "CostFrame")
+    t = theta.clone().requires_grad_(True)
+    eg = torch.autograd.grad(torch.softmax(t, -1) @ c, t, create_graph=True)[0]
+    assert_unbiased(g, eg.detach(), "self-critical grad")
+    assert_unbiased(h, torch.stack([torch.autograd.grad(eg[i], t, retain_graph=True)[0] for i in range(5)]),
+                    "self-critical Hessian")
+
+
+def test_learned_baseline_is_detached_and_registered():
+    net = torch.nn.Linear(1, 1)
+    est = storch.estimator("score", plate="b", n_samples=2, baseline=lambda node, cost: net(torch.ones(1)).squeeze())
+    est_module = storch.estimator("score", plate="b", n_samples=2, baseline=_Learned())
+    assert len(list(est_module.parameters())) == 2  # a learned baseline module is a submodule
+    theta = torch.tensor(0.1, requires_grad=True)
+    with storch.Graph():
+        b = est(Bernoulli(logits=theta))
+        storch.add_cost((b - 0.45) ** 2)
+        storch.surrogate_loss().backward()
+    assert net.weight.grad is None and theta.grad is not None
+
+
+class _Learned(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(1, 1)
+
+    def forward(self, node, cost):
+        return self.lin(torch.ones(1)).squeeze()
+
+
+@pytest.mark.parametrize("name,options", [
+    ("score", dict(n_samples=3, baseline="leave_one_out")),
+    ("importance", dict(n_samples=2, proposal=Normal(0.0, 2.0))),
+    ("importance", dict(n_samples=2, proposal=lambda p: Normal(p.loc.detach() + 0.5, 1.5))),
+])
+def test_continuous_distribution(name, options):
+    # E[x²] for x ~ N(μ, 1) is μ² + 1: gradient 2μ, Hessian 2 I (the Normal has batch shape (2,))
+    torch.manual_seed(4)
+    mu = torch.tensor([0.5, -0.3])
+    est = storch.estimator(name, plate="x", **options)
+    with storch.Graph():
+        leaf, m = replicate(mu, 4000)
+        x = est(Normal(m, 1.0))
+        storch.add_cost((x ** 2).sum())
+        g, h = per_replicate_derivatives(storch.surrogate_loss(2), leaf, 2)
+    assert_unbiased(g, 2 * mu, f"{name} grad")
+    assert_unbiased(h, 2 * torch.eye(2), f"{name} Hessian")
+
+
+def test_score_partition_is_one_node():
+    # an autoregressive loop with one estimator: one plate, per-sequence leave-one-out baseline
+    torch.manual_seed(5)
+    theta = torch.tensor([0.2, -0.5])
+    est = storch.estimator("score", plate="seq", n_samples=3, baseline="leave_one_out")
+    with storch.Graph() as graph:
+        leaf, th = replicate(theta, 4000)
+        x1 = est(Bernoulli(logits=th[0]))
+        x2 = est(Bernoulli(logits=th[1] + x1))
+        storch.add_cost((x1 + 2 * x2 - 0.5) ** 2)
+        assert len(graph.nodes) == 1
+        g, h = per_replicate_derivatives(storch.surrogate_loss(2), leaf, 2)
+    t = theta.clone().requires_grad_(True)
+    p1 = torch.sigmoid(t[0])
+    e = sum((p1 if a else 1 - p1) * (torch.sigmoid(t[1] + a) if b else 1 - torch.sigmoid(t[1] + a))
+            * (a + 2 * b - 0.5) ** 2 for a in (0.0, 1.0) for b in (0.0, 1.0))
+    eg = torch.autograd.grad(e, t, create_graph=True)[0]
+    assert_unbiased(g, eg.detach(), "partition grad")
+    assert_unbiased(h, torch.stack([torch.autograd.grad(eg[i], t, retain_graph=True)[0] for i in range(2)]),
+                    "partition Hessian")
