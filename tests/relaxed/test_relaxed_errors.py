@@ -1,0 +1,134 @@
+"""Orders, unsupported distributions, options, registration, and the estimators' trainable parts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Categorical, Independent, Normal, OneHotCategorical, Poisson
+
+import storch
+from storch_relaxed import Arm, DisArm, Go, GumbelSoftmax, GumbelStraightThrough, Lax, Rebar, Relax
+
+from relaxed_problems import TOY_THETA, toy_model
+
+ALL = {"gumbel_softmax": (GumbelSoftmax, math.inf, True), "gumbel_straight_through": (GumbelStraightThrough, math.inf, True),
+       "lax": (Lax, math.inf, False), "relax": (Relax, math.inf, False), "rebar": (Rebar, math.inf, False),
+       "arm": (Arm, 1, False), "disarm": (DisArm, 1, False), "go": (Go, 1, False)}
+
+
+@pytest.fixture(autouse=True)
+def _clean_graph():
+    yield
+    storch.reset()
+
+
+def test_registered_through_entry_points():
+    infos = storch.available_estimators()
+    for name, (cls, order, biased) in ALL.items():
+        info = infos[name]
+        assert info.package == "storch-estimators-relaxed"
+        assert (info.max_order, info.biased) == (order, biased)
+        assert storch.get_estimator_class(name) is cls
+
+
+@pytest.mark.parametrize("name", ["arm", "disarm", "go"])
+def test_order_error_at_order_2(name):
+    with storch.Graph():
+        toy_model(storch.estimator(name, plate="b"), TOY_THETA.clone().requires_grad_(True))
+        storch.surrogate_loss(order=1)
+        with pytest.raises(storch.OrderError, match=f"'{name}' on plate 'b' is unbiased only up to order 1"):
+            storch.surrogate_loss(order=2)
+
+
+def test_arm_on_categorical_names_supporting_estimators():
+    with pytest.raises(storch.UnsupportedDistributionError) as info:
+        storch.estimator("arm", plate="z")(Categorical(logits=torch.zeros(5)))
+    msg = str(info.value)
+    print(msg)
+    assert "'arm' does not support Categorical" in msg and "Bernoulli" in msg
+    for other in ("expect", "go", "gumbel_softmax", "rebar", "relax"):
+        assert other in msg.split("support it:")[1]
+    assert "disarm" not in msg.split("support it:")[1]
+
+
+@pytest.mark.parametrize("name,dist,needs", [
+    ("disarm", OneHotCategorical(logits=torch.zeros(3)), "Bernoulli"),
+    ("go", Normal(0.0, 1.0), "Poisson"),
+    ("lax", Bernoulli(logits=torch.zeros(3)), "rsample"),
+    ("relax", Poisson(torch.ones(2)), "OneHotCategorical"),
+    ("gumbel_softmax", Normal(0.0, 1.0), "Categorical"),
+])
+def test_unsupported_distributions(name, dist, needs):
+    with pytest.raises(storch.UnsupportedDistributionError, match=needs):
+        storch.estimator(name, plate="z")(dist)
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("gumbel_softmax", {"temperature": 0.0}, "temperature must be"),
+    ("gumbel_straight_through", {"temperature": "hot"}, "temperature must be"),
+    ("rebar", {"temperature": -1.0}, "temperature must be"),
+    ("rebar", {"eta": float("nan")}, "eta must be"),
+    ("relax", {"lr": 0}, "lr must be"),
+    ("lax", {"hidden": 0}, "hidden must be"),
+    ("relax", {"update": "yes"}, "update must be"),
+    ("relax", {"network": 3}, "network must be"),
+    ("arm", {"n_samples": 0}, "n_samples must be"),
+    ("go", {"temperature": 1.0}, "has no option 'temperature'"),
+])
+def test_option_errors(name, options, match):
+    with pytest.raises(storch.OptionError, match=match):
+        storch.estimator(name, plate="z", **options)
+
+
+def test_network_with_wrong_output_shape():
+    est = storch.estimator("relax", plate="b", network=torch.nn.Linear(3, 2, dtype=torch.float64))
+    with pytest.raises(storch.StorchError, match="one number per entry"):
+        with storch.Graph():
+            toy_model(est, TOY_THETA)
+            storch.surrogate_loss()
+
+
+def test_plate_layouts_and_values():
+    torch.manual_seed(40)
+    with storch.Graph():
+        b = storch.estimator("arm", plate="a", n_samples=2)(Independent(Bernoulli(logits=torch.zeros(4)), 1))
+        assert b.plates[0].size == 4 and b.shape == (4,)
+        r = storch.estimator("rebar", plate="r", n_samples=2)(Categorical(logits=torch.zeros(3, 5)))
+        assert r.plates[0].size == 6 and r.shape == (3, 5)  # one-hot for Categorical (see rebar docs)
+        raw = r.tensor
+        assert set(raw[:2].unique().tolist()) <= {0.0, 1.0} and ((raw[2:] > 0) & (raw[2:] < 1)).all()
+        g = storch.estimator("go", plate="g")(Bernoulli(probs=torch.tensor([0.3, 0.9])))
+        assert g.plates[0].size == 3  # x and its two neighbours
+        nb = g.tensor[1:]
+        assert set(nb.unique().tolist()) <= {0.0, 1.0}  # neighbours of 1 stay at 1 (term is zero)
+        x = storch.estimator("relax", plate="x")(Categorical(logits=torch.zeros(2, 5)))
+        assert x.tensor.dtype == torch.long and x.shape == (2,)  # relax keeps the index
+
+
+def test_trainable_parts_are_parameters_and_get_trained():
+    torch.manual_seed(41)
+    rebar = storch.estimator("rebar", plate="b")
+    names = dict(rebar.named_parameters())
+    assert set(names) == {"log_temperature", "eta"}
+    relax = storch.estimator("relax", plate="b2")
+    assert list(relax.parameters()) == []  # the default network is built at the first node
+    frozen = storch.estimator("relax", plate="c", update=False)
+    theta = TOY_THETA.clone().requires_grad_(True)
+    for _ in range(3):
+        with storch.Graph():
+            toy_model(rebar, theta)
+            toy_model(relax, theta)
+            storch.add_cost(frozen(Bernoulli(logits=theta)).sum())
+            storch.backward()
+        if _ == 0:
+            start = {k: [p.detach().clone() for p in e.parameters()] for k, e in
+                     (("rebar", rebar), ("relax", relax), ("frozen", frozen))}
+    rebar.apply_pending_update()
+    relax.apply_pending_update()
+    for key, est in (("rebar", rebar), ("relax", relax)):
+        assert len(start[key]) > 0
+        assert any(not torch.equal(a, b) for a, b in zip(start[key], est.parameters())), key
+    assert all(torch.equal(a, b) for a, b in zip(start["frozen"], frozen.parameters()))
+    assert rebar.update_steps == relax.update_steps == 3 and frozen.update_steps == 0
