@@ -1,0 +1,97 @@
+"""Registration, OrderError, and clear errors for bad options and unsupported distributions."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Categorical, Normal
+
+import storch
+
+torch.set_default_dtype(torch.float64)
+
+
+def test_registered_through_entry_points():
+    info = storch.available_estimators()
+    for name, order in (("score", math.inf), ("importance", math.inf), ("sum_and_sample", math.inf),
+                        ("unordered_set", 1)):
+        assert info[name].package == "storch-estimators-score"
+        assert info[name].family == "score"
+        assert info[name].max_order == order
+        assert not info[name].biased
+    assert storch.get_estimator_class("reinforce") is storch.get_estimator_class("score")
+    assert storch.get_estimator_class("mapo") is storch.get_estimator_class("sum_and_sample")
+    import storch_score
+    assert set(storch_score.__all__) == {"Score", "Importance", "SumAndSample", "UnorderedSet"}
+
+
+def test_unordered_set_with_baseline_refuses_order_2():
+    est = storch.estimator("unordered_set", plate="z", n_samples=3)
+    with storch.Graph():
+        z = est(Categorical(logits=torch.zeros(5, requires_grad=True)))
+        storch.add_cost(z.double())
+        storch.surrogate_loss(order=1)
+        with pytest.raises(storch.OrderError, match=r"unordered_set.*'z'.*order 2"):
+            storch.surrogate_loss(order=2)
+    plain = storch.estimator("unordered_set", plate="z", n_samples=3, baseline=False)
+    assert plain.max_order == math.inf and est.max_order == 1
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("score", dict(baseline="mean"), r"baseline='mean'.*'leave_one_out'"),
+    ("score", dict(baseline="leave_one_out"), r"n_samples >= 2.*n_samples=1"),
+    ("score", dict(baseline="batch_average", n_samples=1), r"n_samples >= 2"),
+    ("score", dict(baseline="moving_average", decay=1.0), r"decay.*\[0, 1\)"),
+    ("score", dict(n_samples=0), r"n_samples must be an int >= 1"),
+    ("score", dict(temperature=0.5), r"no option 'temperature'"),
+    ("importance", dict(), r"`proposal` is required"),
+    ("importance", dict(proposal=3), r"proposal=3 is not accepted"),
+    ("sum_and_sample", dict(n_enumerate=2, memory=torch.tensor([0])), r"either n_enumerate.*or memory"),
+    ("sum_and_sample", dict(n_enumerate=-1), r"n_enumerate must be an int >= 0"),
+    ("sum_and_sample", dict(baseline="leave_one_out"), r"needs n_samples >= 2"),
+    ("sum_and_sample", dict(baseline="self_critical", n_samples=2), r"baseline='self_critical'"),
+    ("sum_and_sample", dict(memory="top"), r"memory='top' is not accepted"),
+    ("unordered_set", dict(baseline="kool"), r"baseline must be True"),
+    ("unordered_set", dict(n_samples=1), r"needs n_samples >= 2.*baseline=False"),
+    ("unordered_set", dict(n_samples=17, baseline=False), r"k <= 16"),
+    ("unordered_set", dict(budget=0), r"budget must be an int >= 1"),
+])
+def test_bad_options(name, options, match):
+    with pytest.raises(storch.OptionError, match=match):
+        storch.estimator(name, plate="z", **options)
+
+
+@pytest.mark.parametrize("name,options", [
+    ("sum_and_sample", dict(n_samples=2)), ("unordered_set", dict(n_samples=2)), ("mapo", dict()),
+])
+def test_continuous_distribution_is_refused(name, options):
+    est = storch.estimator(name, plate="z", **options)
+    with storch.Graph():
+        with pytest.raises(storch.UnsupportedDistributionError, match=r"does not support Normal.*finite support.*score"):
+            est(Normal(torch.zeros(2), 1.0))
+
+
+def test_joint_support_over_budget():
+    est = storch.estimator("unordered_set", plate="z", n_samples=2, budget=100)
+    with storch.Graph():
+        with pytest.raises(storch.UnsupportedDistributionError, match=r"2\^7 = 128 joint values.*budget=100"):
+            est(Bernoulli(logits=torch.zeros(7)))
+
+
+def test_runtime_option_errors():
+    with storch.Graph():
+        imp = storch.estimator("importance", plate="a", proposal=Categorical(logits=torch.zeros(3, 5)))
+        with pytest.raises(storch.OptionError, match=r"batch shape \(3,\) does not broadcast to the node's batch shape \(4,\)"):
+            imp(Categorical(logits=torch.zeros(4, 5)))
+        imp = storch.estimator("importance", plate="b", proposal=lambda p: Normal(0.0, 1.0))
+        with pytest.raises(storch.OptionError, match=r"event shape"):
+            imp(torch.distributions.OneHotCategorical(logits=torch.zeros(5)))
+        imp = storch.estimator("importance", plate="c", proposal=lambda p: "q")
+        with pytest.raises(storch.OptionError, match=r"returned str"):
+            imp(Bernoulli(logits=torch.zeros(())))
+        mem = storch.estimator("sum_and_sample", plate="d", memory=torch.tensor([7]), n_samples=2)
+        with pytest.raises(storch.OptionError, match=r"not in the support"):
+            mem(Categorical(logits=torch.zeros(5)))
+        mem = storch.estimator("sum_and_sample", plate="e", memory=torch.zeros(2, 3), n_samples=2)
+        with pytest.raises(storch.OptionError, match=r"memory has shape \(2, 3\)"):
+            mem(Categorical(logits=torch.zeros(5)))
