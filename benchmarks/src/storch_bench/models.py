@@ -66,6 +66,8 @@ class VAE(nn.Module):
         if self.latent == "categorical":
             z = z.flatten(-2)
         logits = self.decoder(z)
+        if logits.shape != x.shape:  # plain tensors with a leading sample dim (hand-written code)
+            x = x.expand_as(logits)
         return F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
 
 

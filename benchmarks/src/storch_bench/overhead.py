@@ -1,0 +1,222 @@
+"""storch's overhead: the same estimator through storch and written by hand in plain torch.
+
+For score@n, score with the leave-one-out baseline @n, unordered_set@n and gumbel_softmax@n, at
+batch sizes 1 and 100 and n = 1, 8, 64, on two problems:
+
+- ``toy``: REBAR's toy (3 Bernoullis, t = 0.45), one logit vector per batch row: sample,
+  surrogate, gradient w.r.t. the logits;
+- ``vae``: one training step of the Bernoulli VAE on load_digits (forward, backward, Adam step).
+
+Both sides get the same inputs and the same seed; for the score function and leave-one-out the
+gradients are compared (equal samples give equal gradients). Time is the median of
+``torch.utils.benchmark.Timer.blocked_autorange`` (storch and torch measured alternately,
+twice each, the lower median kept); peak memory is torch's CPU allocator peak of one call,
+from ``torch.profiler`` (see :mod:`storch_bench.measure`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch.distributions import Bernoulli, RelaxedBernoulli
+
+import storch
+
+from .data import load_binary_digits
+from .handwritten import gumbel_topk_bernoulli, score_surrogate, unordered_set_surrogate
+from .measure import peak_memory
+from .models import VAE, storch_step
+
+__all__ = ["CONFIGS", "Row", "run_overhead", "run_cli", "TARGETS"]
+
+T_TOY = 0.45
+TARGETS = {"toy": 1.3, "vae": 1.10, "memory": 1.1}
+# config -> (registry name, options, smallest n)
+CONFIGS = {
+    "score": ("score", {}, 1),
+    "loo": ("score", {"baseline": "leave_one_out"}, 2),
+    "unordered_set": ("unordered_set", {}, 2),  # the built-in baseline needs 2 samples
+    "gumbel_softmax": ("gumbel_softmax", {}, 1),
+}
+
+
+@dataclass
+class Row:
+    problem: str
+    config: str
+    batch: int
+    n: int
+    storch_us: float = math.nan
+    torch_us: float = math.nan
+    storch_mb: float = math.nan
+    torch_mb: float = math.nan
+    same_grad: str = "-"
+    note: str = ""
+
+    @property
+    def time_ratio(self) -> float:
+        return self.storch_us / self.torch_us
+
+    @property
+    def memory_ratio(self) -> float:
+        return self.storch_mb / self.torch_mb if self.torch_mb > 0 else math.nan
+
+
+def _temperature(est) -> float:
+    if hasattr(est, "current_temperature"):
+        return float(est.current_temperature())
+    t = getattr(est, "temperature", 1.0)
+    return float(t.detach()) if isinstance(t, torch.Tensor) else float(t)
+
+
+def _hand_cost(config: str, logits: torch.Tensor, n: int, est, cost: Callable) -> torch.Tensor:
+    """The hand-written surrogate for ``cost(z)`` with z of shape ``(n, batch, D)``; ``cost`` -> ``(n, batch)``."""
+    if config in ("score", "loo"):
+        d = Bernoulli(logits=logits)
+        z = d.sample((n,))
+        return score_surrogate(d.log_prob(z).sum(-1), cost(z), leave_one_out=config == "loo")
+    if config == "unordered_set":
+        z, logp = gumbel_topk_bernoulli(logits, n)
+        return unordered_set_surrogate(logp, cost(z))
+    z = RelaxedBernoulli(torch.tensor(_temperature(est), dtype=logits.dtype), logits=logits).rsample((n,))
+    return cost(z).mean()
+
+
+# -- the toy -----------------------------------------------------------------------------------
+
+
+def _toy_cost(z: torch.Tensor) -> torch.Tensor:
+    return ((z - T_TOY) ** 2).sum(-1)
+
+
+def toy_pair(config: str, est, batch: int, n: int):
+    theta = torch.linspace(-1.0, 1.0, 3).repeat(batch, 1).requires_grad_(True)
+
+    def with_storch():
+        with storch.Graph():
+            th = storch.denote_independent(theta, 0, "data")
+            z = est(Bernoulli(logits=th))
+            storch.add_cost(_toy_cost(z), name="f")
+            return torch.autograd.grad(storch.surrogate_loss(order=1), theta)[0]
+
+    def by_hand():
+        return torch.autograd.grad(_hand_cost(config, theta, n, est, _toy_cost), theta)[0]
+
+    return with_storch, by_hand, lambda: None
+
+
+# -- one VAE training step ---------------------------------------------------------------------
+
+
+def vae_pair(config: str, est, batch: int, n: int):
+    train, _ = load_binary_digits()
+    x = train[:batch]
+    torch.manual_seed(0)
+    model_s = VAE("bernoulli")
+    model_t = copy.deepcopy(model_s)
+    opt_s = torch.optim.Adam(model_s.parameters(), lr=1e-3)
+    opt_t = torch.optim.Adam(model_t.parameters(), lr=1e-3)
+
+    def with_storch():
+        storch_step(model_s, est, x, opt_s)
+        return model_s.encoder[0].weight.grad
+
+    def by_hand():
+        opt_t.zero_grad(set_to_none=True)
+        q_logits = model_t.encoder(x)
+        loss = model_t.kl(q_logits).mean() + _hand_cost(
+            config, q_logits, n, est, lambda z: model_t.reconstruction(z, x))
+        loss.backward()
+        opt_t.step()
+        return model_t.encoder[0].weight.grad
+
+    def sync():  # the same parameters on both sides before comparing gradients
+        model_t.load_state_dict(model_s.state_dict())
+
+    return with_storch, by_hand, sync
+
+
+PROBLEMS = {"toy": toy_pair, "vae": vae_pair}
+
+
+def _time(fn: Callable, threads: int, min_time: float) -> float:
+    from torch.utils.benchmark import Timer
+
+    return Timer("fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(min_run_time=min_time).median
+
+
+def measure(problem: str, config: str, batch: int, n: int, threads: int = 1, min_time: float = 0.2) -> Row:
+    row = Row(problem, config, batch, n)
+    name, options, n_min = CONFIGS[config]
+    if n < n_min:
+        row.note = f"needs n >= {n_min}"
+        return row
+    try:
+        est = storch.estimator(name, plate="z", n_samples=n, **options)
+    except storch.UnknownEstimatorError:
+        row.note = f"{name} not installed"
+        return row
+    except storch.OptionError as e:
+        row.note = f"OptionError: {e}"
+        return row
+    with_storch, by_hand, sync = PROBLEMS[problem](config, est, batch, n)
+    try:
+        sync()
+        torch.manual_seed(1)
+        gs = with_storch().clone()
+        torch.manual_seed(1)
+        gt = by_hand().clone()
+    except storch.UnsupportedDistributionError as e:
+        row.note = f"UnsupportedDistributionError: {e}"
+        return row
+    if config in ("score", "loo"):
+        row.same_grad = "yes" if torch.allclose(gs, gt, rtol=1e-4, atol=1e-6) else "NO"
+    ts, tt = [], []
+    for _ in range(2):  # alternate, so that a slow phase of the machine hits both sides
+        ts.append(_time(with_storch, threads, min_time))
+        tt.append(_time(by_hand, threads, min_time))
+    row.storch_us, row.torch_us = 1e6 * min(ts), 1e6 * min(tt)
+    row.storch_mb = peak_memory(with_storch) / 2**20
+    row.torch_mb = peak_memory(by_hand) / 2**20
+    return row
+
+
+def run_overhead(problems, configs, batches, ns, threads: int = 1, min_time: float = 0.2,
+                 progress: bool = True) -> list[Row]:
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(threads)
+    grid = [(p, c, b, n) for p in problems for c in configs for b in batches for n in ns]
+    return [measure(*g, threads=threads, min_time=min_time)
+            for g in tqdm(grid, disable=not progress, unit="config", dynamic_ncols=True)]
+
+
+HEADER = ["problem", "estimator", "batch", "n", "storch us", "torch us", "time ratio", "storch MB", "torch MB",
+          "memory ratio", "same grad", "note"]
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from .cli import _header
+    from .report import markdown_table, text_table, write_csv
+
+    problems = [p.strip() for p in args.problems.split(",") if p.strip()]
+    configs = [c.strip() for c in (args.configs or ",".join(CONFIGS)).split(",") if c.strip()]
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    ns = [int(n) for n in args.n_samples.split(",")]
+    rows = run_overhead(problems, configs, batches, ns, args.threads, args.min_time, not args.no_progress)
+    table = [[r.problem, r.config, r.batch, r.n, r.storch_us, r.torch_us, r.time_ratio if r.torch_us == r.torch_us else math.nan,
+              r.storch_mb, r.torch_mb, r.memory_ratio, r.same_grad, r.note] for r in rows]
+    write_csv(args.out / "overhead.csv", HEADER, table)
+    setup = (f"time: median of torch.utils.benchmark blocked_autorange ({args.min_time}s each, 2 alternations, min kept), "
+             f"{args.threads} thread(s); memory: torch CPU allocator peak of one call (torch.profiler); targets: "
+             f"time <= {TARGETS['toy']}x on the toy, <= {TARGETS['vae']}x per VAE step, memory <= {TARGETS['memory']}x")
+    md = f"# {_header('storch-compare overhead: storch vs hand-written torch')}\n{setup}.\n\n{markdown_table(HEADER, table)}\n"
+    (args.out / "overhead.md").write_text(md)
+    print(text_table(HEADER, table))
+    print(f"\n{setup}.\nWrote {args.out / 'overhead.md'}, {args.out / 'overhead.csv'}")
+    return 0
