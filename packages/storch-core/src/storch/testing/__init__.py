@@ -11,13 +11,13 @@
 """
 
 from ._conditions import ConditionsReport, check_conditions, exact_expectation
-from ._enumeration import ConformanceReport, check_against_enumeration, exact_derivatives
+from ._enumeration import ConformanceReport, check_against_enumeration, direction, exact_derivatives
 from ._models import EstimatorFactory, Model, standard_models
 from ._resolve import EstimatorLike
 from ._stats import UnbiasednessReport, assert_unbiased, per_replicate_derivatives, replicate, z_test
 
 __all__ = [
     "replicate", "per_replicate_derivatives", "assert_unbiased", "z_test", "UnbiasednessReport",
-    "check_against_enumeration", "ConformanceReport", "exact_derivatives", "Model", "standard_models",
+    "check_against_enumeration", "ConformanceReport", "exact_derivatives", "direction", "Model", "standard_models",
     "EstimatorFactory", "EstimatorLike", "check_conditions", "ConditionsReport", "exact_expectation",
 ]

@@ -26,7 +26,7 @@ from torch.distributions import Distribution, Normal
 from .._estimator import CostFrame, magic_box
 from .._graph import Graph
 from .._plates import PlateTensor, align
-from ._enumeration import exact_derivatives
+from ._enumeration import direction, exact_derivatives
 from ._resolve import EstimatorLike, default_orders, resolve
 from ._stats import UnbiasednessReport, per_replicate_derivatives, replicate, z_test
 
@@ -201,7 +201,8 @@ def check_conditions(
             t = _per_replicate(t, n)
             values[k, 0] = t.detach().reshape(n, 1)
             if top > 0:
-                for m, d in enumerate(per_replicate_derivatives(t.mean(), leaf, top), start=1):
+                derivatives = per_replicate_derivatives(t.mean(), leaf, top, direction(leaf[0].numel()))
+                for m, d in enumerate(derivatives, start=1):
                     values[k, m] = d
     exact_d = exact_derivatives(exact or exact_expectation(distribution, test_function), theta, top)
     report = ConditionsReport(probe.name or type(probe).__name__, type(dist).__name__, orders)

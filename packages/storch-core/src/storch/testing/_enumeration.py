@@ -14,7 +14,7 @@ from ._models import EstimatorFactory, Model, standard_models, supports
 from ._resolve import EstimatorLike, default_orders, replicas, resolve
 from ._stats import UnbiasednessReport, per_replicate_derivatives, z_test
 
-__all__ = ["check_against_enumeration", "ConformanceReport", "exact_derivatives"]
+__all__ = ["check_against_enumeration", "ConformanceReport", "exact_derivatives", "direction"]
 
 
 @dataclass
@@ -61,13 +61,25 @@ class ConformanceReport:
         return self.table()
 
 
+def direction(d: int) -> torch.Tensor:
+    """The fixed, generic direction v along which third derivatives are taken (∇³f·v).
+
+    Not the all-ones vector: derivatives of softmax models along all-ones vanish identically.
+    """
+    return torch.cos(torch.arange(1, d + 1, dtype=torch.float64))
+
+
 def exact_derivatives(fn, theta: torch.Tensor, order: int) -> list[torch.Tensor]:
-    """``[fn(θ), ∇fn, ∇²fn, ∇³fn·1]`` up to ``order``, shaped like :func:`per_replicate_derivatives`."""
+    """``[fn(θ), ∇fn, ∇²fn, ∇³fn·v]`` up to ``order``, shaped like :func:`per_replicate_derivatives`.
+
+    ``v`` is :func:`direction`; ``fn`` must be differentiable in θ (plain torch).
+    """
     leaf = theta.detach().to(torch.float64).reshape(1, -1).clone().requires_grad_(True)
     value = fn(leaf[0].reshape(theta.shape))
     out = [value.detach().reshape(1)]
     if order >= 1:
-        out += [d[0].detach() for d in per_replicate_derivatives(value, leaf, order)]
+        v = direction(leaf.shape[1])
+        out += [d[0].detach() for d in per_replicate_derivatives(value, leaf, order, v)]
     return out
 
 
@@ -84,7 +96,8 @@ def _run_model(model: Model, make: EstimatorFactory, orders: Sequence[int], n: i
             # ∂loss/∂u_r = S_r: each replicate's forward estimate (see _resolve._Replicas)
             estimates[0] = torch.autograd.grad(loss, weights, retain_graph=top > 0)[0].reshape(n, 1)
         if top > 0:
-            for m, d in enumerate(per_replicate_derivatives(loss, leaf, top), start=1):
+            derivatives = per_replicate_derivatives(loss, leaf, top, direction(leaf[0].numel()))
+            for m, d in enumerate(derivatives, start=1):
                 estimates[m] = d
     exact = exact_derivatives(model.exact, model.theta, top)
     return [z_test(estimates[m], exact[m], f"{model.name}, order {m}", threshold) for m in orders]

@@ -177,22 +177,25 @@ def _chain(kind: type) -> Model:
 
 # -- continuous models (closed forms) ----------------------------------------------------------
 
-_C2 = _t(1.0, -0.7)
+_C2, _S2 = _t(1.0, -0.7), _t(0.8, 1.2)
 
 
 def _normal() -> Model:
-    """x ~ Normal(μ, σ) with two own batch dims, θ = (μ, log σ); C = (c·x)² + x0³."""
+    """x ~ Normal(μ, σ) with two own batch dims, θ = μ, σ = (0.8, 1.2); C = (c·x - 0.3)² + x0.
+
+    Only the means are parameters: third derivatives of score-function estimates w.r.t. a scale
+    are so heavy-tailed that 4000 estimates do not make their mean approximately normal.
+    """
 
     def build(make: EstimatorFactory, theta: torch.Tensor) -> None:
-        x = make("x")(Normal(theta[:2], theta[2:].exp()))
-        add_cost((x * _C2).sum() ** 2 + x[0] ** 3)
+        x = make("x")(Normal(theta, _S2))
+        add_cost(((x * _C2).sum() - 0.3) ** 2 + x[0])
 
     def exact(theta: torch.Tensor) -> torch.Tensor:
-        m, s = theta[:2], theta[2:].exp()
-        return (_C2 * m).sum() ** 2 + (_C2 ** 2 * s ** 2).sum() + m[0] ** 3 + 3 * m[0] * s[0] ** 2
+        return ((_C2 * theta).sum() - 0.3) ** 2 + (_C2 ** 2 * _S2 ** 2).sum() + theta[0]
 
-    theta = _t(0.5, -0.2, math.log(0.8), math.log(1.2))
-    return Model("normal[2]", theta, build, exact, lambda: [Normal(theta[:2], theta[2:].exp())])
+    theta = _t(0.5, -0.2)
+    return Model("normal[2]", theta, build, exact, lambda: [Normal(theta, _S2)])
 
 
 def _normal_chain() -> Model:

@@ -24,14 +24,16 @@ def replicate(param: torch.Tensor, n: int, plate: str = "replicate") -> tuple[to
     return leaf, denote_independent(leaf, 0, plate)
 
 
-def per_replicate_derivatives(loss: torch.Tensor, leaf: torch.Tensor, order: int) -> list[torch.Tensor]:
+def per_replicate_derivatives(loss: torch.Tensor, leaf: torch.Tensor, order: int,
+                              direction: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
     """Derivatives of orders 1..``order`` of each replicate's estimate.
 
     The loss is the mean over R replicates, so its gradient w.r.t. ``leaf[r]`` is ĝ_r / R. Since
     replicates do not interact, differentiating ``Σ_r ĝ_r[i]`` again gives each replicate's Hessian
-    row i. Order 3 is returned as the derivative of the Hessian along the all-ones direction.
-    A derivative that does not depend on ``leaf`` at all (e.g. the Hessian of a linear estimate)
-    is returned as zeros.
+    row i. Order 3 is returned as the derivative of the Hessian along ``direction`` (default: the
+    all-ones vector; pass a generic vector for parameters, such as softmax logits, whose
+    derivatives along all-ones vanish). A derivative that does not depend on ``leaf`` at all
+    (e.g. the Hessian of a linear estimate) is returned as zeros.
 
     Returns:
         list of tensors: ``(R, d)``, ``(R, d, d)``, ``(R, d, d)`` for orders 1, 2, 3 (flattened
@@ -46,7 +48,7 @@ def per_replicate_derivatives(loss: torch.Tensor, leaf: torch.Tensor, order: int
         h = torch.stack(rows, 1)
         out.append(h)
         if order >= 3:
-            hv = h.sum(-1)  # H·1 per replicate, shape (R, d)
+            hv = h.sum(-1) if direction is None else h @ direction.to(h).reshape(d)  # H·v, shape (R, d)
             rows3 = [_grad(hv[:, i].sum(), leaf, create_graph=False).reshape(r, d) for i in range(d)]
             out.append(torch.stack(rows3, 1))
     return out

@@ -1,0 +1,271 @@
+"""The conformance kit (storch.testing) catches real estimator bugs and passes correct estimators.
+
+Each deliberately wrong estimator below is paired with its correct twin (the same code with the
+bug fixed), so a failure of the buggy one is due to the bug, not to the kit or the model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Categorical, Normal, OneHotCategorical
+
+import storch
+import storch.testing as kit
+
+F64 = torch.float64
+
+
+# -- estimators written for these tests ----------------------------------------------------------
+
+
+class LeaveOneOut(storch.Estimator):
+    """Score function with the leave-one-out baseline (correct)."""
+
+    name = "test_leave_one_out"
+
+    def baseline(self, node, cost):
+        # mean cost of the OTHER samples: independent of this sample (appendix C)
+        return (cost.sum_plate(cost.tensor) - cost.tensor) / (node.n - 1)
+
+
+class LeakyBaseline(storch.Estimator):
+    """BUG: a 'batch average' baseline that includes the sample's own cost."""
+
+    name = "test_leaky_baseline"
+
+    def baseline(self, node, cost):
+        return cost.sum_plate(cost.tensor) / node.n
+
+
+def _flat(d):
+    """A proposal that ignores θ: uniform over the support of a Bernoulli / (OneHot)Categorical."""
+    if isinstance(d, Bernoulli):
+        return Bernoulli(probs=torch.full_like(d.probs, 0.5), validate_args=False)
+    return type(d)(logits=torch.zeros_like(d.logits), validate_args=False)
+
+
+class Importance(storch.Estimator):
+    """Importance sampling from a uniform proposal, w = p/q / N (detached), l = log p (correct)."""
+
+    name = "test_importance"
+    distributions = (Bernoulli, Categorical, OneHotCategorical)
+    detach_weights = True
+
+    def proposal(self, node):
+        return _flat(node.distribution).sample((self.n_samples,))
+
+    def weighting_function(self, node):
+        x = node.sample
+        w = (node.log_prob(x) - node.log_prob(x, _flat(node.distribution))).exp() / node.n
+        return w.detach() if self.detach_weights else w  # detach: the weight carries no gradient
+
+
+class AttachedImportance(Importance):
+    """BUG: the importance weight p/q is left attached to the graph."""
+
+    name = "test_attached_importance"
+    detach_weights = False
+
+
+class PrioritySampling(storch.Estimator):
+    """k samples without replacement (Gumbel-top-k) weighted by p(x) / q_κ(x) (correct).
+
+    q_κ(x) = P(log p(x) + G > κ) = 1 - exp(-exp(log p(x) - κ)), with κ the (k+1)-th largest
+    perturbed log-probability: the inclusion probability of x given the other keys, so
+    Σ_{x∈S} p(x)/q_κ(x) f(x) is unbiased for E_p[f] (Duffield et al. 2007; Kool et al. 2019).
+    """
+
+    name = "test_priority_sampling"
+    distributions = (Categorical,)
+    kappa_rank = 1  # κ = the key just below the sample; 0 would be the smallest key IN the sample
+
+    def proposal(self, node):
+        logp = node.distribution.logits  # normalised log-probabilities (*parents, K)
+        keys = logp - torch.log(-torch.log(torch.rand_like(logp)))  # Gumbel-perturbed
+        top = keys.topk(self.n_samples + 1, dim=-1)
+        node.context["kappa"] = top.values[..., self.n_samples - 1 + self.kappa_rank]
+        return top.indices[..., : self.n_samples].movedim(-1, 0)
+
+    def weighting_function(self, node):
+        logp = node.log_prob(node.sample)
+        log_q = torch.log(-torch.expm1(-torch.exp(logp - node.context["kappa"])))
+        return (logp - log_q).exp().detach()  # detach: the weight carries no gradient (condition 3)
+
+
+class OffByOnePrioritySampling(PrioritySampling):
+    """BUG: κ is the smallest key inside the sample instead of the (k+1)-th largest key."""
+
+    name = "test_off_by_one_priority"
+    kappa_rank = 0
+
+
+def _check(est, **kw) -> kit.ConformanceReport:
+    start = time.perf_counter()
+    report = kit.check_against_enumeration(est, raise_on_failure=False, **kw)
+    print(f"\n{report.table(details=False)}\n(wall {time.perf_counter() - start:.2f}s)")
+    return report
+
+
+def _failed(report) -> set[str]:
+    return {c.name for c in report.failures}
+
+
+# -- correct estimators pass ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["expect", "reparameterization"])
+def test_core_builtins_pass(name):
+    report = kit.check_against_enumeration(name)
+    print("\n" + report.table())
+    assert report.ok and report.orders == (0, 1, 2, 3)
+    assert len(report.checks) >= 8
+
+
+@pytest.mark.parametrize("cls", [LeaveOneOut, Importance, PrioritySampling])
+def test_correct_twins_pass(cls):
+    report = _check(cls, options={"n_samples": 2})
+    assert report.ok, report.table()
+
+
+# -- deliberately wrong estimators are reported --------------------------------------------------
+
+
+def test_baseline_that_sees_its_own_sample_is_reported():
+    report = _check(LeakyBaseline, options={"n_samples": 2})
+    assert not report.ok
+    failed = _failed(report)
+    assert not any(name.endswith("order 0") for name in failed)  # the forward value is fine
+    assert {"bernoulli[3], order 1", "categorical[K=5], order 1", "chain[Bernoulli], order 1"} <= failed
+    with pytest.raises(AssertionError, match=r"(?s)test_leaky_baseline does not match.*FAIL"):
+        kit.check_against_enumeration(LeakyBaseline, options={"n_samples": 2})
+
+
+def test_attached_importance_weight_is_reported():
+    report = _check(AttachedImportance, options={"n_samples": 2})
+    failed = _failed(report)
+    assert not any(name.endswith("order 0") for name in failed)
+    assert {"bernoulli[3], order 1", "categorical[K=5], order 1", "onehot[K=5], order 1"} <= failed
+
+
+def test_off_by_one_without_replacement_weight_is_reported():
+    report = _check(OffByOnePrioritySampling, options={"n_samples": 2})
+    failed = _failed(report)
+    assert {"categorical[K=5], order 0", "chain[Categorical], order 0"} <= failed
+
+
+def test_failure_message_is_a_readable_table():
+    with pytest.raises(AssertionError) as info:
+        kit.check_against_enumeration(OffByOnePrioritySampling, options={"n_samples": 2})
+    text = str(info.value)
+    print("\n" + text)
+    assert "model, order" in text and "max |z|" in text
+    assert "categorical[K=5], order 0" in text and "<-- FAIL" in text and "exact" in text
+
+
+# -- Theorem 1's local conditions ----------------------------------------------------------------
+
+THETA2 = torch.tensor([0.3, -0.7], dtype=F64)
+
+
+def _bern(th):
+    return Bernoulli(logits=th)
+
+
+def _toy(x):
+    return ((x - 0.2) ** 2 * torch.tensor([1.0, 2.0], dtype=F64)).sum()
+
+
+def test_conditions_hold_for_core_builtins():
+    r1 = kit.check_conditions("expect", _bern, THETA2, _toy)
+    r2 = kit.check_conditions("reparameterization", lambda th: Normal(th, 0.8), THETA2,
+                              lambda x: (x ** 2).sum() + torch.sin(x[0]))
+    r3 = kit.check_conditions(LeaveOneOut, lambda th: Categorical(logits=th), torch.tensor(
+        [0.2, -0.4, 0.9, 0.0, -1.1], dtype=F64), lambda x: (x - 1.3) ** 2, options={"n_samples": 3})
+    for r in (r1, r2, r3):
+        print("\n" + r.table())
+        assert r.ok and len(r.checks) == 11  # conditions 1, 2: orders 0-3; condition 3: orders 1-3
+
+
+def test_conditions_pinpoint_each_bug():
+    opts = {"n_samples": 2}
+    leaky = kit.check_conditions(LeakyBaseline, _bern, THETA2, _toy, options=opts, raise_on_failure=False)
+    attached = kit.check_conditions(AttachedImportance, _bern, THETA2, _toy, options=opts, raise_on_failure=False)
+    off = kit.check_conditions(OffByOnePrioritySampling, lambda th: Categorical(logits=th), torch.tensor(
+        [0.2, -0.4, 0.9, 0.0, -1.1], dtype=F64), lambda x: (x - 1.3) ** 2, options=opts, raise_on_failure=False)
+    for r in (leaky, attached, off):
+        print("\n" + r.table(details=False))
+    # the baseline sees its own sample: condition 2 (E[∇ w a] = 0) breaks, 1 and 3 hold
+    assert leaky.condition_ok(1) and leaky.condition_ok(3) and not leaky.condition_ok(2)
+    assert "condition 2, order 1" in {c.name for c in leaky.failures}
+    # the attached weight double-counts the score: condition 1 breaks from order 1 on; Σ_x p(x) = 1
+    # keeps condition 3 true, which is why condition 1 must be checked at every order
+    assert not attached.condition_ok(1) and attached.condition_ok(3)
+    assert {c.name for c in attached.failures} >= {"condition 1, order 1"}
+    assert "condition 1, order 0" not in {c.name for c in attached.failures}
+    # the off-by-one weight is already wrong for the forward value
+    assert "condition 1, order 0" in {c.name for c in off.failures}
+
+
+# -- the API -------------------------------------------------------------------------------------
+
+
+def test_instance_class_factory_and_name_are_equivalent():
+    est = storch.estimator("expect", plate="anything", budget=64)
+    reports = [kit.check_against_enumeration(e) for e in (
+        "expect", est, type(est), lambda plate: storch.estimator("expect", plate=plate))]
+    assert all(r.ok and r.estimator == "expect" for r in reports)
+    assert len({len(r.checks) for r in reports}) == 1
+
+
+def test_orders_models_and_errors():
+    report = kit.check_against_enumeration("reparameterization", orders=[1])
+    assert report.orders == (1,) and all(c.name.endswith("order 1") for c in report.checks)
+    models, skipped = kit.standard_models(storch.estimator("reparameterization", plate="z"))
+    assert [m.name for m in models] == ["normal[2]", "chain[Normal]"] and "bernoulli[3]" in skipped
+    with pytest.raises(AssertionError, match="none of the models"):
+        kit.check_against_enumeration("reparameterization", models=[m for m in kit.standard_models(
+            storch.estimator("expect", plate="z"))[0]])
+    with pytest.raises(ValueError, match="orders"):
+        kit.check_against_enumeration("expect", orders=[4])
+    with pytest.raises(TypeError):
+        kit.check_against_enumeration(42)
+
+
+def test_global_rng_is_left_alone():
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    kit.check_against_enumeration("reparameterization", orders=[0])
+    assert torch.equal(torch.rand(3), before)
+
+
+def test_exact_values():
+    th = torch.tensor([0.5, -1.0], dtype=F64)
+    normal = kit.exact_expectation(lambda t: Normal(t, 0.7), lambda x: (x ** 4).sum())(th)
+    closed = (th ** 4 + 6 * th ** 2 * 0.49 + 3 * 0.7 ** 4).sum()  # E[x^4] of N(μ, σ²)
+    assert torch.allclose(normal, closed, rtol=1e-12)
+    bern = kit.exact_expectation(_bern, _toy)(THETA2)
+    p = torch.sigmoid(THETA2)
+    assert torch.allclose(bern, (torch.tensor([1.0, 2.0], dtype=F64) * (p * 0.8 ** 2 + (1 - p) * 0.2 ** 2)).sum())
+    d = kit.exact_derivatives(lambda t: (t ** 3).sum(), th, 3)
+    assert torch.allclose(d[1], 3 * th ** 2) and torch.allclose(d[2], torch.diag(6 * th))
+    assert torch.allclose(d[3], torch.diag(6 * kit.direction(2)))  # ∇³f·v
+
+
+def test_one_estimator_takes_seconds():
+    start = time.perf_counter()
+    kit.check_against_enumeration(LeaveOneOut, options={"n_samples": 2})
+    seconds = time.perf_counter() - start
+    print(f"\nfull check of a score-function estimator (5 models, orders 0-3): {seconds:.2f}s")
+    assert seconds < 30
+
+
+def test_z_test_rejects_nan_and_keeps_assert_unbiased():
+    r = kit.z_test(torch.tensor([[float("nan")], [1.0]]), 1.0)
+    assert not r.ok and math.isinf(r.max_abs_z)
+    with pytest.raises(AssertionError, match="biased"):
+        kit.assert_unbiased(torch.ones(100, 1) + 0.01 * torch.randn(100, 1), 2.0)
