@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
-from torch.distributions import Distribution, Independent, transform_to
+from torch.distributions import Distribution, Independent, constraints, transform_to
+from torch.distributions.utils import lazy_property
 
 from storch import Estimator, Node, OptionError, UnsupportedDistributionError
 
@@ -41,8 +43,9 @@ class Spsa(Estimator):
     probs outside [0, 1]), so the perturbation is applied to the unconstrained u.
 
     Requires: parameters whose constraints have a ``torch.distributions.transform_to``
-    (Normal, Bernoulli, Categorical, Poisson, Exponential, Gamma, Beta, ...). Only parameters
-    that require grad are perturbed (integer ones and constants stay fixed). Any cost.
+    (Normal, Bernoulli, Categorical, Poisson, Exponential, Gamma, Beta, LogNormal, ...) and a
+    support that does not depend on them (not Uniform, Pareto, Binomial). Only parameters that
+    require grad are perturbed (integer ones and constants stay fixed). Any cost.
 
     biased: True — E[ĝ] is the gradient of a finite difference, E[ĝ] − ∇ = O(c²) for smooth
     expectations (central difference; Spall 1992). max_order: 1 (appendix D.3).
@@ -81,6 +84,13 @@ class Spsa(Estimator):
     def proposal(self, node: Node) -> torch.Tensor:
         d = node.distribution
         base = d.base_dist if isinstance(d, Independent) else d
+        if constraints.is_dependent(inspect.getattr_static(type(base), "support", None)):
+            # appendix D.3 assumes p± have the support of p: the weights p/(p₊ + p₋) must be > 0
+            # wherever p± put mass, or the weight cannot be cancelled by the gradient function
+            raise UnsupportedDistributionError(
+                f"spsa does not support {type(base).__name__}: its support depends on its parameters, so the "
+                "perturbed distributions put mass where p has none and the importance weights of appendix D.3 "
+                "vanish; use another estimator (e.g. score) for this node")
         free, fixed = _split_parameters(base)
         n, c, npar = self.n_samples, self.perturbation, len(node.parents)
         u = {k: transform_to(base.arg_constraints[k]).inv(v) for k, v in free.items()}  # with grad
@@ -89,17 +99,23 @@ class Spsa(Estimator):
         def perturbed(sign: float) -> Distribution:
             with torch.no_grad():
                 params = {k: transform_to(base.arg_constraints[k])(u[k].detach() + sign * c * eps[k]) for k in u}
-                q = type(base)(**params, **fixed, validate_args=False)
+                try:
+                    q = type(base)(**params, **fixed, validate_args=False)
+                except TypeError as e:
+                    raise UnsupportedDistributionError(
+                        f"spsa cannot rebuild {type(base).__name__} from its parameters {sorted(params)} "
+                        f"+ {sorted(fixed)} ({e}); use another estimator") from e
             return Independent(q, d.reinterpreted_batch_ndims, validate_args=False) if d is not base else q
 
-        p_plus, p_minus = perturbed(1.0), perturbed(-1.0)
+        # p itself, rebuilt without argument validation: x₁, x₂ may lie outside its support (Uniform)
+        p, p_plus, p_minus = perturbed(0.0), perturbed(1.0), perturbed(-1.0)
         with torch.no_grad():
             device = next(iter(free.values())).device if free else torch.device("cpu")
             with _replay_rng(device, self.coupled):  # coupled: x₂ reuses x₁'s random numbers
                 x1 = p_plus.sample()
             x2 = p_minus.sample()
             # balance-heuristic weight p / (n (p₊ + p₋)), joint over the node's own elements (D.2.2)
-            w1, w2 = (torch.exp(node.log_prob(x) - torch.logaddexp(node.log_prob(x, p_plus),
+            w1, w2 = (torch.exp(node.log_prob(x, p) - torch.logaddexp(node.log_prob(x, p_plus),
                                                                    node.log_prob(x, p_minus))) / n
                       for x in (x1, x2))
         grads = []
@@ -136,7 +152,12 @@ def _replay_rng(device: torch.device, enabled: bool):
 def _split_parameters(d: Distribution) -> tuple[dict, dict]:
     """``(perturbed, fixed)`` constructor arguments of ``d``: continuous parameters that require
     grad vs the rest."""
-    params = {k: d.__dict__[k] for k in d.arg_constraints if k in d.__dict__}
+    params = {}
+    for k in d.arg_constraints:
+        if k in d.__dict__:
+            params[k] = d.__dict__[k]
+        elif isinstance(getattr(type(d), k, None), property) and not isinstance(getattr(type(d), k), lazy_property):
+            params[k] = getattr(d, k)  # e.g. LogNormal's loc and scale live on its base distribution
     for keep, drop in _PAIRS:
         if keep in params and drop in params:
             del params[drop]
@@ -145,8 +166,8 @@ def _split_parameters(d: Distribution) -> tuple[dict, dict]:
         constraint = d.arg_constraints[k]
         # integer parameters cannot be perturbed; parameters nothing differentiates are held fixed,
         # since perturbing them only adds SPSA's cross-talk noise (f(x₁) − f(x₂)) ε_k / ε_j
-        if (not isinstance(v, torch.Tensor) or not v.is_floating_point() or constraint.is_discrete
-                or not v.requires_grad):
+        if (not isinstance(v, torch.Tensor) or not v.is_floating_point() or not v.requires_grad
+                or getattr(constraint, "_is_discrete", False) is True):
             fixed[k] = v
             continue
         try:

@@ -1,0 +1,91 @@
+"""Order limits, unsupported distributions, options and registry metadata of the mvd family."""
+
+import pytest
+import torch
+from torch.distributions import Gamma, LogNormal, Normal, Uniform, constraints
+
+import storch
+
+
+@pytest.mark.parametrize("name", ["mvd", "spsa"])
+def test_order_error_at_order_2(name):
+    est = storch.estimator(name, plate="x")
+    mu = torch.tensor(0.3, requires_grad=True)
+    with storch.Graph():
+        x = est(Normal(mu, 1.0))
+        storch.add_cost(x ** 2)
+        assert torch.isfinite(storch.surrogate_loss(order=1))
+        with pytest.raises(storch.OrderError, match=name):
+            storch.surrogate_loss(order=2)
+
+
+def test_mvd_lists_supported_distributions():
+    est = storch.estimator("mvd", plate="x")
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError) as info:
+        est(Gamma(torch.tensor(2.0), torch.tensor(1.0)))
+    msg = str(info.value)
+    for family in ("Normal", "Bernoulli", "Categorical", "OneHotCategorical", "Poisson", "Exponential"):
+        assert family in msg
+    assert "Gamma" in msg
+
+
+class _Shifted(Normal):
+    """A Normal with a parameter whose constraint has no unconstrained form."""
+
+    arg_constraints = {"loc": constraints.dependent, "scale": constraints.positive}
+
+
+def test_spsa_names_a_parameter_it_cannot_perturb():
+    est = storch.estimator("spsa", plate="x")
+    loc = torch.tensor(0.0, requires_grad=True)
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="'loc'"):
+        est(_Shifted(loc, torch.tensor(1.0), validate_args=False))
+
+
+def test_spsa_refuses_parameter_dependent_support():
+    """D.3's importance weights need p± to share p's support; Uniform's moves with its parameters."""
+    low = torch.tensor(0.2, requires_grad=True)
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="support"):
+        storch.estimator("spsa", plate="x")(Uniform(low, torch.tensor(1.0)))
+
+
+def test_spsa_lognormal_parameters_held_by_its_base():
+    torch.manual_seed(51)
+    loc = torch.tensor(0.1, requires_grad=True)
+    with storch.Graph():
+        v = storch.estimator("spsa", plate="y", n_samples=2000, perturbation=0.05)(LogNormal(loc, 0.5))
+        storch.add_cost(v)
+        g_loc, = torch.autograd.grad(storch.surrogate_loss(), loc)
+    exact = float(torch.exp(loc + 0.125))  # d/dloc E[v] = exp(loc + σ²/2)
+    assert abs(float(g_loc) - exact) < 0.1 * exact
+
+
+@pytest.mark.parametrize("name, options", [
+    ("mvd", {"coupled": "yes"}), ("mvd", {"n_samples": 0}), ("spsa", {"perturbation": 0.0}),
+    ("spsa", {"perturbation": -1}), ("spsa", {"perturbation": float("inf")}), ("spsa", {"coupled": 1}),
+])
+def test_option_errors(name, options):
+    with pytest.raises(storch.OptionError):
+        storch.estimator(name, plate="x", **options)
+
+
+def test_registry_metadata():
+    info = storch.available_estimators()
+    assert info["mvd"].package == info["spsa"].package == "storch-estimators-mvd"
+    assert info["mvd"].max_order == info["spsa"].max_order == 1
+    assert info["spsa"].biased and not info["mvd"].biased
+
+
+def test_backward_trains_through_mvd():
+    """storch.backward() fills .grad; a few SGD steps move μ toward the minimiser of E[(x − 2)²]."""
+    torch.manual_seed(50)
+    mu = torch.tensor(0.0, requires_grad=True)
+    opt = torch.optim.SGD([mu], lr=0.2)
+    est = storch.estimator("mvd", plate="x", n_samples=4)
+    for _ in range(40):
+        opt.zero_grad()
+        x = est(Normal(mu, 1.0))
+        storch.add_cost((x - 2.0) ** 2)
+        storch.backward()
+        opt.step()
+    assert abs(mu.item() - 2.0) < 0.2
