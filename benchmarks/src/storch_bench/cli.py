@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--models", default="bernoulli,categorical", help="bernoulli, categorical or both")
     v.add_argument("--epochs", type=int, default=None)
     v.add_argument("--batch-size", type=int, default=None)
-    v.add_argument("--lr", type=float, default=1e-3)
+    v.add_argument("--lr", type=float, default=3e-3)
     v.add_argument("--variance-reps", type=int, default=None, help="gradient estimates per checkpoint")
     v.add_argument("--checkpoints", type=int, default=None, help="number of variance checkpoints")
     v.add_argument("--max-train", type=int, default=None, help="use only the first N training points")

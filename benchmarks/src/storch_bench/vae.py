@@ -40,9 +40,9 @@ class VAEConfig:
 
     specs: list[Spec]
     models: tuple[str, ...] = MODELS
-    epochs: int = 10
+    epochs: int = 20
     batch_size: int = 50
-    lr: float = 1e-3
+    lr: float = 3e-3
     hidden: int = 128
     seed: int = 0
     threads: int = 1
