@@ -1,0 +1,30 @@
+"""storch.testing's conformance kit on every estimator of the family: forward values (order 0)
+and derivatives up to min(max_order, 3) against exact values on the kit's standard models."""
+
+import pytest
+from torch.distributions import Normal
+
+from storch.testing import check_against_enumeration
+
+
+def _proposal(p):
+    # a proposal different from p that covers its support: tempered logits, or a wider shifted Normal
+    if isinstance(p, Normal):
+        return Normal(p.loc.detach() + 0.3, p.scale.detach() * 1.5)
+    return type(p)(logits=p.logits.detach() / 2)
+
+
+CASES = {
+    "score": dict(n_samples=2),
+    "score-leave_one_out": dict(n_samples=3, baseline="leave_one_out"),
+    "importance": dict(n_samples=2, proposal=_proposal),
+    "sum_and_sample": dict(n_enumerate=1, n_samples=2, baseline="leave_one_out"),
+    "unordered_set": dict(n_samples=2),
+    "unordered_set-no-baseline": dict(n_samples=2, baseline=False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_conformance(case):
+    report = check_against_enumeration(case.split("-")[0], options=CASES[case], seed=7)
+    print(f"\n{report.table(details=False)}")
