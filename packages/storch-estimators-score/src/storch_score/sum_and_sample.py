@@ -85,7 +85,8 @@ class SumAndSample(Estimator):
         size = values.shape[0]
         if self.memory is None:
             k = min(self.n_enumerate, size)
-            top = logp.detach().topk(k, dim=0).indices  # the k' most probable values, (k', *parents)
+            # the k' most probable values, (k', *parents); detach: choosing M is not differentiated
+            top = logp.detach().topk(k, dim=0).indices
             first = torch.ones(top.shape, dtype=torch.bool, device=top.device)
         else:
             top = _memory_indices(self.memory, node, values)
@@ -97,7 +98,8 @@ class SumAndSample(Estimator):
         m = 0 if (self.memory is None and k == size) else self.n_samples
         idx = top
         if m:
-            # sample from the renormalised remainder p(x | x ∉ M); where M is everything, from p (weight 0)
+            # sample from the renormalised remainder p(x | x ∉ M); where M is everything, from p (weight 0);
+            # detach: sampling is not differentiated (the score l carries the gradient)
             rest = logp.detach().masked_fill(mask, -float("inf"))
             rest = torch.where(mask.all(0, keepdim=True), logp.detach(), rest)
             drawn = Categorical(logits=rest.movedim(0, -1)).sample((m,))  # (m, *parents)

@@ -80,7 +80,8 @@ class UnorderedSet(Estimator):
     def proposal(self, node: Node) -> torch.Tensor:
         values, logp = enumerate_joint(node, self.budget, self.name)  # (M, *own, *event), (M, *parents)
         k = min(self.n_samples, values.shape[0])
-        # Gumbel-top-k: the k largest of log p + Gumbel noise are an ordered sample without replacement
+        # Gumbel-top-k: the k largest of log p + Gumbel noise are an ordered sample without replacement;
+        # detach: sampling is not differentiated (the score l carries the gradient)
         gumbel = -torch.empty_like(logp, dtype=logp.dtype).exponential_().log()
         idx = (logp.detach() + gumbel).topk(k, dim=0).indices  # (k, *parents)
         node.context.update(logp=logp, idx=idx)
