@@ -52,7 +52,7 @@ def param_tensors(d: Distribution) -> list[torch.Tensor]:
 def uniform(shape, like: torch.Tensor) -> torch.Tensor:
     """U(0, 1) noise clamped away from 0 and 1 (so logits of it are finite)."""
     eps = torch.finfo(like.dtype).eps
-    return torch.rand(shape, dtype=like.dtype, device=like.device).clamp(eps, 1 - eps)
+    return torch.rand(shape, dtype=like.dtype, device=like.device).clamp_(eps, 1 - eps)
 
 
 def logistic_noise(shape, like: torch.Tensor) -> torch.Tensor:

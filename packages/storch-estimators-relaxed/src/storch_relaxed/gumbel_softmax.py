@@ -73,22 +73,20 @@ class GumbelSoftmax(Estimator):
                               "it must return a finite float > 0") from None
         return float(tau)
 
-    def relaxed(self, node: Node) -> torch.Tensor:
-        """n relaxed samples, shape ``(n, *parents, *batch[, K])``, differentiable in the parameters."""
+    def relaxed(self, node: Node) -> tuple[torch.Tensor, torch.Tensor]:
+        """n relaxed samples ``(n, *parents, *batch[, K])`` (differentiable) and their logits z."""
         d = base_of(node.distribution)
         tau = self.current_temperature()
         logits = d.logits
         shape = (self.n_samples,) + tuple(logits.shape)
         if isinstance(d, Bernoulli):
             z = logits + logistic_noise(shape, logits)  # z ~ Logistic(α, 1); 1[z > 0] ~ Bernoulli(σ(α))
-            node.context["hard"] = (z > 0).to(logits.dtype)
-            return torch.sigmoid(z / tau)  # Maddison et al. 2017, Eq. 21 (binary Concrete)
+            return torch.sigmoid(z / tau), z  # Maddison et al. 2017, Eq. 21 (binary Concrete)
         z = logits + gumbel_noise(shape, logits)  # Gumbel-max: argmax z ~ Categorical(p)
-        node.context["hard"] = torch.nn.functional.one_hot(z.argmax(-1), z.shape[-1]).to(logits.dtype)
-        return torch.softmax(z / tau, -1)  # Jang et al. 2017, Eq. 1
+        return torch.softmax(z / tau, -1), z  # Jang et al. 2017, Eq. 1
 
     def proposal(self, node: Node) -> torch.Tensor:
-        return self.relaxed(node)
+        return self.relaxed(node)[0]
 
     def gradient_function(self, node: Node) -> torch.Tensor:
         return torch.zeros((1,), dtype=node.sample.dtype, device=node.sample.device)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.distributions import Bernoulli
 
 from storch import Node
 
+from ._common import base_of
 from .gumbel_softmax import GumbelSoftmax
 
 __all__ = ["GumbelStraightThrough"]
@@ -49,6 +52,11 @@ class GumbelStraightThrough(GumbelSoftmax):
     name = "gumbel_straight_through"
 
     def proposal(self, node: Node) -> torch.Tensor:
-        soft = self.relaxed(node)
+        soft, z = self.relaxed(node)
+        z = z.detach()  # H(z) carries no gradient
+        if isinstance(base_of(node.distribution), Bernoulli):
+            hard = (z > 0).to(z.dtype)  # = 1[σ(z/τ) > 1/2]
+        else:
+            hard = F.one_hot(z.argmax(-1), z.shape[-1]).to(z.dtype)
         # ⊥: the forward value is exactly the hard sample, the gradient is the relaxed one's
-        return node.context["hard"] + (soft - soft.detach())
+        return hard + (soft - soft.detach())
