@@ -51,7 +51,7 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> No
 
 
 def plot_vae(results, path: Path) -> None:
-    """-ELBO curves (validation solid, train dashed) per model and a bar chart of variances."""
+    """Validation -ELBO curves per model and a bar chart of the encoder gradient's variance."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,26 +61,26 @@ def plot_vae(results, path: Path) -> None:
                     if m in ("bernoulli", "categorical") else 9)
     if not models:
         return
-    fig, axes = plt.subplots(2, len(models), figsize=(6.5 * len(models), 8.5), squeeze=False)
-    cmap = plt.get_cmap("tab20")
+    fig, axes = plt.subplots(2, len(models), figsize=(8.5 * len(models), 8.5), squeeze=False)
+    cmap = plt.get_cmap("tab10")
     labels = sorted({r.label for r in results})
-    color = {lab: cmap(i % 20) for i, lab in enumerate(labels)}
+    color = {lab: cmap(i % 10) for i, lab in enumerate(labels)}
+    style = {lab: ("-", "--", ":", "-.")[(i // 10) % 4] for i, lab in enumerate(labels)}
     for j, model in enumerate(models):
         rs = [r for r in results if r.model == model and r.valid_curve]
         ax = axes[0][j]
         finite = []
         for r in rs:
             epochs = range(len(r.valid_curve))
-            ax.plot(epochs, r.valid_curve, color=color[r.label], label=r.label)
-            ax.plot(epochs, r.train_curve, color=color[r.label], ls="--", lw=0.8)
+            ax.plot(epochs, r.valid_curve, color=color[r.label], ls=style[r.label], label=r.label)
             finite += [v for v in r.valid_curve[1:] if math.isfinite(v)]
         if finite:  # the first epochs of slow estimators would squash the rest of the plot
             lo, hi = min(finite), sorted(finite)[int(0.9 * (len(finite) - 1))]
             ax.set_ylim(lo - 0.05 * (hi - lo + 1), hi + 0.1 * (hi - lo + 1))
-        ax.set_title(f"{model} latents: -ELBO (validation solid, train dashed)")
+        ax.set_title(f"{model} latents: validation -ELBO")
         ax.set_xlabel("epoch")
         ax.set_ylabel("-ELBO (nats)")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
         ax = axes[1][j]
         rs = sorted([r for r in rs if math.isfinite(r.variance) and r.variance > 0], key=lambda r: r.variance)
         ax.barh([r.label for r in rs], [r.variance for r in rs], color=[color[r.label] for r in rs])
