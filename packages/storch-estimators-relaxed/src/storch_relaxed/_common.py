@@ -245,4 +245,5 @@ class VarianceTrained(Estimator):
         if not isinstance(var, torch.Tensor) or not var.requires_grad:
             return
         dphi = torch.autograd.grad(var, params, retain_graph=True, allow_unused=True)
+        # detach: the step's gradient is a number; the graph of this step must not be kept alive
         self._pending = (params, [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, dphi)])

@@ -99,16 +99,16 @@ def _cdf_term(d, x: torch.Tensor) -> torch.Tensor:
     """1[x < d] (P(x) - ⊥P(x)) / ⊥p(x) per dimension: only the CDF is differentiated."""
     if isinstance(d, Bernoulli):
         p = d.probs
-        # P(0) = 1 - p, P(1) = 1 (constant)
+        # P(0) = 1 - p, P(1) = 1 (constant); ⊥ on the pmf: D.2.6 differentiates the CDF only
         return torch.where(x < 0.5, -(p - p.detach()) / (1 - p.detach()), torch.zeros_like(p))
     if isinstance(d, Categorical):
         probs = d.probs.expand(x.shape + d.probs.shape[-1:])
         idx = x.unsqueeze(-1)
         P = probs.cumsum(-1).gather(-1, idx).squeeze(-1)
-        p = probs.gather(-1, idx).squeeze(-1).detach()
+        p = probs.gather(-1, idx).squeeze(-1).detach()  # ⊥p_j(x_j): a coefficient (D.2.6)
         inside = x < probs.shape[-1] - 1
         return torch.where(inside, (P - P.detach()) / p, torch.zeros_like(P))
     rate = d.rate
     P = torch.special.gammaincc(x + 1, rate)  # Poisson CDF P(X <= x) = Q(x + 1, λ)
-    p = d.log_prob(x).exp().detach()
+    p = d.log_prob(x).exp().detach()  # ⊥p(x): a coefficient (D.2.6)
     return (P - P.detach()) / p
