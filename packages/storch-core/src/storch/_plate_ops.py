@@ -330,6 +330,14 @@ def _iter(func, args, kwargs):
 
 @register(torch.broadcast_tensors)
 def _broadcast_tensors(func, args, kwargs):
+    # fast path (every distribution built from plate tensors calls this through broadcast_all):
+    # plate tensors that already share plates and raw shape broadcast to themselves
+    first = args[0] if args else None
+    if not kwargs and type(first) is _PT and all(
+        type(a) is _PT and (a._plates is first._plates or a._plates == first._plates)
+        and a._raw.shape == first._raw.shape for a in args
+    ):
+        return tuple(args)
     groups = scan(args, kwargs)
     plates = union_plates(groups)
     pad = max(_ndim(a) for a in args)
