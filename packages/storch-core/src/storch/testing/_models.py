@@ -91,13 +91,19 @@ _LOGITS5 = _t(0.2, -0.4, 0.9, 0.0, -1.1)
 _V5 = _t(1.0, -0.5, 2.0, 0.3, -1.2)
 
 
+def _index(x, k: int):
+    """The category index of a Categorical sample, also when an estimator hands out a one-hot
+    vector for it (relaxation-based estimators do, since an integer carries no gradient)."""
+    return x if x.shape == () else (x * torch.arange(k, dtype=_F64)).sum()
+
+
 def _categorical() -> Model:
     """One Categorical with K = 5; C = (x - 1.3)²."""
     offset = torch.tensor(1.3, dtype=_F64)
 
     def build(make: EstimatorFactory, theta: torch.Tensor) -> None:
         x = make("x")(Categorical(logits=theta))
-        add_cost((x - offset) ** 2)
+        add_cost((_index(x, 5) - offset) ** 2)
 
     def exact(theta: torch.Tensor) -> torch.Tensor:
         k = torch.arange(5, dtype=_F64)
@@ -137,7 +143,7 @@ class _Family:
         return self.kind(logits=s * _DIR3 + _OFF3)
 
     def feature(self, x):
-        return (x * torch.arange(3, dtype=_F64)).sum() if self.kind is OneHotCategorical else x
+        return x if self.kind is Bernoulli else _index(x, 3)
 
     def log_probs(self, s: torch.Tensor) -> torch.Tensor:
         """log p(v | s) for every support value v, as plain torch."""
