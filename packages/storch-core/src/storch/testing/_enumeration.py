@@ -102,7 +102,9 @@ def _run_model(model: Model, make: EstimatorFactory, orders: Sequence[int], n: i
             for m, d in enumerate(derivatives, start=1):
                 estimates[m] = d
     exact = exact_derivatives(model.exact, model.theta, top)
-    _without_plates(model, make, top)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _without_plates(model, make, top)
     return [z_test(estimates[m], exact[m], f"{model.name}, order {m}", threshold) for m in orders]
 
 
