@@ -191,12 +191,21 @@ def broadcast(func, args, kwargs):
         ta, tb = type(a), type(b)
         if ta is _PT:
             if tb is _PT:
-                if (a._plates is b._plates or a._plates == b._plates) and a._raw.dim() == b._raw.dim():
-                    return _PT._wrap(func(a._raw, b._raw), a._plates)
-            elif not isinstance(b, _T):
+                pa, pb = a._plates, b._plates
+                if (pa is pb or pa == pb) and a._raw.dim() == b._raw.dim():
+                    return _PT._wrap(func(a._raw, b._raw), pa)
+                plates = union_plates((pa, pb))
+                k = max(a._raw.dim() - len(pa), b._raw.dim() - len(pb))
+                return _PT._wrap(func(align(a._raw, pa, plates, k), align(b._raw, pb, plates, k)), plates)
+            if not isinstance(b, _T):
                 return wrap(func(a._raw, b), a._plates)
-        elif tb is _PT and not isinstance(a, _T):
-            return wrap(func(a, b._raw), b._plates)
+            pa = a._plates
+            return wrap(func(align(a._raw, pa, pa, b.dim()), b), pa)
+        if tb is _PT:
+            if not isinstance(a, _T):
+                return wrap(func(a, b._raw), b._plates)
+            pb = b._plates
+            return wrap(func(a, align(b._raw, pb, pb, a.dim())), pb)
     first = None
     same = True
     k0 = ks = plain = -1

@@ -368,9 +368,9 @@ def _elementwise_loss(func, args, kwargs):
     kwargs = {k: v for k, v in kwargs.items() if k not in ("size_average", "reduce")}
     plates = union_plates(scan(args, kwargs))
     pad = max(a._raw.dim() - len(a._plates) if type(a) is _PT else a.dim() for a in args[:2])
-    raws = [unwrap(a, plates, pad) for a in args[:2]]
-    shape = torch.broadcast_shapes(*[r.shape for r in raws])
-    raws = [r.expand(shape) for r in raws]
+    # these losses want equal shapes: broadcast both operands fully (views)
+    raws = torch.broadcast_tensors(*[unwrap(a, plates, pad) for a in args[:2]])
+    shape = raws[0].shape
     kw = {k: unwrap(v, plates, pad) for k, v in kwargs.items()}
     red = reduction
     if func is F.kl_div and reduction == "batchmean":

@@ -155,6 +155,27 @@ def union_plates(groups: Sequence[tuple[Plate, ...]]) -> tuple[Plate, ...]:
     return tuple(out)
 
 
+_PLANS: dict = {}
+
+
+def _plan(plates: tuple[Plate, ...], target: tuple[Plate, ...]):
+    """(permutation or None, positions of size-1 dims to insert), cached per pair of plate tuples."""
+    key = (plates, target)
+    plan = _PLANS.get(key)
+    if plan is None:
+        n = len(plates)
+        pos = {p.name: i for i, p in enumerate(plates)}
+        order = [pos[p.name] for p in target if p.name in pos]
+        if len(order) != n:
+            missing = set(_names(plates)) - set(_names(target))
+            raise PlateError(f"plates {sorted(missing)} are not among {_names(target)}")
+        inserts = tuple(i for i, p in enumerate(target) if p.name not in pos)
+        plan = (None if order == list(range(n)) else tuple(order), inserts)
+        if len(_PLANS) < 4096:
+            _PLANS[key] = plan
+    return plan
+
+
 def align(raw: torch.Tensor, plates: tuple[Plate, ...], target: tuple[Plate, ...], pad_to: int = -1) -> torch.Tensor:
     """View ``raw`` (leading dims ``plates``) with leading dims ``target`` (size 1 where missing).
 
@@ -162,23 +183,17 @@ def align(raw: torch.Tensor, plates: tuple[Plate, ...], target: tuple[Plate, ...
     left-padded with size-1 dims to that many dims (for broadcasting against other operands).
     Only views are taken: no copies.
     """
-    n = len(plates)
-    if plates != target:
-        pos = {p.name: i for i, p in enumerate(plates)}
-        order = [pos[p.name] for p in target if p.name in pos]
-        if len(order) != n:
-            missing = set(_names(plates)) - set(_names(target))
-            raise PlateError(f"plates {sorted(missing)} are not among {_names(target)}")
-        if order != list(range(n)):
-            raw = raw.permute(*order, *range(n, raw.dim()))
-        for i, p in enumerate(target):
-            if p.name not in pos:
-                raw = raw.unsqueeze(i)
+    if plates is not target and plates != target:
+        order, inserts = _plan(plates, target)
+        if order is not None:
+            raw = raw.permute(*order, *range(len(plates), raw.dim()))
+        for i in inserts:
+            raw = raw.unsqueeze(i)
     if pad_to >= 0:
-        k = raw.dim() - len(target)
+        m = len(target)
+        k = raw.dim() - m
         if k < pad_to:
-            m = len(target)
-            raw = raw.reshape(raw.shape[:m] + (1,) * (pad_to - k) + raw.shape[m:]) if raw.is_contiguous() else _unsqueeze_n(raw, m, pad_to - k)
+            raw = _unsqueeze_n(raw, m, pad_to - k)
     return raw
 
 
