@@ -11,7 +11,6 @@ supports (through its ``check_distribution``, i.e. its ``distributions``,
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
