@@ -1,0 +1,84 @@
+"""Loss functions on plate tensors: computed per sample, reduced over per-sample dims only.
+
+``F.mse_loss(x, y)`` in one-sample code means the mean over that sample's elements; on plate
+tensors the loss is evaluated with ``reduction="none"`` once for all samples and then reduced
+over the per-sample dims, so no reduction ever crosses a plate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._errors import PlateError
+from ._plate_ops import register, scan, unwrap, wrap
+from ._plate_shape_ops import _full
+from ._plates import PlateTensor, union_plates
+
+_PT = PlateTensor
+
+
+def _reduce(out, reduction, n, what):
+    if reduction == "none":
+        return out
+    flat = out.reshape(out.shape[:n] + (-1,))
+    if reduction == "sum":
+        return flat.sum(-1)
+    if reduction == "mean":
+        return flat.mean(-1)
+    raise PlateError(f"reduction={reduction!r} of {what} is not supported on plate tensors")
+
+
+def _elementwise_loss(func, args, kwargs):
+    reduction = kwargs.pop("reduction", "mean") if kwargs else "mean"
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("size_average", "reduce")}
+    plates = union_plates(scan(args, kwargs))
+    pad = max(a._raw.dim() - len(a._plates) if type(a) is _PT else a.dim() for a in args[:2])
+    # these losses want equal shapes: broadcast both operands fully (views)
+    raws = torch.broadcast_tensors(*[unwrap(a, plates, pad) for a in args[:2]])
+    shape = raws[0].shape
+    kw = {k: unwrap(v, plates, pad) for k, v in kwargs.items()}
+    red = reduction
+    if func is F.kl_div and reduction == "batchmean":
+        red = "sum"
+    out = func(*raws, *args[2:], reduction="none", **kw)
+    out = _reduce(out, red, len(plates), func.__name__)
+    if reduction == "batchmean":
+        out = out / (shape[len(plates)] if len(shape) > len(plates) else 1)
+    return wrap(out, plates)
+
+
+register(F.binary_cross_entropy, F.binary_cross_entropy_with_logits, F.mse_loss, F.l1_loss,
+         F.smooth_l1_loss, F.huber_loss, F.kl_div, F.poisson_nll_loss, F.soft_margin_loss)(
+    lambda func, args, kwargs: _elementwise_loss(func, args, dict(kwargs)))
+
+
+@register(F.cross_entropy, F.nll_loss)
+def _class_loss(func, args, kwargs):
+    kwargs = dict(kwargs)
+    inp, target = args[0], args[1]
+    weight = args[2] if len(args) > 2 else kwargs.pop("weight", None)
+    reduction = kwargs.pop("reduction", "mean")
+    ignore = kwargs.get("ignore_index", -100)
+    kwargs.pop("size_average", None)
+    kwargs.pop("reduce", None)
+    plates = union_plates(scan((inp, target), {}))
+    n = len(plates)
+    ri, rt = _full(inp, plates), _full(target, plates)
+    sizes = ri.shape[:n]
+    k = ri.dim() - n
+    probs = rt.dtype.is_floating_point
+    if k == 1:
+        out = func(ri.reshape(-1, ri.shape[-1]), rt.reshape((-1, ri.shape[-1]) if probs else (-1,)),
+                   weight, reduction="none", **kwargs).reshape(sizes)
+    else:
+        out = func(ri.reshape((-1,) + ri.shape[n + 1:]), rt.reshape((-1,) + rt.shape[n + 1:]),
+                   weight, reduction="none", **kwargs).reshape(sizes + (ri.shape[n],) + ri.shape[n + 2:])
+    if reduction == "mean" and not probs:
+        w = torch.ones_like(out) if weight is None else weight[rt.clamp(min=0)]
+        w = w * (rt != ignore)
+        out = out.reshape(sizes + (-1,)).sum(-1) / w.reshape(sizes + (-1,)).sum(-1)
+    else:
+        out = _reduce(out, reduction, n, func.__name__)
+    return wrap(out, plates)
+
