@@ -91,3 +91,15 @@ def test_batch_data_plate_and_n_samples_against_expected_estimate():
     exact_value = sum(value(theta + row) for row in shift) / len(shift)
     print(assert_unbiased(g, expected, "spsa E[ĝ], batch + data plate + n_samples").table())
     print(assert_unbiased(v, exact_value, "spsa forward value, batch + data plate").table())
+
+
+def test_spsa_with_no_trainable_parameters_samples_plainly():
+    """A node whose parameters need no gradient (a fixed prior) is sampled without perturbation."""
+    torch.manual_seed(3)
+    est = storch.estimator("spsa", plate="x", n_samples=4000)
+    with storch.Graph():
+        x = est(Normal(torch.zeros(3), 1.0))
+        storch.add_cost((x ** 2).sum())
+        value = storch.surrogate_loss()
+    # E = 3, Var of the 4000-sample mean of a chi^2_3 is 6 / 4000
+    assert abs(value.item() - 3.0) < 4 * (6 / 4000) ** 0.5

@@ -93,6 +93,12 @@ class Spsa(Estimator):
                 "vanish; use another estimator (e.g. score) for this node")
         free, fixed = _split_parameters(base)
         n, c, npar = self.n_samples, self.perturbation, len(node.parents)
+        if not free:
+            # no parameter requires grad (e.g. a fixed prior): nothing to perturb, plain sampling
+            x = d.sample((n,))
+            node.context["weights"] = torch.full((n,), 1.0 / n, dtype=torch.get_default_dtype())
+            node.context["gradient"] = torch.zeros((n,), dtype=torch.get_default_dtype())
+            return x
         u = {k: transform_to(base.arg_constraints[k]).inv(v) for k, v in free.items()}  # with grad
         eps = {k: torch.randint(0, 2, (n,) + v.shape, device=v.device).to(v.dtype) * 2 - 1 for k, v in u.items()}
 
