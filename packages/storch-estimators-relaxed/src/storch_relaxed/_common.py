@@ -214,6 +214,14 @@ class VarianceTrained(Estimator):
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._pending: Optional[list] = None
 
+    def _init_network(self, network: Optional[Callable], hidden: int) -> None:
+        """The learned control variate c_φ: the user's network or a default MLP (LAX, RELAX)."""
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise OptionError(f"{self.name}: hidden must be an int >= 1, got {hidden!r}")
+        if network is not None and not callable(network):
+            raise OptionError(f"{self.name}: network must be a torch.nn.Module (or callable), got {network!r}")
+        self.network = network if network is not None else ControlVariateNet(hidden)
+
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

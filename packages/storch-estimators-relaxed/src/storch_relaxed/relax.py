@@ -7,9 +7,9 @@ from typing import Callable, Optional
 import torch
 from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 
-from storch import CostFrame, Node, OptionError, magic_box
+from storch import CostFrame, Node, magic_box
 
-from ._common import (ControlVariateNet, VarianceTrained, base_of, discrete_with_relaxation, evaluate_network,
+from ._common import (VarianceTrained, base_of, discrete_with_relaxation, evaluate_network,
                       param_tensors)
 
 __all__ = ["Relax"]
@@ -68,11 +68,7 @@ class Relax(VarianceTrained):
     def __init__(self, plate: str, n_samples: int = 1, network: Optional[Callable] = None, hidden: int = 32,
                  lr: float = 1e-2, update: bool = True) -> None:
         super().__init__(plate, n_samples)
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise OptionError(f"{self.name}: hidden must be an int >= 1, got {hidden!r}")
-        if network is not None and not callable(network):
-            raise OptionError(f"{self.name}: network must be a torch.nn.Module (or callable), got {network!r}")
-        self.network = network if network is not None else ControlVariateNet(hidden)
+        self._init_network(network, hidden)
         self._init_training(lr, update)
 
     def proposal(self, node: Node) -> torch.Tensor:
