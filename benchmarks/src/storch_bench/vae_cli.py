@@ -71,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {r.model} {r.label}: {r.note}")
     if skipped:
         print("\nDid not take part:\n" + notes)
+    if not results:
+        print("\nNo installed estimator could train these models. Install an estimator family, e.g. "
+              "`pip install storch-estimators-score storch-estimators-relaxed storch-estimators-mvd`, "
+              "or name your own with --estimators.")
     print(f"\n{setup}.\nWrote {out / 'vae.md'}, {out / 'vae.csv'}, {out / 'vae_cost.csv'}, "
           f"{out / 'vae_curves.csv'}" + (f", {out / 'vae.png'}" if results else ""))
     return 0
