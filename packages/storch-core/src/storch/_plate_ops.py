@@ -169,11 +169,23 @@ def _default(func, args, kwargs):
     """Functions that act on trailing dims (elementwise, softmax(dim=-1), linear, ...)."""
     ks = set()
     plain = 0
+    first = None
+    same = True
     for a in _operands(args, kwargs):
         if type(a) is _PT:
             ks.add(a._raw.dim() - len(a._plates))
+            if first is None:
+                first = a._plates
+            elif a._plates is not first and a._plates != first:
+                same = False
         elif isinstance(a, _T):
             plain = max(plain, a.dim())
+    if same and len(ks) == 1 and plain <= min(ks) and not _is_inplace(func):
+        # fast path (linear, binary_cross_entropy_with_logits, ...): one set of plates and one
+        # per-sample rank among the operands, so the raw tensors line up without any view
+        out = func(*[a._raw if type(a) is _PT else unwrap(a, first) for a in args],
+                   **{k: (v._raw if type(v) is _PT else unwrap(v, first)) for k, v in kwargs.items()})
+        return wrap(out, first)
     if len(ks) > 1 or (ks and plain > min(ks)):
         raise PlateError(
             f"storch does not know how {getattr(func, '__qualname__', func)} broadcasts, and its "
@@ -222,7 +234,7 @@ def broadcast(func, args, kwargs):
     if same and plain <= k0 and not _is_inplace(func):
         # fast path: one set of plates and one per-sample rank: no views needed
         out = func(*[a._raw if type(a) is _PT else a for a in args],
-                   **{k: (v._raw if type(v) is _PT else v) for k, v in kwargs.items()})
+                   **{k: (v._raw if type(v) is _PT else unwrap(v, first)) for k, v in kwargs.items()})
         return wrap(out, first)
     return _call(func, args, kwargs, max(ks, plain))
 
