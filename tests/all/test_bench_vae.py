@@ -84,3 +84,30 @@ def test_spec_parsing():
         Spec("score", 2, (("baseline", "leave_one_out"), ("decay", 0.9))), Spec("score", 1)]
     with pytest.raises(ValueError, match="option=value"):
         parse_spec("score[baseline]@2")
+
+
+class Exploding(LocalScore):
+    """An estimator whose gradients are NaN: the run must end as 'diverged', the others go on."""
+
+    name = "exploding"
+
+    def gradient_function(self, node):
+        return node.log_prob(node.sample) * float("nan")
+
+
+class Broken(LocalScore):
+    name = "broken"
+
+    def proposal(self, node):
+        raise RuntimeError("boom")
+
+
+def test_diverging_and_broken_estimators_are_reported():
+    cfg = VAEConfig([Spec("exploding", 1, cls=Exploding), Spec("broken", 1, cls=Broken),
+                     Spec("local_score", 1, cls=LocalScore)], models=("bernoulli",), epochs=2, max_train=50,
+                    variance_reps=2, checkpoints=2, measure_memory=False)
+    results, skipped = run_vae(cfg, progress=False)
+    notes = {r.label: r.note for r in results}
+    assert notes["exploding@1"].startswith("diverged"), notes
+    assert notes["broken@1"] == "error: RuntimeError: boom"
+    assert notes["local_score@1"] == ""

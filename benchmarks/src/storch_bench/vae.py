@@ -181,6 +181,12 @@ def _train_one(cfg: VAEConfig, model: str, spec: Spec, cls: type, train: torch.T
     except FloatingPointError as e:
         res.note = f"diverged: {e}"
         tick(cfg.epochs - len(res.valid_curve) + 1)
+    except Exception as e:  # noqa: BLE001 - one broken estimator must not end the comparison
+        if not all(torch.isfinite(p).all() for p in vae.parameters()):
+            res.note = f"diverged: the model's parameters became non-finite in epoch {len(res.valid_curve)}"
+        else:
+            res.note = f"error: {type(e).__name__}: {e}"
+        tick(cfg.epochs - len(res.valid_curve) + 1)
     warm = step_times[3:] or step_times
     res.step_ms = 1e3 * sum(warm) / max(len(warm), 1)
     if cfg.measure_memory and not res.note:

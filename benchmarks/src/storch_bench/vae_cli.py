@@ -77,4 +77,7 @@ def run(args: argparse.Namespace) -> int:
               "or name your own with --estimators.")
     print(f"\n{setup}.\nWrote {out / 'vae.md'}, {out / 'vae.csv'}, {out / 'vae_cost.csv'}, "
           f"{out / 'vae_curves.csv'}" + (f", {out / 'vae.png'}" if results else ""))
-    return 0
+    errors = [r for r in results if r.note.startswith("error")]
+    if errors:
+        print(f"\n{len(errors)} estimator(s) failed with an error (see the notes above)")
+    return 1 if errors else 0
