@@ -194,7 +194,7 @@ def _train_one(cfg: VAEConfig, model: str, spec: Spec, cls: type, train: torch.T
     return res
 
 
-def run_vae(cfg: VAEConfig, progress: bool = True, log: Callable[[str], None] = print) -> tuple[list[RunResult], list[tuple[str, str, str]]]:
+def run_vae(cfg: VAEConfig, progress: bool = True) -> tuple[list[RunResult], list[tuple[str, str, str]]]:
     """Run the comparison.
 
     Returns:
