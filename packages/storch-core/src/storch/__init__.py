@@ -17,6 +17,7 @@ from ._errors import (
 from ._estimator import CostFrame, Estimator, magic_box
 from ._graph import Graph, Node, add_cost, current_graph, denote_independent, reset
 from ._plates import Plate, PlateTensor
+from . import _plate_ops  # noqa: F401  (torch functions on plate tensors)
 from ._registry import (
     EstimatorInfo,
     available_estimators,

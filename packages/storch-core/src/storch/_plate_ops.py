@@ -35,19 +35,8 @@ def register(*funcs):
 
 
 def dispatch(func, args, kwargs):
-    handler = HANDLERS.get(func)
-    if handler is not None:
-        return handler(func, args, kwargs)
-    if not kwargs and len(args) == 1 and type(args[0]) is _PT:
-        # fast path: a function of one plate tensor acting on trailing dims (sigmoid, relu, ...)
-        x = args[0]
-        out = func(x._raw)
-        if _is_inplace(func):
-            return x
-        if type(out) is _T:
-            return _PT._wrap(out, x._plates)
-        return wrap(out, x._plates)
-    return _default(func, args, kwargs)
+    """Run torch function ``func`` on arguments that include plate tensors."""
+    return _torch_function(PlateTensor, func, (), args, kwargs)
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -368,6 +357,26 @@ def _broadcast_tensors(func, args, kwargs):
 
 
 from . import _plate_shape_ops  # noqa: E402,F401  (registers the dim-aware handlers)
-from . import _plates as _plates_module  # noqa: E402
 
-_plates_module._dispatch = dispatch  # bind the dispatcher once (no import per torch call)
+
+def _torch_function(cls, func, types, args=(), kwargs=None):
+    # PlateTensor.__torch_function__, the dispatcher: a registered handler if there is one;
+    # otherwise the most common case (one plate tensor through a function acting on trailing
+    # dims: sigmoid, tanh, exp, ...) runs inline, and the rest goes to _default
+    handler = HANDLERS.get(func)
+    if handler is not None:
+        return handler(func, args, kwargs or {})
+    if not kwargs and len(args) == 1 and type(args[0]) is _PT:
+        x = args[0]
+        out = func(x._raw)
+        if _is_inplace(func):
+            return x
+        if type(out) is _T:
+            return _PT._wrap(out, x._plates)
+        return wrap(out, x._plates)
+    return _default(func, args, kwargs or {})
+
+
+# bound here, once, rather than looked up on every torch call (our own class: nothing in torch
+# is patched)
+PlateTensor.__torch_function__ = classmethod(_torch_function)

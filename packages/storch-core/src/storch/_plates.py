@@ -34,6 +34,9 @@ class Plate(NamedTuple):
     independent: bool = False
 
 
+_make_wrapper = torch.Tensor._make_wrapper_subclass
+
+
 class PlateTensor(torch.Tensor):
     """A tensor that represents one sample of a value drawn over one or more plates.
 
@@ -66,13 +69,7 @@ class PlateTensor(torch.Tensor):
     @classmethod
     def _wrap(cls, tensor: torch.Tensor, plates: tuple[Plate, ...]) -> "PlateTensor":
         # Unchecked constructor used on the hot path: `plates` matches tensor's leading dims.
-        r = torch.Tensor._make_wrapper_subclass(
-            cls,
-            tensor.shape[len(plates):],
-            dtype=tensor.dtype,
-            device=tensor.device,
-            requires_grad=False,
-        )
+        r = _make_wrapper(cls, tensor.shape[len(plates):], dtype=tensor.dtype, device=tensor.device)
         r._raw = tensor
         r._plates = plates
         return r
@@ -114,7 +111,8 @@ class PlateTensor(torch.Tensor):
         )
 
 
-def _dispatch(func, args, kwargs):  # replaced by _plate_ops.dispatch when storch is imported
+def _dispatch(func, args, kwargs):
+    # importing storch._plate_ops replaces PlateTensor.__torch_function__ with its dispatcher
     from ._plate_ops import dispatch
 
     return dispatch(func, args, kwargs)
