@@ -19,7 +19,7 @@ def test_toy_smoke(tmp_path):
     by = {(r["problem"], r["estimator"]): r for r in rows}
     assert {p for p, _ in by} == {"rebar t=0.45", "rebar t=0.499", "categorical K=10"}
     exact = by[("rebar t=0.45", "expect@1")]
-    assert float(exact["max |bias|"]) < 1e-12 and float(exact["variance"]) < 1e-20
+    assert float(exact["max abs bias"]) < 1e-12 and float(exact["variance"]) < 1e-20
     assert float(by[("categorical K=10", "score@1")]["variance"]) > 0
     assert (out / "toy.md").read_text().count("|") > 20
 

@@ -170,7 +170,7 @@ def run_toy(cfg: ToyConfig, progress: bool = True) -> tuple[list[ToyRow], list[t
     return rows, skipped
 
 
-HEADER = ["problem", "estimator", "biased", "max |bias|", "max z", "variance", "rel. std", "us/estimate"]
+HEADER = ["problem", "estimator", "biased", "max abs bias", "max z", "variance", "rel. std", "us/estimate"]
 
 
 def run_cli(args: argparse.Namespace) -> int:
