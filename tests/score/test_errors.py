@@ -72,7 +72,8 @@ def test_continuous_distribution_is_refused(name, options):
 
 
 def test_joint_support_over_budget():
-    est = storch.estimator("unordered_set", plate="z", n_samples=2, budget=100)
+    # sum_and_sample lists the joint support (unordered_set switches to stochastic beam search)
+    est = storch.estimator("sum_and_sample", plate="z", n_samples=2, budget=100)
     with storch.Graph():
         with pytest.raises(storch.UnsupportedDistributionError, match=r"2\^7 = 128 joint values.*budget=100"):
             est(Bernoulli(logits=torch.zeros(7)))

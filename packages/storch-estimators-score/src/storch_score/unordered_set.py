@@ -10,6 +10,7 @@ import torch
 
 from storch import CostFrame, Estimator, Node, OptionError
 
+from ._beam import stochastic_beam_search
 from ._support import enumerate_joint, masked_logsumexp
 
 __all__ = ["UnorderedSet"]
@@ -36,7 +37,10 @@ class UnorderedSet(Estimator):
     k = K (every value drawn: the estimate becomes the exact expectation) give no NaN.
 
     Requires: a distribution with a finite support (Bernoulli, Categorical, OneHotCategorical, ...);
-    the node's joint support (K^n values) is enumerated, up to ``budget``; k <= 16.
+    k <= 16. A joint support of at most ``budget`` values (K^n for n batch elements) is enumerated;
+    a larger one (e.g. 20 Bernoulli latents of a VAE) is sampled by stochastic beam search over
+    the n independent variables (Kool et al., 2019), which draws the same Gumbel-top-k sample
+    without listing the K^n values.
 
     max_order: 1 with the baseline (Kool et al. prove it zero-mean at orders 0 and 1 only; paper,
     D.2.3); ∞ without it, since the weights are detached and E[Σ w f] = E[f] (D.2.3).
@@ -45,7 +49,7 @@ class UnorderedSet(Estimator):
         plate: name of the node's plate (its size is min(k, number of joint values)).
         n_samples: k, the number of distinct samples.
         baseline: use the built-in baseline (needs n_samples >= 2).
-        budget: the largest joint support that is enumerated.
+        budget: the largest joint support that is enumerated (beyond it: stochastic beam search).
 
     Example:
         >>> est = storch.estimator("unordered_set", plate="z", n_samples=4)
@@ -78,23 +82,32 @@ class UnorderedSet(Estimator):
             self.max_order = math.inf  # detached weights, no baseline: any order (D.2.3)
 
     def proposal(self, node: Node) -> torch.Tensor:
-        values, logp = enumerate_joint(node, self.budget, self.name)  # (M, *own, *event), (M, *parents)
-        k = min(self.n_samples, values.shape[0])
-        # Gumbel-top-k: the k largest of log p + Gumbel noise are an ordered sample without replacement;
-        # detach: sampling is not differentiated (the score l carries the gradient)
-        gumbel = -torch.empty_like(logp, dtype=logp.dtype).exponential_().log()
-        idx = (logp.detach() + gumbel).topk(k, dim=0).indices  # (k, *parents)
-        node.context.update(logp=logp, idx=idx)
-        return values[idx]
+        d = node.distribution
+        n_values = d.enumerate_support(expand=False).shape[0] ** math.prod(d.batch_shape[len(node.parents):])
+        if n_values <= self.budget:
+            values, logp = enumerate_joint(node, self.budget, self.name)  # (M, *own, *event), (M, *parents)
+            k = min(self.n_samples, values.shape[0])
+            # Gumbel-top-k: the k largest of log p + Gumbel noise are an ordered sample without
+            # replacement; detach: sampling is not differentiated (the score l carries the gradient)
+            gumbel = -torch.empty_like(logp, dtype=logp.dtype).exponential_().log()
+            idx = (logp.detach() + gumbel).topk(k, dim=0).indices  # (k, *parents)
+            with torch.no_grad():
+                mask = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter(0, idx, True)
+                log_rest, _ = masked_logsumexp(logp.detach(), mask, 0)  # log(1 - p(S)), exact
+            node.context.update(lp=logp.gather(0, idx), log_rest=log_rest)
+            return values[idx]
+        # too many joint values to list: the same Gumbel-top-k sample by stochastic beam search
+        values, lp = stochastic_beam_search(node, self.n_samples)
+        with torch.no_grad():
+            log_rest = _log1mexp(torch.logsumexp(lp.detach(), 0))  # log(1 - p(S))
+        node.context.update(lp=lp, log_rest=log_rest)
+        return values
 
     def _set_probabilities(self, node: Node) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         c = node.context
         if "h" not in c:
             with torch.no_grad():  # weights and baseline are detached (⊥ in D.2.3)
-                logp, idx = c["logp"].detach(), c["idx"]
-                lp = logp.gather(0, idx)
-                mask = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter(0, idx, True)
-                log_rest, _ = masked_logsumexp(logp, mask, 0)  # log(1 - p(S)), stable
+                lp, log_rest = c["lp"].detach(), c["log_rest"]
                 floor = -1e30  # log of a probability that is exactly 0: finite, so no inf - inf
                 lp = lp.clamp_min(floor)
                 k = lp.shape[0]
@@ -110,7 +123,7 @@ class UnorderedSet(Estimator):
         return (lp + h1 - h0).exp()
 
     def gradient_function(self, node: Node) -> torch.Tensor:
-        lp = node.context["logp"].gather(0, node.context["idx"])
+        lp = node.context["lp"]
         # a value of probability exactly 0 (weight 0) gets l = 0 instead of -inf: no NaN in MagicBox
         return torch.where(torch.isfinite(lp), lp, torch.zeros_like(lp))
 
@@ -128,6 +141,12 @@ class UnorderedSet(Estimator):
             f = f.expand(f.shape[:d] + (k,) + f.shape[d + 1:])
         a = cost.align(coef.movedim(1, -1))  # (frame..., k): s on the node's plate, s' last
         return (a * f.movedim(d, -1).unsqueeze(d)).sum(-1)  # b(s) = Σ_s' A[s, s'] f(s')
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable at both ends (Mächler, 2012)."""
+    x = x.clamp_max(0.0)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 @functools.lru_cache(maxsize=None)

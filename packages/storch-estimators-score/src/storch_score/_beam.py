@@ -1,0 +1,77 @@
+"""Stochastic beam search: Gumbel-top-k over a joint support too large to enumerate.
+
+For a node whose n batch elements are independent finite variables (K values each), the K^n
+joint values are never listed: the ordered sample without replacement of size k is drawn
+variable by variable with the top-down truncated Gumbels of Kool et al. (2019), which gives
+exactly the distribution of Gumbel-top-k over the joint (their Theorem 1), in O(n k K).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from storch import Node
+
+__all__ = ["stochastic_beam_search"]
+
+
+def _gumbel_like(x: torch.Tensor) -> torch.Tensor:
+    return -torch.empty_like(x).exponential_().log()
+
+
+def _truncated(phi_g: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Gumbels ``phi_g`` (last dim: siblings) conditioned on their maximum being ``bound``.
+
+    G̃ = -log(exp(-T) - exp(-Z) + exp(-G)) with Z = max G, in the stable form of Kool et al.
+    (2019), appendix B: v = T - G + log(1 - exp(G - Z)), G̃ = T - max(v, 0) - log1p(exp(-|v|)).
+    """
+    z = phi_g.max(-1, keepdim=True).values
+    t = bound.unsqueeze(-1)
+    # log(1 - exp(G - Z)) with G - Z <= 0; -inf where G = Z (then v = -inf and G̃ = T)
+    diff = (phi_g - z).clamp_max(0.0)
+    log1mexp = torch.where(diff > -math.log(2.0), torch.log(-torch.expm1(diff)), torch.log1p(-torch.exp(diff)))
+    v = t - phi_g + log1mexp
+    return t - v.clamp_min(0.0) - torch.log1p(torch.exp(-v.abs()))
+
+
+def stochastic_beam_search(node: Node, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An ordered sample without replacement of ``k`` joint values of the node.
+
+    Returns:
+        ``(values, logp)``: ``values`` of shape ``(k, *parents, *own_batch, *event)`` and the joint
+        log-probabilities ``logp`` of shape ``(k, *parents)``, carrying gradient.
+    """
+    d = node.distribution
+    support = d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
+    n_cat = support.shape[0]
+    event = tuple(d.event_shape)
+    parents = tuple(d.batch_shape[:len(node.parents)])
+    own = tuple(d.batch_shape[len(node.parents):])
+    n = math.prod(own)
+    p = math.prod(parents)
+    # log p of every value of every variable: (K, P, n), with gradient
+    lp = d.log_prob(support.expand((n_cat,) + tuple(d.batch_shape) + event)).reshape(n_cat, p, n)
+    with torch.no_grad():  # sampling is not differentiated
+        lpd = lp.detach()
+        phi = lpd.new_zeros(1, p)  # log-probabilities of the beam's prefixes, (beam, P)
+        g = _gumbel_like(phi)  # their perturbed values: G_root ~ Gumbel(0)
+        choices = torch.empty(1, p, 0, dtype=torch.long, device=lp.device)  # (beam, P, j)
+        for j in range(n):
+            cand_phi = phi.unsqueeze(-1) + lpd[:, :, j].t().unsqueeze(0)  # (beam, P, K)
+            cand_g = _truncated(cand_phi + _gumbel_like(cand_phi), g)
+            beam = phi.shape[0]
+            flat_g = cand_g.permute(1, 0, 2).reshape(p, beam * n_cat)  # (P, beam*K)
+            m = min(k, beam * n_cat)
+            top = flat_g.topk(m, dim=1)  # sorted: the order of the sample
+            parent, value = top.indices // n_cat, top.indices % n_cat  # (P, m)
+            g = top.values.t()  # (m, P)
+            phi = cand_phi.permute(1, 0, 2).reshape(p, beam * n_cat).gather(1, top.indices).t()
+            prev = choices.permute(1, 0, 2).gather(1, parent.unsqueeze(-1).expand(p, m, j))  # (P, m, j)
+            choices = torch.cat([prev, value.unsqueeze(-1)], -1).permute(1, 0, 2)  # (m, P, j + 1)
+    m = choices.shape[0]
+    # joint log-probability of each drawn value, with gradient: Σ_j log p_j(choice_j)
+    logp = lp.unsqueeze(0).expand(m, n_cat, p, n).gather(1, choices.unsqueeze(1)).squeeze(1).sum(-1)
+    values = support.reshape((n_cat,) + event)[choices]  # (m, P, n, *event)
+    return values.reshape((m,) + parents + own + event), logp.reshape((m,) + parents)
