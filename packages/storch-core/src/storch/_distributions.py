@@ -21,18 +21,17 @@ _PAIRS = (("logits", "probs"),)
 
 
 def _parameters(d: Distribution) -> dict:
-    params = {}
-    for name in d.arg_constraints:
+    def available(name: str) -> bool:
         if name in d.__dict__:
-            params[name] = d.__dict__[name]
-        else:
-            attr = getattr(type(d), name, None)
-            if isinstance(attr, property) and not isinstance(attr, lazy_property):
-                params[name] = getattr(d, name)
+            return True
+        attr = getattr(type(d), name, None)
+        return isinstance(attr, property) and not isinstance(attr, lazy_property)
+
+    names = [n for n in d.arg_constraints if available(n)]
     for keep, drop in _PAIRS:
-        if keep in params and drop in params:
-            del params[drop]
-    return params
+        if keep in names and drop in names:
+            names.remove(drop)  # one form is enough: never compute the other (e.g. a softmax)
+    return {n: d.__dict__[n] if n in d.__dict__ else getattr(d, n) for n in names}
 
 
 def unwrap_distribution(d: Distribution) -> tuple[Distribution, tuple[Plate, ...]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -63,8 +64,7 @@ class Expect(Estimator):
                 f"budget of {self.budget}; raise `budget`, split the node into several nodes, or use a "
                 "sampling estimator"
             )
-        idx = torch.tensor(list(itertools.product(range(k), repeat=n)), dtype=torch.long).reshape(k ** n, n)
-        joint = values[idx].reshape((k ** n,) + own + tuple(d.event_shape))
+        joint = values[_joint_indices(k, n, values.device)].reshape((k ** n,) + own + tuple(d.event_shape))
         lead = (k ** n,) + (1,) * len(node.parents)
         joint = joint.reshape(lead + joint.shape[1:])
         return joint.expand((k ** n,) + tuple(d.batch_shape) + tuple(d.event_shape))
@@ -75,3 +75,10 @@ class Expect(Estimator):
 
     def gradient_function(self, node: Node) -> torch.Tensor:
         return torch.zeros((1,), dtype=_float_dtype(node))
+
+
+@functools.lru_cache(maxsize=64)
+def _joint_indices(k: int, n: int, device: torch.device) -> torch.Tensor:
+    """All k^n joint values of n variables with k values each, as indices, shape (k^n, n)."""
+    return torch.tensor(list(itertools.product(range(k), repeat=n)), dtype=torch.long,
+                        device=device).reshape(k ** n, n)
