@@ -170,7 +170,8 @@ def get_estimator_class(name: str) -> type:
         return cls
     known = sorted(set(reg.classes) | set(reg.aliases))
     msg = f"no estimator named {name!r} is installed."
-    close = difflib.get_close_matches(name, known + list(FIRST_PARTY), n=3, cutoff=0.6)
+    candidates = [k for k in dict.fromkeys(known + list(FIRST_PARTY)) if k != name]
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
     if close:
         msg += f" Did you mean {' or '.join(repr(c) for c in close)}?"
     dist = FIRST_PARTY.get(name)
