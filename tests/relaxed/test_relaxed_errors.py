@@ -132,3 +132,20 @@ def test_trainable_parts_are_parameters_and_get_trained():
         assert any(not torch.equal(a, b) for a, b in zip(start[key], est.parameters())), key
     assert all(torch.equal(a, b) for a, b in zip(start["frozen"], frozen.parameters()))
     assert rebar.update_steps == relax.update_steps == 3 and frozen.update_steps == 0
+
+
+def test_go_gradient_is_finite_at_saturated_logits():
+    """float32 sigmoid(30) == 1: the branch of torch.where GO does not select must not send NaN."""
+    import torch
+    from torch.distributions import Bernoulli
+
+    import storch
+
+    torch.manual_seed(0)
+    theta = torch.tensor([30.0, -30.0, 0.0], dtype=torch.float32, requires_grad=True)
+    est = storch.estimator("go", plate="b", n_samples=16)
+    with storch.Graph():
+        b = est(Bernoulli(logits=theta))
+        storch.add_cost(((b - 0.45) ** 2).sum())
+        g, = torch.autograd.grad(storch.surrogate_loss(), theta)
+    assert torch.isfinite(g).all(), g

@@ -99,8 +99,12 @@ def _cdf_term(d, x: torch.Tensor) -> torch.Tensor:
     """1[x < d] (P(x) - ⊥P(x)) / ⊥p(x) per dimension: only the CDF is differentiated."""
     if isinstance(d, Bernoulli):
         p = d.probs
-        # P(0) = 1 - p, P(1) = 1 (constant); ⊥ on the pmf: D.2.6 differentiates the CDF only
-        return torch.where(x < 0.5, -(p - p.detach()) / (1 - p.detach()), torch.zeros_like(p))
+        # P(0) = 1 - p, P(1) = 1 (constant); ⊥ on the pmf: D.2.6 differentiates the CDF only.
+        # 1 - p from the logits (exact near p = 1), and 1 where x = 1: torch.where would otherwise
+        # send 0 · (1 / 0) = NaN into the gradient from the branch it does not select
+        below = x < 0.5
+        q = torch.sigmoid(-d.logits).detach().expand_as(p)
+        return torch.where(below, -(p - p.detach()) / torch.where(below, q, torch.ones_like(q)), torch.zeros_like(p))
     if isinstance(d, Categorical):
         probs = d.probs.expand(x.shape + d.probs.shape[-1:])
         idx = x.unsqueeze(-1)
