@@ -10,7 +10,9 @@ Creates ./.venv with tox on first use; tox builds one environment per install se
 import os
 import subprocess
 import sys
+import time
 import venv
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -37,10 +39,26 @@ def main(argv: list[str]) -> int:
         return 2
     py = ensure_tox()
     if argv[0] == "demo":
-        cmd = [str(py), "-m", "tox", "-e", "demo", "--", *argv[1:]]
-    else:
-        cmd = [str(py), "-m", "tox", "-p", "auto", "--parallel-no-spinner", *argv[1:]]
-    return subprocess.call(cmd, cwd=ROOT)
+        return subprocess.call([str(py), "-m", "tox", "-e", "demo", "--", *argv[1:]], cwd=ROOT)
+    started = time.time()
+    cmd = [str(py), "-m", "tox", "-p", "auto", "--parallel-live", *argv[1:]]
+    code = subprocess.call(cmd, cwd=ROOT)
+    print(summary(started))
+    return code
+
+
+def summary(since: float) -> str:
+    """Totals over the JUnit reports the tox environments wrote during this run."""
+    totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    for report in (ROOT / ".tox").glob("*/tmp/junit.xml"):
+        if report.stat().st_mtime < since:
+            continue  # an environment that did not run this time
+        for suite in ET.parse(report).getroot().iter("testsuite"):
+            for key in totals:
+                totals[key] += int(suite.get(key, 0))
+    failed = totals["failures"] + totals["errors"]
+    passed = totals["tests"] - failed - totals["skipped"]
+    return f"{passed} passed, {failed} failed, {totals['skipped']} skipped"
 
 
 if __name__ == "__main__":
