@@ -11,6 +11,8 @@ parameter (Categorical's logits have K components, one pair per category).
 
 from __future__ import annotations
 
+import abc
+
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -35,7 +37,7 @@ class Part(NamedTuple):
     minus: torch.Tensor
 
 
-class WeakDerivative:
+class WeakDerivative(abc.ABC):
     """Base class of a family's decomposition (one module per family in this package).
 
     Subclasses list the torch distribution types they handle in ``families`` and implement
@@ -44,6 +46,7 @@ class WeakDerivative:
 
     families: ClassVar[tuple[type, ...]] = ()
 
+    @abc.abstractmethod
     def parts(self, d: Distribution, n: int, coupled: bool) -> list[Part]:
         """The weak derivative of every parameter of ``d``, with ``n`` draws of p⁺ and p⁻.
 
@@ -52,8 +55,8 @@ class WeakDerivative:
             n: number of independent draws.
             coupled: draw p⁺ and p⁻ with common random numbers where the family allows it.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def ratio_sum(self, d: Distribution, y: torch.Tensor) -> torch.Tensor:
         """Σ over all parameters, components and signs of q(y) / p(y), elementwise.
 
@@ -61,7 +64,6 @@ class WeakDerivative:
         shape ``(..., *batch, *event)`` and the result ``(..., *batch)``. This is the
         denominator of the balance-heuristic importance weights (see ``mvd.py``).
         """
-        raise NotImplementedError
 
 
 def new(like: torch.Tensor, shape) -> torch.Tensor:
