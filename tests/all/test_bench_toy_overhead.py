@@ -5,7 +5,6 @@ import math
 
 import torch
 
-from storch_bench import Spec, ToyConfig, run_toy
 from storch_bench.cli import main
 from storch_bench.handwritten import gumbel_topk_bernoulli, unordered_set_surrogate
 from storch_bench.overhead import measure

@@ -1,6 +1,5 @@
 """mvd on the Normal: unbiased first derivatives in the mean and the scale (closed forms)."""
 
-import math
 
 import pytest
 import torch

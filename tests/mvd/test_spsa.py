@@ -9,7 +9,7 @@ from torch.distributions import Bernoulli, Normal
 import storch
 from storch.testing import assert_unbiased
 
-from _helpers import estimates, exact_grad
+from _helpers import estimates
 
 MU, SIGMA = 0.5, 0.1
 

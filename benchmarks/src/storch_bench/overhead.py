@@ -21,7 +21,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch.distributions import Bernoulli, RelaxedBernoulli

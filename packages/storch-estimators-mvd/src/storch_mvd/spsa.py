@@ -92,7 +92,7 @@ class Spsa(Estimator):
                 "perturbed distributions put mass where p has none and the importance weights of appendix D.3 "
                 "vanish; use another estimator (e.g. score) for this node")
         free, fixed = _split_parameters(base)
-        n, c, npar = self.n_samples, self.perturbation, len(node.parents)
+        n, c = self.n_samples, self.perturbation
         if not free:
             # no parameter requires grad (e.g. a fixed prior): nothing to perturb, plain sampling
             x = d.sample((n,))

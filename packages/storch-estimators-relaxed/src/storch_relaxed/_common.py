@@ -13,7 +13,7 @@ import math
 from typing import Callable, Optional, Union
 
 import torch
-from torch.distributions import Bernoulli, Categorical, Distribution, Independent, OneHotCategorical
+from torch.distributions import Bernoulli, Distribution, Independent, OneHotCategorical
 
 from storch import CostFrame, Estimator, Node, OptionError, StorchError
 
