@@ -102,3 +102,16 @@ def test_exponential(coupled):
     value, grad = exact_grad(lambda t: 2 / t[0] ** 2, theta)
     print(assert_unbiased(g, grad, f"mvd Exponential x^2 grad, coupled={coupled}").table())
     print(assert_unbiased(v, value, "mvd Exponential forward value").table())
+
+
+def test_mvd_gradient_is_finite_at_saturated_categorical_logits():
+    """float32 softmax([100, 0, 0]) puts probability exactly 1 on category 0: the weights of the
+    other categories' points underflow, and 0 · ∞ must not become a NaN gradient."""
+    torch.manual_seed(0)
+    logits = torch.tensor([[100.0, 0.0, 0.0], [0.0, -100.0, 1.0]], requires_grad=True)
+    est = storch.estimator("mvd", plate="z")
+    with storch.Graph():
+        z = est(torch.distributions.OneHotCategorical(logits=logits))
+        storch.add_cost((z * torch.tensor([1.0, 2.0, 3.0])).sum())
+        g, = torch.autograd.grad(storch.surrogate_loss(), logits)
+    assert torch.isfinite(g).all(), g

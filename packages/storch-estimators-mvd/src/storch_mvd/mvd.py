@@ -102,7 +102,11 @@ class Mvd(Estimator):
             c = part.c.reshape((k,) + parents + (e,)).movedim(-1, 1).unsqueeze(0).unsqueeze(2)
             # appendix D.4: l = ±θ ⊥(c / (n w)), so w ∇l = ±c ∇θ / n (the weight cancels);
             # detach: only θ carries gradient, c_θ and w are constants of the estimate
-            coef = (sign * c / (n * w)).detach()
+            # c / (n w) = c e ratio, computed without dividing by w: a saturated probability
+            # makes w underflow to 0 (and c = 0), and 0 · ∞ must not become a NaN gradient;
+            # such a term is c (f(x⁺) - f(x⁻)) with c ≈ 0, dropped (set to 0) when not finite
+            coef = (sign * c * (e * ratio)).detach()
+            coef = torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef))
             weights.append(w.reshape((n, k * 2 * e) + parents))
             grads.append((theta * coef).reshape((n, k * 2 * e) + parents))
         node.context["weights"] = torch.cat(weights, 1).flatten(0, 1)
