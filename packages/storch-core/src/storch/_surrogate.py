@@ -68,8 +68,11 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None) -> torc
             a = node.estimator.control_variate(node, frame)  # line 11
             if a is not None:
                 inner = inner + (a if prefix[i] is None else magic_box(prefix[i]) * a)
-        w = align(node.weights, node.plates, plates)
-        inner = (w * inner).sum(dim, keepdim=True)  # line 14: weight and sum over X_i
+        if type(node.estimator).weighting_function is Estimator.weighting_function:
+            inner = inner.mean(dim, keepdim=True)  # line 14 with w = 1/N (D.2.1): one op, not two
+        else:
+            w = align(node.weights, node.plates, plates)
+            inner = (w * inner).sum(dim, keepdim=True)  # line 14: weight and sum over X_i
     # what is left are independent plates (and size-1 dims): the mean over data points
     return inner.mean() if inner.dim() else inner
 
