@@ -124,3 +124,18 @@ def test_order_must_be_a_nonnegative_int():
         with pytest.raises(storch.StorchError, match="order"):
             storch.surrogate_loss(order=-1)
         assert storch.surrogate_loss(order=0).item() == 1.0
+
+
+def test_plate_tensors_hidden_in_a_base_distribution_are_an_error_not_shared_noise():
+    from torch.distributions import LogNormal, TransformedDistribution
+    from torch.distributions.transforms import ExpTransform
+
+    torch.manual_seed(0)
+    est = storch.estimator("reparameterization", plate="x", n_samples=3)
+    with storch.Graph():
+        mu = storch.denote_independent(torch.zeros(4), 0, "data")
+        with pytest.raises(storch.UnsupportedDistributionError, match="LogNormal instead"):
+            est(TransformedDistribution(Normal(mu, 1.0), [ExpTransform()]))
+        x = est(LogNormal(mu, 1.0))  # parameters in arg_constraints: unwrapped, independent draws
+        assert [p.name for p in x.plates] == ["x", "data"]
+        assert x.tensor.shape == (3, 4) and x.tensor.unique().numel() == 12

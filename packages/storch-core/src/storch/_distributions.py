@@ -34,6 +34,18 @@ def _parameters(d: Distribution) -> dict:
     return {n: d.__dict__[n] if n in d.__dict__ else getattr(d, n) for n in names}
 
 
+def _holds_plate_tensor(d: Distribution, depth: int = 0) -> bool:
+    """Whether ``d`` or a distribution it holds (base distributions, components) has plate tensors."""
+    for v in d.__dict__.values():
+        items = v if isinstance(v, (list, tuple)) else (v,)
+        for item in items:
+            if type(item) is PlateTensor:
+                return True
+            if isinstance(item, Distribution) and depth < 8 and _holds_plate_tensor(item, depth + 1):
+                return True
+    return False
+
+
 def unwrap_distribution(d: Distribution) -> tuple[Distribution, tuple[Plate, ...]]:
     """Return ``(raw_distribution, plates)``; ``plates`` lead the raw batch shape."""
     if isinstance(d, Independent):
@@ -51,11 +63,13 @@ def unwrap_distribution(d: Distribution) -> tuple[Distribution, tuple[Plate, ...
         params = {}
     plates = union_plates([plates_of(v) for v in params.values()] + [()])
     if not plates:
-        if any(type(v) is PlateTensor for v in d.__dict__.values()):
+        if _holds_plate_tensor(d):
+            # sampling it as it is would share one noise draw across all plate entries
             raise UnsupportedDistributionError(
                 f"{type(d).__name__} holds plate tensors that storch cannot find among its "
-                "arg_constraints; build it from plain tensors or use a distribution whose "
-                "parameters are listed in arg_constraints"
+                "arg_constraints (e.g. inside a base distribution); build it from plain tensors, "
+                "or use a distribution whose parameters are listed in arg_constraints (LogNormal "
+                "instead of TransformedDistribution(Normal, ExpTransform), Independent(Normal))"
             )
         return d, ()  # built from plain tensors: nothing to unwrap
     sizes = [p.size for p in plates]
