@@ -23,7 +23,7 @@ from torch.distributions import Distribution
 from ._distributions import unwrap_distribution
 from ._errors import OptionError, PlateError, UnsupportedDistributionError
 from ._graph import Node, current_graph
-from ._plates import Plate, PlateTensor, align, union_plates
+from ._plates import Lineage, Plate, PlateTensor, align, union_plates
 
 __all__ = ["Estimator", "CostFrame", "magic_box"]
 
@@ -126,7 +126,7 @@ class Estimator(torch.nn.Module):
             return self._extend_partition(graph, node, raw, parents)
         node = Node(self, raw, parents, original=distribution)
         sample = self.proposal(node)
-        node.plate = Plate(self.plate, sample.shape[0])
+        node.plate = Plate(self.plate, sample.shape[0], False, 0, Lineage())
         node.sample = sample
         graph.add_node(node)
         n = len(node.plates)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from ._errors import CostError, PlateError
-from ._plates import Plate, PlateTensor, plates_of, raw_of
+from ._plates import Lineage, Plate, PlateTensor, plates_of, raw_of
 
 if TYPE_CHECKING:
     from ._estimator import Estimator
@@ -159,7 +159,7 @@ class Graph:
             if not -tensor.dim() <= dim < tensor.dim():
                 raise PlateError(f"dim {dim} is out of range for a tensor of shape {tuple(tensor.shape)}")
             raw, parents = tensor.movedim(dim, 0), ()
-        p = Plate(plate, raw.shape[0], True)
+        p = Plate(plate, raw.shape[0], True, 0, Lineage())
         self.claim_plate(plate, p)
         return PlateTensor._wrap(raw, (p,) + parents)
 

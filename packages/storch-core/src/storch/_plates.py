@@ -10,13 +10,61 @@ Nothing in torch is patched.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
 from ._errors import PlateError
 
-__all__ = ["Plate", "PlateTensor", "plates_of", "union_plates", "align", "raw_of"]
+__all__ = ["Plate", "Lineage", "PlateTensor", "plates_of", "union_plates", "align", "raw_of"]
+
+
+class Lineage:
+    """The identity of one plate instance in one graph, and the ancestry of a partition's steps.
+
+    Every plate a graph creates (a node's sample plate, a data plate) gets a fresh lineage, so
+    two plates with the same name from different graphs (or from before a reset) are never
+    equal and never align: mixing them is an error, not a silent merge.
+
+    A partition (one estimator called at several steps, paper section 3.2) keeps one lineage
+    for all its steps; ``Plate.step`` says which step a tensor was last touched at. Entry ``i``
+    at step ``t`` continues entry ``parents[t][i]`` of step ``t - 1``, or entry ``i`` itself when
+    step ``t`` has no parent indices (sampling with replacement). When tensors of two steps
+    meet, the earlier one is re-indexed to the later step (``index``), lazily, in ``align``.
+
+    Compared and hashed by identity.
+    """
+
+    __slots__ = ("parents", "_cache", "__weakref__")
+
+    def __init__(self) -> None:
+        self.parents: dict[int, torch.Tensor] = {}
+        self._cache: dict = {}
+
+    def set_parents(self, step: int, index: torch.Tensor) -> None:
+        """Record that entry ``i`` at ``step`` descends from entry ``index[i]`` at ``step - 1``."""
+        self.parents[step] = index
+        self._cache.clear()
+
+    def index(self, from_step: int, to_step: int):
+        """Indices into ``from_step``'s entries of the ancestors of ``to_step``'s entries.
+
+        ``None`` when every step in between kept its entries in place (no re-indexing needed).
+        """
+        key = (from_step, to_step)
+        if key in self._cache:
+            return self._cache[key]
+        idx = None
+        for t in range(from_step + 1, to_step + 1):
+            p = self.parents.get(t)
+            if p is None:
+                continue
+            idx = p if idx is None else idx[p]  # idx maps step t-1 entries to from_step entries
+        self._cache[key] = idx
+        return idx
+
+    def __repr__(self) -> str:
+        return f"Lineage(steps with parents={sorted(self.parents)})"
 
 
 class Plate(NamedTuple):
@@ -27,11 +75,16 @@ class Plate(NamedTuple):
         size: the number of samples (or data points) along it.
         independent: True for data plates from ``denote_independent`` (reduced by the mean in
             the surrogate), False for sample plates of stochastic nodes (reduced by weights).
+        step: for the plate of a partition, the step a tensor was last touched at (0 otherwise).
+        lineage: the plate instance this belongs to (set by the graph that created it; ``None``
+            for plates built by hand); see :class:`Lineage`.
     """
 
     name: str
     size: int
     independent: bool = False
+    step: int = 0
+    lineage: Optional[Lineage] = None
 
 
 _make_wrapper = torch.Tensor._make_wrapper_subclass
@@ -145,12 +198,27 @@ def union_plates(groups: Sequence[tuple[Plate, ...]]) -> tuple[Plate, ...]:
             if q is None:
                 seen[p.name] = p
                 out.append(p)
-            elif q.size != p.size:
-                raise PlateError(
-                    f"plate {p.name!r} appears with sizes {q.size} and {p.size}; tensors from "
-                    "different graphs (or an old graph) were mixed. Call storch.reset() between steps"
-                )
+            elif q != p:
+                if q.lineage is not None and q.lineage is p.lineage and q.step != p.step:
+                    if p.step > q.step:  # the later step of a partition wins; align re-indexes
+                        out[out.index(q)] = seen[p.name] = p
+                    continue
+                raise PlateError(_mixed_message(q, p))
     return tuple(out)
+
+
+def _mixed_message(q: Plate, p: Plate) -> str:
+    if q.size != p.size:
+        what = f"appears with sizes {q.size} and {p.size}"
+    elif q.lineage is not p.lineage:
+        what = "comes from two different graphs (or from before a reset)"
+    else:
+        what = f"appears both as a data plate and as a sample plate"
+    return (
+        f"plate {p.name!r} {what}: tensors from different graphs (or an old graph) were mixed. "
+        "Compute every tensor of a step inside that step's graph; storch.backward() and "
+        "storch.reset() end a graph, after which its plate tensors cannot be used"
+    )
 
 
 _PLANS: dict = {}
@@ -168,7 +236,10 @@ def _plan(plates: tuple[Plate, ...], target: tuple[Plate, ...]):
             missing = set(_names(plates)) - set(_names(target))
             raise PlateError(f"plates {sorted(missing)} are not among {_names(target)}")
         inserts = tuple(i for i, p in enumerate(target) if p.name not in pos)
-        plan = (None if order == list(range(n)) else tuple(order), inserts)
+        # plates of a partition at an earlier step than the target's: re-indexed by the parents
+        steps = tuple((i, plates[pos[p.name]].step, p) for i, p in enumerate(target)
+                      if p.name in pos and plates[pos[p.name]].step != p.step)
+        plan = (None if order == list(range(n)) else tuple(order), inserts, steps)
         if len(_PLANS) < 4096:
             _PLANS[key] = plan
     return plan
@@ -182,17 +253,34 @@ def align(raw: torch.Tensor, plates: tuple[Plate, ...], target: tuple[Plate, ...
     Only views are taken: no copies.
     """
     if plates is not target and plates != target:
-        order, inserts = _plan(plates, target)
+        order, inserts, steps = _plan(plates, target)
         if order is not None:
             raw = raw.permute(*order, *range(len(plates), raw.dim()))
         for i in inserts:
             raw = raw.unsqueeze(i)
+        for i, step, p in steps:
+            raw = _to_step(raw, i, step, p)
     if pad_to >= 0:
         m = len(target)
         k = raw.dim() - m
         if k < pad_to:
             raw = _unsqueeze_n(raw, m, pad_to - k)
     return raw
+
+
+def _to_step(raw: torch.Tensor, dim: int, step: int, target: Plate) -> torch.Tensor:
+    """Re-index dim ``dim`` (a partition plate at ``step``) to ``target.step`` by the parents."""
+    if step > target.step:
+        raise PlateError(
+            f"a tensor from step {step} of partition {target.name!r} cannot be used at the earlier "
+            f"step {target.step}"
+        )
+    if target.lineage is None:
+        raise PlateError(f"plate {target.name!r} has steps but no lineage; it was not made by a graph")
+    idx = target.lineage.index(step, target.step)
+    if idx is None or raw.shape[dim] == 1:
+        return raw
+    return raw.index_select(dim, idx.to(raw.device))
 
 
 def _unsqueeze_n(raw: torch.Tensor, at: int, n: int) -> torch.Tensor:
