@@ -58,8 +58,8 @@ def _rows(c: Comparison) -> list[list]:
 
 def setup(c: Comparison) -> str:
     what = "gradient" if c.order == 1 else f"order-{c.order} derivative (along a fixed random direction)"
-    ref = (f"{c.reference}, exact (deterministic)" if c.reference_estimates == 1
-           else f"the mean of {c.reference_estimates} estimates of {c.reference}")
+    ref = (c.reference if c.reference_mean is None else f"{c.reference}, exact (deterministic)"
+           if c.reference_estimates == 1 else f"the mean of {c.reference_estimates} estimates of {c.reference}")
     return (f"Model: {', '.join(c.distributions)}; {c.n_params} parameters. Per estimator: {c.estimates} estimates "
             f"of the {what} at the same parameters (seed {c.seed}). variance = trace of their covariance; "
             f"reference = {ref}; rel. bias = |mean - reference| / |reference| with the noise's share removed; "

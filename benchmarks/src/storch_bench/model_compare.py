@@ -307,7 +307,8 @@ def _specs(estimators: Union[None, str, Sequence[Union[str, Spec]]], samples: in
 
 
 def _reference(runner: _Runner, reference, dists, order: int, n_ref: int, samples: int, warmup: int,
-               seed: int, tick) -> tuple[str, torch.Tensor]:
+               seed: int, tick) -> tuple[str, Optional[torch.Tensor]]:
+    """The reference's label and estimates; ``(why not, None)`` when no candidate could run."""
     candidates = [reference] if reference is not None else [s.format(n=samples) for s in DEFAULT_REFERENCES]
     tried = []
     for cand in candidates:
@@ -332,8 +333,7 @@ def _reference(runner: _Runner, reference, dists, order: int, n_ref: int, sample
             except Exception as e:  # noqa: BLE001 - try the next candidate
                 why = _first_line(e)
         tried.append(f"{spec.label}: {why}")
-    raise ValueError("no reference estimator could run on this model (" + "; ".join(tried) + "); name an unbiased "
-                     "estimator that supports it with reference=... (--reference)")
+    return "none (" + "; ".join(tried) + ")", None
 
 
 def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[str, Spec]]] = None,
@@ -368,7 +368,8 @@ def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[s
 
     Raises:
         TypeError / ValueError / RuntimeError: ``step`` does not build a valid graph with a plain
-            score-function estimator, or no reference estimator could run.
+            score-function estimator. (When no reference can run, the bias columns are NaN and
+            ``Comparison.reference`` says why.)
     """
     from tqdm.auto import tqdm
 
@@ -418,7 +419,8 @@ def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[s
                 continue
             row.variance = float(g.var(0).sum())  # trace of the covariance (unbiased per coordinate)
             row.ms_per_step = 1e3 * statistics.median(times)
-            row.bias_z, row.rel_bias = bias_z(g, ref), _rel_bias(g, ref)
+            if ref is not None:
+                row.bias_z, row.rel_bias = bias_z(g, ref), _rel_bias(g, ref)
             row.mean = g.mean(0)
             row.estimates = g if keep_estimates else None
             notes = []
@@ -431,7 +433,8 @@ def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[s
     rows.sort(key=_rank)
     memory = ("torch.cuda.max_memory_allocated" if runner.cuda
               else "torch CPU allocator peak (torch.profiler, profile_memory=True)")
-    return Comparison(rows, skipped, ref_label, ref.mean(0), len(ref), order, estimates,
+    return Comparison(rows, skipped, ref_label, None if ref is None else ref.mean(0),
+                      0 if ref is None else len(ref), order, estimates,
                       sum(p.numel() for p in params), [_describe(d) for d in dists], memory, seed)
 
 
