@@ -152,6 +152,20 @@ def test_order_two_skips_order_limited_and_biased_estimators():
     assert c.rows[0].bias_z < 4
 
 
+def test_reference_falls_back_when_enumeration_exceeds_its_budget():
+    theta = torch.linspace(-1, 1, 13, dtype=torch.float64, requires_grad=True)  # 2^13 > expect's budget 4096
+
+    def step(est):
+        storch.add_cost(((est(Bernoulli(logits=theta)) - T) ** 2).sum())
+        return theta
+
+    c = compare_estimators(step, ["expect@1", "score@1"], estimates=8, warmup=0, reference_estimates=40,
+                           samples=4, **QUIET)
+    assert c.reference == "score[loo]@4" and c.reference_estimates == 40
+    assert dict(c.skipped)["expect@1"].startswith("UnsupportedDistributionError: expect: enumerating 2^13")
+    assert [r.label for r in c.rows] == ["score@1"] and c.rows[0].bias_z < 4
+
+
 def test_without_a_usable_reference_the_bias_columns_are_empty():
     step, _, _ = _bernoulli_model()
     c = compare_estimators(step, ["score@1"], estimates=8, warmup=0, reference="gumbel_softmax@1", **QUIET)

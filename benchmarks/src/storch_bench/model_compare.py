@@ -31,20 +31,18 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
 import storch
 
-from .measure import peak_memory
+from .model_runner import Runner, Step, describe, first_line, probe
 from .roster import Spec, build, parse_spec, parse_specs, supports
 
 __all__ = ["compare_estimators", "Comparison", "EstimatorResult", "bias_z", "DEFAULT_REFERENCES"]
 
-Step = Callable[[Any], Any]
 # tried in order when no reference is given; the first that supports the model and runs is used
 DEFAULT_REFERENCES = ("expect@1", "score[baseline=leave_one_out]@{n}")
 
@@ -108,75 +106,6 @@ class Comparison:
         raise KeyError(f"no row {label!r}; rows: {', '.join(r.label for r in self.rows)}")
 
 
-def _as_params(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.nn.Module):
-        params = [p for p in out.parameters() if p.requires_grad]
-    elif isinstance(out, torch.Tensor):
-        params = [out]
-    elif isinstance(out, dict):
-        params = list(out.values())
-    elif isinstance(out, Iterable):
-        params = list(out)
-    else:
-        raise TypeError(f"step(est) must return the parameters whose gradient is compared (a tensor, an iterable "
-                        f"of tensors or an nn.Module), got {type(out).__name__}")
-    bad = [type(p).__name__ for p in params if not (isinstance(p, torch.Tensor) and p.requires_grad)]
-    if bad or not params:
-        raise TypeError("step(est) must return tensors that require grad (the model's parameters); got "
-                        + (", ".join(bad) if bad else "none"))
-    return params
-
-
-def _derivative(loss: torch.Tensor, params: list[torch.Tensor], order: int, v: list[torch.Tensor]) -> torch.Tensor:
-    """The ``order``-th derivative of ``loss``, applied order-1 times to ``v``, flattened (float64)."""
-    grads: Sequence[Optional[torch.Tensor]] = torch.autograd.grad(loss, params, allow_unused=True,
-                                                                  create_graph=order > 1)
-    for k in range(2, order + 1):
-        s = sum(((g * d).sum() for g, d in zip(grads, v) if g is not None), torch.zeros((), device=loss.device))
-        if not s.requires_grad:
-            grads = [None] * len(params)
-            break
-        grads = torch.autograd.grad(s, params, allow_unused=True, create_graph=k < order)
-    flat = [(g if g is not None else torch.zeros_like(p)).detach().reshape(-1) for g, p in zip(grads, params)]
-    return torch.cat(flat).double().cpu()
-
-
-def _cost_evaluations(graph: storch.Graph) -> int:
-    """Entries of the sampling plates of the costs (per data point): how often the cost is evaluated."""
-    evals = 1
-    for _, cost in graph.costs:
-        plates = getattr(cost, "plates", ())
-        evals = max(evals, math.prod(p.size for p in plates if not p.independent))
-    return evals
-
-
-class _Probe(storch.Estimator):
-    """A plain score function, used once to see the model's distributions and parameters."""
-
-    name = "probe"
-    supports_partitions = True
-
-
-def _probe(step: Step) -> tuple[list[torch.Tensor], list[torch.distributions.Distribution]]:
-    with torch.random.fork_rng(), storch.Graph() as graph:
-        try:
-            out = step(_Probe(plate="z"))
-        except Exception as e:
-            raise RuntimeError(f"step(est) failed with a plain score-function estimator ({_first_line(e)}); "
-                               "the model must build one graph with `z = est(q)` and storch.add_cost(...)") from e
-        params = _as_params(out)
-        if not graph.nodes:
-            raise ValueError("step(est) made no stochastic node: call `z = est(distribution)` in it")
-        if not graph.costs:
-            raise ValueError("step(est) added no cost: call storch.add_cost(...) in it")
-        dists = [n.original if n.original is not None else n.distribution for n in graph.nodes]
-    return params, dists
-
-
-def _describe(d: torch.distributions.Distribution) -> str:
-    return f"{type(d).__name__}(batch {tuple(d.batch_shape)}, event {tuple(d.event_shape)})"
-
-
 def _why_not(spec: Spec, dists: list, order: int) -> tuple[Optional[type], Optional[str]]:
     try:
         cls = spec.estimator_class()
@@ -234,67 +163,6 @@ def _rel_bias(estimates: torch.Tensor, reference: torch.Tensor) -> float:
     return math.sqrt(max(b2, 0.0)) / norm if norm > 0 else math.nan
 
 
-class _Runner:
-    """Runs one estimator on the user's model: warm-up, estimates, timing, memory."""
-
-    def __init__(self, step: Step, params: list[torch.Tensor], order: int, direction: list[torch.Tensor]):
-        self.step, self.params, self.order, self.v = step, params, order, direction
-        self.cuda = any(p.is_cuda for p in params)
-
-    def _sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def one(self, est) -> tuple[torch.Tensor, int]:
-        with storch.Graph() as graph:
-            params = _as_params(self.step(est))
-            loss = storch.surrogate_loss(order=self.order)
-            g = _derivative(loss, params, self.order, self.v)
-            return g, _cost_evaluations(graph)
-
-    def warmup(self, est, steps: int, seed: int, tick: Callable[[], None]) -> None:
-        saved = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
-        try:
-            with torch.random.fork_rng():
-                torch.manual_seed(seed)
-                for _ in range(steps):
-                    with storch.Graph() as graph:
-                        self.step(est)
-                        storch.backward(graph)  # estimator updates (update_parameters) run here
-                    tick()
-        finally:
-            for p, g in zip(self.params, saved):
-                p.grad = g
-
-    def estimates(self, est, n: int, seed: int, tick: Callable[[], None]) -> tuple[torch.Tensor, list[float], int]:
-        torch.manual_seed(seed)
-        out, times, evals = [], [], 0
-        for _ in range(n):
-            self._sync()
-            t0 = time.perf_counter()
-            g, evals = self.one(est)
-            self._sync()
-            times.append(time.perf_counter() - t0)
-            out.append(g)
-            tick()
-        return torch.stack(out), times, evals
-
-    def peak_mb(self, est, seed: int) -> float:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            if self.cuda:
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-                self.one(est)
-                return (torch.cuda.max_memory_allocated() - before) / 2**20
-            return peak_memory(lambda: self.one(est)) / 2**20
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
 def _specs(estimators: Union[None, str, Sequence[Union[str, Spec]]], samples: int) -> list[Spec]:
     if estimators is None:
         estimators = "auto"
@@ -306,7 +174,7 @@ def _specs(estimators: Union[None, str, Sequence[Union[str, Spec]]], samples: in
     return out
 
 
-def _reference(runner: _Runner, reference, dists, order: int, n_ref: int, samples: int, warmup: int,
+def _reference(runner: Runner, reference, dists, order: int, n_ref: int, samples: int, warmup: int,
                seed: int, tick) -> tuple[str, Optional[torch.Tensor]]:
     """The reference's label and estimates; ``(why not, None)`` when no candidate could run."""
     candidates = [reference] if reference is not None else [s.format(n=samples) for s in DEFAULT_REFERENCES]
@@ -319,11 +187,6 @@ def _reference(runner: _Runner, reference, dists, order: int, n_ref: int, sample
         if why is None:
             try:
                 est = build(spec, cls)
-            except (storch.UnsupportedDistributionError, storch.OptionError, TypeError, ValueError) as e:
-                skipped.append((spec.label, "cannot be built: " + _first_line(e)))
-                bar.update(warmup + estimates)
-                continue
-            try:
                 runner.warmup(est, warmup, seed + 1, tick)
                 first, _, _ = runner.estimates(est, 2, seed + 2, tick)
                 if torch.equal(first[0], first[1]):  # deterministic (e.g. exact enumeration): one suffices
@@ -331,7 +194,7 @@ def _reference(runner: _Runner, reference, dists, order: int, n_ref: int, sample
                 rest, _, _ = runner.estimates(est, max(n_ref - 2, 2), seed + 3, tick)
                 return spec.label, torch.cat([first, rest])
             except Exception as e:  # noqa: BLE001 - try the next candidate
-                why = _first_line(e)
+                why = first_line(e)
         tried.append(f"{spec.label}: {why}")
     return "none (" + "; ".join(tried) + ")", None
 
@@ -377,11 +240,11 @@ def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[s
         raise ValueError(f"order must be an int >= 1, got {order!r}")
     if estimates < 4:
         raise ValueError(f"estimates must be >= 4 (variance and the split-half bias test need them), got {estimates}")
-    params, dists = _probe(step)
+    params, dists = probe(step)
     gen = torch.Generator().manual_seed(seed)
     # the fixed direction of higher-order derivatives: Rademacher, one entry per parameter element
     direction = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p) for p in params]
-    runner = _Runner(step, params, order, direction)
+    runner = Runner(step, params, order, direction)
     plan, skipped = [], []
     for spec in _specs(estimators, samples):
         cls, why = _why_not(spec, dists, order)
@@ -400,7 +263,7 @@ def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[s
             try:
                 est = build(spec, cls)
             except (storch.UnsupportedDistributionError, storch.OptionError, TypeError, ValueError) as e:
-                skipped.append((spec.label, "cannot be built: " + _first_line(e)))
+                skipped.append((spec.label, "cannot be built: " + first_line(e)))
                 bar.update(warmup + estimates)
                 continue
             try:
@@ -409,11 +272,11 @@ def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[s
                 if measure_memory:
                     row.peak_mb = runner.peak_mb(est, seed + 4)
             except (storch.UnsupportedDistributionError, storch.OptionError) as e:
-                skipped.append((spec.label, _first_line(e)))
+                skipped.append((spec.label, first_line(e)))
                 bar.update(done + warmup + estimates - bar.n)
                 continue
             except Exception as e:  # noqa: BLE001 - one failing estimator must not end the comparison
-                row.note = "error: " + _first_line(e)
+                row.note = "error: " + first_line(e)
                 rows.append(row)
                 bar.update(done + warmup + estimates - bar.n)
                 continue
@@ -435,7 +298,7 @@ def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[s
               else "torch CPU allocator peak (torch.profiler, profile_memory=True)")
     return Comparison(rows, skipped, ref_label, None if ref is None else ref.mean(0),
                       0 if ref is None else len(ref), order, estimates,
-                      sum(p.numel() for p in params), [_describe(d) for d in dists], memory, seed)
+                      sum(p.numel() for p in params), [describe(d) for d in dists], memory, seed)
 
 
 def _rank(r: EstimatorResult) -> tuple:
