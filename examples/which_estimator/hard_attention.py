@@ -60,6 +60,7 @@ def step(est):
 
 if __name__ == "__main__":  # the same comparison from Python
     from storch_bench import compare_estimators
-    from storch_bench.model_cli import text
+    from storch_bench.model_cli import markdown
 
-    print(text(compare_estimators(step, estimates=32)))
+    torch.set_num_threads(1)  # tiny tensors: extra threads only add waiting (the CLI's --threads default)
+    print(markdown(compare_estimators(step, estimates=32)))

@@ -210,4 +210,4 @@ def test_cli_on_the_example(tmp_path):
     assert (out / "model.png").stat().st_size > 1000
     md = (out / "model.md").read_text()
     assert "| score[loo]@8 |" in md and "expect@1, exact" in md
-    assert "unordered_set@8" in proc.stdout and "Wrote" in proc.stdout
+    assert "| unordered_set@8 |" in proc.stdout and "Wrote" in proc.stdout  # the Markdown table on stdout

@@ -162,8 +162,9 @@ def run(args: argparse.Namespace) -> int:
                            reference=args.reference, reference_estimates=args.reference_estimates,
                            seed=args.seed, samples=args.samples or 8, measure_memory=not args.no_memory,
                            progress=not args.no_progress)
-    paths = write(c, args.out, f"storch-compare model {args.target}")
-    print(text(c))
+    title = f"storch-compare model {args.target}"
+    paths = write(c, args.out, title)
+    print(markdown(c, title))
     errors = [r for r in c.rows if not r.ok]
     if errors:
         print(f"\n{len(errors)} estimator(s) failed on this model (error rows above)")
