@@ -63,9 +63,10 @@ def setup(c: Comparison) -> str:
     return (f"Model: {', '.join(c.distributions)}; {c.n_params} parameters. Per estimator: {c.estimates} estimates "
             f"of the {what} at the same parameters (seed {c.seed}). variance = trace of their covariance; "
             f"reference = {ref}; rel. bias = |mean - reference| / |reference| with the noise's share removed; "
-            "bias z = split-half z-test of the bias (> 4: biased); ms/step = median time of one estimate (the "
-            f"step, the surrogate, the derivative); peak MB = {c.memory}, one estimate; cost evals = samples "
-            "per data point at which the cost is evaluated; variance x ms: lower is better. Rows best first")
+            "bias z = split-half z-test of the bias (> 4: biased); ms/step = one estimate (the step, the "
+            "surrogate, the derivative), the fastest of the repeats (slower ones measure other processes, as "
+            f"in timeit); peak MB = {c.memory}, one estimate; cost evals = samples per data point at which the "
+            "cost is evaluated; variance x ms: lower is better. Rows best first")
 
 
 def _skipped(c: Comparison) -> str:
@@ -119,7 +120,7 @@ def plot_model(c: Comparison, path: Path) -> None:
                 k = r.variance * r.ms_per_step
                 ax.plot([lo, hi], [k / lo, k / hi], color="0.8", lw=0.8, zorder=0)
         ax.set_xlim(lo, hi)
-    ax.set_xlabel("ms per step (median of one estimate)")
+    ax.set_xlabel("ms per step (fastest of the estimates)")
     ax.set_ylabel("gradient variance (trace of covariance)" if c.order == 1 else f"order-{c.order} variance")
     ax.set_title("variance vs time per step (lower left is better; grey: equal variance x time)", fontsize=9)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))

@@ -12,8 +12,9 @@ estimator, and measures, at the same parameters:
 - bias against a reference: the mean of many estimates of an unbiased estimator (``expect``
   when the model's nodes can be enumerated, else ``score[baseline=leave_one_out]@n``), with a
   z-score (see :func:`bias_z`) and the noise-corrected relative bias |E ĝ - g_ref| / |g_ref|;
-- time per step: the median wall time of one estimate (the user's step, the surrogate, the
-  derivative), and peak memory of one estimate (torch's CPU allocator via ``torch.profiler``,
+- time per step: the wall time of one estimate (the user's step, the surrogate, the
+  derivative), the fastest of the ``estimates`` repeats (as ``timeit`` advises: slower repeats
+  measure other processes, which on a shared machine would reorder the table), and peak memory of one estimate (torch's CPU allocator via ``torch.profiler``,
   or ``torch.cuda.max_memory_allocated`` for CUDA parameters);
 - cost evaluations per step: the number of entries of the sampling plates a cost carries
   (per data point), i.e. how often the model downstream of the samples is evaluated;
@@ -30,7 +31,6 @@ the k-th estimate of every estimator can be reproduced by hand.
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -281,7 +281,7 @@ def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[s
                 bar.update(done + warmup + estimates - bar.n)
                 continue
             row.variance = float(g.var(0).sum())  # trace of the covariance (unbiased per coordinate)
-            row.ms_per_step = 1e3 * statistics.median(times)
+            row.ms_per_step = 1e3 * min(times)  # timeit's convention
             if ref is not None:
                 row.bias_z, row.rel_bias = bias_z(g, ref), _rel_bias(g, ref)
             row.mean = g.mean(0)
