@@ -47,7 +47,8 @@ def _bernoulli_model():
 
 def _plate_model():
     gen = torch.Generator().manual_seed(1)
-    x, costs = torch.randn(6, 3, generator=gen, dtype=torch.float64), torch.rand(6, 4, generator=gen, dtype=torch.float64)
+    x = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    costs = torch.rand(6, 4, generator=gen, dtype=torch.float64)
     weight = torch.nn.Parameter(0.5 * torch.randn(3, 4, generator=gen, dtype=torch.float64))
     data = torch.cat([x, costs], 1)
 
@@ -164,6 +165,30 @@ def test_reference_falls_back_when_enumeration_exceeds_its_budget():
     assert c.reference == "score[loo]@4" and c.reference_estimates == 40
     assert dict(c.skipped)["expect@1"].startswith("UnsupportedDistributionError: expect: enumerating 2^13")
     assert [r.label for r in c.rows] == ["score@1"] and c.rows[0].bias_z < 4
+
+
+def test_a_model_that_calls_est_several_times_skips_estimators_without_partitions():
+    theta = torch.tensor([0.3, -0.2], dtype=torch.float64, requires_grad=True)
+
+    def step(est):  # two steps of one partition: b2 depends on b1
+        b1 = est(Bernoulli(logits=theta[0]))
+        b2 = est(Bernoulli(logits=theta[1] + b1))
+        storch.add_cost((b1 + b2 - 0.8) ** 2, name="c")
+        return theta
+
+    th = theta.detach().clone().requires_grad_(True)
+    expectation = sum(Bernoulli(logits=th[0]).log_prob(torch.tensor(b1)).exp()
+                      * Bernoulli(logits=th[1] + b1).log_prob(torch.tensor(b2)).exp() * (b1 + b2 - 0.8) ** 2
+                      for b1 in (0.0, 1.0) for b2 in (0.0, 1.0))
+    exact = torch.autograd.grad(expectation, th)[0]
+    c = compare_estimators(step, ["score@1", "score[baseline=leave_one_out]@4", "gumbel_softmax@1", "expect@1"],
+                           estimates=300, warmup=0, reference_estimates=300, samples=4, keep_estimates=True, **QUIET)
+    skipped = dict(c.skipped)
+    assert set(skipped) == {"gumbel_softmax@1", "expect@1"}
+    assert all("partition" in why for why in skipped.values())
+    assert c.reference == "score[loo]@4"
+    for r in c.rows:
+        assert r.bias_z < 4 and _z_vs_exact(r.estimates, exact) < 4, r
 
 
 def test_without_a_usable_reference_the_bias_columns_are_empty():

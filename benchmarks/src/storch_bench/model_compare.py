@@ -14,8 +14,9 @@ estimator, and measures, at the same parameters:
   z-score (see :func:`bias_z`) and the noise-corrected relative bias |E ĝ - g_ref| / |g_ref|;
 - time per step: the wall time of one estimate (the user's step, the surrogate, the
   derivative), the fastest of the ``estimates`` repeats (as ``timeit`` advises: slower repeats
-  measure other processes, which on a shared machine would reorder the table), and peak memory of one estimate (torch's CPU allocator via ``torch.profiler``,
-  or ``torch.cuda.max_memory_allocated`` for CUDA parameters);
+  measure other processes, which on a shared machine would reorder the table), and the peak
+  memory of one estimate (torch's CPU allocator via ``torch.profiler``, or
+  ``torch.cuda.max_memory_allocated`` for CUDA parameters);
 - cost evaluations per step: the number of entries of the sampling plates a cost carries
   (per data point), i.e. how often the model downstream of the samples is evaluated;
 - variance × time (variance · ms/step): the number that decides in practice; halving the
@@ -106,7 +107,7 @@ class Comparison:
         raise KeyError(f"no row {label!r}; rows: {', '.join(r.label for r in self.rows)}")
 
 
-def _why_not(spec: Spec, dists: list, order: int) -> tuple[Optional[type], Optional[str]]:
+def _why_not(spec: Spec, dists: list, order: int, partitioned: bool) -> tuple[Optional[type], Optional[str]]:
     try:
         cls = spec.estimator_class()
     except storch.UnknownEstimatorError as e:
@@ -117,6 +118,8 @@ def _why_not(spec: Spec, dists: list, order: int) -> tuple[Optional[type], Optio
         why = supports(cls, d)
         if why is not None:
             return None, why
+    if partitioned and not getattr(cls, "supports_partitions", False):
+        return None, "the model calls est several times in one graph (a partition), which it does not support"
     if cls.max_order < order:
         return None, f"max_order={cls.max_order}: not unbiased for order {order}"
     if order > 1 and cls.biased:
@@ -129,9 +132,10 @@ def bias_z(estimates: torch.Tensor, reference: torch.Tensor) -> float:
 
     The first halves give a direction d = mean(estimates₁) - mean(reference₁); the second halves
     give the projected difference (mean(estimates₂) - mean(reference₂))·d and its standard error
-    from the projected samples (Welch). Given d, the statistic is a t-statistic whatever the
-    number of coordinates P and their correlation (so an unbiased estimator gives |z| < 4 except
-    in about 1 of 10⁴ runs), and a bias b makes it grow like |b|². A deterministic reference
+    from the projected samples (Welch). Given d, the statistic is (approximately) Student-t
+    whatever the number of coordinates P and their correlation: an unbiased estimator gives
+    |z| > 4 in about 1 of 1000 runs with 16 estimates per half, fewer with more; a bias b makes
+    the numerator grow like |b|² while the noise shrinks like 1/sqrt(R). A deterministic reference
     (M = 1) enters both halves with zero variance. Differences at rounding level count as 0.
     """
     r_n, m_n = estimates.shape[0], reference.shape[0]
@@ -174,14 +178,14 @@ def _specs(estimators: Union[None, str, Sequence[Union[str, Spec]]], samples: in
     return out
 
 
-def _reference(runner: Runner, reference, dists, order: int, n_ref: int, samples: int, warmup: int,
-               seed: int, tick) -> tuple[str, Optional[torch.Tensor]]:
+def _reference(runner: Runner, reference, dists, partitioned: bool, order: int, n_ref: int, samples: int,
+               warmup: int, seed: int, tick) -> tuple[str, Optional[torch.Tensor]]:
     """The reference's label and estimates; ``(why not, None)`` when no candidate could run."""
     candidates = [reference] if reference is not None else [s.format(n=samples) for s in DEFAULT_REFERENCES]
     tried = []
     for cand in candidates:
         spec = cand if isinstance(cand, Spec) else parse_spec(cand)
-        cls, why = _why_not(spec, dists, order)
+        cls, why = _why_not(spec, dists, order, partitioned)
         if cls is not None and cls.biased:
             why = "biased: a reference must be an unbiased estimator"
         if why is None:
@@ -240,21 +244,22 @@ def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[s
         raise ValueError(f"order must be an int >= 1, got {order!r}")
     if estimates < 4:
         raise ValueError(f"estimates must be >= 4 (variance and the split-half bias test need them), got {estimates}")
-    params, dists = probe(step)
+    params, dists, partitioned = probe(step)
     gen = torch.Generator().manual_seed(seed)
     # the fixed direction of higher-order derivatives: Rademacher, one entry per parameter element
     direction = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p) for p in params]
     runner = Runner(step, params, order, direction)
     plan, skipped = [], []
     for spec in _specs(estimators, samples):
-        cls, why = _why_not(spec, dists, order)
+        cls, why = _why_not(spec, dists, order, partitioned)
         (skipped.append((spec.label, why)) if why else plan.append((spec, cls)))
     total = len(plan) * (warmup + estimates) + warmup + reference_estimates
     rows = []
     with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True) as bar:
         tick = lambda: bar.update(1)  # noqa: E731
         bar.set_description("reference")
-        ref_label, ref = _reference(runner, reference, dists, order, reference_estimates, samples, warmup, seed, tick)
+        ref_label, ref = _reference(runner, reference, dists, partitioned, order, reference_estimates, samples,
+                                    warmup, seed, tick)
         bar.update(max(0, warmup + reference_estimates - bar.n))
         for spec, cls in plan:
             bar.set_description(spec.label)

@@ -69,21 +69,34 @@ class _Probe(storch.Estimator):
     name = "probe"
     supports_partitions = True
 
+    def __init__(self, plate: str) -> None:
+        super().__init__(plate)
+        self.calls = 0
 
-def probe(step: Step) -> tuple[list[torch.Tensor], list[torch.distributions.Distribution]]:
+    def forward(self, distribution):
+        self.calls += 1
+        return super().forward(distribution)
+
+
+def probe(step: Step) -> tuple[list[torch.Tensor], list[torch.distributions.Distribution], bool]:
+    """Run ``step`` once with a plain score function: its parameters, its nodes' distributions, and
+    whether it calls ``est`` several times in one graph (a partition, paper section 3.2)."""
+    est = _Probe(plate="z")
     with torch.random.fork_rng(), storch.Graph() as graph:
         try:
-            out = step(_Probe(plate="z"))
+            out = step(est)
         except Exception as e:
             raise RuntimeError(f"step(est) failed with a plain score-function estimator ({first_line(e)}); "
                                "the model must build one graph with `z = est(q)` and storch.add_cost(...)") from e
         params = as_params(out)
         if not graph.nodes:
-            raise ValueError("step(est) made no stochastic node: call `z = est(distribution)` in it")
+            raise ValueError("step(est) made no stochastic node in the graph opened for it: call "
+                             "`z = est(distribution)` in it (and do not open a storch.Graph() of your own there)")
         if not graph.costs:
-            raise ValueError("step(est) added no cost: call storch.add_cost(...) in it")
+            raise ValueError("step(est) added no cost to the graph opened for it: call storch.add_cost(...) in it "
+                             "(and do not open a storch.Graph() of your own there)")
         dists = [n.original if n.original is not None else n.distribution for n in graph.nodes]
-    return params, dists
+    return params, dists, est.calls > len(graph.nodes)
 
 
 def describe(d: torch.distributions.Distribution) -> str:
