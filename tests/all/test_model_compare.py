@@ -232,6 +232,8 @@ def test_cli_on_the_example(tmp_path):
     var = {k: float(rows[k]["variance"]) for k in ("score@1", "score[loo]@8", "unordered_set@8")}
     assert var["score[loo]@8"] < var["score@1"] / 5 and var["unordered_set@8"] < var["score@1"] / 5, var
     assert all(float(rows[k]["bias_z"]) < 4 for k in var)
+    assert all(float(rows[k]["peak_mb"]) > 0 and float(rows[k]["ms_per_step"]) > 0 for k in var)
+    assert rows["unordered_set@8"]["cost_evals"] == "8" and rows["score@1"]["cost_evals"] == "1"
     assert (out / "model.png").stat().st_size > 1000
     md = (out / "model.md").read_text()
     assert "| score[loo]@8 |" in md and "expect@1, exact" in md

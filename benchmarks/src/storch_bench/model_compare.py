@@ -260,7 +260,8 @@ def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[s
         bar.set_description("reference")
         ref_label, ref = _reference(runner, reference, dists, partitioned, order, reference_estimates, samples,
                                     warmup, seed, tick)
-        bar.update(max(0, warmup + reference_estimates - bar.n))
+        bar.total = bar.n + len(plan) * (warmup + estimates)  # a deterministic reference took 2 estimates
+        bar.refresh()
         for spec, cls in plan:
             bar.set_description(spec.label)
             row = EstimatorResult(spec.label, bool(cls.biased), cls.max_order)
