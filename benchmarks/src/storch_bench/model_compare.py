@@ -25,8 +25,9 @@ estimator, and measures, at the same parameters:
 Every estimator first runs ``warmup`` training steps through ``storch.backward()`` (learned
 control variates, moving averages adapt; first-call costs leave the timings); the user's
 parameters are never changed (their ``.grad`` is restored afterwards). Estimates are drawn after
-``torch.manual_seed(seed)``, one after another; warm-up and memory use forked RNG streams, so
-the k-th estimate of every estimator can be reproduced by hand.
+``torch.manual_seed(seed)``, one after another; warm-up and memory use their own seeds; all of
+it in forked RNG streams (the caller's random state is left alone). So the k-th estimate of
+every estimator can be reproduced by hand.
 """
 
 from __future__ import annotations
@@ -213,7 +214,9 @@ def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[s
     Args:
         step: ``step(est)`` builds one graph for a fixed batch with estimator ``est`` (``z = est(q)``,
             ``storch.add_cost(...)``) and returns the parameters (or the ``nn.Module``) whose
-            derivative is compared. It must not call ``storch.backward()`` itself.
+            derivative is compared. It must not call ``storch.backward()`` itself. Return every
+            parameter the step uses: warm-up runs ``storch.backward()``, and only the ``.grad`` of
+            the returned parameters is restored afterwards.
         estimators: spec strings ``name[option=value,...]@n`` (a list, or one comma-separated
             string), :class:`storch_bench.Spec` objects, or ``None``/``"auto"``: every installed
             estimator (``score`` also with ``baseline=leave_one_out``, ``unordered_set`` at ``@samples``).

@@ -122,6 +122,7 @@ class Runner:
             return g, cost_evaluations(graph)
 
     def warmup(self, est, steps: int, seed: int, tick: Callable[[], None]) -> None:
+        """``steps`` training steps through ``storch.backward()``; the parameters' ``.grad`` is restored."""
         saved = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
         try:
             with torch.random.fork_rng():
@@ -136,16 +137,17 @@ class Runner:
                 p.grad = g
 
     def estimates(self, est, n: int, seed: int, tick: Callable[[], None]) -> tuple[torch.Tensor, list[float], int]:
-        torch.manual_seed(seed)
         out, times, evals = [], [], 0
-        for _ in range(n):
-            self._sync()
-            t0 = time.perf_counter()
-            g, evals = self.one(est)
-            self._sync()
-            times.append(time.perf_counter() - t0)
-            out.append(g)
-            tick()
+        with torch.random.fork_rng():  # the caller's random state is left as it was
+            torch.manual_seed(seed)
+            for _ in range(n):
+                self._sync()
+                t0 = time.perf_counter()
+                g, evals = self.one(est)
+                self._sync()
+                times.append(time.perf_counter() - t0)
+                out.append(g)
+                tick()
         return torch.stack(out), times, evals
 
     def peak_mb(self, est, seed: int) -> float:
