@@ -5,6 +5,7 @@
     storch-compare --estimators "score@1,score[baseline=leave_one_out]@8,gumbel_softmax@1"
     storch-compare toy             # REBAR toy and K=10 categorical: bias, variance, time
     storch-compare overhead        # storch vs hand-written torch: time and peak memory ratios
+    storch-compare model path/to/model.py:step   # which estimator for MY model? (see model_cli)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 __all__ = ["main"]
 
-COMMANDS = ("vae", "toy", "overhead")
+COMMANDS = ("vae", "toy", "overhead", "model")
 
 
 def _machine() -> str:
@@ -78,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--problems", default="toy,vae")
     o.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per measurement")
     o.add_argument("--configs", default=None, help="subset of score,loo,unordered_set,gumbel_softmax")
+    m = sub.add_parser("model", help="which estimator for MY model: rank the installed estimators on "
+                       "FILE:FUNCTION (variance, bias, time, memory)")
+    _common(m)
+    from .model_cli import add_arguments
+
+    add_arguments(m)
     return p
 
 
@@ -96,6 +103,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .toy import run_cli
 
         return run_cli(args)
+    if args.command == "model":
+        from .model_cli import run as run_model
+
+        return run_model(args)
     from .overhead import run_cli
 
     return run_cli(args)
