@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ._errors import PlateError
-from ._plate_ops import _default, broadcast, dispatch, register, scan, wrap
+from ._plate_ops import broadcast, dispatch, register, scan, wrap
+from ._plate_vmap import vmap_call
 from ._plates import PlateTensor, align, union_plates
 
 _PT = PlateTensor
@@ -60,11 +61,15 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
 
     def handler(func, args, kwargs):
         x = args[0]
-        if type(x) is not _PT or (len(args) > 1 and isinstance(args[1], _T)):
+        if len(args) > 1 and isinstance(args[1], _T):
             return broadcast(func, args, kwargs)  # e.g. torch.max(a, b) is elementwise
+        if type(x) is not _PT or any(type(a) is _PT for a in args[1:]) or any(type(v) is _PT for v in kwargs.values()):
+            return vmap_call(func, args, kwargs)  # e.g. diff(x, prepend=sampled)
         n = len(x._plates)
         k = x._raw.dim() - n
         d, where = _get_dim(args, kwargs, pos, default)
+        if callable(d):
+            d = d(k)
         if d is None:
             if not reduce_all:
                 raise PlateError(f"{func.__name__} on a PlateTensor needs an explicit dim")
@@ -85,9 +90,16 @@ for _name in _REDUCE:
     register(*_both(_name))(_dim_handler(1, reduce_all=True))
 register(*_both("norm"))(_dim_handler(2, reduce_all=True))
 for _name in ["softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin",
-              "unbind", "select", "narrow", "sort", "argsort", "index_select", "diff"]:
-    register(*_both(_name))(_dim_handler(1, default=0 if _name == "unbind" else None))
-register(F.softmax, F.log_softmax)(_dim_handler(1))
+              "unbind", "select", "narrow", "sort", "argsort", "diff"]:
+    register(*_both(_name))(_dim_handler(1, default={"unbind": 0, "sort": -1, "argsort": -1, "diff": -1}.get(_name)))
+
+
+def _softmax_dim(k: int) -> int:
+    # torch's implicit softmax dim (nn.functional._get_softmax_dim) of the per-sample rank
+    return 0 if k in (0, 1, 3) else 1
+
+
+register(F.softmax, F.log_softmax, F.softmin)(_dim_handler(1, default=_softmax_dim))
 register(F.gumbel_softmax)(_dim_handler(4, default=-1))
 register(F.normalize)(_dim_handler(2, default=1))
 for _name in ["split", "chunk", "topk", "kthvalue"]:
@@ -151,7 +163,7 @@ def _permute(func, args, kwargs):
 def _reshape(func, args, kwargs):
     x = args[0]
     if len(args) == 2 and isinstance(args[1], torch.dtype) or "dtype" in kwargs:
-        return _default(func, args, kwargs)
+        return wrap(func(x._raw, *args[1:], **kwargs), x._plates)  # view(dtype): the last dim
     shape = _shape_arg(args, kwargs, "shape")
     raw = x._raw
     new = raw.shape[: len(x._plates)] + shape
@@ -339,6 +351,18 @@ def _linear(func, args, kwargs):
         return wrap(F.linear(x._raw, w, b), x._plates)
     out = _matmul(torch.matmul, (x, dispatch(_T.transpose, (w, -1, -2), {})), {})
     return out if b is None else broadcast(torch.add, (out, b), {})
+
+
+@register(F.layer_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []))
+def _layer_norm(func, args, kwargs):
+    """the last dims of each sample (normalized_shape); a per-sample weight goes to vmap"""
+    x = args[0]
+    if type(x) is not _PT or any(type(a) is _PT for a in args[1:]) or any(type(v) is _PT for v in kwargs.values()):
+        return vmap_call(func, args, kwargs)
+    shape = args[1] if len(args) > 1 else kwargs["normalized_shape"]
+    if len(tuple(shape)) > x._raw.dim() - len(x._plates):
+        return vmap_call(func, args, kwargs)  # torch's own error, in per-sample shapes
+    return wrap(func(x._raw, *args[1:], **kwargs), x._plates)
 
 
 @register(F.embedding)
