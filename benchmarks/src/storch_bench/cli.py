@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(o)
     o.add_argument("--batch-sizes", default="1,100")
     o.add_argument("--n-samples", default="1,8,64")
-    o.add_argument("--problems", default="toy,vae")
+    o.add_argument("--problems", default="toy,vae", help="toy, vae, cnn, rnn (comma-separated; default toy,vae)")
     o.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per measurement")
     o.add_argument("--configs", default=None, help="subset of score,loo,unordered_set,gumbel_softmax")
     return p

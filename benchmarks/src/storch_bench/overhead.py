@@ -5,7 +5,12 @@ batch sizes 1 and 100 and n = 1, 8, 64, on two problems:
 
 - ``toy``: REBAR's toy (3 Bernoullis, t = 0.45), one logit vector per batch row: sample,
   surrogate, gradient w.r.t. the logits;
-- ``vae``: one training step of the Bernoulli VAE on load_digits (forward, backward, Adam step).
+- ``vae``: one training step of the Bernoulli VAE on load_digits (forward, backward, Adam step);
+- ``cnn``: one training step of the convolutional VAE (:mod:`storch_bench.conv_vae`: Conv2d
+  encoder, ConvTranspose2d decoder, 16 Bernoulli latents) on load_digits as 1x8x8 images;
+- ``rnn``: one training step of the autoregressive GRU decoder (:mod:`storch_bench.gru_decoder`:
+  8 steps of 8-way tokens, one estimator instance over the steps = one partition); only
+  estimators that support partitions run it.
 
 Both sides get the same inputs and the same seed; for the score function and leave-one-out the
 gradients are compared (equal samples give equal gradients). Time is measured timeit-style
@@ -28,6 +33,7 @@ from torch.distributions import Bernoulli, RelaxedBernoulli
 
 import storch
 
+from . import conv_vae, gru_decoder
 from .data import load_binary_digits
 from .handwritten import gumbel_topk_bernoulli, score_surrogate, unordered_set_surrogate
 from .measure import peak_memory
@@ -36,7 +42,7 @@ from .models import VAE, storch_step
 __all__ = ["CONFIGS", "Row", "run_overhead", "run_cli", "TARGETS"]
 
 T_TOY = 0.45
-TARGETS = {"toy": 1.3, "vae": 1.10, "memory": 1.1}
+TARGETS = {"toy": 1.3, "vae": 1.10, "memory": 1.1, "cnn": 1.15, "rnn": 1.3}
 ALTERNATIONS = 5  # seconds of timing per side: ALTERNATIONS * min_time
 # config -> (registry name, options, smallest n)
 CONFIGS = {
@@ -143,7 +149,70 @@ def vae_pair(config: str, est, batch: int, n: int):
     return with_storch, by_hand, sync
 
 
-PROBLEMS = {"toy": toy_pair, "vae": vae_pair}
+# -- one training step of the convolutional VAE and of the GRU decoder --------------------------
+
+
+def _step(model, optimizer, build: Callable[[], None]):
+    def with_storch():
+        optimizer.zero_grad(set_to_none=True)
+        with storch.Graph():
+            build()
+            storch.backward()
+        optimizer.step()
+    return with_storch
+
+
+def cnn_pair(config: str, est, batch: int, n: int):
+    train, _ = load_binary_digits()
+    x = train[:batch].view(-1, 1, 8, 8)
+    torch.manual_seed(0)
+    model_s = conv_vae.ConvVAE()
+    model_t = copy.deepcopy(model_s)
+    opt_s = torch.optim.Adam(model_s.parameters(), lr=1e-3)
+    opt_t = torch.optim.Adam(model_t.parameters(), lr=1e-3)
+    step = _step(model_s, opt_s, lambda: conv_vae.storch_surrogate(model_s, est, x))
+
+    def with_storch():
+        step()
+        return model_s.encoder[0].weight.grad
+
+    def by_hand():
+        opt_t.zero_grad(set_to_none=True)
+        logits = model_t.encoder(x)
+        loss = model_t.kl(logits).mean() + _hand_cost(
+            config, logits, n, est, lambda z: conv_vae.batched_reconstruction(model_t, z, x))
+        loss.backward()
+        opt_t.step()
+        return model_t.encoder[0].weight.grad
+
+    return with_storch, by_hand, lambda: model_t.load_state_dict(model_s.state_dict())
+
+
+def rnn_pair(config: str, est, batch: int, n: int):
+    train, _ = load_binary_digits()
+    x = train[:batch]
+    torch.manual_seed(0)
+    model_s = gru_decoder.GRUDecoder()
+    model_t = copy.deepcopy(model_s)
+    opt_s = torch.optim.Adam(model_s.parameters(), lr=1e-3)
+    opt_t = torch.optim.Adam(model_t.parameters(), lr=1e-3)
+    step = _step(model_s, opt_s, lambda: gru_decoder.storch_surrogate(model_s, est, x))
+
+    def with_storch():
+        step()
+        return model_s.init.weight.grad
+
+    def by_hand():
+        opt_t.zero_grad(set_to_none=True)
+        gru_decoder.hand_surrogate(model_t, x, n, leave_one_out=config == "loo").backward()
+        opt_t.step()
+        return model_t.init.weight.grad
+
+    return with_storch, by_hand, lambda: model_t.load_state_dict(model_s.state_dict())
+
+
+PROBLEMS = {"toy": toy_pair, "vae": vae_pair, "cnn": cnn_pair, "rnn": rnn_pair}
+PARTITION_PROBLEMS = ("rnn",)  # one estimator instance called at every step
 
 
 def _block(fn: Callable, k: int) -> float:
@@ -182,6 +251,9 @@ def measure(problem: str, config: str, batch: int, n: int, threads: int = 1, min
         return row
     except storch.OptionError as e:
         row.note = f"OptionError: {e}"
+        return row
+    if problem in PARTITION_PROBLEMS and (config not in ("score", "loo") or not est.supports_partitions):
+        row.note = f"{problem}: {name} is not run on partitions here (score and leave-one-out only)"
         return row
     with_storch, by_hand, sync = PROBLEMS[problem](config, est, batch, n)
     try:
@@ -230,7 +302,8 @@ def run_cli(args: argparse.Namespace) -> int:
     write_csv(args.out / "overhead.csv", HEADER, table)
     setup = (f"time: fastest of alternating ~5 ms blocks of calls ({ALTERNATIONS * args.min_time:.1f}s per side, after warm-up), "
              f"{args.threads} thread(s); memory: torch CPU allocator peak of one call (torch.profiler); targets: "
-             f"time <= {TARGETS['toy']}x on the toy, <= {TARGETS['vae']}x per VAE step, memory <= {TARGETS['memory']}x")
+             f"time <= {TARGETS['toy']}x on the toy, <= {TARGETS['vae']}x per VAE step, <= {TARGETS['cnn']}x per CNN "
+             f"VAE step, <= {TARGETS['rnn']}x per GRU decoder step, memory <= {TARGETS['memory']}x")
     md = f"# {_header('storch-compare overhead: storch vs hand-written torch')}\n{setup}.\n\n{markdown_table(HEADER, table)}\n"
     (args.out / "overhead.md").write_text(md)
     print(text_table(HEADER, table))
