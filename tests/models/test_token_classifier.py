@@ -82,6 +82,16 @@ def test_layers_equal_a_loop_over_plate_entries():
     assert_per_entry(error, lift(torch.softmax(torch.randn(3, 2, CLASSES), -1)), lift(torch.tensor([1, 2]), PLATES[1:]))
 
 
+def test_batchnorm_in_training_mode_is_refused_on_plates():
+    # its batch statistics would mix plate entries: no per-sample meaning, so a PlateError
+    model = TokenClassifier().train()
+    mean, var = model.norm.running_mean.clone(), model.norm.running_var.clone()
+    with pytest.raises(storch.PlateError, match="eval"):
+        model.logits(lift(torch.randint(VOCAB, (3, 2, LENGTH))))
+    # the running statistics are untouched (torch's module bumps num_batches_tracked before the call)
+    assert torch.equal(model.norm.running_mean, mean) and torch.equal(model.norm.running_var, var)
+
+
 def test_inputs_and_targets_share_one_data_plate():
     tokens, labels = _data(5)
     with storch.Graph():
