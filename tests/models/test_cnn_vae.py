@@ -32,6 +32,24 @@ def test_layers_equal_a_loop_over_plate_entries():
     assert_per_entry(model.kl, lift(torch.randn(3, 2, 6)))
 
 
+def test_other_convolutional_layers_equal_a_loop_over_plate_entries():
+    # layers a CNN commonly adds; GroupNorm needs a batch dim in plain torch, so one sample is a batch of one image
+    torch.manual_seed(4)
+    block = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.GroupNorm(2, 4), torch.nn.PReLU(4),
+        torch.nn.MaxPool2d(2), torch.nn.AvgPool2d(2, stride=1), torch.nn.Upsample(scale_factor=2, mode="bilinear"),
+        torch.nn.InstanceNorm2d(4, affine=True),
+        torch.nn.Dropout(0.0))
+    x = lift(torch.randn(3, 2, 1, 1, 8, 8))
+    assert_per_entry(block, x)
+    assert_per_entry(block.eval(), x)
+    assert_per_entry(torch.nn.Conv1d(3, 2, 3, padding=1), lift(torch.randn(3, 2, 3, 7)))
+    assert_per_entry(torch.nn.Conv3d(1, 2, 2), lift(torch.randn(3, 2, 1, 3, 4, 4)))
+    assert_per_entry(torch.nn.ConvTranspose1d(3, 2, 3, stride=2), lift(torch.randn(3, 2, 3, 5)))
+    assert_per_entry(torch.nn.AdaptiveAvgPool2d(1), lift(torch.randn(3, 2, 4, 5, 5)))
+    assert_per_entry(torch.nn.BatchNorm2d(4).eval(), lift(torch.randn(3, 2, 1, 4, 3, 3)))  # a batch of 1 per sample
+
+
 @pytest.mark.parametrize("name, options", [("score", {"n_samples": 4, "baseline": "leave_one_out"}),
                                            ("gumbel_softmax", {"n_samples": 2, "temperature": 0.7})])
 def test_three_training_steps(name, options):
