@@ -223,6 +223,9 @@ def _meta(func, args, kwargs):
 
 
 register(
+    *[getattr(torch, n) for n in ("is_floating_point", "is_complex", "numel", "is_conj", "is_neg",
+                                  "is_inference") if hasattr(torch, n)],
+    _T.is_conj, _T.is_neg, _T.is_inference,
     _T.size, _T.dim, _T.ndimension, _T.numel, _T.nelement, _T.__len__, _T.is_floating_point,
     _T.is_complex, _T.is_signed, _T.element_size, _T.get_device,
     *(getattr(_T, p).__get__ for p in (
@@ -230,6 +233,23 @@ register(
         "is_meta", "is_mps", "is_nested", "is_cpu",
     )),
 )(_meta)
+
+
+@register(_T.is_contiguous, _T.stride)
+def _raw_layout(func, args, kwargs):
+    """layout of the raw storage (the per-sample dims are its trailing dims)"""
+    x = args[0]
+    n = len(x._plates)
+    d = args[1] if len(args) > 1 else kwargs.get("dim")
+    if func is _T.stride:
+        return x._raw.stride()[n:] if d is None else x._raw.stride(d + n if d >= 0 else d)
+    return func(x._raw, *args[1:], **kwargs)
+
+
+@register(torch.is_same_size, _T.is_same_size)
+def _same_size(func, args, kwargs):
+    """per-sample shapes"""
+    return tuple(args[0].shape) == tuple(args[1].shape)
 
 
 @register(*(getattr(_T, p).__get__ for p in ("requires_grad", "grad_fn", "is_leaf", "grad", "data")))
@@ -266,7 +286,7 @@ register(_T.item, _T.tolist, _T.numpy, _T.__bool__, _T.__int__, _T.__float__, _T
          _T.__array__, _T.__complex__)(_single)
 
 
-@register(_T.new_zeros, _T.new_ones, _T.new_full, _T.new_empty, _T.new_tensor)
+@register(_T.new_zeros, _T.new_ones, _T.new_full, _T.new_empty, _T.new_tensor, _T.new_empty_strided)
 def _no_plates(func, args, kwargs):
     return func(args[0]._raw, *args[1:], **kwargs)
 

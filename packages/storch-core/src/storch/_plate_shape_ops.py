@@ -61,12 +61,16 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
 
     def handler(func, args, kwargs):
         x = args[0]
+        if len(args) > 1 and isinstance(args[1], bool) and func in _UNBIASED:
+            args, kwargs = args[:1], {**kwargs, "unbiased": args[1]}  # std(x, False)
         if len(args) > 1 and isinstance(args[1], _T):
             return broadcast(func, args, kwargs)  # e.g. torch.max(a, b) is elementwise
         if type(x) is not _PT or any(type(a) is _PT for a in args[1:]) or any(type(v) is _PT for v in kwargs.values()):
             return vmap_call(func, args, kwargs)  # e.g. diff(x, prepend=sampled)
         n = len(x._plates)
         k = x._raw.dim() - n
+        if k == 0:
+            return vmap_call(func, args, kwargs)  # 0-dim samples: dim 0 / -1 address the scalar itself
         d, where = _get_dim(args, kwargs, pos, default)
         if callable(d):
             d = d(k)
@@ -84,14 +88,25 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
     return handler
 
 
+_UNBIASED = set(_both("std") + _both("var"))
 _REDUCE = ["sum", "mean", "nansum", "nanmean", "prod", "amax", "amin", "all", "any", "argmax",
            "argmin", "std", "var", "logsumexp", "max", "min", "median", "count_nonzero"]
 for _name in _REDUCE:
     register(*_both(_name))(_dim_handler(1, reduce_all=True))
-register(*_both("norm"))(_dim_handler(2, reduce_all=True))
+_norm = _dim_handler(2, reduce_all=True)
+
+
+@register(*_both("norm"))
+def _norm_handler(func, args, kwargs):
+    """dims of each sample; matrix norms ('fro'/'nuc' over all dims) go to vmap"""
+    p = args[1] if len(args) > 1 else kwargs.get("p", "fro")
+    if isinstance(p, str):
+        return vmap_call(func, args, kwargs)
+    return _norm(func, args, kwargs)
 for _name in ["softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin",
-              "unbind", "select", "narrow", "sort", "argsort", "diff"]:
-    register(*_both(_name))(_dim_handler(1, default={"unbind": 0, "sort": -1, "argsort": -1, "diff": -1}.get(_name)))
+              "unbind", "select", "narrow", "sort", "argsort"]:
+    register(*_both(_name))(_dim_handler(1, default={"unbind": 0, "sort": -1, "argsort": -1}.get(_name)))
+register(*_both("diff"))(_dim_handler(2, default=-1))  # diff(input, n, dim)
 
 
 def _softmax_dim(k: int) -> int:
@@ -367,8 +382,9 @@ def _layer_norm(func, args, kwargs):
 
 @register(F.embedding)
 def _embedding(func, args, kwargs):
-    if any(type(a) is _PT for a in list(args[1:]) + list(kwargs.values())):
-        raise PlateError("F.embedding with a per-sample weight matrix is not supported; index it instead")
+    """indices of any shape: the table is looked up per element; a per-sample table goes to vmap"""
+    if type(args[0]) is not _PT or any(type(a) is _PT for a in list(args[1:]) + list(kwargs.values())):
+        return vmap_call(func, args, kwargs)
     x = args[0]
     return wrap(func(x._raw, *args[1:], **kwargs), x._plates)
 

@@ -61,18 +61,13 @@ def vmap_call(func, args, kwargs):
         return func(*a, **k)
 
     full = all(all(mk[j] for j in levels) for mk in mapped)
-    if full and len(levels) > 1 and not inplace:
-        # one vmap over the flattened plates (cheaper than nested levels)
-        lead = tuple(sizes[j] for j in levels)
-        n = math.prod(lead)
-        flat = [r.reshape((n,) + r.shape[len(levels):]) for r in raws]
-        out = torch.func.vmap(call, randomness="different")(*flat)
-        out = _map_tensors(out, lambda o: o.reshape(lead + o.shape[1:]))
-    else:
-        f = call
-        for j in reversed(levels):
-            f = torch.func.vmap(f, in_dims=tuple(0 if mk[j] else None for mk in mapped), randomness="different")
-        out = f(*raws)
+    try:
+        out = _vmap(call, raws, mapped, levels, sizes, full, inplace)
+    except RuntimeError as e:
+        if inplace or "Batching rule not implemented" not in str(e):
+            raise
+        # torch has no batching rule (and no fallback) for this operator: one call per entry
+        out = _loop(call, raws, mapped, levels, sizes, func)
     if inplace:
         return args[0]
     missing = [j for j in range(m) if j not in levels]
@@ -84,6 +79,48 @@ def vmap_call(func, args, kwargs):
 
         out = _map_tensors(out, expand)
     return _map_tensors(out, lambda o: PlateTensor._wrap(o, plates))
+
+
+def _loop(call, raws, mapped, levels, sizes, func):
+    """Per plate entry, one call; the outputs stacked (for operators without a batching rule)."""
+    import itertools
+
+    outs = []
+    for idx in itertools.product(*[range(sizes[j]) for j in levels]):
+        entry = []
+        for r, mk in zip(raws, mapped):
+            sel = tuple(i for i, j in zip(idx, levels) if mk[j])
+            entry.append(r[sel] if sel else r)
+        outs.append(call(*entry))
+    flat = [tree_flatten(o) for o in outs]
+    spec = flat[0][1]
+    leaves = []
+    for k, first in enumerate(flat[0][0]):
+        if not isinstance(first, torch.Tensor):
+            raise PlateError(f"{describe(func)} returns a {type(first).__name__}, not a tensor, per plate entry")
+        items = [f[0][k] for f in flat]
+        if any(t.shape != first.shape for t in items):
+            raise PlateError(
+                f"{describe(func)} returns tensors of different shapes for different plate entries "
+                f"({tuple(first.shape)} and others); a plate tensor needs one per-sample shape"
+            )
+        st = torch.stack(items)
+        leaves.append(st.reshape(tuple(sizes[j] for j in levels) + first.shape))
+    return tree_unflatten(leaves, spec)
+
+
+def _vmap(call, raws, mapped, levels, sizes, full, inplace):
+    if full and len(levels) > 1 and not inplace:
+        # one vmap over the flattened plates (cheaper than nested levels)
+        lead = tuple(sizes[j] for j in levels)
+        n = math.prod(lead)
+        flat = [r.reshape((n,) + r.shape[len(levels):]) for r in raws]
+        out = torch.func.vmap(call, randomness="different")(*flat)
+        return _map_tensors(out, lambda o: o.reshape(lead + o.shape[1:]))
+    f = call
+    for j in reversed(levels):
+        f = torch.func.vmap(f, in_dims=tuple(0 if mk[j] else None for mk in mapped), randomness="different")
+    return f(*raws)
 
 
 def _map_tensors(out, fn):

@@ -182,6 +182,8 @@ RANDOM = {
 def _qualname(f) -> str:
     mod = getattr(f, "__module__", None) or ""
     name = getattr(f, "__qualname__", None) or getattr(f, "__name__", None) or repr(f)
+    if "<locals>" in name or name.startswith("_VariableFunctionsClass"):
+        name = getattr(f, "__name__", name)
     objclass = getattr(f, "__objclass__", None)
     if objclass is not None and issubclass(objclass, torch._C.TensorBase):
         return f"Tensor.{getattr(f, '__name__', name)}"
@@ -256,6 +258,50 @@ def _decide(func) -> Entry:
     if _aten_pointwise(func):
         return Entry(Treatment.POINTWISE, False, "elementwise (aten pointwise tag)")
     return Entry(Treatment.VMAP, None, "torch.func.vmap over the plates")
+
+
+# -- refusals: no correct treatment exists ---------------------------------------------------------
+
+_DATA_DEPENDENT = (
+    "the number of elements it returns depends on the values, so the plate entries would "
+    "have different shapes; {instead}"
+)
+REFUSALS = {
+    # name (looked up on torch and torch.Tensor) -> what to do instead
+    "nonzero": _DATA_DEPENDENT.format(instead="use a mask with torch.where(mask, x, other), or "
+                                              "nonzero_static(x, size=...) with a fixed size"),
+    "argwhere": _DATA_DEPENDENT.format(instead="use a mask with torch.where(mask, x, other)"),
+    "masked_select": _DATA_DEPENDENT.format(instead="use torch.where(mask, x, 0) and reduce with a sum, "
+                                                    "or keep the mask as a weight"),
+    "unique": _DATA_DEPENDENT.format(instead="compare against a fixed set of values (x == values[:, None])"),
+    "unique_consecutive": _DATA_DEPENDENT.format(instead="work with a mask of x[1:] != x[:-1]"),
+    "equal": "it returns one Python bool for all plate entries; use (a == b).all(-1) per sample, or "
+             "compare the raw `.tensor`s",
+    "allclose": "it returns one Python bool for all plate entries; use torch.isclose(a, b).all() per sample, "
+                "or compare the raw `.tensor`s",
+    "is_nonzero": "it returns one Python bool for all plate entries; compare per sample instead",
+    "as_strided": "its strides address the raw storage, which holds every plate entry; use view, "
+                  "reshape, unfold or indexing instead",
+    "as_strided_": "its strides address the raw storage, which holds every plate entry; use view, "
+                   "reshape, unfold or indexing instead",
+    "as_strided_scatter": "its strides address the raw storage, which holds every plate entry; use "
+                          "indexing instead",
+    "resize_": "resizing in place cannot keep the plate dims; build a new tensor per sample instead",
+    "resize_as_": "resizing in place cannot keep the plate dims; build a new tensor per sample instead",
+    "set_": "it replaces the storage that holds every plate entry; build a new tensor instead",
+    "data_ptr": "the raw storage holds every plate entry; use `.tensor.data_ptr()` for the raw tensor",
+    "untyped_storage": "the raw storage holds every plate entry; use `.tensor.untyped_storage()`",
+    "storage": "the raw storage holds every plate entry; use `.tensor.storage()`",
+}
+
+
+def _register_refusals() -> None:
+    for name, msg in REFUSALS.items():
+        funcs = [f for f in (getattr(torch, name, None), getattr(_T, name, None)) if f is not None]
+        _register(funcs, refuse(msg), override=False)
+
+
+_register_refusals()
 
 
 def describe(func) -> str:
