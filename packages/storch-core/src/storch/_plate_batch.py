@@ -124,8 +124,9 @@ def batch_first(spec, func, args, kwargs):
             new = _fold(a, plates, b, not plan.unbatched)
         args, kwargs = _set(args, kwargs, pos, key, new)
     out = func(*args, **kwargs)
-    if isinstance(plan.outputs, int):
-        return _PT._wrap(_unfold(out, sizes, plan.outputs, not plan.unbatched), plates)
+    if isinstance(out, _T):  # e.g. max_pool2d without return_indices: the first output's batch dim
+        c = plan.outputs if isinstance(plan.outputs, int) else plan.outputs[0]
+        return _PT._wrap(_unfold(out, sizes, c, not plan.unbatched), plates)
     res = []
     for o, c in zip(out, plan.outputs):
         if isinstance(o, (tuple, list)) and c is not None:

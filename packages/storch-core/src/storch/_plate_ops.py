@@ -330,6 +330,15 @@ def _broadcast_tensors(func, args, kwargs):
     return tuple(_PT._wrap(r, plates) for r in torch.broadcast_tensors(*raws))
 
 
+import torch.nn.functional as _F  # noqa: E402
+
+# elementwise functions of torch.nn.functional whose Python name has no aten operator
+register_plate_handler([_F.threshold, _F.threshold_, _F.logsigmoid, _F.hardtanh, _F.relu6, _F.elu, _F.selu,
+                        _F.celu, _F.leaky_relu, _F.hardsigmoid, _F.hardswish, _F.silu, _F.mish, _F.softplus,
+                        _F.softshrink, _F.hardshrink, _F.tanhshrink, _F.softsign, _F.gelu, _F.relu,
+                        _F.sigmoid, _F.tanh],
+                       "pointwise", note="elementwise activation")
+
 from . import _plate_shape_ops  # noqa: E402,F401  (registers the dim-aware handlers)
 from ._plate_batch import batch_first  # noqa: E402  (registers the batch-first functions)
 from ._plate_vmap import vmap_call  # noqa: E402

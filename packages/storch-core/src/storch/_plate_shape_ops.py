@@ -104,7 +104,7 @@ def _norm_handler(func, args, kwargs):
         return vmap_call(func, args, kwargs)
     return _norm(func, args, kwargs)
 for _name in ["softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin",
-              "unbind", "select", "narrow", "sort", "argsort"]:
+              "unbind", "select", "narrow", "sort", "argsort", "index_select"]:
     register(*_both(_name))(_dim_handler(1, default={"unbind": 0, "sort": -1, "argsort": -1}.get(_name)))
 register(*_both("diff"))(_dim_handler(2, default=-1))  # diff(input, n, dim)
 
@@ -115,6 +115,54 @@ def _softmax_dim(k: int) -> int:
 
 
 register(F.softmax, F.log_softmax, F.softmin)(_dim_handler(1, default=_softmax_dim))
+register(F.glu)(_dim_handler(1, default=-1))
+
+
+@register(_T.unflatten, *_both("unflatten"))
+def _unflatten(func, args, kwargs):
+    """one per-sample dim split into several"""
+    x = args[0]
+    n = len(x._plates)
+    d = args[1] if len(args) > 1 else kwargs["dim"]
+    sizes = args[2] if len(args) > 2 else kwargs["sizes"]
+    return wrap(x._raw.unflatten(tdim(d, n, x._raw.dim() - n), sizes), x._plates)
+
+
+@register(*_both("t"))
+def _t(func, args, kwargs):
+    """per-sample transpose of a matrix (a vector or scalar is returned as is)"""
+    x = args[0]
+    n = len(x._plates)
+    if x._raw.dim() - n < 2:
+        return x
+    if x._raw.dim() - n > 2:
+        return vmap_call(func, args, kwargs)  # torch's own error, in per-sample shapes
+    return wrap(x._raw.transpose(-2, -1), x._plates)
+
+
+@register(*_both("tril"), *_both("triu"))
+def _last_two(func, args, kwargs):
+    """the last two dims of each sample"""
+    x = args[0]
+    if type(x) is not _PT or x._raw.dim() - len(x._plates) < 2:
+        return vmap_call(func, args, kwargs)
+    return wrap(func(x._raw, *args[1:], **kwargs), x._plates)
+
+
+@register(*_both("ravel"))
+def _ravel(func, args, kwargs):
+    """the per-sample elements, flattened"""
+    x = args[0]
+    return wrap(x._raw.reshape(x._raw.shape[: len(x._plates)] + (-1,)), x._plates)
+
+
+@register(_T.view_as, _T.reshape_as)
+def _view_as(func, args, kwargs):
+    """the per-sample shape of the other tensor"""
+    x, other = args[0], args[1]
+    if type(x) is not _PT:
+        return vmap_call(func, args, kwargs)
+    return wrap(x._raw.reshape(x._raw.shape[: len(x._plates)] + tuple(other.shape)), x._plates)
 register(F.gumbel_softmax)(_dim_handler(4, default=-1))
 register(F.normalize)(_dim_handler(2, default=1))
 for _name in ["split", "chunk", "topk", "kthvalue"]:

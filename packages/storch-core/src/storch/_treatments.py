@@ -167,6 +167,11 @@ POINTWISE_EXTRA = {
     "__ior__", "__xor__", "__rxor__", "__ixor__", "__lshift__", "__rlshift__", "__ilshift__",
     "__rshift__", "__rrshift__", "__irshift__", "__eq__", "__ne__", "__lt__", "__le__",
     "__gt__", "__ge__", "__neg__", "__pos__", "__abs__", "__invert__",
+    # aliases whose aten operator carries no tag
+    "arccos", "arccosh", "arcsin", "arcsinh", "arctan", "arctan2", "arctanh", "multiply", "divide",
+    "subtract", "greater", "greater_equal", "less", "less_equal", "not_equal", "fix", "log_sigmoid",
+    "cdouble", "cfloat", "chalf", "isreal", "eq", "ne", "lt", "le", "gt", "ge", "gcd", "lcm",
+    "copysign", "heaviside",
 }
 
 # Elementwise functions that draw random numbers: every plate is expanded to its full size
@@ -224,15 +229,16 @@ def _aten_pointwise(func) -> bool:
         return False
     mod = getattr(func, "__module__", None) or ""
     name = _ATEN_PREFIX.get(mod, "") + name
-    packet = getattr(torch.ops.aten, name, None)
-    if packet is None and name.endswith("_"):
-        packet = getattr(torch.ops.aten, name[:-1], None)
-    if packet is None:
-        return False
-    try:
-        return any(torch.Tag.pointwise in getattr(packet, o).tags for o in packet.overloads())
-    except Exception:  # an operator without tags: not pointwise by metadata
-        return False
+    for n in (name, name[:-1]) if name.endswith("_") and not name.startswith("_") else (name,):
+        packet = getattr(torch.ops.aten, n, None)
+        if packet is None:
+            continue
+        try:
+            if any(torch.Tag.pointwise in getattr(packet, o).tags for o in packet.overloads()):
+                return True
+        except Exception:  # an operator without tags: not pointwise by metadata
+            pass
+    return False
 
 
 def treatment_of(func) -> Entry:
@@ -253,7 +259,7 @@ def _decide(func) -> Entry:
     name = getattr(func, "__name__", "")
     if name in RANDOM:
         return Entry(Treatment.POINTWISE, True, "random: each plate entry gets its own draw")
-    if name in POINTWISE_EXTRA:
+    if name in POINTWISE_EXTRA or (name.endswith("_") and name[:-1] in POINTWISE_EXTRA):
         return Entry(Treatment.POINTWISE, False, "elementwise (curated)")
     if _aten_pointwise(func):
         return Entry(Treatment.POINTWISE, False, "elementwise (aten pointwise tag)")
