@@ -400,3 +400,15 @@ def test_second_order_surrogate_through_conv_and_vmap_is_exact(layer):
     he = torch.autograd.grad(ge[0].sum(), (logits, w))
     for a, b in zip(hess[0], he):
         torch.testing.assert_close(a, b)
+
+
+def test_docs_plates_md_is_generated_from_the_table():
+    import importlib.util
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("gen_plates_doc", root / "packages/storch-core/scripts/gen_plates_doc.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    text = (root / "docs" / "plates.md").read_text()
+    assert gen.render(text) == text, "docs/plates.md is out of date: run packages/storch-core/scripts/gen_plates_doc.py"

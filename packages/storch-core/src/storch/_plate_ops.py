@@ -54,6 +54,14 @@ def check_leading(out: torch.Tensor, plates: tuple[Plate, ...]) -> None:
         )
 
 
+def wrap_same(out, plates: tuple[Plate, ...]):
+    """Unchecked wrap for treatments whose construction keeps the plates in the leading dims
+    (elementwise on aligned operands, reductions over per-sample dims): the hot path."""
+    if type(out) is _T:
+        return _PT._wrap(out, plates)
+    return wrap(out, plates)
+
+
 def wrap(out, plates: tuple[Plate, ...]):
     """Wrap raw outputs (tensors, or tuples of them) with ``plates``, checking their leading dims."""
     if isinstance(out, _T):
@@ -184,14 +192,14 @@ def broadcast(func, args, kwargs):
                 k = max(a._raw.dim() - len(pa), b._raw.dim() - len(pb))
                 return _PT._wrap(func(align(a._raw, pa, plates, k), align(b._raw, pb, plates, k)), plates)
             if not isinstance(b, _T):
-                return wrap(func(a._raw, b), a._plates)
+                return wrap_same(func(a._raw, b), a._plates)
             pa = a._plates
-            return wrap(func(align(a._raw, pa, pa, b.dim()), b), pa)
+            return wrap_same(func(align(a._raw, pa, pa, b.dim()), b), pa)
         if tb is _PT:
             if not isinstance(a, _T):
-                return wrap(func(a, b._raw), b._plates)
+                return wrap_same(func(a, b._raw), b._plates)
             pb = b._plates
-            return wrap(func(a, align(b._raw, pb, pb, a.dim())), pb)
+            return wrap_same(func(a, align(b._raw, pb, pb, a.dim())), pb)
     first = None
     same = True
     k0 = ks = plain = -1
@@ -209,7 +217,7 @@ def broadcast(func, args, kwargs):
         # fast path: one set of plates and one per-sample rank: no views needed
         out = func(*[a._raw if type(a) is _PT else a for a in args],
                    **{k: (v._raw if type(v) is _PT else unwrap(v, first)) for k, v in kwargs.items()})
-        return wrap(out, first)
+        return wrap_same(out, first)
     return _call(func, args, kwargs, max(ks, plain))
 
 
@@ -255,7 +263,7 @@ def _same_size(func, args, kwargs):
 @register(*(getattr(_T, p).__get__ for p in ("requires_grad", "grad_fn", "is_leaf", "grad", "data")))
 def _raw_property(func, args, kwargs):
     x = args[0]
-    return wrap(func(x._raw), x._plates)
+    return wrap_same(func(x._raw), x._plates)
 
 
 @register(_T.T.__get__, _T.mT.__get__)
@@ -263,8 +271,8 @@ def _transposed(func, args, kwargs):
     x = args[0]
     n, k = len(x._plates), x._raw.dim() - len(x._plates)
     if func == _T.mT.__get__:
-        return wrap(x._raw.transpose(-2, -1), x._plates)
-    return wrap(x._raw.permute(*range(n), *reversed(range(n, n + k))), x._plates)
+        return wrap_same(x._raw.transpose(-2, -1), x._plates)
+    return wrap_same(x._raw.permute(*range(n), *reversed(range(n, n + k))), x._plates)
 
 
 @register(torch._is_all_true, torch._is_any_true)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ._errors import PlateError
-from ._plate_ops import broadcast, dispatch, register, scan, wrap
+from ._plate_ops import broadcast, dispatch, register, scan, wrap, wrap_same
 from ._plate_vmap import vmap_call
 from ._plates import PlateTensor, align, union_plates
 
@@ -65,7 +65,8 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
             args, kwargs = args[:1], {**kwargs, "unbiased": args[1]}  # std(x, False)
         if len(args) > 1 and isinstance(args[1], _T):
             return broadcast(func, args, kwargs)  # e.g. torch.max(a, b) is elementwise
-        if type(x) is not _PT or any(type(a) is _PT for a in args[1:]) or any(type(v) is _PT for v in kwargs.values()):
+        if type(x) is not _PT or ((len(args) > 2 or kwargs) and (
+                any(type(a) is _PT for a in args[1:]) or any(type(v) is _PT for v in kwargs.values()))):
             return vmap_call(func, args, kwargs)  # e.g. diff(x, prepend=sampled)
         n = len(x._plates)
         k = x._raw.dim() - n
@@ -83,7 +84,7 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
                 out = out[0]
             return wrap(out, x._plates)
         args, kwargs = _set_dim(args, kwargs, pos, where, tdim(d, n, k + extra))
-        return wrap(func(x._raw, *args[1:], **kwargs), x._plates)
+        return wrap_same(func(x._raw, *args[1:], **kwargs), x._plates)
 
     return handler
 
@@ -231,7 +232,7 @@ def _reshape(func, args, kwargs):
     raw = x._raw
     new = raw.shape[: len(x._plates)] + shape
     # plate dims may be non-contiguous views after alignment; reshape copies only if needed
-    return wrap(raw.reshape(new), x._plates)
+    return wrap_same(raw.reshape(new), x._plates)
 
 
 def _pad_raw(x, k_to):
@@ -283,7 +284,7 @@ def _cat(func, args, kwargs):
     d, _ = _get_dim(args, kwargs, 1, 0)
     extra = 1 if func in (torch.stack, getattr(_T, "stack", None)) else 0
     raws = [_full(t, plates) for t in tensors]
-    return wrap(func(raws, tdim(d, n, k + extra)), plates)
+    return wrap_same(func(raws, tdim(d, n, k + extra)), plates)
 
 
 @register(*_both("gather"), *_both("take_along_dim"))
@@ -345,7 +346,7 @@ def _getitem(func, args, kwargs):
     x, idx = args
     raw_idx, plates = _raw_index(x, idx)
     src = _full(x, plates) if type(x) is _PT and plates != x._plates else (x._raw if type(x) is _PT else x)
-    return wrap(src[raw_idx], plates)
+    return wrap_same(src[raw_idx], plates)  # the plate dims are indexed by full slices / aranges
 
 
 @register(_T.__setitem__)
@@ -411,7 +412,7 @@ def _linear(func, args, kwargs):
     w = args[1] if len(args) > 1 else kwargs["weight"]
     b = args[2] if len(args) > 2 else kwargs.get("bias")
     if type(w) is not _PT and type(b) is not _PT:
-        return wrap(F.linear(x._raw, w, b), x._plates)
+        return wrap_same(F.linear(x._raw, w, b), x._plates)
     out = _matmul(torch.matmul, (x, dispatch(_T.transpose, (w, -1, -2), {})), {})
     return out if b is None else broadcast(torch.add, (out, b), {})
 

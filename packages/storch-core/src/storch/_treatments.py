@@ -22,8 +22,9 @@ cached:
 5. ``refused``: a :class:`storch.PlateError` that says what to do instead, where no correct
    treatment exists (data-dependent output shapes such as ``nonzero``).
 
-Nothing falls through to "assume the function acts on trailing dims". ``python -m
-storch._treatments --markdown`` prints the table (``docs/plates.md`` is generated from it).
+Nothing falls through to "assume the function acts on trailing dims". ``markdown()`` renders
+the table; ``docs/plates.md`` is generated from it by
+``packages/storch-core/scripts/gen_plates_doc.py``.
 """
 
 from __future__ import annotations
@@ -192,6 +193,8 @@ def _qualname(f) -> str:
     objclass = getattr(f, "__objclass__", None)
     if objclass is not None and issubclass(objclass, torch._C.TensorBase):
         return f"Tensor.{getattr(f, '__name__', name)}"
+    if mod == "torch._tensor":
+        return name
     if mod.startswith("torch.nn.functional") or mod == "torch._C._nn":
         return f"F.{name}"
     if mod.startswith("torch._C._special") or mod == "torch.special":
@@ -303,7 +306,7 @@ REFUSALS = {
 
 def _register_refusals() -> None:
     for name, msg in REFUSALS.items():
-        funcs = [f for f in (getattr(torch, name, None), getattr(_T, name, None)) if f is not None]
+        funcs = [f for f in (getattr(torch, name, None), getattr(_T, name, None)) if callable(f)]
         _register(funcs, refuse(msg), override=False)
 
 
@@ -386,47 +389,39 @@ def _resolve(path: str):
     return getattr(owner, name)
 
 
+def _display(f) -> str:
+    if getattr(f, "__name__", "") == "__get__" and hasattr(f, "__self__"):
+        return f"Tensor.{f.__self__.__name__} (property)"
+    return _qualname(f)
+
+
 def markdown() -> str:
-    """The tables of ``docs/plates.md``: nn layers, then every public torch function by treatment."""
-    lines = ["| nn layer | functions it calls | treatment |", "|---|---|---|"]
+    """The generated part of ``docs/plates.md``: nn layers, registered functions, derived treatments."""
+    lines = ["### nn layers", "", "| nn layer | functions it calls on plate tensors | treatment |", "|---|---|---|"]
     for layer, paths in LAYERS:
-        parts = []
-        for p in paths:
-            e = treatment_of(_resolve(p))
-            parts.append(f"`{p}`: {e.treatment.value}")
-        lines.append(f"| {layer} | " + ", ".join(f"`{p}`" for p in paths) + " | "
-                     + "; ".join(sorted({x.split(': ')[1] for x in parts})) + " |")
-    lines.append("")
+        kinds = sorted({treatment_of(_resolve(p)).treatment.value for p in paths})
+        lines.append(f"| {layer} | " + ", ".join(f"`{p}`" for p in paths) + f" | {', '.join(kinds)} |")
+    lines += ["", "### Registered functions", "",
+              "Handlers, batch-first specs, refusals and explicit pointwise entries of the table "
+              "(`storch._treatments.TABLE`).", "",
+              "| function | treatment | what happens |", "|---|---|---|"]
+    rows = sorted({(_display(f), e.treatment.value, (e.note or "").replace("|", "/").replace("\n", " "))
+                   for f, e in TABLE.items() if _from_torch(f) or getattr(f, "__name__", "") == "__get__"})
+    lines += [f"| `{n}` | {t} | {note} |" for n, t, note in rows]
     groups: dict = {t: [] for t in Treatment}
     for name, f in _public_functions():
         try:
-            e = treatment_of(f)
+            groups[treatment_of(f).treatment].append(name)
         except TypeError:  # unhashable
             continue
-        groups[e.treatment].append((name, e))
-    lines.append("| treatment | count | functions |")
-    lines.append("|---|---|---|")
-    for t, items in groups.items():
-        names = ", ".join(f"`{n}`" for n, _ in items)
-        lines.append(f"| {t.value} | {len(items)} | {names} |")
-    lines.append("")
-    refused = [(n, e) for n, e in groups[Treatment.REFUSED]]
-    if refused:
-        lines.append("Refused functions and what to do instead:")
-        lines.append("")
-        for n, e in refused:
-            lines.append(f"- `{n}`: {e.impl}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":  # pragma: no cover - `python -m storch._treatments --markdown`
-    import sys
-
-    import storch  # noqa: F401  (fills the table)
-
-    if "--markdown" in sys.argv:
-        print(markdown(), end="")
-    else:
-        for name, f in _public_functions():
-            print(f"{treatment_of(f).treatment.value:12s} {name}")
+    lines += ["", "### Every public function, by treatment", "",
+              "Derived for `torch.*`, `torch.nn.functional.*` (`F.`), `torch.special`, `torch.linalg`, "
+              "`torch.fft` and `torch.Tensor` methods: pointwise from torch's `pointwise` operator tag "
+              "(plus a curated list), the registered entries above, and `vmap` for everything else.", "",
+              "| treatment | count |", "|---|---|"]
+    lines += [f"| {t.value} | {len(v)} |" for t, v in groups.items()]
+    for t, names in groups.items():
+        if names:
+            lines += ["", f"<details><summary>{t.value} ({len(names)})</summary>", "",
+                      ", ".join(f"`{n}`" for n in names), "", "</details>"]
+    return "\n".join(lines) + "\n"
