@@ -243,6 +243,14 @@ register(
 )(_meta)
 
 
+@register(_T.itemsize.__get__, _T.nbytes.__get__)
+def _per_sample_bytes(func, args, kwargs):
+    """bytes of one sample"""
+    x = args[0]
+    size = x._raw.element_size()
+    return size if func == _T.itemsize.__get__ else size * x.numel()
+
+
 @register(_T.is_contiguous, _T.stride)
 def _raw_layout(func, args, kwargs):
     """layout of the raw storage (the per-sample dims are its trailing dims)"""

@@ -289,6 +289,7 @@ REFUSALS = {
     "allclose": "it returns one Python bool for all plate entries; use torch.isclose(a, b).all() per sample, "
                 "or compare the raw `.tensor`s",
     "is_nonzero": "it returns one Python bool for all plate entries; compare per sample instead",
+    "__contains__": "it returns one Python bool for all plate entries; use (x == value).any() per sample",
     "as_strided": "its strides address the raw storage, which holds every plate entry; use view, "
                   "reshape, unfold or indexing instead",
     "as_strided_": "its strides address the raw storage, which holds every plate entry; use view, "
@@ -315,6 +316,8 @@ _register_refusals()
 
 def describe(func) -> str:
     """A readable name for ``func`` (used in error messages and the generated docs)."""
+    if getattr(func, "__name__", "") == "__get__" and hasattr(func, "__self__"):
+        return f"Tensor.{func.__self__.__name__}"
     return _qualname(func)
 
 
