@@ -412,3 +412,12 @@ def test_docs_plates_md_is_generated_from_the_table():
     spec.loader.exec_module(gen)
     text = (root / "docs" / "plates.md").read_text()
     assert gen.render(text) == text, "docs/plates.md is out of date: run packages/storch-core/scripts/gen_plates_doc.py"
+
+
+def test_transformer_decoder_with_memory_on_fewer_plates_equals_a_loop():
+    torch.manual_seed(0)
+    dec = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double().eval()
+    tgt = make(rnd(3, 2, 4, 8), *ZD)  # per sample (T=4, E=8), unbatched
+    memory = make(rnd(2, 1, 6, 8, seed=7), ("data", 2))  # the encoder output: per data point only
+    mask = nn.Transformer.generate_square_subsequent_mask(4, dtype=D)
+    check(lambda t, m: dec(t.unsqueeze(0), m, tgt_mask=mask, tgt_is_causal=True).squeeze(0), tgt, memory)
