@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--problems", default="toy,vae", help="toy, vae, cnn, rnn (comma-separated; default toy,vae)")
     o.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per measurement")
     o.add_argument("--configs", default=None, help="subset of score,loo,unordered_set,gumbel_softmax")
+    o.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time (default); cpu: this thread's CPU time (steadier on a shared machine)")
     return p
 
 
