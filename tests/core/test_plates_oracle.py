@@ -261,6 +261,14 @@ if __name__ == "__main__":  # the report for the closing note / docs
     print("treatment    outcome   cases  ops")
     for (t, k), c in sorted(by.items()):
         print(f"{t:12s} {k:9s} {c:5d}  {len(ops_by[(t, k)])}")
+    outcomes = collections.defaultdict(set)
+    for r in res:
+        outcomes[r[0]].add(r[4])
+    print(f"ops tested: {len(outcomes)}; every case per-sample: "
+          f"{sum(o == {'match'} for o in outcomes.values())}; some layouts refused: "
+          f"{sum(o == {'match', 'refused'} for o in outcomes.values())}; all refused: "
+          f"{sum(o == {'refused'} for o in outcomes.values())}; silent mismatches or other errors: "
+          f"{sum(bool(o & {'MISMATCH', 'ERROR'}) for o in outcomes.values())}")
     for r in res:
         if r[4] in ("MISMATCH", "ERROR"):
             print("BAD", r)
