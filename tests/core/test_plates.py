@@ -194,10 +194,10 @@ def test_inplace_write_of_values_from_other_plates_is_an_error():
         x.add_(y)
 
 
-def test_unknown_broadcast_with_higher_rank_plain_tensor_is_an_error():
-    x = make(torch.randn(4, 3), ("z", 4))
-    with pytest.raises(storch.PlateError, match="does not know"):
-        torch.special.zeta(x, torch.rand(5, 3) + 2)
+def test_pointwise_broadcast_with_higher_rank_plain_tensor_is_per_sample():
+    # zeta is pointwise by torch's own metadata: the plain (5, 3) operand broadcasts per sample
+    x = make(torch.rand(4, 3) + 2, ("z", 4))
+    check(lambda a, b: torch.special.zeta(a, b), x, torch.rand(5, 3) + 2)
 
 
 def test_shape_and_metadata_are_per_sample():

@@ -76,9 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     _common(o)
     o.add_argument("--batch-sizes", default="1,100")
     o.add_argument("--n-samples", default="1,8,64")
-    o.add_argument("--problems", default="toy,vae")
+    o.add_argument("--problems", default="toy,vae", help="toy, vae, cnn, rnn (comma-separated; default toy,vae)")
     o.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per measurement")
     o.add_argument("--configs", default=None, help="subset of score,loo,unordered_set,gumbel_softmax")
+    o.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time (default); cpu: this thread's CPU time (steadier on a shared machine)")
     m = sub.add_parser("model", help="which estimator for MY model: rank the installed estimators on "
                        "FILE:FUNCTION (variance, bias, time, memory)")
     _common(m)

@@ -5,7 +5,12 @@ batch sizes 1 and 100 and n = 1, 8, 64, on two problems:
 
 - ``toy``: REBAR's toy (3 Bernoullis, t = 0.45), one logit vector per batch row: sample,
   surrogate, gradient w.r.t. the logits;
-- ``vae``: one training step of the Bernoulli VAE on load_digits (forward, backward, Adam step).
+- ``vae``: one training step of the Bernoulli VAE on load_digits (forward, backward, Adam step);
+- ``cnn``: one training step of the convolutional VAE (:mod:`storch_bench.conv_vae`: Conv2d
+  encoder, ConvTranspose2d decoder, 16 Bernoulli latents) on load_digits as 1x8x8 images;
+- ``rnn``: one training step of the autoregressive GRU decoder (:mod:`storch_bench.gru_decoder`:
+  8 steps of 8-way tokens, one estimator instance over the steps = one partition); only
+  estimators that support partitions run it.
 
 Both sides get the same inputs and the same seed; for the score function and leave-one-out the
 gradients are compared (equal samples give equal gradients). Time is measured timeit-style
@@ -28,6 +33,7 @@ from torch.distributions import Bernoulli, RelaxedBernoulli
 
 import storch
 
+from . import conv_vae, gru_decoder
 from .data import load_binary_digits
 from .handwritten import gumbel_topk_bernoulli, score_surrogate, unordered_set_surrogate
 from .measure import peak_memory
@@ -36,7 +42,7 @@ from .models import VAE, storch_step
 __all__ = ["CONFIGS", "Row", "run_overhead", "run_cli", "TARGETS"]
 
 T_TOY = 0.45
-TARGETS = {"toy": 1.3, "vae": 1.10, "memory": 1.1}
+TARGETS = {"toy": 1.3, "vae": 1.10, "memory": 1.1, "cnn": 1.15, "rnn": 1.3}
 ALTERNATIONS = 5  # seconds of timing per side: ALTERNATIONS * min_time
 # config -> (registry name, options, smallest n)
 CONFIGS = {
@@ -143,17 +149,85 @@ def vae_pair(config: str, est, batch: int, n: int):
     return with_storch, by_hand, sync
 
 
-PROBLEMS = {"toy": toy_pair, "vae": vae_pair}
+# -- one training step of the convolutional VAE and of the GRU decoder --------------------------
 
 
-def _block(fn: Callable, k: int) -> float:
-    t0 = time.perf_counter()
+def _step(model, optimizer, build: Callable[[], None]):
+    def with_storch():
+        optimizer.zero_grad(set_to_none=True)
+        with storch.Graph():
+            build()
+            storch.backward()
+        optimizer.step()
+    return with_storch
+
+
+def cnn_pair(config: str, est, batch: int, n: int):
+    train, _ = load_binary_digits()
+    x = train[:batch].view(-1, 1, 8, 8)
+    torch.manual_seed(0)
+    model_s = conv_vae.ConvVAE()
+    model_t = copy.deepcopy(model_s)
+    opt_s = torch.optim.Adam(model_s.parameters(), lr=1e-3)
+    opt_t = torch.optim.Adam(model_t.parameters(), lr=1e-3)
+    step = _step(model_s, opt_s, lambda: conv_vae.storch_surrogate(model_s, est, x))
+
+    def with_storch():
+        step()
+        return model_s.encoder[0].weight.grad
+
+    def by_hand():
+        opt_t.zero_grad(set_to_none=True)
+        logits = model_t.encoder(x)
+        loss = model_t.kl(logits).mean() + _hand_cost(
+            config, logits, n, est, lambda z: conv_vae.batched_reconstruction(model_t, z, x))
+        loss.backward()
+        opt_t.step()
+        return model_t.encoder[0].weight.grad
+
+    return with_storch, by_hand, lambda: model_t.load_state_dict(model_s.state_dict())
+
+
+def rnn_pair(config: str, est, batch: int, n: int):
+    train, _ = load_binary_digits()
+    x = train[:batch]
+    torch.manual_seed(0)
+    model_s = gru_decoder.GRUDecoder()
+    model_t = copy.deepcopy(model_s)
+    opt_s = torch.optim.Adam(model_s.parameters(), lr=1e-3)
+    opt_t = torch.optim.Adam(model_t.parameters(), lr=1e-3)
+    step = _step(model_s, opt_s, lambda: gru_decoder.storch_surrogate(model_s, est, x))
+
+    def with_storch():
+        step()
+        return model_s.init.weight.grad
+
+    def by_hand():
+        opt_t.zero_grad(set_to_none=True)
+        gru_decoder.hand_surrogate(model_t, x, n, leave_one_out=config == "loo").backward()
+        opt_t.step()
+        return model_t.init.weight.grad
+
+    return with_storch, by_hand, lambda: model_t.load_state_dict(model_s.state_dict())
+
+
+PROBLEMS = {"toy": toy_pair, "vae": vae_pair, "cnn": cnn_pair, "rnn": rnn_pair}
+PARTITION_PROBLEMS = ("rnn",)  # one estimator instance called at every step
+
+
+# wall: elapsed time (the default); cpu: this thread's CPU time, which leaves out the time the
+# process waits for a core (more stable on a machine shared with other jobs)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def _block(fn: Callable, k: int, clock: Callable[[], float] = time.perf_counter) -> float:
+    t0 = clock()
     for _ in range(k):
         fn()
-    return (time.perf_counter() - t0) / k
+    return (clock() - t0) / k
 
 
-def time_pair(fa: Callable, fb: Callable, min_time: float = 0.2) -> tuple[float, float]:
+def time_pair(fa: Callable, fb: Callable, min_time: float = 0.2, clock: str = "wall") -> tuple[float, float]:
     """Seconds per call of ``fa`` and ``fb``, timeit-style: warm-up, then blocks of calls of
     about 5 ms, alternating between the two, for ``ALTERNATIONS * min_time`` seconds each; the
     fastest block of each is kept (the run least disturbed by other load on the machine)."""
@@ -163,13 +237,14 @@ def time_pair(fa: Callable, fb: Callable, min_time: float = 0.2) -> tuple[float,
     best_a = best_b = math.inf
     spent_a = spent_b = 0.0
     while spent_a < ALTERNATIONS * min_time or spent_b < ALTERNATIONS * min_time:
-        a, b = _block(fa, k), _block(fb, k)
+        a, b = _block(fa, k, CLOCKS[clock]), _block(fb, k, CLOCKS[clock])
         best_a, best_b = min(best_a, a), min(best_b, b)
         spent_a, spent_b = spent_a + a * k, spent_b + b * k
     return best_a, best_b
 
 
-def measure(problem: str, config: str, batch: int, n: int, threads: int = 1, min_time: float = 0.2) -> Row:
+def measure(problem: str, config: str, batch: int, n: int, threads: int = 1, min_time: float = 0.2,
+            clock: str = "wall") -> Row:
     row = Row(problem, config, batch, n)
     name, options, n_min = CONFIGS[config]
     if n < n_min:
@@ -183,6 +258,9 @@ def measure(problem: str, config: str, batch: int, n: int, threads: int = 1, min
     except storch.OptionError as e:
         row.note = f"OptionError: {e}"
         return row
+    if problem in PARTITION_PROBLEMS and (config not in ("score", "loo") or not est.supports_partitions):
+        row.note = f"{problem}: {name} is not run on partitions here (score and leave-one-out only)"
+        return row
     with_storch, by_hand, sync = PROBLEMS[problem](config, est, batch, n)
     try:
         sync()
@@ -195,7 +273,7 @@ def measure(problem: str, config: str, batch: int, n: int, threads: int = 1, min
         return row
     if config in ("score", "loo"):
         row.same_grad = "yes" if torch.allclose(gs, gt, rtol=1e-4, atol=1e-6) else "NO"
-    ts, tt = time_pair(with_storch, by_hand, min_time)
+    ts, tt = time_pair(with_storch, by_hand, min_time, clock)
     row.storch_us, row.torch_us = 1e6 * ts, 1e6 * tt
     row.storch_mb = peak_memory(with_storch) / 2**20
     row.torch_mb = peak_memory(by_hand) / 2**20
@@ -203,12 +281,12 @@ def measure(problem: str, config: str, batch: int, n: int, threads: int = 1, min
 
 
 def run_overhead(problems, configs, batches, ns, threads: int = 1, min_time: float = 0.2,
-                 progress: bool = True) -> list[Row]:
+                 progress: bool = True, clock: str = "wall") -> list[Row]:
     from tqdm.auto import tqdm
 
     torch.set_num_threads(threads)
     grid = [(p, c, b, n) for p in problems for c in configs for b in batches for n in ns]
-    return [measure(*g, threads=threads, min_time=min_time)
+    return [measure(*g, threads=threads, min_time=min_time, clock=clock)
             for g in tqdm(grid, disable=not progress, unit="config", dynamic_ncols=True)]
 
 
@@ -224,13 +302,16 @@ def run_cli(args: argparse.Namespace) -> int:
     configs = [c.strip() for c in (args.configs or ",".join(CONFIGS)).split(",") if c.strip()]
     batches = [int(b) for b in args.batch_sizes.split(",")]
     ns = [int(n) for n in args.n_samples.split(",")]
-    rows = run_overhead(problems, configs, batches, ns, args.threads, args.min_time, not args.no_progress)
+    clock = getattr(args, "clock", "wall")
+    rows = run_overhead(problems, configs, batches, ns, args.threads, args.min_time, not args.no_progress, clock)
     table = [[r.problem, r.config, r.batch, r.n, r.storch_us, r.torch_us, r.time_ratio if r.torch_us == r.torch_us else math.nan,
               r.storch_mb, r.torch_mb, r.memory_ratio, r.same_grad, r.note] for r in rows]
     write_csv(args.out / "overhead.csv", HEADER, table)
-    setup = (f"time: fastest of alternating ~5 ms blocks of calls ({ALTERNATIONS * args.min_time:.1f}s per side, after warm-up), "
+    setup = (f"time ({'thread CPU time' if clock == 'cpu' else 'wall clock'}): fastest of alternating ~5 ms blocks of "
+             f"calls ({ALTERNATIONS * args.min_time:.1f}s per side, after warm-up), "
              f"{args.threads} thread(s); memory: torch CPU allocator peak of one call (torch.profiler); targets: "
-             f"time <= {TARGETS['toy']}x on the toy, <= {TARGETS['vae']}x per VAE step, memory <= {TARGETS['memory']}x")
+             f"time <= {TARGETS['toy']}x on the toy, <= {TARGETS['vae']}x per VAE step, <= {TARGETS['cnn']}x per CNN "
+             f"VAE step, <= {TARGETS['rnn']}x per GRU decoder step, memory <= {TARGETS['memory']}x")
     md = f"# {_header('storch-compare overhead: storch vs hand-written torch')}\n{setup}.\n\n{markdown_table(HEADER, table)}\n"
     (args.out / "overhead.md").write_text(md)
     print(text_table(HEADER, table))

@@ -18,6 +18,7 @@ from ._estimator import CostFrame, Estimator, magic_box
 from ._graph import Graph, Node, add_cost, current_graph, denote_independent, reset
 from ._plates import Lineage, Plate, PlateTensor
 from . import _plate_ops  # noqa: F401  (torch functions on plate tensors)
+from ._treatments import Treatment, refuse, register_plate_handler, treatment_of
 from ._registry import (
     EstimatorInfo,
     available_estimators,
@@ -35,4 +36,5 @@ __all__ = [
     "magic_box", "estimator", "available_estimators", "get_estimator_class", "reload_estimators",
     "hookimpl", "hookspec", "StorchError", "PlateError", "OrderError", "UnknownEstimatorError",
     "UnsupportedDistributionError", "OptionError", "CostError", "PluginError",
+    "register_plate_handler", "refuse", "treatment_of", "Treatment",
 ]

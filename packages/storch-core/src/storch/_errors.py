@@ -12,6 +12,7 @@ __all__ = [
     "OptionError",
     "CostError",
     "PluginError",
+    "plate_error_from",
 ]
 
 
@@ -45,3 +46,24 @@ class CostError(StorchError, ValueError):
 
 class PluginError(StorchError, RuntimeError):
     """A plugin is malformed or two plugins claim the same estimator name."""
+
+
+class _PlateRuntimeError(PlateError, RuntimeError):
+    """A torch RuntimeError inside a plate call, re-raised in per-sample terms."""
+
+
+class _PlateIndexError(PlateError, IndexError):
+    """A torch IndexError inside a plate call, re-raised in per-sample terms."""
+
+
+class _PlateTypeError(PlateError, TypeError):
+    """A TypeError inside a plate call, re-raised in per-sample terms (still a TypeError, so that
+    Python's reflected operators keep working)."""
+
+
+def plate_error_from(exc: BaseException, message: str) -> PlateError:
+    """A PlateError with ``message`` that is also an instance of ``exc``'s kind."""
+    for base, cls in ((IndexError, _PlateIndexError), (TypeError, _PlateTypeError), (RuntimeError, _PlateRuntimeError)):
+        if isinstance(exc, base):
+            return cls(message)
+    return PlateError(message)

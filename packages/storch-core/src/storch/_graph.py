@@ -149,7 +149,9 @@ class Graph:
             raise CostError("a cost must be a floating point tensor")
         self.costs.append((name or f"cost{len(self.costs)}", cost))
 
-    def denote_independent(self, tensor: torch.Tensor, dim: int, plate: str) -> PlateTensor:
+    def denote_independent(self, tensor, dim: int, plate: str):
+        if isinstance(tensor, (tuple, list)):
+            return self._denote_several(tensor, dim, plate)
         if type(tensor) is PlateTensor:
             n = len(tensor.plates)
             k = tensor.tensor.dim() - n
@@ -162,6 +164,39 @@ class Graph:
         p = Plate(plate, raw.shape[0], True, 0, Lineage())
         self.claim_plate(plate, p)
         return PlateTensor._wrap(raw, (p,) + parents)
+
+    def _denote_several(self, tensors, dim: int, plate: str):
+        """Several tensors (inputs and targets) on ONE data plate: entry i of each belongs together."""
+        if not tensors:
+            raise PlateError("denote_independent got an empty sequence of tensors")
+        sizes = []
+        for t in tensors:
+            if not isinstance(t, torch.Tensor):
+                raise PlateError(f"denote_independent got a {type(t).__name__}; pass tensors")
+            k = t.dim()  # per-sample rank for a PlateTensor
+            if not -k <= dim < k:
+                raise PlateError(f"dim {dim} is out of range for a tensor of shape {tuple(t.shape)}")
+            sizes.append(t.shape[dim])
+        if len(set(sizes)) != 1:
+            shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
+            raise PlateError(
+                f"the tensors put on data plate {plate!r} have sizes {sizes} along dim {dim} (shapes {shapes}); "
+                "each data point needs one entry in every tensor (inputs and targets must have the same "
+                "number of rows)"
+            )
+        first = self.denote_independent(tensors[0], dim, plate)
+        p = first.plates[0]
+        out = [first]
+        for t in tensors[1:]:
+            if type(t) is PlateTensor:
+                n = len(t.plates)
+                d = dim + n if dim >= 0 else t.tensor.dim() + dim
+                if any(q.name == plate for q in t.plates):
+                    raise PlateError(f"a tensor passed to denote_independent already has plate {plate!r}")
+                out.append(PlateTensor._wrap(t.tensor.movedim(d, 0), (p,) + t.plates))
+            else:
+                out.append(PlateTensor._wrap(t.movedim(dim, 0), (p,)))
+        return type(tensors)(out) if type(tensors) in (tuple, list) else tuple(out)
 
 
 _local = threading.local()
@@ -184,8 +219,14 @@ def add_cost(cost: torch.Tensor, name: Optional[str] = None) -> None:
     current_graph().add_cost(cost, name)
 
 
-def denote_independent(tensor: torch.Tensor, dim: int, plate: str) -> PlateTensor:
-    """Declare ``dim`` of ``tensor`` an independent plate (data points; reduced by the mean)."""
+def denote_independent(tensor, dim: int, plate: str):
+    """Declare ``dim`` of ``tensor`` an independent plate (data points; reduced by the mean).
+
+    Pass a tuple of tensors to put several of them (inputs and targets) on ONE data plate:
+    ``x, y = storch.denote_independent((x, y), 0, "data")`` pairs ``x[i]`` with ``y[i]``. Their
+    sizes along ``dim`` must agree. (Two calls with two plate names would instead pair every
+    ``x`` with every ``y``; the same name twice is refused.)
+    """
     return current_graph().denote_independent(tensor, dim, plate)
 
 

@@ -82,3 +82,18 @@ def _class_loss(func, args, kwargs):
         out = _reduce(out, reduction, n, func.__name__)
     return wrap(out, plates)
 
+
+
+@register(F.gaussian_nll_loss)
+def _gaussian_nll(func, args, kwargs):
+    """per sample: evaluated with reduction="none" on all entries, then reduced per sample"""
+    kwargs = dict(kwargs)
+    names = ("input", "target", "var")
+    vals = [args[i] if len(args) > i else kwargs.pop(n) for i, n in enumerate(names)]
+    rest = args[3:]
+    reduction = kwargs.pop("reduction", rest[2] if len(rest) > 2 else "mean")
+    rest = rest[:2]
+    plates = union_plates(scan(vals, {}))
+    raws = [_full(v, plates) if isinstance(v, torch.Tensor) else v for v in vals]
+    out = func(*raws, *rest, reduction="none", **kwargs)
+    return wrap(_reduce(out, reduction, len(plates), "gaussian_nll_loss"), plates)

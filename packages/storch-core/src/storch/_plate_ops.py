@@ -1,34 +1,36 @@
-"""How torch functions run on plate tensors: the dispatch table and the generic handlers.
+"""How torch functions run on plate tensors: the dispatcher, the pointwise treatment and metadata.
 
-Every call that involves a :class:`PlateTensor` comes here through ``__torch_function__``.
-The common case (all plate operands share the same plates and per-sample rank) takes a fast
-path: unwrap, call once, wrap. Otherwise operands are aligned by plate name (views only:
-permute/unsqueeze) and, for broadcasting functions, their per-sample dims are left-padded so
-that a plain tensor never broadcasts into a plate dimension. Functions whose arguments name
-dimensions are handled in ``_plate_shape_ops``; anything that would silently mix plates
-raises :class:`storch.PlateError` instead.
+Every call that involves a :class:`PlateTensor` comes here through ``__torch_function__``. The
+function's treatment (pointwise, handler, batch-first, vmap, refused) is looked up in the table
+of ``storch._treatments`` once and its implementation cached. Pointwise functions take a fast
+path when all plate operands share the same plates and per-sample rank: unwrap, call once,
+wrap. Otherwise operands are aligned by plate name (views only: permute/unsqueeze) and their
+per-sample dims left-padded so that a plain tensor never broadcasts into a plate dimension.
+Functions whose arguments name dimensions are handled in ``_plate_shape_ops``, batch-first
+functions in ``_plate_batch`` and everything else by ``torch.func.vmap`` (``_plate_vmap``).
+Any error torch raises inside a plate call is re-raised as a :class:`storch.PlateError` that
+speaks of the per-sample shapes the user sees.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._errors import PlateError
+from ._errors import PlateError, plate_error_from
 from ._plates import Plate, PlateTensor, _names, align, union_plates
+from ._treatments import _LISTENERS, Entry, Treatment, describe, register_plate_handler, treatment_of
 
-__all__ = ["dispatch", "register", "wrap", "scan", "unwrap", "too_many_samples"]
+__all__ = ["dispatch", "register", "wrap", "scan", "unwrap", "too_many_samples", "user_error"]
 
 _PT = PlateTensor
 _T = torch.Tensor
-HANDLERS: dict = {}
 
 
-def register(*funcs):
-    """Decorator: use the decorated handler for these torch functions."""
+def register(*funcs, note: str = ""):
+    """Decorator: storch's own handler for these torch functions (an entry of the table)."""
 
     def deco(handler):
-        for f in funcs:
-            HANDLERS[f] = handler
+        register_plate_handler(funcs, handler, note=note or (handler.__doc__ or "").strip().split("\n")[0])
         return handler
 
     return deco
@@ -42,10 +44,31 @@ def dispatch(func, args, kwargs):
 # -- helpers -----------------------------------------------------------------------------
 
 
+def check_leading(out: torch.Tensor, plates: tuple[Plate, ...]) -> None:
+    """Raise unless the leading dims of raw ``out`` are ``plates`` (each of its size, or 1)."""
+    s = out.shape
+    if len(s) < len(plates) or any(s[i] != p.size and s[i] != 1 for i, p in enumerate(plates)):
+        raise PlateError(
+            f"internal error: a plate treatment returned a tensor of raw shape {tuple(s)}, whose leading "
+            f"dims do not match the plates {tuple(f'{p.name}={p.size}' for p in plates)}; please report it"
+        )
+
+
+def wrap_same(out, plates: tuple[Plate, ...]):
+    """Unchecked wrap for treatments whose construction keeps the plates in the leading dims
+    (elementwise on aligned operands, reductions over per-sample dims): the hot path."""
+    if type(out) is _T:
+        return _PT._wrap(out, plates)
+    return wrap(out, plates)
+
+
 def wrap(out, plates: tuple[Plate, ...]):
-    """Wrap raw outputs (tensors, or tuples of them) with ``plates``."""
+    """Wrap raw outputs (tensors, or tuples of them) with ``plates``, checking their leading dims."""
     if isinstance(out, _T):
-        return _PT._wrap(out, plates) if plates else out
+        if not plates:
+            return out
+        check_leading(out, plates)
+        return _PT._wrap(out, plates)
     if isinstance(out, (tuple, list)):
         items = [wrap(o, plates) for o in out]
         if type(out) in (tuple, list):
@@ -154,38 +177,8 @@ def plates_or_empty(x):
     return x._plates if type(x) is _PT else ()
 
 
-def _default(func, args, kwargs):
-    """Functions that act on trailing dims (elementwise, softmax(dim=-1), linear, ...)."""
-    ks = set()
-    plain = 0
-    first = None
-    same = True
-    for a in _operands(args, kwargs):
-        if type(a) is _PT:
-            ks.add(a._raw.dim() - len(a._plates))
-            if first is None:
-                first = a._plates
-            elif a._plates is not first and a._plates != first:
-                same = False
-        elif isinstance(a, _T):
-            plain = max(plain, a.dim())
-    if same and len(ks) == 1 and plain <= min(ks) and not _is_inplace(func):
-        # fast path (linear, binary_cross_entropy_with_logits, ...): one set of plates and one
-        # per-sample rank among the operands, so the raw tensors line up without any view
-        out = func(*[a._raw if type(a) is _PT else unwrap(a, first) for a in args],
-                   **{k: (v._raw if type(v) is _PT else unwrap(v, first)) for k, v in kwargs.items()})
-        return wrap(out, first)
-    if len(ks) > 1 or (ks and plain > min(ks)):
-        raise PlateError(
-            f"storch does not know how {getattr(func, '__qualname__', func)} broadcasts, and its "
-            "operands have different numbers of per-sample dims, so plain dims could land on plate "
-            "dims. Reshape the operands to the same number of dims (e.g. with unsqueeze) first"
-        )
-    return _call(func, args, kwargs, -1)
-
-
 def broadcast(func, args, kwargs):
-    """Elementwise functions with torch broadcasting: pad per-sample dims, align by plate."""
+    """Pointwise: elementwise with torch broadcasting; per-sample dims padded, plates aligned by name."""
     if not kwargs and len(args) == 2 and not _is_inplace(func):
         # fast paths: a plate tensor and a Python scalar, or two plate tensors with equal plates
         a, b = args
@@ -199,14 +192,14 @@ def broadcast(func, args, kwargs):
                 k = max(a._raw.dim() - len(pa), b._raw.dim() - len(pb))
                 return _PT._wrap(func(align(a._raw, pa, plates, k), align(b._raw, pb, plates, k)), plates)
             if not isinstance(b, _T):
-                return wrap(func(a._raw, b), a._plates)
+                return wrap_same(func(a._raw, b), a._plates)
             pa = a._plates
-            return wrap(func(align(a._raw, pa, pa, b.dim()), b), pa)
+            return wrap_same(func(align(a._raw, pa, pa, b.dim()), b), pa)
         if tb is _PT:
             if not isinstance(a, _T):
-                return wrap(func(a, b._raw), b._plates)
+                return wrap_same(func(a, b._raw), b._plates)
             pb = b._plates
-            return wrap(func(a, align(b._raw, pb, pb, a.dim())), pb)
+            return wrap_same(func(a, align(b._raw, pb, pb, a.dim())), pb)
     first = None
     same = True
     k0 = ks = plain = -1
@@ -224,118 +217,8 @@ def broadcast(func, args, kwargs):
         # fast path: one set of plates and one per-sample rank: no views needed
         out = func(*[a._raw if type(a) is _PT else a for a in args],
                    **{k: (v._raw if type(v) is _PT else unwrap(v, first)) for k, v in kwargs.items()})
-        return wrap(out, first)
+        return wrap_same(out, first)
     return _call(func, args, kwargs, max(ks, plain))
-
-
-def _broadcast_names():
-    ops = [
-        "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "floor_divide",
-        "pow", "float_power", "remainder", "fmod", "eq", "ne", "lt", "le", "gt", "ge", "greater",
-        "less", "greater_equal", "less_equal", "not_equal", "maximum", "minimum", "fmax", "fmin",
-        "atan2", "arctan2", "logaddexp", "logaddexp2", "where", "clamp", "clip", "lerp", "addcmul",
-        "addcdiv", "xlogy", "logical_and", "logical_or", "logical_xor", "bitwise_and", "bitwise_or",
-        "bitwise_xor", "copysign", "hypot", "masked_fill", "isclose", "heaviside", "rsub",
-    ]
-    funcs = []
-    for name in ops:
-        for owner in (torch, _T):
-            f = getattr(owner, name, None)
-            if f is not None:
-                funcs.append(f)
-            f = getattr(_T, name + "_", None)
-            if f is not None and owner is _T:
-                funcs.append(f)
-    for d in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor",
-              "eq", "ne", "lt", "le", "gt", "ge", "lshift", "rshift"):
-        for pre in ("__", "__r", "__i"):
-            f = getattr(_T, f"{pre}{d}__", None)
-            if f is not None:
-                funcs.append(f)
-    funcs += [torch.special.xlogy, torch.special.xlog1py]
-    return funcs
-
-
-register(*_broadcast_names())(broadcast)
-
-
-# -- metadata and conversions ----------------------------------------------------------------
-
-
-def _meta(func, args, kwargs):
-    # the wrapper itself carries the per-sample shape, dtype and device
-    with torch._C.DisableTorchFunctionSubclass():
-        return func(*args, **kwargs)
-
-
-register(
-    _T.size, _T.dim, _T.ndimension, _T.numel, _T.nelement, _T.__len__, _T.is_floating_point,
-    _T.is_complex, _T.is_signed, _T.element_size, _T.get_device,
-    *(getattr(_T, p).__get__ for p in (
-        "shape", "ndim", "dtype", "device", "layout", "is_cuda", "is_sparse", "is_quantized",
-        "is_meta", "is_mps", "is_nested", "is_cpu",
-    )),
-)(_meta)
-
-
-@register(*(getattr(_T, p).__get__ for p in ("requires_grad", "grad_fn", "is_leaf", "grad", "data")))
-def _raw_property(func, args, kwargs):
-    x = args[0]
-    return wrap(func(x._raw), x._plates)
-
-
-@register(_T.T.__get__, _T.mT.__get__)
-def _transposed(func, args, kwargs):
-    x = args[0]
-    n, k = len(x._plates), x._raw.dim() - len(x._plates)
-    if func == _T.mT.__get__:
-        return wrap(x._raw.transpose(-2, -1), x._plates)
-    return wrap(x._raw.permute(*range(n), *reversed(range(n, n + k))), x._plates)
-
-
-@register(torch._is_all_true, torch._is_any_true)
-def _over_all_samples(func, args, kwargs):
-    # used by torch.distributions argument validation: every sample must be valid
-    return func(args[0]._raw)
-
-
-def _single(func, args, kwargs):
-    x = args[0]
-    if type(x) is not _PT:
-        return func(*args, **kwargs)
-    if x._raw.shape[: len(x._plates)].numel() != 1:
-        raise too_many_samples(x, f"`{getattr(func, '__name__', func)}`")
-    return func(x._raw.reshape(x._raw.shape[len(x._plates):]), *args[1:], **kwargs)
-
-
-register(_T.item, _T.tolist, _T.numpy, _T.__bool__, _T.__int__, _T.__float__, _T.__index__,
-         _T.__array__, _T.__complex__)(_single)
-
-
-@register(_T.new_zeros, _T.new_ones, _T.new_full, _T.new_empty, _T.new_tensor)
-def _no_plates(func, args, kwargs):
-    return func(args[0]._raw, *args[1:], **kwargs)
-
-
-@register(_T.backward)
-def _no_backward(func, args, kwargs):
-    raise PlateError(
-        "call storch.backward() (or differentiate storch.surrogate_loss()) instead of .backward() "
-        "on a PlateTensor: the surrogate loss is what carries the gradient estimators"
-    )
-
-
-@register(_T.__deepcopy__)
-def _deepcopy(func, args, kwargs):
-    import copy
-
-    x = args[0]
-    return _PT._wrap(copy.deepcopy(x._raw, args[1] if len(args) > 1 else None), x._plates)
-
-
-@register(_T.__iter__)
-def _iter(func, args, kwargs):
-    return iter(dispatch(_T.unbind, (args[0], 0), {}))
 
 
 @register(torch.broadcast_tensors)
@@ -356,25 +239,118 @@ def _broadcast_tensors(func, args, kwargs):
     return tuple(_PT._wrap(r, plates) for r in torch.broadcast_tensors(*raws))
 
 
+import torch.nn.functional as _F  # noqa: E402
+
+# elementwise functions of torch.nn.functional whose Python name has no aten operator
+register_plate_handler([_F.threshold, _F.threshold_, _F.logsigmoid, _F.hardtanh, _F.relu6, _F.elu, _F.selu,
+                        _F.celu, _F.leaky_relu, _F.hardsigmoid, _F.hardswish, _F.silu, _F.mish, _F.softplus,
+                        _F.softshrink, _F.hardshrink, _F.tanhshrink, _F.softsign, _F.gelu, _F.relu,
+                        _F.sigmoid, _F.tanh],
+                       "pointwise", note="elementwise activation")
+
+from . import _plate_meta  # noqa: E402,F401  (registers metadata and conversion handlers)
 from . import _plate_shape_ops  # noqa: E402,F401  (registers the dim-aware handlers)
+from ._plate_batch import batch_first  # noqa: E402  (registers the batch-first functions)
+from ._plate_vmap import vmap_call  # noqa: E402
+
+
+def random_pointwise(func, args, kwargs):
+    """Random elementwise functions: every plate expanded to full size, so each entry draws its own noise."""
+    groups = scan(args, kwargs)
+    plates = union_plates(groups)
+    sizes = [p.size for p in plates]
+    if _is_inplace(func):
+        x = args[0]
+        if type(x) is not _PT or tuple(x._raw.shape[: len(plates)]) != tuple(sizes):
+            raise PlateError(
+                f"in-place random {describe(func)} on a tensor that is shared across plates "
+                f"{_names(plates)} would give every plate entry the same draw; use the out-of-place "
+                "version (e.g. torch.rand_like(x) instead of x.uniform_())"
+            )
+        return _call(func, args, kwargs, -1)
+    pad = max([_ndim(a) for a in _operands(args, kwargs) if isinstance(a, _T)] or [0])
+
+    def full(a):
+        if type(a) is _PT:
+            r = align(a._raw, a._plates, plates, pad)
+            return r.expand(*sizes, *r.shape[len(plates):])
+        return a
+
+    out = func(*[full(a) for a in args], **{k: full(v) for k, v in kwargs.items()})
+    return wrap(out, plates)
+
+
+def broadcast_inplace(func, args, kwargs):
+    """Pointwise, in place: the written tensor must already carry every plate of the result."""
+    return broadcast(func, args, kwargs)
+
+
+def refused(message: str):
+    def handler(func, args, kwargs):
+        raise PlateError(f"{describe(func)} cannot run on plate tensors: {message}")
+    return handler
+
+
+def user_error(func, args, kwargs, e: BaseException) -> PlateError:
+    """A PlateError (of the original exception's kind) that describes the call in per-sample terms."""
+    parts = []
+    for a in _operands(args, kwargs or {}):
+        if type(a) is _PT:
+            ps = ", ".join(f"{p.name}={p.size}" for p in a._plates)
+            parts.append(f"{tuple(a.shape)} on plates ({ps})")
+        elif isinstance(a, _T):
+            parts.append(f"{tuple(a.shape)} (plain)")
+    return plate_error_from(
+        e,
+        f"{describe(func)} failed on plate tensors. Per sample (as your code sees them) its tensor "
+        f"arguments have shapes {', '.join(parts) or '()'}; the plates are vectorised by storch "
+        f"({treatment_of(func).treatment.value} treatment). torch said: {e}",
+    )
+
+
+_IMPL: dict = {}
+_LISTENERS.append(_IMPL.clear)
+
+
+def _implementation(func):
+    e: Entry = treatment_of(func)
+    t = e.treatment
+    if t is Treatment.POINTWISE:
+        impl = random_pointwise if e.impl else (broadcast_inplace if _is_inplace(func) else broadcast)
+    elif t is Treatment.HANDLER:
+        impl = e.impl
+    elif t is Treatment.BATCH_FIRST:
+        spec = e.impl
+
+        def impl(func, args, kwargs):
+            return batch_first(spec, func, args, kwargs)
+    elif t is Treatment.VMAP:
+        impl = vmap_call
+    else:
+        impl = refused(e.impl)
+    _IMPL[func] = impl
+    return impl
 
 
 def _torch_function(cls, func, types, args=(), kwargs=None):
-    # PlateTensor.__torch_function__, the dispatcher: a registered handler if there is one;
-    # otherwise the most common case (one plate tensor through a function acting on trailing
-    # dims: sigmoid, tanh, exp, ...) runs inline, and the rest goes to _default
-    handler = HANDLERS.get(func)
-    if handler is not None:
-        return handler(func, args, kwargs or {})
-    if not kwargs and len(args) == 1 and type(args[0]) is _PT:
-        x = args[0]
-        out = func(x._raw)
-        if _is_inplace(func):
-            return x
-        if type(out) is _T:
-            return _PT._wrap(out, x._plates)
-        return wrap(out, x._plates)
-    return _default(func, args, kwargs or {})
+    # PlateTensor.__torch_function__, the dispatcher. The implementation of each function is
+    # decided once (storch._treatments) and cached; the most common case (one plate tensor
+    # through an elementwise function: sigmoid, tanh, exp, ...) runs inline.
+    impl = _IMPL.get(func)
+    if impl is None:
+        impl = _implementation(func)
+    try:
+        if impl is broadcast and not kwargs and len(args) == 1 and type(args[0]) is _PT:
+            x = args[0]
+            out = func(x._raw)
+            if type(out) is _T:
+                return _PT._wrap(out, x._plates)
+            return wrap(out, x._plates)
+        return impl(func, args, kwargs or {})
+    except PlateError:
+        raise
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise user_error(func, args, kwargs, e) from e
 
 
 # bound here, once, rather than looked up on every torch call (our own class: nothing in torch

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ._errors import PlateError
-from ._plate_ops import _default, broadcast, dispatch, register, scan, wrap
+from ._plate_ops import broadcast, dispatch, register, scan, wrap, wrap_same
+from ._plate_vmap import vmap_call
 from ._plates import PlateTensor, align, union_plates
 
 _PT = PlateTensor
@@ -60,11 +61,20 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
 
     def handler(func, args, kwargs):
         x = args[0]
-        if type(x) is not _PT or (len(args) > 1 and isinstance(args[1], _T)):
+        if len(args) > 1 and isinstance(args[1], bool) and func in _UNBIASED:
+            args, kwargs = args[:1], {**kwargs, "unbiased": args[1]}  # std(x, False)
+        if len(args) > 1 and isinstance(args[1], _T):
             return broadcast(func, args, kwargs)  # e.g. torch.max(a, b) is elementwise
+        if type(x) is not _PT or ((len(args) > 2 or kwargs) and (
+                any(type(a) is _PT for a in args[1:]) or any(type(v) is _PT for v in kwargs.values()))):
+            return vmap_call(func, args, kwargs)  # e.g. diff(x, prepend=sampled)
         n = len(x._plates)
         k = x._raw.dim() - n
+        if k == 0:
+            return vmap_call(func, args, kwargs)  # 0-dim samples: dim 0 / -1 address the scalar itself
         d, where = _get_dim(args, kwargs, pos, default)
+        if callable(d):
+            d = d(k)
         if d is None:
             if not reduce_all:
                 raise PlateError(f"{func.__name__} on a PlateTensor needs an explicit dim")
@@ -74,20 +84,86 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
                 out = out[0]
             return wrap(out, x._plates)
         args, kwargs = _set_dim(args, kwargs, pos, where, tdim(d, n, k + extra))
-        return wrap(func(x._raw, *args[1:], **kwargs), x._plates)
+        return wrap_same(func(x._raw, *args[1:], **kwargs), x._plates)
 
     return handler
 
 
+_UNBIASED = set(_both("std") + _both("var"))
 _REDUCE = ["sum", "mean", "nansum", "nanmean", "prod", "amax", "amin", "all", "any", "argmax",
            "argmin", "std", "var", "logsumexp", "max", "min", "median", "count_nonzero"]
 for _name in _REDUCE:
     register(*_both(_name))(_dim_handler(1, reduce_all=True))
-register(*_both("norm"))(_dim_handler(2, reduce_all=True))
+_norm = _dim_handler(2, reduce_all=True)
+
+
+@register(*_both("norm"))
+def _norm_handler(func, args, kwargs):
+    """dims of each sample; matrix norms ('fro'/'nuc' over all dims) go to vmap"""
+    p = args[1] if len(args) > 1 else kwargs.get("p", "fro")
+    if isinstance(p, str):
+        return vmap_call(func, args, kwargs)
+    return _norm(func, args, kwargs)
 for _name in ["softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin",
-              "unbind", "select", "narrow", "sort", "argsort", "index_select", "diff"]:
-    register(*_both(_name))(_dim_handler(1, default=0 if _name == "unbind" else None))
-register(F.softmax, F.log_softmax)(_dim_handler(1))
+              "unbind", "select", "narrow", "sort", "argsort", "index_select"]:
+    register(*_both(_name))(_dim_handler(1, default={"unbind": 0, "sort": -1, "argsort": -1}.get(_name)))
+register(*_both("diff"))(_dim_handler(2, default=-1))  # diff(input, n, dim)
+
+
+def _softmax_dim(k: int) -> int:
+    # torch's implicit softmax dim (nn.functional._get_softmax_dim) of the per-sample rank
+    return 0 if k in (0, 1, 3) else 1
+
+
+register(F.softmax, F.log_softmax, F.softmin)(_dim_handler(1, default=_softmax_dim))
+register(F.glu)(_dim_handler(1, default=-1))
+
+
+@register(_T.unflatten, *_both("unflatten"))
+def _unflatten(func, args, kwargs):
+    """one per-sample dim split into several"""
+    x = args[0]
+    n = len(x._plates)
+    d = args[1] if len(args) > 1 else kwargs["dim"]
+    sizes = args[2] if len(args) > 2 else kwargs["sizes"]
+    return wrap(x._raw.unflatten(tdim(d, n, x._raw.dim() - n), sizes), x._plates)
+
+
+@register(*_both("t"))
+def _t(func, args, kwargs):
+    """per-sample transpose of a matrix (a vector or scalar is returned as is)"""
+    x = args[0]
+    n = len(x._plates)
+    if x._raw.dim() - n < 2:
+        return x
+    if x._raw.dim() - n > 2:
+        return vmap_call(func, args, kwargs)  # torch's own error, in per-sample shapes
+    return wrap(x._raw.transpose(-2, -1), x._plates)
+
+
+@register(*_both("tril"), *_both("triu"))
+def _last_two(func, args, kwargs):
+    """the last two dims of each sample"""
+    x = args[0]
+    if type(x) is not _PT or x._raw.dim() - len(x._plates) < 2:
+        return vmap_call(func, args, kwargs)
+    return wrap(func(x._raw, *args[1:], **kwargs), x._plates)
+
+
+@register(*_both("ravel"))
+def _ravel(func, args, kwargs):
+    """the per-sample elements, flattened"""
+    x = args[0]
+    return wrap(x._raw.reshape(x._raw.shape[: len(x._plates)] + (-1,)), x._plates)
+
+
+@register(_T.view_as, _T.reshape_as)
+def _view_as(func, args, kwargs):
+    """the per-sample shape of the other tensor"""
+    x, other = args[0], args[1]
+    if type(x) is not _PT:
+        return vmap_call(func, args, kwargs)
+    return wrap(x._raw.reshape(x._raw.shape[: len(x._plates)] + tuple(other.shape)), x._plates)
 register(F.gumbel_softmax)(_dim_handler(4, default=-1))
 register(F.normalize)(_dim_handler(2, default=1))
 for _name in ["split", "chunk", "topk", "kthvalue"]:
@@ -151,12 +227,12 @@ def _permute(func, args, kwargs):
 def _reshape(func, args, kwargs):
     x = args[0]
     if len(args) == 2 and isinstance(args[1], torch.dtype) or "dtype" in kwargs:
-        return _default(func, args, kwargs)
+        return wrap(func(x._raw, *args[1:], **kwargs), x._plates)  # view(dtype): the last dim
     shape = _shape_arg(args, kwargs, "shape")
     raw = x._raw
     new = raw.shape[: len(x._plates)] + shape
     # plate dims may be non-contiguous views after alignment; reshape copies only if needed
-    return wrap(raw.reshape(new), x._plates)
+    return wrap_same(raw.reshape(new), x._plates)
 
 
 def _pad_raw(x, k_to):
@@ -208,7 +284,7 @@ def _cat(func, args, kwargs):
     d, _ = _get_dim(args, kwargs, 1, 0)
     extra = 1 if func in (torch.stack, getattr(_T, "stack", None)) else 0
     raws = [_full(t, plates) for t in tensors]
-    return wrap(func(raws, tdim(d, n, k + extra)), plates)
+    return wrap_same(func(raws, tdim(d, n, k + extra)), plates)
 
 
 @register(*_both("gather"), *_both("take_along_dim"))
@@ -222,78 +298,6 @@ def _gather(func, args, kwargs):
     dd = tdim(d, len(plates), k)
     out = torch.gather(raw_x, dd, raw_i) if func in _both("gather") else torch.take_along_dim(raw_x, raw_i, dd)
     return wrap(out, plates)
-
-
-# -- indexing ------------------------------------------------------------------------------------
-
-
-def _index_tuple(idx):
-    return idx if isinstance(idx, tuple) else (idx,)
-
-
-def _raw_index(x, idx):
-    """The raw index for per-sample index ``idx`` into plate tensor ``x`` (and the result plates)."""
-    idx = _index_tuple(idx)
-    pts = [i for i in idx if type(i) is _PT]
-    if not pts:
-        adv = [j for j, i in enumerate(idx) if isinstance(i, (_T, list))]
-        if adv and adv != list(range(adv[0], adv[0] + len(adv))) and len(x._plates):
-            raise PlateError("non-adjacent tensor indices would move plate dims; index in two steps")
-        return (slice(None),) * len(x._plates) + idx, x._plates
-    if type(idx[0]) is not _PT or any(type(i) is _PT for i in idx[1:]):
-        raise PlateError(
-            "a PlateTensor used as an index must be the first index (x[z] or x[z, ...]); move the "
-            "indexed dim to the front first (e.g. with movedim)"
-        )
-    z = idx[0]
-    if z.dtype == torch.bool:
-        raise PlateError(
-            "boolean masks that vary per sample select a different number of elements per sample; "
-            "use torch.where(mask, x, other) instead"
-        )
-    xp = x._plates if type(x) is _PT else ()
-    plates = union_plates([xp, z._plates])
-    m = len(plates)
-    raw_z = align(z._raw, z._plates, plates)
-    e = raw_z.dim() - m
-    ar = tuple(
-        torch.arange(p.size, device=raw_z.device).view((1,) * j + (p.size,) + (1,) * (m - j - 1 + e))
-        for j, p in enumerate(plates)
-    )
-    if type(x) is _PT:
-        return ar + (raw_z,) + idx[1:], plates
-    return (raw_z,) + idx[1:], plates
-
-
-@register(_T.__getitem__)
-def _getitem(func, args, kwargs):
-    x, idx = args
-    raw_idx, plates = _raw_index(x, idx)
-    src = _full(x, plates) if type(x) is _PT and plates != x._plates else (x._raw if type(x) is _PT else x)
-    return wrap(src[raw_idx], plates)
-
-
-@register(_T.__setitem__)
-def _setitem(func, args, kwargs):
-    x, idx, value = args
-    if type(x) is not _PT:
-        raise PlateError("cannot assign per-sample values into a plain tensor; build a new tensor instead")
-    n = len(x._plates)
-    t = _index_tuple(idx)
-    if len(t) == 1 and type(t[0]) is _PT and t[0].dtype == torch.bool:
-        mask = align(t[0]._raw, t[0]._plates, x._plates).expand(x._raw.shape)
-        if type(value) is _PT:
-            value = align(value._raw, value._plates, x._plates).expand(x._raw.shape)[mask]
-        x._raw[mask] = value
-        return None
-    raw_idx, plates = _raw_index(x, idx)
-    if plates != x._plates:
-        raise PlateError("the index varies over plates the indexed tensor does not have")
-    if type(value) is _PT:
-        target = x._raw[raw_idx]
-        value = align(value._raw, value._plates, x._plates, target.dim() - n)
-    x._raw[raw_idx] = value
-    return None
 
 
 # -- matmul, linear --------------------------------------------------------------------------------
@@ -336,17 +340,31 @@ def _linear(func, args, kwargs):
     w = args[1] if len(args) > 1 else kwargs["weight"]
     b = args[2] if len(args) > 2 else kwargs.get("bias")
     if type(w) is not _PT and type(b) is not _PT:
-        return wrap(F.linear(x._raw, w, b), x._plates)
+        return wrap_same(F.linear(x._raw, w, b), x._plates)
     out = _matmul(torch.matmul, (x, dispatch(_T.transpose, (w, -1, -2), {})), {})
     return out if b is None else broadcast(torch.add, (out, b), {})
 
 
+@register(F.layer_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []))
+def _layer_norm(func, args, kwargs):
+    """the last dims of each sample (normalized_shape); a per-sample weight goes to vmap"""
+    x = args[0]
+    if type(x) is not _PT or any(type(a) is _PT for a in args[1:]) or any(type(v) is _PT for v in kwargs.values()):
+        return vmap_call(func, args, kwargs)
+    shape = args[1] if len(args) > 1 else kwargs["normalized_shape"]
+    if len(tuple(shape)) > x._raw.dim() - len(x._plates):
+        return vmap_call(func, args, kwargs)  # torch's own error, in per-sample shapes
+    return wrap(func(x._raw, *args[1:], **kwargs), x._plates)
+
+
 @register(F.embedding)
 def _embedding(func, args, kwargs):
-    if any(type(a) is _PT for a in list(args[1:]) + list(kwargs.values())):
-        raise PlateError("F.embedding with a per-sample weight matrix is not supported; index it instead")
+    """indices of any shape: the table is looked up per element; a per-sample table goes to vmap"""
+    if type(args[0]) is not _PT or any(type(a) is _PT for a in list(args[1:]) + list(kwargs.values())):
+        return vmap_call(func, args, kwargs)
     x = args[0]
     return wrap(func(x._raw, *args[1:], **kwargs), x._plates)
 
 
+from . import _plate_index  # noqa: E402,F401  (registers the indexing handlers)
 from . import _plate_losses  # noqa: E402,F401  (registers the loss handlers)

@@ -1,0 +1,124 @@
+"""Metadata, conversions and Python protocols of plate tensors (handlers).
+
+A plate tensor answers metadata questions (``shape``, ``dim()``, ``dtype``, ``stride()``, ...)
+per sample; conversions to one Python value (``item()``, ``bool()``) need a single sample;
+``backward()`` is refused in favour of ``storch.backward()``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._errors import PlateError
+from ._plate_ops import dispatch, register, too_many_samples, wrap_same
+from ._plates import PlateTensor
+
+_PT = PlateTensor
+_T = torch.Tensor
+
+
+# -- metadata and conversions ----------------------------------------------------------------
+
+
+def _meta(func, args, kwargs):
+    # the wrapper itself carries the per-sample shape, dtype and device
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)
+
+
+register(
+    *[getattr(torch, n) for n in ("is_floating_point", "is_complex", "numel", "is_conj", "is_neg",
+                                  "is_inference") if hasattr(torch, n)],
+    _T.is_conj, _T.is_neg, _T.is_inference,
+    _T.size, _T.dim, _T.ndimension, _T.numel, _T.nelement, _T.__len__, _T.is_floating_point,
+    _T.is_complex, _T.is_signed, _T.element_size, _T.get_device,
+    *(getattr(_T, p).__get__ for p in (
+        "shape", "ndim", "dtype", "device", "layout", "is_cuda", "is_sparse", "is_quantized",
+        "is_meta", "is_mps", "is_nested", "is_cpu",
+    )),
+)(_meta)
+
+
+@register(_T.itemsize.__get__, _T.nbytes.__get__)
+def _per_sample_bytes(func, args, kwargs):
+    """bytes of one sample"""
+    x = args[0]
+    size = x._raw.element_size()
+    return size if func == _T.itemsize.__get__ else size * x.numel()
+
+
+@register(_T.is_contiguous, _T.stride)
+def _raw_layout(func, args, kwargs):
+    """layout of the raw storage (the per-sample dims are its trailing dims)"""
+    x = args[0]
+    n = len(x._plates)
+    d = args[1] if len(args) > 1 else kwargs.get("dim")
+    if func is _T.stride:
+        return x._raw.stride()[n:] if d is None else x._raw.stride(d + n if d >= 0 else d)
+    return func(x._raw, *args[1:], **kwargs)
+
+
+@register(torch.is_same_size, _T.is_same_size)
+def _same_size(func, args, kwargs):
+    """per-sample shapes"""
+    return tuple(args[0].shape) == tuple(args[1].shape)
+
+
+@register(*(getattr(_T, p).__get__ for p in ("requires_grad", "grad_fn", "is_leaf", "grad", "data")))
+def _raw_property(func, args, kwargs):
+    x = args[0]
+    return wrap_same(func(x._raw), x._plates)
+
+
+@register(_T.T.__get__, _T.mT.__get__)
+def _transposed(func, args, kwargs):
+    x = args[0]
+    n, k = len(x._plates), x._raw.dim() - len(x._plates)
+    if func == _T.mT.__get__:
+        return wrap_same(x._raw.transpose(-2, -1), x._plates)
+    return wrap_same(x._raw.permute(*range(n), *reversed(range(n, n + k))), x._plates)
+
+
+@register(torch._is_all_true, torch._is_any_true)
+def _over_all_samples(func, args, kwargs):
+    # used by torch.distributions argument validation: every sample must be valid
+    return func(args[0]._raw)
+
+
+def _single(func, args, kwargs):
+    x = args[0]
+    if type(x) is not _PT:
+        return func(*args, **kwargs)
+    if x._raw.shape[: len(x._plates)].numel() != 1:
+        raise too_many_samples(x, f"`{getattr(func, '__name__', func)}`")
+    return func(x._raw.reshape(x._raw.shape[len(x._plates):]), *args[1:], **kwargs)
+
+
+register(_T.item, _T.tolist, _T.numpy, _T.__bool__, _T.__int__, _T.__float__, _T.__index__,
+         _T.__array__, _T.__complex__)(_single)
+
+
+@register(_T.new_zeros, _T.new_ones, _T.new_full, _T.new_empty, _T.new_tensor, _T.new_empty_strided)
+def _no_plates(func, args, kwargs):
+    return func(args[0]._raw, *args[1:], **kwargs)
+
+
+@register(_T.backward)
+def _no_backward(func, args, kwargs):
+    raise PlateError(
+        "call storch.backward() (or differentiate storch.surrogate_loss()) instead of .backward() "
+        "on a PlateTensor: the surrogate loss is what carries the gradient estimators"
+    )
+
+
+@register(_T.__deepcopy__)
+def _deepcopy(func, args, kwargs):
+    import copy
+
+    x = args[0]
+    return _PT._wrap(copy.deepcopy(x._raw, args[1] if len(args) > 1 else None), x._plates)
+
+
+@register(_T.__iter__)
+def _iter(func, args, kwargs):
+    return iter(dispatch(_T.unbind, (args[0], 0), {}))

@@ -1,0 +1,423 @@
+"""The plate dispatcher: nn layers and the functions issue 10 found wrong equal a loop over plate
+entries; every treatment passes gradients (up to order 2 through the surrogate); randomness is
+independent per entry; registration, refusals and error messages."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributions import Bernoulli
+from torch.utils._pytree import tree_flatten
+
+import storch
+from storch import Plate, PlateTensor, Treatment, treatment_of
+
+D = torch.float64
+
+
+def make(raw, *plates):
+    return PlateTensor(raw, [Plate(n, s) for n, s in plates])
+
+
+def entry(x, a):
+    if type(x) is not PlateTensor:
+        return x
+    raw = x.tensor.expand(*[p.size for p in x.plates], *x.tensor.shape[len(x.plates):])
+    return raw[tuple(a[p.name] for p in x.plates)]
+
+
+def check(fn, *inputs, atol=1e-9):
+    """fn on plate tensors equals, per plate entry, fn on that entry alone."""
+    out = fn(*inputs)
+    plates = {}
+    for x in tree_flatten(inputs)[0]:
+        if type(x) is PlateTensor:
+            plates.update({p.name: p.size for p in x.plates})
+    outs = tree_flatten(out)[0]
+    assert any(type(o) is PlateTensor for o in outs)
+    for idx in itertools.product(*[range(s) for s in plates.values()]):
+        a = dict(zip(plates, idx))
+        ins = [tuple(entry(y, a) for y in x) if isinstance(x, tuple) else entry(x, a) for x in inputs]
+        exp = tree_flatten(fn(*ins))[0]
+        assert len(exp) == len(outs)
+        for o, e in zip(outs, exp):
+            if isinstance(e, torch.Tensor):
+                got = entry(o, a)
+                assert got.shape == e.shape, (got.shape, e.shape)
+                torch.testing.assert_close(got, e, rtol=1e-7, atol=atol)
+    return out
+
+
+def rnd(*shape, seed=0, dtype=D):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+ZD = (("z", 3), ("data", 2))
+
+
+# -- the functions issue 10 lists as silently wrong or raising -------------------------------------
+
+CASES = {
+    "flip": lambda x: torch.flip(x, [0]) + x.flip(-1),
+    "roll": lambda x: torch.roll(x, 1, 0) + x.roll(1),
+    "rot90": lambda x: torch.rot90(x, 1, (0, 1)).sum(0),
+    "diag": lambda x: torch.diag(x[:3, :3]) + torch.diag(x[0, :3]).sum(0),
+    "diagonal": lambda x: x.diagonal().sum() + torch.diagonal(x, 1).sum(),
+    "ravel": lambda x: x.ravel() * 2,
+    "tensor_split": lambda x: torch.tensor_split(x, 2, dim=0)[1].sum() + x.tensor_split(torch.tensor([1, 2]))[0].sum(),
+    "repeat_interleave": lambda x: x.repeat_interleave(2, dim=0)[:5].sum(-1) + torch.repeat_interleave(x[0], 2)[:5],
+    "cumsum_dim0": lambda x: x.clone().cumsum_(0),
+    "cosine_similarity_dim0": lambda x: F.cosine_similarity(x, x.flip(-1) + 1, dim=0),
+    "quantile": lambda x: torch.quantile(x, 0.3, dim=0) + x.quantile(0.7),
+    "nanmedian": lambda x: x.nanmedian() + x.nanmedian(0).values.sum(),
+    "std_mean": lambda x: torch.std_mean(x, 0)[0] + torch.std_mean(x)[1],
+    "aminmax": lambda x: torch.aminmax(x).max + torch.aminmax(x, dim=0).min.sum(),
+    "tensordot": lambda x: torch.tensordot(x, x, dims=([0], [0])),
+    "unfold": lambda x: x.unfold(0, 2, 1).sum(-1),
+    "einsum": lambda x: torch.einsum("ij,kj->ik", x, x),
+    "outer_trace": lambda x: torch.outer(x[0], x[1]) + torch.trace(x[:3, :3]),
+    "scatter_index_add": lambda x: torch.zeros(5, 4, dtype=D).scatter(0, torch.tensor([[0, 1, 2, 3]]), x[:1])
+    + torch.zeros(5, 4, dtype=D).index_add(0, torch.tensor([4, 0]), x[:2]),
+    "sort_argsort_diff": lambda x: x.sort().values + x.argsort() + F.pad(torch.diff(x), (0, 1)),
+    "softmax_implicit": lambda x: F.softmax(x, dim=None) if False else F.softmax(x, 1),
+    "t_tril": lambda x: x.t().tril().sum(0)[:4] + torch.triu(x, 1).sum(0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_functions_issue_10_found_wrong_are_per_sample(name):
+    x = make(rnd(3, 2, 5, 4), *ZD)
+    check(CASES[name], x)
+
+
+def test_index_select_with_a_sampled_index():
+    table = rnd(6, 4)
+    idx = make(torch.tensor([[0, 5], [3, 3], [1, 2]]), ("z", 3))
+    check(lambda i: torch.index_select(table, 0, i), idx)
+    x = make(rnd(3, 6, 4), ("z", 3))
+    check(lambda a, i: a.index_select(0, i), x, idx)
+
+
+def test_data_dependent_shapes_are_refused_with_advice():
+    x = make(rnd(3, 4), ("z", 3))
+    with pytest.raises(storch.PlateError, match="depends on the values.*torch.where"):
+        torch.nonzero(x > 0)
+    with pytest.raises(storch.PlateError, match="depends on the values"):
+        x.masked_select(x > 0)
+    with pytest.raises(storch.PlateError, match="Python bool"):
+        torch.equal(x, x)
+    assert treatment_of(torch.nonzero).treatment is Treatment.REFUSED
+
+
+# -- batch-first nn layers ------------------------------------------------------------------------
+
+
+def _mods(seed=0):
+    torch.manual_seed(seed)
+    return {
+        "conv1d": nn.Conv1d(6, 4, 3, padding=1),  # (C=6, L=6) per image row block
+        "conv2d": nn.Conv2d(3, 4, 3, stride=2),
+        "conv_transpose2d": nn.ConvTranspose2d(3, 2, 3, stride=2, output_padding=1),
+        "maxpool2d": nn.MaxPool2d(2),
+        "avgpool2d": nn.AvgPool2d(2),
+        "adaptive_max": nn.AdaptiveMaxPool2d(1),
+        "groupnorm": nn.GroupNorm(1, 3),
+        "instancenorm": nn.InstanceNorm2d(3, affine=True),
+        "prelu": nn.PReLU(3),
+        "upsample": nn.Upsample(scale_factor=2, mode="bilinear"),
+        "reflect_conv": nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_mods()))
+@pytest.mark.parametrize("batched", [False, True])
+def test_image_layers_equal_a_loop(name, batched):
+    mod = _mods()[name].double()
+    shape = (2, 3, 6, 6) if batched else (3, 6, 6)
+    if name in ("upsample", "groupnorm", "prelu") and not batched:
+        pytest.skip("plain torch reads dim 0 as the batch here too")
+    if name == "conv1d":
+        shape = shape[1:] if batched else shape[1:]  # (N=3, C=6, L=6) / (C=6, L=6)
+        shape = (3, 6, 6) if batched else (6, 6)
+    x = make(rnd(3, 2, *shape), *ZD)
+    check(mod, x)
+    assert treatment_of(torch.conv2d).treatment is Treatment.BATCH_FIRST
+
+
+def test_conv_with_a_sampled_weight_goes_to_vmap():
+    x = make(rnd(3, 3, 6, 6), ("z", 3))
+    w = make(rnd(3, 4, 3, 3, 3, seed=1), ("z", 3))
+    check(lambda a, b: F.conv2d(a, b), x, w)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("batched", [False, True])
+def test_recurrent_layers_equal_a_loop(kind, batch_first, batched):
+    torch.manual_seed(0)
+    rnn = getattr(nn, kind)(4, 5, num_layers=2, batch_first=batch_first).double()
+    shape = ((2, 7, 4) if batch_first else (7, 2, 4)) if batched else (7, 4)
+    x = make(rnd(3, 2, *shape), *ZD)
+    check(lambda a: rnn(a)[0], x)
+    check(lambda a: rnn(a)[1], x)
+    # an initial state per sample (e.g. from an encoder)
+    h0 = make(rnd(3, 2, 2, *((2, 5) if batched else (5,)), seed=2), *ZD)
+    if kind == "LSTM":
+        check(lambda a, h: rnn(a, (h, h * 0.5))[0], x, h0)
+    else:
+        check(lambda a, h: rnn(a, h)[0], x, h0)
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_recurrent_cells_equal_a_loop(kind, batched):
+    torch.manual_seed(0)
+    cell = getattr(nn, kind)(4, 5).double()
+    x = make(rnd(3, 2, *((2, 4) if batched else (4,))), *ZD)
+    check(lambda a: cell(a), x)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_attention_and_transformer_layers_equal_a_loop(batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first).double().eval()
+    enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first).double().eval()
+    x = make(rnd(3, 2, 5, 4, 8), *ZD)  # per sample: 5 x 4 x 8 (sequence/batch in either order)
+    check(lambda a: mha(a, a, a)[0], x)
+    check(lambda a: mha(a, a, a)[1], x)
+    check(enc, x)
+    single = make(rnd(3, 2, 5, 8, seed=1), *ZD)  # unbatched (L, E) per sample
+    check(lambda a: mha(a, a, a)[0], single)
+    mask = make(torch.rand(3, 2, 4, 5, generator=torch.Generator().manual_seed(3)) > 0.7, *ZD)
+    if batch_first:
+        check(lambda a, m: mha(a, a, a, key_padding_mask=m)[0], make(rnd(3, 2, 5, 4, 8).transpose(2, 3), *ZD), mask)
+
+
+def test_batchnorm_eval_is_per_sample_even_when_length_equals_channels():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(4).double()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.eval()
+    check(bn, make(rnd(3, 2, 6, 4, 4), *ZD))  # (N, C, L) with L == C
+    check(bn, make(rnd(3, 2, 6, 4), *ZD))
+
+
+def test_batchnorm_training_on_plates_is_refused_with_advice():
+    bn = nn.BatchNorm1d(4).double().train()
+    with pytest.raises(storch.PlateError, match="eval"):
+        bn(make(rnd(3, 6, 4), ("z", 3)))
+
+
+def test_embedding_bag_and_bilinear_equal_a_loop():
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(10, 3, mode="mean").double()
+    idx = make(torch.randint(0, 10, (3, 2, 4, 5), generator=torch.Generator().manual_seed(1)), *ZD)
+    check(bag, idx)
+    bil = nn.Bilinear(4, 5, 2).double()
+    check(bil, make(rnd(3, 2, 4), *ZD), make(rnd(3, 5, seed=4), ("z", 3)))
+
+
+def test_packed_sequences_are_refused():
+    lstm = nn.LSTM(4, 5).double()
+    x = make(rnd(3, 6, 2, 4), ("z", 3))
+    with pytest.raises(storch.PlateError):
+        packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([6, 4]))
+        lstm(packed)
+
+
+# -- randomness -----------------------------------------------------------------------------------
+
+
+def test_random_functions_draw_independently_per_plate_entry():
+    torch.manual_seed(0)
+    # a plate tensor that is broadcast (size 1) along plate "data"
+    big = PlateTensor(torch.zeros(4, 1, 16, dtype=D), (Plate("z", 4), Plate("data", 5, True)))
+    for noise in (torch.randn_like(big), torch.rand_like(big), torch.bernoulli(torch.full_like(big, 0.5)),
+                  F.dropout(torch.ones_like(big), 0.5), torch.normal(big, 1.0)):
+        raw = noise.tensor
+        assert raw.shape == (4, 5, 16), raw.shape
+        # all 20 plate entries got their own draw (16 values each: equal rows would be a shared draw)
+        assert len({tuple(r.tolist()) for r in raw.reshape(20, 16)}) == 20
+    x = PlateTensor(torch.zeros(4, 1, 3, dtype=D), (Plate("z", 4), Plate("data", 5, True)))
+    # randn_like: per entry N(0, 1), independent: mean and variance over 20 * 3 * 200 draws
+    draws = torch.stack([torch.randn_like(x).tensor for _ in range(200)])
+    z_mean = draws.mean() / (1 / draws.numel() ** 0.5)
+    assert abs(z_mean) < 4
+    corr = torch.corrcoef(draws.reshape(200, -1).T)
+    off = corr - torch.eye(60, dtype=D)
+    assert off.abs().max() < 4 / 200 ** 0.5 * 1.5
+
+
+def test_in_place_random_on_a_broadcast_plate_is_refused():
+    x = PlateTensor(torch.zeros(4, 1, 3, dtype=D), (Plate("z", 4), Plate("data", 5, True)))
+    with pytest.raises(storch.PlateError, match="rand_like"):
+        x.uniform_()
+
+
+# -- inputs and targets on one data plate ---------------------------------------------------------
+
+
+def test_inputs_and_targets_on_one_data_plate():
+    with storch.Graph():
+        x, y = storch.denote_independent((rnd(5, 3), torch.arange(5) % 3), 0, "data")
+        assert x.plates == y.plates and x.shape == (3,) and y.shape == ()
+        torch.testing.assert_close(x.tensor, rnd(5, 3))
+        loss = F.cross_entropy(x, y)  # pairs x[i] with y[i]
+        assert loss.plates == x.plates
+        torch.testing.assert_close(loss.tensor, F.cross_entropy(rnd(5, 3), torch.arange(5) % 3, reduction="none"))
+    with storch.Graph():
+        x = storch.denote_independent(rnd(5, 3), 0, "data")  # the single-tensor form still works
+        assert x.plates[0] == Plate("data", 5, True)
+
+
+def test_mismatched_sizes_on_one_data_plate_are_an_error():
+    with storch.Graph():
+        with pytest.raises(storch.PlateError, match=r"sizes \[5, 4\].*same number of rows"):
+            storch.denote_independent((rnd(5, 3), torch.arange(4)), 0, "data")
+
+
+# -- registration ---------------------------------------------------------------------------------
+
+
+def test_register_plate_handler_refuses_silent_overwrite():
+    def my_op(x):
+        if torch.overrides.has_torch_function_unary(x):
+            return torch.overrides.handle_torch_function(my_op, (x,), x)
+        return x * 2
+
+    calls = []
+
+    @storch.register_plate_handler(my_op, note="test op")
+    def handler(func, args, kwargs):
+        calls.append(1)
+        x = args[0]
+        return PlateTensor(my_op(x.tensor), x.plates)
+
+    x = make(rnd(3, 2), ("z", 3))
+    check(my_op, x)
+    assert calls and treatment_of(my_op).treatment is Treatment.HANDLER
+    with pytest.raises(storch.PlateError, match="override=True"):
+        storch.register_plate_handler(my_op, lambda f, a, k: None)
+    storch.register_plate_handler(my_op, "vmap", override=True)
+    assert treatment_of(my_op).treatment is Treatment.VMAP
+    check(my_op, x)
+    storch.register_plate_handler(my_op, storch.refuse("use my_op_per_sample instead"), override=True)
+    with pytest.raises(storch.PlateError, match="my_op_per_sample"):
+        my_op(x)
+
+
+def test_a_handler_whose_result_lacks_the_plates_is_caught():
+    def bad_op(x):
+        if torch.overrides.has_torch_function_unary(x):
+            return torch.overrides.handle_torch_function(bad_op, (x,), x)
+        return x
+
+    from storch._plate_ops import wrap
+
+    storch.register_plate_handler(bad_op, lambda f, a, k: wrap(a[0].tensor.sum(0), a[0].plates))
+    with pytest.raises(storch.PlateError, match="leading dims"):
+        bad_op(make(rnd(3, 2), ("z", 3)))
+
+
+# -- errors in the user's terms -------------------------------------------------------------------
+
+
+def test_torch_errors_are_reraised_with_per_sample_shapes_and_plates():
+    conv = nn.Conv2d(4, 2, 3).double()  # expects 4 channels
+    x = make(rnd(3, 2, 3, 6, 6), *ZD)
+    with pytest.raises(storch.PlateError) as info:
+        conv(x)
+    msg = str(info.value)
+    assert "torch.conv2d" in msg and "(3, 6, 6)" in msg and "z=3" in msg and "data=2" in msg
+    assert isinstance(info.value, RuntimeError)  # still the kind of error torch raised
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+# -- gradients through every treatment ------------------------------------------------------------
+
+GRAD_CASES = {
+    "pointwise": lambda x, w: torch.tanh(x * w).sum(),
+    "handler": lambda x, w: (torch.cat([x, w.expand(2, 4)], 0).softmax(-1) * x.sum(0)).sum(),
+    "batch-first": lambda x, w: F.conv1d(x.unsqueeze(1), w.view(1, 1, 4), padding=1).sum(),
+    "vmap": lambda x, w: torch.tensordot(x.flip(0), w.expand(2, 4), dims=([1], [1])).trace(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRAD_CASES))
+def test_gradients_through_every_treatment_equal_a_loop(name):
+    fn = GRAD_CASES[name]
+    raw = rnd(3, 2, 2, 4).requires_grad_()
+    w = rnd(1, 4, seed=1).requires_grad_()
+    out = fn(make(raw, *ZD), w)
+    total = out.tensor.sum()
+    g_raw, g_w = torch.autograd.grad(total, (raw, w), create_graph=True)
+    loop = sum(fn(raw[i, j], w) for i in range(3) for j in range(2))
+    e_raw, e_w = torch.autograd.grad(loop, (raw, w), create_graph=True)
+    torch.testing.assert_close(g_raw, e_raw)
+    torch.testing.assert_close(g_w, e_w)
+    # second order
+    h1 = torch.autograd.grad(g_w.sum(), raw, allow_unused=True)[0]
+    h2 = torch.autograd.grad(e_w.sum(), raw, allow_unused=True)[0]
+    if h2 is None:
+        assert h1 is None or h1.abs().max() == 0
+    else:
+        torch.testing.assert_close(h1, h2)
+
+
+@pytest.mark.parametrize("layer", ["conv", "vmap"])
+def test_second_order_surrogate_through_conv_and_vmap_is_exact(layer):
+    """surrogate_loss(order=2) with `expect` (exact enumeration) equals the exact expectation's
+    gradient and Hessian, computed by hand with a loop over the 2^3 outcomes."""
+    torch.manual_seed(0)
+    logits = rnd(3, seed=5).requires_grad_()
+    w = rnd(1, 1, 3, seed=6).requires_grad_()
+
+    def cost(z):  # z: per sample (3,) in {0, 1}
+        if layer == "conv":
+            h = F.conv1d(z.view(1, 3), w, padding=1).view(3)
+        else:
+            h = torch.tensordot(z.flip(0), w.view(3), dims=1) * z.roll(1)
+        return (h.tanh() * h).sum()
+
+    est = storch.estimator("expect", plate="z")
+    with storch.Graph():
+        z = est(Bernoulli(logits=logits))
+        storch.add_cost(cost(z))
+        loss = storch.surrogate_loss(order=2)
+        g = torch.autograd.grad(loss, (logits, w), create_graph=True)
+        hess = [torch.autograd.grad(g[0].sum(), (logits, w), retain_graph=True)]
+    exact = 0.0
+    for bits in itertools.product([0.0, 1.0], repeat=3):
+        zz = torch.tensor(bits, dtype=D)
+        exact = exact + Bernoulli(logits=logits).log_prob(zz).sum().exp() * cost(zz)
+    torch.testing.assert_close(loss, exact)
+    ge = torch.autograd.grad(exact, (logits, w), create_graph=True)
+    for a, b in zip(g, ge):
+        torch.testing.assert_close(a, b)
+    he = torch.autograd.grad(ge[0].sum(), (logits, w))
+    for a, b in zip(hess[0], he):
+        torch.testing.assert_close(a, b)
+
+
+def test_docs_plates_md_is_generated_from_the_table():
+    import importlib.util
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("gen_plates_doc", root / "packages/storch-core/scripts/gen_plates_doc.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    text = (root / "docs" / "plates.md").read_text()
+    assert gen.render(text) == text, "docs/plates.md is out of date: run packages/storch-core/scripts/gen_plates_doc.py"
+
+
+def test_transformer_decoder_with_memory_on_fewer_plates_equals_a_loop():
+    torch.manual_seed(0)
+    dec = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double().eval()
+    tgt = make(rnd(3, 2, 4, 8), *ZD)  # per sample (T=4, E=8), unbatched
+    memory = make(rnd(2, 1, 6, 8, seed=7), ("data", 2))  # the encoder output: per data point only
+    mask = nn.Transformer.generate_square_subsequent_mask(4, dtype=D)
+    check(lambda t, m: dec(t.unsqueeze(0), m, tgt_mask=mask, tgt_is_causal=True).squeeze(0), tgt, memory)

@@ -1,0 +1,99 @@
+"""Checks shared by the real-model tests: per-entry oracles, plate layouts, gradient comparison.
+
+- :func:`assert_per_entry`: a function of plate tensors equals, at every plate entry, the same
+  function applied to that entry's plain tensors (the per-sample oracle of issue 10).
+- :func:`lift`: a plain tensor with leading plate dims made a ``storch.PlateTensor``.
+- :func:`layout`: the raw storage of a plate tensor in a chosen plate order (missing or size-1
+  plates expanded), to hand storch's samples to a hand-written batched model.
+- :func:`assert_same_grads`: two lists of gradients are equal (tight tolerances).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Sequence
+
+import torch
+
+import storch
+
+__all__ = ["lift", "layout", "assert_per_entry", "assert_same_grads", "grads", "PLATES"]
+
+# a sample plate and a data plate, sizes chosen different so that mixed-up dims show
+PLATES = (storch.Plate("z", 3), storch.Plate("data", 2, True))
+
+
+def lift(raw: torch.Tensor, plates: Sequence[storch.Plate] = PLATES) -> storch.PlateTensor:
+    """``raw`` (leading dims = ``plates``) as a PlateTensor."""
+    return storch.PlateTensor(raw, tuple(plates))
+
+
+def layout(t: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    """Raw storage of plate tensor ``t`` with its plates in the order ``names`` (all of them), then
+    its per-sample dims; plates that ``t`` lacks are not allowed."""
+    if type(t) is not storch.PlateTensor:
+        raise TypeError(f"expected a PlateTensor, got {type(t).__name__}")
+    have = [p.name for p in t.plates]
+    if sorted(have) != sorted(names):
+        raise AssertionError(f"plates {have} are not {list(names)}")
+    raw = t.tensor.permute(*[have.index(n) for n in names], *range(len(have), t.tensor.dim()))
+    sizes = [p.size for n in names for p in t.plates if p.name == n]
+    return raw.expand(*sizes, *raw.shape[len(names):])
+
+
+def _entry(x, idx: dict):
+    """The plain tensor of plate tensor ``x`` at plate entry ``idx`` (name -> index)."""
+    if type(x) is not storch.PlateTensor:
+        return x
+    raw = x.tensor
+    for p in x.plates:  # each select drops the leading plate dim; a size-1 dim broadcasts
+        raw = raw.select(0, idx[p.name] if raw.shape[0] > 1 else 0)
+    return raw
+
+
+def _flat(out) -> list:
+    if isinstance(out, (tuple, list)):
+        return [y for o in out for y in _flat(o)]
+    return [out]
+
+
+def assert_per_entry(fn: Callable, *args, atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    """``fn(*args)`` on plate tensors equals ``fn`` on every plate entry of the args alone.
+
+    Every tensor in the result must be a PlateTensor whose plates are the union of the args'
+    plates (by name), and its entry must equal the plain result for that entry.
+    """
+    out = _flat(fn(*args))
+    plates = {}
+    for a in args:
+        if type(a) is storch.PlateTensor:
+            for p in a.plates:
+                plates[p.name] = p.size
+    names = list(plates)
+    for k, o in enumerate(out):
+        assert type(o) is storch.PlateTensor, f"result {k} is a {type(o).__name__}, not a PlateTensor"
+        assert sorted(p.name for p in o.plates) == sorted(names), (k, o.plates, names)
+    for combo in itertools.product(*(range(plates[n]) for n in names)):
+        idx = dict(zip(names, combo))
+        ref = _flat(fn(*[_entry(a, idx) for a in args]))
+        assert len(ref) == len(out)
+        for k, (o, r) in enumerate(zip(out, ref)):
+            got = _entry(o, idx)
+            assert got.shape == r.shape, f"result {k} at {idx}: shape {tuple(got.shape)} != {tuple(r.shape)}"
+            torch.testing.assert_close(got, r, atol=atol, rtol=rtol, msg=lambda m: f"result {k} at {idx}: {m}")
+
+
+def grads(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """d loss / d params (zeros for parameters the loss does not reach)."""
+    return [g if g is not None else torch.zeros_like(p)
+            for g, p in zip(torch.autograd.grad(loss, list(params), allow_unused=True), params)]
+
+
+def assert_same_grads(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], names: Sequence[str] = (),
+                      atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    """Two gradient lists agree entry by entry; and they are not all zero (a vacuous match)."""
+    assert len(a) == len(b)
+    assert any(float(g.abs().max()) > 0 for g in a), "all gradients are zero"
+    for i, (ga, gb) in enumerate(zip(a, b)):
+        label = names[i] if i < len(names) else str(i)
+        torch.testing.assert_close(ga, gb, atol=atol, rtol=rtol, msg=lambda m: f"gradient of {label}: {m}")
