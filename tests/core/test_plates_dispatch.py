@@ -270,7 +270,7 @@ def test_inputs_and_targets_on_one_data_plate():
         torch.testing.assert_close(loss.tensor, F.cross_entropy(rnd(5, 3), torch.arange(5) % 3, reduction="none"))
     with storch.Graph():
         x = storch.denote_independent(rnd(5, 3), 0, "data")  # the single-tensor form still works
-        assert x.plates[0] == Plate("data", 5, True)
+        assert x.plates[0][:3] == ("data", 5, True)
 
 
 def test_mismatched_sizes_on_one_data_plate_are_an_error():
