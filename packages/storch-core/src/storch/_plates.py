@@ -368,7 +368,8 @@ def _to_step(raw: torch.Tensor, dim: int, step: int, target: Plate, plates: tupl
             shape[i] = idx.shape[j]
             j += 1
     idx = idx.reshape(shape)
-    full = list(torch.broadcast_shapes(raw.shape, idx.shape))
+    shape[dim] = 1
+    full = list(torch.broadcast_shapes(raw.shape, shape))
     full[dim] = raw.shape[dim]
     raw = raw.expand(full)
     full[dim] = idx.shape[dim]
