@@ -70,6 +70,20 @@ def estimates(name, k, order, seed, eos=None, r=R, **options):
         return per_replicate_derivatives(storch.surrogate_loss(order), leaf, order), codes
 
 
+def test_partition_plate_step_and_sizes():
+    # the plate of step t carries step t; the beam may change the plate's size between steps
+    from torch.distributions import Categorical
+
+    est = storch.estimator("unordered_set", plate="seq", n_samples=4)
+    with storch.Graph():
+        x0 = est(Categorical(logits=torch.zeros(3)))
+        x1 = est(Categorical(logits=torch.zeros(3) + x0))
+        assert (x0.plates[0].step, x0.plates[0].size) == (0, 3)
+        assert (x1.plates[0].step, x1.plates[0].size) == (1, 4)
+        pair = x0 * 3 + x1  # x0 follows its prefixes: the 4 pairs are distinct
+        assert pair.plates[0].step == 1 and len(set(pair.tensor.tolist())) == 4
+
+
 def exact_derivatives(eos):
     t = THETA.clone()
     return (torch.autograd.functional.jacobian(lambda th: exact(th, eos), t),
