@@ -53,19 +53,30 @@ def exact(theta, eos=None):
     return (sequence_log_probs(theta, eos).exp() * costs).sum()
 
 
-def estimates(name, k, order, seed, eos=None, r=R, **options):
-    """Per-replicate derivatives (r independent estimates on a data plate) and the sequence codes."""
+def estimates(name, k, order, seed, eos=None, r=R, per_step=False, **options):
+    """Per-replicate derivatives (r independent estimates on a data plate) and the sequence codes.
+
+    With ``per_step``, the cost is split into a cost added at step 0, one at step 1 and the rest
+    at step 2 (credited causally by ``score``, moved to the last step by ``unordered_set``).
+    """
     torch.manual_seed(seed)
     est = storch.estimator(name, plate="seq", n_samples=k, eos=eos, **options)
     with storch.Graph():
         leaf, th = replicate(THETA, r)
         prev, tokens = None, []
-        for _ in range(3):
+        for t in range(3):
             x = est(OneHotCategorical(logits=logits_of(th, prev)))
             tokens.append(x @ VALUES)
             prev = x
+            if per_step and t == 0:
+                storch.add_cost((tokens[0] - 1.0) ** 2, name="step0")
+            if per_step and t == 1:
+                storch.add_cost(tokens[0] * tokens[1], name="step1")
         a, b, c = tokens  # steps 0, 1, 2: a and b follow their prefixes when they meet c
-        storch.add_cost(cost_of(a, b, c))
+        if per_step:
+            storch.add_cost(cost_of(a, b, c) - (a - 1.0) ** 2 - a * b, name="step2")
+        else:
+            storch.add_cost(cost_of(a, b, c))
         codes = (a * 9 + b * 3 + c).tensor.detach().long()  # (k, r): the sequences of each estimate
         return per_replicate_derivatives(storch.surrogate_loss(order), leaf, order), codes
 
@@ -107,6 +118,15 @@ def test_score_leave_one_out_over_sequences_orders_1_and_2(eos):
     (g, h), _ = estimates("score", 3, 2, seed=1, eos=eos, baseline="leave_one_out")
     assert_unbiased(g, grad, f"score + leave-one-out, eos={eos}")
     assert_unbiased(h, hess, f"score + leave-one-out Hessian, eos={eos}")
+
+
+@pytest.mark.parametrize("name,options", [("unordered_set", {}), ("score", dict(baseline="leave_one_out"))])
+def test_costs_at_intermediate_steps(name, options):
+    # unordered_set moves costs of steps 0 and 1 to the last step (re-indexed by the parents);
+    # score credits them to steps <= 0 and <= 1
+    grad, _ = exact_derivatives(2)
+    (g,), _ = estimates(name, 3, 1, seed=5, eos=2, per_step=True, **options)
+    assert_unbiased(g, grad, f"{name} with a cost per step")
 
 
 @pytest.mark.parametrize("eos,k", [(None, 27), (2, 30)])

@@ -309,8 +309,11 @@ def _plan(plates: tuple[Plate, ...], target: tuple[Plate, ...]):
         steps = tuple((i, plates[pos[p.name]].step, p) for i, p in enumerate(target)
                       if p.name in pos and plates[pos[p.name]].step != p.step)
         plan = (None if order == list(range(n)) else tuple(order), inserts, steps)
-        if len(_PLANS) < 4096:
-            _PLANS[key] = plan
+        if len(_PLANS) >= 4096:
+            # plates carry their graph's lineage, so keys of finished graphs are never hit again:
+            # start over rather than stop caching (a 1000-step partition makes 1000s of keys)
+            _PLANS.clear()
+        _PLANS[key] = plan
     return plan
 
 
