@@ -307,6 +307,18 @@ class Estimator(torch.nn.Module):
         """b(x<i, X \\ {x}); ``None`` for no baseline."""
         return None
 
+    def has_control_variate(self) -> bool:
+        """Whether ``control_variate`` may return something (it or ``baseline`` is overridden)."""
+        cls = type(self)
+        return cls.control_variate is not Estimator.control_variate or cls.baseline is not Estimator.baseline
+
+    def control_variate_stacks(self) -> bool:
+        """Whether ``control_variate`` gives each cost's result when the costs of several steps of a
+        partition are stacked along an extra independent plate of the frame (it reads only
+        ``cost.tensor`` and the node's tensors, not ``cost.name`` or the step). Lets the surrogate
+        reduce the per-step costs of a long episode in one pass; default: only without one."""
+        return not self.has_control_variate()
+
     def output(self, node: Node) -> torch.Tensor:
         """The raw value handed to user code (the sample; relaxations return a relaxed sample)."""
         return node.sample

@@ -120,6 +120,11 @@ class Score(Estimator):
             return torch.as_tensor(b, dtype=cost.tensor.dtype, device=cost.tensor.device)
         return None
 
+    def control_variate_stacks(self) -> bool:
+        # leave-one-out reads only the costs along the node's plate; a moving average is per cost
+        # name and step, a callable may read anything
+        return self.baseline_kind in ("none", "leave_one_out")
+
     def _commit(self) -> None:
         for key, value in self._pending.items():
             old = self.moving_averages.get(key)
