@@ -65,6 +65,8 @@ def _at_cost(cost_plates: tuple, raw: torch.Tensor, nodes: list[Node]):
                     node = node.at(p.step)
                 else:
                     new = tuple(node.plate if q.name == p.name else q for q in cost_plates)
+                    names = {q.name for q in new}
+                    new += tuple(q for q in node.parents if q.name not in names)  # of later steps
                     raw = align(raw, cost_plates, new)
                     cost_plates = new
         if node.weights is None:

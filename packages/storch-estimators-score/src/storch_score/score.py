@@ -25,6 +25,10 @@ class Score(Estimator):
         b one of: none; the moving average of the cost over earlier steps; the leave-one-out mean
         (1/(n-1)) Σ_{x' ≠ x} f(x'); a user callable.
 
+    On a partition (the estimator called at every step of an episode, docs/partitions.md), l is
+    the log-probability of the sequence up to the step a cost was computed at (causal credit), so
+    baselines are per time step: leave-one-out and moving averages of the cost-to-go.
+
     Requires: any distribution with ``sample`` and ``log_prob``.
 
     max_order: ∞ — the score function is unbiased at any order (D.2.1) and a detached baseline
