@@ -120,6 +120,16 @@ def test_score_leave_one_out_over_sequences_orders_1_and_2(eos):
     assert_unbiased(h, hess, f"score + leave-one-out Hessian, eos={eos}")
 
 
+def test_unordered_set_without_baseline_over_sequences_order_2():
+    # detached weights and no baseline: any order (appendix D.2.3), also over whole sequences
+    grad, hess = exact_derivatives(2)
+    (g, h), _ = estimates("unordered_set", 3, 2, seed=6, eos=2, baseline=False)
+    assert_unbiased(g, grad, "unordered_set without baseline")
+    assert_unbiased(h, hess, "unordered_set without baseline, Hessian")
+    with storch.Graph(), pytest.raises(storch.OrderError, match="unordered_set"):
+        estimates("unordered_set", 3, 2, seed=6, eos=2, r=2)  # the built-in baseline: order 1 only
+
+
 @pytest.mark.parametrize("name,options", [("unordered_set", {}), ("score", dict(baseline="leave_one_out"))])
 def test_costs_at_intermediate_steps(name, options):
     # unordered_set moves costs of steps 0 and 1 to the last step (re-indexed by the parents);
