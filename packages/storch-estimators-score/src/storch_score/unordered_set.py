@@ -133,6 +133,7 @@ class UnorderedSet(Estimator):
             forced = torch.where(is_end, torch.zeros((), dtype=lp.dtype), torch.full((), -math.inf, dtype=lp.dtype))
             lp = torch.where(done.unsqueeze(0), forced, lp)
         lp = lp.expand((lp.shape[0],) + tuple(p.size for p in plates))
+        # detach: which prefixes survive is sampled, not differentiated (l_t carries the gradient)
         phi = align(c["phi"] if "phi" in c else c["lp"].detach(), prev, plates).expand(lp.shape[1:])
         g = align(c["g"], prev, plates).expand(lp.shape[1:])
         parent, value, g, phi, left = beam_step(lp.detach(), phi, g, self.n_samples)
