@@ -184,7 +184,10 @@ class Estimator(torch.nn.Module):
         plate = Plate(node.plate.name, sample.shape[0], False, t, node.plate.lineage)
         new = (plate,) + plates[1:]
         prev_plates, prev = node.history[-1]
-        cumulative = align(_lead(prev, len(prev_plates)), prev_plates, new) + _lead(lp, len(new))  # L_t
+        prev = _lead(prev, len(prev_plates))
+        if node.plate.lineage.parents or prev_plates[1:] != new[1:]:
+            prev = align(prev, prev_plates, new)  # re-indexed by the parents, new parent plates
+        cumulative = prev + _lead(lp, len(new))  # L_t = L_{t-1} + l_t
         node.history.append((new, cumulative))
         node.plate, node.parents, node.step, node.gradient_function = plate, plates[1:], t, cumulative
         node.sample = sample
