@@ -16,7 +16,7 @@ import torch
 
 from ._errors import PlateError
 
-__all__ = ["Plate", "Lineage", "PlateTensor", "plates_of", "union_plates", "align", "raw_of"]
+__all__ = ["Plate", "Lineage", "PlateTensor", "plates_of", "union_plates", "align", "raw_of", "MAX_DIMS"]
 
 
 class Lineage:
@@ -35,36 +35,90 @@ class Lineage:
     Compared and hashed by identity.
     """
 
-    __slots__ = ("parents", "_cache", "__weakref__")
+    __slots__ = ("parents", "index_plates", "_cache", "__weakref__")
 
     def __init__(self) -> None:
         self.parents: dict[int, torch.Tensor] = {}
+        self.index_plates: dict[int, tuple] = {}  # step -> plates of dims 1.. of its parent index
         self._cache: dict = {}
 
-    def set_parents(self, step: int, index: torch.Tensor) -> None:
-        """Record that entry ``i`` at ``step`` descends from entry ``index[i]`` at ``step - 1``."""
+    def set_parents(self, step: int, index: torch.Tensor, plates: tuple = ()) -> None:
+        """Record that entry ``i`` at ``step`` descends from entry ``index[i]`` at ``step - 1``.
+
+        Args:
+            step: the step whose entries' parents are recorded (>= 1).
+            index: long tensor of shape ``(size at step, *[p.size for p in plates])``: per entry of
+                the other plates (e.g. one beam per data point) its own parent indices.
+            plates: the plates of ``index``'s dims after the first (default: none, one index for all).
+        """
+        plates = tuple(plates)
+        if index.dim() != 1 + len(plates):
+            raise PlateError(
+                f"parent index of step {step} has {index.dim()} dims but {1 + len(plates)} were declared "
+                f"(the partition's own entries and plates {_names(plates)})"
+            )
         self.parents[step] = index
+        self.index_plates[step] = plates
         self._cache.clear()
 
     def index(self, from_step: int, to_step: int):
         """Indices into ``from_step``'s entries of the ancestors of ``to_step``'s entries.
 
         ``None`` when every step in between kept its entries in place (no re-indexing needed).
+        The result has the shape of a parent index (see :meth:`index_plates_of` for its plates).
         """
-        key = (from_step, to_step)
-        if key in self._cache:
-            return self._cache[key]
-        idx = None
-        for t in range(from_step + 1, to_step + 1):
-            p = self.parents.get(t)
-            if p is None:
-                continue
-            idx = p if idx is None else idx[p]  # idx maps step t-1 entries to from_step entries
-        self._cache[key] = idx
-        return idx
+        if not self.parents:
+            return None
+        return self._compose(from_step, to_step)[0]
+
+    def index_plates_of(self, from_step: int, to_step: int) -> tuple:
+        """The plates of dims 1.. of ``index(from_step, to_step)``."""
+        if not self.parents:
+            return ()
+        return self._compose(from_step, to_step)[1]
+
+    def _compose(self, from_step: int, to_step: int):
+        # (index, plates) from `to_step` back to `from_step`, built from the to_step end and cached
+        # for every step in between, so that costs of all steps of a long sequence moved to its last
+        # step cost one composition each (linear in the steps, not quadratic)
+        cache = self._cache
+        hit = cache.get((from_step, to_step))
+        if hit is not None:
+            return hit
+        s = from_step
+        chain = []
+        while s < to_step and (s, to_step) not in cache:
+            chain.append(s)
+            s += 1
+        acc = cache[(s, to_step)] if s < to_step else (None, ())
+        for s in reversed(chain):  # index(s, to) = parents[s + 1] composed with index(s + 1, to)
+            p = self.parents.get(s + 1)
+            if p is not None:
+                acc = _chain(p, self.index_plates[s + 1], *acc)
+            cache[(s, to_step)] = acc
+        return acc
 
     def __repr__(self) -> str:
         return f"Lineage(steps with parents={sorted(self.parents)})"
+
+
+def _chain(a: torch.Tensor, a_plates: tuple, b, b_plates: tuple):
+    """a ∘ b: ``a`` maps entries of step s+1 to step s, ``b`` entries of step `to` to step s+1."""
+    if b is None:
+        return a, a_plates
+    if not a_plates and not b_plates:
+        return a[b], ()
+    u = union_plates([b_plates, a_plates])  # per-entry parents: compose entry-wise
+    a = _index_view(a, a_plates, u)
+    b = _index_view(b, b_plates, u)
+    shape = torch.broadcast_shapes(a.shape[1:], b.shape[1:])
+    return a.expand(a.shape[:1] + shape).gather(0, b.expand(b.shape[:1] + shape)), u
+
+
+def _index_view(idx: torch.Tensor, plates: tuple, target: tuple) -> torch.Tensor:
+    """A parent index (dims: entries, *plates) viewed with dims (entries, *target)."""
+    entry = Plate("(entries)", idx.shape[0])
+    return align(idx, (entry,) + plates, (entry,) + target)
 
 
 class Plate(NamedTuple):
@@ -204,7 +258,22 @@ def union_plates(groups: Sequence[tuple[Plate, ...]]) -> tuple[Plate, ...]:
                         out[out.index(q)] = seen[p.name] = p
                     continue
                 raise PlateError(_mixed_message(q, p))
+    if len(out) > MAX_DIMS:
+        raise PlateError(too_many_dims_message(len(out)))
     return tuple(out)
+
+
+MAX_DIMS = 64  # torch's limit on the number of dims of a tensor
+
+
+def too_many_dims_message(n: int) -> str:
+    """The error for a tensor that would need ``n`` > 64 dims (plates and per-sample dims)."""
+    return (
+        f"this needs a tensor with {n} dims, but torch supports at most {MAX_DIMS}: every stochastic "
+        "node adds a plate dim. For a sequence of stochastic steps (an episode, a decoder loop) create "
+        "ONE estimator outside the loop and call it at every step: its calls make one partition with "
+        "one plate (docs/partitions.md), so a 1000-step episode needs one dim, not 1000"
+    )
 
 
 def _mixed_message(q: Plate, p: Plate) -> str:
@@ -240,8 +309,11 @@ def _plan(plates: tuple[Plate, ...], target: tuple[Plate, ...]):
         steps = tuple((i, plates[pos[p.name]].step, p) for i, p in enumerate(target)
                       if p.name in pos and plates[pos[p.name]].step != p.step)
         plan = (None if order == list(range(n)) else tuple(order), inserts, steps)
-        if len(_PLANS) < 4096:
-            _PLANS[key] = plan
+        if len(_PLANS) >= 4096:
+            # plates carry their graph's lineage, so keys of finished graphs are never hit again:
+            # start over rather than stop caching (a 1000-step partition makes 1000s of keys)
+            _PLANS.clear()
+        _PLANS[key] = plan
     return plan
 
 
@@ -259,7 +331,7 @@ def align(raw: torch.Tensor, plates: tuple[Plate, ...], target: tuple[Plate, ...
         for i in inserts:
             raw = raw.unsqueeze(i)
         for i, step, p in steps:
-            raw = _to_step(raw, i, step, p)
+            raw = _to_step(raw, i, step, p, target)
     if pad_to >= 0:
         m = len(target)
         k = raw.dim() - m
@@ -268,8 +340,12 @@ def align(raw: torch.Tensor, plates: tuple[Plate, ...], target: tuple[Plate, ...
     return raw
 
 
-def _to_step(raw: torch.Tensor, dim: int, step: int, target: Plate) -> torch.Tensor:
-    """Re-index dim ``dim`` (a partition plate at ``step``) to ``target.step`` by the parents."""
+def _to_step(raw: torch.Tensor, dim: int, step: int, target: Plate, plates: tuple[Plate, ...]) -> torch.Tensor:
+    """Re-index dim ``dim`` (a partition plate at ``step``) to ``target.step`` by the parents.
+
+    ``raw``'s leading dims are ``plates`` (which holds ``target`` at ``dim``). A parent index that
+    differs per entry of other plates (one beam per data point) expands ``raw`` along them.
+    """
     if step > target.step:
         raise PlateError(
             f"a tensor from step {step} of partition {target.name!r} cannot be used at the earlier "
@@ -278,9 +354,38 @@ def _to_step(raw: torch.Tensor, dim: int, step: int, target: Plate) -> torch.Ten
     if target.lineage is None:
         raise PlateError(f"plate {target.name!r} has steps but no lineage; it was not made by a graph")
     idx = target.lineage.index(step, target.step)
-    if idx is None or raw.shape[dim] == 1:
+    if idx is None:
         return raw
-    return raw.index_select(dim, idx.to(raw.device))
+    iplates = target.lineage.index_plates_of(step, target.step)
+    idx = idx.to(raw.device)
+    if not iplates:
+        if raw.shape[dim] == 1:
+            return raw
+        return raw.index_select(dim, idx)
+    names = {p.name: p for p in iplates}
+    missing = [n for n in names if n not in {p.name for p in plates}]
+    if missing:
+        raise PlateError(
+            f"partition {target.name!r} chose its parents per entry of plates {missing}, which the "
+            f"tensor's plates {_names(plates)} do not have"
+        )
+    # the index in raw's layout: entries at `dim`, the index plates at their positions, 1 elsewhere
+    entry = Plate("(entries)", idx.shape[0])
+    layout = tuple(entry if i == dim else (p if p.name in names else None) for i, p in enumerate(plates))
+    idx = align(idx, (entry,) + tuple(iplates), tuple(p for p in layout if p is not None))
+    shape = [1] * raw.dim()
+    j = 0
+    for i, p in enumerate(layout):
+        if p is not None:
+            shape[i] = idx.shape[j]
+            j += 1
+    idx = idx.reshape(shape)
+    shape[dim] = 1
+    full = list(torch.broadcast_shapes(raw.shape, shape))
+    full[dim] = raw.shape[dim]
+    raw = raw.expand(full)
+    full[dim] = idx.shape[dim]
+    return raw.gather(dim, idx.expand(full))
 
 
 def _unsqueeze_n(raw: torch.Tensor, at: int, n: int) -> torch.Tensor:
