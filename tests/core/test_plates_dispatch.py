@@ -421,3 +421,13 @@ def test_transformer_decoder_with_memory_on_fewer_plates_equals_a_loop():
     memory = make(rnd(2, 1, 6, 8, seed=7), ("data", 2))  # the encoder output: per data point only
     mask = nn.Transformer.generate_square_subsequent_mask(4, dtype=D)
     check(lambda t, m: dec(t.unsqueeze(0), m, tgt_mask=mask, tgt_is_causal=True).squeeze(0), tgt, memory)
+
+
+def test_one_argument_where_and_inferred_one_hot_are_refused():
+    x = make(rnd(3, 4), ("z", 3))
+    with pytest.raises(storch.PlateError, match="one argument"):
+        torch.where(x > 0)  # 3 true elements would have fit the plate size: must still refuse
+    check(lambda a: torch.where(a > 0, a, -a), x)
+    with pytest.raises(storch.PlateError, match="num_classes"):
+        F.one_hot((x > 0).long())
+    check(lambda a: F.one_hot((a > 0).long(), 2), x)
