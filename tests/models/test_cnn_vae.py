@@ -8,7 +8,6 @@ entries; (b) it trains with score + leave-one-out and with the Gumbel-softmax re
 
 import pytest
 import torch
-from torch.distributions import Bernoulli
 
 import storch
 from model_checks import PLATES, assert_per_entry, assert_same_grads, grads, layout, lift

@@ -97,3 +97,40 @@ def test_benchmark_skips_estimators_without_partitions():
     from storch_bench.overhead import measure
 
     assert measure("rnn", "gumbel_softmax", batch=4, n=3).note.startswith("rnn:")
+
+
+def test_score_leave_one_out_over_the_partition_is_unbiased_to_order_2():
+    # z-test: R independent estimates (replicates of one input on an independent plate) of the
+    # gradient and Hessian of E[C] w.r.t. the input, against enumerating all 3^2 token sequences
+    # with the same one-sample model code on plain tensors
+    import itertools
+
+    from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
+
+    torch.manual_seed(6)
+    model = GRUDecoder(n_in=4, hidden=3, n_tokens=3, embed=2, steps=2).double()
+    image = torch.rand(4, dtype=torch.float64)
+    est = storch.estimator("score", plate="seq", n_samples=3, baseline="leave_one_out")
+    with storch.Graph():
+        leaf, x = replicate(image, 3000)
+        h = model.initial_state(x)
+        for _ in range(model.steps):
+            h = model.step(est(torch.distributions.OneHotCategorical(logits=model.out(h))), h)
+        storch.add_cost(model.reconstruction(h, x), name="reconstruction")
+        grad, hess = per_replicate_derivatives(storch.surrogate_loss(order=2), leaf, 2)
+
+    def expected(x):
+        total = 0.0
+        for seq in itertools.product(range(3), repeat=model.steps):
+            h, logp = model.initial_state(x), 0.0
+            for t in seq:
+                logp = logp + torch.log_softmax(model.out(h), -1)[t]
+                h = model.step(F.one_hot(torch.tensor(t), 3).double(), h)
+            total = total + logp.exp() * model.reconstruction(h, x)
+        return total
+
+    g_exact = torch.autograd.functional.jacobian(expected, image)
+    h_exact = torch.autograd.functional.hessian(expected, image)
+    assert_unbiased(grad, g_exact, "gradient")
+    assert_unbiased(hess, h_exact, "Hessian")
+    assert float(g_exact.abs().max()) > 0.1 and float(h_exact.abs().max()) > 0.01

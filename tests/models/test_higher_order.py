@@ -126,3 +126,29 @@ def test_expect_order_2_through_vmap_functions_equals_the_exact_expectation():
     g_e, h_e = first_and_second(exact, params, directions)
     assert_same_grads(g_s, g_e, ["weight", "bias", "factors"], atol=1e-10, rtol=1e-8)
     assert_same_grads(h_s, h_e, ["weight", "bias", "factors"], atol=1e-10, rtol=1e-8)
+
+
+def test_score_leave_one_out_is_unbiased_to_order_2_through_conv():
+    # z-test: R independent estimates (replicates of one image on an independent plate) of the
+    # gradient and Hessian of E_z[C(z, x)] w.r.t. the image's 16 pixels, against enumeration
+    from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
+
+    model, x, _ = _setup(3)
+    image = torch.rand(1, 4, 4, dtype=x.dtype)
+    est = storch.estimator("score", plate="z", n_samples=3, baseline="leave_one_out")
+    with storch.Graph():
+        leaf, xs = replicate(image, 3000)
+        z = est(Bernoulli(logits=model.encoder(xs)))
+        storch.add_cost(model.cost(z, xs), name="reconstruction")
+        grad, hess = per_replicate_derivatives(storch.surrogate_loss(order=2), leaf, 2)
+
+    def expected(img):  # Σ_z p(z | x) C(z, x), the 4 joint values by hand
+        values = torch.tensor(list(itertools.product([0.0, 1.0], repeat=N_LATENT)), dtype=img.dtype)
+        logp = Bernoulli(logits=model.encoder(img.unsqueeze(0))).log_prob(values.unsqueeze(1)).sum(-1)
+        return (logp.exp() * model.batched_cost(values.unsqueeze(1), img.unsqueeze(0))).sum()
+
+    g_exact = torch.autograd.functional.jacobian(expected, image).reshape(-1)
+    h_exact = torch.autograd.functional.hessian(expected, image).reshape(16, 16)
+    assert_unbiased(grad, g_exact, "gradient")
+    assert_unbiased(hess, h_exact, "Hessian")
+    assert float(g_exact.abs().max()) > 0.1 and float(h_exact.abs().max()) > 0.01  # not a trivial comparison

@@ -122,3 +122,30 @@ def _deepcopy(func, args, kwargs):
 @register(_T.__iter__)
 def _iter(func, args, kwargs):
     return iter(dispatch(_T.unbind, (args[0], 0), {}))
+
+
+@register(torch.where, _T.where)
+def _where(func, args, kwargs):
+    """where(condition, x, y) is pointwise; where(condition) alone is nonzero: refused"""
+    from ._plate_ops import broadcast
+
+    if len(args) + len(kwargs) == 1:
+        raise PlateError(
+            "torch.where(condition) with one argument returns the indices of the true elements; their "
+            "number depends on the values, so the plate entries would have different shapes; use "
+            "torch.where(condition, x, other) or the mask as a weight"
+        )
+    return broadcast(func, args, kwargs)
+
+
+@register(torch.nn.functional.one_hot)
+def _one_hot(func, args, kwargs):
+    """elementwise (a new last dim) with num_classes given; inferring it from the values is refused"""
+    x = args[0]
+    n = args[1] if len(args) > 1 else kwargs.get("num_classes", -1)
+    if n < 0:
+        raise PlateError(
+            "F.one_hot without num_classes infers the number of classes from the largest value of each "
+            "sample, which can differ between plate entries; pass num_classes"
+        )
+    return wrap_same(func(x._raw, n), x._plates)
