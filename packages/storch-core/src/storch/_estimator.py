@@ -116,6 +116,17 @@ class Estimator(torch.nn.Module):
 
     # -- the node call -----------------------------------------------------------------------
 
+    def __call__(self, distribution: Distribution, *args, **kwargs) -> PlateTensor:
+        # Graph identity (issue 11): the distribution's plate tensors must belong to the current
+        # graph, and an exception while sampling discards the step, so it never leaks into the next.
+        graph = current_graph()
+        try:
+            graph.check_call(self, distribution)
+            return super().__call__(distribution, *args, **kwargs)
+        except BaseException as e:
+            graph.discard(e)
+            raise
+
     def forward(self, distribution: Distribution) -> PlateTensor:
         """Sample the node for ``distribution`` (built from one-sample code) in the current graph."""
         raw, parents = unwrap_distribution(distribution)

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ._errors import OrderError, StorchError
+from ._errors import CostError, OrderError, StorchError
 from ._estimator import CostFrame, Estimator, magic_box
 from ._graph import Graph, Node, current_graph
 from ._plates import align, plates_of, raw_of
@@ -85,13 +85,22 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     ``max_order`` >= ``order``.
 
     Raises:
-        OrderError: an estimator upstream of a cost is not unbiased to ``order``.
+        OrderError: an estimator upstream of a cost is not unbiased to ``order``. Like every
+            error raised during a step, it discards the step (the graph is reset).
     """
     graph = graph or current_graph()
+    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
+        raise StorchError(f"order must be an int >= 0, got {order!r}")  # a bad argument: the step is intact
+    try:
+        return _surrogate_loss(order, graph)
+    except BaseException as e:
+        graph.discard(e)
+        raise
+
+
+def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
     if not graph.costs:
         raise StorchError("the graph has no costs; call storch.add_cost(...) before the surrogate loss")
-    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
-        raise StorchError(f"order must be an int >= 0, got {order!r}")
     per_cost = [(name, cost, cost_nodes(graph, cost)) for name, cost in graph.costs]
     for _, _, nodes in per_cost:
         _check_order(nodes, order)
@@ -102,15 +111,33 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     return loss.reshape(())
 
 
+def _check_finite(loss: torch.Tensor, graph: Graph) -> None:
+    """Raise CostError naming the non-finite costs (one check of the total; costs only if it fails)."""
+    if loss.device.type == "meta" or bool(torch.isfinite(loss.detach())):
+        return
+    bad = [name for name, cost in graph.costs if not bool(torch.isfinite(raw_of(cost).detach()).all())]
+    raise CostError(
+        f"cost {', '.join(repr(b) for b in bad) or '(their sum)'} is not finite (NaN or inf), so its gradient "
+        "would be too: nothing was backpropagated, estimator state (moving averages, learned control "
+        "variates) is unchanged and the step is discarded. Find where the non-finite value comes from "
+        "(e.g. log(0), NaN parameters, a diverging learning rate), or catch storch.CostError to skip the batch")
+
+
 def backward(graph: Optional[Graph] = None) -> torch.Tensor:
     """Backpropagate the first-order surrogate, run estimators' own updates, reset the graph.
 
     Returns:
         the detached estimate of the expected total cost.
+
+    Raises:
+        CostError: a cost is not finite (NaN or infinite). Nothing is backpropagated and no
+            estimator state changes (moving averages, learned control variates); the step is
+            discarded. Catch it to skip the batch.
     """
     graph = graph or current_graph()
     try:
         loss = surrogate_loss(1, graph)
+        _check_finite(loss, graph)
         updating: dict[int, list[Node]] = {}
         for node in graph.nodes:
             if node.estimator.has_update:

@@ -6,6 +6,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+import storch.distributed
 from storch import CostFrame, Estimator, Node, OptionError, PlateTensor
 
 __all__ = ["Score"]
@@ -112,10 +113,23 @@ class Score(Estimator):
         return None
 
     def _commit(self) -> None:
-        for key, value in self._pending.items():
+        pending = storch.distributed.all_reduce_mean(self._pending)  # one average over all ranks
+        for key, value in pending.items():
+            if value.device.type != "meta" and not bool(torch.isfinite(value)):
+                continue  # a non-finite cost never enters the average (storch.backward() raised for it)
             old = self.moving_averages.get(key)
             self.moving_averages[key] = value if old is None else self.decay * old + (1.0 - self.decay) * value
         self._pending = {}
+
+    # -- state_dict: the moving averages (and this step's pending costs) are estimator state ------
+
+    def get_extra_state(self) -> dict:
+        """What ``state_dict()`` saves besides parameters: the moving averages by cost name."""
+        return {"moving_averages": dict(self.moving_averages), "pending": dict(self._pending)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.moving_averages = dict(state["moving_averages"])
+        self._pending = dict(state["pending"])
 
     def extra_repr(self) -> str:
         b = self.baseline_kind if self.baseline_fn is None else repr(self.baseline_fn)

@@ -1,0 +1,65 @@
+"""Per-graph random number generators: reproducible sampling when several threads train at once.
+
+torch's global generator is shared by all threads, so two threads that sample at the same time
+interleave their draws and neither run is reproducible. ``storch.Graph(generator=g)`` makes every
+random draw inside its ``with`` block use ``g``: the estimators' proposals (``Distribution.sample``
+and ``rsample``, the noise of relaxations) and any user code that calls a torch function taking a
+``generator=`` argument. It works through a :class:`torch.overrides.TorchFunctionMode`, which is
+thread-local and active only inside the block; nothing in torch is patched.
+
+Functions without a ``generator`` argument (``torch.nn.functional.dropout``, for example) keep
+using the global generator; call them with your own generator-aware code if they must be
+reproducible across threads.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["GeneratorMode", "current_generator", "RANDOM_FUNCTIONS"]
+
+_T = torch.Tensor
+# torch functions and tensor methods that draw random numbers and accept `generator=`
+RANDOM_FUNCTIONS = frozenset(f for f in (
+    torch.bernoulli, torch.multinomial, torch.normal, torch.poisson, torch.rand, torch.randn,
+    torch.randint, torch.rand_like, torch.randn_like, torch.randint_like, torch.randperm,
+    torch._standard_gamma, torch._sample_dirichlet, torch.binomial,
+    _T.bernoulli, _T.bernoulli_, _T.uniform_, _T.normal_, _T.exponential_, _T.geometric_,
+    _T.cauchy_, _T.log_normal_, _T.random_, _T.multinomial,
+) if f is not None)
+
+_stack_local = __import__("threading").local()
+
+
+class GeneratorMode(TorchFunctionMode):
+    """Pass ``generator`` to every random torch function called (in this thread) while active."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def __enter__(self):
+        stack = getattr(_stack_local, "generators", None)
+        if stack is None:
+            stack = _stack_local.generators = []
+        stack.append(self.generator)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _stack_local.generators.pop()
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in RANDOM_FUNCTIONS and kwargs.get("generator") is None:
+            kwargs = {**kwargs, "generator": self.generator}
+        return func(*args, **kwargs)
+
+
+def current_generator() -> Optional[torch.Generator]:
+    """The generator of the innermost ``storch.Graph(generator=...)`` block of this thread, or None."""
+    stack = getattr(_stack_local, "generators", None)
+    return stack[-1] if stack else None
