@@ -8,7 +8,7 @@ its own, independent samples.
 
 from __future__ import annotations
 
-from torch.distributions import Distribution, Independent
+from torch.distributions import Categorical, Distribution, Independent, OneHotCategorical
 from torch.distributions.utils import lazy_property
 
 from ._errors import UnsupportedDistributionError
@@ -44,6 +44,18 @@ def _holds_plate_tensor(d: Distribution, depth: int = 0) -> bool:
             if isinstance(item, Distribution) and depth < 8 and _holds_plate_tensor(item, depth + 1):
                 return True
     return False
+
+
+def _rebuild(cls: type, raw: dict) -> Distribution:
+    """``cls(**raw)`` without argument validation (which reads values: a device sync, impossible on meta)."""
+    if issubclass(cls, OneHotCategorical) and cls.__init__ is OneHotCategorical.__init__:
+        # OneHotCategorical.__init__ builds its Categorical with the *default* validation, whatever
+        # validate_args says; build both parts without it
+        d = cls.__new__(cls)
+        d._categorical = Categorical(**raw, validate_args=False)
+        Distribution.__init__(d, d._categorical.batch_shape, d._categorical.param_shape[-1:], validate_args=False)
+        return d
+    return cls(**raw, validate_args=False)
 
 
 def unwrap_distribution(d: Distribution) -> tuple[Distribution, tuple[Plate, ...]]:
@@ -82,7 +94,7 @@ def unwrap_distribution(d: Distribution) -> tuple[Distribution, tuple[Plate, ...
             raw[name] = v.expand(*sizes, *v.shape) if hasattr(v, "expand") else v
     try:
         # parameters were validated when the user built `d`; the raw copy is internal
-        return type(d)(**raw, validate_args=False), plates
+        return _rebuild(type(d), raw), plates
     except TypeError as e:
         raise UnsupportedDistributionError(
             f"storch cannot rebuild {type(d).__name__} from its parameters {sorted(raw)} ({e}); "
