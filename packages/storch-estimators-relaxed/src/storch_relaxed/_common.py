@@ -9,6 +9,7 @@ REBAR's relaxed inputs, GO's neighbours) whose costs the control variate reads f
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Optional, Union
 
@@ -288,7 +289,8 @@ class VarianceTrained(Estimator):
                 "update_steps": self.update_steps}
 
     def set_extra_state(self, state: dict) -> None:
-        self._loaded = state  # applied by _restore_training, once submodules (the network) are loaded
+        # copied, as load_state_dict copies parameters: the loaded model shares nothing with the saved one
+        self._loaded = state = copy.deepcopy(state)  # applied by _restore_training, once submodules (the network) are loaded
         self.update_steps = state["update_steps"]
 
     @staticmethod

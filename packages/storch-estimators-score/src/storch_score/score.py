@@ -128,8 +128,9 @@ class Score(Estimator):
         return {"moving_averages": dict(self.moving_averages), "pending": dict(self._pending)}
 
     def set_extra_state(self, state: dict) -> None:
-        self.moving_averages = dict(state["moving_averages"])
-        self._pending = dict(state["pending"])
+        # copies, as load_state_dict copies parameters: nothing is shared with the saved model
+        self.moving_averages = {k: v.clone() for k, v in state["moving_averages"].items()}
+        self._pending = {k: v.clone() for k, v in state["pending"].items()}
 
     def extra_repr(self) -> str:
         b = self.baseline_kind if self.baseline_fn is None else repr(self.baseline_fn)
