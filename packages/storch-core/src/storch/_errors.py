@@ -11,6 +11,7 @@ __all__ = [
     "UnsupportedDistributionError",
     "OptionError",
     "CostError",
+    "NonFiniteCostError",
     "PluginError",
 ]
 
@@ -41,6 +42,11 @@ class OptionError(StorchError, ValueError):
 
 class CostError(StorchError, ValueError):
     """A cost passed to ``storch.add_cost`` cannot be used (for example, it has an event shape)."""
+
+
+class NonFiniteCostError(CostError, FloatingPointError):
+    """``storch.backward()`` met a NaN or infinite cost (or surrogate): nothing was backpropagated,
+    no estimator state changed, and the step was discarded."""
 
 
 class PluginError(StorchError, RuntimeError):

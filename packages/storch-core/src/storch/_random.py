@@ -8,8 +8,9 @@ and ``rsample``, the noise of relaxations) and any user code that calls a torch 
 thread-local and active only inside the block; nothing in torch is patched.
 
 Functions without a ``generator`` argument (``torch.nn.functional.dropout``, for example) keep
-using the global generator; call them with your own generator-aware code if they must be
-reproducible across threads.
+using the global generator, and so do draws inside other overridable torch functions (a mode
+sees the outer call only); ``RANDOM_FUNCTIONS`` lists what is covered (torch's samplers,
+tensor ``*_`` samplers, ``torch.nn.init``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ RANDOM_FUNCTIONS = frozenset(f for f in (
     torch._standard_gamma, torch._sample_dirichlet, torch.binomial,
     _T.bernoulli, _T.bernoulli_, _T.uniform_, _T.normal_, _T.exponential_, _T.geometric_,
     _T.cauchy_, _T.log_normal_, _T.random_, _T.multinomial,
+    # initialisers are torch functions themselves (the mode does not see the draws inside them)
+    torch.nn.init.uniform_, torch.nn.init.normal_, torch.nn.init.trunc_normal_, torch.nn.init.kaiming_uniform_,
+    torch.nn.init.kaiming_normal_, torch.nn.init.xavier_uniform_, torch.nn.init.xavier_normal_,
+    torch.nn.init.orthogonal_, torch.nn.init.sparse_,
 ) if f is not None)
 
 _stack_local = __import__("threading").local()

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ._errors import CostError, OrderError, StorchError
+from ._errors import NonFiniteCostError, OrderError, StorchError
 from ._estimator import CostFrame, Estimator, magic_box
 from ._graph import Graph, Node, current_graph
 from ._plates import align, plates_of, raw_of
@@ -112,15 +112,22 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
 
 
 def _check_finite(loss: torch.Tensor, graph: Graph) -> None:
-    """Raise CostError naming the non-finite costs (one check of the total; costs only if it fails)."""
+    """Raise NonFiniteCostError naming the non-finite costs (one check of the total; the costs only if it fails)."""
     if loss.device.type == "meta" or bool(torch.isfinite(loss.detach())):
         return
     bad = [name for name, cost in graph.costs if not bool(torch.isfinite(raw_of(cost).detach()).all())]
-    raise CostError(
-        f"cost {', '.join(repr(b) for b in bad) or '(their sum)'} is not finite (NaN or inf), so its gradient "
-        "would be too: nothing was backpropagated, estimator state (moving averages, learned control "
-        "variates) is unchanged and the step is discarded. Find where the non-finite value comes from "
-        "(e.g. log(0), NaN parameters, a diverging learning rate), or catch storch.CostError to skip the batch")
+    after = ("nothing was backpropagated, estimator state (moving averages, learned control variates) is "
+             "unchanged and the step is discarded. ")
+    if bad:
+        raise NonFiniteCostError(
+            f"cost {', '.join(repr(b) for b in bad)} is not finite (NaN or inf), so its gradient would be too: "
+            f"{after}Find where the non-finite value comes from (e.g. log(0), NaN parameters, a diverging "
+            "learning rate), or catch storch.NonFiniteCostError to skip the batch")
+    names = sorted({f"{n.estimator.name!r} (plate {n.plate.name!r})" for n in graph.nodes})
+    raise NonFiniteCostError(
+        f"the surrogate loss is not finite although every cost is: the weights or gradient-function values of "
+        f"an estimator are (estimators in this graph: {', '.join(names) or 'none'}; e.g. log p(x) = -inf, or "
+        f"diverged parameters): {after}Catch storch.NonFiniteCostError to skip the batch")
 
 
 def backward(graph: Optional[Graph] = None) -> torch.Tensor:
@@ -130,9 +137,10 @@ def backward(graph: Optional[Graph] = None) -> torch.Tensor:
         the detached estimate of the expected total cost.
 
     Raises:
-        CostError: a cost is not finite (NaN or infinite). Nothing is backpropagated and no
-            estimator state changes (moving averages, learned control variates); the step is
-            discarded. Catch it to skip the batch.
+        NonFiniteCostError: a cost (or the surrogate) is not finite (NaN or infinite); a
+            ``CostError`` and a ``FloatingPointError``. Nothing is backpropagated and no estimator
+            state changes (moving averages, learned control variates); the step is discarded.
+            Catch it to skip the batch.
     """
     graph = graph or current_graph()
     try:
