@@ -104,6 +104,7 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         except storch.StorchError as e:
             out["misuse"] = str(e)
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears the group down while another is still in a collective
     finally:
         dist.destroy_process_group()
 
