@@ -7,6 +7,7 @@ differentiate ``storch.surrogate_loss(order=n)``.
 from ._errors import (
     CostError,
     NonFiniteCostError,
+    NonFiniteParameterError,
     OptionError,
     OrderError,
     PlateError,
@@ -37,7 +38,7 @@ __all__ = [
     "add_cost", "denote_independent", "reset", "current_graph", "surrogate_loss", "backward",
     "magic_box", "estimator", "available_estimators", "get_estimator_class", "reload_estimators",
     "hookimpl", "hookspec", "StorchError", "PlateError", "OrderError", "UnknownEstimatorError",
-    "UnsupportedDistributionError", "OptionError", "CostError", "NonFiniteCostError", "PluginError",
+    "UnsupportedDistributionError", "OptionError", "CostError", "NonFiniteCostError", "NonFiniteParameterError", "PluginError",
     "current_generator",
     "distributed",
 ]

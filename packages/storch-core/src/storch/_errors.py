@@ -12,6 +12,7 @@ __all__ = [
     "OptionError",
     "CostError",
     "NonFiniteCostError",
+    "NonFiniteParameterError",
     "PluginError",
 ]
 
@@ -47,6 +48,10 @@ class CostError(StorchError, ValueError):
 class NonFiniteCostError(CostError, FloatingPointError):
     """``storch.backward()`` met a NaN or infinite cost (or surrogate): nothing was backpropagated,
     no estimator state changed, and the step was discarded."""
+
+
+class NonFiniteParameterError(StorchError, ValueError):
+    """The distribution given to an estimator has NaN or infinite parameters (found after sampling failed)."""
 
 
 class PluginError(StorchError, RuntimeError):

@@ -247,12 +247,25 @@ def estimator(name: str, plate: str, **options):
     Example:
         >>> est = storch.estimator("score", plate="z", n_samples=8, baseline="leave_one_out")
     """
+    try:
+        return _make_estimator(name, plate, options)
+    except BaseException as e:
+        # like every storch call that raises during a step: the default graph's step is discarded
+        from ._graph import current_graph
+
+        current_graph().discard(e)
+        raise
+
+
+def _make_estimator(name: str, plate: str, options: dict):
     cls = get_estimator_class(name)
     accepted = cls.options()
     for key in options:
         if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
             raise OptionError(
-                f"estimator {cls.name!r} has no option {key!r}; its options are: {', '.join(accepted) or 'none'}"
+                f"estimator {cls.name!r} has no option {key!r};{hint} its options are: {', '.join(accepted) or 'none'}"
             )
     return cls(plate=plate, **options)
 
