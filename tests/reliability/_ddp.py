@@ -94,6 +94,11 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
             state = estimator_state(ddp.module)
             out[key] = {"grads": grads, "state": state,
                         "agree": storch.distributed.ranks_agree(state, ddp.module.est)}
+        # synchronisation switched off (single-rank use): each rank keeps its own moving average
+        local = Model("score", {"n_samples": 2, "baseline": "moving_average"})
+        storch.distributed.synchronize(local, enabled=False)
+        train(DDP(local), x, torch.Generator().manual_seed(100 + rank))
+        out["local"] = {"state": estimator_state(local), "agree": storch.distributed.ranks_agree(estimator_state(local))}
         # misuse: find_unused_parameters=True with a forward that does not return the loss
         ddp = DDP(Model("score", {"n_samples": 2}, return_loss=False), find_unused_parameters=True)
         try:

@@ -72,3 +72,9 @@ def test_find_unused_parameters_without_the_loss_as_output_is_a_clear_error(rank
     for r in ranks:
         msg = r["misuse"]
         assert msg is not None and "find_unused_parameters" in msg and "return storch.surrogate_loss()" in msg
+
+
+def test_without_synchronisation_the_moving_averages_drift_apart(ranks):
+    """What storch.distributed prevents (issue 11): per-rank moving averages of per-rank costs."""
+    assert not ranks[0]["local"]["agree"]
+    assert not torch.equal(ranks[0]["local"]["state"][0], ranks[1]["local"]["state"][0])
