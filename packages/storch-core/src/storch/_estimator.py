@@ -117,24 +117,6 @@ class Estimator(torch.nn.Module):
 
     # -- the node call -----------------------------------------------------------------------
 
-    def __call__(self, distribution: Distribution, *args, **kwargs) -> PlateTensor:
-        # Graph identity (issue 11): the distribution's plate tensors must belong to the current
-        # graph, and an exception while sampling discards the step, so it never leaks into the next.
-        graph = current_graph()
-        try:
-            graph.check_call(self, distribution)
-            return super().__call__(distribution, *args, **kwargs)
-        except BaseException as e:
-            graph.discard(e)
-            bad = _nonfinite_parameters(distribution) if not isinstance(e, StorchError) else None
-            if bad:  # torch's own error (e.g. "Expected p_in >= 0 && p_in <= 1") does not say why
-                raise NonFiniteParameterError(
-                    f"estimator {self.name!r} (plate {self.plate!r}) could not sample: the distribution's "
-                    f"{', '.join(repr(b) for b in bad)} hold NaN or infinite values (the model's outputs diverged, "
-                    "or its inputs hold NaN); keep torch's argument validation on to catch it where the "
-                    f"distribution is built. ({type(e).__name__}: {e})") from e
-            raise
-
     def forward(self, distribution: Distribution) -> PlateTensor:
         """Sample the node for ``distribution`` (built from one-sample code) in the current graph."""
         raw, parents = unwrap_distribution(distribution)
@@ -272,6 +254,26 @@ class Estimator(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"plate={self.plate!r}, n_samples={self.n_samples}"
+
+    # -- graph identity (issue 11) -------------------------------------------------------------
+
+    def __call__(self, distribution: Distribution, *args, **kwargs) -> PlateTensor:
+        # Graph identity (issue 11): the distribution's plate tensors must belong to the current
+        # graph, and an exception while sampling discards the step, so it never leaks into the next.
+        graph = current_graph()
+        try:
+            graph.check_call(self, distribution)
+            return super().__call__(distribution, *args, **kwargs)
+        except BaseException as e:
+            graph.discard(e)
+            bad = _nonfinite_parameters(distribution) if not isinstance(e, StorchError) else None
+            if bad:  # torch's own error (e.g. "Expected p_in >= 0 && p_in <= 1") does not say why
+                raise NonFiniteParameterError(
+                    f"estimator {self.name!r} (plate {self.plate!r}) could not sample: the distribution's "
+                    f"{', '.join(repr(b) for b in bad)} hold NaN or infinite values (the model's outputs diverged, "
+                    "or its inputs hold NaN); keep torch's argument validation on to catch it where the "
+                    f"distribution is built. ({type(e).__name__}: {e})") from e
+            raise
 
 
 def _nonfinite_parameters(d) -> list[str]:

@@ -131,20 +131,18 @@ def _check_finite(loss: torch.Tensor, graph: Graph) -> None:
         f"diverged parameters): {after}Catch storch.NonFiniteCostError to skip the batch")
 
 
-def _backpropagate(loss: torch.Tensor, **kwargs) -> None:
-    try:
-        loss.backward(**kwargs)
-    except RuntimeError as e:
-        if "mark a variable ready only once" not in str(e):
-            raise
-        # DistributedDataParallel(find_unused_parameters=True) looked for the parameters used from
-        # the forward's outputs, which do not lead to storch's costs
-        raise StorchError(
-            "DistributedDataParallel(find_unused_parameters=True) marked the model's parameters unused, then "
-            "storch.backward() gave them gradients: DDP finds used parameters from the outputs of the wrapped "
-            "module's forward, and storch's loss is built from the registered costs. End the forward with "
-            "`return storch.surrogate_loss()` (then call storch.backward() as before), or use "
-            "find_unused_parameters=False. See storch.distributed.") from e
+def _explain_ddp_error(e: RuntimeError) -> None:
+    """Raise a StorchError that says what to do for DDP's error with find_unused_parameters=True."""
+    if "mark a variable ready only once" not in str(e):
+        return
+    # DistributedDataParallel(find_unused_parameters=True) looked for the used parameters from the
+    # forward's outputs, which do not lead to storch's costs
+    raise StorchError(
+        "DistributedDataParallel(find_unused_parameters=True) marked the model's parameters unused, then "
+        "storch.backward() gave them gradients: DDP finds used parameters from the outputs of the wrapped "
+        "module's forward, and storch's loss is built from the registered costs. End the forward with "
+        "`return storch.surrogate_loss()` (then call storch.backward() as before), or use "
+        "find_unused_parameters=False. See storch.distributed.") from e
 
 
 def backward(graph: Optional[Graph] = None) -> torch.Tensor:
@@ -169,7 +167,10 @@ def backward(graph: Optional[Graph] = None) -> torch.Tensor:
                 updating.setdefault(id(node.estimator), []).append(node)
         for nodes in updating.values():
             nodes[0].estimator.update_parameters(nodes, loss)
-        _backpropagate(loss)
+        loss.backward()
         return loss.detach()
+    except RuntimeError as e:
+        _explain_ddp_error(e)
+        raise
     finally:
         graph.reset()
