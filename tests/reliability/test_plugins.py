@@ -52,5 +52,6 @@ def test_unknown_name_lists_plugins_that_failed():
 
 def test_all_broken_plugins_at_once():
     with installed(*BROKEN) as messages:
-        assert len(messages) == len(BROKEN)
+        for ep in BROKEN.values():  # one warning per broken plugin (other installed plugins may warn too)
+            assert sum(ep.dist.name in m for m in messages) == 1
         assert "expect" in storch.available_estimators()
