@@ -19,6 +19,7 @@ CASES = {
     "score_moving_average": ("score", {"n_samples": 3, "baseline": "moving_average"}),
     "relax": ("relax", {"n_samples": 2}),
     "rebar": ("rebar", {"n_samples": 2}),
+    "score_learned": ("score", {"n_samples": 2, "baseline": "learned"}),  # NVIL, where score has it
     "lax": None,  # continuous: covered by relax's machinery (same base class); see test below
 }
 
@@ -42,15 +43,19 @@ class Model(torch.nn.Module):
         return [p.grad.clone() for p in self.encoder.parameters()]
 
 
-def _installed(name):
+def _installed(name, options=None):
     if name not in storch.available_estimators():
         pytest.skip(f"{name} is not installed")
+    try:
+        storch.estimator(name, plate="probe", **(options or {}))
+    except storch.OptionError as e:
+        pytest.skip(f"{name} has no such option here: {e}")
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if CASES[c] is not None])
 def test_resume_gives_bitwise_the_same_next_gradient(case):
     name, options = CASES[case]
-    _installed(name)
+    _installed(name, options)
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     a = Model(name, options)
     opt_a = torch.optim.SGD(a.encoder.parameters(), lr=0.1)  # the estimator trains its own parts
