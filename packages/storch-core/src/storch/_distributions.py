@@ -46,18 +46,6 @@ def _holds_plate_tensor(d: Distribution, depth: int = 0) -> bool:
     return False
 
 
-def _rebuild(cls: type, raw: dict) -> Distribution:
-    """``cls(**raw)`` without argument validation (which reads values: a device sync, impossible on meta)."""
-    if issubclass(cls, OneHotCategorical) and cls.__init__ is OneHotCategorical.__init__:
-        # OneHotCategorical.__init__ builds its Categorical with the *default* validation, whatever
-        # validate_args says; build both parts without it
-        d = cls.__new__(cls)
-        d._categorical = Categorical(**raw, validate_args=False)
-        Distribution.__init__(d, d._categorical.batch_shape, d._categorical.param_shape[-1:], validate_args=False)
-        return d
-    return cls(**raw, validate_args=False)
-
-
 def unwrap_distribution(d: Distribution) -> tuple[Distribution, tuple[Plate, ...]]:
     """Return ``(raw_distribution, plates)``; ``plates`` lead the raw batch shape."""
     if isinstance(d, Independent):
@@ -100,3 +88,15 @@ def unwrap_distribution(d: Distribution) -> tuple[Distribution, tuple[Plate, ...
             f"storch cannot rebuild {type(d).__name__} from its parameters {sorted(raw)} ({e}); "
             "use a distribution whose constructor takes its arg_constraints as keywords"
         ) from e
+
+
+def _rebuild(cls: type, raw: dict) -> Distribution:
+    """``cls(**raw)`` without argument validation (which reads values: a device sync, impossible on meta)."""
+    if issubclass(cls, OneHotCategorical) and cls.__init__ is OneHotCategorical.__init__:
+        # OneHotCategorical.__init__ builds its Categorical with the *default* validation, whatever
+        # validate_args says; build both parts without it
+        d = cls.__new__(cls)
+        d._categorical = Categorical(**raw, validate_args=False)
+        Distribution.__init__(d, d._categorical.batch_shape, d._categorical.param_shape[-1:], validate_args=False)
+        return d
+    return cls(**raw, validate_args=False)

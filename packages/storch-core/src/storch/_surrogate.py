@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ._errors import NonFiniteCostError, OrderError, StorchError
+from ._errors import OrderError, StorchError
 from ._estimator import CostFrame, Estimator, magic_box
 from ._graph import Graph, Node, current_graph
 from ._plates import align, plates_of, raw_of
@@ -112,39 +112,6 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
     return loss.reshape(())
 
 
-def _check_finite(loss: torch.Tensor, graph: Graph) -> None:
-    """Raise NonFiniteCostError naming the non-finite costs (one check of the total; the costs only if it fails)."""
-    if loss.device.type == "meta" or math.isfinite(loss.item()):  # item(): ~0.2 us, torch.isfinite ~4 us
-        return
-    bad = [name for name, cost in graph.costs if not bool(torch.isfinite(raw_of(cost).detach()).all())]
-    after = ("nothing was backpropagated, estimator state (moving averages, learned control variates) is "
-             "unchanged and the step is discarded. ")
-    if bad:
-        raise NonFiniteCostError(
-            f"cost {', '.join(repr(b) for b in bad)} is not finite (NaN or inf), so its gradient would be too: "
-            f"{after}Find where the non-finite value comes from (e.g. log(0), NaN parameters, a diverging "
-            "learning rate), or catch storch.NonFiniteCostError to skip the batch")
-    names = sorted({f"{n.estimator.name!r} (plate {n.plate.name!r})" for n in graph.nodes})
-    raise NonFiniteCostError(
-        f"the surrogate loss is not finite although every cost is: the weights or gradient-function values of "
-        f"an estimator are (estimators in this graph: {', '.join(names) or 'none'}; e.g. log p(x) = -inf, or "
-        f"diverged parameters): {after}Catch storch.NonFiniteCostError to skip the batch")
-
-
-def _explain_ddp_error(e: RuntimeError) -> None:
-    """Raise a StorchError that says what to do for DDP's error with find_unused_parameters=True."""
-    if "mark a variable ready only once" not in str(e):
-        return
-    # DistributedDataParallel(find_unused_parameters=True) looked for the used parameters from the
-    # forward's outputs, which do not lead to storch's costs
-    raise StorchError(
-        "DistributedDataParallel(find_unused_parameters=True) marked the model's parameters unused, then "
-        "storch.backward() gave them gradients: DDP finds used parameters from the outputs of the wrapped "
-        "module's forward, and storch's loss is built from the registered costs. End the forward with "
-        "`return storch.surrogate_loss()` (then call storch.backward() as before), or use "
-        "find_unused_parameters=False. See storch.distributed.") from e
-
-
 def backward(graph: Optional[Graph] = None) -> torch.Tensor:
     """Backpropagate the first-order surrogate, run estimators' own updates, reset the graph.
 
@@ -174,3 +141,37 @@ def backward(graph: Optional[Graph] = None) -> torch.Tensor:
         raise
     finally:
         graph.reset()
+
+
+def _check_finite(loss: torch.Tensor, graph: Graph) -> None:
+    """Raise NonFiniteCostError naming the non-finite costs (one check of the total; the costs only if it fails)."""
+    from ._errors import NonFiniteCostError
+    if loss.device.type == "meta" or math.isfinite(loss.item()):  # item(): ~0.2 us, torch.isfinite ~4 us
+        return
+    bad = [name for name, cost in graph.costs if not bool(torch.isfinite(raw_of(cost).detach()).all())]
+    after = ("nothing was backpropagated, estimator state (moving averages, learned control variates) is "
+             "unchanged and the step is discarded. ")
+    if bad:
+        raise NonFiniteCostError(
+            f"cost {', '.join(repr(b) for b in bad)} is not finite (NaN or inf), so its gradient would be too: "
+            f"{after}Find where the non-finite value comes from (e.g. log(0), NaN parameters, a diverging "
+            "learning rate), or catch storch.NonFiniteCostError to skip the batch")
+    names = sorted({f"{n.estimator.name!r} (plate {n.plate.name!r})" for n in graph.nodes})
+    raise NonFiniteCostError(
+        f"the surrogate loss is not finite although every cost is: the weights or gradient-function values of "
+        f"an estimator are (estimators in this graph: {', '.join(names) or 'none'}; e.g. log p(x) = -inf, or "
+        f"diverged parameters): {after}Catch storch.NonFiniteCostError to skip the batch")
+
+
+def _explain_ddp_error(e: RuntimeError) -> None:
+    """Raise a StorchError that says what to do for DDP's error with find_unused_parameters=True."""
+    if "mark a variable ready only once" not in str(e):
+        return
+    # DistributedDataParallel(find_unused_parameters=True) looked for the used parameters from the
+    # forward's outputs, which do not lead to storch's costs
+    raise StorchError(
+        "DistributedDataParallel(find_unused_parameters=True) marked the model's parameters unused, then "
+        "storch.backward() gave them gradients: DDP finds used parameters from the outputs of the wrapped "
+        "module's forward, and storch's loss is built from the registered costs. End the forward with "
+        "`return storch.surrogate_loss()` (then call storch.backward() as before), or use "
+        "find_unused_parameters=False. See storch.distributed.") from e
