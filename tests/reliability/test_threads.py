@@ -2,8 +2,8 @@
 bitwise the same gradients as each alone.
 
 torch's global generator is shared by all threads; ``storch.Graph(generator=g)`` makes every
-random draw inside the block (the estimators' proposals, relaxation noise, lazily built networks'
-initialisation, and user code that calls torch's random functions) use ``g``."""
+random draw storch makes in it (the estimators' proposals, relaxation noise, lazily built networks'
+initialisation) use ``g``; user code passes ``storch.current_generator()`` to its own draws."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def _train(kind: str, barrier=None) -> list[torch.Tensor]:
         if barrier is not None:
             barrier.wait()  # both threads inside their steps at the same time
         with storch.Graph(generator=gen):
-            x = storch.denote_independent(data + 0.1 * torch.randn(8, 6), 0, "data")  # user noise: g too
+            noise = torch.randn(8, 6, generator=storch.current_generator())  # the user's own draw: g too
+            x = storch.denote_independent(data + 0.1 * noise, 0, "data")
             logits = enc(x)
             q = Bernoulli(logits=logits) if (kind == "a" or est.name in ("relax", "score", "expect")) \
                 else Normal(logits, 1.0)

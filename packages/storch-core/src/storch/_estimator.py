@@ -24,6 +24,7 @@ from ._distributions import unwrap_distribution
 from ._errors import NonFiniteParameterError, OptionError, PlateError, StorchError, UnsupportedDistributionError
 from ._graph import Node, current_graph
 from ._plates import Lineage, Plate, PlateTensor, align, union_plates
+from ._random import drawing_with
 
 __all__ = ["Estimator", "CostFrame", "magic_box"]
 
@@ -263,7 +264,8 @@ class Estimator(torch.nn.Module):
         graph = current_graph()
         try:
             graph.check_call(self, distribution)
-            return super().__call__(distribution, *args, **kwargs)
+            with drawing_with(graph.generator):  # storch.Graph(generator=g): the node's draws use g
+                return super().__call__(distribution, *args, **kwargs)
         except BaseException as e:
             graph.discard(e)
             bad = _nonfinite_parameters(distribution) if not isinstance(e, StorchError) else None

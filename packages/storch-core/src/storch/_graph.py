@@ -86,11 +86,11 @@ class Graph:
     raises a :class:`storch.PlateError` that says so.
 
     Args:
-        generator: a ``torch.Generator`` for every random draw inside the ``with`` block (the
-            estimators' proposals and any torch function that takes ``generator=``), so that
-            threads that train at the same time, each in its own graph, draw reproducible
-            samples (the global generator is shared by all threads). ``None``: torch's global
-            generator.
+        generator: a ``torch.Generator`` for storch's random draws in this graph (the estimators'
+            proposals and relaxation noise, lazily built networks), so that threads that train at
+            the same time, each in its own graph, draw reproducible samples (the global generator
+            is shared by all threads). Inside the ``with`` block, ``storch.current_generator()``
+            returns it for your own draws. ``None``: torch's global generator.
 
     Example:
         >>> with storch.Graph():
@@ -116,16 +116,18 @@ class Graph:
         self._finished = False
         _stack().append(self)
         if self.generator is not None:
-            from ._random import GeneratorMode
+            from ._random import push_generator
 
-            self._mode = GeneratorMode(self.generator)
-            self._mode.__enter__()
+            push_generator(self.generator)  # storch.current_generator() in the block
+            self._mode = True
         return self
 
     def __exit__(self, *exc) -> None:
         if self._mode is not None:
-            mode, self._mode = self._mode, None
-            mode.__exit__(*exc)
+            from ._random import pop_generator
+
+            self._mode = None
+            pop_generator()
         stack = _stack()
         if stack and stack[-1] is self:
             stack.pop()

@@ -17,6 +17,7 @@ import torch
 from torch.distributions import Bernoulli, Distribution, Independent, OneHotCategorical
 
 import storch.distributed
+from storch._random import drawing_with
 from storch import CostFrame, Estimator, Node, OptionError, StorchError
 
 __all__ = [
@@ -174,6 +175,10 @@ class ControlVariateNet(torch.nn.Module):
         return self.net(x)
 
     def _build(self, features: int, dtype: torch.dtype, device: torch.device) -> None:
+        with drawing_with(storch.current_generator()):  # storch.Graph(generator=g): g initialises
+            self._make(features, dtype, device)
+
+    def _make(self, features: int, dtype: torch.dtype, device: torch.device) -> None:
         self.net = torch.nn.Sequential(
             torch.nn.Linear(features, self.hidden), torch.nn.Tanh(), torch.nn.Linear(self.hidden, 1)
         ).to(dtype=dtype, device=device)
