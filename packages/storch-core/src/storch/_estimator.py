@@ -268,7 +268,8 @@ class Estimator(torch.nn.Module):
                 return super().__call__(distribution, *args, **kwargs)
         except BaseException as e:
             graph.discard(e)
-            bad = _nonfinite_parameters(distribution) if not isinstance(e, StorchError) else None
+            bad = _nonfinite_parameters(distribution) if isinstance(e, Exception) and not isinstance(e, StorchError) \
+                else None
             if bad:  # torch's own error (e.g. "Expected p_in >= 0 && p_in <= 1") does not say why
                 raise NonFiniteParameterError(
                     f"estimator {self.name!r} (plate {self.plate!r}) could not sample: the distribution's "
