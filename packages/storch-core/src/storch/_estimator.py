@@ -282,13 +282,16 @@ class Estimator(torch.nn.Module):
 def _nonfinite_parameters(d) -> list[str]:
     """Names of ``d``'s floating-point parameters that hold NaN or inf (for error messages only)."""
     out = []
-    base = d.base_dist if isinstance(d, torch.distributions.Independent) else d
-    for name in getattr(base, "arg_constraints", {}):
-        v = base.__dict__.get(name)
-        raw = v.tensor if type(v) is PlateTensor else v
-        if isinstance(raw, torch.Tensor) and raw.is_floating_point() and raw.device.type != "meta":
-            if not bool(torch.isfinite(raw.detach()).all()):
-                out.append(name)
+    try:
+        base = d.base_dist if isinstance(d, torch.distributions.Independent) else d
+        for name in getattr(base, "arg_constraints", {}):
+            v = base.__dict__.get(name)
+            raw = v.tensor if type(v) is PlateTensor else v
+            if isinstance(raw, torch.Tensor) and raw.is_floating_point() and raw.device.type != "meta":
+                if not bool(torch.isfinite(raw.detach()).all()):
+                    out.append(name)
+    except Exception:  # noqa: BLE001  (only for a better message: never hide the original error)
+        return []
     return out
 
 
