@@ -6,6 +6,8 @@ differentiate ``storch.surrogate_loss(order=n)``.
 
 from ._errors import (
     CostError,
+    NonFiniteCostError,
+    NonFiniteParameterError,
     OptionError,
     OrderError,
     PlateError,
@@ -29,12 +31,16 @@ from ._registry import (
     reload_estimators,
 )
 from ._surrogate import backward, surrogate_loss
+from ._random import current_generator
+from . import distributed  # noqa: F401  (storch.distributed: estimator state under torch.distributed)
 
 __all__ = [
     "Plate", "Lineage", "PlateTensor", "Graph", "Node", "Estimator", "CostFrame", "EstimatorInfo",
     "add_cost", "denote_independent", "reset", "current_graph", "surrogate_loss", "backward",
     "magic_box", "estimator", "available_estimators", "get_estimator_class", "reload_estimators",
     "hookimpl", "hookspec", "StorchError", "PlateError", "OrderError", "UnknownEstimatorError",
-    "UnsupportedDistributionError", "OptionError", "CostError", "PluginError",
+    "UnsupportedDistributionError", "OptionError", "CostError", "NonFiniteCostError", "NonFiniteParameterError", "PluginError",
     "register_plate_handler", "refuse", "treatment_of", "Treatment",
+    "current_generator",
+    "distributed",
 ]

@@ -8,7 +8,7 @@ its own, independent samples.
 
 from __future__ import annotations
 
-from torch.distributions import Distribution, Independent
+from torch.distributions import Categorical, Distribution, Independent, OneHotCategorical
 from torch.distributions.utils import lazy_property
 
 from ._errors import UnsupportedDistributionError
@@ -90,9 +90,21 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
             raw[name] = v.expand(*sizes, *v.shape) if hasattr(v, "expand") else v
     try:
         # parameters were validated when the user built `d`; the raw copy is internal
-        return type(d)(**raw, validate_args=False), plates
+        return _rebuild(type(d), raw), plates
     except TypeError as e:
         raise UnsupportedDistributionError(
             f"storch cannot rebuild {type(d).__name__} from its parameters {sorted(raw)} ({e}); "
             "use a distribution whose constructor takes its arg_constraints as keywords"
         ) from e
+
+
+def _rebuild(cls: type, raw: dict) -> Distribution:
+    """``cls(**raw)`` without argument validation (which reads values: a device sync, impossible on meta)."""
+    if issubclass(cls, OneHotCategorical) and cls.__init__ is OneHotCategorical.__init__:
+        # OneHotCategorical.__init__ builds its Categorical with the *default* validation, whatever
+        # validate_args says; build both parts without it
+        d = cls.__new__(cls)
+        d._categorical = Categorical(**raw, validate_args=False)
+        Distribution.__init__(d, d._categorical.batch_shape, d._categorical.param_shape[-1:], validate_args=False)
+        return d
+    return cls(**raw, validate_args=False)

@@ -11,6 +11,8 @@ __all__ = [
     "UnsupportedDistributionError",
     "OptionError",
     "CostError",
+    "NonFiniteCostError",
+    "NonFiniteParameterError",
     "PluginError",
     "plate_error_from",
 ]
@@ -42,6 +44,15 @@ class OptionError(StorchError, ValueError):
 
 class CostError(StorchError, ValueError):
     """A cost passed to ``storch.add_cost`` cannot be used (for example, it has an event shape)."""
+
+
+class NonFiniteCostError(CostError, FloatingPointError):
+    """``storch.backward()`` met a NaN or infinite cost (or surrogate): nothing was backpropagated,
+    no estimator state changed, and the step was discarded."""
+
+
+class NonFiniteParameterError(StorchError, ValueError):
+    """The distribution given to an estimator has NaN or infinite parameters (found after sampling failed)."""
 
 
 class PluginError(StorchError, RuntimeError):

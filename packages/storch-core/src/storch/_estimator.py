@@ -21,9 +21,10 @@ import torch
 from torch.distributions import Distribution
 
 from ._distributions import unwrap_distribution
-from ._errors import OptionError, PlateError, UnsupportedDistributionError
+from ._errors import NonFiniteParameterError, OptionError, PlateError, StorchError, UnsupportedDistributionError
 from ._graph import Node, current_graph
 from ._plates import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
+from ._random import drawing_with
 
 __all__ = ["Estimator", "CostFrame", "magic_box"]
 
@@ -119,7 +120,8 @@ class Estimator(torch.nn.Module):
         if not isinstance(plate, str) or not plate:
             raise OptionError(f"plate must be a non-empty string, got {plate!r}")
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise OptionError(f"{self.name}: n_samples must be an int >= 1, got {n_samples!r}")
+            raise OptionError(f"{self.name}: n_samples must be an int >= 1 (the number of samples), got "
+                              f"{n_samples!r}; pass an int such as n_samples=4")
         self.plate = plate
         self.n_samples = n_samples
 
@@ -345,6 +347,44 @@ class Estimator(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"plate={self.plate!r}, n_samples={self.n_samples}"
+
+    # -- graph identity (issue 11) -------------------------------------------------------------
+
+    def __call__(self, distribution: Distribution, *args, **kwargs) -> PlateTensor:
+        # Graph identity (issue 11): the distribution's plate tensors must belong to the current
+        # graph, and an exception while sampling discards the step, so it never leaks into the next.
+        graph = current_graph()
+        try:
+            graph.check_call(self, distribution)
+            with drawing_with(graph.generator):  # storch.Graph(generator=g): the node's draws use g
+                return super().__call__(distribution, *args, **kwargs)
+        except BaseException as e:
+            graph.discard(e)
+            bad = _nonfinite_parameters(distribution) if isinstance(e, Exception) and not isinstance(e, StorchError) \
+                else None
+            if bad:  # torch's own error (e.g. "Expected p_in >= 0 && p_in <= 1") does not say why
+                raise NonFiniteParameterError(
+                    f"estimator {self.name!r} (plate {self.plate!r}) could not sample: the distribution's "
+                    f"{', '.join(repr(b) for b in bad)} hold NaN or infinite values (the model's outputs diverged, "
+                    "or its inputs hold NaN); keep torch's argument validation on to catch it where the "
+                    f"distribution is built. ({type(e).__name__}: {e})") from e
+            raise
+
+
+def _nonfinite_parameters(d) -> list[str]:
+    """Names of ``d``'s floating-point parameters that hold NaN or inf (for error messages only)."""
+    out = []
+    try:
+        base = d.base_dist if isinstance(d, torch.distributions.Independent) else d
+        for name in getattr(base, "arg_constraints", {}):
+            v = base.__dict__.get(name)
+            raw = v.tensor if type(v) is PlateTensor else v
+            if isinstance(raw, torch.Tensor) and raw.is_floating_point() and raw.device.type != "meta":
+                if not bool(torch.isfinite(raw.detach()).all()):
+                    out.append(name)
+    except Exception:  # noqa: BLE001  (only for a better message: never hide the original error)
+        return []
+    return out
 
 
 def _float_dtype(node: Node) -> torch.dtype:

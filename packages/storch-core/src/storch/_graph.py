@@ -102,6 +102,21 @@ class Node:
 class Graph:
     """A stochastic computation graph; usable as a context manager.
 
+    A graph is one step. It ends with ``storch.backward()`` or ``storch.reset()``, or at the end
+    of its ``with`` block (an exception leaving the block discards the step). In the thread's
+    default graph, which has no block, a storch call that raises (an estimator call,
+    ``add_cost``, ``denote_independent``, ``surrogate_loss``) discards the step at once. So an
+    exception never leaks a step's nodes into the next step. Plate tensors carry the identity of the graph that made
+    their plates (:class:`storch.Lineage`); using one after its graph ended, or in another graph,
+    raises a :class:`storch.PlateError` that says so.
+
+    Args:
+        generator: a ``torch.Generator`` for storch's random draws in this graph (the estimators'
+            proposals and relaxation noise, lazily built networks), so that threads that train at
+            the same time, each in its own graph, draw reproducible samples (the global generator
+            is shared by all threads). Inside the ``with`` block, ``storch.current_generator()``
+            returns it for your own draws. ``None``: torch's global generator.
+
     Example:
         >>> with storch.Graph():
         ...     z = storch.estimator("score", plate="z", n_samples=4)(Bernoulli(logits=theta))
@@ -109,35 +124,124 @@ class Graph:
         ...     loss = storch.surrogate_loss()
     """
 
-    def __init__(self) -> None:
+    def __init__(self, generator: Optional[torch.Generator] = None) -> None:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.nodes: list[Node] = []
         self.costs: list[tuple[str, Any]] = []
         self.plates: dict[str, Any] = {}  # name -> Node or Plate (data plate)
+        self.generator = generator
+        self.is_default = False  # the thread's default graph (set by _stack)
+        self._mode = None
+        self._finished = False
 
     def __enter__(self) -> "Graph":
+        if self._finished:  # a graph object entered again starts a new step
+            self.reset()
+        self._finished = False
         _stack().append(self)
+        if self.generator is not None:
+            from ._random import push_generator
+
+            push_generator(self.generator)  # storch.current_generator() in the block
+            self._mode = True
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._mode is not None:
+            from ._random import pop_generator
+
+            self._mode = None
+            pop_generator()
         stack = _stack()
         if stack and stack[-1] is self:
             stack.pop()
         if exc[0] is not None:
-            self.reset()
+            self.reset(f"discarded by an exception in its step ({exc[0].__name__})")
+        else:
+            self._close("finished (its `with storch.Graph():` block ended)")
+        self._finished = True
 
-    def reset(self) -> None:
+    def reset(self, reason: str = "reset (storch.reset() or storch.backward())") -> None:
+        """End the step: forget its nodes, plates and costs; its plate tensors become stale."""
+        self._close(reason)
         self.nodes.clear()
         self.costs.clear()
         self.plates.clear()
 
+    def discard(self, error: BaseException) -> None:
+        """A storch call in this graph raised ``error``: in the thread's default graph, end the step.
+
+        The default graph has no ``with`` block that marks the end of a step, so a failed step
+        is discarded at once (its plate tensors become stale). Inside ``with storch.Graph():``
+        the caller may handle the error and go on with the step; the step is discarded when an
+        exception leaves the block.
+        """
+        if self.is_default:
+            self.reset(f"discarded after an error in its step ({type(error).__name__})")
+
+    def _close(self, reason: str) -> None:
+        for owner in self.plates.values():
+            lineage = _lineage_of(owner)
+            if lineage is not None and lineage.closed is None:
+                lineage.closed = reason
+
     def claim_plate(self, name: str, owner) -> None:
         if name in self.plates:
+            hint = ("; if an exception interrupted the previous step in the thread's default graph, "
+                    "that step was never finished: storch has now discarded it (call storch.reset() "
+                    "after such an exception, or use `with storch.Graph():`, which discards a failed "
+                    "step itself)" if self.is_default else "")
             raise PlateError(
                 f"plate name {name!r} is already used in this graph (by {self.plates[name]!r}); give "
                 "each stochastic node and data plate its own name, and start each step with a new "
-                "graph (storch.backward() and storch.reset() clear the default graph)"
+                f"graph (storch.backward() and storch.reset() clear the default graph){hint}"
             )
         self.plates[name] = owner
+
+    def check_plates(self, plates: tuple[Plate, ...], what: str) -> None:
+        """Raise :class:`PlateError` if a plate belongs to an ended graph or to another graph."""
+        for p in plates:
+            owner = self.plates.get(p.name)
+            lineage = p.lineage
+            if lineage is None:  # a plate built by hand: matched by name
+                if owner is None:
+                    raise PlateError(
+                        f"{what} has plate {p.name!r}, which is not part of the current graph; was it "
+                        "computed in an earlier step?")
+                continue
+            if owner is not None and _lineage_of(owner) is lineage:
+                continue
+            if lineage.closed is not None:
+                raise PlateError(
+                    f"{what} has plate {p.name!r} from a graph that was {lineage.closed}: a stale tensor. "
+                    "Compute every tensor of a step inside that step's graph (after storch.backward() "
+                    "or storch.reset(), recompute it from its inputs, e.g. denote_independent the "
+                    "next batch again)")
+            raise PlateError(
+                f"{what} has plate {p.name!r} of another graph (a graph that is still open, e.g. an "
+                "enclosing `with storch.Graph():` block or another thread's graph); tensors cannot "
+                "move between graphs")
+
+    def check_call(self, estimator, distribution) -> None:
+        """Checks before ``estimator(distribution)`` samples a node in this graph.
+
+        The distribution's plate tensors must belong to this graph. In the thread's default
+        graph, a second call of one estimator (a partition step) must depend on something of
+        this graph: otherwise it is the first call of a new step after an unfinished one (an
+        exception in user code), and merging it into the old step would give a wrong gradient.
+        """
+        plates = _distribution_plates(distribution)
+        what = f"the distribution passed to estimator {estimator.name!r} (plate {estimator.plate!r})"
+        self.check_plates(plates, what)
+        if self.is_default and not plates and self.partition_of(estimator) is not None:
+            raise PlateError(
+                f"estimator {estimator.name!r} (plate {estimator.plate!r}) was already used in the thread's "
+                f"default graph, and {what} depends on nothing sampled in it. This looks like a new step "
+                "after a step that did not finish (an exception in your code?); storch has now discarded "
+                "that step. Call storch.reset() after catching an exception, or use "
+                "`with storch.Graph():` per step. (A partition of steps that do not depend on each other "
+                "must be built inside `with storch.Graph():`.)")
 
     def add_node(self, node: Node) -> None:
         self.claim_plate(node.plate.name, node)
@@ -156,35 +260,60 @@ class Graph:
         return owner if isinstance(owner, Node) else None
 
     def add_cost(self, cost, name: Optional[str] = None) -> None:
+        try:
+            self._add_cost(cost, name)
+        except BaseException as e:
+            self.discard(e)
+            raise
+
+    def _add_cost(self, cost, name: Optional[str]) -> None:
+        label = name if name is not None else len(self.costs)
         if not isinstance(cost, torch.Tensor):
-            raise CostError(f"a cost must be a tensor, got {type(cost).__name__}")
+            raise CostError(
+                f"cost {label!r} is a {type(cost).__name__}, not a tensor; pass the torch tensor computed "
+                "from the samples (e.g. storch.add_cost(loss_tensor)), not a Python number or .item()")
         if cost.dim() != 0:
             raise CostError(
-                f"cost {name or len(self.costs)!r} has per-sample shape {tuple(cost.shape)}; a cost must "
+                f"cost {label!r} has per-sample shape {tuple(cost.shape)}; a cost must "
                 "be one number per sample: reduce its event dims first (e.g. `.sum(-1)`), or use "
                 "storch.denote_independent for dims that are independent data points"
             )
-        for p in plates_of(cost):
-            if p.name not in self.plates:
-                raise CostError(
-                    f"cost {name or len(self.costs)!r} has plate {p.name!r}, which is not part of the current "
-                    "graph; was it computed in an earlier step?"
-                )
         if not raw_of(cost).is_floating_point():
-            raise CostError("a cost must be a floating point tensor")
+            raise CostError(f"cost {label!r} has dtype {cost.dtype}; a cost must be a floating point tensor "
+                            "(e.g. `.float()`)")
+        self.check_plates(plates_of(cost), f"cost {label!r}")
         self.costs.append((name or f"cost{len(self.costs)}", cost))
 
     def denote_independent(self, tensor, dim: int, plate: str):
-        if isinstance(tensor, (tuple, list)):
-            return self._denote_several(tensor, dim, plate)
+        try:
+            if isinstance(tensor, (tuple, list)):
+                return self._denote_several(tensor, dim, plate)
+            return self._denote_independent(tensor, dim, plate)
+        except BaseException as e:
+            self.discard(e)
+            raise
+
+    def _denote_independent(self, tensor: torch.Tensor, dim: int, plate: str) -> PlateTensor:
+        if not isinstance(tensor, torch.Tensor):
+            raise PlateError(f"denote_independent needs a tensor, got {type(tensor).__name__}")
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise PlateError(f"denote_independent: dim must be an int, got {dim!r}")
+        if not isinstance(plate, str) or not plate:
+            raise PlateError(f"denote_independent: plate must be a non-empty string, got {plate!r}")
         if type(tensor) is PlateTensor:
+            self.check_plates(tensor.plates, "the tensor passed to denote_independent")
             n = len(tensor.plates)
-            k = tensor.tensor.dim() - n
-            d = dim + n if dim >= 0 else k + dim + n
+            k = tensor.tensor.dim() - n  # per-sample dims: `dim` counts among these only
+            if not -k <= dim < k:
+                raise PlateError(
+                    f"dim {dim} is out of range for a plate tensor of per-sample shape {tuple(tensor.shape)} "
+                    f"(plates {tensor.plate_names}); dim counts the per-sample dims only, in [{-k}, {k - 1}]")
+            d = n + (dim if dim >= 0 else k + dim)
             raw, parents = tensor.tensor.movedim(d, 0), tensor.plates
         else:
             if not -tensor.dim() <= dim < tensor.dim():
-                raise PlateError(f"dim {dim} is out of range for a tensor of shape {tuple(tensor.shape)}")
+                raise PlateError(f"dim {dim} is out of range for a tensor of shape {tuple(tensor.shape)}; "
+                                 f"use a dim in [{-tensor.dim()}, {tensor.dim() - 1}]")
             raw, parents = tensor.movedim(dim, 0), ()
         p = Plate(plate, raw.shape[0], True, 0, Lineage())
         self.claim_plate(plate, p)
@@ -209,11 +338,12 @@ class Graph:
                 "each data point needs one entry in every tensor (inputs and targets must have the same "
                 "number of rows)"
             )
-        first = self.denote_independent(tensors[0], dim, plate)
+        first = self._denote_independent(tensors[0], dim, plate)
         p = first.plates[0]
         out = [first]
         for t in tensors[1:]:
             if type(t) is PlateTensor:
+                self.check_plates(t.plates, "a tensor passed to denote_independent")
                 n = len(t.plates)
                 d = dim + n if dim >= 0 else t.tensor.dim() + dim
                 if any(q.name == plate for q in t.plates):
@@ -224,13 +354,35 @@ class Graph:
         return type(tensors)(out) if type(tensors) in (tuple, list) else tuple(out)
 
 
+def _distribution_plates(d, depth: int = 0) -> tuple[Plate, ...]:
+    """The plates of the plate tensors a distribution holds (its parameters, base distributions)."""
+    out: dict[str, Plate] = {}
+    for v in vars(d).values():
+        for item in (v if isinstance(v, (list, tuple)) else (v,)):
+            if type(item) is PlateTensor:
+                for p in item._plates:
+                    out.setdefault(p.name, p)
+            elif depth < 8 and isinstance(item, torch.distributions.Distribution):
+                for p in _distribution_plates(item, depth + 1):
+                    out.setdefault(p.name, p)
+    return tuple(out.values())
+
+
+def _lineage_of(owner) -> Optional[Lineage]:
+    """The lineage of a plate owner (a Node's plate or a data Plate)."""
+    plate = owner.plate if isinstance(owner, Node) else owner
+    return plate.lineage if plate is not None else None
+
+
 _local = threading.local()
 
 
 def _stack() -> list:
     s = getattr(_local, "stack", None)
     if s is None:
-        s = _local.stack = [Graph()]  # the thread's default graph
+        default = Graph()
+        default.is_default = True
+        s = _local.stack = [default]  # the thread's default graph
     return s
 
 

@@ -32,15 +32,21 @@ class Lineage:
     step ``t`` has no parent indices (sampling with replacement). When tensors of two steps
     meet, the earlier one is re-indexed to the later step (``index``), lazily, in ``align``.
 
+    A lineage is *closed* (``closed`` holds the reason) when its graph is reset or finished
+    (``storch.backward()``, ``storch.reset()``, the end of a ``with storch.Graph():`` block, or an
+    exception during the step): a tensor carrying it can no longer be used as a cost or as a
+    distribution parameter, and the error says so.
+
     Compared and hashed by identity.
     """
 
-    __slots__ = ("parents", "index_plates", "_cache", "__weakref__")
+    __slots__ = ("parents", "index_plates", "_cache", "closed", "__weakref__")
 
     def __init__(self) -> None:
         self.parents: dict[int, torch.Tensor] = {}
         self.index_plates: dict[int, tuple] = {}  # step -> plates of dims 1.. of its parent index
         self._cache: dict = {}
+        self.closed: Optional[str] = None  # why its graph ended; None while the graph is live
 
     def set_parents(self, step: int, index: torch.Tensor, plates: tuple = ()) -> None:
         """Record that entry ``i`` at ``step`` descends from entry ``index[i]`` at ``step - 1``.

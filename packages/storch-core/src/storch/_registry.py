@@ -2,7 +2,9 @@
 
 Each entry point's value is a module that implements the hook ``storch_estimators()`` and
 returns its estimator classes. Core registers its built-ins the same way. Plugins are loaded
-once, on first use; a plugin that fails to import is reported with a warning and skipped.
+once, on first use. A plugin whose import, hook or classes fail is skipped with one warning
+that names its distribution and the reason; every other plugin works, and looking up a name of
+the broken plugin raises a :class:`PluginError` that says it failed to load and why.
 """
 
 from __future__ import annotations
@@ -60,56 +62,105 @@ class _Registry:
         self.classes: dict[str, type] = {}
         self.infos: dict[str, EstimatorInfo] = {}
         self.aliases: dict[str, str] = {}
-        self.failed: dict[str, str] = {}
+        self.failed: dict[str, str] = {}  # distribution -> why (one of) its plugins failed
+        self.failed_plugins: dict[str, tuple[str, str]] = {}  # entry point -> (distribution, why)
+        self.failed_names: dict[str, tuple[str, str]] = {}  # estimator name -> (distribution, why)
         self.conflicts: dict[str, tuple[str, str]] = {}
         self.invalid: dict[str, str] = {}
 
     def load(self) -> None:
-        from ._estimator import Estimator
-
         pm = pluggy.PluginManager("storch")
         pm.add_hookspecs(HookSpecs)
         owners: dict[str, str] = {}  # name or alias -> distribution
         for ep in entry_points(group=ENTRY_POINT_GROUP):
-            dist = ep.dist.name if ep.dist is not None else "<unknown distribution>"
+            dist = ep.dist.name if getattr(ep, "dist", None) is not None else "<unknown distribution>"
+            # a broken plugin (import, hook or classes) is skipped with one warning; the others work
             try:
-                module = ep.load()
-                pm.register(module, name=f"{dist}:{ep.name}")
-            except Exception as e:  # a broken plugin must not break the others
-                self.failed[dist] = f"{type(e).__name__}: {e}"
-                warnings.warn(
-                    f"storch: the estimator plugin {ep.name!r} of distribution {dist!r} failed to load "
-                    f"({type(e).__name__}: {e}); its estimators are unavailable", RuntimeWarning, stacklevel=3)
+                classes = self._load_plugin(pm, ep, dist)
+            except Exception as e:  # noqa: BLE001  (any failure of third-party code)
+                self._fail(ep.name, dist, e)
                 continue
+            self._add_classes(classes, ep.name, dist, owners)
+
+    def _load_plugin(self, pm: pluggy.PluginManager, ep, dist: str) -> list:
+        """Import the entry point's module, register it, call its hook; the classes it returns."""
+        plugin = f"{dist}:{ep.name}"
+        stage = "import"
+        try:
+            module = ep.load()
+            stage = "registration"
+            pm.register(module, name=plugin)
+            out = []
             for impl in pm.hook.storch_estimators.get_hookimpls():
-                if impl.plugin_name != f"{dist}:{ep.name}":
+                if impl.plugin_name != plugin:
                     continue
+                stage = "hook storch_estimators()"
                 classes = impl.function()
-                for cls in classes or ():
-                    problem = _verify(cls, dist, Estimator)
-                    if problem is not None:
-                        # a malformed class is refused (named error on lookup); the others still work
-                        name = getattr(cls, "name", None)
-                        if isinstance(name, str) and name:
-                            self.invalid[name] = problem
-                        warnings.warn(f"storch: {problem}", RuntimeWarning, stacklevel=3)
-                        continue
-                    clash = [k for k in (cls.name, *cls.aliases) if k in owners and owners[k] != dist]
-                    if clash:
-                        # the name stays unusable (a clear error on lookup); other names keep working
-                        for k in clash:
-                            self.conflicts[k] = (owners[k], dist)
-                        warnings.warn(
-                            f"storch: estimator name {clash[0]!r} is claimed by two plugins, {owners[clash[0]]!r} "
-                            f"and {dist!r}; uninstall one of them", RuntimeWarning, stacklevel=3)
-                        continue
-                    for k in (cls.name, *cls.aliases):
-                        owners[k] = dist
-                    self.classes[cls.name] = cls
-                    self.infos[cls.name] = EstimatorInfo(
-                        cls.name, dist, ep.name, cls.max_order, cls.biased, cls.describe())
-                    for a in cls.aliases:
-                        self.aliases[a] = cls.name
+                if classes is None:
+                    continue
+                if isinstance(classes, (type, str)) or not hasattr(classes, "__iter__"):
+                    name = getattr(classes, "name", None)
+                    problem = (f"its storch_estimators() hook returned {classes!r}, not a list of estimator "
+                               f"classes; return a list, e.g. `return [{getattr(classes, '__name__', 'MyEstimator')}]`")
+                    if isinstance(name, str) and name:
+                        self.failed_names[name] = (dist, problem)
+                    raise PluginError(problem)
+                out.extend(classes)
+            return out
+        except PluginError:
+            raise
+        except Exception as e:
+            raise PluginError(f"{stage} failed: {type(e).__name__}: {e}") from e
+
+    def _fail(self, ep_name: str, dist: str, error: Exception) -> None:
+        reason = str(error)
+        self.failed[dist] = reason
+        self.failed_plugins[ep_name] = (dist, reason)
+        warnings.warn(
+            f"storch: the estimator plugin {ep_name!r} of distribution {dist!r} failed to load and is skipped "
+            f"({reason}); its estimators are unavailable, the other plugins work", RuntimeWarning, stacklevel=4)
+
+    def _add_classes(self, classes: list, ep_name: str, dist: str, owners: dict) -> None:
+        from ._estimator import Estimator
+
+        problems = []
+        for cls in classes:
+            problem = _verify(cls, dist, Estimator)
+            if problem is not None:
+                # a malformed class is refused (named error on lookup); the others still work
+                name = getattr(cls, "name", None)
+                if isinstance(name, str) and name:
+                    self.invalid[name] = problem
+                problems.append(problem)
+                continue
+            clash = [k for k in (cls.name, *cls.aliases) if k in owners and owners[k] != dist]
+            if clash:
+                # the name stays unusable (a clear error on lookup); other names keep working
+                for k in clash:
+                    self.conflicts[k] = (owners[k], dist)
+                warnings.warn(
+                    f"storch: estimator name {clash[0]!r} is claimed by two plugins, {owners[clash[0]]!r} "
+                    f"and {dist!r}; uninstall one of them", RuntimeWarning, stacklevel=4)
+                continue
+            for k in (cls.name, *cls.aliases):
+                owners[k] = dist
+            self.classes[cls.name] = cls
+            self.infos[cls.name] = EstimatorInfo(cls.name, dist, ep_name, cls.max_order, cls.biased, cls.describe())
+            for a in cls.aliases:
+                self.aliases[a] = cls.name
+        if problems:
+            warnings.warn(f"storch: {'; '.join(problems)}", RuntimeWarning, stacklevel=4)
+
+    def failure_of(self, name: str) -> Optional[tuple[str, str]]:
+        """(distribution, reason) if ``name`` belongs to a plugin that failed to load."""
+        if name in self.failed_names:
+            return self.failed_names[name]
+        if name in self.failed_plugins:
+            return self.failed_plugins[name]
+        dist = FIRST_PARTY.get(name)
+        if dist is not None and dist in self.failed:
+            return dist, self.failed[dist]
+        return None
 
 
 def _verify(cls, dist: str, base: type) -> Optional[str]:
@@ -168,8 +219,17 @@ def get_estimator_class(name: str) -> type:
     cls = reg.classes.get(key)
     if cls is not None:
         return cls
+    failure = reg.failure_of(name)
+    if failure is not None:
+        raise PluginError(
+            f"estimator {name!r} is unavailable: the plugin of distribution {failure[0]!r} that provides it "
+            f"failed to load ({failure[1]}); fix or reinstall {failure[0]} (`pip install --force-reinstall "
+            f"{failure[0]}`), or uninstall it")
     known = sorted(set(reg.classes) | set(reg.aliases))
     msg = f"no estimator named {name!r} is installed."
+    if reg.failed_plugins:
+        msg += " Plugins that failed to load (if it is theirs, that is why): " + "; ".join(
+            f"{ep!r} of {dist!r}: {why}" for ep, (dist, why) in sorted(reg.failed_plugins.items())) + "."
     candidates = [k for k in dict.fromkeys(known + list(FIRST_PARTY)) if k != name]
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
     if close:
@@ -187,12 +247,25 @@ def estimator(name: str, plate: str, **options):
     Example:
         >>> est = storch.estimator("score", plate="z", n_samples=8, baseline="leave_one_out")
     """
+    try:
+        return _make_estimator(name, plate, options)
+    except BaseException as e:
+        # like every storch call that raises during a step: the default graph's step is discarded
+        from ._graph import current_graph
+
+        current_graph().discard(e)
+        raise
+
+
+def _make_estimator(name: str, plate: str, options: dict):
     cls = get_estimator_class(name)
     accepted = cls.options()
     for key in options:
         if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
             raise OptionError(
-                f"estimator {cls.name!r} has no option {key!r}; its options are: {', '.join(accepted) or 'none'}"
+                f"estimator {cls.name!r} has no option {key!r};{hint} its options are: {', '.join(accepted) or 'none'}"
             )
     return cls(plate=plate, **options)
 

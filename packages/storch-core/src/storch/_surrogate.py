@@ -15,6 +15,7 @@ are reduced by the mean; the costs' surrogates are summed.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -110,13 +111,22 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     ``max_order`` >= ``order``.
 
     Raises:
-        OrderError: an estimator upstream of a cost is not unbiased to ``order``.
+        OrderError: an estimator upstream of a cost is not unbiased to ``order``. Like every
+            error raised during a step, it discards the step (the graph is reset).
     """
     graph = graph or current_graph()
+    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
+        raise StorchError(f"order must be an int >= 0, got {order!r}")  # a bad argument: the step is intact
+    try:
+        return _surrogate_loss(order, graph)
+    except BaseException as e:
+        graph.discard(e)
+        raise
+
+
+def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
     if not graph.costs:
         raise StorchError("the graph has no costs; call storch.add_cost(...) before the surrogate loss")
-    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
-        raise StorchError(f"order must be an int >= 0, got {order!r}")
     per_cost = [(name, cost, cost_nodes(graph, cost)) for name, cost in graph.costs]
     for _, _, nodes in per_cost:
         _check_order(nodes, order)
@@ -198,10 +208,17 @@ def backward(graph: Optional[Graph] = None) -> torch.Tensor:
 
     Returns:
         the detached estimate of the expected total cost.
+
+    Raises:
+        NonFiniteCostError: a cost (or the surrogate) is not finite (NaN or infinite); a
+            ``CostError`` and a ``FloatingPointError``. Nothing is backpropagated and no estimator
+            state changes (moving averages, learned control variates); the step is discarded.
+            Catch it to skip the batch.
     """
     graph = graph or current_graph()
     try:
         loss = surrogate_loss(1, graph)
+        _check_finite(loss, graph)
         updating: dict[int, list[Node]] = {}
         for node in graph.nodes:
             if node.estimator.has_update:
@@ -210,5 +227,42 @@ def backward(graph: Optional[Graph] = None) -> torch.Tensor:
             nodes[0].estimator.update_parameters(nodes, loss)
         loss.backward()
         return loss.detach()
+    except RuntimeError as e:
+        _explain_ddp_error(e)
+        raise
     finally:
         graph.reset()
+
+
+def _check_finite(loss: torch.Tensor, graph: Graph) -> None:
+    """Raise NonFiniteCostError naming the non-finite costs (one check of the total; the costs only if it fails)."""
+    from ._errors import NonFiniteCostError
+    if loss.device.type == "meta" or math.isfinite(loss.item()):  # item(): ~0.2 us, torch.isfinite ~4 us
+        return
+    bad = [name for name, cost in graph.costs if not bool(torch.isfinite(raw_of(cost).detach()).all())]
+    after = ("nothing was backpropagated, estimator state (moving averages, learned control variates) is "
+             "unchanged and the step is discarded. ")
+    if bad:
+        raise NonFiniteCostError(
+            f"cost {', '.join(repr(b) for b in bad)} is not finite (NaN or inf), so its gradient would be too: "
+            f"{after}Find where the non-finite value comes from (e.g. log(0), NaN parameters, a diverging "
+            "learning rate), or catch storch.NonFiniteCostError to skip the batch")
+    names = sorted({f"{n.estimator.name!r} (plate {n.plate.name!r})" for n in graph.nodes})
+    raise NonFiniteCostError(
+        f"the surrogate loss is not finite although every cost is: the weights or gradient-function values of "
+        f"an estimator are (estimators in this graph: {', '.join(names) or 'none'}; e.g. log p(x) = -inf, or "
+        f"diverged parameters): {after}Catch storch.NonFiniteCostError to skip the batch")
+
+
+def _explain_ddp_error(e: RuntimeError) -> None:
+    """Raise a StorchError that says what to do for DDP's error with find_unused_parameters=True."""
+    if "mark a variable ready only once" not in str(e):
+        return
+    # DistributedDataParallel(find_unused_parameters=True) looked for the used parameters from the
+    # forward's outputs, which do not lead to storch's costs
+    raise StorchError(
+        "DistributedDataParallel(find_unused_parameters=True) marked the model's parameters unused, then "
+        "storch.backward() gave them gradients: DDP finds used parameters from the outputs of the wrapped "
+        "module's forward, and storch's loss is built from the registered costs. End the forward with "
+        "`return storch.surrogate_loss()` (then call storch.backward() as before), or use "
+        "find_unused_parameters=False. See storch.distributed.") from e

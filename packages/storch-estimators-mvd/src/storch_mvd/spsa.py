@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 
@@ -9,6 +10,7 @@ import torch
 from torch.distributions import Distribution, Independent, constraints, transform_to
 from torch.distributions.utils import lazy_property
 
+import storch
 from storch import Estimator, Node, OptionError, UnsupportedDistributionError
 
 __all__ = ["Spsa"]
@@ -96,8 +98,11 @@ class Spsa(Estimator):
         if not free:
             # no parameter requires grad (e.g. a fixed prior): nothing to perturb, plain sampling
             x = d.sample((n,))
-            node.context["weights"] = torch.full((n,), 1.0 / n, dtype=torch.get_default_dtype())
-            node.context["gradient"] = torch.zeros((n,), dtype=torch.get_default_dtype())
+            # follow the distribution's dtype and device (issue 11: no hard-coded CPU / default dtype)
+            like = next((v for v in vars(base).values() if isinstance(v, torch.Tensor) and v.is_floating_point()), x)
+            dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
+            node.context["weights"] = torch.full((n,), 1.0 / n, dtype=dtype, device=x.device)
+            node.context["gradient"] = torch.zeros((n,), dtype=dtype, device=x.device)
             return x
         u = {k: transform_to(base.arg_constraints[k]).inv(v) for k, v in free.items()}  # with grad
         eps = {k: torch.randint(0, 2, (n,) + v.shape, device=v.device).to(v.dtype) * 2 - 1 for k, v in u.items()}
@@ -150,9 +155,22 @@ class Spsa(Estimator):
 
 def _replay_rng(device: torch.device, enabled: bool):
     """Context: restore the generator state of ``device`` on exit (common random numbers)."""
+    generator = storch.current_generator()  # storch.Graph(generator=g): g draws, so g is replayed
+    if generator is not None:
+        return _replay_generator(generator, enabled)
     if device.type == "cpu":
         return torch.random.fork_rng(devices=[], enabled=enabled)
     return torch.random.fork_rng(devices=[device.index or 0], enabled=enabled, device_type=device.type)
+
+
+@contextlib.contextmanager
+def _replay_generator(generator: torch.Generator, enabled: bool):
+    state = generator.get_state() if enabled else None
+    try:
+        yield
+    finally:
+        if enabled:
+            generator.set_state(state)
 
 
 def _split_parameters(d: Distribution) -> tuple[dict, dict]:

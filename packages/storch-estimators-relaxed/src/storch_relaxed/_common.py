@@ -9,12 +9,15 @@ REBAR's relaxed inputs, GO's neighbours) whose costs the control variate reads f
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Optional, Union
 
 import torch
 from torch.distributions import Bernoulli, Distribution, Independent, OneHotCategorical
 
+import storch.distributed
+from storch._random import drawing_with
 from storch import CostFrame, Estimator, Node, OptionError, StorchError
 
 __all__ = [
@@ -166,10 +169,28 @@ class ControlVariateNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.net is None:
-            self.net = torch.nn.Sequential(
-                torch.nn.Linear(x.shape[-1], self.hidden), torch.nn.Tanh(), torch.nn.Linear(self.hidden, 1)
-            ).to(dtype=x.dtype, device=x.device)
+            self._build(x.shape[-1], x.dtype, x.device)
+            # every process must start from the same φ (DDP broadcasts only what exists at wrapping)
+            storch.distributed.broadcast_(list(self.net.parameters()), owner=self._owner)
         return self.net(x)
+
+    def _build(self, features: int, dtype: torch.dtype, device: torch.device) -> None:
+        with drawing_with(storch.current_generator()):  # storch.Graph(generator=g): g initialises
+            self._make(features, dtype, device)
+
+    def _make(self, features: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(features, self.hidden), torch.nn.Tanh(), torch.nn.Linear(self.hidden, 1)
+        ).to(dtype=dtype, device=device)
+
+    _owner = None  # the estimator whose process group the broadcast uses (set by it)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a saved, already built network loads into a fresh (not yet built) one: build it first
+        weight = state_dict.get(prefix + "net.0.weight")
+        if self.net is None and weight is not None:
+            self._build(weight.shape[1], weight.dtype, weight.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def flat(t: torch.Tensor, lead: int) -> torch.Tensor:
@@ -213,6 +234,9 @@ class VarianceTrained(Estimator):
         self.update_steps = 0
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._pending: Optional[list] = None
+        self._loaded: Optional[dict] = None
+        # state_dict: the optimizer is rebuilt after the (possibly lazily built) network has loaded
+        self.register_load_state_dict_post_hook(VarianceTrained._restore_training)
 
     def _init_network(self, network: Optional[Callable], hidden: int) -> None:
         """The learned control variate c_φ: the user's network or a default MLP (LAX, RELAX)."""
@@ -221,6 +245,8 @@ class VarianceTrained(Estimator):
         if network is not None and not callable(network):
             raise OptionError(f"{self.name}: network must be a torch.nn.Module (or callable), got {network!r}")
         self.network = network if network is not None else ControlVariateNet(hidden)
+        if isinstance(self.network, ControlVariateNet):
+            object.__setattr__(self.network, "_owner", self)  # not a submodule: no cycle in .modules()
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -254,4 +280,43 @@ class VarianceTrained(Estimator):
             return
         dphi = torch.autograd.grad(var, params, retain_graph=True, allow_unused=True)
         # detach: the step's gradient is a number; the graph of this step must not be kept alive
-        self._pending = (params, [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, dphi)])
+        dphi = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, dphi)]
+        # torch.distributed: the variance of the rank-averaged gradient, whose ĝ per data point is
+        # ĝ_rank / W: ∂φ Σ_r |ĝ_r / W|² = W⁻¹ · mean_r ∂φ|ĝ_r|², the same step on every rank
+        dphi = _across_ranks(dphi, self)
+        self._pending = (params, dphi)
+
+    # -- state_dict: optimizer state, the pending step and the step count are estimator state ----
+
+    def get_extra_state(self) -> dict:
+        return {"optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
+                "pending": None if self._pending is None else list(self._pending[1]),
+                "update_steps": self.update_steps}
+
+    def set_extra_state(self, state: dict) -> None:
+        # copied, as load_state_dict copies parameters: the loaded model shares nothing with the saved one
+        self._loaded = state = copy.deepcopy(state)  # applied by _restore_training, once submodules (the network) are loaded
+        self.update_steps = state["update_steps"]
+
+    @staticmethod
+    def _restore_training(module: "VarianceTrained", incompatible_keys) -> None:
+        state, module._loaded = module._loaded, None
+        if state is None:
+            return
+        params = module._trainable()
+        module._optimizer, module._pending = None, None
+        if state["optimizer"] is not None:
+            module._optimizer = torch.optim.Adam(params, lr=module.lr)
+            module._optimizer.load_state_dict(state["optimizer"])
+        if state["pending"] is not None:
+            module._pending = (params, [g.to(p) for p, g in zip(params, state["pending"])])
+
+
+def _across_ranks(grads: list[torch.Tensor], owner) -> list[torch.Tensor]:
+    """φ-gradients averaged over the ranks and divided by the world size (no-op in one process)."""
+    if not storch.distributed.is_active(owner):
+        return grads
+    import torch.distributed as dist
+
+    world = dist.get_world_size(storch.distributed._group_of(owner))
+    return [g / world for g in storch.distributed.all_reduce_mean(grads, owner)]

@@ -84,7 +84,7 @@ class Rebar(VarianceTrained):
         d = base_of(node.distribution)
         node.context["params"] = param_tensors(node.distribution)
         z, b, hard, z_tilde = discrete_with_relaxation(d, self.n_samples)
-        lam = self.log_temperature.exp().to(z.dtype)
+        lam = self.log_temperature.exp().to(z)  # z's dtype and device
         if isinstance(d, Bernoulli):
             soft, soft_tilde = torch.sigmoid(z / lam), torch.sigmoid(z_tilde / lam)
         else:
@@ -102,7 +102,7 @@ class Rebar(VarianceTrained):
     def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         n = self.n_samples
         live = cost.live()  # with its graph: c must be differentiable in θ, λ, η
-        eta = self.eta.to(live.dtype)
+        eta = self.eta.to(live)  # live's dtype and device
         c_z, c_zt = eta * block(live, cost, n, 1), eta * block(live, cost, n, 2)
         l = cost.align(node.context["l"])
         a = c_z - c_z.detach() + self._tilde_term(c_zt, l)  # ⊥: the control variate evaluates to 0

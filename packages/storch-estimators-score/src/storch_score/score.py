@@ -6,6 +6,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+import storch.distributed
 from storch import CostFrame, Estimator, Node, OptionError, PlateTensor
 
 __all__ = ["Score"]
@@ -86,12 +87,8 @@ class Score(Estimator):
             raise OptionError(f"score: decay must be a float in [0, 1), got {decay!r}")
         self.decay = float(decay)
         self.moving_averages: dict[str, torch.Tensor] = {}  # cost name -> average of earlier steps
-        self._pending: dict[str, torch.Tensor] = {}  # this step's mean costs, committed next step
-
-    def proposal(self, node: Node) -> torch.Tensor:
-        if self._pending:  # a new step: the previous step's costs enter the moving average now
-            self._commit()
-        return super().proposal(node)
+        # storch.backward() adds a finished step's mean costs (never a failed or evaluation-only step's)
+        self.has_update = self.baseline_kind == "moving_average"
 
     def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         kind = self.baseline_kind
@@ -103,13 +100,13 @@ class Score(Estimator):
                 t = t.expand(t.shape[:cost.dim] + (n,) + t.shape[cost.dim + 1:])
             return (cost.sum_plate(t) - t) / (n - 1)
         if kind == "moving_average":
-            # the average of EARLIER steps only: this step's cost is recorded and committed at the
-            # next step, so b never depends on the current samples (appendix D.2.1, condition on b)
+            # the average of EARLIER steps only: update_parameters adds this step's costs after the
+            # step (storch.backward()), so b never depends on the current samples (appendix D.2.1)
             key = cost.name or ""
             step = cost.plates[cost.dim].step
             if step:  # a cost at step t of a partition: its own average (a per-time-step baseline)
                 key = f"{key}@{step}"
-            self._pending[key] = cost.tensor.mean()
+            node.context.setdefault("cost_means", {})[key] = cost.tensor.mean()  # for update_parameters
             return self.moving_averages.get(key)
         if kind == "callable":
             b = self.baseline_fn(node, cost)
@@ -129,11 +126,27 @@ class Score(Estimator):
         # name and step, a callable may read anything
         return self.baseline_kind in ("none", "leave_one_out")
 
-    def _commit(self) -> None:
-        for key, value in self._pending.items():
+    def update_parameters(self, nodes: list[Node], loss: torch.Tensor) -> None:
+        """After a step (``storch.backward()``): its mean costs enter the moving averages."""
+        means: dict[str, torch.Tensor] = {}
+        for node in nodes:
+            means.update(node.context.get("cost_means", {}))
+        means = storch.distributed.all_reduce_mean(means, owner=self)  # the global batch's mean, every rank
+        for key, value in means.items():
+            if value.device.type != "meta" and not bool(torch.isfinite(value)):
+                continue  # a non-finite cost never enters the average (storch.backward() raised for it)
             old = self.moving_averages.get(key)
             self.moving_averages[key] = value if old is None else self.decay * old + (1.0 - self.decay) * value
-        self._pending = {}
+
+    # -- state_dict: the moving averages are estimator state --------------------------------------
+
+    def get_extra_state(self) -> dict:
+        """What ``state_dict()`` saves besides parameters: the moving averages by cost name."""
+        return {"moving_averages": dict(self.moving_averages)}
+
+    def set_extra_state(self, state: dict) -> None:
+        # copies, as load_state_dict copies parameters: nothing is shared with the saved model
+        self.moving_averages = {k: v.clone() for k, v in state["moving_averages"].items()}
 
     def extra_repr(self) -> str:
         b = self.baseline_kind if self.baseline_fn is None else repr(self.baseline_fn)

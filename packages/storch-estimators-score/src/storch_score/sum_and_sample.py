@@ -102,7 +102,7 @@ class SumAndSample(Estimator):
             # detach: sampling is not differentiated (the score l carries the gradient)
             rest = logp.detach().masked_fill(mask, -float("inf"))
             rest = torch.where(mask.all(0, keepdim=True), logp.detach(), rest)
-            drawn = Categorical(logits=rest.movedim(0, -1)).sample((m,))  # (m, *parents)
+            drawn = Categorical(logits=rest.movedim(0, -1), validate_args=False).sample((m,))  # (m, *parents)
             idx = torch.cat([top, drawn], 0)
         node.context.update(logp=logp, idx=idx, mask=mask, k=k, m=m, first=first)
         return values[idx]

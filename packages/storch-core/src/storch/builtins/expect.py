@@ -74,7 +74,7 @@ class Expect(Estimator):
         return node.log_prob(node.sample).exp()
 
     def gradient_function(self, node: Node) -> torch.Tensor:
-        return torch.zeros((1,), dtype=_float_dtype(node))
+        return torch.zeros((1,), dtype=_float_dtype(node), device=node.sample.device)
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,0 +1,154 @@
+"""The DDP test's parts: the model, the per-rank worker (run by torch.multiprocessing.spawn) and
+the single-process reference that draws exactly the ranks' samples.
+
+Each rank trains on its shard of the batch inside ``storch.Graph(generator=g_rank)``. The
+single-process reference trains on the whole batch in one graph, under :class:`ShardedRandom`,
+a TorchFunctionMode that draws every random tensor whose dim 1 is the data plate shard by shard,
+each shard from its rank's generator, and replays every other draw (a lazily built network's
+initialisation) on every rank's generator, keeping rank 0's result, as the ranks do (each
+builds the network, then rank 0's is broadcast)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.distributions import Bernoulli
+from torch.overrides import TorchFunctionMode
+
+import storch
+from storch._random import RANDOM_FUNCTIONS
+
+SCENARIOS = {
+    "score_loo": ("score", {"n_samples": 3, "baseline": "leave_one_out"}, False),
+    "score_ma": ("score", {"n_samples": 2, "baseline": "moving_average"}, True),  # find_unused_parameters
+    "relax": ("relax", {}, False),
+}
+STEPS = 5
+SHARD = 4
+
+
+class Model(torch.nn.Module):
+    """A small Bernoulli VAE (the data are binary vectors); the estimator is a submodule."""
+
+    def __init__(self, name: str, options: dict, return_loss: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)  # the same initialisation in every process
+        self.enc, self.dec = torch.nn.Linear(6, 4), torch.nn.Linear(4, 6)
+        self.est = storch.estimator(name, plate="z", **options)
+        self.return_loss = return_loss
+
+    def forward(self, x: torch.Tensor):
+        x = storch.denote_independent(x, 0, "data")
+        z = self.est(Bernoulli(logits=self.enc(x)))
+        storch.add_cost(F.binary_cross_entropy_with_logits(self.dec(z), x, reduction="none").sum(), name="rec")
+        # returned so that DDP(find_unused_parameters=True) sees what the loss depends on
+        return storch.surrogate_loss() if self.return_loss else None
+
+
+def data(world: int) -> torch.Tensor:
+    return (torch.rand(world * SHARD, 6, generator=torch.Generator().manual_seed(3)) > 0.5).float()
+
+
+def estimator_state(model: Model) -> list[torch.Tensor]:
+    est = model.est
+    if est.name == "score":
+        return [v.clone() for _, v in sorted(est.moving_averages.items())]
+    return [p.detach().clone() for p in est.parameters()]
+
+
+def train(model, x: torch.Tensor, generator_or_mode, steps: int = STEPS) -> list[list[torch.Tensor]]:
+    """``steps`` SGD steps; the model gradients of every step."""
+    inner = model.module if hasattr(model, "module") else model
+    params = [*inner.enc.parameters(), *inner.dec.parameters()]
+    opt = torch.optim.SGD(params, lr=0.1)
+    grads = []
+    for _ in range(steps):
+        if isinstance(generator_or_mode, torch.Generator):
+            with storch.Graph(generator=generator_or_mode):
+                model(x)
+                storch.backward()
+        else:
+            with generator_or_mode, storch.Graph():
+                model(x)
+                storch.backward()
+        grads.append([p.grad.clone() for p in params])
+        opt.step()
+        opt.zero_grad()
+    return grads
+
+
+def worker(rank: int, world: int, port: int, outdir: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        x = data(world)[rank * SHARD:(rank + 1) * SHARD]
+        out = {}
+        for key, (name, options, unused) in SCENARIOS.items():
+            ddp = DDP(Model(name, options), find_unused_parameters=unused)
+            grads = train(ddp, x, torch.Generator().manual_seed(100 + rank))
+            state = estimator_state(ddp.module)
+            out[key] = {"grads": grads, "state": state,
+                        "agree": storch.distributed.ranks_agree(state, ddp.module.est)}
+        # synchronisation switched off (single-rank use): each rank keeps its own moving average
+        local = Model("score", {"n_samples": 2, "baseline": "moving_average"})
+        storch.distributed.synchronize(local, enabled=False)
+        train(DDP(local), x, torch.Generator().manual_seed(100 + rank))
+        out["local"] = {"state": estimator_state(local), "agree": storch.distributed.ranks_agree(estimator_state(local))}
+        # misuse: find_unused_parameters=True with a forward that does not return the loss
+        ddp = DDP(Model("score", {"n_samples": 2}, return_loss=False), find_unused_parameters=True)
+        try:
+            with storch.Graph():
+                ddp(x)
+                storch.backward()
+            out["misuse"] = None
+        except storch.StorchError as e:
+            out["misuse"] = str(e)
+        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears the group down while another is still in a collective
+    finally:
+        dist.destroy_process_group()
+
+
+class ShardedRandom(TorchFunctionMode):
+    """Draw as ``len(generators)`` ranks with shards of ``shard`` data points would (see module doc)."""
+
+    def __init__(self, generators: list[torch.Generator], shard: int) -> None:
+        super().__init__()
+        self.generators, self.shard = generators, shard
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func not in RANDOM_FUNCTIONS or kwargs.get("generator") is not None:
+            return func(*args, **kwargs)
+        world, b = len(self.generators), self.shard
+        if func is torch.bernoulli and args[0].dim() >= 2 and args[0].shape[1] == world * b:
+            p = args[0]
+            return torch.cat([torch.bernoulli(p.narrow(1, r * b, b), generator=g)
+                              for r, g in enumerate(self.generators)], 1)
+        if func in (torch.rand, torch.randn):
+            size = tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else args
+            if len(size) >= 2 and size[1] == world * b:
+                return torch.cat([func((size[0], b, *size[2:]), generator=g, **kwargs)
+                                  for g in self.generators], 1)
+        if getattr(func, "__name__", "").endswith("_"):
+            # an in-place draw without a data dim (a network's initialisation): every rank draws it
+            for g in self.generators[1:]:
+                if args:
+                    func(args[0].detach().clone(), *args[1:], **{**kwargs, "generator": g})
+                else:  # torch.nn.init passes its tensor by keyword
+                    func(**{**kwargs, "tensor": kwargs["tensor"].detach().clone(), "generator": g})
+            return func(*args, **{**kwargs, "generator": self.generators[0]})
+        raise NotImplementedError(f"ShardedRandom does not know how to shard {func}")
+
+
+def reference(key: str, world: int) -> dict:
+    name, options, _ = SCENARIOS[key]
+    model = Model(name, options)
+    mode = ShardedRandom([torch.Generator().manual_seed(100 + r) for r in range(world)], SHARD)
+    grads = train(model, data(world), mode)
+    return {"grads": grads, "state": estimator_state(model)}

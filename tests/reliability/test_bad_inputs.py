@@ -1,0 +1,208 @@
+"""The bad-input table of issue 11: every case raises a storch exception whose message names the
+problem and the fix, and the NEXT step's gradient equals a clean run's (same seeds), in the
+thread's default graph and in a ``with storch.Graph():`` block.
+
+The training step uses ``score`` with a moving-average baseline (state that a leaked or
+half-finished step would change) on a data plate. A clean run does steps with seeds 0 and 2; the
+tested run does seed 0, then the bad step (seed 1), then seed 2."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Normal
+
+import storch
+
+from _plugins import installed as broken_plugins
+
+DATA = (torch.rand(6, 5, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+
+
+class FirstOrder(storch.Estimator):
+    """A score-function estimator declared unbiased to first order only (like arm, go, spsa)."""
+
+    name = "test_first_order"
+    max_order = 1
+
+
+class Model:
+    def __init__(self) -> None:
+        torch.manual_seed(42)
+        self.enc = torch.nn.Linear(5, 3)
+        self.est = storch.estimator("score", plate="z", n_samples=3, baseline="moving_average") \
+            if "score" in storch.available_estimators() else storch.estimator("expect", plate="z")
+
+    def q(self, x):
+        return Bernoulli(logits=self.enc(x))
+
+
+def _step(m: Model, seed: int, mode: str, body: Callable = None):
+    """One training step; ``body(m, x)`` replaces the normal step body (for the bad step)."""
+    torch.manual_seed(seed)
+    m.enc.zero_grad(set_to_none=True)
+    with (storch.Graph() if mode == "graph" else contextlib.nullcontext()):
+        x = storch.denote_independent(DATA, 0, "data")
+        if body is not None:
+            body(m, x)
+        z = m.est(m.q(x))
+        storch.add_cost(((z - 0.45) ** 2).sum(), name="c")
+        storch.backward()
+    return [p.grad.clone() for p in m.enc.parameters()]
+
+
+# -- the bad steps ---------------------------------------------------------------------------------
+
+def unknown_name(m, x):
+    storch.estimator("scroe", plate="w")
+
+
+def misspelled_option(m, x):
+    storch.estimator("score", plate="w", n_sample=4)
+
+
+def n_samples(value):
+    def bad(m, x):
+        storch.estimator("score", plate="w", n_samples=value)
+    return bad
+
+
+def leave_one_out_one_sample(m, x):
+    storch.estimator("score", plate="w", n_samples=1, baseline="leave_one_out")
+
+
+def plate_name_reused(m, x):
+    m.est(m.q(x))
+    storch.estimator("expect", plate="z")(m.q(x))  # a second node named "z"
+
+
+def data_plate_reused(m, x):
+    storch.denote_independent(DATA, 0, "data")
+
+
+def cost_with_event_shape(m, x):
+    z = m.est(m.q(x))
+    storch.add_cost((z - 0.45) ** 2, name="per_latent")
+
+
+def non_tensor_cost(m, x):
+    z = m.est(m.q(x))
+    storch.add_cost(((z - 0.45) ** 2).sum().tensor.mean().item(), name="number")
+
+
+def wrong_distribution(m, x):
+    storch.estimator("reparameterization", plate="w")(m.q(x))
+
+
+def order_too_high(m, x):
+    b = FirstOrder(plate="w", n_samples=2)(Bernoulli(logits=m.enc(x).sum()))
+    storch.add_cost(b * 1.0, name="c1")
+    storch.surrogate_loss(order=2)
+
+
+def backward_without_costs(m, x):
+    m.est(m.q(x))
+    storch.backward()
+
+
+def nan_parameters_sampling(m, x):
+    m.est(Bernoulli(logits=m.enc(x) * float("nan"), validate_args=False))
+
+
+def nan_parameters_cost(m, x):
+    z = storch.estimator("reparameterization", plate="w")(Normal(m.enc(x) * float("nan"), 1.0, validate_args=False))
+    storch.add_cost((z ** 2).sum(), name="nan_cost")
+    storch.backward()
+
+
+def broken_plugin(kind, name):
+    def bad(m, x):
+        with broken_plugins(kind):
+            storch.estimator(name, plate="w")
+    return bad
+
+
+@dataclass
+class Case:
+    body: Callable
+    error: type
+    problem: str  # regex: the message names the problem
+    fix: str  # regex: ... and the fix
+    needs: tuple = field(default_factory=tuple)
+
+
+CASES = {
+    "unknown name": Case(unknown_name, storch.UnknownEstimatorError, "no estimator named 'scroe'",
+                         "Did you mean 'score'", ("score",)),
+    "misspelled option": Case(misspelled_option, storch.OptionError, "no option 'n_sample'",
+                              "Did you mean 'n_samples'", ("score",)),
+    "n_samples=0": Case(n_samples(0), storch.OptionError, "n_samples must be an int >= 1.*got 0",
+                        "pass an int such as n_samples=4", ("score",)),
+    "n_samples=-1": Case(n_samples(-1), storch.OptionError, "got -1", "pass an int such as n_samples=4", ("score",)),
+    "n_samples=2.5": Case(n_samples(2.5), storch.OptionError, "got 2.5", "pass an int", ("score",)),
+    "n_samples='4'": Case(n_samples("4"), storch.OptionError, "got '4'", "pass an int", ("score",)),
+    "leave-one-out with one sample": Case(leave_one_out_one_sample, storch.OptionError,
+                                          "needs n_samples >= 2", "averages the other samples", ("score",)),
+    "plate name reused (node)": Case(plate_name_reused, storch.PlateError, "plate name 'z' is already used",
+                                     "give each stochastic node and data plate its own name"),
+    "plate name reused (data)": Case(data_plate_reused, storch.PlateError, "plate name 'data' is already used",
+                                     "its own name"),
+    "cost with an event shape": Case(cost_with_event_shape, storch.CostError,
+                                     r"cost 'per_latent' has per-sample shape \(3,\)", r"sum\(-1\)"),
+    "non-tensor cost": Case(non_tensor_cost, storch.CostError, "cost 'number' is a float, not a tensor",
+                            "pass the torch tensor"),
+    "wrong distribution": Case(wrong_distribution, storch.UnsupportedDistributionError,
+                               "'reparameterization' does not support Bernoulli", "Estimators that support it"),
+    "order too high": Case(order_too_high, storch.OrderError, "unbiased only up to order 1.*order 2",
+                           "choose an estimator with a higher max_order"),
+    "backward() without costs": Case(backward_without_costs, storch.StorchError, "no costs",
+                                     r"call storch.add_cost"),
+    "NaN parameters (sampling)": Case(nan_parameters_sampling, storch.NonFiniteParameterError,
+                                      "'logits' hold NaN or infinite", "keep torch's argument validation on"),
+    "NaN parameters (cost)": Case(nan_parameters_cost, storch.NonFiniteCostError, "cost 'nan_cost' is not finite",
+                                  "Find where the non-finite value comes from"),
+    "broken plugin: import": Case(broken_plugin("import", "import_plugin"), storch.PluginError,
+                                  "failed to load.*torch_scatter", "fix or reinstall"),
+    "broken plugin: hook": Case(broken_plugin("hook", "hook_plugin"), storch.PluginError,
+                                "failed to load.*hook exploded", "fix or reinstall"),
+    "broken plugin: bare class": Case(broken_plugin("bare_class", "bare_estimator"), storch.PluginError,
+                                      "returned .*Bare.*not a list", r"return a list, e.g. `return \[Bare\]`"),
+    "broken plugin: class": Case(broken_plugin("class", "bad_class_estimator"), storch.PluginError,
+                                 "max_order=-3", "use an int >= 0 or math.inf"),
+}
+
+
+@pytest.fixture(scope="module")
+def clean():
+    out = {}
+    for mode in ("default", "graph"):
+        m = Model()
+        _step(m, 0, mode)
+        out[mode] = _step(m, 2, mode)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["default", "graph"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input(case, mode, clean):
+    c = CASES[case]
+    missing = [n for n in c.needs if n not in storch.available_estimators()]
+    if missing:
+        pytest.skip(f"needs {missing}")
+    m = Model()
+    _step(m, 0, mode)
+    with pytest.raises(c.error) as info:
+        _step(m, 1, mode, body=c.body)
+    msg = str(info.value)
+    assert c.error is not storch.StorchError or type(info.value) is storch.StorchError
+    import re
+    assert re.search(c.problem, msg, re.S), msg
+    assert re.search(c.fix, msg, re.S), msg
+    assert not storch.current_graph().nodes and not storch.current_graph().costs  # the step was discarded
+    # the next step is exactly a clean run's
+    for g, g_clean in zip(_step(m, 2, mode), clean[mode]):
+        assert torch.equal(g, g_clean)

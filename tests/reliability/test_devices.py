@@ -1,0 +1,39 @@
+"""No hard-coded CPU device or dtype: every estimator runs on the `meta` device (shapes and
+devices only, no data) and in float64, with a data plate, and its gradient follows the inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import storch
+
+from _roster import cost, distribution, installed, options
+
+def _step(name: str, theta: torch.Tensor) -> tuple[torch.Tensor, storch.PlateTensor]:
+    est = storch.estimator(name, plate="z", **options(name)).to(theta.device)
+    with storch.Graph():
+        x = storch.denote_independent(theta.expand(4, 3), 0, "data")
+        z = est(distribution(name, x))
+        storch.add_cost(cost(name, z), name="c")
+        loss = storch.surrogate_loss()
+        (g,) = torch.autograd.grad(loss, theta, allow_unused=True)
+    return loss, z, g
+
+
+@pytest.mark.parametrize("name", installed())
+def test_meta_device(name):
+    theta = torch.zeros(3, device="meta", requires_grad=True)
+    loss, z, g = _step(name, theta)
+    assert loss.device.type == "meta" and loss.shape == ()
+    assert z.tensor.device.type == "meta" and z.plate_names[-1] == "data" and z.tensor.shape[1] == 4
+    assert g is not None and g.device.type == "meta" and g.shape == (3,)
+
+
+@pytest.mark.parametrize("name", installed())
+def test_float64(name):
+    torch.manual_seed(0)
+    theta = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    loss, z, g = _step(name, theta)
+    assert loss.dtype == torch.float64 and g.dtype == torch.float64
+    assert torch.isfinite(g).all() and g.abs().sum() > 0  # a real gradient reached theta

@@ -1,0 +1,118 @@
+"""Non-finite costs never poison estimator state; denote_independent's dims on plate tensors.
+
+Policy (documented in storch.backward): a NaN or infinite cost makes ``storch.backward()`` raise
+``storch.CostError`` naming the cost, before anything is backpropagated or any estimator
+updates; the step is discarded. Defects of issue 11: one NaN cost made the moving-average
+baseline NaN forever; ``denote_independent(pt, -2, ...)`` on a plate tensor mislabelled plates
+(a negative dim beyond the per-sample dims reached into the plate dims) and an out-of-range dim
+raised a raw IndexError."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.distributions import Bernoulli
+
+import storch
+
+
+def _installed(name):
+    if name not in storch.available_estimators():
+        pytest.skip(f"{name} is not installed")
+
+
+def _step(est, theta, seed, poison=None):
+    torch.manual_seed(seed)
+    theta.grad = None
+    z = est(Bernoulli(logits=theta))
+    storch.add_cost(((z - 0.45) ** 2).sum(), name="square")
+    storch.add_cost(z.sum() * (poison if poison is not None else 1.0), name="scaled")
+    storch.backward()
+    return theta.grad.clone()
+
+
+def _state(est):
+    return copy.deepcopy({k: v for k, v in est.state_dict().items()})
+
+
+@pytest.mark.parametrize("name,options", [
+    ("score", {"n_samples": 3, "baseline": "moving_average"}),
+    ("relax", {"n_samples": 2}),
+    ("rebar", {"n_samples": 2}),
+])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_cost_raises_naming_it_and_leaves_state_unchanged(name, options, bad):
+    _installed(name)
+    theta = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+    est = storch.estimator(name, plate="z", **options)
+    clean = storch.estimator(name, plate="z", **options)
+    clean.load_state_dict(est.state_dict())
+    for s in range(3):
+        _step(est, theta, s)
+        _step(clean, theta, s)
+    before = _state(est)
+    with pytest.raises(storch.CostError, match="'scaled' is not finite.*state.*unchanged"):
+        _step(est, theta, 99, poison=torch.tensor(bad))
+    assert theta.grad is None  # nothing was backpropagated
+    if name == "score":  # state changes only in update_parameters, which the failed step never reached
+        after = _state(est)
+        for k in before:
+            assert torch.equal(before[k]["moving_averages"]["square"], after[k]["moving_averages"]["square"])
+    # the next steps, and the state after them, are exactly those of a run that never saw the NaN
+    for s in (3, 4):
+        assert torch.equal(_step(est, theta, s), _step(clean, theta, s))
+    for (k, a), (_, b) in zip(sorted(_state(est).items()), sorted(_state(clean).items())):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), k
+    if name == "score":
+        assert all(torch.isfinite(v) for v in est.moving_averages.values())
+
+
+def test_an_evaluation_pass_with_a_nonfinite_cost_changes_nothing():
+    """surrogate_loss without backward (evaluation, or a user's own autograd.grad) changes no state."""
+    _installed("score")
+    theta = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+    est = storch.estimator("score", plate="z", n_samples=3, baseline="moving_average")
+    _step(est, theta, 0)
+    before = {k: v.clone() for k, v in est.moving_averages.items()}
+    with storch.Graph():
+        z = est(Bernoulli(logits=theta))
+        storch.add_cost(z.sum() * float("nan"), name="scaled")
+        storch.add_cost(((z - 0.45) ** 2).sum(), name="square")
+        storch.surrogate_loss()
+    _step(est, theta, 1)
+    clean = storch.estimator("score", plate="z", n_samples=3, baseline="moving_average")
+    _step(clean, theta, 0)
+    _step(clean, theta, 1)
+    assert before.keys() == est.moving_averages.keys()
+    for k in est.moving_averages:
+        assert torch.equal(est.moving_averages[k], clean.moving_averages[k])
+
+
+def test_denote_independent_negative_dim_on_a_plate_tensor():
+    x = storch.denote_independent(torch.arange(24.0).reshape(2, 3, 4), 0, "a")  # per-sample (3, 4)
+    y = storch.denote_independent(x, -2, "b")  # per-sample dim -2 is the size-3 dim
+    assert y.plate_names == ("b", "a") and tuple(y.shape) == (4,)
+    assert torch.equal(y.tensor, x.tensor.movedim(1, 0))
+    z = storch.denote_independent(x, -1, "c")
+    assert z.plate_names == ("c", "a") and tuple(z.shape) == (3,)
+    storch.reset()
+
+
+@pytest.mark.parametrize("dim", [2, -3, 5, -7])
+def test_denote_independent_out_of_range_dim_is_a_plate_error(dim):
+    x = storch.denote_independent(torch.zeros(2, 3, 4), 0, "a")
+    with pytest.raises(storch.PlateError, match=rf"dim {dim} is out of range.*per-sample shape \(3, 4\).*\[-2, 1\]"):
+        storch.denote_independent(x, dim, "b")
+    storch.reset()
+
+
+def test_denote_independent_bad_arguments():
+    with pytest.raises(storch.PlateError, match="out of range.*\\[-2, 1\\]"):
+        storch.denote_independent(torch.zeros(2, 3), 2, "a")
+    with pytest.raises(storch.PlateError, match="dim must be an int"):
+        storch.denote_independent(torch.zeros(2, 3), 0.5, "a")
+    with pytest.raises(storch.PlateError, match="needs a tensor"):
+        storch.denote_independent([1.0, 2.0], 0, "a")

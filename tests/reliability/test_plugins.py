@@ -1,0 +1,57 @@
+"""A broken plugin (import, hook, classes) is skipped with one warning naming its distribution
+and the reason; everything else works; looking up its names says it failed to load and why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributions import Bernoulli
+
+import storch
+
+from _plugins import BROKEN, LOOKUP, installed
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_broken_plugin_is_skipped_with_one_warning(kind):
+    with installed(kind) as messages:
+        dist = BROKEN[kind].dist.name
+        mine = [m for m in messages if dist in m]
+        assert len(mine) == 1, messages
+        assert LOOKUP[kind][1] in mine[0]
+        # everything else works: the built-ins (and installed families) are there and usable
+        names = storch.available_estimators()
+        assert "expect" in names and "reparameterization" in names
+        est = storch.estimator("expect", plate="z")
+        with storch.Graph():
+            z = est(Bernoulli(logits=torch.zeros(2)))
+            storch.add_cost(z.sum())
+            assert storch.surrogate_loss().item() == pytest.approx(1.0)
+        if "score" in names:
+            storch.estimator("score", plate="z")
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_looking_up_a_name_of_a_broken_plugin_says_it_failed_and_why(kind):
+    name, reason = LOOKUP[kind]
+    with installed(kind):
+        with pytest.raises(storch.PluginError) as e:
+            storch.estimator(name, plate="z")
+    msg = str(e.value)
+    assert reason in msg and BROKEN[kind].dist.name in msg
+    assert "Did you mean" not in msg
+
+
+def test_unknown_name_lists_plugins_that_failed():
+    with installed("import", "hook"):
+        with pytest.raises(storch.UnknownEstimatorError) as e:
+            storch.estimator("some_estimator_of_a_broken_plugin", plate="z")
+    msg = str(e.value)
+    assert "failed to load" in msg and "storch-broken-import" in msg and "hook exploded" in msg
+
+
+def test_all_broken_plugins_at_once():
+    with installed(*BROKEN) as messages:
+        for ep in BROKEN.values():  # one warning per broken plugin (other installed plugins may warn too)
+            assert sum(ep.dist.name in m for m in messages) == 1
+        assert "expect" in storch.available_estimators()
