@@ -116,7 +116,7 @@ def test_per_step_moving_average_baseline_is_unbiased_and_reduces_variance():
     est = storch.estimator("score", plate="episode", n_samples=1, baseline="moving_average", decay=0.5)
     w = weights(T)
 
-    def run(seed):
+    def run(seed, train=False):
         torch.manual_seed(seed)
         with storch.Graph():
             leaf, th = replicate(THETA, R)
@@ -125,11 +125,14 @@ def test_per_step_moving_average_baseline_is_unbiased_and_reduces_variance():
                 a = est(Bernoulli(logits=th[0] + (th[1] - th[0]) * prev))
                 storch.add_cost(reward(prev, a, w[t]), name="reward")
                 prev = a
+            if train:  # storch.backward() runs update_parameters: the step's costs enter the averages
+                storch.backward()
+                return None
             g, = per_replicate_derivatives(storch.surrogate_loss(1), leaf, 1)
         return g
 
-    for seed in range(3):  # warm up the per-step averages (committed at the next graph)
-        run(seed)
+    for seed in range(3):  # warm up the per-step averages
+        run(seed, train=True)
     assert len(est.moving_averages) == T  # one average per time step
     g = run(10)
     assert_unbiased(g, exact, "per-step moving average")

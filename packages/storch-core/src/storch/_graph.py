@@ -326,7 +326,10 @@ class Graph:
         sizes = []
         for t in tensors:
             if not isinstance(t, torch.Tensor):
-                raise PlateError(f"denote_independent got a {type(t).__name__}; pass tensors")
+                raise PlateError(
+                    f"denote_independent needs a tensor or a tuple of tensors (inputs and targets on one "
+                    f"data plate), got a {type(tensors).__name__} holding a {type(t).__name__}; convert it "
+                    "with torch.as_tensor first")
             k = t.dim()  # per-sample rank for a PlateTensor
             if not -k <= dim < k:
                 raise PlateError(f"dim {dim} is out of range for a tensor of shape {tuple(t.shape)}")
