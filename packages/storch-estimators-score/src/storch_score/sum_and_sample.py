@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Union
 
 import torch
@@ -9,6 +10,7 @@ from torch.distributions import Categorical, Distribution
 
 from storch import CostFrame, Estimator, Node, OptionError
 
+from ._memory import VariableTable, codes_of, first_occurrences, log1mexp, sample_outside, top_k_codes
 from ._support import enumerate_joint, masked_logsumexp
 
 __all__ = ["SumAndSample"]
@@ -25,7 +27,11 @@ class SumAndSample(Estimator):
         (``baseline="leave_one_out"``), else 0.
 
     Requires: a distribution with a finite support (``enumerate_support``: Bernoulli, Categorical,
-    OneHotCategorical, ...); the node's joint support (K^n values) is enumerated, up to ``budget``.
+    OneHotCategorical, ...). A joint support of at most ``budget`` values (K^n for n batch elements)
+    is enumerated; a larger one (e.g. the 20 Bernoulli latents of a VAE) never is: the k' most
+    probable joint values are found by deterministic beam search over the n independent variables
+    (exact for independent variables), and the samples are drawn from p(x | x ∉ M) exactly by
+    ancestral sampling over the trie of M (``storch_score._memory``). The estimate is the same.
 
     max_order: ∞ — the estimate is Σ_{x∈M} p(x) f(x) + p(x ∉ M) · (score estimate of E[f | x ∉ M]):
     the first part is exact (D.1), the second the score function of the renormalised remainder
@@ -81,6 +87,10 @@ class SumAndSample(Estimator):
         self.budget = budget
 
     def proposal(self, node: Node) -> torch.Tensor:
+        d = node.distribution
+        n_values = d.enumerate_support(expand=False).shape[0] ** math.prod(d.batch_shape[len(node.parents):])
+        if n_values > self.budget:
+            return self._beyond_budget(node, n_values)
         values, logp = enumerate_joint(node, self.budget, self.name)  # (M, *own, *event), (M, *parents)
         size = values.shape[0]
         if self.memory is None:
@@ -107,8 +117,37 @@ class SumAndSample(Estimator):
         node.context.update(logp=logp, idx=idx, mask=mask, k=k, m=m, first=first)
         return values[idx]
 
+    def _beyond_budget(self, node: Node, n_values: int) -> torch.Tensor:
+        """Proposal on a joint support too large to list: memory by beam search, samples by the trie."""
+        table = VariableTable(node)
+        if self.memory is None:
+            codes = top_k_codes(table.lp, self.n_enumerate)  # (k', P, n), distinct
+            first = torch.ones(codes.shape[:2], dtype=torch.bool, device=codes.device)
+        else:
+            mem = self.memory(node.distribution) if not isinstance(self.memory, torch.Tensor) else self.memory
+            if not isinstance(mem, torch.Tensor):
+                raise OptionError(f"sum_and_sample: memory must give a tensor of values, got {type(mem).__name__}")
+            codes = codes_of(mem, table, self.name)
+            first = first_occurrences(codes)
+        k = codes.shape[0]
+        m = 0 if (self.memory is None and k == n_values) else self.n_samples
+        if m:
+            codes = torch.cat([codes, sample_outside(table.lp, codes, first, m)], 0)
+        node.context.update(beam=True, k=k, m=m, first=first.reshape((k,) + table.parents))
+        return table.values(codes)
+
     def _parts(self, node: Node) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = node.context
+        if "log_rest" not in c and c.get("beam"):
+            # log p(x) of every drawn value and log p(x ∉ M) = log(1 - Σ_{a ∈ M} p(a)), WITH gradient
+            c["lp"] = lp = node.log_prob(node.sample)  # (k' + m, *parents)
+            mem = lp[:c["k"]].masked_fill(~c["first"], -math.inf)
+            lse = torch.logsumexp(mem, 0) if c["k"] else torch.full_like(lp[0], -math.inf)
+            c["empty"] = empty = lse >= 0.0  # M holds (numerically) all the mass: no remainder
+            safe = torch.where(empty, torch.full_like(lse, -1.0), lse)  # no NaN gradient in the unused branch
+            c["log_rest"] = torch.where(empty, torch.full_like(lse, -math.inf), log1mexp(safe))
+        if c.get("beam"):
+            return c["lp"], c["log_rest"], c["empty"]
         if "log_rest" not in c:
             # log p(x ∉ M), WITH gradient: stable in log space even when M holds almost all the mass
             c["log_rest"], c["empty"] = masked_logsumexp(c["logp"], c["mask"], 0)
