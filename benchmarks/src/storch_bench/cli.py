@@ -5,6 +5,7 @@
     storch-compare --estimators "score@1,score[baseline=leave_one_out]@8,gumbel_softmax@1"
     storch-compare toy             # REBAR toy and K=10 categorical: bias, variance, time
     storch-compare overhead        # storch vs hand-written torch: time and peak memory ratios
+    storch-compare sequences       # GRU decoder, -edit distance: unordered_set, sum_and_sample, score+loo
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 __all__ = ["main"]
 
-COMMANDS = ("vae", "toy", "overhead")
+COMMANDS = ("vae", "toy", "overhead", "sequences")
 
 
 def _machine() -> str:
@@ -78,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--problems", default="toy,vae")
     o.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per measurement")
     o.add_argument("--configs", default=None, help="subset of score,loo,unordered_set,gumbel_softmax")
+    q = sub.add_parser("sequences", help="GRU decoder trained on -edit distance: sequence estimators at equal k")
+    _common(q)
+    q.add_argument("--k", type=int, default=8, help="sequences per target and step (default 8)")
+    q.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    q.add_argument("--lr", type=float, default=0.02)
     return p
 
 
@@ -94,6 +100,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run(args)
     if args.command == "toy":
         from .toy import run_cli
+
+        return run_cli(args)
+    if args.command == "sequences":
+        from .sequences import run_cli
 
         return run_cli(args)
     from .overhead import run_cli
