@@ -21,17 +21,22 @@ R = 2000
 _g = torch.Generator().manual_seed(0)
 THETA = torch.randn(21, generator=_g) * 0.8  # logits of step 0 (3), step 1 given x0 (3x3), step 2 given x1
 COST = torch.randn(27, generator=_g)  # an arbitrary cost per sequence (not separable)
+STEP_COST = (torch.randn(3, generator=_g), torch.randn(9, generator=_g))  # costs at steps 0 and 1 (causal credit)
 
 
 def _logits(th):
     return th[0:3], th[3:12].reshape(3, 3), th[12:21].reshape(3, 3)
 
 
-def model(th, est, **call):
+def model(th, est, per_step=False, **call):
     """The same model code for every estimator: one call per token."""
     lg0, lg1, lg2 = _logits(th)
     x0 = est(Categorical(logits=lg0), **call)
+    if per_step:  # a cost at step 0: credited to step 0 only (causal credit, the memory's 1-prefixes)
+        storch.add_cost(F.one_hot(x0, 3).to(th.dtype) @ STEP_COST[0], name="step0")
     x1 = est(Categorical(logits=F.one_hot(x0, 3).to(th.dtype) @ lg1))
+    if per_step:
+        storch.add_cost(F.one_hot(x0 * 3 + x1, 9).to(th.dtype) @ STEP_COST[1], name="step1")
     x2 = est(Categorical(logits=F.one_hot(x1, 3).to(th.dtype) @ lg2))
     storch.add_cost(F.one_hot(x0 * 9 + x1 * 3 + x2, 27).to(th.dtype) @ COST)
     return x0, x1, x2
@@ -47,9 +52,15 @@ def sequences(eos):
     return out
 
 
-def exact(theta, eos=None):
+def exact(theta, eos=None, per_step=False):
     lg = _logits(theta)
     total = 0.0
+    if per_step:
+        p0 = torch.softmax(lg[0], -1)
+        p1 = torch.softmax(lg[1], -1)
+        if eos is not None:  # after the end token, the next token is the end token (probability 1)
+            p1 = torch.cat([p1[:eos], torch.eye(3)[eos:eos + 1], p1[eos + 1:]], 0)
+        total = total + p0 @ STEP_COST[0] + (p0.unsqueeze(-1) * p1).reshape(-1) @ STEP_COST[1]
     for s in sequences(eos):
         p = torch.softmax(lg[0], -1)[s[0]]
         for t in (1, 2):
@@ -60,15 +71,15 @@ def exact(theta, eos=None):
     return total
 
 
-def estimate(est, order=2, warmup=0, replicates=R):
+def estimate(est, order=2, warmup=0, replicates=R, per_step=False):
     """Per-replicate derivatives after ``warmup`` graphs that only fill the buffer (storch.backward())."""
     for _ in range(warmup):
         leaf, th = replicate(THETA, replicates)
-        model(th, est)
+        model(th, est, per_step)
         storch.backward()
     with storch.Graph() as graph:
         leaf, th = replicate(THETA, replicates)
-        toks = model(th, est)
+        toks = model(th, est, per_step)
         node = graph.nodes[0]
         loss = storch.surrogate_loss(order=order)
         out = per_replicate_derivatives(loss, leaf, order)
@@ -96,6 +107,21 @@ def test_orders_1_and_2_against_enumeration(config, eos):
     assert_unbiased(g, want_g, f"{config} eos={eos} gradient")
     assert_unbiased(h, want_h, f"{config} eos={eos} Hessian")
     _check_sets(node, toks, eos)
+
+
+@pytest.mark.parametrize("eos", [None, 0], ids=["fixed-length", "eos"])
+@pytest.mark.parametrize("config", ["learned-buffer+loo", "buffer>slots"])
+def test_costs_at_every_step_causal_credit(config, eos):
+    """Costs at steps 0, 1 and 2: each gets the memory of prefixes of its length (an eos prefix
+    ends its sequence) and the cumulative gradient function of its step."""
+    options, warmup = CONFIGS[config]
+    torch.manual_seed(14)
+    est = storch.estimator("sum_and_sample", plate="seq", eos=eos, **options)
+    (g, h), node, toks = estimate(est, warmup=warmup, per_step=True)
+    t = THETA.clone().requires_grad_(True)
+    fn = lambda th: exact(th, eos, per_step=True)  # noqa: E731
+    assert_unbiased(g, torch.autograd.functional.jacobian(fn, t), f"{config} eos={eos} per-step gradient")
+    assert_unbiased(h, torch.autograd.functional.hessian(fn, t), f"{config} eos={eos} per-step Hessian")
 
 
 def _check_sets(node, toks, eos):

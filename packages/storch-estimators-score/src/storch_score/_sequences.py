@@ -185,37 +185,41 @@ def _advance(est, node: Node, d, drawn: torch.Tensor, shape: tuple) -> tuple[tor
     return value, l_step.reshape(value.shape)
 
 
-def step(est, node: Node, d, parents: tuple) -> tuple[torch.Tensor, tuple, torch.Tensor]:
-    """A later step: returns the raw sample in the step's plate layout, its plates and its l."""
+def step(est, node: Node, d, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """A later step. ``plates``: the partition's plate, then the step's parents (the distribution's
+    batch dims lead with them). Returns the raw sample and its l in that layout."""
     c = node.context
-    name = node.plate.name
-    own = [p for p in parents if p.name == name]
-    others = tuple(p for p in parents if p.name != name)
+    others = plates[1:]
     if tuple(sorted(p.name for p in others)) != tuple(sorted(c["names"])):
         raise PlateError(
             f"{est.name} with buffer= (sequences) keeps one memory per entry of the first step's plates "
             f"{list(c['names'])}, but step {len(c['tokens'])} depends on {[p.name for p in others]}; make the first "
             "step depend on every plate the later steps depend on (e.g. start the decoder from the data)")
-    if own:
-        plates = parents
-        drawn_full = d.sample()
-    else:
-        plates = (node.plate,) + parents
-        drawn_full = d.sample((node.n,))
-    # to the node's layout: (N, *parents in the first step's order)
-    names = [p.name for p in plates]
-    order = [names.index(name)] + [names.index(n) for n in c["names"]]
-    back = [order.index(i) for i in range(len(order))]
+    drawn_full = d.sample()  # (N, *others)
+    # to the node's layout: (N, *parents in the first step's order), and back
+    order, back = _orders(c, [p.name for p in others])
     drawn = drawn_full.permute(order)[c["S"]:]
-    shape = c["parents"]
 
     class _Permuted:  # log_prob in the node's layout
         @staticmethod
         def log_prob(v):
             return d.log_prob(v.permute(back)).permute(order)
 
-    value, l_step = _advance(est, node, _Permuted, drawn, shape)
-    return value.permute(back), plates, l_step.permute(back)
+    value, l_step = _advance(est, node, _Permuted, drawn, c["parents"])
+    return value.permute(back), l_step.permute(back)
+
+
+def _orders(c: dict, names: list) -> tuple[list, list]:
+    """Permutations (N, *names) -> (N, *first-step names) and back."""
+    order = [0] + [1 + names.index(n) for n in c["names"]]
+    back = [order.index(i) for i in range(len(order))]
+    return order, back
+
+
+def to_layout(t: torch.Tensor, node: Node) -> torch.Tensor:
+    """``t`` with leading dims (N, *first-step parents) in the layout of ``node.plates``."""
+    _, back = _orders(node.context, [p.name for p in node.parents])
+    return t.permute(back + list(range(len(back), t.dim())))
 
 
 def _prefix_tables(c: dict, length: int, eos) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,10 +247,10 @@ def weights(est, node: Node, length: Optional[int] = None) -> torch.Tensor:
     same = (seq[s:].unsqueeze(1) == pre.unsqueeze(0)).all(-1) & ok.unsqueeze(0)  # (m, K, P)
     w_smp = (~same.any(1)).to(c["smp_cum"][0].dtype) / m
     if not s:
-        return w_smp.reshape((m,) + c["parents"])
+        return to_layout(w_smp.reshape((m,) + c["parents"]), node)
     factor = _slot_factors(c, pre, ok, length)  # (S, P), detached
     w_slot = c["slot_cum"][length - 1].exp() * factor
-    return torch.cat([w_slot, w_smp.to(w_slot.dtype)], 0).reshape((s + m,) + c["parents"])
+    return to_layout(torch.cat([w_slot, w_smp.to(w_slot.dtype)], 0).reshape((s + m,) + c["parents"]), node)
 
 
 def _slot_factors(c: dict, pre: torch.Tensor, ok: torch.Tensor, length: int) -> torch.Tensor:
@@ -272,12 +276,8 @@ def _slot_factors(c: dict, pre: torch.Tensor, ok: torch.Tensor, length: int) -> 
 
 
 def _length(node: Node) -> int:
-    """Steps a view of the partition covers: ``node.step + 1`` for a step view, else all."""
-    c = node.context
-    step_ = getattr(node, "step", None)
-    if isinstance(step_, int) and getattr(node, "history", None) is not None and step_ + 1 <= len(c["tokens"]):
-        return step_ + 1
-    return len(c["tokens"])
+    """Steps a view of the partition covers (``node.step + 1``; the main node: every step so far)."""
+    return min(getattr(node, "step", 0) + 1, len(node.context["tokens"]))
 
 
 def record_cost(node: Node, frame) -> None:
@@ -325,7 +325,7 @@ def control_variate(est, node: Node, frame) -> Optional[torch.Tensor]:
         log_rest = torch.where(torch.isfinite(log_rest), log_rest, torch.zeros_like(log_rest))
     else:
         log_rest = torch.zeros(c["parents"], dtype=f.dtype).reshape(-1)
-    log_rest = log_rest.reshape((1,) + c["parents"])
+    log_rest = to_layout(log_rest.reshape((1,) + c["parents"]), node)
     l_smp = node.gradient_function.narrow(0, s, m) - log_rest  # l' = log p(x | x ∉ M_L)
     a = (1.0 - magic_box(frame.align(l_smp, node.plates))) * b
     return torch.cat([torch.zeros_like(a.narrow(d, 0, 1)).expand(a.shape[:d] + (s,) + a.shape[d + 1:]), a], d)

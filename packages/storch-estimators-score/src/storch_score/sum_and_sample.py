@@ -180,23 +180,20 @@ class SumAndSample(Estimator):
 
     # -- sequences (buffer=) -----------------------------------------------------------------------
 
-    def extend(self, node: Node, distribution: Distribution, parents: tuple):
+    def extend(self, node: Node, distribution: Distribution, plates: tuple):
         if not node.context.get("seq"):
             raise PlateError(
                 f"estimator {self.name!r} (plate {self.plate!r}) was already used in this graph. On sequences "
                 "(one call per token) sum_and_sample needs buffer= (its memory of best sequences); otherwise "
                 "create one estimator per stochastic node")
-        sample, plates, node.context["l_step"] = _sequences.step(self, node, distribution, parents)
-        n = len(node.plates)
+        sample, l_step = _sequences.step(self, node, distribution, plates)
+        # weights of the sequences so far (a cost at this step); views of earlier steps get theirs
         w = _sequences.weights(self, node, len(node.context["tokens"]))
-        node.weights = w.reshape(w.shape + (1,) * max(0, n - w.dim()))
-        return sample, plates
-
-    def step_gradient_function(self, node: Node, distribution: Distribution, sample: torch.Tensor,
-                               plates: tuple) -> torch.Tensor:
-        if node.context.get("seq"):
-            return node.context.pop("l_step")
-        return super().step_gradient_function(node, distribution, sample, plates)
+        _, back = _sequences._orders(node.context, [p.name for p in plates[1:]])
+        order, _ = _sequences._orders(node.context, [p.name for p in node.parents])
+        w = w.permute(order).permute(back)  # node layout -> first-step layout -> this step's layout
+        node.weights = w
+        return sample, l_step
 
     def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         if node.context.get("seq"):
