@@ -82,8 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("sequences", help="GRU decoder trained on -edit distance: sequence estimators at equal k")
     _common(q)
     q.add_argument("--k", type=int, default=8, help="sequences per target and step (default 8)")
-    q.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    q.add_argument("--lr", type=float, default=0.02)
+    q.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
+    q.add_argument("--lr", type=float, default=0.005)
     return p
 
 

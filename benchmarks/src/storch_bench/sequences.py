@@ -129,8 +129,8 @@ def estimator_for(name: str, k: int):
 class SeqConfig:
     estimators: tuple[str, ...] = ("score+loo", "unordered_set", "sum_and_sample")
     k: int = 8
-    steps: int = 300
-    lr: float = 0.02
+    steps: int = 400
+    lr: float = 0.005
     hidden: int = 32
     length: int = 5  # generated tokens (targets have 3-4 letters + the end token)
     seed: int = 0

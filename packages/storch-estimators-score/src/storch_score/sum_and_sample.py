@@ -187,12 +187,9 @@ class SumAndSample(Estimator):
                 "(one call per token) sum_and_sample needs buffer= (its memory of best sequences); otherwise "
                 "create one estimator per stochastic node")
         sample, l_step = _sequences.step(self, node, distribution, plates)
-        # weights of the sequences so far (a cost at this step); views of earlier steps get theirs
-        w = _sequences.weights(self, node, len(node.context["tokens"]))
-        _, back = _sequences._orders(node.context, [p.name for p in plates[1:]])
-        order, _ = _sequences._orders(node.context, [p.name for p in node.parents])
-        w = w.permute(order).permute(back)  # node layout -> first-step layout -> this step's layout
-        node.weights = w
+        # weights of the whole sequences so far: computed when needed (surrogate_loss), since they change
+        # with every step; views of earlier steps (causal credit) get the memory of their prefixes
+        node.weights = None
         return sample, l_step
 
     def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
