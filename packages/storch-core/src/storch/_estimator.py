@@ -183,8 +183,6 @@ class Estimator(torch.nn.Module):
         t = node.step + 1
         plate = Plate(node.plate.name, sample.shape[0], False, t, node.plate.lineage)
         new = (plate,) + plates[1:]
-        if self.eos is not None:
-            sample, lp = self._after_eos(node, raw, sample, lp, plates, new)
         prev_plates, prev = node.history[-1]
         cumulative = align(_lead(prev, len(prev_plates)), prev_plates, new) + _lead(lp, len(new))  # L_t
         node.history.append((new, cumulative))
@@ -210,7 +208,10 @@ class Estimator(torch.nn.Module):
             ``node.plate.lineage.set_parents(node.step + 1, index, plates[1:])``.
         """
         sample = self._draw(distribution, ())
-        return sample, self.step_gradient_function(node, distribution, sample, plates)
+        lp = self.step_gradient_function(node, distribution, sample, plates)
+        if self.eos is not None:
+            sample, lp = self._after_eos(node, distribution, sample, lp, plates)
+        return sample, lp
 
     def _draw(self, distribution: Distribution, shape: tuple) -> torch.Tensor:
         return distribution.rsample(shape) if self.requires_rsample else distribution.sample(shape)
@@ -244,11 +245,12 @@ class Estimator(torch.nn.Module):
         k = len(d.event_shape)
         return eq.all(-1) if k == 1 else (eq.flatten(-k).all(-1) if k else eq)
 
-    def _after_eos(self, node: Node, d: Distribution, sample, lp, plates, new):
+    def _after_eos(self, node: Node, d: Distribution, sample, lp, plates):
         """Finished sequences (eos drawn at an earlier step) draw eos again with log-probability 0,
-        so they stop contributing to the gradient function and keep their value."""
+        so they stop contributing to the gradient function and keep their value (sampling with
+        replacement: entry i of step t continues entry i of step t-1)."""
         prev_plates = (node.plate,) + node.parents
-        done = align(node.context["finished"], prev_plates, new)
+        done = align(node.context["finished"], prev_plates, plates)
         eos = self._eos_value(d, len(plates))
         mask = done.reshape(done.shape + (1,) * (sample.dim() - done.dim()))
         sample = torch.where(mask, eos.to(sample.dtype).expand_as(sample), sample)
