@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--k", type=int, default=8, help="sequences per target and step (default 8)")
     q.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
     q.add_argument("--lr", type=float, default=0.005)
+    q.add_argument("--seeds", default=None, help="comma-separated seeds, one run each (default: --seed)")
     return p
 
 

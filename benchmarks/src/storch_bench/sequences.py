@@ -134,6 +134,7 @@ class SeqConfig:
     hidden: int = 32
     length: int = 5  # generated tokens (targets have 3-4 letters + the end token)
     seed: int = 0
+    seeds: tuple[int, ...] = ()  # several runs per estimator (default: just ``seed``)
     eval_every: int = 25
     eval_samples: int = 64
     targets: tuple[str, ...] = TARGETS
@@ -143,6 +144,7 @@ class SeqConfig:
 @dataclass
 class SeqResult:
     name: str
+    seed: int = 0
     steps: list[int] = field(default_factory=list)
     reward: list[float] = field(default_factory=list)  # mean -edit distance of fresh samples
     greedy: list[float] = field(default_factory=list)  # mean -edit distance of the greedy strings
@@ -194,10 +196,11 @@ def evaluate(model: Decoder, cfg: SeqConfig, tgt, lens, greedy: bool) -> tuple[f
     return -float(dist.mean()), strings
 
 
-def run_one(name: str, cfg: SeqConfig, progress=None) -> SeqResult:
-    res = SeqResult(name)
+def run_one(name: str, cfg: SeqConfig, progress=None, seed: Optional[int] = None) -> SeqResult:
+    seed = cfg.seed if seed is None else seed
+    res = SeqResult(name, seed)
     tgt, lens = _targets(cfg)
-    seed_everything(cfg.seed)
+    seed_everything(seed)
     model = Decoder(len(cfg.targets), hidden=cfg.hidden)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     try:
@@ -238,24 +241,44 @@ def run_sequences(cfg: SeqConfig, progress: bool = True) -> list[SeqResult]:
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps * len(cfg.estimators), desc="sequences", leave=False)
-    results = [run_one(name, cfg, bar.update if bar else None) for name in cfg.estimators]
+        bar = tqdm(total=cfg.steps * len(cfg.estimators) * len(cfg.seeds or (cfg.seed,)), desc="sequences",
+                   leave=False)
+    results = [run_one(name, cfg, bar.update if bar else None, seed) for seed in (cfg.seeds or (cfg.seed,))
+               for name in cfg.estimators]
     if bar:
         bar.close()
     return results
 
 
-def table(results: list[SeqResult], cfg: SeqConfig) -> str:
-    base = next((r for r in results if r.name == "score+loo" and not r.note), None)
-    rows = [f"| estimator (k = {cfg.k} sequences per target) | final reward (samples) | final reward (greedy) | "
-            "ms/step | vs score+loo | peak MB |", "|---|---|---|---|---|---|"]
+def _stat(values: list[float]) -> str:
+    t = torch.tensor(values, dtype=torch.float64)
+    return f"{float(t.mean()):.2f}" + (f" ± {float(t.std()):.2f}" if len(values) > 1 else "")
+
+
+def _by_name(results: list[SeqResult]) -> dict[str, list[SeqResult]]:
+    out: dict[str, list[SeqResult]] = {}
     for r in results:
-        if r.note:
-            rows.append(f"| {r.name} | {r.note} | | | | |")
+        out.setdefault(r.name, []).append(r)
+    return out
+
+
+def table(results: list[SeqResult], cfg: SeqConfig) -> str:
+    groups = _by_name(results)
+    ok = {n: [r for r in rs if not r.note] for n, rs in groups.items()}
+    base = ok.get("score+loo")
+    base_ms = float(torch.tensor([r.ms_per_step for r in base]).mean()) if base else math.nan
+    n_seeds = len(cfg.seeds or (cfg.seed,))
+    rows = [f"| estimator (k = {cfg.k} sequences per target) | final reward, samples{' (mean ± sd over seeds)' if n_seeds > 1 else ''} | "
+            "final reward, greedy | ms/step | vs score+loo | peak MB |", "|---|---|---|---|---|---|"]
+    for name, rs in groups.items():
+        good = ok[name]
+        if not good:
+            rows.append(f"| {name} | {rs[0].note} | | | | |")
             continue
-        ratio = r.ms_per_step / base.ms_per_step if base else math.nan
-        rows.append(f"| {r.name} | {r.reward[-1]:.2f} | {r.greedy[-1]:.2f} | {r.ms_per_step:.1f} | {ratio:.2f}x | "
-                    f"{r.peak_mb:.2f} |")
+        ms = float(torch.tensor([r.ms_per_step for r in good]).mean())
+        peak = max(r.peak_mb for r in good)
+        rows.append(f"| {name} | {_stat([r.reward[-1] for r in good])} | {_stat([r.greedy[-1] for r in good])} | "
+                    f"{ms:.1f} | {ms / base_ms:.2f}x | {peak:.2f} |")
     return "\n".join(rows)
 
 
@@ -263,18 +286,18 @@ def write(results: list[SeqResult], cfg: SeqConfig, out: Path, header: str = "")
     out.mkdir(parents=True, exist_ok=True)
     md = out / "sequences.md"
     setup = (f"{len(cfg.targets)} target strings ({', '.join(cfg.targets)}), GRU hidden {cfg.hidden}, "
-             f"{cfg.length} tokens (end token {EOS}), {cfg.steps} steps, Adam lr {cfg.lr}, seed {cfg.seed}; "
+             f"{cfg.length} tokens (end token {EOS}), {cfg.steps} steps, Adam lr {cfg.lr}, seeds {list(cfg.seeds or (cfg.seed,))}; "
              f"reward = -edit distance, mean of {cfg.eval_samples} fresh samples per target (and of the greedy "
              "string); ms/step after 5 warm-up steps; peak MB = torch CPU allocator peak of one step.")
-    strings = "\n".join(f"- {r.name}: {', '.join(r.strings)}" for r in results if r.strings)
+    strings = "\n".join(f"- {r.name} (seed {r.seed}): {', '.join(r.strings)}" for r in results if r.strings)
     md.write_text(f"{header}\n{table(results, cfg)}\n\n{setup}\n\nGreedy strings at the end:\n{strings}\n")
     path_csv = out / "sequences.csv"
     with open(path_csv, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["estimator", "step", "reward", "greedy_reward"])
+        w.writerow(["estimator", "seed", "step", "reward", "greedy_reward"])
         for r in results:
             for s, a, b in zip(r.steps, r.reward, r.greedy):
-                w.writerow([r.name, s, f"{a:.4f}", f"{b:.4f}"])
+                w.writerow([r.name, r.seed, s, f"{a:.4f}", f"{b:.4f}"])
     png = out / "sequences.png"
     import matplotlib
 
@@ -282,9 +305,15 @@ def write(results: list[SeqResult], cfg: SeqConfig, out: Path, header: str = "")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
-        if r.steps:
-            ax.plot(r.steps, r.reward, label=r.name)
+    for name, rs in _by_name(results).items():
+        rs = [r for r in rs if r.steps and not r.note]
+        if not rs:
+            continue
+        curves = torch.tensor([r.reward for r in rs])
+        line, = ax.plot(rs[0].steps, curves.mean(0).tolist(), label=name)
+        if len(rs) > 1:  # the range over seeds
+            ax.fill_between(rs[0].steps, curves.min(0).values.tolist(), curves.max(0).values.tolist(),
+                            color=line.get_color(), alpha=0.15)
     ax.set_xlabel("training step")
     ax.set_ylabel("reward (-edit distance), fresh samples")
     ax.set_title(f"GRU decoder, {cfg.k} sequences per target per step")
@@ -299,7 +328,8 @@ def run_cli(args) -> int:
     """``storch-compare sequences``."""
     from .cli import _header
 
-    cfg = SeqConfig(k=args.k, steps=args.steps, seed=args.seed, lr=args.lr)
+    seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else ()
+    cfg = SeqConfig(k=args.k, steps=args.steps, seed=args.seed, seeds=seeds, lr=args.lr)
     if args.estimators and args.estimators != "auto":
         cfg.estimators = tuple(s.strip() for s in args.estimators.split(","))
         unknown = [s for s in cfg.estimators if s not in SPECS]
