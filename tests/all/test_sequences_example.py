@@ -32,11 +32,11 @@ def test_edit_distance_matches_the_textbook_recurrence():
 
 def test_storch_compare_sequences_smoke(tmp_path, capsys):
     rc = main(["sequences", "--steps", "6", "--k", "4", "--estimators", "score+loo,sum_and_sample",
-               "--no-progress", "--out", str(tmp_path), "--seeds", "0,1"])
+               "--no-progress", "--out", str(tmp_path), "--seeds", "0,1", "--variance-reps", "3"])
     assert rc == 0
     md = (tmp_path / "sequences.md").read_text()
     assert "score+loo" in md and "sum_and_sample" in md and "failed" not in md and "skipped" not in md
     assert (tmp_path / "sequences.png").stat().st_size > 0
     rows = (tmp_path / "sequences.csv").read_text().splitlines()
     assert rows[0] == "estimator,seed,step,reward,greedy_reward" and len(rows) > 8
-    assert "±" in md
+    assert "±" in md and " → " in md

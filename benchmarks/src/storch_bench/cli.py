@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
     q.add_argument("--lr", type=float, default=0.005)
     q.add_argument("--seeds", default=None, help="comma-separated seeds, one run each (default: --seed)")
+    q.add_argument("--variance-reps", type=int, default=16, help="gradient estimates for the variance at the start "
+                   "and the end (0: skip)")
     return p
 
 

@@ -136,6 +136,7 @@ class SeqConfig:
     seed: int = 0
     seeds: tuple[int, ...] = ()  # several runs per estimator (default: just ``seed``)
     eval_every: int = 25
+    variance_reps: int = 16  # gradient estimates for the variance (at the start and at the end); 0: skip
     eval_samples: int = 64
     targets: tuple[str, ...] = TARGETS
     measure_memory: bool = True
@@ -150,6 +151,7 @@ class SeqResult:
     greedy: list[float] = field(default_factory=list)  # mean -edit distance of the greedy strings
     ms_per_step: float = math.nan
     peak_mb: float = math.nan
+    variance: list[float] = field(default_factory=list)  # gradient variance at the start and at the end
     note: str = ""
     strings: list[str] = field(default_factory=list)
 
@@ -175,6 +177,23 @@ def training_step(model: Decoder, est, opt, cfg: SeqConfig, tgt, lens) -> float:
     value = storch.backward()
     opt.step()
     return float(value)
+
+
+def gradient_variance(model: Decoder, est, cfg: SeqConfig, tgt, lens) -> float:
+    """Trace of the covariance of ``cfg.variance_reps`` gradient estimates at the current parameters
+    (surrogate_loss + autograd: no optimizer step, no estimator update)."""
+    params = [p for p in model.parameters()]
+    grads = []
+    for _ in range(cfg.variance_reps):
+        with storch.Graph():
+            data = torch.cat([torch.arange(len(cfg.targets)).unsqueeze(-1), tgt, lens.unsqueeze(-1)], -1)
+            row = storch.denote_independent(data, 0, "data")
+            tokens = model(row[0], est, cfg.length)
+            storch.add_cost(edit_distance(tokens, row[1:-1], row[-1]), name="edit_distance")
+            g = torch.autograd.grad(storch.surrogate_loss(), params, allow_unused=True)
+        grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
+                                for x, p in zip(g, params)]))
+    return float(torch.stack(grads).double().var(0).sum())
 
 
 @torch.no_grad()
@@ -210,6 +229,8 @@ def run_one(name: str, cfg: SeqConfig, progress=None, seed: Optional[int] = None
         return res
     elapsed, timed = 0.0, 0
     try:
+        if cfg.variance_reps:
+            res.variance.append(gradient_variance(model, est, cfg, tgt, lens))
         for step in range(cfg.steps + 1):
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 r, _ = evaluate(model, cfg, tgt, lens, greedy=False)
@@ -231,6 +252,8 @@ def run_one(name: str, cfg: SeqConfig, progress=None, seed: Optional[int] = None
         res.note = f"failed: {type(e).__name__}: {e}"
         return res
     res.ms_per_step = 1000 * elapsed / max(timed, 1)
+    if cfg.variance_reps:
+        res.variance.append(gradient_variance(model, est, cfg, tgt, lens))
     if cfg.measure_memory:
         res.peak_mb = peak_memory(lambda: training_step(model, est, opt, cfg, tgt, lens)) / 2 ** 20
     return res
@@ -269,16 +292,18 @@ def table(results: list[SeqResult], cfg: SeqConfig) -> str:
     base_ms = float(torch.tensor([r.ms_per_step for r in base]).mean()) if base else math.nan
     n_seeds = len(cfg.seeds or (cfg.seed,))
     rows = [f"| estimator (k = {cfg.k} sequences per target) | final reward, samples{' (mean ± sd over seeds)' if n_seeds > 1 else ''} | "
-            "final reward, greedy | ms/step | vs score+loo | peak MB |", "|---|---|---|---|---|---|"]
+            "final reward, greedy | grad variance, start → end | ms/step | vs score+loo | peak MB |",
+            "|---|---|---|---|---|---|---|"]
     for name, rs in groups.items():
         good = ok[name]
         if not good:
-            rows.append(f"| {name} | {rs[0].note} | | | | |")
+            rows.append(f"| {name} | {rs[0].note} | | | | | |")
             continue
         ms = float(torch.tensor([r.ms_per_step for r in good]).mean())
         peak = max(r.peak_mb for r in good)
+        var = " → ".join(f"{float(torch.tensor(v).mean()):.3g}" for v in zip(*[r.variance for r in good])) or "-"
         rows.append(f"| {name} | {_stat([r.reward[-1] for r in good])} | {_stat([r.greedy[-1] for r in good])} | "
-                    f"{ms:.1f} | {ms / base_ms:.2f}x | {peak:.2f} |")
+                    f"{var} | {ms:.1f} | {ms / base_ms:.2f}x | {peak:.2f} |")
     return "\n".join(rows)
 
 
@@ -288,7 +313,8 @@ def write(results: list[SeqResult], cfg: SeqConfig, out: Path, header: str = "")
     setup = (f"{len(cfg.targets)} target strings ({', '.join(cfg.targets)}), GRU hidden {cfg.hidden}, "
              f"{cfg.length} tokens (end token {EOS}), {cfg.steps} steps, Adam lr {cfg.lr}, seeds {list(cfg.seeds or (cfg.seed,))}; "
              f"reward = -edit distance, mean of {cfg.eval_samples} fresh samples per target (and of the greedy "
-             "string); ms/step after 5 warm-up steps; peak MB = torch CPU allocator peak of one step.")
+             "string); grad variance = trace of the covariance of the decoder's gradient over "
+             f"{cfg.variance_reps} estimates at the initial and the final parameters (mean over seeds); ms/step after 5 warm-up steps; peak MB = torch CPU allocator peak of one step.")
     strings = "\n".join(f"- {r.name} (seed {r.seed}): {', '.join(r.strings)}" for r in results if r.strings)
     md.write_text(f"{header}\n{table(results, cfg)}\n\n{setup}\n\nGreedy strings at the end:\n{strings}\n")
     path_csv = out / "sequences.csv"
@@ -329,7 +355,8 @@ def run_cli(args) -> int:
     from .cli import _header
 
     seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else ()
-    cfg = SeqConfig(k=args.k, steps=args.steps, seed=args.seed, seeds=seeds, lr=args.lr)
+    cfg = SeqConfig(k=args.k, steps=args.steps, seed=args.seed, seeds=seeds, lr=args.lr,
+                    variance_reps=args.variance_reps)
     if args.estimators and args.estimators != "auto":
         cfg.estimators = tuple(s.strip() for s in args.estimators.split(","))
         unknown = [s for s in cfg.estimators if s not in SPECS]
