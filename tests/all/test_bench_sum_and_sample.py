@@ -2,6 +2,9 @@
 
 import math
 
+import pytest
+import torch
+
 from storch_bench import VAEConfig, parse_specs, run_vae
 
 
@@ -11,7 +14,16 @@ def test_auto_roster_has_sum_and_sample_at_an_equal_number_of_cost_evaluations()
     assert {"sum_and_sample@1", "sum_and_sample[n_enumerate=1,loo]@4", "unordered_set@5"} <= labels
 
 
-def test_sum_and_sample_trains_both_vaes():
+@pytest.fixture
+def float32():
+    # the VAE is float32; test modules of other folders may have switched the default dtype
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(old)
+
+
+def test_sum_and_sample_trains_both_vaes(float32):
     specs = parse_specs("sum_and_sample[n_enumerate=1,baseline=leave_one_out]@2")
     cfg = VAEConfig(specs, models=("bernoulli", "categorical"), epochs=1, max_train=100, variance_reps=2,
                     checkpoints=2, measure_memory=False)

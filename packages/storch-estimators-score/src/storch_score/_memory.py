@@ -130,16 +130,18 @@ def sample_outside(lp: torch.Tensor, codes: torch.Tensor, first: torch.Tensor, m
         # suffix[a, :, j] = log p(a_j, ..., a_{n-1}); suffix[..., n] = 0
         suffix = torch.cat([lm.flip(-1).cumsum(-1).flip(-1), lm.new_zeros(k, p, 1)], -1)
         match = first.unsqueeze(0).expand(m, k, p).clone()  # memory entries that share the sample's prefix
-        out = torch.empty(m, p, n, dtype=torch.long, device=lp.device)
+        # where a sample's prefix matches no memory entry, p(v | prefix, x ∉ M) = p(v): draw those from p
+        out = torch.distributions.Categorical(logits=lp.permute(1, 2, 0)).sample((m,))  # (m, P, n)
         for j in range(n):
+            if not bool(match.any()):
+                break  # every prefix left the memory's trie: the rest is drawn from p already
             onehot = torch.nn.functional.one_hot(codes[:, :, j], n_cat).bool()  # (k', P, K)
             below = match.unsqueeze(-1) & onehot.unsqueeze(0)  # (m, k', P, K)
             s = suffix[:, :, j + 1].unsqueeze(-1).expand(k, p, n_cat).unsqueeze(0)
             log_r = torch.where(below, s, torch.full_like(s, -math.inf)).logsumexp(1)  # (m, P, K)
-            # the memory covers every continuation of (prefix, v): exactly no mass left
-            covered = below.sum(1) >= n_cat ** (n - j - 1)
             logits = lp[:, :, j].t().unsqueeze(0) + log1mexp(log_r)  # (m, P, K)
-            logits = logits.masked_fill(covered, -math.inf)
+            if n_cat ** (n - j - 1) <= k:  # the memory may cover every continuation of (prefix, v): no mass left
+                logits = logits.masked_fill(below.sum(1) >= n_cat ** (n - j - 1), -math.inf)
             dead = torch.isinf(logits).all(-1, keepdim=True) | torch.isnan(logits).any(-1, keepdim=True)
             logits = torch.where(dead, lp[:, :, j].t().unsqueeze(0).expand_as(logits), logits)
             v = torch.distributions.Categorical(logits=logits).sample()  # (m, P)
