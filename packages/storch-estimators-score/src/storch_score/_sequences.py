@@ -144,12 +144,14 @@ def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
         slot[exact, p] = exact + pick
         imp[exact, p] = True
     m = est.n_samples
-    n = n_slots + m
+    drawn = d.sample((m,))  # (m, *parents)
+    dev = drawn.device
+    mem, mem_len, mem_ok, slot, slot_ok, imp = (t.to(dev) for t in (mem, mem_len, mem_ok, slot, slot_ok, imp))
+    q_all = q_all.to(dev, d.logits.dtype)  # Categorical and Bernoulli have logits
     c = node.context
     c.update(seq=True, S=n_slots, m=m, keys=keys, mem=mem, mem_len=mem_len, mem_ok=mem_ok, slot=slot,
              slot_ok=slot_ok, imp=imp, q=q_all, parents=parents, names=tuple(p.name for p in node.parents),
              tokens=[], slot_cum=[], smp_cum=[], costs={})
-    drawn = d.sample((m,))  # (m, *parents)
     value, c["l0"] = _advance(est, node, d, drawn, parents)
     return value
 
@@ -159,7 +161,7 @@ def _forced(c: dict, t: int, eos) -> torch.Tensor:
     seqs = c["mem"].gather(0, c["slot"].unsqueeze(-1).expand(-1, -1, c["mem"].shape[-1]))  # (S, P, long)
     if t < seqs.shape[-1]:
         return seqs[:, :, t]
-    return torch.full(seqs.shape[:2], 0 if eos is None else eos, dtype=torch.long)
+    return torch.full(seqs.shape[:2], 0 if eos is None else eos, dtype=torch.long, device=seqs.device)
 
 
 def _advance(est, node: Node, d, drawn: torch.Tensor, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +177,7 @@ def _advance(est, node: Node, d, drawn: torch.Tensor, shape: tuple) -> tuple[tor
         finished = (torch.stack(c["tokens"], -1) == est.eos).any(-1)  # (N, P): ended at an earlier step
         tok = torch.where(finished, torch.full_like(tok, est.eos), tok)
     else:
-        finished = torch.zeros(tok.shape, dtype=torch.bool)
+        finished = torch.zeros(tok.shape, dtype=torch.bool, device=tok.device)
     value = tok.reshape((tok.shape[0],) + shape)
     lp = d.log_prob(value).reshape(tok.shape)  # with gradient
     lp = torch.where(finished, torch.zeros_like(lp), lp)  # a finished sequence stops contributing
@@ -230,7 +232,8 @@ def _prefix_tables(c: dict, length: int, eos) -> tuple[torch.Tensor, torch.Tenso
     """Memory L-prefixes ``(K, P, L)`` and whether each exists (length >= L or ended by eos)."""
     mem, n = c["mem"], c["mem_len"]
     if mem.shape[-1] < length:
-        pad = torch.full(mem.shape[:2] + (length - mem.shape[-1],), 0 if eos is None else eos, dtype=torch.long)
+        pad = torch.full(mem.shape[:2] + (length - mem.shape[-1],), 0 if eos is None else eos, dtype=torch.long,
+                         device=mem.device)
         mem = torch.cat([mem, pad], -1)
     pre = mem[:, :, :length]
     ended = torch.zeros_like(c["mem_ok"]) if eos is None else (c["mem"] == eos).any(-1)
@@ -266,15 +269,16 @@ def _slot_factors(c: dict, pre: torch.Tensor, ok: torch.Tensor, length: int) -> 
     sok = ok.gather(0, slot) & c["slot_ok"]
     exact = sok & ~imp
     same = (sp.unsqueeze(0) == sp.unsqueeze(1)).all(-1)  # (S, S, P)
-    earlier = torch.ones(s, s, dtype=torch.bool).tril(-1).unsqueeze(-1)
+    earlier = torch.ones(s, s, dtype=torch.bool, device=slot.device).tril(-1).unsqueeze(-1)
     first = ~(same & earlier & exact.unsqueeze(0)).any(1)
-    factor = (exact & first).to(torch.float64)
+    factor = (exact & first).to(c["q"].dtype)
     if imp.any():
         covered = (same & exact.unsqueeze(0)).any(1)  # (S, P): the slot's prefix is an exact slot's
         # Q_L(u) = q-mass of the rest's sequences with the importance slot's prefix u
         hit = (pre.unsqueeze(0) == sp.unsqueeze(1)).all(-1) & ok.unsqueeze(0)  # (S, K, P)
-        big_q = (hit.to(torch.float64) * c["q"].unsqueeze(0)).sum(1)  # (S, P)
-        w_imp = torch.where(imp & sok & ~covered & (big_q > 0), 1.0 / big_q.clamp_min(1e-300), torch.zeros_like(big_q))
+        big_q = (hit.to(c["q"].dtype) * c["q"].unsqueeze(0)).sum(1)  # (S, P)
+        tiny = torch.finfo(big_q.dtype).tiny
+        w_imp = torch.where(imp & sok & ~covered & (big_q > 0), 1.0 / big_q.clamp_min(tiny), torch.zeros_like(big_q))
         factor = torch.where(imp, w_imp, factor)
     return factor
 
@@ -331,7 +335,7 @@ def control_variate(est, node: Node, frame) -> Optional[torch.Tensor]:
         log_rest = torch.where(empty, torch.full_like(lse, -math.inf), log1mexp(torch.where(empty, -torch.ones_like(lse), lse)))
         log_rest = torch.where(torch.isfinite(log_rest), log_rest, torch.zeros_like(log_rest))
     else:
-        log_rest = torch.zeros(c["parents"], dtype=f.dtype).reshape(-1)
+        log_rest = torch.zeros(c["parents"], dtype=f.dtype, device=f.device).reshape(-1)
     log_rest = to_layout(log_rest.reshape((1,) + c["parents"]), node)
     l_smp = node.gradient_function.narrow(0, s, m) - log_rest  # l' = log p(x | x ∉ M_L)
     a = (1.0 - magic_box(frame.align(l_smp, node.plates))) * b

@@ -36,6 +36,12 @@ class SumAndSample(Estimator):
     (exact for independent variables), and the samples are drawn from p(x | x ∉ M) exactly by
     ancestral sampling over the trie of M (``storch_score._memory``). The estimate is the same.
 
+    On sequences (``buffer=``; storch_score._sequences, docs/estimators/sum_and_sample.md): S memory
+    slots then m sampled sequences; q = the buffered sequences forced token by token (δ) · m i.i.d.
+    ancestral samples from p; w = p(a) on a slot (p(a)/Q(a) on an importance-sampled one),
+    1[x ∉ M]/m on a sample (rejection); l = 0 on a slot, log p(x) on a sample; a = the leave-one-out
+    baseline on the remainder's conditional score plus one shift of the whole estimate; max_order ∞.
+
     max_order: ∞ — the estimate is Σ_{x∈M} p(x) f(x) + p(x ∉ M) · (score estimate of E[f | x ∉ M]):
     the first part is exact (D.1), the second the score function of the renormalised remainder
     (D.2.1), and the product rule holds at every order; the baseline is zero-mean under the
