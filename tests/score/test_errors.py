@@ -108,3 +108,15 @@ def test_unordered_set_more_than_16_samples_only_for_the_whole_support():
         z = est(Categorical(logits=torch.zeros(17)))
         storch.add_cost(z.double())
         assert float(storch.surrogate_loss()) == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("name", ["score", "unordered_set"])
+def test_bad_eos(name):
+    with pytest.raises(storch.OptionError, match="eos must be None or the index"):
+        storch.estimator(name, plate="z", n_samples=2, eos="end")
+    est = storch.estimator(name, plate="z", n_samples=2, eos=5)
+    with storch.Graph(), pytest.raises(storch.OptionError, match="eos=5 is not an index"):
+        est(Categorical(logits=torch.zeros(3)))
+    est = storch.estimator(name, plate="z", n_samples=2, eos=1)
+    with storch.Graph(), pytest.raises(storch.OptionError, match="one token per step"):
+        est(Categorical(logits=torch.zeros(4, 3)))  # four tokens at once: no single end token

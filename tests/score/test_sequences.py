@@ -120,6 +120,16 @@ def test_score_leave_one_out_over_sequences_orders_1_and_2(eos):
     assert_unbiased(h, hess, f"score + leave-one-out Hessian, eos={eos}")
 
 
+def test_unordered_set_without_baseline_over_sequences_order_2():
+    # detached weights and no baseline: any order (appendix D.2.3), also over whole sequences
+    grad, hess = exact_derivatives(2)
+    (g, h), _ = estimates("unordered_set", 3, 2, seed=6, eos=2, baseline=False)
+    assert_unbiased(g, grad, "unordered_set without baseline")
+    assert_unbiased(h, hess, "unordered_set without baseline, Hessian")
+    with storch.Graph(), pytest.raises(storch.OrderError, match="unordered_set"):
+        estimates("unordered_set", 3, 2, seed=6, eos=2, r=2)  # the built-in baseline: order 1 only
+
+
 @pytest.mark.parametrize("name,options", [("unordered_set", {}), ("score", dict(baseline="leave_one_out"))])
 def test_costs_at_intermediate_steps(name, options):
     # unordered_set moves costs of steps 0 and 1 to the last step (re-indexed by the parents);
@@ -219,3 +229,30 @@ def test_gru_decoder_loop_same_model_code_for_every_estimator(name, options):
         storch.add_cost(cost_of(a, b, c))
         (g,) = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
     assert_unbiased(g, _gru_exact(model), f"GRU decoder, {name}")
+
+
+def test_data_plate_that_appears_at_a_later_step():
+    # step 0 does not depend on the data, step 1 does: the beam splits per data point, and the
+    # cost of step 0 (no data plate) is moved to the last step of each data point's beam.
+    # With k = 9 (every sequence) the estimate is the exact gradient.
+    a = torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([[0.3, -0.2, 0.1], [0.0, 0.5, -0.5], [0.2, 0.2, -0.1]], dtype=torch.float64,
+                     requires_grad=True)
+    data = torch.tensor([[0.0, 1.0, 0.0], [1.0, -1.0, 0.5]], dtype=torch.float64)
+    est = storch.estimator("unordered_set", plate="seq", n_samples=9)
+    with storch.Graph():
+        x0 = est(OneHotCategorical(logits=a))
+        d = storch.denote_independent(data, 0, "data")
+        x1 = est(OneHotCategorical(logits=x0 @ w + d))
+        assert [p.name for p in x1.plates] == ["seq", "data"] and x1.plates[0].size == 9
+        storch.add_cost((x0 @ VALUES - 1.0) ** 2, name="first")
+        storch.add_cost((x0 @ VALUES) * (x1 @ VALUES), name="second")
+        g = torch.autograd.grad(storch.surrogate_loss(), (a, w))
+    total = 0.0
+    for i, j in itertools.product(range(3), repeat=2):
+        for row in data:
+            p = torch.softmax(a, -1)[i] * torch.softmax(w[i] + row, -1)[j]
+            total = total + p * ((i - 1.0) ** 2 + i * j) / len(data)
+    expected = torch.autograd.grad(total, (a, w))
+    for got, want in zip(g, expected):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

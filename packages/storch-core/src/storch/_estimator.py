@@ -184,7 +184,10 @@ class Estimator(torch.nn.Module):
         plate = Plate(node.plate.name, sample.shape[0], False, t, node.plate.lineage)
         new = (plate,) + plates[1:]
         prev_plates, prev = node.history[-1]
-        cumulative = align(_lead(prev, len(prev_plates)), prev_plates, new) + _lead(lp, len(new))  # L_t
+        prev = _lead(prev, len(prev_plates))
+        if node.plate.lineage.parents or prev_plates[1:] != new[1:]:
+            prev = align(prev, prev_plates, new)  # re-indexed by the parents, new parent plates
+        cumulative = prev + _lead(lp, len(new))  # L_t = L_{t-1} + l_t
         node.history.append((new, cumulative))
         node.plate, node.parents, node.step, node.gradient_function = plate, plates[1:], t, cumulative
         node.sample = sample
@@ -306,6 +309,18 @@ class Estimator(torch.nn.Module):
     def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         """b(x<i, X \\ {x}); ``None`` for no baseline."""
         return None
+
+    def has_control_variate(self) -> bool:
+        """Whether ``control_variate`` may return something (it or ``baseline`` is overridden)."""
+        cls = type(self)
+        return cls.control_variate is not Estimator.control_variate or cls.baseline is not Estimator.baseline
+
+    def control_variate_stacks(self) -> bool:
+        """Whether ``control_variate`` gives each cost's result when the costs of several steps of a
+        partition are stacked along an extra independent plate of the frame (it reads only
+        ``cost.tensor`` and the node's tensors, not ``cost.name`` or the step). Lets the surrogate
+        reduce the per-step costs of a long episode in one pass; default: only without one."""
+        return not self.has_control_variate()
 
     def output(self, node: Node) -> torch.Tensor:
         """The raw value handed to user code (the sample; relaxations return a relaxed sample)."""

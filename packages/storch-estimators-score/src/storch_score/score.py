@@ -25,6 +25,10 @@ class Score(Estimator):
         b one of: none; the moving average of the cost over earlier steps; the leave-one-out mean
         (1/(n-1)) Σ_{x' ≠ x} f(x'); a user callable.
 
+    On a partition (the estimator called at every step of an episode, docs/partitions.md), l is
+    the log-probability of the sequence up to the step a cost was computed at (causal credit), so
+    baselines are per time step: leave-one-out and moving averages of the cost-to-go.
+
     Requires: any distribution with ``sample`` and ``log_prob``.
 
     max_order: ∞ — the score function is unbiased at any order (D.2.1) and a detached baseline
@@ -119,6 +123,11 @@ class Score(Estimator):
                 return cost.align(b.tensor, b.plates)
             return torch.as_tensor(b, dtype=cost.tensor.dtype, device=cost.tensor.device)
         return None
+
+    def control_variate_stacks(self) -> bool:
+        # leave-one-out reads only the costs along the node's plate; a moving average is per cost
+        # name and step, a callable may read anything
+        return self.baseline_kind in ("none", "leave_one_out")
 
     def _commit(self) -> None:
         for key, value in self._pending.items():

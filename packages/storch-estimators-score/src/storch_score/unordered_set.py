@@ -43,6 +43,13 @@ class UnorderedSet(Estimator):
     the n independent variables (Kool et al., 2019), which draws the same Gumbel-top-k sample
     without listing the K^n values.
 
+    On a partition (the estimator called at every step of a sequence, docs/partitions.md) the
+    sample is drawn by stochastic beam search over the sequences: at each step the k best
+    perturbed prefixes survive (their parents are recorded, so tensors of earlier steps follow
+    them), S is a sample without replacement of whole sequences and p(s) is a sequence's
+    probability. Costs of earlier steps are credited to the whole sequence (``causal_credit`` is
+    False: the weights belong to the final set).
+
     max_order: 1 with the baseline (Kool et al. prove it zero-mean at orders 0 and 1 only; paper,
     D.2.3); ∞ without it, since the weights are detached and E[Σ w f] = E[f] (D.2.3).
 
@@ -126,6 +133,7 @@ class UnorderedSet(Estimator):
             forced = torch.where(is_end, torch.zeros((), dtype=lp.dtype), torch.full((), -math.inf, dtype=lp.dtype))
             lp = torch.where(done.unsqueeze(0), forced, lp)
         lp = lp.expand((lp.shape[0],) + tuple(p.size for p in plates))
+        # detach: which prefixes survive is sampled, not differentiated (l_t carries the gradient)
         phi = align(c["phi"] if "phi" in c else c["lp"].detach(), prev, plates).expand(lp.shape[1:])
         g = align(c["g"], prev, plates).expand(lp.shape[1:])
         parent, value, g, phi, left = beam_step(lp.detach(), phi, g, self.n_samples)
