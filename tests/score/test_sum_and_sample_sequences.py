@@ -15,6 +15,7 @@ from torch.distributions import Categorical, OneHotCategorical
 
 import storch
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
+from storch_score._sequences import _prefix_tables
 
 torch.set_default_dtype(torch.float64)
 R = 2000
@@ -137,7 +138,8 @@ def _check_sets(node, toks, eos):
     live = c["slot_ok"]
     off_diag = ~torch.eye(s, dtype=torch.bool).unsqueeze(-1)
     assert not (same & off_diag & live.unsqueeze(0) & live.unsqueeze(1)).any()
-    mem_hit = (seq[s:].unsqueeze(1) == c["mem"][..., :3].unsqueeze(0)).all(-1) & c["mem_ok"].unsqueeze(0)
+    pre, ok = _prefix_tables(c, 3, eos)  # every buffered sequence as 3 tokens (eos-padded)
+    mem_hit = (seq[s:].unsqueeze(1) == pre.unsqueeze(0)).all(-1) & ok.unsqueeze(0)
     accepted = w[s:] > 0
     assert accepted.any() and not (mem_hit.any(1) & accepted).any()
     assert (mem_hit.any(1) == ~accepted).all()

@@ -24,7 +24,7 @@ import torch
 
 from storch import Node, OptionError
 
-__all__ = ["VariableTable", "top_k_codes", "codes_of", "sample_outside", "log1mexp"]
+__all__ = ["VariableTable", "top_k_codes", "codes_of", "first_occurrences", "sample_outside", "log1mexp"]
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
