@@ -6,6 +6,7 @@
     storch-compare toy             # REBAR toy and K=10 categorical: bias, variance, time
     storch-compare overhead        # storch vs hand-written torch: time and peak memory ratios
     storch-compare model path/to/model.py:step   # which estimator for MY model? (see model_cli)
+    storch-compare sequences       # GRU decoder, -edit distance: unordered_set, sum_and_sample, score+loo
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 __all__ = ["main"]
 
-COMMANDS = ("vae", "toy", "overhead", "model")
+COMMANDS = ("vae", "toy", "overhead", "model", "sequences")
 
 
 def _machine() -> str:
@@ -87,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     from .model_cli import add_arguments
 
     add_arguments(m)
+    q = sub.add_parser("sequences", help="GRU decoder trained on -edit distance: sequence estimators at equal k")
+    _common(q)
+    q.add_argument("--k", type=int, default=8, help="sequences per target and step (default 8)")
+    q.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
+    q.add_argument("--lr", type=float, default=0.005)
+    q.add_argument("--seeds", default=None, help="comma-separated seeds, one run each (default: --seed)")
+    q.add_argument("--variance-reps", type=int, default=16, help="gradient estimates for the variance at the start "
+                   "and the end (0: skip)")
     return p
 
 
@@ -109,6 +118,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .model_cli import run as run_model
 
         return run_model(args)
+    if args.command == "sequences":
+        from .sequences import run_cli
+
+        return run_cli(args)
     from .overhead import run_cli
 
     return run_cli(args)

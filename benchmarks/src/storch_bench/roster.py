@@ -24,6 +24,8 @@ __all__ = ["Spec", "parse_spec", "parse_specs", "resolve", "supports", "build", 
 PRESETS: dict[str, list[str]] = {
     "score": ["score@1", "score[baseline=leave_one_out]@{n}"],
     "unordered_set": ["unordered_set@{n}"],
+    # 1 memory value + n - 1 samples: n cost evaluations per step, as unordered_set@n
+    "sum_and_sample": ["sum_and_sample@1", "sum_and_sample[n_enumerate=1,baseline=leave_one_out]@{n1}"],
 }
 SHORT = {("baseline", "leave_one_out"): "loo", ("baseline", "batch_average"): "loo",
          ("baseline", "moving_average"): "ma", ("baseline", "none"): "nobaseline"}
@@ -105,7 +107,7 @@ def parse_specs(text: str, n_multi: int = 5) -> list[Spec]:
         if part == "auto":
             for name in storch.available_estimators():
                 for s in PRESETS.get(name, [f"{name}@1"]):
-                    specs.append(parse_spec(s.format(n=n_multi)))
+                    specs.append(parse_spec(s.format(n=n_multi, n1=max(n_multi - 1, 2))))
         else:
             specs.append(parse_spec(part))
     seen, unique = set(), []

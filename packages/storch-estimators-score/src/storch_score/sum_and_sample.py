@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Union
 
 import torch
 from torch.distributions import Categorical, Distribution
 
-from storch import CostFrame, Estimator, Node, OptionError
+import storch
 
+from storch import CostFrame, Estimator, Node, OptionError, PlateError
+
+from . import _sequences
+from ._memory import VariableTable, codes_of, first_occurrences, log1mexp, sample_outside, top_k_codes
 from ._support import enumerate_joint, masked_logsumexp
 
 __all__ = ["SumAndSample"]
@@ -25,7 +30,17 @@ class SumAndSample(Estimator):
         (``baseline="leave_one_out"``), else 0.
 
     Requires: a distribution with a finite support (``enumerate_support``: Bernoulli, Categorical,
-    OneHotCategorical, ...); the node's joint support (K^n values) is enumerated, up to ``budget``.
+    OneHotCategorical, ...). A joint support of at most ``budget`` values (K^n for n batch elements)
+    is enumerated; a larger one (e.g. the 20 Bernoulli latents of a VAE) never is: the k' most
+    probable joint values are found by deterministic beam search over the n independent variables
+    (exact for independent variables), and the samples are drawn from p(x | x ∉ M) exactly by
+    ancestral sampling over the trie of M (``storch_score._memory``). The estimate is the same.
+
+    On sequences (``buffer=``; storch_score._sequences, docs/estimators/sum_and_sample.md): S memory
+    slots then m sampled sequences; q = the buffered sequences forced token by token (δ) · m i.i.d.
+    ancestral samples from p; w = p(a) on a slot (p(a)/Q(a) on an importance-sampled one),
+    1[x ∉ M]/m on a sample (rejection); l = 0 on a slot, log p(x) on a sample; a = the leave-one-out
+    baseline on the remainder's conditional score plus one shift of the whole estimate; max_order ∞.
 
     max_order: ∞ — the estimate is Σ_{x∈M} p(x) f(x) + p(x ∉ M) · (score estimate of E[f | x ∉ M]):
     the first part is exact (D.1), the second the score function of the renormalised remainder
@@ -42,10 +57,30 @@ class SumAndSample(Estimator):
             values are counted once.
         baseline: ``"none"`` or ``"leave_one_out"`` (alias ``"batch_average"``, needs n_samples >= 2).
         budget: the largest joint support that is enumerated.
+        buffer: sequences (MAPO's memory buffer, paper 3.2 and D.2.3): called once per token in an
+            autoregressive loop (one partition), the estimator keeps per key (data point) the
+            ``buffer`` distinct sequences of lowest total cost found so far, across graphs (updated by
+            ``storch.backward()``; in ``state_dict()``). Each graph sums exactly over up to
+            ``n_enumerate`` (default: ``buffer``) of them, forced token by token, and draws
+            ``n_samples`` sequences from p, rejecting those in the memory; when the buffer holds more
+            than ``n_enumerate``, the most probable ``n_enumerate - 1`` are summed and one more is
+            drawn from the rest by importance sampling. ``memory`` then seeds the buffer: a tensor
+            ``(k', T)`` of token sequences (every key), a dict ``{key: tensor}`` or a callable
+            ``key -> tensor``. Costs that depend on a prefix get the memory of prefixes (causal
+            credit). See ``storch_score._sequences``.
+        eos: with ``buffer``: the end-of-sequence token; a sequence that produced it is finished:
+            it keeps producing ``eos`` with log-probability 0 (stops contributing), and sequences
+            are compared up to their end.
+
+    A sequence estimator takes the key of each data point at its first call:
+    ``est(Categorical(logits=...), memory_key=ids)`` (one int per entry of the first step's
+    plates; default: the entry's position).
 
     Example:
         >>> est = storch.estimator("sum_and_sample", plate="z", n_enumerate=2, n_samples=3)
         >>> z = est(torch.distributions.Categorical(logits=theta))
+        >>> seq = storch.estimator("mapo", plate="seq", buffer=4, n_samples=4, baseline="leave_one_out", eos=0)
+        >>> tokens = [seq(Categorical(logits=decoder(h))) for _ in range(T)]   # one partition
 
     References:
         [1] Memory Augmented Policy Optimization for Program Synthesis and Semantic Parsing (Liang et al., 2018)
@@ -55,11 +90,22 @@ class SumAndSample(Estimator):
     name = "sum_and_sample"
     aliases = ("mapo",)
     requires_enumerate_support = True
+    supports_partitions = True  # with buffer= (sequences); otherwise a second call raises
+    has_update = True  # the buffer of best sequences
 
     def __init__(self, plate: str, n_samples: int = 1, n_enumerate: Optional[int] = None,
                  memory: Optional[Union[torch.Tensor, Callable[[Distribution], torch.Tensor]]] = None,
-                 baseline: str = "none", budget: int = 4096) -> None:
+                 baseline: str = "none", budget: int = 4096, buffer: Optional[int] = None,
+                 eos: Optional[int] = None) -> None:
         super().__init__(plate, n_samples)
+        self.buffer = buffer
+        self.eos = eos
+        self._pending_key = None
+        if buffer is not None:
+            self._init_sequences(n_enumerate, memory, baseline, buffer, eos)
+            return
+        if eos is not None:
+            raise OptionError("sum_and_sample: eos= is for sequences; give buffer= (the memory buffer) as well")
         if memory is not None and n_enumerate is not None:
             raise OptionError("sum_and_sample: give either n_enumerate (the k' most probable values) or memory, not both")
         if memory is not None and not (isinstance(memory, torch.Tensor) or callable(memory)):
@@ -80,7 +126,105 @@ class SumAndSample(Estimator):
         self.leave_one_out = baseline != "none"
         self.budget = budget
 
+    def _init_sequences(self, n_enumerate, memory, baseline, buffer, eos) -> None:
+        if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+            raise OptionError(f"sum_and_sample: buffer must be an int >= 1 (sequences kept per key), got {buffer!r}")
+        if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int)):
+            raise OptionError(f"sum_and_sample: eos must be an int token, got {eos!r}")
+        n_enumerate = buffer if n_enumerate is None else n_enumerate
+        if isinstance(n_enumerate, bool) or not isinstance(n_enumerate, int) or n_enumerate < 0:
+            raise OptionError(f"sum_and_sample: n_enumerate must be an int >= 0, got {n_enumerate!r}")
+        if baseline not in ("none", "leave_one_out", "batch_average"):
+            raise OptionError(f"sum_and_sample: baseline={baseline!r} is not accepted; use 'none' or "
+                              "'leave_one_out' (alias 'batch_average')")
+        if baseline != "none" and self.n_samples < 2:
+            raise OptionError(f"sum_and_sample: baseline={baseline!r} needs n_samples >= 2, got {self.n_samples}")
+        if baseline != "none" and n_enumerate < buffer:
+            raise OptionError(
+                f"sum_and_sample: baseline={baseline!r} needs p(x not in memory), i.e. every buffered sequence "
+                f"summed each step: n_enumerate ({n_enumerate}) >= buffer ({buffer}); or use baseline='none'")
+        self.n_enumerate = n_enumerate
+        self.memory = memory
+        self.leave_one_out = baseline != "none"
+        self.budget = 0
+        self._buffer = _sequences.SequenceBuffer(buffer)
+        self._seed = None if memory is None else self._seeder(memory)
+
+    def _seeder(self, memory):
+        def rows(t) -> list:
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                raise OptionError("sum_and_sample: a memory of sequences is a tensor (k', T) of tokens, got "
+                                  f"{type(t).__name__}{'' if not isinstance(t, torch.Tensor) else tuple(t.shape)}")
+            out = [_sequences._trim([int(v) for v in r], self.eos) for r in t.long().tolist()]
+            if len(set(out)) > self.buffer:
+                raise OptionError(f"sum_and_sample: the memory seeds {len(set(out))} sequences, more than buffer="
+                                  f"{self.buffer}")
+            return out
+
+        if isinstance(memory, torch.Tensor):
+            fixed = rows(memory)
+            return lambda key: fixed
+        if isinstance(memory, dict):
+            table = {int(k): rows(v) for k, v in memory.items()}
+            return lambda key: table.get(key, [])
+        if callable(memory):
+            return lambda key: rows(memory(key))
+        raise OptionError(f"sum_and_sample: memory={memory!r} is not accepted for sequences; give a tensor (k', T), "
+                          "a dict key -> tensor or a callable key -> tensor")
+
+    def forward(self, distribution: Distribution, *args, memory_key=None, **kwargs):
+        """Sample the node (or the next step of the sequence); ``memory_key``: the data points' keys."""
+        if memory_key is not None and self.buffer is None:
+            raise OptionError("sum_and_sample: memory_key= is for sequences (buffer=)")
+        if memory_key is not None:
+            memory_key = memory_key.tensor if isinstance(memory_key, storch.PlateTensor) else torch.as_tensor(memory_key)
+        self._pending_key = memory_key
+        try:
+            return super().forward(distribution, *args, **kwargs)
+        finally:
+            self._pending_key = None
+
+    # -- sequences (buffer=) -----------------------------------------------------------------------
+
+    def extend(self, node: Node, distribution: Distribution, plates: tuple):
+        if not node.context.get("seq"):
+            raise PlateError(
+                f"estimator {self.name!r} (plate {self.plate!r}) was already used in this graph. On sequences "
+                "(one call per token) sum_and_sample needs buffer= (its memory of best sequences); otherwise "
+                "create one estimator per stochastic node")
+        sample, l_step = _sequences.step(self, node, distribution, plates)
+        # weights of the whole sequences so far: computed when needed (surrogate_loss), since they change
+        # with every step; views of earlier steps (causal credit) get the memory of their prefixes
+        node.weights = None
+        return sample, l_step
+
+    def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
+        if node.context.get("seq"):
+            return _sequences.control_variate(self, node, cost)
+        return super().control_variate(node, cost)
+
+    def update_parameters(self, nodes: list[Node], loss: torch.Tensor) -> None:
+        """Offer the graph's sequences and their total costs to the buffer (sequences only)."""
+        for node in nodes:
+            if node.context.get("seq"):
+                _sequences.update(self, node)
+
+    def get_extra_state(self):
+        return None if self.buffer is None else self._buffer.state()
+
+    def set_extra_state(self, state) -> None:
+        if state is not None:
+            self._buffer.load(state)
+
+    # -- one node --------------------------------------------------------------------------------
+
     def proposal(self, node: Node) -> torch.Tensor:
+        if self.buffer is not None:
+            return _sequences.start(self, node, self._pending_key)
+        d = node.distribution
+        n_values = d.enumerate_support(expand=False).shape[0] ** math.prod(d.batch_shape[len(node.parents):])
+        if n_values > self.budget:
+            return self._beyond_budget(node, n_values)
         values, logp = enumerate_joint(node, self.budget, self.name)  # (M, *own, *event), (M, *parents)
         size = values.shape[0]
         if self.memory is None:
@@ -107,14 +251,45 @@ class SumAndSample(Estimator):
         node.context.update(logp=logp, idx=idx, mask=mask, k=k, m=m, first=first)
         return values[idx]
 
+    def _beyond_budget(self, node: Node, n_values: int) -> torch.Tensor:
+        """Proposal on a joint support too large to list: memory by beam search, samples by the trie."""
+        table = VariableTable(node)
+        if self.memory is None:
+            codes = top_k_codes(table.lp, self.n_enumerate)  # (k', P, n), distinct
+            first = torch.ones(codes.shape[:2], dtype=torch.bool, device=codes.device)
+        else:
+            mem = self.memory(node.distribution) if not isinstance(self.memory, torch.Tensor) else self.memory
+            if not isinstance(mem, torch.Tensor):
+                raise OptionError(f"sum_and_sample: memory must give a tensor of values, got {type(mem).__name__}")
+            codes = codes_of(mem, table, self.name)
+            first = first_occurrences(codes)
+        k = codes.shape[0]
+        m = 0 if (self.memory is None and k == n_values) else self.n_samples
+        if m:
+            codes = torch.cat([codes, sample_outside(table.lp, codes, first, m)], 0)
+        node.context.update(beam=True, k=k, m=m, first=first.reshape((k,) + table.parents))
+        return table.values(codes)
+
     def _parts(self, node: Node) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = node.context
+        if "log_rest" not in c and c.get("beam"):
+            # log p(x) of every drawn value and log p(x ∉ M) = log(1 - Σ_{a ∈ M} p(a)), WITH gradient
+            c["lp"] = lp = node.log_prob(node.sample)  # (k' + m, *parents)
+            mem = lp[:c["k"]].masked_fill(~c["first"], -math.inf)
+            lse = torch.logsumexp(mem, 0) if c["k"] else torch.full_like(lp[0], -math.inf)
+            c["empty"] = empty = lse >= 0.0  # M holds (numerically) all the mass: no remainder
+            safe = torch.where(empty, torch.full_like(lse, -1.0), lse)  # no NaN gradient in the unused branch
+            c["log_rest"] = torch.where(empty, torch.full_like(lse, -math.inf), log1mexp(safe))
+        if c.get("beam"):
+            return c["lp"], c["log_rest"], c["empty"]
         if "log_rest" not in c:
             # log p(x ∉ M), WITH gradient: stable in log space even when M holds almost all the mass
             c["log_rest"], c["empty"] = masked_logsumexp(c["logp"], c["mask"], 0)
         return c["logp"].gather(0, c["idx"]), c["log_rest"], c["empty"]
 
     def weighting_function(self, node: Node) -> torch.Tensor:
+        if node.context.get("seq"):
+            return _sequences.weights(self, node)
         lp, log_rest, _ = self._parts(node)
         k, m = node.context["k"], node.context["m"]
         # w = p(x) on the memory (appendix D.2.3), gradient-carrying like expect (D.1)
@@ -126,6 +301,8 @@ class SumAndSample(Estimator):
         return torch.cat([w_mem, w_smp], 0)
 
     def gradient_function(self, node: Node) -> torch.Tensor:
+        if node.context.get("seq"):
+            return node.context["l0"]
         lp, log_rest, empty = self._parts(node)
         k, m = node.context["k"], node.context["m"]
         l_mem = torch.zeros_like(lp[:k])

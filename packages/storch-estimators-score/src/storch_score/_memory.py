@@ -1,0 +1,156 @@
+"""A memory set over a joint support too large to enumerate, and sampling outside it.
+
+For a node whose n batch elements are independent finite variables (K values each), sum-and-sample
+needs (1) its memory M, by default the k' most probable joint values, and (2) samples from the
+remainder p(x | x ∉ M), without listing the K^n joint values:
+
+- :func:`top_k_codes`: the k' most probable joint values by deterministic beam search. For
+  independent variables the beam is exact: a prefix of one of the k' best joint values is itself
+  among the k' best prefixes (else k' better prefixes, each completed with its suffix, would
+  give k' better joint values).
+- :func:`sample_outside`: exact ancestral sampling from p(x | x ∉ M) over the trie of M. With
+  r_j(x<j) = Σ_{a ∈ M, a<j = x<j} p(a≥j) the memory's mass below a prefix, variable j takes value v
+  with probability p_j(v) (1 - r_{j+1}(x<j v)) / (1 - r_j(x<j)).
+
+Joint values are handled as codes: ``(k, P, n)`` indices into the support of each variable, with P
+the flattened parent plates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from storch import Node, OptionError
+
+__all__ = ["VariableTable", "top_k_codes", "codes_of", "first_occurrences", "sample_outside", "log1mexp"]
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable at both ends (Mächler, 2012); -inf at x = 0."""
+    x = x.clamp_max(0.0)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+class VariableTable:
+    """The node's n independent variables: their support and per-variable log-probabilities.
+
+    Attributes:
+        support: ``(K, *event)`` the values of one variable.
+        lp: ``(K, P, n)`` detached log p_j(v) for every value v, parent entry and variable j.
+        parents, own, event: the node's parent-plate, own-batch and event shapes.
+    """
+
+    def __init__(self, node: Node) -> None:
+        d = node.distribution
+        support = d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
+        self.n_values = support.shape[0]
+        self.event = tuple(d.event_shape)
+        self.parents = tuple(d.batch_shape[:len(node.parents)])
+        self.own = tuple(d.batch_shape[len(node.parents):])
+        self.n = math.prod(self.own)
+        self.p = math.prod(self.parents)
+        self.support = support.reshape((self.n_values,) + self.event)
+        with torch.no_grad():  # choosing M and sampling are not differentiated
+            full = support.expand((self.n_values,) + tuple(d.batch_shape) + self.event)
+            self.lp = d.log_prob(full).reshape(self.n_values, self.p, self.n)
+
+    def values(self, codes: torch.Tensor) -> torch.Tensor:
+        """Joint values ``(k, *parents, *own, *event)`` of codes ``(k, P, n)``."""
+        return self.support[codes].reshape((codes.shape[0],) + self.parents + self.own + self.event)
+
+
+def top_k_codes(lp: torch.Tensor, k: int) -> torch.Tensor:
+    """The min(k, K^n) most probable joint values (deterministic beam search), most probable first.
+
+    Args:
+        lp: ``(K, P, n)`` per-variable log-probabilities.
+    Returns:
+        codes ``(k', P, n)``, distinct per parent entry.
+    """
+    n_cat, p, n = lp.shape
+    phi = lp.new_zeros(1, p)  # log-probabilities of the beam's prefixes, (beam, P)
+    codes = torch.empty(1, p, 0, dtype=torch.long, device=lp.device)  # (beam, P, j)
+    for j in range(n):
+        beam = phi.shape[0]
+        cand = (phi.unsqueeze(-1) + lp[:, :, j].t().unsqueeze(0)).permute(1, 0, 2).reshape(p, beam * n_cat)
+        top = cand.topk(min(k, beam * n_cat), dim=1)  # sorted: the most probable first
+        parent, value = top.indices // n_cat, top.indices % n_cat  # (P, k)
+        phi = top.values.t()
+        prev = codes.permute(1, 0, 2).gather(1, parent.unsqueeze(-1).expand(p, parent.shape[1], j))
+        codes = torch.cat([prev, value.unsqueeze(-1)], -1).permute(1, 0, 2)
+    return codes
+
+
+def codes_of(values: torch.Tensor, table: VariableTable, who: str) -> torch.Tensor:
+    """Codes ``(k', P, n)`` of joint values ``(k', *own, *event)`` or ``(k', *parents, *own, *event)``."""
+    per_value = table.own + table.event
+    values = values.to(table.support.device)
+    if tuple(values.shape[1:]) == per_value:
+        values = values.reshape((values.shape[0],) + (1,) * len(table.parents) + per_value)
+        values = values.expand((values.shape[0],) + table.parents + per_value)
+    elif tuple(values.shape[1:]) != table.parents + per_value:
+        raise OptionError(
+            f"{who}: memory has shape {tuple(values.shape)}; expected (k', *own_batch, *event) = "
+            f"(k', {', '.join(map(str, per_value))}) or with the parent plates {table.parents} after k'")
+    k = values.shape[0]
+    flat = values.reshape((k, table.p, table.n, -1)).to(table.support.dtype)  # (k', P, n, E)
+    sup = table.support.reshape(table.n_values, -1)  # (K, E)
+    eq = (flat.unsqueeze(-2) == sup).all(-1)  # (k', P, n, K)
+    if not bool(eq.any(-1).all()):
+        raise OptionError(f"{who}: a memory value is not in the support of the node's distribution")
+    return eq.to(torch.uint8).argmax(-1)
+
+
+def first_occurrences(codes: torch.Tensor) -> torch.Tensor:
+    """``(k', P)`` True where a code is not repeated earlier along dim 0 (repeats count once)."""
+    k = codes.shape[0]
+    same = (codes.unsqueeze(0) == codes.unsqueeze(1)).all(-1)  # (k', k', P)
+    earlier = torch.ones(k, k, dtype=torch.bool, device=codes.device).tril(-1)
+    return ~(same & earlier.unsqueeze(-1)).any(1)
+
+
+def sample_outside(lp: torch.Tensor, codes: torch.Tensor, first: torch.Tensor, m: int) -> torch.Tensor:
+    """``m`` independent draws from p(x | x ∉ M) (exact ancestral sampling over the trie of M).
+
+    Where the remainder is empty (M holds every value of positive probability), draws from p
+    instead; the caller gives those draws weight 0.
+
+    Args:
+        lp: ``(K, P, n)`` per-variable log-probabilities (detached).
+        codes: ``(k', P, n)`` the memory M; ``first``: ``(k', P)``, the entries that count.
+    Returns:
+        codes ``(m, P, n)``.
+    """
+    n_cat, p, n = lp.shape
+    k = codes.shape[0]
+    with torch.no_grad():
+        lm = _memory_lp(lp, codes)  # (k', P, n)
+        # suffix[a, :, j] = log p(a_j, ..., a_{n-1}); suffix[..., n] = 0
+        suffix = torch.cat([lm.flip(-1).cumsum(-1).flip(-1), lm.new_zeros(k, p, 1)], -1)
+        match = first.unsqueeze(0).expand(m, k, p).clone()  # memory entries that share the sample's prefix
+        # where a sample's prefix matches no memory entry, p(v | prefix, x ∉ M) = p(v): draw those from p
+        out = torch.distributions.Categorical(logits=lp.permute(1, 2, 0)).sample((m,))  # (m, P, n)
+        for j in range(n):
+            if not bool(match.any()):
+                break  # every prefix left the memory's trie: the rest is drawn from p already
+            onehot = torch.nn.functional.one_hot(codes[:, :, j], n_cat).bool()  # (k', P, K)
+            below = match.unsqueeze(-1) & onehot.unsqueeze(0)  # (m, k', P, K)
+            s = suffix[:, :, j + 1].unsqueeze(-1).expand(k, p, n_cat).unsqueeze(0)
+            log_r = torch.where(below, s, torch.full_like(s, -math.inf)).logsumexp(1)  # (m, P, K)
+            logits = lp[:, :, j].t().unsqueeze(0) + log1mexp(log_r)  # (m, P, K)
+            if n_cat ** (n - j - 1) <= k:  # the memory may cover every continuation of (prefix, v): no mass left
+                logits = logits.masked_fill(below.sum(1) >= n_cat ** (n - j - 1), -math.inf)
+            dead = torch.isinf(logits).all(-1, keepdim=True) | torch.isnan(logits).any(-1, keepdim=True)
+            logits = torch.where(dead, lp[:, :, j].t().unsqueeze(0).expand_as(logits), logits)
+            v = torch.distributions.Categorical(logits=logits).sample()  # (m, P)
+            out[:, :, j] = v
+            match &= codes[:, :, j].unsqueeze(0) == v.unsqueeze(1)
+    return out
+
+
+def _memory_lp(lp: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``(k', P, n)`` log p_j(a_j) of memory codes ``(k', P, n)``."""
+    n_cat, p, n = lp.shape
+    return lp.unsqueeze(0).expand(codes.shape[0], n_cat, p, n).gather(1, codes.unsqueeze(1)).squeeze(1)

@@ -1,0 +1,145 @@
+"""sum_and_sample (MAPO) on joint supports beyond the enumeration budget: the memory by beam
+search, the samples from p(x | x ∉ M) by ancestral sampling over the memory's trie."""
+
+import itertools
+
+import pytest
+import torch
+from score_problems import PROBLEMS, Maker, estimates, exact
+from torch.distributions import Bernoulli, Categorical
+
+import storch
+from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
+from storch_score._memory import VariableTable, sample_outside, top_k_codes
+
+torch.set_default_dtype(torch.float64)
+
+# -- 14 Bernoullis (2^14 = 16384 joint values > budget 4096) with a closed-form expectation -------
+
+N_BITS = 14
+THETA = torch.linspace(-1.5, 1.5, N_BITS)
+COEF = torch.linspace(-1.0, 2.0, N_BITS)
+TARGET = 3.0
+
+
+def _bits_cost(b):
+    return ((b * COEF).sum() - TARGET) ** 2  # couples every bit: not separable
+
+
+def _bits_exact(theta):
+    p = torch.sigmoid(theta)  # E[(c·b - t)^2] = Var(c·b) + (E[c·b] - t)^2
+    return (COEF ** 2 * p * (1 - p)).sum() + ((COEF * p).sum() - TARGET) ** 2
+
+
+@pytest.mark.parametrize("options", [
+    dict(n_enumerate=4, n_samples=3),
+    dict(n_enumerate=2, n_samples=3, baseline="leave_one_out"),
+    dict(memory=(torch.rand(6, N_BITS, generator=torch.Generator().manual_seed(0)) > 0.5).double(), n_samples=2,
+         baseline="leave_one_out"),
+])
+def test_fourteen_bernoullis_orders_1_and_2(options):
+    torch.manual_seed(0)
+    est = storch.estimator("sum_and_sample", plate="z", **options)
+    with storch.Graph() as graph:
+        leaf, th = replicate(THETA, 2000)
+        b = est(Bernoulli(logits=th))
+        node = graph.nodes[0]
+        storch.add_cost(_bits_cost(b))
+        g, h = per_replicate_derivatives(storch.surrogate_loss(order=2), leaf, 2)
+    assert node.context["beam"]  # the beam path ran, nothing was enumerated
+    t = THETA.clone().requires_grad_(True)
+    assert_unbiased(g, torch.autograd.functional.jacobian(_bits_exact, t), f"{options} gradient")
+    assert_unbiased(h, torch.autograd.functional.hessian(_bits_exact, t), f"{options} Hessian")
+
+
+def test_memory_is_the_top_k_and_samples_stay_outside():
+    """Beam memory = enumeration's k' most probable values; no sample lands in M."""
+    torch.manual_seed(1)
+    logits = torch.randn(5, 3, 3)  # 5 parent entries, 3 categorical variables with K = 3 (27 values)
+    est = storch.estimator("sum_and_sample", plate="z", n_enumerate=6, n_samples=50, budget=8)
+    with storch.Graph():
+        par = storch.denote_independent(logits, 0, "data")
+        z = est(Categorical(logits=par))
+    raw = z.tensor  # (56, 5, 3)
+    joint = torch.tensor(list(itertools.product(range(3), repeat=3)))  # (27, 3)
+    lp = torch.log_softmax(logits, -1)  # (5, 3, 3)
+    lp_joint = lp.unsqueeze(0).expand(27, 5, 3, 3).gather(-1, joint[:, None, :, None].expand(27, 5, 3, 1)).squeeze(-1).sum(-1)
+    top = lp_joint.topk(6, 0).indices  # (6, 5)
+    assert torch.equal(raw[:6], joint[top])
+    mem = raw[:6].unsqueeze(0)  # (1, 6, 5, 3)
+    inside = (raw[6:].unsqueeze(1) == mem).all(-1).any(1)  # (50, 5)
+    assert not inside.any()
+
+
+def test_conditional_frequencies_match_enumeration():
+    """The trie sampler's frequencies equal p(x | x ∉ M) (z-test per joint value), for a memory with
+    repeats and shared prefixes."""
+    torch.manual_seed(2)
+    theta = torch.tensor([0.8, -0.4, 1.5, 0.2])
+    table = VariableTable(_node(Bernoulli(logits=theta), budget=2))
+    mem = torch.tensor([[1, 0, 1, 1], [1, 0, 1, 0], [1, 1, 1, 1], [1, 0, 1, 1], [0, 0, 0, 0]])
+    first = torch.tensor([True, True, True, False, True]).unsqueeze(-1)
+    draws = sample_outside(table.lp, mem.unsqueeze(1), first, 20000)[:, 0]  # (R, 4)
+    codes = (draws * torch.tensor([8, 4, 2, 1])).sum(-1)
+    p = torch.sigmoid(theta)
+    joint = torch.tensor(list(itertools.product([0, 1], repeat=4)))
+    prob = torch.where(joint > 0, p, 1 - p).prod(-1)
+    in_mem = torch.zeros(16, dtype=torch.bool)
+    in_mem[(mem * torch.tensor([8, 4, 2, 1])).sum(-1)] = True
+    want = torch.where(in_mem, torch.zeros(16), prob) / prob[~in_mem].sum()
+    assert not in_mem[codes].any()
+    assert_unbiased(torch.nn.functional.one_hot(codes, 16).double(), want, "p(x | x not in M)")
+
+
+def test_top_k_codes_of_a_flat_distribution_are_distinct():
+    lp = torch.zeros(2, 1, 12).log_softmax(0)
+    codes = top_k_codes(lp, 100)[:, 0]
+    assert codes.shape == (100, 12) and len({tuple(c.tolist()) for c in codes}) == 100
+
+
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+def test_small_problems_beam_path_against_enumeration(problem):
+    """budget=1 forces the beam path on the score family's problems (categorical K = 5, a two-node
+    chain, a data plate with a Bernoulli pair); orders 1 and 2 against exact enumeration."""
+    torch.manual_seed(3)
+    make = Maker("sum_and_sample", n_enumerate=2, n_samples=2, baseline="leave_one_out", budget=1)
+    for order, (g, w) in enumerate(zip(estimates(problem, make, 2, replicates=3000), exact(problem, 2)), 1):
+        assert_unbiased(g, w, f"beam sum_and_sample on {problem}, order {order}")
+
+
+def test_beam_path_has_the_variance_of_the_enumerated_path():
+    """The same estimator: gradient variances of both paths agree within sampling error."""
+    var = {}
+    for budget in (4096, 1):
+        torch.manual_seed(4)
+        g, = estimates("categorical", Maker("sum_and_sample", n_enumerate=1, n_samples=2, budget=budget), 1,
+                       replicates=4000)
+        var[budget] = float(g.var(0).sum())
+    assert 0.85 < var[1] / var[4096] < 1.15, var
+
+
+def test_extreme_logits_memory_holds_all_mass():
+    torch.manual_seed(5)
+    theta = torch.tensor([60.0, -60.0, 0.0] * 5, requires_grad=True)
+    for n_enumerate in (2, 1):
+        est = storch.estimator("sum_and_sample", plate="z", n_enumerate=n_enumerate, n_samples=3,
+                               baseline="leave_one_out")
+        with storch.Graph():
+            b = est(Bernoulli(logits=theta))
+            storch.add_cost(((b - 0.45) ** 2).sum())
+            g, = torch.autograd.grad(storch.surrogate_loss(), theta)
+        assert torch.isfinite(g).all()
+
+
+def test_memory_value_outside_the_support_beyond_budget():
+    est = storch.estimator("sum_and_sample", plate="z", memory=torch.full((1, 13), 2.0), n_samples=2)
+    with storch.Graph():
+        with pytest.raises(storch.OptionError, match="not in the support"):
+            est(Bernoulli(logits=torch.zeros(13)))
+
+
+def _node(d, budget):
+    est = storch.estimator("sum_and_sample", plate="zz", n_samples=1, budget=budget)
+    with storch.Graph() as g:
+        est(d)
+        return g.nodes[0]

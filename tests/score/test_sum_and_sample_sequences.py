@@ -1,0 +1,201 @@
+"""sum_and_sample (MAPO) on partitions: a buffer of the best sequences, kept across graphs.
+
+An autoregressive model over vocabulary 3 and length 3 (27 sequences; with an end token, token 0,
+the sequences can end after step 1 or 2): z-tests of the gradient and the Hessian against exact
+enumeration (2000 seeded estimates each), for a seeded memory, a buffer filled by earlier graphs,
+and a buffer larger than the slots summed per step (importance-sampled slot).
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Categorical, OneHotCategorical
+
+import storch
+from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
+from storch_score._sequences import _prefix_tables
+
+torch.set_default_dtype(torch.float64)
+R = 2000
+_g = torch.Generator().manual_seed(0)
+THETA = torch.randn(21, generator=_g) * 0.8  # logits of step 0 (3), step 1 given x0 (3x3), step 2 given x1
+COST = torch.randn(27, generator=_g)  # an arbitrary cost per sequence (not separable)
+STEP_COST = (torch.randn(3, generator=_g), torch.randn(9, generator=_g))  # costs at steps 0 and 1 (causal credit)
+
+
+def _logits(th):
+    return th[0:3], th[3:12].reshape(3, 3), th[12:21].reshape(3, 3)
+
+
+def model(th, est, per_step=False, **call):
+    """The same model code for every estimator: one call per token."""
+    lg0, lg1, lg2 = _logits(th)
+    x0 = est(Categorical(logits=lg0), **call)
+    if per_step:  # a cost at step 0: credited to step 0 only (causal credit, the memory's 1-prefixes)
+        storch.add_cost(F.one_hot(x0, 3).to(th.dtype) @ STEP_COST[0], name="step0")
+    x1 = est(Categorical(logits=F.one_hot(x0, 3).to(th.dtype) @ lg1))
+    if per_step:
+        storch.add_cost(F.one_hot(x0 * 3 + x1, 9).to(th.dtype) @ STEP_COST[1], name="step1")
+    x2 = est(Categorical(logits=F.one_hot(x1, 3).to(th.dtype) @ lg2))
+    storch.add_cost(F.one_hot(x0 * 9 + x1 * 3 + x2, 27).to(th.dtype) @ COST)
+    return x0, x1, x2
+
+
+def sequences(eos):
+    """The support: every sequence, with tokens after the end token equal to it."""
+    out = []
+    for s in itertools.product(range(3), repeat=3):
+        if eos is not None and eos in s and any(v != eos for v in s[s.index(eos):]):
+            continue
+        out.append(s)
+    return out
+
+
+def exact(theta, eos=None, per_step=False):
+    lg = _logits(theta)
+    total = 0.0
+    if per_step:
+        p0 = torch.softmax(lg[0], -1)
+        p1 = torch.softmax(lg[1], -1)
+        if eos is not None:  # after the end token, the next token is the end token (probability 1)
+            p1 = torch.cat([p1[:eos], torch.eye(3)[eos:eos + 1], p1[eos + 1:]], 0)
+        total = total + p0 @ STEP_COST[0] + (p0.unsqueeze(-1) * p1).reshape(-1) @ STEP_COST[1]
+    for s in sequences(eos):
+        p = torch.softmax(lg[0], -1)[s[0]]
+        for t in (1, 2):
+            if eos is not None and s[t - 1] == eos:
+                break  # finished: no more log-probabilities
+            p = p * torch.softmax(lg[t][s[t - 1]], -1)[s[t]]
+        total = total + p * COST[s[0] * 9 + s[1] * 3 + s[2]]
+    return total
+
+
+def estimate(est, order=2, warmup=0, replicates=R, per_step=False):
+    """Per-replicate derivatives after ``warmup`` graphs that only fill the buffer (storch.backward())."""
+    for _ in range(warmup):
+        leaf, th = replicate(THETA, replicates)
+        model(th, est, per_step)
+        storch.backward()
+    with storch.Graph() as graph:
+        leaf, th = replicate(THETA, replicates)
+        toks = model(th, est, per_step)
+        node = graph.nodes[0]
+        loss = storch.surrogate_loss(order=order)
+        out = per_replicate_derivatives(loss, leaf, order)
+    return out, node, toks
+
+
+CONFIGS = {
+    "seeded+loo": (dict(buffer=3, n_samples=3, baseline="leave_one_out",
+                        memory=torch.tensor([[1, 2, 0], [2, 2, 2], [1, 2, 0], [0, 0, 0]])), 0),
+    "learned-buffer+loo": (dict(buffer=4, n_samples=2, baseline="leave_one_out"), 2),
+    "buffer>slots": (dict(buffer=6, n_enumerate=2, n_samples=3), 3),
+}
+
+
+@pytest.mark.parametrize("eos", [None, 0], ids=["fixed-length", "eos"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_orders_1_and_2_against_enumeration(config, eos):
+    options, warmup = CONFIGS[config]
+    torch.manual_seed(11)
+    est = storch.estimator("sum_and_sample", plate="seq", eos=eos, **options)
+    (g, h), node, toks = estimate(est, warmup=warmup)
+    t = THETA.clone().requires_grad_(True)
+    want_g = torch.autograd.functional.jacobian(lambda th: exact(th, eos), t)
+    want_h = torch.autograd.functional.hessian(lambda th: exact(th, eos), t)
+    assert_unbiased(g, want_g, f"{config} eos={eos} gradient")
+    assert_unbiased(h, want_h, f"{config} eos={eos} Hessian")
+    _check_sets(node, toks, eos)
+
+
+@pytest.mark.parametrize("eos", [None, 0], ids=["fixed-length", "eos"])
+@pytest.mark.parametrize("config", ["learned-buffer+loo", "buffer>slots"])
+def test_costs_at_every_step_causal_credit(config, eos):
+    """Costs at steps 0, 1 and 2: each gets the memory of prefixes of its length (an eos prefix
+    ends its sequence) and the cumulative gradient function of its step."""
+    options, warmup = CONFIGS[config]
+    torch.manual_seed(14)
+    est = storch.estimator("sum_and_sample", plate="seq", eos=eos, **options)
+    (g, h), node, toks = estimate(est, warmup=warmup, per_step=True)
+    t = THETA.clone().requires_grad_(True)
+    fn = lambda th: exact(th, eos, per_step=True)  # noqa: E731
+    assert_unbiased(g, torch.autograd.functional.jacobian(fn, t), f"{config} eos={eos} per-step gradient")
+    assert_unbiased(h, torch.autograd.functional.hessian(fn, t), f"{config} eos={eos} per-step Hessian")
+
+
+def _check_sets(node, toks, eos):
+    """Memory slots of one estimate are distinct sequences; accepted samples lie outside the memory;
+    after the end token every token is the end token."""
+    c = node.context
+    s = c["S"]
+    seq = torch.stack([x.tensor for x in toks], -1).reshape(node.n, -1, 3)  # (N, R, 3)
+    w = node.weights.detach().reshape(node.n, -1)
+    assert s > 0
+    slots = seq[:s]
+    same = (slots.unsqueeze(0) == slots.unsqueeze(1)).all(-1)  # (S, S, R)
+    live = c["slot_ok"]
+    off_diag = ~torch.eye(s, dtype=torch.bool).unsqueeze(-1)
+    assert not (same & off_diag & live.unsqueeze(0) & live.unsqueeze(1)).any()
+    pre, ok = _prefix_tables(c, 3, eos)  # every buffered sequence as 3 tokens (eos-padded)
+    mem_hit = (seq[s:].unsqueeze(1) == pre.unsqueeze(0)).all(-1) & ok.unsqueeze(0)
+    accepted = w[s:] > 0
+    assert accepted.any() and not (mem_hit.any(1) & accepted).any()
+    assert (mem_hit.any(1) == ~accepted).all()
+    if eos is not None:
+        ended = torch.cumsum(seq == eos, -1) > 0
+        assert (seq[ended] == eos).all()
+        assert ended[..., 0].any()  # some sequences end after step 1
+
+
+def test_buffer_keeps_the_best_sequences_found():
+    """One key, fixed θ: after enough graphs every sequence was seen; the buffer holds the 3 cheapest."""
+    torch.manual_seed(12)
+    est = storch.estimator("mapo", plate="seq", buffer=3, n_samples=16)
+    flat = torch.zeros(21)
+    for _ in range(6):
+        model(flat.clone().requires_grad_(True), est)
+        storch.backward()
+    book = est._buffer.sequences(0)
+    best = sorted(range(27), key=lambda i: COST[i])[:3]
+    want = {(i // 9, i // 3 % 3, i % 3) for i in best}
+    assert {s for s, _, _ in book} == want
+    for s, cost, _ in book:
+        assert cost == pytest.approx(float(COST[s[0] * 9 + s[1] * 3 + s[2]]))
+    # the buffer is state: it survives state_dict / load_state_dict
+    other = storch.estimator("mapo", plate="seq", buffer=3, n_samples=16)
+    other.load_state_dict(est.state_dict())
+    assert {s for s, _, _ in other._buffer.sequences(0)} == want
+
+
+def test_memory_keys_follow_the_data_points():
+    """Two data points keyed 7 and 3: the slots hold each key's own seeded sequences, whatever the order."""
+    torch.manual_seed(13)
+    seeds = {7: torch.tensor([[2, 2, 2]]), 3: torch.tensor([[1, 0, 1]])}
+    est = storch.estimator("mapo", plate="seq", buffer=2, n_samples=2, memory=seeds)
+    for ids in ([7, 3], [3, 7]):
+        with storch.Graph():
+            th = storch.denote_independent(THETA.expand(2, 21), 0, "data")
+            toks = model(th, est, memory_key=torch.tensor(ids))
+            first = torch.stack([x.tensor[0] for x in toks], -1)  # slot 0 per data point
+        for p, key in enumerate(ids):
+            assert first[p].tolist() == seeds[key][0].tolist()
+
+
+def test_sequence_errors():
+    with pytest.raises(storch.OptionError, match=r"n_enumerate \(2\) >= buffer \(4\)"):
+        storch.estimator("mapo", plate="s", buffer=4, n_enumerate=2, n_samples=2, baseline="leave_one_out")
+    with pytest.raises(storch.OptionError, match="eos= is for sequences"):
+        storch.estimator("mapo", plate="s", eos=0)
+    with pytest.raises(storch.OptionError, match="more than buffer=1"):
+        storch.estimator("mapo", plate="s", buffer=1, memory=torch.tensor([[0, 1], [1, 0]]))
+    est = storch.estimator("mapo", plate="s", n_samples=2)
+    with storch.Graph():
+        z = est(Categorical(logits=torch.zeros(3)))
+        with pytest.raises(storch.PlateError, match="needs buffer="):
+            est(Categorical(logits=z.double().unsqueeze(-1) * torch.ones(3)))
+    seq = storch.estimator("mapo", plate="t", buffer=2)
+    with storch.Graph():
+        with pytest.raises(storch.UnsupportedDistributionError, match="one token per step"):
+            seq(OneHotCategorical(logits=torch.zeros(3)))
