@@ -5,6 +5,7 @@
     storch-compare --estimators "score@1,score[baseline=leave_one_out]@8,gumbel_softmax@1"
     storch-compare toy             # REBAR toy and K=10 categorical: bias, variance, time
     storch-compare overhead        # storch vs hand-written torch: time and peak memory ratios
+    storch-compare ipd             # LOLA-DiCE on the iterated prisoner's dilemma (a short run)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 __all__ = ["main"]
 
-COMMANDS = ("vae", "toy", "overhead")
+COMMANDS = ("vae", "toy", "overhead", "ipd")
 
 
 def _machine() -> str:
@@ -78,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--problems", default="toy,vae")
     o.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per measurement")
     o.add_argument("--configs", default=None, help="subset of score,loo,unordered_set,gumbel_softmax")
+    i = sub.add_parser("ipd", help="LOLA-DiCE and naive learners on the iterated prisoner's dilemma (short run)")
+    _common(i)
+    i.add_argument("--iterations", type=int, default=30, help="updates per run (default 30; the example uses 200)")
+    i.add_argument("--steps", type=int, default=150, help="episode length")
+    i.add_argument("--batch", type=int, default=128, help="episodes per estimate")
+    i.add_argument("--configs", default=None, help="subset of: LOLA-DiCE, LOLA-DiCE + baseline, naive")
+    i.add_argument("--implementations", default="storch", help="storch, torch (hand-written) or both")
+    i.add_argument("--variance-reps", type=int, default=16, help="second-order estimates for the variance (0: skip)")
     return p
 
 
@@ -96,6 +105,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .toy import run_cli
 
         return run_cli(args)
+    if args.command == "ipd":
+        from .lola import run_cli as run_ipd
+
+        return run_ipd(args)
     from .overhead import run_cli
 
     return run_cli(args)
