@@ -91,20 +91,24 @@ class StorchDice:
         self.last_actions: list[torch.Tensor] = []  # raw (batch, 2) per step, for cross-checks
 
     def __call__(self, theta: torch.Tensor, agent: int, order: int = 1) -> torch.Tensor:
-        flat = theta.reshape(-1)
         with storch.Graph():
-            s = _START  # both agents start in state 0
-            actions = []
-            for t in range(self.steps):
-                # the joint action of both agents is one node per step (its log-probability is
-                # the sum of both agents' log-probabilities, as in DiCE's dependencies)
-                a = self.estimator(Bernoulli(logits=flat[s]))
-                actions.append(a)
-                s = next_state(a)
-                w, c = self.costs[agent][t]
-                storch.add_cost(a @ w + c, name=f"r{t}")  # -γ^t r_t
-            self.last_actions = [x.tensor for x in actions]
+            self.rollout(theta, agent)
             return storch.surrogate_loss(order=order)
+
+    def rollout(self, theta: torch.Tensor, agent: int) -> None:
+        """The episode for one sample, in the current graph: one estimator call and one cost per step."""
+        flat = theta.reshape(-1)
+        s = _START  # both agents start in state 0
+        actions = []
+        for t in range(self.steps):
+            # the joint action of both agents is one node per step (its log-probability is the
+            # sum of both agents' log-probabilities, as in DiCE's dependencies)
+            a = self.estimator(Bernoulli(logits=flat[s]))
+            actions.append(a)
+            s = next_state(a)
+            w, c = self.costs[agent][t]
+            storch.add_cost(a @ w + c, name=f"r{t}")  # -γ^t r_t
+        self.last_actions = [x.tensor for x in actions]
 
 
 def torch_rollout(theta: torch.Tensor, batch: int, steps: int,
