@@ -86,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--batch", type=int, default=128, help="episodes per estimate")
     i.add_argument("--configs", default=None, help="subset of: LOLA-DiCE, LOLA-DiCE + baseline, naive")
     i.add_argument("--implementations", default="storch", help="storch, torch (hand-written) or both")
+    i.add_argument("--seeds", default="0", help="comma-separated seeds, one run each (default 0)")
     i.add_argument("--variance-reps", type=int, default=16, help="second-order estimates for the variance (0: skip)")
     return p
 
