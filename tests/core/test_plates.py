@@ -210,3 +210,20 @@ def test_distribution_validation_stays_on():
     x = make(torch.tensor([[0.5], [-1.0]]), ("z", 2))
     with pytest.raises(ValueError, match="scale"):
         Normal(torch.zeros(1), x, validate_args=True)
+
+
+def test_lineage_reindexes_an_earlier_partition_step_and_refuses_other_graphs():
+    from storch._plates import align, union_plates
+
+    lin = storch.Lineage()
+    z0 = storch.Plate("z", 3, False, 0, lin)
+    z1 = storch.Plate("z", 3, False, 1, lin)
+    lin.set_parents(1, torch.tensor([2, 2, 0]))  # entries of step 1 descend from step 0's 2, 2, 0
+    h0 = torch.tensor([10.0, 11.0, 12.0])
+    assert union_plates([(z0,), (z1,)]) == (z1,)
+    assert align(h0, (z0,), (z1,)).tolist() == [12.0, 12.0, 10.0]
+    with pytest.raises(storch.PlateError, match="earlier"):
+        align(h0, (z1,), (z0,))
+    other = storch.Plate("z", 3, False, 0, storch.Lineage())  # same name and size, other graph
+    with pytest.raises(storch.PlateError, match="different graphs"):
+        union_plates([(z0,), (other,)])

@@ -16,7 +16,7 @@ from ._errors import (
 )
 from ._estimator import CostFrame, Estimator, magic_box
 from ._graph import Graph, Node, add_cost, current_graph, denote_independent, reset
-from ._plates import Plate, PlateTensor
+from ._plates import Lineage, Plate, PlateTensor
 from . import _plate_ops  # noqa: F401  (torch functions on plate tensors)
 from ._registry import (
     EstimatorInfo,
@@ -30,7 +30,7 @@ from ._registry import (
 from ._surrogate import backward, surrogate_loss
 
 __all__ = [
-    "Plate", "PlateTensor", "Graph", "Node", "Estimator", "CostFrame", "EstimatorInfo",
+    "Plate", "Lineage", "PlateTensor", "Graph", "Node", "Estimator", "CostFrame", "EstimatorInfo",
     "add_cost", "denote_independent", "reset", "current_graph", "surrogate_loss", "backward",
     "magic_box", "estimator", "available_estimators", "get_estimator_class", "reload_estimators",
     "hookimpl", "hookspec", "StorchError", "PlateError", "OrderError", "UnknownEstimatorError",

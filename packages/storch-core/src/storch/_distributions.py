@@ -46,10 +46,15 @@ def _holds_plate_tensor(d: Distribution, depth: int = 0) -> bool:
     return False
 
 
-def unwrap_distribution(d: Distribution) -> tuple[Distribution, tuple[Plate, ...]]:
-    """Return ``(raw_distribution, plates)``; ``plates`` lead the raw batch shape."""
+def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tuple[Distribution, tuple[Plate, ...]]:
+    """Return ``(raw_distribution, plates)``; ``plates`` lead the raw batch shape.
+
+    With ``within`` (a partition's plates at its last step, partition plate first), the raw batch
+    shape leads with at least those plates, ``within[0]`` first: parameters from earlier steps of
+    the partition are re-indexed to its last step, and missing plates are expanded.
+    """
     if isinstance(d, Independent):
-        base, plates = unwrap_distribution(d.base_dist)
+        base, plates = unwrap_distribution(d.base_dist, within)
         if not plates:
             return d, ()
         return Independent(base, d.reinterpreted_batch_ndims, validate_args=False), plates
@@ -61,7 +66,10 @@ def unwrap_distribution(d: Distribution) -> tuple[Distribution, tuple[Plate, ...
         params = _parameters(d)
     except NotImplementedError:
         params = {}
-    plates = union_plates([plates_of(v) for v in params.values()] + [()])
+    plates = union_plates([plates_of(v) for v in params.values()] + [within, ()])
+    if within:  # the partition's plate first
+        plates = (next(p for p in plates if p.name == within[0].name),) + tuple(
+            p for p in plates if p.name != within[0].name)
     if not plates:
         if _holds_plate_tensor(d):
             # sampling it as it is would share one noise draw across all plate entries

@@ -23,7 +23,7 @@ from torch.distributions import Distribution
 from ._distributions import unwrap_distribution
 from ._errors import OptionError, PlateError, UnsupportedDistributionError
 from ._graph import Node, current_graph
-from ._plates import Plate, PlateTensor, align, union_plates
+from ._plates import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
 
 __all__ = ["Estimator", "CostFrame", "magic_box"]
 
@@ -89,6 +89,13 @@ class Estimator(torch.nn.Module):
         biased: True if it estimates a different (relaxed / finite-difference) objective.
         distributions: supported distribution types (``None``: any).
         requires_rsample / requires_enumerate_support: capability requirements.
+        supports_partitions: whether calling one instance several times in a graph (a loop) makes
+            one partition (paper, section 3.2; docs/partitions.md).
+        causal_credit: for partitions: a cost computed at step t is credited to steps <= t only
+            (True: weights are the same at every step, e.g. sampling with replacement); False:
+            costs are moved to the last step and credited to the whole sequence (sampling without
+            replacement, whose weights belong to the final set of sequences).
+        eos: the end-of-sequence value of a partition (an index into the support), or ``None``.
 
     Args:
         plate: name of the node's sample plate.
@@ -104,6 +111,8 @@ class Estimator(torch.nn.Module):
     requires_enumerate_support: ClassVar[bool] = False
     has_update: ClassVar[bool] = False
     supports_partitions: ClassVar[bool] = False
+    causal_credit: ClassVar[bool] = True
+    eos: Optional[int] = None
 
     def __init__(self, plate: str, n_samples: int = 1) -> None:
         super().__init__()
@@ -118,28 +127,39 @@ class Estimator(torch.nn.Module):
 
     def forward(self, distribution: Distribution) -> PlateTensor:
         """Sample the node for ``distribution`` (built from one-sample code) in the current graph."""
-        raw, parents = unwrap_distribution(distribution)
-        self.check_distribution(raw)
         graph = current_graph()
         node = graph.partition_of(self)
         if node is not None:
-            return self._extend_partition(graph, node, raw, parents)
+            return self._extend_partition(graph, node, distribution)
+        raw, parents = unwrap_distribution(distribution)
+        self.check_distribution(raw)
+        ndims = 1 + len(raw.batch_shape) + len(raw.event_shape)  # the sample: plate, batch, event
+        if ndims > MAX_DIMS:
+            raise PlateError(f"estimator {self.name!r} (plate {self.plate!r}): " + too_many_dims_message(ndims))
         node = Node(self, raw, parents, original=distribution)
         sample = self.proposal(node)
-        node.plate = Plate(self.plate, sample.shape[0])
+        node.plate = Plate(self.plate, sample.shape[0], False, 0, Lineage())
         node.sample = sample
         graph.add_node(node)
         n = len(node.plates)
         node.gradient_function = _lead(self.gradient_function(node), n)
         node.weights = _lead(self.weighting_function(node), n)
+        if self.eos is not None:
+            node.context["finished"] = self._is_eos(raw, sample, len(parents))
         node.value = PlateTensor._wrap(self.output(node), node.plates)
         return node.value
 
-    def _extend_partition(self, graph, node: Node, raw: Distribution, parents) -> PlateTensor:
-        """A further call of this estimator in the same graph: one more step of its partition.
+    def _extend_partition(self, graph, node: Node, distribution: Distribution) -> PlateTensor:
+        """A further call of this estimator in the same graph: step t of its partition (section 3.2).
 
-        Paper, section 3.2: the calls form one partition with one plate; its gradient function
-        is the sum of the steps' gradient functions, weights and baselines are per sequence.
+        The calls form one partition with one plate; the plate of step t is
+        ``Plate(name, size_t, False, t, lineage)`` and tensors computed from step t carry it. The
+        node keeps the cumulative gradient function L_t = L_{t-1} + l_t of every step (``history``):
+        a cost whose partition plate is at step t is credited to steps <= t only (causal credit,
+        DiCE's cumulative MagicBox), unless ``causal_credit`` is False. Weights and baselines are per
+        whole sequence. An estimator that selects parents at step t (sampling without replacement)
+        records them with ``lineage.set_parents``; tensors of earlier steps then follow their
+        prefixes when they meet step t's tensors (``storch._plates.align``).
         """
         if not self.supports_partitions:
             raise PlateError(
@@ -148,28 +168,49 @@ class Estimator(torch.nn.Module):
                 f"{self.name!r} does not support. Create one estimator per stochastic node, or start each "
                 "step with a new graph (storch.backward() / storch.reset())"
             )
-        for p in parents:
+        raw, plates = unwrap_distribution(distribution, within=node.plates)
+        self.check_distribution(raw)
+        for p in plates[1:]:
             other = graph.node_of(p.name)
             if other is not None and other.index > node.index:
                 raise PlateError(
                     f"step of partition {self.plate!r} depends on node {p.name!r}, which was sampled after "
                     "the partition started; partitions must be topologically ordered (paper, section 3.2)"
                 )
-        sample, plates = self.extend(node, raw, parents)
-        step = self.step_gradient_function(node, raw, sample, plates)
-        union = union_plates([node.plates, plates])
-        node.gradient_function = align(node.gradient_function, node.plates, union) + align(
-            _lead(step, len(plates)), plates, union)
-        node.parents = tuple(p for p in union if p.name != node.plate.name)
-        node.gradient_function = align(node.gradient_function, union, node.plates)
-        node.context.setdefault("steps", []).append(sample)
-        return PlateTensor._wrap(sample, plates)
+        if node.history is None:
+            node.history = [(node.plates, node.gradient_function)]
+        sample, lp = self.extend(node, raw, plates)
+        t = node.step + 1
+        plate = Plate(node.plate.name, sample.shape[0], False, t, node.plate.lineage)
+        new = (plate,) + plates[1:]
+        if self.eos is not None:
+            sample, lp = self._after_eos(node, raw, sample, lp, plates, new)
+        prev_plates, prev = node.history[-1]
+        cumulative = align(_lead(prev, len(prev_plates)), prev_plates, new) + _lead(lp, len(new))  # L_t
+        node.history.append((new, cumulative))
+        node.plate, node.parents, node.step, node.gradient_function = plate, plates[1:], t, cumulative
+        node.sample = sample
+        if not self.causal_credit:
+            node.weights = None  # per whole sequence: computed at the last step, by the surrogate
+        return PlateTensor._wrap(sample, new)
 
-    def extend(self, node: Node, distribution: Distribution, parents: tuple) -> tuple[torch.Tensor, tuple]:
-        """Proposal for a later step of a partition: one sample per entry of the node's plate."""
-        if any(p.name == node.plate.name for p in parents):
-            return self._draw(distribution, ()), parents
-        return self._draw(distribution, (node.n,)), (node.plate,) + parents
+    def extend(self, node: Node, distribution: Distribution, plates: tuple[Plate, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Proposal and gradient function of step t = ``node.step + 1`` of a partition.
+
+        Args:
+            node: the partition, as of step t-1 (``node.plate`` is its plate at t-1).
+            distribution: the raw distribution of step t; its batch dims lead with ``plates``.
+            plates: the partition's plate at step t-1, then the step's parent plates.
+
+        Returns:
+            ``(sample, l_t)``: one sample per entry of step t, shape ``(size_t, *parents, *batch,
+            *event)``, and its log-probability (gradient function of the step), shape
+            ``(size_t, *parents)``. Here (sampling with replacement) entry i continues entry i. An
+            estimator that selects which prefixes survive records entry i's parent with
+            ``node.plate.lineage.set_parents(node.step + 1, index, plates[1:])``.
+        """
+        sample = self._draw(distribution, ())
+        return sample, self.step_gradient_function(node, distribution, sample, plates)
 
     def _draw(self, distribution: Distribution, shape: tuple) -> torch.Tensor:
         return distribution.rsample(shape) if self.requires_rsample else distribution.sample(shape)
@@ -180,6 +221,40 @@ class Estimator(torch.nn.Module):
         lp = distribution.log_prob(sample)
         k = lp.dim() - len(plates)
         return lp.sum(tuple(range(-k, 0))) if k > 0 else lp
+
+    # -- variable length: the end-of-sequence value ---------------------------------------------
+
+    def _eos_value(self, d: Distribution, n_plates: int) -> torch.Tensor:
+        if len(d.batch_shape) != n_plates:
+            raise OptionError(
+                f"{self.name}: eos={self.eos} needs one token per step, but the distribution of plate "
+                f"{self.plate!r} has per-sample batch shape {tuple(d.batch_shape[n_plates:])}")
+        if not d.has_enumerate_support:
+            raise OptionError(f"{self.name}: eos needs a distribution with a finite support (a token), "
+                              f"got {type(d).__name__}")
+        support = d.enumerate_support(expand=False)
+        if not 0 <= self.eos < support.shape[0]:
+            raise OptionError(f"{self.name}: eos={self.eos} is not an index into the {support.shape[0]} "
+                              "values of the support")
+        return support[self.eos].reshape(d.event_shape)
+
+    def _is_eos(self, d: Distribution, sample: torch.Tensor, n_plates: int) -> torch.Tensor:
+        """Whether each sample is the end-of-sequence value; shape ``(plates...)``."""
+        eq = sample == self._eos_value(d, n_plates)
+        k = len(d.event_shape)
+        return eq.all(-1) if k == 1 else (eq.flatten(-k).all(-1) if k else eq)
+
+    def _after_eos(self, node: Node, d: Distribution, sample, lp, plates, new):
+        """Finished sequences (eos drawn at an earlier step) draw eos again with log-probability 0,
+        so they stop contributing to the gradient function and keep their value."""
+        prev_plates = (node.plate,) + node.parents
+        done = align(node.context["finished"], prev_plates, new)
+        eos = self._eos_value(d, len(plates))
+        mask = done.reshape(done.shape + (1,) * (sample.dim() - done.dim()))
+        sample = torch.where(mask, eos.to(sample.dtype).expand_as(sample), sample)
+        lp = torch.where(done, torch.zeros_like(lp), lp)
+        node.context["finished"] = done | self._is_eos(d, sample, len(plates))
+        return sample, lp
 
     def check_distribution(self, d: Distribution) -> None:
         """Raise :class:`UnsupportedDistributionError` if this estimator cannot handle ``d``."""

@@ -6,13 +6,14 @@ for one step (one surrogate loss); estimators, which hold state across steps, li
 
 from __future__ import annotations
 
+import copy
 import threading
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from ._errors import CostError, PlateError
-from ._plates import Plate, PlateTensor, plates_of, raw_of
+from ._plates import Lineage, Plate, PlateTensor, plates_of, raw_of
 
 if TYPE_CHECKING:
     from ._estimator import Estimator
@@ -34,6 +35,11 @@ class Node:
         value: the PlateTensor handed to user code.
         context: estimator-private values (relaxed samples, noise, ...).
         index: topological position in the graph.
+        step: the last step of a partition (0 for a node sampled once); ``plate`` is the plate at
+            that step, ``parents`` the union of every step's parents.
+        history: for a partition, ``(plates_t, L_t)`` per step t: the plates of step t and the
+            cumulative gradient function L_t = l_0 + ... + l_t (DiCE's cumulative MagicBox argument),
+            with leading dims ``plates_t``; ``None`` for a node sampled once.
     """
 
     def __init__(self, estimator: "Estimator", distribution, parents: tuple[Plate, ...], original=None):
@@ -48,6 +54,25 @@ class Node:
         self.value: Optional[PlateTensor] = None
         self.context: dict = {}
         self.index = -1
+        self.step = 0
+        self.history: Optional[list] = None
+        self._views: Optional[dict] = None
+
+    def at(self, step: int) -> "Node":
+        """The partition as it was at ``step``: its plate, parents and cumulative gradient function
+        L_step (for causal credit, paper section 3.2). ``self`` for the last step."""
+        if step == self.step or self.history is None:
+            return self
+        if self._views is None:
+            self._views = {}
+        view = self._views.get(step)
+        if view is None:
+            plates, cumulative = self.history[step]
+            view = copy.copy(self)
+            view.plate, view.parents, view.gradient_function = plates[0], plates[1:], cumulative
+            view.weights, view.step, view._views = None, step, None  # weights: computed for the view
+            self._views[step] = view
+        return view
 
     @property
     def plates(self) -> tuple[Plate, ...]:
@@ -159,7 +184,7 @@ class Graph:
             if not -tensor.dim() <= dim < tensor.dim():
                 raise PlateError(f"dim {dim} is out of range for a tensor of shape {tuple(tensor.shape)}")
             raw, parents = tensor.movedim(dim, 0), ()
-        p = Plate(plate, raw.shape[0], True)
+        p = Plate(plate, raw.shape[0], True, 0, Lineage())
         self.claim_plate(plate, p)
         return PlateTensor._wrap(raw, (p,) + parents)
 

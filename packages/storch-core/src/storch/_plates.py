@@ -10,13 +10,106 @@ Nothing in torch is patched.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
 from ._errors import PlateError
 
-__all__ = ["Plate", "PlateTensor", "plates_of", "union_plates", "align", "raw_of"]
+__all__ = ["Plate", "Lineage", "PlateTensor", "plates_of", "union_plates", "align", "raw_of", "MAX_DIMS"]
+
+
+class Lineage:
+    """The identity of one plate instance in one graph, and the ancestry of a partition's steps.
+
+    Every plate a graph creates (a node's sample plate, a data plate) gets a fresh lineage, so
+    two plates with the same name from different graphs (or from before a reset) are never
+    equal and never align: mixing them is an error, not a silent merge.
+
+    A partition (one estimator called at several steps, paper section 3.2) keeps one lineage
+    for all its steps; ``Plate.step`` says which step a tensor was last touched at. Entry ``i``
+    at step ``t`` continues entry ``parents[t][i]`` of step ``t - 1``, or entry ``i`` itself when
+    step ``t`` has no parent indices (sampling with replacement). When tensors of two steps
+    meet, the earlier one is re-indexed to the later step (``index``), lazily, in ``align``.
+
+    Compared and hashed by identity.
+    """
+
+    __slots__ = ("parents", "index_plates", "_cache", "__weakref__")
+
+    def __init__(self) -> None:
+        self.parents: dict[int, torch.Tensor] = {}
+        self.index_plates: dict[int, tuple] = {}  # step -> plates of dims 1.. of its parent index
+        self._cache: dict = {}
+
+    def set_parents(self, step: int, index: torch.Tensor, plates: tuple = ()) -> None:
+        """Record that entry ``i`` at ``step`` descends from entry ``index[i]`` at ``step - 1``.
+
+        Args:
+            step: the step whose entries' parents are recorded (>= 1).
+            index: long tensor of shape ``(size at step, *[p.size for p in plates])``: per entry of
+                the other plates (e.g. one beam per data point) its own parent indices.
+            plates: the plates of ``index``'s dims after the first (default: none, one index for all).
+        """
+        plates = tuple(plates)
+        if index.dim() != 1 + len(plates):
+            raise PlateError(
+                f"parent index of step {step} has {index.dim()} dims but {1 + len(plates)} were declared "
+                f"(the partition's own entries and plates {_names(plates)})"
+            )
+        self.parents[step] = index
+        self.index_plates[step] = plates
+        self._cache.clear()
+
+    def index(self, from_step: int, to_step: int):
+        """Indices into ``from_step``'s entries of the ancestors of ``to_step``'s entries.
+
+        ``None`` when every step in between kept its entries in place (no re-indexing needed).
+        The result has the shape of a parent index (see :meth:`index_plates_of` for its plates).
+        """
+        if not self.parents:
+            return None
+        return self._compose(from_step, to_step)[0]
+
+    def index_plates_of(self, from_step: int, to_step: int) -> tuple:
+        """The plates of dims 1.. of ``index(from_step, to_step)``."""
+        if not self.parents:
+            return ()
+        return self._compose(from_step, to_step)[1]
+
+    def _compose(self, from_step: int, to_step: int):
+        key = (from_step, to_step)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        idx, plates = None, ()
+        for t in range(from_step + 1, to_step + 1):
+            p = self.parents.get(t)
+            if p is None:
+                continue
+            pp = self.index_plates[t]
+            if idx is None:
+                idx, plates = p, pp
+            elif not plates and not pp:
+                idx = idx[p]  # idx maps step t-1 entries to from_step entries
+            else:  # per-entry parents: compose entry-wise over the union of the index plates
+                u = union_plates([pp, plates])
+                a = _index_view(idx, plates, u)
+                b = _index_view(p, pp, u)
+                shape = torch.broadcast_shapes(a.shape[1:], b.shape[1:])
+                idx = a.expand(a.shape[:1] + shape).gather(0, b.expand(b.shape[:1] + shape))
+                plates = u
+        self._cache[key] = (idx, plates)
+        return idx, plates
+
+    def __repr__(self) -> str:
+        return f"Lineage(steps with parents={sorted(self.parents)})"
+
+
+def _index_view(idx: torch.Tensor, plates: tuple, target: tuple) -> torch.Tensor:
+    """A parent index (dims: entries, *plates) viewed with dims (entries, *target)."""
+    entry = Plate("(entries)", idx.shape[0])
+    return align(idx, (entry,) + plates, (entry,) + target)
 
 
 class Plate(NamedTuple):
@@ -27,11 +120,16 @@ class Plate(NamedTuple):
         size: the number of samples (or data points) along it.
         independent: True for data plates from ``denote_independent`` (reduced by the mean in
             the surrogate), False for sample plates of stochastic nodes (reduced by weights).
+        step: for the plate of a partition, the step a tensor was last touched at (0 otherwise).
+        lineage: the plate instance this belongs to (set by the graph that created it; ``None``
+            for plates built by hand); see :class:`Lineage`.
     """
 
     name: str
     size: int
     independent: bool = False
+    step: int = 0
+    lineage: Optional[Lineage] = None
 
 
 _make_wrapper = torch.Tensor._make_wrapper_subclass
@@ -145,12 +243,42 @@ def union_plates(groups: Sequence[tuple[Plate, ...]]) -> tuple[Plate, ...]:
             if q is None:
                 seen[p.name] = p
                 out.append(p)
-            elif q.size != p.size:
-                raise PlateError(
-                    f"plate {p.name!r} appears with sizes {q.size} and {p.size}; tensors from "
-                    "different graphs (or an old graph) were mixed. Call storch.reset() between steps"
-                )
+            elif q != p:
+                if q.lineage is not None and q.lineage is p.lineage and q.step != p.step:
+                    if p.step > q.step:  # the later step of a partition wins; align re-indexes
+                        out[out.index(q)] = seen[p.name] = p
+                    continue
+                raise PlateError(_mixed_message(q, p))
+    if len(out) > MAX_DIMS:
+        raise PlateError(too_many_dims_message(len(out)))
     return tuple(out)
+
+
+MAX_DIMS = 64  # torch's limit on the number of dims of a tensor
+
+
+def too_many_dims_message(n: int) -> str:
+    """The error for a tensor that would need ``n`` > 64 dims (plates and per-sample dims)."""
+    return (
+        f"this needs a tensor with {n} dims, but torch supports at most {MAX_DIMS}: every stochastic "
+        "node adds a plate dim. For a sequence of stochastic steps (an episode, a decoder loop) create "
+        "ONE estimator outside the loop and call it at every step: its calls make one partition with "
+        "one plate (docs/partitions.md), so a 1000-step episode needs one dim, not 1000"
+    )
+
+
+def _mixed_message(q: Plate, p: Plate) -> str:
+    if q.size != p.size:
+        what = f"appears with sizes {q.size} and {p.size}"
+    elif q.lineage is not p.lineage:
+        what = "comes from two different graphs (or from before a reset)"
+    else:
+        what = f"appears both as a data plate and as a sample plate"
+    return (
+        f"plate {p.name!r} {what}: tensors from different graphs (or an old graph) were mixed. "
+        "Compute every tensor of a step inside that step's graph; storch.backward() and "
+        "storch.reset() end a graph, after which its plate tensors cannot be used"
+    )
 
 
 _PLANS: dict = {}
@@ -168,7 +296,10 @@ def _plan(plates: tuple[Plate, ...], target: tuple[Plate, ...]):
             missing = set(_names(plates)) - set(_names(target))
             raise PlateError(f"plates {sorted(missing)} are not among {_names(target)}")
         inserts = tuple(i for i, p in enumerate(target) if p.name not in pos)
-        plan = (None if order == list(range(n)) else tuple(order), inserts)
+        # plates of a partition at an earlier step than the target's: re-indexed by the parents
+        steps = tuple((i, plates[pos[p.name]].step, p) for i, p in enumerate(target)
+                      if p.name in pos and plates[pos[p.name]].step != p.step)
+        plan = (None if order == list(range(n)) else tuple(order), inserts, steps)
         if len(_PLANS) < 4096:
             _PLANS[key] = plan
     return plan
@@ -182,17 +313,66 @@ def align(raw: torch.Tensor, plates: tuple[Plate, ...], target: tuple[Plate, ...
     Only views are taken: no copies.
     """
     if plates is not target and plates != target:
-        order, inserts = _plan(plates, target)
+        order, inserts, steps = _plan(plates, target)
         if order is not None:
             raw = raw.permute(*order, *range(len(plates), raw.dim()))
         for i in inserts:
             raw = raw.unsqueeze(i)
+        for i, step, p in steps:
+            raw = _to_step(raw, i, step, p, target)
     if pad_to >= 0:
         m = len(target)
         k = raw.dim() - m
         if k < pad_to:
             raw = _unsqueeze_n(raw, m, pad_to - k)
     return raw
+
+
+def _to_step(raw: torch.Tensor, dim: int, step: int, target: Plate, plates: tuple[Plate, ...]) -> torch.Tensor:
+    """Re-index dim ``dim`` (a partition plate at ``step``) to ``target.step`` by the parents.
+
+    ``raw``'s leading dims are ``plates`` (which holds ``target`` at ``dim``). A parent index that
+    differs per entry of other plates (one beam per data point) expands ``raw`` along them.
+    """
+    if step > target.step:
+        raise PlateError(
+            f"a tensor from step {step} of partition {target.name!r} cannot be used at the earlier "
+            f"step {target.step}"
+        )
+    if target.lineage is None:
+        raise PlateError(f"plate {target.name!r} has steps but no lineage; it was not made by a graph")
+    idx = target.lineage.index(step, target.step)
+    if idx is None:
+        return raw
+    iplates = target.lineage.index_plates_of(step, target.step)
+    idx = idx.to(raw.device)
+    if not iplates:
+        if raw.shape[dim] == 1:
+            return raw
+        return raw.index_select(dim, idx)
+    names = {p.name: p for p in iplates}
+    missing = [n for n in names if n not in {p.name for p in plates}]
+    if missing:
+        raise PlateError(
+            f"partition {target.name!r} chose its parents per entry of plates {missing}, which the "
+            f"tensor's plates {_names(plates)} do not have"
+        )
+    # the index in raw's layout: entries at `dim`, the index plates at their positions, 1 elsewhere
+    entry = Plate("(entries)", idx.shape[0])
+    layout = tuple(entry if i == dim else (p if p.name in names else None) for i, p in enumerate(plates))
+    idx = align(idx, (entry,) + tuple(iplates), tuple(p for p in layout if p is not None))
+    shape = [1] * raw.dim()
+    j = 0
+    for i, p in enumerate(layout):
+        if p is not None:
+            shape[i] = idx.shape[j]
+            j += 1
+    idx = idx.reshape(shape)
+    full = list(torch.broadcast_shapes(raw.shape, idx.shape))
+    full[dim] = raw.shape[dim]
+    raw = raw.expand(full)
+    full[dim] = idx.shape[dim]
+    return raw.gather(dim, idx.expand(full))
 
 
 def _unsqueeze_n(raw: torch.Tensor, at: int, n: int) -> torch.Tensor:

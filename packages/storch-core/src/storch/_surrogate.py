@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ._errors import OrderError, StorchError
-from ._estimator import CostFrame, Estimator, magic_box
+from ._estimator import CostFrame, Estimator, _lead, magic_box
 from ._graph import Graph, Node, current_graph
 from ._plates import align, plates_of, raw_of
 
@@ -49,9 +49,33 @@ def _has_control_variate(est) -> bool:
     return cls.control_variate is not Estimator.control_variate or cls.baseline is not Estimator.baseline
 
 
+def _at_cost(cost_plates: tuple, raw: torch.Tensor, nodes: list[Node]):
+    """The nodes as the cost sees them: a partition at the step of the cost's partition plate.
+
+    Causal credit (paper, section 3.2; DiCE): a cost computed at step t of a partition gets the
+    partition's cumulative gradient function L_t, not the whole sequence's. For a partition
+    without causal credit (sampling without replacement: weights belong to the final set), the
+    cost is moved to the last step (re-indexed by the parents) instead.
+    """
+    out = []
+    for node in nodes:
+        if node.history is not None:
+            p = next(q for q in cost_plates if q.name == node.plate.name)
+            if p.step != node.step:
+                if node.estimator.causal_credit:
+                    node = node.at(p.step)
+                else:
+                    new = tuple(node.plate if q.name == p.name else q for q in cost_plates)
+                    raw = align(raw, cost_plates, new)
+                    cost_plates = new
+        if node.weights is None:
+            node.weights = _lead(node.estimator.weighting_function(node), len(node.plates))
+        out.append(node)
+    return cost_plates, raw, out
+
+
 def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None) -> torch.Tensor:
-    plates = plates_of(cost)
-    raw = raw_of(cost)
+    plates, raw, nodes = _at_cost(plates_of(cost), raw_of(cost), nodes)
     # L_{i-1} for every node i, aligned to the cost's plates (Theorem 2's MagicBox arguments)
     prefix: list[Optional[torch.Tensor]] = []
     total = None

@@ -96,6 +96,9 @@ class Score(Estimator):
             # the average of EARLIER steps only: this step's cost is recorded and committed at the
             # next step, so b never depends on the current samples (appendix D.2.1, condition on b)
             key = cost.name or ""
+            step = cost.plates[cost.dim].step
+            if step:  # a cost at step t of a partition: its own average (a per-time-step baseline)
+                key = f"{key}@{step}"
             self._pending[key] = cost.tensor.mean()
             return self.moving_averages.get(key)
         if kind == "callable":
