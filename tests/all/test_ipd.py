@@ -29,7 +29,6 @@ def _derivatives(loss, theta):
     return g.detach(), h
 
 
-@pytest.mark.xfail(strict=True, reason="needs causal credit inside partitions (branch partitions)")
 @pytest.mark.parametrize("baseline", ["none", "leave_one_out"])
 def test_storch_surrogate_equals_hand_written_dice(baseline):
     """Same samples: storch's gradient and Hessian rows equal the hand-written DiCE ones."""

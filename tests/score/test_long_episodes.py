@@ -19,7 +19,6 @@ from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
 
 THETA = torch.tensor([0.2, -0.5, 0.8], dtype=torch.float64)
 COST = torch.tensor([[0.5, -1.0], [1.5, 0.3], [-0.7, 1.2]], dtype=torch.float64)  # C[s, a]
-CAUSAL = pytest.mark.xfail(strict=True, reason="needs causal credit inside partitions (branch partitions)")
 
 
 def exact_cost(theta: torch.Tensor, steps: int) -> torch.Tensor:
@@ -110,7 +109,6 @@ def test_20_step_gradient_is_unbiased():
     assert_unbiased(by_hand, exact, "hand-written reward-to-go REINFORCE")
 
 
-@CAUSAL
 @pytest.mark.parametrize("baseline", ["none", "leave_one_out"])
 def test_20_step_variance_matches_reward_to_go(baseline):
     """Causal credit: storch's variance / reward-to-go REINFORCE's, on the same samples, <= 1.1
@@ -133,7 +131,6 @@ def test_3_step_hessian_vector_product_is_unbiased():
     assert_unbiased(hess @ v, exact @ v, "Hessian-vector product, 3 steps")
 
 
-@CAUSAL
 def test_1000_step_episodes_with_one_estimator():
     torch.manual_seed(3)
     est = storch.estimator("score", plate="episode", n_samples=8)
@@ -146,12 +143,11 @@ def test_1000_step_episodes_with_one_estimator():
     torch.testing.assert_close(g, by_hand)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="the 64-dims error comes with branch partitions")
 def test_one_estimator_per_step_beyond_64_nodes_is_a_storch_error():
     torch.manual_seed(4)
     with storch.Graph():
         s = torch.tensor(0)
-        with pytest.raises(storch.StorchError, match="one estimator"):
+        with pytest.raises(storch.StorchError, match="(?i)one estimator"):
             for t in range(70):
                 a = storch.estimator("score", plate=f"a{t}")(Bernoulli(logits=THETA[s]))
                 storch.add_cost(a * 1.0, name=f"c{t}")
