@@ -21,6 +21,13 @@ times. Here it is written twice with the same semantics:
 - :class:`TorchDice`: the same by hand in plain torch, the floor for the overhead benchmark and
   the cross-check (equal samples give equal gradients at every order).
 
+Why one node for both agents' actions rather than one estimator per agent: agent 1's step t+1
+depends on agent 2's step t and vice versa, so two per-agent partitions would interleave, and
+partitions must be topologically ordered (paper, section 3.2; storch raises a PlateError); and
+two estimators with 128 samples each would pair every episode of one agent with every episode of
+the other (128 x 128 plates). The joint node's gradient function log π_1(a_1) + log π_2(a_2) is
+exactly DiCE's set of dependencies, and the batch of episodes is one plate shared by both agents.
+
 :func:`exact_returns` computes the expected returns exactly (a Markov chain over the 4 joint
 outcomes), for tests and for noise-free learning curves.
 

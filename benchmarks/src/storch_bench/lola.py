@@ -143,20 +143,32 @@ def variance_table(batch: int, steps: int, reps: int, thetas: dict, seed: int = 
 VARIANCE_HEADER = ["parameters", "baseline", "estimates", "variance (trace of cov.)", "variance none / this",
                    "|exact| (Frobenius)", "max |z| vs exact"]
 RESULT_HEADER = ["learners", "implementation", "seeds", "iterations", "final avg reward/step agent 1", "agent 2",
-                 "mean", "mean over last 20 it.", "seeds at mutual cooperation (> -1.1)", "s per iteration"]
+                 "mean", "best 20-it. mean", "iterations at mutual cooperation", "s per iteration"]
+COOPERATION = -1.1  # both agents' average reward per step above this: mutual cooperation (CC gives -1)
 
 
 def _summary(runs: list[Run], iterations: int) -> list[list]:
+    """Per (learners, implementation), means over seeds: the final average reward per step, the best
+    20-iteration window of the two agents' mean, and the iterations both agents spent above -1.1."""
     rows = []
     for key in dict.fromkeys((r.label, r.implementation) for r in runs):
         group = [r for r in runs if (r.label, r.implementation) == key]
-        final = torch.tensor([r.final for r in group])  # (seeds, 2)
-        last = torch.tensor([r.rewards[-20:] for r in group]).mean((1, 2))
-        coop = int((final.mean(1) > -1.1).sum())
+        curves = torch.tensor([r.rewards for r in group])  # (seeds, iterations + 1, 2)
+        final = curves[:, -1]
+        best = curves.mean(-1).unfold(1, min(20, curves.shape[1]), 1).mean(-1).amax(1)
+        coop = (curves > COOPERATION).all(-1).sum(1).double()
         rows.append([*key, len(group), iterations, float(final[:, 0].mean()), float(final[:, 1].mean()),
-                     float(final.mean()), float(last.mean()), f"{coop}/{len(group)}",
+                     float(final.mean()), float(best.mean()), float(coop.mean()),
                      sum(r.seconds for r in group) / (len(group) * iterations)])
     return rows
+
+
+def write_curves(runs: list[Run], path) -> None:
+    """Every run's curve: one row per iteration, agents' average reward per step."""
+    from .report import write_csv
+
+    write_csv(path, ["learners", "implementation", "seed", "iteration", "agent 1", "agent 2"],
+              [[r.label, r.implementation, r.seed, i, a, b] for r in runs for i, (a, b) in enumerate(r.rewards)])
 
 
 def plot(runs: list[Run], path) -> None:
@@ -198,6 +210,7 @@ def run_cli(args: argparse.Namespace) -> int:
             for impl in implementations for label in labels for seed in seeds]
     rows = _summary(runs, args.iterations)
     plot(runs, args.out / "ipd.png")
+    write_curves(runs, args.out / "ipd_curves.csv")
     thetas = {"θ = 0": torch.zeros(2, N_STATES)}
     trained = [r for r in runs if r.label == "LOLA-DiCE + baseline"]
     if trained:
