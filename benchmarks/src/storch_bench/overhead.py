@@ -216,7 +216,7 @@ def run_overhead(problems, configs, batches, ns, threads: int = 1, min_time: flo
     if "ipd" in problems:  # episodes: their own sizes (storch_bench.overhead_ipd)
         from .overhead_ipd import ipd_rows
 
-        rows += ipd_rows(Row, configs, time_pair, min_time)
+        rows += ipd_rows(Row, configs, min_time)
     return rows
 
 
