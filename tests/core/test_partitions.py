@@ -84,3 +84,28 @@ def test_partition_step_may_not_depend_on_a_later_node():
         o = other(Bernoulli(logits=torch.zeros(())))
         with pytest.raises(storch.PlateError, match="topologically"):
             est(Bernoulli(logits=o))
+
+
+def test_lineage_composes_per_entry_parents_over_steps():
+    # one beam per data point: parents differ per entry of the data plate; a tensor of step 0
+    # re-indexed to step 2 follows each entry's own ancestry
+    from storch._plates import align
+
+    lin = storch.Lineage()
+    data = storch.Plate("data", 2, True, 0, storch.Lineage())
+    p1 = torch.tensor([[1, 0], [1, 1], [0, 0]])  # (size at step 1, data): parent at step 0
+    p2 = torch.tensor([[2, 0], [0, 2]])  # (size at step 2, data): parent at step 1
+    lin.set_parents(1, p1, (data,))
+    lin.set_parents(2, p2, (data,))
+    s0, s2 = storch.Plate("z", 2, False, 0, lin), storch.Plate("z", 2, False, 2, lin)
+    h0 = torch.tensor([10.0, 11.0])  # step 0, no data plate: expanded along it
+    out = align(h0.unsqueeze(1), (s0, data), (s2, data))
+    expected = torch.tensor([[h0[p1[p2[j, d], d]] for d in range(2)] for j in range(2)])
+    assert torch.equal(out, expected)
+    # the same index from either end (cached from the last step back) and with the plates swapped
+    assert torch.equal(lin.index(0, 2), lin.index(0, 2)) and lin.index_plates_of(0, 2) == (data,)
+    swapped = align(h0.unsqueeze(0).expand(2, 2), (data, s0), (data, s2))
+    assert torch.equal(swapped, expected.t())
+    with pytest.raises(storch.PlateError, match="declared"):
+        lin.set_parents(3, torch.tensor([0, 1]), (data,))
+

@@ -40,9 +40,9 @@ def reward(prev, a, w_t):
                   + prev * (1 - a) * C[1, 0] + prev * a * C[1, 1])
 
 
-def storch_estimates(T, R, n, baseline, order=1, per_step_costs=True, seed=0):
+def storch_estimates(T, R, n, baseline, order=1, per_step_costs=True, seed=0, est=None):
     torch.manual_seed(seed)
-    est = storch.estimator("score", plate="episode", n_samples=n, baseline=baseline)
+    est = est or storch.estimator("score", plate="episode", n_samples=n, baseline=baseline)
     w = weights(T)
     with storch.Graph():
         leaf, th = replicate(THETA, R)
@@ -147,6 +147,14 @@ def test_causal_credit_hessian_3_steps_with_baselines():
         assert_unbiased(g, grad, f"{baseline} gradient")
         v = torch.tensor([0.7, -1.3], dtype=torch.float64)
         assert_unbiased(h @ v, hess @ v, f"{baseline} Hessian-vector product")
+    # per-step moving averages (state from earlier graphs) at order 2
+    est = storch.estimator("score", plate="episode", n_samples=1, baseline="moving_average", decay=0.5)
+    for seed in range(2):
+        storch_estimates(T, 500, 1, None, seed=10 + seed, est=est)
+    assert len(est.moving_averages) == T
+    g, h = storch_estimates(T, R, 1, None, order=2, seed=4, est=est)
+    assert_unbiased(g, grad, "moving_average gradient")
+    assert_unbiased(h, hess, "moving_average Hessian")
 
 
 def test_cost_from_an_early_step_is_credited_to_that_step_only():

@@ -53,7 +53,6 @@ def test_unordered_set_with_baseline_refuses_order_2():
     ("sum_and_sample", dict(memory="top"), r"memory='top' is not accepted"),
     ("unordered_set", dict(baseline="kool"), r"baseline must be True"),
     ("unordered_set", dict(n_samples=1), r"needs n_samples >= 2.*baseline=False"),
-    ("unordered_set", dict(n_samples=17, baseline=False), r"k <= 16"),
     ("unordered_set", dict(budget=0), r"budget must be an int >= 1"),
 ])
 def test_bad_options(name, options, match):
@@ -96,3 +95,27 @@ def test_runtime_option_errors():
         mem = storch.estimator("sum_and_sample", plate="e", memory=torch.zeros(2, 3), n_samples=2)
         with pytest.raises(storch.OptionError, match=r"memory has shape \(2, 3\)"):
             mem(Categorical(logits=torch.zeros(5)))
+
+
+def test_unordered_set_more_than_16_samples_only_for_the_whole_support():
+    # k > 16 needs the 2^k set probabilities unless the sample is the whole support (then exact)
+    est = storch.estimator("unordered_set", plate="z", n_samples=17, baseline=False)
+    with storch.Graph():
+        with pytest.raises(storch.OptionError, match="n_samples <= 16"):
+            est(Categorical(logits=torch.zeros(20)))
+    with storch.Graph():
+        z = est(Categorical(logits=torch.zeros(17)))
+        storch.add_cost(z.double())
+        assert float(storch.surrogate_loss()) == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("name", ["score", "unordered_set"])
+def test_bad_eos(name):
+    with pytest.raises(storch.OptionError, match="eos must be None or the index"):
+        storch.estimator(name, plate="z", n_samples=2, eos="end")
+    est = storch.estimator(name, plate="z", n_samples=2, eos=5)
+    with storch.Graph(), pytest.raises(storch.OptionError, match="eos=5 is not an index"):
+        est(Categorical(logits=torch.zeros(3)))
+    est = storch.estimator(name, plate="z", n_samples=2, eos=1)
+    with storch.Graph(), pytest.raises(storch.OptionError, match="one token per step"):
+        est(Categorical(logits=torch.zeros(4, 3)))  # four tokens at once: no single end token

@@ -101,7 +101,7 @@ def test_beam_extreme_logits_no_nan():
         storch.add_cost(((b - 0.45) ** 2).sum())
         g, = torch.autograd.grad(storch.surrogate_loss(), theta)
     assert torch.isfinite(g).all()
-    values, lp = stochastic_beam_search(_node_for(theta), 8)
+    values, lp, _ = stochastic_beam_search(_node_for(theta), 8)
     assert torch.isfinite(lp).all() and values.shape[0] == 8
 
 

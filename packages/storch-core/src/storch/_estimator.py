@@ -183,10 +183,11 @@ class Estimator(torch.nn.Module):
         t = node.step + 1
         plate = Plate(node.plate.name, sample.shape[0], False, t, node.plate.lineage)
         new = (plate,) + plates[1:]
-        if self.eos is not None:
-            sample, lp = self._after_eos(node, raw, sample, lp, plates, new)
         prev_plates, prev = node.history[-1]
-        cumulative = align(_lead(prev, len(prev_plates)), prev_plates, new) + _lead(lp, len(new))  # L_t
+        prev = _lead(prev, len(prev_plates))
+        if node.plate.lineage.parents or prev_plates[1:] != new[1:]:
+            prev = align(prev, prev_plates, new)  # re-indexed by the parents, new parent plates
+        cumulative = prev + _lead(lp, len(new))  # L_t = L_{t-1} + l_t
         node.history.append((new, cumulative))
         node.plate, node.parents, node.step, node.gradient_function = plate, plates[1:], t, cumulative
         node.sample = sample
@@ -210,7 +211,10 @@ class Estimator(torch.nn.Module):
             ``node.plate.lineage.set_parents(node.step + 1, index, plates[1:])``.
         """
         sample = self._draw(distribution, ())
-        return sample, self.step_gradient_function(node, distribution, sample, plates)
+        lp = self.step_gradient_function(node, distribution, sample, plates)
+        if self.eos is not None:
+            sample, lp = self._after_eos(node, distribution, sample, lp, plates)
+        return sample, lp
 
     def _draw(self, distribution: Distribution, shape: tuple) -> torch.Tensor:
         return distribution.rsample(shape) if self.requires_rsample else distribution.sample(shape)
@@ -244,11 +248,12 @@ class Estimator(torch.nn.Module):
         k = len(d.event_shape)
         return eq.all(-1) if k == 1 else (eq.flatten(-k).all(-1) if k else eq)
 
-    def _after_eos(self, node: Node, d: Distribution, sample, lp, plates, new):
+    def _after_eos(self, node: Node, d: Distribution, sample, lp, plates):
         """Finished sequences (eos drawn at an earlier step) draw eos again with log-probability 0,
-        so they stop contributing to the gradient function and keep their value."""
+        so they stop contributing to the gradient function and keep their value (sampling with
+        replacement: entry i of step t continues entry i of step t-1)."""
         prev_plates = (node.plate,) + node.parents
-        done = align(node.context["finished"], prev_plates, new)
+        done = align(node.context["finished"], prev_plates, plates)
         eos = self._eos_value(d, len(plates))
         mask = done.reshape(done.shape + (1,) * (sample.dim() - done.dim()))
         sample = torch.where(mask, eos.to(sample.dtype).expand_as(sample), sample)
@@ -304,6 +309,18 @@ class Estimator(torch.nn.Module):
     def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         """b(x<i, X \\ {x}); ``None`` for no baseline."""
         return None
+
+    def has_control_variate(self) -> bool:
+        """Whether ``control_variate`` may return something (it or ``baseline`` is overridden)."""
+        cls = type(self)
+        return cls.control_variate is not Estimator.control_variate or cls.baseline is not Estimator.baseline
+
+    def control_variate_stacks(self) -> bool:
+        """Whether ``control_variate`` gives each cost's result when the costs of several steps of a
+        partition are stacked along an extra independent plate of the frame (it reads only
+        ``cost.tensor`` and the node's tensors, not ``cost.name`` or the step). Lets the surrogate
+        reduce the per-step costs of a long episode in one pass; default: only without one."""
+        return not self.has_control_variate()
 
     def output(self, node: Node) -> torch.Tensor:
         """The raw value handed to user code (the sample; relaxations return a relaxed sample)."""

@@ -6,7 +6,6 @@ for one step (one surrogate loss); estimators, which hold state across steps, li
 
 from __future__ import annotations
 
-import copy
 import threading
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -68,7 +67,8 @@ class Node:
         view = self._views.get(step)
         if view is None:
             plates, cumulative = self.history[step]
-            view = copy.copy(self)
+            view = Node.__new__(Node)
+            view.__dict__.update(self.__dict__)
             view.plate, view.parents, view.gradient_function = plates[0], plates[1:], cumulative
             view.weights, view.step, view._views = None, step, None  # weights: computed for the view
             self._views[step] = view

@@ -78,32 +78,41 @@ class Lineage:
         return self._compose(from_step, to_step)[1]
 
     def _compose(self, from_step: int, to_step: int):
-        key = (from_step, to_step)
-        hit = self._cache.get(key)
+        # (index, plates) from `to_step` back to `from_step`, built from the to_step end and cached
+        # for every step in between, so that costs of all steps of a long sequence moved to its last
+        # step cost one composition each (linear in the steps, not quadratic)
+        cache = self._cache
+        hit = cache.get((from_step, to_step))
         if hit is not None:
             return hit
-        idx, plates = None, ()
-        for t in range(from_step + 1, to_step + 1):
-            p = self.parents.get(t)
-            if p is None:
-                continue
-            pp = self.index_plates[t]
-            if idx is None:
-                idx, plates = p, pp
-            elif not plates and not pp:
-                idx = idx[p]  # idx maps step t-1 entries to from_step entries
-            else:  # per-entry parents: compose entry-wise over the union of the index plates
-                u = union_plates([pp, plates])
-                a = _index_view(idx, plates, u)
-                b = _index_view(p, pp, u)
-                shape = torch.broadcast_shapes(a.shape[1:], b.shape[1:])
-                idx = a.expand(a.shape[:1] + shape).gather(0, b.expand(b.shape[:1] + shape))
-                plates = u
-        self._cache[key] = (idx, plates)
-        return idx, plates
+        s = from_step
+        chain = []
+        while s < to_step and (s, to_step) not in cache:
+            chain.append(s)
+            s += 1
+        acc = cache[(s, to_step)] if s < to_step else (None, ())
+        for s in reversed(chain):  # index(s, to) = parents[s + 1] composed with index(s + 1, to)
+            p = self.parents.get(s + 1)
+            if p is not None:
+                acc = _chain(p, self.index_plates[s + 1], *acc)
+            cache[(s, to_step)] = acc
+        return acc
 
     def __repr__(self) -> str:
         return f"Lineage(steps with parents={sorted(self.parents)})"
+
+
+def _chain(a: torch.Tensor, a_plates: tuple, b, b_plates: tuple):
+    """a ∘ b: ``a`` maps entries of step s+1 to step s, ``b`` entries of step `to` to step s+1."""
+    if b is None:
+        return a, a_plates
+    if not a_plates and not b_plates:
+        return a[b], ()
+    u = union_plates([b_plates, a_plates])  # per-entry parents: compose entry-wise
+    a = _index_view(a, a_plates, u)
+    b = _index_view(b, b_plates, u)
+    shape = torch.broadcast_shapes(a.shape[1:], b.shape[1:])
+    return a.expand(a.shape[:1] + shape).gather(0, b.expand(b.shape[:1] + shape)), u
 
 
 def _index_view(idx: torch.Tensor, plates: tuple, target: tuple) -> torch.Tensor:
@@ -300,8 +309,11 @@ def _plan(plates: tuple[Plate, ...], target: tuple[Plate, ...]):
         steps = tuple((i, plates[pos[p.name]].step, p) for i, p in enumerate(target)
                       if p.name in pos and plates[pos[p.name]].step != p.step)
         plan = (None if order == list(range(n)) else tuple(order), inserts, steps)
-        if len(_PLANS) < 4096:
-            _PLANS[key] = plan
+        if len(_PLANS) >= 4096:
+            # plates carry their graph's lineage, so keys of finished graphs are never hit again:
+            # start over rather than stop caching (a 1000-step partition makes 1000s of keys)
+            _PLANS.clear()
+        _PLANS[key] = plan
     return plan
 
 
@@ -368,7 +380,8 @@ def _to_step(raw: torch.Tensor, dim: int, step: int, target: Plate, plates: tupl
             shape[i] = idx.shape[j]
             j += 1
     idx = idx.reshape(shape)
-    full = list(torch.broadcast_shapes(raw.shape, idx.shape))
+    shape[dim] = 1
+    full = list(torch.broadcast_shapes(raw.shape, shape))
     full[dim] = raw.shape[dim]
     raw = raw.expand(full)
     full[dim] = idx.shape[dim]

@@ -22,7 +22,7 @@ import torch
 from ._errors import OrderError, StorchError
 from ._estimator import CostFrame, Estimator, _lead, magic_box
 from ._graph import Graph, Node, current_graph
-from ._plates import align, plates_of, raw_of
+from ._plates import Plate, align, plates_of, raw_of
 
 __all__ = ["surrogate_loss", "backward", "cost_nodes"]
 
@@ -45,8 +45,7 @@ def _check_order(nodes: list[Node], order: int) -> None:
 
 
 def _has_control_variate(est) -> bool:
-    cls = type(est)
-    return cls.control_variate is not Estimator.control_variate or cls.baseline is not Estimator.baseline
+    return est.has_control_variate()
 
 
 def _at_cost(cost_plates: tuple, raw: torch.Tensor, nodes: list[Node]):
@@ -66,6 +65,8 @@ def _at_cost(cost_plates: tuple, raw: torch.Tensor, nodes: list[Node]):
                     node = node.at(p.step)
                 else:
                     new = tuple(node.plate if q.name == p.name else q for q in cost_plates)
+                    names = {q.name for q in new}
+                    new += tuple(q for q in node.parents if q.name not in names)  # of later steps
                     raw = align(raw, cost_plates, new)
                     cost_plates = new
         if node.weights is None:
@@ -120,10 +121,76 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     for _, _, nodes in per_cost:
         _check_order(nodes, order)
     loss = None
+    single, groups = [], {}
     for name, cost, nodes in per_cost:
+        key = _step_group(cost, nodes)
+        if key is None:
+            single.append((name, cost, nodes))
+        else:
+            groups.setdefault(key, []).append((name, cost, nodes))
+    for members in groups.values():
+        if len(members) == 1:
+            single.extend(members)
+        else:
+            s = _steps_surrogate(members[0][2][0], members)
+            loss = s if loss is None else loss + s
+    for name, cost, nodes in single:
         s = _cost_surrogate(cost, nodes, name)
         loss = s if loss is None else loss + s
     return loss.reshape(())
+
+
+_STEPS = "(steps)"
+
+
+def _step_group(cost, nodes: list[Node]):
+    """A key shared by the costs of different steps of one partition that can be stacked, or None.
+
+    A long episode adds a cost per step; their surrogates differ only in the step (L_t), so costs
+    whose only sampling plate is one causal-credit partition with uniform weights, and whose
+    control variate allows it, are stacked along an extra dim and reduced in one pass.
+    """
+    if len(nodes) != 1:
+        return None
+    node = nodes[0]
+    est = node.estimator
+    if (node.history is None or not est.causal_credit or not est.control_variate_stacks()
+            or type(est).weighting_function is not Estimator.weighting_function):
+        return None
+    name = node.plate.name
+    return id(node), tuple(p.name if p.name == name else p for p in plates_of(cost)), raw_of(cost).dtype
+
+
+def _steps_surrogate(node: Node, members: list) -> torch.Tensor:
+    """Σ over the costs of several steps of the single-node surrogate, as one stacked computation:
+    Σ_t mean_data mean_x [MagicBox(L_t) C_t + a_t] (Eq. 2 with causal credit, w = 1/N)."""
+    name = node.plate.name
+    first = plates_of(members[0][1])
+    others = tuple(p for p in first if p.name != name)
+    raws, ls = [], []
+    for _, cost, _ in members:
+        plates = plates_of(cost)
+        p = next(q for q in plates if q.name == name)
+        target = (p,) + others
+        raws.append(align(raw_of(cost), plates, target))
+        view = node.at(p.step)
+        ls.append(align(view.gradient_function, view.plates, target))
+    shape = torch.broadcast_shapes(*(r.shape for r in raws), *(l.shape for l in ls))
+    raw = torch.stack([r.expand(shape) for r in raws], 1)  # (N, steps, *others)
+    total = torch.stack([l.expand(shape) for l in ls], 1)  # L_t of each cost's step
+    steps = Plate(_STEPS, len(members), True)
+    stacked = Node.__new__(Node)
+    stacked.__dict__.update(node.__dict__)
+    stacked.parents, stacked.gradient_function = (steps,) + others, total
+    plates = stacked.plates
+    inner = magic_box(total) * raw  # line 7 of Algorithm 1, per step
+    if _has_control_variate(node.estimator):
+        frame = CostFrame(inner.detach(), plates, stacked, inner, members[0][0])
+        a = node.estimator.control_variate(stacked, frame)  # line 11
+        if a is not None:
+            inner = inner + a
+    inner = inner.mean(0, keepdim=True)  # line 14 with w = 1/N
+    return inner.sum(1).mean()  # costs are summed over steps, averaged over data points
 
 
 def backward(graph: Optional[Graph] = None) -> torch.Tensor:

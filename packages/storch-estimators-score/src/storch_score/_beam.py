@@ -14,7 +14,7 @@ import torch
 
 from storch import Node
 
-__all__ = ["stochastic_beam_search"]
+__all__ = ["stochastic_beam_search", "beam_step"]
 
 
 def _gumbel_like(x: torch.Tensor) -> torch.Tensor:
@@ -36,12 +36,13 @@ def _truncated(phi_g: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     return t - v.clamp_min(0.0) - torch.log1p(torch.exp(-v.abs()))
 
 
-def stochastic_beam_search(node: Node, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stochastic_beam_search(node: Node, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An ordered sample without replacement of ``k`` joint values of the node.
 
     Returns:
-        ``(values, logp)``: ``values`` of shape ``(k, *parents, *own_batch, *event)`` and the joint
-        log-probabilities ``logp`` of shape ``(k, *parents)``, carrying gradient.
+        ``(values, logp, g)``: ``values`` of shape ``(k, *parents, *own_batch, *event)``, the joint
+        log-probabilities ``logp`` of shape ``(k, *parents)``, carrying gradient, and the perturbed
+        log-probabilities ``g`` (their Gumbels), which a partition's next step conditions on.
     """
     d = node.distribution
     support = d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
@@ -74,4 +75,45 @@ def stochastic_beam_search(node: Node, k: int) -> tuple[torch.Tensor, torch.Tens
     # joint log-probability of each drawn value, with gradient: Σ_j log p_j(choice_j)
     logp = lp.unsqueeze(0).expand(m, n_cat, p, n).gather(1, choices.unsqueeze(1)).squeeze(1).sum(-1)
     values = support.reshape((n_cat,) + event)[choices]  # (m, P, n, *event)
-    return values.reshape((m,) + parents + own + event), logp.reshape((m,) + parents)
+    return values.reshape((m,) + parents + own + event), logp.reshape((m,) + parents), g.reshape((m,) + parents)
+
+
+def beam_step(lp: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, k: int):
+    """One step of stochastic beam search over a partition (Kool et al., 2019, Algorithm 1).
+
+    Every prefix of the beam is extended by each of the M values of the step; each child's
+    perturbed log-probability is a Gumbel at its log-probability, conditioned (top-down) on the
+    maximum over its siblings being the parent's perturbed value; the k largest survive. The
+    result is an ordered sample without replacement of k prefixes (their Theorem 1).
+
+    Args:
+        lp: log p(value | prefix) of each value and prefix, shape ``(M, beam, *P)`` (``-inf`` for an
+            impossible value); P: other plates (one beam per entry).
+        phi: log-probabilities of the prefixes, ``(beam, *P)``.
+        g: perturbed log-probabilities of the prefixes, ``(beam, *P)``.
+        k: the beam size.
+
+    Returns:
+        ``(parent, value, g, phi, log_left)``, the first four of shape ``(m, *P)`` with
+        m = min(k, beam · M): the parent index and value index of each surviving prefix, its
+        perturbed and plain log-probability; ``log_left`` ``(*P)``: log of the probability of the
+        children that were not kept.
+    """
+    with torch.no_grad():
+        n_val, beam = lp.shape[:2]
+        rest = lp.shape[2:]
+        cand = (phi.unsqueeze(0) + lp).movedim(0, -1)  # (beam, *P, M)
+        finite = torch.isfinite(cand)
+        safe = torch.where(finite, cand, torch.full_like(cand, -1e30))
+        cand_g = _truncated(safe + _gumbel_like(safe), g)
+        cand_g = torch.where(finite, cand_g, torch.full_like(cand_g, -math.inf))
+        flat_g = cand_g.movedim(0, -2).reshape(rest + (beam * n_val,))  # (*P, beam·M)
+        flat_phi = cand.movedim(0, -2).reshape(rest + (beam * n_val,))
+        m = min(k, beam * n_val)
+        top = flat_g.topk(m, dim=-1)  # sorted: the order of the sample
+        parent, value = top.indices // n_val, top.indices % n_val
+        kept = torch.zeros_like(flat_g, dtype=torch.bool).scatter(-1, top.indices, True)
+        left = torch.logsumexp(flat_phi.masked_fill(kept, -math.inf), -1)
+        new_phi = flat_phi.gather(-1, top.indices)
+        return (parent.movedim(-1, 0), value.movedim(-1, 0), top.values.movedim(-1, 0),
+                new_phi.movedim(-1, 0), left)

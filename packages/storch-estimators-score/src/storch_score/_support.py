@@ -9,7 +9,7 @@ import torch
 
 from storch import Node, UnsupportedDistributionError
 
-__all__ = ["enumerate_joint", "masked_logsumexp"]
+__all__ = ["enumerate_joint", "enumerate_values", "masked_logsumexp"]
 
 
 def enumerate_joint(node: Node, budget: int, who: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,23 +19,29 @@ def enumerate_joint(node: Node, budget: int, who: str) -> tuple[torch.Tensor, to
         ``(values, logp)``: ``values`` has shape ``(M, *own_batch, *event)`` (M = K^n joint values),
         ``logp`` has shape ``(M, *parents)`` and carries gradient.
     """
-    d = node.distribution
+    return enumerate_values(node.distribution, len(node.parents), budget, who, node.estimator.plate)
+
+
+def enumerate_values(d, n_plates: int, budget: int, who: str, plate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`enumerate_joint` for a raw distribution whose first ``n_plates`` batch dims are plates."""
     support = d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
     k = support.shape[0]
     event = tuple(d.event_shape)
     single = support.reshape((k,) + event)
-    own = tuple(d.batch_shape[len(node.parents):])
+    own = tuple(d.batch_shape[n_plates:])
     n = math.prod(own)
     if k ** n > budget:
         raise UnsupportedDistributionError(
-            f"{who}: the node on plate {node.estimator.plate!r} has {k}^{n} = {k ** n} joint values, more than "
+            f"{who}: the node on plate {plate!r} has {k}^{n} = {k ** n} joint values, more than "
             f"budget={budget}; raise `budget`, split the node into several nodes, or use 'score'"
         )
     idx = torch.tensor(list(itertools.product(range(k), repeat=n)), dtype=torch.long,
                        device=single.device).reshape(k ** n, n)
     values = single[idx].reshape((k ** n,) + own + event)
-    full = values.reshape((k ** n,) + (1,) * len(node.parents) + own + event)
-    logp = node.log_prob(full.expand((k ** n,) + tuple(d.batch_shape) + event))
+    full = values.reshape((k ** n,) + (1,) * n_plates + own + event)
+    lp = d.log_prob(full.expand((k ** n,) + tuple(d.batch_shape) + event))
+    m = len(own)
+    logp = lp.sum(tuple(range(-m, 0))) if m else lp  # summed over the own batch dims
     return values, logp
 
 

@@ -25,6 +25,10 @@ class Score(Estimator):
         b one of: none; the moving average of the cost over earlier steps; the leave-one-out mean
         (1/(n-1)) Σ_{x' ≠ x} f(x'); a user callable.
 
+    On a partition (the estimator called at every step of an episode, docs/partitions.md), l is
+    the log-probability of the sequence up to the step a cost was computed at (causal credit), so
+    baselines are per time step: leave-one-out and moving averages of the cost-to-go.
+
     Requires: any distribution with ``sample`` and ``log_prob``.
 
     max_order: ∞ — the score function is unbiased at any order (D.2.1) and a detached baseline
@@ -40,6 +44,9 @@ class Score(Estimator):
             among ``cost.plates``). It must not depend on the sample x it is used for (a
             self-critical or learned baseline); its result is detached.
         decay: the moving average's decay in [0, 1): b <- decay·b + (1 - decay)·mean cost.
+        eos: for a partition (the estimator called at every step of a sequence): the index (in the
+            support) of the end-of-sequence value; a finished sequence draws it again with
+            log-probability 0 at later steps (variable length). ``None``: fixed length.
 
     Example:
         >>> est = storch.estimator("score", plate="z", n_samples=8, baseline="leave_one_out")
@@ -58,8 +65,11 @@ class Score(Estimator):
 
     def __init__(self, plate: str, n_samples: int = 1,
                  baseline: Union[str, Callable[[Node, CostFrame], torch.Tensor]] = "none",
-                 decay: float = 0.9) -> None:
+                 decay: float = 0.9, eos: Optional[int] = None) -> None:
         super().__init__(plate, n_samples)
+        if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or eos < 0):
+            raise OptionError(f"score: eos must be None or the index of the end value in the support, got {eos!r}")
+        self.eos = eos
         if callable(baseline) and not isinstance(baseline, str):
             self.baseline_kind, self.baseline_fn = "callable", baseline
         elif isinstance(baseline, str) and baseline in _KINDS:
@@ -113,6 +123,11 @@ class Score(Estimator):
                 return cost.align(b.tensor, b.plates)
             return torch.as_tensor(b, dtype=cost.tensor.dtype, device=cost.tensor.device)
         return None
+
+    def control_variate_stacks(self) -> bool:
+        # leave-one-out reads only the costs along the node's plate; a moving average is per cost
+        # name and step, a callable may read anything
+        return self.baseline_kind in ("none", "leave_one_out")
 
     def _commit(self) -> None:
         for key, value in self._pending.items():

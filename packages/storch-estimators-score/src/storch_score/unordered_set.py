@@ -9,9 +9,10 @@ from typing import Optional
 import torch
 
 from storch import CostFrame, Estimator, Node, OptionError
+from storch._plates import align
 
-from ._beam import stochastic_beam_search
-from ._support import enumerate_joint, masked_logsumexp
+from ._beam import beam_step, stochastic_beam_search
+from ._support import enumerate_joint, enumerate_values, masked_logsumexp
 
 __all__ = ["UnorderedSet"]
 
@@ -37,10 +38,17 @@ class UnorderedSet(Estimator):
     k = K (every value drawn: the estimate becomes the exact expectation) give no NaN.
 
     Requires: a distribution with a finite support (Bernoulli, Categorical, OneHotCategorical, ...);
-    k <= 16. A joint support of at most ``budget`` values (K^n for n batch elements) is enumerated;
+    k <= 16 (larger k only when the sample is the whole support, where the estimate is exact). A joint support of at most ``budget`` values (K^n for n batch elements) is enumerated;
     a larger one (e.g. 20 Bernoulli latents of a VAE) is sampled by stochastic beam search over
     the n independent variables (Kool et al., 2019), which draws the same Gumbel-top-k sample
     without listing the K^n values.
+
+    On a partition (the estimator called at every step of a sequence, docs/partitions.md) the
+    sample is drawn by stochastic beam search over the sequences: at each step the k best
+    perturbed prefixes survive (their parents are recorded, so tensors of earlier steps follow
+    them), S is a sample without replacement of whole sequences and p(s) is a sequence's
+    probability. Costs of earlier steps are credited to the whole sequence (``causal_credit`` is
+    False: the weights belong to the final set).
 
     max_order: 1 with the baseline (Kool et al. prove it zero-mean at orders 0 and 1 only; paper,
     D.2.3); ∞ without it, since the weights are detached and E[Σ w f] = E[f] (D.2.3).
@@ -50,6 +58,9 @@ class UnorderedSet(Estimator):
         n_samples: k, the number of distinct samples.
         baseline: use the built-in baseline (needs n_samples >= 2).
         budget: the largest joint support that is enumerated (beyond it: stochastic beam search).
+        eos: for a partition (called at every step of a sequence): the index (in the support) of the
+            end-of-sequence value; a finished sequence stays in the beam as a candidate and draws it
+            again with probability 1 (variable length). ``None``: fixed length.
 
     Example:
         >>> est = storch.estimator("unordered_set", plate="z", n_samples=4)
@@ -63,17 +74,20 @@ class UnorderedSet(Estimator):
     name = "unordered_set"
     max_order = 1
     requires_enumerate_support = True
+    supports_partitions = True
+    causal_credit = False  # the weights belong to the final set of sequences
 
-    def __init__(self, plate: str, n_samples: int = 2, baseline: bool = True, budget: int = 4096) -> None:
+    def __init__(self, plate: str, n_samples: int = 2, baseline: bool = True, budget: int = 4096,
+                 eos: Optional[int] = None) -> None:
         super().__init__(plate, n_samples)
         if not isinstance(baseline, bool):
             raise OptionError(f"unordered_set: baseline must be True (the built-in baseline) or False, got {baseline!r}")
         if baseline and n_samples < 2:
             raise OptionError(f"unordered_set: the built-in baseline needs n_samples >= 2, got {n_samples}; "
                               "use baseline=False for a single sample")
-        if n_samples > _MAX_SAMPLES:
-            raise OptionError(f"unordered_set: n_samples={n_samples} is too large; the exact set probabilities "
-                              f"cost 2^k per set, so k <= {_MAX_SAMPLES}")
+        if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or eos < 0):
+            raise OptionError(f"unordered_set: eos must be None or the index of the end value in the support, got {eos!r}")
+        self.eos = eos
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise OptionError(f"unordered_set: budget must be an int >= 1, got {budget!r}")
         self.use_baseline = baseline
@@ -90,18 +104,52 @@ class UnorderedSet(Estimator):
             # Gumbel-top-k: the k largest of log p + Gumbel noise are an ordered sample without
             # replacement; detach: sampling is not differentiated (the score l carries the gradient)
             gumbel = -torch.empty_like(logp, dtype=logp.dtype).exponential_().log()
-            idx = (logp.detach() + gumbel).topk(k, dim=0).indices  # (k, *parents)
+            top = (logp.detach() + gumbel).topk(k, dim=0)  # (k, *parents)
+            idx = top.indices
             with torch.no_grad():
                 mask = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter(0, idx, True)
                 log_rest, _ = masked_logsumexp(logp.detach(), mask, 0)  # log(1 - p(S)), exact
-            node.context.update(lp=logp.gather(0, idx), log_rest=log_rest)
+            node.context.update(lp=logp.gather(0, idx), log_rest=log_rest, g=top.values)
             return values[idx]
         # too many joint values to list: the same Gumbel-top-k sample by stochastic beam search
-        values, lp = stochastic_beam_search(node, self.n_samples)
+        values, lp, g = stochastic_beam_search(node, self.n_samples)
         with torch.no_grad():
             log_rest = _log1mexp(torch.logsumexp(lp.detach(), 0))  # log(1 - p(S))
-        node.context.update(lp=lp, log_rest=log_rest)
+        node.context.update(lp=lp, log_rest=log_rest, g=g)
         return values
+
+    def extend(self, node: Node, distribution, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step t of a partition: one step of stochastic beam search over the sequences (Kool et al.,
+        2019): the k best perturbed prefixes survive, their parents are recorded in the lineage, so
+        tensors of earlier steps follow their prefixes. The set of sequences at the last step is a
+        sample without replacement from the sequence distribution, and the set probabilities are
+        those of whole sequences."""
+        c = node.context
+        prev = (node.plate,) + node.parents
+        values, lp = enumerate_values(distribution, len(plates), self.budget, self.name, self.plate)  # (M, *plates)
+        if self.eos is not None:  # a finished prefix continues with eos, with probability 1
+            done = align(c["finished"], prev, plates).expand(tuple(p.size for p in plates))
+            is_end = self._is_eos(distribution, values, len(plates)).reshape((-1,) + (1,) * len(plates))
+            forced = torch.where(is_end, torch.zeros((), dtype=lp.dtype), torch.full((), -math.inf, dtype=lp.dtype))
+            lp = torch.where(done.unsqueeze(0), forced, lp)
+        lp = lp.expand((lp.shape[0],) + tuple(p.size for p in plates))
+        # detach: which prefixes survive is sampled, not differentiated (l_t carries the gradient)
+        phi = align(c["phi"] if "phi" in c else c["lp"].detach(), prev, plates).expand(lp.shape[1:])
+        g = align(c["g"], prev, plates).expand(lp.shape[1:])
+        parent, value, g, phi, left = beam_step(lp.detach(), phi, g, self.n_samples)
+        node.plate.lineage.set_parents(node.step + 1, parent, plates[1:])
+        # l_t of each surviving prefix: log p(value | parent prefix), with gradient
+        step_lp = lp.gather(1, parent.unsqueeze(0).expand((lp.shape[0],) + parent.shape)).gather(
+            0, value.unsqueeze(0)).squeeze(0)
+        with torch.no_grad():  # p(D∖S) of the prefixes: what was left before plus the dropped children
+            log_rest = torch.logaddexp(align(c["log_rest"], prev[1:], plates[1:]), left)
+        sample = values[value]
+        c.update(lp=phi, phi=phi, g=g, log_rest=log_rest)
+        c.pop("h", None)
+        if self.eos is not None:
+            c["finished"] = done.gather(0, parent) | self._is_eos(distribution, sample, len(plates))
+        # an impossible value (only drawn when k exceeds the possible sequences) has weight 0: l = 0
+        return sample, torch.where(torch.isfinite(step_lp), step_lp, torch.zeros_like(step_lp))
 
     def _set_probabilities(self, node: Node) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         c = node.context
@@ -112,7 +160,18 @@ class UnorderedSet(Estimator):
                 lp = lp.clamp_min(floor)
                 k = lp.shape[0]
                 flat = lp.reshape(k, -1)
-                h0, h1, h2 = _log_h(flat, log_rest.clamp_min(floor).reshape(-1))
+                rest = log_rest.expand(lp.shape[1:]).reshape(-1)
+                if k > _MAX_SAMPLES:
+                    if not torch.isneginf(rest).all():
+                        raise OptionError(
+                            f"unordered_set: n_samples={k} > {_MAX_SAMPLES} works only when the sample is the whole "
+                            f"support (then the estimate is exact); on plate {self.plate!r} it is not. The set "
+                            f"probabilities cost 2^k per set: use n_samples <= {_MAX_SAMPLES}")
+                    # S = D: every h(C) = p^{D∖C}(S∖C) is 1 (the rest of S is drawn surely)
+                    z = flat.new_zeros(flat.shape[1:])
+                    h0, h1, h2 = z, flat.new_zeros(flat.shape), flat.new_zeros((k,) + flat.shape)
+                else:
+                    h0, h1, h2 = _log_h(flat, rest.clamp_min(floor))
                 shape = lp.shape[1:]
                 c["h"] = (lp, h0.reshape(shape), h1.reshape((k,) + shape), h2.reshape((k, k) + shape))
         return c["h"]
