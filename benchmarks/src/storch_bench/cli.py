@@ -7,6 +7,7 @@
     storch-compare overhead        # storch vs hand-written torch: time and peak memory ratios
     storch-compare model path/to/model.py:step   # which estimator for MY model? (see model_cli)
     storch-compare sequences       # GRU decoder, -edit distance: unordered_set, sum_and_sample, score+loo
+    storch-compare ipd             # LOLA-DiCE on the iterated prisoner's dilemma (a short run)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 __all__ = ["main"]
 
-COMMANDS = ("vae", "toy", "overhead", "model", "sequences")
+COMMANDS = ("vae", "toy", "overhead", "model", "sequences", "ipd")
 
 
 def _machine() -> str:
@@ -96,6 +97,15 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seeds", default=None, help="comma-separated seeds, one run each (default: --seed)")
     q.add_argument("--variance-reps", type=int, default=16, help="gradient estimates for the variance at the start "
                    "and the end (0: skip)")
+    i = sub.add_parser("ipd", help="LOLA-DiCE and naive learners on the iterated prisoner's dilemma (short run)")
+    _common(i)
+    i.add_argument("--iterations", type=int, default=30, help="updates per run (default 30; the example uses 200)")
+    i.add_argument("--steps", type=int, default=150, help="episode length")
+    i.add_argument("--batch", type=int, default=128, help="episodes per estimate")
+    i.add_argument("--configs", default=None, help="subset of: LOLA-DiCE, LOLA-DiCE + baseline, naive")
+    i.add_argument("--implementations", default="storch", help="storch, torch (hand-written) or both")
+    i.add_argument("--seeds", default="0", help="comma-separated seeds, one run each (default 0)")
+    i.add_argument("--variance-reps", type=int, default=16, help="second-order estimates for the variance (0: skip)")
     return p
 
 
@@ -122,6 +132,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .sequences import run_cli
 
         return run_cli(args)
+    if args.command == "ipd":
+        from .lola import run_cli as run_ipd
+
+        return run_ipd(args)
     from .overhead import run_cli
 
     return run_cli(args)

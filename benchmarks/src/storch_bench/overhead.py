@@ -11,6 +11,9 @@ batch sizes 1 and 100 and n = 1, 8, 64, on two problems:
 - ``rnn``: one training step of the autoregressive GRU decoder (:mod:`storch_bench.gru_decoder`:
   8 steps of 8-way tokens, one estimator instance over the steps = one partition); only
   estimators that support partitions run it.
+- ``ipd``: policy gradients over episodes of the iterated prisoner's dilemma (REINFORCE updates
+  and the surrogate alone at T = 50, 150, 500 steps, one LOLA-DiCE iteration; score and loo
+  only; see :mod:`storch_bench.overhead_ipd`).
 
 Both sides get the same inputs and the same seed; for the score function and leave-one-out the
 gradients are compared (equal samples give equal gradients). Time is measured timeit-style
@@ -42,7 +45,7 @@ from .models import VAE, storch_step
 __all__ = ["CONFIGS", "Row", "run_overhead", "run_cli", "TARGETS"]
 
 T_TOY = 0.45
-TARGETS = {"toy": 1.3, "vae": 1.10, "memory": 1.1, "cnn": 1.15, "rnn": 1.3}
+TARGETS = {"toy": 1.3, "vae": 1.10, "memory": 1.1, "cnn": 1.15, "rnn": 1.3, "ipd": 1.5}
 ALTERNATIONS = 5  # seconds of timing per side: ALTERNATIONS * min_time
 # config -> (registry name, options, smallest n)
 CONFIGS = {
@@ -285,9 +288,14 @@ def run_overhead(problems, configs, batches, ns, threads: int = 1, min_time: flo
     from tqdm.auto import tqdm
 
     torch.set_num_threads(threads)
-    grid = [(p, c, b, n) for p in problems for c in configs for b in batches for n in ns]
-    return [measure(*g, threads=threads, min_time=min_time, clock=clock)
+    grid = [(p, c, b, n) for p in problems if p != "ipd" for c in configs for b in batches for n in ns]
+    rows = [measure(*g, threads=threads, min_time=min_time, clock=clock)
             for g in tqdm(grid, disable=not progress, unit="config", dynamic_ncols=True)]
+    if "ipd" in problems:  # episodes: their own sizes (storch_bench.overhead_ipd)
+        from .overhead_ipd import ipd_rows
+
+        rows += ipd_rows(Row, configs, min_time)
+    return rows
 
 
 HEADER = ["problem", "estimator", "batch", "n", "storch us", "torch us", "time ratio", "storch MB", "torch MB",
@@ -311,7 +319,8 @@ def run_cli(args: argparse.Namespace) -> int:
              f"calls ({ALTERNATIONS * args.min_time:.1f}s per side, after warm-up), "
              f"{args.threads} thread(s); memory: torch CPU allocator peak of one call (torch.profiler); targets: "
              f"time <= {TARGETS['toy']}x on the toy, <= {TARGETS['vae']}x per VAE step, <= {TARGETS['cnn']}x per CNN "
-             f"VAE step, <= {TARGETS['rnn']}x per GRU decoder step, memory <= {TARGETS['memory']}x")
+             f"VAE step, <= {TARGETS['rnn']}x per GRU decoder step, <= {TARGETS['ipd']}x per IPD update, "
+             f"memory <= {TARGETS['memory']}x")
     md = f"# {_header('storch-compare overhead: storch vs hand-written torch')}\n{setup}.\n\n{markdown_table(HEADER, table)}\n"
     (args.out / "overhead.md").write_text(md)
     print(text_table(HEADER, table))
