@@ -13,14 +13,14 @@ torch.set_default_dtype(torch.float64)
 
 
 def _bernoulli_step(est, theta, cost_fn=lambda b: (b - 0.45) ** 2 + 1.0):
-    """One step: the gradient w.r.t. θ, the node's samples and log-prob gradients."""
+    """One training step (storch.backward()): the gradient w.r.t. θ and the node's samples."""
     theta = theta.clone().requires_grad_(True)
     with storch.Graph() as graph:
         b = est(Bernoulli(logits=theta))
         storch.add_cost(cost_fn(b), name="c")
-        g, = torch.autograd.grad(storch.surrogate_loss(), theta)
         x = graph.nodes[0].sample.detach()
-    return g, x
+        storch.backward()
+    return theta.grad, x
 
 
 def _manual_gradient(theta, x, baseline):
@@ -36,9 +36,13 @@ def test_moving_average_excludes_the_current_costs():
     g1, x1 = _bernoulli_step(est, theta)
     # first step: no earlier costs, so no baseline (not the step's own mean)
     assert torch.allclose(g1, _manual_gradient(theta, x1, 0.0))
-    g2, x2 = _bernoulli_step(est, theta)
     b1 = ((x1 - 0.45) ** 2 + 1.0).mean()
+    assert torch.allclose(est.moving_averages["c"], b1)  # storch.backward() added step 1's costs
+    with storch.Graph():  # an evaluation pass (no backward) leaves the average alone
+        storch.add_cost(((est(Bernoulli(logits=theta)) - 0.45) ** 2), name="c")
+        storch.surrogate_loss()
     assert torch.allclose(est.moving_averages["c"], b1)
+    g2, x2 = _bernoulli_step(est, theta)
     assert torch.allclose(g2, _manual_gradient(theta, x2, b1))  # step 2 uses step 1's mean only
     g3, x3 = _bernoulli_step(est, theta)
     b2 = 0.8 * b1 + 0.2 * ((x2 - 0.45) ** 2 + 1.0).mean()
@@ -55,8 +59,9 @@ def test_moving_average_is_per_cost_and_stable_within_a_step():
             storch.add_cost(b.sum() + 10.0, name="big")
             storch.add_cost(-b.sum(), name="small")
             first = torch.autograd.grad(storch.surrogate_loss(), theta, retain_graph=True)[0]
-            again = torch.autograd.grad(storch.surrogate_loss(), theta)[0]  # a second surrogate, same step
+            again = torch.autograd.grad(storch.surrogate_loss(), theta, retain_graph=True)[0]  # a second surrogate
             assert torch.equal(first, again)
+            storch.backward()  # the training step: the moving average takes this step's costs
     assert set(est.moving_averages) == {"big", "small"}
     assert est.moving_averages["big"] > 9.0 and est.moving_averages["small"] < 0.0
 

@@ -7,15 +7,34 @@ An estimator 〈q, w, l, a〉 is bound to one stochastic node (its plate):
 - ``gradient_function(node)``: l(x) per sample (log-probability for score functions);
 - ``control_variate(node, cost)``: a(x<i, X), zero in expectation at every declared order.
 
-Subclasses override only what differs. Capabilities are class attributes, checked at
-registration (``storch._registry``).
+Call order (one graph = one step):
+
+1. ``est(distribution, inputs=None)``: ``check_distribution``; a :class:`storch.Node` is made with
+   ``node.state = est.State()`` (the estimator's typed per-node record, if it declares one) and
+   ``node.inputs``; then ``proposal(node)`` -> ``node.sample`` (and the plate);
+   ``gradient_function(node)`` -> ``node.gradient_values``; ``weighting_function(node)`` ->
+   ``node.weight_values``; ``output(node)`` -> the value user code sees.
+2. ``storch.surrogate_loss(order)``: per cost upstream of the node, ``control_variate(node, frame)``
+   with the :class:`CostFrame` of that cost (innermost node first); the frame is kept in
+   ``node.frames[cost_name]``.
+3. ``storch.backward()``: the first-order surrogate is backpropagated, then
+   ``update_parameters(nodes, loss)`` runs once per estimator whose ``has_update`` is true, with
+   its nodes of this graph (their ``frames`` filled) and the surrogate loss (graph still alive).
+
+The components are pure given their inputs and random numbers: every change of the estimator's
+own state (moving averages, learned baselines and control variates, their optimizers) happens in
+``update_parameters`` only, so an evaluation pass (``surrogate_loss`` without ``backward``)
+changes nothing. Subclasses override only what differs. Capabilities are class attributes,
+checked at registration (``storch._registry``); an instance whose options change a capability
+(e.g. ``unordered_set`` without its baseline) sets it on itself, and :meth:`Estimator.info`,
+``storch.OrderError`` and the surrogate read the instance's value.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from typing import ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import torch
 from torch.distributions import Distribution
@@ -24,6 +43,9 @@ from ._distributions import unwrap_distribution
 from ._errors import OptionError, PlateError, UnsupportedDistributionError
 from ._graph import Node, current_graph
 from ._plates import Plate, PlateTensor, align, union_plates
+
+if TYPE_CHECKING:
+    from ._registry import EstimatorInfo
 
 __all__ = ["Estimator", "CostFrame", "magic_box"]
 
@@ -89,6 +111,9 @@ class Estimator(torch.nn.Module):
         biased: True if it estimates a different (relaxed / finite-difference) objective.
         distributions: supported distribution types (``None``: any).
         requires_rsample / requires_enumerate_support: capability requirements.
+        has_update: ``storch.backward()`` runs :meth:`update_parameters` (learned or running parts).
+        supports_partitions: several calls in one graph form one partition (paper, section 3.2).
+        State: the dataclass of the per-node record ``node.state`` (``None``: no record).
 
     Args:
         plate: name of the node's sample plate.
@@ -104,6 +129,9 @@ class Estimator(torch.nn.Module):
     requires_enumerate_support: ClassVar[bool] = False
     has_update: ClassVar[bool] = False
     supports_partitions: ClassVar[bool] = False
+    State: ClassVar[Optional[type]] = None
+    """The typed per-node record (a dataclass whose fields all have defaults); ``node.state`` is a
+    fresh instance of it for every node, created before ``proposal``."""
 
     def __init__(self, plate: str, n_samples: int = 1) -> None:
         super().__init__()
@@ -116,22 +144,36 @@ class Estimator(torch.nn.Module):
 
     # -- the node call -----------------------------------------------------------------------
 
-    def forward(self, distribution: Distribution) -> PlateTensor:
-        """Sample the node for ``distribution`` (built from one-sample code) in the current graph."""
+    def forward(self, distribution: Distribution, inputs: Any = None) -> PlateTensor:
+        """Sample the node for ``distribution`` (built from one-sample code) in the current graph.
+
+        Args:
+            distribution: the node's distribution, written for one sample.
+            inputs: extra inputs the estimator's components may read as ``node.inputs`` (for
+                example the observation an input-dependent baseline conditions on: NVIL's x). A
+                PlateTensor's plates must be among the distribution's plates.
+        """
         raw, parents = unwrap_distribution(distribution)
         self.check_distribution(raw)
         graph = current_graph()
         node = graph.partition_of(self)
         if node is not None:
             return self._extend_partition(graph, node, raw, parents)
-        node = Node(self, raw, parents, original=distribution)
+        if type(inputs) is PlateTensor:
+            extra = [p.name for p in inputs.plates if p not in parents]
+            if extra:
+                raise PlateError(
+                    f"estimator {self.name!r} (plate {self.plate!r}): inputs have plates {extra} that the "
+                    f"distribution does not have ({[p.name for p in parents]}); a node's inputs may depend only "
+                    "on what its distribution depends on (its data plates and upstream samples)")
+        node = Node(self, raw, parents, original=distribution, inputs=inputs)
         sample = self.proposal(node)
         node.plate = Plate(self.plate, sample.shape[0])
         node.sample = sample
         graph.add_node(node)
         n = len(node.plates)
-        node.gradient_function = _lead(self.gradient_function(node), n)
-        node.weights = _lead(self.weighting_function(node), n)
+        node.gradient_values = _lead(self.gradient_function(node), n)
+        node.weight_values = _lead(self.weighting_function(node), n)
         node.value = PlateTensor._wrap(self.output(node), node.plates)
         return node.value
 
@@ -158,11 +200,11 @@ class Estimator(torch.nn.Module):
         sample, plates = self.extend(node, raw, parents)
         step = self.step_gradient_function(node, raw, sample, plates)
         union = union_plates([node.plates, plates])
-        node.gradient_function = align(node.gradient_function, node.plates, union) + align(
+        node.gradient_values = align(node.gradient_values, node.plates, union) + align(
             _lead(step, len(plates)), plates, union)
         node.parents = tuple(p for p in union if p.name != node.plate.name)
-        node.gradient_function = align(node.gradient_function, union, node.plates)
-        node.context.setdefault("steps", []).append(sample)
+        node.gradient_values = align(node.gradient_values, union, node.plates)
+        node.steps.append(sample)
         return PlateTensor._wrap(sample, plates)
 
     def extend(self, node: Node, distribution: Distribution, parents: tuple) -> tuple[torch.Tensor, tuple]:
@@ -204,6 +246,15 @@ class Estimator(torch.nn.Module):
         hint = f" Estimators that support it: {', '.join(others)}." if others else ""
         return f"estimator {self.name!r} does not support {type(d).__name__}; it needs {' and '.join(need)}.{hint}"
 
+    @property
+    def uniform_weights(self) -> bool:
+        """Whether w = 1/N on every entry of the plate (the surrogate then reduces it by its mean).
+
+        True when ``weighting_function`` is the base class's; an estimator that overrides it but
+        still weighs uniformly for some options may override this property too.
+        """
+        return type(self).weighting_function is Estimator.weighting_function
+
     # -- the four components (paper, section 3.2) --------------------------------------------
 
     def proposal(self, node: Node) -> torch.Tensor:
@@ -224,7 +275,7 @@ class Estimator(torch.nn.Module):
         if b is None:
             return None
         # b must not carry gradient: appendix D.2.1, condition on the baseline
-        return (1.0 - magic_box(cost.align(node.gradient_function))) * b.detach()
+        return (1.0 - magic_box(cost.align(node.gradient_values))) * b.detach()
 
     def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         """b(x<i, X \\ {x}); ``None`` for no baseline."""
@@ -235,9 +286,34 @@ class Estimator(torch.nn.Module):
         return node.sample
 
     def update_parameters(self, nodes: list[Node], loss: torch.Tensor) -> None:
-        """Train the estimator's own parts (run by ``storch.backward()`` when ``has_update``)."""
+        """Update the estimator's own state; the only place where it changes.
+
+        Run by ``storch.backward()`` when ``has_update`` is true, once per step, after the
+        first-order surrogate ``loss`` has been backpropagated (its graph is kept alive for this
+        call, so ``torch.autograd.grad(loss, ..., create_graph=True)`` works).
+
+        Args:
+            nodes: this estimator's nodes in the graph, in topological order. ``node.frames`` maps
+                each cost name to the :class:`CostFrame` its control variate received:
+                ``frame.tensor`` holds the (detached) cost estimates a baseline regresses on,
+                ``frame.live()`` the same with their graph. ``node.inputs`` and ``node.state``
+                are as the components left them.
+            loss: the first-order surrogate loss of the graph.
+        """
 
     # -- metadata ------------------------------------------------------------------------------
+
+    def info(self) -> "EstimatorInfo":
+        """What this instance can do, with its options: its own ``max_order`` and ``biased``.
+
+        ``storch.available_estimators()`` reports the class defaults; an option may change a
+        capability (``unordered_set(baseline=False)`` is unbiased at any order).
+        """
+        from ._registry import EstimatorInfo, available_estimators
+
+        reg = available_estimators().get(self.name)
+        return EstimatorInfo(self.name, reg.package if reg else "", reg.family if reg else "",
+                             self.max_order, self.biased, self.describe())
 
     @classmethod
     def describe(cls) -> str:

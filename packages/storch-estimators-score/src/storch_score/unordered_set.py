@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -13,7 +14,23 @@ from storch import CostFrame, Estimator, Node, OptionError
 from ._beam import stochastic_beam_search
 from ._support import enumerate_joint, masked_logsumexp
 
-__all__ = ["UnorderedSet"]
+__all__ = ["UnorderedSet", "SetState"]
+
+
+@dataclass
+class SetState:
+    """Per-node record of the unordered set estimator (filled by ``proposal``).
+
+    Attributes:
+        lp: log p(s) of the k drawn values, shape ``(k, *parents)``, with gradient.
+        log_rest: log(1 - p(S)) per parent entry (detached).
+        h: the set probabilities (lp, h(∅), h({s}), h({s, s'})), computed once by the first
+            component that needs them (weights or baseline).
+    """
+
+    lp: Optional[torch.Tensor] = None
+    log_rest: Optional[torch.Tensor] = None
+    h: Optional[tuple] = None
 
 _MAX_SAMPLES = 16  # the set probabilities take a 2^k dynamic programme
 
@@ -63,6 +80,7 @@ class UnorderedSet(Estimator):
     name = "unordered_set"
     max_order = 1
     requires_enumerate_support = True
+    State = SetState
 
     def __init__(self, plate: str, n_samples: int = 2, baseline: bool = True, budget: int = 4096) -> None:
         super().__init__(plate, n_samples)
@@ -94,28 +112,28 @@ class UnorderedSet(Estimator):
             with torch.no_grad():
                 mask = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter(0, idx, True)
                 log_rest, _ = masked_logsumexp(logp.detach(), mask, 0)  # log(1 - p(S)), exact
-            node.context.update(lp=logp.gather(0, idx), log_rest=log_rest)
+            node.state.lp, node.state.log_rest = logp.gather(0, idx), log_rest
             return values[idx]
         # too many joint values to list: the same Gumbel-top-k sample by stochastic beam search
         values, lp = stochastic_beam_search(node, self.n_samples)
         with torch.no_grad():
             log_rest = _log1mexp(torch.logsumexp(lp.detach(), 0))  # log(1 - p(S))
-        node.context.update(lp=lp, log_rest=log_rest)
+        node.state.lp, node.state.log_rest = lp, log_rest
         return values
 
     def _set_probabilities(self, node: Node) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        c = node.context
-        if "h" not in c:
+        c = node.state
+        if c.h is None:  # a cache of values derived from the proposal (pure: same inputs, same h)
             with torch.no_grad():  # weights and baseline are detached (⊥ in D.2.3)
-                lp, log_rest = c["lp"].detach(), c["log_rest"]
+                lp, log_rest = c.lp.detach(), c.log_rest
                 floor = -1e30  # log of a probability that is exactly 0: finite, so no inf - inf
                 lp = lp.clamp_min(floor)
                 k = lp.shape[0]
                 flat = lp.reshape(k, -1)
                 h0, h1, h2 = _log_h(flat, log_rest.clamp_min(floor).reshape(-1))
                 shape = lp.shape[1:]
-                c["h"] = (lp, h0.reshape(shape), h1.reshape((k,) + shape), h2.reshape((k, k) + shape))
-        return c["h"]
+                c.h = (lp, h0.reshape(shape), h1.reshape((k,) + shape), h2.reshape((k, k) + shape))
+        return c.h
 
     def weighting_function(self, node: Node) -> torch.Tensor:
         lp, h0, h1, _ = self._set_probabilities(node)
@@ -123,7 +141,7 @@ class UnorderedSet(Estimator):
         return (lp + h1 - h0).exp()
 
     def gradient_function(self, node: Node) -> torch.Tensor:
-        lp = node.context["lp"]
+        lp = node.state.lp
         # a value of probability exactly 0 (weight 0) gets l = 0 instead of -inf: no NaN in MagicBox
         return torch.where(torch.isfinite(lp), lp, torch.zeros_like(lp))
 
