@@ -7,9 +7,10 @@ from typing import Callable, Optional
 import torch
 from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 
-from storch import Node, OptionError
+from storch import Node, OptionError, PlateError, PlateTensor
+from storch._plates import align
 
-from ._common import evaluate_network
+from ._common import evaluate_network, flat
 from ._relaxed_cost import RelaxedCost
 
 __all__ = ["Relax"]
@@ -58,7 +59,9 @@ class Relax(RelaxedCost):
     η, λ and ρ are trained by ``storch.backward()`` to minimise the variance of ∂loss/∂(distribution
     parameters) (Adam, ``lr``, one step in ``update_parameters``); ``update=False`` leaves
     ``est.parameters()`` to you. The default residual network starts at 0, so an untrained RELAX
-    is REBAR. With several costs, the control variate enters once per cost.
+    is REBAR. Inputs given at the call, ``est(q, inputs=h)`` (e.g. the observation of a VAE), are
+    fed to the residual with z: r_ρ(z, ⊥h); h depends only on x<i, so a stays zero-mean. With
+    several costs, the control variate enters once per cost.
 
     Args:
         plate: name of the node's plate (its size is 3 n, or n with ``control_variate="network"``).
@@ -100,8 +103,30 @@ class Relax(RelaxedCost):
         self._init_training(lr, update)
 
     def residual(self, node: Node, z: torch.Tensor) -> Optional[torch.Tensor]:
-        # r_ρ(z): the learned part of c_φ, one number per (sample, parent entry)
-        return evaluate_network(self.name, self.network, z, 1 + len(node.parents))
+        # r_ρ(z) (or r_ρ(z, h) with inputs h): the learned part of c_φ, one number per (sample, parent entry)
+        lead = 1 + len(node.parents)
+        if node.inputs is not None:
+            z = torch.cat([flat(z, lead), _inputs_like(node, z, lead)], -1)
+        return evaluate_network(self.name, self.network, z, lead)
 
-    def extra_repr(self) -> str:
+    def extra_repr(self) -> str:  # noqa: D102
         return f"{super().extra_repr()}, control_variate={self.control_variate_form!r}"
+
+
+def _inputs_like(node: Node, z: torch.Tensor, lead: int) -> torch.Tensor:
+    """The node's inputs h, flattened and broadcast to z's leading dims ``(n, *parents, F_h)``.
+
+    Detached: r_ρ depends on θ only through z, so E[∇ⁿ r_ρ(z, h)] = ∇ⁿ E[r_ρ(z, h)] as for r_ρ(z).
+    """
+    h = node.inputs
+    if type(h) is PlateTensor:
+        if any(p not in node.parents for p in h.plates):
+            raise PlateError(f"relax: inputs have plates {[p.name for p in h.plates]}, not all among the node's "
+                             f"parent plates {[p.name for p in node.parents]}")
+        raw = align(h.tensor, h.plates, node.parents)
+    elif isinstance(h, torch.Tensor):
+        raw = h.reshape((1,) * len(node.parents) + tuple(h.shape))
+    else:
+        raise OptionError(f"relax: inputs must be a tensor or a PlateTensor, got {type(h).__name__}")
+    raw = flat(raw.detach(), lead - 1).to(z.dtype).unsqueeze(0)  # ⊥h (see above)
+    return raw.expand(tuple(z.shape[:lead]) + raw.shape[-1:])

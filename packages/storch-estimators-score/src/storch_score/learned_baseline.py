@@ -6,7 +6,7 @@ import re
 from typing import Optional
 
 import torch
-from torch.distributions import Independent
+from torch.distributions import Independent, OneHotCategorical
 
 from storch import CostFrame, Node, OptionError, PlateError, PlateTensor
 from storch._plates import align
@@ -18,6 +18,7 @@ def _default_features(node: Node) -> torch.Tensor:
     """The node's distribution parameters (logits, probs, loc, ...), when no inputs were given."""
     d = node.distribution
     base = d.base_dist if isinstance(d, Independent) else d
+    base = base._categorical if isinstance(base, OneHotCategorical) else base  # it holds the logits
     for name in ("logits", "probs", "loc", "rate", "concentration"):
         v = base.__dict__.get(name)
         if isinstance(v, torch.Tensor) and v.is_floating_point():

@@ -222,8 +222,11 @@ def _mode(d, who: str) -> torch.Tensor:
     if isinstance(base, Bernoulli):  # torch's Bernoulli.mode is NaN at p = 1/2; take 0 there
         return (base.logits > 0).to(base.logits.dtype)
     try:
-        return d.mode.detach()  # ⊥: the greedy value is a sample, not differentiated
+        mode = d.mode.detach()  # ⊥: the greedy value is a sample, not differentiated
     except NotImplementedError:
+        mode = None
+    if mode is None or (mode.is_floating_point() and torch.isnan(mode).any()):
         raise OptionError(
             f"{who}: baseline='greedy' needs the distribution's most probable value, but {type(d).__name__}.mode "
-            "is not implemented; use another baseline") from None
+            "is not implemented or not unique (NaN); use another baseline")
+    return mode
