@@ -27,7 +27,8 @@ class Score(Estimator):
         l(x) = log p(x | x<i), summed over the node's own batch dims (0 on the greedy entry);
         a(x<i, X) = (1 - MagicBox(l(x))) ⊥b(x<i, X \\ {x}) (the any-order baseline of appendix C),
         b one of: none; the moving average of the cost over earlier steps; the leave-one-out mean
-        (1/(n-1)) Σ_{x' ≠ x} f(x'); a learned b_ψ(h) on the node's inputs (NVIL); the cost of the
+        (1/(n-1)) Σ_{x' ≠ x} f(x'); NVIL's c + b_ψ(h), a running mean plus a network on the node's
+        inputs, learned by regression on the cost; the cost of the
         greedy value (self-critical); a user callable or module.
 
     Requires: any distribution with ``sample`` and ``log_prob`` (and ``mode`` for ``"greedy"``).
@@ -49,7 +50,8 @@ class Score(Estimator):
             ``cost`` (a tensor broadcastable to ``cost.tensor``, or a PlateTensor whose plates are
             among ``cost.plates``). It must not depend on the sample x it is used for; its result is
             detached. A module with trainable parameters is trained like ``"learned"``.
-        decay: the moving average's decay in [0, 1): b <- decay·b + (1 - decay)·mean cost.
+        decay: the moving average's decay in [0, 1): b <- decay·b + (1 - decay)·mean cost (also
+            NVIL's running mean c).
         lr: Adam learning rate of a learned baseline's regression on the cost.
         hidden: hidden width of ``"learned"``'s networks.
         update: whether ``storch.backward()`` updates the baseline (moving average, learned parts).
@@ -164,7 +166,13 @@ class Score(Estimator):
             t = cost.tensor
             return t.narrow(cost.dim, self.n_samples, 1) if t.shape[cost.dim] > 1 else t
         if kind == "callable":
-            return self._call_baseline(node, cost)
+            b = self._call_baseline(node, cost)
+            if isinstance(self.baseline_fn, LearnedBaseline):
+                # NVIL centres the cost with a running mean c and learns b_ψ(h) on the rest:
+                # b = c + b_ψ(h) (Mnih & Gregor 2014, §3.3); both from earlier steps only
+                c = self.moving_averages.get(cost.name or "")
+                b = b if c is None else b + c
+            return b
         return None
 
     def _call_baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
@@ -185,18 +193,21 @@ class Score(Estimator):
         """Add this step's mean costs to the moving average, or regress a learned baseline on them."""
         frames = [(node, frame) for node in nodes for frame in node.frames.values()]
         if self.baseline_kind == "moving_average":
-            for _, frame in frames:
-                key, value = frame.name or "", frame.tensor.mean()
-                old = self.moving_averages.get(key)
-                self.moving_averages[key] = value if old is None else self.decay * old + (1.0 - self.decay) * value
+            self._update_averages(frames)
             return
-        # a learned baseline: one Adam step on Σ (b_ψ - f)², f the detached cost estimates (NVIL, Eq. 11)
+        # a learned baseline: one Adam step on Σ (b_ψ - f)², f the detached cost estimates (NVIL, Eq. 11);
+        # "learned" regresses on f - c, c the running mean of the cost (NVIL's centring), then updates c
         errors = []
+        nvil = isinstance(self.baseline_fn, LearnedBaseline)
         for node, frame in frames:
             b = self._call_baseline(node, frame)
             if b is not None and b.requires_grad:
-                b, f = torch.broadcast_tensors(b, frame.tensor)
+                f = frame.tensor
+                c = self.moving_averages.get(frame.name or "") if nvil else None
+                b, f = torch.broadcast_tensors(b, f if c is None else f - c)
                 errors.append(((b - f) ** 2).mean())
+        if nvil:
+            self._update_averages(frames)
         params = [p for p in self.baseline_fn.parameters() if p.requires_grad]
         if not errors or not params:
             return
@@ -209,6 +220,12 @@ class Score(Estimator):
         for p in params:
             p.grad = None
         self.update_steps += 1
+
+    def _update_averages(self, frames: list) -> None:
+        for _, frame in frames:
+            key, value = frame.name or "", frame.tensor.mean()
+            old = self.moving_averages.get(key)
+            self.moving_averages[key] = value if old is None else self.decay * old + (1.0 - self.decay) * value
 
     def extra_repr(self) -> str:
         b = self.baseline_kind if self.baseline_fn is None else repr(self.baseline_fn)
