@@ -3,7 +3,8 @@
 The kit is only useful if correct estimators pass it: for each installed first-party estimator
 (and score's learned and greedy baselines), 10 seeds of the batched check (orders 0 and 1, or the
 plan's orders, see test_first_party_conformance; the first two of the kit's models the estimator
-supports, 500 estimates) and of the separate-graphs leakage check (the first model, 25 graphs).
+supports, 500 estimates) and of the separate-graphs leakage check (the first model, 100 graphs:
+with 25, the mean of a skewed cost was not normal enough for a z-test and lax failed at seed 6).
 Learned parts are warmed up first (3 steps). Fewer estimates per seed than the conformance test,
 to keep the runtime modest; the thresholds are the kit's (4 standard errors).
 """
@@ -49,7 +50,7 @@ def test_no_false_positives_over_10_seeds(case):
                                                 models=_models(probe, 2), seed=100 * seed, warmup=warmup,
                                                 raise_on_failure=False)
         separate = kit.check_leakage(name, options=options, orders=orders, models=_models(probe, 1),
-                                     n_graphs=25, seed=100 * seed, warmup=warmup, raise_on_failure=False)
+                                     n_graphs=100, seed=100 * seed, warmup=warmup, raise_on_failure=False)
         for report in (batched, separate):
             assert report.ok, f"seed {seed}:\n{report.table()}"
             worst = max([worst] + [c.max_abs_z for c in report.checks])

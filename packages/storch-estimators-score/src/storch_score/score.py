@@ -77,7 +77,7 @@ class Score(Estimator):
 
     def __init__(self, plate: str, n_samples: int = 1,
                  baseline: Union[str, Callable[[Node, CostFrame], torch.Tensor]] = "none",
-                 decay: float = 0.9, lr: float = 1e-2, hidden: int = 32, update: bool = True) -> None:
+                 decay: float = 0.9, lr: float = 1e-2, hidden: int = 128, update: bool = True) -> None:
         super().__init__(plate, n_samples)
         self.baseline_fn: Optional[Callable] = None
         if callable(baseline) and not isinstance(baseline, str):
