@@ -89,9 +89,9 @@ def test_trained_control_variates_stay_unbiased():
                 _, x = storch.testing.replicate(TOY_THETA, 64)
                 toy_model(est, x)
                 storch.backward()
-        assert est.update_steps == 29  # the 30th step is pending until the next node
+        assert est.update_steps == 30  # one step per storch.backward(), applied there
         check(f"{name} trained", lambda x: toy_model(est, x), toy_exact, TOY_THETA, 2)
-        assert est.update_steps == 30
+        assert est.update_steps == 30  # an evaluation (surrogate_loss only) changes nothing
 
 
 class PaperRelax(Relax):
@@ -121,3 +121,27 @@ def test_paper_form_is_biased_at_order_2(cls):
     with pytest.raises(AssertionError) as info:
         assert_unbiased(h, eh, f"{cls.__name__} order 2", threshold=6.0)
     print(info.value)
+
+
+@pytest.mark.parametrize("kind", ["bernoulli", "categorical", "onehot"])
+def test_relax_network_only_form(kind):
+    """control_variate="network" (c_φ = r_ρ(z), no relaxed entries) is unbiased at orders 1 and 2."""
+    torch.manual_seed(19)
+    est = storch.estimator("relax", plate="x", control_variate="network")
+    if kind == "bernoulli":
+        check("relax[network] toy", lambda x: toy_model(est, x), toy_exact, TOY_THETA, 2)
+    else:
+        check(f"relax[network] K=5 {kind}", lambda x: cat_model(est, x, kind), cat_exact, CAT_THETA, 2)
+
+
+def test_trained_relax_residual_is_nonzero_and_unbiased():
+    """After training, RELAX's c = η f(σ_λ(z)) + r_ρ(z) has a nonzero residual and stays unbiased."""
+    torch.manual_seed(20)
+    est = storch.estimator("relax", plate="b", lr=0.05)
+    for _ in range(30):
+        with storch.Graph():
+            _, x = storch.testing.replicate(TOY_THETA, 64)
+            toy_model(est, x)
+            storch.backward()
+    assert est.network.net[2].weight.abs().sum() > 0  # the residual left its zero start
+    check("relax trained residual", lambda x: toy_model(est, x), toy_exact, TOY_THETA, 2)

@@ -126,9 +126,18 @@ class Maker:
 
 
 def estimates(problem, make, order, replicates=4000, steps=1):
-    """Per-replicate derivative estimates of orders 1..order (``steps`` - 1 warm-up steps first)."""
+    """Per-replicate derivative estimates of orders 1..order (``steps`` - 1 warm-up steps first).
+
+    A warm-up step is a training step (``storch.backward()``, which updates moving averages and
+    learned baselines); the measured step is an evaluation (``surrogate_loss``, which changes nothing).
+    """
     model, _, theta = PROBLEMS[problem]
-    for _ in range(steps):
+    for _ in range(steps - 1):
+        with storch.Graph():
+            _, th = replicate(theta, replicates)
+            model(th, make)
+            storch.backward()
+    for _ in range(1):
         with storch.Graph():
             leaf, th = replicate(theta, replicates)
             model(th, make)

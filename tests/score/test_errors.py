@@ -22,7 +22,26 @@ def test_registered_through_entry_points():
     assert storch.get_estimator_class("reinforce") is storch.get_estimator_class("score")
     assert storch.get_estimator_class("mapo") is storch.get_estimator_class("sum_and_sample")
     import storch_score
-    assert set(storch_score.__all__) == {"Score", "Importance", "SumAndSample", "UnorderedSet"}
+    assert set(storch_score.__all__) == {"Score", "Importance", "SumAndSample", "UnorderedSet", "LearnedBaseline"}
+
+
+def test_info_and_order_error_use_the_instance_capabilities():
+    """unordered_set without its baseline is unbiased at any order: est.info() and the surrogate say so."""
+    plain = storch.estimator("unordered_set", plate="z", n_samples=2, baseline=False)
+    with_baseline = storch.estimator("unordered_set", plate="y", n_samples=2)
+    assert storch.available_estimators()["unordered_set"].max_order == 1  # the class default
+    assert plain.info().max_order == math.inf and with_baseline.info().max_order == 1
+    assert plain.info().package == "storch-estimators-score"
+    theta = torch.tensor([0.2, -0.3, 0.5], requires_grad=True)
+    with storch.Graph():
+        z = plain(torch.distributions.Categorical(logits=theta))
+        storch.add_cost((z.to(theta.dtype) - 1.0) ** 2)
+        storch.surrogate_loss(order=2)  # no OrderError: the instance's max_order is inf
+    with storch.Graph():
+        y = with_baseline(torch.distributions.Categorical(logits=theta))
+        storch.add_cost((y.to(theta.dtype) - 1.0) ** 2)
+        with pytest.raises(storch.OrderError, match=r"unordered_set.*up to order 1.*est.info\(\)"):
+            storch.surrogate_loss(order=2)
 
 
 def test_unordered_set_with_baseline_refuses_order_2():

@@ -64,7 +64,12 @@ def gradient_variance(problem: str, name: str, options: dict, seed: int = 0) -> 
     torch.manual_seed(seed)
     est = storch.estimator(name, plate="x", **options)
     steps = 20 if options.get("baseline") == "moving_average" else 1
-    for _ in range(steps):
+    for _ in range(steps - 1):  # training steps: storch.backward() updates the moving average
+        with storch.Graph():
+            _, th = replicate(theta, R)
+            model(th, est)
+            storch.backward()
+    for _ in range(1):
         with storch.Graph():
             leaf, th = replicate(theta, R)
             model(th, est)

@@ -1,7 +1,8 @@
 """``storch-compare``: the estimator comparison demo.
 
     storch-compare                 # discrete VAE on bundled digits, every installed estimator
-    storch-compare --full          # the longer comparison
+    storch-compare --full          # the longer comparison (3 seeds, mean ± sd; also at an equal budget)
+    storch-compare --budget 12     # also at an equal budget of cost evaluations per step
     storch-compare --estimators "score@1,score[baseline=leave_one_out]@8,gumbel_softmax@1"
     storch-compare toy             # REBAR toy and K=10 categorical: bias, variance, time
     storch-compare overhead        # storch vs hand-written torch: time and peak memory ratios
@@ -70,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--variance-reps", type=int, default=None, help="gradient estimates per checkpoint")
     v.add_argument("--checkpoints", type=int, default=None, help="number of variance checkpoints")
     v.add_argument("--max-train", type=int, default=None, help="use only the first N training points")
+    v.add_argument("--budget", type=int, default=None, help="also compare at an equal budget of B cost evaluations "
+                   "per data point and step (n_samples chosen per estimator; --full: 24)")
+    v.add_argument("--seeds", type=int, default=None, help="repeat over this many seeds and report mean ± sd "
+                   "(--full: 3)")
     t = sub.add_parser("toy", help="REBAR toy and K=10 categorical: bias, variance, time per estimate")
     _common(t)
     t.add_argument("--replicates", type=int, default=2000, help="independent estimates per estimator")

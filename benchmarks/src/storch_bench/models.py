@@ -75,7 +75,8 @@ def storch_surrogate(model: VAE, est, x: torch.Tensor) -> None:
     """Build one step's graph in the current ``storch.Graph``: the one-sample model code."""
     x = storch.denote_independent(x, 0, "data")  # the minibatch dim: independent data points
     q, logits = model.posterior(x)
-    z = est(q)  # the estimator, picked by name, is the only thing that changes
+    z = est(q, inputs=x)  # the estimator, picked by name, is the only thing that changes (x: for
+    # estimators that condition on the observation, e.g. NVIL's learned baseline)
     storch.add_cost(model.kl(logits), name="kl")
     storch.add_cost(model.reconstruction(z, x), name="reconstruction")
 

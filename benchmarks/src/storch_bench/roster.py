@@ -22,13 +22,14 @@ __all__ = ["Spec", "parse_spec", "parse_specs", "resolve", "supports", "build", 
 
 # estimators usually compared with several samples (Table 1 of the Storchastic paper): name -> specs
 PRESETS: dict[str, list[str]] = {
-    "score": ["score@1", "score[baseline=leave_one_out]@{n}"],
+    "score": ["score@1", "score[baseline=leave_one_out]@{n}", "score[baseline=learned]@1"],
     "unordered_set": ["unordered_set@{n}"],
     # 1 memory value + n - 1 samples: n cost evaluations per step, as unordered_set@n
     "sum_and_sample": ["sum_and_sample@1", "sum_and_sample[n_enumerate=1,baseline=leave_one_out]@{n1}"],
 }
 SHORT = {("baseline", "leave_one_out"): "loo", ("baseline", "batch_average"): "loo",
-         ("baseline", "moving_average"): "ma", ("baseline", "none"): "nobaseline"}
+         ("baseline", "moving_average"): "ma", ("baseline", "none"): "nobaseline",
+         ("baseline", "learned"): "nvil", ("baseline", "greedy"): "greedy"}
 
 _SPEC = re.compile(r"^\s*([A-Za-z_][\w.\-]*)\s*(?:\[(.*)\])?\s*(?:@\s*(\d+))?\s*$")
 

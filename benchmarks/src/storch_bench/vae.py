@@ -27,6 +27,7 @@ import storch
 from .data import load_binary_digits
 from .measure import gradient_variance, peak_memory, seed_everything
 from .models import VAE, negative_elbo, storch_step, storch_surrogate
+from .budget import at_budget
 from .roster import Spec, build, resolve
 
 __all__ = ["VAEConfig", "RunResult", "run_vae", "MODELS"]
@@ -53,6 +54,7 @@ class VAEConfig:
     n_valid: int = 360
     max_train: Optional[int] = None  # use only the first N training points (tests)
     measure_memory: bool = True
+    budget: Optional[int] = None  # equal budget: n_samples per estimator so that cost evaluations <= budget
 
 
 @dataclass
@@ -91,11 +93,12 @@ class RunResult:
         return sum(vals) / len(vals) if vals else math.nan
 
 
-def _latent_example(model: str) -> torch.distributions.Distribution:
-    # a stand-in for q(z | x), to read which estimators support it
+def _latent_example(model: str, requires_grad: bool = False) -> torch.distributions.Distribution:
+    # a stand-in for q(z | x), to read which estimators support it (and, with a parameter that
+    # requires grad as the encoder's does, how many cost evaluations they make)
     if model == "bernoulli":
-        return Bernoulli(logits=torch.zeros(20))
-    return OneHotCategorical(logits=torch.zeros(20, 10))
+        return Bernoulli(logits=torch.zeros(20, requires_grad=requires_grad))
+    return OneHotCategorical(logits=torch.zeros(20, 10, requires_grad=requires_grad))
 
 
 def _encoder_grads(vae: VAE, est, x: torch.Tensor) -> list[torch.Tensor]:
@@ -210,6 +213,9 @@ def run_vae(cfg: VAEConfig, progress: bool = True) -> tuple[list[RunResult], lis
     plan, skipped = [], []
     for model in cfg.models:
         runnable, skip = resolve(cfg.specs, _latent_example(model))
+        if cfg.budget is not None:  # the literature's comparison: equal cost evaluations per step
+            runnable, over = at_budget(runnable, _latent_example(model, True), cfg.budget)
+            skip = skip + over
         plan += [(model, spec, cls) for spec, cls in runnable]
         skipped += [(model, label, why) for label, why in skip]
     results = []

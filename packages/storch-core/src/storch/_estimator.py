@@ -7,15 +7,34 @@ An estimator 〈q, w, l, a〉 is bound to one stochastic node (its plate):
 - ``gradient_function(node)``: l(x) per sample (log-probability for score functions);
 - ``control_variate(node, cost)``: a(x<i, X), zero in expectation at every declared order.
 
-Subclasses override only what differs. Capabilities are class attributes, checked at
-registration (``storch._registry``).
+Call order (one graph = one step):
+
+1. ``est(distribution, inputs=None)``: ``check_distribution``; a :class:`storch.Node` is made with
+   ``node.state = est.State()`` (the estimator's typed per-node record, if it declares one) and
+   ``node.inputs``; then ``proposal(node)`` -> ``node.sample`` (and the plate);
+   ``gradient_function(node)`` -> ``node.gradient_values``; ``weighting_function(node)`` ->
+   ``node.weight_values``; ``output(node)`` -> the value user code sees.
+2. ``storch.surrogate_loss(order)``: per cost upstream of the node, ``control_variate(node, frame)``
+   with the :class:`CostFrame` of that cost (innermost node first); the frame is kept in
+   ``node.frames[cost_name]``.
+3. ``storch.backward()``: the first-order surrogate is backpropagated, then
+   ``update_parameters(nodes, loss)`` runs once per estimator whose ``has_update`` is true, with
+   its nodes of this graph (their ``frames`` filled) and the surrogate loss (graph still alive).
+
+The components are pure given their inputs and random numbers: every change of the estimator's
+own state (moving averages, learned baselines and control variates, their optimizers) happens in
+``update_parameters`` only, so an evaluation pass (``surrogate_loss`` without ``backward``)
+changes nothing. Subclasses override only what differs. Capabilities are class attributes,
+checked at registration (``storch._registry``); an instance whose options change a capability
+(e.g. ``unordered_set`` without its baseline) sets it on itself, and :meth:`Estimator.info`,
+``storch.OrderError`` and the surrogate read the instance's value.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from typing import ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import torch
 from torch.distributions import Distribution
@@ -25,6 +44,9 @@ from ._errors import NonFiniteParameterError, OptionError, PlateError, StorchErr
 from ._graph import Node, current_graph
 from ._plates import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
 from ._random import drawing_with
+
+if TYPE_CHECKING:
+    from ._registry import EstimatorInfo
 
 __all__ = ["Estimator", "CostFrame", "magic_box"]
 
@@ -62,6 +84,13 @@ class CostFrame:
         t = _lead(t, len(plates or self.node.plates))
         return align(t, plates or self.node.plates, self.plates)
 
+    @property
+    def key(self) -> str:
+        """The cost's name, with ``@t`` for a cost at step t > 0 of a partition: the key of per-cost
+        estimator state (moving averages, the frames ``update_parameters`` receives)."""
+        step = self.plates[self.dim].step
+        return f"{self.name or ''}@{step}" if step else (self.name or "")
+
     def sum_plate(self, t: torch.Tensor) -> torch.Tensor:
         """Sum of ``t`` over the node's plate (kept as a size-1 dim)."""
         return t.sum(self.dim, keepdim=True)
@@ -90,6 +119,8 @@ class Estimator(torch.nn.Module):
         biased: True if it estimates a different (relaxed / finite-difference) objective.
         distributions: supported distribution types (``None``: any).
         requires_rsample / requires_enumerate_support: capability requirements.
+        has_update: ``storch.backward()`` runs :meth:`update_parameters` (learned or running parts).
+        State: the dataclass of the per-node record ``node.state`` (``None``: no record).
         supports_partitions: whether calling one instance several times in a graph (a loop) makes
             one partition (paper, section 3.2; docs/partitions.md).
         causal_credit: for partitions: a cost computed at step t is credited to steps <= t only
@@ -114,6 +145,9 @@ class Estimator(torch.nn.Module):
     supports_partitions: ClassVar[bool] = False
     causal_credit: ClassVar[bool] = True
     eos: Optional[int] = None
+    State: ClassVar[Optional[type]] = None
+    """The typed per-node record (a dataclass whose fields all have defaults); ``node.state`` is a
+    fresh instance of it for every node, created before ``proposal``."""
 
     def __init__(self, plate: str, n_samples: int = 1) -> None:
         super().__init__()
@@ -127,8 +161,15 @@ class Estimator(torch.nn.Module):
 
     # -- the node call -----------------------------------------------------------------------
 
-    def forward(self, distribution: Distribution) -> PlateTensor:
-        """Sample the node for ``distribution`` (built from one-sample code) in the current graph."""
+    def forward(self, distribution: Distribution, inputs: Any = None) -> PlateTensor:
+        """Sample the node for ``distribution`` (built from one-sample code) in the current graph.
+
+        Args:
+            distribution: the node's distribution, written for one sample.
+            inputs: extra inputs the estimator's components may read as ``node.inputs`` (for
+                example the observation an input-dependent baseline conditions on: NVIL's x). A
+                PlateTensor's plates must be among the distribution's plates.
+        """
         graph = current_graph()
         node = graph.partition_of(self)
         if node is not None:
@@ -138,16 +179,23 @@ class Estimator(torch.nn.Module):
         ndims = 1 + len(raw.batch_shape) + len(raw.event_shape)  # the sample: plate, batch, event
         if ndims > MAX_DIMS:
             raise PlateError(f"estimator {self.name!r} (plate {self.plate!r}): " + too_many_dims_message(ndims))
-        node = Node(self, raw, parents, original=distribution)
+        if type(inputs) is PlateTensor:
+            extra = [p.name for p in inputs.plates if p not in parents]
+            if extra:
+                raise PlateError(
+                    f"estimator {self.name!r} (plate {self.plate!r}): inputs have plates {extra} that the "
+                    f"distribution does not have ({[p.name for p in parents]}); a node's inputs may depend only "
+                    "on what its distribution depends on (its data plates and upstream samples)")
+        node = Node(self, raw, parents, original=distribution, inputs=inputs)
         sample = self.proposal(node)
         node.plate = Plate(self.plate, sample.shape[0], False, 0, Lineage())
         node.sample = sample
         graph.add_node(node)
         n = len(node.plates)
-        node.gradient_function = _lead(self.gradient_function(node), n)
-        node.weights = _lead(self.weighting_function(node), n)
+        node.gradient_values = _lead(self.gradient_function(node), n)
+        node.weight_values = _lead(self.weighting_function(node), n)
         if self.eos is not None:
-            node.context["finished"] = self._is_eos(raw, sample, len(parents))
+            node.finished = self._is_eos(raw, sample, len(parents))
         node.value = PlateTensor._wrap(self.output(node), node.plates)
         return node.value
 
@@ -180,7 +228,7 @@ class Estimator(torch.nn.Module):
                     "the partition started; partitions must be topologically ordered (paper, section 3.2)"
                 )
         if node.history is None:
-            node.history = [(node.plates, node.gradient_function)]
+            node.history = [(node.plates, node.gradient_values)]
         sample, lp = self.extend(node, raw, plates)
         t = node.step + 1
         plate = Plate(node.plate.name, sample.shape[0], False, t, node.plate.lineage)
@@ -191,10 +239,11 @@ class Estimator(torch.nn.Module):
             prev = align(prev, prev_plates, new)  # re-indexed by the parents, new parent plates
         cumulative = prev + _lead(lp, len(new))  # L_t = L_{t-1} + l_t
         node.history.append((new, cumulative))
-        node.plate, node.parents, node.step, node.gradient_function = plate, plates[1:], t, cumulative
+        node.plate, node.parents, node.step, node.gradient_values = plate, plates[1:], t, cumulative
         node.sample = sample
+        node.steps.append(sample)
         if not self.causal_credit:
-            node.weights = None  # per whole sequence: computed at the last step, by the surrogate
+            node.weight_values = None  # per whole sequence: computed at the last step, by the surrogate
         return PlateTensor._wrap(sample, new)
 
     def extend(self, node: Node, distribution: Distribution, plates: tuple[Plate, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,12 +304,12 @@ class Estimator(torch.nn.Module):
         so they stop contributing to the gradient function and keep their value (sampling with
         replacement: entry i of step t continues entry i of step t-1)."""
         prev_plates = (node.plate,) + node.parents
-        done = align(node.context["finished"], prev_plates, plates)
+        done = align(node.finished, prev_plates, plates)
         eos = self._eos_value(d, len(plates))
         mask = done.reshape(done.shape + (1,) * (sample.dim() - done.dim()))
         sample = torch.where(mask, eos.to(sample.dtype).expand_as(sample), sample)
         lp = torch.where(done, torch.zeros_like(lp), lp)
-        node.context["finished"] = done | self._is_eos(d, sample, len(plates))
+        node.finished = done | self._is_eos(d, sample, len(plates))
         return sample, lp
 
     def check_distribution(self, d: Distribution) -> None:
@@ -286,6 +335,15 @@ class Estimator(torch.nn.Module):
         hint = f" Estimators that support it: {', '.join(others)}." if others else ""
         return f"estimator {self.name!r} does not support {type(d).__name__}; it needs {' and '.join(need)}.{hint}"
 
+    @property
+    def uniform_weights(self) -> bool:
+        """Whether w = 1/N on every entry of the plate (the surrogate then reduces it by its mean).
+
+        True when ``weighting_function`` is the base class's; an estimator that overrides it but
+        still weighs uniformly for some options may override this property too.
+        """
+        return type(self).weighting_function is Estimator.weighting_function
+
     # -- the four components (paper, section 3.2) --------------------------------------------
 
     def proposal(self, node: Node) -> torch.Tensor:
@@ -306,7 +364,7 @@ class Estimator(torch.nn.Module):
         if b is None:
             return None
         # b must not carry gradient: appendix D.2.1, condition on the baseline
-        return (1.0 - magic_box(cost.align(node.gradient_function))) * b.detach()
+        return (1.0 - magic_box(cost.align(node.gradient_values))) * b.detach()
 
     def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         """b(x<i, X \\ {x}); ``None`` for no baseline."""
@@ -329,9 +387,34 @@ class Estimator(torch.nn.Module):
         return node.sample
 
     def update_parameters(self, nodes: list[Node], loss: torch.Tensor) -> None:
-        """Train the estimator's own parts (run by ``storch.backward()`` when ``has_update``)."""
+        """Update the estimator's own state; the only place where it changes.
+
+        Run by ``storch.backward()`` when ``has_update`` is true, once per step, after the
+        first-order surrogate ``loss`` has been backpropagated (its graph is kept alive for this
+        call, so ``torch.autograd.grad(loss, ..., create_graph=True)`` works).
+
+        Args:
+            nodes: this estimator's nodes in the graph, in topological order. ``node.frames`` maps
+                each cost name to the :class:`CostFrame` its control variate received:
+                ``frame.tensor`` holds the (detached) cost estimates a baseline regresses on,
+                ``frame.live()`` the same with their graph. ``node.inputs`` and ``node.state``
+                are as the components left them.
+            loss: the first-order surrogate loss of the graph.
+        """
 
     # -- metadata ------------------------------------------------------------------------------
+
+    def info(self) -> "EstimatorInfo":
+        """What this instance can do, with its options: its own ``max_order`` and ``biased``.
+
+        ``storch.available_estimators()`` reports the class defaults; an option may change a
+        capability (``unordered_set(baseline=False)`` is unbiased at any order).
+        """
+        from ._registry import EstimatorInfo, available_estimators
+
+        reg = available_estimators().get(self.name)
+        return EstimatorInfo(self.name, reg.package if reg else "", reg.family if reg else "",
+                             self.max_order, self.biased, self.describe())
 
     @classmethod
     def describe(cls) -> str:

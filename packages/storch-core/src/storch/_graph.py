@@ -29,32 +29,53 @@ class Node:
         parents: plates of the distribution's parameters (data plates, upstream samples).
         plate: the node's own sample plate (set once the proposal is drawn).
         sample: raw samples, shape ``(plate, *parents, *batch, *event)``.
-        gradient_function: l(x), shape broadcastable to ``(plate, *parents)``.
-        weights: w(x), shape broadcastable to ``(plate, *parents)``.
+        gradient_values: l(x) evaluated on the samples (the result of the estimator's
+            ``gradient_function``), shape broadcastable to ``(plate, *parents)``.
+        weight_values: w(x) evaluated on the samples (the result of ``weighting_function``),
+            shape broadcastable to ``(plate, *parents)``.
         value: the PlateTensor handed to user code.
-        context: estimator-private values (relaxed samples, noise, ...).
+        state: the estimator's typed per-node record (an instance of its ``State`` dataclass,
+            created empty before ``proposal``; ``None`` if the estimator declares none). Its
+            components pass values to each other (noise, relaxed samples, ...) through its fields.
+        inputs: extra inputs given at the call, ``est(distribution, inputs=h)`` (``None`` if none):
+            what a learned baseline may condition on besides the distribution (NVIL's observation).
+        frames: the :class:`storch.CostFrame` the surrogate built for this node, by cost key (filled
+            by ``storch.surrogate_loss`` for estimators with a control variate; what
+            ``update_parameters`` trains on).
+        steps: the samples of the later steps of a partition, in call order.
+        context: an untyped dict for estimators that declare no ``State`` (kept for them; new
+            estimators declare a ``State`` dataclass instead).
         index: topological position in the graph.
         step: the last step of a partition (0 for a node sampled once); ``plate`` is the plate at
             that step, ``parents`` the union of every step's parents.
         history: for a partition, ``(plates_t, L_t)`` per step t: the plates of step t and the
             cumulative gradient function L_t = l_0 + ... + l_t (DiCE's cumulative MagicBox argument),
             with leading dims ``plates_t``; ``None`` for a node sampled once.
+        finished: for a partition with ``eos``: whether each sequence has ended (leading dims the
+            partition's plates at its last step); ``None`` otherwise.
     """
 
-    def __init__(self, estimator: "Estimator", distribution, parents: tuple[Plate, ...], original=None):
+    def __init__(self, estimator: "Estimator", distribution, parents: tuple[Plate, ...], original=None,
+                 inputs: Any = None):
         self.estimator = estimator
         self.distribution = distribution
         self.original = original
         self.parents = parents
         self.plate: Optional[Plate] = None
         self.sample: Optional[torch.Tensor] = None
-        self.gradient_function: Any = None
-        self.weights: Any = None
+        self.gradient_values: Any = None
+        self.weight_values: Any = None
         self.value: Optional[PlateTensor] = None
+        state_type = getattr(estimator, "State", None)
+        self.state: Any = state_type() if state_type is not None else None
+        self.inputs = inputs
+        self.frames: dict = {}
+        self.steps: list = []
         self.context: dict = {}
         self.index = -1
         self.step = 0
         self.history: Optional[list] = None
+        self.finished: Optional[torch.Tensor] = None  # partitions with eos: sequences that have ended
         self._views: Optional[dict] = None
 
     def at(self, step: int) -> "Node":
@@ -73,6 +94,26 @@ class Node:
             view.weights, view.step, view._views = None, step, None  # weights: computed for the view
             self._views[step] = view
         return view
+
+    # The names the surrogate used first (they collided with the estimator's methods of the same
+    # names); kept as aliases of gradient_values / weight_values for code written against them.
+    @property
+    def gradient_function(self) -> Any:
+        """Alias of :attr:`gradient_values`."""
+        return self.gradient_values
+
+    @gradient_function.setter
+    def gradient_function(self, value: Any) -> None:
+        self.gradient_values = value
+
+    @property
+    def weights(self) -> Any:
+        """Alias of :attr:`weight_values`."""
+        return self.weight_values
+
+    @weights.setter
+    def weights(self, value: Any) -> None:
+        self.weight_values = value
 
     @property
     def plates(self) -> tuple[Plate, ...]:

@@ -40,8 +40,8 @@ def _check_order(nodes: list[Node], order: int) -> None:
         if est.max_order < order:
             raise OrderError(
                 f"estimator {est.name!r} on plate {node.plate.name!r} is unbiased only up to order "
-                f"{est.max_order}, but order {order} was requested; choose an estimator with a "
-                "higher max_order (see storch.available_estimators()) for this node"
+                f"{est.max_order} (with its options: est.info()), but order {order} was requested; choose "
+                "an estimator with a higher max_order (see storch.available_estimators()) for this node"
             )
 
 
@@ -83,7 +83,7 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None) -> torc
     total = None
     for node in nodes:
         prefix.append(total)
-        l_i = align(node.gradient_function, node.plates, plates)
+        l_i = align(node.gradient_values, node.plates, plates)
         total = l_i if total is None else total + l_i
     inner = raw if total is None else magic_box(total) * raw  # line 7 of Algorithm 1
     for i in range(len(nodes) - 1, -1, -1):
@@ -91,13 +91,14 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None) -> torc
         dim = plates.index(node.plate)
         if _has_control_variate(node.estimator):
             frame = CostFrame(inner.detach(), plates, node, inner, name)
+            node.frames[frame.key] = frame  # what update_parameters trains on
             a = node.estimator.control_variate(node, frame)  # line 11
             if a is not None:
                 inner = inner + (a if prefix[i] is None else magic_box(prefix[i]) * a)
-        if type(node.estimator).weighting_function is Estimator.weighting_function:
+        if node.estimator.uniform_weights:
             inner = inner.mean(dim, keepdim=True)  # line 14 with w = 1/N (D.2.1): one op, not two
         else:
-            w = align(node.weights, node.plates, plates)
+            w = align(node.weight_values, node.plates, plates)
             inner = (w * inner).sum(dim, keepdim=True)  # line 14: weight and sum over X_i
     # what is left are independent plates (and size-1 dims): the mean over data points
     return inner.mean() if inner.dim() else inner
@@ -206,6 +207,11 @@ def _steps_surrogate(node: Node, members: list) -> torch.Tensor:
 def backward(graph: Optional[Graph] = None) -> torch.Tensor:
     """Backpropagate the first-order surrogate, run estimators' own updates, reset the graph.
 
+    Order: the surrogate loss (order 1) is built and backpropagated (its graph kept while any
+    estimator updates), then ``update_parameters(nodes, loss)`` runs once per estimator with
+    ``has_update`` (the only place estimator state changes), then the graph is reset (also after
+    an exception).
+
     Returns:
         the detached estimate of the expected total cost.
 
@@ -223,9 +229,9 @@ def backward(graph: Optional[Graph] = None) -> torch.Tensor:
         for node in graph.nodes:
             if node.estimator.has_update:
                 updating.setdefault(id(node.estimator), []).append(node)
+        loss.backward(retain_graph=bool(updating))
         for nodes in updating.values():
             nodes[0].estimator.update_parameters(nodes, loss)
-        loss.backward()
         return loss.detach()
     except RuntimeError as e:
         _explain_ddp_error(e)

@@ -9,6 +9,7 @@ from torch.distributions import Independent
 
 from storch import Estimator, Node, OptionError
 
+from ._state import PrecomputedState
 from .decompositions import SUPPORTED, decomposition_for
 
 __all__ = ["Mvd"]
@@ -65,6 +66,7 @@ class Mvd(Estimator):
     """
 
     name = "mvd"
+    State = PrecomputedState
     max_order = 1
     distributions = SUPPORTED
 
@@ -109,15 +111,15 @@ class Mvd(Estimator):
             coef = torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef))
             weights.append(w.reshape((n, k * 2 * e) + parents))
             grads.append((theta * coef).reshape((n, k * 2 * e) + parents))
-        node.context["weights"] = torch.cat(weights, 1).flatten(0, 1)
-        node.context["gradient"] = torch.cat(grads, 1).flatten(0, 1)
+        node.state.weights = torch.cat(weights, 1).flatten(0, 1)
+        node.state.gradient = torch.cat(grads, 1).flatten(0, 1)
         return torch.cat(samples, 1).flatten(0, 1)
 
     def weighting_function(self, node: Node) -> torch.Tensor:
-        return node.context["weights"]
+        return node.state.weights
 
     def gradient_function(self, node: Node) -> torch.Tensor:
-        return node.context["gradient"]
+        return node.state.gradient
 
     def extra_repr(self) -> str:
         return f"plate={self.plate!r}, n_samples={self.n_samples}, coupled={self.coupled}"

@@ -13,6 +13,8 @@ from torch.distributions.utils import lazy_property
 import storch
 from storch import Estimator, Node, OptionError, UnsupportedDistributionError
 
+from ._state import PrecomputedState
+
 __all__ = ["Spsa"]
 
 # a parameter a distribution may store in two equivalent forms: perturb the one it was built from
@@ -70,6 +72,7 @@ class Spsa(Estimator):
     """
 
     name = "spsa"
+    State = PrecomputedState
     max_order = 1
     biased = True
 
@@ -101,8 +104,8 @@ class Spsa(Estimator):
             # follow the distribution's dtype and device (issue 11: no hard-coded CPU / default dtype)
             like = next((v for v in vars(base).values() if isinstance(v, torch.Tensor) and v.is_floating_point()), x)
             dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
-            node.context["weights"] = torch.full((n,), 1.0 / n, dtype=dtype, device=x.device)
-            node.context["gradient"] = torch.zeros((n,), dtype=dtype, device=x.device)
+            node.state.weights = torch.full((n,), 1.0 / n, dtype=dtype, device=x.device)
+            node.state.gradient = torch.zeros((n,), dtype=dtype, device=x.device)
             return x
         u = {k: transform_to(base.arg_constraints[k]).inv(v) for k, v in free.items()}  # with grad
         eps = {k: torch.randint(0, 2, (n,) + v.shape, device=v.device).to(v.dtype) * 2 - 1 for k, v in u.items()}
@@ -139,15 +142,15 @@ class Spsa(Estimator):
                 coef = (sign / (2 * c * eps[k] * n * wk)).detach()
                 l = l + (v * coef).reshape(w.shape + (-1,)).sum(-1)
             grads.append(l)
-        node.context["weights"] = torch.stack([w1, w2], 1).flatten(0, 1)
-        node.context["gradient"] = torch.stack(grads, 1).flatten(0, 1)
+        node.state.weights = torch.stack([w1, w2], 1).flatten(0, 1)
+        node.state.gradient = torch.stack(grads, 1).flatten(0, 1)
         return torch.stack([x1, x2], 1).flatten(0, 1)
 
     def weighting_function(self, node: Node) -> torch.Tensor:
-        return node.context["weights"]
+        return node.state.weights
 
     def gradient_function(self, node: Node) -> torch.Tensor:
-        return node.context["gradient"]
+        return node.state.gradient
 
     def extra_repr(self) -> str:
         return f"plate={self.plate!r}, n_samples={self.n_samples}, perturbation={self.perturbation}, coupled={self.coupled}"

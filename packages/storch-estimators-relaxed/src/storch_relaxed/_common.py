@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 import torch
@@ -18,12 +19,13 @@ from torch.distributions import Bernoulli, Distribution, Independent, OneHotCate
 
 import storch.distributed
 from storch._random import drawing_with
-from storch import CostFrame, Estimator, Node, OptionError, StorchError
+from storch import CostFrame, Estimator, Node, OptionError, StorchError, magic_box
 
 __all__ = [
     "base_of", "own_shape", "uniform", "logistic_noise", "gumbel_noise", "blocks_weights", "pad_blocks",
     "block", "check_temperature", "ControlVariateNet", "VarianceTrained", "conditional_logistic",
     "conditional_gumbel", "param_tensors", "flat", "evaluate_network", "discrete_with_relaxation",
+    "tilde_term", "RelaxedState", "param_clones",
 ]
 
 Temperature = Union[float, Callable[[int], float]]
@@ -160,18 +162,41 @@ class ControlVariateNet(torch.nn.Module):
 
     Args:
         hidden: width of the hidden layer.
+        zero_output: start with a zero output layer (c_φ = 0 until trained).
     """
 
-    def __init__(self, hidden: int = 32) -> None:
+    def __init__(self, hidden: int = 32, zero_output: bool = False) -> None:
         super().__init__()
         self.hidden = hidden
+        self.zero_output = zero_output
         self.net: Optional[torch.nn.Sequential] = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def build(self, x: torch.Tensor) -> None:
+        """Create the layers for inputs like ``x`` (``(..., F)``), once."""
         if self.net is None:
-            self._build(x.shape[-1], x.dtype, x.device)
+            with drawing_with(storch.current_generator()):  # storch.Graph(generator=g): g initialises
+                self.net = torch.nn.Sequential(
+                    torch.nn.Linear(x.shape[-1], self.hidden), torch.nn.Tanh(), torch.nn.Linear(self.hidden, 1)
+                ).to(dtype=x.dtype, device=x.device)
+            if self.zero_output:  # c_φ = 0 at the start (RELAX's residual: it starts as REBAR)
+                torch.nn.init.zeros_(self.net[2].weight)
+                torch.nn.init.zeros_(self.net[2].bias)
             # every process must start from the same φ (DDP broadcasts only what exists at wrapping)
             storch.distributed.broadcast_(list(self.net.parameters()), owner=self._owner)
+
+    _owner = None  # the estimator whose process group the broadcast uses (set by it)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a saved, already built network loads into a fresh (not yet built) one: build it first
+        weight = state_dict.get(prefix + "net.0.weight")
+        if self.net is None and weight is not None:
+            zero, self.zero_output = self.zero_output, False  # the loaded values replace the init
+            self.build(torch.empty(1, weight.shape[1], dtype=weight.dtype, device=weight.device))
+            self.zero_output = zero
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.build(x)
         return self.net(x)
 
     def _build(self, features: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -193,6 +218,15 @@ class ControlVariateNet(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def param_clones(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Clones of ``module``'s parameters (differentiable in them) for use in the surrogate's graph.
+
+    The graph then saves the clones, not the parameters, so ``update_parameters`` may step the
+    parameters in place while another estimator of the same graph still differentiates the loss.
+    """
+    return {k: v.clone() for k, v in module.named_parameters()}
+
+
 def flat(t: torch.Tensor, lead: int) -> torch.Tensor:
     """Flatten every dim after the first ``lead`` into one (size 1 if there are none)."""
     return t.reshape(tuple(t.shape[:lead]) + (-1,))
@@ -200,7 +234,13 @@ def flat(t: torch.Tensor, lead: int) -> torch.Tensor:
 
 def evaluate_network(name: str, network: Callable, z: torch.Tensor, lead: int) -> torch.Tensor:
     """c_φ(z) per entry: ``network`` maps ``(*lead, F)`` to ``(*lead)`` or ``(*lead, 1)``."""
-    out = network(flat(z, lead))
+    x = flat(z, lead)
+    if isinstance(network, ControlVariateNet):
+        network.build(x)
+    if isinstance(network, torch.nn.Module):
+        out = torch.func.functional_call(network, param_clones(network), (x,))
+    else:
+        out = network(x)
     if out.dim() == lead + 1 and out.shape[-1] == 1:
         out = out.squeeze(-1)
     if tuple(out.shape) != tuple(z.shape[:lead]):
@@ -211,18 +251,49 @@ def evaluate_network(name: str, network: Callable, z: torch.Tensor, lead: int) -
     return out
 
 
+def tilde_term(c_zt: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """-MagicBox(l) c(z̃) + ⊥c(z̃): the z̃ part of REBAR's and RELAX's control variate, any-order form.
+
+    Evaluates to 0; all its derivatives are those of -MagicBox(l) c(z̃), the DiCE estimate of
+    -E[c(z)] through b ~ p and z̃ ~ p(z | b). Appendix D.2.4 prints -c(z̃) + (2 - MagicBox(l)) ⊥c(z̃),
+    whose second derivative misses the cross terms ∇l ∇c(z̃)ᵀ + ∇c(z̃) ∇lᵀ (biased at order 2;
+    ``tests/relaxed/test_relaxed_unbiased.py`` checks both forms).
+    """
+    return c_zt.detach() - magic_box(l) * c_zt
+
+
+@dataclass
+class RelaxedState:
+    """Per-node record of LAX, RELAX and REBAR (filled by ``proposal``, then ``gradient_function``).
+
+    Attributes:
+        params: the distribution's parameter tensors: ĝ = ∂loss/∂params is the gradient estimate
+            whose variance ``update_parameters`` minimises.
+        z: the reparameterised continuous sample, shape ``(n, *parents, *own[, K])``.
+        z_tilde: z̃ ~ p(z | b), reparameterised (RELAX, REBAR).
+        b: the discrete sample H(z) as the distribution samples it (RELAX, REBAR).
+        l: log p(b) of the real block.
+    """
+
+    params: list = field(default_factory=list)
+    z: Optional[torch.Tensor] = None
+    z_tilde: Optional[torch.Tensor] = None
+    b: Optional[torch.Tensor] = None
+    l: Optional[torch.Tensor] = None
+
+
 class VarianceTrained(Estimator):
     """Base of estimators whose own parameters φ are trained to minimise the gradient variance.
 
-    ``storch.backward()`` runs :meth:`update_parameters` before ``loss.backward()``: it computes
-    the gradient estimate ĝ of the loss with respect to the parameters of the node's distribution
-    (``create_graph=True``), and since E[ĝ] does not depend on φ (the estimator is unbiased), the
-    variance is minimised by descending ∂/∂φ Σ ĝ² (Grathwohl et al. 2018, section 3.3). The step
-    is applied at the estimator's next node (the current graph still needs φ's old values for
-    ``loss.backward()``).
+    ``storch.backward()`` backpropagates the loss and then runs :meth:`update_parameters`: it
+    computes the gradient estimate ĝ of the loss with respect to the parameters of the node's
+    distribution (``create_graph=True``), and since E[ĝ] does not depend on φ (the estimator is
+    unbiased), the variance is minimised by descending ∂/∂φ Σ ĝ² (Grathwohl et al. 2018,
+    section 3.3): one Adam step, applied there (never in a component).
     """
 
     has_update = True
+    State = RelaxedState
 
     def _init_training(self, lr: float, update: bool) -> None:
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
@@ -233,44 +304,28 @@ class VarianceTrained(Estimator):
         self.update = update
         self.update_steps = 0
         self._optimizer: Optional[torch.optim.Optimizer] = None
-        self._pending: Optional[list] = None
         self._loaded: Optional[dict] = None
         # state_dict: the optimizer is rebuilt after the (possibly lazily built) network has loaded
         self.register_load_state_dict_post_hook(VarianceTrained._restore_training)
 
-    def _init_network(self, network: Optional[Callable], hidden: int) -> None:
+    def _init_network(self, network: Optional[Callable], hidden: int, zero_output: bool = False) -> None:
         """The learned control variate c_φ: the user's network or a default MLP (LAX, RELAX)."""
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
             raise OptionError(f"{self.name}: hidden must be an int >= 1, got {hidden!r}")
         if network is not None and not callable(network):
             raise OptionError(f"{self.name}: network must be a torch.nn.Module (or callable), got {network!r}")
-        self.network = network if network is not None else ControlVariateNet(hidden)
+        self.network = network if network is not None else ControlVariateNet(hidden, zero_output)
         if isinstance(self.network, ControlVariateNet):
             object.__setattr__(self.network, "_owner", self)  # not a submodule: no cycle in .modules()
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def apply_pending_update(self) -> None:
-        """Apply the optimizer step computed by the last ``update_parameters`` (if any)."""
-        if self._pending is None:
-            return
-        params, grads = self._pending
-        self._pending = None
-        if self._optimizer is None or len(self._optimizer.param_groups[0]["params"]) != len(params):
-            self._optimizer = torch.optim.Adam(params, lr=self.lr)
-        for p, g in zip(params, grads):
-            p.grad = g
-        self._optimizer.step()
-        for p in params:
-            p.grad = None
-        self.update_steps += 1
-
     def update_parameters(self, nodes: list[Node], loss: torch.Tensor) -> None:
         if not self.update:
             return
         params = self._trainable()
-        targets = [t for node in nodes for t in node.context.get("params", ())]
+        targets = [t for node in nodes for t in node.state.params]
         if not params or not targets:
             return
         # ĝ = ∂loss/∂(distribution parameters), kept differentiable in φ (create_graph)
@@ -278,24 +333,31 @@ class VarianceTrained(Estimator):
         var = sum((g ** 2).sum() for g in grads if g is not None)
         if not isinstance(var, torch.Tensor) or not var.requires_grad:
             return
+        # retain: other estimators of this graph still differentiate the same loss
         dphi = torch.autograd.grad(var, params, retain_graph=True, allow_unused=True)
-        # detach: the step's gradient is a number; the graph of this step must not be kept alive
-        dphi = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, dphi)]
+        if self._optimizer is None or len(self._optimizer.param_groups[0]["params"]) != len(params):
+            self._optimizer = torch.optim.Adam(params, lr=self.lr)
+        dphi = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, dphi)]  # numbers
         # torch.distributed: the variance of the rank-averaged gradient, whose ĝ per data point is
         # ĝ_rank / W: ∂φ Σ_r |ĝ_r / W|² = W⁻¹ · mean_r ∂φ|ĝ_r|², the same step on every rank
         dphi = _across_ranks(dphi, self)
-        self._pending = (params, dphi)
+        for p, g in zip(params, dphi):
+            p.grad = g
+        self._optimizer.step()
+        for p in params:
+            p.grad = None
+        self.update_steps += 1
 
-    # -- state_dict: optimizer state, the pending step and the step count are estimator state ----
+    # -- state_dict: optimizer state and the step count are estimator state ------------------------
 
     def get_extra_state(self) -> dict:
         return {"optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
-                "pending": None if self._pending is None else list(self._pending[1]),
                 "update_steps": self.update_steps}
 
     def set_extra_state(self, state: dict) -> None:
-        # copied, as load_state_dict copies parameters: the loaded model shares nothing with the saved one
-        self._loaded = state = copy.deepcopy(state)  # applied by _restore_training, once submodules (the network) are loaded
+        # copied, as load_state_dict copies parameters; applied by _restore_training, once the
+        # submodules (a lazily built network) are loaded
+        self._loaded = state = copy.deepcopy(state)
         self.update_steps = state["update_steps"]
 
     @staticmethod
@@ -303,13 +365,10 @@ class VarianceTrained(Estimator):
         state, module._loaded = module._loaded, None
         if state is None:
             return
-        params = module._trainable()
-        module._optimizer, module._pending = None, None
+        module._optimizer = None
         if state["optimizer"] is not None:
-            module._optimizer = torch.optim.Adam(params, lr=module.lr)
+            module._optimizer = torch.optim.Adam(module._trainable(), lr=module.lr)
             module._optimizer.load_state_dict(state["optimizer"])
-        if state["pending"] is not None:
-            module._pending = (params, [g.to(p) for p, g in zip(params, state["pending"])])
 
 
 def _across_ranks(grads: list[torch.Tensor], owner) -> list[torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -12,7 +13,23 @@ from storch import CostFrame, Estimator, Node, magic_box
 
 from ._common import base_of, block, blocks_weights, logistic_noise, pad_blocks
 
-__all__ = ["Arm"]
+__all__ = ["Arm", "AntitheticState"]
+
+
+@dataclass
+class AntitheticState:
+    """Per-node record of ARM and DisARM (filled by ``proposal``, then ``gradient_function``).
+
+    Attributes:
+        eps: the logistic noise ε, shape ``(n, *parents, *own)``.
+        x: the real samples 1[α + ε > 0]; x_tilde: the antithetic samples 1[α - ε > 0].
+        l: the score log p(x) of the real block (DisARM).
+    """
+
+    eps: Optional[torch.Tensor] = None
+    x: Optional[torch.Tensor] = None
+    x_tilde: Optional[torch.Tensor] = None
+    l: Optional[torch.Tensor] = None
 
 
 class Arm(Estimator):
@@ -50,14 +67,15 @@ class Arm(Estimator):
     name = "arm"
     max_order = 1
     distributions = (Bernoulli,)
+    State = AntitheticState
 
     def proposal(self, node: Node) -> torch.Tensor:
         alpha = base_of(node.distribution).logits
         eps = logistic_noise((self.n_samples,) + tuple(alpha.shape), alpha)
-        node.context["eps"] = eps
+        node.state.eps = eps
         x = (alpha + eps > 0).to(alpha.dtype)  # the real samples (no gradient)
         x_tilde = (alpha - eps > 0).to(alpha.dtype)  # antithetic
-        node.context["x"], node.context["x_tilde"] = x, x_tilde
+        node.state.x, node.state.x_tilde = x, x_tilde
         return torch.cat([x, x_tilde], 0)
 
     def weighting_function(self, node: Node) -> torch.Tensor:
@@ -65,7 +83,7 @@ class Arm(Estimator):
 
     def gradient_function(self, node: Node) -> torch.Tensor:
         alpha = base_of(node.distribution).logits
-        eps = node.context["eps"]  # z - α with z = ⊥z: only α is differentiated
+        eps = node.state.eps  # z - α with z = ⊥z: only α is differentiated
         e = (alpha.detach() + eps) - alpha
         log_q = -e - 2 * F.softplus(-e)  # log density of Logistic(α, 1) at z (appendix D.2.5, item 3)
         k = log_q.dim() - len(node.plates)
@@ -76,6 +94,6 @@ class Arm(Estimator):
         n = self.n_samples
         f = cost.tensor  # detached cost estimates of all 2n entries
         baseline = 0.5 * (block(f, cost, n, 0) + block(f, cost, n, 1))
-        l = block(cost.align(node.gradient_function), cost, n, 0)
+        l = block(cost.align(node.gradient_values), cost, n, 0)
         # appendix D.2.5, item 4: a = (1 - MagicBox(l)) ½ (f(x) + f(x̃))
         return pad_blocks((1.0 - magic_box(l)) * baseline, 2, cost.dim)

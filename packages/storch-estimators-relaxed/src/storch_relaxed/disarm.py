@@ -50,13 +50,13 @@ class DisArm(Arm):
     distributions = (Bernoulli,)
 
     def gradient_function(self, node: Node) -> torch.Tensor:
-        node.context["l"] = node.log_prob(node.context["x"])
-        return pad_blocks(node.context["l"], 2)
+        node.state.l = node.log_prob(node.state.x)
+        return pad_blocks(node.state.l, 2)
 
     def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         n = self.n_samples
         alpha = base_of(node.distribution).logits
-        x, x_tilde = node.context["x"], node.context["x_tilde"]
+        x, x_tilde = node.state.x, node.state.x_tilde
         # ⊥: (-1)^{x̃} 1[x ≠ x̃] σ(|α|) is a coefficient; only (α - ⊥α) carries the gradient
         coef = ((1 - 2 * x_tilde) * (x != x_tilde) * torch.sigmoid(alpha.abs())).detach()
         lead = len(node.plates)
@@ -64,6 +64,6 @@ class DisArm(Arm):
         f = cost.tensor
         f_x, f_xt = block(f, cost, n, 0), block(f, cost, n, 1)
         g = ((f_x - f_xt).unsqueeze(-1) * per_dim).sum(-1)
-        l = cost.align(node.context["l"])
+        l = cost.align(node.state.l)
         # subtract the score function term f(x) ∇l (appendix D.2.6's construction)
         return pad_blocks(g - f_x * (magic_box(l) - 1.0), 2, cost.dim)

@@ -31,7 +31,7 @@ class Lax(VarianceTrained):
     max_order: ∞ (appendix D.2.4).
 
     φ is trained to minimise the variance of ĝ = ∂loss/∂(distribution parameters) by
-    ``storch.backward()`` (Adam, ``lr``); the step lands at the estimator's next node. The
+    ``storch.backward()`` (Adam, ``lr``, one step in ``update_parameters``). The
     parameters are ``est.parameters()``; to train them yourself pass ``update=False``.
 
     Args:
@@ -61,14 +61,13 @@ class Lax(VarianceTrained):
         self._init_training(lr, update)
 
     def proposal(self, node: Node) -> torch.Tensor:
-        self.apply_pending_update()
-        node.context["params"] = param_tensors(node.distribution)
+        node.state.params = param_tensors(node.distribution)
         x = node.distribution.rsample((self.n_samples,))
-        node.context["z"] = x
+        node.state.z = x
         return x.detach()  # ⊥x: the cost's gradient goes through l and c_φ only
 
     def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
-        c = evaluate_network(self.name, self.network, node.context["z"], len(node.plates))
+        c = evaluate_network(self.name, self.network, node.state.z, len(node.plates))
         # appendix D.2.4: a = c_φ(x) - MagicBox(l) ⊥c_φ(x); ⊥ makes the score term's value c_φ
-        a = c - magic_box(node.gradient_function) * c.detach()
+        a = c - magic_box(node.gradient_values) * c.detach()
         return cost.align(a)

@@ -1,4 +1,4 @@
-"""RELAX: a learned control variate on relaxed inputs for discrete nodes."""
+"""RELAX: REBAR's relaxed-cost control variate plus a learned residual network, for discrete nodes."""
 
 from __future__ import annotations
 
@@ -7,52 +7,74 @@ from typing import Callable, Optional
 import torch
 from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 
-from storch import CostFrame, Node, magic_box
+from storch import Node, OptionError, PlateError, PlateTensor
+from storch._plates import align
 
-from ._common import (VarianceTrained, base_of, discrete_with_relaxation, evaluate_network,
-                      param_tensors)
+from ._common import evaluate_network, flat
+from ._relaxed_cost import RelaxedCost
 
 __all__ = ["Relax"]
 
+_FORMS = ("rebar+network", "network")
 
-class Relax(VarianceTrained):
-    """RELAX: the score function with a learned control variate c_φ on relaxed samples.
 
-    Components (paper, appendix D.2.4):
-        q(X | x<i): z reparameterised (Logistic(α, 1) for Bernoulli, log p + Gumbel for
-            categoricals), b = H(z) (an exact sample), z̃ ~ p(z | b) reparameterised;
-        w(x) = 1/n;
-        l(x) = log p(b | x<i);
-        a(x<i, X) = c_φ(z) - ⊥c_φ(z) - MagicBox(l) c_φ(z̃) + ⊥c_φ(z̃).
+class Relax(RelaxedCost):
+    """RELAX: the score function with c_φ(z) = η f(σ_λ(z)) + r_ρ(z), η, λ and ρ learned.
 
-    First order: ∇ = (f(b) - c_φ(z̃)) ∇l + ∇c_φ(z) - ∇c_φ(z̃), Grathwohl et al.'s RELAX.
+    Components (paper, appendix D.2.4; Grathwohl et al. 2018, §3.3 and their discrete experiments):
+        q(X | x<i): per real sample, z reparameterised (Logistic(α, 1) for Bernoulli, log p + Gumbel
+            for categoricals), b = H(z) (an exact sample), z̃ ~ p(z | b) reparameterised; the node's
+            plate holds 3 blocks of n entries: b, σ_λ(z) and σ_λ(z̃), so that user code evaluates the
+            cost f at the relaxed inputs too (as ``rebar``);
+        w = 1/n on the b block, 0 on the relaxed blocks (evaluation only);
+        l(x) = log p(b | x<i) on the b block;
+        a(x<i, X) = c_φ(z) - ⊥c_φ(z) - MagicBox(l) c_φ(z̃) + ⊥c_φ(z̃) on the b block, with
+            c_φ(z) = η f(σ_λ(z)) + r_ρ(z): REBAR's relaxed cost (η × the live cost estimate at the
+            relaxed entry) plus a learned residual network r_ρ on z.
+
+    With ``control_variate="network"``, c_φ(z) = r_ρ(z) only: no relaxed entries (the plate has
+    n entries, user code receives b only, and the cost need not be defined on relaxed inputs).
+
+    First order: ∇ = (f(b) - c_φ(z̃)) ∇l + ∇c_φ(z) - ∇c_φ(z̃), Grathwohl et al.'s RELAX (Eq. 6).
 
     Note (paper vs. math): appendix D.2.4 writes the z̃ part as -c_φ(z̃) + (2 - MagicBox(l)) ⊥c_φ(z̃).
     Its first derivative is the same, but its second derivative misses the cross terms
     ∇l ∇c_φ(z̃)ᵀ + ∇c_φ(z̃) ∇lᵀ of ∇²E[c_φ(z̃)] (z̃ depends on θ through b AND through the
     conditional reparameterisation), so it is biased at order 2. We use -MagicBox(l) c_φ(z̃) +
-    ⊥c_φ(z̃): evaluates to 0, and all its derivatives are those of the DiCE estimate
-    MagicBox(l) c_φ(z̃) of E[c_φ(z)], so the control variate is zero in expectation at every order.
-    ``tests/relaxed/test_relax_rebar.py`` checks both forms at order 2.
+    ⊥c_φ(z̃) (``storch_relaxed._common.tilde_term``): evaluates to 0, and all its derivatives are
+    those of the DiCE estimate MagicBox(l) c_φ(z̃) of E[c_φ(z)], so the control variate is zero in
+    expectation at every order. ``tests/relaxed/test_relaxed_unbiased.py`` checks both forms.
 
-    User code receives b as the distribution samples it (0/1, an index, or a one-hot vector).
+    User code receives, on the b block, b: 0/1 for Bernoulli, a one-hot vector for
+    OneHotCategorical AND Categorical (relaxed entries cannot be integer indices; with
+    ``control_variate="network"`` a Categorical node keeps its index); on the relaxed blocks,
+    points in (0, 1) or on the simplex.
 
-    Requires: Bernoulli, Categorical or OneHotCategorical; any cost (not differentiated).
+    Requires: Bernoulli, Categorical or OneHotCategorical; a cost defined and differentiable on
+    relaxed inputs (for the control variate only; not with ``control_variate="network"``).
 
-    max_order: ∞ (appendix D.2.4, with the correction above).
+    max_order: ∞ (appendix D.2.4, with the correction above): c_φ is differentiable, so
+    E[∇ⁿc_φ(z)] = ∇ⁿE[c_φ(z)], and MagicBox(l) c_φ(z̃) is an any-order estimate of the same.
 
-    φ is trained by ``storch.backward()`` to minimise the variance of ∂loss/∂(distribution
-    parameters) (Adam, ``lr``), applied at the estimator's next node; ``update=False`` leaves
-    ``est.parameters()`` to you. With several costs, the control variate enters once per cost.
+    η, λ and ρ are trained by ``storch.backward()`` to minimise the variance of ∂loss/∂(distribution
+    parameters) (Adam, ``lr``, one step in ``update_parameters``); ``update=False`` leaves
+    ``est.parameters()`` to you. The default residual network starts at 0, so an untrained RELAX
+    is REBAR. Inputs given at the call, ``est(q, inputs=h)`` (e.g. the observation of a VAE), are
+    fed to the residual with z: r_ρ(z, ⊥h); h depends only on x<i, so a stays zero-mean. With
+    several costs, the control variate enters once per cost.
 
     Args:
-        plate: name of the node's plate.
-        n_samples: number of samples.
-        network: c_φ, a module mapping ``(..., F)`` (z with own dims flattened) to ``(...)``;
+        plate: name of the node's plate (its size is 3 n, or n with ``control_variate="network"``).
+        n_samples: number of real samples n.
+        control_variate: ``"rebar+network"`` (η f(σ_λ(z)) + r_ρ(z), the default) or ``"network"``
+            (r_ρ(z) only).
+        network: r_ρ, a module mapping ``(..., F)`` (z with own dims flattened) to ``(...)``;
             default: a tanh MLP with ``hidden`` units, built at the first node.
         hidden: hidden width of the default network.
+        temperature: initial λ > 0 (``"rebar+network"``).
+        eta: initial η (``"rebar+network"``).
         lr: Adam learning rate of the variance-minimising update.
-        update: whether ``storch.backward()`` trains φ.
+        update: whether ``storch.backward()`` trains η, λ and ρ.
 
     Example:
         >>> est = storch.estimator("relax", plate="b")
@@ -60,32 +82,51 @@ class Relax(VarianceTrained):
 
     References:
         [1] Backpropagation through the Void (Grathwohl et al., 2018)
+        [2] REBAR: Low-variance, unbiased gradient estimates for discrete latent variable models (Tucker et al., 2017)
     """
 
     name = "relax"
     distributions = (Bernoulli, Categorical, OneHotCategorical)
 
-    def __init__(self, plate: str, n_samples: int = 1, network: Optional[Callable] = None, hidden: int = 32,
-                 lr: float = 1e-2, update: bool = True) -> None:
+    def __init__(self, plate: str, n_samples: int = 1, control_variate: str = "rebar+network",
+                 network: Optional[Callable] = None, hidden: int = 32, temperature: float = 0.5,
+                 eta: float = 1.0, lr: float = 1e-2, update: bool = True) -> None:
         super().__init__(plate, n_samples)
-        self._init_network(network, hidden)
+        if control_variate not in _FORMS:
+            raise OptionError(f"relax: control_variate={control_variate!r} is not accepted; use "
+                              f"{' or '.join(repr(f) for f in _FORMS)}")
+        self.control_variate_form = control_variate
+        self.relaxed_cost = control_variate == "rebar+network"
+        self._init_network(network, hidden, zero_output=self.relaxed_cost)
+        if self.relaxed_cost:
+            self._init_relaxed_cost(temperature, eta)
         self._init_training(lr, update)
 
-    def proposal(self, node: Node) -> torch.Tensor:
-        self.apply_pending_update()
-        node.context["params"] = param_tensors(node.distribution)
-        z, b, _, z_tilde = discrete_with_relaxation(base_of(node.distribution), self.n_samples)
-        node.context.update(z=z, z_tilde=z_tilde)
-        return b
+    def residual(self, node: Node, z: torch.Tensor) -> Optional[torch.Tensor]:
+        # r_ρ(z) (or r_ρ(z, h) with inputs h): the learned part of c_φ, one number per (sample, parent entry)
+        lead = 1 + len(node.parents)
+        if node.inputs is not None:
+            z = torch.cat([flat(z, lead), _inputs_like(node, z, lead)], -1)
+        return evaluate_network(self.name, self.network, z, lead)
 
-    def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
-        lead = len(node.plates)
-        c_z = evaluate_network(self.name, self.network, node.context["z"], lead)
-        c_zt = evaluate_network(self.name, self.network, node.context["z_tilde"], lead)
-        a = c_z - c_z.detach() + self._tilde_term(c_zt, node.gradient_function)  # ⊥: value 0
-        return cost.align(a)
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"{super().extra_repr()}, control_variate={self.control_variate_form!r}"
 
-    @staticmethod
-    def _tilde_term(c_zt: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-        # -MagicBox(l) c(z̃) + ⊥c(z̃): the any-order form (see the class docstring)
-        return c_zt.detach() - magic_box(l) * c_zt
+
+def _inputs_like(node: Node, z: torch.Tensor, lead: int) -> torch.Tensor:
+    """The node's inputs h, flattened and broadcast to z's leading dims ``(n, *parents, F_h)``.
+
+    Detached: r_ρ depends on θ only through z, so E[∇ⁿ r_ρ(z, h)] = ∇ⁿ E[r_ρ(z, h)] as for r_ρ(z).
+    """
+    h = node.inputs
+    if type(h) is PlateTensor:
+        if any(p not in node.parents for p in h.plates):
+            raise PlateError(f"relax: inputs have plates {[p.name for p in h.plates]}, not all among the node's "
+                             f"parent plates {[p.name for p in node.parents]}")
+        raw = align(h.tensor, h.plates, node.parents)
+    elif isinstance(h, torch.Tensor):
+        raw = h.reshape((1,) * len(node.parents) + tuple(h.shape))
+    else:
+        raise OptionError(f"relax: inputs must be a tensor or a PlateTensor, got {type(h).__name__}")
+    raw = flat(raw.detach(), lead - 1).to(z.dtype).unsqueeze(0)  # ⊥h (see above)
+    return raw.expand(tuple(z.shape[:lead]) + raw.shape[-1:])

@@ -2,8 +2,9 @@
 ``sum_and_sample`` (MAPO) and ``unordered_set``."""
 
 from .importance import Importance
+from .learned_baseline import LearnedBaseline
 from .score import Score
 from .sum_and_sample import SumAndSample
 from .unordered_set import UnorderedSet
 
-__all__ = ["Score", "Importance", "SumAndSample", "UnorderedSet"]
+__all__ = ["Score", "Importance", "SumAndSample", "UnorderedSet", "LearnedBaseline"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
@@ -9,7 +10,14 @@ from torch.distributions import Distribution
 
 from storch import Estimator, Node, OptionError
 
-__all__ = ["Importance"]
+__all__ = ["Importance", "ImportanceState"]
+
+
+@dataclass
+class ImportanceState:
+    """Per-node record of importance sampling: ``proposal`` is the q the samples came from."""
+
+    proposal: Optional[Distribution] = None
 
 
 class Importance(Estimator):
@@ -45,6 +53,7 @@ class Importance(Estimator):
     """
 
     name = "importance"
+    State = ImportanceState
 
     def __init__(self, plate: str, proposal: Optional[Union[Distribution, Callable[[Distribution], Distribution]]] = None,
                  n_samples: int = 1) -> None:
@@ -78,11 +87,11 @@ class Importance(Estimator):
 
     def proposal(self, node: Node) -> torch.Tensor:
         q = self._sampler(node)
-        node.context["proposal"] = q
+        node.state.proposal = q
         return q.sample((self.n_samples,))
 
     def weighting_function(self, node: Node) -> torch.Tensor:
         x = node.sample
-        log_ratio = node.log_prob(x) - node.log_prob(x, node.context["proposal"])
+        log_ratio = node.log_prob(x) - node.log_prob(x, node.state.proposal)
         # ⊥(p/q): the importance weights are detached (appendix D.2.2, condition 3 of Theorem 1)
         return log_ratio.detach().exp() / node.n

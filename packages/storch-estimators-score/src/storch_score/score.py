@@ -2,49 +2,65 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Optional, Union
 
 import torch
+from torch.distributions import Bernoulli, Independent
 
 import storch.distributed
 from storch import CostFrame, Estimator, Node, OptionError, PlateTensor
 
+from .learned_baseline import LearnedBaseline
+
 __all__ = ["Score"]
 
 _KINDS = {"none": "none", "moving_average": "moving_average", "leave_one_out": "leave_one_out",
-          "batch_average": "leave_one_out"}
+          "batch_average": "leave_one_out", "learned": "learned", "greedy": "greedy"}
 
 
 class Score(Estimator):
     """Score-function estimator (REINFORCE) with an optional baseline (appendix D.2.1, appendix C).
 
     Components:
-        q(X | x<i) = n i.i.d. samples from p(x | x<i);
-        w(x) = 1/n;
-        l(x) = log p(x | x<i), summed over the node's own batch dims;
+        q(X | x<i) = n i.i.d. samples from p(x | x<i) (with ``baseline="greedy"`` one more,
+            evaluation-only entry: the greedy value argmax p, so user code sees n + 1 entries);
+        w(x) = 1/n on the n samples (0 on the greedy entry);
+        l(x) = log p(x | x<i), summed over the node's own batch dims (0 on the greedy entry);
         a(x<i, X) = (1 - MagicBox(l(x))) ⊥b(x<i, X \\ {x}) (the any-order baseline of appendix C),
         b one of: none; the moving average of the cost over earlier steps; the leave-one-out mean
-        (1/(n-1)) Σ_{x' ≠ x} f(x'); a user callable.
+        (1/(n-1)) Σ_{x' ≠ x} f(x'); NVIL's c + b_ψ(h), a running mean plus a network on the node's
+        inputs, learned by regression on the cost; the cost of the
+        greedy value (self-critical); a user callable or module.
 
     On a partition (the estimator called at every step of an episode, docs/partitions.md), l is
     the log-probability of the sequence up to the step a cost was computed at (causal credit), so
     baselines are per time step: leave-one-out and moving averages of the cost-to-go.
 
-    Requires: any distribution with ``sample`` and ``log_prob``.
+    Requires: any distribution with ``sample`` and ``log_prob`` (and ``mode`` for ``"greedy"``).
 
     max_order: ∞ — the score function is unbiased at any order (D.2.1) and a detached baseline
-    that does not depend on x is zero-mean at any order (appendix C).
+    that does not depend on x is zero-mean at any order (appendix C): the moving average and the
+    learned baseline use earlier steps only (they change in ``update_parameters``, after the step),
+    and the greedy value is a function of x<i.
 
     Args:
         plate: name of the node's plate.
         n_samples: number of samples with replacement.
         baseline: ``"none"``, ``"moving_average"``, ``"leave_one_out"`` (alias ``"batch_average"``,
-            needs ``n_samples >= 2``) or a callable ``baseline(node, cost) -> tensor`` that gets the
+            needs ``n_samples >= 2``), ``"learned"`` (NVIL: :class:`storch_score.LearnedBaseline`, an
+            MLP per cost on ``node.inputs``, given as ``est(distribution, inputs=h)``, or on the
+            distribution's parameters without inputs), ``"greedy"`` (self-critical: the cost of the
+            mode), or a callable / ``torch.nn.Module`` ``baseline(node, cost) -> tensor`` that gets the
             :class:`storch.Node` and the :class:`storch.CostFrame` and returns b in the frame of
             ``cost`` (a tensor broadcastable to ``cost.tensor``, or a PlateTensor whose plates are
-            among ``cost.plates``). It must not depend on the sample x it is used for (a
-            self-critical or learned baseline); its result is detached.
-        decay: the moving average's decay in [0, 1): b <- decay·b + (1 - decay)·mean cost.
+            among ``cost.plates``). It must not depend on the sample x it is used for; its result is
+            detached. A module with trainable parameters is trained like ``"learned"``.
+        decay: the moving average's decay in [0, 1): b <- decay·b + (1 - decay)·mean cost (also
+            NVIL's running mean c).
+        lr: Adam learning rate of a learned baseline's regression on the cost.
+        hidden: hidden width of ``"learned"``'s networks.
+        update: whether ``storch.backward()`` updates the baseline (moving average, learned parts).
         eos: for a partition (the estimator called at every step of a sequence): the index (in the
             support) of the end-of-sequence value; a finished sequence draws it again with
             log-probability 0 at later steps (variable length). ``None``: fixed length.
@@ -52,12 +68,16 @@ class Score(Estimator):
     Example:
         >>> est = storch.estimator("score", plate="z", n_samples=8, baseline="leave_one_out")
         >>> z = est(torch.distributions.Bernoulli(logits=theta))
+        >>> nvil = storch.estimator("score", plate="z", baseline="learned")
+        >>> z = nvil(q, inputs=x)   # b_ψ(x), trained by storch.backward()
 
     References:
         [1] Simple statistical gradient-following algorithms for connectionist reinforcement
             learning (Williams, 1992)
-        [2] Buy 4 REINFORCE samples, get a baseline for free! (Kool et al., 2019)
-        [3] Storchastic: A Framework for General Stochastic Automatic Differentiation (van Krieken et al., 2021)
+        [2] Neural Variational Inference and Learning in Belief Networks (Mnih & Gregor, 2014)
+        [3] Self-critical Sequence Training for Image Captioning (Rennie et al., 2017)
+        [4] Buy 4 REINFORCE samples, get a baseline for free! (Kool et al., 2019)
+        [5] Storchastic: A Framework for General Stochastic Automatic Differentiation (van Krieken et al., 2021)
     """
 
     name = "score"
@@ -66,29 +86,83 @@ class Score(Estimator):
 
     def __init__(self, plate: str, n_samples: int = 1,
                  baseline: Union[str, Callable[[Node, CostFrame], torch.Tensor]] = "none",
-                 decay: float = 0.9, eos: Optional[int] = None) -> None:
+                 decay: float = 0.9, lr: float = 1e-2, hidden: int = 128, update: bool = True,
+                 eos: Optional[int] = None) -> None:
         super().__init__(plate, n_samples)
         if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or eos < 0):
             raise OptionError(f"score: eos must be None or the index of the end value in the support, got {eos!r}")
         self.eos = eos
+        self.baseline_fn: Optional[Callable] = None
         if callable(baseline) and not isinstance(baseline, str):
             self.baseline_kind, self.baseline_fn = "callable", baseline
         elif isinstance(baseline, str) and baseline in _KINDS:
-            self.baseline_kind, self.baseline_fn = _KINDS[baseline], None
+            self.baseline_kind = _KINDS[baseline]
         else:
             raise OptionError(
                 f"score: baseline={baseline!r} is not accepted; use 'none', 'moving_average', 'leave_one_out' "
-                "(alias 'batch_average') or a callable baseline(node, cost)")
+                "(alias 'batch_average'), 'learned', 'greedy', or a callable / nn.Module baseline(node, cost)")
         if self.baseline_kind == "leave_one_out" and n_samples < 2:
             raise OptionError(
                 f"score: baseline={baseline!r} needs n_samples >= 2 (it averages the other samples' costs), "
                 f"got n_samples={n_samples}")
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
             raise OptionError(f"score: decay must be a float in [0, 1), got {decay!r}")
-        self.decay = float(decay)
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise OptionError(f"score: lr must be a float > 0, got {lr!r}")
+        if not isinstance(update, bool):
+            raise OptionError(f"score: update must be True or False, got {update!r}")
+        if self.baseline_kind == "learned":
+            self.baseline_kind, self.baseline_fn = "callable", LearnedBaseline(hidden)
+        self.decay, self.lr, self.update = float(decay), float(lr), update
         self.moving_averages: dict[str, torch.Tensor] = {}  # cost name -> average of earlier steps
-        # storch.backward() adds a finished step's mean costs (never a failed or evaluation-only step's)
-        self.has_update = self.baseline_kind == "moving_average"
+        self._optimizer: Optional[torch.optim.Optimizer] = None
+        self.update_steps = 0
+        self.register_load_state_dict_post_hook(Score._restore_optimizer)
+        # state that storch.backward() updates: the moving average, a learned baseline's parameters
+        fn = self.baseline_fn
+        self.has_update = update and (self.baseline_kind == "moving_average" or isinstance(fn, LearnedBaseline) or (
+            isinstance(fn, torch.nn.Module) and any(p.requires_grad for p in fn.parameters())))
+
+    # -- the components ------------------------------------------------------------------------
+
+    @property
+    def uniform_weights(self) -> bool:
+        return self.baseline_kind != "greedy"
+
+    def proposal(self, node: Node) -> torch.Tensor:
+        x = super().proposal(node)
+        if self.baseline_kind != "greedy":
+            return x
+        # the greedy value as one more, evaluation-only entry (Rennie et al. 2017)
+        return torch.cat([x, _mode(node.distribution, self.name).unsqueeze(0).to(x.dtype)], 0)
+
+    def weighting_function(self, node: Node) -> torch.Tensor:
+        w = super().weighting_function(node)
+        if self.baseline_kind != "greedy":
+            return w
+        n = self.n_samples
+        return torch.cat([w.new_full((n,), 1.0 / n), w.new_zeros((1,))])  # w = 0: evaluation only
+
+    def gradient_function(self, node: Node) -> torch.Tensor:
+        l = super().gradient_function(node)
+        if self.baseline_kind != "greedy":
+            return l
+        return torch.cat([l[:-1], torch.zeros_like(l[-1:])])  # the greedy entry is not a sample of p
+
+    def extend(self, node: Node, distribution, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.baseline_kind != "greedy":
+            return super().extend(node, distribution, plates)
+        # a later step of a partition: the greedy entry continues with the greedy value (greedy
+        # decoding); its log-probability is 0, as at the first step (it is not a sample of p)
+        sample = self._draw(distribution, ())
+        is_greedy = torch.arange(sample.shape[0], device=sample.device) == self.n_samples
+        sample = torch.where(is_greedy.reshape((-1,) + (1,) * (sample.dim() - 1)),
+                             _mode(distribution, self.name).to(sample.dtype), sample)
+        lp = self.step_gradient_function(node, distribution, sample, plates)
+        lp = torch.where(is_greedy.reshape((-1,) + (1,) * (lp.dim() - 1)), torch.zeros_like(lp), lp)
+        if self.eos is not None:
+            sample, lp = self._after_eos(node, distribution, sample, lp, plates)
+        return sample, lp
 
     def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         kind = self.baseline_kind
@@ -101,36 +175,98 @@ class Score(Estimator):
             return (cost.sum_plate(t) - t) / (n - 1)
         if kind == "moving_average":
             # the average of EARLIER steps only: update_parameters adds this step's costs after the
-            # step (storch.backward()), so b never depends on the current samples (appendix D.2.1)
-            key = cost.name or ""
-            step = cost.plates[cost.dim].step
-            if step:  # a cost at step t of a partition: its own average (a per-time-step baseline)
-                key = f"{key}@{step}"
-            node.context.setdefault("cost_means", {})[key] = cost.tensor.mean()  # for update_parameters
-            return self.moving_averages.get(key)
+            # step, so b never depends on the current samples (appendix D.2.1, condition on b); a
+            # cost at step t of a partition has its own average (a per-time-step baseline)
+            return self.moving_averages.get(cost.key)
+        if kind == "greedy":
+            # b = f(greedy value), the cost at the evaluation-only last entry (Rennie et al. 2017)
+            t = cost.tensor
+            return t.narrow(cost.dim, self.n_samples, 1) if t.shape[cost.dim] > 1 else t
         if kind == "callable":
-            b = self.baseline_fn(node, cost)
-            if b is None:
-                return None
-            if type(b) is PlateTensor:
-                if b.dim() != 0:
-                    raise OptionError(
-                        f"score: the baseline callable returned a PlateTensor with per-sample shape "
-                        f"{tuple(b.shape)}; a baseline is one number per sample, like the cost")
-                return cost.align(b.tensor, b.plates)
-            return torch.as_tensor(b, dtype=cost.tensor.dtype, device=cost.tensor.device)
+            b = self._call_baseline(node, cost)
+            if isinstance(self.baseline_fn, LearnedBaseline):
+                # NVIL centres the cost with a running mean c and learns b_ψ(h) on the rest:
+                # b = c + b_ψ(h) (Mnih & Gregor 2014, §3.3); both from earlier steps only
+                c = self.moving_averages.get(cost.key)
+                b = b if c is None else b + c
+            return b
         return None
 
     def control_variate_stacks(self) -> bool:
         # leave-one-out reads only the costs along the node's plate; a moving average is per cost
-        # name and step, a callable may read anything
+        # name and step, a callable (or learned) baseline may read anything
         return self.baseline_kind in ("none", "leave_one_out")
 
+    def _call_baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
+        b = self.baseline_fn(node, cost)
+        if b is None:
+            return None
+        if type(b) is PlateTensor:
+            if b.dim() != 0:
+                raise OptionError(
+                    f"score: the baseline callable returned a PlateTensor with per-sample shape "
+                    f"{tuple(b.shape)}; a baseline is one number per sample, like the cost")
+            return cost.align(b.tensor, b.plates)
+        return torch.as_tensor(b, dtype=cost.tensor.dtype, device=cost.tensor.device)
+
+    # -- the state: changed here only ----------------------------------------------------------
+
     def update_parameters(self, nodes: list[Node], loss: torch.Tensor) -> None:
-        """After a step (``storch.backward()``): its mean costs enter the moving averages."""
-        means: dict[str, torch.Tensor] = {}
-        for node in nodes:
-            means.update(node.context.get("cost_means", {}))
+        """Add this step's mean costs to the moving average, or regress a learned baseline on them."""
+        frames = [(node, frame) for node in nodes for frame in node.frames.values()]
+        if self.baseline_kind == "moving_average":
+            self._update_averages(frames)
+            return
+        # a learned baseline: one Adam step on Σ (b_ψ - f)², f the detached cost estimates (NVIL, Eq. 11);
+        # "learned" regresses on f - c, c the running mean of the cost (NVIL's centring), then updates c
+        errors = []
+        nvil = isinstance(self.baseline_fn, LearnedBaseline)
+        for node, frame in frames:
+            b = self._call_baseline(node, frame)
+            if b is not None and b.requires_grad:
+                f = frame.tensor
+                c = self.moving_averages.get(frame.key) if nvil else None
+                b, f = torch.broadcast_tensors(b, f if c is None else f - c)
+                errors.append(((b - f) ** 2).mean())
+        if nvil:
+            self._update_averages(frames)
+        params = [p for p in self.baseline_fn.parameters() if p.requires_grad]
+        if not errors or not params:
+            return
+        if self._optimizer is None or sum(len(g["params"]) for g in self._optimizer.param_groups) != len(params):
+            self._optimizer = torch.optim.Adam(params, lr=self.lr)
+        grads = torch.autograd.grad(sum(errors), params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g
+        self._optimizer.step()
+        for p in params:
+            p.grad = None
+        self.update_steps += 1
+
+    # -- state_dict: moving averages and a learned baseline's optimizer are estimator state ---------
+
+    def get_extra_state(self) -> dict:
+        return {"moving_averages": dict(self.moving_averages), "update_steps": self.update_steps,
+                "optimizer": None if self._optimizer is None else self._optimizer.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        # copies, as load_state_dict copies parameters; the optimizer once the baseline's heads loaded
+        state = copy.deepcopy(state)
+        self.moving_averages = state["moving_averages"]
+        self.update_steps = state.get("update_steps", 0)
+        self._loaded_optimizer = state.get("optimizer")
+
+    @staticmethod
+    def _restore_optimizer(module: "Score", incompatible_keys) -> None:
+        saved, module._loaded_optimizer = getattr(module, "_loaded_optimizer", None), None
+        module._optimizer = None
+        if saved is not None and module.baseline_fn is not None:
+            params = [p for p in module.baseline_fn.parameters() if p.requires_grad]
+            module._optimizer = torch.optim.Adam(params, lr=module.lr)
+            module._optimizer.load_state_dict(saved)
+
+    def _update_averages(self, frames: list) -> None:
+        means = {frame.key: frame.tensor.mean() for _, frame in frames}
         means = storch.distributed.all_reduce_mean(means, owner=self)  # the global batch's mean, every rank
         for key, value in means.items():
             if value.device.type != "meta" and not bool(torch.isfinite(value)):
@@ -138,18 +274,23 @@ class Score(Estimator):
             old = self.moving_averages.get(key)
             self.moving_averages[key] = value if old is None else self.decay * old + (1.0 - self.decay) * value
 
-    # -- state_dict: the moving averages are estimator state --------------------------------------
-
-    def get_extra_state(self) -> dict:
-        """What ``state_dict()`` saves besides parameters: the moving averages by cost name."""
-        return {"moving_averages": dict(self.moving_averages)}
-
-    def set_extra_state(self, state: dict) -> None:
-        # copies, as load_state_dict copies parameters: nothing is shared with the saved model
-        self.moving_averages = {k: v.clone() for k, v in state["moving_averages"].items()}
-
     def extra_repr(self) -> str:
         b = self.baseline_kind if self.baseline_fn is None else repr(self.baseline_fn)
         return f"{super().extra_repr()}, baseline={b}" + (
             f", decay={self.decay}" if self.baseline_kind == "moving_average" else "")
 
+
+def _mode(d, who: str) -> torch.Tensor:
+    """The most probable value of ``d`` (argmax p; the greedy sample of a self-critical baseline)."""
+    base = d.base_dist if isinstance(d, Independent) else d
+    if isinstance(base, Bernoulli):  # torch's Bernoulli.mode is NaN at p = 1/2; take 0 there
+        return (base.logits > 0).to(base.logits.dtype)
+    try:
+        mode = d.mode.detach()  # ⊥: the greedy value is a sample, not differentiated
+    except NotImplementedError:
+        mode = None
+    if mode is None or (mode.is_floating_point() and torch.isnan(mode).any()):
+        raise OptionError(
+            f"{who}: baseline='greedy' needs the distribution's most probable value, but {type(d).__name__}.mode "
+            "is not implemented or not unique (NaN); use another baseline")
+    return mode

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -14,7 +15,28 @@ from storch._plates import align
 from ._beam import beam_step, stochastic_beam_search
 from ._support import enumerate_joint, enumerate_values, masked_logsumexp
 
-__all__ = ["UnorderedSet"]
+__all__ = ["UnorderedSet", "SetState"]
+
+
+@dataclass
+class SetState:
+    """Per-node record of the unordered set estimator (filled by ``proposal``).
+
+    Attributes:
+        lp: log p(s) of the k drawn values, shape ``(k, *parents)``, with gradient.
+        log_rest: log(1 - p(S)) per parent entry (detached).
+        h: the set probabilities (lp, h(∅), h({s}), h({s, s'})), computed once by the first
+            component that needs them (weights or baseline).
+        g: the perturbed log-probabilities (Gumbel values) of the kept values or prefixes (stochastic
+            beam search continues from them at the next step of a partition).
+        phi: on a partition, log p of each kept prefix (detached), the beam's scores.
+    """
+
+    lp: Optional[torch.Tensor] = None
+    log_rest: Optional[torch.Tensor] = None
+    h: Optional[tuple] = None
+    g: Optional[torch.Tensor] = None
+    phi: Optional[torch.Tensor] = None
 
 _MAX_SAMPLES = 16  # the set probabilities take a 2^k dynamic programme
 
@@ -76,6 +98,7 @@ class UnorderedSet(Estimator):
     requires_enumerate_support = True
     supports_partitions = True
     causal_credit = False  # the weights belong to the final set of sequences
+    State = SetState
 
     def __init__(self, plate: str, n_samples: int = 2, baseline: bool = True, budget: int = 4096,
                  eos: Optional[int] = None) -> None:
@@ -109,13 +132,13 @@ class UnorderedSet(Estimator):
             with torch.no_grad():
                 mask = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter(0, idx, True)
                 log_rest, _ = masked_logsumexp(logp.detach(), mask, 0)  # log(1 - p(S)), exact
-            node.context.update(lp=logp.gather(0, idx), log_rest=log_rest, g=top.values)
+            node.state.lp, node.state.log_rest, node.state.g = logp.gather(0, idx), log_rest, top.values
             return values[idx]
         # too many joint values to list: the same Gumbel-top-k sample by stochastic beam search
         values, lp, g = stochastic_beam_search(node, self.n_samples)
         with torch.no_grad():
             log_rest = _log1mexp(torch.logsumexp(lp.detach(), 0))  # log(1 - p(S))
-        node.context.update(lp=lp, log_rest=log_rest, g=g)
+        node.state.lp, node.state.log_rest, node.state.g = lp, log_rest, g
         return values
 
     def extend(self, node: Node, distribution, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,38 +147,37 @@ class UnorderedSet(Estimator):
         tensors of earlier steps follow their prefixes. The set of sequences at the last step is a
         sample without replacement from the sequence distribution, and the set probabilities are
         those of whole sequences."""
-        c = node.context
+        c = node.state
         prev = (node.plate,) + node.parents
         values, lp = enumerate_values(distribution, len(plates), self.budget, self.name, self.plate)  # (M, *plates)
         if self.eos is not None:  # a finished prefix continues with eos, with probability 1
-            done = align(c["finished"], prev, plates).expand(tuple(p.size for p in plates))
+            done = align(node.finished, prev, plates).expand(tuple(p.size for p in plates))
             is_end = self._is_eos(distribution, values, len(plates)).reshape((-1,) + (1,) * len(plates))
             forced = torch.where(is_end, torch.zeros((), dtype=lp.dtype), torch.full((), -math.inf, dtype=lp.dtype))
             lp = torch.where(done.unsqueeze(0), forced, lp)
         lp = lp.expand((lp.shape[0],) + tuple(p.size for p in plates))
         # detach: which prefixes survive is sampled, not differentiated (l_t carries the gradient)
-        phi = align(c["phi"] if "phi" in c else c["lp"].detach(), prev, plates).expand(lp.shape[1:])
-        g = align(c["g"], prev, plates).expand(lp.shape[1:])
+        phi = align(c.phi if c.phi is not None else c.lp.detach(), prev, plates).expand(lp.shape[1:])
+        g = align(c.g, prev, plates).expand(lp.shape[1:])
         parent, value, g, phi, left = beam_step(lp.detach(), phi, g, self.n_samples)
         node.plate.lineage.set_parents(node.step + 1, parent, plates[1:])
         # l_t of each surviving prefix: log p(value | parent prefix), with gradient
         step_lp = lp.gather(1, parent.unsqueeze(0).expand((lp.shape[0],) + parent.shape)).gather(
             0, value.unsqueeze(0)).squeeze(0)
         with torch.no_grad():  # p(D∖S) of the prefixes: what was left before plus the dropped children
-            log_rest = torch.logaddexp(align(c["log_rest"], prev[1:], plates[1:]), left)
+            log_rest = torch.logaddexp(align(c.log_rest, prev[1:], plates[1:]), left)
         sample = values[value]
-        c.update(lp=phi, phi=phi, g=g, log_rest=log_rest)
-        c.pop("h", None)
+        c.lp, c.phi, c.g, c.log_rest, c.h = phi, phi, g, log_rest, None
         if self.eos is not None:
-            c["finished"] = done.gather(0, parent) | self._is_eos(distribution, sample, len(plates))
+            node.finished = done.gather(0, parent) | self._is_eos(distribution, sample, len(plates))
         # an impossible value (only drawn when k exceeds the possible sequences) has weight 0: l = 0
         return sample, torch.where(torch.isfinite(step_lp), step_lp, torch.zeros_like(step_lp))
 
     def _set_probabilities(self, node: Node) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        c = node.context
-        if "h" not in c:
+        c = node.state
+        if c.h is None:  # a cache of values derived from the proposal (pure: same inputs, same h)
             with torch.no_grad():  # weights and baseline are detached (⊥ in D.2.3)
-                lp, log_rest = c["lp"].detach(), c["log_rest"]
+                lp, log_rest = c.lp.detach(), c.log_rest
                 floor = -1e30  # log of a probability that is exactly 0: finite, so no inf - inf
                 lp = lp.clamp_min(floor)
                 k = lp.shape[0]
@@ -173,8 +195,8 @@ class UnorderedSet(Estimator):
                 else:
                     h0, h1, h2 = _log_h(flat, rest.clamp_min(floor))
                 shape = lp.shape[1:]
-                c["h"] = (lp, h0.reshape(shape), h1.reshape((k,) + shape), h2.reshape((k, k) + shape))
-        return c["h"]
+                c.h = (lp, h0.reshape(shape), h1.reshape((k,) + shape), h2.reshape((k, k) + shape))
+        return c.h
 
     def weighting_function(self, node: Node) -> torch.Tensor:
         lp, h0, h1, _ = self._set_probabilities(node)
@@ -182,7 +204,7 @@ class UnorderedSet(Estimator):
         return (lp + h1 - h0).exp()
 
     def gradient_function(self, node: Node) -> torch.Tensor:
-        lp = node.context["lp"]
+        lp = node.state.lp
         # a value of probability exactly 0 (weight 0) gets l = 0 instead of -inf: no NaN in MagicBox
         return torch.where(torch.isfinite(lp), lp, torch.zeros_like(lp))
 

@@ -14,6 +14,7 @@ from .._surrogate import surrogate_loss
 from ._models import EstimatorFactory, Model, standard_models, supports
 from ._resolve import EstimatorLike, default_orders, replicas, resolve
 from ._stats import UnbiasednessReport, per_replicate_derivatives, z_test
+from ._warmup import persistent, warm_up
 
 __all__ = ["check_against_enumeration", "ConformanceReport", "exact_derivatives", "direction"]
 
@@ -86,8 +87,12 @@ def exact_derivatives(fn, theta: torch.Tensor, order: int) -> list[torch.Tensor]
 
 
 def _run_model(model: Model, make: EstimatorFactory, orders: Sequence[int], n: int, seed: int,
-               threshold: float) -> list[UnbiasednessReport]:
+               threshold: float, warmup: int = 0, warmup_replicates: int = 64) -> list[UnbiasednessReport]:
     top = max(orders)
+    make = persistent(make)  # one estimator per node for the whole check (its learned parts persist)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 7919)
+        warm_up(model, make, warmup, warmup_replicates)
     with torch.random.fork_rng(devices=[]), Graph():
         torch.manual_seed(seed)
         leaf, weights, theta = replicas(model.theta, n)
@@ -139,6 +144,8 @@ def check_against_enumeration(
     seed: int = 0,
     threshold: float = 4.0,
     raise_on_failure: bool = True,
+    warmup: int = 0,
+    warmup_replicates: int = 64,
 ) -> ConformanceReport:
     """z-test an estimator's estimates of orders 0..n against exact values on small models.
 
@@ -157,6 +164,11 @@ def check_against_enumeration(
         seed: seed of the first model (model i uses ``seed + i``); the global RNG is restored.
         threshold: the largest accepted |z| per component.
         raise_on_failure: raise ``AssertionError`` with the report's table when a test fails.
+        warmup: training steps (``storch.backward()``, so ``update_parameters`` runs) of each model
+            at its θ before the test, with the same estimator instances the test then uses, so
+            that learned baselines and control variates are tested trained, not at their initial
+            weights. Each step holds ``warmup_replicates`` copies of θ on a data plate.
+        warmup_replicates: copies of θ per warm-up step.
 
     Returns:
         a :class:`ConformanceReport`.
@@ -178,7 +190,8 @@ def check_against_enumeration(
     report = ConformanceReport(probe.name or type(probe).__name__, orders, skipped=skipped)
     for i, model in enumerate(models):
         try:
-            report.checks += _run_model(model, make, orders, n_replicates, seed + i, threshold)
+            report.checks += _run_model(model, make, orders, n_replicates, seed + i, threshold, warmup,
+                                        warmup_replicates)
         except UnsupportedDistributionError as e:  # refused when sampling, not by its class attributes
             report.skipped[model.name] = f"refused while sampling: {e}"
     report.seconds = time.perf_counter() - start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -111,7 +112,9 @@ def z_test(estimates: torch.Tensor, exact, name: str = "estimate", threshold: fl
     tiny = stderr <= atol * (1 + exact.abs())
     z = torch.where(tiny, ((mean - exact).abs() > atol * (1 + exact.abs())).double() * float("inf"),
                     (mean - exact) / stderr.clamp_min(1e-300))
-    z = torch.where(torch.isfinite(mean), torch.nan_to_num(z, nan=0.0), torch.full_like(z, float("inf")))
+    # nan_to_num would turn ±inf into ±1.797e308: keep infinities as they are
+    z = torch.where(torch.isfinite(mean), torch.nan_to_num(z, nan=0.0, posinf=math.inf, neginf=-math.inf),
+                    torch.full_like(z, math.inf))
     return UnbiasednessReport(name, mean, stderr, exact, z, n, threshold, var)
 
 

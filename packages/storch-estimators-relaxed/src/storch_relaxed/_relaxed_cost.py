@@ -1,0 +1,98 @@
+"""What REBAR and RELAX share: the conditional relaxation z, b = H(z), z̃ ~ p(z | b), and the
+control variate c(z) - ⊥c(z) - MagicBox(l) c(z̃) + ⊥c(z̃) with REBAR's relaxed-cost term
+η f(σ_λ(z)) (Tucker et al. 2017), to which RELAX adds a learned residual r_ρ (Grathwohl et al. 2018).
+
+With the relaxed-cost term, the node's plate holds 3 blocks of n entries: b, σ_λ(z) and σ_λ(z̃)
+(σ_λ(z) = σ(z/λ), or softmax(z/λ) for categoricals), so that user code evaluates the cost f at
+the relaxed inputs too; only the b block is weighted (1/n), the relaxed blocks are evaluation only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch.distributions import Bernoulli
+
+from storch import CostFrame, Node, OptionError
+
+from ._common import (VarianceTrained, base_of, block, blocks_weights, discrete_with_relaxation, pad_blocks,
+                      param_tensors, tilde_term)
+
+__all__ = ["RelaxedCost"]
+
+
+class RelaxedCost(VarianceTrained):
+    """Base of ``rebar`` and ``relax``: c(z) = [η f(σ_λ(z))] + [r_ρ(z)], λ, η (and ρ) learned.
+
+    Subclasses set ``self.relaxed_cost`` (whether c has the η f(σ_λ(z)) term) and may override
+    :meth:`residual` (r_ρ, none by default).
+    """
+
+    relaxed_cost: bool = True
+    _tilde_term = staticmethod(tilde_term)
+
+    def _init_relaxed_cost(self, temperature: float, eta: float) -> None:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+            raise OptionError(f"{self.name}: temperature must be a finite float > 0, got {temperature!r}")
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta):
+            raise OptionError(f"{self.name}: eta must be a finite float, got {eta!r}")
+        # λ as log λ (positive), η: trained with the rest of c by update_parameters (Tucker et al., §3.3)
+        self.log_temperature = torch.nn.Parameter(torch.tensor(math.log(temperature), dtype=torch.float64))
+        self.eta = torch.nn.Parameter(torch.tensor(float(eta), dtype=torch.float64))
+
+    @property
+    def blocks(self) -> int:
+        return 3 if self.relaxed_cost else 1
+
+    @property
+    def uniform_weights(self) -> bool:
+        return not self.relaxed_cost
+
+    def proposal(self, node: Node) -> torch.Tensor:
+        d = base_of(node.distribution)
+        s = node.state
+        s.params = param_tensors(node.distribution)
+        s.z, s.b, hard, s.z_tilde = discrete_with_relaxation(d, self.n_samples)
+        if not self.relaxed_cost:
+            return s.b
+        lam = self.log_temperature.clone().exp().to(s.z)  # z's dtype and device  # clone: see _common.param_clones
+        if isinstance(d, Bernoulli):
+            soft, soft_tilde = torch.sigmoid(s.z / lam), torch.sigmoid(s.z_tilde / lam)
+        else:
+            soft, soft_tilde = torch.softmax(s.z / lam, -1), torch.softmax(s.z_tilde / lam, -1)
+        return torch.cat([hard, soft, soft_tilde], 0)  # b (one-hot for categoricals), σ_λ(z), σ_λ(z̃)
+
+    def weighting_function(self, node: Node) -> torch.Tensor:
+        if not self.relaxed_cost:
+            return super().weighting_function(node)
+        return blocks_weights(node, self.n_samples, 3)
+
+    def gradient_function(self, node: Node) -> torch.Tensor:
+        node.state.l = node.log_prob(node.state.b)  # l on the b block
+        return pad_blocks(node.state.l, self.blocks)
+
+    def residual(self, node: Node, z: torch.Tensor) -> Optional[torch.Tensor]:
+        """r_ρ(z) per entry, shape ``(n, *parents)``; ``None`` for no residual (REBAR)."""
+        return None
+
+    def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
+        n, s = self.n_samples, node.state
+        c_z: Optional[torch.Tensor] = None
+        c_zt: Optional[torch.Tensor] = None
+        if self.relaxed_cost:
+            live = cost.live()  # with its graph: c must be differentiable in θ, λ, η
+            eta = self.eta.clone().to(live)  # live's dtype and device  # clone: see _common.param_clones
+            c_z, c_zt = eta * block(live, cost, n, 1), eta * block(live, cost, n, 2)  # η f(σ_λ(·))
+        r_z, r_zt = self.residual(node, s.z), self.residual(node, s.z_tilde)
+        if r_z is not None:
+            r_z, r_zt = cost.align(r_z), cost.align(r_zt)
+            c_z = r_z if c_z is None else c_z + r_z
+            c_zt = r_zt if c_zt is None else c_zt + r_zt
+        if c_z is None:
+            return None
+        # Grathwohl et al. 2018, Eq. 6 in Storchastic's form (appendix D.2.4, see tilde_term):
+        # a = c(z) - ⊥c(z) - MagicBox(l) c(z̃) + ⊥c(z̃), which evaluates to 0
+        a = c_z - c_z.detach() + self._tilde_term(c_zt, cost.align(s.l))
+        return pad_blocks(a, self.blocks, cost.dim)

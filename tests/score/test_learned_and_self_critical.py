@@ -1,0 +1,161 @@
+"""score with a learned, input-dependent baseline (NVIL) and with a self-critical (greedy) baseline.
+
+- z-tests with the conformance kit, the learned baseline trained first (``warmup``), in one batched
+  graph and with replicates as separate graphs (``check_leakage``);
+- the greedy entry: user code sees n + 1 entries, the last (weight 0) is the most probable value,
+  also at every step of a partition (greedy decoding);
+- NVIL's regression learns an input-dependent cost, and its gradient variance is below the moving
+  average's when the cost depends on the data point.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Categorical, OneHotCategorical
+
+import storch
+import storch.testing as kit
+from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
+from storch_score import LearnedBaseline
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("baseline,warmup", [("learned", 60), ("greedy", 0)])
+def test_kit_with_warmup(baseline, warmup):
+    opts = {"n_samples": 2, "baseline": baseline}
+    report = kit.check_against_enumeration("score", options=opts, orders=(0, 1, 2), warmup=warmup,
+                                           n_replicates=3000)
+    print("\n" + report.table(details=False))
+    assert len(report.checks) == 18  # six models, three orders
+
+
+@pytest.mark.parametrize("baseline", ["learned", "greedy"])
+def test_kit_with_separate_graphs(baseline):
+    models = [m for m in kit.standard_models(storch.estimator("score", plate="p"))[0]
+              if m.name in ("bernoulli[3]", "onehot[K=5]")]
+    report = kit.check_leakage("score", options={"n_samples": 2, "baseline": baseline}, models=models,
+                               n_graphs=300, warmup=60 if baseline == "learned" else 0)
+    print("\n" + report.table(details=False))
+    assert report.ok
+
+
+def test_greedy_entry_is_the_mode_with_weight_zero():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [1.5, 0.0, 0.2]])
+    with storch.Graph() as graph:
+        z = storch.estimator("score", plate="z", n_samples=3, baseline="greedy")(Categorical(logits=logits))
+        node = graph.nodes[0]
+        assert z.plates[0].size == 4  # user code sees n + 1 entries
+        assert torch.equal(z.tensor[3], torch.tensor([1, 0]))  # the greedy value argmax p
+        assert torch.equal(node.weight_values.reshape(-1), torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0]))
+        assert float(node.gradient_values.reshape(4, -1)[3].abs().sum()) == 0.0
+    with storch.Graph():
+        b = storch.estimator("score", plate="b", baseline="greedy")(Bernoulli(logits=torch.tensor([0.0, 0.3, -2.0])))
+        assert torch.equal(b.tensor[1], torch.tensor([0.0, 1.0, 0.0]))  # p = 1/2 gives 0, not NaN
+
+
+def test_greedy_in_a_partition_decodes_greedily_and_is_unbiased():
+    """x_t ~ Bern(σ(θ_t + 1.5 x_{t-1} - 0.5)), three steps of ONE estimator (a partition)."""
+    torch.manual_seed(70)
+    theta = torch.tensor([0.3, -0.4, 0.2], dtype=F64)
+    est = storch.estimator("score", plate="seq", n_samples=3, baseline="greedy")
+
+    def cost(xs):
+        return (sum(xs) - 1.2) ** 2
+
+    with storch.Graph() as graph:
+        leaf, th = replicate(theta, 4000)
+        xs, prev = [], 0.0
+        for t in range(3):
+            xs.append(est(Bernoulli(logits=th[t] + 1.5 * prev - 0.5)))
+            prev = xs[-1]
+        storch.add_cost(cost(xs))
+        g, = per_replicate_derivatives(storch.surrogate_loss(1), leaf, 1)
+        greedy = torch.stack([graph.nodes[0].sample[3]] + [s.select(
+            [p.name for p in x.plates].index("seq"), 3) for s, x in zip(graph.nodes[0].steps, xs[1:])])
+    # the greedy entry follows argmax at every step: logits θ_t + 1.5 x_{t-1} - 0.5 > 0
+    want, prev = [], 0.0
+    for t in range(3):
+        prev = float(theta[t] + 1.5 * prev - 0.5 > 0)
+        want.append(prev)
+    assert torch.equal(greedy.reshape(3, -1)[:, 0], torch.tensor(want, dtype=greedy.dtype))
+
+    def exact(th):
+        total = th.new_zeros(())
+        for v in itertools.product((0.0, 1.0), repeat=3):
+            lp, prev = th.new_zeros(()), 0.0
+            for t in range(3):
+                lp = lp + Bernoulli(logits=th[t] + 1.5 * prev - 0.5).log_prob(th.new_tensor(v[t]))
+                prev = v[t]
+            total = total + lp.exp() * cost(list(v))
+        return total
+
+    assert_unbiased(g, torch.func.grad(exact)(theta), "greedy partition grad")
+
+
+def _data_problem(est, steps: int):
+    """8 data points with offsets c_d: C = (x - 0.4)² + 5 c_d; NVIL gets c_d as inputs."""
+    offsets = torch.linspace(-1.0, 1.0, 8, dtype=F64).unsqueeze(-1)
+    theta = torch.tensor([0.3], dtype=F64)
+
+    def build(th):
+        c = storch.denote_independent(offsets, 0, "data")
+        x = est(Bernoulli(logits=th + 0.0 * c), inputs=c)
+        storch.add_cost(((x - 0.4) ** 2).sum() + 5.0 * c.sum())
+
+    for _ in range(steps):  # training steps
+        with storch.Graph():
+            _, th = replicate(theta, 16)
+            build(th)
+            storch.backward()
+    with storch.Graph():
+        leaf, th = replicate(theta, 4000)
+        build(th)
+        g, = per_replicate_derivatives(storch.surrogate_loss(1), leaf, 1)
+    p = torch.sigmoid(theta)
+    exact = p * (1 - p) * ((0.6 ** 2) - (0.4 ** 2))  # d/dθ E[(x - 0.4)²]
+    assert_unbiased(g, exact, f"{est.baseline_kind} on the data problem")
+    return float(g.var(0).sum())
+
+
+def test_nvil_beats_the_moving_average_when_the_cost_depends_on_the_input():
+    torch.manual_seed(71)
+    nvil = storch.estimator("score", plate="x", baseline="learned", lr=0.05)
+    ma = storch.estimator("score", plate="x", baseline="moving_average")
+    v_nvil, v_ma = _data_problem(nvil, 200), _data_problem(ma, 200)
+    print(f"\ngradient variance: NVIL {v_nvil:.4g}, moving average {v_ma:.4g} (ratio {v_nvil / v_ma:.3f})")
+    assert isinstance(nvil.baseline_fn, LearnedBaseline) and nvil.update_steps == 200
+    assert v_nvil < 0.5 * v_ma
+
+
+def test_learned_baseline_is_a_submodule_trained_only_by_backward():
+    est = storch.estimator("score", plate="z", n_samples=2, baseline="learned")
+    theta = torch.tensor([0.2, -0.3, 0.1], dtype=F64, requires_grad=True)
+    with storch.Graph():
+        z = est(OneHotCategorical(logits=theta))
+        storch.add_cost((z * torch.tensor([1.0, 2.0, 3.0], dtype=F64)).sum(), name="c")
+        storch.surrogate_loss()
+    params = {k: v.detach().clone() for k, v in est.named_parameters()}
+    assert set(params) == {"baseline_fn.heads.cost_c.0.weight", "baseline_fn.heads.cost_c.0.bias",
+                           "baseline_fn.heads.cost_c.2.weight", "baseline_fn.heads.cost_c.2.bias"}
+    assert est.update_steps == 0  # the evaluation pass trained nothing
+    with storch.Graph():
+        z = est(OneHotCategorical(logits=theta))
+        storch.add_cost((z * torch.tensor([1.0, 2.0, 3.0], dtype=F64)).sum(), name="c")
+        storch.backward()
+    assert est.update_steps == 1
+    assert any(not torch.equal(params[k], v) for k, v in est.named_parameters())
+
+
+def test_option_errors():
+    with pytest.raises(storch.OptionError, match="'learned', 'greedy'"):
+        storch.estimator("score", plate="z", baseline="nvil")
+    with pytest.raises(storch.OptionError, match="lr must be"):
+        storch.estimator("score", plate="z", baseline="learned", lr=0)
+    with pytest.raises(storch.OptionError, match="greedy.*mode.*not unique"):
+        with storch.Graph():  # a uniform distribution has no unique most probable value
+            storch.estimator("score", plate="z", baseline="greedy")(
+                torch.distributions.Uniform(torch.zeros(2), torch.ones(2)))
