@@ -40,7 +40,7 @@ def reward(prev, a, w_t):
                   + prev * (1 - a) * C[1, 0] + prev * a * C[1, 1])
 
 
-def storch_estimates(T, R, n, baseline, order=1, per_step_costs=True, seed=0, est=None):
+def storch_estimates(T, R, n, baseline, order=1, per_step_costs=True, seed=0, est=None, train=False):
     torch.manual_seed(seed)
     est = est or storch.estimator("score", plate="episode", n_samples=n, baseline=baseline)
     w = weights(T)
@@ -58,6 +58,9 @@ def storch_estimates(T, R, n, baseline, order=1, per_step_costs=True, seed=0, es
             prev = a
         if not per_step_costs:
             storch.add_cost(total, name="return")
+        if train:  # storch.backward() runs update_parameters: the costs enter the moving averages
+            storch.backward()
+            return None
         return per_replicate_derivatives(storch.surrogate_loss(order), leaf, order)
 
 
@@ -153,7 +156,7 @@ def test_causal_credit_hessian_3_steps_with_baselines():
     # per-step moving averages (state from earlier graphs) at order 2
     est = storch.estimator("score", plate="episode", n_samples=1, baseline="moving_average", decay=0.5)
     for seed in range(2):
-        storch_estimates(T, 500, 1, None, seed=10 + seed, est=est)
+        storch_estimates(T, 500, 1, None, seed=10 + seed, est=est, train=True)
     assert len(est.moving_averages) == T
     g, h = storch_estimates(T, R, 1, None, order=2, seed=4, est=est)
     assert_unbiased(g, grad, "moving_average gradient")
