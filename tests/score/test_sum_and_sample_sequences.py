@@ -131,7 +131,7 @@ def _check_sets(node, toks, eos):
     c = node.context
     s = c["S"]
     seq = torch.stack([x.tensor for x in toks], -1).reshape(node.n, -1, 3)  # (N, R, 3)
-    w = node.weights.detach().reshape(node.n, -1)
+    w = node.weight_values.detach().reshape(node.n, -1)
     assert s > 0
     slots = seq[:s]
     same = (slots.unsqueeze(0) == slots.unsqueeze(1)).all(-1)  # (S, S, R)

@@ -337,7 +337,7 @@ def control_variate(est, node: Node, frame) -> Optional[torch.Tensor]:
     else:
         log_rest = torch.zeros(c["parents"], dtype=f.dtype, device=f.device).reshape(-1)
     log_rest = to_layout(log_rest.reshape((1,) + c["parents"]), node)
-    l_smp = node.gradient_function.narrow(0, s, m) - log_rest  # l' = log p(x | x ∉ M_L)
+    l_smp = node.gradient_values.narrow(0, s, m) - log_rest  # l' = log p(x | x ∉ M_L)
     a = (1.0 - magic_box(frame.align(l_smp, node.plates))) * b
     a_slot = torch.zeros_like(a.narrow(d, 0, 1)).expand(a.shape[:d] + (s,) + a.shape[d + 1:])
     if s:

@@ -195,7 +195,7 @@ class SumAndSample(Estimator):
         sample, l_step = _sequences.step(self, node, distribution, plates)
         # weights of the whole sequences so far: computed when needed (surrogate_loss), since they change
         # with every step; views of earlier steps (causal credit) get the memory of their prefixes
-        node.weights = None
+        node.weight_values = None
         return sample, l_step
 
     def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
