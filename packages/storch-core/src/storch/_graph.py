@@ -43,8 +43,6 @@ class Node:
             by ``storch.surrogate_loss`` for estimators with a control variate; what
             ``update_parameters`` trains on).
         steps: the samples of the later steps of a partition, in call order.
-        context: an untyped dict for estimators that declare no ``State`` (kept for them; new
-            estimators declare a ``State`` dataclass instead).
         index: topological position in the graph.
         step: the last step of a partition (0 for a node sampled once); ``plate`` is the plate at
             that step, ``parents`` the union of every step's parents.
@@ -71,7 +69,6 @@ class Node:
         self.inputs = inputs
         self.frames: dict = {}
         self.steps: list = []
-        self.context: dict = {}
         self.index = -1
         self.step = 0
         self.history: Optional[list] = None
