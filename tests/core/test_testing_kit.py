@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import pytest
 import torch
@@ -71,6 +73,13 @@ class AttachedImportance(Importance):
     detach_weights = False
 
 
+@dataclass
+class PriorityState:
+    """Per-node record of PrioritySampling: κ, filled by ``proposal``, read by ``weighting_function``."""
+
+    kappa: Optional[torch.Tensor] = None
+
+
 class PrioritySampling(storch.Estimator):
     """k samples without replacement (Gumbel-top-k) weighted by p(x) / q_κ(x) (correct).
 
@@ -82,17 +91,18 @@ class PrioritySampling(storch.Estimator):
     name = "test_priority_sampling"
     distributions = (Categorical,)
     kappa_rank = 1  # κ = the key just below the sample; 0 would be the smallest key IN the sample
+    State = PriorityState
 
     def proposal(self, node):
         logp = node.distribution.logits  # normalised log-probabilities (*parents, K)
         keys = logp - torch.log(-torch.log(torch.rand_like(logp)))  # Gumbel-perturbed
         top = keys.topk(self.n_samples + 1, dim=-1)
-        node.context["kappa"] = top.values[..., self.n_samples - 1 + self.kappa_rank]
+        node.state.kappa = top.values[..., self.n_samples - 1 + self.kappa_rank]
         return top.indices[..., : self.n_samples].movedim(-1, 0)
 
     def weighting_function(self, node):
         logp = node.log_prob(node.sample)
-        log_q = torch.log(-torch.expm1(-torch.exp(logp - node.context["kappa"])))
+        log_q = torch.log(-torch.expm1(-torch.exp(logp - node.state.kappa)))
         return (logp - log_q).exp().detach()  # detach: the weight carries no gradient (condition 3)
 
 

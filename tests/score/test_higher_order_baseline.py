@@ -54,10 +54,10 @@ def test_theorem2_baseline_reduces_variance_of_the_mixed_term():
         n1, n2 = graph.nodes
         names = [p.name for p in cost.plates]
         c = cost.tensor.permute(names.index("x1"), names.index("x2"), names.index("replicate"))  # (N, N, R)
-        l1, l2 = n1.gradient_function.unsqueeze(1), n2.gradient_function.unsqueeze(0)  # (N,1,R), (1,N,R)
+        l1, l2 = n1.gradient_values.unsqueeze(1), n2.gradient_values.unsqueeze(0)  # (N,1,R), (1,N,R)
         inner = magic_box(l1 + l2) * c + (1 - magic_box(l2)) * _leave_one_out(c.detach(), 1)
         inner = inner.mean(1)  # Σ over x2 with w = 1/N
-        inner = inner + (1 - magic_box(n1.gradient_function)) * _leave_one_out(inner.detach(), 0)
+        inner = inner + (1 - magic_box(n1.gradient_values)) * _leave_one_out(inner.detach(), 0)
         direct_only = inner.mean(0).mean()
         naive = per_replicate_derivatives(direct_only, leaf, 2)[1][:, 0, 1]
 

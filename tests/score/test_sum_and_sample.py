@@ -59,11 +59,11 @@ def test_components_on_the_memory_and_the_remainder():
     assert torch.equal(z.tensor[:2], top)  # the two most probable values first
     assert not torch.isin(z.tensor[2:], top).any()  # the rest sampled outside the memory
     rest = 1 - p[top].sum()
-    assert torch.allclose(node.weights[:2], p[top])
-    assert torch.allclose(node.weights[2:], rest / 3 * torch.ones(3))
-    assert node.weights.requires_grad  # gradient-carrying weights (appendix D.2.3)
-    assert torch.allclose(node.gradient_function[2:], p[z.tensor[2:]].log() - rest.log())
-    assert torch.equal(node.gradient_function[:2], torch.zeros(2))
+    assert torch.allclose(node.weight_values[:2], p[top])
+    assert torch.allclose(node.weight_values[2:], rest / 3 * torch.ones(3))
+    assert node.weight_values.requires_grad  # gradient-carrying weights (appendix D.2.3)
+    assert torch.allclose(node.gradient_values[2:], p[z.tensor[2:]].log() - rest.log())
+    assert torch.equal(node.gradient_values[:2], torch.zeros(2))
 
 
 @pytest.mark.parametrize("options", [dict(n_enumerate=5), dict(n_enumerate=9), dict(memory=torch.eye(5), n_samples=2)])
@@ -71,7 +71,7 @@ def test_everything_in_memory_is_exact(options):
     torch.manual_seed(2)
     (g, h), node, _ = _run(storch.estimator("sum_and_sample", plate="z", **options), r=20, one_hot=True)
     want = _exact(2)
-    assert torch.isfinite(node.gradient_function).all() and torch.isfinite(node.weights).all()
+    assert torch.isfinite(node.gradient_values).all() and torch.isfinite(node.weight_values).all()
     assert torch.allclose(g, want[0].expand_as(g), atol=1e-10)
     assert torch.allclose(h, want[1].expand_as(h), atol=1e-10)
 

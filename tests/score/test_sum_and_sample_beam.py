@@ -46,7 +46,7 @@ def test_fourteen_bernoullis_orders_1_and_2(options):
         node = graph.nodes[0]
         storch.add_cost(_bits_cost(b))
         g, h = per_replicate_derivatives(storch.surrogate_loss(order=2), leaf, 2)
-    assert node.context["beam"]  # the beam path ran, nothing was enumerated
+    assert node.state.beam  # the beam path ran, nothing was enumerated
     t = THETA.clone().requires_grad_(True)
     assert_unbiased(g, torch.autograd.functional.jacobian(_bits_exact, t), f"{options} gradient")
     assert_unbiased(h, torch.autograd.functional.hessian(_bits_exact, t), f"{options} Hessian")

@@ -128,14 +128,14 @@ def test_costs_at_every_step_causal_credit(config, eos):
 def _check_sets(node, toks, eos):
     """Memory slots of one estimate are distinct sequences; accepted samples lie outside the memory;
     after the end token every token is the end token."""
-    c = node.context
-    s = c["S"]
+    c = node.state
+    s = c.n_slots
     seq = torch.stack([x.tensor for x in toks], -1).reshape(node.n, -1, 3)  # (N, R, 3)
-    w = node.weights.detach().reshape(node.n, -1)
+    w = node.weight_values.detach().reshape(node.n, -1)
     assert s > 0
     slots = seq[:s]
     same = (slots.unsqueeze(0) == slots.unsqueeze(1)).all(-1)  # (S, S, R)
-    live = c["slot_ok"]
+    live = c.slot_ok
     off_diag = ~torch.eye(s, dtype=torch.bool).unsqueeze(-1)
     assert not (same & off_diag & live.unsqueeze(0) & live.unsqueeze(1)).any()
     pre, ok = _prefix_tables(c, 3, eos)  # every buffered sequence as 3 tokens (eos-padded)

@@ -51,7 +51,7 @@ def test_weights_sum_to_one_in_expectation():
     with storch.Graph() as graph:
         _, th = replicate(theta, 4000)
         est(Categorical(logits=th))
-        w = graph.nodes[0].weights.sum(0)
+        w = graph.nodes[0].weight_values.sum(0)
     assert_unbiased(w.unsqueeze(1), 1.0, "Σ_s w(s)")
 
 
@@ -88,7 +88,7 @@ def test_extreme_logits_give_no_nan(dtype, k):
             storch.add_cost(F.one_hot(z, 5).to(dtype) @ c)
             loss = storch.surrogate_loss(order=order)
             derivatives = per_replicate_derivatives(loss, leaf, order)
-            w = graph.nodes[0].weights
+            w = graph.nodes[0].weight_values
         assert torch.isfinite(loss) and torch.isfinite(w).all(), (baseline, k)
         for d in derivatives:
             assert torch.isfinite(d).all(), (baseline, k, order)

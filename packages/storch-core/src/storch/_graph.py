@@ -43,8 +43,6 @@ class Node:
             by ``storch.surrogate_loss`` for estimators with a control variate; what
             ``update_parameters`` trains on).
         steps: the samples of the later steps of a partition, in call order.
-        context: an untyped dict for estimators that declare no ``State`` (kept for them; new
-            estimators declare a ``State`` dataclass instead).
         index: topological position in the graph.
         step: the last step of a partition (0 for a node sampled once); ``plate`` is the plate at
             that step, ``parents`` the union of every step's parents.
@@ -71,7 +69,6 @@ class Node:
         self.inputs = inputs
         self.frames: dict = {}
         self.steps: list = []
-        self.context: dict = {}
         self.index = -1
         self.step = 0
         self.history: Optional[list] = None
@@ -90,30 +87,10 @@ class Node:
             plates, cumulative = self.history[step]
             view = Node.__new__(Node)
             view.__dict__.update(self.__dict__)
-            view.plate, view.parents, view.gradient_function = plates[0], plates[1:], cumulative
-            view.weights, view.step, view._views = None, step, None  # weights: computed for the view
+            view.plate, view.parents, view.gradient_values = plates[0], plates[1:], cumulative
+            view.weight_values, view.step, view._views = None, step, None  # computed for the view
             self._views[step] = view
         return view
-
-    # The names the surrogate used first (they collided with the estimator's methods of the same
-    # names); kept as aliases of gradient_values / weight_values for code written against them.
-    @property
-    def gradient_function(self) -> Any:
-        """Alias of :attr:`gradient_values`."""
-        return self.gradient_values
-
-    @gradient_function.setter
-    def gradient_function(self, value: Any) -> None:
-        self.gradient_values = value
-
-    @property
-    def weights(self) -> Any:
-        """Alias of :attr:`weight_values`."""
-        return self.weight_values
-
-    @weights.setter
-    def weights(self, value: Any) -> None:
-        self.weight_values = value
 
     @property
     def plates(self) -> tuple[Plate, ...]:

@@ -70,8 +70,8 @@ def _at_cost(cost_plates: tuple, raw: torch.Tensor, nodes: list[Node]):
                     new += tuple(q for q in node.parents if q.name not in names)  # of later steps
                     raw = align(raw, cost_plates, new)
                     cost_plates = new
-        if node.weights is None:
-            node.weights = _lead(node.estimator.weighting_function(node), len(node.plates))
+        if node.weight_values is None:
+            node.weight_values = _lead(node.estimator.weighting_function(node), len(node.plates))
         out.append(node)
     return cost_plates, raw, out
 
@@ -185,14 +185,14 @@ def _steps_surrogate(node: Node, members: list) -> torch.Tensor:
         target = (p,) + others
         raws.append(align(raw_of(cost), plates, target))
         view = node.at(p.step)
-        ls.append(align(view.gradient_function, view.plates, target))
+        ls.append(align(view.gradient_values, view.plates, target))
     shape = torch.broadcast_shapes(*(r.shape for r in raws), *(l.shape for l in ls))
     raw = torch.stack([r.expand(shape) for r in raws], 1)  # (N, steps, *others)
     total = torch.stack([l.expand(shape) for l in ls], 1)  # L_t of each cost's step
     steps = Plate(_STEPS, len(members), True)
     stacked = Node.__new__(Node)
     stacked.__dict__.update(node.__dict__)
-    stacked.parents, stacked.gradient_function = (steps,) + others, total
+    stacked.parents, stacked.gradient_values = (steps,) + others, total
     plates = stacked.plates
     inner = magic_box(total) * raw  # line 7 of Algorithm 1, per step
     if _has_control_variate(node.estimator):

@@ -30,13 +30,16 @@ cost seen (slots and samples), with their last log-probabilities (the next propo
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from storch import Node, OptionError, PlateError, UnsupportedDistributionError
 
 from ._memory import log1mexp
+
+if TYPE_CHECKING:
+    from .sum_and_sample import MemoryState
 
 __all__ = ["SequenceBuffer", "start", "step", "weights", "control_variate", "record_cost", "update"]
 
@@ -148,17 +151,17 @@ def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
     dev = drawn.device
     mem, mem_len, mem_ok, slot, slot_ok, imp = (t.to(dev) for t in (mem, mem_len, mem_ok, slot, slot_ok, imp))
     q_all = q_all.to(dev, d.logits.dtype)  # Categorical and Bernoulli have logits
-    c = node.context
-    c.update(seq=True, S=n_slots, m=m, keys=keys, mem=mem, mem_len=mem_len, mem_ok=mem_ok, slot=slot,
-             slot_ok=slot_ok, imp=imp, q=q_all, parents=parents, names=tuple(p.name for p in node.parents),
-             tokens=[], slot_cum=[], smp_cum=[], costs={})
-    value, c["l0"] = _advance(est, node, d, drawn, parents)
+    c = node.state  # a fresh MemoryState: tokens, slot_cum, smp_cum and costs start empty
+    c.seq, c.n_slots, c.m, c.keys = True, n_slots, m, keys
+    c.mem, c.mem_len, c.mem_ok, c.slot, c.slot_ok, c.imp, c.q = mem, mem_len, mem_ok, slot, slot_ok, imp, q_all
+    c.parents, c.names = parents, tuple(p.name for p in node.parents)
+    value, c.l0 = _advance(est, node, d, drawn, parents)
     return value
 
 
-def _forced(c: dict, t: int, eos) -> torch.Tensor:
+def _forced(c: "MemoryState", t: int, eos) -> torch.Tensor:
     """Tokens of the slots at step t, ``(S, P)``."""
-    seqs = c["mem"].gather(0, c["slot"].unsqueeze(-1).expand(-1, -1, c["mem"].shape[-1]))  # (S, P, long)
+    seqs = c.mem.gather(0, c.slot.unsqueeze(-1).expand(-1, -1, c.mem.shape[-1]))  # (S, P, long)
     if t < seqs.shape[-1]:
         return seqs[:, :, t]
     return torch.full(seqs.shape[:2], 0 if eos is None else eos, dtype=torch.long, device=seqs.device)
@@ -167,26 +170,26 @@ def _forced(c: dict, t: int, eos) -> torch.Tensor:
 def _advance(est, node: Node, d, drawn: torch.Tensor, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """Put the slots' forced tokens and finished sequences' end tokens into ``drawn`` (m, *shape);
     log-probabilities of the step. Returns the step's values ``(S + m, *shape)`` and masked l."""
-    c = node.context
-    t = len(c["tokens"])
+    c = node.state
+    t = len(c.tokens)
     n_par = math.prod(shape)
     dtype = drawn.dtype
     forced = _forced(c, t, est.eos).to(dtype)  # (S, P)
-    tok = torch.cat([forced, drawn.reshape(c["m"], n_par)], 0)  # (N, P)
+    tok = torch.cat([forced, drawn.reshape(c.m, n_par)], 0)  # (N, P)
     if t and est.eos is not None:
-        finished = (torch.stack(c["tokens"], -1) == est.eos).any(-1)  # (N, P): ended at an earlier step
+        finished = (torch.stack(c.tokens, -1) == est.eos).any(-1)  # (N, P): ended at an earlier step
         tok = torch.where(finished, torch.full_like(tok, est.eos), tok)
     else:
         finished = torch.zeros(tok.shape, dtype=torch.bool, device=tok.device)
     value = tok.reshape((tok.shape[0],) + shape)
     lp = d.log_prob(value).reshape(tok.shape)  # with gradient
     lp = torch.where(finished, torch.zeros_like(lp), lp)  # a finished sequence stops contributing
-    s = c["S"]
-    c["tokens"].append(tok.long())
-    prev = c["slot_cum"][-1] if c["slot_cum"] else torch.zeros_like(lp[:s])
-    c["slot_cum"].append(prev + lp[:s])  # log p of the slots' prefixes, with gradient
-    prev = c["smp_cum"][-1] if c["smp_cum"] else torch.zeros_like(lp[s:]).detach()
-    c["smp_cum"].append(prev + lp[s:].detach())
+    s = c.n_slots
+    c.tokens.append(tok.long())
+    prev = c.slot_cum[-1] if c.slot_cum else torch.zeros_like(lp[:s])
+    c.slot_cum.append(prev + lp[:s])  # log p of the slots' prefixes, with gradient
+    prev = c.smp_cum[-1] if c.smp_cum else torch.zeros_like(lp[s:]).detach()
+    c.smp_cum.append(prev + lp[s:].detach())
     l_step = torch.cat([torch.zeros_like(lp[:s]), lp[s:]], 0)  # l: 0 on slots, log p on samples
     return value, l_step.reshape(value.shape)
 
@@ -194,89 +197,89 @@ def _advance(est, node: Node, d, drawn: torch.Tensor, shape: tuple) -> tuple[tor
 def step(est, node: Node, d, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """A later step. ``plates``: the partition's plate, then the step's parents (the distribution's
     batch dims lead with them). Returns the raw sample and its l in that layout."""
-    c = node.context
+    c = node.state
     others = plates[1:]
-    if tuple(sorted(p.name for p in others)) != tuple(sorted(c["names"])):
+    if tuple(sorted(p.name for p in others)) != tuple(sorted(c.names)):
         raise PlateError(
             f"{est.name} with buffer= (sequences) keeps one memory per entry of the first step's plates "
-            f"{list(c['names'])}, but step {len(c['tokens'])} depends on {[p.name for p in others]}; make the first "
+            f"{list(c.names)}, but step {len(c.tokens)} depends on {[p.name for p in others]}; make the first "
             "step depend on every plate the later steps depend on (e.g. start the decoder from the data)")
     drawn_full = d.sample()  # (N, *others)
     # to the node's layout: (N, *parents in the first step's order), and back
     order, back = _orders(c, [p.name for p in others])
-    drawn = drawn_full.permute(order)[c["S"]:]
+    drawn = drawn_full.permute(order)[c.n_slots:]
 
     class _Permuted:  # log_prob in the node's layout
         @staticmethod
         def log_prob(v):
             return d.log_prob(v.permute(back)).permute(order)
 
-    value, l_step = _advance(est, node, _Permuted, drawn, c["parents"])
+    value, l_step = _advance(est, node, _Permuted, drawn, c.parents)
     return value.permute(back), l_step.permute(back)
 
 
-def _orders(c: dict, names: list) -> tuple[list, list]:
+def _orders(c: "MemoryState", names: list) -> tuple[list, list]:
     """Permutations (N, *names) -> (N, *first-step names) and back."""
-    order = [0] + [1 + names.index(n) for n in c["names"]]
+    order = [0] + [1 + names.index(n) for n in c.names]
     back = [order.index(i) for i in range(len(order))]
     return order, back
 
 
 def to_layout(t: torch.Tensor, node: Node) -> torch.Tensor:
     """``t`` with leading dims (N, *first-step parents) in the layout of ``node.plates``."""
-    _, back = _orders(node.context, [p.name for p in node.parents])
+    _, back = _orders(node.state, [p.name for p in node.parents])
     return t.permute(back + list(range(len(back), t.dim())))
 
 
-def _prefix_tables(c: dict, length: int, eos) -> tuple[torch.Tensor, torch.Tensor]:
+def _prefix_tables(c: "MemoryState", length: int, eos) -> tuple[torch.Tensor, torch.Tensor]:
     """Memory L-prefixes ``(K, P, L)`` and whether each exists (length >= L or ended by eos)."""
-    mem, n = c["mem"], c["mem_len"]
+    mem, n = c.mem, c.mem_len
     if mem.shape[-1] < length:
         pad = torch.full(mem.shape[:2] + (length - mem.shape[-1],), 0 if eos is None else eos, dtype=torch.long,
                          device=mem.device)
         mem = torch.cat([mem, pad], -1)
     pre = mem[:, :, :length]
-    ended = torch.zeros_like(c["mem_ok"]) if eos is None else (c["mem"] == eos).any(-1)
-    ok = c["mem_ok"] & ((n >= length) | ended)
+    ended = torch.zeros_like(c.mem_ok) if eos is None else (c.mem == eos).any(-1)
+    ok = c.mem_ok & ((n >= length) | ended)
     return pre, ok
 
 
 def weights(est, node: Node, length: Optional[int] = None) -> torch.Tensor:
     """w for costs that depend on the first ``length`` steps (default: every step so far)."""
-    c = node.context
+    c = node.state
     if length is None:
         length = _length(node)
     eos = est.eos
-    s, m = c["S"], c["m"]
-    seq = torch.stack(c["tokens"][:length], -1)  # (N, P, L)
+    s, m = c.n_slots, c.m
+    seq = torch.stack(c.tokens[:length], -1)  # (N, P, L)
     pre, ok = _prefix_tables(c, length, eos)  # (K, P, L), (K, P)
     # samples: rejected if their prefix is a memory prefix
     same = (seq[s:].unsqueeze(1) == pre.unsqueeze(0)).all(-1) & ok.unsqueeze(0)  # (m, K, P)
-    w_smp = (~same.any(1)).to(c["smp_cum"][0].dtype) / m
+    w_smp = (~same.any(1)).to(c.smp_cum[0].dtype) / m
     if not s:
-        return to_layout(w_smp.reshape((m,) + c["parents"]), node)
+        return to_layout(w_smp.reshape((m,) + c.parents), node)
     factor = _slot_factors(c, pre, ok, length)  # (S, P), detached
-    w_slot = c["slot_cum"][length - 1].exp() * factor
-    return to_layout(torch.cat([w_slot, w_smp.to(w_slot.dtype)], 0).reshape((s + m,) + c["parents"]), node)
+    w_slot = c.slot_cum[length - 1].exp() * factor
+    return to_layout(torch.cat([w_slot, w_smp.to(w_slot.dtype)], 0).reshape((s + m,) + c.parents), node)
 
 
-def _slot_factors(c: dict, pre: torch.Tensor, ok: torch.Tensor, length: int) -> torch.Tensor:
+def _slot_factors(c: "MemoryState", pre: torch.Tensor, ok: torch.Tensor, length: int) -> torch.Tensor:
     """1 for an exact slot whose prefix is new among the exact slots; 1/Q_L(u) for the importance
     slot whose prefix is not an exact slot's; 0 otherwise."""
-    s = c["S"]
-    slot, imp = c["slot"], c["imp"]
+    s = c.n_slots
+    slot, imp = c.slot, c.imp
     sp = pre.gather(0, slot.unsqueeze(-1).expand(-1, -1, length))  # (S, P, L)
-    sok = ok.gather(0, slot) & c["slot_ok"]
+    sok = ok.gather(0, slot) & c.slot_ok
     exact = sok & ~imp
     same = (sp.unsqueeze(0) == sp.unsqueeze(1)).all(-1)  # (S, S, P)
     earlier = torch.ones(s, s, dtype=torch.bool, device=slot.device).tril(-1).unsqueeze(-1)
     first = ~(same & earlier & exact.unsqueeze(0)).any(1)
-    factor = (exact & first).to(c["q"].dtype)
+    factor = (exact & first).to(c.q.dtype)
     if imp.any():
         covered = (same & exact.unsqueeze(0)).any(1)  # (S, P): the slot's prefix is an exact slot's
         # Q_L(u) = q-mass of the rest's sequences with the importance slot's prefix u
         hit = (pre.unsqueeze(0) == sp.unsqueeze(1)).all(-1) & ok.unsqueeze(0)  # (S, K, P)
-        big_q = (hit.to(c["q"].dtype) * c["q"].unsqueeze(0)).sum(1)  # (S, P)
+        big_q = (hit.to(c.q.dtype) * c.q.unsqueeze(0)).sum(1)  # (S, P)
         tiny = torch.finfo(big_q.dtype).tiny
         w_imp = torch.where(imp & sok & ~covered & (big_q > 0), 1.0 / big_q.clamp_min(tiny), torch.zeros_like(big_q))
         factor = torch.where(imp, w_imp, factor)
@@ -285,23 +288,23 @@ def _slot_factors(c: dict, pre: torch.Tensor, ok: torch.Tensor, length: int) -> 
 
 def _length(node: Node) -> int:
     """Steps a view of the partition covers (``node.step + 1``; the main node: every step so far)."""
-    return min(getattr(node, "step", 0) + 1, len(node.context["tokens"]))
+    return min(getattr(node, "step", 0) + 1, len(node.state.tokens))
 
 
 def record_cost(node: Node, frame) -> None:
     """Keep the cost per entry ``(N, P)`` (for the buffer update)."""
-    c = node.context
+    c = node.state
     t = frame.tensor.detach()
     names = [p.name for p in frame.plates]
-    keep = [node.plate.name] + list(c["names"])
+    keep = [node.plate.name] + list(c.names)
     extra = tuple(i for i, n in enumerate(names) if n not in keep)
     if extra:
         t = t.mean(extra, keepdim=True)
     order = [names.index(n) for n in keep] + list(extra)
     t = t.permute(order + list(range(len(names), t.dim())))
     t = t.reshape(t.shape[:len(keep)])
-    t = t.expand((node.n,) + c["parents"]).reshape(node.n, -1)
-    c["costs"][(frame.name, _length(node))] = t
+    t = t.expand((node.n,) + c.parents).reshape(node.n, -1)
+    c.costs[(frame.name, _length(node))] = t
 
 
 def control_variate(est, node: Node, frame) -> Optional[torch.Tensor]:
@@ -314,8 +317,8 @@ def control_variate(est, node: Node, frame) -> Optional[torch.Tensor]:
     record_cost(node, frame)
     if not est.leave_one_out:
         return None
-    c = node.context
-    s, m, d = c["S"], c["m"], frame.dim
+    c = node.state
+    s, m, d = c.n_slots, c.m, frame.dim
     length = _length(node)
     f = frame.tensor
     if f.shape[d] != node.n:
@@ -330,14 +333,14 @@ def control_variate(est, node: Node, frame) -> Optional[torch.Tensor]:
     if s:
         pre, ok = _prefix_tables(c, length, est.eos)
         factor = _slot_factors(c, pre, ok, length)
-        lse = torch.logsumexp(c["slot_cum"][length - 1].masked_fill(factor == 0, -math.inf), 0)
+        lse = torch.logsumexp(c.slot_cum[length - 1].masked_fill(factor == 0, -math.inf), 0)
         empty = lse >= 0.0
         log_rest = torch.where(empty, torch.full_like(lse, -math.inf), log1mexp(torch.where(empty, -torch.ones_like(lse), lse)))
         log_rest = torch.where(torch.isfinite(log_rest), log_rest, torch.zeros_like(log_rest))
     else:
-        log_rest = torch.zeros(c["parents"], dtype=f.dtype, device=f.device).reshape(-1)
-    log_rest = to_layout(log_rest.reshape((1,) + c["parents"]), node)
-    l_smp = node.gradient_function.narrow(0, s, m) - log_rest  # l' = log p(x | x ∉ M_L)
+        log_rest = torch.zeros(c.parents, dtype=f.dtype, device=f.device).reshape(-1)
+    log_rest = to_layout(log_rest.reshape((1,) + c.parents), node)
+    l_smp = node.gradient_values.narrow(0, s, m) - log_rest  # l' = log p(x | x ∉ M_L)
     a = (1.0 - magic_box(frame.align(l_smp, node.plates))) * b
     a_slot = torch.zeros_like(a.narrow(d, 0, 1)).expand(a.shape[:d] + (s,) + a.shape[d + 1:])
     if s:
@@ -347,7 +350,7 @@ def control_variate(est, node: Node, frame) -> Optional[torch.Tensor]:
         beta_j = (raw.sum(d, keepdim=True) - raw) / (m - 1)  # independent of sample j
         beta_mem = raw.mean(d, keepdim=True)
         a = a + (1.0 - magic_box(frame.align(log_rest, node.plates))) * beta_j
-        lp = to_layout(c["slot_cum"][length - 1].reshape((s,) + c["parents"]), node)
+        lp = to_layout(c.slot_cum[length - 1].reshape((s,) + c.parents), node)
         lp = frame.align(torch.where(torch.isfinite(lp), lp, torch.zeros_like(lp)), node.plates)
         a_slot = -beta_mem * (1.0 - torch.exp(lp.detach() - lp))  # w·a = -β (p(a) - ⊥p(a))
     return torch.cat([a_slot, a], d)
@@ -355,22 +358,22 @@ def control_variate(est, node: Node, frame) -> Optional[torch.Tensor]:
 
 def update(est, node: Node) -> None:
     """Offer every sequence of the graph (slots and samples) with its total cost to the buffer."""
-    c = node.context
-    if not c["costs"]:
+    c = node.state
+    if not c.costs:
         return
     # per cost name, its value at the latest length it was seen with (the whole cost of that name)
     latest: dict = {}
-    for (name, length), t in c["costs"].items():
+    for (name, length), t in c.costs.items():
         if name not in latest or length > latest[name][0]:
             latest[name] = (length, t)
     total = sum(t for _, t in latest.values())  # (N, P)
-    seq = torch.stack(c["tokens"], -1)  # (N, P, T)
-    s = c["S"]
-    lp = torch.cat([c["slot_cum"][-1].detach(), c["smp_cum"][-1]], 0) if s else c["smp_cum"][-1]
+    seq = torch.stack(c.tokens, -1)  # (N, P, T)
+    s = c.n_slots
+    lp = torch.cat([c.slot_cum[-1].detach(), c.smp_cum[-1]], 0) if s else c.smp_cum[-1]
     pre, ok = _prefix_tables(c, seq.shape[-1], est.eos)
-    whole = ok.gather(0, c["slot"]) & c["slot_ok"]  # slots that are whole sequences of this length
+    whole = ok.gather(0, c.slot) & c.slot_ok  # slots that are whole sequences of this length
     seq_l, tot_l, lp_l, whole_l = seq.tolist(), total.tolist(), lp.tolist(), whole.tolist()
-    for p, key in enumerate(c["keys"]):
+    for p, key in enumerate(c.keys):
         for j in range(seq.shape[0]):
             if j < s and not whole_l[j][p]:
                 continue

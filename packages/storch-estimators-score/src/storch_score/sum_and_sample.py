@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 import torch
@@ -16,7 +17,73 @@ from . import _sequences
 from ._memory import VariableTable, codes_of, first_occurrences, log1mexp, sample_outside, top_k_codes
 from ._support import enumerate_joint, masked_logsumexp
 
-__all__ = ["SumAndSample"]
+__all__ = ["SumAndSample", "MemoryState"]
+
+
+@dataclass
+class MemoryState:
+    """Per-node record of sum-and-sample (filled by ``proposal``, or ``extend`` on sequences).
+
+    One node (filled by ``proposal``; ``lp``, ``log_rest`` and ``empty`` by the first of
+    ``weighting_function`` / ``gradient_function``):
+
+    Attributes:
+        k: k', the number of memory values (the first k' entries of the plate).
+        m: the number of samples from the remainder (the last m entries; 0 if M is everything).
+        first: whether each memory value is its first occurrence, bool ``(k', *parents)``.
+        logp: log p of every joint value, ``(M, *parents)``, with gradient (enumerated supports).
+        idx: joint-support indices of the plate's values, ``(k' + m, *parents)`` (enumerated).
+        mask: the memory as a mask over the joint support, bool ``(M, *parents)`` (enumerated).
+        beam: the support was too large to enumerate: M came from beam search.
+        lp: log p of the plate's values, ``(k' + m, *parents)``, with gradient (``beam``).
+        log_rest: log p(x ∉ M) per parent entry, with gradient.
+        empty: where M holds (numerically) all the mass, bool per parent entry.
+
+    Sequences (``buffer=``; filled by ``storch_score._sequences``, at the first step and every
+    ``extend``; read by the components and by ``update_parameters``):
+
+    Attributes:
+        seq: the node is a sequence (``buffer=`` given).
+        n_slots: S, the number of memory slots (the first S entries of the plate).
+        keys: the data points' keys (one per entry of the first step's parent plates).
+        mem, mem_len, mem_ok: every buffered sequence per key ``(K, P, T)``, its length and validity.
+        slot, slot_ok: the index into ``mem`` of each slot ``(S, P)`` and whether it is used.
+        imp: the importance-sampled slot, bool ``(S, P)``; ``q`` its proposal over ``mem`` ``(K, P)``.
+        parents, names: the first step's parent shape and plate names (the node's layout).
+        tokens: the tokens of each step, ``(S + m, P)`` per step.
+        slot_cum, smp_cum: per step, log p of the slots' prefixes (with gradient) and of the samples'
+            (detached).
+        costs: the cost per entry ``(S + m, P)`` by (cost name, prefix length), for the buffer update.
+        l0: l of the first step (returned by ``gradient_function``).
+    """
+
+    k: int = 0
+    m: int = 0
+    first: Optional[torch.Tensor] = None
+    logp: Optional[torch.Tensor] = None
+    idx: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+    beam: bool = False
+    lp: Optional[torch.Tensor] = None
+    log_rest: Optional[torch.Tensor] = None
+    empty: Optional[torch.Tensor] = None
+    seq: bool = False
+    n_slots: int = 0
+    keys: list = field(default_factory=list)
+    mem: Optional[torch.Tensor] = None
+    mem_len: Optional[torch.Tensor] = None
+    mem_ok: Optional[torch.Tensor] = None
+    slot: Optional[torch.Tensor] = None
+    slot_ok: Optional[torch.Tensor] = None
+    imp: Optional[torch.Tensor] = None
+    q: Optional[torch.Tensor] = None
+    parents: tuple = ()
+    names: tuple = ()
+    tokens: list = field(default_factory=list)
+    slot_cum: list = field(default_factory=list)
+    smp_cum: list = field(default_factory=list)
+    costs: dict = field(default_factory=dict)
+    l0: Optional[torch.Tensor] = None
 
 
 class SumAndSample(Estimator):
@@ -92,6 +159,7 @@ class SumAndSample(Estimator):
     requires_enumerate_support = True
     supports_partitions = True  # with buffer= (sequences); otherwise a second call raises
     has_update = True  # the buffer of best sequences
+    State = MemoryState
 
     def __init__(self, plate: str, n_samples: int = 1, n_enumerate: Optional[int] = None,
                  memory: Optional[Union[torch.Tensor, Callable[[Distribution], torch.Tensor]]] = None,
@@ -187,7 +255,7 @@ class SumAndSample(Estimator):
     # -- sequences (buffer=) -----------------------------------------------------------------------
 
     def extend(self, node: Node, distribution: Distribution, plates: tuple):
-        if not node.context.get("seq"):
+        if not node.state.seq:
             raise PlateError(
                 f"estimator {self.name!r} (plate {self.plate!r}) was already used in this graph. On sequences "
                 "(one call per token) sum_and_sample needs buffer= (its memory of best sequences); otherwise "
@@ -195,18 +263,18 @@ class SumAndSample(Estimator):
         sample, l_step = _sequences.step(self, node, distribution, plates)
         # weights of the whole sequences so far: computed when needed (surrogate_loss), since they change
         # with every step; views of earlier steps (causal credit) get the memory of their prefixes
-        node.weights = None
+        node.weight_values = None
         return sample, l_step
 
     def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
-        if node.context.get("seq"):
+        if node.state.seq:
             return _sequences.control_variate(self, node, cost)
         return super().control_variate(node, cost)
 
     def update_parameters(self, nodes: list[Node], loss: torch.Tensor) -> None:
         """Offer the graph's sequences and their total costs to the buffer (sequences only)."""
         for node in nodes:
-            if node.context.get("seq"):
+            if node.state.seq:
                 _sequences.update(self, node)
 
     def get_extra_state(self):
@@ -248,7 +316,8 @@ class SumAndSample(Estimator):
             rest = torch.where(mask.all(0, keepdim=True), logp.detach(), rest)
             drawn = Categorical(logits=rest.movedim(0, -1), validate_args=False).sample((m,))  # (m, *parents)
             idx = torch.cat([top, drawn], 0)
-        node.context.update(logp=logp, idx=idx, mask=mask, k=k, m=m, first=first)
+        c = node.state
+        c.logp, c.idx, c.mask, c.k, c.m, c.first = logp, idx, mask, k, m, first
         return values[idx]
 
     def _beyond_budget(self, node: Node, n_values: int) -> torch.Tensor:
@@ -267,33 +336,34 @@ class SumAndSample(Estimator):
         m = 0 if (self.memory is None and k == n_values) else self.n_samples
         if m:
             codes = torch.cat([codes, sample_outside(table.lp, codes, first, m)], 0)
-        node.context.update(beam=True, k=k, m=m, first=first.reshape((k,) + table.parents))
+        c = node.state
+        c.beam, c.k, c.m, c.first = True, k, m, first.reshape((k,) + table.parents)
         return table.values(codes)
 
     def _parts(self, node: Node) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        c = node.context
-        if "log_rest" not in c and c.get("beam"):
+        c = node.state
+        if c.log_rest is None and c.beam:
             # log p(x) of every drawn value and log p(x ∉ M) = log(1 - Σ_{a ∈ M} p(a)), WITH gradient
-            c["lp"] = lp = node.log_prob(node.sample)  # (k' + m, *parents)
-            mem = lp[:c["k"]].masked_fill(~c["first"], -math.inf)
-            lse = torch.logsumexp(mem, 0) if c["k"] else torch.full_like(lp[0], -math.inf)
-            c["empty"] = empty = lse >= 0.0  # M holds (numerically) all the mass: no remainder
+            c.lp = lp = node.log_prob(node.sample)  # (k' + m, *parents)
+            mem = lp[:c.k].masked_fill(~c.first, -math.inf)
+            lse = torch.logsumexp(mem, 0) if c.k else torch.full_like(lp[0], -math.inf)
+            c.empty = empty = lse >= 0.0  # M holds (numerically) all the mass: no remainder
             safe = torch.where(empty, torch.full_like(lse, -1.0), lse)  # no NaN gradient in the unused branch
-            c["log_rest"] = torch.where(empty, torch.full_like(lse, -math.inf), log1mexp(safe))
-        if c.get("beam"):
-            return c["lp"], c["log_rest"], c["empty"]
-        if "log_rest" not in c:
+            c.log_rest = torch.where(empty, torch.full_like(lse, -math.inf), log1mexp(safe))
+        if c.beam:
+            return c.lp, c.log_rest, c.empty
+        if c.log_rest is None:
             # log p(x ∉ M), WITH gradient: stable in log space even when M holds almost all the mass
-            c["log_rest"], c["empty"] = masked_logsumexp(c["logp"], c["mask"], 0)
-        return c["logp"].gather(0, c["idx"]), c["log_rest"], c["empty"]
+            c.log_rest, c.empty = masked_logsumexp(c.logp, c.mask, 0)
+        return c.logp.gather(0, c.idx), c.log_rest, c.empty
 
     def weighting_function(self, node: Node) -> torch.Tensor:
-        if node.context.get("seq"):
+        if node.state.seq:
             return _sequences.weights(self, node)
         lp, log_rest, _ = self._parts(node)
-        k, m = node.context["k"], node.context["m"]
+        k, m = node.state.k, node.state.m
         # w = p(x) on the memory (appendix D.2.3), gradient-carrying like expect (D.1)
-        w_mem = lp[:k].exp() * node.context["first"]
+        w_mem = lp[:k].exp() * node.state.first
         if not m:
             return w_mem
         # w = p(x ∉ M) / m on the samples, gradient-carrying (appendix D.2.3)
@@ -301,10 +371,10 @@ class SumAndSample(Estimator):
         return torch.cat([w_mem, w_smp], 0)
 
     def gradient_function(self, node: Node) -> torch.Tensor:
-        if node.context.get("seq"):
-            return node.context["l0"]
+        if node.state.seq:
+            return node.state.l0
         lp, log_rest, empty = self._parts(node)
-        k, m = node.context["k"], node.context["m"]
+        k, m = node.state.k, node.state.m
         l_mem = torch.zeros_like(lp[:k])
         if not m:
             return l_mem
@@ -313,9 +383,9 @@ class SumAndSample(Estimator):
         return torch.cat([l_mem, l_smp], 0)
 
     def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
-        if not self.leave_one_out or not node.context["m"]:
+        if not self.leave_one_out or not node.state.m:
             return None
-        k, m, d = node.context["k"], node.context["m"], cost.dim
+        k, m, d = node.state.k, node.state.m, cost.dim
         t = cost.tensor
         if t.shape[d] != node.n:
             t = t.expand(t.shape[:d] + (node.n,) + t.shape[d + 1:])
