@@ -88,7 +88,7 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
         except NotImplementedError:
             params = {}
     plates = union_plates([plates_of(v) for v in params.values()] + [within, ()])
-    if within:  # the partition's plate first
+    if within and plates[0].name != within[0].name:  # the partition's plate first
         plates = (next(p for p in plates if p.name == within[0].name),) + tuple(
             p for p in plates if p.name != within[0].name)
     if not plates:

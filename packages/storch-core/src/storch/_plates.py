@@ -283,7 +283,7 @@ def later_step(a: tuple[Plate, ...], b: tuple[Plate, ...]) -> Optional[tuple[Pla
 def union_plates(groups: Sequence[tuple[Plate, ...]]) -> tuple[Plate, ...]:
     """Union of plate tuples: the longest first, then others' missing plates in order."""
     best = max(groups, key=len)
-    if all(g is best or g == best for g in groups):
+    if all(g is best or not g or g == best for g in groups):  # an empty group adds nothing
         return best
     if len(groups) == 2:
         same = later_step(groups[0], groups[1])
