@@ -20,12 +20,26 @@ __all__ = ["unwrap_distribution"]
 _PAIRS = (("logits", "probs"),)
 
 
+_PLAIN_PROPERTY: dict = {}
+
+
+def _plain_property(cls: type, name: str) -> bool:
+    """Whether ``cls.name`` is a property that is not a lazy_property, cached per class.
+
+    Looked up in the classes' ``__dict__``: ``getattr(cls, name)`` on a lazy_property builds a new
+    descriptor object on every access (tens of microseconds per distribution).
+    """
+    key = (cls, name)
+    r = _PLAIN_PROPERTY.get(key)
+    if r is None:
+        attr = next((k.__dict__[name] for k in cls.__mro__ if name in k.__dict__), None)
+        r = _PLAIN_PROPERTY[key] = isinstance(attr, property) and not isinstance(attr, lazy_property)
+    return r
+
+
 def _parameters(d: Distribution) -> dict:
     def available(name: str) -> bool:
-        if name in d.__dict__:
-            return True
-        attr = getattr(type(d), name, None)
-        return isinstance(attr, property) and not isinstance(attr, lazy_property)
+        return name in d.__dict__ or _plain_property(type(d), name)
 
     names = [n for n in d.arg_constraints if available(n)]
     for keep, drop in _PAIRS:
@@ -62,12 +76,19 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
         raise UnsupportedDistributionError(
             f"expected a torch.distributions.Distribution, got {type(d).__name__}"
         )
-    try:
-        params = _parameters(d)
-    except NotImplementedError:
-        params = {}
+    torch_categorical = type(d) in (Categorical, OneHotCategorical)
+    if torch_categorical:
+        # torch's own categoricals: the parameters as the user's constructor left them (normalised;
+        # probs too when argument validation computed them), carried over as Categorical.expand does
+        c = d._categorical if type(d) is OneHotCategorical else d
+        params = {n: c.__dict__[n] for n in ("logits", "probs") if n in c.__dict__}
+    else:
+        try:
+            params = _parameters(d)
+        except NotImplementedError:
+            params = {}
     plates = union_plates([plates_of(v) for v in params.values()] + [within, ()])
-    if within:  # the partition's plate first
+    if within and plates[0].name != within[0].name:  # the partition's plate first
         plates = (next(p for p in plates if p.name == within[0].name),) + tuple(
             p for p in plates if p.name != within[0].name)
     if not plates:
@@ -88,6 +109,8 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
             raw[name] = r.expand(*sizes, *r.shape[len(plates):])
         else:
             raw[name] = v.expand(*sizes, *v.shape) if hasattr(v, "expand") else v
+    if torch_categorical:
+        return _categorical(type(d), raw), plates
     try:
         # parameters were validated when the user built `d`; the raw copy is internal
         return _rebuild(type(d), raw), plates
@@ -96,6 +119,28 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
             f"storch cannot rebuild {type(d).__name__} from its parameters {sorted(raw)} ({e}); "
             "use a distribution whose constructor takes its arg_constraints as keywords"
         ) from e
+
+
+def _categorical(cls: type, raw: dict) -> Distribution:
+    """A ``Categorical`` / ``OneHotCategorical`` from already normalised ``logits`` and/or ``probs``.
+
+    Like ``Categorical.expand``: no second normalisation (a logsumexp) and no second softmax when
+    the user's distribution already computed ``probs``; no argument validation (done when the user
+    built it).
+    """
+    c = Categorical.__new__(Categorical)
+    for name in ("probs", "logits"):  # _param: the logits when given, as Categorical.__init__ and expand
+        if name in raw:
+            setattr(c, name, raw[name])
+            c._param = raw[name]
+    c._num_events = c._param.shape[-1]
+    Distribution.__init__(c, c._param.shape[:-1], validate_args=False)
+    if cls is Categorical:
+        return c
+    d = OneHotCategorical.__new__(OneHotCategorical)
+    d._categorical = c
+    Distribution.__init__(d, c.batch_shape, c.param_shape[-1:], validate_args=False)
+    return d
 
 
 def _rebuild(cls: type, raw: dict) -> Distribution:

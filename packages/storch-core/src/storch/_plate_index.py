@@ -37,7 +37,7 @@ def _raw_index(x, idx):
             "indexed dim to the front first (e.g. with movedim)"
         )
     z = idx[0]
-    if z.dtype == torch.bool:
+    if z._raw.dtype == torch.bool:
         raise PlateError(
             "boolean masks that vary per sample select a different number of elements per sample; "
             "use torch.where(mask, x, other) instead"
@@ -46,14 +46,14 @@ def _raw_index(x, idx):
     plates = union_plates([xp, z._plates])
     m = len(plates)
     raw_z = align(z._raw, z._plates, plates)
+    if type(x) is not _PT:  # a plain tensor indexed per plate entry: no plate dims to index
+        return (raw_z,) + idx[1:], plates
     e = raw_z.dim() - m
     ar = tuple(
         torch.arange(p.size, device=raw_z.device).view((1,) * j + (p.size,) + (1,) * (m - j - 1 + e))
         for j, p in enumerate(plates)
     )
-    if type(x) is _PT:
-        return ar + (raw_z,) + idx[1:], plates
-    return (raw_z,) + idx[1:], plates
+    return ar + (raw_z,) + idx[1:], plates
 
 
 @register(_T.__getitem__)

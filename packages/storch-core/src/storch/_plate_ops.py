@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ._errors import PlateError, plate_error_from
-from ._plates import Plate, PlateTensor, _names, align, union_plates
+from ._plates import Plate, PlateTensor, _names, align, later_step, union_plates
 from ._treatments import _LISTENERS, Entry, Treatment, describe, register_plate_handler, treatment_of
 
 __all__ = ["dispatch", "register", "wrap", "scan", "unwrap", "too_many_samples", "user_error"]
@@ -186,8 +186,13 @@ def broadcast(func, args, kwargs):
         if ta is _PT:
             if tb is _PT:
                 pa, pb = a._plates, b._plates
-                if (pa is pb or pa == pb) and a._raw.dim() == b._raw.dim():
-                    return _PT._wrap(func(a._raw, b._raw), pa)
+                if a._raw.dim() == b._raw.dim():
+                    if pa is pb or pa == pb:
+                        return _PT._wrap(func(a._raw, b._raw), pa)
+                    # steps t-1 and t of a partition without parent indices: the raw dims line up
+                    same = later_step(pa, pb)
+                    if same is not None:
+                        return _PT._wrap(func(a._raw, b._raw), same)
                 plates = union_plates((pa, pb))
                 k = max(a._raw.dim() - len(pa), b._raw.dim() - len(pb))
                 return _PT._wrap(func(align(a._raw, pa, plates, k), align(b._raw, pb, plates, k)), plates)

@@ -306,6 +306,10 @@ def _gather(func, args, kwargs):
 @register(*_both("matmul"), _T.__matmul__, _T.__rmatmul__, *_both("mm"), *_both("bmm"), *_both("mv"))
 def _matmul(func, args, kwargs):
     a, b = (args[1], args[0]) if func is _T.__rmatmul__ else (args[0], args[1])
+    if type(a) is _PT and type(b) is _T and b.dim() == 2 and a._raw.dim() > len(a._plates):
+        # per-sample vector or matrices times one plain matrix: the plate dims are batch dims of
+        # torch.matmul's own (a single mm, as written by hand for a batch of row vectors)
+        return wrap_same(torch.matmul(a._raw, b), a._plates)
     plates = union_plates(scan((a, b), {}))
     ka = a._raw.dim() - len(a._plates) if type(a) is _PT else a.dim()
     kb = b._raw.dim() - len(b._plates) if type(b) is _PT else b.dim()

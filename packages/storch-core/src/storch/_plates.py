@@ -245,11 +245,50 @@ def raw_of(x):
     return x._raw if type(x) is PlateTensor else x
 
 
+def later_step(a: tuple[Plate, ...], b: tuple[Plate, ...]) -> Optional[tuple[Plate, ...]]:
+    """``a`` and ``b`` as one tuple when they differ only in the steps of partition plates whose
+    entries stayed in place between those steps (no parent indices: nothing to re-index, the raw
+    tensors line up as they are), with the later step of each; ``None`` otherwise.
+
+    The hot case of a sequence: a tensor of step t-1 meets one of step t. Anything else (other
+    plates, another order, parent indices, sizes that differ) is left to :func:`union_plates` and
+    :func:`align`, which re-index or raise.
+    """
+    if len(a) != len(b):
+        return None
+    a_later = b_later = False
+    for i, p in enumerate(a):
+        q = b[i]
+        if p is q or p == q:
+            continue
+        lin = p.lineage
+        if (p.step == q.step or lin is None or lin is not q.lineage or p.name != q.name or p.size != q.size
+                or p.independent != q.independent):
+            return None
+        if p.step < q.step:
+            b_later = True
+            if lin.parents and lin.index(p.step, q.step) is not None:
+                return None
+        else:
+            a_later = True
+            if lin.parents and lin.index(q.step, p.step) is not None:
+                return None
+    if not a_later:
+        return b
+    if not b_later:
+        return a
+    return tuple(p if p.step >= q.step else q for p, q in zip(a, b))
+
+
 def union_plates(groups: Sequence[tuple[Plate, ...]]) -> tuple[Plate, ...]:
     """Union of plate tuples: the longest first, then others' missing plates in order."""
     best = max(groups, key=len)
-    if all(g is best or g == best for g in groups):
+    if all(g is best or not g or g == best for g in groups):  # an empty group adds nothing
         return best
+    if len(groups) == 2:
+        same = later_step(groups[0], groups[1])
+        if same is not None:
+            return same
     out = list(best)
     seen = {p.name: p for p in best}
     for g in groups:
@@ -330,7 +369,7 @@ def align(raw: torch.Tensor, plates: tuple[Plate, ...], target: tuple[Plate, ...
     left-padded with size-1 dims to that many dims (for broadcasting against other operands).
     Only views are taken: no copies.
     """
-    if plates is not target and plates != target:
+    if plates is not target and plates != target and later_step(plates, target) is not target:
         order, inserts, steps = _plan(plates, target)
         if order is not None:
             raw = raw.permute(*order, *range(len(plates), raw.dim()))

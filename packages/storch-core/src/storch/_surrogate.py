@@ -184,8 +184,9 @@ def _steps_surrogate(node: Node, members: list) -> torch.Tensor:
         p = next(q for q in plates if q.name == name)
         target = (p,) + others
         raws.append(align(raw_of(cost), plates, target))
-        view = node.at(p.step)
-        ls.append(align(view.gradient_values, view.plates, target))
+        # L_t and its plates (what node.at(t) holds, without building a view per step)
+        lp, l = node.history[p.step] if p.step != node.step else (node.plates, node.gradient_values)
+        ls.append(align(l, lp, target))
     shape = torch.broadcast_shapes(*(r.shape for r in raws), *(l.shape for l in ls))
     raw = torch.stack([r.expand(shape) for r in raws], 1)  # (N, steps, *others)
     total = torch.stack([l.expand(shape) for l in ls], 1)  # L_t of each cost's step
