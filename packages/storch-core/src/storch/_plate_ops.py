@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ._errors import PlateError, plate_error_from
-from ._plates import Plate, PlateTensor, _names, align, later_step, union_plates
+from ._plates import Plate, PlateTensor, _names, align, later_step, map_tensors, union_plates
 from ._treatments import _LISTENERS, Entry, Treatment, describe, register_plate_handler, treatment_of
 
 __all__ = ["dispatch", "register", "wrap", "scan", "unwrap", "too_many_samples", "user_error"]
@@ -69,15 +69,7 @@ def wrap(out, plates: tuple[Plate, ...]):
             return out
         check_leading(out, plates)
         return _PT._wrap(out, plates)
-    if isinstance(out, (tuple, list)):
-        items = [wrap(o, plates) for o in out]
-        if type(out) in (tuple, list):
-            return type(out)(items)
-        try:  # torch.return_types.* structseqs
-            return type(out)(items)
-        except TypeError:
-            return tuple(items)
-    return out
+    return map_tensors(out, lambda o: wrap(o, plates))
 
 
 def scan(args, kwargs):

@@ -15,7 +15,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._errors import PlateError
-from ._plates import PlateTensor, _names, align, union_plates
+from ._plates import PlateTensor, _names, align, map_tensors, union_plates
 from ._treatments import describe
 
 __all__ = ["vmap_call"]
@@ -77,8 +77,8 @@ def vmap_call(func, args, kwargs):
                 o = o.unsqueeze(j)
             return o
 
-        out = _map_tensors(out, expand)
-    return _map_tensors(out, lambda o: PlateTensor._wrap(o, plates))
+        out = map_tensors(out, expand)
+    return map_tensors(out, lambda o: PlateTensor._wrap(o, plates))
 
 
 def _loop(call, raws, mapped, levels, sizes, func):
@@ -116,22 +116,8 @@ def _vmap(call, raws, mapped, levels, sizes, full, inplace):
         n = math.prod(lead)
         flat = [r.reshape((n,) + r.shape[len(levels):]) for r in raws]
         out = torch.func.vmap(call, randomness="different")(*flat)
-        return _map_tensors(out, lambda o: o.reshape(lead + o.shape[1:]))
+        return map_tensors(out, lambda o: o.reshape(lead + o.shape[1:]))
     f = call
     for j in reversed(levels):
         f = torch.func.vmap(f, in_dims=tuple(0 if mk[j] else None for mk in mapped), randomness="different")
     return f(*raws)
-
-
-def _map_tensors(out, fn):
-    if isinstance(out, torch.Tensor):
-        return fn(out)
-    if isinstance(out, (tuple, list)):
-        items = [_map_tensors(o, fn) for o in out]
-        if type(out) in (tuple, list):
-            return type(out)(items)
-        try:  # torch.return_types.* structseqs
-            return type(out)(items)
-        except TypeError:
-            return tuple(items)
-    return out

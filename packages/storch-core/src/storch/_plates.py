@@ -433,6 +433,22 @@ def _to_step(raw: torch.Tensor, dim: int, step: int, target: Plate, plates: tupl
     return raw.gather(dim, idx.expand(full))
 
 
+def map_tensors(out, fn):
+    """Apply ``fn`` to every tensor in a torch result: a tensor, or (nested) tuples and lists of
+    them, ``torch.return_types`` structseqs included; anything else is returned as it is."""
+    if isinstance(out, torch.Tensor):
+        return fn(out)
+    if isinstance(out, (tuple, list)):
+        items = [map_tensors(o, fn) for o in out]
+        if type(out) in (tuple, list):
+            return type(out)(items)
+        try:  # torch.return_types.* structseqs
+            return type(out)(items)
+        except TypeError:
+            return tuple(items)
+    return out
+
+
 def _unsqueeze_n(raw: torch.Tensor, at: int, n: int) -> torch.Tensor:
     for _ in range(n):
         raw = raw.unsqueeze(at)
