@@ -20,6 +20,7 @@ VAE model and the bundled scikit-learn digits).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -69,8 +70,10 @@ def main() -> None:
     try:
         train(args, dist.get_rank(), dist.get_world_size())
     finally:
-        # every rank is done with its collectives before any rank tears the group down (otherwise
-        # gloo may abort a peer still in its last all-reduce: "terminate called without an active exception")
+        # DDP's reducer (held in reference cycles) must be gone before the group is destroyed, and
+        # every rank done with its collectives before any rank tears the group down; otherwise gloo
+        # may abort a process at exit ("terminate called without an active exception")
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
