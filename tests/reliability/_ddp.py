@@ -10,6 +10,7 @@ builds the network, then rank 0's is broadcast)."""
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -109,8 +110,14 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         except storch.StorchError as e:
             out["misuse"] = str(e)
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-        dist.barrier()  # no rank tears the group down while another is still in a collective
+        # the DDP reducers (held in reference cycles) go before the group does, and no rank tears
+        # the group down while another is still in a collective; otherwise gloo may abort a
+        # process at exit ("terminate called without an active exception")
+        del ddp, local
+        gc.collect()
+        dist.barrier()
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 
