@@ -97,3 +97,19 @@ def assert_same_grads(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], name
     for i, (ga, gb) in enumerate(zip(a, b)):
         label = names[i] if i < len(names) else str(i)
         torch.testing.assert_close(ga, gb, atol=atol, rtol=rtol, msg=lambda m: f"gradient of {label}: {m}")
+
+
+def assert_trains(model: torch.nn.Module, opt: torch.optim.Optimizer, build: Callable, steps: int = 3) -> None:
+    """``steps`` training steps, each ``build(graph)`` in a fresh ``storch.Graph`` then
+    ``storch.backward()``: a finite value, a finite gradient for every parameter, and every
+    parameter moved by the optimiser at the end."""
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(steps):
+        opt.zero_grad()
+        with storch.Graph() as graph:
+            build(graph)
+            assert torch.isfinite(storch.backward())
+        for q in model.parameters():
+            assert q.grad is not None and torch.isfinite(q.grad).all()
+        opt.step()
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
