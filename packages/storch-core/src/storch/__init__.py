@@ -31,12 +31,14 @@ from ._registry import (
     reload_estimators,
 )
 from ._surrogate import backward, surrogate_loss
+from ._compile import CompiledStep, compile
 from ._random import current_generator
 from . import distributed  # noqa: F401  (storch.distributed: estimator state under torch.distributed)
 
 __all__ = [
     "Plate", "Lineage", "PlateTensor", "Graph", "Node", "Estimator", "CostFrame", "EstimatorInfo",
     "add_cost", "denote_independent", "reset", "current_graph", "surrogate_loss", "backward",
+    "compile", "CompiledStep",
     "magic_box", "estimator", "available_estimators", "get_estimator_class", "reload_estimators",
     "hookimpl", "hookspec", "StorchError", "PlateError", "OrderError", "UnknownEstimatorError",
     "UnsupportedDistributionError", "OptionError", "CostError", "NonFiniteCostError", "NonFiniteParameterError", "PluginError",

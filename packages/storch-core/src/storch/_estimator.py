@@ -40,6 +40,7 @@ import torch
 from torch.distributions import Distribution
 
 from ._distributions import unwrap_distribution
+from ._eager import eager_only
 from ._errors import NonFiniteParameterError, OptionError, PlateError, StorchError, UnsupportedDistributionError
 from ._graph import Node, current_graph
 from ._plates import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
@@ -433,6 +434,7 @@ class Estimator(torch.nn.Module):
 
     # -- graph identity (issue 11) -------------------------------------------------------------
 
+    @eager_only
     def __call__(self, distribution: Distribution, *args, **kwargs) -> PlateTensor:
         # Graph identity (issue 11): the distribution's plate tensors must belong to the current
         # graph, and an exception while sampling discards the step, so it never leaks into the next.

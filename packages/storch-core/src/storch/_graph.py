@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from ._eager import eager_only
 from ._errors import CostError, PlateError
 from ._plates import Lineage, Plate, PlateTensor, plates_of, raw_of
 
@@ -153,6 +154,7 @@ class Graph:
         self._mode = None
         self._finished = False
 
+    @eager_only
     def __enter__(self) -> "Graph":
         if self._finished:  # a graph object entered again starts a new step
             self.reset()
@@ -165,6 +167,7 @@ class Graph:
             self._mode = True
         return self
 
+    @eager_only
     def __exit__(self, *exc) -> None:
         if self._mode is not None:
             from ._random import pop_generator
@@ -180,6 +183,7 @@ class Graph:
             self._close("finished (its `with storch.Graph():` block ended)")
         self._finished = True
 
+    @eager_only
     def reset(self, reason: str = "reset (storch.reset() or storch.backward())") -> None:
         """End the step: forget its nodes, plates and costs; its plate tensors become stale."""
         self._close(reason)
@@ -265,6 +269,9 @@ class Graph:
         self.claim_plate(node.plate.name, node)
         node.index = len(self.nodes)
         self.nodes.append(node)
+        traced = _local.__dict__.get("traced")
+        if traced is not None:  # storch.compile is tracing this thread's step
+            traced.append(node)
 
     def partition_of(self, estimator) -> Optional[Node]:
         """The node an estimator already sampled in this graph (its partition), if any."""
@@ -277,6 +284,7 @@ class Graph:
         owner = self.plates.get(plate_name)
         return owner if isinstance(owner, Node) else None
 
+    @eager_only
     def add_cost(self, cost, name: Optional[str] = None) -> None:
         try:
             self._add_cost(cost, name)
@@ -302,6 +310,7 @@ class Graph:
         self.check_plates(plates_of(cost), f"cost {label!r}")
         self.costs.append((name or f"cost{len(self.costs)}", cost))
 
+    @eager_only
     def denote_independent(self, tensor, dim: int, plate: str):
         try:
             if isinstance(tensor, (tuple, list)):
@@ -407,16 +416,37 @@ def _stack() -> list:
     return s
 
 
+class tracing_nodes:
+    """Context (used by ``storch.compile``): collect every node added in this thread into ``nodes``."""
+
+    def __init__(self, nodes: list) -> None:
+        self.nodes = nodes
+
+    def __enter__(self):
+        self.outer = _local.__dict__.get("traced")
+        _local.traced = self.nodes
+
+    def __exit__(self, *exc) -> None:
+        _local.traced = self.outer
+
+
+def is_tracing() -> bool:
+    """Whether ``storch.compile`` is tracing a step in this thread."""
+    return _local.__dict__.get("traced") is not None
+
+
 def current_graph() -> Graph:
     """The innermost active ``storch.Graph`` of this thread (or its default graph)."""
     return _stack()[-1]
 
 
+@eager_only
 def add_cost(cost: torch.Tensor, name: Optional[str] = None) -> None:
     """Register a cost (one number per sample) in the current graph."""
     current_graph().add_cost(cost, name)
 
 
+@eager_only
 def denote_independent(tensor, dim: int, plate: str):
     """Declare ``dim`` of ``tensor`` an independent plate (data points; reduced by the mean).
 
@@ -428,6 +458,7 @@ def denote_independent(tensor, dim: int, plate: str):
     return current_graph().denote_independent(tensor, dim, plate)
 
 
+@eager_only
 def reset() -> None:
     """Clear the current graph (its nodes, plates and costs)."""
     current_graph().reset()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ._eager import eager_only
 from ._errors import PlateError, plate_error_from
 from ._plates import Plate, PlateTensor, _names, align, later_step, map_tensors, union_plates
 from ._treatments import _LISTENERS, Entry, Treatment, describe, register_plate_handler, treatment_of
@@ -352,4 +353,4 @@ def _torch_function(cls, func, types, args=(), kwargs=None):
 
 # bound here, once, rather than looked up on every torch call (our own class: nothing in torch
 # is patched)
-PlateTensor.__torch_function__ = classmethod(_torch_function)
+PlateTensor.__torch_function__ = classmethod(eager_only(_torch_function))

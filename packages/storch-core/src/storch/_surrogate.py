@@ -20,9 +20,10 @@ from typing import Optional
 
 import torch
 
+from ._eager import eager_only
 from ._errors import OrderError, StorchError
 from ._estimator import CostFrame, Estimator, _lead, magic_box
-from ._graph import Graph, Node, current_graph
+from ._graph import Graph, Node, current_graph, is_tracing
 from ._plates import Plate, align, plates_of, raw_of
 
 __all__ = ["surrogate_loss", "backward", "cost_nodes"]
@@ -104,6 +105,7 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None) -> torc
     return inner.mean() if inner.dim() else inner
 
 
+@eager_only
 def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tensor:
     """The surrogate loss of the current graph (paper, Eq. 2).
 
@@ -205,6 +207,7 @@ def _steps_surrogate(node: Node, members: list) -> torch.Tensor:
     return inner.sum(1).mean()  # costs are summed over steps, averaged over data points
 
 
+@eager_only
 def backward(graph: Optional[Graph] = None) -> torch.Tensor:
     """Backpropagate the first-order surrogate, run estimators' own updates, reset the graph.
 
@@ -223,6 +226,12 @@ def backward(graph: Optional[Graph] = None) -> torch.Tensor:
             Catch it to skip the batch.
     """
     graph = graph or current_graph()
+    if is_tracing():
+        graph.reset()
+        raise StorchError(
+            "storch.backward() inside a step compiled with storch.compile: a compiled step cannot run "
+            "backward and estimator updates inside it. Return storch.surrogate_loss() from the step and "
+            "call .backward() on what the compiled step returns")
     try:
         loss = surrogate_loss(1, graph)
         _check_finite(loss, graph)

@@ -1,0 +1,305 @@
+"""``storch.compile``: a storch step traced once into plain batched torch, then compiled.
+
+``torch.compile`` cannot trace plate tensors well: dynamo does not construct tensor wrapper
+subclasses inside a graph, so every torch call on a :class:`storch.PlateTensor` is a graph break
+(and storch's bookkeeping in between runs as many small frames). ``storch.compile(step)`` takes the
+other route. The first call with a given signature (the shapes, dtypes, devices and
+``requires_grad`` of the tensor arguments, the other arguments' values, grad mode) runs ``step``
+once with storch's Python dispatch under ``make_fx(pre_dispatch=True)``: storch does its plate
+alignment, estimator and surrogate bookkeeping on the real tensors as in eager mode, and what gets
+recorded is only the raw batched torch program it emits (the same operations a hand-written
+surrogate would run, plus storch's grad-mode switches and ``detach``es). That program is handed
+to ``torch.compile(fullgraph=True)``: one graph, no breaks. Later calls with the same signature
+replay the compiled program and never enter storch's Python.
+
+What a trace fixes, and what a step may not do (each raises a clear error where it can be seen):
+
+- the step returns tensors (e.g. ``storch.surrogate_loss()``), not plate tensors, and does not call
+  ``storch.backward()``: call ``loss.backward()`` on the result;
+- estimators that update their own state in ``storch.backward()`` (``has_update``: moving-average
+  and learned baselines, annealed temperatures) are refused;
+- tensors the step reads but does not receive as arguments are captured: ``nn.Parameter``s by
+  reference (gradients and optimizer updates work as usual); any other captured tensor that
+  requires grad is refused (pass it as an argument); other captured tensors are read live (same
+  object) but must not be replaced by new objects between calls;
+- Python values the step reads (options, ``module.training``, Python numbers) are fixed at trace
+  time; call :meth:`CompiledStep.clear` after changing them;
+- data-dependent Python control flow (``if tensor.item() > 0``) cannot be traced: the error says so.
+
+Random draws are recorded as torch random operations, so every call draws fresh samples from
+torch's generator. During the trace torch's RNG state is saved and restored (the trace's draws do
+not shift the first real call's samples), and torch.distributions argument validation is turned
+off, as ``torch.compile`` itself does for the whole process on its first compile.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import torch
+import torch.utils._pytree as pytree
+
+from ._errors import StorchError
+from ._graph import Graph, tracing_nodes
+from ._plates import PlateTensor
+
+__all__ = ["compile", "CompiledStep"]
+
+_COMPILE_OPTIONS = ("backend", "mode", "options", "dynamic")
+
+
+class CompiledStep:
+    """A storch step compiled by :func:`storch.compile`; call it like the step itself.
+
+    Attributes:
+        fn: the step function.
+        compile_options: keyword arguments for ``torch.compile`` (``backend``, ``mode``, ...).
+        traces: the number of traces made so far (one per distinct signature).
+    """
+
+    def __init__(self, fn: Callable, compile_options: dict) -> None:
+        self.fn = fn
+        self.compile_options = compile_options
+        self._cache: dict = {}
+        self.traces = 0
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        key, tensors = _signature(leaves, spec)
+        entry = self._cache.get(key)
+        if entry is None:
+            entry = self._cache[key] = self._trace(leaves, spec, tensors)
+        compiled, out_spec = entry[1], entry[2]
+        return pytree.tree_unflatten(list(compiled(*tensors)), out_spec)
+
+    def graph_module(self, *args, **kwargs) -> torch.fx.GraphModule:
+        """The traced raw torch program for these arguments (traced now if it was not yet): what
+        ``torch.compile`` receives. E.g. ``torch._dynamo.explain(step.graph_module(x))(x)``."""
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        key, tensors = _signature(leaves, spec)
+        entry = self._cache.get(key)
+        if entry is None:
+            entry = self._cache[key] = self._trace(leaves, spec, tensors)
+        return entry[0]
+
+    def clear(self) -> None:
+        """Forget every trace: the next call traces again (after changing options or modes)."""
+        self._cache.clear()
+
+    def _trace(self, leaves: list, spec, tensors: list):
+        positions = [i for i, a in enumerate(leaves) if isinstance(a, torch.Tensor)]
+        out_spec = []
+
+        def flat(*ts):
+            items = list(leaves)
+            for i, t in zip(positions, ts):
+                items[i] = t
+            args, kwargs = pytree.tree_unflatten(items, spec)
+            out = self.fn(*args, **kwargs)
+            outs, s = pytree.tree_flatten(out)
+            for o in outs:
+                if isinstance(o, PlateTensor):
+                    raise StorchError(
+                        f"{_name(self.fn)} returned a PlateTensor; a compiled step returns plain tensors: "
+                        "return storch.surrogate_loss() (and, for other values, their `.tensor`)")
+                if not isinstance(o, torch.Tensor):
+                    raise StorchError(
+                        f"{_name(self.fn)} returned a {type(o).__name__}; a compiled step returns tensors "
+                        "(e.g. storch.surrogate_loss()), whose values change from call to call")
+            out_spec.append(s)
+            return tuple(outs)
+
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+        validate = torch.distributions.Distribution._validate_args
+        nodes: list = []
+        torch.distributions.Distribution.set_default_validate_args(False)
+        try:
+            with torch.random.fork_rng(devices=devices), tracing_nodes(nodes), Graph():
+                gm = make_fx(flat, pre_dispatch=True)(*tensors)
+        except StorchError:
+            raise
+        except RuntimeError as e:
+            if "data-dependent" in str(e) or "_local_scalar_dense" in str(e):
+                raise StorchError(
+                    f"storch.compile cannot trace {_name(self.fn)}: some code reads a tensor's value in Python "
+                    "(`.item()`, `bool(t)`, `if t > 0:`, a value check), so the program depends on the data. "
+                    f"Run this step eagerly, or move that check out of the step. torch said: {e}") from e
+            raise
+        finally:
+            torch.distributions.Distribution.set_default_validate_args(validate)
+        _check_nodes(nodes, self.fn)
+        _check_constants(gm, self.fn)
+        _drop_identity_views(gm)
+        _fold_batch_views(gm)
+        self.traces += 1
+        compiled = torch.compile(gm, fullgraph=True, **self.compile_options)
+        return gm, compiled, out_spec[0]
+
+    def __repr__(self) -> str:
+        return f"storch.compile({_name(self.fn)}, traces={self.traces})"
+
+
+def compile(fn: Optional[Callable] = None, *, backend: Any = "inductor", mode: Optional[str] = None,
+            options: Optional[dict] = None, dynamic: Optional[bool] = False):
+    """Compile a storch step: trace its plate program once into plain torch, then ``torch.compile`` it.
+
+    ``fn(*args)`` builds one step's stochastic computation graph (estimators, costs) and returns
+    ``storch.surrogate_loss()`` (or any tensors). The result is called like ``fn``; differentiate its
+    output as usual (``loss.backward()``, then the optimizer step). Each distinct signature of the
+    arguments (tensor shapes, dtypes, devices, ``requires_grad``; other arguments by value; grad
+    mode) is traced and compiled once. The compiled program is one graph without breaks.
+
+    Usable as ``storch.compile(fn)``, ``@storch.compile`` or ``@storch.compile(backend="aot_eager")``.
+
+    Args:
+        fn: the step function.
+        backend, mode, options, dynamic: passed to ``torch.compile`` (``dynamic=False`` by default:
+            every new shape is traced anyway).
+
+    Raises:
+        StorchError: when the step cannot be replayed faithfully (see :mod:`storch._compile`): it calls
+            ``storch.backward()``, returns plate tensors or non-tensors, uses an estimator that updates
+            its own state, captures a non-parameter tensor that requires grad, or branches on values.
+
+    Example:
+        >>> est = storch.estimator("score", plate="z", n_samples=8, baseline="leave_one_out")
+        >>> @storch.compile
+        ... def loss_fn(x):
+        ...     with storch.Graph():
+        ...         x = storch.denote_independent(x, 0, "data")
+        ...         z = est(Bernoulli(logits=encoder(x)))
+        ...         storch.add_cost(reconstruction(decoder(z), x), name="rec")
+        ...         return storch.surrogate_loss()
+        >>> loss_fn(x).backward()
+    """
+    opts = {"backend": backend, "dynamic": dynamic}
+    if mode is not None:
+        opts["mode"] = mode
+    if options is not None:
+        opts["options"] = options
+    if fn is None:
+        return lambda f: CompiledStep(f, opts)
+    if not callable(fn):
+        raise TypeError(f"storch.compile expects a function, got {type(fn).__name__}")
+    return CompiledStep(fn, opts)
+
+
+def _signature(leaves: list, spec) -> tuple:
+    key = [spec, torch.is_grad_enabled()]
+    tensors = []
+    for a in leaves:
+        if isinstance(a, torch.Tensor):
+            if type(a) is PlateTensor:
+                raise StorchError(
+                    "a compiled step takes plain tensors: call storch.denote_independent inside the step, "
+                    "not before it (plate tensors belong to one graph)")
+            tensors.append(a)
+            key.append((a.shape, a.dtype, a.device, a.requires_grad))
+        else:
+            try:
+                hash(a)
+            except TypeError:
+                raise StorchError(
+                    f"a compiled step's non-tensor arguments must be hashable (they select the trace); got a "
+                    f"{type(a).__name__}") from None
+            key.append((type(a), a))
+    return tuple(key), tensors
+
+
+def _check_nodes(nodes: list, fn) -> None:
+    for node in nodes:
+        est = node.estimator
+        if est.has_update:
+            raise StorchError(
+                f"storch.compile cannot replay estimator {est.name!r} (plate {node.plate.name!r}): it updates "
+                "its own state (a moving average, a learned baseline, an annealed temperature) in "
+                "storch.backward(), which a compiled step does not run. Use it in an eager step, or pick an "
+                "option without an update (e.g. baseline='leave_one_out')")
+
+
+def _check_constants(gm: torch.fx.GraphModule, fn) -> None:
+    params = {id(p) for p in gm.parameters()}
+    for name, value in vars(gm).items():
+        if isinstance(value, torch.Tensor) and value.requires_grad and id(value) not in params:
+            raise StorchError(
+                f"{_name(fn)} reads a tensor of shape {tuple(value.shape)} that requires grad but is neither an "
+                "argument of the step nor an nn.Parameter; the compiled step would not pass gradients to it. "
+                "Pass it as an argument")
+
+
+def _drop_identity_views(gm: torch.fx.GraphModule) -> None:
+    """Remove views that change nothing (``expand`` to the same shape, ``movedim(x, d, d)``) from the
+    trace: storch's alignment emits them where plates already line up, and inductor treats an
+    ``expand`` as a layout constraint (it copied the channels-last output of a convolution that
+    the next convolution would read as it is)."""
+    aten = torch.ops.aten
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        src = node.args[0] if node.args else None
+        if not isinstance(src, torch.fx.Node):
+            continue
+        same = False
+        if node.target is aten.expand.default:
+            a, b = src.meta.get("val"), node.meta.get("val")
+            same = a is not None and b is not None and tuple(a.shape) == tuple(b.shape)
+        elif node.target is aten.movedim.int:
+            same = node.args[1] == node.args[2]
+        if same:
+            node.replace_all_uses_with(src)
+            gm.graph.erase_node(node)
+            changed = True
+    if changed:
+        gm.recompile()
+
+
+def _fold_batch_views(gm: torch.fx.GraphModule) -> None:
+    """Let elementwise functions between two batch-first calls run on the folded batch.
+
+    storch runs a convolution with every plate folded into its batch dim and unfolds the result
+    (``unflatten(out, 0, plates)``); an activation then runs on the unfolded view and the next
+    convolution folds it again (``flatten(0, k)``). Eagerly these are free views; inductor,
+    however, gives the activation's 5-dim output its own (contiguous) layout and copies it back to
+    the channels-last layout the next convolution wants. Moving the ``unflatten`` after
+    single-tensor elementwise ops and cancelling ``flatten(unflatten(x))`` gives the graph a
+    hand-written batched step has. Only rewrites that keep every value the same."""
+    aten = torch.ops.aten
+    pointwise = torch.Tag.pointwise
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        if node.target is aten.flatten.using_ints:
+            src = node.args[0]
+            if (isinstance(src, torch.fx.Node) and src.target is aten.unflatten.int and src.args[1] == 0
+                    and tuple(node.args[1:]) == (0, len(src.args[2]) - 1)):
+                node.replace_all_uses_with(src.args[0])
+                gm.graph.erase_node(node)
+                changed = True
+            continue
+        if pointwise not in node.target.tags or node.kwargs or node.target._schema.is_mutable:
+            continue
+        tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        if len(tensors) != 1 or node.args[0] is not tensors[0]:
+            continue
+        src = tensors[0]
+        if src.target is not aten.unflatten.int or src.args[1] != 0:
+            continue
+        with gm.graph.inserting_before(node):
+            inner = gm.graph.call_function(node.target, (src.args[0], *node.args[1:]))
+            outer = gm.graph.call_function(aten.unflatten.int, (inner, 0, src.args[2]))
+        node.replace_all_uses_with(outer)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
