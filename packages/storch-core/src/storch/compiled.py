@@ -40,9 +40,9 @@ from typing import Any, Callable, Optional
 import torch
 import torch.utils._pytree as pytree
 
-from ._errors import StorchError
-from ._graph import Graph, tracing_nodes
-from ._plates import PlateTensor
+from .errors import StorchError
+from .graph import Graph, tracing_nodes
+from .plates.tensor import PlateTensor
 
 __all__ = ["compile", "CompiledStep"]
 
@@ -161,7 +161,7 @@ def compile(fn: Optional[Callable] = None, *, backend: Any = "inductor", mode: O
             every new shape is traced anyway).
 
     Raises:
-        StorchError: when the step cannot be replayed faithfully (see :mod:`storch._compile`): it calls
+        StorchError: when the step cannot be replayed faithfully (see :mod:`storch.compiled`): it calls
             ``storch.backward()``, returns plate tensors or non-tensors, uses an estimator that updates
             its own state, captures a non-parameter tensor that requires grad, or branches on values.
 
@@ -223,8 +223,9 @@ def _check_nodes(nodes: list, fn) -> None:
 
 def _check_constants(gm: torch.fx.GraphModule, fn) -> None:
     params = {id(p) for p in gm.parameters()}
-    for name, value in vars(gm).items():
-        if isinstance(value, torch.Tensor) and value.requires_grad and id(value) not in params:
+    captured = [*gm.buffers(), *(v for v in vars(gm).values() if isinstance(v, torch.Tensor))]
+    for value in captured:
+        if value.requires_grad and id(value) not in params:
             raise StorchError(
                 f"{_name(fn)} reads a tensor of shape {tuple(value.shape)} that requires grad but is neither an "
                 "argument of the step nor an nn.Parameter; the compiled step would not pass gradients to it. "
