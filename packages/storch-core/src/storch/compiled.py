@@ -46,7 +46,7 @@ from .plates.tensor import PlateTensor
 
 __all__ = ["compile", "CompiledStep"]
 
-_COMPILE_OPTIONS = ("backend", "mode", "options", "dynamic")
+_T = torch.Tensor
 
 
 class CompiledStep:
@@ -62,17 +62,33 @@ class CompiledStep:
         self.fn = fn
         self.compile_options = compile_options
         self._cache: dict = {}
+        self._fast: dict = {}
         self.traces = 0
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args, **kwargs):
+        if not kwargs and all(type(a) is _T for a in args):
+            # the common call, plain tensors only: a cheaper key (no pytree), its own cache entry
+            key = (torch.is_grad_enabled(), *[(a.shape, a.dtype, a.device, a.requires_grad) for a in args])
+            entry = self._fast.get(key)
+            if entry is None:
+                entry = self._fast[key] = self._entry(args, kwargs)
+            outs = entry[1](*args)
+            return outs[0] if entry[3] else pytree.tree_unflatten(list(outs), entry[2])
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key, tensors = _signature(leaves, spec)
         entry = self._cache.get(key)
         if entry is None:
             entry = self._cache[key] = self._trace(leaves, spec, tensors)
-        compiled, out_spec = entry[1], entry[2]
-        return pytree.tree_unflatten(list(compiled(*tensors)), out_spec)
+        return pytree.tree_unflatten(list(entry[1](*tensors)), entry[2])
+
+    def _entry(self, args, kwargs):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        key, tensors = _signature(leaves, spec)
+        entry = self._cache.get(key)
+        if entry is None:
+            entry = self._cache[key] = self._trace(leaves, spec, tensors)
+        return entry
 
     def graph_module(self, *args, **kwargs) -> torch.fx.GraphModule:
         """The traced raw torch program for these arguments (traced now if it was not yet): what
@@ -87,6 +103,7 @@ class CompiledStep:
     def clear(self) -> None:
         """Forget every trace: the next call traces again (after changing options or modes)."""
         self._cache.clear()
+        self._fast.clear()
 
     def _trace(self, leaves: list, spec, tensors: list):
         positions = [i for i, a in enumerate(leaves) if isinstance(a, torch.Tensor)]
@@ -137,7 +154,8 @@ class CompiledStep:
         _fold_batch_views(gm)
         self.traces += 1
         compiled = torch.compile(gm, fullgraph=True, **self.compile_options)
-        return gm, compiled, out_spec[0]
+        single = out_spec[0] == pytree.tree_structure(torch.empty(()))  # the step returned one tensor
+        return gm, compiled, out_spec[0], single
 
     def __repr__(self) -> str:
         return f"storch.compile({_name(self.fn)}, traces={self.traces})"
