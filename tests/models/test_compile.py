@@ -9,8 +9,6 @@ traced program runs as recorded, so the samples are eager's): compile time is CP
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -251,3 +249,14 @@ def test_readme_compile_example_trains():
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["loss_fn"].traces == 1 and torch.isfinite(scope["loss"])
     assert not torch.equal(before, scope["encoder"].weight)  # the compiled steps trained the model
+
+
+def test_compiled_benchmark_row():
+    # storch_bench.compiled: the compiled-vs-compiled row the docs report (timing kept short here)
+    from storch_bench.compiled import measure_compiled
+
+    Distribution.set_default_validate_args(True)
+    row = measure_compiled("toy", "loo", 2, 2, min_time=0.002)
+    assert row.same_grad == "yes" and row.storch_breaks == 0 and row.torch_breaks == 0, row
+    assert row.storch_us > 0 and row.torch_us > 0 and row.eager_storch_us > 0
+    assert Distribution._validate_args  # restored after torch.compile turned it off
