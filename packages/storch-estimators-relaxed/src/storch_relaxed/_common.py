@@ -10,16 +10,15 @@ REBAR's relaxed inputs, GO's neighbours) whose costs the control variate reads f
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 import torch
-from torch.distributions import Bernoulli, Distribution, Independent, OneHotCategorical
+from torch.distributions import Bernoulli, Distribution, OneHotCategorical
 
 import storch.distributed
-from storch.generators import drawing_with
 from storch import CostFrame, Estimator, Node, OptionError, StorchError, magic_box
+from storch.extending import base_distribution, drawing_with, options
 
 __all__ = [
     "base_of", "own_shape", "uniform", "logistic_noise", "gumbel_noise", "blocks_weights", "pad_blocks",
@@ -31,9 +30,7 @@ __all__ = [
 Temperature = Union[float, Callable[[int], float]]
 
 
-def base_of(d: Distribution) -> Distribution:
-    """The distribution under an ``Independent`` wrapper (the one holding logits/probs)."""
-    return d.base_dist if isinstance(d, Independent) else d
+base_of = base_distribution  # the distribution under an ``Independent`` wrapper (it holds logits/probs)
 
 
 def own_shape(node: Node) -> tuple[int, ...]:
@@ -120,11 +117,8 @@ def discrete_with_relaxation(d: Distribution, n: int):
 def check_temperature(name: str, temperature) -> None:
     if callable(temperature):
         return
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
-            or not math.isfinite(temperature):
-        raise OptionError(
-            f"{name}: temperature must be a finite float > 0 or a schedule step -> float, got {temperature!r}"
-        )
+    options.number(name, "temperature", temperature, above=0, finite=True,
+                   what="a finite float > 0 or a schedule step -> float")
 
 
 def blocks_weights(node: Node, n: int, blocks: int) -> torch.Tensor:
@@ -296,10 +290,8 @@ class VarianceTrained(Estimator):
     State = RelaxedState
 
     def _init_training(self, lr: float, update: bool) -> None:
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise OptionError(f"{self.name}: lr must be a float > 0, got {lr!r}")
-        if not isinstance(update, bool):
-            raise OptionError(f"{self.name}: update must be True or False, got {update!r}")
+        options.number(self.name, "lr", lr, above=0)
+        options.flag(self.name, "update", update)
         self.lr = float(lr)
         self.update = update
         self.update_steps = 0
@@ -310,8 +302,7 @@ class VarianceTrained(Estimator):
 
     def _init_network(self, network: Optional[Callable], hidden: int, zero_output: bool = False) -> None:
         """The learned control variate c_φ: the user's network or a default MLP (LAX, RELAX)."""
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise OptionError(f"{self.name}: hidden must be an int >= 1, got {hidden!r}")
+        options.integer(self.name, "hidden", hidden, minimum=1)
         if network is not None and not callable(network):
             raise OptionError(f"{self.name}: network must be a torch.nn.Module (or callable), got {network!r}")
         self.network = network if network is not None else ControlVariateNet(hidden, zero_output)

@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 from torch.distributions import Bernoulli
 
-from storch import CostFrame, Node, OptionError
+from storch import CostFrame, Node
+from storch.extending import options
 
 from ._common import (VarianceTrained, base_of, block, blocks_weights, discrete_with_relaxation, pad_blocks,
                       param_tensors, tilde_term)
@@ -34,10 +35,8 @@ class RelaxedCost(VarianceTrained):
     _tilde_term = staticmethod(tilde_term)
 
     def _init_relaxed_cost(self, temperature: float, eta: float) -> None:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
-            raise OptionError(f"{self.name}: temperature must be a finite float > 0, got {temperature!r}")
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta):
-            raise OptionError(f"{self.name}: eta must be a finite float, got {eta!r}")
+        options.number(self.name, "temperature", temperature, above=0, finite=True)
+        options.number(self.name, "eta", eta, finite=True)
         # λ as log λ (positive), η: trained with the rest of c by update_parameters (Tucker et al., §3.3)
         self.log_temperature = torch.nn.Parameter(torch.tensor(math.log(temperature), dtype=torch.float64))
         self.eta = torch.nn.Parameter(torch.tensor(float(eta), dtype=torch.float64))

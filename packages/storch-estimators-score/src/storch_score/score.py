@@ -6,10 +6,11 @@ import copy
 from typing import Callable, Optional, Union
 
 import torch
-from torch.distributions import Bernoulli, Independent
+from torch.distributions import Bernoulli
 
 import storch.distributed
 from storch import CostFrame, Estimator, Node, OptionError, PlateTensor
+from storch.extending import base_distribution, leave_one_out, options
 
 from .learned_baseline import LearnedBaseline
 
@@ -89,9 +90,7 @@ class Score(Estimator):
                  decay: float = 0.9, lr: float = 1e-2, hidden: int = 128, update: bool = True,
                  eos: Optional[int] = None) -> None:
         super().__init__(plate, n_samples)
-        if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or eos < 0):
-            raise OptionError(f"score: eos must be None or the index of the end value in the support, got {eos!r}")
-        self.eos = eos
+        self.eos = options.optional_index("score", "eos", eos, "None or the index of the end value in the support")
         self.baseline_fn: Optional[Callable] = None
         if callable(baseline) and not isinstance(baseline, str):
             self.baseline_kind, self.baseline_fn = "callable", baseline
@@ -105,12 +104,9 @@ class Score(Estimator):
             raise OptionError(
                 f"score: baseline={baseline!r} needs n_samples >= 2 (it averages the other samples' costs), "
                 f"got n_samples={n_samples}")
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            raise OptionError(f"score: decay must be a float in [0, 1), got {decay!r}")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise OptionError(f"score: lr must be a float > 0, got {lr!r}")
-        if not isinstance(update, bool):
-            raise OptionError(f"score: update must be True or False, got {update!r}")
+        options.number("score", "decay", decay, at_least=0.0, below=1.0)
+        options.number("score", "lr", lr, above=0)
+        options.flag("score", "update", update)
         if self.baseline_kind == "learned":
             self.baseline_kind, self.baseline_fn = "callable", LearnedBaseline(hidden)
         self.decay, self.lr, self.update = float(decay), float(lr), update
@@ -154,25 +150,21 @@ class Score(Estimator):
             return super().extend(node, distribution, plates)
         # a later step of a partition: the greedy entry continues with the greedy value (greedy
         # decoding); its log-probability is 0, as at the first step (it is not a sample of p)
-        sample = self._draw(distribution, ())
+        sample = self.draw(distribution, ())
         is_greedy = torch.arange(sample.shape[0], device=sample.device) == self.n_samples
         sample = torch.where(is_greedy.reshape((-1,) + (1,) * (sample.dim() - 1)),
                              _mode(distribution, self.name).to(sample.dtype), sample)
         lp = self.step_gradient_function(node, distribution, sample, plates)
         lp = torch.where(is_greedy.reshape((-1,) + (1,) * (lp.dim() - 1)), torch.zeros_like(lp), lp)
         if self.eos is not None:
-            sample, lp = self._after_eos(node, distribution, sample, lp, plates)
+            sample, lp = self.mask_after_eos(node, distribution, sample, lp, plates)
         return sample, lp
 
     def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         kind = self.baseline_kind
         if kind == "leave_one_out":
             # b_j = 1/(n-1) Σ_{j' ≠ j} f(x_j') (paper, section 3.2.5); cost.tensor is detached
-            t = cost.tensor
-            n = node.n
-            if t.shape[cost.dim] != n:
-                t = t.expand(t.shape[:cost.dim] + (n,) + t.shape[cost.dim + 1:])
-            return (cost.sum_plate(t) - t) / (n - 1)
+            return leave_one_out(cost, node.n)
         if kind == "moving_average":
             # the average of EARLIER steps only: update_parameters adds this step's costs after the
             # step, so b never depends on the current samples (appendix D.2.1, condition on b); a
@@ -282,7 +274,7 @@ class Score(Estimator):
 
 def _mode(d, who: str) -> torch.Tensor:
     """The most probable value of ``d`` (argmax p; the greedy sample of a self-critical baseline)."""
-    base = d.base_dist if isinstance(d, Independent) else d
+    base = base_distribution(d)
     if isinstance(base, Bernoulli):  # torch's Bernoulli.mode is NaN at p = 1/2; take 0 there
         return (base.logits > 0).to(base.logits.dtype)
     try:
