@@ -121,14 +121,8 @@ def parse_specs(text: str, n_multi: int = 5) -> list[Spec]:
 
 def supports(cls: type, d) -> Optional[str]:
     """``None`` if estimator class ``cls`` can train a model whose latent is ``d``; else why not."""
-    base = d.base_dist if hasattr(d, "base_dist") else d
-    if cls.distributions is not None and not isinstance(base, tuple(cls.distributions)):
-        names = ", ".join(t.__name__ for t in cls.distributions)
-        return f"supports {names}, not {type(base).__name__}"
-    if cls.requires_rsample and not d.has_rsample:
-        return f"needs rsample, which {type(base).__name__} lacks"
-    if cls.requires_enumerate_support and not d.has_enumerate_support:
-        return f"needs a finite support, which {type(base).__name__} lacks"
+    if not cls.supports(d):  # the estimators' one capability check (storch.Estimator.supports)
+        return f"needs {' and '.join(cls.requirements())}, not {type(d).__name__}"
     if cls.max_order < 1:
         return f"max_order={cls.max_order}: no unbiased gradient"
     return None
