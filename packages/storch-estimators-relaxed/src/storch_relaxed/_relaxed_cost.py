@@ -16,10 +16,13 @@ import torch
 from torch.distributions import Bernoulli
 
 from storch import CostFrame, Node
-from storch.extending import options
+from storch.extending import base_distribution, options
 
-from ._common import (VarianceTrained, base_of, block, blocks_weights, discrete_with_relaxation, pad_blocks,
-                      param_tensors, tilde_term)
+from ._blocks import block, blocks_weights, pad_blocks
+from ._network import tilde_term
+from ._noise import discrete_with_relaxation
+from ._params import param_tensors
+from ._variance_trained import VarianceTrained
 
 __all__ = ["RelaxedCost"]
 
@@ -50,13 +53,13 @@ class RelaxedCost(VarianceTrained):
         return not self.relaxed_cost
 
     def proposal(self, node: Node) -> torch.Tensor:
-        d = base_of(node.distribution)
+        d = base_distribution(node.distribution)
         s = node.state
         s.params = param_tensors(node.distribution)
         s.z, s.b, hard, s.z_tilde = discrete_with_relaxation(d, self.n_samples)
         if not self.relaxed_cost:
             return s.b
-        lam = self.log_temperature.clone().exp().to(s.z)  # z's dtype and device  # clone: see _common.param_clones
+        lam = self.log_temperature.clone().exp().to(s.z)  # z's dtype and device  # clone: see _network.param_clones
         if isinstance(d, Bernoulli):
             soft, soft_tilde = torch.sigmoid(s.z / lam), torch.sigmoid(s.z_tilde / lam)
         else:
@@ -82,7 +85,7 @@ class RelaxedCost(VarianceTrained):
         c_zt: Optional[torch.Tensor] = None
         if self.relaxed_cost:
             live = cost.live()  # with its graph: c must be differentiable in θ, λ, η
-            eta = self.eta.clone().to(live)  # live's dtype and device  # clone: see _common.param_clones
+            eta = self.eta.clone().to(live)  # live's dtype and device  # clone: see _network.param_clones
             c_z, c_zt = eta * block(live, cost, n, 1), eta * block(live, cost, n, 2)  # η f(σ_λ(·))
         r_z, r_zt = self.residual(node, s.z), self.residual(node, s.z_tilde)
         if r_z is not None:
