@@ -132,3 +132,18 @@ def test_align_plates_of_raw_of_are_the_plate_helpers():
     assert plates_of(x) == (p, q) and plates_of(torch.ones(2)) == ()
     assert raw_of(x) is x.tensor
     assert align(x.tensor, (p, q), (q, p)).shape == (3, 2)
+
+
+def test_supports_reads_an_instances_capabilities():
+    class NeedsRsample(storch.Estimator):
+        name = "needs_rsample"
+        requires_rsample = True
+
+    b = Bernoulli(logits=torch.zeros(()))
+    assert not NeedsRsample.supports(b)
+    est = NeedsRsample("z")
+    est.requires_rsample = False  # an option that lifts the requirement, set on the instance
+    assert est.supports(b) and not NeedsRsample.supports(b)
+    est.check_distribution(b)
+    assert NeedsRsample.requirements() == ["a distribution with rsample (has_rsample=True)"]
+    assert est.requirements() == []

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import types
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -50,6 +51,17 @@ from ..plates.tensor import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_ma
 from .catalog import EstimatorInfo, available, supporting_estimators
 
 __all__ = ["Estimator", "CostFrame", "magic_box"]
+
+
+class _instance_or_class:
+    """A method bound to the instance when called on one, else to the class (capability checks)."""
+
+    def __init__(self, func) -> None:
+        self.__func__ = func
+        self.__doc__ = func.__doc__
+
+    def __get__(self, obj, cls=None):
+        return types.MethodType(self.__func__, cls if obj is None else obj)
 
 
 class Estimator(torch.nn.Module):
@@ -256,7 +268,7 @@ class Estimator(torch.nn.Module):
         node.finished = done | self.is_eos(d, sample, len(plates))
         return sample, lp
 
-    @classmethod
+    @_instance_or_class
     def supports(cls, distribution: Distribution) -> bool:
         """Whether this estimator's capabilities accept ``distribution`` (the one capability check).
 
@@ -264,7 +276,8 @@ class Estimator(torch.nn.Module):
         (:func:`storch.extending.base_distribution`; a ``LogNormal`` is not a ``Normal``),
         ``requires_rsample`` and ``requires_enumerate_support`` against ``distribution`` itself.
         The factory (:meth:`check_distribution`), the registry's list of supporting estimators and
-        the benchmarks' roster all ask this method.
+        the benchmarks' roster all ask this method. Called on an instance it reads the instance's
+        capabilities (an option may change one), on a class the class defaults.
         """
         if cls.distributions is not None and not isinstance(base_distribution(distribution), cls.distributions):
             return False
@@ -272,7 +285,7 @@ class Estimator(torch.nn.Module):
             return False
         return not cls.requires_enumerate_support or distribution.has_enumerate_support
 
-    @classmethod
+    @_instance_or_class
     def requirements(cls) -> list[str]:
         """What :meth:`supports` asks of a distribution, in words (empty: any distribution)."""
         need = []
