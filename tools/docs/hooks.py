@@ -85,6 +85,11 @@ def _repo_page(config, files: Files, rel: str, pending: list[str]) -> None:
     if rel == "README.md":
         _repo_pages[rel] = "index.md"  # the home page
         return
+    if Path(rel).suffix.lower() in (".png", ".svg", ".jpg", ".jpeg", ".gif"):
+        src_uri = f"{REPO_PAGES}/{rel}"  # an image: copied as it is
+        files.append(File.generated(config, src_uri, abs_src_path=str(ROOT / rel)))
+        _repo_pages[rel] = src_uri
+        return
     src_uri = f"{REPO_PAGES}/{rel}" + ("" if rel.endswith(".md") else ".md")
     text = (ROOT / rel).read_text(encoding="utf-8")
     if rel.endswith(".md"):
