@@ -45,10 +45,15 @@ _repo_pages: dict[str, str] = {}
 
 
 def on_pre_build(config) -> None:
-    missing = [] if os.environ.get("DEVSKIP") else public_api.missing_docstrings()
+    missing = public_api.missing_docstrings()
     if missing:
         raise PluginError("public names without a docstring (add one; tools/docs/public_api.py):\n  "
                           + "\n  ".join(missing))
+    pages = [p.read_text(encoding="utf-8") for p in DOCS.rglob("*.md")]
+    unlisted = public_api.unreferenced(pages)
+    if unlisted:
+        raise PluginError("public names on no page of the API reference (add `::: NAME` to a page of "
+                          "docs/reference/ or docs/estimators/):\n  " + "\n  ".join(unlisted))
 
 
 def _links(markdown: str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from typing import Any, Iterator
 
 #: The modules whose ``__all__`` is public API, in the order of the reference pages.
@@ -89,6 +90,33 @@ def missing_docstrings() -> list[str]:
                     if not _member_doc(obj, member_name):
                         missing.append(f"{path}.{member_name}")
     return sorted(set(missing))
+
+
+def unreferenced(pages: list[str]) -> list[str]:
+    """The public names no ``::: identifier`` directive of ``pages`` (Markdown texts) renders.
+
+    A directive renders its object; a module's directive renders the module's public names too,
+    unless its options say ``members: false`` or list ``members: [a, b]``.
+    """
+    shown: set[str] = set()
+    for text in pages:
+        for m in re.finditer(r"^::: ([\w.]+)\n((?:[ \t]+.*\n)*)", text, re.M):
+            ident, options = m.group(1), m.group(2)
+            shown.add(ident)
+            listed = re.search(r"members:\s*(false|\[([^\]]*)\])", options)
+            if listed is None:
+                shown.add(ident + ".*")
+            elif listed.group(2) is not None:
+                shown.update(f"{ident}.{name.strip()}" for name in listed.group(2).split(","))
+    missing = []
+    for modname in public_modules():
+        module = importlib.import_module(modname)
+        for name in getattr(module, "__all__", []):
+            if inspect.ismodule(getattr(module, name)):
+                continue
+            if f"{modname}.{name}" not in shown and f"{modname}.*" not in shown:
+                missing.append(f"{modname}.{name}")
+    return missing
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ class Graph:
                 lineage.closed = reason
 
     def claim_plate(self, name: str, owner) -> None:
+        """Reserve the plate name ``name`` for ``owner`` (a node or a data plate); a name already in use raises ``storch.PlateError``."""
         if name in self.plates:
             hint = ("; if an exception interrupted the previous step in the thread's default graph, "
                     "that step was never finished: storch has now discarded it (call storch.reset() "
@@ -160,6 +161,7 @@ class Graph:
                 "must be built inside `with storch.Graph():`.)")
 
     def add_node(self, node: Node) -> None:
+        """Register a stochastic node (claims its plate, gives it its index); estimators call this."""
         self.claim_plate(node.plate.name, node)
         node.index = len(self.nodes)
         self.nodes.append(node)
@@ -172,10 +174,12 @@ class Graph:
         return None
 
     def node_of(self, plate_name: str) -> Optional[Node]:
+        """The stochastic node whose sample plate is ``plate_name``, or None (a data plate, or unknown)."""
         owner = self.plates.get(plate_name)
         return owner if isinstance(owner, Node) else None
 
     def add_cost(self, cost, name: Optional[str] = None) -> None:
+        """Add a cost to this graph: :func:`storch.add_cost` on this graph instead of the current one."""
         try:
             self._add_cost(cost, name)
         except BaseException as e:
@@ -201,6 +205,7 @@ class Graph:
         self.costs.append((name or f"cost{len(self.costs)}", cost))
 
     def denote_independent(self, tensor, dim: int, plate: str):
+        """Make ``dim`` of ``tensor`` an independent data plate of this graph: :func:`storch.denote_independent`."""
         try:
             if isinstance(tensor, (tuple, list)):
                 return self._denote_several(tensor, dim, plate)

@@ -98,6 +98,7 @@ class Node:
 
     @property
     def n(self) -> int:
+        """The size of the node's sample plate (the number of entries its estimator proposed)."""
         return self.plate.size
 
     @property

@@ -190,6 +190,13 @@ def available_estimators() -> dict[str, EstimatorInfo]:
 
 
 def get_estimator_class(name: str) -> type:
+    """The estimator class registered as ``name`` (or an alias of it).
+
+    Raises:
+        storch.UnknownEstimatorError: no installed estimator has that name (the message says which
+            package provides a first-party name).
+        storch.PluginError: two plugins claim the name, or its plugin failed to load.
+    """
     reg = _get()
     if name in reg.conflicts:
         a, b = reg.conflicts[name]

@@ -14,4 +14,5 @@ __all__ = ["Mvd", "Spsa", "storch_estimators"]
 
 @hookimpl
 def storch_estimators():
+    """The plugin hook: this family's estimator classes (``spsa``, ``mvd``)."""
     return [Spsa, Mvd]

@@ -21,4 +21,5 @@ __all__ = ["GumbelSoftmax", "GumbelStraightThrough", "Lax", "Relax", "Rebar", "A
 
 @hookimpl
 def storch_estimators():
+    """The plugin hook: this family's estimator classes."""
     return [GumbelSoftmax, GumbelStraightThrough, Lax, Relax, Rebar, Arm, DisArm, Go]

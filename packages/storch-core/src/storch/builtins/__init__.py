@@ -9,4 +9,5 @@ __all__ = ["Expect", "Reparameterization", "storch_estimators"]
 
 @hookimpl
 def storch_estimators():
+    """The plugin hook: the built-in estimator classes (``expect``, ``reparameterization``)."""
     return [Expect, Reparameterization]

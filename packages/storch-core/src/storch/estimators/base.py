@@ -356,6 +356,7 @@ class Estimator(torch.nn.Module):
 
     @classmethod
     def describe(cls) -> str:
+        """The first line of the class docstring: the one-line description the registry lists."""
         doc = inspect.getdoc(cls) or ""
         return doc.splitlines()[0] if doc else ""
 

@@ -191,14 +191,17 @@ class PlateTensor(torch.Tensor):
 
     @property
     def plates(self) -> tuple[Plate, ...]:
+        """The plates of the leading dims of :attr:`tensor`, outermost first."""
         return self._plates
 
     @property
     def tensor(self) -> torch.Tensor:
+        """The raw storage: one leading dim per plate (in the order of :attr:`plates`), then the per-sample dims."""
         return self._raw
 
     @property
     def plate_names(self) -> tuple[str, ...]:
+        """The names of :attr:`plates`, in order."""
         return tuple(p.name for p in self._plates)
 
     def __repr__(self, *args, **kwargs) -> str:  # noqa: D105

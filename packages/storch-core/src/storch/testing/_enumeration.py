@@ -40,10 +40,12 @@ class ConformanceReport:
 
     @property
     def ok(self) -> bool:
+        """True if there was at least one check and every check passed."""
         return bool(self.checks) and all(c.ok for c in self.checks)
 
     @property
     def failures(self) -> list[UnbiasednessReport]:
+        """The checks that failed."""
         return [c for c in self.checks if not c.ok]
 
     def table(self, details: bool = True) -> str:

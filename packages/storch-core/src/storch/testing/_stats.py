@@ -78,6 +78,7 @@ class UnbiasednessReport:
 
     @property
     def ok(self) -> bool:
+        """True if every component's |z| is below the threshold."""
         return bool((self.z.abs() < self.threshold).all())
 
     @property
@@ -86,6 +87,7 @@ class UnbiasednessReport:
         return float(self.z.abs().max()) if self.z.numel() else 0.0
 
     def table(self) -> str:
+        """The per-component table: mean, standard error, exact value and z."""
         rows = [f"{self.name}: {self.n} estimates, |z| < {self.threshold}"]
         rows.append(f"{'component':>10} {'mean':>12} {'stderr':>10} {'exact':>12} {'z':>8}")
         for i, (m, s, e, z) in enumerate(zip(self.mean.flatten(), self.stderr.flatten(),
