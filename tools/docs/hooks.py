@@ -13,13 +13,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from mkdocs.exceptions import PluginError

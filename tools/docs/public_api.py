@@ -92,6 +92,41 @@ def missing_docstrings() -> list[str]:
     return sorted(set(missing))
 
 
+def _callables() -> Iterator[tuple[str, Any]]:
+    """Every public function, class constructor and public method, as (path, function)."""
+    for modname in public_modules():
+        module = importlib.import_module(modname)
+        for name in getattr(module, "__all__", []):
+            obj = getattr(module, name)
+            path = f"{modname}.{name}"
+            if inspect.isfunction(obj):
+                yield path, obj
+            elif inspect.isclass(obj) and obj.__module__.split(".")[0] == modname.split(".")[0]:
+                init = vars(obj).get("__init__")
+                if inspect.isfunction(init):
+                    yield f"{path}.__init__", init
+                for member_name, member in _public_members(obj):
+                    func = getattr(member, "fget", None) or getattr(member, "__func__", None) or member
+                    if inspect.isfunction(func):
+                        yield f"{path}.{member_name}", func
+
+
+def unannotated() -> list[str]:
+    """Public functions and methods with a parameter or return value that has no annotation."""
+    missing = []
+    for path, func in _callables():
+        sig = inspect.signature(func)
+        params = list(sig.parameters.values())
+        if params and params[0].name in ("self", "cls"):
+            params = params[1:]
+        bare = [p.name for p in params if p.annotation is inspect.Parameter.empty]
+        if sig.return_annotation is inspect.Signature.empty and not path.endswith("__init__"):
+            bare.append("return")
+        if bare:
+            missing.append(f"{path}: {', '.join(bare)}")
+    return sorted(missing)
+
+
 def unreferenced(pages: list[str]) -> list[str]:
     """The public names no ``::: identifier`` directive of ``pages`` (Markdown texts) renders.
 
@@ -122,4 +157,6 @@ def unreferenced(pages: list[str]) -> list[str]:
 if __name__ == "__main__":
     names = missing_docstrings()
     print("\n".join(names) or "every public name has a docstring")
-    raise SystemExit(1 if names else 0)
+    bare = unannotated()
+    print("\n".join(bare) or "every public function and method is annotated")
+    raise SystemExit(1 if names or bare else 0)

@@ -13,7 +13,7 @@ import difflib
 import math
 import threading
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import pluggy
 from importlib_metadata import entry_points
@@ -231,7 +231,7 @@ def get_estimator_class(name: str) -> type:
     raise UnknownEstimatorError(msg)
 
 
-def estimator(name: str, plate: str, **options):
+def estimator(name: str, plate: str, **options: Any) -> Estimator:
     """Create the estimator registered as ``name`` for the node with sample plate ``plate``.
 
     Example:

@@ -69,7 +69,7 @@ class Lineage:
         self.index_plates[step] = plates
         self._cache.clear()
 
-    def index(self, from_step: int, to_step: int):
+    def index(self, from_step: int, to_step: int) -> Optional[torch.Tensor]:
         """Indices into ``from_step``'s entries of the ancestors of ``to_step``'s entries.
 
         ``None`` when every step in between kept its entries in place (no re-indexing needed).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -74,7 +74,7 @@ def direction(d: int) -> torch.Tensor:
     return torch.cos(torch.arange(1, d + 1, dtype=torch.float64))
 
 
-def exact_derivatives(fn, theta: torch.Tensor, order: int) -> list[torch.Tensor]:
+def exact_derivatives(fn: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, order: int) -> list[torch.Tensor]:
     """``[fn(θ), ∇fn, ∇²fn, ∇³fn·v]`` up to ``order``, shaped like :func:`per_replicate_derivatives`.
 
     ``v`` is :func:`direction`; ``fn`` must be differentiable in θ (plain torch).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -97,7 +97,7 @@ class UnbiasednessReport:
         return "\n".join(rows)
 
 
-def z_test(estimates: torch.Tensor, exact, name: str = "estimate", threshold: float = 4.0,
+def z_test(estimates: torch.Tensor, exact: Union[torch.Tensor, float], name: str = "estimate", threshold: float = 4.0,
            atol: float = 1e-9) -> UnbiasednessReport:
     """z-test ``estimates`` (R independent draws along dim 0) against ``exact``; never raises.
 
@@ -120,7 +120,7 @@ def z_test(estimates: torch.Tensor, exact, name: str = "estimate", threshold: fl
     return UnbiasednessReport(name, mean, stderr, exact, z, n, threshold, var)
 
 
-def assert_unbiased(estimates: torch.Tensor, exact, name: str = "estimate", threshold: float = 4.0,
+def assert_unbiased(estimates: torch.Tensor, exact: Union[torch.Tensor, float], name: str = "estimate", threshold: float = 4.0,
                     atol: float = 1e-9) -> UnbiasednessReport:
     """z-test ``estimates`` (R independent draws along dim 0) against ``exact``.
 
