@@ -8,7 +8,10 @@
   it printed and the figure it drew. The scripts are run here with their small defaults, unless
   tests/docs/test_tutorials.py has just run them (its output in build/docs/tutorials/ is newer than
   every Python file of the repository).
-- A public name without a docstring (tools/docs/public_api.py) fails the build.
+- ``<!-- estimator-table -->`` becomes the table of first-party estimators, from the registry.
+- The build fails (beyond mkdocs' strict mode) on a public name without a docstring or on no
+  page of the reference (tools/docs/public_api.py), a page of docs/ missing from the nav, and a
+  first-party estimator without a page in docs/estimators/.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
-TUTORIAL_OUT = ROOT / "build" / "docs" / "tutorials"
 REPO_PAGES = "source"  # generated pages for repository files outside docs/
 LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")
 TUTORIAL = re.compile(r"<!-- tutorial: (\S+) -->")
