@@ -18,7 +18,7 @@ import storch.testing as kit
 from storch import CostFrame, Estimator, Node, PlateTensor
 from storch_mvd import Mvd, Spsa
 from storch_relaxed import Arm, DisArm, Go, GumbelSoftmax, GumbelStraightThrough, Lax, Rebar, Relax
-from storch_score import Importance, LearnedBaseline, Score, SumAndSample, UnorderedSet
+from storch_score import Importance, Score, SumAndSample, UnorderedSet
 
 FAMILY_CLASSES: list[type[Estimator]] = [Score, Importance, SumAndSample, UnorderedSet, GumbelSoftmax,
                                          GumbelStraightThrough, Lax, Relax, Rebar, Arm, DisArm, Go, Spsa, Mvd]
