@@ -172,5 +172,5 @@ def test_count() -> None:
             else:
                 shown += 1
     print(f"\n{run} python blocks run, {checked} bash blocks checked, {shown} output blocks, "
-          f"{setup} hidden setups, {excerpts} excerpts:\n  " + "\n  ".join(listed))
+          f"{setup} hidden test-setup/test-check blocks, {excerpts} excerpts:\n  " + "\n  ".join(listed))
     assert run > 0

@@ -35,6 +35,8 @@ def test_tutorial_runs(script: str) -> None:
     if script.endswith("policy_gradients.py"):
         z = float(re.search(r"largest \|z\| of the difference of the means: ([\d.]+)", out).group(1))
         assert z < 4, "causal credit changed the expected gradient"
+        ratio = float(re.search(r"variance ratio, return / causal: ([\d.]+)", out).group(1))
+        assert ratio > 1, "causal credit did not lower the variance (the page says it does)"
     if script.endswith("writing_an_estimator.py"):
         assert "check_leakage('my_leave_one_out'): PASS" in out
         assert "check_leakage('my_own_sample_mean'): FAIL" in out, "the kit missed the biased baseline"
