@@ -10,7 +10,8 @@
 - ```bash blocks: every command is checked without running it: ``python3 tasks.py VERB`` (VERB
   exists), ``storch-compare ARGS`` (the CLI accepts ARGS), ``python/torchrun FILE ARGS`` (FILE
   exists), ``pip install -e PATH`` (PATH exists).
-- ```text blocks are output shown to the reader, not code.
+- ```text blocks (and bare ``` blocks that do not parse as Python) are output or diagrams shown
+  to the reader, not code; a bare block of Python must be tagged.
 """
 
 from __future__ import annotations
@@ -61,6 +62,16 @@ def _names(code: str) -> set[str]:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             names.add(node.name)
     return names
+
+
+def _looks_like_python(code: str) -> bool:
+    """A bare fence that parses as Python statements (not just names) is code: it needs a tag."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return False
+    return any(not isinstance(node, ast.Expr) or not isinstance(node.value, (ast.Name, ast.Constant))
+               for node in tree.body)
 
 
 def _check_signature(code: str, where: str) -> None:
@@ -147,6 +158,8 @@ def test_page_code_blocks(page: Path, monkeypatch, tmp_path) -> None:
                     _check_command(cmd)
             elif lang in ("text", "console"):
                 pass  # output shown to the reader
+            elif lang == "" and not _looks_like_python(code):
+                pass  # a diagram or output in a bare fence
             else:
                 raise AssertionError(f"{where}: a ```{lang} block that is neither run nor marked "
                                      "<!-- excerpt: PATH --> (tests/docs/test_code_blocks.py)")
