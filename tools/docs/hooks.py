@@ -32,8 +32,6 @@ DOCS = ROOT / "docs"
 REPO_PAGES = "source"  # generated pages for repository files outside docs/
 LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")
 TUTORIAL = re.compile(r"<!-- tutorial: (\S+) -->")
-ESTIMATOR_TABLE = "<!-- estimator-table"
-FIRST_PARTY = ("storch.", "storch_score.", "storch_relaxed.", "storch_mvd.")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import public_api  # noqa: E402
@@ -216,32 +214,12 @@ def _rewrite_link(src_uri: str, target: str) -> str:
     return new + ("#" + anchor if anchor else "")
 
 
-def estimator_table() -> str:
-    """The first-party estimators as the registry has them: page, class, max_order, biased, summary."""
-    import storch
-
-    rows = ["| estimator | class | max_order | biased | summary |", "|---|---|---|---|---|"]
-    for name in storch.available_estimators():
-        cls = storch.get_estimator_class(name)
-        module = cls.__module__
-        if not module.startswith(FIRST_PARTY):
-            continue  # a third-party plugin installed next to storch: not documented here
-        public = "storch.builtins" if module.startswith("storch.") else module.split(".")[0]
-        if not (DOCS / "estimators" / f"{name}.md").exists():
-            raise PluginError(f"estimator {name!r} ({public}.{cls.__name__}) has no page docs/estimators/{name}.md")
-        order = "∞" if cls.max_order == float("inf") else str(cls.max_order)
-        summary = (cls.__doc__ or "").strip().splitlines()[0].rstrip(".")
-        rows.append(f"| [`{name}`]({name}.md) | `{public}.{cls.__name__}` | {order} | "
-                    f"{'yes' if cls.biased else 'no'} | {summary} |")
-    return "\n".join(rows) + "\n"
-
-
 def on_page_markdown(markdown: str, page, config, files) -> str:
     src_uri = page.file.src_uri
-    if ESTIMATOR_TABLE in markdown:
-        start = markdown.index(ESTIMATOR_TABLE)
-        end = markdown.index("-->", start) + 3
-        markdown = markdown[:start] + estimator_table() + markdown[end:]
+    if src_uri == public_api.ESTIMATOR_PAGE:
+        stale = public_api.estimator_table_problem()
+        if stale:
+            raise PluginError(stale)
 
     def tutorial(m: re.Match) -> str:
         rel = m.group(1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+from pathlib import Path
 from typing import Any, Iterator
 
 #: The modules whose ``__all__`` is public API, in the order of the reference pages.
@@ -154,7 +155,63 @@ def unreferenced(pages: list[str]) -> list[str]:
     return missing
 
 
+FIRST_PARTY = ("storch.", "storch_score.", "storch_relaxed.", "storch_mvd.")
+ESTIMATOR_PAGE = "estimators/README.md"
+TABLE_START, TABLE_END = "<!-- estimator-table: start -->", "<!-- estimator-table: end -->"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def estimator_table() -> str:
+    """The first-party estimators as the registry has them: page, class, max_order, biased, summary."""
+    import storch
+
+    rows = ["| estimator | class | max_order | biased | summary |", "|---|---|---|---|---|"]
+    for name in storch.available_estimators():
+        cls = storch.get_estimator_class(name)
+        module = cls.__module__
+        if not module.startswith(FIRST_PARTY):
+            continue  # a third-party plugin installed next to storch: not documented here
+        public = "storch.builtins" if module.startswith("storch.") else module.split(".")[0]
+        if not (ROOT / "docs" / "estimators" / f"{name}.md").exists():
+            raise ValueError(f"estimator {name!r} ({public}.{cls.__name__}) has no page docs/estimators/{name}.md")
+        order = "∞" if cls.max_order == float("inf") else str(cls.max_order)
+        summary = (cls.__doc__ or "").strip().splitlines()[0].rstrip(".").replace("|", "\\|")
+        rows.append(f"| [`{name}`]({name}.md) | `{public}.{cls.__name__}` | {order} | "
+                    f"{'yes' if cls.biased else 'no'} | {summary} |")
+    return "\n".join(rows) + "\n"
+
+
+
+def estimator_table_problem() -> str:
+    """Why docs/estimators/README.md's table is not the registry's, or "" when it is."""
+    text = (ROOT / "docs" / ESTIMATOR_PAGE).read_text(encoding="utf-8")
+    try:
+        shown = text[text.index(TABLE_START) + len(TABLE_START):text.index(TABLE_END)].strip()
+    except ValueError:
+        return f"docs/{ESTIMATOR_PAGE} has no {TABLE_START} ... {TABLE_END} markers"
+    try:
+        expected = estimator_table().strip()
+    except ValueError as e:
+        return str(e)
+    if shown != expected:
+        return (f"the table of docs/{ESTIMATOR_PAGE} is not the registry's; "
+                "`python tools/docs/public_api.py --write-estimator-table` rewrites it")
+    return ""
+
+
+def write_estimator_table() -> None:
+    path = ROOT / "docs" / ESTIMATOR_PAGE
+    text = path.read_text(encoding="utf-8")
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    path.write_text(text[:start] + "\n" + estimator_table() + text[end:], encoding="utf-8")
+
+
 if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--write-estimator-table"]:
+        write_estimator_table()
+        raise SystemExit(0)
     names = missing_docstrings()
     print("\n".join(names) or "every public name has a docstring")
     bare = unannotated()
