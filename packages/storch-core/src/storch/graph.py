@@ -58,6 +58,7 @@ class Graph:
         self.is_default = False  # the thread's default graph (set by _stack)
         self._mode = None
         self._finished = False
+        self._guard = _StepGuard(self)
 
     def __enter__(self) -> "Graph":
         if self._finished:  # a graph object entered again starts a new step
@@ -88,6 +89,14 @@ class Graph:
         self.nodes.clear()
         self.costs.clear()
         self.plates.clear()
+
+    def guard(self) -> "_StepGuard":
+        """A context manager that discards the step (:meth:`discard`) when its block raises, and re-raises.
+
+        Every storch call that can fail during a step runs in it, so an error never leaks a step's
+        nodes into the next one: ``with graph.guard(): ...``.
+        """
+        return self._guard
 
     def discard(self, error: BaseException) -> None:
         """A storch call in this graph raised ``error``: in the thread's default graph, end the step.
@@ -184,11 +193,8 @@ class Graph:
 
     def add_cost(self, cost: torch.Tensor, name: Optional[str] = None) -> None:
         """Add a cost to this graph: :func:`storch.add_cost` on this graph instead of the current one."""
-        try:
+        with self._guard:
             self._add_cost(cost, name)
-        except BaseException as e:
-            self.discard(e)
-            raise
 
     def _add_cost(self, cost, name: Optional[str]) -> None:
         label = name if name is not None else len(self.costs)
@@ -217,13 +223,10 @@ class Graph:
     def denote_independent(self, tensor: Union[torch.Tensor, Sequence[torch.Tensor]], dim: int,
                            plate: str) -> Union[PlateTensor, tuple[PlateTensor, ...]]:
         """Make ``dim`` of ``tensor`` an independent data plate of this graph: :func:`storch.denote_independent`."""
-        try:
+        with self._guard:
             if isinstance(tensor, (tuple, list)):
                 return self._denote_several(tensor, dim, plate)
             return self._denote_independent(tensor, dim, plate)
-        except BaseException as e:
-            self.discard(e)
-            raise
 
     def _denote_independent(self, tensor: torch.Tensor, dim: int, plate: str) -> PlateTensor:
         if not isinstance(tensor, torch.Tensor):
@@ -287,6 +290,23 @@ class Graph:
             else:
                 out.append(PlateTensor._wrap(t.movedim(dim, 0), (p,)))
         return type(tensors)(out) if type(tensors) in (tuple, list) else tuple(out)
+
+
+class _StepGuard:
+    """``with graph.guard():`` discard the graph's step if the block raises (the error propagates)."""
+
+    __slots__ = ("graph",)
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None:
+            self.graph.discard(exc)
+        return False
 
 
 def _distribution_plates(d, depth: int = 0) -> tuple[Plate, ...]:

@@ -237,12 +237,9 @@ def estimator(name: str, plate: str, **options: Any) -> Estimator:
     Example:
         >>> est = storch.estimator("score", plate="z", n_samples=8, baseline="leave_one_out")
     """
-    try:
+    # like every storch call that raises during a step: the default graph's step is discarded
+    with current_graph().guard():
         return _make_estimator(name, plate, options)
-    except BaseException as e:
-        # like every storch call that raises during a step: the default graph's step is discarded
-        current_graph().discard(e)
-        raise
 
 
 def _make_estimator(name: str, plate: str, options: dict):
