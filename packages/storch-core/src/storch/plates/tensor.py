@@ -10,7 +10,7 @@ Nothing in torch is patched.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -249,12 +249,12 @@ def _names(plates: Sequence[Plate]) -> tuple[str, ...]:
     return tuple(p.name for p in plates)
 
 
-def plates_of(x) -> tuple[Plate, ...]:
+def plates_of(x: Any) -> tuple[Plate, ...]:
     """The plates of ``x`` (empty for anything that is not a PlateTensor)."""
     return x._plates if type(x) is PlateTensor else ()
 
 
-def raw_of(x):
+def raw_of(x: Any) -> Any:
     """The raw tensor of a PlateTensor; ``x`` itself otherwise."""
     return x._raw if type(x) is PlateTensor else x
 
