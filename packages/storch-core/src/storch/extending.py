@@ -49,6 +49,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import ContextManager
+
 from . import options
 from .cost import leave_one_out
 from .distributions import base_distribution
@@ -61,7 +63,7 @@ __all__ = [
 ]
 
 
-def step_guard():
+def step_guard() -> ContextManager[None]:
     """``with step_guard():`` discard the current graph's step if the block raises (the error propagates).
 
     The same guard runs around every storch call that can fail during a step (an estimator call,

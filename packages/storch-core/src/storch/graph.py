@@ -7,14 +7,18 @@ for one step (one surrogate loss); estimators, which hold state across steps, li
 from __future__ import annotations
 
 import threading
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union, overload
 
 import torch
+from torch.distributions import Distribution
 
 from .errors import CostError, PlateError
 from .generators import pop_generator, push_generator
 from .node import Node
 from .plates.tensor import Lineage, Plate, PlateTensor, plates_of, raw_of
+
+if TYPE_CHECKING:
+    from .estimators.base import Estimator
 
 __all__ = ["Graph", "Node", "current_graph", "add_cost", "denote_independent", "reset"]
 
@@ -111,7 +115,8 @@ class Graph:
             if lineage is not None and lineage.closed is None:
                 lineage.closed = reason
 
-    def claim_plate(self, name: str, owner) -> None:
+    def claim_plate(self, name: str, owner: Any) -> None:
+        """Reserve the plate name ``name`` for ``owner`` (a node or a data plate); a name already in use raises ``storch.PlateError``."""
         if name in self.plates:
             hint = ("; if an exception interrupted the previous step in the thread's default graph, "
                     "that step was never finished: storch has now discarded it (call storch.reset() "
@@ -148,7 +153,7 @@ class Graph:
                 "enclosing `with storch.Graph():` block or another thread's graph); tensors cannot "
                 "move between graphs")
 
-    def check_call(self, estimator, distribution) -> None:
+    def check_call(self, estimator: Estimator, distribution: Distribution) -> None:
         """Checks before ``estimator(distribution)`` samples a node in this graph.
 
         The distribution's plate tensors must belong to this graph. In the thread's default
@@ -169,11 +174,12 @@ class Graph:
                 "must be built inside `with storch.Graph():`.)")
 
     def add_node(self, node: Node) -> None:
+        """Register a stochastic node (claims its plate, gives it its index); estimators call this."""
         self.claim_plate(node.plate.name, node)
         node.index = len(self.nodes)
         self.nodes.append(node)
 
-    def partition_of(self, estimator) -> Optional[Node]:
+    def partition_of(self, estimator: Estimator) -> Optional[Node]:
         """The node an estimator already sampled in this graph (its partition), if any."""
         for node in self.nodes:
             if node.estimator is estimator:
@@ -181,10 +187,12 @@ class Graph:
         return None
 
     def node_of(self, plate_name: str) -> Optional[Node]:
+        """The stochastic node whose sample plate is ``plate_name``, or None (a data plate, or unknown)."""
         owner = self.plates.get(plate_name)
         return owner if isinstance(owner, Node) else None
 
-    def add_cost(self, cost, name: Optional[str] = None) -> None:
+    def add_cost(self, cost: torch.Tensor, name: Optional[str] = None) -> None:
+        """Add a cost to this graph: :func:`storch.add_cost` on this graph instead of the current one."""
         with self._guard:
             self._add_cost(cost, name)
 
@@ -206,7 +214,15 @@ class Graph:
         self.check_plates(plates_of(cost), f"cost {label!r}")
         self.costs.append((name or f"cost{len(self.costs)}", cost))
 
-    def denote_independent(self, tensor, dim: int, plate: str):
+    @overload
+    def denote_independent(self, tensor: torch.Tensor, dim: int, plate: str) -> PlateTensor: ...
+
+    @overload
+    def denote_independent(self, tensor: Sequence[torch.Tensor], dim: int, plate: str) -> tuple[PlateTensor, ...]: ...
+
+    def denote_independent(self, tensor: Union[torch.Tensor, Sequence[torch.Tensor]], dim: int,
+                           plate: str) -> Union[PlateTensor, tuple[PlateTensor, ...]]:
+        """Make ``dim`` of ``tensor`` an independent data plate of this graph: :func:`storch.denote_independent`."""
         with self._guard:
             if isinstance(tensor, (tuple, list)):
                 return self._denote_several(tensor, dim, plate)
@@ -335,7 +351,16 @@ def add_cost(cost: torch.Tensor, name: Optional[str] = None) -> None:
     current_graph().add_cost(cost, name)
 
 
-def denote_independent(tensor, dim: int, plate: str):
+@overload
+def denote_independent(tensor: torch.Tensor, dim: int, plate: str) -> PlateTensor: ...
+
+
+@overload
+def denote_independent(tensor: Sequence[torch.Tensor], dim: int, plate: str) -> tuple[PlateTensor, ...]: ...
+
+
+def denote_independent(tensor: Union[torch.Tensor, Sequence[torch.Tensor]], dim: int,
+                       plate: str) -> Union[PlateTensor, tuple[PlateTensor, ...]]:
     """Declare ``dim`` of ``tensor`` an independent plate (data points; reduced by the mean).
 
     Pass a tuple of tensors to put several of them (inputs and targets) on ONE data plate:

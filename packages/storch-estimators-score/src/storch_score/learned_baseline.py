@@ -79,6 +79,7 @@ class LearnedBaseline(torch.nn.Module):
         self.heads = torch.nn.ModuleDict()
 
     def head(self, name: Optional[str], h: torch.Tensor) -> torch.nn.Module:
+        """The network of the cost named ``name``, built on first use with ``h``'s width, dtype and device."""
         key = "cost_" + re.sub(r"\W", "_", name or "")
         if key not in self.heads:
             net = torch.nn.Sequential(torch.nn.Linear(h.shape[-1], self.hidden), torch.nn.Tanh(),

@@ -6,7 +6,7 @@ import copy
 from typing import Callable, Optional, Union
 
 import torch
-from torch.distributions import Bernoulli
+from torch.distributions import Bernoulli, Distribution
 
 import storch.distributed
 from storch import CostFrame, Estimator, Node, OptionError, PlateTensor
@@ -149,7 +149,7 @@ class Score(Estimator):
             return l
         return torch.cat([l[:-1], torch.zeros_like(l[-1:])])  # the greedy entry is not a sample of p
 
-    def extend(self, node: Node, distribution, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    def extend(self, node: Node, distribution: Distribution, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._baseline.greedy:
             return super().extend(node, distribution, plates)
         # a later step of a partition: the greedy entry continues with the greedy value (greedy

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Hashable, Optional, Union
 
 import torch
 from torch.distributions import Categorical, Distribution
 
 import storch
 
-from storch import CostFrame, Estimator, Node, OptionError, PlateError
+from storch import CostFrame, Estimator, Node, OptionError, PlateError, PlateTensor
 from storch.extending import leave_one_out, options
 
 from . import _sequences
@@ -237,7 +237,8 @@ class SumAndSample(Estimator):
         raise OptionError(f"sum_and_sample: memory={memory!r} is not accepted for sequences; give a tensor (k', T), "
                           "a dict key -> tensor or a callable key -> tensor")
 
-    def forward(self, distribution: Distribution, *args, memory_key=None, **kwargs):
+    def forward(self, distribution: Distribution, *args: Any, memory_key: Optional[Hashable] = None,
+                **kwargs: Any) -> PlateTensor:
         """Sample the node (or the next step of the sequence); ``memory_key``: the data points' keys."""
         if memory_key is not None and self.buffer is None:
             raise OptionError("sum_and_sample: memory_key= is for sequences (buffer=)")
@@ -251,7 +252,7 @@ class SumAndSample(Estimator):
 
     # -- sequences (buffer=) -----------------------------------------------------------------------
 
-    def extend(self, node: Node, distribution: Distribution, plates: tuple):
+    def extend(self, node: Node, distribution: Distribution, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         if not node.state.seq:
             raise PlateError(
                 f"estimator {self.name!r} (plate {self.plate!r}) was already used in this graph. On sequences "
@@ -274,10 +275,10 @@ class SumAndSample(Estimator):
             if node.state.seq:
                 _sequences.update(self, node)
 
-    def get_extra_state(self):
+    def get_extra_state(self) -> dict:
         return None if self.buffer is None else self._buffer.state()
 
-    def set_extra_state(self, state) -> None:
+    def set_extra_state(self, state: dict) -> None:
         if state is not None:
             self._buffer.load(state)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.distributions import Distribution
 
 from storch import CostFrame, Estimator, Node, OptionError
 from storch.extending import align, options
@@ -139,7 +140,7 @@ class UnorderedSet(Estimator):
         node.state.lp, node.state.log_rest, node.state.g = lp, log_rest, g
         return values
 
-    def extend(self, node: Node, distribution, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    def extend(self, node: Node, distribution: Distribution, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """Step t of a partition: one step of stochastic beam search over the sequences (Kool et al.,
         2019): the k best perturbed prefixes survive, their parents are recorded in the lineage, so
         tensors of earlier steps follow their prefixes. The set of sequences at the last step is a

@@ -255,7 +255,8 @@ class Estimator(torch.nn.Module):
         k = len(d.event_shape)
         return eq.all(-1) if k == 1 else (eq.flatten(-k).all(-1) if k else eq)
 
-    def mask_after_eos(self, node: Node, d: Distribution, sample, lp, plates):
+    def mask_after_eos(self, node: Node, d: Distribution, sample: torch.Tensor, lp: torch.Tensor,
+                       plates: tuple[Plate, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Finished sequences (eos drawn at an earlier step) draw eos again with log-probability 0,
         so they stop contributing to the gradient function and keep their value (sampling with
         replacement: entry i of step t continues entry i of step t-1)."""
@@ -389,6 +390,7 @@ class Estimator(torch.nn.Module):
 
     @classmethod
     def describe(cls) -> str:
+        """The first line of the class docstring: the one-line description the registry lists."""
         doc = inspect.getdoc(cls) or ""
         return doc.splitlines()[0] if doc else ""
 
