@@ -41,6 +41,7 @@ from .data import load_binary_digits
 from .handwritten import gumbel_topk_bernoulli, score_surrogate, unordered_set_surrogate
 from .measure import peak_memory
 from .models import VAE, storch_step
+from .report import header
 
 __all__ = ["CONFIGS", "Row", "run_overhead", "run_cli", "TARGETS"]
 
@@ -303,7 +304,6 @@ HEADER = ["problem", "estimator", "batch", "n", "storch us", "torch us", "time r
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from .cli import _header
     from .report import markdown_table, text_table, write_csv
 
     problems = [p.strip() for p in args.problems.split(",") if p.strip()]
@@ -321,7 +321,7 @@ def run_cli(args: argparse.Namespace) -> int:
              f"time <= {TARGETS['toy']}x on the toy, <= {TARGETS['vae']}x per VAE step, <= {TARGETS['cnn']}x per CNN "
              f"VAE step, <= {TARGETS['rnn']}x per GRU decoder step, <= {TARGETS['ipd']}x per IPD update, "
              f"memory <= {TARGETS['memory']}x")
-    md = f"# {_header('storch-compare overhead: storch vs hand-written torch')}\n{setup}.\n\n{markdown_table(HEADER, table)}\n"
+    md = f"# {header('storch-compare overhead: storch vs hand-written torch')}\n{setup}.\n\n{markdown_table(HEADER, table)}\n"
     (args.out / "overhead.md").write_text(md)
     print(text_table(HEADER, table))
     print(f"\n{setup}.\nWrote {args.out / 'overhead.md'}, {args.out / 'overhead.csv'}")
