@@ -35,7 +35,7 @@ off, as ``torch.compile`` itself does for the whole process on its first compile
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.utils._pytree as pytree
@@ -66,7 +66,7 @@ class CompiledStep:
         self.traces = 0
         functools.update_wrapper(self, fn)
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not kwargs and all(type(a) is _T for a in args):
             # the common call, plain tensors only: a cheaper key (no pytree), its own cache entry
             key = (torch.is_grad_enabled(), *[(a.shape, a.dtype, a.device, a.requires_grad) for a in args])
@@ -90,7 +90,7 @@ class CompiledStep:
             entry = self._cache[key] = self._trace(leaves, spec, tensors)
         return entry
 
-    def graph_module(self, *args, **kwargs) -> torch.fx.GraphModule:
+    def graph_module(self, *args: Any, **kwargs: Any) -> torch.fx.GraphModule:
         """The traced raw torch program for these arguments (traced now if it was not yet): what
         ``torch.compile`` receives. E.g. ``torch._dynamo.explain(step.graph_module(x))(x)``."""
         leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -162,7 +162,8 @@ class CompiledStep:
 
 
 def compile(fn: Optional[Callable] = None, *, backend: Any = "inductor", mode: Optional[str] = None,
-            options: Optional[dict] = None, dynamic: Optional[bool] = False):
+            options: Optional[dict] = None, dynamic: Optional[bool] = False,
+            ) -> Union[CompiledStep, Callable[[Callable], CompiledStep]]:
     """Compile a storch step: trace its plate program once into plain torch, then ``torch.compile`` it.
 
     ``fn(*args)`` builds one step's stochastic computation graph (estimators, costs) and returns
