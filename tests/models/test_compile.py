@@ -169,6 +169,8 @@ def test_new_shape_traces_again():
     compiled(torch.zeros(5, 3, requires_grad=True))
     compiled(*args)
     assert compiled.traces == 2
+    compiled(torch.zeros(3, 3).t().requires_grad_(True))  # same shape, other strides: traced again
+    assert compiled.traces == 3
 
 
 # -- what a compiled step refuses ---------------------------------------------------------------
@@ -260,3 +262,30 @@ def test_compiled_benchmark_row():
     assert row.same_grad == "yes" and row.storch_breaks == 0 and row.torch_breaks == 0, row
     assert row.storch_us > 0 and row.torch_us > 0 and row.eager_storch_us > 0
     assert Distribution._validate_args  # restored after torch.compile turned it off
+
+
+def test_torch_compile_never_compiles_storch_code():
+    # the path: storch's entry points are not inlined by dynamo, and nothing storch calls is handed to
+    # it; before, dynamo compiled dozens of fragments of the dispatcher (and reused them wrongly)
+    from torch._dynamo.testing import CompileCounter
+
+    assert storch.PlateTensor.__torch_function__.__func__._torchdynamo_disable
+    loss, params, args = _vae("categorical", config="score")()
+    counter = CompileCounter()
+    compiled = torch.compile(loss, backend=counter)
+    for seed in range(2):
+        torch.manual_seed(seed)
+        compiled(*args)
+    assert counter.frame_count == 0
+
+    def kl(logits):  # user code on plate tensors, compiled on its own (the reported per-sample case)
+        logp = torch.log_softmax(logits, -1)
+        return (logp.exp() * (logp + 1.0)).sum(-1).sum(-1)
+
+    compiled_kl = torch.compile(kl, backend=counter)
+    for step in range(3):
+        with storch.Graph():
+            x = storch.denote_independent(torch.randn(4, 5, 3), 0, "data")
+            got, want = compiled_kl(x), kl(x)
+            assert got.plates == want.plates and tuple(got.shape) == ()
+            torch.testing.assert_close(got.tensor, want.tensor)

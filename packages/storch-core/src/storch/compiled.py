@@ -3,7 +3,7 @@
 ``torch.compile`` cannot trace plate tensors well: dynamo does not construct tensor wrapper
 subclasses inside a graph, so every torch call on a :class:`storch.PlateTensor` is a graph break
 (and storch's bookkeeping in between runs as many small frames). ``storch.compile(step)`` takes the
-other route. The first call with a given signature (the shapes, dtypes, devices and
+other route. The first call with a given signature (the shapes, strides, dtypes, devices and
 ``requires_grad`` of the tensor arguments, the other arguments' values, grad mode) runs ``step``
 once with storch's Python dispatch under ``make_fx(pre_dispatch=True)``: storch does its plate
 alignment, estimator and surrogate bookkeeping on the real tensors as in eager mode, and what gets
@@ -69,7 +69,7 @@ class CompiledStep:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not kwargs and all(type(a) is _T for a in args):
             # the common call, plain tensors only: a cheaper key (no pytree), its own cache entry
-            key = (torch.is_grad_enabled(), *[(a.shape, a.dtype, a.device, a.requires_grad) for a in args])
+            key = (torch.is_grad_enabled(), *[(a.shape, a.stride(), a.dtype, a.device, a.requires_grad) for a in args])
             entry = self._fast.get(key)
             if entry is None:
                 entry = self._fast[key] = self._entry(args, kwargs)
@@ -231,7 +231,7 @@ def _signature(leaves: list, spec) -> tuple:
                     "a compiled step takes plain tensors: call storch.denote_independent inside the step, "
                     "not before it (plate tensors belong to one graph)")
             tensors.append(a)
-            key.append((a.shape, a.dtype, a.device, a.requires_grad))
+            key.append((a.shape, a.stride(), a.dtype, a.device, a.requires_grad))  # inductor checks strides
         else:
             try:
                 hash(a)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..eager import eager_only
+from ..eager import mark_eager_only, set_eval_frame
 from ..errors import PlateError, plate_error_from
 from .kit import _operands, dispatch, register, scan, too_many_samples, unwrap, wrap
 from .rules import indexing, losses, metadata, shape  # noqa: F401  (register their handlers)
@@ -78,10 +78,17 @@ def _implementation(func):
     return impl
 
 
+@mark_eager_only
 def _torch_function(cls, func, types, args=(), kwargs=None):
     # PlateTensor.__torch_function__, the dispatcher. The implementation of each function is
     # decided once (storch.plates.treatments) and cached; the most common case (one plate tensor
     # through an elementwise function: sigmoid, tanh, exp, ...) runs inline.
+    prior = set_eval_frame(None)
+    if prior is not None:  # called from code compiled by torch.compile: run eagerly (storch.eager)
+        try:
+            return _torch_function(cls, func, types, args, kwargs)
+        finally:
+            set_eval_frame(prior)
     impl = _IMPL.get(func)
     if impl is None:
         impl = _implementation(func)
@@ -100,5 +107,5 @@ def _torch_function(cls, func, types, args=(), kwargs=None):
 
 
 # bound here, once, rather than looked up on every torch call (our own class: nothing in torch
-# is patched); eager_only: under torch.compile each plate call is a graph break that runs eagerly
-install_dispatcher(eager_only(_torch_function))
+# is patched); eager only: under torch.compile each plate call is a graph break that runs eagerly
+install_dispatcher(_torch_function)
