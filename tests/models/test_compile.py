@@ -289,3 +289,21 @@ def test_torch_compile_never_compiles_storch_code():
             got, want = compiled_kl(x), kl(x)
             assert got.plates == want.plates and tuple(got.shape) == ()
             torch.testing.assert_close(got.tensor, want.tensor)
+
+
+def test_refuses_steps_that_replay_random_state():
+    # SPSA's coupled draws replay torch's random state (fork_rng): the trace records the draws, not the
+    # replay, so the compiled step would draw differently; the check at trace time refuses it
+    est = storch.estimator("score", plate="z", n_samples=2)
+
+    def step(theta):
+        with storch.Graph():
+            z = est(Bernoulli(logits=theta))
+            with torch.random.fork_rng():
+                first = torch.rand(3)
+            again = torch.rand(3)  # eagerly the same numbers as `first`
+            storch.add_cost((z * (1.0 + first - again)).sum(), name="f")
+            return storch.surrogate_loss()
+
+    with pytest.raises(storch.StorchError, match="gives different values"):
+        storch.compile(step, backend="aot_eager")(torch.zeros(3, requires_grad=True))

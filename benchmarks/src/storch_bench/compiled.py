@@ -58,14 +58,17 @@ class CompiledRow:
         return self.storch_us / self.torch_us
 
 
-def loss_pair(problem: str, config: str, batch: int, n: int):
-    """``(storch_loss, storch_params, hand_loss, hand_params, args)`` of one problem's step."""
+def loss_pair(problem: str, config: str, batch: int, n: int, device: "torch.device | str" = "cpu"):
+    """``(storch_loss, storch_params, hand_loss, hand_params, args)`` of one problem's step: the loss
+    functions of :mod:`storch_bench.overhead`'s steps (what ``storch.compile`` and ``torch.compile``
+    receive), without the optimizer step."""
     name, options, _ = CONFIGS[config]
-    est = storch.estimator(name, plate="z", n_samples=n, **options)
+    est = storch.estimator(name, plate="z", n_samples=n, **options).to(device)
     train, _ = load_binary_digits()
+    train = train.to(device)
     torch.manual_seed(0)
     if problem == "toy":
-        theta = torch.linspace(-1.0, 1.0, 3).repeat(batch, 1).requires_grad_(True)
+        theta = torch.linspace(-1.0, 1.0, 3, device=device).repeat(batch, 1).requires_grad_(True)
 
         def s_loss(theta):
             with storch.Graph():
@@ -79,7 +82,7 @@ def loss_pair(problem: str, config: str, batch: int, n: int):
         return s_loss, [theta], h_loss, [theta], (theta,)
     if problem == "vae":
         x = train[:batch]
-        ms = VAE("bernoulli")
+        ms = VAE("bernoulli").to(device)
         mt = copy.deepcopy(ms)
 
         def s_loss(x):
@@ -94,7 +97,7 @@ def loss_pair(problem: str, config: str, batch: int, n: int):
         return s_loss, list(ms.parameters()), h_loss, list(mt.parameters()), (x,)
     if problem == "cnn":
         x = train[:batch].view(-1, 1, 8, 8)
-        ms = conv_vae.ConvVAE()
+        ms = conv_vae.ConvVAE().to(device)
         mt = copy.deepcopy(ms)
 
         def s_loss(x):
@@ -112,7 +115,7 @@ def loss_pair(problem: str, config: str, batch: int, n: int):
         if config not in ("score", "loo"):
             raise ValueError("rnn: score and loo only (one estimator over the steps: a partition)")
         x = train[:batch]
-        ms = gru_decoder.GRUDecoder()
+        ms = gru_decoder.GRUDecoder().to(device)
         mt = copy.deepcopy(ms)
 
         def s_loss(x):

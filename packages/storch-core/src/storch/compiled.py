@@ -24,7 +24,10 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   object) but must not be replaced by new objects between calls;
 - Python values the step reads (options, ``module.training``, Python numbers) are fixed at trace
   time; call :meth:`CompiledStep.clear` after changing them;
-- data-dependent Python control flow (``if tensor.item() > 0``) cannot be traced: the error says so.
+- data-dependent Python control flow (``if tensor.item() > 0``) cannot be traced: the error says so;
+- on the first call the step also runs eagerly and its trace runs from the same random state; if they
+  disagree (the result depends on Python or generator state the trace cannot see: SPSA's coupled
+  draws replay the random state, a ``storch.Graph(generator=...)``, Python's ``random``) it is refused.
 
 Random draws are recorded as torch random operations, so every call draws fresh samples from
 torch's generator. During the trace torch's RNG state is saved and restored (the trace's draws do
@@ -152,6 +155,7 @@ class CompiledStep:
         _check_constants(gm, self.fn)
         _drop_identity_views(gm)
         _fold_batch_views(gm)
+        _check_replay(gm, flat, tensors, devices, self.fn)
         self.traces += 1
         compiled = _compile_graph(gm, tensors, self.compile_options)
         single = out_spec[0] == pytree.tree_structure(torch.empty(()))  # the step returned one tensor
@@ -241,6 +245,31 @@ def _signature(leaves: list, spec) -> tuple:
                     f"{type(a).__name__}") from None
             key.append((type(a), a))
     return tuple(key), tensors
+
+
+def _check_replay(gm: torch.fx.GraphModule, flat: Callable, tensors: list, devices: list, fn) -> None:
+    """Run the step eagerly and its trace from the same random state: they must agree.
+
+    The trace records torch operations only. A step whose result also depends on what it does to
+    Python or generator state (an estimator that replays the random state for common random numbers,
+    as SPSA's coupled draws do; a per-graph generator; Python's ``random``) would replay differently,
+    silently; this check (once per trace, on the first call) turns that into an error."""
+    validate = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), Graph():
+            want = flat(*tensors)
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            got = gm(*tensors)
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(validate)
+    for w, g in zip(want, got):
+        if w.shape != g.shape or not torch.allclose(w, g, rtol=1e-4, atol=1e-5, equal_nan=True):
+            raise StorchError(
+                f"storch.compile cannot replay {_name(fn)}: run eagerly and as traced from the same random state, "
+                "it gives different values. The step's result depends on more than its torch operations: e.g. an "
+                "estimator that replays the random state (SPSA's coupled draws), a storch.Graph(generator=...), "
+                "or Python-side randomness or counters. Run this step eagerly")
 
 
 def _check_nodes(nodes: list, fn) -> None:
