@@ -175,7 +175,11 @@ def _advance(est, node: Node, d, drawn: torch.Tensor, shape: tuple) -> tuple[tor
     n_par = math.prod(shape)
     dtype = drawn.dtype
     forced = _forced(c, t, est.eos).to(dtype)  # (S, P)
-    tok = torch.cat([forced, drawn.reshape(c.m, n_par)], 0)  # (N, P)
+    drawn = drawn.reshape(c.m, n_par)
+    # an unused slot (a key with fewer buffered sequences than slots) follows the first sample (weight 0):
+    # the user's cost never sees a padding sequence the model cannot produce
+    forced = torch.where(c.slot_ok, forced, drawn[:1].expand_as(forced))
+    tok = torch.cat([forced, drawn], 0)  # (N, P)
     if t and est.eos is not None:
         finished = (torch.stack(c.tokens, -1) == est.eos).any(-1)  # (N, P): ended at an earlier step
         tok = torch.where(finished, torch.full_like(tok, est.eos), tok)
