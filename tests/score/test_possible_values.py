@@ -206,7 +206,6 @@ def test_sum_and_sample_buffer_unused_slots_follow_a_sample():
     theta = torch.randn(3, 3, requires_grad=True)
     seeds = {7: torch.tensor([[0, 1, 2], [2, 1, 0]])}
     est = storch.estimator("sum_and_sample", plate="tour", buffer=2, n_samples=3, memory=seeds)
-    seen = []
     with storch.Graph():
         batch = storch.denote_independent(torch.tensor([7, 8]), 0, "data")
         visited = torch.zeros(3, dtype=torch.bool) & (batch > 0).unsqueeze(-1)
