@@ -12,9 +12,9 @@ from storch_bench.model_compare import bias_z
 
 def test_exact_unordered_set_on_six_categories_in_float32_is_not_flagged():
     gen = torch.Generator().manual_seed(4)
-    x = torch.randn(5, 3, generator=gen)
-    costs = torch.rand(5, 6, generator=gen) * 3.0
-    weight = torch.nn.Parameter(torch.randn(3, 6, generator=gen))  # float32, as a user's model
+    x = torch.randn(5, 3, generator=gen, dtype=torch.float32)
+    costs = torch.rand(5, 6, generator=gen, dtype=torch.float32) * 3.0
+    weight = torch.nn.Parameter(torch.randn(3, 6, generator=gen, dtype=torch.float32))  # float32, as a user's model
 
     def step(est):
         row = storch.denote_independent(torch.cat([x, costs], 1), 0, "data")
@@ -33,8 +33,12 @@ def test_exact_unordered_set_on_six_categories_in_float32_is_not_flagged():
 
 def test_a_bias_above_rounding_is_still_measured():
     torch.manual_seed(1)
-    ref = torch.randn(1, 8)
-    noise = 1e-3 * torch.randn(64, 8)
+    ref = torch.randn(1, 8, dtype=torch.float32)
+    noise = 1e-3 * torch.randn(64, 8, dtype=torch.float32)
     assert bias_z(ref + noise, ref) < 6  # unbiased noise
     assert bias_z(ref + noise + 2e-3, ref) > 6  # a bias of twice the noise's standard deviation
-    assert bias_z(ref + 1e-7 * torch.randn(64, 8), ref) == 0.0  # float32 rounding: no bias
+    assert bias_z(ref + 1e-7 * torch.randn(64, 8, dtype=torch.float32), ref) == 0.0  # float32 rounding: no bias
+    # the same float32 values cast to float64 (as compare_estimators does): eps= says their precision
+    est64 = (ref + 1e-7 * torch.randn(64, 8, dtype=torch.float32)).double()
+    assert bias_z(est64, ref.double(), eps=torch.finfo(torch.float32).eps) == 0.0
+    assert bias_z(est64, ref.double()) != 0.0  # as float64 values: z-tested, not floored
