@@ -27,7 +27,7 @@ from .graph import Graph, current_graph
 from .node import Node
 from .plates.tensor import Plate, align, plates_of, raw_of
 
-__all__ = ["surrogate_loss", "backward", "cost_nodes"]
+__all__ = ["surrogate_loss", "backward", "cost_nodes", "cost_estimates"]
 
 
 def cost_nodes(graph: Graph, cost) -> list[Node]:
@@ -104,6 +104,35 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None) -> torc
             inner = (w * inner).sum(dim, keepdim=True)  # line 14: weight and sum over X_i
     # what is left are independent plates (and size-1 dims): the mean over data points
     return inner.mean() if inner.dim() else inner
+
+
+def cost_estimates(graph: Optional[Graph] = None) -> dict[str, torch.Tensor]:
+    """The estimate of the expectation of each cost, by name (detached; for logging).
+
+    Each cost is reduced as the surrogate reduces it: sampling plates by their estimators'
+    weights, data plates by the mean. This is the number a user computes by averaging the samples
+    of plain Monte Carlo, and the right one where the plate holds entries that are not samples of
+    p: the greedy entry of ``score(baseline="greedy")`` (weight 0), the memory slots and rejected
+    samples of ``sum_and_sample``, the weight-0 padding of ``unordered_set`` when the support is
+    smaller than k, and the weighted sets of ``expect`` and ``unordered_set``. Averaging a cost's
+    sample dimension by hand counts those entries as samples. The values sum to the surrogate's value.
+    """
+    graph = graph or current_graph()
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, cost in graph.costs:
+            plates, raw, nodes = _at_cost(plates_of(cost), raw_of(cost), cost_nodes(graph, cost))
+            inner = raw.detach()
+            for node in reversed(nodes):
+                dim = plates.index(node.plate)
+                if node.estimator.uniform_weights:
+                    inner = inner.mean(dim, keepdim=True)
+                else:
+                    w = align(node.weight_values.detach(), node.plates, plates)
+                    inner = (w * inner).sum(dim, keepdim=True)
+            value = (inner.mean() if inner.dim() else inner).reshape(())
+            out[name] = out[name] + value if name in out else value
+    return out
 
 
 def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tensor:

@@ -141,7 +141,10 @@ class SumAndSample(Estimator):
 
     A sequence estimator takes the key of each data point at its first call:
     ``est(Categorical(logits=...), memory_key=ids)`` (one int per entry of the first step's
-    plates; default: the entry's position).
+    plates, e.g. the dataset indices of the batch); required when the first step has a data plate
+    (keyed by position, shuffled batches would mix the data points' memories). Tokens may be
+    ``Categorical`` or ``OneHotCategorical`` (returned one-hot). Memory slots a key does not use
+    follow its first sample with weight 0; log costs with ``storch.cost_estimates()``.
 
     Example:
         >>> est = storch.estimator("sum_and_sample", plate="z", n_enumerate=2, n_samples=3)

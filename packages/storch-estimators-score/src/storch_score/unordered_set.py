@@ -76,7 +76,8 @@ class UnorderedSet(Estimator):
     D.2.3); ∞ without it, since the weights are detached and E[Σ w f] = E[f] (D.2.3).
 
     Args:
-        plate: name of the node's plate (its size is min(k, number of joint values)).
+        plate: name of the node's plate (its size is min(k, number of joint values of positive
+            probability); an entry with fewer pads its set with weight-0 repeats of a possible value).
         n_samples: k, the number of distinct samples.
         baseline: use the built-in baseline (needs n_samples >= 2).
         budget: the largest joint support that is enumerated (beyond it: stochastic beam search).
