@@ -297,7 +297,6 @@ class SumAndSample(Estimator):
         if n_values > self.budget:
             return self._beyond_budget(node, n_values)
         values, logp = enumerate_joint(node, self.budget, self.name)  # (M, *own, *event), (M, *parents)
-        size = values.shape[0]
         possible = torch.isfinite(logp.detach())  # values of positive probability, (M, *parents)
         n_possible = possible.sum(0)
         if self.memory is None:
