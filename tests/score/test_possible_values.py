@@ -224,3 +224,22 @@ def test_sum_and_sample_buffer_unused_slots_follow_a_sample():
     assert codes[:2, 0].tolist() == [0 * 9 + 1 * 3 + 2, 2 * 9 + 1 * 3 + 0]  # the remembered tours
     assert (codes[:2, 1] == codes[2, 1]).all()  # unused slots follow the first sample
     assert torch.isfinite(loss) and torch.isfinite(g).all()
+
+
+def test_sum_and_sample_beyond_budget_memory_holds_only_possible_values():
+    """27 joint values (4 possible) over budget: the beam-search memory of 8 is the 4 possible
+    values (no remainder): exact, and never an impossible value."""
+    torch.manual_seed(5)
+    theta = torch.randn(3, 3, requires_grad=True)
+    forbid = torch.tensor([[False, True, True], [False, False, True], [True, False, False]])
+    est = storch.estimator("sum_and_sample", plate="z", n_enumerate=8, n_samples=2, budget=4)
+    cost_of = torch.randn(3, 3)
+    with storch.Graph():
+        z = est(OneHotCategorical(logits=theta.masked_fill(forbid, -math.inf)))
+        assert not (z.tensor * forbid).any()
+        storch.add_cost((z * cost_of).sum() / (1.0 - (z * forbid.double()).sum()))
+        loss = storch.surrogate_loss()
+        g, = torch.autograd.grad(loss, theta)
+    p = torch.softmax(theta.masked_fill(forbid, -math.inf), -1)
+    torch.testing.assert_close(loss.detach(), (p * cost_of).sum().detach())
+    torch.testing.assert_close(g, torch.autograd.grad((p * cost_of).sum(), theta)[0])

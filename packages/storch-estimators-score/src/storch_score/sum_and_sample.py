@@ -14,7 +14,7 @@ import storch
 from storch import CostFrame, Estimator, Node, OptionError, PlateError
 
 from . import _sequences
-from ._memory import VariableTable, codes_of, first_occurrences, log1mexp, sample_outside, top_k_codes
+from ._memory import VariableTable, _memory_lp, codes_of, first_occurrences, log1mexp, sample_outside, top_k_codes
 from ._support import enumerate_joint, masked_logsumexp
 
 __all__ = ["SumAndSample", "MemoryState"]
@@ -333,7 +333,9 @@ class SumAndSample(Estimator):
         table = VariableTable(node)
         if self.memory is None:
             codes = top_k_codes(table.lp, self.n_enumerate)  # (k', P, n), distinct
-            first = torch.ones(codes.shape[:2], dtype=torch.bool, device=codes.device)
+            # only possible values: an entry with fewer than k' repeats its most probable one (counted once)
+            first = torch.isfinite(_memory_lp(table.lp, codes).sum(-1))
+            codes = torch.where(first.unsqueeze(-1), codes, codes[:1].expand_as(codes))
         else:
             mem = self.memory(node.distribution) if not isinstance(self.memory, torch.Tensor) else self.memory
             if not isinstance(mem, torch.Tensor):
@@ -341,7 +343,9 @@ class SumAndSample(Estimator):
             codes = codes_of(mem, table, self.name)
             first = first_occurrences(codes)
         k = codes.shape[0]
-        m = 0 if (self.memory is None and k == n_values) else self.n_samples
+        # no remainder when M holds every possible joint value of every entry
+        n_possible = torch.isfinite(table.lp).sum(0).to(torch.float64).prod(-1)  # (P,)
+        m = 0 if (self.memory is None and bool((n_possible <= k).all())) else self.n_samples
         if m:
             codes = torch.cat([codes, sample_outside(table.lp, codes, first, m)], 0)
         c = node.state
