@@ -55,5 +55,5 @@ def test_assignment_that_would_add_plates_in_place_is_refused_with_the_alternati
     d = Plate("data", 2, True)
     visited = PlateTensor(torch.zeros(2, 3, dtype=torch.bool), (d,))
     a = PlateTensor(torch.tensor([[0, 2, 1], [1, 1, 0]]), (d, P))
-    with pytest.raises(storch.PlateError, match=r"does not have.*torch\.where\(F\.one_hot\(a, n\)\.bool\(\), value, x\)"):
+    with pytest.raises(storch.PlateError, match=r"does not vary.*torch\.where\(F\.one_hot\(a, n\)\.bool\(\), value, x\)"):
         visited[a] = True

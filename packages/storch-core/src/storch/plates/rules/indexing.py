@@ -134,7 +134,8 @@ def _getitem(func, args, kwargs):
     raw_idx, plates, r, q = _general(x, idx)
     m = len(plates)
     # the plate dims are indexed by aranges: the raw result is (plates, index block, rest)
-    src = x._raw if type(x) is _PT and plates == x._plates else _full(x, plates)
+    full = type(x) is _PT and plates == x._plates and tuple(x._raw.shape[:m]) == tuple(p.size for p in plates)
+    src = x._raw if full else _full(x, plates)  # (a view: size-1 plate dims expanded)
     out = src[raw_idx]
     if q and r:  # the block where torch puts it for one sample
         out = out.movedim(tuple(range(m, m + r)), tuple(range(m + q, m + q + r)))
@@ -167,6 +168,7 @@ def _setitem(func, args, kwargs):
         raw_idx = (slice(None),) * n + t
         if plates != x._plates:
             raise PlateError(_more_plates(x, plates))
+        _held_once(x, t, value)
         if type(value) is _PT:
             target = x._raw[raw_idx]
             value = align(value._raw, value._plates, x._plates, target.dim() - n)
@@ -176,6 +178,10 @@ def _setitem(func, args, kwargs):
     plates = union_plates([plates, vp])
     if plates != x._plates:
         raise PlateError(_more_plates(x, plates))
+    short = _held_once(x, t, value)
+    if short:
+        raw_idx = tuple(i.narrow(j, 0, 1) if x._plates[j].name in short else i
+                        for j, i in enumerate(raw_idx[:n])) + raw_idx[n:]
     target = x._raw[raw_idx]  # (plates, index block, rest): the layout the value must take
     k = target.dim() - n
     block, rest = tuple(target.shape[n:n + r]), tuple(target.shape[n + r:])
@@ -188,9 +194,23 @@ def _setitem(func, args, kwargs):
     return None
 
 
-def _more_plates(x, plates) -> str:
-    extra = [p.name for p in plates if p.name not in {q.name for q in x._plates}]
-    return (f"the index or the value varies over plates {extra} that the assigned tensor (plates "
-            f"{[p.name for p in x._plates]}) does not have: in place, it cannot become one value per "
+def _held_once(x, idx, value) -> set:
+    """The plates over which ``x`` holds one value (a size-1 raw dim); raises if the index or the
+    value varies over one of them (per-entry writes into a value held once)."""
+    short = {p.name for j, p in enumerate(x._plates) if x._raw.shape[j] != p.size}
+    if short:
+        varies = {p.name for a in tuple(idx) + (value,) if type(a) is _PT
+                  for j, p in enumerate(a._plates) if a._raw.shape[j] > 1}
+        if short & varies:
+            raise PlateError(_more_plates(x, x._plates, sorted(short & varies)))
+    return short
+
+
+def _more_plates(x, plates, extra=None) -> str:
+    if extra is None:
+        extra = [p.name for p in plates if p.name not in {q.name for q in x._plates}]
+    return (f"the index or the value varies over plates {extra}, over which the assigned tensor (plates "
+            f"{[p.name for p in x._plates]}) does not vary (it does not have them, or holds one value for all "
+            "their entries): in place, it cannot become one value per "
             "sample. Build a new tensor instead, e.g. `x = torch.where(F.one_hot(a, n).bool(), value, x)` "
             "or `x = x.scatter(0, a.unsqueeze(0), value)`")
