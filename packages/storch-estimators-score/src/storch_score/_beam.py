@@ -45,9 +45,13 @@ def top_possible(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     probability 0 (weight 0, gradient function 0).
 
     Returns:
-        ``(indices, values, pad)``, each ``(*rows, m)``; ``values`` is ``-inf`` on padding.
+        ``(indices, values, pad)``, each ``(*rows, m)``; ``values`` is ``-inf`` on padding; ``pad``
+        is ``None`` when every score is finite (the common case: no padding, no extra work).
     """
     finite = torch.isfinite(scores)
+    if bool(finite.all()):
+        top = scores.topk(min(k, scores.shape[-1]), dim=-1)  # sorted: the order of the sample
+        return top.indices, top.values, None
     n_ok = int(finite.sum(-1).max()) if finite.numel() else 0
     m = max(1, min(k, n_ok))
     top = scores.topk(m, dim=-1)  # sorted: the order of the sample
@@ -92,7 +96,8 @@ def stochastic_beam_search(node: Node, k: int) -> tuple[torch.Tensor, torch.Tens
             parent, value = indices // n_cat, indices % n_cat  # (P, m)
             m = indices.shape[1]
             g = top_g.t()  # (m, P)
-            phi = cand_phi.permute(1, 0, 2).reshape(p, beam * n_cat).gather(1, indices).masked_fill(pad, -math.inf).t()
+            phi = cand_phi.permute(1, 0, 2).reshape(p, beam * n_cat).gather(1, indices)
+            phi = (phi if pad is None else phi.masked_fill(pad, -math.inf)).t()
             prev = choices.permute(1, 0, 2).gather(1, parent.unsqueeze(-1).expand(p, m, j))  # (P, m, j)
             choices = torch.cat([prev, value.unsqueeze(-1)], -1).permute(1, 0, 2)  # (m, P, j + 1)
     m = choices.shape[0]
@@ -125,7 +130,7 @@ def beam_step(lp: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, k: int):
         each surviving prefix, its perturbed and plain log-probability; ``log_left`` ``(*P)``: log
         of the probability of the children that were not kept; ``pad`` ``(m, *P)``: True where an
         entry has fewer than m possible children (those slots repeat its most probable child, with
-        phi = g = -inf: weight 0, never a prefix the model cannot produce).
+        phi = g = -inf: weight 0, never a prefix the model cannot produce); ``None`` if none has.
     """
     with torch.no_grad():
         n_val, beam = lp.shape[:2]
@@ -142,6 +147,8 @@ def beam_step(lp: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, k: int):
         kept = torch.zeros_like(flat_g, dtype=torch.bool).scatter(-1, indices, True)
         left = torch.logsumexp(flat_phi.masked_fill(kept, -math.inf), -1)
         # a padding entry (fewer than k possible prefixes) repeats a possible one with log p = -inf
-        new_phi = flat_phi.gather(-1, indices).masked_fill(pad, -math.inf)
+        new_phi = flat_phi.gather(-1, indices)
+        if pad is not None:
+            new_phi = new_phi.masked_fill(pad, -math.inf)
         return (parent.movedim(-1, 0), value.movedim(-1, 0), g_top.movedim(-1, 0),
-                new_phi.movedim(-1, 0), left, pad.movedim(-1, 0))
+                new_phi.movedim(-1, 0), left, None if pad is None else pad.movedim(-1, 0))

@@ -131,11 +131,12 @@ class UnorderedSet(Estimator):
             # (weight 0): the user's cost never sees a value the model cannot produce.
             gumbel = -torch.empty_like(logp, dtype=logp.dtype).exponential_().log()
             idx, g, pad = top_possible((logp.detach() + gumbel).movedim(0, -1), self.n_samples)
-            idx, g, pad = idx.movedim(-1, 0), g.movedim(-1, 0), pad.movedim(-1, 0)  # (k, *parents)
+            idx, g = idx.movedim(-1, 0), g.movedim(-1, 0)  # (k, *parents)
             with torch.no_grad():
                 mask = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter(0, idx, True)
                 log_rest, _ = masked_logsumexp(logp.detach(), mask, 0)  # log(1 - p(S)), exact
-            node.state.lp = logp.gather(0, idx).masked_fill(pad, -math.inf)
+            lp = logp.gather(0, idx)
+            node.state.lp = lp if pad is None else lp.masked_fill(pad.movedim(-1, 0), -math.inf)
             node.state.log_rest, node.state.g = log_rest, g
             return values[idx]
         # too many joint values to list: the same Gumbel-top-k sample by stochastic beam search
@@ -175,7 +176,8 @@ class UnorderedSet(Estimator):
         if self.eos is not None:
             node.finished = done.gather(0, parent) | self._is_eos(distribution, sample, len(plates))
         # a padding slot (fewer possible prefixes than k) repeats a possible prefix with weight 0: l = 0
-        return sample, torch.where(torch.isfinite(step_lp) & ~pad, step_lp, torch.zeros_like(step_lp))
+        keep = torch.isfinite(step_lp) if pad is None else torch.isfinite(step_lp) & ~pad
+        return sample, torch.where(keep, step_lp, torch.zeros_like(step_lp))
 
     def _set_probabilities(self, node: Node) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         c = node.state
