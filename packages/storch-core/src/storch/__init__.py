@@ -31,7 +31,7 @@ from .registry import (
     hookspec,
     reload_estimators,
 )
-from .surrogate import backward, surrogate_loss
+from .surrogate import backward, cost_estimates, surrogate_loss
 from .generators import current_generator
 from . import distributed  # noqa: F401  (storch.distributed: estimator state under torch.distributed)
 from ._old_paths import install as _install_old_paths
@@ -41,7 +41,7 @@ del _install_old_paths
 
 __all__ = [
     "Plate", "Lineage", "PlateTensor", "Graph", "Node", "Estimator", "CostFrame", "EstimatorInfo",
-    "add_cost", "denote_independent", "reset", "current_graph", "surrogate_loss", "backward",
+    "add_cost", "denote_independent", "reset", "current_graph", "surrogate_loss", "backward", "cost_estimates",
     "magic_box", "estimator", "available_estimators", "get_estimator_class", "reload_estimators",
     "hookimpl", "hookspec", "StorchError", "PlateError", "OrderError", "UnknownEstimatorError",
     "UnsupportedDistributionError", "OptionError", "CostError", "NonFiniteCostError", "NonFiniteParameterError", "PluginError",
