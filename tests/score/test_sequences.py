@@ -144,7 +144,11 @@ def test_unordered_set_with_every_sequence_is_exact(eos, k):
     grad, _ = exact_derivatives(eos)
     (g,), codes = estimates("unordered_set", k, 1, seed=2, eos=eos, r=3)
     torch.testing.assert_close(g, grad.expand_as(g), rtol=1e-9, atol=1e-9)
-    assert codes.shape[0] == 27 and (codes.sort(0).values == torch.arange(27).unsqueeze(1)).all()
+    # the set is the whole support and nothing else: 27 sequences, or the 15 possible ones with eos
+    # (k = 30 exceeds the support: the set is smaller than k, never a sequence the model cannot produce)
+    possible = torch.isfinite(sequence_log_probs(THETA, eos)).nonzero().squeeze(1)
+    assert codes.shape[0] == possible.shape[0] == (27 if eos is None else 15)
+    assert (codes.sort(0).values == possible.unsqueeze(1)).all()
 
 
 def exact_inclusion(p, k):

@@ -74,13 +74,14 @@ def exact(theta, eos=None, per_step=False):
 
 def estimate(est, order=2, warmup=0, replicates=R, per_step=False):
     """Per-replicate derivatives after ``warmup`` graphs that only fill the buffer (storch.backward())."""
+    keys = torch.arange(replicates)  # one buffer per replicate (a data plate needs memory_key)
     for _ in range(warmup):
         leaf, th = replicate(THETA, replicates)
-        model(th, est, per_step)
+        model(th, est, per_step, memory_key=keys)
         storch.backward()
     with storch.Graph() as graph:
         leaf, th = replicate(THETA, replicates)
-        toks = model(th, est, per_step)
+        toks = model(th, est, per_step, memory_key=keys)
         node = graph.nodes[0]
         loss = storch.surrogate_loss(order=order)
         out = per_replicate_derivatives(loss, leaf, order)
@@ -198,4 +199,52 @@ def test_sequence_errors():
     seq = storch.estimator("mapo", plate="t", buffer=2)
     with storch.Graph():
         with pytest.raises(storch.UnsupportedDistributionError, match="one token per step"):
-            seq(OneHotCategorical(logits=torch.zeros(3)))
+            seq(OneHotCategorical(logits=torch.zeros(2, 3)))  # two tokens in one call
+
+
+def test_buffer_with_a_data_plate_needs_memory_key():
+    """Keyed by position, shuffled minibatches would hand each data point other data points'
+    sequences (issue 20): with a data plate, the first call must name the data points."""
+    est = storch.estimator("mapo", plate="seq", buffer=2, n_samples=2)
+    with storch.Graph():
+        th = storch.denote_independent(THETA.expand(4, 21), 0, "data")
+        with pytest.raises(storch.OptionError, match=r"memory_key=batch_ids.*torch\.arange\(4\)"):
+            model(th, est)
+    with storch.Graph():  # with keys: one buffer per data point id, whatever the batch order
+        th = storch.denote_independent(THETA.clone().requires_grad_(True).expand(4, 21), 0, "data")
+        model(th, est, memory_key=torch.tensor([10, 11, 12, 13]))
+        storch.backward()
+    assert sorted(est._buffer.entries) == [10, 11, 12, 13]
+
+
+def _one_hot_model(th, est, **call):
+    lg0, lg1, lg2 = _logits(th)
+    x0 = est(OneHotCategorical(logits=lg0), **call)
+    x1 = est(OneHotCategorical(logits=x0 @ lg1))
+    x2 = est(OneHotCategorical(logits=x1 @ lg2))
+    idx = torch.arange(3, dtype=th.dtype)
+    code = (x0 @ idx) * 9 + (x1 @ idx) * 3 + x2 @ idx
+    storch.add_cost(F.one_hot(code.long(), 27).to(th.dtype) @ COST)
+    return x0, x1, x2
+
+
+@pytest.mark.parametrize("eos", [None, 0], ids=["fixed-length", "eos"])
+def test_one_hot_tokens_give_the_categorical_estimate(eos):
+    """OneHotCategorical tokens (as score and unordered_set accept) give, seed for seed, the
+    estimate of the same model written with Categorical tokens."""
+    options, warmup = CONFIGS["learned-buffer+loo"]
+    grads = []
+    for fn in (model, _one_hot_model):
+        torch.manual_seed(21)
+        est = storch.estimator("sum_and_sample", plate="seq", eos=eos, **options)
+        keys = torch.arange(8)
+        for _ in range(warmup + 1):
+            with storch.Graph():
+                leaf, th = replicate(THETA, 8)
+                toks = fn(th, est, memory_key=keys)
+                if fn is _one_hot_model:
+                    assert toks[0].tensor.shape[-1] == 3 and ((toks[2].tensor == 0) | (toks[2].tensor == 1)).all()
+                g, = torch.autograd.grad(storch.surrogate_loss(), leaf, retain_graph=True)
+                storch.backward()  # fills the buffer
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)

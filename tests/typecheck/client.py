@@ -15,6 +15,7 @@ from torch.distributions import Bernoulli, Categorical, Distribution, OneHotCate
 import storch
 import storch.distributed
 import storch.testing as kit
+from storch.extending import align, base_distribution, drawing_with, leave_one_out, options, plates_of, raw_of
 from storch import CostFrame, Estimator, Node, PlateTensor
 from storch_mvd import Mvd, Spsa
 from storch_relaxed import Arm, DisArm, Go, GumbelSoftmax, GumbelStraightThrough, Lax, Rebar, Relax
@@ -61,6 +62,28 @@ class LeaveOneOut(storch.Estimator):
 
     def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         return (cost.sum_plate(cost.tensor) - cost.tensor) / (node.n - 1)
+
+
+class LooWithHelpers(storch.Estimator):
+    """The same baseline through storch.extending, with a validated option."""
+
+    name = "typed_leave_one_out_helpers"
+
+    def __init__(self, plate: str, n_samples: int = 2, scale: float = 1.0) -> None:
+        super().__init__(plate, options.integer(self.name, "n_samples", n_samples, minimum=2))
+        self.scale = float(options.number(self.name, "scale", scale, above=0.0))
+
+    def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
+        return self.scale * leave_one_out(cost, node.n)
+
+
+def helpers(z: PlateTensor, generator: torch.Generator) -> torch.Tensor:
+    raw: torch.Tensor = raw_of(z)
+    aligned = align(raw, plates_of(z), plates_of(z))
+    with drawing_with(generator):
+        noise = torch.rand(aligned.shape)
+    d: Distribution = base_distribution(Bernoulli(logits=torch.zeros(3)))
+    return aligned + noise + d.mean
 
 
 def conformance() -> bool:
@@ -114,6 +137,10 @@ if __name__ == "__main__":
     second_order(torch.zeros(3, requires_grad=True))
     supervised(torch.nn.Linear(4, 3), torch.randn(6, 4), torch.randint(0, 3, (6,)))
     assert conformance()
+    assert kit.check_against_enumeration(LooWithHelpers, n_replicates=500, raise_on_failure=False).ok
+    with storch.Graph():
+        zz = storch.estimator("score", plate="z", n_samples=2)(Bernoulli(logits=torch.zeros(3)))
+        helpers(zz, torch.Generator().manual_seed(0))
     assert registry()
     plates()
     assert not distributed_state(storch.estimator("score", plate="z"))

@@ -6,6 +6,7 @@ pyrightconfig.json): zero errors on ``client.py``, code written against the publ
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -34,9 +35,18 @@ def test_client_runs() -> None:
 def test_every_wheel_ships_py_typed(tmp_path: Path) -> None:
     for folder, module in PACKAGES.items():
         assert (ROOT / folder / "src" / module / "py.typed").is_file(), f"{folder}: no py.typed"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path),
-                    *(str(ROOT / folder) for folder in PACKAGES)], check=True, timeout=900)
-    wheels = list(tmp_path.glob("*.whl"))
+    # build from copies: a build writes build/ and *.egg-info next to the sources, which other tox
+    # environments are installing in editable mode at the same time
+    copies = []
+    for folder in PACKAGES:
+        copy = tmp_path / "src" / Path(folder).name
+        shutil.copytree(ROOT / folder, copy, ignore=shutil.ignore_patterns(
+            "build", "*.egg-info", "__pycache__", "tests", ".tox"))
+        copies.append(str(copy))
+    wheelhouse = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheelhouse), *copies],
+                   check=True, timeout=900)
+    wheels = list(wheelhouse.glob("*.whl"))
     assert len(wheels) == len(PACKAGES)
     for wheel in wheels:
         names = zipfile.ZipFile(wheel).namelist()

@@ -10,7 +10,7 @@
   every Python file of the repository).
 - ``<!-- estimator-table -->`` becomes the table of first-party estimators, from the registry.
 - A page of docs/ that mkdocs.yml's nav does not list is added to the guides (so a new page is
-  never left out); ``storch.extending`` gets its reference page when the module exists.
+  never left out).
 - The build fails (beyond mkdocs' strict mode) on a public name without a docstring or on no
   page of the reference (tools/docs/public_api.py), and on a first-party estimator without a
   page in docs/estimators/.
@@ -43,20 +43,6 @@ _origin: dict[str, Path] = {}
 _repo_pages: dict[str, str] = {}
 
 
-# the public API for estimator authors (issue 18): its reference page appears once the module does
-EXTENDING_PAGE = ("reference/extending.md",
-                  "# `storch.extending`\n\n::: storch.extending\n    options:\n      show_root_heading: false\n")
-
-
-def _has_extending() -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("storch.extending") is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def _nav_files(nav) -> set[str]:
     found: set[str] = set()
     for entry in nav:
@@ -78,12 +64,6 @@ def on_config(config):
             for section in config["nav"]:
                 if isinstance(section, dict) and "Guides" in section:
                     section["Guides"].append({title: rel})
-    if _has_extending():
-        for section in config["nav"]:
-            if isinstance(section, dict) and "API reference" in section:
-                entries = section["API reference"]
-                if not any(isinstance(e, dict) and "storch.extending" in e for e in entries):
-                    entries.insert(3, {"storch.extending": EXTENDING_PAGE[0]})
     return config
 
 
@@ -93,8 +73,6 @@ def on_pre_build(config) -> None:
         raise PluginError("public names without a docstring (add one; tools/docs/public_api.py):\n  "
                           + "\n  ".join(missing))
     pages = [p.read_text(encoding="utf-8") for p in DOCS.rglob("*.md")]
-    if _has_extending():
-        pages.append(EXTENDING_PAGE[1])
     unlisted = public_api.unreferenced(pages)
     if unlisted:
         raise PluginError("public names on no page of the API reference (add `::: NAME` to a page of "
@@ -161,8 +139,6 @@ def on_files(files: Files, config) -> Files:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     files.append(File.generated(config, "index.md", content=readme))
     _origin["index.md"] = ROOT
-    if _has_extending():
-        files.append(File.generated(config, EXTENDING_PAGE[0], content=EXTENDING_PAGE[1]))
     for f in files.documentation_pages():
         _origin.setdefault(f.src_uri, (DOCS / f.src_uri).parent)
 

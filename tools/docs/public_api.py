@@ -15,21 +15,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 #: The modules whose ``__all__`` is public API, in the order of the reference pages.
-#: ``storch.extending`` is added when it exists (issue 18).
-MODULES = ["storch", "storch.testing", "storch.distributed", "storch.builtins",
-           "storch_score", "storch_relaxed", "storch_mvd"]
-OPTIONAL_MODULES = ["storch.extending"]
+MODULES = ["storch", "storch.testing", "storch.distributed", "storch.extending", "storch.options",
+           "storch.builtins", "storch_score", "storch_relaxed", "storch_mvd"]
+
+
+#: modules documented under another public path (``storch.extending.options`` is ``storch.options``)
+DOCUMENTED_AS = {"storch.options": "storch.extending.options"}
 
 
 def public_modules() -> list[str]:
-    found = list(MODULES)
-    for name in OPTIONAL_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError:
-            continue
-        found.insert(3, name)
-    return found
+    return list(MODULES)
 
 
 def _own_doc(obj: Any) -> str:
@@ -147,11 +142,12 @@ def unreferenced(pages: list[str]) -> list[str]:
     missing = []
     for modname in public_modules():
         module = importlib.import_module(modname)
+        documented = DOCUMENTED_AS.get(modname, modname)
         for name in getattr(module, "__all__", []):
             if inspect.ismodule(getattr(module, name)):
                 continue
-            if f"{modname}.{name}" not in shown and f"{modname}.*" not in shown:
-                missing.append(f"{modname}.{name}")
+            if f"{documented}.{name}" not in shown and f"{documented}.*" not in shown:
+                missing.append(f"{documented}.{name}")
     return missing
 
 

@@ -128,7 +128,10 @@ def _why_not(spec: Spec, dists: list, order: int, partitioned: bool) -> tuple[Op
     return cls, None
 
 
-def bias_z(estimates: torch.Tensor, reference: torch.Tensor) -> float:
+_ROUNDING_ULPS = 64  # a difference of means below 64 ulps of the largest reference coordinate is rounding
+
+
+def bias_z(estimates: torch.Tensor, reference: torch.Tensor, eps: Optional[float] = None) -> float:
     """|z| of the bias of ``estimates`` (R, P) against ``reference`` estimates (M, P); split-half test.
 
     The first halves give a direction d = mean(estimates₁) - mean(reference₁); the second halves
@@ -137,7 +140,12 @@ def bias_z(estimates: torch.Tensor, reference: torch.Tensor) -> float:
     whatever the number of coordinates P and their correlation: an unbiased estimator gives
     |z| > 4 in about 1 of 1000 runs with 16 estimates per half, fewer with more; a bias b makes
     the numerator grow like |b|² while the noise shrinks like 1/sqrt(R). A deterministic reference
-    (M = 1) enters both halves with zero variance. Differences at rounding level count as 0.
+    (M = 1) enters both halves with zero variance. Differences at rounding level (below the larger of 1e-9
+    and 64 ulps of the dtype, times the largest reference coordinate) count as 0.
+
+    Args:
+        eps: machine epsilon of the dtype the estimates were computed in (float32 parameters:
+            1.2e-7), when ``estimates`` was cast to float64 afterwards; default: from their dtype.
     """
     r_n, m_n = estimates.shape[0], reference.shape[0]
     if r_n < 4:
@@ -147,7 +155,13 @@ def bias_z(estimates: torch.Tensor, reference: torch.Tensor) -> float:
     d = ea.mean(0) - ra.mean(0)
     diff = eb.mean(0) - rb.mean(0)
     scale = float(reference.mean(0).abs().max().clamp_min(1e-12))
-    if float((estimates.mean(0) - reference.mean(0)).abs().max()) <= 1e-9 * scale:
+    # below floating-point precision a difference is no bias: an exact estimator (unordered_set with
+    # k >= the support) in float32 differs from an exact reference by rounding in a different order
+    # (~1e-7 relative), and its variance is rounding too, so the z-score of rounding is meaningless
+    if eps is None:  # the precision the estimates were computed in (the model's parameters' dtype)
+        eps = max(torch.finfo(estimates.dtype).eps, torch.finfo(reference.dtype).eps)
+    floor = max(1e-9, _ROUNDING_ULPS * eps) * scale
+    if float((estimates.mean(0) - reference.mean(0)).abs().max()) <= floor:
         return 0.0  # the same values up to rounding (e.g. two exact estimators)
     pe, pr = eb @ d, rb @ d
     se2 = pe.var() / len(pe) + (pr.var() / len(pr) if len(pr) > 1 else 0.0)
@@ -258,6 +272,8 @@ def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[s
         (skipped.append((spec.label, why)) if why else plan.append((spec, cls)))
     total = len(plan) * (warmup + estimates) + warmup + reference_estimates
     rows = []
+    # the estimates are cast to float64; rounding is at the precision the model computes in
+    precision = max((torch.finfo(p.dtype).eps for p in runner.params if p.is_floating_point()), default=None)
     with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True) as bar:
         tick = lambda: bar.update(1)  # noqa: E731
         bar.set_description("reference")
@@ -292,7 +308,7 @@ def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[s
             row.variance = float(g.var(0).sum())  # trace of the covariance (unbiased per coordinate)
             row.ms_per_step = 1e3 * min(times)  # timeit's convention
             if ref is not None:
-                row.bias_z, row.rel_bias = bias_z(g, ref), _rel_bias(g, ref)
+                row.bias_z, row.rel_bias = bias_z(g, ref, eps=precision), _rel_bias(g, ref)
             row.mean = g.mean(0)
             row.estimates = g if keep_estimates else None
             notes = []

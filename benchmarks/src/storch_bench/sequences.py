@@ -85,9 +85,11 @@ class Decoder(nn.Module):
         h = self.start(ids)
         tok = torch.full_like(ids, self.vocab)  # the start token
         tokens = []
-        for _ in range(length):
+        # MAPO's buffer remembers sequences per data point: its first call names them (the target ids)
+        key = {"memory_key": ids} if getattr(est, "buffer", None) is not None else {}
+        for t in range(length):
             h = self.cell(self.embed(tok), h)
-            tok = est(Categorical(logits=self.head(h)))
+            tok = est(Categorical(logits=self.head(h)), **(key if t == 0 else {}))
             tokens.append(tok)
         return tokens
 

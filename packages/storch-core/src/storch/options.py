@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Collection, Optional
+from typing import Any, Collection, Optional, Union
 
 from .errors import OptionError
 
@@ -35,7 +35,8 @@ def integer(owner: str, name: str, value: Any, *, minimum: Optional[int] = None,
 
 
 def number(owner: str, name: str, value: Any, *, above: Optional[float] = None, at_least: Optional[float] = None,
-           below: Optional[float] = None, finite: bool = False, what: Optional[str] = None, hint: str = ""):
+           below: Optional[float] = None, finite: bool = False, what: Optional[str] = None,
+           hint: str = "") -> Union[int, float]:
     """``value`` if it is an int or float (not a bool) within the bounds; else an :class:`OptionError`.
 
     Args:

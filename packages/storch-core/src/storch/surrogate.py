@@ -28,7 +28,7 @@ from .graph import Graph, current_graph, is_tracing
 from .node import Node
 from .plates.tensor import Plate, align, plates_of, raw_of
 
-__all__ = ["surrogate_loss", "backward", "cost_nodes"]
+__all__ = ["surrogate_loss", "backward", "cost_nodes", "cost_estimates"]
 
 
 def cost_nodes(graph: Graph, cost) -> list[Node]:
@@ -108,12 +108,50 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None) -> torc
 
 
 @eager_only
+def cost_estimates(graph: Optional[Graph] = None) -> dict[str, torch.Tensor]:
+    """The estimate of the expectation of each cost, by name (detached; for logging).
+
+    Each cost is reduced as the surrogate reduces it: sampling plates by their estimators'
+    weights, data plates by the mean. This is the number a user computes by averaging the samples
+    of plain Monte Carlo, and the right one where the plate holds entries that are not samples of
+    p: the greedy entry of ``score(baseline="greedy")`` (weight 0), the memory slots and rejected
+    samples of ``sum_and_sample``, the weight-0 padding of ``unordered_set`` when the support is
+    smaller than k, and the weighted sets of ``expect`` and ``unordered_set``. Averaging a cost's
+    sample dimension by hand counts those entries as samples. The values sum to the surrogate's value.
+    """
+    graph = graph or current_graph()
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, cost in graph.costs:
+            plates, raw, nodes = _at_cost(plates_of(cost), raw_of(cost), cost_nodes(graph, cost))
+            inner = raw.detach()
+            for node in reversed(nodes):
+                dim = plates.index(node.plate)
+                if node.estimator.uniform_weights:
+                    inner = inner.mean(dim, keepdim=True)
+                else:
+                    w = align(node.weight_values.detach(), node.plates, plates)
+                    inner = (w * inner).sum(dim, keepdim=True)
+            value = (inner.mean() if inner.dim() else inner).reshape(())
+            out[name] = out[name] + value if name in out else value
+    return out
+
+
+@eager_only
 def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tensor:
     """The surrogate loss of the current graph (paper, Eq. 2).
 
     Its value is the estimate of the expected total cost; differentiating it ``order`` times
     gives unbiased estimates of the ``order``-th derivative (Theorem 1) for every estimator whose
     ``max_order`` >= ``order``.
+
+    ``surrogate_loss().backward()`` leaves the estimators as ``storch.backward()`` does: when the
+    backward pass accumulates gradients (``.backward()``, not ``torch.autograd.grad``, which stays an
+    evaluation pass), the estimators' ``update_parameters`` run once, after the pass (moving
+    averages, sum-and-sample's buffer, annealing steps). An estimator whose update differentiates the
+    loss again (a learned control variate: RELAX, LAX, REBAR) is refused there, before any gradient
+    is accumulated, with the advice to call ``storch.backward()``. Unlike ``storch.backward()``, the
+    graph is not reset.
 
     Raises:
         OrderError: an estimator upstream of a cost is not unbiased to ``order``. Like every
@@ -123,7 +161,53 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     if not isinstance(order, int) or isinstance(order, bool) or order < 0:
         raise StorchError(f"order must be an int >= 0, got {order!r}")  # a bad argument: the step is intact
     with graph.guard():
-        return _surrogate_loss(order, graph)
+        loss = _surrogate_loss(order, graph)
+    return _updates_on_backward(loss, graph)
+
+
+def _updating(graph: Graph) -> dict[int, list[Node]]:
+    """The nodes of each estimator in the graph that has an update, by estimator."""
+    updating: dict[int, list[Node]] = {}
+    for node in graph.nodes:
+        if node.estimator.has_update:
+            updating.setdefault(id(node.estimator), []).append(node)
+    return updating
+
+
+def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
+    """``loss`` plus a zero leaf whose gradient accumulation (``.backward()`` reaches it first: the
+    engine runs AccumulateGrad nodes before the others) checks the step and queues the estimators'
+    updates for the end of the pass. ``torch.autograd.grad(loss, params)`` never accumulates into
+    it: evaluation passes change no estimator state."""
+    updating = _updating(graph)
+    if not updating or not loss.requires_grad:
+        return loss
+    probe = torch.zeros((), dtype=loss.dtype, device=loss.device, requires_grad=True)
+    done = []
+
+    def on_backward(_):
+        if done:
+            return  # once per surrogate (a second backward with retain_graph=True updates nothing)
+        done.append(True)
+        learners = sorted({f"{n[0].estimator.name!r} (plate {n[0].plate.name!r})" for n in updating.values()
+                           if getattr(n[0].estimator, "update_uses_loss_graph", False)})
+        if learners:
+            raise StorchError(
+                f"surrogate_loss().backward() cannot train the learned control variate of estimator "
+                f"{', '.join(learners)}: its update differentiates the surrogate again, which needs the graph "
+                "that this backward pass frees. Nothing was backpropagated. Call storch.backward() instead "
+                "(it backpropagates, updates every estimator and resets the graph), or create the estimator "
+                "with update=False")
+        _check_finite(loss, graph)
+
+        def run():
+            for nodes in updating.values():
+                nodes[0].estimator.update_parameters(nodes, loss)
+
+        torch.autograd.Variable._execution_engine.queue_callback(run)
+
+    probe.register_post_accumulate_grad_hook(on_backward)
+    return loss + probe
 
 
 def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
@@ -232,12 +316,13 @@ def backward(graph: Optional[Graph] = None) -> torch.Tensor:
             "backward and estimator updates inside it. Return storch.surrogate_loss() from the step and "
             "call .backward() on what the compiled step returns")
     try:
-        loss = surrogate_loss(1, graph)
+        try:
+            loss = _surrogate_loss(1, graph)
+        except BaseException as e:
+            graph.discard(e)
+            raise
         _check_finite(loss, graph)
-        updating: dict[int, list[Node]] = {}
-        for node in graph.nodes:
-            if node.estimator.has_update:
-                updating.setdefault(id(node.estimator), []).append(node)
+        updating = _updating(graph)
         loss.backward(retain_graph=bool(updating))
         for nodes in updating.values():
             nodes[0].estimator.update_parameters(nodes, loss)

@@ -56,6 +56,8 @@ class VarianceTrained(Estimator):
         options.flag(self.name, "update", update)
         self.lr = float(lr)
         self.update = update
+        # the update differentiates the surrogate again: surrogate_loss().backward() refuses it
+        self.update_uses_loss_graph = update
         self.update_steps = 0
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._loaded: Optional[dict] = None

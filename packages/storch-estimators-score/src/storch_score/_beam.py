@@ -14,7 +14,7 @@ import torch
 
 from storch import Node
 
-__all__ = ["stochastic_beam_search", "beam_step"]
+__all__ = ["stochastic_beam_search", "beam_step", "top_possible"]
 
 
 def _gumbel_like(x: torch.Tensor) -> torch.Tensor:
@@ -34,6 +34,31 @@ def _truncated(phi_g: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     log1mexp = torch.where(diff > -math.log(2.0), torch.log(-torch.expm1(diff)), torch.log1p(-torch.exp(diff)))
     v = t - phi_g + log1mexp
     return t - v.clamp_min(0.0) - torch.log1p(torch.exp(-v.abs()))
+
+
+def top_possible(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k largest ``scores`` along the last dim, never an impossible (``-inf``) entry.
+
+    m = min(k, the largest number of finite scores of any row): where the support is smaller than
+    k the sample is smaller. A row with fewer than m finite scores gets padding slots that repeat
+    its best entry (a value the model can produce) with score -inf; the caller gives them
+    probability 0 (weight 0, gradient function 0).
+
+    Returns:
+        ``(indices, values, pad)``, each ``(*rows, m)``; ``values`` is ``-inf`` on padding; ``pad``
+        is ``None`` when every score is finite (the common case: no padding, no extra work).
+    """
+    finite = torch.isfinite(scores)
+    if bool(finite.all()):
+        top = scores.topk(min(k, scores.shape[-1]), dim=-1)  # sorted: the order of the sample
+        return top.indices, top.values, None
+    n_ok = int(finite.sum(-1).max()) if finite.numel() else 0
+    m = max(1, min(k, n_ok))
+    top = scores.topk(m, dim=-1)  # sorted: the order of the sample
+    pad = ~torch.isfinite(top.values)
+    indices = torch.where(pad, top.indices[..., :1].expand_as(top.indices), top.indices)
+    values = top.values.masked_fill(pad, -math.inf)
+    return indices, values, pad
 
 
 def stochastic_beam_search(node: Node, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -61,19 +86,25 @@ def stochastic_beam_search(node: Node, k: int) -> tuple[torch.Tensor, torch.Tens
         choices = torch.empty(1, p, 0, dtype=torch.long, device=lp.device)  # (beam, P, j)
         for j in range(n):
             cand_phi = phi.unsqueeze(-1) + lpd[:, :, j].t().unsqueeze(0)  # (beam, P, K)
-            cand_g = _truncated(cand_phi + _gumbel_like(cand_phi), g)
+            finite = torch.isfinite(cand_phi)
+            safe = torch.where(finite, cand_phi, torch.full_like(cand_phi, -1e30))
+            cand_g = _truncated(safe + _gumbel_like(safe), torch.where(torch.isfinite(g), g, torch.full_like(g, -1e30)))
+            cand_g = torch.where(finite, cand_g, torch.full_like(cand_g, -math.inf))  # never an impossible value
             beam = phi.shape[0]
             flat_g = cand_g.permute(1, 0, 2).reshape(p, beam * n_cat)  # (P, beam*K)
-            m = min(k, beam * n_cat)
-            top = flat_g.topk(m, dim=1)  # sorted: the order of the sample
-            parent, value = top.indices // n_cat, top.indices % n_cat  # (P, m)
-            g = top.values.t()  # (m, P)
-            phi = cand_phi.permute(1, 0, 2).reshape(p, beam * n_cat).gather(1, top.indices).t()
+            indices, top_g, pad = top_possible(flat_g, k)  # (P, m)
+            parent, value = indices // n_cat, indices % n_cat  # (P, m)
+            m = indices.shape[1]
+            g = top_g.t()  # (m, P)
+            phi = cand_phi.permute(1, 0, 2).reshape(p, beam * n_cat).gather(1, indices)
+            phi = (phi if pad is None else phi.masked_fill(pad, -math.inf)).t()
             prev = choices.permute(1, 0, 2).gather(1, parent.unsqueeze(-1).expand(p, m, j))  # (P, m, j)
             choices = torch.cat([prev, value.unsqueeze(-1)], -1).permute(1, 0, 2)  # (m, P, j + 1)
     m = choices.shape[0]
-    # joint log-probability of each drawn value, with gradient: Σ_j log p_j(choice_j)
+    # joint log-probability of each drawn value, with gradient: Σ_j log p_j(choice_j); -inf on padding
+    # (an entry with fewer than m possible joint values repeats a possible one there: weight 0)
     logp = lp.unsqueeze(0).expand(m, n_cat, p, n).gather(1, choices.unsqueeze(1)).squeeze(1).sum(-1)
+    logp = logp.masked_fill(torch.isneginf(phi), -math.inf)
     values = support.reshape((n_cat,) + event)[choices]  # (m, P, n, *event)
     return values.reshape((m,) + parents + own + event), logp.reshape((m,) + parents), g.reshape((m,) + parents)
 
@@ -94,10 +125,12 @@ def beam_step(lp: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, k: int):
         k: the beam size.
 
     Returns:
-        ``(parent, value, g, phi, log_left)``, the first four of shape ``(m, *P)`` with
-        m = min(k, beam · M): the parent index and value index of each surviving prefix, its
-        perturbed and plain log-probability; ``log_left`` ``(*P)``: log of the probability of the
-        children that were not kept.
+        ``(parent, value, g, phi, log_left, pad)``: the first four of shape ``(m, *P)`` with
+        m = min(k, the most possible children of any entry): the parent index and value index of
+        each surviving prefix, its perturbed and plain log-probability; ``log_left`` ``(*P)``: log
+        of the probability of the children that were not kept; ``pad`` ``(m, *P)``: True where an
+        entry has fewer than m possible children (those slots repeat its most probable child, with
+        phi = g = -inf: weight 0, never a prefix the model cannot produce); ``None`` if none has.
     """
     with torch.no_grad():
         n_val, beam = lp.shape[:2]
@@ -109,11 +142,13 @@ def beam_step(lp: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, k: int):
         cand_g = torch.where(finite, cand_g, torch.full_like(cand_g, -math.inf))
         flat_g = cand_g.movedim(0, -2).reshape(rest + (beam * n_val,))  # (*P, beam·M)
         flat_phi = cand.movedim(0, -2).reshape(rest + (beam * n_val,))
-        m = min(k, beam * n_val)
-        top = flat_g.topk(m, dim=-1)  # sorted: the order of the sample
-        parent, value = top.indices // n_val, top.indices % n_val
-        kept = torch.zeros_like(flat_g, dtype=torch.bool).scatter(-1, top.indices, True)
+        indices, g_top, pad = top_possible(flat_g, k)
+        parent, value = indices // n_val, indices % n_val
+        kept = torch.zeros_like(flat_g, dtype=torch.bool).scatter(-1, indices, True)
         left = torch.logsumexp(flat_phi.masked_fill(kept, -math.inf), -1)
-        new_phi = flat_phi.gather(-1, top.indices)
-        return (parent.movedim(-1, 0), value.movedim(-1, 0), top.values.movedim(-1, 0),
-                new_phi.movedim(-1, 0), left)
+        # a padding entry (fewer than k possible prefixes) repeats a possible one with log p = -inf
+        new_phi = flat_phi.gather(-1, indices)
+        if pad is not None:
+            new_phi = new_phi.masked_fill(pad, -math.inf)
+        return (parent.movedim(-1, 0), value.movedim(-1, 0), g_top.movedim(-1, 0),
+                new_phi.movedim(-1, 0), left, None if pad is None else pad.movedim(-1, 0))

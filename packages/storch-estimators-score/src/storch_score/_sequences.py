@@ -34,6 +34,9 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+import torch.nn.functional as F
+from torch.distributions import Categorical, OneHotCategorical
+
 from storch import Node, OptionError, PlateError, UnsupportedDistributionError
 
 from ._memory import log1mexp
@@ -82,23 +85,47 @@ def _trim(tokens: list, eos) -> tuple:
     return tuple(tokens)
 
 
+def _tokens_of(d):
+    """``(distribution over token ids, one_hot size or None)``: a OneHotCategorical's tokens are
+    handled as the ids of its Categorical and given back one-hot."""
+    if isinstance(d, OneHotCategorical):
+        return Categorical(logits=d.logits, validate_args=False), d.event_shape[-1]
+    return d, None
+
+
+def _one_hot(value: torch.Tensor, size, like) -> torch.Tensor:
+    if size is None:
+        return value
+    return F.one_hot(value.long(), size).to(like.dtype)
+
+
 def _check(node: Node, who: str) -> None:
     d = node.distribution
-    if node.batch_ndims != 0 or tuple(d.event_shape) != ():
+    event = () if isinstance(d, OneHotCategorical) else tuple(d.event_shape)
+    if node.batch_ndims != 0 or event != ():
         raise UnsupportedDistributionError(
-            f"{who} with buffer= (sequences) needs one token per step: a Categorical or Bernoulli whose batch "
-            f"dims are all plates; got {type(d).__name__} with batch shape {tuple(d.batch_shape)} and event shape "
-            f"{tuple(d.event_shape)} ({node.batch_ndims} own batch dims). Use Categorical instead of "
-            "OneHotCategorical, and one estimator call per token")
+            f"{who} with buffer= (sequences) needs one token per step: a Categorical, OneHotCategorical or "
+            f"Bernoulli whose batch dims are all plates; got {type(d).__name__} with batch shape "
+            f"{tuple(d.batch_shape)} and event shape {tuple(d.event_shape)} ({node.batch_ndims} own batch dims). "
+            "Make one estimator call per token")
 
 
 def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
     """The first step: choose the memory slots per key, draw the first tokens."""
     _check(node, est.name)
-    d = node.distribution
+    d, one_hot = _tokens_of(node.distribution)
     parents = tuple(d.batch_shape)
     n_par = math.prod(parents)
     if keys is None:
+        data = [p.name for p in node.parents if p.independent]
+        if data:
+            raise OptionError(
+                f"{est.name} with buffer= keeps one memory per data point, but the first step on plate "
+                f"{est.plate!r} has data plates {data} and no memory_key: keyed by position, a shuffled batch "
+                "would hand each data point other data points' sequences. Pass the data points' ids at the "
+                "first call, one int per entry of the first step's plates, e.g. "
+                "est(Categorical(logits=...), memory_key=batch_ids) (the dataset indices of the batch; for a "
+                f"fixed batch in a fixed order memory_key=torch.arange({n_par}))")
         keys = torch.arange(n_par)
     keys = [int(k) for k in keys.reshape(-1).tolist()]
     if len(keys) != n_par:
@@ -156,7 +183,7 @@ def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
     c.mem, c.mem_len, c.mem_ok, c.slot, c.slot_ok, c.imp, c.q = mem, mem_len, mem_ok, slot, slot_ok, imp, q_all
     c.parents, c.names = parents, tuple(p.name for p in node.parents)
     value, c.l0 = _advance(est, node, d, drawn, parents)
-    return value
+    return _one_hot(value, one_hot, d.logits)
 
 
 def _forced(c: "MemoryState", t: int, eos) -> torch.Tensor:
@@ -175,7 +202,11 @@ def _advance(est, node: Node, d, drawn: torch.Tensor, shape: tuple) -> tuple[tor
     n_par = math.prod(shape)
     dtype = drawn.dtype
     forced = _forced(c, t, est.eos).to(dtype)  # (S, P)
-    tok = torch.cat([forced, drawn.reshape(c.m, n_par)], 0)  # (N, P)
+    drawn = drawn.reshape(c.m, n_par)
+    # an unused slot (a key with fewer buffered sequences than slots) follows the first sample (weight 0):
+    # the user's cost never sees a padding sequence the model cannot produce
+    forced = torch.where(c.slot_ok, forced, drawn[:1].expand_as(forced))
+    tok = torch.cat([forced, drawn], 0)  # (N, P)
     if t and est.eos is not None:
         finished = (torch.stack(c.tokens, -1) == est.eos).any(-1)  # (N, P): ended at an earlier step
         tok = torch.where(finished, torch.full_like(tok, est.eos), tok)
@@ -204,6 +235,7 @@ def step(est, node: Node, d, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]
             f"{est.name} with buffer= (sequences) keeps one memory per entry of the first step's plates "
             f"{list(c.names)}, but step {len(c.tokens)} depends on {[p.name for p in others]}; make the first "
             "step depend on every plate the later steps depend on (e.g. start the decoder from the data)")
+    d, one_hot = _tokens_of(d)
     drawn_full = d.sample()  # (N, *others)
     # to the node's layout: (N, *parents in the first step's order), and back
     order, back = _orders(c, [p.name for p in others])
@@ -215,7 +247,7 @@ def step(est, node: Node, d, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]
             return d.log_prob(v.permute(back)).permute(order)
 
     value, l_step = _advance(est, node, _Permuted, drawn, c.parents)
-    return value.permute(back), l_step.permute(back)
+    return _one_hot(value.permute(back), one_hot, d.logits), l_step.permute(back)
 
 
 def _orders(c: "MemoryState", names: list) -> tuple[list, list]:

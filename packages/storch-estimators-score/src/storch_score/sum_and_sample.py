@@ -15,7 +15,7 @@ from storch import CostFrame, Estimator, Node, OptionError, PlateError, PlateTen
 from storch.extending import leave_one_out, options
 
 from . import _sequences
-from ._memory import VariableTable, codes_of, first_occurrences, log1mexp, sample_outside, top_k_codes
+from ._memory import VariableTable, _memory_lp, codes_of, first_occurrences, log1mexp, sample_outside, top_k_codes
 from ._support import enumerate_joint, masked_logsumexp
 
 __all__ = ["SumAndSample", "MemoryState"]
@@ -146,7 +146,10 @@ class SumAndSample(Estimator):
 
     A sequence estimator takes the key of each data point at its first call:
     ``est(Categorical(logits=...), memory_key=ids)`` (one int per entry of the first step's
-    plates; default: the entry's position).
+    plates, e.g. the dataset indices of the batch); required when the first step has a data plate
+    (keyed by position, shuffled batches would mix the data points' memories). Tokens may be
+    ``Categorical`` or ``OneHotCategorical`` (returned one-hot). Memory slots a key does not use
+    follow its first sample with weight 0; log costs with ``storch.cost_estimates()``.
 
     Example:
         >>> est = storch.estimator("sum_and_sample", plate="z", n_enumerate=2, n_samples=3)
@@ -292,12 +295,15 @@ class SumAndSample(Estimator):
         if n_values > self.budget:
             return self._beyond_budget(node, n_values)
         values, logp = enumerate_joint(node, self.budget, self.name)  # (M, *own, *event), (M, *parents)
-        size = values.shape[0]
+        possible = torch.isfinite(logp.detach())  # values of positive probability, (M, *parents)
+        n_possible = possible.sum(0)
         if self.memory is None:
-            k = min(self.n_enumerate, size)
+            k = min(self.n_enumerate, max(1, int(n_possible.max())))
             # the k' most probable values, (k', *parents); detach: choosing M is not differentiated
-            top = logp.detach().topk(k, dim=0).indices
-            first = torch.ones(top.shape, dtype=torch.bool, device=top.device)
+            top = logp.detach().topk(k, dim=0)
+            # an entry with fewer possible values repeats its most probable one (counted once: weight 0)
+            first = torch.isfinite(top.values)
+            top = torch.where(first, top.indices, top.indices[:1].expand_as(top.indices))
         else:
             top = _memory_indices(self.memory, node, values)
             k = top.shape[0]
@@ -305,13 +311,15 @@ class SumAndSample(Estimator):
             earlier = torch.ones(k, k, dtype=torch.bool, device=top.device).tril(-1)
             first = ~(same & earlier.reshape((k, k) + (1,) * (top.dim() - 1))).any(1)
         mask = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter(0, top, True)
-        m = 0 if (self.memory is None and k == size) else self.n_samples
+        # no remainder when M holds every possible value of every entry
+        m = 0 if (self.memory is None and bool((n_possible <= k).all())) else self.n_samples
         idx = top
         if m:
-            # sample from the renormalised remainder p(x | x ∉ M); where M is everything, from p (weight 0);
+            # sample from the renormalised remainder p(x | x ∉ M); where M holds every possible value,
+            # from p (weight p(x ∉ M) = 0, and still a value the model can produce);
             # detach: sampling is not differentiated (the score l carries the gradient)
             rest = logp.detach().masked_fill(mask, -float("inf"))
-            rest = torch.where(mask.all(0, keepdim=True), logp.detach(), rest)
+            rest = torch.where(torch.isfinite(rest).any(0, keepdim=True), rest, logp.detach())
             drawn = Categorical(logits=rest.movedim(0, -1), validate_args=False).sample((m,))  # (m, *parents)
             idx = torch.cat([top, drawn], 0)
         c = node.state
@@ -323,7 +331,9 @@ class SumAndSample(Estimator):
         table = VariableTable(node)
         if self.memory is None:
             codes = top_k_codes(table.lp, self.n_enumerate)  # (k', P, n), distinct
-            first = torch.ones(codes.shape[:2], dtype=torch.bool, device=codes.device)
+            # only possible values: an entry with fewer than k' repeats its most probable one (counted once)
+            first = torch.isfinite(_memory_lp(table.lp, codes).sum(-1))
+            codes = torch.where(first.unsqueeze(-1), codes, codes[:1].expand_as(codes))
         else:
             mem = self.memory(node.distribution) if not isinstance(self.memory, torch.Tensor) else self.memory
             if not isinstance(mem, torch.Tensor):
@@ -331,7 +341,9 @@ class SumAndSample(Estimator):
             codes = codes_of(mem, table, self.name)
             first = first_occurrences(codes)
         k = codes.shape[0]
-        m = 0 if (self.memory is None and k == n_values) else self.n_samples
+        # no remainder when M holds every possible joint value of every entry
+        n_possible = torch.isfinite(table.lp).sum(0).to(torch.float64).prod(-1)  # (P,)
+        m = 0 if (self.memory is None and bool((n_possible <= k).all())) else self.n_samples
         if m:
             codes = torch.cat([codes, sample_outside(table.lp, codes, first, m)], 0)
         c = node.state
@@ -352,7 +364,8 @@ class SumAndSample(Estimator):
             return c.lp, c.log_rest, c.empty
         if c.log_rest is None:
             # log p(x ∉ M), WITH gradient: stable in log space even when M holds almost all the mass
-            c.log_rest, c.empty = masked_logsumexp(c.logp, c.mask, 0)
+            # (values of probability 0 count as in M: a remainder of only those is empty, no NaN gradient)
+            c.log_rest, c.empty = masked_logsumexp(c.logp, c.mask | torch.isneginf(c.logp.detach()), 0)
         return c.logp.gather(0, c.idx), c.log_rest, c.empty
 
     def weighting_function(self, node: Node) -> torch.Tensor:

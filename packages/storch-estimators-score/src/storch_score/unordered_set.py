@@ -13,7 +13,7 @@ from torch.distributions import Distribution
 from storch import CostFrame, Estimator, Node, OptionError
 from storch.extending import align, options
 
-from ._beam import beam_step, stochastic_beam_search
+from ._beam import beam_step, stochastic_beam_search, top_possible
 from ._support import enumerate_joint, enumerate_values, masked_logsumexp
 
 __all__ = ["UnorderedSet", "SetState"]
@@ -77,7 +77,8 @@ class UnorderedSet(Estimator):
     D.2.3); ∞ without it, since the weights are detached and E[Σ w f] = E[f] (D.2.3).
 
     Args:
-        plate: name of the node's plate (its size is min(k, number of joint values)).
+        plate: name of the node's plate (its size is min(k, number of joint values of positive
+            probability); an entry with fewer pads its set with weight-0 repeats of a possible value).
         n_samples: k, the number of distinct samples.
         baseline: use the built-in baseline (needs n_samples >= 2).
         budget: the largest joint support that is enumerated (beyond it: stochastic beam search).
@@ -122,16 +123,20 @@ class UnorderedSet(Estimator):
         n_values = d.enumerate_support(expand=False).shape[0] ** math.prod(d.batch_shape[len(node.parents):])
         if n_values <= self.budget:
             values, logp = enumerate_joint(node, self.budget, self.name)  # (M, *own, *event), (M, *parents)
-            k = min(self.n_samples, values.shape[0])
             # Gumbel-top-k: the k largest of log p + Gumbel noise are an ordered sample without
-            # replacement; detach: sampling is not differentiated (the score l carries the gradient)
+            # replacement; detach: sampling is not differentiated (the score l carries the gradient).
+            # Only values of positive probability: k = min(n_samples, the size of the support), and an
+            # entry with a smaller support repeats its first value in the extra slots, with p = 0
+            # (weight 0): the user's cost never sees a value the model cannot produce.
             gumbel = -torch.empty_like(logp, dtype=logp.dtype).exponential_().log()
-            top = (logp.detach() + gumbel).topk(k, dim=0)  # (k, *parents)
-            idx = top.indices
+            idx, g, pad = top_possible((logp.detach() + gumbel).movedim(0, -1), self.n_samples)
+            idx, g = idx.movedim(-1, 0), g.movedim(-1, 0)  # (k, *parents)
             with torch.no_grad():
                 mask = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter(0, idx, True)
                 log_rest, _ = masked_logsumexp(logp.detach(), mask, 0)  # log(1 - p(S)), exact
-            node.state.lp, node.state.log_rest, node.state.g = logp.gather(0, idx), log_rest, top.values
+            lp = logp.gather(0, idx)
+            node.state.lp = lp if pad is None else lp.masked_fill(pad.movedim(-1, 0), -math.inf)
+            node.state.log_rest, node.state.g = log_rest, g
             return values[idx]
         # too many joint values to list: the same Gumbel-top-k sample by stochastic beam search
         values, lp, g = stochastic_beam_search(node, self.n_samples)
@@ -158,7 +163,7 @@ class UnorderedSet(Estimator):
         # detach: which prefixes survive is sampled, not differentiated (l_t carries the gradient)
         phi = align(c.phi if c.phi is not None else c.lp.detach(), prev, plates).expand(lp.shape[1:])
         g = align(c.g, prev, plates).expand(lp.shape[1:])
-        parent, value, g, phi, left = beam_step(lp.detach(), phi, g, self.n_samples)
+        parent, value, g, phi, left, pad = beam_step(lp.detach(), phi, g, self.n_samples)
         node.plate.lineage.set_parents(node.step + 1, parent, plates[1:])
         # l_t of each surviving prefix: log p(value | parent prefix), with gradient
         step_lp = lp.gather(1, parent.unsqueeze(0).expand((lp.shape[0],) + parent.shape)).gather(
@@ -169,8 +174,9 @@ class UnorderedSet(Estimator):
         c.lp, c.phi, c.g, c.log_rest, c.h = phi, phi, g, log_rest, None
         if self.eos is not None:
             node.finished = done.gather(0, parent) | self.is_eos(distribution, sample, len(plates))
-        # an impossible value (only drawn when k exceeds the possible sequences) has weight 0: l = 0
-        return sample, torch.where(torch.isfinite(step_lp), step_lp, torch.zeros_like(step_lp))
+        # a padding slot (fewer possible prefixes than k) repeats a possible prefix with weight 0: l = 0
+        keep = torch.isfinite(step_lp) if pad is None else torch.isfinite(step_lp) & ~pad
+        return sample, torch.where(keep, step_lp, torch.zeros_like(step_lp))
 
     def _set_probabilities(self, node: Node) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         c = node.state

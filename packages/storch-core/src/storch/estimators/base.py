@@ -75,7 +75,10 @@ class Estimator(torch.nn.Module):
         biased: True if it estimates a different (relaxed / finite-difference) objective.
         distributions: supported distribution types (``None``: any).
         requires_rsample / requires_enumerate_support: capability requirements.
-        has_update: ``storch.backward()`` runs :meth:`update_parameters` (learned or running parts).
+        has_update: ``storch.backward()`` runs :meth:`update_parameters` (learned or running parts);
+            so does ``surrogate_loss().backward()``, after its backward pass.
+        update_uses_loss_graph: :meth:`update_parameters` differentiates ``loss`` again (a learned
+            control variate): ``surrogate_loss().backward()``, which frees that graph, refuses it.
         State: the dataclass of the per-node record ``node.state`` (``None``: no record).
         supports_partitions: whether calling one instance several times in a graph (a loop) makes
             one partition (paper, section 3.2; docs/partitions.md).
@@ -98,6 +101,7 @@ class Estimator(torch.nn.Module):
     requires_rsample: ClassVar[bool] = False
     requires_enumerate_support: ClassVar[bool] = False
     has_update: ClassVar[bool] = False
+    update_uses_loss_graph: ClassVar[bool] = False
     supports_partitions: ClassVar[bool] = False
     causal_credit: ClassVar[bool] = True
     eos: Optional[int] = None

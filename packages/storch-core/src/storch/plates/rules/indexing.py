@@ -1,8 +1,17 @@
-"""Indexing plate tensors: per-sample indices, and sampled (plate) tensors as indices.
+"""Indexing plate tensors: per-sample indices, and sampled (plate) tensors as indices anywhere.
 
-``x[i]`` addresses the per-sample dims; a PlateTensor index ``x[z]`` selects, per plate entry,
-with that entry's index (the plates of ``x`` and ``z`` are aligned by name). Boolean masks that
-vary per sample would select different numbers of elements and are refused.
+``x[i]`` addresses the per-sample dims. Any index may be a PlateTensor (``Q[s, a]``, ``x[:, j]``,
+``x[..., j]``, ``B[i, :, j]``, ``v[[0, 2], j]``): per plate entry, the result is what torch gives
+for that entry's ``x`` and that entry's index values (the plates of ``x`` and of the indices are
+aligned by name). The same holds for index assignment ``x[idx] = value`` into a plate tensor.
+
+How: the plate dims are indexed by broadcast ``arange`` tensors, so they join torch's advanced
+indices; torch then puts the broadcast block (plates, then the indices' per-sample broadcast
+shape) first, and the block of per-sample index dims is moved to where torch puts it for one
+sample (where the tensor indices are adjacent after removing ints: at their place; else first).
+
+Boolean masks that vary per sample would select different numbers of elements and are refused
+(except as the single index of an assignment, ``x[mask] = v``).
 """
 
 from __future__ import annotations
@@ -22,55 +31,129 @@ def _index_tuple(idx):
     return idx if isinstance(idx, tuple) else (idx,)
 
 
-def _raw_index(x, idx):
-    """The raw index for per-sample index ``idx`` into plate tensor ``x`` (and the result plates)."""
-    idx = _index_tuple(idx)
-    pts = [i for i in idx if type(i) is _PT]
-    if not pts:
-        adv = [j for j, i in enumerate(idx) if isinstance(i, (_T, list))]
-        if adv and adv != list(range(adv[0], adv[0] + len(adv))) and len(x._plates):
-            raise PlateError("non-adjacent tensor indices would move plate dims; index in two steps")
-        return (slice(None),) * len(x._plates) + idx, x._plates
-    if type(idx[0]) is not _PT or any(type(i) is _PT for i in idx[1:]):
-        raise PlateError(
-            "a PlateTensor used as an index must be the first index (x[z] or x[z, ...]); move the "
-            "indexed dim to the front first (e.g. with movedim)"
-        )
-    z = idx[0]
-    if z._raw.dtype == torch.bool:
-        raise PlateError(
-            "boolean masks that vary per sample select a different number of elements per sample; "
-            "use torch.where(mask, x, other) instead"
-        )
+def _is_tensor_index(i) -> bool:
+    return isinstance(i, (_T, list))
+
+
+def _simple(x, idx):
+    """The fast path: no PlateTensor in the index, and tensor indices (if any) adjacent, so that
+    full slices over the plate dims keep torch's placement of the advanced-index dims."""
+    for i in idx:
+        if type(i) is _PT or (isinstance(i, list) and any(type(v) is _PT for v in i)):
+            return False
+    adv = [j for j, i in enumerate(idx) if _is_tensor_index(i)]
+    return not adv or adv == list(range(adv[0], adv[0] + len(adv)))
+
+
+def _normalise(x, idx) -> list:
+    """The per-sample index as a list: Ellipsis expanded into full slices, lists as tensors, plain
+    boolean masks as their (long) nonzero indices (checked against the dims they cover, as torch does)."""
+    items = []
+    for i in idx:
+        if isinstance(i, list):
+            i = torch.stack([v if isinstance(v, _T) else torch.as_tensor(v) for v in i]) if any(
+                isinstance(v, _T) for v in i) else torch.as_tensor(i, device=x.device)
+        if isinstance(i, _T) and i.dtype in (torch.bool, torch.uint8):
+            if type(i) is _PT:
+                raise PlateError(
+                    "a boolean mask that varies per sample selects a different number of elements per sample; "
+                    "use torch.where(mask, x, other) instead (or x[mask] = value as the only index of an "
+                    "assignment)")
+            if i.dim() == 0:
+                raise PlateError("a 0-dim boolean index on a plate tensor is not supported; use x.unsqueeze(0) "
+                                 "or torch.where")
+        items.append(i)
+    n_ell = sum(1 for i in items if i is Ellipsis)
+    if n_ell > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
+    if n_ell:
+        used = sum(i.dim() if _is_mask(i) else 1 for i in items if i is not None and i is not Ellipsis)
+        at = next(j for j, i in enumerate(items) if i is Ellipsis)
+        items[at:at + 1] = [slice(None)] * max(0, x.dim() - used)
+    out, pos, shape = [], 0, tuple(x.shape)
+    for i in items:
+        if _is_mask(i):
+            k = i.dim()
+            if tuple(i.shape) != shape[pos:pos + k]:
+                raise IndexError(f"The shape of the mask {list(i.shape)} at index {pos} does not match the shape "
+                                 f"of the indexed tensor {list(shape[pos:pos + k])} at index {pos}")
+            out.extend(i.nonzero().unbind(1))
+            pos += k
+        else:
+            out.append(i)
+            pos += i is not None
+    return out
+
+
+def _is_mask(i) -> bool:
+    return isinstance(i, _T) and i.dtype in (torch.bool, torch.uint8)
+
+
+def _per_sample_dims(i) -> int:
+    return i._raw.dim() - len(i._plates) if type(i) is _PT else i.dim()
+
+
+def _general(x, idx):
+    """``(raw_index, plates, r, q)``: the raw index into ``x`` expanded to ``plates`` (its plate dims
+    indexed by aranges), the result's plates, the number ``r`` of per-sample broadcast index dims
+    and ``q``, the per-sample position of that block. The raw result is (plates, block, rest)."""
+    items = _normalise(x, idx)
     xp = x._plates if type(x) is _PT else ()
-    plates = union_plates([xp, z._plates])
+    plates = union_plates([xp] + [i._plates for i in items if type(i) is _PT])
     m = len(plates)
-    raw_z = align(z._raw, z._plates, plates)
-    if type(x) is not _PT:  # a plain tensor indexed per plate entry: no plate dims to index
-        return (raw_z,) + idx[1:], plates
-    e = raw_z.dim() - m
-    ar = tuple(
-        torch.arange(p.size, device=raw_z.device).view((1,) * j + (p.size,) + (1,) * (m - j - 1 + e))
-        for j, p in enumerate(plates)
-    )
-    return ar + (raw_z,) + idx[1:], plates
+    tensors = [i for i in items if isinstance(i, _T)]
+    r = max((_per_sample_dims(i) for i in tensors), default=0)
+    # torch's rule for one sample: ints and 0-dim integer tensors select (their dims vanish); the
+    # other tensor indices are adjacent if nothing else lies between them, and then their block
+    # takes their place; otherwise it comes first
+    kinds = ["t" if isinstance(i, _T) else "k" for i in items
+             if not (isinstance(i, int) or (isinstance(i, _T) and _per_sample_dims(i) == 0))]
+    ts = [j for j, k in enumerate(kinds) if k == "t"]
+    adjacent = bool(ts) and ts == list(range(ts[0], ts[0] + len(ts)))
+    q = ts[0] if adjacent else 0
+    raw = []
+    for i in items:
+        if type(i) is _PT:
+            raw.append(align(i._raw, i._plates, plates, r))
+        elif isinstance(i, _T) and i.dim():
+            raw.append(i.reshape((1,) * (m + r - i.dim()) + tuple(i.shape)))
+        else:
+            raw.append(i)  # ints, slices, None, 0-dim tensors: as for one sample
+    ar = tuple(torch.arange(p.size, device=x.device).view((1,) * j + (p.size,) + (1,) * (m - j - 1 + r))
+               for j, p in enumerate(plates))
+    return ar + tuple(raw), plates, r, q
 
 
 @register(_T.__getitem__)
 def _getitem(func, args, kwargs):
-    """indexing addresses per-sample dims; a plate-tensor index (e.g. a sampled index) selects per plate entry"""
+    """per-sample indexing; plate tensors anywhere in the index, aligned by name"""
     x, idx = args
-    raw_idx, plates = _raw_index(x, idx)
-    src = _full(x, plates) if type(x) is _PT and plates != x._plates else (x._raw if type(x) is _PT else x)
-    return wrap_same(src[raw_idx], plates)  # the plate dims are indexed by full slices / aranges
+    idx = _index_tuple(idx)
+    if type(x) is _PT and _simple(x, idx):
+        return wrap_same(x._raw[(slice(None),) * len(x._plates) + idx], x._plates)
+    raw_idx, plates, r, q = _general(x, idx)
+    m = len(plates)
+    # the plate dims are indexed by aranges: the raw result is (plates, index block, rest)
+    full = type(x) is _PT and plates == x._plates and tuple(x._raw.shape[:m]) == tuple(p.size for p in plates)
+    src = x._raw if full else _full(x, plates)  # (a view: size-1 plate dims expanded)
+    out = src[raw_idx]
+    if q and r:  # the block where torch puts it for one sample
+        out = out.movedim(tuple(range(m, m + r)), tuple(range(m + q, m + q + r)))
+    return wrap_same(out, plates)
+
+
+_PLAIN = ("cannot assign into a plain tensor with a per-sample (plate) index or value: the plain tensor "
+          "would have to become one value per sample. Build a new tensor instead, e.g. for a boolean "
+          "`visited[a] = True`: `visited = visited | F.one_hot(a, n).bool()` or "
+          "`visited = visited.scatter(0, a.unsqueeze(0), True)`; in general `x = torch.where(mask, value, x)`")
 
 
 @register(_T.__setitem__)
 def _setitem(func, args, kwargs):
-    """assignment into per-sample dims; the written tensor must already carry every plate of the value"""
+    """per-sample index assignment; plate tensors anywhere in the index or the value"""
     x, idx, value = args
     if type(x) is not _PT:
-        raise PlateError("cannot assign per-sample values into a plain tensor; build a new tensor instead")
+        raise PlateError(_PLAIN)
     n = len(x._plates)
     t = _index_tuple(idx)
     if len(t) == 1 and type(t[0]) is _PT and t[0].dtype == torch.bool:
@@ -79,11 +162,55 @@ def _setitem(func, args, kwargs):
             value = align(value._raw, value._plates, x._plates).expand(x._raw.shape)[mask]
         x._raw[mask] = value
         return None
-    raw_idx, plates = _raw_index(x, idx)
+    vp = value._plates if type(value) is _PT else ()
+    if _simple(x, t):
+        plates = union_plates([x._plates, vp])
+        raw_idx = (slice(None),) * n + t
+        if plates != x._plates:
+            raise PlateError(_more_plates(x, plates))
+        _held_once(x, t, value)
+        if type(value) is _PT:
+            target = x._raw[raw_idx]
+            value = align(value._raw, value._plates, x._plates, target.dim() - n)
+        x._raw[raw_idx] = value
+        return None
+    raw_idx, plates, r, q = _general(x, t)
+    plates = union_plates([plates, vp])
     if plates != x._plates:
-        raise PlateError("the index varies over plates the indexed tensor does not have")
-    if type(value) is _PT:
-        target = x._raw[raw_idx]
-        value = align(value._raw, value._plates, x._plates, target.dim() - n)
-    x._raw[raw_idx] = value
+        raise PlateError(_more_plates(x, plates))
+    short = _held_once(x, t, value)
+    if short:
+        raw_idx = tuple(i.narrow(j, 0, 1) if x._plates[j].name in short else i
+                        for j, i in enumerate(raw_idx[:n])) + raw_idx[n:]
+    target = x._raw[raw_idx]  # (plates, index block, rest): the layout the value must take
+    k = target.dim() - n
+    block, rest = tuple(target.shape[n:n + r]), tuple(target.shape[n + r:])
+    shape = rest[:q] + block + rest[q:]  # one sample's result shape
+    v = (value._raw if type(value) is _PT else torch.as_tensor(value, device=x.device)).to(x.dtype)
+    v = align(v, vp, x._plates, k).expand(target.shape[:n] + shape)
+    if q and r:  # from one sample's layout to the raw one
+        v = v.movedim(tuple(range(n + q, n + q + r)), tuple(range(n, n + r)))
+    x._raw[raw_idx] = v
     return None
+
+
+def _held_once(x, idx, value) -> set:
+    """The plates over which ``x`` holds one value (a size-1 raw dim); raises if the index or the
+    value varies over one of them (per-entry writes into a value held once)."""
+    short = {p.name for j, p in enumerate(x._plates) if x._raw.shape[j] != p.size}
+    if short:
+        varies = {p.name for a in tuple(idx) + (value,) if type(a) is _PT
+                  for j, p in enumerate(a._plates) if a._raw.shape[j] > 1}
+        if short & varies:
+            raise PlateError(_more_plates(x, x._plates, sorted(short & varies)))
+    return short
+
+
+def _more_plates(x, plates, extra=None) -> str:
+    if extra is None:
+        extra = [p.name for p in plates if p.name not in {q.name for q in x._plates}]
+    return (f"the index or the value varies over plates {extra}, over which the assigned tensor (plates "
+            f"{[p.name for p in x._plates]}) does not vary (it does not have them, or holds one value for all "
+            "their entries): in place, it cannot become one value per "
+            "sample. Build a new tensor instead, e.g. `x = torch.where(F.one_hot(a, n).bool(), value, x)` "
+            "or `x = x.scatter(0, a.unsqueeze(0), value)`")

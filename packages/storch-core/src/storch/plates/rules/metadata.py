@@ -96,8 +96,22 @@ def _single(func, args, kwargs):
     if type(x) is not _PT:
         return func(*args, **kwargs)
     if x._raw.shape[: len(x._plates)].numel() != 1:
+        if func is _T.__bool__:
+            raise _control_flow(x)
         raise too_many_samples(x, f"`{getattr(func, '__name__', func)}`")
     return func(x._raw.reshape(x._raw.shape[len(x._plates):]), *args[1:], **kwargs)
+
+
+def _control_flow(x) -> PlateError:
+    n = x._raw.shape[: len(x._plates)].numel()
+    return PlateError(
+        f"Python control flow (`if`, `while`, `and`/`or`, e.g. `if tok == EOS: break`) needs one truth value, "
+        f"but this PlateTensor holds {n} values over plates {[p.name for p in x._plates]}: each sample may "
+        "decide differently. Keep every sample going and write the decision as a mask, as one-sample code: "
+        "`done = done | (tok == EOS)`, then `tok = torch.where(done, EOS, tok)` and `cost = torch.where(done, 0.0, "
+        "step_cost)` (for sequences, the estimators' `eos=` option does this: a finished sequence draws EOS with "
+        "probability 1). To leave a loop early once every sample is done, test all of them: "
+        "`if bool(done.tensor.all()): break`")
 
 
 register(_T.item, _T.tolist, _T.numpy, _T.__bool__, _T.__int__, _T.__float__, _T.__index__,

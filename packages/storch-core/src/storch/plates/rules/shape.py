@@ -351,10 +351,25 @@ def _matmul(func, args, kwargs):
     return wrap(out, plates)
 
 
-@register(*_both("dot"), *_both("inner"))
+@register(*_both("dot"))
 def _dot(func, args, kwargs):
     """per-sample dot product (sum of the elementwise product over the last dim)"""
     return dispatch(_T.sum, (broadcast(torch.mul, args[:2], {}), -1), {})
+
+
+@register(*_both("inner"))
+def _inner(func, args, kwargs):
+    """a 0-dim operand multiplies; else Σ_k a[i.., k] b[j.., k] over the last dims (shape A[:-1] + B[:-1])"""
+    a, b = args[0], args[1] if len(args) > 1 else kwargs["other"]
+    da = a._raw.dim() - len(a._plates) if type(a) is _PT else a.dim()
+    db = b._raw.dim() - len(b._plates) if type(b) is _PT else b.dim()
+    if da == 0 or db == 0:
+        return broadcast(torch.mul, (a, b), {})
+    for _ in range(db - 1):
+        a = dispatch(_T.unsqueeze, (a, -2), {}) if type(a) is _PT else a.unsqueeze(-2)  # (*A[:-1], 1, .., K)
+    for _ in range(da - 1):
+        b = dispatch(_T.unsqueeze, (b, 0), {}) if type(b) is _PT else b.unsqueeze(0)  # (1, .., *B[:-1], K)
+    return dispatch(_T.sum, (broadcast(torch.mul, (a, b), {}), -1), {})
 
 
 @register(F.linear)

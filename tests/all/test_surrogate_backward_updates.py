@@ -1,0 +1,105 @@
+"""`storch.surrogate_loss().backward()` leaves every estimator as `storch.backward()` does (issue 20).
+
+The partitions doc's loop ended with `surrogate_loss().backward()`: the moving-average baseline
+never formed and sum_and_sample's buffer stayed empty, silently. Now the updates run after that
+backward pass; a learned control variate (whose update differentiates the surrogate again) is
+refused with a clear error; `torch.autograd.grad` stays an evaluation pass.
+"""
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Categorical, Normal
+
+import storch
+
+torch.set_default_dtype(torch.float64)
+
+
+def _bernoulli_step(est, theta):
+    z = est(Bernoulli(logits=theta))
+    storch.add_cost(((z - 0.45) ** 2).sum(), name="f")
+
+
+def _train(make, step, pattern, steps=5, seed=0):
+    torch.manual_seed(seed)
+    est = make()
+    theta = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+    grads = []
+    for _ in range(steps):
+        theta.grad = None
+        with storch.Graph():
+            step(est, theta)
+            if pattern == "backward":
+                storch.backward()
+            else:
+                storch.surrogate_loss().backward()
+        grads.append(theta.grad.clone())
+    return est, torch.stack(grads)
+
+
+def test_moving_average_forms_with_surrogate_loss_backward():
+    make = lambda: storch.estimator("score", plate="z", n_samples=4, baseline="moving_average")  # noqa: E731
+    a, ga = _train(make, _bernoulli_step, "backward")
+    b, gb = _train(make, _bernoulli_step, "surrogate")
+    assert a.moving_averages and set(a.moving_averages) == set(b.moving_averages)
+    for k in a.moving_averages:
+        torch.testing.assert_close(b.moving_averages[k], a.moving_averages[k], rtol=0, atol=0)
+    torch.testing.assert_close(gb, ga, rtol=0, atol=0)  # the same gradients, step by step
+
+
+def _sequence_step(est, theta):
+    data = storch.denote_independent(torch.arange(8), 0, "data")
+    x = est(Categorical(logits=theta.expand(3) + 0.0 * data.double().unsqueeze(-1)), memory_key=data)
+    y = est(Categorical(logits=theta.expand(3) + x.double()))
+    storch.add_cost((x - 1.0) ** 2 + 0.5 * y, name="c")
+
+
+def test_sum_and_sample_buffer_fills_with_surrogate_loss_backward():
+    make = lambda: storch.estimator("sum_and_sample", plate="seq", buffer=4, n_samples=4)  # noqa: E731
+    a, ga = _train(make, _sequence_step, "backward")
+    b, gb = _train(make, _sequence_step, "surrogate")
+    filled = sum(len(v) for v in a._buffer.entries.values())
+    assert filled == 32  # 8 data points x 4 sequences kept
+    assert b._buffer.state() == a._buffer.state()
+    torch.testing.assert_close(gb, ga, rtol=0, atol=0)
+
+
+def test_autograd_grad_is_an_evaluation_pass_and_a_second_backward_updates_once():
+    est = storch.estimator("score", plate="z", n_samples=4, baseline="moving_average")
+    theta = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+    with storch.Graph():
+        _bernoulli_step(est, theta)
+        loss = storch.surrogate_loss()
+        torch.autograd.grad(loss, theta, retain_graph=True)
+        assert not est.moving_averages  # nothing changed
+        loss.backward(retain_graph=True)
+        first = {k: v.clone() for k, v in est.moving_averages.items()}
+        assert first
+        loss.backward()
+        assert {k: v for k, v in est.moving_averages.items()} == first
+
+
+def _normal_step(est, theta):
+    z = est(Normal(theta, 1.0))
+    storch.add_cost(((z - 0.45) ** 2).sum(), name="f")
+
+
+@pytest.mark.parametrize("name,step", [("relax", _bernoulli_step), ("lax", _normal_step)])
+def test_learned_control_variate_is_refused_before_anything_is_backpropagated(name, step):
+    torch.manual_seed(1)
+    est = storch.estimator(name, plate="z")
+    theta = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+    with storch.Graph():
+        step(est, theta)
+        loss = storch.surrogate_loss()
+        before = {k: v.clone() for k, v in est.state_dict().items() if isinstance(v, torch.Tensor)}
+        with pytest.raises(storch.StorchError, match=r"storch\.backward\(\)"):
+            loss.backward()
+    assert theta.grad is None  # refused before any gradient was accumulated
+    assert all(p.grad is None for p in est.parameters())
+    after = {k: v for k, v in est.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with storch.Graph():  # storch.backward() trains it
+        step(est, theta)
+        storch.backward()
+    assert theta.grad is not None and est.update_steps == 1
