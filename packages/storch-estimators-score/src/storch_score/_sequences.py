@@ -42,7 +42,7 @@ from storch import Node, OptionError, PlateError, UnsupportedDistributionError
 from ._memory import log1mexp
 
 if TYPE_CHECKING:
-    from .sum_and_sample import MemoryState
+    from .sum_and_sample_sequences import SequenceState as MemoryState
 
 __all__ = ["SequenceBuffer", "start", "step", "weights", "control_variate", "record_cost", "update"]
 
@@ -179,7 +179,7 @@ def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
     mem, mem_len, mem_ok, slot, slot_ok, imp = (t.to(dev) for t in (mem, mem_len, mem_ok, slot, slot_ok, imp))
     q_all = q_all.to(dev, d.logits.dtype)  # Categorical and Bernoulli have logits
     c = node.state  # a fresh MemoryState: tokens, slot_cum, smp_cum and costs start empty
-    c.seq, c.n_slots, c.m, c.keys = True, n_slots, m, keys
+    c.n_slots, c.m, c.keys = n_slots, m, keys
     c.mem, c.mem_len, c.mem_ok, c.slot, c.slot_ok, c.imp, c.q = mem, mem_len, mem_ok, slot, slot_ok, imp, q_all
     c.parents, c.names = parents, tuple(p.name for p in node.parents)
     value, c.l0 = _advance(est, node, d, drawn, parents)
