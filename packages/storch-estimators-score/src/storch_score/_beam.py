@@ -49,7 +49,7 @@ def top_possible(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
         is ``None`` when every score is finite (the common case: no padding, no extra work).
     """
     finite = torch.isfinite(scores)
-    if bool(finite.all()):
+    if scores.is_meta or bool(finite.all()):  # meta: no values, every score counts as finite
         top = scores.topk(min(k, scores.shape[-1]), dim=-1)  # sorted: the order of the sample
         return top.indices, top.values, None
     n_ok = int(finite.sum(-1).max()) if finite.numel() else 0

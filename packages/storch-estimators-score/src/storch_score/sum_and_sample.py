@@ -205,7 +205,8 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
         possible = torch.isfinite(logp.detach())  # values of positive probability, (M, *parents)
         n_possible = possible.sum(0)
         if self.memory is None:
-            k = min(self.n_enumerate, max(1, int(n_possible.max())))
+            # (on the meta device values are unknown: every value counts as possible)
+            k = min(self.n_enumerate, logp.shape[0] if logp.is_meta else max(1, int(n_possible.max())))
             # the k' most probable values, (k', *parents); detach: choosing M is not differentiated
             top = logp.detach().topk(k, dim=0)
             # an entry with fewer possible values repeats its most probable one (counted once: weight 0)
@@ -219,7 +220,7 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
             first = ~(same & earlier.reshape((k, k) + (1,) * (top.dim() - 1))).any(1)
         mask = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter(0, top, True)
         # no remainder when M holds every possible value of every entry
-        m = 0 if (self.memory is None and bool((n_possible <= k).all())) else self.n_samples
+        m = 0 if (self.memory is None and not n_possible.is_meta and bool((n_possible <= k).all())) else self.n_samples
         idx = top
         if m:
             # sample from the renormalised remainder p(x | x ∉ M); where M holds every possible value,
@@ -250,7 +251,7 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
         k = codes.shape[0]
         # no remainder when M holds every possible joint value of every entry
         n_possible = torch.isfinite(table.lp).sum(0).to(torch.float64).prod(-1)  # (P,)
-        m = 0 if (self.memory is None and bool((n_possible <= k).all())) else self.n_samples
+        m = 0 if (self.memory is None and not n_possible.is_meta and bool((n_possible <= k).all())) else self.n_samples
         if m:
             codes = torch.cat([codes, sample_outside(table.lp, codes, first, m)], 0)
         c = node.state
