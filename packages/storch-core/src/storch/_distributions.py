@@ -8,6 +8,9 @@ its own, independent samples.
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 from torch.distributions import Categorical, Distribution, Independent, OneHotCategorical
 from torch.distributions.utils import lazy_property
 
@@ -102,11 +105,17 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
             )
         return d, ()  # built from plain tensors: nothing to unwrap
     sizes = [p.size for p in plates]
+    if not torch_categorical:
+        same = _as_raw(d, plates, sizes)
+        if same is not None:
+            return same, plates
     raw = {}
+    m = len(plates)
     for name, v in params.items():
         if type(v) is PlateTensor:
             r = align(v._raw, v._plates, plates)
-            raw[name] = r.expand(*sizes, *r.shape[len(plates):])
+            # an expand to the shape it has is still a view (one more autograd node): skip it
+            raw[name] = r if list(r.shape[:m]) == sizes else r.expand(*sizes, *r.shape[m:])
         else:
             raw[name] = v.expand(*sizes, *v.shape) if hasattr(v, "expand") else v
     if torch_categorical:
@@ -119,6 +128,42 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
             f"storch cannot rebuild {type(d).__name__} from its parameters {sorted(raw)} ({e}); "
             "use a distribution whose constructor takes its arg_constraints as keywords"
         ) from e
+
+
+def _as_raw(d: Distribution, plates: tuple[Plate, ...], sizes: list) -> Optional[Distribution]:
+    """``d`` with its plate tensors replaced by their raw tensors, without rebuilding it; ``None``
+    unless that is exactly what rebuilding would give.
+
+    The common case (``Bernoulli(logits=x)``, ``Normal(mu, sigma)`` on tensors of one model): every
+    tensor the distribution holds (parameters, and what its constructor or argument validation
+    derived from them) is a plate tensor with exactly ``plates``, at their full sizes, and with one
+    per-sample dim per batch and event dim. The raw tensors then already have the raw
+    distribution's layout, so a copy of the object with them (and the plates prepended to its
+    batch shape) is the raw distribution: no second constructor call (``broadcast_all``, shapes),
+    no expand views. Anything else (plain tensors to expand, other plates, size-1 plate dims,
+    tensors shaped unlike the batch, base distributions, containers) returns ``None``.
+    """
+    state = d.__dict__
+    out = {}
+    m = len(plates)
+    want = m + len(d._batch_shape) + len(d._event_shape)
+    for k, v in state.items():
+        t = type(v)
+        if t is PlateTensor:
+            r = v._raw
+            p = v._plates
+            if (p is not plates and p != plates) or r.dim() != want or list(r.shape[:m]) != sizes:
+                return None
+            out[k] = r
+        elif t is torch.Size or t is bool or t is int or t is float or v is None:
+            out[k] = v
+        else:
+            return None  # plain tensors (to expand), base distributions, containers, anything else
+    new = type(d).__new__(type(d))
+    new.__dict__.update(out)
+    new._batch_shape = torch.Size(sizes) + d._batch_shape
+    new._validate_args = False  # validated when the user built `d`
+    return new
 
 
 def _categorical(cls: type, raw: dict) -> Distribution:

@@ -62,7 +62,7 @@ class Node:
         self.plate: Optional[Plate] = None
         self.sample: Optional[torch.Tensor] = None
         self.gradient_values: Any = None
-        self.weight_values: Any = None
+        self._weight_values: Any = None
         self.value: Optional[PlateTensor] = None
         state_type = getattr(estimator, "State", None)
         self.state: Any = state_type() if state_type is not None else None
@@ -91,6 +91,25 @@ class Node:
             view.weight_values, view.step, view._views = None, step, None  # computed for the view
             self._views[step] = view
         return view
+
+    @property
+    def weight_values(self) -> Any:
+        # an estimator with uniform weights (w = 1/N: the surrogate takes a mean) gets them built
+        # only when something reads them: no tensor per node that nothing uses
+        w = self._weight_values
+        if w is None and self.sample is not None and self.estimator.uniform_weights:
+            w = self.estimator.weighting_function(self)
+            if not isinstance(w, torch.Tensor):
+                w = torch.as_tensor(w)
+            n = len(self.parents) + 1
+            if w.dim() < n:
+                w = w.reshape(w.shape + (1,) * (n - w.dim()))
+            self._weight_values = w
+        return w
+
+    @weight_values.setter
+    def weight_values(self, w: Any) -> None:
+        self._weight_values = w
 
     @property
     def plates(self) -> tuple[Plate, ...]:
@@ -290,16 +309,17 @@ class Graph:
             raise CostError(
                 f"cost {label!r} is a {type(cost).__name__}, not a tensor; pass the torch tensor computed "
                 "from the samples (e.g. storch.add_cost(loss_tensor)), not a Python number or .item()")
-        if cost.dim() != 0:
+        raw, plates = raw_of(cost), plates_of(cost)
+        if raw.dim() != len(plates):  # per-sample rank 0 (read from the raw tensor: no dispatch)
             raise CostError(
                 f"cost {label!r} has per-sample shape {tuple(cost.shape)}; a cost must "
                 "be one number per sample: reduce its event dims first (e.g. `.sum(-1)`), or use "
                 "storch.denote_independent for dims that are independent data points"
             )
-        if not raw_of(cost).is_floating_point():
+        if not raw.is_floating_point():
             raise CostError(f"cost {label!r} has dtype {cost.dtype}; a cost must be a floating point tensor "
                             "(e.g. `.float()`)")
-        self.check_plates(plates_of(cost), f"cost {label!r}")
+        self.check_plates(plates, f"cost {label!r}")
         self.costs.append((name or f"cost{len(self.costs)}", cost))
 
     def denote_independent(self, tensor, dim: int, plate: str):
@@ -332,7 +352,9 @@ class Graph:
             if not -tensor.dim() <= dim < tensor.dim():
                 raise PlateError(f"dim {dim} is out of range for a tensor of shape {tuple(tensor.shape)}; "
                                  f"use a dim in [{-tensor.dim()}, {tensor.dim() - 1}]")
-            raw, parents = tensor.movedim(dim, 0), ()
+            # dim 0 (the usual batch dim) is already first: the tensor itself, no view (one
+            # autograd node fewer, as by hand)
+            raw, parents = (tensor if dim == 0 or dim == -tensor.dim() else tensor.movedim(dim, 0)), ()
         p = Plate(plate, raw.shape[0], True, 0, Lineage())
         self.claim_plate(plate, p)
         return PlateTensor._wrap(raw, (p,) + parents)

@@ -70,7 +70,7 @@ def _at_cost(cost_plates: tuple, raw: torch.Tensor, nodes: list[Node]):
                     new += tuple(q for q in node.parents if q.name not in names)  # of later steps
                     raw = align(raw, cost_plates, new)
                     cost_plates = new
-        if node.weight_values is None:
+        if not node.estimator.uniform_weights and node.weight_values is None:
             node.weight_values = _lead(node.estimator.weighting_function(node), len(node.plates))
         out.append(node)
     return cost_plates, raw, out
@@ -86,18 +86,27 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None) -> torc
         l_i = align(node.gradient_values, node.plates, plates)
         total = l_i if total is None else total + l_i
     inner = raw if total is None else magic_box(total) * raw  # line 7 of Algorithm 1
+    # line 14 with w = 1/N (D.2.1) is a mean over the node's plate; consecutive means (no control
+    # variate added in between) are one reduction, and the last ones join the final mean over
+    # the data plates: the autograd graph of a single node with one cost is DiCE's, as by hand
+    pending: list[int] = []
     for i in range(len(nodes) - 1, -1, -1):
         node = nodes[i]
         dim = plates.index(node.plate)
-        if _has_control_variate(node.estimator):
+        est = node.estimator
+        if _has_control_variate(est):
+            if pending:
+                inner, pending = inner.mean(pending, keepdim=True), []
             frame = CostFrame(inner.detach(), plates, node, inner, name)
             node.frames[frame.key] = frame  # what update_parameters trains on
-            a = node.estimator.control_variate(node, frame)  # line 11
+            a = est.control_variate(node, frame)  # line 11
             if a is not None:
                 inner = inner + (a if prefix[i] is None else magic_box(prefix[i]) * a)
-        if node.estimator.uniform_weights:
-            inner = inner.mean(dim, keepdim=True)  # line 14 with w = 1/N (D.2.1): one op, not two
+        if est.uniform_weights:
+            pending.append(dim)
         else:
+            if pending:
+                inner, pending = inner.mean(pending, keepdim=True), []
             w = align(node.weight_values, node.plates, plates)
             inner = (w * inner).sum(dim, keepdim=True)  # line 14: weight and sum over X_i
     # what is left are independent plates (and size-1 dims): the mean over data points
@@ -148,7 +157,7 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
     for name, cost, nodes in single:
         s = _cost_surrogate(cost, nodes, name)
         loss = s if loss is None else loss + s
-    return loss.reshape(())
+    return loss if loss.dim() == 0 else loss.reshape(())  # a reshape of a 0-dim loss is one more node
 
 
 _STEPS = "(steps)"
@@ -165,8 +174,7 @@ def _step_group(cost, nodes: list[Node]):
         return None
     node = nodes[0]
     est = node.estimator
-    if (node.history is None or not est.causal_credit or not est.control_variate_stacks()
-            or type(est).weighting_function is not Estimator.weighting_function):
+    if node.history is None or not est.causal_credit or not est.control_variate_stacks() or not est.uniform_weights:
         return None
     name = node.plate.name
     return id(node), tuple(p.name if p.name == name else p for p in plates_of(cost)), raw_of(cost).dtype
@@ -201,8 +209,9 @@ def _steps_surrogate(node: Node, members: list) -> torch.Tensor:
         a = node.estimator.control_variate(stacked, frame)  # line 11
         if a is not None:
             inner = inner + a
-    inner = inner.mean(0, keepdim=True)  # line 14 with w = 1/N
-    return inner.sum(1).mean()  # costs are summed over steps, averaged over data points
+    # line 14 with w = 1/N (a mean over the node's plate), the costs summed over the steps and
+    # averaged over the data points: the means over the plate and the data are one reduction
+    return inner.sum(1).mean()
 
 
 def backward(graph: Optional[Graph] = None) -> torch.Tensor:

@@ -192,6 +192,10 @@ class Score(Estimator):
             return b
         return None
 
+    def has_control_variate(self) -> bool:
+        # without a baseline there is no control variate: no cost frame per cost, no extra nodes
+        return self.baseline_kind != "none"
+
     def control_variate_stacks(self) -> bool:
         # leave-one-out reads only the costs along the node's plate; a moving average is per cost
         # name and step, a callable (or learned) baseline may read anything
