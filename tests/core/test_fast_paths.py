@@ -18,7 +18,6 @@ import sys
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 from torch.distributions import Bernoulli, MultivariateNormal, Normal, OneHotCategorical
 
 import storch

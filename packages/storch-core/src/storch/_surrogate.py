@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ._errors import OrderError, StorchError
-from ._estimator import CostFrame, Estimator, _lead, magic_box
+from ._estimator import CostFrame, _lead, magic_box
 from ._graph import Graph, Node, current_graph
 from ._plates import Plate, align, plates_of, raw_of
 
