@@ -110,8 +110,8 @@ def test_partition_leaves_no_cycles(config):
         prev = x
         for t in range(3):
             tok = est(Categorical(logits=prev @ w))
-            storch.add_cost(tok.float() * 0.5 ** t, name=f"c{t}")
-            prev = torch.nn.functional.one_hot(tok, 3).float()
+            storch.add_cost(tok.to(w.dtype) * 0.5 ** t, name=f"c{t}")
+            prev = torch.nn.functional.one_hot(tok, 3).to(w.dtype)
         storch.backward()
 
     n, kinds = _unreachable_after(step)

@@ -16,7 +16,7 @@ DOC = pathlib.Path(__file__).resolve().parents[3] / "docs" / "plates.md"
 
 def render(text: str) -> str:
     import storch  # noqa: F401  (fills the table)
-    from storch._treatments_doc import markdown
+    from storch.plates.table_doc import markdown
 
     head, _, rest = text.partition(BEGIN)
     _, _, tail = rest.partition(END)

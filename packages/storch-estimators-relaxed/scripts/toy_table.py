@@ -55,7 +55,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"REBAR toy, θ = {THETA.tolist()}, {N} estimates per row; bias = |mean - exact| (max |z|), "
           "variance = Σ_j Var(ĝ_j)\n")
-    print(f"| estimator | t | bias | max z | variance |")
+    print("| estimator | t | bias | max z | variance |")
     print("|---|---|---|---|---|")
     for t in (0.45, 0.499):
         rows = [("score@1 (by hand)", score_estimates(t))]

@@ -4,7 +4,7 @@ Write the model for one sample, pick an estimator per stochastic node by name, a
 differentiate ``storch.surrogate_loss(order=n)``.
 """
 
-from ._errors import (
+from .errors import (
     CostError,
     NonFiniteCostError,
     NonFiniteParameterError,
@@ -16,12 +16,13 @@ from ._errors import (
     UnknownEstimatorError,
     UnsupportedDistributionError,
 )
-from ._estimator import CostFrame, Estimator, magic_box
-from ._graph import Graph, Node, add_cost, current_graph, denote_independent, reset
-from ._plates import Lineage, Plate, PlateTensor
-from . import _plate_ops  # noqa: F401  (torch functions on plate tensors)
-from ._treatments import Treatment, refuse, register_plate_handler, treatment_of
-from ._registry import (
+from .plates import Lineage, Plate, PlateTensor  # importing storch.plates installs its dispatcher
+from .plates.treatments import Treatment, refuse, register_plate_handler, treatment_of
+from .cost import CostFrame, magic_box
+from .node import Node
+from .graph import Graph, add_cost, current_graph, denote_independent, reset
+from .estimators.base import Estimator
+from .registry import (
     EstimatorInfo,
     available_estimators,
     estimator,
@@ -30,9 +31,13 @@ from ._registry import (
     hookspec,
     reload_estimators,
 )
-from ._surrogate import backward, surrogate_loss
-from ._random import current_generator
+from .surrogate import backward, surrogate_loss
+from .generators import current_generator
 from . import distributed  # noqa: F401  (storch.distributed: estimator state under torch.distributed)
+from ._old_paths import install as _install_old_paths
+
+_install_old_paths()
+del _install_old_paths
 
 __all__ = [
     "Plate", "Lineage", "PlateTensor", "Graph", "Node", "Estimator", "CostFrame", "EstimatorInfo",

@@ -33,7 +33,7 @@ Example (``examples/distributed/train_ddp.py`` is a complete script)::
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 
@@ -73,7 +73,7 @@ def synchronize(module: torch.nn.Module, enabled: bool = True, group: Any = None
             evaluation). True (the default of every estimator): average over ``group``.
         group: the ``torch.distributed`` process group (None: the default world group).
     """
-    from ._estimator import Estimator
+    from .estimators.base import Estimator
 
     for m in module.modules():
         if isinstance(m, Estimator):

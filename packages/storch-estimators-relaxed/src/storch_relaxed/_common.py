@@ -18,7 +18,7 @@ import torch
 from torch.distributions import Bernoulli, Distribution, Independent, OneHotCategorical
 
 import storch.distributed
-from storch._random import drawing_with
+from storch.generators import drawing_with
 from storch import CostFrame, Estimator, Node, OptionError, StorchError, magic_box
 
 __all__ = [

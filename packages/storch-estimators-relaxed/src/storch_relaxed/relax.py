@@ -8,7 +8,7 @@ import torch
 from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 
 from storch import Node, OptionError, PlateError, PlateTensor
-from storch._plates import align
+from storch.plates.tensor import align
 
 from ._common import evaluate_network, flat
 from ._relaxed_cost import RelaxedCost

@@ -9,7 +9,7 @@ import torch
 from torch.distributions import Independent, OneHotCategorical
 
 from storch import CostFrame, Node, OptionError, PlateError, PlateTensor
-from storch._plates import align
+from storch.plates.tensor import align
 
 __all__ = ["LearnedBaseline", "baseline_features"]
 

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from storch import CostFrame, Estimator, Node, OptionError
-from storch._plates import align
+from storch.plates.tensor import align
 
 from ._beam import beam_step, stochastic_beam_search
 from ._support import enumerate_joint, enumerate_values, masked_logsumexp

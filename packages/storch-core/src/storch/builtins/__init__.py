@@ -1,6 +1,6 @@
 """storch's built-in estimators, registered through the ``storch.estimators`` entry point like any plugin."""
 
-from .._registry import hookimpl
+from ..hookspecs import hookimpl
 from .expect import Expect
 from .reparameterization import Reparameterization
 

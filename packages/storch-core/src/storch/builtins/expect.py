@@ -8,9 +8,9 @@ import math
 
 import torch
 
-from .._errors import OptionError, UnsupportedDistributionError
-from .._estimator import Estimator, _float_dtype
-from .._graph import Node
+from ..errors import OptionError, UnsupportedDistributionError
+from ..estimators.base import Estimator, _float_dtype
+from ..node import Node
 
 __all__ = ["Expect"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .._estimator import Estimator
-from .._graph import Node
+from ..estimators.base import Estimator
+from ..node import Node
 
 __all__ = ["Reparameterization"]
 

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch.distributions import Distribution, Normal
 
-from .._estimator import CostFrame, magic_box
-from .._graph import Graph
-from .._plates import PlateTensor, align
+from ..cost import CostFrame, magic_box
+from ..graph import Graph
+from ..plates.tensor import PlateTensor, align
 from ._enumeration import direction, exact_derivatives
 from ._resolve import EstimatorLike, default_orders, resolve
 from ._stats import UnbiasednessReport, per_replicate_derivatives, replicate, z_test

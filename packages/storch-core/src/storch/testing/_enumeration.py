@@ -8,9 +8,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .._errors import UnsupportedDistributionError
-from .._graph import Graph
-from .._surrogate import surrogate_loss
+from ..errors import UnsupportedDistributionError
+from ..graph import Graph
+from ..surrogate import surrogate_loss
 from ._models import EstimatorFactory, Model, standard_models, supports
 from ._resolve import EstimatorLike, default_orders, replicas, resolve
 from ._stats import UnbiasednessReport, per_replicate_derivatives, z_test

@@ -15,13 +15,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .._errors import UnsupportedDistributionError
-from .._graph import Graph
-from .._surrogate import surrogate_loss
-from ._enumeration import ConformanceReport, direction, exact_derivatives
+from ..errors import UnsupportedDistributionError
+from ..graph import Graph
+from ..surrogate import surrogate_loss
+from ._enumeration import ConformanceReport, exact_derivatives
 from ._models import EstimatorFactory, Model, standard_models, supports
 from ._resolve import EstimatorLike, default_orders, resolve
-from ._stats import UnbiasednessReport, _grad, replicate, z_test
+from ._stats import _grad, replicate, z_test
 from ._warmup import persistent, warm_up
 
 __all__ = ["check_leakage"]

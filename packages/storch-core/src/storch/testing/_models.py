@@ -17,9 +17,9 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.distributions import Bernoulli, Categorical, Distribution, Normal, OneHotCategorical
 
-from .._errors import UnsupportedDistributionError
-from .._estimator import Estimator
-from .._graph import add_cost
+from ..errors import UnsupportedDistributionError
+from ..estimators.base import Estimator
+from ..graph import add_cost
 
 __all__ = ["Model", "EstimatorFactory", "standard_models", "supports"]
 

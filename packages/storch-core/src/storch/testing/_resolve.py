@@ -9,11 +9,11 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch.distributions import Normal
 
-from .._estimator import Estimator
-from .._graph import Node
-from .._plates import PlateTensor
-from .._registry import estimator as _make_estimator
-from .._registry import get_estimator_class
+from ..estimators.base import Estimator
+from ..node import Node
+from ..plates.tensor import PlateTensor
+from ..registry import estimator as _make_estimator
+from ..registry import get_estimator_class
 from ._models import EstimatorFactory
 
 __all__ = ["EstimatorLike", "resolve", "default_orders", "replicas"]

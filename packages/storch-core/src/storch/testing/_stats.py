@@ -8,8 +8,8 @@ from typing import Optional
 
 import torch
 
-from .._graph import denote_independent
-from .._plates import PlateTensor
+from ..graph import denote_independent
+from ..plates.tensor import PlateTensor
 
 __all__ = ["replicate", "per_replicate_derivatives", "assert_unbiased", "z_test", "UnbiasednessReport"]
 

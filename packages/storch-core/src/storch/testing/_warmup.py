@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from ._models import EstimatorFactory, Model
 from ._stats import replicate
-from .._graph import Graph
-from .._surrogate import backward
+from ..graph import Graph
+from ..surrogate import backward
 
 __all__ = ["persistent", "warm_up"]
 

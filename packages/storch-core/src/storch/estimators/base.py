@@ -25,7 +25,7 @@ The components are pure given their inputs and random numbers: every change of t
 own state (moving averages, learned baselines and control variates, their optimizers) happens in
 ``update_parameters`` only, so an evaluation pass (``surrogate_loss`` without ``backward``)
 changes nothing. Subclasses override only what differs. Capabilities are class attributes,
-checked at registration (``storch._registry``); an instance whose options change a capability
+checked at registration (``storch.registry``); an instance whose options change a capability
 (e.g. ``unordered_set`` without its baseline) sets it on itself, and :meth:`Estimator.info`,
 ``storch.OrderError`` and the surrogate read the instance's value.
 """
@@ -34,89 +34,21 @@ from __future__ import annotations
 
 import inspect
 import math
-import weakref
-from typing import TYPE_CHECKING, Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch.distributions import Distribution
 
-from ._distributions import unwrap_distribution
-from ._errors import NonFiniteParameterError, OptionError, PlateError, StorchError, UnsupportedDistributionError
-from ._graph import Node, current_graph
-from ._plates import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
-from ._random import drawing_with
-
-if TYPE_CHECKING:
-    from ._registry import EstimatorInfo
+from ..cost import CostFrame, _lead, magic_box
+from ..distributions import unwrap_distribution
+from ..errors import NonFiniteParameterError, OptionError, PlateError, StorchError, UnsupportedDistributionError
+from ..generators import drawing_with
+from ..graph import current_graph
+from ..node import Node
+from ..plates.tensor import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
+from .catalog import EstimatorInfo, available, supporting_estimators
 
 __all__ = ["Estimator", "CostFrame", "magic_box"]
-
-
-def magic_box(x: torch.Tensor) -> torch.Tensor:
-    """MagicBox(x) = exp(x - ⊥x): evaluates to 1, its derivative is MagicBox(x)·∇x (DiCE)."""
-    return torch.exp(x - x.detach())  # detach: Foerster et al. 2018, Eq. 3
-
-
-class CostFrame:
-    """The cost as one estimator's control variate sees it (inside the surrogate, Eq. 2).
-
-    Attributes:
-        tensor: forward values of the (inner) cost estimate, detached, leading dims ``plates``;
-            plates of later nodes have been reduced already (size 1).
-        plates: the plates of the frame.
-        dim: position of the node's own plate in ``plates``.
-        name: the cost's name (from ``storch.add_cost``), for per-cost estimator state such as
-            moving-average baselines.
-    """
-
-    __slots__ = ("tensor", "plates", "dim", "_node", "_node_plates", "name", "_live")
-
-    def __init__(self, tensor: torch.Tensor, plates: tuple[Plate, ...], node: Node, live: torch.Tensor,
-                 name: Optional[str] = None):
-        self.tensor = tensor
-        self.name = name
-        self.plates = plates
-        # the node keeps its frames (node.frames): a weak reference back, so that a finished step's
-        # nodes, frames and tensors are freed by reference counting (no cycle for the collector)
-        self._node = weakref.ref(node)
-        self._node_plates = node_plates = node.plates
-        name = node_plates[0].name
-        self.dim = next(i for i, p in enumerate(plates) if p.name == name)
-        self._live = live
-
-    @property
-    def node(self) -> Optional[Node]:
-        """The node whose control variate this frame is for (``None`` once its graph is freed)."""
-        return self._node()
-
-    def align(self, t: torch.Tensor, plates: Optional[tuple[Plate, ...]] = None) -> torch.Tensor:
-        """View a node tensor (leading dims ``plates``, default the node's) in this frame."""
-        plates = plates or self._node_plates
-        return align(_lead(t, len(plates)), plates, self.plates)
-
-    @property
-    def key(self) -> str:
-        """The cost's name, with ``@t`` for a cost at step t > 0 of a partition: the key of per-cost
-        estimator state (moving averages, the frames ``update_parameters`` receives)."""
-        step = self.plates[self.dim].step
-        return f"{self.name or ''}@{step}" if step else (self.name or "")
-
-    def sum_plate(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of ``t`` over the node's plate (kept as a size-1 dim)."""
-        return t.sum(self.dim, keepdim=True)
-
-    def live(self) -> torch.Tensor:
-        """The inner cost estimate WITH its graph (for learned control variates that need it)."""
-        return self._live
-
-
-def _lead(t, n: int):
-    """Give ``t`` at least ``n`` dims by appending size-1 dims (for per-plate weights like (N,))."""
-    if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(t)
-    if t.dim() < n:
-        t = t.reshape(t.shape + (1,) * (n - t.dim()))
-    return t
 
 
 class Estimator(torch.nn.Module):
@@ -220,7 +152,7 @@ class Estimator(torch.nn.Module):
         DiCE's cumulative MagicBox), unless ``causal_credit`` is False. Weights and baselines are per
         whole sequence. An estimator that selects parents at step t (sampling without replacement)
         records them with ``lineage.set_parents``; tensors of earlier steps then follow their
-        prefixes when they meet step t's tensors (``storch._plates.align``).
+        prefixes when they meet step t's tensors (``storch.plates.tensor.align``).
         """
         if not self.supports_partitions:
             raise PlateError(
@@ -340,8 +272,6 @@ class Estimator(torch.nn.Module):
             need.append("a distribution with rsample (has_rsample=True)")
         if self.requires_enumerate_support:
             need.append("a distribution with a finite support (has_enumerate_support=True)")
-        from ._registry import supporting_estimators
-
         others = supporting_estimators(d)
         hint = f" Estimators that support it: {', '.join(others)}." if others else ""
         return f"estimator {self.name!r} does not support {type(d).__name__}; it needs {' and '.join(need)}.{hint}"
@@ -421,9 +351,7 @@ class Estimator(torch.nn.Module):
         ``storch.available_estimators()`` reports the class defaults; an option may change a
         capability (``unordered_set(baseline=False)`` is unbiased at any order).
         """
-        from ._registry import EstimatorInfo, available_estimators
-
-        reg = available_estimators().get(self.name)
+        reg = available().get(self.name)
         return EstimatorInfo(self.name, reg.package if reg else "", reg.family if reg else "",
                              self.max_order, self.biased, self.describe())
 

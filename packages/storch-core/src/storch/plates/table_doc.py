@@ -1,7 +1,7 @@
 """The generated part of ``docs/plates.md``: the plate dispatcher's table as Markdown.
 
 ``markdown()`` lists the nn layers and the functions they call, every registered entry of
-``storch._treatments.TABLE``, and the derived treatment of every public torch function.
+``storch.plates.treatments.TABLE``, and the derived treatment of every public torch function.
 ``packages/storch-core/scripts/gen_plates_doc.py`` writes it into ``docs/plates.md``.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._treatments import TABLE, Treatment, _qualname, from_torch, treatment_of
+from .treatments import TABLE, Treatment, _qualname, from_torch, treatment_of
 
 __all__ = ["markdown", "LAYERS"]
 
@@ -99,7 +99,7 @@ def markdown() -> str:
         lines.append(f"| {layer} | " + ", ".join(f"`{p}`" for p in paths) + f" | {', '.join(kinds)} |")
     lines += ["", "### Registered functions", "",
               "Handlers, batch-first specs, refusals and explicit pointwise entries of the table "
-              "(`storch._treatments.TABLE`).", "",
+              "(`storch.plates.treatments.TABLE`).", "",
               "| function | treatment | what happens |", "|---|---|---|"]
     rows = sorted({(_display(f), e.treatment.value, (e.note or "").replace("|", "/").replace("\n", " "))
                    for f, e in TABLE.items() if from_torch(f) or getattr(f, "__name__", "") == "__get__"})

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._errors import PlateError
-from ._plate_ops import register, scan, unwrap, wrap
-from ._plate_shape_ops import _full
-from ._plates import PlateTensor, union_plates
+from ...errors import PlateError
+from ..kit import register, scan, unwrap, wrap
+from .shape import _full
+from ..tensor import PlateTensor, union_plates
 
 _PT = PlateTensor
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._errors import PlateError
-from ._plate_ops import broadcast, dispatch, register, scan, wrap, wrap_same
-from ._plate_vmap import vmap_call
-from ._plates import PlateTensor, align, union_plates
+from ...errors import PlateError
+from ..kit import dispatch, register, scan, wrap, wrap_same
+from .pointwise import broadcast
+from .vmap import vmap_call
+from ..tensor import PlateTensor, align, union_plates
 
 _PT = PlateTensor
 _T = torch.Tensor
@@ -369,6 +370,3 @@ def _embedding(func, args, kwargs):
     x = args[0]
     return wrap(func(x._raw, *args[1:], **kwargs), x._plates)
 
-
-from . import _plate_index  # noqa: E402,F401  (registers the indexing handlers)
-from . import _plate_losses  # noqa: E402,F401  (registers the loss handlers)

@@ -14,9 +14,9 @@ import math
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._errors import PlateError
-from ._plates import PlateTensor, _names, align, map_tensors, union_plates
-from ._treatments import describe
+from ...errors import PlateError
+from ..tensor import PlateTensor, _names, align, map_tensors, union_plates
+from ..treatments import describe
 
 __all__ = ["vmap_call"]
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ._errors import PlateError
-from ._plate_ops import dispatch, register, too_many_samples, wrap_same
-from ._plates import PlateTensor
+from ...errors import PlateError
+from ..kit import dispatch, register, too_many_samples, wrap_same
+from .pointwise import broadcast
+from ..tensor import PlateTensor
 
 _PT = PlateTensor
 _T = torch.Tensor
@@ -127,8 +128,6 @@ def _iter(func, args, kwargs):
 @register(torch.where, _T.where)
 def _where(func, args, kwargs):
     """where(condition, x, y) is pointwise; where(condition) alone is nonzero: refused"""
-    from ._plate_ops import broadcast
-
     if len(args) + len(kwargs) == 1:
         raise PlateError(
             "torch.where(condition) with one argument returns the indices of the true elements; their "

@@ -17,10 +17,10 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ._errors import PlateError
-from ._plates import PlateTensor, align, union_plates
-from ._plate_vmap import vmap_call
-from ._treatments import Entry, Treatment, register_plate_handler
+from ...errors import PlateError
+from ..tensor import PlateTensor, align, union_plates
+from .vmap import vmap_call
+from ..treatments import Entry, Treatment, register_plate_handler
 
 __all__ = ["Plan", "batch_first", "register_batch_first"]
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ._errors import PlateError
-from ._plate_ops import register, wrap_same
-from ._plate_shape_ops import _full
-from ._plates import PlateTensor, align, union_plates
+from ...errors import PlateError
+from ..kit import register, wrap_same
+from .shape import _full
+from ..tensor import PlateTensor, align, union_plates
 
 _PT = PlateTensor
 _T = torch.Tensor

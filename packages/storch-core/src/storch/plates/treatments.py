@@ -23,7 +23,7 @@ cached:
    treatment exists (data-dependent output shapes such as ``nonzero``).
 
 Nothing falls through to "assume the function acts on trailing dims". ``docs/plates.md`` is
-generated from this table (``storch._treatments_doc``, run by
+generated from this table (``storch.plates.table_doc``, run by
 ``packages/storch-core/scripts/gen_plates_doc.py``).
 """
 
@@ -34,7 +34,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
-from ._errors import PlateError
+from ..errors import PlateError
 
 __all__ = [
     "Treatment", "Entry", "treatment_of", "register_plate_handler", "refuse", "TABLE",
@@ -58,7 +58,7 @@ class Entry(NamedTuple):
     Attributes:
         treatment: which of the five treatments.
         impl: for ``handler``: ``handler(func, args, kwargs)``; for ``batch-first``: the spec
-            ``spec(args, kwargs)`` (see ``storch._plate_batch``); for ``refused``: the message;
+            ``spec(args, kwargs)`` (see ``storch.plates.rules.batch_first``); for ``refused``: the message;
             for ``pointwise``: True when the function draws random numbers; else None.
         note: one line for the generated docs.
     """

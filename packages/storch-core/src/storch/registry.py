@@ -13,21 +13,23 @@ import difflib
 import math
 import threading
 import warnings
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import pluggy
 from importlib_metadata import entry_points
 
-from ._errors import OptionError, PluginError, UnknownEstimatorError
+from .errors import OptionError, PluginError, UnknownEstimatorError
+from .estimators.base import Estimator
+from .estimators.catalog import EstimatorInfo, set_source, supporting_estimators
+from .graph import current_graph
+from .hookspecs import HookSpecs, hookimpl, hookspec
 
 __all__ = [
     "hookimpl", "hookspec", "EstimatorInfo", "available_estimators", "estimator", "get_estimator_class",
-    "reload_estimators", "ENTRY_POINT_GROUP",
+    "reload_estimators", "supporting_estimators", "ENTRY_POINT_GROUP",
 ]
 
 ENTRY_POINT_GROUP = "storch.estimators"
-hookspec = pluggy.HookspecMarker("storch")
-hookimpl = pluggy.HookimplMarker("storch")
 
 # first-party names -> the distribution to install, for a helpful error when a family is missing
 FIRST_PARTY = {
@@ -38,23 +40,6 @@ FIRST_PARTY = {
                      "disarm", "go"], "storch-estimators-relaxed"),
     **dict.fromkeys(["spsa", "mvd"], "storch-estimators-mvd"),
 }
-
-
-class HookSpecs:
-    @hookspec
-    def storch_estimators(self) -> list:
-        """Return the estimator classes (subclasses of ``storch.Estimator``) this plugin provides."""
-
-
-class EstimatorInfo(NamedTuple):
-    """What the registry knows about an installed estimator."""
-
-    name: str
-    package: str
-    family: str
-    max_order: float
-    biased: bool
-    description: str
 
 
 class _Registry:
@@ -121,8 +106,6 @@ class _Registry:
             f"({reason}); its estimators are unavailable, the other plugins work", RuntimeWarning, stacklevel=4)
 
     def _add_classes(self, classes: list, ep_name: str, dist: str, owners: dict) -> None:
-        from ._estimator import Estimator
-
         problems = []
         for cls in classes:
             problem = _verify(cls, dist, Estimator)
@@ -251,8 +234,6 @@ def estimator(name: str, plate: str, **options):
         return _make_estimator(name, plate, options)
     except BaseException as e:
         # like every storch call that raises during a step: the default graph's step is discarded
-        from ._graph import current_graph
-
         current_graph().discard(e)
         raise
 
@@ -270,20 +251,5 @@ def _make_estimator(name: str, plate: str, options: dict):
     return cls(plate=plate, **options)
 
 
-def supporting_estimators(d) -> list[str]:
-    """Names of installed estimators whose capabilities accept distribution ``d``."""
-    out = []
-    try:
-        classes = _get().classes
-    except Exception:
-        return out
-    base = getattr(d, "base_dist", d)
-    for name, cls in sorted(classes.items()):
-        if cls.distributions is not None and not isinstance(base, cls.distributions):
-            continue
-        if cls.requires_rsample and not d.has_rsample:
-            continue
-        if cls.requires_enumerate_support and not d.has_enumerate_support:
-            continue
-        out.append(name)
-    return out
+# the estimator base class (below this module) reads the installed estimators through the catalog
+set_source(lambda: _get().classes, available_estimators)

@@ -14,8 +14,8 @@ import torch
 from torch.distributions import Categorical, Distribution, Independent, OneHotCategorical
 from torch.distributions.utils import lazy_property
 
-from ._errors import UnsupportedDistributionError
-from ._plates import Plate, PlateTensor, align, plates_of, union_plates
+from .errors import UnsupportedDistributionError
+from .plates.tensor import Plate, PlateTensor, align, plates_of, union_plates
 
 __all__ = ["unwrap_distribution"]
 

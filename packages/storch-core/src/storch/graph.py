@@ -7,133 +7,16 @@ for one step (one surrogate loss); estimators, which hold state across steps, li
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 
-from ._errors import CostError, PlateError
-from ._plates import Lineage, Plate, PlateTensor, plates_of, raw_of
-
-if TYPE_CHECKING:
-    from ._estimator import Estimator
+from .errors import CostError, PlateError
+from .generators import pop_generator, push_generator
+from .node import Node
+from .plates.tensor import Lineage, Plate, PlateTensor, plates_of, raw_of
 
 __all__ = ["Graph", "Node", "current_graph", "add_cost", "denote_independent", "reset"]
-
-
-class Node:
-    """One stochastic node (one partition of the paper, section 3.2) in a graph.
-
-    Attributes:
-        estimator: the estimator that sampled it.
-        distribution: the raw distribution (parent plates lead its batch shape).
-        parents: plates of the distribution's parameters (data plates, upstream samples).
-        plate: the node's own sample plate (set once the proposal is drawn).
-        sample: raw samples, shape ``(plate, *parents, *batch, *event)``.
-        gradient_values: l(x) evaluated on the samples (the result of the estimator's
-            ``gradient_function``), shape broadcastable to ``(plate, *parents)``.
-        weight_values: w(x) evaluated on the samples (the result of ``weighting_function``),
-            shape broadcastable to ``(plate, *parents)``.
-        value: the PlateTensor handed to user code.
-        state: the estimator's typed per-node record (an instance of its ``State`` dataclass,
-            created empty before ``proposal``; ``None`` if the estimator declares none). Its
-            components pass values to each other (noise, relaxed samples, ...) through its fields.
-        inputs: extra inputs given at the call, ``est(distribution, inputs=h)`` (``None`` if none):
-            what a learned baseline may condition on besides the distribution (NVIL's observation).
-        frames: the :class:`storch.CostFrame` the surrogate built for this node, by cost key (filled
-            by ``storch.surrogate_loss`` for estimators with a control variate; what
-            ``update_parameters`` trains on).
-        steps: the samples of the later steps of a partition, in call order.
-        index: topological position in the graph.
-        step: the last step of a partition (0 for a node sampled once); ``plate`` is the plate at
-            that step, ``parents`` the union of every step's parents.
-        history: for a partition, ``(plates_t, L_t)`` per step t: the plates of step t and the
-            cumulative gradient function L_t = l_0 + ... + l_t (DiCE's cumulative MagicBox argument),
-            with leading dims ``plates_t``; ``None`` for a node sampled once.
-        finished: for a partition with ``eos``: whether each sequence has ended (leading dims the
-            partition's plates at its last step); ``None`` otherwise.
-    """
-
-    def __init__(self, estimator: "Estimator", distribution, parents: tuple[Plate, ...], original=None,
-                 inputs: Any = None):
-        self.estimator = estimator
-        self.distribution = distribution
-        self.original = original
-        self.parents = parents
-        self.plate: Optional[Plate] = None
-        self.sample: Optional[torch.Tensor] = None
-        self.gradient_values: Any = None
-        self._weight_values: Any = None
-        self.value: Optional[PlateTensor] = None
-        state_type = getattr(estimator, "State", None)
-        self.state: Any = state_type() if state_type is not None else None
-        self.inputs = inputs
-        self.frames: dict = {}
-        self.steps: list = []
-        self.index = -1
-        self.step = 0
-        self.history: Optional[list] = None
-        self.finished: Optional[torch.Tensor] = None  # partitions with eos: sequences that have ended
-        self._views: Optional[dict] = None
-
-    def at(self, step: int) -> "Node":
-        """The partition as it was at ``step``: its plate, parents and cumulative gradient function
-        L_step (for causal credit, paper section 3.2). ``self`` for the last step."""
-        if step == self.step or self.history is None:
-            return self
-        if self._views is None:
-            self._views = {}
-        view = self._views.get(step)
-        if view is None:
-            plates, cumulative = self.history[step]
-            view = Node.__new__(Node)
-            view.__dict__.update(self.__dict__)
-            view.plate, view.parents, view.gradient_values = plates[0], plates[1:], cumulative
-            view.weight_values, view.step, view._views = None, step, None  # computed for the view
-            self._views[step] = view
-        return view
-
-    @property
-    def weight_values(self) -> Any:
-        # an estimator with uniform weights (w = 1/N: the surrogate takes a mean) gets them built
-        # only when something reads them: no tensor per node that nothing uses
-        w = self._weight_values
-        if w is None and self.sample is not None and self.estimator.uniform_weights:
-            w = self.estimator.weighting_function(self)
-            if not isinstance(w, torch.Tensor):
-                w = torch.as_tensor(w)
-            n = len(self.parents) + 1
-            if w.dim() < n:
-                w = w.reshape(w.shape + (1,) * (n - w.dim()))
-            self._weight_values = w
-        return w
-
-    @weight_values.setter
-    def weight_values(self, w: Any) -> None:
-        self._weight_values = w
-
-    @property
-    def plates(self) -> tuple[Plate, ...]:
-        """The node's plates: its own plate first, then its parents'."""
-        return (self.plate,) + self.parents
-
-    @property
-    def n(self) -> int:
-        return self.plate.size
-
-    @property
-    def batch_ndims(self) -> int:
-        """Number of the distribution's own batch dims (those sampled jointly by this node)."""
-        return len(self.distribution.batch_shape) - len(self.parents)
-
-    def log_prob(self, value: torch.Tensor, distribution=None) -> torch.Tensor:
-        """Log-probability of raw ``value`` summed over the node's own batch dims."""
-        lp = (distribution or self.distribution).log_prob(value)
-        k = self.batch_ndims
-        return lp.sum(tuple(range(-k, 0))) if k > 0 else lp
-
-    def __repr__(self) -> str:
-        name = self.plate.name if self.plate else "?"
-        return f"Node({self.estimator.name!r}, plate={name!r}, parents={[p.name for p in self.parents]})"
 
 
 class Graph:
@@ -178,16 +61,12 @@ class Graph:
         self._finished = False
         _stack().append(self)
         if self.generator is not None:
-            from ._random import push_generator
-
             push_generator(self.generator)  # storch.current_generator() in the block
             self._mode = True
         return self
 
     def __exit__(self, *exc) -> None:
         if self._mode is not None:
-            from ._random import pop_generator
-
             self._mode = None
             pop_generator()
         stack = _stack()

@@ -3,7 +3,7 @@
 A :class:`PlateTensor` is what user code sees: a tensor for ONE sample. Its raw storage
 (``.tensor``) has one leading dimension per plate, in the order of ``.plates``; the
 per-sample shape (``.shape``) is what is left. Torch functions called on plate tensors are
-routed through ``__torch_function__`` (see ``_plate_ops``), which lines plates up by name,
+routed through ``__torch_function__`` (see ``storch.plates.dispatch``), which lines plates up by name,
 runs the function once on the raw tensors (vectorised over all samples) and wraps the result.
 Nothing in torch is patched.
 """
@@ -14,9 +14,11 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from ._errors import PlateError
+from ..errors import PlateError
 
-__all__ = ["Plate", "Lineage", "PlateTensor", "plates_of", "union_plates", "align", "raw_of", "MAX_DIMS"]
+__all__ = [
+    "Plate", "Lineage", "PlateTensor", "plates_of", "union_plates", "align", "raw_of", "MAX_DIMS", "install_dispatcher",
+]
 
 
 class Lineage:
@@ -225,10 +227,19 @@ class PlateTensor(torch.Tensor):
 
 
 def _dispatch(func, args, kwargs):
-    # importing storch._plate_ops replaces PlateTensor.__torch_function__ with its dispatcher
-    from ._plate_ops import dispatch
+    raise PlateError(
+        "no plate dispatcher is installed: import storch (storch.plates.dispatch installs it) before "
+        "calling torch functions on plate tensors"
+    )
 
-    return dispatch(func, args, kwargs)
+
+def install_dispatcher(torch_function) -> None:
+    """Make ``torch_function(cls, func, types, args, kwargs)`` the ``__torch_function__`` of plate tensors.
+
+    The dispatcher (``storch.plates.dispatch``) sits above this module and installs itself here
+    when it is imported, so this module never imports it.
+    """
+    PlateTensor.__torch_function__ = classmethod(torch_function)
 
 
 def _names(plates: Sequence[Plate]) -> tuple[str, ...]:
@@ -327,7 +338,7 @@ def _mixed_message(q: Plate, p: Plate) -> str:
     elif q.lineage is not p.lineage:
         what = "comes from two different graphs (or from before a reset)"
     else:
-        what = f"appears both as a data plate and as a sample plate"
+        what = "appears both as a data plate and as a sample plate"
     return (
         f"plate {p.name!r} {what}: tensors from different graphs (or an old graph) were mixed. "
         "Compute every tensor of a step inside that step's graph; storch.backward() and "

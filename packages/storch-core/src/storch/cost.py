@@ -1,0 +1,84 @@
+"""The cost frame: a cost as one estimator's control variate sees it, and DiCE's MagicBox.
+
+Sits between the graph (nodes, plates) and the estimators, which read a cost through a
+:class:`CostFrame` when the surrogate (``storch.surrogate``) builds their control variates.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+
+from .node import Node
+from .plates.tensor import Plate, align
+
+__all__ = ["CostFrame", "magic_box"]
+
+
+def magic_box(x: torch.Tensor) -> torch.Tensor:
+    """MagicBox(x) = exp(x - ⊥x): evaluates to 1, its derivative is MagicBox(x)·∇x (DiCE)."""
+    return torch.exp(x - x.detach())  # detach: Foerster et al. 2018, Eq. 3
+
+
+class CostFrame:
+    """The cost as one estimator's control variate sees it (inside the surrogate, Eq. 2).
+
+    Attributes:
+        tensor: forward values of the (inner) cost estimate, detached, leading dims ``plates``;
+            plates of later nodes have been reduced already (size 1).
+        plates: the plates of the frame.
+        dim: position of the node's own plate in ``plates``.
+        name: the cost's name (from ``storch.add_cost``), for per-cost estimator state such as
+            moving-average baselines.
+    """
+
+    __slots__ = ("tensor", "plates", "dim", "_node", "_node_plates", "name", "_live")
+
+    def __init__(self, tensor: torch.Tensor, plates: tuple[Plate, ...], node: Node, live: torch.Tensor,
+                 name: Optional[str] = None):
+        self.tensor = tensor
+        self.name = name
+        self.plates = plates
+        # the node keeps its frames (node.frames): a weak reference back, so that a finished step's
+        # nodes, frames and tensors are freed by reference counting (no cycle for the collector)
+        self._node = weakref.ref(node)
+        self._node_plates = node_plates = node.plates
+        name = node_plates[0].name
+        self.dim = next(i for i, p in enumerate(plates) if p.name == name)
+        self._live = live
+
+    @property
+    def node(self) -> Optional[Node]:
+        """The node whose control variate this frame is for (``None`` once its graph is freed)."""
+        return self._node()
+
+    def align(self, t: torch.Tensor, plates: Optional[tuple[Plate, ...]] = None) -> torch.Tensor:
+        """View a node tensor (leading dims ``plates``, default the node's) in this frame."""
+        plates = plates or self._node_plates
+        return align(_lead(t, len(plates)), plates, self.plates)
+
+    @property
+    def key(self) -> str:
+        """The cost's name, with ``@t`` for a cost at step t > 0 of a partition: the key of per-cost
+        estimator state (moving averages, the frames ``update_parameters`` receives)."""
+        step = self.plates[self.dim].step
+        return f"{self.name or ''}@{step}" if step else (self.name or "")
+
+    def sum_plate(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of ``t`` over the node's plate (kept as a size-1 dim)."""
+        return t.sum(self.dim, keepdim=True)
+
+    def live(self) -> torch.Tensor:
+        """The inner cost estimate WITH its graph (for learned control variates that need it)."""
+        return self._live
+
+
+def _lead(t, n: int):
+    """Give ``t`` at least ``n`` dims by appending size-1 dims (for per-plate weights like (N,))."""
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t)
+    if t.dim() < n:
+        t = t.reshape(t.shape + (1,) * (n - t.dim()))
+    return t

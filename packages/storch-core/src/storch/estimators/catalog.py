@@ -1,0 +1,63 @@
+"""The estimator catalog: what is known about the installed estimators, for the layers below the registry.
+
+The registry (``storch.registry``, above the estimators) loads the plugins and installs its
+lookups here with :func:`set_source`; the estimator base class asks this module, never the
+registry, for the installed estimators (its error messages name the ones that support a
+distribution, :meth:`storch.Estimator.info` reports the installing package).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+__all__ = ["EstimatorInfo", "available", "installed_classes", "set_source", "supporting_estimators"]
+
+
+class EstimatorInfo(NamedTuple):
+    """What the registry knows about an installed estimator."""
+
+    name: str
+    package: str
+    family: str
+    max_order: float
+    biased: bool
+    description: str
+
+
+_classes: Optional[Callable[[], dict]] = None
+_infos: Optional[Callable[[], dict]] = None
+
+
+def set_source(classes: Callable[[], dict], infos: Callable[[], dict]) -> None:
+    """Install the registry's lookups: ``classes()`` -> {name: class}, ``infos()`` -> {name: EstimatorInfo}."""
+    global _classes, _infos
+    _classes, _infos = classes, infos
+
+
+def installed_classes() -> dict:
+    """The installed estimator classes by name (empty before the registry is imported)."""
+    return _classes() if _classes is not None else {}
+
+
+def available() -> dict:
+    """``storch.available_estimators()``: installed estimators' :class:`EstimatorInfo` by name."""
+    return _infos() if _infos is not None else {}
+
+
+def supporting_estimators(d) -> list[str]:
+    """Names of installed estimators whose capabilities accept distribution ``d``."""
+    out = []
+    try:
+        classes = installed_classes()
+    except Exception:
+        return out
+    base = getattr(d, "base_dist", d)
+    for name, cls in sorted(classes.items()):
+        if cls.distributions is not None and not isinstance(base, cls.distributions):
+            continue
+        if cls.requires_rsample and not d.has_rsample:
+            continue
+        if cls.requires_enumerate_support and not d.has_enumerate_support:
+            continue
+        out.append(name)
+    return out

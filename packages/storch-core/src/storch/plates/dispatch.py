@@ -1,0 +1,103 @@
+"""The plate dispatcher: ``PlateTensor.__torch_function__``.
+
+Every call that involves a :class:`PlateTensor` comes here through ``__torch_function__``. The
+function's treatment (pointwise, handler, batch-first, vmap, refused) is looked up in the table
+of ``storch.plates.treatments`` once and its implementation cached: pointwise functions in
+``rules.pointwise``, functions whose arguments name dimensions in ``rules.shape`` (and
+``rules.indexing``, ``rules.losses``, ``rules.metadata``), batch-first functions in
+``rules.batch_first`` and everything else by ``torch.func.vmap`` (``rules.vmap``).
+Any error torch raises inside a plate call is re-raised as a :class:`storch.PlateError` that
+speaks of the per-sample shapes the user sees. No rule imports this module: it installs itself
+on the tensor (``storch.plates.tensor.install_dispatcher``) when imported.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import PlateError, plate_error_from
+from .kit import _operands, dispatch, register, scan, too_many_samples, unwrap, wrap
+from .rules import indexing, losses, metadata, shape  # noqa: F401  (register their handlers)
+from .rules.batch_first import batch_first
+from .rules.pointwise import _is_inplace, broadcast, broadcast_inplace, random_pointwise
+from .rules.vmap import vmap_call
+from .tensor import PlateTensor, install_dispatcher
+from .treatments import _LISTENERS, Entry, Treatment, describe, treatment_of
+
+__all__ = ["dispatch", "register", "wrap", "scan", "unwrap", "too_many_samples", "user_error"]
+
+_PT = PlateTensor
+_T = torch.Tensor
+
+
+def refused(message: str):
+    def handler(func, args, kwargs):
+        raise PlateError(f"{describe(func)} cannot run on plate tensors: {message}")
+    return handler
+
+
+def user_error(func, args, kwargs, e: BaseException) -> PlateError:
+    """A PlateError (of the original exception's kind) that describes the call in per-sample terms."""
+    parts = []
+    for a in _operands(args, kwargs or {}):
+        if type(a) is _PT:
+            ps = ", ".join(f"{p.name}={p.size}" for p in a._plates)
+            parts.append(f"{tuple(a.shape)} on plates ({ps})")
+        elif isinstance(a, _T):
+            parts.append(f"{tuple(a.shape)} (plain)")
+    return plate_error_from(
+        e,
+        f"{describe(func)} failed on plate tensors. Per sample (as your code sees them) its tensor "
+        f"arguments have shapes {', '.join(parts) or '()'}; the plates are vectorised by storch "
+        f"({treatment_of(func).treatment.value} treatment). torch said: {e}",
+    )
+
+
+_IMPL: dict = {}
+_LISTENERS.append(_IMPL.clear)
+
+
+def _implementation(func):
+    e: Entry = treatment_of(func)
+    t = e.treatment
+    if t is Treatment.POINTWISE:
+        impl = random_pointwise if e.impl else (broadcast_inplace if _is_inplace(func) else broadcast)
+    elif t is Treatment.HANDLER:
+        impl = e.impl
+    elif t is Treatment.BATCH_FIRST:
+        spec = e.impl
+
+        def impl(func, args, kwargs):
+            return batch_first(spec, func, args, kwargs)
+    elif t is Treatment.VMAP:
+        impl = vmap_call
+    else:
+        impl = refused(e.impl)
+    _IMPL[func] = impl
+    return impl
+
+
+def _torch_function(cls, func, types, args=(), kwargs=None):
+    # PlateTensor.__torch_function__, the dispatcher. The implementation of each function is
+    # decided once (storch.plates.treatments) and cached; the most common case (one plate tensor
+    # through an elementwise function: sigmoid, tanh, exp, ...) runs inline.
+    impl = _IMPL.get(func)
+    if impl is None:
+        impl = _implementation(func)
+    try:
+        if impl is broadcast and not kwargs and len(args) == 1 and type(args[0]) is _PT:
+            x = args[0]
+            out = func(x._raw)
+            if type(out) is _T:
+                return _PT._wrap(out, x._plates)
+            return wrap(out, x._plates)
+        return impl(func, args, kwargs or {})
+    except PlateError:
+        raise
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise user_error(func, args, kwargs, e) from e
+
+
+# bound here, once, rather than looked up on every torch call (our own class: nothing in torch
+# is patched)
+install_dispatcher(_torch_function)

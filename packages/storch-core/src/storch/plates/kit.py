@@ -1,0 +1,140 @@
+"""The helper kit of the plate rules: wrap and unwrap raw tensors, walk operands, re-enter dispatch.
+
+Every rule module (``storch.plates.rules``) builds on these helpers; this module imports neither
+the dispatcher nor any rule (the shape ``torch._prims_common`` has in torch). Re-entering the
+dispatcher from a rule (``dispatch``) goes through ``PlateTensor.__torch_function__``, which the
+dispatcher installs on the tensor (``storch.plates.tensor.install_dispatcher``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import PlateError
+from .tensor import Plate, PlateTensor, _names, align, map_tensors
+from .treatments import register_plate_handler
+
+__all__ = [
+    "dispatch", "register", "check_leading", "wrap", "wrap_same", "scan", "unwrap", "too_many_samples",
+    "plates_or_empty",
+]
+
+_PT = PlateTensor
+_T = torch.Tensor
+
+
+def register(*funcs, note: str = ""):
+    """Decorator: storch's own handler for these torch functions (an entry of the table)."""
+
+    def deco(handler):
+        register_plate_handler(funcs, handler, note=note or (handler.__doc__ or "").strip().split("\n")[0])
+        return handler
+
+    return deco
+
+
+def dispatch(func, args, kwargs):
+    """Run torch function ``func`` on arguments that include plate tensors (from inside a rule)."""
+    return _PT.__torch_function__(func, (), args, kwargs)
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def check_leading(out: torch.Tensor, plates: tuple[Plate, ...]) -> None:
+    """Raise unless the leading dims of raw ``out`` are ``plates`` (each of its size, or 1)."""
+    s = out.shape
+    if len(s) < len(plates) or any(s[i] != p.size and s[i] != 1 for i, p in enumerate(plates)):
+        raise PlateError(
+            f"internal error: a plate treatment returned a tensor of raw shape {tuple(s)}, whose leading "
+            f"dims do not match the plates {tuple(f'{p.name}={p.size}' for p in plates)}; please report it"
+        )
+
+
+def wrap_same(out, plates: tuple[Plate, ...]):
+    """Unchecked wrap for treatments whose construction keeps the plates in the leading dims
+    (elementwise on aligned operands, reductions over per-sample dims): the hot path."""
+    if type(out) is _T:
+        return _PT._wrap(out, plates)
+    return wrap(out, plates)
+
+
+def wrap(out, plates: tuple[Plate, ...]):
+    """Wrap raw outputs (tensors, or tuples of them) with ``plates``, checking their leading dims."""
+    if isinstance(out, _T):
+        if not plates:
+            return out
+        check_leading(out, plates)
+        return _PT._wrap(out, plates)
+    return map_tensors(out, lambda o: wrap(o, plates))
+
+
+def scan(args, kwargs):
+    """Plates of every PlateTensor operand (one level into lists), and whether all are equal."""
+    groups = []
+    for a in args:
+        t = type(a)
+        if t is _PT:
+            groups.append(a._plates)
+        elif t is list or t is tuple:
+            groups.extend(b._plates for b in a if type(b) is _PT)
+    for a in kwargs.values():
+        if type(a) is _PT:
+            groups.append(a._plates)
+    return groups
+
+
+def _ndim(x) -> int:
+    return x._raw.dim() - len(x._plates) if type(x) is _PT else x.dim()
+
+
+def unwrap(x, plates, pad: int = -1):
+    """Raw value of ``x`` aligned to ``plates`` (recursing one level into lists)."""
+    t = type(x)
+    if t is _PT:
+        return align(x._raw, x._plates, plates, pad)
+    if t is list or t is tuple:
+        return t(unwrap(b, plates, pad) for b in x)
+    return x
+
+
+def _operands(args, kwargs):
+    for a in args:
+        t = type(a)
+        if t is list or t is tuple:
+            yield from a
+        else:
+            yield a
+    yield from kwargs.values()
+
+
+def too_many_samples(x: PlateTensor, what: str) -> PlateError:
+    n = x._raw[tuple(slice(None) for _ in x._plates)].shape[: len(x._plates)].numel()
+    return PlateError(
+        f"{what} needs a single value, but this PlateTensor holds {n} values over plates "
+        f"{_names(x._plates)}. Reduce over the plates first (storch.surrogate_loss does that "
+        "for costs) or use `.tensor` to get the raw values with the plate dims first"
+    )
+
+
+# -- generic handlers ----------------------------------------------------------------------
+
+_INPLACE_DUNDERS = {
+    "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+    "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__",
+}
+
+
+_INPLACE_CACHE: dict = {}
+
+
+def _is_inplace(func) -> bool:
+    r = _INPLACE_CACHE.get(func)
+    if r is None:
+        name = getattr(func, "__name__", "")
+        r = _INPLACE_CACHE[func] = (name.endswith("_") and not name.startswith("__")) or name in _INPLACE_DUNDERS
+    return r
+
+
+def plates_or_empty(x):
+    return x._plates if type(x) is _PT else ()

@@ -1,0 +1,155 @@
+"""The pointwise treatment: elementwise functions on plate tensors, plates aligned by name.
+
+Pointwise functions take a fast path when all plate operands share the same plates and
+per-sample rank: unwrap, call once, wrap. Otherwise operands are aligned by plate name (views
+only: permute/unsqueeze) and their per-sample dims left-padded so that a plain tensor never
+broadcasts into a plate dimension. Random elementwise functions expand every plate so that each
+entry draws its own noise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as _F
+
+from ...errors import PlateError
+from ..kit import _is_inplace, _ndim, _operands, plates_or_empty, register, scan, unwrap, wrap, wrap_same
+from ..tensor import PlateTensor, _names, align, later_step, union_plates
+from ..treatments import describe, register_plate_handler
+
+__all__ = ["broadcast", "broadcast_inplace", "random_pointwise"]
+
+_PT = PlateTensor
+_T = torch.Tensor
+
+
+def _call(func, args, kwargs, pad: int):
+    groups = scan(args, kwargs)
+    first = groups[0]
+    if all(g is first or g == first for g in groups):
+        plates = first
+    else:
+        plates = union_plates(groups)
+    self = args[0] if args else None
+    inplace = _is_inplace(func)
+    if inplace:
+        if type(self) is not _PT or len(self._plates) != len(plates):
+            raise PlateError(
+                f"in-place {getattr(func, '__name__', func)} would write values that vary over plates "
+                f"{_names(plates)} into a tensor with plates {_names(plates_or_empty(self))}; use the "
+                "out-of-place version"
+            )
+        plates = self._plates
+    args = tuple(unwrap(a, plates, pad) for a in args)
+    if kwargs:
+        kwargs = {k: unwrap(v, plates, pad) for k, v in kwargs.items()}
+    out = func(*args, **kwargs)
+    if inplace:
+        return self  # the raw tensor was modified in place; the wrapper still describes it
+    return wrap(out, plates)
+
+
+def broadcast(func, args, kwargs):
+    """Pointwise: elementwise with torch broadcasting; per-sample dims padded, plates aligned by name."""
+    if not kwargs and len(args) == 2 and not _is_inplace(func):
+        # fast paths: a plate tensor and a Python scalar, or two plate tensors with equal plates
+        a, b = args
+        ta, tb = type(a), type(b)
+        if ta is _PT:
+            if tb is _PT:
+                pa, pb = a._plates, b._plates
+                if a._raw.dim() == b._raw.dim():
+                    if pa is pb or pa == pb:
+                        return _PT._wrap(func(a._raw, b._raw), pa)
+                    # steps t-1 and t of a partition without parent indices: the raw dims line up
+                    same = later_step(pa, pb)
+                    if same is not None:
+                        return _PT._wrap(func(a._raw, b._raw), same)
+                plates = union_plates((pa, pb))
+                k = max(a._raw.dim() - len(pa), b._raw.dim() - len(pb))
+                return _PT._wrap(func(align(a._raw, pa, plates, k), align(b._raw, pb, plates, k)), plates)
+            if not isinstance(b, _T):
+                return wrap_same(func(a._raw, b), a._plates)
+            pa = a._plates
+            return wrap_same(func(align(a._raw, pa, pa, b.dim()), b), pa)
+        if tb is _PT:
+            if not isinstance(a, _T):
+                return wrap_same(func(a, b._raw), b._plates)
+            pb = b._plates
+            return wrap_same(func(a, align(b._raw, pb, pb, a.dim())), pb)
+    first = None
+    same = True
+    k0 = ks = plain = -1
+    for a in _operands(args, kwargs):
+        if type(a) is _PT:
+            k = a._raw.dim() - len(a._plates)
+            if first is None:
+                first, k0 = a._plates, k
+            elif k != k0 or (a._plates is not first and a._plates != first):
+                same = False
+            ks = max(ks, k)
+        elif isinstance(a, _T):
+            plain = max(plain, a.dim())
+    if same and plain <= k0 and not _is_inplace(func):
+        # fast path: one set of plates and one per-sample rank: no views needed
+        out = func(*[a._raw if type(a) is _PT else a for a in args],
+                   **{k: (v._raw if type(v) is _PT else unwrap(v, first)) for k, v in kwargs.items()})
+        return wrap_same(out, first)
+    return _call(func, args, kwargs, max(ks, plain))
+
+
+@register(torch.broadcast_tensors)
+def _broadcast_tensors(func, args, kwargs):
+    # fast path (every distribution built from plate tensors calls this through broadcast_all):
+    # plate tensors that already share plates and raw shape broadcast to themselves
+    first = args[0] if args else None
+    if not kwargs and type(first) is _PT and all(
+        type(a) is _PT and (a._plates is first._plates or a._plates == first._plates)
+        and a._raw.shape == first._raw.shape for a in args
+    ):
+        return tuple(args)
+    groups = scan(args, kwargs)
+    plates = union_plates(groups)
+    pad = max(_ndim(a) for a in args)
+    raws = [unwrap(a, plates, pad) for a in args]
+    # plain operands get the plate dims too, so every result is a PlateTensor
+    return tuple(_PT._wrap(r, plates) for r in torch.broadcast_tensors(*raws))
+
+
+
+# elementwise functions of torch.nn.functional whose Python name has no aten operator
+register_plate_handler([_F.threshold, _F.threshold_, _F.logsigmoid, _F.hardtanh, _F.relu6, _F.elu, _F.selu,
+                        _F.celu, _F.leaky_relu, _F.hardsigmoid, _F.hardswish, _F.silu, _F.mish, _F.softplus,
+                        _F.softshrink, _F.hardshrink, _F.tanhshrink, _F.softsign, _F.gelu, _F.relu,
+                        _F.sigmoid, _F.tanh],
+                       "pointwise", note="elementwise activation")
+
+def random_pointwise(func, args, kwargs):
+    """Random elementwise functions: every plate expanded to full size, so each entry draws its own noise."""
+    groups = scan(args, kwargs)
+    plates = union_plates(groups)
+    sizes = [p.size for p in plates]
+    if _is_inplace(func):
+        x = args[0]
+        if type(x) is not _PT or tuple(x._raw.shape[: len(plates)]) != tuple(sizes):
+            raise PlateError(
+                f"in-place random {describe(func)} on a tensor that is shared across plates "
+                f"{_names(plates)} would give every plate entry the same draw; use the out-of-place "
+                "version (e.g. torch.rand_like(x) instead of x.uniform_())"
+            )
+        return _call(func, args, kwargs, -1)
+    pad = max([_ndim(a) for a in _operands(args, kwargs) if isinstance(a, _T)] or [0])
+
+    def full(a):
+        if type(a) is _PT:
+            r = align(a._raw, a._plates, plates, pad)
+            return r.expand(*sizes, *r.shape[len(plates):])
+        return a
+
+    out = func(*[full(a) for a in args], **{k: full(v) for k, v in kwargs.items()})
+    return wrap(out, plates)
+
+
+def broadcast_inplace(func, args, kwargs):
+    """Pointwise, in place: the written tensor must already carry every plate of the result."""
+    return broadcast(func, args, kwargs)
