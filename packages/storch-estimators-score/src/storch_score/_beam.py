@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from storch import Node
 
@@ -29,11 +30,12 @@ def _truncated(phi_g: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     """
     z = phi_g.max(-1, keepdim=True).values
     t = bound.unsqueeze(-1)
-    # log(1 - exp(G - Z)) with G - Z <= 0; -inf where G = Z (then v = -inf and G̃ = T)
-    diff = (phi_g - z).clamp_max(0.0)
-    log1mexp = torch.where(diff > -math.log(2.0), torch.log(-torch.expm1(diff)), torch.log1p(-torch.exp(diff)))
-    v = t - phi_g + log1mexp
-    return t - v.clamp_min(0.0) - torch.log1p(torch.exp(-v.abs()))
+    # log(1 - exp(G - Z)) with G - Z <= 0; -inf where G = Z (then v = -inf and G̃ = T). It is added
+    # to O(1) values, so its absolute error matters: log(-expm1(.)) alone is accurate to ~1e-16
+    # absolute for every G - Z <= 0 (the two-branch log1mexp is for relative accuracy near 0)
+    v = t - phi_g + torch.log(-torch.expm1(phi_g - z))
+    # max(v, 0) + log1p(exp(-|v|)) is softplus(v): one op (exact to float precision)
+    return t - F.softplus(v, threshold=50.0)
 
 
 def stochastic_beam_search(node: Node, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
