@@ -12,7 +12,7 @@ import torch
 from storch import CostFrame, Estimator, Node, OptionError
 from storch.plates.tensor import align
 
-from ._beam import beam_step, stochastic_beam_search
+from ._beam import _gumbel_like, beam_step, stochastic_beam_search
 from ._support import enumerate_joint, enumerate_values, masked_logsumexp
 
 __all__ = ["UnorderedSet", "SetState"]
@@ -126,7 +126,7 @@ class UnorderedSet(Estimator):
             k = min(self.n_samples, values.shape[0])
             # Gumbel-top-k: the k largest of log p + Gumbel noise are an ordered sample without
             # replacement; detach: sampling is not differentiated (the score l carries the gradient)
-            gumbel = -torch.empty_like(logp, dtype=logp.dtype).exponential_().log()
+            gumbel = _gumbel_like(logp)
             top = (logp.detach() + gumbel).topk(k, dim=0)  # (k, *parents)
             idx = top.indices
             with torch.no_grad():
