@@ -22,6 +22,7 @@ import torch
 
 from .cost import CostFrame, _lead, magic_box
 from .errors import OrderError, StorchError
+from .estimators.base import Estimator
 from .graph import Graph, current_graph
 from .node import Node
 from .plates.tensor import Plate, align, plates_of, raw_of
@@ -86,7 +87,9 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None) -> torc
         prefix.append(total)
         l_i = align(node.gradient_values, node.plates, plates)
         total = l_i if total is None else total + l_i
-    inner = raw if total is None else magic_box(total) * raw  # line 7 of Algorithm 1
+    box = None if total is None else magic_box(total)  # MagicBox(L_k)
+    inner = raw if box is None else box * raw  # line 7 of Algorithm 1
+    last = len(nodes) - 1
     # line 14 with w = 1/N (D.2.1) is a mean over the node's plate; consecutive means (no control
     # variate added in between) are one reduction, and the last ones join the final mean over
     # the data plates: the autograd graph of a single node with one cost is DiCE's, as by hand
@@ -100,9 +103,12 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None) -> torc
                 inner, pending = inner.mean(pending, keepdim=True), []
             frame = CostFrame(inner.detach(), plates, node, inner, name)
             node.frames[frame.key] = frame  # what update_parameters trains on
-            a = est.control_variate(node, frame)  # line 11
-            if a is not None:
-                inner = inner + (a if prefix[i] is None else magic_box(prefix[i]) * a)
+            if i == last and box is not None and type(est).control_variate is _BASE_CONTROL_VARIATE:
+                inner = _baseline_term(inner, est, node, frame, box, prefix[i])
+            else:
+                a = est.control_variate(node, frame)  # line 11
+                if a is not None:
+                    inner = inner + (a if prefix[i] is None else magic_box(prefix[i]) * a)
         if est.uniform_weights:
             pending.append(dim)
         else:
@@ -112,6 +118,22 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None) -> torc
             inner = (w * inner).sum(dim, keepdim=True)  # line 14: weight and sum over X_i
     # what is left are independent plates (and size-1 dims): the mean over data points
     return inner.mean() if inner.dim() else inner
+
+
+_BASE_CONTROL_VARIATE = Estimator.control_variate
+
+
+def _baseline_term(inner: torch.Tensor, est, node: Node, frame: CostFrame, box: torch.Tensor,
+                   prefix: Optional[torch.Tensor]) -> torch.Tensor:
+    """``inner`` plus the base class's control variate of the innermost node, MagicBox(L_{k-1}) ·
+    (1 - MagicBox(l_k)) ⊥b = (MagicBox(L_{k-1}) - MagicBox(L_k)) ⊥b (a product of MagicBoxes is the
+    MagicBox of the sum), with MagicBox(L_k) the cost's own ``box``: the same values and derivatives
+    at every order, without computing that MagicBox a second time."""
+    b = est.baseline(node, frame)
+    if b is None:
+        return inner
+    outer = 1.0 if prefix is None else magic_box(prefix)
+    return inner + (outer - box) * b.detach()
 
 
 def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tensor:
@@ -204,12 +226,17 @@ def _steps_surrogate(node: Node, members: list) -> torch.Tensor:
     stacked.__dict__.update(node.__dict__)
     stacked.parents, stacked.gradient_values = (steps,) + others, total
     plates = stacked.plates
-    inner = magic_box(total) * raw  # line 7 of Algorithm 1, per step
-    if _has_control_variate(node.estimator):
+    box = magic_box(total)
+    inner = box * raw  # line 7 of Algorithm 1, per step
+    est = node.estimator
+    if _has_control_variate(est):
         frame = CostFrame(inner.detach(), plates, stacked, inner, members[0][0])
-        a = node.estimator.control_variate(stacked, frame)  # line 11
-        if a is not None:
-            inner = inner + a
+        if type(est).control_variate is _BASE_CONTROL_VARIATE:
+            inner = _baseline_term(inner, est, stacked, frame, box, None)
+        else:
+            a = est.control_variate(stacked, frame)  # line 11
+            if a is not None:
+                inner = inner + a
     # line 14 with w = 1/N (a mean over the node's plate), the costs summed over the steps and
     # averaged over the data points: the means over the plate and the data are one reduction
     return inner.sum(1).mean()
