@@ -219,8 +219,9 @@ def _steps_surrogate(node: Node, members: list) -> torch.Tensor:
         lp, l = node.history[p.step] if p.step != node.step else (node.plates, node.gradient_values)
         ls.append(align(l, lp, target))
     shape = torch.broadcast_shapes(*(r.shape for r in raws), *(l.shape for l in ls))
-    raw = torch.stack([r.expand(shape) for r in raws], 1)  # (N, steps, *others)
-    total = torch.stack([l.expand(shape) for l in ls], 1)  # L_t of each cost's step
+    # (an expand to the shape a tensor has is still one op and one autograd node per step: skipped)
+    raw = torch.stack([r if r.shape == shape else r.expand(shape) for r in raws], 1)  # (N, steps, *others)
+    total = torch.stack([l if l.shape == shape else l.expand(shape) for l in ls], 1)  # L_t of each cost's step
     steps = Plate(_STEPS, len(members), True)
     stacked = Node.__new__(Node)
     stacked.__dict__.update(node.__dict__)
