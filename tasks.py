@@ -3,6 +3,7 @@
 
     python3 tasks.py demo   # the estimator comparison demo on bundled data (tox -e demo)
     python3 tasks.py test   # every test environment (tox)
+    python3 tasks.py docs   # the documentation site, built offline into site/ (tox -e docs)
 
 Creates ./.venv with tox on first use; tox builds one environment per install set.
 """
@@ -16,6 +17,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+VERBS = ("demo", "test", "docs")
 VENV = ROOT / ".venv"
 
 
@@ -34,12 +36,18 @@ def ensure_tox() -> Path:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("demo", "test"):
+    if not argv or argv[0] not in VERBS:
         print(__doc__)
         return 2
     py = ensure_tox()
     if argv[0] == "demo":
         return subprocess.call([str(py), "-m", "tox", "-e", "demo", "--", *argv[1:]], cwd=ROOT)
+    if argv[0] == "docs":
+        # the docs env runs tests/docs (code blocks, tutorials) and then the strict build
+        code = subprocess.call([str(py), "-m", "tox", "-e", "docs", *argv[1:]], cwd=ROOT)
+        if code == 0:
+            print(f"site built: {ROOT / 'site' / 'index.html'}")
+        return code
     started = time.time()
     cmd = [str(py), "-m", "tox", "-p", "auto", "--parallel-live", *argv[1:]]
     code = subprocess.call(cmd, cwd=ROOT)

@@ -14,8 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,23 +23,6 @@ import torch
 __all__ = ["main"]
 
 COMMANDS = ("vae", "toy", "overhead", "model", "sequences", "ipd")
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
-
-
-def _header(title: str) -> str:
-    return f"{title}\n\nRun {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {_machine()}.\n"
 
 
 def _common(p: argparse.ArgumentParser) -> None:

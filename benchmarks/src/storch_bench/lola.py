@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from .ipd import N_STATES, StorchDice, TorchDice, exact_returns
+from .report import header
 
 __all__ = ["Run", "lola_gradient", "naive_gradient", "train", "second_order_estimates", "run_cli", "CONFIGS"]
 
@@ -200,7 +201,6 @@ def plot(runs: list[Run], path) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """``storch-compare ipd``: train, plot, and measure the second-order variance."""
-    from .cli import _header
     from .report import markdown_table, text_table, write_csv
 
     labels = [c.strip() for c in args.configs.split(",")] if args.configs else list(CONFIGS)
@@ -220,7 +220,7 @@ def run_cli(args: argparse.Namespace) -> int:
     setup = (f"batch {args.batch} episodes of {args.steps} steps, discount 0.96, Adam lr 0.2, lookahead lr 0.3, "
              f"seeds {','.join(map(str, seeds))}; average reward per step (undiscounted) is the exact value of the "
              "policies (Markov chain), not a sampled estimate")
-    md = [f"# {_header('storch-compare ipd: LOLA-DiCE on the iterated prisoner’s dilemma')}", setup + ".", "",
+    md = [f"# {header('storch-compare ipd: LOLA-DiCE on the iterated prisoner’s dilemma')}", setup + ".", "",
           markdown_table(RESULT_HEADER, rows), ""]
     if variance:
         md += ["Second-order estimate ∂²J_1/∂θ_1∂θ_2 (the block LOLA differentiates through), storch at order 2, "

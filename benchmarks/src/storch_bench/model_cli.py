@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .model_compare import Comparison, compare_estimators
-from .report import markdown_table, text_table, write_csv
+from .report import header, markdown_table, text_table, write_csv
 
 __all__ = ["load_step", "text", "markdown", "write", "plot_model", "run", "HEADER"]
 
@@ -83,9 +83,7 @@ def text(c: Comparison) -> str:
 
 def markdown(c: Comparison, title: str = "storch-compare model") -> str:
     """The comparison as a Markdown document (table, setup, skipped estimators)."""
-    from .cli import _header
-
-    md = f"# {_header(title)}\n{setup(c)}.\n\n{markdown_table(HEADER, _rows(c))}\n"
+    md = f"# {header(title)}\n{setup(c)}.\n\n{markdown_table(HEADER, _rows(c))}\n"
     if c.skipped:
         md += f"\nDid not take part:\n\n{_skipped(c)}\n"
     return md

@@ -42,6 +42,7 @@ from .data import load_binary_digits
 from .handwritten import gumbel_topk_bernoulli, score_surrogate, unordered_set_surrogate
 from .measure import peak_memory
 from .models import VAE, storch_step
+from .report import header
 
 __all__ = ["CONFIGS", "Row", "run_overhead", "run_cli", "TARGETS", "select_device", "measure"]
 
@@ -409,7 +410,6 @@ COMPILED_HEADER = ["compiled storch us", "compiled torch us", "compiled ratio", 
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from .cli import _header
     from .report import markdown_table, text_table, write_csv
 
     problems = [p.strip() for p in args.problems.split(",") if p.strip()]
@@ -425,7 +425,7 @@ def run_cli(args: argparse.Namespace) -> int:
         return 2
     rows = run_overhead(problems, configs, batches, ns, args.threads, args.min_time, not args.no_progress, clock,
                         device, compiled, getattr(args, "backend", "inductor"))
-    header = HEADER[:-1] + (COMPILED_HEADER if compiled else []) + HEADER[-1:]
+    columns = HEADER[:-1] + (COMPILED_HEADER if compiled else []) + HEADER[-1:]
     table = []
     for r in rows:
         line = [r.problem, r.config, r.batch, r.n, r.storch_us, r.torch_us,
@@ -434,7 +434,7 @@ def run_cli(args: argparse.Namespace) -> int:
         if compiled:
             line += [r.compiled_storch_us, r.compiled_torch_us, r.compiled_ratio, r.graph_breaks]
         table.append(line + [r.note])
-    write_csv(args.out / "overhead.csv", header, table)
+    write_csv(args.out / "overhead.csv", columns, table)
     memory = "CUDA allocator peak of one call" if device.type == "cuda" else \
         "torch CPU allocator peak of one call (torch.profiler)"
     setup = (f"device {device}; time ({'thread CPU time' if clock == 'cpu' else 'wall clock'}): fastest of "
@@ -447,8 +447,8 @@ def run_cli(args: argparse.Namespace) -> int:
              f"{TARGETS['vae_batch1']}x), <= {TARGETS['cnn']}x per CNN VAE step, <= {TARGETS['rnn']}x per GRU decoder "
              f"step, <= {TARGETS['ipd']}x per IPD update, unordered set and sum-and-sample <= {TARGETS['vs_loo']}x "
              f"score + leave-one-out at the same n (vs loo), memory <= {TARGETS['memory']}x")
-    md = f"# {_header('storch-compare overhead: storch vs hand-written torch')}\n{setup}.\n\n{markdown_table(header, table)}\n"
+    md = f"# {header('storch-compare overhead: storch vs hand-written torch')}\n{setup}.\n\n{markdown_table(columns, table)}\n"
     (args.out / "overhead.md").write_text(md)
-    print(text_table(header, table))
+    print(text_table(columns, table))
     print(f"\n{setup}.\nWrote {args.out / 'overhead.md'}, {args.out / 'overhead.csv'}")
     return 0

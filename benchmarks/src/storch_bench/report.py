@@ -1,13 +1,39 @@
-"""Tables (terminal, Markdown, CSV) and the comparison plot."""
+"""Reports: the header (date, machine), tables (terminal, Markdown, CSV) and the comparison plot.
+
+Every subcommand module writes its report with these; none imports the CLI (``storch_bench.cli``).
+"""
 
 from __future__ import annotations
 
 import csv
+import datetime
 import math
+import platform
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["fmt", "markdown_table", "text_table", "write_csv", "plot_vae"]
+import torch
+
+__all__ = ["header", "machine", "fmt", "markdown_table", "text_table", "write_csv", "plot_vae"]
+
+
+def machine() -> str:
+    """The CPU, torch threads and versions, for the header of a report."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def header(title: str) -> str:
+    """A report's title line with the date and the machine it ran on."""
+    return f"{title}\n\nRun {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {machine()}.\n"
 
 
 def fmt(v, digits: int = 2) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import storch
+from storch.extending import base_distribution
 
 __all__ = ["Spec", "parse_spec", "parse_specs", "resolve", "supports", "build", "PRESETS"]
 
@@ -121,14 +122,11 @@ def parse_specs(text: str, n_multi: int = 5) -> list[Spec]:
 
 def supports(cls: type, d) -> Optional[str]:
     """``None`` if estimator class ``cls`` can train a model whose latent is ``d``; else why not."""
-    base = d.base_dist if hasattr(d, "base_dist") else d
-    if cls.distributions is not None and not isinstance(base, tuple(cls.distributions)):
-        names = ", ".join(t.__name__ for t in cls.distributions)
-        return f"supports {names}, not {type(base).__name__}"
-    if cls.requires_rsample and not d.has_rsample:
-        return f"needs rsample, which {type(base).__name__} lacks"
-    if cls.requires_enumerate_support and not d.has_enumerate_support:
-        return f"needs a finite support, which {type(base).__name__} lacks"
+    if not cls.supports(d):  # the estimators' one capability check (storch.Estimator.supports); the words:
+        base = base_distribution(d)
+        if cls.distributions is not None and not isinstance(base, cls.distributions):
+            return f"supports {', '.join(t.__name__ for t in cls.distributions)}, not {type(base).__name__}"
+        return f"needs {' and '.join(cls.requirements())}, which {type(base).__name__} lacks"
     if cls.max_order < 1:
         return f"max_order={cls.max_order}: no unbiased gradient"
     return None

@@ -31,6 +31,7 @@ from torch.distributions import Categorical
 import storch
 
 from .measure import peak_memory, seed_everything
+from .report import header
 
 __all__ = ["TARGETS", "Decoder", "edit_distance", "SeqConfig", "SeqResult", "run_sequences", "estimator_for", "SPECS"]
 
@@ -352,8 +353,6 @@ def write(results: list[SeqResult], cfg: SeqConfig, out: Path, header: str = "")
 
 def run_cli(args) -> int:
     """``storch-compare sequences``."""
-    from .cli import _header
-
     seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else ()
     cfg = SeqConfig(k=args.k, steps=args.steps, seed=args.seed, seeds=seeds, lr=args.lr,
                     variance_reps=args.variance_reps)
@@ -363,8 +362,8 @@ def run_cli(args) -> int:
         if unknown:
             raise SystemExit(f"unknown sequence estimator(s) {unknown}; choose from {list(SPECS)}")
     results = run_sequences(cfg, progress=not args.no_progress)
-    header = _header("# Sequence estimators: GRU decoder, reward = -edit distance")
-    paths = write(results, cfg, args.out, header)
+    title = header("# Sequence estimators: GRU decoder, reward = -edit distance")
+    paths = write(results, cfg, args.out, title)
     print(table(results, cfg))
     print("Wrote " + ", ".join(map(str, paths)))
     return 0

@@ -32,6 +32,7 @@ import storch
 from storch.testing import per_replicate_derivatives, replicate
 
 from .roster import Spec, build, parse_specs, resolve
+from .report import header
 
 __all__ = ["ToyConfig", "ToyProblem", "PROBLEMS", "run_toy", "run_cli"]
 
@@ -174,7 +175,6 @@ HEADER = ["problem", "estimator", "biased", "max abs bias", "max z", "variance",
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from .cli import _header
     from .report import markdown_table, text_table, write_csv
 
     torch.set_num_threads(args.threads)
@@ -190,7 +190,7 @@ def run_cli(args: argparse.Namespace) -> int:
              "max over the parameter's coordinates; z = |bias| / standard error (> 4: bias detected); variance = "
              "mean per-coordinate variance; rel. std = mean std / |exact|; us/estimate = one sample-surrogate-"
              f"gradient pass, mean of {cfg.timing_reps}")
-    md = (f"# {_header('storch-compare toy: REBAR toy (3 Bernoullis) and a K=10 categorical')}\n{setup}.\n\n"
+    md = (f"# {header('storch-compare toy: REBAR toy (3 Bernoullis) and a K=10 categorical')}\n{setup}.\n\n"
           f"{markdown_table(HEADER, table)}\n\n" + (f"Did not take part:\n\n{notes}\n" if notes else ""))
     (args.out / "toy.md").write_text(md)
     print(text_table(HEADER, table))

@@ -7,7 +7,7 @@ import math
 from dataclasses import replace
 
 from .budget import aggregate
-from .report import fmt, markdown_table, plot_vae, text_table, write_csv
+from .report import fmt, header, markdown_table, plot_vae, text_table, write_csv
 from .roster import parse_specs
 from .vae import VAEConfig, run_vae
 
@@ -73,8 +73,6 @@ FIELDS = ("train", "valid", "best_valid", "variance", "step_ms")
 
 
 def _run_seeds(args: argparse.Namespace, cfg: VAEConfig, seeds: list[int], stem: str, what: str) -> int:
-    from .cli import _header
-
     per_seed, skipped, exact = [], {}, []
     for seed in seeds:
         results, skip = run_vae(replace(cfg, seed=seed, measure_memory=False), progress=not args.no_progress)
@@ -101,7 +99,7 @@ def _run_seeds(args: argparse.Namespace, cfg: VAEConfig, seeds: list[int], stem:
              f"{cfg.variance_batch}, mean over {cfg.checkpoints} checkpoints")
     notes = "\n".join(f"- {m}: {label}: {why}" for (m, label), why in skipped.items())
     title = f"storch-compare: discrete VAE on load_digits (8x8, binarised){what}"
-    md = (f"# {_header(title)}\n{setup}.\n\n{markdown_table(AGG, table)}\n\n"
+    md = (f"# {header(title)}\n{setup}.\n\n{markdown_table(AGG, table)}\n\n"
           + (f"Did not take part:\n\n{notes}\n" if notes else ""))
     (out / f"{stem}.md").write_text(md)
     print(f"\n{title}\n" + text_table(AGG[:-1], [r[:-1] for r in table]))
@@ -110,8 +108,6 @@ def _run_seeds(args: argparse.Namespace, cfg: VAEConfig, seeds: list[int], stem:
 
 
 def _run_single(args: argparse.Namespace, cfg: VAEConfig, stem: str = "vae", what: str = "") -> int:
-    from .cli import _header
-
     results, skipped = run_vae(cfg, progress=not args.no_progress)
     results.sort(key=lambda r: (cfg.models.index(r.model), not math.isfinite(r.valid), r.valid))
     rows = [[r.model, r.label, r.biased, _order(r.max_order), r.train, r.valid, r.best_valid, r.variance,
@@ -136,7 +132,7 @@ def _run_single(args: argparse.Namespace, cfg: VAEConfig, stem: str = "vae", wha
              f"{cfg.variance_batch}, mean over epochs {', '.join(map(str, results[0].checkpoint_epochs)) if results else '-'}; "
              "peak MB = torch CPU allocator peak of one step (torch.profiler)")
     notes = "\n".join(f"- {m}: {label}: {why}" for m, label, why in skipped)
-    md = (f"# {_header('storch-compare: discrete VAE on load_digits (8x8, binarised)' + what)}\n{setup}.\n\n"
+    md = (f"# {header('storch-compare: discrete VAE on load_digits (8x8, binarised)' + what)}\n{setup}.\n\n"
           f"{markdown_table(HEADER, rows)}\n\n" + (f"Did not take part:\n\n{notes}\n" if notes else ""))
     (out / f"{stem}.md").write_text(md)
     if what:

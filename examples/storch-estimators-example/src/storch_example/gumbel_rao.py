@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch.distributions import Bernoulli, OneHotCategorical
 
 import storch
 from storch import Node
+from storch.extending import options
 
 __all__ = ["GumbelRao", "conditional_gumbels"]
 
@@ -85,11 +85,8 @@ class GumbelRao(storch.Estimator):
 
     def __init__(self, plate: str, n_samples: int = 1, temperature: float = 1.0, n_gumbels: int = 10) -> None:
         super().__init__(plate, n_samples)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-                math.isfinite(temperature) and temperature > 0):
-            raise storch.OptionError(f"gumbel_rao: temperature must be a number > 0, got {temperature!r}")
-        if isinstance(n_gumbels, bool) or not isinstance(n_gumbels, int) or n_gumbels < 1:
-            raise storch.OptionError(f"gumbel_rao: n_gumbels must be an int >= 1, got {n_gumbels!r}")
+        options.number("gumbel_rao", "temperature", temperature, above=0, finite=True, what="a number > 0")
+        options.integer("gumbel_rao", "n_gumbels", n_gumbels, minimum=1)
         self.temperature = float(temperature)
         self.n_gumbels = n_gumbels
 

@@ -14,7 +14,7 @@ import torch
 from .node import Node
 from .plates.tensor import Plate, align
 
-__all__ = ["CostFrame", "magic_box"]
+__all__ = ["CostFrame", "magic_box", "leave_one_out"]
 
 
 def magic_box(x: torch.Tensor) -> torch.Tensor:
@@ -82,3 +82,26 @@ def _lead(t, n: int):
     if t.dim() < n:
         t = t.reshape(t.shape + (1,) * (n - t.dim()))
     return t
+
+
+def leave_one_out(cost: CostFrame, n: int, start: int = 0) -> torch.Tensor:
+    """The leave-one-out baseline of the node's samples (paper, section 3.2.5), along ``cost.dim``.
+
+    b_j = 1/(m-1) Σ_{j' ≠ j, j' >= start} f(x_j') for the entries ``j >= start`` of the node's plate
+    (m = n - start of them, m >= 2), and 0 for the entries before ``start`` (e.g. the enumerated
+    part of sum-and-sample). The cost is detached (``cost.tensor``), so b carries no gradient.
+
+    Args:
+        cost: the frame the estimator's ``control_variate`` (or ``baseline``) receives.
+        n: the size of the node's plate (``node.n``); a cost that does not vary along it is expanded.
+        start: the first entry of the sampled part.
+    """
+    t = cost.tensor
+    d = cost.dim
+    if t.shape[d] != n:
+        t = t.expand(t.shape[:d] + (n,) + t.shape[d + 1:])
+    if not start:
+        return (cost.sum_plate(t) - t) / (n - 1)
+    smp = t.narrow(d, start, n - start)
+    b = (smp.sum(d, keepdim=True) - smp) / (n - start - 1)
+    return torch.cat([torch.zeros_like(t.narrow(d, 0, start)), b], d)

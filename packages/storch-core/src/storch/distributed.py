@@ -80,7 +80,7 @@ def synchronize(module: torch.nn.Module, enabled: bool = True, group: Any = None
             m._storch_process_group = group if enabled else False
 
 
-def all_reduce_mean(values: Union[dict, list, torch.Tensor], owner: Any = None):
+def all_reduce_mean(values: Union[dict, list, torch.Tensor], owner: Any = None) -> Union[dict, list, torch.Tensor]:
     """The mean of ``values`` over the ranks (a dict or list of tensors, or one tensor).
 
     Without an active process group the values are returned unchanged. Every rank must call it

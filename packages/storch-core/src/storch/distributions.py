@@ -17,7 +17,16 @@ from torch.distributions.utils import lazy_property
 from .errors import UnsupportedDistributionError
 from .plates.tensor import Plate, PlateTensor, align, plates_of, union_plates
 
-__all__ = ["unwrap_distribution"]
+__all__ = ["base_distribution", "unwrap_distribution"]
+
+
+def base_distribution(d: Distribution) -> Distribution:
+    """The distribution under one ``Independent`` wrapper (the one that holds the parameters); ``d`` otherwise.
+
+    Only ``Independent`` is unwrapped, once: a ``TransformedDistribution`` such as ``LogNormal`` is
+    not its base ``Normal`` (a capability check that looked through it would accept it wrongly).
+    """
+    return d.base_dist if isinstance(d, Independent) else d
 
 # a parameter given in two equivalent forms: keep one of them
 _PAIRS = (("logits", "probs"),)

@@ -18,7 +18,7 @@ tensor ``*_`` samplers, ``torch.nn.init``).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, ContextManager, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -67,7 +67,7 @@ class _Nothing:
 _NOTHING = _Nothing()
 
 
-def drawing_with(generator: Optional[torch.Generator]):
+def drawing_with(generator: Optional[torch.Generator]) -> ContextManager[Any]:
     """Context in which storch's own random draws use ``generator`` (nothing if it is None)."""
     return _NOTHING if generator is None else GeneratorMode(generator)
 

@@ -7,14 +7,18 @@ for one step (one surrogate loss); estimators, which hold state across steps, li
 from __future__ import annotations
 
 import threading
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union, overload
 
 import torch
+from torch.distributions import Distribution
 
 from .errors import CostError, PlateError
 from .generators import pop_generator, push_generator
 from .node import Node
 from .plates.tensor import Lineage, Plate, PlateTensor, plates_of, raw_of
+
+if TYPE_CHECKING:
+    from .estimators.base import Estimator
 
 __all__ = ["Graph", "Node", "current_graph", "add_cost", "denote_independent", "reset"]
 
@@ -54,6 +58,7 @@ class Graph:
         self.is_default = False  # the thread's default graph (set by _stack)
         self._mode = None
         self._finished = False
+        self._guard = _StepGuard(self)
 
     def __enter__(self) -> "Graph":
         if self._finished:  # a graph object entered again starts a new step
@@ -85,6 +90,14 @@ class Graph:
         self.costs.clear()
         self.plates.clear()
 
+    def guard(self) -> "_StepGuard":
+        """A context manager that discards the step (:meth:`discard`) when its block raises, and re-raises.
+
+        Every storch call that can fail during a step runs in it, so an error never leaks a step's
+        nodes into the next one: ``with graph.guard(): ...``.
+        """
+        return self._guard
+
     def discard(self, error: BaseException) -> None:
         """A storch call in this graph raised ``error``: in the thread's default graph, end the step.
 
@@ -102,7 +115,8 @@ class Graph:
             if lineage is not None and lineage.closed is None:
                 lineage.closed = reason
 
-    def claim_plate(self, name: str, owner) -> None:
+    def claim_plate(self, name: str, owner: Any) -> None:
+        """Reserve the plate name ``name`` for ``owner`` (a node or a data plate); a name already in use raises ``storch.PlateError``."""
         if name in self.plates:
             hint = ("; if an exception interrupted the previous step in the thread's default graph, "
                     "that step was never finished: storch has now discarded it (call storch.reset() "
@@ -139,7 +153,7 @@ class Graph:
                 "enclosing `with storch.Graph():` block or another thread's graph); tensors cannot "
                 "move between graphs")
 
-    def check_call(self, estimator, distribution) -> None:
+    def check_call(self, estimator: Estimator, distribution: Distribution) -> None:
         """Checks before ``estimator(distribution)`` samples a node in this graph.
 
         The distribution's plate tensors must belong to this graph. In the thread's default
@@ -160,11 +174,12 @@ class Graph:
                 "must be built inside `with storch.Graph():`.)")
 
     def add_node(self, node: Node) -> None:
+        """Register a stochastic node (claims its plate, gives it its index); estimators call this."""
         self.claim_plate(node.plate.name, node)
         node.index = len(self.nodes)
         self.nodes.append(node)
 
-    def partition_of(self, estimator) -> Optional[Node]:
+    def partition_of(self, estimator: Estimator) -> Optional[Node]:
         """The node an estimator already sampled in this graph (its partition), if any."""
         for node in self.nodes:
             if node.estimator is estimator:
@@ -172,15 +187,14 @@ class Graph:
         return None
 
     def node_of(self, plate_name: str) -> Optional[Node]:
+        """The stochastic node whose sample plate is ``plate_name``, or None (a data plate, or unknown)."""
         owner = self.plates.get(plate_name)
         return owner if isinstance(owner, Node) else None
 
-    def add_cost(self, cost, name: Optional[str] = None) -> None:
-        try:
+    def add_cost(self, cost: torch.Tensor, name: Optional[str] = None) -> None:
+        """Add a cost to this graph: :func:`storch.add_cost` on this graph instead of the current one."""
+        with self._guard:
             self._add_cost(cost, name)
-        except BaseException as e:
-            self.discard(e)
-            raise
 
     def _add_cost(self, cost, name: Optional[str]) -> None:
         label = name if name is not None else len(self.costs)
@@ -201,14 +215,19 @@ class Graph:
         self.check_plates(plates, f"cost {label!r}")
         self.costs.append((name or f"cost{len(self.costs)}", cost))
 
-    def denote_independent(self, tensor, dim: int, plate: str):
-        try:
+    @overload
+    def denote_independent(self, tensor: torch.Tensor, dim: int, plate: str) -> PlateTensor: ...
+
+    @overload
+    def denote_independent(self, tensor: Sequence[torch.Tensor], dim: int, plate: str) -> tuple[PlateTensor, ...]: ...
+
+    def denote_independent(self, tensor: Union[torch.Tensor, Sequence[torch.Tensor]], dim: int,
+                           plate: str) -> Union[PlateTensor, tuple[PlateTensor, ...]]:
+        """Make ``dim`` of ``tensor`` an independent data plate of this graph: :func:`storch.denote_independent`."""
+        with self._guard:
             if isinstance(tensor, (tuple, list)):
                 return self._denote_several(tensor, dim, plate)
             return self._denote_independent(tensor, dim, plate)
-        except BaseException as e:
-            self.discard(e)
-            raise
 
     def _denote_independent(self, tensor: torch.Tensor, dim: int, plate: str) -> PlateTensor:
         if not isinstance(tensor, torch.Tensor):
@@ -276,6 +295,23 @@ class Graph:
         return type(tensors)(out) if type(tensors) in (tuple, list) else tuple(out)
 
 
+class _StepGuard:
+    """``with graph.guard():`` discard the graph's step if the block raises (the error propagates)."""
+
+    __slots__ = ("graph",)
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None:
+            self.graph.discard(exc)
+        return False
+
+
 def _distribution_plates(d, depth: int = 0) -> tuple[Plate, ...]:
     """The plates of the plate tensors a distribution holds (its parameters, base distributions)."""
     out: dict[str, Plate] = {}
@@ -318,7 +354,16 @@ def add_cost(cost: torch.Tensor, name: Optional[str] = None) -> None:
     current_graph().add_cost(cost, name)
 
 
-def denote_independent(tensor, dim: int, plate: str):
+@overload
+def denote_independent(tensor: torch.Tensor, dim: int, plate: str) -> PlateTensor: ...
+
+
+@overload
+def denote_independent(tensor: Sequence[torch.Tensor], dim: int, plate: str) -> tuple[PlateTensor, ...]: ...
+
+
+def denote_independent(tensor: Union[torch.Tensor, Sequence[torch.Tensor]], dim: int,
+                       plate: str) -> Union[PlateTensor, tuple[PlateTensor, ...]]:
     """Declare ``dim`` of ``tensor`` an independent plate (data points; reduced by the mean).
 
     Pass a tuple of tensors to put several of them (inputs and targets) on ONE data plate:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+from torch.distributions import Distribution
 
 from .plates.tensor import Plate, PlateTensor
 
@@ -52,7 +53,8 @@ class Node:
             partition's plates at its last step); ``None`` otherwise.
     """
 
-    def __init__(self, estimator: "Estimator", distribution, parents: tuple[Plate, ...], original=None,
+    def __init__(self, estimator: "Estimator", distribution: Distribution, parents: tuple[Plate, ...],
+                 original: Optional[Node] = None,
                  inputs: Any = None):
         self.estimator = estimator
         self.distribution = distribution
@@ -117,6 +119,7 @@ class Node:
 
     @property
     def n(self) -> int:
+        """The size of the node's sample plate (the number of entries its estimator proposed)."""
         return self.plate.size
 
     @property
@@ -124,7 +127,7 @@ class Node:
         """Number of the distribution's own batch dims (those sampled jointly by this node)."""
         return len(self.distribution.batch_shape) - len(self.parents)
 
-    def log_prob(self, value: torch.Tensor, distribution=None) -> torch.Tensor:
+    def log_prob(self, value: torch.Tensor, distribution: Optional[Distribution] = None) -> torch.Tensor:
         """Log-probability of raw ``value`` summed over the node's own batch dims."""
         lp = (distribution or self.distribution).log_prob(value)
         k = self.batch_ndims

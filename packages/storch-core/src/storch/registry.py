@@ -13,7 +13,7 @@ import difflib
 import math
 import threading
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import pluggy
 from importlib_metadata import entry_points
@@ -190,6 +190,13 @@ def available_estimators() -> dict[str, EstimatorInfo]:
 
 
 def get_estimator_class(name: str) -> type:
+    """The estimator class registered as ``name`` (or an alias of it).
+
+    Raises:
+        storch.UnknownEstimatorError: no installed estimator has that name (the message says which
+            package provides a first-party name).
+        storch.PluginError: two plugins claim the name, or its plugin failed to load.
+    """
     reg = _get()
     if name in reg.conflicts:
         a, b = reg.conflicts[name]
@@ -224,18 +231,15 @@ def get_estimator_class(name: str) -> type:
     raise UnknownEstimatorError(msg)
 
 
-def estimator(name: str, plate: str, **options):
+def estimator(name: str, plate: str, **options: Any) -> Estimator:
     """Create the estimator registered as ``name`` for the node with sample plate ``plate``.
 
     Example:
         >>> est = storch.estimator("score", plate="z", n_samples=8, baseline="leave_one_out")
     """
-    try:
+    # like every storch call that raises during a step: the default graph's step is discarded
+    with current_graph().guard():
         return _make_estimator(name, plate, options)
-    except BaseException as e:
-        # like every storch call that raises during a step: the default graph's step is discarded
-        current_graph().discard(e)
-        raise
 
 
 def _make_estimator(name: str, plate: str, options: dict):

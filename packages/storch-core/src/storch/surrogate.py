@@ -150,11 +150,8 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     graph = graph or current_graph()
     if not isinstance(order, int) or isinstance(order, bool) or order < 0:
         raise StorchError(f"order must be an int >= 0, got {order!r}")  # a bad argument: the step is intact
-    try:
+    with graph.guard():
         return _surrogate_loss(order, graph)
-    except BaseException as e:
-        graph.discard(e)
-        raise
 
 
 def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:

@@ -13,5 +13,6 @@ __all__ = ["Mvd", "Spsa", "storch_estimators"]
 
 
 @hookimpl
-def storch_estimators():
+def storch_estimators() -> list[type]:
+    """The plugin hook: this family's estimator classes (``spsa``, ``mvd``)."""
     return [Spsa, Mvd]

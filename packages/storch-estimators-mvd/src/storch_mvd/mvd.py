@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributions import Independent
 
-from storch import Estimator, Node, OptionError
+from storch import Estimator, Node
+from storch.extending import base_distribution, options
 
 from ._state import PrecomputedState
 from .decompositions import SUPPORTED, decomposition_for
@@ -72,13 +72,12 @@ class Mvd(Estimator):
 
     def __init__(self, plate: str, n_samples: int = 1, coupled: bool = True) -> None:
         super().__init__(plate, n_samples)
-        if not isinstance(coupled, bool):
-            raise OptionError(f"mvd: coupled must be True or False, got {coupled!r}")
+        options.flag("mvd", "coupled", coupled)
         self.coupled = coupled
 
     def proposal(self, node: Node) -> torch.Tensor:
         d = node.distribution
-        base = d.base_dist if isinstance(d, Independent) else d
+        base = base_distribution(d)
         dec = decomposition_for(base)
         n, npar = self.n_samples, len(node.parents)
         batch = tuple(base.batch_shape)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 
 import torch
 from torch.distributions import Distribution, Independent, constraints, transform_to
 from torch.distributions.utils import lazy_property
 
 import storch
-from storch import Estimator, Node, OptionError, UnsupportedDistributionError
+from storch import Estimator, Node, UnsupportedDistributionError
+from storch.extending import base_distribution, options
 
 from ._state import PrecomputedState
 
@@ -78,17 +78,14 @@ class Spsa(Estimator):
 
     def __init__(self, plate: str, n_samples: int = 1, perturbation: float = 0.1, coupled: bool = True) -> None:
         super().__init__(plate, n_samples)
-        if isinstance(perturbation, bool) or not isinstance(perturbation, (int, float)) or not (
-                0 < perturbation < math.inf):
-            raise OptionError(f"spsa: perturbation must be a finite number > 0, got {perturbation!r}")
-        if not isinstance(coupled, bool):
-            raise OptionError(f"spsa: coupled must be True or False, got {coupled!r}")
+        options.number("spsa", "perturbation", perturbation, above=0, finite=True, what="a finite number > 0")
+        options.flag("spsa", "coupled", coupled)
         self.perturbation = float(perturbation)
         self.coupled = coupled
 
     def proposal(self, node: Node) -> torch.Tensor:
         d = node.distribution
-        base = d.base_dist if isinstance(d, Independent) else d
+        base = base_distribution(d)
         if constraints.is_dependent(inspect.getattr_static(type(base), "support", None)):
             # appendix D.3 assumes p± have the support of p: the weights p/(p₊ + p₋) must be > 0
             # wherever p± put mass, or the weight cannot be cancelled by the gradient function

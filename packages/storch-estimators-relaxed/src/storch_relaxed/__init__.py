@@ -20,5 +20,6 @@ __all__ = ["GumbelSoftmax", "GumbelStraightThrough", "Lax", "Relax", "Rebar", "A
 
 
 @hookimpl
-def storch_estimators():
+def storch_estimators() -> list[type]:
+    """The plugin hook: this family's estimator classes."""
     return [GumbelSoftmax, GumbelStraightThrough, Lax, Relax, Rebar, Arm, DisArm, Go]

@@ -15,10 +15,14 @@ from typing import Optional
 import torch
 from torch.distributions import Bernoulli
 
-from storch import CostFrame, Node, OptionError
+from storch import CostFrame, Node
+from storch.extending import base_distribution, options
 
-from ._common import (VarianceTrained, base_of, block, blocks_weights, discrete_with_relaxation, pad_blocks,
-                      param_tensors, tilde_term)
+from ._blocks import block, blocks_weights, pad_blocks
+from ._network import tilde_term
+from ._noise import discrete_with_relaxation
+from ._params import param_tensors
+from ._variance_trained import VarianceTrained
 
 __all__ = ["RelaxedCost"]
 
@@ -34,10 +38,8 @@ class RelaxedCost(VarianceTrained):
     _tilde_term = staticmethod(tilde_term)
 
     def _init_relaxed_cost(self, temperature: float, eta: float) -> None:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
-            raise OptionError(f"{self.name}: temperature must be a finite float > 0, got {temperature!r}")
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta):
-            raise OptionError(f"{self.name}: eta must be a finite float, got {eta!r}")
+        options.number(self.name, "temperature", temperature, above=0, finite=True)
+        options.number(self.name, "eta", eta, finite=True)
         # λ as log λ (positive), η: trained with the rest of c by update_parameters (Tucker et al., §3.3)
         self.log_temperature = torch.nn.Parameter(torch.tensor(math.log(temperature), dtype=torch.float64))
         self.eta = torch.nn.Parameter(torch.tensor(float(eta), dtype=torch.float64))
@@ -51,13 +53,13 @@ class RelaxedCost(VarianceTrained):
         return not self.relaxed_cost
 
     def proposal(self, node: Node) -> torch.Tensor:
-        d = base_of(node.distribution)
+        d = base_distribution(node.distribution)
         s = node.state
         s.params = param_tensors(node.distribution)
         s.z, s.b, hard, s.z_tilde = discrete_with_relaxation(d, self.n_samples)
         if not self.relaxed_cost:
             return s.b
-        lam = self.log_temperature.clone().exp().to(s.z)  # z's dtype and device  # clone: see _common.param_clones
+        lam = self.log_temperature.clone().exp().to(s.z)  # z's dtype and device  # clone: see _network.param_clones
         if isinstance(d, Bernoulli):
             soft, soft_tilde = torch.sigmoid(s.z / lam), torch.sigmoid(s.z_tilde / lam)
         else:
@@ -83,7 +85,7 @@ class RelaxedCost(VarianceTrained):
         c_zt: Optional[torch.Tensor] = None
         if self.relaxed_cost:
             live = cost.live()  # with its graph: c must be differentiable in θ, λ, η
-            eta = self.eta.clone().to(live)  # live's dtype and device  # clone: see _common.param_clones
+            eta = self.eta.clone().to(live)  # live's dtype and device  # clone: see _network.param_clones
             c_z, c_zt = eta * block(live, cost, n, 1), eta * block(live, cost, n, 2)  # η f(σ_λ(·))
         r_z, r_zt = self.residual(node, s.z), self.residual(node, s.z_tilde)
         if r_z is not None:

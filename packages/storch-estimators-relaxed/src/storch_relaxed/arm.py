@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from torch.distributions import Bernoulli
 
 from storch import CostFrame, Estimator, Node, magic_box
+from storch.extending import base_distribution
 
-from ._common import base_of, block, blocks_weights, logistic_noise, pad_blocks
+from ._blocks import block, blocks_weights, pad_blocks
+from ._noise import logistic_noise
 
 __all__ = ["Arm", "AntitheticState"]
 
@@ -70,7 +72,7 @@ class Arm(Estimator):
     State = AntitheticState
 
     def proposal(self, node: Node) -> torch.Tensor:
-        alpha = base_of(node.distribution).logits
+        alpha = base_distribution(node.distribution).logits
         eps = logistic_noise((self.n_samples,) + tuple(alpha.shape), alpha)
         node.state.eps = eps
         x = (alpha + eps > 0).to(alpha.dtype)  # the real samples (no gradient)
@@ -82,7 +84,7 @@ class Arm(Estimator):
         return blocks_weights(node, self.n_samples, 2)
 
     def gradient_function(self, node: Node) -> torch.Tensor:
-        alpha = base_of(node.distribution).logits
+        alpha = base_distribution(node.distribution).logits
         eps = node.state.eps  # z - α with z = ⊥z: only α is differentiated
         e = (alpha.detach() + eps) - alpha
         log_q = -e - 2 * F.softplus(-e)  # log density of Logistic(α, 1) at z (appendix D.2.5, item 3)

@@ -8,8 +8,10 @@ import torch
 from torch.distributions import Bernoulli
 
 from storch import CostFrame, Node, magic_box
+from storch.extending import base_distribution
 
-from ._common import base_of, block, flat, pad_blocks
+from ._blocks import block, pad_blocks
+from ._network import flat
 from .arm import Arm
 
 __all__ = ["DisArm"]
@@ -55,7 +57,7 @@ class DisArm(Arm):
 
     def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         n = self.n_samples
-        alpha = base_of(node.distribution).logits
+        alpha = base_distribution(node.distribution).logits
         x, x_tilde = node.state.x, node.state.x_tilde
         # ⊥: (-1)^{x̃} 1[x ≠ x̃] σ(|α|) is a coefficient; only (α - ⊥α) carries the gradient
         coef = ((1 - 2 * x_tilde) * (x != x_tilde) * torch.sigmoid(alpha.abs())).detach()

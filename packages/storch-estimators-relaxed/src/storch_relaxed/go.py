@@ -10,8 +10,10 @@ import torch
 from torch.distributions import Bernoulli, Categorical, OneHotCategorical, Poisson
 
 from storch import CostFrame, Estimator, Node, magic_box
+from storch.extending import base_distribution
 
-from ._common import base_of, blocks_weights, flat, pad_blocks
+from ._blocks import blocks_weights, pad_blocks
+from ._network import flat
 
 __all__ = ["Go", "GoState"]
 
@@ -78,7 +80,7 @@ class Go(Estimator):
     State = GoState
 
     def proposal(self, node: Node) -> torch.Tensor:
-        d = base_of(node.distribution)
+        d = base_distribution(node.distribution)
         x = d.sample((self.n_samples,))
         onehot = isinstance(d, OneHotCategorical)
         index = x.argmax(-1) if onehot else x  # a one-hot value as its category index
@@ -108,7 +110,7 @@ class Go(Estimator):
         f = cost.tensor.unflatten(dim, (1 + m, n))
         f_x = f.select(dim, 0)  # (frame): real samples
         f_nb = f.narrow(dim, 1, m).movedim(dim, -1)  # (frame, m): neighbours
-        dP = cost.align(flat(_cdf_term(base_of(node.distribution), node.state.index), len(node.plates)))
+        dP = cost.align(flat(_cdf_term(base_distribution(node.distribution), node.state.index), len(node.plates)))
         g = ((f_x.unsqueeze(-1) - f_nb) * dP).sum(-1)  # appendix D.2.6, first line
         l = cost.align(node.state.l)
         return pad_blocks(g - f_x * (magic_box(l) - 1.0), 1 + m, dim)  # second line: - score term

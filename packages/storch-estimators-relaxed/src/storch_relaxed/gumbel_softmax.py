@@ -6,8 +6,9 @@ import torch
 from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 
 from storch import Estimator, Node, OptionError
+from storch.extending import base_distribution
 
-from ._common import Temperature, base_of, check_temperature, gumbel_noise, logistic_noise
+from ._noise import Temperature, check_temperature, gumbel_noise, logistic_noise
 
 __all__ = ["GumbelSoftmax"]
 
@@ -75,7 +76,7 @@ class GumbelSoftmax(Estimator):
 
     def relaxed(self, node: Node) -> tuple[torch.Tensor, torch.Tensor]:
         """n relaxed samples ``(n, *parents, *batch[, K])`` (differentiable) and their logits z."""
-        d = base_of(node.distribution)
+        d = base_distribution(node.distribution)
         tau = self.current_temperature()
         logits = d.logits
         shape = (self.n_samples,) + tuple(logits.shape)

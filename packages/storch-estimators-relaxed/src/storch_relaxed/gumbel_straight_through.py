@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch.distributions import Bernoulli
 
 from storch import Node
+from storch.extending import base_distribution
 
-from ._common import base_of
 from .gumbel_softmax import GumbelSoftmax
 
 __all__ = ["GumbelStraightThrough"]
@@ -54,7 +54,7 @@ class GumbelStraightThrough(GumbelSoftmax):
     def proposal(self, node: Node) -> torch.Tensor:
         soft, z = self.relaxed(node)
         z = z.detach()  # H(z) carries no gradient
-        if isinstance(base_of(node.distribution), Bernoulli):
+        if isinstance(base_distribution(node.distribution), Bernoulli):
             hard = (z > 0).to(z.dtype)  # = 1[σ(z/τ) > 1/2]
         else:
             hard = F.one_hot(z.argmax(-1), z.shape[-1]).to(z.dtype)

@@ -8,7 +8,9 @@ import torch
 
 from storch import CostFrame, Node, magic_box
 
-from ._common import VarianceTrained, evaluate_network, param_tensors
+from ._network import evaluate_network
+from ._params import param_tensors
+from ._variance_trained import VarianceTrained
 
 __all__ = ["Lax"]
 

@@ -8,9 +8,9 @@ import torch
 from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 
 from storch import Node, OptionError, PlateError, PlateTensor
-from storch.plates.tensor import align
+from storch.extending import align
 
-from ._common import evaluate_network, flat
+from ._network import evaluate_network, flat
 from ._relaxed_cost import RelaxedCost
 
 __all__ = ["Relax"]
@@ -41,7 +41,7 @@ class Relax(RelaxedCost):
     Its first derivative is the same, but its second derivative misses the cross terms
     ∇l ∇c_φ(z̃)ᵀ + ∇c_φ(z̃) ∇lᵀ of ∇²E[c_φ(z̃)] (z̃ depends on θ through b AND through the
     conditional reparameterisation), so it is biased at order 2. We use -MagicBox(l) c_φ(z̃) +
-    ⊥c_φ(z̃) (``storch_relaxed._common.tilde_term``): evaluates to 0, and all its derivatives are
+    ⊥c_φ(z̃) (``storch_relaxed._network.tilde_term``): evaluates to 0, and all its derivatives are
     those of the DiCE estimate MagicBox(l) c_φ(z̃) of E[c_φ(z)], so the control variate is zero in
     expectation at every order. ``tests/relaxed/test_relaxed_unbiased.py`` checks both forms.
 

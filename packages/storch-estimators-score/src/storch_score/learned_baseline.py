@@ -6,10 +6,10 @@ import re
 from typing import Optional
 
 import torch
-from torch.distributions import Independent, OneHotCategorical
+from torch.distributions import OneHotCategorical
 
 from storch import CostFrame, Node, OptionError, PlateError, PlateTensor
-from storch.plates.tensor import align
+from storch.extending import align, base_distribution, options
 
 __all__ = ["LearnedBaseline", "baseline_features"]
 
@@ -17,7 +17,7 @@ __all__ = ["LearnedBaseline", "baseline_features"]
 def _default_features(node: Node) -> torch.Tensor:
     """The node's distribution parameters (logits, probs, loc, ...), when no inputs were given."""
     d = node.distribution
-    base = d.base_dist if isinstance(d, Independent) else d
+    base = base_distribution(d)
     base = base._categorical if isinstance(base, OneHotCategorical) else base  # it holds the logits
     for name in ("logits", "probs", "loc", "rate", "concentration"):
         v = base.__dict__.get(name)
@@ -74,12 +74,12 @@ class LearnedBaseline(torch.nn.Module):
 
     def __init__(self, hidden: int = 32) -> None:
         super().__init__()
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise OptionError(f"learned baseline: hidden must be an int >= 1, got {hidden!r}")
+        options.integer("learned baseline", "hidden", hidden, minimum=1)
         self.hidden = hidden
         self.heads = torch.nn.ModuleDict()
 
     def head(self, name: Optional[str], h: torch.Tensor) -> torch.nn.Module:
+        """The network of the cost named ``name``, built on first use with ``h``'s width, dtype and device."""
         key = "cost_" + re.sub(r"\W", "_", name or "")
         if key not in self.heads:
             net = torch.nn.Sequential(torch.nn.Linear(h.shape[-1], self.hidden), torch.nn.Tanh(),

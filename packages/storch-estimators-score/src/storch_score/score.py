@@ -6,10 +6,11 @@ import copy
 from typing import Callable, Optional, Union
 
 import torch
-from torch.distributions import Bernoulli, Independent
+from torch.distributions import Bernoulli, Distribution
 
 import storch.distributed
 from storch import CostFrame, Estimator, Node, OptionError, PlateTensor
+from storch.extending import base_distribution, leave_one_out, options
 
 from .learned_baseline import LearnedBaseline
 
@@ -89,117 +90,89 @@ class Score(Estimator):
                  decay: float = 0.9, lr: float = 1e-2, hidden: int = 128, update: bool = True,
                  eos: Optional[int] = None) -> None:
         super().__init__(plate, n_samples)
-        if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or eos < 0):
-            raise OptionError(f"score: eos must be None or the index of the end value in the support, got {eos!r}")
-        self.eos = eos
+        self.eos = options.optional_index("score", "eos", eos, "None or the index of the end value in the support")
         self.baseline_fn: Optional[Callable] = None
         if callable(baseline) and not isinstance(baseline, str):
-            self.baseline_kind, self.baseline_fn = "callable", baseline
+            kind, self.baseline_fn = "callable", baseline
         elif isinstance(baseline, str) and baseline in _KINDS:
-            self.baseline_kind = _KINDS[baseline]
+            kind = _KINDS[baseline]
         else:
             raise OptionError(
                 f"score: baseline={baseline!r} is not accepted; use 'none', 'moving_average', 'leave_one_out' "
                 "(alias 'batch_average'), 'learned', 'greedy', or a callable / nn.Module baseline(node, cost)")
-        if self.baseline_kind == "leave_one_out" and n_samples < 2:
+        if kind == "leave_one_out" and n_samples < 2:
             raise OptionError(
                 f"score: baseline={baseline!r} needs n_samples >= 2 (it averages the other samples' costs), "
                 f"got n_samples={n_samples}")
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            raise OptionError(f"score: decay must be a float in [0, 1), got {decay!r}")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise OptionError(f"score: lr must be a float > 0, got {lr!r}")
-        if not isinstance(update, bool):
-            raise OptionError(f"score: update must be True or False, got {update!r}")
-        if self.baseline_kind == "learned":
-            self.baseline_kind, self.baseline_fn = "callable", LearnedBaseline(hidden)
+        options.number("score", "decay", decay, at_least=0.0, below=1.0)
+        options.number("score", "lr", lr, above=0)
+        options.flag("score", "update", update)
+        if kind == "learned":
+            kind, self.baseline_fn = "callable", LearnedBaseline(hidden)
+        self._baseline: _Baseline = _BASELINES[kind]
         self.decay, self.lr, self.update = float(decay), float(lr), update
         self.moving_averages: dict[str, torch.Tensor] = {}  # cost name -> average of earlier steps
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self.update_steps = 0
         self.register_load_state_dict_post_hook(Score._restore_optimizer)
         # state that storch.backward() updates: the moving average, a learned baseline's parameters
-        fn = self.baseline_fn
-        self.has_update = update and (self.baseline_kind == "moving_average" or isinstance(fn, LearnedBaseline) or (
-            isinstance(fn, torch.nn.Module) and any(p.requires_grad for p in fn.parameters())))
+        self.has_update = update and self._baseline.trains(self)
+
+    @property
+    def baseline_kind(self) -> str:
+        """Which baseline: ``"none"``, ``"moving_average"``, ``"leave_one_out"``, ``"greedy"`` or ``"callable"``."""
+        return self._baseline.kind
 
     # -- the components ------------------------------------------------------------------------
 
     @property
     def uniform_weights(self) -> bool:
-        return self.baseline_kind != "greedy"
+        return not self._baseline.greedy
 
     def proposal(self, node: Node) -> torch.Tensor:
         x = super().proposal(node)
-        if self.baseline_kind != "greedy":
+        if not self._baseline.greedy:
             return x
         # the greedy value as one more, evaluation-only entry (Rennie et al. 2017)
         return torch.cat([x, _mode(node.distribution, self.name).unsqueeze(0).to(x.dtype)], 0)
 
     def weighting_function(self, node: Node) -> torch.Tensor:
         w = super().weighting_function(node)
-        if self.baseline_kind != "greedy":
+        if not self._baseline.greedy:
             return w
         n = self.n_samples
         return torch.cat([w.new_full((n,), 1.0 / n), w.new_zeros((1,))])  # w = 0: evaluation only
 
     def gradient_function(self, node: Node) -> torch.Tensor:
         l = super().gradient_function(node)
-        if self.baseline_kind != "greedy":
+        if not self._baseline.greedy:
             return l
         return torch.cat([l[:-1], torch.zeros_like(l[-1:])])  # the greedy entry is not a sample of p
 
-    def extend(self, node: Node, distribution, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.baseline_kind != "greedy":
+    def extend(self, node: Node, distribution: Distribution, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._baseline.greedy:
             return super().extend(node, distribution, plates)
         # a later step of a partition: the greedy entry continues with the greedy value (greedy
         # decoding); its log-probability is 0, as at the first step (it is not a sample of p)
-        sample = self._draw(distribution, ())
+        sample = self.draw(distribution, ())
         is_greedy = torch.arange(sample.shape[0], device=sample.device) == self.n_samples
         sample = torch.where(is_greedy.reshape((-1,) + (1,) * (sample.dim() - 1)),
                              _mode(distribution, self.name).to(sample.dtype), sample)
         lp = self.step_gradient_function(node, distribution, sample, plates)
         lp = torch.where(is_greedy.reshape((-1,) + (1,) * (lp.dim() - 1)), torch.zeros_like(lp), lp)
         if self.eos is not None:
-            sample, lp = self._after_eos(node, distribution, sample, lp, plates)
+            sample, lp = self.mask_after_eos(node, distribution, sample, lp, plates)
         return sample, lp
 
     def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
-        kind = self.baseline_kind
-        if kind == "leave_one_out":
-            # b_j = 1/(n-1) Σ_{j' ≠ j} f(x_j') (paper, section 3.2.5); cost.tensor is detached
-            t = cost.tensor
-            n = node.n
-            if t.shape[cost.dim] != n:
-                t = t.expand(t.shape[:cost.dim] + (n,) + t.shape[cost.dim + 1:])
-            return (cost.sum_plate(t) - t) / (n - 1)
-        if kind == "moving_average":
-            # the average of EARLIER steps only: update_parameters adds this step's costs after the
-            # step, so b never depends on the current samples (appendix D.2.1, condition on b); a
-            # cost at step t of a partition has its own average (a per-time-step baseline)
-            return self.moving_averages.get(cost.key)
-        if kind == "greedy":
-            # b = f(greedy value), the cost at the evaluation-only last entry (Rennie et al. 2017)
-            t = cost.tensor
-            return t.narrow(cost.dim, self.n_samples, 1) if t.shape[cost.dim] > 1 else t
-        if kind == "callable":
-            b = self._call_baseline(node, cost)
-            if isinstance(self.baseline_fn, LearnedBaseline):
-                # NVIL centres the cost with a running mean c and learns b_ψ(h) on the rest:
-                # b = c + b_ψ(h) (Mnih & Gregor 2014, §3.3); both from earlier steps only
-                c = self.moving_averages.get(cost.key)
-                b = b if c is None else b + c
-            return b
-        return None
+        return self._baseline.value(self, node, cost)
 
     def has_control_variate(self) -> bool:
         # without a baseline there is no control variate: no cost frame per cost, no extra nodes
         return self.baseline_kind != "none"
 
     def control_variate_stacks(self) -> bool:
-        # leave-one-out reads only the costs along the node's plate; a moving average is per cost
-        # name and step, a callable (or learned) baseline may read anything
-        return self.baseline_kind in ("none", "leave_one_out")
+        return self._baseline.stacks
 
     def _call_baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         b = self.baseline_fn(node, cost)
@@ -217,10 +190,9 @@ class Score(Estimator):
 
     def update_parameters(self, nodes: list[Node], loss: torch.Tensor) -> None:
         """Add this step's mean costs to the moving average, or regress a learned baseline on them."""
-        frames = [(node, frame) for node in nodes for frame in node.frames.values()]
-        if self.baseline_kind == "moving_average":
-            self._update_averages(frames)
-            return
+        self._baseline.update(self, [(node, frame) for node in nodes for frame in node.frames.values()])
+
+    def _regress(self, frames: list) -> None:
         # a learned baseline: one Adam step on Σ (b_ψ - f)², f the detached cost estimates (NVIL, Eq. 11);
         # "learned" regresses on f - c, c the running mean of the cost (NVIL's centring), then updates c
         errors = []
@@ -281,12 +253,104 @@ class Score(Estimator):
     def extra_repr(self) -> str:
         b = self.baseline_kind if self.baseline_fn is None else repr(self.baseline_fn)
         return f"{super().extra_repr()}, baseline={b}" + (
-            f", decay={self.decay}" if self.baseline_kind == "moving_average" else "")
+            f", decay={self.decay}" if self._baseline is _BASELINES["moving_average"] else "")
+
+
+# -- the baselines b(x<i, X \\ {x}): small stateless objects; their state lives on the estimator ------
+
+
+class _Baseline:
+    """No baseline (b = None): the plain score function. The base of the baselines below.
+
+    Attributes:
+        kind: the name ``Score.baseline_kind`` reports.
+        greedy: the proposal adds the evaluation-only greedy entry (self-critical).
+        stacks: ``control_variate_stacks``: b reads only the costs along the node's plate.
+    """
+
+    kind = "none"
+    greedy = False
+    stacks = True
+
+    def value(self, est: Score, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
+        """b in the frame of ``cost`` (detached by the caller), or ``None``."""
+        return None
+
+    def trains(self, est: Score) -> bool:
+        """Whether ``storch.backward()`` changes this baseline's state (``has_update``)."""
+        return False
+
+    def update(self, est: Score, frames: list) -> None:
+        """Learn from this step's cost frames (``update_parameters``; the only place state changes)."""
+
+
+class _LeaveOneOut(_Baseline):
+    kind = "leave_one_out"
+
+    def value(self, est, node, cost):
+        # b_j = 1/(n-1) Σ_{j' ≠ j} f(x_j') (paper, section 3.2.5); cost.tensor is detached
+        return leave_one_out(cost, node.n)
+
+
+class _MovingAverage(_Baseline):
+    kind = "moving_average"
+    stacks = False  # one average per cost name and step
+
+    def value(self, est, node, cost):
+        # the average of EARLIER steps only: update_parameters adds this step's costs after the
+        # step, so b never depends on the current samples (appendix D.2.1, condition on b); a
+        # cost at step t of a partition has its own average (a per-time-step baseline)
+        return est.moving_averages.get(cost.key)
+
+    def trains(self, est):
+        return True
+
+    def update(self, est, frames):
+        est._update_averages(frames)
+
+
+class _Greedy(_Baseline):
+    kind = "greedy"
+    greedy = True
+    stacks = False
+
+    def value(self, est, node, cost):
+        # b = f(greedy value), the cost at the evaluation-only last entry (Rennie et al. 2017)
+        t = cost.tensor
+        return t.narrow(cost.dim, est.n_samples, 1) if t.shape[cost.dim] > 1 else t
+
+
+class _Callable(_Baseline):
+    """A user callable or module (``baseline_fn``), or NVIL's :class:`LearnedBaseline`."""
+
+    kind = "callable"
+    stacks = False  # it may read anything
+
+    def value(self, est, node, cost):
+        b = est._call_baseline(node, cost)
+        if isinstance(est.baseline_fn, LearnedBaseline):
+            # NVIL centres the cost with a running mean c and learns b_ψ(h) on the rest:
+            # b = c + b_ψ(h) (Mnih & Gregor 2014, §3.3); both from earlier steps only
+            c = est.moving_averages.get(cost.key)
+            b = b if c is None else b + c
+        return b
+
+    def trains(self, est):
+        fn = est.baseline_fn
+        return isinstance(fn, LearnedBaseline) or (
+            isinstance(fn, torch.nn.Module) and any(p.requires_grad for p in fn.parameters()))
+
+    def update(self, est, frames):
+        est._regress(frames)
+
+
+_BASELINES: dict[str, _Baseline] = {
+    b.kind: b for b in (_Baseline(), _LeaveOneOut(), _MovingAverage(), _Greedy(), _Callable())}
 
 
 def _mode(d, who: str) -> torch.Tensor:
     """The most probable value of ``d`` (argmax p; the greedy sample of a self-critical baseline)."""
-    base = d.base_dist if isinstance(d, Independent) else d
+    base = base_distribution(d)
     if isinstance(base, Bernoulli):  # torch's Bernoulli.mode is NaN at p = 1/2; take 0 there
         return (base.logits > 0).to(base.logits.dtype)
     try:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Hashable, Optional, Union
 
 import torch
 from torch.distributions import Categorical, Distribution
 
 import storch
 
-from storch import CostFrame, Estimator, Node, OptionError, PlateError
+from storch import CostFrame, Estimator, Node, OptionError, PlateError, PlateTensor
+from storch.extending import leave_one_out, options
 
 from . import _sequences
 from ._memory import VariableTable, codes_of, first_occurrences, log1mexp, sample_outside, top_k_codes
@@ -84,6 +85,10 @@ class MemoryState:
     smp_cum: list = field(default_factory=list)
     costs: dict = field(default_factory=dict)
     l0: Optional[torch.Tensor] = None
+
+
+# baseline option -> (the accepted names; 'batch_average' is an alias of 'leave_one_out')
+_BASELINES = ("none", "leave_one_out", "batch_average")
 
 
 class SumAndSample(Estimator):
@@ -179,32 +184,24 @@ class SumAndSample(Estimator):
         if memory is not None and not (isinstance(memory, torch.Tensor) or callable(memory)):
             raise OptionError(f"sum_and_sample: memory={memory!r} is not accepted; give a tensor of values or a "
                               "callable distribution -> tensor of values")
-        n_enumerate = 1 if n_enumerate is None else n_enumerate
-        if isinstance(n_enumerate, bool) or not isinstance(n_enumerate, int) or n_enumerate < 0:
-            raise OptionError(f"sum_and_sample: n_enumerate must be an int >= 0, got {n_enumerate!r}")
-        if baseline not in ("none", "leave_one_out", "batch_average"):
-            raise OptionError(f"sum_and_sample: baseline={baseline!r} is not accepted; use 'none' or "
-                              "'leave_one_out' (alias 'batch_average')")
+        n_enumerate = options.integer("sum_and_sample", "n_enumerate", 1 if n_enumerate is None else n_enumerate,
+                                      minimum=0)
+        options.choice("sum_and_sample", "baseline", baseline, _BASELINES)
         if baseline != "none" and n_samples < 2:
             raise OptionError(f"sum_and_sample: baseline={baseline!r} needs n_samples >= 2, got {n_samples}")
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise OptionError(f"sum_and_sample: budget must be an int >= 1, got {budget!r}")
+        options.integer("sum_and_sample", "budget", budget, minimum=1)
         self.n_enumerate = n_enumerate
         self.memory = memory
         self.leave_one_out = baseline != "none"
         self.budget = budget
 
     def _init_sequences(self, n_enumerate, memory, baseline, buffer, eos) -> None:
-        if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
-            raise OptionError(f"sum_and_sample: buffer must be an int >= 1 (sequences kept per key), got {buffer!r}")
-        if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int)):
-            raise OptionError(f"sum_and_sample: eos must be an int token, got {eos!r}")
-        n_enumerate = buffer if n_enumerate is None else n_enumerate
-        if isinstance(n_enumerate, bool) or not isinstance(n_enumerate, int) or n_enumerate < 0:
-            raise OptionError(f"sum_and_sample: n_enumerate must be an int >= 0, got {n_enumerate!r}")
-        if baseline not in ("none", "leave_one_out", "batch_average"):
-            raise OptionError(f"sum_and_sample: baseline={baseline!r} is not accepted; use 'none' or "
-                              "'leave_one_out' (alias 'batch_average')")
+        options.integer("sum_and_sample", "buffer", buffer, minimum=1, what="an int >= 1 (sequences kept per key)")
+        if eos is not None:
+            options.integer("sum_and_sample", "eos", eos, what="an int token")
+        n_enumerate = options.integer("sum_and_sample", "n_enumerate", buffer if n_enumerate is None else n_enumerate,
+                                      minimum=0)
+        options.choice("sum_and_sample", "baseline", baseline, _BASELINES)
         if baseline != "none" and self.n_samples < 2:
             raise OptionError(f"sum_and_sample: baseline={baseline!r} needs n_samples >= 2, got {self.n_samples}")
         if baseline != "none" and n_enumerate < buffer:
@@ -240,7 +237,8 @@ class SumAndSample(Estimator):
         raise OptionError(f"sum_and_sample: memory={memory!r} is not accepted for sequences; give a tensor (k', T), "
                           "a dict key -> tensor or a callable key -> tensor")
 
-    def forward(self, distribution: Distribution, *args, memory_key=None, **kwargs):
+    def forward(self, distribution: Distribution, *args: Any, memory_key: Optional[Hashable] = None,
+                **kwargs: Any) -> PlateTensor:
         """Sample the node (or the next step of the sequence); ``memory_key``: the data points' keys."""
         if memory_key is not None and self.buffer is None:
             raise OptionError("sum_and_sample: memory_key= is for sequences (buffer=)")
@@ -254,7 +252,7 @@ class SumAndSample(Estimator):
 
     # -- sequences (buffer=) -----------------------------------------------------------------------
 
-    def extend(self, node: Node, distribution: Distribution, plates: tuple):
+    def extend(self, node: Node, distribution: Distribution, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         if not node.state.seq:
             raise PlateError(
                 f"estimator {self.name!r} (plate {self.plate!r}) was already used in this graph. On sequences "
@@ -277,10 +275,10 @@ class SumAndSample(Estimator):
             if node.state.seq:
                 _sequences.update(self, node)
 
-    def get_extra_state(self):
+    def get_extra_state(self) -> dict:
         return None if self.buffer is None else self._buffer.state()
 
-    def set_extra_state(self, state) -> None:
+    def set_extra_state(self, state: dict) -> None:
         if state is not None:
             self._buffer.load(state)
 
@@ -385,14 +383,8 @@ class SumAndSample(Estimator):
     def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         if not self.leave_one_out or not node.state.m:
             return None
-        k, m, d = node.state.k, node.state.m, cost.dim
-        t = cost.tensor
-        if t.shape[d] != node.n:
-            t = t.expand(t.shape[:d] + (node.n,) + t.shape[d + 1:])
-        smp = t.narrow(d, k, m)
         # leave-one-out over the sampled part only: b_j = 1/(m-1) Σ_{j' ≠ j, j' > k'} f(x_j')
-        b = (smp.sum(d, keepdim=True) - smp) / (m - 1)
-        return torch.cat([torch.zeros_like(t.narrow(d, 0, k)), b], d)
+        return leave_one_out(cost, node.n, start=node.state.k)
 
 
 def _memory_indices(memory, node: Node, values: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.distributions import Distribution
 
 from storch import CostFrame, Estimator, Node, OptionError
-from storch.plates.tensor import align
+from storch.extending import align, options
 
 from ._beam import _gumbel_like, beam_step, stochastic_beam_search
 from ._support import enumerate_joint, enumerate_values, masked_logsumexp
@@ -108,11 +109,9 @@ class UnorderedSet(Estimator):
         if baseline and n_samples < 2:
             raise OptionError(f"unordered_set: the built-in baseline needs n_samples >= 2, got {n_samples}; "
                               "use baseline=False for a single sample")
-        if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or eos < 0):
-            raise OptionError(f"unordered_set: eos must be None or the index of the end value in the support, got {eos!r}")
-        self.eos = eos
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise OptionError(f"unordered_set: budget must be an int >= 1, got {budget!r}")
+        self.eos = options.optional_index("unordered_set", "eos", eos,
+                                          "None or the index of the end value in the support")
+        options.integer("unordered_set", "budget", budget, minimum=1)
         self.use_baseline = baseline
         self.budget = budget
         if not baseline:
@@ -141,7 +140,7 @@ class UnorderedSet(Estimator):
         node.state.lp, node.state.log_rest, node.state.g = lp, log_rest, g
         return values
 
-    def extend(self, node: Node, distribution, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    def extend(self, node: Node, distribution: Distribution, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """Step t of a partition: one step of stochastic beam search over the sequences (Kool et al.,
         2019): the k best perturbed prefixes survive, their parents are recorded in the lineage, so
         tensors of earlier steps follow their prefixes. The set of sequences at the last step is a
@@ -152,7 +151,7 @@ class UnorderedSet(Estimator):
         values, lp = enumerate_values(distribution, len(plates), self.budget, self.name, self.plate)  # (M, *plates)
         if self.eos is not None:  # a finished prefix continues with eos, with probability 1
             done = align(node.finished, prev, plates).expand(tuple(p.size for p in plates))
-            is_end = self._is_eos(distribution, values, len(plates)).reshape((-1,) + (1,) * len(plates))
+            is_end = self.is_eos(distribution, values, len(plates)).reshape((-1,) + (1,) * len(plates))
             forced = torch.where(is_end, torch.zeros((), dtype=lp.dtype), torch.full((), -math.inf, dtype=lp.dtype))
             lp = torch.where(done.unsqueeze(0), forced, lp)
         lp = lp.expand((lp.shape[0],) + tuple(p.size for p in plates))
@@ -169,7 +168,7 @@ class UnorderedSet(Estimator):
         sample = values[value]
         c.lp, c.phi, c.g, c.log_rest, c.h = phi, phi, g, log_rest, None
         if self.eos is not None:
-            node.finished = done.gather(0, parent) | self._is_eos(distribution, sample, len(plates))
+            node.finished = done.gather(0, parent) | self.is_eos(distribution, sample, len(plates))
         # an impossible value (only drawn when k exceeds the possible sequences) has weight 0: l = 0
         return sample, torch.where(torch.isfinite(step_lp), step_lp, torch.zeros_like(step_lp))
 

@@ -8,5 +8,6 @@ __all__ = ["Expect", "Reparameterization", "storch_estimators"]
 
 
 @hookimpl
-def storch_estimators():
+def storch_estimators() -> list[type]:
+    """The plugin hook: the built-in estimator classes (``expect``, ``reparameterization``)."""
     return [Expect, Reparameterization]

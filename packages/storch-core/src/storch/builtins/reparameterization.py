@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.distributions import Distribution
 
 from ..estimators.base import Estimator
 from ..node import Node
@@ -44,5 +45,6 @@ class Reparameterization(Estimator):
     def gradient_function(self, node: Node) -> torch.Tensor:
         return torch.zeros((1,), dtype=node.sample.dtype, device=node.sample.device)
 
-    def step_gradient_function(self, node, distribution, sample, plates) -> torch.Tensor:
+    def step_gradient_function(self, node: Node, distribution: Distribution, sample: torch.Tensor,
+                               plates: tuple) -> torch.Tensor:
         return torch.zeros((1,), dtype=sample.dtype, device=sample.device)

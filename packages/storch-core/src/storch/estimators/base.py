@@ -34,21 +34,34 @@ from __future__ import annotations
 
 import inspect
 import math
+import types
 from typing import Any, ClassVar, Optional
 
 import torch
 from torch.distributions import Distribution
 
 from ..cost import CostFrame, _lead, magic_box
-from ..distributions import unwrap_distribution
+from ..distributions import base_distribution, unwrap_distribution
 from ..errors import NonFiniteParameterError, OptionError, PlateError, StorchError, UnsupportedDistributionError
 from ..generators import drawing_with
+from .. import options
 from ..graph import current_graph
 from ..node import Node
 from ..plates.tensor import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
 from .catalog import EstimatorInfo, available, supporting_estimators
 
 __all__ = ["Estimator", "CostFrame", "magic_box"]
+
+
+class _instance_or_class:
+    """A method bound to the instance when called on one, else to the class (capability checks)."""
+
+    def __init__(self, func) -> None:
+        self.__func__ = func
+        self.__doc__ = func.__doc__
+
+    def __get__(self, obj, cls=None):
+        return types.MethodType(self.__func__, cls if obj is None else obj)
 
 
 class Estimator(torch.nn.Module):
@@ -95,9 +108,8 @@ class Estimator(torch.nn.Module):
         super().__init__()
         if not isinstance(plate, str) or not plate:
             raise OptionError(f"plate must be a non-empty string, got {plate!r}")
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise OptionError(f"{self.name}: n_samples must be an int >= 1 (the number of samples), got "
-                              f"{n_samples!r}; pass an int such as n_samples=4")
+        options.integer(self.name, "n_samples", n_samples, minimum=1, what="an int >= 1 (the number of samples)",
+                        hint="; pass an int such as n_samples=4")
         self.plate = plate
         self.n_samples = n_samples
 
@@ -138,7 +150,7 @@ class Estimator(torch.nn.Module):
         if not self.uniform_weights:  # uniform ones (1/N) are built only if read (Node.weight_values)
             node.weight_values = _lead(self.weighting_function(node), n)
         if self.eos is not None:
-            node.finished = self._is_eos(raw, sample, len(parents))
+            node.finished = self.is_eos(raw, sample, len(parents))
         node.value = PlateTensor._wrap(self.output(node), node.plates)
         return node.value
 
@@ -204,13 +216,14 @@ class Estimator(torch.nn.Module):
             estimator that selects which prefixes survive records entry i's parent with
             ``node.plate.lineage.set_parents(node.step + 1, index, plates[1:])``.
         """
-        sample = self._draw(distribution, ())
+        sample = self.draw(distribution, ())
         lp = self.step_gradient_function(node, distribution, sample, plates)
         if self.eos is not None:
-            sample, lp = self._after_eos(node, distribution, sample, lp, plates)
+            sample, lp = self.mask_after_eos(node, distribution, sample, lp, plates)
         return sample, lp
 
-    def _draw(self, distribution: Distribution, shape: tuple) -> torch.Tensor:
+    def draw(self, distribution: Distribution, shape: tuple) -> torch.Tensor:
+        """``shape`` samples of ``distribution``: ``rsample`` if the estimator requires it, else ``sample``."""
         return distribution.rsample(shape) if self.requires_rsample else distribution.sample(shape)
 
     def step_gradient_function(self, node: Node, distribution: Distribution, sample: torch.Tensor,
@@ -222,7 +235,8 @@ class Estimator(torch.nn.Module):
 
     # -- variable length: the end-of-sequence value ---------------------------------------------
 
-    def _eos_value(self, d: Distribution, n_plates: int) -> torch.Tensor:
+    def eos_value(self, d: Distribution, n_plates: int) -> torch.Tensor:
+        """The end-of-sequence value (``support[self.eos]``) of a partition step's distribution ``d``."""
         if len(d.batch_shape) != n_plates:
             raise OptionError(
                 f"{self.name}: eos={self.eos} needs one token per step, but the distribution of plate "
@@ -236,45 +250,65 @@ class Estimator(torch.nn.Module):
                               "values of the support")
         return support[self.eos].reshape(d.event_shape)
 
-    def _is_eos(self, d: Distribution, sample: torch.Tensor, n_plates: int) -> torch.Tensor:
+    def is_eos(self, d: Distribution, sample: torch.Tensor, n_plates: int) -> torch.Tensor:
         """Whether each sample is the end-of-sequence value; shape ``(plates...)``."""
-        eq = sample == self._eos_value(d, n_plates)
+        eq = sample == self.eos_value(d, n_plates)
         k = len(d.event_shape)
         return eq.all(-1) if k == 1 else (eq.flatten(-k).all(-1) if k else eq)
 
-    def _after_eos(self, node: Node, d: Distribution, sample, lp, plates):
+    def mask_after_eos(self, node: Node, d: Distribution, sample: torch.Tensor, lp: torch.Tensor,
+                       plates: tuple[Plate, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Finished sequences (eos drawn at an earlier step) draw eos again with log-probability 0,
         so they stop contributing to the gradient function and keep their value (sampling with
         replacement: entry i of step t continues entry i of step t-1)."""
         prev_plates = (node.plate,) + node.parents
         done = align(node.finished, prev_plates, plates)
-        eos = self._eos_value(d, len(plates))
+        eos = self.eos_value(d, len(plates))
         mask = done.reshape(done.shape + (1,) * (sample.dim() - done.dim()))
         sample = torch.where(mask, eos.to(sample.dtype).expand_as(sample), sample)
         lp = torch.where(done, torch.zeros_like(lp), lp)
-        node.finished = done | self._is_eos(d, sample, len(plates))
+        node.finished = done | self.is_eos(d, sample, len(plates))
         return sample, lp
+
+    @_instance_or_class
+    def supports(cls, distribution: Distribution) -> bool:
+        """Whether this estimator's capabilities accept ``distribution`` (the one capability check).
+
+        ``distributions`` is matched against the distribution under one ``Independent`` wrapper
+        (:func:`storch.extending.base_distribution`; a ``LogNormal`` is not a ``Normal``),
+        ``requires_rsample`` and ``requires_enumerate_support`` against ``distribution`` itself.
+        The factory (:meth:`check_distribution`), the registry's list of supporting estimators and
+        the benchmarks' roster all ask this method. Called on an instance it reads the instance's
+        capabilities (an option may change one), on a class the class defaults.
+        """
+        if cls.distributions is not None and not isinstance(base_distribution(distribution), cls.distributions):
+            return False
+        if cls.requires_rsample and not distribution.has_rsample:
+            return False
+        return not cls.requires_enumerate_support or distribution.has_enumerate_support
+
+    @_instance_or_class
+    def requirements(cls) -> list[str]:
+        """What :meth:`supports` asks of a distribution, in words (empty: any distribution)."""
+        need = []
+        if cls.distributions is not None:
+            need.append("one of " + ", ".join(t.__name__ for t in cls.distributions))
+        if cls.requires_rsample:
+            need.append("a distribution with rsample (has_rsample=True)")
+        if cls.requires_enumerate_support:
+            need.append("a distribution with a finite support (has_enumerate_support=True)")
+        return need
 
     def check_distribution(self, d: Distribution) -> None:
         """Raise :class:`UnsupportedDistributionError` if this estimator cannot handle ``d``."""
-        base = d.base_dist if isinstance(d, torch.distributions.Independent) else d
-        ok = self.distributions is None or isinstance(base, self.distributions)
-        ok = ok and (not self.requires_rsample or d.has_rsample)
-        ok = ok and (not self.requires_enumerate_support or d.has_enumerate_support)
-        if not ok:
+        if not self.supports(d):
             raise UnsupportedDistributionError(self._unsupported_message(d))
 
     def _unsupported_message(self, d: Distribution) -> str:
-        need = []
-        if self.distributions is not None:
-            need.append("one of " + ", ".join(t.__name__ for t in self.distributions))
-        if self.requires_rsample:
-            need.append("a distribution with rsample (has_rsample=True)")
-        if self.requires_enumerate_support:
-            need.append("a distribution with a finite support (has_enumerate_support=True)")
-        others = supporting_estimators(d)
+        others = [n for n in supporting_estimators(d) if n != self.name]
         hint = f" Estimators that support it: {', '.join(others)}." if others else ""
-        return f"estimator {self.name!r} does not support {type(d).__name__}; it needs {' and '.join(need)}.{hint}"
+        return (f"estimator {self.name!r} does not support {type(d).__name__}; it needs "
+                f"{' and '.join(self.requirements())}.{hint}")
 
     @property
     def uniform_weights(self) -> bool:
@@ -357,6 +391,7 @@ class Estimator(torch.nn.Module):
 
     @classmethod
     def describe(cls) -> str:
+        """The first line of the class docstring: the one-line description the registry lists."""
         doc = inspect.getdoc(cls) or ""
         return doc.splitlines()[0] if doc else ""
 
@@ -377,13 +412,12 @@ class Estimator(torch.nn.Module):
         # graph, and an exception while sampling discards the step, so it never leaks into the next.
         graph = current_graph()
         try:
-            graph.check_call(self, distribution)
-            with drawing_with(graph.generator):  # storch.Graph(generator=g): the node's draws use g
-                return super().__call__(distribution, *args, **kwargs)
-        except BaseException as e:
-            graph.discard(e)
-            bad = _nonfinite_parameters(distribution) if isinstance(e, Exception) and not isinstance(e, StorchError) \
-                else None
+            with graph.guard():
+                graph.check_call(self, distribution)
+                with drawing_with(graph.generator):  # storch.Graph(generator=g): the node's draws use g
+                    return super().__call__(distribution, *args, **kwargs)
+        except Exception as e:
+            bad = _nonfinite_parameters(distribution) if not isinstance(e, StorchError) else None
             if bad:  # torch's own error (e.g. "Expected p_in >= 0 && p_in <= 1") does not say why
                 raise NonFiniteParameterError(
                     f"estimator {self.name!r} (plate {self.plate!r}) could not sample: the distribution's "
@@ -397,7 +431,7 @@ def _nonfinite_parameters(d) -> list[str]:
     """Names of ``d``'s floating-point parameters that hold NaN or inf (for error messages only)."""
     out = []
     try:
-        base = d.base_dist if isinstance(d, torch.distributions.Independent) else d
+        base = base_distribution(d)
         for name in getattr(base, "arg_constraints", {}):
             v = base.__dict__.get(name)
             raw = v.tensor if type(v) is PlateTensor else v

@@ -45,19 +45,9 @@ def available() -> dict:
 
 
 def supporting_estimators(d) -> list[str]:
-    """Names of installed estimators whose capabilities accept distribution ``d``."""
-    out = []
+    """Names of installed estimators whose capabilities accept distribution ``d`` (``Estimator.supports``)."""
     try:
         classes = installed_classes()
-    except Exception:
-        return out
-    base = getattr(d, "base_dist", d)
-    for name, cls in sorted(classes.items()):
-        if cls.distributions is not None and not isinstance(base, cls.distributions):
-            continue
-        if cls.requires_rsample and not d.has_rsample:
-            continue
-        if cls.requires_enumerate_support and not d.has_enumerate_support:
-            continue
-        out.append(name)
-    return out
+    except Exception:  # noqa: BLE001  (only for an error message: a broken registry lists none)
+        return []
+    return [name for name, cls in sorted(classes.items()) if cls.supports(d)]

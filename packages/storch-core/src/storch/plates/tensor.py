@@ -10,7 +10,7 @@ Nothing in torch is patched.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -69,7 +69,7 @@ class Lineage:
         self.index_plates[step] = plates
         self._cache.clear()
 
-    def index(self, from_step: int, to_step: int):
+    def index(self, from_step: int, to_step: int) -> Optional[torch.Tensor]:
         """Indices into ``from_step``'s entries of the ancestors of ``to_step``'s entries.
 
         ``None`` when every step in between kept its entries in place (no re-indexing needed).
@@ -191,14 +191,17 @@ class PlateTensor(torch.Tensor):
 
     @property
     def plates(self) -> tuple[Plate, ...]:
+        """The plates of the leading dims of :attr:`tensor`, outermost first."""
         return self._plates
 
     @property
     def tensor(self) -> torch.Tensor:
+        """The raw storage: one leading dim per plate (in the order of :attr:`plates`), then the per-sample dims."""
         return self._raw
 
     @property
     def plate_names(self) -> tuple[str, ...]:
+        """The names of :attr:`plates`, in order."""
         return tuple(p.name for p in self._plates)
 
     def __repr__(self, *args, **kwargs) -> str:  # noqa: D105
@@ -246,12 +249,12 @@ def _names(plates: Sequence[Plate]) -> tuple[str, ...]:
     return tuple(p.name for p in plates)
 
 
-def plates_of(x) -> tuple[Plate, ...]:
+def plates_of(x: Any) -> tuple[Plate, ...]:
     """The plates of ``x`` (empty for anything that is not a PlateTensor)."""
     return x._plates if type(x) is PlateTensor else ()
 
 
-def raw_of(x):
+def raw_of(x: Any) -> Any:
     """The raw tensor of a PlateTensor; ``x`` itself otherwise."""
     return x._raw if type(x) is PlateTensor else x
 

@@ -30,7 +30,7 @@ generated from this table (``storch.plates.table_doc``, run by
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Union
 
 import torch
 
@@ -96,7 +96,8 @@ def _invalidate() -> None:
         fn()
 
 
-def register_plate_handler(func, handler: Optional[Callable] = None, *, override: bool = False, note: str = ""):
+def register_plate_handler(func: Callable[..., Any], handler: Union[None, str, Callable[..., Any]] = None, *,
+                           override: bool = False, note: str = "") -> Callable[..., Any]:
     """Register how ``func`` runs on plate tensors (a handler); usable as a decorator.
 
     ``handler(func, args, kwargs)`` is called with the original arguments (PlateTensors
@@ -245,7 +246,7 @@ def _aten_pointwise(func) -> bool:
     return False
 
 
-def treatment_of(func) -> Entry:
+def treatment_of(func: Callable[..., Any]) -> Entry:
     """The treatment ``func`` gets on plate tensors (decided once, then cached)."""
     e = _DECIDED.get(func)
     if e is None:

@@ -55,10 +55,12 @@ class ConditionsReport:
 
     @property
     def ok(self) -> bool:
+        """True if every check passed."""
         return all(c.ok for c in self.checks)
 
     @property
     def failures(self) -> list[UnbiasednessReport]:
+        """The checks that failed."""
         return [c for c in self.checks if not c.ok]
 
     def condition_ok(self, k: int) -> bool:
@@ -66,6 +68,7 @@ class ConditionsReport:
         return all(c.ok for c in self.checks if c.name.startswith(f"condition {k},"))
 
     def table(self, details: bool = True) -> str:
+        """One row per check; with ``details``, the per-component table of each failure."""
         rows = [f"{self.estimator} on {self.distribution}: Theorem 1, orders {list(self.orders)} "
                 f"({self.seconds:.1f}s)", f"{'condition, order':<22} {'components':>10} {'max |z|':>8}  result"]
         for c in self.checks:

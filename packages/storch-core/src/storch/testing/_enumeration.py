@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -40,10 +40,12 @@ class ConformanceReport:
 
     @property
     def ok(self) -> bool:
+        """True if there was at least one check and every check passed."""
         return bool(self.checks) and all(c.ok for c in self.checks)
 
     @property
     def failures(self) -> list[UnbiasednessReport]:
+        """The checks that failed."""
         return [c for c in self.checks if not c.ok]
 
     def table(self, details: bool = True) -> str:
@@ -72,7 +74,7 @@ def direction(d: int) -> torch.Tensor:
     return torch.cos(torch.arange(1, d + 1, dtype=torch.float64))
 
 
-def exact_derivatives(fn, theta: torch.Tensor, order: int) -> list[torch.Tensor]:
+def exact_derivatives(fn: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, order: int) -> list[torch.Tensor]:
     """``[fn(θ), ∇fn, ∇²fn, ∇³fn·v]`` up to ``order``, shaped like :func:`per_replicate_derivatives`.
 
     ``v`` is :func:`direction`; ``fn`` must be differentiable in θ (plain torch).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -78,6 +78,7 @@ class UnbiasednessReport:
 
     @property
     def ok(self) -> bool:
+        """True if every component's |z| is below the threshold."""
         return bool((self.z.abs() < self.threshold).all())
 
     @property
@@ -86,6 +87,7 @@ class UnbiasednessReport:
         return float(self.z.abs().max()) if self.z.numel() else 0.0
 
     def table(self) -> str:
+        """The per-component table: mean, standard error, exact value and z."""
         rows = [f"{self.name}: {self.n} estimates, |z| < {self.threshold}"]
         rows.append(f"{'component':>10} {'mean':>12} {'stderr':>10} {'exact':>12} {'z':>8}")
         for i, (m, s, e, z) in enumerate(zip(self.mean.flatten(), self.stderr.flatten(),
@@ -95,7 +97,7 @@ class UnbiasednessReport:
         return "\n".join(rows)
 
 
-def z_test(estimates: torch.Tensor, exact, name: str = "estimate", threshold: float = 4.0,
+def z_test(estimates: torch.Tensor, exact: Union[torch.Tensor, float], name: str = "estimate", threshold: float = 4.0,
            atol: float = 1e-9) -> UnbiasednessReport:
     """z-test ``estimates`` (R independent draws along dim 0) against ``exact``; never raises.
 
@@ -118,7 +120,7 @@ def z_test(estimates: torch.Tensor, exact, name: str = "estimate", threshold: fl
     return UnbiasednessReport(name, mean, stderr, exact, z, n, threshold, var)
 
 
-def assert_unbiased(estimates: torch.Tensor, exact, name: str = "estimate", threshold: float = 4.0,
+def assert_unbiased(estimates: torch.Tensor, exact: Union[torch.Tensor, float], name: str = "estimate", threshold: float = 4.0,
                     atol: float = 1e-9) -> UnbiasednessReport:
     """z-test ``estimates`` (R independent draws along dim 0) against ``exact``.
 

@@ -58,6 +58,7 @@ def _raw_index(x, idx):
 
 @register(_T.__getitem__)
 def _getitem(func, args, kwargs):
+    """indexing addresses per-sample dims; a plate-tensor index (e.g. a sampled index) selects per plate entry"""
     x, idx = args
     raw_idx, plates = _raw_index(x, idx)
     src = _full(x, plates) if type(x) is _PT and plates != x._plates else (x._raw if type(x) is _PT else x)
@@ -66,6 +67,7 @@ def _getitem(func, args, kwargs):
 
 @register(_T.__setitem__)
 def _setitem(func, args, kwargs):
+    """assignment into per-sample dims; the written tensor must already carry every plate of the value"""
     x, idx, value = args
     if type(x) is not _PT:
         raise PlateError("cannot assign per-sample values into a plain tensor; build a new tensor instead")

@@ -49,12 +49,14 @@ def _elementwise_loss(func, args, kwargs):
 
 
 register(F.binary_cross_entropy, F.binary_cross_entropy_with_logits, F.mse_loss, F.l1_loss,
-         F.smooth_l1_loss, F.huber_loss, F.kl_div, F.poisson_nll_loss, F.soft_margin_loss)(
+         F.smooth_l1_loss, F.huber_loss, F.kl_div, F.poisson_nll_loss, F.soft_margin_loss,
+         note="elementwise loss computed with reduction=\"none\", then reduced over each sample's dims")(
     lambda func, args, kwargs: _elementwise_loss(func, args, dict(kwargs)))
 
 
 @register(F.cross_entropy, F.nll_loss)
 def _class_loss(func, args, kwargs):
+    """computed with reduction="none" per sample (class dim 1 of a batch, 0 of one input), then reduced per sample"""
     kwargs = dict(kwargs)
     inp, target = args[0], args[1]
     weight = args[2] if len(args) > 2 else kwargs.pop("weight", None)

@@ -22,6 +22,7 @@ _T = torch.Tensor
 
 
 def _meta(func, args, kwargs):
+    """answers for one sample (sizes, dims and flags of the per-sample tensor)"""
     # the wrapper itself carries the per-sample shape, dtype and device
     with torch._C.DisableTorchFunctionSubclass():
         return func(*args, **kwargs)
@@ -67,12 +68,14 @@ def _same_size(func, args, kwargs):
 
 @register(*(getattr(_T, p).__get__ for p in ("requires_grad", "grad_fn", "is_leaf", "grad", "data")))
 def _raw_property(func, args, kwargs):
+    """autograd properties (requires_grad, grad_fn, is_leaf, grad, data) of the raw storage"""
     x = args[0]
     return wrap_same(func(x._raw), x._plates)
 
 
 @register(_T.T.__get__, _T.mT.__get__)
 def _transposed(func, args, kwargs):
+    """the transpose of each sample (.T reverses the per-sample dims, .mT swaps the last two)"""
     x = args[0]
     n, k = len(x._plates), x._raw.dim() - len(x._plates)
     if func == _T.mT.__get__:
@@ -82,11 +85,13 @@ def _transposed(func, args, kwargs):
 
 @register(torch._is_all_true, torch._is_any_true)
 def _over_all_samples(func, args, kwargs):
+    """true when it holds for every sample (all plate entries)"""
     # used by torch.distributions argument validation: every sample must be valid
     return func(args[0]._raw)
 
 
 def _single(func, args, kwargs):
+    """one Python value: only for a plate tensor with a single entry; else a PlateError"""
     x = args[0]
     if type(x) is not _PT:
         return func(*args, **kwargs)
@@ -101,11 +106,13 @@ register(_T.item, _T.tolist, _T.numpy, _T.__bool__, _T.__int__, _T.__float__, _T
 
 @register(_T.new_zeros, _T.new_ones, _T.new_full, _T.new_empty, _T.new_tensor, _T.new_empty_strided)
 def _no_plates(func, args, kwargs):
+    """a new plain tensor of the given per-sample shape (it holds no plates)"""
     return func(args[0]._raw, *args[1:], **kwargs)
 
 
 @register(_T.backward)
 def _no_backward(func, args, kwargs):
+    """refused: call storch.backward() (the surrogate loss), not .backward() on a plate tensor"""
     raise PlateError(
         "call storch.backward() (or differentiate storch.surrogate_loss()) instead of .backward() "
         "on a PlateTensor: the surrogate loss is what carries the gradient estimators"
@@ -114,6 +121,7 @@ def _no_backward(func, args, kwargs):
 
 @register(_T.__deepcopy__)
 def _deepcopy(func, args, kwargs):
+    """a copy of the raw tensor with the same plates"""
     import copy
 
     x = args[0]
@@ -122,6 +130,7 @@ def _deepcopy(func, args, kwargs):
 
 @register(_T.__iter__)
 def _iter(func, args, kwargs):
+    """iterates over the first per-sample dim (unbind(0)): one plate tensor per entry"""
     return iter(dispatch(_T.unbind, (args[0], 0), {}))
 
 

@@ -100,6 +100,7 @@ def broadcast(func, args, kwargs):
 
 @register(torch.broadcast_tensors)
 def _broadcast_tensors(func, args, kwargs):
+    """broadcasts per-sample shapes; plates aligned by name, every result a plate tensor"""
     # fast path (every distribution built from plate tensors calls this through broadcast_all):
     # plate tensors that already share plates and raw shape broadcast to themselves
     first = args[0] if args else None

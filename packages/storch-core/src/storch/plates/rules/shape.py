@@ -87,6 +87,12 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
         args, kwargs = _set_dim(args, kwargs, pos, where, tdim(d, n, k + extra))
         return wrap_same(func(x._raw, *args[1:], **kwargs), x._plates)
 
+    if reduce_all:
+        handler.__doc__ = "dim counts per-sample dims; without dim, over all of a sample's dims"
+    elif extra:
+        handler.__doc__ = "inserts a per-sample dim; dim counts per-sample dims (plate dims stay first)"
+    else:
+        handler.__doc__ = "dim counts per-sample dims" + ("" if default is None else " (default: torch's, per sample)")
     return handler
 
 
@@ -174,6 +180,7 @@ register(*_both("unsqueeze"))(_dim_handler(1, extra=1))
 
 @register(*_both("squeeze"))
 def _squeeze(func, args, kwargs):
+    """squeezes per-sample dims only (all size-1 per-sample dims without dim)"""
     x = args[0]
     n = len(x._plates)
     k = x._raw.dim() - n
@@ -186,6 +193,7 @@ def _squeeze(func, args, kwargs):
 
 @register(*_both("flatten"))
 def _flatten(func, args, kwargs):
+    """start_dim/end_dim count per-sample dims; plate dims are kept"""
     x = args[0]
     n = len(x._plates)
     k = x._raw.dim() - n
@@ -198,6 +206,7 @@ def _flatten(func, args, kwargs):
 
 @register(*_both("transpose"), *_both("swapaxes"), *_both("swapdims"), *_both("movedim"), *_both("moveaxis"))
 def _two_dims(func, args, kwargs):
+    """both dim arguments count per-sample dims"""
     x = args[0]
     n = len(x._plates)
     k = x._raw.dim() - n
@@ -217,6 +226,7 @@ def _shape_arg(args, kwargs, key):
 
 @register(*_both("permute"))
 def _permute(func, args, kwargs):
+    """a permutation of the per-sample dims; plate dims stay first"""
     x = args[0]
     n = len(x._plates)
     k = x._raw.dim() - n
@@ -226,6 +236,7 @@ def _permute(func, args, kwargs):
 
 @register(*_both("reshape"), _T.view)
 def _reshape(func, args, kwargs):
+    """the new shape is per sample; plate dims stay first"""
     x = args[0]
     if len(args) == 2 and isinstance(args[1], torch.dtype) or "dtype" in kwargs:
         return wrap(func(x._raw, *args[1:], **kwargs), x._plates)  # view(dtype): the last dim
@@ -246,6 +257,7 @@ def _pad_raw(x, k_to):
 
 @register(_T.expand, *_both("broadcast_to"))
 def _expand(func, args, kwargs):
+    """the target shape is per sample; plate dims keep their size"""
     x = args[0]
     sizes = _shape_arg(args, kwargs, "size")
     raw = _pad_raw(x, len(sizes))
@@ -254,6 +266,7 @@ def _expand(func, args, kwargs):
 
 @register(_T.expand_as)
 def _expand_as(func, args, kwargs):
+    """expands to the other tensor's per-sample shape (plates aligned by name)"""
     x, other = args[0], args[1]
     plates = union_plates(scan(args, kwargs))
     shape = tuple(other.shape)
@@ -263,6 +276,7 @@ def _expand_as(func, args, kwargs):
 
 @register(_T.repeat)
 def _repeat(func, args, kwargs):
+    """repeats per-sample dims; plate dims are not repeated"""
     x = args[0]
     sizes = _shape_arg(args, kwargs, "repeats")
     return wrap(_pad_raw(x, len(sizes)).repeat(*([1] * len(x._plates)), *sizes), x._plates)
@@ -278,6 +292,7 @@ def _full(x, plates, k=None):
 
 @register(*_both("cat"), *_both("concat"), *_both("concatenate"), *_both("stack"))
 def _cat(func, args, kwargs):
+    """concatenates / stacks along a per-sample dim; plates aligned by name first"""
     tensors = args[0] if args else kwargs["tensors"]
     plates = union_plates(scan((tensors,), {}))
     n = len(plates)
@@ -290,6 +305,7 @@ def _cat(func, args, kwargs):
 
 @register(*_both("gather"), *_both("take_along_dim"))
 def _gather(func, args, kwargs):
+    """index and input aligned by plate; dim counts per-sample dims"""
     x, d, index = args[0], args[1] if len(args) > 1 else kwargs["dim"], args[2] if len(args) > 2 else kwargs["index"]
     if func in _both("take_along_dim"):
         d, index = (args[2] if len(args) > 2 else kwargs.get("dim")), args[1]
@@ -306,6 +322,7 @@ def _gather(func, args, kwargs):
 
 @register(*_both("matmul"), _T.__matmul__, _T.__rmatmul__, *_both("mm"), *_both("bmm"), *_both("mv"))
 def _matmul(func, args, kwargs):
+    """matrix product of the per-sample tensors (1-d operands as in torch.matmul)"""
     a, b = (args[1], args[0]) if func is _T.__rmatmul__ else (args[0], args[1])
     if type(a) is _PT and type(b) is _T and b.dim() == 2 and a._raw.dim() > len(a._plates):
         # per-sample vector or matrices times one plain matrix: the plate dims are batch dims of
@@ -336,11 +353,13 @@ def _matmul(func, args, kwargs):
 
 @register(*_both("dot"), *_both("inner"))
 def _dot(func, args, kwargs):
+    """per-sample dot product (sum of the elementwise product over the last dim)"""
     return dispatch(_T.sum, (broadcast(torch.mul, args[:2], {}), -1), {})
 
 
 @register(F.linear)
 def _linear(func, args, kwargs):
+    """x @ W.T + b per sample; a per-sample weight goes through matmul"""
     x = args[0]
     w = args[1] if len(args) > 1 else kwargs["weight"]
     b = args[2] if len(args) > 2 else kwargs.get("bias")

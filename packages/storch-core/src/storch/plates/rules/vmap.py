@@ -15,17 +15,13 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ...errors import PlateError
+from ..kit import _is_inplace
 from ..tensor import PlateTensor, _names, align, map_tensors, union_plates
 from ..treatments import describe
 
 __all__ = ["vmap_call"]
 
 _PT = PlateTensor
-
-
-def _inplace(func) -> bool:
-    name = getattr(func, "__name__", "")
-    return name.endswith("_") and not name.startswith("__") or name.startswith("__i")
 
 
 def vmap_call(func, args, kwargs):
@@ -46,7 +42,7 @@ def vmap_call(func, args, kwargs):
         raws.append(r)
         mapped.append(mk)
     levels = [j for j in range(m) if any(mk[j] for mk in mapped)]
-    inplace = _inplace(func)
+    inplace = _is_inplace(func)
     if inplace and (type(args[0]) is not _PT or not all(mapped[0][j] for j in levels)):
         raise PlateError(
             f"in-place {describe(func)} would write values that vary over plates {_names(plates)} into a "

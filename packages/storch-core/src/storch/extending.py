@@ -1,0 +1,72 @@
+"""The public API for estimator authors: the helpers storch's own estimator families use.
+
+An estimator package (first- or third-party) imports only ``storch``, ``storch.extending`` and
+``storch.testing``; the import contract of ``tox -e lint`` checks it for the first-party families.
+What is here is stable like ``storch``'s own names. Besides these helpers, the base class
+:class:`storch.Estimator` offers the methods a subclass calls: ``draw`` (``rsample`` or
+``sample``, as the estimator requires), ``supports`` / ``check_distribution`` (the capability
+check), and for partitions with an end-of-sequence value ``eos_value``, ``is_eos`` and
+``mask_after_eos``.
+
+Plate tensors across steps:
+    :func:`align` lines a raw tensor up from one tuple of plates to another (by plate name: a
+    permute/unsqueeze view; at a later step of a partition it follows the parent indices), e.g.
+    a network's output computed on ``node.parents`` aligned to a cost frame's plates.
+    :func:`plates_of` and :func:`raw_of` read a value that may or may not be a plate tensor.
+
+Distributions:
+    :func:`base_distribution` is the distribution under one ``Independent`` wrapper, the one
+    that holds the parameters (only ``Independent``, once: a ``LogNormal`` is not a ``Normal``).
+
+Random numbers:
+    :func:`drawing_with` makes the random draws of a block use a generator (the per-graph
+    generator of ``storch.Graph(generator=g)`` is ``storch.current_generator()``): a learned
+    part built lazily inside a component initialises from it, so runs are reproducible.
+
+Baselines:
+    :func:`leave_one_out` is the leave-one-out baseline of a node's samples from its cost frame.
+
+Options:
+    :mod:`options` (``storch.extending.options``) checks constructor options once, with errors
+    that name the option, the value and what is accepted: ``integer``, ``number``, ``flag``,
+    ``choice``, ``optional_index``.
+
+Steps:
+    :func:`step_guard` (``with step_guard():``) discards the current graph's step when its block
+    raises, as every storch call does, so an error in code that an estimator runs outside its
+    components never leaks the step's nodes into the next step.
+
+Example:
+    >>> import storch
+    >>> from storch.extending import base_distribution, leave_one_out, options
+    >>> class MyScore(storch.Estimator):
+    ...     name = "my_score"
+    ...     def __init__(self, plate, n_samples=4):
+    ...         super().__init__(plate, options.integer(self.name, "n_samples", n_samples, minimum=2))
+    ...     def baseline(self, node, cost):
+    ...         return leave_one_out(cost, node.n)
+"""
+
+from __future__ import annotations
+
+from typing import ContextManager
+
+from . import options
+from .cost import leave_one_out
+from .distributions import base_distribution
+from .generators import drawing_with
+from .graph import current_graph
+from .plates.tensor import align, plates_of, raw_of
+
+__all__ = [
+    "align", "plates_of", "raw_of", "base_distribution", "drawing_with", "leave_one_out", "options", "step_guard",
+]
+
+
+def step_guard() -> ContextManager[None]:
+    """``with step_guard():`` discard the current graph's step if the block raises (the error propagates).
+
+    The same guard runs around every storch call that can fail during a step (an estimator call,
+    ``add_cost``, ``denote_independent``, ``surrogate_loss``, ``storch.estimator``).
+    """
+    return current_graph().guard()

@@ -1,0 +1,86 @@
+"""Option validators: check an estimator's constructor options once, with errors that say what to pass.
+
+Every check raises :class:`storch.OptionError` with the message
+``"<owner>: <option> must be <what is accepted>, got <value>"`` (plus a hint where one helps),
+and returns the value (an int stays an int; a number is returned as given). ``bool`` is never
+accepted as a number: ``n_samples=True`` is a mistake, not 1.
+
+Example:
+    >>> from storch.extending import options
+    >>> options.integer("my_estimator", "n_samples", 4, minimum=1)
+    4
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Collection, Optional
+
+from .errors import OptionError
+
+__all__ = ["integer", "number", "flag", "choice", "optional_index", "fail"]
+
+
+def fail(owner: str, name: str, what: str, value: Any, hint: str = "") -> OptionError:
+    """The :class:`OptionError` for option ``name`` of ``owner``: it must be ``what``, got ``value``."""
+    return OptionError(f"{owner}: {name} must be {what}, got {value!r}{hint}")
+
+
+def integer(owner: str, name: str, value: Any, *, minimum: Optional[int] = None, what: Optional[str] = None,
+            hint: str = "") -> int:
+    """``value`` if it is an int (not a bool) >= ``minimum``; else an :class:`OptionError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        raise fail(owner, name, what or ("an int" if minimum is None else f"an int >= {minimum}"), value, hint)
+    return value
+
+
+def number(owner: str, name: str, value: Any, *, above: Optional[float] = None, at_least: Optional[float] = None,
+           below: Optional[float] = None, finite: bool = False, what: Optional[str] = None, hint: str = ""):
+    """``value`` if it is an int or float (not a bool) within the bounds; else an :class:`OptionError`.
+
+    Args:
+        above: exclusive lower bound. at_least: inclusive lower bound. below: exclusive upper bound.
+        finite: refuse inf and NaN.
+        what: the accepted values in words (default: built from the bounds, e.g. "a float > 0").
+    """
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok:  # NaN fails every bound
+        ok = not finite or math.isfinite(value)
+        ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
+        ok = ok and (below is None or value < below)
+    if not ok:
+        if what is None:
+            if at_least is not None and below is not None:
+                what = f"a float in [{at_least:g}, {below:g})"
+            else:
+                bounds = [f"> {above:g}" if above is not None else "", f">= {at_least:g}" if at_least is not None else "",
+                          f"< {below:g}" if below is not None else ""]
+                what = " ".join(["a finite float" if finite else "a float", *[b for b in bounds if b]])
+        raise fail(owner, name, what, value, hint)
+    return value
+
+
+def flag(owner: str, name: str, value: Any) -> bool:
+    """``value`` if it is ``True`` or ``False``; else an :class:`OptionError`."""
+    if not isinstance(value, bool):
+        raise fail(owner, name, "True or False", value)
+    return value
+
+
+def choice(owner: str, name: str, value: Any, choices: Collection[str], hint: str = "") -> Any:
+    """``value`` if it is one of ``choices``; else an :class:`OptionError` that lists them."""
+    try:
+        ok = value in choices
+    except TypeError:  # an unhashable value
+        ok = False
+    if not ok:
+        raise OptionError(f"{owner}: {name}={value!r} is not accepted; use one of "
+                          f"{', '.join(repr(c) for c in choices)}{hint}")
+    return value
+
+
+def optional_index(owner: str, name: str, value: Any, what: str = "None or an int >= 0") -> Optional[int]:
+    """``value`` if it is ``None`` or an int >= 0 (an index, e.g. ``eos``); else an :class:`OptionError`."""
+    if value is not None:
+        integer(owner, name, value, minimum=0, what=what)
+    return value

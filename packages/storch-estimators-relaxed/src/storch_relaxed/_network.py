@@ -1,0 +1,105 @@
+"""The learned control variate c_φ: the default network, its functional evaluation, and the any-order
+z̃ term of REBAR and RELAX."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+import storch.distributed
+from storch import StorchError, magic_box
+from storch.extending import drawing_with
+
+__all__ = ["ControlVariateNet", "param_clones", "flat", "evaluate_network", "tilde_term"]
+
+
+class ControlVariateNet(torch.nn.Module):
+    """c_φ(z): a two-layer MLP on the node's (relaxed) sample, flattened; one number per entry.
+
+    The layers are created on the first call, with the input's size, dtype and device, so their
+    parameters appear in ``.parameters()`` after the estimator's first node.
+
+    Args:
+        hidden: width of the hidden layer.
+        zero_output: start with a zero output layer (c_φ = 0 until trained).
+    """
+
+    def __init__(self, hidden: int = 32, zero_output: bool = False) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.zero_output = zero_output
+        self.net: Optional[torch.nn.Sequential] = None
+
+    def build(self, x: torch.Tensor) -> None:
+        """Create the layers for inputs like ``x`` (``(..., F)``), once."""
+        if self.net is None:
+            self._build(x.shape[-1], x.dtype, x.device)
+            if self.zero_output:  # c_φ = 0 at the start (RELAX's residual: it starts as REBAR)
+                torch.nn.init.zeros_(self.net[2].weight)
+                torch.nn.init.zeros_(self.net[2].bias)
+            # every process must start from the same φ (DDP broadcasts only what exists at wrapping)
+            storch.distributed.broadcast_(list(self.net.parameters()), owner=self._owner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.build(x)
+        return self.net(x)
+
+    def _build(self, features: int, dtype: torch.dtype, device: torch.device) -> None:
+        with drawing_with(storch.current_generator()):  # storch.Graph(generator=g): g initialises
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(features, self.hidden), torch.nn.Tanh(), torch.nn.Linear(self.hidden, 1)
+            ).to(dtype=dtype, device=device)
+
+    _owner = None  # the estimator whose process group the broadcast uses (set by it)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a saved, already built network loads into a fresh (not yet built) one: build it first
+        weight = state_dict.get(prefix + "net.0.weight")
+        if self.net is None and weight is not None:
+            self._build(weight.shape[1], weight.dtype, weight.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def param_clones(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Clones of ``module``'s parameters (differentiable in them) for use in the surrogate's graph.
+
+    The graph then saves the clones, not the parameters, so ``update_parameters`` may step the
+    parameters in place while another estimator of the same graph still differentiates the loss.
+    """
+    return {k: v.clone() for k, v in module.named_parameters()}
+
+
+def flat(t: torch.Tensor, lead: int) -> torch.Tensor:
+    """Flatten every dim after the first ``lead`` into one (size 1 if there are none)."""
+    return t.reshape(tuple(t.shape[:lead]) + (-1,))
+
+
+def evaluate_network(name: str, network: Callable, z: torch.Tensor, lead: int) -> torch.Tensor:
+    """c_φ(z) per entry: ``network`` maps ``(*lead, F)`` to ``(*lead)`` or ``(*lead, 1)``."""
+    x = flat(z, lead)
+    if isinstance(network, ControlVariateNet):
+        network.build(x)
+    if isinstance(network, torch.nn.Module):
+        out = torch.func.functional_call(network, param_clones(network), (x,))
+    else:
+        out = network(x)
+    if out.dim() == lead + 1 and out.shape[-1] == 1:
+        out = out.squeeze(-1)
+    if tuple(out.shape) != tuple(z.shape[:lead]):
+        raise StorchError(
+            f"{name}: the control-variate network returned shape {tuple(out.shape)} for input shape "
+            f"{tuple(flat(z, lead).shape)}; it must return one number per entry, shape {tuple(z.shape[:lead])}"
+        )
+    return out
+
+
+def tilde_term(c_zt: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """-MagicBox(l) c(z̃) + ⊥c(z̃): the z̃ part of REBAR's and RELAX's control variate, any-order form.
+
+    Evaluates to 0; all its derivatives are those of -MagicBox(l) c(z̃), the DiCE estimate of
+    -E[c(z)] through b ~ p and z̃ ~ p(z | b). Appendix D.2.4 prints -c(z̃) + (2 - MagicBox(l)) ⊥c(z̃),
+    whose second derivative misses the cross terms ∇l ∇c(z̃)ᵀ + ∇c(z̃) ∇lᵀ (biased at order 2;
+    ``tests/relaxed/test_relaxed_unbiased.py`` checks both forms).
+    """
+    return c_zt.detach() - magic_box(l) * c_zt

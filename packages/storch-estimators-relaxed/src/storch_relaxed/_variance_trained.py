@@ -1,0 +1,134 @@
+"""The base class of the estimators that train their control variate by minimising the variance of the
+gradient estimate (LAX, RELAX, REBAR; Grathwohl et al. 2018), and their per-node record."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+import storch.distributed
+from storch import Estimator, Node, OptionError
+from storch.extending import options
+
+from ._network import ControlVariateNet
+
+__all__ = ["RelaxedState", "VarianceTrained"]
+
+
+@dataclass
+class RelaxedState:
+    """Per-node record of LAX, RELAX and REBAR (filled by ``proposal``, then ``gradient_function``).
+
+    Attributes:
+        params: the distribution's parameter tensors: ĝ = ∂loss/∂params is the gradient estimate
+            whose variance ``update_parameters`` minimises.
+        z: the reparameterised continuous sample, shape ``(n, *parents, *own[, K])``.
+        z_tilde: z̃ ~ p(z | b), reparameterised (RELAX, REBAR).
+        b: the discrete sample H(z) as the distribution samples it (RELAX, REBAR).
+        l: log p(b) of the real block.
+    """
+
+    params: list = field(default_factory=list)
+    z: Optional[torch.Tensor] = None
+    z_tilde: Optional[torch.Tensor] = None
+    b: Optional[torch.Tensor] = None
+    l: Optional[torch.Tensor] = None
+
+
+class VarianceTrained(Estimator):
+    """Base of estimators whose own parameters φ are trained to minimise the gradient variance.
+
+    ``storch.backward()`` backpropagates the loss and then runs :meth:`update_parameters`: it
+    computes the gradient estimate ĝ of the loss with respect to the parameters of the node's
+    distribution (``create_graph=True``), and since E[ĝ] does not depend on φ (the estimator is
+    unbiased), the variance is minimised by descending ∂/∂φ Σ ĝ² (Grathwohl et al. 2018,
+    section 3.3): one Adam step, applied there (never in a component).
+    """
+
+    has_update = True
+    State = RelaxedState
+
+    def _init_training(self, lr: float, update: bool) -> None:
+        options.number(self.name, "lr", lr, above=0)
+        options.flag(self.name, "update", update)
+        self.lr = float(lr)
+        self.update = update
+        self.update_steps = 0
+        self._optimizer: Optional[torch.optim.Optimizer] = None
+        self._loaded: Optional[dict] = None
+        # state_dict: the optimizer is rebuilt after the (possibly lazily built) network has loaded
+        self.register_load_state_dict_post_hook(VarianceTrained._restore_training)
+
+    def _init_network(self, network: Optional[Callable], hidden: int, zero_output: bool = False) -> None:
+        """The learned control variate c_φ: the user's network or a default MLP (LAX, RELAX)."""
+        options.integer(self.name, "hidden", hidden, minimum=1)
+        if network is not None and not callable(network):
+            raise OptionError(f"{self.name}: network must be a torch.nn.Module (or callable), got {network!r}")
+        self.network = network if network is not None else ControlVariateNet(hidden, zero_output)
+        if isinstance(self.network, ControlVariateNet):
+            object.__setattr__(self.network, "_owner", self)  # not a submodule: no cycle in .modules()
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def update_parameters(self, nodes: list[Node], loss: torch.Tensor) -> None:
+        if not self.update:
+            return
+        params = self._trainable()
+        targets = [t for node in nodes for t in node.state.params]
+        if not params or not targets:
+            return
+        # ĝ = ∂loss/∂(distribution parameters), kept differentiable in φ (create_graph)
+        grads = torch.autograd.grad(loss, targets, retain_graph=True, create_graph=True, allow_unused=True)
+        var = sum((g ** 2).sum() for g in grads if g is not None)
+        if not isinstance(var, torch.Tensor) or not var.requires_grad:
+            return
+        # retain: other estimators of this graph still differentiate the same loss
+        dphi = torch.autograd.grad(var, params, retain_graph=True, allow_unused=True)
+        if self._optimizer is None or len(self._optimizer.param_groups[0]["params"]) != len(params):
+            self._optimizer = torch.optim.Adam(params, lr=self.lr)
+        dphi = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, dphi)]  # numbers
+        # torch.distributed: the variance of the rank-averaged gradient, whose ĝ per data point is
+        # ĝ_rank / W: ∂φ Σ_r |ĝ_r / W|² = W⁻¹ · mean_r ∂φ|ĝ_r|², the same step on every rank
+        dphi = _across_ranks(dphi, self)
+        for p, g in zip(params, dphi):
+            p.grad = g
+        self._optimizer.step()
+        for p in params:
+            p.grad = None
+        self.update_steps += 1
+
+    # -- state_dict: optimizer state and the step count are estimator state ------------------------
+
+    def get_extra_state(self) -> dict:
+        return {"optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
+                "update_steps": self.update_steps}
+
+    def set_extra_state(self, state: dict) -> None:
+        # copied, as load_state_dict copies parameters; applied by _restore_training, once the
+        # submodules (a lazily built network) are loaded
+        self._loaded = state = copy.deepcopy(state)
+        self.update_steps = state["update_steps"]
+
+    @staticmethod
+    def _restore_training(module: "VarianceTrained", incompatible_keys) -> None:
+        state, module._loaded = module._loaded, None
+        if state is None:
+            return
+        module._optimizer = None
+        if state["optimizer"] is not None:
+            module._optimizer = torch.optim.Adam(module._trainable(), lr=module.lr)
+            module._optimizer.load_state_dict(state["optimizer"])
+
+
+def _across_ranks(grads: list[torch.Tensor], owner) -> list[torch.Tensor]:
+    """φ-gradients averaged over the ranks and divided by the world size (no-op in one process)."""
+    if not storch.distributed.is_active(owner):
+        return grads
+    import torch.distributed as dist
+
+    world = dist.get_world_size(storch.distributed._group_of(owner))
+    return [g / world for g in storch.distributed.all_reduce_mean(grads, owner)]

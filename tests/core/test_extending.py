@@ -1,0 +1,149 @@
+"""storch.extending: the public API for estimator authors (issue 18)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Independent, LogNormal, Normal
+
+import storch
+from storch.extending import align, base_distribution, leave_one_out, options, plates_of, raw_of, step_guard
+
+
+def test_every_public_name_is_documented():
+    import storch.extending as ext
+
+    for name in ext.__all__:
+        obj = getattr(ext, name)
+        assert (obj.__doc__ or "").strip(), name
+    for name in options.__all__:
+        assert (getattr(options, name).__doc__ or "").strip(), name
+
+
+def test_base_distribution_unwraps_independent_once_and_nothing_else():
+    n = Normal(torch.zeros(3), torch.ones(3))
+    assert base_distribution(Independent(n, 1)) is n
+    assert base_distribution(n) is n
+    ln = LogNormal(torch.zeros(3), torch.ones(3))
+    assert base_distribution(ln) is ln  # a TransformedDistribution is not its base
+    inner = Independent(n, 1)
+    assert base_distribution(Independent(inner, 0)) is inner  # once
+
+
+@pytest.mark.parametrize("check, args, message", [
+    (options.integer, ("est", "n", 0), "est: n must be an int >= 1, got 0"),
+    (options.integer, ("est", "n", True), "est: n must be an int >= 1, got True"),
+    (options.integer, ("est", "n", 2.0), "est: n must be an int >= 1, got 2.0"),
+    (options.number, ("est", "lr", 0), "est: lr must be a float > 0, got 0"),
+    (options.number, ("est", "lr", False), "est: lr must be a float > 0, got False"),
+    (options.number, ("est", "lr", math.nan), "est: lr must be a float > 0, got nan"),
+    (options.number, ("est", "t", math.inf), "est: t must be a finite float > 0, got inf"),
+    (options.flag, ("est", "update", 1), "est: update must be True or False, got 1"),
+    (options.choice, ("est", "baseline", "loo", ("none", "leave_one_out")),
+     "est: baseline='loo' is not accepted; use one of 'none', 'leave_one_out'"),
+    (options.choice, ("est", "baseline", [], ("none",)), "est: baseline=[] is not accepted; use one of 'none'"),
+    (options.optional_index, ("est", "eos", -1), "est: eos must be None or an int >= 0, got -1"),
+])
+def test_option_validators_name_the_option_the_value_and_what_is_accepted(check, args, message):
+    kwargs = {"minimum": 1} if check is options.integer else {}
+    if check is options.number:
+        kwargs = {"above": 0, "finite": args[1] == "t"}
+    with pytest.raises(storch.OptionError) as info:
+        check(*args, **kwargs)
+    assert str(info.value) == message
+
+
+def test_option_validators_return_accepted_values():
+    assert options.integer("e", "n", 3, minimum=1) == 3
+    assert options.number("e", "d", 0.0, at_least=0.0, below=1.0) == 0.0
+    with pytest.raises(storch.OptionError, match=r"e: d must be a float in \[0, 1\), got 1.0"):
+        options.number("e", "d", 1.0, at_least=0.0, below=1.0)
+    assert options.flag("e", "f", False) is False
+    assert options.choice("e", "c", "a", ("a", "b")) == "a"
+    assert options.optional_index("e", "eos", None) is None
+    assert options.optional_index("e", "eos", 0) == 0
+
+
+def test_n_samples_is_checked_by_the_validator():
+    class Mine(storch.Estimator):
+        name = "mine"
+
+    with pytest.raises(storch.OptionError, match=r"mine: n_samples must be an int >= 1 \(the number of samples\), "
+                                                 r"got 0; pass an int such as n_samples=4"):
+        Mine("z", n_samples=0)
+
+
+def test_leave_one_out_matches_the_mean_of_the_other_samples():
+    torch.manual_seed(0)
+    theta = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+    seen = {}
+
+    class LOO(storch.Estimator):
+        name = "loo_test"
+
+        def baseline(self, node, cost):
+            seen["full"] = leave_one_out(cost, node.n)
+            seen["tail"] = leave_one_out(cost, node.n, start=2)
+            seen["cost"] = cost.tensor.expand_as(seen["full"])
+            seen["dim"] = cost.dim
+            return seen["full"]
+
+    with storch.Graph():
+        x = LOO("z", n_samples=6)(Independent(Bernoulli(logits=theta), 1))
+        storch.add_cost(((x - 0.4) ** 2).sum())
+        storch.surrogate_loss()
+    c, d = seen["cost"], seen["dim"]
+    n = c.shape[d]
+    for j in range(n):
+        others = torch.cat([c.narrow(d, i, 1) for i in range(n) if i != j], d).mean(d)
+        assert torch.allclose(seen["full"].narrow(d, j, 1).squeeze(d), others)
+    assert torch.equal(seen["tail"].narrow(d, 0, 2), torch.zeros_like(c.narrow(d, 0, 2)))
+    for j in range(2, n):
+        others = torch.cat([c.narrow(d, i, 1) for i in range(2, n) if i != j], d).mean(d)
+        assert torch.allclose(seen["tail"].narrow(d, j, 1).squeeze(d), others)
+
+
+def test_step_guard_discards_the_default_graphs_step_and_reraises():
+    storch.reset()
+    z = storch.estimator("expect", plate="z")(Bernoulli(logits=torch.zeros(())))
+    with pytest.raises(ValueError, match="boom"):
+        with step_guard():
+            raise ValueError("boom")
+    with pytest.raises(storch.PlateError, match="discarded"):
+        storch.add_cost(z * 1.0)
+    storch.reset()
+
+
+def test_step_guard_keeps_the_step_inside_a_graph_block():
+    with storch.Graph():
+        z = storch.estimator("expect", plate="z")(Bernoulli(logits=torch.zeros(())))
+        with pytest.raises(ValueError):
+            with step_guard():
+                raise ValueError("handled by the caller")
+        storch.add_cost((z - 0.5) ** 2)  # the step goes on
+        assert storch.surrogate_loss().dim() == 0
+
+
+def test_align_plates_of_raw_of_are_the_plate_helpers():
+    p, q = storch.Plate("a", 2, False, 0, storch.Lineage()), storch.Plate("b", 3, False, 0, storch.Lineage())
+    x = storch.PlateTensor(torch.randn(2, 3), (p, q))
+    assert plates_of(x) == (p, q) and plates_of(torch.ones(2)) == ()
+    assert raw_of(x) is x.tensor
+    assert align(x.tensor, (p, q), (q, p)).shape == (3, 2)
+
+
+def test_supports_reads_an_instances_capabilities():
+    class NeedsRsample(storch.Estimator):
+        name = "needs_rsample"
+        requires_rsample = True
+
+    b = Bernoulli(logits=torch.zeros(()))
+    assert not NeedsRsample.supports(b)
+    est = NeedsRsample("z")
+    est.requires_rsample = False  # an option that lifts the requirement, set on the instance
+    assert est.supports(b) and not NeedsRsample.supports(b)
+    est.check_distribution(b)
+    assert NeedsRsample.requirements() == ["a distribution with rsample (has_rsample=True)"]
+    assert est.requirements() == []
