@@ -7,6 +7,7 @@ for one step (one surrogate loss); estimators, which hold state across steps, li
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union, overload
 
 import torch
@@ -296,19 +297,29 @@ class Graph:
 
 
 class _StepGuard:
-    """``with graph.guard():`` discard the graph's step if the block raises (the error propagates)."""
+    """``with graph.guard():`` discard the graph's step if the block raises (the error propagates).
 
-    __slots__ = ("graph",)
+    The graph keeps its guard (one object per graph, not per call); the guard refers to the graph
+    weakly, so the pair is no reference cycle and a finished graph, with its step's tensors, is
+    freed by reference counting."""
+
+    __slots__ = ("_graph",)
 
     def __init__(self, graph: Graph) -> None:
-        self.graph = graph
+        self._graph = weakref.ref(graph)
+
+    @property
+    def graph(self) -> Optional[Graph]:
+        return self._graph()
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is not None:
-            self.graph.discard(exc)
+            graph = self._graph()
+            if graph is not None:
+                graph.discard(exc)
         return False
 
 
