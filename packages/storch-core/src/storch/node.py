@@ -95,8 +95,9 @@ class Node:
 
     @property
     def weight_values(self) -> Any:
-        # an estimator with uniform weights (w = 1/N: the surrogate takes a mean) gets them built
-        # only when something reads them: no tensor per node that nothing uses
+        """w(x) evaluated on the samples (the result of the estimator's ``weighting_function``),
+        shape broadcastable to ``(plate, *parents)``. With uniform weights (w = 1/N, the surrogate
+        takes a mean) they are built only when read: no tensor per node that nothing uses."""
         w = self._weight_values
         if w is None and self.sample is not None and self.estimator.uniform_weights:
             w = self.estimator.weighting_function(self)
