@@ -241,13 +241,21 @@ def step(est, node: Node, d, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]
     order, back = _orders(c, [p.name for p in others])
     drawn = drawn_full.permute(order)[c.n_slots:]
 
-    class _Permuted:  # log_prob in the node's layout
-        @staticmethod
-        def log_prob(v):
-            return d.log_prob(v.permute(back)).permute(order)
-
-    value, l_step = _advance(est, node, _Permuted, drawn, c.parents)
+    value, l_step = _advance(est, node, _Permuted(d, order, back), drawn, c.parents)
     return _one_hot(value.permute(back), one_hot, d.logits), l_step.permute(back)
+
+
+class _Permuted:
+    """``d.log_prob`` in the node's layout (a module-level class: a class made per step would be a
+    reference cycle, left for the garbage collector)."""
+
+    __slots__ = ("d", "order", "back")
+
+    def __init__(self, d, order: list, back: list) -> None:
+        self.d, self.order, self.back = d, order, back
+
+    def log_prob(self, v: torch.Tensor) -> torch.Tensor:
+        return self.d.log_prob(v.permute(self.back)).permute(self.order)
 
 
 def _orders(c: "MemoryState", names: list) -> tuple[list, list]:
