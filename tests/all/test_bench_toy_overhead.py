@@ -58,3 +58,48 @@ def test_handwritten_unordered_set_is_unbiased():
     s = torch.sigmoid(theta)
     z_score = (g.mean(0) - s * (1 - s) * (1 - 2 * t)) / (g.std(0) / r**0.5)
     assert z_score.abs().max() < 4, z_score
+
+
+def test_overhead_device_selection():
+    from storch_bench.overhead import select_device
+
+    assert select_device("cpu", cuda_available=False) == torch.device("cpu")
+    assert select_device("auto", cuda_available=False) == torch.device("cpu")
+    assert select_device("auto", cuda_available=True) == torch.device("cuda")
+    assert select_device("cuda:1", cuda_available=True) == torch.device("cuda", 1)
+    for bad, message in (("cuda", "CUDA is not available"), ("gpu0", "is not a device"), ("meta", "only cpu and cuda")):
+        try:
+            select_device(bad, cuda_available=False)
+        except ValueError as e:
+            assert message in str(e), e
+        else:
+            raise AssertionError(f"--device {bad} was accepted")
+
+
+def test_overhead_device_path_and_storch_only_rows(tmp_path):
+    # the device-moving code path (models, data, estimator, synchronisation, memory) on the CPU;
+    # --device cuda runs the same code with torch.device("cuda")
+    row = measure("vae", "loo", batch=2, n=3, min_time=0.01, device=torch.device("cpu"))
+    assert row.same_grad == "yes" and row.storch_us > 0
+    row = measure("toy", "sum_and_sample", batch=2, n=3, min_time=0.01, device="cpu")
+    assert row.storch_us > 0 and math.isnan(row.torch_us) and row.note == "no hand-written version"
+    out = tmp_path / "dev"
+    assert main(["overhead", "--problems", "toy", "--configs", "sum_and_sample", "--batch-sizes", "2",
+                 "--n-samples", "3", "--min-time", "0.01", "--device", "auto", "--no-progress", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "overhead.csv")))
+    assert [r["estimator"] for r in rows] == ["sum_and_sample"] and float(rows[0]["vs loo"]) > 0
+    if not torch.cuda.is_available():
+        assert main(["overhead", "--device", "cuda", "--out", str(out)]) == 2  # a clear message, no traceback
+
+
+def test_overhead_compile_columns(tmp_path):
+    # the --compile plumbing (storch.compile vs torch.compile of the losses, graph breaks counted); the
+    # "eager" backend keeps it fast here, the CLI's default is inductor
+    row = measure("toy", "score", batch=2, n=2, min_time=0.01, compile=True, backend="eager")
+    assert "compile failed" not in row.note, row.note
+    assert row.compiled_storch_us > 0 and row.compiled_torch_us > 0 and row.graph_breaks == 0  # storch.compile: one graph
+    out = tmp_path / "cmp"
+    assert main(["overhead", "--problems", "toy", "--configs", "score", "--batch-sizes", "1", "--n-samples", "2",
+                 "--min-time", "0.01", "--compile", "--backend", "eager", "--no-progress", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "overhead.csv")))
+    assert float(rows[0]["compiled ratio"]) > 0 and rows[0]["graph breaks"] != ""

@@ -14,7 +14,7 @@ import os
 import sys
 import random
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -44,8 +44,16 @@ def _quiet_profiler():
         os.close(saved)
 
 
-def peak_memory(fn: Callable[[], object]) -> int:
-    """Peak bytes allocated by torch's CPU allocator during ``fn()`` (above the level before it)."""
+def peak_memory(fn: Callable[[], object], device: Optional[torch.device] = None) -> int:
+    """Peak bytes allocated by torch's CPU allocator during ``fn()`` (above the level before it);
+    on a CUDA ``device``, by the CUDA caching allocator (``torch.cuda.max_memory_allocated``)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
     from torch.profiler import ProfilerActivity, profile
 
     with _quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

@@ -27,9 +27,10 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch.distributions import Bernoulli, RelaxedBernoulli
@@ -43,10 +44,13 @@ from .measure import peak_memory
 from .models import VAE, storch_step
 from .report import header
 
-__all__ = ["CONFIGS", "Row", "run_overhead", "run_cli", "TARGETS"]
+__all__ = ["CONFIGS", "Row", "run_overhead", "run_cli", "TARGETS", "select_device", "measure"]
 
 T_TOY = 0.45
-TARGETS = {"toy": 1.3, "vae": 1.10, "memory": 1.1, "cnn": 1.15, "rnn": 1.3, "ipd": 1.5}
+# issue 19's budget: the VAE's 1.05 is at batch 100 (1.15 at batch 1); "vs_loo": unordered set and
+# sum-and-sample against score + leave-one-out at the same n (storch both)
+TARGETS = {"toy": 1.3, "vae": 1.05, "vae_batch1": 1.15, "memory": 1.05, "cnn": 1.05, "rnn": 1.15, "ipd": 1.5,
+           "vs_loo": 1.5}
 ALTERNATIONS = 5  # seconds of timing per side: ALTERNATIONS * min_time
 # config -> (registry name, options, smallest n)
 CONFIGS = {
@@ -54,7 +58,12 @@ CONFIGS = {
     "loo": ("score", {"baseline": "leave_one_out"}, 2),
     "unordered_set": ("unordered_set", {}, 2),  # the built-in baseline needs 2 samples
     "gumbel_softmax": ("gumbel_softmax", {}, 1),
+    # the most probable joint value summed exactly, n - 1 samples from the rest with leave-one-out:
+    # n cost evaluations per data point, as score@n (storch only: no hand-written version)
+    "sum_and_sample": ("sum_and_sample", {"n_enumerate": 1, "baseline": "leave_one_out"}, 3),
 }
+# configs compared with score + leave-one-out at the same n ("vs loo": storch time / storch loo time)
+VS_LOO = ("unordered_set", "sum_and_sample")
 
 
 @dataclass
@@ -69,6 +78,14 @@ class Row:
     torch_mb: float = math.nan
     same_grad: str = "-"
     note: str = ""
+    vs_loo: float = math.nan  # storch us / storch us of score + leave-one-out at the same n (VS_LOO)
+    compiled_storch_us: float = math.nan  # --compile: torch.compile of the step function
+    compiled_torch_us: float = math.nan
+    graph_breaks: float = math.nan  # of the storch step, from torch._dynamo.explain
+
+    @property
+    def compiled_ratio(self) -> float:
+        return self.compiled_storch_us / self.compiled_torch_us
 
     @property
     def time_ratio(self) -> float:
@@ -77,6 +94,35 @@ class Row:
     @property
     def memory_ratio(self) -> float:
         return self.storch_mb / self.torch_mb if self.torch_mb > 0 else math.nan
+
+
+def select_device(name: str, cuda_available: Optional[bool] = None) -> torch.device:
+    """The device of ``--device``: ``cpu``, ``cuda`` (``cuda:N``), or ``auto`` (CUDA when available).
+
+    Raises:
+        ValueError: CUDA was asked for but is not available, or the name is not a device.
+    """
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda_available else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda, cuda:N or auto ({e})") from e
+    if device.type == "cuda" and not cuda_available:
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
+                         "use --device cpu, or --device auto to take CUDA where there is one")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are measured")
+    return device
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What makes a timed block wait for its kernels: ``torch.cuda.synchronize`` on CUDA."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 def _temperature(est) -> float:
@@ -95,8 +141,13 @@ def _hand_cost(config: str, logits: torch.Tensor, n: int, est, cost: Callable) -
     if config == "unordered_set":
         z, logp = gumbel_topk_bernoulli(logits, n)
         return unordered_set_surrogate(logp, cost(z))
+    if config not in ("gumbel_softmax",):
+        raise NotImplementedError(f"{config}: no hand-written version")
     z = RelaxedBernoulli(torch.tensor(_temperature(est), dtype=logits.dtype), logits=logits).rsample((n,))
     return cost(z).mean()
+
+
+_CPU = torch.device("cpu")
 
 
 # -- the toy -----------------------------------------------------------------------------------
@@ -106,8 +157,8 @@ def _toy_cost(z: torch.Tensor) -> torch.Tensor:
     return ((z - T_TOY) ** 2).sum(-1)
 
 
-def toy_pair(config: str, est, batch: int, n: int):
-    theta = torch.linspace(-1.0, 1.0, 3).repeat(batch, 1).requires_grad_(True)
+def toy_pair(config: str, est, batch: int, n: int, device: torch.device = _CPU):
+    theta = torch.linspace(-1.0, 1.0, 3, device=device).repeat(batch, 1).requires_grad_(True)
 
     def with_storch():
         with storch.Graph():
@@ -125,11 +176,11 @@ def toy_pair(config: str, est, batch: int, n: int):
 # -- one VAE training step ---------------------------------------------------------------------
 
 
-def vae_pair(config: str, est, batch: int, n: int):
+def vae_pair(config: str, est, batch: int, n: int, device: torch.device = _CPU):
     train, _ = load_binary_digits()
-    x = train[:batch]
+    x = train[:batch].to(device)
     torch.manual_seed(0)
-    model_s = VAE("bernoulli")
+    model_s = VAE("bernoulli").to(device)
     model_t = copy.deepcopy(model_s)
     opt_s = torch.optim.Adam(model_s.parameters(), lr=1e-3)
     opt_t = torch.optim.Adam(model_t.parameters(), lr=1e-3)
@@ -166,11 +217,11 @@ def _step(model, optimizer, build: Callable[[], None]):
     return with_storch
 
 
-def cnn_pair(config: str, est, batch: int, n: int):
+def cnn_pair(config: str, est, batch: int, n: int, device: torch.device = _CPU):
     train, _ = load_binary_digits()
-    x = train[:batch].view(-1, 1, 8, 8)
+    x = train[:batch].view(-1, 1, 8, 8).to(device)
     torch.manual_seed(0)
-    model_s = conv_vae.ConvVAE()
+    model_s = conv_vae.ConvVAE().to(device)
     model_t = copy.deepcopy(model_s)
     opt_s = torch.optim.Adam(model_s.parameters(), lr=1e-3)
     opt_t = torch.optim.Adam(model_t.parameters(), lr=1e-3)
@@ -192,11 +243,11 @@ def cnn_pair(config: str, est, batch: int, n: int):
     return with_storch, by_hand, lambda: model_t.load_state_dict(model_s.state_dict())
 
 
-def rnn_pair(config: str, est, batch: int, n: int):
+def rnn_pair(config: str, est, batch: int, n: int, device: torch.device = _CPU):
     train, _ = load_binary_digits()
-    x = train[:batch]
+    x = train[:batch].to(device)
     torch.manual_seed(0)
-    model_s = gru_decoder.GRUDecoder()
+    model_s = gru_decoder.GRUDecoder().to(device)
     model_t = copy.deepcopy(model_s)
     opt_s = torch.optim.Adam(model_s.parameters(), lr=1e-3)
     opt_t = torch.optim.Adam(model_t.parameters(), lr=1e-3)
@@ -207,6 +258,8 @@ def rnn_pair(config: str, est, batch: int, n: int):
         return model_s.init.weight.grad
 
     def by_hand():
+        if config not in ("score", "loo"):
+            raise NotImplementedError(f"{config}: no hand-written version")
         opt_t.zero_grad(set_to_none=True)
         gru_decoder.hand_surrogate(model_t, x, n, leave_one_out=config == "loo").backward()
         opt_t.step()
@@ -217,6 +270,7 @@ def rnn_pair(config: str, est, batch: int, n: int):
 
 PROBLEMS = {"toy": toy_pair, "vae": vae_pair, "cnn": cnn_pair, "rnn": rnn_pair}
 PARTITION_PROBLEMS = ("rnn",)  # one estimator instance called at every step
+PARTITION_CONFIGS = ("score", "loo", "unordered_set")  # over sequences (sum_and_sample there needs buffer=)
 
 
 # wall: elapsed time (the default); cpu: this thread's CPU time, which leaves out the time the
@@ -224,75 +278,136 @@ PARTITION_PROBLEMS = ("rnn",)  # one estimator instance called at every step
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
-def _block(fn: Callable, k: int, clock: Callable[[], float] = time.perf_counter) -> float:
+def _block(fn: Callable, k: int, clock: Callable[[], float] = time.perf_counter,
+           sync: Callable[[], None] = lambda: None) -> float:
+    sync()
     t0 = clock()
     for _ in range(k):
         fn()
+    sync()  # CUDA: the block ends when its kernels have run
     return (clock() - t0) / k
 
 
-def time_pair(fa: Callable, fb: Callable, min_time: float = 0.2, clock: str = "wall") -> tuple[float, float]:
+def time_pair(fa: Callable, fb: Optional[Callable], min_time: float = 0.2, clock: str = "wall",
+              sync: Callable[[], None] = lambda: None) -> tuple[float, float]:
     """Seconds per call of ``fa`` and ``fb``, timeit-style: warm-up, then blocks of calls of
     about 5 ms, alternating between the two, for ``ALTERNATIONS * min_time`` seconds each; the
-    fastest block of each is kept (the run least disturbed by other load on the machine)."""
+    fastest block of each is kept (the run least disturbed by other load on the machine).
+    ``fb`` ``None``: ``fa`` alone (the second result is NaN)."""
+    fb_ = fb if fb is not None else (lambda: None)
     for _ in range(3):
-        fa(), fb()
-    k = max(1, int(0.005 / max(_block(fa, 1), _block(fb, 1), 1e-7)))
+        fa(), fb_()
+    k = max(1, int(0.005 / max(_block(fa, 1, sync=sync), _block(fb_, 1, sync=sync), 1e-7)))
     best_a = best_b = math.inf
     spent_a = spent_b = 0.0
-    while spent_a < ALTERNATIONS * min_time or spent_b < ALTERNATIONS * min_time:
-        a, b = _block(fa, k, CLOCKS[clock]), _block(fb, k, CLOCKS[clock])
+    while spent_a < ALTERNATIONS * min_time or (fb is not None and spent_b < ALTERNATIONS * min_time):
+        a = _block(fa, k, CLOCKS[clock], sync)
+        b = _block(fb, k, CLOCKS[clock], sync) if fb is not None else 0.0
         best_a, best_b = min(best_a, a), min(best_b, b)
         spent_a, spent_b = spent_a + a * k, spent_b + b * k
-    return best_a, best_b
+    return best_a, (best_b if fb is not None else math.nan)
 
 
 def measure(problem: str, config: str, batch: int, n: int, threads: int = 1, min_time: float = 0.2,
-            clock: str = "wall") -> Row:
+            clock: str = "wall", device: str = "cpu", compile: bool = False, backend: str = "inductor") -> Row:
+    """One row: storch and the hand-written step (``by_hand``), eager, and with ``compile``
+    also both step functions through ``torch.compile(backend=backend)``."""
     row = Row(problem, config, batch, n)
+    dev = select_device(device) if isinstance(device, str) else device
     name, options, n_min = CONFIGS[config]
     if n < n_min:
         row.note = f"needs n >= {n_min}"
         return row
     try:
-        est = storch.estimator(name, plate="z", n_samples=n, **options)
+        n_est = n - 1 if config == "sum_and_sample" else n  # + the one summed value: n evaluations
+        est = storch.estimator(name, plate="z", n_samples=n_est, **options).to(dev)
     except storch.UnknownEstimatorError:
         row.note = f"{name} not installed"
         return row
     except storch.OptionError as e:
         row.note = f"OptionError: {e}"
         return row
-    if problem in PARTITION_PROBLEMS and (config not in ("score", "loo") or not est.supports_partitions):
-        row.note = f"{problem}: {name} is not run on partitions here (score and leave-one-out only)"
+    if problem in PARTITION_PROBLEMS and (config not in PARTITION_CONFIGS or not est.supports_partitions):
+        row.note = f"{problem}: {name} is not run on partitions here ({', '.join(PARTITION_CONFIGS)} only)"
         return row
-    with_storch, by_hand, sync = PROBLEMS[problem](config, est, batch, n)
+    with_storch, by_hand, sync = PROBLEMS[problem](config, est, batch, n, dev)
     try:
         sync()
         torch.manual_seed(1)
         gs = with_storch().clone()
+    except (storch.UnsupportedDistributionError, storch.OptionError) as e:
+        row.note = f"{type(e).__name__}: {e}"  # e.g. unordered_set@64 on the VAE: 2^k set probabilities
+        return row
+    try:
         torch.manual_seed(1)
         gt = by_hand().clone()
-    except storch.UnsupportedDistributionError as e:
-        row.note = f"UnsupportedDistributionError: {e}"
-        return row
+    except NotImplementedError:
+        by_hand = None  # storch only (compared with score + leave-one-out: Row.vs_loo)
+        row.note = "no hand-written version"
     if config in ("score", "loo"):
         row.same_grad = "yes" if torch.allclose(gs, gt, rtol=1e-4, atol=1e-6) else "NO"
-    ts, tt = time_pair(with_storch, by_hand, min_time, clock)
+    wait = synchronizer(dev)
+    ts, tt = time_pair(with_storch, by_hand, min_time, clock, wait)
     row.storch_us, row.torch_us = 1e6 * ts, 1e6 * tt
-    row.storch_mb = peak_memory(with_storch) / 2**20
-    row.torch_mb = peak_memory(by_hand) / 2**20
+    row.storch_mb = peak_memory(with_storch, dev) / 2**20
+    if by_hand is not None:
+        row.torch_mb = peak_memory(by_hand, dev) / 2**20
+    if compile:
+        _measure_compiled(row, with_storch, by_hand, min_time, clock, wait, backend, est, dev)
     return row
 
 
+def _measure_compiled(row: Row, with_storch: Callable, by_hand: Optional[Callable], min_time: float, clock: str,
+                      wait: Callable[[], None], backend: str, est=None, device: torch.device = _CPU) -> None:
+    """The ``--compile`` columns: the step's storch loss through ``storch.compile`` (its plate program
+    traced once into plain torch and compiled as one graph; ``torch.compile`` of storch code itself
+    runs storch eagerly, see docs/performance.md) against the hand-written loss through
+    ``torch.compile``, each followed by ``torch.autograd.grad`` (warmed up by ``time_pair``, so
+    compilation is not timed), and the graph breaks of the program ``storch.compile`` traced. The
+    losses are :func:`storch_bench.compiled.loss_pair`'s (the optimizer step left out on both sides)."""
+    import torch._dynamo
+
+    from .compiled import loss_pair
+
+    torch._dynamo.reset()
+    validate = torch.distributions.Distribution._validate_args
+    try:
+        s_loss, sp, h_loss, hp, args = loss_pair(row.problem, row.config, row.batch, row.n, device, est)
+        torch.distributions.Distribution.set_default_validate_args(False)  # as torch.compile leaves it
+        cs = storch.compile(s_loss, backend=backend)
+        row.graph_breaks = torch._dynamo.explain(cs.graph_module(*args))(*args).graph_break_count
+        ct = torch.compile(h_loss, backend=backend) if by_hand is not None else None
+        a, b = time_pair(lambda: torch.autograd.grad(cs(*args), sp),
+                         (lambda: torch.autograd.grad(ct(*args), hp)) if ct is not None else None,
+                         min_time, clock, wait)
+        row.compiled_storch_us, row.compiled_torch_us = 1e6 * a, 1e6 * b
+    except Exception as e:  # noqa: BLE001  (a row that does not compile says why; the others go on)
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        row.note = "; ".join(filter(None, [row.note, f"compile failed: {type(e).__name__}: {msg}"]))
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(validate)
+        torch._dynamo.reset()
+
+
 def run_overhead(problems, configs, batches, ns, threads: int = 1, min_time: float = 0.2,
-                 progress: bool = True, clock: str = "wall") -> list[Row]:
+                 progress: bool = True, clock: str = "wall", device: str = "cpu", compile: bool = False,
+                 backend: str = "inductor") -> list[Row]:
     from tqdm.auto import tqdm
 
     torch.set_num_threads(threads)
-    grid = [(p, c, b, n) for p in problems if p != "ipd" for c in configs for b in batches for n in ns]
-    rows = [measure(*g, threads=threads, min_time=min_time, clock=clock)
+    dev = select_device(device)
+    # score + leave-one-out is measured too where a VS_LOO config is (its "vs loo" reference)
+    run_configs = list(configs) + (["loo"] if any(c in VS_LOO for c in configs) and "loo" not in configs else [])
+    grid = [(p, c, b, n) for p in problems if p != "ipd" for c in run_configs for b in batches for n in ns]
+    rows = [measure(*g, threads=threads, min_time=min_time, clock=clock, device=dev, compile=compile,
+                    backend=backend)
             for g in tqdm(grid, disable=not progress, unit="config", dynamic_ncols=True)]
-    if "ipd" in problems:  # episodes: their own sizes (storch_bench.overhead_ipd)
+    loo = {(r.problem, r.batch, r.n): r.storch_us for r in rows if r.config == "loo"}
+    for r in rows:
+        if r.config in VS_LOO:
+            r.vs_loo = r.storch_us / loo.get((r.problem, r.batch, r.n), math.nan)
+    rows = [r for r in rows if r.config in configs]
+    if "ipd" in problems:  # episodes: their own sizes (storch_bench.overhead_ipd), on the CPU
         from .overhead_ipd import ipd_rows
 
         rows += ipd_rows(Row, configs, min_time)
@@ -300,7 +415,8 @@ def run_overhead(problems, configs, batches, ns, threads: int = 1, min_time: flo
 
 
 HEADER = ["problem", "estimator", "batch", "n", "storch us", "torch us", "time ratio", "storch MB", "torch MB",
-          "memory ratio", "same grad", "note"]
+          "memory ratio", "same grad", "vs loo", "note"]
+COMPILED_HEADER = ["compiled storch us", "compiled torch us", "compiled ratio", "graph breaks"]
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -311,18 +427,39 @@ def run_cli(args: argparse.Namespace) -> int:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     ns = [int(n) for n in args.n_samples.split(",")]
     clock = getattr(args, "clock", "wall")
-    rows = run_overhead(problems, configs, batches, ns, args.threads, args.min_time, not args.no_progress, clock)
-    table = [[r.problem, r.config, r.batch, r.n, r.storch_us, r.torch_us, r.time_ratio if r.torch_us == r.torch_us else math.nan,
-              r.storch_mb, r.torch_mb, r.memory_ratio, r.same_grad, r.note] for r in rows]
-    write_csv(args.out / "overhead.csv", HEADER, table)
-    setup = (f"time ({'thread CPU time' if clock == 'cpu' else 'wall clock'}): fastest of alternating ~5 ms blocks of "
-             f"calls ({ALTERNATIONS * args.min_time:.1f}s per side, after warm-up), "
-             f"{args.threads} thread(s); memory: torch CPU allocator peak of one call (torch.profiler); targets: "
-             f"time <= {TARGETS['toy']}x on the toy, <= {TARGETS['vae']}x per VAE step, <= {TARGETS['cnn']}x per CNN "
-             f"VAE step, <= {TARGETS['rnn']}x per GRU decoder step, <= {TARGETS['ipd']}x per IPD update, "
-             f"memory <= {TARGETS['memory']}x")
-    md = f"# {header('storch-compare overhead: storch vs hand-written torch')}\n{setup}.\n\n{markdown_table(HEADER, table)}\n"
+    compiled = getattr(args, "compile", False)
+    try:
+        device = select_device(getattr(args, "device", "cpu"))
+    except ValueError as e:
+        print(f"storch-compare overhead: {e}", file=sys.stderr)
+        return 2
+    rows = run_overhead(problems, configs, batches, ns, args.threads, args.min_time, not args.no_progress, clock,
+                        device, compiled, getattr(args, "backend", "inductor"))
+    columns = HEADER[:-1] + (COMPILED_HEADER if compiled else []) + HEADER[-1:]
+    table = []
+    for r in rows:
+        line = [r.problem, r.config, r.batch, r.n, r.storch_us, r.torch_us,
+                r.time_ratio if r.torch_us == r.torch_us else math.nan, r.storch_mb, r.torch_mb, r.memory_ratio,
+                r.same_grad, r.vs_loo]
+        if compiled:
+            line += [r.compiled_storch_us, r.compiled_torch_us, r.compiled_ratio, r.graph_breaks]
+        table.append(line + [r.note])
+    write_csv(args.out / "overhead.csv", columns, table)
+    memory = "CUDA allocator peak of one call" if device.type == "cuda" else \
+        "torch CPU allocator peak of one call (torch.profiler)"
+    setup = (f"device {device}; time ({'thread CPU time' if clock == 'cpu' else 'wall clock'}): fastest of "
+             f"alternating ~5 ms blocks of calls ({ALTERNATIONS * args.min_time:.1f}s per side, after warm-up), "
+             f"{args.threads} thread(s); memory: {memory}; "
+             + ("compiled: storch.compile of the storch loss and torch.compile of the hand-written one, each "
+                f"with autograd.grad (backend {getattr(args, 'backend', 'inductor')}, timed after compilation; "
+                "graph breaks: of the program storch.compile traced); " if compiled else "")
+             + "targets: "
+             f"time <= {TARGETS['toy']}x on the toy, <= {TARGETS['vae']}x per VAE step (batch 1: "
+             f"{TARGETS['vae_batch1']}x), <= {TARGETS['cnn']}x per CNN VAE step, <= {TARGETS['rnn']}x per GRU decoder "
+             f"step, <= {TARGETS['ipd']}x per IPD update, unordered set and sum-and-sample <= {TARGETS['vs_loo']}x "
+             f"score + leave-one-out at the same n (vs loo), memory <= {TARGETS['memory']}x")
+    md = f"# {header('storch-compare overhead: storch vs hand-written torch')}\n{setup}.\n\n{markdown_table(columns, table)}\n"
     (args.out / "overhead.md").write_text(md)
-    print(text_table(HEADER, table))
+    print(text_table(columns, table))
     print(f"\n{setup}.\nWrote {args.out / 'overhead.md'}, {args.out / 'overhead.csv'}")
     return 0

@@ -6,6 +6,7 @@ Sits between the graph (nodes, plates) and the estimators, which read a cost thr
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -33,21 +34,30 @@ class CostFrame:
             moving-average baselines.
     """
 
-    __slots__ = ("tensor", "plates", "dim", "node", "name", "_live")
+    __slots__ = ("tensor", "plates", "dim", "_node", "_node_plates", "name", "_live")
 
     def __init__(self, tensor: torch.Tensor, plates: tuple[Plate, ...], node: Node, live: torch.Tensor,
                  name: Optional[str] = None):
         self.tensor = tensor
         self.name = name
         self.plates = plates
-        self.node = node
-        self.dim = next(i for i, p in enumerate(plates) if p.name == node.plate.name)
+        # the node keeps its frames (node.frames): a weak reference back, so that a finished step's
+        # nodes, frames and tensors are freed by reference counting (no cycle for the collector)
+        self._node = weakref.ref(node)
+        self._node_plates = node_plates = node.plates
+        name = node_plates[0].name
+        self.dim = next(i for i, p in enumerate(plates) if p.name == name)
         self._live = live
+
+    @property
+    def node(self) -> Optional[Node]:
+        """The node whose control variate this frame is for (``None`` once its graph is freed)."""
+        return self._node()
 
     def align(self, t: torch.Tensor, plates: Optional[tuple[Plate, ...]] = None) -> torch.Tensor:
         """View a node tensor (leading dims ``plates``, default the node's) in this frame."""
-        t = _lead(t, len(plates or self.node.plates))
-        return align(t, plates or self.node.plates, self.plates)
+        plates = plates or self._node_plates
+        return align(_lead(t, len(plates)), plates, self.plates)
 
     @property
     def key(self) -> str:

@@ -8,6 +8,9 @@ its own, independent samples.
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 from torch.distributions import Categorical, Distribution, Independent, OneHotCategorical
 from torch.distributions.utils import lazy_property
 
@@ -85,6 +88,9 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
         raise UnsupportedDistributionError(
             f"expected a torch.distributions.Distribution, got {type(d).__name__}"
         )
+    same = _as_raw(d, within)  # the common case, without looking up parameters or plates again
+    if same is not None:
+        return same
     torch_categorical = type(d) in (Categorical, OneHotCategorical)
     if torch_categorical:
         # torch's own categoricals: the parameters as the user's constructor left them (normalised;
@@ -112,10 +118,12 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
         return d, ()  # built from plain tensors: nothing to unwrap
     sizes = [p.size for p in plates]
     raw = {}
+    m = len(plates)
     for name, v in params.items():
         if type(v) is PlateTensor:
             r = align(v._raw, v._plates, plates)
-            raw[name] = r.expand(*sizes, *r.shape[len(plates):])
+            # an expand to the shape it has is still a view (one more autograd node): skip it
+            raw[name] = r if list(r.shape[:m]) == sizes else r.expand(*sizes, *r.shape[m:])
         else:
             raw[name] = v.expand(*sizes, *v.shape) if hasattr(v, "expand") else v
     if torch_categorical:
@@ -128,6 +136,52 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
             f"storch cannot rebuild {type(d).__name__} from its parameters {sorted(raw)} ({e}); "
             "use a distribution whose constructor takes its arg_constraints as keywords"
         ) from e
+
+
+def _as_raw(d: Distribution, within: tuple[Plate, ...]) -> Optional[tuple[Distribution, tuple[Plate, ...]]]:
+    """``(raw distribution, plates)`` for ``d`` without rebuilding it; ``None`` unless that is
+    exactly what :func:`unwrap_distribution` would build.
+
+    The common case (``Bernoulli(logits=x)``, ``Normal(mu, sigma)`` on tensors of one model): every
+    tensor the distribution holds (parameters, and what its constructor or argument validation
+    derived from them) is a plate tensor with the same plates (those of ``within`` too, if given),
+    at their full sizes, and with one per-sample dim per batch and event dim. The raw tensors then
+    already have the raw distribution's layout, so a copy of the object with them (and the plates
+    prepended to its batch shape) is the raw distribution: no second constructor call
+    (``broadcast_all``, shapes), no expand views. Anything else (plain tensors to expand, other
+    plates, size-1 plate dims, tensors shaped unlike the batch, base distributions, containers)
+    returns ``None``.
+    """
+    out = {}
+    plates = None
+    want = sizes = m = 0
+    for k, v in d.__dict__.items():
+        t = type(v)
+        if t is PlateTensor:
+            r, p = v._raw, v._plates
+            if plates is None:
+                plates = p
+                if within and p is not within and p != within:
+                    return None
+                m = len(p)
+                sizes = tuple(q.size for q in p)
+                want = m + len(d.batch_shape) + len(d.event_shape)
+            elif p is not plates and p != plates:
+                return None
+            if r.dim() != want or r.shape[:m] != sizes:
+                return None
+            out[k] = r
+        elif t is torch.Size or t is bool or t is int or t is float or v is None:
+            out[k] = v
+        else:
+            return None  # plain tensors (to expand), base distributions, containers, anything else
+    if plates is None:
+        return None
+    new = type(d).__new__(type(d))
+    new.__dict__.update(out)
+    new._batch_shape = torch.Size(sizes) + d.batch_shape
+    new._validate_args = False  # validated when the user built `d`
+    return new, plates
 
 
 def _categorical(cls: type, raw: dict) -> Distribution:

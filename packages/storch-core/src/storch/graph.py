@@ -7,6 +7,7 @@ for one step (one surrogate loss); estimators, which hold state across steps, li
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union, overload
 
 import torch
@@ -210,16 +211,17 @@ class Graph:
             raise CostError(
                 f"cost {label!r} is a {type(cost).__name__}, not a tensor; pass the torch tensor computed "
                 "from the samples (e.g. storch.add_cost(loss_tensor)), not a Python number or .item()")
-        if cost.dim() != 0:
+        raw, plates = raw_of(cost), plates_of(cost)
+        if raw.dim() != len(plates):  # per-sample rank 0 (read from the raw tensor: no dispatch)
             raise CostError(
                 f"cost {label!r} has per-sample shape {tuple(cost.shape)}; a cost must "
                 "be one number per sample: reduce its event dims first (e.g. `.sum(-1)`), or use "
                 "storch.denote_independent for dims that are independent data points"
             )
-        if not raw_of(cost).is_floating_point():
+        if not raw.is_floating_point():
             raise CostError(f"cost {label!r} has dtype {cost.dtype}; a cost must be a floating point tensor "
                             "(e.g. `.float()`)")
-        self.check_plates(plates_of(cost), f"cost {label!r}")
+        self.check_plates(plates, f"cost {label!r}")
         self.costs.append((name or f"cost{len(self.costs)}", cost))
 
     @overload
@@ -258,7 +260,9 @@ class Graph:
             if not -tensor.dim() <= dim < tensor.dim():
                 raise PlateError(f"dim {dim} is out of range for a tensor of shape {tuple(tensor.shape)}; "
                                  f"use a dim in [{-tensor.dim()}, {tensor.dim() - 1}]")
-            raw, parents = tensor.movedim(dim, 0), ()
+            # dim 0 (the usual batch dim) is already first: the tensor itself, no view (one
+            # autograd node fewer, as by hand)
+            raw, parents = (tensor if dim == 0 or dim == -tensor.dim() else tensor.movedim(dim, 0)), ()
         p = Plate(plate, raw.shape[0], True, 0, Lineage())
         self.claim_plate(plate, p)
         return PlateTensor._wrap(raw, (p,) + parents)
@@ -302,19 +306,29 @@ class Graph:
 
 
 class _StepGuard:
-    """``with graph.guard():`` discard the graph's step if the block raises (the error propagates)."""
+    """``with graph.guard():`` discard the graph's step if the block raises (the error propagates).
 
-    __slots__ = ("graph",)
+    The graph keeps its guard (one object per graph, not per call); the guard refers to the graph
+    weakly, so the pair is no reference cycle and a finished graph, with its step's tensors, is
+    freed by reference counting."""
+
+    __slots__ = ("_graph",)
 
     def __init__(self, graph: Graph) -> None:
-        self.graph = graph
+        self._graph = weakref.ref(graph)
+
+    @property
+    def graph(self) -> Optional[Graph]:
+        return self._graph()
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is not None:
-            self.graph.discard(exc)
+            graph = self._graph()
+            if graph is not None:
+                graph.discard(exc)
         return False
 
 

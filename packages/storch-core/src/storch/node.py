@@ -63,7 +63,7 @@ class Node:
         self.plate: Optional[Plate] = None
         self.sample: Optional[torch.Tensor] = None
         self.gradient_values: Any = None
-        self.weight_values: Any = None
+        self._weight_values: Any = None
         self.value: Optional[PlateTensor] = None
         state_type = getattr(estimator, "State", None)
         self.state: Any = state_type() if state_type is not None else None
@@ -92,6 +92,26 @@ class Node:
             view.weight_values, view.step, view._views = None, step, None  # computed for the view
             self._views[step] = view
         return view
+
+    @property
+    def weight_values(self) -> Any:
+        """w(x) evaluated on the samples (the result of the estimator's ``weighting_function``),
+        shape broadcastable to ``(plate, *parents)``. With uniform weights (w = 1/N, the surrogate
+        takes a mean) they are built only when read: no tensor per node that nothing uses."""
+        w = self._weight_values
+        if w is None and self.sample is not None and self.estimator.uniform_weights:
+            w = self.estimator.weighting_function(self)
+            if not isinstance(w, torch.Tensor):
+                w = torch.as_tensor(w)
+            n = len(self.parents) + 1
+            if w.dim() < n:
+                w = w.reshape(w.shape + (1,) * (n - w.dim()))
+            self._weight_values = w
+        return w
+
+    @weight_values.setter
+    def weight_values(self, w: Any) -> None:
+        self._weight_values = w
 
     @property
     def plates(self) -> tuple[Plate, ...]:

@@ -73,7 +73,7 @@ def _at_cost(cost_plates: tuple, raw: torch.Tensor, nodes: list[Node]):
                     new += tuple(q for q in node.parents if q.name not in names)  # of later steps
                     raw = align(raw, cost_plates, new)
                     cost_plates = new
-        if node.weight_values is None:
+        if not node.estimator.uniform_weights and node.weight_values is None:
             node.weight_values = _lead(node.estimator.weighting_function(node), len(node.plates))
         out.append(node)
     return cost_plates, raw, out
@@ -88,19 +88,33 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None) -> torc
         prefix.append(total)
         l_i = align(node.gradient_values, node.plates, plates)
         total = l_i if total is None else total + l_i
-    inner = raw if total is None else magic_box(total) * raw  # line 7 of Algorithm 1
+    box = None if total is None else magic_box(total)  # MagicBox(L_k)
+    inner = raw if box is None else box * raw  # line 7 of Algorithm 1
+    last = len(nodes) - 1
+    # line 14 with w = 1/N (D.2.1) is a mean over the node's plate; consecutive means (no control
+    # variate added in between) are one reduction, and the last ones join the final mean over
+    # the data plates: the autograd graph of a single node with one cost is DiCE's, as by hand
+    pending: list[int] = []
     for i in range(len(nodes) - 1, -1, -1):
         node = nodes[i]
         dim = plates.index(node.plate)
-        if _has_control_variate(node.estimator):
+        est = node.estimator
+        if _has_control_variate(est):
+            if pending:
+                inner, pending = inner.mean(pending, keepdim=True), []
             frame = CostFrame(inner.detach(), plates, node, inner, name)
             node.frames[frame.key] = frame  # what update_parameters trains on
-            a = node.estimator.control_variate(node, frame)  # line 11
-            if a is not None:
-                inner = inner + (a if prefix[i] is None else magic_box(prefix[i]) * a)
-        if node.estimator.uniform_weights:
-            inner = inner.mean(dim, keepdim=True)  # line 14 with w = 1/N (D.2.1): one op, not two
+            if i == last and box is not None and type(est).control_variate is _BASE_CONTROL_VARIATE:
+                inner = _baseline_term(inner, est, node, frame, box, prefix[i])
+            else:
+                a = est.control_variate(node, frame)  # line 11
+                if a is not None:
+                    inner = inner + (a if prefix[i] is None else magic_box(prefix[i]) * a)
+        if est.uniform_weights:
+            pending.append(dim)
         else:
+            if pending:
+                inner, pending = inner.mean(pending, keepdim=True), []
             w = align(node.weight_values, node.plates, plates)
             inner = (w * inner).sum(dim, keepdim=True)  # line 14: weight and sum over X_i
     # what is left are independent plates (and size-1 dims): the mean over data points
@@ -135,6 +149,22 @@ def cost_estimates(graph: Optional[Graph] = None) -> dict[str, torch.Tensor]:
             value = (inner.mean() if inner.dim() else inner).reshape(())
             out[name] = out[name] + value if name in out else value
     return out
+
+
+_BASE_CONTROL_VARIATE = Estimator.control_variate
+
+
+def _baseline_term(inner: torch.Tensor, est, node: Node, frame: CostFrame, box: torch.Tensor,
+                   prefix: Optional[torch.Tensor]) -> torch.Tensor:
+    """``inner`` plus the base class's control variate of the innermost node, MagicBox(L_{k-1}) ·
+    (1 - MagicBox(l_k)) ⊥b = (MagicBox(L_{k-1}) - MagicBox(L_k)) ⊥b (a product of MagicBoxes is the
+    MagicBox of the sum), with MagicBox(L_k) the cost's own ``box``: the same values and derivatives
+    at every order, without computing that MagicBox a second time."""
+    b = est.baseline(node, frame)
+    if b is None:
+        return inner
+    outer = 1.0 if prefix is None else magic_box(prefix)
+    return inner + (outer - box) * b.detach()
 
 
 @eager_only
@@ -233,7 +263,7 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
     for name, cost, nodes in single:
         s = _cost_surrogate(cost, nodes, name)
         loss = s if loss is None else loss + s
-    return loss.reshape(())
+    return loss if loss.dim() == 0 else loss.reshape(())  # a reshape of a 0-dim loss is one more node
 
 
 _STEPS = "(steps)"
@@ -250,8 +280,7 @@ def _step_group(cost, nodes: list[Node]):
         return None
     node = nodes[0]
     est = node.estimator
-    if (node.history is None or not est.causal_credit or not est.control_variate_stacks()
-            or type(est).weighting_function is not Estimator.weighting_function):
+    if node.history is None or not est.causal_credit or not est.control_variate_stacks() or not est.uniform_weights:
         return None
     name = node.plate.name
     return id(node), tuple(p.name if p.name == name else p for p in plates_of(cost)), raw_of(cost).dtype
@@ -273,21 +302,28 @@ def _steps_surrogate(node: Node, members: list) -> torch.Tensor:
         lp, l = node.history[p.step] if p.step != node.step else (node.plates, node.gradient_values)
         ls.append(align(l, lp, target))
     shape = torch.broadcast_shapes(*(r.shape for r in raws), *(l.shape for l in ls))
-    raw = torch.stack([r.expand(shape) for r in raws], 1)  # (N, steps, *others)
-    total = torch.stack([l.expand(shape) for l in ls], 1)  # L_t of each cost's step
+    # (an expand to the shape a tensor has is still one op and one autograd node per step: skipped)
+    raw = torch.stack([r if r.shape == shape else r.expand(shape) for r in raws], 1)  # (N, steps, *others)
+    total = torch.stack([l if l.shape == shape else l.expand(shape) for l in ls], 1)  # L_t of each cost's step
     steps = Plate(_STEPS, len(members), True)
     stacked = Node.__new__(Node)
     stacked.__dict__.update(node.__dict__)
     stacked.parents, stacked.gradient_values = (steps,) + others, total
     plates = stacked.plates
-    inner = magic_box(total) * raw  # line 7 of Algorithm 1, per step
-    if _has_control_variate(node.estimator):
+    box = magic_box(total)
+    inner = box * raw  # line 7 of Algorithm 1, per step
+    est = node.estimator
+    if _has_control_variate(est):
         frame = CostFrame(inner.detach(), plates, stacked, inner, members[0][0])
-        a = node.estimator.control_variate(stacked, frame)  # line 11
-        if a is not None:
-            inner = inner + a
-    inner = inner.mean(0, keepdim=True)  # line 14 with w = 1/N
-    return inner.sum(1).mean()  # costs are summed over steps, averaged over data points
+        if type(est).control_variate is _BASE_CONTROL_VARIATE:
+            inner = _baseline_term(inner, est, stacked, frame, box, None)
+        else:
+            a = est.control_variate(stacked, frame)  # line 11
+            if a is not None:
+                inner = inner + a
+    # line 14 with w = 1/N (a mean over the node's plate), the costs summed over the steps and
+    # averaged over the data points: the means over the plate and the data are one reduction
+    return inner.sum(1).mean()
 
 
 @eager_only

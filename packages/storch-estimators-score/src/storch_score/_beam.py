@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from storch import Node
 
@@ -18,7 +19,9 @@ __all__ = ["stochastic_beam_search", "beam_step", "top_possible"]
 
 
 def _gumbel_like(x: torch.Tensor) -> torch.Tensor:
-    return -torch.empty_like(x).exponential_().log()
+    """Standard Gumbels of ``x``'s shape: -log(-log U), U uniform on [tiny, 1) (torch's CPU
+    ``exponential_`` costs ~6x a ``rand_like``; in place: no further tensors)."""
+    return torch.rand_like(x).clamp_min_(torch.finfo(x.dtype).tiny).log_().neg_().log_().neg_()
 
 
 def _truncated(phi_g: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
@@ -29,11 +32,12 @@ def _truncated(phi_g: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     """
     z = phi_g.max(-1, keepdim=True).values
     t = bound.unsqueeze(-1)
-    # log(1 - exp(G - Z)) with G - Z <= 0; -inf where G = Z (then v = -inf and G̃ = T)
-    diff = (phi_g - z).clamp_max(0.0)
-    log1mexp = torch.where(diff > -math.log(2.0), torch.log(-torch.expm1(diff)), torch.log1p(-torch.exp(diff)))
-    v = t - phi_g + log1mexp
-    return t - v.clamp_min(0.0) - torch.log1p(torch.exp(-v.abs()))
+    # log(1 - exp(G - Z)) with G - Z <= 0; -inf where G = Z (then v = -inf and G̃ = T). It is added
+    # to O(1) values, so its absolute error matters: log(-expm1(.)) alone is accurate to ~1e-16
+    # absolute for every G - Z <= 0 (the two-branch log1mexp is for relative accuracy near 0)
+    v = t - phi_g + torch.log(-torch.expm1(phi_g - z))
+    # max(v, 0) + log1p(exp(-|v|)) is softplus(v): one op (exact to float precision)
+    return t - F.softplus(v, threshold=50.0)
 
 
 def top_possible(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,7 +53,7 @@ def top_possible(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
         is ``None`` when every score is finite (the common case: no padding, no extra work).
     """
     finite = torch.isfinite(scores)
-    if bool(finite.all()):
+    if scores.is_meta or bool(finite.all()):  # meta: no values, every score counts as finite
         top = scores.topk(min(k, scores.shape[-1]), dim=-1)  # sorted: the order of the sample
         return top.indices, top.values, None
     n_ok = int(finite.sum(-1).max()) if finite.numel() else 0
@@ -80,31 +84,42 @@ def stochastic_beam_search(node: Node, k: int) -> tuple[torch.Tensor, torch.Tens
     # log p of every value of every variable: (K, P, n), with gradient
     lp = d.log_prob(support.expand((n_cat,) + tuple(d.batch_shape) + event)).reshape(n_cat, p, n)
     with torch.no_grad():  # sampling is not differentiated
-        lpd = lp.detach()
-        phi = lpd.new_zeros(1, p)  # log-probabilities of the beam's prefixes, (beam, P)
+        lpt = lp.detach().permute(2, 1, 0)  # (n, P, K): variable j's log-probabilities, one row per entry
+        # the beam in the layout (P, beam): candidates (P, beam, K) flatten to (P, beam * K) as a view
+        phi = lpt.new_zeros(p, 1)  # log-probabilities of the beam's prefixes
         g = _gumbel_like(phi)  # their perturbed values: G_root ~ Gumbel(0)
-        choices = torch.empty(1, p, 0, dtype=torch.long, device=lp.device)  # (beam, P, j)
+        steps = []  # (parent, value) per variable, (P, m) each: the sample is read back at the end
         for j in range(n):
-            cand_phi = phi.unsqueeze(-1) + lpd[:, :, j].t().unsqueeze(0)  # (beam, P, K)
+            cand_phi = phi.unsqueeze(-1) + lpt[j].unsqueeze(1)  # (P, beam, K)
             finite = torch.isfinite(cand_phi)
-            safe = torch.where(finite, cand_phi, torch.full_like(cand_phi, -1e30))
-            cand_g = _truncated(safe + _gumbel_like(safe), torch.where(torch.isfinite(g), g, torch.full_like(g, -1e30)))
-            cand_g = torch.where(finite, cand_g, torch.full_like(cand_g, -math.inf))  # never an impossible value
-            beam = phi.shape[0]
-            flat_g = cand_g.permute(1, 0, 2).reshape(p, beam * n_cat)  # (P, beam*K)
-            indices, top_g, pad = top_possible(flat_g, k)  # (P, m)
-            parent, value = indices // n_cat, indices % n_cat  # (P, m)
-            m = indices.shape[1]
-            g = top_g.t()  # (m, P)
-            phi = cand_phi.permute(1, 0, 2).reshape(p, beam * n_cat).gather(1, indices)
-            phi = (phi if pad is None else phi.masked_fill(pad, -math.inf)).t()
-            prev = choices.permute(1, 0, 2).gather(1, parent.unsqueeze(-1).expand(p, m, j))  # (P, m, j)
-            choices = torch.cat([prev, value.unsqueeze(-1)], -1).permute(1, 0, 2)  # (m, P, j + 1)
+            if cand_phi.is_meta or bool(finite.all()):  # the common case: every value possible
+                cand_g = _truncated(cand_phi + _gumbel_like(cand_phi), g)
+            else:  # never an impossible value: -inf candidates stay -inf, the rest are truncated as usual
+                safe = torch.where(finite, cand_phi, torch.full_like(cand_phi, -1e30))
+                bound = torch.where(torch.isfinite(g), g, torch.full_like(g, -1e30))
+                cand_g = _truncated(safe + _gumbel_like(safe), bound)
+                cand_g = torch.where(finite, cand_g, torch.full_like(cand_g, -math.inf))
+            beam = phi.shape[1]
+            indices, top_g, pad = top_possible(cand_g.reshape(p, beam * n_cat), k)  # (P, m), sorted
+            steps.append((indices // n_cat, indices % n_cat))
+            g = top_g
+            phi = cand_phi.reshape(p, beam * n_cat).gather(1, indices)
+            if pad is not None:
+                phi = phi.masked_fill(pad, -math.inf)
+        # each kept value's choices, from the last variable back along the parents
+        at = torch.arange(phi.shape[1], device=lp.device).expand(p, -1)  # (P, m): rows of the last beam
+        picks = []
+        for parent, value in reversed(steps):
+            picks.append(value.gather(1, at))
+            at = parent.gather(1, at)
+        choices = torch.stack(picks[::-1], -1).permute(1, 0, 2) if picks else \
+            torch.empty(1, p, 0, dtype=torch.long, device=lp.device)  # (m, P, n)
+        g = g.t()  # (m, P)
     m = choices.shape[0]
     # joint log-probability of each drawn value, with gradient: Σ_j log p_j(choice_j); -inf on padding
     # (an entry with fewer than m possible joint values repeats a possible one there: weight 0)
     logp = lp.unsqueeze(0).expand(m, n_cat, p, n).gather(1, choices.unsqueeze(1)).squeeze(1).sum(-1)
-    logp = logp.masked_fill(torch.isneginf(phi), -math.inf)
+    logp = logp.masked_fill(torch.isneginf(phi.t()), -math.inf)  # phi: (P, m)
     values = support.reshape((n_cat,) + event)[choices]  # (m, P, n, *event)
     return values.reshape((m,) + parents + own + event), logp.reshape((m,) + parents), g.reshape((m,) + parents)
 

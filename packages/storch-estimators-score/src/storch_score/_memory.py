@@ -70,6 +70,8 @@ def top_k_codes(lp: torch.Tensor, k: int) -> torch.Tensor:
         codes ``(k', P, n)``, distinct per parent entry.
     """
     n_cat, p, n = lp.shape
+    if k == 1:  # the most probable joint value of independent variables: each one's most probable value
+        return lp.argmax(0).unsqueeze(0)
     phi = lp.new_zeros(1, p)  # log-probabilities of the beam's prefixes, (beam, P)
     codes = torch.empty(1, p, 0, dtype=torch.long, device=lp.device)  # (beam, P, j)
     for j in range(n):
@@ -125,6 +127,8 @@ def sample_outside(lp: torch.Tensor, codes: torch.Tensor, first: torch.Tensor, m
     """
     n_cat, p, n = lp.shape
     k = codes.shape[0]
+    if k == 1:
+        return _sample_outside_one(lp, codes[0], m)
     with torch.no_grad():
         lm = _memory_lp(lp, codes)  # (k', P, n)
         # suffix[a, :, j] = log p(a_j, ..., a_{n-1}); suffix[..., n] = 0
@@ -148,6 +152,36 @@ def sample_outside(lp: torch.Tensor, codes: torch.Tensor, first: torch.Tensor, m
             out[:, :, j] = v
             match &= codes[:, :, j].unsqueeze(0) == v.unsqueeze(1)
     return out
+
+
+def _sample_outside_one(lp: torch.Tensor, a: torch.Tensor, m: int) -> torch.Tensor:
+    """:func:`sample_outside` for a memory of one value ``a`` ``(P, n)`` (``n_enumerate=1``), in a
+    fixed number of ops instead of one pass per variable.
+
+    A value x ≠ a first differs from a at some variable J: x_<J = a_<J, x_J ≠ a_J, and x_>J is
+    free. Under p(x | x ≠ a), J = j has probability ∝ Π_{i<j} p_i(a_i) · (1 - p_j(a_j)); given J,
+    x_J ~ p_J(v | v ≠ a_J) and x_>J ~ p. Drawing J, then x_J, then the rest is the same exact
+    distribution as the ancestral sampling over the trie (for one value the trie is a path).
+    """
+    n_cat, p, n = lp.shape
+    with torch.no_grad():
+        lpn = lp.permute(1, 2, 0)  # (P, n, K)
+        la = lpn.gather(-1, a.unsqueeze(-1)).squeeze(-1)  # log p_j(a_j), (P, n)
+        before = torch.cat([la.new_zeros(p, 1), la[:, :-1].cumsum(-1)], -1)  # log Π_{i<j} p_i(a_i)
+        w = before + log1mexp(la)  # log P(J = j, x ≠ a), (P, n)
+        empty = torch.isinf(w).all(-1, keepdim=True)  # p(a) = 1: nothing outside; draw from p
+        w = torch.where(empty, torch.zeros_like(w), w)
+        out = torch.distributions.Categorical(logits=lpn).sample((m,))  # (m, P, n): x_>J (and empty rows)
+        j = torch.distributions.Categorical(logits=w).sample((m,))  # (m, P)
+        at_j = lpn.unsqueeze(0).expand(m, p, n, n_cat).gather(
+            2, j[..., None, None].expand(m, p, 1, n_cat)).squeeze(2)  # log p_J(v), (m, P, K)
+        a_j = a.unsqueeze(0).expand(m, p, n).gather(2, j.unsqueeze(-1))  # (m, P, 1)
+        at_j = at_j.scatter(-1, a_j, -math.inf)  # v ≠ a_J
+        v = torch.distributions.Categorical(logits=at_j).sample()  # (m, P)
+        pos = torch.arange(n, device=lp.device)
+        x = torch.where(pos < j.unsqueeze(-1), a.unsqueeze(0), out)  # x_<J = a_<J
+        x = x.scatter(2, j.unsqueeze(-1), v.unsqueeze(-1))
+        return torch.where(empty.unsqueeze(0), out, x)
 
 
 def _memory_lp(lp: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

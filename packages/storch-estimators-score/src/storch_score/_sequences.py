@@ -42,7 +42,7 @@ from storch import Node, OptionError, PlateError, UnsupportedDistributionError
 from ._memory import log1mexp
 
 if TYPE_CHECKING:
-    from .sum_and_sample import MemoryState
+    from .sum_and_sample_sequences import SequenceState as MemoryState
 
 __all__ = ["SequenceBuffer", "start", "step", "weights", "control_variate", "record_cost", "update"]
 
@@ -179,7 +179,7 @@ def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
     mem, mem_len, mem_ok, slot, slot_ok, imp = (t.to(dev) for t in (mem, mem_len, mem_ok, slot, slot_ok, imp))
     q_all = q_all.to(dev, d.logits.dtype)  # Categorical and Bernoulli have logits
     c = node.state  # a fresh MemoryState: tokens, slot_cum, smp_cum and costs start empty
-    c.seq, c.n_slots, c.m, c.keys = True, n_slots, m, keys
+    c.n_slots, c.m, c.keys = n_slots, m, keys
     c.mem, c.mem_len, c.mem_ok, c.slot, c.slot_ok, c.imp, c.q = mem, mem_len, mem_ok, slot, slot_ok, imp, q_all
     c.parents, c.names = parents, tuple(p.name for p in node.parents)
     value, c.l0 = _advance(est, node, d, drawn, parents)
@@ -241,13 +241,21 @@ def step(est, node: Node, d, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]
     order, back = _orders(c, [p.name for p in others])
     drawn = drawn_full.permute(order)[c.n_slots:]
 
-    class _Permuted:  # log_prob in the node's layout
-        @staticmethod
-        def log_prob(v):
-            return d.log_prob(v.permute(back)).permute(order)
-
-    value, l_step = _advance(est, node, _Permuted, drawn, c.parents)
+    value, l_step = _advance(est, node, _Permuted(d, order, back), drawn, c.parents)
     return _one_hot(value.permute(back), one_hot, d.logits), l_step.permute(back)
+
+
+class _Permuted:
+    """``d.log_prob`` in the node's layout (a module-level class: a class made per step would be a
+    reference cycle, left for the garbage collector)."""
+
+    __slots__ = ("d", "order", "back")
+
+    def __init__(self, d, order: list, back: list) -> None:
+        self.d, self.order, self.back = d, order, back
+
+    def log_prob(self, v: torch.Tensor) -> torch.Tensor:
+        return self.d.log_prob(v.permute(self.back)).permute(self.order)
 
 
 def _orders(c: "MemoryState", names: list) -> tuple[list, list]:

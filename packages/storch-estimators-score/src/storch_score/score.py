@@ -167,6 +167,10 @@ class Score(Estimator):
     def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         return self._baseline.value(self, node, cost)
 
+    def has_control_variate(self) -> bool:
+        # without a baseline there is no control variate: no cost frame per cost, no extra nodes
+        return self.baseline_kind != "none"
+
     def control_variate_stacks(self) -> bool:
         return self._baseline.stacks
 

@@ -1,32 +1,36 @@
-"""Sum-and-sample (memory-augmented policy optimisation, MAPO)."""
+"""Sum-and-sample (memory-augmented policy optimisation, MAPO): the one-step estimator.
+
+Registered as ``sum_and_sample`` (alias ``mapo``). With ``buffer=`` the same name builds MAPO's
+sequence mode, :class:`~storch_score.sum_and_sample_sequences.SumAndSampleSequences`, a separate
+estimator with its own per-node state; ``SumAndSample.__new__`` is the one place that chooses.
+"""
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass, field
+from abc import ABCMeta
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Optional, Union
 
 import torch
 from torch.distributions import Categorical, Distribution
 
-import storch
-
 from storch import CostFrame, Estimator, Node, OptionError, PlateError, PlateTensor
 from storch.extending import leave_one_out, options
 
-from . import _sequences
 from ._memory import VariableTable, _memory_lp, codes_of, first_occurrences, log1mexp, sample_outside, top_k_codes
+from ._sum_and_sample_options import NAME, check_baseline, check_n_enumerate
 from ._support import enumerate_joint, masked_logsumexp
+from .sum_and_sample_sequences import SumAndSampleSequences
 
 __all__ = ["SumAndSample", "MemoryState"]
 
 
 @dataclass
 class MemoryState:
-    """Per-node record of sum-and-sample (filled by ``proposal``, or ``extend`` on sequences).
-
-    One node (filled by ``proposal``; ``lp``, ``log_rest`` and ``empty`` by the first of
-    ``weighting_function`` / ``gradient_function``):
+    """Per-node record of the one-step estimator (filled by ``proposal``; ``lp``, ``log_rest`` and
+    ``empty`` by the first of ``weighting_function`` / ``gradient_function``).
 
     Attributes:
         k: k', the number of memory values (the first k' entries of the plate).
@@ -39,23 +43,6 @@ class MemoryState:
         lp: log p of the plate's values, ``(k' + m, *parents)``, with gradient (``beam``).
         log_rest: log p(x ∉ M) per parent entry, with gradient.
         empty: where M holds (numerically) all the mass, bool per parent entry.
-
-    Sequences (``buffer=``; filled by ``storch_score._sequences``, at the first step and every
-    ``extend``; read by the components and by ``update_parameters``):
-
-    Attributes:
-        seq: the node is a sequence (``buffer=`` given).
-        n_slots: S, the number of memory slots (the first S entries of the plate).
-        keys: the data points' keys (one per entry of the first step's parent plates).
-        mem, mem_len, mem_ok: every buffered sequence per key ``(K, P, T)``, its length and validity.
-        slot, slot_ok: the index into ``mem`` of each slot ``(S, P)`` and whether it is used.
-        imp: the importance-sampled slot, bool ``(S, P)``; ``q`` its proposal over ``mem`` ``(K, P)``.
-        parents, names: the first step's parent shape and plate names (the node's layout).
-        tokens: the tokens of each step, ``(S + m, P)`` per step.
-        slot_cum, smp_cum: per step, log p of the slots' prefixes (with gradient) and of the samples'
-            (detached).
-        costs: the cost per entry ``(S + m, P)`` by (cost name, prefix length), for the buffer update.
-        l0: l of the first step (returned by ``gradient_function``).
     """
 
     k: int = 0
@@ -68,30 +55,9 @@ class MemoryState:
     lp: Optional[torch.Tensor] = None
     log_rest: Optional[torch.Tensor] = None
     empty: Optional[torch.Tensor] = None
-    seq: bool = False
-    n_slots: int = 0
-    keys: list = field(default_factory=list)
-    mem: Optional[torch.Tensor] = None
-    mem_len: Optional[torch.Tensor] = None
-    mem_ok: Optional[torch.Tensor] = None
-    slot: Optional[torch.Tensor] = None
-    slot_ok: Optional[torch.Tensor] = None
-    imp: Optional[torch.Tensor] = None
-    q: Optional[torch.Tensor] = None
-    parents: tuple = ()
-    names: tuple = ()
-    tokens: list = field(default_factory=list)
-    slot_cum: list = field(default_factory=list)
-    smp_cum: list = field(default_factory=list)
-    costs: dict = field(default_factory=dict)
-    l0: Optional[torch.Tensor] = None
 
 
-# baseline option -> (the accepted names; 'batch_average' is an alias of 'leave_one_out')
-_BASELINES = ("none", "leave_one_out", "batch_average")
-
-
-class SumAndSample(Estimator):
+class SumAndSample(Estimator, metaclass=ABCMeta):
     """Sum exactly over a memory set M of values and sample the rest from p(x | x ∉ M) (appendix D.2.3).
 
     Components (M: the k' most probable joint values, or a user-given memory; m samples outside M):
@@ -108,7 +74,9 @@ class SumAndSample(Estimator):
     (exact for independent variables), and the samples are drawn from p(x | x ∉ M) exactly by
     ancestral sampling over the trie of M (``storch_score._memory``). The estimate is the same.
 
-    On sequences (``buffer=``; storch_score._sequences, docs/estimators/sum_and_sample.md): S memory
+    On sequences (``buffer=``): the registered name then builds MAPO's sequence mode, a separate
+    estimator (``storch_score.sum_and_sample_sequences.SumAndSampleSequences``, for which
+    ``isinstance(est, SumAndSample)`` holds too; docs/estimators/sum_and_sample.md): S memory
     slots then m sampled sequences; q = the buffered sequences forced token by token (δ) · m i.i.d.
     ancestral samples from p; w = p(a) on a slot (p(a)/Q(a) on an importance-sampled one),
     1[x ∉ M]/m on a sample (rejection); l = 0 on a slot, log p(x) on a sample; a = the leave-one-out
@@ -162,24 +130,34 @@ class SumAndSample(Estimator):
         [2] Rao-Blackwellized Stochastic Gradients for Discrete Distributions (Liu et al., 2019)
     """
 
-    name = "sum_and_sample"
+    name = NAME
     aliases = ("mapo",)
     requires_enumerate_support = True
-    supports_partitions = True  # with buffer= (sequences); otherwise a second call raises
-    has_update = True  # the buffer of best sequences
+    # capabilities of the registered name, buffer= included (SumAndSampleSequences): partitions and an
+    # update. On this one-step estimator a second call raises (extend) and the update does nothing.
+    supports_partitions = True
+    has_update = True
     State = MemoryState
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "SumAndSample":
+        # the one place the mode is chosen, once per estimator: buffer= builds the sequence estimator
+        # (budget= is not used there). No arguments: unpickling or copying.
+        if cls is SumAndSample and (args or kwargs):
+            given = inspect.signature(cls.__init__).bind(None, *args, **kwargs).arguments
+            if given.get("buffer") is not None:
+                given = {k: v for k, v in given.items() if k not in ("self", "budget")}
+                return SumAndSampleSequences(**given)  # type: ignore[return-value]
+        return super().__new__(cls)
 
     def __init__(self, plate: str, n_samples: int = 1, n_enumerate: Optional[int] = None,
                  memory: Optional[Union[torch.Tensor, Callable[[Distribution], torch.Tensor]]] = None,
                  baseline: str = "none", budget: int = 4096, buffer: Optional[int] = None,
                  eos: Optional[int] = None) -> None:
         super().__init__(plate, n_samples)
-        self.buffer = buffer
-        self.eos = eos
-        self._pending_key = None
-        if buffer is not None:
-            self._init_sequences(n_enumerate, memory, baseline, buffer, eos)
-            return
+        if buffer is not None:  # only a subclass gets here: SumAndSample(buffer=...) is a SumAndSampleSequences
+            raise OptionError(f"{type(self).__name__}: a subclass of SumAndSample is the one-step estimator; "
+                              "for buffer= (sequences) subclass storch_score.sum_and_sample_sequences."
+                              "SumAndSampleSequences")
         if eos is not None:
             raise OptionError("sum_and_sample: eos= is for sequences; give buffer= (the memory buffer) as well")
         if memory is not None and n_enumerate is not None:
@@ -187,109 +165,38 @@ class SumAndSample(Estimator):
         if memory is not None and not (isinstance(memory, torch.Tensor) or callable(memory)):
             raise OptionError(f"sum_and_sample: memory={memory!r} is not accepted; give a tensor of values or a "
                               "callable distribution -> tensor of values")
-        n_enumerate = options.integer("sum_and_sample", "n_enumerate", 1 if n_enumerate is None else n_enumerate,
-                                      minimum=0)
-        options.choice("sum_and_sample", "baseline", baseline, _BASELINES)
-        if baseline != "none" and n_samples < 2:
-            raise OptionError(f"sum_and_sample: baseline={baseline!r} needs n_samples >= 2, got {n_samples}")
-        options.integer("sum_and_sample", "budget", budget, minimum=1)
-        self.n_enumerate = n_enumerate
+        self.n_enumerate = check_n_enumerate(n_enumerate, 1)
+        self.leave_one_out = check_baseline(baseline, n_samples)
+        options.integer(NAME, "budget", budget, minimum=1)
         self.memory = memory
-        self.leave_one_out = baseline != "none"
         self.budget = budget
-
-    def _init_sequences(self, n_enumerate, memory, baseline, buffer, eos) -> None:
-        options.integer("sum_and_sample", "buffer", buffer, minimum=1, what="an int >= 1 (sequences kept per key)")
-        if eos is not None:
-            options.integer("sum_and_sample", "eos", eos, what="an int token")
-        n_enumerate = options.integer("sum_and_sample", "n_enumerate", buffer if n_enumerate is None else n_enumerate,
-                                      minimum=0)
-        options.choice("sum_and_sample", "baseline", baseline, _BASELINES)
-        if baseline != "none" and self.n_samples < 2:
-            raise OptionError(f"sum_and_sample: baseline={baseline!r} needs n_samples >= 2, got {self.n_samples}")
-        if baseline != "none" and n_enumerate < buffer:
-            raise OptionError(
-                f"sum_and_sample: baseline={baseline!r} needs p(x not in memory), i.e. every buffered sequence "
-                f"summed each step: n_enumerate ({n_enumerate}) >= buffer ({buffer}); or use baseline='none'")
-        self.n_enumerate = n_enumerate
-        self.memory = memory
-        self.leave_one_out = baseline != "none"
-        self.budget = 0
-        self._buffer = _sequences.SequenceBuffer(buffer)
-        self._seed = None if memory is None else self._seeder(memory)
-
-    def _seeder(self, memory):
-        def rows(t) -> list:
-            if not isinstance(t, torch.Tensor) or t.dim() != 2:
-                raise OptionError("sum_and_sample: a memory of sequences is a tensor (k', T) of tokens, got "
-                                  f"{type(t).__name__}{'' if not isinstance(t, torch.Tensor) else tuple(t.shape)}")
-            out = [_sequences._trim([int(v) for v in r], self.eos) for r in t.long().tolist()]
-            if len(set(out)) > self.buffer:
-                raise OptionError(f"sum_and_sample: the memory seeds {len(set(out))} sequences, more than buffer="
-                                  f"{self.buffer}")
-            return out
-
-        if isinstance(memory, torch.Tensor):
-            fixed = rows(memory)
-            return lambda key: fixed
-        if isinstance(memory, dict):
-            table = {int(k): rows(v) for k, v in memory.items()}
-            return lambda key: table.get(key, [])
-        if callable(memory):
-            return lambda key: rows(memory(key))
-        raise OptionError(f"sum_and_sample: memory={memory!r} is not accepted for sequences; give a tensor (k', T), "
-                          "a dict key -> tensor or a callable key -> tensor")
 
     def forward(self, distribution: Distribution, *args: Any, memory_key: Optional[Hashable] = None,
                 **kwargs: Any) -> PlateTensor:
-        """Sample the node (or the next step of the sequence); ``memory_key``: the data points' keys."""
-        if memory_key is not None and self.buffer is None:
-            raise OptionError("sum_and_sample: memory_key= is for sequences (buffer=)")
+        """Sample the node; ``memory_key`` is for sequences (``buffer=``) only."""
         if memory_key is not None:
-            memory_key = memory_key.tensor if isinstance(memory_key, storch.PlateTensor) else torch.as_tensor(memory_key)
-        self._pending_key = memory_key
-        try:
-            return super().forward(distribution, *args, **kwargs)
-        finally:
-            self._pending_key = None
-
-    # -- sequences (buffer=) -----------------------------------------------------------------------
+            raise OptionError("sum_and_sample: memory_key= is for sequences (buffer=)")
+        return super().forward(distribution, *args, **kwargs)
 
     def extend(self, node: Node, distribution: Distribution, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        if not node.state.seq:
-            raise PlateError(
-                f"estimator {self.name!r} (plate {self.plate!r}) was already used in this graph. On sequences "
-                "(one call per token) sum_and_sample needs buffer= (its memory of best sequences); otherwise "
-                "create one estimator per stochastic node")
-        sample, l_step = _sequences.step(self, node, distribution, plates)
-        # weights of the whole sequences so far: computed when needed (surrogate_loss), since they change
-        # with every step; views of earlier steps (causal credit) get the memory of their prefixes
-        node.weight_values = None
-        return sample, l_step
+        raise PlateError(
+            f"estimator {self.name!r} (plate {self.plate!r}) was already used in this graph. On sequences "
+            "(one call per token) sum_and_sample needs buffer= (its memory of best sequences); otherwise "
+            "create one estimator per stochastic node")
 
-    def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
-        if node.state.seq:
-            return _sequences.control_variate(self, node, cost)
-        return super().control_variate(node, cost)
+    def get_extra_state(self) -> None:
+        # no state; kept so that state_dict() has the key '_extra_state' (None) that checkpoints
+        # written before the split hold, and they load strictly
+        return None
 
-    def update_parameters(self, nodes: list[Node], loss: torch.Tensor) -> None:
-        """Offer the graph's sequences and their total costs to the buffer (sequences only)."""
-        for node in nodes:
-            if node.state.seq:
-                _sequences.update(self, node)
-
-    def get_extra_state(self) -> dict:
-        return None if self.buffer is None else self._buffer.state()
-
-    def set_extra_state(self, state: dict) -> None:
+    def set_extra_state(self, state: Optional[dict]) -> None:
         if state is not None:
-            self._buffer.load(state)
+            raise OptionError("sum_and_sample: this checkpoint holds a memory buffer of sequences; load it into "
+                              "an estimator made with buffer= (the same options it was saved with)")
 
-    # -- one node --------------------------------------------------------------------------------
+    # -- the components ----------------------------------------------------------------------------
 
     def proposal(self, node: Node) -> torch.Tensor:
-        if self.buffer is not None:
-            return _sequences.start(self, node, self._pending_key)
         d = node.distribution
         n_values = d.enumerate_support(expand=False).shape[0] ** math.prod(d.batch_shape[len(node.parents):])
         if n_values > self.budget:
@@ -298,7 +205,8 @@ class SumAndSample(Estimator):
         possible = torch.isfinite(logp.detach())  # values of positive probability, (M, *parents)
         n_possible = possible.sum(0)
         if self.memory is None:
-            k = min(self.n_enumerate, max(1, int(n_possible.max())))
+            # (on the meta device values are unknown: every value counts as possible)
+            k = min(self.n_enumerate, logp.shape[0] if logp.is_meta else max(1, int(n_possible.max())))
             # the k' most probable values, (k', *parents); detach: choosing M is not differentiated
             top = logp.detach().topk(k, dim=0)
             # an entry with fewer possible values repeats its most probable one (counted once: weight 0)
@@ -312,7 +220,7 @@ class SumAndSample(Estimator):
             first = ~(same & earlier.reshape((k, k) + (1,) * (top.dim() - 1))).any(1)
         mask = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter(0, top, True)
         # no remainder when M holds every possible value of every entry
-        m = 0 if (self.memory is None and bool((n_possible <= k).all())) else self.n_samples
+        m = 0 if (self.memory is None and not n_possible.is_meta and bool((n_possible <= k).all())) else self.n_samples
         idx = top
         if m:
             # sample from the renormalised remainder p(x | x ∉ M); where M holds every possible value,
@@ -343,7 +251,7 @@ class SumAndSample(Estimator):
         k = codes.shape[0]
         # no remainder when M holds every possible joint value of every entry
         n_possible = torch.isfinite(table.lp).sum(0).to(torch.float64).prod(-1)  # (P,)
-        m = 0 if (self.memory is None and bool((n_possible <= k).all())) else self.n_samples
+        m = 0 if (self.memory is None and not n_possible.is_meta and bool((n_possible <= k).all())) else self.n_samples
         if m:
             codes = torch.cat([codes, sample_outside(table.lp, codes, first, m)], 0)
         c = node.state
@@ -369,8 +277,6 @@ class SumAndSample(Estimator):
         return c.logp.gather(0, c.idx), c.log_rest, c.empty
 
     def weighting_function(self, node: Node) -> torch.Tensor:
-        if node.state.seq:
-            return _sequences.weights(self, node)
         lp, log_rest, _ = self._parts(node)
         k, m = node.state.k, node.state.m
         # w = p(x) on the memory (appendix D.2.3), gradient-carrying like expect (D.1)
@@ -382,8 +288,6 @@ class SumAndSample(Estimator):
         return torch.cat([w_mem, w_smp], 0)
 
     def gradient_function(self, node: Node) -> torch.Tensor:
-        if node.state.seq:
-            return node.state.l0
         lp, log_rest, empty = self._parts(node)
         k, m = node.state.k, node.state.m
         l_mem = torch.zeros_like(lp[:k])
@@ -398,6 +302,11 @@ class SumAndSample(Estimator):
             return None
         # leave-one-out over the sampled part only: b_j = 1/(m-1) Σ_{j' ≠ j, j' > k'} f(x_j')
         return leave_one_out(cost, node.n, start=node.state.k)
+
+
+# a buffer= estimator is a SumAndSample for isinstance (the classes are public for isinstance) without
+# inheriting the one-step components
+SumAndSample.register(SumAndSampleSequences)
 
 
 def _memory_indices(memory, node: Node, values: torch.Tensor) -> torch.Tensor:

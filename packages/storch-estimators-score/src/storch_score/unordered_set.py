@@ -13,7 +13,7 @@ from torch.distributions import Distribution
 from storch import CostFrame, Estimator, Node, OptionError
 from storch.extending import align, options
 
-from ._beam import beam_step, stochastic_beam_search, top_possible
+from ._beam import _gumbel_like, beam_step, stochastic_beam_search, top_possible
 from ._support import enumerate_joint, enumerate_values, masked_logsumexp
 
 __all__ = ["UnorderedSet", "SetState"]
@@ -128,7 +128,7 @@ class UnorderedSet(Estimator):
             # Only values of positive probability: k = min(n_samples, the size of the support), and an
             # entry with a smaller support repeats its first value in the extra slots, with p = 0
             # (weight 0): the user's cost never sees a value the model cannot produce.
-            gumbel = -torch.empty_like(logp, dtype=logp.dtype).exponential_().log()
+            gumbel = _gumbel_like(logp)
             idx, g, pad = top_possible((logp.detach() + gumbel).movedim(0, -1), self.n_samples)
             idx, g = idx.movedim(-1, 0), g.movedim(-1, 0)  # (k, *parents)
             with torch.no_grad():

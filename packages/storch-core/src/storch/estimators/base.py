@@ -152,7 +152,8 @@ class Estimator(torch.nn.Module):
         graph.add_node(node)
         n = len(node.plates)
         node.gradient_values = _lead(self.gradient_function(node), n)
-        node.weight_values = _lead(self.weighting_function(node), n)
+        if not self.uniform_weights:  # uniform ones (1/N) are built only if read (Node.weight_values)
+            node.weight_values = _lead(self.weighting_function(node), n)
         if self.eos is not None:
             node.finished = self.is_eos(raw, sample, len(parents))
         node.value = PlateTensor._wrap(self.output(node), node.plates)

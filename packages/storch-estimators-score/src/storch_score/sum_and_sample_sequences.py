@@ -1,0 +1,210 @@
+"""MAPO's sequence mode of ``sum_and_sample``: a memory buffer of the best sequences (``buffer=``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Optional
+
+import torch
+from torch.distributions import Distribution
+
+import storch
+
+from storch import CostFrame, Estimator, Node, OptionError, PlateTensor
+from storch.extending import options
+
+from . import _sequences
+from ._sum_and_sample_options import NAME, SUMMARY, check_baseline, check_n_enumerate
+
+__all__ = ["SumAndSampleSequences", "SequenceState"]
+
+
+@dataclass
+class SequenceState:
+    """Per-partition record of the sequence estimator (filled by ``storch_score._sequences``: ``start``
+    at the first step, ``step`` at every further one; read by the components and by the buffer update).
+
+    Attributes:
+        n_slots: S, the number of memory slots (the first S entries of the plate).
+        m: the number of sampled sequences (the last m entries).
+        keys: the data points' keys (one per entry of the first step's parent plates).
+        mem, mem_len, mem_ok: every buffered sequence per key ``(K, P, T)``, its length and validity.
+        slot, slot_ok: the index into ``mem`` of each slot ``(S, P)`` and whether it is used.
+        imp: the importance-sampled slot, bool ``(S, P)``; ``q`` its proposal over ``mem`` ``(K, P)``.
+        parents, names: the first step's parent shape and plate names (the node's layout).
+        tokens: the tokens of each step, ``(S + m, P)`` per step.
+        slot_cum, smp_cum: per step, log p of the slots' prefixes (with gradient) and of the samples'
+            (detached).
+        costs: the cost per entry ``(S + m, P)`` by (cost name, prefix length), for the buffer update.
+        l0: l of the first step (returned by ``gradient_function``).
+    """
+
+    n_slots: int = 0
+    m: int = 0
+    keys: list = field(default_factory=list)
+    mem: Optional[torch.Tensor] = None
+    mem_len: Optional[torch.Tensor] = None
+    mem_ok: Optional[torch.Tensor] = None
+    slot: Optional[torch.Tensor] = None
+    slot_ok: Optional[torch.Tensor] = None
+    imp: Optional[torch.Tensor] = None
+    q: Optional[torch.Tensor] = None
+    parents: tuple = ()
+    names: tuple = ()
+    tokens: list = field(default_factory=list)
+    slot_cum: list = field(default_factory=list)
+    smp_cum: list = field(default_factory=list)
+    costs: dict = field(default_factory=dict)
+    l0: Optional[torch.Tensor] = None
+
+
+class SumAndSampleSequences(Estimator):
+    """Sum-and-sample over sequences with MAPO's memory buffer: what ``sum_and_sample`` with ``buffer=`` builds.
+
+    Called once per token in an autoregressive loop (one partition, paper 3.2), it keeps per key (data
+    point) the ``buffer`` distinct sequences of lowest total cost found so far, across graphs (updated
+    by ``storch.backward()``; in ``state_dict()``). The plate holds S memory slots then m sampled
+    sequences (``storch_score._sequences``; docs/estimators/sum_and_sample.md).
+
+    Components (M: the buffered sequences of the key; a the sequence of a slot, x_j a sample):
+        q = the slots' sequences forced token by token (δ) · m i.i.d. ancestral samples from p;
+        w(a) = p(a) (gradient-carrying); with more buffered sequences than slots, the S - 1 most
+        probable exactly and one drawn from the rest with a fixed proposal Q: p(a)/Q(a);
+        w(x_j) = 1[x_j ∉ M] / m (rejection);
+        l(a) = 0, l(x_j) = log p(x_j) summed over the steps;
+        a = the leave-one-out baseline on the remainder's conditional score l_j - log p(x ∉ M) plus one
+        shift of the whole estimate (``baseline="leave_one_out"``), else 0.
+
+    Requires: one token per step (Categorical, OneHotCategorical or Bernoulli whose batch dims are
+    all plates).
+
+    max_order: ∞ — E[c] = Σ_{a∈M} p(a) c(a) + E_p[1[x ∉ M] c(x)] for any memory fixed before the
+    graph's samples, the first part exact (D.1), the second the score function of an
+    indicator-weighted cost (D.2.1); for a cost at step t the memory is that of the t-prefixes (causal
+    credit); the baseline is zero-mean under the rejection weight at every order (appendix C).
+
+    Args:
+        plate: name of the partition's plate.
+        n_samples: m, sampled sequences per graph.
+        n_enumerate: S, the most memory slots summed per graph (default: ``buffer``).
+        memory: seeds the buffer: a tensor ``(k', T)`` of token sequences (every key), a dict
+            ``{key: tensor}`` or a callable ``key -> tensor``.
+        baseline: ``"none"`` or ``"leave_one_out"`` (alias ``"batch_average"``; needs n_samples >= 2
+            and ``n_enumerate >= buffer``).
+        buffer: the sequences kept per key.
+        eos: the end-of-sequence token; a sequence that produced it keeps producing it with
+            log-probability 0 and is compared up to its end.
+
+    Build it by name: ``storch.estimator("mapo", plate="seq", buffer=4, ...)``; ``isinstance(est,
+    storch_score.SumAndSample)`` holds. The first call takes the data points' keys, ``memory_key=``
+    (required with a data plate).
+
+    Example:
+        >>> seq = storch.estimator("mapo", plate="seq", buffer=4, n_samples=4, baseline="leave_one_out", eos=0)
+        >>> tokens = [seq(Categorical(logits=decoder(h))) for _ in range(T)]   # one partition
+
+    References:
+        [1] Memory Augmented Policy Optimization for Program Synthesis and Semantic Parsing (Liang et al., 2018)
+    """
+
+    name = NAME
+    aliases = ("mapo",)
+    requires_enumerate_support = True
+    supports_partitions = True  # one call per token
+    has_update = True  # the buffer of best sequences
+    State = SequenceState
+
+    def __init__(self, plate: str, n_samples: int = 1, n_enumerate: Optional[int] = None,
+                 memory: Any = None, baseline: str = "none", *, buffer: int, eos: Optional[int] = None) -> None:
+        super().__init__(plate, n_samples)
+        self.buffer = buffer
+        self.eos = eos
+        self._pending_key: Optional[torch.Tensor] = None  # memory_key= of the call in progress
+        options.integer(NAME, "buffer", buffer, minimum=1, what="an int >= 1 (sequences kept per key)")
+        if eos is not None:
+            options.integer(NAME, "eos", eos, what="an int token")
+        n_enumerate = check_n_enumerate(n_enumerate, buffer)
+        self.leave_one_out = check_baseline(baseline, n_samples)
+        if self.leave_one_out and n_enumerate < buffer:
+            raise OptionError(
+                f"{NAME}: baseline={baseline!r} needs p(x not in memory), i.e. every buffered sequence "
+                f"summed each step: n_enumerate ({n_enumerate}) >= buffer ({buffer}); or use baseline='none'")
+        self.n_enumerate = n_enumerate
+        self.memory = memory
+        self.budget = 0  # not used on sequences
+        self._buffer = _sequences.SequenceBuffer(buffer)
+        self._seed = None if memory is None else self._seeder(memory)
+
+    @classmethod
+    def describe(cls) -> str:
+        """The registered description of ``sum_and_sample`` (``est.info()`` is the same in both modes)."""
+        return SUMMARY
+
+    def _seeder(self, memory: Any) -> Callable[[int], list]:
+        """``key -> the sequences that seed its buffer``, from the ``memory`` option."""
+        def rows(t) -> list:
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                raise OptionError(f"{NAME}: a memory of sequences is a tensor (k', T) of tokens, got "
+                                  f"{type(t).__name__}{'' if not isinstance(t, torch.Tensor) else tuple(t.shape)}")
+            out = [_sequences._trim([int(v) for v in r], self.eos) for r in t.long().tolist()]
+            if len(set(out)) > self.buffer:
+                raise OptionError(f"{NAME}: the memory seeds {len(set(out))} sequences, more than buffer="
+                                  f"{self.buffer}")
+            return out
+
+        if isinstance(memory, torch.Tensor):
+            fixed = rows(memory)
+            return lambda key: fixed
+        if isinstance(memory, dict):
+            table = {int(k): rows(v) for k, v in memory.items()}
+            return lambda key: table.get(key, [])
+        if callable(memory):
+            return lambda key: rows(memory(key))
+        raise OptionError(f"{NAME}: memory={memory!r} is not accepted for sequences; give a tensor (k', T), "
+                          "a dict key -> tensor or a callable key -> tensor")
+
+    def forward(self, distribution: Distribution, *args: Any, memory_key: Optional[Hashable] = None,
+                **kwargs: Any) -> PlateTensor:
+        """Sample the next step of the sequence; ``memory_key`` (first step): the data points' keys."""
+        if memory_key is not None:
+            memory_key = memory_key.tensor if isinstance(memory_key, storch.PlateTensor) else torch.as_tensor(memory_key)
+        self._pending_key = memory_key
+        try:
+            return super().forward(distribution, *args, **kwargs)
+        finally:
+            self._pending_key = None
+
+    # -- the components ----------------------------------------------------------------------------
+
+    def proposal(self, node: Node) -> torch.Tensor:
+        return _sequences.start(self, node, self._pending_key)
+
+    def extend(self, node: Node, distribution: Distribution, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        sample, l_step = _sequences.step(self, node, distribution, plates)
+        # weights of the whole sequences so far: computed when needed (surrogate_loss), since they change
+        # with every step; views of earlier steps (causal credit) get the memory of their prefixes
+        node.weight_values = None
+        return sample, l_step
+
+    def weighting_function(self, node: Node) -> torch.Tensor:
+        return _sequences.weights(self, node)
+
+    def gradient_function(self, node: Node) -> torch.Tensor:
+        return node.state.l0
+
+    def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
+        return _sequences.control_variate(self, node, cost)
+
+    # -- the buffer --------------------------------------------------------------------------------
+
+    def update_parameters(self, nodes: list[Node], loss: torch.Tensor) -> None:
+        """Offer the graph's sequences and their total costs to the buffer."""
+        for node in nodes:
+            _sequences.update(self, node)
+
+    def get_extra_state(self) -> dict:
+        return self._buffer.state()
+
+    def set_extra_state(self, state: Optional[dict]) -> None:
+        if state is not None:  # None: a checkpoint of a one-step sum_and_sample (no buffer)
+            self._buffer.load(state)

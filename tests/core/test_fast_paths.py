@@ -1,0 +1,151 @@
+"""The core's fast paths are taken (issue 19; DESIGN.md, "Performance budget").
+
+Speed is measured by ``storch-compare overhead``; these tests only check that the cheap path runs,
+so that a change that silently stops taking it fails here instead of showing up months later as
+a slower benchmark. Two kinds of evidence, both deterministic:
+
+- the Python functions a call runs (``sys.setprofile``): a fast path does not reach the general
+  plate machinery (``union_plates``, ``align``, the vmap fallback); each such test also runs a
+  case that must take the general path and checks that the probe sees it there, so a renamed
+  function cannot make the test pass vacuously;
+- the autograd graph: storch's result has the graph of the same computation written by hand on
+  the raw tensors (no extra permute, expand or view nodes).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import torch
+from torch.distributions import Bernoulli, MultivariateNormal, Normal, OneHotCategorical
+
+import storch
+
+GENERAL = {"union_plates", "align", "vmap_call", "_to_step"}  # the general plate machinery
+
+
+def calls(fn) -> tuple[object, set]:
+    """``fn()`` and the names of the Python and builtin functions it called."""
+    seen: set = set()
+
+    def probe(frame, event, arg):
+        if event == "call":
+            seen.add(frame.f_code.co_name)
+        elif event == "c_call":
+            seen.add(getattr(arg, "__name__", ""))
+
+    sys.setprofile(probe)
+    try:
+        out = fn()
+    finally:
+        sys.setprofile(None)
+    return out, seen
+
+
+def graph_ops(t: torch.Tensor) -> Counter:
+    """The autograd nodes behind ``t``, by type (a multiset)."""
+    out: Counter = Counter()
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        out[type(f).__name__] += 1
+        stack.extend(g for g, _ in f.next_functions)
+    return out
+
+
+def test_pointwise_same_plates_skips_alignment():
+    theta = torch.randn(4, 3, requires_grad=True)
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        y = torch.sigmoid(x)
+        for fn in (lambda: x + y, lambda: x * 2.0, lambda: torch.tanh(x)):
+            fn()  # the first call decides the function's treatment (cached)
+            out, seen = calls(fn)
+            assert not seen & GENERAL, f"the pointwise fast path was not taken: {sorted(seen & GENERAL)}"
+            assert out.plates == x.plates
+        # a control: operands with different plates take the general path, and the probe sees it
+        z = storch.estimator("reparameterization", plate="z", n_samples=2)(Normal(x, 1.0))
+        x + z
+        _, seen = calls(lambda: x + z)
+        assert "union_plates" in seen
+
+
+def test_linear_and_matmul_are_one_raw_call():
+    torch.manual_seed(0)
+    theta = torch.randn(5, 3, requires_grad=True)
+    lin = torch.nn.Linear(3, 2)
+    w = torch.randn(3, 2, requires_grad=True)
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        lin(x), x @ w  # the first calls decide the functions' treatments (cached)
+        y, seen = calls(lambda: lin(x))
+        assert not seen & GENERAL
+        assert graph_ops(y.tensor) == graph_ops(lin(theta))  # addmm on the raw (5, 3), as by hand
+        y, seen = calls(lambda: x @ w)
+        assert not seen & GENERAL
+        assert graph_ops(y.tensor) == graph_ops(theta @ w)
+
+
+def test_denote_independent_dim_0_adds_no_view():
+    theta = torch.randn(4, 3, requires_grad=True)
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        assert x.tensor is theta
+        assert storch.denote_independent(theta, 1, "other").tensor.shape == (3, 4)  # moved: a view
+
+
+def test_unwrap_uses_the_raw_parameters_without_rebuilding():
+    theta = torch.randn(4, 3, requires_grad=True)
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        est = storch.estimator("expect", plate="z")
+        b = Bernoulli(logits=x)
+        _, seen = calls(lambda: est(b))
+        raw = storch.current_graph().nodes[0].distribution
+        assert raw.logits is x.tensor  # the plate tensor's own raw tensor: no expand, no copy
+        assert raw.batch_shape == (4, 3)
+        assert "_rebuild" not in seen, "the distribution was rebuilt"
+        # the parameters' plates and layout already match: the raw distribution shares them
+        loc = torch.tanh(x)
+        scale = torch.exp(x)
+        d = Normal(loc, scale)
+        storch.estimator("reparameterization", plate="r", n_samples=2)(d)
+        raw = storch.current_graph().nodes[1].distribution
+        assert raw.loc is loc.tensor and raw.scale is scale.tensor
+        assert graph_ops(raw.loc) == graph_ops(torch.tanh(theta))
+
+
+def test_unwrap_falls_back_where_a_copy_would_be_wrong():
+    # a plain tensor (to expand over the plates, here the unbatched scale_tril): rebuilt, as before
+    theta = torch.randn(4, 3, requires_grad=True)
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        est = storch.estimator("reparameterization", plate="r", n_samples=2)
+        _, seen = calls(lambda: est(MultivariateNormal(x, scale_tril=torch.eye(3))))
+        raw = storch.current_graph().nodes[0].distribution
+        assert "_rebuild" in seen  # the control: the probe sees the rebuild
+        assert raw.scale_tril.shape == (4, 3, 3) and raw.batch_shape == (4,)
+        q = OneHotCategorical(logits=x)
+        storch.estimator("expect", plate="c")(q)
+        raw = storch.current_graph().nodes[1].distribution
+        assert raw.logits is q.logits.tensor  # torch's categoricals: the normalised logits, no expand
+
+
+def test_later_step_of_a_partition_lines_up_without_reindexing():
+    theta = torch.randn(4, 3, requires_grad=True)
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        est = storch.estimator("reparameterization", plate="z", n_samples=2)
+        z0 = est(Normal(x, 1.0))
+        z1 = est(Normal(z0, 1.0))
+        assert z0.plates[0].step == 0 and z1.plates[0].step == 1
+        d, seen = calls(lambda: z1 - z0)
+        assert not seen & GENERAL, f"the later-step fast path was not taken: {sorted(seen & GENERAL)}"
+        assert d.plates == z1.plates
+        # one subtraction of the two raw tensors as they are: no re-indexing or view in between
+        assert type(d.tensor.grad_fn).__name__ == "SubBackward0"
+        assert {g for g, _ in d.tensor.grad_fn.next_functions} == {z1.tensor.grad_fn, z0.tensor.grad_fn}

@@ -1,0 +1,120 @@
+"""A finished step leaves nothing for the cyclic garbage collector (issue 19): its nodes, cost
+frames, plate tensors and their tensors are freed by reference counting when the step ends.
+
+With the collector switched off, one training step (``storch.backward()``) or one evaluation
+step (``with storch.Graph():`` + ``storch.surrogate_loss()`` + ``torch.autograd.grad``) runs,
+then ``gc.collect()`` must find nothing unreachable: every first-party estimator of the roster,
+the score function with each of its baselines, and partitions (one estimator called at every
+step of a sequence, with per-step costs).
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from torch.distributions import Categorical
+
+import storch
+
+from _roster import cost, distribution, installed, options
+
+
+def _unreachable_after(step) -> tuple[int, dict]:
+    """Run ``step`` twice (warm-up: lazily built state), then once with the collector off; the
+    number of objects ``gc.collect()`` frees after it and their types (for the failure message)."""
+    step()
+    step()
+    gc.collect()
+    gc.disable()
+    try:
+        step()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        n = gc.collect()
+        kinds: dict = {}
+        for o in gc.garbage:
+            kinds[type(o).__name__] = kinds.get(type(o).__name__, 0) + 1
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(0)
+        gc.enable()
+    return n, kinds
+
+
+def _training_step(est, name: str, theta: torch.Tensor):
+    def step():
+        x = storch.denote_independent(theta.expand(4, 3), 0, "data")
+        z = est(distribution(name, x))
+        storch.add_cost(cost(name, z), name="c")
+        storch.backward()
+    return step
+
+
+@pytest.mark.parametrize("name", installed())
+def test_training_step_leaves_no_cycles(name):
+    torch.manual_seed(0)
+    est = storch.estimator(name, plate="z", **options(name))
+    theta = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+    n, kinds = _unreachable_after(_training_step(est, name, theta))
+    assert n == 0, f"{name}: gc.collect() found {n} unreachable objects after a step: {kinds}"
+
+
+@pytest.mark.parametrize("name", installed())
+def test_evaluation_graph_leaves_no_cycles(name):
+    torch.manual_seed(0)
+    est = storch.estimator(name, plate="z", **options(name))
+    theta = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+
+    def step():
+        with storch.Graph():
+            x = storch.denote_independent(theta.expand(4, 3), 0, "data")
+            z = est(distribution(name, x))
+            storch.add_cost(cost(name, z), name="c")
+            torch.autograd.grad(storch.surrogate_loss(), theta, allow_unused=True)
+
+    n, kinds = _unreachable_after(step)
+    assert n == 0, f"{name}: gc.collect() found {n} unreachable objects after a step: {kinds}"
+
+
+@pytest.mark.parametrize("baseline", ["none", "leave_one_out", "moving_average", "learned", "greedy"])
+def test_score_baselines_leave_no_cycles(baseline):
+    if "score" not in storch.available_estimators():
+        pytest.skip("storch-estimators-score is not installed")
+    torch.manual_seed(0)
+    est = storch.estimator("score", plate="z", n_samples=3, baseline=baseline)
+    theta = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+    n, kinds = _unreachable_after(_training_step(est, "score", theta))
+    assert n == 0, f"score[{baseline}]: gc.collect() found {n} unreachable objects after a step: {kinds}"
+
+
+PARTITIONS = {
+    "score": {"n_samples": 3},
+    "score+loo": {"n_samples": 3, "baseline": "leave_one_out"},
+    "unordered_set": {"n_samples": 3},
+    "sum_and_sample": {"n_samples": 2, "buffer": 2},
+}
+
+
+@pytest.mark.parametrize("config", list(PARTITIONS))
+def test_partition_leaves_no_cycles(config):
+    name = config.split("+")[0]
+    if name not in storch.available_estimators():
+        pytest.skip(f"{name} is not installed")
+    torch.manual_seed(0)
+    est = storch.estimator(name, plate="z", **PARTITIONS[config])
+    w = torch.tensor([[0.3, -0.2, 0.1], [0.5, -0.4, 0.2], [-0.3, 0.6, 0.1]], requires_grad=True)
+
+    def step():  # a sequence of 3 tokens, a cost at every step (causal credit / moved to the end)
+        x = storch.denote_independent(torch.eye(3)[:2], 0, "data")
+        prev = x
+        for t in range(3):
+            # sum_and_sample's buffer keeps one memory per data point: its first call names them
+            key = {"memory_key": torch.arange(2)} if name == "sum_and_sample" and t == 0 else {}
+            tok = est(Categorical(logits=prev @ w), **key)
+            storch.add_cost(tok.to(w.dtype) * 0.5 ** t, name=f"c{t}")
+            prev = torch.nn.functional.one_hot(tok, 3).to(w.dtype)
+        storch.backward()
+
+    n, kinds = _unreachable_after(step)
+    assert n == 0, f"{config} partition: gc.collect() found {n} unreachable objects after a step: {kinds}"

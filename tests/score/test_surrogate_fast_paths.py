@@ -1,0 +1,148 @@
+"""The surrogate's fast paths are taken for the score function (issue 19).
+
+- A single node with one cost gives the autograd graph of the DiCE objective written by hand
+  (``(exp(lp - ⊥lp) * cost).mean()``, plus the leave-one-out control variate): no extra means,
+  views or expands.
+- The costs of the steps of a partition are stacked into one surrogate term (``_steps_surrogate``)
+  for ``score`` without a baseline and with leave-one-out: ``Score`` overrides
+  ``weighting_function`` (for its greedy baseline), and the stacking once refused every such
+  class, so the fast path was never taken and nothing noticed.
+- Uniform weights (w = 1/N) are never built as a tensor, and ``score`` without a baseline builds
+  no cost frames.
+
+Speed itself is measured by ``storch-compare overhead``; these tests check the path, not a time.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from torch.distributions import Bernoulli
+
+import storch
+
+
+def calls(fn) -> tuple[object, set]:
+    """``fn()`` and the names of the Python functions it called."""
+    seen: set = set()
+
+    def probe(frame, event, arg):
+        if event == "call":
+            seen.add(frame.f_code.co_name)
+
+    sys.setprofile(probe)
+    try:
+        out = fn()
+    finally:
+        sys.setprofile(None)
+    return out, seen
+
+
+def graph_ops(t: torch.Tensor) -> Counter:
+    """The autograd nodes behind ``t``, by type (a multiset)."""
+    out: Counter = Counter()
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        out[type(f).__name__] += 1
+        stack.extend(g for g, _ in f.next_functions)
+    return out
+
+
+def magic_box(x):
+    return torch.exp(x - x.detach())
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("baseline", ["none", "leave_one_out"])
+def test_single_node_one_cost_has_the_hand_written_graph(baseline, batch):
+    n = 4
+    theta = torch.linspace(-1.0, 1.0, 3).repeat(batch, 1).requires_grad_(True)
+    est = storch.estimator("score", plate="z", n_samples=n, baseline=baseline)
+    torch.manual_seed(0)
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        z = est(Bernoulli(logits=x))
+        storch.add_cost(((z - 0.45) ** 2).sum(-1), name="f")
+        loss = storch.surrogate_loss()
+        (g,) = torch.autograd.grad(loss, theta, retain_graph=True)
+    # by hand: the same samples, the DiCE objective
+    torch.manual_seed(0)
+    d = Bernoulli(logits=theta)
+    zz = d.sample((n,))
+    lp = d.log_prob(zz).sum(-1)
+    cost = ((zz - 0.45) ** 2).sum(-1)
+    box = magic_box(lp)
+    hand = box * cost
+    if baseline == "leave_one_out":  # the Theorem-2 control variate (1 - MagicBox(l)) b, one MagicBox
+        c = cost.detach()
+        hand = hand + (1 - box) * ((c.sum(0, keepdim=True) - c) / (n - 1))
+    hand = hand.mean()
+    assert graph_ops(loss) == graph_ops(hand)
+    assert torch.allclose(loss, hand) and torch.allclose(g, torch.autograd.grad(hand, theta)[0])
+
+
+def test_uniform_weights_are_not_built():
+    theta = torch.zeros(3, requires_grad=True)
+    est = storch.estimator("score", plate="z", n_samples=4)
+
+    def step():
+        with storch.Graph():
+            z = est(Bernoulli(logits=theta))
+            storch.add_cost(((z - 0.45) ** 2).sum(), name="f")
+            node = storch.current_graph().nodes[0]
+            loss = storch.surrogate_loss()
+            return node, loss
+
+    (node, _), seen = calls(step)
+    assert "weighting_function" not in seen
+    assert node.frames == {}  # no baseline: no control variate, no cost frame
+    assert torch.equal(node.weight_values, torch.full((4,), 0.25))  # still there when read
+    greedy = storch.estimator("score", plate="z", n_samples=4, baseline="greedy")
+    with storch.Graph():
+        _, seen = calls(lambda: greedy(Bernoulli(logits=theta)))  # the control: w = 0 on the greedy entry
+    assert "weighting_function" in seen
+
+
+def _episode(est, theta, steps):
+    x = storch.denote_independent(theta.expand(6, 2), 0, "data")
+    a = torch.zeros_like(x[..., 0])
+    for t in range(steps):
+        a = est(Bernoulli(logits=x[..., 0] + a * x[..., 1]))
+        storch.add_cost(-(0.9 ** t) * a, name=f"r{t}")
+
+
+@pytest.mark.parametrize("baseline", ["none", "leave_one_out"])
+def test_partition_costs_are_stacked(baseline):
+    theta = torch.tensor([0.3, -0.5], requires_grad=True)
+    est = storch.estimator("score", plate="a", n_samples=3, baseline=baseline)
+    torch.manual_seed(0)
+    with storch.Graph():
+        _episode(est, theta, 10)
+        loss, seen = calls(storch.surrogate_loss)
+        assert "_steps_surrogate" in seen, "the per-step costs were not stacked"
+        assert "_cost_surrogate" not in seen
+        nodes = sum(graph_ops(loss).values())
+    with storch.Graph():  # the surrogate's nodes grow by a few per step (stacking), not a term per cost
+        _episode(est, theta, 20)
+        more = sum(graph_ops(storch.surrogate_loss()).values())
+    per_step = (more - nodes) / 10
+    # the rollout's own nodes per step (the distribution, log-probability, cost) and ~2 for stacking
+    # (10 when written; a surrogate term per cost adds ~6 more: MagicBox, product, means, sum)
+    assert per_step <= 12, per_step
+
+
+def test_partition_with_a_moving_average_is_not_stacked():
+    # the control: a baseline per cost name and step cannot be stacked, and the probe sees it
+    theta = torch.tensor([0.3, -0.5], requires_grad=True)
+    est = storch.estimator("score", plate="a", n_samples=3, baseline="moving_average")
+    with storch.Graph():
+        _episode(est, theta, 4)
+        _, seen = calls(storch.surrogate_loss)
+    assert "_steps_surrogate" not in seen and "_cost_surrogate" in seen
