@@ -12,7 +12,16 @@ from torch.distributions import Bernoulli, Categorical, Normal
 
 import storch
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    # this module's tests run in float64; set per test and restored, never for the whole process
+    # (a module-level set_default_dtype leaked into every later test module of the run)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _bernoulli_step(est, theta):
