@@ -436,3 +436,17 @@ def test_one_argument_where_and_inferred_one_hot_are_refused():
     with pytest.raises(storch.PlateError, match="num_classes"):
         F.one_hot((x > 0).long())
     check(lambda a: F.one_hot((a > 0).long(), 2), x)
+
+
+def test_batch_first_fold_inside_the_batch_dim_is_contiguous():
+    """RNN states fold the plates into dim 1 ((layers, N, H)); cuDNN refuses a non-contiguous state,
+    so the folded operand is contiguous even when it was broadcast over a plate (stride 0)."""
+    from storch.plates.rules.batch_first import _fold
+
+    with storch.Graph():
+        # the GRU decoder's case: one data point, a state shared by the samples (as on CUDA)
+        h = storch.denote_independent(torch.randn(1, 1, 1, 6), 0, "data")  # plates (data=1)
+        z = storch.Plate("z", 4)
+        plates = (z,) + tuple(h.plates)
+        folded = _fold(h, plates, 1, True)  # per sample (1, 1, 6): batch dim 1 gets 4 * 1 * 1
+        assert folded.shape == (1, 4, 6) and folded.is_contiguous()

@@ -45,3 +45,22 @@ def test_moving_average_baseline_on_cuda():
         storch.add_cost(cost("score", z), name="c")
         storch.backward()
     assert all(v.device.type == "cuda" for v in est.moving_averages.values())
+
+
+def test_gru_with_a_plain_state_on_cuda():
+    """A per-sample GRU whose input varies per sample and whose initial state does not: the plates
+    are folded into the state's batch dim (dim 1), which cuDNN needs contiguous ("hx is not
+    contiguous" before the fold made it so); the result equals a per-sample loop."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    gru = torch.nn.GRU(4, 6).to(device)
+    x = torch.randn(5, 3, 1, 4, device=device)  # (samples, T, N, F)
+    h0 = torch.randn(1, 1, 6, device=device)
+    with storch.Graph():
+        xs = storch.denote_independent(x, 0, "z")
+        out, h = gru(xs, h0)
+        assert out.tensor.shape == (5, 3, 1, 6) and h.tensor.shape == (5, 1, 1, 6)
+        for i in range(5):
+            o_i, h_i = gru(x[i], h0)
+            torch.testing.assert_close(out.tensor[i], o_i)
+            torch.testing.assert_close(h.tensor[i], h_i)

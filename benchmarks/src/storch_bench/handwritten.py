@@ -52,7 +52,7 @@ def gumbel_topk_bernoulli(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, t
     lp = torch.stack([F.logsigmoid(-logits), F.logsigmoid(logits)], -1)  # (batch, D, 2): values 0, 1
     phi = logits.new_zeros(b, 1)  # log-probability of each prefix
     g = logits.new_zeros(b, 1)  # its perturbed log-probability (root: 0)
-    seqs = torch.zeros(b, 1, 0, dtype=logits.dtype)
+    seqs = logits.new_zeros(b, 1, 0)
     for i in range(d):
         phi_c = (phi.unsqueeze(-1) + lp[:, None, i, :]).flatten(1)  # (batch, beams * 2)
         with torch.no_grad():
@@ -87,7 +87,7 @@ def unordered_set_weights(logp: torch.Tensor, points: int = 100) -> tuple[torch.
     logp = logp.detach()
     k = logp.shape[0]
     log_rest = _log1mexp(torch.logsumexp(logp, 0).clamp_max(0.0))  # log p(D \ S)
-    u = (torch.arange(points, dtype=logp.dtype) + 0.5) / points
+    u = (torch.arange(points, dtype=logp.dtype, device=logp.device) + 0.5) / points
     # log(1 - u^{a_s}) for each sample and point: (k, batch, P)
     terms = _log1mexp((logp - log_rest).exp().unsqueeze(-1) * u.log())
     total = terms.sum(0)  # (batch, P)
@@ -96,7 +96,7 @@ def unordered_set_weights(logp: torch.Tensor, points: int = 100) -> tuple[torch.
     w = (logp + loo - log_p_all).exp()  # p(s) R(S, s)
     l2o = torch.logsumexp(total - terms.unsqueeze(1) - terms.unsqueeze(0), -1) - math.log(points)
     bw = (logp.unsqueeze(0) + l2o - loo.unsqueeze(1)).exp()
-    eye = torch.eye(k, dtype=torch.bool).unsqueeze(-1)
+    eye = torch.eye(k, dtype=torch.bool, device=logp.device).unsqueeze(-1)
     bw = torch.where(eye, logp.exp().unsqueeze(0), bw)  # R^{D\{s}}(S, s) = 1 on the diagonal
     return w, bw
 

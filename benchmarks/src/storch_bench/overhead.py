@@ -143,7 +143,7 @@ def _hand_cost(config: str, logits: torch.Tensor, n: int, est, cost: Callable) -
         return unordered_set_surrogate(logp, cost(z))
     if config not in ("gumbel_softmax",):
         raise NotImplementedError(f"{config}: no hand-written version")
-    z = RelaxedBernoulli(torch.tensor(_temperature(est), dtype=logits.dtype), logits=logits).rsample((n,))
+    z = RelaxedBernoulli(torch.tensor(_temperature(est), dtype=logits.dtype, device=logits.device), logits=logits).rsample((n,))
     return cost(z).mean()
 
 

@@ -81,7 +81,11 @@ def _fold(t, plates, b: int, batched: bool):
     else:
         r = t.expand(sizes + t.shape)
     if b:
+        # a batch dim inside (RNN states (layers, N, H), (T, N, F) inputs, attention's (L, N, E)):
+        # the moved layout is not contiguous, and cuDNN refuses a non-contiguous RNN state ("hx is
+        # not contiguous"); the kernels copy such operands anyway, so copy once here
         r = r.movedim(tuple(range(m)), tuple(range(b, b + m)))
+        return (r.flatten(b, b + m - 1 + batched) if m > 1 or batched else r).contiguous()
     return r.flatten(b, b + m - 1 + batched) if m > 1 or batched else r
 
 
