@@ -88,7 +88,7 @@ def hand_surrogate(model: GRUDecoder, images: torch.Tensor, n: int, leave_one_ou
         tok = tokens[t] if tokens is not None else (q.sample((n,)) if t == 0 else q.sample())
         logp = logp + q.log_prob(tok)  # l = Σ_t log p(token_t | tokens_<t): the sequence's log-probability
         inp = model.embed(tok.reshape(n * b, -1)).unsqueeze(0)  # (1, n·B, embed)
-        h0 = (h.expand(n, b, -1) if t == 0 else h).reshape(1, n * b, -1)
+        h0 = (h.expand(n, b, -1) if t == 0 else h).reshape(1, n * b, -1).contiguous()  # cuDNN: contiguous hx
         h = model.gru(inp, h0)[1].squeeze(0)  # (n·B, hidden)
     rec = F.binary_cross_entropy_with_logits(model.readout(h), images.repeat(n, 1), reduction="none").sum(-1)
     return score_surrogate(logp, rec.view(n, b), leave_one_out)
