@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import storch
+from storch.plates.tensor import union_plates
 from storch import Plate, PlateTensor
 
 A, B = Plate("a", 2, True), Plate("b", 3, True)
@@ -118,7 +119,7 @@ def _reference(x, idx, e):
 @given(expressions(), st.data())
 def test_indexing_matches_a_per_sample_loop(expr, data):
     x, idx = expr
-    plates = storch._plates.union_plates([x.plates if isinstance(x, PlateTensor) else ()] +
+    plates = union_plates([x.plates if isinstance(x, PlateTensor) else ()] +
                                          [i.plates for i in idx if isinstance(i, PlateTensor)])
     refs = {tuple(e.values()): _reference(x, idx, e) for e in entries(plates)}
     if any(err is not None for _, err in refs.values()):  # not a valid index for one sample: torch's error
@@ -247,23 +248,3 @@ def test_everyday_assignment_patterns():
     plain = torch.zeros(3, dtype=torch.bool)
     with pytest.raises(storch.PlateError, match=r"visited \| F\.one_hot\(a, n\)\.bool\(\)"):
         plain[a] = True
-
-
-def test_index_on_partition_steps_follows_the_prefixes():
-    """A tensor of an earlier step of a beam-search partition, indexed by a later step's token,
-    is re-indexed by the parents first (as any operation)."""
-    from torch.distributions import Categorical
-
-    torch.manual_seed(3)
-    est = storch.estimator("unordered_set", plate="seq", n_samples=4)
-    table = torch.randn(3, 3, dtype=torch.float64)
-    with storch.Graph():
-        x0 = est(Categorical(logits=torch.zeros(3, dtype=torch.float64)))
-        row = table[x0]  # step 0, (3,) per sample
-        x1 = est(Categorical(logits=row))
-        picked = row[x1]  # row follows x1's prefixes
-        direct = table[x0, x1]  # the same with both indices at once
-        assert torch.equal(picked.tensor, direct.tensor)
-        assert torch.equal(direct.tensor, table[x0.tensor.gather(0, x0.plates[0].lineage.index(0, 1))
-                                                 if x0.plates[0].lineage.index(0, 1) is not None else x0.tensor,
-                                                 x1.tensor])
