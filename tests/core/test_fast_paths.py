@@ -149,3 +149,41 @@ def test_later_step_of_a_partition_lines_up_without_reindexing():
         # one subtraction of the two raw tensors as they are: no re-indexing or view in between
         assert type(d.tensor.grad_fn).__name__ == "SubBackward0"
         assert {g for g, _ in d.tensor.grad_fn.next_functions} == {z1.tensor.grad_fn, z0.tensor.grad_fn}
+
+
+def test_estimator_call_checks_plates_while_unwrapping():
+    # the common call (a distribution of plate tensors with one set of plates, no generator): the
+    # raw distribution and the plate check come from one pass (_as_raw, Graph.owns), without the
+    # general unwrapping, Graph.check_call's walk over the distribution, or a generator mode
+    theta = torch.randn(4, 3, requires_grad=True)
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        d = Bernoulli(logits=x)
+        z, seen = calls(lambda: storch.estimator("score", plate="z", n_samples=2)(d))
+        assert {"_as_raw", "owns", "_sample_node"} <= seen
+        assert not seen & {"check_call", "_distribution_plates", "unwrap_distribution", "drawing_with"}
+        assert z.plates[1:] == x.plates
+    # the controls: a plain tensor to expand (the general unwrapping, with check_call) and a graph
+    # with a generator (check_call, then the draws in the generator's mode) take the general path
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        _, seen = calls(lambda: storch.estimator("reparameterization", plate="r")(
+            MultivariateNormal(x, scale_tril=torch.eye(3))))
+        assert {"check_call", "unwrap_distribution"} <= seen
+    with storch.Graph(generator=torch.Generator().manual_seed(0)):
+        x = storch.denote_independent(theta, 0, "data")
+        _, seen = calls(lambda: storch.estimator("score", plate="z")(Bernoulli(logits=x)))
+        assert {"check_call", "drawing_with"} <= seen
+
+
+def test_stale_plates_still_raise_on_the_lean_estimator_call():
+    theta = torch.randn(4, 3, requires_grad=True)
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+    with storch.Graph():
+        try:
+            storch.estimator("score", plate="z")(Bernoulli(logits=x))
+        except storch.PlateError as e:
+            assert "stale" in str(e)
+        else:
+            raise AssertionError("a distribution of an ended graph's plate tensors was sampled")

@@ -70,8 +70,10 @@ def test_single_node_one_cost_has_the_hand_written_graph(baseline, batch):
         x = storch.denote_independent(theta, 0, "data")
         z = est(Bernoulli(logits=x))
         storch.add_cost(((z - 0.45) ** 2).sum(-1), name="f")
-        loss = storch.surrogate_loss()
-        (g,) = torch.autograd.grad(loss, theta, retain_graph=True)
+        loss, seen = calls(storch.surrogate_loss)
+        assert "_one_node_surrogate" in seen
+        (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), theta)
     # by hand: the same samples, the DiCE objective
     torch.manual_seed(0)
     d = Bernoulli(logits=theta)
@@ -82,10 +84,34 @@ def test_single_node_one_cost_has_the_hand_written_graph(baseline, batch):
     hand = box * cost
     if baseline == "leave_one_out":  # the Theorem-2 control variate (1 - MagicBox(l)) b, one MagicBox
         c = cost.detach()
-        hand = hand + (1 - box) * ((c.sum(0, keepdim=True) - c) / (n - 1))
+        b = (c.sum(0, keepdim=True) - c) / (n - 1)
+        dice = (hand + (1 - box) * b).mean()  # as written in the paper
+        hand = torch.lerp(b, cost, box)  # the same function in one node: b + MagicBox(l) (C - b)
+        assert sum(graph_ops(hand.mean()).values()) == sum(graph_ops(dice).values()) - 3
+    else:
+        dice = hand.mean()
     hand = hand.mean()
     assert graph_ops(loss) == graph_ops(hand)
-    assert torch.allclose(loss, hand) and torch.allclose(g, torch.autograd.grad(hand, theta)[0])
+    # the same value and derivatives as the paper's DiCE objective, first and second order
+    (gd,) = torch.autograd.grad(dice, theta, create_graph=True)
+    (hd,) = torch.autograd.grad(gd.sum(), theta)
+    assert torch.equal(loss, dice.detach())  # lerp's value at weight 1 is the cost exactly
+    assert torch.allclose(g, gd) and torch.allclose(h, hd)
+
+
+def test_one_node_baseline_of_another_dtype_is_not_lerped():
+    # lerp needs one dtype: a float64 cost of a float32 node takes the written-out control variate
+    theta = torch.zeros(2, 3, dtype=torch.float32, requires_grad=True)
+    est = storch.estimator("score", plate="z", n_samples=3, baseline="leave_one_out")
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        z = est(Bernoulli(logits=x))
+        cost = ((z - 0.45) ** 2).sum(-1).double()
+        storch.add_cost(cost, name="f")
+        loss = storch.surrogate_loss()
+        assert torch.equal(loss, cost.tensor.mean())
+    ops = graph_ops(loss)
+    assert "LerpBackward1" not in ops and ops["MulBackward0"] == 2 and ops["RsubBackward1"] == 1
 
 
 def test_uniform_weights_are_not_built():

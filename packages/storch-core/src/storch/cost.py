@@ -7,7 +7,7 @@ Sits between the graph (nodes, plates) and the estimators, which read a cost thr
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -36,8 +36,8 @@ class CostFrame:
 
     __slots__ = ("tensor", "plates", "dim", "_node", "_node_plates", "name", "_live")
 
-    def __init__(self, tensor: torch.Tensor, plates: tuple[Plate, ...], node: Node, live: torch.Tensor,
-                 name: Optional[str] = None):
+    def __init__(self, tensor: torch.Tensor, plates: tuple[Plate, ...], node: Node,
+                 live: Union[torch.Tensor, Callable[[], torch.Tensor]], name: Optional[str] = None):
         self.tensor = tensor
         self.name = name
         self.plates = plates
@@ -72,7 +72,10 @@ class CostFrame:
 
     def live(self) -> torch.Tensor:
         """The inner cost estimate WITH its graph (for learned control variates that need it)."""
-        return self._live
+        live = self._live
+        if not isinstance(live, torch.Tensor):  # built when first asked for (the surrogate may not need it)
+            live = self._live = live()
+        return live
 
 
 def _lead(t, n: int):

@@ -158,6 +158,18 @@ class Graph:
                 "enclosing `with storch.Graph():` block or another thread's graph); tensors cannot "
                 "move between graphs")
 
+    def owns(self, plates: tuple[Plate, ...]) -> bool:
+        """Whether every plate of ``plates`` is one this graph made (the check of :meth:`check_plates`
+        that passes, without building its message); ``False`` leaves the error to ``check_plates``."""
+        get = self.plates.get
+        for p in plates:
+            owner = get(p.name)
+            if owner is None or p.lineage is None:
+                return False
+            if (owner.plate if isinstance(owner, Node) else owner).lineage is not p.lineage:
+                return False
+        return True
+
     def check_call(self, estimator: Estimator, distribution: Distribution) -> None:
         """Checks before ``estimator(distribution)`` samples a node in this graph.
 
@@ -221,7 +233,8 @@ class Graph:
         if not raw.is_floating_point():
             raise CostError(f"cost {label!r} has dtype {cost.dtype}; a cost must be a floating point tensor "
                             "(e.g. `.float()`)")
-        self.check_plates(plates, f"cost {label!r}")
+        if not self.owns(plates):
+            self.check_plates(plates, f"cost {label!r}")
         self.costs.append((name or f"cost{len(self.costs)}", cost))
 
     @overload
@@ -391,7 +404,9 @@ def current_graph() -> Graph:
 @eager_only
 def add_cost(cost: torch.Tensor, name: Optional[str] = None) -> None:
     """Register a cost (one number per sample) in the current graph."""
-    current_graph().add_cost(cost, name)
+    graph = _stack()[-1]  # Graph.add_cost without a second eager_only call
+    with graph._guard:
+        graph._add_cost(cost, name)
 
 
 @overload
@@ -412,7 +427,11 @@ def denote_independent(tensor: Union[torch.Tensor, Sequence[torch.Tensor]], dim:
     sizes along ``dim`` must agree. (Two calls with two plate names would instead pair every
     ``x`` with every ``y``; the same name twice is refused.)
     """
-    return current_graph().denote_independent(tensor, dim, plate)
+    graph = _stack()[-1]  # Graph.denote_independent without a second eager_only call
+    with graph._guard:
+        if isinstance(tensor, (tuple, list)):
+            return graph._denote_several(tensor, dim, plate)
+        return graph._denote_independent(tensor, dim, plate)
 
 
 @eager_only

@@ -41,7 +41,7 @@ import torch
 from torch.distributions import Distribution
 
 from ..cost import CostFrame, _lead, magic_box
-from ..distributions import base_distribution, unwrap_distribution
+from ..distributions import _as_raw, base_distribution, unwrap_distribution
 from ..eager import eager_only
 from ..errors import NonFiniteParameterError, OptionError, PlateError, StorchError, UnsupportedDistributionError
 from ..generators import drawing_with
@@ -131,14 +131,30 @@ class Estimator(torch.nn.Module):
         """
         graph = current_graph()
         node = graph.partition_of(self)
+        if node is None and isinstance(distribution, Distribution):
+            # the common case (a distribution built from plate tensors that share their plates): its
+            # raw copy, and its plates checked against the graph (what Graph.check_call does), in one
+            # pass over the distribution's attributes
+            same = _as_raw(distribution, ())
+            if same is not None:
+                raw, parents = same
+                if not graph.owns(parents):
+                    graph.check_call(self, distribution)  # raises the error that says what is wrong
+                return self._sample_node(graph, raw, parents, distribution, inputs)
+        graph.check_call(self, distribution)
         if node is not None:
             return self._extend_partition(graph, node, distribution)
         raw, parents = unwrap_distribution(distribution)
+        return self._sample_node(graph, raw, parents, distribution, inputs)
+
+    def _sample_node(self, graph, raw: Distribution, parents: tuple[Plate, ...], distribution: Distribution,
+                     inputs: Any) -> PlateTensor:
+        """The first call of this estimator in ``graph``: a new node for the raw distribution ``raw``."""
         self.check_distribution(raw)
         ndims = 1 + len(raw.batch_shape) + len(raw.event_shape)  # the sample: plate, batch, event
         if ndims > MAX_DIMS:
             raise PlateError(f"estimator {self.name!r} (plate {self.plate!r}): " + too_many_dims_message(ndims))
-        if type(inputs) is PlateTensor:
+        if inputs is not None and type(inputs) is PlateTensor:
             extra = [p.name for p in inputs.plates if p not in parents]
             if extra:
                 raise PlateError(
@@ -147,17 +163,18 @@ class Estimator(torch.nn.Module):
                     "on what its distribution depends on (its data plates and upstream samples)")
         node = Node(self, raw, parents, original=distribution, inputs=inputs)
         sample = self.proposal(node)
-        node.plate = Plate(self.plate, sample.shape[0], False, 0, Lineage())
+        plate = node.plate = Plate(self.plate, sample.shape[0], False, 0, Lineage())
         node.sample = sample
         graph.add_node(node)
-        n = len(node.plates)
+        plates = (plate,) + parents
+        n = len(plates)
         node.gradient_values = _lead(self.gradient_function(node), n)
         if not self.uniform_weights:  # uniform ones (1/N) are built only if read (Node.weight_values)
             node.weight_values = _lead(self.weighting_function(node), n)
         if self.eos is not None:
             node.finished = self.is_eos(raw, sample, len(parents))
-        node.value = PlateTensor._wrap(self.output(node), node.plates)
-        return node.value
+        node.value = value = PlateTensor._wrap(self.output(node), plates)
+        return value
 
     def _extend_partition(self, graph, node: Node, distribution: Distribution) -> PlateTensor:
         """A further call of this estimator in the same graph: step t of its partition (section 3.2).
@@ -415,15 +432,19 @@ class Estimator(torch.nn.Module):
     @eager_only
     def __call__(self, distribution: Distribution, *args, **kwargs) -> PlateTensor:
         # Graph identity (issue 11): the distribution's plate tensors must belong to the current
-        # graph, and an exception while sampling discards the step, so it never leaks into the next.
+        # graph (Estimator.forward checks it, with Graph.check_call), and an exception while sampling
+        # discards the step, so it never leaks into the next.
         graph = current_graph()
         try:
-            with graph.guard():
-                graph.check_call(self, distribution)
-                with drawing_with(graph.generator):  # storch.Graph(generator=g): the node's draws use g
-                    return super().__call__(distribution, *args, **kwargs)
-        except Exception as e:
-            bad = _nonfinite_parameters(distribution) if not isinstance(e, StorchError) else None
+            if graph.generator is None and type(self).forward is _FORWARD:  # the lean path
+                return super().__call__(distribution, *args, **kwargs)
+            graph.check_call(self, distribution)  # before an overriding forward runs
+            with drawing_with(graph.generator):  # storch.Graph(generator=g): the node's draws use g
+                return super().__call__(distribution, *args, **kwargs)
+        except BaseException as e:
+            graph.discard(e)  # what graph.guard() does
+            bad = _nonfinite_parameters(distribution) if isinstance(e, Exception) and not isinstance(
+                e, StorchError) else None
             if bad:  # torch's own error (e.g. "Expected p_in >= 0 && p_in <= 1") does not say why
                 raise NonFiniteParameterError(
                     f"estimator {self.name!r} (plate {self.plate!r}) could not sample: the distribution's "
@@ -431,6 +452,9 @@ class Estimator(torch.nn.Module):
                     "or its inputs hold NaN); keep torch's argument validation on to catch it where the "
                     f"distribution is built. ({type(e).__name__}: {e})") from e
             raise
+
+
+_FORWARD = Estimator.forward
 
 
 def _nonfinite_parameters(d) -> list[str]:
