@@ -16,6 +16,7 @@ are reduced by the mean; the costs' surrogates are summed.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -33,8 +34,14 @@ __all__ = ["surrogate_loss", "backward", "cost_nodes", "cost_estimates"]
 
 def cost_nodes(graph: Graph, cost) -> list[Node]:
     """The stochastic nodes upstream of ``cost``, in topological order."""
-    nodes = [graph.node_of(p.name) for p in plates_of(cost)]
-    return sorted((n for n in nodes if n is not None), key=lambda n: n.index)
+    get = graph.plates.get
+    nodes = [owner for p in plates_of(cost) if isinstance(owner := get(p.name), Node)]
+    if len(nodes) > 1:
+        nodes.sort(key=_index)
+    return nodes
+
+
+_index = operator.attrgetter("index")
 
 
 def _check_order(nodes: list[Node], order: int) -> None:
@@ -131,7 +138,7 @@ def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Opti
     ``torch.lerp`` computes ``end - (end - start) · (1 - weight)`` at weight 1)."""
     est = node.estimator
     box = magic_box(align(node.gradient_values, node.plates, plates))  # MagicBox(l), line 7
-    if _has_control_variate(est):
+    if est.has_control_variate():
         if type(est).control_variate is _BASE_CONTROL_VARIATE:
             # the frame's values are C's (MagicBox(l) = 1); its live tensor is built if asked for
             frame = CostFrame(raw.detach(), plates, node, lambda: box * raw, name)
@@ -140,7 +147,8 @@ def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Opti
             if b is None:
                 inner = box * raw
             else:
-                b = b.detach()
+                if b.requires_grad:  # b must not carry gradient (appendix D.2.1); most are built detached
+                    b = b.detach()
                 if b.dtype == raw.dtype == box.dtype and b.device == raw.device:
                     inner = torch.lerp(b, raw, box)
                 else:
@@ -284,17 +292,23 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
 def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
     if not graph.costs:
         raise StorchError("the graph has no costs; call storch.add_cost(...) before the surrogate loss")
-    per_cost = [(name, cost, cost_nodes(graph, cost)) for name, cost in graph.costs]
-    for _, _, nodes in per_cost:
-        _check_order(nodes, order)
+    per_cost = []
+    for name, cost in graph.costs:
+        nodes = cost_nodes(graph, cost)
+        if nodes:
+            _check_order(nodes, order)
+        per_cost.append((name, cost, nodes))
     loss = None
     single, groups = [], {}
-    for name, cost, nodes in per_cost:
-        key = _step_group(cost, nodes)
-        if key is None:
-            single.append((name, cost, nodes))
-        else:
-            groups.setdefault(key, []).append((name, cost, nodes))
+    if any(len(nodes) == 1 and nodes[0].history is not None for _, _, nodes in per_cost):
+        for name, cost, nodes in per_cost:
+            key = _step_group(cost, nodes)
+            if key is None:
+                single.append((name, cost, nodes))
+            else:
+                groups.setdefault(key, []).append((name, cost, nodes))
+    else:  # only the costs of a partition's steps (one node with a history) can be stacked
+        single = per_cost
     for members in groups.values():
         if len(members) == 1:
             single.extend(members)
