@@ -151,6 +151,12 @@ def test_later_step_of_a_partition_lines_up_without_reindexing():
         assert {g for g, _ in d.tensor.grad_fn.next_functions} == {z1.tensor.grad_fn, z0.tensor.grad_fn}
 
 
+class _Plain(storch.Estimator):
+    """The base class's components (the score function, sampling with replacement), no requirements."""
+
+    name = "plain_score_for_tests"
+
+
 def test_estimator_call_checks_plates_while_unwrapping():
     # the common call (a distribution of plate tensors with one set of plates, no generator): the
     # raw distribution and the plate check come from one pass (_as_raw, Graph.owns), without the
@@ -159,9 +165,10 @@ def test_estimator_call_checks_plates_while_unwrapping():
     with storch.Graph():
         x = storch.denote_independent(theta, 0, "data")
         d = Bernoulli(logits=x)
-        z, seen = calls(lambda: storch.estimator("score", plate="z", n_samples=2)(d))
+        z, seen = calls(lambda: _Plain(plate="z", n_samples=2)(d))
         assert {"_as_raw", "owns", "_sample_node"} <= seen
         assert not seen & {"check_call", "_distribution_plates", "unwrap_distribution", "drawing_with"}
+        assert "supports" not in seen  # no requirements: every distribution is supported
         assert z.plates[1:] == x.plates
     # the controls: a plain tensor to expand (the general unwrapping, with check_call) and a graph
     # with a generator (check_call, then the draws in the generator's mode) take the general path
@@ -169,10 +176,10 @@ def test_estimator_call_checks_plates_while_unwrapping():
         x = storch.denote_independent(theta, 0, "data")
         _, seen = calls(lambda: storch.estimator("reparameterization", plate="r")(
             MultivariateNormal(x, scale_tril=torch.eye(3))))
-        assert {"check_call", "unwrap_distribution"} <= seen
+        assert {"check_call", "unwrap_distribution", "supports"} <= seen  # needs rsample: asked
     with storch.Graph(generator=torch.Generator().manual_seed(0)):
         x = storch.denote_independent(theta, 0, "data")
-        _, seen = calls(lambda: storch.estimator("score", plate="z")(Bernoulli(logits=x)))
+        _, seen = calls(lambda: _Plain(plate="z")(Bernoulli(logits=x)))
         assert {"check_call", "drawing_with"} <= seen
 
 
@@ -182,8 +189,27 @@ def test_stale_plates_still_raise_on_the_lean_estimator_call():
         x = storch.denote_independent(theta, 0, "data")
     with storch.Graph():
         try:
-            storch.estimator("score", plate="z")(Bernoulli(logits=x))
+            _Plain(plate="z")(Bernoulli(logits=x))
         except storch.PlateError as e:
             assert "stale" in str(e)
         else:
             raise AssertionError("a distribution of an ended graph's plate tensors was sampled")
+
+
+def test_an_overridden_supports_is_still_asked():
+    # the shortcut of check_distribution (no requirements: accept) holds for the base supports() only
+    class Picky(_Plain):
+        name = "picky_for_tests"
+
+        def supports(self, distribution):
+            return not isinstance(distribution, Bernoulli)
+
+    theta = torch.randn(4, 3, requires_grad=True)
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        try:
+            Picky(plate="z")(Bernoulli(logits=x))
+        except storch.UnsupportedDistributionError:
+            pass
+        else:
+            raise AssertionError("a supports() that refuses Bernoulli was not asked")

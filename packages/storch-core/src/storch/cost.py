@@ -46,7 +46,8 @@ class CostFrame:
         self._node = weakref.ref(node)
         self._node_plates = node_plates = node.plates
         name = node_plates[0].name
-        self.dim = next(i for i, p in enumerate(plates) if p.name == name)
+        # the node's plate is usually the cost's first
+        self.dim = 0 if plates[0].name == name else next(i for i, p in enumerate(plates) if p.name == name)
         self._live = live
 
     @property
@@ -104,7 +105,7 @@ def leave_one_out(cost: CostFrame, n: int, start: int = 0) -> torch.Tensor:
     if t.shape[d] != n:
         t = t.expand(t.shape[:d] + (n,) + t.shape[d + 1:])
     if not start:
-        return (cost.sum_plate(t) - t) / (n - 1)
+        return (t.sum(d, keepdim=True) - t) / (n - 1)  # cost.sum_plate(t)
     smp = t.narrow(d, start, n - start)
     b = (smp.sum(d, keepdim=True) - smp) / (n - start - 1)
     return torch.cat([torch.zeros_like(t.narrow(d, 0, start)), b], d)

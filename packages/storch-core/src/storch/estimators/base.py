@@ -323,6 +323,9 @@ class Estimator(torch.nn.Module):
 
     def check_distribution(self, d: Distribution) -> None:
         """Raise :class:`UnsupportedDistributionError` if this estimator cannot handle ``d``."""
+        if (self.distributions is None and not self.requires_rsample and not self.requires_enumerate_support
+                and _base_supports(type(self))):
+            return  # the base class's supports() accepts every distribution
         if not self.supports(d):
             raise UnsupportedDistributionError(self._unsupported_message(d))
 
@@ -455,6 +458,16 @@ class Estimator(torch.nn.Module):
 
 
 _FORWARD = Estimator.forward
+_SUPPORTS = Estimator.__dict__["supports"]
+_BASE_SUPPORTS: dict[type, bool] = {}
+
+
+def _base_supports(cls: type) -> bool:
+    """Whether ``cls`` keeps the base class's :meth:`Estimator.supports` (cached per class)."""
+    r = _BASE_SUPPORTS.get(cls)
+    if r is None:
+        r = _BASE_SUPPORTS[cls] = inspect.getattr_static(cls, "supports") is _SUPPORTS
+    return r
 
 
 def _nonfinite_parameters(d) -> list[str]:
