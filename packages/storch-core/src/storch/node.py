@@ -131,8 +131,8 @@ class Node:
     def log_prob(self, value: torch.Tensor, distribution: Optional[Distribution] = None) -> torch.Tensor:
         """Log-probability of raw ``value`` summed over the node's own batch dims."""
         lp = (distribution or self.distribution).log_prob(value)
-        k = self.batch_ndims
-        return lp.sum(tuple(range(-k, 0))) if k > 0 else lp
+        k = len(self.distribution.batch_shape) - len(self.parents)  # self.batch_ndims
+        return lp if k <= 0 else lp.sum(-1) if k == 1 else lp.sum(tuple(range(-k, 0)))
 
     def __repr__(self) -> str:
         name = self.plate.name if self.plate else "?"

@@ -87,6 +87,9 @@ def _at_cost(cost_plates: tuple, raw: torch.Tensor, nodes: list[Node]):
 
 
 def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None) -> torch.Tensor:
+    if not nodes:  # a cost of the data alone (a KL term): the mean over the data points
+        raw = raw_of(cost)
+        return raw.mean() if raw.dim() else raw
     plates, raw, nodes = _at_cost(plates_of(cost), raw_of(cost), nodes)
     if len(nodes) == 1:
         return _one_node_surrogate(raw, plates, nodes[0], name)
