@@ -213,3 +213,22 @@ def test_an_overridden_supports_is_still_asked():
             pass
         else:
             raise AssertionError("a supports() that refuses Bernoulli was not asked")
+
+
+def test_bernoulli_log_prob_of_the_raw_distribution_skips_broadcast_all():
+    # the gradient function on the raw copy of Bernoulli(logits=x): -bce_with_logits with the logits
+    # expanded to the sample's shape, without torch's broadcast_all; the same values and graph
+    theta = torch.randn(4, 3, requires_grad=True)
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        est, d = _Plain(plate="z", n_samples=5), Bernoulli(logits=x)  # (its constructor calls broadcast_all)
+        _, seen = calls(lambda: est(d))
+        node = storch.current_graph().nodes[0]
+        assert "raw_log_prob" in seen and "broadcast_all" not in seen
+        by_torch = Bernoulli(logits=theta, validate_args=False).log_prob(node.sample).sum(-1)
+        assert torch.equal(node.gradient_values, by_torch)
+        assert graph_ops(node.gradient_values) == graph_ops(by_torch)
+        # the control: a Bernoulli given by its probabilities takes torch's log_prob, and the probe sees it
+        est, d = _Plain(plate="p", n_samples=5), Bernoulli(probs=torch.sigmoid(x))
+        _, seen = calls(lambda: est(d))
+        assert "raw_log_prob" in seen and "broadcast_all" in seen

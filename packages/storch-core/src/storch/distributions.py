@@ -11,13 +11,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.distributions import Categorical, Distribution, Independent, OneHotCategorical
+from torch.distributions import Bernoulli, Categorical, Distribution, Independent, OneHotCategorical
+from torch.nn.functional import binary_cross_entropy_with_logits
 from torch.distributions.utils import lazy_property
 
 from .errors import UnsupportedDistributionError
 from .plates.tensor import Plate, PlateTensor, align, plates_of, union_plates
 
-__all__ = ["base_distribution", "unwrap_distribution"]
+__all__ = ["base_distribution", "unwrap_distribution", "raw_log_prob"]
 
 
 def base_distribution(d: Distribution) -> Distribution:
@@ -182,6 +183,28 @@ def _as_raw(d: Distribution, within: tuple[Plate, ...]) -> Optional[tuple[Distri
     new._batch_shape = torch.Size(sizes) + d.batch_shape
     new._validate_args = False  # validated when the user built `d`
     return new, plates
+
+
+def raw_log_prob(d: Distribution, value: torch.Tensor) -> torch.Tensor:
+    """``d.log_prob(value)`` for a raw distribution and raw ``value``.
+
+    A ``Bernoulli`` given by its logits, without argument validation (the raw copy of a user's
+    distribution), is computed as torch computes it, ``-binary_cross_entropy_with_logits``, with
+    the logits expanded to the value's shape directly instead of through ``broadcast_all`` (its
+    Python checks and a second view for the value): the same kernel, values and derivatives. Any
+    other case (and any other distribution) calls ``d.log_prob``.
+    """
+    if type(d) is Bernoulli and not d._validate_args and type(value) is torch.Tensor:
+        logits = d.__dict__.get("logits")
+        if type(logits) is torch.Tensor:
+            shape = value.shape
+            if logits.shape != shape:
+                k = logits.dim()
+                if k > len(shape) or shape[len(shape) - k:] != logits.shape:
+                    return d.log_prob(value)  # a broadcast of the value too: torch's own
+                logits = logits.expand(shape)
+            return -binary_cross_entropy_with_logits(logits, value, reduction="none")
+    return d.log_prob(value)
 
 
 def _categorical(cls: type, raw: dict) -> Distribution:

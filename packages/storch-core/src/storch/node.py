@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch.distributions import Distribution
 
+from .distributions import raw_log_prob
 from .plates.tensor import Plate, PlateTensor
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ class Node:
 
     def log_prob(self, value: torch.Tensor, distribution: Optional[Distribution] = None) -> torch.Tensor:
         """Log-probability of raw ``value`` summed over the node's own batch dims."""
-        lp = (distribution or self.distribution).log_prob(value)
+        lp = raw_log_prob(distribution or self.distribution, value)
         k = len(self.distribution.batch_shape) - len(self.parents)  # self.batch_ndims
         return lp if k <= 0 else lp.sum(-1) if k == 1 else lp.sum(tuple(range(-k, 0)))
 
