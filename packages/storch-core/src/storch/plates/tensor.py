@@ -204,6 +204,44 @@ class PlateTensor(torch.Tensor):
         """The names of :attr:`plates`, in order."""
         return tuple(p.name for p in self._plates)
 
+    # Per-sample metadata answered in Python, without a trip through ``__torch_function__`` (issue
+    # 19: torch.distributions' argument validation and nn.GRU's input checks ask for dim(), size()
+    # and shape dozens of times per step; through the dispatcher each answer cost ~1.5 us). The
+    # wrapper's own shape is the per-sample shape, and the raw tensor's trailing dims are it, so the
+    # answers are those of the dispatched handlers (``rules.metadata``); anything unusual (a named
+    # dim, an out-of-range dim: torch's own error) still goes through the dispatcher.
+
+    @property
+    def shape(self) -> torch.Size:  # type: ignore[override]
+        """The per-sample shape (the raw tensor's shape without the plate dims)."""
+        return self._raw.shape[len(self._plates):]
+
+    @property
+    def ndim(self) -> int:  # type: ignore[override]
+        """The number of per-sample dims."""
+        return self._raw.dim() - len(self._plates)
+
+    @property
+    def dtype(self) -> torch.dtype:  # type: ignore[override]
+        return self._raw.dtype
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return self._raw.device
+
+    def dim(self) -> int:  # type: ignore[override]
+        """The number of per-sample dims."""
+        return self._raw.dim() - len(self._plates)
+
+    def size(self, dim=None):  # type: ignore[override]
+        """The per-sample shape, or the size of per-sample dim ``dim``."""
+        s = self._raw.shape[len(self._plates):]
+        if dim is None:
+            return s
+        if type(dim) is int and -len(s) <= dim < len(s):
+            return s[dim]
+        return torch.Tensor.size(self, dim)  # a named dim, or torch's own out-of-range error
+
     def __repr__(self, *args, **kwargs) -> str:  # noqa: D105
         return f"PlateTensor(plates={_names(self._plates)}, tensor={self._raw!r})"
 
