@@ -233,6 +233,14 @@ class PlateTensor(torch.Tensor):
         """The number of per-sample dims."""
         return self._raw.dim() - len(self._plates)
 
+    ndimension = dim
+
+    def numel(self) -> int:  # type: ignore[override]
+        """The number of elements of one sample."""
+        return self._raw.shape[len(self._plates):].numel()
+
+    nelement = numel
+
     def size(self, dim=None):  # type: ignore[override]
         """The per-sample shape, or the size of per-sample dim ``dim``."""
         s = self._raw.shape[len(self._plates):]

@@ -77,9 +77,17 @@ def _fold(t, plates, b: int, batched: bool):
     sizes = tuple(p.size for p in plates)
     if type(t) is _PT:
         r = align(t._raw, t._plates, plates)
-        r = r.expand(sizes + r.shape[m:])
+        if r.shape[:m] != sizes:  # no expand (and no autograd node) when every plate is there
+            r = r.expand(sizes + r.shape[m:])
     else:
         r = t.expand(sizes + t.shape)
+    if b and r.shape[m:m + b].numel() == 1:
+        # the per-sample dims before the batch dim have size 1 (an RNN's one-step input (1, N, F),
+        # one layer's state (1, N, H)): moving the plates past them changes no element's place, so
+        # one view (a copy only where `r` is an expanded or strided view) gives the folded layout,
+        # contiguous as cuDNN wants it, without the permute and its autograd node
+        per = r.shape[m:]
+        return r.reshape(per[:b] + (-1,) + per[b + batched:]).contiguous()
     if b:
         # a batch dim inside (RNN states (layers, N, H), (T, N, F) inputs, attention's (L, N, E)):
         # the moved layout is not contiguous, and cuDNN refuses a non-contiguous RNN state ("hx is
@@ -90,6 +98,8 @@ def _fold(t, plates, b: int, batched: bool):
 
 
 def _unfold(o, sizes, c: int, batched: bool):
+    if c and o.shape[:c].numel() == 1:  # the dims before the batch dim have size 1: one view
+        return o.reshape(sizes + o.shape[:c] + ((-1,) if batched else ()) + o.shape[c + 1:])
     m = len(sizes)
     o = o.unflatten(c, sizes + ((-1,) if batched else ()))
     return o.movedim(tuple(range(c, c + m)), tuple(range(m))) if c else o

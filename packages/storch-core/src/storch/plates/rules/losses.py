@@ -33,12 +33,15 @@ def _elementwise_loss(func, args, kwargs):
     reduction = kwargs.pop("reduction", "mean") if kwargs else "mean"
     kwargs = {k: v for k, v in kwargs.items() if k not in ("size_average", "reduce")}
     a, b = args[0], args[1]
-    if type(a) is _PT and type(b) is _PT and (a._plates is b._plates or a._plates == b._plates):
-        plates = a._plates  # fast path (a decoder's output against the data it reconstructs)
+    if (type(a) is _PT and type(b) is _PT and (a._plates is b._plates or a._plates == b._plates)
+            and a._raw.dim() == b._raw.dim()):
+        plates = a._plates  # fast path: the operands already line up (no alignment, no padding)
+        ra, rb = a._raw, b._raw
+        pad = ra.dim() - len(plates)
     else:
         plates = union_plates(scan(args, kwargs))
-    pad = max(a._raw.dim() - len(a._plates) if type(a) is _PT else a.dim() for a in args[:2])
-    ra, rb = unwrap(a, plates, pad), unwrap(b, plates, pad)
+        pad = max(a._raw.dim() - len(a._plates) if type(a) is _PT else a.dim() for a in args[:2])
+        ra, rb = unwrap(a, plates, pad), unwrap(b, plates, pad)
     # these losses want equal shapes: broadcast both operands fully (views)
     raws = (ra, rb) if ra.shape == rb.shape else torch.broadcast_tensors(ra, rb)
     shape = raws[0].shape
