@@ -185,11 +185,8 @@ class PlateTensor(torch.Tensor):
 
     @classmethod
     def _wrap(cls, tensor: torch.Tensor, plates: tuple[Plate, ...]) -> "PlateTensor":
-        # Unchecked constructor used on the hot path: `plates` matches tensor's leading dims.
-        r = _make_wrapper(cls, tensor.shape[len(plates):], dtype=tensor.dtype, device=tensor.device)
-        r._raw = tensor
-        r._plates = plates
-        return r
+        # Unchecked constructor: `plates` matches tensor's leading dims (see `new_plate_tensor`).
+        return new_plate_tensor(tensor, plates)
 
     @property
     def plates(self) -> tuple[Plate, ...]:
@@ -275,6 +272,15 @@ class PlateTensor(torch.Tensor):
             f"{func} reached a PlateTensor below __torch_function__; pass `.tensor` explicitly "
             "and handle the plate dimensions yourself"
         )
+
+
+def new_plate_tensor(tensor: torch.Tensor, plates: tuple[Plate, ...]) -> PlateTensor:
+    """Unchecked constructor for the hot path (every dispatched result): ``plates`` must match the
+    leading dims of ``tensor``. A module function rather than a classmethod: one call less per result."""
+    r = _make_wrapper(PlateTensor, tensor.shape[len(plates):], dtype=tensor.dtype, device=tensor.device)
+    r._raw = tensor
+    r._plates = plates
+    return r
 
 
 def _dispatch(func, args, kwargs):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ...errors import PlateError
 from ..tensor import PlateTensor, align, union_plates
+from ..tensor import new_plate_tensor as _new
 from .vmap import vmap_call
 from ..treatments import Entry, Treatment, register_plate_handler
 
@@ -140,13 +141,13 @@ def batch_first(spec, func, args, kwargs):
     out = func(*args, **kwargs)
     if isinstance(out, _T):  # e.g. max_pool2d without return_indices: the first output's batch dim
         c = plan.outputs if isinstance(plan.outputs, int) else plan.outputs[0]
-        return _PT._wrap(_unfold(out, sizes, c, not plan.unbatched), plates)
+        return _new(_unfold(out, sizes, c, not plan.unbatched), plates)
     res = []
     for o, c in zip(out, plan.outputs):
         if isinstance(o, (tuple, list)) and c is not None:
-            res.append(type(o)(_PT._wrap(_unfold(x, sizes, c, not plan.unbatched), plates) for x in o))
+            res.append(type(o)(_new(_unfold(x, sizes, c, not plan.unbatched), plates) for x in o))
         elif isinstance(o, _T) and c is not None:
-            res.append(_PT._wrap(_unfold(o, sizes, c, not plan.unbatched), plates))
+            res.append(_new(_unfold(o, sizes, c, not plan.unbatched), plates))
         else:
             res.append(o)
     try:
