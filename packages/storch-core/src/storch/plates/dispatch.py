@@ -23,6 +23,7 @@ from .rules.batch_first import batch_first
 from .rules.pointwise import _is_inplace, broadcast, broadcast_inplace, random_pointwise
 from .rules.vmap import vmap_call
 from .tensor import PlateTensor, install_dispatcher
+from .tensor import new_plate_tensor as _new
 from .treatments import _LISTENERS, Entry, Treatment, describe, treatment_of
 
 __all__ = ["dispatch", "register", "wrap", "scan", "unwrap", "too_many_samples", "user_error"]
@@ -97,7 +98,7 @@ def _torch_function(cls, func, types, args=(), kwargs=None):
             x = args[0]
             out = func(x._raw)
             if type(out) is _T:
-                return _PT._wrap(out, x._plates)
+                return _new(out, x._plates)
             return wrap(out, x._plates)
         return impl(func, args, kwargs or {})
     except PlateError:

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import PlateError
 from .tensor import Plate, PlateTensor, _names, align, map_tensors
+from .tensor import new_plate_tensor as _new
 from .treatments import register_plate_handler
 
 __all__ = [
@@ -55,7 +56,7 @@ def wrap_same(out, plates: tuple[Plate, ...]):
     """Unchecked wrap for treatments whose construction keeps the plates in the leading dims
     (elementwise on aligned operands, reductions over per-sample dims): the hot path."""
     if type(out) is _T:
-        return _PT._wrap(out, plates)
+        return _new(out, plates)
     return wrap(out, plates)
 
 
@@ -65,7 +66,7 @@ def wrap(out, plates: tuple[Plate, ...]):
         if not plates:
             return out
         check_leading(out, plates)
-        return _PT._wrap(out, plates)
+        return _new(out, plates)
     return map_tensors(out, lambda o: wrap(o, plates))
 
 

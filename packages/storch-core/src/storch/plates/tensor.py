@@ -163,6 +163,8 @@ class PlateTensor(torch.Tensor):
         tensor: the raw ``torch.Tensor`` with the plate dimensions first.
     """
 
+    # slots: a result's two attributes are set without a per-instance dict (~0.2 us per torch call)
+    __slots__ = ("_raw", "_plates")
     _raw: torch.Tensor
     _plates: tuple[Plate, ...]
 
@@ -183,11 +185,8 @@ class PlateTensor(torch.Tensor):
 
     @classmethod
     def _wrap(cls, tensor: torch.Tensor, plates: tuple[Plate, ...]) -> "PlateTensor":
-        # Unchecked constructor used on the hot path: `plates` matches tensor's leading dims.
-        r = _make_wrapper(cls, tensor.shape[len(plates):], dtype=tensor.dtype, device=tensor.device)
-        r._raw = tensor
-        r._plates = plates
-        return r
+        # Unchecked constructor: `plates` matches tensor's leading dims (see `new_plate_tensor`).
+        return new_plate_tensor(tensor, plates)
 
     @property
     def plates(self) -> tuple[Plate, ...]:
@@ -203,6 +202,52 @@ class PlateTensor(torch.Tensor):
     def plate_names(self) -> tuple[str, ...]:
         """The names of :attr:`plates`, in order."""
         return tuple(p.name for p in self._plates)
+
+    # Per-sample metadata answered in Python, without a trip through ``__torch_function__`` (issue
+    # 19: torch.distributions' argument validation and nn.GRU's input checks ask for dim(), size()
+    # and shape dozens of times per step; through the dispatcher each answer cost ~1.5 us). The
+    # wrapper's own shape is the per-sample shape, and the raw tensor's trailing dims are it, so the
+    # answers are those of the dispatched handlers (``rules.metadata``); anything unusual (a named
+    # dim, an out-of-range dim: torch's own error) still goes through the dispatcher.
+
+    @property
+    def shape(self) -> torch.Size:  # type: ignore[override]
+        """The per-sample shape (the raw tensor's shape without the plate dims)."""
+        return self._raw.shape[len(self._plates):]
+
+    @property
+    def ndim(self) -> int:  # type: ignore[override]
+        """The number of per-sample dims."""
+        return self._raw.dim() - len(self._plates)
+
+    @property
+    def dtype(self) -> torch.dtype:  # type: ignore[override]
+        return self._raw.dtype
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return self._raw.device
+
+    def dim(self) -> int:  # type: ignore[override]
+        """The number of per-sample dims."""
+        return self._raw.dim() - len(self._plates)
+
+    ndimension = dim
+
+    def numel(self) -> int:  # type: ignore[override]
+        """The number of elements of one sample."""
+        return self._raw.shape[len(self._plates):].numel()
+
+    nelement = numel
+
+    def size(self, dim=None):  # type: ignore[override]
+        """The per-sample shape, or the size of per-sample dim ``dim``."""
+        s = self._raw.shape[len(self._plates):]
+        if dim is None:
+            return s
+        if type(dim) is int and -len(s) <= dim < len(s):
+            return s[dim]
+        return torch.Tensor.size(self, dim)  # a named dim, or torch's own out-of-range error
 
     def __repr__(self, *args, **kwargs) -> str:  # noqa: D105
         return f"PlateTensor(plates={_names(self._plates)}, tensor={self._raw!r})"
@@ -227,6 +272,15 @@ class PlateTensor(torch.Tensor):
             f"{func} reached a PlateTensor below __torch_function__; pass `.tensor` explicitly "
             "and handle the plate dimensions yourself"
         )
+
+
+def new_plate_tensor(tensor: torch.Tensor, plates: tuple[Plate, ...]) -> PlateTensor:
+    """Unchecked constructor for the hot path (every dispatched result): ``plates`` must match the
+    leading dims of ``tensor``. A module function rather than a classmethod: one call less per result."""
+    r = _make_wrapper(PlateTensor, tensor.shape[len(plates):], dtype=tensor.dtype, device=tensor.device)
+    r._raw = tensor
+    r._plates = plates
+    return r
 
 
 def _dispatch(func, args, kwargs):

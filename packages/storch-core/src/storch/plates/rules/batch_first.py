@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ...errors import PlateError
 from ..tensor import PlateTensor, align, union_plates
+from ..tensor import new_plate_tensor as _new
 from .vmap import vmap_call
 from ..treatments import Entry, Treatment, register_plate_handler
 
@@ -71,15 +72,27 @@ def _rank(x) -> int:
     return x._raw.dim() - len(x._plates) if type(x) is _PT else x.dim()
 
 
-def _fold(t, plates, b: int, batched: bool):
-    """Raw tensor with the plates folded into (per-sample) dim ``b``."""
+def _fold(t, plates, b: int, batched: bool, sizes: Optional[tuple] = None):
+    """Raw tensor with the plates folded into (per-sample) dim ``b`` (``sizes``: the plates' sizes)."""
     m = len(plates)
-    sizes = tuple(p.size for p in plates)
+    if sizes is None:
+        sizes = tuple(p.size for p in plates)
     if type(t) is _PT:
-        r = align(t._raw, t._plates, plates)
-        r = r.expand(sizes + r.shape[m:])
+        r = t._raw if t._plates is plates else align(t._raw, t._plates, plates)
+        s = r.shape
+        if s[:m] != sizes:  # no expand (and no autograd node) when every plate is there
+            r = r.expand(sizes + s[m:])
+            s = r.shape
     else:
         r = t.expand(sizes + t.shape)
+        s = r.shape
+    if b and s[m:m + b].numel() == 1:
+        # the per-sample dims before the batch dim have size 1 (an RNN's one-step input (1, N, F),
+        # one layer's state (1, N, H)): moving the plates past them changes no element's place, so
+        # one view (a copy only where `r` is an expanded or strided view) gives the folded layout,
+        # contiguous as cuDNN wants it, without the permute and its autograd node
+        per = s[m:]
+        return r.reshape(per[:b] + (-1,) + per[b + batched:]).contiguous()
     if b:
         # a batch dim inside (RNN states (layers, N, H), (T, N, F) inputs, attention's (L, N, E)):
         # the moved layout is not contiguous, and cuDNN refuses a non-contiguous RNN state ("hx is
@@ -90,6 +103,8 @@ def _fold(t, plates, b: int, batched: bool):
 
 
 def _unfold(o, sizes, c: int, batched: bool):
+    if c and o.shape[:c].numel() == 1:  # the dims before the batch dim have size 1: one view
+        return o.reshape(sizes + o.shape[:c] + ((-1,) if batched else ()) + o.shape[c + 1:])
     m = len(sizes)
     o = o.unflatten(c, sizes + ((-1,) if batched else ()))
     return o.movedim(tuple(range(c, c + m)), tuple(range(m))) if c else o
@@ -110,10 +125,16 @@ def batch_first(spec, func, args, kwargs):
                 if type(t) is _PT:
                     groups.append(t._plates)
     # any other per-sample tensor (a sampled weight, ...) goes to vmap
-    for a in list(args) + list(kwargs.values()):
-        for t in (a if isinstance(a, (tuple, list)) else (a,)):
-            if type(t) is _PT and id(t) not in batched_ids:
-                return vmap_call(func, args, kwargs)
+    for vals in (args, kwargs.values()):
+        for a in vals:
+            ta = type(a)
+            if ta is _PT:
+                if id(a) not in batched_ids:
+                    return vmap_call(func, args, kwargs)
+            elif isinstance(a, (tuple, list)):
+                for t in a:
+                    if type(t) is _PT and id(t) not in batched_ids:
+                        return vmap_call(func, args, kwargs)
     if not groups:
         return vmap_call(func, args, kwargs)
     plates = union_plates(groups)
@@ -123,20 +144,20 @@ def batch_first(spec, func, args, kwargs):
         if a is None:
             continue
         if isinstance(a, (tuple, list)):
-            new = type(a)(_fold(t, plates, b, not plan.unbatched) for t in a)
+            new = type(a)(_fold(t, plates, b, not plan.unbatched, sizes) for t in a)
         else:
-            new = _fold(a, plates, b, not plan.unbatched)
+            new = _fold(a, plates, b, not plan.unbatched, sizes)
         args, kwargs = _set(args, kwargs, pos, key, new)
     out = func(*args, **kwargs)
     if isinstance(out, _T):  # e.g. max_pool2d without return_indices: the first output's batch dim
         c = plan.outputs if isinstance(plan.outputs, int) else plan.outputs[0]
-        return _PT._wrap(_unfold(out, sizes, c, not plan.unbatched), plates)
+        return _new(_unfold(out, sizes, c, not plan.unbatched), plates)
     res = []
     for o, c in zip(out, plan.outputs):
         if isinstance(o, (tuple, list)) and c is not None:
-            res.append(type(o)(_PT._wrap(_unfold(x, sizes, c, not plan.unbatched), plates) for x in o))
+            res.append(type(o)(_new(_unfold(x, sizes, c, not plan.unbatched), plates) for x in o))
         elif isinstance(o, _T) and c is not None:
-            res.append(_PT._wrap(_unfold(o, sizes, c, not plan.unbatched), plates))
+            res.append(_new(_unfold(o, sizes, c, not plan.unbatched), plates))
         else:
             res.append(o)
     try:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import PlateError
-from ..kit import register, scan, unwrap, wrap
+from ..kit import register, scan, unwrap, wrap, wrap_same
 from .shape import _full
 from ..tensor import PlateTensor, union_plates
 
@@ -32,10 +32,18 @@ def _reduce(out, reduction, n, what):
 def _elementwise_loss(func, args, kwargs):
     reduction = kwargs.pop("reduction", "mean") if kwargs else "mean"
     kwargs = {k: v for k, v in kwargs.items() if k not in ("size_average", "reduce")}
-    plates = union_plates(scan(args, kwargs))
-    pad = max(a._raw.dim() - len(a._plates) if type(a) is _PT else a.dim() for a in args[:2])
+    a, b = args[0], args[1]
+    if (type(a) is _PT and type(b) is _PT and (a._plates is b._plates or a._plates == b._plates)
+            and a._raw.dim() == b._raw.dim()):
+        plates = a._plates  # fast path: the operands already line up (no alignment, no padding)
+        ra, rb = a._raw, b._raw
+        pad = ra.dim() - len(plates)
+    else:
+        plates = union_plates(scan(args, kwargs))
+        pad = max(a._raw.dim() - len(a._plates) if type(a) is _PT else a.dim() for a in args[:2])
+        ra, rb = unwrap(a, plates, pad), unwrap(b, plates, pad)
     # these losses want equal shapes: broadcast both operands fully (views)
-    raws = torch.broadcast_tensors(*[unwrap(a, plates, pad) for a in args[:2]])
+    raws = (ra, rb) if ra.shape == rb.shape else torch.broadcast_tensors(ra, rb)
     shape = raws[0].shape
     kw = {k: unwrap(v, plates, pad) for k, v in kwargs.items()}
     red = reduction
@@ -45,7 +53,7 @@ def _elementwise_loss(func, args, kwargs):
     out = _reduce(out, red, len(plates), func.__name__)
     if reduction == "batchmean":
         out = out / (shape[len(plates)] if len(shape) > len(plates) else 1)
-    return wrap(out, plates)
+    return wrap_same(out, plates)
 
 
 register(F.binary_cross_entropy, F.binary_cross_entropy_with_logits, F.mse_loss, F.l1_loss,

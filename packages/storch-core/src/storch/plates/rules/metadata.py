@@ -13,6 +13,7 @@ from ...errors import PlateError
 from ..kit import dispatch, register, too_many_samples, wrap_same
 from .pointwise import broadcast
 from ..tensor import PlateTensor
+from ..tensor import new_plate_tensor as _new
 
 _PT = PlateTensor
 _T = torch.Tensor
@@ -139,7 +140,7 @@ def _deepcopy(func, args, kwargs):
     import copy
 
     x = args[0]
-    return _PT._wrap(copy.deepcopy(x._raw, args[1] if len(args) > 1 else None), x._plates)
+    return _new(copy.deepcopy(x._raw, args[1] if len(args) > 1 else None), x._plates)
 
 
 @register(_T.__iter__)

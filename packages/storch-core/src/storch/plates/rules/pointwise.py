@@ -15,6 +15,7 @@ import torch.nn.functional as _F
 from ...errors import PlateError
 from ..kit import _is_inplace, _ndim, _operands, plates_or_empty, register, scan, unwrap, wrap, wrap_same
 from ..tensor import PlateTensor, _names, align, later_step, union_plates
+from ..tensor import new_plate_tensor as _new
 from ..treatments import describe, register_plate_handler
 
 __all__ = ["broadcast", "broadcast_inplace", "random_pointwise"]
@@ -60,14 +61,14 @@ def broadcast(func, args, kwargs):
                 pa, pb = a._plates, b._plates
                 if a._raw.dim() == b._raw.dim():
                     if pa is pb or pa == pb:
-                        return _PT._wrap(func(a._raw, b._raw), pa)
+                        return _new(func(a._raw, b._raw), pa)
                     # steps t-1 and t of a partition without parent indices: the raw dims line up
                     same = later_step(pa, pb)
                     if same is not None:
-                        return _PT._wrap(func(a._raw, b._raw), same)
+                        return _new(func(a._raw, b._raw), same)
                 plates = union_plates((pa, pb))
                 k = max(a._raw.dim() - len(pa), b._raw.dim() - len(pb))
-                return _PT._wrap(func(align(a._raw, pa, plates, k), align(b._raw, pb, plates, k)), plates)
+                return _new(func(align(a._raw, pa, plates, k), align(b._raw, pb, plates, k)), plates)
             if not isinstance(b, _T):
                 return wrap_same(func(a._raw, b), a._plates)
             pa = a._plates
@@ -114,7 +115,7 @@ def _broadcast_tensors(func, args, kwargs):
     pad = max(_ndim(a) for a in args)
     raws = [unwrap(a, plates, pad) for a in args]
     # plain operands get the plate dims too, so every result is a PlateTensor
-    return tuple(_PT._wrap(r, plates) for r in torch.broadcast_tensors(*raws))
+    return tuple(_new(r, plates) for r in torch.broadcast_tensors(*raws))
 
 
 

@@ -62,6 +62,22 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
 
     def handler(func, args, kwargs):
         x = args[0]
+        # fast path (distribution validation, logsumexp, softmax, sum(-1), unsqueeze(0)): one plate
+        # tensor and an int dim in the per-sample range, nothing else a plate tensor
+        if type(x) is _PT:
+            na = len(args)
+            d = args[pos] if na == pos + 1 else (kwargs.get("dim") if na == 1 else None)
+            if type(d) is int and (not kwargs or not any(type(v) is _PT for v in kwargs.values())) and (
+                    pos == 1 or not any(type(a) is _PT for a in args[1:pos])):
+                n = len(x._plates)
+                k = x._raw.dim() - n
+                if k > 0:
+                    if -(k + extra) <= d < 0:
+                        return wrap_same(func(x._raw, *args[1:], **kwargs), x._plates)
+                    if 0 <= d < k + extra:
+                        if na > 1:
+                            return wrap_same(func(x._raw, *args[1:pos], d + n, **kwargs), x._plates)
+                        return wrap_same(func(x._raw, **{**kwargs, "dim": d + n}), x._plates)
         if len(args) > 1 and isinstance(args[1], bool) and func in _UNBIASED:
             args, kwargs = args[:1], {**kwargs, "unbiased": args[1]}  # std(x, False)
         if len(args) > 1 and isinstance(args[1], _T):
@@ -187,8 +203,8 @@ def _squeeze(func, args, kwargs):
     d, _ = _get_dim(args, kwargs, 1)
     if d is None:
         d = tuple(i for i in range(n, n + k) if x._raw.shape[i] == 1)
-        return wrap(x._raw.squeeze(d) if d else x._raw, x._plates)
-    return wrap(x._raw.squeeze(tdim(d, n, k)), x._plates)
+        return wrap_same(x._raw.squeeze(d) if d else x._raw, x._plates)
+    return wrap_same(x._raw.squeeze(tdim(d, n, k)), x._plates)
 
 
 @register(*_both("flatten"))
@@ -201,7 +217,7 @@ def _flatten(func, args, kwargs):
     end = kwargs.get("end_dim", args[2] if len(args) > 2 else -1)
     if k == 0:
         return wrap(x._raw.unsqueeze(-1), x._plates)
-    return wrap(x._raw.flatten(tdim(start, n, k), tdim(end, n, k)), x._plates)
+    return wrap_same(x._raw.flatten(tdim(start, n, k), tdim(end, n, k)), x._plates)
 
 
 @register(*_both("transpose"), *_both("swapaxes"), *_both("swapdims"), *_both("movedim"), *_both("moveaxis"))
@@ -212,7 +228,7 @@ def _two_dims(func, args, kwargs):
     k = x._raw.dim() - n
     a = kwargs.get("dim0", kwargs.get("source", args[1] if len(args) > 1 else None))
     b = kwargs.get("dim1", kwargs.get("destination", args[2] if len(args) > 2 else None))
-    return wrap(func(x._raw, tdim(a, n, k), tdim(b, n, k)), x._plates)
+    return wrap_same(func(x._raw, tdim(a, n, k), tdim(b, n, k)), x._plates)
 
 
 def _shape_arg(args, kwargs, key):
@@ -231,7 +247,7 @@ def _permute(func, args, kwargs):
     n = len(x._plates)
     k = x._raw.dim() - n
     dims = [d % k + n if d < 0 else tdim(d, n, k) for d in _shape_arg(args, kwargs, "dims")]
-    return wrap(x._raw.permute(*range(n), *dims), x._plates)
+    return wrap_same(x._raw.permute(*range(n), *dims), x._plates)
 
 
 @register(*_both("reshape"), _T.view)

@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ...errors import PlateError
 from ..kit import _is_inplace
 from ..tensor import PlateTensor, _names, align, map_tensors, union_plates
+from ..tensor import new_plate_tensor as _new
 from ..treatments import describe
 
 __all__ = ["vmap_call"]
@@ -74,7 +75,7 @@ def vmap_call(func, args, kwargs):
             return o
 
         out = map_tensors(out, expand)
-    return map_tensors(out, lambda o: PlateTensor._wrap(o, plates))
+    return map_tensors(out, lambda o: _new(o, plates))
 
 
 def _loop(call, raws, mapped, levels, sizes, func):

@@ -1,0 +1,145 @@
+"""Per-op fast paths of the plate dispatcher (issue 19, the per-op part): each is taken (a
+``sys.setprofile`` probe, with a control that takes the general path) and equals a loop over the
+plate entries where its semantics could differ from the general path."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributions import OneHotCategorical
+
+import storch
+from storch import PlateTensor
+
+from test_fast_paths import GENERAL, calls, graph_ops
+from test_plates_dispatch import ZD, check, make, rnd
+
+# -- metadata answered in Python --------------------------------------------------------------
+
+
+def test_metadata_is_answered_without_the_dispatcher():
+    x = make(rnd(3, 2, 4, 5), *ZD)
+    x.dim()  # warm-up
+    for fn in (lambda: x.dim(), lambda: x.ndim, lambda: x.shape, lambda: x.size(), lambda: x.size(-1),
+               lambda: x.size(0), lambda: x.dtype, lambda: x.device, lambda: x.ndimension(), lambda: x.numel()):
+        out, seen = calls(fn)
+        assert "_torch_function" not in seen, fn
+    assert (x.dim(), x.ndim, x.ndimension(), x.numel()) == (2, 2, 2, 20)
+    assert x.shape == x.size() == (4, 5) and x.size(0) == 4 and x.size(-1) == 5 and x.size(dim=1) == 5
+    assert x.dtype == torch.float64 and x.device == torch.device("cpu")
+    # the answers are those of the dispatched handlers (torch.Tensor's own methods on the wrapper)
+    assert torch.Tensor.size(x) == x.size() and torch.Tensor.dim(x) == x.dim() and torch.Tensor.numel(x) == 20
+    # the control: an out-of-range dim goes through the dispatcher, which gives torch's own error
+    _, seen = calls(lambda: pytest.raises(IndexError, x.size, 2))
+    assert "_torch_function" in seen
+    with pytest.raises(IndexError, match="out of range"):
+        x.size(-3)
+
+
+# -- a dim argument ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,dim", [("sum", -1), ("sum", 0), ("sum", 1), ("logsumexp", -1), ("all", 1),
+                                      ("unsqueeze", 0), ("unsqueeze", 2), ("unsqueeze", -3), ("softmax", 1),
+                                      ("cumsum", 0), ("amax", -2)])
+def test_an_int_dim_takes_the_fast_path_and_equals_a_loop(name, dim):
+    x = make(rnd(3, 2, 4, 5), *ZD)
+    if name == "all":
+        x = x > 0
+    fn = (lambda a: getattr(a, name)(dim)) if name != "softmax" else (lambda a: F.softmax(a, dim))
+    check(fn, x)
+    out, seen = calls(lambda: fn(x))
+    assert "_set_dim" not in seen and not seen & GENERAL, sorted(seen)
+    # keyword dims, keepdim
+    check(lambda a: torch.logsumexp(a, dim=dim if name != "unsqueeze" else -1, keepdim=True), x)
+    # the control: no dim (over all per-sample dims) takes the general path
+    _, seen = calls(lambda: x.sum())
+    assert "_get_dim" in seen
+
+
+def test_an_int_dim_out_of_range_or_with_a_sampled_operand_is_not_fast():
+    x = make(rnd(3, 2, 4, 5), *ZD)
+    with pytest.raises(storch.PlateError, match="out of range"):
+        x.sum(2)
+    with pytest.raises(storch.PlateError, match="out of range"):
+        x.unsqueeze(3)
+    # a sampled prepend goes to vmap, and equals a loop
+    p = make(rnd(3, 2, 4, 1, seed=1), *ZD)
+    check(lambda a, b: torch.diff(a, 1, -1, prepend=b), x, p)
+    # topk(k, dim): the dim is the third argument
+    check(lambda a: torch.topk(a, 2, 0).values, x)
+    check(lambda a: F.normalize(a, 2.0, 0), x)
+
+
+# -- losses ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_elementwise_loss_with_equal_plates_skips_broadcasting(reduction):
+    x = make(rnd(3, 2, 4), *ZD)
+    t = make(torch.rand(3, 2, 4, dtype=torch.float64), *ZD)
+    check(lambda a, b: F.binary_cross_entropy_with_logits(a, b, reduction=reduction), x, t)
+    f = F.binary_cross_entropy_with_logits
+    _, seen = calls(lambda: f(x, t, reduction=reduction))
+    assert "broadcast_tensors" not in seen and not seen & GENERAL, sorted(seen)
+    # a target on fewer plates (the data a decoder reconstructs): aligned, broadcast over z, as a loop
+    d = make(torch.rand(2, 4, dtype=torch.float64), ("data", 2))
+    check(lambda a, b: f(a, b, reduction=reduction), x, d)
+    _, seen = calls(lambda: f(x, d, reduction=reduction))
+    assert "union_plates" in seen and "broadcast_tensors" in seen  # the control: the general path
+    # plates in another order
+    check(lambda a, b: F.mse_loss(a, b, reduction=reduction), x,
+          PlateTensor(x.tensor.transpose(0, 1).contiguous() * 0.5, tuple(reversed(x.plates))))
+
+
+# -- batch-first: size-1 dims before the batch dim fold by a view -------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_one_step_recurrent_layer_folds_without_permutes(kind, batched):
+    torch.manual_seed(0)
+    rnn = getattr(nn, kind)(4, 5).double()  # one layer: states (1, N, H) / (1, H)
+    x = make(rnd(3, 2, *((1, 2, 4) if batched else (1, 4))), *ZD)  # one time step
+    h = make(rnd(2, *((1, 2, 5) if batched else (1, 5)), seed=2), ("data", 2))  # shared by the z samples
+    if kind == "LSTM":
+        def fn(a, s):
+            return rnn(a, (s, s * 0.5))
+    else:
+        def fn(a, s):
+            return rnn(a, s)
+    check(lambda a, s: fn(a, s)[0], x, h)
+    check(lambda a, s: fn(a, s)[1], x, h)
+    out = fn(x, h)[0]
+    ops = graph_ops(out.tensor)
+    assert "PermuteBackward0" not in ops, ops
+    # the control: two layers have a layer dim of size 2 before the batch dim: moved, as before
+    rnn2 = getattr(nn, kind)(4, 5, num_layers=2).double()
+    x3 = make(rnd(3, 2, *((7, 2, 4) if batched else (7, 4))), *ZD)
+    check(lambda a: rnn2(a)[1] if kind == "GRU" else rnn2(a)[1][0], x3)
+    assert "PermuteBackward0" in graph_ops((rnn2(x3)[1] if kind == "GRU" else rnn2(x3)[1][0]).tensor)
+
+
+def test_one_step_gru_gradients_equal_the_hand_written_batch():
+    torch.manual_seed(0)
+    gru = nn.GRU(4, 5).double()
+    xr, hr = rnd(3, 2, 1, 4), rnd(2, 1, 5, seed=1)
+    x, h = make(xr, *ZD), make(hr, ("data", 2))
+    out = gru(x, h)[1].tensor  # (3, 2, 1, 5)
+    g = torch.autograd.grad(out.square().sum(), list(gru.parameters()))
+    # by hand: 6 sequences in one batch, the state expanded over the samples
+    ref = gru(xr.reshape(1, 6, 4), hr.reshape(1, 2, 5).expand(3, 2, 5).reshape(1, 6, 5).contiguous())[1]
+    torch.testing.assert_close(out.reshape(1, 6, 5), ref)
+    for a, b in zip(g, torch.autograd.grad(ref.square().sum(), list(gru.parameters()))):
+        torch.testing.assert_close(a, b)
+
+
+# -- distributions built on plate tensors ------------------------------------------------------------
+
+
+def test_categorical_validation_on_plate_tensors_asks_no_metadata_of_the_dispatcher():
+    logits = make(rnd(3, 2, 4), *ZD)
+    OneHotCategorical(logits=logits)
+    _, seen = calls(lambda: OneHotCategorical(logits=logits))
+    assert not seen & GENERAL, sorted(seen & GENERAL)
+    assert "_meta" not in seen
