@@ -149,3 +149,24 @@ def test_later_step_of_a_partition_lines_up_without_reindexing():
         # one subtraction of the two raw tensors as they are: no re-indexing or view in between
         assert type(d.tensor.grad_fn).__name__ == "SubBackward0"
         assert {g for g, _ in d.tensor.grad_fn.next_functions} == {z1.tensor.grad_fn, z0.tensor.grad_fn}
+
+
+def test_plain_table_indexed_by_a_plate_tensor_is_one_raw_index():
+    # a tabular policy or an embedding: table[s] with s sampled (plates), indexed directly as by
+    # hand, without aranges over the plates and an expanded copy of the table (forward and backward)
+    torch.manual_seed(0)
+    table = torch.randn(5, 3, requires_grad=True)
+    with storch.Graph():
+        s = storch.estimator("score", plate="s", n_samples=4)(torch.distributions.Categorical(logits=torch.zeros(5)))
+        a = storch.estimator("score", plate="a", n_samples=2)(torch.distributions.Categorical(logits=torch.zeros(3)))
+        table[s], table[s, a]  # the first calls decide the treatment (cached)
+        for fn, by_hand in ((lambda: table[s], lambda: table[s.tensor]),
+                            (lambda: table[s, a], lambda: table[s.tensor.unsqueeze(1), a.tensor.unsqueeze(0)])):
+            out, seen = calls(fn)
+            assert "arange" not in seen and "_full" not in seen, "the plain table was expanded over the plates"
+            assert graph_ops(out.tensor) == graph_ops(by_hand()) and torch.equal(out.tensor, by_hand())
+        assert [p.name for p in table[s, a].plates] == ["s", "a"]
+        # the control: a slice first puts torch's block of the raw index in place, so the general
+        # path (aranges over the plates) runs, and the probe sees it
+        _, seen = calls(lambda: table[:, a])
+        assert "arange" in seen
