@@ -141,6 +141,9 @@ def _general(x, idx, plain: bool = False):
 def _getitem(func, args, kwargs):
     """per-sample indexing; plate tensors anywhere in the index, aligned by name"""
     x, idx = args
+    if type(idx) is _PT and type(x) is not _PT and idx.dtype not in (torch.bool, torch.uint8):
+        # table[s]: one plate-tensor index into a plain tensor; the raw index leads with the plates
+        return wrap_same(x[idx._raw], idx._plates)
     idx = _index_tuple(idx)
     if type(x) is _PT and _simple(x, idx):
         return wrap_same(x._raw[(slice(None),) * len(x._plates) + idx], x._plates)
