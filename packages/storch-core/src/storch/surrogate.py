@@ -248,8 +248,9 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
         _check_order(nodes, order)
     loss = None
     single, groups = [], {}
+    stacking: dict = {}  # id(node) -> whether its costs may be stacked (asked once per node)
     for name, cost, nodes in per_cost:
-        key = _step_group(cost, nodes)
+        key = _step_group(cost, nodes, stacking)
         if key is None:
             single.append((name, cost, nodes))
         else:
@@ -269,21 +270,31 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
 _STEPS = "(steps)"
 
 
-def _step_group(cost, nodes: list[Node]):
+def _step_group(cost, nodes: list[Node], stacking: Optional[dict] = None):
     """A key shared by the costs of different steps of one partition that can be stacked, or None.
 
     A long episode adds a cost per step; their surrogates differ only in the step (L_t), so costs
     whose only sampling plate is one causal-credit partition with uniform weights, and whose
     control variate allows it, are stacked along an extra dim and reduced in one pass.
+    ``stacking`` caches the answer for the node (by ``id``) across the costs of one surrogate.
     """
     if len(nodes) != 1:
         return None
     node = nodes[0]
-    est = node.estimator
-    if node.step_log is None or not est.causal_credit or not est.control_variate_stacks() or not est.uniform_weights:
+    ok = None if stacking is None else stacking.get(id(node))
+    if ok is None:
+        est = node.estimator
+        ok = (node.step_log is not None and est.causal_credit and est.control_variate_stacks()
+              and est.uniform_weights)
+        if stacking is not None:
+            stacking[id(node)] = ok
+    if not ok:
         return None
+    plates = plates_of(cost)
+    if len(plates) == 1:  # the partition's plate alone (no data plates)
+        return id(node), raw_of(cost).dtype
     name = node.plate.name
-    return id(node), tuple(p.name if p.name == name else p for p in plates_of(cost)), raw_of(cost).dtype
+    return id(node), tuple(p.name if p.name == name else p for p in plates), raw_of(cost).dtype
 
 
 def _steps_surrogate(node: Node, members: list) -> torch.Tensor:
@@ -298,8 +309,8 @@ def _steps_surrogate(node: Node, members: list) -> torch.Tensor:
     if node.steps_in_place:
         # every step has the plates of step 0: L_t of all steps is one cumulative sum over the
         # stacked l_t (DiCE's objective by hand), and the costs' plates differ only in the step
-        total = _stacked_cumulative(node, [next(q for q in plates_of(cost) if q.name == name).step
-                                           for _, cost, _ in members])
+        # (every member's plates are those of the first but for the step: the group's key)
+        total = _stacked_cumulative(node, [cost._plates[k].step for _, cost, _ in members])
         total = align(total, (node.plate, steps) + node.parents, stacked_plates)
         raws = [raw_of(cost) for _, cost, _ in members]
         if k:  # the partition's plate first, as in `total`
@@ -316,9 +327,12 @@ def _steps_surrogate(node: Node, members: list) -> torch.Tensor:
             ls.append(align(l, lp, target))
         shape = torch.broadcast_shapes(*(l.shape for l in ls))
         total = torch.stack([l if l.shape == shape else l.expand(shape) for l in ls], 1)  # L_t of each cost's step
-    shape = torch.broadcast_shapes(*(r.shape for r in raws))
-    # (an expand to the shape a tensor has is still one op and one autograd node per step: skipped)
-    raw = torch.stack([r if r.shape == shape else r.expand(shape) for r in raws], 1)  # (N, steps, *others)
+    shape = raws[0].shape
+    if any(r.shape != shape for r in raws):  # (torch.broadcast_shapes costs ~3 us per cost)
+        shape = torch.broadcast_shapes(*(r.shape for r in raws))
+        # (an expand to the shape a tensor has is still one op and one autograd node per step: skipped)
+        raws = [r if r.shape == shape else r.expand(shape) for r in raws]
+    raw = torch.stack(raws, 1)  # (N, steps, *others)
     raws = None
     # MagicBox(L) = exp(L - ⊥L), the exp in place: its input is needed by nothing else (one
     # (N, steps) buffer less at the peak, as the DiCE objective written by hand holds)
