@@ -7,6 +7,7 @@ annotations only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -96,13 +97,14 @@ class Node:
         self._gradient_values = value
 
     @property
-    def history(self) -> Optional[list]:
-        """For a partition, ``(plates_t, L_t)`` per step t (``None`` for a node sampled once); the
-        cumulative gradient functions are computed when first read."""
-        log = self.step_log
-        if log is None:
-            return None
-        if len(self._history) < len(log):
+    def history(self) -> Optional["History"]:
+        """For a partition, ``(plates_t, L_t)`` per step t (``None`` for a node sampled once): a
+        sequence whose cumulative gradient functions are computed when an entry is first read
+        (testing it against ``None`` computes nothing)."""
+        return None if self.step_log is None else History(self)
+
+    def _materialised(self) -> list:
+        if len(self._history) < len(self.step_log):
             self._extend_history()
         return self._history
 
@@ -131,13 +133,13 @@ class Node:
     def at(self, step: int) -> "Node":
         """The partition as it was at ``step``: its plate, parents and cumulative gradient function
         L_step (for causal credit, paper section 3.2). ``self`` for the last step."""
-        if step == self.step or self.history is None:
+        if step == self.step or self.step_log is None:
             return self
         if self._views is None:
             self._views = {}
         view = self._views.get(step)
         if view is None:
-            plates, cumulative = self.history[step]
+            plates, cumulative = self._materialised()[step]
             view = Node.__new__(Node)
             view.__dict__.update(self.__dict__)
             view.plate, view.parents, view.gradient_values = plates[0], plates[1:], cumulative
@@ -190,6 +192,29 @@ class Node:
     def __repr__(self) -> str:
         name = self.plate.name if self.plate else "?"
         return f"Node({self.estimator.name!r}, plate={name!r}, parents={[p.name for p in self.parents]})"
+
+
+class History(Sequence):
+    """``Node.history``: ``(plates_t, L_t)`` for each step t of a partition, the cumulative gradient
+    functions computed when first read (:meth:`Node._extend_history`). Made per access: it refers
+    to its node, which does not refer back (no reference cycle)."""
+
+    __slots__ = ("_node",)
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def __len__(self) -> int:
+        return len(self._node.step_log)
+
+    def __getitem__(self, i):
+        return self._node._materialised()[i]
+
+    def __iter__(self):
+        return iter(self._node._materialised())
+
+    def __repr__(self) -> str:
+        return f"History({len(self)} steps)"
 
 
 def _lead(t: torch.Tensor, n: int) -> torch.Tensor:

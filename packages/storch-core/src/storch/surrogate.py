@@ -62,7 +62,7 @@ def _at_cost(cost_plates: tuple, raw: torch.Tensor, nodes: list[Node]):
     """
     out = []
     for node in nodes:
-        if node.step_log is not None:
+        if node.history is not None:
             p = next(q for q in cost_plates if q.name == node.plate.name)
             if p.step != node.step:
                 if node.estimator.causal_credit:
@@ -248,9 +248,8 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
         _check_order(nodes, order)
     loss = None
     single, groups = [], {}
-    stacking: dict = {}  # id(node) -> whether its costs may be stacked (asked once per node)
     for name, cost, nodes in per_cost:
-        key = _step_group(cost, nodes, stacking)
+        key = _step_group(cost, nodes)
         if key is None:
             single.append((name, cost, nodes))
         else:
@@ -270,28 +269,21 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
 _STEPS = "(steps)"
 
 
-def _step_group(cost, nodes: list[Node], stacking: Optional[dict] = None):
+def _step_group(cost, nodes: list[Node]):
     """A key shared by the costs of different steps of one partition that can be stacked, or None.
 
     A long episode adds a cost per step; their surrogates differ only in the step (L_t), so costs
     whose only sampling plate is one causal-credit partition with uniform weights, and whose
     control variate allows it, are stacked along an extra dim and reduced in one pass.
-    ``stacking`` caches the answer for the node (by ``id``) across the costs of one surrogate.
     """
     if len(nodes) != 1:
         return None
     node = nodes[0]
-    ok = None if stacking is None else stacking.get(id(node))
-    if ok is None:
-        est = node.estimator
-        ok = (node.step_log is not None and est.causal_credit and est.control_variate_stacks()
-              and est.uniform_weights)
-        if stacking is not None:
-            stacking[id(node)] = ok
-    if not ok:
+    est = node.estimator
+    if node.history is None or not est.causal_credit or not est.control_variate_stacks() or not est.uniform_weights:
         return None
     plates = plates_of(cost)
-    if len(plates) == 1:  # the partition's plate alone (no data plates)
+    if len(plates) == 1:  # the partition's plate alone (no data plates): no tuple per cost
         return id(node), raw_of(cost).dtype
     name = node.plate.name
     return id(node), tuple(p.name if p.name == name else p for p in plates), raw_of(cost).dtype
