@@ -206,3 +206,38 @@ def test_partition_whose_plates_change_sums_step_by_step():
         reference = _per_cost_surrogate(graph)
         (g_ref,) = torch.autograd.grad(reference, theta)
         assert torch.allclose(loss, reference) and torch.allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["every step", "odd steps", "two costs per step", "data plate first"])
+@pytest.mark.parametrize("baseline", ["none", "leave_one_out"])
+def test_stacked_cumulative_picks_each_cost_step(layout, baseline):
+    # the stacked L holds one column per cost, at its step: costs at some steps only, several
+    # costs per step, and the partition's plate after a data plate in the cost
+    theta = torch.tensor([0.3, -0.5], requires_grad=True)
+    est = storch.estimator("score", plate="a", n_samples=3, baseline=baseline)
+    torch.manual_seed(1)
+    with storch.Graph() as graph:
+        x = storch.denote_independent(theta.expand(4, 2), 0, "data")
+        a = torch.zeros_like(x[..., 0])
+        for t in range(6):
+            a = est(Bernoulli(logits=x[..., 0] + a * x[..., 1]))
+            cost = -(0.9 ** t) * a + 0.1 * t
+            if layout == "data plate first":
+                cost = cost + 0.0 * x[..., 0]  # the data plate comes first in the cost's plates
+                cost = storch.PlateTensor(align_first(cost, "data"), tuple(sorted(cost.plates, key=lambda p: p.name != "data")))
+            if layout != "odd steps" or t % 2:
+                storch.add_cost(cost, name=f"r{t}")
+            if layout == "two costs per step":
+                storch.add_cost(a * 0.5 - 0.2, name=f"s{t}")
+        loss, seen = calls(storch.surrogate_loss)
+        assert "_stacked_cumulative" in seen
+        (g,) = torch.autograd.grad(loss, theta, retain_graph=True)
+        reference = _per_cost_surrogate(graph)
+        (g_ref,) = torch.autograd.grad(reference, theta)
+        assert torch.allclose(loss, reference) and torch.allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def align_first(cost, name):
+    """The raw tensor of ``cost`` with the plate ``name`` moved to the front."""
+    i = [p.name for p in cost.plates].index(name)
+    return cost.tensor.movedim(i, 0)
