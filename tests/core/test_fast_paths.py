@@ -232,3 +232,25 @@ def test_bernoulli_log_prob_of_the_raw_distribution_skips_broadcast_all():
         est, d = _Plain(plate="p", n_samples=5), Bernoulli(probs=torch.sigmoid(x))
         _, seen = calls(lambda: est(d))
         assert "raw_log_prob" in seen and "broadcast_all" in seen
+
+
+def test_plain_table_indexed_by_a_plate_tensor_is_one_raw_index():
+    # a tabular policy or an embedding: table[s] with s sampled (plates), indexed directly as by
+    # hand, without aranges over the plates and an expanded copy of the table (forward and backward)
+    torch.manual_seed(0)
+    table = torch.randn(5, 3, requires_grad=True)
+    with storch.Graph():
+        # (the core's own estimator: the core test env has no storch_score)
+        s = storch.estimator("expect", plate="s")(torch.distributions.Categorical(logits=torch.zeros(5)))
+        a = storch.estimator("expect", plate="a")(torch.distributions.Categorical(logits=torch.zeros(3)))
+        table[s], table[s, a]  # the first calls decide the treatment (cached)
+        for fn, by_hand in ((lambda: table[s], lambda: table[s.tensor]),
+                            (lambda: table[s, a], lambda: table[s.tensor.unsqueeze(1), a.tensor.unsqueeze(0)])):
+            out, seen = calls(fn)
+            assert "arange" not in seen and "_full" not in seen, "the plain table was expanded over the plates"
+            assert graph_ops(out.tensor) == graph_ops(by_hand()) and torch.equal(out.tensor, by_hand())
+        assert [p.name for p in table[s, a].plates] == ["s", "a"]
+        # the control: a slice first puts torch's block of the raw index in place, so the general
+        # path (aranges over the plates) runs, and the probe sees it
+        _, seen = calls(lambda: table[:, a])
+        assert "arange" in seen

@@ -172,3 +172,98 @@ def test_partition_with_a_moving_average_is_not_stacked():
         _episode(est, theta, 4)
         _, seen = calls(storch.surrogate_loss)
     assert "_steps_surrogate" not in seen and "_cost_surrogate" in seen
+
+
+def _per_cost_surrogate(graph) -> torch.Tensor:
+    """The surrogate cost by cost (no stacking): the reference for the stacked one."""
+    from storch.surrogate import _cost_surrogate, cost_nodes
+    return sum(_cost_surrogate(cost, cost_nodes(graph, cost), name) for name, cost in graph.costs)
+
+
+@pytest.mark.parametrize("baseline", ["none", "leave_one_out"])
+def test_partition_cumulative_log_prob_is_one_cumsum(baseline):
+    # L_t = l_0 + ... + l_t is not built step by step during the episode (one add per step): the
+    # stacked surrogate takes one cumulative sum over the stacked l_t, as the DiCE objective by hand
+    theta = torch.tensor([0.3, -0.5], requires_grad=True)
+    est = storch.estimator("score", plate="a", n_samples=3, baseline=baseline)
+    torch.manual_seed(0)
+    with storch.Graph() as graph:
+        _, seen = calls(lambda: _episode(est, theta, 10))
+        assert "_extend_history" not in seen  # nothing summed during the episode
+        node = graph.nodes[0]
+        assert node.steps_in_place
+        loss, seen = calls(storch.surrogate_loss)
+        assert "_stacked_cumulative" in seen and "_extend_history" not in seen
+        assert graph_ops(loss)["CumsumBackward0"] == 1
+        (g,) = torch.autograd.grad(loss, theta, retain_graph=True)
+        reference = _per_cost_surrogate(graph)  # reads node.history: L_t step by step
+        (g_ref,) = torch.autograd.grad(reference, theta)
+        assert torch.allclose(loss, reference) and torch.allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+        # Node.history and gradient_values: L_t, the log-probability of the prefix up to t
+        x = theta.expand(6, 2)
+        a_prev = torch.zeros(3, 6)
+        total = torch.zeros(3, 6)
+        for t, (plates, L) in enumerate(node.history):
+            a = node.value.tensor if t == 0 else node.steps[t - 1]
+            total = total + Bernoulli(logits=x[..., 0] + a_prev * x[..., 1]).log_prob(a)
+            a_prev = a
+            assert plates[0].step == t and torch.allclose(L, total)
+        assert node.gradient_values is node.history[-1][1]
+
+
+def test_partition_whose_plates_change_sums_step_by_step():
+    # the control: a data plate that joins at step 1 (steps not in place) takes the general path,
+    # L_t re-aligned step by step, and the stacked surrogate still equals the per-cost one
+    theta = torch.tensor([0.3, -0.5], requires_grad=True)
+    est = storch.estimator("score", plate="a", n_samples=3)
+    torch.manual_seed(0)
+    with storch.Graph() as graph:
+        x = storch.denote_independent(theta.expand(6, 2), 0, "data")
+        a = est(Bernoulli(logits=theta[0]))  # step 0: no data plate
+        storch.add_cost(-a, name="r0")
+        for t in range(1, 5):
+            a = est(Bernoulli(logits=x[..., 0] + a * x[..., 1]))
+            storch.add_cost(-(0.9 ** t) * a, name=f"r{t}")
+        node = graph.nodes[0]
+        assert not node.steps_in_place
+        loss, seen = calls(storch.surrogate_loss)
+        assert "_extend_history" in seen and "_stacked_cumulative" not in seen
+        (g,) = torch.autograd.grad(loss, theta, retain_graph=True)
+        reference = _per_cost_surrogate(graph)
+        (g_ref,) = torch.autograd.grad(reference, theta)
+        assert torch.allclose(loss, reference) and torch.allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["every step", "odd steps", "two costs per step", "data plate first"])
+@pytest.mark.parametrize("baseline", ["none", "leave_one_out"])
+def test_stacked_cumulative_picks_each_cost_step(layout, baseline):
+    # the stacked L holds one column per cost, at its step: costs at some steps only, several
+    # costs per step, and the partition's plate after a data plate in the cost
+    theta = torch.tensor([0.3, -0.5], requires_grad=True)
+    est = storch.estimator("score", plate="a", n_samples=3, baseline=baseline)
+    torch.manual_seed(1)
+    with storch.Graph() as graph:
+        x = storch.denote_independent(theta.expand(4, 2), 0, "data")
+        a = torch.zeros_like(x[..., 0])
+        for t in range(6):
+            a = est(Bernoulli(logits=x[..., 0] + a * x[..., 1]))
+            cost = -(0.9 ** t) * a + 0.1 * t
+            if layout == "data plate first":
+                cost = cost + 0.0 * x[..., 0]  # the data plate comes first in the cost's plates
+                cost = storch.PlateTensor(align_first(cost, "data"), tuple(sorted(cost.plates, key=lambda p: p.name != "data")))
+            if layout != "odd steps" or t % 2:
+                storch.add_cost(cost, name=f"r{t}")
+            if layout == "two costs per step":
+                storch.add_cost(a * 0.5 - 0.2, name=f"s{t}")
+        loss, seen = calls(storch.surrogate_loss)
+        assert "_stacked_cumulative" in seen
+        (g,) = torch.autograd.grad(loss, theta, retain_graph=True)
+        reference = _per_cost_surrogate(graph)
+        (g_ref,) = torch.autograd.grad(reference, theta)
+        assert torch.allclose(loss, reference) and torch.allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def align_first(cost, name):
+    """The raw tensor of ``cost`` with the plate ``name`` moved to the front."""
+    i = [p.name for p in cost.plates].index(name)
+    return cost.tensor.movedim(i, 0)

@@ -7,13 +7,14 @@ annotations only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch.distributions import Distribution
 
 from .distributions import raw_log_prob
-from .plates.tensor import Plate, PlateTensor
+from .plates.tensor import Plate, PlateTensor, align
 
 if TYPE_CHECKING:
     from .estimators.base import Estimator
@@ -63,7 +64,7 @@ class Node:
         self.parents = parents
         self.plate: Optional[Plate] = None
         self.sample: Optional[torch.Tensor] = None
-        self.gradient_values: Any = None
+        self._gradient_values: Any = None
         self._weight_values: Any = None
         self.value: Optional[PlateTensor] = None
         state_type = getattr(estimator, "State", None)
@@ -73,23 +74,77 @@ class Node:
         self.steps: list = []
         self.index = -1
         self.step = 0
-        self.history: Optional[list] = None
+        self._history: Optional[list] = None  # (plates_t, L_t) of the steps computed so far
+        # a partition: (plates_t, l_t) per step, the gradient function of each step alone; L_t is
+        # computed from it when read (history, gradient_values), the surrogate stacks it instead
+        self.step_log: Optional[list] = None
+        # every step so far has the plates of step 0 (at their own step), the same size and the same
+        # l_t shape, and no parent indices: L_t = l_0 + ... + l_t is a cumulative sum, no re-indexing
+        self.steps_in_place = True
         self.finished: Optional[torch.Tensor] = None  # partitions with eos: sequences that have ended
         self._views: Optional[dict] = None
+
+    @property
+    def gradient_values(self) -> Any:
+        """l(x) evaluated on the samples (the result of the estimator's ``gradient_function``); for
+        a partition, the cumulative L_t of its last step (computed when first read)."""
+        log = self.step_log
+        if log is not None and len(self._history) < len(log):
+            self._extend_history()
+        return self._gradient_values
+
+    @gradient_values.setter
+    def gradient_values(self, value: Any) -> None:
+        self._gradient_values = value
+
+    @property
+    def history(self) -> Optional["History"]:
+        """For a partition, ``(plates_t, L_t)`` per step t (``None`` for a node sampled once): a
+        sequence whose cumulative gradient functions are computed when an entry is first read
+        (testing it against ``None`` computes nothing)."""
+        return None if self.step_log is None else History(self)
+
+    def _materialised(self) -> list:
+        if len(self._history) < len(self.step_log):
+            self._extend_history()
+        return self._history
+
+    def _extend_history(self) -> None:
+        """L_t = L_{t-1} + l_t for the steps logged since the last read: one stack and cumulative
+        sum when the steps stayed in place, else step by step (re-indexed by the parents)."""
+        hist, log = self._history, self.step_log
+        k = len(hist)
+        if self.steps_in_place and len(log) - k > 1:
+            first = [] if k == 0 else [hist[-1][1]]
+            ls = [l for _, l in log[k:]]
+            cumulative = torch.stack(first + ls).cumsum(0).unbind(0)[len(first):]
+            hist.extend((plates, c) for (plates, _), c in zip(log[k:], cumulative))
+        else:
+            for plates, l in log[k:]:
+                if not hist:
+                    hist.append((plates, l))
+                    continue
+                prev_plates, prev = hist[-1]
+                prev = _lead(prev, len(prev_plates))
+                if plates[0].lineage is not None and plates[0].lineage.parents or prev_plates[1:] != plates[1:]:
+                    prev = align(prev, prev_plates, plates)  # re-indexed by the parents, new parent plates
+                hist.append((plates, prev + _lead(l, len(plates))))
+        self._gradient_values = hist[-1][1]
 
     def at(self, step: int) -> "Node":
         """The partition as it was at ``step``: its plate, parents and cumulative gradient function
         L_step (for causal credit, paper section 3.2). ``self`` for the last step."""
-        if step == self.step or self.history is None:
+        if step == self.step or self.step_log is None:
             return self
         if self._views is None:
             self._views = {}
         view = self._views.get(step)
         if view is None:
-            plates, cumulative = self.history[step]
+            plates, cumulative = self._materialised()[step]
             view = Node.__new__(Node)
             view.__dict__.update(self.__dict__)
             view.plate, view.parents, view.gradient_values = plates[0], plates[1:], cumulative
+            view.step_log = view._history = None
             view.weight_values, view.step, view._views = None, step, None  # computed for the view
             self._views[step] = view
         return view
@@ -138,3 +193,33 @@ class Node:
     def __repr__(self) -> str:
         name = self.plate.name if self.plate else "?"
         return f"Node({self.estimator.name!r}, plate={name!r}, parents={[p.name for p in self.parents]})"
+
+
+class History(Sequence):
+    """``Node.history``: ``(plates_t, L_t)`` for each step t of a partition, the cumulative gradient
+    functions computed when first read (:meth:`Node._extend_history`). Made per access: it refers
+    to its node, which does not refer back (no reference cycle)."""
+
+    __slots__ = ("_node",)
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def __len__(self) -> int:
+        return len(self._node.step_log)
+
+    def __getitem__(self, i):
+        return self._node._materialised()[i]
+
+    def __iter__(self):
+        return iter(self._node._materialised())
+
+    def __repr__(self) -> str:
+        return f"History({len(self)} steps)"
+
+
+def _lead(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` with at least ``n`` dims (trailing size-1 dims added): the plate dims of a gradient function."""
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t)
+    return t.reshape(t.shape + (1,) * (n - t.dim())) if t.dim() < n else t

@@ -340,8 +340,11 @@ def _step_group(cost, nodes: list[Node]):
     est = node.estimator
     if node.history is None or not est.causal_credit or not est.control_variate_stacks() or not est.uniform_weights:
         return None
+    plates = plates_of(cost)
+    if len(plates) == 1:  # the partition's plate alone (no data plates): no tuple per cost
+        return id(node), raw_of(cost).dtype
     name = node.plate.name
-    return id(node), tuple(p.name if p.name == name else p for p in plates_of(cost)), raw_of(cost).dtype
+    return id(node), tuple(p.name if p.name == name else p for p in plates), raw_of(cost).dtype
 
 
 def _steps_surrogate(node: Node, members: list) -> torch.Tensor:
@@ -349,30 +352,52 @@ def _steps_surrogate(node: Node, members: list) -> torch.Tensor:
     Σ_t mean_data mean_x [MagicBox(L_t) C_t + a_t] (Eq. 2 with causal credit, w = 1/N)."""
     name = node.plate.name
     first = plates_of(members[0][1])
-    others = tuple(p for p in first if p.name != name)
-    raws, ls = [], []
-    for _, cost, _ in members:
-        plates = plates_of(cost)
-        p = next(q for q in plates if q.name == name)
-        target = (p,) + others
-        raws.append(align(raw_of(cost), plates, target))
-        # L_t and its plates (what node.at(t) holds, without building a view per step)
-        lp, l = node.history[p.step] if p.step != node.step else (node.plates, node.gradient_values)
-        ls.append(align(l, lp, target))
-    shape = torch.broadcast_shapes(*(r.shape for r in raws), *(l.shape for l in ls))
-    # (an expand to the shape a tensor has is still one op and one autograd node per step: skipped)
-    raw = torch.stack([r if r.shape == shape else r.expand(shape) for r in raws], 1)  # (N, steps, *others)
-    total = torch.stack([l if l.shape == shape else l.expand(shape) for l in ls], 1)  # L_t of each cost's step
+    k = next(i for i, q in enumerate(first) if q.name == name)
+    others = first[:k] + first[k + 1:]
     steps = Plate(_STEPS, len(members), True)
-    stacked = Node.__new__(Node)
-    stacked.__dict__.update(node.__dict__)
-    stacked.parents, stacked.gradient_values = (steps,) + others, total
-    plates = stacked.plates
-    box = magic_box(total)
-    inner = box * raw  # line 7 of Algorithm 1, per step
+    stacked_plates = (node.plate, steps) + others
+    if node.steps_in_place:
+        # every step has the plates of step 0: L_t of all steps is one cumulative sum over the
+        # stacked l_t (DiCE's objective by hand), and the costs' plates differ only in the step
+        # (every member's plates are those of the first but for the step: the group's key)
+        total = _stacked_cumulative(node, [cost._plates[k].step for _, cost, _ in members])
+        total = align(total, (node.plate, steps) + node.parents, stacked_plates)
+        raws = [raw_of(cost) for _, cost, _ in members]
+        if k:  # the partition's plate first, as in `total`
+            raws = [align(r, first, (node.plate,) + others) for r in raws]
+    else:
+        raws, ls = [], []
+        for _, cost, _ in members:
+            plates = plates_of(cost)
+            p = next(q for q in plates if q.name == name)
+            target = (p,) + others
+            raws.append(align(raw_of(cost), plates, target))
+            # L_t and its plates (what node.at(t) holds, without building a view per step)
+            lp, l = node.history[p.step] if p.step != node.step else (node.plates, node.gradient_values)
+            ls.append(align(l, lp, target))
+        shape = torch.broadcast_shapes(*(l.shape for l in ls))
+        total = torch.stack([l if l.shape == shape else l.expand(shape) for l in ls], 1)  # L_t of each cost's step
+    shape = raws[0].shape
+    if any(r.shape != shape for r in raws):  # (torch.broadcast_shapes costs ~3 us per cost)
+        shape = torch.broadcast_shapes(*(r.shape for r in raws))
+        # (an expand to the shape a tensor has is still one op and one autograd node per step: skipped)
+        raws = [r if r.shape == shape else r.expand(shape) for r in raws]
+    raw = torch.stack(raws, 1)  # (N, steps, *others)
+    raws = None
+    # MagicBox(L) = exp(L - ⊥L), the exp in place: its input is needed by nothing else (one
+    # (N, steps) buffer less at the peak, as the DiCE objective written by hand holds)
+    box = torch.sub(total, total.detach()).exp_()
     est = node.estimator
+    stacked = None
     if _has_control_variate(est):
-        frame = CostFrame(inner.detach(), plates, stacked, inner, members[0][0])
+        stacked = Node.__new__(Node)
+        stacked.__dict__.update(node.__dict__)
+        stacked.step_log = stacked._history = None
+        stacked.parents, stacked.gradient_values = (steps,) + others, total
+    total = None  # not held while the rest is built (the peak memory of the surrogate)
+    inner = box * raw  # line 7 of Algorithm 1, per step
+    if stacked is not None:
+        frame = CostFrame(inner.detach(), stacked_plates, stacked, inner, members[0][0])
         if type(est).control_variate is _BASE_CONTROL_VARIATE:
             inner = _baseline_term(inner, est, stacked, frame, box, None)
         else:
@@ -382,6 +407,22 @@ def _steps_surrogate(node: Node, members: list) -> torch.Tensor:
     # line 14 with w = 1/N (a mean over the node's plate), the costs summed over the steps and
     # averaged over the data points: the means over the plate and the data are one reduction
     return inner.sum(1).mean()
+
+
+def _stacked_cumulative(node: Node, steps: list[int]) -> torch.Tensor:
+    """L_t of a partition whose steps stayed in place, for each of ``steps``, stacked along dim 1:
+    one stack of the logged l_t and one cumulative sum (the DiCE objective's ``cumsum``), shape
+    ``(N, len(steps), *parents)``."""
+    log = node.step_log
+    last = max(steps)
+    total = torch.stack([l for _, l in log[:last + 1]], 1).cumsum(1)
+    if steps != list(range(last + 1)):  # not every step has a cost (or several have)
+        first = steps[0]
+        if steps == list(range(first, last + 1)):
+            total = total.narrow(1, first, last + 1 - first)
+        else:
+            total = total.index_select(1, torch.tensor(steps, device=total.device))
+    return total
 
 
 @eager_only

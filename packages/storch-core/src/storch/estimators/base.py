@@ -204,19 +204,23 @@ class Estimator(torch.nn.Module):
                     f"step of partition {self.plate!r} depends on node {p.name!r}, which was sampled after "
                     "the partition started; partitions must be topologically ordered (paper, section 3.2)"
                 )
-        if node.history is None:
-            node.history = [(node.plates, node.gradient_values)]
+        log = node.step_log
+        if log is None:
+            log = node.step_log = [(node.plates, node.gradient_values)]
+            node._history = [log[0]]
         sample, lp = self.extend(node, raw, plates)
         t = node.step + 1
-        plate = Plate(node.plate.name, sample.shape[0], False, t, node.plate.lineage)
+        prev = node.plate
+        plate = Plate(prev.name, sample.shape[0], False, t, prev.lineage)
         new = (plate,) + plates[1:]
-        prev_plates, prev = node.history[-1]
-        prev = _lead(prev, len(prev_plates))
-        if node.plate.lineage.parents or prev_plates[1:] != new[1:]:
-            prev = align(prev, prev_plates, new)  # re-indexed by the parents, new parent plates
-        cumulative = prev + _lead(lp, len(new))  # L_t = L_{t-1} + l_t
-        node.history.append((new, cumulative))
-        node.plate, node.parents, node.step, node.gradient_values = plate, plates[1:], t, cumulative
+        lp = _lead(lp, len(new))
+        if node.steps_in_place and (prev.lineage.parents or plate.size != prev.size or plates[1:] != node.parents
+                                    or lp.shape != log[0][1].shape):
+            node.steps_in_place = False  # L_t re-indexed step by step (Node.history)
+        # L_t = L_{t-1} + l_t is computed when read (Node.history, gradient_values); the stacked
+        # surrogate of the partition's costs takes one cumulative sum over the logged l_t instead
+        log.append((new, lp))
+        node.plate, node.parents, node.step = plate, plates[1:], t
         node.sample = sample
         node.steps.append(sample)
         if not self.causal_credit:

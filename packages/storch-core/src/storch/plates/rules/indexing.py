@@ -93,10 +93,15 @@ def _per_sample_dims(i) -> int:
     return i._raw.dim() - len(i._plates) if type(i) is _PT else i.dim()
 
 
-def _general(x, idx):
-    """``(raw_index, plates, r, q)``: the raw index into ``x`` expanded to ``plates`` (its plate dims
-    indexed by aranges), the result's plates, the number ``r`` of per-sample broadcast index dims
-    and ``q``, the per-sample position of that block. The raw result is (plates, block, rest)."""
+def _general(x, idx, plain: bool = False):
+    """``(raw_index, plates, r, q, direct)``: the raw index into ``x`` expanded to ``plates`` (its
+    plate dims indexed by aranges), the result's plates, the number ``r`` of per-sample broadcast
+    index dims and ``q``, the per-sample position of that block. The raw result is (plates, block,
+    rest).
+
+    ``direct``: with ``plain`` (``x`` a plain tensor: a table, an embedding), ``raw_index`` indexes
+    ``x`` itself, without aranges and without an expanded view of ``x`` (the index tensors carry the
+    plate dims), when torch puts the broadcast block first there too (``table[s]``, ``Q[s, a]``)."""
     items = _normalise(x, idx)
     xp = x._plates if type(x) is _PT else ()
     plates = union_plates([xp] + [i._plates for i in items if type(i) is _PT])
@@ -119,24 +124,38 @@ def _general(x, idx):
             raw.append(i.reshape((1,) * (m + r - i.dim()) + tuple(i.shape)))
         else:
             raw.append(i)  # ints, slices, None, 0-dim tensors: as for one sample
+    if plain:
+        # the same rule on the raw index, where every plate tensor has dims: the block comes first
+        # if the first index that does not select is a tensor, or if the tensors are not adjacent
+        rk = ["t" if isinstance(i, _T) else "k" for i in raw if not (isinstance(i, int) or (
+            isinstance(i, _T) and i.dim() == 0))]
+        rt = [j for j, k in enumerate(rk) if k == "t"]
+        if rt and (rt[0] == 0 or rt != list(range(rt[0], rt[0] + len(rt)))):
+            return tuple(raw), plates, r, q, True
     ar = tuple(torch.arange(p.size, device=x.device).view((1,) * j + (p.size,) + (1,) * (m - j - 1 + r))
                for j, p in enumerate(plates))
-    return ar + tuple(raw), plates, r, q
+    return ar + tuple(raw), plates, r, q, False
 
 
 @register(_T.__getitem__)
 def _getitem(func, args, kwargs):
     """per-sample indexing; plate tensors anywhere in the index, aligned by name"""
     x, idx = args
+    if type(idx) is _PT and type(x) is not _PT and idx.dtype not in (torch.bool, torch.uint8):
+        # table[s]: one plate-tensor index into a plain tensor; the raw index leads with the plates
+        return wrap_same(x[idx._raw], idx._plates)
     idx = _index_tuple(idx)
     if type(x) is _PT and _simple(x, idx):
         return wrap_same(x._raw[(slice(None),) * len(x._plates) + idx], x._plates)
-    raw_idx, plates, r, q = _general(x, idx)
+    raw_idx, plates, r, q, direct = _general(x, idx, plain=type(x) is not _PT)
     m = len(plates)
-    # the plate dims are indexed by aranges: the raw result is (plates, index block, rest)
-    full = type(x) is _PT and plates == x._plates and tuple(x._raw.shape[:m]) == tuple(p.size for p in plates)
-    src = x._raw if full else _full(x, plates)  # (a view: size-1 plate dims expanded)
-    out = src[raw_idx]
+    if direct:  # a plain x indexed directly: the index tensors carry the plate dims
+        out = x[raw_idx]
+    else:
+        # the plate dims are indexed by aranges: the raw result is (plates, index block, rest)
+        full = type(x) is _PT and plates == x._plates and tuple(x._raw.shape[:m]) == tuple(p.size for p in plates)
+        src = x._raw if full else _full(x, plates)  # (a view: size-1 plate dims expanded)
+        out = src[raw_idx]
     if q and r:  # the block where torch puts it for one sample
         out = out.movedim(tuple(range(m, m + r)), tuple(range(m + q, m + q + r)))
     return wrap_same(out, plates)
@@ -174,7 +193,7 @@ def _setitem(func, args, kwargs):
             value = align(value._raw, value._plates, x._plates, target.dim() - n)
         x._raw[raw_idx] = value
         return None
-    raw_idx, plates, r, q = _general(x, t)
+    raw_idx, plates, r, q, _ = _general(x, t)
     plates = union_plates([plates, vp])
     if plates != x._plates:
         raise PlateError(_more_plates(x, plates))
