@@ -1,6 +1,7 @@
 """The unordered set estimator on joint supports too large to enumerate: stochastic beam search."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -110,3 +111,77 @@ def _node_for(theta):
     with storch.Graph() as g:
         est(Bernoulli(logits=theta))
         return g.nodes[0]
+
+
+def _exact_orders(probs):
+    """P(first = a), P(second = b) and P(a in S) for an ordered sample without replacement of size 3
+    from ``probs`` (M joint values), by enumerating the ordered triples."""
+    p = probs
+    two = p[:, None] * p[None, :] / (1 - p[:, None])  # P(first = a, second = b)
+    two.fill_diagonal_(0.0)
+    rest = (1 - p[:, None] - p[None, :]).clamp_min(1e-300)
+    three = two[:, :, None] * p[None, None, :] / rest[:, :, None]  # P(a, b, c in this order)
+    idx = torch.arange(p.shape[0])
+    distinct = (idx[:, None, None] != idx[None, None, :]) & (idx[None, :, None] != idx[None, None, :])
+    three = torch.where(distinct, three, torch.zeros(()))
+    inclusion = three.sum((1, 2)) + three.sum((0, 2)) + three.sum((0, 1))
+    return p, two.sum(0), inclusion
+
+
+def _beam_codes(dist_fn, theta, k, max_candidates, n_cat):
+    """R beam-search samples of the node ``dist_fn(logits)`` (one row per replicate), as joint codes."""
+    est = storch.estimator("unordered_set", plate="zz", n_samples=k)
+    with storch.Graph() as g:
+        th = storch.denote_independent(theta.expand((R,) + theta.shape), 0, "data")
+        est(dist_fn(th))
+        node = g.nodes[0]
+    values, lp, _ = stochastic_beam_search(node, k, max_candidates)  # (k, R, n[, K])
+    if values.dim() == 4:  # one-hot
+        values = values.argmax(-1)
+    n = values.shape[-1]
+    codes = (values.long() * (n_cat ** torch.arange(n - 1, -1, -1))).sum(-1)  # (k, R)
+    return codes, lp
+
+
+@pytest.mark.parametrize("max_candidates", [2, 4, 8, None])
+def test_chunked_beam_is_gumbel_top_k(max_candidates):
+    """Beam steps over several variables at once (2^m children per prefix; max_candidates 2: one
+    variable per step, None: all 5 at once for this batch) draw the same distribution: the first
+    and second draws and the inclusion frequencies of a sample of 3 out of 32 joint values of 5
+    Bernoullis, z-tested against exact values from the ordered triples."""
+    from storch_score._beam import _chunk_plan
+    torch.manual_seed(10)
+    theta = torch.tensor([0.5, -0.3, 0.1, -0.5, 0.4])
+    codes, lp = _beam_codes(lambda th: Bernoulli(logits=th), theta, 3, max_candidates, 2)
+    bits = torch.tensor(list(itertools.product([0, 1], repeat=5)), dtype=torch.float64)
+    logp = (bits * torch.nn.functional.logsigmoid(theta) + (1 - bits) * torch.nn.functional.logsigmoid(-theta)).sum(-1)
+    first, second, inclusion = _exact_orders(logp.exp())
+    if max_candidates is not None:
+        assert len(_chunk_plan(5, 2, 3, max_candidates)) > 1  # several beam steps
+    onehot = torch.nn.functional.one_hot(codes, 32).double()  # (3, R, 32)
+    assert_unbiased(onehot[0], first, "first draw")
+    assert_unbiased(onehot[1], second, "second draw")
+    assert_unbiased(onehot.sum(0), inclusion, "inclusion")
+    assert (codes[0] != codes[1]).all() and (codes[1] != codes[2]).all() and (codes[0] != codes[2]).all()
+    assert torch.allclose(lp, logp[codes])  # the joint log-probabilities of the drawn values
+
+
+@pytest.mark.parametrize("max_candidates", [3, 9])
+def test_chunked_beam_with_impossible_values(max_candidates):
+    """Three 3-way categoricals, the middle value of the first impossible (18 of 27 joint values
+    possible; the -inf path of the search): first draw, second draw and inclusion z-tests, and
+    never an impossible value."""
+    torch.manual_seed(11)
+    theta = torch.tensor([[0.0, -math.inf, 0.3], [0.2, -0.1, 0.0], [0.0, 0.4, -0.2]])
+    codes, lp = _beam_codes(lambda th: OneHotCategorical(logits=th), theta, 3, max_candidates, 3)
+    vals = torch.tensor(list(itertools.product(range(3), repeat=3)))
+    logp = torch.log_softmax(theta, -1).gather(1, vals.t()).sum(0)  # (27,)
+    p = logp.exp()
+    first, second, inclusion = _exact_orders(p)
+    onehot = torch.nn.functional.one_hot(codes, 27).double()
+    assert (p[codes] > 0).all()
+    possible = p > 0
+    assert_unbiased(onehot[0][:, possible], first[possible], "first draw")
+    assert_unbiased(onehot[1][:, possible], second[possible], "second draw")
+    assert_unbiased(onehot.sum(0)[:, possible], inclusion[possible], "inclusion")
+    assert torch.allclose(lp, logp[codes])

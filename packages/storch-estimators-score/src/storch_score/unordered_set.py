@@ -236,38 +236,61 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _layers(k: int) -> tuple:
-    """For each subset size j = k-1, ..., 0: the subsets (bitmasks), their missing elements, and
-    the subsets one element larger."""
-    out = []
+def _plan(k: int) -> tuple:
+    """Index tables of the dynamic programme over the subsets of a set of k elements.
+
+    The subsets of size j (layer j) are listed in increasing bitmask order, so layer 1 lists {x}
+    at position x. For each layer j = k-1, ..., 0 and each subset C in it: ``larger`` (n_j, k-j),
+    the positions in layer j+1 of C ∪ {x} for each x ∉ C; ``first`` (n_j,), the position of
+    C ∪ {x0} for x0 the smallest x ∉ C. Shared by every layer: ``missing`` (Σ_j n_j (k-j),), the
+    x ∉ C of every row, layer after layer; ``x0`` (Σ_j n_j,); and ``pairs`` (k, k), the position
+    of {s, s'} in layers 1 and 2 concatenated (diagonal: {s} in layer 1).
+    """
+    layers = [[m for m in range(1 << k) if bin(m).count("1") == j] for j in range(k + 1)]
+    pos = {m: i for layer in layers for i, m in enumerate(layer)}
+    steps, missing_all, x0_all = [], [], []
     for j in range(k - 1, -1, -1):
-        masks = [m for m in range(1 << k) if bin(m).count("1") == j]
-        missing = [[x for x in range(k) if not (m >> x) & 1] for m in masks]
-        larger = [[m | (1 << x) for x in miss] for m, miss in zip(masks, missing)]
-        out.append((torch.tensor(masks), torch.tensor(missing), torch.tensor(larger)))
-    return tuple(out)
+        missing = [[x for x in range(k) if not (m >> x) & 1] for m in layers[j]]
+        larger = torch.tensor([[pos[m | (1 << x)] for x in miss] for m, miss in zip(layers[j], missing)])
+        first = torch.tensor([pos[m | (1 << miss[0])] for m, miss in zip(layers[j], missing)])
+        missing_all += [x for miss in missing for x in miss]
+        x0_all += [miss[0] for miss in missing]
+        steps.append((len(layers[j]), k - j, larger, first))
+    pairs = torch.tensor([[s if s == t else k + pos[(1 << s) | (1 << t)] for t in range(k)] for s in range(k)])
+    return tuple(steps), torch.tensor(missing_all), torch.tensor(x0_all), pairs
 
 
 def _log_h(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """log h(C) = log p^{D∖C}(S∖C) for C = ∅, {s}, {s, s'}: the probability of drawing the rest of S
     without replacement once C has been drawn.
 
-    h(S) = 1 and h(C) = Σ_{x ∈ S∖C} p(x) / p(D∖C) · h(C ∪ {x}), with p(D∖C) = p(D∖S) + p(S∖C).
+    h(S) = 1 and h(C) = Σ_{x ∈ S∖C} p(x) / p(D∖C) · h(C ∪ {x}), with p(D∖C) = p(D∖S) + p(S∖C), layer
+    by layer (subsets of size k-1, ..., 0; ``_plan``), in log space: p(D∖C) = p(D∖(C ∪ {x0})) + p(x0)
+    by one logaddexp from the layer above, and the sum over x as a log-sum-exp shifted by its
+    largest term (every term is finite: the caller clamps log 0 to a finite floor).
 
     Args:
-        lp: log p(s) of the k set elements, shape (k, B).
-        log_rest: log p(D∖S), shape (B,).
+        lp: log p(s) of the k set elements, shape (k, B), finite.
+        log_rest: log p(D∖S), shape (B,), finite.
     """
     k, size = lp.shape
     dev = lp.device
-    h = lp.new_full((1 << k, size), -math.inf)
-    h[(1 << k) - 1] = 0.0
-    for masks, missing, larger in _layers(k):
-        masks, missing, larger = masks.to(dev), missing.to(dev), larger.to(dev)
-        lpm = lp[missing]  # (subsets, k - j, B)
-        rest = log_rest.expand(masks.shape[0], 1, size)
-        log_denominator = torch.logsumexp(torch.cat([rest, lpm], 1), 1)  # log p(D∖C)
-        h[masks] = torch.logsumexp(lpm - log_denominator.unsqueeze(1) + h[larger], 1)
-    single = 1 << torch.arange(k, device=dev)
-    pairs = single.unsqueeze(1) | single.unsqueeze(0)  # (k, k); diagonal = single
-    return h[0], h[single], h[pairs]
+    steps, missing, x0, pairs = _plan(k)
+    counts = [n for n, _, _, _ in steps]
+    # every layer's log p(x) for x ∉ C and log p(x0), gathered at once and split by layer (views)
+    lp_missing = lp[missing.to(dev)].split([n * w for n, w, _, _ in steps])
+    lp_x0 = lp[x0.to(dev)].split(counts)
+    h = lp.new_zeros(1, size)  # layer k: h(S) = 1
+    den = log_rest.reshape(1, size)  # log p(D∖S)
+    layers = [h]
+    for (n, width, larger, first), lpm, lpx in zip(steps, lp_missing, lp_x0):
+        terms = lpm.view(n, width, size) + h[larger.to(dev)]  # log p(x) h(C ∪ {x})
+        top = terms.amax(1)
+        total = terms.sub_(top.unsqueeze(1)).exp_().sum(1).log_().add_(top)
+        den = torch.logaddexp(den[first.to(dev)], lpx)  # log p(D∖C)
+        h = total.sub_(den)
+        layers.append(h)
+    # layers[-1]: h(∅); layers[-2]: h({x}) at position x; layers[-3]: h({s, s'}) (layer k: h(S) = 1)
+    single = layers[-2]
+    both = torch.cat([single, layers[-3]]) if k > 1 else single
+    return h[0], single, both[pairs.to(dev)]
