@@ -108,7 +108,7 @@ def _chunk_tables(n_cat: int, sizes: tuple) -> tuple:
     """
     n = sum(sizes)
     width = max(sizes)
-    offsets, value_rows, var_rows, val_rows, columns, start, row = [], [], [], [], [], 0, 0
+    offsets, value_rows, var_rows, columns, start, row = [], [], [], [], 0, 0
     for c, m in enumerate(sizes):
         vals = torch.tensor(list(itertools.product(range(n_cat), repeat=m)), dtype=torch.long).reshape(-1, m)
         pad = width - m
