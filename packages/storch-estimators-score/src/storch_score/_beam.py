@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from storch import Node
 
-__all__ = ["stochastic_beam_search", "beam_step", "top_possible"]
+__all__ = ["stochastic_beam_search", "sample_without_replacement", "order_gumbels", "beam_step", "top_possible"]
 
 
 def _gumbel_like(x: torch.Tensor) -> torch.Tensor:
@@ -187,6 +187,116 @@ def stochastic_beam_search(node: Node, k: int, max_candidates: Optional[int] = N
         logp = logp.masked_fill(torch.isneginf(phi.t()), -math.inf)  # phi: (P, m)
     values = support.reshape((n_cat,) + event)[choices]  # (m, P, n, *event)
     return values.reshape((m,) + parents + own + event), logp.reshape((m,) + parents), g.reshape((m,) + parents)
+
+
+def sample_without_replacement(node: Node, k: int, draws: Optional[int] = None
+                               ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """An ordered sample without replacement of ``k`` joint values of the node: the same
+    distribution as :func:`stochastic_beam_search` (Gumbel-top-k over the joint), drawn faster.
+
+    The distinct values of an i.i.d. sequence X_1, X_2, ... ~ p, in the order of their first
+    appearance, are an ordered sample without replacement (successive sampling: given the values
+    seen so far, the next new value is distributed as p on the rest). So ``draws`` (default 2k)
+    i.i.d. joint values are drawn at once (a uniform per variable, no beam), and their first k
+    distinct ones kept. A row that finds only j < k distinct values A among them continues the
+    sequence: given A, its next k - j new values are successive sampling from p on D∖A, which is
+    Gumbel-top-(k-j) over D∖A: the first k - j values outside A of a fresh Gumbel-top-k over D
+    (stochastic beam search on those rows; at most j of its k values are in A). Both parts are
+    exact, so the sample is, whatever the number of draws.
+
+    Used when every value of every variable is possible and there are at least k joint values (a
+    sample that needs padding, or codes beyond int64, take :func:`stochastic_beam_search`).
+
+    Returns:
+        ``(values, logp, g)`` as :func:`stochastic_beam_search`; ``g`` is ``None`` when no beam
+        ran for all rows (:func:`order_gumbels` draws the perturbed values given the sample).
+    """
+    d = node.distribution
+    support = d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
+    n_cat = support.shape[0]
+    event = tuple(d.event_shape)
+    parents = tuple(d.batch_shape[:len(node.parents)])
+    own = tuple(d.batch_shape[len(node.parents):])
+    n = math.prod(own)
+    p = math.prod(parents)
+    usable = n > 0 and p > 0 and n_cat ** n >= k and n * math.log2(max(n_cat, 2)) < 62
+    if not usable:
+        return stochastic_beam_search(node, k)
+    lp = d.log_prob(support.expand((n_cat,) + tuple(d.batch_shape) + event)).reshape(n_cat, p, n)
+    if lp.is_meta or not bool(torch.isfinite(lp).all()):
+        return stochastic_beam_search(node, k)
+    with torch.no_grad():
+        choices = _first_distinct(lp.detach(), k, draws or 2 * k)  # (k, P, n)
+    logp = lp.unsqueeze(0).expand(k, n_cat, p, n).gather(1, choices.unsqueeze(1)).squeeze(1).sum(-1)
+    values = support.reshape((n_cat,) + event)[choices]  # (k, P, n, *event)
+    return values.reshape((k,) + parents + own + event), logp.reshape((k,) + parents), None
+
+
+def _first_distinct(lp: torch.Tensor, k: int, draws: int) -> torch.Tensor:
+    """The first k distinct of ``draws`` i.i.d. joint values per row, completed by a beam where
+    fewer are found (:func:`sample_without_replacement`); ``lp`` (K, P, n) finite, K^n >= k.
+
+    Returns:
+        each value's value index per variable, (k, P, n).
+    """
+    n_cat, p, n = lp.shape
+    dev = lp.device
+    u = torch.rand((p, draws, n), dtype=lp.dtype, device=dev)
+    probs = lp.exp()  # (K, P, n)
+    if n_cat == 2:
+        idx = (u >= probs[0].unsqueeze(1)).long()  # value 1 with probability 1 - p(0)
+    else:  # inverse CDF: the number of cumulative probabilities below u
+        cdf = probs[:-1].cumsum(0).permute(1, 2, 0).unsqueeze(1)  # (P, 1, n, K-1)
+        idx = (u.unsqueeze(-1) >= cdf).sum(-1)
+    weights = n_cat ** torch.arange(n - 1, -1, -1, device=dev)
+    codes = (idx * weights).sum(-1)  # (P, draws): the joint value, exactly
+    earlier = torch.ones(draws, draws, dtype=torch.bool, device=dev).tril_(-1)  # [i, j]: j < i
+    dup = ((codes.unsqueeze(2) == codes.unsqueeze(1)) & earlier).any(-1)  # seen before
+    order = torch.arange(draws, device=dev) + draws * dup  # first appearances first, in order
+    first = order.topk(k, dim=1, largest=False).indices  # (P, k)
+    found = ~dup.gather(1, first)  # (P, k): a prefix of True, then repeats
+    choices = idx.gather(1, first.unsqueeze(-1).expand(p, k, n))  # (P, k, n)
+    if not bool(found.all()):
+        rows = (~found.all(1)).nonzero().squeeze(1)
+        beam, _, _, _ = _search(lp[:, rows], k, _max_candidates(rows.shape[0]))  # (k, R', n)
+        beam = beam.permute(1, 0, 2)  # (R', k, n)
+        seen, ok = codes.gather(1, first)[rows], found[rows]  # (R', k)
+        beam_codes = (beam * weights).sum(-1)
+        in_seen = ((beam_codes.unsqueeze(2) == seen.unsqueeze(1)) & ok.unsqueeze(1)).any(-1)
+        slot = ok.sum(1, keepdim=True) + (~in_seen).cumsum(1) - 1  # where each new value goes
+        slot = torch.where(~in_seen & (slot < k), slot, torch.full_like(slot, k))  # k: dropped
+        filled = torch.cat([choices[rows], choices.new_zeros(rows.shape[0], 1, n)], 1)
+        filled.scatter_(1, slot.unsqueeze(-1).expand_as(beam), beam)
+        choices[rows] = filled[:, :k]
+    return choices.permute(1, 0, 2)
+
+
+def order_gumbels(lp: torch.Tensor) -> torch.Tensor:
+    """Perturbed log-probabilities (Gumbels) of an ordered sample without replacement, drawn given
+    the sample: the values Gumbel-top-k would have given it (what a partition's next beam step
+    conditions on).
+
+    The largest perturbed value over D is a Gumbel at log p(D) = 0, independent of which value
+    attains it; given the first i values and G_i, the largest over the rest is a Gumbel at
+    log(1 - p(s_1) - ... - p(s_i)) truncated at G_i (Kool et al., 2019): G = φ - log(exp(φ - T) + E),
+    E ~ Exp(1).
+
+    Args:
+        lp: log p of the sample's values in their order, ``(k, *P)`` (detached).
+    """
+    with torch.no_grad():
+        k = lp.shape[0]
+        before = torch.cat([torch.full_like(lp[:1], -math.inf), torch.logcumsumexp(lp, 0)[:-1]])
+        x = before.clamp_max(0.0)  # log(1 - Σ_{l<i} p(s_l)), stable at both ends
+        phi = torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+        log_e = (-_gumbel_like(lp))  # log E, E ~ Exp(1)
+        out = []
+        bound = None
+        for i in range(k):
+            g = phi[i] - log_e[i] if bound is None else phi[i] - torch.logaddexp(phi[i] - bound, log_e[i])
+            out.append(g)
+            bound = g
+        return torch.stack(out)
 
 
 def _search(lp: torch.Tensor, k: int, max_candidates: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:

@@ -13,7 +13,7 @@ from torch.distributions import Distribution
 from storch import CostFrame, Estimator, Node, OptionError
 from storch.extending import align, options
 
-from ._beam import _gumbel_like, beam_step, stochastic_beam_search, top_possible
+from ._beam import _gumbel_like, beam_step, order_gumbels, sample_without_replacement, top_possible
 from ._support import enumerate_joint, enumerate_values, masked_logsumexp
 
 __all__ = ["UnorderedSet", "SetState"]
@@ -138,8 +138,9 @@ class UnorderedSet(Estimator):
             node.state.lp = lp if pad is None else lp.masked_fill(pad.movedim(-1, 0), -math.inf)
             node.state.log_rest, node.state.g = log_rest, g
             return values[idx]
-        # too many joint values to list: the same Gumbel-top-k sample by stochastic beam search
-        values, lp, g = stochastic_beam_search(node, self.n_samples)
+        # too many joint values to list: the same Gumbel-top-k sample from i.i.d. draws (their first
+        # distinct values) or by stochastic beam search; g is drawn later if a partition needs it
+        values, lp, g = sample_without_replacement(node, self.n_samples)
         with torch.no_grad():
             log_rest = _log1mexp(torch.logsumexp(lp.detach(), 0))  # log(1 - p(S))
         node.state.lp, node.state.log_rest, node.state.g = lp, log_rest, g
@@ -162,6 +163,8 @@ class UnorderedSet(Estimator):
         lp = lp.expand((lp.shape[0],) + tuple(p.size for p in plates))
         # detach: which prefixes survive is sampled, not differentiated (l_t carries the gradient)
         phi = align(c.phi if c.phi is not None else c.lp.detach(), prev, plates).expand(lp.shape[1:])
+        if c.g is None:  # the first sample came without Gumbels: draw them given the sample
+            c.g = order_gumbels(c.lp.detach())
         g = align(c.g, prev, plates).expand(lp.shape[1:])
         parent, value, g, phi, left, pad = beam_step(lp.detach(), phi, g, self.n_samples)
         node.plate.lineage.set_parents(node.step + 1, parent, plates[1:])
