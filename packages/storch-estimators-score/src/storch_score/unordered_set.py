@@ -201,7 +201,7 @@ class UnorderedSet(Estimator):
                     z = flat.new_zeros(flat.shape[1:])
                     h0, h1, h2 = z, flat.new_zeros(flat.shape), flat.new_zeros((k,) + flat.shape)
                 else:
-                    h0, h1, h2 = _log_h(flat, rest.clamp_min(floor))
+                    h0, h1, h2 = _set_terms(flat, rest.clamp_min(floor))
                 shape = lp.shape[1:]
                 c.h = (lp, h0.reshape(shape), h1.reshape((k,) + shape), h2.reshape((k, k) + shape))
         return c.h
@@ -297,3 +297,57 @@ def _log_h(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tensor, torc
     single = layers[-2]
     both = torch.cat([single, layers[-3]]) if k > 1 else single
     return h[0], single, both[pairs.to(dev)]
+
+
+@functools.lru_cache(maxsize=None)
+def _not_in(k: int) -> torch.Tensor:
+    """(Σ_j n_j, k) float64: row C (layers k-1, ..., 0 in ``_plan``'s order) is 1 at each x ∉ C."""
+    rows = []
+    for j in range(k - 1, -1, -1):
+        rows += [[0.0 if (m >> x) & 1 else 1.0 for x in range(k)] for m in range(1 << k) if bin(m).count("1") == j]
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _linear_ok(lp: torch.Tensor, log_rest: torch.Tensor) -> bool:
+    """Whether :func:`_log_h_linear` holds for every row: every set element possible and
+    p(D∖S) >= exp(-(700 - log k!) / k), so that q(∅) <= k! / p(D∖S)^k stays below float64's largest."""
+    k = lp.shape[0]
+    bound = -(700.0 - math.lgamma(k + 1)) / k
+    return bool(((log_rest > bound) & (lp > -1e29).all(0)).all())
+
+
+def _set_terms(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log h(∅), log h({s}), log h({s, s'}), each shifted by the same constant per row (the weights
+    and the baseline use differences only): :func:`_log_h_linear` where it holds, else :func:`_log_h`."""
+    if _linear_ok(lp, log_rest):
+        return _log_h_linear(lp, log_rest)
+    return _log_h(lp, log_rest)
+
+
+def _log_h_linear(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_log_h` minus log Π_{s∈S} p(s) per row, by a programme without exp or log per layer.
+
+    With q(C) = h(C) / Π_{x∈S∖C} p(x), the recurrence of h becomes
+    q(C) = Σ_{x∈S∖C} q(C ∪ {x}) / p(D∖C), q(S) = 1: sums and one division per layer, in float64.
+    Every q(C) >= 1 (p(D∖C) <= 1), and q(∅) <= k! / p(D∖S)^k, finite where :func:`_linear_ok`;
+    p(D∖C) = p(D∖S) + Σ_{x∉C} p(x) is a sum of positive terms (one matmul for every C), so the
+    programme is accurate to a few float64 ulps. Returns log q(∅), log q({s}) - log p(s) and
+    log q({s, s'}) - log p(s) - log p(s') (diagonal: the {s} term), in ``lp``'s dtype.
+    """
+    k, size = lp.shape
+    dev = lp.device
+    steps, _, _, pairs = _plan(k)
+    lp64 = lp.double()
+    den = (_not_in(k).to(dev) @ lp64.exp()).add_(log_rest.double().exp()).split([n for n, _, _, _ in steps])
+    q = lp64.new_ones(1, size)  # layer k: q(S) = 1
+    layers = [q]
+    for (n, width, larger, _), d in zip(steps, den):
+        q = q[larger.to(dev)].sum(1).div_(d)
+        layers.append(q)
+    q0 = layers[-1][0].log()
+    q1 = layers[-2].log() - lp64
+    both = torch.cat([layers[-2], layers[-3]]).log() if k > 1 else layers[-2].log()
+    q2 = both[pairs.to(dev)] - lp64.unsqueeze(0) - lp64.unsqueeze(1)
+    eye = torch.eye(k, dtype=torch.bool, device=dev).unsqueeze(-1)
+    q2 = torch.where(eye, q1.unsqueeze(0).expand(k, k, size), q2)
+    return q0.to(lp.dtype), q1.to(lp.dtype), q2.to(lp.dtype)
