@@ -205,7 +205,7 @@ def sample_without_replacement(node: Node, k: int, draws: Optional[int] = None
     exact, so the sample is, whatever the number of draws.
 
     Used when every value of every variable is possible and there are at least k joint values (a
-    sample that needs padding, or codes beyond int64, take :func:`stochastic_beam_search`).
+    sample that needs padding, or more than 2^53 joint values, take :func:`stochastic_beam_search`).
 
     Returns:
         ``(values, logp, g)`` as :func:`stochastic_beam_search`; ``g`` is ``None`` when no beam
@@ -219,7 +219,7 @@ def sample_without_replacement(node: Node, k: int, draws: Optional[int] = None
     own = tuple(d.batch_shape[len(node.parents):])
     n = math.prod(own)
     p = math.prod(parents)
-    usable = n > 0 and p > 0 and n_cat ** n >= k and n * math.log2(max(n_cat, 2)) < 62
+    usable = n > 0 and p > 0 and n_cat ** n >= k and n * math.log2(max(n_cat, 2)) <= 53
     if not usable:
         return stochastic_beam_search(node, k)
     lp = d.log_prob(support.expand((n_cat,) + tuple(d.batch_shape) + event)).reshape(n_cat, p, n)
@@ -244,24 +244,27 @@ def _first_distinct(lp: torch.Tensor, k: int, draws: int) -> torch.Tensor:
     u = torch.rand((p, draws, n), dtype=lp.dtype, device=dev)
     probs = lp.exp()  # (K, P, n)
     if n_cat == 2:
-        idx = (u >= probs[0].unsqueeze(1)).long()  # value 1 with probability 1 - p(0)
+        idx = u.ge_(probs[0].unsqueeze(1))  # value 1 (as 1.0) with probability 1 - p(0), in place
     else:  # inverse CDF: the number of cumulative probabilities below u
         cdf = probs[:-1].cumsum(0).permute(1, 2, 0).unsqueeze(1)  # (P, 1, n, K-1)
-        idx = (u.unsqueeze(-1) >= cdf).sum(-1)
-    weights = n_cat ** torch.arange(n - 1, -1, -1, device=dev)
-    codes = (idx * weights).sum(-1)  # (P, draws): the joint value, exactly
+        idx = (u.unsqueeze(-1) >= cdf).sum(-1).to(lp.dtype)
+    # the joint value's code, exact in floating point: K^n <= 2^24 (float32) or 2^53 (float64)
+    exact = torch.float32 if n * math.log2(n_cat) <= 24 else torch.float64
+    weights = (float(n_cat) ** torch.arange(n - 1, -1, -1, dtype=torch.float64)).to(dev, exact)
+    codes = idx.to(exact) @ weights  # (P, draws)
     earlier = torch.ones(draws, draws, dtype=torch.bool, device=dev).tril_(-1)  # [i, j]: j < i
     dup = ((codes.unsqueeze(2) == codes.unsqueeze(1)) & earlier).any(-1)  # seen before
     order = torch.arange(draws, device=dev) + draws * dup  # first appearances first, in order
     first = order.topk(k, dim=1, largest=False).indices  # (P, k)
     found = ~dup.gather(1, first)  # (P, k): a prefix of True, then repeats
-    choices = idx.gather(1, first.unsqueeze(-1).expand(p, k, n))  # (P, k, n)
+    rows = (first + draws * torch.arange(p, device=dev).unsqueeze(1)).flatten()
+    choices = idx.reshape(p * draws, n).index_select(0, rows).view(p, k, n).long()  # (P, k, n)
     if not bool(found.all()):
-        rows = (~found.all(1)).nonzero().squeeze(1)
+        rows = (~found.all(1)).nonzero().squeeze(1)  # rows with fewer than k distinct values
         beam, _, _, _ = _search(lp[:, rows], k, _max_candidates(rows.shape[0]))  # (k, R', n)
         beam = beam.permute(1, 0, 2)  # (R', k, n)
         seen, ok = codes.gather(1, first)[rows], found[rows]  # (R', k)
-        beam_codes = (beam * weights).sum(-1)
+        beam_codes = beam.to(exact) @ weights
         in_seen = ((beam_codes.unsqueeze(2) == seen.unsqueeze(1)) & ok.unsqueeze(1)).any(-1)
         slot = ok.sum(1, keepdim=True) + (~in_seen).cumsum(1) - 1  # where each new value goes
         slot = torch.where(~in_seen & (slot < k), slot, torch.full_like(slot, k))  # k: dropped

@@ -287,7 +287,7 @@ def _log_h(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tensor, torc
     den = log_rest.reshape(1, size)  # log p(D∖S)
     layers = [h]
     for (n, width, larger, first), lpm, lpx in zip(steps, lp_missing, lp_x0):
-        terms = lpm.view(n, width, size) + h[larger.to(dev)]  # log p(x) h(C ∪ {x})
+        terms = lpm.view(n, width, size) + h.index_select(0, larger.to(dev).flatten()).view(n, width, size)
         top = terms.amax(1)
         total = terms.sub_(top.unsqueeze(1)).exp_().sum(1).log_().add_(top)
         den = torch.logaddexp(den[first.to(dev)], lpx)  # log p(D∖C)
@@ -342,7 +342,7 @@ def _log_h_linear(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tenso
     q = lp64.new_ones(1, size)  # layer k: q(S) = 1
     layers = [q]
     for (n, width, larger, _), d in zip(steps, den):
-        q = q[larger.to(dev)].sum(1).div_(d)
+        q = q.index_select(0, larger.to(dev).flatten()).view(n, width, size).sum(1).div_(d)
         layers.append(q)
     q0 = layers[-1][0].log()
     q1 = layers[-2].log() - lp64
