@@ -24,6 +24,8 @@ import torch
 
 from storch import Node, OptionError
 
+from ._beam import _gumbel_like
+
 __all__ = ["VariableTable", "top_k_codes", "codes_of", "first_occurrences", "sample_outside", "log1mexp"]
 
 
@@ -171,17 +173,32 @@ def _sample_outside_one(lp: torch.Tensor, a: torch.Tensor, m: int) -> torch.Tens
         w = before + log1mexp(la)  # log P(J = j, x ≠ a), (P, n)
         empty = torch.isinf(w).all(-1, keepdim=True)  # p(a) = 1: nothing outside; draw from p
         w = torch.where(empty, torch.zeros_like(w), w)
-        out = torch.distributions.Categorical(logits=lpn).sample((m,))  # (m, P, n): x_>J (and empty rows)
-        j = torch.distributions.Categorical(logits=w).sample((m,))  # (m, P)
+        out = _draw_each(lpn, m)  # (m, P, n): x_>J (and empty rows)
+        j = _gumbel_max(w.expand(m, p, n))  # (m, P)
         at_j = lpn.unsqueeze(0).expand(m, p, n, n_cat).gather(
             2, j[..., None, None].expand(m, p, 1, n_cat)).squeeze(2)  # log p_J(v), (m, P, K)
         a_j = a.unsqueeze(0).expand(m, p, n).gather(2, j.unsqueeze(-1))  # (m, P, 1)
-        at_j = at_j.scatter(-1, a_j, -math.inf)  # v ≠ a_J
-        v = torch.distributions.Categorical(logits=at_j).sample()  # (m, P)
+        v = _gumbel_max(at_j.scatter(-1, a_j, -math.inf))  # (m, P): v ≠ a_J
         pos = torch.arange(n, device=lp.device)
         x = torch.where(pos < j.unsqueeze(-1), a.unsqueeze(0), out)  # x_<J = a_<J
         x = x.scatter(2, j.unsqueeze(-1), v.unsqueeze(-1))
         return torch.where(empty.unsqueeze(0), out, x)
+
+
+def _gumbel_max(logits: torch.Tensor) -> torch.Tensor:
+    """One draw per row (last dim) of the categorical with these unnormalised log-probabilities
+    (Gumbel-max; a -inf entry is never drawn unless every entry of its row is -inf)."""
+    return (logits + _gumbel_like(logits)).argmax(-1)
+
+
+def _draw_each(lpn: torch.Tensor, m: int) -> torch.Tensor:
+    """``m`` independent draws ``(m, P, n)`` of each variable from its log-probabilities ``lpn``
+    ``(P, n, K)``: two values by one uniform each (value 1 where u >= p(0)), more by Gumbel-max."""
+    p, n, n_cat = lpn.shape
+    if n_cat == 2:
+        u = torch.rand((m, p, n), dtype=lpn.dtype, device=lpn.device)
+        return u.ge_(lpn[..., 0].exp()).long()
+    return _gumbel_max(lpn.expand(m, p, n, n_cat))
 
 
 def _memory_lp(lp: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
