@@ -73,6 +73,8 @@ def top_k_codes(lp: torch.Tensor, k: int) -> torch.Tensor:
     """
     n_cat, p, n = lp.shape
     if k == 1:  # the most probable joint value of independent variables: each one's most probable value
+        if n_cat == 2:  # the first of equal ones, as argmax (whose reduction over dim 0 is slow on the CPU)
+            return (lp[1] > lp[0]).long().unsqueeze(0)
         return lp.argmax(0).unsqueeze(0)
     phi = lp.new_zeros(1, p)  # log-probabilities of the beam's prefixes, (beam, P)
     codes = torch.empty(1, p, 0, dtype=torch.long, device=lp.device)  # (beam, P, j)
@@ -188,7 +190,7 @@ def _sample_outside_one(lp: torch.Tensor, a: torch.Tensor, m: int) -> torch.Tens
 def _gumbel_max(logits: torch.Tensor) -> torch.Tensor:
     """One draw per row (last dim) of the categorical with these unnormalised log-probabilities
     (Gumbel-max; a -inf entry is never drawn unless every entry of its row is -inf)."""
-    return (logits + _gumbel_like(logits)).argmax(-1)
+    return (logits + _gumbel_like(logits)).max(-1).indices
 
 
 def _draw_each(lpn: torch.Tensor, m: int) -> torch.Tensor:
