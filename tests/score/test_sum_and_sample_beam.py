@@ -5,6 +5,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from score_problems import PROBLEMS, Maker, estimates, exact
 from torch.distributions import Bernoulli, Categorical
 
@@ -165,3 +166,25 @@ def test_one_value_memory_frequencies_match_enumeration(n_cat):
     want = want / want.sum()
     assert not (codes == a_code).any()
     assert_unbiased(torch.nn.functional.one_hot(codes, n_cat ** 3).double(), want, "p(x | x != a)")
+
+
+def test_one_value_memory_rejection_and_fallback():
+    """p(x | x != a) with a of probability ~0.6: the one-draw rejection hits a often, the exact
+    sampler replaces those draws; frequencies z-tested against enumeration, never a."""
+    from storch_score._memory import _rejection_one
+    torch.manual_seed(4)
+    theta = torch.tensor([2.0, -2.5, 1.5, 3.0])
+    lp = torch.stack([F.logsigmoid(-theta), F.logsigmoid(theta)]).unsqueeze(1)  # (2, 1, 4)
+    a = torch.tensor([[1, 0, 1, 1]])
+    draws = _rejection_one(lp, a, 20000)[:, 0]
+    codes = (draws * torch.tensor([8, 4, 2, 1])).sum(-1)
+    joint = torch.tensor(list(itertools.product([0, 1], repeat=4)))
+    prob = torch.where(joint > 0, torch.sigmoid(theta), torch.sigmoid(-theta)).prod(-1)
+    want = prob.clone()
+    want[11] = 0.0
+    want = want / want.sum()
+    assert not (codes == 11).any()
+    common = want * 20000 >= 30
+    est = torch.nn.functional.one_hot(codes, 16).double()
+    assert_unbiased(torch.cat([est[:, common], est[:, ~common].sum(1, keepdim=True)], 1),
+                    torch.cat([want[common], want[~common].sum().reshape(1)]), "p(x | x != a)")

@@ -132,7 +132,7 @@ def sample_outside(lp: torch.Tensor, codes: torch.Tensor, first: torch.Tensor, m
     n_cat, p, n = lp.shape
     k = codes.shape[0]
     if k == 1:
-        return _sample_outside_one(lp, codes[0], m)
+        return _rejection_one(lp, codes[0], m)
     with torch.no_grad():
         lm = _memory_lp(lp, codes)  # (k', P, n)
         # suffix[a, :, j] = log p(a_j, ..., a_{n-1}); suffix[..., n] = 0
@@ -156,6 +156,22 @@ def sample_outside(lp: torch.Tensor, codes: torch.Tensor, first: torch.Tensor, m
             out[:, :, j] = v
             match &= codes[:, :, j].unsqueeze(0) == v.unsqueeze(1)
     return out
+
+
+def _rejection_one(lp: torch.Tensor, a: torch.Tensor, m: int) -> torch.Tensor:
+    """:func:`sample_outside` for a memory of one value ``a`` ``(P, n)``: one draw from p per sample,
+    and where it hit ``a``, a draw of :func:`_sample_outside_one` instead.
+
+    Exact: a draw from p that is not ``a`` is distributed as p(x | x != a), and the replacements
+    are independent draws of that distribution. With p(a) small (a spread-out posterior) the
+    second sampler rarely runs; it runs for all entries if one hits ``a``.
+    """
+    with torch.no_grad():
+        x = _draw_each(lp.permute(1, 2, 0), m)  # (m, P, n)
+        hit = (x == a.unsqueeze(0)).all(-1, keepdim=True)  # (m, P, 1)
+        if not lp.is_meta and bool(hit.any()):
+            x = torch.where(hit, _sample_outside_one(lp, a, m), x)
+        return x
 
 
 def _sample_outside_one(lp: torch.Tensor, a: torch.Tensor, m: int) -> torch.Tensor:
