@@ -178,6 +178,8 @@ class UnorderedSet(Estimator):
         if self.eos is not None:
             node.finished = done.gather(0, parent) | self.is_eos(distribution, sample, len(plates))
         # a padding slot (fewer possible prefixes than k) repeats a possible prefix with weight 0: l = 0
+        if pad is None and self.eos is None:  # every kept prefix is possible, and so is its step
+            return sample, step_lp
         keep = torch.isfinite(step_lp) if pad is None else torch.isfinite(step_lp) & ~pad
         return sample, torch.where(keep, step_lp, torch.zeros_like(step_lp))
 
