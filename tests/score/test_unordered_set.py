@@ -62,8 +62,17 @@ def test_linear_programme_matches_log_space(dtype, k):
         coef = lp.unsqueeze(0) + a2 - a1.unsqueeze(1)
         assert torch.allclose((lp.unsqueeze(0) + b2 - b1.unsqueeze(1)).exp(), coef.exp(), rtol=tol, atol=tol)
         assert torch.allclose(b0, _log_h_linear(lp, rest)[0])
-    tiny = torch.full((1,), -800.0, dtype=dtype)  # p(D∖S) = e^-800: q(∅) would overflow float64
-    assert not _linear_ok(torch.zeros(k, 1, dtype=dtype) - math.log(k), tiny)
+    tiny = torch.full((1,), -800.0, dtype=dtype)  # p(D∖S) = e^-800 and p(s) = e^-800: q(∅) would overflow
+    assert not _linear_ok(torch.full((k, 1), -800.0, dtype=dtype), tiny)
+    # S holds all the mass (p(D∖S) = 0) but every p(s) is large: every p(D∖C) >= min p(s), linear
+    whole = torch.log_softmax(torch.randn(k, 5, dtype=dtype), 0)
+    assert _linear_ok(whole, torch.full((5,), -1e30, dtype=dtype))
+    a0, a1, a2 = _log_h(whole, torch.full((5,), -1e30, dtype=dtype))
+    b0, b1, b2 = _log_h_linear(whole, torch.full((5,), -1e30, dtype=dtype))
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    assert torch.allclose((whole + b1 - b0).exp(), (whole + a1 - a0).exp(), rtol=tol, atol=tol)
+    assert torch.allclose((whole.unsqueeze(0) + b2 - b1.unsqueeze(1)).exp(),
+                          (whole.unsqueeze(0) + a2 - a1.unsqueeze(1)).exp(), rtol=tol, atol=tol)
     assert not _linear_ok(torch.tensor([[-1e30]] + [[-1.0]] * (k - 1), dtype=dtype), torch.zeros(1, dtype=dtype) - 1)
 
 

@@ -311,11 +311,13 @@ def _not_in(k: int) -> torch.Tensor:
 
 
 def _linear_ok(lp: torch.Tensor, log_rest: torch.Tensor) -> bool:
-    """Whether :func:`_log_h_linear` holds for every row: every set element possible and
-    p(D∖S) >= exp(-(700 - log k!) / k), so that q(∅) <= k! / p(D∖S)^k stays below float64's largest."""
+    """Whether :func:`_log_h_linear` holds for every row: every set element possible, and
+    μ = max(p(D∖S), min_s p(s)) >= exp(-(700 - log k!) / k). Every p(D∖C), C ≠ S, is at least μ
+    (it holds p(D∖S) and some p(x), x ∉ C), so q(∅) <= k! / μ^k stays below float64's largest."""
     k = lp.shape[0]
     bound = -(700.0 - math.lgamma(k + 1)) / k
-    return bool(((log_rest > bound) & (lp > -1e29).all(0)).all())
+    least = lp.amin(0)
+    return bool(((least > -1e29) & (torch.maximum(log_rest, least) > bound)).all())
 
 
 def _set_terms(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -331,7 +333,7 @@ def _log_h_linear(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tenso
 
     With q(C) = h(C) / Π_{x∈S∖C} p(x), the recurrence of h becomes
     q(C) = Σ_{x∈S∖C} q(C ∪ {x}) / p(D∖C), q(S) = 1: sums and one division per layer, in float64.
-    Every q(C) >= 1 (p(D∖C) <= 1), and q(∅) <= k! / p(D∖S)^k, finite where :func:`_linear_ok`;
+    Every q(C) >= 1 (p(D∖C) <= 1), and q(∅) <= k! / μ^k, finite where :func:`_linear_ok`;
     p(D∖C) = p(D∖S) + Σ_{x∉C} p(x) is a sum of positive terms (one matmul for every C), so the
     programme is accurate to a few float64 ulps. Returns log q(∅), log q({s}) - log p(s) and
     log q({s, s'}) - log p(s) - log p(s') (diagonal: the {s} term), in ``lp``'s dtype.
