@@ -64,6 +64,11 @@ def test_linear_programme_matches_log_space(dtype, k):
         assert torch.allclose(b0, _log_h_linear(lp, rest)[0])
     tiny = torch.full((1,), -800.0, dtype=dtype)  # p(D∖S) = e^-800 and p(s) = e^-800: q(∅) would overflow
     assert not _linear_ok(torch.full((k, 1), -800.0, dtype=dtype), tiny)
+    if k > 1:  # told that every element is possible, the linear programme overflows and the log one answers
+        small = torch.full((k, 1), -800.0, dtype=dtype) + torch.arange(k, dtype=dtype).unsqueeze(1)
+        assert not torch.isfinite(_log_h_linear(small, tiny)[0]).all()
+        for got, want in zip(_set_terms(small, tiny, True), _log_h(small, tiny)):
+            assert torch.equal(got, want)
     # S holds all the mass (p(D∖S) = 0) but every p(s) is large: every p(D∖C) >= min p(s), linear
     whole = torch.log_softmax(torch.randn(k, 5, dtype=dtype), 0)
     assert _linear_ok(whole, torch.full((5,), -1e30, dtype=dtype))

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.distributions import Bernoulli
 
 from storch import Node
 
@@ -212,8 +213,9 @@ def sample_without_replacement(node: Node, k: int, draws: Optional[int] = None
         ran for all rows (:func:`order_gumbels` draws the perturbed values given the sample).
     """
     d = node.distribution
-    support = d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
-    n_cat = support.shape[0]
+    bernoulli = type(d) is Bernoulli  # log p of both values from the logits: no support, no validation
+    support = None if bernoulli else d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
+    n_cat = 2 if bernoulli else support.shape[0]
     event = tuple(d.event_shape)
     parents = tuple(d.batch_shape[:len(node.parents)])
     own = tuple(d.batch_shape[len(node.parents):])
@@ -222,13 +224,18 @@ def sample_without_replacement(node: Node, k: int, draws: Optional[int] = None
     usable = n > 0 and p > 0 and n_cat ** n >= k and n * math.log2(max(n_cat, 2)) <= 53
     if not usable:
         return stochastic_beam_search(node, k)
-    lp = d.log_prob(support.expand((n_cat,) + tuple(d.batch_shape) + event)).reshape(n_cat, p, n)
+    if bernoulli:
+        logits = d.logits
+        lp = F.logsigmoid(torch.stack([-logits, logits])).reshape(2, p, n)  # values 0, 1
+    else:
+        lp = d.log_prob(support.expand((n_cat,) + tuple(d.batch_shape) + event)).reshape(n_cat, p, n)
     if lp.is_meta or not bool(torch.isfinite(lp).all()):
         return stochastic_beam_search(node, k)
     with torch.no_grad():
         choices = _first_distinct(lp.detach(), k, draws or 2 * k)  # (k, P, n)
     logp = lp.unsqueeze(0).expand(k, n_cat, p, n).gather(1, choices.unsqueeze(1)).squeeze(1).sum(-1)
-    values = support.reshape((n_cat,) + event)[choices]  # (k, P, n, *event)
+    # Bernoulli: the support is (0, 1), so a value is its index
+    values = choices.to(lp.dtype) if bernoulli else support.reshape((n_cat,) + event)[choices]  # (k, P, n, *event)
     return values.reshape((k,) + parents + own + event), logp.reshape((k,) + parents), None
 
 
@@ -250,14 +257,13 @@ def _first_distinct(lp: torch.Tensor, k: int, draws: int) -> torch.Tensor:
         idx = (u.unsqueeze(-1) >= cdf).sum(-1).to(lp.dtype)
     # the joint value's code, exact in floating point: K^n <= 2^24 (float32) or 2^53 (float64)
     exact = torch.float32 if n * math.log2(n_cat) <= 24 else torch.float64
-    weights = (float(n_cat) ** torch.arange(n - 1, -1, -1, dtype=torch.float64)).to(dev, exact)
+    weights, earlier, position, row_start = _draw_tables(n_cat, n, draws, p, exact, dev)
     codes = idx.to(exact) @ weights  # (P, draws)
-    earlier = torch.ones(draws, draws, dtype=torch.bool, device=dev).tril_(-1)  # [i, j]: j < i
     dup = ((codes.unsqueeze(2) == codes.unsqueeze(1)) & earlier).any(-1)  # seen before
-    order = torch.arange(draws, device=dev) + draws * dup  # first appearances first, in order
+    order = torch.where(dup, position + draws, position)  # first appearances first, in order
     first = order.topk(k, dim=1, largest=False).indices  # (P, k)
     found = ~dup.gather(1, first)  # (P, k): a prefix of True, then repeats
-    rows = (first + draws * torch.arange(p, device=dev).unsqueeze(1)).flatten()
+    rows = (first + row_start).flatten()
     choices = idx.reshape(p * draws, n).index_select(0, rows).view(p, k, n).long()  # (P, k, n)
     if not bool(found.all()):
         rows = (~found.all(1)).nonzero().squeeze(1)  # rows with fewer than k distinct values
@@ -272,6 +278,26 @@ def _first_distinct(lp: torch.Tensor, k: int, draws: int) -> torch.Tensor:
         filled.scatter_(1, slot.unsqueeze(-1).expand_as(beam), beam)
         choices[rows] = filled[:, :k]
     return choices.permute(1, 0, 2)
+
+
+_DRAW_TABLES: dict = {}
+
+
+def _draw_tables(n_cat: int, n: int, draws: int, p: int, exact: torch.dtype, device: torch.device) -> tuple:
+    """Constants of :func:`_first_distinct`, made once per shape and device: the code weights K^(n-1-j)
+    ``(n,)``; ``earlier`` (draws, draws), [i, j] = j < i; the positions 0..draws-1 (float); and
+    each row's first index in the (P·draws) rows of the draws, ``(P, 1)``."""
+    key = (n_cat, n, draws, p, exact, device)
+    out = _DRAW_TABLES.get(key)
+    if out is None:
+        weights = (float(n_cat) ** torch.arange(n - 1, -1, -1, dtype=torch.float64)).to(device, exact)
+        earlier = torch.ones(draws, draws, dtype=torch.bool).tril_(-1).to(device)
+        position = torch.arange(draws, dtype=torch.float64).to(device, exact)
+        row_start = (draws * torch.arange(p)).unsqueeze(1).to(device)
+        out = (weights, earlier, position, row_start)
+        if len(_DRAW_TABLES) < 64:
+            _DRAW_TABLES[key] = out
+    return out
 
 
 def order_gumbels(lp: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,8 @@ class SetState:
         g: the perturbed log-probabilities (Gumbel values) of the kept values or prefixes (stochastic
             beam search continues from them at the next step of a partition).
         phi: on a partition, log p of each kept prefix (detached), the beam's scores.
+        exact: every drawn value is possible (no padding slot of log-probability -inf); set where the
+            sampler knows it.
     """
 
     lp: Optional[torch.Tensor] = None
@@ -38,6 +40,7 @@ class SetState:
     h: Optional[tuple] = None
     g: Optional[torch.Tensor] = None
     phi: Optional[torch.Tensor] = None
+    exact: bool = False
 
 _MAX_SAMPLES = 16  # the set probabilities take a 2^k dynamic programme
 
@@ -136,6 +139,7 @@ class UnorderedSet(Estimator):
                 log_rest, _ = masked_logsumexp(logp.detach(), mask, 0)  # log(1 - p(S)), exact
             lp = logp.gather(0, idx)
             node.state.lp = lp if pad is None else lp.masked_fill(pad.movedim(-1, 0), -math.inf)
+            node.state.exact = pad is None
             node.state.log_rest, node.state.g = log_rest, g
             return values[idx]
         # too many joint values to list: the same Gumbel-top-k sample from i.i.d. draws (their first
@@ -144,6 +148,7 @@ class UnorderedSet(Estimator):
         with torch.no_grad():
             log_rest = _log1mexp(torch.logsumexp(lp.detach(), 0))  # log(1 - p(S))
         node.state.lp, node.state.log_rest, node.state.g = lp, log_rest, g
+        node.state.exact = g is None  # the i.i.d. path: k possible values, no padding
         return values
 
     def extend(self, node: Node, distribution: Distribution, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +180,7 @@ class UnorderedSet(Estimator):
             log_rest = torch.logaddexp(align(c.log_rest, prev[1:], plates[1:]), left)
         sample = values[value]
         c.lp, c.phi, c.g, c.log_rest, c.h = phi, phi, g, log_rest, None
+        c.exact = pad is None
         if self.eos is not None:
             node.finished = done.gather(0, parent) | self.is_eos(distribution, sample, len(plates))
         # a padding slot (fewer possible prefixes than k) repeats a possible prefix with weight 0: l = 0
@@ -203,7 +209,7 @@ class UnorderedSet(Estimator):
                     z = flat.new_zeros(flat.shape[1:])
                     h0, h1, h2 = z, flat.new_zeros(flat.shape), flat.new_zeros((k,) + flat.shape)
                 else:
-                    h0, h1, h2 = _set_terms(flat, rest.clamp_min(floor))
+                    h0, h1, h2 = _set_terms(flat, rest.clamp_min(floor), c.exact)
                 shape = lp.shape[1:]
                 c.h = (lp, h0.reshape(shape), h1.reshape((k,) + shape), h2.reshape((k, k) + shape))
         return c.h
@@ -301,15 +307,6 @@ def _log_h(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tensor, torc
     return h[0], single, both[pairs.to(dev)]
 
 
-@functools.lru_cache(maxsize=None)
-def _not_in(k: int) -> torch.Tensor:
-    """(Σ_j n_j, k) float64: row C (layers k-1, ..., 0 in ``_plan``'s order) is 1 at each x ∉ C."""
-    rows = []
-    for j in range(k - 1, -1, -1):
-        rows += [[0.0 if (m >> x) & 1 else 1.0 for x in range(k)] for m in range(1 << k) if bin(m).count("1") == j]
-    return torch.tensor(rows, dtype=torch.float64)
-
-
 def _linear_ok(lp: torch.Tensor, log_rest: torch.Tensor) -> bool:
     """Whether :func:`_log_h_linear` holds for every row: every set element possible, and
     μ = max(p(D∖S), min_s p(s)) >= exp(-(700 - log k!) / k). Every p(D∖C), C ≠ S, is at least μ
@@ -320,10 +317,19 @@ def _linear_ok(lp: torch.Tensor, log_rest: torch.Tensor) -> bool:
     return bool(((least > -1e29) & (torch.maximum(log_rest, least) > bound)).all())
 
 
-def _set_terms(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _set_terms(lp: torch.Tensor, log_rest: torch.Tensor, possible: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """log h(∅), log h({s}), log h({s, s'}), each shifted by the same constant per row (the weights
-    and the baseline use differences only): :func:`_log_h_linear` where it holds, else :func:`_log_h`."""
-    if _linear_ok(lp, log_rest):
+    and the baseline use differences only): :func:`_log_h_linear` where it holds, else :func:`_log_h`.
+
+    ``possible``: the caller knows every element has positive probability; then the linear
+    programme is tried and kept unless q(∅) (the largest q) overflowed, else :func:`_linear_ok` decides.
+    """
+    if possible:
+        out = _log_h_linear(lp, log_rest)
+        if bool(torch.isfinite(out[0]).all()):
+            return out
+    elif _linear_ok(lp, log_rest):
         return _log_h_linear(lp, log_rest)
     return _log_h(lp, log_rest)
 
@@ -332,26 +338,56 @@ def _log_h_linear(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tenso
     """:func:`_log_h` minus log Π_{s∈S} p(s) per row, by a programme without exp or log per layer.
 
     With q(C) = h(C) / Π_{x∈S∖C} p(x), the recurrence of h becomes
-    q(C) = Σ_{x∈S∖C} q(C ∪ {x}) / p(D∖C), q(S) = 1: sums and one division per layer, in float64.
-    Every q(C) >= 1 (p(D∖C) <= 1), and q(∅) <= k! / μ^k, finite where :func:`_linear_ok`;
-    p(D∖C) = p(D∖S) + Σ_{x∉C} p(x) is a sum of positive terms (one matmul for every C), so the
-    programme is accurate to a few float64 ulps. Returns log q(∅), log q({s}) - log p(s) and
-    log q({s, s'}) - log p(s) - log p(s') (diagonal: the {s} term), in ``lp``'s dtype.
+    q(C) = Σ_{x∈S∖C} q(C ∪ {x}) / p(D∖C), q(S) = 1: per layer one matmul with the 0/1 matrix of
+    C ⊂ C ∪ {x} and one division, in float64. Every q(C) >= 1 (p(D∖C) <= 1), q(∅) is the largest,
+    and q(∅) <= k! / μ^k, finite where :func:`_linear_ok`; p(D∖C) = p(D∖S) + Σ_{x∉C} p(x) is a sum
+    of positive terms (one matmul for every C), so the programme is accurate to a few float64
+    ulps. Returns log q(∅), log q({s}) - log p(s) and log q({s, s'}) - log p(s) - log p(s')
+    (diagonal: the {s} term), in ``lp``'s dtype.
     """
     k, size = lp.shape
     dev = lp.device
-    steps, _, _, pairs = _plan(k)
+    not_in, up, pairs = _linear_tables(k, dev)
     lp64 = lp.double()
-    den = (_not_in(k).to(dev) @ lp64.exp()).add_(log_rest.double().exp()).split([n for n, _, _, _ in steps])
+    den = torch.addmm(log_rest.double().exp().unsqueeze(0), not_in, lp64.exp()).split([a.shape[0] for a in up])
     q = lp64.new_ones(1, size)  # layer k: q(S) = 1
     layers = [q]
-    for (n, width, larger, _), d in zip(steps, den):
-        q = q.index_select(0, larger.to(dev).flatten()).view(n, width, size).sum(1).div_(d)
+    for a, d in zip(up, den):
+        q = torch.mm(a, q).div_(d)
         layers.append(q)
     q0 = layers[-1][0].log()
-    q1 = layers[-2].log() - lp64
-    both = torch.cat([layers[-2], layers[-3]]).log() if k > 1 else layers[-2].log()
-    q2 = both[pairs.to(dev)] - lp64.unsqueeze(0) - lp64.unsqueeze(1)
-    eye = torch.eye(k, dtype=torch.bool, device=dev).unsqueeze(-1)
-    q2 = torch.where(eye, q1.unsqueeze(0).expand(k, k, size), q2)
+    q1 = layers[-2].log().sub_(lp64)
+    # {s}: log q({s}) + log p(s) and {s, s'}: log q({s, s'}); minus log p(s) + log p(s') below
+    both = torch.cat([layers[-2].log().add_(lp64), layers[-3].log()]) if k > 1 else layers[-2].log().add_(lp64)
+    q2 = both[pairs].sub_(lp64.unsqueeze(0)).sub_(lp64.unsqueeze(1))
     return q0.to(lp.dtype), q1.to(lp.dtype), q2.to(lp.dtype)
+
+
+_LINEAR_TABLES: dict = {}
+
+
+def _linear_tables(k: int, device: torch.device) -> tuple:
+    """For :func:`_log_h_linear`, on ``device``: ``not_in`` (Σ_j n_j, k), row C 1 at each x ∉ C; ``up``:
+    per layer j = k-1, ..., 0 the (n_j, n_{j+1}) 0/1 float64 matrix of C ⊂ C ∪ {x}; ``pairs`` (k, k)."""
+    key = (k, device)
+    out = _LINEAR_TABLES.get(key)
+    if out is None:
+        steps, _, _, pairs = _plan(k)
+        up, sizes = [], [1] + [n for n, _, _, _ in steps]
+        for (n, width, larger, _), above in zip(steps, sizes):
+            a = torch.zeros(n, above, dtype=torch.float64)
+            a.scatter_(1, larger, 1.0)
+            up.append(a.to(device))
+        out = (_not_in(k).to(device), tuple(up), pairs.to(device))
+        if len(_LINEAR_TABLES) < 64:
+            _LINEAR_TABLES[key] = out
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _not_in(k: int) -> torch.Tensor:
+    """(Σ_j n_j, k) float64: row C (layers k-1, ..., 0 in ``_plan``'s order) is 1 at each x ∉ C."""
+    rows = []
+    for j in range(k - 1, -1, -1):
+        rows += [[0.0 if (m >> x) & 1 else 1.0 for x in range(k)] for m in range(1 << k) if bin(m).count("1") == j]
+    return torch.tensor(rows, dtype=torch.float64)
