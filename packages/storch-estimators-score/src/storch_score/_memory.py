@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from torch.distributions import Bernoulli
+
 from storch import Node, OptionError
 
 from ._beam import _gumbel_like
@@ -44,7 +46,7 @@ class VariableTable:
         parents, own, event: the node's parent-plate, own-batch and event shapes.
     """
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, grad: bool = False) -> None:
         d = node.distribution
         support = d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
         self.n_values = support.shape[0]
@@ -54,13 +56,29 @@ class VariableTable:
         self.n = math.prod(self.own)
         self.p = math.prod(self.parents)
         self.support = support.reshape((self.n_values,) + self.event)
-        with torch.no_grad():  # choosing M and sampling are not differentiated
-            full = support.expand((self.n_values,) + tuple(d.batch_shape) + self.event)
-            self.lp = d.log_prob(full).reshape(self.n_values, self.p, self.n)
+        self.bernoulli = type(d) is Bernoulli  # support (0, 1): a value is its index
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):  # choosing M and sampling are not differentiated
+            if self.bernoulli:  # log p of both values from the logits: no sample validation
+                logits = d.logits
+                lp = torch.nn.functional.logsigmoid(torch.stack([-logits, logits]))
+            else:
+                lp = d.log_prob(support.expand((self.n_values,) + tuple(d.batch_shape) + self.event))
+            self.lp_grad = lp.reshape(self.n_values, self.p, self.n)
+        self.lp = self.lp_grad.detach()
+        self.all_possible = self.lp.is_meta or bool(torch.isfinite(self.lp).all())  # every value of every variable
 
     def values(self, codes: torch.Tensor) -> torch.Tensor:
         """Joint values ``(k, *parents, *own, *event)`` of codes ``(k, P, n)``."""
-        return self.support[codes].reshape((codes.shape[0],) + self.parents + self.own + self.event)
+        v = codes.to(self.support.dtype) if self.bernoulli else self.support[codes]
+        return v.reshape((codes.shape[0],) + self.parents + self.own + self.event)
+
+    def log_prob(self, codes: torch.Tensor) -> torch.Tensor:
+        """Joint log-probabilities ``(k, *parents)`` of codes ``(k, P, n)``, with gradient if the table
+        was made with ``grad=True``."""
+        lp = self.lp_grad
+        k = codes.shape[0]
+        out = lp.unsqueeze(0).expand((k,) + lp.shape).gather(1, codes.unsqueeze(1)).squeeze(1).sum(-1)
+        return out.reshape((k,) + self.parents)
 
 
 def top_k_codes(lp: torch.Tensor, k: int) -> torch.Tensor:
