@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.distributions import Distribution
+from torch.distributions import Bernoulli, Distribution
 
 from storch import CostFrame, Estimator, Node, OptionError
 from storch.extending import align, options
@@ -123,7 +123,8 @@ class UnorderedSet(Estimator):
 
     def proposal(self, node: Node) -> torch.Tensor:
         d = node.distribution
-        n_values = d.enumerate_support(expand=False).shape[0] ** math.prod(d.batch_shape[len(node.parents):])
+        n_cat = 2 if type(d) is Bernoulli else d.enumerate_support(expand=False).shape[0]
+        n_values = n_cat ** math.prod(d.batch_shape[len(node.parents):])
         if n_values <= self.budget:
             values, logp = enumerate_joint(node, self.budget, self.name)  # (M, *own, *event), (M, *parents)
             # Gumbel-top-k: the k largest of log p + Gumbel noise are an ordered sample without
@@ -145,8 +146,8 @@ class UnorderedSet(Estimator):
         # too many joint values to list: the same Gumbel-top-k sample from i.i.d. draws (their first
         # distinct values) or by stochastic beam search; g is drawn later if a partition needs it
         values, lp, g = sample_without_replacement(node, self.n_samples)
-        with torch.no_grad():
-            log_rest = _log1mexp(torch.logsumexp(lp.detach(), 0))  # log(1 - p(S))
+        with torch.no_grad():  # log(1 - p(S)); log(-expm1) is accurate in absolute terms (a log-weight)
+            log_rest = torch.log(-torch.expm1(torch.logsumexp(lp.detach(), 0).clamp_max(0.0)))
         node.state.lp, node.state.log_rest, node.state.g = lp, log_rest, g
         node.state.exact = g is None  # the i.i.d. path: k possible values, no padding
         return values
@@ -195,7 +196,7 @@ class UnorderedSet(Estimator):
             with torch.no_grad():  # weights and baseline are detached (⊥ in D.2.3)
                 lp, log_rest = c.lp.detach(), c.log_rest
                 floor = -1e30  # log of a probability that is exactly 0: finite, so no inf - inf
-                lp = lp.clamp_min(floor)
+                lp = lp if c.exact else lp.clamp_min(floor)
                 k = lp.shape[0]
                 flat = lp.reshape(k, -1)
                 rest = log_rest.expand(lp.shape[1:]).reshape(-1)
@@ -221,6 +222,8 @@ class UnorderedSet(Estimator):
 
     def gradient_function(self, node: Node) -> torch.Tensor:
         lp = node.state.lp
+        if node.state.exact:  # every drawn value is possible
+            return lp
         # a value of probability exactly 0 (weight 0) gets l = 0 instead of -inf: no NaN in MagicBox
         return torch.where(torch.isfinite(lp), lp, torch.zeros_like(lp))
 
@@ -356,9 +359,10 @@ def _log_h_linear(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tenso
         q = torch.mm(a, q).div_(d)
         layers.append(q)
     q0 = layers[-1][0].log()
-    q1 = layers[-2].log().sub_(lp64)
+    lq1 = layers[-2].log()
+    q1 = lq1 - lp64
     # {s}: log q({s}) + log p(s) and {s, s'}: log q({s, s'}); minus log p(s) + log p(s') below
-    both = torch.cat([layers[-2].log().add_(lp64), layers[-3].log()]) if k > 1 else layers[-2].log().add_(lp64)
+    both = torch.cat([lq1.add_(lp64), layers[-3].log()]) if k > 1 else lq1.add_(lp64)
     q2 = both[pairs].sub_(lp64.unsqueeze(0)).sub_(lp64.unsqueeze(1))
     return q0.to(lp.dtype), q1.to(lp.dtype), q2.to(lp.dtype)
 
