@@ -422,25 +422,25 @@ def beam_step(lp: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, k: int):
     with torch.no_grad():
         n_val, beam = lp.shape[:2]
         rest = lp.shape[2:]
-        cand = (phi.unsqueeze(0) + lp).movedim(0, -1)  # (beam, *P, M)
+        # children laid out (*P, beam, M): the flat (*P, beam·M) candidates are (usually) a view
+        cand = phi.movedim(0, -1).unsqueeze(-1) + lp.movedim(0, -1).movedim(0, -2)
+        flat_phi = cand.reshape(rest + (beam * n_val,))
         if cand.is_meta or bool(torch.isfinite(cand).all()):  # every child possible: no masks, no padding
-            cand_g = _truncated(cand + _gumbel_like(cand), g)
-            flat_g = cand_g.movedim(0, -2).reshape(rest + (beam * n_val,))  # (*P, beam·M)
-            flat_phi = cand.movedim(0, -2).reshape(rest + (beam * n_val,))
+            cand_g = _truncated(cand + _gumbel_like(cand), g.movedim(0, -1))
+            flat_g = cand_g.reshape(rest + (beam * n_val,))
             top = flat_g.topk(min(k, beam * n_val), dim=-1)  # sorted: the order of the sample
             indices, g_top, pad = top.indices, top.values, None
         else:
             finite = torch.isfinite(cand)
             safe = torch.where(finite, cand, torch.full_like(cand, -1e30))
-            cand_g = _truncated(safe + _gumbel_like(safe), g)
+            cand_g = _truncated(safe + _gumbel_like(safe), g.movedim(0, -1))
             cand_g = torch.where(finite, cand_g, torch.full_like(cand_g, -math.inf))
-            flat_g = cand_g.movedim(0, -2).reshape(rest + (beam * n_val,))  # (*P, beam·M)
-            flat_phi = cand.movedim(0, -2).reshape(rest + (beam * n_val,))
+            flat_g = cand_g.reshape(rest + (beam * n_val,))
             indices, g_top, pad = top_possible(flat_g, k)
         parent = indices // n_val
         value = indices - parent * n_val
-        kept = torch.zeros_like(flat_g, dtype=torch.bool).scatter_(-1, indices, True)
-        left = torch.logsumexp(flat_phi.masked_fill(kept, -math.inf), -1)
+        # the mass of the children not kept
+        left = torch.logsumexp(flat_phi.scatter(-1, indices, -math.inf), -1)
         # a padding entry (fewer than k possible prefixes) repeats a possible one with log p = -inf
         new_phi = flat_phi.gather(-1, indices)
         if pad is not None:

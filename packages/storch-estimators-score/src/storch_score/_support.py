@@ -6,6 +6,7 @@ import itertools
 import math
 
 import torch
+from torch.distributions import Categorical, OneHotCategorical
 
 from storch import Node, UnsupportedDistributionError
 
@@ -35,6 +36,10 @@ def enumerate_values(d, n_plates: int, budget: int, who: str, plate: str) -> tup
             f"{who}: the node on plate {plate!r} has {k}^{n} = {k ** n} joint values, more than "
             f"budget={budget}; raise `budget`, split the node into several nodes, or use 'score'"
         )
+    if not own and type(d) in (Categorical, OneHotCategorical):
+        # one variable per entry: log p of every value is the normalised logits (what log_prob reads)
+        logits = d.logits if type(d) is Categorical else d._categorical.logits
+        return single, logits.movedim(-1, 0)
     idx = _joint_index(k, n, single.device)
     values = single[idx].reshape((k ** n,) + own + event)
     full = values.reshape((k ** n,) + (1,) * n_plates + own + event)
