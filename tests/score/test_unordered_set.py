@@ -10,7 +10,7 @@ from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 
 import storch
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
-from storch_score.unordered_set import _log_h
+from storch_score.unordered_set import _linear_ok, _log1mexp, _log_h, _log_h_linear, _set_terms
 
 torch.set_default_dtype(torch.float64)
 
@@ -41,6 +41,44 @@ def test_set_probabilities_match_sum_over_orderings():
         for j, t in enumerate(chosen):
             if i != j:
                 assert torch.allclose(h2[i, j].exp(), _brute_h(p, chosen, [s, t]), rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+def test_linear_programme_matches_log_space(dtype, k):
+    """The float64 programme without exp/log per layer (q = h / Π p) gives the weights and baseline
+    coefficients of the log-space one (they use differences of log h only), and _set_terms takes it
+    where p(D∖S) is not tiny, the log-space one where it is or where an element has probability 0."""
+    torch.manual_seed(7)
+    for scale in (0.1, 1.0, 4.0):
+        lp = torch.randn(k, 30, dtype=dtype) * scale - 3
+        lp = lp - torch.logsumexp(torch.cat([lp, torch.zeros(1, 30, dtype=dtype)]), 0)  # p(D∖S) >= some p(s)
+        rest = _log1mexp(torch.logsumexp(lp, 0))
+        assert _linear_ok(lp, rest)
+        a0, a1, a2 = _log_h(lp, rest)
+        b0, b1, b2 = _set_terms(lp, rest)
+        tol = 1e-4 if dtype == torch.float32 else 1e-10
+        assert torch.allclose((lp + b1 - b0).exp(), (lp + a1 - a0).exp(), rtol=tol, atol=tol)  # weights
+        coef = lp.unsqueeze(0) + a2 - a1.unsqueeze(1)
+        assert torch.allclose((lp.unsqueeze(0) + b2 - b1.unsqueeze(1)).exp(), coef.exp(), rtol=tol, atol=tol)
+        assert torch.allclose(b0, _log_h_linear(lp, rest)[0])
+    tiny = torch.full((1,), -800.0, dtype=dtype)  # p(D∖S) = e^-800 and p(s) = e^-800: q(∅) would overflow
+    assert not _linear_ok(torch.full((k, 1), -800.0, dtype=dtype), tiny)
+    if k > 1:  # told that every element is possible, the linear programme overflows and the log one answers
+        small = torch.full((k, 1), -800.0, dtype=dtype) + torch.arange(k, dtype=dtype).unsqueeze(1)
+        assert not torch.isfinite(_log_h_linear(small, tiny)[0]).all()
+        for got, want in zip(_set_terms(small, tiny, True), _log_h(small, tiny)):
+            assert torch.equal(got, want)
+    # S holds all the mass (p(D∖S) = 0) but every p(s) is large: every p(D∖C) >= min p(s), linear
+    whole = torch.log_softmax(torch.randn(k, 5, dtype=dtype), 0)
+    assert _linear_ok(whole, torch.full((5,), -1e30, dtype=dtype))
+    a0, a1, a2 = _log_h(whole, torch.full((5,), -1e30, dtype=dtype))
+    b0, b1, b2 = _log_h_linear(whole, torch.full((5,), -1e30, dtype=dtype))
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    assert torch.allclose((whole + b1 - b0).exp(), (whole + a1 - a0).exp(), rtol=tol, atol=tol)
+    assert torch.allclose((whole.unsqueeze(0) + b2 - b1.unsqueeze(1)).exp(),
+                          (whole.unsqueeze(0) + a2 - a1.unsqueeze(1)).exp(), rtol=tol, atol=tol)
+    assert not _linear_ok(torch.tensor([[-1e30]] + [[-1.0]] * (k - 1), dtype=dtype), torch.zeros(1, dtype=dtype) - 1)
 
 
 def test_weights_sum_to_one_in_expectation():

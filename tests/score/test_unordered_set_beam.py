@@ -1,6 +1,7 @@
 """The unordered set estimator on joint supports too large to enumerate: stochastic beam search."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch.distributions import Bernoulli, OneHotCategorical
 
 import storch
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
-from storch_score._beam import stochastic_beam_search
+from storch_score._beam import order_gumbels, sample_without_replacement, stochastic_beam_search
 
 torch.set_default_dtype(torch.float64)
 R = 4000
@@ -110,3 +111,151 @@ def _node_for(theta):
     with storch.Graph() as g:
         est(Bernoulli(logits=theta))
         return g.nodes[0]
+
+
+def _exact_orders(probs):
+    """P(first = a), P(second = b) and P(a in S) for an ordered sample without replacement of size 3
+    from ``probs`` (M joint values), by enumerating the ordered triples."""
+    p = probs
+    two = p[:, None] * p[None, :] / (1 - p[:, None])  # P(first = a, second = b)
+    two.fill_diagonal_(0.0)
+    rest = (1 - p[:, None] - p[None, :]).clamp_min(1e-300)
+    three = two[:, :, None] * p[None, None, :] / rest[:, :, None]  # P(a, b, c in this order)
+    idx = torch.arange(p.shape[0])
+    distinct = (idx[:, None, None] != idx[None, None, :]) & (idx[None, :, None] != idx[None, None, :])
+    three = torch.where(distinct, three, torch.zeros(()))
+    inclusion = three.sum((1, 2)) + three.sum((0, 2)) + three.sum((0, 1))
+    return p, two.sum(0), inclusion
+
+
+def _beam_codes(dist_fn, theta, k, max_candidates, n_cat, sampler=None):
+    """R beam-search samples of the node ``dist_fn(logits)`` (one row per replicate), as joint codes
+    (``sampler(node, k)``: another sampler)."""
+    est = storch.estimator("unordered_set", plate="zz", n_samples=k)
+    with storch.Graph() as g:
+        th = storch.denote_independent(theta.expand((R,) + theta.shape), 0, "data")
+        est(dist_fn(th))
+        node = g.nodes[0]
+    if sampler is None:
+        values, lp, _ = stochastic_beam_search(node, k, max_candidates)  # (k, R, n[, K])
+    else:
+        values, lp, _ = sampler(node, k)
+    if values.dim() == 4:  # one-hot
+        values = values.argmax(-1)
+    n = values.shape[-1]
+    codes = (values.long() * (n_cat ** torch.arange(n - 1, -1, -1))).sum(-1)  # (k, R)
+    return codes, lp
+
+
+@pytest.mark.parametrize("max_candidates", [2, 4, 8, None])
+def test_chunked_beam_is_gumbel_top_k(max_candidates):
+    """Beam steps over several variables at once (2^m children per prefix; max_candidates 2: one
+    variable per step, None: all 5 at once for this batch) draw the same distribution: the first
+    and second draws and the inclusion frequencies of a sample of 3 out of 32 joint values of 5
+    Bernoullis, z-tested against exact values from the ordered triples."""
+    from storch_score._beam import _chunk_plan
+    torch.manual_seed(10)
+    theta = torch.tensor([0.5, -0.3, 0.1, -0.5, 0.4])
+    codes, lp = _beam_codes(lambda th: Bernoulli(logits=th), theta, 3, max_candidates, 2)
+    bits = torch.tensor(list(itertools.product([0, 1], repeat=5)), dtype=torch.float64)
+    logp = (bits * torch.nn.functional.logsigmoid(theta) + (1 - bits) * torch.nn.functional.logsigmoid(-theta)).sum(-1)
+    first, second, inclusion = _exact_orders(logp.exp())
+    if max_candidates is not None:
+        assert len(_chunk_plan(5, 2, 3, max_candidates)) > 1  # several beam steps
+    onehot = torch.nn.functional.one_hot(codes, 32).double()  # (3, R, 32)
+    assert_unbiased(onehot[0], first, "first draw")
+    assert_unbiased(onehot[1], second, "second draw")
+    assert_unbiased(onehot.sum(0), inclusion, "inclusion")
+    assert (codes[0] != codes[1]).all() and (codes[1] != codes[2]).all() and (codes[0] != codes[2]).all()
+    assert torch.allclose(lp, logp[codes])  # the joint log-probabilities of the drawn values
+
+
+@pytest.mark.parametrize("max_candidates", [3, 9])
+def test_chunked_beam_with_impossible_values(max_candidates):
+    """Three 3-way categoricals, the middle value of the first impossible (18 of 27 joint values
+    possible; the -inf path of the search): first draw, second draw and inclusion z-tests, and
+    never an impossible value."""
+    torch.manual_seed(11)
+    theta = torch.tensor([[0.0, -math.inf, 0.3], [0.2, -0.1, 0.0], [0.0, 0.4, -0.2]])
+    codes, lp = _beam_codes(lambda th: OneHotCategorical(logits=th), theta, 3, max_candidates, 3)
+    vals = torch.tensor(list(itertools.product(range(3), repeat=3)))
+    logp = torch.log_softmax(theta, -1).gather(1, vals.t()).sum(0)  # (27,)
+    p = logp.exp()
+    first, second, inclusion = _exact_orders(p)
+    onehot = torch.nn.functional.one_hot(codes, 27).double()
+    assert (p[codes] > 0).all()
+    possible = p > 0
+    assert_unbiased(onehot[0][:, possible], first[possible], "first draw")
+    assert_unbiased(onehot[1][:, possible], second[possible], "second draw")
+    assert_unbiased(onehot.sum(0)[:, possible], inclusion[possible], "inclusion")
+    assert torch.allclose(lp, logp[codes])
+
+
+def _assert_frequencies(indicators, exact, name):
+    """z-test of frequencies; values expected fewer than 30 times in R draws are pooled into one
+    component (a value never drawn would otherwise be a zero-variance component, and a rare one has
+    a poor estimated standard error)."""
+    rare = exact * R < 30
+    est = torch.cat([indicators[:, ~rare], indicators[:, rare].sum(1, keepdim=True)], 1)
+    assert_unbiased(est, torch.cat([exact[~rare], exact[rare].sum().reshape(1)]), name)
+
+
+@pytest.mark.parametrize("theta,draws", [
+    ([0.5, -0.3, 0.1, -0.5, 0.4], None),  # spread out: 6 i.i.d. draws almost always give 3 distinct
+    ([2.5, -3.0, 2.0, 0.3, -2.2], None),  # concentrated (p(mode) ~ 0.6): many rows complete by beam
+    ([0.5, -0.3, 0.1, -0.5, 0.4], 3),  # 3 draws for 3 values: the beam completes most rows
+])
+def test_first_distinct_of_iid_draws_is_gumbel_top_k(theta, draws):
+    """sample_without_replacement (the first distinct of i.i.d. draws, completed by a beam over the
+    rest where too few are distinct): first and second draw and inclusion frequencies of 3 out of
+    the 32 joint values of 5 Bernoullis, z-tested against the exact ordered-triple values."""
+    torch.manual_seed(12)
+    theta = torch.tensor(theta)
+    codes, lp = _beam_codes(lambda th: Bernoulli(logits=th), theta, 3, None, 2,
+                            sampler=lambda node, k: sample_without_replacement(node, k, draws))
+    bits = torch.tensor(list(itertools.product([0, 1], repeat=5)), dtype=torch.float64)
+    logp = (bits * torch.nn.functional.logsigmoid(theta) + (1 - bits) * torch.nn.functional.logsigmoid(-theta)).sum(-1)
+    first, second, inclusion = _exact_orders(logp.exp())
+    onehot = torch.nn.functional.one_hot(codes, 32).double()
+    _assert_frequencies(onehot[0], first, "first draw")
+    _assert_frequencies(onehot[1], second, "second draw")
+    _assert_frequencies(onehot.sum(0), inclusion, "inclusion")
+    assert (codes[0] != codes[1]).all() and (codes[1] != codes[2]).all() and (codes[0] != codes[2]).all()
+    assert torch.allclose(lp, logp[codes])
+
+
+def test_first_distinct_categorical_and_paths():
+    """Three 4-way categoricals (64 joint values), k = 5: inclusion z-test; the i.i.d. path returns
+    no Gumbels (drawn later by order_gumbels), a -inf log-probability takes the beam."""
+    torch.manual_seed(13)
+    theta = torch.tensor([[1.5, 0.0, -0.5, 0.2], [0.3, 2.0, 0.0, -1.0], [0.0, 0.1, 0.2, 1.8]])
+    codes, lp = _beam_codes(lambda th: OneHotCategorical(logits=th), theta, 5, None, 4,
+                            sampler=lambda node, k: sample_without_replacement(node, k))
+    vals = torch.tensor(list(itertools.product(range(4), repeat=3)))
+    logp = torch.log_softmax(theta, -1).gather(1, vals.t()).sum(0)  # (64,)
+    first, _, _ = _exact_orders(logp.exp())
+    onehot = torch.nn.functional.one_hot(codes, 64).double()
+    _assert_frequencies(onehot[0], first, "first draw")
+    assert (codes.sort(0).values.diff(dim=0) > 0).all()  # distinct
+    assert torch.allclose(lp, logp[codes])
+    est = storch.estimator("unordered_set", plate="zz", n_samples=3)
+    with storch.Graph() as g:
+        est(Bernoulli(logits=torch.zeros(20)))
+        assert sample_without_replacement(g.nodes[0], 3)[2] is None  # i.i.d. path
+    with storch.Graph() as g:
+        est(Bernoulli(logits=torch.tensor([0.0] * 19 + [math.inf])))
+        assert sample_without_replacement(g.nodes[0], 3)[2] is not None  # beam path
+
+
+def test_order_gumbels_match_gumbel_top_k():
+    """Perturbed values drawn given an ordered sample (order_gumbels) have the distribution of the
+    Gumbel-top-k values: mean of G_1, G_2, G_3 over enumeration's Gumbel-top-3 of 6 values vs
+    order_gumbels of the sample it drew."""
+    torch.manual_seed(14)
+    logp = torch.log_softmax(torch.tensor([0.3, -0.2, 1.0, 0.0, -1.0, 0.5]), 0)
+    pert = logp + -torch.log(-torch.log(torch.rand(R, 6)))
+    top = pert.topk(3, dim=1)
+    drawn = order_gumbels(logp[top.indices].t())  # (3, R): given the sample's log-probabilities
+    assert_unbiased(torch.cat([drawn.t(), drawn.t() ** 2], 1) - torch.cat([top.values, top.values ** 2], 1),
+                    torch.zeros(6), "G and G^2, order_gumbels minus Gumbel-top-k")
+    assert (drawn[0] >= drawn[1]).all() and (drawn[1] >= drawn[2]).all()

@@ -8,14 +8,18 @@ exactly the distribution of Gumbel-top-k over the joint (their Theorem 1), in O(
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.distributions import Bernoulli
 
 from storch import Node
 
-__all__ = ["stochastic_beam_search", "beam_step", "top_possible"]
+__all__ = ["stochastic_beam_search", "sample_without_replacement", "order_gumbels", "beam_step", "top_possible"]
 
 
 def _gumbel_like(x: torch.Tensor) -> torch.Tensor:
@@ -30,12 +34,12 @@ def _truncated(phi_g: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     G̃ = -log(exp(-T) - exp(-Z) + exp(-G)) with Z = max G, in the stable form of Kool et al.
     (2019), appendix B: v = T - G + log(1 - exp(G - Z)), G̃ = T - max(v, 0) - log1p(exp(-|v|)).
     """
-    z = phi_g.max(-1, keepdim=True).values
+    z = phi_g.amax(-1, keepdim=True)
     t = bound.unsqueeze(-1)
     # log(1 - exp(G - Z)) with G - Z <= 0; -inf where G = Z (then v = -inf and G̃ = T). It is added
     # to O(1) values, so its absolute error matters: log(-expm1(.)) alone is accurate to ~1e-16
     # absolute for every G - Z <= 0 (the two-branch log1mexp is for relative accuracy near 0)
-    v = t - phi_g + torch.log(-torch.expm1(phi_g - z))
+    v = (phi_g - z).expm1_().neg_().log_().add_(t).sub_(phi_g)
     # max(v, 0) + log1p(exp(-|v|)) is softplus(v): one op (exact to float precision)
     return t - F.softplus(v, threshold=50.0)
 
@@ -65,8 +69,93 @@ def top_possible(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return indices, values, pad
 
 
-def stochastic_beam_search(node: Node, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+def _max_candidates(rows: int) -> int:
+    """Children per beam row and step: a step extends the beam by m variables at once (K^m children
+    per prefix) while beam · K^m stays within this. Fewer, larger steps cost fewer torch calls (what
+    a small batch pays for), more candidates cost more elementwise work and top-k (what a large
+    batch pays for): about 4096 candidates per step over all rows, between 32 and 512 per row."""
+    return max(32, min(512, 1 << max(0, (4096 // max(rows, 1)).bit_length() - 1)))
+
+
+@functools.lru_cache(maxsize=None)
+def _chunk_plan(n: int, n_cat: int, k: int, max_candidates: int) -> tuple:
+    """How many variables each step of the beam search takes: the first step (beam 1) as many as give
+    at most ``max_candidates`` children, later ones (beam min(k, joint values so far)) as many as
+    keep beam · K^m within it; at least one variable per step."""
+    sizes, beam, done = [], 1, 0
+    while done < n:
+        m = 1
+        while done + m < n and beam * n_cat ** (m + 1) <= max_candidates:
+            m += 1
+        sizes.append(m)
+        done += m
+        beam = min(k, beam * n_cat ** m)
+    return tuple(sizes)
+
+
+@functools.lru_cache(maxsize=None)
+def _chunk_tables(n_cat: int, sizes: tuple) -> tuple:
+    """Index tables of the chunks' joint values (chunk c: m_c variables, K^m_c joint values, listed
+    row-major: the last variable varies fastest).
+
+    Returns:
+        ``(offsets, values, var, onehot, columns)``: ``offsets[c]``, the first row of chunk c in
+        the tables below; ``values`` (Σ_c K^m_c, max m): each joint value's value of each variable of
+        its chunk (padded with 0); ``var`` (same shape): the variable each entry reads (padding reads
+        variable n); ``onehot`` (n K, Σ_c K^m_c): 1 where a joint value
+        sets a variable to a value, so that (P, n K) log-probabilities @ onehot are the chunks' joint
+        log-probabilities; ``columns`` (n,): where variable j is in (steps, max m) flattened.
+    """
+    n = sum(sizes)
+    width = max(sizes)
+    offsets, value_rows, var_rows, columns, start, row = [], [], [], [], 0, 0
+    for c, m in enumerate(sizes):
+        vals = torch.tensor(list(itertools.product(range(n_cat), repeat=m)), dtype=torch.long).reshape(-1, m)
+        pad = width - m
+        offsets.append(row)
+        value_rows.append(torch.cat([vals, torch.zeros((vals.shape[0], pad), dtype=torch.long)], 1))
+        var = torch.arange(start, start + m).expand(vals.shape[0], m)
+        var_rows.append(torch.cat([var, torch.full((vals.shape[0], pad), n)], 1))
+        columns += [c * width + j for j in range(m)]
+        start += m
+        row += vals.shape[0]
+    values, var = torch.cat(value_rows), torch.cat(var_rows)
+    onehot = torch.zeros(n * n_cat + n_cat, row, dtype=torch.float64)
+    onehot[var * n_cat + values, torch.arange(row).unsqueeze(1).expand_as(var)] = 1.0
+    return tuple(offsets), values, var, onehot[:n * n_cat], torch.tensor(columns)
+
+
+_DEVICE_TABLES: dict = {}
+
+
+def _tables_on(n_cat: int, sizes: tuple, device: torch.device, dtype: torch.dtype) -> tuple:
+    """:func:`_chunk_tables` on ``device`` (``onehot`` in ``dtype``), made once per device."""
+    key = (n_cat, sizes, device, dtype)
+    out = _DEVICE_TABLES.get(key)
+    if out is None:
+        offsets, values, var, onehot, columns = _chunk_tables(n_cat, sizes)
+        out = (offsets, values.to(device), var.to(device), onehot.to(device, dtype), columns.to(device))
+        if len(_DEVICE_TABLES) < 256:
+            _DEVICE_TABLES[key] = out
+    return out
+
+
+def stochastic_beam_search(node: Node, k: int, max_candidates: Optional[int] = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An ordered sample without replacement of ``k`` joint values of the node.
+
+    Stochastic beam search over the tree whose level c fixes the variables of chunk c (m_c variables,
+    K^m_c children per prefix; :func:`_chunk_plan`). On any tree whose leaves are the joint values and
+    whose prefix log-probabilities add up along the path, the top-down truncated Gumbels give
+    exactly Gumbel-top-k over the leaves (Kool et al., 2019, Theorem 1), so the chunking changes
+    the number of steps (20 Bernoullis, k = 8, batch 1: 3 steps instead of 20), not the
+    distribution. The first step needs no truncation: the maximum of the root's children is already
+    a Gumbel at the root's log-probability 0. All Gumbels are drawn at once.
+
+    Args:
+        max_candidates: children per beam row and step (default :func:`_max_candidates` of the
+            number of rows; 2 (K = 2) gives one variable per step).
 
     Returns:
         ``(values, logp, g)``: ``values`` of shape ``(k, *parents, *own_batch, *event)``, the joint
@@ -83,45 +172,228 @@ def stochastic_beam_search(node: Node, k: int) -> tuple[torch.Tensor, torch.Tens
     p = math.prod(parents)
     # log p of every value of every variable: (K, P, n), with gradient
     lp = d.log_prob(support.expand((n_cat,) + tuple(d.batch_shape) + event)).reshape(n_cat, p, n)
+    dev = lp.device
     with torch.no_grad():  # sampling is not differentiated
-        lpt = lp.detach().permute(2, 1, 0)  # (n, P, K): variable j's log-probabilities, one row per entry
-        # the beam in the layout (P, beam): candidates (P, beam, K) flatten to (P, beam * K) as a view
-        phi = lpt.new_zeros(p, 1)  # log-probabilities of the beam's prefixes
-        g = _gumbel_like(phi)  # their perturbed values: G_root ~ Gumbel(0)
-        steps = []  # (parent, value) per variable, (P, m) each: the sample is read back at the end
-        for j in range(n):
-            cand_phi = phi.unsqueeze(-1) + lpt[j].unsqueeze(1)  # (P, beam, K)
-            finite = torch.isfinite(cand_phi)
-            if cand_phi.is_meta or bool(finite.all()):  # the common case: every value possible
-                cand_g = _truncated(cand_phi + _gumbel_like(cand_phi), g)
-            else:  # never an impossible value: -inf candidates stay -inf, the rest are truncated as usual
-                safe = torch.where(finite, cand_phi, torch.full_like(cand_phi, -1e30))
-                bound = torch.where(torch.isfinite(g), g, torch.full_like(g, -1e30))
-                cand_g = _truncated(safe + _gumbel_like(safe), bound)
-                cand_g = torch.where(finite, cand_g, torch.full_like(cand_g, -math.inf))
-            beam = phi.shape[1]
-            indices, top_g, pad = top_possible(cand_g.reshape(p, beam * n_cat), k)  # (P, m), sorted
-            steps.append((indices // n_cat, indices % n_cat))
-            g = top_g
-            phi = cand_phi.reshape(p, beam * n_cat).gather(1, indices)
-            if pad is not None:
-                phi = phi.masked_fill(pad, -math.inf)
-        # each kept value's choices, from the last variable back along the parents
-        at = torch.arange(phi.shape[1], device=lp.device).expand(p, -1)  # (P, m): rows of the last beam
-        picks = []
-        for parent, value in reversed(steps):
-            picks.append(value.gather(1, at))
-            at = parent.gather(1, at)
-        choices = torch.stack(picks[::-1], -1).permute(1, 0, 2) if picks else \
-            torch.empty(1, p, 0, dtype=torch.long, device=lp.device)  # (m, P, n)
+        if n == 0:
+            choices = torch.empty(1, p, 0, dtype=torch.long, device=dev)
+            phi, g, padded = lp.new_zeros(p, 1), _gumbel_like(lp.new_zeros(p, 1)), False
+        else:
+            choices, phi, g, padded = _search(lp.detach(), k, max_candidates or _max_candidates(p))
         g = g.t()  # (m, P)
     m = choices.shape[0]
     # joint log-probability of each drawn value, with gradient: Σ_j log p_j(choice_j); -inf on padding
     # (an entry with fewer than m possible joint values repeats a possible one there: weight 0)
     logp = lp.unsqueeze(0).expand(m, n_cat, p, n).gather(1, choices.unsqueeze(1)).squeeze(1).sum(-1)
-    logp = logp.masked_fill(torch.isneginf(phi.t()), -math.inf)  # phi: (P, m)
+    if padded:
+        logp = logp.masked_fill(torch.isneginf(phi.t()), -math.inf)  # phi: (P, m)
     values = support.reshape((n_cat,) + event)[choices]  # (m, P, n, *event)
     return values.reshape((m,) + parents + own + event), logp.reshape((m,) + parents), g.reshape((m,) + parents)
+
+
+def sample_without_replacement(node: Node, k: int, draws: Optional[int] = None
+                               ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """An ordered sample without replacement of ``k`` joint values of the node: the same
+    distribution as :func:`stochastic_beam_search` (Gumbel-top-k over the joint), drawn faster.
+
+    The distinct values of an i.i.d. sequence X_1, X_2, ... ~ p, in the order of their first
+    appearance, are an ordered sample without replacement (successive sampling: given the values
+    seen so far, the next new value is distributed as p on the rest). So ``draws`` (default 2k)
+    i.i.d. joint values are drawn at once (a uniform per variable, no beam), and their first k
+    distinct ones kept. A row that finds only j < k distinct values A among them continues the
+    sequence: given A, its next k - j new values are successive sampling from p on D∖A, which is
+    Gumbel-top-(k-j) over D∖A: the first k - j values outside A of a fresh Gumbel-top-k over D
+    (stochastic beam search on those rows; at most j of its k values are in A). Both parts are
+    exact, so the sample is, whatever the number of draws.
+
+    Used when every value of every variable is possible and there are at least k joint values (a
+    sample that needs padding, or more than 2^53 joint values, take :func:`stochastic_beam_search`).
+
+    Returns:
+        ``(values, logp, g)`` as :func:`stochastic_beam_search`; ``g`` is ``None`` when no beam
+        ran for all rows (:func:`order_gumbels` draws the perturbed values given the sample).
+    """
+    d = node.distribution
+    bernoulli = type(d) is Bernoulli  # log p of both values from the logits: no support, no validation
+    support = None if bernoulli else d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
+    n_cat = 2 if bernoulli else support.shape[0]
+    event = tuple(d.event_shape)
+    parents = tuple(d.batch_shape[:len(node.parents)])
+    own = tuple(d.batch_shape[len(node.parents):])
+    n = math.prod(own)
+    p = math.prod(parents)
+    usable = n > 0 and p > 0 and n_cat ** n >= k and n * math.log2(max(n_cat, 2)) <= 53
+    if not usable:
+        return stochastic_beam_search(node, k)
+    if bernoulli:
+        logits = d.logits
+        lp = F.logsigmoid(torch.stack([-logits, logits])).reshape(2, p, n)  # values 0, 1
+    else:
+        lp = d.log_prob(support.expand((n_cat,) + tuple(d.batch_shape) + event)).reshape(n_cat, p, n)
+    if lp.is_meta or not bool(torch.isfinite(lp).all()):
+        return stochastic_beam_search(node, k)
+    with torch.no_grad():
+        choices = _first_distinct(lp.detach(), k, draws or 2 * k)  # (k, P, n)
+    logp = lp.unsqueeze(0).expand(k, n_cat, p, n).gather(1, choices.unsqueeze(1)).squeeze(1).sum(-1)
+    # Bernoulli: the support is (0, 1), so a value is its index
+    values = choices.to(lp.dtype) if bernoulli else support.reshape((n_cat,) + event)[choices]  # (k, P, n, *event)
+    return values.reshape((k,) + parents + own + event), logp.reshape((k,) + parents), None
+
+
+def _first_distinct(lp: torch.Tensor, k: int, draws: int) -> torch.Tensor:
+    """The first k distinct of ``draws`` i.i.d. joint values per row, completed by a beam where
+    fewer are found (:func:`sample_without_replacement`); ``lp`` (K, P, n) finite, K^n >= k.
+
+    Returns:
+        each value's value index per variable, (k, P, n).
+    """
+    n_cat, p, n = lp.shape
+    dev = lp.device
+    u = torch.rand((p, draws, n), dtype=lp.dtype, device=dev)
+    probs = lp.exp()  # (K, P, n)
+    if n_cat == 2:
+        idx = u.ge_(probs[0].unsqueeze(1))  # value 1 (as 1.0) with probability 1 - p(0), in place
+    else:  # inverse CDF: the number of cumulative probabilities below u
+        cdf = probs[:-1].cumsum(0).permute(1, 2, 0).unsqueeze(1)  # (P, 1, n, K-1)
+        idx = (u.unsqueeze(-1) >= cdf).sum(-1).to(lp.dtype)
+    # the joint value's code, exact in floating point: K^n <= 2^24 (float32) or 2^53 (float64)
+    exact = torch.float32 if n * math.log2(n_cat) <= 24 else torch.float64
+    weights, earlier, position, row_start = _draw_tables(n_cat, n, draws, p, exact, dev)
+    codes = idx.to(exact) @ weights  # (P, draws)
+    dup = ((codes.unsqueeze(2) == codes.unsqueeze(1)) & earlier).any(-1)  # seen before
+    order = torch.where(dup, position + draws, position)  # first appearances first, in order
+    first = order.topk(k, dim=1, largest=False).indices  # (P, k)
+    found = ~dup.gather(1, first)  # (P, k): a prefix of True, then repeats
+    rows = (first + row_start).flatten()
+    choices = idx.reshape(p * draws, n).index_select(0, rows).view(p, k, n).long()  # (P, k, n)
+    if not bool(found.all()):
+        rows = (~found.all(1)).nonzero().squeeze(1)  # rows with fewer than k distinct values
+        beam, _, _, _ = _search(lp[:, rows], k, _max_candidates(rows.shape[0]))  # (k, R', n)
+        beam = beam.permute(1, 0, 2)  # (R', k, n)
+        seen, ok = codes.gather(1, first)[rows], found[rows]  # (R', k)
+        beam_codes = beam.to(exact) @ weights
+        in_seen = ((beam_codes.unsqueeze(2) == seen.unsqueeze(1)) & ok.unsqueeze(1)).any(-1)
+        slot = ok.sum(1, keepdim=True) + (~in_seen).cumsum(1) - 1  # where each new value goes
+        slot = torch.where(~in_seen & (slot < k), slot, torch.full_like(slot, k))  # k: dropped
+        filled = torch.cat([choices[rows], choices.new_zeros(rows.shape[0], 1, n)], 1)
+        filled.scatter_(1, slot.unsqueeze(-1).expand_as(beam), beam)
+        choices[rows] = filled[:, :k]
+    return choices.permute(1, 0, 2)
+
+
+_DRAW_TABLES: dict = {}
+
+
+def _draw_tables(n_cat: int, n: int, draws: int, p: int, exact: torch.dtype, device: torch.device) -> tuple:
+    """Constants of :func:`_first_distinct`, made once per shape and device: the code weights K^(n-1-j)
+    ``(n,)``; ``earlier`` (draws, draws), [i, j] = j < i; the positions 0..draws-1 (float); and
+    each row's first index in the (P·draws) rows of the draws, ``(P, 1)``."""
+    key = (n_cat, n, draws, p, exact, device)
+    out = _DRAW_TABLES.get(key)
+    if out is None:
+        weights = (float(n_cat) ** torch.arange(n - 1, -1, -1, dtype=torch.float64)).to(device, exact)
+        earlier = torch.ones(draws, draws, dtype=torch.bool).tril_(-1).to(device)
+        position = torch.arange(draws, dtype=torch.float64).to(device, exact)
+        row_start = (draws * torch.arange(p)).unsqueeze(1).to(device)
+        out = (weights, earlier, position, row_start)
+        if len(_DRAW_TABLES) < 64:
+            _DRAW_TABLES[key] = out
+    return out
+
+
+def order_gumbels(lp: torch.Tensor) -> torch.Tensor:
+    """Perturbed log-probabilities (Gumbels) of an ordered sample without replacement, drawn given
+    the sample: the values Gumbel-top-k would have given it (what a partition's next beam step
+    conditions on).
+
+    The largest perturbed value over D is a Gumbel at log p(D) = 0, independent of which value
+    attains it; given the first i values and G_i, the largest over the rest is a Gumbel at
+    log(1 - p(s_1) - ... - p(s_i)) truncated at G_i (Kool et al., 2019): G = φ - log(exp(φ - T) + E),
+    E ~ Exp(1).
+
+    Args:
+        lp: log p of the sample's values in their order, ``(k, *P)`` (detached).
+    """
+    with torch.no_grad():
+        k = lp.shape[0]
+        before = torch.cat([torch.full_like(lp[:1], -math.inf), torch.logcumsumexp(lp, 0)[:-1]])
+        x = before.clamp_max(0.0)  # log(1 - Σ_{l<i} p(s_l)), stable at both ends
+        phi = torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+        log_e = (-_gumbel_like(lp))  # log E, E ~ Exp(1)
+        out = []
+        bound = None
+        for i in range(k):
+            g = phi[i] - log_e[i] if bound is None else phi[i] - torch.logaddexp(phi[i] - bound, log_e[i])
+            out.append(g)
+            bound = g
+        return torch.stack(out)
+
+
+def _search(lp: torch.Tensor, k: int, max_candidates: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """The beam search of :func:`stochastic_beam_search` on detached log-probabilities ``lp`` (K, P, n).
+
+    Returns:
+        ``(choices, phi, g, padded)``: each kept joint value's value index per variable (m, P, n),
+        its log probability (P, m) (-inf on padding), its perturbed log-probability (P, m), and
+        whether some entry has padding (fewer than m possible joint values).
+    """
+    n_cat, p, n = lp.shape
+    dev = lp.device
+    sizes = _chunk_plan(n, n_cat, k, max_candidates)
+    offsets, values, var, onehot, columns = _tables_on(n_cat, sizes, dev, lp.dtype)
+    lpt = lp.permute(1, 2, 0)  # (P, n, K)
+    all_finite = lp.is_meta or bool(torch.isfinite(lp).all())
+    if all_finite:  # every chunk's joint log-probabilities at once: (P, Σ_c K^m_c)
+        chunk_lp = lpt.reshape(p, n * n_cat) @ onehot
+    else:  # -inf entries (impossible values): a sum, not a product with 0 (variable n has log p 0)
+        padded_lpt = torch.cat([lpt, lpt.new_zeros(p, 1, n_cat)], 1)
+        chunk_lp = padded_lpt[:, var, values].sum(-1)
+    widths = [n_cat ** m for m in sizes]
+    chunk_lp = chunk_lp.split(widths, 1)
+    beams = [1]
+    for w in widths[:-1]:
+        beams.append(min(k, beams[-1] * w))
+    counts = [b * w for b, w in zip(beams, widths)]
+    gumbels = _gumbel_like(lp.new_empty(p, sum(counts))).split(counts, 1)  # every step's Gumbels at once
+    steps = []  # (parent, value) per step, (P, m) each: the sample is read back at the end
+    phi = g = None
+    padded = False
+    for clp, gum, width in zip(chunk_lp, gumbels, widths):
+        # the beam: 1, then min(k, joint values so far), or fewer where values are impossible
+        beam = 1 if phi is None else phi.shape[1]
+        if phi is None:
+            cand_phi = clp
+        else:
+            cand_phi = torch.add(phi.unsqueeze(-1), clp.unsqueeze(1)).view(p, beam * width)  # (P, beam·K^m)
+        gum = gum if gum.shape[1] == beam * width else gum[:, :beam * width]
+        if all_finite:  # the common case: every value possible, no padding
+            cand_g = cand_phi + gum
+            if g is not None:
+                cand_g = _truncated(cand_g.view(p, beam, width), g).view(p, beam * width)
+            top = cand_g.topk(min(k, beam * width), dim=-1)  # sorted: the order of the sample
+            indices, g, pad = top.indices, top.values, None
+        else:  # never an impossible value: -inf candidates stay -inf, the rest are truncated as usual
+            finite = torch.isfinite(cand_phi)
+            cand_g = torch.where(finite, cand_phi, torch.full_like(cand_phi, -1e30)) + gum
+            if g is not None:
+                bound = torch.where(torch.isfinite(g), g, torch.full_like(g, -1e30))
+                cand_g = _truncated(cand_g.view(p, beam, width), bound).view(p, beam * width)
+            cand_g = torch.where(finite, cand_g, torch.full_like(cand_g, -math.inf))
+            indices, g, pad = top_possible(cand_g, k)  # (P, m), sorted
+        parent = indices // width
+        steps.append((parent, indices - parent * width))
+        phi = cand_phi.gather(1, indices)
+        if pad is not None:
+            phi = phi.masked_fill(pad, -math.inf)
+            padded = True
+    # each kept value's choices, from the last step back along the parents
+    at = None  # (P, m): rows of the previous step's beam
+    picks = []
+    for (parent, value), offset in zip(reversed(steps), reversed(offsets)):
+        picks.append((value if at is None else value.gather(1, at)) + offset)
+        at = parent if at is None else parent.gather(1, at)
+    picked = torch.stack(picks[::-1], -1)  # (P, m, steps): rows of ``values``
+    choices = values[picked].flatten(2)[:, :, columns]  # (P, m, n)
+    return choices.permute(1, 0, 2), phi, g, padded
 
 
 def beam_step(lp: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, k: int):
@@ -150,17 +422,25 @@ def beam_step(lp: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, k: int):
     with torch.no_grad():
         n_val, beam = lp.shape[:2]
         rest = lp.shape[2:]
-        cand = (phi.unsqueeze(0) + lp).movedim(0, -1)  # (beam, *P, M)
-        finite = torch.isfinite(cand)
-        safe = torch.where(finite, cand, torch.full_like(cand, -1e30))
-        cand_g = _truncated(safe + _gumbel_like(safe), g)
-        cand_g = torch.where(finite, cand_g, torch.full_like(cand_g, -math.inf))
-        flat_g = cand_g.movedim(0, -2).reshape(rest + (beam * n_val,))  # (*P, beam·M)
-        flat_phi = cand.movedim(0, -2).reshape(rest + (beam * n_val,))
-        indices, g_top, pad = top_possible(flat_g, k)
-        parent, value = indices // n_val, indices % n_val
-        kept = torch.zeros_like(flat_g, dtype=torch.bool).scatter(-1, indices, True)
-        left = torch.logsumexp(flat_phi.masked_fill(kept, -math.inf), -1)
+        # children laid out (*P, beam, M): the flat (*P, beam·M) candidates are (usually) a view
+        cand = phi.movedim(0, -1).unsqueeze(-1) + lp.movedim(0, -1).movedim(0, -2)
+        flat_phi = cand.reshape(rest + (beam * n_val,))
+        if cand.is_meta or bool(torch.isfinite(cand).all()):  # every child possible: no masks, no padding
+            cand_g = _truncated(cand + _gumbel_like(cand), g.movedim(0, -1))
+            flat_g = cand_g.reshape(rest + (beam * n_val,))
+            top = flat_g.topk(min(k, beam * n_val), dim=-1)  # sorted: the order of the sample
+            indices, g_top, pad = top.indices, top.values, None
+        else:
+            finite = torch.isfinite(cand)
+            safe = torch.where(finite, cand, torch.full_like(cand, -1e30))
+            cand_g = _truncated(safe + _gumbel_like(safe), g.movedim(0, -1))
+            cand_g = torch.where(finite, cand_g, torch.full_like(cand_g, -math.inf))
+            flat_g = cand_g.reshape(rest + (beam * n_val,))
+            indices, g_top, pad = top_possible(flat_g, k)
+        parent = indices // n_val
+        value = indices - parent * n_val
+        # the mass of the children not kept
+        left = torch.logsumexp(flat_phi.scatter(-1, indices, -math.inf), -1)
         # a padding entry (fewer than k possible prefixes) repeats a possible one with log p = -inf
         new_phi = flat_phi.gather(-1, indices)
         if pad is not None:

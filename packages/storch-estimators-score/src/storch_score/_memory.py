@@ -22,7 +22,11 @@ import math
 
 import torch
 
+from torch.distributions import Bernoulli
+
 from storch import Node, OptionError
+
+from ._beam import _gumbel_like
 
 __all__ = ["VariableTable", "top_k_codes", "codes_of", "first_occurrences", "sample_outside", "log1mexp"]
 
@@ -42,7 +46,7 @@ class VariableTable:
         parents, own, event: the node's parent-plate, own-batch and event shapes.
     """
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, grad: bool = False) -> None:
         d = node.distribution
         support = d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
         self.n_values = support.shape[0]
@@ -52,13 +56,29 @@ class VariableTable:
         self.n = math.prod(self.own)
         self.p = math.prod(self.parents)
         self.support = support.reshape((self.n_values,) + self.event)
-        with torch.no_grad():  # choosing M and sampling are not differentiated
-            full = support.expand((self.n_values,) + tuple(d.batch_shape) + self.event)
-            self.lp = d.log_prob(full).reshape(self.n_values, self.p, self.n)
+        self.bernoulli = type(d) is Bernoulli  # support (0, 1): a value is its index
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):  # choosing M and sampling are not differentiated
+            if self.bernoulli:  # log p of both values from the logits: no sample validation
+                logits = d.logits
+                lp = torch.nn.functional.logsigmoid(torch.stack([-logits, logits]))
+            else:
+                lp = d.log_prob(support.expand((self.n_values,) + tuple(d.batch_shape) + self.event))
+            self.lp_grad = lp.reshape(self.n_values, self.p, self.n)
+        self.lp = self.lp_grad.detach()
+        self.all_possible = self.lp.is_meta or bool(torch.isfinite(self.lp).all())  # every value of every variable
 
     def values(self, codes: torch.Tensor) -> torch.Tensor:
         """Joint values ``(k, *parents, *own, *event)`` of codes ``(k, P, n)``."""
-        return self.support[codes].reshape((codes.shape[0],) + self.parents + self.own + self.event)
+        v = codes.to(self.support.dtype) if self.bernoulli else self.support[codes]
+        return v.reshape((codes.shape[0],) + self.parents + self.own + self.event)
+
+    def log_prob(self, codes: torch.Tensor) -> torch.Tensor:
+        """Joint log-probabilities ``(k, *parents)`` of codes ``(k, P, n)``, with gradient if the table
+        was made with ``grad=True``."""
+        lp = self.lp_grad
+        k = codes.shape[0]
+        out = lp.unsqueeze(0).expand((k,) + lp.shape).gather(1, codes.unsqueeze(1)).squeeze(1).sum(-1)
+        return out.reshape((k,) + self.parents)
 
 
 def top_k_codes(lp: torch.Tensor, k: int) -> torch.Tensor:
@@ -71,6 +91,8 @@ def top_k_codes(lp: torch.Tensor, k: int) -> torch.Tensor:
     """
     n_cat, p, n = lp.shape
     if k == 1:  # the most probable joint value of independent variables: each one's most probable value
+        if n_cat == 2:  # the first of equal ones, as argmax (whose reduction over dim 0 is slow on the CPU)
+            return (lp[1] > lp[0]).long().unsqueeze(0)
         return lp.argmax(0).unsqueeze(0)
     phi = lp.new_zeros(1, p)  # log-probabilities of the beam's prefixes, (beam, P)
     codes = torch.empty(1, p, 0, dtype=torch.long, device=lp.device)  # (beam, P, j)
@@ -128,7 +150,7 @@ def sample_outside(lp: torch.Tensor, codes: torch.Tensor, first: torch.Tensor, m
     n_cat, p, n = lp.shape
     k = codes.shape[0]
     if k == 1:
-        return _sample_outside_one(lp, codes[0], m)
+        return _rejection_one(lp, codes[0], m)
     with torch.no_grad():
         lm = _memory_lp(lp, codes)  # (k', P, n)
         # suffix[a, :, j] = log p(a_j, ..., a_{n-1}); suffix[..., n] = 0
@@ -154,6 +176,22 @@ def sample_outside(lp: torch.Tensor, codes: torch.Tensor, first: torch.Tensor, m
     return out
 
 
+def _rejection_one(lp: torch.Tensor, a: torch.Tensor, m: int) -> torch.Tensor:
+    """:func:`sample_outside` for a memory of one value ``a`` ``(P, n)``: one draw from p per sample,
+    and where it hit ``a``, a draw of :func:`_sample_outside_one` instead.
+
+    Exact: a draw from p that is not ``a`` is distributed as p(x | x != a), and the replacements
+    are independent draws of that distribution. With p(a) small (a spread-out posterior) the
+    second sampler rarely runs; it runs for all entries if one hits ``a``.
+    """
+    with torch.no_grad():
+        x = _draw_each(lp.permute(1, 2, 0), m)  # (m, P, n)
+        hit = (x == a.unsqueeze(0)).all(-1, keepdim=True)  # (m, P, 1)
+        if not lp.is_meta and bool(hit.any()):
+            x = torch.where(hit, _sample_outside_one(lp, a, m), x)
+        return x
+
+
 def _sample_outside_one(lp: torch.Tensor, a: torch.Tensor, m: int) -> torch.Tensor:
     """:func:`sample_outside` for a memory of one value ``a`` ``(P, n)`` (``n_enumerate=1``), in a
     fixed number of ops instead of one pass per variable.
@@ -171,17 +209,32 @@ def _sample_outside_one(lp: torch.Tensor, a: torch.Tensor, m: int) -> torch.Tens
         w = before + log1mexp(la)  # log P(J = j, x ≠ a), (P, n)
         empty = torch.isinf(w).all(-1, keepdim=True)  # p(a) = 1: nothing outside; draw from p
         w = torch.where(empty, torch.zeros_like(w), w)
-        out = torch.distributions.Categorical(logits=lpn).sample((m,))  # (m, P, n): x_>J (and empty rows)
-        j = torch.distributions.Categorical(logits=w).sample((m,))  # (m, P)
+        out = _draw_each(lpn, m)  # (m, P, n): x_>J (and empty rows)
+        j = _gumbel_max(w.expand(m, p, n))  # (m, P)
         at_j = lpn.unsqueeze(0).expand(m, p, n, n_cat).gather(
             2, j[..., None, None].expand(m, p, 1, n_cat)).squeeze(2)  # log p_J(v), (m, P, K)
         a_j = a.unsqueeze(0).expand(m, p, n).gather(2, j.unsqueeze(-1))  # (m, P, 1)
-        at_j = at_j.scatter(-1, a_j, -math.inf)  # v ≠ a_J
-        v = torch.distributions.Categorical(logits=at_j).sample()  # (m, P)
+        v = _gumbel_max(at_j.scatter(-1, a_j, -math.inf))  # (m, P): v ≠ a_J
         pos = torch.arange(n, device=lp.device)
         x = torch.where(pos < j.unsqueeze(-1), a.unsqueeze(0), out)  # x_<J = a_<J
         x = x.scatter(2, j.unsqueeze(-1), v.unsqueeze(-1))
         return torch.where(empty.unsqueeze(0), out, x)
+
+
+def _gumbel_max(logits: torch.Tensor) -> torch.Tensor:
+    """One draw per row (last dim) of the categorical with these unnormalised log-probabilities
+    (Gumbel-max; a -inf entry is never drawn unless every entry of its row is -inf)."""
+    return (logits + _gumbel_like(logits)).max(-1).indices
+
+
+def _draw_each(lpn: torch.Tensor, m: int) -> torch.Tensor:
+    """``m`` independent draws ``(m, P, n)`` of each variable from its log-probabilities ``lpn``
+    ``(P, n, K)``: two values by one uniform each (value 1 where u >= p(0)), more by Gumbel-max."""
+    p, n, n_cat = lpn.shape
+    if n_cat == 2:
+        u = torch.rand((m, p, n), dtype=lpn.dtype, device=lpn.device)
+        return u.ge_(lpn[..., 0].exp()).long()
+    return _gumbel_max(lpn.expand(m, p, n, n_cat))
 
 
 def _memory_lp(lp: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

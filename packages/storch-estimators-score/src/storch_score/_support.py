@@ -6,6 +6,7 @@ import itertools
 import math
 
 import torch
+from torch.distributions import Categorical, OneHotCategorical
 
 from storch import Node, UnsupportedDistributionError
 
@@ -35,14 +36,32 @@ def enumerate_values(d, n_plates: int, budget: int, who: str, plate: str) -> tup
             f"{who}: the node on plate {plate!r} has {k}^{n} = {k ** n} joint values, more than "
             f"budget={budget}; raise `budget`, split the node into several nodes, or use 'score'"
         )
-    idx = torch.tensor(list(itertools.product(range(k), repeat=n)), dtype=torch.long,
-                       device=single.device).reshape(k ** n, n)
+    if not own and type(d) in (Categorical, OneHotCategorical):
+        # one variable per entry: log p of every value is the normalised logits (what log_prob reads)
+        logits = d.logits if type(d) is Categorical else d._categorical.logits
+        return single, logits.movedim(-1, 0)
+    idx = _joint_index(k, n, single.device)
     values = single[idx].reshape((k ** n,) + own + event)
     full = values.reshape((k ** n,) + (1,) * n_plates + own + event)
     lp = d.log_prob(full.expand((k ** n,) + tuple(d.batch_shape) + event))
     m = len(own)
     logp = lp.sum(tuple(range(-m, 0))) if m else lp  # summed over the own batch dims
     return values, logp
+
+
+_JOINT_INDEX: dict = {}
+
+
+def _joint_index(k: int, n: int, device: torch.device) -> torch.Tensor:
+    """(k^n, n): every joint value of n variables with k values each, row-major; made once per device."""
+    key = (k, n, device)
+    idx = _JOINT_INDEX.get(key)
+    if idx is None:
+        idx = torch.tensor(list(itertools.product(range(k), repeat=n)), dtype=torch.long).reshape(k ** n, n)
+        idx = idx.to(device)
+        if len(_JOINT_INDEX) < 256:
+            _JOINT_INDEX[key] = idx
+    return idx
 
 
 def masked_logsumexp(x: torch.Tensor, mask: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ from torch.distributions import Categorical, Distribution
 from storch import CostFrame, Estimator, Node, OptionError, PlateError, PlateTensor
 from storch.extending import leave_one_out, options
 
-from ._memory import VariableTable, _memory_lp, codes_of, first_occurrences, log1mexp, sample_outside, top_k_codes
+from ._memory import VariableTable, _memory_lp, codes_of, first_occurrences, sample_outside, top_k_codes
 from ._sum_and_sample_options import NAME, check_baseline, check_n_enumerate
 from ._support import enumerate_joint, masked_logsumexp
 from .sum_and_sample_sequences import SumAndSampleSequences
@@ -41,6 +41,8 @@ class MemoryState:
         mask: the memory as a mask over the joint support, bool ``(M, *parents)`` (enumerated).
         beam: the support was too large to enumerate: M came from beam search.
         lp: log p of the plate's values, ``(k' + m, *parents)``, with gradient (``beam``).
+        table, codes: the per-variable log-probabilities (with gradient) and the plate's values as
+            per-variable indices ``(k' + m, P, n)`` (``beam``).
         log_rest: log p(x ∉ M) per parent entry, with gradient.
         empty: where M holds (numerically) all the mass, bool per parent entry.
     """
@@ -55,6 +57,8 @@ class MemoryState:
     lp: Optional[torch.Tensor] = None
     log_rest: Optional[torch.Tensor] = None
     empty: Optional[torch.Tensor] = None
+    table: Optional[VariableTable] = None
+    codes: Optional[torch.Tensor] = None
 
 
 class SumAndSample(Estimator, metaclass=ABCMeta):
@@ -236,12 +240,15 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
 
     def _beyond_budget(self, node: Node, n_values: int) -> torch.Tensor:
         """Proposal on a joint support too large to list: memory by beam search, samples by the trie."""
-        table = VariableTable(node)
+        table = VariableTable(node, grad=True)
+        all_possible = table.all_possible
         if self.memory is None:
             codes = top_k_codes(table.lp, self.n_enumerate)  # (k', P, n), distinct
-            # only possible values: an entry with fewer than k' repeats its most probable one (counted once)
-            first = torch.isfinite(_memory_lp(table.lp, codes).sum(-1))
-            codes = torch.where(first.unsqueeze(-1), codes, codes[:1].expand_as(codes))
+            if all_possible:  # K^n > budget possible joint values per entry
+                first = torch.ones(codes.shape[:2], dtype=torch.bool, device=codes.device)
+            else:  # only possible values: an entry with fewer than k' repeats its most probable one (counted once)
+                first = torch.isfinite(_memory_lp(table.lp, codes).sum(-1))
+                codes = torch.where(first.unsqueeze(-1), codes, codes[:1].expand_as(codes))
         else:
             mem = self.memory(node.distribution) if not isinstance(self.memory, torch.Tensor) else self.memory
             if not isinstance(mem, torch.Tensor):
@@ -250,24 +257,35 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
             first = first_occurrences(codes)
         k = codes.shape[0]
         # no remainder when M holds every possible joint value of every entry
-        n_possible = torch.isfinite(table.lp).sum(0).to(torch.float64).prod(-1)  # (P,)
-        m = 0 if (self.memory is None and not n_possible.is_meta and bool((n_possible <= k).all())) else self.n_samples
+        if self.memory is not None:
+            m = self.n_samples
+        elif all_possible:
+            m = 0 if n_values <= k else self.n_samples
+        else:
+            n_possible = torch.isfinite(table.lp).sum(0).to(torch.float64).prod(-1)  # (P,)
+            m = 0 if (not n_possible.is_meta and bool((n_possible <= k).all())) else self.n_samples
         if m:
             codes = torch.cat([codes, sample_outside(table.lp, codes, first, m)], 0)
         c = node.state
         c.beam, c.k, c.m, c.first = True, k, m, first.reshape((k,) + table.parents)
+        c.table, c.codes = table, codes
         return table.values(codes)
 
     def _parts(self, node: Node) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = node.state
         if c.log_rest is None and c.beam:
             # log p(x) of every drawn value and log p(x ∉ M) = log(1 - Σ_{a ∈ M} p(a)), WITH gradient
-            c.lp = lp = node.log_prob(node.sample)  # (k' + m, *parents)
-            mem = lp[:c.k].masked_fill(~c.first, -math.inf)
-            lse = torch.logsumexp(mem, 0) if c.k else torch.full_like(lp[0], -math.inf)
+            c.lp = lp = c.table.log_prob(c.codes)  # (k' + m, *parents)
+            if c.k == 1 and c.table.all_possible:  # one memory value, no repeat
+                lse = lp[0]
+            else:
+                mem = lp[:c.k].masked_fill(~c.first, -math.inf)
+                lse = torch.logsumexp(mem, 0) if c.k else torch.full_like(lp[0], -math.inf)
             c.empty = empty = lse >= 0.0  # M holds (numerically) all the mass: no remainder
             safe = torch.where(empty, torch.full_like(lse, -1.0), lse)  # no NaN gradient in the unused branch
-            c.log_rest = torch.where(empty, torch.full_like(lse, -math.inf), log1mexp(safe))
+            # log(1 - p(M)): log(-expm1) is accurate to float precision in absolute terms, which is what
+            # the weight exp(.) and the score lp - log_rest need (and its gradient is accurate everywhere)
+            c.log_rest = torch.where(empty, torch.full_like(lse, -math.inf), torch.log(-torch.expm1(safe)))
         if c.beam:
             return c.lp, c.log_rest, c.empty
         if c.log_rest is None:

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.distributions import Distribution
+from torch.distributions import Bernoulli, Distribution
 
 from storch import CostFrame, Estimator, Node, OptionError
 from storch.extending import align, options
 
-from ._beam import _gumbel_like, beam_step, stochastic_beam_search, top_possible
+from ._beam import _gumbel_like, beam_step, order_gumbels, sample_without_replacement, top_possible
 from ._support import enumerate_joint, enumerate_values, masked_logsumexp
 
 __all__ = ["UnorderedSet", "SetState"]
@@ -31,6 +31,8 @@ class SetState:
         g: the perturbed log-probabilities (Gumbel values) of the kept values or prefixes (stochastic
             beam search continues from them at the next step of a partition).
         phi: on a partition, log p of each kept prefix (detached), the beam's scores.
+        exact: every drawn value is possible (no padding slot of log-probability -inf); set where the
+            sampler knows it.
     """
 
     lp: Optional[torch.Tensor] = None
@@ -38,6 +40,7 @@ class SetState:
     h: Optional[tuple] = None
     g: Optional[torch.Tensor] = None
     phi: Optional[torch.Tensor] = None
+    exact: bool = False
 
 _MAX_SAMPLES = 16  # the set probabilities take a 2^k dynamic programme
 
@@ -120,7 +123,8 @@ class UnorderedSet(Estimator):
 
     def proposal(self, node: Node) -> torch.Tensor:
         d = node.distribution
-        n_values = d.enumerate_support(expand=False).shape[0] ** math.prod(d.batch_shape[len(node.parents):])
+        n_cat = 2 if type(d) is Bernoulli else d.enumerate_support(expand=False).shape[0]
+        n_values = n_cat ** math.prod(d.batch_shape[len(node.parents):])
         if n_values <= self.budget:
             values, logp = enumerate_joint(node, self.budget, self.name)  # (M, *own, *event), (M, *parents)
             # Gumbel-top-k: the k largest of log p + Gumbel noise are an ordered sample without
@@ -136,13 +140,16 @@ class UnorderedSet(Estimator):
                 log_rest, _ = masked_logsumexp(logp.detach(), mask, 0)  # log(1 - p(S)), exact
             lp = logp.gather(0, idx)
             node.state.lp = lp if pad is None else lp.masked_fill(pad.movedim(-1, 0), -math.inf)
+            node.state.exact = pad is None
             node.state.log_rest, node.state.g = log_rest, g
             return values[idx]
-        # too many joint values to list: the same Gumbel-top-k sample by stochastic beam search
-        values, lp, g = stochastic_beam_search(node, self.n_samples)
-        with torch.no_grad():
-            log_rest = _log1mexp(torch.logsumexp(lp.detach(), 0))  # log(1 - p(S))
+        # too many joint values to list: the same Gumbel-top-k sample from i.i.d. draws (their first
+        # distinct values) or by stochastic beam search; g is drawn later if a partition needs it
+        values, lp, g = sample_without_replacement(node, self.n_samples)
+        with torch.no_grad():  # log(1 - p(S)); log(-expm1) is accurate in absolute terms (a log-weight)
+            log_rest = torch.log(-torch.expm1(torch.logsumexp(lp.detach(), 0).clamp_max(0.0)))
         node.state.lp, node.state.log_rest, node.state.g = lp, log_rest, g
+        node.state.exact = g is None  # the i.i.d. path: k possible values, no padding
         return values
 
     def extend(self, node: Node, distribution: Distribution, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,6 +169,8 @@ class UnorderedSet(Estimator):
         lp = lp.expand((lp.shape[0],) + tuple(p.size for p in plates))
         # detach: which prefixes survive is sampled, not differentiated (l_t carries the gradient)
         phi = align(c.phi if c.phi is not None else c.lp.detach(), prev, plates).expand(lp.shape[1:])
+        if c.g is None:  # the first sample came without Gumbels: draw them given the sample
+            c.g = order_gumbels(c.lp.detach())
         g = align(c.g, prev, plates).expand(lp.shape[1:])
         parent, value, g, phi, left, pad = beam_step(lp.detach(), phi, g, self.n_samples)
         node.plate.lineage.set_parents(node.step + 1, parent, plates[1:])
@@ -172,9 +181,12 @@ class UnorderedSet(Estimator):
             log_rest = torch.logaddexp(align(c.log_rest, prev[1:], plates[1:]), left)
         sample = values[value]
         c.lp, c.phi, c.g, c.log_rest, c.h = phi, phi, g, log_rest, None
+        c.exact = pad is None
         if self.eos is not None:
             node.finished = done.gather(0, parent) | self.is_eos(distribution, sample, len(plates))
         # a padding slot (fewer possible prefixes than k) repeats a possible prefix with weight 0: l = 0
+        if pad is None and self.eos is None:  # every kept prefix is possible, and so is its step
+            return sample, step_lp
         keep = torch.isfinite(step_lp) if pad is None else torch.isfinite(step_lp) & ~pad
         return sample, torch.where(keep, step_lp, torch.zeros_like(step_lp))
 
@@ -184,7 +196,7 @@ class UnorderedSet(Estimator):
             with torch.no_grad():  # weights and baseline are detached (⊥ in D.2.3)
                 lp, log_rest = c.lp.detach(), c.log_rest
                 floor = -1e30  # log of a probability that is exactly 0: finite, so no inf - inf
-                lp = lp.clamp_min(floor)
+                lp = lp if c.exact else lp.clamp_min(floor)
                 k = lp.shape[0]
                 flat = lp.reshape(k, -1)
                 rest = log_rest.expand(lp.shape[1:]).reshape(-1)
@@ -198,7 +210,7 @@ class UnorderedSet(Estimator):
                     z = flat.new_zeros(flat.shape[1:])
                     h0, h1, h2 = z, flat.new_zeros(flat.shape), flat.new_zeros((k,) + flat.shape)
                 else:
-                    h0, h1, h2 = _log_h(flat, rest.clamp_min(floor))
+                    h0, h1, h2 = _set_terms(flat, rest.clamp_min(floor), c.exact)
                 shape = lp.shape[1:]
                 c.h = (lp, h0.reshape(shape), h1.reshape((k,) + shape), h2.reshape((k, k) + shape))
         return c.h
@@ -210,6 +222,8 @@ class UnorderedSet(Estimator):
 
     def gradient_function(self, node: Node) -> torch.Tensor:
         lp = node.state.lp
+        if node.state.exact:  # every drawn value is possible
+            return lp
         # a value of probability exactly 0 (weight 0) gets l = 0 instead of -inf: no NaN in MagicBox
         return torch.where(torch.isfinite(lp), lp, torch.zeros_like(lp))
 
@@ -236,38 +250,148 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _layers(k: int) -> tuple:
-    """For each subset size j = k-1, ..., 0: the subsets (bitmasks), their missing elements, and
-    the subsets one element larger."""
-    out = []
+def _plan(k: int) -> tuple:
+    """Index tables of the dynamic programme over the subsets of a set of k elements.
+
+    The subsets of size j (layer j) are listed in increasing bitmask order, so layer 1 lists {x}
+    at position x. For each layer j = k-1, ..., 0 and each subset C in it: ``larger`` (n_j, k-j),
+    the positions in layer j+1 of C ∪ {x} for each x ∉ C; ``first`` (n_j,), the position of
+    C ∪ {x0} for x0 the smallest x ∉ C. Shared by every layer: ``missing`` (Σ_j n_j (k-j),), the
+    x ∉ C of every row, layer after layer; ``x0`` (Σ_j n_j,); and ``pairs`` (k, k), the position
+    of {s, s'} in layers 1 and 2 concatenated (diagonal: {s} in layer 1).
+    """
+    layers = [[m for m in range(1 << k) if bin(m).count("1") == j] for j in range(k + 1)]
+    pos = {m: i for layer in layers for i, m in enumerate(layer)}
+    steps, missing_all, x0_all = [], [], []
     for j in range(k - 1, -1, -1):
-        masks = [m for m in range(1 << k) if bin(m).count("1") == j]
-        missing = [[x for x in range(k) if not (m >> x) & 1] for m in masks]
-        larger = [[m | (1 << x) for x in miss] for m, miss in zip(masks, missing)]
-        out.append((torch.tensor(masks), torch.tensor(missing), torch.tensor(larger)))
-    return tuple(out)
+        missing = [[x for x in range(k) if not (m >> x) & 1] for m in layers[j]]
+        larger = torch.tensor([[pos[m | (1 << x)] for x in miss] for m, miss in zip(layers[j], missing)])
+        first = torch.tensor([pos[m | (1 << miss[0])] for m, miss in zip(layers[j], missing)])
+        missing_all += [x for miss in missing for x in miss]
+        x0_all += [miss[0] for miss in missing]
+        steps.append((len(layers[j]), k - j, larger, first))
+    pairs = torch.tensor([[s if s == t else k + pos[(1 << s) | (1 << t)] for t in range(k)] for s in range(k)])
+    return tuple(steps), torch.tensor(missing_all), torch.tensor(x0_all), pairs
 
 
 def _log_h(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """log h(C) = log p^{D∖C}(S∖C) for C = ∅, {s}, {s, s'}: the probability of drawing the rest of S
     without replacement once C has been drawn.
 
-    h(S) = 1 and h(C) = Σ_{x ∈ S∖C} p(x) / p(D∖C) · h(C ∪ {x}), with p(D∖C) = p(D∖S) + p(S∖C).
+    h(S) = 1 and h(C) = Σ_{x ∈ S∖C} p(x) / p(D∖C) · h(C ∪ {x}), with p(D∖C) = p(D∖S) + p(S∖C), layer
+    by layer (subsets of size k-1, ..., 0; ``_plan``), in log space: p(D∖C) = p(D∖(C ∪ {x0})) + p(x0)
+    by one logaddexp from the layer above, and the sum over x as a log-sum-exp shifted by its
+    largest term (every term is finite: the caller clamps log 0 to a finite floor).
 
     Args:
-        lp: log p(s) of the k set elements, shape (k, B).
-        log_rest: log p(D∖S), shape (B,).
+        lp: log p(s) of the k set elements, shape (k, B), finite.
+        log_rest: log p(D∖S), shape (B,), finite.
     """
     k, size = lp.shape
     dev = lp.device
-    h = lp.new_full((1 << k, size), -math.inf)
-    h[(1 << k) - 1] = 0.0
-    for masks, missing, larger in _layers(k):
-        masks, missing, larger = masks.to(dev), missing.to(dev), larger.to(dev)
-        lpm = lp[missing]  # (subsets, k - j, B)
-        rest = log_rest.expand(masks.shape[0], 1, size)
-        log_denominator = torch.logsumexp(torch.cat([rest, lpm], 1), 1)  # log p(D∖C)
-        h[masks] = torch.logsumexp(lpm - log_denominator.unsqueeze(1) + h[larger], 1)
-    single = 1 << torch.arange(k, device=dev)
-    pairs = single.unsqueeze(1) | single.unsqueeze(0)  # (k, k); diagonal = single
-    return h[0], h[single], h[pairs]
+    steps, missing, x0, pairs = _plan(k)
+    counts = [n for n, _, _, _ in steps]
+    # every layer's log p(x) for x ∉ C and log p(x0), gathered at once and split by layer (views)
+    lp_missing = lp[missing.to(dev)].split([n * w for n, w, _, _ in steps])
+    lp_x0 = lp[x0.to(dev)].split(counts)
+    h = lp.new_zeros(1, size)  # layer k: h(S) = 1
+    den = log_rest.reshape(1, size)  # log p(D∖S)
+    layers = [h]
+    for (n, width, larger, first), lpm, lpx in zip(steps, lp_missing, lp_x0):
+        terms = lpm.view(n, width, size) + h.index_select(0, larger.to(dev).flatten()).view(n, width, size)
+        top = terms.amax(1)
+        total = terms.sub_(top.unsqueeze(1)).exp_().sum(1).log_().add_(top)
+        den = torch.logaddexp(den[first.to(dev)], lpx)  # log p(D∖C)
+        h = total.sub_(den)
+        layers.append(h)
+    # layers[-1]: h(∅); layers[-2]: h({x}) at position x; layers[-3]: h({s, s'}) (layer k: h(S) = 1)
+    single = layers[-2]
+    both = torch.cat([single, layers[-3]]) if k > 1 else single
+    return h[0], single, both[pairs.to(dev)]
+
+
+def _linear_ok(lp: torch.Tensor, log_rest: torch.Tensor) -> bool:
+    """Whether :func:`_log_h_linear` holds for every row: every set element possible, and
+    μ = max(p(D∖S), min_s p(s)) >= exp(-(700 - log k!) / k). Every p(D∖C), C ≠ S, is at least μ
+    (it holds p(D∖S) and some p(x), x ∉ C), so q(∅) <= k! / μ^k stays below float64's largest."""
+    k = lp.shape[0]
+    bound = -(700.0 - math.lgamma(k + 1)) / k
+    least = lp.amin(0)
+    return bool(((least > -1e29) & (torch.maximum(log_rest, least) > bound)).all())
+
+
+def _set_terms(lp: torch.Tensor, log_rest: torch.Tensor, possible: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log h(∅), log h({s}), log h({s, s'}), each shifted by the same constant per row (the weights
+    and the baseline use differences only): :func:`_log_h_linear` where it holds, else :func:`_log_h`.
+
+    ``possible``: the caller knows every element has positive probability; then the linear
+    programme is tried and kept unless q(∅) (the largest q) overflowed, else :func:`_linear_ok` decides.
+    """
+    if possible:
+        out = _log_h_linear(lp, log_rest)
+        if bool(torch.isfinite(out[0]).all()):
+            return out
+    elif _linear_ok(lp, log_rest):
+        return _log_h_linear(lp, log_rest)
+    return _log_h(lp, log_rest)
+
+
+def _log_h_linear(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_log_h` minus log Π_{s∈S} p(s) per row, by a programme without exp or log per layer.
+
+    With q(C) = h(C) / Π_{x∈S∖C} p(x), the recurrence of h becomes
+    q(C) = Σ_{x∈S∖C} q(C ∪ {x}) / p(D∖C), q(S) = 1: per layer one matmul with the 0/1 matrix of
+    C ⊂ C ∪ {x} and one division, in float64. Every q(C) >= 1 (p(D∖C) <= 1), q(∅) is the largest,
+    and q(∅) <= k! / μ^k, finite where :func:`_linear_ok`; p(D∖C) = p(D∖S) + Σ_{x∉C} p(x) is a sum
+    of positive terms (one matmul for every C), so the programme is accurate to a few float64
+    ulps. Returns log q(∅), log q({s}) - log p(s) and log q({s, s'}) - log p(s) - log p(s')
+    (diagonal: the {s} term), in ``lp``'s dtype.
+    """
+    k, size = lp.shape
+    dev = lp.device
+    not_in, up, pairs = _linear_tables(k, dev)
+    lp64 = lp.double()
+    den = torch.addmm(log_rest.double().exp().unsqueeze(0), not_in, lp64.exp()).split([a.shape[0] for a in up])
+    q = lp64.new_ones(1, size)  # layer k: q(S) = 1
+    layers = [q]
+    for a, d in zip(up, den):
+        q = torch.mm(a, q).div_(d)
+        layers.append(q)
+    q0 = layers[-1][0].log()
+    lq1 = layers[-2].log()
+    q1 = lq1 - lp64
+    # {s}: log q({s}) + log p(s) and {s, s'}: log q({s, s'}); minus log p(s) + log p(s') below
+    both = torch.cat([lq1.add_(lp64), layers[-3].log()]) if k > 1 else lq1.add_(lp64)
+    q2 = both[pairs].sub_(lp64.unsqueeze(0)).sub_(lp64.unsqueeze(1))
+    return q0.to(lp.dtype), q1.to(lp.dtype), q2.to(lp.dtype)
+
+
+_LINEAR_TABLES: dict = {}
+
+
+def _linear_tables(k: int, device: torch.device) -> tuple:
+    """For :func:`_log_h_linear`, on ``device``: ``not_in`` (Σ_j n_j, k), row C 1 at each x ∉ C; ``up``:
+    per layer j = k-1, ..., 0 the (n_j, n_{j+1}) 0/1 float64 matrix of C ⊂ C ∪ {x}; ``pairs`` (k, k)."""
+    key = (k, device)
+    out = _LINEAR_TABLES.get(key)
+    if out is None:
+        steps, _, _, pairs = _plan(k)
+        up, sizes = [], [1] + [n for n, _, _, _ in steps]
+        for (n, width, larger, _), above in zip(steps, sizes):
+            a = torch.zeros(n, above, dtype=torch.float64)
+            a.scatter_(1, larger, 1.0)
+            up.append(a.to(device))
+        out = (_not_in(k).to(device), tuple(up), pairs.to(device))
+        if len(_LINEAR_TABLES) < 64:
+            _LINEAR_TABLES[key] = out
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _not_in(k: int) -> torch.Tensor:
+    """(Σ_j n_j, k) float64: row C (layers k-1, ..., 0 in ``_plan``'s order) is 1 at each x ∉ C."""
+    rows = []
+    for j in range(k - 1, -1, -1):
+        rows += [[0.0 if (m >> x) & 1 else 1.0 for x in range(k)] for m in range(1 << k) if bin(m).count("1") == j]
+    return torch.tensor(rows, dtype=torch.float64)
