@@ -242,6 +242,10 @@ class PlateTensor(torch.Tensor):
 
     nelement = numel
 
+    def is_floating_point(self) -> bool:  # type: ignore[override]
+        """Whether the dtype is a floating point dtype."""
+        return self._raw.is_floating_point()
+
     def size(self, dim: Any = None) -> Any:  # type: ignore[override]
         """The per-sample shape, or the size of per-sample dim ``dim``."""
         s = self._raw.shape[len(self._plates):]
