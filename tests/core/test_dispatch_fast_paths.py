@@ -21,12 +21,14 @@ def test_metadata_is_answered_without_the_dispatcher():
     x = make(rnd(3, 2, 4, 5), *ZD)
     x.dim()  # warm-up
     for fn in (lambda: x.dim(), lambda: x.ndim, lambda: x.shape, lambda: x.size(), lambda: x.size(-1),
-               lambda: x.size(0), lambda: x.dtype, lambda: x.device, lambda: x.ndimension(), lambda: x.numel()):
+               lambda: x.size(0), lambda: x.dtype, lambda: x.device, lambda: x.ndimension(), lambda: x.numel(),
+               lambda: x.is_floating_point()):
         out, seen = calls(fn)
         assert "_torch_function" not in seen, fn
     assert (x.dim(), x.ndim, x.ndimension(), x.numel()) == (2, 2, 2, 20)
     assert x.shape == x.size() == (4, 5) and x.size(0) == 4 and x.size(-1) == 5 and x.size(dim=1) == 5
-    assert x.dtype == torch.float64 and x.device == torch.device("cpu")
+    assert x.dtype == torch.float64 and x.device == torch.device("cpu") and x.is_floating_point()
+    assert not (x > 0).is_floating_point()
     # the answers are those of the dispatched handlers (torch.Tensor's own methods on the wrapper)
     assert torch.Tensor.size(x) == x.size() and torch.Tensor.dim(x) == x.dim() and torch.Tensor.numel(x) == 20
     # the control: an out-of-range dim goes through the dispatcher, which gives torch's own error

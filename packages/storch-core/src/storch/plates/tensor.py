@@ -222,10 +222,12 @@ class PlateTensor(torch.Tensor):
 
     @property
     def dtype(self) -> torch.dtype:  # type: ignore[override]
+        """The dtype (that of the raw tensor)."""
         return self._raw.dtype
 
     @property
     def device(self) -> torch.device:  # type: ignore[override]
+        """The device (that of the raw tensor)."""
         return self._raw.device
 
     def dim(self) -> int:  # type: ignore[override]
@@ -240,7 +242,11 @@ class PlateTensor(torch.Tensor):
 
     nelement = numel
 
-    def size(self, dim=None):  # type: ignore[override]
+    def is_floating_point(self) -> bool:  # type: ignore[override]
+        """Whether the dtype is a floating point dtype."""
+        return self._raw.is_floating_point()
+
+    def size(self, dim: Any = None) -> Any:  # type: ignore[override]
         """The per-sample shape, or the size of per-sample dim ``dim``."""
         s = self._raw.shape[len(self._plates):]
         if dim is None:
