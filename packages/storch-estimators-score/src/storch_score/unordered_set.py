@@ -332,6 +332,8 @@ def _set_terms(lp: torch.Tensor, log_rest: torch.Tensor, possible: bool = False
     ``possible``: the caller knows every element has positive probability; then the linear
     programme is tried and kept unless q(∅) (the largest q) overflowed, else :func:`_linear_ok` decides.
     """
+    if lp.is_meta:  # shapes only
+        return _log_h(lp, log_rest)
     if possible:
         out = _log_h_linear(lp, log_rest)
         if bool(torch.isfinite(out[0]).all()):
