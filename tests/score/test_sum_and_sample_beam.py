@@ -188,3 +188,20 @@ def test_one_value_memory_rejection_and_fallback():
     est = torch.nn.functional.one_hot(codes, 16).double()
     assert_unbiased(torch.cat([est[:, common], est[:, ~common].sum(1, keepdim=True)], 1),
                     torch.cat([want[common], want[~common].sum().reshape(1)]), "p(x | x != a)")
+
+
+def test_spread_out_node_skips_the_exact_sampler(monkeypatch):
+    """20 Bernoullis near 1/2, memory of one value: no draw hits it, so p(x | x != a) comes from the
+    draws from p alone (the first-differing-variable sampler is not called)."""
+    import storch_score._memory as memory_module
+
+    def fail(*args, **kwargs):
+        raise AssertionError("slow path taken")
+
+    monkeypatch.setattr(memory_module, "_sample_outside_one", fail)
+    torch.manual_seed(16)
+    est = storch.estimator("sum_and_sample", plate="z", n_samples=7, n_enumerate=1)
+    with storch.Graph():
+        logits = storch.denote_independent(torch.randn(20, 20) * 0.3, 0, "data")
+        z = est(Bernoulli(logits=logits))
+        assert z.plates[0].size == 8

@@ -259,3 +259,26 @@ def test_order_gumbels_match_gumbel_top_k():
     assert_unbiased(torch.cat([drawn.t(), drawn.t() ** 2], 1) - torch.cat([top.values, top.values ** 2], 1),
                     torch.zeros(6), "G and G^2, order_gumbels minus Gumbel-top-k")
     assert (drawn[0] >= drawn[1]).all() and (drawn[1] >= drawn[2]).all()
+
+
+def test_vae_sized_node_takes_the_fast_paths(monkeypatch):
+    """20 Bernoulli latents, 8 samples (the VAE benchmark's node): the sample comes from i.i.d. draws
+    (no beam: no Gumbels recorded, every value possible) and the set probabilities from the float64
+    programme (the log-space one is not called); the weights still sum to one in expectation."""
+    import storch_score._beam as beam_module
+    import storch_score.unordered_set as us_module
+
+    def fail(*args, **kwargs):
+        raise AssertionError("slow path taken")
+
+    monkeypatch.setattr(beam_module, "_search", fail)
+    monkeypatch.setattr(us_module, "_log_h", fail)
+    torch.manual_seed(15)
+    est = storch.estimator("unordered_set", plate="z", n_samples=8)
+    with storch.Graph() as g:
+        logits = storch.denote_independent(torch.randn(50, 20) * 0.5, 0, "data")
+        est(Bernoulli(logits=logits))
+        node = g.nodes[0]
+        assert node.state.g is None and node.state.exact
+        w = node.weight_values.sum(0)  # (50,)
+    assert_unbiased(w.unsqueeze(1), 1.0, "sum of the weights")

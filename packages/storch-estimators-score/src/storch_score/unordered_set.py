@@ -59,15 +59,19 @@ class UnorderedSet(Estimator):
         b(s) = Σ_{s'∈S} p(s') R^{D∖{s}}(S, s') f(s'), R^{D∖{s}}(S, s) = 1 and
         R^{D∖{s}}(S, s') = p^{D∖{s,s'}}(S∖{s,s'}) / p^{D∖{s}}(S∖{s}); or none (``baseline=False``).
 
-    All set probabilities come from one exact dynamic programme over the subsets of S in log space
-    (h(C) = p^{D∖C}(S∖C) for every C ⊆ S), so there is no quadrature error, and extreme logits or
-    k = K (every value drawn: the estimate becomes the exact expectation) give no NaN.
+    All set probabilities come from one exact dynamic programme over the subsets of S
+    (h(C) = p^{D∖C}(S∖C) for every C ⊆ S), so there is no quadrature error: in float64 without
+    exp/log per layer where p(D∖S) or every p(s) is not tiny (q(C) = h(C) / Π_{x∈S∖C} p(x)), in log
+    space elsewhere, so extreme logits or k = K (every value drawn: the estimate becomes the exact
+    expectation) give no NaN.
 
     Requires: a distribution with a finite support (Bernoulli, Categorical, OneHotCategorical, ...);
     k <= 16 (larger k only when the sample is the whole support, where the estimate is exact). A joint support of at most ``budget`` values (K^n for n batch elements) is enumerated;
-    a larger one (e.g. 20 Bernoulli latents of a VAE) is sampled by stochastic beam search over
-    the n independent variables (Kool et al., 2019), which draws the same Gumbel-top-k sample
-    without listing the K^n values.
+    a larger one (e.g. 20 Bernoulli latents of a VAE) is sampled without listing the K^n values:
+    as the first k distinct of 2k i.i.d. joint draws (successive sampling, the same distribution as
+    Gumbel-top-k), rows with fewer distinct draws completed by stochastic beam search over the n
+    independent variables (Kool et al., 2019), several variables per beam step
+    (``storch_score._beam.sample_without_replacement``).
 
     On a partition (the estimator called at every step of a sequence, docs/partitions.md) the
     sample is drawn by stochastic beam search over the sequences: at each step the k best
@@ -84,7 +88,7 @@ class UnorderedSet(Estimator):
             probability); an entry with fewer pads its set with weight-0 repeats of a possible value).
         n_samples: k, the number of distinct samples.
         baseline: use the built-in baseline (needs n_samples >= 2).
-        budget: the largest joint support that is enumerated (beyond it: stochastic beam search).
+        budget: the largest joint support that is enumerated (beyond it: i.i.d. draws and beam search).
         eos: for a partition (called at every step of a sequence): the index (in the support) of the
             end-of-sequence value; a finished sequence stays in the beam as a candidate and draws it
             again with probability 1 (variable length). ``None``: fixed length.
@@ -328,6 +332,8 @@ def _set_terms(lp: torch.Tensor, log_rest: torch.Tensor, possible: bool = False
     ``possible``: the caller knows every element has positive probability; then the linear
     programme is tried and kept unless q(∅) (the largest q) overflowed, else :func:`_linear_ok` decides.
     """
+    if lp.is_meta:  # shapes only
+        return _log_h(lp, log_rest)
     if possible:
         out = _log_h_linear(lp, log_rest)
         if bool(torch.isfinite(out[0]).all()):
