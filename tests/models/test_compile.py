@@ -119,6 +119,42 @@ def test_one_graph_and_eager_gradients(step):
     assert "storch" not in gm.code
 
 
+@pytest.mark.parametrize("step", list(STEPS))
+def test_replay_without_compiler(step, monkeypatch):
+    # backend=None: the traced plain-torch program runs as recorded. The path: no compiler is asked
+    # (torch.compile and inductor would raise here), and after the trace no storch code runs at all
+    # (a Graph entered or an estimator called would raise); the values and gradients are eager storch's
+    loss, params, args = STEPS[step]()
+    compiled = storch.compile(loss, backend=None)
+
+    def no_compiler(*a, **k):
+        raise AssertionError("storch.compile(backend=None) must not compile")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(torch._inductor, "compile", no_compiler)
+    _grads(compiled, params, args, 0)  # the trace (runs storch once, eagerly and traced)
+    assert compiled.traces == 1 and isinstance(compiled.graph_module(*args), torch.fx.GraphModule)
+    eager = {seed: _grads(loss, params, args, seed) for seed in range(1, 4)}
+
+    def no_storch(*a, **k):
+        raise AssertionError("a replayed step must not run storch code")
+
+    monkeypatch.setattr(storch.Graph, "__enter__", no_storch)
+    monkeypatch.setattr(storch.Estimator, "__call__", no_storch)
+    for seed in range(1, 4):
+        value, grads = _grads(compiled, params, args, seed)
+        value_eager, grads_eager = eager[seed]
+        torch.testing.assert_close(value, value_eager, rtol=1e-5, atol=1e-6)
+        for g, e in zip(grads, grads_eager):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert compiled.traces == 1
+
+
+def test_replay_takes_no_compiler_options():
+    with pytest.raises(storch.StorchError, match="no mode= or options="):
+        storch.compile(lambda x: x, backend=None, mode="max-autotune")
+
+
 def test_inductor_gradients_equal_eager():
     # inductor draws with torch's generator when fallback_random is set (else with its own)
     loss, params, args = _vae("bernoulli")()

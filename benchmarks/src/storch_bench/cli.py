@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--compile", action="store_true", help="also time both step functions through torch.compile "
                    "(columns: compiled storch / compiled hand-written, and the storch step's graph breaks)")
     o.add_argument("--backend", default="inductor", help="torch.compile backend for --compile (default inductor)")
+    o.add_argument("--replay", action="store_true", help="also time the storch loss traced once by "
+                   "storch.compile(backend=None) and replayed without a compiler, against the eager hand-written loss "
+                   "(columns: replayed storch / eager hand-written, and whether the replay's gradient is eager storch's)")
     m = sub.add_parser("model", help="which estimator for MY model: rank the installed estimators on "
                        "FILE:FUNCTION (variance, bias, time, memory)")
     _common(m)

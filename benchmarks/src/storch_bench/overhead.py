@@ -82,6 +82,13 @@ class Row:
     compiled_storch_us: float = math.nan  # --compile: torch.compile of the step function
     compiled_torch_us: float = math.nan
     graph_breaks: float = math.nan  # of the storch step, from torch._dynamo.explain
+    replayed_storch_us: float = math.nan  # --replay: storch.compile(backend=None), loss + gradient
+    replay_torch_us: float = math.nan  # the hand-written loss + gradient, eager
+    replay_same_grad: str = "-"  # the replayed program's gradient = eager storch's (same seed)
+
+    @property
+    def replay_ratio(self) -> float:
+        return self.replayed_storch_us / self.replay_torch_us
 
     @property
     def compiled_ratio(self) -> float:
@@ -309,9 +316,11 @@ def time_pair(fa: Callable, fb: Optional[Callable], min_time: float = 0.2, clock
 
 
 def measure(problem: str, config: str, batch: int, n: int, threads: int = 1, min_time: float = 0.2,
-            clock: str = "wall", device: str = "cpu", compile: bool = False, backend: str = "inductor") -> Row:
+            clock: str = "wall", device: str = "cpu", compile: bool = False, backend: str = "inductor",
+            replay: bool = False) -> Row:
     """One row: storch and the hand-written step (``by_hand``), eager, and with ``compile``
-    also both step functions through ``torch.compile(backend=backend)``."""
+    also both step functions through ``torch.compile(backend=backend)``; with ``replay`` the storch
+    loss traced once and replayed without a compiler against the eager hand-written loss."""
     row = Row(problem, config, batch, n)
     dev = select_device(device) if isinstance(device, str) else device
     name, options, n_min = CONFIGS[config]
@@ -354,7 +363,37 @@ def measure(problem: str, config: str, batch: int, n: int, threads: int = 1, min
         row.torch_mb = peak_memory(by_hand, dev) / 2**20
     if compile:
         _measure_compiled(row, with_storch, by_hand, min_time, clock, wait, backend, est, dev)
+    if replay:
+        _measure_replay(row, by_hand is not None, min_time, clock, wait, est, dev)
     return row
+
+
+def _measure_replay(row: Row, has_hand: bool, min_time: float, clock: str, wait: Callable[[], None], est=None,
+                    device: torch.device = _CPU) -> None:
+    """The ``--replay`` columns: the step's storch loss through ``storch.compile(backend=None)`` (its
+    plate program traced once into plain torch, then replayed as recorded: no compiler, no storch
+    code per call) against the hand-written loss run eagerly as written (argument validation on),
+    each followed by ``torch.autograd.grad``; and whether the replay's gradient equals eager storch's
+    from the same seed. The losses are :func:`storch_bench.compiled.loss_pair`'s (no optimizer step)."""
+    from .compiled import loss_pair
+
+    try:
+        s_loss, sp, h_loss, hp, args = loss_pair(row.problem, row.config, row.batch, row.n, device, est)
+        replayed = storch.compile(s_loss, backend=None)
+        torch.autograd.grad(replayed(*args), sp)  # the trace
+        torch.manual_seed(2)
+        g_replay = torch.autograd.grad(replayed(*args), sp)
+        torch.manual_seed(2)
+        g_eager = torch.autograd.grad(s_loss(*args), sp)
+        same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_replay, g_eager))
+        row.replay_same_grad = "yes" if same else "NO"
+        a, b = time_pair(lambda: torch.autograd.grad(replayed(*args), sp),
+                         (lambda: torch.autograd.grad(h_loss(*args), hp)) if has_hand else None,
+                         min_time, clock, wait)
+        row.replayed_storch_us, row.replay_torch_us = 1e6 * a, 1e6 * b
+    except Exception as e:  # noqa: BLE001  (a row that cannot be replayed says why; the others go on)
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        row.note = "; ".join(filter(None, [row.note, f"replay failed: {type(e).__name__}: {msg}"]))
 
 
 def _measure_compiled(row: Row, with_storch: Callable, by_hand: Optional[Callable], min_time: float, clock: str,
@@ -391,7 +430,7 @@ def _measure_compiled(row: Row, with_storch: Callable, by_hand: Optional[Callabl
 
 def run_overhead(problems, configs, batches, ns, threads: int = 1, min_time: float = 0.2,
                  progress: bool = True, clock: str = "wall", device: str = "cpu", compile: bool = False,
-                 backend: str = "inductor") -> list[Row]:
+                 backend: str = "inductor", replay: bool = False) -> list[Row]:
     from tqdm.auto import tqdm
 
     torch.set_num_threads(threads)
@@ -400,7 +439,7 @@ def run_overhead(problems, configs, batches, ns, threads: int = 1, min_time: flo
     run_configs = list(configs) + (["loo"] if any(c in VS_LOO for c in configs) and "loo" not in configs else [])
     grid = [(p, c, b, n) for p in problems if p != "ipd" for c in run_configs for b in batches for n in ns]
     rows = [measure(*g, threads=threads, min_time=min_time, clock=clock, device=dev, compile=compile,
-                    backend=backend)
+                    backend=backend, replay=replay)
             for g in tqdm(grid, disable=not progress, unit="config", dynamic_ncols=True)]
     loo = {(r.problem, r.batch, r.n): r.storch_us for r in rows if r.config == "loo"}
     for r in rows:
@@ -417,6 +456,7 @@ def run_overhead(problems, configs, batches, ns, threads: int = 1, min_time: flo
 HEADER = ["problem", "estimator", "batch", "n", "storch us", "torch us", "time ratio", "storch MB", "torch MB",
           "memory ratio", "same grad", "vs loo", "note"]
 COMPILED_HEADER = ["compiled storch us", "compiled torch us", "compiled ratio", "graph breaks"]
+REPLAY_HEADER = ["replayed storch us", "eager torch us", "replay ratio", "replay same grad"]
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -428,14 +468,15 @@ def run_cli(args: argparse.Namespace) -> int:
     ns = [int(n) for n in args.n_samples.split(",")]
     clock = getattr(args, "clock", "wall")
     compiled = getattr(args, "compile", False)
+    replay = getattr(args, "replay", False)
     try:
         device = select_device(getattr(args, "device", "cpu"))
     except ValueError as e:
         print(f"storch-compare overhead: {e}", file=sys.stderr)
         return 2
     rows = run_overhead(problems, configs, batches, ns, args.threads, args.min_time, not args.no_progress, clock,
-                        device, compiled, getattr(args, "backend", "inductor"))
-    columns = HEADER[:-1] + (COMPILED_HEADER if compiled else []) + HEADER[-1:]
+                        device, compiled, getattr(args, "backend", "inductor"), replay)
+    columns = HEADER[:-1] + (COMPILED_HEADER if compiled else []) + (REPLAY_HEADER if replay else []) + HEADER[-1:]
     table = []
     for r in rows:
         line = [r.problem, r.config, r.batch, r.n, r.storch_us, r.torch_us,
@@ -443,6 +484,8 @@ def run_cli(args: argparse.Namespace) -> int:
                 r.same_grad, r.vs_loo]
         if compiled:
             line += [r.compiled_storch_us, r.compiled_torch_us, r.compiled_ratio, r.graph_breaks]
+        if replay:
+            line += [r.replayed_storch_us, r.replay_torch_us, r.replay_ratio, r.replay_same_grad]
         table.append(line + [r.note])
     write_csv(args.out / "overhead.csv", columns, table)
     memory = "CUDA allocator peak of one call" if device.type == "cuda" else \
@@ -453,6 +496,8 @@ def run_cli(args: argparse.Namespace) -> int:
              + ("compiled: storch.compile of the storch loss and torch.compile of the hand-written one, each "
                 f"with autograd.grad (backend {getattr(args, 'backend', 'inductor')}, timed after compilation; "
                 "graph breaks: of the program storch.compile traced); " if compiled else "")
+             + ("replayed: storch.compile(backend=None) of the storch loss (traced once, replayed without a "
+                "compiler) against the eager hand-written loss, each with autograd.grad, no optimizer step; " if replay else "")
              + "targets: "
              f"time <= {TARGETS['toy']}x on the toy, <= {TARGETS['vae']}x per VAE step (batch 1: "
              f"{TARGETS['vae_batch1']}x), <= {TARGETS['cnn']}x per CNN VAE step, <= {TARGETS['rnn']}x per GRU decoder "

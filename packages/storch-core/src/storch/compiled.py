@@ -12,6 +12,11 @@ surrogate would run, plus storch's grad-mode switches and ``detach``es). That pr
 to ``torch.compile(fullgraph=True)``: one graph, no breaks. Later calls with the same signature
 replay the compiled program and never enter storch's Python.
 
+With ``backend=None`` nothing is compiled: later calls run the traced program as recorded (an FX
+graph of the plain torch calls, in Python). That is the eager cost of the same step written by
+hand, without storch's per-call dispatch and bookkeeping and without a compiler's first-call time
+(a trace takes about a second); the limits below are the same.
+
 What a trace fixes, and what a step may not do (each raises a clear error where it can be seen):
 
 - the step returns tensors (e.g. ``storch.surrogate_loss()``), not plate tensors, and does not call
@@ -181,7 +186,9 @@ def compile(fn: Optional[Callable] = None, *, backend: Any = "inductor", mode: O
     Args:
         fn: the step function.
         backend, mode, options, dynamic: passed to ``torch.compile`` (``dynamic=False`` by default:
-            every new shape is traced anyway).
+            every new shape is traced anyway). ``backend=None`` compiles nothing: the traced plain
+            torch program is replayed as recorded (eager torch's speed, no compile time); ``mode``
+            and ``options`` are then not allowed.
 
     Raises:
         StorchError: when the step cannot be replayed faithfully (see :mod:`storch.compiled`): it calls
@@ -199,6 +206,10 @@ def compile(fn: Optional[Callable] = None, *, backend: Any = "inductor", mode: O
         ...         return storch.surrogate_loss()
         >>> loss_fn(x).backward()
     """
+    if backend is None and (mode is not None or options is not None):
+        raise StorchError("storch.compile(backend=None) replays the traced program without a compiler, so it "
+                          f"takes no mode= or options= (got mode={mode!r}, options={options!r}); pass a backend "
+                          "such as 'inductor' to compile it")
     opts = {"backend": backend, "dynamic": dynamic}
     if mode is not None:
         opts["mode"] = mode
@@ -215,7 +226,10 @@ def _compile_graph(gm: torch.fx.GraphModule, tensors: list, options: dict):
     """The traced program, compiled: by inductor directly for the default backend (no dynamo frame
     and guards: :class:`CompiledStep` keys its cache on the arguments itself, and dynamo's call
     overhead on a GraphModule was ~25 us per call, a third of a small compiled step), by
-    ``torch.compile(fullgraph=True)`` for any other backend (``"aot_eager"``, a custom one)."""
+    ``torch.compile(fullgraph=True)`` for any other backend (``"aot_eager"``, a custom one); with
+    ``backend=None`` not at all: the traced GraphModule itself runs (its plain torch calls, in Python)."""
+    if options.get("backend") is None:
+        return gm
     if options.get("backend") == "inductor" and not options.get("dynamic"):
         import torch._inductor as inductor
 
