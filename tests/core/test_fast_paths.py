@@ -254,3 +254,43 @@ def test_plain_table_indexed_by_a_plate_tensor_is_one_raw_index():
         # path (aranges over the plates) runs, and the probe sees it
         _, seen = calls(lambda: table[:, a])
         assert "arange" in seen
+
+
+class _PlainSequence(_Plain):
+    """:class:`_Plain` called once per step: a partition (a policy over an episode)."""
+
+    name = "plain_sequence_for_tests"
+    supports_partitions = True
+
+
+def test_partition_step_on_the_partitions_plates_skips_the_general_unwrapping():
+    # a policy step whose parameters are computed from the last step (plate tensors on exactly the
+    # partition's plates): the raw copy and the plate check in one pass (_as_raw, Graph.owns), without
+    # Graph.check_call, the general unwrapping or the topological-order walk over the parents, and
+    # its gradient function is torch's Bernoulli kernel without broadcast_all
+    theta = torch.randn(3, requires_grad=True)
+    est = _PlainSequence(plate="episode", n_samples=4)
+    with storch.Graph():
+        a0 = est(Bernoulli(logits=theta[0]))
+        d = Bernoulli(logits=theta[1] + theta[2] * a0)
+        torch.manual_seed(3)
+        a1, seen = calls(lambda: est(d))
+        assert {"_as_raw", "owns", "_extend_partition", "raw_log_prob"} <= seen
+        assert not seen & {"check_call", "_distribution_plates", "unwrap_distribution", "node_of", "broadcast_all"}
+        node = storch.current_graph().nodes[0]
+        assert a1.plates == node.plates and a1.plates[0].step == 1
+        # the same draws, values and autograd graph as by hand on the raw logits
+        logits = theta[1] + theta[2] * a0.tensor
+        torch.manual_seed(3)
+        assert torch.equal(a1.tensor, Bernoulli(logits=logits).sample())
+        by_torch = Bernoulli(logits=logits, validate_args=False).log_prob(a1.tensor)
+        l1 = node.step_log[1][1]
+        assert torch.equal(l1, by_torch) and graph_ops(l1) == graph_ops(by_torch)
+        # the controls: a step of plain tensors (expanded to the partition's plates) and a step on a
+        # new data plate take the general path (check_call, unwrap_distribution, the parents' walk)
+        _, seen = calls(lambda: est(Bernoulli(logits=theta[0])))
+        assert {"check_call", "unwrap_distribution"} <= seen
+        x = storch.denote_independent(theta, 0, "data")
+        a3, seen = calls(lambda: est(Bernoulli(logits=x + node.value)))
+        assert {"check_call", "unwrap_distribution", "node_of"} <= seen
+        assert [p.name for p in a3.plates] == ["episode", "data"]

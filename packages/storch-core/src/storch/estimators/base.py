@@ -41,7 +41,7 @@ import torch
 from torch.distributions import Distribution
 
 from ..cost import CostFrame, _lead, magic_box
-from ..distributions import _as_raw, base_distribution, unwrap_distribution
+from ..distributions import _as_raw, base_distribution, raw_log_prob, unwrap_distribution
 from ..eager import eager_only
 from ..errors import NonFiniteParameterError, OptionError, PlateError, StorchError, UnsupportedDistributionError
 from ..generators import drawing_with
@@ -131,16 +131,25 @@ class Estimator(torch.nn.Module):
         """
         graph = current_graph()
         node = graph.partition_of(self)
-        if node is None and isinstance(distribution, Distribution):
-            # the common case (a distribution built from plate tensors that share their plates): its
-            # raw copy, and its plates checked against the graph (what Graph.check_call does), in one
-            # pass over the distribution's attributes
-            same = _as_raw(distribution, ())
-            if same is not None:
-                raw, parents = same
-                if not graph.owns(parents):
-                    graph.check_call(self, distribution)  # raises the error that says what is wrong
-                return self._sample_node(graph, raw, parents, distribution, inputs)
+        if isinstance(distribution, Distribution):
+            if node is None:
+                # the common case (a distribution built from plate tensors that share their plates):
+                # its raw copy, and its plates checked against the graph (what Graph.check_call
+                # does), in one pass over the distribution's attributes
+                same = _as_raw(distribution, ())
+                if same is not None:
+                    raw, parents = same
+                    if not graph.owns(parents):
+                        graph.check_call(self, distribution)  # raises the error that says what is wrong
+                    return self._sample_node(graph, raw, parents, distribution, inputs)
+            else:
+                # a partition step whose parameters are plate tensors on exactly the partition's
+                # plates (computed from its last step: a policy's episode): the raw copy is what
+                # unwrap_distribution(within=node.plates) builds, and Graph.owns is the check of
+                # check_call that passes (a plate of this graph; plates, so not a stray new step)
+                same = _as_raw(distribution, node.plates)
+                if same is not None and graph.owns(same[1]):
+                    return self._extend_partition(graph, node, distribution, same)
         graph.check_call(self, distribution)
         if node is not None:
             return self._extend_partition(graph, node, distribution)
@@ -176,7 +185,8 @@ class Estimator(torch.nn.Module):
         node.value = value = PlateTensor._wrap(self.output(node), plates)
         return value
 
-    def _extend_partition(self, graph, node: Node, distribution: Distribution) -> PlateTensor:
+    def _extend_partition(self, graph, node: Node, distribution: Distribution,
+                          unwrapped: Optional[tuple[Distribution, tuple[Plate, ...]]] = None) -> PlateTensor:
         """A further call of this estimator in the same graph: step t of its partition (section 3.2).
 
         The calls form one partition with one plate; the plate of step t is
@@ -187,6 +197,9 @@ class Estimator(torch.nn.Module):
         whole sequence. An estimator that selects parents at step t (sampling without replacement)
         records them with ``lineage.set_parents``; tensors of earlier steps then follow their
         prefixes when they meet step t's tensors (``storch.plates.tensor.align``).
+
+        ``unwrapped``: ``(raw, plates)`` already built by :meth:`forward` (``plates`` are the
+        partition's plates at its last step, checked against the graph), or ``None``.
         """
         if not self.supports_partitions:
             raise PlateError(
@@ -195,15 +208,19 @@ class Estimator(torch.nn.Module):
                 f"{self.name!r} does not support. Create one estimator per stochastic node, or start each "
                 "step with a new graph (storch.backward() / storch.reset())"
             )
-        raw, plates = unwrap_distribution(distribution, within=node.plates)
+        if unwrapped is None:
+            raw, plates = unwrap_distribution(distribution, within=node.plates)
+        else:
+            raw, plates = unwrapped
         self.check_distribution(raw)
-        for p in plates[1:]:
-            other = graph.node_of(p.name)
-            if other is not None and other.index > node.index:
-                raise PlateError(
-                    f"step of partition {self.plate!r} depends on node {p.name!r}, which was sampled after "
-                    "the partition started; partitions must be topologically ordered (paper, section 3.2)"
-                )
+        if plates[1:] != node.parents:  # node.parents were checked at the step that added them
+            for p in plates[1:]:
+                other = graph.node_of(p.name)
+                if other is not None and other.index > node.index:
+                    raise PlateError(
+                        f"step of partition {self.plate!r} depends on node {p.name!r}, which was sampled after "
+                        "the partition started; partitions must be topologically ordered (paper, section 3.2)"
+                    )
         log = node.step_log
         if log is None:
             log = node.step_log = [(node.plates, node.gradient_values)]
@@ -255,7 +272,7 @@ class Estimator(torch.nn.Module):
     def step_gradient_function(self, node: Node, distribution: Distribution, sample: torch.Tensor,
                                plates: tuple) -> torch.Tensor:
         """l of one partition step: its log-probability summed over its own batch dims."""
-        lp = distribution.log_prob(sample)
+        lp = raw_log_prob(distribution, sample)  # (a raw Bernoulli: torch's kernel, without broadcast_all)
         k = lp.dim() - len(plates)
         return lp.sum(tuple(range(-k, 0))) if k > 0 else lp
 
