@@ -279,6 +279,9 @@ def test_partition_step_on_the_partitions_plates_skips_the_general_unwrapping():
         assert not seen & {"check_call", "_distribution_plates", "unwrap_distribution", "node_of", "broadcast_all"}
         node = storch.current_graph().nodes[0]
         assert a1.plates == node.plates and a1.plates[0].step == 1
+        # the plates the next step is matched against: those of the value, the same tuple (tensors
+        # computed from the value carry it, so _as_raw compares them by identity)
+        assert node.step_log[-1][0] is a1.plates and (a1 * 2.0).plates is a1.plates
         # the same draws, values and autograd graph as by hand on the raw logits
         logits = theta[1] + theta[2] * a0.tensor
         torch.manual_seed(3)
@@ -294,3 +297,27 @@ def test_partition_step_on_the_partitions_plates_skips_the_general_unwrapping():
         a3, seen = calls(lambda: est(Bernoulli(logits=x + node.value)))
         assert {"check_call", "unwrap_distribution", "node_of"} <= seen
         assert [p.name for p in a3.plates] == ["episode", "data"]
+
+
+def test_stacked_step_costs_ask_the_estimator_once_per_node():
+    # one cost per step of an episode: whether the partition's costs may be stacked is a property of
+    # the node and its estimator, asked once per surrogate, not once per cost
+    asked = Counter()
+
+    class Counting(_PlainSequence):
+        name = "counting_sequence_for_tests"
+
+        def control_variate_stacks(self) -> bool:
+            asked["stacks"] += 1
+            return super().control_variate_stacks()
+
+    theta = torch.randn(2, requires_grad=True)
+    est = Counting(plate="episode", n_samples=3)
+    with storch.Graph():
+        a = est(Bernoulli(logits=theta[0]))
+        for t in range(6):
+            storch.add_cost(a * 1.0, name=f"c{t}")
+            a = est(Bernoulli(logits=theta[1] * a))
+        asked.clear()
+        storch.surrogate_loss()
+        assert asked["stacks"] == 1

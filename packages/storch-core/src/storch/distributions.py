@@ -154,24 +154,28 @@ def _as_raw(d: Distribution, within: tuple[Plate, ...]) -> Optional[tuple[Distri
     returns ``None``.
     """
     out = {}
-    plates = None
+    plates = last = r = None
     want = sizes = m = 0
     for k, v in d.__dict__.items():
         t = type(v)
         if t is PlateTensor:
+            if v is last:  # the same tensor again (torch's `_param` is the logits or probs): checked
+                out[k] = r
+                continue
             r, p = v._raw, v._plates
             if plates is None:
                 plates = p
                 if within and p is not within and p != within:
                     return None
                 m = len(p)
-                sizes = tuple(q.size for q in p)
+                sizes = (p[0].size,) if m == 1 else tuple(q.size for q in p)
                 want = m + len(d.batch_shape) + len(d.event_shape)
             elif p is not plates and p != plates:
                 return None
             if r.dim() != want or r.shape[:m] != sizes:
                 return None
             out[k] = r
+            last = v
         elif t is torch.Size or t is bool or t is int or t is float or v is None:
             out[k] = v
         else:

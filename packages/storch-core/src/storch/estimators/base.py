@@ -147,7 +147,10 @@ class Estimator(torch.nn.Module):
                 # plates (computed from its last step: a policy's episode): the raw copy is what
                 # unwrap_distribution(within=node.plates) builds, and Graph.owns is the check of
                 # check_call that passes (a plate of this graph; plates, so not a stray new step)
-                same = _as_raw(distribution, node.plates)
+                # (the plates of the last step's value, as the step log holds them: tensors computed
+                # from it carry that very tuple, so _as_raw compares them by identity)
+                log = node.step_log
+                same = _as_raw(distribution, log[-1][0] if log else node.plates)
                 if same is not None and graph.owns(same[1]):
                     return self._extend_partition(graph, node, distribution, same)
         graph.check_call(self, distribution)
@@ -213,8 +216,9 @@ class Estimator(torch.nn.Module):
         else:
             raw, plates = unwrapped
         self.check_distribution(raw)
-        if plates[1:] != node.parents:  # node.parents were checked at the step that added them
-            for p in plates[1:]:
+        parents = plates[1:]
+        if parents != node.parents:  # node.parents were checked at the step that added them
+            for p in parents:
                 other = graph.node_of(p.name)
                 if other is not None and other.index > node.index:
                     raise PlateError(
@@ -229,15 +233,18 @@ class Estimator(torch.nn.Module):
         t = node.step + 1
         prev = node.plate
         plate = Plate(prev.name, sample.shape[0], False, t, prev.lineage)
-        new = (plate,) + plates[1:]
-        lp = _lead(lp, len(new))
-        if node.steps_in_place and (prev.lineage.parents or plate.size != prev.size or plates[1:] != node.parents
+        new = (plate,) + parents
+        if type(lp) is not torch.Tensor or lp.dim() < len(new):
+            lp = _lead(lp, len(new))
+        if node.steps_in_place and (prev.lineage.parents or plate.size != prev.size or parents != node.parents
                                     or lp.shape != log[0][1].shape):
             node.steps_in_place = False  # L_t re-indexed step by step (Node.history)
         # L_t = L_{t-1} + l_t is computed when read (Node.history, gradient_values); the stacked
         # surrogate of the partition's costs takes one cumulative sum over the logged l_t instead
+        # (the log's last plates are the plates of the value returned below: Estimator.forward
+        # matches the next step's distribution against them)
         log.append((new, lp))
-        node.plate, node.parents, node.step = plate, plates[1:], t
+        node.plate, node.parents, node.step = plate, parents, t
         node.sample = sample
         node.steps.append(sample)
         if not self.causal_credit:
@@ -274,7 +281,7 @@ class Estimator(torch.nn.Module):
         """l of one partition step: its log-probability summed over its own batch dims."""
         lp = raw_log_prob(distribution, sample)  # (a raw Bernoulli: torch's kernel, without broadcast_all)
         k = lp.dim() - len(plates)
-        return lp.sum(tuple(range(-k, 0))) if k > 0 else lp
+        return lp if k <= 0 else lp.sum(-1) if k == 1 else lp.sum(tuple(range(-k, 0)))  # (as Node.log_prob)
 
     # -- variable length: the end-of-sequence value ---------------------------------------------
 
