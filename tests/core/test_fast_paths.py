@@ -275,8 +275,9 @@ def test_partition_step_on_the_partitions_plates_skips_the_general_unwrapping():
         d = Bernoulli(logits=theta[1] + theta[2] * a0)
         torch.manual_seed(3)
         a1, seen = calls(lambda: est(d))
-        assert {"_as_raw", "owns", "_extend_partition", "raw_log_prob"} <= seen
-        assert not seen & {"check_call", "_distribution_plates", "unwrap_distribution", "node_of", "broadcast_all"}
+        assert {"_as_raw", "owns", "_extend_partition", "raw_sample", "raw_log_prob"} <= seen
+        assert not seen & {"check_call", "_distribution_plates", "unwrap_distribution", "node_of", "broadcast_all",
+                           "_extended_shape"}  # (torch's Bernoulli.sample)
         node = storch.current_graph().nodes[0]
         assert a1.plates == node.plates and a1.plates[0].step == 1
         # the plates the next step is matched against: those of the value, the same tuple (tensors
@@ -297,6 +298,9 @@ def test_partition_step_on_the_partitions_plates_skips_the_general_unwrapping():
         a3, seen = calls(lambda: est(Bernoulli(logits=x + node.value)))
         assert {"check_call", "unwrap_distribution", "node_of"} <= seen
         assert [p.name for p in a3.plates] == ["episode", "data"]
+        # the control of the draw: a Normal step is drawn by torch's own sample
+        _, seen = calls(lambda: est(Normal(a3, 1.0)))
+        assert {"raw_sample", "_extended_shape"} <= seen
 
 
 def test_stacked_step_costs_ask_the_estimator_once_per_node():
@@ -321,3 +325,24 @@ def test_stacked_step_costs_ask_the_estimator_once_per_node():
         asked.clear()
         storch.surrogate_loss()
         assert asked["stacks"] == 1
+
+
+def test_raw_bernoulli_draw_is_torchs_draw():
+    # raw_sample (a partition step's draw): torch.bernoulli of the probabilities, as torch's
+    # Bernoulli.sample, with the same random numbers; a graph's generator still drives it
+    from storch.distributions import raw_sample
+
+    logits = torch.randn(6, 2, requires_grad=True)
+    for kw in ({"logits": logits}, {"probs": torch.sigmoid(logits)}):
+        torch.manual_seed(4)
+        x = raw_sample(Bernoulli(**kw, validate_args=False))
+        torch.manual_seed(4)
+        y = Bernoulli(**kw, validate_args=False).sample()
+        assert torch.equal(x, y) and not x.requires_grad
+    est = _PlainSequence(plate="g", n_samples=3)
+    state, draws = torch.get_rng_state(), []
+    for _ in range(2):
+        with storch.Graph(generator=torch.Generator().manual_seed(7)):
+            a = est(Bernoulli(logits=logits[0]))
+            draws.append(est(Bernoulli(logits=logits[1] * a)).tensor)
+    assert torch.equal(draws[0], draws[1]) and torch.equal(torch.get_rng_state(), state)

@@ -18,7 +18,7 @@ from torch.distributions.utils import lazy_property
 from .errors import UnsupportedDistributionError
 from .plates.tensor import Plate, PlateTensor, align, plates_of, union_plates
 
-__all__ = ["base_distribution", "unwrap_distribution", "raw_log_prob"]
+__all__ = ["base_distribution", "unwrap_distribution", "raw_log_prob", "raw_sample"]
 
 
 def base_distribution(d: Distribution) -> Distribution:
@@ -209,6 +209,29 @@ def raw_log_prob(d: Distribution, value: torch.Tensor) -> torch.Tensor:
                 logits = logits.expand(shape)
             return -binary_cross_entropy_with_logits(logits, value, reduction="none")
     return d.log_prob(value)
+
+
+def raw_sample(d: Distribution) -> torch.Tensor:
+    """``d.sample()`` (one draw, no sample shape) for a raw distribution.
+
+    A ``Bernoulli`` without argument validation (the raw copy of a user's distribution) is drawn
+    as torch draws it, ``torch.bernoulli`` of its probabilities (``sigmoid(logits)`` when given
+    by its logits) without gradient: the same random numbers and values, without the lazy
+    property's grad mode, ``_extended_shape`` and an expand to the shape the probabilities have.
+    The probabilities computed here are not cached on ``d`` (reading ``d.probs`` computes them
+    again). Any other case calls ``d.sample()``.
+    """
+    if type(d) is Bernoulli and not d._validate_args:
+        state = d.__dict__
+        p = state.get("probs")
+        logits = state.get("logits") if p is None else None
+        if type(p if p is not None else logits) is torch.Tensor:
+            batch = d._batch_shape
+            with torch.no_grad():
+                if p is None:
+                    p = torch.sigmoid(logits)  # torch.distributions.utils.logits_to_probs(is_binary=True)
+                return torch.bernoulli(p if p.shape == batch else p.expand(batch))
+    return d.sample()
 
 
 def _categorical(cls: type, raw: dict) -> Distribution:

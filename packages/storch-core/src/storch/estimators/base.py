@@ -41,7 +41,7 @@ import torch
 from torch.distributions import Distribution
 
 from ..cost import CostFrame, _lead, magic_box
-from ..distributions import _as_raw, base_distribution, raw_log_prob, unwrap_distribution
+from ..distributions import _as_raw, base_distribution, raw_log_prob, raw_sample, unwrap_distribution
 from ..eager import eager_only
 from ..errors import NonFiniteParameterError, OptionError, PlateError, StorchError, UnsupportedDistributionError
 from ..generators import drawing_with
@@ -274,7 +274,9 @@ class Estimator(torch.nn.Module):
 
     def draw(self, distribution: Distribution, shape: tuple) -> torch.Tensor:
         """``shape`` samples of ``distribution``: ``rsample`` if the estimator requires it, else ``sample``."""
-        return distribution.rsample(shape) if self.requires_rsample else distribution.sample(shape)
+        if self.requires_rsample:
+            return distribution.rsample(shape)
+        return distribution.sample(shape) if shape else raw_sample(distribution)  # (a raw Bernoulli: lean)
 
     def step_gradient_function(self, node: Node, distribution: Distribution, sample: torch.Tensor,
                                plates: tuple) -> torch.Tensor:
