@@ -254,3 +254,95 @@ def test_plain_table_indexed_by_a_plate_tensor_is_one_raw_index():
         # path (aranges over the plates) runs, and the probe sees it
         _, seen = calls(lambda: table[:, a])
         assert "arange" in seen
+
+
+class _PlainSequence(_Plain):
+    """:class:`_Plain` called once per step: a partition (a policy over an episode)."""
+
+    name = "plain_sequence_for_tests"
+    supports_partitions = True
+
+
+def test_partition_step_on_the_partitions_plates_skips_the_general_unwrapping():
+    # a policy step whose parameters are computed from the last step (plate tensors on exactly the
+    # partition's plates): the raw copy and the plate check in one pass (_as_raw, Graph.owns), without
+    # Graph.check_call, the general unwrapping or the topological-order walk over the parents, and
+    # its gradient function is torch's Bernoulli kernel without broadcast_all
+    theta = torch.randn(3, requires_grad=True)
+    est = _PlainSequence(plate="episode", n_samples=4)
+    with storch.Graph():
+        a0 = est(Bernoulli(logits=theta[0]))
+        d = Bernoulli(logits=theta[1] + theta[2] * a0)
+        torch.manual_seed(3)
+        a1, seen = calls(lambda: est(d))
+        assert {"_as_raw", "owns", "_extend_partition", "raw_sample", "raw_log_prob"} <= seen
+        assert not seen & {"check_call", "_distribution_plates", "unwrap_distribution", "node_of", "broadcast_all",
+                           "_extended_shape"}  # (torch's Bernoulli.sample)
+        node = storch.current_graph().nodes[0]
+        assert a1.plates == node.plates and a1.plates[0].step == 1
+        # the plates the next step is matched against: those of the value, the same tuple (tensors
+        # computed from the value carry it, so _as_raw compares them by identity)
+        assert node.step_log[-1][0] is a1.plates and (a1 * 2.0).plates is a1.plates
+        # the same draws, values and autograd graph as by hand on the raw logits
+        logits = theta[1] + theta[2] * a0.tensor
+        torch.manual_seed(3)
+        assert torch.equal(a1.tensor, Bernoulli(logits=logits).sample())
+        by_torch = Bernoulli(logits=logits, validate_args=False).log_prob(a1.tensor)
+        l1 = node.step_log[1][1]
+        assert torch.equal(l1, by_torch) and graph_ops(l1) == graph_ops(by_torch)
+        # the controls: a step of plain tensors (expanded to the partition's plates) and a step on a
+        # new data plate take the general path (check_call, unwrap_distribution, the parents' walk)
+        _, seen = calls(lambda: est(Bernoulli(logits=theta[0])))
+        assert {"check_call", "unwrap_distribution"} <= seen
+        x = storch.denote_independent(theta, 0, "data")
+        a3, seen = calls(lambda: est(Bernoulli(logits=x + node.value)))
+        assert {"check_call", "unwrap_distribution", "node_of"} <= seen
+        assert [p.name for p in a3.plates] == ["episode", "data"]
+        # the control of the draw: a Normal step is drawn by torch's own sample
+        _, seen = calls(lambda: est(Normal(a3, 1.0)))
+        assert {"raw_sample", "_extended_shape"} <= seen
+
+
+def test_stacked_step_costs_ask_the_estimator_once_per_node():
+    # one cost per step of an episode: whether the partition's costs may be stacked is a property of
+    # the node and its estimator, asked once per surrogate, not once per cost
+    asked = Counter()
+
+    class Counting(_PlainSequence):
+        name = "counting_sequence_for_tests"
+
+        def control_variate_stacks(self) -> bool:
+            asked["stacks"] += 1
+            return super().control_variate_stacks()
+
+    theta = torch.randn(2, requires_grad=True)
+    est = Counting(plate="episode", n_samples=3)
+    with storch.Graph():
+        a = est(Bernoulli(logits=theta[0]))
+        for t in range(6):
+            storch.add_cost(a * 1.0, name=f"c{t}")
+            a = est(Bernoulli(logits=theta[1] * a))
+        asked.clear()
+        storch.surrogate_loss()
+        assert asked["stacks"] == 1
+
+
+def test_raw_bernoulli_draw_is_torchs_draw():
+    # raw_sample (a partition step's draw): torch.bernoulli of the probabilities, as torch's
+    # Bernoulli.sample, with the same random numbers; a graph's generator still drives it
+    from storch.distributions import raw_sample
+
+    logits = torch.randn(6, 2, requires_grad=True)
+    for kw in ({"logits": logits}, {"probs": torch.sigmoid(logits)}):
+        torch.manual_seed(4)
+        x = raw_sample(Bernoulli(**kw, validate_args=False))
+        torch.manual_seed(4)
+        y = Bernoulli(**kw, validate_args=False).sample()
+        assert torch.equal(x, y) and not x.requires_grad
+    est = _PlainSequence(plate="g", n_samples=3)
+    state, draws = torch.get_rng_state(), []
+    for _ in range(2):
+        with storch.Graph(generator=torch.Generator().manual_seed(7)):
+            a = est(Bernoulli(logits=logits[0]))
+            draws.append(est(Bernoulli(logits=logits[1] * a)).tensor)
+    assert torch.equal(draws[0], draws[1]) and torch.equal(torch.get_rng_state(), state)

@@ -18,7 +18,7 @@ from torch.distributions.utils import lazy_property
 from .errors import UnsupportedDistributionError
 from .plates.tensor import Plate, PlateTensor, align, plates_of, union_plates
 
-__all__ = ["base_distribution", "unwrap_distribution", "raw_log_prob"]
+__all__ = ["base_distribution", "unwrap_distribution", "raw_log_prob", "raw_sample"]
 
 
 def base_distribution(d: Distribution) -> Distribution:
@@ -154,24 +154,28 @@ def _as_raw(d: Distribution, within: tuple[Plate, ...]) -> Optional[tuple[Distri
     returns ``None``.
     """
     out = {}
-    plates = None
+    plates = last = r = None
     want = sizes = m = 0
     for k, v in d.__dict__.items():
         t = type(v)
         if t is PlateTensor:
+            if v is last:  # the same tensor again (torch's `_param` is the logits or probs): checked
+                out[k] = r
+                continue
             r, p = v._raw, v._plates
             if plates is None:
                 plates = p
                 if within and p is not within and p != within:
                     return None
                 m = len(p)
-                sizes = tuple(q.size for q in p)
+                sizes = (p[0].size,) if m == 1 else tuple(q.size for q in p)
                 want = m + len(d.batch_shape) + len(d.event_shape)
             elif p is not plates and p != plates:
                 return None
             if r.dim() != want or r.shape[:m] != sizes:
                 return None
             out[k] = r
+            last = v
         elif t is torch.Size or t is bool or t is int or t is float or v is None:
             out[k] = v
         else:
@@ -205,6 +209,29 @@ def raw_log_prob(d: Distribution, value: torch.Tensor) -> torch.Tensor:
                 logits = logits.expand(shape)
             return -binary_cross_entropy_with_logits(logits, value, reduction="none")
     return d.log_prob(value)
+
+
+def raw_sample(d: Distribution) -> torch.Tensor:
+    """``d.sample()`` (one draw, no sample shape) for a raw distribution.
+
+    A ``Bernoulli`` without argument validation (the raw copy of a user's distribution) is drawn
+    as torch draws it, ``torch.bernoulli`` of its probabilities (``sigmoid(logits)`` when given
+    by its logits) without gradient: the same random numbers and values, without the lazy
+    property's grad mode, ``_extended_shape`` and an expand to the shape the probabilities have.
+    The probabilities computed here are not cached on ``d`` (reading ``d.probs`` computes them
+    again). Any other case calls ``d.sample()``.
+    """
+    if type(d) is Bernoulli and not d._validate_args:
+        state = d.__dict__
+        p = state.get("probs")
+        logits = state.get("logits") if p is None else None
+        if type(p if p is not None else logits) is torch.Tensor:
+            batch = d._batch_shape
+            with torch.no_grad():
+                if p is None:
+                    p = torch.sigmoid(logits)  # torch.distributions.utils.logits_to_probs(is_binary=True)
+                return torch.bernoulli(p if p.shape == batch else p.expand(batch))
+    return d.sample()
 
 
 def _categorical(cls: type, raw: dict) -> Distribution:

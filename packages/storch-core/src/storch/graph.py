@@ -17,7 +17,7 @@ from .eager import eager_only
 from .errors import CostError, PlateError
 from .generators import pop_generator, push_generator
 from .node import Node
-from .plates.tensor import Lineage, Plate, PlateTensor, plates_of, raw_of
+from .plates.tensor import Lineage, Plate, PlateTensor
 
 if TYPE_CHECKING:
     from .estimators.base import Estimator
@@ -223,7 +223,10 @@ class Graph:
             raise CostError(
                 f"cost {label!r} is a {type(cost).__name__}, not a tensor; pass the torch tensor computed "
                 "from the samples (e.g. storch.add_cost(loss_tensor)), not a Python number or .item()")
-        raw, plates = raw_of(cost), plates_of(cost)
+        if type(cost) is PlateTensor:  # (raw_of, plates_of)
+            raw, plates = cost._raw, cost._plates
+        else:
+            raw, plates = cost, ()
         if raw.dim() != len(plates):  # per-sample rank 0 (read from the raw tensor: no dispatch)
             raise CostError(
                 f"cost {label!r} has per-sample shape {tuple(cost.shape)}; a cost must "
@@ -405,8 +408,11 @@ def current_graph() -> Graph:
 def add_cost(cost: torch.Tensor, name: Optional[str] = None) -> None:
     """Register a cost (one number per sample) in the current graph."""
     graph = _stack()[-1]  # Graph.add_cost without a second eager_only call
-    with graph._guard:
+    try:  # what `with graph.guard():` does, without its two method calls per cost
         graph._add_cost(cost, name)
+    except BaseException as e:
+        graph.discard(e)
+        raise
 
 
 @overload

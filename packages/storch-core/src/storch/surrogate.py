@@ -304,8 +304,9 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
     loss = None
     single, groups = [], {}
     if any(len(nodes) == 1 and nodes[0].history is not None for _, _, nodes in per_cost):
+        stackable: dict = {}  # id(node) -> whether its steps' costs may be stacked (asked once per node)
         for name, cost, nodes in per_cost:
-            key = _step_group(cost, nodes)
+            key = _step_group(cost, nodes, stackable)
             if key is None:
                 single.append((name, cost, nodes))
             else:
@@ -327,18 +328,25 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
 _STEPS = "(steps)"
 
 
-def _step_group(cost, nodes: list[Node]):
+def _step_group(cost, nodes: list[Node], stackable: Optional[dict] = None):
     """A key shared by the costs of different steps of one partition that can be stacked, or None.
 
     A long episode adds a cost per step; their surrogates differ only in the step (L_t), so costs
     whose only sampling plate is one causal-credit partition with uniform weights, and whose
     control variate allows it, are stacked along an extra dim and reduced in one pass.
+    ``stackable`` caches the node's part of the answer by ``id(node)`` (one surrogate's costs).
     """
     if len(nodes) != 1:
         return None
     node = nodes[0]
-    est = node.estimator
-    if node.history is None or not est.causal_credit or not est.control_variate_stacks() or not est.uniform_weights:
+    ok = None if stackable is None else stackable.get(id(node))
+    if ok is None:
+        est = node.estimator
+        ok = (node.history is not None and est.causal_credit and est.control_variate_stacks()
+              and est.uniform_weights)
+        if stackable is not None:
+            stackable[id(node)] = ok
+    if not ok:
         return None
     plates = plates_of(cost)
     if len(plates) == 1:  # the partition's plate alone (no data plates): no tuple per cost

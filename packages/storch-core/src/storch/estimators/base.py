@@ -41,7 +41,7 @@ import torch
 from torch.distributions import Distribution
 
 from ..cost import CostFrame, _lead, magic_box
-from ..distributions import _as_raw, base_distribution, unwrap_distribution
+from ..distributions import _as_raw, base_distribution, raw_log_prob, raw_sample, unwrap_distribution
 from ..eager import eager_only
 from ..errors import NonFiniteParameterError, OptionError, PlateError, StorchError, UnsupportedDistributionError
 from ..generators import drawing_with
@@ -131,16 +131,28 @@ class Estimator(torch.nn.Module):
         """
         graph = current_graph()
         node = graph.partition_of(self)
-        if node is None and isinstance(distribution, Distribution):
-            # the common case (a distribution built from plate tensors that share their plates): its
-            # raw copy, and its plates checked against the graph (what Graph.check_call does), in one
-            # pass over the distribution's attributes
-            same = _as_raw(distribution, ())
-            if same is not None:
-                raw, parents = same
-                if not graph.owns(parents):
-                    graph.check_call(self, distribution)  # raises the error that says what is wrong
-                return self._sample_node(graph, raw, parents, distribution, inputs)
+        if isinstance(distribution, Distribution):
+            if node is None:
+                # the common case (a distribution built from plate tensors that share their plates):
+                # its raw copy, and its plates checked against the graph (what Graph.check_call
+                # does), in one pass over the distribution's attributes
+                same = _as_raw(distribution, ())
+                if same is not None:
+                    raw, parents = same
+                    if not graph.owns(parents):
+                        graph.check_call(self, distribution)  # raises the error that says what is wrong
+                    return self._sample_node(graph, raw, parents, distribution, inputs)
+            else:
+                # a partition step whose parameters are plate tensors on exactly the partition's
+                # plates (computed from its last step: a policy's episode): the raw copy is what
+                # unwrap_distribution(within=node.plates) builds, and Graph.owns is the check of
+                # check_call that passes (a plate of this graph; plates, so not a stray new step)
+                # (the plates of the last step's value, as the step log holds them: tensors computed
+                # from it carry that very tuple, so _as_raw compares them by identity)
+                log = node.step_log
+                same = _as_raw(distribution, log[-1][0] if log else node.plates)
+                if same is not None and graph.owns(same[1]):
+                    return self._extend_partition(graph, node, distribution, same)
         graph.check_call(self, distribution)
         if node is not None:
             return self._extend_partition(graph, node, distribution)
@@ -176,7 +188,8 @@ class Estimator(torch.nn.Module):
         node.value = value = PlateTensor._wrap(self.output(node), plates)
         return value
 
-    def _extend_partition(self, graph, node: Node, distribution: Distribution) -> PlateTensor:
+    def _extend_partition(self, graph, node: Node, distribution: Distribution,
+                          unwrapped: Optional[tuple[Distribution, tuple[Plate, ...]]] = None) -> PlateTensor:
         """A further call of this estimator in the same graph: step t of its partition (section 3.2).
 
         The calls form one partition with one plate; the plate of step t is
@@ -187,6 +200,9 @@ class Estimator(torch.nn.Module):
         whole sequence. An estimator that selects parents at step t (sampling without replacement)
         records them with ``lineage.set_parents``; tensors of earlier steps then follow their
         prefixes when they meet step t's tensors (``storch.plates.tensor.align``).
+
+        ``unwrapped``: ``(raw, plates)`` already built by :meth:`forward` (``plates`` are the
+        partition's plates at its last step, checked against the graph), or ``None``.
         """
         if not self.supports_partitions:
             raise PlateError(
@@ -195,15 +211,20 @@ class Estimator(torch.nn.Module):
                 f"{self.name!r} does not support. Create one estimator per stochastic node, or start each "
                 "step with a new graph (storch.backward() / storch.reset())"
             )
-        raw, plates = unwrap_distribution(distribution, within=node.plates)
+        if unwrapped is None:
+            raw, plates = unwrap_distribution(distribution, within=node.plates)
+        else:
+            raw, plates = unwrapped
         self.check_distribution(raw)
-        for p in plates[1:]:
-            other = graph.node_of(p.name)
-            if other is not None and other.index > node.index:
-                raise PlateError(
-                    f"step of partition {self.plate!r} depends on node {p.name!r}, which was sampled after "
-                    "the partition started; partitions must be topologically ordered (paper, section 3.2)"
-                )
+        parents = plates[1:]
+        if parents != node.parents:  # node.parents were checked at the step that added them
+            for p in parents:
+                other = graph.node_of(p.name)
+                if other is not None and other.index > node.index:
+                    raise PlateError(
+                        f"step of partition {self.plate!r} depends on node {p.name!r}, which was sampled after "
+                        "the partition started; partitions must be topologically ordered (paper, section 3.2)"
+                    )
         log = node.step_log
         if log is None:
             log = node.step_log = [(node.plates, node.gradient_values)]
@@ -212,15 +233,18 @@ class Estimator(torch.nn.Module):
         t = node.step + 1
         prev = node.plate
         plate = Plate(prev.name, sample.shape[0], False, t, prev.lineage)
-        new = (plate,) + plates[1:]
-        lp = _lead(lp, len(new))
-        if node.steps_in_place and (prev.lineage.parents or plate.size != prev.size or plates[1:] != node.parents
+        new = (plate,) + parents
+        if type(lp) is not torch.Tensor or lp.dim() < len(new):
+            lp = _lead(lp, len(new))
+        if node.steps_in_place and (prev.lineage.parents or plate.size != prev.size or parents != node.parents
                                     or lp.shape != log[0][1].shape):
             node.steps_in_place = False  # L_t re-indexed step by step (Node.history)
         # L_t = L_{t-1} + l_t is computed when read (Node.history, gradient_values); the stacked
         # surrogate of the partition's costs takes one cumulative sum over the logged l_t instead
+        # (the log's last plates are the plates of the value returned below: Estimator.forward
+        # matches the next step's distribution against them)
         log.append((new, lp))
-        node.plate, node.parents, node.step = plate, plates[1:], t
+        node.plate, node.parents, node.step = plate, parents, t
         node.sample = sample
         node.steps.append(sample)
         if not self.causal_credit:
@@ -250,14 +274,16 @@ class Estimator(torch.nn.Module):
 
     def draw(self, distribution: Distribution, shape: tuple) -> torch.Tensor:
         """``shape`` samples of ``distribution``: ``rsample`` if the estimator requires it, else ``sample``."""
-        return distribution.rsample(shape) if self.requires_rsample else distribution.sample(shape)
+        if self.requires_rsample:
+            return distribution.rsample(shape)
+        return distribution.sample(shape) if shape else raw_sample(distribution)  # (a raw Bernoulli: lean)
 
     def step_gradient_function(self, node: Node, distribution: Distribution, sample: torch.Tensor,
                                plates: tuple) -> torch.Tensor:
         """l of one partition step: its log-probability summed over its own batch dims."""
-        lp = distribution.log_prob(sample)
+        lp = raw_log_prob(distribution, sample)  # (a raw Bernoulli: torch's kernel, without broadcast_all)
         k = lp.dim() - len(plates)
-        return lp.sum(tuple(range(-k, 0))) if k > 0 else lp
+        return lp if k <= 0 else lp.sum(-1) if k == 1 else lp.sum(tuple(range(-k, 0)))  # (as Node.log_prob)
 
     # -- variable length: the end-of-sequence value ---------------------------------------------
 
