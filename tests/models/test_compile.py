@@ -150,6 +150,23 @@ def test_replay_without_compiler(step, monkeypatch):
     assert compiled.traces == 1
 
 
+def test_replay_follows_parameter_updates():
+    # the replayed program reads the model's nn.Parameters by reference: after optimizer steps its
+    # gradients are still eager storch's at the updated parameters
+    loss, params, args = _vae("bernoulli")()
+    replayed = storch.compile(loss, backend=None)
+    opt = torch.optim.SGD(params, lr=0.5)
+    for seed in range(3):
+        value, grads = _grads(replayed, params, args, seed)
+        value_eager, grads_eager = _grads(loss, params, args, seed)
+        torch.testing.assert_close(value, value_eager, rtol=1e-5, atol=1e-6)
+        for p, g, e in zip(params, grads, grads_eager):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+            p.grad = g
+        opt.step()
+    assert replayed.traces == 1
+
+
 def test_replay_takes_no_compiler_options():
     with pytest.raises(storch.StorchError, match="no mode= or options="):
         storch.compile(lambda x: x, backend=None, mode="max-autotune")
