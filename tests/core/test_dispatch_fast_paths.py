@@ -11,7 +11,8 @@ from torch.distributions import OneHotCategorical
 import storch
 from storch import PlateTensor
 
-from test_fast_paths import GENERAL, calls, graph_ops
+from path_probes import calls, graph_ops
+from test_fast_paths import GENERAL
 from test_plates_dispatch import ZD, check, make, rnd
 
 # -- metadata answered in Python --------------------------------------------------------------

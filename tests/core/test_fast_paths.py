@@ -14,47 +14,15 @@ a slower benchmark. Two kinds of evidence, both deterministic:
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 
 import torch
 from torch.distributions import Bernoulli, MultivariateNormal, Normal, OneHotCategorical
 
 import storch
+from path_probes import calls, graph_ops
 
 GENERAL = {"union_plates", "align", "vmap_call", "_to_step"}  # the general plate machinery
-
-
-def calls(fn) -> tuple[object, set]:
-    """``fn()`` and the names of the Python and builtin functions it called."""
-    seen: set = set()
-
-    def probe(frame, event, arg):
-        if event == "call":
-            seen.add(frame.f_code.co_name)
-        elif event == "c_call":
-            seen.add(getattr(arg, "__name__", ""))
-
-    sys.setprofile(probe)
-    try:
-        out = fn()
-    finally:
-        sys.setprofile(None)
-    return out, seen
-
-
-def graph_ops(t: torch.Tensor) -> Counter:
-    """The autograd nodes behind ``t``, by type (a multiset)."""
-    out: Counter = Counter()
-    seen, stack = set(), [t.grad_fn]
-    while stack:
-        f = stack.pop()
-        if f is None or f in seen:
-            continue
-        seen.add(f)
-        out[type(f).__name__] += 1
-        stack.extend(g for g, _ in f.next_functions)
-    return out
 
 
 def test_pointwise_same_plates_skips_alignment():

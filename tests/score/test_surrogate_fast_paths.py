@@ -15,44 +15,12 @@ Speed itself is measured by ``storch-compare overhead``; these tests check the p
 
 from __future__ import annotations
 
-import sys
-from collections import Counter
-
 import pytest
 import torch
 from torch.distributions import Bernoulli
 
 import storch
-
-
-def calls(fn) -> tuple[object, set]:
-    """``fn()`` and the names of the Python functions it called."""
-    seen: set = set()
-
-    def probe(frame, event, arg):
-        if event == "call":
-            seen.add(frame.f_code.co_name)
-
-    sys.setprofile(probe)
-    try:
-        out = fn()
-    finally:
-        sys.setprofile(None)
-    return out, seen
-
-
-def graph_ops(t: torch.Tensor) -> Counter:
-    """The autograd nodes behind ``t``, by type (a multiset)."""
-    out: Counter = Counter()
-    seen, stack = set(), [t.grad_fn]
-    while stack:
-        f = stack.pop()
-        if f is None or f in seen:
-            continue
-        seen.add(f)
-        out[type(f).__name__] += 1
-        stack.extend(g for g, _ in f.next_functions)
-    return out
+from path_probes import calls, graph_ops
 
 
 def magic_box(x):
