@@ -99,6 +99,13 @@ def _grads(loss, params, args, seed):
     return value.detach(), torch.autograd.grad(value, params)
 
 
+def _assert_same(got, want):
+    """``(value, grads)`` of a compiled or replayed step equal eager storch's from the same seed."""
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    for g, e in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("step", list(STEPS))
 def test_one_graph_and_eager_gradients(step):
     loss, params, args = STEPS[step]()
@@ -107,9 +114,7 @@ def test_one_graph_and_eager_gradients(step):
     for seed in range(3):
         value, grads = _grads(compiled, params, args, seed)
         value_eager, grads_eager = _grads(loss, params, args, seed)
-        torch.testing.assert_close(value, value_eager, rtol=1e-5, atol=1e-6)
-        for g, e in zip(grads, grads_eager):
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+        _assert_same((value, grads), (value_eager, grads_eager))
     # one trace, one graph, no recompiles; a graph break would have made two graphs
     assert compiled.traces == 1
     assert counter.frame_count == 1
@@ -144,9 +149,7 @@ def test_replay_without_compiler(step, monkeypatch):
     for seed in range(1, 4):
         value, grads = _grads(compiled, params, args, seed)
         value_eager, grads_eager = eager[seed]
-        torch.testing.assert_close(value, value_eager, rtol=1e-5, atol=1e-6)
-        for g, e in zip(grads, grads_eager):
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+        _assert_same((value, grads), (value_eager, grads_eager))
     assert compiled.traces == 1
 
 
@@ -159,9 +162,8 @@ def test_replay_follows_parameter_updates():
     for seed in range(3):
         value, grads = _grads(replayed, params, args, seed)
         value_eager, grads_eager = _grads(loss, params, args, seed)
-        torch.testing.assert_close(value, value_eager, rtol=1e-5, atol=1e-6)
-        for p, g, e in zip(params, grads, grads_eager):
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+        _assert_same((value, grads), (value_eager, grads_eager))
+        for p, g in zip(params, grads):
             p.grad = g
         opt.step()
     assert replayed.traces == 1
