@@ -138,7 +138,9 @@ class UnorderedSet(Estimator):
             # (weight 0): the user's cost never sees a value the model cannot produce.
             gumbel = _gumbel_like(logp)
             idx, g, pad = top_possible((logp.detach() + gumbel).movedim(0, -1), self.n_samples)
-            idx, g = idx.movedim(-1, 0), g.movedim(-1, 0)  # (k, *parents)
+            # (k, *parents), contiguous: the sample `values[idx]` follows idx's layout, and the model
+            # reads it faster in the plates' order than as a transposed view
+            idx, g = idx.movedim(-1, 0).contiguous(), g.movedim(-1, 0)
             with torch.no_grad():
                 mask = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter(0, idx, True)
                 log_rest, _ = masked_logsumexp(logp.detach(), mask, 0)  # log(1 - p(S)), exact
