@@ -340,9 +340,10 @@ def _gather(func, args, kwargs):
 def _matmul(func, args, kwargs):
     """matrix product of the per-sample tensors (1-d operands as in torch.matmul)"""
     a, b = (args[1], args[0]) if func is _T.__rmatmul__ else (args[0], args[1])
-    if type(a) is _PT and type(b) is _T and b.dim() == 2 and a._raw.dim() > len(a._plates):
-        # per-sample vector or matrices times one plain matrix: the plate dims are batch dims of
-        # torch.matmul's own (a single mm, as written by hand for a batch of row vectors)
+    if type(a) is _PT and type(b) is _T and 0 < b.dim() <= 2 and a._raw.dim() > len(a._plates):
+        # per-sample vector or matrices times one plain matrix or vector: the plate dims are batch
+        # dims of torch.matmul's own (a single mm / mv, as written by hand for a batch of row
+        # vectors; a per-sample dot product with a plain vector contracts the last dim the same way)
         return wrap_same(torch.matmul(a._raw, b), a._plates)
     plates = union_plates(scan((a, b), {}))
     ka = a._raw.dim() - len(a._plates) if type(a) is _PT else a.dim()
