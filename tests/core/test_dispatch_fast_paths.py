@@ -89,7 +89,13 @@ def test_elementwise_loss_with_equal_plates_skips_broadcasting(reduction):
     d = make(torch.rand(2, 4, dtype=torch.float64), ("data", 2))
     check(lambda a, b: f(a, b, reduction=reduction), x, d)
     _, seen = calls(lambda: f(x, d, reduction=reduction))
-    assert "union_plates" in seen and "broadcast_tensors" in seen  # the control: the general path
+    assert "union_plates" in seen and "_broadcast_pair" in seen  # the control: the general path
+    assert "broadcast_tensors" not in seen  # ... whose broadcast is two expands, not torch.broadcast_tensors
+    # a plain target (not denoted independent): broadcast over every plate, as a loop
+    plain = torch.rand(4, dtype=torch.float64)
+    check(lambda a: f(a, plain, reduction=reduction), x)
+    _, seen = calls(lambda: f(x, plain, reduction=reduction))
+    assert "broadcast_tensors" not in seen, sorted(seen)
     # plates in another order
     check(lambda a, b: F.mse_loss(a, b, reduction=reduction), x,
           PlateTensor(x.tensor.transpose(0, 1).contiguous() * 0.5, tuple(reversed(x.plates))))
@@ -174,3 +180,127 @@ def test_matmul_with_a_plain_vector_or_matrix_is_one_call(per_sample, plain):
     # the control: a plate-tensor right operand takes the general path
     _, seen = calls(lambda: w.t() @ x if len(plain) == 2 and len(per_sample) == 1 else x @ make(rnd(3, 1, *plain), *ZD))
     assert "union_plates" in seen
+
+
+# -- the slow paths an audit of common ops found (issue 19, per op) --------------------------------
+# Every op a model commonly runs was timed on plate tensors against the raw call; most cost the
+# wrapper's floor (+2-3 us), these did not: einsum and the default-p norm went through vmap
+# (+68 and +58 us), linalg.vector_norm too, gather/cat/stack always aligned and expanded, dropout in
+# eval mode expanded every plate to draw nothing, a loss against a plain or data-plate target called
+# torch.broadcast_tensors. Each test checks values per plate entry (a loop) and the path taken.
+
+EINSUMS = [
+    ("ij,jk->ik", (True, False)),  # per-sample matrix times a plain one
+    ("ij,kj->ik", (True, True)),  # two plate operands
+    ("ij,jk", (True, False)),  # implicit output
+    ("i,i->", (True, True)),  # dot product
+    ("ij->j", (True,)),  # a reduction
+    ("bi,Bi->bB", (True, False)),  # upper-case labels
+    ("k,kd->d", (True, False)),  # the mixture model's pick of a mean (tests/models/test_gaussian_mixture.py)
+]
+
+
+@pytest.mark.parametrize("equation,plate", EINSUMS)
+def test_einsum_is_one_call_on_the_raw_tensors(equation, plate):
+    terms = equation.split("->")[0].split(",")
+    sizes = {"i": 4, "j": 5, "k": 3, "b": 2, "B": 3, "d": 4}
+    ops = []
+    for n, (term, is_plate) in enumerate(zip(terms, plate)):
+        shape = tuple(sizes[c] for c in term)
+        ops.append(make(rnd(3, 2, *shape, seed=n), *ZD) if is_plate else rnd(*shape, seed=n))
+    check(lambda *a: torch.einsum(equation, *a), *[o for o in ops if type(o) is PlateTensor]) if all(plate) else \
+        check(lambda a: torch.einsum(equation, a, *ops[1:]), ops[0])
+    _, seen = calls(lambda: torch.einsum(equation, *ops))
+    assert "vmap_call" not in seen and "_einsum" in seen, sorted(seen)
+    # the list form of the operands
+    out = torch.einsum(equation, ops)
+    assert torch.allclose(out.tensor, torch.einsum(equation, *ops).tensor)
+
+
+def test_einsum_on_different_plates_and_fallbacks():
+    x = make(rnd(3, 2, 4, 5), *ZD)
+    y = make(rnd(2, 5, seed=1), ("data", 2))  # fewer plates: aligned
+    check(lambda a, b: torch.einsum("ij,j->i", a, b), x, y)
+    _, seen = calls(lambda: torch.einsum("ij,j->i", x, y))
+    assert "vmap_call" not in seen and "union_plates" in seen
+    # the control: an ellipsis of the user's own goes to vmap, and is still right per sample
+    check(lambda a: torch.einsum("...j,jk->...k", a, rnd(5, 2, seed=2)), x)
+    _, seen = calls(lambda: torch.einsum("...j,jk->...k", x, rnd(5, 2, seed=2)))
+    assert "vmap_call" in seen
+    # a term whose rank is not the per-sample rank: torch's own error, in per-sample shapes
+    with pytest.raises(storch.PlateError):
+        torch.einsum("ijk,jk->i", x, rnd(5, 2))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda a: a.norm(dim=-1), lambda a: torch.norm(a, dim=0), lambda a: a.norm(), lambda a: a.norm(p=2, dim=(0, 1)),
+    lambda a: a.norm(1, -1), lambda a: torch.linalg.vector_norm(a, dim=-1), lambda a: torch.linalg.vector_norm(a),
+    lambda a: torch.linalg.vector_norm(a, 3, dim=0, keepdim=True), lambda a: torch.linalg.norm(a, dim=-1),
+    lambda a: torch.linalg.norm(a, "fro", dim=(0, 1)), lambda a: a.norm("nuc", dim=(0, 1)),
+])
+def test_norms_with_dims_translate_them(fn):
+    x = make(rnd(3, 2, 4, 5), *ZD)
+    check(fn, x)
+    _, seen = calls(lambda: fn(x))
+    assert "vmap_call" not in seen, sorted(seen)
+
+
+def test_norms_that_depend_on_the_per_sample_rank_go_to_vmap():
+    x = make(rnd(3, 2, 4, 5), *ZD)
+    for fn in (lambda a: a.norm("nuc"), lambda a: torch.linalg.norm(a), lambda a: torch.linalg.norm(a, 2)):
+        check(fn, x)
+        _, seen = calls(lambda: fn(x))
+        assert "vmap_call" in seen
+
+
+def test_gather_cat_stack_on_equal_plates_skip_alignment():
+    x = make(rnd(3, 2, 4, 5), *ZD)
+    i = make(torch.randint(0, 5, (3, 2, 4, 1), generator=torch.Generator().manual_seed(3)), *ZD)
+    for fn, args in ((lambda a, b: a.gather(-1, b), (x, i)), (lambda a, b: torch.gather(a, 1, b), (x, i)),
+                     (lambda a, b: torch.cat([a, a * 2], -1), (x, i)), (lambda a, b: torch.cat((a, a), 0), (x, i)),
+                     (lambda a, b: torch.stack([a, a + 1]), (x, i)), (lambda a, b: torch.stack([a, a], dim=-1), (x, i))):
+        check(fn, *args)
+        _, seen = calls(lambda: fn(*args))
+        assert not seen & GENERAL and "_full" not in seen, sorted(seen)
+    # controls: an index on fewer plates, a plain operand, a broadcast plate dim take the general path
+    j = make(torch.randint(0, 5, (2, 4, 1), generator=torch.Generator().manual_seed(4)), ("data", 2))
+    shared = make(rnd(1, 2, 4, 5, seed=5), *ZD)  # size 1 on z: shared by every sample
+    for fn, args in ((lambda a, b: a.gather(-1, b), (x, j)), (lambda a, b: torch.cat([a, b], 0), (x, rnd(1, 5))),
+                     (lambda a, b: torch.stack([a, b]), (x, shared))):
+        check(fn, *args)
+        _, seen = calls(lambda: fn(*args))
+        assert "union_plates" in seen
+
+
+@pytest.mark.parametrize("fn", [lambda a: F.dropout(a, 0.3, False), lambda a: F.dropout(a, 0.3, training=False),
+                                lambda a: torch.dropout(a, 0.3, False), lambda a: F.alpha_dropout(a, 0.3, False)])
+def test_dropout_in_eval_mode_returns_its_input(fn):
+    x = make(rnd(1, 2, 4), *ZD)  # shared over z: training-mode dropout would expand it
+    state = torch.get_rng_state()
+    assert fn(x) is x
+    assert torch.equal(torch.get_rng_state(), state)  # nothing drawn
+    m = nn.Dropout(0.3).eval()
+    assert m(x) is x
+    # the control: in training mode every plate entry gets its own mask
+    torch.manual_seed(0)
+    y = F.dropout(make(torch.ones(1, 2, 400, dtype=torch.float64), *ZD), 0.5, True)
+    assert y.tensor.shape == (3, 2, 400) and not torch.equal(y.tensor[0], y.tensor[1])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
+def test_one_class_target_per_sample(name, reduction):
+    """Class losses with one target per sample: the per-sample mean/sum is the loss itself (NaN where
+    the target is ignore_index and reduction is mean, as torch gives for one sample)."""
+    f = getattr(F, name)
+    x = make(rnd(3, 2, 5), *ZD)
+    t = make(torch.randint(0, 5, (3, 2), generator=torch.Generator().manual_seed(6)), *ZD)
+    check(lambda a, b: f(a, b, reduction=reduction), x, t)
+    t.tensor[0, 1] = -100  # ignored
+    out = f(x, t, reduction=reduction).tensor
+    want = f(x.tensor[0, 1], t.tensor[0, 1], reduction=reduction)
+    assert torch.equal(out[0, 1].isnan(), want.isnan()) and (want.isnan() or torch.allclose(out[0, 1], want))
+    # with class weights: the weighted mean of one term is still that term's loss
+    w = torch.rand(5, dtype=torch.float64) + 0.5
+    t.tensor[0, 1] = 2
+    check(lambda a, b: f(a, b, w, reduction=reduction), x, t)

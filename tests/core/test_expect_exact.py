@@ -11,7 +11,16 @@ from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 
 import storch
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """float64 by default in this module's tests only (a module-level switch leaked into every test
+    collected after it in the same process: tests/models' float32 attention model then failed)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 K1, K2 = 3, 4
 
@@ -85,7 +94,7 @@ def test_chain_orders_0_to_3(theta, one_hot_first):
 
 
 B, D = 4, 2
-X = torch.tensor([[0.0, 1.0], [1.0, 1.0], [-1.0, 0.5], [2.0, -0.5]])
+X = torch.tensor([[0.0, 1.0], [1.0, 1.0], [-1.0, 0.5], [2.0, -0.5]], dtype=torch.float64)
 
 
 def _plate_split(theta):

@@ -55,8 +55,12 @@ def check_leading(out: torch.Tensor, plates: tuple[Plate, ...]) -> None:
 def wrap_same(out, plates: tuple[Plate, ...]):
     """Unchecked wrap for treatments whose construction keeps the plates in the leading dims
     (elementwise on aligned operands, reductions over per-sample dims): the hot path."""
-    if type(out) is _T:
+    t = type(out)
+    if t is _T:
         return _new(out, plates)
+    if (t is tuple or t is list or (isinstance(out, tuple) and hasattr(t, "n_fields"))) and all(
+            type(o) is _T for o in out):  # split, chunk, unbind; max(dim)'s (values, indices) structseq
+        return t([_new(o, plates) for o in out])
     return wrap(out, plates)
 
 

@@ -29,6 +29,21 @@ def _reduce(out, reduction, n, what):
     raise PlateError(f"reduction={reduction!r} of {what} is not supported on plate tensors")
 
 
+def _broadcast_pair(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    """``torch.broadcast_tensors(a, b)`` by at most two ``expand``s (a plain or data-plate target
+    against (samples, data) logits: a VAE's reconstruction loss)."""
+    sa, sb = tuple(a.shape), tuple(b.shape)
+    m = max(len(sa), len(sb))
+    pa, pb = (1,) * (m - len(sa)) + sa, (1,) * (m - len(sb)) + sb
+    shape = []
+    for x, y in zip(pa, pb):
+        if x != y and x != 1 and y != 1:
+            return torch.broadcast_tensors(a, b)  # torch's own error
+        shape.append(x if y == 1 else y)
+    shape = tuple(shape)
+    return (a if sa == shape else a.expand(shape)), (b if sb == shape else b.expand(shape))
+
+
 def _elementwise_loss(func, args, kwargs):
     reduction = kwargs.pop("reduction", "mean") if kwargs else "mean"
     kwargs = {k: v for k, v in kwargs.items() if k not in ("size_average", "reduce")}
@@ -43,7 +58,7 @@ def _elementwise_loss(func, args, kwargs):
         pad = max(a._raw.dim() - len(a._plates) if type(a) is _PT else a.dim() for a in args[:2])
         ra, rb = unwrap(a, plates, pad), unwrap(b, plates, pad)
     # these losses want equal shapes: broadcast both operands fully (views)
-    raws = (ra, rb) if ra.shape == rb.shape else torch.broadcast_tensors(ra, rb)
+    raws = (ra, rb) if ra.shape == rb.shape else _broadcast_pair(ra, rb)
     shape = raws[0].shape
     kw = {k: unwrap(v, plates, pad) for k, v in kwargs.items()}
     red = reduction
@@ -85,10 +100,14 @@ def _class_loss(func, args, kwargs):
         out = func(ri.reshape((-1,) + ri.shape[n + 1:]), rt.reshape((-1,) + rt.shape[n + 1:]),
                    weight, reduction="none", **kwargs).reshape(sizes + (ri.shape[n],) + ri.shape[n + 2:])
     if reduction == "mean" and not probs:
-        w = torch.ones_like(out) if weight is None else weight[rt.clamp(min=0)]
-        w = w * (rt != ignore)
-        out = out.reshape(sizes + (-1,)).sum(-1) / w.reshape(sizes + (-1,)).sum(-1)
-    else:
+        if k == 1 and weight is None:
+            # one target per sample: the mean is the loss itself, NaN (0/0) where it is ignored, as torch's
+            out = out / (rt != ignore)
+        else:
+            w = torch.ones_like(out) if weight is None else weight[rt.clamp(min=0)]
+            w = w * (rt != ignore)
+            out = out.reshape(sizes + (-1,)).sum(-1) / w.reshape(sizes + (-1,)).sum(-1)
+    elif not (k == 1 and reduction == "sum"):  # one target per sample: its sum is the loss itself
         out = _reduce(out, reduction, n, func.__name__)
     return wrap(out, plates)
 

@@ -7,6 +7,9 @@ per-sample range with a :class:`storch.PlateError`.
 
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -122,9 +125,24 @@ _norm = _dim_handler(2, reduce_all=True)
 
 @register(*_both("norm"))
 def _norm_handler(func, args, kwargs):
-    """dims of each sample; matrix norms ('fro'/'nuc' over all dims) go to vmap"""
+    """dims of each sample (p='fro', the default, too); a nuclear norm without dims goes to vmap
+
+    p='fro' is the 2-norm over the given dims, or over all of a sample's elements."""
     p = args[1] if len(args) > 1 else kwargs.get("p", "fro")
-    if isinstance(p, str):
+    if isinstance(p, str) and p != "fro" and (args[2] if len(args) > 2 else kwargs.get("dim")) is None:
+        return vmap_call(func, args, kwargs)
+    return _norm(func, args, kwargs)
+
+
+register(torch.linalg.vector_norm)(_norm)  # vector_norm(x, ord, dim): without dim, over all of a sample's elements
+
+
+@register(torch.linalg.norm)
+def _linalg_norm(func, args, kwargs):
+    """dims of each sample (vector norm over one, matrix norm over two); without dim, vmap
+
+    Without dim the kind of norm depends on the per-sample rank."""
+    if (args[2] if len(args) > 2 else kwargs.get("dim")) is None:
         return vmap_call(func, args, kwargs)
     return _norm(func, args, kwargs)
 for _name in ["softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin",
@@ -310,6 +328,17 @@ def _full(x, plates, k=None):
 def _cat(func, args, kwargs):
     """concatenates / stacks along a per-sample dim; plates aligned by name first"""
     tensors = args[0] if args else kwargs["tensors"]
+    first = tensors[0] if tensors else None
+    if type(first) is _PT and len(args) + len(kwargs) <= 2 and all(k == "dim" for k in kwargs):
+        # fast path: plate tensors on the same plates, every plate dim full: one call on the raw tensors
+        pf = first._plates
+        n = len(pf)
+        size = first._raw.shape[:n]
+        if all(type(t) is _PT and (t._plates is pf or t._plates == pf) and t._raw.shape[:n] == size
+               for t in tensors):
+            d = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            extra = 1 if func in (torch.stack, getattr(_T, "stack", None)) else 0
+            return wrap_same(func([t._raw for t in tensors], tdim(d, n, first._raw.dim() - n + extra)), pf)
     plates = union_plates(scan((tensors,), {}))
     n = len(plates)
     k = max(t._raw.dim() - len(t._plates) if type(t) is _PT else t.dim() for t in tensors)
@@ -325,6 +354,12 @@ def _gather(func, args, kwargs):
     x, d, index = args[0], args[1] if len(args) > 1 else kwargs["dim"], args[2] if len(args) > 2 else kwargs["index"]
     if func in _both("take_along_dim"):
         d, index = (args[2] if len(args) > 2 else kwargs.get("dim")), args[1]
+    elif type(x) is _PT and type(index) is _PT and type(d) is int and not kwargs.get("sparse_grad"):
+        # fast path (log-probabilities at sampled indices): input and index on the same plates, every
+        # plate dim of the same size in both: one gather on the raw tensors
+        px, n = x._plates, len(x._plates)
+        if (index._plates is px or index._plates == px) and x._raw.shape[:n] == index._raw.shape[:n]:
+            return wrap_same(torch.gather(x._raw, tdim(d, n, x._raw.dim() - n), index._raw), px)
     plates = union_plates(scan((x, index), {}))
     k = x._raw.dim() - len(x._plates) if type(x) is _PT else x.dim()
     raw_x, raw_i = _full(x, plates), _full(index, plates)
@@ -366,6 +401,49 @@ def _matmul(func, args, kwargs):
     if sq is not None:
         out = out.squeeze(sq)
     return wrap(out, plates)
+
+
+@functools.lru_cache(maxsize=256)
+def _einsum_equation(equation: str, plate_operands: tuple) -> Optional[tuple]:
+    """``equation`` with a leading ``...`` for the plate operands (``plate_operands``: one bool per
+    operand) and the result, and each term's rank; ``None`` where it is not a plain per-sample
+    equation of that many operands (an ellipsis of the user's own)."""
+    if "..." in equation:
+        return None
+    lhs, arrow, rhs = equation.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(plate_operands):
+        return None
+    if not arrow:  # implicit output: the labels that appear once, in torch's (ASCII) order
+        rhs = "".join(sorted(c for c in set(lhs) if c.isalpha() and lhs.count(c) == 1))
+    eq = ",".join("..." + t if p else t for t, p in zip(terms, plate_operands)) + "->..." + rhs
+    return eq, tuple(len(t) for t in terms)
+
+
+@register(torch.einsum)
+def _einsum(func, args, kwargs):
+    """the equation is per sample; the plate dims become a leading ``...`` of plate operands and result"""
+    if kwargs or not args or not isinstance(args[0], str):
+        return vmap_call(func, args, kwargs)  # the sublist format
+    ops = args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = tuple(ops[0])
+    plan = _einsum_equation(args[0], tuple(type(t) is _PT for t in ops))
+    if plan is None or any(type(t) is _PT and t._raw.dim() - len(t._plates) != r for r, t in zip(plan[1], ops)):
+        return vmap_call(func, args, kwargs)  # an ellipsis of the user's own, or torch's own error per sample
+    first = None
+    for t in ops:
+        if type(t) is _PT:
+            if first is None:
+                first = t._plates
+            elif t._plates is not first and t._plates != first:
+                first = None
+                break
+    if first is not None:  # every plate operand on the same plates: no alignment
+        return wrap_same(torch.einsum(plan[0], *[t._raw if type(t) is _PT else t for t in ops]), first)
+    plates = union_plates(scan(ops, {}))
+    raws = [align(t._raw, t._plates, plates) if type(t) is _PT else t for t in ops]
+    return wrap(torch.einsum(plan[0], *raws), plates)
 
 
 @register(*_both("dot"))
