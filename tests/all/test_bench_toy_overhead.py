@@ -3,6 +3,7 @@
 import csv
 import math
 
+import pytest
 import torch
 
 from storch_bench.cli import main
@@ -103,3 +104,19 @@ def test_overhead_compile_columns(tmp_path):
                  "--min-time", "0.01", "--compile", "--backend", "eager", "--no-progress", "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "overhead.csv")))
     assert float(rows[0]["compiled ratio"]) > 0 and rows[0]["graph breaks"] != ""
+
+
+def test_ops_table_compares_equal_computations(tmp_path):
+    """``storch-compare ops``: every case's hand-written raw call computes what the plate call does
+    (the table's premise), the table is written, and an unknown case name is refused."""
+    from storch_bench.ops import CASES
+
+    assert main(["ops", "--min-time", "0.002", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "ops.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["case"] for r in rows} == {c.name for c in CASES}
+    assert all(r["same"] == "yes" for r in rows), [r["case"] for r in rows if r["same"] != "yes"]
+    assert all(float(r["storch us"]) > 0 and float(r["raw us"]) > 0 for r in rows)
+    assert (tmp_path / "ops.md").read_text().startswith("| case |")
+    with pytest.raises(SystemExit, match="unknown case"):
+        main(["ops", "--cases", "no such op", "--out", str(tmp_path)])

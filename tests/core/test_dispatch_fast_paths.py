@@ -177,9 +177,28 @@ def test_matmul_with_a_plain_vector_or_matrix_is_one_call(per_sample, plain):
     wl = w.clone().requires_grad_(True)
     sum(torch.matmul(xl[i, j], wl).pow(2).sum() for i in range(3) for j in range(2)).backward()
     assert torch.allclose(xr.grad, xl.grad) and torch.allclose(wr.grad, wl.grad)
-    # the control: a plate-tensor right operand takes the general path
-    _, seen = calls(lambda: w.t() @ x if len(plain) == 2 and len(per_sample) == 1 else x @ make(rnd(3, 1, *plain), *ZD))
+    # the control: a plate-tensor right operand on other plates takes the general path
+    other = make(rnd(2, *plain, seed=2), ("data", 2))
+    check(lambda a, b: a @ b, x, other)
+    _, seen = calls(lambda: x @ other)
     assert "union_plates" in seen
+
+
+def test_matmul_of_two_plate_tensors_on_the_same_plates_is_one_call():
+    """``x @ y.mT`` with both on the same plates and per-sample matrices of one rank: one batched
+    matmul (the plate dims line up as batch dims); a size-1 (shared) plate dim broadcasts."""
+    x = make(rnd(3, 2, 4, 5), *ZD)
+    y = make(rnd(3, 2, 6, 5, seed=1), *ZD)
+    shared = make(rnd(1, 2, 5, 6, seed=2), *ZD)
+    for b in (y.mT, shared):
+        check(lambda a, c: a @ c, x, b)
+        _, seen = calls(lambda: x @ b)
+        assert "union_plates" not in seen and not seen & GENERAL, sorted(seen)
+    # controls: a per-sample vector, or matrices of different ranks, take the general path
+    for b in (make(rnd(3, 2, 5, seed=3), *ZD), make(rnd(3, 2, 2, 5, 6, seed=4), *ZD)):
+        check(lambda a, c: a @ c, x, b)
+        _, seen = calls(lambda: x @ b)
+        assert "union_plates" in seen
 
 
 # -- the slow paths an audit of common ops found (issue 19, per op) --------------------------------
@@ -304,3 +323,27 @@ def test_one_class_target_per_sample(name, reduction):
     w = torch.rand(5, dtype=torch.float64) + 0.5
     t.tensor[0, 1] = 2
     check(lambda a, b: f(a, b, w, reduction=reduction), x, t)
+
+
+def test_sampled_index_reuses_its_plate_aranges():
+    """``v[i]`` with a plate-tensor index indexes the plate dims by aranges, made once per shape and
+    device (not two torch.arange calls per indexing); also when first made in inference mode, the
+    cached aranges are normal tensors that a later differentiated call can save for backward."""
+    from storch.plates.rules import indexing
+
+    indexing._ARANGES.clear()
+    v = make(rnd(3, 2, 5).requires_grad_(True), *ZD)
+    i = make(torch.randint(0, 5, (3, 2, 4), generator=torch.Generator().manual_seed(7)), *ZD)
+    with torch.inference_mode():
+        v[i]
+    check(lambda a, b: a[b], v, i)
+    _, seen = calls(lambda: v[i])
+    assert "arange" not in seen and "_arange" in seen, sorted(seen)
+    out = v[i]
+    out.tensor.sum().backward()  # the arange made in inference mode is saved for backward
+    counts = torch.zeros(3, 2, 5, dtype=torch.float64)
+    counts.scatter_add_(2, i.tensor, torch.ones(3, 2, 4, dtype=torch.float64))
+    assert torch.equal(v.tensor.grad, counts)
+    # the control: a new plate size makes a new arange
+    _, seen = calls(lambda: make(rnd(4, 2, 5), ("z", 4), ("data", 2))[make(i.tensor[:1].expand(4, 2, 4), ("z", 4), ("data", 2))])
+    assert "arange" in seen

@@ -6,6 +6,7 @@
     storch-compare --estimators "score@1,score[baseline=leave_one_out]@8,gumbel_softmax@1"
     storch-compare toy             # REBAR toy and K=10 categorical: bias, variance, time
     storch-compare overhead        # storch vs hand-written torch: time and peak memory ratios
+    storch-compare ops             # single torch calls on plate tensors vs the raw call (slow paths)
     storch-compare model path/to/model.py:step   # which estimator for MY model? (see model_cli)
     storch-compare sequences       # GRU decoder, -edit distance: unordered_set, sum_and_sample, score+loo
     storch-compare ipd             # LOLA-DiCE on the iterated prisoner's dilemma (a short run)
@@ -22,7 +23,7 @@ import torch
 
 __all__ = ["main"]
 
-COMMANDS = ("vae", "toy", "overhead", "model", "sequences", "ipd")
+COMMANDS = ("vae", "toy", "overhead", "ops", "model", "sequences", "ipd")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -77,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--replay", action="store_true", help="also time the storch loss traced once by "
                    "storch.compile(backend=None) and replayed without a compiler, against the eager hand-written loss "
                    "(columns: replayed storch / eager hand-written, and whether the replay's gradient is eager storch's)")
+    ops = sub.add_parser("ops", help="single torch calls on plate tensors vs the same call on raw tensors: "
+                         "the dispatcher's extra cost per call, slow paths marked")
+    _common(ops)
+    ops.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    ops.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    ops.add_argument("--min-time", type=float, default=0.25, help="seconds of timing per call and side")
+    ops.add_argument("--threshold", type=float, default=5.0, help="extra microseconds above which a call is "
+                     "marked slow (the wrapper's floor is ~2-3 us on a CPU)")
     m = sub.add_parser("model", help="which estimator for MY model: rank the installed estimators on "
                        "FILE:FUNCTION (variance, bias, time, memory)")
     _common(m)
@@ -126,6 +135,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .sequences import run_cli
 
         return run_cli(args)
+    if args.command == "ops":
+        from .ops import run_cli as run_ops
+
+        return run_ops(args)
     if args.command == "ipd":
         from .lola import run_cli as run_ipd
 

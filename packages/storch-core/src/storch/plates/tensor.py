@@ -354,8 +354,29 @@ def later_step(a: tuple[Plate, ...], b: tuple[Plate, ...]) -> Optional[tuple[Pla
     return tuple(p if p.step >= q.step else q for p, q in zip(a, b))
 
 
+_UNIONS: dict = {}
+
+
 def union_plates(groups: Sequence[tuple[Plate, ...]]) -> tuple[Plate, ...]:
     """Union of plate tuples: the longest first, then others' missing plates in order."""
+    if len(groups) == 2:
+        # two operands (x * y of a sample and a data point): cached per pair of plate tuples, as
+        # alignment plans are (_plan); a pair that raises is not cached and raises again
+        a, b = groups
+        if a is b:
+            return a
+        key = (a, b)
+        out = _UNIONS.get(key)
+        if out is None:
+            out = _union(groups)
+            if len(_UNIONS) >= 4096:
+                _UNIONS.clear()  # keys of finished graphs are never hit again (their plates' lineage)
+            _UNIONS[key] = out
+        return out
+    return _union(groups)
+
+
+def _union(groups: Sequence[tuple[Plate, ...]]) -> tuple[Plate, ...]:
     best = max(groups, key=len)
     if all(g is best or not g or g == best for g in groups):  # an empty group adds nothing
         return best

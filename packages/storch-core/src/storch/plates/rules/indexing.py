@@ -132,9 +132,26 @@ def _general(x, idx, plain: bool = False):
         rt = [j for j, k in enumerate(rk) if k == "t"]
         if rt and (rt[0] == 0 or rt != list(range(rt[0], rt[0] + len(rt)))):
             return tuple(raw), plates, r, q, True
-    ar = tuple(torch.arange(p.size, device=x.device).view((1,) * j + (p.size,) + (1,) * (m - j - 1 + r))
-               for j, p in enumerate(plates))
+    ar = tuple(_arange(p.size, j, m + r, x.device) for j, p in enumerate(plates))
     return ar + tuple(raw), plates, r, q, False
+
+
+_ARANGES: dict = {}
+
+
+def _arange(size: int, j: int, dims: int, device) -> torch.Tensor:
+    """``arange(size)`` viewed along dim ``j`` of ``dims`` (the index of a plate dim), made once per
+    shape and device (an index tensor that nothing writes to; two aranges cost ~4 us per call)."""
+    key = (size, j, dims, device)
+    t = _ARANGES.get(key)
+    if t is None:
+        with torch.inference_mode(False):  # a normal tensor also when first made in inference mode
+            t = torch.arange(size, device=device).view((1,) * j + (size,) + (1,) * (dims - j - 1))
+        if type(t) is torch.Tensor:  # not a tracer's fake tensor
+            if len(_ARANGES) >= 1024:
+                _ARANGES.clear()
+            _ARANGES[key] = t
+    return t
 
 
 @register(_T.__getitem__)

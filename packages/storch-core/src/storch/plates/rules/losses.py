@@ -46,7 +46,8 @@ def _broadcast_pair(a: torch.Tensor, b: torch.Tensor) -> tuple:
 
 def _elementwise_loss(func, args, kwargs):
     reduction = kwargs.pop("reduction", "mean") if kwargs else "mean"
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("size_average", "reduce")}
+    if kwargs:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("size_average", "reduce")}
     a, b = args[0], args[1]
     if (type(a) is _PT and type(b) is _PT and (a._plates is b._plates or a._plates == b._plates)
             and a._raw.dim() == b._raw.dim()):
@@ -55,12 +56,14 @@ def _elementwise_loss(func, args, kwargs):
         pad = ra.dim() - len(plates)
     else:
         plates = union_plates(scan(args, kwargs))
-        pad = max(a._raw.dim() - len(a._plates) if type(a) is _PT else a.dim() for a in args[:2])
+        ka = a._raw.dim() - len(a._plates) if type(a) is _PT else a.dim()
+        kb = b._raw.dim() - len(b._plates) if type(b) is _PT else b.dim()
+        pad = ka if ka > kb else kb
         ra, rb = unwrap(a, plates, pad), unwrap(b, plates, pad)
     # these losses want equal shapes: broadcast both operands fully (views)
     raws = (ra, rb) if ra.shape == rb.shape else _broadcast_pair(ra, rb)
     shape = raws[0].shape
-    kw = {k: unwrap(v, plates, pad) for k, v in kwargs.items()}
+    kw = {k: unwrap(v, plates, pad) for k, v in kwargs.items()} if kwargs else kwargs
     red = reduction
     if func is F.kl_div and reduction == "batchmean":
         red = "sum"

@@ -380,6 +380,12 @@ def _matmul(func, args, kwargs):
         # dims of torch.matmul's own (a single mm / mv, as written by hand for a batch of row
         # vectors; a per-sample dot product with a plain vector contracts the last dim the same way)
         return wrap_same(torch.matmul(a._raw, b), a._plates)
+    if type(a) is _PT and type(b) is _PT and (a._plates is b._plates or a._plates == b._plates):
+        n = len(a._plates)
+        if a._raw.dim() == b._raw.dim() >= n + 2:
+            # two plate tensors on the same plates, per-sample matrices (or stacks of them) of one
+            # rank: the plate dims are batch dims that line up (x @ x.mT, attention scores)
+            return wrap_same(torch.matmul(a._raw, b._raw), a._plates)
     plates = union_plates(scan((a, b), {}))
     ka = a._raw.dim() - len(a._plates) if type(a) is _PT else a.dim()
     kb = b._raw.dim() - len(b._plates) if type(b) is _PT else b.dim()
