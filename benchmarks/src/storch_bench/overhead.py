@@ -374,7 +374,7 @@ def _measure_replay(row: Row, has_hand: bool, min_time: float, clock: str, wait:
     plate program traced once into plain torch, then replayed as recorded: no compiler, no storch
     code per call) against the hand-written loss run eagerly as written (argument validation on),
     each followed by ``torch.autograd.grad``; and whether the replay's gradient equals eager storch's
-    from the same seed. The losses are :func:`storch_bench.compiled.loss_pair`'s (no optimizer step)."""
+    from the same seed (on the paths the trace takes: ``CompiledStep.eager``). The losses are :func:`storch_bench.compiled.loss_pair`'s (no optimizer step)."""
     from .compiled import loss_pair
 
     try:
@@ -384,7 +384,7 @@ def _measure_replay(row: Row, has_hand: bool, min_time: float, clock: str, wait:
         torch.manual_seed(2)
         g_replay = torch.autograd.grad(replayed(*args), sp)
         torch.manual_seed(2)
-        g_eager = torch.autograd.grad(s_loss(*args), sp)
+        g_eager = torch.autograd.grad(replayed.eager(*args), sp)  # eager storch on the traced paths
         same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_replay, g_eager))
         row.replay_same_grad = "yes" if same else "NO"
         a, b = time_pair(lambda: torch.autograd.grad(replayed(*args), sp),

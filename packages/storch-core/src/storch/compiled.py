@@ -12,6 +12,15 @@ surrogate would run, plus storch's grad-mode switches and ``detach``es). That pr
 to ``torch.compile(fullgraph=True)``: one graph, no breaks. Later calls with the same signature
 replay the compiled program and never enter storch's Python.
 
+An estimator whose eager code picks a path by values (is every value possible? did the i.i.d.
+draws find k distinct values?) takes a value-independent path while traced
+(``storch.extending.is_tracing``), with the same distribution, and the replayed program checks
+what that path assumes at every call (``storch.extending.assume``: an error that says to run the
+step eagerly, never a silently wrong sample). So ``unordered_set`` on one node compiles: it samples
+by stochastic beam search and computes its set probabilities in log space, and from the same seed
+draws other samples than the eager step (:meth:`CompiledStep.eager` runs the traced paths eagerly).
+On partitions it is refused.
+
 With ``backend=None`` nothing is compiled: later calls run the traced program as recorded (an FX
 graph of the plain torch calls, in Python). That is the eager cost of the same step written by
 hand, without storch's per-call dispatch and bookkeeping and without a compiler's first-call time
@@ -81,14 +90,14 @@ class CompiledStep:
             entry = self._fast.get(key)
             if entry is None:
                 entry = self._fast[key] = self._entry(args, kwargs)
-            outs = entry[1](*args)
+            outs = _run(entry[1], args, key[0])
             return outs[0] if entry[3] else pytree.tree_unflatten(list(outs), entry[2])
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key, tensors = _signature(leaves, spec)
         entry = self._cache.get(key)
         if entry is None:
             entry = self._cache[key] = self._trace(leaves, spec, tensors)
-        return pytree.tree_unflatten(list(entry[1](*tensors)), entry[2])
+        return pytree.tree_unflatten(list(_run(entry[1], tensors, key[1])), entry[2])
 
     def _entry(self, args, kwargs):
         leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -107,6 +116,15 @@ class CompiledStep:
         if entry is None:
             entry = self._cache[key] = self._trace(leaves, spec, tensors)
         return entry[0]
+
+    def eager(self, *args: Any, **kwargs: Any) -> Any:
+        """The step run eagerly by storch, on the paths its trace takes: what a compiled call computes
+        from the same random state. For most steps that is just ``fn(*args)``; an estimator that picks
+        a path by values (``unordered_set``'s i.i.d. sampler, its float64 set programme) takes its
+        value-independent path while traced, which draws other samples from the same seed (with the
+        same distribution), and here too."""
+        with tracing_nodes([]):
+            return self.fn(*args, **kwargs)
 
     def clear(self) -> None:
         """Forget every trace: the next call traces again (after changing options or modes)."""
@@ -239,6 +257,17 @@ def _compile_graph(gm: torch.fx.GraphModule, tensors: list, options: dict):
     return torch.compile(gm, fullgraph=True, **options)
 
 
+def _run(program: Callable, tensors, grad: bool):
+    """Run a traced program. The trace records storch's grad-mode switches as they happened: a call
+    that raises inside one (a check the replayed program makes, e.g. storch.extending.assume) would
+    leave the caller's grad mode switched, so it is restored on the way out."""
+    try:
+        return program(*tensors)
+    except BaseException:
+        torch._C._set_grad_enabled(grad)
+        raise
+
+
 def _signature(leaves: list, spec) -> tuple:
     key = [spec, torch.is_grad_enabled()]
     tensors = []
@@ -271,7 +300,9 @@ def _check_replay(gm: torch.fx.GraphModule, flat: Callable, tensors: list, devic
     validate = torch.distributions.Distribution._validate_args
     torch.distributions.Distribution.set_default_validate_args(False)
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), Graph():
+        # eagerly, but on the paths the trace took (estimators that pick a path by values take their
+        # value-independent one while tracing: storch.extending.is_tracing)
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), tracing_nodes([]), Graph():
             want = flat(*tensors)
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             got = gm(*tensors)

@@ -31,6 +31,13 @@ Options:
     that name the option, the value and what is accepted: ``integer``, ``number``, ``flag``,
     ``choice``, ``optional_index``.
 
+Tracing:
+    :func:`is_tracing` says whether ``storch.compile`` is recording the step. A component that picks
+    its path by values (``bool(tensor)``, ``.item()``: "are all values possible?") cannot be traced;
+    while tracing it takes a path whose operations do not depend on the values (with the same
+    distribution), and guards what that path assumes with :func:`assume`, which the replayed
+    program checks at every call.
+
 Steps:
     :func:`step_guard` (``with step_guard():``) discards the current graph's step when its block
     raises, as every storch call does, so an error in code that an estimator runs outside its
@@ -51,16 +58,28 @@ from __future__ import annotations
 
 from typing import ContextManager
 
+import torch
+
 from . import options
 from .cost import leave_one_out
 from .distributions import base_distribution
 from .generators import drawing_with
-from .graph import current_graph
+from .graph import current_graph, is_tracing
 from .plates.tensor import align, plates_of, raw_of
 
 __all__ = [
     "align", "plates_of", "raw_of", "base_distribution", "drawing_with", "leave_one_out", "options", "step_guard",
+    "is_tracing", "assume",
 ]
+
+
+def assume(condition: torch.Tensor, message: str) -> None:
+    """Record that ``condition`` (a boolean tensor, e.g. ``torch.isfinite(lp).all()``) must hold: a
+    step traced by ``storch.compile`` checks it at every replayed call and raises a ``RuntimeError``
+    with ``message`` where it fails (``torch._assert_async``: no host sync on a GPU, where the
+    failure is reported at the next synchronisation). Eagerly it checks at once. Use it for what a
+    traced path assumes in place of a value-dependent branch; say in ``message`` what to do instead."""
+    torch._assert_async(condition, message)
 
 
 def step_guard() -> ContextManager[None]:

@@ -395,7 +395,8 @@ class tracing_nodes:
 
 
 def is_tracing() -> bool:
-    """Whether ``storch.compile`` is tracing a step in this thread."""
+    """Whether ``storch.compile`` is tracing a step in this thread (or running it eagerly on the
+    traced paths: its replay check, ``CompiledStep.eager``). Public as ``storch.extending.is_tracing``."""
     return _local.__dict__.get("traced") is not None
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.distributions import Bernoulli
 
 from storch import Node
+from storch.extending import assume, is_tracing
 
 __all__ = ["stochastic_beam_search", "sample_without_replacement", "order_gumbels", "beam_step", "top_possible"]
 
@@ -44,6 +45,20 @@ def _truncated(phi_g: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     return t - F.softplus(v, threshold=50.0)
 
 
+_TRACED = ("storch.compile traced this step for distributions whose every value is possible (the sampler's "
+           "value-independent path), and a replayed call met a value of probability 0 (a -inf log-probability). "
+           "Run this step eagerly (without storch.compile), where the sampler pads such samples")
+
+
+def _traced_finite(finite: torch.Tensor) -> bool:
+    """While ``storch.compile`` traces: take the path for finite values, and check at every replayed
+    call that they are (an error that says what to do, never a sample with an impossible value)."""
+    if not is_tracing():
+        return False
+    assume(finite.all(), _TRACED)
+    return True
+
+
 def top_possible(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The k largest ``scores`` along the last dim, never an impossible (``-inf``) entry.
 
@@ -57,7 +72,7 @@ def top_possible(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
         is ``None`` when every score is finite (the common case: no padding, no extra work).
     """
     finite = torch.isfinite(scores)
-    if scores.is_meta or bool(finite.all()):  # meta: no values, every score counts as finite
+    if scores.is_meta or _traced_finite(finite) or bool(finite.all()):  # meta: no values, every score counts as finite
         top = scores.topk(min(k, scores.shape[-1]), dim=-1)  # sorted: the order of the sample
         return top.indices, top.values, None
     n_ok = int(finite.sum(-1).max()) if finite.numel() else 0
@@ -223,7 +238,9 @@ def sample_without_replacement(node: Node, k: int, draws: Optional[int] = None
     n = math.prod(own)
     p = math.prod(parents)
     usable = n > 0 and p > 0 and n_cat ** n >= k and n * math.log2(max(n_cat, 2)) <= 53
-    if not usable:
+    if not usable or is_tracing():
+        # tracing (storch.compile): the beam, whose operations do not depend on how many distinct
+        # values the i.i.d. draws found; the same distribution, other draws than the eager path's
         return stochastic_beam_search(node, k)
     if bernoulli:
         logits = d.logits
@@ -345,7 +362,7 @@ def _search(lp: torch.Tensor, k: int, max_candidates: int) -> tuple[torch.Tensor
     sizes = _chunk_plan(n, n_cat, k, max_candidates)
     offsets, values, var, onehot, columns = _tables_on(n_cat, sizes, dev, lp.dtype)
     lpt = lp.permute(1, 2, 0)  # (P, n, K)
-    all_finite = lp.is_meta or bool(torch.isfinite(lp).all())
+    all_finite = lp.is_meta or _traced_finite(torch.isfinite(lp)) or bool(torch.isfinite(lp).all())
     if all_finite:  # every chunk's joint log-probabilities at once: (P, Σ_c K^m_c)
         chunk_lp = lpt.reshape(p, n * n_cat) @ onehot
     else:  # -inf entries (impossible values): a sum, not a product with 0 (variable n has log p 0)

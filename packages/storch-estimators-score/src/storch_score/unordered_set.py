@@ -11,7 +11,7 @@ import torch
 from torch.distributions import Bernoulli, Distribution
 
 from storch import CostFrame, Estimator, Node, OptionError
-from storch.extending import align, options
+from storch.extending import align, is_tracing, options
 
 from ._beam import _gumbel_like, beam_step, order_gumbels, sample_without_replacement, top_possible
 from ._support import enumerate_joint, enumerate_values, masked_logsumexp
@@ -334,7 +334,7 @@ def _set_terms(lp: torch.Tensor, log_rest: torch.Tensor, possible: bool = False
     ``possible``: the caller knows every element has positive probability; then the linear
     programme is tried and kept unless q(∅) (the largest q) overflowed, else :func:`_linear_ok` decides.
     """
-    if lp.is_meta:  # shapes only
+    if lp.is_meta or is_tracing():  # shapes only; or storch.compile: the log-space programme holds everywhere
         return _log_h(lp, log_rest)
     if possible:
         out = _log_h_linear(lp, log_rest)
