@@ -254,7 +254,7 @@ def sample_without_replacement(node: Node, k: int, draws: Optional[int] = None
     logp = lp.unsqueeze(0).expand(k, n_cat, p, n).gather(1, choices.unsqueeze(1)).squeeze(1).sum(-1)
     # Bernoulli: the support is (0, 1), so a value is its index. Contiguous in the (k, P, n) order the
     # plates have (``choices`` is a transposed view): the model's layers then read and differentiate
-    # a plain (k, P, ...) batch (a transposed sample made the VAE decoder's mm and tanh backward ~1.5-4x slower)
+    # a plain (k, P, ...) batch (the VAE decoder's forward and backward: ~2% faster than on the view)
     values = (choices.to(lp.dtype, memory_format=torch.contiguous_format) if bernoulli
               else support.reshape((n_cat,) + event)[choices.contiguous()])  # (k, P, n, *event)
     return values.reshape((k,) + parents + own + event), logp.reshape((k,) + parents), None
