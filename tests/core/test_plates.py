@@ -13,14 +13,8 @@ from storch import Plate, PlateTensor
 
 
 
-@pytest.fixture(autouse=True)
-def _float64_default():
-    """float64 by default in this module's tests only (a module-level switch leaked into every test
-    collected after it in the same process: tests/models' float32 attention model then failed)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+# float64 by default in this module's tests only (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def make(raw, *plates):
