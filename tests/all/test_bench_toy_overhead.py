@@ -120,3 +120,5 @@ def test_ops_table_compares_equal_computations(tmp_path):
     assert (tmp_path / "ops.md").read_text().startswith("| case |")
     with pytest.raises(SystemExit, match="unknown case"):
         main(["ops", "--cases", "no such op", "--out", str(tmp_path)])
+    if not torch.cuda.is_available():  # a clear message and exit status 2, not a traceback
+        assert main(["ops", "--device", "cuda", "--out", str(tmp_path)]) == 2

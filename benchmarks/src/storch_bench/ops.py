@@ -11,7 +11,7 @@ hand, checks that both give the same values, and marks the calls whose extra cos
 issue 19).
 
     storch-compare ops                      # CPU, every case
-    storch-compare ops --device cuda        # on a GPU (wall clock, synchronised per block)
+    storch-compare ops --device cuda        # on a GPU (wall clock, synchronised per block; or auto)
     storch-compare ops --cases einsum,norm  # a subset (names as in the table)
 
 Columns: ``storch us`` and ``raw us`` (the fastest of several blocks of calls), ``extra us`` (the
@@ -169,8 +169,10 @@ def _same(a, b) -> bool:
 
 def run_ops(names=None, device: str = "cpu", min_time: float = 0.25, threshold: float = 5.0) -> list[list]:
     """Rows ``[case, storch us, raw us, extra us, same, slow]`` for every case (or those in ``names``)."""
-    dev = torch.device(device)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    from .overhead import select_device, synchronizer
+
+    dev = select_device(device) if isinstance(device, str) else device  # a clear error without CUDA
+    sync = synchronizer(dev)
     ns = _inputs(dev)
     cases = [c for c in CASES if names is None or c.name in names]
     if names is not None and len(cases) != len(set(names)):
@@ -192,8 +194,17 @@ HEADER = ["case", "storch us", "raw us", "extra us", "same", "slow"]
 def run_cli(args: argparse.Namespace) -> int:
     from .report import markdown_table, text_table, write_csv
 
+    import sys
+
+    from .overhead import select_device
+
     names = [c.strip() for c in args.cases.split(",")] if args.cases else None
-    rows = run_ops(names, args.device, args.min_time, args.threshold)
+    try:
+        device = select_device(args.device)
+    except ValueError as e:
+        print(f"storch-compare ops: {e}", file=sys.stderr)
+        return 2
+    rows = run_ops(names, device, args.min_time, args.threshold)
     rows.sort(key=lambda r: -r[3])
     print(text_table(HEADER, rows))
     setup = (f"device {args.device}; plates z={Z}, data={D}; no autograd; wall clock, fastest of 5 blocks of "
