@@ -347,3 +347,52 @@ def test_sampled_index_reuses_its_plate_aranges():
     # the control: a new plate size makes a new arange
     _, seen = calls(lambda: make(rnd(4, 2, 5), ("z", 4), ("data", 2))[make(i.tensor[:1].expand(4, 2, 4), ("z", 4), ("data", 2))])
     assert "arange" in seen
+
+
+# -- einsum: random equations on random plate layouts, against the loop over plate entries ----------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_SIZES = {"a": 2, "b": 3, "c": 2, "d": 3}
+_LAYOUTS = [None, (("z", 3),), (("z", 3), ("data", 2)), (("data", 2),), (("data", 2), ("z", 3))]
+
+
+@st.composite
+def _einsum_case(draw):
+    n_ops = draw(st.integers(1, 3))
+    terms = [draw(st.text(alphabet="abcd", min_size=1, max_size=3)) for _ in range(n_ops)]
+    layouts = [draw(st.sampled_from(_LAYOUTS)) for _ in range(n_ops)]
+    if all(lay is None for lay in layouts):
+        layouts[0] = _LAYOUTS[1]
+    shared = [draw(st.booleans()) for _ in range(n_ops)]  # a size-1 first plate dim (shared entries)
+    labels = sorted(set("".join(terms)))
+    out = draw(st.one_of(st.none(), st.permutations(labels).map(lambda p: p[:len(p) // 2 + 1])))
+    lhs = ",".join(terms)
+    equation = lhs if out is None else lhs + "->" + "".join(out)
+    return equation, terms, layouts, shared
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(_einsum_case())
+def test_einsum_equals_the_loop_on_random_layouts(case):
+    """Any per-sample equation (repeated labels: diagonals and traces; implicit or explicit output),
+    operands plain or on plates in either order, a plate dim of size 1 (one value shared by every
+    entry): the result is the equation applied to each plate entry alone."""
+    equation, terms, layouts, shared = case
+    ops = []
+    for n, (term, lay, one) in enumerate(zip(terms, layouts, shared)):
+        shape = tuple(_SIZES[c] for c in term)
+        if lay is None:
+            ops.append(rnd(*shape, seed=n))
+        else:
+            sizes = [1 if (one and i == 0) else s for i, (_, s) in enumerate(lay)]
+            ops.append(make(rnd(*sizes, *shape, seed=n), *lay))
+    plate_ops = [o for o in ops if type(o) is PlateTensor]
+
+    def fn(*plated):
+        it = iter(plated)
+        return torch.einsum(equation, *[next(it) if type(o) is PlateTensor else o for o in ops])
+
+    check(fn, *plate_ops)
+    _, seen = calls(lambda: fn(*plate_ops))
+    assert "vmap_call" not in seen
