@@ -451,3 +451,40 @@ def test_unordered_set_on_a_partition_is_refused():
 
     with pytest.raises(storch.StorchError, match="reads a tensor's value"):
         storch.compile(loss, backend=None)(torch.randn(2, 4, requires_grad=True))
+
+
+@pytest.mark.parametrize("name", ["gumbel_softmax", "gumbel_straight_through"])
+def test_gumbel_with_a_constant_temperature_replays(name, monkeypatch):
+    """A constant temperature updates nothing (no annealing step to count), so the relaxation
+    compiles; a schedule is state that storch.backward() advances, and is refused with the reason."""
+    from torch.distributions import OneHotCategorical
+
+    est = storch.estimator(name, plate="z", n_samples=3, temperature=0.7)
+    assert not est.has_update
+    w = torch.nn.Parameter(torch.randn(4, 2))
+
+    def loss(logits):
+        with storch.Graph():
+            z = est(OneHotCategorical(logits=storch.denote_independent(logits, 0, "data")))
+            storch.add_cost(((z @ w) ** 2).sum(-1), name="f")
+            return storch.surrogate_loss()
+
+    logits = torch.randn(5, 4, requires_grad=True)
+    compiled = storch.compile(loss, backend=None)
+    _grads(compiled, [logits, w], (logits,), 0)
+    want = {seed: _grads(loss, [logits, w], (logits,), seed) for seed in range(1, 3)}
+    monkeypatch.setattr(storch.Estimator, "__call__", lambda *a, **k: pytest.fail("storch code ran"))
+    for seed in range(1, 3):
+        _assert_same(_grads(compiled, [logits, w], (logits,), seed), want[seed])
+    monkeypatch.undo()
+    annealed = storch.estimator(name, plate="z", n_samples=3, temperature=lambda step: max(0.5, 0.9 ** step))
+    assert annealed.has_update
+
+    def annealed_loss(logits):
+        with storch.Graph():
+            z = annealed(OneHotCategorical(logits=storch.denote_independent(logits, 0, "data")))
+            storch.add_cost(((z @ w) ** 2).sum(-1), name="f")
+            return storch.surrogate_loss()
+
+    with pytest.raises(storch.StorchError, match="annealed temperature"):
+        storch.compile(annealed_loss, backend=None)(logits)

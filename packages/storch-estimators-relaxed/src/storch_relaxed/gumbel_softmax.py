@@ -39,7 +39,9 @@ class GumbelSoftmax(Estimator):
         n_samples: number of samples.
         temperature: τ > 0, or a schedule ``step -> τ`` (annealing); ``step`` counts the
             ``storch.backward()`` calls of graphs that used this estimator (``est.step``). Jang et
-            al.'s schedule: ``lambda t: max(0.5, math.exp(-1e-5 * t))``.
+            al.'s schedule: ``lambda t: max(0.5, math.exp(-1e-5 * t))``. Only a schedule makes the
+            estimator update its state (``has_update``): with a constant τ it has none, so a step
+            that uses it can be compiled with ``storch.compile``.
 
     Example:
         >>> torch.manual_seed(0)
@@ -54,13 +56,16 @@ class GumbelSoftmax(Estimator):
     name = "gumbel_softmax"
     biased = True
     distributions = (Bernoulli, Categorical, OneHotCategorical)
-    has_update = True  # only to advance the annealing step
+    has_update = True  # only to advance an annealing schedule: per instance, see __init__
 
     def __init__(self, plate: str, n_samples: int = 1, temperature: Temperature = 1.0) -> None:
         super().__init__(plate, n_samples)
         check_temperature(self.name, temperature)
         self.temperature = temperature
         self.step = 0
+        # the step counter is state only for a schedule: a constant temperature updates nothing
+        # (storch.compile replays such a step; it refuses estimators that update their state)
+        self.has_update = callable(temperature)
 
     def current_temperature(self) -> float:
         """τ at the current step (the schedule's value, checked)."""
