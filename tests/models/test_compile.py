@@ -268,6 +268,21 @@ def test_refuses_plate_tensor_output_and_estimator_updates():
     with pytest.raises(storch.StorchError, match="updates its own state"):
         storch.compile(step, backend="aot_eager")(theta)
 
+    # an estimator with state whose components also read values (sum_and_sample's memory): the
+    # refusal names the state (the reason that holds whatever its code does), before its code runs
+    memory = storch.estimator("sum_and_sample", plate="z", n_samples=2)
+
+    def with_memory(theta):
+        with storch.Graph():
+            z = memory(Bernoulli(logits=theta))
+            storch.add_cost(z.sum(), name="f")
+            return storch.surrogate_loss()
+
+    with pytest.raises(storch.StorchError, match="'sum_and_sample' .* updates its own state"):
+        storch.compile(with_memory, backend=None)(theta)
+    value = with_memory(theta)  # eagerly it still runs (the refusal left no state behind)
+    assert torch.isfinite(value)
+
 
 def test_refuses_captured_tensor_that_requires_grad_and_value_dependent_code():
     theta = torch.zeros(3, requires_grad=True)

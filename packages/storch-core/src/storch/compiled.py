@@ -58,6 +58,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import StorchError
+from .estimators.base import updating_message
 from .graph import Graph, tracing_nodes
 from .plates.tensor import PlateTensor
 
@@ -319,13 +320,8 @@ def _check_replay(gm: torch.fx.GraphModule, flat: Callable, tensors: list, devic
 
 def _check_nodes(nodes: list, fn) -> None:
     for node in nodes:
-        est = node.estimator
-        if est.has_update:
-            raise StorchError(
-                f"storch.compile cannot replay estimator {est.name!r} (plate {node.plate.name!r}): it updates "
-                "its own state (a moving average, a learned baseline, an annealed temperature) in "
-                "storch.backward(), which a compiled step does not run. Use it in an eager step, or pick an "
-                "option without an update (e.g. baseline='leave_one_out')")
+        if node.estimator.has_update:
+            raise StorchError(updating_message(node.estimator))
 
 
 def _check_constants(gm: torch.fx.GraphModule, fn) -> None:

@@ -46,7 +46,7 @@ from ..eager import eager_only
 from ..errors import NonFiniteParameterError, OptionError, PlateError, StorchError, UnsupportedDistributionError
 from ..generators import drawing_with
 from .. import options
-from ..graph import current_graph
+from ..graph import current_graph, is_tracing
 from ..node import Node
 from ..plates.tensor import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
 from .catalog import EstimatorInfo, available, supporting_estimators
@@ -130,6 +130,8 @@ class Estimator(torch.nn.Module):
                 PlateTensor's plates must be among the distribution's plates.
         """
         graph = current_graph()
+        if self.has_update and is_tracing():  # before its components run: they may read values
+            raise StorchError(updating_message(self))
         node = graph.partition_of(self)
         if isinstance(distribution, Distribution):
             if node is None:
@@ -524,3 +526,11 @@ def _float_dtype(node: Node) -> torch.dtype:
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             return v.dtype
     return torch.get_default_dtype()
+
+
+def updating_message(est: "Estimator") -> str:
+    """Why ``storch.compile`` refuses ``est``: it updates its state in ``storch.backward()``."""
+    return (f"storch.compile cannot replay estimator {est.name!r} (plate {est.plate!r}): it updates its own "
+            "state (a moving average, a learned baseline, an annealed temperature, a memory of the best "
+            "values) in storch.backward(), which a compiled step does not run. Use it in an eager step, or "
+            "pick an option without an update (e.g. baseline='leave_one_out', a constant temperature)")
