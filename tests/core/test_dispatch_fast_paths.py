@@ -292,7 +292,8 @@ def test_gather_cat_stack_on_equal_plates_skip_alignment():
 
 
 @pytest.mark.parametrize("fn", [lambda a: F.dropout(a, 0.3, False), lambda a: F.dropout(a, 0.3, training=False),
-                                lambda a: torch.dropout(a, 0.3, False), lambda a: F.alpha_dropout(a, 0.3, False)])
+                                lambda a: torch.dropout(a, 0.3, False), lambda a: F.alpha_dropout(a, 0.3, False),
+                                lambda a: F.alpha_dropout(a, 0.3)])  # alpha_dropout's training defaults to False
 def test_dropout_in_eval_mode_returns_its_input(fn):
     x = make(rnd(1, 2, 4), *ZD)  # shared over z: training-mode dropout would expand it
     state = torch.get_rng_state()

@@ -126,18 +126,18 @@ register_plate_handler([_F.threshold, _F.threshold_, _F.logsigmoid, _F.hardtanh,
                         _F.sigmoid, _F.tanh],
                        "pointwise", note="elementwise activation")
 
-# dropout functions and the position of their `training` argument: without training they return
-# their input (torch's own behaviour), so nothing is expanded or drawn
-_DROPOUT_TRAINING = {_F.dropout: (2, "training"), _F.alpha_dropout: (2, "training"),
-                     torch.dropout: (2, "train"), torch.alpha_dropout: (2, "train")}
+# dropout functions: the position, name and default of their `training` argument; without training
+# they return their input (torch's own behaviour), so nothing is expanded or drawn
+_DROPOUT_TRAINING = {_F.dropout: (2, "training", True), _F.alpha_dropout: (2, "training", False),
+                     torch.dropout: (2, "train", True), torch.alpha_dropout: (2, "train", True)}
 
 
 def random_pointwise(func, args, kwargs):
     """Random elementwise functions: every plate expanded to full size, so each entry draws its own noise."""
     training = _DROPOUT_TRAINING.get(func)
     if training is not None:
-        pos, key = training
-        if not kwargs.get(key, args[pos] if len(args) > pos else True):
+        pos, key, default = training
+        if not kwargs.get(key, args[pos] if len(args) > pos else default):
             return args[0]  # eval mode: the input itself, as torch returns it
     groups = scan(args, kwargs)
     plates = union_plates(groups)
