@@ -256,6 +256,10 @@ def test_einsum_on_different_plates_and_fallbacks():
     lambda a: a.norm(1, -1), lambda a: torch.linalg.vector_norm(a, dim=-1), lambda a: torch.linalg.vector_norm(a),
     lambda a: torch.linalg.vector_norm(a, 3, dim=0, keepdim=True), lambda a: torch.linalg.norm(a, dim=-1),
     lambda a: torch.linalg.norm(a, "fro", dim=(0, 1)), lambda a: a.norm("nuc", dim=(0, 1)),
+    # over all of a sample's elements, every per-sample dim kept (a keepdim that once kept only one)
+    lambda a: torch.linalg.vector_norm(a, keepdim=True), lambda a: torch.norm(a, dim=None, keepdim=True),
+    lambda a: a.sum(dim=None, keepdim=True), lambda a: a.mean(None, keepdim=True),
+    lambda a: a.norm(3, None, keepdim=True),
 ])
 def test_norms_with_dims_translate_them(fn):
     x = make(rnd(3, 2, 4, 5), *ZD)
@@ -266,7 +270,8 @@ def test_norms_with_dims_translate_them(fn):
 
 def test_norms_that_depend_on_the_per_sample_rank_go_to_vmap():
     x = make(rnd(3, 2, 4, 5), *ZD)
-    for fn in (lambda a: a.norm("nuc"), lambda a: torch.linalg.norm(a), lambda a: torch.linalg.norm(a, 2)):
+    for fn in (lambda a: a.norm("nuc"), lambda a: torch.linalg.norm(a), lambda a: torch.linalg.norm(a, 2),
+               lambda a: torch.linalg.vector_norm(a, 2, None, True)):  # positional after dim=None: torch's own
         check(fn, x)
         _, seen = calls(lambda: fn(x))
         assert "vmap_call" in seen

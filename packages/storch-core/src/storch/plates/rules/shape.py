@@ -98,10 +98,15 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
         if d is None:
             if not reduce_all:
                 raise PlateError(f"{func.__name__} on a PlateTensor needs an explicit dim")
+            if len(args) > pos + 1:
+                return vmap_call(func, args, kwargs)  # positional arguments after dim=None: torch's own, per sample
+            kw = {k_: v for k_, v in kwargs.items() if k_ != "dim"}
             flat = x._raw.reshape(x._raw.shape[:n] + (-1,))
-            out = func(flat, *args[1:], dim=-1, **{k_: v for k_, v in kwargs.items() if k_ != "dim"})
+            out = func(flat, *args[1:pos], dim=-1, **kw)  # args[1:pos]: without a positional dim=None
             if isinstance(out, tuple):  # max()/min()/median() without dim return values only
                 out = out[0]
+            if kw.get("keepdim"):  # every per-sample dim kept, of size 1
+                out = out.reshape(out.shape[:n] + (1,) * k)
             return wrap(out, x._plates)
         args, kwargs = _set_dim(args, kwargs, pos, where, tdim(d, n, k + extra))
         return wrap_same(func(x._raw, *args[1:], **kwargs), x._plates)
