@@ -402,3 +402,22 @@ def test_einsum_equals_the_loop_on_random_layouts(case):
     check(fn, *plate_ops)
     _, seen = calls(lambda: fn(*plate_ops))
     assert "vmap_call" not in seen
+
+
+@pytest.mark.parametrize("per_sample", [(4,), (4, 5), (3, 4, 5)])
+def test_reductions_over_a_whole_sample(per_sample):
+    """Without dim, a reduction covers all of a sample's elements: one call with every per-sample
+    dim where the function takes a tuple of dims (no reshape, no view in the backward), a
+    flattened view otherwise (norm, whose default p='fro' refuses more than two dims; max, prod);
+    keepdim keeps every per-sample dim. Against torch per sample, at 1, 2 and 3 per-sample dims."""
+    x = make(rnd(3, 2, *per_sample).abs() + 0.1, *ZD)
+    for fn in (lambda a: a.sum(), lambda a: a.mean(None, keepdim=True), lambda a: a.std(), lambda a: a.var(correction=0),
+               lambda a: a.amax(), lambda a: (a > 0.5).any(), lambda a: a.count_nonzero(), lambda a: a.nansum(),
+               lambda a: torch.linalg.vector_norm(a, 3), lambda a: torch.linalg.vector_norm(a, keepdim=True),
+               lambda a: a.norm(), lambda a: a.norm(p=3), lambda a: a.norm(keepdim=True), lambda a: a.prod(),
+               lambda a: a.max(), lambda a: a.logsumexp(dim=tuple(range(len(per_sample))))):
+        check(fn, x)
+    _, seen = calls(lambda: x.sum())
+    assert "reshape" not in seen, sorted(seen)
+    _, seen = calls(lambda: x.norm())  # the control: the flattened view
+    assert "reshape" in seen

@@ -101,6 +101,9 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
             if len(args) > pos + 1:
                 return vmap_call(func, args, kwargs)  # positional arguments after dim=None: torch's own, per sample
             kw = {k_: v for k_, v in kwargs.items() if k_ != "dim"}
+            if func in _TUPLE_DIMS:  # every per-sample dim at once: no reshape (and no view to differentiate)
+                out = func(x._raw, *args[1:pos], dim=tuple(range(n, n + k)), **kw)
+                return wrap_same(out, x._plates)  # keepdim keeps every per-sample dim, as torch does
             flat = x._raw.reshape(x._raw.shape[:n] + (-1,))
             out = func(flat, *args[1:pos], dim=-1, **kw)  # args[1:pos]: without a positional dim=None
             if isinstance(out, tuple):  # max()/min()/median() without dim return values only
@@ -121,6 +124,10 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
 
 
 _UNBIASED = set(_both("std") + _both("var"))
+# reductions that take a tuple of any number of dims (the others reduce a flattened view; not norm:
+# its default p='fro' refuses more than two dims)
+_TUPLE_DIMS = set(sum((_both(n) for n in ("sum", "mean", "nansum", "nanmean", "amax", "amin", "logsumexp", "std",
+                                            "var", "count_nonzero", "all", "any")), [])) | {torch.linalg.vector_norm}
 _REDUCE = ["sum", "mean", "nansum", "nanmean", "prod", "amax", "amin", "all", "any", "argmax",
            "argmin", "std", "var", "logsumexp", "max", "min", "median", "count_nonzero"]
 for _name in _REDUCE:
