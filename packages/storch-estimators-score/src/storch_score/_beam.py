@@ -50,12 +50,13 @@ _TRACED = ("storch.compile traced this step for distributions whose every value 
            "Run this step eagerly (without storch.compile), where the sampler pads such samples")
 
 
-def _traced_finite(finite: torch.Tensor) -> bool:
-    """While ``storch.compile`` traces: take the path for finite values, and check at every replayed
-    call that they are (an error that says what to do, never a sample with an impossible value)."""
+def _traced_finite(values: torch.Tensor) -> bool:
+    """While ``storch.compile`` traces: take the path for finite ``values``, and check at every
+    replayed call that they are (an error that says what to do, never a sample with an impossible
+    value). Eagerly ``False``, at no cost: the caller checks the values itself."""
     if not is_tracing():
         return False
-    assume(finite.all(), _TRACED)
+    assume(torch.isfinite(values).all(), _TRACED)
     return True
 
 
@@ -72,7 +73,7 @@ def top_possible(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
         is ``None`` when every score is finite (the common case: no padding, no extra work).
     """
     finite = torch.isfinite(scores)
-    if scores.is_meta or _traced_finite(finite) or bool(finite.all()):  # meta: no values, every score counts as finite
+    if scores.is_meta or _traced_finite(scores) or bool(finite.all()):  # meta: no values, every score counts as finite
         top = scores.topk(min(k, scores.shape[-1]), dim=-1)  # sorted: the order of the sample
         return top.indices, top.values, None
     n_ok = int(finite.sum(-1).max()) if finite.numel() else 0
@@ -362,7 +363,7 @@ def _search(lp: torch.Tensor, k: int, max_candidates: int) -> tuple[torch.Tensor
     sizes = _chunk_plan(n, n_cat, k, max_candidates)
     offsets, values, var, onehot, columns = _tables_on(n_cat, sizes, dev, lp.dtype)
     lpt = lp.permute(1, 2, 0)  # (P, n, K)
-    all_finite = lp.is_meta or _traced_finite(torch.isfinite(lp)) or bool(torch.isfinite(lp).all())
+    all_finite = lp.is_meta or _traced_finite(lp) or bool(torch.isfinite(lp).all())
     if all_finite:  # every chunk's joint log-probabilities at once: (P, Σ_c K^m_c)
         chunk_lp = lpt.reshape(p, n * n_cat) @ onehot
     else:  # -inf entries (impossible values): a sum, not a product with 0 (variable n has log p 0)
