@@ -118,6 +118,7 @@ def test_ops_table_compares_equal_computations(tmp_path):
     assert all(r["same"] == "yes" for r in rows), [r["case"] for r in rows if r["same"] != "yes"]
     assert all(float(r["storch us"]) > 0 and float(r["raw us"]) > 0 for r in rows)
     assert (tmp_path / "ops.md").read_text().startswith("| case |")
+    assert not [c.name for c in CASES if "," in c.name]  # --cases splits on commas: every case selectable
     with pytest.raises(SystemExit, match="unknown case"):
         main(["ops", "--cases", "no such op", "--out", str(tmp_path)])
     if not torch.cuda.is_available():  # a clear message and exit status 2, not a traceback

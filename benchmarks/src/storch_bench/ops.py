@@ -94,7 +94,7 @@ CASES = [
     _c("x @ w (vector)", lambda n: n["x"] @ n["w"], lambda n: n["xr"] @ n["w"]),
     _c("x @ x.mT", lambda n: n["x"] @ n["x"].mT, lambda n: n["xr"] @ n["xr"].mT),
     _c("linear", lambda n: n["lin"](n["x"]), lambda n: n["lin"](n["xr"])),
-    _c("einsum ij,jk->ik", lambda n: torch.einsum("ij,jk->ik", n["x"], n["W"]),
+    _c("einsum ij jk->ik", lambda n: torch.einsum("ij,jk->ik", n["x"], n["W"]),
        lambda n: torch.einsum("...ij,jk->...ik", n["xr"], n["W"])),
     # reductions and normalisation
     _c("sum(-1)", lambda n: n["x"].sum(-1), lambda n: n["xr"].sum(-1)),
