@@ -119,7 +119,7 @@ CASES = [
     _c("unbind", lambda n: n["x"].unbind(0)[0], lambda n: n["xr"].unbind(2)[0]),
     # indexing
     _c("x[0]", lambda n: n["x"][0], lambda n: n["xr"][:, :, 0]),
-    _c("x[..., 1:]", lambda n: n["x"][..., 1:], lambda n: n["xr"][..., 1:]),
+    _c("x[...1:] (last-dim slice)", lambda n: n["x"][..., 1:], lambda n: n["xr"][..., 1:]),
     _c("v[i] (sampled index)", lambda n: n["v"][n["i"]], lambda n: n["vr"][n["ar_z"], n["ar_d"], n["ir"]]),
     _c("gather", lambda n: n["x"].gather(-1, n["i"].unsqueeze(-1)), lambda n: n["xr"].gather(-1, n["ir"].unsqueeze(-1))),
     _c("embedding", lambda n: n["emb"](n["i"]), lambda n: n["emb"](n["ir"])),
