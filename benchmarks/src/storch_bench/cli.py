@@ -83,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     _common(ops)
     ops.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     ops.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (cuda when available)")
-    ops.add_argument("--min-time", type=float, default=0.25, help="seconds of timing per call and side")
+    ops.add_argument("--min-time", type=float, default=0.05, help="timing per call and side: 5 x this many "
+                     "seconds, as storch-compare overhead's --min-time")
     ops.add_argument("--threshold", type=float, default=5.0, help="extra microseconds above which a call is "
                      "marked slow (the wrapper's floor is ~2-3 us on a CPU)")
     m = sub.add_parser("model", help="which estimator for MY model: rank the installed estimators on "

@@ -12,9 +12,10 @@ issue 19).
 
     storch-compare ops                      # CPU, every case
     storch-compare ops --device cuda        # on a GPU (wall clock, synchronised per block; or auto)
-    storch-compare ops --cases einsum,norm  # a subset (names as in the table)
+    storch-compare ops --cases "gather,norm(dim=-1)"  # a subset (names as in the table)
 
-Columns: ``storch us`` and ``raw us`` (the fastest of several blocks of calls), ``extra us`` (the
+Columns: ``storch us`` and ``raw us`` (the fastest of alternating ~5 ms blocks of calls, timed as
+``storch-compare overhead`` times its rows: ``overhead.time_pair``), ``extra us`` (the
 difference), ``same`` (the storch result's raw tensor equals the hand-written result), ``slow``
 (extra above the threshold).
 """
@@ -22,7 +23,6 @@ difference), ``same`` (the storch result's raw tensor equals the hand-written re
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Callable, NamedTuple
 
 import torch
@@ -134,32 +134,6 @@ CASES = [
 ]
 
 
-def _time(fn: Callable, ns: dict, min_time: float, sync: Callable[[], None]) -> float:
-    """Microseconds per call: the fastest of 5 blocks of calls, each ~min_time / 5 long."""
-    fn(ns)
-    sync()
-    k, t0 = 1, time.perf_counter()
-    while True:
-        for _ in range(k):
-            fn(ns)
-        sync()
-        dt = time.perf_counter() - t0
-        if dt > min_time / 50 or k > 1 << 20:
-            break
-        k *= 2
-        t0 = time.perf_counter()
-    number = max(1, int(k * (min_time / 5) / max(dt, 1e-9)))
-    best = float("inf")
-    for _ in range(5):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn(ns)
-        sync()
-        best = min(best, (time.perf_counter() - t0) / number)
-    return best * 1e6
-
-
 def _same(a, b) -> bool:
     a = a.tensor if isinstance(a, PlateTensor) else a
     if not isinstance(a, torch.Tensor) or a.shape != b.shape:
@@ -167,9 +141,9 @@ def _same(a, b) -> bool:
     return bool(torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6, equal_nan=True))
 
 
-def run_ops(names=None, device: str = "cpu", min_time: float = 0.25, threshold: float = 5.0) -> list[list]:
+def run_ops(names=None, device: str = "cpu", min_time: float = 0.05, threshold: float = 5.0) -> list[list]:
     """Rows ``[case, storch us, raw us, extra us, same, slow]`` for every case (or those in ``names``)."""
-    from .overhead import select_device, synchronizer
+    from .overhead import select_device, synchronizer, time_pair
 
     dev = select_device(device) if isinstance(device, str) else device  # a clear error without CUDA
     sync = synchronizer(dev)
@@ -183,7 +157,7 @@ def run_ops(names=None, device: str = "cpu", min_time: float = 0.25, threshold: 
     with torch.no_grad():
         for c in cases:
             same = _same(c.plate(ns), c.raw(ns))
-            ts, tr = _time(c.plate, ns, min_time, sync), _time(c.raw, ns, min_time, sync)
+            ts, tr = (1e6 * t for t in time_pair(lambda: c.plate(ns), lambda: c.raw(ns), min_time, "wall", sync))
             rows.append([c.name, ts, tr, ts - tr, "yes" if same else "NO", "SLOW" if ts - tr > threshold else ""])
     return rows
 
@@ -207,8 +181,9 @@ def run_cli(args: argparse.Namespace) -> int:
     rows = run_ops(names, device, args.min_time, args.threshold)
     rows.sort(key=lambda r: -r[3])
     print(text_table(HEADER, rows))
-    setup = (f"device {args.device}; plates z={Z}, data={D}; no autograd; wall clock, fastest of 5 blocks of "
-             f"~{args.min_time / 5:.2g} s, 1 thread; slow: extra > {args.threshold:g} us")
+    setup = (f"device {args.device}; plates z={Z}, data={D}; no autograd; wall clock, fastest of alternating ~5 ms "
+             f"blocks of calls ({5 * args.min_time:.2g} s per side, storch_bench.overhead.time_pair), "
+             f"{args.threads} thread(s); slow: extra > {args.threshold:g} us")
     print(f"\n{setup}")
     (args.out / "ops.md").write_text(markdown_table(HEADER, rows) + f"\n\n{setup}\n")
     write_csv(args.out / "ops.csv", HEADER, rows)
