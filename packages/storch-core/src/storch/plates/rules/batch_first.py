@@ -103,6 +103,11 @@ def _fold(t, plates, b: int, batched: bool, sizes: Optional[tuple] = None):
 
 
 def _unfold(o, sizes, c: int, batched: bool):
+    if not c and not batched and len(sizes) == 1:
+        # one plate folded into a new leading batch dim (a conv or pool on one data point per
+        # entry): dim 0 already is that plate, so the output is returned as it is, without an
+        # unflatten view and its autograd node (as a batched call by hand)
+        return o
     if c and o.shape[:c].numel() == 1:  # the dims before the batch dim have size 1: one view
         return o.reshape(sizes + o.shape[:c] + ((-1,) if batched else ()) + o.shape[c + 1:])
     m = len(sizes)
@@ -137,7 +142,7 @@ def batch_first(spec, func, args, kwargs):
                         return vmap_call(func, args, kwargs)
     if not groups:
         return vmap_call(func, args, kwargs)
-    plates = union_plates(groups)
+    plates = groups[0] if len(groups) == 1 else union_plates(groups)
     sizes = tuple(p.size for p in plates)
     for pos, key, b in plan.inputs:
         a = _get(args, kwargs, pos, key)
