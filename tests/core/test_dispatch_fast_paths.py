@@ -85,13 +85,14 @@ def test_elementwise_loss_with_equal_plates_skips_broadcasting(reduction):
     f = F.binary_cross_entropy_with_logits
     _, seen = calls(lambda: f(x, t, reduction=reduction))
     assert "broadcast_tensors" not in seen and not seen & GENERAL, sorted(seen)
-    # a target on fewer plates (the data a decoder reconstructs): aligned, broadcast over z, as a loop
-    d = make(torch.rand(2, 4, dtype=torch.float64), ("data", 2))
+    # a target on fewer plates, in another order than the logits' last plates: aligned by name,
+    # broadcast over the rest, as a loop
+    d = make(torch.rand(3, 4, dtype=torch.float64), ("z", 3))
     check(lambda a, b: f(a, b, reduction=reduction), x, d)
     _, seen = calls(lambda: f(x, d, reduction=reduction))
     assert "union_plates" in seen and "_broadcast_pair" in seen  # the control: the general path
     assert "broadcast_tensors" not in seen  # ... whose broadcast is two expands, not torch.broadcast_tensors
-    # a plain target (not denoted independent): broadcast over every plate, as a loop
+    # a plain target of a lower rank (not denoted independent): broadcast over every plate, as a loop
     plain = torch.rand(4, dtype=torch.float64)
     check(lambda a: f(a, plain, reduction=reduction), x)
     _, seen = calls(lambda: f(x, plain, reduction=reduction))
@@ -99,6 +100,38 @@ def test_elementwise_loss_with_equal_plates_skips_broadcasting(reduction):
     # plates in another order
     check(lambda a, b: F.mse_loss(a, b, reduction=reduction), x,
           PlateTensor(x.tensor.transpose(0, 1).contiguous() * 0.5, tuple(reversed(x.plates))))
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("loss", ["bce_with_logits", "mse", "mse_swapped"])
+def test_elementwise_loss_against_a_target_on_the_last_plates_is_one_expand(loss, reduction):
+    """A target on the data plate against logits on (z, data) (a VAE's reconstruction), or a plain
+    target of the per-sample shape: expanded once to the logits' raw shape, no alignment."""
+    f = {"bce_with_logits": F.binary_cross_entropy_with_logits, "mse": F.mse_loss,
+         "mse_swapped": lambda a, b, **kw: F.mse_loss(b, a, **kw)}[loss]
+    x = make(rnd(3, 2, 4), *ZD)
+    d = make(torch.rand(2, 4, dtype=torch.float64), ("data", 2))
+    plain = torch.rand(4, dtype=torch.float64)
+    for t in (d, plain):
+        f(x, t, reduction=reduction)  # the first call decides the function's treatment (cached)
+        out, seen = calls(lambda: f(x, t, reduction=reduction))
+        assert "_expand_to_trailing" in seen and not seen & GENERAL and "_broadcast_pair" not in seen, sorted(seen)
+        assert out.plates == x.plates
+        check(lambda a, b: f(a, b, reduction=reduction), x, t)
+        # the same values and gradient as the general path (the target aligned and broadcast by two views)
+        xr = x.tensor.detach().requires_grad_()
+        tr = t.tensor if type(t) is PlateTensor else t
+        got = f(PlateTensor(xr, x.plates), t, reduction=reduction).tensor
+        ref = f(xr, tr.expand(xr.shape), reduction="none")
+        ref = ref if reduction == "none" else getattr(ref.flatten(2), reduction)(-1)
+        assert torch.equal(got, ref)
+        assert torch.equal(torch.autograd.grad(got.sum(), xr)[0], torch.autograd.grad(ref.sum(), xr)[0])
+    # the control: a target whose data plate has raw size 1 where the logits' is full (not the
+    # trailing part of their raw shape) takes the general path
+    t = make(torch.rand(1, 4, dtype=torch.float64), ("data", 2))
+    check(lambda a, b: f(a, b, reduction=reduction), x, t)
+    _, seen = calls(lambda: f(x, t, reduction=reduction))
+    assert "union_plates" in seen and "_expand_to_trailing" in seen, sorted(seen)
 
 
 # -- batch-first: size-1 dims before the batch dim fold by a view -------------------------------------
@@ -141,6 +174,33 @@ def test_one_step_gru_gradients_equal_the_hand_written_batch():
     torch.testing.assert_close(out.reshape(1, 6, 5), ref)
     for a, b in zip(g, torch.autograd.grad(ref.square().sum(), list(gru.parameters()))):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("layer", ["conv", "pool"])
+def test_batch_first_call_on_one_plate_returns_the_raw_output_without_a_view(layer):
+    """One plate folded into a new batch dim (a conv on one image per data point): the call's output
+    is the plate tensor's raw tensor as it is, with the autograd graph of the batched call by hand."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 3, 3, padding=1).double()
+    fn = conv if layer == "conv" else (lambda a: F.max_pool2d(a, 2))
+    xr = rnd(2, 1, 4, 4).requires_grad_()
+    x = make(xr, ("data", 2))
+    fn(x)  # the first call decides the function's treatment (cached)
+    out, seen = calls(lambda: fn(x))
+    assert "unflatten" not in seen and not seen & GENERAL, sorted(seen)
+    ref = fn(xr)
+    assert graph_ops(out.tensor) == graph_ops(ref)  # no view node: the batched call by hand
+    assert torch.equal(out.tensor, ref)
+    params = [xr] + (list(conv.parameters()) if layer == "conv" else [])
+    for a, b in zip(torch.autograd.grad(out.tensor.square().sum(), params),
+                    torch.autograd.grad(ref.square().sum(), params)):
+        assert torch.equal(a, b)
+    check(fn, make(rnd(2, 1, 4, 4), ("data", 2)))
+    # the control: two plates are folded into one batch dim and unfolded by a view
+    x2 = make(rnd(3, 2, 1, 4, 4), *ZD)
+    check(fn, x2)
+    out2, seen = calls(lambda: fn(x2))
+    assert "unflatten" in seen, sorted(seen)
 
 
 # -- distributions built on plate tensors ------------------------------------------------------------
