@@ -203,6 +203,52 @@ def test_batch_first_call_on_one_plate_returns_the_raw_output_without_a_view(lay
     assert "unflatten" in seen, sorted(seen)
 
 
+@pytest.mark.parametrize("call", ["gru", "conv"])
+def test_batch_first_call_on_equal_plates_skips_the_general_bookkeeping(call):
+    """Every batched input a positional plate tensor on the same plates (an RNN step whose state is
+    per sample, a convolution): folded and called without the general bookkeeping (no ``_set``);
+    values per entry as a loop, gradients as the batch written by hand."""
+    torch.manual_seed(0)
+    if call == "gru":
+        layer = nn.GRU(4, 5).double()
+        xr, hr = rnd(3, 2, 1, 4).requires_grad_(), rnd(3, 2, 1, 5, seed=1)
+        fn = (lambda a, s: layer(a, s)[1])
+
+        def by_hand(a, s):  # 6 sequences in one batch
+            return layer(a.reshape(1, 6, 4), s.reshape(1, 6, 5))[1].reshape(3, 2, 1, 5)
+    else:
+        layer = nn.Conv2d(1, 3, 3, padding=1).double()
+        xr, hr = rnd(3, 2, 1, 4, 4).requires_grad_(), None
+        fn = (lambda a, s=None: layer(a))
+
+        def by_hand(a, s=None):
+            return layer(a.reshape(6, 1, 4, 4)).reshape(3, 2, 3, 4, 4)
+    x = make(xr, *ZD)
+    args = (x,) + ((PlateTensor(hr, x.plates),) if hr is not None else ())  # one graph: the same plates
+    fn(*args)  # the first call decides the function's treatment (cached)
+    out, seen = calls(lambda: fn(*args))
+    assert "_positional_same_plates" in seen and "_set" not in seen and not seen & GENERAL, sorted(seen)
+    check(fn, *(make(a.tensor.detach(), *ZD) for a in args))
+    ref = by_hand(xr, hr)
+    assert torch.equal(out.tensor, ref)
+    params = [xr] + list(layer.parameters())
+    for a, b in zip(torch.autograd.grad(out.tensor.square().sum(), params),
+                    torch.autograd.grad(ref.square().sum(), params)):
+        assert torch.equal(a, b)
+    # the controls: an input on fewer plates takes the general path (aligned, expanded), and a
+    # per-sample weight (a plate tensor outside the batched inputs) goes to vmap
+    if call == "gru":
+        h_data = make(rnd(2, 1, 5, seed=2), ("data", 2))
+        check(fn, make(xr.detach(), *ZD), h_data)
+        _, seen = calls(lambda: fn(args[0], h_data))
+        assert "_set" in seen, sorted(seen)
+    else:
+        w = make(rnd(3, 3, 1, 3, 3, seed=3), ("z", 3))
+        check(lambda a, k: F.conv2d(a, k, padding=1), make(xr.detach(), *ZD), w)
+        _, seen = calls(lambda: F.conv2d(args[0], w, padding=1))
+        assert "vmap_call" in seen, sorted(seen)
+
+
 # -- distributions built on plate tensors ------------------------------------------------------------
 
 

@@ -120,6 +120,14 @@ def batch_first(spec, func, args, kwargs):
     plan: Optional[Plan] = spec(args, kwargs)
     if plan is None:
         return vmap_call(func, args, kwargs)
+    fast = None if kwargs else _positional_same_plates(plan, args)
+    if fast is not None:
+        plates, sizes = fast
+        batched = not plan.unbatched
+        folded = list(args)
+        for pos, _, b in plan.inputs:
+            folded[pos] = _fold(folded[pos], plates, b, batched, sizes)
+        return _unfold_outputs(func(*folded), plan, plates, sizes)
     batched_ids = set()
     groups = []
     for pos, key, b in plan.inputs:
@@ -153,7 +161,39 @@ def batch_first(spec, func, args, kwargs):
         else:
             new = _fold(a, plates, b, not plan.unbatched, sizes)
         args, kwargs = _set(args, kwargs, pos, key, new)
-    out = func(*args, **kwargs)
+    return _unfold_outputs(func(*args, **kwargs), plan, plates, sizes)
+
+
+def _positional_same_plates(plan: Plan, args: tuple):
+    """``(plates, sizes)`` when every batched input is a positional plate tensor (no list), all on
+    the same plates, and no other argument holds a plate tensor (an RNN step, a convolution): the
+    common case, without the general bookkeeping of ``batch_first``. ``None`` otherwise."""
+    n = len(args)
+    plates = None
+    for pos, _, _ in plan.inputs:
+        if pos >= n:  # an optional batched input left out (a key padding mask): nothing to fold
+            continue
+        a = args[pos]
+        if type(a) is not _PT:
+            return None
+        if plates is None:
+            plates = a._plates
+        elif a._plates is not plates and a._plates != plates:
+            return None
+    if plates is None:
+        return None
+    inputs = [pos for pos, _, _ in plan.inputs]
+    for i, a in enumerate(args):
+        if i in inputs:
+            continue
+        if type(a) is _PT:
+            return None
+        if (type(a) is list or type(a) is tuple) and any(type(t) is _PT for t in a):
+            return None
+    return plates, tuple(p.size for p in plates)
+
+
+def _unfold_outputs(out, plan: Plan, plates, sizes):
     if isinstance(out, _T):  # e.g. max_pool2d without return_indices: the first output's batch dim
         c = plan.outputs if isinstance(plan.outputs, int) else plan.outputs[0]
         return _new(_unfold(out, sizes, c, not plan.unbatched), plates)
