@@ -249,6 +249,42 @@ def test_batch_first_call_on_equal_plates_skips_the_general_bookkeeping(call):
         assert "vmap_call" in seen, sorted(seen)
 
 
+def test_rnn_state_of_the_previous_step_of_a_partition_folds_without_the_general_path():
+    """An RNN whose state comes from step t-1 of a partition and whose input from step t (the GRU
+    decoder of ``storch-compare overhead``): the raw dims line up (no parent indices), so the call
+    takes the fast path; the state and gradients equal the same recurrence written by hand."""
+    from torch.distributions import Normal
+
+    torch.manual_seed(0)
+    gru, out = nn.GRU(4, 5).double(), nn.Linear(5, 4).double()
+    xs = rnd(2, 5).requires_grad_()
+    est = storch.estimator("reparameterization", plate="walk", n_samples=3)
+    raws, seen_at = [], {}
+    with storch.Graph():
+        h = storch.denote_independent(xs, 0, "data")
+        for t in range(3):
+            tok = est(Normal(out(h), 1.0))
+            raws.append(tok.tensor)  # with its graph: the hand-written recurrence gets the same inputs
+            _, seen_at[t] = calls(lambda: gru(tok.unsqueeze(0), h.unsqueeze(0)))
+            h = gru(tok.unsqueeze(0), h.unsqueeze(0))[1].squeeze(0)
+        got = h.tensor  # (walk, data, 5)
+    # step 0: the state is on the data plate only (general path); steps 1, 2: lined-up steps (fast)
+    assert "_set" in seen_at[0]
+    for t in (1, 2):
+        seen = seen_at[t]
+        assert "_positional_same_plates" in seen and "_set" not in seen and not seen & GENERAL, sorted(seen)
+    # by hand: 6 sequences in one batch, the same inputs
+    hr = xs.expand(3, 2, 5).reshape(1, 6, 5).contiguous()
+    for r in raws:
+        hr = gru(r.reshape(1, 6, 4), hr)[1]
+    ref = hr.reshape(3, 2, 5)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    params = [xs] + list(gru.parameters())
+    ga = torch.autograd.grad(got.square().sum(), params, retain_graph=True)  # the tokens' graph is shared
+    for a, b in zip(ga, torch.autograd.grad(ref.square().sum(), params)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 # -- distributions built on plate tensors ------------------------------------------------------------
 
 

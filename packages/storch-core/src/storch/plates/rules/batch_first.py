@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import PlateError
-from ..tensor import PlateTensor, align, union_plates
+from ..tensor import PlateTensor, align, later_step, union_plates
 from ..tensor import new_plate_tensor as _new
 from .vmap import vmap_call
 from ..treatments import Entry, Treatment, register_plate_handler
@@ -79,12 +79,16 @@ def _fold(t, plates, b: int, batched: bool, sizes: Optional[tuple] = None):
         sizes = tuple(p.size for p in plates)
     if type(t) is _PT:
         r = t._raw if t._plates is plates else align(t._raw, t._plates, plates)
-        s = r.shape
-        if s[:m] != sizes:  # no expand (and no autograd node) when every plate is there
-            r = r.expand(sizes + s[m:])
-            s = r.shape
     else:
         r = t.expand(sizes + t.shape)
+    return _fold_raw(r, m, b, batched, sizes)
+
+
+def _fold_raw(r, m: int, b: int, batched: bool, sizes: tuple):
+    """``_fold`` of a raw tensor whose leading ``m`` dims already are the plates (size 1 or full)."""
+    s = r.shape
+    if s[:m] != sizes:  # no expand (and no autograd node) when every plate is there
+        r = r.expand(sizes + s[m:])
         s = r.shape
     if b and s[m:m + b].numel() == 1:
         # the per-sample dims before the batch dim have size 1 (an RNN's one-step input (1, N, F),
@@ -125,8 +129,10 @@ def batch_first(spec, func, args, kwargs):
         plates, sizes = fast
         batched = not plan.unbatched
         folded = list(args)
+        m = len(plates)
         for pos, _, b in plan.inputs:
-            folded[pos] = _fold(folded[pos], plates, b, batched, sizes)
+            if pos < len(folded):  # its raw dims line up with `plates` (_positional_same_plates)
+                folded[pos] = _fold_raw(folded[pos]._raw, m, b, batched, sizes)
         return _unfold_outputs(func(*folded), plan, plates, sizes)
     batched_ids = set()
     groups = []
@@ -166,8 +172,9 @@ def batch_first(spec, func, args, kwargs):
 
 def _positional_same_plates(plan: Plan, args: tuple):
     """``(plates, sizes)`` when every batched input is a positional plate tensor (no list), all on
-    the same plates, and no other argument holds a plate tensor (an RNN step, a convolution): the
-    common case, without the general bookkeeping of ``batch_first``. ``None`` otherwise."""
+    the same plates (or on steps of a partition that line up, :func:`later_step`), and no other
+    argument holds a plate tensor (an RNN step, a convolution): the common case, without the
+    general bookkeeping of ``batch_first``. ``None`` otherwise."""
     n = len(args)
     plates = None
     for pos, _, _ in plan.inputs:
@@ -179,7 +186,11 @@ def _positional_same_plates(plan: Plan, args: tuple):
         if plates is None:
             plates = a._plates
         elif a._plates is not plates and a._plates != plates:
-            return None
+            # steps t-1 and t of a partition without parent indices (an RNN's state and its next
+            # input): the raw dims line up as they are, under the later step's plates
+            plates = later_step(plates, a._plates)
+            if plates is None:
+                return None
     if plates is None:
         return None
     inputs = [pos for pos, _, _ in plan.inputs]
