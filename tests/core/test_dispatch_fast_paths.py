@@ -74,6 +74,29 @@ def test_an_int_dim_out_of_range_or_with_a_sampled_operand_is_not_fast():
     check(lambda a: F.normalize(a, 2.0, 0), x)
 
 
+@pytest.mark.parametrize("name", ["relu", "leaky_relu", "clamp", "relu_inplace_option"])
+def test_one_plate_tensor_with_non_tensor_options_is_one_raw_call(name):
+    """F.relu (called with inplace=), F.leaky_relu(negative_slope=), clamp(min=): one plate tensor and
+    options that are not tensors skip the general loop over operands; values as a loop."""
+    fn = {"relu": F.relu, "leaky_relu": lambda a: F.leaky_relu(a, negative_slope=0.2),
+          "clamp": lambda a: torch.clamp(a, min=-0.1, max=0.3),
+          "relu_inplace_option": lambda a: F.relu(a.clone(), inplace=True)}[name]
+    x = make(rnd(3, 2, 4), *ZD)
+    fn(x)  # the first call decides the function's treatment (cached)
+    out, seen = calls(lambda: fn(x))
+    assert "_operands" not in seen and not seen & GENERAL, sorted(seen)
+    assert out.plates == x.plates
+    check(fn, x)
+    # the controls: a tensor option takes the general loop; an in-place method returns its own
+    # plate tensor (not a new wrapper)
+    lo = make(rnd(3, 2, 4, seed=1), *ZD)
+    check(lambda a, b: torch.clamp(a, min=b), x, lo)
+    _, seen = calls(lambda: torch.clamp(x, min=lo))
+    assert "_operands" in seen
+    y = x.clone()
+    assert y.clamp_(min=0.0) is y and bool((y.tensor >= 0).all())
+
+
 # -- losses ---------------------------------------------------------------------------------------
 
 
