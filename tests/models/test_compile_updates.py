@@ -343,3 +343,15 @@ def test_refused_updates_say_what_compiles():
     frozen = storch.estimator("score", plate="z", n_samples=2, baseline="moving_average", update=False)
     assert not frozen.has_update and not frozen.replays_update
     storch.compile(step_of(frozen), backend=None)(theta)  # no update: compiles as before
+
+
+def test_overhead_benchmark_moving_average_row():
+    # storch-compare overhead --configs moving_average --replay --compile: the row is measured with
+    # .backward() on both sides (the update), the replayed gradient equals eager storch's, no breaks
+    from storch_bench.overhead import measure
+
+    Distribution.set_default_validate_args(True)
+    row = measure("toy", "moving_average", 2, 4, min_time=0.002, clock="cpu", compile=True, replay=True)
+    assert row.same_grad == "yes" and row.replay_same_grad == "yes" and row.graph_breaks == 0, row
+    assert row.replayed_storch_us > 0 and row.compiled_storch_us > 0 and row.compiled_torch_us > 0, row
+    assert not row.note, row
