@@ -255,6 +255,39 @@ def test_non_finite_cost_raises_on_backward_and_keeps_the_average():
     assert all(torch.equal(est.moving_averages[k], before[k]) for k in before)
 
 
+def test_partition_per_step_averages():
+    # score on a partition (one estimator called at 3 steps of a sequence, a cost per step): one
+    # average per step ("f", "f@1", "f@2"); compiled steps equal eager ones
+    def run(compile_it):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(3, 3)
+        est = storch.estimator("score", plate="seq", n_samples=3, baseline="moving_average")
+
+        def step(x):
+            with storch.Graph():
+                h = storch.denote_independent(x, 0, "data")
+                for _ in range(3):
+                    y = est(torch.distributions.Categorical(logits=lin(h)))
+                    h = h + torch.nn.functional.one_hot(y, 3).float()
+                    storch.add_cost((h ** 2).sum(-1) * 0.1, name="f")
+                return storch.surrogate_loss()
+
+        fn = storch.compile(step, backend=None) if compile_it else step
+        x = torch.randn(2, 3)
+        out = []
+        for seed in range(4):
+            torch.manual_seed(seed)
+            lin.zero_grad()
+            loss = fn(x)
+            loss.backward()
+            out.append((loss.detach(), [p.grad.clone() for p in lin.parameters()], _averages(est)))
+        return out
+
+    want = run(False)
+    assert set(want[-1][2]) == {"f", "f@1", "f@2"}
+    _assert_same_runs(run(True), want)
+
+
 class _RunningMean(storch.Estimator):
     """Score function with the running mean of all earlier steps' mean costs as baseline (a test
     estimator: what a third-party estimator writes to let storch.compile replay its update).

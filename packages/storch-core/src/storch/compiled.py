@@ -30,8 +30,9 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
 
 - the step returns tensors (e.g. ``storch.surrogate_loss()``), not plate tensors, and does not call
   ``storch.backward()``: call ``loss.backward()`` on the result;
-- estimators that update their own state in ``storch.backward()`` (``has_update``: moving-average
-  and learned baselines, annealed temperatures) are refused;
+- estimators that update their own state (``has_update``) are refused unless the update can be
+  replayed (``replays_update``: score's moving-average baseline; learned baselines, annealed
+  temperatures and sum_and_sample's memory are refused), see below;
 - tensors the step reads but does not receive as arguments are captured: ``nn.Parameter``s by
   reference (gradients and optimizer updates work as usual); any other captured tensor that
   requires grad is refused (pass it as an argument); other captured tensors are read live (same
@@ -42,6 +43,20 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
 - on the first call the step also runs eagerly and its trace runs from the same random state; if they
   disagree (the result depends on Python or generator state the trace cannot see: SPSA's coupled
   draws replay the random state, a ``storch.Graph(generator=...)``, Python's ``random``) it is refused.
+
+An estimator whose update can be replayed (``Estimator.replays_update``; ``score`` with
+``baseline="moving_average"``) keeps the eager semantics: the baseline of a step is the average
+of earlier steps only, and the update runs when the returned loss is backpropagated with
+``.backward()`` (``torch.autograd.grad``, a ``no_grad`` call and a second ``retain_graph``
+backward update nothing; a non-finite loss raises ``storch.NonFiniteCostError`` there). While
+the step is traced, ``surrogate_loss`` adds a zero "probe" input of the program to the loss and
+the estimator's ``update_inputs`` (for the moving average: each cost's detached mean) become extra
+outputs of the program; every call makes a fresh probe whose gradient accumulation queues the
+estimator's ``update_from`` with that call's values (and ``storch.distributed`` averages them over
+ranks there, as eagerly). The state its components read (``state_tensors``: the averages) is
+passed to the program as inputs at every call, never baked in, so ``load_state_dict`` works; the
+cache keeps a trace per structure of that state (the first step, with no average and so no
+baseline, is one program; the steps after it another).
 
 Random draws are recorded as torch random operations, so every call draws fresh samples from
 torch's generator. During the trace torch's RNG state is saved and restored (the trace's draws do
@@ -295,8 +310,9 @@ def compile(fn: Optional[Callable] = None, *, backend: Any = "inductor", mode: O
 
     Raises:
         StorchError: when the step cannot be replayed faithfully (see :mod:`storch.compiled`): it calls
-            ``storch.backward()``, returns plate tensors or non-tensors, uses an estimator that updates
-            its own state, captures a non-parameter tensor that requires grad, or branches on values.
+            ``storch.backward()``, returns plate tensors or non-tensors, uses an estimator whose update
+            cannot be replayed (a learned baseline, an annealed temperature; a moving average can),
+            captures a non-parameter tensor that requires grad, or branches on values.
 
     Example:
         >>> est = storch.estimator("score", plate="z", n_samples=8, baseline="leave_one_out")

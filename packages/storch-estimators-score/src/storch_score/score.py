@@ -62,6 +62,8 @@ class Score(Estimator):
         lr: Adam learning rate of a learned baseline's regression on the cost.
         hidden: hidden width of ``"learned"``'s networks.
         update: whether ``storch.backward()`` updates the baseline (moving average, learned parts).
+            The moving average's update is replayed by ``storch.compile`` (``replays_update``), so a
+            step with it compiles; a learned baseline's is not.
         eos: for a partition (the estimator called at every step of a sequence): the index (in the
             support) of the end-of-sequence value; a finished sequence draws it again with
             log-probability 0 at later steps (variable length). ``None``: fixed length.
