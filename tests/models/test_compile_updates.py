@@ -373,6 +373,10 @@ def test_refused_updates_say_what_compiles():
     assert learned.has_update and not learned.replays_update
     with pytest.raises(storch.StorchError, match="learned baseline.*baseline='moving_average'"):
         storch.compile(step_of(learned), backend=None)(theta)
+    relax = storch.estimator("relax", plate="z", n_samples=2)  # a learned control variate
+    assert relax.update_uses_loss_graph and not relax.replays_update
+    with pytest.raises(storch.StorchError, match="'relax' .*learned baseline or control variate"):
+        storch.compile(step_of(relax), backend=None)(theta)
     frozen = storch.estimator("score", plate="z", n_samples=2, baseline="moving_average", update=False)
     assert not frozen.has_update and not frozen.replays_update
     storch.compile(step_of(frozen), backend=None)(theta)  # no update: compiles as before
