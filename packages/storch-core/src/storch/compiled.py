@@ -536,7 +536,7 @@ class _Recorder:
                 raise StorchError(updating_message(est))
             leaves, spec = pytree.tree_flatten(est.update_inputs(nodes))
             # the tensors are outputs of the program; other leaves (cost names) are fixed by the trace
-            tensors = [v.detach() for v in leaves if isinstance(v, torch.Tensor)]
+            tensors = [v.detach() if v.requires_grad else v for v in leaves if isinstance(v, torch.Tensor)]
             self.updates.append((est, spec, [None if isinstance(v, torch.Tensor) else v for v in leaves]))
             self.values.extend(tensors)
         self.loss = loss.detach()
