@@ -31,8 +31,8 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
 - the step returns tensors (e.g. ``storch.surrogate_loss()``), not plate tensors, and does not call
   ``storch.backward()``: call ``loss.backward()`` on the result;
 - estimators that update their own state (``has_update``) are refused unless the update can be
-  replayed (``replays_update``: score's moving-average baseline; learned baselines, annealed
-  temperatures and sum_and_sample's memory are refused), see below;
+  replayed (``replays_update``: score's moving-average baseline; learned baselines and control
+  variates, annealed temperatures and sum_and_sample's memory are refused), see below;
 - tensors the step reads but does not receive as arguments are captured: ``nn.Parameter``s by
   reference (gradients and optimizer updates work as usual); any other captured tensor that
   requires grad is refused (pass it as an argument); other captured tensors are read live (same
@@ -56,7 +56,9 @@ estimator's ``update_from`` with that call's values (and ``storch.distributed`` 
 ranks there, as eagerly). The state its components read (``state_tensors``: the averages) is
 passed to the program as inputs at every call, never baked in, so ``load_state_dict`` works; the
 cache keeps a trace per structure of that state (the first step, with no average and so no
-baseline, is one program; the steps after it another).
+baseline, is one program; the steps after it another). Such a step builds one surrogate loss with
+updates (a second one is refused), and :meth:`CompiledStep.graph_module`'s program then takes
+the inputs :meth:`CompiledStep.program_inputs` lists (the arguments, the probe, the state).
 
 Random draws are recorded as torch random operations, so every call draws fresh samples from
 torch's generator. During the trace torch's RNG state is saved and restored (the trace's draws do
