@@ -377,9 +377,30 @@ def test_refused_updates_say_what_compiles():
     assert relax.update_uses_loss_graph and not relax.replays_update
     with pytest.raises(storch.StorchError, match="'relax' .*learned baseline or control variate"):
         storch.compile(step_of(relax), backend=None)(theta)
+    averaged = storch.estimator("score", plate="z", n_samples=2, baseline="moving_average")
+
+    def two_surrogates(theta):
+        with storch.Graph():
+            z = averaged(Bernoulli(logits=storch.denote_independent(theta, 0, "data")))
+            storch.add_cost(z.sum(-1), name="f")
+            return storch.surrogate_loss() + storch.surrogate_loss()
+
+    with pytest.raises(storch.StorchError, match="more than one surrogate loss"):
+        storch.compile(two_surrogates, backend=None)(theta)
     frozen = storch.estimator("score", plate="z", n_samples=2, baseline="moving_average", update=False)
     assert not frozen.has_update and not frozen.replays_update
     storch.compile(step_of(frozen), backend=None)(theta)  # no update: compiles as before
+    # a frozen average (loaded, never updated) is state the program reads at every call too
+    frozen.moving_averages["f"] = torch.tensor(0.5)
+    compiled = storch.compile(step_of(frozen), backend=None)
+    for b in (0.5, 2.0):
+        frozen.load_state_dict({"_extra_state": {"moving_averages": {"f": torch.tensor(b)}}})
+        torch.manual_seed(4)
+        got = torch.autograd.grad(compiled(theta), theta)[0]
+        torch.manual_seed(4)
+        want = torch.autograd.grad(step_of(frozen)(theta), theta)[0]
+        torch.testing.assert_close(got, want)
+    assert compiled.traces == 1
 
 
 def test_overhead_benchmark_moving_average_row():
