@@ -59,6 +59,9 @@ cache keeps a trace per structure of that state (the first step, with no average
 baseline, is one program; the steps after it another). Such a step builds one surrogate loss with
 updates (a second one is refused), and :meth:`CompiledStep.graph_module`'s program then takes
 the inputs :meth:`CompiledStep.program_inputs` lists (the arguments, the probe, the state).
+An estimator without an update is tracked this way only if it has state when first traced (a
+``score(baseline="moving_average", update=False)`` with loaded averages); one whose first
+average is loaded after that first trace needs :meth:`CompiledStep.clear`.
 
 Random draws are recorded as torch random operations, so every call draws fresh samples from
 torch's generator. During the trace torch's RNG state is saved and restored (the trace's draws do
