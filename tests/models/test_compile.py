@@ -265,9 +265,10 @@ def test_refuses_plate_tensor_output_and_estimator_updates():
                 return storch.surrogate_loss()
         return step
 
-    averaged = storch.estimator("score", plate="z", n_samples=2, baseline="moving_average")
+    # (a moving average compiles: its update is replayed, tests/models/test_compile_updates.py)
+    learned = storch.estimator("score", plate="z", n_samples=2, baseline="learned")
     with pytest.raises(storch.StorchError, match="updates its own state"):
-        storch.compile(sum_cost_step(averaged), backend="aot_eager")(theta)
+        storch.compile(sum_cost_step(learned), backend="aot_eager")(theta)
 
     # an estimator with state whose components also read values (sum_and_sample's memory): the
     # refusal names the state (the reason that holds whatever its code does), before its code runs

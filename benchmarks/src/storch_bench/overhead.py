@@ -29,6 +29,7 @@ import copy
 import math
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -61,7 +62,16 @@ CONFIGS = {
     # the most probable joint value summed exactly, n - 1 samples from the rest with leave-one-out:
     # n cost evaluations per data point, as score@n (storch only: no hand-written version)
     "sum_and_sample": ("sum_and_sample", {"n_enumerate": 1, "baseline": "leave_one_out"}, 3),
+    # score with the moving average of earlier steps' costs (an update on every backward pass: the
+    # toy's and the --compile/--replay losses are then differentiated by .backward(), not autograd.grad)
+    "moving_average": ("score", {"baseline": "moving_average"}, 1),
 }
+# configs measured only when named in --configs (not in the default set the earlier tables used)
+OPT_IN_CONFIGS = ("moving_average",)
+# configs whose hand-written version draws the same samples (their gradients are compared)
+SAME_SAMPLES = ("score", "loo", "moving_average")
+# configs whose toy, --compile and --replay calls run .backward() (the update) instead of autograd.grad
+BACKWARD_CONFIGS = ("moving_average",)
 # configs compared with score + leave-one-out at the same n ("vs loo": storch time / storch loo time)
 VS_LOO = ("unordered_set", "sum_and_sample")
 
@@ -145,6 +155,17 @@ def _hand_cost(config: str, logits: torch.Tensor, n: int, est, cost: Callable) -
         d = Bernoulli(logits=logits)
         z = d.sample((n,))
         return score_surrogate(d.log_prob(z).sum(-1), cost(z), leave_one_out=config == "loo")
+    if config == "moving_average":
+        # b: the average of the earlier calls' mean costs, updated here (by hand: in the forward pass;
+        # the storch side updates on backward, and every timed call of both sides is backpropagated)
+        d = Bernoulli(logits=logits)
+        z = d.sample((n,))
+        c = cost(z)
+        b = _HAND_AVERAGES.get(est)
+        mean = c.detach().mean()
+        _HAND_AVERAGES[est] = mean if b is None else est.decay * b + (1.0 - est.decay) * mean
+        adv = c.detach() if b is None else c.detach() - b
+        return (c + d.log_prob(z).sum(-1) * adv).mean()
     if config == "unordered_set":
         z, logp = gumbel_topk_bernoulli(logits, n)
         return unordered_set_surrogate(logp, cost(z))
@@ -155,6 +176,18 @@ def _hand_cost(config: str, logits: torch.Tensor, n: int, est, cost: Callable) -
 
 
 _CPU = torch.device("cpu")
+_HAND_AVERAGES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # est -> the hand-written average
+
+
+def gradient(loss: torch.Tensor, params: list, update: bool) -> tuple:
+    """The gradient of ``loss``: by ``torch.autograd.grad``, or with ``update`` by ``loss.backward()``
+    (which runs the estimators' updates, e.g. a moving average's; autograd.grad is an evaluation)."""
+    if not update:
+        return torch.autograd.grad(loss, params)
+    for p in params:
+        p.grad = None
+    loss.backward()
+    return tuple(p.grad for p in params)
 
 
 # -- the toy -----------------------------------------------------------------------------------
@@ -166,16 +199,17 @@ def _toy_cost(z: torch.Tensor) -> torch.Tensor:
 
 def toy_pair(config: str, est, batch: int, n: int, device: torch.device = _CPU):
     theta = torch.linspace(-1.0, 1.0, 3, device=device).repeat(batch, 1).requires_grad_(True)
+    update = config in BACKWARD_CONFIGS
 
     def with_storch():
         with storch.Graph():
             th = storch.denote_independent(theta, 0, "data")
             z = est(Bernoulli(logits=th))
             storch.add_cost(_toy_cost(z), name="f")
-            return torch.autograd.grad(storch.surrogate_loss(order=1), theta)[0]
+            return gradient(storch.surrogate_loss(order=1), [theta], update)[0]
 
     def by_hand():
-        return torch.autograd.grad(_hand_cost(config, theta, n, est, _toy_cost), theta)[0]
+        return gradient(_hand_cost(config, theta, n, est, _toy_cost), [theta], update)[0]
 
     return with_storch, by_hand, lambda: None
 
@@ -353,7 +387,7 @@ def measure(problem: str, config: str, batch: int, n: int, threads: int = 1, min
     except NotImplementedError:
         by_hand = None  # storch only (compared with score + leave-one-out: Row.vs_loo)
         row.note = "no hand-written version"
-    if config in ("score", "loo"):
+    if config in SAME_SAMPLES:
         row.same_grad = "yes" if torch.allclose(gs, gt, rtol=1e-4, atol=1e-6) else "NO"
     wait = synchronizer(dev)
     ts, tt = time_pair(with_storch, by_hand, min_time, clock, wait)
@@ -380,15 +414,17 @@ def _measure_replay(row: Row, has_hand: bool, min_time: float, clock: str, wait:
     try:
         s_loss, sp, h_loss, hp, args = loss_pair(row.problem, row.config, row.batch, row.n, device, est)
         replayed = storch.compile(s_loss, backend=None)
-        torch.autograd.grad(replayed(*args), sp)  # the trace
+        update = row.config in BACKWARD_CONFIGS  # timed with .backward(), which updates
+        gradient(replayed(*args), sp, update)  # the trace (and with an update, its state's first value)
+        torch.autograd.grad(replayed(*args), sp)  # (then the trace with that state)
         torch.manual_seed(2)
-        g_replay = torch.autograd.grad(replayed(*args), sp)
+        g_replay = torch.autograd.grad(replayed(*args), sp)  # evaluations: no update in between
         torch.manual_seed(2)
         g_eager = torch.autograd.grad(replayed.eager(*args), sp)  # eager storch on the traced paths
         same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_replay, g_eager))
         row.replay_same_grad = "yes" if same else "NO"
-        a, b = time_pair(lambda: torch.autograd.grad(replayed(*args), sp),
-                         (lambda: torch.autograd.grad(h_loss(*args), hp)) if has_hand else None,
+        a, b = time_pair(lambda: gradient(replayed(*args), sp, update),
+                         (lambda: gradient(h_loss(*args), hp, update)) if has_hand else None,
                          min_time, clock, wait)
         row.replayed_storch_us, row.replay_torch_us = 1e6 * a, 1e6 * b
     except Exception as e:  # noqa: BLE001  (a row that cannot be replayed says why; the others go on)
@@ -414,10 +450,12 @@ def _measure_compiled(row: Row, with_storch: Callable, by_hand: Optional[Callabl
         s_loss, sp, h_loss, hp, args = loss_pair(row.problem, row.config, row.batch, row.n, device, est)
         torch.distributions.Distribution.set_default_validate_args(False)  # as torch.compile leaves it
         cs = storch.compile(s_loss, backend=backend)
-        row.graph_breaks = torch._dynamo.explain(cs.graph_module(*args))(*args).graph_break_count
+        update = row.config in BACKWARD_CONFIGS  # timed with .backward(), which updates
+        gradient(cs(*args), sp, update)  # with an update: the state's first value, so the trace reads it
+        row.graph_breaks = torch._dynamo.explain(cs.graph_module(*args))(*cs.program_inputs(*args)).graph_break_count
         ct = torch.compile(h_loss, backend=backend) if by_hand is not None else None
-        a, b = time_pair(lambda: torch.autograd.grad(cs(*args), sp),
-                         (lambda: torch.autograd.grad(ct(*args), hp)) if ct is not None else None,
+        a, b = time_pair(lambda: gradient(cs(*args), sp, update),
+                         (lambda: gradient(ct(*args), hp, update)) if ct is not None else None,
                          min_time, clock, wait)
         row.compiled_storch_us, row.compiled_torch_us = 1e6 * a, 1e6 * b
     except Exception as e:  # noqa: BLE001  (a row that does not compile says why; the others go on)
@@ -463,7 +501,8 @@ def run_cli(args: argparse.Namespace) -> int:
     from .report import markdown_table, text_table, write_csv
 
     problems = [p.strip() for p in args.problems.split(",") if p.strip()]
-    configs = [c.strip() for c in (args.configs or ",".join(CONFIGS)).split(",") if c.strip()]
+    default = ",".join(c for c in CONFIGS if c not in OPT_IN_CONFIGS)
+    configs = [c.strip() for c in (args.configs or default).split(",") if c.strip()]
     batches = [int(b) for b in args.batch_sizes.split(",")]
     ns = [int(n) for n in args.n_samples.split(",")]
     clock = getattr(args, "clock", "wall")

@@ -30,8 +30,9 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
 
 - the step returns tensors (e.g. ``storch.surrogate_loss()``), not plate tensors, and does not call
   ``storch.backward()``: call ``loss.backward()`` on the result;
-- estimators that update their own state in ``storch.backward()`` (``has_update``: moving-average
-  and learned baselines, annealed temperatures) are refused;
+- estimators that update their own state (``has_update``) are refused unless the update can be
+  replayed (``replays_update``: score's moving-average baseline; learned baselines and control
+  variates, annealed temperatures and sum_and_sample's memory are refused), see below;
 - tensors the step reads but does not receive as arguments are captured: ``nn.Parameter``s by
   reference (gradients and optimizer updates work as usual); any other captured tensor that
   requires grad is refused (pass it as an argument); other captured tensors are read live (same
@@ -43,6 +44,25 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   disagree (the result depends on Python or generator state the trace cannot see: SPSA's coupled
   draws replay the random state, a ``storch.Graph(generator=...)``, Python's ``random``) it is refused.
 
+An estimator whose update can be replayed (``Estimator.replays_update``; ``score`` with
+``baseline="moving_average"``) keeps the eager semantics: the baseline of a step is the average
+of earlier steps only, and the update runs when the returned loss is backpropagated with
+``.backward()`` (``torch.autograd.grad``, a ``no_grad`` call and a second ``retain_graph``
+backward update nothing; a non-finite loss raises ``storch.NonFiniteCostError`` there). While
+the step is traced, ``surrogate_loss`` adds a zero "probe" input of the program to the loss and
+the estimator's ``update_inputs`` (for the moving average: each cost's detached mean) become extra
+outputs of the program; every call makes a fresh probe whose gradient accumulation queues the
+estimator's ``update_from`` with that call's values (and ``storch.distributed`` averages them over
+ranks there, as eagerly). The state its components read (``state_tensors``: the averages) is
+passed to the program as inputs at every call, never baked in, so ``load_state_dict`` works; the
+cache keeps a trace per structure of that state (the first step, with no average and so no
+baseline, is one program; the steps after it another). Such a step builds one surrogate loss with
+updates (a second one is refused), and :meth:`CompiledStep.graph_module`'s program then takes
+the inputs :meth:`CompiledStep.program_inputs` lists (the arguments, the probe, the state).
+An estimator without an update is tracked this way only if it has state when first traced (a
+``score(baseline="moving_average", update=False)`` with loaded averages); one whose first
+average is loaded after that first trace needs :meth:`CompiledStep.clear`.
+
 Random draws are recorded as torch random operations, so every call draws fresh samples from
 torch's generator. During the trace torch's RNG state is saved and restored (the trace's draws do
 not shift the first real call's samples), and torch.distributions argument validation is turned
@@ -52,14 +72,15 @@ off, as ``torch.compile`` itself does for the whole process on its first compile
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import StorchError
+from .errors import NonFiniteCostError, StorchError
 from .estimators.base import updating_message
-from .graph import Graph, tracing_nodes
+from .graph import Graph, tracing_nodes, tracing_recorder
 from .plates.tensor import PlateTensor
 
 __all__ = ["compile", "CompiledStep"]
@@ -91,13 +112,17 @@ class CompiledStep:
             entry = self._fast.get(key)
             if entry is None:
                 entry = self._fast[key] = self._entry(args, kwargs)
+            if type(entry) is _Stateful:
+                return self._call_stateful(entry, args, kwargs, list(args), key[0])
             outs = _run(entry[1], args, key[0])
             return outs[0] if entry[3] else pytree.tree_unflatten(list(outs), entry[2])
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key, tensors = _signature(leaves, spec)
         entry = self._cache.get(key)
         if entry is None:
-            entry = self._cache[key] = self._trace(leaves, spec, tensors)
+            entry = self._cache[key] = self._new_entry(leaves, spec, tensors)
+        if type(entry) is _Stateful:
+            return self._call_stateful(entry, args, kwargs, tensors, key[1])
         return pytree.tree_unflatten(list(_run(entry[1], tensors, key[1])), entry[2])
 
     def _entry(self, args, kwargs):
@@ -105,18 +130,75 @@ class CompiledStep:
         key, tensors = _signature(leaves, spec)
         entry = self._cache.get(key)
         if entry is None:
-            entry = self._cache[key] = self._trace(leaves, spec, tensors)
+            entry = self._cache[key] = self._new_entry(leaves, spec, tensors)
         return entry
+
+    def _new_entry(self, leaves: list, spec, tensors: list):
+        """A new cache entry: ``(gm, program, out_spec, single)``, or for a step with estimator state
+        (``state_tensors``, ``replays_update``) a :class:`_Stateful` that holds a trace per structure
+        of that state."""
+        trace = self._trace(leaves, spec, tensors)
+        if not trace.estimators:
+            return trace.gm, trace.program, trace.spec, trace.single
+        return _Stateful(trace.estimators, {trace.sig: trace})
+
+    def _variant(self, entry: "_Stateful", args, kwargs, tensors: list) -> tuple["_Trace", list]:
+        """The trace for the estimators' state as it is now (traced now if its structure is new), and
+        the state's tensors (the program's inputs after the arguments and the update probe)."""
+        sig, state = _state_of(entry.estimators)
+        trace = entry.variants.get(sig)
+        if trace is None:
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+            trace = self._trace(leaves, spec, tensors)
+            if [id(e) for e in trace.estimators] != [id(e) for e in entry.estimators]:
+                raise StorchError(
+                    f"{_name(self.fn)} uses other estimators than when it was first traced with these arguments: "
+                    "call .clear() on the compiled step after changing what it runs")
+            entry.variants[trace.sig] = trace
+        return trace, state
+
+    def _call_stateful(self, entry: "_Stateful", args, kwargs, tensors: list, grad: bool) -> Any:
+        trace, state = self._variant(entry, args, kwargs, tensors)
+        probe = None
+        if trace.probe is not None:
+            dtype, device = trace.probe
+            probe = torch.zeros((), dtype=dtype, device=device, requires_grad=True)
+            outs = _run(trace.program, [*tensors, probe, *state], grad)
+        else:
+            outs = _run(trace.program, [*tensors, *state], grad)
+        n = trace.n_out
+        if probe is not None:
+            _update_on_backward(probe, outs[n], outs[n + 1:], trace.updates, self.fn)
+        return outs[0] if trace.single else pytree.tree_unflatten(list(outs[:n]), trace.spec)
 
     def graph_module(self, *args: Any, **kwargs: Any) -> torch.fx.GraphModule:
         """The traced raw torch program for these arguments (traced now if it was not yet): what
-        ``torch.compile`` receives. E.g. ``torch._dynamo.explain(step.graph_module(x))(x)``."""
+        ``torch.compile`` receives. E.g. ``torch._dynamo.explain(step.graph_module(x))(x)``. For a step
+        with estimator state, the program for the state's current structure; its inputs are the
+        tensor arguments, then (if the step's loss updates estimators) the update probe, then the
+        estimators' ``state_tensors`` (see :meth:`program_inputs`)."""
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key, tensors = _signature(leaves, spec)
         entry = self._cache.get(key)
         if entry is None:
-            entry = self._cache[key] = self._trace(leaves, spec, tensors)
+            entry = self._cache[key] = self._new_entry(leaves, spec, tensors)
+        if type(entry) is _Stateful:
+            return self._variant(entry, args, kwargs, tensors)[0].gm
         return entry[0]
+
+    def program_inputs(self, *args: Any, **kwargs: Any) -> list:
+        """The inputs :meth:`graph_module`'s program takes for these arguments (a fresh update probe)."""
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        key, tensors = _signature(leaves, spec)
+        entry = self._cache.get(key)
+        if entry is None:
+            entry = self._cache[key] = self._new_entry(leaves, spec, tensors)
+        if type(entry) is not _Stateful:
+            return list(tensors)
+        trace, state = self._variant(entry, args, kwargs, tensors)
+        if trace.probe is None:
+            return [*tensors, *state]
+        return [*tensors, torch.zeros((), dtype=trace.probe[0], device=trace.probe[1], requires_grad=True), *state]
 
     def eager(self, *args: Any, **kwargs: Any) -> Any:
         """The step run eagerly by storch, on the paths its trace takes: what a compiled call computes
@@ -132,14 +214,18 @@ class CompiledStep:
         self._cache.clear()
         self._fast.clear()
 
-    def _trace(self, leaves: list, spec, tensors: list):
+    def _trace(self, leaves: list, spec, tensors: list) -> "_Trace":
         positions = [i for i, a in enumerate(leaves) if isinstance(a, torch.Tensor)]
+        n_args = len(tensors)
         out_spec = []
 
         def flat(*ts):
+            # ts: the tensor arguments, then the update probe (an input of the program: see _Recorder)
             items = list(leaves)
             for i, t in zip(positions, ts):
                 items[i] = t
+            recorder = tracing_recorder()
+            recorder.probe = ts[n_args]
             args, kwargs = pytree.tree_unflatten(items, spec)
             out = self.fn(*args, **kwargs)
             outs, s = pytree.tree_flatten(out)
@@ -153,17 +239,21 @@ class CompiledStep:
                         f"{_name(self.fn)} returned a {type(o).__name__}; a compiled step returns tensors "
                         "(e.g. storch.surrogate_loss()), whose values change from call to call")
             out_spec.append(s)
-            return tuple(outs)
+            return (*outs, *recorder.extras())
 
         from torch.fx.experimental.proxy_tensor import make_fx
 
         devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
         validate = torch.distributions.Distribution._validate_args
         nodes: list = []
+        recorder = _Recorder(self.fn)
+        floats = [t for t in tensors if t.is_floating_point()]
+        probe = torch.zeros((), dtype=floats[0].dtype if floats else torch.get_default_dtype(),
+                            device=tensors[0].device if tensors else None, requires_grad=True)
         torch.distributions.Distribution.set_default_validate_args(False)
         try:
-            with torch.random.fork_rng(devices=devices), tracing_nodes(nodes), Graph():
-                gm = make_fx(flat, pre_dispatch=True)(*tensors)
+            with torch.random.fork_rng(devices=devices), tracing_nodes(nodes, recorder), Graph():
+                gm = make_fx(flat, pre_dispatch=True)(*tensors, probe)
         except StorchError:
             raise
         except RuntimeError as e:
@@ -177,13 +267,27 @@ class CompiledStep:
             torch.distributions.Distribution.set_default_validate_args(validate)
         _check_nodes(nodes, self.fn)
         _check_constants(gm, self.fn)
+        estimators = _stateful(nodes)
+        sig, state = _state_of(estimators)
+        used = recorder.loss is not None
+        if not used:  # no update to attach: the program takes the arguments (and the state) only
+            placeholder = [n for n in gm.graph.nodes if n.op == "placeholder"][n_args]
+            gm.graph.erase_node(placeholder)
+            gm.recompile()
+        _lift_state(gm, state)
         _drop_identity_views(gm)
         _fold_batch_views(gm)
-        _check_replay(gm, flat, tensors, devices, self.fn)
+        inputs = [*tensors, probe, *state] if used else [*tensors, *state]
+        _check_replay(gm, flat, [*tensors, probe], inputs, devices, self.fn, used)
         self.traces += 1
-        compiled = _compile_graph(gm, tensors, self.compile_options)
-        single = out_spec[0] == pytree.tree_structure(torch.empty(()))  # the step returned one tensor
-        return gm, compiled, out_spec[0], single
+        trace = _Trace()
+        trace.gm, trace.spec = gm, out_spec[0]
+        trace.program = _compile_graph(gm, inputs, self.compile_options)
+        trace.single = out_spec[0] == pytree.tree_structure(torch.empty(()))  # the step returned one tensor
+        trace.n_out = out_spec[0].num_leaves
+        trace.probe = (probe.dtype, probe.device) if used else None
+        trace.updates, trace.estimators, trace.sig = recorder.updates, estimators, sig
+        return trace
 
     def __repr__(self) -> str:
         return f"storch.compile({_name(self.fn)}, traces={self.traces})"
@@ -211,8 +315,9 @@ def compile(fn: Optional[Callable] = None, *, backend: Any = "inductor", mode: O
 
     Raises:
         StorchError: when the step cannot be replayed faithfully (see :mod:`storch.compiled`): it calls
-            ``storch.backward()``, returns plate tensors or non-tensors, uses an estimator that updates
-            its own state, captures a non-parameter tensor that requires grad, or branches on values.
+            ``storch.backward()``, returns plate tensors or non-tensors, uses an estimator whose update
+            cannot be replayed (a learned baseline, an annealed temperature; a moving average can),
+            captures a non-parameter tensor that requires grad, or branches on values.
 
     Example:
         >>> est = storch.estimator("score", plate="z", n_samples=8, baseline="leave_one_out")
@@ -291,24 +396,31 @@ def _signature(leaves: list, spec) -> tuple:
     return tuple(key), tensors
 
 
-def _check_replay(gm: torch.fx.GraphModule, flat: Callable, tensors: list, devices: list, fn) -> None:
+def _check_replay(gm: torch.fx.GraphModule, flat: Callable, tensors: list, inputs: list, devices: list, fn,
+                  updates: bool) -> None:
     """Run the step eagerly and its trace from the same random state: they must agree.
 
     The trace records torch operations only. A step whose result also depends on what it does to
     Python or generator state (an estimator that replays the random state for common random numbers,
     as SPSA's coupled draws do; a per-graph generator; Python's ``random``) would replay differently,
-    silently; this check (once per trace, on the first call) turns that into an error."""
+    silently; this check (once per trace, on the first call) turns that into an error. ``tensors``:
+    ``flat``'s inputs (the arguments and the probe), ``inputs``: the program's (the probe if it has
+    ``updates``, then the estimators' state); the values the updates read are compared too."""
     validate = torch.distributions.Distribution._validate_args
     torch.distributions.Distribution.set_default_validate_args(False)
     try:
         # eagerly, but on the paths the trace took (estimators that pick a path by values take their
         # value-independent one while tracing: storch.extending.is_tracing)
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), tracing_nodes([]), Graph():
+        recorder = _Recorder(fn, decided=updates)  # the trace's decision: grad is off here
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), tracing_nodes([], recorder), Graph():
             want = flat(*tensors)
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            got = gm(*tensors)
+            got = gm(*inputs)
     finally:
         torch.distributions.Distribution.set_default_validate_args(validate)
+    if len(want) != len(got):
+        raise StorchError(f"storch.compile cannot replay {_name(fn)}: run eagerly on the traced paths it returns "
+                          f"{len(want)} tensors, as traced {len(got)}. Run this step eagerly")
     for w, g in zip(want, got):
         if w.shape != g.shape or not torch.allclose(w, g, rtol=1e-4, atol=1e-5, equal_nan=True):
             raise StorchError(
@@ -320,8 +432,154 @@ def _check_replay(gm: torch.fx.GraphModule, flat: Callable, tensors: list, devic
 
 def _check_nodes(nodes: list, fn) -> None:
     for node in nodes:
-        if node.estimator.has_update:
-            raise StorchError(updating_message(node.estimator))
+        est = node.estimator
+        if est.has_update and (not est.replays_update or est.update_uses_loss_graph):
+            raise StorchError(updating_message(est))
+
+
+# -- estimators with state: the update a compiled step replays (Estimator.replays_update) ----------
+
+
+class _Trace:
+    """One traced and compiled program. Its inputs: the step's tensor arguments, the update probe (if
+    ``probe``: its dtype and device), the estimators' state tensors; its outputs: the step's ``n_out``
+    tensors (``spec``; ``single``: one tensor), then (with a probe) the surrogate loss without it and
+    the tensors of each of ``updates``' ``update_inputs`` (``(estimator, spec, leaves)``: its
+    flattened leaves, ``None`` where a tensor output goes).
+    ``estimators``: those whose state the program reads, ``sig`` its structure when traced."""
+
+    __slots__ = ("gm", "program", "spec", "single", "n_out", "probe", "updates", "estimators", "sig")
+
+
+class _Stateful:
+    """The cache entry of a step with estimator state: a trace per structure of the state (which
+    moving averages exist: the first step has none, and so no baseline, and traces another program)."""
+
+    __slots__ = ("estimators", "variants")
+
+    def __init__(self, estimators: list, variants: dict) -> None:
+        self.estimators, self.variants = estimators, variants
+
+
+def _stateful(nodes: list) -> list:
+    """The estimators of the traced nodes whose state the program reads or whose update it replays."""
+    out, seen = [], set()
+    for node in nodes:
+        est = node.estimator
+        if id(est) not in seen and (est.replays_update or est.state_tensors()):
+            seen.add(id(est))
+            out.append(est)
+    return out
+
+
+def _state_of(estimators: list) -> tuple[tuple, list]:
+    """The structure of the estimators' state (keys, shapes, dtypes, devices: the trace's key) and its tensors."""
+    sig, state = [], []
+    for est in estimators:
+        items = []
+        for key, value in est.state_tensors().items():
+            if not isinstance(value, torch.Tensor):
+                raise StorchError(f"estimator {est.name!r}: state_tensors() must map names to tensors; {key!r} "
+                                  f"is a {type(value).__name__}")
+            items.append((key, value.shape, value.dtype, value.device, value.requires_grad))
+            state.append(value)
+        sig.append(tuple(items))
+    return tuple(sig), state
+
+
+def _lift_state(gm: torch.fx.GraphModule, state: list) -> None:
+    """Make the estimators' state tensors, which the trace captured as constants, inputs of the
+    program (after the others, in ``state``'s order): each call passes their current values."""
+    if not state:
+        return
+    graph = gm.graph
+    index = {}
+    for i, t in enumerate(state):
+        index.setdefault(id(t), i)
+    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    inputs = []
+    for i, t in enumerate(state):
+        with graph.inserting_after(anchor):
+            anchor = graph.placeholder(f"state_{i}")
+        anchor.meta["val"] = t
+        inputs.append(anchor)
+    for node in list(graph.nodes):
+        if node.op == "get_attr":
+            value = getattr(gm, node.target, None)
+            i = index.get(id(value)) if isinstance(value, torch.Tensor) else None
+            if i is not None:
+                node.replace_all_uses_with(inputs[i])
+                graph.erase_node(node)
+                delattr(gm, node.target)
+    gm.recompile()
+
+
+class _Recorder:
+    """What ``surrogate_loss`` hands over while ``storch.compile`` records a step whose loss updates
+    estimators (storch.surrogate._updates_on_backward): the loss gets the program's probe input
+    added (a zero whose gradient accumulation, at each replay, queues the updates, as the eager
+    probe does), and the program returns the loss and the estimators' ``update_inputs`` as extra
+    outputs. ``decided``: on the replay check (grad off), whether the trace recorded an update."""
+
+    def __init__(self, fn, decided: Optional[bool] = None) -> None:
+        self.fn, self.decided = fn, decided
+        self.probe: Optional[torch.Tensor] = None
+        self.loss: Optional[torch.Tensor] = None
+        self.updates: list = []
+        self.values: list = []
+
+    def __call__(self, loss: torch.Tensor, updating: dict) -> torch.Tensor:
+        if not (loss.requires_grad if self.decided is None else self.decided):
+            return loss  # eagerly too: no backward, no update
+        if self.loss is not None:
+            raise StorchError(
+                f"storch.compile: {_name(self.fn)} builds more than one surrogate loss with estimators that update "
+                "their state on .backward(); a compiled step builds one: return it, and call .backward() on it")
+        for nodes in updating.values():
+            est = nodes[0].estimator
+            if not est.replays_update or est.update_uses_loss_graph:
+                raise StorchError(updating_message(est))
+            leaves, spec = pytree.tree_flatten(est.update_inputs(nodes))
+            # the tensors are outputs of the program; other leaves (cost names) are fixed by the trace
+            tensors = [v.detach() if v.requires_grad else v for v in leaves if isinstance(v, torch.Tensor)]
+            self.updates.append((est, spec, [None if isinstance(v, torch.Tensor) else v for v in leaves]))
+            self.values.extend(tensors)
+        self.loss = loss.detach()
+        probe = self.probe
+        if probe.dtype != loss.dtype or probe.device != loss.device:
+            probe = probe.to(dtype=loss.dtype, device=loss.device)
+        return loss + probe
+
+    def extras(self) -> tuple:
+        return () if self.loss is None else (self.loss, *self.values)
+
+
+def _update_on_backward(probe: torch.Tensor, loss: torch.Tensor, values: tuple, updates: list, fn) -> None:
+    """The eager probe's semantics (storch.surrogate._updates_on_backward) for a replayed call: when
+    ``.backward()`` accumulates into ``probe`` (``torch.autograd.grad`` does not), the loss is checked
+    and the estimators' ``update_from`` run once, at the end of the pass, from this replay's values."""
+    done = []
+
+    def on_backward(_):
+        if done:
+            return  # once per call (a second backward with retain_graph=True updates nothing)
+        done.append(True)
+        if not loss.is_meta and not math.isfinite(loss.item()):
+            raise NonFiniteCostError(
+                f"the surrogate loss of the compiled step {_name(fn)} is not finite (NaN or inf), so its gradient "
+                "would be too: the backward pass stopped and estimator state (moving averages) is unchanged; "
+                "gradients it accumulated before may hold NaN (zero them). Run the step eagerly to see which cost "
+                "is not finite, or catch storch.NonFiniteCostError to skip the batch")
+
+        def run():
+            tensors = iter(values)
+            for est, spec, template in updates:
+                leaves = [next(tensors) if v is None else v for v in template]
+                est.update_from(pytree.tree_unflatten(leaves, spec))
+
+        torch.autograd.Variable._execution_engine.queue_callback(run)
+
+    probe.register_post_accumulate_grad_hook(on_backward)
 
 
 def _check_constants(gm: torch.fx.GraphModule, fn) -> None:

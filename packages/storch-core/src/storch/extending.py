@@ -36,7 +36,10 @@ Tracing:
     its path by values (``bool(tensor)``, ``.item()``: "are all values possible?") cannot be traced;
     while tracing it takes a path whose operations do not depend on the values (with the same
     distribution), and guards what that path assumes with :func:`assume`, which the replayed
-    program checks at every call.
+    program checks at every call. An estimator that updates its own state lets a compiled step
+    replay the update by setting ``replays_update`` and implementing ``update_inputs``,
+    ``update_from`` and ``state_tensors`` (methods of :class:`storch.Estimator`; see
+    docs/writing-an-estimator.md, "An update that storch.compile replays").
 
 Steps:
     :func:`step_guard` (``with step_guard():``) discards the current graph's step when its block

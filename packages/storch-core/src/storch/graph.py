@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union, overload
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union, overload
 
 import torch
 from torch.distributions import Distribution
@@ -381,17 +381,28 @@ def _stack() -> list:
 
 
 class tracing_nodes:
-    """Context (used by ``storch.compile``): collect every node added in this thread into ``nodes``."""
+    """Context (used by ``storch.compile``): collect every node added in this thread into ``nodes``.
 
-    def __init__(self, nodes: list) -> None:
+    ``recorder``: while ``storch.compile`` records a step, the callable that ``surrogate_loss`` hands
+    a surrogate with estimator updates to (``recorder(loss, updating)``, see :func:`tracing_recorder`)
+    instead of attaching its eager update probe; ``None`` on the eager runs of the traced paths."""
+
+    def __init__(self, nodes: list, recorder: Optional[Callable] = None) -> None:
         self.nodes = nodes
+        self.recorder = recorder
 
     def __enter__(self):
-        self.outer = _local.__dict__.get("traced")
+        self.outer = _local.__dict__.get("traced"), _local.__dict__.get("recorder")
         _local.traced = self.nodes
+        _local.recorder = self.recorder
 
     def __exit__(self, *exc) -> None:
-        _local.traced = self.outer
+        _local.traced, _local.recorder = self.outer
+
+
+def tracing_recorder() -> Optional[Callable]:
+    """The recorder of the step ``storch.compile`` is recording in this thread (see :class:`tracing_nodes`)."""
+    return _local.__dict__.get("recorder")
 
 
 def is_tracing() -> bool:

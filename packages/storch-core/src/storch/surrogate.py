@@ -25,7 +25,7 @@ from .cost import CostFrame, _lead, magic_box
 from .eager import eager_only
 from .errors import NonFiniteCostError, OrderError, StorchError
 from .estimators.base import Estimator
-from .graph import Graph, current_graph, is_tracing
+from .graph import Graph, current_graph, is_tracing, tracing_recorder
 from .node import Node
 from .plates.tensor import Plate, align, plates_of, raw_of
 
@@ -262,7 +262,12 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
     updates for the end of the pass. ``torch.autograd.grad(loss, params)`` never accumulates into
     it: evaluation passes change no estimator state."""
     updating = _updating(graph)
-    if not updating or not loss.requires_grad:
+    if not updating:
+        return loss
+    recorder = tracing_recorder()
+    if recorder is not None:  # storch.compile records the step: it attaches the probe to each replay
+        return recorder(loss, updating)
+    if not loss.requires_grad:
         return loss
     probe = torch.zeros((), dtype=loss.dtype, device=loss.device, requires_grad=True)
     done = []

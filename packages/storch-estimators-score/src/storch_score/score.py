@@ -62,6 +62,8 @@ class Score(Estimator):
         lr: Adam learning rate of a learned baseline's regression on the cost.
         hidden: hidden width of ``"learned"``'s networks.
         update: whether ``storch.backward()`` updates the baseline (moving average, learned parts).
+            The moving average's update is replayed by ``storch.compile`` (``replays_update``), so a
+            step with it compiles; a learned baseline's is not.
         eos: for a partition (the estimator called at every step of a sequence): the index (in the
             support) of the end-of-sequence value; a finished sequence draws it again with
             log-probability 0 at later steps (variable length). ``None``: fixed length.
@@ -117,6 +119,9 @@ class Score(Estimator):
         self.register_load_state_dict_post_hook(Score._restore_optimizer)
         # state that storch.backward() updates: the moving average, a learned baseline's parameters
         self.has_update = update and self._baseline.trains(self)
+        # storch.compile replays the moving average's update (from the step's mean costs, returned by
+        # the compiled program); a learned baseline's regression it cannot
+        self.replays_update = self.has_update and self._baseline is _BASELINES["moving_average"]
 
     @property
     def baseline_kind(self) -> str:
@@ -241,14 +246,28 @@ class Score(Estimator):
             module._optimizer = torch.optim.Adam(params, lr=module.lr)
             module._optimizer.load_state_dict(saved)
 
-    def _update_averages(self, frames: list) -> None:
-        means = {frame.key: frame.tensor.mean() for _, frame in frames}
+    # -- the moving average's update, replayed by storch.compile (replays_update) -------------------
+
+    def update_inputs(self, nodes: list[Node]) -> dict[str, torch.Tensor]:
+        """This step's mean cost per cost key (detached): what the moving average adds."""
+        return {frame.key: frame.tensor.mean() for node in nodes for frame in node.frames.values()}
+
+    def update_from(self, means: dict[str, torch.Tensor]) -> None:
+        """Add this step's mean costs (:meth:`update_inputs`) to the moving averages: the first sets
+        b, later ones b <- decay·b + (1 - decay)·mean; a non-finite mean is skipped."""
         means = storch.distributed.all_reduce_mean(means, owner=self)  # the global batch's mean, every rank
         for key, value in means.items():
             if value.device.type != "meta" and not bool(torch.isfinite(value)):
                 continue  # a non-finite cost never enters the average (storch.backward() raised for it)
             old = self.moving_averages.get(key)
             self.moving_averages[key] = value if old is None else self.decay * old + (1.0 - self.decay) * value
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The moving averages by cost key (the state the baseline reads)."""
+        return self.moving_averages
+
+    def _update_averages(self, frames: list) -> None:
+        self.update_from({frame.key: frame.tensor.mean() for _, frame in frames})
 
     def extra_repr(self) -> str:
         b = self.baseline_kind if self.baseline_fn is None else repr(self.baseline_fn)

@@ -79,6 +79,12 @@ class Estimator(torch.nn.Module):
             so does ``surrogate_loss().backward()``, after its backward pass.
         update_uses_loss_graph: :meth:`update_parameters` differentiates ``loss`` again (a learned
             control variate): ``surrogate_loss().backward()``, which frees that graph, refuses it.
+        replays_update: ``storch.compile`` can replay a step with this estimator although it has an
+            update: the update needs only detached tensors of the step (:meth:`update_inputs`,
+            which the compiled program returns as extra outputs; :meth:`update_from` applies them
+            when the compiled step's loss is backpropagated), and the state its components read is
+            the tensors :meth:`state_tensors` lists (passed to the compiled program at every call).
+            E.g. ``score`` with ``baseline="moving_average"``.
         State: the dataclass of the per-node record ``node.state`` (``None``: no record).
         supports_partitions: whether calling one instance several times in a graph (a loop) makes
             one partition (paper, section 3.2; docs/partitions.md).
@@ -102,6 +108,7 @@ class Estimator(torch.nn.Module):
     requires_enumerate_support: ClassVar[bool] = False
     has_update: ClassVar[bool] = False
     update_uses_loss_graph: ClassVar[bool] = False
+    replays_update: ClassVar[bool] = False
     supports_partitions: ClassVar[bool] = False
     causal_credit: ClassVar[bool] = True
     eos: Optional[int] = None
@@ -130,7 +137,7 @@ class Estimator(torch.nn.Module):
                 PlateTensor's plates must be among the distribution's plates.
         """
         graph = current_graph()
-        if self.has_update and is_tracing():  # before its components run: they may read values
+        if self.has_update and not self.replays_update and is_tracing():  # before its components run
             raise StorchError(updating_message(self))
         node = graph.partition_of(self)
         if isinstance(distribution, Distribution):
@@ -432,7 +439,42 @@ class Estimator(torch.nn.Module):
                 ``frame.live()`` the same with their graph. ``node.inputs`` and ``node.state``
                 are as the components left them.
             loss: the first-order surrogate loss of the graph.
+
+        The default, for an estimator with ``replays_update``: ``update_from(update_inputs(nodes))``
+        (the update a compiled step replays, so eager and compiled steps share its code).
         """
+        if self.replays_update:
+            self.update_from(self.update_inputs(nodes))
+
+    # -- an update that storch.compile replays (replays_update) ----------------------------------
+
+    def update_inputs(self, nodes: list[Node]) -> Any:
+        """What the update needs from this step: detached tensors (a dict, list or tuple of them).
+
+        With ``replays_update``: called where the surrogate loss is built (``node.frames`` filled),
+        eagerly by :meth:`update_parameters` and, while ``storch.compile`` records a step, inside the
+        trace, so the compiled program returns these tensors from every call. Only torch operations
+        on the step's tensors: no ``.item()``, no reads of state that :meth:`state_tensors` does not list.
+        """
+        raise NotImplementedError(
+            f"estimator {self.name!r} sets replays_update but does not implement update_inputs(nodes)")
+
+    def update_from(self, inputs: Any) -> None:
+        """Apply the update from :meth:`update_inputs`' tensors (of the eager step, or of a compiled
+        step's replay); run once per step, when its loss is backpropagated (``.backward()``, not
+        ``torch.autograd.grad``). The only place where the state changes; it may replace the state's
+        tensors by new ones (a compiled step reads :meth:`state_tensors` at every call)."""
+        raise NotImplementedError(
+            f"estimator {self.name!r} sets replays_update but does not implement update_from(inputs)")
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of the estimator's state that its components read (e.g. moving averages by cost).
+
+        A step compiled by ``storch.compile`` passes their current values to its program at every call
+        (a state tensor is never baked into the trace), and traces again when the keys, shapes, dtypes
+        or devices change (e.g. the first average appears). Default: none.
+        """
+        return {}
 
     # -- metadata ------------------------------------------------------------------------------
 
@@ -529,8 +571,11 @@ def _float_dtype(node: Node) -> torch.dtype:
 
 
 def updating_message(est: "Estimator") -> str:
-    """Why ``storch.compile`` refuses ``est``: it updates its state in ``storch.backward()``."""
+    """Why ``storch.compile`` refuses ``est``: it updates its state in ``storch.backward()``, by
+    code that a compiled step cannot replay (``replays_update`` is false)."""
     return (f"storch.compile cannot replay estimator {est.name!r} (plate {est.plate!r}): it updates its own "
-            "state (a moving average, a learned baseline, an annealed temperature, a memory of the best "
-            "values) in storch.backward(), which a compiled step does not run. Use it in an eager step, or "
-            "pick an option without an update (e.g. baseline='leave_one_out', a constant temperature)")
+            "state (a learned baseline or control variate, an annealed temperature, a memory of the best values) in "
+            "storch.backward() by code that a compiled step cannot replay. Use it in an eager step, or pick "
+            "an option that compiles: no update (e.g. baseline='leave_one_out', a constant temperature) or "
+            "one that storch.compile replays (score's baseline='moving_average'; an estimator with "
+            "replays_update)")
