@@ -74,6 +74,29 @@ def test_an_int_dim_out_of_range_or_with_a_sampled_operand_is_not_fast():
     check(lambda a: F.normalize(a, 2.0, 0), x)
 
 
+@pytest.mark.parametrize("name", ["relu", "leaky_relu", "clamp", "relu_inplace_option"])
+def test_one_plate_tensor_with_non_tensor_options_is_one_raw_call(name):
+    """F.relu (called with inplace=), F.leaky_relu(negative_slope=), clamp(min=): one plate tensor and
+    options that are not tensors skip the general loop over operands; values as a loop."""
+    fn = {"relu": F.relu, "leaky_relu": lambda a: F.leaky_relu(a, negative_slope=0.2),
+          "clamp": lambda a: torch.clamp(a, min=-0.1, max=0.3),
+          "relu_inplace_option": lambda a: F.relu(a.clone(), inplace=True)}[name]
+    x = make(rnd(3, 2, 4), *ZD)
+    fn(x)  # the first call decides the function's treatment (cached)
+    out, seen = calls(lambda: fn(x))
+    assert "_operands" not in seen and not seen & GENERAL, sorted(seen)
+    assert out.plates == x.plates
+    check(fn, x)
+    # the controls: a tensor option takes the general loop; an in-place method returns its own
+    # plate tensor (not a new wrapper)
+    lo = make(rnd(3, 2, 4, seed=1), *ZD)
+    check(lambda a, b: torch.clamp(a, min=b), x, lo)
+    _, seen = calls(lambda: torch.clamp(x, min=lo))
+    assert "_operands" in seen
+    y = x.clone()
+    assert y.clamp_(min=0.0) is y and bool((y.tensor >= 0).all())
+
+
 # -- losses ---------------------------------------------------------------------------------------
 
 
@@ -85,13 +108,14 @@ def test_elementwise_loss_with_equal_plates_skips_broadcasting(reduction):
     f = F.binary_cross_entropy_with_logits
     _, seen = calls(lambda: f(x, t, reduction=reduction))
     assert "broadcast_tensors" not in seen and not seen & GENERAL, sorted(seen)
-    # a target on fewer plates (the data a decoder reconstructs): aligned, broadcast over z, as a loop
-    d = make(torch.rand(2, 4, dtype=torch.float64), ("data", 2))
+    # a target on fewer plates, in another order than the logits' last plates: aligned by name,
+    # broadcast over the rest, as a loop
+    d = make(torch.rand(3, 4, dtype=torch.float64), ("z", 3))
     check(lambda a, b: f(a, b, reduction=reduction), x, d)
     _, seen = calls(lambda: f(x, d, reduction=reduction))
     assert "union_plates" in seen and "_broadcast_pair" in seen  # the control: the general path
     assert "broadcast_tensors" not in seen  # ... whose broadcast is two expands, not torch.broadcast_tensors
-    # a plain target (not denoted independent): broadcast over every plate, as a loop
+    # a plain target of a lower rank (not denoted independent): broadcast over every plate, as a loop
     plain = torch.rand(4, dtype=torch.float64)
     check(lambda a: f(a, plain, reduction=reduction), x)
     _, seen = calls(lambda: f(x, plain, reduction=reduction))
@@ -99,6 +123,38 @@ def test_elementwise_loss_with_equal_plates_skips_broadcasting(reduction):
     # plates in another order
     check(lambda a, b: F.mse_loss(a, b, reduction=reduction), x,
           PlateTensor(x.tensor.transpose(0, 1).contiguous() * 0.5, tuple(reversed(x.plates))))
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("loss", ["bce_with_logits", "mse", "mse_swapped"])
+def test_elementwise_loss_against_a_target_on_the_last_plates_is_one_expand(loss, reduction):
+    """A target on the data plate against logits on (z, data) (a VAE's reconstruction), or a plain
+    target of the per-sample shape: expanded once to the logits' raw shape, no alignment."""
+    f = {"bce_with_logits": F.binary_cross_entropy_with_logits, "mse": F.mse_loss,
+         "mse_swapped": lambda a, b, **kw: F.mse_loss(b, a, **kw)}[loss]
+    x = make(rnd(3, 2, 4), *ZD)
+    d = make(torch.rand(2, 4, dtype=torch.float64), ("data", 2))
+    plain = torch.rand(4, dtype=torch.float64)
+    for t in (d, plain):
+        f(x, t, reduction=reduction)  # the first call decides the function's treatment (cached)
+        out, seen = calls(lambda: f(x, t, reduction=reduction))
+        assert "_expand_to_trailing" in seen and not seen & GENERAL and "_broadcast_pair" not in seen, sorted(seen)
+        assert out.plates == x.plates
+        check(lambda a, b: f(a, b, reduction=reduction), x, t)
+        # the same values and gradient as the general path (the target aligned and broadcast by two views)
+        xr = x.tensor.detach().requires_grad_()
+        tr = t.tensor if type(t) is PlateTensor else t
+        got = f(PlateTensor(xr, x.plates), t, reduction=reduction).tensor
+        ref = f(xr, tr.expand(xr.shape), reduction="none")
+        ref = ref if reduction == "none" else getattr(ref.flatten(2), reduction)(-1)
+        assert torch.equal(got, ref)
+        assert torch.equal(torch.autograd.grad(got.sum(), xr)[0], torch.autograd.grad(ref.sum(), xr)[0])
+    # the control: a target whose data plate has raw size 1 where the logits' is full (not the
+    # trailing part of their raw shape) takes the general path
+    t = make(torch.rand(1, 4, dtype=torch.float64), ("data", 2))
+    check(lambda a, b: f(a, b, reduction=reduction), x, t)
+    _, seen = calls(lambda: f(x, t, reduction=reduction))
+    assert "union_plates" in seen and "_expand_to_trailing" in seen, sorted(seen)
 
 
 # -- batch-first: size-1 dims before the batch dim fold by a view -------------------------------------
@@ -141,6 +197,115 @@ def test_one_step_gru_gradients_equal_the_hand_written_batch():
     torch.testing.assert_close(out.reshape(1, 6, 5), ref)
     for a, b in zip(g, torch.autograd.grad(ref.square().sum(), list(gru.parameters()))):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("layer", ["conv", "pool"])
+def test_batch_first_call_on_one_plate_returns_the_raw_output_without_a_view(layer):
+    """One plate folded into a new batch dim (a conv on one image per data point): the call's output
+    is the plate tensor's raw tensor as it is, with the autograd graph of the batched call by hand."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 3, 3, padding=1).double()
+    fn = conv if layer == "conv" else (lambda a: F.max_pool2d(a, 2))
+    xr = rnd(2, 1, 4, 4).requires_grad_()
+    x = make(xr, ("data", 2))
+    fn(x)  # the first call decides the function's treatment (cached)
+    out, seen = calls(lambda: fn(x))
+    assert "unflatten" not in seen and not seen & GENERAL, sorted(seen)
+    ref = fn(xr)
+    assert graph_ops(out.tensor) == graph_ops(ref)  # no view node: the batched call by hand
+    assert torch.equal(out.tensor, ref)
+    params = [xr] + (list(conv.parameters()) if layer == "conv" else [])
+    for a, b in zip(torch.autograd.grad(out.tensor.square().sum(), params),
+                    torch.autograd.grad(ref.square().sum(), params)):
+        assert torch.equal(a, b)
+    check(fn, make(rnd(2, 1, 4, 4), ("data", 2)))
+    # the control: two plates are folded into one batch dim and unfolded by a view
+    x2 = make(rnd(3, 2, 1, 4, 4), *ZD)
+    check(fn, x2)
+    out2, seen = calls(lambda: fn(x2))
+    assert "unflatten" in seen, sorted(seen)
+
+
+@pytest.mark.parametrize("call", ["gru", "conv"])
+def test_batch_first_call_on_equal_plates_skips_the_general_bookkeeping(call):
+    """Every batched input a positional plate tensor on the same plates (an RNN step whose state is
+    per sample, a convolution): folded and called without the general bookkeeping (no ``_set``);
+    values per entry as a loop, gradients as the batch written by hand."""
+    torch.manual_seed(0)
+    if call == "gru":
+        layer = nn.GRU(4, 5).double()
+        xr, hr = rnd(3, 2, 1, 4).requires_grad_(), rnd(3, 2, 1, 5, seed=1)
+        fn = (lambda a, s: layer(a, s)[1])
+
+        def by_hand(a, s):  # 6 sequences in one batch
+            return layer(a.reshape(1, 6, 4), s.reshape(1, 6, 5))[1].reshape(3, 2, 1, 5)
+    else:
+        layer = nn.Conv2d(1, 3, 3, padding=1).double()
+        xr, hr = rnd(3, 2, 1, 4, 4).requires_grad_(), None
+        fn = (lambda a, s=None: layer(a))
+
+        def by_hand(a, s=None):
+            return layer(a.reshape(6, 1, 4, 4)).reshape(3, 2, 3, 4, 4)
+    x = make(xr, *ZD)
+    args = (x,) + ((PlateTensor(hr, x.plates),) if hr is not None else ())  # one graph: the same plates
+    fn(*args)  # the first call decides the function's treatment (cached)
+    out, seen = calls(lambda: fn(*args))
+    assert "_positional_same_plates" in seen and "_set" not in seen and not seen & GENERAL, sorted(seen)
+    check(fn, *(make(a.tensor.detach(), *ZD) for a in args))
+    ref = by_hand(xr, hr)
+    assert torch.equal(out.tensor, ref)
+    params = [xr] + list(layer.parameters())
+    for a, b in zip(torch.autograd.grad(out.tensor.square().sum(), params),
+                    torch.autograd.grad(ref.square().sum(), params)):
+        assert torch.equal(a, b)
+    # the controls: an input on fewer plates takes the general path (aligned, expanded), and a
+    # per-sample weight (a plate tensor outside the batched inputs) goes to vmap
+    if call == "gru":
+        h_data = make(rnd(2, 1, 5, seed=2), ("data", 2))
+        check(fn, make(xr.detach(), *ZD), h_data)
+        _, seen = calls(lambda: fn(args[0], h_data))
+        assert "_set" in seen, sorted(seen)
+    else:
+        w = make(rnd(3, 3, 1, 3, 3, seed=3), ("z", 3))
+        check(lambda a, k: F.conv2d(a, k, padding=1), make(xr.detach(), *ZD), w)
+        _, seen = calls(lambda: F.conv2d(args[0], w, padding=1))
+        assert "vmap_call" in seen, sorted(seen)
+
+
+def test_rnn_state_of_the_previous_step_of_a_partition_folds_without_the_general_path():
+    """An RNN whose state comes from step t-1 of a partition and whose input from step t (the GRU
+    decoder of ``storch-compare overhead``): the raw dims line up (no parent indices), so the call
+    takes the fast path; the state and gradients equal the same recurrence written by hand."""
+    from torch.distributions import Normal
+
+    torch.manual_seed(0)
+    gru, out = nn.GRU(4, 5).double(), nn.Linear(5, 4).double()
+    xs = rnd(2, 5).requires_grad_()
+    est = storch.estimator("reparameterization", plate="walk", n_samples=3)
+    raws, seen_at = [], {}
+    with storch.Graph():
+        h = storch.denote_independent(xs, 0, "data")
+        for t in range(3):
+            tok = est(Normal(out(h), 1.0))
+            raws.append(tok.tensor)  # with its graph: the hand-written recurrence gets the same inputs
+            _, seen_at[t] = calls(lambda: gru(tok.unsqueeze(0), h.unsqueeze(0)))
+            h = gru(tok.unsqueeze(0), h.unsqueeze(0))[1].squeeze(0)
+        got = h.tensor  # (walk, data, 5)
+    # step 0: the state is on the data plate only (general path); steps 1, 2: lined-up steps (fast)
+    assert "_set" in seen_at[0]
+    for t in (1, 2):
+        seen = seen_at[t]
+        assert "_positional_same_plates" in seen and "_set" not in seen and not seen & GENERAL, sorted(seen)
+    # by hand: 6 sequences in one batch, the same inputs
+    hr = xs.expand(3, 2, 5).reshape(1, 6, 5).contiguous()
+    for r in raws:
+        hr = gru(r.reshape(1, 6, 4), hr)[1]
+    ref = hr.reshape(3, 2, 5)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    params = [xs] + list(gru.parameters())
+    ga = torch.autograd.grad(got.square().sum(), params, retain_graph=True)  # the tokens' graph is shared
+    for a, b in zip(ga, torch.autograd.grad(ref.square().sum(), params)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 # -- distributions built on plate tensors ------------------------------------------------------------

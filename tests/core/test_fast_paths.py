@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-from torch.distributions import Bernoulli, MultivariateNormal, Normal, OneHotCategorical
+from torch.distributions import Bernoulli, Categorical, MultivariateNormal, Normal, OneHotCategorical
 
 import storch
 from path_probes import calls, graph_ops
@@ -101,6 +101,36 @@ def test_unwrap_falls_back_where_a_copy_would_be_wrong():
         storch.estimator("expect", plate="c")(q)
         raw = storch.current_graph().nodes[1].distribution
         assert raw.logits is q.logits.tensor  # torch's categoricals: the normalised logits, no expand
+
+
+def test_torch_categoricals_on_one_layout_are_unwrapped_without_alignment():
+    """OneHotCategorical / Categorical whose logits (and the probs argument validation computed)
+    are plate tensors on the same plates at full size: the raw parameters are the plate tensors'
+    raw tensors, without union_plates or align (the GRU decoder's tokens, once per step)."""
+    from storch.distributions import unwrap_distribution
+
+    torch.manual_seed(0)
+    theta = torch.randn(4, 3, 5, requires_grad=True)
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        for cls in (OneHotCategorical, Categorical):
+            q = cls(logits=x)
+            q.probs  # what argument validation of a OneHotCategorical computes
+            for within in ((), x.plates):
+                (raw, plates), seen = calls(lambda: unwrap_distribution(q, within))
+                assert "_categorical_on_one_layout" in seen and not seen & GENERAL, sorted(seen)
+                assert plates == x.plates and type(raw) is cls
+                assert raw.logits is q.logits.tensor and raw.probs is q.probs.tensor
+                assert raw.batch_shape == (4, 3) and raw.event_shape == q.event_shape
+                # the same distribution as the general path: its draws' log-probabilities
+                v = raw.sample((2,))
+                torch.testing.assert_close(raw.log_prob(v), cls(logits=theta).log_prob(v), rtol=0, atol=0)
+        # the control: logits with a size-1 raw dim on the data plate (one value shared by the data
+        # points) are expanded by the general path
+        q = OneHotCategorical(logits=storch.PlateTensor(torch.randn(1, 3, 5), x.plates))
+        (raw, plates), seen = calls(lambda: unwrap_distribution(q))
+        assert "union_plates" in seen and "_categorical_on_one_layout" in seen
+        assert raw.logits.shape == (4, 3, 5) and torch.equal(raw.logits, q.logits.tensor.expand(4, 3, 5))
 
 
 def test_later_step_of_a_partition_lines_up_without_reindexing():

@@ -98,6 +98,9 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
         # probs too when argument validation computed them), carried over as Categorical.expand does
         c = d._categorical if type(d) is OneHotCategorical else d
         params = {n: c.__dict__[n] for n in ("logits", "probs") if n in c.__dict__}
+        same = _categorical_on_one_layout(type(d), params, within)
+        if same is not None:
+            return same
     else:
         try:
             params = _parameters(d)
@@ -232,6 +235,33 @@ def raw_sample(d: Distribution) -> torch.Tensor:
                     p = torch.sigmoid(logits)  # torch.distributions.utils.logits_to_probs(is_binary=True)
                 return torch.bernoulli(p if p.shape == batch else p.expand(batch))
     return d.sample()
+
+
+def _categorical_on_one_layout(cls: type, params: dict, within: tuple[Plate, ...]):
+    """``(raw categorical, plates)`` when its parameters (the logits, and the probs argument
+    validation computed) are plate tensors on the same plates (``within``'s, if given) at their
+    full sizes: the raw tensors are the raw parameters as they are, what the general path's
+    ``union_plates`` and ``align`` would give. ``None`` otherwise. (``_as_raw`` does this for
+    other distributions; a ``OneHotCategorical`` holds a ``Categorical``, which it leaves alone.)"""
+    plates = None
+    raw = {}
+    for name, v in params.items():
+        if type(v) is not PlateTensor:
+            return None
+        p = v._plates
+        if plates is None:
+            plates = p
+            if within and p is not within and p != within:
+                return None
+        elif p is not plates and p != plates:
+            return None
+        r = v._raw
+        if any(r.shape[i] != q.size for i, q in enumerate(p)):  # a size-1 plate dim: expanded there
+            return None
+        raw[name] = r
+    if plates is None:
+        return None
+    return _categorical(cls, raw), plates
 
 
 def _categorical(cls: type, raw: dict) -> Distribution:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import PlateError
-from ..tensor import PlateTensor, align, union_plates
+from ..tensor import PlateTensor, align, later_step, union_plates
 from ..tensor import new_plate_tensor as _new
 from .vmap import vmap_call
 from ..treatments import Entry, Treatment, register_plate_handler
@@ -79,12 +79,16 @@ def _fold(t, plates, b: int, batched: bool, sizes: Optional[tuple] = None):
         sizes = tuple(p.size for p in plates)
     if type(t) is _PT:
         r = t._raw if t._plates is plates else align(t._raw, t._plates, plates)
-        s = r.shape
-        if s[:m] != sizes:  # no expand (and no autograd node) when every plate is there
-            r = r.expand(sizes + s[m:])
-            s = r.shape
     else:
         r = t.expand(sizes + t.shape)
+    return _fold_raw(r, m, b, batched, sizes)
+
+
+def _fold_raw(r, m: int, b: int, batched: bool, sizes: tuple):
+    """``_fold`` of a raw tensor whose leading ``m`` dims already are the plates (size 1 or full)."""
+    s = r.shape
+    if s[:m] != sizes:  # no expand (and no autograd node) when every plate is there
+        r = r.expand(sizes + s[m:])
         s = r.shape
     if b and s[m:m + b].numel() == 1:
         # the per-sample dims before the batch dim have size 1 (an RNN's one-step input (1, N, F),
@@ -103,6 +107,11 @@ def _fold(t, plates, b: int, batched: bool, sizes: Optional[tuple] = None):
 
 
 def _unfold(o, sizes, c: int, batched: bool):
+    if not c and not batched and len(sizes) == 1:
+        # one plate folded into a new leading batch dim (a conv or pool on one data point per
+        # entry): dim 0 already is that plate, so the output is returned as it is, without an
+        # unflatten view and its autograd node (as a batched call by hand)
+        return o
     if c and o.shape[:c].numel() == 1:  # the dims before the batch dim have size 1: one view
         return o.reshape(sizes + o.shape[:c] + ((-1,) if batched else ()) + o.shape[c + 1:])
     m = len(sizes)
@@ -115,6 +124,16 @@ def batch_first(spec, func, args, kwargs):
     plan: Optional[Plan] = spec(args, kwargs)
     if plan is None:
         return vmap_call(func, args, kwargs)
+    fast = None if kwargs else _positional_same_plates(plan, args)
+    if fast is not None:
+        plates, sizes = fast
+        batched = not plan.unbatched
+        folded = list(args)
+        m = len(plates)
+        for pos, _, b in plan.inputs:
+            if pos < len(folded):  # its raw dims line up with `plates` (_positional_same_plates)
+                folded[pos] = _fold_raw(folded[pos]._raw, m, b, batched, sizes)
+        return _unfold_outputs(func(*folded), plan, plates, sizes)
     batched_ids = set()
     groups = []
     for pos, key, b in plan.inputs:
@@ -137,7 +156,7 @@ def batch_first(spec, func, args, kwargs):
                         return vmap_call(func, args, kwargs)
     if not groups:
         return vmap_call(func, args, kwargs)
-    plates = union_plates(groups)
+    plates = groups[0] if len(groups) == 1 else union_plates(groups)
     sizes = tuple(p.size for p in plates)
     for pos, key, b in plan.inputs:
         a = _get(args, kwargs, pos, key)
@@ -148,7 +167,44 @@ def batch_first(spec, func, args, kwargs):
         else:
             new = _fold(a, plates, b, not plan.unbatched, sizes)
         args, kwargs = _set(args, kwargs, pos, key, new)
-    out = func(*args, **kwargs)
+    return _unfold_outputs(func(*args, **kwargs), plan, plates, sizes)
+
+
+def _positional_same_plates(plan: Plan, args: tuple):
+    """``(plates, sizes)`` when every batched input is a positional plate tensor (no list), all on
+    the same plates (or on steps of a partition that line up, :func:`later_step`), and no other
+    argument holds a plate tensor (an RNN step, a convolution): the common case, without the
+    general bookkeeping of ``batch_first``. ``None`` otherwise."""
+    n = len(args)
+    plates = None
+    for pos, _, _ in plan.inputs:
+        if pos >= n:  # an optional batched input left out (a key padding mask): nothing to fold
+            continue
+        a = args[pos]
+        if type(a) is not _PT:
+            return None
+        if plates is None:
+            plates = a._plates
+        elif a._plates is not plates and a._plates != plates:
+            # steps t-1 and t of a partition without parent indices (an RNN's state and its next
+            # input): the raw dims line up as they are, under the later step's plates
+            plates = later_step(plates, a._plates)
+            if plates is None:
+                return None
+    if plates is None:
+        return None
+    inputs = [pos for pos, _, _ in plan.inputs]
+    for i, a in enumerate(args):
+        if i in inputs:
+            continue
+        if type(a) is _PT:
+            return None
+        if (type(a) is list or type(a) is tuple) and any(type(t) is _PT for t in a):
+            return None
+    return plates, tuple(p.size for p in plates)
+
+
+def _unfold_outputs(out, plan: Plan, plates, sizes):
     if isinstance(out, _T):  # e.g. max_pool2d without return_indices: the first output's batch dim
         c = plan.outputs if isinstance(plan.outputs, int) else plan.outputs[0]
         return _new(_unfold(out, sizes, c, not plan.unbatched), plates)

@@ -44,6 +44,30 @@ def _broadcast_pair(a: torch.Tensor, b: torch.Tensor) -> tuple:
     return (a if sa == shape else a.expand(shape)), (b if sb == shape else b.expand(shape))
 
 
+def _expand_to_trailing(a, b):
+    """``(plates, raw a, raw b)`` with the operand on fewer plates expanded by one ``expand`` to
+    the other's raw shape, when its raw shape is the trailing part of the other's: its plates are
+    the other's last plates, in order, with the same sizes, and the per-sample shapes are equal
+    (a target on the data plate against logits on (samples, data): a VAE's reconstruction loss).
+    Trailing alignment is then exactly storch's alignment by name. ``None`` otherwise."""
+    ops = []
+    for x in (a, b):
+        if type(x) is _PT:
+            ops.append((x._plates, x._raw))
+        elif isinstance(x, torch.Tensor):
+            ops.append(((), x))
+        else:
+            return None
+    (pa, ra), (pb, rb) = ops
+    na, nb = len(pa), len(pb)
+    if na > nb:
+        if pa[na - nb:] == pb and ra.shape[na - nb:] == rb.shape:
+            return pa, ra, rb.expand(ra.shape)
+    elif nb > na and pb[nb - na:] == pa and rb.shape[nb - na:] == ra.shape:
+        return pb, ra.expand(rb.shape), rb
+    return None
+
+
 def _elementwise_loss(func, args, kwargs):
     reduction = kwargs.pop("reduction", "mean") if kwargs else "mean"
     if kwargs:
@@ -53,6 +77,9 @@ def _elementwise_loss(func, args, kwargs):
             and a._raw.dim() == b._raw.dim()):
         plates = a._plates  # fast path: the operands already line up (no alignment, no padding)
         ra, rb = a._raw, b._raw
+        pad = ra.dim() - len(plates)
+    elif (expanded := _expand_to_trailing(a, b)) is not None:
+        plates, ra, rb = expanded
         pad = ra.dim() - len(plates)
     else:
         plates = union_plates(scan(args, kwargs))

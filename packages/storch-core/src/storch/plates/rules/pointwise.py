@@ -78,6 +78,12 @@ def broadcast(func, args, kwargs):
                 return wrap_same(func(a, b._raw), b._plates)
             pb = b._plates
             return wrap_same(func(a, align(b._raw, pb, pb, a.dim())), pb)
+    if (len(args) == 1 and type(args[0]) is _PT and not any(isinstance(v, _T) for v in kwargs.values())
+            and not _is_inplace(func)):
+        # one plate tensor and options that are not tensors (F.relu's inplace=, F.leaky_relu's
+        # negative_slope=, clamp's min=): the raw call, as the general loop below would make it
+        x = args[0]
+        return wrap_same(func(x._raw, **kwargs), x._plates)
     first = None
     same = True
     k0 = ks = plain = -1
