@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
 import storch
 import storch.testing as kit

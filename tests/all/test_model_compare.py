@@ -5,7 +5,6 @@ with a data plate, enumerated by hand) and the hard-attention example through th
 """
 
 import csv
-import shutil
 import subprocess
 import sys
 from pathlib import Path

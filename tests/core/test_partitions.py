@@ -89,7 +89,7 @@ def test_partition_step_may_not_depend_on_a_later_node():
 def test_lineage_composes_per_entry_parents_over_steps():
     # one beam per data point: parents differ per entry of the data plate; a tensor of step 0
     # re-indexed to step 2 follows each entry's own ancestry
-    from storch._plates import align
+    from storch.extending import align
 
     lin = storch.Lineage()
     data = storch.Plate("data", 2, True, 0, storch.Lineage())

@@ -216,7 +216,7 @@ def test_distribution_validation_stays_on():
 
 
 def test_lineage_reindexes_an_earlier_partition_step_and_refuses_other_graphs():
-    from storch._plates import align, union_plates
+    from storch.plates.tensor import align, union_plates
 
     lin = storch.Lineage()
     z0 = storch.Plate("z", 3, False, 0, lin)

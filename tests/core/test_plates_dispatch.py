@@ -320,7 +320,7 @@ def test_a_handler_whose_result_lacks_the_plates_is_caught():
             return torch.overrides.handle_torch_function(bad_op, (x,), x)
         return x
 
-    from storch._plate_ops import wrap
+    from storch.plates.kit import wrap
 
     storch.register_plate_handler(bad_op, lambda f, a, k: wrap(a[0].tensor.sum(0), a[0].plates))
     with pytest.raises(storch.PlateError, match="leading dims"):

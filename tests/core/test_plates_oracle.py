@@ -25,7 +25,7 @@ pytest.importorskip("expecttest")  # torch's OpInfo database imports it
 
 import storch  # noqa: E402
 from storch import Plate, PlateTensor  # noqa: E402
-from storch._treatments import treatment_of  # noqa: E402
+from storch import treatment_of  # noqa: E402
 
 LAYOUTS = {
     # name: (plates of the first tensor, plates of the other tensors); None = plain

@@ -10,7 +10,7 @@ import torch
 from torch.distributions import Bernoulli
 
 import storch
-from storch import _registry
+from storch import registry as _registry
 
 FIXTURES_INSTALLED = importlib.util.find_spec("storch_fixture") is not None
 if os.environ.get("STORCH_REQUIRE_FIXTURES") and not FIXTURES_INSTALLED:

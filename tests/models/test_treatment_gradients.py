@@ -14,10 +14,7 @@ import torch.nn.functional as F
 import storch
 from model_checks import PLATES, layout
 
-try:  # the dispatcher's table (public name if exported, else the module)
-    treatment_of = storch.treatment_of
-except AttributeError:
-    from storch._treatments import treatment_of
+treatment_of = storch.treatment_of  # the dispatcher's table
 
 S, D = 3, 2  # plate sizes of model_checks.PLATES
 

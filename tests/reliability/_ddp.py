@@ -19,7 +19,7 @@ from torch.distributions import Bernoulli
 from torch.overrides import TorchFunctionMode
 
 import storch
-from storch._random import RANDOM_FUNCTIONS
+from storch.generators import RANDOM_FUNCTIONS
 
 SCENARIOS = {
     "score_loo": ("score", {"n_samples": 3, "baseline": "leave_one_out"}, False),

@@ -11,7 +11,7 @@ import warnings
 from contextlib import contextmanager
 
 import storch
-from storch import _registry
+from storch import registry as _registry
 
 
 class _Dist:
