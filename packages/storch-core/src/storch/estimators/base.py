@@ -429,8 +429,10 @@ class Estimator(torch.nn.Module):
         """Update the estimator's own state; the only place where it changes.
 
         Run by ``storch.backward()`` when ``has_update`` is true, once per step, after the
-        first-order surrogate ``loss`` has been backpropagated (its graph is kept alive for this
-        call, so ``torch.autograd.grad(loss, ..., create_graph=True)`` works).
+        first-order surrogate ``loss`` has been backpropagated. Its graph is kept alive for this
+        call only when the estimator sets ``update_uses_loss_graph`` (then
+        ``torch.autograd.grad(loss, ..., create_graph=True)`` works); otherwise the backward pass
+        has freed it, as ``surrogate_loss().backward()`` always does.
 
         Args:
             nodes: this estimator's nodes in the graph, in topological order. ``node.frames`` maps
