@@ -244,3 +244,15 @@ def test_bernoulli_annealed_step_compiles():
         torch.testing.assert_close(got, want)
         est.step += 1
     assert compiled.traces == 1
+
+
+def test_overhead_benchmark_annealed_row():
+    # storch-compare overhead --configs gumbel_annealed --replay --compile: the row is measured with
+    # .backward() (the step advances), the replayed gradient equals eager storch's, no graph breaks
+    from storch_bench.overhead import measure
+
+    Distribution.set_default_validate_args(True)
+    row = measure("toy", "gumbel_annealed", 2, 4, min_time=0.002, clock="cpu", compile=True, replay=True)
+    assert row.replay_same_grad == "yes" and row.graph_breaks == 0, row
+    assert row.replayed_storch_us > 0 and row.compiled_storch_us > 0 and row.compiled_torch_us > 0, row
+    assert not row.note, row
