@@ -265,10 +265,19 @@ def test_refuses_plate_tensor_output_and_estimator_updates():
                 return storch.surrogate_loss()
         return step
 
-    # (a moving average compiles: its update is replayed, tests/models/test_compile_updates.py)
-    learned = storch.estimator("score", plate="z", n_samples=2, baseline="learned")
+    # (a moving average and NVIL's learned baseline compile: their updates are replayed,
+    # tests/models/test_compile_updates.py and test_compile_learned.py; a trainable module is refused)
+    class Baseline(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(3, 1)
+
+        def forward(self, node, cost):
+            return cost.align(self.net(node.distribution.logits.detach()).squeeze(-1), node.parents)
+
+    trained = storch.estimator("score", plate="z", n_samples=2, baseline=Baseline())
     with pytest.raises(storch.StorchError, match="updates its own state"):
-        storch.compile(sum_cost_step(learned), backend="aot_eager")(theta)
+        storch.compile(sum_cost_step(trained), backend="aot_eager")(theta)
 
     # an estimator with state whose components also read values (sum_and_sample's memory): the
     # refusal names the state (the reason that holds whatever its code does), before its code runs
