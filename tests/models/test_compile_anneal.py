@@ -195,6 +195,10 @@ def test_state_dict_with_a_compiled_step():
     torch.testing.assert_close(got[1], want[1])
     got[0].backward()
     assert est.step == 4 and int(est.state_dict()["schedule_step"]) == 4
+    # a checkpoint written before the step was saved loads strictly, keeps the step, and says so
+    with pytest.warns(UserWarning, match="schedule goes on from the current step 4"):
+        result = est.load_state_dict({}, strict=True)
+    assert not result.missing_keys and est.step == 4
     # a constant temperature has no step to save
     constant = storch.estimator("gumbel_softmax", plate="z", temperature=0.5)
     assert not constant.has_update and constant.state_dict() == {} and constant.state_tensors() == {}

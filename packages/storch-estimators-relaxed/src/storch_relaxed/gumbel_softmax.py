@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -166,6 +167,17 @@ class GumbelSoftmax(Estimator):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """A schedule's τ at the current step (a compiled step reads it at every call); else none."""
         return {"temperature": self._scheduled()} if callable(self._temperature) else {}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint written before the step counter was saved has no schedule_step: it loads (strictly
+        # too) and the annealing goes on from the current step, as it did then, with a warning
+        key = prefix + "schedule_step"
+        if "schedule_step" in self._buffers and key not in state_dict:
+            warnings.warn(f"{self.name}: the checkpoint has no {key!r} (saved before the annealing step was "
+                          f"state): the schedule goes on from the current step {self._step}; set est.step to "
+                          "resume it where it was", stacklevel=2)
+            state_dict[key] = self.schedule_step
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, temperature={self.temperature!r}"
