@@ -65,7 +65,8 @@ needs nothing from the step (``update_inputs`` is empty; ``update_from`` advance
 evaluates the schedule in Python), and its state is τ at the current step, a 0-dim float64 tensor
 that the program reads at every call (one trace for every step; a bad schedule value raises
 ``storch.OptionError`` at the next call, before the program runs, as it does eagerly where the
-estimator samples). On a GPU the program copies that CPU scalar to the device at each call.
+estimator samples). With CUDA tensors, eager torch divides by that CPU scalar as by a float and
+inductor copies it to the device in the program (not yet run on a GPU).
 NVIL's learned baseline (``score(baseline="learned")``, b = c + b_ψ(h)) replays its regression: the
 program returns the detached input h of b_ψ (viewed in each cost's frame) and the detached costs,
 and ``update_from`` evaluates b_ψ on them and takes its Adam step eagerly (the code an eager step
