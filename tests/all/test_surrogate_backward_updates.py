@@ -56,6 +56,37 @@ def test_moving_average_forms_with_surrogate_loss_backward():
     torch.testing.assert_close(gb, ga, rtol=0, atol=0)  # the same gradients, step by step
 
 
+class _TrainableBaseline(torch.nn.Module):
+    """A user's baseline module with trainable parameters: b = w·logits + c."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(3, 1)
+
+    def forward(self, node, cost):
+        return cost.align(self.net(node.distribution.logits.detach()).squeeze(-1), node.parents)
+
+
+@pytest.mark.parametrize("baseline", ["learned", "trainable_callable"])
+def test_learned_baseline_trains_with_surrogate_loss_backward(baseline):
+    # the regression ran in the backward pass's callback, where grad mode is off: b carried no graph
+    # and ψ never moved under surrogate_loss().backward() (silently); now it trains as with
+    # storch.backward(), step by step
+    def make():
+        if baseline == "learned":
+            return storch.estimator("score", plate="z", n_samples=4, baseline="learned", lr=0.05, hidden=4)
+        return storch.estimator("score", plate="z", n_samples=4, baseline=_TrainableBaseline(), lr=0.05)
+
+    a, ga = _train(make, _bernoulli_step, "backward")
+    b, gb = _train(make, _bernoulli_step, "surrogate")
+    assert a.update_steps == b.update_steps == 5
+    params_a, params_b = dict(a.named_parameters()), dict(b.named_parameters())
+    assert params_a.keys() == params_b.keys() and params_a
+    for k in params_a:
+        torch.testing.assert_close(params_b[k], params_a[k], rtol=0, atol=0)
+    torch.testing.assert_close(gb, ga, rtol=0, atol=0)
+
+
 def _sequence_step(est, theta):
     data = storch.denote_independent(torch.arange(8), 0, "data")
     x = est(Categorical(logits=theta.expand(3) + 0.0 * data.double().unsqueeze(-1)), memory_key=data)
@@ -112,3 +143,31 @@ def test_learned_control_variate_is_refused_before_anything_is_backpropagated(na
         step(est, theta)
         storch.backward()
     assert theta.grad is not None and est.update_steps == 1
+
+
+def test_an_estimator_whose_update_differentiates_its_own_regression_trains_with_surrogate_loss_backward():
+    # a third-party update that calls .backward() on its own regression (docs/writing-an-estimator.md's
+    # NVIL): the update runs with grad enabled, as under storch.backward()
+    class Regressing(storch.Estimator):
+        name = "regressing_test"
+        has_update = True
+
+        def __init__(self, plate, n_samples=1):
+            super().__init__(plate, n_samples)
+            self.b = torch.nn.Parameter(torch.zeros(()))
+            self.optimizer = torch.optim.SGD([self.b], lr=0.1)
+
+        def baseline(self, node, cost):
+            return self.b.expand(())
+
+        def update_parameters(self, nodes, loss):
+            err = sum(((self.b - f.tensor) ** 2).mean() for node in nodes for f in node.frames.values())
+            self.optimizer.zero_grad()
+            err.backward()
+            self.optimizer.step()
+
+    a, ga = _train(lambda: Regressing("z", n_samples=3), _bernoulli_step, "backward")
+    b, gb = _train(lambda: Regressing("z", n_samples=3), _bernoulli_step, "surrogate")
+    assert float(a.b) != 0.0
+    torch.testing.assert_close(b.b, a.b, rtol=0, atol=0)
+    torch.testing.assert_close(gb, ga, rtol=0, atol=0)

@@ -265,10 +265,19 @@ def test_refuses_plate_tensor_output_and_estimator_updates():
                 return storch.surrogate_loss()
         return step
 
-    # (a moving average compiles: its update is replayed, tests/models/test_compile_updates.py)
-    learned = storch.estimator("score", plate="z", n_samples=2, baseline="learned")
+    # (a moving average and NVIL's learned baseline compile: their updates are replayed,
+    # tests/models/test_compile_updates.py and test_compile_learned.py; a trainable module is refused)
+    class Baseline(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(3, 1)
+
+        def forward(self, node, cost):
+            return cost.align(self.net(node.distribution.logits.detach()).squeeze(-1), node.parents)
+
+    trained = storch.estimator("score", plate="z", n_samples=2, baseline=Baseline())
     with pytest.raises(storch.StorchError, match="updates its own state"):
-        storch.compile(sum_cost_step(learned), backend="aot_eager")(theta)
+        storch.compile(sum_cost_step(trained), backend="aot_eager")(theta)
 
     # an estimator with state whose components also read values (sum_and_sample's memory): the
     # refusal names the state (the reason that holds whatever its code does), before its code runs
@@ -469,7 +478,8 @@ def test_unordered_set_on_a_partition_is_refused():
 @pytest.mark.parametrize("name", ["gumbel_softmax", "gumbel_straight_through"])
 def test_gumbel_with_a_constant_temperature_replays(name, monkeypatch):
     """A constant temperature updates nothing (no annealing step to count), so the relaxation
-    compiles; a schedule is state that storch.backward() advances, and is refused with the reason."""
+    compiles as a step without state; a schedule's step counter is an update that storch.compile
+    replays (tests/models/test_compile_anneal.py), so it compiles too."""
     from torch.distributions import OneHotCategorical
 
     est = storch.estimator(name, plate="z", n_samples=3, temperature=0.7)
@@ -491,7 +501,7 @@ def test_gumbel_with_a_constant_temperature_replays(name, monkeypatch):
         _assert_same(_grads(compiled, [logits, w], (logits,), seed), want[seed])
     monkeypatch.undo()
     annealed = storch.estimator(name, plate="z", n_samples=3, temperature=lambda step: max(0.5, 0.9 ** step))
-    assert annealed.has_update
+    assert annealed.has_update and annealed.replays_update
 
     def annealed_loss(logits):
         with storch.Graph():
@@ -499,5 +509,6 @@ def test_gumbel_with_a_constant_temperature_replays(name, monkeypatch):
             storch.add_cost(((z @ w) ** 2).sum(-1), name="f")
             return storch.surrogate_loss()
 
-    with pytest.raises(storch.StorchError, match="annealed temperature"):
-        storch.compile(annealed_loss, backend=None)(logits)
+    compiled = storch.compile(annealed_loss, backend=None)
+    compiled(logits).backward()
+    assert compiled.traces == 1 and annealed.step == 1

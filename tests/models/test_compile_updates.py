@@ -369,13 +369,21 @@ def test_refused_updates_say_what_compiles():
                 return storch.surrogate_loss()
         return step
 
-    learned = storch.estimator("score", plate="z", n_samples=2, baseline="learned")
-    assert learned.has_update and not learned.replays_update
-    with pytest.raises(storch.StorchError, match="learned baseline.*baseline='moving_average'"):
-        storch.compile(step_of(learned), backend=None)(theta)
+    class Baseline(torch.nn.Module):  # a user's trainable baseline module (NVIL's "learned" compiles)
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(3, 1)
+
+        def forward(self, node, cost):
+            return cost.align(self.net(node.distribution.logits.detach()).squeeze(-1), node.parents)
+
+    trained = storch.estimator("score", plate="z", n_samples=2, baseline=Baseline())
+    assert trained.has_update and not trained.replays_update
+    with pytest.raises(storch.StorchError, match="trainable baseline module.*baseline='moving_average' or 'learned'"):
+        storch.compile(step_of(trained), backend=None)(theta)
     relax = storch.estimator("relax", plate="z", n_samples=2)  # a learned control variate
     assert relax.update_uses_loss_graph and not relax.replays_update
-    with pytest.raises(storch.StorchError, match="'relax' .*learned baseline or control variate"):
+    with pytest.raises(storch.StorchError, match="'relax' .*learned control variate"):
         storch.compile(step_of(relax), backend=None)(theta)
     averaged = storch.estimator("score", plate="z", n_samples=2, baseline="moving_average")
 

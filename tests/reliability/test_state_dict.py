@@ -20,6 +20,7 @@ CASES = {
     "relax": ("relax", {"n_samples": 2}),
     "rebar": ("rebar", {"n_samples": 2}),
     "score_learned": ("score", {"n_samples": 2, "baseline": "learned"}),  # NVIL, where score has it
+    "gumbel_annealed": ("gumbel_softmax", {"n_samples": 2, "temperature": lambda t: max(0.3, 0.8 ** t)}),
     "lax": None,  # continuous: covered by relax's machinery (same base class); see test below
 }
 

@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--problems", default="toy,vae", help="toy, vae, cnn, rnn (comma-separated; default toy,vae)")
     o.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per measurement")
     o.add_argument("--configs", default=None, help="subset of score,loo,unordered_set,gumbel_softmax,sum_and_sample (default: all of them), "
-                   "or moving_average (score with a moving-average baseline; only when named)")
+                   "or moving_average (score with a moving-average baseline), gumbel_annealed (gumbel_softmax with "
+                   "a temperature schedule); those only when named")
     o.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: elapsed time (default); cpu: this thread's CPU time (steadier on a shared machine)")
     o.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (cuda when available); "

@@ -65,13 +65,15 @@ CONFIGS = {
     # score with the moving average of earlier steps' costs (an update on every backward pass: the
     # toy's and the --compile/--replay losses are then differentiated by .backward(), not autograd.grad)
     "moving_average": ("score", {"baseline": "moving_average"}, 1),
+    # gumbel_softmax annealed by Jang et al.'s schedule (its step advances on every backward pass)
+    "gumbel_annealed": ("gumbel_softmax", {"temperature": lambda t: max(0.5, math.exp(-1e-5 * t))}, 1),
 }
 # configs measured only when named in --configs (not in the default set the earlier tables used)
-OPT_IN_CONFIGS = ("moving_average",)
+OPT_IN_CONFIGS = ("moving_average", "gumbel_annealed")
 # configs whose hand-written version draws the same samples (their gradients are compared)
 SAME_SAMPLES = ("score", "loo", "moving_average")
 # configs whose toy, --compile and --replay calls run .backward() (the update) instead of autograd.grad
-BACKWARD_CONFIGS = ("moving_average",)
+BACKWARD_CONFIGS = ("moving_average", "gumbel_annealed")
 # configs compared with score + leave-one-out at the same n ("vs loo": storch time / storch loo time)
 VS_LOO = ("unordered_set", "sum_and_sample")
 
@@ -169,6 +171,14 @@ def _hand_cost(config: str, logits: torch.Tensor, n: int, est, cost: Callable) -
     if config == "unordered_set":
         z, logp = gumbel_topk_bernoulli(logits, n)
         return unordered_set_surrogate(logp, cost(z))
+    if config == "gumbel_annealed":
+        # by hand: τ = max(0.5, exp(-1e-5 t)) from a step counter kept as a tensor (so that torch.compile
+        # of this function does not specialise on it), advanced here, in the forward pass
+        t = _HAND_STEPS.get(est)
+        t = torch.zeros((), dtype=torch.float64) if t is None else t
+        _HAND_STEPS[est] = t + 1
+        tau = torch.exp(-1e-5 * t).clamp(min=0.5).to(device=logits.device, dtype=logits.dtype)
+        return cost(RelaxedBernoulli(tau, logits=logits).rsample((n,))).mean()
     if config not in ("gumbel_softmax",):
         raise NotImplementedError(f"{config}: no hand-written version")
     z = RelaxedBernoulli(torch.tensor(_temperature(est), dtype=logits.dtype, device=logits.device), logits=logits).rsample((n,))
@@ -177,6 +187,7 @@ def _hand_cost(config: str, logits: torch.Tensor, n: int, est, cost: Callable) -
 
 _CPU = torch.device("cpu")
 _HAND_AVERAGES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # est -> the hand-written average
+_HAND_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # est -> the hand-written annealing step
 
 
 def gradient(loss: torch.Tensor, params: list, update: bool) -> tuple:

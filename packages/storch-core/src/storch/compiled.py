@@ -31,8 +31,9 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
 - the step returns tensors (e.g. ``storch.surrogate_loss()``), not plate tensors, and does not call
   ``storch.backward()``: call ``loss.backward()`` on the result;
 - estimators that update their own state (``has_update``) are refused unless the update can be
-  replayed (``replays_update``: score's moving-average baseline; learned baselines and control
-  variates, annealed temperatures and sum_and_sample's memory are refused), see below;
+  replayed (``replays_update``: score's moving-average and learned (NVIL) baselines,
+  gumbel_softmax's and gumbel_straight_through's temperature schedule; a user's trainable baseline
+  module, learned control variates (relax, rebar) and sum_and_sample's memory are refused), see below;
 - tensors the step reads but does not receive as arguments are captured: ``nn.Parameter``s by
   reference (gradients and optimizer updates work as usual); any other captured tensor that
   requires grad is refused (pass it as an argument); other captured tensors are read live (same
@@ -59,6 +60,19 @@ cache keeps a trace per structure of that state (the first step, with no average
 baseline, is one program; the steps after it another). Such a step builds one surrogate loss with
 updates (a second one is refused), and :meth:`CompiledStep.graph_module`'s program then takes
 the inputs :meth:`CompiledStep.program_inputs` lists (the arguments, the probe, the state).
+An annealed temperature (``gumbel_softmax(temperature=schedule)``) is the simplest case: its update
+needs nothing from the step (``update_inputs`` is empty; ``update_from`` advances the step and
+evaluates the schedule in Python), and its state is τ at the current step, a 0-dim float64 tensor
+that the program reads at every call (one trace for every step; a bad schedule value raises
+``storch.OptionError`` at the next call, before the program runs, as it does eagerly where the
+estimator samples). With CUDA tensors, eager torch divides by that CPU scalar as by a float and
+inductor copies it to the device in the program (not yet run on a GPU).
+NVIL's learned baseline (``score(baseline="learned")``, b = c + b_ψ(h)) replays its regression: the
+program returns the detached input h of b_ψ (viewed in each cost's frame) and the detached costs,
+and ``update_from`` evaluates b_ψ on them and takes its Adam step eagerly (the code an eager step
+runs too), then updates the running means c (state tensors); the replayed forward reads ψ live
+(parameters are captured by reference). Its networks are built on first use, which a trace cannot
+record: run one step eagerly first (or load a state_dict), else the trace is refused with that reason.
 An estimator without an update is tracked this way only if it has state when first traced (a
 ``score(baseline="moving_average", update=False)`` with loaded averages); one whose first
 average is loaded after that first trace needs :meth:`CompiledStep.clear`.
@@ -316,7 +330,8 @@ def compile(fn: Optional[Callable] = None, *, backend: Any = "inductor", mode: O
     Raises:
         StorchError: when the step cannot be replayed faithfully (see :mod:`storch.compiled`): it calls
             ``storch.backward()``, returns plate tensors or non-tensors, uses an estimator whose update
-            cannot be replayed (a learned baseline, an annealed temperature; a moving average can),
+            cannot be replayed (a trainable baseline module; a moving average, NVIL's learned baseline
+            and an annealed temperature can),
             captures a non-parameter tensor that requires grad, or branches on values.
 
     Example:
@@ -573,9 +588,10 @@ def _update_on_backward(probe: torch.Tensor, loss: torch.Tensor, values: tuple, 
 
         def run():
             tensors = iter(values)
-            for est, spec, template in updates:
-                leaves = [next(tensors) if v is None else v for v in template]
-                est.update_from(pytree.tree_unflatten(leaves, spec))
+            with torch.enable_grad():  # as eagerly (a learned baseline's regression differentiates)
+                for est, spec, template in updates:
+                    leaves = [next(tensors) if v is None else v for v in template]
+                    est.update_from(pytree.tree_unflatten(leaves, spec))
 
         torch.autograd.Variable._execution_engine.queue_callback(run)
 

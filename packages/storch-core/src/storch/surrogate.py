@@ -288,8 +288,11 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
         _check_finite(loss, graph)
 
         def run():
-            for nodes in updating.values():
-                nodes[0].estimator.update_parameters(nodes, loss)
+            # grad mode as storch.backward() runs them (the engine's callback runs with it off, so
+            # a learned baseline's regression would build no graph and silently not train)
+            with torch.enable_grad():
+                for nodes in updating.values():
+                    nodes[0].estimator.update_parameters(nodes, loss)
 
         torch.autograd.Variable._execution_engine.queue_callback(run)
 

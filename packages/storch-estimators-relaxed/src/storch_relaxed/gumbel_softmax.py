@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from typing import Optional
+
 import torch
 from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 
@@ -38,10 +41,14 @@ class GumbelSoftmax(Estimator):
         plate: name of the node's plate.
         n_samples: number of samples.
         temperature: τ > 0, or a schedule ``step -> τ`` (annealing); ``step`` counts the
-            ``storch.backward()`` calls of graphs that used this estimator (``est.step``). Jang et
-            al.'s schedule: ``lambda t: max(0.5, math.exp(-1e-5 * t))``. Only a schedule makes the
-            estimator update its state (``has_update``): with a constant τ it has none, so a step
-            that uses it can be compiled with ``storch.compile``.
+            ``storch.backward()`` calls (and ``.backward()`` of surrogate losses) of graphs that used
+            this estimator (``est.step``, in ``state_dict()`` as ``schedule_step``). Jang et al.'s
+            schedule: ``lambda t: max(0.5, math.exp(-1e-5 * t))``. The schedule is evaluated once per
+            step (when the step changes); a value that is not a finite float > 0 raises
+            ``storch.OptionError`` where the estimator samples. Only a schedule makes the estimator
+            update its state (``has_update``); ``storch.compile`` replays that update
+            (``replays_update``: the compiled program reads τ, a 0-dim tensor, at every call), so
+            a step with either compiles.
 
     Example:
         >>> torch.manual_seed(0)
@@ -56,33 +63,85 @@ class GumbelSoftmax(Estimator):
     name = "gumbel_softmax"
     biased = True
     distributions = (Bernoulli, Categorical, OneHotCategorical)
-    has_update = True  # only to advance an annealing schedule: per instance, see __init__
+    has_update = True  # only to advance an annealing schedule: per instance, see the temperature setter
+    replays_update = True  # that update is replayed by storch.compile (update_from; τ in state_tensors)
 
     def __init__(self, plate: str, n_samples: int = 1, temperature: Temperature = 1.0) -> None:
         super().__init__(plate, n_samples)
-        check_temperature(self.name, temperature)
+        self._step = 0
+        self._tau: Optional[torch.Tensor] = None  # τ at the current step, for a schedule (0-dim float64, CPU)
+        self._tau_error: Optional[str] = None  # why the schedule's value at this step is not a temperature
         self.temperature = temperature
-        self.step = 0
-        # the step counter is state only for a schedule: a constant temperature updates nothing
-        # (storch.compile replays such a step; it refuses estimators that update their state)
-        self.has_update = callable(temperature)
+        self.register_load_state_dict_post_hook(_loaded)
 
-    def current_temperature(self) -> float:
-        """τ at the current step (the schedule's value, checked)."""
-        if not callable(self.temperature):
-            return float(self.temperature)
-        tau = self.temperature(self.step)
+    # -- the temperature and its schedule ----------------------------------------------------------
+
+    @property
+    def temperature(self) -> Temperature:
+        """τ, or the schedule ``step -> τ``. Setting it re-evaluates the schedule at :attr:`step`."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: Temperature) -> None:
+        check_temperature(self.name, value)
+        self._temperature = value
+        annealed = callable(value)
+        # the step counter is state only for a schedule: a constant temperature updates nothing
+        self.has_update = self.replays_update = annealed
+        if annealed and "schedule_step" not in self._buffers:
+            # the step counter in state_dict(): a resumed run anneals on from where it stopped
+            self.register_buffer("schedule_step", torch.tensor(self._step))
+        self._evaluate()
+
+    @property
+    def step(self) -> int:
+        """The number of updates so far: ``storch.backward()`` calls, and ``.backward()`` of surrogate
+        losses (eager or compiled), of graphs that used this estimator (with a schedule only)."""
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = int(value)
+        old = self._buffers.get("schedule_step")
+        if old is not None:  # a new tensor (not fill_): a state_dict() saved before keeps its step
+            self.schedule_step = torch.tensor(self._step, device=old.device)
+        self._evaluate()
+
+    def _evaluate(self) -> None:
+        """Evaluate the schedule at the current step, once per step (a bad value raises where it is used)."""
+        self._tau, self._tau_error = None, None
+        if not callable(self._temperature):
+            return
+        tau = self._temperature(self._step)
         try:
             check_temperature(self.name, float(tau))
         except (TypeError, ValueError):
-            raise OptionError(f"{self.name}: the temperature schedule returned {tau!r} at step {self.step}; "
-                              "it must return a finite float > 0") from None
-        return float(tau)
+            self._tau_error = (f"{self.name}: the temperature schedule returned {tau!r} at step {self._step}; "
+                               "it must return a finite float > 0")
+            return
+        # a tensor, not a float: storch.compile passes it to the program at every call (state_tensors)
+        self._tau = torch.tensor(float(tau), dtype=torch.float64)
+
+    def _scheduled(self) -> torch.Tensor:
+        """The schedule's τ at the current step as a 0-dim tensor (checked)."""
+        if self._tau is None:
+            raise OptionError(self._tau_error or f"{self.name}: the temperature is not a schedule")
+        return self._tau
+
+    def current_temperature(self) -> float:
+        """τ at the current step (the schedule's value, checked)."""
+        if not callable(self._temperature):
+            return float(self._temperature)
+        return float(self._scheduled())
+
+    # -- the components --------------------------------------------------------------------------
 
     def relaxed(self, node: Node) -> tuple[torch.Tensor, torch.Tensor]:
         """n relaxed samples ``(n, *parents, *batch[, K])`` (differentiable) and their logits z."""
         d = base_distribution(node.distribution)
-        tau = self.current_temperature()
+        t = self._temperature
+        # a schedule's τ is a 0-dim float64 tensor (z / τ gives the same values as with a float)
+        tau = self._scheduled() if callable(t) else float(t)
         logits = d.logits
         shape = (self.n_samples,) + tuple(logits.shape)
         if isinstance(d, Bernoulli):
@@ -97,8 +156,35 @@ class GumbelSoftmax(Estimator):
     def gradient_function(self, node: Node) -> torch.Tensor:
         return torch.zeros((1,), dtype=node.sample.dtype, device=node.sample.device)
 
-    def update_parameters(self, nodes: list[Node], loss: torch.Tensor) -> None:
-        self.step += 1
+    # -- the update (a schedule's step), replayed by storch.compile (replays_update) -----------------
+
+    def update_inputs(self, nodes: list[Node]) -> tuple:
+        return ()  # the step counter needs nothing from the step
+
+    def update_from(self, inputs: tuple) -> None:
+        self.step = self._step + 1
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """A schedule's τ at the current step (a compiled step reads it at every call); else none."""
+        return {"temperature": self._scheduled()} if callable(self._temperature) else {}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint written before the step counter was saved has no schedule_step: it loads (strictly
+        # too) and the annealing goes on from the current step, as it did then, with a warning
+        key = prefix + "schedule_step"
+        if "schedule_step" in self._buffers and key not in state_dict:
+            warnings.warn(f"{self.name}: the checkpoint has no {key!r} (saved before the annealing step was "
+                          f"state): the schedule goes on from the current step {self._step}; set est.step to "
+                          "resume it where it was", stacklevel=2)
+            state_dict[key] = self.schedule_step
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, temperature={self.temperature!r}"
+
+
+def _loaded(module: GumbelSoftmax, incompatible_keys) -> None:
+    """After ``load_state_dict``: the step counter from the loaded buffer, the schedule evaluated there."""
+    if "schedule_step" in module._buffers:
+        module._step = int(module.schedule_step)
+        module._evaluate()

@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 from torch.distributions import OneHotCategorical
 
-from storch import CostFrame, Node, OptionError, PlateError, PlateTensor
-from storch.extending import align, base_distribution, options
+from storch import CostFrame, Node, OptionError, PlateError, PlateTensor, StorchError
+from storch.extending import align, base_distribution, is_tracing, options
 
 __all__ = ["LearnedBaseline", "baseline_features"]
 
@@ -63,7 +63,8 @@ class LearnedBaseline(torch.nn.Module):
     trains ψ by regression on the cost: ``update_parameters`` descends Σ (b_ψ(h) - f)², with f the
     detached cost estimates of the node's :class:`storch.CostFrame` (Mnih & Gregor 2014, Eq. 11).
     The heads are created at the first node (their input width is h's), with a zero output layer,
-    so the untrained baseline is 0 (no baseline).
+    so the untrained baseline is 0 (no baseline); a step traced by ``storch.compile`` cannot create
+    them (run one step eagerly first, or load a state_dict).
 
     Args:
         hidden: width of the hidden layer.
@@ -82,6 +83,11 @@ class LearnedBaseline(torch.nn.Module):
         """The network of the cost named ``name``, built on first use with ``h``'s width, dtype and device."""
         key = "cost_" + re.sub(r"\W", "_", name or "")
         if key not in self.heads:
+            if is_tracing():  # its parameters' creation would be recorded, and replayed at every call
+                raise StorchError(
+                    f"storch.compile: score's learned baseline builds its network for cost {name!r} on first use "
+                    "(its input width is h's), which a traced step cannot do. Run one step eagerly first (or "
+                    "load a state_dict that holds the network), then call the compiled step")
             net = torch.nn.Sequential(torch.nn.Linear(h.shape[-1], self.hidden), torch.nn.Tanh(),
                                       torch.nn.Linear(self.hidden, 1)).to(dtype=h.dtype, device=h.device)
             torch.nn.init.zeros_(net[2].weight)

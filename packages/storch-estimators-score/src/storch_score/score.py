@@ -12,7 +12,7 @@ import storch.distributed
 from storch import CostFrame, Estimator, Node, OptionError, PlateTensor
 from storch.extending import base_distribution, leave_one_out, options
 
-from .learned_baseline import LearnedBaseline
+from .learned_baseline import LearnedBaseline, baseline_features
 
 __all__ = ["Score"]
 
@@ -62,8 +62,9 @@ class Score(Estimator):
         lr: Adam learning rate of a learned baseline's regression on the cost.
         hidden: hidden width of ``"learned"``'s networks.
         update: whether ``storch.backward()`` updates the baseline (moving average, learned parts).
-            The moving average's update is replayed by ``storch.compile`` (``replays_update``), so a
-            step with it compiles; a learned baseline's is not.
+            The moving average's and ``"learned"``'s updates are replayed by ``storch.compile``
+            (``replays_update``), so a step with them compiles (``"learned"`` after one eager step,
+            which builds its networks); a trainable callable's is not.
         eos: for a partition (the estimator called at every step of a sequence): the index (in the
             support) of the end-of-sequence value; a finished sequence draws it again with
             log-probability 0 at later steps (variable length). ``None``: fixed length.
@@ -120,8 +121,10 @@ class Score(Estimator):
         # state that storch.backward() updates: the moving average, a learned baseline's parameters
         self.has_update = update and self._baseline.trains(self)
         # storch.compile replays the moving average's update (from the step's mean costs, returned by
-        # the compiled program); a learned baseline's regression it cannot
-        self.replays_update = self.has_update and self._baseline is _BASELINES["moving_average"]
+        # the compiled program) and NVIL's regression (from b_ψ's detached inputs and the costs); a
+        # user's trainable callable it cannot (its inputs are whatever it reads)
+        self.replays_update = self.has_update and (
+            self._baseline is _BASELINES["moving_average"] or isinstance(self.baseline_fn, LearnedBaseline))
 
     @property
     def baseline_kind(self) -> str:
@@ -194,23 +197,25 @@ class Score(Estimator):
     # -- the state: changed here only ----------------------------------------------------------
 
     def update_parameters(self, nodes: list[Node], loss: torch.Tensor) -> None:
-        """Add this step's mean costs to the moving average, or regress a learned baseline on them."""
-        self._baseline.update(self, [(node, frame) for node in nodes for frame in node.frames.values()])
+        """Add this step's mean costs to the moving average, or regress a learned baseline on them
+        (the moving average and NVIL: :meth:`update_from`, the code a compiled step replays)."""
+        if self.replays_update:
+            self.update_from(self.update_inputs(nodes))
+        else:
+            self._baseline.update(self, [(node, frame) for node in nodes for frame in node.frames.values()])
 
     def _regress(self, frames: list) -> None:
-        # a learned baseline: one Adam step on Σ (b_ψ - f)², f the detached cost estimates (NVIL, Eq. 11);
-        # "learned" regresses on f - c, c the running mean of the cost (NVIL's centring), then updates c
+        # a trainable callable baseline: one Adam step on Σ (b - f)², f the detached cost estimates
         errors = []
-        nvil = isinstance(self.baseline_fn, LearnedBaseline)
         for node, frame in frames:
             b = self._call_baseline(node, frame)
             if b is not None and b.requires_grad:
-                f = frame.tensor
-                c = self.moving_averages.get(frame.key) if nvil else None
-                b, f = torch.broadcast_tensors(b, f if c is None else f - c)
+                b, f = torch.broadcast_tensors(b, frame.tensor)
                 errors.append(((b - f) ** 2).mean())
-        if nvil:
-            self._update_averages(frames)
+        self._adam(errors)
+
+    def _adam(self, errors: list) -> None:
+        """One Adam step of the baseline's parameters on the sum of ``errors``."""
         params = [p for p in self.baseline_fn.parameters() if p.requires_grad]
         if not errors or not params:
             return
@@ -246,15 +251,40 @@ class Score(Estimator):
             module._optimizer = torch.optim.Adam(params, lr=module.lr)
             module._optimizer.load_state_dict(saved)
 
-    # -- the moving average's update, replayed by storch.compile (replays_update) -------------------
+    # -- the moving average's and NVIL's update, replayed by storch.compile (replays_update) --------
 
-    def update_inputs(self, nodes: list[Node]) -> dict[str, torch.Tensor]:
-        """This step's mean cost per cost key (detached): what the moving average adds."""
-        return {frame.key: frame.tensor.mean() for node in nodes for frame in node.frames.values()}
+    def update_inputs(self, nodes: list[Node]) -> dict:
+        """What the update needs from this step (detached): ``"means"``, the mean cost per cost key
+        (what the moving average adds); for NVIL also ``"regression"``, per node and cost, the cost's
+        name and key, b_ψ's input h viewed in the cost's frame, and the cost estimates f."""
+        frames = [(node, frame) for node in nodes for frame in node.frames.values()]
+        inputs: dict = {"means": {frame.key: frame.tensor.mean() for _, frame in frames}}
+        if isinstance(self.baseline_fn, LearnedBaseline):
+            inputs["regression"] = [(frame.name, frame.key, frame.align(baseline_features(node), node.parents),
+                                     frame.tensor) for node, frame in frames]
+        return inputs
 
-    def update_from(self, means: dict[str, torch.Tensor]) -> None:
-        """Add this step's mean costs (:meth:`update_inputs`) to the moving averages: the first sets
-        b, later ones b <- decay·b + (1 - decay)·mean; a non-finite mean is skipped."""
+    def update_from(self, inputs: dict) -> None:
+        """The update from :meth:`update_inputs`' tensors (of an eager step or a compiled one's replay).
+
+        NVIL first: one Adam step of ψ on Σ (b_ψ(h) - (f - c))² (Mnih & Gregor 2014, Eq. 11; c the
+        running mean of earlier steps: NVIL's centring). Then the running means (the moving average's
+        b, NVIL's c): the first sets it, later ones c <- decay·c + (1 - decay)·mean; a non-finite mean
+        is skipped."""
+        if "regression" not in inputs:
+            self._update_averages(inputs["means"])
+            return
+        errors = []
+        for name, key, h, f in inputs["regression"]:
+            b = self.baseline_fn.head(name, h)(h).squeeze(-1).to(dtype=f.dtype, device=f.device)
+            if b.requires_grad:
+                c = self.moving_averages.get(key)
+                b, f = torch.broadcast_tensors(b, f if c is None else f - c)
+                errors.append(((b - f) ** 2).mean())
+        self._update_averages(inputs["means"])
+        self._adam(errors)
+
+    def _update_averages(self, means: dict[str, torch.Tensor]) -> None:
         means = storch.distributed.all_reduce_mean(means, owner=self)  # the global batch's mean, every rank
         for key, value in means.items():
             if value.device.type != "meta" and not bool(torch.isfinite(value)):
@@ -263,11 +293,9 @@ class Score(Estimator):
             self.moving_averages[key] = value if old is None else self.decay * old + (1.0 - self.decay) * value
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The moving averages by cost key (the state the baseline reads)."""
+        """The moving averages by cost key (the state the baseline reads: b, or NVIL's c; ψ are
+        parameters, which a compiled step reads live)."""
         return self.moving_averages
-
-    def _update_averages(self, frames: list) -> None:
-        self.update_from({frame.key: frame.tensor.mean() for _, frame in frames})
 
     def extra_repr(self) -> str:
         b = self.baseline_kind if self.baseline_fn is None else repr(self.baseline_fn)
@@ -325,7 +353,7 @@ class _MovingAverage(_Baseline):
         return True
 
     def update(self, est, frames):
-        est._update_averages(frames)
+        est._update_averages({frame.key: frame.tensor.mean() for _, frame in frames})
 
 
 class _Greedy(_Baseline):

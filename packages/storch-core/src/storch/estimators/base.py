@@ -576,8 +576,8 @@ def updating_message(est: "Estimator") -> str:
     """Why ``storch.compile`` refuses ``est``: it updates its state in ``storch.backward()``, by
     code that a compiled step cannot replay (``replays_update`` is false)."""
     return (f"storch.compile cannot replay estimator {est.name!r} (plate {est.plate!r}): it updates its own "
-            "state (a learned baseline or control variate, an annealed temperature, a memory of the best values) in "
+            "state (a trainable baseline module, a learned control variate, a memory of the best values) in "
             "storch.backward() by code that a compiled step cannot replay. Use it in an eager step, or pick "
-            "an option that compiles: no update (e.g. baseline='leave_one_out', a constant temperature) or "
-            "one that storch.compile replays (score's baseline='moving_average'; an estimator with "
-            "replays_update)")
+            "an option that compiles: no update (e.g. baseline='leave_one_out') or one that storch.compile "
+            "replays (score's baseline='moving_average' or 'learned', gumbel_softmax's temperature schedule; "
+            "an estimator with replays_update)")
