@@ -445,8 +445,9 @@ def _stacked_cumulative(node: Node, steps: list[int]) -> torch.Tensor:
 def backward(graph: Optional[Graph] = None) -> torch.Tensor:
     """Backpropagate the first-order surrogate, run estimators' own updates, reset the graph.
 
-    Order: the surrogate loss (order 1) is built and backpropagated (its graph kept for the updates
-    when an estimator's update differentiates it again: ``update_uses_loss_graph``), then ``update_parameters(nodes, loss)`` runs once per estimator with
+    Order: the surrogate loss (order 1) is built and backpropagated (its graph kept for the updates,
+    unless each of them replays from detached tensors: ``replays_update`` without
+    ``update_uses_loss_graph``), then ``update_parameters(nodes, loss)`` runs once per estimator with
     ``has_update`` (the only place estimator state changes), then the graph is reset (also after
     an exception).
 
@@ -474,10 +475,11 @@ def backward(graph: Optional[Graph] = None) -> torch.Tensor:
             raise
         _check_finite(loss, graph)
         updating = _updating(graph)
-        # the graph is kept for the updates only where one differentiates the loss again (a learned
-        # control variate: update_uses_loss_graph); kept for every update, a moving average's step
-        # held all of the backward's saved tensors to the end of the pass (peak memory 1.16-1.24x)
-        loss.backward(retain_graph=any(n[0].estimator.update_uses_loss_graph for n in updating.values()))
+        # the graph is kept for update_parameters (which may differentiate the loss again), except
+        # when every update replays from detached tensors (replays_update: a moving average, NVIL, a
+        # schedule) and none says it differentiates the loss: kept for those too, a moving average's
+        # step held all of the backward's saved tensors to the end of the pass (peak memory 1.16-1.24x)
+        loss.backward(retain_graph=any(_needs_loss_graph(n[0].estimator) for n in updating.values()))
         for nodes in updating.values():
             nodes[0].estimator.update_parameters(nodes, loss)
         return loss.detach()
@@ -486,6 +488,13 @@ def backward(graph: Optional[Graph] = None) -> torch.Tensor:
         raise
     finally:
         graph.reset()
+
+
+def _needs_loss_graph(est: Estimator) -> bool:
+    """Whether ``est.update_parameters`` may differentiate the loss, so ``storch.backward()`` keeps
+    its graph: unless the update replays from detached tensors (``replays_update``: ``update_from``
+    of ``update_inputs``) and the estimator does not say it differentiates the loss."""
+    return est.update_uses_loss_graph or not est.replays_update
 
 
 def _check_finite(loss: torch.Tensor, graph: Graph) -> None:

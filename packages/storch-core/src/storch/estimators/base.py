@@ -430,9 +430,11 @@ class Estimator(torch.nn.Module):
 
         Run by ``storch.backward()`` when ``has_update`` is true, once per step, after the
         first-order surrogate ``loss`` has been backpropagated. Its graph is kept alive for this
-        call only when the estimator sets ``update_uses_loss_graph`` (then
-        ``torch.autograd.grad(loss, ..., create_graph=True)`` works); otherwise the backward pass
-        has freed it, as ``surrogate_loss().backward()`` always does.
+        call (so ``torch.autograd.grad(loss, ..., create_graph=True)`` works), except when every
+        updating estimator of the step has ``replays_update`` (its update reads detached tensors
+        only) and none sets ``update_uses_loss_graph``: then the backward pass frees it, as
+        ``surrogate_loss().backward()`` always does (which is why that pattern refuses estimators
+        with ``update_uses_loss_graph``).
 
         Args:
             nodes: this estimator's nodes in the graph, in topological order. ``node.frames`` maps
