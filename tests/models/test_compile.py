@@ -126,7 +126,7 @@ def test_one_graph_and_eager_gradients(step):
 
 
 @pytest.mark.parametrize("step", list(STEPS))
-def test_replay_without_compiler(step, monkeypatch):
+def test_replay_without_compiler(step, monkeypatch, forbid_storch):
     # backend=None: the traced plain-torch program runs as recorded. The path: no compiler is asked
     # (torch.compile and inductor would raise here), and after the trace no storch code runs at all
     # (a Graph entered or an estimator called would raise); the values and gradients are eager storch's
@@ -142,11 +142,7 @@ def test_replay_without_compiler(step, monkeypatch):
     assert compiled.traces == 1 and isinstance(compiled.graph_module(*args), torch.fx.GraphModule)
     eager = {seed: _grads(loss, params, args, seed) for seed in range(1, 4)}
 
-    def no_storch(*a, **k):
-        raise AssertionError("a replayed step must not run storch code")
-
-    monkeypatch.setattr(storch.Graph, "__enter__", no_storch)
-    monkeypatch.setattr(storch.Estimator, "__call__", no_storch)
+    forbid_storch()
     for seed in range(1, 4):
         value, grads = _grads(compiled, params, args, seed)
         value_eager, grads_eager = eager[seed]

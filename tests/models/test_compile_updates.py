@@ -79,7 +79,7 @@ def _assert_same_runs(got, want):
 
 
 @pytest.mark.parametrize("backend", [None, "inductor"])
-def test_moving_average_steps_equal_eager(backend, monkeypatch):
+def test_moving_average_steps_equal_eager(backend, monkeypatch, forbid_storch):
     # six training steps, compiled and eager from the same seeds: the same losses, gradients and
     # moving averages (inductor draws with torch's generator under fallback_random). After the two
     # traces no storch code runs: the replayed calls never enter a Graph or an estimator
@@ -90,12 +90,7 @@ def test_moving_average_steps_equal_eager(backend, monkeypatch):
     step, encoder, est, x = _model()
     compiled = storch.compile(step, backend=backend)
 
-    def no_storch(*a, **k):
-        raise AssertionError("a replayed step must not run storch code")
-
-    def after_trace():
-        monkeypatch.setattr(storch.Graph, "__enter__", no_storch)
-        monkeypatch.setattr(storch.Estimator, "__call__", no_storch)
+    after_trace = forbid_storch
 
     with torch._inductor.config.patch(fallback_random=True):
         got = _train(compiled, encoder, est, x, range(6), after_trace)
