@@ -7,8 +7,20 @@ torch.set_num_threads(1)
 
 
 import pytest  # noqa: E402
+from torch.distributions import Distribution  # noqa: E402
 
 import storch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def restore_validation():
+    """For modules that compile (``pytestmark = pytest.mark.usefixtures("restore_validation")``):
+    torch.compile turns torch.distributions argument validation off for the whole process on its
+    first compile (torch._dynamo.eval_frame.TorchPatcher); the other tests in this process keep it on."""
+    validate = Distribution._validate_args
+    yield
+    Distribution.set_default_validate_args(validate)
+    torch._dynamo.reset()
 
 
 @pytest.fixture

@@ -113,3 +113,16 @@ def assert_trains(model: torch.nn.Module, opt: torch.optim.Optimizer, build: Cal
             assert q.grad is not None and torch.isfinite(q.grad).all()
         opt.step()
     assert all(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
+class TrainableBaseline(torch.nn.Module):
+    """A user's trainable baseline module for ``score(baseline=...)`` on 3 Bernoulli logits: b = a
+    linear map of the (detached) logits, aligned to the cost. ``storch.compile`` refuses it (its
+    regression reads what it likes, not declared detached inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(3, 1)
+
+    def forward(self, node, cost):
+        return cost.align(self.net(node.distribution.logits.detach()).squeeze(-1), node.parents)

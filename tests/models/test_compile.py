@@ -15,19 +15,13 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.distributions import Bernoulli, Distribution
 
 import storch
+from model_checks import TrainableBaseline
 from storch_bench import conv_vae, gru_decoder
 from storch_bench.data import load_binary_digits
 from storch_bench.models import VAE, storch_surrogate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_validation():
-    # torch.compile turns torch.distributions argument validation off for the whole process on its
-    # first compile (torch._dynamo.eval_frame.TorchPatcher); the other tests in this process keep it on
-    validate = Distribution._validate_args
-    yield
-    Distribution.set_default_validate_args(validate)
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("restore_validation")  # conftest
 
 
 def _images(batch: int) -> torch.Tensor:
@@ -263,15 +257,8 @@ def test_refuses_plate_tensor_output_and_estimator_updates():
 
     # (a moving average and NVIL's learned baseline compile: their updates are replayed,
     # tests/models/test_compile_updates.py and test_compile_learned.py; a trainable module is refused)
-    class Baseline(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Linear(3, 1)
 
-        def forward(self, node, cost):
-            return cost.align(self.net(node.distribution.logits.detach()).squeeze(-1), node.parents)
-
-    trained = storch.estimator("score", plate="z", n_samples=2, baseline=Baseline())
+    trained = storch.estimator("score", plate="z", n_samples=2, baseline=TrainableBaseline())
     with pytest.raises(storch.StorchError, match="updates its own state"):
         storch.compile(sum_cost_step(trained), backend="aot_eager")(theta)
 

@@ -22,12 +22,7 @@ def schedule(t: int) -> float:
     return max(0.3, 0.8 ** t)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_validation():
-    validate = Distribution._validate_args
-    yield
-    Distribution.set_default_validate_args(validate)
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("restore_validation")  # conftest
 
 
 def _model(name: str, temperature=schedule):

@@ -14,17 +14,13 @@ import copy
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Distribution
+from torch.distributions import Bernoulli
 
 import storch
+from model_checks import TrainableBaseline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_validation():
-    validate = Distribution._validate_args
-    yield
-    Distribution.set_default_validate_args(validate)
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("restore_validation")  # conftest
 
 
 def _model():
@@ -177,15 +173,8 @@ def test_compiling_before_the_networks_exist_is_refused():
 
 def test_a_trainable_callable_baseline_is_still_refused():
     # its update regresses on whatever it reads (not a declared, detached input): refused
-    class Baseline(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Linear(3, 1)
 
-        def forward(self, node, cost):
-            return cost.align(self.net(node.distribution.logits.detach()).squeeze(-1), node.parents)
-
-    est = storch.estimator("score", plate="z", n_samples=3, baseline=Baseline())
+    est = storch.estimator("score", plate="z", n_samples=3, baseline=TrainableBaseline())
     assert est.has_update and not est.replays_update
 
     def step(theta):

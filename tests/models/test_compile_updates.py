@@ -18,14 +18,10 @@ import torch
 from torch.distributions import Bernoulli, Distribution
 
 import storch
+from model_checks import TrainableBaseline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_validation():
-    validate = Distribution._validate_args
-    yield
-    Distribution.set_default_validate_args(validate)
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("restore_validation")  # conftest
 
 
 def _model():
@@ -364,15 +360,8 @@ def test_refused_updates_say_what_compiles():
                 return storch.surrogate_loss()
         return step
 
-    class Baseline(torch.nn.Module):  # a user's trainable baseline module (NVIL's "learned" compiles)
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Linear(3, 1)
 
-        def forward(self, node, cost):
-            return cost.align(self.net(node.distribution.logits.detach()).squeeze(-1), node.parents)
-
-    trained = storch.estimator("score", plate="z", n_samples=2, baseline=Baseline())
+    trained = storch.estimator("score", plate="z", n_samples=2, baseline=TrainableBaseline())
     assert trained.has_update and not trained.replays_update
     with pytest.raises(storch.StorchError, match="trainable baseline module.*baseline='moving_average' or 'learned'"):
         storch.compile(step_of(trained), backend=None)(theta)
