@@ -287,10 +287,17 @@ class Score(Estimator):
     def _update_averages(self, means: dict[str, torch.Tensor]) -> None:
         means = storch.distributed.all_reduce_mean(means, owner=self)  # the global batch's mean, every rank
         for key, value in means.items():
-            if value.device.type != "meta" and not bool(torch.isfinite(value)):
-                continue  # a non-finite cost never enters the average (storch.backward() raised for it)
             old = self.moving_averages.get(key)
-            self.moving_averages[key] = value if old is None else self.decay * old + (1.0 - self.decay) * value
+            if old is None:
+                # the first value sets the average: checked on the host (once per key), a non-finite
+                # cost never enters the average (storch.backward() raised for it)
+                if value.device.type == "meta" or bool(torch.isfinite(value)):
+                    self.moving_averages[key] = value
+                continue
+            # later ones without a host sync: the same arithmetic, kept only where the mean is finite
+            # (else the average stays as it was)
+            self.moving_averages[key] = torch.where(torch.isfinite(value),
+                                                    self.decay * old + (1.0 - self.decay) * value, old)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The moving averages by cost key (the state the baseline reads: b, or NVIL's c; ψ are
