@@ -439,8 +439,14 @@ def test_update_from_skips_a_non_finite_mean_without_a_host_sync():
     assert torch.equal(est.moving_averages["f"], 0.75 * old + 0.25 * torch.tensor(3.0))  # bit for bit
     assert torch.equal(est.moving_averages["g"], torch.tensor(3.0))
     for bad in (math.nan, math.inf, -math.inf):
-        before = _averages(est)
-        est.update_from({"means": {"f": torch.tensor(bad), "g": torch.tensor(bad)}})
-        assert all(torch.equal(est.moving_averages[k], before[k]) for k in before)
-        assert all(torch.isfinite(v) for v in est.moving_averages.values())
+        means = {"f": torch.tensor(bad), "g": torch.tensor(bad)}
+        # without and with the finiteness update_inputs computes with the means (a program output)
+        for inputs in ({"means": means}, {"means": means, "finite": {k: torch.isfinite(v) for k, v in means.items()}}):
+            before = _averages(est)
+            est.update_from(inputs)
+            assert all(torch.equal(est.moving_averages[k], before[k]) for k in before)
+            assert all(torch.isfinite(v) for v in est.moving_averages.values())
+    fresh = storch.estimator("score", plate="z", n_samples=3, baseline="moving_average")
+    fresh.update_from({"means": {"f": torch.tensor(math.nan)}, "finite": {"f": torch.tensor(False)}})
+    assert fresh.moving_averages == {}
 
