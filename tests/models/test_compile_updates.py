@@ -405,3 +405,32 @@ def test_overhead_benchmark_moving_average_row():
     assert row.same_grad == "yes" and row.replay_same_grad == "yes" and row.graph_breaks == 0, row
     assert row.replayed_storch_us > 0 and row.compiled_storch_us > 0 and row.compiled_torch_us > 0, row
     assert not row.note, row
+
+
+def test_update_from_skips_a_non_finite_mean_without_a_host_sync():
+    # the update eager and compiled steps share (Score.update_from): the first finite mean sets the
+    # average, later ones decay into it, a non-finite one (first or later) leaves it as it was
+    est = storch.estimator("score", plate="z", n_samples=3, baseline="moving_average", decay=0.75)
+    est.update_from({"means": {"f": torch.tensor(math.nan), "g": torch.tensor(2.0)}})
+    assert list(est.moving_averages) == ["g"]  # a non-finite first value never enters
+    est.update_from({"means": {"f": torch.tensor(math.inf), "g": torch.tensor(-math.inf)}})
+    assert list(est.moving_averages) == ["g"] and torch.equal(est.moving_averages["g"], torch.tensor(2.0))
+    est.update_from({"means": {"f": torch.tensor(1.0), "g": torch.tensor(math.nan)}})
+    assert torch.equal(est.moving_averages["f"], torch.tensor(1.0))
+    assert torch.equal(est.moving_averages["g"], torch.tensor(2.0))
+    old = est.moving_averages["f"]
+    est.update_from({"means": {"f": torch.tensor(3.0), "g": torch.tensor(6.0)}})
+    assert torch.equal(est.moving_averages["f"], 0.75 * old + 0.25 * torch.tensor(3.0))  # bit for bit
+    assert torch.equal(est.moving_averages["g"], torch.tensor(3.0))
+    for bad in (math.nan, math.inf, -math.inf):
+        means = {"f": torch.tensor(bad), "g": torch.tensor(bad)}
+        # without and with the finiteness update_inputs computes with the means (a program output)
+        for inputs in ({"means": means}, {"means": means, "finite": {k: torch.isfinite(v) for k, v in means.items()}}):
+            before = _averages(est)
+            est.update_from(inputs)
+            assert all(torch.equal(est.moving_averages[k], before[k]) for k in before)
+            assert all(torch.isfinite(v) for v in est.moving_averages.values())
+    fresh = storch.estimator("score", plate="z", n_samples=3, baseline="moving_average")
+    fresh.update_from({"means": {"f": torch.tensor(math.nan)}, "finite": {"f": torch.tensor(False)}})
+    assert fresh.moving_averages == {}
+

@@ -33,6 +33,7 @@ Example (``examples/distributed/train_ddp.py`` is a complete script)::
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Union
 
 import torch
@@ -42,7 +43,9 @@ __all__ = ["is_active", "synchronize", "all_reduce_mean", "broadcast_", "ranks_a
 _UNSET = object()
 
 
+@functools.cache
 def _dist():
+    """torch.distributed, or None where it is not built in (looked up once: every update asks)."""
     import torch.distributed as dist
 
     return dist if dist.is_available() else None
@@ -55,11 +58,11 @@ def _group_of(owner: Any) -> Any:
 
 def is_active(owner: Any = None) -> bool:
     """Whether state of ``owner`` (an estimator, or None for the default) is synchronised now."""
-    group = _group_of(owner)
-    if group is False:
-        return False
     dist = _dist()
     if dist is None or not dist.is_initialized():
+        return False  # checked first: the common, single-process case costs no attribute look-up
+    group = _group_of(owner)
+    if group is False:
         return False
     return dist.get_world_size(group) > 1
 

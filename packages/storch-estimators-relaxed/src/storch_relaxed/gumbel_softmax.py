@@ -16,6 +16,9 @@ from ._noise import Temperature, check_temperature, gumbel_noise, logistic_noise
 __all__ = ["GumbelSoftmax"]
 
 
+_plain_setattr = object.__setattr__  # an attribute that is no parameter, buffer or submodule
+
+
 class GumbelSoftmax(Estimator):
     """Gumbel-softmax / Concrete relaxation: a reparameterised relaxed sample (biased).
 
@@ -101,7 +104,12 @@ class GumbelSoftmax(Estimator):
 
     @step.setter
     def step(self, value: int) -> None:
-        self._step = int(value)
+        self._set_step(value)
+
+    def _set_step(self, value: int) -> None:
+        # _step, _tau, _tau_error are plain attributes (no parameter, buffer or submodule has these
+        # names): set without nn.Module.__setattr__'s checks, which cost microseconds at every update
+        _plain_setattr(self, "_step", int(value))
         old = self._buffers.get("schedule_step")
         if old is not None:  # a new tensor (not fill_): a state_dict() saved before keeps its step
             self.schedule_step = torch.tensor(self._step, device=old.device)
@@ -109,18 +117,19 @@ class GumbelSoftmax(Estimator):
 
     def _evaluate(self) -> None:
         """Evaluate the schedule at the current step, once per step (a bad value raises where it is used)."""
-        self._tau, self._tau_error = None, None
+        _plain_setattr(self, "_tau", None)
+        _plain_setattr(self, "_tau_error", None)
         if not callable(self._temperature):
             return
         tau = self._temperature(self._step)
         try:
             check_temperature(self.name, float(tau))
         except (TypeError, ValueError):
-            self._tau_error = (f"{self.name}: the temperature schedule returned {tau!r} at step {self._step}; "
-                               "it must return a finite float > 0")
+            _plain_setattr(self, "_tau_error", f"{self.name}: the temperature schedule returned {tau!r} at step "
+                                               f"{self._step}; it must return a finite float > 0")
             return
         # a tensor, not a float: storch.compile passes it to the program at every call (state_tensors)
-        self._tau = torch.tensor(float(tau), dtype=torch.float64)
+        _plain_setattr(self, "_tau", torch.tensor(float(tau), dtype=torch.float64))
 
     def _scheduled(self) -> torch.Tensor:
         """The schedule's τ at the current step as a 0-dim tensor (checked)."""
@@ -162,7 +171,7 @@ class GumbelSoftmax(Estimator):
         return ()  # the step counter needs nothing from the step
 
     def update_from(self, inputs: tuple) -> None:
-        self.step = self._step + 1
+        self._set_step(self._step + 1)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """A schedule's τ at the current step (a compiled step reads it at every call); else none."""

@@ -258,7 +258,9 @@ class Score(Estimator):
         (what the moving average adds); for NVIL also ``"regression"``, per node and cost, the cost's
         name and key, b_ψ's input h viewed in the cost's frame, and the cost estimates f."""
         frames = [(node, frame) for node in nodes for frame in node.frames.values()]
-        inputs: dict = {"means": {frame.key: frame.tensor.mean() for _, frame in frames}}
+        means = {frame.key: frame.tensor.mean() for _, frame in frames}
+        # "finite": each mean's finiteness, computed with it (a compiled step's program returns it)
+        inputs: dict = {"means": means, "finite": {key: torch.isfinite(m) for key, m in means.items()}}
         if isinstance(self.baseline_fn, LearnedBaseline):
             inputs["regression"] = [(frame.name, frame.key, frame.align(baseline_features(node), node.parents),
                                      frame.tensor) for node, frame in frames]
@@ -272,7 +274,7 @@ class Score(Estimator):
         b, NVIL's c): the first sets it, later ones c <- decay·c + (1 - decay)·mean; a non-finite mean
         is skipped."""
         if "regression" not in inputs:
-            self._update_averages(inputs["means"])
+            self._update_averages(inputs["means"], inputs.get("finite"))
             return
         errors = []
         for name, key, h, f in inputs["regression"]:
@@ -281,16 +283,28 @@ class Score(Estimator):
                 c = self.moving_averages.get(key)
                 b, f = torch.broadcast_tensors(b, f if c is None else f - c)
                 errors.append(((b - f) ** 2).mean())
-        self._update_averages(inputs["means"])
+        self._update_averages(inputs["means"], inputs.get("finite"))
         self._adam(errors)
 
-    def _update_averages(self, means: dict[str, torch.Tensor]) -> None:
-        means = storch.distributed.all_reduce_mean(means, owner=self)  # the global batch's mean, every rank
-        for key, value in means.items():
-            if value.device.type != "meta" and not bool(torch.isfinite(value)):
-                continue  # a non-finite cost never enters the average (storch.backward() raised for it)
+    def _update_averages(self, means: dict[str, torch.Tensor], finite: Optional[dict] = None) -> None:
+        reduced = storch.distributed.all_reduce_mean(means, owner=self)  # the global batch's mean, every rank
+        if reduced is not means:
+            finite = None  # averaged over ranks: the global mean's finiteness, not this rank's
+        for key, value in reduced.items():
+            ok = finite.get(key) if finite is not None else None
+            if ok is None:
+                ok = torch.isfinite(value)
             old = self.moving_averages.get(key)
-            self.moving_averages[key] = value if old is None else self.decay * old + (1.0 - self.decay) * value
+            if old is None:
+                # the first value sets the average: checked on the host (once per key), a non-finite
+                # cost never enters the average (storch.backward() raised for it)
+                if value.device.type == "meta" or bool(ok):
+                    self.moving_averages[key] = value
+                continue
+            # later ones without a host sync: the same arithmetic, kept only where the mean is finite
+            # (else the average stays as it was)
+            self.moving_averages[key] = torch.where(ok,
+                                                    self.decay * old + (1.0 - self.decay) * value, old)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The moving averages by cost key (the state the baseline reads: b, or NVIL's c; ψ are
