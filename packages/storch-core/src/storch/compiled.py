@@ -96,6 +96,7 @@ from .errors import NonFiniteCostError, StorchError
 from .estimators.base import updating_message
 from .graph import Graph, tracing_nodes, tracing_recorder
 from .plates.tensor import PlateTensor
+from .surrogate import update_on_backward
 
 __all__ = ["compile", "CompiledStep"]
 
@@ -140,12 +141,16 @@ class CompiledStep:
         return pytree.tree_unflatten(list(_run(entry[1], tensors, key[1])), entry[2])
 
     def _entry(self, args, kwargs):
+        return self._lookup(args, kwargs)[0]
+
+    def _lookup(self, args, kwargs) -> tuple:
+        """The cache entry for these arguments (traced now if new) and their tensors."""
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key, tensors = _signature(leaves, spec)
         entry = self._cache.get(key)
         if entry is None:
             entry = self._cache[key] = self._new_entry(leaves, spec, tensors)
-        return entry
+        return entry, tensors
 
     def _new_entry(self, leaves: list, spec, tensors: list):
         """A new cache entry: ``(gm, program, out_spec, single)``, or for a step with estimator state
@@ -191,22 +196,14 @@ class CompiledStep:
         with estimator state, the program for the state's current structure; its inputs are the
         tensor arguments, then (if the step's loss updates estimators) the update probe, then the
         estimators' ``state_tensors`` (see :meth:`program_inputs`)."""
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        key, tensors = _signature(leaves, spec)
-        entry = self._cache.get(key)
-        if entry is None:
-            entry = self._cache[key] = self._new_entry(leaves, spec, tensors)
+        entry, tensors = self._lookup(args, kwargs)
         if type(entry) is _Stateful:
             return self._variant(entry, args, kwargs, tensors)[0].gm
         return entry[0]
 
     def program_inputs(self, *args: Any, **kwargs: Any) -> list:
         """The inputs :meth:`graph_module`'s program takes for these arguments (a fresh update probe)."""
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        key, tensors = _signature(leaves, spec)
-        entry = self._cache.get(key)
-        if entry is None:
-            entry = self._cache[key] = self._new_entry(leaves, spec, tensors)
+        entry, tensors = self._lookup(args, kwargs)
         if type(entry) is not _Stateful:
             return list(tensors)
         trace, state = self._variant(entry, args, kwargs, tensors)
@@ -570,15 +567,11 @@ class _Recorder:
 
 
 def _update_on_backward(probe: torch.Tensor, loss: torch.Tensor, values: tuple, updates: list, fn) -> None:
-    """The eager probe's semantics (storch.surrogate._updates_on_backward) for a replayed call: when
+    """The eager probe's mechanism (storch.surrogate.update_on_backward) for a replayed call: when
     ``.backward()`` accumulates into ``probe`` (``torch.autograd.grad`` does not), the loss is checked
     and the estimators' ``update_from`` run once, at the end of the pass, from this replay's values."""
-    done = []
 
-    def on_backward(_):
-        if done:
-            return  # once per call (a second backward with retain_graph=True updates nothing)
-        done.append(True)
+    def check():
         if not loss.is_meta and not math.isfinite(loss.item()):
             raise NonFiniteCostError(
                 f"the surrogate loss of the compiled step {_name(fn)} is not finite (NaN or inf), so its gradient "
@@ -586,16 +579,13 @@ def _update_on_backward(probe: torch.Tensor, loss: torch.Tensor, values: tuple, 
                 "gradients it accumulated before may hold NaN (zero them). Run the step eagerly to see which cost "
                 "is not finite, or catch storch.NonFiniteCostError to skip the batch")
 
-        def run():
-            tensors = iter(values)
-            with torch.enable_grad():  # as eagerly (a learned baseline's regression differentiates)
-                for est, spec, template in updates:
-                    leaves = [next(tensors) if v is None else v for v in template]
-                    est.update_from(pytree.tree_unflatten(leaves, spec))
+    def run():
+        tensors = iter(values)
+        for est, spec, template in updates:
+            leaves = [next(tensors) if v is None else v for v in template]
+            est.update_from(pytree.tree_unflatten(leaves, spec))
 
-        torch.autograd.Variable._execution_engine.queue_callback(run)
-
-    probe.register_post_accumulate_grad_hook(on_backward)
+    update_on_backward(probe, check, run)
 
 
 def _check_constants(gm: torch.fx.GraphModule, fn) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -270,12 +270,8 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
     if not loss.requires_grad:
         return loss
     probe = torch.zeros((), dtype=loss.dtype, device=loss.device, requires_grad=True)
-    done = []
 
-    def on_backward(_):
-        if done:
-            return  # once per surrogate (a second backward with retain_graph=True updates nothing)
-        done.append(True)
+    def check():
         learners = sorted({f"{n[0].estimator.name!r} (plate {n[0].plate.name!r})" for n in updating.values()
                            if getattr(n[0].estimator, "update_uses_loss_graph", False)})
         if learners:
@@ -287,17 +283,37 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
                 "with update=False")
         _check_finite(loss, graph)
 
-        def run():
-            # grad mode as storch.backward() runs them (the engine's callback runs with it off, so
-            # a learned baseline's regression would build no graph and silently not train)
-            with torch.enable_grad():
-                for nodes in updating.values():
-                    nodes[0].estimator.update_parameters(nodes, loss)
+    def run():
+        for nodes in updating.values():
+            nodes[0].estimator.update_parameters(nodes, loss)
 
-        torch.autograd.Variable._execution_engine.queue_callback(run)
+    update_on_backward(probe, check, run)
+    return loss + probe
+
+
+def update_on_backward(probe: torch.Tensor, check: Callable[[], None], run: Callable[[], None]) -> None:
+    """The update probe's mechanism (eager surrogates, and each call of a step compiled by
+    ``storch.compile``): when ``.backward()`` accumulates into the zero leaf ``probe`` (added to
+    the loss; ``torch.autograd.grad`` never accumulates into it), ``check()`` runs (it raises to stop
+    the pass before any state changes) and ``run()`` (the estimators' updates) is queued for the end
+    of the pass, once per loss: a second backward with ``retain_graph=True`` updates nothing.
+    ``run`` has grad mode on, as under ``storch.backward()`` (the engine's callback runs with it
+    off, so a learned baseline's regression would build no graph and silently not train)."""
+    done = []
+
+    def on_backward(_):
+        if done:
+            return
+        done.append(True)
+        check()
+
+        def queued():
+            with torch.enable_grad():
+                run()
+
+        torch.autograd.Variable._execution_engine.queue_callback(queued)
 
     probe.register_post_accumulate_grad_hook(on_backward)
-    return loss + probe
 
 
 def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
@@ -477,8 +493,8 @@ def backward(graph: Optional[Graph] = None) -> torch.Tensor:
         updating = _updating(graph)
         # the graph is kept for update_parameters (which may differentiate the loss again), except
         # when every update replays from detached tensors (replays_update: a moving average, NVIL, a
-        # schedule) and none says it differentiates the loss: kept for those too, a moving average's
-        # step held all of the backward's saved tensors to the end of the pass (peak memory 1.16-1.24x)
+        # schedule) and none says it differentiates the loss. Keeping it for those held all of the
+        # backward's saved tensors to the end of the pass (peak memory 1.16-1.24x hand-written)
         loss.backward(retain_graph=any(_needs_loss_graph(n[0].estimator) for n in updating.values()))
         for nodes in updating.values():
             nodes[0].estimator.update_parameters(nodes, loss)

@@ -200,7 +200,7 @@ class Score(Estimator):
         """Add this step's mean costs to the moving average, or regress a learned baseline on them
         (the moving average and NVIL: :meth:`update_from`, the code a compiled step replays)."""
         if self.replays_update:
-            self.update_from(self.update_inputs(nodes))
+            super().update_parameters(nodes, loss)  # update_from(update_inputs(nodes))
         else:
             self._baseline.update(self, [(node, frame) for node in nodes for frame in node.frames.values()])
 
