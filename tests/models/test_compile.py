@@ -9,6 +9,7 @@ traced program runs as recorded, so the samples are eager's): compile time is CP
 
 from __future__ import annotations
 
+import math
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -262,12 +263,21 @@ def test_refuses_plate_tensor_output_and_estimator_updates():
     with pytest.raises(storch.StorchError, match="updates its own state"):
         storch.compile(sum_cost_step(trained), backend="aot_eager")(theta)
 
-    # an estimator with state whose components also read values (sum_and_sample's memory): the
-    # refusal names the state (the reason that holds whatever its code does), before its code runs
-    with_memory = sum_cost_step(storch.estimator("sum_and_sample", plate="z", n_samples=2))
+    # an estimator with state whose components also read values (sum_and_sample's buffer of best
+    # sequences): the refusal names the state (the reason that holds whatever its code does), before
+    # its code runs (the one-step sum_and_sample keeps no state and compiles: tests below)
+    buffered = storch.estimator("sum_and_sample", plate="z", n_samples=2, buffer=2)
+
+    def with_buffer(logits):
+        with storch.Graph():
+            z = buffered(torch.distributions.Categorical(logits=logits))
+            storch.add_cost(z.float(), name="f")
+            return storch.surrogate_loss()
+
+    logits = torch.zeros(3, requires_grad=True)
     with pytest.raises(storch.StorchError, match="'sum_and_sample' .* updates its own state"):
-        storch.compile(with_memory, backend=None)(theta)
-    value = with_memory(theta)  # eagerly it still runs (the refusal left no state behind)
+        storch.compile(with_buffer, backend=None)(logits)
+    value = with_buffer(logits)  # eagerly it still runs (the refusal left no state behind)
     assert torch.isfinite(value)
 
 
@@ -456,6 +466,132 @@ def test_unordered_set_on_a_partition_is_refused():
 
     with pytest.raises(storch.StorchError, match="reads a tensor's value"):
         storch.compile(loss, backend=None)(torch.randn(2, 4, requires_grad=True))
+
+
+# -- sum_and_sample (one step): the memory and the number of samples are chosen by values ---------------
+# Eagerly it sums the k' most probable joint values (deterministic beam search beyond the budget) and
+# samples the rest from p(x | x ∉ M), with branches on values: how many values are possible (k' and
+# whether a remainder is left), whether a draw hit the memory (rejection), whether every value of
+# every variable is possible. While storch.compile traces it takes the value-independent path that
+# eager code takes when the support is large enough, and the replayed program checks that assumption
+# at every call (an error that says to run eagerly, never a sample of another size or an impossible value).
+
+_SAS_CASES = {
+    "beyond budget, k'=1": (20, {}),  # the VAE row's case: 2^20 joint values, rejection sampling
+    "beyond budget, k'=2": (20, {"n_enumerate": 2}),  # the trie sampler
+    "enumerated, k'=2": (3, {"n_enumerate": 2}),
+    "enumerated, memory": (3, {"memory": torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0]])}),
+    "beyond budget, memory": (20, {"memory": torch.zeros(2, 20)}),
+}
+
+
+def _sum_and_sample_step(n_latent: int, options: dict, batch: int = 3):
+    est = storch.estimator("sum_and_sample", plate="z", n_samples=4, baseline="leave_one_out", **options)
+
+    def loss(theta):
+        with storch.Graph():
+            z = est(Bernoulli(logits=storch.denote_independent(theta, 0, "data")))
+            storch.add_cost(((z - 0.45) ** 2).sum(-1), name="f")
+            return storch.surrogate_loss()
+
+    theta = torch.linspace(-1.5, 1.5, n_latent).repeat(batch, 1).requires_grad_(True)
+    return loss, theta
+
+
+@pytest.mark.parametrize("case", list(_SAS_CASES))
+def test_sum_and_sample_replays_its_traced_paths(case, monkeypatch):
+    loss, theta = _sum_and_sample_step(*_SAS_CASES[case])
+    compiled = storch.compile(loss, backend=None)
+    _grads(compiled, [theta], (theta,), 0)  # traced (and checked against an eager run on the same paths)
+    assert compiled.traces == 1
+    assert "_assert_async" in compiled.graph_module(theta).code  # the assumption is checked at every call
+    from storch.graph import tracing_nodes
+
+    def on_traced_paths(seed):
+        with tracing_nodes([]):
+            return _grads(loss, [theta], (theta,), seed)
+
+    want = {seed: on_traced_paths(seed) for seed in range(1, 4)}
+    monkeypatch.setattr(storch.Estimator, "__call__", lambda *a, **k: pytest.fail("storch code ran"))
+    for seed in range(1, 4):
+        _assert_same(_grads(compiled, [theta], (theta,), seed), want[seed])
+
+
+@pytest.mark.parametrize("case", ["beyond budget, k'=1", "beyond budget, k'=2", "enumerated, k'=2"])
+def test_sum_and_sample_replayed_gradient_is_unbiased(case):
+    """The replayed program estimates the exact gradient of E[Σ_j (z_j - 0.45)²]: σ'(θ_j)(0.55² - 0.45²)
+    per latent (z-test over independent replayed calls)."""
+    from storch.testing import assert_unbiased
+
+    loss, theta = _sum_and_sample_step(*_SAS_CASES[case], batch=1)
+    compiled = storch.compile(loss, backend=None)
+    torch.manual_seed(7)
+    grads = torch.stack([torch.autograd.grad(compiled(theta), theta)[0][0] for _ in range(400)])
+    p = torch.sigmoid(theta.detach()[0])
+    assert_unbiased(grads, p * (1 - p) * (0.55 ** 2 - 0.45 ** 2), f"replayed sum_and_sample gradient ({case})")
+
+
+@pytest.mark.parametrize("case", ["beyond budget, k'=1", "beyond budget, k'=2"])
+def test_sum_and_sample_replay_refuses_an_impossible_value(case):
+    loss, theta = _sum_and_sample_step(*_SAS_CASES[case])
+    compiled = storch.compile(loss, backend=None)
+    compiled(theta)
+    with torch.no_grad():
+        bad = theta.clone()
+        bad[0, 3] = float("inf")  # value 0 of latent 3 has probability 0 (the beam's table: all possible)
+    with pytest.raises(RuntimeError, match="a value of probability 0"):
+        compiled(bad.requires_grad_(True))
+    value, _ = _grads(loss, [bad], (bad,), 0)  # eagerly the same logits work: the sampler adapts
+    assert torch.isfinite(value)
+
+
+@pytest.mark.parametrize("n_enumerate, message", [
+    # one possible value per entry: eagerly k' = 1 and nothing is drawn; traced for k' = 2 (and for
+    # k' = 1, for a remainder to draw from), the replayed program cannot be that sample
+    (2, "fewer than n_enumerate=2 possible values"),
+    (1, "no possible value outside the 1 summed"),
+])
+def test_sum_and_sample_replay_refuses_a_support_smaller_than_traced(n_enumerate, message):
+    from torch.distributions import Categorical
+
+    est = storch.estimator("sum_and_sample", plate="z", n_samples=3, n_enumerate=n_enumerate,
+                           baseline="leave_one_out")
+    cost = torch.tensor([0.0, 1.0, 3.0])
+
+    def loss(logits):
+        with storch.Graph():
+            z = est(Categorical(logits=storch.denote_independent(logits, 0, "data")))
+            storch.add_cost(cost[z], name="f")
+            return storch.surrogate_loss()
+
+    logits = torch.zeros(2, 3, requires_grad=True)
+    compiled = storch.compile(loss, backend=None)
+    compiled(logits)
+    certain = torch.tensor([[0.0, -math.inf, -math.inf]] * 2, requires_grad=True)  # value 0 surely
+    with pytest.raises(RuntimeError, match=message):
+        compiled(certain)
+    value, _ = _grads(loss, [certain], (certain,), 0)  # eagerly: the one possible value, summed exactly
+    assert value.item() == 0.0
+
+
+def test_sum_and_sample_replay_checks_the_memory_is_in_the_support():
+    est = storch.estimator("sum_and_sample", plate="z", n_samples=2, memory=lambda d: d.logits.new_zeros(1, 3).add(x))
+    x = torch.zeros(())
+
+    def loss(theta):
+        with storch.Graph():
+            z = est(Bernoulli(logits=theta))
+            storch.add_cost(z.sum(), name="f")
+            return storch.surrogate_loss()
+
+    theta = torch.zeros(3, requires_grad=True)
+    compiled = storch.compile(loss, backend=None)
+    compiled(theta)
+    x.fill_(0.5)  # the memory (read live by the program) is no longer a value of a Bernoulli
+    with pytest.raises(RuntimeError, match="not in the support"):
+        compiled(theta)
+    with pytest.raises(storch.OptionError, match="not in the support"):  # eagerly: the same check, at once
+        loss(theta)
 
 
 @pytest.mark.parametrize("name", ["gumbel_softmax", "gumbel_straight_through"])

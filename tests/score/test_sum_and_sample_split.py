@@ -113,7 +113,12 @@ def test_the_registered_name_is_unchanged() -> None:
         got = est.info()
         assert (got.name, got.max_order, got.biased, got.description) == (
             info.name, info.max_order, info.biased, info.description)
-        assert est.supports_partitions and est.has_update and est.requires_enumerate_support
+        assert est.supports_partitions and est.requires_enumerate_support
+        assert type(est).has_update  # the name's capability (buffer= keeps a memory of sequences) ...
+    # ... while the one-step instance has no state to update (like gumbel_softmax at a constant temperature):
+    # storch.backward() keeps no graph for it and storch.compile takes it (tests/models/test_compile.py)
+    assert not storch.estimator("sum_and_sample", plate="z").has_update
+    assert storch.estimator("mapo", plate="s", buffer=2).has_update
 
 
 def test_buffer_chooses_the_mode_by_keyword_or_position() -> None:

@@ -19,7 +19,11 @@ what that path assumes at every call (``storch.extending.assume``: an error that
 step eagerly, never a silently wrong sample). So ``unordered_set`` on one node compiles: it samples
 by stochastic beam search and computes its set probabilities in log space, and from the same seed
 draws other samples than the eager step (:meth:`CompiledStep.eager` runs the traced paths eagerly).
-On partitions it is refused.
+On partitions it is refused. The one-step ``sum_and_sample`` compiles the same way: traced, it sums
+as many values and draws as many samples as eager code does when the support is large enough (k'
+possible values in some entry, and a value outside them), always draws the rejection sampler's
+replacement, and assumes that every value of every variable is possible beyond its budget; each
+assumption is checked at every call. With ``buffer=`` (sequences) its memory is state: refused.
 
 With ``backend=None`` nothing is compiled: later calls run the traced program as recorded (an FX
 graph of the plain torch calls, in Python). That is the eager cost of the same step written by
@@ -33,7 +37,7 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
 - estimators that update their own state (``has_update``) are refused unless the update can be
   replayed (``replays_update``: score's moving-average and learned (NVIL) baselines,
   gumbel_softmax's and gumbel_straight_through's temperature schedule; a user's trainable baseline
-  module, learned control variates (relax, rebar) and sum_and_sample's memory are refused), see below;
+  module, learned control variates (relax, rebar) and sum_and_sample's buffer of sequences are refused), see below;
 - tensors the step reads but does not receive as arguments are captured: ``nn.Parameter``s by
   reference (gradients and optimizer updates work as usual); any other captured tensor that
   requires grad is refused (pass it as an argument); other captured tensors are read live (same

@@ -25,8 +25,9 @@ import torch
 from torch.distributions import Bernoulli
 
 from storch import Node, OptionError
+from storch.extending import assume, is_tracing
 
-from ._beam import _gumbel_like
+from ._beam import _gumbel_like, _traced_finite
 
 __all__ = ["VariableTable", "top_k_codes", "codes_of", "first_occurrences", "sample_outside", "log1mexp"]
 
@@ -65,7 +66,8 @@ class VariableTable:
                 lp = d.log_prob(support.expand((self.n_values,) + tuple(d.batch_shape) + self.event))
             self.lp_grad = lp.reshape(self.n_values, self.p, self.n)
         self.lp = self.lp_grad.detach()
-        self.all_possible = self.lp.is_meta or bool(torch.isfinite(self.lp).all())  # every value of every variable
+        # every value of every variable; while storch.compile traces: assumed, and checked at every replayed call
+        self.all_possible = self.lp.is_meta or _traced_finite(self.lp) or bool(torch.isfinite(self.lp).all())
 
     def values(self, codes: torch.Tensor) -> torch.Tensor:
         """Joint values ``(k, *parents, *own, *event)`` of codes ``(k, P, n)``."""
@@ -122,9 +124,18 @@ def codes_of(values: torch.Tensor, table: VariableTable, who: str) -> torch.Tens
     flat = values.reshape((k, table.p, table.n, -1)).to(table.support.dtype)  # (k', P, n, E)
     sup = table.support.reshape(table.n_values, -1)  # (K, E)
     eq = (flat.unsqueeze(-2) == sup).all(-1)  # (k', P, n, K)
-    if not bool(eq.any(-1).all()):
-        raise OptionError(f"{who}: a memory value is not in the support of the node's distribution")
+    check_in_support(eq.any(-1).all(), who)
     return eq.to(torch.uint8).argmax(-1)
+
+
+def check_in_support(ok: torch.Tensor, who: str) -> None:
+    """Raise where a memory value is not in the support (``ok``: a 0-dim bool); while storch.compile
+    traces, the check is part of the program and runs at every replayed call."""
+    message = f"{who}: a memory value is not in the support of the node's distribution"
+    if is_tracing():
+        assume(ok, message + " (checked by the step storch.compile traced; run it eagerly to see which)")
+    elif not bool(ok):
+        raise OptionError(message)
 
 
 def first_occurrences(codes: torch.Tensor) -> torch.Tensor:
@@ -158,9 +169,12 @@ def sample_outside(lp: torch.Tensor, codes: torch.Tensor, first: torch.Tensor, m
         match = first.unsqueeze(0).expand(m, k, p).clone()  # memory entries that share the sample's prefix
         # where a sample's prefix matches no memory entry, p(v | prefix, x ∉ M) = p(v): draw those from p
         out = torch.distributions.Categorical(logits=lp.permute(1, 2, 0)).sample((m,))  # (m, P, n)
+        tracing = is_tracing()
         for j in range(n):
-            if not bool(match.any()):
-                break  # every prefix left the memory's trie: the rest is drawn from p already
+            if not tracing and not bool(match.any()):
+                # every prefix left the memory's trie: the rest is drawn from p already (while
+                # storch.compile traces, the loop runs on: with no match its draws are from p too)
+                break
             onehot = torch.nn.functional.one_hot(codes[:, :, j], n_cat).bool()  # (k', P, K)
             below = match.unsqueeze(-1) & onehot.unsqueeze(0)  # (m, k', P, K)
             s = suffix[:, :, j + 1].unsqueeze(-1).expand(k, p, n_cat).unsqueeze(0)
@@ -187,7 +201,8 @@ def _rejection_one(lp: torch.Tensor, a: torch.Tensor, m: int) -> torch.Tensor:
     with torch.no_grad():
         x = _draw_each(lp.permute(1, 2, 0), m)  # (m, P, n)
         hit = (x == a.unsqueeze(0)).all(-1, keepdim=True)  # (m, P, 1)
-        if not lp.is_meta and bool(hit.any()):
+        # while storch.compile traces, the replacement is always drawn (a program cannot branch on hit)
+        if not lp.is_meta and (is_tracing() or bool(hit.any())):
             x = torch.where(hit, _sample_outside_one(lp, a, m), x)
         return x
 

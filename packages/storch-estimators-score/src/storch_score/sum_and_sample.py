@@ -17,9 +17,10 @@ import torch
 from torch.distributions import Categorical, Distribution
 
 from storch import CostFrame, Estimator, Node, OptionError, PlateError, PlateTensor
-from storch.extending import leave_one_out, options
+from storch.extending import assume, is_tracing, leave_one_out, options
 
-from ._memory import VariableTable, _memory_lp, codes_of, first_occurrences, sample_outside, top_k_codes
+from ._memory import (VariableTable, _memory_lp, check_in_support, codes_of, first_occurrences, sample_outside,
+                      top_k_codes)
 from ._sum_and_sample_options import NAME, check_baseline, check_n_enumerate
 from ._support import enumerate_joint, masked_logsumexp
 from .sum_and_sample_sequences import SumAndSampleSequences
@@ -174,6 +175,10 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
         options.integer(NAME, "budget", budget, minimum=1)
         self.memory = memory
         self.budget = budget
+        # the one-step estimator keeps no state (its memory is chosen anew in every graph): nothing to
+        # update, so storch.backward() runs no update for it and storch.compile does not refuse it.
+        # The class attribute stays True: the registered name's capability, buffer= (sequences) included
+        self.has_update = False
 
     def forward(self, distribution: Distribution, *args: Any, memory_key: Optional[Hashable] = None,
                 **kwargs: Any) -> PlateTensor:
@@ -208,9 +213,16 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
         values, logp = enumerate_joint(node, self.budget, self.name)  # (M, *own, *event), (M, *parents)
         possible = torch.isfinite(logp.detach())  # values of positive probability, (M, *parents)
         n_possible = possible.sum(0)
+        tracing = is_tracing()
         if self.memory is None:
-            # (on the meta device values are unknown: every value counts as possible)
-            k = min(self.n_enumerate, logp.shape[0] if logp.is_meta else max(1, int(n_possible.max())))
+            # (on the meta device values are unknown: every value counts as possible; while
+            # storch.compile traces, k is what eager code picks when some entry has k' possible values)
+            if logp.is_meta or tracing:
+                k = min(self.n_enumerate, logp.shape[0])
+                if tracing:
+                    assume(n_possible.max() >= k, _traced_message(f"fewer than n_enumerate={k} possible values"))
+            else:
+                k = min(self.n_enumerate, max(1, int(n_possible.max())))
             # the k' most probable values, (k', *parents); detach: choosing M is not differentiated
             top = logp.detach().topk(k, dim=0)
             # an entry with fewer possible values repeats its most probable one (counted once: weight 0)
@@ -224,7 +236,14 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
             first = ~(same & earlier.reshape((k, k) + (1,) * (top.dim() - 1))).any(1)
         mask = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter(0, top, True)
         # no remainder when M holds every possible value of every entry
-        m = 0 if (self.memory is None and not n_possible.is_meta and bool((n_possible <= k).all())) else self.n_samples
+        if self.memory is not None or n_possible.is_meta:
+            m = self.n_samples
+        elif tracing:  # a program cannot branch on values: a remainder unless M lists the whole support
+            m = 0 if logp.shape[0] <= k else self.n_samples
+            if m:
+                assume((n_possible > k).any(), _traced_message(f"no possible value outside the {k} summed ones"))
+        else:
+            m = 0 if bool((n_possible <= k).all()) else self.n_samples
         idx = top
         if m:
             # sample from the renormalised remainder p(x | x ∉ M); where M holds every possible value,
@@ -345,7 +364,12 @@ def _memory_indices(memory, node: Node, values: torch.Tensor) -> torch.Tensor:
     flat_v = values.reshape(values.shape[0], -1).to(mem.dtype)  # (M, F)
     flat_m = mem.reshape(mem.shape[:1 + len(parents)] + (-1,))  # (k', *parents or 1s, F)
     eq = (flat_m.unsqueeze(-2) == flat_v).all(-1)  # (k', *parents, M)
-    if not bool(eq.any(-1).all()):
-        raise OptionError("sum_and_sample: a memory value is not in the support of the node's distribution")
+    check_in_support(eq.any(-1).all(), NAME)
     idx = eq.to(torch.uint8).argmax(-1)
     return idx.expand((idx.shape[0],) + parents).contiguous()
+
+
+def _traced_message(what: str) -> str:
+    return (f"storch.compile traced this sum_and_sample step for the number of summed and sampled values that eager "
+            f"code picks when every entry has enough possible values, and a replayed call met {what} in every "
+            "entry. Run this step eagerly (without storch.compile), where the sample adapts to the support")
