@@ -60,7 +60,8 @@ def test_seed_for_seed_the_values_before_the_split(name: str) -> None:
 
 # -- two estimators, one registered name ---------------------------------------------------------------
 
-ONE_STEP_FIELDS = ["k", "m", "first", "logp", "idx", "mask", "beam", "lp", "log_rest", "empty", "table", "codes"]
+ONE_STEP_FIELDS = ["k", "m", "first", "logp", "idx", "mask", "beam", "lp", "log_rest", "empty", "table", "codes",
+                   "sure", "rest"]
 SEQUENCE_FIELDS = ["n_slots", "m", "keys", "mem", "mem_len", "mem_ok", "slot", "slot_ok", "imp", "q", "parents",
                    "names", "tokens", "slot_cum", "smp_cum", "costs", "l0"]
 

@@ -45,7 +45,11 @@ class MemoryState:
         table, codes: the per-variable log-probabilities (with gradient) and the plate's values as
             per-variable indices ``(k' + m, P, n)`` (``beam``).
         log_rest: log p(x ∉ M) per parent entry, with gradient.
-        empty: where M holds (numerically) all the mass, bool per parent entry.
+        empty: where M holds (numerically) all the mass, bool per parent entry (``None`` when ``sure``).
+        sure: the common case, known when sampling (``beam``): one memory value, the most probable,
+            and p(x ∉ M) > 0 in every entry, so the components need no guards for an empty remainder
+            or a repeated memory value (the same values and gradients, ~6 autograd nodes fewer).
+        rest: p(x ∉ M) = 1 - p(a) per parent entry, with gradient (``sure``).
     """
 
     k: int = 0
@@ -60,6 +64,8 @@ class MemoryState:
     empty: Optional[torch.Tensor] = None
     table: Optional[VariableTable] = None
     codes: Optional[torch.Tensor] = None
+    sure: bool = False
+    rest: Optional[torch.Tensor] = None
 
 
 class SumAndSample(Estimator, metaclass=ABCMeta):
@@ -287,6 +293,11 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
             codes = torch.cat([codes, sample_outside(table.lp, codes, first, m)], 0)
         c = node.state
         c.beam, c.k, c.m, c.first = True, k, m, first.reshape((k,) + table.parents)
+        # the memory is the most probable value a (each variable's most probable value), and every
+        # entry has mass outside it: p(a) < 1, i.e. log p(a) = Σ_j max_v log p_j(v) < 0 (traced: the
+        # guarded path, which holds for every value)
+        c.sure = bool(k == 1 and m and self.memory is None and all_possible and not table.lp.is_meta
+                      and not is_tracing() and bool((table.lp.amax(0).sum(-1) < 0.0).all()))
         c.table, c.codes = table, codes
         return table.values(codes)
 
@@ -295,6 +306,10 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
         if c.log_rest is None and c.beam:
             # log p(x) of every drawn value and log p(x ∉ M) = log(1 - Σ_{a ∈ M} p(a)), WITH gradient
             c.lp = lp = c.table.log_prob(c.codes)  # (k' + m, *parents)
+            if c.sure:  # log(1 - p(a)), p(a) < 1 in every entry (no guard; log(-expm1): see below)
+                c.rest = -torch.expm1(lp[0])
+                c.log_rest = torch.log(c.rest)
+                return lp, c.log_rest, None
             if c.k == 1 and c.table.all_possible:  # one memory value, no repeat
                 lse = lp[0]
             else:
@@ -316,12 +331,13 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
     def weighting_function(self, node: Node) -> torch.Tensor:
         lp, log_rest, _ = self._parts(node)
         k, m = node.state.k, node.state.m
-        # w = p(x) on the memory (appendix D.2.3), gradient-carrying like expect (D.1)
-        w_mem = lp[:k].exp() * node.state.first
+        # w = p(x) on the memory (appendix D.2.3), gradient-carrying like expect (D.1); a repeated
+        # memory value counts once (sure: one memory value)
+        w_mem = lp[:k].exp() if node.state.sure else lp[:k].exp() * node.state.first
         if not m:
             return w_mem
         # w = p(x ∉ M) / m on the samples, gradient-carrying (appendix D.2.3)
-        w_smp = (log_rest.exp() / m).unsqueeze(0).expand((m,) + log_rest.shape)
+        w_smp = ((node.state.rest if node.state.sure else log_rest.exp()) / m).unsqueeze(0).expand((m,) + log_rest.shape)
         return torch.cat([w_mem, w_smp], 0)
 
     def gradient_function(self, node: Node) -> torch.Tensor:
@@ -330,6 +346,8 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
         l_mem = torch.zeros_like(lp[:k])
         if not m:
             return l_mem
+        if node.state.sure:  # the remainder is not empty in any entry
+            return torch.cat([l_mem, lp[k:] - log_rest], 0)
         # l = log p(x | x ∉ M): the score of the renormalised remainder (0 where M is everything)
         l_smp = torch.where(empty, torch.zeros_like(lp[k:]), lp[k:] - torch.where(empty, torch.zeros_like(log_rest), log_rest))
         return torch.cat([l_mem, l_smp], 0)
