@@ -44,9 +44,9 @@ class VariableTable:
     Attributes:
         support: ``(K, *event)`` the values of one variable.
         lp: ``(K, P, n)`` detached log p_j(v) for every value v, parent entry and variable j.
-        lp_grad: the same with gradient (``grad=True``; a Bernoulli's is ``lp``: :meth:`log_prob`
-            differentiates its logits instead).
-        logits: ``(P, n)`` a Bernoulli's logits with gradient (``grad=True``), else ``None``.
+        lp_grad: the same with gradient (``grad=True``; a Bernoulli's with finite logits is ``lp``:
+            :meth:`log_prob` differentiates its logits instead).
+        logits: ``(P, n)`` a Bernoulli's finite logits with gradient (``grad=True``), else ``None``.
         parents, own, event: the node's parent-plate, own-batch and event shapes.
     """
 
@@ -78,6 +78,11 @@ class VariableTable:
             self.lp = self.lp_grad.detach()
         # every value of every variable; while storch.compile traces: assumed, and checked at every replayed call
         self.all_possible = self.lp.is_meta or _traced_finite(self.lp) or bool(torch.isfinite(self.lp).all())
+        if self.bernoulli and self.logits is not None and not self.all_possible:
+            # an infinite logit: BCE would give inf - inf = NaN for its sure value; gather from the table
+            logits = d.logits
+            self.lp_grad = torch.nn.functional.logsigmoid(torch.stack([-logits, logits])).reshape(2, self.p, self.n)
+            self.logits = None
 
     def values(self, codes: torch.Tensor) -> torch.Tensor:
         """Joint values ``(k, *parents, *own, *event)`` of codes ``(k, P, n)``."""
