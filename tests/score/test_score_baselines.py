@@ -49,6 +49,25 @@ def test_moving_average_excludes_the_current_costs():
     assert torch.allclose(g3, _manual_gradient(theta, x3, b2))
 
 
+def test_moving_average_loaded_in_another_dtype_keeps_updating():
+    # the update is one lerp when the average and the step's mean share dtype and device, torch's
+    # promoting arithmetic otherwise (an average loaded from a float64 checkpoint, float32 costs)
+    torch.manual_seed(2)
+    theta = torch.tensor(0.3, dtype=torch.float32)  # (the default dtype of this module is float64)
+    est = storch.estimator("score", plate="b", n_samples=5, baseline="moving_average", decay=0.8)
+    _, x1 = _bernoulli_step(est, theta)
+    assert x1.dtype == torch.float32
+    m1 = ((x1 - 0.45) ** 2 + 1.0).mean()
+    _, x2 = _bernoulli_step(est, theta)
+    m2 = ((x2 - 0.45) ** 2 + 1.0).mean()
+    torch.testing.assert_close(est.moving_averages["c"], 0.8 * m1 + 0.2 * m2)  # the lerp path
+    est.moving_averages["c"] = torch.tensor(2.0, dtype=torch.float64)
+    _, x3 = _bernoulli_step(est, theta)
+    m3 = ((x3 - 0.45) ** 2 + 1.0).mean().double()
+    assert est.moving_averages["c"].dtype == torch.float64
+    torch.testing.assert_close(est.moving_averages["c"], 0.8 * 2.0 + 0.2 * m3)
+
+
 def test_moving_average_is_per_cost_and_stable_within_a_step():
     torch.manual_seed(1)
     est = storch.estimator("score", plate="b", n_samples=3, baseline="moving_average")

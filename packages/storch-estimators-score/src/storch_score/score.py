@@ -301,10 +301,13 @@ class Score(Estimator):
                 if value.device.type == "meta" or bool(ok):
                     self.moving_averages[key] = value
                 continue
-            # later ones without a host sync: the same arithmetic, kept only where the mean is finite
-            # (else the average stays as it was)
-            self.moving_averages[key] = torch.where(ok,
-                                                    self.decay * old + (1.0 - self.decay) * value, old)
+            # later ones without a host sync, kept only where the mean is finite (else the average
+            # stays as it was); decay·old + (1 - decay)·value as one lerp (one op where three were)
+            if old.dtype == value.dtype and old.device == value.device:
+                new = torch.lerp(old, value, 1.0 - self.decay)
+            else:  # e.g. an average loaded from a checkpoint of another dtype or device: torch's promotion
+                new = self.decay * old + (1.0 - self.decay) * value
+            self.moving_averages[key] = torch.where(ok, new, old)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The moving averages by cost key (the state the baseline reads: b, or NVIL's c; ψ are
