@@ -294,10 +294,11 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
         c = node.state
         c.beam, c.k, c.m, c.first = True, k, m, first.reshape((k,) + table.parents)
         # the memory is the most probable value a (each variable's most probable value), and every
-        # entry has mass outside it: p(a) < 1, i.e. log p(a) = Σ_j max_v log p_j(v) < 0 (traced: the
-        # guarded path, which holds for every value)
+        # entry has mass outside it: log p(a) = Σ_j max_v log p_j(v) < 0, with a margin (p(a) < 1 - 1e-6)
+        # so that log p(a) computed again with gradient, summed in another order, cannot round to 0
+        # (traced: the guarded path, which holds for every value)
         c.sure = bool(k == 1 and m and self.memory is None and all_possible and not table.lp.is_meta
-                      and not is_tracing() and bool((table.lp.amax(0).sum(-1) < 0.0).all()))
+                      and not is_tracing() and bool((table.lp.amax(0).sum(-1) < -1e-6).all()))
         c.table, c.codes = table, codes
         return table.values(codes)
 
