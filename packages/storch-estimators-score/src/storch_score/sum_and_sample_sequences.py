@@ -37,6 +37,12 @@ class SequenceState:
             (detached).
         costs: the cost per entry ``(S + m, P)`` by (cost name, prefix length), for the buffer update.
         l0: l of the first step (returned by ``gradient_function``).
+        slot_seq: the slots' sequences ``(S, P, long)`` (forced token by token); slots_full: whether
+            every slot of every key is used (no padding slot to fill in at each step); any_imp: whether
+            a key has an importance-sampled slot.
+        orders: per layout of a step's plate names, the permutations to the first step's layout.
+        tables: per prefix length L, the memory's L-prefixes, their validity and the slots' weight
+            factors; weights: per L, w (both read by every cost of that length and by the update).
     """
 
     n_slots: int = 0
@@ -56,6 +62,12 @@ class SequenceState:
     smp_cum: list = field(default_factory=list)
     costs: dict = field(default_factory=dict)
     l0: Optional[torch.Tensor] = None
+    slot_seq: Optional[torch.Tensor] = None
+    slots_full: bool = False
+    any_imp: bool = False
+    orders: dict = field(default_factory=dict)
+    tables: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)
 
 
 class SumAndSampleSequences(Estimator):
