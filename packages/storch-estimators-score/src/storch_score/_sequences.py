@@ -70,8 +70,9 @@ class SequenceBuffer:
         """:meth:`offer` each ``(seq, cost, logp)`` of ``items`` in turn (the same buffer as one call each)."""
         book = self.entries.setdefault(key, {})
         capacity = self.capacity
+        bar = _bar(book, capacity)
         for seq, cost, logp in items:
-            if seq not in book and len(book) == capacity and cost >= _last_if_ranked(book):
+            if cost >= bar and seq not in book:
                 # a new sequence no better than the last of a full book already in rank order: the
                 # ranking below would keep the book as it is (the sort is stable, the newcomer is last)
                 self.rejected += 1
@@ -81,6 +82,7 @@ class SequenceBuffer:
                 # keep the lowest costs; seeds not yet evaluated (cost None) stay first
                 ranked = sorted(book.items(), key=lambda kv: -math.inf if kv[1][0] is None else kv[1][0])
                 book = self.entries[key] = dict(ranked[:capacity])
+            bar = _bar(book, capacity)
 
     def state(self) -> dict:
         return {"capacity": self.capacity, "entries": {k: dict(v) for k, v in self.entries.items()}}
@@ -90,10 +92,13 @@ class SequenceBuffer:
         self.entries = {int(k): {tuple(s): list(v) for s, v in book.items()} for k, book in state["entries"].items()}
 
 
-def _last_if_ranked(book: dict) -> float:
-    """The rank (cost; -inf for a seed not yet evaluated) of the book's last sequence if the book is in
-    rank order (as the ranking in :meth:`SequenceBuffer.offer_many` leaves it), else NaN (no cost is
-    >= NaN: the caller ranks). O(len(book)), a few comparisons for the usual small buffers."""
+def _bar(book: dict, capacity: int) -> float:
+    """The rank (cost; -inf for a seed not yet evaluated) of the last sequence of a full book in rank
+    order (as the ranking in :meth:`SequenceBuffer.offer_many` leaves it): a new sequence of no lower
+    cost is turned away. Else NaN (no cost is >= NaN: every offer is taken in). O(len(book)), a few
+    comparisons for the usual small buffers."""
+    if len(book) != capacity:
+        return math.nan
     last = -math.inf
     for cost, _ in book.values():
         rank = -math.inf if cost is None else cost
@@ -218,6 +223,7 @@ def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
     c.mem, c.mem_len, c.mem_ok, c.slot, c.slot_ok, c.imp, c.q = mem, mem_len, mem_ok, slot, slot_ok, imp, q_all
     c.slot_seq = mem.gather(0, slot.unsqueeze(-1).expand(-1, -1, long))  # (S, P, long): forced token by token
     c.slots_full = all(all(row) for row in slot_ok_rows)  # every key fills every slot (read without a sync)
+    c.is_slot = torch.arange(n_slots + m, device=dev).lt(n_slots).unsqueeze(-1)  # (N, 1): the slots' rows
     c.any_imp = any(any(row) for row in imp_rows)
     c.parents, c.names = parents, tuple(p.name for p in node.parents)
     value, c.l0 = _advance(est, node, d, drawn, parents)
@@ -259,7 +265,7 @@ def _advance(est, node: Node, d, drawn: torch.Tensor, shape: tuple) -> tuple[tor
     # log p of the slots' prefixes (with gradient) and of the samples' (detached); the first step's are its own
     c.slot_cum.append(c.slot_cum[-1] + lp[:s] if c.slot_cum else lp[:s])
     c.smp_cum.append(c.smp_cum[-1] + lp[s:].detach() if c.smp_cum else lp[s:].detach())
-    l_step = torch.cat([torch.zeros_like(lp[:s]), lp[s:]], 0) if s else lp  # l: 0 on slots, log p on samples
+    l_step = torch.where(c.is_slot, 0.0, lp) if s else lp  # l: 0 on slots, log p on samples
     return value, l_step.reshape(value.shape)
 
 
@@ -475,10 +481,13 @@ def update(est, node: Node) -> None:
     lp = torch.cat([c.slot_cum[-1].detach(), c.smp_cum[-1]], 0) if s else c.smp_cum[-1]
     pre, ok, _ = _tables(c, seq.shape[-1], est.eos)
     whole = ok.gather(0, c.slot) & c.slot_ok  # slots that are whole sequences of this length
-    # per key (P first): its entries in the order of the plate, slots that are not whole sequences left out
-    seq_l, tot_l, lp_l = seq.transpose(0, 1).tolist(), total.t().tolist(), lp.t().tolist()
-    whole_l = whole.t().tolist()
+    # per key (P first): its entries in the order of the plate, slots that are not whole sequences left out;
+    # as flat lists (a nested tolist of the tokens took ~8x as long): entry j of key p at p * n + j
+    n, _, length = seq.shape
+    tokens = seq.transpose(0, 1).reshape(-1).tolist()
+    tots, lps = total.t().reshape(-1).tolist(), lp.t().reshape(-1).tolist()
+    wholes = whole.t().reshape(-1).tolist()
     eos, offer_many = est.eos, est._buffer.offer_many
-    for key, seqs, tots, lps, wholes in zip(c.keys, seq_l, tot_l, lp_l, whole_l):
-        offer_many(key, [(_trim(seqs[j], eos), float(tots[j]), float(lps[j]))
-                         for j in range(len(seqs)) if j >= s or wholes[j]])
+    for p, key in enumerate(c.keys):
+        offer_many(key, [(_trim(tokens[(p * n + j) * length:(p * n + j + 1) * length], eos), float(tots[p * n + j]),
+                          float(lps[p * n + j])) for j in range(n) if j >= s or wholes[p * s + j]])
