@@ -218,7 +218,7 @@ def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
     slot_ok_rows, slot_ok = slot_ok, torch.tensor(slot_ok, dtype=torch.bool, device=dev).reshape(n_slots, n_par)
     imp_rows, imp = imp, torch.tensor(imp, dtype=torch.bool, device=dev).reshape(n_slots, n_par)
     q_all = q_all.to(dev, d.logits.dtype)  # Categorical and Bernoulli have logits
-    c = node.state  # a fresh MemoryState: tokens, slot_cum, smp_cum and costs start empty
+    c = node.state  # a fresh MemoryState: tokens, lps, slot_cum and costs start empty
     c.n_slots, c.m, c.keys = n_slots, m, keys
     c.mem, c.mem_len, c.mem_ok, c.slot, c.slot_ok, c.imp, c.q = mem, mem_len, mem_ok, slot, slot_ok, imp, q_all
     c.slot_seq = mem.gather(0, slot.unsqueeze(-1).expand(-1, -1, long))  # (S, P, long): forced token by token
@@ -262,9 +262,7 @@ def _advance(est, node: Node, d, drawn: torch.Tensor, shape: tuple) -> tuple[tor
         lp = torch.where(finished, torch.zeros_like(lp), lp)  # a finished sequence stops contributing
     s = c.n_slots
     c.tokens.append(tok.long())
-    # log p of the slots' prefixes (with gradient) and of the samples' (detached); the first step's are its own
-    c.slot_cum.append(c.slot_cum[-1] + lp[:s] if c.slot_cum else lp[:s])
-    c.smp_cum.append(c.smp_cum[-1] + lp[s:].detach() if c.smp_cum else lp[s:].detach())
+    c.lps.append(lp)  # summed over the steps only where read (_slot_logp, update): not per token
     l_step = torch.where(c.is_slot, 0.0, lp) if s else lp  # l: 0 on slots, log p on samples
     return value, l_step.reshape(value.shape)
 
@@ -366,11 +364,20 @@ def _weights(est, c: "MemoryState", length: int, node: Node) -> torch.Tensor:
     pre, ok, factor = _tables(c, length, est.eos)  # (K, P, L), (K, P), (S, P) detached
     # samples: rejected if their prefix is a memory prefix
     same = (seq[s:].unsqueeze(1) == pre.unsqueeze(0)).all(-1) & ok.unsqueeze(0)  # (m, K, P)
-    w_smp = (~same.any(1)).to(c.smp_cum[0].dtype) / m
+    w_smp = (~same.any(1)).to(c.lps[0].dtype) / m
     if not s:
         return to_layout(w_smp.reshape((m,) + c.parents), node)
-    w_slot = c.slot_cum[length - 1].exp() * factor
+    w_slot = _slot_logp(c, length).exp() * factor
     return to_layout(torch.cat([w_slot, w_smp.to(w_slot.dtype)], 0).reshape((s + m,) + c.parents), node)
+
+
+def _slot_logp(c: "MemoryState", length: int) -> torch.Tensor:
+    """log p of the slots' ``length``-prefixes ``(S, P)``, with gradient; once per graph, length and grad mode."""
+    key = (length, torch.is_grad_enabled())
+    lp = c.slot_cum.get(key)
+    if lp is None:
+        lp = c.slot_cum[key] = torch.stack(c.lps[:length]).narrow(1, 0, c.n_slots).sum(0)
+    return lp
 
 
 def _slot_factors(c: "MemoryState", pre: torch.Tensor, ok: torch.Tensor, length: int) -> torch.Tensor:
@@ -442,7 +449,7 @@ def control_variate(est, node: Node, frame) -> Optional[torch.Tensor]:
     # log p(∉ M_L): every memory sequence is a slot here (the baseline needs buffer <= n_enumerate)
     if s:
         factor = _tables(c, length, est.eos)[2]
-        lse = torch.logsumexp(c.slot_cum[length - 1].masked_fill(factor == 0, -math.inf), 0)
+        lse = torch.logsumexp(_slot_logp(c, length).masked_fill(factor == 0, -math.inf), 0)
         empty = lse >= 0.0
         log_rest = torch.where(empty, torch.full_like(lse, -math.inf), log1mexp(torch.where(empty, -torch.ones_like(lse), lse)))
         log_rest = torch.where(torch.isfinite(log_rest), log_rest, torch.zeros_like(log_rest))
@@ -459,7 +466,7 @@ def control_variate(est, node: Node, frame) -> Optional[torch.Tensor]:
         beta_j = (raw.sum(d, keepdim=True) - raw) / (m - 1)  # independent of sample j
         beta_mem = raw.mean(d, keepdim=True)
         a = a + (1.0 - magic_box(frame.align(log_rest, node.plates))) * beta_j
-        lp = to_layout(c.slot_cum[length - 1].reshape((s,) + c.parents), node)
+        lp = to_layout(_slot_logp(c, length).reshape((s,) + c.parents), node)
         lp = frame.align(torch.where(torch.isfinite(lp), lp, torch.zeros_like(lp)), node.plates)
         a_slot = -beta_mem * (1.0 - torch.exp(lp.detach() - lp))  # w·a = -β (p(a) - ⊥p(a))
     return torch.cat([a_slot, a], d)
@@ -478,7 +485,7 @@ def update(est, node: Node) -> None:
     total = sum(t for _, t in latest.values())  # (N, P)
     seq = torch.stack(c.tokens, -1)  # (N, P, T)
     s = c.n_slots
-    lp = torch.cat([c.slot_cum[-1].detach(), c.smp_cum[-1]], 0) if s else c.smp_cum[-1]
+    lp = torch.stack(c.lps).sum(0).detach()  # (N, P): log p of each whole sequence
     pre, ok, _ = _tables(c, seq.shape[-1], est.eos)
     whole = ok.gather(0, c.slot) & c.slot_ok  # slots that are whole sequences of this length
     # per key (P first): its entries in the order of the plate, slots that are not whole sequences left out;

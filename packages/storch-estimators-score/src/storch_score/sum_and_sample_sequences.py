@@ -33,8 +33,9 @@ class SequenceState:
         imp: the importance-sampled slot, bool ``(S, P)``; ``q`` its proposal over ``mem`` ``(K, P)``.
         parents, names: the first step's parent shape and plate names (the node's layout).
         tokens: the tokens of each step, ``(S + m, P)`` per step.
-        slot_cum, smp_cum: per step, log p of the slots' prefixes (with gradient) and of the samples'
-            (detached).
+        lps: per step, log p of each entry's token ``(S + m, P)``, with gradient (0 after an end token).
+        slot_cum: log p of the slots' prefixes ``(S, P)`` by (prefix length, grad mode), summed from
+            ``lps`` where read.
         costs: the cost per entry ``(S + m, P)`` by (cost name, prefix length), for the buffer update.
         l0: l of the first step (returned by ``gradient_function``).
         slot_seq: the slots' sequences ``(S, P, long)`` (forced token by token); slots_full: whether
@@ -58,8 +59,8 @@ class SequenceState:
     parents: tuple = ()
     names: tuple = ()
     tokens: list = field(default_factory=list)
-    slot_cum: list = field(default_factory=list)
-    smp_cum: list = field(default_factory=list)
+    lps: list = field(default_factory=list)
+    slot_cum: dict = field(default_factory=dict)
     costs: dict = field(default_factory=dict)
     l0: Optional[torch.Tensor] = None
     slot_seq: Optional[torch.Tensor] = None
