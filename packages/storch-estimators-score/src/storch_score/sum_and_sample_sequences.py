@@ -40,7 +40,8 @@ class SequenceState:
         l0: l of the first step (returned by ``gradient_function``).
         slot_seq: the slots' sequences ``(S, P, long)`` (forced token by token); slots_full: whether
             every slot of every key is used (no padding slot to fill in at each step); any_imp: whether
-            a key has an importance-sampled slot; is_slot: ``(S + m, 1)``, True on the slots' rows.
+            a key has an importance-sampled slot; is_slot: ``(S + m, 1)``, True on the slots' rows;
+            version: the buffer's version the memory tables were built from.
         orders: per layout of a step's plate names, the permutations to the first step's layout.
         tables: per prefix length L, the memory's L-prefixes, their validity and the slots' weight
             factors; weights: per L, w (both read by every cost of that length and by the update).
@@ -67,6 +68,7 @@ class SequenceState:
     slots_full: bool = False
     any_imp: bool = False
     is_slot: Optional[torch.Tensor] = None
+    version: int = -1
     orders: dict = field(default_factory=dict)
     tables: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
@@ -180,9 +182,10 @@ class SumAndSampleSequences(Estimator):
     def forward(self, distribution: Distribution, *args: Any, memory_key: Optional[Hashable] = None,
                 **kwargs: Any) -> PlateTensor:
         """Sample the next step of the sequence; ``memory_key`` (first step): the data points' keys."""
-        if memory_key is not None:
-            memory_key = memory_key.tensor if isinstance(memory_key, storch.PlateTensor) else torch.as_tensor(memory_key)
-        self._pending_key = memory_key
+        if memory_key is None:  # (every later token): nothing to hand to proposal, _pending_key stays None
+            return super().forward(distribution, *args, **kwargs)
+        memory_key = memory_key.tensor if isinstance(memory_key, storch.PlateTensor) else torch.as_tensor(memory_key)
+        self._pending_key = memory_key  # (nn.Module.__setattr__: ~3 us, once per graph)
         try:
             return super().forward(distribution, *args, **kwargs)
         finally:
