@@ -107,7 +107,7 @@ class SequenceBuffer:
 
 def _bar(book: dict, capacity: int) -> float:
     """The rank (cost; -inf for a seed not yet evaluated) of the last sequence of a full book in rank
-    order (as the ranking in :meth:`SequenceBuffer.offer_many` leaves it): a new sequence of no lower
+    order (as the ranking in :meth:`SequenceBuffer._offer` leaves it): a new sequence of no lower
     cost is turned away. Else NaN (no cost is >= NaN: every offer is taken in). O(len(book)), a few
     comparisons for the usual small buffers."""
     if len(book) != capacity:
@@ -388,12 +388,13 @@ def _weights(est, c: "MemoryState", length: int, node: Node) -> torch.Tensor:
 
 
 def _slot_logp(c: "MemoryState", length: int) -> torch.Tensor:
-    """log p of the slots' ``length``-prefixes ``(S, P)``, with gradient; once per graph, length and grad mode."""
-    key = (length, torch.is_grad_enabled())
-    lp = c.slot_cum.get(key)
-    if lp is None:
-        lp = c.slot_cum[key] = torch.stack(c.lps[:length]).narrow(1, 0, c.n_slots).sum(0)
-    return lp
+    """log p of the slots' ``length``-prefixes ``(S, P)``, with gradient: from one cumulative sum over
+    the steps so far (per grad mode), made again only when a longer prefix is asked for."""
+    grad = torch.is_grad_enabled()
+    cum = c.slot_cum.get(grad)
+    if cum is None or cum.shape[0] < length:
+        cum = c.slot_cum[grad] = torch.stack(c.lps).narrow(1, 0, c.n_slots).cumsum(0)  # (T, S, P)
+    return cum[length - 1]
 
 
 def _slot_factors(c: "MemoryState", pre: torch.Tensor, ok: torch.Tensor, length: int) -> torch.Tensor:

@@ -34,8 +34,8 @@ class SequenceState:
         parents, names: the first step's parent shape and plate names (the node's layout).
         tokens: the tokens of each step, ``(S + m, P)`` per step.
         lps: per step, log p of each entry's token ``(S + m, P)``, with gradient (0 after an end token).
-        slot_cum: log p of the slots' prefixes ``(S, P)`` by (prefix length, grad mode), summed from
-            ``lps`` where read.
+        slot_cum: per grad mode, log p of the slots' prefixes ``(T', S, P)`` of lengths 1..T' (a
+            cumulative sum of ``lps``, made where read).
         costs: the cost per entry ``(S + m, P)`` by (cost name, prefix length), for the buffer update.
         l0: l of the first step (returned by ``gradient_function``).
         slot_seq: the slots' sequences ``(S, P, long)`` (forced token by token); slots_full: whether
