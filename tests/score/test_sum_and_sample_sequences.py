@@ -320,35 +320,3 @@ def test_sequence_steps_take_the_fast_paths(monkeypatch):
     d = OneHotCategorical(logits=torch.zeros(2, 3))
     assert _sequences._tokens_of(d)[0] is d._categorical
 
-
-def test_buffer_update_turns_fresh_sequences_away_unseen(monkeypatch):
-    """The update turns away a sample whose tokens are no buffered or earlier sequence of its key and
-    whose cost does not beat the book's last without making its tokens a tuple (``_fresh``): the
-    buffers, graph after graph, are those of offering every sequence, with fewer offers made."""
-    from storch_score import _sequences
-
-    offers = []
-    offer = _sequences.SequenceBuffer._offer
-
-    def counted(self, *args):
-        offers[-1] += 1
-        return offer(self, *args)
-
-    monkeypatch.setattr(_sequences.SequenceBuffer, "_offer", counted)
-    books = []
-    for fresh in (True, False):
-        if not fresh:
-            monkeypatch.setattr(_sequences, "_fresh", lambda *args: None)  # every sequence offered
-        torch.manual_seed(23)
-        est = storch.estimator("sum_and_sample", plate="seq", buffer=2, n_samples=6, baseline="leave_one_out")
-        offers.append(0)
-        run = []
-        for _ in range(6):
-            with storch.Graph():
-                th = storch.denote_independent(THETA.clone().requires_grad_(True).expand(5, 21), 0, "data")
-                model(th, est, memory_key=torch.tensor([4, 0, 3, 1, 2]))
-                storch.backward()
-            run.append({k: list(book.items()) for k, book in est._buffer.entries.items()})
-        books.append(run)
-    assert books[0] == books[1]
-    assert offers[0] < offers[1], offers

@@ -53,14 +53,12 @@ class SequenceBuffer:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.entries: dict[int, dict[tuple, list]] = {}
-        self.version = 0  # advanced by every change of the entries (seed, an offer taken in, load)
-        self.rejected = 0  # offers turned away without ranking the book (the shortcut of _offer; for tests)
+        self.rejected = 0  # offers turned away without ranking the book (offer_many's shortcut; for tests)
 
     def seed(self, key: int, seqs: list[tuple]) -> None:
         book = self.entries.setdefault(key, {})
         for s in seqs:
             book.setdefault(s, [None, None])
-        self.version += 1
 
     def sequences(self, key: int) -> list[tuple[tuple, Optional[float], Optional[float]]]:
         return [(s, c, lp) for s, (c, lp) in self.entries.get(key, {}).items()]
@@ -70,44 +68,33 @@ class SequenceBuffer:
 
     def offer_many(self, key: int, items: list) -> None:
         """:meth:`offer` each ``(seq, cost, logp)`` of ``items`` in turn (the same buffer as one call each)."""
-        bar = self.bar(key)
-        for seq, cost, logp in items:
-            bar = self._offer(key, seq, cost, logp, bar)
-
-    def bar(self, key: int) -> float:
-        """The cost a new sequence must be below to enter the key's book: the rank (cost; -inf for a seed
-        not yet evaluated) of the last sequence of a full book in rank order (as the ranking in
-        :meth:`_offer` leaves it); else NaN (no cost is >= NaN: every offer is taken in)."""
-        return _bar(self.entries.get(key, {}), self.capacity)
-
-    def _offer(self, key: int, seq: tuple, cost: float, logp: float, bar: float) -> float:
-        """Offer one sequence; ``bar``: :meth:`bar` of the key's book as it is. Returns the bar after."""
         book = self.entries.setdefault(key, {})
-        if cost >= bar and seq not in book:
-            # a new sequence no better than the last of a full book already in rank order: the
-            # ranking below would keep the book as it is (the sort is stable, the newcomer is last)
-            self.rejected += 1
-            return bar
-        book[seq] = [cost, logp]
-        if len(book) > self.capacity:
-            # keep the lowest costs; seeds not yet evaluated (cost None) stay first
-            ranked = sorted(book.items(), key=lambda kv: -math.inf if kv[1][0] is None else kv[1][0])
-            book = self.entries[key] = dict(ranked[:self.capacity])
-        self.version += 1
-        return _bar(book, self.capacity)
+        capacity = self.capacity
+        bar = _bar(book, capacity)
+        for seq, cost, logp in items:
+            if cost >= bar and seq not in book:
+                # a new sequence no better than the last of a full book already in rank order: the
+                # ranking below would keep the book as it is (the sort is stable, the newcomer is last)
+                self.rejected += 1
+                continue
+            book[seq] = [cost, logp]
+            if len(book) > capacity:
+                # keep the lowest costs; seeds not yet evaluated (cost None) stay first
+                ranked = sorted(book.items(), key=lambda kv: -math.inf if kv[1][0] is None else kv[1][0])
+                book = self.entries[key] = dict(ranked[:capacity])
+            bar = _bar(book, capacity)
 
     def state(self) -> dict:
         return {"capacity": self.capacity, "entries": {k: dict(v) for k, v in self.entries.items()}}
 
     def load(self, state: dict) -> None:
-        self.version += 1
         self.capacity = state["capacity"]
         self.entries = {int(k): {tuple(s): list(v) for s, v in book.items()} for k, book in state["entries"].items()}
 
 
 def _bar(book: dict, capacity: int) -> float:
     """The rank (cost; -inf for a seed not yet evaluated) of the last sequence of a full book in rank
-    order (as the ranking in :meth:`SequenceBuffer._offer` leaves it): a new sequence of no lower
+    order (as the ranking in :meth:`SequenceBuffer.offer_many` leaves it): a new sequence of no lower
     cost is turned away. Else NaN (no cost is >= NaN: every offer is taken in). O(len(book)), a few
     comparisons for the usual small buffers."""
     if len(book) != capacity:
@@ -238,7 +225,6 @@ def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
     c.mem, c.mem_len, c.mem_ok, c.slot, c.slot_ok, c.imp, c.q = mem, mem_len, mem_ok, slot, slot_ok, imp, q_all
     c.slot_seq = mem.gather(0, slot.unsqueeze(-1).expand(-1, -1, long))  # (S, P, long): forced token by token
     c.slots_full = slots_full  # every key fills every slot (known from the lists: no host sync)
-    c.version = est._buffer.version  # the buffer the memory tables show
     c.is_slot = torch.arange(n_slots + m, device=dev).lt(n_slots).unsqueeze(-1)  # (N, 1): the slots' rows
     c.any_imp = any_imp
     c.parents, c.names = parents, tuple(p.name for p in node.parents)
@@ -503,39 +489,15 @@ def update(est, node: Node) -> None:
     seq = torch.stack(c.tokens, -1)  # (N, P, T)
     s = c.n_slots
     lp = torch.stack(c.lps).sum(0).detach()  # (N, P): log p of each whole sequence
-    pre, ok, _ = _tables(c, seq.shape[-1], est.eos)
+    ok = _tables(c, seq.shape[-1], est.eos)[1]
     whole = ok.gather(0, c.slot) & c.slot_ok  # slots that are whole sequences of this length
-    fresh = _fresh(est, c, seq, pre)
     # per key (P first): its entries in the order of the plate, slots that are not whole sequences left out;
     # as flat lists (a nested tolist of the tokens took ~8x as long): entry j of key p at p * n + j
     n, _, length = seq.shape
     tokens = seq.transpose(0, 1).reshape(-1).tolist()
     tots, lps = total.t().reshape(-1).tolist(), lp.t().reshape(-1).tolist()
     wholes = whole.t().reshape(-1).tolist()
-    fresh = fresh.t().reshape(-1).tolist() if fresh is not None else [False] * (n * len(c.keys))
-    buf, eos = est._buffer, est.eos
+    eos, offer_many = est.eos, est._buffer.offer_many
     for p, key in enumerate(c.keys):
-        bar = buf.bar(key)
-        for j in range(n):
-            if j < s and not wholes[p * s + j]:
-                continue
-            i = p * n + j
-            cost = float(tots[i])
-            if cost >= bar and fresh[i]:  # turned away without making its tokens a tuple
-                buf.rejected += 1
-                continue
-            bar = buf._offer(key, _trim(tokens[i * length:(i + 1) * length], eos), cost, float(lps[i]), bar)
-
-
-def _fresh(est, c: "MemoryState", seq: torch.Tensor, pre: torch.Tensor) -> Optional[torch.Tensor]:
-    """``(N, P)`` True where an entry's sequence cannot be in its key's book when it is offered: its
-    tokens are neither a buffered sequence's (its first T tokens, padded; the buffer as at the first
-    step) nor an earlier entry's of the same key. ``None`` (unknown) where keys repeat or the buffer
-    changed since the first step."""
-    if est._buffer.version != c.version or len(set(c.keys)) != len(c.keys):
-        return None
-    n = seq.shape[0]
-    in_mem = ((seq.unsqueeze(1) == pre.unsqueeze(0)).all(-1) & c.mem_ok).any(1)  # (N, K, P) -> (N, P)
-    same = (seq.unsqueeze(1) == seq.unsqueeze(0)).all(-1)  # (N, N, P): [j, i] entry j's tokens are entry i's
-    earlier = torch.ones(n, n, dtype=torch.bool, device=seq.device).tril(-1).unsqueeze(-1)
-    return ~(in_mem | (same & earlier).any(1))
+        offer_many(key, [(_trim(tokens[(p * n + j) * length:(p * n + j + 1) * length], eos), float(tots[p * n + j]),
+                          float(lps[p * n + j])) for j in range(n) if j >= s or wholes[p * s + j]])

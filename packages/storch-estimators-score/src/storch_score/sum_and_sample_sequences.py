@@ -40,8 +40,7 @@ class SequenceState:
         l0: l of the first step (returned by ``gradient_function``).
         slot_seq: the slots' sequences ``(S, P, long)`` (forced token by token); slots_full: whether
             every slot of every key is used (no padding slot to fill in at each step); any_imp: whether
-            a key has an importance-sampled slot; is_slot: ``(S + m, 1)``, True on the slots' rows;
-            version: the buffer's version the memory tables were built from.
+            a key has an importance-sampled slot; is_slot: ``(S + m, 1)``, True on the slots' rows.
         orders: per layout of a step's plate names, the permutations to the first step's layout.
         tables: per prefix length L, the memory's L-prefixes, their validity and the slots' weight
             factors; weights: per L, w (both read by every cost of that length and by the update).
@@ -68,7 +67,6 @@ class SequenceState:
     slots_full: bool = False
     any_imp: bool = False
     is_slot: Optional[torch.Tensor] = None
-    version: int = -1
     orders: dict = field(default_factory=dict)
     tables: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
