@@ -248,3 +248,75 @@ def test_one_hot_tokens_give_the_categorical_estimate(eos):
                 storch.backward()  # fills the buffer
         grads.append(g)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
+def _offer_one_by_one(book: dict, capacity: int, seq: tuple, cost: float, logp: float) -> dict:
+    """The buffer's offer as it was first written: insert, then rank and keep the best ``capacity``."""
+    import math
+
+    book[seq] = [cost, logp]
+    if len(book) > capacity:
+        ranked = sorted(book.items(), key=lambda kv: -math.inf if kv[1][0] is None else kv[1][0])
+        book = dict(ranked[:capacity])
+    return book
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 4])
+def test_buffer_shortcut_keeps_the_buffer_of_one_offer_at_a_time(capacity):
+    """offer_many turns away a new sequence no better than the last of a full book in rank order
+    without ranking; the book (its sequences, values and order) is the one the plain insert-and-rank
+    gives, with ties, overwritten costs, seeds not yet evaluated and NaN costs."""
+    import math
+    import random
+
+    from storch_score._sequences import SequenceBuffer
+
+    rng = random.Random(capacity)
+    buf = SequenceBuffer(capacity)
+    ref: dict = {}
+    buf.seed(0, [(0, 0)])
+    ref[(0, 0)] = [None, None]
+    for _ in range(60):
+        items = [(tuple(rng.randrange(3) for _ in range(2)),
+                  math.nan if rng.random() < 0.03 else float(rng.randrange(6)), rng.random()) for _ in range(8)]
+        buf.offer_many(0, items)
+        for item in items:
+            ref = _offer_one_by_one(ref, capacity, *item)
+        got = list(buf.entries[0].items())
+        want = list(ref.items())
+        assert [s for s, _ in got] == [s for s, _ in want]
+        assert all(str(a) == str(b) for (_, a), (_, b) in zip(got, want))  # (NaN == NaN as text)
+    assert buf.rejected > 0  # the shortcut was taken
+
+
+def test_sequence_steps_take_the_fast_paths(monkeypatch):
+    """In the first step's layout, with every slot used and no end token: no permutation, no padding
+    slot, the OneHotCategorical's own Categorical; the prefix tables and w built once per graph and
+    prefix length, however many read them (the surrogate, the baseline, the buffer update)."""
+    from storch_score import _sequences
+
+    built = []
+    for name in ("_prefix_tables", "_weights"):
+        def counted(*args, _f=getattr(_sequences, name), _name=name):
+            built.append((_name, args[2] if _name == "_weights" else args[1]))  # (what, length)
+            return _f(*args)
+        monkeypatch.setattr(_sequences, name, counted)
+    torch.manual_seed(22)
+    est = storch.estimator("sum_and_sample", plate="seq", buffer=1, n_enumerate=1, n_samples=3,
+                           baseline="leave_one_out")
+    keys = torch.arange(4)
+    for _ in range(2):  # the second graph has a buffered sequence for every key
+        built.clear()
+        with storch.Graph() as graph:
+            th = storch.denote_independent(THETA.clone().requires_grad_(True).expand(4, 21), 0, "data")
+            _one_hot_model(th, est, memory_key=keys)
+            c = graph.nodes[0].state
+            storch.backward()
+    assert c.n_slots == 1 and c.slots_full and not c.any_imp
+    assert list(c.orders.values()) == [([0, 1], None)]  # one layout, the first step's: nothing permuted
+    # length 1: the w storch builds at the first call; length 3: the cost's (w read by the surrogate and the
+    # baseline, the tables by both and by the buffer update), built once
+    assert sorted(built) == [("_prefix_tables", 1), ("_prefix_tables", 3), ("_weights", 1), ("_weights", 3)]
+    d = OneHotCategorical(logits=torch.zeros(2, 3))
+    assert _sequences._tokens_of(d)[0] is d._categorical
+

@@ -58,13 +58,19 @@ class GRUDecoder(nn.Module):
         return F.binary_cross_entropy_with_logits(self.readout(h), x, reduction="none").sum(-1)
 
 
-def storch_surrogate(model: GRUDecoder, est, images: torch.Tensor) -> list[storch.PlateTensor]:
-    """One step's graph in the current ``storch.Graph``; ``images`` ``(B, n_in)``; returns the tokens."""
+def storch_surrogate(model: GRUDecoder, est, images: torch.Tensor,
+                     ids: Optional[torch.Tensor] = None) -> list[storch.PlateTensor]:
+    """One step's graph in the current ``storch.Graph``; ``images`` ``(B, n_in)``; returns the tokens.
+
+    ``ids``: the images' ids ``(B,)``, given to the first token's call as ``memory_key`` (an estimator
+    that remembers sequences per data point, e.g. ``sum_and_sample`` with ``buffer=``, needs them).
+    """
     x = storch.denote_independent(images, 0, "data")
     h = model.initial_state(x)
     tokens = []
-    for _ in range(model.steps):
-        token = est(OneHotCategorical(logits=model.out(h)))  # the same estimator: one partition
+    for t in range(model.steps):
+        key = {"memory_key": ids} if ids is not None and t == 0 else {}
+        token = est(OneHotCategorical(logits=model.out(h)), **key)  # the same estimator: one partition
         tokens.append(token)
         h = model.step(token, h)
     storch.add_cost(model.reconstruction(h, x), name="reconstruction")

@@ -10,7 +10,8 @@ batch sizes 1 and 100 and n = 1, 8, 64, on two problems:
   encoder, ConvTranspose2d decoder, 16 Bernoulli latents) on load_digits as 1x8x8 images;
 - ``rnn``: one training step of the autoregressive GRU decoder (:mod:`storch_bench.gru_decoder`:
   8 steps of 8-way tokens, one estimator instance over the steps = one partition); only
-  estimators that support partitions run it.
+  estimators that support partitions run it (sum_and_sample with a memory buffer of one sequence
+  per image: ``PARTITION_OPTIONS``).
 - ``ipd``: policy gradients over episodes of the iterated prisoner's dilemma (REINFORCE updates
   and the surrogate alone at T = 50, 150, 500 steps, one LOLA-DiCE iteration; score and loo
   only; see :mod:`storch_bench.overhead_ipd`).
@@ -303,7 +304,8 @@ def rnn_pair(config: str, est, batch: int, n: int, device: torch.device = _CPU):
     model_t = copy.deepcopy(model_s)
     opt_s = torch.optim.Adam(model_s.parameters(), lr=1e-3)
     opt_t = torch.optim.Adam(model_t.parameters(), lr=1e-3)
-    step = _step(model_s, opt_s, lambda: gru_decoder.storch_surrogate(model_s, est, x))
+    ids = memory_key(est, batch, device)
+    step = _step(model_s, opt_s, lambda: gru_decoder.storch_surrogate(model_s, est, x, ids))
 
     def with_storch():
         step()
@@ -320,9 +322,20 @@ def rnn_pair(config: str, est, batch: int, n: int, device: torch.device = _CPU):
     return with_storch, by_hand, lambda: model_t.load_state_dict(model_s.state_dict())
 
 
+def memory_key(est, batch: int, device: torch.device = _CPU) -> Optional[torch.Tensor]:
+    """The data points' ids for the first token's ``memory_key=`` where the estimator keeps a memory per
+    data point (sum_and_sample with ``buffer=``): the batch is fixed, so its positions; else ``None``."""
+    return torch.arange(batch, device=device) if getattr(est, "buffer", None) is not None else None
+
+
 PROBLEMS = {"toy": toy_pair, "vae": vae_pair, "cnn": cnn_pair, "rnn": rnn_pair}
 PARTITION_PROBLEMS = ("rnn",)  # one estimator instance called at every step
-PARTITION_CONFIGS = ("score", "loo", "unordered_set")  # over sequences (sum_and_sample there needs buffer=)
+PARTITION_CONFIGS = ("score", "loo", "unordered_set", "sum_and_sample")
+# options added on partitions: over sequences sum_and_sample is MAPO's, with a memory buffer. buffer=1 with
+# n_enumerate=1 sums the best sequence found so far for the data point exactly and samples n_samples = n - 1
+# sequences outside it (leave-one-out baseline, which needs n_enumerate >= buffer): n cost evaluations per
+# data point and step, as score@n (from the second step on; the first has an empty buffer, warm-up)
+PARTITION_OPTIONS = {"sum_and_sample": {"buffer": 1}}
 
 
 # wall: elapsed time (the default); cpu: this thread's CPU time, which leaves out the time the
@@ -378,6 +391,8 @@ def measure(problem: str, config: str, batch: int, n: int, threads: int = 1, min
     if n < n_min:
         row.note = f"needs n >= {n_min}"
         return row
+    if problem in PARTITION_PROBLEMS:
+        options = {**options, **PARTITION_OPTIONS.get(config, {})}
     try:
         n_est = n - 1 if config == "sum_and_sample" else n  # + the one summed value: n evaluations
         est = storch.estimator(name, plate="z", n_samples=n_est, **options).to(dev)

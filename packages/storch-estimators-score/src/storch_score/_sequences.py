@@ -53,6 +53,7 @@ class SequenceBuffer:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.entries: dict[int, dict[tuple, list]] = {}
+        self.rejected = 0  # offers turned away without ranking the book (offer_many's shortcut; for tests)
 
     def seed(self, key: int, seqs: list[tuple]) -> None:
         book = self.entries.setdefault(key, {})
@@ -63,12 +64,25 @@ class SequenceBuffer:
         return [(s, c, lp) for s, (c, lp) in self.entries.get(key, {}).items()]
 
     def offer(self, key: int, seq: tuple, cost: float, logp: float) -> None:
+        self.offer_many(key, [(seq, cost, logp)])
+
+    def offer_many(self, key: int, items: list) -> None:
+        """:meth:`offer` each ``(seq, cost, logp)`` of ``items`` in turn (the same buffer as one call each)."""
         book = self.entries.setdefault(key, {})
-        book[seq] = [cost, logp]
-        if len(book) > self.capacity:
-            # keep the lowest costs; seeds not yet evaluated (cost None) stay first
-            ranked = sorted(book.items(), key=lambda kv: -math.inf if kv[1][0] is None else kv[1][0])
-            self.entries[key] = dict(ranked[:self.capacity])
+        capacity = self.capacity
+        bar = _bar(book, capacity)
+        for seq, cost, logp in items:
+            if cost >= bar and seq not in book:
+                # a new sequence no better than the last of a full book already in rank order: the
+                # ranking below would keep the book as it is (the sort is stable, the newcomer is last)
+                self.rejected += 1
+                continue
+            book[seq] = [cost, logp]
+            if len(book) > capacity:
+                # keep the lowest costs; seeds not yet evaluated (cost None) stay first
+                ranked = sorted(book.items(), key=lambda kv: -math.inf if kv[1][0] is None else kv[1][0])
+                book = self.entries[key] = dict(ranked[:capacity])
+            bar = _bar(book, capacity)
 
     def state(self) -> dict:
         return {"capacity": self.capacity, "entries": {k: dict(v) for k, v in self.entries.items()}}
@@ -76,6 +90,22 @@ class SequenceBuffer:
     def load(self, state: dict) -> None:
         self.capacity = state["capacity"]
         self.entries = {int(k): {tuple(s): list(v) for s, v in book.items()} for k, book in state["entries"].items()}
+
+
+def _bar(book: dict, capacity: int) -> float:
+    """The rank (cost; -inf for a seed not yet evaluated) of the last sequence of a full book in rank
+    order (as the ranking in :meth:`SequenceBuffer.offer_many` leaves it): a new sequence of no lower
+    cost is turned away. Else NaN (no cost is >= NaN: every offer is taken in). O(len(book)), a few
+    comparisons for the usual small buffers."""
+    if len(book) != capacity:
+        return math.nan
+    last = -math.inf
+    for cost, _ in book.values():
+        rank = -math.inf if cost is None else cost
+        if not rank >= last:  # (a NaN cost: not ranked either)
+            return math.nan
+        last = rank
+    return last
 
 
 def _trim(tokens: list, eos) -> tuple:
@@ -88,7 +118,11 @@ def _trim(tokens: list, eos) -> tuple:
 def _tokens_of(d):
     """``(distribution over token ids, one_hot size or None)``: a OneHotCategorical's tokens are
     handled as the ids of its Categorical and given back one-hot."""
-    if isinstance(d, OneHotCategorical):
+    if type(d) is OneHotCategorical:
+        # its own Categorical (normalised logits, probs if already computed): a new one would
+        # normalise the logits again and compute the softmax again, every token
+        return d._categorical, d.event_shape[-1]
+    if isinstance(d, OneHotCategorical):  # a subclass: through its public logits
         return Categorical(logits=d.logits, validate_args=False), d.event_shape[-1]
     return d, None
 
@@ -141,28 +175,31 @@ def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
     pad = 0 if eos is None else eos
     long = max((len(s) for b in books for s, _, _ in b), default=1)
     width = max((len(b) for b in books), default=0)
-    # all memory sequences (for membership) and the slots: (K, P, long) tokens, lengths, validity
-    mem = torch.full((width, n_par, long), pad, dtype=torch.long)
-    mem_len = torch.zeros(width, n_par, dtype=torch.long)
-    mem_ok = torch.zeros(width, n_par, dtype=torch.bool)
-    slot = torch.zeros(n_slots, n_par, dtype=torch.long)  # index into mem
-    slot_ok = torch.zeros(n_slots, n_par, dtype=torch.bool)
-    imp = torch.zeros(n_slots, n_par, dtype=torch.bool)  # the importance-sampled slot
+    # all memory sequences (for membership) and the slots: (K, P, long) tokens, lengths, validity; built
+    # as flat Python lists and made tensors once (a tensor write per key and sequence cost ~1 ms at 100
+    # keys; nested lists convert ~5x slower than flat ones). Entry (i, p) at i * n_par + p.
+    mem = [pad] * (width * n_par * long)
+    mem_len = [0] * (width * n_par)
+    mem_ok = [False] * (width * n_par)
+    slot = [0] * (n_slots * n_par)  # index into mem
+    slot_ok = [False] * (n_slots * n_par)
+    imp = [False] * (n_slots * n_par)  # the importance-sampled slot
     q_all = torch.zeros(width, n_par, dtype=torch.float64)  # its proposal over the rest (0 elsewhere)
     gen = None
     for p, book in enumerate(books):
-        # the most probable first (last known log-probability; never evaluated: last)
-        book = sorted(book, key=lambda e: -(e[2] if e[2] is not None else -math.inf))
+        if len(book) > 1:  # the most probable first (last known log-probability; never evaluated: last)
+            book = sorted(book, key=lambda e: -(e[2] if e[2] is not None else -math.inf))
         for i, (s, _, _) in enumerate(book):
-            mem[i, p, :len(s)] = torch.tensor(s, dtype=torch.long)
-            mem_len[i, p], mem_ok[i, p] = len(s), True
+            at = i * n_par + p
+            mem[at * long:at * long + len(s)] = s
+            mem_len[at], mem_ok[at] = len(s), True
         if len(book) <= n_slots:
-            slot[:len(book), p] = torch.arange(len(book))
-            slot_ok[:len(book), p] = True
+            for i in range(len(book)):
+                slot[i * n_par + p], slot_ok[i * n_par + p] = i, True
             continue
         exact = n_slots - 1
-        slot[:exact, p] = torch.arange(exact)
-        slot_ok[:n_slots, p] = True
+        for i in range(n_slots):
+            slot[i * n_par + p], slot_ok[i * n_par + p] = i, True
         rest = book[exact:]
         lp = torch.tensor([e[2] if e[2] is not None else -math.inf for e in rest], dtype=torch.float64)
         known = torch.isfinite(lp)
@@ -171,16 +208,25 @@ def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
             q = 0.5 * q + 0.5 * torch.softmax(lp.masked_fill(~known, -math.inf), 0)
         q_all[exact:len(book), p] = q
         pick = int(torch.multinomial(q, 1, generator=gen))
-        slot[exact, p] = exact + pick
-        imp[exact, p] = True
+        slot[exact * n_par + p] = exact + pick
+        imp[exact * n_par + p] = True
     m = est.n_samples
     drawn = d.sample((m,))  # (m, *parents)
     dev = drawn.device
-    mem, mem_len, mem_ok, slot, slot_ok, imp = (t.to(dev) for t in (mem, mem_len, mem_ok, slot, slot_ok, imp))
+    mem = torch.tensor(mem, dtype=torch.long, device=dev).reshape(width, n_par, long)
+    mem_len = torch.tensor(mem_len, dtype=torch.long, device=dev).reshape(width, n_par)
+    mem_ok = torch.tensor(mem_ok, dtype=torch.bool, device=dev).reshape(width, n_par)
+    slot = torch.tensor(slot, dtype=torch.long, device=dev).reshape(n_slots, n_par)
+    slots_full, slot_ok = all(slot_ok), torch.tensor(slot_ok, dtype=torch.bool, device=dev).reshape(n_slots, n_par)
+    any_imp, imp = any(imp), torch.tensor(imp, dtype=torch.bool, device=dev).reshape(n_slots, n_par)
     q_all = q_all.to(dev, d.logits.dtype)  # Categorical and Bernoulli have logits
-    c = node.state  # a fresh MemoryState: tokens, slot_cum, smp_cum and costs start empty
+    c = node.state  # a fresh MemoryState: tokens, lps, slot_cum and costs start empty
     c.n_slots, c.m, c.keys = n_slots, m, keys
     c.mem, c.mem_len, c.mem_ok, c.slot, c.slot_ok, c.imp, c.q = mem, mem_len, mem_ok, slot, slot_ok, imp, q_all
+    c.slot_seq = mem.gather(0, slot.unsqueeze(-1).expand(-1, -1, long))  # (S, P, long): forced token by token
+    c.slots_full = slots_full  # every key fills every slot (known from the lists: no host sync)
+    c.is_slot = torch.arange(n_slots + m, device=dev).lt(n_slots).unsqueeze(-1)  # (N, 1): the slots' rows
+    c.any_imp = any_imp
     c.parents, c.names = parents, tuple(p.name for p in node.parents)
     value, c.l0 = _advance(est, node, d, drawn, parents)
     return _one_hot(value, one_hot, d.logits)
@@ -188,7 +234,7 @@ def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
 
 def _forced(c: "MemoryState", t: int, eos) -> torch.Tensor:
     """Tokens of the slots at step t, ``(S, P)``."""
-    seqs = c.mem.gather(0, c.slot.unsqueeze(-1).expand(-1, -1, c.mem.shape[-1]))  # (S, P, long)
+    seqs = c.slot_seq  # (S, P, long), gathered once at the first step
     if t < seqs.shape[-1]:
         return seqs[:, :, t]
     return torch.full(seqs.shape[:2], 0 if eos is None else eos, dtype=torch.long, device=seqs.device)
@@ -203,25 +249,23 @@ def _advance(est, node: Node, d, drawn: torch.Tensor, shape: tuple) -> tuple[tor
     dtype = drawn.dtype
     forced = _forced(c, t, est.eos).to(dtype)  # (S, P)
     drawn = drawn.reshape(c.m, n_par)
-    # an unused slot (a key with fewer buffered sequences than slots) follows the first sample (weight 0):
-    # the user's cost never sees a padding sequence the model cannot produce
-    forced = torch.where(c.slot_ok, forced, drawn[:1].expand_as(forced))
+    if not c.slots_full:
+        # an unused slot (a key with fewer buffered sequences than slots) follows the first sample (weight 0):
+        # the user's cost never sees a padding sequence the model cannot produce
+        forced = torch.where(c.slot_ok, forced, drawn[:1].expand_as(forced))
     tok = torch.cat([forced, drawn], 0)  # (N, P)
+    finished = None  # no sequence has ended (no end token, or the first step)
     if t and est.eos is not None:
         finished = (torch.stack(c.tokens, -1) == est.eos).any(-1)  # (N, P): ended at an earlier step
         tok = torch.where(finished, torch.full_like(tok, est.eos), tok)
-    else:
-        finished = torch.zeros(tok.shape, dtype=torch.bool, device=tok.device)
     value = tok.reshape((tok.shape[0],) + shape)
     lp = d.log_prob(value).reshape(tok.shape)  # with gradient
-    lp = torch.where(finished, torch.zeros_like(lp), lp)  # a finished sequence stops contributing
+    if finished is not None:
+        lp = torch.where(finished, torch.zeros_like(lp), lp)  # a finished sequence stops contributing
     s = c.n_slots
     c.tokens.append(tok.long())
-    prev = c.slot_cum[-1] if c.slot_cum else torch.zeros_like(lp[:s])
-    c.slot_cum.append(prev + lp[:s])  # log p of the slots' prefixes, with gradient
-    prev = c.smp_cum[-1] if c.smp_cum else torch.zeros_like(lp[s:]).detach()
-    c.smp_cum.append(prev + lp[s:].detach())
-    l_step = torch.cat([torch.zeros_like(lp[:s]), lp[s:]], 0)  # l: 0 on slots, log p on samples
+    c.lps.append(lp)  # summed over the steps only where read (_slot_logp, update): not per token
+    l_step = torch.where(c.is_slot, 0.0, lp) if s else lp  # l: 0 on slots, log p on samples
     return value, l_step.reshape(value.shape)
 
 
@@ -230,17 +274,20 @@ def step(est, node: Node, d, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]
     batch dims lead with them). Returns the raw sample and its l in that layout."""
     c = node.state
     others = plates[1:]
-    if tuple(sorted(p.name for p in others)) != tuple(sorted(c.names)):
+    names = tuple(p.name for p in others)
+    if names not in c.orders and tuple(sorted(names)) != tuple(sorted(c.names)):  # (a layout seen passed)
         raise PlateError(
             f"{est.name} with buffer= (sequences) keeps one memory per entry of the first step's plates "
-            f"{list(c.names)}, but step {len(c.tokens)} depends on {[p.name for p in others]}; make the first "
+            f"{list(c.names)}, but step {len(c.tokens)} depends on {list(names)}; make the first "
             "step depend on every plate the later steps depend on (e.g. start the decoder from the data)")
+    order, back = _orders(c, names)
     d, one_hot = _tokens_of(d)
     drawn_full = d.sample()  # (N, *others)
+    if back is None:  # the first step's layout (the usual case): nothing to permute
+        value, l_step = _advance(est, node, d, drawn_full[c.n_slots:], c.parents)
+        return _one_hot(value, one_hot, d.logits), l_step
     # to the node's layout: (N, *parents in the first step's order), and back
-    order, back = _orders(c, [p.name for p in others])
     drawn = drawn_full.permute(order)[c.n_slots:]
-
     value, l_step = _advance(est, node, _Permuted(d, order, back), drawn, c.parents)
     return _one_hot(value.permute(back), one_hot, d.logits), l_step.permute(back)
 
@@ -258,17 +305,22 @@ class _Permuted:
         return self.d.log_prob(v.permute(self.back)).permute(self.order)
 
 
-def _orders(c: "MemoryState", names: list) -> tuple[list, list]:
-    """Permutations (N, *names) -> (N, *first-step names) and back."""
-    order = [0] + [1 + names.index(n) for n in c.names]
-    back = [order.index(i) for i in range(len(order))]
-    return order, back
+def _orders(c: "MemoryState", names: tuple) -> tuple[list, Optional[list]]:
+    """Permutations (N, *names) -> (N, *first-step names) and back; ``back`` is ``None`` where ``names``
+    are in the first step's order (nothing to permute). Worked out once per graph and layout: every
+    token's step and every cost's weights ask."""
+    orders = c.orders.get(names)
+    if orders is None:
+        order = [0] + [1 + names.index(n) for n in c.names]
+        back = [order.index(i) for i in range(len(order))]
+        orders = c.orders[names] = (order, None if order == sorted(order) else back)
+    return orders
 
 
 def to_layout(t: torch.Tensor, node: Node) -> torch.Tensor:
     """``t`` with leading dims (N, *first-step parents) in the layout of ``node.plates``."""
-    _, back = _orders(node.state, [p.name for p in node.parents])
-    return t.permute(back + list(range(len(back), t.dim())))
+    _, back = _orders(node.state, tuple(p.name for p in node.parents))
+    return t if back is None else t.permute(back + list(range(len(back), t.dim())))
 
 
 def _prefix_tables(c: "MemoryState", length: int, eos) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,23 +336,51 @@ def _prefix_tables(c: "MemoryState", length: int, eos) -> tuple[torch.Tensor, to
     return pre, ok
 
 
+def _tables(c: "MemoryState", length: int, eos) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`_prefix_tables` and :func:`_slot_factors` (``None`` without slots) for L = ``length``,
+    computed once per graph and length: the weights, the baseline and the buffer update all read them."""
+    tables = c.tables.get(length)
+    if tables is None:
+        pre, ok = _prefix_tables(c, length, eos)
+        tables = c.tables[length] = (pre, ok, _slot_factors(c, pre, ok, length) if c.n_slots else None)
+    return tables
+
+
 def weights(est, node: Node, length: Optional[int] = None) -> torch.Tensor:
     """w for costs that depend on the first ``length`` steps (default: every step so far)."""
     c = node.state
     if length is None:
         length = _length(node)
-    eos = est.eos
+    # the same tokens and prefix probabilities for every reader of this length (the partition and
+    # its views, the baseline): one w per graph, length and grad mode
+    key = (length, torch.is_grad_enabled())
+    w = c.weights.get(key)
+    if w is None:
+        w = c.weights[key] = _weights(est, c, length, node)
+    return w
+
+
+def _weights(est, c: "MemoryState", length: int, node: Node) -> torch.Tensor:
     s, m = c.n_slots, c.m
     seq = torch.stack(c.tokens[:length], -1)  # (N, P, L)
-    pre, ok = _prefix_tables(c, length, eos)  # (K, P, L), (K, P)
+    pre, ok, factor = _tables(c, length, est.eos)  # (K, P, L), (K, P), (S, P) detached
     # samples: rejected if their prefix is a memory prefix
     same = (seq[s:].unsqueeze(1) == pre.unsqueeze(0)).all(-1) & ok.unsqueeze(0)  # (m, K, P)
-    w_smp = (~same.any(1)).to(c.smp_cum[0].dtype) / m
+    w_smp = (~same.any(1)).to(c.lps[0].dtype) / m
     if not s:
         return to_layout(w_smp.reshape((m,) + c.parents), node)
-    factor = _slot_factors(c, pre, ok, length)  # (S, P), detached
-    w_slot = c.slot_cum[length - 1].exp() * factor
+    w_slot = _slot_logp(c, length).exp() * factor
     return to_layout(torch.cat([w_slot, w_smp.to(w_slot.dtype)], 0).reshape((s + m,) + c.parents), node)
+
+
+def _slot_logp(c: "MemoryState", length: int) -> torch.Tensor:
+    """log p of the slots' ``length``-prefixes ``(S, P)``, with gradient: from one cumulative sum over
+    the steps so far (per grad mode), made again only when a longer prefix is asked for."""
+    grad = torch.is_grad_enabled()
+    cum = c.slot_cum.get(grad)
+    if cum is None or cum.shape[0] < length:
+        cum = c.slot_cum[grad] = torch.stack(c.lps).narrow(1, 0, c.n_slots).cumsum(0)  # (T, S, P)
+    return cum[length - 1]
 
 
 def _slot_factors(c: "MemoryState", pre: torch.Tensor, ok: torch.Tensor, length: int) -> torch.Tensor:
@@ -315,7 +395,7 @@ def _slot_factors(c: "MemoryState", pre: torch.Tensor, ok: torch.Tensor, length:
     earlier = torch.ones(s, s, dtype=torch.bool, device=slot.device).tril(-1).unsqueeze(-1)
     first = ~(same & earlier & exact.unsqueeze(0)).any(1)
     factor = (exact & first).to(c.q.dtype)
-    if imp.any():
+    if c.any_imp:  # (known at the first step: no host sync here)
         covered = (same & exact.unsqueeze(0)).any(1)  # (S, P): the slot's prefix is an exact slot's
         # Q_L(u) = q-mass of the rest's sequences with the importance slot's prefix u
         hit = (pre.unsqueeze(0) == sp.unsqueeze(1)).all(-1) & ok.unsqueeze(0)  # (S, K, P)
@@ -371,9 +451,8 @@ def control_variate(est, node: Node, frame) -> Optional[torch.Tensor]:
     b = torch.where(den > 0, num / den.clamp_min(1.0), torch.zeros_like(num))
     # log p(∉ M_L): every memory sequence is a slot here (the baseline needs buffer <= n_enumerate)
     if s:
-        pre, ok = _prefix_tables(c, length, est.eos)
-        factor = _slot_factors(c, pre, ok, length)
-        lse = torch.logsumexp(c.slot_cum[length - 1].masked_fill(factor == 0, -math.inf), 0)
+        factor = _tables(c, length, est.eos)[2]
+        lse = torch.logsumexp(_slot_logp(c, length).masked_fill(factor == 0, -math.inf), 0)
         empty = lse >= 0.0
         log_rest = torch.where(empty, torch.full_like(lse, -math.inf), log1mexp(torch.where(empty, -torch.ones_like(lse), lse)))
         log_rest = torch.where(torch.isfinite(log_rest), log_rest, torch.zeros_like(log_rest))
@@ -390,7 +469,7 @@ def control_variate(est, node: Node, frame) -> Optional[torch.Tensor]:
         beta_j = (raw.sum(d, keepdim=True) - raw) / (m - 1)  # independent of sample j
         beta_mem = raw.mean(d, keepdim=True)
         a = a + (1.0 - magic_box(frame.align(log_rest, node.plates))) * beta_j
-        lp = to_layout(c.slot_cum[length - 1].reshape((s,) + c.parents), node)
+        lp = to_layout(_slot_logp(c, length).reshape((s,) + c.parents), node)
         lp = frame.align(torch.where(torch.isfinite(lp), lp, torch.zeros_like(lp)), node.plates)
         a_slot = -beta_mem * (1.0 - torch.exp(lp.detach() - lp))  # w·a = -β (p(a) - ⊥p(a))
     return torch.cat([a_slot, a], d)
@@ -409,12 +488,16 @@ def update(est, node: Node) -> None:
     total = sum(t for _, t in latest.values())  # (N, P)
     seq = torch.stack(c.tokens, -1)  # (N, P, T)
     s = c.n_slots
-    lp = torch.cat([c.slot_cum[-1].detach(), c.smp_cum[-1]], 0) if s else c.smp_cum[-1]
-    pre, ok = _prefix_tables(c, seq.shape[-1], est.eos)
+    lp = torch.stack(c.lps).sum(0).detach()  # (N, P): log p of each whole sequence
+    ok = _tables(c, seq.shape[-1], est.eos)[1]
     whole = ok.gather(0, c.slot) & c.slot_ok  # slots that are whole sequences of this length
-    seq_l, tot_l, lp_l, whole_l = seq.tolist(), total.tolist(), lp.tolist(), whole.tolist()
+    # per key (P first): its entries in the order of the plate, slots that are not whole sequences left out;
+    # as flat lists (a nested tolist of the tokens took ~8x as long): entry j of key p at p * n + j
+    n, _, length = seq.shape
+    tokens = seq.transpose(0, 1).reshape(-1).tolist()
+    tots, lps = total.t().reshape(-1).tolist(), lp.t().reshape(-1).tolist()
+    wholes = whole.t().reshape(-1).tolist()
+    eos, offer_many = est.eos, est._buffer.offer_many
     for p, key in enumerate(c.keys):
-        for j in range(seq.shape[0]):
-            if j < s and not whole_l[j][p]:
-                continue
-            est._buffer.offer(key, _trim(seq_l[j][p], est.eos), float(tot_l[j][p]), float(lp_l[j][p]))
+        offer_many(key, [(_trim(tokens[(p * n + j) * length:(p * n + j + 1) * length], eos), float(tots[p * n + j]),
+                          float(lps[p * n + j])) for j in range(n) if j >= s or wholes[p * s + j]])

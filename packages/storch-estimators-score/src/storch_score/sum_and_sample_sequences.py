@@ -33,10 +33,17 @@ class SequenceState:
         imp: the importance-sampled slot, bool ``(S, P)``; ``q`` its proposal over ``mem`` ``(K, P)``.
         parents, names: the first step's parent shape and plate names (the node's layout).
         tokens: the tokens of each step, ``(S + m, P)`` per step.
-        slot_cum, smp_cum: per step, log p of the slots' prefixes (with gradient) and of the samples'
-            (detached).
+        lps: per step, log p of each entry's token ``(S + m, P)``, with gradient (0 after an end token).
+        slot_cum: per grad mode, log p of the slots' prefixes ``(T', S, P)`` of lengths 1..T' (a
+            cumulative sum of ``lps``, made where read).
         costs: the cost per entry ``(S + m, P)`` by (cost name, prefix length), for the buffer update.
         l0: l of the first step (returned by ``gradient_function``).
+        slot_seq: the slots' sequences ``(S, P, long)`` (forced token by token); slots_full: whether
+            every slot of every key is used (no padding slot to fill in at each step); any_imp: whether
+            a key has an importance-sampled slot; is_slot: ``(S + m, 1)``, True on the slots' rows.
+        orders: per layout of a step's plate names, the permutations to the first step's layout.
+        tables: per prefix length L, the memory's L-prefixes, their validity and the slots' weight
+            factors; weights: per L, w (both read by every cost of that length and by the update).
     """
 
     n_slots: int = 0
@@ -52,10 +59,17 @@ class SequenceState:
     parents: tuple = ()
     names: tuple = ()
     tokens: list = field(default_factory=list)
-    slot_cum: list = field(default_factory=list)
-    smp_cum: list = field(default_factory=list)
+    lps: list = field(default_factory=list)
+    slot_cum: dict = field(default_factory=dict)
     costs: dict = field(default_factory=dict)
     l0: Optional[torch.Tensor] = None
+    slot_seq: Optional[torch.Tensor] = None
+    slots_full: bool = False
+    any_imp: bool = False
+    is_slot: Optional[torch.Tensor] = None
+    orders: dict = field(default_factory=dict)
+    tables: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)
 
 
 class SumAndSampleSequences(Estimator):
@@ -166,9 +180,10 @@ class SumAndSampleSequences(Estimator):
     def forward(self, distribution: Distribution, *args: Any, memory_key: Optional[Hashable] = None,
                 **kwargs: Any) -> PlateTensor:
         """Sample the next step of the sequence; ``memory_key`` (first step): the data points' keys."""
-        if memory_key is not None:
-            memory_key = memory_key.tensor if isinstance(memory_key, storch.PlateTensor) else torch.as_tensor(memory_key)
-        self._pending_key = memory_key
+        if memory_key is None:  # (every later token): nothing to hand to proposal, _pending_key stays None
+            return super().forward(distribution, *args, **kwargs)
+        memory_key = memory_key.tensor if isinstance(memory_key, storch.PlateTensor) else torch.as_tensor(memory_key)
+        self._pending_key = memory_key  # (nn.Module.__setattr__: ~3 us, once per graph)
         try:
             return super().forward(distribution, *args, **kwargs)
         finally:
