@@ -290,3 +290,32 @@ def test_one_step_sum_and_sample_has_no_update_and_frees_the_graph():
     assert not _step_keeps_graph(one_step)
     sequences = storch.estimator("sum_and_sample", plate="z", n_samples=3, buffer=2)
     assert sequences.has_update  # the control: the buffer is state, updated on backward
+
+
+def test_backward_frees_the_graph_for_an_update_that_reads_values_only():
+    # sum_and_sample with buffer= updates its buffer of sequences from the step's tokens and costs as
+    # values (update_uses_loss_graph = False): storch.backward() frees the graph in its backward pass,
+    # though storch.compile cannot replay that update (no replays_update). The buffer still updates
+    from torch.distributions import Categorical
+
+    est = storch.estimator("sum_and_sample", plate="seq", n_samples=3, buffer=2, baseline="leave_one_out")
+    assert est.has_update and not est.replays_update and est.update_uses_loss_graph is False
+    logits = torch.tensor([[0.3, -0.2, 0.1], [0.0, 0.5, -0.4]], requires_grad=True)
+    with storch.Graph():
+        x = storch.denote_independent(logits, 0, "data")
+        h = torch.tanh(x)  # on the loss's graph; tanh's backward reads its saved output
+        held = h.tensor
+        tokens = []
+        for t in range(2):
+            y = est(Categorical(logits=h), **({"memory_key": torch.arange(2)} if t == 0 else {}))
+            tokens.append(y)
+            h = h + y.unsqueeze(-1).float()
+        storch.add_cost(h.sum(-1), name="f")
+        storch.backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        held.sum().backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    assert all(len(est._buffer.sequences(key)) > 0 for key in (0, 1))  # the update ran
+    # the default (None: not said) keeps the graph unless the update replays: the control above
+    # (test_backward_frees_the_graph_when_every_update_replays_from_detached_tensors)
+    assert storch.Estimator.update_uses_loss_graph is None

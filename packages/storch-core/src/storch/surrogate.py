@@ -462,8 +462,8 @@ def backward(graph: Optional[Graph] = None) -> torch.Tensor:
     """Backpropagate the first-order surrogate, run estimators' own updates, reset the graph.
 
     Order: the surrogate loss (order 1) is built and backpropagated (its graph kept for the updates,
-    unless each of them replays from detached tensors: ``replays_update`` without
-    ``update_uses_loss_graph``), then ``update_parameters(nodes, loss)`` runs once per estimator with
+    unless each of them reads the step's tensors as values only: ``update_uses_loss_graph = False``,
+    or ``replays_update`` without it set), then ``update_parameters(nodes, loss)`` runs once per estimator with
     ``has_update`` (the only place estimator state changes), then the graph is reset (also after
     an exception).
 
@@ -492,8 +492,9 @@ def backward(graph: Optional[Graph] = None) -> torch.Tensor:
         _check_finite(loss, graph)
         updating = _updating(graph)
         # the graph is kept for update_parameters (which may differentiate the loss again), except
-        # when every update replays from detached tensors (replays_update: a moving average, NVIL, a
-        # schedule) and none says it differentiates the loss. Keeping it for those held all of the
+        # when every update says it reads values only (update_uses_loss_graph False: sum_and_sample's
+        # buffer) or replays from detached tensors (replays_update: a moving average, NVIL, a
+        # schedule) without saying it differentiates the loss. Keeping it for those held all of the
         # backward's saved tensors to the end of the pass (peak memory 1.16-1.24x hand-written)
         loss.backward(retain_graph=any(_needs_loss_graph(n[0].estimator) for n in updating.values()))
         for nodes in updating.values():
@@ -508,9 +509,11 @@ def backward(graph: Optional[Graph] = None) -> torch.Tensor:
 
 def _needs_loss_graph(est: Estimator) -> bool:
     """Whether ``est.update_parameters`` may differentiate the loss, so ``storch.backward()`` keeps
-    its graph: unless the update replays from detached tensors (``replays_update``: ``update_from``
-    of ``update_inputs``) and the estimator does not say it differentiates the loss."""
-    return est.update_uses_loss_graph or not est.replays_update
+    its graph: what the estimator says (``update_uses_loss_graph`` True or False), and where it says
+    nothing (``None``), unless the update replays from detached tensors (``replays_update``:
+    ``update_from`` of ``update_inputs``)."""
+    uses = est.update_uses_loss_graph
+    return (not est.replays_update) if uses is None else bool(uses)
 
 
 def _check_finite(loss: torch.Tensor, graph: Graph) -> None:

@@ -77,8 +77,14 @@ class Estimator(torch.nn.Module):
         requires_rsample / requires_enumerate_support: capability requirements.
         has_update: ``storch.backward()`` runs :meth:`update_parameters` (learned or running parts);
             so does ``surrogate_loss().backward()``, after its backward pass.
-        update_uses_loss_graph: :meth:`update_parameters` differentiates ``loss`` again (a learned
-            control variate): ``surrogate_loss().backward()``, which frees that graph, refuses it.
+        update_uses_loss_graph: whether :meth:`update_parameters` differentiates ``loss`` again.
+            ``True`` (a learned control variate): ``storch.backward()`` keeps the loss's graph for
+            the update, and ``surrogate_loss().backward()``, which frees that graph, refuses it.
+            ``False``: the update reads the step's tensors as values only, so ``storch.backward()``
+            frees the graph in its backward pass (peak memory), whether or not ``storch.compile``
+            can replay the update (e.g. ``sum_and_sample`` with ``buffer=``, whose buffer is Python
+            per data point). ``None`` (the default: not said): the graph is kept, unless the update
+            replays from detached tensors (``replays_update``).
         replays_update: ``storch.compile`` can replay a step with this estimator although it has an
             update: the update needs only detached tensors of the step (:meth:`update_inputs`,
             which the compiled program returns as extra outputs; :meth:`update_from` applies them
@@ -107,7 +113,7 @@ class Estimator(torch.nn.Module):
     requires_rsample: ClassVar[bool] = False
     requires_enumerate_support: ClassVar[bool] = False
     has_update: ClassVar[bool] = False
-    update_uses_loss_graph: ClassVar[bool] = False
+    update_uses_loss_graph: ClassVar[Optional[bool]] = None
     replays_update: ClassVar[bool] = False
     supports_partitions: ClassVar[bool] = False
     causal_credit: ClassVar[bool] = True
@@ -431,8 +437,9 @@ class Estimator(torch.nn.Module):
         Run by ``storch.backward()`` when ``has_update`` is true, once per step, after the
         first-order surrogate ``loss`` has been backpropagated. Its graph is kept alive for this
         call (so ``torch.autograd.grad(loss, ..., create_graph=True)`` works), except when every
-        updating estimator of the step has ``replays_update`` (its update reads detached tensors
-        only) and none sets ``update_uses_loss_graph``: then the backward pass frees it, as
+        updating estimator of the step says it reads the step's tensors as values only
+        (``update_uses_loss_graph = False``, or ``replays_update`` without ``update_uses_loss_graph``
+        set): then the backward pass frees it, as
         ``surrogate_loss().backward()`` always does (which is why that pattern refuses estimators
         with ``update_uses_loss_graph``).
 
