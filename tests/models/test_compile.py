@@ -389,9 +389,8 @@ def test_refuses_steps_that_replay_random_state():
 # is checked by the replayed program at every call.
 
 
-def _unordered_set_step(n_latent: int = 20, batch: int = 3, budget: int = 4096):
-    est = storch.estimator("unordered_set", plate="z", n_samples=4, budget=budget)
-
+def _set_step(est, n_latent: int, batch: int):
+    """A loss over ``n_latent`` Bernoullis per row sampled by ``est`` (a set estimator), and θ."""
     def loss(theta):
         with storch.Graph():
             z = est(Bernoulli(logits=storch.denote_independent(theta, 0, "data")))
@@ -402,15 +401,17 @@ def _unordered_set_step(n_latent: int = 20, batch: int = 3, budget: int = 4096):
     return loss, theta
 
 
-@pytest.mark.parametrize("n_latent", [3, 20])  # 3: Gumbel-top-k over the enumeration; 20: the beam
-def test_unordered_set_replays_its_traced_paths(n_latent, monkeypatch):
-    loss, theta = _unordered_set_step(n_latent)
+def _unordered_set_step(n_latent: int = 20, batch: int = 3, budget: int = 4096):
+    return _set_step(storch.estimator("unordered_set", plate="z", n_samples=4, budget=budget), n_latent, batch)
+
+
+def _assert_replays_traced_paths(loss, theta, monkeypatch):
+    """The replayed program gives what eager storch gives on the paths the trace took (from the same
+    seeds), checks its assumptions at every call, and runs no storch code."""
     compiled = storch.compile(loss, backend=None)
     _grads(compiled, [theta], (theta,), 0)  # traced (and checked against an eager run on the same paths)
-    gm = compiled.graph_module(theta)
-    assert "_assert_async" in gm.code  # "every value possible" is checked at every call
-
-    # the reference: eager storch on the paths the trace took, from the same seeds
+    assert compiled.traces == 1
+    assert "_assert_async" in compiled.graph_module(theta).code  # e.g. "every value possible"
     from storch.graph import tracing_nodes
 
     def on_traced_paths(seed):
@@ -421,6 +422,11 @@ def test_unordered_set_replays_its_traced_paths(n_latent, monkeypatch):
     monkeypatch.setattr(storch.Estimator, "__call__", lambda *a, **k: pytest.fail("storch code ran"))
     for seed in range(1, 4):
         _assert_same(_grads(compiled, [theta], (theta,), seed), want[seed])
+
+
+@pytest.mark.parametrize("n_latent", [3, 20])  # 3: Gumbel-top-k over the enumeration; 20: the beam
+def test_unordered_set_replays_its_traced_paths(n_latent, monkeypatch):
+    _assert_replays_traced_paths(*_unordered_set_step(n_latent), monkeypatch)
 
 
 def test_unordered_set_replayed_gradient_is_unbiased():
@@ -487,34 +493,12 @@ _SAS_CASES = {
 
 def _sum_and_sample_step(n_latent: int, options: dict, batch: int = 3):
     est = storch.estimator("sum_and_sample", plate="z", n_samples=4, baseline="leave_one_out", **options)
-
-    def loss(theta):
-        with storch.Graph():
-            z = est(Bernoulli(logits=storch.denote_independent(theta, 0, "data")))
-            storch.add_cost(((z - 0.45) ** 2).sum(-1), name="f")
-            return storch.surrogate_loss()
-
-    theta = torch.linspace(-1.5, 1.5, n_latent).repeat(batch, 1).requires_grad_(True)
-    return loss, theta
+    return _set_step(est, n_latent, batch)
 
 
 @pytest.mark.parametrize("case", list(_SAS_CASES))
 def test_sum_and_sample_replays_its_traced_paths(case, monkeypatch):
-    loss, theta = _sum_and_sample_step(*_SAS_CASES[case])
-    compiled = storch.compile(loss, backend=None)
-    _grads(compiled, [theta], (theta,), 0)  # traced (and checked against an eager run on the same paths)
-    assert compiled.traces == 1
-    assert "_assert_async" in compiled.graph_module(theta).code  # the assumption is checked at every call
-    from storch.graph import tracing_nodes
-
-    def on_traced_paths(seed):
-        with tracing_nodes([]):
-            return _grads(loss, [theta], (theta,), seed)
-
-    want = {seed: on_traced_paths(seed) for seed in range(1, 4)}
-    monkeypatch.setattr(storch.Estimator, "__call__", lambda *a, **k: pytest.fail("storch code ran"))
-    for seed in range(1, 4):
-        _assert_same(_grads(compiled, [theta], (theta,), seed), want[seed])
+    _assert_replays_traced_paths(*_sum_and_sample_step(*_SAS_CASES[case]), monkeypatch)
 
 
 @pytest.mark.parametrize("case", ["beyond budget, k'=1", "beyond budget, k'=2", "enumerated, k'=2"])
