@@ -19,7 +19,9 @@ what that path assumes at every call (``storch.extending.assume``: an error that
 step eagerly, never a silently wrong sample). So ``unordered_set`` on one node compiles: it samples
 by stochastic beam search and computes its set probabilities in log space, and from the same seed
 draws other samples than the eager step (:meth:`CompiledStep.eager` runs the traced paths eagerly).
-On partitions it is refused. The one-step ``sum_and_sample`` compiles the same way: traced, it sums
+Over sequences (a partition) its beam step assumes every child of the beam possible, checked at
+every call; with ``eos=`` (finished sequences make impossible children) it is refused. The one-step
+``sum_and_sample`` compiles the same way: traced, it sums
 as many values and draws as many samples as eager code does when the support is large enough (k'
 possible values in some entry, and a value outside them), always draws the rejection sampler's
 replacement, and assumes that every value of every variable is possible beyond its budget; each

@@ -458,7 +458,9 @@ def beam_step(lp: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, k: int):
         # children laid out (*P, beam, M): the flat (*P, beam·M) candidates are (usually) a view
         cand = phi.movedim(0, -1).unsqueeze(-1) + lp.movedim(0, -1).movedim(0, -2)
         flat_phi = cand.reshape(rest + (beam * n_val,))
-        if cand.is_meta or bool(torch.isfinite(cand).all()):  # every child possible: no masks, no padding
+        # every child possible: no masks, no padding (while storch.compile traces: assumed, and checked
+        # at every replayed call)
+        if cand.is_meta or _traced_finite(cand) or bool(torch.isfinite(cand).all()):
             cand_g = _truncated(cand + _gumbel_like(cand), g.movedim(0, -1))
             flat_g = cand_g.reshape(rest + (beam * n_val,))
             top = flat_g.topk(min(k, beam * n_val), dim=-1)  # sorted: the order of the sample

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch.distributions import Bernoulli, Distribution
 
-from storch import CostFrame, Estimator, Node, OptionError
+from storch import CostFrame, Estimator, Node, OptionError, StorchError
 from storch.extending import align, is_tracing, options
 
 from ._beam import _gumbel_like, beam_step, order_gumbels, sample_without_replacement, top_possible
@@ -166,6 +166,13 @@ class UnorderedSet(Estimator):
         tensors of earlier steps follow their prefixes. The set of sequences at the last step is a
         sample without replacement from the sequence distribution, and the set probabilities are
         those of whole sequences."""
+        if self.eos is not None and is_tracing():
+            # a finished prefix's children are eos (log p 0) and impossible values (-inf): the beam masks
+            # and pads, by values; the traced beam assumes every child possible
+            raise StorchError(
+                f"storch.compile cannot trace unordered_set with eos= over sequences (plate {self.plate!r}): "
+                "finished sequences make impossible children, which the beam masks by value. Run this step "
+                "eagerly, or trace it without eos= (sequences of a fixed length compile)")
         c = node.state
         prev = (node.plate,) + node.parents
         values, lp = enumerate_values(distribution, len(plates), self.budget, self.name, self.plate)  # (M, *plates)
