@@ -132,18 +132,20 @@ def estimates(problem, make, order, replicates=4000, steps=1):
     learned baselines); the measured step is an evaluation (``surrogate_loss``, which changes nothing).
     """
     model, _, theta = PROBLEMS[problem]
+    return derivative_estimates(model, theta, make, order, replicates, steps)
+
+
+def derivative_estimates(model, theta, make, order, replicates, steps=1):
+    """:func:`estimates` for a model ``model(th, make)`` of parameters ``theta`` (any problem table)."""
     for _ in range(steps - 1):
         with storch.Graph():
             _, th = replicate(theta, replicates)
             model(th, make)
             storch.backward()
-    for _ in range(1):
-        with storch.Graph():
-            leaf, th = replicate(theta, replicates)
-            model(th, make)
-            loss = storch.surrogate_loss(order=order)
-            out = per_replicate_derivatives(loss, leaf, order)
-    return out
+    with storch.Graph():
+        leaf, th = replicate(theta, replicates)
+        model(th, make)
+        return per_replicate_derivatives(storch.surrogate_loss(order=order), leaf, order)
 
 
 def exact(problem, order):

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.distributions import Bernoulli, Categorical
 
 import storch
-from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
+from score_problems import derivative_estimates
+from storch.testing import assert_unbiased
 
 torch.set_default_dtype(torch.float64)
 
@@ -63,17 +64,8 @@ def gradient_variance(problem: str, name: str, options: dict, seed: int = 0) -> 
     model, theta, exact = PROBLEMS[problem]
     torch.manual_seed(seed)
     est = storch.estimator(name, plate="x", **options)
-    steps = 20 if options.get("baseline") == "moving_average" else 1
-    for _ in range(steps - 1):  # training steps: storch.backward() updates the moving average
-        with storch.Graph():
-            _, th = replicate(theta, R)
-            model(th, est)
-            storch.backward()
-    for _ in range(1):
-        with storch.Graph():
-            leaf, th = replicate(theta, R)
-            model(th, est)
-            g, = per_replicate_derivatives(storch.surrogate_loss(1), leaf, 1)
+    steps = 20 if options.get("baseline") == "moving_average" else 1  # training steps update the average
+    g, = derivative_estimates(model, theta, est, 1, R, steps)
     assert_unbiased(g, exact(), f"{name} {options} on {problem}")
     return float(g.var(0).sum())
 
