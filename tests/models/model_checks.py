@@ -99,6 +99,15 @@ def assert_same_grads(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], name
         torch.testing.assert_close(ga, gb, atol=atol, rtol=rtol, msg=lambda m: f"gradient of {label}: {m}")
 
 
+def assert_same_runs(got: Sequence, want: Sequence) -> None:
+    """Two training runs agree step by step (a compiled step's against eager storch's): each step's
+    record (loss, gradients, estimator state: tensors, lists, dicts of tensors, integers) compared as a
+    whole by ``torch.testing.assert_close``, tensors to rtol 1e-5 / atol 1e-6, dict keys and
+    integers exactly."""
+    assert len(got) == len(want)
+    torch.testing.assert_close(list(got), list(want), rtol=1e-5, atol=1e-6)
+
+
 def assert_trains(model: torch.nn.Module, opt: torch.optim.Optimizer, build: Callable, steps: int = 3) -> None:
     """``steps`` training steps, each ``build(graph)`` in a fresh ``storch.Graph`` then
     ``storch.backward()``: a finite value, a finite gradient for every parameter, and every

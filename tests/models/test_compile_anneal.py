@@ -14,6 +14,7 @@ import torch
 from torch.distributions import Bernoulli, Distribution, OneHotCategorical
 
 import storch
+from model_checks import assert_same_runs
 
 NAMES = ["gumbel_softmax", "gumbel_straight_through"]
 
@@ -61,13 +62,9 @@ def _train(step, params, est, x, seeds, after_trace=None):
 
 
 def _assert_same_runs(got, want):
-    assert len(got) == len(want)
-    for (loss, z, grads, tau, t), (loss_e, z_e, grads_e, tau_e, t_e) in zip(got, want):
-        torch.testing.assert_close(loss, loss_e, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(z, z_e, rtol=1e-5, atol=1e-6)
-        for g, e in zip(grads, grads_e):
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
-        assert (tau, t) == (tau_e, t_e)
+    """Losses, samples and gradients as close as in the other compile tests; τ and the step exactly."""
+    assert_same_runs([r[:3] for r in got], [r[:3] for r in want])
+    assert [r[3:] for r in got] == [r[3:] for r in want]
 
 
 @pytest.mark.parametrize("backend", [None, "inductor"])

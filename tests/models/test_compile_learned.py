@@ -17,7 +17,7 @@ import torch
 from torch.distributions import Bernoulli
 
 import storch
-from model_checks import TrainableBaseline
+from model_checks import TrainableBaseline, assert_same_runs
 
 
 pytestmark = pytest.mark.usefixtures("restore_validation")  # conftest
@@ -64,19 +64,6 @@ def _train(step, encoder, est, x, seeds, compiled=None, after_trace=None):
     return out
 
 
-def _assert_same_runs(got, want):
-    assert len(got) == len(want)
-    for (loss, grads, (psi, c, n)), (loss_e, grads_e, (psi_e, c_e, n_e)) in zip(got, want):
-        torch.testing.assert_close(loss, loss_e, rtol=1e-5, atol=1e-6)
-        for g, e in zip(grads, grads_e):
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
-        assert psi.keys() == psi_e.keys() and c.keys() == c_e.keys() and n == n_e
-        for k in psi:
-            torch.testing.assert_close(psi[k], psi_e[k], rtol=1e-5, atol=1e-6)
-        for k in c:
-            torch.testing.assert_close(c[k], c_e[k], rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("backend", [None, "inductor"])
 def test_learned_baseline_steps_equal_eager(backend, monkeypatch, forbid_storch):
     # six training steps (the first eager), compiled and eager from the same seeds: the same losses,
@@ -95,7 +82,7 @@ def test_learned_baseline_steps_equal_eager(backend, monkeypatch, forbid_storch)
     with torch._inductor.config.patch(fallback_random=True):
         got = _train(step, encoder, est, x, range(6), compiled, after_trace)
     monkeypatch.undo()
-    _assert_same_runs(got, want)
+    assert_same_runs(got, want)
     assert compiled.traces == 1
     gm = compiled.graph_module(x)
     assert "storch" not in gm.code

@@ -18,7 +18,7 @@ import torch
 from torch.distributions import Bernoulli, Distribution
 
 import storch
-from model_checks import TrainableBaseline
+from model_checks import TrainableBaseline, assert_same_runs
 
 
 pytestmark = pytest.mark.usefixtures("restore_validation")  # conftest
@@ -63,17 +63,6 @@ def _train(step, encoder, est, x, seeds, after_trace=None):
     return out
 
 
-def _assert_same_runs(got, want):
-    assert len(got) == len(want)
-    for (loss, grads, avg), (loss_e, grads_e, avg_e) in zip(got, want):
-        torch.testing.assert_close(loss, loss_e, rtol=1e-5, atol=1e-6)
-        for g, e in zip(grads, grads_e):
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
-        assert avg.keys() == avg_e.keys()
-        for k in avg:
-            torch.testing.assert_close(avg[k], avg_e[k], rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("backend", [None, "inductor"])
 def test_moving_average_steps_equal_eager(backend, monkeypatch, forbid_storch):
     # six training steps, compiled and eager from the same seeds: the same losses, gradients and
@@ -91,7 +80,7 @@ def test_moving_average_steps_equal_eager(backend, monkeypatch, forbid_storch):
     with torch._inductor.config.patch(fallback_random=True):
         got = _train(compiled, encoder, est, x, range(6), after_trace)
     monkeypatch.undo()
-    _assert_same_runs(got, want)
+    assert_same_runs(got, want)
     # the first step (no average: no baseline) and the later ones (two averages) are two programs
     assert compiled.traces == 2
     gm = compiled.graph_module(x)
@@ -276,7 +265,7 @@ def test_partition_per_step_averages():
 
     want = run(False)
     assert set(want[-1][2]) == {"f", "f@1", "f@2"}
-    _assert_same_runs(run(True), want)
+    assert_same_runs(run(True), want)
 
 
 class _RunningMean(storch.Estimator):
@@ -345,7 +334,7 @@ def test_a_third_party_estimator_opts_in():
 
     want, _ = run(False)
     got, compiled = run(True)
-    _assert_same_runs(got, want)
+    assert_same_runs(got, want)
     assert compiled.traces == 2
 
 
