@@ -237,6 +237,34 @@ def test_refuses_backward_inside():
         step(torch.zeros(3, requires_grad=True))
 
 
+@pytest.mark.parametrize("case", ["saved tensors", "no grad in the trace"])
+def test_refuses_differentiating_inside_the_step(case):
+    # a gradient penalty inside the step: make_fx(pre_dispatch=True) cannot connect autograd's saved
+    # tensors to the program (before: "reads a tensor that requires grad ... Pass it as an argument",
+    # which the user cannot do, or torch's "does not require grad"); the eager step runs as usual
+    torch.manual_seed(0)
+    est = storch.estimator("score", plate="z", n_samples=4, baseline="leave_one_out")
+
+    def step(th):
+        with storch.Graph():
+            t = storch.denote_independent(th, 0, "data")
+            z = est(Bernoulli(logits=t))
+            if case == "saved tensors":
+                storch.add_cost(((z * t.exp() - 0.45) ** 2).sum(-1), name="f")  # exp saves its result
+                loss = storch.surrogate_loss()
+                (g,) = torch.autograd.grad(loss, th, create_graph=True)
+            else:
+                storch.add_cost(((z - 0.45) ** 2).sum(-1), name="f")
+                loss = storch.surrogate_loss()
+                (g,) = torch.autograd.grad((t * z).tensor.sum(), th, create_graph=True)
+            return loss + (g ** 2).sum()
+
+    th = torch.randn(3, 2, requires_grad=True)
+    assert torch.isfinite(torch.autograd.grad(step(th), th)[0]).all()  # eagerly: fine
+    with pytest.raises(storch.StorchError, match="differentiates inside the step"):
+        storch.compile(step, backend=None)(th)
+
+
 def test_refuses_plate_tensor_output_and_estimator_updates():
     theta = torch.zeros(3, requires_grad=True)
     est = storch.estimator("score", plate="z", n_samples=2)

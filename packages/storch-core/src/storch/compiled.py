@@ -47,6 +47,11 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
 - Python values the step reads (options, ``module.training``, Python numbers) are fixed at trace
   time; call :meth:`CompiledStep.clear` after changing them;
 - data-dependent Python control flow (``if tensor.item() > 0``) cannot be traced: the error says so;
+- differentiating inside the step (``torch.autograd.grad`` or ``.backward()`` on what it computed: a
+  gradient penalty, a lookahead step) is refused: the backward pass reads tensors autograd saved in
+  the forward pass, which a ``pre_dispatch`` trace cannot connect to the program (they would be fixed
+  to the first call's values); this is also why learned control variates (relax, rebar, lax, whose
+  update computes ∂/∂φ Σ ĝ² with ``create_graph``) cannot be replayed;
 - on the first call the step also runs eagerly and its trace runs from the same random state; if they
   disagree (the result depends on Python or generator state the trace cannot see: SPSA's coupled
   draws replay the random state, a ``storch.Graph(generator=...)``, Python's ``random``) it is refused.
@@ -269,7 +274,8 @@ class CompiledStep:
                             device=tensors[0].device if tensors else None, requires_grad=True)
         torch.distributions.Distribution.set_default_validate_args(False)
         try:
-            with torch.random.fork_rng(devices=devices), tracing_nodes(nodes, recorder), Graph():
+            with torch.random.fork_rng(devices=devices), tracing_nodes(nodes, recorder), Graph(), \
+                    _no_backward_in_trace(self.fn):
                 gm = make_fx(flat, pre_dispatch=True)(*tensors, probe)
         except StorchError:
             raise
@@ -279,6 +285,8 @@ class CompiledStep:
                     f"storch.compile cannot trace {_name(self.fn)}: some code reads a tensor's value in Python "
                     "(`.item()`, `bool(t)`, `if t > 0:`, a value check), so the program depends on the data. "
                     f"Run this step eagerly, or move that check out of the step. torch said: {e}") from e
+            if "does not require grad and does not have a grad_fn" in str(e):
+                raise StorchError(_backward_message(self.fn) + f" torch said: {e}") from e
             raise
         finally:
             torch.distributions.Distribution.set_default_validate_args(validate)
@@ -592,6 +600,25 @@ def _update_on_backward(probe: torch.Tensor, loss: torch.Tensor, values: tuple, 
             est.update_from(pytree.tree_unflatten(leaves, spec))
 
     update_on_backward(probe, check, run)
+
+
+def _backward_message(fn) -> str:
+    return (f"storch.compile cannot trace {_name(fn)}: it differentiates inside the step (torch.autograd.grad or "
+            ".backward() on something the step computed: a gradient penalty, a lookahead step, a learned control "
+            "variate's update). The trace records the forward program only; the saved tensors that backward pass "
+            "reads would be fixed to the first call's values. Return the loss and differentiate the compiled "
+            "step's result outside it, or run this step eagerly.")
+
+
+def _no_backward_in_trace(fn):
+    """Saved-tensor hooks for the trace: a backward pass run inside the step unpacks tensors that autograd
+    saved in the forward pass, which ``make_fx(pre_dispatch=True)`` cannot connect to the program (they
+    would become constants of the first call, or lose their graph): it is refused where it happens."""
+
+    def unpack(saved):
+        raise StorchError(_backward_message(fn))
+
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack)
 
 
 def _check_constants(gm: torch.fx.GraphModule, fn) -> None:
