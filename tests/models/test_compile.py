@@ -10,6 +10,8 @@ traced program runs as recorded, so the samples are eager's): compile time is CP
 from __future__ import annotations
 
 import math
+import sys
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -143,6 +145,31 @@ def test_replay_without_compiler(step, monkeypatch, forbid_storch):
         value_eager, grads_eager = eager[seed]
         _assert_same((value, grads), (value_eager, grads_eager))
     assert compiled.traces == 1
+    # the fast path: the program's operations go to their C++ entry points, not through
+    # OpOverload.__call__ (one Python frame each) or nn.Module.__call__ (GraphModule's)
+    frames = _python_frames(lambda: compiled(*args))
+    assert torch._ops.OpOverload.__call__.__code__ not in frames
+    assert torch.nn.Module._call_impl.__code__ not in frames
+    # (the control: the GraphModule itself, as recorded, goes through both)
+    inputs = compiled.program_inputs(*args)
+    frames = _python_frames(lambda: compiled.graph_module(*args)(*inputs))
+    assert torch._ops.OpOverload.__call__.__code__ in frames and torch.nn.Module._call_impl.__code__ in frames
+
+
+def _python_frames(fn) -> set:
+    """The code objects of the Python functions ``fn()`` runs."""
+    seen: set = set()
+
+    def probe(frame, event, arg):
+        if event == "call":
+            seen.add(frame.f_code)
+
+    sys.setprofile(probe)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return seen
 
 
 def test_replay_follows_parameter_updates():

@@ -96,6 +96,7 @@ off, as ``torch.compile`` itself does for the whole process on its first compile
 
 from __future__ import annotations
 
+import builtins
 import functools
 import math
 from typing import Any, Callable, Optional, Union
@@ -379,7 +380,7 @@ def _compile_graph(gm: torch.fx.GraphModule, tensors: list, options: dict):
     ``torch.compile(fullgraph=True)`` for any other backend (``"aot_eager"``, a custom one); with
     ``backend=None`` not at all: the traced GraphModule itself runs (its plain torch calls, in Python)."""
     if options.get("backend") is None:
-        return gm
+        return _direct_calls(gm)
     if options.get("backend") == "inductor" and not options.get("dynamic"):
         import torch._inductor as inductor
 
@@ -387,6 +388,30 @@ def _compile_graph(gm: torch.fx.GraphModule, tensors: list, options: dict):
         config.update(options.get("options") or {})
         return inductor.compile(gm, list(tensors), options=config or None)
     return torch.compile(gm, fullgraph=True, **options)
+
+
+def _direct_calls(gm: torch.fx.GraphModule) -> Callable:
+    """The traced program as a plain function (``backend=None``): ``gm``'s generated code, with each
+    ``torch.ops.<ns>.<op>.<overload>(...)`` call made to the overload's C++ entry point
+    (``OpOverload._op``, which ``OpOverload.__call__`` forwards to) and without ``nn.Module.__call__``:
+    the same operations with the same arguments, ~0.4 us less per operation (38 in the VAE step's
+    program, 261 in the GRU decoder's). ``gm`` itself (``CompiledStep.graph_module``) is unchanged."""
+    from torch.fx.node import _get_qualified_name
+
+    code = gm.graph.python_code(root_module="self")
+    src, namespace = code.src, dict(code.globals)
+    aliases = {}
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
+            call = _get_qualified_name(target) + "("
+            if call not in aliases and call in src:
+                name = aliases[call] = f"_storch_op_{len(aliases)}"
+                namespace[name] = target._op
+    for call, name in aliases.items():
+        src = src.replace(call, name + "(")
+    exec(builtins.compile(src, f"<storch.compile replay of {gm.__class__.__name__}>", "exec"), namespace)
+    return functools.partial(namespace["forward"], gm)
 
 
 def _run(program: Callable, tensors, grad: bool):
