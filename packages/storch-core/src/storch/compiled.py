@@ -38,8 +38,9 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   ``storch.backward()``: call ``loss.backward()`` on the result;
 - estimators that update their own state (``has_update``) are refused unless the update can be
   replayed (``replays_update``: score's moving-average and learned (NVIL) baselines,
-  gumbel_softmax's and gumbel_straight_through's temperature schedule; a user's trainable baseline
-  module, learned control variates (relax, rebar) and sum_and_sample's buffer of sequences are refused), see below;
+  gumbel_softmax's and gumbel_straight_through's temperature schedule; learned control variates
+  (relax, rebar, lax) with ``backend=None`` only; a user's trainable baseline module and
+  sum_and_sample's buffer of sequences are refused), see below;
 - tensors the step reads but does not receive as arguments are captured: ``nn.Parameter``s by
   reference (gradients and optimizer updates work as usual); any other captured tensor that
   requires grad is refused (pass it as an argument); other captured tensors are read live (same
@@ -50,8 +51,7 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
 - differentiating inside the step (``torch.autograd.grad`` or ``.backward()`` on what it computed: a
   gradient penalty, a lookahead step) is refused: the backward pass reads tensors autograd saved in
   the forward pass, which a ``pre_dispatch`` trace cannot connect to the program (they would be fixed
-  to the first call's values); this is also why learned control variates (relax, rebar, lax, whose
-  update computes ∂/∂φ Σ ĝ² with ``create_graph``) cannot be replayed;
+  to the first call's values);
 - on the first call the step also runs eagerly and its trace runs from the same random state; if they
   disagree (the result depends on Python or generator state the trace cannot see: SPSA's coupled
   draws replay the random state, a ``storch.Graph(generator=...)``, Python's ``random``) it is refused.
@@ -84,6 +84,14 @@ and ``update_from`` evaluates b_ψ on them and takes its Adam step eagerly (the 
 runs too), then updates the running means c (state tensors); the replayed forward reads ψ live
 (parameters are captured by reference). Its networks are built on first use, which a trace cannot
 record: run one step eagerly first (or load a state_dict), else the trace is refused with that reason.
+Learned control variates (relax, rebar, lax: φ trained on the gradient's variance) differentiate the
+loss again (``update_uses_loss_graph``). With ``backend=None`` the replay runs the program's operations
+in autograd's graph, so the program returns their ``update_inputs`` (the distribution parameters) with
+their graph and the loss, and right after each call ``loss_graph_values`` computes ∂/∂φ Σ ĝ² from them
+(for every call with grad on, also one only evaluated with ``torch.autograd.grad``, whose values are
+then dropped); ``update_from`` takes the Adam step on ``.backward()``. A compiled program is one
+autograd node, so other backends refuse them. Differentiating inside the traced step itself cannot
+work (see above), which is why the second differentiation happens outside the program.
 An estimator without an update is tracked this way only if it has state when first traced (a
 ``score(baseline="moving_average", update=False)`` with loaded averages); one whose first
 average is loaded after that first trace needs :meth:`CompiledStep.clear`.
@@ -199,7 +207,12 @@ class CompiledStep:
             outs = _run(trace.program, [*tensors, *state], grad)
         n = trace.n_out
         if probe is not None:
-            _update_on_backward(probe, outs[n], outs[n + 1:], trace.updates, self.fn)
+            values = outs[n + 1:]
+            computed = None
+            if trace.live_loss:  # an update that differentiates the loss: its values, now (see _Recorder)
+                values, loss = values[:-1], values[-1]
+                computed = _loss_graph_values(values, loss, trace.updates)
+            _update_on_backward(probe, outs[n], values, trace.updates, self.fn, computed)
         return outs[0] if trace.single else pytree.tree_unflatten(list(outs[:n]), trace.spec)
 
     def graph_module(self, *args: Any, **kwargs: Any) -> torch.fx.GraphModule:
@@ -269,7 +282,7 @@ class CompiledStep:
         devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
         validate = torch.distributions.Distribution._validate_args
         nodes: list = []
-        recorder = _Recorder(self.fn)
+        recorder = _Recorder(self.fn, replay_only=self.compile_options.get("backend") is None)
         floats = [t for t in tensors if t.is_floating_point()]
         probe = torch.zeros((), dtype=floats[0].dtype if floats else torch.get_default_dtype(),
                             device=tensors[0].device if tensors else None, requires_grad=True)
@@ -291,7 +304,7 @@ class CompiledStep:
             raise
         finally:
             torch.distributions.Distribution.set_default_validate_args(validate)
-        _check_nodes(nodes, self.fn)
+        _check_nodes(nodes, self.fn, self.compile_options.get("backend") is None)
         _check_constants(gm, self.fn)
         estimators = _stateful(nodes)
         sig, state = _state_of(estimators)
@@ -304,7 +317,7 @@ class CompiledStep:
         _drop_identity_views(gm)
         _fold_batch_views(gm)
         inputs = [*tensors, probe, *state] if used else [*tensors, *state]
-        _check_replay(gm, flat, [*tensors, probe], inputs, devices, self.fn, used)
+        _check_replay(gm, flat, [*tensors, probe], inputs, devices, self.fn, used, recorder.live is not None)
         self.traces += 1
         trace = _Trace()
         trace.gm, trace.spec = gm, out_spec[0]
@@ -313,6 +326,7 @@ class CompiledStep:
         trace.n_out = out_spec[0].num_leaves
         trace.probe = (probe.dtype, probe.device) if used else None
         trace.updates, trace.estimators, trace.sig = recorder.updates, estimators, sig
+        trace.live_loss = recorder.live is not None
         return trace
 
     def __repr__(self) -> str:
@@ -343,7 +357,8 @@ def compile(fn: Optional[Callable] = None, *, backend: Any = "inductor", mode: O
         StorchError: when the step cannot be replayed faithfully (see :mod:`storch.compiled`): it calls
             ``storch.backward()``, returns plate tensors or non-tensors, uses an estimator whose update
             cannot be replayed (a trainable baseline module; a moving average, NVIL's learned baseline
-            and an annealed temperature can),
+            and an annealed temperature can, and learned control variates with ``backend=None``),
+            differentiates inside the step,
             captures a non-parameter tensor that requires grad, or branches on values.
 
     Example:
@@ -448,7 +463,7 @@ def _signature(leaves: list, spec) -> tuple:
 
 
 def _check_replay(gm: torch.fx.GraphModule, flat: Callable, tensors: list, inputs: list, devices: list, fn,
-                  updates: bool) -> None:
+                  updates: bool, loss_graph: bool = False) -> None:
     """Run the step eagerly and its trace from the same random state: they must agree.
 
     The trace records torch operations only. A step whose result also depends on what it does to
@@ -462,8 +477,11 @@ def _check_replay(gm: torch.fx.GraphModule, flat: Callable, tensors: list, input
     try:
         # eagerly, but on the paths the trace took (estimators that pick a path by values take their
         # value-independent one while tracing: storch.extending.is_tracing)
-        recorder = _Recorder(fn, decided=updates)  # the trace's decision: grad is off here
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), tracing_nodes([], recorder), Graph():
+        recorder = _Recorder(fn, decided=updates)  # the trace's decision: grad is off here, unless an
+        # update differentiates the loss (its update_inputs are what the loss is differentiated for, and
+        # an estimator may record them only where they have a graph)
+        grad = torch.enable_grad() if loss_graph else torch.no_grad()
+        with torch.random.fork_rng(devices=devices), grad, tracing_nodes([], recorder), Graph():
             want = flat(*tensors)
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             got = gm(*inputs)
@@ -481,11 +499,20 @@ def _check_replay(gm: torch.fx.GraphModule, flat: Callable, tensors: list, input
                 "or Python-side randomness or counters. Run this step eagerly")
 
 
-def _check_nodes(nodes: list, fn) -> None:
+def _check_nodes(nodes: list, fn, replay_only: bool = False) -> None:
     for node in nodes:
         est = node.estimator
-        if est.has_update and (not est.replays_update or est.update_uses_loss_graph):
+        if est.has_update and not est.replays_update:
             raise StorchError(updating_message(est))
+        if est.has_update and est.update_uses_loss_graph and not replay_only:
+            raise StorchError(_replay_only_message(est))
+
+
+def _replay_only_message(est) -> str:
+    return (f"storch.compile can replay estimator {est.name!r} (plate {est.plate!r}) only without a compiler: its "
+            "update differentiates the loss again (e.g. a control variate trained on the gradient's variance), "
+            "which needs the program's operations in autograd's graph, and a compiled program is one autograd "
+            "node. Use storch.compile(step, backend=None), or run the step eagerly")
 
 
 # -- estimators with state: the update a compiled step replays (Estimator.replays_update) ----------
@@ -499,7 +526,7 @@ class _Trace:
     flattened leaves, ``None`` where a tensor output goes).
     ``estimators``: those whose state the program reads, ``sig`` its structure when traced."""
 
-    __slots__ = ("gm", "program", "spec", "single", "n_out", "probe", "updates", "estimators", "sig")
+    __slots__ = ("gm", "program", "spec", "single", "n_out", "probe", "updates", "estimators", "sig", "live_loss")
 
 
 class _Stateful:
@@ -572,10 +599,11 @@ class _Recorder:
     probe does), and the program returns the loss and the estimators' ``update_inputs`` as extra
     outputs. ``decided``: on the replay check (grad off), whether the trace recorded an update."""
 
-    def __init__(self, fn, decided: Optional[bool] = None) -> None:
-        self.fn, self.decided = fn, decided
+    def __init__(self, fn, decided: Optional[bool] = None, replay_only: bool = True) -> None:
+        self.fn, self.decided, self.replay_only = fn, decided, replay_only
         self.probe: Optional[torch.Tensor] = None
         self.loss: Optional[torch.Tensor] = None
+        self.live: Optional[torch.Tensor] = None  # the loss with its graph, for updates that differentiate it
         self.updates: list = []
         self.values: list = []
 
@@ -588,13 +616,21 @@ class _Recorder:
                 "their state on .backward(); a compiled step builds one: return it, and call .backward() on it")
         for nodes in updating.values():
             est = nodes[0].estimator
-            if not est.replays_update or est.update_uses_loss_graph:
+            live = est.update_uses_loss_graph
+            if not est.replays_update:
                 raise StorchError(updating_message(est))
+            if live and not self.replay_only:
+                raise StorchError(_replay_only_message(est))
             leaves, spec = pytree.tree_flatten(est.update_inputs(nodes))
-            # the tensors are outputs of the program; other leaves (cost names) are fixed by the trace
-            tensors = [v.detach() if v.requires_grad else v for v in leaves if isinstance(v, torch.Tensor)]
+            # the tensors are outputs of the program; other leaves (cost names) are fixed by the trace.
+            # An update that differentiates the loss again (update_uses_loss_graph) keeps their graph:
+            # after each replayed call (backend=None: the program's operations are in autograd's graph)
+            # est.loss_graph_values(loss, inputs) computes what its update_from needs from them
+            tensors = [v if live or not v.requires_grad else v.detach() for v in leaves if isinstance(v, torch.Tensor)]
             self.updates.append((est, spec, [None if isinstance(v, torch.Tensor) else v for v in leaves]))
             self.values.extend(tensors)
+            if live:
+                self.live = loss
         self.loss = loss.detach()
         probe = self.probe
         if probe.dtype != loss.dtype or probe.device != loss.device:
@@ -602,10 +638,31 @@ class _Recorder:
         return loss + probe
 
     def extras(self) -> tuple:
-        return () if self.loss is None else (self.loss, *self.values)
+        if self.loss is None:
+            return ()
+        return (self.loss, *self.values) if self.live is None else (self.loss, *self.values, self.live)
 
 
-def _update_on_backward(probe: torch.Tensor, loss: torch.Tensor, values: tuple, updates: list, fn) -> None:
+def _loss_graph_values(values: tuple, loss: torch.Tensor, updates: list) -> dict:
+    """For each update that differentiates the loss again (``update_uses_loss_graph``), by its position
+    in ``updates``: ``est.loss_graph_values(loss, inputs)`` of this replayed call, computed now, while
+    the call's graph exists (``_NO_UPDATE`` when it has none: grad off, no backward, no update, as
+    eagerly). ``values``: the program's update outputs (the ``update_inputs`` leaves, with their graph)."""
+    out = {}
+    tensors = iter(values)
+    for j, (est, spec, template) in enumerate(updates):
+        leaves = [next(tensors) if v is None else v for v in template]
+        if est.update_uses_loss_graph:
+            out[j] = (est.loss_graph_values(loss, pytree.tree_unflatten(leaves, spec)) if loss.requires_grad
+                      else _NO_UPDATE)
+    return out
+
+
+_NO_UPDATE = object()
+
+
+def _update_on_backward(probe: torch.Tensor, loss: torch.Tensor, values: tuple, updates: list, fn,
+                        computed: Optional[dict] = None) -> None:
     """The eager probe's mechanism (storch.surrogate.update_on_backward) for a replayed call: when
     ``.backward()`` accumulates into ``probe`` (``torch.autograd.grad`` does not), the loss is checked
     and the estimators' ``update_from`` run once, at the end of the pass, from this replay's values."""
@@ -620,8 +677,12 @@ def _update_on_backward(probe: torch.Tensor, loss: torch.Tensor, values: tuple, 
 
     def run():
         tensors = iter(values)
-        for est, spec, template in updates:
+        for j, (est, spec, template) in enumerate(updates):
             leaves = [next(tensors) if v is None else v for v in template]
+            if computed and j in computed:  # loss_graph_values, computed after the call
+                if computed[j] is not _NO_UPDATE:
+                    est.update_from(computed[j])
+                continue
             est.update_from(pytree.tree_unflatten(leaves, spec))
 
     update_on_backward(probe, check, run)

@@ -9,7 +9,7 @@ import torch
 
 import storch.distributed
 from storch import StorchError, magic_box
-from storch.extending import drawing_with
+from storch.extending import drawing_with, is_tracing
 
 __all__ = ["ControlVariateNet", "param_clones", "flat", "evaluate_network", "tilde_term"]
 
@@ -34,6 +34,11 @@ class ControlVariateNet(torch.nn.Module):
     def build(self, x: torch.Tensor) -> None:
         """Create the layers for inputs like ``x`` (``(..., F)``), once."""
         if self.net is None:
+            if is_tracing():  # its parameters' creation would be recorded, and replayed at every call
+                raise StorchError(
+                    "storch.compile: the learned control variate's network is built on first use (its input "
+                    "width is the sample's), which a traced step cannot do. Run one step eagerly first (or load "
+                    "a state_dict that holds the network), then call the compiled step")
             self._build(x.shape[-1], x.dtype, x.device)
             if self.zero_output:  # c_φ = 0 at the start (RELAX's residual: it starts as REBAR)
                 torch.nn.init.zeros_(self.net[2].weight)

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 
 import storch.distributed
-from storch import Estimator, Node, OptionError
+from storch import Estimator, Node, OptionError, StorchError
 from storch.extending import options
 
 from ._network import ControlVariateNet
@@ -49,6 +49,10 @@ class VarianceTrained(Estimator):
     """
 
     has_update = True
+    # storch.compile(step, backend=None) replays the update: update_inputs (the distribution parameters,
+    # with their graph) are outputs of the program, loss_graph_values runs after each call, update_from
+    # on .backward()
+    replays_update = True
     State = RelaxedState
 
     def _init_training(self, lr: float, update: bool) -> None:
@@ -58,6 +62,7 @@ class VarianceTrained(Estimator):
         self.update = update
         # the update differentiates the surrogate again: surrogate_loss().backward() refuses it
         self.update_uses_loss_graph = update
+        self.has_update = update  # update=False: no update at all (storch.backward() frees the graph)
         self.update_steps = 0
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._loaded: Optional[dict] = None
@@ -77,25 +82,44 @@ class VarianceTrained(Estimator):
         return [p for p in self.parameters() if p.requires_grad]
 
     def update_parameters(self, nodes: list[Node], loss: torch.Tensor) -> None:
-        if not self.update:
-            return
+        if self.update:  # (update=False: has_update is False too, and storch does not call this)
+            self.update_from(self.loss_graph_values(loss, self.update_inputs(nodes)))
+
+    # -- the update, in the three steps storch.compile(step, backend=None) replays (replays_update) ---
+
+    def update_inputs(self, nodes: list[Node]) -> list[torch.Tensor]:
+        """The distribution parameters of this step's nodes, with their graph: ĝ = ∂loss/∂(these)."""
+        return [t for node in nodes for t in node.state.params]
+
+    def loss_graph_values(self, loss: torch.Tensor, targets: list[torch.Tensor]) -> tuple:
+        """∂/∂φ Σ ĝ² (detached, one tensor per parameter of ``_trainable()``), or ``()`` when there is
+        nothing to train. ĝ = ∂loss/∂targets is kept differentiable in φ (``create_graph``); both
+        gradients retain the loss's graph (the step's backward, and other estimators, still need it)."""
         params = self._trainable()
-        targets = [t for node in nodes for t in node.state.params]
         if not params or not targets:
-            return
-        # ĝ = ∂loss/∂(distribution parameters), kept differentiable in φ (create_graph)
+            return ()
         grads = torch.autograd.grad(loss, targets, retain_graph=True, create_graph=True, allow_unused=True)
         var = sum((g ** 2).sum() for g in grads if g is not None)
         if not isinstance(var, torch.Tensor) or not var.requires_grad:
-            return
-        # retain: other estimators of this graph still differentiate the same loss
+            return ()
         dphi = torch.autograd.grad(var, params, retain_graph=True, allow_unused=True)
+        return tuple(torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, dphi))
+
+    def update_from(self, dphi: tuple) -> None:
+        """One Adam step of φ along ``dphi`` (:meth:`loss_graph_values` of an eager step, or of a replayed
+        call of a compiled one); the only place where φ changes."""
+        if not dphi:
+            return
+        params = self._trainable()
+        if len(params) != len(dphi) or any(p.shape != g.shape for p, g in zip(params, dphi)):
+            raise StorchError(
+                f"{self.name}: {len(dphi)} gradients for {len(params)} trainable parameters (they changed between "
+                "the step and its update); call .clear() on a compiled step after changing the estimator")
         if self._optimizer is None or len(self._optimizer.param_groups[0]["params"]) != len(params):
             self._optimizer = torch.optim.Adam(params, lr=self.lr)
-        dphi = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, dphi)]  # numbers
         # torch.distributed: the variance of the rank-averaged gradient, whose ĝ per data point is
         # ĝ_rank / W: ∂φ Σ_r |ĝ_r / W|² = W⁻¹ · mean_r ∂φ|ĝ_r|², the same step on every rank
-        dphi = _across_ranks(dphi, self)
+        dphi = _across_ranks(list(dphi), self)
         for p, g in zip(params, dphi):
             p.grad = g
         self._optimizer.step()

@@ -90,7 +90,10 @@ class Estimator(torch.nn.Module):
             which the compiled program returns as extra outputs; :meth:`update_from` applies them
             when the compiled step's loss is backpropagated), and the state its components read is
             the tensors :meth:`state_tensors` lists (passed to the compiled program at every call).
-            E.g. ``score`` with ``baseline="moving_average"``.
+            E.g. ``score`` with ``baseline="moving_average"``. With ``update_uses_loss_graph`` too
+            (relax, rebar, lax): ``update_inputs`` keep their graph and :meth:`loss_graph_values`
+            differentiates the loss after each call of a step replayed with ``backend=None`` (the
+            only backend that can: a compiled program is one autograd node).
         State: the dataclass of the per-node record ``node.state`` (``None``: no record).
         supports_partitions: whether calling one instance several times in a graph (a loop) makes
             one partition (paper, section 3.2; docs/partitions.md).
@@ -455,7 +458,8 @@ class Estimator(torch.nn.Module):
         (the update a compiled step replays, so eager and compiled steps share its code).
         """
         if self.replays_update:
-            self.update_from(self.update_inputs(nodes))
+            inputs = self.update_inputs(nodes)
+            self.update_from(self.loss_graph_values(loss, inputs) if self.update_uses_loss_graph else inputs)
 
     # -- an update that storch.compile replays (replays_update) ----------------------------------
 
@@ -469,6 +473,19 @@ class Estimator(torch.nn.Module):
         """
         raise NotImplementedError(
             f"estimator {self.name!r} sets replays_update but does not implement update_inputs(nodes)")
+
+    def loss_graph_values(self, loss: torch.Tensor, inputs: Any) -> Any:
+        """For an update that differentiates the loss again (``replays_update`` with
+        ``update_uses_loss_graph``, e.g. a control variate trained on the gradient's variance): what
+        :meth:`update_from` needs (detached), computed from ``loss`` and :meth:`update_inputs`' tensors,
+        which then keep their graph. Called while the loss's graph exists: eagerly by
+        :meth:`update_parameters`, and by ``storch.compile(step, backend=None)`` right after each
+        replayed call (whose operations are in autograd's graph; a compiled program is one autograd
+        node, so other backends refuse such an estimator). ``update_from`` runs later, on ``.backward()``.
+        """
+        raise NotImplementedError(
+            f"estimator {self.name!r} sets replays_update and update_uses_loss_graph but does not implement "
+            "loss_graph_values(loss, inputs)")
 
     def update_from(self, inputs: Any) -> None:
         """Apply the update from :meth:`update_inputs`' tensors (of the eager step, or of a compiled
@@ -585,8 +602,8 @@ def updating_message(est: "Estimator") -> str:
     """Why ``storch.compile`` refuses ``est``: it updates its state in ``storch.backward()``, by
     code that a compiled step cannot replay (``replays_update`` is false)."""
     return (f"storch.compile cannot replay estimator {est.name!r} (plate {est.plate!r}): it updates its own "
-            "state (a trainable baseline module, a learned control variate, a memory of the best values) in "
-            "storch.backward() by code that a compiled step cannot replay. Use it in an eager step, or pick "
-            "an option that compiles: no update (e.g. baseline='leave_one_out') or one that storch.compile "
-            "replays (score's baseline='moving_average' or 'learned', gumbel_softmax's temperature schedule; "
-            "an estimator with replays_update)")
+            "state (a trainable baseline module, a memory of the best values) in storch.backward() by code "
+            "that a compiled step cannot replay. Use it in an eager step, or pick an option that compiles: no "
+            "update (e.g. baseline='leave_one_out') or one that storch.compile replays (score's "
+            "baseline='moving_average' or 'learned', gumbel_softmax's temperature schedule, relax/rebar/lax with "
+            "backend=None; an estimator with replays_update)")

@@ -1,0 +1,160 @@
+"""storch.compile(step, backend=None) of steps with learned control variates (relax, rebar, lax).
+
+Their update trains φ on the gradient's variance: ∂/∂φ Σ ĝ² with ĝ = ∂loss/∂(distribution
+parameters), which differentiates the loss again (``update_uses_loss_graph``). The replayed program
+returns the distribution parameters with their graph (``update_inputs``); after each replayed call
+``loss_graph_values`` computes ∂/∂φ Σ ĝ² from them (the program's operations are in autograd's graph
+with ``backend=None``), and ``update_from`` takes the Adam step on ``.backward()``, in the same code as
+``storch.backward()`` runs eagerly. A compiled program is one autograd node, so other backends refuse
+these estimators with a message that names ``backend=None``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Normal
+
+import storch
+from model_checks import assert_same_runs
+
+
+pytestmark = pytest.mark.usefixtures("restore_validation")  # conftest
+
+CASES = {
+    "relax": (Bernoulli, {}),
+    "rebar": (Bernoulli, {}),
+    "lax": (Normal, {}),
+}
+
+
+def _model(name):
+    """An encoder, the estimator, a step (one node, two costs) written for one data point, its data."""
+    torch.manual_seed(0)
+    dist, options = CASES[name]
+    encoder = torch.nn.Linear(4, 3)
+    est = storch.estimator(name, plate="z", n_samples=2, lr=0.05, **options)
+    target = torch.tensor([0.45, 0.2, 0.7])
+
+    def build(x):
+        xs = storch.denote_independent(x, 0, "data")
+        h = encoder(xs)
+        z = est(Bernoulli(logits=h) if dist is Bernoulli else Normal(h, 1.0))
+        storch.add_cost(((z - target) ** 2).sum(-1), name="f")
+        storch.add_cost(0.5 * z[..., 0], name="g")
+
+    def step(x):
+        with storch.Graph():
+            build(x)
+            return storch.surrogate_loss()
+
+    return build, step, encoder, est, torch.randn(5, 4)
+
+
+def _phi(est) -> dict:
+    return {k: v.detach().clone() for k, v in est.named_parameters()}
+
+
+def _train(name, seeds, backend="eager", after_trace=None):
+    """Training steps with an SGD step of the encoder between; the first eager (storch.backward(): it
+    builds the control variate's network), the others eager or replayed (``loss.backward()``): each
+    step's loss, encoder gradients, φ and update count."""
+    build, step, encoder, est, x = _model(name)
+    compiled = storch.compile(step, backend=None) if backend != "eager" else None
+    opt = torch.optim.SGD(encoder.parameters(), lr=0.3)
+    out = []
+    for i, seed in enumerate(seeds):
+        if after_trace is not None and i == 2:
+            after_trace()  # traced on the second step
+        torch.manual_seed(seed)
+        opt.zero_grad()
+        if compiled is None or i == 0:
+            with storch.Graph():
+                build(x)
+                loss = storch.backward()
+        else:
+            out_loss = compiled(x)
+            out_loss.backward()
+            loss = out_loss.detach()
+        out.append((loss, [p.grad.clone() for p in encoder.parameters()], _phi(est), est.update_steps))
+        opt.step()
+    return out, compiled
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_replayed_steps_train_the_control_variate_as_eager(name, monkeypatch, forbid_storch):
+    # five steps, replayed and eager from the same seeds: the same losses, encoder gradients, φ and
+    # update counts; after the trace no storch code runs; φ really moves
+    want, _ = _train(name, range(5))
+    first, last = want[0][2], want[-1][2]
+    assert want[-1][3] == 5 and any(not torch.equal(first[k], last[k]) for k in first)
+    got, compiled = _train(name, range(5), backend=None, after_trace=forbid_storch)
+    monkeypatch.undo()
+    assert_same_runs(got, want)
+    assert compiled.traces == 1
+
+
+def test_evaluation_calls_do_not_train_the_control_variate():
+    # autograd.grad and no_grad calls leave φ and the step count; a retain_graph second backward
+    # updates once
+    build, step, encoder, est, x = _model("relax")
+    compiled = storch.compile(step, backend=None)
+    with storch.Graph():
+        build(x)
+        storch.backward()
+    compiled(x).backward()
+    before, steps = _phi(est), est.update_steps
+    assert steps == 2
+    torch.autograd.grad(compiled(x), list(encoder.parameters()))
+    with torch.no_grad():
+        compiled(x)
+    assert est.update_steps == steps and all(torch.equal(v, before[k]) for k, v in _phi(est).items())
+    loss = compiled(x)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert est.update_steps == steps + 1
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiling_refuses_and_names_the_replay(backend):
+    build, step, encoder, est, x = _model("rebar")
+    with storch.Graph():
+        build(x)
+        storch.backward()
+    with pytest.raises(storch.StorchError, match="backend=None"):
+        storch.compile(step, backend=backend)(x)
+
+
+def test_trace_before_the_network_exists_is_refused():
+    # relax's default network is built on first use, which a trace cannot record
+    build, step, encoder, est, x = _model("relax")
+    with pytest.raises(storch.StorchError, match="Run one step eagerly first"):
+        storch.compile(step, backend=None)(x)
+    with storch.Graph():  # after an eager step, it traces
+        build(x)
+        storch.backward()
+    storch.compile(step, backend=None)(x).backward()
+    assert est.update_steps == 2
+
+
+def test_without_update_it_compiles_with_any_backend():
+    # update=False: no update (has_update is False), so nothing to replay: inductor compiles the step
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(4, 3)
+    est = storch.estimator("rebar", plate="z", n_samples=2, update=False)
+    assert not est.has_update
+
+    def step(x):
+        with storch.Graph():
+            z = est(Bernoulli(logits=encoder(storch.denote_independent(x, 0, "data"))))
+            storch.add_cost(((z - 0.45) ** 2).sum(-1), name="f")
+            return storch.surrogate_loss()
+
+    x = torch.randn(5, 4)
+    compiled = storch.compile(step, backend="aot_eager")
+    for seed in range(2):
+        torch.manual_seed(seed)
+        want = torch.autograd.grad(step(x), list(encoder.parameters()))
+        torch.manual_seed(seed)
+        got = torch.autograd.grad(compiled(x), list(encoder.parameters()))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
