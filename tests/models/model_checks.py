@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -97,6 +97,25 @@ def assert_same_grads(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], name
     for i, (ga, gb) in enumerate(zip(a, b)):
         label = names[i] if i < len(names) else str(i)
         torch.testing.assert_close(ga, gb, atol=atol, rtol=rtol, msg=lambda m: f"gradient of {label}: {m}")
+
+
+def sgd_run(params: Sequence[torch.Tensor], seeds, step: Callable[[int], tuple], after_trace: Optional[Callable] = None,
+            trace_at: int = 2, lr: float = 0.3) -> list:
+    """A training run for comparing a compiled step with eager storch: for each seed (step ``i``),
+    ``torch.manual_seed(seed)``, zeroed gradients, ``step(i)`` (which runs and backpropagates step ``i``
+    and returns its record: loss, gradients, estimator state), then an SGD step (``lr``) of ``params``.
+    ``after_trace()`` runs before step ``trace_at``, once the compiled step has been traced (e.g. the
+    ``forbid_storch`` fixture). Returns the records, for :func:`assert_same_runs`."""
+    opt = torch.optim.SGD(params, lr=lr)
+    out = []
+    for i, seed in enumerate(seeds):
+        if after_trace is not None and i == trace_at:
+            after_trace()
+        torch.manual_seed(seed)
+        opt.zero_grad()
+        out.append(step(i))
+        opt.step()
+    return out
 
 
 def assert_same_runs(got: Sequence, want: Sequence) -> None:

@@ -14,7 +14,7 @@ import torch
 from torch.distributions import Bernoulli, Distribution, OneHotCategorical
 
 import storch
-from model_checks import assert_same_runs
+from model_checks import assert_same_runs, sgd_run
 
 NAMES = ["gumbel_softmax", "gumbel_straight_through"]
 
@@ -46,19 +46,13 @@ def _model(name: str, temperature=schedule):
 
 def _train(step, params, est, x, seeds, after_trace=None):
     """Steps with ``loss.backward()`` and an SGD step between: each step's loss, sample, gradients, τ, step."""
-    opt = torch.optim.SGD(params, lr=0.3)
-    out = []
-    for i, seed in enumerate(seeds):
-        if after_trace is not None and i == 1:
-            after_trace()  # traced on the first call
-        torch.manual_seed(seed)
-        opt.zero_grad()
+    def one(i):
         loss, z = step(x)
         tau = est.current_temperature()
         loss.backward()
-        out.append((loss.detach(), z.detach(), [p.grad.clone() for p in params], tau, est.step))
-        opt.step()
-    return out
+        return loss.detach(), z.detach(), [p.grad.clone() for p in params], tau, est.step
+
+    return sgd_run(params, seeds, one, after_trace, trace_at=1)  # (traced on the first call)
 
 
 def _assert_same_runs(got, want):

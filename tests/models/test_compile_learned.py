@@ -17,7 +17,7 @@ import torch
 from torch.distributions import Bernoulli
 
 import storch
-from model_checks import TrainableBaseline, assert_same_runs
+from model_checks import TrainableBaseline, assert_same_runs, sgd_run
 
 
 pytestmark = pytest.mark.usefixtures("restore_validation")  # conftest
@@ -50,18 +50,12 @@ def _state(est) -> tuple:
 def _train(step, encoder, est, x, seeds, compiled=None, after_trace=None):
     """Steps with ``loss.backward()`` and an SGD step between; the first eagerly (it builds b_ψ's
     networks), the others by ``compiled`` if given: each step's loss, gradients, ψ, c."""
-    opt = torch.optim.SGD(encoder.parameters(), lr=0.3)
-    out = []
-    for i, seed in enumerate(seeds):
-        if after_trace is not None and i == 2:
-            after_trace()  # traced on the second step
-        torch.manual_seed(seed)
-        opt.zero_grad()
+    def one(i):  # (traced on the second step)
         loss = (compiled if compiled is not None and i > 0 else step)(x)
         loss.backward()
-        out.append((loss.detach(), [p.grad.clone() for p in encoder.parameters()], _state(est)))
-        opt.step()
-    return out
+        return loss.detach(), [p.grad.clone() for p in encoder.parameters()], _state(est)
+
+    return sgd_run(list(encoder.parameters()), seeds, one, after_trace)
 
 
 @pytest.mark.parametrize("backend", [None, "inductor"])

@@ -16,7 +16,7 @@ import torch
 from torch.distributions import Bernoulli, Normal
 
 import storch
-from model_checks import assert_same_runs
+from model_checks import assert_same_runs, sgd_run
 
 
 pytestmark = pytest.mark.usefixtures("restore_validation")  # conftest
@@ -61,24 +61,17 @@ def _train(name, seeds, backend="eager", after_trace=None):
     step's loss, encoder gradients, φ and update count."""
     build, step, encoder, est, x = _model(name)
     compiled = storch.compile(step, backend=None) if backend != "eager" else None
-    opt = torch.optim.SGD(encoder.parameters(), lr=0.3)
-    out = []
-    for i, seed in enumerate(seeds):
-        if after_trace is not None and i == 2:
-            after_trace()  # traced on the second step
-        torch.manual_seed(seed)
-        opt.zero_grad()
+    def one(i):  # (traced on the second step)
         if compiled is None or i == 0:
             with storch.Graph():
                 build(x)
                 loss = storch.backward()
         else:
-            out_loss = compiled(x)
-            out_loss.backward()
-            loss = out_loss.detach()
-        out.append((loss, [p.grad.clone() for p in encoder.parameters()], _phi(est), est.update_steps))
-        opt.step()
-    return out, compiled
+            loss = compiled(x)
+            loss.backward()
+        return loss.detach(), [p.grad.clone() for p in encoder.parameters()], _phi(est), est.update_steps
+
+    return sgd_run(list(encoder.parameters()), seeds, one, after_trace), compiled
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -18,7 +18,7 @@ import torch
 from torch.distributions import Bernoulli, Distribution
 
 import storch
-from model_checks import TrainableBaseline, assert_same_runs
+from model_checks import TrainableBaseline, assert_same_runs, sgd_run
 
 
 pytestmark = pytest.mark.usefixtures("restore_validation")  # conftest
@@ -49,18 +49,12 @@ def _averages(est) -> dict:
 
 def _train(step, encoder, est, x, seeds, after_trace=None):
     """Steps with ``loss.backward()`` and an SGD step between: each step's loss, gradients, averages."""
-    opt = torch.optim.SGD(encoder.parameters(), lr=0.3)
-    out = []
-    for i, seed in enumerate(seeds):
-        if after_trace is not None and i == 2:
-            after_trace()  # both programs traced (no average yet; averages)
-        torch.manual_seed(seed)
-        opt.zero_grad()
+    def one(i):  # (by step 2 both programs are traced: no average yet; averages)
         loss = step(x)
         loss.backward()
-        out.append((loss.detach(), [p.grad.clone() for p in encoder.parameters()], _averages(est)))
-        opt.step()
-    return out
+        return loss.detach(), [p.grad.clone() for p in encoder.parameters()], _averages(est)
+
+    return sgd_run(list(encoder.parameters()), seeds, one, after_trace)
 
 
 @pytest.mark.parametrize("backend", [None, "inductor"])
