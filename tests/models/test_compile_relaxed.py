@@ -11,6 +11,8 @@ these estimators with a message that names ``backend=None``.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.distributions import Bernoulli, Normal
@@ -151,3 +153,52 @@ def test_without_update_it_compiles_with_any_backend():
         torch.manual_seed(seed)
         got = torch.autograd.grad(compiled(x), list(encoder.parameters()))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_with_a_moving_average_in_the_same_step():
+    # two updates of one replayed call: relax's from loss_graph_values (computed after the call), the
+    # moving average's from the program's detached means (on backward); four steps equal eager's
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(4, 6)
+    relax = storch.estimator("relax", plate="z", n_samples=2, lr=0.05)
+    ma = storch.estimator("score", plate="w", n_samples=3, baseline="moving_average")
+    x = torch.randn(5, 4)
+
+    def build(x):
+        h = enc(storch.denote_independent(x, 0, "data"))
+        z = relax(Bernoulli(logits=h[..., :3]))
+        w = ma(Bernoulli(logits=h[..., 3:]))
+        storch.add_cost(((z - 0.45) ** 2).sum(-1), name="f")
+        storch.add_cost((w * z).sum(-1), name="g")
+
+    def step(x):
+        with storch.Graph():
+            build(x)
+            return storch.surrogate_loss()
+
+    with storch.Graph():  # builds relax's network, sets the first average
+        build(x)
+        storch.backward()
+    start = [copy.deepcopy(m.state_dict()) for m in (enc, relax, ma)]
+
+    def run(compiled):
+        for m, s in zip((enc, relax, ma), start):
+            m.load_state_dict(s)
+        replay = storch.compile(step, backend=None)
+        out = []
+        for i in range(4):
+            torch.manual_seed(10 + i)
+            enc.zero_grad()
+            if compiled:
+                replay(x).backward()
+            else:
+                with storch.Graph():
+                    build(x)
+                    storch.backward()
+            out.append(([p.grad.clone() for p in enc.parameters()], _phi(relax), dict(ma.moving_averages),
+                        relax.update_steps))
+        return out
+
+    want, got = run(False), run(True)
+    assert_same_runs(got, want)
+    assert got[-1][3] == 5
