@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 from torch.distributions import Bernoulli, Normal
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from marked import between, write_between  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "estimators" / "README.md"
 START, END = "<!-- compile-table: start -->", "<!-- compile-table: end -->"
@@ -110,10 +113,8 @@ def compile_table() -> str:
 
 def compile_table_problem() -> str:
     """Why docs/estimators/README.md's compile table is not what storch.compile does now, or ""."""
-    text = PAGE.read_text(encoding="utf-8")
-    try:
-        shown = text[text.index(START) + len(START):text.index(END)].strip()
-    except ValueError:
+    shown = between(PAGE, START, END)
+    if shown is None:
         return f"{PAGE.relative_to(ROOT)} has no {START} ... {END} markers"
     expected = compile_table().strip()
     if shown != expected:
@@ -123,9 +124,7 @@ def compile_table_problem() -> str:
 
 
 def write_compile_table() -> None:
-    text = PAGE.read_text(encoding="utf-8")
-    start, end = text.index(START) + len(START), text.index(END)
-    PAGE.write_text(text[:start] + "\n" + compile_table() + text[end:], encoding="utf-8")
+    write_between(PAGE, START, END, compile_table())
 
 
 if __name__ == "__main__":

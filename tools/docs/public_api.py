@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
+from marked import between, write_between  # tools/docs/, on sys.path for this module's users
+
 #: The modules whose ``__all__`` is public API, in the order of the reference pages.
 MODULES = ["storch", "storch.testing", "storch.distributed", "storch.extending", "storch.options",
            "storch.builtins", "storch_score", "storch_relaxed", "storch_mvd"]
@@ -180,10 +182,8 @@ def estimator_table() -> str:
 
 def estimator_table_problem() -> str:
     """Why docs/estimators/README.md's table is not the registry's, or "" when it is."""
-    text = (ROOT / "docs" / ESTIMATOR_PAGE).read_text(encoding="utf-8")
-    try:
-        shown = text[text.index(TABLE_START) + len(TABLE_START):text.index(TABLE_END)].strip()
-    except ValueError:
+    shown = between(ROOT / "docs" / ESTIMATOR_PAGE, TABLE_START, TABLE_END)
+    if shown is None:
         return f"docs/{ESTIMATOR_PAGE} has no {TABLE_START} ... {TABLE_END} markers"
     try:
         expected = estimator_table().strip()
@@ -196,10 +196,7 @@ def estimator_table_problem() -> str:
 
 
 def write_estimator_table() -> None:
-    path = ROOT / "docs" / ESTIMATOR_PAGE
-    text = path.read_text(encoding="utf-8")
-    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
-    path.write_text(text[:start] + "\n" + estimator_table() + text[end:], encoding="utf-8")
+    write_between(ROOT / "docs" / ESTIMATOR_PAGE, TABLE_START, TABLE_END, estimator_table())
 
 
 if __name__ == "__main__":
