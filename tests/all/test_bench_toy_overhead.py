@@ -8,7 +8,8 @@ import torch
 
 from storch_bench.cli import main
 from storch_bench.handwritten import gumbel_topk_bernoulli, unordered_set_surrogate
-from storch_bench.overhead import measure
+from storch_bench.overhead import Row, measure
+from storch_bench.overhead_ipd import add_replay_columns, replay_pair
 
 
 def test_toy_smoke(tmp_path):
@@ -123,3 +124,18 @@ def test_ops_table_compares_equal_computations(tmp_path):
         main(["ops", "--cases", "no such op", "--out", str(tmp_path)])
     if not torch.cuda.is_available():  # a clear message and exit status 2, not a traceback
         assert main(["ops", "--device", "cuda", "--out", str(tmp_path)]) == 2
+
+
+def test_ipd_reinforce_replay_columns():
+    # --replay for the episode rows: the REINFORCE loss of a 5-step episode batch traced once and
+    # replayed; its gradient is eager storch's from the same seed, and the row gets both timings
+    with_storch, by_hand, eager = replay_pair("loo", 5)
+    torch.manual_seed(4)
+    g_replay = with_storch()
+    torch.manual_seed(4)
+    assert torch.allclose(g_replay, eager(), rtol=1e-5, atol=1e-6)
+    assert by_hand().shape == g_replay.shape
+    row = Row("ipd reinforce T=5", "loo", 1, 128)
+    add_replay_columns(row, "loo", 5, 0.005)
+    assert "replay failed" not in row.note, row.note
+    assert row.replay_same_grad == "yes" and row.replayed_storch_us > 0 and row.replay_torch_us > 0

@@ -32,7 +32,7 @@ from .ipd import N_STATES, StorchDice, TorchDice, dice_surrogate, torch_rollout
 from .lola import lola_gradient
 from .measure import peak_memory
 
-__all__ = ["ipd_rows", "cpu_time_pair", "STEPS", "BATCH"]
+__all__ = ["ipd_rows", "cpu_time_pair", "replay_pair", "STEPS", "BATCH"]
 
 STEPS = (50, 150, 500)
 BATCH = 128
@@ -111,8 +111,44 @@ def cpu_time_pair(fa: Callable, fb: Callable, min_time: float = 0.2, alternation
 PAIRS = {"reinforce": (reinforce_pair, STEPS), "surrogate": (surrogate_pair, STEPS), "lola": (lola_pair, (150,))}
 
 
-def ipd_rows(row_cls, configs, min_time: float = 0.2, kinds=tuple(PAIRS)) -> list:
-    """Rows of :class:`storch_bench.overhead.Row` for every kind, config (score, loo) and T."""
+def replay_pair(config: str, steps: int):
+    """``--replay`` for the REINFORCE rows: the episode's surrogate loss and its gradient, storch's
+    traced once by ``storch.compile(backend=None)`` and replayed, against the hand-written DiCE loss
+    run eagerly; and the gradient eager storch gives from the same seed (the replay's must equal it).
+    No optimizer step on either side (the replay columns of every problem time loss + gradient)."""
+    theta_s, theta_t = _theta(), _theta()
+    s = StorchDice(batch=BATCH, steps=steps, baseline=BASELINES[config])
+    t = TorchDice(batch=BATCH, steps=steps, baseline=BASELINES[config])
+    replayed = storch.compile(lambda theta: s(theta, 0, 1), backend=None)
+    replayed(theta_s)  # the trace
+
+    def with_storch():
+        return torch.autograd.grad(replayed(theta_s), theta_s)[0]
+
+    def eager():
+        return torch.autograd.grad(s(theta_s, 0, 1), theta_s)[0]
+
+    return with_storch, (lambda: torch.autograd.grad(t(theta_t, 0, 1), theta_t)[0]), eager
+
+
+def add_replay_columns(row, config: str, steps: int, min_time: float) -> None:
+    """Fill ``row``'s ``--replay`` columns from :func:`replay_pair` (or say in its note why it failed)."""
+    try:
+        with_storch, by_hand, eager = replay_pair(config, steps)
+        torch.manual_seed(3)
+        g_replay = with_storch().clone()
+        torch.manual_seed(3)
+        g_eager = eager()
+        row.replay_same_grad = "yes" if torch.allclose(g_replay, g_eager, rtol=1e-5, atol=1e-6) else "NO"
+        a, b = cpu_time_pair(with_storch, by_hand, min_time)
+        row.replayed_storch_us, row.replay_torch_us = 1e6 * a, 1e6 * b
+    except Exception as e:  # noqa: BLE001  (a row that cannot be replayed says why)
+        row.note = f"{row.note}; replay failed: {type(e).__name__}: {str(e).strip()[:160]}"
+
+
+def ipd_rows(row_cls, configs, min_time: float = 0.2, kinds=tuple(PAIRS), replay: bool = False) -> list:
+    """Rows of :class:`storch_bench.overhead.Row` for every kind, config (score, loo) and T; with
+    ``replay`` the REINFORCE rows also get the ``--replay`` columns (:func:`replay_pair`)."""
     rows = []
     for kind in kinds:
         make, steps_list = PAIRS[kind]
@@ -131,5 +167,7 @@ def ipd_rows(row_cls, configs, min_time: float = 0.2, kinds=tuple(PAIRS)) -> lis
                 row.torch_mb = peak_memory(by_hand) / 2**20
                 row.note = "thread CPU time" + (
                     f"; {1e6 * ts / steps:.0f} vs {1e6 * tt / steps:.0f} us/step" if kind != "lola" else "")
+                if replay and kind == "reinforce":
+                    add_replay_columns(row, config, steps, min_time)
                 rows.append(row)
     return rows
