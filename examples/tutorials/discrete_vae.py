@@ -48,42 +48,29 @@ class VAE(torch.nn.Module):
         storch.add_cost(-Bernoulli(logits=logits).log_prob(x).sum(), name="reconstruction")
 
 
-def train(spec: str, est, train_x, valid_x, steps: int, batch: int, seed: int = 0):
-    """Adam on the negative ELBO with estimator ``est``; the validation -ELBO every 50 steps."""
+def train(est, train_x, valid_x, steps: int, batch: int, seed: int = 0, replay: bool = False):
+    """Adam on the negative ELBO with estimator ``est``; the validation -ELBO every 50 steps; ms per
+    step after the first. With ``replay``, the step is written as a function and replayed by
+    ``storch.compile(backend=None)``: traced into plain torch on the first call, then each step runs
+    that program (no storch code, no compiler); ``loss.backward()`` replaces ``storch.backward()``,
+    since the step builds its own graph."""
     torch.manual_seed(seed)
     vae = VAE()
     optimizer = torch.optim.Adam(vae.parameters(), lr=3e-3)
-    curve = []
-    started = time.perf_counter()
-    for step in range(steps + 1):
-        if step % 50 == 0:
-            curve.append((step, validation_elbo(vae, valid_x)))
-        if step == steps:
-            break
-        rows = torch.randint(len(train_x), (batch,))
-        x = storch.denote_independent(train_x[rows], 0, "data")   # the batch is an independent plate
-        vae(est, x)
-        storch.backward()           # backprop the surrogate, estimator updates (baselines), reset
-        optimizer.step()
-        optimizer.zero_grad()
-    ms = 1000 * (time.perf_counter() - started) / steps
-    return vae, curve, ms
+    if replay:
+        def loss_fn(x):
+            with storch.Graph():
+                vae(est, storch.denote_independent(x, 0, "data"))
+                return storch.surrogate_loss()
 
+        fast = storch.compile(loss_fn, backend=None)
 
-def train_replayed(est, train_x, valid_x, steps: int, batch: int, seed: int = 0):
-    """``train`` with the step written as a function and replayed by ``storch.compile(backend=None)``:
-    traced into plain torch on the first call, then each step runs that program (no storch code, no
-    compiler). ``loss.backward()`` replaces ``storch.backward()``: the step builds its own graph."""
-    torch.manual_seed(seed)
-    vae = VAE()
-    optimizer = torch.optim.Adam(vae.parameters(), lr=3e-3)
-
-    def loss_fn(x):
-        with storch.Graph():
-            vae(est, storch.denote_independent(x, 0, "data"))
-            return storch.surrogate_loss()
-
-    fast = storch.compile(loss_fn, backend=None)
+        def step_on(x):
+            fast(x).backward()
+    else:
+        def step_on(x):
+            vae(est, storch.denote_independent(x, 0, "data"))  # the batch is an independent plate
+            storch.backward()       # backprop the surrogate, estimator updates (baselines), reset
     curve = []
     started = None
     for step in range(steps + 1):
@@ -92,11 +79,11 @@ def train_replayed(est, train_x, valid_x, steps: int, batch: int, seed: int = 0)
         if step == steps:
             break
         rows = torch.randint(len(train_x), (batch,))
-        fast(train_x[rows]).backward()
+        step_on(train_x[rows])
         optimizer.step()
         optimizer.zero_grad()
         if step == 0:
-            started = time.perf_counter()  # after the first step, which traces
+            started = time.perf_counter()  # after the first step (which traces, with replay)
     ms = 1000 * (time.perf_counter() - started) / max(steps - 1, 1)
     return vae, curve, ms
 
@@ -133,14 +120,14 @@ def main(argv=None) -> None:
     print("| estimator | -ELBO at start | -ELBO at end | ms/step |")
     print("|---|---|---|---|")
     for spec, est in estimators.items():
-        vae, curve, ms = train(spec, est, train_x, valid_x, args.steps, args.batch)
+        vae, curve, ms = train(est, train_x, valid_x, args.steps, args.batch)
         curves[spec], timings[spec] = curve, ms
         print(f"| {spec} | {curve[0][1]:.2f} | {curve[-1][1]:.2f} | {ms:.1f} |")
 
     # 1b. The fast path: the leave-one-out training again, replayed by storch.compile(backend=None).
     # Same seed, same draws: the same training run, without storch's per-call bookkeeping.
     loo = "score[baseline=leave_one_out]@4"
-    _, fast_curve, fast_ms = train_replayed(estimators[loo], train_x, valid_x, args.steps, args.batch)
+    _, fast_curve, fast_ms = train(estimators[loo], train_x, valid_x, args.steps, args.batch, replay=True)
     eager_ms = timings[loo]
     same = max(abs(a[1] - b[1]) for a, b in zip(curves[loo], fast_curve)) < 1e-3
     print(f"\n{loo}, replayed by storch.compile(step, backend=None): -ELBO at end {fast_curve[-1][1]:.2f}, "
