@@ -8,6 +8,7 @@ its own, independent samples.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -18,7 +19,7 @@ from torch.distributions.utils import lazy_property
 from .errors import UnsupportedDistributionError
 from .plates.tensor import Plate, PlateTensor, align, plates_of, union_plates
 
-__all__ = ["base_distribution", "unwrap_distribution", "raw_log_prob", "raw_sample"]
+__all__ = ["base_distribution", "unwrap_distribution", "raw_log_prob", "raw_sample", "strict_support"]
 
 
 def base_distribution(d: Distribution) -> Distribution:
@@ -296,3 +297,76 @@ def _rebuild(cls: type, raw: dict) -> Distribution:
         Distribution.__init__(d, d._categorical.batch_shape, d._categorical.param_shape[-1:], validate_args=False)
         return d
     return cls(**raw, validate_args=False)
+
+
+# -- values a distribution never draws ---------------------------------------------------------
+
+
+class _StrictBernoulli(Bernoulli):
+    """A ``Bernoulli`` given by probabilities, whose ``log_prob`` is ``-inf`` where the probability is
+    exactly 0 (value 1 at p = 0, value 0 at p = 1). torch's own ``log_prob`` clamps p to [eps, 1 - eps]
+    (log p(1) = -15.9 at p = 0 in float32) although ``sample`` never draws such a value; infinite
+    logits are no way out (``Bernoulli(logits=-inf).log_prob`` is NaN). Elsewhere the same values and
+    derivatives as torch's."""
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        lp = super().log_prob(value)
+        p = self.probs
+        never = torch.where(value.to(torch.bool), p == 0, p == 1)
+        return lp.masked_fill(never, -math.inf)
+
+
+def _given_probs(d: Distribution) -> bool:
+    return d.__dict__.get("_param") is not None and d._param is d.__dict__.get("probs")
+
+
+def strict_support(d: Distribution, traced: bool = False) -> Distribution:
+    """``d`` with ``log_prob = -inf`` on every value it never draws: probabilities that are exactly 0.
+
+    ``torch.distributions`` computes ``log_prob`` of a ``Bernoulli``, ``Categorical`` or
+    ``OneHotCategorical`` given by ``probs`` from clamped probabilities, so a value of probability 0
+    (a masked action ``probs * mask``, a saturated ``sigmoid``) gets log p = log(eps) (-15.9 in
+    float32) while ``sample`` never draws it. An estimator that enumerates the support or samples it
+    without replacement (``expect``, ``unordered_set``, ``sum_and_sample``) reads those log
+    probabilities to decide which values exist: it calls this first, so such values are impossible
+    (``-inf``) there as they are with ``-inf`` logits, and the user's cost never sees them.
+
+    Returns ``d`` itself unless it is (an ``Independent`` of) one of those three given by ``probs``
+    with a probability that is exactly 0 (checked by value; with ``traced`` (``storch.compile`` records
+    the step; ``storch.extending.strict_support`` passes it) whenever it is given by ``probs``, so that
+    the program does not depend on the values). Otherwise a copy that
+    samples as ``d`` does (the same random numbers) and has the same log-probabilities, with the same
+    derivatives, on every value it can draw: a ``Categorical`` / ``OneHotCategorical`` with ``-inf``
+    logits there, a ``Bernoulli`` whose ``log_prob`` masks those values. The derivative of a
+    probability that is exactly 0 is not estimated from values that are never drawn (no estimator
+    can: those values' costs are never seen); the estimates are of the derivative within the support.
+    """
+    t = type(d)
+    if t is Independent:
+        base = strict_support(d.base_dist, traced)
+        return d if base is d.base_dist else Independent(base, d.reinterpreted_batch_ndims, validate_args=False)
+    if t not in (Bernoulli, Categorical, OneHotCategorical):
+        return d
+    inner = d._categorical if t is OneHotCategorical else d
+    if not _given_probs(inner):
+        return d
+    p = inner.probs
+    never = (p == 0) | (p == 1) if t is Bernoulli else p == 0
+    if not traced and not p.is_meta and not bool(never.any()):
+        return d
+    if t is Bernoulli:
+        new = _StrictBernoulli.__new__(_StrictBernoulli)
+        new.__dict__.update(d.__dict__)
+        new._validate_args = False
+        return new
+    c = Categorical.__new__(Categorical)
+    c.__dict__.update(inner.__dict__)
+    c.logits = torch.where(never, torch.full((), -math.inf, dtype=p.dtype, device=p.device), inner.logits)
+    c._validate_args = False
+    if t is Categorical:
+        return c
+    new = OneHotCategorical.__new__(OneHotCategorical)
+    new.__dict__.update(d.__dict__)
+    new._categorical = c
+    new._validate_args = False
+    return new

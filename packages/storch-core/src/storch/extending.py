@@ -17,6 +17,9 @@ Plate tensors across steps:
 Distributions:
     :func:`base_distribution` is the distribution under one ``Independent`` wrapper, the one
     that holds the parameters (only ``Independent``, once: a ``LogNormal`` is not a ``Normal``).
+    :func:`strict_support` gives values of probability exactly 0 (``probs`` with zeros) the
+    log-probability ``-inf`` that torch's clamped ``log_prob`` does not: call it before enumerating
+    or searching the support, so that a sample never holds a value the model cannot produce.
 
 Random numbers:
     :func:`drawing_with` makes the random draws of a block use a generator (the per-graph
@@ -66,14 +69,28 @@ import torch
 from . import options
 from .cost import leave_one_out
 from .distributions import base_distribution
+from .distributions import strict_support as _strict_support
 from .generators import drawing_with
 from .graph import current_graph, is_tracing
 from .plates.tensor import align, plates_of, raw_of
 
 __all__ = [
     "align", "plates_of", "raw_of", "base_distribution", "drawing_with", "leave_one_out", "options", "step_guard",
-    "is_tracing", "assume",
+    "is_tracing", "assume", "strict_support",
 ]
+
+
+def strict_support(d: torch.distributions.Distribution) -> torch.distributions.Distribution:
+    """``d`` with ``log_prob = -inf`` on the values it never draws (probabilities given as exactly 0).
+
+    torch computes ``log_prob`` of a ``Bernoulli``, ``Categorical`` or ``OneHotCategorical`` given by
+    ``probs`` from clamped probabilities: a value of probability 0 gets log p = log(eps) although
+    ``sample`` never draws it. Call this before reading log-probabilities to decide which values exist
+    (enumerating the support, sampling without replacement), so that such values are impossible as
+    they are with ``-inf`` logits. Returns ``d`` itself when nothing changes; see
+    ``storch.distributions.strict_support``.
+    """
+    return _strict_support(d, is_tracing())
 
 
 def assume(condition: torch.Tensor, message: str) -> None:

@@ -5,12 +5,24 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from ..distributions import strict_support
 from ..errors import OptionError, UnsupportedDistributionError
 from ..estimators.base import Estimator, _float_dtype
+from ..graph import is_tracing
 from ..node import Node
+
+
+@dataclass
+class ExpectState:
+    """Per-node record of ``expect``: ``lp``, log p of each enumerated joint value per parent entry,
+    shape ``(K^n, *parents)``, with gradient; ``-inf`` for a value the distribution never draws."""
+
+    lp: Optional[torch.Tensor] = None
 
 __all__ = ["Expect"]
 
@@ -20,7 +32,9 @@ class Expect(Estimator):
 
     Components:
         q(X | x<i) = δ over all joint values of the node's batch dims (K^n of them);
-        w(x) = p(x | x<i), carrying gradient;
+        w(x) = p(x | x<i), carrying gradient (0 with derivative 0 for a value of probability 0,
+        whose entry holds a possible value instead: the cost is never evaluated on a value the
+        distribution cannot draw, and an infinite cost there does not make the estimate NaN);
         l(x) = 0;
         a = 0.
 
@@ -44,6 +58,7 @@ class Expect(Estimator):
     name = "expect"
     aliases = ("enumerate",)
     requires_enumerate_support = True
+    State = ExpectState
 
     def __init__(self, plate: str, budget: int = 4096) -> None:
         super().__init__(plate, 1)
@@ -52,7 +67,8 @@ class Expect(Estimator):
         self.budget = budget
 
     def proposal(self, node: Node) -> torch.Tensor:
-        d = node.distribution
+        # probabilities given as exactly 0 are impossible values (log p = -inf), as -inf logits are
+        d = node.distribution = strict_support(node.distribution, is_tracing())
         support = d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
         k = support.shape[0]
         values = support.reshape((k,) + tuple(d.event_shape))
@@ -67,11 +83,22 @@ class Expect(Estimator):
         joint = values[_joint_indices(k, n, values.device)].reshape((k ** n,) + own + tuple(d.event_shape))
         lead = (k ** n,) + (1,) * len(node.parents)
         joint = joint.reshape(lead + joint.shape[1:])
-        return joint.expand((k ** n,) + tuple(d.batch_shape) + tuple(d.event_shape))
+        sample = joint.expand((k ** n,) + tuple(d.batch_shape) + tuple(d.event_shape))
+        lp = node.state.lp = node.log_prob(sample)  # (K^n, *parents)
+        never = torch.isneginf(lp)
+        if not is_tracing() and (lp.is_meta or not bool(never.any())):
+            return sample  # every value possible (the common case): one expanded view of the values
+        # an entry with impossible values holds its most probable value in their places (weight 0):
+        # the user's cost only ever sees values the distribution can draw
+        m = len(node.parents)
+        rows = torch.arange(k ** n, device=lp.device).reshape((k ** n,) + (1,) * m)
+        idx = torch.where(never, lp.detach().argmax(0, keepdim=True), rows).reshape((k ** n,) + lp.shape[1:] + (1,) * (
+            sample.dim() - 1 - m))
+        return sample.gather(0, idx.expand(sample.shape))
 
     def weighting_function(self, node: Node) -> torch.Tensor:
-        # w(x) = p(x): the probability of each joint value, WITH gradient (appendix D.1)
-        return node.log_prob(node.sample).exp()
+        # w(x) = p(x): the probability of each joint value, WITH gradient (appendix D.1); 0 on impossible values
+        return node.state.lp.exp()
 
     def gradient_function(self, node: Node) -> torch.Tensor:
         return torch.zeros((1,), dtype=_float_dtype(node), device=node.sample.device)

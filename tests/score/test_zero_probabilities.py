@@ -1,0 +1,182 @@
+"""Probabilities that are exactly 0 (``probs=``) are impossible values for the enumerating estimators.
+
+torch computes ``log_prob`` of a ``Categorical``, ``OneHotCategorical`` or ``Bernoulli`` given by
+``probs`` from clamped probabilities: a value of probability 0 gets log p = log(eps) (-15.9 in
+float32) although ``sample`` never draws it. ``expect``, ``unordered_set`` and ``sum_and_sample``
+decide from log p which values exist, so before ``storch.extending.strict_support`` they drew or
+enumerated such values (``unordered_set@4`` on 2 possible categories returned [0, 1, 3, 2] with
+weights 1.8e-7 for the last two) and the user's cost ran on them: a cost that is infinite there (an
+action the mask forbids) raised ``NonFiniteCostError``. These tests fail on that code.
+
+A masked policy as users write it, ``probs = softmax(x) * mask / Σ``, is the model: the values, the
+loss and the gradient with respect to ``x`` are compared with exact enumeration over the possible
+values (exact for ``expect`` and for a set that holds the whole support; a z-test over independent
+estimates otherwise).
+"""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Categorical, Independent, OneHotCategorical
+
+import storch
+from storch.extending import strict_support
+
+MASK = torch.tensor([True, False, True, True, False])  # 3 possible values of 5
+COST = torch.tensor([0.3, 0.0, 1.1, -0.4, 0.0])  # the cost of each possible value
+
+
+def _probs(x: torch.Tensor, mask: torch.Tensor = MASK) -> torch.Tensor:
+    p = torch.softmax(x, -1) * mask
+    return p / p.sum(-1, keepdim=True)
+
+
+def _exact(x: torch.Tensor) -> torch.Tensor:
+    return (_probs(x) * COST).sum()
+
+
+def _cost(z: torch.Tensor, one_hot: bool, seen: list) -> torch.Tensor:
+    """COST of the drawn value, and +inf for a value the mask forbids (the cost a user's environment
+    would refuse with); records the values the cost was evaluated on."""
+    idx = z.argmax(-1) if one_hot else z
+    seen.append(idx.tensor.detach().reshape(-1))
+    table = torch.where(MASK, COST, torch.full_like(COST, math.inf))
+    return table[idx]
+
+
+ESTIMATORS = {
+    "expect": dict(name="expect"),
+    "unordered_set@8": dict(name="unordered_set", n_samples=8),  # the whole support: exact
+    "sum_and_sample@2": dict(name="sum_and_sample", n_samples=2),
+    "unordered_set@2": dict(name="unordered_set", n_samples=2),
+}
+EXACT = {"expect", "unordered_set@8"}
+
+
+def _estimate(spec: dict, x: torch.Tensor, one_hot: bool, seen: list) -> tuple[float, torch.Tensor]:
+    opts = {k: v for k, v in spec.items() if k != "name"}
+    est = storch.estimator(spec["name"], plate="a", **opts)
+    p = _probs(x)
+    with storch.Graph():
+        z = est(OneHotCategorical(probs=p) if one_hot else Categorical(probs=p))
+        storch.add_cost(_cost(z, one_hot, seen), name="c")
+        loss = storch.surrogate_loss()
+        (g,) = torch.autograd.grad(loss, x)
+    return float(loss.detach()), g
+
+
+@pytest.mark.parametrize("one_hot", [False, True], ids=["categorical", "one_hot"])
+@pytest.mark.parametrize("which", list(ESTIMATORS))
+def test_masked_probs_never_reach_the_cost_and_the_gradient_is_unbiased(which, one_hot):
+    torch.manual_seed(0)
+    x = torch.tensor([0.2, -0.3, 0.5, -1.0, 0.7], dtype=torch.float64, requires_grad=True)
+    exact = _exact(x)
+    (want,) = torch.autograd.grad(exact, x)
+    seen: list = []
+    reps = 1 if which in EXACT else 1500
+    values, grads = [], []
+    for _ in range(reps):
+        v, g = _estimate(ESTIMATORS[which], x, one_hot, seen)
+        assert math.isfinite(v)
+        values.append(v)
+        grads.append(g)
+    drawn = torch.cat(seen)
+    assert bool(MASK[drawn].all()), f"evaluated on impossible values {sorted(set(drawn[~MASK[drawn]].tolist()))}"
+    g = torch.stack(grads)
+    if which in EXACT:
+        assert values[0] == pytest.approx(float(exact.detach()), rel=1e-12)
+        assert torch.allclose(g[0], want, atol=1e-12), (g[0], want)
+        return
+    se = g.std(0) / math.sqrt(reps)
+    z = (g.mean(0) - want).abs() / se.clamp_min(1e-12)
+    assert bool((z < 4).all()), (g.mean(0), want, z)
+    vz = abs(sum(values) / reps - float(exact.detach())) / (torch.tensor(values).std() / math.sqrt(reps))
+    assert vz < 4, vz
+    assert float(g[:, ~MASK].abs().max()) < 1e-12  # a masked logit has no effect: its derivative is 0 (to rounding)
+
+
+@pytest.mark.parametrize("which", ["expect", "unordered_set", "sum_and_sample"])
+def test_bernoulli_probs_of_exactly_0_and_1(which):
+    """Three Bernoullis given by probs (one node, 8 joint values), one saturated at 0 and one at 1 (a sigmoid of a large
+    logit rounds to them): the only possible joint values have bit 0 = 0 and bit 1 = 1; a cost that is
+    infinite elsewhere gives the exact expectation and gradient (the support, 2 values, fits a set of 4)."""
+    w = torch.tensor([-800.0, 800.0, 0.3], dtype=torch.float64, requires_grad=True)
+    p = torch.sigmoid(w)
+    assert float(p[0].detach()) == 0.0 and float(p[1].detach()) == 1.0
+    opts = {} if which == "expect" else {"n_samples": 4}
+    est = storch.estimator(which, plate="b", **opts)
+    seen = []
+    with storch.Graph():
+        z = est(Bernoulli(probs=p))
+        seen.append(z.tensor.detach().reshape(-1, 3))
+        never = (z[0] == 1) | (z[1] == 0)
+        storch.add_cost(torch.where(never, torch.full((), math.inf, dtype=w.dtype), 2.0 * z[2] - 0.5), name="c")
+        loss = storch.surrogate_loss()
+        (g,) = torch.autograd.grad(loss, w)
+    v = torch.cat(seen)
+    assert bool((v[:, 0] == 0).all() and (v[:, 1] == 1).all()), v
+    q = torch.sigmoid(torch.tensor(0.3, dtype=torch.float64))
+    assert float(loss.detach()) == pytest.approx(float(2.0 * q - 0.5), rel=1e-12)
+    assert float(g[2]) == pytest.approx(float(2.0 * q * (1 - q)), rel=1e-12)
+    assert bool(torch.isfinite(g).all())
+
+
+def test_strict_support_changes_only_what_it_must():
+    """``strict_support`` returns the distribution itself when nothing is exactly 0 or when it is given
+    by logits (the common case: no copy); otherwise the copy draws the same samples from the same seed,
+    and has torch's log-probabilities and derivatives on every value it can draw, -inf elsewhere."""
+    x = torch.tensor([0.2, -0.3, 0.5, -1.0, 0.7], dtype=torch.float64, requires_grad=True)
+    for d in (Categorical(logits=x), Categorical(probs=torch.softmax(x, -1)), Bernoulli(probs=torch.sigmoid(x)),
+              OneHotCategorical(logits=x), Independent(Bernoulli(logits=x), 1)):
+        assert strict_support(d) is d
+    for make in (Categorical, OneHotCategorical):
+        d = make(probs=_probs(x))
+        s = strict_support(d)
+        assert s is not d and type(s) is make
+        torch.manual_seed(3)
+        a = d.sample((50,))
+        torch.manual_seed(3)
+        assert torch.equal(s.sample((50,)), a)
+        support = d.enumerate_support()
+        lp, ls = d.log_prob(support), s.log_prob(support)
+        assert torch.equal(ls[MASK], lp[MASK]) and bool(torch.isneginf(ls[~MASK]).all())
+        assert bool(torch.isfinite(lp[~MASK]).all())  # torch's own: log(eps), for a value it never draws
+        ga = torch.autograd.grad(lp[MASK].sum(), x, retain_graph=True)[0]
+        gb = torch.autograd.grad(ls[MASK].sum(), x)[0]
+        assert torch.equal(ga, gb)
+    b = Bernoulli(probs=torch.tensor([0.0, 1.0, 0.25], dtype=torch.float64))
+    s = strict_support(b)
+    ones, zeros = torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for v, never in ((ones, 0), (zeros, 1)):  # value 1 at p = 0 and value 0 at p = 1: -inf; torch's elsewhere
+        ls, lp = s.log_prob(v), b.log_prob(v)
+        assert float(ls[never]) == -math.inf and math.isfinite(float(lp[never]))
+        keep = [i for i in range(3) if i != never]
+        assert torch.equal(ls[keep], lp[keep])
+    torch.manual_seed(4)
+    a = b.sample((20,))
+    torch.manual_seed(4)
+    assert torch.equal(s.sample((20,)), a)
+
+
+def test_expect_with_masked_probs_replays_under_storch_compile():
+    """Traced, ``expect`` always takes the padding path (no branch on values): the replayed loss and
+    gradient are eager's and exact, with a cost that is infinite on the masked values."""
+    est = storch.estimator("expect", plate="a")
+    table = torch.where(MASK, COST, torch.full_like(COST, math.inf))
+
+    def step(x):
+        z = est(Categorical(probs=_probs(x)))
+        storch.add_cost(table[z], name="c")
+        return storch.surrogate_loss()
+
+    x = torch.tensor([0.2, -0.3, 0.5, -1.0, 0.7], dtype=torch.float64, requires_grad=True)
+    compiled = storch.compile(step, backend=None)
+    (want,) = torch.autograd.grad(_exact(x), x)
+    for _ in range(2):
+        loss = compiled(x)
+        (g,) = torch.autograd.grad(loss, x)
+        with storch.Graph():
+            (eager,) = torch.autograd.grad(step(x), x)
+        assert float(loss.detach()) == pytest.approx(float(_exact(x).detach()), rel=1e-12)
+        assert torch.allclose(g, eager, atol=1e-14) and torch.allclose(g, want, atol=1e-12)
