@@ -50,12 +50,17 @@ ESTIMATORS = {
     "unordered_set@8": dict(name="unordered_set", n_samples=8),  # the whole support: exact
     "sum_and_sample@2": dict(name="sum_and_sample", n_samples=2),
     "unordered_set@2": dict(name="unordered_set", n_samples=2),
+    # a memory the user lists, with masked values: summed as the entry's most probable value instead
+    "sum_and_sample@2 memory=[1, 2]": dict(name="sum_and_sample", n_samples=2, memory=torch.tensor([1, 2])),
+    "sum_and_sample@2 memory=[4, 1]": dict(name="sum_and_sample", n_samples=2, memory=torch.tensor([4, 1])),
 }
 EXACT = {"expect", "unordered_set@8"}
 
 
 def _estimate(spec: dict, x: torch.Tensor, one_hot: bool, seen: list) -> tuple[float, torch.Tensor]:
     opts = {k: v for k, v in spec.items() if k != "name"}
+    if one_hot and "memory" in opts:  # one-hot values
+        opts["memory"] = torch.nn.functional.one_hot(opts["memory"], 5).to(x.dtype)
     est = storch.estimator(spec["name"], plate="a", **opts)
     p = _probs(x)
     with storch.Graph():

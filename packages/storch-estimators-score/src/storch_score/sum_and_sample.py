@@ -105,7 +105,8 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
         memory: instead of the k' most probable values, a user-given memory set: a tensor of
             values ``(k', *own_batch, *event)`` or ``(k', *parent_plates, *own_batch, *event)``, or a
             callable that gets the node's raw distribution and returns such a tensor. Repeated
-            values are counted once.
+            values are counted once; a value of probability 0 in an entry is summed there as that
+            entry's most probable value instead (enumerated supports; the cost never sees it).
         baseline: ``"none"`` or ``"leave_one_out"`` (alias ``"batch_average"``, needs n_samples >= 2).
         budget: the largest joint support that is enumerated.
         buffer: sequences (MAPO's memory buffer, paper 3.2 and D.2.3): called once per token in an
@@ -238,6 +239,12 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
         else:
             top = _memory_indices(self.memory, node, values)
             k = top.shape[0]
+            # a memory value of probability 0 in an entry (a mask) is summed there as the entry's most
+            # probable value instead, counted once: another memory set, as unbiased, and the user's cost
+            # never sees a value the model cannot produce
+            ok = torch.isfinite(logp.detach().gather(0, top))
+            if tracing or not (logp.is_meta or bool(ok.all())):
+                top = torch.where(ok, top, logp.detach().argmax(0, keepdim=True).expand_as(top))
             same = top.unsqueeze(0) == top.unsqueeze(1)  # (k', k', *parents)
             earlier = torch.ones(k, k, dtype=torch.bool, device=top.device).tril(-1)
             first = ~(same & earlier.reshape((k, k) + (1,) * (top.dim() - 1))).any(1)
