@@ -31,6 +31,20 @@ def test_cost_with_event_shape_is_an_error():
             storch.add_cost(z.sum().long())
 
 
+def test_empty_data_plate_is_an_error_not_a_nan_loss():
+    """A batch of 0 data points made the surrogate a mean over nothing (NaN), reported as a non-finite
+    surrogate "although every cost is" finite; denote_independent now says what is wrong."""
+    theta = torch.zeros(0, 3, requires_grad=True)
+    with storch.Graph():
+        with pytest.raises(storch.PlateError, match=r"plate 'data' would hold 0 data points.*Skip empty batches"):
+            storch.denote_independent(theta, 0, "data")
+        with pytest.raises(storch.PlateError, match="0 data points"):
+            storch.denote_independent((theta, torch.zeros(0)), 0, "batch")
+    with storch.Graph():  # the step was discarded; a non-empty batch works
+        x = storch.denote_independent(torch.zeros(2, 3), 0, "data")
+        assert x.plates[0].size == 2
+
+
 def test_surrogate_without_costs_is_an_error():
     with storch.Graph(), pytest.raises(storch.StorchError, match="add_cost"):
         storch.surrogate_loss()

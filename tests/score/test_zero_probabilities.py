@@ -18,7 +18,7 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Categorical, Independent, OneHotCategorical
+from torch.distributions import Bernoulli, Binomial, Categorical, Independent, OneHotCategorical
 
 import storch
 from storch.extending import strict_support
@@ -124,6 +124,24 @@ def test_bernoulli_probs_of_exactly_0_and_1(which):
     q = torch.sigmoid(torch.tensor(0.3, dtype=torch.float64))
     assert float(loss.detach()) == pytest.approx(float(2.0 * q - 0.5), rel=1e-12)
     assert float(g[2]) == pytest.approx(float(2.0 * q * (1 - q)), rel=1e-12)
+    assert bool(torch.isfinite(g).all())
+
+
+@pytest.mark.parametrize("which", ["expect", "unordered_set", "sum_and_sample"])
+def test_binomial_probs_of_exactly_0_and_1(which):
+    """Binomial(3, probs=(0, 1)): only the counts (0, 3) are possible; a cost infinite elsewhere gives
+    the exact value, and a finite gradient."""
+    p = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    opts = {} if which == "expect" else {"n_samples": 4}
+    with storch.Graph():
+        z = storch.estimator(which, plate="b", **opts)(Binomial(3, probs=p))
+        v = z.tensor.detach().reshape(-1, 2)
+        ok = (z[0] == 0) & (z[1] == 3)
+        storch.add_cost(torch.where(ok, z[1] - z[0] + 0.5, torch.full((), math.inf, dtype=p.dtype)), name="c")
+        loss = storch.surrogate_loss()
+        (g,) = torch.autograd.grad(loss, p)
+    assert bool((v[:, 0] == 0).all() and (v[:, 1] == 3).all()), v
+    assert float(loss.detach()) == pytest.approx(3.5, rel=1e-12)
     assert bool(torch.isfinite(g).all())
 
 

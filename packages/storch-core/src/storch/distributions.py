@@ -12,7 +12,7 @@ import math
 from typing import Optional
 
 import torch
-from torch.distributions import Bernoulli, Categorical, Distribution, Independent, OneHotCategorical
+from torch.distributions import Bernoulli, Binomial, Categorical, Distribution, Independent, OneHotCategorical
 from torch.nn.functional import binary_cross_entropy_with_logits
 from torch.distributions.utils import lazy_property
 
@@ -316,6 +316,20 @@ class _StrictBernoulli(Bernoulli):
         return lp.masked_fill(never, -math.inf)
 
 
+class _StrictBinomial(Binomial):
+    """A ``Binomial`` given by probabilities whose ``log_prob`` is ``-inf`` on the counts it never draws
+    (any count above 0 at p = 0, any below ``total_count`` at p = 1), as :class:`_StrictBernoulli`."""
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        lp = super().log_prob(value)
+        p = self.probs
+        never = ((p == 0) & (value > 0)) | ((p == 1) & (value < self.total_count))
+        return lp.masked_fill(never, -math.inf)
+
+
+_STRICT = {Bernoulli: _StrictBernoulli, Binomial: _StrictBinomial}
+
+
 def _given_probs(d: Distribution) -> bool:
     return d.__dict__.get("_param") is not None and d._param is d.__dict__.get("probs")
 
@@ -331,13 +345,13 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     probabilities to decide which values exist: it calls this first, so such values are impossible
     (``-inf``) there as they are with ``-inf`` logits, and the user's cost never sees them.
 
-    Returns ``d`` itself unless it is (an ``Independent`` of) one of those three given by ``probs``
+    Returns ``d`` itself unless it is (an ``Independent`` of) one of those three, or a ``Binomial``, given by ``probs``
     with a probability that is exactly 0 (checked by value; with ``traced`` (``storch.compile`` records
     the step; ``storch.extending.strict_support`` passes it) whenever it is given by ``probs``, so that
     the program does not depend on the values). Otherwise a copy that
     samples as ``d`` does (the same random numbers) and has the same log-probabilities, with the same
     derivatives, on every value it can draw: a ``Categorical`` / ``OneHotCategorical`` with ``-inf``
-    logits there, a ``Bernoulli`` whose ``log_prob`` masks those values. The derivative of a
+    logits there, a ``Bernoulli`` or ``Binomial`` whose ``log_prob`` masks those values. The derivative of a
     probability that is exactly 0 is not estimated from values that are never drawn (no estimator
     can: those values' costs are never seen); the estimates are of the derivative within the support.
     """
@@ -345,17 +359,18 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     if t is Independent:
         base = strict_support(d.base_dist, traced)
         return d if base is d.base_dist else Independent(base, d.reinterpreted_batch_ndims, validate_args=False)
-    if t not in (Bernoulli, Categorical, OneHotCategorical):
+    if t not in (Bernoulli, Binomial, Categorical, OneHotCategorical):
         return d
     inner = d._categorical if t is OneHotCategorical else d
     if not _given_probs(inner):
         return d
     p = inner.probs
-    never = (p == 0) | (p == 1) if t is Bernoulli else p == 0
+    strict = _STRICT.get(t)
+    never = (p == 0) | (p == 1) if strict is not None else p == 0
     if not traced and not p.is_meta and not bool(never.any()):
         return d
-    if t is Bernoulli:
-        new = _StrictBernoulli.__new__(_StrictBernoulli)
+    if strict is not None:
+        new = strict.__new__(strict)
         new.__dict__.update(d.__dict__)
         new._validate_args = False
         return new

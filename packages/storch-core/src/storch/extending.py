@@ -83,7 +83,7 @@ __all__ = [
 def strict_support(d: torch.distributions.Distribution) -> torch.distributions.Distribution:
     """``d`` with ``log_prob = -inf`` on the values it never draws (probabilities given as exactly 0).
 
-    torch computes ``log_prob`` of a ``Bernoulli``, ``Categorical`` or ``OneHotCategorical`` given by
+    torch computes ``log_prob`` of a ``Bernoulli``, ``Binomial``, ``Categorical`` or ``OneHotCategorical`` given by
     ``probs`` from clamped probabilities: a value of probability 0 gets log p = log(eps) although
     ``sample`` never draws it. Call this before reading log-probabilities to decide which values exist
     (enumerating the support, sampling without replacement), so that such values are impossible as

@@ -279,6 +279,11 @@ class Graph:
             # dim 0 (the usual batch dim) is already first: the tensor itself, no view (one
             # autograd node fewer, as by hand)
             raw, parents = (tensor if dim == 0 or dim == -tensor.dim() else tensor.movedim(dim, 0)), ()
+        if raw.shape[0] == 0:
+            raise PlateError(
+                f"denote_independent: plate {plate!r} would hold 0 data points (dim {dim} of a tensor of shape "
+                f"{tuple(tensor.shape)} has size 0); the surrogate averages over the data points, and a mean over "
+                "none is undefined (NaN). Skip empty batches before the step")
         p = Plate(plate, raw.shape[0], True, 0, Lineage())
         self.claim_plate(plate, p)
         return PlateTensor._wrap(raw, (p,) + parents)
