@@ -10,7 +10,7 @@ from torch.distributions import Bernoulli, Distribution
 
 import storch.distributed
 from storch import CostFrame, Estimator, Node, OptionError, PlateTensor
-from storch.extending import base_distribution, leave_one_out, options
+from storch.extending import base_distribution, is_tracing, leave_one_out, options
 
 from .learned_baseline import LearnedBaseline, baseline_features
 
@@ -200,7 +200,13 @@ class Score(Estimator):
         """Add this step's mean costs to the moving average, or regress a learned baseline on them
         (the moving average and NVIL: :meth:`update_from`, the code a compiled step replays)."""
         if self.replays_update:
-            super().update_parameters(nodes, loss)  # update_from(update_inputs(nodes))
+            # update_from(update_inputs(nodes)), as a compiled step replays it, without the per-cost
+            # finiteness check: storch runs the updates only after the loss was found finite
+            # (storch.backward() and surrogate_loss().backward() raise NonFiniteCostError first), and a
+            # finite surrogate has finite mean costs (each cost's mean is a term of its value)
+            inputs = self.update_inputs(nodes)
+            inputs["finite"] = _KNOWN_FINITE
+            self.update_from(inputs)
         else:
             self._baseline.update(self, [(node, frame) for node in nodes for frame in node.frames.values()])
 
@@ -259,8 +265,9 @@ class Score(Estimator):
         name and key, b_ψ's input h viewed in the cost's frame, and the cost estimates f."""
         frames = [(node, frame) for node in nodes for frame in node.frames.values()]
         means = {frame.key: frame.tensor.mean() for _, frame in frames}
-        # "finite": each mean's finiteness, computed with it (a compiled step's program returns it)
-        inputs: dict = {"means": means, "finite": {key: torch.isfinite(m) for key, m in means.items()}}
+        inputs: dict = {"means": means}
+        if is_tracing():  # each mean's finiteness, computed with it: a compiled step's program returns it
+            inputs["finite"] = {key: torch.isfinite(m) for key, m in means.items()}
         if isinstance(self.baseline_fn, LearnedBaseline):
             inputs["regression"] = [(frame.name, frame.key, frame.align(baseline_features(node), node.parents),
                                      frame.tensor) for node, frame in frames]
@@ -286,19 +293,24 @@ class Score(Estimator):
         self._update_averages(inputs["means"], inputs.get("finite"))
         self._adam(errors)
 
-    def _update_averages(self, means: dict[str, torch.Tensor], finite: Optional[dict] = None) -> None:
+    def _update_averages(self, means: dict[str, torch.Tensor], finite=None) -> None:
+        """Add each cost key's mean to its running mean. ``finite``: per key, whether the mean is finite
+        (a compiled step's program returns it), ``None`` (checked here), or ``_KNOWN_FINITE`` (an eager
+        update after a finite loss: no check and no select)."""
         reduced = storch.distributed.all_reduce_mean(means, owner=self)  # the global batch's mean, every rank
-        if reduced is not means:
+        known = finite is _KNOWN_FINITE
+        if reduced is not means or known:
             finite = None  # averaged over ranks: the global mean's finiteness, not this rank's
+            known = known and reduced is means
         for key, value in reduced.items():
-            ok = finite.get(key) if finite is not None else None
-            if ok is None:
+            ok = None if known else finite.get(key) if finite is not None else None
+            if ok is None and not known:
                 ok = torch.isfinite(value)
             old = self.moving_averages.get(key)
             if old is None:
                 # the first value sets the average: checked on the host (once per key), a non-finite
                 # cost never enters the average (storch.backward() raised for it)
-                if value.device.type == "meta" or bool(ok):
+                if known or value.device.type == "meta" or bool(ok):
                     self.moving_averages[key] = value
                 continue
             # later ones without a host sync, kept only where the mean is finite (else the average
@@ -307,7 +319,7 @@ class Score(Estimator):
                 new = torch.lerp(old, value, 1.0 - self.decay)
             else:  # e.g. an average loaded from a checkpoint of another dtype or device: torch's promotion
                 new = self.decay * old + (1.0 - self.decay) * value
-            self.moving_averages[key] = torch.where(ok, new, old)
+            self.moving_averages[key] = new if known else torch.where(ok, new, old)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The moving averages by cost key (the state the baseline reads: b, or NVIL's c; ψ are
@@ -407,6 +419,8 @@ class _Callable(_Baseline):
     def update(self, est, frames):
         est._regress(frames)
 
+
+_KNOWN_FINITE = object()  # Score.update_parameters: the loss was checked finite, so is every mean cost
 
 _BASELINES: dict[str, _Baseline] = {
     b.kind: b for b in (_Baseline(), _LeaveOneOut(), _MovingAverage(), _Greedy(), _Callable())}
