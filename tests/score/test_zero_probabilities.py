@@ -246,3 +246,70 @@ def test_sequences_with_masked_probs_draw_only_possible_sequences():
     (want,) = torch.autograd.grad(exact, th)
     assert float(loss.detach()) == pytest.approx(float(exact.detach()), rel=1e-10)
     assert torch.allclose(g, want, atol=1e-10), (g, want)
+
+
+@pytest.mark.parametrize("masked", ["logits", "probs"])
+def test_buffer_sequences_that_became_impossible_never_reach_the_cost(masked):
+    """sum_and_sample's buffer (MAPO) remembers sequences; when the mask changes after they were stored
+    (here token 1 is allowed while the buffer fills, banned afterwards), a remembered sequence can hold
+    an impossible token. Its slot continues with its most probable token at weight 0, so the cost (+inf
+    on a banned token) never sees it, and the estimates stay unbiased for the new mask (z-tests against
+    enumeration). Before, the slot forced the banned token: NonFiniteCostError."""
+    import itertools
+
+    import torch.nn.functional as F
+
+    k = 4
+    torch.manual_seed(5)
+    w = torch.randn(k, k, dtype=torch.float64)
+    th = torch.randn(k, dtype=torch.float64, requires_grad=True)
+    weights = torch.tensor([1.0, 2.0], dtype=torch.float64)
+
+    def dist(prev, banned):
+        logits = th if prev is None else th + F.one_hot(prev, k).to(th.dtype) @ w
+        allowed = torch.ones(k, dtype=torch.bool)
+        allowed[banned] = False
+        if masked == "logits":
+            return Categorical(logits=logits.masked_fill(~allowed, -math.inf))
+        p = torch.softmax(logits, -1) * allowed
+        return Categorical(probs=p / p.sum(-1, keepdim=True))
+
+    def step(est, banned, seen):
+        prev, total = None, 0.0
+        for t in range(2):
+            a = est(dist(prev, banned))
+            seen.append(a.tensor.detach().reshape(-1))
+            total = total + weights[t] * torch.where(a == banned, math.inf, a.to(th.dtype))
+            prev = a
+        storch.add_cost(total, name="c")
+
+    est = storch.estimator("sum_and_sample", plate="seq", n_samples=3, buffer=6)
+    for _ in range(4):  # the buffer fills while token 0 is banned (token 1 allowed)
+        with storch.Graph():
+            step(est, 0, [])
+            storch.backward()
+    exact = 0.0
+    for seq in itertools.product(range(k), repeat=2):
+        lp, prev = 0.0, None
+        for a in seq:
+            lp = lp + dist(None if prev is None else torch.tensor(prev), 1).log_prob(torch.tensor(a))
+            prev = a
+        if 1 not in seq:
+            exact = exact + lp.exp() * sum(float(weights[t]) * a for t, a in enumerate(seq))
+    (want,) = torch.autograd.grad(exact, th)
+    values, grads, seen = [], [], []
+    for _ in range(1200):  # token 1 banned now; autograd.grad: an evaluation pass, the buffer stays
+        with storch.Graph():
+            step(est, 1, seen)
+            loss = storch.surrogate_loss()
+            (g,) = torch.autograd.grad(loss, th)
+        values.append(float(loss.detach()))
+        grads.append(g)
+    drawn = torch.cat(seen)
+    assert not bool((drawn == 1).any())
+    g = torch.stack(grads)
+    z = ((g.mean(0) - want).abs() / (g.std(0) / math.sqrt(len(grads))).clamp_min(1e-12))
+    assert bool((z < 4).all()), (g.mean(0), want, z)
+    v = torch.tensor(values)
+    vz = abs(float(v.mean()) - float(exact.detach())) / (float(v.std()) / math.sqrt(len(values)))
+    assert vz < 4, vz

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.distributions import Categorical, OneHotCategorical
 
 from storch import Node, OptionError, PlateError, UnsupportedDistributionError
+from storch.extending import strict_support
 
 from ._memory import log1mexp
 
@@ -147,7 +148,8 @@ def _check(node: Node, who: str) -> None:
 def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
     """The first step: choose the memory slots per key, draw the first tokens."""
     _check(node, est.name)
-    d, one_hot = _tokens_of(node.distribution)
+    # probabilities given as exactly 0 (probs=) are impossible tokens, as -inf logits are
+    d, one_hot = _tokens_of(strict_support(node.distribution))
     parents = tuple(d.batch_shape)
     n_par = math.prod(parents)
     if keys is None:
@@ -232,6 +234,15 @@ def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
     return _one_hot(value, one_hot, d.logits)
 
 
+def _most_probable(d, rows: int, shape: tuple) -> torch.Tensor:
+    """The most probable token of each entry of a step's distribution, ``(rows, prod(shape))``."""
+    support = d.enumerate_support(expand=False).reshape(-1)  # (K,)
+    k = support.shape[0]
+    every = support.reshape((k,) + (1,) * (1 + len(shape))).expand((k, rows) + tuple(shape))
+    lp = d.log_prob(every).detach()  # (K, rows, *shape): the first step's d broadcasts over the rows
+    return support[lp.argmax(0)].reshape(rows, -1)
+
+
 def _forced(c: "MemoryState", t: int, eos) -> torch.Tensor:
     """Tokens of the slots at step t, ``(S, P)``."""
     seqs = c.slot_seq  # (S, P, long), gathered once at the first step
@@ -263,6 +274,19 @@ def _advance(est, node: Node, d, drawn: torch.Tensor, shape: tuple) -> tuple[tor
     if finished is not None:
         lp = torch.where(finished, torch.zeros_like(lp), lp)  # a finished sequence stops contributing
     s = c.n_slots
+    if s:
+        # a remembered sequence whose token is impossible now (a mask that changed since it was stored)
+        # has probability 0: its slot continues with its most probable token (so the user's cost never
+        # sees a value the model cannot produce) and keeps log p = -inf here (weight 0, as p(m) f(m) = 0)
+        # (one sum and a read where every slot's token is possible: log p <= 0, so -inf only if one is)
+        if not math.isfinite(lp.detach()[:s].sum().item()):
+            dead = torch.isneginf(lp) & c.is_slot
+            tok = torch.where(dead, _most_probable(d, tok.shape[0], shape).to(tok.dtype), tok)
+            value = tok.reshape(value.shape)
+            lp = d.log_prob(value).reshape(tok.shape)
+            if finished is not None:
+                lp = torch.where(finished, torch.zeros_like(lp), lp)
+            lp = lp.masked_fill(dead, -math.inf)
     c.tokens.append(tok.long())
     c.lps.append(lp)  # summed over the steps only where read (_slot_logp, update): not per token
     l_step = torch.where(c.is_slot, 0.0, lp) if s else lp  # l: 0 on slots, log p on samples
@@ -281,7 +305,7 @@ def step(est, node: Node, d, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]
             f"{list(c.names)}, but step {len(c.tokens)} depends on {list(names)}; make the first "
             "step depend on every plate the later steps depend on (e.g. start the decoder from the data)")
     order, back = _orders(c, names)
-    d, one_hot = _tokens_of(d)
+    d, one_hot = _tokens_of(strict_support(d))
     drawn_full = d.sample()  # (N, *others)
     if back is None:  # the first step's layout (the usual case): nothing to permute
         value, l_step = _advance(est, node, d, drawn_full[c.n_slots:], c.parents)
