@@ -276,8 +276,9 @@ def _advance(est, node: Node, d, drawn: torch.Tensor, shape: tuple) -> tuple[tor
     s = c.n_slots
     if s:
         # a remembered sequence whose token is impossible now (a mask that changed since it was stored)
-        # has probability 0: its slot continues with its most probable token (so the user's cost never
-        # sees a value the model cannot produce) and keeps log p = -inf here (weight 0, as p(m) f(m) = 0)
+        # has probability 0: its slot takes its most probable token wherever the remembered one is
+        # impossible (so the user's cost never sees a value the model cannot produce) and keeps
+        # log p = -inf there (weight 0, as p(m) f(m) = 0)
         # (one sum and a read where every slot's token is possible: log p <= 0, so -inf only if one is)
         if not math.isfinite(lp.detach()[:s].sum().item()):
             dead = torch.isneginf(lp) & c.is_slot
