@@ -221,9 +221,9 @@ def raw_sample(d: Distribution) -> torch.Tensor:
     A ``Bernoulli`` without argument validation (the raw copy of a user's distribution) is drawn
     as torch draws it, ``torch.bernoulli`` of its probabilities (``sigmoid(logits)`` when given
     by its logits) without gradient: the same random numbers and values, without the lazy
-    property's grad mode (and without a ``no_grad`` block: on detached parameters), ``_extended_shape`` and an expand to the shape the probabilities have.
-    The probabilities computed here are not cached on ``d`` (reading ``d.probs`` computes them
-    again). Any other case calls ``d.sample()``.
+    property's grad mode, a ``no_grad`` block (the parameters are detached), ``_extended_shape`` and
+    an expand to the shape the probabilities have. The probabilities computed here are not cached on
+    ``d`` (reading ``d.probs`` computes them again). Any other case calls ``d.sample()``.
     """
     if type(d) is Bernoulli and not d._validate_args:
         state = d.__dict__
@@ -337,7 +337,7 @@ def _given_probs(d: Distribution) -> bool:
 def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     """``d`` with ``log_prob = -inf`` on every value it never draws: probabilities that are exactly 0.
 
-    ``torch.distributions`` computes ``log_prob`` of a ``Bernoulli``, ``Categorical`` or
+    ``torch.distributions`` computes ``log_prob`` of a ``Bernoulli``, ``Binomial``, ``Categorical`` or
     ``OneHotCategorical`` given by ``probs`` from clamped probabilities, so a value of probability 0
     (a masked action ``probs * mask``, a saturated ``sigmoid``) gets log p = log(eps) (-15.9 in
     float32) while ``sample`` never draws it. An estimator that enumerates the support or samples it
@@ -345,15 +345,15 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     probabilities to decide which values exist: it calls this first, so such values are impossible
     (``-inf``) there as they are with ``-inf`` logits, and the user's cost never sees them.
 
-    Returns ``d`` itself unless it is (an ``Independent`` of) one of those three, or a ``Binomial``, given by ``probs``
-    with a probability that is exactly 0 (checked by value; with ``traced`` (``storch.compile`` records
-    the step; ``storch.extending.strict_support`` passes it) whenever it is given by ``probs``, so that
-    the program does not depend on the values). Otherwise a copy that
+    Returns ``d`` itself unless it is (an ``Independent`` of) one of those four, given by ``probs``,
+    with a probability that is exactly 0 (checked by value; with ``traced``, which
+    ``storch.extending.strict_support`` passes while ``storch.compile`` records the step: whenever it
+    is given by ``probs``, so that the program does not depend on the values). Otherwise a copy that
     samples as ``d`` does (the same random numbers) and has the same log-probabilities, with the same
     derivatives, on every value it can draw: a ``Categorical`` / ``OneHotCategorical`` with ``-inf``
-    logits there, a ``Bernoulli`` or ``Binomial`` whose ``log_prob`` masks those values. The derivative of a
-    probability that is exactly 0 is not estimated from values that are never drawn (no estimator
-    can: those values' costs are never seen); the estimates are of the derivative within the support.
+    logits there, a ``Bernoulli`` / ``Binomial`` whose ``log_prob`` masks those values. The derivative
+    with respect to a probability that is exactly 0 is not estimated (it depends on the cost of a
+    value that is never drawn); the estimates are of the derivative within the support.
     """
     t = type(d)
     if t is Independent:

@@ -16,6 +16,8 @@ from ..estimators.base import Estimator, _float_dtype
 from ..graph import is_tracing
 from ..node import Node
 
+__all__ = ["Expect"]
+
 
 @dataclass
 class ExpectState:
@@ -23,8 +25,6 @@ class ExpectState:
     shape ``(K^n, *parents)``, with gradient; ``-inf`` for a value the distribution never draws."""
 
     lp: Optional[torch.Tensor] = None
-
-__all__ = ["Expect"]
 
 
 class Expect(Estimator):
@@ -92,8 +92,8 @@ class Expect(Estimator):
         # the user's cost only ever sees values the distribution can draw
         m = len(node.parents)
         rows = torch.arange(k ** n, device=lp.device).reshape((k ** n,) + (1,) * m)
-        idx = torch.where(never, lp.detach().argmax(0, keepdim=True), rows).reshape((k ** n,) + lp.shape[1:] + (1,) * (
-            sample.dim() - 1 - m))
+        idx = torch.where(never, lp.detach().argmax(0, keepdim=True), rows)  # (K^n, *parents)
+        idx = idx.reshape(idx.shape + (1,) * (sample.dim() - 1 - m))  # over the own batch and event dims
         return sample.gather(0, idx.expand(sample.shape))
 
     def weighting_function(self, node: Node) -> torch.Tensor:
