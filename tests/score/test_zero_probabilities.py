@@ -313,3 +313,26 @@ def test_buffer_sequences_that_became_impossible_never_reach_the_cost(masked):
     v = torch.tensor(values)
     vz = abs(float(v.mean()) - float(exact.detach())) / (float(v.std()) / math.sqrt(len(values)))
     assert vz < 4, vz
+
+
+def test_user_memory_beyond_the_budget_never_reaches_the_cost_with_an_impossible_value():
+    """Beyond its budget sum_and_sample searches the joint support variable by variable; a user memory
+    value of probability 0 (here bit 1 set where its probability is exactly 0) is summed as the most
+    probable joint value instead, so the cost (+inf there) never sees it; the estimate stays unbiased."""
+    p = torch.tensor([0.3, 0.0, 0.7, 0.6, 0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    bad = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    coef = torch.tensor([1.0, 0.0, -2.0, 0.5, 3.0, -1.0], dtype=torch.float64)
+    exact = float((p * coef).sum().detach())
+    seen, values = [], []
+    for _ in range(600):
+        est = storch.estimator("sum_and_sample", plate="z", n_samples=2, memory=bad, budget=8)  # 2^6 > 8
+        with storch.Graph():
+            z = est(Bernoulli(probs=p))
+            seen.append(z.tensor.detach())
+            storch.add_cost(torch.where(z[1] == 1, math.inf, (z * coef).sum(-1)), name="c")
+            values.append(float(storch.surrogate_loss().detach()))
+    drawn = torch.cat(seen)
+    assert not bool((drawn[:, 1] == 1).any())
+    v = torch.tensor(values)
+    z = abs(float(v.mean()) - exact) / (float(v.std()) / math.sqrt(len(values)))
+    assert z < 4, (float(v.mean()), exact, z)

@@ -106,7 +106,7 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
             values ``(k', *own_batch, *event)`` or ``(k', *parent_plates, *own_batch, *event)``, or a
             callable that gets the node's raw distribution and returns such a tensor. Repeated
             values are counted once; a value of probability 0 in an entry is summed there as that
-            entry's most probable value instead (enumerated supports; the cost never sees it).
+            entry's most probable value instead (the cost never sees it).
         baseline: ``"none"`` or ``"leave_one_out"`` (alias ``"batch_average"``, needs n_samples >= 2).
         budget: the largest joint support that is enumerated.
         buffer: sequences (MAPO's memory buffer, paper 3.2 and D.2.3): called once per token in an
@@ -287,6 +287,13 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
             if not isinstance(mem, torch.Tensor):
                 raise OptionError(f"sum_and_sample: memory must give a tensor of values, got {type(mem).__name__}")
             codes = codes_of(mem, table, self.name)
+            if not all_possible:
+                # a memory value of probability 0 in an entry is the entry's most probable value there
+                # (as on an enumerated support): the cost never sees it
+                ok = torch.isfinite(_memory_lp(table.lp.detach(), codes).sum(-1))  # (k', P)
+                if is_tracing() or not bool(ok.all()):
+                    best = top_k_codes(table.lp.detach(), 1).expand_as(codes)
+                    codes = torch.where(ok.unsqueeze(-1), codes, best)
             first = first_occurrences(codes)
         k = codes.shape[0]
         # no remainder when M holds every possible joint value of every entry
