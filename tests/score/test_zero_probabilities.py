@@ -336,3 +336,22 @@ def test_user_memory_beyond_the_budget_never_reaches_the_cost_with_an_impossible
     v = torch.tensor(values)
     z = abs(float(v.mean()) - exact) / (float(v.std()) / math.sqrt(len(values)))
     assert z < 4, (float(v.mean()), exact, z)
+
+
+def test_unordered_set_replayed_with_masked_probs_refuses_instead_of_drawing_masked_values():
+    """A step traced while every probability was positive assumes every value possible; a replayed call
+    whose probs hold an exact 0 raises (as with -inf logits) instead of sampling the masked value,
+    which the clamped log_prob (log eps) let through before strict_support."""
+    x = torch.tensor([0.2, -0.3, 0.5, -1.0, 0.7], dtype=torch.float64, requires_grad=True)
+    est = storch.estimator("unordered_set", plate="a", n_samples=2)
+
+    def step(x, mask):
+        z = est(Categorical(probs=_probs(x, mask)))
+        storch.add_cost(COST[z], name="c")
+        return storch.surrogate_loss()
+
+    compiled = storch.compile(step, backend=None)
+    loss = compiled(x, torch.ones(5, dtype=torch.bool))
+    assert math.isfinite(float(loss.detach()))
+    with pytest.raises(RuntimeError, match="probability 0"):
+        compiled(x, MASK)
