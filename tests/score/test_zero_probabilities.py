@@ -106,6 +106,7 @@ def test_bernoulli_probs_of_exactly_0_and_1(which):
     """Three Bernoullis given by probs (one node, 8 joint values), one saturated at 0 and one at 1 (a sigmoid of a large
     logit rounds to them): the only possible joint values have bit 0 = 0 and bit 1 = 1; a cost that is
     infinite elsewhere gives the exact expectation and gradient (the support, 2 values, fits a set of 4)."""
+    torch.manual_seed(2)
     w = torch.tensor([-800.0, 800.0, 0.3], dtype=torch.float64, requires_grad=True)
     p = torch.sigmoid(w)
     assert float(p[0].detach()) == 0.0 and float(p[1].detach()) == 1.0
@@ -131,6 +132,7 @@ def test_bernoulli_probs_of_exactly_0_and_1(which):
 def test_binomial_probs_of_exactly_0_and_1(which):
     """Binomial(3, probs=(0, 1)): only the counts (0, 3) are possible; a cost infinite elsewhere gives
     the exact value, and a finite gradient."""
+    torch.manual_seed(6)
     p = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
     opts = {} if which == "expect" else {"n_samples": 4}
     with storch.Graph():
@@ -319,6 +321,7 @@ def test_user_memory_beyond_the_budget_never_reaches_the_cost_with_an_impossible
     """Beyond its budget sum_and_sample searches the joint support variable by variable; a user memory
     value of probability 0 (here bit 1 set where its probability is exactly 0) is summed as the most
     probable joint value instead, so the cost (+inf there) never sees it; the estimate stays unbiased."""
+    torch.manual_seed(7)
     p = torch.tensor([0.3, 0.0, 0.7, 0.6, 0.2, 0.5], dtype=torch.float64, requires_grad=True)
     bad = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
     coef = torch.tensor([1.0, 0.0, -2.0, 0.5, 3.0, -1.0], dtype=torch.float64)
@@ -342,6 +345,7 @@ def test_unordered_set_replayed_with_masked_probs_refuses_instead_of_drawing_mas
     """A step traced while every probability was positive assumes every value possible; a replayed call
     whose probs hold an exact 0 raises (as with -inf logits) instead of sampling the masked value,
     which the clamped log_prob (log eps) let through before strict_support."""
+    torch.manual_seed(8)
     x = torch.tensor([0.2, -0.3, 0.5, -1.0, 0.7], dtype=torch.float64, requires_grad=True)
     est = storch.estimator("unordered_set", plate="a", n_samples=2)
 
