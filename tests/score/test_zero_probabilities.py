@@ -359,3 +359,37 @@ def test_unordered_set_replayed_with_masked_probs_refuses_instead_of_drawing_mas
     assert math.isfinite(float(loss.detach()))
     with pytest.raises(RuntimeError, match="probability 0"):
         compiled(x, MASK)
+
+
+def test_every_enumerating_estimator_gets_the_strict_distribution_and_no_other_does():
+    """The base class passes an estimator with ``requires_enumerate_support`` (here a third party's, which
+    never calls strict_support itself) its distribution with -inf log p on masked values, at the first
+    call and at later steps of a partition; ``score`` (torch's own sampler) gets it unchanged."""
+    seen = {}
+
+    class Enumerating(storch.Estimator):
+        name = "enumerating_probe"
+        requires_enumerate_support = True
+        supports_partitions = True
+
+        def proposal(self, node):
+            seen["first"] = node.distribution.log_prob(torch.arange(5)).detach()
+            return node.distribution.sample((1,))
+
+        def extend(self, node, distribution, plates):
+            seen["step"] = distribution.log_prob(torch.arange(5).reshape(5, 1)).detach()
+            return super().extend(node, distribution, plates)
+
+    torch.manual_seed(9)
+    x = torch.tensor([0.2, -0.3, 0.5, -1.0, 0.7], dtype=torch.float64)
+    est = Enumerating("e", 1)
+    with storch.Graph() as graph:
+        est(Categorical(probs=_probs(x)))
+        est(Categorical(probs=_probs(x)))
+        score = storch.estimator("score", plate="s", n_samples=2)
+        score(Categorical(probs=_probs(x)))
+        score_lp = graph.nodes[-1].distribution.log_prob(torch.arange(5)).detach()
+    for key in ("first", "step"):
+        lp = seen[key].reshape(-1)
+        assert bool(torch.isneginf(lp[~MASK]).all()) and bool(torch.isfinite(lp[MASK]).all()), (key, lp)
+    assert bool(torch.isfinite(score_lp).all())  # torch's clamped log(eps): score never reads the support

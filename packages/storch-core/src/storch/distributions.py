@@ -342,8 +342,10 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     (a masked action ``probs * mask``, a saturated ``sigmoid``) gets log p = log(eps) (-15.9 in
     float32) while ``sample`` never draws it. An estimator that enumerates the support or samples it
     without replacement (``expect``, ``unordered_set``, ``sum_and_sample``) reads those log
-    probabilities to decide which values exist: it calls this first, so such values are impossible
-    (``-inf``) there as they are with ``-inf`` logits, and the user's cost never sees them.
+    probabilities to decide which values exist: the base class passes every estimator with
+    ``requires_enumerate_support`` its distribution through this (``Estimator._sample_node``,
+    ``_extend_partition``), so such values are impossible (``-inf``) there as they are with ``-inf``
+    logits, and the user's cost never sees them.
 
     Returns ``d`` itself unless it is (an ``Independent`` of) one of those four, given by ``probs``,
     with a probability that is exactly 0 (checked by value; with ``traced``, which

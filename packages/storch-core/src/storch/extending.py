@@ -18,8 +18,9 @@ Distributions:
     :func:`base_distribution` is the distribution under one ``Independent`` wrapper, the one
     that holds the parameters (only ``Independent``, once: a ``LogNormal`` is not a ``Normal``).
     :func:`strict_support` gives values of probability exactly 0 (``probs`` with zeros) the
-    log-probability ``-inf`` that torch's clamped ``log_prob`` does not: call it before enumerating
-    or searching the support, so that a sample never holds a value the model cannot produce.
+    log-probability ``-inf`` that torch's clamped ``log_prob`` does not (estimators with
+    ``requires_enumerate_support`` get their distributions through it already), so that a sample never
+    holds a value the model cannot produce.
 
 Random numbers:
     :func:`drawing_with` makes the random draws of a block use a generator (the per-graph
@@ -85,7 +86,8 @@ def strict_support(d: torch.distributions.Distribution) -> torch.distributions.D
 
     torch computes ``log_prob`` of a ``Bernoulli``, ``Binomial``, ``Categorical`` or ``OneHotCategorical`` given by
     ``probs`` from clamped probabilities: a value of probability 0 gets log p = log(eps) although
-    ``sample`` never draws it. Call this before reading log-probabilities to decide which values exist
+    ``sample`` never draws it. An estimator with ``requires_enumerate_support`` gets its distributions
+    through this already; call it where other code reads log-probabilities to decide which values exist
     (enumerating the support, sampling without replacement), so that such values are impossible as
     they are with ``-inf`` logits. Returns ``d`` itself when nothing changes; see
     ``storch.distributions.strict_support``.

@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch.distributions import Categorical, OneHotCategorical
 
 from storch import Node, OptionError, PlateError, UnsupportedDistributionError
-from storch.extending import strict_support
 
 from ._memory import log1mexp
 
@@ -148,8 +147,7 @@ def _check(node: Node, who: str) -> None:
 def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
     """The first step: choose the memory slots per key, draw the first tokens."""
     _check(node, est.name)
-    # probabilities given as exactly 0 (probs=) are impossible tokens, as -inf logits are
-    d, one_hot = _tokens_of(strict_support(node.distribution))
+    d, one_hot = _tokens_of(node.distribution)
     parents = tuple(d.batch_shape)
     n_par = math.prod(parents)
     if keys is None:
@@ -306,7 +304,7 @@ def step(est, node: Node, d, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]
             f"{list(c.names)}, but step {len(c.tokens)} depends on {list(names)}; make the first "
             "step depend on every plate the later steps depend on (e.g. start the decoder from the data)")
     order, back = _orders(c, names)
-    d, one_hot = _tokens_of(strict_support(d))
+    d, one_hot = _tokens_of(d)
     drawn_full = d.sample()  # (N, *others)
     if back is None:  # the first step's layout (the usual case): nothing to permute
         value, l_step = _advance(est, node, d, drawn_full[c.n_slots:], c.parents)

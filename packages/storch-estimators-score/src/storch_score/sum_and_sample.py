@@ -17,7 +17,7 @@ import torch
 from torch.distributions import Categorical, Distribution
 
 from storch import CostFrame, Estimator, Node, OptionError, PlateError, PlateTensor
-from storch.extending import assume, is_tracing, leave_one_out, options, strict_support
+from storch.extending import assume, is_tracing, leave_one_out, options
 
 from ._memory import (VariableTable, _memory_lp, check_in_support, codes_of, first_occurrences, sample_outside,
                       top_k_codes)
@@ -213,8 +213,7 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
     # -- the components ----------------------------------------------------------------------------
 
     def proposal(self, node: Node) -> torch.Tensor:
-        # probabilities given as exactly 0 (probs=) are impossible values, as -inf logits are
-        d = node.distribution = strict_support(node.distribution)
+        d = node.distribution
         n_values = d.enumerate_support(expand=False).shape[0] ** math.prod(d.batch_shape[len(node.parents):])
         if n_values > self.budget:
             return self._beyond_budget(node, n_values)

@@ -11,7 +11,7 @@ import torch
 from torch.distributions import Bernoulli, Distribution
 
 from storch import CostFrame, Estimator, Node, OptionError, StorchError
-from storch.extending import align, is_tracing, options, strict_support
+from storch.extending import align, is_tracing, options
 
 from ._beam import _gumbel_like, beam_step, order_gumbels, sample_without_replacement, top_possible
 from ._support import enumerate_joint, enumerate_values, masked_logsumexp
@@ -126,8 +126,7 @@ class UnorderedSet(Estimator):
             self.max_order = math.inf  # detached weights, no baseline: any order (D.2.3)
 
     def proposal(self, node: Node) -> torch.Tensor:
-        # probabilities given as exactly 0 (probs=) are impossible values, as -inf logits are
-        d = node.distribution = strict_support(node.distribution)
+        d = node.distribution
         n_cat = 2 if type(d) is Bernoulli else d.enumerate_support(expand=False).shape[0]
         n_values = n_cat ** math.prod(d.batch_shape[len(node.parents):])
         if n_values <= self.budget:
@@ -176,7 +175,6 @@ class UnorderedSet(Estimator):
                 "eagerly, or trace it without eos= (sequences of a fixed length compile)")
         c = node.state
         prev = (node.plate,) + node.parents
-        distribution = strict_support(distribution)
         values, lp = enumerate_values(distribution, len(plates), self.budget, self.name, self.plate)  # (M, *plates)
         if self.eos is not None:  # a finished prefix continues with eos, with probability 1
             done = align(node.finished, prev, plates).expand(tuple(p.size for p in plates))

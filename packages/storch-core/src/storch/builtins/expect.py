@@ -10,7 +10,6 @@ from typing import Optional
 
 import torch
 
-from ..distributions import strict_support
 from ..errors import OptionError, UnsupportedDistributionError
 from ..estimators.base import Estimator, _float_dtype
 from ..graph import is_tracing
@@ -67,8 +66,7 @@ class Expect(Estimator):
         self.budget = budget
 
     def proposal(self, node: Node) -> torch.Tensor:
-        # probabilities given as exactly 0 are impossible values (log p = -inf), as -inf logits are
-        d = node.distribution = strict_support(node.distribution, is_tracing())
+        d = node.distribution  # (probabilities of exactly 0 have log p = -inf: Estimator._sample_node)
         support = d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
         k = support.shape[0]
         values = support.reshape((k,) + tuple(d.event_shape))

@@ -41,7 +41,7 @@ import torch
 from torch.distributions import Distribution
 
 from ..cost import CostFrame, _lead, magic_box
-from ..distributions import _as_raw, base_distribution, raw_log_prob, raw_sample, unwrap_distribution
+from ..distributions import _as_raw, base_distribution, raw_log_prob, raw_sample, strict_support, unwrap_distribution
 from ..eager import eager_only
 from ..errors import NonFiniteParameterError, OptionError, PlateError, StorchError, UnsupportedDistributionError
 from ..generators import drawing_with
@@ -74,7 +74,11 @@ class Estimator(torch.nn.Module):
         max_order: highest derivative order for which it is unbiased (``math.inf`` = any).
         biased: True if it estimates a different (relaxed / finite-difference) objective.
         distributions: supported distribution types (``None``: any).
-        requires_rsample / requires_enumerate_support: capability requirements.
+        requires_rsample / requires_enumerate_support: capability requirements. An estimator with
+            ``requires_enumerate_support`` gets its distribution through
+            ``storch.extending.strict_support`` (``node.distribution`` and a partition step's): values of
+            probability exactly 0 given by ``probs`` have log p = -inf, as with ``-inf`` logits, so an
+            estimator that reads the support's log-probabilities never takes them for possible values.
         has_update: ``storch.backward()`` runs :meth:`update_parameters` (learned or running parts);
             so does ``surrogate_loss().backward()``, after its backward pass.
         update_uses_loss_graph: whether :meth:`update_parameters` differentiates ``loss`` again.
@@ -181,6 +185,8 @@ class Estimator(torch.nn.Module):
                      inputs: Any) -> PlateTensor:
         """The first call of this estimator in ``graph``: a new node for the raw distribution ``raw``."""
         self.check_distribution(raw)
+        if self.requires_enumerate_support:  # probabilities of exactly 0 (probs=) are impossible values
+            raw = strict_support(raw, is_tracing())
         ndims = 1 + len(raw.batch_shape) + len(raw.event_shape)  # the sample: plate, batch, event
         if ndims > MAX_DIMS:
             raise PlateError(f"estimator {self.name!r} (plate {self.plate!r}): " + too_many_dims_message(ndims))
@@ -234,6 +240,8 @@ class Estimator(torch.nn.Module):
         else:
             raw, plates = unwrapped
         self.check_distribution(raw)
+        if self.requires_enumerate_support:
+            raw = strict_support(raw, is_tracing())
         parents = plates[1:]
         if parents != node.parents:  # node.parents were checked at the step that added them
             for p in parents:
