@@ -232,6 +232,16 @@ def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
     return _one_hot(value, one_hot, d.logits)
 
 
+def _token_lp(d, tok: torch.Tensor, shape: tuple, finished: Optional[torch.Tensor]) -> tuple:
+    """The step's values ``(N, *shape)`` from tokens ``(N, P)`` and their log p (with gradient),
+    ``(N, P)``; 0 for a sequence that has ended (it stops contributing)."""
+    value = tok.reshape((tok.shape[0],) + shape)
+    lp = d.log_prob(value).reshape(tok.shape)
+    if finished is not None:
+        lp = torch.where(finished, torch.zeros_like(lp), lp)
+    return value, lp
+
+
 def _most_probable(d, rows: int, shape: tuple) -> torch.Tensor:
     """The most probable token of each entry of a step's distribution, ``(rows, prod(shape))``."""
     support = d.enumerate_support(expand=False).reshape(-1)  # (K,)
@@ -267,10 +277,7 @@ def _advance(est, node: Node, d, drawn: torch.Tensor, shape: tuple) -> tuple[tor
     if t and est.eos is not None:
         finished = (torch.stack(c.tokens, -1) == est.eos).any(-1)  # (N, P): ended at an earlier step
         tok = torch.where(finished, torch.full_like(tok, est.eos), tok)
-    value = tok.reshape((tok.shape[0],) + shape)
-    lp = d.log_prob(value).reshape(tok.shape)  # with gradient
-    if finished is not None:
-        lp = torch.where(finished, torch.zeros_like(lp), lp)  # a finished sequence stops contributing
+    value, lp = _token_lp(d, tok, shape, finished)
     s = c.n_slots
     if s:
         # a remembered sequence whose token is impossible now (a mask that changed since it was stored)
@@ -281,10 +288,7 @@ def _advance(est, node: Node, d, drawn: torch.Tensor, shape: tuple) -> tuple[tor
         if not math.isfinite(lp.detach()[:s].sum().item()):
             dead = torch.isneginf(lp) & c.is_slot
             tok = torch.where(dead, _most_probable(d, tok.shape[0], shape).to(tok.dtype), tok)
-            value = tok.reshape(value.shape)
-            lp = d.log_prob(value).reshape(tok.shape)
-            if finished is not None:
-                lp = torch.where(finished, torch.zeros_like(lp), lp)
+            value, lp = _token_lp(d, tok, shape, finished)
             lp = lp.masked_fill(dead, -math.inf)
     c.tokens.append(tok.long())
     c.lps.append(lp)  # summed over the steps only where read (_slot_logp, update): not per token

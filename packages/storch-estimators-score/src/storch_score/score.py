@@ -298,14 +298,16 @@ class Score(Estimator):
         (a compiled step's program returns it), ``None`` (checked here), or ``_KNOWN_FINITE`` (an eager
         update after a finite loss: no check and no select)."""
         reduced = storch.distributed.all_reduce_mean(means, owner=self)  # the global batch's mean, every rank
-        known = finite is _KNOWN_FINITE
-        if reduced is not means or known:
-            finite = None  # averaged over ranks: the global mean's finiteness, not this rank's
-            known = known and reduced is means
+        # averaged over ranks: the global mean's finiteness, not this rank's (known or given), is checked
+        known = finite is _KNOWN_FINITE and reduced is means
+        if reduced is not means or finite is _KNOWN_FINITE:
+            finite = None
         for key, value in reduced.items():
-            ok = None if known else finite.get(key) if finite is not None else None
-            if ok is None and not known:
-                ok = torch.isfinite(value)
+            ok = None
+            if not known:
+                ok = finite.get(key) if finite is not None else None
+                if ok is None:
+                    ok = torch.isfinite(value)
             old = self.moving_averages.get(key)
             if old is None:
                 # the first value sets the average: checked on the host (once per key), a non-finite
