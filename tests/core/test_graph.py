@@ -153,3 +153,32 @@ def test_plate_tensors_hidden_in_a_base_distribution_are_an_error_not_shared_noi
         x = est(LogNormal(mu, 1.0))  # parameters in arg_constraints: unwrapped, independent draws
         assert [p.name for p in x.plates] == ["x", "data"]
         assert x.tensor.shape == (3, 4) and x.tensor.unique().numel() == 12
+
+
+def test_replayed_update_protocol_defaults_say_what_is_missing():
+    """An estimator that sets ``replays_update`` (and ``update_uses_loss_graph``) but leaves out
+    ``update_inputs`` or ``loss_graph_values`` gets an error naming the method at its first update,
+    not a silently skipped update."""
+
+    class Partial(storch.Estimator):
+        name = "partial_update"
+        has_update = True
+        replays_update = True
+        update_uses_loss_graph = True
+
+        def update_from(self, inputs):
+            raise AssertionError("never reached: the inputs could not be made")
+
+    class WithInputs(Partial):
+        name = "partial_update_inputs"
+
+        def update_inputs(self, nodes):
+            return {}
+
+    theta = torch.zeros(2, requires_grad=True)
+    for cls, missing in ((Partial, r"update_inputs\(nodes\)"), (WithInputs, r"loss_graph_values\(loss, inputs\)")):
+        with pytest.raises(NotImplementedError, match=f"'{cls.name}' sets replays_update.*does not implement {missing}"):
+            with storch.Graph():
+                z = cls("z", 2)(Bernoulli(logits=theta))
+                storch.add_cost(z.sum(), name="c")
+                storch.backward()
