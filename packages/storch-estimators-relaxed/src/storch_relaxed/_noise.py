@@ -10,6 +10,8 @@ from torch.distributions import Bernoulli, Distribution, OneHotCategorical
 
 from storch.extending import options
 
+from ._params import exact_logits
+
 __all__ = ["Temperature", "uniform", "logistic_noise", "gumbel_noise", "conditional_logistic", "conditional_gumbel", "discrete_with_relaxation", "check_temperature"]
 
 
@@ -66,7 +68,7 @@ def discrete_with_relaxation(d: Distribution, n: int):
     Gumbel for categoricals), the discrete sample b = H(z) as ``d`` samples it (float 0/1, index, or
     one-hot), b as a float (one-hot for categoricals), and z̃ ~ p(z | b), reparameterised.
     """
-    logits = d.logits
+    logits = exact_logits(d)  # far below the rest where d's probabilities are exactly 0: never drawn
     shape = (n,) + tuple(logits.shape)
     if isinstance(d, Bernoulli):
         z = logits + logistic_noise(shape, logits)

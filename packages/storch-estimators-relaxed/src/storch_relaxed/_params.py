@@ -1,13 +1,16 @@
-"""The node's distribution as the relaxed estimators read it: its parameter tensors."""
+"""The node's distribution as the relaxed estimators read it: its parameter tensors, and the logits
+that the noise is added to."""
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch.distributions import Distribution, OneHotCategorical
+from torch.distributions import Bernoulli, Distribution, OneHotCategorical
 
 from storch.extending import base_distribution
 
-__all__ = ["param_tensors"]
+__all__ = ["param_tensors", "exact_logits"]
 
 
 def param_tensors(d: Distribution) -> list[torch.Tensor]:
@@ -20,4 +23,39 @@ def param_tensors(d: Distribution) -> list[torch.Tensor]:
         v = d.__dict__.get(name)
         if isinstance(v, torch.Tensor) and v.requires_grad:
             out.append(v)
+    return out
+
+
+def exact_logits(d: Distribution) -> torch.Tensor:
+    """``d.logits`` of a Bernoulli, Categorical or OneHotCategorical, where ``d`` is given by probabilities
+    that are exactly 0 (or, for a Bernoulli, exactly 1) moved so far that the noise never draws them.
+
+    torch computes the logits of a distribution given by ``probs`` from probabilities clamped to
+    [eps, 1 - eps]: log(eps) = -15.9 in float32, -4.8 in bfloat16. The noise added to them (Gumbel-max,
+    logistic) then draws a value of probability 0 about eps of the time (0.8 % per entry in bfloat16),
+    a value that ``d.sample()`` never draws: an action a mask forbids.
+
+    The noise is bounded: ``_noise.uniform`` clamps U to [eps, 1 - eps], so a logistic L lies in
+    [log eps, -log eps] and a Gumbel G in [-log(-log eps), -log eps]; every other logit is at least
+    log eps (the clamp). A probability 0 gets the logit 3 log eps (-47.7 in float32): then
+    3 log eps + max G < log eps + min G, because eps (-log eps) < 1, so Gumbel-max never picks it, and
+    3 log eps + max L = 2 log eps < 0, so 1[α + L > 0] is never 1 (a Bernoulli's probability 1 gets
+    -3 log eps, never 0). Finite, not -inf: the relaxations, the conditional noise, a learned
+    temperature's derivative and RELAX's network stay finite (an infinite logit gives 0 * inf = NaN in
+    the derivative with respect to λ of σ(z / λ)). ``torch.where`` selects a constant there, so such a
+    probability gets no derivative: the derivative with respect to a probability that is exactly 0 is
+    not estimated, as with the enumerating estimators (``storch.extending.strict_support``); torch's
+    clamp gave it none either. Always a ``torch.where`` for ``probs`` (no host read of the values: the
+    same program whatever they are); ``d.logits`` itself for ``logits``.
+    """
+    if isinstance(d, OneHotCategorical):
+        d = d._categorical
+    logits = d.logits
+    probs = d.__dict__.get("probs")
+    if probs is None or d.__dict__.get("_param") is not probs:  # given by logits
+        return logits
+    far = -3.0 * math.log(torch.finfo(logits.dtype).eps)  # 47.7 in float32
+    out = torch.where(probs == 0, torch.full((), -far, dtype=logits.dtype, device=logits.device), logits)
+    if isinstance(d, Bernoulli):
+        out = torch.where(probs == 1, torch.full((), far, dtype=logits.dtype, device=logits.device), out)
     return out

@@ -14,6 +14,7 @@ from storch.extending import base_distribution
 
 from ._blocks import block, blocks_weights, pad_blocks
 from ._noise import logistic_noise
+from ._params import exact_logits
 
 __all__ = ["Arm", "AntitheticState"]
 
@@ -72,7 +73,9 @@ class Arm(Estimator):
     State = AntitheticState
 
     def proposal(self, node: Node) -> torch.Tensor:
-        alpha = base_distribution(node.distribution).logits
+        # far from 0 where the probabilities are exactly 0 or 1: x and x̃ never take a value of probability 0.
+        # gradient_function reads torch's (finite, clamped) logits: ∇_α log q_α(z) depends on ε alone
+        alpha = exact_logits(base_distribution(node.distribution))
         eps = logistic_noise((self.n_samples,) + tuple(alpha.shape), alpha)
         node.state.eps = eps
         x = (alpha + eps > 0).to(alpha.dtype)  # the real samples (no gradient)

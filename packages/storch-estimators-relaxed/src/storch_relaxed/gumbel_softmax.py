@@ -11,6 +11,7 @@ from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 from storch import Estimator, Node, OptionError
 from storch.extending import base_distribution
 
+from ._params import exact_logits
 from ._noise import Temperature, check_temperature, gumbel_noise, logistic_noise
 
 __all__ = ["GumbelSoftmax"]
@@ -151,7 +152,7 @@ class GumbelSoftmax(Estimator):
         t = self._temperature
         # a schedule's τ is a 0-dim float64 tensor (z / τ gives the same values as with a float)
         tau = self._scheduled() if callable(t) else float(t)
-        logits = d.logits
+        logits = exact_logits(d)  # far below the rest where d's probabilities are exactly 0: never drawn
         shape = (self.n_samples,) + tuple(logits.shape)
         if isinstance(d, Bernoulli):
             z = logits + logistic_noise(shape, logits)  # z ~ Logistic(α, 1); 1[z > 0] ~ Bernoulli(σ(α))

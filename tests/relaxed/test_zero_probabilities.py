@@ -1,0 +1,162 @@
+"""Probabilities that are exactly 0 (``probs=``) are never drawn by the relaxed family.
+
+torch computes the logits of a Bernoulli, Categorical or OneHotCategorical given by ``probs`` from
+probabilities clamped to [eps, 1 - eps]. The relaxed estimators add noise to those logits (Gumbel-max,
+logistic), so before ``storch_relaxed._params.exact_logits`` they drew a value of probability 0
+about eps of the time: 1.2e-7 per entry in float32, 0.5-1.5 % in bfloat16, where these tests see it
+(``gumbel_straight_through`` on Bernoulli(probs=[0, 0.4, 1]) drew 1 at p = 0 and 0 at p = 1; rebar
+and relax drew masked categories). ``d.sample()`` never draws them: an action a mask forbids.
+
+The masked policy a user writes, ``probs = σ(x) * mask`` or ``softmax(x) * mask / Σ``, is the model of
+the unbiasedness tests: the gradient with respect to ``x`` against exact enumeration (z-test), and a
+learned temperature and RELAX's network stay finite while they train on it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Categorical, OneHotCategorical
+
+import storch
+from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
+
+DRAWS = 4000
+
+HARD = ["gumbel_straight_through", "rebar", "relax", "arm", "disarm"]  # hand out discrete values
+KINDS = {"gumbel_straight_through": ("bernoulli", "categorical", "onehot"), "rebar": ("bernoulli", "categorical", "onehot"),
+         "relax": ("bernoulli", "categorical", "onehot"), "arm": ("bernoulli",), "disarm": ("bernoulli",),
+         "gumbel_softmax": ("bernoulli", "categorical", "onehot")}
+CASES = [(name, kind) for name, kinds in KINDS.items() for kind in kinds]
+
+BERNOULLI_P = [0.0, 0.4, 1.0]  # the first never 1, the last never 0
+CATEGORICAL_P = [0.0, 0.5, 0.5, 0.0]  # categories 0 and 3 never drawn
+
+
+def _distribution(kind: str, dtype: torch.dtype):
+    if kind == "bernoulli":
+        return Bernoulli(probs=torch.tensor(BERNOULLI_P, dtype=dtype))
+    p = torch.tensor(CATEGORICAL_P, dtype=dtype)
+    return Categorical(probs=p) if kind == "categorical" else OneHotCategorical(probs=p)
+
+
+def _drawn(name: str, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """The estimator's DRAWS values as the user's code receives them (the real block only)."""
+    est = storch.estimator(name, plate="z", n_samples=DRAWS)
+    with storch.Graph():
+        z = est(_distribution(kind, dtype))
+        return z.tensor.detach()[:DRAWS].to(torch.float64)  # rebar/relax/arm/disarm: the first block
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
+@pytest.mark.parametrize("name,kind", [c for c in CASES if c[0] in HARD])
+def test_values_of_probability_zero_are_never_drawn(name, kind, dtype):
+    torch.manual_seed(0)
+    z = _drawn(name, kind, dtype)
+    if kind == "bernoulli":
+        assert set(z.unique().tolist()) <= {0.0, 1.0}
+        assert (z[:, 0] == 0).all(), f"{name} drew 1 at p = 0 in {int(z[:, 0].sum())} of {DRAWS} draws"
+        assert (z[:, 2] == 1).all(), f"{name} drew 0 at p = 1 in {int((z[:, 2] == 0).sum())} of {DRAWS} draws"
+        # the possible entry is still drawn as often as its probability says (4 standard errors)
+        assert abs(float(z[:, 1].mean()) - 0.4) < 4 * math.sqrt(0.4 * 0.6 / DRAWS)
+    else:  # relaxations hand out one-hot vectors for Categorical too
+        counts = z.reshape(DRAWS, 4).sum(0)
+        assert counts[0] == 0 and counts[3] == 0, f"{name} drew masked categories: counts {counts.tolist()}"
+        assert abs(float(counts[1]) / DRAWS - 0.5) < 4 * math.sqrt(0.25 / DRAWS)
+
+
+@pytest.mark.parametrize("kind", ["bernoulli", "categorical", "onehot"])
+def test_gumbel_softmax_relaxes_masked_values_towards_zero(kind):
+    """The relaxed sample's hard value (argmax, or > 1/2) is never a value of probability 0, and its
+    weight there is below eps of bfloat16 (it was up to 0.5 at p = 0 before)."""
+    torch.manual_seed(1)
+    z = _drawn("gumbel_softmax", kind, torch.bfloat16)
+    eps = torch.finfo(torch.bfloat16).eps
+    if kind == "bernoulli":
+        assert float(z[:, 0].max()) < eps and float(z[:, 2].min()) > 1 - eps
+    else:
+        z = z.reshape(DRAWS, 4)
+        assert float(z[:, [0, 3]].max()) < eps
+        assert set(z.argmax(-1).unique().tolist()) <= {1, 2}
+
+
+# -- unbiased on a masked policy ------------------------------------------------------------------
+
+MASK_B = torch.tensor([1.0, 0.0, 1.0])  # σ(x) * mask: the middle entry is never 1
+MASK_C = torch.tensor([True, False, True, True, False])  # softmax(x) * mask / Σ: 3 of 5 categories
+X_B = torch.tensor([0.3, -0.2, -0.6], dtype=torch.float64)
+X_C = torch.tensor([0.2, -0.3, 0.5, -1.0, 0.7], dtype=torch.float64)
+VALUES = torch.tensor([0.3, 5.0, 1.1, -0.4, 5.0], dtype=torch.float64)  # 5.0: the cost of masked values
+
+
+def _masked_probs_c(x: torch.Tensor) -> torch.Tensor:
+    p = torch.softmax(x, -1) * MASK_C
+    return p / p.sum(-1, keepdim=True)
+
+
+def _bernoulli_exact(x: torch.Tensor) -> torch.Tensor:
+    p = torch.sigmoid(x) * MASK_B
+    return (p * 0.55 ** 2 + (1 - p) * 0.45 ** 2).sum()
+
+
+def _categorical_exact(x: torch.Tensor) -> torch.Tensor:
+    return (_masked_probs_c(x) * VALUES).sum()
+
+
+def _model(name: str, kind: str):
+    est = storch.estimator(name, plate="z")
+
+    def model(x):
+        if kind == "bernoulli":
+            b = est(Bernoulli(probs=torch.sigmoid(x) * MASK_B))
+            storch.add_cost(((b - 0.45) ** 2).sum(-1))
+        else:
+            z = est(OneHotCategorical(probs=_masked_probs_c(x)))
+            storch.add_cost((z * VALUES).sum(-1))
+    return model
+
+
+@pytest.mark.parametrize("name,kind", [("arm", "bernoulli"), ("disarm", "bernoulli"), ("rebar", "bernoulli"),
+                                       ("relax", "bernoulli"), ("rebar", "onehot"), ("relax", "onehot")])
+def test_gradient_on_a_masked_policy_is_unbiased(name, kind):
+    torch.manual_seed(3)
+    theta, exact = (X_B, _bernoulli_exact) if kind == "bernoulli" else (X_C, _categorical_exact)
+    with storch.Graph():
+        leaf, x = replicate(theta, 4000)
+        _model(name, kind)(x)
+        (got,) = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+    x0 = theta.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(exact(x0), x0)
+    assert torch.isfinite(got).all()
+    assert_unbiased(got, want, f"{name} {kind} masked gradient")
+    # no signal through a masked entry: its estimate is 0 (as its exact derivative), up to the rounding
+    # of the renormalisation Σ
+    masked = ~MASK_B.bool() if kind == "bernoulli" else ~MASK_C
+    assert float(got[:, masked].abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["bernoulli", "onehot"])
+def test_relax_trains_finitely_on_a_masked_policy(kind):
+    """RELAX trains its temperature, η and network on the variance of the gradient (one Adam step per
+    ``storch.backward()``): they move and stay finite, as does the policy's gradient, when the policy has
+    probabilities that are exactly 0."""
+    torch.manual_seed(4)
+    est = storch.estimator("relax", plate="z", n_samples=4)
+    before = [p.detach().clone() for p in est.parameters()]
+    theta = (X_B if kind == "bernoulli" else X_C).clone().requires_grad_(True)
+    for _ in range(5):
+        theta.grad = None
+        with storch.Graph():
+            if kind == "bernoulli":
+                b = est(Bernoulli(probs=torch.sigmoid(theta) * MASK_B))
+                storch.add_cost(((b - 0.45) ** 2).sum(-1))
+            else:
+                z = est(OneHotCategorical(probs=_masked_probs_c(theta)))
+                storch.add_cost((z * VALUES).sum(-1))
+            storch.backward()
+        assert torch.isfinite(theta.grad).all()
+    after = list(est.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert all(not torch.equal(a.detach(), b) for a, b in zip(after, before)), "relax's update did not run"
