@@ -48,7 +48,7 @@ class Spsa(Estimator):
 
     Requires: parameters whose constraints have a ``torch.distributions.transform_to``
     (Normal, Bernoulli, Categorical, Poisson, Exponential, Gamma, Beta, LogNormal, ...) and a
-    support that does not depend on them (not Uniform, Pareto, Binomial). Only parameters that
+    support that the perturbation does not move (not Uniform, Pareto; a Binomial with fixed total_count is fine). Only parameters that
     require grad are perturbed (integer ones and constants stay fixed). Any cost.
 
     biased: True — E[ĝ] is the gradient of a finite difference, E[ĝ] − ∇ = O(c²) for smooth
@@ -86,13 +86,6 @@ class Spsa(Estimator):
     def proposal(self, node: Node) -> torch.Tensor:
         d = node.distribution
         base = base_distribution(d)
-        if constraints.is_dependent(inspect.getattr_static(type(base), "support", None)):
-            # appendix D.3 assumes p± have the support of p: the weights p/(p₊ + p₋) must be > 0
-            # wherever p± put mass, or the weight cannot be cancelled by the gradient function
-            raise UnsupportedDistributionError(
-                f"spsa does not support {type(base).__name__}: its support depends on its parameters, so the "
-                "perturbed distributions put mass where p has none and the importance weights of appendix D.3 "
-                "vanish; use another estimator (e.g. score) for this node")
         free, fixed = _split_parameters(base)
         n, c = self.n_samples, self.perturbation
         if not free:
@@ -118,8 +111,18 @@ class Spsa(Estimator):
                         f"+ {sorted(fixed)} ({e}); use another estimator") from e
             return Independent(q, d.reinterpreted_batch_ndims, validate_args=False) if d is not base else q
 
-        # p itself, rebuilt without argument validation: x₁, x₂ may lie outside its support (Uniform)
+        # p itself, rebuilt without argument validation
         p, p_plus, p_minus = perturbed(0.0), perturbed(1.0), perturbed(-1.0)
+        if constraints.is_dependent(inspect.getattr_static(type(base), "support", None)) and not (
+                _same_support(p, p_plus) and _same_support(p, p_minus)):
+            # appendix D.3 assumes p± have the support of p: the weights p/(p₊ + p₋) must be > 0
+            # wherever p± put mass, or the weight cannot be cancelled by the gradient function. A support
+            # that is a property of the distribution may still not move with the perturbed parameters
+            # (Categorical's {0, ..., K-1}, a Binomial's {0, ..., total_count} with a fixed total_count)
+            raise UnsupportedDistributionError(
+                f"spsa does not support {type(base).__name__} with these parameters: its support depends on the "
+                f"perturbed parameters {sorted(free)}, so the perturbed distributions put mass where p has none and "
+                "the importance weights of appendix D.3 vanish; use another estimator (e.g. score) for this node")
         with torch.no_grad():
             device = next(iter(free.values())).device if free else torch.device("cpu")
             with _replay_rng(device, self.coupled):  # coupled: x₂ reuses x₁'s random numbers
@@ -151,6 +154,25 @@ class Spsa(Estimator):
 
     def extra_repr(self) -> str:
         return f"plate={self.plate!r}, n_samples={self.n_samples}, perturbation={self.perturbation}, coupled={self.coupled}"
+
+
+def _same_support(p: Distribution, q: Distribution) -> bool:
+    """Whether the supports of ``p`` and ``q`` (same class) are the same set: the same constraint type
+    with the same bounds (numbers or tensors)."""
+    a, b = p.support, q.support
+    if type(a) is not type(b):
+        return False
+    va, vb = vars(a), vars(b)
+    if va.keys() != vb.keys():
+        return False
+    for k, x in va.items():
+        y = vb[k]
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not torch.equal(torch.as_tensor(x), torch.as_tensor(y).to(torch.as_tensor(x))):
+                return False
+        elif x != y:
+            return False
+    return True
 
 
 def _replay_rng(device: torch.device, enabled: bool):
