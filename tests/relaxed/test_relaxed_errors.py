@@ -149,3 +149,18 @@ def test_go_gradient_is_finite_at_saturated_logits():
         storch.add_cost(((b - 0.45) ** 2).sum())
         g, = torch.autograd.grad(storch.surrogate_loss(), theta)
     assert torch.isfinite(g).all(), g
+
+
+@pytest.mark.parametrize("name", ["gumbel_softmax", "gumbel_straight_through", "rebar", "relax"])
+@pytest.mark.parametrize("lookup", ["embedding", "index"])
+def test_a_categorical_sample_used_as_an_index_says_it_is_one_hot(name, lookup):
+    """The relaxed estimators hand out one-hot vectors for a Categorical node (documented); using one as
+    an index raised torch's bare "indices must be long" (re-wrapped): the message now says why and what
+    to write instead."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(5, 3)
+    with storch.Graph():
+        z = storch.estimator(name, plate="z", n_samples=2)(Categorical(logits=torch.zeros(5, requires_grad=True)))
+        with pytest.raises(storch.PlateError, match=r"hand out one-hot vectors.*z @ emb.weight instead of emb\(z\)"):
+            emb(z) if lookup == "embedding" else emb.weight[z]
+        assert (z @ emb.weight).shape == (3,)  # the lookup written for one-hot inputs

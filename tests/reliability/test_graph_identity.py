@@ -87,6 +87,44 @@ def test_user_exception_in_default_graph_gives_a_clear_error_then_correct_steps(
     assert torch.equal(_step(est, theta, 2), clean)
 
 
+def test_a_step_ended_only_by_surrogate_loss_backward_is_named_as_the_cause():
+    """A default-graph loop that calls storch.surrogate_loss().backward() and never ends the step: the
+    next step's error says that surrogate_loss() does not end a step and what does (it guessed "an
+    exception in your code?" before), and the step after it is clean."""
+    theta = torch.tensor(THETA, requires_grad=True)
+    est = storch.estimator("score", plate="z", n_samples=3)
+    z = est(Bernoulli(logits=theta))
+    storch.add_cost(((z - 0.45) ** 2).sum())
+    storch.surrogate_loss().backward()
+    with pytest.raises(storch.PlateError, match=r"built its surrogate loss but was not ended.*storch\.backward\(\)"):
+        est(Bernoulli(logits=theta))
+    z = est(Bernoulli(logits=theta))  # the old step was discarded: a clean step
+    storch.add_cost(((z - 0.45) ** 2).sum())
+    assert len(storch.current_graph().nodes) == 1
+    storch.backward()
+
+
+def test_backward_twice_and_backward_with_an_order_say_what_to_do():
+    theta = torch.tensor(THETA, requires_grad=True)
+    est = storch.estimator("score", plate="z", n_samples=3)
+    with storch.Graph():
+        z = est(Bernoulli(logits=theta))
+        storch.add_cost(((z - 0.45) ** 2).sum())
+        storch.backward()
+        with pytest.raises(storch.StorchError, match=r"no costs \(its last step was reset.*once per step"):
+            storch.backward()
+    with storch.Graph():  # a fresh graph without costs: the plain message
+        with pytest.raises(storch.StorchError, match=r"^the graph has no costs; call storch.add_cost"):
+            storch.backward()
+    with storch.Graph():
+        z = est(Bernoulli(logits=theta))
+        storch.add_cost(((z - 0.45) ** 2).sum())
+        with pytest.raises(storch.OrderError, match=r"surrogate_loss\(order=n\).*torch.autograd.grad"):
+            storch.backward(order=2)
+        storch.backward()  # the step is intact: a bad argument discards nothing
+        assert theta.grad is not None
+
+
 def test_user_exception_then_reset_gives_the_clean_gradient():
     clean = _clean(lambda: FirstOrder(plate="z", n_samples=3), [0, 2])
     theta = torch.tensor(THETA, requires_grad=True)

@@ -61,6 +61,8 @@ class Graph:
         self._mode = None
         self._finished = False
         self._guard = _StepGuard(self)
+        self.loss_built = False  # surrogate_loss() was called in this step (for the messages below)
+        self.last_end: Optional[str] = None  # how the last step with costs ended (for the messages below)
 
     @eager_only
     def __enter__(self) -> "Graph":
@@ -91,6 +93,9 @@ class Graph:
     def reset(self, reason: str = "reset (storch.reset() or storch.backward())") -> None:
         """End the step: forget its nodes, plates and costs; its plate tensors become stale."""
         self._close(reason)
+        if self.costs:
+            self.last_end = reason
+        self.loss_built = False
         self.nodes.clear()
         self.costs.clear()
         self.plates.clear()
@@ -182,13 +187,17 @@ class Graph:
         what = f"the distribution passed to estimator {estimator.name!r} (plate {estimator.plate!r})"
         self.check_plates(plates, what)
         if self.is_default and not plates and self.partition_of(estimator) is not None:
+            why = ("the previous step built its surrogate loss but was not ended: storch.surrogate_loss() "
+                   "(and its .backward()) does not end a step; end it with storch.backward() (backpropagates, "
+                   "updates estimator state, resets), storch.reset(), or `with storch.Graph():` per step"
+                   if self.loss_built else
+                   "an exception in your code?; call storch.reset() after catching an exception, or use "
+                   "`with storch.Graph():` per step")
             raise PlateError(
                 f"estimator {estimator.name!r} (plate {estimator.plate!r}) was already used in the thread's "
                 f"default graph, and {what} depends on nothing sampled in it. This looks like a new step "
-                "after a step that did not finish (an exception in your code?); storch has now discarded "
-                "that step. Call storch.reset() after catching an exception, or use "
-                "`with storch.Graph():` per step. (A partition of steps that do not depend on each other "
-                "must be built inside `with storch.Graph():`.)")
+                f"after a step that did not finish ({why}); storch has now discarded that step. (A partition "
+                "of steps that do not depend on each other must be built inside `with storch.Graph():`.)")
 
     def add_node(self, node: Node) -> None:
         """Register a stochastic node (claims its plate, gives it its index); estimators call this."""

@@ -244,6 +244,7 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
         raise StorchError(f"order must be an int >= 0, got {order!r}")  # a bad argument: the step is intact
     with graph.guard():
         loss = _surrogate_loss(order, graph)
+    graph.loss_built = True
     return _updates_on_backward(loss, graph)
 
 
@@ -318,7 +319,10 @@ def update_on_backward(probe: torch.Tensor, check: Callable[[], None], run: Call
 
 def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
     if not graph.costs:
-        raise StorchError("the graph has no costs; call storch.add_cost(...) before the surrogate loss")
+        ended = ("" if graph.nodes or graph.last_end is None else
+                 f" (its last step was {graph.last_end}: storch.backward() ends the step and resets the graph, "
+                 "so call it once per step, after the step's costs)")
+        raise StorchError(f"the graph has no costs{ended}; call storch.add_cost(...) before the surrogate loss")
     per_cost = []
     for name, cost in graph.costs:
         nodes = cost_nodes(graph, cost)
@@ -458,7 +462,7 @@ def _stacked_cumulative(node: Node, steps: list[int]) -> torch.Tensor:
 
 
 @eager_only
-def backward(graph: Optional[Graph] = None) -> torch.Tensor:
+def backward(graph: Optional[Graph] = None, *, order: int = 1) -> torch.Tensor:
     """Backpropagate the first-order surrogate, run estimators' own updates, reset the graph.
 
     Order: the surrogate loss (order 1) is built and backpropagated (its graph kept for the updates,
@@ -475,8 +479,16 @@ def backward(graph: Optional[Graph] = None) -> torch.Tensor:
             ``CostError`` and a ``FloatingPointError``. Nothing is backpropagated and no estimator
             state changes (moving averages, learned control variates); the step is discarded.
             Catch it to skip the batch.
+        OrderError: ``order`` other than 1 (a surrogate of higher order is built with
+            :func:`surrogate_loss` and differentiated with ``torch.autograd.grad``).
     """
     graph = graph or current_graph()
+    if order != 1:
+        raise OrderError(
+            f"storch.backward(order={order!r}): storch.backward() is the first-order training step. For "
+            "derivatives of order n, build loss = storch.surrogate_loss(order=n) and differentiate it n times "
+            "with torch.autograd.grad(..., create_graph=True) (or loss.backward(create_graph=True)); end the "
+            "step with storch.reset() or a `with storch.Graph():` block")
     if is_tracing():
         graph.reset()
         raise StorchError(

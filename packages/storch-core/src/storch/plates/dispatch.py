@@ -47,11 +47,18 @@ def user_error(func, args, kwargs, e: BaseException) -> PlateError:
             parts.append(f"{tuple(a.shape)} on plates ({ps})")
         elif isinstance(a, _T):
             parts.append(f"{tuple(a.shape)} (plain)")
+    hint = ""
+    if "indices" in str(e) and any(type(a) is _PT and a.is_floating_point() for a in _operands(args, kwargs or {})):
+        hint = (". A floating-point sample used as an index: the relaxed estimators (gumbel_softmax, "
+                "gumbel_straight_through, rebar, relax) hand out one-hot vectors (or relaxed ones) for a "
+                "Categorical node, not indices; write the lookup for one-hot inputs (z @ emb.weight instead "
+                "of emb(z), (z * values).sum(-1) instead of values[z]), or use an estimator that hands out "
+                "indices (score, unordered_set, expect, ...)")
     return plate_error_from(
         e,
         f"{describe(func)} failed on plate tensors. Per sample (as your code sees them) its tensor "
         f"arguments have shapes {', '.join(parts) or '()'}; the plates are vectorised by storch "
-        f"({treatment_of(func).treatment.value} treatment). torch said: {e}",
+        f"({treatment_of(func).treatment.value} treatment). torch said: {e}{hint}",
     )
 
 
