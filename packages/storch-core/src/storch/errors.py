@@ -14,12 +14,18 @@ __all__ = [
     "NonFiniteCostError",
     "NonFiniteParameterError",
     "PluginError",
+    "UnusedSampleWarning",
     "plate_error_from",
 ]
 
 
 class StorchError(Exception):
     """Base class of all storch errors."""
+
+
+class UnusedSampleWarning(UserWarning):
+    """A stochastic node whose gradient function carries gradient is upstream of no cost: its
+    distribution's parameters get no gradient from it (see ``storch.surrogate_loss``)."""
 
 
 class PlateError(StorchError, ValueError):

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from typing import Callable, Optional
 
 import torch
 
 from .cost import CostFrame, _lead, magic_box
 from .eager import eager_only
-from .errors import NonFiniteCostError, OrderError, StorchError
+from .errors import NonFiniteCostError, OrderError, StorchError, UnusedSampleWarning
 from .estimators.base import Estimator
 from .graph import Graph, current_graph, is_tracing, tracing_recorder
 from .node import Node
@@ -235,6 +236,11 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     is accumulated, with the advice to call ``storch.backward()``. Unlike ``storch.backward()``, the
     graph is not reset.
 
+    A node that no cost is downstream of (no cost carries its plate) and whose gradient function or
+    weights carry gradient gets a :class:`storch.UnusedSampleWarning`: its parameters get no gradient
+    from it, typically because a cost was computed from its samples outside storch's plates
+    (``z.tensor``).
+
     Raises:
         OrderError: an estimator upstream of a cost is not unbiased to ``order``. Like every
             error raised during a step, it discards the step (the graph is reset).
@@ -324,11 +330,15 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
                  "so call it once per step, after the step's costs)")
         raise StorchError(f"the graph has no costs{ended}; call storch.add_cost(...) before the surrogate loss")
     per_cost = []
+    reached = 0
     for name, cost in graph.costs:
         nodes = cost_nodes(graph, cost)
         if nodes:
             _check_order(nodes, order)
+            reached += len(nodes)
         per_cost.append((name, cost, nodes))
+    if reached < len(graph.nodes):  # (a cheap test first: some node may be upstream of no cost)
+        _warn_unused(graph, per_cost)
     loss = None
     single, groups = [], {}
     if any(len(nodes) == 1 and nodes[0].history is not None for _, _, nodes in per_cost):
@@ -351,6 +361,33 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
         s = _cost_surrogate(cost, nodes, name)
         loss = s if loss is None else loss + s
     return loss if loss.dim() == 0 else loss.reshape(())  # a reshape of a 0-dim loss is one more node
+
+
+def _warn_unused(graph: Graph, per_cost: list) -> None:
+    """Warn about each node whose gradient function carries gradient and that no cost is downstream of.
+
+    Its score term (l, or its weights) reaches the parameters only through the costs downstream of it,
+    which are the costs that carry its plate. A cost computed from its samples outside storch's plates
+    (``z.tensor``, ``.item()``, numpy; a reduction over the sample plate such as an IWAE bound) does not
+    carry it, so that node's parameters silently got no gradient from it. A node with a zero gradient
+    function (reparameterization, the relaxations) is not reported: its gradient flows pathwise.
+    """
+    seen = {id(n) for _, _, nodes in per_cost for n in nodes}
+    for node in graph.nodes:
+        if id(node) in seen:
+            continue
+        w = node.weight_values if not node.estimator.uniform_weights else None
+        carries = node.gradient_values.requires_grad or (w is not None and w.requires_grad)
+        if carries:
+            warnings.warn(UnusedSampleWarning(
+                f"node {node.plate.name!r} (estimator {node.estimator.name!r}) is upstream of no cost: no cost carries "
+                f"its plate {node.plate.name!r}, so its distribution's parameters get no gradient from its estimator. "
+                "If a cost was computed from its samples outside storch's plates (z.tensor, .item(), numpy, or a "
+                "reduction over the sample plate such as an IWAE bound), storch cannot see that dependence: compute "
+                "the cost from the plate tensor itself, one value per sample (a reduction over the samples is not a "
+                "cost storch can differentiate with a score function; a continuous node can use "
+                "'reparameterization'). A node sampled on purpose without a cost can be sampled under "
+                "torch.no_grad() (or from detached parameters)"), stacklevel=5)
 
 
 _STEPS = "(steps)"

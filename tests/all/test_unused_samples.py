@@ -1,0 +1,55 @@
+"""A node whose estimator's gradient function carries gradient and that no cost is downstream of warns
+(storch.UnusedSampleWarning): its parameters silently got no gradient from it. Found by porting an
+IWAE-style bound, `storch.add_cost(f.tensor.min(0).values.sum())`: the cost left the sample plate, so the
+score term was never built and the encoder's gradient was wrong without a word."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Normal
+
+import storch
+
+
+def _bound_outside_the_plates(name: str, theta: torch.Tensor, **options) -> None:
+    d = Normal(theta, 1.0) if name == "reparameterization" else Bernoulli(logits=theta)
+    z = storch.estimator(name, plate="z", n_samples=4, **options)(d)
+    f = ((z - 0.3) ** 2).sum(-1)
+    storch.add_cost(f.tensor.logsumexp(0) + theta.sum())  # reduced over the sample plate by hand
+
+
+@pytest.mark.parametrize("name,options", [("score", {}), ("score", {"baseline": "leave_one_out"}), ("expect", {}),
+                                          ("unordered_set", {}), ("spsa", {})])
+def test_a_node_upstream_of_no_cost_warns(name, options):
+    theta = torch.zeros(3, requires_grad=True)
+    with storch.Graph():
+        if name == "expect":
+            z = storch.estimator("expect", plate="z")(Bernoulli(logits=theta))
+            storch.add_cost(((z - 0.3) ** 2).sum(-1).tensor.sum() + theta.sum())
+        else:
+            _bound_outside_the_plates(name, theta, **options)
+        with pytest.warns(storch.UnusedSampleWarning, match=r"node 'z' .* is upstream of no cost.*z\.tensor"):
+            storch.surrogate_loss()
+
+
+def test_no_warning_where_nothing_is_lost():
+    """A pathwise node (its gradient flows through z.tensor), a node drawn under no_grad, and a node whose
+    cost carries its plate do not warn."""
+    theta = torch.zeros(3, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", storch.UnusedSampleWarning)
+        with storch.Graph():
+            _bound_outside_the_plates("reparameterization", theta)
+            assert storch.surrogate_loss().requires_grad
+        with storch.Graph():
+            with torch.no_grad():
+                storch.estimator("score", plate="z", n_samples=4)(Bernoulli(logits=theta))
+            storch.add_cost(theta.sum())
+            storch.surrogate_loss()
+        with storch.Graph():
+            z = storch.estimator("score", plate="z", n_samples=4)(Bernoulli(logits=theta))
+            storch.add_cost(((z - 0.3) ** 2).sum(-1))
+            storch.backward()
