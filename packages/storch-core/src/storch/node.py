@@ -27,8 +27,12 @@ class Node:
 
     Attributes:
         estimator: the estimator that sampled it.
-        distribution: the raw distribution (parent plates lead its batch shape).
+        distribution: the raw distribution (parent plates lead its batch shape); for a partition, its
+            first step's (``first_parents`` lead it).
         parents: plates of the distribution's parameters (data plates, upstream samples).
+        first_parents: the parent plates of the first call, which lead ``distribution``'s batch shape
+            (a partition's ``parents`` are those of its last step; they may grow, e.g. a data plate
+            that joins at a later step).
         plate: the node's own sample plate (set once the proposal is drawn).
         sample: raw samples, shape ``(plate, *parents, *batch, *event)``.
         gradient_values: l(x) evaluated on the samples (the result of the estimator's
@@ -41,6 +45,9 @@ class Node:
             components pass values to each other (noise, relaxed samples, ...) through its fields.
         inputs: extra inputs given at the call, ``est(distribution, inputs=h)`` (``None`` if none):
             what a learned baseline may condition on besides the distribution (NVIL's observation).
+            For a partition: the inputs of the latest step (up to ``step``) that was given some.
+        step_inputs: for a partition whose calls got ``inputs=``: the inputs of each step (``None``
+            for a step without); ``None`` otherwise.
         frames: the :class:`storch.CostFrame` the surrogate built for this node, by cost key (filled
             by ``storch.surrogate_loss`` for estimators with a control variate; what
             ``update_parameters`` trains on).
@@ -62,6 +69,7 @@ class Node:
         self.distribution = distribution
         self.original = original
         self.parents = parents
+        self.first_parents = parents
         self.plate: Optional[Plate] = None
         self.sample: Optional[torch.Tensor] = None
         self._gradient_values: Any = None
@@ -70,6 +78,7 @@ class Node:
         state_type = getattr(estimator, "State", None)
         self.state: Any = state_type() if state_type is not None else None
         self.inputs = inputs
+        self.step_inputs: Optional[list] = None
         self.frames: dict = {}
         self.steps: list = []
         self.index = -1
@@ -146,6 +155,8 @@ class Node:
             view.plate, view.parents, view.gradient_values = plates[0], plates[1:], cumulative
             view.step_log = view._history = None
             view.weight_values, view.step, view._views = None, step, None  # computed for the view
+            if self.step_inputs is not None:  # the inputs of the latest step up to `step` that got some
+                view.inputs = next((x for x in reversed(self.step_inputs[:step + 1]) if x is not None), None)
             self._views[step] = view
         return view
 

@@ -2,56 +2,94 @@
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch.distributions import OneHotCategorical
 
-from storch import CostFrame, Node, OptionError, PlateError, PlateTensor, StorchError
-from storch.extending import align, base_distribution, is_tracing, options
+from storch import CostFrame, Node, OptionError, Plate, PlateTensor, StorchError
+from storch.extending import base_distribution, is_tracing, options
 
-__all__ = ["LearnedBaseline", "baseline_features"]
+__all__ = ["LearnedBaseline", "baseline_features", "check_inputs", "in_frame"]
 
 
 def _default_features(node: Node) -> torch.Tensor:
-    """The node's distribution parameters (logits, probs, loc, ...), when no inputs were given."""
+    """The node's distribution parameters (logits, probs, loc, ...), when no inputs were given.
+
+    Logits of impossible values (masked: ``-inf``, and ``+inf`` of a Bernoulli with p = 1) are
+    replaced by ±log(eps) of their dtype, beyond which a probability is 0 (or 1) to within eps: the
+    features stay finite (a network on ``-inf`` has NaN outputs and a NaN regression), and "this value
+    is impossible" is still what they say.
+    """
     d = node.distribution
     base = base_distribution(d)
     base = base._categorical if isinstance(base, OneHotCategorical) else base  # it holds the logits
     for name in ("logits", "probs", "loc", "rate", "concentration"):
         v = base.__dict__.get(name)
         if isinstance(v, torch.Tensor) and v.is_floating_point():
+            if name == "logits":
+                bound = math.log(torch.finfo(v.dtype).eps)  # -36.0 in float64, -15.9 in float32
+                v = torch.nan_to_num(v, nan=math.nan, posinf=-bound, neginf=bound)
             return v
     raise OptionError(
         f"baseline='learned' on {type(base).__name__}: cannot find a parameter tensor to condition on; pass "
         "the baseline's inputs at the call, est(distribution, inputs=h)")
 
 
-def baseline_features(node: Node) -> torch.Tensor:
-    """h for b_ψ(h): ``node.inputs`` (or the distribution's parameters), shape ``(*parents, F)``.
+def check_inputs(inputs: Any, partition: str, step: int) -> None:
+    """Raise a storch error for ``inputs=`` that the learned baseline cannot condition on (at the call).
 
-    Leading dims are the node's parent plates (size 1 where h does not vary along one); the
-    per-sample dims are flattened into F. Detached: the baseline never sends gradient into the
-    model (⊥b, appendix C), and its regression trains ψ only.
+    They must be a tensor or a PlateTensor, and at a later step of a partition they must not depend on
+    the partition's own samples (carry its plate): the control variate of a cost at step t is
+    (1 - MagicBox(L_t)) b with L_t = l_0 + ... + l_t, zero in expectation only for a b that does not
+    depend on the sequence's samples x_0, ..., x_t (a state s_t computed from x_<t is such a sample).
     """
-    x, parents = node.inputs, node.parents
+    if not isinstance(inputs, torch.Tensor):
+        raise OptionError(
+            f"baseline='learned': inputs must be a tensor or a PlateTensor, got {type(inputs).__name__}"
+            + (f" (at step {step} of partition {partition!r})" if step else ""))
+    if type(inputs) is PlateTensor and any(p.name == partition for p in inputs.plates):
+        at = next(p.step for p in inputs.plates if p.name == partition)
+        raise OptionError(
+            f"baseline='learned': the inputs at step {step} of partition {partition!r} depend on its own samples "
+            f"(they carry its plate, from step {at}). A baseline must not depend on the sequence's samples up to "
+            "the cost's step: a cost at step t gets (1 - MagicBox(l_0 + ... + l_t)) b, which is biased when b "
+            "depends on x_0..x_t (e.g. on a state computed from earlier actions). Pass inputs that do not depend "
+            f"on the partition (data, upstream values; the first step's inputs serve every step), or use "
+            "baseline='leave_one_out' or 'moving_average' (per-time-step baselines of the cost-to-go)")
+
+
+def baseline_features(node: Node) -> tuple[torch.Tensor, tuple[Plate, ...]]:
+    """h for b_ψ(h), and its plates: ``(raw, plates)`` with ``raw`` of shape ``(*plates, F)``.
+
+    h is ``node.inputs`` (for a partition, the inputs of the latest step up to ``node.step`` that was
+    given some), else the first step's distribution parameters (which precede the sequence's samples;
+    ``plates`` then are the first step's parents). ``plates`` are among the node's parent plates; the
+    per-sample dims are flattened into F. Detached: the baseline never sends gradient into the model
+    (⊥b, appendix C), and its regression trains ψ only.
+    """
+    x = node.inputs
     if x is None:
-        raw = _default_features(node)  # leading dims: the parent plates
+        raw, plates = _default_features(node), node.first_parents  # leading dims: the first step's parents
     elif type(x) is PlateTensor:
-        if any(p not in parents for p in x.plates):
-            raise PlateError(
-                f"the learned baseline's inputs have plates {[p.name for p in x.plates]}, not all among the node's "
-                f"parent plates {[p.name for p in parents]}")
-        raw = align(x.tensor, x.plates, parents)
+        raw, plates = x.tensor, x.plates
     elif isinstance(x, torch.Tensor):
-        raw = x.reshape((1,) * len(parents) + tuple(x.shape))
+        raw, plates = x, ()
     else:
         raise OptionError(f"baseline='learned': inputs must be a tensor or a PlateTensor, got {type(x).__name__}")
-    lead = len(parents)
+    lead = len(plates)
     raw = raw.detach()  # ⊥h: ψ is trained by regression only, the model gets no gradient from b
     raw = raw.reshape(tuple(raw.shape[:lead]) + (-1,))
-    return raw if raw.is_floating_point() else raw.to(torch.get_default_dtype())
+    return (raw if raw.is_floating_point() else raw.to(torch.get_default_dtype())), plates
+
+
+def in_frame(cost: CostFrame, t: torch.Tensor, plates: tuple[Plate, ...]) -> torch.Tensor:
+    """``t`` (leading dims ``plates``, then per-sample dims) viewed in the frame of ``cost``."""
+    if plates:
+        return cost.align(t, plates)
+    return t.reshape((1,) * len(cost.plates) + tuple(t.shape))
 
 
 class LearnedBaseline(torch.nn.Module):
@@ -106,6 +144,6 @@ class LearnedBaseline(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, node: Node, cost: CostFrame) -> torch.Tensor:
-        h = baseline_features(node)
-        b = self.head(cost.name, h)(h).squeeze(-1)  # (*parents)
-        return cost.align(b, node.parents)
+        h, plates = baseline_features(node)
+        b = self.head(cost.name, h)(h).squeeze(-1)  # (*plates)
+        return in_frame(cost, b, plates)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable, Optional, Union
 
 import torch
 from torch.distributions import Bernoulli, Distribution
 
 import storch.distributed
-from storch import CostFrame, Estimator, Node, OptionError, PlateTensor
+from storch import CostFrame, Estimator, Node, OptionError, Plate, PlateTensor
 from storch.extending import base_distribution, is_tracing, leave_one_out, options
 
-from .learned_baseline import LearnedBaseline, baseline_features
+from .learned_baseline import LearnedBaseline, baseline_features, check_inputs, in_frame
 
 __all__ = ["Score"]
 
@@ -51,12 +52,16 @@ class Score(Estimator):
         baseline: ``"none"``, ``"moving_average"``, ``"leave_one_out"`` (alias ``"batch_average"``,
             needs ``n_samples >= 2``), ``"learned"`` (NVIL: :class:`storch_score.LearnedBaseline`, an
             MLP per cost on ``node.inputs``, given as ``est(distribution, inputs=h)``, or on the
-            distribution's parameters without inputs), ``"greedy"`` (self-critical: the cost of the
+            distribution's parameters without inputs, non-finite logits made finite; in a partition,
+            inputs of a later step must not carry the partition's plate), ``"greedy"`` (self-critical: the cost of the
             mode), or a callable / ``torch.nn.Module`` ``baseline(node, cost) -> tensor`` that gets the
             :class:`storch.Node` and the :class:`storch.CostFrame` and returns b in the frame of
             ``cost`` (a tensor broadcastable to ``cost.tensor``, or a PlateTensor whose plates are
-            among ``cost.plates``). It must not depend on the sample x it is used for; its result is
-            detached. A module with trainable parameters is trained like ``"learned"``.
+            among ``cost.plates``). It must not depend on the sample x it is used for (in a partition:
+            on the sequence's samples of any step); a PlateTensor that carries the node's plate raises
+            :class:`storch.OptionError`. Its result is detached. A module with trainable parameters is
+            trained like ``"learned"``; a regression step whose loss or gradients are not finite is
+            skipped (counted in ``skipped_updates``, with a RuntimeWarning).
         decay: the moving average's decay in [0, 1): b <- decay·b + (1 - decay)·mean cost (also
             NVIL's running mean c).
         lr: Adam learning rate of a learned baseline's regression on the cost.
@@ -117,6 +122,7 @@ class Score(Estimator):
         self.moving_averages: dict[str, torch.Tensor] = {}  # cost name -> average of earlier steps
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self.update_steps = 0
+        self.skipped_updates = 0  # regression steps left out because their loss or gradients were not finite
         self.register_load_state_dict_post_hook(Score._restore_optimizer)
         # state that storch.backward() updates: the moving average, a learned baseline's parameters
         self.has_update = update and self._baseline.trains(self)
@@ -182,11 +188,28 @@ class Score(Estimator):
     def control_variate_stacks(self) -> bool:
         return self._baseline.stacks
 
+    def check_inputs(self, inputs, plates: tuple[Plate, ...], step: int) -> None:
+        super().check_inputs(inputs, plates, step)
+        if isinstance(self.baseline_fn, LearnedBaseline):  # b_ψ conditions on them: checked at every step
+            check_inputs(inputs, self.plate, step)
+
     def _call_baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         b = self.baseline_fn(node, cost)
         if b is None:
             return None
         if type(b) is PlateTensor:
+            own = next((p for p in b.plates if p.name == node.plate.name), None)
+            if own is not None:
+                # (1 - MagicBox(l)) b is zero in expectation only for a b that does not depend on x
+                # (appendix C); in a partition, l = L_t holds x_0..x_t, so no step's sample may enter b
+                step = f" at step {own.step}" if node.steps or node.step_log is not None or own.step else ""
+                raise OptionError(
+                    f"score: the baseline of cost {cost.name!r} depends on the samples of plate {own.name!r}"
+                    f"{step} (the PlateTensor it returned carries that plate). A baseline must not depend on the "
+                    "sample it is a baseline for, nor, in a partition, on the sequence's samples of any step: the "
+                    "control variate (1 - MagicBox(L_t)) b is then biased (for b = the cost, the gradient is 0). "
+                    "Use baseline='leave_one_out' (the other samples' costs), 'moving_average', or a function of "
+                    "values computed before the node (before the sequence's first step)")
             if b.dim() != 0:
                 raise OptionError(
                     f"score: the baseline callable returned a PlateTensor with per-sample shape "
@@ -221,13 +244,26 @@ class Score(Estimator):
         self._adam(errors)
 
     def _adam(self, errors: list) -> None:
-        """One Adam step of the baseline's parameters on the sum of ``errors``."""
+        """One Adam step of the baseline's parameters on the sum of ``errors``; none (parameters and
+        optimizer state unchanged, ``skipped_updates`` counts it, a RuntimeWarning says it) when the
+        loss or a gradient is not finite: as a non-finite mean cost never enters the moving average."""
         params = [p for p in self.baseline_fn.parameters() if p.requires_grad]
         if not errors or not params:
             return
+        loss = sum(errors)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        finite = torch.stack([torch.isfinite(loss.detach()).all()] + [torch.isfinite(g).all() for g in grads
+                                                                      if g is not None])
+        if not bool(finite.all()):  # one host sync per update (update_from runs after the step)
+            self.skipped_updates += 1
+            warnings.warn(
+                f"score (plate {self.plate!r}): the baseline's regression loss or gradients are not finite "
+                f"(NaN or inf; {self.skipped_updates} update(s) skipped so far): this update was skipped, the "
+                "baseline's parameters and optimizer state are unchanged. Check the costs and the baseline's "
+                "inputs (est(distribution, inputs=h)) for non-finite values", RuntimeWarning, stacklevel=2)
+            return
         if self._optimizer is None or sum(len(g["params"]) for g in self._optimizer.param_groups) != len(params):
             self._optimizer = torch.optim.Adam(params, lr=self.lr)
-        grads = torch.autograd.grad(sum(errors), params, allow_unused=True)
         for p, g in zip(params, grads):
             p.grad = None if g is None else g
         self._optimizer.step()
@@ -239,6 +275,7 @@ class Score(Estimator):
 
     def get_extra_state(self) -> dict:
         return {"moving_averages": dict(self.moving_averages), "update_steps": self.update_steps,
+                "skipped_updates": self.skipped_updates,
                 "optimizer": None if self._optimizer is None else self._optimizer.state_dict()}
 
     def set_extra_state(self, state: dict) -> None:
@@ -246,6 +283,7 @@ class Score(Estimator):
         state = copy.deepcopy(state)
         self.moving_averages = state["moving_averages"]
         self.update_steps = state.get("update_steps", 0)
+        self.skipped_updates = state.get("skipped_updates", 0)
         self._loaded_optimizer = state.get("optimizer")
 
     @staticmethod
@@ -269,7 +307,8 @@ class Score(Estimator):
         if is_tracing():  # each mean's finiteness, computed with it: a compiled step's program returns it
             inputs["finite"] = {key: torch.isfinite(m) for key, m in means.items()}
         if isinstance(self.baseline_fn, LearnedBaseline):
-            inputs["regression"] = [(frame.name, frame.key, frame.align(baseline_features(node), node.parents),
+            # h of the partition as of the frame's step (frame.node, node.at(t)): its inputs and plates
+            inputs["regression"] = [(frame.name, frame.key, in_frame(frame, *baseline_features(frame.node or node)),
                                      frame.tensor) for node, frame in frames]
         return inputs
 

@@ -174,10 +174,10 @@ class Estimator(torch.nn.Module):
                 log = node.step_log
                 same = _as_raw(distribution, log[-1][0] if log else node.plates)
                 if same is not None and graph.owns(same[1]):
-                    return self._extend_partition(graph, node, distribution, same)
+                    return self._extend_partition(graph, node, distribution, same, inputs)
         graph.check_call(self, distribution)
         if node is not None:
-            return self._extend_partition(graph, node, distribution)
+            return self._extend_partition(graph, node, distribution, None, inputs)
         raw, parents = unwrap_distribution(distribution)
         return self._sample_node(graph, raw, parents, distribution, inputs)
 
@@ -190,13 +190,8 @@ class Estimator(torch.nn.Module):
         ndims = 1 + len(raw.batch_shape) + len(raw.event_shape)  # the sample: plate, batch, event
         if ndims > MAX_DIMS:
             raise PlateError(f"estimator {self.name!r} (plate {self.plate!r}): " + too_many_dims_message(ndims))
-        if inputs is not None and type(inputs) is PlateTensor:
-            extra = [p.name for p in inputs.plates if p not in parents]
-            if extra:
-                raise PlateError(
-                    f"estimator {self.name!r} (plate {self.plate!r}): inputs have plates {extra} that the "
-                    f"distribution does not have ({[p.name for p in parents]}); a node's inputs may depend only "
-                    "on what its distribution depends on (its data plates and upstream samples)")
+        if inputs is not None:
+            self.check_inputs(inputs, parents, 0)
         node = Node(self, raw, parents, original=distribution, inputs=inputs)
         sample = self.proposal(node)
         plate = node.plate = Plate(self.plate, sample.shape[0], False, 0, Lineage())
@@ -213,7 +208,8 @@ class Estimator(torch.nn.Module):
         return value
 
     def _extend_partition(self, graph, node: Node, distribution: Distribution,
-                          unwrapped: Optional[tuple[Distribution, tuple[Plate, ...]]] = None) -> PlateTensor:
+                          unwrapped: Optional[tuple[Distribution, tuple[Plate, ...]]] = None,
+                          inputs: Any = None) -> PlateTensor:
         """A further call of this estimator in the same graph: step t of its partition (section 3.2).
 
         The calls form one partition with one plate; the plate of step t is
@@ -226,7 +222,9 @@ class Estimator(torch.nn.Module):
         prefixes when they meet step t's tensors (``storch.plates.tensor.align``).
 
         ``unwrapped``: ``(raw, plates)`` already built by :meth:`forward` (``plates`` are the
-        partition's plates at its last step, checked against the graph), or ``None``.
+        partition's plates at its last step, checked against the graph), or ``None``. ``inputs``:
+        the step's ``inputs=`` (checked by :meth:`check_inputs`, as at the first step), kept in
+        ``node.step_inputs``; ``node.inputs`` becomes them.
         """
         if not self.supports_partitions:
             raise PlateError(
@@ -243,6 +241,15 @@ class Estimator(torch.nn.Module):
         if self.requires_enumerate_support:
             raw = strict_support(raw, is_tracing())
         parents = plates[1:]
+        t = node.step + 1
+        if inputs is not None:
+            self.check_inputs(inputs, plates, t)
+        if inputs is not None or node.step_inputs is not None:
+            if node.step_inputs is None:
+                node.step_inputs = [node.inputs] + [None] * (t - 1)
+            node.step_inputs.append(inputs)
+            if inputs is not None:
+                node.inputs = inputs  # the inputs of the latest step that was given some
         if parents != node.parents:  # node.parents were checked at the step that added them
             for p in parents:
                 other = graph.node_of(p.name)
@@ -256,7 +263,6 @@ class Estimator(torch.nn.Module):
             log = node.step_log = [(node.plates, node.gradient_values)]
             node._history = [log[0]]
         sample, lp = self.extend(node, raw, plates)
-        t = node.step + 1
         prev = node.plate
         plate = Plate(prev.name, sample.shape[0], False, t, prev.lineage)
         new = (plate,) + parents
@@ -270,12 +276,41 @@ class Estimator(torch.nn.Module):
         # (the log's last plates are the plates of the value returned below: Estimator.forward
         # matches the next step's distribution against them)
         log.append((new, lp))
+        w = node._weight_values
+        if w is not None and self.causal_credit and parents != node.parents:
+            # weights kept from step 0 (not uniform, e.g. score's greedy entry): the plates grew (a data
+            # plate joined), so give them this step's plate dims, as the gradient function has
+            node._weight_values = align(_lead(w, len(node.plates)), node.plates, new)
         node.plate, node.parents, node.step = plate, parents, t
         node.sample = sample
         node.steps.append(sample)
         if not self.causal_credit:
             node.weight_values = None  # per whole sequence: computed at the last step, by the surrogate
         return PlateTensor._wrap(sample, new)
+
+    def check_inputs(self, inputs: Any, plates: tuple[Plate, ...], step: int) -> None:
+        """Check the ``inputs=`` of a call (every call: the first step of a node and every later step
+        of a partition) before the node is sampled; raise a storch error that says what is wrong.
+
+        Args:
+            inputs: what the call got as ``inputs=`` (not ``None``).
+            plates: the plates the step's distribution has (for a later step: the partition's plate
+                at the step before, then the step's parent plates).
+            step: the step of the call (0 for the first call).
+
+        The default: a PlateTensor's plates must be among ``plates`` (a node's inputs may depend only
+        on what its distribution depends on). An estimator that reads ``node.inputs`` may check more
+        (their type; whether they may depend on the sequence's own samples).
+        """
+        if type(inputs) is PlateTensor:
+            names = {p.name for p in plates}
+            extra = [p.name for p in inputs.plates if p.name not in names]
+            if extra:
+                where = "" if not step else f" at step {step} of its partition"
+                raise PlateError(
+                    f"estimator {self.name!r} (plate {self.plate!r}){where}: inputs have plates {extra} that the "
+                    f"distribution does not have ({[p.name for p in plates]}); a node's inputs may depend only "
+                    "on what its distribution depends on (its data plates and upstream samples)")
 
     def extend(self, node: Node, distribution: Distribution, plates: tuple[Plate, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Proposal and gradient function of step t = ``node.step + 1`` of a partition.
