@@ -35,6 +35,18 @@ def test_a_node_upstream_of_no_cost_warns(name, options):
             storch.surrogate_loss()
 
 
+def test_a_second_node_upstream_of_no_cost_warns_when_the_first_has_two_costs():
+    theta = torch.zeros(3, requires_grad=True)
+    with storch.Graph():
+        a = storch.estimator("score", plate="a", n_samples=2)(Bernoulli(logits=theta))
+        storch.add_cost(a.sum(), name="c1")
+        storch.add_cost((a ** 2).sum(), name="c2")
+        b = storch.estimator("score", plate="b", n_samples=2)(Bernoulli(logits=theta))
+        storch.add_cost(b.tensor.sum() + theta.sum(), name="escaped")
+        with pytest.warns(storch.UnusedSampleWarning, match=r"node 'b'"):
+            storch.surrogate_loss()
+
+
 def test_no_warning_where_nothing_is_lost():
     """A pathwise node (its gradient flows through z.tensor), a node drawn under no_grad, and a node whose
     cost carries its plate do not warn."""

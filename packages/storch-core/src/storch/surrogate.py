@@ -337,7 +337,8 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
             _check_order(nodes, order)
             reached += len(nodes)
         per_cost.append((name, cost, nodes))
-    if reached < len(graph.nodes):  # (a cheap test first: some node may be upstream of no cost)
+    n = len(graph.nodes)
+    if n and (reached == 0 or n > 1):  # one node and some cost upstream of it: nothing to look for
         _warn_unused(graph, per_cost)
     loss = None
     single, groups = [], {}
@@ -373,6 +374,8 @@ def _warn_unused(graph: Graph, per_cost: list) -> None:
     function (reparameterization, the relaxations) is not reported: its gradient flows pathwise.
     """
     seen = {id(n) for _, _, nodes in per_cost for n in nodes}
+    if len(seen) == len(graph.nodes):
+        return
     for node in graph.nodes:
         if id(node) in seen:
             continue
