@@ -81,6 +81,7 @@ class Node:
         self.step_inputs: Optional[list] = None
         self.frames: dict = {}
         self.steps: list = []
+        self.handed: list = []  # (raw value handed to user code, its version then): in-place changes are refused
         self.index = -1
         self.step = 0
         self._history: Optional[list] = None  # (plates_t, L_t) of the steps computed so far

@@ -337,6 +337,10 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
             _check_order(nodes, order)
             reached += len(nodes)
         per_cost.append((name, cost, nodes))
+    for node in graph.nodes:
+        for raw, version in node.handed:
+            if raw._version != version and _reads_its_samples(node):
+                _changed_in_place(node)
     n = len(graph.nodes)
     if n and (reached == 0 or n > 1):  # one node and some cost upstream of it: nothing to look for
         _warn_unused(graph, per_cost)
@@ -362,6 +366,23 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
         s = _cost_surrogate(cost, nodes, name)
         loss = s if loss is None else loss + s
     return loss if loss.dim() == 0 else loss.reshape(())  # a reshape of a 0-dim loss is one more node
+
+
+def _reads_its_samples(node: Node) -> bool:
+    """Whether the node's estimator reads the values it drew (a gradient function or weights that carry
+    gradient, a control variate). A pathwise node (reparameterization, a relaxation without control
+    variate) does not: autograd follows an in-place change of its sample as of any tensor."""
+    est = node.estimator
+    return bool(node.gradient_values.requires_grad or not est.uniform_weights or est.has_control_variate())
+
+
+def _changed_in_place(node: Node) -> None:
+    raise StorchError(
+        f"the samples of node {node.plate.name!r} (estimator {node.estimator.name!r}) were changed in place after "
+        "the estimator handed them out (z.mul_(2), z += 1, z[...] = v, z.clamp_(...)): its gradient function, "
+        "weights and control variates refer to the values it drew, so the gradient would be wrong or torch would "
+        "fail in the backward pass. Compute a new tensor instead (z = z * 2, z = z + 1, torch.where(...), "
+        "z.clamp(...))")
 
 
 def _warn_unused(graph: Graph, per_cost: list) -> None:

@@ -204,7 +204,9 @@ class Estimator(torch.nn.Module):
             node.weight_values = _lead(self.weighting_function(node), n)
         if self.eos is not None:
             node.finished = self.is_eos(raw, sample, len(parents))
-        node.value = value = PlateTensor._wrap(self.output(node), plates)
+        out = self.output(node)
+        node.handed.append((out, out._version))
+        node.value = value = PlateTensor._wrap(out, plates)
         return value
 
     def _extend_partition(self, graph, node: Node, distribution: Distribution,
@@ -286,6 +288,7 @@ class Estimator(torch.nn.Module):
         node.steps.append(sample)
         if not self.causal_credit:
             node.weight_values = None  # per whole sequence: computed at the last step, by the surrogate
+        node.handed.append((sample, sample._version))
         return PlateTensor._wrap(sample, new)
 
     def check_inputs(self, inputs: Any, plates: tuple[Plate, ...], step: int) -> None:

@@ -54,6 +54,10 @@ def user_error(func, args, kwargs, e: BaseException) -> PlateError:
                 "Categorical node, not indices; write the lookup for one-hot inputs (z @ emb.weight instead "
                 "of emb(z), (z * values).sum(-1) instead of values[z]), or use an estimator that hands out "
                 "indices (score, unordered_set, expect, ...)")
+    elif "refers to a single memory location" in str(e):
+        hint = (". The written-to tensor is a broadcast view (a sample that is the same for several plate "
+                "entries, as expect's enumerated values are, or an expanded tensor): compute a new tensor instead "
+                "of writing in place (z = z * 2, torch.where(...))")
     return plate_error_from(
         e,
         f"{describe(func)} failed on plate tensors. Per sample (as your code sees them) its tensor "
