@@ -141,18 +141,23 @@ def test_order_must_be_a_nonnegative_int():
 
 
 def test_plate_tensors_hidden_in_a_base_distribution_are_an_error_not_shared_noise():
-    from torch.distributions import LogNormal, TransformedDistribution
+    from torch.distributions import LogNormal, RelaxedBernoulli, TransformedDistribution
     from torch.distributions.transforms import ExpTransform
 
     torch.manual_seed(0)
     est = storch.estimator("reparameterization", plate="x", n_samples=3)
     with storch.Graph():
         mu = storch.denote_independent(torch.zeros(4), 0, "data")
-        with pytest.raises(storch.UnsupportedDistributionError, match="LogNormal instead"):
-            est(TransformedDistribution(Normal(mu, 1.0), [ExpTransform()]))
+        with pytest.raises(storch.UnsupportedDistributionError, match="temperature"):
+            est(RelaxedBernoulli(mu.abs() + 0.5, logits=torch.zeros(())))  # a temperature outside arg_constraints
         x = est(LogNormal(mu, 1.0))  # parameters in arg_constraints: unwrapped, independent draws
         assert [p.name for p in x.plates] == ["x", "data"]
         assert x.tensor.shape == (3, 4) and x.tensor.unique().numel() == 12
+    with storch.Graph():
+        mu = storch.denote_independent(torch.zeros(4), 0, "data")
+        y = est(TransformedDistribution(Normal(mu, 1.0), [ExpTransform()]))  # the base is unwrapped too
+        assert [p.name for p in y.plates] == ["x", "data"]
+        assert y.tensor.shape == (3, 4) and y.tensor.unique().numel() == 12
 
 
 def test_replayed_update_protocol_defaults_say_what_is_missing():

@@ -12,14 +12,26 @@ import math
 from typing import Optional
 
 import torch
-from torch.distributions import Bernoulli, Binomial, Categorical, Distribution, Independent, OneHotCategorical
+from torch.distributions import (
+    Bernoulli,
+    Binomial,
+    Categorical,
+    Dirichlet,
+    Distribution,
+    Gamma,
+    Independent,
+    OneHotCategorical,
+    TransformedDistribution,
+)
+from torch.distributions.transforms import AffineTransform, PowerTransform, Transform
 from torch.nn.functional import binary_cross_entropy_with_logits
 from torch.distributions.utils import lazy_property
 
 from .errors import UnsupportedDistributionError
 from .plates.tensor import Plate, PlateTensor, align, plates_of, union_plates
 
-__all__ = ["base_distribution", "unwrap_distribution", "raw_log_prob", "raw_sample", "strict_support"]
+__all__ = ["base_distribution", "unwrap_distribution", "raw_log_prob", "raw_sample", "strict_support",
+           "rsample_max_order", "RSAMPLE_ORDER_NOTE", "enumeration_support"]
 
 
 def base_distribution(d: Distribution) -> Distribution:
@@ -62,14 +74,18 @@ def _parameters(d: Distribution) -> dict:
     return {n: d.__dict__[n] if n in d.__dict__ else getattr(d, n) for n in names}
 
 
-def _holds_plate_tensor(d: Distribution, depth: int = 0) -> bool:
-    """Whether ``d`` or a distribution it holds (base distributions, components) has plate tensors."""
+def _holds_plate_tensor(d, depth: int = 0, known: tuple[Plate, ...] = ()) -> bool:
+    """Whether ``d`` (a distribution or a transform) or what it holds (base distributions, components,
+    transforms and their parts) has a plate tensor with a plate that is not among ``known`` (by name)."""
+    names = {p.name for p in known}
     for v in d.__dict__.values():
         items = v if isinstance(v, (list, tuple)) else (v,)
         for item in items:
             if type(item) is PlateTensor:
-                return True
-            if isinstance(item, Distribution) and depth < 8 and _holds_plate_tensor(item, depth + 1):
+                if not known or any(p.name not in names for p in item._plates):
+                    return True
+            elif isinstance(item, (Distribution, Transform)) and depth < 8 and _holds_plate_tensor(
+                    item, depth + 1, known):
                 return True
     return False
 
@@ -90,6 +106,8 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
         raise UnsupportedDistributionError(
             f"expected a torch.distributions.Distribution, got {type(d).__name__}"
         )
+    if type(d) is TransformedDistribution:
+        return _unwrap_transformed(d, within)
     same = _as_raw(d, within)  # the common case, without looking up parameters or plates again
     if same is not None:
         return same
@@ -111,15 +129,18 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
     if within and plates[0].name != within[0].name:  # the partition's plate first
         plates = (next(p for p in plates if p.name == within[0].name),) + tuple(
             p for p in plates if p.name != within[0].name)
+    if _holds_plate_tensor(d, known=plates):
+        # sampling it as it is would share one noise draw across the entries of those plates
+        raise UnsupportedDistributionError(
+            f"{type(d).__name__} holds plate tensors that storch cannot find among its "
+            f"arg_constraints {sorted(type(d).arg_constraints)} (in an attribute such as a temperature, "
+            "a base distribution or a transform): sampling it would share one noise draw across plate "
+            "entries. Pass the per-data-point (or per-sample) tensors only as parameters listed in "
+            "arg_constraints, build the other parts from plain tensors, or use a distribution that takes "
+            "them as parameters (LogNormal(loc, scale), Independent(Normal(...)), "
+            "TransformedDistribution(base, [AffineTransform(loc, scale)]))"
+        )
     if not plates:
-        if _holds_plate_tensor(d):
-            # sampling it as it is would share one noise draw across all plate entries
-            raise UnsupportedDistributionError(
-                f"{type(d).__name__} holds plate tensors that storch cannot find among its "
-                "arg_constraints (e.g. inside a base distribution); build it from plain tensors, "
-                "or use a distribution whose parameters are listed in arg_constraints (LogNormal "
-                "instead of TransformedDistribution(Normal, ExpTransform), Independent(Normal))"
-            )
         return d, ()  # built from plain tensors: nothing to unwrap
     sizes = [p.size for p in plates]
     raw = {}
@@ -141,6 +162,68 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
             f"storch cannot rebuild {type(d).__name__} from its parameters {sorted(raw)} ({e}); "
             "use a distribution whose constructor takes its arg_constraints as keywords"
         ) from e
+
+
+# transforms whose tensor attributes storch re-aligns (their constructor takes them as keywords)
+_TRANSFORM_PARAMS = {AffineTransform: ("loc", "scale"), PowerTransform: ("exponent",)}
+
+
+def _unwrap_transformed(d: TransformedDistribution,
+                        within: tuple[Plate, ...]) -> tuple[Distribution, tuple[Plate, ...]]:
+    """A ``TransformedDistribution`` whose base distribution or transforms hold plate tensors.
+
+    The base distribution is unwrapped with the plates of every plate tensor (the transforms' ones
+    too), so each plate entry draws its own noise. A transform of :data:`_TRANSFORM_PARAMS`
+    (``AffineTransform``, ``PowerTransform``) holding plate tensors is rebuilt from their raw tensors,
+    aligned to those plates and padded to the per-sample rank of the value it transforms (so the
+    per-sample dims broadcast as in one-sample code); any other transform holding one is refused.
+    """
+    found = [within]
+    for t in d.transforms:
+        names = _TRANSFORM_PARAMS.get(type(t), ())
+        held = [t.__dict__.get(n) for n in names]
+        found += [v._plates for v in held if type(v) is PlateTensor]
+        if _holds_plate_tensor(t, known=tuple(p for g in found for p in g)):
+            raise UnsupportedDistributionError(
+                f"TransformedDistribution: its transform {type(t).__name__} holds plate tensors, and storch "
+                f"can re-align the tensors only of {', '.join(c.__name__ for c in _TRANSFORM_PARAMS)} given "
+                "directly in the list of transforms: sampling it as it is would share one noise draw across "
+                "plate entries. Put the data-dependent part in the base distribution's parameters, pass "
+                "AffineTransform/PowerTransform directly in the list, or apply the transform to the sample "
+                "(y = f(est(base)))")
+    wanted = union_plates(found + [()])
+    if within and wanted and wanted[0].name != within[0].name:  # the partition's plate first
+        wanted = (within[0],) + tuple(p for p in wanted if p.name != within[0].name)
+    base, plates = unwrap_distribution(d.base_dist, wanted)
+    if not plates:
+        return d, ()  # built from plain tensors: nothing to unwrap
+    m = len(plates)
+    shape = d.base_dist.batch_shape + d.base_dist.event_shape  # per sample, as the transforms see it
+    raw_transforms = []
+    for t in d.transforms:
+        names = _TRANSFORM_PARAMS.get(type(t), ())
+        if any(type(t.__dict__.get(n)) is PlateTensor for n in names):
+            kwargs = {}
+            for n in names:
+                v = t.__dict__[n]
+                if type(v) is PlateTensor:
+                    r = align(v._raw, v._plates, plates)
+                    per = r.shape[m:]
+                    if len(per) > len(shape):
+                        raise UnsupportedDistributionError(
+                            f"TransformedDistribution: {type(t).__name__}.{n} has per-sample shape {tuple(per)}, "
+                            f"more dims than the value it transforms ({tuple(shape)}); give the base "
+                            "distribution that shape (base.expand(...)), or apply the transform to the sample")
+                    v = r.reshape(r.shape[:m] + (1,) * (len(shape) - len(per)) + per)
+                kwargs[n] = v
+            if type(t) is AffineTransform:
+                raw_transforms.append(AffineTransform(**kwargs, event_dim=t.event_dim, cache_size=t._cache_size))
+            else:
+                raw_transforms.append(PowerTransform(**kwargs, cache_size=t._cache_size))
+        else:
+            raw_transforms.append(t)  # plain: broadcasts over the leading plate dims
+        shape = t.forward_shape(shape)
+    return TransformedDistribution(base, raw_transforms, validate_args=False), plates
 
 
 def _as_raw(d: Distribution, within: tuple[Plate, ...]) -> Optional[tuple[Distribution, tuple[Plate, ...]]]:
@@ -297,6 +380,59 @@ def _rebuild(cls: type, raw: dict) -> Distribution:
         Distribution.__init__(d, d._categorical.batch_shape, d._categorical.param_shape[-1:], validate_args=False)
         return d
     return cls(**raw, validate_args=False)
+
+
+# -- what torch's rsample can be differentiated to -------------------------------------------------
+
+
+def rsample_max_order(d: Distribution) -> float:
+    """The highest derivative order to which autograd differentiates ``d.rsample()`` correctly.
+
+    1 when ``d`` draws through torch's implicit reparameterisation of the gamma family with a
+    concentration that carries gradient: ``Gamma`` and ``Chi2`` (``torch._standard_gamma``),
+    ``Dirichlet`` and ``Beta`` (``torch._sample_dirichlet``), and every distribution that holds one
+    (``StudentT``, ``FisherSnedecor``, ``InverseGamma``, ``Wishart``, and ``Independent`` or
+    ``TransformedDistribution`` wrappers of them). Their backward (``_standard_gamma_grad``,
+    ``_dirichlet_grad``) is exact but has no derivative of its own: a second derivative through the
+    sample raises (Gamma) or silently leaves out terms (Beta, Dirichlet). ``math.inf`` otherwise
+    (``Normal``, ``LogNormal``, ``Kumaraswamy``, ``Gumbel``, ...: explicit functions of the noise).
+    """
+    if isinstance(d, (Gamma, Dirichlet)):
+        return 1 if d.concentration.requires_grad else math.inf
+    for v in d.__dict__.values():
+        if isinstance(v, Distribution) and rsample_max_order(v) < math.inf:
+            return 1
+    return math.inf
+
+
+RSAMPLE_ORDER_NOTE = (
+    "torch's rsample of the gamma family (Gamma, Chi2, Beta, Dirichlet, and StudentT, FisherSnedecor, "
+    "InverseGamma, Wishart built on them) is an implicit reparameterisation whose backward has no "
+    "derivative of its own, so a second derivative through the sample is wrong (Beta, Dirichlet) or fails "
+    "(Gamma)")
+
+
+# -- the values an enumerating estimator walks ---------------------------------------------------
+
+
+def enumeration_support(d: Distribution) -> torch.Tensor:
+    """``d.enumerate_support(expand=False)``: every value, shape ``(K, 1, ..., 1, *event)``.
+
+    A ``Binomial`` whose ``total_count`` differs between entries (a count per data point), which
+    torch's ``enumerate_support`` refuses, gets the counts 0..max(total_count): a count above an
+    entry's own total has log-probability -inf there (an impossible value, which ``expect`` weighs 0
+    and never hands to the cost).
+    """
+    try:
+        return d.enumerate_support(expand=False)
+    except NotImplementedError as e:
+        if not isinstance(d, Binomial):
+            raise UnsupportedDistributionError(
+                f"{type(d).__name__}.enumerate_support is not implemented for this distribution ({e}); use a "
+                "sampling estimator (e.g. 'score') for this node") from e
+        k = int(d.total_count.max())
+        values = torch.arange(1 + k, dtype=d._param.dtype, device=d._param.device)
+        return values.view((-1,) + (1,) * len(d.batch_shape))
 
 
 # -- values a distribution never draws ---------------------------------------------------------

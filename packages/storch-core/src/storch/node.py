@@ -7,6 +7,7 @@ annotations only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -60,6 +61,10 @@ class Node:
             with leading dims ``plates_t``; ``None`` for a node sampled once.
         finished: for a partition with ``eos``: whether each sequence has ended (leading dims the
             partition's plates at its last step); ``None`` otherwise.
+        max_order: the highest derivative order the estimator's :meth:`~storch.Estimator.max_order_for`
+            allows for this node's distribution (a partition: the lowest of its steps'); ``math.inf``
+            when the estimator is not asked. ``storch.surrogate_loss(order)`` checks it and the
+            estimator's own ``max_order``.
     """
 
     def __init__(self, estimator: "Estimator", distribution: Distribution, parents: tuple[Plate, ...],
@@ -92,6 +97,7 @@ class Node:
         # l_t shape, and no parent indices: L_t = l_0 + ... + l_t is a cumulative sum, no re-indexing
         self.steps_in_place = True
         self.finished: Optional[torch.Tensor] = None  # partitions with eos: sequences that have ended
+        self.max_order: float = math.inf  # lowered by Estimator.max_order_for (Estimator._sample_node)
         self._views: Optional[dict] = None
 
     @property

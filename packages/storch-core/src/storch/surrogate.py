@@ -24,6 +24,7 @@ import torch
 
 from .cost import CostFrame, _lead, magic_box
 from .eager import eager_only
+from .distributions import RSAMPLE_ORDER_NOTE, rsample_max_order
 from .errors import NonFiniteCostError, OrderError, StorchError, UnusedSampleWarning
 from .estimators.base import Estimator
 from .graph import Graph, current_graph, is_tracing, tracing_recorder
@@ -54,6 +55,23 @@ def _check_order(nodes: list[Node], order: int) -> None:
                 f"{est.max_order} (with its options: est.info()), but order {order} was requested; choose "
                 "an estimator with a higher max_order (see storch.available_estimators()) for this node"
             )
+        if node.max_order < order:
+            raise OrderError(_node_order_message(node, order))
+
+
+def _node_order_message(node: Node, order: int) -> str:
+    """Why a node's distribution lowers its estimator's order (Estimator.max_order_for), and what to do."""
+    est = node.estimator
+    name = type(node.original if node.original is not None else node.distribution).__name__
+    why = ""
+    if est.requires_rsample and rsample_max_order(node.distribution) <= node.max_order:
+        why = f": {RSAMPLE_ORDER_NOTE}"
+    return (f"estimator {est.name!r} on plate {node.plate.name!r} is unbiased only up to order {node.max_order} "
+            f"for its distribution {name} (its max_order is {est.max_order}, lowered for this distribution by "
+            f"{type(est).__name__}.max_order_for{why}), but order {order} was requested. Use an estimator that "
+            "does not differentiate through the sample for this node, e.g. 'score' (any order; "
+            "baseline='leave_one_out' for less variance), or differentiate at most "
+            f"{node.max_order} time(s)")
 
 
 def _has_control_variate(est) -> bool:

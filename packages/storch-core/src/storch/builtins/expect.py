@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from ..distributions import enumeration_support
 from ..errors import OptionError, UnsupportedDistributionError
 from ..estimators.base import Estimator, _float_dtype
 from ..graph import is_tracing
@@ -38,7 +39,9 @@ class Expect(Estimator):
         a = 0.
 
     Requires: a distribution with ``enumerate_support`` (Bernoulli, Categorical,
-    OneHotCategorical, Binomial, ...); K^n <= ``budget``.
+    OneHotCategorical, Binomial, ...); K^n <= ``budget``. A ``Binomial`` whose ``total_count``
+    differs between plate entries (a count per data point) is enumerated over 0..max(total_count),
+    the counts above an entry's own total weighed 0 there.
 
     max_order: ∞ — condition 3 of Theorem 1 holds because Σ_x p(x) = 1 is constant (D.1).
 
@@ -67,7 +70,8 @@ class Expect(Estimator):
 
     def proposal(self, node: Node) -> torch.Tensor:
         d = node.distribution  # (probabilities of exactly 0 have log p = -inf: Estimator._sample_node)
-        support = d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
+        # (K, 1, ..., 1, *event); a Binomial's total_count per data point: 0..max, -inf above an entry's own
+        support = enumeration_support(d)
         k = support.shape[0]
         values = support.reshape((k,) + tuple(d.event_shape))
         own = tuple(d.batch_shape[len(node.parents):])

@@ -41,7 +41,15 @@ import torch
 from torch.distributions import Distribution
 
 from ..cost import CostFrame, _lead, magic_box
-from ..distributions import _as_raw, base_distribution, raw_log_prob, raw_sample, strict_support, unwrap_distribution
+from ..distributions import (
+    _as_raw,
+    base_distribution,
+    raw_log_prob,
+    raw_sample,
+    rsample_max_order,
+    strict_support,
+    unwrap_distribution,
+)
 from ..eager import eager_only
 from ..errors import NonFiniteParameterError, OptionError, PlateError, StorchError, UnsupportedDistributionError
 from ..generators import drawing_with
@@ -71,7 +79,8 @@ class Estimator(torch.nn.Module):
     Class attributes (capabilities):
         name: the registry name.
         aliases: other registry names.
-        max_order: highest derivative order for which it is unbiased (``math.inf`` = any).
+        max_order: highest derivative order for which it is unbiased (``math.inf`` = any). A node's
+            distribution may lower it for that node: :meth:`max_order_for`.
         biased: True if it estimates a different (relaxed / finite-difference) objective.
         distributions: supported distribution types (``None``: any).
         requires_rsample / requires_enumerate_support: capability requirements. An estimator with
@@ -193,6 +202,8 @@ class Estimator(torch.nn.Module):
         if inputs is not None:
             self.check_inputs(inputs, parents, 0)
         node = Node(self, raw, parents, original=distribution, inputs=inputs)
+        if _lowers_order(type(self)):  # storch.surrogate_loss(order) checks it (OrderError)
+            node.max_order = self.max_order_for(raw)
         sample = self.proposal(node)
         plate = node.plate = Plate(self.plate, sample.shape[0], False, 0, Lineage())
         node.sample = sample
@@ -242,6 +253,8 @@ class Estimator(torch.nn.Module):
         self.check_distribution(raw)
         if self.requires_enumerate_support:
             raw = strict_support(raw, is_tracing())
+        if _lowers_order(type(self)):  # the partition's order: the lowest of its steps'
+            node.max_order = min(node.max_order, self.max_order_for(raw))
         parents = plates[1:]
         t = node.step + 1
         if inputs is not None:
@@ -414,6 +427,24 @@ class Estimator(torch.nn.Module):
         if cls.requires_enumerate_support:
             need.append("a distribution with a finite support (has_enumerate_support=True)")
         return need
+
+    def max_order_for(self, distribution: Distribution) -> float:
+        """The highest derivative order for which this estimator is unbiased on a node of ``distribution``.
+
+        ``max_order`` is what the estimator proves in general; a distribution may allow less. The
+        default lowers it for estimators with ``requires_rsample`` (their derivatives go through the
+        sample) to :func:`storch.extending.rsample_max_order`: 1 for torch's gamma family (Gamma, Beta,
+        Dirichlet, StudentT, ...), whose ``rsample`` has no second derivative. Override it (and call
+        ``super()``) when your estimator's unbiasedness depends on the distribution in another way.
+
+        Called with the raw distribution (plates leading its batch shape) when a node is made, and at
+        every step of a partition (the partition keeps the lowest); ``storch.surrogate_loss(order)``
+        raises ``storch.OrderError`` for a node whose order is below ``order``. An estimator that
+        neither overrides it nor has ``requires_rsample`` is not asked (``max_order`` holds).
+        """
+        if self.requires_rsample:
+            return min(self.max_order, rsample_max_order(distribution))
+        return self.max_order
 
     def check_distribution(self, d: Distribution) -> None:
         """Raise :class:`UnsupportedDistributionError` if this estimator cannot handle ``d``."""
@@ -608,6 +639,16 @@ class Estimator(torch.nn.Module):
 _FORWARD = Estimator.forward
 _SUPPORTS = Estimator.__dict__["supports"]
 _BASE_SUPPORTS: dict[type, bool] = {}
+_LOWERS_ORDER: dict[type, bool] = {}
+
+
+def _lowers_order(cls: type) -> bool:
+    """Whether :meth:`Estimator.max_order_for` may lower ``cls``'s order for a distribution: it has
+    ``requires_rsample`` or overrides the method (cached per class; the others are not asked)."""
+    r = _LOWERS_ORDER.get(cls)
+    if r is None:
+        r = _LOWERS_ORDER[cls] = bool(cls.requires_rsample) or cls.max_order_for is not Estimator.max_order_for
+    return r
 
 
 def _base_supports(cls: type) -> bool:

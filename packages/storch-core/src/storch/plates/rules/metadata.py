@@ -1,7 +1,8 @@
 """Metadata, conversions and Python protocols of plate tensors (handlers).
 
 A plate tensor answers metadata questions (``shape``, ``dim()``, ``dtype``, ``stride()``, ...)
-per sample; conversions to one Python value (``item()``, ``bool()``) need a single sample;
+per sample; conversions to one Python value (``item()``, ``bool()``) need a single sample
+(``bool()`` also answers when every plate entry gives the same truth value);
 ``backward()`` is refused in favour of ``storch.backward()``.
 """
 
@@ -92,27 +93,48 @@ def _over_all_samples(func, args, kwargs):
 
 
 def _single(func, args, kwargs):
-    """one Python value: only for a plate tensor with a single entry; else a PlateError"""
+    """one Python value: a plate tensor with a single entry; ``bool()`` when every entry agrees; else a PlateError"""
     x = args[0]
     if type(x) is not _PT:
         return func(*args, **kwargs)
     if x._raw.shape[: len(x._plates)].numel() != 1:
         if func is _T.__bool__:
-            raise _control_flow(x)
+            return _same_truth(x)
         raise too_many_samples(x, f"`{getattr(func, '__name__', func)}`")
     return func(x._raw.reshape(x._raw.shape[len(x._plates):]), *args[1:], **kwargs)
 
 
-def _control_flow(x) -> PlateError:
+def _same_truth(x) -> bool:
+    """``bool(x)`` when it is the same for every plate entry: then it is exactly what the one-sample
+    code decides for each of them (torch.distributions' own checks, ``if not valid.all(): raise``, in
+    Geometric, ContinuousBernoulli, positive-definite matrices, Wishart). Entries that decide
+    differently are refused (PlateError): no single branch is right for all of them."""
+    raw, n = x._raw, len(x._plates)
+    if raw.shape[n:].numel() != 1:
+        return bool(raw[(0,) * n])  # torch's own error: a per-sample tensor with several values is ambiguous
+    if raw.is_meta:
+        raise _control_flow(x)
+    k = int(torch.count_nonzero(raw))
+    total = raw.numel()
+    if k == 0 or k == total:
+        return k == total
+    raise _control_flow(x, k)
+
+
+def _control_flow(x, true: int = -1) -> PlateError:
     n = x._raw.shape[: len(x._plates)].numel()
+    split = f" ({true} True, {n - true} False)" if true >= 0 else ""
+    check = (" If this comes from a torch.distributions constructor's argument check (e.g. Geometric's "
+             "`if not valid.all()`), the distribution's parameters are invalid for some plate entries: fix them "
+             "there." if true >= 0 else "")
     return PlateError(
         f"Python control flow (`if`, `while`, `and`/`or`, e.g. `if tok == EOS: break`) needs one truth value, "
-        f"but this PlateTensor holds {n} values over plates {[p.name for p in x._plates]}: each sample may "
-        "decide differently. Keep every sample going and write the decision as a mask, as one-sample code: "
-        "`done = done | (tok == EOS)`, then `tok = torch.where(done, EOS, tok)` and `cost = torch.where(done, 0.0, "
-        "step_cost)` (for sequences, the estimators' `eos=` option does this: a finished sequence draws EOS with "
-        "probability 1). To leave a loop early once every sample is done, test all of them: "
-        "`if bool(done.tensor.all()): break`")
+        f"but this PlateTensor holds {n} values over plates {[p.name for p in x._plates]} that differ{split}: "
+        "each sample decides differently. Keep every sample going and write the decision as a mask, as one-sample "
+        "code: `done = done | (tok == EOS)`, then `tok = torch.where(done, EOS, tok)` and `cost = torch.where(done, "
+        "0.0, step_cost)` (for sequences, the estimators' `eos=` option does this: a finished sequence draws EOS "
+        "with probability 1). To leave a loop early once every sample is done, test all of them: "
+        f"`if bool(done.tensor.all()): break`.{check}")
 
 
 register(_T.item, _T.tolist, _T.numpy, _T.__bool__, _T.__int__, _T.__float__, _T.__index__,

@@ -1,0 +1,195 @@
+"""Plate tensors where a distribution keeps them outside its arg_constraints (transforms, temperatures,
+components), torch's own argument checks on plate tensors (``if not valid.all()``), and ``expect`` on a
+Binomial whose total count is per data point. Never a shared noise draw, never a nested plate tensor."""
+
+import pytest
+import torch
+from torch.distributions import (
+    Binomial,
+    Categorical,
+    ContinuousBernoulli,
+    Geometric,
+    MixtureSameFamily,
+    MultivariateNormal,
+    Normal,
+    RelaxedBernoulli,
+    TransformedDistribution,
+    Wishart,
+)
+from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform, PowerTransform
+
+import storch
+from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
+
+D = torch.float64
+R = 3000
+
+
+# -- TransformedDistribution with plate tensors in its transforms (or its base) -------------------
+
+
+def test_affine_transform_with_a_plate_tensor_loc_draws_per_data_point():
+    """The repro: loc on a data plate, base plain. Each data point draws its own noise; the sample is a
+    plain raw tensor; the surrogate is a 0-dim loss; value and gradient are unbiased (z-tests)."""
+    torch.manual_seed(0)
+    theta = torch.zeros((), dtype=D)
+    base_loc = torch.arange(4, dtype=D) * 10
+    est = storch.estimator("reparameterization", plate="y", n_samples=2)
+    with storch.Graph():
+        leaf, th = replicate(theta, R)
+        x = storch.denote_independent(base_loc, 0, "data") + th
+        d = TransformedDistribution(Normal(torch.zeros((), dtype=D), torch.ones((), dtype=D)),
+                                    [AffineTransform(loc=x, scale=2.0)])
+        y = est(d)
+        assert type(y.tensor) is torch.Tensor
+        assert "data" in [p.name for p in y.plates]
+        noise = (y - x).tensor.detach()  # 2 eps per entry
+        assert noise.std(dim=[p.name for p in y.plates].index("data")).min() > 0  # not one draw for all
+        storch.add_cost(y ** 2)  # E = x^2 + 4 per data point
+        loss = storch.surrogate_loss()
+        assert type(loss) is torch.Tensor and loss.dim() == 0
+        g, = per_replicate_derivatives(loss, leaf, 1)
+
+    def exact(t):
+        return ((base_loc + t) ** 2 + 4).mean()
+
+    assert_unbiased(g, torch.autograd.functional.jacobian(exact, theta.clone()), "gradient")
+
+
+def test_noise_is_independent_between_data_points():
+    """cov(eps_i, eps_j) = 0 for i != j (it was 1: one draw shared by every data point)."""
+    torch.manual_seed(1)
+    est = storch.estimator("reparameterization", plate="y", n_samples=20000)
+    with storch.Graph():
+        x = storch.denote_independent(torch.arange(3, dtype=D), 0, "data")
+        y = est(TransformedDistribution(Normal(torch.zeros((), dtype=D), torch.ones((), dtype=D)),
+                                        [AffineTransform(loc=x, scale=1.0)]))
+        eps = (y - x).tensor  # (y, data)
+        prod = eps[:, 0] * eps[:, 1]
+        assert abs(prod.mean()) < 4 * prod.std() / prod.numel() ** 0.5
+
+
+def test_plate_tensors_in_the_base_and_in_power_transform():
+    """Base Normal(loc on a data plate) under ExpTransform, then PowerTransform(exponent on the data
+    plate): y = exp(X)^k with X ~ N(m, 1), E[y] = exp(k m + k^2 / 2). Was refused (base) and silently
+    shared (transform)."""
+    torch.manual_seed(2)
+    m = torch.tensor([0.1, -0.3, 0.2], dtype=D)
+    k = torch.tensor([1.0, 0.5, 2.0], dtype=D)
+    est = storch.estimator("reparameterization", plate="y", n_samples=1)
+    with storch.Graph():
+        leaf, th = replicate(torch.zeros((), dtype=D), R)
+        mm, kk = storch.denote_independent([m, k], 0, "data")
+        mm = mm + th
+        y = est(TransformedDistribution(Normal(mm, torch.ones((), dtype=D)), [ExpTransform(), PowerTransform(kk)]))
+        storch.add_cost(y)
+        g, = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+
+    def exact(t):
+        return torch.exp(k * (m + t) + k ** 2 / 2).mean()
+
+    assert_unbiased(g, torch.autograd.functional.jacobian(exact, torch.zeros((), dtype=D)), "gradient")
+
+
+def test_affine_transform_in_a_partition_step():
+    """A loop: step 2 shifts a plain base by step 1's sample (the partition plate)."""
+    torch.manual_seed(3)
+    est = storch.estimator("reparameterization", plate="x", n_samples=3)
+    with storch.Graph():
+        x1 = est(Normal(torch.zeros((), dtype=D), torch.ones((), dtype=D)))
+        x2 = est(TransformedDistribution(Normal(torch.zeros((), dtype=D), torch.ones((), dtype=D)),
+                                         [AffineTransform(loc=x1 * 10, scale=1.0)]))
+        assert type(x2.tensor) is torch.Tensor and x2.tensor.shape == (3,)
+        assert ((x2 - x1 * 10).tensor - (x2 - x1 * 10).tensor[0]).abs().max() > 0
+
+
+@pytest.mark.parametrize("make", [
+    lambda x: TransformedDistribution(Normal(0.0, 1.0), [ComposeTransform([AffineTransform(loc=x, scale=1.0)])]),
+    lambda x: TransformedDistribution(Normal(0.0, 1.0), [AffineTransform(0.0, 1.0).inv, AffineTransform(loc=x, scale=1.0).inv]),
+    lambda x: RelaxedBernoulli(x.abs() + 0.5, logits=torch.zeros(())),
+    lambda x: RelaxedBernoulli(x.abs() + 0.5, logits=storch.denote_independent(torch.zeros(2), 0, "other")),
+    lambda x: MixtureSameFamily(Categorical(logits=torch.zeros(2)), Normal(x.unsqueeze(-1).expand(2), torch.ones(2))),
+], ids=["compose", "inverse", "relaxed-temperature", "relaxed-two-plates", "mixture"])
+def test_plate_tensors_storch_cannot_realign_are_refused(make):
+    est = storch.estimator("score", plate="y", n_samples=2)
+    with storch.Graph():
+        x = storch.denote_independent(torch.arange(3.0), 0, "data")
+        with pytest.raises(storch.UnsupportedDistributionError, match="plate tensors"):
+            est(make(x))
+
+
+# -- torch's own argument checks on plate tensors ---------------------------------------------------
+
+
+def _data(t):
+    return storch.denote_independent(t, 0, "data")
+
+
+CHECKED = {  # name -> (parameters per data point, the distribution from them)
+    "Geometric": (torch.tensor([0.2, 0.5, 0.9]), lambda p: Geometric(probs=p)),
+    "ContinuousBernoulli": (torch.tensor([0.2, 0.5, 0.9]), lambda p: ContinuousBernoulli(probs=p, validate_args=True)),
+    "MultivariateNormal(covariance_matrix)": (torch.eye(2) * torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1),
+                                              lambda c: MultivariateNormal(torch.zeros(2), covariance_matrix=c)),
+    "MultivariateNormal(precision_matrix)": (torch.eye(2) * torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1),
+                                             lambda c: MultivariateNormal(torch.zeros(2), precision_matrix=c)),
+    "Wishart(df)": (torch.tensor([3.0, 4.0, 5.0]), lambda df: Wishart(df=df, covariance_matrix=torch.eye(2))),
+}
+
+
+@pytest.mark.parametrize("name", list(CHECKED))
+def test_argument_checks_in_torch_constructors_pass_on_plate_tensors(name):
+    """Their ``if not valid.all()`` is answered when every plate entry agrees; the node's log-probabilities
+    equal those of torch's distribution built per data point."""
+    torch.manual_seed(4)
+    params, make = CHECKED[name]
+    est = storch.estimator("score", plate="s", n_samples=2)
+    with storch.Graph():
+        s = est(make(_data(params)))
+        node = storch.current_graph().nodes[0]
+        lp = node.distribution.log_prob(s.tensor)  # (s, data)
+        for i in range(params.shape[0]):
+            assert torch.allclose(lp[:, i], make(params[i]).log_prob(s.tensor[:, i]))
+
+
+def test_a_check_that_fails_for_some_plate_entries_is_a_plate_error_that_says_so():
+    with storch.Graph():
+        with pytest.raises(storch.PlateError, match=r"differ \(2 True, 1 False\).*argument check.*invalid for some"):
+            Geometric(probs=_data(torch.tensor([0.0, 0.5, 0.9])))
+    with storch.Graph():  # invalid for every entry: refused (torch's message indexes by the mask)
+        with pytest.raises((ValueError, storch.PlateError)):
+            Geometric(probs=_data(torch.tensor([0.0, 0.0])))
+
+
+def test_bool_of_a_plate_tensor_is_answered_when_every_entry_agrees():
+    with storch.Graph():
+        x = _data(torch.tensor([1.0, 2.0, 3.0]))
+        assert bool(x > 0) and not bool(x > 5)
+        assert (1 if x > 0 else 2) == 1
+        with pytest.raises(storch.PlateError, match=r"Python control flow.*differ \(2 True, 1 False\)"):
+            bool(x > 1.5)
+        with pytest.raises(RuntimeError, match="ambiguous"):  # torch's own: several values per sample
+            bool(storch.denote_independent(torch.ones(3, 2), 0, "other") > 0)
+
+
+# -- expect on a Binomial with a total count per data point -----------------------------------------
+
+
+def test_expect_binomial_with_a_total_count_per_data_point_is_exact():
+    """E[(k - 1.2)^2] = n p (1 - p) + (n p - 1.2)^2, averaged over the data; value and gradient exact."""
+    n = torch.tensor([1.0, 3.0, 5.0], dtype=D)
+    theta = torch.tensor([0.3, -0.6, 0.1], dtype=D, requires_grad=True)
+    est = storch.estimator("expect", plate="k")
+    with storch.Graph():
+        nn, tt = storch.denote_independent([n, theta], 0, "data")
+        k = est(Binomial(total_count=nn, logits=tt))
+        assert k.tensor.shape == (6, 3) and bool((k.tensor <= n).all())  # never a count above the total
+        storch.add_cost((k - 1.2) ** 2)
+        loss = storch.surrogate_loss(order=2)
+        g, = torch.autograd.grad(loss, theta, create_graph=True)
+
+    def exact(t):
+        p = torch.sigmoid(t)
+        return (n * p * (1 - p) + (n * p - 1.2) ** 2).mean()
+
+    assert torch.allclose(loss, exact(theta))
+    assert torch.allclose(g, torch.autograd.functional.jacobian(exact, theta.detach()))
