@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch.distributions import Bernoulli, Distribution
@@ -188,7 +188,7 @@ class Score(Estimator):
     def control_variate_stacks(self) -> bool:
         return self._baseline.stacks
 
-    def check_inputs(self, inputs, plates: tuple[Plate, ...], step: int) -> None:
+    def check_inputs(self, inputs: Any, plates: tuple[Plate, ...], step: int) -> None:
         super().check_inputs(inputs, plates, step)
         if isinstance(self.baseline_fn, LearnedBaseline):  # b_ψ conditions on them: checked at every step
             check_inputs(inputs, self.plate, step)
