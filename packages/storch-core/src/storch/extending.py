@@ -80,6 +80,7 @@ from .plates.tensor import align, plates_of, raw_of
 
 __all__ = [
     "align", "plates_of", "raw_of", "base_distribution", "drawing_with", "leave_one_out", "options", "step_guard",
+    "match_optimizer_state",
     "is_tracing", "assume", "strict_support", "rsample_max_order",
 ]
 
@@ -114,3 +115,25 @@ def step_guard() -> ContextManager[None]:
     ``add_cost``, ``denote_independent``, ``surrogate_loss``, ``storch.estimator``).
     """
     return current_graph().guard()
+
+
+def match_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Move an estimator's own optimizer state to its parameters' dtype and device, in place.
+
+    ``est.to(...)``, ``.double()`` or ``.cuda()`` (or the model's, with the estimator a submodule)
+    converts the parameters but not the state of an optimizer the estimator keeps (Adam's moments
+    of a learned baseline or control variate), and the next ``optimizer.step()`` fails with a dtype
+    or device mismatch. Call this before each step (a loop over the parameters; nothing is copied
+    when they match). ``"step"`` counters stay as they are, as ``Optimizer.load_state_dict`` leaves
+    them.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            for key, value in state.items():
+                if key != "step" and isinstance(value, torch.Tensor) and (
+                        value.dtype != p.dtype or value.device != p.device):
+                    state[key] = value.to(dtype=p.dtype if value.is_floating_point() else value.dtype,
+                                          device=p.device)

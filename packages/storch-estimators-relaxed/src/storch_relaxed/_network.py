@@ -39,10 +39,13 @@ class ControlVariateNet(torch.nn.Module):
                     "storch.compile: the learned control variate's network is built on first use (its input "
                     "width is the sample's), which a traced step cannot do. Run one step eagerly first (or load "
                     "a state_dict that holds the network), then call the compiled step")
-            self._build(x.shape[-1], x.dtype, x.device)
-            if self.zero_output:  # c_φ = 0 at the start (RELAX's residual: it starts as REBAR)
-                torch.nn.init.zeros_(self.net[2].weight)
-                torch.nn.init.zeros_(self.net[2].bias)
+            # normal tensors even when the first use is an evaluation pass under torch.inference_mode()
+            # (inference tensors cannot be trained afterwards)
+            with torch.inference_mode(False):
+                self._build(x.shape[-1], x.dtype, x.device)
+                if self.zero_output:  # c_φ = 0 at the start (RELAX's residual: it starts as REBAR)
+                    torch.nn.init.zeros_(self.net[2].weight)
+                    torch.nn.init.zeros_(self.net[2].bias)
             # every process must start from the same φ (DDP broadcasts only what exists at wrapping)
             storch.distributed.broadcast_(list(self.net.parameters()), owner=self._owner)
 

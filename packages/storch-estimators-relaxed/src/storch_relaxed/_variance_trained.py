@@ -11,7 +11,7 @@ import torch
 
 import storch.distributed
 from storch import Estimator, Node, OptionError, StorchError
-from storch.extending import options
+from storch.extending import match_optimizer_state, options
 
 from ._network import ControlVariateNet
 
@@ -122,6 +122,7 @@ class VarianceTrained(Estimator):
         dphi = _across_ranks(list(dphi), self)
         for p, g in zip(params, dphi):
             p.grad = g
+        match_optimizer_state(self._optimizer)  # after est.to(...) / .double(): Adam's moments follow φ
         self._optimizer.step()
         for p in params:
             p.grad = None

@@ -126,10 +126,11 @@ class LearnedBaseline(torch.nn.Module):
                     f"storch.compile: score's learned baseline builds its network for cost {name!r} on first use "
                     "(its input width is h's), which a traced step cannot do. Run one step eagerly first (or "
                     "load a state_dict that holds the network), then call the compiled step")
-            net = torch.nn.Sequential(torch.nn.Linear(h.shape[-1], self.hidden), torch.nn.Tanh(),
-                                      torch.nn.Linear(self.hidden, 1)).to(dtype=h.dtype, device=h.device)
-            torch.nn.init.zeros_(net[2].weight)
-            torch.nn.init.zeros_(net[2].bias)
+            with torch.inference_mode(False):  # trainable even if first built in an inference_mode() pass
+                net = torch.nn.Sequential(torch.nn.Linear(h.shape[-1], self.hidden), torch.nn.Tanh(),
+                                          torch.nn.Linear(self.hidden, 1)).to(dtype=h.dtype, device=h.device)
+                torch.nn.init.zeros_(net[2].weight)
+                torch.nn.init.zeros_(net[2].bias)
             self.heads[key] = net
         return self.heads[key]
 

@@ -11,7 +11,7 @@ from torch.distributions import Bernoulli, Distribution
 
 import storch.distributed
 from storch import CostFrame, Estimator, Node, OptionError, Plate, PlateTensor
-from storch.extending import base_distribution, is_tracing, leave_one_out, options
+from storch.extending import base_distribution, is_tracing, leave_one_out, match_optimizer_state, options
 
 from .learned_baseline import LearnedBaseline, baseline_features, check_inputs, in_frame
 
@@ -266,6 +266,7 @@ class Score(Estimator):
             self._optimizer = torch.optim.Adam(params, lr=self.lr)
         for p, g in zip(params, grads):
             p.grad = None if g is None else g
+        match_optimizer_state(self._optimizer)  # after est.to(...) / .double(): Adam's moments follow ψ
         self._optimizer.step()
         for p in params:
             p.grad = None

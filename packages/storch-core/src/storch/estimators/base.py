@@ -216,7 +216,8 @@ class Estimator(torch.nn.Module):
         if self.eos is not None:
             node.finished = self.is_eos(raw, sample, len(parents))
         out = self.output(node)
-        node.handed.append((out, out._version))
+        if not out.is_inference():  # (torch.inference_mode(): no version counter, no backward either)
+            node.handed.append((out, out._version))
         node.value = value = PlateTensor._wrap(out, plates)
         return value
 
@@ -301,7 +302,8 @@ class Estimator(torch.nn.Module):
         node.steps.append(sample)
         if not self.causal_credit:
             node.weight_values = None  # per whole sequence: computed at the last step, by the surrogate
-        node.handed.append((sample, sample._version))
+        if not sample.is_inference():
+            node.handed.append((sample, sample._version))
         return PlateTensor._wrap(sample, new)
 
     def check_inputs(self, inputs: Any, plates: tuple[Plate, ...], step: int) -> None:

@@ -1,0 +1,59 @@
+"""torch.inference_mode() evaluation passes, and estimators with their own optimizer moved with .double()
+after training (both found by porting a VAE into a training loop: inference_mode raised "Inference tensors
+do not track version counter" for every estimator; relax's and NVIL's Adam moments stayed float32 and the
+next update failed with a dtype mismatch). A network built lazily in an inference_mode() pass (relax's
+control variate, NVIL's heads) was made of inference tensors that the next training step could not update.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributions import Bernoulli
+
+import storch
+
+DATA = torch.linspace(-1, 1, 20).reshape(5, 4)
+
+
+@pytest.mark.parametrize("name,options", [("score", {"n_samples": 2}), ("unordered_set", {"n_samples": 2}),
+                                          ("relax", {}), ("gumbel_softmax", {}), ("expect", {}),
+                                          ("score", {"n_samples": 2, "baseline": "learned"})])
+def test_inference_mode_evaluation_pass(name, options):
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(4, 3)
+    est = storch.estimator(name, plate="z", **options)
+    with torch.inference_mode(), storch.Graph():
+        z = est(Bernoulli(logits=enc(storch.denote_independent(DATA, 0, "data"))))
+        storch.add_cost(((z - 0.3) ** 2).sum(-1), name="c")
+        value = storch.cost_estimates()["c"]
+        assert torch.isfinite(value) and not storch.surrogate_loss().requires_grad
+    with storch.Graph():  # the next training step is unaffected
+        z = est(Bernoulli(logits=enc(storch.denote_independent(DATA, 0, "data"))))
+        storch.add_cost(((z - 0.3) ** 2).sum(-1), name="c")
+        storch.backward()
+    assert enc.weight.grad is not None and torch.isfinite(enc.weight.grad).all()
+
+
+@pytest.mark.parametrize("name,options", [("relax", {}), ("score", {"n_samples": 2, "baseline": "learned"})])
+def test_trained_estimator_moved_to_float64_keeps_training(name, options):
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"enc": torch.nn.Linear(4, 3), "est": storch.estimator(name, plate="z", **options)})
+
+    def step(dtype):
+        with storch.Graph():
+            x = storch.denote_independent(DATA.to(dtype), 0, "data")
+            z = model["est"](Bernoulli(logits=model["enc"](x)))
+            storch.add_cost(((z - 0.3) ** 2).sum(-1), name="c")
+            storch.backward()
+
+    for _ in range(2):
+        step(torch.float32)
+    steps = model["est"].update_steps
+    model.double()
+    step(torch.float64)
+    assert model["est"].update_steps == steps + 1
+    params = list(model["est"].parameters())
+    assert params and all(p.dtype == torch.float64 and torch.isfinite(p).all() for p in params)
+    moments = [v for s in model["est"]._optimizer.state.values() for k, v in s.items() if k != "step"]
+    assert moments and all(v.dtype == torch.float64 for v in moments)
