@@ -90,6 +90,33 @@ def _implementation(func):
     return impl
 
 
+_grad_enabled = torch.is_grad_enabled
+_fw_grad_enabled = torch._C._is_fwd_grad_enabled
+
+
+def _check_custom_function(func, args, kwargs) -> None:
+    """Refuse a plate call in the forward of a custom ``torch.autograd.Function`` on operands that need grad.
+
+    ``MyFn.apply(x)`` does not go through ``__torch_function__``: torch runs the forward on the plate
+    tensors with autograd off (grad mode and forward-mode AD both disabled, which is how this is told
+    from ``torch.no_grad()``), and it records the Function's backward on the wrappers, which storch does
+    not read. The result would be cut off from the gradient without a word (reentrant checkpointing is
+    such a Function). Inside ``torch.inference_mode()`` nothing needs grad.
+    """
+    if torch.is_inference_mode_enabled():
+        return
+    if any(type(a) is _PT and a._raw.requires_grad for a in _operands(args, kwargs or {})):
+        raise PlateError(
+            f"{describe(func)} was called on plate tensors that need grad with autograd disabled and forward-mode "
+            "AD disabled: the forward of a custom torch.autograd.Function (MyFn.apply(x), "
+            "torch.utils.checkpoint.checkpoint(..., use_reentrant=True)). torch records such a Function's backward "
+            "on the plate tensors' wrappers, which storch does not follow, so its result would carry no gradient. "
+            "Use torch.utils.checkpoint.checkpoint(..., use_reentrant=False), and write the function with torch "
+            "operations (autograd differentiates them) instead of a custom Function. A module's full backward "
+            "hook (register_full_backward_hook) is such a Function too: use a forward hook or "
+            "tensor.register_hook instead")
+
+
 @mark_eager_only
 def _torch_function(cls, func, types, args=(), kwargs=None):
     # PlateTensor.__torch_function__, the dispatcher. The implementation of each function is
@@ -101,6 +128,8 @@ def _torch_function(cls, func, types, args=(), kwargs=None):
             return _torch_function(cls, func, types, args, kwargs)
         finally:
             set_eval_frame(prior)
+    if not _grad_enabled() and not _fw_grad_enabled():
+        _check_custom_function(func, args, kwargs)
     impl = _IMPL.get(func)
     if impl is None:
         impl = _implementation(func)
