@@ -320,3 +320,27 @@ def test_sequence_steps_take_the_fast_paths(monkeypatch):
     d = OneHotCategorical(logits=torch.zeros(2, 3))
     assert _sequences._tokens_of(d)[0] is d._categorical
 
+
+
+def test_buffer_ranks_sequences_by_the_sum_of_per_step_costs_of_one_name():
+    """Per-step costs under one name (the documented pattern) all count in the total the buffer stores:
+    it kept only the cost of each name's last step, so (1, 1, 0) with two tokens costing 10 was stored
+    at 0 and the buffer kept the wrong sequences (found by porting a seq2seq model)."""
+    torch.manual_seed(0)
+    theta = torch.zeros(3, 3, requires_grad=True)
+    for same_name in (True, False):
+        est = storch.estimator("sum_and_sample", plate="seq", buffer=8, n_samples=4)
+        for _ in range(3):
+            with storch.Graph():
+                toks = []
+                for t in range(3):
+                    tok = est(Categorical(logits=theta[t]))
+                    toks.append(tok)
+                    storch.add_cost(10.0 * (tok == 1).float(), name="tok" if same_name else f"tok{t}")
+                storch.add_cost((toks[-1] == 2).float(), name="final")
+                storch.backward()
+        entries = [(seq, c) for book in est.state_dict()["_extra_state"]["entries"].values()
+                   for seq, (c, _) in book.items()]
+        assert len(entries) >= 4
+        for seq, stored in entries:
+            assert stored == 10.0 * sum(x == 1 for x in seq) + (seq[-1] == 2), (same_name, seq, stored)

@@ -507,12 +507,10 @@ def update(est, node: Node) -> None:
     c = node.state
     if not c.costs:
         return
-    # per cost name, its value at the latest length it was seen with (the whole cost of that name)
-    latest: dict = {}
-    for (name, length), t in c.costs.items():
-        if name not in latest or length > latest[name][0]:
-            latest[name] = (length, t)
-    total = sum(t for _, t in latest.values())  # (N, P)
+    # every cost recorded in the step: one per (name, length), so the per-step costs of one name (the
+    # documented pattern: add_cost(r_t, name="reward") at every step) all count. Keeping only each name's
+    # latest length stored a sequence with 10 + 10 of per-token costs as 0 (found by porting a seq2seq model)
+    total = sum(c.costs.values())  # (N, P)
     seq = torch.stack(c.tokens, -1)  # (N, P, T)
     s = c.n_slots
     lp = torch.stack(c.lps).sum(0).detach()  # (N, P): log p of each whole sequence
