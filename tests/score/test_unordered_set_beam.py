@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, OneHotCategorical
+from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 
 import storch
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
@@ -282,3 +282,23 @@ def test_vae_sized_node_takes_the_fast_paths(monkeypatch):
         assert node.state.g is None and node.state.exact
         w = node.weight_values.sum(0)  # (50,)
     assert_unbiased(w.unsqueeze(1), 1.0, "sum of the weights")
+
+
+def test_one_categorical_over_a_large_vocabulary_needs_no_budget():
+    """A Categorical node without batch dims over K > budget values (a 5000-token vocabulary) is sampled
+    from its K logits (nothing else is listed): it was refused at the default budget of 4096, as if K^1
+    joint values had to be enumerated. The gradient z-tested against the exact one."""
+    torch.manual_seed(5)
+    k = 5000
+    base = torch.randn(k, dtype=torch.float64) * 2
+    values = torch.randn(k, dtype=torch.float64)
+    est = storch.estimator("unordered_set", plate="t", n_samples=4)
+    with storch.Graph():
+        leaf, x = replicate(base, 2000)
+        tok = est(Categorical(logits=x))
+        storch.add_cost(values[tok])
+        (g,) = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+    p = torch.softmax(base, -1)
+    exact = p * (values - (p * values).sum())
+    top = torch.topk(exact.abs(), 8).indices  # the components with signal (the rest are ~0)
+    assert_unbiased(g[:, top], exact[top], "unordered_set@4 over 5000 categories")

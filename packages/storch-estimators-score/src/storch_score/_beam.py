@@ -20,6 +20,8 @@ from torch.distributions import Bernoulli
 from storch import Node
 from storch.extending import assume, is_tracing
 
+from ._support import support_log_probs
+
 __all__ = ["stochastic_beam_search", "sample_without_replacement", "order_gumbels", "beam_step", "top_possible"]
 
 
@@ -187,7 +189,7 @@ def stochastic_beam_search(node: Node, k: int, max_candidates: Optional[int] = N
     n = math.prod(own)
     p = math.prod(parents)
     # log p of every value of every variable: (K, P, n), with gradient
-    lp = d.log_prob(support.expand((n_cat,) + tuple(d.batch_shape) + event)).reshape(n_cat, p, n)
+    lp = support_log_probs(d, support).reshape(n_cat, p, n)
     dev = lp.device
     with torch.no_grad():  # sampling is not differentiated
         if n == 0:
@@ -248,7 +250,7 @@ def sample_without_replacement(node: Node, k: int, draws: Optional[int] = None
         with torch.no_grad():  # the sampler's table; the drawn values' log p is differentiated below
             lp = F.logsigmoid(torch.stack([-logits, logits])).reshape(2, p, n)  # values 0, 1
     else:
-        lp = d.log_prob(support.expand((n_cat,) + tuple(d.batch_shape) + event)).reshape(n_cat, p, n)
+        lp = support_log_probs(d, support).reshape(n_cat, p, n)
     # every value possible: the sum of the log-probabilities (each <= 0) is finite (one op and a read
     # where isfinite().all() takes five; an overflow of the sum would only take the beam, as -inf does)
     if lp.is_meta or not math.isfinite(lp.sum().item()):

@@ -28,6 +28,7 @@ from storch import Node, OptionError
 from storch.extending import assume, is_tracing
 
 from ._beam import _gumbel_like, _traced_finite
+from ._support import support_log_probs
 
 __all__ = ["VariableTable", "top_k_codes", "codes_of", "first_occurrences", "sample_outside", "log1mexp"]
 
@@ -73,7 +74,7 @@ class VariableTable:
             self.lp_grad = self.lp
         else:
             with torch.set_grad_enabled(grad):  # one log_prob of the support: log_prob gathers from it
-                lp = d.log_prob(support.expand((self.n_values,) + tuple(d.batch_shape) + self.event))
+                lp = support_log_probs(d, support)
             self.lp_grad = lp.reshape(self.n_values, self.p, self.n)
             self.lp = self.lp_grad.detach()
         # every value of every variable; while storch.compile traces: assumed, and checked at every replayed call

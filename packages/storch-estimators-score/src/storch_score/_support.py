@@ -10,7 +10,7 @@ from torch.distributions import Categorical, OneHotCategorical
 
 from storch import Node, UnsupportedDistributionError
 
-__all__ = ["enumerate_joint", "enumerate_values", "masked_logsumexp"]
+__all__ = ["enumerate_joint", "enumerate_values", "masked_logsumexp", "support_log_probs"]
 
 
 def enumerate_joint(node: Node, budget: int, who: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,15 +31,18 @@ def enumerate_values(d, n_plates: int, budget: int, who: str, plate: str) -> tup
     single = support.reshape((k,) + event)
     own = tuple(d.batch_shape[n_plates:])
     n = math.prod(own)
+    if not own and type(d) is Categorical:
+        # one variable per entry: log p of every value is the normalised logits (what log_prob reads), and
+        # the values are arange(K): nothing is listed beyond the K logits, so no budget applies (a 32000-token
+        # vocabulary was refused at the default budget of 4096)
+        return single, d.logits.movedim(-1, 0)
     if k ** n > budget:
         raise UnsupportedDistributionError(
             f"{who}: the node on plate {plate!r} has {k}^{n} = {k ** n} joint values, more than "
             f"budget={budget}; raise `budget`, split the node into several nodes, or use 'score'"
         )
-    if not own and type(d) in (Categorical, OneHotCategorical):
-        # one variable per entry: log p of every value is the normalised logits (what log_prob reads)
-        logits = d.logits if type(d) is Categorical else d._categorical.logits
-        return single, logits.movedim(-1, 0)
+    if not own and type(d) is OneHotCategorical:  # as Categorical, but its K values are K one-hot rows
+        return single, d._categorical.logits.movedim(-1, 0)
     idx = _joint_index(k, n, single.device)
     values = single[idx].reshape((k ** n,) + own + event)
     full = values.reshape((k ** n,) + (1,) * n_plates + own + event)
@@ -47,6 +50,20 @@ def enumerate_values(d, n_plates: int, budget: int, who: str, plate: str) -> tup
     m = len(own)
     logp = lp.sum(tuple(range(-m, 0))) if m else lp  # summed over the own batch dims
     return values, logp
+
+
+def support_log_probs(d, support: torch.Tensor) -> torch.Tensor:
+    """log p of every value of every variable of ``d``: ``(K, *batch)``, with gradient.
+
+    ``support`` is ``d.enumerate_support(expand=False)``. For a Categorical or OneHotCategorical the
+    normalised logits are those values (what ``log_prob`` reads), O(K · batch); ``log_prob`` of the
+    expanded support broadcasts each value against all K logits, (K, *batch, K), and its backward
+    materialises that (400 GB for 5000 categories on 2000 data points).
+    """
+    if type(d) in (Categorical, OneHotCategorical):
+        cat = d if type(d) is Categorical else d._categorical
+        return cat.logits.movedim(-1, 0)
+    return d.log_prob(support.expand((support.shape[0],) + tuple(d.batch_shape) + tuple(d.event_shape)))
 
 
 _JOINT_INDEX: dict = {}
