@@ -206,3 +206,34 @@ def test_bad_input(case, mode, clean):
     # the next step is exactly a clean run's
     for g, g_clean in zip(_step(m, 2, mode), clean[mode]):
         assert torch.equal(g, g_clean)
+
+
+def test_messages_found_by_porting_sequences():
+    """70 chained per-step estimators: torch's 64-dim limit says to use one estimator for the sequence;
+    unordered_set's OrderError names the option that raises its order; storch.compile's refusal of
+    sum_and_sample(buffer=) names the options in use and the buffer."""
+    from torch.distributions import Categorical
+
+    with storch.Graph():
+        a = torch.zeros(3, 3, requires_grad=True)
+        z = torch.tensor(0)
+        with pytest.raises(storch.PlateError, match=r"64 dims.*ONE estimator outside the loop"):
+            for t in range(70):
+                z = storch.estimator("score", plate=f"a{t}")(Categorical(logits=a[z]))
+    with storch.Graph():
+        z = storch.estimator("unordered_set", plate="u", n_samples=2)(Categorical(logits=torch.zeros(3, requires_grad=True)))
+        storch.add_cost(z.float())
+        with pytest.raises(storch.OrderError, match=r"unordered_set\(baseline=False\)"):
+            storch.surrogate_loss(order=2)
+    est = storch.estimator("sum_and_sample", plate="seq", n_samples=2, buffer=4)
+    theta = torch.zeros(3, requires_grad=True)
+
+    @storch.compile(backend=None)
+    def step(theta):
+        tok = est(Categorical(logits=theta))
+        tok = est(Categorical(logits=theta + tok.float()))
+        storch.add_cost(tok.float())
+        return storch.surrogate_loss()
+
+    with pytest.raises(storch.StorchError, match=r"buffer=4.*no buffer="):
+        step(theta)

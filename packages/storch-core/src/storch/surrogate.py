@@ -53,7 +53,9 @@ def _check_order(nodes: list[Node], order: int) -> None:
             raise OrderError(
                 f"estimator {est.name!r} on plate {node.plate.name!r} is unbiased only up to order "
                 f"{est.max_order} (with its options: est.info()), but order {order} was requested; choose "
-                "an estimator with a higher max_order (see storch.available_estimators()) for this node"
+                "an estimator with a higher max_order (see storch.available_estimators()) for this node, or "
+                "an option that raises it (e.g. unordered_set(baseline=False) is unbiased at every order; "
+                "docs/estimators/<name>.md, section max_order)"
             )
         if node.max_order < order:
             raise OrderError(_node_order_message(node, order))

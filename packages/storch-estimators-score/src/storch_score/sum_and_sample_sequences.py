@@ -154,6 +154,10 @@ class SumAndSampleSequences(Estimator):
         self._buffer = _sequences.SequenceBuffer(buffer)
         self._seed = None if memory is None else self._seeder(memory)
 
+    def extra_repr(self) -> str:
+        eos = "" if self.eos is None else f", eos={self.eos}"
+        return f"{super().extra_repr()}, n_enumerate={self.n_enumerate}, buffer={self.buffer}{eos}"
+
     @classmethod
     def describe(cls) -> str:
         """The registered description of ``sum_and_sample`` (``est.info()`` is the same in both modes)."""

@@ -690,9 +690,10 @@ def _float_dtype(node: Node) -> torch.dtype:
 def updating_message(est: "Estimator") -> str:
     """Why ``storch.compile`` refuses ``est``: it updates its state in ``storch.backward()``, by
     code that a compiled step cannot replay (``replays_update`` is false)."""
-    return (f"storch.compile cannot replay estimator {est.name!r} (plate {est.plate!r}): it updates its own "
-            "state (a trainable baseline module, a memory of the best values) in storch.backward() by code "
-            "that a compiled step cannot replay. Use it in an eager step, or pick an option that compiles: no "
-            "update (e.g. baseline='leave_one_out') or one that storch.compile replays (score's "
-            "baseline='moving_average' or 'learned', gumbel_softmax's temperature schedule, relax/rebar/lax with "
-            "backend=None; an estimator with replays_update)")
+    return (f"storch.compile cannot replay estimator {est.name!r} ({est.extra_repr()}): with these options it "
+            "updates its own state (a trainable baseline module, sum_and_sample's buffer= of the best sequences) "
+            "in storch.backward() by code that a compiled step cannot replay. Use it in an eager step, or drop the "
+            "option that keeps that state (score's baseline module: baseline='leave_one_out'; sum_and_sample: no "
+            "buffer=), or pick one that storch.compile replays (score's baseline='moving_average' or 'learned', "
+            "gumbel_softmax's temperature schedule, relax/rebar/lax with backend=None; an estimator with "
+            "replays_update)")

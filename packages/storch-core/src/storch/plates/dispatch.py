@@ -22,7 +22,7 @@ from .rules import indexing, losses, metadata, shape  # noqa: F401  (register th
 from .rules.batch_first import batch_first
 from .rules.pointwise import _is_inplace, broadcast, broadcast_inplace, random_pointwise
 from .rules.vmap import vmap_call
-from .tensor import PlateTensor, install_dispatcher
+from .tensor import PlateTensor, install_dispatcher, too_many_dims_message
 from .tensor import new_plate_tensor as _new
 from .treatments import _LISTENERS, Entry, Treatment, describe, treatment_of
 
@@ -54,6 +54,8 @@ def user_error(func, args, kwargs, e: BaseException) -> PlateError:
                 "Categorical node, not indices; write the lookup for one-hot inputs (z @ emb.weight instead "
                 "of emb(z), (z * values).sum(-1) instead of values[z]), or use an estimator that hands out "
                 "indices (score, unordered_set, expect, ...)")
+    elif "up to 64 dims" in str(e) or "more than 64 dimensions" in str(e):
+        hint = ". Every stochastic node adds a plate dim: " + too_many_dims_message(64 + 1).split(": ", 1)[1]
     elif "refers to a single memory location" in str(e):
         hint = (". The written-to tensor is a broadcast view (a sample that is the same for several plate "
                 "entries, as expect's enumerated values are, or an expanded tensor): compute a new tensor instead "
