@@ -57,3 +57,34 @@ def test_trained_estimator_moved_to_float64_keeps_training(name, options):
     assert params and all(p.dtype == torch.float64 and torch.isfinite(p).all() for p in params)
     moments = [v for s in model["est"]._optimizer.state.values() for k, v in s.items() if k != "step"]
     assert moments and all(v.dtype == torch.float64 for v in moments)
+
+
+@pytest.mark.parametrize("name", ["score", "relax"])
+def test_backward_with_a_loss_scale(name):
+    """storch.backward(scale=s) backpropagates s * loss (loss scaling for mixed precision): the gradients
+    are s times the unscaled ones and the estimator's own update is the same (relax refuses
+    surrogate_loss().backward(), so it had no way to scale the loss)."""
+    results = []
+    for scale in (None, 1024.0):
+        torch.manual_seed(0)
+        enc = torch.nn.Linear(4, 3)
+        est = storch.estimator(name, plate="z", n_samples=2, baseline="moving_average") if name == "score" \
+            else storch.estimator(name, plate="z")
+        with storch.Graph():
+            z = est(Bernoulli(logits=enc(storch.denote_independent(DATA, 0, "data"))))
+            storch.add_cost(((z - 0.3) ** 2).sum(-1), name="c")
+            storch.backward(scale=scale)
+        state = [p.detach().clone() for p in est.parameters()] or [est.moving_averages["c"].clone()]
+        results.append((enc.weight.grad.clone(), state))
+    (g1, s1), (g2, s2) = results
+    assert torch.allclose(g2, 1024.0 * g1, rtol=1e-5, atol=1e-6)
+    assert all(torch.allclose(a, b) for a, b in zip(s1, s2))
+
+
+def test_backward_under_no_grad_says_so():
+    with storch.Graph():
+        z = storch.estimator("score", plate="z", n_samples=2)(Bernoulli(logits=torch.zeros(3, requires_grad=True)))
+        storch.add_cost(z.sum())
+        with torch.no_grad(), pytest.raises(storch.StorchError, match=r"gradients disabled.*cost_estimates"):
+            storch.backward()
+        storch.backward()  # the step was left intact

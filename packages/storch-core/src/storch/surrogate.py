@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -304,10 +304,11 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
         if learners:
             raise StorchError(
                 f"surrogate_loss().backward() cannot train the learned control variate of estimator "
-                f"{', '.join(learners)}: its update differentiates the surrogate again, which needs the graph "
-                "that this backward pass frees. Nothing was backpropagated. Call storch.backward() instead "
-                "(it backpropagates, updates every estimator and resets the graph), or create the estimator "
-                "with update=False")
+                f"{', '.join(learners)}: its update differentiates the surrogate again after the backward pass, "
+                "which needs the surrogate's graph then (storch cannot see whether this pass retains it). Nothing "
+                "was backpropagated. Call storch.backward() instead (it backpropagates, updates every estimator "
+                "and resets the graph; storch.backward(scale=s) for loss scaling), or create the estimator with "
+                "update=False")
         _check_finite(loss, graph)
 
     def run():
@@ -543,7 +544,8 @@ def _stacked_cumulative(node: Node, steps: list[int]) -> torch.Tensor:
 
 
 @eager_only
-def backward(graph: Optional[Graph] = None, *, order: int = 1) -> torch.Tensor:
+def backward(graph: Optional[Graph] = None, *, order: int = 1,
+             scale: Optional[Union[float, torch.Tensor]] = None) -> torch.Tensor:
     """Backpropagate the first-order surrogate, run estimators' own updates, reset the graph.
 
     Order: the surrogate loss (order 1) is built and backpropagated (its graph kept for the updates,
@@ -551,6 +553,11 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1) -> torch.Tensor:
     or ``replays_update`` without it set), then ``update_parameters(nodes, loss)`` runs once per estimator with
     ``has_update`` (the only place estimator state changes), then the graph is reset (also after
     an exception).
+
+    ``scale``: backpropagate ``scale * loss`` (loss scaling for mixed precision:
+    ``storch.backward(scale=scaler.get_scale())`` with a ``torch.amp.GradScaler``, then
+    ``scaler.step(opt)``, ``scaler.update()``). The estimators' updates read the unscaled loss, so their
+    state is the same as without it.
 
     Returns:
         the detached estimate of the expected total cost.
@@ -564,6 +571,11 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1) -> torch.Tensor:
             :func:`surrogate_loss` and differentiated with ``torch.autograd.grad``).
     """
     graph = graph or current_graph()
+    if not torch.is_grad_enabled():
+        raise StorchError(
+            "storch.backward() with gradients disabled (inside torch.no_grad() or torch.inference_mode()): "
+            "nothing can be backpropagated. Build the step with gradients enabled; for an evaluation pass use "
+            "storch.cost_estimates() and end the step with storch.reset() (or a `with storch.Graph():` block)")
     if order != 1:
         raise OrderError(
             f"storch.backward(order={order!r}): storch.backward() is the first-order training step. For "
@@ -589,7 +601,8 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1) -> torch.Tensor:
         # buffer) or replays from detached tensors (replays_update: a moving average, NVIL, a
         # schedule) without saying it differentiates the loss. Keeping it for those held all of the
         # backward's saved tensors to the end of the pass (peak memory 1.16-1.24x hand-written)
-        loss.backward(retain_graph=any(_needs_loss_graph(n[0].estimator) for n in updating.values()))
+        keep = any(_needs_loss_graph(n[0].estimator) for n in updating.values())
+        (loss if scale is None else loss * scale).backward(retain_graph=keep)
         for nodes in updating.values():
             nodes[0].estimator.update_parameters(nodes, loss)
         return loss.detach()
