@@ -237,3 +237,24 @@ def test_messages_found_by_porting_sequences():
 
     with pytest.raises(storch.StorchError, match=r"buffer=4.*no buffer="):
         step(theta)
+
+
+def test_two_costs_with_one_name_at_one_step_warn():
+    """The loss counts both, but per-cost estimator state (baselines, buffers) is kept by name and step:
+    say so. The same name at different steps of a partition (the documented pattern) does not warn."""
+    import warnings
+
+    theta = torch.zeros(3, requires_grad=True)
+    with storch.Graph():
+        z = storch.estimator("score", plate="z", n_samples=2)(Bernoulli(logits=theta))
+        storch.add_cost(z.sum(), name="a")
+        storch.add_cost(10 * z.sum(), name="a")
+        with pytest.warns(UserWarning, match=r"two costs named 'a'.*own name"):
+            storch.surrogate_loss()
+    est = storch.estimator("score", plate="s", n_samples=2)
+    with storch.Graph(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            z = est(Bernoulli(logits=theta))
+            storch.add_cost(z.sum(), name="r")
+        storch.surrogate_loss()

@@ -208,9 +208,13 @@ def cost_estimates(graph: Optional[Graph] = None) -> dict[str, torch.Tensor]:
     """
     graph = graph or current_graph()
     out: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for name, cost in graph.costs:
+    for name, cost in graph.costs:
+        # the partition views (cumulative L_t) and weights that _at_cost builds are cached on the nodes for
+        # the surrogate: built with grad, also when this is called under torch.no_grad() (built without,
+        # they cut the loss of a later storch.backward() off from autograd; found by porting a TSP policy)
+        with torch.enable_grad():
             plates, raw, nodes = _at_cost(plates_of(cost), raw_of(cost), cost_nodes(graph, cost))
+        with torch.no_grad():
             inner = raw.detach()
             for node in reversed(nodes):
                 dim = plates.index(node.plate)
@@ -220,7 +224,7 @@ def cost_estimates(graph: Optional[Graph] = None) -> dict[str, torch.Tensor]:
                     w = align(node.weight_values.detach(), node.plates, plates)
                     inner = (w * inner).sum(dim, keepdim=True)
             value = (inner.mean() if inner.dim() else inner).reshape(())
-            out[name] = out[name] + value if name in out else value
+        out[name] = out[name] + value if name in out else value
     return out
 
 
@@ -365,6 +369,8 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
     n = len(graph.nodes)
     if n and (reached == 0 or n > 1):  # one node and some cost upstream of it: nothing to look for
         _warn_unused(graph, per_cost)
+    if len(graph.costs) > 1 and n:
+        _warn_shared_names(graph)
     loss = None
     single, groups = [], {}
     if any(len(nodes) == 1 and nodes[0].history is not None for _, _, nodes in per_cost):
@@ -404,6 +410,25 @@ def _changed_in_place(node: Node) -> None:
         "weights and control variates refer to the values it drew, so the gradient would be wrong or torch would "
         "fail in the backward pass. Compute a new tensor instead (z = z * 2, z = z + 1, torch.where(...), "
         "z.clamp(...))")
+
+
+def _warn_shared_names(graph: Graph) -> None:
+    """Warn when two costs of one step have the same name and the same plates (the same step of every
+    partition): the surrogate is right (each cost is a term), but per-cost estimator state is kept by name
+    and step (moving averages, NVIL's heads, the frames update_parameters reads, sum_and_sample's buffer
+    totals), so the second replaces the first there."""
+    seen: set = set()
+    for name, cost in graph.costs:
+        key = (name, plates_of(cost))
+        if key in seen:
+            warnings.warn(
+                f"two costs named {name!r} were added at the same step (the same plates): the loss counts both, "
+                "but estimator state kept per cost (moving-average and learned baselines, sum_and_sample's "
+                "buffer) is kept by name and step, so they share it and one replaces the other there. Give "
+                "each cost of a step its own name (the same name at different steps of a partition is fine)",
+                UserWarning, stacklevel=5)
+            return
+        seen.add(key)
 
 
 def _warn_unused(graph: Graph, per_cost: list) -> None:
