@@ -68,7 +68,9 @@ def discrete_with_relaxation(d: Distribution, n: int):
     Gumbel for categoricals), the discrete sample b = H(z) as ``d`` samples it (float 0/1, index, or
     one-hot), b as a float (one-hot for categoricals), and z̃ ~ p(z | b), reparameterised.
     """
-    logits = exact_logits(d)  # far below the rest where d's probabilities are exactly 0: never drawn
+    # far below the rest where d's probabilities are exactly 0 (never drawn), and finite (masked logits):
+    # the conditional noise z̃ divides by p
+    logits = exact_logits(d, finite=True)
     shape = (n,) + tuple(logits.shape)
     if isinstance(d, Bernoulli):
         z = logits + logistic_noise(shape, logits)

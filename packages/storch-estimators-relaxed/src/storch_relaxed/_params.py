@@ -26,7 +26,7 @@ def param_tensors(d: Distribution) -> list[torch.Tensor]:
     return out
 
 
-def exact_logits(d: Distribution) -> torch.Tensor:
+def exact_logits(d: Distribution, finite: bool = False) -> torch.Tensor:
     """``d.logits`` of a Bernoulli, Categorical or OneHotCategorical, where ``d`` is given by probabilities
     that are exactly 0 (or, for a Bernoulli, exactly 1) moved so far that the noise never draws them.
 
@@ -47,14 +47,22 @@ def exact_logits(d: Distribution) -> torch.Tensor:
     not estimated, as with the enumerating estimators (``storch.extending.strict_support``); torch's
     clamp gave it none either. Always a ``torch.where`` for ``probs`` (no host read of the values: the
     same program whatever they are); ``d.logits`` itself for ``logits``.
+
+    ``finite``: also for ``logits``, clamp them to [-3 log eps, ...] (a Bernoulli's to
+    [3 log eps, -3 log eps]): a masked logit (``masked_fill(mask, -inf)``, or -1e9) made the noise
+    conditioned on the sample (REBAR, RELAX: exp(-log p) overflows) NaN in the backward pass. A value
+    with a logit that low is never drawn by the bounded noise anyway (its logit plus the largest Gumbel
+    stays below the smallest possible maximum, as above); the clamp gives it no derivative.
     """
     if isinstance(d, OneHotCategorical):
         d = d._categorical
     logits = d.logits
     probs = d.__dict__.get("probs")
-    if probs is None or d.__dict__.get("_param") is not probs:  # given by logits
-        return logits
     far = -3.0 * math.log(torch.finfo(logits.dtype).eps)  # 47.7 in float32
+    if probs is None or d.__dict__.get("_param") is not probs:  # given by logits
+        if not finite:
+            return logits
+        return logits.clamp(-far, far) if isinstance(d, Bernoulli) else logits.clamp(min=-far)
     out = torch.where(probs == 0, torch.full((), -far, dtype=logits.dtype, device=logits.device), logits)
     if isinstance(d, Bernoulli):
         out = torch.where(probs == 1, torch.full((), far, dtype=logits.dtype, device=logits.device), out)
