@@ -734,3 +734,26 @@ def test_gumbel_with_a_constant_temperature_replays(name, monkeypatch):
     compiled = storch.compile(annealed_loss, backend=None)
     compiled(logits).backward()
     assert compiled.traces == 1 and annealed.step == 1
+
+
+def test_cdist_on_a_data_plate_compiles():
+    """A TSP step with torch.cdist on a data plate: storch.compile(backend=None) traced the vmapped call and
+    failed; the replay gives the eager loss."""
+    from torch.distributions import Categorical
+
+    torch.manual_seed(0)
+    xy_data = torch.rand(3, 4, 2)
+    w = torch.nn.Parameter(torch.randn(4))
+    est = storch.estimator("score", plate="z", n_samples=2)
+
+    def step():
+        xy = storch.denote_independent(xy_data, 0, "inst")
+        d = torch.cdist(xy, xy)
+        a = est(Categorical(logits=w))
+        storch.add_cost(d[a, 0], name="c")
+        return storch.surrogate_loss()
+
+    compiled = storch.compile(step, backend=None)
+    for _ in range(2):
+        loss = compiled()
+        assert torch.isfinite(loss) and loss.requires_grad

@@ -303,6 +303,16 @@ def _bilinear(args, kwargs):
     return Plan(((0, "input1", 0), (1, "input2", 0)), 0, True)
 
 
+@register_batch_first(torch.cdist)
+def _cdist(args, kwargs):
+    """(*, P, M), (*, R, M): plates folded into a new leading dim (torch.func.vmap of it could not be
+    traced by storch.compile; found by porting a TSP policy)"""
+    r1, r2 = _rank(_get(args, kwargs, 0, "x1")), _rank(_get(args, kwargs, 1, "x2"))
+    if r1 != r2 or r1 < 2:
+        return None
+    return Plan(((0, "x1", 0), (1, "x2", 0)), 0, True)
+
+
 @register_batch_first(F.scaled_dot_product_attention)
 def _sdpa(args, kwargs):
     """(*, L, E) query/key/value: plates folded into a new leading dim"""
