@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Categorical, Normal
+from torch.distributions import Bernoulli, Categorical, Normal, OneHotCategorical
 
 import storch
 
@@ -139,3 +139,24 @@ def test_bad_eos(name):
     est = storch.estimator(name, plate="z", n_samples=2, eos=1)
     with storch.Graph(), pytest.raises(storch.OptionError, match="one token per step"):
         est(Categorical(logits=torch.zeros(4, 3)))  # four tokens at once: no single end token
+
+
+@pytest.mark.parametrize("q", [lambda: Categorical(probs=torch.ones(3) / 3),
+                               lambda: Categorical(probs=torch.tensor([0.5, 0.5, 0.0, 0.0])),
+                               lambda: OneHotCategorical(probs=torch.tensor([0.0, 0.4, 0.3, 0.3]))],
+                         ids=["fewer-categories", "zero-probabilities", "one-hot-zero"])
+def test_importance_refuses_a_proposal_that_misses_values_of_p(q):
+    """A behaviour policy over 3 of 4 actions was accepted and the gradient was biased (max |z| = 12; found
+    by porting an off-policy correction). A proposal over the same values with positive mass is accepted,
+    and so is one with zeros where p's probabilities are zero too."""
+    theta = torch.zeros(4, requires_grad=True)
+    onehot = isinstance(q(), OneHotCategorical)
+    p = OneHotCategorical(logits=theta) if onehot else Categorical(logits=theta)
+    with storch.Graph():
+        with pytest.raises(storch.OptionError, match=r"puts no mass on values"):
+            storch.estimator("importance", plate="z", proposal=q(), n_samples=2)(p)
+    mask = torch.tensor([True, True, False, False])
+    with storch.Graph():
+        z = storch.estimator("importance", plate="z", proposal=Categorical(probs=torch.tensor([0.5, 0.5, 0.0, 0.0])),
+                             n_samples=2)(Categorical(logits=theta.masked_fill(~mask, -math.inf)))
+        assert set(z.tensor.tolist()) <= {0, 1}

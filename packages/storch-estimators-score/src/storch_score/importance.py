@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -9,6 +11,7 @@ import torch
 from torch.distributions import Distribution
 
 from storch import Estimator, Node, OptionError
+from storch.extending import is_tracing, strict_support
 
 __all__ = ["Importance", "ImportanceState"]
 
@@ -83,6 +86,7 @@ class Importance(Estimator):
                 raise OptionError(
                     f"importance: the proposal's batch shape {tuple(q.batch_shape)} does not broadcast to the "
                     f"node's batch shape {tuple(p.batch_shape)} ((*parent plates, *own batch)): {e}") from e
+        _check_covers(p, q)
         return q
 
     def proposal(self, node: Node) -> torch.Tensor:
@@ -95,3 +99,32 @@ class Importance(Estimator):
         log_ratio = node.log_prob(x) - node.log_prob(x, node.state.proposal)
         # ⊥(p/q): the importance weights are detached (appendix D.2.2, condition 3 of Theorem 1)
         return log_ratio.detach().exp() / node.n
+
+
+_MAX_CHECKED = 4096  # values of a finite support checked one by one
+
+
+def _check_covers(p: Distribution, q: Distribution) -> None:
+    """Raise where a finite support shows that q puts no mass on a value p can draw (a proposal over fewer
+    categories than p, or with a probability of exactly 0 where p's is positive): the importance weights
+    p/q cannot correct that, and the estimate would be biased without a word (found by porting an
+    off-policy correction whose behaviour policy had 3 actions of 4). Continuous supports are not checked
+    (documented: q must put mass wherever p does)."""
+    if is_tracing() or not (p.has_enumerate_support and q.has_enumerate_support):
+        return
+    values = p.enumerate_support(expand=True)  # (K, *batch, *event)
+    if values.shape[0] > _MAX_CHECKED or values.is_meta:
+        return
+    with torch.no_grad():
+        lp = strict_support(p).log_prob(values)
+        try:
+            lq = strict_support(q).log_prob(values)  # probs of exactly 0: -inf (torch clamps them)
+        except (ValueError, IndexError, RuntimeError):  # a value outside q's support (torch's validation)
+            lq = None
+        missed = lq is None or bool((torch.isfinite(lp) & (lq == -math.inf)).any())
+    if missed:
+        raise OptionError(
+            f"importance: the proposal {type(q).__name__} puts no mass on values that the node's {type(p).__name__} "
+            f"can draw ({values.shape[0]} values: a proposal over fewer values, or with probability 0 where p's is "
+            "positive); the importance weights p/q cannot correct that and the estimate would be biased. Give a "
+            "proposal over the same values with positive probability wherever p's is positive")
