@@ -258,3 +258,23 @@ def test_two_costs_with_one_name_at_one_step_warn():
             z = est(Bernoulli(logits=theta))
             storch.add_cost(z.sum(), name="r")
         storch.surrogate_loss()
+
+
+def test_interleaved_partitions_say_how_to_write_them():
+    """An option every 2 steps and an action every step, each its own estimator: refused (partitions must
+    be topologically ordered), and the message now says what to write instead (found by porting a
+    hierarchical policy)."""
+    from torch.distributions import Categorical
+
+    phi = torch.zeros(4, 2, requires_grad=True)
+    psi = torch.zeros(2, 4, 2, requires_grad=True)
+    hi = storch.estimator("score", plate="opt", n_samples=2)
+    lo = storch.estimator("score", plate="act", n_samples=2)
+    with storch.Graph():
+        s = torch.tensor(1)
+        with pytest.raises(storch.PlateError, match=r"interleave.*Use one estimator for both.*anew for each"):
+            for t in range(4):
+                if t % 2 == 0:
+                    o = hi(Categorical(logits=phi[s]))
+                a = lo(Categorical(logits=psi[o, s]))
+                s = (s + 2 * a - 1).clamp(0, 3)

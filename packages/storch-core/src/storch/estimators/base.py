@@ -272,7 +272,11 @@ class Estimator(torch.nn.Module):
                 if other is not None and other.index > node.index:
                     raise PlateError(
                         f"step of partition {self.plate!r} depends on node {p.name!r}, which was sampled after "
-                        "the partition started; partitions must be topologically ordered (paper, section 3.2)"
+                        "the partition started; partitions must be topologically ordered (paper, section 3.2): "
+                        "two estimators whose calls interleave (an option every K steps and an action every "
+                        "step) cannot each be one partition. Use one estimator for both (their calls make one "
+                        "partition), or create the less frequent one anew for each of its calls (its own plate "
+                        f"per call: storch.estimator(..., plate=f'{self.plate}{{k}}'))"
                     )
         log = node.step_log
         if log is None:
