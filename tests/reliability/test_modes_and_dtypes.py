@@ -88,3 +88,16 @@ def test_backward_under_no_grad_says_so():
         with torch.no_grad(), pytest.raises(storch.StorchError, match=r"gradients disabled.*cost_estimates"):
             storch.backward()
         storch.backward()  # the step was left intact
+
+
+def test_backward_of_a_loss_without_gradient_says_why():
+    """A pathwise node whose cost is not differentiable in the sample ((x > c).float()): torch's bare
+    "element 0 of tensors does not require grad" before; storch now names the likely causes."""
+    from torch.distributions import Normal
+
+    mu = torch.zeros(2, requires_grad=True)
+    with storch.Graph():
+        x = storch.estimator("reparameterization", plate="x", n_samples=2)(Normal(mu, 1.0))
+        storch.add_cost((x > 0.3).float().sum())
+        with pytest.raises(storch.StorchError, match=r"depends on no tensor that requires grad.*'score'"):
+            storch.backward()

@@ -620,6 +620,13 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1,
             graph.discard(e)
             raise
         _check_finite(loss, graph)
+        if not loss.requires_grad:
+            raise StorchError(
+                "storch.backward(): the surrogate loss depends on no tensor that requires grad, so there is "
+                "nothing to backpropagate. Check that the distributions' parameters require grad, and that a "
+                "pathwise node's (reparameterization, relaxations) cost is differentiable in its sample: "
+                "(x > c).float(), round(x) or an integer cast have no gradient; use a score-function estimator "
+                "('score') for such a cost")
         updating = _updating(graph)
         # the graph is kept for update_parameters (which may differentiate the loss again), except
         # when every update says it reads values only (update_uses_loss_graph False: sum_and_sample's

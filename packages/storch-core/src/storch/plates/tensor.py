@@ -275,8 +275,10 @@ class PlateTensor(torch.Tensor):
         # Every torch call on a PlateTensor is handled by __torch_function__ on raw tensors;
         # reaching the dispatcher means some code bypassed it (e.g. a custom C++ extension).
         raise PlateError(
-            f"{func} reached a PlateTensor below __torch_function__; pass `.tensor` explicitly "
-            "and handle the plate dimensions yourself"
+            f"{func} reached a PlateTensor below __torch_function__: a sparse tensor (torch.sparse_coo_tensor), "
+            "a custom C++ operator or another code path that bypasses torch's Python dispatch. Plate tensors work "
+            "with dense torch operations: build the dense tensor instead (index_add, scatter_add, a dense "
+            "adjacency mask), or pass `.tensor` explicitly and handle the plate dimensions (leading) yourself"
         )
 
 
