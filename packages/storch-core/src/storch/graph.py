@@ -61,6 +61,7 @@ class Graph:
         self._mode = None
         self._finished = False
         self._guard = _StepGuard(self)
+        self.no_credit: set[int] = set()  # ids of the costs added with credit=False (storch.add_cost)
         self.loss_built = False  # surrogate_loss() was called in this step (for the messages below)
         self.last_end: Optional[str] = None  # how the last step with costs ended (for the messages below)
 
@@ -96,6 +97,7 @@ class Graph:
         if self.costs:
             self.last_end = reason
         self.loss_built = False
+        self.no_credit.clear()
         self.nodes.clear()
         self.costs.clear()
         self.plates.clear()
@@ -221,12 +223,12 @@ class Graph:
         return owner if isinstance(owner, Node) else None
 
     @eager_only
-    def add_cost(self, cost: torch.Tensor, name: Optional[str] = None) -> None:
+    def add_cost(self, cost: torch.Tensor, name: Optional[str] = None, *, credit: bool = True) -> None:
         """Add a cost to this graph: :func:`storch.add_cost` on this graph instead of the current one."""
         with self._guard:
-            self._add_cost(cost, name)
+            self._add_cost(cost, name, credit)
 
-    def _add_cost(self, cost, name: Optional[str]) -> None:
+    def _add_cost(self, cost, name: Optional[str], credit: bool = True) -> None:
         label = name if name is not None else len(self.costs)
         if not isinstance(cost, torch.Tensor):
             raise CostError(
@@ -247,6 +249,10 @@ class Graph:
                             "(e.g. `.float()`)")
         if not self.owns(plates):
             self.check_plates(plates, f"cost {label!r}")
+        if credit is not True:
+            if credit is not False:
+                raise CostError(f"cost {label!r}: credit must be True or False, got {credit!r}")
+            self.no_credit.add(id(cost))
         self.costs.append((name or f"cost{len(self.costs)}", cost))
 
     @overload
@@ -431,11 +437,20 @@ def current_graph() -> Graph:
 
 
 @eager_only
-def add_cost(cost: torch.Tensor, name: Optional[str] = None) -> None:
-    """Register a cost (one number per sample) in the current graph."""
+def add_cost(cost: torch.Tensor, name: Optional[str] = None, *, credit: bool = True) -> None:
+    """Register a cost (one number per sample) in the current graph.
+
+    ``credit=False``: a loss that gives no credit to the samples it depends on. It is differentiated as
+    written, per sample (no score-function term, no control variate), and reduced over the plates as a
+    cost is (the estimators' weights, detached, then the mean over data points). For a loss that trains
+    another part of the model on the samples, such as a critic's regression on the returns in
+    actor-critic: added as an ordinary cost it would also send score-function gradient to the policy
+    (correct for the sum of all costs, but not what a critic loss is for). It is left out of estimator
+    state (baselines, buffers) and out of ``max_order`` checks; ``storch.cost_estimates()`` reports it.
+    """
     graph = _stack()[-1]  # Graph.add_cost without a second eager_only call
     try:  # what `with graph.guard():` does, without its two method calls per cost
-        graph._add_cost(cost, name)
+        graph._add_cost(cost, name, credit)
     except BaseException as e:
         graph.discard(e)
         raise

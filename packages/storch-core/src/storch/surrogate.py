@@ -355,9 +355,15 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
                  "so call it once per step, after the step's costs)")
         raise StorchError(f"the graph has no costs{ended}; call storch.add_cost(...) before the surrogate loss")
     per_cost = []
+    plain = []  # costs added with credit=False: differentiated as written
     reached = 0
+    no_credit = graph.no_credit
     for name, cost in graph.costs:
         nodes = cost_nodes(graph, cost)
+        if no_credit and id(cost) in no_credit:
+            plain.append((cost, nodes))
+            reached += len(nodes)
+            continue
         if nodes:
             _check_order(nodes, order)
             reached += len(nodes)
@@ -368,7 +374,7 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
                 _changed_in_place(node)
     n = len(graph.nodes)
     if n and (reached == 0 or n > 1):  # one node and some cost upstream of it: nothing to look for
-        _warn_unused(graph, per_cost)
+        _warn_unused(graph, per_cost + [(None, c, ns) for c, ns in plain])
     if len(graph.costs) > 1 and n:
         _warn_shared_names(graph)
     loss = None
@@ -392,7 +398,23 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
     for name, cost, nodes in single:
         s = _cost_surrogate(cost, nodes, name)
         loss = s if loss is None else loss + s
+    for cost, nodes in plain:
+        s = _plain_surrogate(cost, nodes)
+        loss = s if loss is None else loss + s
     return loss if loss.dim() == 0 else loss.reshape(())  # a reshape of a 0-dim loss is one more node
+
+
+def _plain_surrogate(cost, nodes: list[Node]) -> torch.Tensor:
+    """A cost added with ``credit=False``: no MagicBox, no control variate; reduced over the sampling plates
+    by the estimators' weights (detached: the weights are not differentiated either), then the mean."""
+    plates, inner, nodes = _at_cost(plates_of(cost), raw_of(cost), nodes)
+    for node in reversed(nodes):
+        dim = plates.index(node.plate)
+        if node.estimator.uniform_weights:
+            inner = inner.mean(dim, keepdim=True)
+        else:
+            inner = (align(node.weight_values.detach(), node.plates, plates) * inner).sum(dim, keepdim=True)
+    return inner.mean() if inner.dim() else inner
 
 
 def _reads_its_samples(node: Node) -> bool:
