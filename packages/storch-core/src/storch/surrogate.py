@@ -692,7 +692,9 @@ def _check_finite(loss: torch.Tensor, graph: Graph) -> None:
     raise NonFiniteCostError(
         f"the surrogate loss is not finite although every cost is: the weights or gradient-function values of "
         f"an estimator are (estimators in this graph: {', '.join(names) or 'none'}; e.g. log p(x) = -inf, or "
-        f"diverged parameters): {after}Catch storch.NonFiniteCostError to skip the batch")
+        f"diverged parameters; a tanh-squashed distribution whose sample saturated at ±1, where "
+        f"TanhTransform's inverse is infinite: use TanhTransform(cache_size=1) so log_prob reuses the "
+        f"pre-tanh sample): {after}Catch storch.NonFiniteCostError to skip the batch")
 
 
 def _explain_ddp_error(e: RuntimeError) -> None:
