@@ -2,11 +2,14 @@
 
 A plate tensor answers metadata questions (``shape``, ``dim()``, ``dtype``, ``stride()``, ...)
 per sample; conversions to one Python value (``item()``, ``bool()``) need a single sample
-(``bool()`` also answers when every plate entry gives the same truth value);
+(``bool()`` asked by torch's own code, such as a distribution's argument check, also answers when
+every plate entry gives the same truth value);
 ``backward()`` is refused in favour of ``storch.backward()``.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -93,7 +96,7 @@ def _over_all_samples(func, args, kwargs):
 
 
 def _single(func, args, kwargs):
-    """one Python value: a plate tensor with a single entry; ``bool()`` when every entry agrees; else a PlateError"""
+    """one Python value: a plate tensor with a single entry (``bool()`` in torch's own argument checks: when every entry agrees); else a PlateError"""
     x = args[0]
     if type(x) is not _PT:
         return func(*args, **kwargs)
@@ -104,15 +107,30 @@ def _single(func, args, kwargs):
     return func(x._raw.reshape(x._raw.shape[len(x._plates):]), *args[1:], **kwargs)
 
 
+def _from_torch() -> bool:
+    """Whether the ``bool()`` was asked by torch's own Python code (the first frame outside storch)."""
+    f = sys._getframe(2)
+    while f is not None:
+        module = f.f_globals.get("__name__", "")
+        if module != "storch" and not module.startswith("storch."):
+            return module.startswith("torch.")
+        f = f.f_back
+    return False
+
+
 def _same_truth(x) -> bool:
-    """``bool(x)`` when it is the same for every plate entry: then it is exactly what the one-sample
-    code decides for each of them (torch.distributions' own checks, ``if not valid.all(): raise``, in
-    Geometric, ContinuousBernoulli, positive-definite matrices, Wishart). Entries that decide
-    differently are refused (PlateError): no single branch is right for all of them."""
+    """``bool(x)`` asked by torch's own code (torch.distributions' argument checks,
+    ``if not valid.all(): raise``, in Geometric, ContinuousBernoulli, positive-definite matrices,
+    Wishart), answered when it is the same for every plate entry: then it is exactly what the
+    one-sample code decides for each of them. Entries that decide differently are refused
+    (PlateError): no single branch is right for all of them. In the user's own code every ``bool()``
+    of a plate tensor with several entries is refused, also when they agree: a loop such as
+    ``if tok == EOS: break`` would otherwise run while the samples agree and fail at the first step
+    where they do not, mid-training, instead of at once."""
     raw, n = x._raw, len(x._plates)
     if raw.shape[n:].numel() != 1:
         return bool(raw[(0,) * n])  # torch's own error: a per-sample tensor with several values is ambiguous
-    if raw.is_meta:
+    if raw.is_meta or not _from_torch():
         raise _control_flow(x)
     k = int(torch.count_nonzero(raw))
     total = raw.numel()
@@ -129,8 +147,10 @@ def _control_flow(x, true: int = -1) -> PlateError:
              "there." if true >= 0 else "")
     return PlateError(
         f"Python control flow (`if`, `while`, `and`/`or`, e.g. `if tok == EOS: break`) needs one truth value, "
-        f"but this PlateTensor holds {n} values over plates {[p.name for p in x._plates]} that differ{split}: "
-        "each sample decides differently. Keep every sample going and write the decision as a mask, as one-sample "
+        f"but this PlateTensor holds {n} values over plates {[p.name for p in x._plates]}"
+        + (f" that differ{split}: each sample decides differently. " if true >= 0 else
+           ": each sample may decide differently. ")
+        + "Keep every sample going and write the decision as a mask, as one-sample "
         "code: `done = done | (tok == EOS)`, then `tok = torch.where(done, EOS, tok)` and `cost = torch.where(done, "
         "0.0, step_cost)` (for sequences, the estimators' `eos=` option does this: a finished sequence draws EOS "
         "with probability 1). To leave a loop early once every sample is done, test all of them: "
