@@ -101,3 +101,23 @@ def test_backward_of_a_loss_without_gradient_says_why():
         storch.add_cost((x > 0.3).float().sum())
         with pytest.raises(storch.StorchError, match=r"depends on no tensor that requires grad.*'score'"):
             storch.backward()
+
+
+def test_backward_after_an_earlier_pass_freed_the_graph_says_so():
+    """torch.autograd.grad(storch.surrogate_loss(), θ) and then storch.backward() on the same step: torch's
+    "backward through the graph a second time" before (found by porting actor-critic); with
+    retain_graph=True on the first pass both work."""
+    enc = torch.nn.Linear(4, 3)
+    est = storch.estimator("score", plate="z", n_samples=2, baseline="moving_average")
+    for retain in (False, True):
+        with storch.Graph():
+            z = est(Bernoulli(logits=enc(storch.denote_independent(DATA, 0, "data"))))
+            storch.add_cost(((z - 0.3) ** 2).sum(-1), name="c")
+            torch.autograd.grad(storch.surrogate_loss(), enc.weight, retain_graph=retain)
+            if retain:
+                storch.backward()
+                assert "c" in est.moving_averages
+            else:
+                with pytest.raises(storch.StorchError, match=r"already freed.*retain_graph=True"):
+                    storch.backward()
+                assert "c" not in est.moving_averages

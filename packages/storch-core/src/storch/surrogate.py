@@ -656,7 +656,16 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1,
         # schedule) without saying it differentiates the loss. Keeping it for those held all of the
         # backward's saved tensors to the end of the pass (peak memory 1.16-1.24x hand-written)
         keep = any(_needs_loss_graph(n[0].estimator) for n in updating.values())
-        (loss if scale is None else loss * scale).backward(retain_graph=keep)
+        try:
+            (loss if scale is None else loss * scale).backward(retain_graph=keep)
+        except RuntimeError as e:
+            if "backward through the graph a second time" not in str(e):
+                raise
+            raise StorchError(
+                "storch.backward(): the step's autograd graph was already freed by an earlier backward pass "
+                "through it (torch.autograd.grad(storch.surrogate_loss(), ...) or loss.backward() without "
+                "retain_graph=True). Pass retain_graph=True to that earlier call, or build the step again; no "
+                "estimator state was changed") from e
         for nodes in updating.values():
             nodes[0].estimator.update_parameters(nodes, loss)
         return loss.detach()
