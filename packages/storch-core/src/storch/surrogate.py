@@ -215,15 +215,7 @@ def cost_estimates(graph: Optional[Graph] = None) -> dict[str, torch.Tensor]:
         with torch.enable_grad():
             plates, raw, nodes = _at_cost(plates_of(cost), raw_of(cost), cost_nodes(graph, cost))
         with torch.no_grad():
-            inner = raw.detach()
-            for node in reversed(nodes):
-                dim = plates.index(node.plate)
-                if node.estimator.uniform_weights:
-                    inner = inner.mean(dim, keepdim=True)
-                else:
-                    w = align(node.weight_values.detach(), node.plates, plates)
-                    inner = (w * inner).sum(dim, keepdim=True)
-            value = (inner.mean() if inner.dim() else inner).reshape(())
+            value = _weighted_mean(plates, raw.detach(), nodes).reshape(())
         out[name] = out[name] + value if name in out else value
     return out
 
@@ -405,9 +397,14 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
 
 
 def _plain_surrogate(cost, nodes: list[Node]) -> torch.Tensor:
-    """A cost added with ``credit=False``: no MagicBox, no control variate; reduced over the sampling plates
-    by the estimators' weights (detached: the weights are not differentiated either), then the mean."""
-    plates, inner, nodes = _at_cost(plates_of(cost), raw_of(cost), nodes)
+    """A cost added with ``credit=False``: no MagicBox, no control variate; reduced as
+    :func:`cost_estimates` reduces a cost, but with the cost's graph."""
+    return _weighted_mean(*_at_cost(plates_of(cost), raw_of(cost), nodes))
+
+
+def _weighted_mean(plates: tuple, inner: torch.Tensor, nodes: list[Node]) -> torch.Tensor:
+    """``inner`` (leading dims ``plates``) reduced over the nodes' sampling plates by their weights
+    (detached: not differentiated; 1/N as a mean for uniform ones), then the mean over what is left."""
     for node in reversed(nodes):
         dim = plates.index(node.plate)
         if node.estimator.uniform_weights:

@@ -32,17 +32,17 @@ def enumerate_values(d, n_plates: int, budget: int, who: str, plate: str) -> tup
     own = tuple(d.batch_shape[n_plates:])
     n = math.prod(own)
     if not own and type(d) is Categorical:
-        # one variable per entry: log p of every value is the normalised logits (what log_prob reads), and
-        # the values are arange(K): nothing is listed beyond the K logits, so no budget applies (a 32000-token
+        # one variable per entry: log p of every value is the normalised logits (support_log_probs), and the
+        # values are arange(K): nothing is listed beyond the K logits, so no budget applies (a 32000-token
         # vocabulary was refused at the default budget of 4096)
-        return single, d.logits.movedim(-1, 0)
+        return single, support_log_probs(d, support)
     if k ** n > budget:
         raise UnsupportedDistributionError(
             f"{who}: the node on plate {plate!r} has {k}^{n} = {k ** n} joint values, more than "
             f"budget={budget}; raise `budget`, split the node into several nodes, or use 'score'"
         )
     if not own and type(d) is OneHotCategorical:  # as Categorical, but its K values are K one-hot rows
-        return single, d._categorical.logits.movedim(-1, 0)
+        return single, support_log_probs(d, support)
     idx = _joint_index(k, n, single.device)
     values = single[idx].reshape((k ** n,) + own + event)
     full = values.reshape((k ** n,) + (1,) * n_plates + own + event)
