@@ -466,8 +466,12 @@ class _StrictBinomial(Binomial):
 _STRICT = {Bernoulli: _StrictBernoulli, Binomial: _StrictBinomial}
 
 
-def _given_probs(d: Distribution) -> bool:
-    return d.__dict__.get("_param") is not None and d._param is d.__dict__.get("probs")
+def given_by_probs(d: Distribution) -> bool:
+    """Whether ``d`` (a ``Bernoulli``, ``Binomial``, ``Categorical``, ...; a ``OneHotCategorical``'s
+    ``_categorical``) was built from ``probs=`` rather than ``logits=``: torch's ``logits`` are then
+    computed from clamped probabilities (a probability of exactly 0 gets log(eps), not ``-inf``)."""
+    param = d.__dict__.get("_param")
+    return param is not None and param is d.__dict__.get("probs")
 
 
 def strict_support(d: Distribution, traced: bool = False) -> Distribution:
@@ -500,7 +504,7 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     if t not in (Bernoulli, Binomial, Categorical, OneHotCategorical):
         return d
     inner = d._categorical if t is OneHotCategorical else d
-    if not _given_probs(inner):
+    if not given_by_probs(inner):
         return d
     p = inner.probs
     strict = _STRICT.get(t)

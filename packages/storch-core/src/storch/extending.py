@@ -21,6 +21,8 @@ Distributions:
     log-probability ``-inf`` that torch's clamped ``log_prob`` does not (estimators with
     ``requires_enumerate_support`` get their distributions through it already), so that a sample never
     holds a value the model cannot produce.
+    :func:`given_by_probs` says whether a ``Bernoulli`` / ``Categorical`` was built from ``probs``
+    (its ``logits`` then come from clamped probabilities).
     :func:`rsample_max_order` is the derivative order to which autograd differentiates a distribution's
     ``rsample`` correctly (1 for torch's gamma family); ``Estimator.max_order_for`` lowers an
     estimator's order per node with it (the default, for estimators with ``requires_rsample``).
@@ -72,7 +74,7 @@ import torch
 
 from . import options
 from .cost import leave_one_out
-from .distributions import base_distribution, rsample_max_order
+from .distributions import base_distribution, given_by_probs, rsample_max_order
 from .distributions import strict_support as _strict_support
 from .generators import drawing_with
 from .graph import current_graph, is_tracing
@@ -81,7 +83,7 @@ from .plates.tensor import align, plates_of, raw_of
 __all__ = [
     "align", "plates_of", "raw_of", "base_distribution", "drawing_with", "leave_one_out", "options", "step_guard",
     "match_optimizer_state",
-    "is_tracing", "assume", "strict_support", "rsample_max_order",
+    "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs",
 ]
 
 

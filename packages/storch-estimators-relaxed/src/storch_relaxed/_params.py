@@ -8,7 +8,7 @@ import math
 import torch
 from torch.distributions import Bernoulli, Distribution, OneHotCategorical
 
-from storch.extending import base_distribution
+from storch.extending import base_distribution, given_by_probs
 
 __all__ = ["param_tensors", "exact_logits"]
 
@@ -57,12 +57,12 @@ def exact_logits(d: Distribution, finite: bool = False) -> torch.Tensor:
     if isinstance(d, OneHotCategorical):
         d = d._categorical
     logits = d.logits
-    probs = d.__dict__.get("probs")
     far = -3.0 * math.log(torch.finfo(logits.dtype).eps)  # 47.7 in float32
-    if probs is None or d.__dict__.get("_param") is not probs:  # given by logits
+    if not given_by_probs(d):
         if not finite:
             return logits
         return logits.clamp(-far, far) if isinstance(d, Bernoulli) else logits.clamp(min=-far)
+    probs = d.probs
     out = torch.where(probs == 0, torch.full((), -far, dtype=logits.dtype, device=logits.device), logits)
     if isinstance(d, Bernoulli):
         out = torch.where(probs == 1, torch.full((), far, dtype=logits.dtype, device=logits.device), out)
