@@ -243,3 +243,43 @@ def test_sum_and_sample_beyond_budget_memory_holds_only_possible_values():
     p = torch.softmax(theta.masked_fill(forbid, -math.inf), -1)
     torch.testing.assert_close(loss.detach(), (p * cost_of).sum().detach())
     torch.testing.assert_close(g, torch.autograd.grad((p * cost_of).sum(), theta)[0])
+
+
+@pytest.mark.parametrize("cls", ["Categorical", "OneHotCategorical"])
+@pytest.mark.parametrize("given", ["logits", "probs with a zero"])
+def test_joint_log_probs_of_own_batch_dims_are_gathered_from_the_logits(cls, given):
+    """A Categorical node with batch dims of its own (3 variables over 4 values: 64 joint values) gets the
+    log p of every joint value by gathering its normalised logits, not by log_prob of the joint values
+    expanded over the batch, whose backward pass saved (M, *batch, K): the same values and gradients as
+    that reference, and no saved tensor as large as it."""
+    from torch.distributions import Categorical, OneHotCategorical
+
+    from storch_score._support import enumerate_values
+
+    torch.manual_seed(3)
+    dist = {"Categorical": Categorical, "OneHotCategorical": OneHotCategorical}[cls]
+    lg = torch.randn(5, 2, 3, 4, requires_grad=True)  # plates (5, 2), own (3,), K = 4
+    if given == "logits":
+        d = dist(logits=lg)
+    else:
+        p = lg.softmax(-1) * torch.tensor([1.0, 1.0, 0.0, 1.0])
+        d = storch.extending.strict_support(dist(probs=p / p.sum(-1, keepdim=True)))
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        values, lp = enumerate_values(d, 2, 4096, "test", "z")
+    assert max(sizes) < 64 * 5 * 2 * 3 * 4  # (M, *batch, K) is not saved
+    full = values.reshape((64, 1, 1) + tuple(values.shape[1:]))
+    ref = d.log_prob(full.expand((64,) + tuple(d.batch_shape) + tuple(d.event_shape))).sum(-1)
+    assert lp.shape == (64, 5, 2)
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(lp), finite)
+    torch.testing.assert_close(lp[finite], ref[finite])
+    w = torch.rand(64, 5, 2)
+    (g,) = torch.autograd.grad(lp[finite].mul(w[finite]).sum(), lg, retain_graph=True)
+    (g_ref,) = torch.autograd.grad(ref[finite].mul(w[finite]).sum(), lg)
+    torch.testing.assert_close(g, g_ref)

@@ -45,6 +45,14 @@ def enumerate_values(d, n_plates: int, budget: int, who: str, plate: str) -> tup
         return single, support_log_probs(d, support)
     idx = _joint_index(k, n, single.device)
     values = single[idx].reshape((k ** n,) + own + event)
+    if type(d) in (Categorical, OneHotCategorical):
+        # log p of joint value m is the sum over the own variables j of the normalised logit of its value
+        # idx[m, j]: gathered from the logits, (M, *plates, n); log_prob of the expanded joint values would
+        # broadcast each against all K logits, (M, *batch, K) in the backward pass
+        logits = (d if type(d) is Categorical else d._categorical).logits
+        flat = logits.reshape(tuple(logits.shape[:n_plates]) + (n, k))
+        picked = flat[..., torch.arange(n, device=idx.device), idx]  # (*plates, M, n)
+        return values, picked.sum(-1).movedim(-1, 0)
     full = values.reshape((k ** n,) + (1,) * n_plates + own + event)
     lp = d.log_prob(full.expand((k ** n,) + tuple(d.batch_shape) + event))
     m = len(own)
