@@ -586,3 +586,52 @@ def test_reductions_over_a_whole_sample(per_sample):
     assert "reshape" not in seen, sorted(seen)
     _, seen = calls(lambda: x.norm())  # the control: the flattened view
     assert "reshape" in seen
+
+
+# -- torch's operators written in Python --------------------------------------------------------------
+
+
+OPERATORS = {
+    "1 - x": lambda x: 1 - x, "2 / x": lambda x: 2 / x, "x ** 2": lambda x: x ** 2, "2 ** x": lambda x: 2 ** x,
+    "x // 0.5": lambda x: x // 0.5, "3 // x": lambda x: 3 // x, "3 % x": lambda x: 3 % x,
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPERATORS))
+def test_python_operators_skip_torchs_python_dispatch_and_equal_a_loop(name):
+    """``1 - x``, ``2 / x``, ``x ** 2`` ...: torch writes these operators in Python, and they reached the
+    dispatcher through ``handle_torch_function`` (~2 us each); plate tensors call it directly. The control:
+    inside a TorchFunctionMode they take torch's path, and the mode sees the call."""
+    from torch.overrides import TorchFunctionMode
+
+    fn = OPERATORS[name]
+    x = make(rnd(3, 2, 4).abs() + 0.5, *ZD)
+    check(fn, x)
+    _, seen = calls(lambda: fn(x))
+    assert "_torch_function" in seen and "handle_torch_function" not in seen, sorted(seen)
+
+    class Count(TorchFunctionMode):
+        funcs: list = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Count.funcs.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        out, seen = calls(lambda: fn(x))
+    assert "handle_torch_function" in seen and Count.funcs
+    torch.testing.assert_close(out.tensor, fn(x).tensor)
+
+
+def test_reflected_operators_with_a_tensor_keep_the_tensors_operator():
+    """``t - x`` and ``t / x`` with a plain tensor ``t``: Python asks the plate tensor's ``__rsub__`` first (a
+    subclass), which leaves it to ``t.__sub__``, as before (``t / x`` stays a division: torch's ``__rdiv__``
+    multiplies by a reciprocal); a str operand still gives Python's TypeError."""
+    x = make((rnd(3, 2, 4).abs() + 0.5).requires_grad_(), *ZD)
+    t = rnd(4, seed=1)
+    check(lambda a: t - a, x)
+    check(lambda a: t / a, x)
+    assert (t - x).tensor.grad_fn.name() == "SubBackward0"
+    assert (t / x).tensor.grad_fn.name() == "DivBackward0"
+    with pytest.raises(TypeError, match="unsupported operand"):
+        x ** "2"

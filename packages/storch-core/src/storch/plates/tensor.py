@@ -305,6 +305,51 @@ def install_dispatcher(torch_function) -> None:
     when it is imported, so this module never imports it.
     """
     PlateTensor.__torch_function__ = classmethod(torch_function)
+    for name in _PYTHON_OPERATORS:
+        setattr(PlateTensor, name, _direct_operator(name, torch_function))
+
+
+# torch.Tensor's operators written in Python (torch/_tensor.py: ``1 - x``, ``x ** 2``, ``2 / x``, ...):
+# on a plate tensor they reach __torch_function__ through torch's Python ``handle_torch_function``
+# (~2 us per call, issue 19); the C++ operators (``x - 1``, ``x * y``) reach it directly
+_PYTHON_OPERATORS = ("__rsub__", "__rdiv__", "__rtruediv__", "__pow__", "__rpow__", "__rmod__",
+                     "__floordiv__", "__rfloordiv__", "__rmatmul__")
+_mode_enabled = torch._C._is_torch_function_mode_enabled
+
+
+def _direct_operator(name: str, torch_function):
+    """PlateTensor's ``name``: torch's own operator, with __torch_function__ called directly.
+
+    It is what torch's version does when nothing else takes part (``handle_torch_function`` then calls
+    ``PlateTensor.__torch_function__(torch.Tensor.<name>, ...)``), minus that Python detour: a
+    ``TorchFunctionMode`` that is active, or another operand of a tensor subclass, takes torch's version,
+    which orders them; a TypeError gives NotImplemented there as here (Python then tries the other
+    operand)."""
+    base = getattr(torch.Tensor, name)
+    types = (PlateTensor,)
+    reflected = name.startswith("__r")
+
+    def operator(self, other):
+        if isinstance(other, torch.Tensor):
+            if reflected:
+                # ``t - x`` with a tensor t: Python asks the subclass first; the tensor's own operator
+                # (a C++ one: ``t.__sub__(x)``) computes it as before this override (``t / x`` is a
+                # division, where torch's ``__rdiv__`` multiplies by a reciprocal)
+                return NotImplemented
+            if type(other) is not torch.Tensor and type(other) is not PlateTensor:
+                return base(self, other)
+        if _mode_enabled():
+            return base(self, other)
+        try:
+            return torch_function(PlateTensor, base, types, (self, other), None)
+        except TypeError:
+            return NotImplemented
+
+    operator.__name__ = operator.__qualname__ = name
+    operator.__doc__ = base.__doc__
+    # dynamo does not inline it: the dispatcher runs eagerly under torch.compile (storch.eager)
+    operator._torchdynamo_disable = True  # type: ignore[attr-defined]
+    return operator
 
 
 def _names(plates: Sequence[Plate]) -> tuple[str, ...]:
