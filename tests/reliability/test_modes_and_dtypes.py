@@ -59,6 +59,33 @@ def test_trained_estimator_moved_to_float64_keeps_training(name, options):
     assert moments and all(v.dtype == torch.float64 for v in moments)
 
 
+@pytest.mark.parametrize("name,options", [("relax", {}),
+                                          ("score", {"n_samples": 2, "baseline": "learned"})])
+def test_learned_parts_built_under_autocast_keep_full_precision(name, options):
+    """A learned part built lazily in steps under ``torch.autocast(bfloat16)`` (the encoder's logits are
+    bfloat16 there; the surrogate reads them outside the block) keeps float32 parameters, as a module built
+    under autocast does: they were bfloat16, and the next step without autocast failed with 'mat1 and mat2
+    must have the same dtype' (found by porting a training loop)."""
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(4, 3)
+    est = storch.estimator(name, plate="z", **options)
+
+    def step(autocast):
+        with storch.Graph():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                z = est(Bernoulli(logits=enc(storch.denote_independent(DATA, 0, "data"))))
+                storch.add_cost(((z - 0.3) ** 2).sum(-1), name="c")
+            storch.backward()
+
+    step(True)
+    step(True)
+    params = [p for p in est.parameters() if p.dim() > 0]  # the network (relax's temperature is a scalar)
+    assert params and all(p.dtype == torch.float32 for p in params), [p.dtype for p in params]
+    steps = est.update_steps
+    step(False)
+    assert est.update_steps == steps + 1 and all(torch.isfinite(p).all() for p in est.parameters())
+
+
 @pytest.mark.parametrize("name", ["score", "relax"])
 def test_backward_with_a_loss_scale(name):
     """storch.backward(scale=s) backpropagates s * loss (loss scaling for mixed precision): the gradients

@@ -32,6 +32,10 @@ Random numbers:
     generator of ``storch.Graph(generator=g)`` is ``storch.current_generator()``): a learned
     part built lazily inside a component initialises from it, so runs are reproducible.
 
+Learned parts:
+    :func:`learned_dtype` is the dtype to build a learned part's parameters in from its first input
+    (the input's, but not a reduced precision that ``torch.autocast`` gave it).
+
 Baselines:
     :func:`leave_one_out` is the leave-one-out baseline of a node's samples from its cost frame.
 
@@ -83,7 +87,7 @@ from .plates.tensor import align, plates_of, raw_of
 __all__ = [
     "align", "plates_of", "raw_of", "base_distribution", "drawing_with", "leave_one_out", "options", "step_guard",
     "match_optimizer_state",
-    "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs",
+    "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype",
 ]
 
 
@@ -117,6 +121,23 @@ def step_guard() -> ContextManager[None]:
     ``add_cost``, ``denote_independent``, ``surrogate_loss``, ``storch.estimator``).
     """
     return current_graph().guard()
+
+
+def learned_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the parameters of a learned part (a baseline's or control variate's network) built
+    lazily from its first input ``x``: ``x``'s dtype (float32, or float64 for a model converted with
+    ``.double()``), but at least ``torch.get_default_dtype()``.
+
+    A reduced-precision input (bfloat16, float16) is usually ``torch.autocast``'s, and the part may be
+    built outside the autocast block (by the surrogate, in ``storch.backward()``): parameters in that
+    precision would stay so after autocast ends (a later step without autocast failed with a dtype
+    mismatch) and its optimizer would step reduced-precision weights. Mixed precision keeps the weights
+    in full precision; so does this. Call the part on ``x.to(dtype)`` when the dtypes differ.
+    """
+    dtype = x.dtype
+    if dtype.is_floating_point and torch.finfo(dtype).bits < 32:
+        return torch.promote_types(dtype, torch.get_default_dtype())
+    return dtype
 
 
 def match_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

@@ -9,7 +9,7 @@ import torch
 
 import storch.distributed
 from storch import StorchError, magic_box
-from storch.extending import drawing_with, is_tracing
+from storch.extending import drawing_with, is_tracing, learned_dtype
 
 __all__ = ["ControlVariateNet", "param_clones", "flat", "evaluate_network", "tilde_term"]
 
@@ -42,7 +42,7 @@ class ControlVariateNet(torch.nn.Module):
             # normal tensors even when the first use is an evaluation pass under torch.inference_mode()
             # (inference tensors cannot be trained afterwards)
             with torch.inference_mode(False):
-                self._build(x.shape[-1], x.dtype, x.device)
+                self._build(x.shape[-1], learned_dtype(x), x.device)
                 if self.zero_output:  # c_φ = 0 at the start (RELAX's residual: it starts as REBAR)
                     torch.nn.init.zeros_(self.net[2].weight)
                     torch.nn.init.zeros_(self.net[2].bias)
@@ -51,7 +51,8 @@ class ControlVariateNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.build(x)
-        return self.net(x)
+        dtype = self.net[0].weight.dtype  # x may be autocast's bfloat16, read outside the autocast block
+        return self.net(x if x.dtype == dtype else x.to(dtype))
 
     def _build(self, features: int, dtype: torch.dtype, device: torch.device) -> None:
         with drawing_with(storch.current_generator()):  # storch.Graph(generator=g): g initialises

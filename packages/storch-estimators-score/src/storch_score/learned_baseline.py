@@ -10,7 +10,7 @@ import torch
 from torch.distributions import OneHotCategorical
 
 from storch import CostFrame, Node, OptionError, Plate, PlateTensor, StorchError
-from storch.extending import base_distribution, is_tracing, options
+from storch.extending import base_distribution, is_tracing, learned_dtype, options
 
 __all__ = ["LearnedBaseline", "baseline_features", "check_inputs", "in_frame"]
 
@@ -128,11 +128,18 @@ class LearnedBaseline(torch.nn.Module):
                     "load a state_dict that holds the network), then call the compiled step")
             with torch.inference_mode(False):  # trainable even if first built in an inference_mode() pass
                 net = torch.nn.Sequential(torch.nn.Linear(h.shape[-1], self.hidden), torch.nn.Tanh(),
-                                          torch.nn.Linear(self.hidden, 1)).to(dtype=h.dtype, device=h.device)
+                                          torch.nn.Linear(self.hidden, 1)).to(dtype=learned_dtype(h), device=h.device)
                 torch.nn.init.zeros_(net[2].weight)
                 torch.nn.init.zeros_(net[2].bias)
             self.heads[key] = net
         return self.heads[key]
+
+    def predict(self, name: Optional[str], h: torch.Tensor) -> torch.Tensor:
+        """The head of cost ``name`` on features ``h``, ``(..., 1)``; ``h`` is cast to the head's dtype (a
+        bfloat16 ``h`` that ``torch.autocast`` produced, read by the surrogate outside the autocast block)."""
+        net = self.head(name, h)
+        dtype = net[0].weight.dtype
+        return net(h if h.dtype == dtype else h.to(dtype))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # heads saved after they were built load into a fresh (not yet built) baseline: build them first
@@ -146,5 +153,5 @@ class LearnedBaseline(torch.nn.Module):
 
     def forward(self, node: Node, cost: CostFrame) -> torch.Tensor:
         h, plates = baseline_features(node)
-        b = self.head(cost.name, h)(h).squeeze(-1)  # (*plates)
+        b = self.predict(cost.name, h).squeeze(-1)  # (*plates)
         return in_frame(cost, b, plates)

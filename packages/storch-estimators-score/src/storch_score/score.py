@@ -325,7 +325,7 @@ class Score(Estimator):
             return
         errors = []
         for name, key, h, f in inputs["regression"]:
-            b = self.baseline_fn.head(name, h)(h).squeeze(-1).to(dtype=f.dtype, device=f.device)
+            b = self.baseline_fn.predict(name, h).squeeze(-1).to(dtype=f.dtype, device=f.device)
             if b.requires_grad:
                 c = self.moving_averages.get(key)
                 b, f = torch.broadcast_tensors(b, f if c is None else f - c)
