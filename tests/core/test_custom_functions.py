@@ -79,3 +79,36 @@ def test_full_backward_hook_is_refused_with_advice_and_no_grad_passes_work():
         handle.remove()
     with storch.Graph(), torch.no_grad():  # autograd off by the user: no Function, nothing refused
         assert lin(_data(w)).shape == (2,)
+
+
+def test_an_estimator_that_reads_values_under_vmap_says_so():
+    """torch.func.vmap over an ensemble of storch models: an estimator that decides its computation from
+    values (expect asks whether every value is possible) failed with torch's generic "vmap: ... .item() ...
+    data-dependent control flow" error; it now names the estimator and what to do (found by porting a
+    training loop). The control: a pathwise estimator runs under vmap and equals the loop over members."""
+    from torch.distributions import Bernoulli, Normal
+    from torch.func import grad, vmap
+
+    x = torch.tensor([[0.5, -1.0, 1.5], [1.0, 0.3, -0.7]])
+    phis = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+
+    def loss_of(est, dist):
+        def loss(phi):
+            with storch.Graph():
+                xd = storch.denote_independent(x, 0, "data")
+                z = est(dist(phi[:3] * xd + phi[3]))
+                storch.add_cost(((z.sum() - 0.7 * xd.sum()) ** 2), name="c")
+                return storch.surrogate_loss()
+        return loss
+
+    loss = loss_of(storch.estimator("expect", plate="z"), lambda t: Bernoulli(logits=t))
+    with pytest.raises(storch.StorchError, match=r"'expect'.*cannot run inside torch.func.vmap.*Python loop"):
+        vmap(grad(loss), randomness="different")(phis)
+    loss = loss_of(storch.estimator("reparameterization", plate="z"), lambda t: Normal(t, 1.0))
+    torch.manual_seed(0)
+    g = vmap(grad(loss), randomness="same")(phis)
+    looped = []
+    for p in phis:  # randomness="same": every member sees the noise one call draws
+        torch.manual_seed(0)
+        looped.append(grad(loss)(p))
+    torch.testing.assert_close(g, torch.stack(looped))

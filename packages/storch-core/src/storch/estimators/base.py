@@ -639,6 +639,13 @@ class Estimator(torch.nn.Module):
                     f"{', '.join(repr(b) for b in bad)} hold NaN or infinite values (the model's outputs diverged, "
                     "or its inputs hold NaN); keep torch's argument validation on to catch it where the "
                     f"distribution is built. ({type(e).__name__}: {e})") from e
+            if isinstance(e, RuntimeError) and str(e).startswith("vmap:"):
+                raise StorchError(
+                    f"estimator {self.name!r} (plate {self.plate!r}) cannot run inside torch.func.vmap: it reads "
+                    "the values of its samples or probabilities to decide what to compute (.item(), bool(); e.g. "
+                    "which values are possible), or builds a learned part on its first call, and vmap allows "
+                    "neither. Run the vmapped members in a Python loop, or build the learned part with one step "
+                    f"outside vmap first (torch said: {str(e)[:200]})") from e
             raise
 
 
