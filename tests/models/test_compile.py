@@ -264,6 +264,33 @@ def test_refuses_backward_inside():
         step(torch.zeros(3, requires_grad=True))
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_refuses_higher_orders_with_a_compiler_backend(backend):
+    """surrogate_loss(order=2) traced for a compiler backend: torch's compiled program cannot be
+    differentiated twice (aot_eager gave an unused second derivative: None with allow_unused=True, found by
+    porting a belief net); refused with what to use. backend=None replays through autograd: its second
+    derivative equals the eager one."""
+    est = storch.estimator("score", plate="z", n_samples=4, baseline="leave_one_out")
+
+    def step(th):
+        with storch.Graph():
+            t = storch.denote_independent(th, 0, "data")
+            z = est(Bernoulli(logits=t))
+            storch.add_cost(((z - 0.45) ** 2 * t.exp()).sum(-1), name="f")
+            return storch.surrogate_loss(order=2)
+
+    th = torch.randn(3, 2, requires_grad=True)
+    with pytest.raises(storch.StorchError, match="order=2.*backend=None"):
+        storch.compile(step, backend=backend)(th)
+
+    def hessian_diag(fn):
+        torch.manual_seed(0)
+        (g,) = torch.autograd.grad(fn(th), th, create_graph=True)
+        return torch.autograd.grad(g.sum(), th)[0]
+
+    torch.testing.assert_close(hessian_diag(storch.compile(step, backend=None)), hessian_diag(step))
+
+
 @pytest.mark.parametrize("case", ["saved tensors", "no grad in the trace"])
 def test_refuses_differentiating_inside_the_step(case):
     # a gradient penalty inside the step: make_fx(pre_dispatch=True) cannot connect autograd's saved

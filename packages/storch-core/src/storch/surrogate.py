@@ -265,6 +265,15 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     if not isinstance(order, int) or isinstance(order, bool) or order < 0:
         raise StorchError(f"order must be an int >= 0, got {order!r}")  # a bad argument: the step is intact
     with graph.guard():
+        if order >= 2:
+            recorder = tracing_recorder()
+            if recorder is not None and not recorder.replay_only:
+                raise StorchError(
+                    f"surrogate_loss(order={order}) in a step compiled by storch.compile with a compiler backend: "
+                    "torch's compiled programs cannot be differentiated twice (inductor says it does not support "
+                    "double backward; with aot_eager the second derivative came out unused, None with "
+                    "allow_unused=True). Use storch.compile(step, backend=None), whose replay runs the traced "
+                    "operations through autograd (every order), or run the step eagerly")
         loss = _surrogate_loss(order, graph)
     graph.loss_built = True
     return _updates_on_backward(loss, graph)
