@@ -278,3 +278,24 @@ def test_interleaved_partitions_say_how_to_write_them():
                     o = hi(Categorical(logits=phi[s]))
                 a = lo(Categorical(logits=psi[o, s]))
                 s = (s + 2 * a - 1).clamp(0, 3)
+
+
+@pytest.mark.parametrize("name", ["expect", "unordered_set", "sum_and_sample"])
+def test_an_independent_of_a_finite_distribution_says_to_pass_the_base(name):
+    """Independent(Bernoulli(...), 1) for an enumerating estimator: torch's Independent has no enumerable
+    support, and the refusal now says to pass the Bernoulli itself (storch treats a node's batch dims jointly);
+    the Bernoulli then gives the same per-sample shape and the exact expectation (found by porting a belief
+    net)."""
+    from torch.distributions import Independent
+
+    logits = torch.tensor([0.3, -0.2, 1.0], requires_grad=True)
+    est = storch.estimator(name, plate="z")
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="pass the Bernoulli itself"):
+        est(Independent(Bernoulli(logits=logits), 1))
+    if name == "expect":
+        with storch.Graph():
+            z = est(Bernoulli(logits=logits))
+            assert z.shape == (3,)
+            storch.add_cost((z * torch.tensor([1.0, 2.0, 3.0])).sum())
+            value = storch.surrogate_loss()
+        torch.testing.assert_close(value, (torch.sigmoid(logits) * torch.tensor([1.0, 2.0, 3.0])).sum())
