@@ -100,6 +100,76 @@ def test_index_select_with_a_sampled_index():
     check(lambda a, i: a.index_select(0, i), x, idx)
 
 
+_I = torch.randint(0, 5, (3, 4, 2), generator=torch.Generator().manual_seed(1))
+_FLAT = torch.randint(0, 20, (3, 2, 3), generator=torch.Generator().manual_seed(2))  # indices into 4 * 5 elements
+INDEXING_SPELLINGS = {  # (fn, index): every argument spelling torch accepts; index "I" (4, 2), "F" flat, "S" (2,)
+    "gather": (lambda a, b: torch.gather(a, 1, b), "I"),
+    "gather_kw": (lambda a, b: torch.gather(a, dim=1, index=b), "I"),
+    "gather_all_kw": (lambda a, b: torch.gather(input=a, dim=-1, index=b, sparse_grad=False), "I"),
+    "gather_method_kw": (lambda a, b: a.gather(dim=-1, index=b), "I"),
+    "take_along_dim": (lambda a, b: torch.take_along_dim(a, b, 1), "I"),
+    "take_along_dim_dim_kw": (lambda a, b: torch.take_along_dim(a, b, dim=1), "I"),
+    "take_along_dim_all_kw": (lambda a, b: torch.take_along_dim(input=a, indices=b, dim=-1), "I"),
+    "take_along_dim_method": (lambda a, b: a.take_along_dim(b, 1), "I"),
+    "take_along_dim_method_kw": (lambda a, b: a.take_along_dim(indices=b, dim=1), "I"),
+    "take_along_dim_broadcast": (lambda a, b: torch.take_along_dim(a[:1], b[:1], dim=-1), "I"),  # (1, 2) index
+    "take_along_dim_flat": (lambda a, b: torch.take_along_dim(a, b), "F"),
+    "take_along_dim_flat_none": (lambda a, b: torch.take_along_dim(a, b, None), "F"),
+    "take_along_dim_flat_kw": (lambda a, b: torch.take_along_dim(a, b, dim=None), "F"),
+    "take_along_dim_flat_method": (lambda a, b: a.take_along_dim(b), "F"),
+    "index_select_kw": (lambda a, b: torch.index_select(a, dim=-1, index=b), "S"),
+    "index_select_all_kw": (lambda a, b: torch.index_select(input=a, dim=-1, index=b), "S"),
+    "index_select_method_kw": (lambda a, b: a.index_select(dim=1, index=b), "S"),
+}
+
+
+@pytest.mark.parametrize("operands", ["both sampled", "plain index", "plain input"])
+@pytest.mark.parametrize("name", sorted(INDEXING_SPELLINGS))
+def test_gather_take_along_dim_index_select_in_every_spelling_equal_a_loop(name, operands):
+    """Positional, keyword (take_along_dim's is indices=, input= for all) and method forms, and
+    take_along_dim without dim (each sample flattened), on sampled or plain input and index."""
+    fn, kind = INDEXING_SPELLINGS[name]
+    raw_i = {"I": _I, "F": _FLAT, "S": _I[:, 0]}[kind]
+    x, i = make(rnd(3, 4, 5), ("z", 3)), make(raw_i, ("z", 3))
+    if operands == "plain index":
+        i = raw_i[0]
+    elif operands == "plain input":
+        x = rnd(4, 5, seed=1)
+    check(fn, x, i)
+
+
+DIFF_PLAIN_ENDS = {  # (fn, per-sample shape): diff with a plain prepend / append, the same for every sample
+    "prepend": (lambda a, p: a.diff(prepend=p[:1]), (5,)),
+    "cumsum_prepend_zero": (lambda a, p: a.cumsum(0).diff(prepend=torch.zeros(1, dtype=D), append=p[:2]), (5,)),
+    "append_dim0": (lambda a, p: torch.diff(a, dim=0, append=p), (5,)),
+    "both_positional": (lambda a, p: torch.diff(a, 2, -1, p[:1], p), (5,)),
+    "input_kw": (lambda a, p: torch.diff(input=a, prepend=p), (5,)),
+    "matrix_dim0": (lambda a, p: a.diff(dim=0, prepend=p[None], append=p[None]), (4, 2)),
+    "matrix_dim_last": (lambda a, p: a.diff(1, -1, prepend=p[:, None]), (2, 4)),
+    "matrix_append_positional_dim": (lambda a, p: a.diff(1, 1, None, p.view(2, 1)), (2, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DIFF_PLAIN_ENDS))
+def test_diff_with_a_plain_prepend_or_append_equals_a_loop(name):
+    """A plain prepend/append is concatenated to every sample (it was handed to torch unexpanded and
+    refused); values and the prepend's gradient (summed over the samples) as a loop."""
+    fn, shape = DIFF_PLAIN_ENDS[name]
+    x = make(rnd(3, 2, *shape), *ZD)
+    x_shared = make(rnd(1, 2, *shape, seed=2), *ZD)  # shared by every z entry: a raw plate dim of size 1
+    p = rnd(shape[-1] if len(shape) == 1 else shape[1 if "dim0" in name else 0], seed=1).requires_grad_()
+    for a in (x, x_shared):
+        out = check(lambda a: fn(a, p), a)
+        (g,) = torch.autograd.grad((out.tensor.expand(3, 2, *out.shape) ** 2).sum(), p)
+        ref = sum((fn(entry(a, {"z": z, "data": b}), p) ** 2).sum() for z in range(3) for b in range(2))
+        torch.testing.assert_close(g, torch.autograd.grad(ref, p)[0])
+    # a sampled prepend next to a plain append goes to vmap, equal to a loop too
+    pre = make(rnd(3, 1, *shape[:-1], 1, seed=3), *ZD)
+    check(lambda a, b: torch.diff(a, prepend=b, append=torch.ones(*shape[:-1], 1, dtype=D)), x, pre)
+    with pytest.raises(storch.PlateError, match=r"\(\) \(plain\).*same dimension"):
+        x.diff(prepend=torch.tensor(0.0, dtype=D))  # torch's own rule per sample: no 0-dim prepend
+
+
 def test_data_dependent_shapes_are_refused_with_advice():
     x = make(rnd(3, 4), ("z", 3))
     with pytest.raises(storch.PlateError, match="depends on the values.*torch.where"):

@@ -56,6 +56,15 @@ def _set_dim(args, kwargs, pos, where, value):
     return args, {**kwargs, "dim": value}
 
 
+def _input_first(args, kwargs):
+    """``args``, ``kwargs`` with a keyword ``input=`` (``torch.sum(input=x, dim=0)``) made the first
+    positional argument, where the handlers look for it."""
+    if not args and "input" in kwargs:
+        kwargs = dict(kwargs)
+        return (kwargs.pop("input"),), kwargs
+    return args, kwargs
+
+
 def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = False):
     """Handler for functions of one plate tensor with a dim argument at ``pos``.
 
@@ -64,6 +73,8 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
     """
 
     def handler(func, args, kwargs):
+        if not args:
+            args, kwargs = _input_first(args, kwargs)
         x = args[0]
         # fast path (distribution validation, logsumexp, softmax, sum(-1), unsqueeze(0)): one plate
         # tensor and an int dim in the per-sample range, nothing else a plate tensor
@@ -160,7 +171,26 @@ def _linalg_norm(func, args, kwargs):
 for _name in ["softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin",
               "unbind", "select", "narrow", "sort", "argsort", "index_select"]:
     register(*_both(_name))(_dim_handler(1, default={"unbind": 0, "sort": -1, "argsort": -1}.get(_name)))
-register(*_both("diff"))(_dim_handler(2, default=-1))  # diff(input, n, dim)
+_diff_dim = _dim_handler(2, default=-1)  # diff(input, n, dim, prepend, append)
+
+
+@register(*_both("diff"))
+def _diff(func, args, kwargs):
+    """dim counts per-sample dims (default: torch's, per sample); a plain prepend/append is joined to every sample"""
+    args, kwargs = _input_first(args, kwargs)
+    x = args[0]
+    if type(x) is _PT and len(args) > 3:  # prepend / append given positionally
+        kwargs = {**kwargs, **dict(zip(("prepend", "append"), args[3:]))}
+        args = args[:3]
+    ends = [key for key in ("prepend", "append") if isinstance(kwargs.get(key), _T)]
+    n = len(x._plates) if type(x) is _PT else 0
+    if ends and type(x) is _PT and x._raw.dim() > n and not any(type(kwargs[key]) is _PT for key in ends):
+        # per sample, torch concatenates the plain tensor to each sample along dim: on the raw tensor
+        # it is expanded over the plate dims first (a view), where it stands for every entry alike.
+        # A sampled prepend/append goes to vmap, as do 0-dim samples (torch's own error per sample).
+        size = x._raw.shape[:n]
+        kwargs = {**kwargs, **{key: kwargs[key].expand(*size, *kwargs[key].shape) for key in ends}}
+    return _diff_dim(func, args, kwargs)
 
 
 def _softmax_dim(k: int) -> int:
@@ -362,13 +392,24 @@ def _cat(func, args, kwargs):
 
 @register(*_both("gather"), *_both("take_along_dim"))
 def _gather(func, args, kwargs):
-    """index and input aligned by plate; dim counts per-sample dims"""
-    x, d, index = args[0], args[1] if len(args) > 1 else kwargs["dim"], args[2] if len(args) > 2 else kwargs["index"]
-    if func in _both("take_along_dim"):
-        d, index = (args[2] if len(args) > 2 else kwargs.get("dim")), args[1]
-    elif type(x) is _PT and type(index) is _PT and type(d) is int and not kwargs.get("sparse_grad"):
+    """index and input aligned by plate; dim counts per-sample dims (take_along_dim without dim: each sample flattened)"""
+    args, kwargs = _input_first(args, kwargs)
+    x = args[0]
+    take = func in _TAKE_ALONG_DIM
+    if take:  # take_along_dim(input, indices, dim=None)
+        index = args[1] if len(args) > 1 else kwargs["indices"]
+        d = args[2] if len(args) > 2 else kwargs.get("dim")
+        if d is None:
+            # dim=None: per sample, input and indices flattened to 1-d (torch: input.view(-1).gather(0,
+            # indices.view(-1))); here over the per-sample dims only, plate dims kept
+            x, index, d = _flat(x), _flat(index), 0
+    else:  # gather(input, dim, index, *, sparse_grad=False)
+        d = args[1] if len(args) > 1 else kwargs["dim"]
+        index = args[2] if len(args) > 2 else kwargs["index"]
+    if not take and type(x) is _PT and type(index) is _PT and type(d) is int and not kwargs.get("sparse_grad"):
         # fast path (log-probabilities at sampled indices): input and index on the same plates, every
-        # plate dim of the same size in both: one gather on the raw tensors
+        # plate dim of the same size in both: one gather on the raw tensors (not take_along_dim, which
+        # broadcasts the per-sample dims where gather does not)
         px, n = x._plates, len(x._plates)
         if (index._plates is px or index._plates == px) and x._raw.shape[:n] == index._raw.shape[:n]:
             return wrap_same(torch.gather(x._raw, tdim(d, n, x._raw.dim() - n), index._raw), px)
@@ -376,8 +417,18 @@ def _gather(func, args, kwargs):
     k = x._raw.dim() - len(x._plates) if type(x) is _PT else x.dim()
     raw_x, raw_i = _full(x, plates), _full(index, plates)
     dd = tdim(d, len(plates), k)
-    out = torch.gather(raw_x, dd, raw_i) if func in _both("gather") else torch.take_along_dim(raw_x, raw_i, dd)
+    out = torch.take_along_dim(raw_x, raw_i, dd) if take else torch.gather(raw_x, dd, raw_i)
     return wrap(out, plates)
+
+
+_TAKE_ALONG_DIM = frozenset(_both("take_along_dim"))
+
+
+def _flat(t):
+    """``t``'s per-sample elements as one per-sample dim (a plain tensor: all of its elements)."""
+    if type(t) is _PT:
+        return wrap_same(t._raw.reshape(t._raw.shape[: len(t._plates)] + (-1,)), t._plates)
+    return t.reshape(-1)
 
 
 # -- matmul, linear --------------------------------------------------------------------------------
