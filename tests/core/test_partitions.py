@@ -109,3 +109,24 @@ def test_lineage_composes_per_entry_parents_over_steps():
     with pytest.raises(storch.PlateError, match="declared"):
         lin.set_parents(3, torch.tensor([0, 1]), (data,))
 
+
+def test_per_entry_parents_leave_a_broadcast_dim_of_an_earlier_step_broadcast():
+    # a size-1 dim on the partition plate (a value shared by every entry, such as a gradient
+    # function that is 0) reads the same value whichever parent each data point chose: it stays
+    # size 1, as with parents shared by all data points (it was gathered with parent indices up
+    # to k - 1 and failed with "index 1 is out of bounds")
+    from storch.extending import align
+
+    lin = storch.Lineage()
+    data = storch.Plate("data", 2, True, 0, storch.Lineage())
+    lin.set_parents(1, torch.tensor([[1, 0], [1, 1], [0, 0]]), (data,))
+    s0, s1 = storch.Plate("z", 2, False, 0, lin), storch.Plate("z", 3, False, 1, lin)
+    per_data = torch.tensor([[10.0, 11.0]])  # (z: 1, data: 2)
+    assert torch.equal(align(per_data, (s0, data), (s1, data)), per_data)
+    assert torch.equal(align(torch.zeros(1, 1, 1), (s0, data), (s1, data)), torch.zeros(1, 1, 1))
+    swapped = align(per_data.t(), (data, s0), (data, s1))  # the partition plate not first
+    assert torch.equal(swapped, per_data.t())
+    # a full dim is still re-indexed per data point
+    full = torch.tensor([[10.0, 11.0], [20.0, 21.0]])
+    assert align(full, (s0, data), (s1, data)).tolist() == [[20.0, 11.0], [20.0, 21.0], [10.0, 11.0]]
+

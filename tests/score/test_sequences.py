@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from torch.distributions import OneHotCategorical
+from torch.distributions import Bernoulli, Categorical, Normal, OneHotCategorical
 
 import storch
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
@@ -260,3 +260,63 @@ def test_data_plate_that_appears_at_a_later_step():
     expected = torch.autograd.grad(total, (a, w))
     for got, want in zip(g, expected):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+# A discrete and a continuous action per step (RL): a_t by unordered_set over the sequence (one
+# beam per data point, so the parents differ per data point), then a node that depends on a_t: a
+# Normal by reparameterization (one partition, or one node per step) or a Bernoulli by expect (one
+# node per step). Their gradient functions are 0: a size-1 dim on the sequence plate that the beam's
+# per-data-point parents must leave broadcast (it crashed with "index 1 is out of bounds").
+ACTION_DATA = torch.tensor([0.5, -1.0], dtype=torch.float64)
+ACTION_PARAMS = torch.tensor([0.2, -0.3, 0.4, 0.7, -0.2], dtype=torch.float64)  # logits (3), w, mu
+
+
+def _action_logits(params, prev, x):
+    scale = torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64)
+    return params[0:3] + (x + (0.0 if prev is None else params[3] * prev)) * scale
+
+
+def _second_cost(second, params, a):
+    """E[cost_t | a_t] of the node that depends on a_t (for the exact value)."""
+    if second == "expect":
+        return torch.sigmoid(params[4] + a) * (a - 1.0)  # b ~ Bernoulli(logits = mu + a), cost b (a - 1)
+    return (params[4] + a - 1.0) ** 2 + 0.09  # u ~ Normal(mu + a, 0.3), cost (u - 1)^2
+
+
+def _actions_exact(second, params):
+    total = 0.0
+    for x in ACTION_DATA:
+        for seq in itertools.product(range(3), repeat=2):
+            lp, prev, c = 0.0, None, 0.0
+            for a in seq:
+                lp = lp + torch.log_softmax(_action_logits(params, prev, x), -1)[a]
+                c = c + _second_cost(second, params, torch.tensor(float(a), dtype=torch.float64))
+                prev = float(a)
+            total = total + lp.exp() * c / len(ACTION_DATA)
+    return total
+
+
+@pytest.mark.parametrize("second,per_step", [("reparameterization", False), ("reparameterization", True),
+                                             ("expect", True)])
+def test_discrete_and_continuous_action_per_step_on_a_data_plate(second, per_step):
+    torch.manual_seed(8)
+    est = storch.estimator("unordered_set", plate="a", n_samples=3)
+    shared = storch.estimator(second, plate="u")
+    with storch.Graph():
+        leaf, p = replicate(ACTION_PARAMS, 3000)
+        x = storch.denote_independent(ACTION_DATA, 0, "data")
+        prev = None
+        for t in range(2):
+            a = est(Categorical(logits=_action_logits(p, prev, x))).double()
+            node = storch.estimator(second, plate=f"u{t}") if per_step else shared
+            if second == "expect":
+                b = node(Bernoulli(logits=p[4] + a))
+                storch.add_cost(b * (a - 1.0), name="r")
+            else:
+                u = node(Normal(p[4] + a, 0.3))
+                storch.add_cost((u - 1.0) ** 2, name="r")
+            prev = a
+        assert a.plates[0].lineage.index_plates_of(0, 1)  # the beam chose parents per data point
+        (g,) = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+    exact_grad = torch.autograd.functional.jacobian(lambda q: _actions_exact(second, q), ACTION_PARAMS.clone())
+    assert_unbiased(g, exact_grad, f"unordered_set actions with a {second} node per step")

@@ -540,14 +540,17 @@ def _to_step(raw: torch.Tensor, dim: int, step: int, target: Plate, plates: tupl
         )
     if target.lineage is None:
         raise PlateError(f"plate {target.name!r} has steps but no lineage; it was not made by a graph")
+    if raw.shape[dim] == 1:
+        # a broadcast dim (the same value for every entry, e.g. a gradient function that is 0):
+        # every parent reads that one value, whichever parents each data point chose, so it stays
+        # broadcast; gathering it by parent indices up to k - 1 would be out of bounds
+        return raw
     idx = target.lineage.index(step, target.step)
     if idx is None:
         return raw
     iplates = target.lineage.index_plates_of(step, target.step)
     idx = idx.to(raw.device)
     if not iplates:
-        if raw.shape[dim] == 1:
-            return raw
         return raw.index_select(dim, idx)
     names = {p.name: p for p in iplates}
     missing = [n for n in names if n not in {p.name for p in plates}]
