@@ -147,3 +147,56 @@ def test_supports_reads_an_instances_capabilities():
     est.check_distribution(b)
     assert NeedsRsample.requirements() == ["a distribution with rsample (has_rsample=True)"]
     assert est.requirements() == []
+
+
+# -- require_smooth: a pathwise term differentiated n times through a non-smooth operation ----------
+
+def _refused(output, inputs, order):
+    from storch.extending import require_smooth
+
+    try:
+        require_smooth(output, inputs, order, who="estimator 'e' on plate 'z'", what="the cost 'c'", through="z")
+    except storch.OrderError as e:
+        return str(e)
+    return None
+
+
+def test_nonsmooth_table_names_torchs_autograd_nodes():
+    from storch.extending import nonsmooth_operations
+
+    missing = [name for name in nonsmooth_operations() if not hasattr(torch._C._functions, name)]
+    assert not missing, missing  # a misspelt name would never match
+
+
+@pytest.mark.parametrize("op", [
+    torch.relu, torch.nn.ReLU(), torch.nn.functional.relu6, torch.nn.functional.leaky_relu, torch.abs,
+    torch.nn.functional.hardtanh, lambda z: z.clamp(min=0.0), lambda z: z.clamp(-1.0, 1.0), torch.sign,
+    lambda z: z.clamp(max=torch.zeros(3)), lambda z: torch.maximum(z, torch.zeros(3)), lambda z: z.amax(-1),
+    lambda z: z.max(), lambda z: z.min(-1).values, lambda z: z.sort(-1).values, lambda z: z.topk(2).values,
+    torch.nn.functional.selu, torch.nn.functional.softsign, torch.round,
+])
+def test_require_smooth_refuses_a_kink_on_the_path_at_order_2_only(op):
+    w = torch.randn(3, 3, requires_grad=True)
+    z = torch.sigmoid(torch.randn(3, requires_grad=True) * 2)  # a relaxed sample (it has a grad_fn)
+    cost = (op(w @ z + 0.1) ** 2).sum() + (w ** 2).sum()
+    msg = _refused(cost, [z], 2)
+    assert msg is not None and "estimator 'e' on plate 'z'" in msg and "the cost 'c'" in msg, msg
+    assert "softplus" in msg and "'score'" in msg
+    assert _refused(cost, [z], 1) is None or "Sign" in msg or "Round" in msg  # a jump is wrong at order 1 too
+
+
+def test_require_smooth_passes_smooth_paths_and_kinks_off_the_path():
+    w = torch.randn(3, 3, requires_grad=True)
+    leaf = torch.rand(3, requires_grad=True)  # a leaf sample: found through its AccumulateGrad node
+    for z in (torch.sigmoid(torch.randn(3, requires_grad=True)), leaf):
+        for act in (torch.tanh, torch.nn.functional.softplus, torch.nn.functional.gelu, torch.nn.functional.silu,
+                    torch.nn.functional.elu, torch.nn.functional.celu):  # ELU (α = 1), CELU: C¹
+            assert _refused((act(w @ z) ** 2).sum(), [z], 2) is None, act
+        # a ReLU of the parameters alone is a deterministic function of θ: fine
+        assert _refused((torch.relu(w) @ z).sum() + torch.relu(w).sum(), [z], 3) is None
+        # torch's clamp of probabilities to [eps, 1 - eps] (Bernoulli(probs=...)) is a numerical guard
+        lp = Bernoulli(probs=torch.sigmoid(w @ z)).log_prob(torch.ones(3)).sum()
+        assert _refused(lp, [z], 2) is None
+    assert "ReluBackward0" in _refused((torch.relu(w @ leaf)).sum(), [leaf], 2)
+    assert "EluBackward0" in _refused(torch.nn.functional.elu(w @ leaf).sum(), [leaf], 3)  # not C²
+    assert _refused(torch.ones(()), [leaf], 2) is None  # no graph: nothing differentiated

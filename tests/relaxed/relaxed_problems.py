@@ -83,6 +83,33 @@ def chain_model(est1, est2, x) -> None:
     storch.add_cost(_chain_cost2(b1, b2), name="second")
 
 
+# -- a decoder on the toy: E[Σ (W2 act(W1 b + c1) - y)^2], b ~ Bernoulli(σ(θ)) (3 units, 8 outcomes) ------
+# The relaxed estimators differentiate it at σ_λ(z): n times differentiable for tanh / softplus, not for ReLU.
+
+_DEC = torch.Generator().manual_seed(7)
+DEC_W1 = torch.randn(4, 3, generator=_DEC, dtype=torch.float64)
+DEC_C1 = torch.randn(4, generator=_DEC, dtype=torch.float64) * 0.5
+DEC_W2 = torch.randn(2, 4, generator=_DEC, dtype=torch.float64)
+DEC_Y = torch.tensor([0.5, -0.3], dtype=torch.float64)
+
+
+def decoder_cost(b, act):
+    h = act((DEC_W1 * b.unsqueeze(-2)).sum(-1) + DEC_C1)
+    return (((DEC_W2 * h.unsqueeze(-2)).sum(-1) - DEC_Y) ** 2).sum(-1)
+
+
+def decoder_exact(theta: torch.Tensor, act) -> torch.Tensor:
+    total = theta.new_zeros(())
+    for v in itertools.product([0.0, 1.0], repeat=3):
+        b = theta.new_tensor(v)
+        total = total + Bernoulli(logits=theta).log_prob(b).sum().exp() * decoder_cost(b, act)
+    return total
+
+
+def decoder_model(est, x, act) -> None:
+    storch.add_cost(decoder_cost(est(Bernoulli(logits=x)), act), name="rec")
+
+
 # -- continuous problems for LAX ---------------------------------------------------------------
 
 def normal_exact(theta: torch.Tensor) -> torch.Tensor:

@@ -164,3 +164,83 @@ def test_a_categorical_sample_used_as_an_index_says_it_is_one_hot(name, lookup):
         with pytest.raises(storch.PlateError, match=r"hand out one-hot vectors.*z @ emb.weight instead of emb\(z\)"):
             emb(z) if lookup == "embedding" else emb.weight[z]
         assert (z @ emb.weight).shape == (3,)  # the lookup written for one-hot inputs
+
+
+# -- order >= 2 needs a cost and a network n times differentiable in the relaxed sample ---------------
+
+class _ReluNet(torch.nn.Module):
+    def __init__(self, features: int = 3):
+        super().__init__()
+        self.f = torch.nn.Sequential(torch.nn.Linear(features, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+
+    def forward(self, z):
+        return self.f(z.to(self.f[0].weight.dtype))
+
+
+def _order2(make, model):
+    """The order-1 surrogate is built and differentiated; the order-2 one refuses (OrderError, returned)."""
+    with storch.Graph():
+        leaf, x = storch.testing.replicate(TOY_THETA, 8)
+        model(make(), x)
+        torch.autograd.grad(storch.surrogate_loss(order=1), leaf)
+        with pytest.raises(storch.OrderError) as info:
+            storch.surrogate_loss(order=2)
+    print(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("name", ["rebar", "relax"])
+def test_relu_decoder_refused_at_order_2(name):
+    from relaxed_problems import decoder_model
+
+    msg = _order2(lambda: storch.estimator(name, plate="b"),
+                  lambda est, x: decoder_model(est, x, torch.relu))
+    assert f"estimator {name!r} on plate 'b'" in msg and "the cost 'rec'" in msg and "relaxed sample" in msg
+    assert "ReluBackward0" in msg
+    for advice in ("softplus", "GELU", "SiLU", "tanh", "order=1", "'score'"):
+        assert advice in msg
+
+
+@pytest.mark.parametrize("form", ["network", "rebar+network"])
+def test_relax_relu_network_refused_at_order_2(form):
+    from relaxed_problems import decoder_model
+
+    msg = _order2(lambda: storch.estimator("relax", plate="b", control_variate=form, network=_ReluNet()),
+                  lambda est, x: decoder_model(est, x, torch.tanh))
+    assert "estimator 'relax' on plate 'b'" in msg and "control-variate network's output" in msg
+    assert "ReluBackward0" in msg and "softplus" in msg
+
+
+def test_lax_relu_network_refused_at_order_2():
+    msg = _order2(lambda: storch.estimator("lax", plate="x", network=_ReluNet()),
+                  lambda est, x: storch.add_cost(((est(Normal(x, 1.0)) - 0.45) ** 2).sum()))
+    assert "estimator 'lax' on plate 'x'" in msg and "ReluBackward0" in msg
+
+
+def test_relu_of_parameters_alone_is_not_refused():
+    """A ReLU that the relaxed sample does not pass through (a function of θ alone) is fine at order 2."""
+    with storch.Graph():
+        _, x = storch.testing.replicate(TOY_THETA, 8)
+        b = storch.estimator("rebar", plate="b")(Bernoulli(logits=x))
+        storch.add_cost(((b - torch.relu(x)) ** 2).sum() + torch.relu(x).sum())
+        storch.surrogate_loss(order=2)
+
+
+@pytest.mark.parametrize("name", ["rebar", "relax", "lax"])
+def test_smoothness_walk_runs_at_order_2_only(name, monkeypatch):
+    """The autograd-graph walk of require_smooth costs nothing at order 1 (storch.backward()): not run."""
+    import storch.extending as ext
+
+    calls = []
+    walk = ext._nonsmooth_on_path
+    monkeypatch.setattr(ext, "_nonsmooth_on_path", lambda *a: calls.append(1) or walk(*a))
+    for order in (1, 2):
+        with storch.Graph():
+            _, x = storch.testing.replicate(TOY_THETA, 8)
+            est = storch.estimator(name, plate="b")
+            if name == "lax":
+                storch.add_cost(((est(Normal(x, 1.0)) - 0.45) ** 2).sum())
+            else:
+                toy_model(est, x)
+            storch.surrogate_loss(order=order)
+        assert bool(calls) == (order == 2), (order, len(calls))

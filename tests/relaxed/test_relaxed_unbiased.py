@@ -145,3 +145,38 @@ def test_trained_relax_residual_is_nonzero_and_unbiased():
             storch.backward()
     assert est.network.net[2].weight.abs().sum() > 0  # the residual left its zero start
     check("relax trained residual", lambda x: toy_model(est, x), toy_exact, TOY_THETA, 2)
+
+
+class _SmoothNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Softplus(), torch.nn.Linear(8, 1)).double()
+
+    def forward(self, z):
+        return self.f(z)
+
+
+@pytest.mark.parametrize("name,act,order", [
+    ("rebar", torch.tanh, 2), ("relax", torch.nn.functional.softplus, 2),
+    ("rebar", torch.relu, 1), ("relax", torch.relu, 1),  # order 1 needs c differentiable once: ReLU is fine
+])
+def test_decoder(name, act, order):
+    """A decoder cost at the relaxed inputs: unbiased at order 2 when smooth (a ReLU decoder is refused
+    there: test_relaxed_errors), and at order 1 with a ReLU (the check does not run there)."""
+    from relaxed_problems import decoder_exact, decoder_model
+
+    torch.manual_seed(23)
+    est = storch.estimator(name, plate="b")
+    check(f"{name} {act.__name__} decoder", lambda x: decoder_model(est, x, act),
+          lambda th: decoder_exact(th, act), TOY_THETA, order)
+
+
+def test_relax_smooth_network_order_2():
+    """A user network= with a smooth activation (softplus) keeps RELAX unbiased at order 2 (a ReLU
+    network is refused there: test_relaxed_errors)."""
+    torch.manual_seed(24)
+    est = storch.estimator("relax", plate="b", network=_SmoothNet(), update=False)
+    with torch.no_grad():  # a nonzero residual, so that its second derivative enters
+        for p in est.network.parameters():
+            p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(5))
+    check("relax softplus network", lambda x: toy_model(est, x), toy_exact, TOY_THETA, 2)

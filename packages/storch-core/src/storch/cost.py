@@ -32,14 +32,19 @@ class CostFrame:
         dim: position of the node's own plate in ``plates``.
         name: the cost's name (from ``storch.add_cost``), for per-cost estimator state such as
             moving-average baselines.
+        order: the derivative order the surrogate is built for (``storch.surrogate_loss(order)``;
+            1 for ``storch.backward()``): a control variate that is unbiased only for a cost
+            differentiable enough checks it here (``storch.extending.require_smooth``) at order >= 2.
     """
 
-    __slots__ = ("tensor", "plates", "dim", "_node", "_node_plates", "name", "_live")
+    __slots__ = ("tensor", "plates", "dim", "_node", "_node_plates", "name", "_live", "order")
 
     def __init__(self, tensor: torch.Tensor, plates: tuple[Plate, ...], node: Node,
-                 live: Union[torch.Tensor, Callable[[], torch.Tensor]], name: Optional[str] = None):
+                 live: Union[torch.Tensor, Callable[[], torch.Tensor]], name: Optional[str] = None,
+                 order: int = 1):
         self.tensor = tensor
         self.name = name
+        self.order = order
         self.plates = plates
         # the node keeps its frames (node.frames): a weak reference back, so that a finished step's
         # nodes, frames and tensors are freed by reference counting (no cycle for the collector)

@@ -107,13 +107,13 @@ def _at_cost(cost_plates: tuple, raw: torch.Tensor, nodes: list[Node]):
     return cost_plates, raw, out
 
 
-def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None) -> torch.Tensor:
+def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: int = 1) -> torch.Tensor:
     if not nodes:  # a cost of the data alone (a KL term): the mean over the data points
         raw = raw_of(cost)
         return raw.mean() if raw.dim() else raw
     plates, raw, nodes = _at_cost(plates_of(cost), raw_of(cost), nodes)
     if len(nodes) == 1:
-        return _one_node_surrogate(raw, plates, nodes[0], name)
+        return _one_node_surrogate(raw, plates, nodes[0], name, order)
     # L_{i-1} for every node i, aligned to the cost's plates (Theorem 2's MagicBox arguments)
     prefix: list[Optional[torch.Tensor]] = []
     total = None
@@ -135,7 +135,7 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None) -> torc
         if _has_control_variate(est):
             if pending:
                 inner, pending = inner.mean(pending, keepdim=True), []
-            frame = CostFrame(inner.detach(), plates, node, inner, name)
+            frame = CostFrame(inner.detach(), plates, node, inner, name, order)
             node.frames[frame.key] = frame  # what update_parameters trains on
             if i == last and box is not None and type(est).control_variate is _BASE_CONTROL_VARIATE:
                 inner = _baseline_term(inner, est, node, frame, box, prefix[i])
@@ -154,7 +154,8 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None) -> torc
     return inner.mean() if inner.dim() else inner
 
 
-def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Optional[str]) -> torch.Tensor:
+def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Optional[str],
+                        order: int = 1) -> torch.Tensor:
     """:func:`_cost_surrogate` for a cost downstream of one node: the DiCE objective written by hand,
     mean over the plates of MagicBox(l) · C, and with the base class's control variate (a baseline b)
     ``lerp(⊥b, C, MagicBox(l))`` = MagicBox(l) · C + (1 - MagicBox(l)) · ⊥b in one autograd node
@@ -165,7 +166,7 @@ def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Opti
     if est.has_control_variate():
         if type(est).control_variate is _BASE_CONTROL_VARIATE:
             # the frame's values are C's (MagicBox(l) = 1); its live tensor is built if asked for
-            frame = CostFrame(raw.detach(), plates, node, lambda: box * raw, name)
+            frame = CostFrame(raw.detach(), plates, node, lambda: box * raw, name, order)
             node.frames[frame.key] = frame  # what update_parameters trains on
             b = est.baseline(node, frame)
             if b is None:
@@ -179,7 +180,7 @@ def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Opti
                     inner = box * raw + (1.0 - box) * b
         else:
             inner = box * raw
-            frame = CostFrame(inner.detach(), plates, node, inner, name)
+            frame = CostFrame(inner.detach(), plates, node, inner, name, order)
             node.frames[frame.key] = frame
             a = est.control_variate(node, frame)  # line 11
             if a is not None:
@@ -394,10 +395,10 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
         if len(members) == 1:
             single.extend(members)
         else:
-            s = _steps_surrogate(members[0][2][0], members)
+            s = _steps_surrogate(members[0][2][0], members, order)
             loss = s if loss is None else loss + s
     for name, cost, nodes in single:
-        s = _cost_surrogate(cost, nodes, name)
+        s = _cost_surrogate(cost, nodes, name, order)
         loss = s if loss is None else loss + s
     for cost, nodes in plain:
         s = _plain_surrogate(cost, nodes)
@@ -518,7 +519,7 @@ def _step_group(cost, nodes: list[Node], stackable: Optional[dict] = None):
     return id(node), tuple(p.name if p.name == name else p for p in plates), raw_of(cost).dtype
 
 
-def _steps_surrogate(node: Node, members: list) -> torch.Tensor:
+def _steps_surrogate(node: Node, members: list, order: int = 1) -> torch.Tensor:
     """Σ over the costs of several steps of the single-node surrogate, as one stacked computation:
     Σ_t mean_data mean_x [MagicBox(L_t) C_t + a_t] (Eq. 2 with causal credit, w = 1/N)."""
     name = node.plate.name
@@ -568,7 +569,7 @@ def _steps_surrogate(node: Node, members: list) -> torch.Tensor:
     total = None  # not held while the rest is built (the peak memory of the surrogate)
     inner = box * raw  # line 7 of Algorithm 1, per step
     if stacked is not None:
-        frame = CostFrame(inner.detach(), stacked_plates, stacked, inner, members[0][0])
+        frame = CostFrame(inner.detach(), stacked_plates, stacked, inner, members[0][0], order)
         if type(est).control_variate is _BASE_CONTROL_VARIATE:
             inner = _baseline_term(inner, est, stacked, frame, box, None)
         else:

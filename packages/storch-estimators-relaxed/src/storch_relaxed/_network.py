@@ -9,9 +9,14 @@ import torch
 
 import storch.distributed
 from storch import StorchError, magic_box
-from storch.extending import drawing_with, is_tracing, learned_dtype
+from storch.extending import drawing_with, is_tracing, learned_dtype, require_smooth
 
-__all__ = ["ControlVariateNet", "param_clones", "flat", "evaluate_network", "tilde_term"]
+__all__ = ["ControlVariateNet", "param_clones", "flat", "evaluate_network", "tilde_term", "smooth_network",
+           "smooth_who", "cost_what", "SMOOTH_INSTEAD"]
+
+# what require_smooth suggests instead of LAX, RELAX and REBAR at an order their cost / network cannot have
+SMOOTH_INSTEAD = ("a score-family estimator ('score' with baseline='leave_one_out', 'sum_and_sample', "
+                  "'unordered_set' with baseline=False; pip install storch-estimators-score)")
 
 
 class ControlVariateNet(torch.nn.Module):
@@ -112,3 +117,19 @@ def tilde_term(c_zt: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     ``tests/relaxed/test_relaxed_unbiased.py`` checks both forms).
     """
     return c_zt.detach() - magic_box(l) * c_zt
+
+
+def smooth_who(est, node) -> str:
+    return f"estimator {est.name!r} on plate {node.plate.name!r}"
+
+
+def cost_what(cost) -> str:
+    return f"the cost {cost.name!r}" if cost.name else "the cost"
+
+
+def smooth_network(est, node, order: int, *pairs: torch.Tensor) -> None:
+    """At order >= 2: c_φ's pathwise term E[∇ⁿc_φ(z)] = ∇ⁿE[c_φ(z)] needs the network n times differentiable
+    in z (a ReLU network is not); ``pairs`` = output, input, output, input... (r(z), z, r(z̃), z̃)."""
+    for out, z in zip(pairs[::2], pairs[1::2]):
+        require_smooth(out, [z], order, who=smooth_who(est, node), what="the control-variate network's output",
+                       through="the continuous sample z it is evaluated on", instead=SMOOTH_INSTEAD)

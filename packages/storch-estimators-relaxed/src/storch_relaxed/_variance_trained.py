@@ -29,6 +29,8 @@ class RelaxedState:
         z_tilde: z̃ ~ p(z | b), reparameterised (RELAX, REBAR).
         b: the discrete sample H(z) as the distribution samples it (RELAX, REBAR).
         l: log p(b) of the real block.
+        relaxed: the relaxed inputs σ_λ(z) and σ_λ(z̃) handed to user code (REBAR, RELAX with the
+            relaxed-cost term): at order >= 2 the cost must be smooth on its paths from them.
     """
 
     params: list = field(default_factory=list)
@@ -36,6 +38,7 @@ class RelaxedState:
     z_tilde: Optional[torch.Tensor] = None
     b: Optional[torch.Tensor] = None
     l: Optional[torch.Tensor] = None
+    relaxed: tuple = ()
 
 
 class VarianceTrained(Estimator):

@@ -8,7 +8,7 @@ import torch
 
 from storch import CostFrame, Node, magic_box
 
-from ._network import evaluate_network
+from ._network import evaluate_network, smooth_network
 from ._params import param_tensors
 from ._variance_trained import VarianceTrained
 
@@ -30,7 +30,9 @@ class Lax(VarianceTrained):
 
     Requires: a distribution with ``rsample``; the cost need not be differentiable.
 
-    max_order: ∞ (appendix D.2.4).
+    max_order: ∞ for a network c_φ n times differentiable in x (appendix D.2.4). A kink in c_φ (a
+    ReLU network) breaks E[∇ⁿc_φ(x)] = ∇ⁿE[c_φ(x)] from order 2 on: ``storch.surrogate_loss(order >= 2)``
+    then raises ``storch.OrderError`` (``storch.extending.require_smooth``; not checked at order 1).
 
     φ is trained to minimise the variance of ĝ = ∂loss/∂(distribution parameters) by
     ``storch.backward()`` (Adam, ``lr``, one step in ``update_parameters``). The
@@ -40,7 +42,8 @@ class Lax(VarianceTrained):
         plate: name of the node's plate.
         n_samples: number of samples.
         network: c_φ, a module mapping ``(..., F)`` (the sample, own dims flattened) to ``(...)``;
-            default: a tanh MLP with ``hidden`` units, built at the first node.
+            default: a tanh MLP with ``hidden`` units, built at the first node. At order n >= 2 it
+            must be n times differentiable (no ReLU; see max_order).
         hidden: hidden width of the default network.
         lr: Adam learning rate of the variance-minimising update.
         update: whether ``storch.backward()`` trains φ.
@@ -70,6 +73,8 @@ class Lax(VarianceTrained):
 
     def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         c = evaluate_network(self.name, self.network, node.state.z, len(node.plates))
+        if cost.order >= 2:  # c_φ n times differentiable in x (a ReLU network is not)
+            smooth_network(self, node, cost.order, c, node.state.z)
         # appendix D.2.4: a = c_φ(x) - MagicBox(l) ⊥c_φ(x); ⊥ makes the score term's value c_φ
         a = c - magic_box(node.gradient_values) * c.detach()
         return cost.align(a)

@@ -33,8 +33,12 @@ class Rebar(RelaxedCost):
     Requires: Bernoulli, Categorical or OneHotCategorical, and a cost defined and differentiable
     on relaxed inputs (for the control variate only).
 
-    max_order: ∞ (appendix D.2.4): c(z) is differentiable, so E[∇ⁿc(z)] = ∇ⁿE[c(z)], and
-    MagicBox(l) c(z̃) is an any-order estimate of the same expectation.
+    max_order: ∞ for a cost n times differentiable in the relaxed sample (appendix D.2.4): then
+    E[∇ⁿc(z)] = ∇ⁿE[c(z)], and MagicBox(l) c(z̃) is an any-order estimate of the same expectation.
+    A kink on a path from σ_λ(z) to the cost (ReLU, clamp, abs, max...) breaks the interchange from
+    order 2 on (autograd reports 0 for its delta): ``storch.surrogate_loss(order >= 2)`` then raises
+    ``storch.OrderError`` (``storch.extending.require_smooth``; not checked at order 1). Use a smooth
+    activation (softplus, GELU, SiLU, tanh), order 1, or a score-family estimator.
 
     λ (as log λ) and η are trained by ``storch.backward()`` to minimise the variance of
     ∂loss/∂(distribution parameters) (Adam, ``lr``, one step in ``update_parameters``);

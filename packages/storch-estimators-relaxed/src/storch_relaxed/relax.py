@@ -53,8 +53,13 @@ class Relax(RelaxedCost):
     Requires: Bernoulli, Categorical or OneHotCategorical; a cost defined and differentiable on
     relaxed inputs (for the control variate only; not with ``control_variate="network"``).
 
-    max_order: ∞ (appendix D.2.4, with the correction above): c_φ is differentiable, so
-    E[∇ⁿc_φ(z)] = ∇ⁿE[c_φ(z)], and MagicBox(l) c_φ(z̃) is an any-order estimate of the same.
+    max_order: ∞ for a cost and network n times differentiable in the relaxed sample (appendix D.2.4,
+    with the correction above): then E[∇ⁿc_φ(z)] = ∇ⁿE[c_φ(z)], and MagicBox(l) c_φ(z̃) is an any-order
+    estimate of the same. A kink (ReLU, clamp, abs, max...) on a path from σ_λ(z) to the cost, or from
+    z to a user ``network=``'s output, breaks the interchange from order 2 on (autograd reports 0 for
+    its delta): ``storch.surrogate_loss(order >= 2)`` then raises ``storch.OrderError``
+    (``storch.extending.require_smooth``; not checked at order 1). Use a smooth activation (softplus,
+    GELU, SiLU, tanh), order 1, or a score-family estimator.
 
     η, λ and ρ are trained by ``storch.backward()`` to minimise the variance of ∂loss/∂(distribution
     parameters) (Adam, ``lr``, one step in ``update_parameters``); ``update=False`` leaves
@@ -69,7 +74,8 @@ class Relax(RelaxedCost):
         control_variate: ``"rebar+network"`` (η f(σ_λ(z)) + r_ρ(z), the default) or ``"network"``
             (r_ρ(z) only).
         network: r_ρ, a module mapping ``(..., F)`` (z with own dims flattened) to ``(...)``;
-            default: a tanh MLP with ``hidden`` units, built at the first node.
+            default: a tanh MLP with ``hidden`` units, built at the first node. At order n >= 2 it
+            must be n times differentiable (no ReLU; see max_order).
         hidden: hidden width of the default network.
         temperature: initial λ > 0 (``"rebar+network"``).
         eta: initial η (``"rebar+network"``).

@@ -194,7 +194,7 @@ def check_conditions(
             raise ValueError(f"test_function must return one number per sample, got shape {tuple(fx.shape)}")
         f = align(fx.tensor, fx.plates, node.plates) if isinstance(fx, PlateTensor) else fx
         inner = magic_box(node.gradient_values) * f  # ⊡(l(x)) f(x), as in Eq. 2
-        a = est.control_variate(node, CostFrame(inner.detach(), node.plates, node, inner))
+        a = est.control_variate(node, CostFrame(inner.detach(), node.plates, node, inner, order=max(top, 1)))
         w = node.weight_values
         terms = {1: (w * inner).sum(0), 2: None if a is None else (w * a).sum(0), 3: w.sum(0)}
         values: dict[tuple[int, int], torch.Tensor] = {}
