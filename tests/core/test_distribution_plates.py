@@ -8,13 +8,17 @@ from torch.distributions import (
     Binomial,
     Categorical,
     ContinuousBernoulli,
+    Distribution,
     Geometric,
+    LKJCholesky,
     MixtureSameFamily,
+    Multinomial,
     MultivariateNormal,
     Normal,
     RelaxedBernoulli,
     TransformedDistribution,
     Wishart,
+    constraints,
 )
 from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform, PowerTransform
 
@@ -205,3 +209,153 @@ def test_expect_binomial_with_a_total_count_per_data_point_is_exact():
 
     assert torch.allclose(loss, exact(theta))
     assert torch.allclose(g, torch.autograd.functional.jacobian(exact, theta.detach()))
+
+
+# -- constructor arguments outside arg_constraints (total_count, lims, temperature, a user's k) -----
+
+
+class TopK(Distribution):
+    """A user's Gumbel-top-k ordered subset of k out of n items (Plackett-Luce); k is a constructor
+    argument outside arg_constraints, kept as ``self.k``; ``positions`` is a plain tensor attribute."""
+
+    arg_constraints = {"logits": constraints.real_vector}
+
+    def __init__(self, logits, k=None, validate_args=None):
+        self.logits, self.n = logits, logits.shape[-1]
+        self.k = self.n if k is None else k
+        self.positions = torch.arange(self.k)
+        super().__init__(logits.shape[:-1], torch.Size([self.k]), validate_args=validate_args)
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            lg = self.logits.expand(*sample_shape, *self.logits.shape)
+            return (lg - torch.log(-torch.log(torch.rand_like(lg)))).topk(self.k, dim=-1).indices
+
+    def log_prob(self, v):
+        lg = self.logits.expand(v.shape[:-1] + (self.n,))
+        out, mask = 0, torch.zeros_like(lg, dtype=torch.bool)
+        for i in range(v.shape[-1]):
+            out = out + lg.gather(-1, v[..., i:i + 1])[..., 0] - lg.masked_fill(mask, -float("inf")).logsumexp(-1)
+            mask = mask | torch.nn.functional.one_hot(v[..., i], self.n).bool()
+        return out
+
+
+class TopKUnderAnotherName(TopK):
+    """k kept as ``self.size``: storch cannot find it, and its copy would take k = n."""
+
+    def __init__(self, logits, k=None, validate_args=None):
+        super().__init__(logits, k, validate_args)
+        self.size = self.__dict__.pop("k")
+
+    def sample(self, sample_shape=torch.Size()):
+        self.k = self.size
+        return super().sample(sample_shape)
+
+
+class TopKFromOptions(TopK):
+    """k passed in ``**options``: storch cannot see it; its copy takes k = n, another event shape."""
+
+    def __init__(self, logits, validate_args=None, **options):
+        super().__init__(logits, options.get("k"), validate_args)
+
+
+def test_a_user_distribution_keeps_its_constructor_argument_outside_arg_constraints():
+    """The repro: TopK(logits=<data plate>, k=2) was sampled as a full permutation (k = 5, its default);
+    its raw copy now has k = 2, its event shape, and each data point's log-probabilities."""
+    torch.manual_seed(5)
+    x = torch.randn(3, 5, dtype=D)
+    est = ScoreFunction(plate="s", n_samples=4)
+    with storch.Graph():
+        s = est(TopK(_data(x), k=2))
+        raw = storch.current_graph().nodes[0].distribution
+        assert raw.k == 2 and raw.event_shape == (2,) and s.tensor.shape == (4, 3, 2)
+        lp = raw.log_prob(s.tensor)
+        for i in range(3):
+            assert torch.allclose(lp[:, i], TopK(x[i], k=2).log_prob(s.tensor[:, i]))
+
+
+class Tempered(Categorical):
+    """A user's categorical with a temperature outside arg_constraints, folded into its logits."""
+
+    def __init__(self, logits=None, temperature=1.0, validate_args=None):
+        self.t = float(temperature)  # not kept as self.temperature
+        super().__init__(logits=logits / self.t, validate_args=validate_args)
+
+
+class TemperedKept(Categorical):
+    """The same, keeping ``self.temperature``: its stored logits are already divided by it, and a copy
+    built from them and the temperature would divide twice."""
+
+    def __init__(self, logits=None, temperature=1.0, validate_args=None):
+        self.temperature = float(temperature)
+        super().__init__(logits=logits / self.temperature, validate_args=validate_args)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda x: TopKUnderAnotherName(x, k=2), r"TopKUnderAnotherName.*also takes 'k'.*does not keep as self.k"),
+    (lambda x: TopKFromOptions(x, k=2), r"TopKFromOptions.*differs from yours in event_shape"),
+    (lambda x: Tempered(x, temperature=0.5), r"Tempered.*also takes 'temperature'.*self.temperature = temperature"),
+    (lambda x: TemperedKept(x, temperature=0.5), r"TemperedKept.*does not keep 'logits' as it was given"),
+], ids=["another-name", "kwargs", "folded", "transformed"])
+def test_a_user_distribution_whose_copy_may_differ_is_refused(make, match):
+    """A constructor argument storch cannot carry over (or a copy that would transform the parameters a
+    second time): refused, naming the class and the argument or attribute, instead of sampling another
+    distribution."""
+    est = ScoreFunction(plate="s", n_samples=2)
+    with storch.Graph():
+        with pytest.raises(storch.UnsupportedDistributionError, match=match):
+            est(make(_data(torch.randn(3, 5))))
+
+
+def test_torch_distributions_keep_their_constructor_arguments_outside_arg_constraints():
+    """Multinomial's total_count (sampled with 1 trial), ContinuousBernoulli's lims (the default ones),
+    RelaxedBernoulli's and LKJCholesky's temperature and dim (refused before): the raw copy has them,
+    and each data point's log-probabilities are those of torch's distribution built for it."""
+    torch.manual_seed(6)
+    p = torch.tensor([0.3, 0.5, 0.65], dtype=D)
+    logits3 = torch.randn(3, 4, dtype=D)
+    cases = [
+        (logits3, lambda v: Multinomial(total_count=5, logits=v), "total_count", 5),
+        (p, lambda v: ContinuousBernoulli(probs=v, lims=(0.2, 0.8)), "_lims", (0.2, 0.8)),
+        (p, lambda v: RelaxedBernoulli(torch.tensor(0.5, dtype=D), probs=v), "temperature", 0.5),
+        (p + 1, lambda v: LKJCholesky(3, v), "dim", 3),
+    ]
+    for params, make, attr, want in cases:
+        est = ScoreFunction(plate="s", n_samples=3)
+        with storch.Graph():
+            s = est(make(_data(params)))
+            raw = storch.current_graph().nodes[0].distribution
+            got = getattr(raw, attr)
+            assert (got.item() if isinstance(got, torch.Tensor) else got) == want, attr
+            lp = raw.log_prob(s.tensor)
+            for i in range(3):
+                assert torch.allclose(lp[:, i], make(params[i]).log_prob(s.tensor[:, i])), (attr, i)
+    with storch.Graph():
+        assert (est(Multinomial(total_count=5, logits=_data(logits3))).tensor.sum(-1) == 5).all()
+
+
+def test_a_temperature_per_data_point_is_refused_naming_it():
+    est = ScoreFunction(plate="s", n_samples=2)
+    with storch.Graph():
+        t, lg = storch.denote_independent([torch.tensor([0.5, 1.0]), torch.zeros(2)], 0, "data")
+        with pytest.raises(storch.UnsupportedDistributionError, match=r"RelaxedBernoulli.*'temperature'.*plate tensor"):
+            est(RelaxedBernoulli(t, logits=lg))
+
+
+def test_every_torch_distribution_with_arguments_outside_arg_constraints_is_known():
+    """torch's classes whose constructor takes more than their parameters are in storch's table (or are
+    unwrapped or refused otherwise): a new one in a later torch fails here, not silently."""
+    import inspect
+
+    import torch.distributions as dists
+    from storch.distributions import _TORCH_EXTRA_ARGUMENTS
+
+    elsewhere = {dists.Independent, dists.TransformedDistribution, dists.MixtureSameFamily,
+                 dists.ExponentialFamily, dists.Uniform, dists.Wishart}  # the last two: properties that list them
+    for name in dir(dists):
+        cls = getattr(dists, name)
+        if not (isinstance(cls, type) and issubclass(cls, Distribution)) or cls is Distribution or cls in elsewhere:
+            continue
+        params = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "validate_args")]
+        extra = {n for n in params if n not in cls.arg_constraints}
+        assert extra <= set(_TORCH_EXTRA_ARGUMENTS.get(cls, {})), (name, extra)
