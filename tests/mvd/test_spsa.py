@@ -4,7 +4,7 @@ import itertools
 import math
 
 import torch
-from torch.distributions import Bernoulli, Binomial, Categorical, Normal
+from torch.distributions import Bernoulli, Binomial, Categorical, Multinomial, Normal
 
 import storch
 from storch.testing import assert_unbiased
@@ -143,3 +143,22 @@ def test_categorical_and_binomial_whose_support_does_not_move():
     g, v = estimates(theta, lambda t: (est(Binomial(3, logits=t[0])) - 1.2) ** 2, 4000)
     print(assert_unbiased(g, _rademacher_average(binom_value, theta, c), "spsa E[ĝ], Binomial(3)").table())
     print(assert_unbiased(v, binom_value(theta), "spsa forward value, Binomial(3)").table())
+
+
+def test_multinomial_keeps_its_total_count():
+    """spsa rebuilt the perturbed distributions from their parameters alone (type(base)(**params)), so a
+    Multinomial(4, ...) drew 1 trial per sample, silently (found while fixing the plate rebuild; now through
+    storch.extending.rebuild). E[ĝ] and the forward value against their closed forms: a Multinomial(4)'s
+    mean count is 4 softmax(θ)."""
+    c = 0.3
+    values = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    theta = torch.tensor([0.2, -0.4, 0.1], dtype=torch.float64)
+
+    def value(t):
+        return 4 * (torch.softmax(t, -1) * values).sum()
+
+    torch.manual_seed(41)
+    est = storch.estimator("spsa", plate="m", perturbation=c)
+    g, v = estimates(theta, lambda t: (est(Multinomial(4, logits=t)) * values).sum(-1), 4000)
+    print(assert_unbiased(g, _rademacher_average(value, theta, c), "spsa E[ĝ], Multinomial(4)").table())
+    print(assert_unbiased(v, value(theta), "spsa forward value, Multinomial(4)").table())

@@ -229,7 +229,7 @@ def test_relu_of_parameters_alone_is_not_refused():
 @pytest.mark.parametrize("name", ["rebar", "relax", "lax"])
 def test_smoothness_walk_runs_at_order_2_only(name, monkeypatch):
     """The autograd-graph walk of require_smooth costs nothing at order 1 (storch.backward()): not run."""
-    import storch.extending as ext
+    import storch.smoothness as ext
 
     calls = []
     walk = ext._nonsmooth_on_path

@@ -162,6 +162,26 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
             raw[name] = v.expand(*sizes, *v.shape) if hasattr(v, "expand") else v
     if torch_categorical:
         return _categorical(type(d), raw), plates
+    return _rebuilt(d, raw, torch.Size(sizes)), plates
+
+
+def rebuild(d: Distribution, params: dict) -> Distribution:
+    """``d``'s class built from ``params`` (parameter tensors by their arg_constraints names: perturbed,
+    expanded or re-aligned ones) and the constructor arguments ``d`` keeps outside its arg_constraints
+    (a Multinomial's ``total_count``, a ContinuousBernoulli's ``lims``, a class's own ``self.k``), without
+    argument validation. ``type(d)(**params)`` alone would silently give those arguments their defaults
+    (a Multinomial of 1 trial). Public as ``storch.extending.rebuild``.
+
+    Raises:
+        UnsupportedDistributionError: an argument ``d`` does not keep where it can be found, or a class
+            written outside torch whose copy may not be the same distribution (see ``unwrap_distribution``).
+    """
+    return _rebuilt(d, params, torch.Size())
+
+
+def _rebuilt(d: Distribution, raw: dict, plates: torch.Size) -> Distribution:
+    """The raw copy of ``d`` from ``raw`` (its parameters, with ``plates`` leading their batch dims) and the
+    constructor arguments it keeps; refused where storch cannot tell that it is the same distribution."""
     known = _torch_owner(type(d))
     extra = _extra_arguments(d, raw, known)
     try:
@@ -175,8 +195,8 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
             "argument in an attribute of the same name"
         ) from e
     if known is None:  # a class storch does not know: the rebuilt copy must be the user's distribution
-        _check_rebuilt(d, new, raw, extra, torch.Size(sizes))
-    return new, plates
+        _check_rebuilt(d, new, raw, extra, plates)
+    return new
 
 
 # transforms whose tensor attributes storch re-aligns (their constructor takes them as keywords)

@@ -21,6 +21,8 @@ Distributions:
     log-probability ``-inf`` that torch's clamped ``log_prob`` does not (estimators with
     ``requires_enumerate_support`` get their distributions through it already), so that a sample never
     holds a value the model cannot produce.
+    :func:`rebuild` builds a distribution's class again from new parameter tensors, with the
+    constructor arguments it keeps outside its arg_constraints (a Multinomial's ``total_count``).
     :func:`given_by_probs` says whether a ``Bernoulli`` / ``Categorical`` was built from ``probs``
     (its ``logits`` then come from clamped probabilities).
     :func:`rsample_max_order` is the derivative order to which autograd differentiates a distribution's
@@ -80,25 +82,23 @@ Example:
 
 from __future__ import annotations
 
-import math
-from types import MappingProxyType
-from typing import Callable, ContextManager, Mapping, Optional, Sequence, Union
+from typing import ContextManager
 
 import torch
 
 from . import options
 from .cost import leave_one_out
-from .distributions import base_distribution, given_by_probs, rsample_max_order
+from .distributions import base_distribution, given_by_probs, rebuild, rsample_max_order
 from .distributions import strict_support as _strict_support
-from .errors import OrderError
 from .generators import drawing_with
 from .graph import current_graph, is_tracing
 from .plates.tensor import align, plates_of, raw_of
+from .smoothness import nonsmooth_operations, require_smooth
 
 __all__ = [
     "align", "plates_of", "raw_of", "base_distribution", "drawing_with", "leave_one_out", "options", "step_guard",
     "match_optimizer_state",
-    "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype",
+    "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild",
     "require_smooth", "nonsmooth_operations",
 ]
 
@@ -172,163 +172,3 @@ def match_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                         value.dtype != p.dtype or value.device != p.device):
                     state[key] = value.to(dtype=p.dtype if value.is_floating_point() else value.dtype,
                                           device=p.device)
-
-
-def _clamp_order(node) -> Optional[int]:
-    """A clamp whose bounds are numerical guards is not counted: a probability clamped to [eps, 1 - eps] of its
-    dtype (torch.distributions' ``clamp_probs`` for a Bernoulli or Categorical given by ``probs``, the
-    relaxations' conditional noise), a logit clamped at magnitude >= -3 log eps (47.7 in float32: a
-    probability of e^-47.7; the relaxations' finite logits). They are active only where a probability is
-    within eps of 0 or 1. Any other clamp (``clamp(min=0)``, ``clamp(-1, 1)``) is a kink: 1."""
-    lo, hi = getattr(node, "_saved_min", None), getattr(node, "_saved_max", None)
-    try:
-        dtype = node._saved_self.dtype
-    except (AttributeError, RuntimeError):
-        return 1
-    if not dtype.is_floating_point:
-        return 1
-    eps = torch.finfo(dtype).eps
-    far = -3.0 * math.log(eps) * (1 - 1e-6)
-
-    def guard(bound, probability: float) -> bool:
-        return bound is None or bound == probability or (isinstance(bound, float) and abs(bound) >= far)
-
-    return None if (lo is not None or hi is not None) and guard(lo, eps) and guard(hi, 1 - eps) else 1
-
-
-def _elu_order(node) -> int:
-    """ELU's first derivative is continuous at 0 when α · input_scale = 1 (ELU with α = 1, CELU): 2; else
-    (SELU, ELU with another α) it is a kink: 1."""
-    alpha, input_scale = getattr(node, "_saved_alpha", None), getattr(node, "_saved_input_scale", None)
-    return 2 if isinstance(alpha, float) and alpha * float(input_scale or 1) == 1.0 else 1
-
-
-# the table of nonsmooth_operations() (see there)
-_NONSMOOTH: Mapping[str, Union[int, Callable[[object], Optional[int]]]] = MappingProxyType({
-    # kinks (k = 1): activations
-    "ReluBackward0": 1, "ThresholdBackward0": 0, "ThresholdBackward1": 0,  # F.threshold may jump
-    "LeakyReluBackward0": 1, "LeakyReluBackward1": 1, "PreluKernelBackward0": 1,
-    "RreluWithNoiseBackward0": 1, "RreluWithNoiseBackward1": 1, "RreluWithNoiseFunctionalBackward0": 1,
-    "HardtanhBackward0": 1,  # hardtanh, relu6
-    "HardswishBackward0": 1, "HardsigmoidBackward0": 1, "SoftshrinkBackward0": 1, "HardshrinkBackward0": 0,
-    "EluBackward0": _elu_order, "EluBackward1": _elu_order, "CeluBackward0": 2, "CeluBackward1": 2,
-    # kinks: clamp, abs, elementwise max/min
-    "ClampBackward0": 1, "ClampBackward1": _clamp_order, "ClampMinBackward0": 1, "ClampMinBackward1": 1,
-    "ClampMaxBackward0": 1, "ClampMaxBackward1": 1, "AbsBackward0": 1,
-    "MaximumBackward0": 1, "MinimumBackward0": 1, "FmaxBackward0": 1, "FminBackward0": 1,
-    # reductions and selections by value: which entry is taken changes with the values
-    "MaxBackward0": 1, "MaxBackward1": 1, "MinBackward0": 1, "MinBackward1": 1, "AmaxBackward0": 1,
-    "AminBackward0": 1, "AminmaxBackward0": 1, "SortBackward0": 1, "SortBackward1": 1, "TopkBackward0": 1,
-    "KthvalueBackward0": 1, "MedianBackward0": 1, "MedianBackward1": 1, "NanmedianBackward0": 1,
-    "NanmedianBackward1": 1, "ModeBackward0": 1, "CummaxBackward0": 1, "CumminBackward0": 1,
-    "MaxPool2DBackward0": 1, "MaxPool2DWithIndicesBackward0": 1, "MaxPool3DWithIndicesBackward0": 1,
-    "AdaptiveMaxPool2DBackward0": 1, "AdaptiveMaxPool3DBackward0": 1, "FractionalMaxPool2DBackward0": 1,
-    "FractionalMaxPool3DBackward0": 1,
-    # losses with kinks; smooth_l1's beta is not saved (beta = 0 is l1): counted as a kink
-    "SmoothL1LossBackward0": 1, "HuberLossBackward0": 2, "MultiMarginLossBackward0": 1,
-    "MultilabelMarginLossBackward0": 1,
-    # jumps (k = 0)
-    "SignBackward0": 0, "SgnBackward0": 0, "RoundBackward0": 0, "RoundBackward1": 0, "FloorBackward0": 0,
-    "CeilBackward0": 0, "TruncBackward0": 0, "FracBackward0": 0, "FmodBackward0": 0, "FmodBackward1": 0,
-    "RemainderBackward0": 0, "RemainderBackward1": 0,
-})
-
-
-def nonsmooth_operations() -> dict[str, Union[int, Callable[[object], Optional[int]]]]:
-    """The autograd operations :func:`require_smooth` looks for: ``type(tensor.grad_fn).__name__`` -> the
-    order k of the operation's first discontinuous derivative (0: the value jumps, as ``sign``; 1: a kink,
-    as ReLU's), or a function of the autograd node giving k (``None``: not counted; clamps to the
-    numerical guards [eps, 1 - eps] of probabilities, ELU whose first derivative is continuous).
-    Differentiating n > k times through one of them loses the delta of its (k+1)-th derivative.
-
-    ``torch.where`` is not listed: its condition is not in the autograd graph, so a selection by data
-    (or by a downstream node's discrete sample, which that node's estimator accounts for) cannot be
-    told from one by the values differentiated. Decompositions show as their parts (``softsign`` and
-    ``l1_loss`` as ``AbsBackward0``, ``hinge_embedding_loss`` as ``ClampMinBackward0``);
-    ``smooth_l1_loss`` counts as a kink (its beta is not saved; ``huber_loss``'s delta is: C¹).
-    A copy: changing it changes nothing.
-    """
-    return dict(_NONSMOOTH)
-
-
-def _nonsmooth_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor], order: int) -> dict[str, int]:
-    """{name: k} of the operations of nonsmooth_operations() with k < ``order`` that lie on a path from one of
-    ``inputs`` to ``output`` in the autograd graph: one memoised walk from ``output.grad_fn`` down to
-    the inputs (not below them: what made the inputs is not on such a path)."""
-    root = output.grad_fn
-    if root is None:
-        return {}
-    targets = {t.grad_fn for t in inputs if t.grad_fn is not None}
-    leaves = {id(t) for t in inputs if t.grad_fn is None and t.requires_grad}  # their AccumulateGrad nodes
-    if not targets and not leaves:
-        return {}
-    table = _NONSMOOTH
-    found: dict[str, int] = {}
-    reaches: dict = {}  # autograd node -> whether it reaches an input
-    stack = [(root, False)]
-    while stack:  # iterative post-order (graphs of long episodes are deeper than Python's recursion)
-        fn, expanded = stack.pop()
-        if expanded:
-            r = any(reaches.get(m, False) for m, _ in fn.next_functions if m is not None)
-            reaches[fn] = r
-            if r:
-                name = type(fn).__name__
-                k = table.get(name)
-                if k is not None and not isinstance(k, int):
-                    k = k(fn)
-                if k is not None and k < order:
-                    found[name] = min(k, found.get(name, k))
-            continue
-        if fn in reaches:
-            continue
-        if fn in targets or (leaves and id(getattr(fn, "variable", None)) in leaves):
-            reaches[fn] = True
-            continue
-        stack.append((fn, True))
-        stack.extend((m, False) for m, _ in fn.next_functions if m is not None and m not in reaches)
-    return found
-
-
-def require_smooth(output: torch.Tensor, inputs: Sequence[torch.Tensor], order: int, *, who: str, what: str,
-                   through: str, instead: str = "an estimator that does not differentiate through the "
-                   "sample, e.g. 'score'") -> None:
-    """Refuse to differentiate ``output`` ``order`` times through ``inputs`` along a non-smooth operation.
-
-    A pathwise term E[∇ⁿc(z)] equals ∇ⁿE[c(z)] only when c's derivatives of order < n are continuous in
-    z. Autograd differentiates ReLU (abs, clamp, max, sort, ...) as if its next derivative had no
-    delta, so with a continuous z such a term is silently biased from the order at which that
-    delta is lost (order 2 for a kink, order 1 for a jump). This walks the autograd graph of
-    ``output`` once (memoised, down to ``inputs``) and raises if an operation of
-    :func:`nonsmooth_operations` whose first discontinuous derivative has order < ``order`` lies on a path
-    from one of ``inputs`` to ``output``. Operations on other paths (a ReLU of the parameters alone)
-    are fine. The walk is Python over the graph's nodes: call it only at order >= 2
-    (``cost.order >= 2`` in a control variate), where a kink matters.
-
-    Args:
-        output: what is differentiated (a cost with its graph, a control variate network's output).
-        inputs: the samples it is differentiated through (tensors of its graph: their ``grad_fn``,
-            or leaves).
-        order: the derivative order (``cost.order``).
-        who: the estimator and node, e.g. ``"estimator 'rebar' on plate 'z'"``.
-        what: the output, e.g. ``"the cost 'rec'"``.
-        through: the inputs, e.g. ``"the relaxed sample σ_λ(z)"``.
-        instead: the alternative estimator to suggest.
-
-    Raises:
-        OrderError: naming ``who``, ``what``, the operations found and what to do.
-    """
-    found = _nonsmooth_on_path(output, inputs, order)
-    if not found:
-        return
-    ops = ", ".join(f"{name} (its derivative of order {k} is discontinuous)" for name, k in sorted(found.items()))
-    lowest = min(found.values())
-    lower = (f"differentiate at most {lowest} time(s) (storch.surrogate_loss(order={lowest})), " if lowest >= 1
-             else "")
-    raise OrderError(
-        f"{who}: the order-{order} surrogate differentiates {what} {order} times through {through}, which is "
-        f"unbiased only if it is {order} times differentiable there (E[∇ⁿc(z)] = ∇ⁿE[c(z)] needs the "
-        f"derivatives of order < {order} to be continuous). On a path from {through} to it the autograd graph "
-        f"holds {ops}: autograd reports 0 for the delta in the next derivative, so the estimate would be biased. "
-        "Use smooth operations on that path (an activation such as softplus, GELU, SiLU or tanh instead of "
-        "ReLU / leaky_relu / hardtanh / clamp; logsumexp instead of max); or "
-        f"{lower.replace(', ', '; or ')}use {instead} for this node")

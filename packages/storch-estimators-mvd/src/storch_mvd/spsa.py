@@ -11,7 +11,7 @@ from torch.distributions.utils import lazy_property
 
 import storch
 from storch import Estimator, Node, UnsupportedDistributionError
-from storch.extending import base_distribution, options
+from storch.extending import base_distribution, options, rebuild
 
 from ._state import PrecomputedState
 
@@ -103,12 +103,9 @@ class Spsa(Estimator):
         def perturbed(sign: float) -> Distribution:
             with torch.no_grad():
                 params = {k: transform_to(base.arg_constraints[k])(u[k].detach() + sign * c * eps[k]) for k in u}
-                try:
-                    q = type(base)(**params, **fixed, validate_args=False)
-                except TypeError as e:
-                    raise UnsupportedDistributionError(
-                        f"spsa cannot rebuild {type(base).__name__} from its parameters {sorted(params)} "
-                        f"+ {sorted(fixed)} ({e}); use another estimator") from e
+                # with the constructor arguments outside arg_constraints (a Multinomial's total_count:
+                # type(base)(**params) alone drew 1 trial)
+                q = rebuild(base, {**params, **fixed})
             return Independent(q, d.reinterpreted_batch_ndims, validate_args=False) if d is not base else q
 
         # p itself, rebuilt without argument validation
