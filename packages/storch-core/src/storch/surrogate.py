@@ -30,6 +30,7 @@ from .estimators.base import Estimator
 from .graph import Graph, current_graph, is_tracing, tracing_recorder
 from .node import Node
 from .plates.tensor import Plate, align, plates_of, raw_of
+from .smoothness import require_smooth
 
 __all__ = ["surrogate_loss", "backward", "cost_nodes", "cost_estimates"]
 
@@ -59,6 +60,20 @@ def _check_order(nodes: list[Node], order: int) -> None:
             )
         if node.max_order < order:
             raise OrderError(_node_order_message(node, order))
+
+
+def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int) -> None:
+    """At order >= 2: a pathwise node (its estimator ``requires_rsample``: the cost is differentiated through
+    the sample itself) is unbiased only for a cost ``order`` times differentiable in its sample; refuse a
+    kink (ReLU, abs, clamp, max) on a path from a value it handed out to the cost (storch.smoothness)."""
+    for node in nodes:
+        est = node.estimator
+        if est.requires_rsample and node.handed:
+            require_smooth(
+                raw_of(cost), [raw for raw, _ in node.handed], order,
+                who=f"estimator {est.name!r} on plate {node.plate.name!r}", what=f"the cost {name!r}",
+                through="the reparameterised sample",
+                instead="an estimator that does not differentiate through the sample, e.g. 'score'")
 
 
 def _node_order_message(node: Node, order: int) -> str:
@@ -368,6 +383,8 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
             continue
         if nodes:
             _check_order(nodes, order)
+            if order >= 2:
+                _check_smooth(name, cost, nodes, order)
             reached += len(nodes)
         per_cost.append((name, cost, nodes))
     for node in graph.nodes:
