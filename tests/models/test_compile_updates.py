@@ -85,6 +85,39 @@ def test_moving_average_steps_equal_eager(backend, monkeypatch, forbid_storch):
     assert torch._dynamo.explain(gm)(*inputs).graph_break_count == 0
 
 
+def test_costs_of_one_name_at_two_layers_compile_with_their_own_averages():
+    """Costs added per layer under one name keep one average each (under the name with their plates at a
+    node both reach): a compiled step replays those updates as eager storch does, step by step."""
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        encoder = torch.nn.Linear(4, 2)
+        e1 = storch.estimator("score", plate="z1", n_samples=3, baseline="moving_average", decay=0.8)
+        e2 = storch.estimator("score", plate="z2", n_samples=3, baseline="moving_average", decay=0.8)
+        x = torch.randn(5, 4)
+
+        def step(x, e1=e1, e2=e2, encoder=encoder):
+            with storch.Graph():
+                z1 = e1(Bernoulli(logits=encoder(storch.denote_independent(x, 0, "data"))))
+                z2 = e2(Bernoulli(logits=z1 - 0.5))
+                storch.add_cost(((z1 - 0.3) ** 2).sum(-1) + 8.0, name="nelbo")
+                storch.add_cost(((z2 - 0.6) ** 2).sum(-1) - 8.0, name="nelbo")
+                return storch.surrogate_loss()
+
+        fn = storch.compile(step, backend=None) if compiled else step
+
+        def one(i, fn=fn, e1=e1, e2=e2, encoder=encoder, x=x):
+            loss = fn(x)
+            loss.backward()
+            return loss.detach(), [p.grad.clone() for p in encoder.parameters()], _averages(e1), _averages(e2)
+
+        runs.append(sgd_run(list(encoder.parameters()), range(5), one))
+    want, got = runs
+    assert set(want[-1][2]) == {"nelbo[data,z1]", "nelbo[data,z1,z2]"} and set(want[-1][3]) == {"nelbo"}
+    assert want[-1][2]["nelbo[data,z1]"] > 8.0 and want[-1][2]["nelbo[data,z1,z2]"] < -7.0
+    assert_same_runs(got, want)
+
+
 def test_evaluation_calls_and_a_second_backward_do_not_update():
     # as eagerly: torch.autograd.grad and no_grad calls change no average; a retain_graph second
     # backward updates once. A no_grad call (its own trace) reads the current averages

@@ -30,20 +30,24 @@ class CostFrame:
             plates of later nodes have been reduced already (size 1).
         plates: the plates of the frame.
         dim: position of the node's own plate in ``plates``.
-        name: the cost's name (from ``storch.add_cost``), for per-cost estimator state such as
-            moving-average baselines.
+        name: the cost's name (from ``storch.add_cost``).
+        state_name: the name per-cost estimator state is kept under (moving averages, NVIL's heads,
+            sum_and_sample's buffer totals): the cost's name, or, where costs of one name but different
+            plates (costs added per layer under one name) reach the node, the name with the cost's plate
+            names, ``"nelbo[z1,z2]"``, so that each keeps its own state.
         order: the derivative order the surrogate is built for (``storch.surrogate_loss(order)``;
             1 for ``storch.backward()``): a control variate that is unbiased only for a cost
             differentiable enough checks it here (``storch.extending.require_smooth``) at order >= 2.
     """
 
-    __slots__ = ("tensor", "plates", "dim", "_node", "_node_plates", "name", "_live", "order")
+    __slots__ = ("tensor", "plates", "dim", "_node", "_node_plates", "name", "state_name", "_live", "order")
 
     def __init__(self, tensor: torch.Tensor, plates: tuple[Plate, ...], node: Node,
                  live: Union[torch.Tensor, Callable[[], torch.Tensor]], name: Optional[str] = None,
-                 order: int = 1):
+                 state_name: Optional[str] = None, order: int = 1):
         self.tensor = tensor
         self.name = name
+        self.state_name = name if state_name is None else state_name
         self.order = order
         self.plates = plates
         # the node keeps its frames (node.frames): a weak reference back, so that a finished step's
@@ -67,10 +71,11 @@ class CostFrame:
 
     @property
     def key(self) -> str:
-        """The cost's name, with ``@t`` for a cost at step t > 0 of a partition: the key of per-cost
-        estimator state (moving averages, the frames ``update_parameters`` receives)."""
+        """The cost's state name (``state_name``), with ``@t`` for a cost at step t > 0 of a partition: the
+        key of per-cost estimator state (moving averages, the frames ``update_parameters`` receives)."""
         step = self.plates[self.dim].step
-        return f"{self.name or ''}@{step}" if step else (self.name or "")
+        name = self.state_name or ""
+        return f"{name}@{step}" if step else name
 
     def sum_plate(self, t: torch.Tensor) -> torch.Tensor:
         """Sum of ``t`` over the node's plate (kept as a size-1 dim)."""

@@ -122,13 +122,16 @@ def _at_cost(cost_plates: tuple, raw: torch.Tensor, nodes: list[Node]):
     return cost_plates, raw, out
 
 
-def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: int = 1) -> torch.Tensor:
+def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: int = 1,
+                    renamed: Optional[tuple] = None) -> torch.Tensor:
+    """The cost's term of Eq. 2. ``renamed``: the cost's state name and the plate names of the nodes whose
+    frames use it (:func:`_state_names`), or ``None``."""
     if not nodes:  # a cost of the data alone (a KL term): the mean over the data points
         raw = raw_of(cost)
         return raw.mean() if raw.dim() else raw
     plates, raw, nodes = _at_cost(plates_of(cost), raw_of(cost), nodes)
     if len(nodes) == 1:
-        return _one_node_surrogate(raw, plates, nodes[0], name, order)
+        return _one_node_surrogate(raw, plates, nodes[0], name, order, renamed)
     # L_{i-1} for every node i, aligned to the cost's plates (Theorem 2's MagicBox arguments)
     prefix: list[Optional[torch.Tensor]] = []
     total = None
@@ -150,7 +153,8 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
         if _has_control_variate(est):
             if pending:
                 inner, pending = inner.mean(pending, keepdim=True), []
-            frame = CostFrame(inner.detach(), plates, node, inner, name, order)
+            state = renamed[0] if renamed is not None and node.plate.name in renamed[1] else None
+            frame = CostFrame(inner.detach(), plates, node, inner, name, state, order)
             node.frames[frame.key] = frame  # what update_parameters trains on
             if i == last and box is not None and type(est).control_variate is _BASE_CONTROL_VARIATE:
                 inner = _baseline_term(inner, est, node, frame, box, prefix[i])
@@ -170,7 +174,7 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
 
 
 def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Optional[str],
-                        order: int = 1) -> torch.Tensor:
+                        order: int = 1, renamed: Optional[tuple] = None) -> torch.Tensor:
     """:func:`_cost_surrogate` for a cost downstream of one node: the DiCE objective written by hand,
     mean over the plates of MagicBox(l) · C, and with the base class's control variate (a baseline b)
     ``lerp(⊥b, C, MagicBox(l))`` = MagicBox(l) · C + (1 - MagicBox(l)) · ⊥b in one autograd node
@@ -179,9 +183,10 @@ def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Opti
     est = node.estimator
     box = magic_box(align(node.gradient_values, node.plates, plates))  # MagicBox(l), line 7
     if est.has_control_variate():
+        state = renamed[0] if renamed is not None and node.plate.name in renamed[1] else None
         if type(est).control_variate is _BASE_CONTROL_VARIATE:
             # the frame's values are C's (MagicBox(l) = 1); its live tensor is built if asked for
-            frame = CostFrame(raw.detach(), plates, node, lambda: box * raw, name, order)
+            frame = CostFrame(raw.detach(), plates, node, lambda: box * raw, name, state, order)
             node.frames[frame.key] = frame  # what update_parameters trains on
             b = est.baseline(node, frame)
             if b is None:
@@ -195,7 +200,7 @@ def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Opti
                     inner = box * raw + (1.0 - box) * b
         else:
             inner = box * raw
-            frame = CostFrame(inner.detach(), plates, node, inner, name, order)
+            frame = CostFrame(inner.detach(), plates, node, inner, name, state, order)
             node.frames[frame.key] = frame
             a = est.control_variate(node, frame)  # line 11
             if a is not None:
@@ -394,8 +399,7 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
     n = len(graph.nodes)
     if n and (reached == 0 or n > 1):  # one node and some cost upstream of it: nothing to look for
         _warn_unused(graph, per_cost + [(None, c, ns) for c, ns in plain])
-    if len(graph.costs) > 1 and n:
-        _warn_shared_names(graph)
+    renamed = _state_names(per_cost) if len(graph.costs) > 1 and n else None
     loss = None
     single, groups = [], {}
     if any(len(nodes) == 1 and nodes[0].history is not None for _, _, nodes in per_cost):
@@ -415,7 +419,7 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
             s = _steps_surrogate(members[0][2][0], members, order)
             loss = s if loss is None else loss + s
     for name, cost, nodes in single:
-        s = _cost_surrogate(cost, nodes, name, order)
+        s = _cost_surrogate(cost, nodes, name, order, renamed and renamed.get(id(cost)))
         loss = s if loss is None else loss + s
     for cost, nodes in plain:
         s = _plain_surrogate(cost, nodes)
@@ -458,23 +462,60 @@ def _changed_in_place(node: Node) -> None:
         "z.clamp(...))")
 
 
-def _warn_shared_names(graph: Graph) -> None:
-    """Warn when two costs of one step have the same name and the same plates (the same step of every
-    partition): the surrogate is right (each cost is a term), but per-cost estimator state is kept by name
-    and step (moving averages, NVIL's heads, the frames update_parameters reads, sum_and_sample's buffer
-    totals), so the second replaces the first there."""
-    seen: set = set()
-    for name, cost in graph.costs:
-        key = (name, plates_of(cost))
-        if key in seen:
-            warnings.warn(
-                f"two costs named {name!r} were added at the same step (the same plates): the loss counts both, "
-                "but estimator state kept per cost (moving-average and learned baselines, sum_and_sample's "
-                "buffer) is kept by name and step, so they share it and one replaces the other there. Give "
-                "each cost of a step its own name (the same name at different steps of a partition is fine)",
-                UserWarning, stacklevel=5)
-            return
-        seen.add(key)
+def _state_names(per_cost: list) -> Optional[dict]:
+    """The state names of costs that share a name with a cost of other plates reaching the same node.
+
+    Per-cost estimator state (moving averages, NVIL's heads, the frames ``update_parameters`` reads,
+    sum_and_sample's buffer totals) is kept by the frame's key, the cost's name and step. Costs added per
+    layer under one name (``storch.add_cost(term, name="nelbo")`` for each layer) have different plates,
+    and one baseline for all of them (the last one's average) would silently cost variance: at a node
+    that several such costs reach, each is kept under its name with its plate names, sorted
+    (``"nelbo[z1,z2]"``). A model without such costs keeps its keys (and state_dict) as they were.
+    Two costs of one name with the same plates at one step do share the state: warned about.
+
+    Returns:
+        ``None`` (nothing renamed), or by ``id(cost)`` the cost's state name and the plate names of the
+        nodes where it is used.
+    """
+    by_name: dict = {}
+    for name, cost, nodes in per_cost:
+        if nodes:
+            by_name.setdefault(name, []).append((cost, nodes))
+    renamed: Optional[dict] = None
+    warned = False
+    for name, members in by_name.items():
+        if len(members) < 2:
+            continue
+        kinds: dict = {}  # the plate names of a cost: its costs (and their nodes)
+        seen: set = set()
+        for cost, nodes in members:
+            plates = plates_of(cost)
+            if plates in seen and not warned:
+                warned = True
+                warnings.warn(
+                    f"two costs named {name!r} were added at the same step (the same plates): the loss counts both, "
+                    "but estimator state kept per cost (moving-average and learned baselines, sum_and_sample's "
+                    "buffer) is kept by name, plates and step, so they share it and one replaces the other there. "
+                    "Give each cost of a step its own name (the same name at different steps of a partition, or "
+                    "for costs of different plates such as one per layer, is fine)", UserWarning, stacklevel=5)
+            seen.add(plates)
+            kinds.setdefault(frozenset([p.name for p in plates]), []).append((cost, nodes))
+        if len(kinds) < 2:  # (the steps of a partition: one kind)
+            continue
+        at_node: dict = {}  # a node's plate name -> the kinds of the costs that reach it
+        for kind, costs in kinds.items():
+            for _, nodes in costs:
+                for node in nodes:
+                    at_node.setdefault(node.plate.name, set()).add(kind)
+        for kind, costs in kinds.items():
+            state = f"{name or ''}[{','.join(sorted(kind))}]"
+            for cost, nodes in costs:
+                split = {node.plate.name for node in nodes if len(at_node[node.plate.name]) > 1}
+                if split:
+                    if renamed is None:
+                        renamed = {}
+                    renamed[id(cost)] = (state, split)
+    return renamed
 
 
 def _warn_unused(graph: Graph, per_cost: list) -> None:
@@ -586,7 +627,7 @@ def _steps_surrogate(node: Node, members: list, order: int = 1) -> torch.Tensor:
     total = None  # not held while the rest is built (the peak memory of the surrogate)
     inner = box * raw  # line 7 of Algorithm 1, per step
     if stacked is not None:
-        frame = CostFrame(inner.detach(), stacked_plates, stacked, inner, members[0][0], order)
+        frame = CostFrame(inner.detach(), stacked_plates, stacked, inner, members[0][0], order=order)
         if type(est).control_variate is _BASE_CONTROL_VARIATE:
             inner = _baseline_term(inner, est, stacked, frame, box, None)
         else:

@@ -451,7 +451,7 @@ def record_cost(node: Node, frame) -> None:
     t = t.permute(order + list(range(len(names), t.dim())))
     t = t.reshape(t.shape[:len(keep)])
     t = t.expand((node.n,) + c.parents).reshape(node.n, -1)
-    c.costs[(frame.name, _length(node))] = t
+    c.costs[(frame.state_name, _length(node))] = t  # costs of one name but other plates: each its own
 
 
 def control_variate(est, node: Node, frame) -> Optional[torch.Tensor]:

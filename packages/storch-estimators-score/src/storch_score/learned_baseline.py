@@ -153,5 +153,5 @@ class LearnedBaseline(torch.nn.Module):
 
     def forward(self, node: Node, cost: CostFrame) -> torch.Tensor:
         h, plates = baseline_features(node)
-        b = self.predict(cost.name, h).squeeze(-1)  # (*plates)
+        b = self.predict(cost.state_name, h).squeeze(-1)  # (*plates); one head per cost (state) name
         return in_frame(cost, b, plates)

@@ -119,7 +119,7 @@ class Score(Estimator):
             kind, self.baseline_fn = "callable", LearnedBaseline(hidden)
         self._baseline: _Baseline = _BASELINES[kind]
         self.decay, self.lr, self.update = float(decay), float(lr), update
-        self.moving_averages: dict[str, torch.Tensor] = {}  # cost name -> average of earlier steps
+        self.moving_averages: dict[str, torch.Tensor] = {}  # cost key -> average of earlier steps
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self.update_steps = 0
         self.skipped_updates = 0  # regression steps left out because their loss or gradients were not finite
@@ -301,7 +301,7 @@ class Score(Estimator):
     def update_inputs(self, nodes: list[Node]) -> dict:
         """What the update needs from this step (detached): ``"means"``, the mean cost per cost key
         (what the moving average adds); for NVIL also ``"regression"``, per node and cost, the cost's
-        name and key, b_ψ's input h viewed in the cost's frame, and the cost estimates f."""
+        state name and key, b_ψ's input h viewed in the cost's frame, and the cost estimates f."""
         frames = [(node, frame) for node in nodes for frame in node.frames.values()]
         means = {frame.key: frame.tensor.mean() for _, frame in frames}
         inputs: dict = {"means": means}
@@ -309,7 +309,8 @@ class Score(Estimator):
             inputs["finite"] = {key: torch.isfinite(m) for key, m in means.items()}
         if isinstance(self.baseline_fn, LearnedBaseline):
             # h of the partition as of the frame's step (frame.node, node.at(t)): its inputs and plates
-            inputs["regression"] = [(frame.name, frame.key, in_frame(frame, *baseline_features(frame.node or node)),
+            # (the head of the cost's state name: costs of one name at different layers get one each)
+            inputs["regression"] = [(frame.state_name, frame.key, in_frame(frame, *baseline_features(frame.node or node)),
                                      frame.tensor) for node, frame in frames]
         return inputs
 
@@ -412,7 +413,7 @@ class _LeaveOneOut(_Baseline):
 
 class _MovingAverage(_Baseline):
     kind = "moving_average"
-    stacks = False  # one average per cost name and step
+    stacks = False  # one average per cost (state) name and step
 
     def value(self, est, node, cost):
         # the average of EARLIER steps only: update_parameters adds this step's costs after the

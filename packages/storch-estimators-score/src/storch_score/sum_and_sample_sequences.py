@@ -36,7 +36,7 @@ class SequenceState:
         lps: per step, log p of each entry's token ``(S + m, P)``, with gradient (0 after an end token).
         slot_cum: per grad mode, log p of the slots' prefixes ``(T', S, P)`` of lengths 1..T' (a
             cumulative sum of ``lps``, made where read).
-        costs: the cost per entry ``(S + m, P)`` by (cost name, prefix length), for the buffer update.
+        costs: the cost per entry ``(S + m, P)`` by (cost state name, prefix length), for the buffer update.
         l0: l of the first step (returned by ``gradient_function``).
         slot_seq: the slots' sequences ``(S, P, long)`` (forced token by token); slots_full: whether
             every slot of every key is used (no padding slot to fill in at each step); any_imp: whether
