@@ -282,8 +282,20 @@ def test_batchnorm_eval_is_per_sample_even_when_length_equals_channels():
 
 def test_batchnorm_training_on_plates_is_refused_with_advice():
     bn = nn.BatchNorm1d(4).double().train()
-    with pytest.raises(storch.PlateError, match="eval"):
+    with pytest.raises(storch.PlateError, match="running statistics.*model.eval.*track_running_stats=False"):
         bn(make(rnd(3, 6, 4), ("z", 3)))
+
+
+def test_batchnorm_without_running_statistics_normalises_each_entry_over_its_batch():
+    """BatchNorm(track_running_stats=False) (training or eval mode: batch statistics, nothing updated in place)
+    on a sample whose per-sample shape has a batch dim (a decoder's (rows, C) after z): each plate entry is
+    normalised over its own rows, as the one-sample code does. It was refused as 'training mode' (in eval mode
+    too, with the advice to use eval mode; found by porting)."""
+    bn = nn.BatchNorm1d(4, track_running_stats=False).double()
+    check(bn, make(rnd(3, 2, 6, 4), *ZD))
+    check(bn, make(rnd(3, 2, 6, 4, 5), *ZD))
+    bn.eval()
+    check(bn, make(rnd(3, 2, 6, 4), *ZD))
 
 
 def test_embedding_bag_and_bilinear_equal_a_loop():

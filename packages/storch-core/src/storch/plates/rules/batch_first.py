@@ -276,14 +276,17 @@ register_batch_first(F.grid_sample)(_always_batched(4, 5, ((1, "grid", 0),)))
 
 @register_batch_first(F.batch_norm)
 def _batch_norm(args, kwargs):
-    """eval mode: (N, C, ...) with plates folded into N; training mode on plate tensors is refused"""
+    """running statistics (eval): plates folded into N; without them (track_running_stats=False): per entry over its own batch; training with running statistics: refused"""  # noqa: E501
     if _get(args, kwargs, 5, "training", False):
+        if _get(args, kwargs, 1, "running_mean") is None and _get(args, kwargs, 2, "running_var") is None:
+            return None  # each entry normalised over its own batch dim, as the one-sample code does
         raise PlateError(
-            "BatchNorm in training mode normalises with statistics over its batch; on a plate tensor "
-            "that batch would mix samples and data points of different plates, so the result would "
-            "not be per-sample. Put the module in eval mode (model.eval(): running statistics), or use "
-            "a normalisation that works on each sample alone (nn.LayerNorm, nn.GroupNorm, "
-            "nn.InstanceNorm), or keep the data batch as an ordinary per-sample dim instead of a plate"
+            "BatchNorm in training mode with running statistics (track_running_stats=True) on a plate tensor: "
+            "each plate entry (sample, data point) would normalise with the statistics of its own batch and "
+            "update the one set of running statistics in place, which the entries cannot share. Use model.eval() "
+            "(running statistics: works), BatchNorm(..., track_running_stats=False) (each entry normalised over "
+            "its own per-sample batch dim: works), or a normalisation of each sample alone (nn.LayerNorm, "
+            "nn.GroupNorm)"
         )
     k = _rank(_get(args, kwargs, 0, "input"))
     return Plan(((0, "input", 0),), 0) if k >= 2 else None
