@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.distributions as dist
 from torch.distributions import Bernoulli
 from torch.utils._pytree import tree_flatten
 
@@ -270,6 +271,37 @@ def test_attention_and_transformer_layers_equal_a_loop(batch_first):
         check(lambda a, m: mha(a, a, a, key_padding_mask=m)[0], make(rnd(3, 2, 5, 4, 8).transpose(2, 3), *ZD), mask)
 
 
+def test_transformer_encoder_eval_with_a_padding_mask_equals_a_loop():
+    # the default enable_nested_tensor=True: in eval mode torch's own code asks
+    # torch._nested_tensor_from_mask_left_aligned (a bool) before choosing its fast path
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2).double().eval()
+    tr = nn.Transformer(8, 2, 1, 1, 16, dropout=0.0, batch_first=True).double().eval()
+    kpm = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    x = make(rnd(3, 2, 2, 5, 8), *ZD)
+    check(lambda a: enc(a, src_key_padding_mask=kpm), x)
+    check(lambda a: tr(a, a, src_key_padding_mask=kpm), x)
+    # a sampled mask, left-aligned in every entry: the same answer for all of them
+    m = torch.zeros(3, 2, 2, 5, dtype=torch.bool)
+    m[:, 1, 1, 3:] = True
+    check(lambda a, k: enc(a, src_key_padding_mask=k), x, make(m, *ZD))
+
+
+def test_transformer_encoder_mask_check_that_differs_per_entry_is_refused_with_advice():
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1).double().eval()
+    m = torch.zeros(3, 2, 2, 5, dtype=torch.bool)
+    m[1, 0, 1, 0] = True  # one entry's mask is not left-aligned
+    x, kpm = make(rnd(3, 2, 2, 5, 8), *ZD), make(m, *ZD)
+    with pytest.raises(storch.PlateError, match="enable_nested_tensor=False"):
+        enc(x, src_key_padding_mask=kpm)
+    off = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1,
+                                enable_nested_tensor=False).double().eval()
+    check(lambda a, k: off(a, src_key_padding_mask=k), x, kpm)
+    # asked by the user's own code, a bool per entry is refused even when the entries agree
+    with pytest.raises(storch.PlateError, match="torch's own code"):
+        torch._nested_tensor_from_mask_left_aligned(x, make(torch.ones(3, 2, 2, 5, dtype=torch.bool), *ZD))
+
+
 def test_batchnorm_eval_is_per_sample_even_when_length_equals_channels():
     torch.manual_seed(0)
     bn = nn.BatchNorm1d(4).double()
@@ -310,9 +342,15 @@ def test_embedding_bag_and_bilinear_equal_a_loop():
 def test_packed_sequences_are_refused():
     lstm = nn.LSTM(4, 5).double()
     x = make(rnd(3, 6, 2, 4), ("z", 3))
-    with pytest.raises(storch.PlateError):
-        packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([6, 4]))
-        lstm(packed)
+    # refused when packing (before a PackedSequence whose batch_sizes vary over the plates is built)
+    for sort in (True, False):
+        with pytest.raises(storch.PlateError, match="pad the sequences"):
+            nn.utils.rnn.pack_padded_sequence(x, torch.tensor([6, 4]), enforce_sorted=sort)
+    # a plain packed sequence with plate-tensor states: refused by the RNN
+    packed = nn.utils.rnn.pack_padded_sequence(rnd(6, 2, 4), torch.tensor([6, 4]))
+    h = make(rnd(3, 1, 2, 5), ("z", 3))
+    with pytest.raises(storch.PlateError, match="pad the sequences"):
+        lstm(packed, (h, h))
 
 
 # -- randomness -----------------------------------------------------------------------------------
@@ -336,6 +374,71 @@ def test_random_functions_draw_independently_per_plate_entry():
     corr = torch.corrcoef(draws.reshape(200, -1).T)
     off = corr - torch.eye(60, dtype=D)
     assert off.abs().max() < 4 / 200 ** 0.5 * 1.5
+
+
+def test_vmap_random_functions_draw_per_entry_of_a_broadcast_plate():
+    # multinomial has no elementwise treatment (vmap): a plate dim that no operand maps (size 1 in
+    # the raw storage) must still give every entry its own draw
+    torch.manual_seed(0)
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=D)
+    p = PlateTensor(probs.expand(4, 1, 4), (Plate("z", 4), Plate("data", 5, True)))
+    n = 400
+    for draw in (lambda: torch.multinomial(p, n, replacement=True), lambda: dist.Categorical(probs=p).sample((n,))):
+        raw = draw().tensor
+        assert raw.shape == (4, 5, n), raw.shape
+        assert len({tuple(r.tolist()) for r in raw.reshape(20, n)}) == 20
+        # every entry draws from probs: counts within 4 standard errors
+        counts = F.one_hot(raw, 4).to(D).mean(-2)
+        se = (probs * (1 - probs) / n) ** 0.5
+        assert ((counts - probs).abs() < 4 * se).all()
+
+
+def test_tensor_new_reads_a_torch_size_as_a_shape():
+    x = make(torch.zeros(2, 5, 3, dtype=D), ("data", 2))  # per sample (5, 3)
+    t = torch.zeros(5, 3, dtype=D)
+    for f in (lambda a: a.new(a.shape), lambda a: a.new(5, 3), lambda a: a.new(torch.Size([4])),
+              lambda a: a.new([1.0, 2.0]), lambda a: a.new(())):
+        out = f(x)
+        assert out.shape == f(t).shape and out.dtype == D
+        assert [p.name for p in out.plates] == ["data"]
+    assert x.new([1.0, 2.0]).tensor.tolist() == [[1.0, 2.0]] * 2
+    # the generic vmap treatment keeps a torch.Size a torch.Size too (pytree would make it a tuple)
+    from storch.plates.rules.vmap import vmap_call
+
+    assert vmap_call(torch.Tensor.new, (x, x.shape), {}).shape == (5, 3)
+    # each entry has its own storage: an in-place draw is independent per entry
+    u = x.new(x.shape).uniform_()
+    assert not torch.equal(u.tensor[0], u.tensor[1])
+
+
+def test_laplace_and_exponential_rsample_draw_per_plate_entry():
+    # torch.distributions draws them with loc.new(shape).uniform_() / rate.new(shape).exponential_()
+    torch.manual_seed(0)
+    n = 4000
+    loc = torch.tensor([[0.0, 10.0], [-5.0, 2.0], [1.0, 3.0]], dtype=D)  # per (z, data) entry
+    rate = torch.tensor([[0.5, 1.0], [2.0, 4.0], [1.0, 3.0]], dtype=D)
+    x = make(loc[:, :, None].expand(3, 2, n).clone(), *ZD)
+    r = make(rate[:, :, None].expand(3, 2, n).clone(), *ZD)
+    lap, ex = dist.Laplace(x, 2.0).rsample(), dist.Exponential(r).rsample()
+    for out, oracle in ((lap, dist.Laplace(loc[0, 0].expand(n), 2.0).rsample()),
+                        (ex, dist.Exponential(rate[0, 0].expand(n)).rsample())):
+        assert out.shape == oracle.shape and [p.name for p in out.plates] == ["z", "data"]
+        assert out.tensor.shape == (3, 2, n)
+    noise = (lap.tensor - loc[:, :, None]).reshape(6, n)
+    assert len({tuple(v.tolist()) for v in noise}) == 6  # no two entries share a draw
+    assert len({tuple((ex.tensor * rate[:, :, None]).reshape(6, n)[i].tolist()) for i in range(6)}) == 6
+    # per entry, the distribution of Laplace(loc, 2) and Exponential(rate): mean (and mean absolute
+    # deviation for Laplace) within 4 standard errors of the exact values
+    m = lap.tensor.mean(-1)
+    assert ((m - loc).abs() < 4 * (2 * 2.0 ** 2 / n) ** 0.5).all()
+    mad = (lap.tensor - loc[:, :, None]).abs().mean(-1)
+    assert ((mad - 2.0).abs() < 4 * 2.0 / n ** 0.5).all()
+    em = ex.tensor.mean(-1)
+    assert ((em - 1 / rate).abs() < 4 / rate / n ** 0.5).all()
+    # reparameterised: d sample / d loc is 1 per element
+    lp = make(loc[:, :, None].expand(3, 2, 5).clone().requires_grad_(), *ZD)
+    (g,) = torch.autograd.grad(dist.Laplace(lp, 2.0).rsample().tensor.sum(), lp.tensor)
+    assert torch.equal(g, torch.ones_like(g))
 
 
 def test_in_place_random_on_a_broadcast_plate_is_refused():

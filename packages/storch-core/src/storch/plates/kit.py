@@ -8,6 +8,8 @@ dispatcher installs on the tensor (``storch.plates.tensor.install_dispatcher``).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..errors import PlateError
@@ -139,6 +141,18 @@ def _is_inplace(func) -> bool:
         name = getattr(func, "__name__", "")
         r = _INPLACE_CACHE[func] = (name.endswith("_") and not name.startswith("__")) or name in _INPLACE_DUNDERS
     return r
+
+
+def _from_torch() -> bool:
+    """Whether the call (``bool()``, or a check that returns a bool) was made by torch's own Python
+    code (the first frame outside storch)."""
+    f = sys._getframe(2)
+    while f is not None:
+        module = f.f_globals.get("__name__", "")
+        if module != "storch" and not module.startswith("storch."):
+            return module.startswith("torch.")
+        f = f.f_back
+    return False
 
 
 def plates_or_empty(x):

@@ -277,6 +277,9 @@ _DATA_DEPENDENT = (
     "the number of elements it returns depends on the values, so the plate entries would "
     "have different shapes; {instead}"
 )
+PACKED_SEQUENCES = ("packed sequences (nn.utils.rnn.PackedSequence) are not supported on plate tensors; pad "
+                    "the sequences and pass the padded tensor (the per-sample code stays the same)")
+
 REFUSALS = {
     # name (looked up on torch and torch.Tensor) -> what to do instead
     "nonzero": _DATA_DEPENDENT.format(instead="use a mask with torch.where(mask, x, other), or "
@@ -304,6 +307,9 @@ REFUSALS = {
     "data_ptr": "the raw storage holds every plate entry; use `.tensor.data_ptr()` for the raw tensor",
     "untyped_storage": "the raw storage holds every plate entry; use `.tensor.untyped_storage()`",
     "storage": "the raw storage holds every plate entry; use `.tensor.storage()`",
+    # pack_padded_sequence / pack_sequence: refused when packing, before a PackedSequence whose
+    # batch_sizes vary over plates reaches an RNN (torch.lstm refuses it too: see rules.batch_first)
+    "_pack_padded_sequence": PACKED_SEQUENCES,
 }
 
 

@@ -21,7 +21,7 @@ from ...errors import PlateError
 from ..tensor import PlateTensor, align, later_step, union_plates
 from ..tensor import new_plate_tensor as _new
 from .vmap import vmap_call
-from ..treatments import Entry, Treatment, register_plate_handler
+from ..treatments import PACKED_SEQUENCES, Entry, Treatment, register_plate_handler
 
 __all__ = ["Plan", "batch_first", "register_batch_first"]
 
@@ -347,10 +347,7 @@ def _mha(args, kwargs):
 def _rnn(has_cell_state: bool):
     def spec(args, kwargs):
         if len(args) > 1 and isinstance(args[1], _T) and not args[1].is_floating_point():
-            raise PlateError(
-                "packed sequences (nn.utils.rnn.PackedSequence) are not supported on plate tensors; pad "
-                "the sequences and pass the padded tensor (the per-sample code stays the same)"
-            )
+            raise PlateError(PACKED_SEQUENCES)
         batch_first_ = bool(args[-1]) if len(args) >= 9 else bool(kwargs.get("batch_first", False))
         if _rank(args[0]) != 3:
             return None

@@ -9,13 +9,12 @@ every plate entry gives the same truth value);
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from ...errors import PlateError
-from ..kit import dispatch, register, too_many_samples, wrap_same
+from ..kit import _from_torch, _operands, dispatch, register, too_many_samples, wrap_same
 from .pointwise import broadcast
+from .vmap import vmap_call
 from ..tensor import PlateTensor
 from ..tensor import new_plate_tensor as _new
 
@@ -107,17 +106,6 @@ def _single(func, args, kwargs):
     return func(x._raw.reshape(x._raw.shape[len(x._plates):]), *args[1:], **kwargs)
 
 
-def _from_torch() -> bool:
-    """Whether the ``bool()`` was asked by torch's own Python code (the first frame outside storch)."""
-    f = sys._getframe(2)
-    while f is not None:
-        module = f.f_globals.get("__name__", "")
-        if module != "storch" and not module.startswith("storch."):
-            return module.startswith("torch.")
-        f = f.f_back
-    return False
-
-
 def _same_truth(x) -> bool:
     """``bool(x)`` asked by torch's own code (torch.distributions' argument checks,
     ``if not valid.all(): raise``, in Geometric, ContinuousBernoulli, positive-definite matrices,
@@ -165,6 +153,20 @@ register(_T.item, _T.tolist, _T.numpy, _T.__bool__, _T.__int__, _T.__float__, _T
 def _no_plates(func, args, kwargs):
     """a new plain tensor of the given per-sample shape (it holds no plates)"""
     return func(args[0]._raw, *args[1:], **kwargs)
+
+
+@register(_T.new)
+def _new_per_entry(func, args, kwargs):
+    """a new tensor for every plate entry, each with its own storage (in-place draws into it, as torch.distributions' Laplace and Exponential make, are independent per entry)"""
+    x = args[0]
+    if type(x) is not _PT or any(type(a) is _PT for a in _operands(args[1:], kwargs)):
+        return vmap_call(func, args, kwargs)
+    # Tensor.new reads only x's dtype and device; the per-sample result (a shape's uninitialised
+    # tensor or a copy of data) is copied out to every plate entry: a broadcast view would refuse
+    # the in-place writes that typically follow, and shared storage would share their draws
+    one = func(x._raw.new_empty(0), *args[1:], **kwargs)
+    plates = x._plates
+    return _new(one.expand(tuple(p.size for p in plates) + one.shape).contiguous(), plates)
 
 
 @register(_T.backward)

@@ -15,7 +15,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ...errors import PlateError
-from ..kit import _is_inplace
+from ..kit import _from_torch, _is_inplace
 from ..tensor import PlateTensor, _names, align, map_tensors, union_plates
 from ..tensor import new_plate_tensor as _new
 from ..treatments import describe
@@ -27,21 +27,14 @@ _PT = PlateTensor
 
 def vmap_call(func, args, kwargs):
     """Run ``func`` once per plate entry with ``torch.func.vmap`` (one level per mapped plate)."""
-    leaves, spec = tree_flatten((args, kwargs))
+    # a torch.Size stays a leaf: pytree would rebuild it as a plain tuple, and some functions read
+    # the two differently (Tensor.new(torch.Size) is a shape, Tensor.new(tuple) is data)
+    leaves, spec = tree_flatten((args, kwargs), is_leaf=_is_size)
     pos = [i for i, a in enumerate(leaves) if type(a) is _PT]
     plates = union_plates([leaves[i]._plates for i in pos])
     m = len(plates)
     sizes = tuple(p.size for p in plates)
-    raws, mapped = [], []
-    for i in pos:
-        x = leaves[i]
-        r = align(x._raw, x._plates, plates)
-        mk = tuple(r.shape[j] == sizes[j] for j in range(m))
-        drop = tuple(j for j in range(m) if not mk[j])
-        if drop:
-            r = r.squeeze(drop)
-        raws.append(r)
-        mapped.append(mk)
+    raws, mapped = _raws(leaves, pos, plates, sizes)
     levels = [j for j in range(m) if any(mk[j] for mk in mapped)]
     inplace = _is_inplace(func)
     if inplace and (type(args[0]) is not _PT or not all(mapped[0][j] for j in levels)):
@@ -57,17 +50,21 @@ def vmap_call(func, args, kwargs):
         a, k = tree_unflatten(ls, spec)
         return func(*a, **k)
 
-    full = all(all(mk[j] for j in levels) for mk in mapped)
+    missing = [j for j in range(m) if j not in levels]
     try:
-        out = _vmap(call, raws, mapped, levels, sizes, full, inplace)
+        # with plate dims that no operand maps, "error" tells a random function (it raises, before
+        # drawing) from the others, which need no copy per entry of those dims
+        out = _run(call, raws, mapped, levels, sizes, inplace, func, "error" if missing and not inplace else "different")
     except RuntimeError as e:
-        if inplace or "Batching rule not implemented" not in str(e):
+        if "randomness error mode" not in str(e):
             raise
-        # torch has no batching rule (and no fallback) for this operator: one call per entry
-        out = _loop(call, raws, mapped, levels, sizes, func)
+        # a random function (torch.multinomial, Categorical.sample on a plate tensor built with a
+        # size-1 plate dim): every plate entry draws its own, so every plate dim is mapped
+        raws, mapped = _raws(leaves, pos, plates, sizes, expand=True)
+        levels, missing = list(range(m)), []
+        out = _run(call, raws, mapped, levels, sizes, inplace, func, "different")
     if inplace:
         return args[0]
-    missing = [j for j in range(m) if j not in levels]
     if missing:
         def expand(o):
             for j in missing:
@@ -76,6 +73,40 @@ def vmap_call(func, args, kwargs):
 
         out = map_tensors(out, expand)
     return map_tensors(out, lambda o: _new(o, plates))
+
+
+def _raws(leaves, pos, plates, sizes, expand: bool = False):
+    """The raw operands aligned to ``plates``, their broadcast (size-1) plate dims squeezed out, and
+    which plate dims each maps; ``expand``: the first one expanded to every plate's full size."""
+    m = len(plates)
+    raws, mapped = [], []
+    for n, i in enumerate(pos):
+        x = leaves[i]
+        r = align(x._raw, x._plates, plates)
+        if expand and n == 0:
+            r = r.expand(sizes + r.shape[m:])
+        mk = tuple(r.shape[j] == sizes[j] for j in range(m))
+        drop = tuple(j for j in range(m) if not mk[j])
+        if drop:
+            r = r.squeeze(drop)
+        raws.append(r)
+        mapped.append(mk)
+    return raws, mapped
+
+
+def _run(call, raws, mapped, levels, sizes, inplace, func, randomness):
+    full = all(all(mk[j] for j in levels) for mk in mapped)
+    try:
+        return _vmap(call, raws, mapped, levels, sizes, full, inplace, randomness)
+    except RuntimeError as e:
+        if inplace or "Batching rule not implemented" not in str(e):
+            raise
+        # torch has no batching rule (and no fallback) for this operator: one call per entry
+        return _loop(call, raws, mapped, levels, sizes, func)
+
+
+def _is_size(x) -> bool:
+    return type(x) is torch.Size
 
 
 def _loop(call, raws, mapped, levels, sizes, func):
@@ -89,6 +120,8 @@ def _loop(call, raws, mapped, levels, sizes, func):
             sel = tuple(i for i, j in zip(idx, levels) if mk[j])
             entry.append(r[sel] if sel else r)
         outs.append(call(*entry))
+    if type(outs[0]) is bool:
+        return _same_bool(outs, func)
     flat = [tree_flatten(o) for o in outs]
     spec = flat[0][1]
     leaves = []
@@ -106,15 +139,40 @@ def _loop(call, raws, mapped, levels, sizes, func):
     return tree_unflatten(leaves, spec)
 
 
-def _vmap(call, raws, mapped, levels, sizes, full, inplace):
+_BOOL_ADVICE = {
+    getattr(torch, "_nested_tensor_from_mask_left_aligned", None): (
+        "This is nn.TransformerEncoder's (and nn.Transformer's) check, in eval mode, that src_key_padding_mask "
+        "is left-aligned for its nested-tensor fast path; that path is never taken on plate tensors, so build "
+        "the encoder with enable_nested_tensor=False (or mask_check=False) and storch runs its layers per sample"),
+}
+
+
+def _same_bool(outs, func) -> bool:
+    """The per-entry bools of a check torch's own code makes (TransformerEncoder's mask check): the
+    answer when every entry gives the same one, as for ``bool()`` of a plate tensor; else a PlateError."""
+    n, k = len(outs), sum(outs)
+    if k == 0 or k == n:
+        if _from_torch():
+            return outs[0]
+        raise PlateError(
+            f"{describe(func)} returns a bool, not a tensor, per plate entry; storch answers such a check only "
+            "inside torch's own code, when every entry agrees (as for bool() of a plate tensor). In your own code, "
+            "call it per entry on the raw values (`.tensor`, plate dims first)")
+    advice = _BOOL_ADVICE.get(func, "No single answer is right for all of them: call it per entry on the raw "
+                                    "values (`.tensor`, plate dims first)")
+    raise PlateError(f"{describe(func)} returns a bool that differs between plate entries ({k} True, {n - k} "
+                     f"False). {advice}")
+
+
+def _vmap(call, raws, mapped, levels, sizes, full, inplace, randomness):
     if full and len(levels) > 1 and not inplace:
         # one vmap over the flattened plates (cheaper than nested levels)
         lead = tuple(sizes[j] for j in levels)
         n = math.prod(lead)
         flat = [r.reshape((n,) + r.shape[len(levels):]) for r in raws]
-        out = torch.func.vmap(call, randomness="different")(*flat)
+        out = torch.func.vmap(call, randomness=randomness)(*flat)
         return map_tensors(out, lambda o: o.reshape(lead + o.shape[1:]))
     f = call
     for j in reversed(levels):
-        f = torch.func.vmap(f, in_dims=tuple(0 if mk[j] else None for mk in mapped), randomness="different")
+        f = torch.func.vmap(f, in_dims=tuple(0 if mk[j] else None for mk in mapped), randomness=randomness)
     return f(*raws)
