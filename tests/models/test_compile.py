@@ -784,3 +784,72 @@ def test_cdist_on_a_data_plate_compiles():
     for _ in range(2):
         loss = compiled()
         assert torch.isfinite(loss) and loss.requires_grad
+
+
+def _vmap_step(case: str):
+    """A step whose cost calls a function with the vmap treatment on a sample with plates (z, data)."""
+    from torch.distributions import Categorical, Normal
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    src = torch.nn.Parameter(torch.tensor([0.5]))
+    est = storch.estimator("reparameterization", plate="z", n_samples=2)
+    cost = {
+        "flip": lambda s, y: (s.flip(-1) * torch.arange(3.0)).sum(-1),
+        "scatter": lambda s, y: (s.scatter(-1, y.unsqueeze(-1), 0.0) ** 2).sum(-1),
+        "scatter_src": lambda s, y: (s.scatter(-1, y.unsqueeze(-1), src) ** 2).sum(-1),  # a plain operand
+        "gather": lambda s, y: s.gather(-1, y.unsqueeze(-1)).squeeze(-1),
+        "take_along_dim": lambda s, y: torch.take_along_dim(s, y.unsqueeze(-1), -1).squeeze(-1),
+        "log_prob": lambda s, y: Categorical(logits=s).log_prob(y),
+    }[case]
+
+    def loss(x, y):
+        with storch.Graph():
+            x, y = storch.denote_independent((x, y), 0, "data")
+            s = est(Normal(lin(x), 1.0))
+            storch.add_cost(cost(s, y), name="c")
+            return storch.surrogate_loss()
+
+    params = [*lin.parameters(), src] if case == "scatter_src" else list(lin.parameters())
+    return loss, params, (torch.randn(6, 4), torch.randint(0, 3, (6,)))
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+@pytest.mark.parametrize("case", ["flip", "scatter", "scatter_src", "gather", "take_along_dim", "log_prob"])
+def test_vmap_treated_functions_compile(case, backend):
+    """Functions storch runs by torch.func.vmap (flip, scatter, gather or take_along_dim with a data-plate
+    index, Categorical(logits=s).log_prob(labels)): the pre-dispatch trace recorded the vmapped call's
+    batched wrappers as constants (refused as a captured tensor that requires grad, or functorch's "tensor
+    may have escaped"); the compiled step gives eager storch's loss and gradients."""
+    loss, params, args = _vmap_step(case)
+    compiled = storch.compile(loss, backend=backend)
+    for seed in range(2):
+        _assert_same(_grads(compiled, params, args, seed), _grads(loss, params, args, seed))
+    assert compiled.traces == 1
+
+
+def test_vmap_of_a_user_function_is_refused():
+    """A non-torch function that reaches storch goes through torch.func.vmap too; the compiled step records that
+    call below autograd, where a grad-mode switch inside it would be lost (a wrong gradient): refused, naming it."""
+    from torch.distributions import Normal
+    from torch.overrides import handle_torch_function, has_torch_function
+
+    def partly_constant(x):
+        if has_torch_function((x,)):
+            return handle_torch_function(partly_constant, (x,), x)
+        with torch.no_grad():
+            scale = x.sum(-1, keepdim=True)
+        return x * scale
+
+    est = storch.estimator("reparameterization", plate="z", n_samples=2)
+
+    def loss(mu):
+        with storch.Graph():
+            s = est(Normal(storch.denote_independent(mu, 0, "data"), 1.0))
+            storch.add_cost(partly_constant(s).sum(-1), name="c")
+            return storch.surrogate_loss()
+
+    mu = torch.zeros(3, 2, requires_grad=True)
+    assert torch.isfinite(loss(mu))  # eagerly it runs
+    with pytest.raises(storch.StorchError, match="cannot record .*partly_constant.*register_plate_handler"):
+        storch.compile(loss, backend=None)(mu)

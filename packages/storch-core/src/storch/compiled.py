@@ -8,7 +8,12 @@ other route. The first call with a given signature (the shapes, strides, dtypes,
 once with storch's Python dispatch under ``make_fx(pre_dispatch=True)``: storch does its plate
 alignment, estimator and surrogate bookkeeping on the real tensors as in eager mode, and what gets
 recorded is only the raw batched torch program it emits (the same operations a hand-written
-surrogate would run, plus storch's grad-mode switches and ``detach``es). That program is handed
+surrogate would run, plus storch's grad-mode switches and ``detach``es). A function storch runs per
+plate entry with ``torch.func.vmap`` (the vmap treatment: ``flip``, ``gather``, ``scatter``,
+``Categorical.log_prob``) is recorded as the batched operations vmap runs (a pre-dispatch trace sees
+vmap's wrappers only, so storch traces that call below dispatch and replays it in the trace:
+storch.plates.rules.vmap; a non-torch function that storch vmaps is refused there, since a grad-mode
+switch or custom autograd.Function inside it would be lost). That program is handed
 to ``torch.compile(fullgraph=True)``: one graph, no breaks. Later calls with the same signature
 replay the compiled program and never enter storch's Python.
 

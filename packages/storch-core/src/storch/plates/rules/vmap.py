@@ -9,16 +9,17 @@ the plates as leading dims.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ...errors import PlateError
+from ...errors import PlateError, StorchError
 from ..kit import _from_torch, _is_inplace
 from ..tensor import PlateTensor, _names, align, map_tensors, union_plates
 from ..tensor import new_plate_tensor as _new
-from ..treatments import describe
+from ..treatments import describe, from_torch
 
 __all__ = ["vmap_call"]
 
@@ -43,8 +44,8 @@ def vmap_call(func, args, kwargs):
             "tensor that does not vary over all of them; use the out-of-place version"
         )
 
-    def call(*rs):
-        ls = list(leaves)
+    def call(*rs, base=leaves):
+        ls = list(base)
         for i, r in zip(pos, rs):
             ls[i] = r
         a, k = tree_unflatten(ls, spec)
@@ -54,7 +55,8 @@ def vmap_call(func, args, kwargs):
     try:
         # with plate dims that no operand maps, "error" tells a random function (it raises, before
         # drawing) from the others, which need no copy per entry of those dims
-        out = _run(call, raws, mapped, levels, sizes, inplace, func, "error" if missing and not inplace else "different")
+        out = _run(call, raws, mapped, levels, sizes, inplace, func, "error" if missing and not inplace else "different",
+                   leaves)
     except RuntimeError as e:
         if "randomness error mode" not in str(e):
             raise
@@ -62,7 +64,7 @@ def vmap_call(func, args, kwargs):
         # size-1 plate dim): every plate entry draws its own, so every plate dim is mapped
         raws, mapped = _raws(leaves, pos, plates, sizes, expand=True)
         levels, missing = list(range(m)), []
-        out = _run(call, raws, mapped, levels, sizes, inplace, func, "different")
+        out = _run(call, raws, mapped, levels, sizes, inplace, func, "different", leaves)
     if inplace:
         return args[0]
     if missing:
@@ -94,10 +96,16 @@ def _raws(leaves, pos, plates, sizes, expand: bool = False):
     return raws, mapped
 
 
-def _run(call, raws, mapped, levels, sizes, inplace, func, randomness):
+def _run(call, raws, mapped, levels, sizes, inplace, func, randomness, leaves):
     full = all(all(mk[j] for j in levels) for mk in mapped)
+
+    def vmapped(c, rs):
+        return _vmap(c, rs, mapped, levels, sizes, full, inplace, randomness)
+
     try:
-        return _vmap(call, raws, mapped, levels, sizes, full, inplace, randomness)
+        if _recording():  # storch.compile: recorded as the batched operations (see _recorded)
+            return _recorded(call, raws, leaves, vmapped, func)
+        return vmapped(call, raws)
     except RuntimeError as e:
         if inplace or "Batching rule not implemented" not in str(e):
             raise
@@ -107,6 +115,58 @@ def _run(call, raws, mapped, levels, sizes, inplace, func, randomness):
 
 def _is_size(x) -> bool:
     return type(x) is torch.Size
+
+
+def _recording() -> bool:
+    """Whether a ``make_fx(pre_dispatch=True)`` trace (``storch.compile``) is recording this call."""
+    mode = getattr(torch._ops, "_get_dispatch_mode_pre_dispatch", None)  # (torch versions without it: never)
+    return mode is not None and mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+
+
+def _recorded(call, raws, leaves, run, func):
+    """``run(call, raws)`` (the vmap), recorded as the batched torch operations it runs.
+
+    A pre-dispatch trace records above functorch's batching: inside ``torch.func.vmap`` it sees
+    the batched wrappers, not tensors it knows, so it bakes them into the program as constants
+    (whose values escaped the vmap) and drops the connection to the inputs. Traced below
+    dispatch (plain ``make_fx``), vmap is recorded as the batched operations its batching rules
+    run, which are the ones eager autograd records too. So the vmap is traced on its own, on fake
+    copies of its tensors (no values computed, no random numbers drawn, nothing written in
+    place), with the outer trace switched off, and that program is then run on the real tensors
+    inside the outer trace, which records its operations. The plain tensor operands are inputs
+    of the inner program too, so the outer trace connects them (and their gradients).
+
+    That inner trace runs below autograd: it keeps the operations, not grad-mode switches or a
+    custom autograd.Function's backward. torch's own functions have neither; a function of the
+    user's (declared "vmap", or any non-torch function that reaches storch) might, and it cannot
+    be seen from here, so it is refused rather than risk a wrong gradient."""
+    if not from_torch(func):
+        raise StorchError(
+            f"storch.compile cannot record {describe(func)}: storch runs it per plate entry with torch.func.vmap, "
+            "and a compiled step records a vmapped call below autograd, which would lose a grad-mode switch "
+            "(torch.no_grad) or a custom autograd.Function inside it (a wrong gradient). Only torch's own functions "
+            "are recorded that way. Register a handler that runs it on the batched tensors "
+            "(storch.register_plate_handler(func, handler), or 'pointwise' if it is elementwise), call it on "
+            "plain tensors (the .tensor of a plate tensor, plates as leading dims), or run this step eagerly")
+    from torch.fx.experimental.proxy_tensor import (
+        _temp_remove_pre_dispatch_torch_function_mode,
+        disable_proxy_modes_tracing,
+        make_fx,
+    )
+
+    n = len(raws)
+    others = [i for i, a in enumerate(leaves) if isinstance(a, torch.Tensor) and type(a) is not _PT]
+
+    def inner(*ts):
+        base = list(leaves)
+        for i, t in zip(others, ts[n:]):
+            base[i] = t
+        return run(functools.partial(call, base=base), list(ts[:n]))
+
+    tensors = [*raws, *(leaves[i] for i in others)]
+    with disable_proxy_modes_tracing(), _temp_remove_pre_dispatch_torch_function_mode():
+        program = make_fx(inner, tracing_mode="fake")(*tensors)
+    return program(*tensors)
 
 
 def _loop(call, raws, mapped, levels, sizes, func):
