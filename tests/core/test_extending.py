@@ -200,3 +200,28 @@ def test_require_smooth_passes_smooth_paths_and_kinks_off_the_path():
     assert "ReluBackward0" in _refused((torch.relu(w @ leaf)).sum(), [leaf], 2)
     assert "EluBackward0" in _refused(torch.nn.functional.elu(w @ leaf).sum(), [leaf], 3)  # not C²
     assert _refused(torch.ones(()), [leaf], 2) is None  # no graph: nothing differentiated
+
+
+def test_parameters_and_rebuild_give_the_distribution_back():
+    """storch.extending.parameters: the form given (probs or logits), also once torch cached the other form
+    in the instance (rebuilding from both raised torch's 'Either probs or logits'), a OneHotCategorical's and
+    a Multinomial's from their inner Categorical; rebuild keeps a Multinomial's total_count; given_by_probs
+    answers for a OneHotCategorical as for a Categorical (it said False; found by a third-party author)."""
+    from torch.distributions import Bernoulli, Categorical, Multinomial, Normal, OneHotCategorical
+
+    from storch.extending import given_by_probs, parameters, rebuild
+
+    p = torch.tensor([0.2, 0.8, 0.0])
+    cases = [(Categorical(probs=p), "probs"), (Categorical(logits=p), "logits"), (OneHotCategorical(probs=p), "probs"),
+             (Multinomial(3, probs=p), "probs"), (Bernoulli(logits=torch.tensor(0.3)), "logits")]
+    for d, given in cases:
+        _ = d.probs, d.logits  # torch caches the other form
+        ps = parameters(d)
+        assert list(ps) == [given] and given_by_probs(d) == (given == "probs")
+        new = rebuild(d, {k: v.clone() for k, v in ps.items()})
+        assert type(new) is type(d) and torch.equal(new.probs, d.probs)
+        if isinstance(d, Multinomial):
+            assert new.total_count == 3
+    normal = Normal(torch.zeros(2), 2.0)
+    assert sorted(parameters(normal)) == ["loc", "scale"]
+    assert torch.equal(rebuild(normal, parameters(normal)).scale, normal.scale)

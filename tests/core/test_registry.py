@@ -132,3 +132,30 @@ def test_order_error_names_estimator_and_plate():
         storch.surrogate_loss(order=1)
         with pytest.raises(storch.OrderError, match="'fixture_first_order' on plate 'b'.*order 2"):
             storch.surrogate_loss(order=2)
+
+
+def test_order_error_of_a_biased_estimator_says_so_and_lists_installed_ones():
+    """A biased third-party estimator (max_order 1: where its estimate is defined) was called 'unbiased only up
+    to order 1', and the message suggested unordered_set (maybe not installed) and a docs page of storch's own
+    (found by a third-party author). It now says biased, lists the installed unbiased estimators that reach
+    the order for the node's distribution, and an estimator's higher_order_options where it has some."""
+
+    class StraightThrough(storch.Estimator):
+        name = "straight_through_test"
+        max_order = 1
+        biased = True
+
+    class FirstOrder(storch.Estimator):
+        name = "first_order_test"
+        max_order = 1
+        higher_order_options = "first_order_test(exact=True) is unbiased at every order"
+
+    theta = torch.zeros(3, requires_grad=True)
+    for cls, said in [(StraightThrough, r"is biased.*defined only up to order 1"),
+                      (FirstOrder, r"unbiased only up to order 1.*first_order_test\(exact=True\)")]:
+        with storch.Graph():
+            b = cls("b")(Bernoulli(logits=theta))
+            storch.add_cost(b.sum())
+            with pytest.raises(storch.OrderError, match=said) as e:
+                storch.surrogate_loss(order=2)
+        assert "expect" in str(e.value) and "unordered_set" not in str(e.value).split("choose")[1].split(")")[0]

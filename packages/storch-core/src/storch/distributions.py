@@ -71,6 +71,20 @@ def _plain_property(cls: type, name: str) -> bool:
     return r
 
 
+def parameters(d: Distribution) -> dict:
+    """The parameter tensors ``d`` was built from, by their ``arg_constraints`` names: of ``probs`` and
+    ``logits`` the one that was given (never the other form, which torch computes and caches in the
+    instance once read); a ``OneHotCategorical``'s or ``Multinomial``'s from its inner ``Categorical``. With
+    :func:`rebuild`, the way to build ``d`` again from changed parameters (perturbed, detached copies
+    to differentiate per sample). Public as ``storch.extending.parameters``."""
+    if isinstance(d, OneHotCategorical):
+        d = d._categorical
+    params = _parameters(d)
+    if "logits" in params and given_by_probs(d):  # both forms cached in d: _parameters keeps the logits
+        params = {("probs" if n == "logits" else n): (d.probs if n == "logits" else v) for n, v in params.items()}
+    return params
+
+
 def _parameters(d: Distribution) -> dict:
     def available(name: str) -> bool:
         return name in d.__dict__ or _plain_property(type(d), name)
@@ -710,9 +724,11 @@ _STRICT = {Bernoulli: _StrictBernoulli, Binomial: _StrictBinomial}
 
 
 def given_by_probs(d: Distribution) -> bool:
-    """Whether ``d`` (a ``Bernoulli``, ``Binomial``, ``Categorical``, ...; a ``OneHotCategorical``'s
-    ``_categorical``) was built from ``probs=`` rather than ``logits=``: torch's ``logits`` are then
-    computed from clamped probabilities (a probability of exactly 0 gets log(eps), not ``-inf``)."""
+    """Whether ``d`` (a ``Bernoulli``, ``Binomial``, ``Categorical``, ``OneHotCategorical``, ...) was built
+    from ``probs=`` rather than ``logits=``: torch's ``logits`` are then computed from clamped probabilities
+    (a probability of exactly 0 gets log(eps), not ``-inf``)."""
+    if isinstance(d, (OneHotCategorical, Multinomial)):
+        d = d._categorical
     param = d.__dict__.get("_param")
     return param is not None and param is d.__dict__.get("probs")
 

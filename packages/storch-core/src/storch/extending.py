@@ -21,7 +21,8 @@ Distributions:
     log-probability ``-inf`` that torch's clamped ``log_prob`` does not (estimators with
     ``requires_enumerate_support`` get their distributions through it already), so that a sample never
     holds a value the model cannot produce.
-    :func:`rebuild` builds a distribution's class again from new parameter tensors, with the
+    :func:`parameters` are the parameter tensors a distribution was built from (the form given:
+    ``probs`` or ``logits``), and :func:`rebuild` builds a distribution's class again from new parameter tensors, with the
     constructor arguments it keeps outside its arg_constraints (a Multinomial's ``total_count``).
     :func:`given_by_probs` says whether a ``Bernoulli`` / ``Categorical`` was built from ``probs``
     (its ``logits`` then come from clamped probabilities).
@@ -88,7 +89,7 @@ import torch
 
 from . import options
 from .cost import leave_one_out
-from .distributions import base_distribution, given_by_probs, rebuild, rsample_max_order
+from .distributions import base_distribution, given_by_probs, parameters, rebuild, rsample_max_order
 from .distributions import strict_support as _strict_support
 from .generators import drawing_with
 from .graph import current_graph, is_tracing
@@ -98,7 +99,7 @@ from .smoothness import nonsmooth_operations, require_smooth
 __all__ = [
     "align", "plates_of", "raw_of", "base_distribution", "drawing_with", "leave_one_out", "options", "step_guard",
     "match_optimizer_state",
-    "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild",
+    "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild", "parameters",
     "require_smooth", "nonsmooth_operations",
 ]
 

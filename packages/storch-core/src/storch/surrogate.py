@@ -27,6 +27,7 @@ from .eager import eager_only
 from .distributions import RSAMPLE_ORDER_NOTE, rsample_max_order
 from .errors import NonFiniteCostError, OrderError, StorchError, UnusedSampleWarning
 from .estimators.base import Estimator
+from .estimators.catalog import installed_classes, supporting_estimators
 from .graph import Graph, current_graph, is_tracing, tracing_recorder
 from .node import Node
 from .plates.tensor import Plate, align, plates_of, raw_of
@@ -51,15 +52,31 @@ def _check_order(nodes: list[Node], order: int) -> None:
     for node in nodes:
         est = node.estimator
         if est.max_order < order:
-            raise OrderError(
-                f"estimator {est.name!r} on plate {node.plate.name!r} is unbiased only up to order "
-                f"{est.max_order} (with its options: est.info()), but order {order} was requested; choose "
-                "an estimator with a higher max_order (see storch.available_estimators()) for this node, or "
-                "an option that raises it (e.g. unordered_set(baseline=False) is unbiased at every order; "
-                "docs/estimators/<name>.md, section max_order)"
-            )
+            raise OrderError(_order_message(node, order))
         if node.max_order < order:
             raise OrderError(_node_order_message(node, order))
+
+
+def _order_message(node: Node, order: int) -> str:
+    """An estimator's max_order is below ``order``: what it is, and the installed estimators that would do."""
+    est = node.estimator
+    what = (f"is biased (it estimates another objective) and its estimate is defined only up to order {est.max_order}"
+            if est.biased else f"is unbiased only up to order {est.max_order}")
+    d = node.original if node.original is not None else node.distribution
+    higher = [n for n in supporting_estimators(d) if _unbiased_to(n, order)]
+    others = (f" (installed, unbiased at order {order} for this node's {type(d).__name__}: {', '.join(higher)})"
+              if higher else "")
+    option = f", or an option that raises it: {est.higher_order_options}" if est.higher_order_options else ""
+    return (f"estimator {est.name!r} on plate {node.plate.name!r} {what} (with its options: est.info()), but order "
+            f"{order} was requested; choose an estimator with a higher max_order for this node{others}{option}")
+
+
+def _unbiased_to(name: str, order: int) -> bool:
+    try:
+        cls = installed_classes()[name]
+    except Exception:  # noqa: BLE001  (only for an error message)
+        return False
+    return not cls.biased and cls.max_order >= order
 
 
 def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int) -> None:

@@ -104,6 +104,7 @@ class UnorderedSet(Estimator):
 
     name = "unordered_set"
     max_order = 1
+    higher_order_options = "unordered_set(baseline=False) is unbiased at every order"
     requires_enumerate_support = True
     supports_partitions = True
     causal_credit = False  # the weights belong to the final set of sequences

@@ -82,6 +82,8 @@ class Estimator(torch.nn.Module):
         max_order: highest derivative order for which it is unbiased (``math.inf`` = any). A node's
             distribution may lower it for that node: :meth:`max_order_for`.
         biased: True if it estimates a different (relaxed / finite-difference) objective.
+        higher_order_options: in words, the options that raise ``max_order`` (``"baseline=False: every
+            order"``), for the OrderError that a too-high order raises; empty when none does.
         distributions: supported distribution types (``None``: any).
         requires_rsample / requires_enumerate_support: capability requirements. An estimator with
             ``requires_enumerate_support`` gets its distribution through
@@ -125,6 +127,7 @@ class Estimator(torch.nn.Module):
     aliases: ClassVar[tuple[str, ...]] = ()
     max_order: ClassVar[float] = math.inf
     biased: ClassVar[bool] = False
+    higher_order_options: ClassVar[str] = ""
     distributions: ClassVar[Optional[tuple[type, ...]]] = None
     requires_rsample: ClassVar[bool] = False
     requires_enumerate_support: ClassVar[bool] = False
