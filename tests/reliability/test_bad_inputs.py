@@ -299,3 +299,28 @@ def test_an_independent_of_a_finite_distribution_says_to_pass_the_base(name):
             storch.add_cost((z * torch.tensor([1.0, 2.0, 3.0])).sum())
             value = storch.surrogate_loss()
         torch.testing.assert_close(value, (torch.sigmoid(logits) * torch.tensor([1.0, 2.0, 3.0])).sum())
+
+
+def test_one_estimator_per_step_with_several_samples_is_refused_before_memory_runs_out(monkeypatch):
+    """One estimator per step of a sequence with n_samples=8: each step multiplies the storage by 8, so the
+    process ran out of memory (killed, or 'can't allocate memory') around step 9, long before torch's 64-dim
+    limit that the docs' PlateError is about (found by running the docs' example). storch refuses at 2^24
+    sample entries per data point with the partition advice; a large data plate does not count."""
+    from torch.distributions import Categorical
+
+    import storch.estimators.base as base
+
+    monkeypatch.setattr(base, "MAX_SAMPLE_ENTRIES", 8 ** 4)  # the chain below, without its memory (2^24: step 9)
+    a = torch.zeros(3, 3, requires_grad=True)
+    with storch.Graph():
+        z = torch.tensor(0)
+        with pytest.raises(storch.PlateError, match=r"would sample for each of 32768 entries.*ONE estimator outside"):
+            for t in range(12):
+                z = storch.estimator("score", plate=f"a{t}", n_samples=8)(Categorical(logits=a[z]))
+        assert t == 5
+    from storch.estimators.base import _check_sample_entries
+
+    est = storch.estimator("score", plate="b", n_samples=8)
+    _check_sample_entries(est, (storch.Plate("data", 2 ** 30, True), storch.Plate("a", 2 ** 12)))  # data: fine
+    with pytest.raises(storch.PlateError, match="the sample plates of the 2 earlier nodes"):
+        _check_sample_entries(est, (storch.Plate("a", 2 ** 12), storch.Plate("data", 2, True), storch.Plate("c", 2 ** 13)))

@@ -207,6 +207,7 @@ class Estimator(torch.nn.Module):
         node = Node(self, raw, parents, original=distribution, inputs=inputs)
         if _lowers_order(type(self)):  # storch.surrogate_loss(order) checks it (OrderError)
             node.max_order = self.max_order_for(raw)
+        _check_sample_entries(self, parents)
         sample = self.proposal(node)
         plate = node.plate = Plate(self.plate, sample.shape[0], False, 0, Lineage())
         node.sample = sample
@@ -656,6 +657,28 @@ class Estimator(torch.nn.Module):
                     "neither. Run the vmapped members in a Python loop, or build the learned part with one step "
                     f"outside vmap first (torch said: {str(e)[:200]})") from e
             raise
+
+
+# The samples of a node are drawn for every entry of its parents' sample plates: along a chain of
+# nodes their n_samples multiply. Beyond this many entries per data point the step would not fit in
+# memory (the process is killed before torch can raise), so storch says why first.
+MAX_SAMPLE_ENTRIES = 2 ** 24
+
+
+def _check_sample_entries(est: Estimator, parents: tuple[Plate, ...]) -> None:
+    entries, chain = 1, 0
+    for p in parents:
+        if not p.independent:
+            entries *= p.size
+            chain += 1
+    if entries > MAX_SAMPLE_ENTRIES:
+        raise PlateError(
+            f"estimator {est.name!r} (plate {est.plate!r}) would sample for each of {entries} entries per data "
+            f"point: the sample plates of the {chain} earlier nodes it depends on (each node's samples are drawn "
+            "for every sample of the nodes before it, so their numbers multiply along a chain). For a sequence of "
+            "stochastic steps (an episode, a decoder loop), create ONE estimator outside the loop and call it at "
+            "every step: its calls make one partition with one plate (docs/partitions.md); otherwise draw fewer "
+            "samples in the chain (n_samples=1 for some nodes)")
 
 
 _FORWARD = Estimator.forward
