@@ -202,6 +202,27 @@ def test_require_smooth_passes_smooth_paths_and_kinks_off_the_path():
     assert _refused(torch.ones(()), [leaf], 2) is None  # no graph: nothing differentiated
 
 
+def test_grid_sample_at_a_sampled_location_is_a_kink_and_linear_in_the_image():
+    """A glimpse at a reparameterised location (F.grid_sample with the sample in the grid) was accepted at order
+    2 with a biased second derivative (z 35-360 against quadrature; found by porting a recurrent attention
+    model): bilinear interpolation is piecewise linear in the location. Refused with the grid on the path
+    (bilinear and nearest; bicubic from order 3); a sample in the image alone is fine (linear)."""
+    import torch.nn.functional as F
+
+    img = torch.randn(1, 1, 5, 5)
+    loc = torch.tanh(torch.randn(2, requires_grad=True))  # the location sample
+    grid = loc.reshape(1, 1, 1, 2)
+    for mode, first_refused in (("bilinear", 2), ("nearest", 1), ("bicubic", 3)):
+        cost = F.grid_sample(img, grid, mode=mode, align_corners=False).pow(2).sum()
+        if first_refused > 1:
+            assert _refused(cost, [loc], first_refused - 1) is None, mode
+        assert "GridSampler2DBackward0" in _refused(cost, [loc], first_refused), mode
+    pixels = torch.sigmoid(torch.randn(1, 1, 5, 5, requires_grad=True))  # a sample in the image
+    fixed = torch.zeros(1, 1, 1, 2)
+    cost = F.grid_sample(pixels, fixed, align_corners=False).pow(2).sum()
+    assert _refused(cost, [pixels], 3) is None
+
+
 def test_parameters_and_rebuild_give_the_distribution_back():
     """storch.extending.parameters: the form given (probs or logits), also once torch cached the other form
     in the instance (rebuilding from both raised torch's 'Either probs or logits'), a OneHotCategorical's and

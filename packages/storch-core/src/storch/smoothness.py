@@ -22,7 +22,7 @@ from .errors import OrderError
 __all__ = ["nonsmooth_operations", "require_smooth"]
 
 
-def _clamp_order(node) -> Optional[int]:
+def _clamp_order(node, reach=()) -> Optional[int]:
     """A clamp whose bounds are numerical guards is not counted: a probability clamped to [eps, 1 - eps] of its
     dtype (torch.distributions' ``clamp_probs`` for a Bernoulli or Categorical given by ``probs``, the
     relaxations' conditional noise), a logit clamped at magnitude >= -3 log eps (47.7 in float32: a
@@ -44,11 +44,26 @@ def _clamp_order(node) -> Optional[int]:
     return None if (lo is not None or hi is not None) and guard(lo, eps) and guard(hi, 1 - eps) else 1
 
 
-def _elu_order(node) -> int:
+def _elu_order(node, reach=()) -> int:
     """ELU's first derivative is continuous at 0 when α · input_scale = 1 (ELU with α = 1, CELU): 2; else
     (SELU, ELU with another α) it is a kink: 1."""
     alpha, input_scale = getattr(node, "_saved_alpha", None), getattr(node, "_saved_input_scale", None)
     return 2 if isinstance(alpha, float) and alpha * float(input_scale or 1) == 1.0 else 1
+
+
+def _grid_order(node, reach=()) -> Optional[int]:
+    """grid_sample is linear in the image and piecewise in the sampling locations (the grid): counted only
+    when the grid is on the path. Bilinear interpolation has kinks at the pixel centres (1), nearest
+    jumps (0), bicubic (Keys' cubic convolution) has a continuous first derivative (2) unless the
+    border or reflection padding folds the locations (1)."""
+    if len(reach) > 1 and not reach[1]:
+        return None
+    mode = getattr(node, "_saved_interpolation_mode", 0)
+    if mode == 1:
+        return 0
+    if mode == 2:
+        return 2 if getattr(node, "_saved_padding_mode", 0) == 0 else 1
+    return 1
 
 
 # the table of nonsmooth_operations() (see there)
@@ -72,6 +87,8 @@ _NONSMOOTH: Mapping[str, Union[int, Callable[[object], Optional[int]]]] = Mappin
     "MaxPool2DBackward0": 1, "MaxPool2DWithIndicesBackward0": 1, "MaxPool3DWithIndicesBackward0": 1,
     "AdaptiveMaxPool2DBackward0": 1, "AdaptiveMaxPool3DBackward0": 1, "FractionalMaxPool2DBackward0": 1,
     "FractionalMaxPool3DBackward0": 1,
+    # interpolation at sampled locations (a glimpse, a spatial transformer): see _grid_order
+    "GridSampler2DBackward0": _grid_order, "GridSampler3DBackward0": _grid_order,
     # losses with kinks; smooth_l1's beta is not saved (beta = 0 is l1): counted as a kink
     "SmoothL1LossBackward0": 1, "HuberLossBackward0": 2, "MultiMarginLossBackward0": 1,
     "MultilabelMarginLossBackward0": 1,
@@ -85,8 +102,9 @@ _NONSMOOTH: Mapping[str, Union[int, Callable[[object], Optional[int]]]] = Mappin
 def nonsmooth_operations() -> dict[str, Union[int, Callable[[object], Optional[int]]]]:
     """The autograd operations :func:`require_smooth` looks for: ``type(tensor.grad_fn).__name__`` -> the
     order k of the operation's first discontinuous derivative (0: the value jumps, as ``sign``; 1: a kink,
-    as ReLU's), or a function of the autograd node giving k (``None``: not counted; clamps to the
-    numerical guards [eps, 1 - eps] of probabilities, ELU whose first derivative is continuous).
+    as ReLU's), or a function of the autograd node and of which of its inputs lie on the path giving k
+    (``None``: not counted; clamps to the numerical guards [eps, 1 - eps] of probabilities, ELU whose
+    first derivative is continuous, ``grid_sample`` whose grid is not on the path: it is linear in the image).
     Differentiating n > k times through one of them loses the delta of its (k+1)-th derivative.
 
     ``torch.where`` is not listed: its condition is not in the autograd graph, so a selection by data
@@ -117,13 +135,14 @@ def _nonsmooth_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor], ord
     while stack:  # iterative post-order (graphs of long episodes are deeper than Python's recursion)
         fn, expanded = stack.pop()
         if expanded:
-            r = any(reaches.get(m, False) for m, _ in fn.next_functions if m is not None)
+            reach = tuple(m is not None and reaches.get(m, False) for m, _ in fn.next_functions)
+            r = any(reach)
             reaches[fn] = r
             if r:
                 name = type(fn).__name__
                 k = table.get(name)
                 if k is not None and not isinstance(k, int):
-                    k = k(fn)
+                    k = k(fn, reach)
                 if k is not None and k < order:
                     found[name] = min(k, found.get(name, k))
             continue
