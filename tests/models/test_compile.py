@@ -853,3 +853,30 @@ def test_vmap_of_a_user_function_is_refused():
     assert torch.isfinite(loss(mu))  # eagerly it runs
     with pytest.raises(storch.StorchError, match="cannot record .*partly_constant.*register_plate_handler"):
         storch.compile(loss, backend=None)(mu)
+
+
+def test_greedy_baseline_on_a_continuous_node_compiles():
+    """score(baseline='greedy') on a Normal: its check that the mode is unique read a value in Python
+    (torch.isnan(mode).any()), so storch.compile refused the step as if the user's code did (found by porting a
+    recurrent attention model); while tracing it is an assumption checked at every call. Same loss and
+    gradient as the eager step at two seeds."""
+    from torch.distributions import Normal
+
+    est = storch.estimator("score", plate="l", n_samples=2, baseline="greedy")
+    mu = torch.zeros(3, requires_grad=True)
+
+    def step(mu):
+        with storch.Graph():
+            loc = est(Normal(mu, 0.5))
+            storch.add_cost(((loc - 0.3) ** 2).sum(-1), name="c")
+            return storch.surrogate_loss()
+
+    compiled = storch.compile(step, backend=None)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        loss_c = compiled(mu)
+        (g_c,) = torch.autograd.grad(loss_c, mu)
+        torch.manual_seed(seed)
+        loss_e = step(mu)
+        (g_e,) = torch.autograd.grad(loss_e, mu)
+        torch.testing.assert_close((loss_c, g_c), (loss_e, g_e))

@@ -47,6 +47,7 @@ CONFIGS = [
     ("score", "baseline='leave_one_out'", {"baseline": "leave_one_out"}, "bernoulli"),
     ("score", "baseline='moving_average'", {"baseline": "moving_average"}, "bernoulli"),
     ("score", "baseline='learned'", {"baseline": "learned"}, "bernoulli"),
+    ("score", "baseline='greedy'", {"baseline": "greedy"}, "normal"),
     ("spsa", "", {}, "bernoulli"),
     ("sum_and_sample", "", {}, "bernoulli"),
     ("unordered_set", "", {}, "bernoulli"),

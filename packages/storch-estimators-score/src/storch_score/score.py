@@ -11,7 +11,7 @@ from torch.distributions import Bernoulli, Distribution
 
 import storch.distributed
 from storch import CostFrame, Estimator, Node, OptionError, Plate, PlateTensor
-from storch.extending import base_distribution, is_tracing, leave_one_out, match_optimizer_state, options
+from storch.extending import assume, base_distribution, is_tracing, leave_one_out, match_optimizer_state, options
 
 from .learned_baseline import LearnedBaseline, baseline_features, check_inputs, in_frame
 
@@ -478,8 +478,13 @@ def _mode(d, who: str) -> torch.Tensor:
         mode = d.mode.detach()  # ⊥: the greedy value is a sample, not differentiated
     except NotImplementedError:
         mode = None
-    if mode is None or (mode.is_floating_point() and torch.isnan(mode).any()):
-        raise OptionError(
-            f"{who}: baseline='greedy' needs the distribution's most probable value, but {type(d).__name__}.mode "
-            "is not implemented or not unique (NaN); use another baseline")
+    message = (f"{who}: baseline='greedy' needs the distribution's most probable value, but {type(d).__name__}.mode "
+               "is not implemented or not unique (NaN); use another baseline")
+    if mode is None:
+        raise OptionError(message)
+    if mode.is_floating_point():
+        if is_tracing():  # storch.compile: checked at every replayed call, not read in Python
+            assume(~torch.isnan(mode).any(), message)
+        elif torch.isnan(mode).any():
+            raise OptionError(message)
     return mode
