@@ -242,3 +242,22 @@ def test_thread_graphs_are_separate():
     t.join()
     assert len(errors) == 1 and "another graph" in str(errors[0])
     storch.reset()
+
+
+def test_a_partition_of_independent_steps_in_the_default_graph_says_to_use_a_graph_block():
+    """One estimator called per residual block with a gate from a plain parameter (stochastic depth), in the
+    default graph: the second call depends on nothing sampled, which the default graph cannot tell from a new
+    step after an unfinished one. The message said 'this looks like a new step after a step that did not
+    finish' on the very first step (found by porting stochastic depth); it now names the partition case
+    first and what to do, and the same code inside `with storch.Graph():` runs."""
+    gates = torch.zeros(3, requires_grad=True)
+    est = storch.estimator("score", plate="g", n_samples=2)
+    est(Bernoulli(logits=gates[0]))
+    with pytest.raises(storch.PlateError, match=r"steps of one partition that do not depend on each other.*"
+                                                r"`with storch.Graph\(\):`"):
+        est(Bernoulli(logits=gates[1]))
+    with storch.Graph():
+        for i in range(3):
+            storch.add_cost(est(Bernoulli(logits=gates[i])).float(), name="compute")
+        storch.backward()
+    assert gates.grad is not None and torch.isfinite(gates.grad).all()

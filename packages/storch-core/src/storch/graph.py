@@ -189,17 +189,20 @@ class Graph:
         what = f"the distribution passed to estimator {estimator.name!r} (plate {estimator.plate!r})"
         self.check_plates(plates, what)
         if self.is_default and not plates and self.partition_of(estimator) is not None:
-            why = ("the previous step built its surrogate loss but was not ended: storch.surrogate_loss() "
+            why = ("here the previous step built its surrogate loss but was not ended: storch.surrogate_loss() "
                    "(and its .backward()) does not end a step; end it with storch.backward() (backpropagates, "
                    "updates estimator state, resets), storch.reset(), or `with storch.Graph():` per step"
                    if self.loss_built else
-                   "an exception in your code?; call storch.reset() after catching an exception, or use "
-                   "`with storch.Graph():` per step")
+                   "after catching an exception in your code, call storch.reset(), or use `with storch.Graph():` "
+                   "per step")
             raise PlateError(
-                f"estimator {estimator.name!r} (plate {estimator.plate!r}) was already used in the thread's "
-                f"default graph, and {what} depends on nothing sampled in it. This looks like a new step "
-                f"after a step that did not finish ({why}); storch has now discarded that step. (A partition "
-                "of steps that do not depend on each other must be built inside `with storch.Graph():`.)")
+                f"estimator {estimator.name!r} (plate {estimator.plate!r}) was already called in the thread's "
+                f"default graph, and {what} depends on nothing sampled in it. In the default graph storch cannot "
+                "tell such a call from the first call of a new step after a step that did not finish, so it "
+                "refuses, and has discarded the step. If the calls are steps of one partition that do not depend "
+                "on each other (a gate per block, independent decisions), build each training step inside "
+                "`with storch.Graph():` (there the block marks the step). If a previous step did not finish: "
+                f"{why}")
 
     def add_node(self, node: Node) -> None:
         """Register a stochastic node (claims its plate, gives it its index); estimators call this."""
