@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("sequences", help="GRU decoder trained on -edit distance: sequence estimators at equal k")
     _common(q)
     q.add_argument("--k", type=int, default=8, help="sequences per target and step (default 8)")
-    q.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
+    q.add_argument("--steps", type=int, default=400, help="training steps (default 400; the first 5 are warm-up, not timed)")
     q.add_argument("--lr", type=float, default=0.005)
     q.add_argument("--seeds", default=None, help="comma-separated seeds, one run each (default: --seed)")
     q.add_argument("--variance-reps", type=int, default=16, help="gradient estimates for the variance at the start "

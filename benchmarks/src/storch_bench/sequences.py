@@ -293,6 +293,8 @@ def table(results: list[SeqResult], cfg: SeqConfig) -> str:
     ok = {n: [r for r in rs if not r.note] for n, rs in groups.items()}
     base = ok.get("score+loo")
     base_ms = float(torch.tensor([r.ms_per_step for r in base]).mean()) if base else math.nan
+    if not base_ms:  # too few steps to time any (the first 5 are warm-up)
+        base_ms = math.nan
     n_seeds = len(cfg.seeds or (cfg.seed,))
     rows = [f"| estimator (k = {cfg.k} sequences per target) | final reward, samples{' (mean ± sd over seeds)' if n_seeds > 1 else ''} | "
             "final reward, greedy | grad variance, start → end | ms/step | vs score+loo | peak MB |",

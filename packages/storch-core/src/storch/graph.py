@@ -46,7 +46,7 @@ class Graph:
     Example:
         >>> with storch.Graph():
         ...     z = storch.estimator("score", plate="z", n_samples=4)(Bernoulli(logits=theta))
-        ...     storch.add_cost((z - 0.45) ** 2)
+        ...     storch.add_cost(((z - 0.45) ** 2).sum())
         ...     loss = storch.surrogate_loss()
     """
 

@@ -81,7 +81,8 @@ def _register(funcs, entry: Entry, override: bool) -> None:
         if old is not None and not override and old != entry:
             raise PlateError(
                 f"{_qualname(f)} already has the plate treatment {old.treatment.value!r} "
-                f"({old.note or _qualname(old.impl)}); pass override=True to replace it"
+                f"({old.note or (_qualname(old.impl) if old.impl is not None else 'registered before')}); "
+                "pass override=True to replace it"
             )
         TABLE[f] = entry
         _DECIDED.pop(f, None)
