@@ -25,6 +25,11 @@ SCENARIOS = {
     "score_loo": ("score", {"n_samples": 3, "baseline": "leave_one_out"}, False),
     "score_ma": ("score", {"n_samples": 2, "baseline": "moving_average"}, True),  # find_unused_parameters
     "relax": ("relax", {}, False),
+    # NVIL: lazily built heads (broadcast from rank 0) and their regression (gradients averaged)
+    "score_learned": ("score", {"n_samples": 2, "baseline": "learned", "hidden": 4, "lr": 0.05}, False),
+    # a user's trainable module: the same regression (its parameters get no model gradient, so DDP must be
+    # told they are unused)
+    "score_module": ("score", {"n_samples": 2, "baseline": "module", "lr": 0.05}, True),
 }
 STEPS = 5
 SHARD = 4
@@ -37,6 +42,8 @@ class Model(torch.nn.Module):
         super().__init__()
         torch.manual_seed(0)  # the same initialisation in every process
         self.enc, self.dec = torch.nn.Linear(6, 4), torch.nn.Linear(4, 6)
+        if options.get("baseline") == "module":
+            options = {**options, "baseline": ScalarBaseline()}
         self.est = storch.estimator(name, plate="z", **options)
         self.return_loss = return_loss
 
@@ -48,6 +55,46 @@ class Model(torch.nn.Module):
         return storch.surrogate_loss() if self.return_loss else None
 
 
+class ScalarBaseline(torch.nn.Module):
+    """A user's trainable baseline module: one learned number (regressed on the cost by the estimator)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, node, cost):
+        return self.b
+
+
+class Episode(torch.nn.Module):
+    """A partition of ``T`` Bernoulli steps with a moving-average baseline (one average per step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(1, 1)
+        self.est = storch.estimator("score", plate="ep", n_samples=2, baseline="moving_average")
+
+    def forward(self, T: int):
+        s = torch.zeros(1)
+        for _ in range(T):
+            a = self.est(Bernoulli(logits=self.lin(s).squeeze(-1)))
+            s = s + a
+            storch.add_cost(-a, name="r")
+        return storch.surrogate_loss()
+
+
+def episodes(model, T: int, rank: int) -> dict:
+    """Three episodes of length ``T`` (the policy is not stepped: the same draws with and without sync)."""
+    g = torch.Generator().manual_seed(7 + rank)
+    for _ in range(3):
+        with storch.Graph(generator=g):
+            model(T)
+            storch.backward()
+    est = model.module.est if hasattr(model, "module") else model.est
+    return {k: v.clone() for k, v in est.moving_averages.items()}
+
+
 def data(world: int) -> torch.Tensor:
     return (torch.rand(world * SHARD, 6, generator=torch.Generator().manual_seed(3)) > 0.5).float()
 
@@ -55,7 +102,11 @@ def data(world: int) -> torch.Tensor:
 def estimator_state(model: Model) -> list[torch.Tensor]:
     est = model.est
     if est.name == "score":
-        return [v.clone() for _, v in sorted(est.moving_averages.items())]
+        # the moving averages (NVIL's c), a learned baseline's parameters and its Adam moments
+        opt = [] if est._optimizer is None else [
+            v for s in est._optimizer.state.values() for _, v in sorted(s.items()) if torch.is_tensor(v)]
+        return ([v.clone() for _, v in sorted(est.moving_averages.items())]
+                + [p.detach().clone() for p in est.parameters()] + [v.clone() for v in opt])
     return [p.detach().clone() for p in est.parameters()]
 
 
@@ -100,6 +151,38 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         storch.distributed.synchronize(local, enabled=False)
         train(DDP(local), x, torch.Generator().manual_seed(100 + rank))
         out["local"] = {"state": estimator_state(local), "agree": storch.distributed.ranks_agree(estimator_state(local))}
+        # episodes of different lengths per rank (rank 0: T=3, rank 1: T=5): moving averages per step r@t
+        T = 3 + 2 * rank
+        out["lengths"] = {"synced": episodes(DDP(Episode()), T, rank)}
+        local = Episode()
+        storch.distributed.synchronize(local, enabled=False)
+        out["lengths"]["local"] = episodes(local, T, rank)
+        out["lengths"]["agree"] = storch.distributed.ranks_agree(
+            [v for _, v in sorted(out["lengths"]["synced"].items())])
+        # ranks that would average values of different sizes: a StorchError on every rank, no abort
+        try:
+            storch.distributed.all_reduce_mean([torch.zeros(1 + rank)])
+            out["mismatch"] = None
+        except storch.StorchError as e:
+            out["mismatch"] = str(e)
+        # a DDP-wrapped submodule returning plate tensors with find_unused_parameters=True: DDP's own
+        # autograd.Function (_DDPSink) runs on them; the error names this case and the documented pattern
+        torch.manual_seed(0)
+        enc, dec = torch.nn.Linear(6, 4), torch.nn.Linear(4, 6)
+        est = storch.estimator("score", plate="z", n_samples=2, baseline="leave_one_out")
+        ddec = DDP(dec, find_unused_parameters=True)
+        try:
+            with storch.Graph():
+                xs = storch.denote_independent(x, 0, "data")
+                z = est(Bernoulli(logits=enc(xs)))
+                storch.add_cost(F.binary_cross_entropy_with_logits(ddec(z), xs, reduction="none").sum())
+                storch.backward()
+            out["sink"] = None
+        except storch.PlateError as e:
+            out["sink"] = str(e)
+        del ddec
+        gc.collect()
+        dist.barrier()
         # misuse: find_unused_parameters=True with a forward that does not return the loss
         ddp = DDP(Model("score", {"n_samples": 2}, return_loss=False), find_unused_parameters=True)
         try:

@@ -4,7 +4,11 @@ and estimator state that must agree across ranks does (bitwise).
 
 Scenarios: ``score`` + leave-one-out; ``score`` + moving average (under
 ``find_unused_parameters=True``; the moving average in sync after 5 steps); ``relax`` with its
-lazily built network (φ identical on both ranks after 5 steps). Defects of issue 11: the moving
+lazily built network (φ identical on both ranks after 5 steps); ``score`` + NVIL (lazily built heads
+and their regression) and + a trainable baseline module (ψ and Adam's moments identical). Also:
+moving averages of episodes of different lengths per rank, values of different sizes (a
+StorchError, not a gloo abort), and a DDP submodule under ``find_unused_parameters=True`` (a
+PlateError that names DDP's sink). Defects of issue 11: the moving
 averages and RELAX's control variate drifted apart per rank, RELAX's lazily built network was
 unknown to DDP (each rank initialised its own), and ``find_unused_parameters=True`` crashed with
 "marked as ready twice"."""
@@ -78,3 +82,29 @@ def test_without_synchronisation_the_moving_averages_drift_apart(ranks):
     """What storch.distributed prevents (issue 11): per-rank moving averages of per-rank costs."""
     assert not ranks[0]["local"]["agree"]
     assert not torch.equal(ranks[0]["local"]["state"][0], ranks[1]["local"]["state"][0])
+
+
+def test_moving_averages_of_episodes_of_different_lengths_agree(ranks):
+    """Rank 0 runs episodes of 3 steps, rank 1 of 5: the moving averages per step (r, r@1, ...) are kept
+    on every rank, each the average over the ranks that reached that step (gloo aborted the process)."""
+    synced = [r["lengths"]["synced"] for r in ranks]
+    local = [r["lengths"]["local"] for r in ranks]
+    assert all(r["lengths"]["agree"] for r in ranks)
+    assert sorted(synced[0]) == sorted(synced[1]) == sorted(local[1]) == ["r", "r@1", "r@2", "r@3", "r@4"]
+    assert sorted(local[0]) == ["r", "r@1", "r@2"]
+    for key in synced[0]:
+        assert torch.equal(synced[0][key], synced[1][key])
+        have = [loc[key] for loc in local if key in loc]
+        assert (synced[0][key] - sum(have) / len(have)).abs().item() < 1e-6, key
+
+
+def test_averaging_values_of_different_sizes_is_a_clear_error(ranks):
+    for r in ranks:
+        assert r["mismatch"] is not None and "different" in r["mismatch"] and "same steps" in r["mismatch"]
+
+
+def test_a_ddp_submodule_returning_plate_tensors_under_find_unused_parameters_names_ddp(ranks):
+    for r in ranks:
+        msg = r["sink"]
+        assert msg is not None and "_DDPSink" in msg and "return storch.surrogate_loss()" in msg
+        assert "MyFn" not in msg

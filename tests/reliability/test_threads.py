@@ -107,3 +107,33 @@ def test_generator_draws_are_reproducible_and_leave_the_global_generator_alone()
 def test_generator_must_be_a_generator():
     with pytest.raises(TypeError, match="torch.Generator"):
         storch.Graph(generator=3)
+
+
+@pytest.mark.parametrize("name, options", [("score", {"n_samples": 2, "baseline": "learned", "hidden": 4}),
+                                           ("relax", {})])
+def test_learned_parts_initialise_from_the_graphs_generator_not_the_global_one(name, options):
+    """NVIL's heads (score's baseline='learned') and RELAX's network are built on first use inside
+    ``storch.Graph(generator=g)``: ``g`` initialises them, so the global seed changes nothing (NVIL's
+    first layer was drawn from the global generator)."""
+    if name not in storch.available_estimators():
+        pytest.skip(f"needs {name}")
+    runs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        enc, _ = _model("a")
+        est = storch.estimator(name, plate="z", **options)
+        gen = torch.Generator().manual_seed(3)
+        data = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+        grads = []
+        for _ in range(3):
+            with storch.Graph(generator=gen):
+                z = est(Bernoulli(logits=enc(storch.denote_independent(data, 0, "data"))))
+                storch.add_cost(((z - 0.3) ** 2).sum(), name="c")
+                enc.zero_grad()
+                storch.backward()
+            grads.append(enc.weight.grad.clone())
+        runs.append((grads, [p.detach().clone() for p in est.parameters()]))
+    (grads_a, params_a), (grads_b, params_b) = runs
+    assert len(params_a) > 0
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))

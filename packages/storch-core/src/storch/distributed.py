@@ -4,13 +4,18 @@ Estimator state that must agree across processes is kept in sync by the estimato
 at the one place where it changes:
 
 - running statistics (the ``score`` estimator's moving-average baselines) are averaged over
-  the ranks before they are committed, so every rank holds the average of the global batch;
-- learned control variates (``relax``, ``rebar``, ``lax``) average their variance gradient over
-  the ranks before their optimizer step (as DDP averages model gradients), and a lazily built
-  network is broadcast from rank 0 when it is built, so their parameters stay identical.
+  the ranks before they are committed, so every rank holds the average of the global batch; per
+  step of a partition, over the ranks whose episodes reached that step (``partial=True``);
+- learned baselines (``score``'s ``"learned"``, NVIL, and trainable baseline modules) and learned
+  control variates (``relax``, ``rebar``, ``lax``) average their gradient over the ranks before
+  their optimizer step (as DDP averages model gradients), and a lazily built network is
+  broadcast from rank 0 when it is built, so their parameters stay identical.
 
 This happens automatically when ``torch.distributed`` is initialised with more than one
-process. It is a collective operation: every rank must run the same steps (as under DDP). To
+process. It is a collective operation: every rank must call ``storch.backward()`` as often, with
+the same estimators (as under DDP); episodes of a partition may differ in length. Values that
+would be averaged with different keys, shapes or dtypes raise :class:`storch.StorchError` on
+every rank before the collective. To
 use an estimator on one rank only (evaluation on rank 0, for example), switch it off for that
 model with :func:`synchronize` ``(model, enabled=False)``, or pass another process group.
 
@@ -37,6 +42,8 @@ import functools
 from typing import Any, Union
 
 import torch
+
+from .errors import StorchError
 
 __all__ = ["is_active", "synchronize", "all_reduce_mean", "broadcast_", "ranks_agree"]
 
@@ -83,19 +90,40 @@ def synchronize(module: torch.nn.Module, enabled: bool = True, group: Any = None
             m._storch_process_group = group if enabled else False
 
 
-def all_reduce_mean(values: Union[dict, list, torch.Tensor], owner: Any = None) -> Union[dict, list, torch.Tensor]:
+def all_reduce_mean(values: Union[dict, list, torch.Tensor], owner: Any = None, partial: bool = False,
+                    what: str = "values") -> Union[dict, list, torch.Tensor]:
     """The mean of ``values`` over the ranks (a dict or list of tensors, or one tensor).
 
     Without an active process group the values are returned unchanged. Every rank must call it
-    with the same keys, shapes and dtypes. One collective per dtype and device.
+    (it is a collective). The ranks first check that they hold the same keys, shapes and dtypes
+    (one small collective); then one collective per dtype and device.
+
+    Args:
+        values: the tensors to average.
+        owner: the estimator whose process group is used (None: the world).
+        partial: a dict whose keys may differ across ranks (a moving average per step of
+            episodes of different lengths): the result holds the union of the keys on every rank,
+            each averaged over the ranks that have it (a rank without it contributes nothing).
+            Otherwise ranks with different keys, shapes or dtypes raise :class:`storch.StorchError`.
+        what: what the values are, for the error message.
     """
     if not is_active(owner):
         return values
     dist = _dist()
     group = _group_of(owner)
     if isinstance(values, torch.Tensor):
-        return all_reduce_mean([values], owner)[0]
+        return all_reduce_mean([values], owner, what=what)[0]
     items = list(values.items()) if isinstance(values, dict) else list(enumerate(values))
+    # the ranks' layouts agree? (a flat all_reduce of different sizes aborts the process in gloo)
+    layout = [(key, str(v.dtype), tuple(v.shape)) for key, v in items]
+    if not _layouts_agree(layout, group):
+        if partial and isinstance(values, dict):
+            return _union_mean(values, layout, group)
+        raise StorchError(
+            f"storch.distributed: the ranks hold different {what} to average (different keys, shapes or dtypes; "
+            f"this rank: {len(layout)} of them). Every rank must run the same steps, with the same costs and "
+            "estimator calls (as under DDP); to use an estimator on one rank only, switch its synchronisation "
+            "off with storch.distributed.synchronize(model, enabled=False)")
     out: dict = {}
     by_kind: dict = {}
     for key, v in items:
@@ -112,6 +140,68 @@ def all_reduce_mean(values: Union[dict, list, torch.Tensor], owner: Any = None) 
     if isinstance(values, dict):
         return {key: out[key] for key, _ in items}
     return [out[i] for i, _ in items]
+
+
+def _comm_device(group: Any) -> torch.device:
+    """Where tensors of a collective of ``group`` live (nccl: the current CUDA device; else the CPU)."""
+    if _dist().get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _layouts_agree(layout: list, group: Any) -> bool:
+    """Whether every rank passed the same ``layout`` (one all_reduce of a 63-bit fingerprint)."""
+    import hashlib
+
+    digest = hashlib.blake2b(repr(layout).encode(), digest_size=8).digest()
+    fp = int.from_bytes(digest, "little") >> 1  # Python's hash() of a str differs between processes
+    t = torch.tensor([fp, -fp], dtype=torch.int64, device=_comm_device(group))
+    dist = _dist()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t[0]) == fp and int(t[1]) == -fp  # max == min == this rank's
+
+
+def _union_mean(values: dict, layout: list, group: Any) -> dict:
+    """``all_reduce_mean(values, partial=True)`` when the ranks' keys differ: agree on the union of
+    the keys (all_gather_object), then sum each key and the number of ranks that have it."""
+    dist = _dist()
+    layouts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(layouts, layout, group=group)
+    union: dict = {}
+    for rank_layout in layouts:  # the same order on every rank: rank 0's keys first
+        for key, dtype, shape in rank_layout:
+            union.setdefault(key, (dtype, shape))
+    for key, (dtype, shape) in union.items():
+        if any(k == key and (d, s) != (dtype, shape) for rank_layout in layouts for k, d, s in rank_layout):
+            raise StorchError(
+                f"storch.distributed: the ranks hold {key!r} with different shapes or dtypes; a value of one key "
+                "must have one shape and dtype on every rank")
+    local = next(iter(values.values()), None)
+    device = local.device if local is not None else _comm_device(group)
+    keys = list(union)
+    sums, counts = [], []
+    for key in keys:
+        dtype, shape = union[key]
+        v = values.get(key)
+        sums.append(v.detach().to(device).reshape(-1) if v is not None
+                    else torch.zeros(shape, dtype=getattr(torch, dtype.split(".")[-1]), device=device).reshape(-1))
+        counts.append(float(v is not None))
+    out: dict = {}
+    by_dtype: dict = {}
+    for key, flat in zip(keys, sums):
+        by_dtype.setdefault(str(flat.dtype), []).append((key, flat))
+    count = torch.tensor(counts, dtype=torch.float64, device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
+    n_of = dict(zip(keys, count.tolist()))
+    for _, group_items in sorted(by_dtype.items()):
+        flat = torch.cat([v for _, v in group_items])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        offset = 0
+        for key, v in group_items:
+            shape = union[key][1]
+            out[key] = flat[offset:offset + v.numel()].reshape(shape) / n_of[key]
+            offset += v.numel()
+    return {key: out[key] for key in keys}
 
 
 def broadcast_(tensors: list[torch.Tensor], owner: Any = None, src: int = 0) -> None:

@@ -9,8 +9,9 @@ from typing import Any, Optional
 import torch
 from torch.distributions import OneHotCategorical
 
-from storch import CostFrame, Node, OptionError, Plate, PlateTensor, StorchError
-from storch.extending import base_distribution, is_tracing, learned_dtype, options
+import storch.distributed
+from storch import CostFrame, Node, OptionError, Plate, PlateTensor, StorchError, current_generator
+from storch.extending import base_distribution, drawing_with, is_tracing, learned_dtype, options
 
 __all__ = ["LearnedBaseline", "baseline_features", "check_inputs", "in_frame"]
 
@@ -101,8 +102,10 @@ class LearnedBaseline(torch.nn.Module):
     trains ψ by regression on the cost: ``update_parameters`` descends Σ (b_ψ(h) - f)², with f the
     detached cost estimates of the node's :class:`storch.CostFrame` (Mnih & Gregor 2014, Eq. 11).
     The heads are created at the first node (their input width is h's), with a zero output layer,
-    so the untrained baseline is 0 (no baseline); a step traced by ``storch.compile`` cannot create
-    them (run one step eagerly first, or load a state_dict).
+    so the untrained baseline is 0 (no baseline), and a first layer drawn from the generator of
+    ``storch.Graph(generator=g)`` (torch's global one without it); under ``torch.distributed`` they
+    are broadcast from rank 0, and the regression's gradients are averaged over the ranks. A step
+    traced by ``storch.compile`` cannot create them (run one step eagerly first, or load a state_dict).
 
     Args:
         hidden: width of the hidden layer.
@@ -126,11 +129,15 @@ class LearnedBaseline(torch.nn.Module):
                     f"storch.compile: score's learned baseline builds its network for cost {name!r} on first use "
                     "(its input width is h's), which a traced step cannot do. Run one step eagerly first (or "
                     "load a state_dict that holds the network), then call the compiled step")
-            with torch.inference_mode(False):  # trainable even if first built in an inference_mode() pass
+            # trainable even if first built in an inference_mode() pass; initialised from the generator of
+            # storch.Graph(generator=g) (not torch's global one), as every learned part of storch is
+            with torch.inference_mode(False), drawing_with(current_generator()):
                 net = torch.nn.Sequential(torch.nn.Linear(h.shape[-1], self.hidden), torch.nn.Tanh(),
                                           torch.nn.Linear(self.hidden, 1)).to(dtype=learned_dtype(h), device=h.device)
                 torch.nn.init.zeros_(net[2].weight)
                 torch.nn.init.zeros_(net[2].bias)
+            # every process must start from the same ψ (DDP broadcasts only what exists at wrapping)
+            storch.distributed.broadcast_(list(net.parameters()), owner=self._owner)
             self.heads[key] = net
         return self.heads[key]
 
@@ -150,6 +157,8 @@ class LearnedBaseline(torch.nn.Module):
                     torch.nn.Linear(weight.shape[1], self.hidden), torch.nn.Tanh(),
                     torch.nn.Linear(self.hidden, 1)).to(dtype=weight.dtype, device=weight.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    _owner = None  # the estimator whose process group the broadcast uses (set by it)
 
     def forward(self, node: Node, cost: CostFrame) -> torch.Tensor:
         h, plates = baseline_features(node)

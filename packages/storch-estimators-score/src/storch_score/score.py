@@ -117,6 +117,7 @@ class Score(Estimator):
         options.flag("score", "update", update)
         if kind == "learned":
             kind, self.baseline_fn = "callable", LearnedBaseline(hidden)
+            object.__setattr__(self.baseline_fn, "_owner", self)  # not a submodule: no cycle in .modules()
         self._baseline: _Baseline = _BASELINES[kind]
         self.decay, self.lr, self.update = float(decay), float(lr), update
         self.moving_averages: dict[str, torch.Tensor] = {}  # cost key -> average of earlier steps
@@ -248,12 +249,17 @@ class Score(Estimator):
         optimizer state unchanged, ``skipped_updates`` counts it, a RuntimeWarning says it) when the
         loss or a gradient is not finite: as a non-finite mean cost never enters the moving average."""
         params = [p for p in self.baseline_fn.parameters() if p.requires_grad]
-        if not errors or not params:
+        synced = storch.distributed.is_active(self)
+        if not params or not (errors or synced):  # under torch.distributed every rank takes part
             return
-        loss = sum(errors)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        finite = torch.stack([torch.isfinite(loss.detach()).all()] + [torch.isfinite(g).all() for g in grads
-                                                                      if g is not None])
+        loss = sum(errors) if errors else None
+        grads = torch.autograd.grad(loss, params, allow_unused=True) if errors else (None,) * len(params)
+        finite = torch.stack(([torch.ones((), dtype=torch.bool)] if loss is None else [torch.isfinite(loss.detach()).all()])
+                             + [torch.isfinite(g).all() for g in grads if g is not None])
+        if synced:
+            # torch.distributed: the gradient of the global batch's regression loss, the mean over the
+            # ranks (as DDP averages model gradients), so ψ and Adam's moments stay identical everywhere
+            grads, finite = _across_ranks(params, grads, finite, self)
         if not bool(finite.all()):  # one host sync per update (update_from runs after the step)
             self.skipped_updates += 1
             warnings.warn(
@@ -261,6 +267,8 @@ class Score(Estimator):
                 f"(NaN or inf; {self.skipped_updates} update(s) skipped so far): this update was skipped, the "
                 "baseline's parameters and optimizer state are unchanged. Check the costs and the baseline's "
                 "inputs (est(distribution, inputs=h)) for non-finite values", RuntimeWarning, stacklevel=2)
+            return
+        if all(g is None for g in grads):  # no rank regressed anything: nothing to step
             return
         if self._optimizer is None or sum(len(g["params"]) for g in self._optimizer.param_groups) != len(params):
             self._optimizer = torch.optim.Adam(params, lr=self.lr)
@@ -338,7 +346,9 @@ class Score(Estimator):
         """Add each cost key's mean to its running mean. ``finite``: per key, whether the mean is finite
         (a compiled step's program returns it), ``None`` (checked here), or ``_KNOWN_FINITE`` (an eager
         update after a finite loss: no check and no select)."""
-        reduced = storch.distributed.all_reduce_mean(means, owner=self)  # the global batch's mean, every rank
+        # the global batch's mean, on every rank; partial: ranks whose episodes have different lengths hold
+        # different step keys (r@t); each is averaged over the ranks that have it, and every rank stores it
+        reduced = storch.distributed.all_reduce_mean(means, owner=self, partial=True, what="moving averages")
         # averaged over ranks: the global mean's finiteness, not this rank's (known or given), is checked
         known = finite is _KNOWN_FINITE and reduced is means
         if reduced is not means or finite is _KNOWN_FINITE:
@@ -461,6 +471,24 @@ class _Callable(_Baseline):
 
     def update(self, est, frames):
         est._regress(frames)
+
+
+def _across_ranks(params: list, grads: tuple, finite: torch.Tensor, owner: Score) -> tuple[list, torch.Tensor]:
+    """The baseline's regression gradients averaged over the ranks, and whether they are finite on every rank.
+
+    A rank where a parameter got no gradient (``None``: a head its costs did not use) adds zeros to the
+    mean; a parameter no rank used keeps ``None`` (Adam leaves it alone, as in one process). One rank's
+    non-finite loss or gradient skips the update on every rank (the same decision everywhere).
+    """
+    ref = params[0]
+    flags = torch.tensor([float(g is not None) for g in grads] + [float(not bool(finite.all()))],
+                         dtype=ref.dtype, device=ref.device)
+    values = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)] + [flags]
+    reduced = storch.distributed.all_reduce_mean(values, owner=owner, what="score's learned baseline gradients")
+    used, bad = reduced[-1][:-1], reduced[-1][-1]
+    grads = [g if bool(u > 0) else None for g, u in zip(reduced[:-1], used.tolist())]
+    finite = torch.stack([bad == 0] + [torch.isfinite(g).all() for g in grads if g is not None])
+    return grads, finite
 
 
 _KNOWN_FINITE = object()  # Score.update_parameters: the loss was checked finite, so is every mean cost

@@ -13,6 +13,8 @@ on the tensor (``storch.plates.tensor.install_dispatcher``) when imported.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..eager import mark_eager_only, set_eval_frame
@@ -108,6 +110,15 @@ def _check_custom_function(func, args, kwargs) -> None:
     if torch.is_inference_mode_enabled():
         return
     if any(type(a) is _PT and a._raw.requires_grad for a in _operands(args, kwargs or {})):
+        if _in_ddp_sink():
+            raise PlateError(
+                "a DistributedDataParallel module returned plate tensors (storch's samples, or values computed from "
+                "them) with find_unused_parameters=True or static_graph=True: DDP then passes its outputs through "
+                "its own torch.autograd.Function (_DDPSink), whose backward storch cannot follow on plate tensors, "
+                "so their gradient would be lost. Wrap the whole model in DDP instead (the estimators as its "
+                "submodules) and end its forward with `return storch.surrogate_loss()` (a plain tensor), then call "
+                "storch.backward(); see docs/reliability.md and examples/distributed/train_ddp.py. A DDP-wrapped "
+                "submodule that returns plate tensors works with the default DDP arguments only")
         raise PlateError(
             f"{describe(func)} was called on plate tensors that need grad with autograd disabled and forward-mode "
             "AD disabled: the forward of a custom torch.autograd.Function (MyFn.apply(x), "
@@ -117,6 +128,21 @@ def _check_custom_function(func, args, kwargs) -> None:
             "operations (autograd differentiates them) instead of a custom Function. A module's full backward "
             "hook (register_full_backward_hook) is such a Function too: use a forward hook or "
             "tensor.register_hook instead")
+
+
+def _in_ddp_sink() -> bool:
+    """Whether the caller is DDP's ``_DDPSink.forward`` (torch.nn.parallel.distributed; error path only)."""
+    ddp = sys.modules.get("torch.nn.parallel.distributed")
+    sink = getattr(getattr(ddp, "_DDPSink", None), "forward", None)
+    code = getattr(sink, "__code__", None)
+    if code is None:
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:  # a few frames: the sink calls the dispatcher (clone) directly
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 @mark_eager_only
