@@ -12,10 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical, OneHotCategorical
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import storch
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
-from storch_score._sequences import _prefix_tables
+from storch_score._sequences import _sample_match, _slot_match
 
 torch.set_default_dtype(torch.float64)
 R = 2000
@@ -124,6 +126,17 @@ def test_costs_at_every_step_causal_credit(config, eos):
     fn = lambda th: exact(th, eos, per_step=True)  # noqa: E731
     assert_unbiased(g, torch.autograd.functional.jacobian(fn, t), f"{config} eos={eos} per-step gradient")
     assert_unbiased(h, torch.autograd.functional.hessian(fn, t), f"{config} eos={eos} per-step Hessian")
+
+
+def _prefix_tables(c, length, eos):
+    """The memory's ``length``-prefixes ``(K, P, L)`` (padded with the end token, 0 without one) and
+    whether each exists (length >= L or ended by eos): the definition, L tokens compared at once."""
+    mem = c.mem
+    if mem.shape[-1] < length:
+        pad = torch.full(mem.shape[:2] + (length - mem.shape[-1],), 0 if eos is None else eos, dtype=torch.long)
+        mem = torch.cat([mem, pad], -1)
+    ended = torch.zeros_like(c.mem_ok) if eos is None else (c.mem == eos).any(-1)
+    return mem[:, :, :length], c.mem_ok & ((c.mem_len >= length) | ended)
 
 
 def _check_sets(node, toks, eos):
@@ -296,7 +309,7 @@ def test_sequence_steps_take_the_fast_paths(monkeypatch):
     from storch_score import _sequences
 
     built = []
-    for name in ("_prefix_tables", "_weights"):
+    for name in ("_tables_at", "_weights"):
         def counted(*args, _f=getattr(_sequences, name), _name=name):
             built.append((_name, args[2] if _name == "_weights" else args[1]))  # (what, length)
             return _f(*args)
@@ -316,10 +329,61 @@ def test_sequence_steps_take_the_fast_paths(monkeypatch):
     assert list(c.orders.values()) == [([0, 1], None)]  # one layout, the first step's: nothing permuted
     # length 1: the w storch builds at the first call; length 3: the cost's (w read by the surrogate and the
     # baseline, the tables by both and by the buffer update), built once
-    assert sorted(built) == [("_prefix_tables", 1), ("_prefix_tables", 3), ("_weights", 1), ("_weights", 3)]
+    assert sorted(built) == [("_tables_at", 1), ("_tables_at", 3), ("_weights", 1), ("_weights", 3)]
     d = OneHotCategorical(logits=torch.zeros(2, 3))
     assert _sequences._tokens_of(d)[0] is d._categorical
 
+
+class _Work(TorchDispatchMode):
+    """The elements every tensor operation that is not a view reads: the work done, counted, not timed."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.elements += sum(a.numel() for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("options", [dict(buffer=4, n_enumerate=2, n_samples=3, eos=0),
+                                     dict(buffer=2, n_samples=3, baseline="leave_one_out")],
+                         ids=["importance-slot+eos", "loo"])
+def test_a_long_episode_is_linear_in_its_steps(options):
+    """Issue 19: the loop and the surrogate of a T-step episode with a cost per step do work linear in
+    T. Each length's weights stacked the L tokens and compared every L-prefix of the memory and the
+    slots anew, and every step with an end token stacked all earlier tokens: quadratic (T = 2000 took
+    1.7 s in surrogate_loss, 0.36 s now). Prefix equality is now one cumulative AND over the steps."""
+    pol, emb = torch.nn.Linear(4, 3), torch.nn.Linear(3, 4)
+    # a fixed memory (no storch.backward(): the buffer keeps it), shorter than the episodes: padding
+    seeds = torch.tensor([[1, 2, 1, 2, 1], [2, 2, 2, 2, 2], [1, 1, 1, 0, 0], [2, 1, 0, 0, 0]])[:options["buffer"]]
+
+    def work(steps):
+        torch.manual_seed(3)
+        est = storch.estimator("mapo", plate="ep", memory=seeds, **options)
+        counter = _Work()
+        with storch.Graph() as graph, counter:
+            h = storch.denote_independent(torch.zeros(3, 4), 0, "batch")
+            for t in range(steps):
+                d = Categorical(logits=pol(h))
+                a = est(d, memory_key=torch.arange(3)) if t == 0 else est(d)
+                h = torch.tanh(h + emb(F.one_hot(a, 3).to(h.dtype)))
+                storch.add_cost(h[..., 0], name="r")
+            storch.surrogate_loss()
+        return counter.elements, graph.nodes[0].state
+
+    (w10, _), (w20, _), (w40, c) = work(10), work(20), work(40)
+    # linear: the second 20 steps cost what the first 20 did past the first 10, twice (quadratic: 4 times)
+    assert w40 - w20 <= 2.2 * (w20 - w10), (w10, w20, w40)
+    # the cumulative prefix equality is the L-prefixes compared at once, at every length
+    seq, s, eos = torch.stack(c.tokens, -1), c.n_slots, options.get("eos")
+    assert len(c.tokens) == 40 and s == 2 and c.mem.shape[-1] == 5
+    for length in range(1, 41):
+        pre, _ = _prefix_tables(c, length, eos)
+        assert torch.equal(_sample_match(c, length, eos), (seq[s:, :, :length].unsqueeze(1) == pre).all(-1))
+        sp = pre.gather(0, c.slot.unsqueeze(-1).expand(-1, -1, length))
+        assert torch.equal(_slot_match(c, length, eos), (sp.unsqueeze(1) == pre.unsqueeze(0)).all(-1))
 
 
 def test_buffer_ranks_sequences_by_the_sum_of_per_step_costs_of_one_name():

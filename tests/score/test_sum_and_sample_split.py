@@ -64,7 +64,7 @@ ONE_STEP_FIELDS = ["k", "m", "first", "logp", "idx", "mask", "beam", "lp", "log_
                    "sure", "rest"]
 SEQUENCE_FIELDS = ["n_slots", "m", "keys", "mem", "mem_len", "mem_ok", "slot", "slot_ok", "imp", "q", "parents",
                    "names", "tokens", "lps", "slot_cum", "costs", "l0", "slot_seq", "slots_full", "any_imp", "is_slot", "orders",
-                   "tables", "weights"]
+                   "tables", "weights", "finished", "mem_ended", "smp_eq", "slot_eq"]
 
 
 def _one_step_node():

@@ -17,7 +17,7 @@ from .eager import eager_only
 from .errors import CostError, PlateError
 from .generators import pop_generator, push_generator
 from .node import Node
-from .plates.tensor import Lineage, Plate, PlateTensor
+from .plates.tensor import Lineage, Plate, PlateTensor, _release
 
 if TYPE_CHECKING:
     from .estimators.base import Estimator
@@ -126,6 +126,7 @@ class Graph:
             lineage = _lineage_of(owner)
             if lineage is not None and lineage.closed is None:
                 lineage.closed = reason
+                _release(lineage)  # nothing of the step is held after it (the plate caches)
 
     def claim_plate(self, name: str, owner: Any) -> None:
         """Reserve the plate name ``name`` for ``owner`` (a node or a data plate); a name already in use raises ``storch.PlateError``."""

@@ -275,7 +275,10 @@ def _advance(est, node: Node, d, drawn: torch.Tensor, shape: tuple) -> tuple[tor
     tok = torch.cat([forced, drawn], 0)  # (N, P)
     finished = None  # no sequence has ended (no end token, or the first step)
     if t and est.eos is not None:
-        finished = (torch.stack(c.tokens, -1) == est.eos).any(-1)  # (N, P): ended at an earlier step
+        # (N, P): ended at an earlier step; kept from step to step (a stack of every earlier step's
+        # tokens at each step made the loop quadratic in the length)
+        ended = c.tokens[-1] == est.eos
+        finished = c.finished = ended if c.finished is None else c.finished | ended
         tok = torch.where(finished, torch.full_like(tok, est.eos), tok)
     value, lp = _token_lp(d, tok, shape, finished)
     s = c.n_slots
@@ -350,27 +353,59 @@ def to_layout(t: torch.Tensor, node: Node) -> torch.Tensor:
     return t if back is None else t.permute(back + list(range(len(back), t.dim())))
 
 
-def _prefix_tables(c: "MemoryState", length: int, eos) -> tuple[torch.Tensor, torch.Tensor]:
-    """Memory L-prefixes ``(K, P, L)`` and whether each exists (length >= L or ended by eos)."""
-    mem, n = c.mem, c.mem_len
-    if mem.shape[-1] < length:
-        pad = torch.full(mem.shape[:2] + (length - mem.shape[-1],), 0 if eos is None else eos, dtype=torch.long,
-                         device=mem.device)
+def _mem_tokens(c: "MemoryState", begin: int, end: int, eos) -> torch.Tensor:
+    """Tokens ``begin:end`` of every memory sequence ``(K, P, end - begin)``, padded with the end token
+    (0 without one) past the longest."""
+    mem = c.mem[:, :, begin:end]
+    short = end - begin - mem.shape[-1]
+    if short > 0:
+        pad = torch.full(mem.shape[:2] + (short,), 0 if eos is None else eos, dtype=torch.long, device=mem.device)
         mem = torch.cat([mem, pad], -1)
-    pre = mem[:, :, :length]
-    ended = torch.zeros_like(c.mem_ok) if eos is None else (c.mem == eos).any(-1)
-    ok = c.mem_ok & ((n >= length) | ended)
-    return pre, ok
+    return mem
 
 
-def _tables(c: "MemoryState", length: int, eos) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """:func:`_prefix_tables` and :func:`_slot_factors` (``None`` without slots) for L = ``length``,
-    computed once per graph and length: the weights, the baseline and the buffer update all read them."""
+def _sample_match(c: "MemoryState", length: int, eos) -> torch.Tensor:
+    """Whether each sample's ``length``-prefix is each memory sequence's (padded), validity left out,
+    ``(m, K, P)``. Prefix equality up to L is equality up to L - 1 and at token L: one cumulative AND
+    over the steps not compared yet (all the tokens so far at once), kept per length. Comparing the
+    L-prefixes anew for every L made the surrogate of a T-step episode quadratic in T."""
+    done = len(c.smp_eq)
+    if done < length:
+        end = len(c.tokens)
+        seq = torch.stack(c.tokens[done:end], -1)[c.n_slots:]  # (m, P, Δ)
+        eq = (seq.unsqueeze(1) == _mem_tokens(c, done, end, eos).unsqueeze(0)).cummin(-1).values  # (m, K, P, Δ)
+        if done:
+            eq = eq & c.smp_eq[-1].unsqueeze(-1)
+        c.smp_eq.extend(eq.unbind(-1))
+    return c.smp_eq[length - 1]
+
+
+def _slot_match(c: "MemoryState", length: int, eos) -> torch.Tensor:
+    """Whether each slot's ``length``-prefix is each memory sequence's (padded) ``(S, K, P)``: from one
+    cumulative AND over the memory's tokens (made once per graph); past the longest memory sequence
+    only padding follows, so the longest prefixes' answer holds."""
+    if c.slot_eq is None:
+        mem = _mem_tokens(c, 0, max(c.mem.shape[-1], 1), eos)  # (K, P, long)
+        sp = mem.gather(0, c.slot.unsqueeze(-1).expand(-1, -1, mem.shape[-1]))  # (S, P, long)
+        c.slot_eq = (sp.unsqueeze(1) == mem.unsqueeze(0)).cummin(-1).values.unbind(-1)
+    return c.slot_eq[min(length, len(c.slot_eq)) - 1]
+
+
+def _tables(c: "MemoryState", length: int, eos) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Whether each memory sequence has an L-prefix (length >= L or ended by eos) ``(K, P)`` and
+    :func:`_slot_factors` (``None`` without slots) for L = ``length``, computed once per graph and
+    length: the weights, the baseline and the buffer update all read them."""
     tables = c.tables.get(length)
     if tables is None:
-        pre, ok = _prefix_tables(c, length, eos)
-        tables = c.tables[length] = (pre, ok, _slot_factors(c, pre, ok, length) if c.n_slots else None)
+        tables = c.tables[length] = _tables_at(c, length, eos)
     return tables
+
+
+def _tables_at(c: "MemoryState", length: int, eos) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if c.mem_ended is None:  # (the same for every length: made once)
+        c.mem_ended = torch.zeros_like(c.mem_ok) if eos is None else (c.mem == eos).any(-1)
+    ok = c.mem_ok & ((c.mem_len >= length) | c.mem_ended)
+    return ok, _slot_factors(c, ok, length, eos) if c.n_slots else None
 
 
 def weights(est, node: Node, length: Optional[int] = None) -> torch.Tensor:
@@ -389,10 +424,9 @@ def weights(est, node: Node, length: Optional[int] = None) -> torch.Tensor:
 
 def _weights(est, c: "MemoryState", length: int, node: Node) -> torch.Tensor:
     s, m = c.n_slots, c.m
-    seq = torch.stack(c.tokens[:length], -1)  # (N, P, L)
-    pre, ok, factor = _tables(c, length, est.eos)  # (K, P, L), (K, P), (S, P) detached
+    ok, factor = _tables(c, length, est.eos)  # (K, P), (S, P) detached
     # samples: rejected if their prefix is a memory prefix
-    same = (seq[s:].unsqueeze(1) == pre.unsqueeze(0)).all(-1) & ok.unsqueeze(0)  # (m, K, P)
+    same = _sample_match(c, length, est.eos) & ok.unsqueeze(0)  # (m, K, P)
     w_smp = (~same.any(1)).to(c.lps[0].dtype) / m
     if not s:
         return to_layout(w_smp.reshape((m,) + c.parents), node)
@@ -410,22 +444,22 @@ def _slot_logp(c: "MemoryState", length: int) -> torch.Tensor:
     return cum[length - 1]
 
 
-def _slot_factors(c: "MemoryState", pre: torch.Tensor, ok: torch.Tensor, length: int) -> torch.Tensor:
+def _slot_factors(c: "MemoryState", ok: torch.Tensor, length: int, eos) -> torch.Tensor:
     """1 for an exact slot whose prefix is new among the exact slots; 1/Q_L(u) for the importance
     slot whose prefix is not an exact slot's; 0 otherwise."""
     s = c.n_slots
     slot, imp = c.slot, c.imp
-    sp = pre.gather(0, slot.unsqueeze(-1).expand(-1, -1, length))  # (S, P, L)
+    match = _slot_match(c, length, eos)  # (S, K, P): slot i's prefix is memory sequence k's
     sok = ok.gather(0, slot) & c.slot_ok
     exact = sok & ~imp
-    same = (sp.unsqueeze(0) == sp.unsqueeze(1)).all(-1)  # (S, S, P)
+    same = match.gather(1, slot.unsqueeze(0).expand(s, -1, -1))  # (S, S, P): slot i's prefix is slot j's
     earlier = torch.ones(s, s, dtype=torch.bool, device=slot.device).tril(-1).unsqueeze(-1)
     first = ~(same & earlier & exact.unsqueeze(0)).any(1)
     factor = (exact & first).to(c.q.dtype)
     if c.any_imp:  # (known at the first step: no host sync here)
         covered = (same & exact.unsqueeze(0)).any(1)  # (S, P): the slot's prefix is an exact slot's
         # Q_L(u) = q-mass of the rest's sequences with the importance slot's prefix u
-        hit = (pre.unsqueeze(0) == sp.unsqueeze(1)).all(-1) & ok.unsqueeze(0)  # (S, K, P)
+        hit = match & ok.unsqueeze(0)  # (S, K, P)
         big_q = (hit.to(c.q.dtype) * c.q.unsqueeze(0)).sum(1)  # (S, P)
         tiny = torch.finfo(big_q.dtype).tiny
         w_imp = torch.where(imp & sok & ~covered & (big_q > 0), 1.0 / big_q.clamp_min(tiny), torch.zeros_like(big_q))
@@ -478,7 +512,7 @@ def control_variate(est, node: Node, frame) -> Optional[torch.Tensor]:
     b = torch.where(den > 0, num / den.clamp_min(1.0), torch.zeros_like(num))
     # log p(∉ M_L): every memory sequence is a slot here (the baseline needs buffer <= n_enumerate)
     if s:
-        factor = _tables(c, length, est.eos)[2]
+        factor = _tables(c, length, est.eos)[1]
         lse = torch.logsumexp(_slot_logp(c, length).masked_fill(factor == 0, -math.inf), 0)
         empty = lse >= 0.0
         log_rest = torch.where(empty, torch.full_like(lse, -math.inf), log1mexp(torch.where(empty, -torch.ones_like(lse), lse)))
@@ -514,7 +548,7 @@ def update(est, node: Node) -> None:
     seq = torch.stack(c.tokens, -1)  # (N, P, T)
     s = c.n_slots
     lp = torch.stack(c.lps).sum(0).detach()  # (N, P): log p of each whole sequence
-    ok = _tables(c, seq.shape[-1], est.eos)[1]
+    ok = _tables(c, seq.shape[-1], est.eos)[0]
     whole = ok.gather(0, c.slot) & c.slot_ok  # slots that are whole sequences of this length
     # per key (P first): its entries in the order of the plate, slots that are not whole sequences left out;
     # as flat lists (a nested tolist of the tokens took ~8x as long): entry j of key p at p * n + j

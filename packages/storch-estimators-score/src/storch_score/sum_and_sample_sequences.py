@@ -42,8 +42,14 @@ class SequenceState:
             every slot of every key is used (no padding slot to fill in at each step); any_imp: whether
             a key has an importance-sampled slot; is_slot: ``(S + m, 1)``, True on the slots' rows.
         orders: per layout of a step's plate names, the permutations to the first step's layout.
-        tables: per prefix length L, the memory's L-prefixes, their validity and the slots' weight
+        tables: per prefix length L, whether each memory sequence has an L-prefix and the slots' weight
             factors; weights: per L, w (both read by every cost of that length and by the update).
+        finished: ``(S + m, P)``, True where the sequence ended at an earlier step (with an end token).
+        mem_ended: ``(K, P)``, True where a memory sequence holds the end token (made where read).
+        smp_eq: per prefix length L (index L - 1), whether each sample's L-prefix is each memory
+            sequence's ``(m, K, P)`` (one cumulative AND over the steps, extended where read).
+        slot_eq: the same for the slots' prefixes ``(S, K, P)``, per length up to the longest memory
+            sequence (made once, where read).
     """
 
     n_slots: int = 0
@@ -70,6 +76,10 @@ class SequenceState:
     orders: dict = field(default_factory=dict)
     tables: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
+    finished: Optional[torch.Tensor] = None
+    mem_ended: Optional[torch.Tensor] = None
+    smp_eq: list = field(default_factory=list)
+    slot_eq: Optional[tuple] = None
 
 
 class SumAndSampleSequences(Estimator):

@@ -416,9 +416,7 @@ def union_plates(groups: Sequence[tuple[Plate, ...]]) -> tuple[Plate, ...]:
         out = _UNIONS.get(key)
         if out is None:
             out = _union(groups)
-            if len(_UNIONS) >= 4096:
-                _UNIONS.clear()  # keys of finished graphs are never hit again (their plates' lineage)
-            _UNIONS[key] = out
+            _remember(_UNIONS, key, out)
         return out
     return _union(groups)
 
@@ -496,12 +494,47 @@ def _plan(plates: tuple[Plate, ...], target: tuple[Plate, ...]):
         steps = tuple((i, plates[pos[p.name]].step, p) for i, p in enumerate(target)
                       if p.name in pos and plates[pos[p.name]].step != p.step)
         plan = (None if order == list(range(n)) else tuple(order), inserts, steps)
-        if len(_PLANS) >= 4096:
-            # plates carry their graph's lineage, so keys of finished graphs are never hit again:
-            # start over rather than stop caching (a 1000-step partition makes 1000s of keys)
-            _PLANS.clear()
-        _PLANS[key] = plan
+        _remember(_PLANS, key, plan)
     return plan
+
+
+# The cache keys of _PLANS and _UNIONS (pairs of plate tuples) by the lineages their plates carry: when
+# a graph ends, _release() drops its keys, so the caches keep no finished graph alive (a key holds its
+# plates' lineages, a partition's lineage its parent index tensors: 2 lineages and ~28 tensors per
+# training step were kept until 4096 keys had piled up). Entries of plates built by hand (no lineage) stay.
+_KEYS_OF: dict = {}
+
+
+def _remember(cache: dict, key: tuple, value) -> None:
+    """``cache[key] = value``, the key filed under its lineages; a key with a plate of a finished graph
+    is not cached (computed again where used: such tensors are only read after their step)."""
+    lineages = []
+    for plates in key:
+        for p in plates:
+            lin = p.lineage
+            if lin is not None and lin not in lineages:  # (compared by identity)
+                if lin.closed is not None:
+                    return
+                lineages.append(lin)
+    if len(cache) >= 4096:
+        # a graph's keys are hit within its step only: start over rather than stop caching (a
+        # 1000-step partition makes 1000s of keys); both caches and the filing at once, so that a
+        # graph never ended (dropped without a `with` block's end or a reset) is held only until then
+        _PLANS.clear()
+        _UNIONS.clear()
+        _KEYS_OF.clear()
+    cache[key] = value
+    for lin in lineages:
+        _KEYS_OF.setdefault(lin, []).append(key)
+
+
+def _release(lineage: Lineage) -> None:
+    """Drop what the module's caches hold for ``lineage`` (its graph ended), and its own composed
+    re-indexings (made again from its parents if its tensors are still combined)."""
+    for key in _KEYS_OF.pop(lineage, ()):
+        _PLANS.pop(key, None)
+        _UNIONS.pop(key, None)
+    lineage._cache.clear()
 
 
 def align(raw: torch.Tensor, plates: tuple[Plate, ...], target: tuple[Plate, ...], pad_to: int = -1) -> torch.Tensor:
