@@ -106,3 +106,29 @@ def test_a_kink_on_the_samples_path_is_refused_from_order_2():
     t = theta.clone().requires_grad_(True)
     assert_unbiased(g, torch.autograd.functional.jacobian(exact, t), "gradient")
     assert_unbiased(h, torch.autograd.functional.hessian(exact, t), "Hessian")
+
+
+def test_a_jump_on_the_samples_path_is_refused_at_order_1_once_per_cost(monkeypatch):
+    """round(x) of a reparameterised x: the pathwise gradient is 0 almost everywhere while d/dμ E[round(μ + ε)]
+    is not (found by porting a stochastic-depth gate through round / nearest grid_sample): refused with
+    OrderError at order 1. The walk of the cost's graph runs at the first step of each estimator and cost
+    name only (a smooth cost is not walked again), and a refused cost is checked again at the next step."""
+    import storch.smoothness as smoothness
+
+    mu = torch.zeros(3, requires_grad=True)
+    est = storch.estimator("reparameterization", plate="x", n_samples=2)
+    for _ in range(2):
+        with storch.Graph():
+            x = est(Normal(mu, 1.0))
+            storch.add_cost(torch.round(x).sum(), name="rounded")
+            with pytest.raises(storch.OrderError, match=r"'rounded'.*RoundBackward0"):
+                storch.backward()
+    walks = []
+    walk = smoothness._nonsmooth_on_path
+    monkeypatch.setattr(smoothness, "_nonsmooth_on_path", lambda *a: walks.append(1) or walk(*a))
+    for _ in range(3):
+        with storch.Graph():
+            x = est(Normal(mu, 1.0))
+            storch.add_cost(torch.tanh(x).sum(), name="smooth")
+            storch.backward()
+    assert len(walks) == 1 and mu.grad is not None

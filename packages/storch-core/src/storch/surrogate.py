@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
+import weakref
 from typing import Callable, Optional, Union
 
 import torch
@@ -79,18 +80,37 @@ def _unbiased_to(name: str, order: int) -> bool:
     return not cls.biased and cls.max_order >= order
 
 
+# (estimator, cost name) pairs whose cost was checked at order 1 (see _check_smooth)
+_CHECKED_AT_ORDER_1: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int) -> None:
-    """At order >= 2: a pathwise node (its estimator ``requires_rsample``: the cost is differentiated through
-    the sample itself) is unbiased only for a cost ``order`` times differentiable in its sample; refuse a
-    kink (ReLU, abs, clamp, max) on a path from a value it handed out to the cost (storch.smoothness)."""
+    """A pathwise node (its estimator ``requires_rsample``: the cost is differentiated through the sample
+    itself) is unbiased at order n only for a cost whose derivatives of order < n are continuous in its
+    sample: refuse an operation on a path from a value it handed out to the cost that breaks this
+    (storch.smoothness). At order >= 2, a kink (ReLU, abs, clamp, max) or a jump, at every surrogate; at
+    order 1 only a jump (round, sign, floor, nearest grid_sample: the pathwise gradient is 0 where the
+    expectation's is not), checked at the first step of each estimator and cost name (a walk of the cost's
+    graph per step would cost the common case time; a model's operations rarely change between steps)."""
+    if order < 1:  # the value alone: nothing differentiated
+        return
     for node in nodes:
         est = node.estimator
         if est.requires_rsample and node.handed:
+            seen = None
+            if order < 2:
+                seen = _CHECKED_AT_ORDER_1.get(est)
+                if seen is None:
+                    seen = _CHECKED_AT_ORDER_1[est] = set()
+                if name in seen:
+                    continue
             require_smooth(
                 raw_of(cost), [raw for raw, _ in node.handed], order,
                 who=f"estimator {est.name!r} on plate {node.plate.name!r}", what=f"the cost {name!r}",
                 through="the reparameterised sample",
                 instead="an estimator that does not differentiate through the sample, e.g. 'score'")
+            if seen is not None:
+                seen.add(name)  # (after the check: a refused cost is checked again at the next step)
 
 
 def _node_order_message(node: Node, order: int) -> str:
@@ -405,8 +425,7 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
             continue
         if nodes:
             _check_order(nodes, order)
-            if order >= 2:
-                _check_smooth(name, cost, nodes, order)
+            _check_smooth(name, cost, nodes, order)
             reached += len(nodes)
         per_cost.append((name, cost, nodes))
     for node in graph.nodes:
