@@ -77,7 +77,7 @@ def parameters(d: Distribution) -> dict:
     instance once read); a ``OneHotCategorical``'s or ``Multinomial``'s from its inner ``Categorical``. With
     :func:`rebuild`, the way to build ``d`` again from changed parameters (perturbed, detached copies
     to differentiate per sample). Public as ``storch.extending.parameters``."""
-    if isinstance(d, OneHotCategorical):
+    if isinstance(d, (OneHotCategorical, Multinomial)):
         d = d._categorical
     params = _parameters(d)
     if "logits" in params and given_by_probs(d):  # both forms cached in d: _parameters keeps the logits
