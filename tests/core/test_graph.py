@@ -4,7 +4,7 @@ import threading
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Normal, OneHotCategorical
+from torch.distributions import Bernoulli, Categorical, Normal, OneHotCategorical
 
 import storch
 
@@ -187,3 +187,90 @@ def test_replayed_update_protocol_defaults_say_what_is_missing():
                 z = cls("z", 2)(Bernoulli(logits=theta))
                 storch.add_cost(z.sum(), name="c")
                 storch.backward()
+
+
+class _NoGradScoreFunction(storch.Estimator):
+    """The base class's components: the plain score function (storch-core alone)."""
+
+    name = "test_core_graph_score_function"
+    supports_partitions = True
+
+
+_NO_GRAD_NODES = {  # estimator, distribution from theta
+    "score": (lambda: _NoGradScoreFunction(plate="a", n_samples=4), lambda t: Categorical(logits=t)),
+    "expect": (lambda: storch.estimator("expect", plate="a"), lambda t: Categorical(logits=t)),
+    "reparameterization": (lambda: storch.estimator("reparameterization", plate="a", n_samples=4),
+                           lambda t: Normal(t, 1.0)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_NO_GRAD_NODES))
+def test_a_node_sampled_under_no_grad_in_a_training_step_is_refused(kind):
+    # `with torch.no_grad(): a = est(pi)` (a habit from plain RL code) computed the node's gradient
+    # function without grad: its score term was silently lost, and with another cost that keeps the
+    # loss differentiable (an entropy bonus) the gradient was that cost's alone
+    make, dist = _NO_GRAD_NODES[kind]
+    theta = torch.tensor([0.2, -0.3, 0.5], requires_grad=True)
+    reward = torch.tensor([1.0, 0.0, 2.0])
+    with storch.Graph():
+        pi = dist(theta)
+        with torch.no_grad():
+            a = make()(pi)
+        storch.add_cost(-reward[a] if kind != "reparameterization" else a.sum(-1) ** 2, name="r")
+        storch.add_cost(-0.1 * pi.entropy().sum(), name="entropy")
+        with pytest.raises(storch.StorchError, match=r"node 'a' .* sampled under torch.no_grad\(\).*outside the no_grad"):
+            storch.surrogate_loss()
+        with pytest.raises(storch.StorchError, match=r"sampled under torch.no_grad\(\)"):
+            storch.backward()
+    assert theta.grad is None
+
+
+def test_a_partition_step_sampled_under_no_grad_is_refused():
+    theta = torch.tensor([0.2, -0.3], requires_grad=True)
+    est = _NoGradScoreFunction(plate="a", n_samples=3)
+    with storch.Graph():
+        x = est(Bernoulli(logits=theta[0]))
+        step = Bernoulli(logits=theta[1] + x)  # built with grad, sampled without
+        with torch.no_grad():
+            x = est(step)
+        storch.add_cost(x, name="r")
+        with pytest.raises(storch.StorchError, match=r"node 'a' .*no_grad\(\).*\(step 1 of its partition\)"):
+            storch.surrogate_loss()
+
+
+def test_no_grad_evaluation_and_nodes_without_costs_are_fine():
+    theta = torch.tensor([0.2, -0.3, 0.5], requires_grad=True)
+    reward = torch.tensor([1.0, 0.0, 2.0])
+    est = storch.estimator("expect", plate="a")
+    exact = -(torch.softmax(theta, 0) * reward).sum().item()
+    with storch.Graph(), torch.no_grad():  # an evaluation step: everything under no_grad
+        a = est(Categorical(logits=theta))
+        storch.add_cost(-reward[a], name="r")
+        assert storch.cost_estimates()["r"].item() == pytest.approx(exact)
+        assert storch.surrogate_loss().item() == pytest.approx(exact)
+    with storch.Graph():  # values of a no_grad node, read with grad on: no gradient asked for
+        with torch.no_grad():
+            a = est(Categorical(logits=theta))
+        storch.add_cost(-reward[a], name="r")
+        assert storch.cost_estimates()["r"].item() == pytest.approx(exact)
+    with storch.Graph():  # a node without costs sampled under no_grad: the documented way to not train it
+        with torch.no_grad():
+            storch.estimator("expect", plate="b")(Bernoulli(logits=theta[0]))
+        a = est(Categorical(logits=theta))
+        storch.add_cost(-reward[a], name="r")
+        storch.backward()
+    assert theta.grad is not None
+
+
+def test_no_gradient_error_names_no_grad_sampling():
+    # a distribution built inside the no_grad block holds no parameter that requires grad: the
+    # surrogate cannot tell it from detached parameters, but backward's error names the block
+    theta = torch.tensor([0.2, -0.3, 0.5], requires_grad=True)
+    reward = torch.tensor([1.0, 0.0, 2.0])
+    with storch.Graph():
+        with torch.no_grad():
+            a = storch.estimator("expect", plate="a")(Categorical(logits=theta))
+        storch.add_cost(-reward[a], name="r")
+        with pytest.raises(storch.StorchError, match=r"no tensor that requires grad.*\['a'\] were sampled under "
+                                                     r"torch.no_grad\(\)"):
+            storch.backward()

@@ -188,3 +188,43 @@ def test_inputs_at_later_steps_are_checked():
         other = storch.denote_independent(torch.zeros(4), 0, "other")
         with pytest.raises(storch.PlateError, match="at step 1 of its partition: inputs have plates \\['other'\\]"):
             plain(Categorical(logits=theta + a.float()), inputs=other)
+
+
+class _StepBaseline(torch.nn.Module):
+    """b_t: one trainable number per step of the partition; records the steps it is called with."""
+
+    def __init__(self, steps):
+        super().__init__()
+        self.v = torch.nn.Parameter(torch.zeros(steps, dtype=F64))
+        self.calls = []
+
+    def forward(self, node, cost):
+        self.calls.append((cost.key, node.step))
+        return self.v[node.step]
+
+
+def test_trainable_module_baseline_is_regressed_on_its_own_steps_costs():
+    # docs/partitions.md: a callable baseline gets the partition as of the cost's step; the surrogate
+    # called it so, but the regression in storch.backward() called it with the last step's node for
+    # every cost: b(step t < T-1) never learned and b(T-1) was fitted to all steps' costs
+    torch.manual_seed(81)
+    steps = 3
+    baseline = _StepBaseline(steps)
+    est = storch.estimator("score", plate="ep", n_samples=4, baseline=baseline, lr=0.5)
+    theta = torch.zeros(steps, dtype=F64, requires_grad=True)
+    for it in range(120):
+        with storch.Graph():
+            for t in range(steps):
+                a = est(Bernoulli(logits=theta[t]))
+                storch.add_cost(10.0 * (t + 1) + a, name="cost")  # E[cost_t] = 10 (t + 1) + 1/2
+            if it == 0:
+                storch.surrogate_loss()
+                surrogate_calls = list(baseline.calls)
+            storch.backward()
+            if it == 0:
+                regression_calls = baseline.calls[2 * len(surrogate_calls):]
+    assert surrogate_calls == [("cost", 0), ("cost@1", 1), ("cost@2", 2)]
+    assert regression_calls == surrogate_calls
+    # the costs' std is 1/2; Adam's last steps move b by at most lr: b_t near step t's mean cost
+    expected = torch.tensor([10.5, 20.5, 30.5], dtype=F64)
+    assert (baseline.v.detach() - expected).abs().max() < 1.0

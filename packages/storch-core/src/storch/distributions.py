@@ -112,6 +112,23 @@ def _holds_plate_tensor(d, depth: int = 0, known: tuple[Plate, ...] = ()) -> boo
     return False
 
 
+def holds_grad(d, depth: int = 0) -> bool:
+    """Whether a tensor that ``d`` (a distribution or a transform) holds, or what it holds (base
+    distributions, components, transforms and their parts), requires grad: whether its parameters
+    carry gradient. Read only for a node sampled under ``torch.no_grad()`` (``Node.no_grad_step``)."""
+    for v in d.__dict__.values():
+        items = v if isinstance(v, (list, tuple)) else (v,)
+        for item in items:
+            if type(item) is PlateTensor:
+                item = item._raw
+            if isinstance(item, torch.Tensor):
+                if item.requires_grad:
+                    return True
+            elif isinstance(item, (Distribution, Transform)) and depth < 8 and holds_grad(item, depth + 1):
+                return True
+    return False
+
+
 def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tuple[Distribution, tuple[Plate, ...]]:
     """Return ``(raw_distribution, plates)``; ``plates`` lead the raw batch shape.
 

@@ -61,6 +61,12 @@ class Node:
             with leading dims ``plates_t``; ``None`` for a node sampled once.
         finished: for a partition with ``eos``: whether each sequence has ended (leading dims the
             partition's plates at its last step); ``None`` otherwise.
+        no_grad_step: the first step sampled while gradients were disabled (``torch.no_grad()``,
+            ``torch.inference_mode()``; the first such step of ``no_grad_cut`` if there is one),
+            ``None`` if none: its gradient function (and a pathwise sample) was computed without
+            grad, so its parameters get no gradient through it.
+        no_grad_cut: whether that step's distribution held parameters that require grad (a gradient
+            lost, which ``storch.surrogate_loss`` refuses for a node that a cost reaches).
         max_order: the highest derivative order the estimator's :meth:`~storch.Estimator.max_order_for`
             allows for this node's distribution (a partition: the lowest of its steps'); ``math.inf``
             when the estimator is not asked. ``storch.surrogate_loss(order)`` checks it and the
@@ -97,6 +103,8 @@ class Node:
         # l_t shape, and no parent indices: L_t = l_0 + ... + l_t is a cumulative sum, no re-indexing
         self.steps_in_place = True
         self.finished: Optional[torch.Tensor] = None  # partitions with eos: sequences that have ended
+        self.no_grad_step: Optional[int] = None  # set by the estimator's call (Estimator._no_grad)
+        self.no_grad_cut = False
         self.max_order: float = math.inf  # lowered by Estimator.max_order_for (Estimator._sample_node)
         self._views: Optional[dict] = None
 

@@ -318,6 +318,8 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     Raises:
         OrderError: an estimator upstream of a cost is not unbiased to ``order``. Like every
             error raised during a step, it discards the step (the graph is reset).
+        StorchError: built with gradients enabled, a cost depends on a node that was sampled under
+            ``torch.no_grad()`` from parameters that require grad (its gradient would be missing).
     """
     graph = graph or current_graph()
     if not isinstance(order, int) or isinstance(order, bool) or order < 0:
@@ -428,10 +430,16 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
             _check_smooth(name, cost, nodes, order)
             reached += len(nodes)
         per_cost.append((name, cost, nodes))
+    grad = None
     for node in graph.nodes:
         for raw, version in node.handed:
             if raw._version != version and _reads_its_samples(node):
                 _changed_in_place(node)
+        if node.no_grad_cut:
+            if grad is None:
+                grad = torch.is_grad_enabled()
+            if grad:  # a training surrogate (an evaluation one is built under no_grad too)
+                _check_sampled_with_grad(node, per_cost, plain)
     n = len(graph.nodes)
     if n and (reached == 0 or n > 1):  # one node and some cost upstream of it: nothing to look for
         _warn_unused(graph, per_cost + [(None, c, ns) for c, ns in plain])
@@ -487,6 +495,25 @@ def _reads_its_samples(node: Node) -> bool:
     variate) does not: autograd follows an in-place change of its sample as of any tensor."""
     est = node.estimator
     return bool(node.gradient_values.requires_grad or not est.uniform_weights or est.has_control_variate())
+
+
+def _check_sampled_with_grad(node: Node, per_cost: list, plain: list) -> None:
+    """Refuse a node sampled under ``torch.no_grad()`` from parameters that require grad when a cost
+    reaches it and the surrogate is built with grad: its gradient function (and a pathwise sample)
+    has no graph, so its score term is silently missing from the gradient (only the other costs'
+    terms remain, e.g. an entropy bonus). A node without costs may be sampled so (it silences
+    :class:`UnusedSampleWarning`), and so may every node of an evaluation pass under no_grad."""
+    if not any(n is node for _, _, nodes in per_cost for n in nodes) and not any(
+            n is node for _, nodes in plain for n in nodes):
+        return
+    step = f" (step {node.no_grad_step} of its partition)" if node.step_log is not None else ""
+    raise StorchError(
+        f"node {node.plate.name!r} (estimator {node.estimator.name!r}) was sampled under torch.no_grad() (or "
+        f"torch.inference_mode()){step}, from a distribution whose parameters require grad, and a cost depends "
+        "on it: its gradient function was computed without grad, so these parameters would get no gradient "
+        "through it (the gradient would silently be only the other costs'). Sample it with gradients enabled "
+        "(est(distribution) outside the no_grad block); use torch.no_grad() only for evaluation steps (sampling, "
+        "storch.cost_estimates() and the surrogate all under no_grad) or for nodes without costs")
 
 
 def _changed_in_place(node: Node) -> None:
@@ -744,10 +771,17 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1,
             raise
         _check_finite(loss, graph)
         if not loss.requires_grad:
+            # a node sampled under torch.no_grad() from parameters that do not require grad there (a
+            # distribution built inside the block); one that does is refused by the surrogate
+            cut = [n.plate.name for n in graph.nodes if n.no_grad_step is not None]
+            no_grad = (f" The nodes {cut} were sampled under torch.no_grad() (or torch.inference_mode()): their "
+                       "gradient functions and samples have no gradient; sample them, and build their "
+                       "distributions, with gradients enabled (torch.no_grad() only for evaluation steps or nodes "
+                       "without costs).") if cut else ""
             raise StorchError(
                 "storch.backward(): the surrogate loss depends on no tensor that requires grad, so there is "
-                "nothing to backpropagate. Check that the distributions' parameters require grad, and that a "
-                "pathwise node's (reparameterization, relaxations) cost is differentiable in its sample: "
+                f"nothing to backpropagate.{no_grad} Check that the distributions' parameters require grad, and "
+                "that a pathwise node's (reparameterization, relaxations) cost is differentiable in its sample: "
                 "(x > c).float(), round(x) or an integer cast have no gradient; use a score-function estimator "
                 "('score') for such a cost")
         updating = _updating(graph)

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
-from torch.distributions import Distribution
+from torch.distributions import Distribution, Independent, Transform
 
-from storch import Estimator, Node, OptionError
-from storch.extending import is_tracing, strict_support
+from storch import Estimator, Node, OptionError, StorchError
+from storch.extending import align, base_distribution, is_tracing, parameters, plates_of, raw_of, rebuild, strict_support
 
 __all__ = ["Importance", "ImportanceState"]
 
@@ -44,6 +44,9 @@ class Importance(Estimator):
             shape broadcasts to the node's (it is expanded to it), or a callable that gets the
             node's raw distribution p (batch shape ``(*parent_plates, *own_batch)``) and returns
             q with the same batch shape, e.g. ``lambda p: Categorical(logits=p.logits.detach() / 2)``.
+            Its parameters may be plate tensors on plates of p (a behaviour policy written as the
+            target is, ``Categorical(probs=MU[x])`` with ``x`` on a data plate): they are lined up
+            with p's parent plates, as p's own are.
         n_samples: number of samples from q.
 
     Example:
@@ -75,6 +78,7 @@ class Importance(Estimator):
         q = q if isinstance(q, Distribution) else q(p)
         if not isinstance(q, Distribution):
             raise OptionError(f"importance: the proposal callable returned {type(q).__name__}, not a Distribution")
+        q = _on_parent_plates(q, node)
         if q.event_shape != p.event_shape:
             raise OptionError(
                 f"importance: the proposal has event shape {tuple(q.event_shape)} but the node's distribution "
@@ -101,6 +105,49 @@ class Importance(Estimator):
         return log_ratio.detach().exp() / node.n
 
 
+def _on_parent_plates(q: Distribution, node: Node) -> Distribution:
+    """``q`` with its plate-tensor parameters as raw tensors whose leading dims are the node's parent
+    plates (size 1 where a parameter lacks one), as p's raw distribution has them: the batch shape
+    then broadcasts to p's. A q without plate tensors is returned as it is."""
+    base = base_distribution(q)
+    try:
+        params = parameters(base)
+    except NotImplementedError:  # no arg_constraints: storch cannot read its parameters
+        params = {}
+    plated = {n: v for n, v in params.items() if plates_of(v)}
+    if not plated:
+        if _holds_plates(q):
+            raise OptionError(
+                f"importance: the proposal {type(q).__name__} holds plate tensors outside its parameters (in a base "
+                "distribution, a transform or an attribute that is not in arg_constraints), which cannot be lined up "
+                "with the node's plates. Build it from plate tensors as parameters only (Categorical(probs=MU[x]), "
+                "Normal(m[x], s), Independent(Normal(...), 1)), or from raw tensors whose leading dims are the "
+                f"node's parent plates {[pl.name for pl in node.parents]}, in that order (x.tensor)")
+        return q
+    names = {pl.name for pl in node.parents}
+    for n, v in plated.items():
+        extra = [pl.name for pl in plates_of(v) if pl.name not in names]
+        if extra:
+            raise OptionError(
+                f"importance: the proposal's parameter {n!r} is on plates {extra} that the node's distribution is "
+                f"not on (its plates: {sorted(names)}); a proposal may depend only on what p depends on (data, "
+                "earlier nodes that p's parameters carry)")
+    raw = {n: align(raw_of(v), plates_of(v), node.parents) if n in plated else v for n, v in params.items()}
+    unplated = rebuild(base, raw)
+    return Independent(unplated, q.reinterpreted_batch_ndims) if base is not q else unplated
+
+
+def _holds_plates(d, depth: int = 0) -> bool:
+    """Whether ``d`` (a distribution or transform) or what it holds has a plate tensor."""
+    for v in d.__dict__.values():
+        for item in v if isinstance(v, (list, tuple)) else (v,):
+            if plates_of(item):
+                return True
+            if isinstance(item, (Distribution, Transform)) and depth < 8 and _holds_plates(item, depth + 1):
+                return True
+    return False
+
+
 _MAX_CHECKED = 4096  # values of a finite support checked one by one
 
 
@@ -119,6 +166,8 @@ def _check_covers(p: Distribution, q: Distribution) -> None:
         lp = strict_support(p).log_prob(values)
         try:
             lq = strict_support(q).log_prob(values)  # probs of exactly 0: -inf (torch clamps them)
+        except StorchError:  # storch's own errors (a PlateError is a ValueError) say what was wrong
+            raise
         except (ValueError, IndexError, RuntimeError):  # a value outside q's support (torch's validation)
             lq = None
         missed = lq is None or bool((torch.isfinite(lp) & (lq == -math.inf)).any())

@@ -238,7 +238,9 @@ class Score(Estimator):
         # a trainable callable baseline: one Adam step on Σ (b - f)², f the detached cost estimates
         errors = []
         for node, frame in frames:
-            b = self._call_baseline(node, frame)
+            # b as the surrogate called it: with the partition as of the cost's step (frame.node,
+            # node.at(t)), not the last step's node, so b(step t) is fitted to step t's costs
+            b = self._call_baseline(frame.node or node, frame)
             if b is not None and b.requires_grad:
                 b, f = torch.broadcast_tensors(b, frame.tensor)
                 errors.append(((b - f) ** 2).mean())

@@ -44,6 +44,7 @@ from ..cost import CostFrame, _lead, magic_box
 from ..distributions import (
     _as_raw,
     base_distribution,
+    holds_grad,
     raw_log_prob,
     raw_sample,
     rsample_max_order,
@@ -205,6 +206,8 @@ class Estimator(torch.nn.Module):
         if inputs is not None:
             self.check_inputs(inputs, parents, 0)
         node = Node(self, raw, parents, original=distribution, inputs=inputs)
+        if not torch.is_grad_enabled():
+            _sampled_without_grad(node, distribution, 0)
         if _lowers_order(type(self)):  # storch.surrogate_loss(order) checks it (OrderError)
             node.max_order = self.max_order_for(raw)
         _check_sample_entries(self, parents)
@@ -262,6 +265,8 @@ class Estimator(torch.nn.Module):
             node.max_order = min(node.max_order, self.max_order_for(raw))
         parents = plates[1:]
         t = node.step + 1
+        if not torch.is_grad_enabled():
+            _sampled_without_grad(node, distribution, t)
         if inputs is not None:
             self.check_inputs(inputs, plates, t)
         if inputs is not None or node.step_inputs is not None:
@@ -663,6 +668,18 @@ class Estimator(torch.nn.Module):
 # nodes their n_samples multiply. Beyond this many entries per data point the step would not fit in
 # memory (the process is killed before torch can raise), so storch says why first.
 MAX_SAMPLE_ENTRIES = 2 ** 24
+
+
+def _sampled_without_grad(node: Node, distribution: Distribution, step: int) -> None:
+    """Record a step sampled with gradients disabled: its gradient function (and a pathwise sample)
+    is computed without grad, so parameters that require grad get no gradient through the node. The
+    surrogate refuses such a node when a cost reaches it and it is built with grad (a training step);
+    evaluation under no_grad and nodes without costs are fine. Only read under no_grad: a training
+    step pays one ``torch.is_grad_enabled()`` per call."""
+    if node.no_grad_step is None:
+        node.no_grad_step = step
+    if not node.no_grad_cut and holds_grad(distribution):
+        node.no_grad_cut, node.no_grad_step = True, step
 
 
 def _check_sample_entries(est: Estimator, parents: tuple[Plate, ...]) -> None:
