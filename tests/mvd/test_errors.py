@@ -2,7 +2,18 @@
 
 import pytest
 import torch
-from torch.distributions import Gamma, LogNormal, Normal, Uniform, constraints
+from torch.distributions import (
+    Categorical,
+    Distribution,
+    Gamma,
+    LogNormal,
+    MixtureSameFamily,
+    Normal,
+    TransformedDistribution,
+    Uniform,
+    constraints,
+)
+from torch.distributions.transforms import AffineTransform, TanhTransform
 
 import storch
 
@@ -89,3 +100,44 @@ def test_backward_trains_through_mvd():
         storch.backward()
         opt.step()
     assert abs(mu.item() - 2.0) < 0.2
+
+
+class _Opaque(Distribution):
+    """A distribution that keeps its trainable tensor outside arg_constraints (it has none)."""
+
+    arg_constraints = {}
+
+    def __init__(self, loc):
+        self.loc = loc
+        super().__init__(validate_args=False)
+
+    def sample(self, sample_shape=torch.Size()):
+        return self.loc.detach() + torch.randn(sample_shape)
+
+
+def test_spsa_refuses_tensors_it_cannot_perturb_and_the_listing_agrees():
+    """spsa sampled plainly, without a gradient, from a distribution whose trainable tensors it could not find
+    (silently: storch.backward() blamed the parameters); every other estimator's refusal listed spsa as supporting
+    it. Now spsa refuses a trainable tensor in a transform or outside arg_constraints, and
+    supporting_estimators (the listing) says the same as spsa does; a squashed Normal's base parameters, a
+    MixtureSameFamily's and a fixed prior are accepted."""
+    from storch.registry import supporting_estimators
+
+    loc = torch.tensor(0.2, requires_grad=True)
+    refused = [TransformedDistribution(Normal(0.0, 1.0), [AffineTransform(loc, 2.0)]),
+               TransformedDistribution(Normal(loc, 1.0), [AffineTransform(loc, 2.0), TanhTransform()]),
+               _Opaque(loc)]
+    accepted = [TransformedDistribution(Normal(loc, 1.0), [TanhTransform()]),
+                MixtureSameFamily(Categorical(logits=torch.zeros(2)), Normal(loc.expand(2), 1.0)),
+                TransformedDistribution(Normal(0.0, 1.0), [AffineTransform(1.0, 2.0)])]
+    for d in refused:
+        assert "spsa" not in supporting_estimators(d)
+        with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="cannot perturb"):
+            storch.estimator("spsa", plate="x")(d)
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError) as info:
+        storch.estimator("mvd", plate="x")(refused[0])
+    assert "spsa" not in str(info.value) and "score" in str(info.value)
+    for d in accepted:
+        assert "spsa" in supporting_estimators(d)
+        with storch.Graph():
+            storch.estimator("spsa", plate="x", n_samples=3)(d)

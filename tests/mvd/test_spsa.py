@@ -3,8 +3,18 @@
 import itertools
 import math
 
+import numpy as np
 import torch
-from torch.distributions import Bernoulli, Binomial, Categorical, Multinomial, Normal
+from torch.distributions import (
+    Bernoulli,
+    Binomial,
+    Categorical,
+    MixtureSameFamily,
+    Multinomial,
+    Normal,
+    TransformedDistribution,
+)
+from torch.distributions.transforms import TanhTransform
 
 import storch
 from storch.testing import assert_unbiased
@@ -162,3 +172,53 @@ def test_multinomial_keeps_its_total_count():
     g, v = estimates(theta, lambda t: (est(Multinomial(4, logits=t)) * values).sum(-1), 4000)
     print(assert_unbiased(g, _rademacher_average(value, theta, c), "spsa E[ĝ], Multinomial(4)").table())
     print(assert_unbiased(v, value(theta), "spsa forward value, Multinomial(4)").table())
+
+
+def _tanh_value(t: torch.Tensor) -> torch.Tensor:
+    """E[(tanh x − 0.5)²], x ~ N(t₀, exp(t₁)²), by 80-point Gauss–Hermite quadrature (float64)."""
+    z, w = np.polynomial.hermite_e.hermegauss(80)
+    z, w = torch.from_numpy(z), torch.from_numpy(w) / math.sqrt(2 * math.pi)
+    return (w * (torch.tanh(t[0] + t[1].exp() * z) - 0.5) ** 2).sum()
+
+
+def _mixture_value(t: torch.Tensor) -> torch.Tensor:
+    """E[(x − 0.5)²], x ~ MixtureSameFamily(Categorical(logits=t[:2]), Normal(t[2:], 0.5)), in closed form."""
+    return (torch.softmax(t[:2], -1) * ((t[2:] - 0.5) ** 2 + 0.25)).sum()
+
+
+def test_transformed_and_mixture_parameters_are_perturbed():
+    """A tanh-squashed Normal (TransformedDistribution) and a MixtureSameFamily have empty arg_constraints: spsa
+    found no parameters, sampled plainly and gave the policy NO gradient, silently (found by porting a SAC policy).
+    Now the base's / the mixture's and components' parameters are perturbed: E[ĝ] against the Rademacher average
+    of the exact value (quadrature / closed form), and the forward value (weights on the base, whose Jacobian
+    cancels: a sample squashed to tanh = ±1 is never inverted)."""
+    c = 0.3
+    theta = torch.tensor([0.3, -0.5], dtype=torch.float64)
+    torch.manual_seed(43)
+    est = storch.estimator("spsa", plate="a", perturbation=c)
+
+    def squashed(t):
+        a = est(TransformedDistribution(Normal(t[0], t[1].exp()), [TanhTransform(cache_size=1)]))
+        return (a - 0.5) ** 2
+
+    g, v = estimates(theta, squashed, 4000)
+    print(assert_unbiased(g, _rademacher_average(_tanh_value, theta, c), "spsa E[ĝ], tanh-squashed Normal").table())
+    print(assert_unbiased(v, _tanh_value(theta), "spsa forward value, tanh-squashed Normal").table())
+
+    # a MixtureSameFamily cannot hold plate tensors (storch refuses it), so no replicate plate: 100 graphs
+    theta = torch.tensor([0.2, -0.3, -1.0, 1.5], dtype=torch.float64)
+    torch.manual_seed(47)
+    est = storch.estimator("spsa", plate="m", n_samples=40, perturbation=c)
+    rows = []
+    for _ in range(100):
+        t = theta.clone().requires_grad_(True)
+        scale = torch.ones((), dtype=torch.float64, requires_grad=True)  # d/dscale: the forward value
+        with storch.Graph():
+            x = est(MixtureSameFamily(Categorical(logits=t[:2]), Normal(t[2:], 0.5)))
+            storch.add_cost(scale * (x - 0.5) ** 2)
+            g_t, g_scale = torch.autograd.grad(storch.surrogate_loss(), (t, scale))
+            rows.append(torch.cat([g_t, g_scale.reshape(1)]))
+    rows = torch.stack(rows)
+    g, v = rows[:, :4], rows[:, 4]
+    print(assert_unbiased(g, _rademacher_average(_mixture_value, theta, c), "spsa E[ĝ], MixtureSameFamily").table())
+    print(assert_unbiased(v, _mixture_value(theta), "spsa forward value, MixtureSameFamily").table())

@@ -158,4 +158,4 @@ def gradient_variance(estimates_: torch.Tensor) -> float:
     return float(estimates_.var(0).sum())
 
 
-__all__ = ["PROBLEMS", "Maker", "estimates", "exact", "exact_derivatives", "gradient_variance"]
+__all__ = ["PROBLEMS", "Maker", "derivative_estimates", "estimates", "exact", "exact_derivatives", "gradient_variance"]

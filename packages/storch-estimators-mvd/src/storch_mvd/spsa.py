@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from typing import Optional
 
 import torch
-from torch.distributions import Distribution, Independent, constraints, transform_to
+from torch.distributions import (
+    Distribution,
+    Independent,
+    MixtureSameFamily,
+    Transform,
+    TransformedDistribution,
+    constraints,
+    transform_to,
+)
 from torch.distributions.utils import lazy_property
 
 import storch
 from storch import Estimator, Node, UnsupportedDistributionError
-from storch.extending import base_distribution, options, rebuild
+from storch.extending import options, rebuild
+from storch.registry import supporting_estimators
 
 from ._state import PrecomputedState
 
@@ -49,7 +59,9 @@ class Spsa(Estimator):
     Requires: parameters whose constraints have a ``torch.distributions.transform_to``
     (Normal, Bernoulli, Categorical, Poisson, Exponential, Gamma, Beta, LogNormal, ...) and a
     support that the perturbation does not move (not Uniform, Pareto; a Binomial with fixed total_count is fine). Only parameters that
-    require grad are perturbed (integer ones and constants stay fixed). Any cost.
+    require grad are perturbed (integer ones and constants stay fixed); a TransformedDistribution's are its
+    base's, a MixtureSameFamily's its mixture's and components'. A tensor that requires grad elsewhere (a
+    transform's) is refused: it would get no gradient. Any cost.
 
     biased: True — E[ĝ] is the gradient of a finite difference, E[ĝ] − ∇ = O(c²) for smooth
     expectations (central difference; Spall 1992). max_order: 1 (appendix D.3).
@@ -83,51 +95,96 @@ class Spsa(Estimator):
         self.perturbation = float(perturbation)
         self.coupled = coupled
 
+    @classmethod
+    def supports(cls, distribution: Distribution) -> bool:
+        """Whether spsa can perturb every tensor of ``distribution`` that requires grad (the capability
+        listing of ``UnsupportedDistributionError`` asks this; see :func:`_unreachable`)."""
+        try:
+            return super().supports(distribution) and _unreachable(distribution) is None
+        except UnsupportedDistributionError:  # a parameter without an unconstrained form
+            return False
+
+    @classmethod
+    def requirements(cls) -> list[str]:
+        return ["every tensor that requires grad to be an arg_constraints parameter of the distribution (under "
+                "Independent, a TransformedDistribution's base, a MixtureSameFamily's mixture and components)"]
+
+    def check_distribution(self, d: Distribution) -> None:
+        reason = _unreachable(d)
+        if reason is not None:
+            # plain sampling would silently give those tensors no gradient
+            raise UnsupportedDistributionError(
+                f"spsa does not support {type(d).__name__} here: {reason}, which spsa cannot perturb, so its "
+                "gradient would be silently missing. Give the trainable tensors as parameters of the distribution "
+                "(e.g. TransformedDistribution(Normal(loc, scale), [TanhTransform()]) rather than in a transform), "
+                f"or use another estimator.{_others(d)}")
+        super().check_distribution(d)
+
     def proposal(self, node: Node) -> torch.Tensor:
         d = node.distribution
-        base = base_distribution(d)
-        free, fixed = _split_parameters(base)
+        leaves = _leaves(d)
+        split = [_split_parameters(leaf) for leaf in leaves]
+        free = {(i, k): v for i, (f, _) in enumerate(split) for k, v in f.items()}
         n, c = self.n_samples, self.perturbation
         if not free:
-            # no parameter requires grad (e.g. a fixed prior): nothing to perturb, plain sampling
+            # no parameter requires grad (e.g. a fixed prior; check_distribution refused grad-requiring
+            # tensors elsewhere): nothing to perturb, plain sampling
             x = d.sample((n,))
             # follow the distribution's dtype and device (issue 11: no hard-coded CPU / default dtype)
-            like = next((v for v in vars(base).values() if isinstance(v, torch.Tensor) and v.is_floating_point()), x)
+            like = next((v for leaf in leaves for v in vars(leaf).values()
+                         if isinstance(v, torch.Tensor) and v.is_floating_point()), x)
             dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
             node.state.weights = torch.full((n,), 1.0 / n, dtype=dtype, device=x.device)
             node.state.gradient = torch.zeros((n,), dtype=dtype, device=x.device)
             return x
-        u = {k: transform_to(base.arg_constraints[k]).inv(v) for k, v in free.items()}  # with grad
+        u = {key: transform_to(leaves[key[0]].arg_constraints[key[1]]).inv(v) for key, v in free.items()}  # with grad
         eps = {k: torch.randint(0, 2, (n,) + v.shape, device=v.device).to(v.dtype) * 2 - 1 for k, v in u.items()}
+        # the weights p / (p₊ + p₋) are computed on the distribution under the outer Independent and
+        # TransformedDistribution layers, whose transforms hold nothing perturbed: their Jacobian cancels in
+        # the ratio, and a squashed sample (tanh ≈ ±1) is never inverted
+        core, transforms = _peel(d)
 
-        def perturbed(sign: float) -> Distribution:
+        def perturbed(sign: float) -> tuple[list[Distribution], Distribution]:
+            new = []
             with torch.no_grad():
-                params = {k: transform_to(base.arg_constraints[k])(u[k].detach() + sign * c * eps[k]) for k in u}
-                # with the constructor arguments outside arg_constraints (a Multinomial's total_count:
-                # type(base)(**params) alone drew 1 trial)
-                q = rebuild(base, {**params, **fixed})
-            return Independent(q, d.reinterpreted_batch_ndims, validate_args=False) if d is not base else q
+                for i, (leaf, (f, fixed)) in enumerate(zip(leaves, split)):
+                    if not f:  # one per perturbation too, so that a MixtureSameFamily's parts line up
+                        new.append(leaf.expand((n,) + leaf.batch_shape))
+                        continue
+                    params = {k: transform_to(leaf.arg_constraints[k])(u[i, k].detach() + sign * c * eps[i, k])
+                              for k in f}
+                    # with the constructor arguments outside arg_constraints (a Multinomial's total_count:
+                    # type(leaf)(**params) alone drew 1 trial)
+                    new.append(rebuild(leaf, {**params, **fixed}))
+                return new, _assemble(core, iter(new))
 
         # p itself, rebuilt without argument validation
-        p, p_plus, p_minus = perturbed(0.0), perturbed(1.0), perturbed(-1.0)
-        if constraints.is_dependent(inspect.getattr_static(type(base), "support", None)) and not (
-                _same_support(p, p_plus) and _same_support(p, p_minus)):
-            # appendix D.3 assumes p± have the support of p: the weights p/(p₊ + p₋) must be > 0
-            # wherever p± put mass, or the weight cannot be cancelled by the gradient function. A support
-            # that is a property of the distribution may still not move with the perturbed parameters
-            # (Categorical's {0, ..., K-1}, a Binomial's {0, ..., total_count} with a fixed total_count)
-            raise UnsupportedDistributionError(
-                f"spsa does not support {type(base).__name__} with these parameters: its support depends on the "
-                f"perturbed parameters {sorted(free)}, so the perturbed distributions put mass where p has none and "
-                "the importance weights of appendix D.3 vanish; use another estimator (e.g. score) for this node")
+        (l0, p), (lp_, p_plus), (lm, p_minus) = perturbed(0.0), perturbed(1.0), perturbed(-1.0)
+        for i, leaf in enumerate(leaves):
+            if split[i][0] and constraints.is_dependent(inspect.getattr_static(type(leaf), "support", None)) and not (
+                    _same_support(l0[i], lp_[i]) and _same_support(l0[i], lm[i])):
+                # appendix D.3 assumes p± have the support of p: the weights p/(p₊ + p₋) must be > 0
+                # wherever p± put mass, or the weight cannot be cancelled by the gradient function. A support
+                # that is a property of the distribution may still not move with the perturbed parameters
+                # (Categorical's {0, ..., K-1}, a Binomial's {0, ..., total_count} with a fixed total_count)
+                raise UnsupportedDistributionError(
+                    f"spsa does not support {type(leaf).__name__} with these parameters: its support depends on "
+                    f"the perturbed parameters {sorted(split[i][0])}, so the perturbed distributions put mass where "
+                    "p has none and the importance weights of appendix D.3 vanish; use another estimator (e.g. "
+                    "score) for this node")
+        own = len(node.parents) + 1  # the sample dim and the parents' plates lead core's log-probabilities
+
+        def log_prob(x: torch.Tensor, q: Distribution) -> torch.Tensor:
+            lp = q.log_prob(x)  # joint over the node's own elements (D.2.2)
+            return lp.sum(tuple(range(own, lp.dim()))) if lp.dim() > own else lp
+
         with torch.no_grad():
-            device = next(iter(free.values())).device if free else torch.device("cpu")
+            device = next(iter(free.values())).device
             with _replay_rng(device, self.coupled):  # coupled: x₂ reuses x₁'s random numbers
                 x1 = p_plus.sample()
             x2 = p_minus.sample()
-            # balance-heuristic weight p / (n (p₊ + p₋)), joint over the node's own elements (D.2.2)
-            w1, w2 = (torch.exp(node.log_prob(x, p) - torch.logaddexp(node.log_prob(x, p_plus),
-                                                                   node.log_prob(x, p_minus))) / n
+            # balance-heuristic weight p / (n (p₊ + p₋))
+            w1, w2 = (torch.exp(log_prob(x, p) - torch.logaddexp(log_prob(x, p_plus), log_prob(x, p_minus))) / n
                       for x in (x1, x2))
         grads = []
         for w, sign in ((w1, 1.0), (w2, -1.0)):
@@ -141,7 +198,11 @@ class Spsa(Estimator):
             grads.append(l)
         node.state.weights = torch.stack([w1, w2], 1).flatten(0, 1)
         node.state.gradient = torch.stack(grads, 1).flatten(0, 1)
-        return torch.stack([x1, x2], 1).flatten(0, 1)
+        with torch.no_grad():
+            x = torch.stack([x1, x2], 1).flatten(0, 1)
+            for t in transforms:  # innermost first
+                x = t(x)
+        return x
 
     def weighting_function(self, node: Node) -> torch.Tensor:
         return node.state.weights
@@ -190,6 +251,80 @@ def _replay_generator(generator: torch.Generator, enabled: bool):
     finally:
         if enabled:
             generator.set_state(state)
+
+
+def _peel(d: Distribution) -> tuple[Distribution, list]:
+    """``(core, transforms)``: ``d`` under its outer ``Independent`` and ``TransformedDistribution`` layers, and
+    the transforms that map a sample of ``core`` to one of ``d``, innermost first."""
+    transforms: list = []
+    while isinstance(d, Independent) or type(d) is TransformedDistribution:
+        if type(d) is TransformedDistribution:
+            transforms = list(d.transforms) + transforms
+        d = d.base_dist
+    return d, transforms
+
+
+def _leaves(d: Distribution) -> list[Distribution]:
+    """The distributions that hold ``d``'s parameters, in a fixed order: ``d`` itself, or, under
+    ``Independent``, a ``TransformedDistribution``'s base (the class itself, whose ``arg_constraints``
+    are empty; LogNormal and the like have theirs) and a ``MixtureSameFamily``'s mixture and components."""
+    if isinstance(d, Independent) or type(d) is TransformedDistribution:
+        return _leaves(d.base_dist)
+    if type(d) is MixtureSameFamily:
+        return _leaves(d.mixture_distribution) + _leaves(d.component_distribution)
+    return [d]
+
+
+def _assemble(d: Distribution, leaves) -> Distribution:
+    """``d`` built again, without argument validation, from ``leaves`` (an iterator in :func:`_leaves` order)."""
+    if isinstance(d, Independent):
+        return Independent(_assemble(d.base_dist, leaves), d.reinterpreted_batch_ndims, validate_args=False)
+    if type(d) is TransformedDistribution:
+        return TransformedDistribution(_assemble(d.base_dist, leaves), d.transforms, validate_args=False)
+    if type(d) is MixtureSameFamily:
+        mixture = _assemble(d.mixture_distribution, leaves)
+        return MixtureSameFamily(mixture, _assemble(d.component_distribution, leaves), validate_args=False)
+    return next(leaves)
+
+
+def _grad_tensor(obj, depth: int = 0) -> bool:
+    """Whether ``obj`` (a tensor, transform, distribution or a list of them) holds a tensor that requires grad."""
+    if isinstance(obj, torch.Tensor):
+        return obj.requires_grad
+    if isinstance(obj, (list, tuple)):
+        return any(_grad_tensor(v, depth) for v in obj)
+    if isinstance(obj, (Transform, Distribution)) and depth < 8:
+        return any(_grad_tensor(v, depth + 1) for v in vars(obj).values())
+    return False
+
+
+def _unreachable(d: Distribution) -> Optional[str]:
+    """Why spsa cannot perturb every tensor of ``d`` that requires grad (``None``: it can). Those tensors
+    would get no gradient: a transform's (an AffineTransform's loc), or a distribution's whose
+    ``arg_constraints`` do not list them (a class with none).
+
+    Raises:
+        UnsupportedDistributionError: a parameter that requires grad has no unconstrained form.
+    """
+    while isinstance(d, Independent) or type(d) is TransformedDistribution:
+        if type(d) is TransformedDistribution:
+            for t in d.transforms:
+                if _grad_tensor(t):
+                    return f"its transform {type(t).__name__} holds a tensor that requires grad"
+        d = d.base_dist
+    if type(d) is MixtureSameFamily:
+        return _unreachable(d.mixture_distribution) or _unreachable(d.component_distribution)
+    free, _ = _split_parameters(d)  # raises for a parameter it cannot perturb, naming it
+    if not free and _grad_tensor(d):
+        return (f"{type(d).__name__} holds a tensor that requires grad outside its parameters "
+                f"(arg_constraints: {sorted(type(d).arg_constraints) or 'none'})")
+    return None
+
+
+def _others(d: Distribution) -> str:
+    """The hint of ``Estimator._unsupported_message``: the installed estimators that support ``d``."""
+    others = [n for n in supporting_estimators(d) if n != "spsa"]
+    return f" Estimators that support it: {', '.join(others)}." if others else ""
 
 
 def _split_parameters(d: Distribution) -> tuple[dict, dict]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
-from torch.distributions import Distribution, Independent, Transform
+from torch.distributions import Distribution, Independent, Transform, constraints, transform_to
 
 from storch import Estimator, Node, OptionError, StorchError
 from storch.extending import align, base_distribution, is_tracing, parameters, plates_of, raw_of, rebuild, strict_support
@@ -29,11 +29,12 @@ class Importance(Estimator):
     Components:
         q(X | x<i) = n i.i.d. samples from the proposal q (the ``proposal`` option);
         w(x) = ⊥(p(x | x<i) / q(x | x<i)) / n (detached importance weights);
-        l(x) = log p(x | x<i), summed over the node's own batch dims;
+        l(x) = log p(x | x<i), summed over the node's own batch dims (0 where p(x) = 0);
         a = 0.
 
     Requires: p and q with ``log_prob`` on the same event shape; q must put mass wherever p does
-    (otherwise the estimate is biased, as for any importance sampler).
+    (otherwise the estimate is biased, as for any importance sampler). q may be wider: a draw outside
+    p's support has weight 0 (p's ``log_prob`` is evaluated only inside it), and a cost finite there.
 
     max_order: ∞ — the weights are detached, so Σ_x q(x) ⊥(p/q) ∇ⁿ(MagicBox(l) f) equals the
     score function's any-order estimate under p (D.2.2, using D.2.1).
@@ -100,9 +101,78 @@ class Importance(Estimator):
 
     def weighting_function(self, node: Node) -> torch.Tensor:
         x = node.sample
-        log_ratio = node.log_prob(x) - node.log_prob(x, node.state.proposal)
+        log_ratio = _log_p(node, x, -math.inf) - node.log_prob(x, node.state.proposal)
         # ⊥(p/q): the importance weights are detached (appendix D.2.2, condition 3 of Theorem 1)
         return log_ratio.detach().exp() / node.n
+
+    def gradient_function(self, node: Node) -> torch.Tensor:
+        """l(x) = log p(x | x<i); 0 (any finite value: the weight is 0) where x is outside p's support."""
+        return _log_p(node, node.sample, 0.0)
+
+
+def _log_p(node: Node, x: torch.Tensor, outside: float) -> torch.Tensor:
+    """log p(x), joint over the node's own batch dims, and ``outside`` for a draw of q that p never draws
+    (outside p's support: p(x) = 0, so its weight is 0).
+
+    A proposal wider than p (a Normal for an Exponential, Poisson(2) for a Binomial(3)) is standard importance
+    sampling, but p.log_prob on such a value trips torch's argument validation, or gives log p = -inf, whose
+    MagicBox is NaN (a NaN loss and gradient). So log p is computed on x with those values replaced by one
+    inside the support, and the result masked (the double where: the replaced entries carry no NaN gradient).
+    Where p's support cannot be checked (its ``support`` or a value inside it is not known): plain log p(x).
+    """
+    p, q = node.distribution, node.state.proposal
+    inside = None
+    if q is not None and not _same_support(_support(p), _support(q)):
+        inside = _inside(p, x)
+    if inside is None:
+        return node.log_prob(x)
+    mask, valid = inside
+    safe = torch.where(mask.reshape(mask.shape + (1,) * len(p.event_shape)), x, valid)
+    lp = node.log_prob(safe)
+    k = len(p.batch_shape) - len(node.parents)  # the node's own batch dims, summed by node.log_prob
+    joint = mask.reshape(mask.shape[:mask.dim() - k] + (-1,)).all(-1) if k > 0 else mask
+    return torch.where(joint, lp, torch.full((), outside, dtype=lp.dtype, device=lp.device))
+
+
+def _support(d: Distribution):
+    """``d.support``; ``None`` where it is not defined."""
+    try:
+        return d.support
+    except NotImplementedError:
+        return None
+
+
+def _same_support(a, b) -> bool:
+    """Whether constraints ``a`` and ``b`` are certainly the same set (the same object, or the same type
+    with the same plain bounds): then q never draws outside p's support and nothing is masked."""
+    if a is b or a is None:  # unknown: as before (no masking)
+        return True
+    if type(a) is not type(b):
+        return False
+    va, vb = vars(a), vars(b)
+    return va.keys() == vb.keys() and all(
+        not isinstance(v, torch.Tensor) and not isinstance(vb[n], torch.Tensor) and v == vb[n] for n, v in va.items())
+
+
+def _inside(p: Distribution, x: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``(mask, valid)``: whether each value of ``x`` is in p's support (shape of ``x`` less p's event dims),
+    and a value inside it (broadcasts to ``x``); ``None`` where either cannot be found."""
+    try:
+        support = p.support
+        with torch.no_grad():
+            mask = support.check(x)
+            try:
+                valid = transform_to(support)(torch.zeros_like(x))  # continuous: a point inside
+            except NotImplementedError:  # discrete: its lowest value (0 for boolean)
+                lower = 0 if support is constraints.boolean else getattr(support, "lower_bound", None)
+                if not support.is_discrete or lower is None:
+                    return None
+                valid = torch.zeros_like(x) + lower
+    except (NotImplementedError, TypeError, ValueError, RuntimeError, AttributeError):
+        return None
+    if mask.dtype is not torch.bool or mask.shape != x.shape[:x.dim() - len(p.event_shape)]:
+        return None
+    return mask, valid.to(x.dtype)
 
 
 def _on_parent_plates(q: Distribution, node: Node) -> Distribution:
