@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Categorical, Normal, OneHotCategorical
+from torch.distributions import Bernoulli, Categorical, Normal, OneHotCategorical, Pareto, Uniform
 
 import storch
 
@@ -87,6 +87,30 @@ def test_continuous_distribution_is_refused(name, options):
     with storch.Graph():
         with pytest.raises(storch.UnsupportedDistributionError, match=r"does not support Normal.*finite support.*score"):
             est(Normal(torch.zeros(2), 1.0))
+
+
+@pytest.mark.parametrize("name,options", [
+    ("score", dict(n_samples=8)), ("score", dict(n_samples=4, baseline="leave_one_out")),
+    ("score", dict(baseline="moving_average")), ("importance", dict(proposal=Uniform(0.0, 5.0), n_samples=4)),
+])
+@pytest.mark.parametrize("make,param", [
+    (lambda h: Uniform(torch.zeros(()), h), "high"), (lambda h: Pareto(h, torch.tensor(3.0)), "scale"),
+])
+def test_support_that_moves_with_a_parameter_is_refused(name, options, make, param):
+    """z ~ Uniform(0, h): the score identity misses the boundary term, d/dh E[z²] = 2h/3 but score@8 gave
+    -h/3 and leave-one-out 0 (found by porting); Pareto's support [scale, ∞) likewise. Refused, pointing to
+    reparameterization; with the bound detached the node is fine."""
+    h = torch.tensor(1.5, requires_grad=True)
+    est = storch.estimator(name, plate="z", **options)
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError) as info:
+        est(make(h))
+    msg = str(info.value)
+    assert f"{name!r}" in msg and param in msg and "'reparameterization'" in msg
+    if name != "score":
+        return
+    with storch.Graph():
+        storch.add_cost(est(make(h.detach())))
+        storch.surrogate_loss()
 
 
 def test_joint_support_over_budget_is_not_listed():

@@ -119,7 +119,9 @@ class Spsa(Estimator):
             raise UnsupportedDistributionError(
                 f"spsa does not support {type(base).__name__} with these parameters: its support depends on the "
                 f"perturbed parameters {sorted(free)}, so the perturbed distributions put mass where p has none and "
-                "the importance weights of appendix D.3 vanish; use another estimator (e.g. score) for this node")
+                "the importance weights of appendix D.3 vanish. Use 'reparameterization' for this node (its pathwise "
+                "gradient moves the samples with the support; a score-function estimator such as 'score' misses "
+                "the boundary term of a moving support and refuses it too)")
         with torch.no_grad():
             device = next(iter(free.values())).device if free else torch.device("cpu")
             with _replay_rng(device, self.coupled):  # coupled: x₂ reuses x₁'s random numbers
