@@ -11,6 +11,7 @@ from torch.distributions import (
     ExpTransform,
     Independent,
     Kumaraswamy,
+    Laplace,
     Normal,
     Pareto,
     PowerTransform,
@@ -19,7 +20,9 @@ from torch.distributions import (
 )
 
 import storch
+from storch import score_conditions
 from storch.extending import moving_support
+from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
 
 
 class ScoreFunction(storch.Estimator):
@@ -98,3 +101,53 @@ def test_reparameterization_and_other_gradient_functions_accept_a_moving_support
     assert abs(float(g) - 1.0) < 0.05  # 2h/3 (the mean of 2z²/h over U(0, h))
     with storch.Graph():
         NotAScore(plate="y")(Uniform(torch.zeros(()), _h()))
+
+
+# -- order >= 2: a kink of log p in the parameters -------------------------------------------------------
+
+
+def test_score_function_refuses_order_2_on_a_kink_of_log_p():
+    """Laplace's log p = -|x - loc| / b - log 2b: its second derivative in loc has a delta that autograd
+    reports as 0 (d²/dloc² E[z²] = 2; leave-one-out gave 0 and plain score a biased 2.06, found by porting).
+    Order 2 is refused, naming the operation and pointing to reparameterization; order 1 stays."""
+    loc = torch.tensor(0.3, requires_grad=True)
+    est = ScoreFunction(plate="x", n_samples=4)
+    with storch.Graph():
+        z = est(Laplace(loc, torch.tensor(0.8)))
+        storch.add_cost(z ** 2)
+        g, = torch.autograd.grad(storch.surrogate_loss(order=1), loc)
+        assert torch.isfinite(g)
+        with pytest.raises(storch.OrderError, match=r"AbsBackward0.*'reparameterization'.*order=1"):
+            storch.surrogate_loss(order=2)
+
+
+def test_a_smooth_log_p_keeps_every_order():
+    """Laplace with only its scale learned (-|x - loc| / b is smooth in b), and Normal: order 2 is unbiased
+    (z-test of the Hessian against the exact value)."""
+    torch.manual_seed(3)
+    est = ScoreFunction(plate="x", n_samples=4)
+    with storch.Graph():
+        storch.add_cost(est(Laplace(torch.tensor(0.3), _h())) ** 2)
+        storch.surrogate_loss(order=2)
+    R = 4000
+    with storch.Graph():
+        leaf, mu = replicate(torch.tensor(0.3, dtype=torch.float64), R)
+        z = est(Normal(mu, torch.tensor(0.8, dtype=torch.float64)))
+        storch.add_cost(z ** 2)
+        _, h = per_replicate_derivatives(storch.surrogate_loss(order=2), leaf, 2)
+    assert_unbiased(h.reshape(R), 2.0, "d²/dμ² E[z²]")
+
+
+def test_the_kink_walk_runs_once_per_distribution_type_and_learned_parameters(monkeypatch):
+    """Steady state walks nothing: the decision is cached per (distribution type, parameters that require
+    grad), so only the first order-2 surrogate of each kind walks log p's graph."""
+    walks = []
+    real = score_conditions._nonsmooth_on_path
+    monkeypatch.setattr(score_conditions, "_nonsmooth_on_path", lambda *a, **k: walks.append(1) or real(*a, **k))
+    monkeypatch.setattr(score_conditions, "_KINKS", {})
+    est = ScoreFunction(plate="x", n_samples=2)
+    for _ in range(3):
+        with storch.Graph():
+            storch.add_cost(est(Normal(_h(), _h())) ** 2)
+            storch.surrogate_loss(order=2)
+    assert len(walks) == 1

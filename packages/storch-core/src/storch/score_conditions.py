@@ -1,4 +1,4 @@
-"""When the score-function identity holds for a distribution: a support that stays put.
+"""When the score-function identity holds for a distribution: a support that stays put, a smooth log p.
 
 An estimator whose gradient function is the score log p(x) (``score``, ``importance``, LAX) relies on
 
@@ -10,6 +10,11 @@ density there, that no sample's log p sees: the estimate is silently biased (z ~
 d/dh E[z²] = 2h/3, the score gives -h/3). :func:`moving_support` finds such parameters; the estimator base
 class refuses the node with ``storch.UnsupportedDistributionError``. Public as
 ``storch.extending.moving_support``.
+
+At order n the surrogate differentiates log p n times in the parameters (MagicBox's derivatives). A kink of
+log p in a parameter (``Laplace``'s -|x - loc| / b) has a delta in its second derivative that autograd reports
+as 0, so from order 2 the estimate is biased (d²/dloc² E[z²] = 2 for a Laplace: leave-one-out gave 0).
+:func:`log_prob_kinks` finds such operations; the surrogate refuses the order with ``storch.OrderError``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Optional
 
 import torch
 from torch.distributions import (
+    Binomial,
     ComposeTransform,
     Distribution,
     Independent,
@@ -28,7 +34,9 @@ from torch.distributions import (
     constraints,
 )
 
-__all__ = ["moving_support"]
+from .smoothness import _nonsmooth_on_path
+
+__all__ = ["moving_support", "log_prob_kinks"]
 
 # what a distribution type's `support` attribute says about every instance (cached per type):
 _FIXED = 0        # a constraint object of the class (Normal's real, Beta's unit interval), or discrete
@@ -173,3 +181,60 @@ def _same_set(a, b) -> bool:
         elif x != y:
             return False
     return True
+
+
+# -- a smooth log p: the score's derivatives of order >= 2 ------------------------------------------------
+
+# How to tell a kink of log p in the parameters. The walk of the autograd graph of the node's log p (its
+# gradient values) from the parameters, with the table of storch.smoothness, rather than a table of
+# distributions: the walk also sees user distributions (and Independent / Transformed wrappers of
+# torch's), and it sees which parameters are learned (a Laplace with a learned scale only is smooth:
+# -|x - loc| / b - log 2b is smooth in b). It is cached per (distribution type, the parameters that require
+# grad), so a step at steady state walks nothing. log|u| is not a kink (see _nonsmooth_on_path's
+# log_of_abs: the log|det J| of affine and power transforms, ContinuousBernoulli's normaliser). What the walk
+# cannot tell is listed here: torch distributions whose graph holds a listed operation but whose log p is
+# smooth in the parameters.
+_SMOOTH_LOG_PROB: dict[type, str] = {
+    Binomial: "log_prob writes softplus(logits) as clamp(logits, min=0) + log1p(exp(-|logits|)): the two kinks "
+              "cancel",
+}
+_KINKS: dict = {}  # (distribution type, names of its tensors that require grad) -> {operation: k}
+_ALL_ORDERS = 1 << 30
+
+
+def log_prob_kinks(d: Distribution, log_prob: torch.Tensor, order: int) -> tuple[list[str], dict[str, int]]:
+    """``(parameters, {operation: k})``: the operations of ``storch.extending.nonsmooth_operations()`` whose
+    derivative of order k < ``order`` is discontinuous that lie on a path from ``d``'s tensors that require
+    grad (``parameters``, by name) to ``log_prob`` (``d``'s log-probability, with its graph: a node's gradient
+    values). Differentiating log p ``order`` times there loses the delta of the next derivative.
+
+    Decided once per distribution type and set of parameters that require grad (the first log p of that
+    kind is walked; later calls are a lookup), as the cost-path check is once per estimator and cost name.
+    """
+    named = _grad_tensors(d, "", 0)
+    if not named or type(d) in _SMOOTH_LOG_PROB or log_prob.grad_fn is None:
+        return [n for n, _ in named], {}
+    key = (type(d), tuple(n for n, _ in named))
+    found = _KINKS.get(key)
+    if found is None:
+        found = _KINKS[key] = _nonsmooth_on_path(log_prob, [t for _, t in named], _ALL_ORDERS, log_of_abs=True)
+    return [n for n, _ in named], {k: v for k, v in found.items() if v < order}
+
+
+def _grad_tensors(obj, prefix: str, depth: int) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of the tensors that require grad held by a distribution (its base distributions'
+    and transforms' too)."""
+    out: list[tuple[str, torch.Tensor]] = []
+    if depth > 4:
+        return out
+    for k, v in vars(obj).items():
+        if isinstance(v, torch.Tensor):
+            if v.requires_grad:
+                out.append((prefix + k, v))
+        elif isinstance(v, (Distribution, Transform)):
+            out += _grad_tensors(v, f"{prefix}{k}.", depth + 1)
+        elif isinstance(v, (list, tuple)):
+            for i, w in enumerate(v):
+                if isinstance(w, (Distribution, Transform)):
+                    out += _grad_tensors(w, f"{prefix}{k}[{i}].", depth + 1)
+    return out

@@ -89,8 +89,9 @@ class Estimator(torch.nn.Module):
         score_function: whether the gradient function is the score log p(x) of the node's distribution
             (``score``, ``importance``, LAX). Such an estimator refuses a distribution whose support moves
             with a parameter that requires grad (:func:`storch.extending.moving_support`: its gradient
-            misses the boundary term). ``None`` (the default): true when ``gradient_function`` is the base
-            class's (log p).
+            misses the boundary term), and ``storch.surrogate_loss(order >= 2)`` refuses a node whose log p
+            has a kink in the parameters (Laplace's |x - loc|: ``storch.OrderError``). ``None`` (the
+            default): true when ``gradient_function`` is the base class's (log p).
         requires_rsample / requires_enumerate_support: capability requirements. An estimator with
             ``requires_enumerate_support`` gets its distribution through
             ``storch.extending.strict_support`` (``node.distribution`` and a partition step's): values of
