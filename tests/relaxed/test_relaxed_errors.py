@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Categorical, Independent, Normal, OneHotCategorical, Poisson
+from torch.distributions import Bernoulli, Categorical, Independent, Laplace, Normal, OneHotCategorical, Poisson, Uniform
 
 import storch
 from storch_relaxed import Arm, DisArm, Go, GumbelSoftmax, GumbelStraightThrough, Lax, Rebar, Relax
@@ -63,6 +63,26 @@ def test_arm_on_categorical_names_supporting_estimators():
 def test_unsupported_distributions(name, dist, needs):
     with pytest.raises(storch.UnsupportedDistributionError, match=needs):
         storch.estimator(name, plate="z")(dist)
+
+
+def test_lax_refuses_a_support_that_moves_with_a_parameter():
+    """LAX's gradient function is log p: on z ~ Uniform(0, h) it missed the boundary term (-0.39 for
+    d/dh E[z²] = 1.0 at h = 1.5, found by porting). Refused, pointing to reparameterization."""
+    h = torch.tensor(1.5, requires_grad=True)
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match=r"'lax'.*high.*'reparameterization'"):
+        storch.estimator("lax", plate="z")(Uniform(torch.zeros(()), h))
+
+
+def test_lax_refuses_order_2_on_a_kink_of_log_p():
+    """LAX's score term differentiates log p: on a Laplace (|x - loc|) its order-2 estimate of
+    d²/dloc² E[z²] = 2 was 1.35 ± 0.07 (found by porting). Refused at order 2; order 1 unchanged."""
+    loc = torch.tensor(0.3, requires_grad=True)
+    with storch.Graph():
+        z = storch.estimator("lax", plate="z", n_samples=2)(Laplace(loc, 0.8))
+        storch.add_cost(z ** 2)
+        assert torch.isfinite(torch.autograd.grad(storch.surrogate_loss(order=1), loc)[0])
+        with pytest.raises(storch.OrderError, match=r"'lax'.*Laplace.*AbsBackward0.*'reparameterization'"):
+            storch.surrogate_loss(order=2)
 
 
 @pytest.mark.parametrize("name,options,match", [

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Categorical, Normal, OneHotCategorical
+from torch.distributions import Bernoulli, Categorical, Laplace, Normal, OneHotCategorical, Pareto, Uniform
 
 import storch
 
@@ -87,6 +87,49 @@ def test_continuous_distribution_is_refused(name, options):
     with storch.Graph():
         with pytest.raises(storch.UnsupportedDistributionError, match=r"does not support Normal.*finite support.*score"):
             est(Normal(torch.zeros(2), 1.0))
+
+
+@pytest.mark.parametrize("name,options", [
+    ("score", dict(n_samples=8)), ("score", dict(n_samples=4, baseline="leave_one_out")),
+    ("score", dict(baseline="moving_average")), ("importance", dict(proposal=Uniform(0.0, 5.0), n_samples=4)),
+])
+@pytest.mark.parametrize("make,param", [
+    (lambda h: Uniform(torch.zeros(()), h), "high"), (lambda h: Pareto(h, torch.tensor(3.0)), "scale"),
+])
+def test_support_that_moves_with_a_parameter_is_refused(name, options, make, param):
+    """z ~ Uniform(0, h): the score identity misses the boundary term, d/dh E[z²] = 2h/3 but score@8 gave
+    -h/3 and leave-one-out 0 (found by porting); Pareto's support [scale, ∞) likewise. Refused, pointing to
+    reparameterization; with the bound detached the node is fine."""
+    h = torch.tensor(1.5, requires_grad=True)
+    est = storch.estimator(name, plate="z", **options)
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError) as info:
+        est(make(h))
+    msg = str(info.value)
+    assert f"{name!r}" in msg and param in msg and "'reparameterization'" in msg
+    if name != "score":
+        return
+    with storch.Graph():
+        storch.add_cost(est(make(h.detach())))
+        storch.surrogate_loss()
+
+
+@pytest.mark.parametrize("name,options", [
+    ("score", dict(n_samples=4)), ("score", dict(n_samples=4, baseline="leave_one_out")),
+    ("importance", dict(proposal=Normal(0.0, 3.0), n_samples=4)),
+])
+def test_order_2_is_refused_on_a_kink_of_log_p(name, options):
+    """Laplace's log p has |x - loc|: the delta of its second derivative in loc is lost, and the order-2
+    estimates of d²/dloc² E[z²] = 2 were 0 (leave-one-out) and 2.16 ± 0.02 (importance), found by porting.
+    Order 2 raises an OrderError that says why and what to do; order 1 is unchanged."""
+    loc = torch.tensor(0.3, requires_grad=True)
+    est = storch.estimator(name, plate="z", **options)
+    with storch.Graph():
+        z = est(Laplace(loc, 0.8))
+        storch.add_cost(z ** 2)
+        g, = torch.autograd.grad(storch.surrogate_loss(order=1), loc)
+        assert torch.isfinite(g)
+        with pytest.raises(storch.OrderError, match=rf"'{name}'.*Laplace.*loc.*AbsBackward0.*'reparameterization'"):
+            storch.surrogate_loss(order=2)
 
 
 def test_joint_support_over_budget_is_not_listed():

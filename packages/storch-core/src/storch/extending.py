@@ -29,6 +29,9 @@ Distributions:
     :func:`rsample_max_order` is the derivative order to which autograd differentiates a distribution's
     ``rsample`` correctly (1 for torch's gamma family); ``Estimator.max_order_for`` lowers an
     estimator's order per node with it (the default, for estimators with ``requires_rsample``).
+    :func:`moving_support` names the parameters that require grad and move a distribution's support
+    (``Uniform``'s bounds, ``Pareto``'s scale): a score-function gradient misses the boundary term there,
+    so an estimator with ``score_function`` refuses such a distribution.
 
 Random numbers:
     :func:`drawing_with` makes the random draws of a block use a generator (the per-graph
@@ -94,13 +97,14 @@ from .distributions import strict_support as _strict_support
 from .generators import drawing_with
 from .graph import current_graph, is_tracing
 from .plates.tensor import align, plates_of, raw_of
+from .score_conditions import moving_support
 from .smoothness import nonsmooth_operations, require_smooth
 
 __all__ = [
     "align", "plates_of", "raw_of", "base_distribution", "drawing_with", "leave_one_out", "options", "step_guard",
     "match_optimizer_state",
     "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild", "parameters",
-    "require_smooth", "nonsmooth_operations",
+    "require_smooth", "nonsmooth_operations", "moving_support",
 ]
 
 

@@ -117,10 +117,15 @@ def nonsmooth_operations() -> dict[str, Union[int, Callable[[object], Optional[i
     return dict(_NONSMOOTH)
 
 
-def _nonsmooth_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor], order: int) -> dict[str, int]:
+def _nonsmooth_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor], order: int,
+                       log_of_abs: bool = False) -> dict[str, int]:
     """{name: k} of the operations of nonsmooth_operations() with k < ``order`` that lie on a path from one of
     ``inputs`` to ``output`` in the autograd graph: one memoised walk from ``output.grad_fn`` down to
-    the inputs (not below them: what made the inputs is not on such a path)."""
+    the inputs (not below them: what made the inputs is not on such a path).
+
+    ``log_of_abs``: an ``abs`` whose every consumer in the walked graph is a ``log`` is not counted:
+    log|u| is smooth wherever it is finite (its kink at u = 0 is where it is -inf). The log-densities of
+    torch's transformed distributions hold one (log|scale|, log|exponent · y / x| in log|det J|)."""
     root = output.grad_fn
     if root is None:
         return {}
@@ -130,6 +135,8 @@ def _nonsmooth_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor], ord
         return {}
     table = _NONSMOOTH
     found: dict[str, int] = {}
+    hits: list = []  # (autograd node, name, k), when log_of_abs: filtered by consumers at the end
+    consumers: dict = {}  # autograd node -> names of the nodes that read it (log_of_abs only)
     reaches: dict = {}  # autograd node -> whether it reaches an input
     stack = [(root, False)]
     while stack:  # iterative post-order (graphs of long episodes are deeper than Python's recursion)
@@ -140,11 +147,18 @@ def _nonsmooth_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor], ord
             reaches[fn] = r
             if r:
                 name = type(fn).__name__
+                if log_of_abs:
+                    for m, _ in fn.next_functions:
+                        if m is not None:
+                            consumers.setdefault(m, set()).add(name)
                 k = table.get(name)
                 if k is not None and not isinstance(k, int):
                     k = k(fn, reach)
                 if k is not None and k < order:
-                    found[name] = min(k, found.get(name, k))
+                    if log_of_abs:
+                        hits.append((fn, name, k))
+                    else:
+                        found[name] = min(k, found.get(name, k))
             continue
         if fn in reaches:
             continue
@@ -153,6 +167,10 @@ def _nonsmooth_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor], ord
             continue
         stack.append((fn, True))
         stack.extend((m, False) for m, _ in fn.next_functions if m is not None and m not in reaches)
+    for fn, name, k in hits:
+        if name == "AbsBackward0" and consumers.get(fn, set()) == {"LogBackward0"}:
+            continue  # log|u|: smooth where finite
+        found[name] = min(k, found.get(name, k))
     return found
 
 

@@ -27,11 +27,12 @@ from .cost import CostFrame, _lead, magic_box
 from .eager import eager_only
 from .distributions import RSAMPLE_ORDER_NOTE, rsample_max_order
 from .errors import NonFiniteCostError, OrderError, StorchError, UnusedSampleWarning
-from .estimators.base import Estimator
+from .estimators.base import Estimator, _is_score_function
 from .estimators.catalog import installed_classes, supporting_estimators
 from .graph import Graph, current_graph, is_tracing, tracing_recorder
 from .node import Node
 from .plates.tensor import Plate, align, plates_of, raw_of
+from .score_conditions import log_prob_kinks
 from .smoothness import require_smooth
 
 __all__ = ["surrogate_loss", "backward", "cost_nodes", "cost_estimates"]
@@ -56,6 +57,35 @@ def _check_order(nodes: list[Node], order: int) -> None:
             raise OrderError(_order_message(node, order))
         if node.max_order < order:
             raise OrderError(_node_order_message(node, order))
+        if order >= 2 and _is_score_function(est):
+            _check_log_prob_smooth(node, order)
+
+
+def _check_log_prob_smooth(node: Node, order: int) -> None:
+    """An estimator whose gradient function is the score log p (score, importance, LAX) is unbiased at order
+    n >= 2 only where log p's derivatives of order < n are continuous in the parameters: refuse a kink
+    (Laplace's |x - loc|; storch.score_conditions.log_prob_kinks, a walk cached per distribution type and
+    learned parameters). A partition is checked by its first step's distribution and log-probability."""
+    lp = node.step_log[0][1] if node.step_log is not None else node.gradient_values
+    if not isinstance(lp, torch.Tensor):
+        return
+    d = node.distribution
+    params, found = log_prob_kinks(d, lp, order)
+    if not found:
+        return
+    est = node.estimator
+    name = type(node.original if node.original is not None else d).__name__
+    ops = ", ".join(f"{op} (its derivative of order {k} is discontinuous)" for op, k in sorted(found.items()))
+    lowest = min(found.values())
+    lower = f", or differentiate at most {lowest} time(s) (storch.surrogate_loss(order={lowest}))" if lowest else ""
+    instead = (f"use 'reparameterization' for this node ({name} has rsample; it differentiates the sample, not "
+               "log p)" if d.has_rsample else "use an estimator whose gradient function is not log p for this node")
+    raise OrderError(
+        f"estimator {est.name!r} on plate {node.plate.name!r}: its gradient function is the score log p(x) of "
+        f"{name}, which the order-{order} surrogate differentiates {order} times in {', '.join(params)}, but on a "
+        f"path from them log p holds {ops}, e.g. the |x - loc| of a Laplace. Autograd reports 0 for the delta in "
+        f"the next derivative, so the estimate would be biased. Choose a distribution whose log p is smooth in its "
+        f"parameters, or {instead}{lower}")
 
 
 def _order_message(node: Node, order: int) -> str:

@@ -170,8 +170,9 @@ class Spsa(Estimator):
                 raise UnsupportedDistributionError(
                     f"spsa does not support {type(leaf).__name__} with these parameters: its support depends on "
                     f"the perturbed parameters {sorted(split[i][0])}, so the perturbed distributions put mass where "
-                    "p has none and the importance weights of appendix D.3 vanish; use another estimator (e.g. "
-                    "score) for this node")
+                    "p has none and the importance weights of appendix D.3 vanish. Use 'reparameterization' for this "
+                    "node (its pathwise gradient moves the samples with the support; a score-function estimator "
+                    "such as 'score' misses the boundary term of a moving support and refuses it too)")
         own = len(node.parents) + 1  # the sample dim and the parents' plates lead core's log-probabilities
 
         def log_prob(x: torch.Tensor, q: Distribution) -> torch.Tensor:

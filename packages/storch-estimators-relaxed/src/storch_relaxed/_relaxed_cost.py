@@ -72,6 +72,8 @@ class RelaxedCost(VarianceTrained):
             return super().weighting_function(node)
         return blocks_weights(node, self.n_samples, 3)
 
+    score_function = True  # l = log p(b), padded to the blocks
+
     def gradient_function(self, node: Node) -> torch.Tensor:
         node.state.l = node.log_prob(node.state.b)  # l on the b block
         return pad_blocks(node.state.l, self.blocks)

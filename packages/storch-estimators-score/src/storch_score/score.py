@@ -91,6 +91,7 @@ class Score(Estimator):
 
     name = "score"
     aliases = ("reinforce",)
+    score_function = True  # l = log p (its override only zeroes the greedy entry)
     supports_partitions = True
 
     def __init__(self, plate: str, n_samples: int = 1,

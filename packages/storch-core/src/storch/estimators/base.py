@@ -58,6 +58,7 @@ from .. import options
 from ..graph import current_graph, is_tracing
 from ..node import Node
 from ..plates.tensor import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
+from ..score_conditions import moving_support
 from .catalog import EstimatorInfo, available, supporting_estimators
 
 __all__ = ["Estimator", "CostFrame", "magic_box"]
@@ -86,6 +87,12 @@ class Estimator(torch.nn.Module):
         higher_order_options: in words, the options that raise ``max_order`` (``"baseline=False: every
             order"``), for the OrderError that a too-high order raises; empty when none does.
         distributions: supported distribution types (``None``: any).
+        score_function: whether the gradient function is the score log p(x) of the node's distribution
+            (``score``, ``importance``, LAX). Such an estimator refuses a distribution whose support moves
+            with a parameter that requires grad (:func:`storch.extending.moving_support`: its gradient
+            misses the boundary term), and ``storch.surrogate_loss(order >= 2)`` refuses a node whose log p
+            has a kink in the parameters (Laplace's |x - loc|: ``storch.OrderError``). ``None`` (the
+            default): true when ``gradient_function`` is the base class's (log p).
         requires_rsample / requires_enumerate_support: capability requirements. An estimator with
             ``requires_enumerate_support`` gets its distribution through
             ``storch.extending.strict_support`` (``node.distribution`` and a partition step's): values of
@@ -130,6 +137,7 @@ class Estimator(torch.nn.Module):
     biased: ClassVar[bool] = False
     higher_order_options: ClassVar[str] = ""
     distributions: ClassVar[Optional[tuple[type, ...]]] = None
+    score_function: ClassVar[Optional[bool]] = None
     requires_rsample: ClassVar[bool] = False
     requires_enumerate_support: ClassVar[bool] = False
     has_update: ClassVar[bool] = False
@@ -420,16 +428,16 @@ class Estimator(torch.nn.Module):
 
         ``distributions`` is matched against the distribution under one ``Independent`` wrapper
         (:func:`storch.extending.base_distribution`; a ``LogNormal`` is not a ``Normal``),
-        ``requires_rsample`` and ``requires_enumerate_support`` against ``distribution`` itself.
+        ``requires_rsample`` and ``requires_enumerate_support`` against ``distribution`` itself; an
+        estimator whose gradient function is the score (``score_function``) accepts no distribution whose
+        support moves with a parameter that requires grad (:func:`storch.extending.moving_support`).
         The factory (:meth:`check_distribution`), the registry's list of supporting estimators and
         the benchmarks' roster all ask this method. Called on an instance it reads the instance's
         capabilities (an option may change one), on a class the class defaults.
         """
-        if cls.distributions is not None and not isinstance(base_distribution(distribution), cls.distributions):
+        if not _meets_requirements(cls, distribution):
             return False
-        if cls.requires_rsample and not distribution.has_rsample:
-            return False
-        return not cls.requires_enumerate_support or distribution.has_enumerate_support
+        return not (_is_score_function(cls) and moving_support(distribution))
 
     @_instance_or_class
     def requirements(cls) -> list[str]:
@@ -463,11 +471,31 @@ class Estimator(torch.nn.Module):
 
     def check_distribution(self, d: Distribution) -> None:
         """Raise :class:`UnsupportedDistributionError` if this estimator cannot handle ``d``."""
-        if (self.distributions is None and not self.requires_rsample and not self.requires_enumerate_support
-                and _base_supports(type(self))):
+        plain = (self.distributions is None and not self.requires_rsample and not self.requires_enumerate_support
+                 and _base_supports(type(self)))
+        score = _is_score_function(self)
+        if plain and not score:
             return  # the base class's supports() accepts every distribution
-        if not self.supports(d):
+        moved = moving_support(d) if score else ()  # (one dict lookup for a type that fixes its support)
+        if not plain and not self.supports(d) and not (
+                moved and _base_supports(type(self)) and _meets_requirements(self, d)):
             raise UnsupportedDistributionError(self._unsupported_message(d))
+        if moved:
+            raise UnsupportedDistributionError(self._moving_support_message(d, moved))
+
+    def _moving_support_message(self, d: Distribution, moved: Any) -> str:
+        name = type(d).__name__
+        which = ", ".join(moved)
+        instead = (f"Use 'reparameterization' for this node ({name} has rsample: the pathwise gradient moves the "
+                   "samples with the support)" if d.has_rsample else
+                   f"Give {name} an rsample and use 'reparameterization' for this node (the pathwise gradient "
+                   "moves the samples with the support)")
+        return (f"estimator {self.name!r} (plate {self.plate!r}) does not support {name} with {which} requiring "
+                f"grad: the support of {name} depends on {which}, and this estimator's gradient function is the "
+                "score log p(x). ∇E_p[f] = E_p[f ∇log p] holds only for a support that does not move with the "
+                "parameters; a moving one adds a boundary term (f at the bound times the density there) that no "
+                f"sample's log p sees, so the estimate would be biased. {instead}, or detach {which} if the "
+                "support is not to be learned")
 
     def _unsupported_message(self, d: Distribution) -> str:
         others = [n for n in supporting_estimators(d) if n != self.name]
@@ -702,6 +730,30 @@ _FORWARD = Estimator.forward
 _SUPPORTS = Estimator.__dict__["supports"]
 _BASE_SUPPORTS: dict[type, bool] = {}
 _LOWERS_ORDER: dict[type, bool] = {}
+
+
+_SCORE_FUNCTION: dict[type, bool] = {}
+
+
+def _is_score_function(est) -> bool:
+    """``score_function`` of an estimator (instance or class); where it is ``None``, whether its gradient
+    function is the base class's log p (cached per class)."""
+    v = est.score_function
+    if v is None:
+        cls = est if isinstance(est, type) else type(est)
+        v = _SCORE_FUNCTION.get(cls)
+        if v is None:
+            v = _SCORE_FUNCTION[cls] = cls.gradient_function is Estimator.gradient_function
+    return v
+
+
+def _meets_requirements(est, d: Distribution) -> bool:
+    """The type requirements of :meth:`Estimator.supports` (``est``: an instance or a class)."""
+    if est.distributions is not None and not isinstance(base_distribution(d), est.distributions):
+        return False
+    if est.requires_rsample and not d.has_rsample:
+        return False
+    return not est.requires_enumerate_support or d.has_enumerate_support
 
 
 def _lowers_order(cls: type) -> bool:

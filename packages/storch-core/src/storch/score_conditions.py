@@ -1,0 +1,240 @@
+"""When the score-function identity holds for a distribution: a support that stays put, a smooth log p.
+
+An estimator whose gradient function is the score log p(x) (``score``, ``importance``, LAX) relies on
+
+    ∇_θ E_p[f] = ∇_θ ∫_S p_θ(x) f(x) dx = E_p[f ∇_θ log p_θ],
+
+which needs the support S not to move with θ. Where it does (``Uniform(low, high)``, ``Pareto(scale, α)``, an
+affine map of a bounded base distribution), Leibniz's rule adds a boundary term, f at the bound times the
+density there, that no sample's log p sees: the estimate is silently biased (z ~ Uniform(0, h):
+d/dh E[z²] = 2h/3, the score gives -h/3). :func:`moving_support` finds such parameters; the estimator base
+class refuses the node with ``storch.UnsupportedDistributionError``. Public as
+``storch.extending.moving_support``.
+
+At order n the surrogate differentiates log p n times in the parameters (MagicBox's derivatives). A kink of
+log p in a parameter (``Laplace``'s -|x - loc| / b) has a delta in its second derivative that autograd reports
+as 0, so from order 2 the estimate is biased (d²/dloc² E[z²] = 2 for a Laplace: leave-one-out gave 0).
+:func:`log_prob_kinks` finds such operations; the surrogate refuses the order with ``storch.OrderError``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+from torch.distributions import (
+    Binomial,
+    ComposeTransform,
+    Distribution,
+    Independent,
+    MixtureSameFamily,
+    Transform,
+    TransformedDistribution,
+    constraints,
+)
+
+from .smoothness import _nonsmooth_on_path
+
+__all__ = ["moving_support", "log_prob_kinks"]
+
+# what a distribution type's `support` attribute says about every instance (cached per type):
+_FIXED = 0        # a constraint object of the class (Normal's real, Beta's unit interval), or discrete
+_TRANSFORMED = 1  # TransformedDistribution's own: the base's support mapped by the transforms
+_COMPUTED = 2     # a property computed per instance (Uniform's interval(low, high)): read it
+_KIND: dict[type, int] = {}
+
+
+def _support_kind(cls: type) -> int:
+    k = _KIND.get(cls)
+    if k is None:
+        attr = inspect.getattr_static(cls, "support", None)
+        if isinstance(attr, constraints.Constraint) and not constraints.is_dependent(attr):
+            k = _FIXED
+        elif getattr(attr, "_is_discrete", None) is True:
+            # a discrete support (Categorical's {0..K-1}, Binomial's {0..total_count}): its bounds are counts,
+            # in which the expectation has no derivative for any estimator to miss
+            k = _FIXED
+        elif attr is inspect.getattr_static(TransformedDistribution, "support"):
+            k = _TRANSFORMED
+        else:
+            k = _COMPUTED
+        _KIND[cls] = k
+    return k
+
+
+def moving_support(d: Distribution) -> list[str]:
+    """The parameters of ``d`` that require grad and move its (continuous) support, by name.
+
+    ``["high"]`` for ``Uniform(0, h)`` with ``h.requires_grad``, ``["scale"]`` for ``Pareto(scale, α)``,
+    ``["transforms[0].loc"]`` for a ``TransformedDistribution`` that shifts a bounded base (a ``Uniform``,
+    an ``Exponential``) by a learned ``AffineTransform``; ``[]`` when the support does not depend on
+    parameters that require grad (every distribution whose class declares a fixed ``support``:
+    ``Normal``, ``Beta``, ``Kumaraswamy``, ``LogNormal``, ... and discrete supports). Looked through:
+    ``Independent``, ``MixtureSameFamily`` (its components), ``TransformedDistribution`` (its base, then
+    each transform: a transform with parameters that require grad moves the support unless the set it
+    maps is its whole domain, e.g. an affine map of the real line). A score-function gradient (log p)
+    misses the boundary term of such a support; a pathwise gradient (``rsample``) moves the samples
+    with it and is right.
+
+    Cheap for the common case: one dict lookup per distribution type whose class fixes its support;
+    the support is read only for types that compute it per instance.
+    """
+    kind = _support_kind(type(d))
+    if kind == _FIXED:
+        return []
+    if isinstance(d, Independent):
+        return moving_support(d.base_dist)
+    if isinstance(d, MixtureSameFamily):
+        return [f"component_distribution.{n}" for n in moving_support(d.component_distribution)]
+    if kind == _TRANSFORMED and isinstance(d, TransformedDistribution):
+        return _moving_transformed(d)
+    try:
+        support = d.support
+    except NotImplementedError:  # a user distribution that declares no support: nothing to check
+        return []
+    if support is None or support.is_discrete:
+        return []
+    grads = [t for t in _constraint_tensors(support, 0) if t.requires_grad]
+    if not grads:
+        return []
+    named = [k for k, v in vars(d).items() if isinstance(v, torch.Tensor) and any(v is t for t in grads)]
+    return named or ["its support's bounds"]
+
+
+def _constraint_tensors(c, depth: int) -> list[torch.Tensor]:
+    """The tensors a constraint holds (its bounds; those of the constraints it is built from)."""
+    out: list[torch.Tensor] = []
+    if depth > 4:
+        return out
+    for v in vars(c).values():
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, constraints.Constraint):
+            out += _constraint_tensors(v, depth + 1)
+        elif isinstance(v, (list, tuple)):
+            for w in v:
+                if isinstance(w, constraints.Constraint):
+                    out += _constraint_tensors(w, depth + 1)
+    return out
+
+
+def _moving_transformed(d: TransformedDistribution) -> list[str]:
+    """A TransformedDistribution's support is the image of its base's support under the transforms
+    (torch reports only the last transform's codomain: ``real`` for an affine map of a Uniform)."""
+    moved = moving_support(d.base_dist)
+    if moved:
+        return [f"base_dist.{n}" for n in moved]
+    current: Optional[constraints.Constraint] = d.base_dist.support  # None: a fixed set with no constraint
+    for i, t in enumerate(_flat(d.transforms)):
+        if current is not None and _same_set(current, t.domain):
+            current = t.codomain  # the whole domain maps onto the codomain, whatever the parameters
+            continue
+        grads = _transform_grads(t, "", 0)
+        if grads:  # the image of part of the domain moves with the transform's parameters
+            return [f"transforms[{i}]{n}" for n in grads]
+        current = None  # the image of part of the domain under a fixed map: fixed, but no longer a domain
+    return []
+
+
+def _flat(transforms) -> list[Transform]:
+    out: list[Transform] = []
+    for t in transforms:
+        out += _flat(t.parts) if isinstance(t, ComposeTransform) else [t]
+    return out
+
+
+def _transform_grads(t, prefix: str, depth: int) -> list[str]:
+    """``.name`` of a transform's tensors that require grad (those of the transforms it wraps too: an
+    ``_InverseTransform``'s, an ``IndependentTransform``'s)."""
+    out: list[str] = []
+    if depth > 4:
+        return out
+    for k, v in vars(t).items():
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            out.append(f"{prefix}.{k}")
+        elif isinstance(v, Transform) and not k.startswith("_cached"):
+            out += _transform_grads(v, f"{prefix}.{k}", depth + 1)
+    return out
+
+
+def _same_set(a, b) -> bool:
+    """Whether constraints ``a`` and ``b`` are the same set (reinterpreted dims aside): the same type with
+    the same bounds. Conservative: ``False`` when unsure."""
+    while isinstance(a, constraints.independent):
+        a = a.base_constraint
+    while isinstance(b, constraints.independent):
+        b = b.base_constraint
+    if a is b:
+        return True
+    if type(a) is not type(b) or constraints.is_dependent(a) or constraints.is_dependent(b):
+        return False
+    va, vb = vars(a), vars(b)
+    if va.keys() != vb.keys():
+        return False
+    for k, x in va.items():
+        y = vb[k]
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            x, y = torch.as_tensor(x), torch.as_tensor(y)
+            if x.requires_grad or y.requires_grad or x.shape != y.shape or not torch.equal(x, y.to(x)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+# -- a smooth log p: the score's derivatives of order >= 2 ------------------------------------------------
+
+# How to tell a kink of log p in the parameters. The walk of the autograd graph of the node's log p (its
+# gradient values) from the parameters, with the table of storch.smoothness, rather than a table of
+# distributions: the walk also sees user distributions (and Independent / Transformed wrappers of
+# torch's), and it sees which parameters are learned (a Laplace with a learned scale only is smooth:
+# -|x - loc| / b - log 2b is smooth in b). It is cached per (distribution type, the parameters that require
+# grad), so a step at steady state walks nothing. log|u| is not a kink (see _nonsmooth_on_path's
+# log_of_abs: the log|det J| of affine and power transforms, ContinuousBernoulli's normaliser). What the walk
+# cannot tell is listed here: torch distributions whose graph holds a listed operation but whose log p is
+# smooth in the parameters.
+_SMOOTH_LOG_PROB: dict[type, str] = {
+    Binomial: "log_prob writes softplus(logits) as clamp(logits, min=0) + log1p(exp(-|logits|)): the two kinks "
+              "cancel",
+}
+_KINKS: dict = {}  # (distribution type, names of its tensors that require grad) -> {operation: k}
+_ALL_ORDERS = 1 << 30
+
+
+def log_prob_kinks(d: Distribution, log_prob: torch.Tensor, order: int) -> tuple[list[str], dict[str, int]]:
+    """``(parameters, {operation: k})``: the operations of ``storch.extending.nonsmooth_operations()`` whose
+    derivative of order k < ``order`` is discontinuous that lie on a path from ``d``'s tensors that require
+    grad (``parameters``, by name) to ``log_prob`` (``d``'s log-probability, with its graph: a node's gradient
+    values). Differentiating log p ``order`` times there loses the delta of the next derivative.
+
+    Decided once per distribution type and set of parameters that require grad (the first log p of that
+    kind is walked; later calls are a lookup), as the cost-path check is once per estimator and cost name.
+    """
+    named = _grad_tensors(d, "", 0)
+    if not named or type(d) in _SMOOTH_LOG_PROB or log_prob.grad_fn is None:
+        return [n for n, _ in named], {}
+    key = (type(d), tuple(n for n, _ in named))
+    found = _KINKS.get(key)
+    if found is None:
+        found = _KINKS[key] = _nonsmooth_on_path(log_prob, [t for _, t in named], _ALL_ORDERS, log_of_abs=True)
+    return [n for n, _ in named], {k: v for k, v in found.items() if v < order}
+
+
+def _grad_tensors(obj, prefix: str, depth: int) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of the tensors that require grad held by a distribution (its base distributions'
+    and transforms' too)."""
+    out: list[tuple[str, torch.Tensor]] = []
+    if depth > 4:
+        return out
+    for k, v in vars(obj).items():
+        if isinstance(v, torch.Tensor):
+            if v.requires_grad:
+                out.append((prefix + k, v))
+        elif isinstance(v, (Distribution, Transform)):
+            out += _grad_tensors(v, f"{prefix}{k}.", depth + 1)
+        elif isinstance(v, (list, tuple)):
+            for i, w in enumerate(v):
+                if isinstance(w, (Distribution, Transform)):
+                    out += _grad_tensors(w, f"{prefix}{k}[{i}].", depth + 1)
+    return out

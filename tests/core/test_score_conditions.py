@@ -1,0 +1,153 @@
+"""When an estimator whose gradient function is the score log p can be used: a support that does not move
+with the parameters (storch.extending.moving_support). Runs with storch-core alone: the score function is
+the base class's components."""
+
+import pytest
+import torch
+from torch.distributions import (
+    AffineTransform,
+    Categorical,
+    Exponential,
+    ExpTransform,
+    Independent,
+    Kumaraswamy,
+    Laplace,
+    Normal,
+    Pareto,
+    PowerTransform,
+    TransformedDistribution,
+    Uniform,
+)
+
+import storch
+from storch import score_conditions
+from storch.extending import moving_support
+from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
+
+
+class ScoreFunction(storch.Estimator):
+    """The base class's components: the plain score function."""
+
+    name = "test_core_score_conditions"
+
+
+class NotAScore(storch.Estimator):
+    """A gradient function other than log p (here 0, as for pathwise estimators): not refused."""
+
+    name = "test_core_not_a_score"
+
+    def gradient_function(self, node):
+        return torch.zeros(())
+
+
+def _h():
+    return torch.tensor(1.5, requires_grad=True)
+
+
+MOVING = {  # name -> (distribution from a parameter h that requires grad, the names moving_support gives)
+    "Uniform(0, h)": (lambda h: Uniform(torch.zeros(()), h), ["high"]),
+    "Pareto(h, 3)": (lambda h: Pareto(h, torch.tensor(3.0)), ["scale"]),
+    "Independent(Uniform)": (lambda h: Independent(Uniform(torch.zeros(2), h.expand(2)), 1), ["high"]),
+    "Uniform shifted by an affine map": (
+        lambda h: TransformedDistribution(Uniform(0.0, 1.0), [AffineTransform(h, 1.0)]), ["transforms[0].loc"]),
+    "Exponential shifted by an affine map": (
+        lambda h: TransformedDistribution(Exponential(torch.tensor(1.0)), [AffineTransform(h, 1.0)]),
+        ["transforms[0].loc"]),
+    "a log-normal shifted by an affine map": (
+        lambda h: TransformedDistribution(Normal(0.0, 1.0), [ExpTransform(), AffineTransform(h, 1.0)]),
+        ["transforms[1].loc"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MOVING))
+def test_score_function_refuses_a_support_that_moves(case):
+    """z ~ Uniform(0, h): d/dh E[z²] = 2h/3, but E[z² ∇log p] = -h/3 (the boundary term h² p(h) is missing);
+    the score estimate was silently wrong (found by porting; -0.50 instead of +1.00 at h = 1.5)."""
+    make, names = MOVING[case]
+    d = make(_h())
+    assert moving_support(d) == names
+    est = ScoreFunction(plate="x", n_samples=2)
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError) as info:
+        est(make(_h()))
+    msg = str(info.value)
+    assert names[0] in msg and "boundary term" in msg and "'reparameterization'" in msg
+    assert not ScoreFunction.supports(d)
+
+
+def test_a_fixed_support_is_accepted():
+    """Detached bounds; supports that the class fixes (Kumaraswamy's [0, 1]); scale-only parameters."""
+    h = _h()
+    fixed = [Uniform(torch.zeros(()), h.detach()), Pareto(torch.tensor(1.0), h), Kumaraswamy(h, h),
+             Normal(h, h), TransformedDistribution(Normal(h, 1.0), [ExpTransform(), PowerTransform(h)]),
+             TransformedDistribution(Normal(0.0, 1.0), [AffineTransform(h, h)]), Categorical(logits=h.expand(3))]
+    for d in fixed:
+        assert moving_support(d) == [], d
+    est = ScoreFunction(plate="x", n_samples=2)
+    for d in fixed:
+        with storch.Graph():
+            storch.add_cost(est(d).float().sum())
+            storch.surrogate_loss()
+
+
+def test_reparameterization_and_other_gradient_functions_accept_a_moving_support():
+    """The pathwise gradient moves the samples with the support: correct, and not refused."""
+    torch.manual_seed(0)
+    h = _h()
+    est = storch.estimator("reparameterization", plate="x", n_samples=20000)
+    with storch.Graph():
+        z = est(Uniform(torch.zeros(()), h))
+        storch.add_cost(z ** 2)
+        g, = torch.autograd.grad(storch.surrogate_loss(), h)
+    assert abs(float(g) - 1.0) < 0.05  # 2h/3 (the mean of 2z²/h over U(0, h))
+    with storch.Graph():
+        NotAScore(plate="y")(Uniform(torch.zeros(()), _h()))
+
+
+# -- order >= 2: a kink of log p in the parameters -------------------------------------------------------
+
+
+def test_score_function_refuses_order_2_on_a_kink_of_log_p():
+    """Laplace's log p = -|x - loc| / b - log 2b: its second derivative in loc has a delta that autograd
+    reports as 0 (d²/dloc² E[z²] = 2; leave-one-out gave 0 and plain score a biased 2.06, found by porting).
+    Order 2 is refused, naming the operation and pointing to reparameterization; order 1 stays."""
+    loc = torch.tensor(0.3, requires_grad=True)
+    est = ScoreFunction(plate="x", n_samples=4)
+    with storch.Graph():
+        z = est(Laplace(loc, torch.tensor(0.8)))
+        storch.add_cost(z ** 2)
+        g, = torch.autograd.grad(storch.surrogate_loss(order=1), loc)
+        assert torch.isfinite(g)
+        with pytest.raises(storch.OrderError, match=r"AbsBackward0.*'reparameterization'.*order=1"):
+            storch.surrogate_loss(order=2)
+
+
+def test_a_smooth_log_p_keeps_every_order():
+    """Laplace with only its scale learned (-|x - loc| / b is smooth in b), and Normal: order 2 is unbiased
+    (z-test of the Hessian against the exact value)."""
+    torch.manual_seed(3)
+    est = ScoreFunction(plate="x", n_samples=4)
+    with storch.Graph():
+        storch.add_cost(est(Laplace(torch.tensor(0.3), _h())) ** 2)
+        storch.surrogate_loss(order=2)
+    R = 4000
+    with storch.Graph():
+        leaf, mu = replicate(torch.tensor(0.3, dtype=torch.float64), R)
+        z = est(Normal(mu, torch.tensor(0.8, dtype=torch.float64)))
+        storch.add_cost(z ** 2)
+        _, h = per_replicate_derivatives(storch.surrogate_loss(order=2), leaf, 2)
+    assert_unbiased(h.reshape(R), 2.0, "d²/dμ² E[z²]")
+
+
+def test_the_kink_walk_runs_once_per_distribution_type_and_learned_parameters(monkeypatch):
+    """Steady state walks nothing: the decision is cached per (distribution type, parameters that require
+    grad), so only the first order-2 surrogate of each kind walks log p's graph."""
+    walks = []
+    real = score_conditions._nonsmooth_on_path
+    monkeypatch.setattr(score_conditions, "_nonsmooth_on_path", lambda *a, **k: walks.append(1) or real(*a, **k))
+    monkeypatch.setattr(score_conditions, "_KINKS", {})
+    est = ScoreFunction(plate="x", n_samples=2)
+    for _ in range(3):
+        with storch.Graph():
+            storch.add_cost(est(Normal(_h(), _h())) ** 2)
+            storch.surrogate_loss(order=2)
+    assert len(walks) == 1
