@@ -58,6 +58,10 @@ def test_spsa_refuses_parameter_dependent_support():
     low = torch.tensor(0.2, requires_grad=True)
     with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="support.*'reparameterization'"):
         storch.estimator("spsa", plate="x")(Uniform(low, torch.tensor(1.0)))
+    # and the capability listing of other estimators' errors does not offer spsa for it
+    spsa = storch.get_estimator_class("spsa")
+    assert not spsa.supports(Uniform(low, torch.tensor(1.0)))
+    assert spsa.supports(Uniform(low.detach(), torch.tensor(1.0)))
 
 
 def test_spsa_lognormal_parameters_held_by_its_base():

@@ -20,7 +20,7 @@ from torch.distributions.utils import lazy_property
 
 import storch
 from storch import Estimator, Node, UnsupportedDistributionError
-from storch.extending import options, rebuild
+from storch.extending import moving_support, options, rebuild
 from storch.registry import supporting_estimators
 
 from ._state import PrecomputedState
@@ -100,7 +100,10 @@ class Spsa(Estimator):
         """Whether spsa can perturb every tensor of ``distribution`` that requires grad (the capability
         listing of ``UnsupportedDistributionError`` asks this; see :func:`_unreachable`)."""
         try:
-            return super().supports(distribution) and _unreachable(distribution) is None
+            # a support that moves with a learned parameter is refused by proposal() (the weights of
+            # appendix D.3 vanish): not listed as supported either
+            return (super().supports(distribution) and _unreachable(distribution) is None
+                    and not moving_support(distribution))
         except UnsupportedDistributionError:  # a parameter without an unconstrained form
             return False
 
@@ -110,6 +113,14 @@ class Spsa(Estimator):
                 "Independent, a TransformedDistribution's base, a MixtureSameFamily's mixture and components)"]
 
     def check_distribution(self, d: Distribution) -> None:
+        moved = moving_support(d)
+        if moved:
+            raise UnsupportedDistributionError(
+                f"spsa does not support {type(d).__name__} with a learned {', '.join(moved)}: its support moves with "
+                "the perturbed parameters, so the perturbed distributions put mass where p has none and the "
+                "importance weights of appendix D.3 vanish. Use 'reparameterization' for this node (its pathwise "
+                "gradient moves the samples with the support; a score-function estimator such as 'score' misses "
+                "the boundary term of a moving support and refuses it too)")
         reason = _unreachable(d)
         if reason is not None:
             # plain sampling would silently give those tensors no gradient

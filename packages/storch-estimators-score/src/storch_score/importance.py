@@ -60,6 +60,7 @@ class Importance(Estimator):
     """
 
     name = "importance"
+    score_function = True  # l = log p (its override only zeroes draws outside p's support)
     State = ImportanceState
 
     def __init__(self, plate: str, proposal: Optional[Union[Distribution, Callable[[Distribution], Distribution]]] = None,
