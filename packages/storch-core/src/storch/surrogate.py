@@ -32,6 +32,8 @@ from .estimators.catalog import installed_classes, supporting_estimators
 from .graph import Graph, current_graph, is_tracing, tracing_recorder
 from .node import Node
 from .plates.tensor import Plate, align, plates_of, raw_of
+from ._order_guard import differentiating_transforms, refuse_create_graph
+from . import smoothness
 from .smoothness import require_smooth
 
 __all__ = ["surrogate_loss", "backward", "cost_nodes", "cost_estimates"]
@@ -80,7 +82,8 @@ def _unbiased_to(name: str, order: int) -> bool:
     return not cls.biased and cls.max_order >= order
 
 
-# (estimator, cost name) pairs whose cost was checked at order 1 (see _check_smooth)
+# estimator -> {cost name: the kinks (autograd node names) on the path from its sample to the cost, () if
+# none}: the costs checked at order 1 (see _check_smooth)
 _CHECKED_AT_ORDER_1: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -91,26 +94,107 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int) 
     (storch.smoothness). At order >= 2, a kink (ReLU, abs, clamp, max) or a jump, at every surrogate; at
     order 1 only a jump (round, sign, floor, nearest grid_sample: the pathwise gradient is 0 where the
     expectation's is not), checked at the first step of each estimator and cost name (a walk of the cost's
-    graph per step would cost the common case time; a model's operations rarely change between steps)."""
+    graph per step would cost the common case time; a model's operations rarely change between steps).
+    That walk also records the kinks: an order-1 surrogate whose cost has one is refused when it is
+    differentiated again (its cost hooked: :mod:`storch._order_guard`)."""
     if order < 1:  # the value alone: nothing differentiated
         return
     for node in nodes:
         est = node.estimator
         if est.requires_rsample and node.handed:
-            seen = None
-            if order < 2:
-                seen = _CHECKED_AT_ORDER_1.get(est)
-                if seen is None:
-                    seen = _CHECKED_AT_ORDER_1[est] = set()
-                if name in seen:
-                    continue
-            require_smooth(
-                raw_of(cost), [raw for raw, _ in node.handed], order,
-                who=f"estimator {est.name!r} on plate {node.plate.name!r}", what=f"the cost {name!r}",
-                through="the reparameterised sample",
-                instead="an estimator that does not differentiate through the sample, e.g. 'score'")
-            if seen is not None:
-                seen.add(name)  # (after the check: a refused cost is checked again at the next step)
+            inputs = [raw for raw, _ in node.handed]
+            who = f"estimator {est.name!r} on plate {node.plate.name!r}"
+            if order >= 2:
+                require_smooth(raw_of(cost), inputs, order, who=who, what=f"the cost {name!r}",
+                               through="the reparameterised sample", instead=_PATHWISE_INSTEAD)
+                continue
+            seen = _CHECKED_AT_ORDER_1.get(est)
+            if seen is None:
+                seen = _CHECKED_AT_ORDER_1[est] = {}
+            kinks = seen.get(name)
+            if kinks is None:
+                found = smoothness._nonsmooth_on_path(raw_of(cost), inputs, 2)  # (through the module: tests count walks)
+                if any(k < 1 for k in found.values()):  # a jump: refused (require_smooth says why)
+                    require_smooth(raw_of(cost), inputs, 1, who=who, what=f"the cost {name!r}",
+                                   through="the reparameterised sample", instead=_PATHWISE_INSTEAD)
+                kinks = seen[name] = tuple(sorted(found))  # (after the check: a refused cost is checked again)
+            if kinks:
+                _refuse_twice(raw_of(cost), lambda: _kink_message(who, name, kinks))
+
+
+_PATHWISE_INSTEAD = "an estimator that does not differentiate through the sample, e.g. 'score'"
+
+
+def _refuse_twice(tensor, message) -> None:
+    """Refuse a second differentiation of the order-1 surrogate through ``tensor`` (:mod:`storch._order_guard`):
+    a hook, or under torch.func (whose hooks cannot tell) an OrderError now if two transforms differentiate."""
+    if is_tracing():  # a compiled step's replays do not run the traced step's hooks
+        return
+    nested = differentiating_transforms()
+    if nested >= 2:
+        raise OrderError(message())
+    if not nested:
+        refuse_create_graph(tensor, message)
+
+
+_AGAIN = ("differentiating the order-1 surrogate (storch.surrogate_loss(), storch.backward()) again, after a "
+          "backward pass with create_graph=True (torch.autograd.grad(..., create_graph=True), "
+          "torch.autograd.functional.hessian / hvp, loss.backward(create_graph=True), nested torch.func "
+          "transforms), would give a silently biased higher derivative. For derivatives of order n build "
+          "storch.surrogate_loss(order=n), which checks every node and names the estimators unbiased at that "
+          "order; if create_graph=True was incidental (only the first derivative is used), pass "
+          "create_graph=False or detach the first derivative")
+
+
+def _kink_message(who: str, name: str, kinks: tuple) -> str:
+    return (f"{who}: the cost {name!r} has a kink on the path from the reparameterised sample "
+            f"({', '.join(kinks)}: its derivative jumps), so its pathwise derivatives of order >= 2 are biased "
+            f"(autograd reports 0 for the delta in the second derivative); {_AGAIN}. A smooth operation on that "
+            "path (softplus, GELU, SiLU, tanh instead of ReLU; logsumexp instead of max) or an estimator that "
+            "does not differentiate through the sample ('score') is unbiased at every order")
+
+
+def _low_order(node: Node) -> bool:
+    """Whether the node's term is unbiased only at order 1 (cached attributes only)."""
+    return node.estimator.max_order < 2 or node.max_order < 2
+
+
+def _low_order_message(node: Node) -> Callable[[], str]:
+    est, plate, node_order = node.estimator, node.plate.name, node.max_order
+
+    def message() -> str:
+        if est.max_order < 2:
+            why = (f"is biased and its estimate is defined only at order {est.max_order}" if est.biased
+                   else f"is unbiased only up to order {est.max_order} (its max_order; with its options: est.info())")
+        else:
+            why = (f"is unbiased only up to order {node_order} for this node's distribution (lowered by "
+                   f"{type(est).__name__}.max_order_for)")
+        return f"estimator {est.name!r} on plate {plate!r} {why}: {_AGAIN}"
+    return message
+
+
+def _guard_low_order(graph: Graph) -> None:
+    """At order 1: hook the tensors through which an order-1 node's gradient flows into the surrogate (its
+    gradient function, weights and handed samples that carry gradient; control variates are hooked where
+    the surrogate adds them) so that differentiating the surrogate again is refused."""
+    for node in graph.nodes:
+        if not _low_order(node):
+            continue
+        message = _low_order_message(node)
+        if node.step_log is not None:
+            for _, l in node.step_log:
+                _refuse_twice(l, message)
+        else:
+            _refuse_twice(node.gradient_values, message)
+        if not node.estimator.uniform_weights:
+            _refuse_twice(node._weight_values, message)
+        for raw, _ in node.handed:
+            _refuse_twice(raw, message)
+
+
+def _guard_control_variate(a, node: Node, order: int) -> None:
+    if order == 1 and a is not None and _low_order(node):
+        _refuse_twice(a, _low_order_message(node))
 
 
 def _node_order_message(node: Node, order: int) -> str:
@@ -197,6 +281,7 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
                 inner = _baseline_term(inner, est, node, frame, box, prefix[i])
             else:
                 a = est.control_variate(node, frame)  # line 11
+                _guard_control_variate(a, node, order)
                 if a is not None:
                     inner = inner + (a if prefix[i] is None else magic_box(prefix[i]) * a)
         if est.uniform_weights:
@@ -240,6 +325,7 @@ def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Opti
             frame = CostFrame(inner.detach(), plates, node, inner, name, state, order)
             node.frames[frame.key] = frame
             a = est.control_variate(node, frame)  # line 11
+            _guard_control_variate(a, node, order)
             if a is not None:
                 inner = inner + a
     else:
@@ -315,9 +401,18 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     from it, typically because a cost was computed from its samples outside storch's plates
     (``z.tensor``).
 
+    The order-1 surrogate is the any-order form of Eq. 2: differentiated twice (``torch.autograd.grad``
+    with ``create_graph=True``, ``torch.autograd.functional.hessian`` / ``hvp``) it gives unbiased
+    higher derivatives for the estimators whose ``max_order`` allows them (score, expect, importance,
+    RELAX, ...). Where a node is unbiased only at order 1 (ARM, DisARM, GO, MVD, SPSA, the unordered
+    set with its baseline) or a pathwise node's cost has a kink on the path from its sample (ReLU,
+    abs, max), the backward pass with ``create_graph=True`` through its term raises ``OrderError``
+    (torch.func: two nested differentiating transforms raise it when the surrogate is built).
+
     Raises:
         OrderError: an estimator upstream of a cost is not unbiased to ``order``. Like every
-            error raised during a step, it discards the step (the graph is reset).
+            error raised during a step, it discards the step (the graph is reset). At order 1,
+            raised by the backward pass with ``create_graph=True`` described above.
     """
     graph = graph or current_graph()
     if not isinstance(order, int) or isinstance(order, bool) or order < 0:
@@ -460,6 +555,8 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
     for cost, nodes in plain:
         s = _plain_surrogate(cost, nodes)
         loss = s if loss is None else loss + s
+    if order == 1 and n:
+        _guard_low_order(graph)
     return loss if loss.dim() == 0 else loss.reshape(())  # a reshape of a 0-dim loss is one more node
 
 
@@ -668,6 +765,7 @@ def _steps_surrogate(node: Node, members: list, order: int = 1) -> torch.Tensor:
             inner = _baseline_term(inner, est, stacked, frame, box, None)
         else:
             a = est.control_variate(stacked, frame)  # line 11
+            _guard_control_variate(a, node, order)
             if a is not None:
                 inner = inner + a
     # line 14 with w = 1/N (a mean over the node's plate), the costs summed over the steps and
