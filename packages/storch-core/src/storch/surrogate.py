@@ -394,7 +394,10 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     averages, sum-and-sample's buffer, annealing steps). An estimator whose update differentiates the
     loss again (a learned control variate: RELAX, LAX, REBAR) is refused there, before any gradient
     is accumulated, with the advice to call ``storch.backward()``. Unlike ``storch.backward()``, the
-    graph is not reset.
+    graph is not reset. A second-order training objective built from ``g = torch.autograd.grad(loss,
+    params, create_graph=True)`` (a gradient penalty, a MAML outer step through ``params - lr * g``) runs
+    the updates too when it is backpropagated with ``.backward()``: the loss holds a second zero leaf whose
+    (zero) term's gradient is in ``g``'s graph.
 
     A node that no cost is downstream of (no cost carries its plate) and whose gradient function or
     weights carry gradient gets a :class:`storch.UnusedSampleWarning`: its parameters get no gradient
@@ -455,6 +458,12 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
     if not loss.requires_grad:
         return loss
     probe = torch.zeros((), dtype=loss.dtype, device=loss.device, requires_grad=True)
+    # a second zero leaf in the graph of the loss's gradient: a second-order objective built from
+    # g = autograd.grad(loss, θ, create_graph=True) (a gradient penalty, a MAML outer step through
+    # θ - lr·g) never reaches `probe`, but its .backward() accumulates into `probe_g`. The term
+    # probe_g · ½ (loss - ⊥loss)² is 0, and so is each of its derivatives in θ (a factor probe_g = 0 or
+    # loss - ⊥loss = 0), but its derivative, probe_g · (loss - ⊥loss) · ∂loss, holds probe_g
+    probe_g = torch.zeros((), dtype=loss.dtype, device=loss.device, requires_grad=True)
 
     def check():
         learners = sorted({f"{n[0].estimator.name!r} (plate {n[0].plate.name!r})" for n in updating.values()
@@ -473,16 +482,18 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
         for nodes in updating.values():
             nodes[0].estimator.update_parameters(nodes, loss)
 
-    update_on_backward(probe, check, run)
-    return loss + probe
+    update_on_backward((probe, probe_g), check, run)
+    moved = loss - loss.detach()
+    return loss + probe + probe_g * (0.5 * moved * moved)
 
 
-def update_on_backward(probe: torch.Tensor, check: Callable[[], None], run: Callable[[], None]) -> None:
+def update_on_backward(probe: Union[torch.Tensor, tuple], check: Callable[[], None],
+                       run: Callable[[], None]) -> None:
     """The update probe's mechanism (eager surrogates, and each call of a step compiled by
     ``storch.compile``): when ``.backward()`` accumulates into the zero leaf ``probe`` (added to
-    the loss; ``torch.autograd.grad`` never accumulates into it), ``check()`` runs (it raises to stop
-    the pass before any state changes) and ``run()`` (the estimators' updates) is queued for the end
-    of the pass, once per loss: a second backward with ``retain_graph=True`` updates nothing.
+    the loss; ``torch.autograd.grad`` never accumulates into it), or into one of several, ``check()`` runs
+    (it raises to stop the pass before any state changes) and ``run()`` (the estimators' updates) is queued
+    for the end of the pass, once per loss: a second backward with ``retain_graph=True`` updates nothing.
     ``run`` has grad mode on, as under ``storch.backward()`` (the engine's callback runs with it
     off, so a learned baseline's regression would build no graph and silently not train)."""
     done = []
@@ -499,7 +510,8 @@ def update_on_backward(probe: torch.Tensor, check: Callable[[], None], run: Call
 
         torch.autograd.Variable._execution_engine.queue_callback(queued)
 
-    probe.register_post_accumulate_grad_hook(on_backward)
+    for p in probe if isinstance(probe, tuple) else (probe,):
+        p.register_post_accumulate_grad_hook(on_backward)
 
 
 def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
