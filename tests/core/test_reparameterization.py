@@ -214,3 +214,20 @@ def test_order_1_surrogate_of_an_order_1_estimator_differentiated_twice_is_refus
         torch.func.jacrev(torch.func.grad(f))(mu0)
     est.max_order = math.inf  # the same term, declared unbiased at every order: differentiated twice
     assert torch.isfinite(torch.autograd.functional.hessian(f, mu0)).all()
+
+
+def test_torch_func_hessian_is_refused_with_what_works():
+    """torch.func.hessian (jacfwd(jacrev(f))) vmaps the random draws; the message spoke of a vmap the user
+    never called. It now names jacfwd / hessian and points to jacrev(jacrev(f)), which works."""
+    est = storch.estimator("reparameterization", plate="x", n_samples=4)
+
+    def f(mu):
+        with storch.Graph():
+            x = est(Normal(mu, 1.0))
+            storch.add_cost((x ** 3).sum())
+            return storch.surrogate_loss(order=2)
+
+    mu = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    with pytest.raises(storch.StorchError, match=r"torch.func.hessian.*torch.func.jacrev\(torch.func.jacrev\(f\)\)"):
+        torch.func.hessian(f)(mu)
+    assert torch.func.jacrev(torch.func.jacrev(f))(mu).shape == (2, 2)

@@ -306,3 +306,30 @@ def test_relax_trains_next_to_an_arm_node():
         storch.surrogate_loss().sum()  # built; storch.backward() trains
         storch.backward()
     assert any(not torch.equal(a, b) for a, b in zip(phi, relax.parameters()))
+
+
+@pytest.mark.parametrize("name", ["relax", "lax"])
+@pytest.mark.parametrize("transform", ["grad", "jvp"])
+def test_learned_part_built_under_torch_func_is_refused_with_what_to_do(name, transform):
+    """A fresh relax / lax under torch.func.grad or jvp raised torch's raw RuntimeError ("mutating directly
+    with .data inside functorch transform") from its lazily built network: now a StorchError that says to
+    build it with one step outside the transform; after one eager step the transform works."""
+    est = storch.estimator(name, plate="b")
+
+    def f(t):
+        with storch.Graph():
+            if name == "lax":
+                storch.add_cost(((est(Normal(t, 1.0)) - 0.45) ** 2).sum())
+            else:
+                toy_model(est, t)
+            return storch.surrogate_loss(order=2)
+
+    def call():
+        if transform == "grad":
+            return torch.func.grad(f)(TOY_THETA)
+        return torch.func.jvp(f, (TOY_THETA,), (torch.ones_like(TOY_THETA),))
+
+    with pytest.raises(storch.StorchError, match="outside the transform first"):
+        call()
+    f(TOY_THETA.clone().requires_grad_(True))  # one eager step builds the network
+    call()
