@@ -171,3 +171,49 @@ def test_an_estimator_whose_update_differentiates_its_own_regression_trains_with
     assert float(a.b) != 0.0
     torch.testing.assert_close(b.b, a.b, rtol=0, atol=0)
     torch.testing.assert_close(gb, ga, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pattern", ["penalty", "loss_plus_penalty", "maml"])
+def test_second_order_objective_runs_the_updates_once(pattern):
+    """A training objective built from g = grad(surrogate_loss(order=2), θ, create_graph=True) and
+    backpropagated with .backward() (a gradient penalty, a MAML outer step through θ - lr·g) never reached
+    the update probe: the moving averages never formed, silently. Now they update, once per step, as after
+    loss.backward(); grad(g, θ) (a Hessian) stays an evaluation."""
+    est = storch.estimator("score", plate="b", n_samples=4, baseline="moving_average")
+    theta = torch.tensor([0.3, -0.5, 1.0], requires_grad=True)
+    seen = []
+    for step in range(3):
+        theta.grad = None
+        torch.manual_seed(step)
+        with storch.Graph():
+            _bernoulli_step(est, theta)
+            loss = storch.surrogate_loss(order=2)
+            (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+            torch.autograd.grad(g.sum(), theta, retain_graph=True)  # evaluation: no update
+            assert len(est.moving_averages) == min(step, 1)
+            if pattern == "penalty":
+                objective = 0.1 * g.pow(2).sum()
+            elif pattern == "loss_plus_penalty":
+                objective = loss + 0.1 * g.pow(2).sum()
+            else:
+                objective = ((theta - 0.1 * g - 1.0) ** 2).sum()
+            objective.backward()
+        seen.append(est.moving_averages["f"].clone())
+    assert len(est.moving_averages) == 1 and not torch.equal(seen[0], seen[1])
+
+
+
+def test_second_probe_adds_nothing_to_the_derivatives():
+    """The probes' terms are 0 with every derivative 0: the surrogate's gradient and Hessian are those of
+    the same step without an estimator that updates (the same draws)."""
+    theta = torch.tensor([0.3, -0.5, 1.0])
+
+    def f(t, baseline):
+        torch.manual_seed(0)
+        with storch.Graph():
+            _bernoulli_step(storch.estimator("score", plate="b", n_samples=4, baseline=baseline), t)
+            return storch.surrogate_loss(order=2)
+
+    for make in (torch.autograd.functional.jacobian, torch.autograd.functional.hessian):
+        with_probe = make(lambda t: f(t, "moving_average"), theta)  # no average yet: the baseline is 0
+        assert torch.allclose(with_probe, make(lambda t: f(t, "none"), theta))

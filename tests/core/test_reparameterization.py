@@ -132,3 +132,102 @@ def test_a_jump_on_the_samples_path_is_refused_at_order_1_once_per_cost(monkeypa
             storch.add_cost(torch.tanh(x).sum(), name="smooth")
             storch.backward()
     assert len(walks) == 1 and mu.grad is not None
+
+
+def _relu_step(est, mu, cost=torch.relu):
+    with storch.Graph():
+        x = est(Normal(mu, 1.0))
+        storch.add_cost(cost(x).sum(), name="c")
+        return storch.surrogate_loss()  # order 1
+
+
+@pytest.mark.parametrize("how", ["hessian", "grad_of_grad"])
+def test_order_1_surrogate_with_a_kink_differentiated_twice_is_refused(how):
+    """relu(x) of a reparameterised x: surrogate_loss(order=2) refuses it; the default order-1 surrogate
+    differentiated twice gave a Hessian of exactly 0 (exact: the normal density at μ, 0.38) without a word.
+    The backward pass with create_graph=True is refused, at the first step (the walk finds the kink) and
+    at later ones (the kink is remembered per estimator and cost name)."""
+    est = storch.estimator("reparameterization", plate="x", n_samples=4)
+    mu0 = torch.tensor([0.3], dtype=torch.float64)
+    for _ in range(2):
+        with pytest.raises(storch.OrderError, match=r"'reparameterization'.*'c'.*ReluBackward0.*order=n"):
+            if how == "hessian":
+                torch.autograd.functional.hessian(lambda m: _relu_step(est, m), mu0)
+            else:
+                mu = mu0.clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(_relu_step(est, mu), mu, create_graph=True)
+                torch.autograd.grad(g.sum(), mu)
+
+
+def test_order_1_surrogate_with_a_kink_trains_and_a_smooth_cost_differentiates_twice():
+    """First-order use of a cost with a kink is unaffected (storch.backward, autograd.grad without
+    create_graph); a smooth cost's order-1 surrogate still gives its (correct) Hessian."""
+    est = storch.estimator("reparameterization", plate="x", n_samples=4)
+    mu = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    for _ in range(2):
+        with storch.Graph():
+            x = est(Normal(mu, 1.0))
+            storch.add_cost(torch.relu(x).sum(), name="c")
+            storch.backward()
+        torch.autograd.grad(_relu_step(est, mu), mu)
+    assert mu.grad is not None
+    torch.manual_seed(0)
+    smooth = storch.estimator("reparameterization", plate="x", n_samples=4)
+    h = torch.autograd.functional.hessian(lambda m: _relu_step(smooth, m, lambda x: x ** 3), mu.detach())
+    assert torch.isfinite(h).all() and h.abs().sum() > 0
+
+
+class _FirstOrderScore(storch.Estimator):
+    """A score function declared unbiased at order 1 only (as ARM, GO, MVD are)."""
+
+    name = "first_order_score"
+    max_order = 1
+
+    def gradient_function(self, node):
+        return node.log_prob(node.sample)
+
+
+@pytest.mark.parametrize("how", ["hessian", "grad_of_grad", "backward_create_graph"])
+def test_order_1_surrogate_of_an_order_1_estimator_differentiated_twice_is_refused(how):
+    est = _FirstOrderScore("x", n_samples=3)
+    mu0 = torch.tensor([0.3], dtype=torch.float64)
+
+    def f(m):
+        with storch.Graph():
+            x = est(Normal(m, 1.0))
+            storch.add_cost((x ** 2).sum(), name="c")
+            return storch.surrogate_loss()
+
+    with pytest.raises(storch.OrderError, match=r"'first_order_score' on plate 'x'.*order 1.*order=n"):
+        if how == "hessian":
+            torch.autograd.functional.hessian(f, mu0)
+        elif how == "grad_of_grad":
+            mu = mu0.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(f(mu), mu, create_graph=True)
+            torch.autograd.grad(g.sum(), mu)
+        else:
+            f(mu0.clone().requires_grad_(True)).backward(create_graph=True)
+    mu = mu0.clone().requires_grad_(True)
+    f(mu).backward()  # first order: unaffected
+    assert mu.grad is not None and torch.func.grad(f)(mu0).shape == (1,)
+    with pytest.raises(storch.OrderError, match="first_order_score"):  # nested torch.func transforms
+        torch.func.jacrev(torch.func.grad(f))(mu0)
+    est.max_order = math.inf  # the same term, declared unbiased at every order: differentiated twice
+    assert torch.isfinite(torch.autograd.functional.hessian(f, mu0)).all()
+
+
+def test_torch_func_hessian_is_refused_with_what_works():
+    """torch.func.hessian (jacfwd(jacrev(f))) vmaps the random draws; the message spoke of a vmap the user
+    never called. It now names jacfwd / hessian and points to jacrev(jacrev(f)), which works."""
+    est = storch.estimator("reparameterization", plate="x", n_samples=4)
+
+    def f(mu):
+        with storch.Graph():
+            x = est(Normal(mu, 1.0))
+            storch.add_cost((x ** 3).sum())
+            return storch.surrogate_loss(order=2)
+
+    mu = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    with pytest.raises(storch.StorchError, match=r"torch.func.hessian.*torch.func.jacrev\(torch.func.jacrev\(f\)\)"):
+        torch.func.hessian(f)(mu)
+    assert torch.func.jacrev(torch.func.jacrev(f))(mu).shape == (2, 2)

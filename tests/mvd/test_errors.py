@@ -145,3 +145,29 @@ def test_spsa_refuses_tensors_it_cannot_perturb_and_the_listing_agrees():
         assert "spsa" in supporting_estimators(d)
         with storch.Graph():
             storch.estimator("spsa", plate="x", n_samples=3)(d)
+
+
+@pytest.mark.parametrize("name", ["mvd", "spsa"])
+@pytest.mark.parametrize("how", ["hessian", "grad_of_grad"])
+def test_order_1_surrogate_differentiated_twice_is_refused(name, how):
+    """The default order-1 surrogate differentiated twice (torch.autograd.functional.hessian, or grad with
+    create_graph=True then grad) gave a Hessian of 0 or one far off without a word: refused."""
+    est = storch.estimator(name, plate="x")
+
+    def f(mu):
+        with storch.Graph():
+            x = est(Normal(mu, 1.0))
+            storch.add_cost(x ** 2)
+            return storch.surrogate_loss()
+
+    mu0 = torch.tensor(0.3, dtype=torch.float64)
+    with pytest.raises(storch.OrderError, match=rf"'{name}' on plate 'x'.*order 1.*order=n"):
+        if how == "hessian":
+            torch.autograd.functional.hessian(f, mu0)
+        else:
+            mu = mu0.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(f(mu), mu, create_graph=True)
+            torch.autograd.grad(g, mu)
+    mu = mu0.clone().requires_grad_(True)
+    f(mu).backward()  # first order: unaffected
+    assert mu.grad is not None

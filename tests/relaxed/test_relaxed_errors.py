@@ -274,3 +274,82 @@ def test_smoothness_walk_runs_at_order_2_only(name, monkeypatch):
     assert not calls
     step(2)
     assert calls
+
+
+def _order_1_loss(est):
+    def f(t):
+        with storch.Graph():
+            toy_model(est, t)
+            return storch.surrogate_loss()  # order 1
+    return f
+
+
+@pytest.mark.parametrize("name", ["arm", "disarm", "go"])
+@pytest.mark.parametrize("how", ["hessian", "grad_of_grad"])
+def test_order_1_surrogate_differentiated_twice_is_refused(name, how):
+    """surrogate_loss(order=2) refuses these; the default order-1 surrogate differentiated twice gave a
+    biased Hessian (ARM |z| 17, DisARM / GO 0) without a word: the create_graph=True pass is refused."""
+    f = _order_1_loss(storch.estimator(name, plate="b"))
+    with pytest.raises(storch.OrderError, match=rf"'{name}' on plate 'b' is unbiased only up to order 1.*order=n"):
+        if how == "hessian":
+            torch.autograd.functional.hessian(f, TOY_THETA)
+        else:
+            t = TOY_THETA.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(f(t), t, create_graph=True)
+            torch.autograd.grad(g.sum(), t)
+    t = TOY_THETA.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(f(t), t)  # first order: unaffected
+    assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("name", ["relax", "rebar", "gumbel_softmax"])
+def test_order_1_surrogate_of_an_any_order_estimator_differentiates_twice(name):
+    h = torch.autograd.functional.hessian(_order_1_loss(storch.estimator(name, plate="b")), TOY_THETA)
+    assert torch.isfinite(h).all()
+
+
+def test_relax_trains_next_to_an_arm_node():
+    """RELAX's update differentiates the loss with create_graph=True (its control variate's variance
+    training); an ARM node of the same loss and parameters does not refuse that pass."""
+    relax, arm = storch.estimator("relax", plate="a"), storch.estimator("arm", plate="b")
+    theta = TOY_THETA.clone().requires_grad_(True)
+    for _ in range(2):
+        with storch.Graph():
+            toy_model(relax, theta)
+            toy_model(arm, theta * 0.5)
+            storch.backward()
+    assert theta.grad is not None and relax.network.net is not None
+    phi = [p.detach().clone() for p in relax.parameters()]
+    with storch.Graph():
+        toy_model(relax, theta)
+        toy_model(arm, theta * 0.5)
+        storch.surrogate_loss().sum()  # built; storch.backward() trains
+        storch.backward()
+    assert any(not torch.equal(a, b) for a, b in zip(phi, relax.parameters()))
+
+
+@pytest.mark.parametrize("name", ["relax", "lax"])
+@pytest.mark.parametrize("transform", ["grad", "jvp"])
+def test_learned_part_built_under_torch_func_is_refused_with_what_to_do(name, transform):
+    """A fresh relax / lax under torch.func.grad or jvp raised torch's raw RuntimeError ("mutating directly
+    with .data inside functorch transform") from its lazily built network: now a StorchError that says to
+    build it with one step outside the transform; after one eager step the transform works."""
+    est = storch.estimator(name, plate="b")
+
+    def f(t):
+        with storch.Graph():
+            if name == "lax":
+                storch.add_cost(((est(Normal(t, 1.0)) - 0.45) ** 2).sum())
+            else:
+                toy_model(est, t)
+            return storch.surrogate_loss(order=2)
+
+    def call():
+        if transform == "grad":
+            return torch.func.grad(f)(TOY_THETA)
+        return torch.func.jvp(f, (TOY_THETA,), (torch.ones_like(TOY_THETA),))
+
+    with pytest.raises(storch.StorchError, match="outside the transform first"):
+        call()
+    f(TOY_THETA.clone().requires_grad_(True))  # one eager step builds the network
+    call()

@@ -53,6 +53,13 @@ Smoothness (pathwise terms at order n >= 2):
     (relaxed, reparameterised) term is biased. A control variate calls it when
     ``cost.order >= 2`` (the frame's derivative order), as REBAR, RELAX and LAX do.
 
+Differentiating the loss in an update:
+    :func:`estimator_create_graph` (``with estimator_create_graph():``) marks an update's own
+    ``torch.autograd.grad(loss, ..., create_graph=True)`` (training a learned part on the variance of the
+    gradient, as RELAX, LAX and REBAR do), which the order-1 surrogate would otherwise refuse where an
+    order-1 node (ARM, GO, ...) is in the loss: a backward pass with ``create_graph=True`` through such a
+    node is how a user's second derivative of ``storch.surrogate_loss()`` starts.
+
 Options:
     :mod:`options` (``storch.extending.options``) checks constructor options once, with errors
     that name the option, the value and what is accepted: ``integer``, ``number``, ``flag``,
@@ -97,6 +104,7 @@ from .distributions import strict_support as _strict_support
 from .generators import drawing_with
 from .graph import current_graph, is_tracing
 from .plates.tensor import align, plates_of, raw_of
+from ._order_guard import estimator_create_graph
 from .score_conditions import moving_support
 from .smoothness import nonsmooth_operations, require_smooth
 
@@ -104,7 +112,7 @@ __all__ = [
     "align", "plates_of", "raw_of", "base_distribution", "drawing_with", "leave_one_out", "options", "step_guard",
     "match_optimizer_state",
     "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild", "parameters",
-    "require_smooth", "nonsmooth_operations", "moving_support",
+    "require_smooth", "nonsmooth_operations", "moving_support", "estimator_create_graph",
 ]
 
 

@@ -32,6 +32,8 @@ from .estimators.catalog import installed_classes, supporting_estimators
 from .graph import Graph, current_graph, is_tracing, tracing_recorder
 from .node import Node
 from .plates.tensor import Plate, align, plates_of, raw_of
+from ._order_guard import differentiating_transforms, refuse_create_graph
+from . import smoothness
 from .score_conditions import log_prob_kinks
 from .smoothness import require_smooth
 
@@ -110,7 +112,8 @@ def _unbiased_to(name: str, order: int) -> bool:
     return not cls.biased and cls.max_order >= order
 
 
-# (estimator, cost name) pairs whose cost was checked at order 1 (see _check_smooth)
+# estimator -> {cost name: the kinks (autograd node names) on the path from its sample to the cost, () if
+# none}: the costs checked at order 1 (see _check_smooth)
 _CHECKED_AT_ORDER_1: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -121,26 +124,107 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int) 
     (storch.smoothness). At order >= 2, a kink (ReLU, abs, clamp, max) or a jump, at every surrogate; at
     order 1 only a jump (round, sign, floor, nearest grid_sample: the pathwise gradient is 0 where the
     expectation's is not), checked at the first step of each estimator and cost name (a walk of the cost's
-    graph per step would cost the common case time; a model's operations rarely change between steps)."""
+    graph per step would cost the common case time; a model's operations rarely change between steps).
+    That walk also records the kinks: an order-1 surrogate whose cost has one is refused when it is
+    differentiated again (its cost hooked: :mod:`storch._order_guard`)."""
     if order < 1:  # the value alone: nothing differentiated
         return
     for node in nodes:
         est = node.estimator
         if est.requires_rsample and node.handed:
-            seen = None
-            if order < 2:
-                seen = _CHECKED_AT_ORDER_1.get(est)
-                if seen is None:
-                    seen = _CHECKED_AT_ORDER_1[est] = set()
-                if name in seen:
-                    continue
-            require_smooth(
-                raw_of(cost), [raw for raw, _ in node.handed], order,
-                who=f"estimator {est.name!r} on plate {node.plate.name!r}", what=f"the cost {name!r}",
-                through="the reparameterised sample",
-                instead="an estimator that does not differentiate through the sample, e.g. 'score'")
-            if seen is not None:
-                seen.add(name)  # (after the check: a refused cost is checked again at the next step)
+            inputs = [raw for raw, _ in node.handed]
+            who = f"estimator {est.name!r} on plate {node.plate.name!r}"
+            if order >= 2:
+                require_smooth(raw_of(cost), inputs, order, who=who, what=f"the cost {name!r}",
+                               through="the reparameterised sample", instead=_PATHWISE_INSTEAD)
+                continue
+            seen = _CHECKED_AT_ORDER_1.get(est)
+            if seen is None:
+                seen = _CHECKED_AT_ORDER_1[est] = {}
+            kinks = seen.get(name)
+            if kinks is None:
+                found = smoothness._nonsmooth_on_path(raw_of(cost), inputs, 2)  # (through the module: tests count walks)
+                if any(k < 1 for k in found.values()):  # a jump: refused (require_smooth says why)
+                    require_smooth(raw_of(cost), inputs, 1, who=who, what=f"the cost {name!r}",
+                                   through="the reparameterised sample", instead=_PATHWISE_INSTEAD)
+                kinks = seen[name] = tuple(sorted(found))  # (after the check: a refused cost is checked again)
+            if kinks:
+                _refuse_twice(raw_of(cost), lambda: _kink_message(who, name, kinks))
+
+
+_PATHWISE_INSTEAD = "an estimator that does not differentiate through the sample, e.g. 'score'"
+
+
+def _refuse_twice(tensor, message) -> None:
+    """Refuse a second differentiation of the order-1 surrogate through ``tensor`` (:mod:`storch._order_guard`):
+    a hook, or under torch.func (whose hooks cannot tell) an OrderError now if two transforms differentiate."""
+    if is_tracing():  # a compiled step's replays do not run the traced step's hooks
+        return
+    nested = differentiating_transforms()
+    if nested >= 2:
+        raise OrderError(message())
+    if not nested:
+        refuse_create_graph(tensor, message)
+
+
+_AGAIN = ("differentiating the order-1 surrogate (storch.surrogate_loss(), storch.backward()) again, after a "
+          "backward pass with create_graph=True (torch.autograd.grad(..., create_graph=True), "
+          "torch.autograd.functional.hessian / hvp, loss.backward(create_graph=True), nested torch.func "
+          "transforms), would give a silently biased higher derivative. For derivatives of order n build "
+          "storch.surrogate_loss(order=n), which checks every node and names the estimators unbiased at that "
+          "order; if create_graph=True was incidental (only the first derivative is used), pass "
+          "create_graph=False or detach the first derivative")
+
+
+def _kink_message(who: str, name: str, kinks: tuple) -> str:
+    return (f"{who}: the cost {name!r} has a kink on the path from the reparameterised sample "
+            f"({', '.join(kinks)}: its derivative jumps), so its pathwise derivatives of order >= 2 are biased "
+            f"(autograd reports 0 for the delta in the second derivative); {_AGAIN}. A smooth operation on that "
+            "path (softplus, GELU, SiLU, tanh instead of ReLU; logsumexp instead of max) or an estimator that "
+            "does not differentiate through the sample ('score') is unbiased at every order")
+
+
+def _low_order(node: Node) -> bool:
+    """Whether the node's term is unbiased only at order 1 (cached attributes only)."""
+    return node.estimator.max_order < 2 or node.max_order < 2
+
+
+def _low_order_message(node: Node) -> Callable[[], str]:
+    est, plate, node_order = node.estimator, node.plate.name, node.max_order
+
+    def message() -> str:
+        if est.max_order < 2:
+            why = (f"is biased and its estimate is defined only at order {est.max_order}" if est.biased
+                   else f"is unbiased only up to order {est.max_order} (its max_order; with its options: est.info())")
+        else:
+            why = (f"is unbiased only up to order {node_order} for this node's distribution (lowered by "
+                   f"{type(est).__name__}.max_order_for)")
+        return f"estimator {est.name!r} on plate {plate!r} {why}: {_AGAIN}"
+    return message
+
+
+def _guard_low_order(graph: Graph) -> None:
+    """At order 1: hook the tensors through which an order-1 node's gradient flows into the surrogate (its
+    gradient function, weights and handed samples that carry gradient; control variates are hooked where
+    the surrogate adds them) so that differentiating the surrogate again is refused."""
+    for node in graph.nodes:
+        if not _low_order(node):
+            continue
+        message = _low_order_message(node)
+        if node.step_log is not None:
+            for _, l in node.step_log:
+                _refuse_twice(l, message)
+        else:
+            _refuse_twice(node.gradient_values, message)
+        if not node.estimator.uniform_weights:
+            _refuse_twice(node._weight_values, message)
+        for raw, _ in node.handed:
+            _refuse_twice(raw, message)
+
+
+def _guard_control_variate(a, node: Node, order: int) -> None:
+    if order == 1 and a is not None and _low_order(node):
+        _refuse_twice(a, _low_order_message(node))
 
 
 def _node_order_message(node: Node, order: int) -> str:
@@ -227,6 +311,7 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
                 inner = _baseline_term(inner, est, node, frame, box, prefix[i])
             else:
                 a = est.control_variate(node, frame)  # line 11
+                _guard_control_variate(a, node, order)
                 if a is not None:
                     inner = inner + (a if prefix[i] is None else magic_box(prefix[i]) * a)
         if est.uniform_weights:
@@ -270,6 +355,7 @@ def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Opti
             frame = CostFrame(inner.detach(), plates, node, inner, name, state, order)
             node.frames[frame.key] = frame
             a = est.control_variate(node, frame)  # line 11
+            _guard_control_variate(a, node, order)
             if a is not None:
                 inner = inner + a
     else:
@@ -338,16 +424,28 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     averages, sum-and-sample's buffer, annealing steps). An estimator whose update differentiates the
     loss again (a learned control variate: RELAX, LAX, REBAR) is refused there, before any gradient
     is accumulated, with the advice to call ``storch.backward()``. Unlike ``storch.backward()``, the
-    graph is not reset.
+    graph is not reset. A second-order training objective built from ``g = torch.autograd.grad(loss,
+    params, create_graph=True)`` (a gradient penalty, a MAML outer step through ``params - lr * g``) runs
+    the updates too when it is backpropagated with ``.backward()``: the loss holds a second zero leaf whose
+    (zero) term's gradient is in ``g``'s graph.
 
     A node that no cost is downstream of (no cost carries its plate) and whose gradient function or
     weights carry gradient gets a :class:`storch.UnusedSampleWarning`: its parameters get no gradient
     from it, typically because a cost was computed from its samples outside storch's plates
     (``z.tensor``).
 
+    The order-1 surrogate is the any-order form of Eq. 2: differentiated twice (``torch.autograd.grad``
+    with ``create_graph=True``, ``torch.autograd.functional.hessian`` / ``hvp``) it gives unbiased
+    higher derivatives for the estimators whose ``max_order`` allows them (score, expect, importance,
+    RELAX, ...). Where a node is unbiased only at order 1 (ARM, DisARM, GO, MVD, SPSA, the unordered
+    set with its baseline) or a pathwise node's cost has a kink on the path from its sample (ReLU,
+    abs, max), the backward pass with ``create_graph=True`` through its term raises ``OrderError``
+    (torch.func: two nested differentiating transforms raise it when the surrogate is built).
+
     Raises:
         OrderError: an estimator upstream of a cost is not unbiased to ``order``. Like every
-            error raised during a step, it discards the step (the graph is reset).
+            error raised during a step, it discards the step (the graph is reset). At order 1,
+            raised by the backward pass with ``create_graph=True`` described above.
         StorchError: built with gradients enabled, a cost depends on a node that was sampled under
             ``torch.no_grad()`` from parameters that require grad (its gradient would be missing).
     """
@@ -392,6 +490,12 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
     if not loss.requires_grad:
         return loss
     probe = torch.zeros((), dtype=loss.dtype, device=loss.device, requires_grad=True)
+    # a second zero leaf in the graph of the loss's gradient: a second-order objective built from
+    # g = autograd.grad(loss, θ, create_graph=True) (a gradient penalty, a MAML outer step through
+    # θ - lr·g) never reaches `probe`, but its .backward() accumulates into `probe_g`. The term
+    # probe_g · (loss - ⊥loss) is 0, and so is each of its derivatives in θ, probe_g · ∂ⁿloss (probe_g = 0),
+    # but the first, in g's graph, holds probe_g
+    probe_g = torch.zeros((), dtype=loss.dtype, device=loss.device, requires_grad=True)
 
     def check():
         learners = sorted({f"{n[0].estimator.name!r} (plate {n[0].plate.name!r})" for n in updating.values()
@@ -410,16 +514,18 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
         for nodes in updating.values():
             nodes[0].estimator.update_parameters(nodes, loss)
 
-    update_on_backward(probe, check, run)
-    return loss + probe
+    update_on_backward((probe, probe_g), check, run)
+    moved = loss - loss.detach()
+    return loss + probe + probe_g * moved
 
 
-def update_on_backward(probe: torch.Tensor, check: Callable[[], None], run: Callable[[], None]) -> None:
+def update_on_backward(probe: Union[torch.Tensor, tuple], check: Callable[[], None],
+                       run: Callable[[], None]) -> None:
     """The update probe's mechanism (eager surrogates, and each call of a step compiled by
     ``storch.compile``): when ``.backward()`` accumulates into the zero leaf ``probe`` (added to
-    the loss; ``torch.autograd.grad`` never accumulates into it), ``check()`` runs (it raises to stop
-    the pass before any state changes) and ``run()`` (the estimators' updates) is queued for the end
-    of the pass, once per loss: a second backward with ``retain_graph=True`` updates nothing.
+    the loss; ``torch.autograd.grad`` never accumulates into it), or into one of several, ``check()`` runs
+    (it raises to stop the pass before any state changes) and ``run()`` (the estimators' updates) is queued
+    for the end of the pass, once per loss: a second backward with ``retain_graph=True`` updates nothing.
     ``run`` has grad mode on, as under ``storch.backward()`` (the engine's callback runs with it
     off, so a learned baseline's regression would build no graph and silently not train)."""
     done = []
@@ -436,7 +542,8 @@ def update_on_backward(probe: torch.Tensor, check: Callable[[], None], run: Call
 
         torch.autograd.Variable._execution_engine.queue_callback(queued)
 
-    probe.register_post_accumulate_grad_hook(on_backward)
+    for p in probe if isinstance(probe, tuple) else (probe,):
+        p.register_post_accumulate_grad_hook(on_backward)
 
 
 def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
@@ -498,6 +605,8 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
     for cost, nodes in plain:
         s = _plain_surrogate(cost, nodes)
         loss = s if loss is None else loss + s
+    if order == 1 and n:
+        _guard_low_order(graph)
     return loss if loss.dim() == 0 else loss.reshape(())  # a reshape of a 0-dim loss is one more node
 
 
@@ -725,6 +834,7 @@ def _steps_surrogate(node: Node, members: list, order: int = 1) -> torch.Tensor:
             inner = _baseline_term(inner, est, stacked, frame, box, None)
         else:
             a = est.control_variate(stacked, frame)  # line 11
+            _guard_control_variate(a, node, order)
             if a is not None:
                 inner = inner + a
     # line 14 with w = 1/N (a mean over the node's plate), the costs summed over the steps and

@@ -21,7 +21,6 @@ from torch.distributions.utils import lazy_property
 import storch
 from storch import Estimator, Node, UnsupportedDistributionError
 from storch.extending import moving_support, options, rebuild
-from storch.registry import supporting_estimators
 
 from ._state import PrecomputedState
 
@@ -335,8 +334,17 @@ def _unreachable(d: Distribution) -> Optional[str]:
 
 def _others(d: Distribution) -> str:
     """The hint of ``Estimator._unsupported_message``: the installed estimators that support ``d``."""
-    others = [n for n in supporting_estimators(d) if n != "spsa"]
+    # (the public registry API: a family imports only public storch names)
+    others = [n for n in storch.available_estimators()
+              if n != "spsa" and _supports_quietly(storch.get_estimator_class(n), d)]
     return f" Estimators that support it: {', '.join(others)}." if others else ""
+
+
+def _supports_quietly(cls, d: Distribution) -> bool:
+    try:
+        return bool(cls.supports(d))
+    except Exception:  # noqa: BLE001  (only for an error message: an estimator that cannot tell is not listed)
+        return False
 
 
 def _split_parameters(d: Distribution) -> tuple[dict, dict]:

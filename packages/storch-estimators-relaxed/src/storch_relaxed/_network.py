@@ -44,6 +44,14 @@ class ControlVariateNet(torch.nn.Module):
                     "storch.compile: the learned control variate's network is built on first use (its input "
                     "width is the sample's), which a traced step cannot do. Run one step eagerly first (or load "
                     "a state_dict that holds the network), then call the compiled step")
+            if torch._C._functorch.maybe_current_level() is not None:  # torch.func.grad / jvp / vmap / jacrev
+                # torch's own error ("mutating directly with `.data` inside functorch transform") names neither
+                # the network nor what to do
+                raise StorchError(
+                    "the learned control variate's network is built on first use (its input width is the "
+                    "sample's), and a torch.func transform (torch.func.grad, jvp, jacrev, jacfwd, hessian, vmap) "
+                    "cannot create parameters inside it. Build the learned part with one step outside the "
+                    "transform first (or load a state_dict that holds the network), then call it under torch.func")
             # normal tensors even when the first use is an evaluation pass under torch.inference_mode()
             # (inference tensors cannot be trained afterwards)
             with torch.inference_mode(False):

@@ -11,7 +11,7 @@ import torch
 
 import storch.distributed
 from storch import Estimator, Node, OptionError, StorchError
-from storch.extending import match_optimizer_state, options
+from storch.extending import estimator_create_graph, match_optimizer_state, options
 
 from ._network import ControlVariateNet
 
@@ -101,7 +101,9 @@ class VarianceTrained(Estimator):
         params = self._trainable()
         if not params or not targets:
             return ()
-        grads = torch.autograd.grad(loss, targets, retain_graph=True, create_graph=True, allow_unused=True)
+        # storch's own create_graph pass: an order-1 node (ARM) elsewhere in the loss does not refuse it
+        with estimator_create_graph():
+            grads = torch.autograd.grad(loss, targets, retain_graph=True, create_graph=True, allow_unused=True)
         var = sum((g ** 2).sum() for g in grads if g is not None)
         if not isinstance(var, torch.Tensor) or not var.requires_grad:
             return ()

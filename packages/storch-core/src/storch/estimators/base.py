@@ -682,6 +682,14 @@ class Estimator(torch.nn.Module):
                     f"{', '.join(repr(b) for b in bad)} hold NaN or infinite values (the model's outputs diverged, "
                     "or its inputs hold NaN); keep torch's argument validation on to catch it where the "
                     f"distribution is built. ({type(e).__name__}: {e})") from e
+            if isinstance(e, RuntimeError) and str(e).startswith("vmap:") and _under_jacfwd():
+                raise StorchError(
+                    f"estimator {self.name!r} (plate {self.plate!r}) cannot run inside torch.func.jacfwd or "
+                    "torch.func.hessian (which is jacfwd(jacrev(f))): jacfwd computes its columns with "
+                    "torch.func.vmap, which refuses the estimator's random draws (and reading the values of its "
+                    "samples or probabilities). For second derivatives use torch.func.jacrev(torch.func.jacrev(f)), "
+                    "torch.func.jacrev(torch.func.grad(f)) or torch.autograd.functional.hessian(f, x); for a "
+                    f"forward-mode product, torch.func.jvp (torch said: {str(e)[:200]})") from e
             if isinstance(e, RuntimeError) and str(e).startswith("vmap:"):
                 raise StorchError(
                     f"estimator {self.name!r} (plate {self.plate!r}) cannot run inside torch.func.vmap: it reads "
@@ -690,6 +698,15 @@ class Estimator(torch.nn.Module):
                     "neither. Run the vmapped members in a Python loop, or build the learned part with one step "
                     f"outside vmap first (torch said: {str(e)[:200]})") from e
             raise
+
+
+def _under_jacfwd() -> bool:
+    """Whether a torch.func.vmap active now is one that jacfwd (or hessian) runs over forward-mode
+    tangents: a vmap level with a jvp level inside it."""
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    kinds = [i.key() for i in stack]
+    t = torch._C._functorch.TransformType
+    return any(a == t.Vmap and b == t.Jvp for a, b in zip(kinds, kinds[1:]))
 
 
 # The samples of a node are drawn for every entry of its parents' sample plates: along a chain of
