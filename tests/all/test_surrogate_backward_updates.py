@@ -217,3 +217,19 @@ def test_second_probe_adds_nothing_to_the_derivatives():
     for make in (torch.autograd.functional.jacobian, torch.autograd.functional.hessian):
         with_probe = make(lambda t: f(t, "moving_average"), theta)  # no average yet: the baseline is 0
         assert torch.allclose(with_probe, make(lambda t: f(t, "none"), theta))
+
+
+def test_backward_with_inputs_accumulates_there_and_updates():
+    """`loss.backward(inputs=[...])` (one optimizer per parameter group) never reaches the loss's update probe,
+    so `surrogate_loss().backward(inputs=...)` updated nothing, silently; `storch.backward(inputs=...)`
+    restricts the accumulation and runs the updates as without it."""
+    torch.manual_seed(3)
+    est = storch.estimator("score", plate="z", n_samples=4, baseline="moving_average")
+    theta = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+    other = torch.tensor(1.0, requires_grad=True)
+    with storch.Graph():
+        z = est(Bernoulli(logits=theta))
+        storch.add_cost(((z - 0.45) ** 2).sum() * other, name="f")
+        storch.backward(inputs=[theta])
+    assert theta.grad is not None and other.grad is None
+    assert set(est.moving_averages) == {"f"}

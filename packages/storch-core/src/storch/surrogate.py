@@ -19,7 +19,7 @@ import math
 import operator
 import warnings
 import weakref
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -860,7 +860,8 @@ def _stacked_cumulative(node: Node, steps: list[int]) -> torch.Tensor:
 
 @eager_only
 def backward(graph: Optional[Graph] = None, *, order: int = 1,
-             scale: Optional[Union[float, torch.Tensor]] = None) -> torch.Tensor:
+             scale: Optional[Union[float, torch.Tensor]] = None,
+             inputs: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
     """Backpropagate the first-order surrogate, run estimators' own updates, reset the graph.
 
     Order: the surrogate loss (order 1) is built and backpropagated (its graph kept for the updates,
@@ -868,6 +869,10 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1,
     or ``replays_update`` without it set), then ``update_parameters(nodes, loss)`` runs once per estimator with
     ``has_update`` (the only place estimator state changes), then the graph is reset (also after
     an exception).
+
+    ``inputs``: accumulate gradients into these tensors only (``Tensor.backward(inputs=...)``: one
+    optimizer per parameter group). The estimators' updates run as without it. (``surrogate_loss().backward(
+    inputs=...)`` runs no updates: a restricted pass never reaches the loss's update probe.)
 
     ``scale``: backpropagate ``scale * loss`` (loss scaling for mixed precision:
     ``storch.backward(scale=scaler.get_scale())`` with a ``torch.amp.GradScaler``, then
@@ -932,7 +937,7 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1,
         # backward's saved tensors to the end of the pass (peak memory 1.16-1.24x hand-written)
         keep = any(_needs_loss_graph(n[0].estimator) for n in updating.values())
         try:
-            (loss if scale is None else loss * scale).backward(retain_graph=keep)
+            (loss if scale is None else loss * scale).backward(retain_graph=keep, inputs=inputs)
         except RuntimeError as e:
             if "backward through the graph a second time" not in str(e):
                 raise
