@@ -69,6 +69,8 @@ class VarianceTrained(Estimator):
         self.update_steps = 0
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._loaded: Optional[dict] = None
+        # (plate name, cost name) whose control variate passed the order-1 check for jumps (_network.smoothness_due)
+        self._smooth_at_order_1: set = set()
         # state_dict: the optimizer is rebuilt after the (possibly lazily built) network has loaded
         self.register_load_state_dict_post_hook(VarianceTrained._restore_training)
 
