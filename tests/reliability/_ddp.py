@@ -101,13 +101,16 @@ def data(world: int) -> torch.Tensor:
 
 def estimator_state(model: Model) -> list[torch.Tensor]:
     est = model.est
+    # Adam's moments: exp_avg is linear in the gradients the update stepped along (the parameters alone are
+    # not: Adam divides the scale out, so a gradient off by a factor would not show in them)
+    opt = [] if est._optimizer is None else [
+        v.clone() for s in est._optimizer.state.values() for _, v in sorted(s.items()) if torch.is_tensor(v)]
     if est.name == "score":
         # the moving averages (NVIL's c), a learned baseline's parameters and its Adam moments
-        opt = [] if est._optimizer is None else [
-            v for s in est._optimizer.state.values() for _, v in sorted(s.items()) if torch.is_tensor(v)]
         return ([v.clone() for _, v in sorted(est.moving_averages.items())]
-                + [p.detach().clone() for p in est.parameters()] + [v.clone() for v in opt])
-    return [p.detach().clone() for p in est.parameters()]
+                + [p.detach().clone() for p in est.parameters()] + opt)
+    # relax: λ, η, the residual network's ρ, and Adam's moments
+    return [p.detach().clone() for p in est.parameters()] + opt
 
 
 def train(model, x: torch.Tensor, generator_or_mode, steps: int = STEPS) -> list[list[torch.Tensor]]:
@@ -146,10 +149,12 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
             state = estimator_state(ddp.module)
             out[key] = {"grads": grads, "state": state,
                         "agree": storch.distributed.ranks_agree(state, ddp.module.est)}
+        out["world_size"] = storch.distributed.world_size(ddp.module.est)
         # synchronisation switched off (single-rank use): each rank keeps its own moving average
         local = Model("score", {"n_samples": 2, "baseline": "moving_average"})
         storch.distributed.synchronize(local, enabled=False)
         train(DDP(local), x, torch.Generator().manual_seed(100 + rank))
+        out["local_world_size"] = storch.distributed.world_size(local.est)
         out["local"] = {"state": estimator_state(local), "agree": storch.distributed.ranks_agree(estimator_state(local))}
         # episodes of different lengths per rank (rank 0: T=3, rank 1: T=5): moving averages per step r@t
         T = 3 + 2 * rank

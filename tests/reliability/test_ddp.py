@@ -5,7 +5,10 @@ and estimator state that must agree across ranks does (bitwise).
 Scenarios: ``score`` + leave-one-out; ``score`` + moving average (under
 ``find_unused_parameters=True``; the moving average in sync after 5 steps); ``relax`` with its
 lazily built network (φ identical on both ranks after 5 steps); ``score`` + NVIL (lazily built heads
-and their regression) and + a trainable baseline module (ψ and Adam's moments identical). Also:
+and their regression) and + a trainable baseline module (ψ and Adam's moments identical). Adam's
+moments are compared too (relative 1e-5): Adam divides the gradient's scale out of the parameters,
+its first moment is linear in the gradients (NVIL's regression averages over the ranks; RELAX's variance
+objective is the ranks' mean divided by the world size, storch.distributed.world_size). Also:
 moving averages of episodes of different lengths per rank, values of different sizes (a
 StorchError, not a gloo abort), and a DDP submodule under ``find_unused_parameters=True`` (a
 PlateError that names DDP's sink). Defects of issue 11: the moving
@@ -68,8 +71,17 @@ def test_estimator_state_agrees_across_ranks_and_with_a_single_process(ranks, ke
     for a, b in zip(*states):
         assert torch.equal(a, b)  # bitwise the same on both ranks
     ref = _ddp.reference(key, WORLD)["state"]
+    assert len(states[0]) == len(ref)
     for a, r in zip(states[0], ref):
         assert (a - r).abs().max().item() < 1e-6
+        # relative too: Adam's second moments are ~1e-9, a gradient off by a factor W shows only relative
+        assert (a - r).abs().max().item() <= 1e-5 * r.abs().max().item(), (a, r)
+
+
+def test_world_size_is_the_process_groups_and_1_where_synchronisation_is_off(ranks):
+    assert [r["world_size"] for r in ranks] == [WORLD] * WORLD
+    assert [r["local_world_size"] for r in ranks] == [1] * WORLD
+    assert storch.distributed.world_size() == 1  # this process: no process group
 
 
 def test_find_unused_parameters_without_the_loss_as_output_is_a_clear_error(ranks):

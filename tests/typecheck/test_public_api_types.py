@@ -6,6 +6,7 @@ pyrightconfig.json): zero errors on ``client.py``, code written against the publ
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,42 @@ PACKAGES = {"packages/storch-core": "storch", "packages/storch-estimators-score"
 
 def test_public_functions_and_methods_are_annotated() -> None:
     assert public_api.unannotated() == [], "annotate these parameters / return values"
+
+
+# what a family (or the benchmarks, or the example plugin) may import from the core (docs/architecture.md)
+PUBLIC_CORE_MODULES = ("storch", "storch.distributed", "storch.extending", "storch.testing")
+
+
+def _private_core_uses(path: Path) -> list[str]:
+    """Imports of private core modules or names, and ``storch.<module>._name`` reads, in one source file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "storch":
+            names = [a.name for a in node.names]
+            if node.module not in PUBLIC_CORE_MODULES or any(n.startswith("_") for n in names):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: from {node.module} import {', '.join(names)}")
+        elif isinstance(node, ast.Import):
+            found += [f"{path.relative_to(ROOT)}:{node.lineno}: import {a.name}" for a in node.names
+                      if a.name.split(".")[0] == "storch" and a.name not in PUBLIC_CORE_MODULES]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            chain, value = [node.attr], node.value
+            while isinstance(value, ast.Attribute):
+                chain.append(value.attr)
+                value = value.value
+            if isinstance(value, ast.Name) and value.id == "storch":
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: storch.{'.'.join(reversed(chain))}")
+    return found
+
+
+def test_families_use_only_public_core_names() -> None:
+    """Families import only public names (DESIGN.md): a private one they need is a missing public helper
+    (storch_relaxed read storch.distributed._group_of for the world size: now storch.distributed.world_size)."""
+    found = []
+    for folder, module in PACKAGES.items():
+        if module != "storch":
+            for path in sorted((ROOT / folder / "src").rglob("*.py")):
+                found += _private_core_uses(path)
+    assert found == [], "use public names (storch, storch.extending, storch.distributed, storch.testing):\n" + "\n".join(found)
 
 
 def test_client_runs() -> None:

@@ -45,7 +45,7 @@ import torch
 
 from .errors import StorchError
 
-__all__ = ["is_active", "synchronize", "all_reduce_mean", "broadcast_", "ranks_agree"]
+__all__ = ["is_active", "world_size", "synchronize", "all_reduce_mean", "broadcast_", "ranks_agree"]
 
 _UNSET = object()
 
@@ -72,6 +72,20 @@ def is_active(owner: Any = None) -> bool:
     if group is False:
         return False
     return dist.get_world_size(group) > 1
+
+
+def world_size(owner: Any = None) -> int:
+    """The number of processes the state of ``owner`` (an estimator, or None for the default) is
+    synchronised over: the size of its process group, or 1 when it is not synchronised
+    (:func:`is_active` is False: a single process, or switched off by :func:`synchronize`).
+
+    For an estimator whose update must scale what :func:`all_reduce_mean` returns: RELAX's variance
+    objective Σ ĝ² over a batch split across the ranks is the ranks' mean divided by it (each rank's ĝ
+    per data point is this many times the whole batch's).
+    """
+    if not is_active(owner):
+        return 1
+    return int(_dist().get_world_size(_group_of(owner)))
 
 
 def synchronize(module: torch.nn.Module, enabled: bool = True, group: Any = None) -> None:

@@ -6,7 +6,7 @@ so from order 2 (order 1 for a jump) such a term is silently biased. :func:`requ
 autograd graph from a cost down to the samples and refuses (``storch.OrderError``) where an operation
 of the table :func:`nonsmooth_operations` lies on a path between them. Public as
 ``storch.extending.require_smooth`` and ``storch.extending.nonsmooth_operations``; REBAR, RELAX and LAX call
-it at order >= 2.
+it at order >= 2 at every surrogate, and at order 1 (for a jump) at the first step of each plate and cost name.
 """
 
 from __future__ import annotations
@@ -186,8 +186,8 @@ def require_smooth(output: torch.Tensor, inputs: Sequence[torch.Tensor], order: 
     ``output`` once (memoised, down to ``inputs``) and raises if an operation of
     :func:`nonsmooth_operations` whose first discontinuous derivative has order < ``order`` lies on a path
     from one of ``inputs`` to ``output``. Operations on other paths (a ReLU of the parameters alone)
-    are fine. The walk is Python over the graph's nodes: call it only at order >= 2
-    (``cost.order >= 2`` in a control variate), where a kink matters.
+    are fine. The walk is Python over the graph's nodes: at order 1, where only a jump matters, call
+    it once per estimator and cost name (the first step), not at every step.
 
     Args:
         output: what is differentiated (a cost with its graph, a control variate network's output).

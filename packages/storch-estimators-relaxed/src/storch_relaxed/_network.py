@@ -12,7 +12,7 @@ from storch import StorchError, magic_box
 from storch.extending import drawing_with, is_tracing, learned_dtype, require_smooth
 
 __all__ = ["ControlVariateNet", "param_clones", "flat", "evaluate_network", "tilde_term", "smooth_network",
-           "smooth_who", "cost_what", "SMOOTH_INSTEAD"]
+           "smooth_who", "cost_what", "smoothness_due", "smoothness_checked", "SMOOTH_INSTEAD"]
 
 # what require_smooth suggests instead of LAX, RELAX and REBAR at an order their cost / network cannot have
 SMOOTH_INSTEAD = ("a score-family estimator ('score' with baseline='leave_one_out', 'sum_and_sample', "
@@ -135,9 +135,34 @@ def cost_what(cost) -> str:
     return f"the cost {cost.name!r}" if cost.name else "the cost"
 
 
+def smoothness_due(est, node, cost) -> bool:
+    """Whether ``control_variate`` checks now (``storch.extending.require_smooth``) that what it differentiates
+    through a continuous sample (the cost at σ_λ(z), σ_λ(z̃); the network's output at z, z̃) is smooth enough.
+
+    Order n needs the derivatives of order < n continuous there. At order >= 2 (a kink or a jump) at every
+    surrogate. At order 1 only a jump breaks it (round, sign, floor, nearest grid_sample: the pathwise
+    term ∇c(z) misses the delta that ∇E[c(z)] has, and the score-function term -c(z̃) ∇l, or
+    -⊥c_φ(x) ∇l for LAX, no longer cancels it: a z-test of REBAR on round(0.6 σ_λ(z) + 0.3) gave
+    z ≈ -50), checked at the first surrogate of each plate and cost name of this estimator only, as the
+    core checks a reparameterised node (a walk of the cost's graph at every step would cost the common
+    case time; a model's operations rarely change between steps). :func:`smoothness_checked` records it.
+    """
+    if cost.order >= 2:
+        return True
+    return cost.order == 1 and (node.plate.name, cost.name) not in est._smooth_at_order_1
+
+
+def smoothness_checked(est, node, cost) -> None:
+    """The order-1 check of :func:`smoothness_due` passed for this plate and cost name: not walked again
+    (called after the checks: a refused cost is checked again at the next step)."""
+    if cost.order == 1:
+        est._smooth_at_order_1.add((node.plate.name, cost.name))
+
+
 def smooth_network(est, node, order: int, *pairs: torch.Tensor) -> None:
-    """At order >= 2: c_φ's pathwise term E[∇ⁿc_φ(z)] = ∇ⁿE[c_φ(z)] needs the network n times differentiable
-    in z (a ReLU network is not); ``pairs`` = output, input, output, input... (r(z), z, r(z̃), z̃)."""
+    """c_φ's pathwise term E[∇ⁿc_φ(z)] = ∇ⁿE[c_φ(z)] needs the network's derivatives of order < n continuous
+    in z (from order 2 a ReLU network's are not; at order 1 a jump, round or sign, breaks it); ``pairs`` =
+    output, input, output, input... (r(z), z, r(z̃), z̃). Called when :func:`smoothness_due`."""
     for out, z in zip(pairs[::2], pairs[1::2]):
         require_smooth(out, [z], order, who=smooth_who(est, node), what="the control-variate network's output",
                        through="the continuous sample z it is evaluated on", instead=SMOOTH_INSTEAD)

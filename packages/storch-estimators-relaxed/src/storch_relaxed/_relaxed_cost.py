@@ -19,7 +19,9 @@ from storch import CostFrame, Node
 from storch.extending import base_distribution, options, require_smooth
 
 from ._blocks import block, blocks_weights, pad_blocks
-from ._network import SMOOTH_INSTEAD, cost_what, smooth_network, smooth_who, tilde_term
+from ._network import (
+    SMOOTH_INSTEAD, cost_what, smooth_network, smooth_who, smoothness_checked, smoothness_due, tilde_term,
+)
 from ._noise import discrete_with_relaxation
 from ._params import param_tensors
 from ._variance_trained import VarianceTrained
@@ -64,7 +66,7 @@ class RelaxedCost(VarianceTrained):
             soft, soft_tilde = torch.sigmoid(s.z / lam), torch.sigmoid(s.z_tilde / lam)
         else:
             soft, soft_tilde = torch.softmax(s.z / lam, -1), torch.softmax(s.z_tilde / lam, -1)
-        s.relaxed = (soft, soft_tilde)  # what the cost is differentiated through (require_smooth at order >= 2)
+        s.relaxed = (soft, soft_tilde)  # what the cost is differentiated through (require_smooth: smoothness_due)
         return torch.cat([hard, soft, soft_tilde], 0)  # b (one-hot for categoricals), σ_λ(z), σ_λ(z̃)
 
     def weighting_function(self, node: Node) -> torch.Tensor:
@@ -86,20 +88,25 @@ class RelaxedCost(VarianceTrained):
         n, s = self.n_samples, node.state
         c_z: Optional[torch.Tensor] = None
         c_zt: Optional[torch.Tensor] = None
+        # the cost at σ_λ(z) (and the network at z) with derivatives of order < n continuous there: a jump
+        # matters from order 1 on, a kink from order 2 on (checked at order 1 once per plate and cost name)
+        check = smoothness_due(self, node, cost)
         if self.relaxed_cost:
             live = cost.live()  # with its graph: c must be differentiable in θ, λ, η
-            if cost.order >= 2:  # n times differentiable in the relaxed sample (a kink matters from order 2 on)
+            if check:
                 require_smooth(live, s.relaxed, cost.order, who=smooth_who(self, node), what=cost_what(cost),
                                through="the relaxed sample σ_λ(z), σ_λ(z̃)", instead=SMOOTH_INSTEAD)
             eta = self.eta.clone().to(live)  # live's dtype and device  # clone: see _network.param_clones
             c_z, c_zt = eta * block(live, cost, n, 1), eta * block(live, cost, n, 2)  # η f(σ_λ(·))
         r_z, r_zt = self.residual(node, s.z), self.residual(node, s.z_tilde)
         if r_z is not None:
-            if cost.order >= 2:
+            if check:
                 smooth_network(self, node, cost.order, r_z, s.z, r_zt, s.z_tilde)
             r_z, r_zt = cost.align(r_z), cost.align(r_zt)
             c_z = r_z if c_z is None else c_z + r_z
             c_zt = r_zt if c_zt is None else c_zt + r_zt
+        if check:
+            smoothness_checked(self, node, cost)
         if c_z is None:
             return None
         # Grathwohl et al. 2018, Eq. 6 in Storchastic's form (appendix D.2.4, see tilde_term):

@@ -69,6 +69,8 @@ class VarianceTrained(Estimator):
         self.update_steps = 0
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._loaded: Optional[dict] = None
+        # (plate name, cost name) whose control variate passed the order-1 check for jumps (_network.smoothness_due)
+        self._smooth_at_order_1: set = set()
         # state_dict: the optimizer is rebuilt after the (possibly lazily built) network has loaded
         self.register_load_state_dict_post_hook(VarianceTrained._restore_training)
 
@@ -123,7 +125,7 @@ class VarianceTrained(Estimator):
         if self._optimizer is None or len(self._optimizer.param_groups[0]["params"]) != len(params):
             self._optimizer = torch.optim.Adam(params, lr=self.lr)
         # torch.distributed: the variance of the rank-averaged gradient, whose ĝ per data point is
-        # ĝ_rank / W: ∂φ Σ_r |ĝ_r / W|² = W⁻¹ · mean_r ∂φ|ĝ_r|², the same step on every rank
+        # ĝ_rank / W: ∂φ Σ_r |ĝ_r / W|² = W⁻¹ · mean_r ∂φ|ĝ_r|², the same step on every rank (_across_ranks)
         dphi = _across_ranks(list(dphi), self)
         for p, g in zip(params, dphi):
             p.grad = g
@@ -157,10 +159,15 @@ class VarianceTrained(Estimator):
 
 
 def _across_ranks(grads: list[torch.Tensor], owner) -> list[torch.Tensor]:
-    """φ-gradients averaged over the ranks and divided by the world size (no-op in one process)."""
+    """φ-gradients averaged over the ranks and divided by the world size W (no-op in one process).
+
+    The division is not the NVIL regression's (``storch_score``'s ``_across_ranks`` averages only): that
+    loss is a mean over the data, so the ranks' mean is the global batch's. Here the loss is Σ ĝ² over
+    the data points, and each rank's ĝ per point is W times the global batch's (the surrogate averages
+    over a rank's shard, 1/W of the batch): Σ_global ĝ² = W⁻² Σ_r Σ_rank ĝ_r² = W⁻¹ mean_r Σ_rank ĝ_r².
+    tests/reliability/test_ddp.py compares φ and Adam's moments with one process on the combined batch.
+    """
     if not storch.distributed.is_active(owner):
         return grads
-    import torch.distributed as dist
-
-    world = dist.get_world_size(storch.distributed._group_of(owner))
+    world = storch.distributed.world_size(owner)
     return [g / world for g in storch.distributed.all_reduce_mean(grads, owner)]

@@ -8,7 +8,7 @@ import torch
 
 from storch import CostFrame, Node, magic_box
 
-from ._network import evaluate_network, smooth_network
+from ._network import evaluate_network, smooth_network, smoothness_checked, smoothness_due
 from ._params import param_tensors
 from ._variance_trained import VarianceTrained
 
@@ -32,7 +32,8 @@ class Lax(VarianceTrained):
 
     max_order: ∞ for a network c_φ n times differentiable in x (appendix D.2.4). A kink in c_φ (a
     ReLU network) breaks E[∇ⁿc_φ(x)] = ∇ⁿE[c_φ(x)] from order 2 on: ``storch.surrogate_loss(order >= 2)``
-    then raises ``storch.OrderError`` (``storch.extending.require_smooth``; not checked at order 1).
+    then raises ``storch.OrderError`` (``storch.extending.require_smooth``); a jump in c_φ (round, sign)
+    from order 1 on: refused at order 1 too, checked at the first step of each plate and cost name.
 
     φ is trained to minimise the variance of ĝ = ∂loss/∂(distribution parameters) by
     ``storch.backward()`` (Adam, ``lr``, one step in ``update_parameters``). The
@@ -73,8 +74,12 @@ class Lax(VarianceTrained):
 
     def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         c = evaluate_network(self.name, self.network, node.state.z, len(node.plates))
-        if cost.order >= 2:  # c_φ n times differentiable in x (a ReLU network is not)
+        # c_φ's derivatives of order < n continuous in x: from order 2 a ReLU network's are not; at order 1
+        # a jump (round, sign) breaks it, checked once per plate and cost name (the core's order-1 check of
+        # a requires_rsample node walks the cost from ⊥x, which the network is not on)
+        if smoothness_due(self, node, cost):
             smooth_network(self, node, cost.order, c, node.state.z)
+            smoothness_checked(self, node, cost)
         # appendix D.2.4: a = c_φ(x) - MagicBox(l) ⊥c_φ(x); ⊥ makes the score term's value c_φ
         a = c - magic_box(node.gradient_values) * c.detach()
         return cost.align(a)

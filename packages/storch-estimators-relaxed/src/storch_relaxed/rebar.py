@@ -37,8 +37,10 @@ class Rebar(RelaxedCost):
     E[∇ⁿc(z)] = ∇ⁿE[c(z)], and MagicBox(l) c(z̃) is an any-order estimate of the same expectation.
     A kink on a path from σ_λ(z) to the cost (ReLU, clamp, abs, max...) breaks the interchange from
     order 2 on (autograd reports 0 for its delta): ``storch.surrogate_loss(order >= 2)`` then raises
-    ``storch.OrderError`` (``storch.extending.require_smooth``; not checked at order 1). Use a smooth
-    activation (softplus, GELU, SiLU, tanh), order 1, or a score-family estimator.
+    ``storch.OrderError`` (``storch.extending.require_smooth``). A jump there (round, sign, floor) breaks it
+    from order 1 on (η ∇f(σ_λ(z)) misses its delta; f(b) itself may be fine): refused at order 1 too,
+    checked at the first step of each plate and cost name. Use a smooth activation (softplus, GELU,
+    SiLU, tanh), order 1 (for a kink), or a score-family estimator.
 
     λ (as log λ) and η are trained by ``storch.backward()`` to minimise the variance of
     ∂loss/∂(distribution parameters) (Adam, ``lr``, one step in ``update_parameters``);

@@ -58,8 +58,9 @@ class Relax(RelaxedCost):
     estimate of the same. A kink (ReLU, clamp, abs, max...) on a path from σ_λ(z) to the cost, or from
     z to a user ``network=``'s output, breaks the interchange from order 2 on (autograd reports 0 for
     its delta): ``storch.surrogate_loss(order >= 2)`` then raises ``storch.OrderError``
-    (``storch.extending.require_smooth``; not checked at order 1). Use a smooth activation (softplus,
-    GELU, SiLU, tanh), order 1, or a score-family estimator.
+    (``storch.extending.require_smooth``). A jump there (round, sign, floor) breaks it from order 1 on:
+    refused at order 1 too, checked at the first step of each plate and cost name. Use a smooth
+    activation (softplus, GELU, SiLU, tanh), order 1 (for a kink), or a score-family estimator.
 
     η, λ and ρ are trained by ``storch.backward()`` to minimise the variance of ∂loss/∂(distribution
     parameters) (Adam, ``lr``, one step in ``update_parameters``); ``update=False`` leaves
