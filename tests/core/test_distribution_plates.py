@@ -20,7 +20,13 @@ from torch.distributions import (
     Wishart,
     constraints,
 )
-from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform, PowerTransform
+from torch.distributions.transforms import (
+    AffineTransform,
+    ComposeTransform,
+    ExpTransform,
+    PowerTransform,
+    TanhTransform,
+)
 
 import storch
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
@@ -112,6 +118,64 @@ def test_affine_transform_in_a_partition_step():
                                          [AffineTransform(loc=x1 * 10, scale=1.0)]))
         assert type(x2.tensor) is torch.Tensor and x2.tensor.shape == (3,)
         assert ((x2 - x1 * 10).tensor - (x2 - x1 * 10).tensor[0]).abs().max() > 0
+
+
+# -- a caching transform (TanhTransform(cache_size=1)) and log_prob of the value storch hands out ---------
+
+
+def _squashed(mu, s, c=None):
+    ts = [TanhTransform(cache_size=1)]
+    if c is not None:  # a transform storch rebuilds (a plate tensor loc): the walk pairs it with the user's
+        ts.append(AffineTransform(loc=c, scale=2.0, cache_size=1))
+    return TransformedDistribution(Normal(mu, s), ts)
+
+
+@pytest.mark.parametrize("on_data", [False, True])
+def test_sac_log_prob_of_the_value_reuses_the_cached_pre_tanh_sample(on_data):
+    """SAC's entropy term q.log_prob(a) on the value storch handed out: in float32 about 5% of the samples
+    of tanh(N(6, 2)) round to 1, where atanh is infinite. torch's cache (cache_size=1) keys on the raw
+    sample, so storch re-keys it to the plate tensor: loss and gradients equal plain torch's on the same
+    random numbers (they were inf)."""
+    mu = torch.tensor([6.0, 5.0, -6.0], requires_grad=True)
+    log_s = torch.tensor(0.7, requires_grad=True)
+    c = torch.tensor([0.0, 1.0, -1.0])
+    n = 256
+
+    torch.manual_seed(0)
+    q = _squashed(mu, log_s.exp(), c if on_data else None)
+    a = q.rsample((n,))
+    assert (a.abs() == 1 + (2 * c.abs() if on_data else 0)).any()  # saturated samples in the batch
+    want = ((a - 0.5) ** 2 + 0.1 * q.log_prob(a)).mean()
+    want_g = torch.autograd.grad(want, (mu, log_s))
+
+    torch.manual_seed(0)
+    est = storch.estimator("reparameterization", plate="x", n_samples=n)
+    with storch.Graph():
+        if on_data:
+            m, cc = storch.denote_independent((mu, c), 0, "data")
+            q = _squashed(m, log_s.exp(), cc)
+        else:
+            q = _squashed(mu, log_s.exp())
+        a = est(q)
+        lp = q.log_prob(a)
+        assert torch.isfinite(lp.tensor).all()
+        storch.add_cost(((a - 0.5) ** 2 + 0.1 * lp).mean())  # (per data point: the mean of a scalar)
+        loss = storch.surrogate_loss()
+        got_g = torch.autograd.grad(loss, (mu, log_s))
+    torch.testing.assert_close(loss, want)
+    for g, w in zip(got_g, want_g):
+        torch.testing.assert_close(g, w)
+
+
+def test_a_partition_step_re_keys_the_cache_too():
+    torch.manual_seed(1)
+    mu = torch.tensor(6.0, requires_grad=True)
+    est = storch.estimator("reparameterization", plate="x", n_samples=256)
+    with storch.Graph():
+        for _ in range(2):
+            q = _squashed(mu, 2.0)
+            a = est(q)
+            assert (a.tensor == 1).any() and torch.isfinite(q.log_prob(a).tensor).all()
 
 
 @pytest.mark.parametrize("make", [
