@@ -23,6 +23,7 @@ from torch.distributions import (
     Gamma,
     Independent,
     LKJCholesky,
+    MixtureSameFamily,
     Multinomial,
     OneHotCategorical,
     RelaxedBernoulli,
@@ -130,6 +131,8 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
         )
     if type(d) is TransformedDistribution:
         return _unwrap_transformed(d, within)
+    if type(d) is MixtureSameFamily:
+        return _unwrap_mixture(d, within)
     same = _as_raw(d, within)  # the common case, without looking up parameters or plates again
     if same is not None:
         return same
@@ -147,7 +150,9 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
             params = _parameters(d)
         except NotImplementedError:
             params = {}
-    plates = union_plates([plates_of(v) for v in params.values()] + [within, ()])
+    # `within` first: where a parameter has the same plates in another order, `within`'s order wins, so
+    # the parts of a MixtureSameFamily unwrapped within one tuple of plates get that very layout
+    plates = union_plates([within] + [plates_of(v) for v in params.values()] + [()])
     if within and plates[0].name != within[0].name:  # the partition's plate first
         plates = (next(p for p in plates if p.name == within[0].name),) + tuple(
             p for p in plates if p.name != within[0].name)
@@ -273,6 +278,28 @@ def _unwrap_transformed(d: TransformedDistribution,
             raw_transforms.append(t)  # plain: broadcasts over the leading plate dims
         shape = t.forward_shape(shape)
     return TransformedDistribution(base, raw_transforms, validate_args=False), plates
+
+
+def _unwrap_mixture(d: MixtureSameFamily,
+                    within: tuple[Plate, ...]) -> tuple[Distribution, tuple[Plate, ...]]:
+    """A ``MixtureSameFamily`` whose mixture or component distribution holds plate tensors (a Gaussian
+    mixture per data point): both are unwrapped (with their own parameters, as any distribution) on one
+    tuple of plates, so the raw mixture weights of each plate entry pair with that entry's components
+    (batch dims: the plates, then the mixture's batch; the components' end with the K components), and
+    the raw mixture is built from them. Each plate entry draws its own component index and value."""
+    mix, comp = d.mixture_distribution, d.component_distribution
+    raw_mix, plates = unwrap_distribution(mix, within)
+    raw_comp, comp_plates = unwrap_distribution(comp, plates)
+    if comp_plates != plates:  # the components have plates the weights do not: expand the weights to them
+        raw_mix, plates = unwrap_distribution(mix, comp_plates)
+    if not plates:
+        return d, ()  # built from plain tensors: nothing to unwrap
+    if plates != comp_plates:  # (unwrap_distribution keeps the order of `within`; a guard, not a path)
+        raise UnsupportedDistributionError(
+            f"MixtureSameFamily: storch could not put its mixture and component distributions on one layout "
+            f"of plates ({[p.name for p in plates]} and {[p.name for p in comp_plates]}); build both from "
+            "tensors on the same plates")
+    return MixtureSameFamily(raw_mix, raw_comp, validate_args=False), plates
 
 
 def _transforms(d: Distribution) -> list:
@@ -499,8 +526,8 @@ def _rebuild(cls: type, raw: dict, extra: dict) -> Distribution:
 # each keeps them in: the raw copy is built with them (from its parameters alone, it would silently
 # take their defaults: a Multinomial with total_count 1, ContinuousBernoulli's default lims).
 # torch's other classes take only their arg_constraints (Uniform's and Wishart's are properties that
-# list them), or are refused (MixtureSameFamily: its components are distributions, not parameters);
-# Independent and TransformedDistribution are unwrapped before.
+# list them); Independent, TransformedDistribution and MixtureSameFamily (its parts are distributions,
+# not parameters) are unwrapped before.
 _TORCH_EXTRA_ARGUMENTS: dict[type, dict[str, str]] = {
     Multinomial: {"total_count": "total_count"},
     ContinuousBernoulli: {"lims": "_lims"},
