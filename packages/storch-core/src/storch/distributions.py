@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.distributions import (
@@ -23,6 +23,7 @@ from torch.distributions import (
     Gamma,
     Independent,
     LKJCholesky,
+    MixtureSameFamily,
     Multinomial,
     OneHotCategorical,
     RelaxedBernoulli,
@@ -39,7 +40,7 @@ from .errors import UnsupportedDistributionError
 from .plates.tensor import Plate, PlateTensor, align, plates_of, union_plates
 
 __all__ = ["base_distribution", "unwrap_distribution", "raw_log_prob", "raw_sample", "strict_support",
-           "rsample_max_order", "RSAMPLE_ORDER_NOTE", "enumeration_support"]
+           "rsample_max_order", "RSAMPLE_ORDER_NOTE", "enumeration_support", "rekey_transform_cache"]
 
 
 def base_distribution(d: Distribution) -> Distribution:
@@ -147,6 +148,8 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
         )
     if type(d) is TransformedDistribution:
         return _unwrap_transformed(d, within)
+    if type(d) is MixtureSameFamily:
+        return _unwrap_mixture(d, within)
     same = _as_raw(d, within)  # the common case, without looking up parameters or plates again
     if same is not None:
         return same
@@ -164,7 +167,9 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
             params = _parameters(d)
         except NotImplementedError:
             params = {}
-    plates = union_plates([plates_of(v) for v in params.values()] + [within, ()])
+    # `within` first: where a parameter has the same plates in another order, `within`'s order wins, so
+    # the parts of a MixtureSameFamily unwrapped within one tuple of plates get that very layout
+    plates = union_plates([within] + [plates_of(v) for v in params.values()] + [()])
     if within and plates[0].name != within[0].name:  # the partition's plate first
         plates = (next(p for p in plates if p.name == within[0].name),) + tuple(
             p for p in plates if p.name != within[0].name)
@@ -290,6 +295,81 @@ def _unwrap_transformed(d: TransformedDistribution,
             raw_transforms.append(t)  # plain: broadcasts over the leading plate dims
         shape = t.forward_shape(shape)
     return TransformedDistribution(base, raw_transforms, validate_args=False), plates
+
+
+def _unwrap_mixture(d: MixtureSameFamily,
+                    within: tuple[Plate, ...]) -> tuple[Distribution, tuple[Plate, ...]]:
+    """A ``MixtureSameFamily`` whose mixture or component distribution holds plate tensors (a Gaussian
+    mixture per data point): both are unwrapped (with their own parameters, as any distribution) on one
+    tuple of plates, so the raw mixture weights of each plate entry pair with that entry's components
+    (batch dims: the plates, then the mixture's batch; the components' end with the K components), and
+    the raw mixture is built from them. Each plate entry draws its own component index and value."""
+    mix, comp = d.mixture_distribution, d.component_distribution
+    raw_mix, plates = unwrap_distribution(mix, within)
+    raw_comp, comp_plates = unwrap_distribution(comp, plates)
+    if comp_plates != plates:  # the components have plates the weights do not: expand the weights to them
+        raw_mix, plates = unwrap_distribution(mix, comp_plates)
+    if not plates:
+        return d, ()  # built from plain tensors: nothing to unwrap
+    if plates != comp_plates:  # (unwrap_distribution keeps the order of `within`; a guard, not a path)
+        raise UnsupportedDistributionError(
+            f"MixtureSameFamily: storch could not put its mixture and component distributions on one layout "
+            f"of plates ({[p.name for p in plates]} and {[p.name for p in comp_plates]}); build both from "
+            "tensors on the same plates")
+    return MixtureSameFamily(raw_mix, raw_comp, validate_args=False), plates
+
+
+def _transforms(d: Distribution) -> list:
+    """The transforms of ``d`` (a ``TransformedDistribution``, under ``Independent`` wrappers), or []."""
+    while isinstance(d, Independent):
+        d = d.base_dist
+    return list(d.transforms) if isinstance(d, TransformedDistribution) else []
+
+
+def rekey_transform_cache(d: Distribution, sample: torch.Tensor, value: torch.Tensor,
+                          convert: Callable[[torch.Tensor], torch.Tensor],
+                          into: Optional[Distribution] = None) -> None:
+    """Let ``log_prob(value)`` reuse the pre-images that ``d``'s transforms cached when they made ``sample``.
+
+    A ``TransformedDistribution`` whose transforms have ``cache_size=1`` (``TanhTransform(cache_size=1)``
+    of a squashed Gaussian policy) keeps, per transform, the last ``(x, y)`` it computed, and its
+    ``log_prob(y)`` reuses ``x`` only for that very tensor ``y`` (``is``). Elsewhere it inverts: atanh of a
+    float32 sample that rounded to ±1 is infinite, where the cached pre-tanh value is finite. The value an
+    estimator hands out is another object than the raw sample (a plate tensor wrapping it, or a detached
+    copy), so without this the cache is missed. Walking the transforms from the last, each one whose
+    cached output is (the previous step's) ``sample`` gets its cache keyed by ``value`` instead, its
+    cached input by ``convert(input)`` (a plate tensor wrapper, ``torch.Tensor.detach``); the walk stops
+    at the first transform that did not cache that value, or whose inverse does not read its own cache
+    (``ComposeTransform``, an inverse ``t.inv``).
+
+    Args:
+        d: the distribution that drew ``sample`` (its transforms hold the caches).
+        sample: the raw sample ``d`` returned.
+        value: what ``log_prob`` will be called with instead (``sample`` wrapped, detached...).
+        convert: maps each cached intermediate value as ``sample`` was mapped to ``value``.
+        into: the distribution whose transforms get the new keys (default ``d``): the user's one, whose
+            transforms are ``d``'s own objects or raw copies of them (a ``TransformedDistribution``
+            with per-data-point parameters), position by position.
+
+    After it, ``d.log_prob(sample)`` on the old key inverts again where ``into``'s transforms are ``d``'s
+    objects: compute what needs the raw sample's log-probability first (an estimator's gradient function).
+    """
+    have = _transforms(d)
+    want = have if into is None or into is d else _transforms(into)
+    if not have or len(want) != len(have):
+        return
+    y, new_y = sample, value
+    for t, u in zip(reversed(have), reversed(want)):
+        if (t._cache_size != 1 or u._cache_size != 1 or type(t).inv is not Transform.inv
+                or type(u).inv is not Transform.inv or type(t)._inv_call is not Transform._inv_call
+                or type(u)._inv_call is not Transform._inv_call):
+            return  # no cache, or an inverse that reads another transform's cache
+        x, cached_y = t._cached_x_y
+        if cached_y is not y or x is None:
+            return
+        new_x = convert(x)
+        u._cached_x_y = (new_x, new_y)  # u.inv(new_y) is new_x: Transform._inv_call
+        y, new_y = x, new_x
 
 
 def _as_raw(d: Distribution, within: tuple[Plate, ...]) -> Optional[tuple[Distribution, tuple[Plate, ...]]]:
@@ -463,8 +543,8 @@ def _rebuild(cls: type, raw: dict, extra: dict) -> Distribution:
 # each keeps them in: the raw copy is built with them (from its parameters alone, it would silently
 # take their defaults: a Multinomial with total_count 1, ContinuousBernoulli's default lims).
 # torch's other classes take only their arg_constraints (Uniform's and Wishart's are properties that
-# list them), or are refused (MixtureSameFamily: its components are distributions, not parameters);
-# Independent and TransformedDistribution are unwrapped before.
+# list them); Independent, TransformedDistribution and MixtureSameFamily (its parts are distributions,
+# not parameters) are unwrapped before.
 _TORCH_EXTRA_ARGUMENTS: dict[type, dict[str, str]] = {
     Multinomial: {"total_count": "total_count"},
     ContinuousBernoulli: {"lims": "_lims"},

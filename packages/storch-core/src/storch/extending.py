@@ -26,6 +26,9 @@ Distributions:
     constructor arguments it keeps outside its arg_constraints (a Multinomial's ``total_count``).
     :func:`given_by_probs` says whether a ``Bernoulli`` / ``Categorical`` was built from ``probs``
     (its ``logits`` then come from clamped probabilities).
+    :func:`rekey_transform_cache` lets ``log_prob`` of a value derived from a sample (detached, wrapped)
+    reuse the pre-images a ``TransformedDistribution``'s caching transforms (``TanhTransform(cache_size=1)``)
+    kept for the sample, instead of inverting a saturated tanh to infinity.
     :func:`rsample_max_order` is the derivative order to which autograd differentiates a distribution's
     ``rsample`` correctly (1 for torch's gamma family); ``Estimator.max_order_for`` lowers an
     estimator's order per node with it (the default, for estimators with ``requires_rsample``).
@@ -99,7 +102,8 @@ import torch
 
 from . import options
 from .cost import leave_one_out
-from .distributions import base_distribution, given_by_probs, parameters, rebuild, rsample_max_order
+from .distributions import (base_distribution, given_by_probs, parameters, rebuild, rekey_transform_cache,
+                            rsample_max_order)
 from .distributions import strict_support as _strict_support
 from .generators import drawing_with
 from .graph import current_graph, is_tracing
@@ -112,7 +116,7 @@ __all__ = [
     "align", "plates_of", "raw_of", "base_distribution", "drawing_with", "leave_one_out", "options", "step_guard",
     "match_optimizer_state",
     "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild", "parameters",
-    "require_smooth", "nonsmooth_operations", "moving_support", "estimator_create_graph",
+    "rekey_transform_cache", "require_smooth", "nonsmooth_operations", "moving_support", "estimator_create_graph",
 ]
 
 

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from storch import CostFrame, Node, magic_box
+from storch.extending import rekey_transform_cache
 
 from ._network import evaluate_network, smooth_network, smoothness_checked, smoothness_due
 from ._params import param_tensors
@@ -70,7 +71,11 @@ class Lax(VarianceTrained):
         node.state.params = param_tensors(node.distribution)
         x = node.distribution.rsample((self.n_samples,))
         node.state.z = x
-        return x.detach()  # ⊥x: the cost's gradient goes through l and c_φ only
+        xd = x.detach()  # ⊥x: the cost's gradient goes through l and c_φ only
+        # l = log p(⊥x) reuses the detached pre-images a caching transform kept (TanhTransform(cache_size=1):
+        # atanh of a sample saturated at ±1 is infinite); the same values as inverting ⊥x where that is finite
+        rekey_transform_cache(node.distribution, x, xd, torch.Tensor.detach)
+        return xd
 
     def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         c = evaluate_network(self.name, self.network, node.state.z, len(node.plates))

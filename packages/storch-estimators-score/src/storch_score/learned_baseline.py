@@ -2,27 +2,40 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any, Optional
 
 import torch
-from torch.distributions import OneHotCategorical
+from torch.distributions import Distribution, Independent, MixtureSameFamily, OneHotCategorical, TransformedDistribution
 
 import storch.distributed
 from storch import CostFrame, Node, OptionError, Plate, PlateTensor, StorchError, current_generator
-from storch.extending import base_distribution, drawing_with, is_tracing, learned_dtype, options
+from storch.extending import base_distribution, drawing_with, is_tracing, learned_dtype, options, parameters
 
 __all__ = ["LearnedBaseline", "baseline_features", "check_inputs", "in_frame"]
+
+
+def _finite_logits(v: torch.Tensor) -> torch.Tensor:
+    """Logits with impossible values (``-inf``, and ``+inf`` of a Bernoulli with p = 1) at ±log(eps)."""
+    bound = math.log(torch.finfo(v.dtype).eps)  # -36.0 in float64, -15.9 in float32
+    return torch.nan_to_num(v, nan=math.nan, posinf=-bound, neginf=bound)
 
 
 def _default_features(node: Node) -> torch.Tensor:
     """The node's distribution parameters (logits, probs, loc, ...), when no inputs were given.
 
-    Logits of impossible values (masked: ``-inf``, and ``+inf`` of a Bernoulli with p = 1) are
-    replaced by ±log(eps) of their dtype, beyond which a probability is 0 (or 1) to within eps: the
-    features stay finite (a network on ``-inf`` has NaN outputs and a NaN regression), and "this value
-    is impossible" is still what they say.
+    A distribution that holds one of ``logits``, ``probs``, ``loc``, ``rate`` or ``concentration``
+    itself (under an ``Independent``) is conditioned on the first of them, as it always was: the
+    heads' input width, and so saved state_dicts, stay what they were (a Normal's h is its loc).
+    Any other distribution is conditioned on all its parameters (``storch.extending.parameters``: a
+    Beta's concentrations, a LogNormal's loc and scale), those of the base distribution of a
+    ``TransformedDistribution`` (a tanh-squashed Normal) and of both parts of a ``MixtureSameFamily``,
+    each flattened per sample and concatenated. Logits of impossible values (masked: ``-inf``, and
+    ``+inf`` of a Bernoulli with p = 1) are replaced by ±log(eps) of their dtype, beyond which a
+    probability is 0 (or 1) to within eps: the features stay finite (a network on ``-inf`` has NaN
+    outputs and a NaN regression), and "this value is impossible" is still what they say.
     """
     d = node.distribution
     base = base_distribution(d)
@@ -30,13 +43,39 @@ def _default_features(node: Node) -> torch.Tensor:
     for name in ("logits", "probs", "loc", "rate", "concentration"):
         v = base.__dict__.get(name)
         if isinstance(v, torch.Tensor) and v.is_floating_point():
-            if name == "logits":
-                bound = math.log(torch.finfo(v.dtype).eps)  # -36.0 in float64, -15.9 in float32
-                v = torch.nan_to_num(v, nan=math.nan, posinf=-bound, neginf=bound)
-            return v
-    raise OptionError(
-        f"baseline='learned' on {type(base).__name__}: cannot find a parameter tensor to condition on; pass "
-        "the baseline's inputs at the call, est(distribution, inputs=h)")
+            return _finite_logits(v) if name == "logits" else v
+    lead = len(node.first_parents)  # the raw parameters lead with the first step's parent plates
+    found = _all_parameters(d)
+    if not found:
+        raise OptionError(
+            f"baseline='learned' on {type(base).__name__}: cannot find a parameter tensor to condition on; pass "
+            "the baseline's inputs at the call, est(distribution, inputs=h)")
+    sizes = tuple(p.size for p in node.first_parents)
+    flat = []
+    for v in found:
+        if tuple(v.shape[:lead]) != sizes:  # a parameter shared by the plate entries: one copy per entry
+            v = v.expand(sizes + tuple(v.shape))
+        flat.append(v.reshape(sizes + (-1,)))
+    dtype = functools.reduce(torch.promote_types, [v.dtype for v in flat])
+    return torch.cat([v.to(dtype) for v in flat], -1)
+
+
+def _all_parameters(d: Distribution, depth: int = 0) -> list:
+    """The floating-point parameter tensors of ``d``, of the base of an ``Independent`` or
+    ``TransformedDistribution``, and of both parts of a ``MixtureSameFamily`` (logits made finite)."""
+    if isinstance(d, Independent):
+        return _all_parameters(d.base_dist, depth)
+    if isinstance(d, MixtureSameFamily):
+        return _all_parameters(d.mixture_distribution, depth) + _all_parameters(d.component_distribution, depth)
+    try:
+        params = parameters(d)
+    except NotImplementedError:  # a class without arg_constraints
+        params = {}
+    out = [_finite_logits(v) if n == "logits" else v for n, v in params.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not out and isinstance(d, TransformedDistribution) and depth < 8:
+        return _all_parameters(d.base_dist, depth + 1)  # a plain TransformedDistribution: its base's
+    return out
 
 
 def check_inputs(inputs: Any, partition: str, step: int) -> None:

@@ -47,6 +47,7 @@ from ..distributions import (
     holds_grad,
     raw_log_prob,
     raw_sample,
+    rekey_transform_cache,
     rsample_max_order,
     strict_support,
     unwrap_distribution,
@@ -234,6 +235,9 @@ class Estimator(torch.nn.Module):
         if not out.is_inference():  # (torch.inference_mode(): no version counter, no backward either)
             node.handed.append((out, out._version))
         node.value = value = PlateTensor._wrap(out, plates)
+        # the user's log_prob of the value they got (SAC's q.log_prob(a)) reuses the pre-tanh sample
+        # that TanhTransform(cache_size=1) cached for `out`, as in plain torch (atanh(±1) is infinite)
+        rekey_transform_cache(raw, out, value, lambda r: PlateTensor._wrap(r, plates), distribution)
         return value
 
     def _extend_partition(self, graph, node: Node, distribution: Distribution,
@@ -325,7 +329,9 @@ class Estimator(torch.nn.Module):
             node.weight_values = None  # per whole sequence: computed at the last step, by the surrogate
         if not sample.is_inference():
             node.handed.append((sample, sample._version))
-        return PlateTensor._wrap(sample, new)
+        value = PlateTensor._wrap(sample, new)
+        rekey_transform_cache(raw, sample, value, lambda r: PlateTensor._wrap(r, new), distribution)  # (as above)
+        return value
 
     def check_inputs(self, inputs: Any, plates: tuple[Plate, ...], step: int) -> None:
         """Check the ``inputs=`` of a call (every call: the first step of a node and every later step
