@@ -231,3 +231,135 @@ def test_torch_func_hessian_is_refused_with_what_works():
     with pytest.raises(storch.StorchError, match=r"torch.func.hessian.*torch.func.jacrev\(torch.func.jacrev\(f\)\)"):
         torch.func.hessian(f)(mu)
     assert torch.func.jacrev(torch.func.jacrev(f))(mu).shape == (2, 2)
+
+
+class ScoreFunction(storch.Estimator):
+    """The base class's components: the plain score function (this test runs with storch-core alone)."""
+
+    name = "test_core_score_function"
+
+
+_CUTS = {
+    "greater_float": lambda x: (x > 0).float().sum(),
+    "bool": lambda x: x.bool().float().sum(),
+    "long": lambda x: (x * 2).long().float().sum(),
+    "argmax": lambda x: x.argmax(-1).float(),
+    "where_condition": lambda x: torch.where(x > 0, torch.ones(()), -torch.ones(())).sum(),
+    "detach": lambda x: torch.sigmoid(x.detach()).sum(),
+}
+
+
+@pytest.mark.parametrize("cut", sorted(_CUTS))
+def test_a_cost_cut_from_the_sample_is_refused(cut):
+    """A cost that depends on a reparameterised sample only through an operation without a derivative
+    ((x > 0).float(), .bool(), .long(), argmax, torch.where's condition, detach) carries the sample's plate
+    but its autograd graph never reaches the sample: the pathwise gradient was silently 0 where
+    d/dμ E[1(μ + ε > 0)] = φ(μ) is not (mu.grad stayed 0). Refused with OrderError at order 1 and 2, also
+    when the cost is differentiable in other parameters (w) and for a cost computed under torch.no_grad()."""
+    mu = torch.zeros(3, requires_grad=True)
+    w = torch.ones((), requires_grad=True)
+    est = storch.estimator("reparameterization", plate="x", n_samples=2)
+    for order in (1, 2):
+        with storch.Graph():
+            x = est(Independent(Normal(mu, 1.0), 1))
+            storch.add_cost(_CUTS[cut](x) * w, name="cut")
+            with pytest.raises(storch.OrderError, match=r"'reparameterization' on plate 'x': the cost 'cut' depends "
+                                                        r"on the node's sample .* only through operations without"):
+                storch.surrogate_loss(order=order)
+    with storch.Graph():
+        x = est(Independent(Normal(mu, 1.0), 1))
+        with torch.no_grad():
+            c = _CUTS["greater_float"](x + 1)
+        storch.add_cost(c, name="under_no_grad")
+        with pytest.raises(storch.OrderError, match="'under_no_grad'.*'score'.*credit=False"):
+            storch.backward()
+
+
+def test_a_cut_is_looked_for_once_per_estimator_and_cost(monkeypatch):
+    """The walk of the cost's graph to the sample runs at the first step of each estimator and cost name (at
+    any order): later steps walk nothing; a refused cost is checked again at the next step."""
+    import storch.surrogate as surrogate
+
+    walks = []
+    reaches = surrogate._reaches
+    monkeypatch.setattr(surrogate, "_reaches", lambda *a: walks.append(1) or reaches(*a))
+    mu = torch.zeros(3, requires_grad=True)
+    est = storch.estimator("reparameterization", plate="x", n_samples=2)
+    for order in (1, 1, 2, 1):
+        with storch.Graph():
+            x = est(Normal(mu, 1.0))
+            storch.add_cost(torch.tanh(x).sum(), name="smooth")
+            storch.surrogate_loss(order=order)
+    assert len(walks) == 1
+    for _ in range(2):
+        with storch.Graph():
+            x = est(Normal(mu, 1.0))
+            storch.add_cost((x > 0).float().sum(), name="cut")
+            with pytest.raises(storch.OrderError, match="'cut'"):
+                storch.backward()
+    assert len(walks) == 3
+
+
+def test_no_cut_refused_where_the_gradient_is_right():
+    """Not refused: a cost that depends on the sample differentiably as well as through a mask (x * (x > 0),
+    torch.where(x > 0, x, 0)); a sample whose parameters need no gradient (fixed; drawn under torch.no_grad()
+    is refused by its own check); a pathwise node downstream whose distribution depends on the sample (the walk
+    goes through its rsample)."""
+    mu = torch.zeros(3, requires_grad=True)
+    est = storch.estimator("reparameterization", plate="x", n_samples=2)
+    with storch.Graph():
+        x = est(Normal(mu, 1.0))
+        storch.add_cost((x * (x > 0).float()).sum() + torch.where(x > 0, x, torch.zeros(())).sum(), name="mixed")
+        storch.backward()
+    assert mu.grad is not None and mu.grad.abs().sum() > 0
+    w = torch.ones((), requires_grad=True)
+    with storch.Graph():
+        x = est(Normal(torch.zeros(3), 1.0))  # no parameter needs a gradient through x
+        storch.add_cost((x > 0).float().sum() * w, name="fixed")
+        storch.backward()
+    with storch.Graph():
+        with torch.no_grad():
+            x = est(Normal(mu, 1.0))
+        storch.add_cost((x > 0).float().sum() * w, name="no_grad")
+        # not this check's refusal: a node sampled under no_grad from parameters that need a gradient has
+        # its own (tests/core/test_graph.py), which says what went wrong
+        with pytest.raises(storch.StorchError, match="sampled under torch.no_grad"):
+            storch.backward()
+    with storch.Graph():
+        x = est(Normal(mu, 1.0))
+        y = storch.estimator("reparameterization", plate="y")(Normal(2 * x, 1.0))
+        storch.add_cost((y ** 2).sum(), name="through_y")
+        storch.backward()
+
+
+def test_a_score_node_downstream_explains_the_dependence():
+    """x reparameterised -> b ~ Bernoulli(logits=2x) with a score function -> cost b: the cost carries x's plate
+    and its graph does not reach x (b is a detached sample); the surrogate credits it through b's
+    log-probability, whose graph does reach x. Not refused, and unbiased: z-test against
+    d/dμ E[σ(2(μ + ε))] by quadrature. A score node whose logits depend on x only through a cut
+    (logits = 3 · 1[x > 0]) does not explain it: refused."""
+    torch.manual_seed(13)
+    theta = torch.tensor([0.3], dtype=torch.float64)
+    est = storch.estimator("reparameterization", plate="x")
+    with storch.Graph():
+        leaf, th = replicate(theta, R)
+        x = est(Normal(th, 1.0))
+        b = ScoreFunction("b")(torch.distributions.Bernoulli(logits=2 * x))
+        storch.add_cost(b.sum(), name="b")
+        (g,) = per_replicate_derivatives(storch.surrogate_loss(order=1), leaf, 1)
+
+    e = torch.linspace(-10, 10, 20001, dtype=torch.float64)
+    phi = torch.exp(-e ** 2 / 2) / math.sqrt(2 * math.pi)
+
+    def exact(t):
+        return (torch.sigmoid(2 * (t[0] + e)) * phi).sum() * (e[1] - e[0])
+
+    t = theta.clone().requires_grad_(True)
+    assert_unbiased(g, torch.autograd.functional.jacobian(exact, t).reshape(1), "gradient")
+    mu = torch.zeros(1, requires_grad=True)
+    with storch.Graph():
+        x = est(Normal(mu, 1.0))
+        b = ScoreFunction("b")(torch.distributions.Bernoulli(logits=3 * (x > 0).float()))
+        storch.add_cost(b.sum(), name="b_of_cut")
+        with pytest.raises(storch.OrderError, match="'reparameterization' on plate 'x': the cost 'b_of_cut'"):
+            storch.surrogate_loss(order=1)

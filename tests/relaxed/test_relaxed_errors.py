@@ -419,3 +419,40 @@ def test_a_jump_on_the_relaxed_path_is_refused_at_order_1(case, monkeypatch):
     report = storch.testing.z_test(g, exact_derivatives(exact, TOY_THETA, 1)[0], f"{case} with a jump")
     print(report.table())
     assert not report.ok
+
+
+@pytest.mark.parametrize("kind", ["bernoulli", "onehot"])
+@pytest.mark.parametrize("name", ["gumbel_softmax", "gumbel_straight_through", "rebar", "relax"])
+def test_a_cost_cut_from_the_relaxed_sample_is_refused(name, kind):
+    """A relaxation's gradient goes through the (relaxed) sample it hands out; a cost that reaches it only
+    through a comparison or argmax ((b > 0.5).float(), one_hot(argmax)) got gradient 0 (gumbel_softmax,
+    straight-through: mu.grad None; REBAR and RELAX: their control variate's pathwise term vanished, leaving
+    (1 - η) f(b) ∇log p: 0 at η = 1). Refused by the core's check (OrderError) at order 1."""
+    theta = TOY_THETA.clone().requires_grad_(True)
+    w = torch.ones((), dtype=torch.float64, requires_grad=True)
+    with storch.Graph():
+        if kind == "bernoulli":
+            b = storch.estimator(name, plate="b")(Bernoulli(logits=theta))
+            cost = (b > 0.5).to(torch.float64).sum()
+        else:
+            b = storch.estimator(name, plate="b")(OneHotCategorical(logits=theta))
+            cost = (b.argmax(-1) == 0).to(torch.float64)
+        storch.add_cost(cost * w, name="hard")
+        with pytest.raises(storch.OrderError, match=f"'{name}' on plate 'b': the cost 'hard' depends on the "
+                                                    "node's sample .* only through operations without"):
+            storch.backward()
+
+
+def test_lax_with_a_cut_cost_is_not_refused_and_unbiased():
+    """LAX hands out ⊥x (the cost is not differentiated through the sample): a cost 1[x > 0] is fine, and the
+    gradient is unbiased: z-test against d/dμ E[1(μ + ε > 0)] = φ(μ)."""
+    torch.manual_seed(7)
+    theta = torch.tensor([0.3], dtype=torch.float64)
+    est = storch.estimator("lax", plate="x", update=False)
+    with storch.Graph():
+        leaf, th = storch.testing.replicate(theta, 4000)
+        x = est(Normal(th, 1.0))
+        storch.add_cost((x > 0).to(torch.float64).sum())
+        (g,) = storch.testing.per_replicate_derivatives(storch.surrogate_loss(order=1), leaf, 1)
+    exact = torch.exp(-theta ** 2 / 2) / math.sqrt(2 * math.pi)
+    storch.testing.assert_unbiased(g, exact, "gradient")

@@ -119,12 +119,19 @@ def test_backward_under_no_grad_says_so():
 
 def test_backward_of_a_loss_without_gradient_says_why():
     """A pathwise node whose cost is not differentiable in the sample ((x > c).float()): torch's bare
-    "element 0 of tensors does not require grad" before; storch now names the likely causes."""
+    "element 0 of tensors does not require grad" before; storch now names the likely causes. With
+    parameters that need a gradient, the cost's missing path to the sample is refused first (OrderError,
+    test_reparameterization.py::test_a_cost_cut_from_the_sample_is_refused); with none, the loss has none."""
     from torch.distributions import Normal
 
     mu = torch.zeros(2, requires_grad=True)
     with storch.Graph():
         x = storch.estimator("reparameterization", plate="x", n_samples=2)(Normal(mu, 1.0))
+        storch.add_cost((x > 0.3).float().sum())
+        with pytest.raises(storch.OrderError, match=r"only through operations without a derivative.*'score'"):
+            storch.backward()
+    with storch.Graph():
+        x = storch.estimator("reparameterization", plate="x", n_samples=2)(Normal(mu.detach(), 1.0))
         storch.add_cost((x > 0.3).float().sum())
         with pytest.raises(storch.StorchError, match=r"depends on no tensor that requires grad.*'score'"):
             storch.backward()

@@ -174,6 +174,26 @@ def _nonsmooth_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor], ord
     return found
 
 
+def _reaches(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether a path in the autograd graph leads from one of ``outputs`` down to one of ``inputs`` (their
+    ``grad_fn``, or the ``AccumulateGrad`` of a leaf): a depth-first walk that stops at the first input it
+    meets. ``False`` for outputs without a graph (no ``grad_fn``: built from no tensor that requires grad,
+    or through operations with no derivative such as comparisons, integer casts and argmax)."""
+    targets = {t.grad_fn for t in inputs if t.grad_fn is not None}
+    leaves = {id(t) for t in inputs if t.grad_fn is None and t.requires_grad}
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    seen = set()
+    while stack:
+        fn = stack.pop()
+        if fn in targets or (leaves and id(getattr(fn, "variable", None)) in leaves):
+            return True
+        for m, _ in fn.next_functions:
+            if m is not None and m not in seen:
+                seen.add(m)
+                stack.append(m)
+    return False
+
+
 def require_smooth(output: torch.Tensor, inputs: Sequence[torch.Tensor], order: int, *, who: str, what: str,
                    through: str, instead: str = "an estimator that does not differentiate through the "
                    "sample, e.g. 'score'") -> None:

@@ -35,7 +35,7 @@ from .plates.tensor import Plate, align, plates_of, raw_of
 from ._order_guard import differentiating_transforms, refuse_create_graph
 from . import smoothness
 from .score_conditions import log_prob_kinks
-from .smoothness import require_smooth
+from .smoothness import _reaches, require_smooth
 
 __all__ = ["surrogate_loss", "backward", "cost_nodes", "cost_estimates"]
 
@@ -225,6 +225,82 @@ def _guard_low_order(graph: Graph) -> None:
 def _guard_control_variate(a, node: Node, order: int) -> None:
     if order == 1 and a is not None and _low_order(node):
         _refuse_twice(a, _low_order_message(node))
+
+
+# estimator -> the cost names checked by _check_reaches (None: it hands out samples without gradient by design)
+_REACH_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _check_reaches(name: str, cost: torch.Tensor, nodes: list[Node], order: int) -> None:
+    """A node that hands out a sample that requires grad (reparameterization, the relaxations; REBAR and RELAX
+    on their relaxed blocks) gets its gradient through that sample: refuse a cost that carries its plate (it
+    depends on the sample's value) but whose autograd graph does not reach the sample (a comparison,
+    ``.bool()``, ``.long()``, ``argmax``, ``torch.where``'s condition, ``detach``): its pathwise gradient is
+    silently 0 where the expectation's is not. A node downstream of it that the cost carries and whose
+    gradient function or weights reach the sample (a score node whose logits depend on it) explains the
+    dependence (the surrogate credits it through that node's log-probability); one with a control variate
+    is trusted to. The walk runs once per estimator and cost name (a model's operations rarely change
+    between steps); a refused cost is checked again at the next step."""
+    if order < 1:  # the value alone
+        return
+    for node in reversed(nodes):  # the node nearest the cost first: the cut is reported where it is
+        est = node.estimator
+        seen = _REACH_CHECKED.get(est, ())
+        if seen is None or name in seen:
+            continue
+        handed = [raw for raw, _ in node.handed if raw.requires_grad]
+        if not handed:
+            if node.handed and (any(l.requires_grad for l in _gradient_terms(node)) or _weights_carry(node)):
+                _REACH_CHECKED[est] = None  # its parameters have gradient, its samples not: never pathwise
+            continue  # (parameters without gradient now, e.g. frozen: checked when they have one)
+        if not _reaches([raw_of(cost)], handed) and not _explained(node, nodes, handed):
+            raise OrderError(_cut_message(node, name))
+        if not seen:
+            seen = _REACH_CHECKED[est] = set()
+        seen.add(name)
+
+
+def _weights_carry(node: Node) -> bool:
+    w = node._weight_values
+    return isinstance(w, torch.Tensor) and w.requires_grad
+
+
+def _gradient_terms(node: Node) -> list:
+    """The node's gradient function: l_t of each step of a partition (without computing L_t), or l."""
+    log = node.step_log
+    terms = [l for _, l in log] if log is not None else [node.gradient_values]
+    return [l for l in terms if isinstance(l, torch.Tensor)]
+
+
+def _explained(node: Node, nodes: list[Node], handed: list) -> bool:
+    """Whether another node of the cost, downstream of ``node``, credits the cost's dependence on ``node``'s
+    sample through its own gradient function or weights (whose graph reaches that sample), or through a
+    control variate (not inspected: trusted)."""
+    roots = []
+    for other in nodes:
+        if other is node or not any(p.name == node.plate.name for p in other.parents):
+            continue
+        if other.estimator.has_control_variate():
+            return True
+        roots.extend(_gradient_terms(other))
+        if _weights_carry(other):
+            roots.append(other._weight_values)
+    roots = [r for r in roots if r.requires_grad]
+    return bool(roots) and _reaches(roots, handed)
+
+
+def _cut_message(node: Node, name: str) -> str:
+    est = node.estimator
+    return (
+        f"estimator {est.name!r} on plate {node.plate.name!r}: the cost {name!r} depends on the node's sample (it "
+        f"carries the plate {node.plate.name!r}) only through operations without a derivative, so the gradient "
+        "that flows through the sample would be 0 although the gradient of the expected cost is not: its autograd "
+        "graph does not reach the sample (a comparison such as z > 0, .bool(), .long(), argmax, the condition of "
+        "torch.where, detach(), or a cost computed under torch.no_grad()). Use a score-function estimator for "
+        "this node ('score', with baseline='leave_one_out' for less variance; 'lax' for a continuous node), or "
+        "keep the path from the sample to the cost differentiable (a relaxed estimator needs a cost "
+        "differentiable in the relaxed sample: e.g. sigmoid((z - c) / t) instead of (z > c).float()). A cost "
+        "that is meant to give no gradient to this node can be added with storch.add_cost(..., credit=False)")
 
 
 def _node_order_message(node: Node, order: int) -> str:
@@ -565,6 +641,7 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
         if nodes:
             _check_order(nodes, order)
             _check_smooth(name, cost, nodes, order)
+            _check_reaches(name, cost, nodes, order)
             reached += len(nodes)
         per_cost.append((name, cost, nodes))
     grad = None
