@@ -37,7 +37,8 @@ class CostFrame:
             names, ``"nelbo[z1,z2]"``, so that each keeps its own state.
         order: the derivative order the surrogate is built for (``storch.surrogate_loss(order)``;
             1 for ``storch.backward()``): a control variate that is unbiased only for a cost
-            differentiable enough checks it here (``storch.extending.require_smooth``) at order >= 2.
+            differentiable enough checks it here (``storch.extending.require_smooth``: jumps at order 1,
+            kinks too at order >= 2).
     """
 
     __slots__ = ("tensor", "plates", "dim", "_node", "_node_plates", "name", "state_name", "_live", "order")
