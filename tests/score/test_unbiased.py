@@ -236,3 +236,21 @@ def test_importance_per_step_pointer_network():
         assert torch.isfinite(g).all()
         assert_unbiased(g, w, f"importance, pointer network of {steps} steps, order {order}")
 
+
+_CAT5_W = torch.tensor([1.0, -2.0, 0.5, 3.0, 1.5])
+
+
+def test_importance_proposal_over_more_categories_than_p():
+    """q over 7 categories for p's 5: standard importance sampling (q covers p). Categories 5 and 6 have weight 0,
+    and the cost, an index into p's 5 values, gets a value p can produce in their place (it raised an index
+    error: the cost saw category 6). Orders 1 and 2 against enumeration."""
+    q = Categorical(logits=torch.zeros(7))
+    theta = torch.tensor([0.3, -0.5, 0.8, 0.1, -1.2])
+
+    def model(th, make):
+        storch.add_cost(_CAT5_W[make("z", Categorical(logits=th))], name="c")
+
+    torch.manual_seed(13)
+    got = derivative_estimates(model, theta, Maker("importance", proposal=q, n_samples=3), 2, 4000)
+    for order, (g, w) in enumerate(zip(got, exact_derivatives(lambda th: th.softmax(-1) @ _CAT5_W, theta, 2)), 1):
+        assert_unbiased(g, w, f"importance, 7-category q for a 5-category p, order {order}")

@@ -156,11 +156,11 @@ def _possible_draws(node: Node, x: torch.Tensor, q: Distribution
     k = len(p.batch_shape) - len(node.parents)  # the node's own batch dims: log p is joint over them
     inside = None if _same_support(_support(p), _support(q)) else _inside(p, x)
     if inside is None:
-        lp = p.log_prob(x)
+        lp = _log_p_of_draws(p, x, q)
         possible = lp.detach() != -math.inf  # (a NaN is left to the checks downstream: it is not p(x) = 0)
     else:  # log p only inside p's support: torch's validation raises outside it
         mask, valid = inside
-        lp = p.log_prob(torch.where(_event(mask, n_event), x, valid))
+        lp = _log_p_of_draws(p, torch.where(_event(mask, n_event), x, valid), q)
         possible = mask & (lp.detach() != -math.inf)
     # no value-dependent branch while storch.compile records the step, nor on the meta device (no values)
     static = is_tracing() or x.is_meta
@@ -189,6 +189,22 @@ def _joint(lp: torch.Tensor, k: int) -> torch.Tensor:
 def _event(mask: torch.Tensor, n_event: int) -> torch.Tensor:
     """``mask`` with ``n_event`` trailing dims of size 1: it broadcasts to a value with event dims."""
     return mask.reshape(mask.shape + (1,) * n_event)
+
+
+def _log_p_of_draws(p: Distribution, x: torch.Tensor, q: Distribution) -> torch.Tensor:
+    """p.log_prob(x) per element for draws ``x`` of q; torch's argument validation of a value outside p's
+    support (one storch cannot check beforehand) is said to come from the proposal."""
+    try:
+        return p.log_prob(x)
+    except StorchError:
+        raise
+    except ValueError as e:
+        raise OptionError(
+            f"importance: the node's {type(p).__name__} cannot evaluate log p on values drawn from the proposal "
+            f"{type(q).__name__}: {e}. A proposal may draw values p cannot produce (they get weight 0) only where "
+            f"storch can check p's support ({_support(p)!r}) and knows a value inside it. Give a proposal over "
+            "p's values, or a p whose support is a torch.distributions constraint with a value inside it "
+            "(transform_to(support) or a lower bound)") from e
 
 
 def _possible_value(p: Distribution, x: torch.Tensor, static: bool) -> Optional[torch.Tensor]:
