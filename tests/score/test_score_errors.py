@@ -4,7 +4,9 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Categorical, Laplace, Normal, OneHotCategorical, Pareto, Uniform
+from torch.distributions import (
+    Bernoulli, Categorical, Laplace, Multinomial, Normal, OneHotCategorical, Pareto, Uniform,
+)
 
 import storch
 
@@ -203,3 +205,15 @@ def test_importance_refuses_a_proposal_that_misses_values_of_p(q):
         z = storch.estimator("importance", plate="z", proposal=Categorical(probs=torch.tensor([0.5, 0.5, 0.0, 0.0])),
                              n_samples=2)(Categorical(logits=theta.masked_fill(~mask, -math.inf)))
         assert set(z.tensor.tolist()) <= {0, 1}
+
+
+def test_importance_names_the_proposal_when_p_cannot_weigh_its_draws():
+    """A proposal over other values than p's, where storch knows no value inside p's support to weigh such a
+    draw 0 (a Multinomial of 3 trials for p, 4 for q): torch's argument validation raised its own ValueError
+    ("Expected value argument ... within the support"), which did not say that the values came from the
+    proposal. Now an OptionError says so."""
+    theta = torch.zeros(3, requires_grad=True)
+    est = storch.estimator("importance", plate="z", proposal=Multinomial(4, probs=torch.full((3,), 1 / 3)),
+                           n_samples=2)
+    with storch.Graph(), pytest.raises(storch.OptionError, match=r"values drawn from the proposal Multinomial"):
+        est(Multinomial(3, logits=theta, validate_args=True))

@@ -215,6 +215,32 @@ def test_sequence_errors():
             seq(OneHotCategorical(logits=torch.zeros(2, 3)))  # two tokens in one call
 
 
+
+@pytest.mark.parametrize("memory, sizes, token, step, n", [
+    ([[0, 9]], (5, 5), 9, 1, 5),     # out of the vocabulary
+    ([[0, -1]], (5, 5), -1, 1, 5),   # negative
+    ([[3, 0]], (3, 3), 3, 0, 3),     # at the first step
+    ([[4, 4]], (5, 3), 4, 1, 3),     # a step with fewer values than the first
+], ids=["too-large", "negative", "first-step", "smaller-step"])
+def test_memory_token_outside_the_support_names_the_sequence_and_step(memory, sizes, token, step, n):
+    """A seeded memory with an out-of-vocabulary token crashed deep in torch ("index 9 is out of bounds for
+    dimension 1 with size 5", indexing p's logits with the forced token), where the one-step estimator
+    raises an OptionError. Now the sequence mode raises it too, naming the sequence, its key and the step.
+    A token valid for its own step (steps of different sizes) is accepted."""
+    est = storch.estimator("mapo", plate="s", buffer=2, memory=torch.tensor(memory), n_samples=2)
+    with storch.Graph():
+        with pytest.raises(storch.OptionError, match=(
+                rf"a memory value is not in the support of the node's distribution: the memory sequence "
+                rf"\[{memory[0][0]}, {memory[0][1]}\] \(memory_key 0\) has token {token} at step {step}, where the "
+                rf"distribution of plate 's' has {n} values")):
+            for k in sizes:
+                est(Categorical(logits=torch.zeros(k)))
+    grows = storch.estimator("mapo", plate="g", buffer=2, memory=torch.tensor([[1, 7]]), n_samples=2)
+    with storch.Graph():  # 7 is one of the second step's 10 values
+        toks = [grows(Categorical(logits=torch.zeros(k))) for k in (3, 10)]
+        assert toks[1].tensor[0].item() == 7  # the memory slot
+
+
 def test_buffer_with_a_data_plate_needs_memory_key():
     """Keyed by position, shuffled minibatches would hand each data point other data points'
     sequences (issue 20): with a data plate, the first call must name the data points."""

@@ -7,11 +7,14 @@ on the first sample and whose cost depends on θ directly; a data plate with a B
 batch shape (2,) and two costs, one of which does not depend on the sample.
 """
 
+import itertools
+
 import pytest
 import torch
+import torch.nn.functional as F
 from score_problems import PROBLEMS, Maker, derivative_estimates, estimates, exact, exact_derivatives
 from storch.testing import assert_unbiased
-from torch.distributions import Beta, Binomial, Exponential, Normal, Poisson
+from torch.distributions import Beta, Binomial, Categorical, Exponential, Normal, Poisson
 
 import storch
 from storch.extending import raw_of
@@ -129,7 +132,8 @@ def test_importance_with_a_proposal_wider_than_p(case):
 def test_importance_wider_proposal_without_plates_keeps_torch_validation_quiet():
     """Without plates the node's distribution is the user's, with torch's argument validation: p.log_prob on a
     Normal proposal's negative draw raised ValueError ("within the support") for an Exponential p. Now those
-    draws are weighed 0 (the loss: Σ w z² over the draws inside p's support only) and the gradient is finite."""
+    draws are weighed 0 (the loss: Σ w z² over the draws inside p's support only), the gradient is finite, and
+    the cost gets p's mode (0) in their place, never a value p cannot produce."""
     rate = torch.tensor(1.5, requires_grad=True)
     q = Normal(0.0, 2.0)
     torch.manual_seed(7)
@@ -140,10 +144,113 @@ def test_importance_wider_proposal_without_plates_keeps_torch_validation_quiet()
         storch.add_cost(z ** 2, name="f")
         loss = storch.surrogate_loss(order=1)
         g, = torch.autograd.grad(loss, rate)
-    x = raw_of(z).detach()
+    torch.manual_seed(7)
+    x = q.sample((64,))  # q's draws, as the estimator drew them
     inside = x >= 0
     assert 0 < int(inside.sum()) < 64  # both kinds of draws
+    assert torch.equal(raw_of(z).detach(), torch.where(inside, x, torch.zeros(())))
     w = torch.where(inside, (rate.log() - rate * x.clamp(min=0)) - q.log_prob(x), torch.tensor(-torch.inf)).exp() / 64
     with torch.no_grad():
         assert torch.allclose(loss, (w * x ** 2).sum())
         assert torch.allclose(g, (w * x ** 2 * (1 / rate - x)).sum())  # score: ∂ log p / ∂λ = 1/λ − x, inside
+
+
+# -- importance where q draws values that p masks (p(x) = 0 inside p's support) ---------------------
+
+_MASK = torch.tensor([True, True, False, True])  # item 2 is not allowed
+_MASK_W = torch.tensor([1.0, 2.0, 5.0, -1.0])
+_MASK_THETA = torch.tensor([0.5, -0.3, 0.2, 1.0])
+
+
+def _masked_p(th, form):
+    if form == "logits":
+        return Categorical(logits=th.masked_fill(~_MASK, float("-inf")))
+    probs = th.softmax(-1) * _MASK  # a mask by probabilities of exactly 0
+    return Categorical(probs=probs / probs.sum(-1, keepdim=True))
+
+
+def _masked_cost(z):
+    # NaN on an impossible value: a weight-0 entry that reached the cost would make the loss NaN (0 · NaN)
+    return torch.where(_MASK[z], _MASK_W[z], torch.tensor(float("nan")))
+
+
+@pytest.mark.parametrize("form", ["logits", "probs"])
+def test_importance_masked_categorical_with_a_uniform_proposal(form):
+    """The off-policy setup of a masked action space: a uniform behaviour policy q draws item 2, which the target
+    policy p masks (-inf logits, or a probability of exactly 0). l(x) = log p(x) = -inf there made MagicBox(l) NaN:
+    a NaN loss and gradient (-inf logits), and the cost was evaluated on the impossible item. Now such a draw has
+    weight 0, l = 0, and the cost gets a value p can produce in its place: orders 1 and 2 against enumeration."""
+    q = Categorical(probs=torch.full((4,), 0.25))
+
+    def model(th, make):
+        z = make("z", _masked_p(th, form))
+        assert bool(_MASK[raw_of(z)].all())  # the cost never sees the masked item
+        storch.add_cost(_masked_cost(z), name="c")
+
+    def fn(th):
+        return _masked_p(th, form).probs @ torch.where(_MASK, _MASK_W, torch.zeros(()))
+
+    torch.manual_seed(11)
+    got = derivative_estimates(model, _MASK_THETA, Maker("importance", proposal=q, n_samples=3), 2, 4000)
+    for order, (g, w) in enumerate(zip(got, exact_derivatives(fn, _MASK_THETA, 2)), 1):
+        assert torch.isfinite(g).all()
+        assert_unbiased(g, w, f"importance, masked Categorical ({form}), uniform q, order {order}")
+
+
+_PTR_VAL = torch.tensor([1.0, -0.5, 2.0, 0.3])
+_PTR_THETA = torch.tensor([0.4, -0.2, 0.9, -0.6])
+_PTR_BEHAVIOUR = torch.tensor([0.1, 0.4, 0.3, 0.2])  # a behaviour policy that ignores the mask
+
+
+def _ptr_proposal(p):
+    # ε-mix of a fixed policy and uniform over all items, visited ones included
+    return Categorical(probs=(0.8 * _PTR_BEHAVIOUR + 0.2 / 4).expand(p.batch_shape + (4,)))
+
+
+def test_importance_per_step_pointer_network():
+    """A pointer network trained off-policy: one importance estimator per step, the target policy masks the
+    visited items, the behaviour policy does not. A draw of a visited item made the loss and gradient NaN;
+    now it has weight 0 (and so has every later step of its sequence), and the next step's mask and the costs
+    see a possible item: orders 1 and 2 against the enumeration of every ordered pair of distinct items."""
+    n, steps = 4, 2
+
+    def model(th, make):
+        visited = torch.zeros(n, dtype=torch.bool)
+        for t in range(steps):
+            a = make(f"a{t}", Categorical(logits=th.masked_fill(visited, float("-inf"))))
+            assert not bool(raw_of(visited[a]).any())  # never a visited item: the cost would see it twice
+            visited = visited | F.one_hot(a, n).bool()
+            storch.add_cost(_PTR_VAL[a], name=f"c{t}")
+
+    def fn(th):
+        total = th.new_zeros(())
+        for i, j in itertools.permutations(range(n), 2):
+            p_i = th.softmax(-1)[i]
+            p_j = th.masked_fill(F.one_hot(torch.tensor(i), n).bool(), float("-inf")).softmax(-1)[j]
+            total = total + p_i * p_j * (_PTR_VAL[i] + _PTR_VAL[j])
+        return total
+
+    torch.manual_seed(12)
+    got = derivative_estimates(model, _PTR_THETA, Maker("importance", proposal=_ptr_proposal, n_samples=3), 2, 4000)
+    for order, (g, w) in enumerate(zip(got, exact_derivatives(fn, _PTR_THETA, 2)), 1):
+        assert torch.isfinite(g).all()
+        assert_unbiased(g, w, f"importance, pointer network of {steps} steps, order {order}")
+
+
+_CAT5_W = torch.tensor([1.0, -2.0, 0.5, 3.0, 1.5])
+
+
+def test_importance_proposal_over_more_categories_than_p():
+    """q over 7 categories for p's 5: standard importance sampling (q covers p). Categories 5 and 6 have weight 0,
+    and the cost, an index into p's 5 values, gets a value p can produce in their place (it raised an index
+    error: the cost saw category 6). Orders 1 and 2 against enumeration."""
+    q = Categorical(logits=torch.zeros(7))
+    theta = torch.tensor([0.3, -0.5, 0.8, 0.1, -1.2])
+
+    def model(th, make):
+        storch.add_cost(_CAT5_W[make("z", Categorical(logits=th))], name="c")
+
+    torch.manual_seed(13)
+    got = derivative_estimates(model, theta, Maker("importance", proposal=q, n_samples=3), 2, 4000)
+    for order, (g, w) in enumerate(zip(got, exact_derivatives(lambda th: th.softmax(-1) @ _CAT5_W, theta, 2)), 1):
+        assert_unbiased(g, w, f"importance, 7-category q for a 5-category p, order {order}")

@@ -210,6 +210,13 @@ def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
         pick = int(torch.multinomial(q, 1, generator=gen))
         slot[exact * n_par + p] = exact + pick
         imp[exact * n_par + p] = True
+    # every memory token must be one of its step's values (the one-step estimator's check, by sequence and
+    # step): an out-of-vocabulary token indexed past p's logits deep inside torch. The range of every token:
+    # min/max of the flat list (a C loop, no tensor, no host sync); tokens are read one by one only where
+    # the range exceeds a step's values (a wrong token, or steps with different numbers of values)
+    c = node.state  # a fresh MemoryState: tokens, lps, slot_cum and costs start empty
+    c.keys, c.mem_range = keys, (min(mem, default=0), max(mem, default=0))
+    _check_memory_tokens(est, c, d, 0, books)
     m = est.n_samples
     drawn = d.sample((m,))  # (m, *parents)
     dev = drawn.device
@@ -220,8 +227,7 @@ def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
     slots_full, slot_ok = all(slot_ok), torch.tensor(slot_ok, dtype=torch.bool, device=dev).reshape(n_slots, n_par)
     any_imp, imp = any(imp), torch.tensor(imp, dtype=torch.bool, device=dev).reshape(n_slots, n_par)
     q_all = q_all.to(dev, d.logits.dtype)  # Categorical and Bernoulli have logits
-    c = node.state  # a fresh MemoryState: tokens, lps, slot_cum and costs start empty
-    c.n_slots, c.m, c.keys = n_slots, m, keys
+    c.n_slots, c.m = n_slots, m
     c.mem, c.mem_len, c.mem_ok, c.slot, c.slot_ok, c.imp, c.q = mem, mem_len, mem_ok, slot, slot_ok, imp, q_all
     c.slot_seq = mem.gather(0, slot.unsqueeze(-1).expand(-1, -1, long))  # (S, P, long): forced token by token
     c.slots_full = slots_full  # every key fills every slot (known from the lists: no host sync)
@@ -230,6 +236,31 @@ def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
     c.parents, c.names = parents, tuple(p.name for p in node.parents)
     value, c.l0 = _advance(est, node, d, drawn, parents)
     return _one_hot(value, one_hot, d.logits)
+
+
+def _n_values(d) -> int:
+    """The number of token values of a step's distribution (a Categorical's categories; 2 for a Bernoulli)."""
+    return d.logits.shape[-1] if isinstance(d, Categorical) else 2
+
+
+def _check_memory_tokens(est, c: "MemoryState", d, step: int, books: Optional[list] = None) -> None:
+    """Raise an OptionError that names the memory sequence (and its key) whose token at ``step`` is not one
+    of the values of the step's distribution ``d``; ``books``: the keys' buffered sequences (default: read
+    from the buffer)."""
+    n = _n_values(d)
+    lo, hi = c.mem_range
+    if lo >= 0 and hi < n:  # every token of every step is one of d's values
+        return
+    if books is None:
+        books = [est._buffer.sequences(k) for k in c.keys]
+    for key, book in zip(c.keys, books):
+        for s, _, _ in book:
+            if step < len(s) and not 0 <= s[step] < n:
+                raise OptionError(
+                    f"{est.name}: a memory value is not in the support of the node's distribution: the memory "
+                    f"sequence {list(s)} (memory_key {key}) has token {s[step]} at step {step}, where the "
+                    f"distribution of plate {est.plate!r} has {n} values (tokens 0..{n - 1}). Seed the buffer "
+                    "(memory=, or a loaded state_dict) with token ids of the vocabulary")
 
 
 def _token_lp(d, tok: torch.Tensor, shape: tuple, finished: Optional[torch.Tensor]) -> tuple:
@@ -312,6 +343,7 @@ def step(est, node: Node, d, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]
             "step depend on every plate the later steps depend on (e.g. start the decoder from the data)")
     order, back = _orders(c, names)
     d, one_hot = _tokens_of(d)
+    _check_memory_tokens(est, c, d, len(c.tokens))
     drawn_full = d.sample()  # (N, *others)
     if back is None:  # the first step's layout (the usual case): nothing to permute
         value, l_step = _advance(est, node, d, drawn_full[c.n_slots:], c.parents)

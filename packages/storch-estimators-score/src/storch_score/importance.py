@@ -18,9 +18,22 @@ __all__ = ["Importance", "ImportanceState"]
 
 @dataclass
 class ImportanceState:
-    """Per-node record of importance sampling: ``proposal`` is the q the samples came from."""
+    """Per-node record of importance sampling, filled by ``proposal`` (called first) and read by the
+    gradient and weighting functions, each ``(N, *parent plates)`` and joint over the node's own batch dims:
+
+    Attributes:
+        proposal: the q the samples came from.
+        log_q: log q(x) of q's draws (detached: only the weights read it).
+        log_p: log p(x) of the sample, with gradient.
+        impossible: whether a draw of q is a value p cannot produce (p(x) = 0: outside p's support, or a
+            masked value with log p = -inf); its sample holds a value p can produce instead (weight 0, l = 0).
+            ``None`` where no draw is.
+    """
 
     proposal: Optional[Distribution] = None
+    log_q: Optional[torch.Tensor] = None
+    log_p: Optional[torch.Tensor] = None
+    impossible: Optional[torch.Tensor] = None
 
 
 class Importance(Estimator):
@@ -33,8 +46,10 @@ class Importance(Estimator):
         a = 0.
 
     Requires: p and q with ``log_prob`` on the same event shape; q must put mass wherever p does
-    (otherwise the estimate is biased, as for any importance sampler). q may be wider: a draw outside
-    p's support has weight 0 (p's ``log_prob`` is evaluated only inside it), and a cost finite there.
+    (otherwise the estimate is biased, as for any importance sampler). q may put mass where p does not
+    (outside p's support, or on values p masks with ``-inf`` logits or probabilities of 0): such a draw
+    has weight 0 and l = 0, and the user's code gets a value p can produce in its place (p's mode), so
+    that it never sees one the model cannot produce.
 
     max_order: ∞ — the weights are detached, so Σ_x q(x) ⊥(p/q) ∇ⁿ(MagicBox(l) f) equals the
     score function's any-order estimate under p (D.2.2, using D.2.1).
@@ -97,42 +112,127 @@ class Importance(Estimator):
 
     def proposal(self, node: Node) -> torch.Tensor:
         q = self._sampler(node)
-        node.state.proposal = q
-        return q.sample((self.n_samples,))
+        x = q.sample((self.n_samples,))
+        with torch.no_grad():  # q's own draws (inside its support); only the detached weights read it
+            log_q = node.log_prob(x, q)
+        x, log_p, impossible = _possible_draws(node, x, q)
+        c = node.state
+        c.proposal, c.log_q, c.log_p, c.impossible = q, log_q, log_p, impossible
+        return x
 
     def weighting_function(self, node: Node) -> torch.Tensor:
-        x = node.sample
-        log_ratio = _log_p(node, x, -math.inf) - node.log_prob(x, node.state.proposal)
+        c = node.state
+        log_ratio = c.log_p.detach() - c.log_q
+        if c.impossible is not None:  # p(x) = 0 for q's draw (its sample was replaced): weight 0
+            log_ratio = torch.where(c.impossible, torch.full((), -math.inf, dtype=log_ratio.dtype,
+                                                             device=log_ratio.device), log_ratio)
         # ⊥(p/q): the importance weights are detached (appendix D.2.2, condition 3 of Theorem 1)
-        return log_ratio.detach().exp() / node.n
+        return log_ratio.exp() / node.n
 
     def gradient_function(self, node: Node) -> torch.Tensor:
-        """l(x) = log p(x | x<i); 0 (any finite value: the weight is 0) where x is outside p's support."""
-        return _log_p(node, node.sample, 0.0)
+        """l(x) = log p(x | x<i); 0 (any finite value: the weight is 0) where q drew a value p cannot produce."""
+        c = node.state
+        if c.impossible is None:
+            return c.log_p
+        return torch.where(c.impossible, torch.zeros((), dtype=c.log_p.dtype, device=c.log_p.device), c.log_p)
 
 
-def _log_p(node: Node, x: torch.Tensor, outside: float) -> torch.Tensor:
-    """log p(x), joint over the node's own batch dims, and ``outside`` for a draw of q that p never draws
-    (outside p's support: p(x) = 0, so its weight is 0).
+def _possible_draws(node: Node, x: torch.Tensor, q: Distribution
+                    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(sample, log_p, impossible)``: q's draws ``x`` with every value p cannot produce replaced by one it
+    can, log p of the sample (with gradient, joint over the node's own batch dims) and whether each joint
+    draw had a value p cannot produce (``None`` where none had).
 
-    A proposal wider than p (a Normal for an Exponential, Poisson(2) for a Binomial(3)) is standard importance
-    sampling, but p.log_prob on such a value trips torch's argument validation, or gives log p = -inf, whose
-    MagicBox is NaN (a NaN loss and gradient). So log p is computed on x with those values replaced by one
-    inside the support, and the result masked (the double where: the replaced entries carry no NaN gradient).
-    Where p's support cannot be checked (its ``support`` or a value inside it is not known): plain log p(x).
+    q may draw where p(x) = 0: outside p's support (a Normal for an Exponential, 7 categories for p's 5)
+    or on a value p masks (``-inf`` logits, probabilities of exactly 0: the uniform behaviour policy of a
+    masked pointer network). p(x) = 0 there, so the weight is 0, but log p = -inf makes MagicBox(l) NaN (a
+    NaN loss and gradient), torch's argument validation raises outside the support, and the user's cost
+    (w[z], an embedding lookup, +inf on a truncated token) must not see such a value. As the padding
+    entries of unordered_set and sum_and_sample, the entry takes a value p can produce instead (p's mode,
+    else a point of its support) and keeps weight 0 with l = 0. The replacement is per element of the
+    node's own batch dims (p factorises over them), so the joint value is one p can produce.
     """
-    p, q = node.distribution, node.state.proposal
-    inside = None
-    if q is not None and not _same_support(_support(p), _support(q)):
-        inside = _inside(p, x)
+    p = strict_support(node.distribution)  # probabilities of exactly 0 are impossible values too
+    n_event = len(p.event_shape)
+    k = len(p.batch_shape) - len(node.parents)  # the node's own batch dims: log p is joint over them
+    inside = None if _same_support(_support(p), _support(q)) else _inside(p, x)
     if inside is None:
-        return node.log_prob(x)
-    mask, valid = inside
-    safe = torch.where(mask.reshape(mask.shape + (1,) * len(p.event_shape)), x, valid)
-    lp = node.log_prob(safe)
-    k = len(p.batch_shape) - len(node.parents)  # the node's own batch dims, summed by node.log_prob
-    joint = mask.reshape(mask.shape[:mask.dim() - k] + (-1,)).all(-1) if k > 0 else mask
-    return torch.where(joint, lp, torch.full((), outside, dtype=lp.dtype, device=lp.device))
+        lp = _log_p_of_draws(p, x, q)
+        possible = lp.detach() != -math.inf  # (a NaN is left to the checks downstream: it is not p(x) = 0)
+    else:  # log p only inside p's support: torch's validation raises outside it
+        mask, valid = inside
+        lp = _log_p_of_draws(p, torch.where(_event(mask, n_event), x, valid), q)
+        possible = mask & (lp.detach() != -math.inf)
+    # no value-dependent branch while storch.compile records the step, nor on the meta device (no values)
+    static = is_tracing() or x.is_meta
+    if not static and bool(possible.all()):  # the common case: every draw is one p can produce
+        return x, _joint(lp, k), None
+    sub = _possible_value(p, x, static)
+    if sub is None:
+        if not static:
+            raise StorchError(
+                f"importance: the proposal {type(q).__name__} drew values that the node's {type(p).__name__} "
+                "cannot produce (p(x) = 0), and storch found no value p can produce to put in their place "
+                "(p's mode and a point of p.support have p = 0 too): give p a mode or a support "
+                "(torch.distributions.Distribution.mode / .support), or a proposal that draws only where p "
+                "has mass")
+        sub = valid if inside is not None else x
+    x = torch.where(_event(possible, n_event), x, sub)
+    joint = possible.reshape(possible.shape[:possible.dim() - k] + (-1,)).all(-1) if k > 0 else possible
+    return x, _joint(p.log_prob(x), k), ~joint
+
+
+def _joint(lp: torch.Tensor, k: int) -> torch.Tensor:
+    """``lp`` summed over its ``k`` trailing dims (the node's own batch dims), as ``Node.log_prob``."""
+    return lp if k <= 0 else lp.sum(tuple(range(-k, 0)))
+
+
+def _event(mask: torch.Tensor, n_event: int) -> torch.Tensor:
+    """``mask`` with ``n_event`` trailing dims of size 1: it broadcasts to a value with event dims."""
+    return mask.reshape(mask.shape + (1,) * n_event)
+
+
+def _log_p_of_draws(p: Distribution, x: torch.Tensor, q: Distribution) -> torch.Tensor:
+    """p.log_prob(x) per element for draws ``x`` of q; torch's argument validation of a value outside p's
+    support (one storch cannot check beforehand) is said to come from the proposal."""
+    try:
+        return p.log_prob(x)
+    except StorchError:
+        raise
+    except ValueError as e:
+        raise OptionError(
+            f"importance: the node's {type(p).__name__} cannot evaluate log p on values drawn from the proposal "
+            f"{type(q).__name__}: {e}. A proposal may draw values p cannot produce (they get weight 0) only where "
+            f"storch can check p's support ({_support(p)!r}) and knows a value inside it. Give a proposal over "
+            "p's values, or a p whose support is a torch.distributions constraint with a value inside it "
+            "(transform_to(support) or a lower bound)") from e
+
+
+def _possible_value(p: Distribution, x: torch.Tensor, static: bool) -> Optional[torch.Tensor]:
+    """A value p can produce for each element of a sample (shape of ``x`` without its sample dim): p's mode
+    where it has positive probability (a masked Categorical's most probable value), else a point of p's
+    support (``transform_to(support)(0)``, a discrete support's lower bound) where that has; ``None``
+    where some element has neither (not checked by value where ``static``)."""
+    shape = x.shape[1:]
+    n_event = len(p.event_shape)
+    found, value = None, None
+    for make in (lambda: p.mode, lambda: _support_point(p, x[:1])[0]):
+        try:
+            with torch.no_grad():
+                c = make().to(x.dtype).expand(shape)
+                ok = p.support.check(c) & torch.isfinite(p.log_prob(c))
+        except (NotImplementedError, TypeError, ValueError, RuntimeError, AttributeError, IndexError):
+            continue
+        if ok.dtype is not torch.bool or ok.shape != shape[:len(shape) - n_event]:
+            continue
+        if found is None:
+            found, value = ok, c
+        else:
+            value = torch.where(_event(found, n_event), value, c)
+            found = found | ok
+    if found is None or (not static and not bool(found.all())):
+        return None
+    return value
 
 
 def _support(d: Distribution):
@@ -153,6 +253,14 @@ def _same_support(a, b) -> bool:
     va, vb = vars(a), vars(b)
     return va.keys() == vb.keys() and all(
         not isinstance(v, torch.Tensor) and not isinstance(vb[n], torch.Tensor) and v == vb[n] for n, v in va.items())
+
+
+def _support_point(p: Distribution, x: torch.Tensor) -> torch.Tensor:
+    """A value inside p's support, shaped as ``x``; raises where none is known."""
+    inside = _inside(p, x)
+    if inside is None:
+        raise NotImplementedError(f"no value inside the support of {type(p).__name__} is known")
+    return inside[1].expand_as(x)
 
 
 def _inside(p: Distribution, x: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

@@ -29,6 +29,8 @@ class SequenceState:
         m: the number of sampled sequences (the last m entries).
         keys: the data points' keys (one per entry of the first step's parent plates).
         mem, mem_len, mem_ok: every buffered sequence per key ``(K, P, T)``, its length and validity.
+        mem_range: the smallest and largest token of ``mem`` (each step's tokens are checked one by one only
+            where this exceeds the step's values).
         slot, slot_ok: the index into ``mem`` of each slot ``(S, P)`` and whether it is used.
         imp: the importance-sampled slot, bool ``(S, P)``; ``q`` its proposal over ``mem`` ``(K, P)``.
         parents, names: the first step's parent shape and plate names (the node's layout).
@@ -58,6 +60,7 @@ class SequenceState:
     mem: Optional[torch.Tensor] = None
     mem_len: Optional[torch.Tensor] = None
     mem_ok: Optional[torch.Tensor] = None
+    mem_range: tuple = (0, 0)
     slot: Optional[torch.Tensor] = None
     slot_ok: Optional[torch.Tensor] = None
     imp: Optional[torch.Tensor] = None
