@@ -363,3 +363,42 @@ def test_a_score_node_downstream_explains_the_dependence():
         storch.add_cost(b.sum(), name="b_of_cut")
         with pytest.raises(storch.OrderError, match="'reparameterization' on plate 'x': the cost 'b_of_cut'"):
             storch.surrogate_loss(order=1)
+
+
+@pytest.mark.parametrize("downstream", ["score", "expect"])
+def test_a_kink_or_jump_before_a_downstream_node_is_refused(downstream):
+    """x reparameterised -> b ~ Bernoulli(logits=h(x)) (a score or expect node) -> cost b: the surrogate
+    differentiates E_b[f(b) | x] through x along b's log-probability (or expect's weights), so a jump of h
+    (round) biased order 1 (gradient 0 against 0.20) and a kink (ReLU) order 2 (z -142) with no error, where
+    the same h in the cost itself was refused (found by porting mixed graphs). Now refused the same way;
+    a smooth h (softplus) is unbiased at order 2 (z-test against quadrature)."""
+    make = (lambda: ScoreFunction("b")) if downstream == "score" else (lambda: storch.estimator("expect", plate="b"))
+    mu = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    for h, order, op in ((torch.round, 1, "Round"), (torch.relu, 2, "Relu")):
+        est = storch.estimator("reparameterization", plate="x")
+        with storch.Graph():
+            x = est(Normal(mu, 1.0))
+            b = make()(torch.distributions.Bernoulli(logits=h(x)))
+            storch.add_cost(b.sum(), name="b")
+            with pytest.raises(storch.OrderError, match=rf"(log-probability|weights) of node 'b'.*{op}"):
+                storch.surrogate_loss(order=order)
+
+    torch.manual_seed(29)
+    theta = torch.tensor([0.3], dtype=torch.float64)
+    est = storch.estimator("reparameterization", plate="x")
+    with storch.Graph():
+        leaf, th = replicate(theta, R)
+        x = est(Normal(th, 1.0))
+        b = make()(torch.distributions.Bernoulli(logits=torch.nn.functional.softplus(x)))
+        storch.add_cost(b.sum(), name="b")
+        g, hess = per_replicate_derivatives(storch.surrogate_loss(order=2), leaf, 2)
+
+    e = torch.linspace(-10, 10, 20001, dtype=torch.float64)
+    phi = torch.exp(-e ** 2 / 2) / math.sqrt(2 * math.pi)
+
+    def exact(t):
+        return (torch.sigmoid(torch.nn.functional.softplus(t[0] + e)) * phi).sum() * (e[1] - e[0])
+
+    t = theta.clone().requires_grad_(True)
+    assert_unbiased(g, torch.autograd.functional.jacobian(exact, t).reshape(1), "gradient")
+    assert_unbiased(hess, torch.autograd.functional.hessian(exact, t).reshape(1, 1), "Hessian")

@@ -134,22 +134,45 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int) 
         if est.requires_rsample and node.handed:
             inputs = [raw for raw, _ in node.handed]
             who = f"estimator {est.name!r} on plate {node.plate.name!r}"
+            roots = _differentiated_through(node, name, cost, nodes)
             if order >= 2:
-                require_smooth(raw_of(cost), inputs, order, who=who, what=f"the cost {name!r}",
-                               through="the reparameterised sample", instead=_PATHWISE_INSTEAD)
+                for root, what in roots:
+                    require_smooth(root, inputs, order, who=who, what=what,
+                                   through="the reparameterised sample", instead=_PATHWISE_INSTEAD)
                 continue
             seen = _CHECKED_AT_ORDER_1.get(est)
             if seen is None:
                 seen = _CHECKED_AT_ORDER_1[est] = {}
             kinks = seen.get(name)
             if kinks is None:
-                found = smoothness._nonsmooth_on_path(raw_of(cost), inputs, 2)  # (through the module: tests count walks)
-                if any(k < 1 for k in found.values()):  # a jump: refused (require_smooth says why)
-                    require_smooth(raw_of(cost), inputs, 1, who=who, what=f"the cost {name!r}",
-                                   through="the reparameterised sample", instead=_PATHWISE_INSTEAD)
+                found: dict = {}
+                for root, what in roots:
+                    here = smoothness._nonsmooth_on_path(root, inputs, 2)  # (through the module: tests count walks)
+                    if any(k < 1 for k in here.values()):  # a jump: refused (require_smooth says why)
+                        require_smooth(root, inputs, 1, who=who, what=what,
+                                       through="the reparameterised sample", instead=_PATHWISE_INSTEAD)
+                    found.update(here)
                 kinks = seen[name] = tuple(sorted(found))  # (after the check: a refused cost is checked again)
             if kinks:
-                _refuse_twice(raw_of(cost), lambda: _kink_message(who, name, kinks))
+                for root, _ in roots:
+                    _refuse_twice(root, lambda: _kink_message(who, name, kinks))
+
+
+def _differentiated_through(node: Node, name: str, cost, nodes: list[Node]) -> list:
+    """What the surrogate differentiates through a pathwise node's sample for one cost, with words for a
+    message: the cost, and the gradient functions and weights of the cost's nodes downstream of it (a
+    score node whose logits are h(z), an ``expect`` node's probabilities: the surrogate differentiates
+    E_b[f(b) | z] through z along them, so a jump or kink of h biases it as one in the cost would)."""
+    roots = [(raw_of(cost), f"the cost {name!r}")]
+    for other in nodes:
+        if other is node or not any(p.name == node.plate.name for p in other.parents):
+            continue
+        what = f"the log-probability of node {other.plate.name!r} (downstream, on the path to the cost {name!r})"
+        roots.extend((l, what) for l in _gradient_terms(other) if l.requires_grad)
+        if _weights_carry(other):
+            roots.append((other._weight_values, f"the weights of node {other.plate.name!r} (downstream, on the "
+                                                f"path to the cost {name!r})"))
+    return roots
 
 
 _PATHWISE_INSTEAD = "an estimator that does not differentiate through the sample, e.g. 'score'"
