@@ -262,6 +262,23 @@ def test_no_grad_evaluation_and_nodes_without_costs_are_fine():
     assert theta.grad is not None
 
 
+def test_a_credit_false_loss_on_a_no_grad_node_is_fine():
+    """Model-based RL: actions of a policy (built outside the block) sampled under no_grad, a world model
+    trained on them with add_cost(..., credit=False), which is differentiated as written (no score term):
+    nothing of the node's is lost, so not refused; the model gets its gradient, the policy none (as
+    when the actions are sampled with grad)."""
+    theta = torch.tensor([0.2, -0.3, 0.5], requires_grad=True)
+    w = torch.tensor([0.5, 1.0, -1.0], requires_grad=True)
+    est = storch.estimator("expect", plate="a")
+    pi = Categorical(logits=theta)
+    with storch.Graph():
+        with torch.no_grad():
+            a = est(pi)
+        storch.add_cost((w[a] - 1.0) ** 2, name="model", credit=False)
+        storch.backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0 and theta.grad is None
+
+
 def test_no_gradient_error_names_no_grad_sampling():
     # a distribution built inside the no_grad block holds no parameter that requires grad: the
     # surrogate cannot tell it from detached parameters, but backward's error names the block

@@ -402,3 +402,23 @@ def test_a_kink_or_jump_before_a_downstream_node_is_refused(downstream):
     t = theta.clone().requires_grad_(True)
     assert_unbiased(g, torch.autograd.functional.jacobian(exact, t).reshape(1), "gradient")
     assert_unbiased(hess, torch.autograd.functional.hessian(exact, t).reshape(1, 1), "Hessian")
+
+
+def test_a_cost_cut_after_its_first_check_is_refused():
+    """The cut check runs once per estimator and cost name; a cost computed softly during a warm-up
+    (sigmoid(z / 0.1)) and hard afterwards ((z > 0).float(), binary codes) under the same name passed at the
+    first step and then gave gradient 0 silently (found by reviewing the check). A cost without any graph
+    is looked at again (one attribute read): refused."""
+    mu = torch.zeros(1, requires_grad=True)
+    est = storch.estimator("reparameterization", plate="z", n_samples=4)
+    for epoch in range(3):
+        with storch.Graph():
+            z = est(Normal(mu, 1.0))
+            rate = torch.sigmoid(z / 0.1) if epoch == 0 else (z > 0).float()
+            storch.add_cost(rate.sum(), name="rate")
+            storch.add_cost(mu.pow(2).sum() / 2, name="kl")
+            if epoch == 0:
+                storch.backward()
+            else:
+                with pytest.raises(storch.OrderError, match="the cost 'rate' depends on the node's sample"):
+                    storch.backward()

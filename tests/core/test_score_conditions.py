@@ -151,3 +151,16 @@ def test_the_kink_walk_runs_once_per_distribution_type_and_learned_parameters(mo
             storch.add_cost(est(Normal(_h(), _h())) ** 2)
             storch.surrogate_loss(order=2)
     assert len(walks) == 1
+
+
+def test_a_bound_expanded_to_the_batch_shape_is_the_same_set():
+    """torch's own Logistic example, TransformedDistribution(Uniform(0, 1), [SigmoidTransform().inv,
+    AffineTransform(loc, scale)]) with loc of shape (1,), has support R whatever loc is; TransformedDistribution
+    expands its base to the batch shape (Uniform's low of shape (1,) against unit_interval's scalar 0), and the
+    bounds were compared by shape: refused as a moving support (found by reviewing the check). Accepted now."""
+    from torch.distributions.transforms import AffineTransform, SigmoidTransform
+
+    loc = torch.tensor([0.7], requires_grad=True)
+    d = TransformedDistribution(Uniform(0.0, 1.0), [SigmoidTransform().inv, AffineTransform(loc, torch.tensor([0.5]))])
+    assert moving_support(d) == []
+    assert ScoreFunction.supports(d)

@@ -34,7 +34,12 @@ _OWN = [0]
 def estimator_create_graph() -> Iterator[None]:
     """The ``create_graph=True`` passes in this block are an estimator's own (training its learned parts on
     the variance of the gradient, in ``update_parameters``), not a user's higher derivative of an order-1
-    surrogate: the order-1 surrogate's refusal (see :func:`storch.surrogate_loss`) lets them through."""
+    surrogate: the order-1 surrogate's refusal (see :func:`storch.surrogate_loss`) lets them through.
+
+    A user's pass may run in it too when what is differentiated afterwards depends on the first derivative
+    only linearly through the storch term (GradNorm differentiates ‖w ∇L‖ in the loss weight w;
+    learning-to-reweight, in per-example weights): no second derivative of the surrogate is taken, so the
+    order-1 estimators and kinks it would refuse are unbiased there."""
     _OWN[0] += 1
     try:
         yield

@@ -176,7 +176,15 @@ def _same_set(a, b) -> bool:
         y = vb[k]
         if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             x, y = torch.as_tensor(x), torch.as_tensor(y)
-            if x.requires_grad or y.requires_grad or x.shape != y.shape or not torch.equal(x, y.to(x)):
+            if x.requires_grad or y.requires_grad:
+                return False
+            # bounds expanded to a batch shape (TransformedDistribution expands its base: Uniform(0, 1)'s
+            # low of shape (1,)) are the same set as the scalar bound they repeat
+            try:
+                x, y = torch.broadcast_tensors(x, y.to(x))
+            except RuntimeError:
+                return False
+            if not torch.equal(x, y):
                 return False
         elif x != y:
             return False

@@ -193,10 +193,13 @@ def _refuse_twice(tensor, message) -> None:
 _AGAIN = ("differentiating the order-1 surrogate (storch.surrogate_loss(), storch.backward()) again, after a "
           "backward pass with create_graph=True (torch.autograd.grad(..., create_graph=True), "
           "torch.autograd.functional.hessian / hvp, loss.backward(create_graph=True), nested torch.func "
-          "transforms), would give a silently biased higher derivative. For derivatives of order n build "
+          "transforms), may give a silently biased higher derivative. For derivatives of order n build "
           "storch.surrogate_loss(order=n), which checks every node and names the estimators unbiased at that "
           "order; if create_graph=True was incidental (only the first derivative is used), pass "
-          "create_graph=False or detach the first derivative")
+          "create_graph=False or detach the first derivative; if what is differentiated afterwards depends on "
+          "the first derivative only linearly through this term (GradNorm's loss weights, learning-to-reweight's "
+          "example weights: no second derivative of the storch term is taken), run the create_graph pass inside "
+          "`with storch.extending.estimator_create_graph():`")
 
 
 def _kink_message(who: str, name: str, kinks: tuple) -> str:
@@ -269,7 +272,9 @@ def _check_reaches(name: str, cost: torch.Tensor, nodes: list[Node], order: int)
     for node in reversed(nodes):  # the node nearest the cost first: the cut is reported where it is
         est = node.estimator
         seen = _REACH_CHECKED.get(est, ())
-        if seen is None or name in seen:
+        if seen is None or (name in seen and _raw_requires_grad(cost)):
+            # checked for this name at an earlier step; a cost without any graph now (cut after a warm-up
+            # that computed it softly: sigmoid(z / t), then (z > 0)) is looked at again, one attribute read
             continue
         handed = [raw for raw, _ in node.handed if raw.requires_grad]
         if not handed:
@@ -281,6 +286,11 @@ def _check_reaches(name: str, cost: torch.Tensor, nodes: list[Node], order: int)
         if not seen:
             seen = _REACH_CHECKED[est] = set()
         seen.add(name)
+
+
+def _raw_requires_grad(cost) -> bool:
+    raw = raw_of(cost)
+    return raw.requires_grad
 
 
 def _weights_carry(node: Node) -> bool:
@@ -676,7 +686,7 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
             if grad is None:
                 grad = torch.is_grad_enabled()
             if grad:  # a training surrogate (an evaluation one is built under no_grad too)
-                _check_sampled_with_grad(node, per_cost, plain)
+                _check_sampled_with_grad(node, per_cost)
     n = len(graph.nodes)
     if n and (reached == 0 or n > 1):  # one node and some cost upstream of it: nothing to look for
         _warn_unused(graph, per_cost + [(None, c, ns) for c, ns in plain])
@@ -736,14 +746,16 @@ def _reads_its_samples(node: Node) -> bool:
     return bool(node.gradient_values.requires_grad or not est.uniform_weights or est.has_control_variate())
 
 
-def _check_sampled_with_grad(node: Node, per_cost: list, plain: list) -> None:
+def _check_sampled_with_grad(node: Node, per_cost: list) -> None:
     """Refuse a node sampled under ``torch.no_grad()`` from parameters that require grad when a cost
     reaches it and the surrogate is built with grad: its gradient function (and a pathwise sample)
     has no graph, so its score term is silently missing from the gradient (only the other costs'
     terms remain, e.g. an entropy bonus). A node without costs may be sampled so (it silences
-    :class:`UnusedSampleWarning`), and so may every node of an evaluation pass under no_grad."""
-    if not any(n is node for _, _, nodes in per_cost for n in nodes) and not any(
-            n is node for _, nodes in plain for n in nodes):
+    :class:`UnusedSampleWarning`), and so may every node of an evaluation pass under no_grad. A cost added
+    with ``credit=False`` is differentiated as written (no score term), and as written it reads a sample
+    drawn without gradient: not refused (a world model trained on the actions of a policy sampled under
+    no_grad)."""
+    if not any(n is node for _, _, nodes in per_cost for n in nodes):
         return
     step = f" (step {node.no_grad_step} of its partition)" if node.step_log is not None else ""
     raise StorchError(
@@ -752,7 +764,8 @@ def _check_sampled_with_grad(node: Node, per_cost: list, plain: list) -> None:
         "on it: its gradient function was computed without grad, so these parameters would get no gradient "
         "through it (the gradient would silently be only the other costs'). Sample it with gradients enabled "
         "(est(distribution) outside the no_grad block); use torch.no_grad() only for evaluation steps (sampling, "
-        "storch.cost_estimates() and the surrogate all under no_grad) or for nodes without costs")
+        "storch.cost_estimates() and the surrogate all under no_grad) or for nodes without costs; a loss that "
+        "should not train this node's parameters can be added with storch.add_cost(..., credit=False)")
 
 
 def _changed_in_place(node: Node) -> None:
