@@ -125,7 +125,7 @@ def test_a_jump_on_the_samples_path_is_refused_at_order_1_once_per_cost(monkeypa
                 storch.backward()
     walks = []
     walk = smoothness._nonsmooth_on_path
-    monkeypatch.setattr(smoothness, "_nonsmooth_on_path", lambda *a: walks.append(1) or walk(*a))
+    monkeypatch.setattr(smoothness, "_nonsmooth_on_path", lambda *a, **k: walks.append(1) or walk(*a, **k))
     for _ in range(3):
         with storch.Graph():
             x = est(Normal(mu, 1.0))
@@ -422,3 +422,32 @@ def test_a_cost_cut_after_its_first_check_is_refused():
             else:
                 with pytest.raises(storch.OrderError, match="the cost 'rate' depends on the node's sample"):
                     storch.backward()
+
+
+def test_an_episode_checks_each_steps_cost_and_names_the_step(monkeypatch):
+    """One reparameterization partition over T steps, one cost name for every step (docs/partitions.md): the
+    order-1 jump walk ran for the first cost of the name only, so a floor() in step 3's cost gave gradient
+    -0.01 against 1.0 (z -55) silently (found by porting sequence models). Now per name and step. A kink
+    in the downstream node's logits at step 3 is refused naming that step. The walks of one surrogate share
+    one memo per node and order (each autograd node expanded once: linear in T, was T²)."""
+    from storch import smoothness
+
+    made = []
+    real = smoothness.PathMemo
+    monkeypatch.setattr(smoothness, "PathMemo", lambda *a: made.append(1) or real(*a))
+    for bad in ("cost", "logits"):
+        mu = torch.zeros(5, requires_grad=True)
+        est = storch.estimator("reparameterization", plate="z")
+        with storch.Graph():
+            for t in range(5):
+                z = est(Normal(mu[t], 1.0))
+                h = torch.relu(z) if bad == "logits" and t == 3 else torch.nn.functional.softplus(z)
+                b = storch.estimator("expect", plate=f"b{t}")(torch.distributions.Bernoulli(logits=h))
+                c = z ** 2 + b + (torch.floor(z + 0.5) if bad == "cost" and t == 3 else 0.0)
+                storch.add_cost(c, name="c")
+            order = 1 if bad == "cost" else 2
+            match = "the cost 'c'.*Floor" if bad == "cost" else "node 'b3' at step 3|node 'b3'.*Relu"
+            made.clear()
+            with pytest.raises(storch.OrderError, match=match):
+                storch.surrogate_loss(order=order)
+            assert len(made) == 1  # one memo for the node at this order, shared by the five costs

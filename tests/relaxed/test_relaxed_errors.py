@@ -256,7 +256,7 @@ def test_smoothness_walk_at_order_1_runs_once_per_cost_name(name, monkeypatch):
 
     calls = []
     walk = ext._nonsmooth_on_path
-    monkeypatch.setattr(ext, "_nonsmooth_on_path", lambda *a: calls.append(1) or walk(*a))
+    monkeypatch.setattr(ext, "_nonsmooth_on_path", lambda *a, **k: calls.append(1) or walk(*a, **k))
     est = storch.estimator(name, plate="b")
 
     def step(order):
@@ -412,7 +412,7 @@ def test_a_jump_on_the_relaxed_path_is_refused_at_order_1(case, monkeypatch):
             with pytest.raises(storch.OrderError, match=rf"'{name}' on plate 'b': the order-1 .*{op}"):
                 storch.surrogate_loss(order=1)
     # what the refusal prevents: without the walk, the estimate is biased
-    monkeypatch.setattr(ext, "_nonsmooth_on_path", lambda *a: {})
+    monkeypatch.setattr(ext, "_nonsmooth_on_path", lambda *a, **k: {})
     torch.manual_seed(14)
     est = make()
     g, = estimates(lambda x: model(est, x), TOY_THETA, 1)

@@ -118,14 +118,19 @@ def nonsmooth_operations() -> dict[str, Union[int, Callable[[object], Optional[i
 
 
 def _nonsmooth_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor], order: int,
-                       log_of_abs: bool = False) -> dict[str, int]:
+                       log_of_abs: bool = False, memo: Optional["PathMemo"] = None) -> dict[str, int]:
     """{name: k} of the operations of nonsmooth_operations() with k < ``order`` that lie on a path from one of
     ``inputs`` to ``output`` in the autograd graph: one memoised walk from ``output.grad_fn`` down to
     the inputs (not below them: what made the inputs is not on such a path).
 
     ``log_of_abs``: an ``abs`` whose every consumer in the walked graph is a ``log`` is not counted:
     log|u| is smooth wherever it is finite (its kink at u = 0 is where it is -inf). The log-densities of
-    torch's transformed distributions hold one (log|scale|, log|exponent · y / x| in log|det J|)."""
+    torch's transformed distributions hold one (log|scale|, log|exponent · y / x| in log|det J|).
+
+    ``memo``: a :class:`PathMemo` for ``inputs`` and ``order`` shared by several walks (not with
+    ``log_of_abs``): an autograd node already expanded by an earlier walk is not walked again."""
+    if memo is not None and not log_of_abs:
+        return _walk_memo(output, memo)
     root = output.grad_fn
     if root is None:
         return {}
@@ -172,6 +177,63 @@ def _nonsmooth_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor], ord
             continue  # log|u|: smooth where finite
         found[name] = min(k, found.get(name, k))
     return found
+
+
+class PathMemo:
+    """What :func:`_nonsmooth_on_path` learned about the autograd nodes below one set of ``inputs`` at one
+    ``order``, kept across the walks from several outputs (the costs of a long episode, each step's
+    log-probability of a downstream partition): each autograd node is expanded once per surrogate, so
+    the walks of T costs over a graph of T steps cost O(T), not O(T²). ``below[fn]``: the non-smooth
+    operations (name -> order of its first discontinuous derivative, those below ``order``) on paths
+    from ``fn`` down to the inputs, ``None`` where no path reaches them."""
+
+    __slots__ = ("targets", "leaves", "order", "below")
+
+    def __init__(self, inputs: Sequence[torch.Tensor], order: int) -> None:
+        self.targets = {t.grad_fn for t in inputs if t.grad_fn is not None}
+        self.leaves = {id(t) for t in inputs if t.grad_fn is None and t.requires_grad}
+        self.order = order
+        self.below: dict = {}
+
+
+def _walk_memo(output: torch.Tensor, memo: PathMemo) -> dict[str, int]:
+    """:func:`_nonsmooth_on_path` of ``output`` with the memo of earlier walks (no ``log_of_abs``)."""
+    root = output.grad_fn
+    if root is None or not (memo.targets or memo.leaves):
+        return {}
+    table, order, below, targets, leaves = _NONSMOOTH, memo.order, memo.below, memo.targets, memo.leaves
+    stack = [(root, False)]
+    while stack:  # iterative post-order (graphs of long episodes are deeper than Python's recursion)
+        fn, expanded = stack.pop()
+        if expanded:
+            acc = None
+            reach = []
+            for m, _ in fn.next_functions:
+                sub = below.get(m) if m is not None else None
+                reach.append(sub is not None)
+                if sub is not None:
+                    if acc is None:
+                        acc = dict(sub)
+                    else:
+                        for name, k in sub.items():
+                            acc[name] = min(k, acc.get(name, k))
+            if acc is not None:
+                name = type(fn).__name__
+                k = table.get(name)
+                if k is not None and not isinstance(k, int):
+                    k = k(fn, tuple(reach))
+                if k is not None and k < order:
+                    acc[name] = min(k, acc.get(name, k))
+            below[fn] = acc
+            continue
+        if fn in below:
+            continue
+        if fn in targets or (leaves and id(getattr(fn, "variable", None)) in leaves):
+            below[fn] = {}
+            continue
+        stack.append((fn, True))
+        stack.extend((m, False) for m, _ in fn.next_functions if m is not None and m not in below)
+    return dict(below.get(root) or {})
 
 
 def _reaches(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:

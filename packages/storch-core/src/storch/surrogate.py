@@ -117,58 +117,98 @@ def _unbiased_to(name: str, order: int) -> bool:
 _CHECKED_AT_ORDER_1: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int) -> None:
+def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
+                  memos: Optional[dict] = None) -> None:
     """A pathwise node (its estimator ``requires_rsample``: the cost is differentiated through the sample
     itself) is unbiased at order n only for a cost whose derivatives of order < n are continuous in its
     sample: refuse an operation on a path from a value it handed out to the cost that breaks this
     (storch.smoothness). At order >= 2, a kink (ReLU, abs, clamp, max) or a jump, at every surrogate; at
     order 1 only a jump (round, sign, floor, nearest grid_sample: the pathwise gradient is 0 where the
-    expectation's is not), checked at the first step of each estimator and cost name (a walk of the cost's
-    graph per step would cost the common case time; a model's operations rarely change between steps).
-    That walk also records the kinks: an order-1 surrogate whose cost has one is refused when it is
-    differentiated again (its cost hooked: :mod:`storch._order_guard`)."""
+    expectation's is not), checked at the first step of each estimator, cost name and partition step of
+    the cost (a walk of the cost's graph per step would cost the common case time; a model's operations
+    rarely change between steps; an episode's costs of one name differ per step). That walk also records
+    the kinks: an order-1 surrogate whose cost has one is refused when it is differentiated again (its
+    cost hooked: :mod:`storch._order_guard`). ``memos``: per pathwise node, what the walks of this
+    surrogate learned (:class:`storch.smoothness.PathMemo`): each autograd node is expanded once."""
     if order < 1:  # the value alone: nothing differentiated
         return
     for node in nodes:
         est = node.estimator
         if est.requires_rsample and node.handed:
-            inputs = [raw for raw, _ in node.handed]
             who = f"estimator {est.name!r} on plate {node.plate.name!r}"
+            if order < 2:
+                seen = _CHECKED_AT_ORDER_1.get(est)
+                if seen is None:
+                    seen = _CHECKED_AT_ORDER_1[est] = {}
+                key = (name, _steps_of(cost))
+                kinks = seen.get(key)
+                if kinks == ():
+                    continue  # checked, smooth: nothing to do at this step
+            inputs = [raw for raw, _ in node.handed]
+            memo = _memo_for(memos, node, inputs, 2 if order < 2 else order)
             roots = _differentiated_through(node, name, cost, nodes)
             if order >= 2:
                 for root, what in roots:
-                    require_smooth(root, inputs, order, who=who, what=what,
-                                   through="the reparameterised sample", instead=_PATHWISE_INSTEAD)
+                    if smoothness._nonsmooth_on_path(root, inputs, order, memo=memo):
+                        require_smooth(root, inputs, order, who=who, what=what,  # says why
+                                       through="the reparameterised sample", instead=_PATHWISE_INSTEAD)
                 continue
-            seen = _CHECKED_AT_ORDER_1.get(est)
-            if seen is None:
-                seen = _CHECKED_AT_ORDER_1[est] = {}
-            kinks = seen.get(name)
             if kinks is None:
                 found: dict = {}
                 for root, what in roots:
-                    here = smoothness._nonsmooth_on_path(root, inputs, 2)  # (through the module: tests count walks)
+                    here = smoothness._nonsmooth_on_path(root, inputs, 2, memo=memo)  # (tests count walks)
                     if any(k < 1 for k in here.values()):  # a jump: refused (require_smooth says why)
                         require_smooth(root, inputs, 1, who=who, what=what,
                                        through="the reparameterised sample", instead=_PATHWISE_INSTEAD)
                     found.update(here)
-                kinks = seen[name] = tuple(sorted(found))  # (after the check: a refused cost is checked again)
+                kinks = seen[key] = tuple(sorted(found))  # (after the check: a refused cost is checked again)
             if kinks:
+                hooked = memos.setdefault("hooked", set()) if memos is not None else set()
                 for root, _ in roots:
-                    _refuse_twice(root, lambda: _kink_message(who, name, kinks))
+                    if id(root) not in hooked:  # (a downstream step's log p is a root of every later cost)
+                        hooked.add(id(root))
+                        _refuse_twice(root, lambda: _kink_message(who, name, kinks))
+
+
+def _steps_of(cost) -> tuple:
+    """The partition steps of a cost's plates (all 0 outside partitions): an episode's costs of one name
+    at different steps are different costs for the order-1 checks."""
+    return tuple(p.step for p in plates_of(cost))
+
+
+def _memo_for(memos: Optional[dict], node: Node, inputs: list, order: int):
+    if memos is None:
+        return None
+    key = (id(node), order)
+    memo = memos.get(key)
+    if memo is None:
+        memo = memos[key] = smoothness.PathMemo(inputs, order)
+    return memo
 
 
 def _differentiated_through(node: Node, name: str, cost, nodes: list[Node]) -> list:
     """What the surrogate differentiates through a pathwise node's sample for one cost, with words for a
     message: the cost, and the gradient functions and weights of the cost's nodes downstream of it (a
     score node whose logits are h(z), an ``expect`` node's probabilities: the surrogate differentiates
-    E_b[f(b) | z] through z along them, so a jump or kink of h biases it as one in the cost would)."""
+    E_b[f(b) | z] through z along them, so a jump or kink of h biases it as one in the cost would). Of a
+    downstream partition, the steps up to the cost's (causal credit: L_t of the cost's step t)."""
     roots = [(raw_of(cost), f"the cost {name!r}")]
+    plates = None
     for other in nodes:
         if other is node or not any(p.name == node.plate.name for p in other.parents):
             continue
-        what = f"the log-probability of node {other.plate.name!r} (downstream, on the path to the cost {name!r})"
-        roots.extend((l, what) for l in _gradient_terms(other) if l.requires_grad)
+        log = other.step_log
+        if log is None:
+            terms = [(other.gradient_values, "")]
+        else:
+            if plates is None:
+                plates = plates_of(cost)
+            t = next((p.step for p in plates if p.name == other.plate.name), len(log) - 1)
+            terms = [(l, f" at step {s}") for s, (_, l) in enumerate(log[:t + 1])]
+        for l, at in terms:
+            if isinstance(l, torch.Tensor) and l.requires_grad:
+                roots.append((l, f"the log-probability of node {other.plate.name!r}{at} (downstream, on the path "
+                                 f"to the cost {name!r})"))
         if _weights_carry(other):
             roots.append((other._weight_values, f"the weights of node {other.plate.name!r} (downstream, on the "
                                                 f"path to the cost {name!r})"))
@@ -270,6 +310,8 @@ def _check_reaches(name: str, cost: torch.Tensor, nodes: list[Node], order: int)
     if order < 1:  # the value alone
         return
     for node in reversed(nodes):  # the node nearest the cost first: the cut is reported where it is
+        if node.no_grad_cut and torch.is_grad_enabled():
+            continue  # sampled under no_grad: its own refusal says so (_check_sampled_with_grad)
         est = node.estimator
         seen = _REACH_CHECKED.get(est, ())
         if seen is None or (name in seen and _raw_requires_grad(cost)):
@@ -665,6 +707,7 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
     plain = []  # costs added with credit=False: differentiated as written
     reached = 0
     no_credit = graph.no_credit
+    memos: dict = {}  # the smoothness walks' memo, shared by the costs of this surrogate
     for name, cost in graph.costs:
         nodes = cost_nodes(graph, cost)
         if no_credit and id(cost) in no_credit:
@@ -673,7 +716,7 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
             continue
         if nodes:
             _check_order(nodes, order)
-            _check_smooth(name, cost, nodes, order)
+            _check_smooth(name, cost, nodes, order, memos)
             _check_reaches(name, cost, nodes, order)
             reached += len(nodes)
         per_cost.append((name, cost, nodes))
