@@ -577,8 +577,8 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     is accumulated, with the advice to call ``storch.backward()``. Unlike ``storch.backward()``, the
     graph is not reset. A second-order training objective built from ``g = torch.autograd.grad(loss,
     params, create_graph=True)`` (a gradient penalty, a MAML outer step through ``params - lr * g``) runs
-    the updates too when it is backpropagated with ``.backward()``: the loss holds a second zero leaf whose
-    (zero) term's gradient is in ``g``'s graph.
+    the updates too when it is backpropagated with ``.backward()``: the loss is ``loss + loss · probe`` with a
+    zero leaf ``probe`` (one node; the same value and derivatives), and ``g = ∂loss + probe ∂loss`` holds it.
 
     A node that no cost is downstream of (no cost carries its plate) and whose gradient function or
     weights carry gradient gets a :class:`storch.UnusedSampleWarning`: its parameters get no gradient
@@ -640,13 +640,12 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
         return recorder(loss, updating)
     if not loss.requires_grad:
         return loss
+    # one zero leaf, one node: loss + loss · probe (addcmul) has the loss's value and derivatives in θ at
+    # every order (probe = 0: the added terms are exact zeros), and .backward() accumulates into probe
+    # (∂/∂probe = loss). A second-order objective built from g = autograd.grad(loss, θ, create_graph=True)
+    # (a gradient penalty, a MAML outer step through θ - lr·g) reaches it too: g = ∂loss + probe ∂loss
+    # holds it in its graph
     probe = torch.zeros((), dtype=loss.dtype, device=loss.device, requires_grad=True)
-    # a second zero leaf in the graph of the loss's gradient: a second-order objective built from
-    # g = autograd.grad(loss, θ, create_graph=True) (a gradient penalty, a MAML outer step through
-    # θ - lr·g) never reaches `probe`, but its .backward() accumulates into `probe_g`. The term
-    # probe_g · (loss - ⊥loss) is 0, and so is each of its derivatives in θ, probe_g · ∂ⁿloss (probe_g = 0),
-    # but the first, in g's graph, holds probe_g
-    probe_g = torch.zeros((), dtype=loss.dtype, device=loss.device, requires_grad=True)
 
     def check():
         learners = sorted({f"{n[0].estimator.name!r} (plate {n[0].plate.name!r})" for n in updating.values()
@@ -665,9 +664,8 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
         for nodes in updating.values():
             nodes[0].estimator.update_parameters(nodes, loss)
 
-    update_on_backward((probe, probe_g), check, run)
-    moved = loss - loss.detach()
-    return loss + probe + probe_g * moved
+    update_on_backward(probe, check, run)
+    return torch.addcmul(loss, loss, probe)
 
 
 def update_on_backward(probe: Union[torch.Tensor, tuple], check: Callable[[], None],

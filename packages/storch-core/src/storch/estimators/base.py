@@ -38,7 +38,7 @@ import types
 from typing import Any, ClassVar, Optional
 
 import torch
-from torch.distributions import Distribution, Independent
+from torch.distributions import Distribution, Independent, TransformedDistribution
 
 from ..cost import CostFrame, _lead, magic_box
 from ..distributions import (
@@ -237,7 +237,8 @@ class Estimator(torch.nn.Module):
         node.value = value = PlateTensor._wrap(out, plates)
         # the user's log_prob of the value they got (SAC's q.log_prob(a)) reuses the pre-tanh sample
         # that TanhTransform(cache_size=1) cached for `out`, as in plain torch (atanh(±1) is infinite)
-        rekey_transform_cache(raw, out, value, lambda r: PlateTensor._wrap(r, plates), distribution)
+        if isinstance(raw, _MAY_CACHE):  # (a Bernoulli or Normal has no transforms: not called)
+            rekey_transform_cache(raw, out, value, lambda r: PlateTensor._wrap(r, plates), distribution)
         return value
 
     def _extend_partition(self, graph, node: Node, distribution: Distribution,
@@ -330,7 +331,8 @@ class Estimator(torch.nn.Module):
         if not sample.is_inference():
             node.handed.append((sample, sample._version))
         value = PlateTensor._wrap(sample, new)
-        rekey_transform_cache(raw, sample, value, lambda r: PlateTensor._wrap(r, new), distribution)  # (as above)
+        if isinstance(raw, _MAY_CACHE):
+            rekey_transform_cache(raw, sample, value, lambda r: PlateTensor._wrap(r, new), distribution)  # (as above)
         return value
 
     def check_inputs(self, inputs: Any, plates: tuple[Plate, ...], step: int) -> None:
@@ -719,6 +721,9 @@ def _under_jacfwd() -> bool:
 # nodes their n_samples multiply. Beyond this many entries per data point the step would not fit in
 # memory (the process is killed before torch can raise), so storch says why first.
 MAX_SAMPLE_ENTRIES = 2 ** 24
+
+# the distributions whose transforms may hold a cache of the sample (rekey_transform_cache)
+_MAY_CACHE = (TransformedDistribution, Independent)
 
 
 def _sampled_without_grad(node: Node, distribution: Distribution, step: int) -> None:
