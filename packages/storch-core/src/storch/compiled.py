@@ -57,6 +57,9 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   gradient penalty, a lookahead step) is refused: the backward pass reads tensors autograd saved in
   the forward pass, which a ``pre_dispatch`` trace cannot connect to the program (they would be fixed
   to the first call's values);
+- an order-1 surrogate whose eager hooks refuse a second differentiation (an order-1 estimator, a kink
+  on a pathwise path: storch._order_guard) is refused the same way: each call's outputs are hooked
+  (so any create_graph pass through them is refused, outside ``estimator_create_graph``);
 - on the first call the step also runs eagerly and its trace runs from the same random state; if they
   disagree (the result depends on Python or generator state the trace cannot see: SPSA's coupled
   draws replay the random state, a ``storch.Graph(generator=...)``, Python's ``random``) it is refused.
@@ -121,6 +124,7 @@ from .errors import NonFiniteCostError, StorchError
 from .estimators.base import updating_message
 from .graph import Graph, tracing_nodes, tracing_recorder
 from .plates.tensor import PlateTensor
+from ._order_guard import refuse_create_graph
 from .surrogate import update_on_backward
 
 __all__ = ["compile", "CompiledStep"]
@@ -155,6 +159,8 @@ class CompiledStep:
             if type(entry) is _Stateful:
                 return self._call_stateful(entry, args, kwargs, list(args), key[0])
             outs = _run(entry[1], args, key[0])
+            if entry[4] is not None:
+                _refuse_twice(outs, entry[4])
             return outs[0] if entry[3] else pytree.tree_unflatten(list(outs), entry[2])
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key, tensors = _signature(leaves, spec)
@@ -163,7 +169,10 @@ class CompiledStep:
             entry = self._cache[key] = self._new_entry(leaves, spec, tensors)
         if type(entry) is _Stateful:
             return self._call_stateful(entry, args, kwargs, tensors, key[1])
-        return pytree.tree_unflatten(list(_run(entry[1], tensors, key[1])), entry[2])
+        outs = _run(entry[1], tensors, key[1])
+        if entry[4] is not None:
+            _refuse_twice(outs, entry[4])
+        return pytree.tree_unflatten(list(outs), entry[2])
 
     def _entry(self, args, kwargs):
         return self._lookup(args, kwargs)[0]
@@ -178,12 +187,12 @@ class CompiledStep:
         return entry, tensors
 
     def _new_entry(self, leaves: list, spec, tensors: list):
-        """A new cache entry: ``(gm, program, out_spec, single)``, or for a step with estimator state
+        """A new cache entry: ``(gm, program, out_spec, single, refusal)``, or for a step with estimator state
         (``state_tensors``, ``replays_update``) a :class:`_Stateful` that holds a trace per structure
         of that state."""
         trace = self._trace(leaves, spec, tensors)
         if not trace.estimators:
-            return trace.gm, trace.program, trace.spec, trace.single
+            return trace.gm, trace.program, trace.spec, trace.single, trace.refusal
         return _Stateful(trace.estimators, {trace.sig: trace})
 
     def _variant(self, entry: "_Stateful", args, kwargs, tensors: list) -> tuple["_Trace", list]:
@@ -211,6 +220,8 @@ class CompiledStep:
         else:
             outs = _run(trace.program, [*tensors, *state], grad)
         n = trace.n_out
+        if trace.refusal is not None:
+            _refuse_twice(outs[:n], trace.refusal)
         if probe is not None:
             values = outs[n + 1:]
             computed = None
@@ -332,6 +343,7 @@ class CompiledStep:
         trace.probe = (probe.dtype, probe.device) if used else None
         trace.updates, trace.estimators, trace.sig = recorder.updates, estimators, sig
         trace.live_loss = recorder.live is not None
+        trace.refusal = recorder.refusal
         return trace
 
     def __repr__(self) -> str:
@@ -531,7 +543,8 @@ class _Trace:
     flattened leaves, ``None`` where a tensor output goes).
     ``estimators``: those whose state the program reads, ``sig`` its structure when traced."""
 
-    __slots__ = ("gm", "program", "spec", "single", "n_out", "probe", "updates", "estimators", "sig", "live_loss")
+    __slots__ = ("gm", "program", "spec", "single", "n_out", "probe", "updates", "estimators", "sig", "live_loss",
+                 "refusal")
 
 
 class _Stateful:
@@ -611,6 +624,14 @@ class _Recorder:
         self.live: Optional[torch.Tensor] = None  # the loss with its graph, for updates that differentiate it
         self.updates: list = []
         self.values: list = []
+        self.refusal: Optional[Callable[[], str]] = None  # see refuse
+
+    def refuse(self, message: Callable[[], str]) -> None:
+        """The traced order-1 surrogate holds a term that differentiating it again would bias (an order-1
+        estimator, a kink on a pathwise path: storch.surrogate._refuse_twice): its eager hooks on the traced
+        tensors are not part of the program, so every replay's outputs get the refusal (the first message)."""
+        if self.refusal is None:
+            self.refusal = message
 
     def __call__(self, loss: torch.Tensor, updating: dict) -> torch.Tensor:
         if not (loss.requires_grad if self.decided is None else self.decided):
@@ -646,6 +667,17 @@ class _Recorder:
         if self.loss is None:
             return ()
         return (self.loss, *self.values) if self.live is None else (self.loss, *self.values, self.live)
+
+
+def _refuse_twice(outs, message: Callable[[], str]) -> None:
+    """Hook a replayed call's outputs (the surrogate loss) with the traced step's refusal of a second
+    differentiation (storch._order_guard): a backward pass with ``create_graph=True`` through them raises
+    storch's OrderError, as the eager step's hooks on the terms inside do (outside
+    ``estimator_create_graph``). With a compiler backend the program is one autograd node whose outputs
+    cannot be differentiated twice anyway (torch said only that a tensor "appears to not have been used
+    in the graph"), so the error says what was wrong there too."""
+    for o in outs:
+        refuse_create_graph(o, message)
 
 
 def _loss_graph_values(values: tuple, loss: torch.Tensor, updates: list) -> dict:
