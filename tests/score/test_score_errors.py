@@ -207,6 +207,32 @@ def test_importance_refuses_a_proposal_that_misses_values_of_p(q):
         assert set(z.tensor.tolist()) <= {0, 1}
 
 
+def test_importance_compiled_refuses_a_proposal_that_misses_values_of_p():
+    """storch.compile skipped the check (importance returned early while traced): a proposal with probability
+    0 on a category p can draw gave a silently biased gradient (z up to 318). The check is recorded in the
+    trace: the proposal's probabilities are per-call values, so it runs at the first call and every replay."""
+    theta = torch.nn.Parameter(torch.zeros(4))
+    w = torch.tensor([1.0, 2.0, -1.0, 3.0])
+    current = []
+    est = storch.estimator("importance", plate="z", proposal=lambda p: Categorical(logits=current[-1]), n_samples=4)
+
+    def step(q_logits):
+        current.append(q_logits)
+        with storch.Graph():
+            z = est(Categorical(logits=theta))
+            storch.add_cost(w[z], name="c")
+            return storch.surrogate_loss()
+
+    missing = torch.tensor([0.0, 0.0, 0.0, -math.inf])
+    with pytest.raises(RuntimeError, match=r"puts no mass on values"):  # the first call
+        storch.compile(step, backend=None)(missing)
+    compiled = storch.compile(step, backend=None)
+    assert torch.isfinite(compiled(torch.zeros(4)))
+    with pytest.raises(RuntimeError, match=r"puts no mass on values.*checked at every call"):  # a replay
+        compiled(missing)
+    assert torch.isfinite(compiled(torch.tensor([0.0, 1.0, 0.0, -2.0])))
+
+
 def test_importance_names_the_proposal_when_p_cannot_weigh_its_draws():
     """A proposal over other values than p's, where storch knows no value inside p's support to weigh such a
     draw 0 (a Multinomial of 3 trials for p, 4 for q): torch's argument validation raised its own ValueError

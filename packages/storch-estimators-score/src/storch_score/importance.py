@@ -11,7 +11,7 @@ import torch
 from torch.distributions import Distribution, Independent, Transform, constraints, transform_to
 
 from storch import Estimator, Node, OptionError, StorchError
-from storch.extending import align, base_distribution, is_tracing, parameters, plates_of, raw_of, rebuild, strict_support
+from storch.extending import align, assume, base_distribution, is_tracing, parameters, plates_of, raw_of, rebuild, strict_support
 
 __all__ = ["Importance", "ImportanceState"]
 
@@ -335,8 +335,9 @@ def _check_covers(p: Distribution, q: Distribution) -> None:
     categories than p, or with a probability of exactly 0 where p's is positive): the importance weights
     p/q cannot correct that, and the estimate would be biased without a word (found by porting an
     off-policy correction whose behaviour policy had 3 actions of 4). Continuous supports are not checked
-    (documented: q must put mass wherever p does)."""
-    if is_tracing() or not (p.has_enumerate_support and q.has_enumerate_support):
+    (documented: q must put mass wherever p does). While ``storch.compile`` traces the step the check is
+    recorded (``assume``): the probabilities are per-call values, so it runs at every replayed call."""
+    if not (p.has_enumerate_support and q.has_enumerate_support):
         return
     values = p.enumerate_support(expand=True)  # (K, *batch, *event)
     if values.shape[0] > _MAX_CHECKED or values.is_meta:
@@ -349,10 +350,14 @@ def _check_covers(p: Distribution, q: Distribution) -> None:
             raise
         except (ValueError, IndexError, RuntimeError):  # a value outside q's support (torch's validation)
             lq = None
-        missed = lq is None or bool((torch.isfinite(lp) & (lq == -math.inf)).any())
-    if missed:
-        raise OptionError(
-            f"importance: the proposal {type(q).__name__} puts no mass on values that the node's {type(p).__name__} "
-            f"can draw ({values.shape[0]} values: a proposal over fewer values, or with probability 0 where p's is "
-            "positive); the importance weights p/q cannot correct that and the estimate would be biased. Give a "
-            "proposal over the same values with positive probability wherever p's is positive")
+        missed = None if lq is None else (torch.isfinite(lp) & (lq == -math.inf)).any()
+    message = (
+        f"importance: the proposal {type(q).__name__} puts no mass on values that the node's {type(p).__name__} "
+        f"can draw ({values.shape[0]} values: a proposal over fewer values, or with probability 0 where p's is "
+        "positive); the importance weights p/q cannot correct that and the estimate would be biased. Give a "
+        "proposal over the same values with positive probability wherever p's is positive")
+    if missed is not None and is_tracing():  # no value-dependent branch in a trace: checked at every call
+        assume(~missed, message + " (checked at every call of the step storch.compile traced)")
+        return
+    if missed is None or bool(missed):
+        raise OptionError(message)
