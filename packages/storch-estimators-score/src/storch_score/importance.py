@@ -155,7 +155,10 @@ def _possible_draws(node: Node, x: torch.Tensor, q: Distribution
     p = strict_support(node.distribution)  # probabilities of exactly 0 are impossible values too
     n_event = len(p.event_shape)
     k = len(p.batch_shape) - len(node.parents)  # the node's own batch dims: log p is joint over them
-    inside = None if _same_support(_support(p), _support(q)) else _inside(p, x)
+    same = _same_support(_support(p), _support(q))
+    inside = None if same else _inside(p, x)
+    if inside is None and not same:
+        _check_evaluable(p, q, x)
     if inside is None:
         lp = _log_p_of_draws(p, x, q)
         possible = lp.detach() != -math.inf  # (a NaN is left to the checks downstream: it is not p(x) = 0)
@@ -200,12 +203,44 @@ def _log_p_of_draws(p: Distribution, x: torch.Tensor, q: Distribution) -> torch.
     except StorchError:
         raise
     except ValueError as e:
-        raise OptionError(
-            f"importance: the node's {type(p).__name__} cannot evaluate log p on values drawn from the proposal "
-            f"{type(q).__name__}: {e}. A proposal may draw values p cannot produce (they get weight 0) only where "
+        raise OptionError(_cannot_evaluate(p, q, str(e))) from e
+
+
+def _cannot_evaluate(p: Distribution, q: Distribution, why: str) -> str:
+    return (f"importance: the node's {type(p).__name__} cannot evaluate log p on values drawn from the proposal "
+            f"{type(q).__name__}: {why}. A proposal may draw values p cannot produce (they get weight 0) only where "
             f"storch can check p's support ({_support(p)!r}) and knows a value inside it. Give a proposal over "
             "p's values, or a p whose support is a torch.distributions constraint with a value inside it "
-            "(transform_to(support) or a lower bound)") from e
+            "(transform_to(support) or a lower bound)")
+
+
+def _check_evaluable(p: Distribution, q: Distribution, x: torch.Tensor) -> None:
+    """q's support differs from p's and storch knows no value inside p's to put in place of a draw outside it:
+    every draw must be inside p's support. Eagerly torch's argument validation of p.log_prob caught such a
+    draw (where on); with validation off, as in a step storch.compile traces, p.log_prob evaluates its
+    formula outside the support (a Multinomial of 3 trials on draws of 4: a loss biased by z = 16). So the
+    draws are checked against p.support here, at every replayed call where traced (``assume``); a trace is
+    refused where p.support cannot be checked on them."""
+    try:
+        with torch.no_grad():
+            mask = p.support.check(x)
+    except (NotImplementedError, TypeError, ValueError, RuntimeError, AttributeError):
+        mask = None
+    if mask is not None and (mask.dtype is not torch.bool or mask.shape != x.shape[:x.dim() - len(p.event_shape)]):
+        mask = None
+    if mask is None:
+        if is_tracing():
+            raise OptionError(_cannot_evaluate(p, q, "storch cannot check p.support on them in a step that "
+                                               "storch.compile traces (torch's argument validation, which checks "
+                                               "them eagerly, is off there: run the step eagerly)"))
+        return  # eagerly torch's validation (where on) says it
+    if x.is_meta:  # no values
+        return
+    message = _cannot_evaluate(p, q, "some draws are outside p.support (its check is False)")
+    if is_tracing():
+        assume(mask.all(), message + " (checked at every call of the step storch.compile traced)")
+    elif not bool(mask.all()):
+        raise OptionError(message)
 
 
 def _possible_value(p: Distribution, x: torch.Tensor, static: bool) -> Optional[torch.Tensor]:
