@@ -48,8 +48,9 @@ class Importance(Estimator):
     Requires: p and q with ``log_prob`` on the same event shape; q must put mass wherever p does
     (otherwise the estimate is biased, as for any importance sampler). q may put mass where p does not
     (outside p's support, or on values p masks with ``-inf`` logits or probabilities of 0): such a draw
-    has weight 0 and l = 0, and the user's code gets a value p can produce in its place (p's mode), so
-    that it never sees one the model cannot produce.
+    has weight 0 and l = 0, and the user's code gets a value p can produce in its place (p's mode for a
+    discrete p, its mean, strictly inside the support, for a continuous one), so that it never sees one the
+    model cannot produce.
 
     max_order: ∞ — the weights are detached, so Σ_x q(x) ⊥(p/q) ∇ⁿ(MagicBox(l) f) equals the
     score function's any-order estimate under p (D.2.2, using D.2.1).
@@ -148,8 +149,8 @@ def _possible_draws(node: Node, x: torch.Tensor, q: Distribution
     masked pointer network). p(x) = 0 there, so the weight is 0, but log p = -inf makes MagicBox(l) NaN (a
     NaN loss and gradient), torch's argument validation raises outside the support, and the user's cost
     (w[z], an embedding lookup, +inf on a truncated token) must not see such a value. As the padding
-    entries of unordered_set and sum_and_sample, the entry takes a value p can produce instead (p's mode,
-    else a point of its support) and keeps weight 0 with l = 0. The replacement is per element of the
+    entries of unordered_set and sum_and_sample, the entry takes a value p can produce instead (p's mode or,
+    continuous, its mean; else a point of its support) and keeps weight 0 with l = 0. The replacement is per element of the
     node's own batch dims (p factorises over them), so the joint value is one p can produce.
     """
     p = strict_support(node.distribution)  # probabilities of exactly 0 are impossible values too
@@ -176,7 +177,7 @@ def _possible_draws(node: Node, x: torch.Tensor, q: Distribution
             raise StorchError(
                 f"importance: the proposal {type(q).__name__} drew values that the node's {type(p).__name__} "
                 "cannot produce (p(x) = 0), and storch found no value p can produce to put in their place "
-                "(p's mode and a point of p.support have p = 0 too): give p a mode or a support "
+                "(p's mode (its mean if continuous) and a point of p.support have p = 0 too): give p a mode or a support "
                 "(torch.distributions.Distribution.mode / .support), or a proposal that draws only where p "
                 "has mass")
         sub = valid if inside is not None else x
@@ -244,14 +245,21 @@ def _check_evaluable(p: Distribution, q: Distribution, x: torch.Tensor) -> None:
 
 
 def _possible_value(p: Distribution, x: torch.Tensor, static: bool) -> Optional[torch.Tensor]:
-    """A value p can produce for each element of a sample (shape of ``x`` without its sample dim): p's mode
-    where it has positive probability (a masked Categorical's most probable value), else a point of p's
-    support (``transform_to(support)(0)``, a discrete support's lower bound) where that has; ``None``
-    where some element has neither (not checked by value where ``static``)."""
+    """A value p can produce for each element of a sample (shape of ``x`` without its sample dim). For a
+    discrete support p's mode where it has positive probability (a masked Categorical's most probable value);
+    for a continuous one p's mean (a point strictly inside the support: the mode may lie on its boundary, an
+    Exponential's 0, where a cost's log(z) is -inf and storch.backward() raised NonFiniteCostError on about
+    one step in six); else a point of p's support (``transform_to(support)(0)``, a discrete support's lower
+    bound) where that has; ``None`` where some element has none (not checked by value where ``static``)."""
     shape = x.shape[1:]
     n_event = len(p.event_shape)
     found, value = None, None
-    for make in (lambda: p.mode, lambda: _support_point(p, x[:1])[0]):
+    try:
+        discrete = _support(p) is None or bool(p.support.is_discrete)
+    except NotImplementedError:  # a dependent constraint that does not say
+        discrete = True
+    central = (lambda: p.mode) if discrete else (lambda: p.mean)
+    for make in (central, lambda: _support_point(p, x[:1])[0]):
         try:
             with torch.no_grad():
                 c = make().to(x.dtype).expand(shape)
