@@ -156,6 +156,42 @@ def test_evaluation_calls_and_a_second_backward_do_not_update():
         torch.testing.assert_close(est.moving_averages[k], est2.moving_averages[k])
 
 
+@pytest.mark.parametrize("objective", ["gradient penalty", "maml"])
+def test_second_order_objective_updates_as_eagerly(objective):
+    # eagerly a second-order objective built from g = autograd.grad(loss, θ, create_graph=True) runs the
+    # updates on its .backward() (a second probe in g's graph, storch.surrogate._updates_on_backward); the
+    # compiled loss had only the first probe, so its moving average never moved under a gradient penalty or
+    # a MAML outer loss through θ - lr·g
+    def run(compiled: bool) -> list:
+        step, encoder, est, x = _model()
+        f = storch.compile(step, backend=None) if compiled else step
+        params = list(encoder.parameters())
+        out = []
+        for i in range(4):
+            torch.manual_seed(10 + i)
+            loss = f(x)
+            if i == 0:
+                loss.backward()  # the first average (the steps after it trace another program)
+            else:
+                g = torch.autograd.grad(loss, params, create_graph=True)
+                if objective == "gradient penalty":
+                    outer = sum((gi ** 2).sum() for gi in g)
+                else:
+                    adapted = [p - 0.1 * gi for p, gi in zip(params, g)]
+                    outer = ((torch.sigmoid(torch.nn.functional.linear(x, *adapted)) - 0.5) ** 2).sum()
+                torch.autograd.grad(outer, params, retain_graph=True)  # an evaluation: no update
+                outer.backward()
+            out.append(_averages(est))
+        return out
+
+    eager, compiled = run(False), run(True)
+    assert not torch.equal(eager[-1]["f"], eager[0]["f"])
+    for e, c in zip(eager, compiled):
+        assert e.keys() == c.keys()
+        for k in e:
+            torch.testing.assert_close(c[k], e[k])
+
+
 def test_state_dict_with_a_compiled_step():
     # a saved state_dict does not change with later compiled steps; loaded averages are read by the
     # next replay (into an estimator whose step was traced before it had any average, too)

@@ -207,6 +207,32 @@ def test_importance_refuses_a_proposal_that_misses_values_of_p(q):
         assert set(z.tensor.tolist()) <= {0, 1}
 
 
+def test_importance_compiled_refuses_a_proposal_that_misses_values_of_p():
+    """storch.compile skipped the check (importance returned early while traced): a proposal with probability
+    0 on a category p can draw gave a silently biased gradient (z up to 318). The check is recorded in the
+    trace: the proposal's probabilities are per-call values, so it runs at the first call and every replay."""
+    theta = torch.nn.Parameter(torch.zeros(4))
+    w = torch.tensor([1.0, 2.0, -1.0, 3.0])
+    current = []
+    est = storch.estimator("importance", plate="z", proposal=lambda p: Categorical(logits=current[-1]), n_samples=4)
+
+    def step(q_logits):
+        current.append(q_logits)
+        with storch.Graph():
+            z = est(Categorical(logits=theta))
+            storch.add_cost(w[z], name="c")
+            return storch.surrogate_loss()
+
+    missing = torch.tensor([0.0, 0.0, 0.0, -math.inf])
+    with pytest.raises(RuntimeError, match=r"puts no mass on values"):  # the first call
+        storch.compile(step, backend=None)(missing)
+    compiled = storch.compile(step, backend=None)
+    assert torch.isfinite(compiled(torch.zeros(4)))
+    with pytest.raises(RuntimeError, match=r"puts no mass on values.*checked at every call"):  # a replay
+        compiled(missing)
+    assert torch.isfinite(compiled(torch.tensor([0.0, 1.0, 0.0, -2.0])))
+
+
 def test_importance_names_the_proposal_when_p_cannot_weigh_its_draws():
     """A proposal over other values than p's, where storch knows no value inside p's support to weigh such a
     draw 0 (a Multinomial of 3 trials for p, 4 for q): torch's argument validation raised its own ValueError
@@ -217,3 +243,33 @@ def test_importance_names_the_proposal_when_p_cannot_weigh_its_draws():
                            n_samples=2)
     with storch.Graph(), pytest.raises(storch.OptionError, match=r"values drawn from the proposal Multinomial"):
         est(Multinomial(3, logits=theta, validate_args=True))
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager", "eager without validation"])
+def test_importance_checks_p_support_on_draws_without_validation(backend):
+    """Only torch's argument validation of p.log_prob refused q's draws outside p's support where storch knows
+    no value inside it (a Multinomial of 3 trials for p, 4 for q); a compiled step (validation off in the
+    trace) evaluated p's formula there: a loss biased by z = 16. p.support is checked on the draws (recorded
+    in a trace, checked at every call)."""
+    phi = torch.nn.Parameter(torch.tensor([0.2, -0.3, 0.5]))
+    est = storch.estimator("importance", plate="m", proposal=Multinomial(4, probs=torch.full((3,), 1 / 3)),
+                           n_samples=4)
+
+    def step():
+        with storch.Graph():
+            m = est(Multinomial(3, logits=phi, validate_args=False))
+            storch.add_cost((m * torch.tensor([1.0, -1.0, 2.0])).sum(-1), name="c")
+            return storch.surrogate_loss()
+
+    if backend == "eager without validation":
+        with pytest.raises(storch.OptionError, match=r"values drawn from the proposal Multinomial.*outside p.support"):
+            step()
+    else:
+        error = RuntimeError if backend is None else Exception  # (aot_eager: dynamo wraps the assertion's error)
+        with pytest.raises(error) as info:
+            storch.compile(step, backend=backend)()
+        chain, e = [], info.value
+        while e is not None:
+            chain.append(str(e))
+            e = e.__cause__ or e.__context__
+        assert any("values drawn from the proposal Multinomial" in m for m in chain)

@@ -133,7 +133,7 @@ def test_importance_wider_proposal_without_plates_keeps_torch_validation_quiet()
     """Without plates the node's distribution is the user's, with torch's argument validation: p.log_prob on a
     Normal proposal's negative draw raised ValueError ("within the support") for an Exponential p. Now those
     draws are weighed 0 (the loss: Σ w z² over the draws inside p's support only), the gradient is finite, and
-    the cost gets p's mode (0) in their place, never a value p cannot produce."""
+    the cost gets p's mean (1/λ, strictly inside its support) in their place, never a value p cannot produce."""
     rate = torch.tensor(1.5, requires_grad=True)
     q = Normal(0.0, 2.0)
     torch.manual_seed(7)
@@ -148,11 +148,36 @@ def test_importance_wider_proposal_without_plates_keeps_torch_validation_quiet()
     x = q.sample((64,))  # q's draws, as the estimator drew them
     inside = x >= 0
     assert 0 < int(inside.sum()) < 64  # both kinds of draws
-    assert torch.equal(raw_of(z).detach(), torch.where(inside, x, torch.zeros(())))
+    assert torch.equal(raw_of(z).detach(), torch.where(inside, x, 1 / rate.detach()))
     w = torch.where(inside, (rate.log() - rate * x.clamp(min=0)) - q.log_prob(x), torch.tensor(-torch.inf)).exp() / 64
     with torch.no_grad():
         assert torch.allclose(loss, (w * x ** 2).sum())
         assert torch.allclose(g, (w * x ** 2 * (1 / rate - x)).sum())  # score: ∂ log p / ∂λ = 1/λ − x, inside
+
+
+def test_importance_substitute_is_strictly_inside_a_continuous_support():
+    """A draw of q where p(x) = 0 was handed to the cost as p's mode, for an Exponential p 0: on the boundary of
+    its support, where a cost's log(z) (a log-likelihood term) is -inf, so storch.backward() raised
+    NonFiniteCostError on about one step in six and blamed the user's log(0). A continuous p gets its mean
+    (strictly inside), a Beta's too; a discrete p keeps its mode."""
+    rate = torch.tensor([1.3, 0.7], requires_grad=True)
+    est = storch.estimator("importance", plate="z", proposal=Normal(torch.ones(2), 1.0), n_samples=6)
+    replaced = 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        with storch.Graph():
+            z = est(Exponential(rate))
+            replaced += int((raw_of(z) == 1 / rate.detach()).sum())
+            assert (raw_of(z) > 0).all()
+            storch.add_cost(torch.log(z).sum(), name="c")
+            storch.backward()
+    assert replaced > 0
+    alpha = torch.tensor([2.0, 0.5], requires_grad=True)
+    torch.manual_seed(0)
+    with storch.Graph():  # a Beta: its mode is 1 for (2, 0.5), its mean 0.8 inside (0, 1)
+        z = storch.estimator("importance", plate="b", proposal=Normal(0.5, 1.0), n_samples=16)(Beta(alpha[0], alpha[1]))
+        v = raw_of(z).detach()
+        assert ((v > 0) & (v < 1)).all() and bool((v == 0.8).any())
 
 
 # -- importance where q draws values that p masks (p(x) = 0 inside p's support) ---------------------

@@ -57,6 +57,9 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   gradient penalty, a lookahead step) is refused: the backward pass reads tensors autograd saved in
   the forward pass, which a ``pre_dispatch`` trace cannot connect to the program (they would be fixed
   to the first call's values);
+- an order-1 surrogate whose eager hooks refuse a second differentiation (an order-1 estimator, a kink
+  on a pathwise path: storch._order_guard) is refused the same way: each call's outputs are hooked
+  (so any create_graph pass through them is refused, outside ``estimator_create_graph``);
 - on the first call the step also runs eagerly and its trace runs from the same random state; if they
   disagree (the result depends on Python or generator state the trace cannot see: SPSA's coupled
   draws replay the random state, a ``storch.Graph(generator=...)``, Python's ``random``) it is refused.
@@ -66,7 +69,9 @@ An estimator whose update can be replayed (``Estimator.replays_update``; ``score
 of earlier steps only, and the update runs when the returned loss is backpropagated with
 ``.backward()`` (``torch.autograd.grad``, a ``no_grad`` call and a second ``retain_graph``
 backward update nothing; a non-finite loss raises ``storch.NonFiniteCostError`` there). While
-the step is traced, ``surrogate_loss`` adds a zero "probe" input of the program to the loss and
+the step is traced, ``surrogate_loss`` adds a zero "probe" input of the program to the loss (two
+entries: the second in the graph of the loss's gradient, so that the ``.backward()`` of a second-order
+objective built from ``autograd.grad(loss, θ, create_graph=True)`` updates too, as eagerly) and
 the estimator's ``update_inputs`` (for the moving average: each cost's detached mean) become extra
 outputs of the program; every call makes a fresh probe whose gradient accumulation queues the
 estimator's ``update_from`` with that call's values (and ``storch.distributed`` averages them over
@@ -121,6 +126,7 @@ from .errors import NonFiniteCostError, StorchError
 from .estimators.base import updating_message
 from .graph import Graph, tracing_nodes, tracing_recorder
 from .plates.tensor import PlateTensor
+from ._order_guard import refuse_create_graph
 from .surrogate import update_on_backward
 
 __all__ = ["compile", "CompiledStep"]
@@ -155,6 +161,8 @@ class CompiledStep:
             if type(entry) is _Stateful:
                 return self._call_stateful(entry, args, kwargs, list(args), key[0])
             outs = _run(entry[1], args, key[0])
+            if entry[4] is not None:
+                _refuse_twice(outs, entry[4])
             return outs[0] if entry[3] else pytree.tree_unflatten(list(outs), entry[2])
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key, tensors = _signature(leaves, spec)
@@ -163,7 +171,10 @@ class CompiledStep:
             entry = self._cache[key] = self._new_entry(leaves, spec, tensors)
         if type(entry) is _Stateful:
             return self._call_stateful(entry, args, kwargs, tensors, key[1])
-        return pytree.tree_unflatten(list(_run(entry[1], tensors, key[1])), entry[2])
+        outs = _run(entry[1], tensors, key[1])
+        if entry[4] is not None:
+            _refuse_twice(outs, entry[4])
+        return pytree.tree_unflatten(list(outs), entry[2])
 
     def _entry(self, args, kwargs):
         return self._lookup(args, kwargs)[0]
@@ -178,12 +189,12 @@ class CompiledStep:
         return entry, tensors
 
     def _new_entry(self, leaves: list, spec, tensors: list):
-        """A new cache entry: ``(gm, program, out_spec, single)``, or for a step with estimator state
+        """A new cache entry: ``(gm, program, out_spec, single, refusal)``, or for a step with estimator state
         (``state_tensors``, ``replays_update``) a :class:`_Stateful` that holds a trace per structure
         of that state."""
         trace = self._trace(leaves, spec, tensors)
         if not trace.estimators:
-            return trace.gm, trace.program, trace.spec, trace.single
+            return trace.gm, trace.program, trace.spec, trace.single, trace.refusal
         return _Stateful(trace.estimators, {trace.sig: trace})
 
     def _variant(self, entry: "_Stateful", args, kwargs, tensors: list) -> tuple["_Trace", list]:
@@ -206,11 +217,13 @@ class CompiledStep:
         probe = None
         if trace.probe is not None:
             dtype, device = trace.probe
-            probe = torch.zeros((), dtype=dtype, device=device, requires_grad=True)
+            probe = torch.zeros(2, dtype=dtype, device=device, requires_grad=True)
             outs = _run(trace.program, [*tensors, probe, *state], grad)
         else:
             outs = _run(trace.program, [*tensors, *state], grad)
         n = trace.n_out
+        if trace.refusal is not None:
+            _refuse_twice(outs[:n], trace.refusal)
         if probe is not None:
             values = outs[n + 1:]
             computed = None
@@ -239,7 +252,7 @@ class CompiledStep:
         trace, state = self._variant(entry, args, kwargs, tensors)
         if trace.probe is None:
             return [*tensors, *state]
-        return [*tensors, torch.zeros((), dtype=trace.probe[0], device=trace.probe[1], requires_grad=True), *state]
+        return [*tensors, torch.zeros(2, dtype=trace.probe[0], device=trace.probe[1], requires_grad=True), *state]
 
     def eager(self, *args: Any, **kwargs: Any) -> Any:
         """The step run eagerly by storch, on the paths its trace takes: what a compiled call computes
@@ -289,7 +302,7 @@ class CompiledStep:
         nodes: list = []
         recorder = _Recorder(self.fn, replay_only=self.compile_options.get("backend") is None)
         floats = [t for t in tensors if t.is_floating_point()]
-        probe = torch.zeros((), dtype=floats[0].dtype if floats else torch.get_default_dtype(),
+        probe = torch.zeros(2, dtype=floats[0].dtype if floats else torch.get_default_dtype(),
                             device=tensors[0].device if tensors else None, requires_grad=True)
         torch.distributions.Distribution.set_default_validate_args(False)
         try:
@@ -332,6 +345,7 @@ class CompiledStep:
         trace.probe = (probe.dtype, probe.device) if used else None
         trace.updates, trace.estimators, trace.sig = recorder.updates, estimators, sig
         trace.live_loss = recorder.live is not None
+        trace.refusal = recorder.refusal
         return trace
 
     def __repr__(self) -> str:
@@ -531,7 +545,8 @@ class _Trace:
     flattened leaves, ``None`` where a tensor output goes).
     ``estimators``: those whose state the program reads, ``sig`` its structure when traced."""
 
-    __slots__ = ("gm", "program", "spec", "single", "n_out", "probe", "updates", "estimators", "sig", "live_loss")
+    __slots__ = ("gm", "program", "spec", "single", "n_out", "probe", "updates", "estimators", "sig", "live_loss",
+                 "refusal")
 
 
 class _Stateful:
@@ -611,6 +626,14 @@ class _Recorder:
         self.live: Optional[torch.Tensor] = None  # the loss with its graph, for updates that differentiate it
         self.updates: list = []
         self.values: list = []
+        self.refusal: Optional[Callable[[], str]] = None  # see refuse
+
+    def refuse(self, message: Callable[[], str]) -> None:
+        """The traced order-1 surrogate holds a term that differentiating it again would bias (an order-1
+        estimator, a kink on a pathwise path: storch.surrogate._refuse_twice): its eager hooks on the traced
+        tensors are not part of the program, so every replay's outputs get the refusal (the first message)."""
+        if self.refusal is None:
+            self.refusal = message
 
     def __call__(self, loss: torch.Tensor, updating: dict) -> torch.Tensor:
         if not (loss.requires_grad if self.decided is None else self.decided):
@@ -640,12 +663,28 @@ class _Recorder:
         probe = self.probe
         if probe.dtype != loss.dtype or probe.device != loss.device:
             probe = probe.to(dtype=loss.dtype, device=loss.device)
-        return loss + probe
+        # probe[1]: the eager step's second probe (storch.surrogate._updates_on_backward), in the graph of the
+        # loss's gradient: a second-order objective built from g = autograd.grad(loss, θ, create_graph=True)
+        # (a gradient penalty, a MAML outer loss through θ - lr·g) never reaches probe[0], but its .backward()
+        # accumulates into the probe through probe[1]. probe[1]·(loss - ⊥loss) is 0, as is each of its
+        # derivatives in θ (probe[1] = 0); one leaf for both keeps the program's inputs as they were
+        return loss + probe[0] + probe[1] * (loss - loss.detach())
 
     def extras(self) -> tuple:
         if self.loss is None:
             return ()
         return (self.loss, *self.values) if self.live is None else (self.loss, *self.values, self.live)
+
+
+def _refuse_twice(outs, message: Callable[[], str]) -> None:
+    """Hook a replayed call's outputs (the surrogate loss) with the traced step's refusal of a second
+    differentiation (storch._order_guard): a backward pass with ``create_graph=True`` through them raises
+    storch's OrderError, as the eager step's hooks on the terms inside do (outside
+    ``estimator_create_graph``). With a compiler backend the program is one autograd node whose outputs
+    cannot be differentiated twice anyway (torch said only that a tensor "appears to not have been used
+    in the graph"), so the error says what was wrong there too."""
+    for o in outs:
+        refuse_create_graph(o, message)
 
 
 def _loss_graph_values(values: tuple, loss: torch.Tensor, updates: list) -> dict:

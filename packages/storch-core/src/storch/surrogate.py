@@ -221,7 +221,12 @@ _PATHWISE_INSTEAD = "an estimator that does not differentiate through the sample
 def _refuse_twice(tensor, message) -> None:
     """Refuse a second differentiation of the order-1 surrogate through ``tensor`` (:mod:`storch._order_guard`):
     a hook, or under torch.func (whose hooks cannot tell) an OrderError now if two transforms differentiate."""
-    if is_tracing():  # a compiled step's replays do not run the traced step's hooks
+    recorder = tracing_recorder() if is_tracing() else None
+    if recorder is not None:
+        # a compiled step's replays do not run the traced step's hooks: storch.compile hooks each replay's
+        # outputs with the refusal its recorder keeps (CompiledStep.eager, without a recorder, hooks as here)
+        if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+            recorder.refuse(message)
         return
     nested = differentiating_transforms()
     if nested >= 2:

@@ -11,7 +11,7 @@ import torch
 from torch.distributions import Distribution, Independent, Transform, constraints, transform_to
 
 from storch import Estimator, Node, OptionError, StorchError
-from storch.extending import align, base_distribution, is_tracing, parameters, plates_of, raw_of, rebuild, strict_support
+from storch.extending import align, assume, base_distribution, is_tracing, parameters, plates_of, raw_of, rebuild, strict_support
 
 __all__ = ["Importance", "ImportanceState"]
 
@@ -48,8 +48,9 @@ class Importance(Estimator):
     Requires: p and q with ``log_prob`` on the same event shape; q must put mass wherever p does
     (otherwise the estimate is biased, as for any importance sampler). q may put mass where p does not
     (outside p's support, or on values p masks with ``-inf`` logits or probabilities of 0): such a draw
-    has weight 0 and l = 0, and the user's code gets a value p can produce in its place (p's mode), so
-    that it never sees one the model cannot produce.
+    has weight 0 and l = 0, and the user's code gets a value p can produce in its place (p's mode for a
+    discrete p, its mean, strictly inside the support, for a continuous one), so that it never sees one the
+    model cannot produce.
 
     max_order: ∞ — the weights are detached, so Σ_x q(x) ⊥(p/q) ∇ⁿ(MagicBox(l) f) equals the
     score function's any-order estimate under p (D.2.2, using D.2.1).
@@ -148,14 +149,17 @@ def _possible_draws(node: Node, x: torch.Tensor, q: Distribution
     masked pointer network). p(x) = 0 there, so the weight is 0, but log p = -inf makes MagicBox(l) NaN (a
     NaN loss and gradient), torch's argument validation raises outside the support, and the user's cost
     (w[z], an embedding lookup, +inf on a truncated token) must not see such a value. As the padding
-    entries of unordered_set and sum_and_sample, the entry takes a value p can produce instead (p's mode,
-    else a point of its support) and keeps weight 0 with l = 0. The replacement is per element of the
+    entries of unordered_set and sum_and_sample, the entry takes a value p can produce instead (p's mode or,
+    continuous, its mean; else a point of its support) and keeps weight 0 with l = 0. The replacement is per element of the
     node's own batch dims (p factorises over them), so the joint value is one p can produce.
     """
     p = strict_support(node.distribution)  # probabilities of exactly 0 are impossible values too
     n_event = len(p.event_shape)
     k = len(p.batch_shape) - len(node.parents)  # the node's own batch dims: log p is joint over them
-    inside = None if _same_support(_support(p), _support(q)) else _inside(p, x)
+    same = _same_support(_support(p), _support(q))
+    inside = None if same else _inside(p, x)
+    if inside is None and not same:
+        _check_evaluable(p, q, x)
     if inside is None:
         lp = _log_p_of_draws(p, x, q)
         possible = lp.detach() != -math.inf  # (a NaN is left to the checks downstream: it is not p(x) = 0)
@@ -173,7 +177,7 @@ def _possible_draws(node: Node, x: torch.Tensor, q: Distribution
             raise StorchError(
                 f"importance: the proposal {type(q).__name__} drew values that the node's {type(p).__name__} "
                 "cannot produce (p(x) = 0), and storch found no value p can produce to put in their place "
-                "(p's mode and a point of p.support have p = 0 too): give p a mode or a support "
+                "(p's mode (its mean if continuous) and a point of p.support have p = 0 too): give p a mode or a support "
                 "(torch.distributions.Distribution.mode / .support), or a proposal that draws only where p "
                 "has mass")
         sub = valid if inside is not None else x
@@ -200,23 +204,62 @@ def _log_p_of_draws(p: Distribution, x: torch.Tensor, q: Distribution) -> torch.
     except StorchError:
         raise
     except ValueError as e:
-        raise OptionError(
-            f"importance: the node's {type(p).__name__} cannot evaluate log p on values drawn from the proposal "
-            f"{type(q).__name__}: {e}. A proposal may draw values p cannot produce (they get weight 0) only where "
+        raise OptionError(_cannot_evaluate(p, q, str(e))) from e
+
+
+def _cannot_evaluate(p: Distribution, q: Distribution, why: str) -> str:
+    return (f"importance: the node's {type(p).__name__} cannot evaluate log p on values drawn from the proposal "
+            f"{type(q).__name__}: {why}. A proposal may draw values p cannot produce (they get weight 0) only where "
             f"storch can check p's support ({_support(p)!r}) and knows a value inside it. Give a proposal over "
             "p's values, or a p whose support is a torch.distributions constraint with a value inside it "
-            "(transform_to(support) or a lower bound)") from e
+            "(transform_to(support) or a lower bound)")
+
+
+def _check_evaluable(p: Distribution, q: Distribution, x: torch.Tensor) -> None:
+    """q's support differs from p's and storch knows no value inside p's to put in place of a draw outside it:
+    every draw must be inside p's support. Eagerly torch's argument validation of p.log_prob caught such a
+    draw (where on); with validation off, as in a step storch.compile traces, p.log_prob evaluates its
+    formula outside the support (a Multinomial of 3 trials on draws of 4: a loss biased by z = 16). So the
+    draws are checked against p.support here, at every replayed call where traced (``assume``); a trace is
+    refused where p.support cannot be checked on them."""
+    try:
+        with torch.no_grad():
+            mask = p.support.check(x)
+    except (NotImplementedError, TypeError, ValueError, RuntimeError, AttributeError):
+        mask = None
+    if mask is not None and (mask.dtype is not torch.bool or mask.shape != x.shape[:x.dim() - len(p.event_shape)]):
+        mask = None
+    if mask is None:
+        if is_tracing():
+            raise OptionError(_cannot_evaluate(p, q, "storch cannot check p.support on them in a step that "
+                                               "storch.compile traces (torch's argument validation, which checks "
+                                               "them eagerly, is off there: run the step eagerly)"))
+        return  # eagerly torch's validation (where on) says it
+    if x.is_meta:  # no values
+        return
+    message = _cannot_evaluate(p, q, "some draws are outside p.support (its check is False)")
+    if is_tracing():
+        assume(mask.all(), message + " (checked at every call of the step storch.compile traced)")
+    elif not bool(mask.all()):
+        raise OptionError(message)
 
 
 def _possible_value(p: Distribution, x: torch.Tensor, static: bool) -> Optional[torch.Tensor]:
-    """A value p can produce for each element of a sample (shape of ``x`` without its sample dim): p's mode
-    where it has positive probability (a masked Categorical's most probable value), else a point of p's
-    support (``transform_to(support)(0)``, a discrete support's lower bound) where that has; ``None``
-    where some element has neither (not checked by value where ``static``)."""
+    """A value p can produce for each element of a sample (shape of ``x`` without its sample dim). For a
+    discrete support p's mode where it has positive probability (a masked Categorical's most probable value);
+    for a continuous one p's mean (a point strictly inside the support: the mode may lie on its boundary, an
+    Exponential's 0, where a cost's log(z) is -inf and storch.backward() raised NonFiniteCostError on about
+    one step in six); else a point of p's support (``transform_to(support)(0)``, a discrete support's lower
+    bound) where that has; ``None`` where some element has none (not checked by value where ``static``)."""
     shape = x.shape[1:]
     n_event = len(p.event_shape)
     found, value = None, None
-    for make in (lambda: p.mode, lambda: _support_point(p, x[:1])[0]):
+    try:
+        discrete = _support(p) is None or bool(p.support.is_discrete)
+    except NotImplementedError:  # a dependent constraint that does not say
+        discrete = True
+    central = (lambda: p.mode) if discrete else (lambda: p.mean)
+    for make in (central, lambda: _support_point(p, x[:1])[0]):
         try:
             with torch.no_grad():
                 c = make().to(x.dtype).expand(shape)
@@ -335,8 +378,9 @@ def _check_covers(p: Distribution, q: Distribution) -> None:
     categories than p, or with a probability of exactly 0 where p's is positive): the importance weights
     p/q cannot correct that, and the estimate would be biased without a word (found by porting an
     off-policy correction whose behaviour policy had 3 actions of 4). Continuous supports are not checked
-    (documented: q must put mass wherever p does)."""
-    if is_tracing() or not (p.has_enumerate_support and q.has_enumerate_support):
+    (documented: q must put mass wherever p does). While ``storch.compile`` traces the step the check is
+    recorded (``assume``): the probabilities are per-call values, so it runs at every replayed call."""
+    if not (p.has_enumerate_support and q.has_enumerate_support):
         return
     values = p.enumerate_support(expand=True)  # (K, *batch, *event)
     if values.shape[0] > _MAX_CHECKED or values.is_meta:
@@ -349,10 +393,14 @@ def _check_covers(p: Distribution, q: Distribution) -> None:
             raise
         except (ValueError, IndexError, RuntimeError):  # a value outside q's support (torch's validation)
             lq = None
-        missed = lq is None or bool((torch.isfinite(lp) & (lq == -math.inf)).any())
-    if missed:
-        raise OptionError(
-            f"importance: the proposal {type(q).__name__} puts no mass on values that the node's {type(p).__name__} "
-            f"can draw ({values.shape[0]} values: a proposal over fewer values, or with probability 0 where p's is "
-            "positive); the importance weights p/q cannot correct that and the estimate would be biased. Give a "
-            "proposal over the same values with positive probability wherever p's is positive")
+        missed = None if lq is None else (torch.isfinite(lp) & (lq == -math.inf)).any()
+    message = (
+        f"importance: the proposal {type(q).__name__} puts no mass on values that the node's {type(p).__name__} "
+        f"can draw ({values.shape[0]} values: a proposal over fewer values, or with probability 0 where p's is "
+        "positive); the importance weights p/q cannot correct that and the estimate would be biased. Give a "
+        "proposal over the same values with positive probability wherever p's is positive")
+    if missed is not None and is_tracing():  # no value-dependent branch in a trace: checked at every call
+        assume(~missed, message + " (checked at every call of the step storch.compile traced)")
+        return
+    if missed is None or bool(missed):
+        raise OptionError(message)
