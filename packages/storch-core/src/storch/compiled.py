@@ -217,7 +217,7 @@ class CompiledStep:
         probe = None
         if trace.probe is not None:
             dtype, device = trace.probe
-            probe = torch.zeros(2, dtype=dtype, device=device, requires_grad=True)
+            probe = torch.zeros((), dtype=dtype, device=device, requires_grad=True)
             outs = _run(trace.program, [*tensors, probe, *state], grad)
         else:
             outs = _run(trace.program, [*tensors, *state], grad)
@@ -252,7 +252,7 @@ class CompiledStep:
         trace, state = self._variant(entry, args, kwargs, tensors)
         if trace.probe is None:
             return [*tensors, *state]
-        return [*tensors, torch.zeros(2, dtype=trace.probe[0], device=trace.probe[1], requires_grad=True), *state]
+        return [*tensors, torch.zeros((), dtype=trace.probe[0], device=trace.probe[1], requires_grad=True), *state]
 
     def eager(self, *args: Any, **kwargs: Any) -> Any:
         """The step run eagerly by storch, on the paths its trace takes: what a compiled call computes
@@ -302,7 +302,7 @@ class CompiledStep:
         nodes: list = []
         recorder = _Recorder(self.fn, replay_only=self.compile_options.get("backend") is None)
         floats = [t for t in tensors if t.is_floating_point()]
-        probe = torch.zeros(2, dtype=floats[0].dtype if floats else torch.get_default_dtype(),
+        probe = torch.zeros((), dtype=floats[0].dtype if floats else torch.get_default_dtype(),
                             device=tensors[0].device if tensors else None, requires_grad=True)
         torch.distributions.Distribution.set_default_validate_args(False)
         try:
@@ -663,12 +663,11 @@ class _Recorder:
         probe = self.probe
         if probe.dtype != loss.dtype or probe.device != loss.device:
             probe = probe.to(dtype=loss.dtype, device=loss.device)
-        # probe[1]: the eager step's second probe (storch.surrogate._updates_on_backward), in the graph of the
-        # loss's gradient: a second-order objective built from g = autograd.grad(loss, θ, create_graph=True)
-        # (a gradient penalty, a MAML outer loss through θ - lr·g) never reaches probe[0], but its .backward()
-        # accumulates into the probe through probe[1]. probe[1]·(loss - ⊥loss) is 0, as is each of its
-        # derivatives in θ (probe[1] = 0); one leaf for both keeps the program's inputs as they were
-        return loss + probe[0] + probe[1] * (loss - loss.detach())
+        # as the eager step's probe (storch.surrogate._updates_on_backward): loss + loss · probe, one node with
+        # the loss's value and derivatives (probe = 0); plain .backward() accumulates into the probe, and so does
+        # a second-order objective built from g = autograd.grad(loss, θ, create_graph=True) (a gradient
+        # penalty, a MAML outer loss through θ - lr·g): g = ∂loss + probe ∂loss holds it
+        return torch.addcmul(loss, loss, probe)
 
     def extras(self) -> tuple:
         if self.loss is None:
