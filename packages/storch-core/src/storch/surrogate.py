@@ -243,7 +243,8 @@ _AGAIN = ("differentiating the order-1 surrogate (storch.surrogate_loss(), storc
           "order; if create_graph=True was incidental (only the first derivative is used), pass "
           "create_graph=False or detach the first derivative; if what is differentiated afterwards depends on "
           "the first derivative only linearly through this term (GradNorm's loss weights, learning-to-reweight's "
-          "example weights: no second derivative of the storch term is taken), run the create_graph pass inside "
+          "example weights: no second derivative of the storch term is taken), or it is an estimator's own update "
+          "(training a learned part on the gradient's variance), run the create_graph pass inside "
           "`with storch.extending.estimator_create_graph():`")
 
 
