@@ -633,7 +633,8 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     higher derivatives for the estimators whose ``max_order`` allows them (score, expect, importance,
     RELAX, ...). Where a node is unbiased only at order 1 (ARM, DisARM, GO, MVD, SPSA, the unordered
     set with its baseline), a pathwise node's cost has a kink on the path from its sample (ReLU,
-    abs, max), or a score-function node's log p has a kink in its learned parameters (Laplace's
+    abs, max; REBAR's, RELAX's and LAX's control variates likewise, their cost at the relaxed sample and
+    their network), or a score-function node's log p has a kink in its learned parameters (Laplace's
     |x - loc|), the backward pass with ``create_graph=True`` through its term raises ``OrderError``
     (torch.func: two nested differentiating transforms raise it when the surrogate is built).
 
