@@ -202,6 +202,45 @@ def test_require_smooth_passes_smooth_paths_and_kinks_off_the_path():
     assert _refused(torch.ones(()), [leaf], 2) is None  # no graph: nothing differentiated
 
 
+def test_require_smooth_returns_the_kinks_it_lets_through_at_order_1():
+    """At order 1 a kink is not refused, but an order-1 surrogate differentiated twice through the output
+    would be biased: require_smooth returns the kinks its one walk found (for the caller to hook the output
+    with refuse_create_graph), () for a smooth path, a kink off the path, and at order 2 (where it raises)."""
+    from storch.extending import require_smooth
+
+    w = torch.randn(3, 3, requires_grad=True)
+    z = torch.sigmoid(torch.randn(3, requires_grad=True))
+    args = dict(who="estimator 'e' on plate 'z'", what="the cost 'c'", through="z")
+    assert require_smooth(torch.relu(w @ z).abs().sum(), [z], 1, **args) == ("AbsBackward0", "ReluBackward0")
+    assert require_smooth(torch.tanh(w @ z).sum(), [z], 1, **args) == ()
+    assert require_smooth((torch.relu(w) @ z).sum(), [z], 1, **args) == ()
+    assert require_smooth(torch.tanh(w @ z).sum(), [z], 2, **args) == ()
+    with pytest.raises(storch.OrderError, match="RoundBackward0"):
+        require_smooth(torch.round(w @ z).sum(), [z], 1, **args)
+
+
+def test_refuse_create_graph_refuses_a_second_derivative_only():
+    """storch.extending.refuse_create_graph: a backward pass with create_graph=True that reaches the tensor
+    raises OrderError(message()); a plain pass, and an estimator's own pass in estimator_create_graph, do not."""
+    from storch.extending import estimator_create_graph, refuse_create_graph
+
+    theta = torch.tensor([0.3, -0.2], requires_grad=True)
+
+    def loss():
+        y = torch.relu(theta) * 2
+        refuse_create_graph(y, lambda: "a kink: refused")
+        return (y ** 2).sum()
+
+    (g,) = torch.autograd.grad(loss(), theta)
+    assert torch.equal(g, torch.tensor([2.4, 0.0]))
+    with pytest.raises(storch.OrderError, match="a kink: refused"):
+        torch.autograd.grad(loss(), theta, create_graph=True)
+    with estimator_create_graph():
+        (g,) = torch.autograd.grad(loss(), theta, create_graph=True)
+    assert g.requires_grad
+    refuse_create_graph(torch.ones(2), lambda: "never")  # no gradient: nothing to hook
+
+
 def test_grid_sample_at_a_sampled_location_is_a_kink_and_linear_in_the_image():
     """A glimpse at a reparameterised location (F.grid_sample with the sample in the grid) was accepted at order
     2 with a biased second derivative (z 35-360 against quadrature; found by porting a recurrent attention

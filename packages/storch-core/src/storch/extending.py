@@ -62,6 +62,9 @@ Differentiating the loss in an update:
     gradient, as RELAX, LAX and REBAR do), which the order-1 surrogate would otherwise refuse where an
     order-1 node (ARM, GO, ...) is in the loss: a backward pass with ``create_graph=True`` through such a
     node is how a user's second derivative of ``storch.surrogate_loss()`` starts.
+    :func:`refuse_create_graph` marks a tensor of an estimator's term that the order-1 surrogate must not
+    be differentiated twice through (a pathwise term whose output has a kink on the path from the sample,
+    which :func:`require_smooth` returns at order 1): such a pass raises ``storch.OrderError``.
 
 Options:
     :mod:`options` (``storch.extending.options``) checks constructor options once, with errors
@@ -96,7 +99,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import ContextManager
+from typing import Callable, ContextManager
 
 import torch
 
@@ -111,13 +114,32 @@ from .plates.tensor import align, plates_of, raw_of
 from ._order_guard import estimator_create_graph
 from .score_conditions import moving_support
 from .smoothness import nonsmooth_operations, require_smooth
+from .surrogate import _refuse_twice
 
 __all__ = [
     "align", "plates_of", "raw_of", "base_distribution", "drawing_with", "leave_one_out", "options", "step_guard",
     "match_optimizer_state",
     "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild", "parameters",
     "rekey_transform_cache", "require_smooth", "nonsmooth_operations", "moving_support", "estimator_create_graph",
+    "refuse_create_graph",
 ]
+
+
+def refuse_create_graph(tensor: torch.Tensor, message: Callable[[], str]) -> None:
+    """Refuse differentiating the order-1 surrogate twice through ``tensor``: a backward pass with
+    ``create_graph=True`` that reaches it (``torch.autograd.grad(loss, params, create_graph=True)``,
+    ``torch.autograd.functional.hessian`` / ``hvp``) raises ``storch.OrderError(message())``.
+
+    For a tensor of a component's term through which a second derivative would be biased although the
+    first is not: a pathwise term's output with a kink (ReLU, abs, max) on the path from the sample
+    (what :func:`require_smooth` returns at order 1), as REBAR, RELAX and LAX hook the cost at the relaxed
+    sample and the control-variate network's output. Call it at every step the tensor is built (a hook on
+    this step's tensor); ``message`` is called only when the refusal is raised, so build the words there.
+    A plain backward pass is not affected, nor an estimator's own ``create_graph=True`` pass inside
+    :func:`estimator_create_graph`. Under ``torch.func``, two nested differentiating transforms raise at
+    once; a step traced by ``storch.compile`` hooks its replays' outputs the same way. A tensor that does
+    not require grad is left alone."""
+    _refuse_twice(tensor, message)
 
 
 def strict_support(d: torch.distributions.Distribution) -> torch.distributions.Distribution:

@@ -258,7 +258,7 @@ def _reaches(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) ->
 
 def require_smooth(output: torch.Tensor, inputs: Sequence[torch.Tensor], order: int, *, who: str, what: str,
                    through: str, instead: str = "an estimator that does not differentiate through the "
-                   "sample, e.g. 'score'") -> None:
+                   "sample, e.g. 'score'") -> tuple[str, ...]:
     """Refuse to differentiate ``output`` ``order`` times through ``inputs`` along a non-smooth operation.
 
     A pathwise term E[∇ⁿc(z)] equals ∇ⁿE[c(z)] only when c's derivatives of order < n are continuous in
@@ -281,12 +281,20 @@ def require_smooth(output: torch.Tensor, inputs: Sequence[torch.Tensor], order: 
         through: the inputs, e.g. ``"the relaxed sample σ_λ(z)"``.
         instead: the alternative estimator to suggest.
 
+    Returns:
+        At order 1, the kinks found on that path (operation names, sorted; ``()`` if none): not refused at
+        order 1, but an order-1 surrogate differentiated twice through ``output`` would lose their delta,
+        so where there are some, hook ``output`` with :func:`storch.extending.refuse_create_graph` at every
+        step (record them with the order-1 check's cache). The same walk finds them: nothing more is walked.
+        ``()`` at other orders (at order >= 2 a kink is refused).
+
     Raises:
         OrderError: naming ``who``, ``what``, the operations found and what to do.
     """
-    found = _nonsmooth_on_path(output, inputs, order)
+    walked = _nonsmooth_on_path(output, inputs, 2 if order == 1 else order)
+    found = {k: v for k, v in walked.items() if v < order} if order == 1 else walked
     if not found:
-        return
+        return tuple(sorted(walked)) if order == 1 else ()
     ops = ", ".join(f"{name} (its derivative of order {k} is discontinuous)" for name, k in sorted(found.items()))
     lowest = min(found.values())
     lower = (f"differentiate at most {lowest} time(s) (storch.surrogate_loss(order={lowest})), " if lowest >= 1

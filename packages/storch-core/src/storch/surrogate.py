@@ -278,9 +278,12 @@ def _low_order_message(node: Node) -> Callable[[], str]:
 def _guard_low_order(graph: Graph) -> None:
     """At order 1: hook the tensors through which an order-1 node's gradient flows into the surrogate (its
     gradient function, weights and handed samples that carry gradient; control variates are hooked where
-    the surrogate adds them) so that differentiating the surrogate again is refused."""
+    the surrogate adds them) so that differentiating the surrogate again is refused. Likewise a score-function
+    node whose log p has a kink in its parameters (see :func:`_guard_log_prob_kink`)."""
     for node in graph.nodes:
         if not _low_order(node):
+            if _is_score_function(node.estimator):
+                _guard_log_prob_kink(node)
             continue
         message = _low_order_message(node)
         if node.step_log is not None:
@@ -292,6 +295,41 @@ def _guard_low_order(graph: Graph) -> None:
             _refuse_twice(node._weight_values, message)
         for raw, _ in node.handed:
             _refuse_twice(raw, message)
+
+
+def _guard_log_prob_kink(node: Node) -> None:
+    """At order 1, a score-function node (score, importance, LAX) whose log p has a kink in its learned
+    parameters (Laplace's |x - loc|): ``surrogate_loss(order=2)`` refuses it (:func:`_check_log_prob_smooth`),
+    and the order-1 surrogate differentiated twice loses the same delta (a Hessian of 4.3 for an exact 2 at
+    Laplace(loc, 1)), so its log p (each step's, of a partition) is hooked with the refusal. The analysis is
+    log_prob_kinks' cache (per distribution type and learned parameters: a lookup at steady state, the walk
+    once), asked at order 2: a kink of log p itself (its derivative of order 1 jumps)."""
+    log = node.step_log
+    lp = log[0][1] if log is not None else node.gradient_values
+    if not isinstance(lp, torch.Tensor) or not lp.requires_grad:
+        return
+    d = node.distribution
+    params, found = log_prob_kinks(d, lp, 2)
+    if not found:
+        return
+    est, plate = node.estimator, node.plate.name
+    name = type(node.original if node.original is not None else d).__name__
+    rsample = d.has_rsample
+
+    def message() -> str:
+        ops = ", ".join(sorted(found))
+        instead = (f"'reparameterization' for this node ({name} has rsample; it differentiates the sample, not "
+                   "log p)" if rsample else "an estimator whose gradient function is not log p for this node")
+        return (f"estimator {est.name!r} on plate {plate!r}: its gradient function is the score log p(x) of {name}, "
+                f"which has a kink in {', '.join(params)} ({ops}, e.g. the |x - loc| of a Laplace: its derivative "
+                f"jumps), so the derivatives of order >= 2 of its term are biased (autograd reports 0 for the delta "
+                f"in the second derivative; surrogate_loss(order=2) refuses it too); {_AGAIN}. A distribution whose "
+                f"log p is smooth in its parameters, or {instead}, is unbiased at every order")
+    if log is not None:
+        for _, l in log:
+            _refuse_twice(l, message)
+    else:
+        _refuse_twice(lp, message)
 
 
 def _guard_control_variate(a, node: Node, order: int) -> None:
@@ -595,8 +633,10 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     with ``create_graph=True``, ``torch.autograd.functional.hessian`` / ``hvp``) it gives unbiased
     higher derivatives for the estimators whose ``max_order`` allows them (score, expect, importance,
     RELAX, ...). Where a node is unbiased only at order 1 (ARM, DisARM, GO, MVD, SPSA, the unordered
-    set with its baseline) or a pathwise node's cost has a kink on the path from its sample (ReLU,
-    abs, max), the backward pass with ``create_graph=True`` through its term raises ``OrderError``
+    set with its baseline), a pathwise node's cost has a kink on the path from its sample (ReLU,
+    abs, max; REBAR's, RELAX's and LAX's control variates likewise, their cost at the relaxed sample and
+    their network), or a score-function node's log p has a kink in its learned parameters (Laplace's
+    |x - loc|), the backward pass with ``create_graph=True`` through its term raises ``OrderError``
     (torch.func: two nested differentiating transforms raise it when the surrogate is built).
 
     Raises:

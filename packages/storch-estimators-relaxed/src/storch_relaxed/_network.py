@@ -9,10 +9,11 @@ import torch
 
 import storch.distributed
 from storch import StorchError, magic_box
-from storch.extending import drawing_with, is_tracing, learned_dtype, require_smooth
+from storch.extending import drawing_with, is_tracing, learned_dtype, refuse_create_graph, require_smooth
 
 __all__ = ["ControlVariateNet", "param_clones", "flat", "evaluate_network", "tilde_term", "smooth_network",
-           "smooth_who", "cost_what", "smoothness_due", "smoothness_checked", "SMOOTH_INSTEAD"]
+           "smooth_who", "cost_what", "smoothness_due", "smoothness_checked", "order_1_kinks",
+           "refuse_twice_on_kinks", "SMOOTH_INSTEAD"]
 
 # what require_smooth suggests instead of LAX, RELAX and REBAR at an order their cost / network cannot have
 SMOOTH_INSTEAD = ("a score-family estimator ('score' with baseline='leave_one_out', 'sum_and_sample', "
@@ -152,17 +153,59 @@ def smoothness_due(est, node, cost) -> bool:
     return cost.order == 1 and (node.plate.name, cost.name) not in est._smooth_at_order_1
 
 
-def smoothness_checked(est, node, cost) -> None:
+def smoothness_checked(est, node, cost, kinks: dict) -> None:
     """The order-1 check of :func:`smoothness_due` passed for this plate and cost name: not walked again
-    (called after the checks: a refused cost is checked again at the next step)."""
+    (called after the checks: a refused cost is checked again at the next step). ``kinks``: what the
+    check's walks found that order 1 does not refuse, per walked output ("cost", "network": the names
+    require_smooth returned), hooked at every order-1 step (:func:`refuse_twice_on_kinks`)."""
     if cost.order == 1:
-        est._smooth_at_order_1.add((node.plate.name, cost.name))
+        est._smooth_at_order_1[(node.plate.name, cost.name)] = {k: v for k, v in kinks.items() if v}
 
 
-def smooth_network(est, node, order: int, *pairs: torch.Tensor) -> None:
+def order_1_kinks(est, node, cost) -> dict:
+    """At order 1, the kinks recorded for this plate and cost name ({} if none, or not yet checked): a
+    dictionary lookup per step."""
+    if cost.order != 1:
+        return {}
+    return est._smooth_at_order_1.get((node.plate.name, cost.name)) or {}
+
+
+def refuse_twice_on_kinks(est, node, what: str, through: str, kinks: tuple, *outputs: torch.Tensor) -> None:
+    """The order-1 surrogate is unbiased here, but differentiated twice (a backward pass with
+    ``create_graph=True``, then again) its pathwise term through ``outputs`` loses the delta of a kink on
+    the path from the continuous sample (REBAR / RELAX with a ReLU cost gave Hessians at z -65 / -47, LAX
+    with a ReLU network= at z 5 to 9): hook them with the refusal (storch.extending.refuse_create_graph),
+    as the core hooks a reparameterised node's cost. ``surrogate_loss(order=2)`` refuses the same kinks
+    when it is built (require_smooth)."""
+    who = smooth_who(est, node)
+
+    def message() -> str:
+        return (f"{who}: {what} has a kink on the path from {through} ({', '.join(kinks)}: its derivative jumps), "
+                "so the pathwise derivatives of order >= 2 of this estimator's control variate are biased "
+                "(autograd reports 0 for the delta in the second derivative; storch.surrogate_loss(order=2) "
+                "refuses it too). Differentiating the order-1 surrogate (storch.surrogate_loss(), storch.backward()) "
+                "again, after a backward pass with create_graph=True (torch.autograd.grad(..., create_graph=True), "
+                "torch.autograd.functional.hessian / hvp, loss.backward(create_graph=True)), would give a silently "
+                "biased higher derivative. Use smooth operations on that path (softplus, GELU, SiLU or tanh instead "
+                "of ReLU; logsumexp instead of max) for derivatives of order n (storch.surrogate_loss(order=n)), or "
+                f"{SMOOTH_INSTEAD}; if create_graph=True was incidental (only the first derivative is used), pass "
+                "create_graph=False or detach the first derivative")
+    for out in outputs:
+        refuse_create_graph(out, message)
+
+
+def smooth_network(est, node, order: int, *pairs: torch.Tensor) -> tuple:
     """c_φ's pathwise term E[∇ⁿc_φ(z)] = ∇ⁿE[c_φ(z)] needs the network's derivatives of order < n continuous
     in z (from order 2 a ReLU network's are not; at order 1 a jump, round or sign, breaks it); ``pairs`` =
-    output, input, output, input... (r(z), z, r(z̃), z̃). Called when :func:`smoothness_due`."""
+    output, input, output, input... (r(z), z, r(z̃), z̃). Called when :func:`smoothness_due`. Returns the
+    kinks found at order 1 (require_smooth's), sorted."""
+    kinks: set = set()
     for out, z in zip(pairs[::2], pairs[1::2]):
-        require_smooth(out, [z], order, who=smooth_who(est, node), what="the control-variate network's output",
-                       through="the continuous sample z it is evaluated on", instead=SMOOTH_INSTEAD)
+        kinks.update(require_smooth(out, [z], order, who=smooth_who(est, node), what=NETWORK_WHAT,
+                                    through=NETWORK_THROUGH, instead=SMOOTH_INSTEAD))
+    return tuple(sorted(kinks))
+
+
+NETWORK_WHAT = "the control-variate network's output"
+NETWORK_THROUGH = "the continuous sample z it is evaluated on"
+RELAXED_THROUGH = "the relaxed sample σ_λ(z), σ_λ(z̃)"

@@ -20,7 +20,8 @@ from storch.extending import base_distribution, options, require_smooth
 
 from ._blocks import block, blocks_weights, pad_blocks
 from ._network import (
-    SMOOTH_INSTEAD, cost_what, smooth_network, smooth_who, smoothness_checked, smoothness_due, tilde_term,
+    NETWORK_THROUGH, NETWORK_WHAT, RELAXED_THROUGH, SMOOTH_INSTEAD, cost_what, order_1_kinks, refuse_twice_on_kinks,
+    smooth_network, smooth_who, smoothness_checked, smoothness_due, tilde_term,
 )
 from ._noise import discrete_with_relaxation
 from ._params import param_tensors
@@ -91,22 +92,29 @@ class RelaxedCost(VarianceTrained):
         # the cost at σ_λ(z) (and the network at z) with derivatives of order < n continuous there: a jump
         # matters from order 1 on, a kink from order 2 on (checked at order 1 once per plate and cost name)
         check = smoothness_due(self, node, cost)
+        # at order 1 a kink is not refused, but the order-1 surrogate differentiated twice through it is biased:
+        # the outputs where the (once per plate and cost name) check found one are hooked at every step
+        found = {} if check else order_1_kinks(self, node, cost)
         if self.relaxed_cost:
             live = cost.live()  # with its graph: c must be differentiable in θ, λ, η
             if check:
-                require_smooth(live, s.relaxed, cost.order, who=smooth_who(self, node), what=cost_what(cost),
-                               through="the relaxed sample σ_λ(z), σ_λ(z̃)", instead=SMOOTH_INSTEAD)
+                found["cost"] = require_smooth(live, s.relaxed, cost.order, who=smooth_who(self, node),
+                                               what=cost_what(cost), through=RELAXED_THROUGH, instead=SMOOTH_INSTEAD)
+            if found.get("cost"):
+                refuse_twice_on_kinks(self, node, cost_what(cost), RELAXED_THROUGH, found["cost"], live)
             eta = self.eta.clone().to(live)  # live's dtype and device  # clone: see _network.param_clones
             c_z, c_zt = eta * block(live, cost, n, 1), eta * block(live, cost, n, 2)  # η f(σ_λ(·))
         r_z, r_zt = self.residual(node, s.z), self.residual(node, s.z_tilde)
         if r_z is not None:
             if check:
-                smooth_network(self, node, cost.order, r_z, s.z, r_zt, s.z_tilde)
+                found["network"] = smooth_network(self, node, cost.order, r_z, s.z, r_zt, s.z_tilde)
+            if found.get("network"):
+                refuse_twice_on_kinks(self, node, NETWORK_WHAT, NETWORK_THROUGH, found["network"], r_z, r_zt)
             r_z, r_zt = cost.align(r_z), cost.align(r_zt)
             c_z = r_z if c_z is None else c_z + r_z
             c_zt = r_zt if c_zt is None else c_zt + r_zt
         if check:
-            smoothness_checked(self, node, cost)
+            smoothness_checked(self, node, cost, found)
         if c_z is None:
             return None
         # Grathwohl et al. 2018, Eq. 6 in Storchastic's form (appendix D.2.4, see tilde_term):

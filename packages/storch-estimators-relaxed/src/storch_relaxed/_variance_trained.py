@@ -69,8 +69,10 @@ class VarianceTrained(Estimator):
         self.update_steps = 0
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._loaded: Optional[dict] = None
-        # (plate name, cost name) whose control variate passed the order-1 check for jumps (_network.smoothness_due)
-        self._smooth_at_order_1: set = set()
+        # (plate name, cost name) whose control variate passed the order-1 check for jumps -> the kinks that
+        # check found per walked output ({"cost" / "network": operation names}, empty if none): their outputs
+        # are hooked at every order-1 step (_network.smoothness_due, refuse_twice_on_kinks)
+        self._smooth_at_order_1: dict = {}
         # state_dict: the optimizer is rebuilt after the (possibly lazily built) network has loaded
         self.register_load_state_dict_post_hook(VarianceTrained._restore_training)
 

@@ -9,7 +9,10 @@ import torch
 from storch import CostFrame, Node, magic_box
 from storch.extending import rekey_transform_cache
 
-from ._network import evaluate_network, smooth_network, smoothness_checked, smoothness_due
+from ._network import (
+    NETWORK_THROUGH, NETWORK_WHAT, evaluate_network, order_1_kinks, refuse_twice_on_kinks, smooth_network,
+    smoothness_checked, smoothness_due,
+)
 from ._params import param_tensors
 from ._variance_trained import VarianceTrained
 
@@ -34,7 +37,9 @@ class Lax(VarianceTrained):
     max_order: ∞ for a network c_φ n times differentiable in x (appendix D.2.4). A kink in c_φ (a
     ReLU network) breaks E[∇ⁿc_φ(x)] = ∇ⁿE[c_φ(x)] from order 2 on: ``storch.surrogate_loss(order >= 2)``
     then raises ``storch.OrderError`` (``storch.extending.require_smooth``); a jump in c_φ (round, sign)
-    from order 1 on: refused at order 1 too, checked at the first step of each plate and cost name.
+    from order 1 on: refused at order 1 too, checked at the first step of each plate and cost name. That
+    check records a kink too: the order-1 surrogate differentiated twice through the network's output
+    (``create_graph=True``, ``torch.autograd.functional.hessian``) raises ``storch.OrderError``.
 
     φ is trained to minimise the variance of ĝ = ∂loss/∂(distribution parameters) by
     ``storch.backward()`` (Adam, ``lr``, one step in ``update_parameters``). The
@@ -82,9 +87,15 @@ class Lax(VarianceTrained):
         # c_φ's derivatives of order < n continuous in x: from order 2 a ReLU network's are not; at order 1
         # a jump (round, sign) breaks it, checked once per plate and cost name (the core's order-1 check of
         # a requires_rsample node walks the cost from ⊥x, which the network is not on)
+        # (a kink, not refused at order 1, is recorded by that check: the network's output is then hooked at
+        # every order-1 step, so that the order-1 surrogate differentiated twice through it is refused)
         if smoothness_due(self, node, cost):
-            smooth_network(self, node, cost.order, c, node.state.z)
-            smoothness_checked(self, node, cost)
+            found = {"network": smooth_network(self, node, cost.order, c, node.state.z)}
+            smoothness_checked(self, node, cost, found)
+        else:
+            found = order_1_kinks(self, node, cost)
+        if found.get("network"):
+            refuse_twice_on_kinks(self, node, NETWORK_WHAT, NETWORK_THROUGH, found["network"], c)
         # appendix D.2.4: a = c_φ(x) - MagicBox(l) ⊥c_φ(x); ⊥ makes the score term's value c_φ
         a = c - magic_box(node.gradient_values) * c.detach()
         return cost.align(a)

@@ -39,8 +39,10 @@ class Rebar(RelaxedCost):
     order 2 on (autograd reports 0 for its delta): ``storch.surrogate_loss(order >= 2)`` then raises
     ``storch.OrderError`` (``storch.extending.require_smooth``). A jump there (round, sign, floor) breaks it
     from order 1 on (η ∇f(σ_λ(z)) misses its delta; f(b) itself may be fine): refused at order 1 too,
-    checked at the first step of each plate and cost name. Use a smooth activation (softplus, GELU,
-    SiLU, tanh), order 1 (for a kink), or a score-family estimator.
+    checked at the first step of each plate and cost name. That check records a kink too: the order-1
+    surrogate differentiated twice through it (``create_graph=True``, ``torch.autograd.functional.hessian``)
+    raises ``storch.OrderError`` as order 2 does. Use a smooth activation (softplus, GELU, SiLU, tanh),
+    order 1 (for a kink), or a score-family estimator.
 
     λ (as log λ) and η are trained by ``storch.backward()`` to minimise the variance of
     ∂loss/∂(distribution parameters) (Adam, ``lr``, one step in ``update_parameters``);
