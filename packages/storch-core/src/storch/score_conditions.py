@@ -241,7 +241,7 @@ def _grad_tensors(obj, prefix: str, depth: int) -> list[tuple[str, torch.Tensor]
                 out.append((prefix + k, v))
         elif isinstance(v, (Distribution, Transform)):
             out += _grad_tensors(v, f"{prefix}{k}.", depth + 1)
-        elif isinstance(v, (list, tuple)):
+        elif type(v) is list or type(v) is tuple:  # (transforms; not a torch.Size, whose entries are ints)
             for i, w in enumerate(v):
                 if isinstance(w, (Distribution, Transform)):
                     out += _grad_tensors(w, f"{prefix}{k}[{i}].", depth + 1)
