@@ -145,12 +145,30 @@ def test_the_kink_walk_runs_once_per_distribution_type_and_learned_parameters(mo
     real = score_conditions._nonsmooth_on_path
     monkeypatch.setattr(score_conditions, "_nonsmooth_on_path", lambda *a, **k: walks.append(1) or real(*a, **k))
     monkeypatch.setattr(score_conditions, "_KINKS", {})
-    est = ScoreFunction(plate="x", n_samples=2)
-    for order in (1, 2, 1, 2, 1):  # order 1 asks it too (its create_graph=True pass is refused on a kink)
+    saved = set(score_conditions.KINK_FREE)  # (the surrogate holds this set object: cleared, then restored)
+    score_conditions.KINK_FREE.clear()
+    try:
+        est = ScoreFunction(plate="x", n_samples=2)
+        for order in (1, 2, 1, 2, 1):  # order 1 asks it too (its create_graph=True pass is refused on a kink)
+            with storch.Graph():
+                storch.add_cost(est(Normal(_h(), _h())) ** 2)
+                storch.surrogate_loss(order=order)
+        assert len(walks) == 1
+        # the fast path: every tensor of that Normal required grad and its log p has no kink, so the type
+        # is kink-free for any learned subset, and later steps skip building the cache key
+        assert Normal in score_conditions.KINK_FREE
         with storch.Graph():
-            storch.add_cost(est(Normal(_h(), _h())) ** 2)
-            storch.surrogate_loss(order=order)
-    assert len(walks) == 1
+            storch.add_cost(est(Normal(_h(), torch.tensor(1.0))) ** 2)
+            storch.surrogate_loss(order=2)
+        assert len(walks) == 1
+        with storch.Graph():  # a Laplace with loc learned has a kink: never kink-free
+            storch.add_cost(est(Laplace(_h(), _h())) ** 2)
+            with pytest.raises(storch.OrderError):
+                storch.surrogate_loss(order=2)
+        assert Laplace not in score_conditions.KINK_FREE
+    finally:
+        score_conditions.KINK_FREE.clear()
+        score_conditions.KINK_FREE.update(saved)
 
 
 def test_order_1_surrogate_differentiated_twice_is_refused_on_a_kink_of_log_p():

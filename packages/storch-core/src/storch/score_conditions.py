@@ -207,6 +207,10 @@ _SMOOTH_LOG_PROB: dict[type, str] = {
               "cancel",
 }
 _KINKS: dict = {}  # (distribution type, names of its tensors that require grad) -> {operation: k}
+# distribution types whose log p was walked with every tensor they hold requiring grad and has no kink:
+# none with fewer learned tensors can have one (the paths from a subset of the inputs are a subset), so
+# later calls skip even building the key (the common step: Bernoulli / Categorical logits)
+KINK_FREE: set = set()
 _ALL_ORDERS = 1 << 30
 
 
@@ -219,6 +223,8 @@ def log_prob_kinks(d: Distribution, log_prob: torch.Tensor, order: int) -> tuple
     Decided once per distribution type and set of parameters that require grad (the first log p of that
     kind is walked; later calls are a lookup), as the cost-path check is once per estimator and cost name.
     """
+    if type(d) in KINK_FREE:
+        return [], {}
     named = _grad_tensors(d, "", 0)
     if not named or type(d) in _SMOOTH_LOG_PROB or log_prob.grad_fn is None:
         return [n for n, _ in named], {}
@@ -226,23 +232,25 @@ def log_prob_kinks(d: Distribution, log_prob: torch.Tensor, order: int) -> tuple
     found = _KINKS.get(key)
     if found is None:
         found = _KINKS[key] = _nonsmooth_on_path(log_prob, [t for _, t in named], _ALL_ORDERS, log_of_abs=True)
+        if not found and len(named) == len(_grad_tensors(d, "", 0, every=True)):
+            KINK_FREE.add(type(d))
     return [n for n, _ in named], {k: v for k, v in found.items() if v < order}
 
 
-def _grad_tensors(obj, prefix: str, depth: int) -> list[tuple[str, torch.Tensor]]:
+def _grad_tensors(obj, prefix: str, depth: int, every: bool = False) -> list[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of the tensors that require grad held by a distribution (its base distributions'
-    and transforms' too)."""
+    and transforms' too); ``every``: of all the tensors it holds."""
     out: list[tuple[str, torch.Tensor]] = []
     if depth > 4:
         return out
     for k, v in vars(obj).items():
         if isinstance(v, torch.Tensor):
-            if v.requires_grad:
+            if every or v.requires_grad:
                 out.append((prefix + k, v))
         elif isinstance(v, (Distribution, Transform)):
-            out += _grad_tensors(v, f"{prefix}{k}.", depth + 1)
+            out += _grad_tensors(v, f"{prefix}{k}.", depth + 1, every)
         elif type(v) is list or type(v) is tuple:  # (transforms; not a torch.Size, whose entries are ints)
             for i, w in enumerate(v):
                 if isinstance(w, (Distribution, Transform)):
-                    out += _grad_tensors(w, f"{prefix}{k}[{i}].", depth + 1)
+                    out += _grad_tensors(w, f"{prefix}{k}[{i}].", depth + 1, every)
     return out

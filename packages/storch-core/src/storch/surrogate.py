@@ -34,7 +34,7 @@ from .node import Node
 from .plates.tensor import Plate, align, plates_of, raw_of
 from ._order_guard import differentiating_transforms, refuse_create_graph
 from . import smoothness
-from .score_conditions import log_prob_kinks
+from .score_conditions import KINK_FREE, log_prob_kinks
 from .smoothness import _reaches, require_smooth
 
 __all__ = ["surrogate_loss", "backward", "cost_nodes", "cost_estimates"]
@@ -282,7 +282,7 @@ def _guard_low_order(graph: Graph) -> None:
     node whose log p has a kink in its parameters (see :func:`_guard_log_prob_kink`)."""
     for node in graph.nodes:
         if not _low_order(node):
-            if _is_score_function(node.estimator):
+            if type(node.distribution) not in KINK_FREE and _is_score_function(node.estimator):
                 _guard_log_prob_kink(node)
             continue
         message = _low_order_message(node)
