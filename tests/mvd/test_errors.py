@@ -140,7 +140,9 @@ def test_spsa_refuses_tensors_it_cannot_perturb_and_the_listing_agrees():
             storch.estimator("spsa", plate="x")(d)
     with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError) as info:
         storch.estimator("mvd", plate="x")(refused[0])
-    assert "spsa" not in str(info.value) and "score" in str(info.value)
+    # the listing names the installed estimators that do support it (this folder's environment may have only
+    # the core and this family: reparameterization is the core's)
+    assert "spsa" not in str(info.value) and "reparameterization" in str(info.value)
     for d in accepted:
         assert "spsa" in supporting_estimators(d)
         with storch.Graph():
