@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.distributions import (
     AffineTransform,
+    Bernoulli,
     Categorical,
     Exponential,
     ExpTransform,
@@ -202,3 +203,27 @@ def test_a_bound_expanded_to_the_batch_shape_is_the_same_set():
     d = TransformedDistribution(Uniform(0.0, 1.0), [SigmoidTransform().inv, AffineTransform(loc, torch.tensor([0.5]))])
     assert moving_support(d) == []
     assert ScoreFunction.supports(d)
+
+
+def test_the_per_step_checks_take_their_fast_paths(monkeypatch):
+    """The checks this module adds run at every estimator call and surrogate; after the first step of a
+    score node on a type whose class fixes its support, they are attribute reads: the moving-support check
+    is not asked again (the type is remembered on the estimator), the cut check knows the estimator never
+    hands out samples with gradient, and the log-p kink guard knows the type is kink-free."""
+    from storch.estimators import base
+
+    asked = []
+    real = base.moving_support
+    monkeypatch.setattr(base, "moving_support", lambda d: asked.append(type(d)) or real(d))
+    est = ScoreFunction(plate="x", n_samples=2)
+    theta = _h()
+    for _ in range(3):
+        with storch.Graph():
+            storch.add_cost(est(Bernoulli(logits=theta)) ** 2)
+            storch.surrogate_loss()
+    assert asked == [Bernoulli]
+    assert Bernoulli in est.__dict__["_storch_fixed_support_ok"]
+    assert est.__dict__["_storch_reach_checked"] is None
+    assert Bernoulli in score_conditions.KINK_FREE
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="support"):
+        est(Uniform(torch.zeros(()), _h()))  # another type is still checked

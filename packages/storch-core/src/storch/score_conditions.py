@@ -63,6 +63,12 @@ def _support_kind(cls: type) -> int:
     return k
 
 
+def support_is_fixed(cls: type) -> bool:
+    """Whether the class ``cls`` declares a support that no parameter can move (a constant constraint, or a
+    discrete one): :func:`moving_support` is ``[]`` for every instance."""
+    return _support_kind(cls) == _FIXED
+
+
 def moving_support(d: Distribution) -> list[str]:
     """The parameters of ``d`` that require grad and move its (continuous) support, by name.
 

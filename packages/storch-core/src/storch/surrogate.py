@@ -281,8 +281,9 @@ def _guard_low_order(graph: Graph) -> None:
     the surrogate adds them) so that differentiating the surrogate again is refused. Likewise a score-function
     node whose log p has a kink in its parameters (see :func:`_guard_log_prob_kink`)."""
     for node in graph.nodes:
-        if not _low_order(node):
-            if type(node.distribution) not in KINK_FREE and _is_score_function(node.estimator):
+        est = node.estimator
+        if est.max_order >= 2 and node.max_order >= 2:  # (_low_order, inline: every node of every step)
+            if type(node.distribution) not in KINK_FREE and _is_score_function(est):
                 _guard_log_prob_kink(node)
             continue
         message = _low_order_message(node)
@@ -338,7 +339,9 @@ def _guard_control_variate(a, node: Node, order: int) -> None:
 
 
 # estimator -> the cost names checked by _check_reaches (None: it hands out samples without gradient by design)
-_REACH_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# kept in the estimator's __dict__ under this key (a plain dict read per node and cost: the common step's
+# score nodes are marked never pathwise after their first surrogate)
+_REACH_KEY = "_storch_reach_checked"
 
 
 def _check_reaches(name: str, cost: torch.Tensor, nodes: list[Node], order: int) -> None:
@@ -357,7 +360,7 @@ def _check_reaches(name: str, cost: torch.Tensor, nodes: list[Node], order: int)
         if node.no_grad_cut and torch.is_grad_enabled():
             continue  # sampled under no_grad: its own refusal says so (_check_sampled_with_grad)
         est = node.estimator
-        seen = _REACH_CHECKED.get(est, ())
+        seen = est.__dict__.get(_REACH_KEY, ())
         if seen is None or (name in seen and _raw_requires_grad(cost)):
             # checked for this name at an earlier step; a cost without any graph now (cut after a warm-up
             # that computed it softly: sigmoid(z / t), then (z > 0)) is looked at again, one attribute read
@@ -365,12 +368,12 @@ def _check_reaches(name: str, cost: torch.Tensor, nodes: list[Node], order: int)
         handed = [raw for raw, _ in node.handed if raw.requires_grad]
         if not handed:
             if node.handed and (any(l.requires_grad for l in _gradient_terms(node)) or _weights_carry(node)):
-                _REACH_CHECKED[est] = None  # its parameters have gradient, its samples not: never pathwise
+                est.__dict__[_REACH_KEY] = None  # its parameters have gradient, its samples not: never pathwise
             continue  # (parameters without gradient now, e.g. frozen: checked when they have one)
         if not _reaches([raw_of(cost)], handed) and not _explained(node, nodes, handed):
             raise OrderError(_cut_message(node, name))
         if not seen:
-            seen = _REACH_CHECKED[est] = set()
+            seen = est.__dict__[_REACH_KEY] = set()
         seen.add(name)
 
 

@@ -59,7 +59,7 @@ from .. import options
 from ..graph import current_graph, is_tracing
 from ..node import Node
 from ..plates.tensor import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
-from ..score_conditions import moving_support
+from ..score_conditions import moving_support, support_is_fixed
 from .catalog import EstimatorInfo, available, supporting_estimators
 
 __all__ = ["Estimator", "CostFrame", "magic_box"]
@@ -479,6 +479,9 @@ class Estimator(torch.nn.Module):
 
     def check_distribution(self, d: Distribution) -> None:
         """Raise :class:`UnsupportedDistributionError` if this estimator cannot handle ``d``."""
+        fixed = self.__dict__.get("_storch_fixed_support_ok")
+        if fixed is not None and type(d) in fixed:
+            return  # accepted before: a type whose class fixes its support (no moving support possible)
         plain = (self.distributions is None and not self.requires_rsample and not self.requires_enumerate_support
                  and _base_supports(type(self)))
         score = _is_score_function(self)
@@ -490,6 +493,10 @@ class Estimator(torch.nn.Module):
             raise UnsupportedDistributionError(self._unsupported_message(d))
         if moved:
             raise UnsupportedDistributionError(self._moving_support_message(d, moved))
+        if plain and support_is_fixed(type(d)):  # the same answer for every instance of the type
+            if fixed is None:
+                fixed = self.__dict__["_storch_fixed_support_ok"] = set()
+            fixed.add(type(d))
 
     def _moving_support_message(self, d: Distribution, moved: Any) -> str:
         name = type(d).__name__
