@@ -281,9 +281,8 @@ def _guard_low_order(graph: Graph) -> None:
     the surrogate adds them) so that differentiating the surrogate again is refused. Likewise a score-function
     node whose log p has a kink in its parameters (see :func:`_guard_log_prob_kink`)."""
     for node in graph.nodes:
-        est = node.estimator
-        if est.max_order >= 2 and node.max_order >= 2:  # (_low_order, inline: every node of every step)
-            if type(node.distribution) not in KINK_FREE and _is_score_function(est):
+        if not _low_order(node):
+            if type(node.distribution) not in KINK_FREE and _is_score_function(node.estimator):
                 _guard_log_prob_kink(node)
             continue
         message = _low_order_message(node)
@@ -361,7 +360,7 @@ def _check_reaches(name: str, cost: torch.Tensor, nodes: list[Node], order: int)
             continue  # sampled under no_grad: its own refusal says so (_check_sampled_with_grad)
         est = node.estimator
         seen = est.__dict__.get(_REACH_KEY, ())
-        if seen is None or (name in seen and _raw_requires_grad(cost)):
+        if seen is None or (name in seen and raw_of(cost).requires_grad):
             # checked for this name at an earlier step; a cost without any graph now (cut after a warm-up
             # that computed it softly: sigmoid(z / t), then (z > 0)) is looked at again, one attribute read
             continue
@@ -375,11 +374,6 @@ def _check_reaches(name: str, cost: torch.Tensor, nodes: list[Node], order: int)
         if not seen:
             seen = est.__dict__[_REACH_KEY] = set()
         seen.add(name)
-
-
-def _raw_requires_grad(cost) -> bool:
-    raw = raw_of(cost)
-    return raw.requires_grad
 
 
 def _weights_carry(node: Node) -> bool:
