@@ -18,6 +18,7 @@ from torch.distributions import (
     PowerTransform,
     TransformedDistribution,
     Uniform,
+    constraints,
 )
 
 import storch
@@ -227,3 +228,19 @@ def test_the_per_step_checks_take_their_fast_paths(monkeypatch):
     assert Bernoulli in score_conditions.KINK_FREE
     with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="support"):
         est(Uniform(torch.zeros(()), _h()))  # another type is still checked
+
+
+def test_same_support_is_public_and_conservative():
+    """storch.extending.same_support: the one test of "two supports are the same set" that the families
+    (importance, spsa) and the moving-support check share; unsure means False."""
+    from storch.extending import same_support
+
+    assert same_support(Uniform(0.0, 1.0), Uniform(torch.zeros(3), 1.0))  # a bound expanded to a batch
+    assert same_support(constraints.independent(constraints.real, 1), constraints.real)
+    assert not same_support(Uniform(0.0, 1.0), Uniform(0.0, 2.0))
+    assert not same_support(constraints.positive, constraints.real)
+    high = torch.tensor(1.0, requires_grad=True)
+    assert not same_support(Uniform(0.0, high), Uniform(0.0, high))  # a learned bound moves: unsure
+    assert not same_support(Uniform(torch.zeros(2), 1.0), Uniform(torch.zeros(3), 1.0))  # no broadcast
+    assert same_support(torch.distributions.Binomial(4, probs=torch.tensor(0.3)),
+                        torch.distributions.Binomial(4, probs=torch.tensor(0.6)))

@@ -35,6 +35,9 @@ Distributions:
     :func:`moving_support` names the parameters that require grad and move a distribution's support
     (``Uniform``'s bounds, ``Pareto``'s scale): a score-function gradient misses the boundary term there,
     so an estimator with ``score_function`` refuses such a distribution.
+    :func:`same_support` says whether two supports are certainly the same set (an importance proposal
+    and p, perturbed copies of p): where they may differ, an estimator must mask or refuse the values
+    one of them cannot produce.
 
 Random numbers:
     :func:`drawing_with` makes the random draws of a block use a generator (the per-graph
@@ -112,7 +115,7 @@ from .generators import drawing_with
 from .graph import current_graph, is_tracing
 from .plates.tensor import align, plates_of, raw_of
 from ._order_guard import estimator_create_graph
-from .score_conditions import moving_support
+from .score_conditions import moving_support, same_support
 from .smoothness import nonsmooth_operations, require_smooth
 from .surrogate import _refuse_twice
 
@@ -120,7 +123,7 @@ __all__ = [
     "align", "plates_of", "raw_of", "base_distribution", "drawing_with", "leave_one_out", "options", "step_guard",
     "match_optimizer_state",
     "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild", "parameters",
-    "rekey_transform_cache", "require_smooth", "nonsmooth_operations", "moving_support", "estimator_create_graph",
+    "rekey_transform_cache", "require_smooth", "nonsmooth_operations", "moving_support", "same_support", "estimator_create_graph",
     "refuse_create_graph",
 ]
 

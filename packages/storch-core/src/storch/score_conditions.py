@@ -36,7 +36,7 @@ from torch.distributions import (
 
 from .smoothness import _nonsmooth_on_path
 
-__all__ = ["moving_support", "log_prob_kinks"]
+__all__ = ["moving_support", "log_prob_kinks", "same_support"]
 
 # what a distribution type's `support` attribute says about every instance (cached per type):
 _FIXED = 0        # a constraint object of the class (Normal's real, Beta's unit interval), or discrete
@@ -133,7 +133,7 @@ def _moving_transformed(d: TransformedDistribution) -> list[str]:
         return [f"base_dist.{n}" for n in moved]
     current: Optional[constraints.Constraint] = d.base_dist.support  # None: a fixed set with no constraint
     for i, t in enumerate(_flat(d.transforms)):
-        if current is not None and _same_set(current, t.domain):
+        if current is not None and same_support(current, t.domain):
             current = t.codomain  # the whole domain maps onto the codomain, whatever the parameters
             continue
         grads = _transform_grads(t, "", 0)
@@ -164,15 +164,52 @@ def _transform_grads(t, prefix: str, depth: int) -> list[str]:
     return out
 
 
-def _same_set(a, b) -> bool:
-    """Whether constraints ``a`` and ``b`` are the same set (reinterpreted dims aside): the same type with
-    the same bounds. Conservative: ``False`` when unsure."""
+def same_support(a, b) -> bool:
+    """Whether ``a`` and ``b`` are certainly the same set: two constraints (a distribution stands for its
+    ``support``) of the same type with the same bounds, reinterpreted (``independent``) dims aside.
+
+    Conservative: ``False`` when unsure (a dependent constraint such as a ``TransformedDistribution``'s,
+    bounds that require grad, bounds that do not broadcast). Bounds expanded to a batch shape are the same
+    set as the scalar bound they repeat. For an estimator that needs two distributions to put mass on the
+    same values (an importance proposal and p, perturbed copies of p); public as
+    ``storch.extending.same_support``.
+
+    Example:
+        >>> same_support(Uniform(0.0, 1.0), Uniform(torch.zeros(3), 1.0))
+        True
+    """
+    if isinstance(a, Distribution):
+        a = a.support
+    if isinstance(b, Distribution):
+        b = b.support
     while isinstance(a, constraints.independent):
         a = a.base_constraint
     while isinstance(b, constraints.independent):
         b = b.base_constraint
     if a is b:
         return True
+    if type(a) is not type(b) or constraints.is_dependent(a) or constraints.is_dependent(b):
+        return False
+    va, vb = vars(a), vars(b)
+    if va.keys() != vb.keys():
+        return False
+    for k, x in va.items():
+        y = vb[k]
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            x, y = torch.as_tensor(x), torch.as_tensor(y)
+            if x.requires_grad or y.requires_grad:
+                return False
+            # bounds expanded to a batch shape (TransformedDistribution expands its base: Uniform(0, 1)'s
+            # low of shape (1,)) are the same set as the scalar bound they repeat
+            try:
+                x, y = torch.broadcast_tensors(x, y.to(x))
+            except RuntimeError:
+                return False
+            if not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
     if type(a) is not type(b) or constraints.is_dependent(a) or constraints.is_dependent(b):
         return False
     va, vb = vars(a), vars(b)

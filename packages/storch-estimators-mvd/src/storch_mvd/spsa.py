@@ -20,7 +20,7 @@ from torch.distributions.utils import lazy_property
 
 import storch
 from storch import Estimator, Node, UnsupportedDistributionError
-from storch.extending import moving_support, options, rebuild
+from storch.extending import moving_support, options, rebuild, same_support
 
 from ._state import PrecomputedState
 
@@ -172,7 +172,7 @@ class Spsa(Estimator):
         (l0, p), (lp_, p_plus), (lm, p_minus) = perturbed(0.0), perturbed(1.0), perturbed(-1.0)
         for i, leaf in enumerate(leaves):
             if split[i][0] and constraints.is_dependent(inspect.getattr_static(type(leaf), "support", None)) and not (
-                    _same_support(l0[i], lp_[i]) and _same_support(l0[i], lm[i])):
+                    same_support(l0[i], lp_[i]) and same_support(l0[i], lm[i])):
                 # appendix D.3 assumes p± have the support of p: the weights p/(p₊ + p₋) must be > 0
                 # wherever p± put mass, or the weight cannot be cancelled by the gradient function. A support
                 # that is a property of the distribution may still not move with the perturbed parameters
@@ -223,25 +223,6 @@ class Spsa(Estimator):
 
     def extra_repr(self) -> str:
         return f"plate={self.plate!r}, n_samples={self.n_samples}, perturbation={self.perturbation}, coupled={self.coupled}"
-
-
-def _same_support(p: Distribution, q: Distribution) -> bool:
-    """Whether the supports of ``p`` and ``q`` (same class) are the same set: the same constraint type
-    with the same bounds (numbers or tensors)."""
-    a, b = p.support, q.support
-    if type(a) is not type(b):
-        return False
-    va, vb = vars(a), vars(b)
-    if va.keys() != vb.keys():
-        return False
-    for k, x in va.items():
-        y = vb[k]
-        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-            if not torch.equal(torch.as_tensor(x), torch.as_tensor(y).to(torch.as_tensor(x))):
-                return False
-        elif x != y:
-            return False
-    return True
 
 
 def _replay_rng(device: torch.device, enabled: bool):

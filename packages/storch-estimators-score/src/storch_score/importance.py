@@ -11,7 +11,7 @@ import torch
 from torch.distributions import Distribution, Independent, Transform, constraints, transform_to
 
 from storch import Estimator, Node, OptionError, StorchError
-from storch.extending import align, assume, base_distribution, is_tracing, parameters, plates_of, raw_of, rebuild, strict_support
+from storch.extending import align, assume, base_distribution, is_tracing, parameters, plates_of, raw_of, rebuild, same_support, strict_support
 
 __all__ = ["Importance", "ImportanceState"]
 
@@ -156,7 +156,8 @@ def _possible_draws(node: Node, x: torch.Tensor, q: Distribution
     p = strict_support(node.distribution)  # probabilities of exactly 0 are impossible values too
     n_event = len(p.event_shape)
     k = len(p.batch_shape) - len(node.parents)  # the node's own batch dims: log p is joint over them
-    same = _same_support(_support(p), _support(q))
+    support = _support(p)
+    same = support is None or same_support(support, _support(q))  # p's support unknown: nothing is masked
     inside = None if same else _inside(p, x)
     if inside is None and not same:
         _check_evaluable(p, q, x)
@@ -284,18 +285,6 @@ def _support(d: Distribution):
         return d.support
     except NotImplementedError:
         return None
-
-
-def _same_support(a, b) -> bool:
-    """Whether constraints ``a`` and ``b`` are certainly the same set (the same object, or the same type
-    with the same plain bounds): then q never draws outside p's support and nothing is masked."""
-    if a is b or a is None:  # unknown: as before (no masking)
-        return True
-    if type(a) is not type(b):
-        return False
-    va, vb = vars(a), vars(b)
-    return va.keys() == vb.keys() and all(
-        not isinstance(v, torch.Tensor) and not isinstance(vb[n], torch.Tensor) and v == vb[n] for n, v in va.items())
 
 
 def _support_point(p: Distribution, x: torch.Tensor) -> torch.Tensor:
