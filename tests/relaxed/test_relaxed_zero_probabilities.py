@@ -173,3 +173,106 @@ def test_masked_logits_give_finite_unbiased_gradients(name, fill):
     (want,) = torch.autograd.grad(_categorical_exact(x0), x0)
     assert torch.isfinite(got).all()
     assert_unbiased(got, want, f"{name}, logits masked with {fill}")
+
+
+# -- GO on categories of probability 0 or nearly 0 ------------------------------------------------
+# GO's summation by parts ran over all K categories in index order: a masked category k was never
+# sampled, yet its term ∇P(k) = ∇P(k - 1) ≠ 0 belonged to the gradient (z up to 245 against
+# enumeration), and the cost saw k as the neighbour of k - 1. A category of probability e^-30 in the
+# middle of the order is exact in expectation only: its term is O(1 / p) with probability p, so every
+# realistic mean missed it (the same z). storch_relaxed.go now orders each row's possible categories
+# (rare ones last) and leaves the impossible ones out.
+
+GO_THETA = torch.tensor([0.3, -0.5, 1.0, 0.2, -1.0], dtype=torch.float64)
+GO_CASES = {"masked -inf": [0.0, -math.inf, 0.0, -math.inf, 0.0], "probs 0": [0.0, 1.0, 0.0, 1.0, 0.0],
+            "near-masked -30": [0.0, -30.0, 0.0, -30.0, 0.0], "extreme": [30.0, -30.0, 0.0, 29.0, -80.0]}
+GO_MASK = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+
+
+def _go_probs(theta: torch.Tensor, case: str) -> torch.Tensor:
+    if case == "probs 0":  # softmax(θ) * mask / Σ: probabilities exactly 0
+        p = torch.softmax(theta, -1) * GO_MASK.to(theta.dtype)
+        return p / p.sum(-1, keepdim=True)
+    return torch.softmax(theta + torch.tensor(GO_CASES[case], dtype=theta.dtype), -1)
+
+
+def _go_estimates(theta, build, cost):
+    """R = 4000 GO estimates of ∇ E[cost(k)]; also the categories the cost saw (neighbours included)."""
+    seen = []
+    with storch.Graph():
+        leaf, x = replicate(theta, 4000)
+        k = build(x)
+        seen.append(k.tensor.detach())
+        storch.add_cost(cost(k))
+        (got,) = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+    return got, seen[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("onehot", [False, True], ids=["categorical", "onehot"])
+@pytest.mark.parametrize("case", list(GO_CASES))
+def test_go_on_impossible_and_rare_categories_is_unbiased(case, onehot, dtype):
+    torch.manual_seed(6)
+    values = torch.arange(5, dtype=dtype)
+    est = storch.estimator("go", plate="z")
+
+    def build(x):
+        probs = _go_probs(x, case)
+        if case != "probs 0":  # the logits as the user writes them (-inf, -30, ...)
+            return est((OneHotCategorical if onehot else Categorical)(logits=x + torch.tensor(GO_CASES[case], dtype=dtype)))
+        return est((OneHotCategorical if onehot else Categorical)(probs=probs))
+
+    def cost(k):
+        v = (k * values).sum(-1) if onehot else k.to(dtype)
+        return (v - 1.3) ** 2
+
+    got, seen = _go_estimates(GO_THETA.to(dtype), build, cost)
+    x0 = GO_THETA.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad((_go_probs(x0, case) * (torch.arange(5.0, dtype=torch.float64) - 1.3) ** 2).sum(), x0)
+    assert torch.isfinite(got).all()
+    # atol: a masked θ_k's derivative is 0 up to rounding (1e-9 in float32: the renormalisation Σ)
+    atol = 1e-6 if dtype == torch.float32 else 1e-9
+    assert_unbiased(got.to(torch.float64), want, f"go {case} {'onehot' if onehot else 'categorical'} {dtype}", atol=atol)
+    # the cost never saw a category of probability 0 (in this dtype), neighbours included
+    cats = seen.argmax(-1) if onehot else seen
+    assert (_go_probs(GO_THETA.to(dtype), case)[cats.unique()] > 0).all(), f"the cost saw {cats.unique().tolist()}"
+
+
+def test_go_on_rows_that_mask_different_categories():
+    """Own batch of 3 rows (independent dimensions, one neighbour each), each masking other categories:
+    the first and last category, a rare one beside a masked one."""
+    torch.manual_seed(7)
+    masks = torch.tensor([[0.0, -math.inf, 0.0, -math.inf, 0.0], [-math.inf, 0.0, 0.0, 0.0, -math.inf],
+                          [0.0, 0.0, -30.0, -math.inf, 0.0]], dtype=torch.float64)
+    theta = torch.tensor([[0.3, -0.5, 1.0, 0.2, -1.0], [0.1, 0.4, -0.6, 0.9, 0.0], [-0.2, 0.5, 0.3, 0.0, 0.8]],
+                         dtype=torch.float64)
+    c = torch.tensor([1.3, 2.2, 0.7], dtype=torch.float64)
+    est = storch.estimator("go", plate="z")
+
+    def build(x):
+        k = est(Categorical(logits=x + masks))
+        assert k.shape == (3,)
+        return k
+
+    got, seen = _go_estimates(theta, build, lambda k: ((k.to(torch.float64) - c) ** 2).sum(-1))
+    x0 = theta.clone().requires_grad_(True)
+    exact = (torch.softmax(x0 + masks, -1) * (torch.arange(5.0, dtype=torch.float64)[:, None] - c).T ** 2).sum()
+    (want,) = torch.autograd.grad(exact, x0)
+    assert_unbiased(got, want.reshape(-1), "go rows with different masks")
+    possible = torch.isfinite(masks)
+    for row in range(3):
+        assert possible[row, seen[..., row].unique()].all(), f"row {row}: the cost saw {seen[..., row].unique().tolist()}"
+
+
+def test_go_neighbours_follow_the_order_of_the_possible_categories():
+    """Index order over the categories of probability >= 1e-3, then the rarer possible ones by
+    decreasing probability; a masked category is nobody's neighbour (the last possible one keeps x)."""
+    torch.manual_seed(8)
+    n = 300
+    with storch.Graph():
+        k = storch.estimator("go", plate="z", n_samples=n)(
+            Categorical(logits=torch.tensor([0.0, -30.0, 0.0, -math.inf, 0.0, -20.0], dtype=torch.float64)))
+        x, nb = k.tensor[:n], k.tensor[n:]
+    assert set(x.unique().tolist()) == {0, 2, 4}
+    following = {0: 2, 2: 4, 4: 5, 5: 1, 1: 1}  # 5 (e^-20) before 1 (e^-30); 1 is the last possible
+    assert all(following[a] == b for a, b in zip(x.tolist(), nb.tolist()))

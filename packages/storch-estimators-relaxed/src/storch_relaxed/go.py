@@ -28,26 +28,31 @@ class GoState:
             shape ``(n, *parents, *own)``.
         m: the number of independent dimensions (one neighbour block each).
         l: log p(x) of the real block.
+        order: Categorical only: the order of the categories per row, shape ``(*batch, K)``
+            (``_category_order``); None for the other distributions.
+        raised: 1[x has a neighbour] (a next possible value), shape of ``index``.
     """
 
     x: Optional[torch.Tensor] = None
     index: Optional[torch.Tensor] = None
     m: int = 0
     l: Optional[torch.Tensor] = None
+    order: Optional[torch.Tensor] = None
+    raised: Optional[torch.Tensor] = None
 
 
 class Go(Estimator):
     """GO gradient (Cong et al. 2019) for independent discrete variables (appendix D.2.6).
 
     Components, for a node with m independent dimensions x_1..x_m on ordered supports:
-        q(X | x<i): n samples x, and for each of them the m neighbours x + e_j (x_j raised by one;
-            left at x_j where x_j is the largest value); plate layout: n real samples, then
-            block j = 1..m of neighbours (evaluation only);
+        q(X | x<i): n samples x, and for each of them the m neighbours x + e_j (x_j raised to the
+            next possible value; left at x_j where x_j is the last one); plate layout: n real
+            samples, then block j = 1..m of neighbours (evaluation only);
         w = 1/n on the real samples, 0 on the neighbours;
         l(x) = log p(x | x<i) on the real samples;
-        a(x<i, X) = Σ_j 1[x_j < d] ⊥((f(x) - f(x + e_j)) / p_j(x_j)) (P_j(x_j) - ⊥P_j(x_j))
+        a(x<i, X) = Σ_j 1[x_j not last] ⊥((f(x) - f(x + e_j)) / p_j(x_j)) (P_j(x_j) - ⊥P_j(x_j))
                     - ⊥f(x) (MagicBox(l) - 1),
-            P_j the CDF of dimension j.
+            P_j the CDF of dimension j (in the order of its values).
 
     First order: ∇ = Σ_j (f(x) - f(x + e_j)) ∇P_j(x_j) / p_j(x_j), the GO gradient; the second line
     of a cancels the surrogate's score term f(x) ∇l.
@@ -86,16 +91,23 @@ class Go(Estimator):
         index = x.argmax(-1) if onehot else x  # a one-hot value as its category index
         lead = 1 + len(node.parents)
         m = math.prod(index.shape[lead:])
-        xf = flat(index, lead)  # (n, *parents, m)
-        step = torch.eye(m, dtype=xf.dtype, device=x.device).reshape((m,) + (1,) * lead + (m,))
-        nb = xf.unsqueeze(0) + step  # (m, n, *parents, m): neighbour j raises dimension j
-        top = _largest(d)
-        if top is not None:  # outside the support: keep x (its term is 0 since ∇P(d) = 0)
-            nb = torch.where(nb > top, xf.unsqueeze(0), nb)
+        order = None
+        if isinstance(d, (Categorical, OneHotCategorical)):
+            order = _category_order(d.probs.detach())  # ⊥: the order is a constant of the step
+            up, raised = _next_category(d.probs.detach(), order, index)
+        else:
+            up, raised = index + 1, torch.ones_like(index, dtype=torch.bool)
+            if isinstance(d, Bernoulli):  # x = 1 is the largest value: its term is 0 since ∇P(1) = 0
+                raised = index < 0.5
+        up = torch.where(raised, up, index)  # no next value: keep x (its term is 0)
+        xf, upf = flat(index, lead), flat(up, lead)  # (n, *parents, m)
+        step = torch.eye(m, dtype=torch.bool, device=x.device).reshape((m,) + (1,) * lead + (m,))
+        nb = torch.where(step, upf.unsqueeze(0), xf.unsqueeze(0))  # (m, n, *parents, m): neighbour j raises dimension j
         nb = nb.reshape((m * self.n_samples,) + tuple(index.shape[1:]))
         if onehot:
             nb = torch.nn.functional.one_hot(nb, x.shape[-1]).to(x.dtype)
         node.state.x, node.state.index, node.state.m = x, index, m
+        node.state.order, node.state.raised = order, raised
         return torch.cat([x, nb], 0)
 
     def weighting_function(self, node: Node) -> torch.Tensor:
@@ -110,22 +122,67 @@ class Go(Estimator):
         f = cost.tensor.unflatten(dim, (1 + m, n))
         f_x = f.select(dim, 0)  # (frame): real samples
         f_nb = f.narrow(dim, 1, m).movedim(dim, -1)  # (frame, m): neighbours
-        dP = cost.align(flat(_cdf_term(base_distribution(node.distribution), node.state.index), len(node.plates)))
+        term = _cdf_term(base_distribution(node.distribution), node.state)
+        dP = cost.align(flat(term, len(node.plates)))
         g = ((f_x.unsqueeze(-1) - f_nb) * dP).sum(-1)  # appendix D.2.6, first line
         l = cost.align(node.state.l)
         return pad_blocks(g - f_x * (magic_box(l) - 1.0), 1 + m, dim)  # second line: - score term
 
 
-def _largest(d) -> Optional[int]:
-    if isinstance(d, Bernoulli):
-        return 1
-    if isinstance(d, (Categorical, OneHotCategorical)):
-        return d.logits.shape[-1] - 1
-    return None
+# Categorical: the order of the categories. Summation by parts (GO, Cong et al. 2019, eq. 5-6) holds
+# for any fixed order σ of the K categories: with P_σ(k) = Σ_{σ(j) <= σ(k)} p_j and next(k) the category
+# after k, E[f] = Σ_k P_σ(k) (f(k) - f(next(k))) + f(last), so ∇E = Σ_{k not last} ∇P_σ(k) (f(k) - f(next(k)))
+# = E_x[∇P_σ(x) / p(x) (f(x) - f(next(x)))], the GO gradient, where the expectation over x ~ p reaches
+# only the categories with p > 0. Hence two rules:
+#  * a category with p_k = 0 has ∇p_k = 0 (a nonnegative differentiable function at its minimum: masked
+#    logits, a mask multiplied into the probabilities), so it can be left out of the order: P_σ and ∇P_σ
+#    are unchanged, and the terms that the sampler never reaches are exactly those it does not need. The
+#    index order over all K categories lost them: ∇P(k) = ∇P(k - 1) ≠ 0 at a masked k, never sampled
+#    (z up to 245 against enumeration), and the cost saw the masked k as the neighbour of k - 1.
+#    (Probabilities that are parameters on their boundary, probs = θ with θ_k = 0, have one-sided
+#    derivatives that depend on f(k); no estimator that never evaluates f(k) gets them.)
+#  * a category with 0 < p_k << 1 inside the order is exact in expectation but not in practice: its term
+#    ∇P_σ(k) / p_k (f(k) - f(next(k))) is O(1 / p_k) (1e13 at a logit gap of 30) with probability p_k, so
+#    the mean of any realistic number of samples misses its O(1) contribution (the same z of 245); this is
+#    not rounding, a stable form of the ratio does not help. Placed after every more probable category,
+#    ∇P_σ(k) = -Σ_{j after k} ∇p_j, and for softmax logits |∂p_j| <= p_j <= p_k, so |∇P_σ(k) / p_k| <= K:
+#    bounded. The order σ is chosen from ⊥p at each step, a constant of the step (max_order 1).
+# Index order is kept over the categories of probability >= _RARE (an ordinal cost keeps its small
+# differences f(k) - f(k + 1) there); the rarer possible ones follow by decreasing probability.
+_RARE = 1e-3
 
 
-def _cdf_term(d, x: torch.Tensor) -> torch.Tensor:
-    """1[x < d] (P(x) - ⊥P(x)) / ⊥p(x) per dimension: only the CDF is differentiated."""
+def _category_order(probs: torch.Tensor) -> torch.Tensor:
+    """The order σ of the categories per row (see above), shape ``probs.shape``: σ[..., r] is the
+    category of rank r; categories of probability 0 come last (and are never a neighbour)."""
+    k = probs.shape[-1]
+    p = probs.to(torch.float64)
+    idx = torch.arange(k, dtype=torch.float64, device=p.device).expand_as(p)
+    key = torch.where(p >= _RARE, idx, k + 1.0 - p / _RARE)  # rare: after all, by decreasing p
+    key = torch.where(p > 0, key, torch.full_like(p, 2.0 * k + 2.0))  # impossible: last
+    return torch.argsort(key, dim=-1, stable=True)
+
+
+def _ranks(order: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rank of ``index`` in ``order``, ``order`` broadcast to ``index.shape + (K,)``)."""
+    order = order.expand(index.shape + order.shape[-1:])
+    rank = torch.argsort(order, -1)  # the inverse permutation
+    return rank.gather(-1, index.unsqueeze(-1)).squeeze(-1), order
+
+
+def _next_category(probs: torch.Tensor, order: torch.Tensor, index: torch.Tensor):
+    """(the category after ``index`` in ``order``, 1[it exists and is possible])."""
+    k = probs.shape[-1]
+    r, order = _ranks(order, index)
+    r1 = (r + 1).clamp_max(k - 1).unsqueeze(-1)
+    nxt = order.gather(-1, r1).squeeze(-1)
+    p_nxt = probs.expand(index.shape + (k,)).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+    return nxt, (r + 1 < k) & (p_nxt > 0)
+
+
+def _cdf_term(d, state: GoState) -> torch.Tensor:
+    """1[x not last] (P(x) - ⊥P(x)) / ⊥p(x) per dimension: only the CDF is differentiated."""
+    x = state.index
     if isinstance(d, Bernoulli):
         p = d.probs
         # P(0) = 1 - p, P(1) = 1 (constant); ⊥ on the pmf: D.2.6 differentiates the CDF only.
@@ -135,12 +192,12 @@ def _cdf_term(d, x: torch.Tensor) -> torch.Tensor:
         q = torch.sigmoid(-d.logits).detach().expand_as(p)
         return torch.where(below, -(p - p.detach()) / torch.where(below, q, torch.ones_like(q)), torch.zeros_like(p))
     if isinstance(d, (Categorical, OneHotCategorical)):  # x: the category index
+        r, order = _ranks(state.order, x)
         probs = d.probs.expand(x.shape + d.probs.shape[-1:])
-        idx = x.unsqueeze(-1)
-        P = probs.cumsum(-1).gather(-1, idx).squeeze(-1)
-        p = probs.gather(-1, idx).squeeze(-1).detach()  # ⊥p_j(x_j): a coefficient (D.2.6)
-        inside = x < probs.shape[-1] - 1
-        return torch.where(inside, (P - P.detach()) / p, torch.zeros_like(P))
+        P = probs.gather(-1, order).cumsum(-1).gather(-1, r.unsqueeze(-1)).squeeze(-1)  # P_σ(x)
+        p = probs.gather(-1, x.unsqueeze(-1)).squeeze(-1).detach()  # ⊥p_j(x_j): a coefficient (D.2.6)
+        # the last possible category: ∇P_σ = -Σ ∇p over the impossible ones = 0 (exactly, not rounded)
+        return torch.where(state.raised, (P - P.detach()) / p, torch.zeros_like(P))
     rate = d.rate
     P = torch.special.gammaincc(x + 1, rate)  # Poisson CDF P(X <= x) = Q(x + 1, λ)
     p = d.log_prob(x).exp().detach()  # ⊥p(x): a coefficient (D.2.6)
