@@ -285,3 +285,47 @@ def test_parameters_and_rebuild_give_the_distribution_back():
     normal = Normal(torch.zeros(2), 2.0)
     assert sorted(parameters(normal)) == ["loc", "scale"]
     assert torch.equal(rebuild(normal, parameters(normal)).scale, normal.scale)
+
+
+class _Failing(storch.Estimator):
+    """An estimator whose proposal fails with torch's error (as unordered_set's float16 overflow did)."""
+
+    name = "test_failing_proposal"
+    score_function = True
+
+    def proposal(self, node):
+        raise RuntimeError("value cannot be converted to type c10::Half without overflow")
+
+
+def test_an_error_on_masked_logits_is_not_reported_as_diverged_parameters():
+    """-inf logits are a mask: an estimator's own error on them was re-raised as NonFiniteParameterError
+    ('the logits hold NaN or infinite values (the model's outputs diverged)'), hiding the real one.
+    NaN (or +inf) logits still get that message."""
+    from torch.distributions import Categorical
+
+    masked = torch.tensor([0.0, -math.inf, 0.5])
+    with pytest.raises(RuntimeError, match="c10::Half") as info:
+        _Failing("z")(Categorical(logits=masked))
+    assert not isinstance(info.value, storch.NonFiniteParameterError)
+    for bad in (math.nan, math.inf):
+        with pytest.raises(storch.NonFiniteParameterError, match="'logits' hold NaN or infinite"):
+            _Failing("z")(Categorical(logits=torch.tensor([0.0, bad, 0.5]), validate_args=False))
+    with pytest.raises(storch.NonFiniteParameterError, match="'probs' hold NaN"):
+        _Failing("z")(Categorical(probs=torch.tensor([0.5, math.nan, 0.5]), validate_args=False))
+
+
+def test_skip_nonfinite_update_counts_and_warns_only_when_not_finite():
+    from storch.extending import all_finite, skip_nonfinite_update
+
+    class Owner:
+        name, plate, skipped_updates = "mine", "z", 0
+
+    owner = Owner()
+    assert bool(all_finite([torch.ones(2), None])) and bool(all_finite([]))
+    assert not skip_nonfinite_update(owner, all_finite([torch.ones(2)]), "the part", "fit", "Check x.")
+    assert owner.skipped_updates == 0
+    with pytest.warns(RuntimeWarning, match=r"mine \(plate 'z'\): the part's fit loss or gradients are not finite "
+                      r"\(NaN or inf; 1 update\(s\) skipped so far\).*the part's parameters and optimizer state are "
+                      "unchanged. Check x."):
+        assert skip_nonfinite_update(owner, all_finite([torch.tensor([1.0, math.inf])]), "the part", "fit", "Check x.")
+    assert owner.skipped_updates == 1

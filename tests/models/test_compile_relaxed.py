@@ -202,3 +202,41 @@ def test_with_a_moving_average_in_the_same_step():
     want, got = run(False), run(True)
     assert_same_runs(got, want)
     assert got[-1][3] == 5
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_replayed_non_finite_update_is_skipped_as_eager(name):
+    """A replayed call whose Σ ĝ² overflows (a cost scaled by 1e20, finite) skips the update in the code an
+    eager step runs (update_from): φ unchanged, skipped_updates counts it, a RuntimeWarning; the next
+    replayed call with an ordinary cost trains φ again (finite)."""
+    torch.manual_seed(0)
+    dist, options = CASES[name]
+    est = storch.estimator(name, plate="z", n_samples=2, lr=0.05, **options)
+    theta = torch.nn.Parameter(torch.tensor([0.3, -0.5, 1.0]))  # a parameter: the compiled step reads it live
+
+    def build(scale):
+        z = est(Bernoulli(logits=theta) if dist is Bernoulli else Normal(theta, 1.0))
+        storch.add_cost(scale * ((z - 0.45) ** 2).sum(), name="f")
+
+    def step(scale):
+        with storch.Graph():
+            build(scale)
+            return storch.surrogate_loss()
+
+    with storch.Graph():  # eager first: builds the network
+        build(torch.tensor(1.0))
+        storch.backward()
+    compiled = storch.compile(step, backend=None)
+    compiled(torch.tensor(1.0)).backward()
+    assert est.update_steps == 2
+    phi = _phi(est)
+    with pytest.warns(RuntimeWarning, match="control variate's variance loss or gradients are not finite"):
+        loss = compiled(torch.tensor(1e20))
+        loss.backward()
+    assert torch.isfinite(loss) and est.skipped_updates == 1 and est.update_steps == 2
+    assert all(torch.equal(phi[k], v) for k, v in _phi(est).items())
+    theta.grad = None
+    compiled(torch.tensor(1.0)).backward()
+    assert est.update_steps == 3 and torch.isfinite(theta.grad).all()
+    assert all(torch.isfinite(v).all() for v in _phi(est).values())
+    assert any(not torch.equal(phi[k], v) for k, v in _phi(est).items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -152,6 +153,67 @@ def test_trainable_parts_are_parameters_and_get_trained():
         assert any(not torch.equal(a, b) for a, b in zip(start[key], est.parameters())), key
     assert all(torch.equal(a, b) for a, b in zip(start["frozen"], frozen.parameters()))
     assert rebar.update_steps == relax.update_steps == 3 and frozen.update_steps == 0
+
+
+
+def _variance_step(est, theta, scale, dist=Bernoulli):
+    with storch.Graph():
+        z = est(dist(logits=theta) if dist is not Normal else Normal(theta, 1.0))
+        storch.add_cost(scale * ((z - 0.45) ** 2).sum(), name="c")
+        return storch.backward()
+
+
+@pytest.mark.parametrize("name", ["rebar", "relax", "lax"])
+def test_non_finite_variance_update_is_skipped_and_counted(name):
+    """Σ ĝ² of a large but finite cost overflows float32 (|ĝ| ~ 1e20): the Adam step with its NaN gradient
+    wrote NaN into η, λ or the network, after which every step's surrogate was NaN and storch.backward()
+    blamed the (finite) cost. Now the step is skipped (φ and Adam's moments unchanged), counted in
+    skipped_updates and warned about, as score's learned baseline does; the next ordinary step trains."""
+    torch.manual_seed(0)
+    dist = Normal if name == "lax" else Bernoulli
+    est = storch.estimator(name, plate="z", n_samples=2)
+    theta = torch.tensor([0.3, -0.5, 1.0], requires_grad=True)
+    _variance_step(est, theta, 1.0, dist)  # builds the network; one ordinary update
+    before = {k: v.detach().clone() for k, v in est.state_dict().items() if isinstance(v, torch.Tensor)}
+    adam = copy.deepcopy(est._optimizer.state_dict())
+    with pytest.warns(RuntimeWarning, match=rf"{name} \(plate 'z'\): the control variate's variance loss or "
+                      r"gradients are not finite.*1 update\(s\) skipped.*unchanged"):
+        loss = _variance_step(est, theta, 1e20, dist)
+    assert torch.isfinite(loss) and torch.isfinite(theta.grad).all()
+    assert est.skipped_updates == 1 and est.update_steps == 1
+    after = {k: v for k, v in est.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert str(est._optimizer.state_dict()) == str(adam)
+    assert est.state_dict()["_extra_state"]["skipped_updates"] == 1
+    for _ in range(2):  # training goes on: finite, and φ moves
+        theta.grad = None
+        _variance_step(est, theta, 1.0, dist)
+        assert torch.isfinite(theta.grad).all()
+    assert est.update_steps == 3 and est.skipped_updates == 1
+    assert all(torch.isfinite(p).all() for p in est.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in est.state_dict().items() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("name", ["rebar", "relax"])
+def test_masked_categorical_in_float16_trains(name):
+    """z̃ conditioned on the sample computed exp(-log p), which overflows float16 for a masked logit
+    (3 log eps = -20.8: exp(20.8) > 65504): z̃ = -inf, NaN in ∂/∂φ Σ ĝ², and the update wrote NaN into φ
+    (now it would be skipped: but it is finite, and trains)."""
+    torch.manual_seed(0)
+    est = storch.estimator(name, plate="z", n_samples=2)
+    theta = torch.tensor([0.3, -0.5, 1.0, 0.2, -1.0], dtype=torch.float16, requires_grad=True)
+    mask = torch.tensor([0.0, -math.inf, 0.0, -math.inf, 0.0], dtype=torch.float16)
+    start = [p.detach().clone() for p in est.parameters()]
+    for _ in range(3):
+        theta.grad = None
+        with storch.Graph():
+            z = est(Categorical(logits=theta + mask))
+            storch.add_cost(((z - 0.45) ** 2).sum(), name="c")  # z one-hot (the relaxed inputs)
+            loss = storch.backward()
+        assert torch.isfinite(loss) and torch.isfinite(theta.grad).all()
+    assert est.skipped_updates == 0 and est.update_steps == 3
+    assert all(torch.isfinite(p).all() for p in est.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(start, est.parameters()))
 
 
 def test_go_gradient_is_finite_at_saturated_logits():

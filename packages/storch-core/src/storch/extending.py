@@ -102,7 +102,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable, ContextManager
+import warnings
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterable, Optional
 
 import torch
 
@@ -119,9 +120,12 @@ from .score_conditions import moving_support, same_support
 from .smoothness import nonsmooth_operations, require_smooth
 from .surrogate import _refuse_twice
 
+if TYPE_CHECKING:
+    from .estimators.base import Estimator
+
 __all__ = [
     "align", "plates_of", "raw_of", "base_distribution", "drawing_with", "leave_one_out", "options", "step_guard",
-    "match_optimizer_state",
+    "match_optimizer_state", "all_finite", "skip_nonfinite_update",
     "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild", "parameters",
     "rekey_transform_cache", "require_smooth", "nonsmooth_operations", "moving_support", "same_support", "estimator_create_graph",
     "refuse_create_graph",
@@ -214,3 +218,35 @@ def match_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                         value.dtype != p.dtype or value.device != p.device):
                     state[key] = value.to(dtype=p.dtype if value.is_floating_point() else value.dtype,
                                           device=p.device)
+
+
+def all_finite(tensors: Iterable[Optional[torch.Tensor]]) -> torch.Tensor:
+    """Whether every tensor in ``tensors`` (``None`` left out) is finite, as one boolean tensor.
+
+    No host sync: compute it with an update's loss and gradients (reduce it over ranks where they are)
+    and let :func:`skip_nonfinite_update` read it once. True for no tensors.
+    """
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
+
+
+def skip_nonfinite_update(owner: Estimator, finite: torch.Tensor, part: str, objective: str, advice: str) -> bool:
+    """Whether an estimator's learned part must skip this optimizer step: ``finite`` (e.g. :func:`all_finite`
+    of the step's loss and gradients) is False. Then it counts the skip in ``owner.skipped_updates`` and says
+    so in a ``RuntimeWarning``; the caller returns before the step, so the parameters and the optimizer state
+    stay as they were (docs/reliability.md, "Non-finite costs").
+
+    A finite surrogate (``storch.backward()`` checked it) can still give a training loss that overflows
+    (a squared error or Σ ĝ² of large costs, reduced precision): one Adam step with it would write NaN into
+    the learned part for good, and every later step's surrogate would be NaN although the costs are finite.
+    ``part`` names the learned part as the message should (``"the baseline"``), ``objective`` its loss
+    (``"regression"``), ``advice`` what to check. One host sync (``bool(finite)``).
+    """
+    if bool(finite.all()):
+        return False
+    owner.skipped_updates += 1
+    warnings.warn(
+        f"{owner.name} (plate {owner.plate!r}): {part}'s {objective} loss or gradients are not finite (NaN or inf; "
+        f"{owner.skipped_updates} update(s) skipped so far): this update was skipped, {part}'s parameters and "
+        f"optimizer state are unchanged. {advice}", RuntimeWarning, stacklevel=3)
+    return True

@@ -51,11 +51,15 @@ def conditional_gumbel(logp: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
     z̃_b = -log(-log v_b), z̃_k = -log(-log v_k / p_k - log v_b) for k != b, v ~ U(0, 1)^K,
     with normalised p (so that max_k (log p_k + g_k) ~ Gumbel(0)).
+
+    z̃_k is computed as log p_k - log(-log v_k - p_k log v_b), the same value: exp(-log p_k) overflows
+    for a masked logit (-3 log eps = 20.8 in float16: 1e9 > 65504, so z̃_k = -inf and its derivative NaN),
+    p_k <= 1 never does.
     """
     v = uniform(index.shape + logp.shape[-1:], logp)
     logp = logp.expand(v.shape)
     log_vb = torch.log(v.gather(-1, index.unsqueeze(-1)))  # log v_b, shape (..., 1)
-    other = -torch.log(-torch.log(v) * torch.exp(-logp) - log_vb)
+    other = logp - torch.log(-torch.log(v) - log_vb * torch.exp(logp))
     top = -torch.log(-log_vb).expand_as(other)
     onehot = torch.nn.functional.one_hot(index, logp.shape[-1]).bool()
     return torch.where(onehot, top, other)

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 import storch.distributed
 from storch import Estimator, Node, OptionError, StorchError
-from storch.extending import estimator_create_graph, match_optimizer_state, options
+from storch.extending import (all_finite, estimator_create_graph, match_optimizer_state, options,
+                               skip_nonfinite_update)
 
 from ._network import ControlVariateNet
 
-__all__ = ["RelaxedState", "VarianceTrained"]
+__all__ = ["RelaxedState", "VarianceGradient", "VarianceTrained"]
 
 
 @dataclass
@@ -39,6 +40,19 @@ class RelaxedState:
     b: Optional[torch.Tensor] = None
     l: Optional[torch.Tensor] = None
     relaxed: tuple = ()
+
+
+class VarianceGradient(NamedTuple):
+    """What :meth:`VarianceTrained.loss_graph_values` hands to :meth:`VarianceTrained.update_from`.
+
+    Attributes:
+        grads: ∂/∂φ Σ ĝ², detached, one tensor per parameter of ``_trainable()``.
+        finite: whether Σ ĝ² and every tensor of ``grads`` is finite (a boolean tensor, read once by
+            ``update_from``: no host sync while a compiled step's call returns).
+    """
+
+    grads: tuple
+    finite: torch.Tensor
 
 
 class VarianceTrained(Estimator):
@@ -67,6 +81,7 @@ class VarianceTrained(Estimator):
         self.update_uses_loss_graph = update
         self.has_update = update  # update=False: no update at all (storch.backward() frees the graph)
         self.update_steps = 0
+        self.skipped_updates = 0  # steps left out because Σ ĝ² or its gradient was not finite (update_from)
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._loaded: Optional[dict] = None
         # (plate name, cost name) whose control variate passed the order-1 check for jumps -> the kinks that
@@ -99,8 +114,8 @@ class VarianceTrained(Estimator):
         return [t for node in nodes for t in node.state.params]
 
     def loss_graph_values(self, loss: torch.Tensor, targets: list[torch.Tensor]) -> tuple:
-        """∂/∂φ Σ ĝ² (detached, one tensor per parameter of ``_trainable()``), or ``()`` when there is
-        nothing to train. ĝ = ∂loss/∂targets is kept differentiable in φ (``create_graph``); both
+        """∂/∂φ Σ ĝ² (detached, one tensor per parameter of ``_trainable()``) and whether it and Σ ĝ² are
+        finite (a :class:`VarianceGradient`), or ``()`` when there is nothing to train. ĝ = ∂loss/∂targets is kept differentiable in φ (``create_graph``); both
         gradients retain the loss's graph (the step's backward, and other estimators, still need it)."""
         params = self._trainable()
         if not params or not targets:
@@ -112,23 +127,37 @@ class VarianceTrained(Estimator):
         if not isinstance(var, torch.Tensor) or not var.requires_grad:
             return ()
         dphi = torch.autograd.grad(var, params, retain_graph=True, allow_unused=True)
-        return tuple(torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, dphi))
+        dphi = tuple(torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, dphi))
+        return VarianceGradient(dphi, all_finite([var.detach(), *dphi]))
 
-    def update_from(self, dphi: tuple) -> None:
-        """One Adam step of φ along ``dphi`` (:meth:`loss_graph_values` of an eager step, or of a replayed
-        call of a compiled one); the only place where φ changes."""
-        if not dphi:
+    def update_from(self, step: tuple) -> None:
+        """One Adam step of φ along ``step.grads`` (:meth:`loss_graph_values` of an eager step, or of a
+        replayed call of a compiled one); the only place where φ changes. None (φ and Adam's moments
+        unchanged, ``skipped_updates`` counts it, a RuntimeWarning says it) when Σ ĝ² or its gradient is
+        not finite although the surrogate is: ĝ² of a large cost overflows (float32 from |ĝ| ~ 1e19,
+        float16 from 256), and one step with it would write NaN into φ for good, after which every
+        step's surrogate is NaN and storch.backward() blames the (finite) costs."""
+        if not step:
             return
+        dphi, finite = step
         params = self._trainable()
         if len(params) != len(dphi) or any(p.shape != g.shape for p, g in zip(params, dphi)):
             raise StorchError(
                 f"{self.name}: {len(dphi)} gradients for {len(params)} trainable parameters (they changed between "
                 "the step and its update); call .clear() on a compiled step after changing the estimator")
+        # torch.distributed: the variance of the rank-averaged gradient, whose ĝ per data point is
+        # ĝ_rank / W: ∂φ Σ_r |ĝ_r / W|² = W⁻¹ · mean_r ∂φ|ĝ_r|², the same step on every rank (_across_ranks),
+        # and the same decision to skip it (one rank's non-finite Σ ĝ² skips it everywhere)
+        dphi, finite = _across_ranks(list(dphi), finite, self)
+        # one host sync per update (update_from runs after the step)
+        if skip_nonfinite_update(self, finite, "the control variate", "variance",
+                                 f"Its parameters: {', '.join(n for n, p in self.named_parameters() if p.requires_grad)}. "
+                                 "Check the costs' magnitude (Σ ĝ² of the distribution parameters' gradient must not "
+                                 "overflow their dtype: scale the costs down, or use float32 where this ran in "
+                                 "float16) and the distribution's parameters for non-finite values"):
+            return
         if self._optimizer is None or len(self._optimizer.param_groups[0]["params"]) != len(params):
             self._optimizer = torch.optim.Adam(params, lr=self.lr)
-        # torch.distributed: the variance of the rank-averaged gradient, whose ĝ per data point is
-        # ĝ_rank / W: ∂φ Σ_r |ĝ_r / W|² = W⁻¹ · mean_r ∂φ|ĝ_r|², the same step on every rank (_across_ranks)
-        dphi = _across_ranks(list(dphi), self)
         for p, g in zip(params, dphi):
             p.grad = g
         match_optimizer_state(self._optimizer)  # after est.to(...) / .double(): Adam's moments follow φ
@@ -141,13 +170,14 @@ class VarianceTrained(Estimator):
 
     def get_extra_state(self) -> dict:
         return {"optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
-                "update_steps": self.update_steps}
+                "update_steps": self.update_steps, "skipped_updates": self.skipped_updates}
 
     def set_extra_state(self, state: dict) -> None:
         # copied, as load_state_dict copies parameters; applied by _restore_training, once the
         # submodules (a lazily built network) are loaded
         self._loaded = state = copy.deepcopy(state)
         self.update_steps = state["update_steps"]
+        self.skipped_updates = state.get("skipped_updates", 0)  # (not in a checkpoint from before it was counted)
 
     @staticmethod
     def _restore_training(module: "VarianceTrained", incompatible_keys) -> None:
@@ -160,8 +190,9 @@ class VarianceTrained(Estimator):
             module._optimizer.load_state_dict(state["optimizer"])
 
 
-def _across_ranks(grads: list[torch.Tensor], owner) -> list[torch.Tensor]:
-    """φ-gradients averaged over the ranks and divided by the world size W (no-op in one process).
+def _across_ranks(grads: list[torch.Tensor], finite: torch.Tensor, owner) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """φ-gradients averaged over the ranks and divided by the world size W, and whether Σ ĝ² and they are
+    finite on every rank (no-op in one process).
 
     The division is not the NVIL regression's (``storch_score``'s ``_across_ranks`` averages only): that
     loss is a mean over the data, so the ranks' mean is the global batch's. Here the loss is Σ ĝ² over
@@ -170,6 +201,9 @@ def _across_ranks(grads: list[torch.Tensor], owner) -> list[torch.Tensor]:
     tests/reliability/test_ddp.py compares φ and Adam's moments with one process on the combined batch.
     """
     if not storch.distributed.is_active(owner):
-        return grads
+        return grads, finite
     world = storch.distributed.world_size(owner)
-    return [g / world for g in storch.distributed.all_reduce_mean(grads, owner)]
+    bad = (~finite).to(grads[0].dtype).reshape(1)  # > 0 after the mean where any rank's was not finite
+    *reduced, bad = storch.distributed.all_reduce_mean(grads + [bad], owner)
+    reduced = [g / world for g in reduced]
+    return reduced, all_finite(reduced) & (bad == 0).all()

@@ -31,6 +31,13 @@ def _gumbel_like(x: torch.Tensor) -> torch.Tensor:
     return torch.rand_like(x).clamp_min_(torch.finfo(x.dtype).tiny).log_().neg_().log_().neg_()
 
 
+def _placeholder(x: torch.Tensor) -> float:
+    """A finite stand-in for the -inf score of an impossible candidate in ``x``'s dtype, put back to -inf
+    after :func:`_truncated`: -1e30, or half the dtype's lowest value where that is higher (float16:
+    -1e30 does not convert, and in ``_truncated`` T - G with G = -65504 overflows to inf for T > 16)."""
+    return max(-1e30, torch.finfo(x.dtype).min / 2)
+
+
 def _truncated(phi_g: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     """Gumbels ``phi_g`` (last dim: siblings) conditioned on their maximum being ``bound``.
 
@@ -408,9 +415,9 @@ def _search(lp: torch.Tensor, k: int, max_candidates: int) -> tuple[torch.Tensor
             indices, g, pad = top.indices, top.values, None
         else:  # never an impossible value: -inf candidates stay -inf, the rest are truncated as usual
             finite = torch.isfinite(cand_phi)
-            cand_g = torch.where(finite, cand_phi, torch.full_like(cand_phi, -1e30)) + gum
+            cand_g = torch.where(finite, cand_phi, torch.full_like(cand_phi, _placeholder(cand_phi))) + gum
             if g is not None:
-                bound = torch.where(torch.isfinite(g), g, torch.full_like(g, -1e30))
+                bound = torch.where(torch.isfinite(g), g, torch.full_like(g, _placeholder(g)))
                 cand_g = _truncated(cand_g.view(p, beam, width), bound).view(p, beam * width)
             cand_g = torch.where(finite, cand_g, torch.full_like(cand_g, -math.inf))
             indices, g, pad = top_possible(cand_g, k)  # (P, m), sorted
@@ -469,7 +476,7 @@ def beam_step(lp: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, k: int):
             indices, g_top, pad = top.indices, top.values, None
         else:
             finite = torch.isfinite(cand)
-            safe = torch.where(finite, cand, torch.full_like(cand, -1e30))
+            safe = torch.where(finite, cand, torch.full_like(cand, _placeholder(cand)))
             cand_g = _truncated(safe + _gumbel_like(safe), g.movedim(0, -1))
             cand_g = torch.where(finite, cand_g, torch.full_like(cand_g, -math.inf))
             flat_g = cand_g.reshape(rest + (beam * n_val,))

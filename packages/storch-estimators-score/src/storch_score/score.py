@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -11,7 +10,8 @@ from torch.distributions import Bernoulli, Distribution
 
 import storch.distributed
 from storch import CostFrame, Estimator, Node, OptionError, Plate, PlateTensor
-from storch.extending import assume, base_distribution, is_tracing, leave_one_out, match_optimizer_state, options
+from storch.extending import (all_finite, assume, base_distribution, is_tracing, leave_one_out, match_optimizer_state,
+                               options, skip_nonfinite_update)
 
 from .learned_baseline import LearnedBaseline, baseline_features, check_inputs, in_frame
 
@@ -257,19 +257,15 @@ class Score(Estimator):
             return
         loss = sum(errors) if errors else None
         grads = torch.autograd.grad(loss, params, allow_unused=True) if errors else (None,) * len(params)
-        finite = torch.stack(([torch.ones((), dtype=torch.bool)] if loss is None else [torch.isfinite(loss.detach()).all()])
-                             + [torch.isfinite(g).all() for g in grads if g is not None])
+        finite = all_finite([None if loss is None else loss.detach(), *grads])
         if synced:
             # torch.distributed: the gradient of the global batch's regression loss, the mean over the
             # ranks (as DDP averages model gradients), so ψ and Adam's moments stay identical everywhere
             grads, finite = _across_ranks(params, grads, finite, self)
-        if not bool(finite.all()):  # one host sync per update (update_from runs after the step)
-            self.skipped_updates += 1
-            warnings.warn(
-                f"score (plate {self.plate!r}): the baseline's regression loss or gradients are not finite "
-                f"(NaN or inf; {self.skipped_updates} update(s) skipped so far): this update was skipped, the "
-                "baseline's parameters and optimizer state are unchanged. Check the costs and the baseline's "
-                "inputs (est(distribution, inputs=h)) for non-finite values", RuntimeWarning, stacklevel=2)
+        # one host sync per update (update_from runs after the step)
+        if skip_nonfinite_update(self, finite, "the baseline", "regression",
+                                 "Check the costs and the baseline's inputs (est(distribution, inputs=h)) for "
+                                 "non-finite values"):
             return
         if all(g is None for g in grads):  # no rank regressed anything: nothing to step
             return

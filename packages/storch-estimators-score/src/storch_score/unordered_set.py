@@ -210,7 +210,11 @@ class UnorderedSet(Estimator):
         c = node.state
         if c.h is None:  # a cache of values derived from the proposal (pure: same inputs, same h)
             with torch.no_grad():  # weights and baseline are detached (⊥ in D.2.3)
-                lp, log_rest = c.lp.detach(), c.log_rest
+                # in float32 at least: the log-space programme adds up to k floors (below), which overflow
+                # float16 (max 65504) to -inf (inf - inf = NaN), and its log-sum-exps would round to float16's
+                # 3 digits; the weights and the baseline's coefficients return in lp's dtype
+                work = torch.promote_types(c.lp.dtype, torch.float32)
+                lp, log_rest = c.lp.detach().to(work), c.log_rest.to(work)
                 floor = -1e30  # log of a probability that is exactly 0: finite, so no inf - inf
                 lp = lp if c.exact else lp.clamp_min(floor)
                 k = lp.shape[0]
@@ -234,7 +238,7 @@ class UnorderedSet(Estimator):
     def weighting_function(self, node: Node) -> torch.Tensor:
         lp, h0, h1, _ = self._set_probabilities(node)
         # w(s) = ⊥(p(s) p^{D∖s}(S∖s) / p(S)) (appendix D.2.3; Kool et al. 2020, Eq. 7)
-        return (lp + h1 - h0).exp()
+        return (lp + h1 - h0).exp().to(node.state.lp.dtype)
 
     def gradient_function(self, node: Node) -> torch.Tensor:
         lp = node.state.lp
@@ -250,7 +254,7 @@ class UnorderedSet(Estimator):
         k = lp.shape[0]
         # coefficients A[s, s'] = p(s') R^{D∖s}(S, s') (Kool et al. 2020, Eq. 11); h2[s, s] = h1[s],
         # so the diagonal is p(s) with R^{D∖s}(S, s) = 1, which makes E[b(s) | s drawn first] = E[f]
-        coef = (lp.unsqueeze(0) + h2 - h1.unsqueeze(1)).exp()
+        coef = (lp.unsqueeze(0) + h2 - h1.unsqueeze(1)).exp().to(node.state.lp.dtype)
         d = cost.dim
         f = cost.tensor
         if f.shape[d] != k:

@@ -809,7 +809,11 @@ def _base_supports(cls: type) -> bool:
 
 
 def _nonfinite_parameters(d) -> list[str]:
-    """Names of ``d``'s floating-point parameters that hold NaN or inf (for error messages only)."""
+    """Names of ``d``'s floating-point parameters that hold NaN or inf (for error messages only).
+
+    ``-inf`` logits are a mask (a value of probability 0), not a divergence: an error of an estimator
+    on masked logits is its own (it was reported as 'the logits diverged' in float16, where it was
+    an overflow), so logits count only with NaN or +inf."""
     out = []
     try:
         base = base_distribution(d)
@@ -817,7 +821,9 @@ def _nonfinite_parameters(d) -> list[str]:
             v = base.__dict__.get(name)
             raw = v.tensor if type(v) is PlateTensor else v
             if isinstance(raw, torch.Tensor) and raw.is_floating_point() and raw.device.type != "meta":
-                if not bool(torch.isfinite(raw.detach()).all()):
+                raw = raw.detach()
+                bad = (torch.isnan(raw) | torch.isposinf(raw)) if name == "logits" else ~torch.isfinite(raw)
+                if bool(bad.any()):
                     out.append(name)
     except Exception:  # noqa: BLE001  (only for a better message: never hide the original error)
         return []
