@@ -266,12 +266,10 @@ def test_exact_values():
     assert torch.allclose(d[3], torch.diag(6 * kit.direction(2)))  # ∇³f·v
 
 
-def test_one_estimator_takes_seconds():
-    start = time.perf_counter()
-    kit.check_against_enumeration(LeaveOneOut, options={"n_samples": 2})
-    seconds = time.perf_counter() - start
-    print(f"\nfull check of a score-function estimator (5 models, orders 0-3): {seconds:.2f}s")
-    assert seconds < 30
+def test_full_check_of_a_score_function_estimator_passes():
+    # (its time is not asserted: speed is measured in benchmarks, not in unit tests)
+    report = kit.check_against_enumeration(LeaveOneOut, options={"n_samples": 2})
+    assert report.ok
 
 
 def test_z_test_rejects_nan_and_keeps_assert_unbiased():
@@ -279,3 +277,12 @@ def test_z_test_rejects_nan_and_keeps_assert_unbiased():
     assert not r.ok and math.isinf(r.max_abs_z)
     with pytest.raises(AssertionError, match="biased"):
         kit.assert_unbiased(torch.ones(100, 1) + 0.01 * torch.randn(100, 1), 2.0)
+
+
+def test_z_test_rejects_a_non_finite_exact_value():
+    # an enumeration that failed (0 * inf at a masked value) must not pass as z = 0
+    est = torch.randn(100, 2, generator=torch.Generator().manual_seed(0))
+    r = kit.z_test(est, torch.tensor([float("nan"), 0.0]))
+    assert not r.ok and math.isinf(float(r.z[0])) and abs(float(r.z[1])) < 4
+    with pytest.raises(AssertionError, match="biased"):
+        kit.assert_unbiased(est, torch.tensor([0.0, float("inf")]))

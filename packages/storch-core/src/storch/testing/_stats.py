@@ -103,7 +103,8 @@ def z_test(estimates: torch.Tensor, exact: Union[torch.Tensor, float], name: str
 
     A component whose estimates have (numerically) zero variance must equal the exact value to
     ``atol`` (relative to its magnitude); otherwise its z-score is infinite. Non-finite estimates
-    give an infinite z-score too.
+    give an infinite z-score too, and so does a non-finite exact value (an enumeration that failed,
+    e.g. 0 * inf for a masked value, must not pass as z = 0).
     """
     est = estimates.detach().to(torch.float64)
     n = est.shape[0]
@@ -115,7 +116,7 @@ def z_test(estimates: torch.Tensor, exact: Union[torch.Tensor, float], name: str
     z = torch.where(tiny, ((mean - exact).abs() > atol * (1 + exact.abs())).double() * float("inf"),
                     (mean - exact) / stderr.clamp_min(1e-300))
     # nan_to_num would turn ±inf into ±1.797e308: keep infinities as they are
-    z = torch.where(torch.isfinite(mean), torch.nan_to_num(z, nan=0.0, posinf=math.inf, neginf=-math.inf),
+    z = torch.where(torch.isfinite(mean) & torch.isfinite(exact), torch.nan_to_num(z, nan=0.0, posinf=math.inf, neginf=-math.inf),
                     torch.full_like(z, math.inf))
     return UnbiasednessReport(name, mean, stderr, exact, z, n, threshold, var)
 
