@@ -2,6 +2,7 @@
 Poisson and Exponential against closed forms."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -115,3 +116,62 @@ def test_mvd_gradient_is_finite_at_saturated_categorical_logits():
         storch.add_cost((z * torch.tensor([1.0, 2.0, 3.0])).sum())
         g, = torch.autograd.grad(storch.surrogate_loss(), logits)
     assert torch.isfinite(g).all(), g
+
+
+# rows mask different categories; the last row has one possible category (p = 1 there)
+ALLOWED = torch.tensor([[True, False, True, True], [False, True, True, False], [False, False, True, False]])
+
+
+def f_masked(z):  # categories of 3 elements, non-separable
+    return torch.sin(1.3 * z[0] * z[1] + 0.2) + 0.1 * z[2] ** 2 + 0.3 * z[0] * z[2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("onehot", [False, True])
+@pytest.mark.parametrize("param", ["logits", "probs"])
+def test_categorical_with_impossible_categories_against_enumeration(param, onehot, dtype):
+    """Masked categories (logits −∞, or probs exactly 0), different per row of the batch, and a row with one
+    possible category: the surrogate was NaN for −∞ logits (−∞ · coefficient 0 in l), and p⁺_k = δ_k handed
+    the impossible k to the cost (also for probs 0). Now c_k = 0 slots hold draws of p with weight 0: the
+    cost never sees an impossible category, and gradient and forward value match exact enumeration over
+    the possible ones (the gradient of a masked logit is exactly 0)."""
+    torch.manual_seed(15)
+    theta = torch.tensor([[0.2, -0.5, 0.9, 0.0], [1.0, 0.3, -1.2, 0.4], [0.1, 0.7, -0.3, 0.5]], dtype=dtype)
+    allowed = ALLOWED
+    est = storch.estimator("mvd", plate="z")
+    idx = torch.arange(4, dtype=dtype)
+    seen = []
+
+    def dist(t):
+        if param == "logits":
+            return (OneHotCategorical if onehot else Categorical)(logits=t.masked_fill(~allowed, -math.inf))
+        p = torch.softmax(t, -1) * allowed
+        return (OneHotCategorical if onehot else Categorical)(probs=p / p.sum(-1, keepdim=True))
+
+    def model(t):
+        z = est(dist(t))
+        seen.append(z.tensor.detach())
+        if onehot:
+            return f_masked((z * idx).sum(-1))
+        return f_masked(z.to(dtype))
+
+    def exact(t):
+        p = torch.softmax(t.masked_fill(~allowed, -math.inf), -1)
+        return sum(p[0, i] * p[1, j] * p[2, k] * f_masked(torch.tensor([i, j, k], dtype=t.dtype))
+                   for i, j, k in itertools.product(range(4), repeat=3))
+
+    g, v = estimates(theta, model, 3000)
+    for z in seen:  # (plate..., 3 rows) indices, or (plate..., 3 rows, 4) one-hot vectors
+        if onehot:
+            assert ((z.sum(-1) == 1) & ((z * ~allowed).sum(-1) == 0)).all()
+        else:
+            assert allowed.gather(-1, z.long().reshape(-1, 3).T).all(), "the cost saw an impossible category"
+    assert torch.isfinite(g).all() and torch.isfinite(v).all()
+    # a masked logit, and every logit of the row with one possible category, has derivative exactly 0 (probs:
+    # up to the rounding of the user's softmax · mask / sum); the others are z-tested
+    zero = (~allowed | (allowed.sum(-1, keepdim=True) == 1)).reshape(-1)
+    assert (g[:, zero].abs() <= (0 if param == "logits" else 1e-6)).all()
+    value, grad = exact_grad(exact, theta.double())
+    name = f"mvd {'OneHot' if onehot else ''}Categorical({param}) masked, {dtype}"
+    print(assert_unbiased(g[:, ~zero].double(), grad[~zero], f"{name} grad").table())
+    print(assert_unbiased(v.double(), value, f"{name} forward value").table())

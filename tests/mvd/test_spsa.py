@@ -4,6 +4,7 @@ import itertools
 import math
 
 import numpy as np
+import pytest
 import torch
 from torch.distributions import (
     Bernoulli,
@@ -222,3 +223,60 @@ def test_transformed_and_mixture_parameters_are_perturbed():
     g, v = rows[:, :4], rows[:, 4]
     print(assert_unbiased(g, _rademacher_average(_mixture_value, theta, c), "spsa E[ĝ], MixtureSameFamily").table())
     print(assert_unbiased(v, _mixture_value(theta), "spsa forward value, MixtureSameFamily").table())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_masked_logits_hold_still_and_the_rest_matches_the_expected_estimate(dtype):
+    """Categorical with −∞ logits, masking different categories per row: u = logits is −∞ there and
+    l = u · coefficient was NaN (surrogate NaN every step). A −∞ coordinate is not moved by ±cε, so spsa
+    holds it (its estimate is the exact finite difference 0) and perturbs the finite ones: E[ĝ] is the
+    Rademacher average over the finite coordinates of the central differences of E_p[f] in the normalised
+    logits u, chained to the user's logits (closed form below), the forward value is unbiased, and the cost
+    never sees a masked category (p± keep p's zeros)."""
+    c = 0.3
+    allowed = torch.tensor([[True, False, True], [True, True, False]])
+    table = torch.tensor([[0.5, 9.0, -1.0], [2.0, 9.0, 0.3], [9.0, 9.0, 9.0]], dtype=torch.float64)
+    theta = torch.tensor([[0.2, -0.4, 0.1], [-0.3, 0.5, 0.8]], dtype=dtype)
+
+    def value(u):  # E_p[f] from (normalised) logits, f(i, j) = table[i, j]
+        p = torch.softmax(u, -1)
+        return (p[0][:, None] * p[1][None, :] * table).sum()
+
+    # E[ĝ_u]: ε over the 4 finite coordinates of u = log_softmax(θ masked); then ĝ_θ = (∂u/∂θ)ᵀ ĝ_u
+    t = theta.double().requires_grad_(True)
+    u = torch.log_softmax(t.masked_fill(~allowed, -math.inf), -1)
+    free = allowed.reshape(-1)
+    g_u = torch.zeros(6, dtype=torch.float64)
+    for eps in itertools.product([1.0, -1.0], repeat=int(free.sum())):
+        e = torch.zeros(6, dtype=torch.float64)
+        e[free] = torch.tensor(eps, dtype=torch.float64)
+        e = e.reshape(2, 3)
+        diff = value(u.detach() + c * e) - value(u.detach() - c * e)
+        g_u[free] += (diff / (2 * c * e)).reshape(-1)[free] / 2 ** int(free.sum())
+    expected, = torch.autograd.grad(u, t, g_u.reshape(2, 3))
+
+    torch.manual_seed(38)
+    est = storch.estimator("spsa", plate="k", perturbation=c)
+    seen = []
+
+    def model(th):
+        z = est(Categorical(logits=th.masked_fill(~allowed, -math.inf)))
+        seen.append(z.tensor.detach())
+        return table.to(dtype)[z[0], z[1]]
+
+    g, v = estimates(theta, model, 4000)
+    for z in seen:
+        assert allowed.gather(-1, z.long().reshape(-1, 2).T).all(), "the cost saw a masked category"
+    assert torch.isfinite(g).all() and torch.isfinite(v).all()
+    assert (g[:, ~free] == 0).all()
+    print(assert_unbiased(g[:, free].double(), expected.reshape(-1)[free], f"spsa E[ĝ], masked logits, {dtype}").table())
+    print(assert_unbiased(v.double(), value(u.detach()), f"spsa forward value, masked logits, {dtype}").table())
+
+
+def test_probabilities_on_the_boundary_are_refused():
+    """probs exactly 0 have u = log probs = −∞ where the parameter is finite: the derivative there is one-sided
+    and needs the cost at the impossible category (and the chain rule is 0 · ∞): refused, naming -inf logits."""
+    probs = torch.tensor([0.5, 0.0, 0.5], requires_grad=True)
+    est = storch.estimator("spsa", plate="k")
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="-inf logits"):
+        est(Categorical(probs=probs))

@@ -43,7 +43,8 @@ class Mvd(Estimator):
 
     Requires: one of the distributions with a decomposition (``decompositions/``): Normal,
     Bernoulli, Categorical, OneHotCategorical, Poisson, Exponential (also inside
-    ``Independent``). Any cost; no differentiability in x.
+    ``Independent``). Any cost; no differentiability in x. A Categorical's impossible categories
+    (−∞ logits, probs 0) have c = 0 and are never handed to the cost (``decompositions/categorical.py``).
 
     max_order: 1 — the gradient function is linear in θ with a detached coefficient, so its
     second derivative is 0, and ∇l ∇l^T f has no weak-derivative meaning (appendix D.4).
@@ -98,6 +99,10 @@ class Mvd(Estimator):
             samples.append(x.reshape((n, k * 2 * e) + batch + event))
             # balance-heuristic importance weight, detached (appendix D.2.2): Σ_{q∈G_e} q w = p/(nE)
             w = 1.0 / (n * e * ratio)  # (n, K, 2, E, *parents)
+            if part.active is not None:
+                # a slot outside G_e (its c is 0; e.g. p⁺_k = δ_k at p_k = 0) holds a stand-in: weight 0
+                active = part.active.reshape((k, 2) + parents + (e,)).movedim(-1, 2).unsqueeze(0)
+                w = torch.where(active, w, torch.zeros_like(w))
             sign = torch.tensor([1.0, -1.0], dtype=w.dtype, device=w.device).reshape((1, 1, 2, 1) + (1,) * npar)
             theta = part.theta.reshape((k,) + parents + (e,)).movedim(-1, 1).unsqueeze(0).unsqueeze(2)
             c = part.c.reshape((k,) + parents + (e,)).movedim(-1, 1).unsqueeze(0).unsqueeze(2)

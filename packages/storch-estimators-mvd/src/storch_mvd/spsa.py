@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from typing import Optional
 
 import torch
@@ -60,7 +61,9 @@ class Spsa(Estimator):
     support that the perturbation does not move (not Uniform, Pareto; a Binomial with fixed total_count is fine). Only parameters that
     require grad are perturbed (integer ones and constants stay fixed); a TransformedDistribution's are its
     base's, a MixtureSameFamily's its mixture's and components'. A tensor that requires grad elsewhere (a
-    transform's) is refused: it would get no gradient. Any cost.
+    transform's) is refused: it would get no gradient. A −∞ logit (a masked category) is held fixed (its
+    finite difference is exactly 0) and the finite coordinates are perturbed; a constrained parameter on its
+    boundary (probs exactly 0 or 1) is refused (see :func:`_held_coordinates`). Any cost.
 
     biased: True — E[ĝ] is the gradient of a finite difference, E[ĝ] − ∇ = O(c²) for smooth
     expectations (central difference; Spall 1992). max_order: 1 (appendix D.3).
@@ -148,6 +151,7 @@ class Spsa(Estimator):
             node.state.gradient = torch.zeros((n,), dtype=dtype, device=x.device)
             return x
         u = {key: transform_to(leaves[key[0]].arg_constraints[key[1]]).inv(v) for key, v in free.items()}  # with grad
+        held = {key: _held_coordinates(leaves[key[0]], key[1], v, u[key]) for key, v in free.items()}
         eps = {k: torch.randint(0, 2, (n,) + v.shape, device=v.device).to(v.dtype) * 2 - 1 for k, v in u.items()}
         # the weights p / (p₊ + p₋) are computed on the distribution under the outer Independent and
         # TransformedDistribution layers, whose transforms hold nothing perturbed: their Jacobian cancels in
@@ -205,6 +209,10 @@ class Spsa(Estimator):
                 # appendix D.3: l = ±u ⊥(1 / (2cε n w)), so w ∇l = ±∇u / (2cε n): the weight cancels;
                 # detach: only u carries gradient
                 coef = (sign / (2 * c * eps[k] * n * wk)).detach()
+                if held[k] is not None:
+                    # a coordinate at −∞ (a masked logit) is not moved by ±cε, so its finite difference is
+                    # exactly 0: it enters l as 0, with no gradient (−∞ · coef was NaN)
+                    v = torch.where(held[k], torch.zeros((), dtype=v.dtype, device=v.device), v)
                 l = l + (v * coef).reshape(w.shape + (-1,)).sum(-1)
             grads.append(l)
         node.state.weights = torch.stack([w1, w2], 1).flatten(0, 1)
@@ -326,6 +334,35 @@ def _supports_quietly(cls, d: Distribution) -> bool:
         return bool(cls.supports(d))
     except Exception:  # noqa: BLE001  (only for an error message: an estimator that cannot tell is not listed)
         return False
+
+
+def _held_coordinates(d: Distribution, name: str, theta: torch.Tensor, u: torch.Tensor) -> Optional[torch.Tensor]:
+    """The coordinates of ``u`` (the unconstrained form of parameter ``name``) that spsa holds fixed: those
+    at −∞ where the parameter itself is −∞ (a masked logit: u = θ), as a bool mask; ``None`` if all are finite.
+
+    u ± cε = −∞ there, so p± keep p's zero probabilities (the supports of p, p₊, p₋ stay equal and the
+    weights of appendix D.3 stay valid), the finite coordinates get the usual SPSA estimate of the
+    smoothed restriction of E_p[f] to them, and the held coordinates the exact finite difference 0 =
+    lim_{θ_k → −∞} ∂_{θ_k} E_p[f] (for logits, p_k (f(k) − E_p[f]) → 0).
+
+    Raises:
+        UnsupportedDistributionError: u is infinite where the parameter is finite: a constrained parameter on
+            its boundary (probs exactly 0 or 1), whose derivative there is one-sided and needs the cost at
+            an outcome of probability 0, which no sample of p± reaches (and the chain rule is 0 · ∞).
+    """
+    with torch.no_grad():
+        bad = ~torch.isfinite(u)
+        if not bool(bad.any()):
+            return None
+        if u.shape == theta.shape and bool((u[bad] == -math.inf).all()) and bool((theta[bad] == -math.inf).all()):
+            return bad
+    raise UnsupportedDistributionError(
+        f"spsa cannot perturb parameter {name!r} of {type(d).__name__}: it has entries on the boundary of its "
+        f"constraint ({d.arg_constraints[name]}; e.g. probabilities exactly 0 or 1), where its unconstrained "
+        "form is infinite. The derivative with respect to such an entry is one-sided and needs the cost at an "
+        "outcome of probability 0, which no perturbed sample reaches. Mask impossible categories with -inf "
+        "logits instead (Categorical(logits=logits.masked_fill(~allowed, -math.inf))): spsa holds a -inf logit "
+        "fixed and perturbs the finite ones")
 
 
 def _split_parameters(d: Distribution) -> tuple[dict, dict]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, Optional
 
 import torch
 from torch.distributions import Distribution
@@ -29,12 +29,19 @@ class Part(NamedTuple):
         c: the constant c_θ, shape ``(K, *batch)``.
         plus: samples of p⁺, shape ``(n, K, *batch, *event)``, detached.
         minus: samples of p⁻, shape ``(n, K, *batch, *event)``, detached.
+        active: ``None`` (every slot is a proposal), or a bool tensor of shape ``(K, 2, *batch)``
+            (2: p⁺, p⁻): whether the slot's p^± is one of the element's proposals G_e. An inactive
+            slot is one whose p^± does not exist or puts mass where p has none (a Categorical's
+            p⁺_k = δ_k at p_k = 0): its c must be 0, it gets weight 0, and its sample is a stand-in
+            in p's support, so the cost never sees an impossible value. :meth:`WeakDerivative.ratio_sum`
+            sums over the active slots only.
     """
 
     theta: torch.Tensor
     c: torch.Tensor
     plus: torch.Tensor
     minus: torch.Tensor
+    active: Optional[torch.Tensor] = None
 
 
 class WeakDerivative(abc.ABC):
@@ -58,7 +65,7 @@ class WeakDerivative(abc.ABC):
 
     @abc.abstractmethod
     def ratio_sum(self, d: Distribution, y: torch.Tensor) -> torch.Tensor:
-        """Σ over all parameters, components and signs of q(y) / p(y), elementwise.
+        """Σ over all parameters, components and signs of q(y) / p(y), elementwise (active slots only).
 
         ``q`` runs over every p⁺ and p⁻ of :meth:`parts` for one batch element; ``y`` has
         shape ``(..., *batch, *event)`` and the result ``(..., *batch)``. This is the
