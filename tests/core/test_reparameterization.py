@@ -7,6 +7,7 @@ import torch
 from torch.distributions import Normal, Independent
 
 import storch
+from storch import magic_box
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
 
 R = 4000
@@ -277,7 +278,8 @@ def test_a_cost_cut_from_the_sample_is_refused(cut):
 
 def test_a_cut_is_looked_for_once_per_estimator_and_cost(monkeypatch):
     """The walk of the cost's graph to the sample runs at the first step of each estimator and cost name (at
-    any order): later steps walk nothing; a refused cost is checked again at the next step."""
+    any order): later steps walk nothing; a refused cost is checked again at the next step. One more walk, at
+    the estimator's first step only: whether the value it handed out is a path from its parameters."""
     import storch.surrogate as surrogate
 
     walks = []
@@ -290,14 +292,14 @@ def test_a_cut_is_looked_for_once_per_estimator_and_cost(monkeypatch):
             x = est(Normal(mu, 1.0))
             storch.add_cost(torch.tanh(x).sum(), name="smooth")
             storch.surrogate_loss(order=order)
-    assert len(walks) == 1
+    assert len(walks) == 2  # the handed-out value to the parameters, the cost 'smooth' to the value
     for _ in range(2):
         with storch.Graph():
             x = est(Normal(mu, 1.0))
             storch.add_cost((x > 0).float().sum(), name="cut")
             with pytest.raises(storch.OrderError, match="'cut'"):
                 storch.backward()
-    assert len(walks) == 3
+    assert len(walks) == 4
 
 
 def test_no_cut_refused_where_the_gradient_is_right():
@@ -422,6 +424,122 @@ def test_a_cost_cut_after_its_first_check_is_refused():
             else:
                 with pytest.raises(storch.OrderError, match="the cost 'rate' depends on the node's sample"):
                     storch.backward()
+
+
+class _TaylorScore(storch.Estimator):
+    """MuProp-like (Gu et al. 2016), written as a third-party author would, with public names only: n score
+    samples of a Bernoulli, then ONE evaluation-only entry, the mean-field point x̄ = p (weight 0, l = 0),
+    handed out as a leaf that requires grad so that the control variate reads ∇f(x̄) from ``cost.live()``;
+    a = E_p[h] - MagicBox(l) ⊥h(x) with h(x) = f(x̄) + ∇f(x̄)·(x - x̄). The gradient is the score function's:
+    the leaf's gradient is no part of it. ``live_mean``: x̄ handed out with the graph of p instead (a path from
+    the parameters: pathwise as far as the cut check can tell)."""
+
+    name = "test_core_taylor_score"
+    distributions = (torch.distributions.Bernoulli,)
+    score_function = True
+
+    def __init__(self, plate: str, n_samples: int = 2, live_mean: bool = False):
+        super().__init__(plate=plate, n_samples=n_samples)
+        self.live_mean = live_mean
+
+    @property
+    def uniform_weights(self):
+        return False
+
+    def proposal(self, node):
+        d = node.distribution
+        return torch.cat([d.sample((self.n_samples,)), d.probs.detach().unsqueeze(0)], 0)  # ⊥: a step constant
+
+    def weighting_function(self, node):
+        w = torch.full((self.n_samples + 1,), 1.0 / self.n_samples, dtype=node.sample.dtype)
+        w[-1] = 0.0  # x̄ is evaluated, never averaged
+        return w
+
+    def gradient_function(self, node):
+        lp = node.log_prob(node.sample[:-1])  # summed over the batch dims
+        return torch.cat([lp, torch.zeros_like(lp[:1])], 0)
+
+    def output(self, node):
+        n = self.n_samples
+        xbar = node.distribution.probs.unsqueeze(0) if self.live_mean else node.sample[n:].clone().requires_grad_()
+        node.state = xbar
+        return torch.cat([node.sample[:n], xbar], 0)
+
+    def has_control_variate(self):
+        return True
+
+    def control_variate(self, node, cost):
+        n, d, x, xbar = self.n_samples, node.distribution, node.sample, node.state
+        fbar = cost.tensor.narrow(cost.dim, n, 1)  # f(x̄), detached
+        live = cost.live().narrow(cost.dim, n, 1)
+        g = None
+        if live.requires_grad and not self.live_mean:
+            (g,) = torch.autograd.grad(live.sum(), xbar, retain_graph=True, allow_unused=True)
+        g = torch.zeros_like(x[n]) if g is None else g.detach()[0]  # ∇f(x̄): a constant of the step
+        lin = (g * (x - x[n])).sum(-1)  # ∇f(x̄)·(x - x̄), (N, *parents)
+        lin_mean = (g * (d.probs - x[n])).sum(-1)  # its mean under p, with the graph of p (value 0)
+        lp = cost.align(node.gradient_values)
+        return fbar + cost.align(lin_mean.expand_as(lin)) - magic_box(lp) * (fbar + cost.align(lin))
+
+
+_TAYLOR_COSTS = {
+    "step": lambda x: (x > 0.5).to(x.dtype).sum(-1) * 1.5,  # no derivative: ∇f(x̄) = 0
+    "smooth": lambda x: (x * torch.tensor([1.0, -2.0, 0.5], dtype=x.dtype)).sum(-1) ** 2,
+}
+
+
+@pytest.mark.parametrize("cost", sorted(_TAYLOR_COSTS))
+def test_an_evaluation_only_leaf_with_gradient_is_not_pathwise(cost, monkeypatch):
+    """A score-function estimator that hands out an evaluation-only entry as a leaf of its own that requires
+    grad (MuProp's x̄, for its control variate's ∇f(x̄)) was refused by the cut check for a cost without a
+    derivative ((z > 0.5).float(): "only through operations without a derivative ... use 'score'") although
+    its estimate is unbiased: the check took any handed-out value that requires grad for a pathwise sample.
+    That value's graph reaches none of the distribution's parameters, so its gradient is not part of the
+    estimate: not refused, and unbiased at orders 1 and 2 (z-test against enumeration), for a step cost and a
+    smooth one (∇f(x̄) != 0). The estimator is marked never pathwise at its first step: later steps take the
+    cut check's fast path (no walk). With frozen parameters it is undecided (refused, not remembered). The
+    same estimator handing out x̄ with the graph of p is refused."""
+    import storch.surrogate as surrogate
+    from storch.testing import exact_derivatives, exact_expectation, z_test
+
+    torch.manual_seed(3)
+    f = _TAYLOR_COSTS[cost]
+    theta = torch.tensor([0.3, -0.7, 1.1], dtype=torch.float64)
+    exact = exact_derivatives(exact_expectation(lambda t: torch.distributions.Bernoulli(logits=t), f), theta, 2)
+    for order in (1, 2):
+        est = _TaylorScore("z")
+        with storch.Graph():
+            leaf, th = replicate(theta, R)
+            storch.add_cost(f(est(torch.distributions.Bernoulli(logits=th))), name="c")
+            ds = per_replicate_derivatives(storch.surrogate_loss(order=order), leaf, order)
+        for d, e in zip(ds, exact[1:]):
+            report = z_test(d, e, f"{cost} order {order}")
+            assert report.ok, report.table()
+        assert est.__dict__["_storch_reach_checked"] is None
+    walks = []
+    monkeypatch.setattr(surrogate, "_pathwise", lambda node: walks.append(1) or True)
+    with storch.Graph():
+        storch.add_cost(f(est(torch.distributions.Bernoulli(logits=theta.clone().requires_grad_()))), name="c")
+        storch.backward()
+    assert walks == []
+    monkeypatch.undo()
+    # parameters that show no gradient (frozen) leave it undecided: checked as pathwise (refused, as a
+    # distribution that holds its parameters where storch does not look would be), not remembered
+    est = _TaylorScore("z")
+    for frozen in (True, False):
+        with storch.Graph():
+            storch.add_cost(_TAYLOR_COSTS["step"](est(torch.distributions.Bernoulli(
+                logits=theta.clone().requires_grad_(not frozen)))), name="c")
+            if frozen:
+                with pytest.raises(storch.OrderError, match="without a derivative"):
+                    storch.backward()
+            else:
+                storch.backward()
+    with storch.Graph():
+        z = _TaylorScore("z", live_mean=True)(torch.distributions.Bernoulli(logits=theta.clone().requires_grad_()))
+        storch.add_cost(_TAYLOR_COSTS["step"](z), name="c")
+        with pytest.raises(storch.OrderError, match="'c' depends on the node's sample .* without a derivative"):
+            storch.backward()
 
 
 def test_an_episode_checks_each_steps_cost_and_names_the_step(monkeypatch):

@@ -113,10 +113,18 @@ def _holds_plate_tensor(d, depth: int = 0, known: tuple[Plate, ...] = ()) -> boo
     return False
 
 
-def holds_grad(d, depth: int = 0) -> bool:
+def holds_grad(d) -> bool:
     """Whether a tensor that ``d`` (a distribution or a transform) holds, or what it holds (base
     distributions, components, transforms and their parts), requires grad: whether its parameters
     carry gradient. Read only for a node sampled under ``torch.no_grad()`` (``Node.no_grad_step``)."""
+    return next(grad_parameters(d), None) is not None
+
+
+def grad_parameters(d, depth: int = 0):
+    """The tensors that ``d`` (a distribution or a transform) holds, or what it holds (base distributions,
+    components, transforms and their parts), that require grad (raw, not plate tensors): its parameters
+    that carry gradient, as far as its attributes show them (lazily computed ones, e.g. ``probs`` of a
+    distribution built from ``logits``, once read). A generator: :func:`holds_grad` stops at the first."""
     for v in d.__dict__.values():
         items = v if isinstance(v, (list, tuple)) else (v,)
         for item in items:
@@ -124,10 +132,9 @@ def holds_grad(d, depth: int = 0) -> bool:
                 item = item._raw
             if isinstance(item, torch.Tensor):
                 if item.requires_grad:
-                    return True
-            elif isinstance(item, (Distribution, Transform)) and depth < 8 and holds_grad(item, depth + 1):
-                return True
-    return False
+                    yield item
+            elif isinstance(item, (Distribution, Transform)) and depth < 8:
+                yield from grad_parameters(item, depth + 1)
 
 
 def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tuple[Distribution, tuple[Plate, ...]]:

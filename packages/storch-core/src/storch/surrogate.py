@@ -25,7 +25,7 @@ import torch
 
 from .cost import CostFrame, _lead, magic_box
 from .eager import eager_only
-from .distributions import RSAMPLE_ORDER_NOTE, rsample_max_order
+from .distributions import RSAMPLE_ORDER_NOTE, grad_parameters, rsample_max_order
 from .errors import NonFiniteCostError, OrderError, StorchError, UnusedSampleWarning
 from .estimators.base import Estimator, _is_score_function
 from .estimators.catalog import installed_classes, supporting_estimators
@@ -337,22 +337,27 @@ def _guard_control_variate(a, node: Node, order: int) -> None:
         _refuse_twice(a, _low_order_message(node))
 
 
-# estimator -> the cost names checked by _check_reaches (None: it hands out samples without gradient by design)
+# estimator -> the cost names checked by _check_reaches (None: never pathwise: it hands out samples without
+# gradient, or with a gradient that is not a path from the distribution's parameters, by design; an empty
+# set: pathwise, no cost name passed yet)
 # kept in the estimator's __dict__ under this key (a plain dict read per node and cost: the common step's
 # score nodes are marked never pathwise after their first surrogate)
 _REACH_KEY = "_storch_reach_checked"
 
 
 def _check_reaches(name: str, cost: torch.Tensor, nodes: list[Node], order: int) -> None:
-    """A node that hands out a sample that requires grad (reparameterization, the relaxations; REBAR and RELAX
-    on their relaxed blocks) gets its gradient through that sample: refuse a cost that carries its plate (it
-    depends on the sample's value) but whose autograd graph does not reach the sample (a comparison,
-    ``.bool()``, ``.long()``, ``argmax``, ``torch.where``'s condition, ``detach``): its pathwise gradient is
-    silently 0 where the expectation's is not. A node downstream of it that the cost carries and whose
-    gradient function or weights reach the sample (a score node whose logits depend on it) explains the
-    dependence (the surrogate credits it through that node's log-probability); one with a control variate
-    is trusted to. The walk runs once per estimator and cost name (a model's operations rarely change
-    between steps); a refused cost is checked again at the next step."""
+    """A node that hands out a sample that is a differentiable function of its distribution's parameters
+    (reparameterization, the relaxations; REBAR and RELAX on their relaxed blocks) gets its gradient through
+    that sample: refuse a cost that carries its plate (it depends on the sample's value) but whose autograd
+    graph does not reach the sample (a comparison, ``.bool()``, ``.long()``, ``argmax``, ``torch.where``'s
+    condition, ``detach``): its pathwise gradient is silently 0 where the expectation's is not. A node
+    downstream of it that the cost carries and whose gradient function or weights reach the sample (a score
+    node whose logits depend on it) explains the dependence (the surrogate credits it through that node's
+    log-probability); one with a control variate is trusted to. A handed-out value that requires grad only
+    through a leaf of the estimator's own (MuProp's evaluation-only entry x̄, whose ∇f(x̄) its control variate
+    reads from ``cost.live()``) is no path from the parameters: its gradient is not part of the estimate, so
+    the estimator is never pathwise (:func:`_pathwise`). The walk runs once per estimator and cost name (a
+    model's operations rarely change between steps); a refused cost is checked again at the next step."""
     if order < 1:  # the value alone
         return
     for node in reversed(nodes):  # the node nearest the cost first: the cut is reported where it is
@@ -369,11 +374,36 @@ def _check_reaches(name: str, cost: torch.Tensor, nodes: list[Node], order: int)
             if node.handed and (any(l.requires_grad for l in _gradient_terms(node)) or _weights_carry(node)):
                 est.__dict__[_REACH_KEY] = None  # its parameters have gradient, its samples not: never pathwise
             continue  # (parameters without gradient now, e.g. frozen: checked when they have one)
+        if seen == ():  # not known yet whether its gradient flows through what it hands out
+            pathwise = _pathwise(node)
+            if pathwise is False:
+                est.__dict__[_REACH_KEY] = None  # a leaf of its own requires grad, no parameter's path
+                continue
+            if pathwise:
+                seen = est.__dict__[_REACH_KEY] = set()
         if not _reaches([raw_of(cost)], handed) and not _explained(node, nodes, handed):
             raise OrderError(_cut_message(node, name))
-        if not seen:
-            seen = est.__dict__[_REACH_KEY] = set()
-        seen.add(name)
+        if seen != ():  # (undecided: checked, not recorded; asked again at the next step)
+            seen.add(name)
+
+
+def _pathwise(node: Node) -> Optional[bool]:
+    """Whether the node's gradient flows through the value it handed out at its first call (which requires
+    grad): whether that value's autograd graph reaches a parameter that requires grad of the first call's
+    distribution (the raw one, or the one the user built, whose raw tensors the raw one's are computed from).
+    False, e.g., for an evaluation-only entry handed out as a leaf of the estimator's own (MuProp's x̄) beside
+    samples without gradient: never pathwise. True where the first value has no gradient (a later step's has).
+    ``None`` (undecided: checked as pathwise at this step, asked again at the next) where the distributions
+    show no parameter that requires grad (frozen ones, or held where their attributes do not show them).
+    Asked at an estimator's first checked step (then cached by _check_reaches): one walk of the first value's
+    graph, which stops at the first parameter it meets."""
+    first = node.handed[0][0]
+    if not first.requires_grad:
+        return True
+    params = list(grad_parameters(node.distribution))
+    if node.original is not None:
+        params.extend(grad_parameters(node.original))
+    return _reaches([first], params) if params else None
 
 
 def _weights_carry(node: Node) -> bool:
