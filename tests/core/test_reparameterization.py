@@ -569,3 +569,19 @@ def test_an_episode_checks_each_steps_cost_and_names_the_step(monkeypatch):
             with pytest.raises(storch.OrderError, match=match):
                 storch.surrogate_loss(order=order)
             assert len(made) == 1  # one memo for the node at this order, shared by the five costs
+
+
+def test_a_straight_through_rsample_is_not_a_reparameterisation():
+    """OneHotCategoricalStraightThrough has rsample (hard + probs - ⊥probs): a pathwise estimator on it
+    gave the straight-through gradient, biased (|z| 63 against enumeration); refused, also wrapped."""
+    from torch.distributions import OneHotCategorical, OneHotCategoricalStraightThrough
+
+    theta = torch.zeros(5, requires_grad=True)
+    est = storch.estimator("reparameterization", plate="z", n_samples=4)
+    assert not est.supports(OneHotCategoricalStraightThrough(logits=theta))
+    assert not est.supports(Independent(OneHotCategoricalStraightThrough(logits=theta.expand(2, 5)), 1))
+    assert est.supports(Normal(theta, 1.0))
+    assert not est.supports(OneHotCategorical(logits=theta))  # no rsample at all: refused as before
+    assert "reparameterization" not in storch.registry.supporting_estimators(OneHotCategoricalStraightThrough(logits=theta))
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="straight-through estimator"):
+        est(OneHotCategoricalStraightThrough(logits=theta))

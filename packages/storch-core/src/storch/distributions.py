@@ -26,6 +26,7 @@ from torch.distributions import (
     MixtureSameFamily,
     Multinomial,
     OneHotCategorical,
+    OneHotCategoricalStraightThrough,
     RelaxedBernoulli,
     RelaxedOneHotCategorical,
     TransformedDistribution,
@@ -40,7 +41,8 @@ from .errors import UnsupportedDistributionError
 from .plates.tensor import Plate, PlateTensor, align, plates_of, union_plates
 
 __all__ = ["base_distribution", "unwrap_distribution", "raw_log_prob", "raw_sample", "strict_support",
-           "rsample_max_order", "RSAMPLE_ORDER_NOTE", "enumeration_support", "rekey_transform_cache"]
+           "rsample_max_order", "RSAMPLE_ORDER_NOTE", "enumeration_support", "rekey_transform_cache",
+           "straight_through_rsample"]
 
 
 def base_distribution(d: Distribution) -> Distribution:
@@ -764,6 +766,20 @@ def rsample_max_order(d: Distribution) -> float:
         if isinstance(v, Distribution) and rsample_max_order(v) < math.inf:
             return 1
     return math.inf
+
+
+def straight_through_rsample(d: Distribution) -> bool:
+    """Whether ``d.rsample()`` is a straight-through estimator rather than a reparameterisation.
+
+    torch's ``OneHotCategoricalStraightThrough.rsample`` returns ``hard + probs - ⊥probs``: the value is
+    a hard sample, its derivative that of ``probs``. That is not the derivative of a sample as a function
+    of the parameters (a discrete sample has none), so a pathwise estimator (``reparameterization``,
+    ``lax``) built on it is biased at every order (a z-test gave |z| 63 at order 1). Looks under
+    ``Independent`` and ``TransformedDistribution`` wrappers.
+    """
+    while isinstance(d, (Independent, TransformedDistribution)):
+        d = d.base_dist
+    return isinstance(d, OneHotCategoricalStraightThrough)
 
 
 RSAMPLE_ORDER_NOTE = (

@@ -21,7 +21,7 @@ from torch.distributions.utils import lazy_property
 
 import storch
 from storch import Estimator, Node, UnsupportedDistributionError
-from storch.extending import moving_support, options, rebuild, same_support
+from storch.extending import assume, is_tracing, moving_support, options, rebuild, same_support
 
 from ._state import PrecomputedState
 
@@ -350,19 +350,26 @@ def _held_coordinates(d: Distribution, name: str, theta: torch.Tensor, u: torch.
             its boundary (probs exactly 0 or 1), whose derivative there is one-sided and needs the cost at
             an outcome of probability 0, which no sample of p± reaches (and the chain rule is 0 · ∞).
     """
-    with torch.no_grad():
-        bad = ~torch.isfinite(u)
-        if not bool(bad.any()):
-            return None
-        if u.shape == theta.shape and bool((u[bad] == -math.inf).all()) and bool((theta[bad] == -math.inf).all()):
-            return bad
-    raise UnsupportedDistributionError(
+    message = (
         f"spsa cannot perturb parameter {name!r} of {type(d).__name__}: it has entries on the boundary of its "
         f"constraint ({d.arg_constraints[name]}; e.g. probabilities exactly 0 or 1), where its unconstrained "
         "form is infinite. The derivative with respect to such an entry is one-sided and needs the cost at an "
         "outcome of probability 0, which no perturbed sample reaches. Mask impossible categories with -inf "
         "logits instead (Categorical(logits=logits.masked_fill(~allowed, -math.inf))): spsa holds a -inf logit "
         "fixed and perturbs the finite ones")
+    with torch.no_grad():
+        bad = ~torch.isfinite(u)
+        if is_tracing():  # storch.compile: no branch on values; the mask always (all False: no change)
+            if u.shape == theta.shape:
+                assume((~bad | ((u == -math.inf) & (theta == -math.inf))).all(), message)
+                return bad
+            assume(~bad.any(), message)
+            return None
+        if not bool(bad.any()):
+            return None
+        if u.shape == theta.shape and bool((u[bad] == -math.inf).all()) and bool((theta[bad] == -math.inf).all()):
+            return bad
+    raise UnsupportedDistributionError(message)
 
 
 def _split_parameters(d: Distribution) -> tuple[dict, dict]:

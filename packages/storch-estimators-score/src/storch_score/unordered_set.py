@@ -213,7 +213,8 @@ class UnorderedSet(Estimator):
                 # in float32 at least: the log-space programme adds up to k floors (below), which overflow
                 # float16 (max 65504) to -inf (inf - inf = NaN), and its log-sum-exps would round to float16's
                 # 3 digits; the weights and the baseline's coefficients return in lp's dtype
-                work = torch.promote_types(c.lp.dtype, torch.float32)
+                # (a Python choice: torch.promote_types is an operator that storch.compile's trace cannot return)
+                work = torch.float64 if c.lp.dtype == torch.float64 else torch.float32
                 lp, log_rest = c.lp.detach().to(work), c.log_rest.to(work)
                 floor = -1e30  # log of a probability that is exactly 0: finite, so no inf - inf
                 lp = lp if c.exact else lp.clamp_min(floor)

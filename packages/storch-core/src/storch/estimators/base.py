@@ -49,6 +49,7 @@ from ..distributions import (
     raw_sample,
     rekey_transform_cache,
     rsample_max_order,
+    straight_through_rsample,
     strict_support,
     unwrap_distribution,
 )
@@ -454,7 +455,8 @@ class Estimator(torch.nn.Module):
         if cls.distributions is not None:
             need.append("one of " + ", ".join(t.__name__ for t in cls.distributions))
         if cls.requires_rsample:
-            need.append("a distribution with rsample (has_rsample=True)")
+            need.append("a distribution with rsample (has_rsample=True) that reparameterises its samples "
+                        "(not OneHotCategoricalStraightThrough's straight-through rsample)")
         if cls.requires_enumerate_support:
             need.append("a distribution with a finite support (has_enumerate_support=True)")
         return need
@@ -521,6 +523,11 @@ class Estimator(torch.nn.Module):
                     f"the {type(d.base_dist).__name__} itself. storch samples and scores the batch dims of a node's "
                     "distribution jointly (one log-probability per sample, summed over them), so the wrapper is not "
                     "needed." + hint)
+        if self.requires_rsample and d.has_rsample and straight_through_rsample(d):
+            hint = (" OneHotCategoricalStraightThrough's rsample is the straight-through estimator (a hard sample "
+                    "with the derivative of probs), not a reparameterisation, so a pathwise gradient through it is "
+                    "biased. For an unbiased gradient use a OneHotCategorical with score, rebar or relax; for the "
+                    "straight-through estimator itself, 'gumbel_straight_through'." + hint)
         return (f"estimator {self.name!r} does not support {type(d).__name__}; it needs "
                 f"{' and '.join(self.requirements())}.{hint}")
 
@@ -786,8 +793,8 @@ def _meets_requirements(est, d: Distribution) -> bool:
     """The type requirements of :meth:`Estimator.supports` (``est``: an instance or a class)."""
     if est.distributions is not None and not isinstance(base_distribution(d), est.distributions):
         return False
-    if est.requires_rsample and not d.has_rsample:
-        return False
+    if est.requires_rsample and (not d.has_rsample or straight_through_rsample(d)):
+        return False  # (a straight-through rsample is no pathwise derivative: a biased estimate)
     return not est.requires_enumerate_support or d.has_enumerate_support
 
 
