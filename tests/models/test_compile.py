@@ -914,3 +914,168 @@ def test_greedy_baseline_on_a_continuous_node_compiles():
         loss_e = step(mu)
         (g_e,) = torch.autograd.grad(loss_e, mu)
         torch.testing.assert_close((loss_c, g_c), (loss_e, g_e))
+
+
+# -- what a trace must not fix silently: value reads, data-dependent shapes, in-place state, replaced and
+# changed parameters (backend=None where the question is the trace, one inductor test for its guards)
+
+
+def _score_step(extra):
+    est = storch.estimator("score", plate="z", n_samples=2)
+    w = torch.nn.Parameter(torch.zeros(3))
+
+    def step(x):
+        with storch.Graph():
+            z = est(Bernoulli(logits=w))
+            storch.add_cost((z * extra(x)).sum(), name="f")
+            return storch.surrogate_loss()
+
+    return step
+
+
+@pytest.mark.parametrize("read", [
+    lambda x: x * max(x.tolist()),  # a loop length from lengths.tolist() was fixed to the first call's
+    lambda x: x * (10.0 if x.numpy().sum() > 0 else -1.0),
+    lambda x: x * float(__import__("numpy").asarray(x).sum()),
+])
+def test_refuses_python_reads_of_traced_values(read):
+    step = _score_step(read)
+    with pytest.raises(storch.StorchError, match="reads a tensor's value in Python"):
+        storch.compile(step, backend=None)(torch.ones(3))
+
+
+@pytest.mark.parametrize("select", [
+    lambda x: x[x > 0].sum() * x,  # padding rows dropped with a mask: the next batch's count was fixed
+    lambda x: x.nonzero().sum() * x,
+    lambda x: torch.masked_select(x, x > 0).sum() * x,
+])
+def test_refuses_data_dependent_shapes(select):
+    with pytest.raises(storch.StorchError, match="data-dependent shape.*torch.where"):
+        storch.compile(_score_step(select), backend=None)(torch.tensor([1.0, 0.0, 2.0]))
+
+
+def test_in_place_updates_run_once_per_call():
+    """The trace and the replay check run the step's torch operations on the real tensors: BatchNorm's
+    running statistics and a step counter were updated four times by the first call (a refused call
+    changed them too), an argument changed in place three times before the step was refused."""
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    counter = torch.zeros(())
+    est = storch.estimator("score", plate="z", n_samples=2)
+
+    def step(x):
+        counter.add_(1)
+        x.sub_(0.5)
+        with storch.Graph():
+            h = storch.denote_independent(enc(x), 0, "data")
+            z = est(Bernoulli(logits=h))
+            storch.add_cost(z.sum(-1) * torch.clamp(counter / 10, max=1.0), name="f")
+            return storch.surrogate_loss()
+
+    x = torch.randn(8, 4) + 3
+    x_eager, x_compiled = x.clone(), x.clone()
+    state = {k: v.clone() for k, v in enc.state_dict().items()}
+    torch.manual_seed(1)
+    eager = [step(x_eager) for _ in range(2)]
+    after_eager = {k: v.clone() for k, v in enc.state_dict().items()}
+    enc.load_state_dict(state)
+    counter.zero_()
+    compiled = storch.compile(step, backend=None)
+    torch.manual_seed(1)
+    replayed = [compiled(x_compiled) for _ in range(2)]
+    assert compiled.traces == 1 and counter.item() == 2 and enc[1].num_batches_tracked.item() == 2
+    for k, v in enc.state_dict().items():
+        torch.testing.assert_close(v, after_eager[k])
+    torch.testing.assert_close(x_compiled, x_eager)
+    torch.testing.assert_close(torch.stack(replayed), torch.stack(eager))
+
+    # a refused trace leaves nothing changed
+    def refused(x):
+        counter.add_(1)
+        x.sub_(0.5)
+        enc(x)
+        return step(x) * len(x.tolist())
+
+    counter.zero_()
+    before, x_before = {k: v.clone() for k, v in enc.state_dict().items()}, x.clone()
+    with pytest.raises(storch.StorchError, match="reads a tensor's value"):
+        storch.compile(refused, backend=None)(x)
+    assert counter.item() == 0
+    torch.testing.assert_close(x, x_before)
+    for k, v in enc.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
+def _linear_step(model, est):
+    def step(x):
+        with storch.Graph():
+            x = storch.denote_independent(x, 0, "data")
+            z = est(Bernoulli(logits=model.enc(x)))
+            storch.add_cost(((z - 1.0) ** 2).sum(-1) + (model.enc(x) ** 2).sum(-1), name="f")
+            return storch.surrogate_loss()
+
+    return step
+
+
+@pytest.mark.parametrize("how", ["assign", "new_module"])
+def test_replaced_parameters_are_traced_again(how):
+    # the trace captures the Parameter objects: after load_state_dict(assign=True) or a new submodule the
+    # replay computed with (and trained) the old ones, silently
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.enc = torch.nn.Linear(4, 3)
+    est = storch.estimator("score", plate="z", n_samples=4, baseline="leave_one_out")
+    step = _linear_step(model, est)
+    compiled = storch.compile(step, backend=None)
+    x = torch.randn(5, 4)
+    compiled(x)
+    if how == "assign":
+        model.load_state_dict({k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}, assign=True)
+    else:
+        model.enc = torch.nn.Linear(4, 3)
+    params = list(model.parameters())
+    torch.manual_seed(1)
+    value, grads = _grads(compiled, params, (x,), 1)
+    _assert_same((value, grads), _grads(step, params, (x,), 1))
+    assert compiled.traces == 2
+    compiled(x)
+    assert compiled.traces == 2  # the guard passes again
+
+
+def test_inductor_follows_parameter_metadata():
+    """inductor compiles the traced program without dynamo's guards: a parameter unfrozen after the first call
+    got no gradient, and after model.double() (integer inputs: the same signature) the loss was NaN."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 3)
+    est = storch.estimator("score", plate="z", n_samples=2)
+
+    def step(tok):
+        with storch.Graph():
+            h = storch.denote_independent(emb(tok), 0, "data")
+            z = est(Bernoulli(logits=h))
+            storch.add_cost((z * 0).sum(-1) + (h ** 2).sum(-1), name="f")
+            return storch.surrogate_loss()
+
+    tok = torch.tensor([1, 2, 3, 4])
+    compiled = storch.compile(step)
+    with torch._inductor.config.patch(fallback_random=True):  # torch's generator: eager's samples
+        emb.requires_grad_(False)
+        compiled(tok)
+        emb.requires_grad_(True)
+        _assert_same(_grads(compiled, [emb.weight], (tok,), 1), _grads(step, [emb.weight], (tok,), 1))
+        emb.double()
+        value = compiled(tok)
+        assert value.dtype == torch.float64
+        torch.testing.assert_close(value, step(tok))
+    assert compiled.traces == 3
+
+
+def test_guard_sees_autocast():
+    # the per-call check of an inductor program (no compile here: its guard on a traced program)
+    lin = torch.nn.Linear(2, 2)
+    gm = torch.fx.experimental.proxy_tensor.make_fx(lambda x: lin(x))(torch.ones(1, 2))
+    valid = storch.compiled._guard(gm, {}, metadata=True)
+    assert valid()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not valid()
+    assert valid()

@@ -49,10 +49,24 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
 - tensors the step reads but does not receive as arguments are captured: ``nn.Parameter``s by
   reference (gradients and optimizer updates work as usual); any other captured tensor that
   requires grad is refused (pass it as an argument); other captured tensors are read live (same
-  object) but must not be replaced by new objects between calls;
+  object) but must not be replaced by new objects between calls. A parameter or buffer that the step
+  reached through module attributes (``model.enc.weight``) and that is replaced later
+  (``model.load_state_dict(sd, assign=True)``, ``model.enc = nn.Linear(...)``) is seen at the next call,
+  which traces again (:func:`_guard`: a dict lookup per attribute; ``nn.Module.__getattr__`` is watched
+  during the trace only); one replaced elsewhere (a global name rebound) is not: call
+  :meth:`CompiledStep.clear`. With the default backend (inductor, compiled without dynamo's guards) the
+  captured tensors' ``requires_grad``, dtype, device and shape and the autocast state are checked at
+  each call as well (a parameter unfrozen after the first call, ``model.double()``: traced again);
+- in-place updates of captured buffers and of arguments (BatchNorm's running statistics, a counter,
+  ``x.sub_(0.5)``) happen once per call, as eagerly: the trace and the replay check run the step on the
+  real tensors, so what they wrote is saved first and put back after each (a refused call changes nothing);
 - Python values the step reads (options, ``module.training``, Python numbers) are fixed at trace
   time; call :meth:`CompiledStep.clear` after changing them;
-- data-dependent Python control flow (``if tensor.item() > 0``) cannot be traced: the error says so;
+- data-dependent Python control flow (``if tensor.item() > 0``) cannot be traced: the error says so; so
+  are Python reads of a traced tensor's values (``.tolist()``, ``.numpy()``, ``np.asarray``: a loop over
+  ``range(max(lengths.tolist()))`` would be fixed to the first call's lengths) and data-dependent shapes
+  (a boolean mask ``x[mask]``, ``nonzero``, ``masked_select``, ``unique``: use ``torch.where``), refused
+  by a torch function mode active during the trace only (:class:`_TraceMode`);
 - differentiating inside the step (``torch.autograd.grad`` or ``.backward()`` on what it computed: a
   gradient penalty, a lookahead step) is refused: the backward pass reads tensors autograd saved in
   the forward pass, which a ``pre_dispatch`` trace cannot connect to the program (they would be fixed
@@ -158,6 +172,9 @@ class CompiledStep:
             entry = self._fast.get(key)
             if entry is None:
                 entry = self._fast[key] = self._entry(args, kwargs)
+            elif entry.__class__ is tuple and entry[5] is not None and not entry[5]():
+                self.clear()  # a captured parameter replaced, or (inductor) its metadata changed: see _guard
+                entry = self._fast[key] = self._entry(args, kwargs)
             if type(entry) is _Stateful:
                 return self._call_stateful(entry, args, kwargs, list(args), key[0])
             outs = _run(entry[1], args, key[0])
@@ -167,7 +184,8 @@ class CompiledStep:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key, tensors = _signature(leaves, spec)
         entry = self._cache.get(key)
-        if entry is None:
+        if entry is None or (type(entry) is tuple and entry[5] is not None and not entry[5]()):
+            self._fast.clear()
             entry = self._cache[key] = self._new_entry(leaves, spec, tensors)
         if type(entry) is _Stateful:
             return self._call_stateful(entry, args, kwargs, tensors, key[1])
@@ -184,17 +202,17 @@ class CompiledStep:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key, tensors = _signature(leaves, spec)
         entry = self._cache.get(key)
-        if entry is None:
+        if entry is None or (type(entry) is tuple and entry[5] is not None and not entry[5]()):
             entry = self._cache[key] = self._new_entry(leaves, spec, tensors)
         return entry, tensors
 
     def _new_entry(self, leaves: list, spec, tensors: list):
-        """A new cache entry: ``(gm, program, out_spec, single, refusal)``, or for a step with estimator state
+        """A new cache entry: ``(gm, program, out_spec, single, refusal, guard)``, or for a step with estimator state
         (``state_tensors``, ``replays_update``) a :class:`_Stateful` that holds a trace per structure
         of that state."""
         trace = self._trace(leaves, spec, tensors)
         if not trace.estimators:
-            return trace.gm, trace.program, trace.spec, trace.single, trace.refusal
+            return trace.gm, trace.program, trace.spec, trace.single, trace.refusal, trace.guard
         return _Stateful(trace.estimators, {trace.sig: trace})
 
     def _variant(self, entry: "_Stateful", args, kwargs, tensors: list) -> tuple["_Trace", list]:
@@ -202,6 +220,9 @@ class CompiledStep:
         the state's tensors (the program's inputs after the arguments and the update probe)."""
         sig, state = _state_of(entry.estimators)
         trace = entry.variants.get(sig)
+        if trace is not None and trace.guard is not None and not trace.guard():
+            entry.variants.clear()  # see _guard
+            trace = None
         if trace is None:
             leaves, spec = pytree.tree_flatten((args, kwargs))
             trace = self._trace(leaves, spec, tensors)
@@ -281,7 +302,11 @@ class CompiledStep:
             recorder = tracing_recorder()
             recorder.probe = ts[n_args]
             args, kwargs = pytree.tree_unflatten(items, spec)
-            out = self.fn(*args, **kwargs)
+            if watch is None:
+                out = self.fn(*args, **kwargs)
+            else:  # in make_fx's trace, inside its own patch of nn.Module.__getattr__ (see _ModuleReads)
+                with watch, reads:
+                    out = self.fn(*args, **kwargs)
             outs, s = pytree.tree_flatten(out)
             for o in outs:
                 if isinstance(o, PlateTensor):
@@ -305,6 +330,8 @@ class CompiledStep:
         probe = torch.zeros((), dtype=floats[0].dtype if floats else torch.get_default_dtype(),
                             device=tensors[0].device if tensors else None, requires_grad=True)
         torch.distributions.Distribution.set_default_validate_args(False)
+        watch = _TraceMode(self.fn, tensors)
+        reads = _ModuleReads()
         try:
             with torch.random.fork_rng(devices=devices), tracing_nodes(nodes, recorder), Graph(), \
                     _no_backward_in_trace(self.fn):
@@ -322,6 +349,9 @@ class CompiledStep:
             raise
         finally:
             torch.distributions.Distribution.set_default_validate_args(validate)
+            changed = watch.changed_arguments()
+            watch.restore()  # the trace ran the step's in-place updates on the real tensors: undone
+        saved, watch = watch, None  # flat runs unwatched from here (the replay check)
         _check_nodes(nodes, self.fn, self.compile_options.get("backend") is None)
         _check_constants(gm, self.fn)
         estimators = _stateful(nodes)
@@ -335,7 +365,8 @@ class CompiledStep:
         _drop_identity_views(gm)
         _fold_batch_views(gm)
         inputs = [*tensors, probe, *state] if used else [*tensors, *state]
-        _check_replay(gm, flat, [*tensors, probe], inputs, devices, self.fn, used, recorder.live is not None)
+        _check_replay(gm, flat, [*tensors, probe], inputs, devices, self.fn, used, recorder.live is not None,
+                      saved.restore, changed)
         self.traces += 1
         trace = _Trace()
         trace.gm, trace.spec = gm, out_spec[0]
@@ -346,6 +377,7 @@ class CompiledStep:
         trace.updates, trace.estimators, trace.sig = recorder.updates, estimators, sig
         trace.live_loss = recorder.live is not None
         trace.refusal = recorder.refusal
+        trace.guard = _guard(gm, reads.reads, _compiled_by_inductor(self.compile_options))
         return trace
 
     def __repr__(self) -> str:
@@ -415,13 +447,17 @@ def _compile_graph(gm: torch.fx.GraphModule, tensors: list, options: dict):
     ``backend=None`` not at all: the traced GraphModule itself runs (its plain torch calls, in Python)."""
     if options.get("backend") is None:
         return _direct_calls(gm)
-    if options.get("backend") == "inductor" and not options.get("dynamic"):
+    if _compiled_by_inductor(options):
         import torch._inductor as inductor
 
         config = dict(inductor.list_mode_options(options["mode"])) if options.get("mode") else {}
         config.update(options.get("options") or {})
         return inductor.compile(gm, list(tensors), options=config or None)
     return torch.compile(gm, fullgraph=True, **options)
+
+
+def _compiled_by_inductor(options: dict) -> bool:
+    return options.get("backend") == "inductor" and not options.get("dynamic")
 
 
 def _direct_calls(gm: torch.fx.GraphModule) -> Callable:
@@ -482,7 +518,8 @@ def _signature(leaves: list, spec) -> tuple:
 
 
 def _check_replay(gm: torch.fx.GraphModule, flat: Callable, tensors: list, inputs: list, devices: list, fn,
-                  updates: bool, loss_graph: bool = False) -> None:
+                  updates: bool, loss_graph: bool = False, restore: Callable[[], None] = lambda: None,
+                  changed: int = 0) -> None:
     """Run the step eagerly and its trace from the same random state: they must agree.
 
     The trace records torch operations only. A step whose result also depends on what it does to
@@ -490,7 +527,9 @@ def _check_replay(gm: torch.fx.GraphModule, flat: Callable, tensors: list, input
     as SPSA's coupled draws do; a per-graph generator; Python's ``random``) would replay differently,
     silently; this check (once per trace, on the first call) turns that into an error. ``tensors``:
     ``flat``'s inputs (the arguments and the probe), ``inputs``: the program's (the probe if it has
-    ``updates``, then the estimators' state); the values the updates read are compared too."""
+    ``updates``, then the estimators' state); the values the updates read are compared too. ``restore``
+    undoes the in-place updates of arguments and captured tensors after each run (see _TraceMode);
+    ``changed``: how many arguments the step changed in place (for the message)."""
     validate = torch.distributions.Distribution._validate_args
     torch.distributions.Distribution.set_default_validate_args(False)
     try:
@@ -500,10 +539,16 @@ def _check_replay(gm: torch.fx.GraphModule, flat: Callable, tensors: list, input
         # update differentiates the loss (its update_inputs are what the loss is differentiated for, and
         # an estimator may record them only where they have a graph)
         grad = torch.enable_grad() if loss_graph else torch.no_grad()
-        with torch.random.fork_rng(devices=devices), grad, tracing_nodes([], recorder), Graph():
-            want = flat(*tensors)
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            got = gm(*inputs)
+        try:
+            with torch.random.fork_rng(devices=devices), grad, tracing_nodes([], recorder), Graph():
+                want = flat(*tensors)
+        finally:
+            restore()
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                got = gm(*inputs)
+        finally:
+            restore()
     finally:
         torch.distributions.Distribution.set_default_validate_args(validate)
     if len(want) != len(got):
@@ -515,7 +560,9 @@ def _check_replay(gm: torch.fx.GraphModule, flat: Callable, tensors: list, input
                 f"storch.compile cannot replay {_name(fn)}: run eagerly and as traced from the same random state, "
                 "it gives different values. The step's result depends on more than its torch operations: e.g. an "
                 "estimator that replays the random state (SPSA's coupled draws), a storch.Graph(generator=...), "
-                "or Python-side randomness or counters. Run this step eagerly")
+                "or Python-side randomness or counters. Run this step eagerly"
+                + (f". It also changes {changed} of its tensor arguments in place (e.g. `x.sub_(0.5)`): if that is "
+                   "the cause, compute a new tensor instead (`x = x - 0.5`)" if changed else ""))
 
 
 def _check_nodes(nodes: list, fn, replay_only: bool = False) -> None:
@@ -546,7 +593,7 @@ class _Trace:
     ``estimators``: those whose state the program reads, ``sig`` its structure when traced."""
 
     __slots__ = ("gm", "program", "spec", "single", "n_out", "probe", "updates", "estimators", "sig", "live_loss",
-                 "refusal")
+                 "refusal", "guard")
 
 
 class _Stateful:
@@ -833,3 +880,195 @@ def _fold_batch_views(gm: torch.fx.GraphModule) -> None:
 
 def _name(fn) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+# -- what the trace watches: value reads, data-dependent shapes, in-place state, module attributes --
+
+_VALUE_READS = frozenset((_T.tolist, _T.numpy, _T.__array__))
+_DATA_SHAPES = frozenset(f for f in (
+    torch.nonzero, _T.nonzero, torch.argwhere, _T.argwhere, torch.masked_select, _T.masked_select,
+    torch.unique, _T.unique, torch.unique_consecutive, _T.unique_consecutive, torch.Tensor.unique_consecutive,
+) if f is not None)
+# functions that update running statistics (their 2nd and 3rd arguments) in place, without a version bump
+_RUNNING_STATS = frozenset((torch.nn.functional.batch_norm, torch.batch_norm, torch.nn.functional.instance_norm,
+                            torch.instance_norm, torch.native_batch_norm))
+
+
+def _value_message(fn, what: str) -> str:
+    return (f"storch.compile cannot trace {_name(fn)}: some code reads a tensor's value in Python ({what}), so the "
+            "program depends on the data and the trace would fix it to the first call's values. Run this step "
+            "eagerly, or move that code out of the step (pass what it computes as an argument: each value "
+            "of a non-tensor argument is traced once)")
+
+
+def _shape_message(fn, what: str) -> str:
+    return (f"storch.compile cannot trace {_name(fn)}: {what} gives a data-dependent shape (the number of "
+            "selected entries depends on the values), which a trace would fix to the first call's. Use "
+            "torch.where (keep the shape, mask the values: e.g. a zero cost for padding rows), or run this step "
+            "eagerly")
+
+
+class _TraceMode(torch.overrides.TorchFunctionMode):
+    """Active while ``make_fx`` traces the step (only then: a mode routes every torch call through Python).
+
+    - It refuses Python reads of a traced tensor's values that ``make_fx`` lets through (``tolist``,
+      ``numpy``, ``__array__``: ``.item()`` and ``bool()`` are refused by make_fx itself) and selections
+      whose shape depends on the values (a boolean mask index, ``nonzero``): the trace would silently fix
+      them to the first call's data.
+    - The trace, and then the replay check, run the step's torch operations on the real tensors, so an
+      in-place update of a captured buffer (BatchNorm's running statistics, a step counter) or of an argument
+      would happen three times before the first call's own. The first time such a tensor is about to be
+      written, its value is saved; :meth:`restore` puts back every saved tensor that changed, after each of
+      those runs (the first call then has one eager call's effect, a refused one none)."""
+
+    def __init__(self, fn, args: list) -> None:
+        super().__init__()
+        self.fn = fn
+        self.args = {id(t) for t in args}
+        self.saved: dict = {}  # id -> [tensor, version after saving, value]
+        self.tracer = None
+
+    def __enter__(self):
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+        mode = get_proxy_mode()
+        self.tracer = None if mode is None else mode.tracer
+        return super().__enter__()
+
+    def _traced(self, t) -> bool:
+        """``t`` is a plain tensor the program computes (not a constant ``torch.tensor(...)``): make_fx's own test
+        for ``.item()``."""
+        from torch.fx.experimental.proxy_tensor import get_proxy_slot, has_proxy_slot
+
+        return (type(t) is _T and self.tracer is not None and has_proxy_slot(t, self.tracer)
+                and get_proxy_slot(t, self.tracer).constant is None)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _VALUE_READS and args and self._traced(args[0]):
+            raise StorchError(_value_message(self.fn, f"`.{func.__name__}()` of a tensor the program computes"))
+        if func in _DATA_SHAPES and args and self._traced(args[0]):
+            raise StorchError(_shape_message(self.fn, f"`{func.__name__}`"))
+        if func is _T.__getitem__ and len(args) > 1:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            for i in index:
+                if isinstance(i, _T) and i.dtype in (torch.bool, torch.uint8) and self._traced(i):
+                    raise StorchError(_shape_message(self.fn, "indexing with a boolean mask (`x[mask]`)"))
+        name = getattr(func, "__name__", "")
+        if args and ((name.endswith("_") and not name.endswith("__")) or func is _T.__setitem__):
+            self._save(args[:1])
+        elif func in _RUNNING_STATS:
+            self._save([*args[1:3], kwargs.get("running_mean"), kwargs.get("running_var")])
+        if "out" in kwargs:
+            self._save(pytree.tree_leaves(kwargs["out"]))
+        return func(*args, **kwargs)
+
+    def _save(self, values) -> None:
+        from torch._C._functorch import is_functorch_wrapped_tensor
+        from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, get_proxy_mode, has_proxy_slot
+
+        mode = get_proxy_mode()
+        if mode is None or mode.tracer is not self.tracer:
+            return  # a nested trace (storch's vmap rule traces a vmapped call below dispatch): its own tensors
+        for t in values:
+            if type(t) is not _T or id(t) in self.saved or is_functorch_wrapped_tensor(t):
+                continue  # a parameter's update is the optimizer's; plate tensors hold traced tensors
+            if id(t) in self.args or self.tracer is None or not has_proxy_slot(t, self.tracer):
+                # an argument, or a tensor from outside the step (a captured buffer): the trace would change it
+                with disable_proxy_modes_tracing(), torch._C.DisableTorchFunction(), torch.no_grad():
+                    self.saved[id(t)] = [t, t._version, t.clone()]
+
+    def changed_arguments(self) -> int:
+        return sum(1 for k, (t, v, value) in self.saved.items()
+                   if k in self.args and (t._version != v or not torch.equal(t, value)))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for item in self.saved.values():
+                t, version, value = item
+                # batch_norm's update of its running statistics does not bump their version
+                if t._version != version or not torch.equal(t, value):
+                    t.copy_(value)
+                    item[1] = t._version
+
+
+class _ModuleReads:
+    """While the step is traced: which module attribute (``model.enc``, ``enc.weight``) each module, parameter
+    and buffer the step reads comes from. The trace captures the objects it read, so if one of them is
+    replaced later (``load_state_dict(sd, assign=True)``, ``model.enc = nn.Linear(...)``) the program would
+    go on computing with (and training) the old ones; :func:`_guard` checks them at each call and retraces.
+    Only reads through ``nn.Module.__getattr__`` (a module's registered attributes) in the tracing thread
+    are seen; ``nn.Module.__getattr__`` is wrapped for the trace only (inside make_fx's own wrapper, which
+    calls the original function, not the one it finds)."""
+
+    def __init__(self) -> None:
+        self.reads: dict = {}  # (id(dict), name) -> (owner module, dict, name, value)
+
+    def __enter__(self):
+        import threading
+
+        module = torch.nn.Module
+        original = self.original = module.__dict__["__getattr__"]
+        reads, thread = self.reads, threading.get_ident()
+
+        def __getattr__(owner, name):
+            value = original(owner, name)
+            if isinstance(value, (_T, module)) and threading.get_ident() == thread:
+                d = owner.__dict__
+                for kind in ("_parameters", "_buffers", "_modules"):
+                    holder = d.get(kind)
+                    if holder is not None and holder.get(name) is value:
+                        reads.setdefault((id(holder), name), (owner, holder, name, value))
+                        break
+            return value
+
+        module.__getattr__ = __getattr__
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.nn.Module.__getattr__ = self.original
+
+
+def _autocast_state():
+    if not torch._C._is_any_autocast_enabled():
+        return None
+    return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
+
+
+def _metadata(tensors) -> tuple:
+    return _autocast_state(), *[(t.requires_grad, t.dtype, t.device, t.shape) for t in tensors]
+
+
+def _guard(gm: torch.fx.GraphModule, reads: dict, metadata: bool) -> Optional[Callable[[], bool]]:
+    """A per-call check that the program still fits what the step reads outside its arguments, or None.
+
+    - Every module attribute through which the trace reached a captured parameter or buffer still holds the
+      same object (see :class:`_ModuleReads`): a dict lookup each.
+    - With ``metadata`` (inductor, compiled without dynamo's guards: :func:`_compile_graph`): the captured
+      tensors' ``requires_grad``, dtype, device and shape and the autocast state are as when traced
+      (inductor specialises its program to them: a parameter unfrozen after the first call got no gradient,
+      ``model.double()`` gave NaN). The other backends follow them: dynamo guards them, ``backend=None``
+      runs the recorded torch calls."""
+    captured = [*gm.parameters(), *gm.buffers(), *(v for v in vars(gm).values() if isinstance(v, _T))]
+    ids = {id(t) for t in captured}
+    keep = {k: r for k, r in reads.items() if isinstance(r[3], _T) and id(r[3]) in ids}
+    owners = {id(r[0]) for r in keep.values()}
+    while True:  # the modules on the way to them (model.enc for enc.weight)
+        more = {k: r for k, r in reads.items() if k not in keep and id(r[3]) in owners}
+        if not more:
+            break
+        keep.update(more)
+        owners |= {id(r[0]) for r in more.values()}
+    checks = tuple((r[1], r[2], r[3]) for r in keep.values())
+    if not checks and not metadata:
+        return None
+    tensors = tuple(captured) if metadata else ()
+    traced = _metadata(tensors) if metadata else None
+
+    def valid() -> bool:
+        for holder, name, value in checks:
+            if holder.get(name) is not value:
+                return False
+        return traced is None or _metadata(tensors) == traced
+
+    return valid
