@@ -52,8 +52,8 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   object) but must not be replaced by new objects between calls. A parameter or buffer that the step
   reached through module attributes (``model.enc.weight``) and that is replaced later
   (``model.load_state_dict(sd, assign=True)``, ``model.enc = nn.Linear(...)``) is seen at the next call,
-  which traces again (:func:`_guard`: a dict lookup per attribute; ``nn.Module.__getattr__`` is watched
-  during the trace only); one replaced elsewhere (a global name rebound) is not: call
+  which traces again (:func:`_guard`: a dict lookup per attribute of the modules the step names: its
+  closure, globals, bound ``self``); one replaced elsewhere (a global name rebound) is not: call
   :meth:`CompiledStep.clear`. With the default backend (inductor, compiled without dynamo's guards) the
   captured tensors' ``requires_grad``, dtype, device and shape and the autocast state are checked at
   each call as well (a parameter unfrozen after the first call, ``model.double()``: traced again);
@@ -131,6 +131,7 @@ from __future__ import annotations
 import builtins
 import functools
 import math
+import types
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -304,8 +305,8 @@ class CompiledStep:
             args, kwargs = pytree.tree_unflatten(items, spec)
             if watch is None:
                 out = self.fn(*args, **kwargs)
-            else:  # in make_fx's trace, inside its own patch of nn.Module.__getattr__ (see _ModuleReads)
-                with watch, reads:
+            else:
+                with watch:
                     out = self.fn(*args, **kwargs)
             outs, s = pytree.tree_flatten(out)
             for o in outs:
@@ -331,7 +332,6 @@ class CompiledStep:
                             device=tensors[0].device if tensors else None, requires_grad=True)
         torch.distributions.Distribution.set_default_validate_args(False)
         watch = _TraceMode(self.fn, tensors)
-        reads = _ModuleReads()
         try:
             with torch.random.fork_rng(devices=devices), tracing_nodes(nodes, recorder), Graph(), \
                     _no_backward_in_trace(self.fn):
@@ -377,7 +377,7 @@ class CompiledStep:
         trace.updates, trace.estimators, trace.sig = recorder.updates, estimators, sig
         trace.live_loss = recorder.live is not None
         trace.refusal = recorder.refusal
-        trace.guard = _guard(gm, reads.reads, _compiled_by_inductor(self.compile_options))
+        trace.guard = _guard(gm, _module_attributes(self.fn), _compiled_by_inductor(self.compile_options))
         return trace
 
     def __repr__(self) -> str:
@@ -992,41 +992,71 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
                     item[1] = t._version
 
 
-class _ModuleReads:
-    """While the step is traced: which module attribute (``model.enc``, ``enc.weight``) each module, parameter
-    and buffer the step reads comes from. The trace captures the objects it read, so if one of them is
-    replaced later (``load_state_dict(sd, assign=True)``, ``model.enc = nn.Linear(...)``) the program would
-    go on computing with (and training) the old ones; :func:`_guard` checks them at each call and retraces.
-    Only reads through ``nn.Module.__getattr__`` (a module's registered attributes) in the tracing thread
-    are seen; ``nn.Module.__getattr__`` is wrapped for the trace only (inside make_fx's own wrapper, which
-    calls the original function, not the one it finds)."""
+def _module_attributes(fn: Callable) -> dict:
+    """Every module attribute (``model.enc``, ``enc.weight``) of the modules the step can reach by name: the
+    function's closure, its bound ``self``, its defaults and the globals its code names (also those of the
+    functions these hold, a few levels deep). The trace captures the parameters and buffers it read, so if
+    one is replaced later (``load_state_dict(sd, assign=True)``, ``model.enc = nn.Linear(...)``) the program
+    would go on computing with (and training) the old ones; :func:`_guard` keeps the attributes that lead to
+    captured tensors and checks them at each call. A module reached otherwise (an attribute of a plain
+    object, a container built in the step) is not seen: call :meth:`CompiledStep.clear` after replacing its
+    parameters. Returns ``{(id(holder), name): (owner, holder, name, value)}``."""
+    roots: list = []
+    seen: set = set()
 
-    def __init__(self) -> None:
-        self.reads: dict = {}  # (id(dict), name) -> (owner module, dict, name, value)
+    def visit(v, depth: int) -> None:
+        if id(v) in seen:
+            return
+        seen.add(id(v))
+        if isinstance(v, torch.nn.Module):
+            roots.append(v)
+        elif isinstance(v, (list, tuple)) and depth < 4:
+            for item in v[:64]:
+                visit(item, depth + 1)
+        elif isinstance(v, dict) and depth < 4:
+            for item in list(v.values())[:64]:
+                visit(item, depth + 1)
+        elif isinstance(v, functools.partial) and depth < 4:
+            visit(v.func, depth + 1)
+            visit(v.args, depth + 1)
+            visit(v.keywords, depth + 1)
+        elif callable(v) and depth < 4:
+            self_ = getattr(v, "__self__", None)
+            if self_ is not None:
+                visit(self_, depth + 1)
+            f = getattr(v, "__func__", v)
+            code = getattr(f, "__code__", None)
+            if code is None:
+                return
+            for cell in getattr(f, "__closure__", None) or ():
+                try:
+                    visit(cell.cell_contents, depth + 1)
+                except ValueError:  # an empty cell
+                    pass
+            for d in getattr(f, "__defaults__", None) or ():
+                visit(d, depth + 1)
+            names, codes = set(), [code]
+            while codes:
+                c = codes.pop()
+                names.update(c.co_names)
+                codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+            g = getattr(f, "__globals__", {})
+            for n in names:
+                if n in g:
+                    visit(g[n], depth + 1)
 
-    def __enter__(self):
-        import threading
-
-        module = torch.nn.Module
-        original = self.original = module.__dict__["__getattr__"]
-        reads, thread = self.reads, threading.get_ident()
-
-        def __getattr__(owner, name):
-            value = original(owner, name)
-            if isinstance(value, (_T, module)) and threading.get_ident() == thread:
-                d = owner.__dict__
-                for kind in ("_parameters", "_buffers", "_modules"):
-                    holder = d.get(kind)
-                    if holder is not None and holder.get(name) is value:
-                        reads.setdefault((id(holder), name), (owner, holder, name, value))
-                        break
-            return value
-
-        module.__getattr__ = __getattr__
-        return self
-
-    def __exit__(self, *exc) -> None:
-        torch.nn.Module.__getattr__ = self.original
+    visit(fn, 0)
+    out: dict = {}
+    for root in roots:
+        for owner in root.modules():
+            d = owner.__dict__
+            for kind in ("_parameters", "_buffers", "_modules"):
+                holder = d.get(kind)
+                if holder:
+                    for name, value in holder.items():
+                        if value is not None:
+                            out.setdefault((id(holder), name), (owner, holder, name, value))
+    return out
 
 
 def _autocast_state():
@@ -1043,7 +1073,7 @@ def _guard(gm: torch.fx.GraphModule, reads: dict, metadata: bool) -> Optional[Ca
     """A per-call check that the program still fits what the step reads outside its arguments, or None.
 
     - Every module attribute through which the trace reached a captured parameter or buffer still holds the
-      same object (see :class:`_ModuleReads`): a dict lookup each.
+      same object (see :func:`_module_attributes`): a dict lookup each.
     - With ``metadata`` (inductor, compiled without dynamo's guards: :func:`_compile_graph`): the captured
       tensors' ``requires_grad``, dtype, device and shape and the autocast state are as when traced
       (inductor specialises its program to them: a parameter unfrozen after the first call got no gradient,
