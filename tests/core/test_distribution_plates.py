@@ -311,6 +311,29 @@ def test_bool_of_a_plate_tensor_in_user_code_is_refused_also_when_the_entries_ag
             bool(storch.denote_independent(torch.ones(3, 2), 0, "other") > 0)
 
 
+def test_python_numbers_of_a_single_plate_entry_are_refused_in_user_code_and_answered_to_torch():
+    """With one plate entry in total (score's default n_samples=1, no data plate), `.item()`, `int(z)`,
+    `x[z:z + 1]` (`__index__`) and `if z == k:` were answered: the value left the plates and a cost computed
+    through it got no credit (REINFORCE on one episode: z-scores over 1000 against exact enumeration).
+    They are refused as with several entries; torch's own argument checks still get their answer."""
+    table = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    est = ScoreFunction(plate="z")  # n_samples=1
+    with storch.Graph():
+        z = est(Categorical(logits=torch.zeros(4)))
+        assert z.tensor.numel() == 1
+        for what, f in [("`item`", lambda: z.item()), ("`__int__`", lambda: int(z)),
+                        ("`__float__`", lambda: float(z)), ("`__index__`", lambda: table[z:z + 1]),
+                        ("`tolist`", lambda: z.tolist())]:
+            with pytest.raises(storch.PlateError, match=f"{what} needs a single value.*1 over plates.*no credit"):
+                f()
+        with pytest.raises(storch.PlateError, match=r"Python control flow.*one entry here.*no credit"):
+            bool(z == 1)
+        with pytest.raises(storch.PlateError, match=r"Python control flow"):
+            next(k for k in range(4) if z == k)
+        g = Geometric(probs=z.float() * 0.1 + 0.5, validate_args=True)  # torch's `if not valid.all()`
+        assert torch.allclose(g.log_prob(torch.tensor(1.0)).tensor, Geometric(z.tensor * 0.1 + 0.5).log_prob(torch.tensor(1.0)))
+
+
 # -- expect on a Binomial with a total count per data point -----------------------------------------
 
 

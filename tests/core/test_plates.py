@@ -183,11 +183,12 @@ def test_positive_dim_beyond_per_sample_rank_is_an_error():
 
 def test_item_on_many_samples_is_an_error():
     x = make(torch.randn(4), ("z", 4))
-    with pytest.raises(storch.PlateError, match="4 values"):
+    with pytest.raises(storch.PlateError, match="4 over plates"):
         x.item()
     with pytest.raises(storch.PlateError, match="may decide differently"):
         bool(x > 0)
-    assert make(torch.tensor([2.5]), ("z", 1)).item() == 2.5
+    with pytest.raises(storch.PlateError, match="1 over plates"):  # also one entry: it would leave the plates
+        make(torch.tensor([2.5]), ("z", 1)).item()
 
 
 def test_inplace_write_of_values_from_other_plates_is_an_error():

@@ -248,3 +248,127 @@ def test_everyday_assignment_patterns():
     plain = torch.zeros(3, dtype=torch.bool)
     with pytest.raises(storch.PlateError, match=r"visited \| F\.one_hot\(a, n\)\.bool\(\)"):
         plain[a] = True
+
+
+# -- masked assignment with a per-sample mask: x[mask] = value -------------------------------------
+
+
+def _mask_cases(K, H, x, z):
+    """(name, mask, value) as one-sample code writes them: x per sample (K, H), z per sample ()."""
+    row = torch.arange(K) != z  # selects K - 1 rows in every entry
+    return {
+        "h[row_mask] = 0.": (row, 0.0),
+        "h[row_mask] = per-sample scalar": (row, z.double() + 100),
+        "h[row_mask] = per-sample row": (row, x[0] * 10),
+        "h[row_mask] = plain row": (row, torch.arange(H, dtype=torch.float64)),
+        "h[row_mask] = one row per selected row (plain)": (row, torch.arange((K - 1) * H, dtype=torch.float64).view(K - 1, H)),
+        "h[row_mask] = one row per selected row (sampled)": (row, x[1:] * z.double()),
+        "h[row_mask] = (1, 1, H) value": (row, (x[0] - z).view(1, 1, H)),
+        "h[full_mask] = per-sample scalar": (x > 0, z.double() + 100),
+        "h[full_mask] = plain scalar tensor": (x > 0, torch.tensor(7.0, dtype=torch.float64)),
+    }
+
+
+@pytest.mark.parametrize("sizes", [(3, 3, 3, 3), (3, 2, 4, 5)], ids=["plates equal per-sample sizes", "all differ"])
+def test_masked_assignment_matches_a_per_sample_loop(sizes):
+    """`y[mask] = value` with a sampled mask: per plate entry what torch does for that entry (the mask of
+    y's leading per-sample dims; the value broadcast as torch allows). The mask and value used to be aligned
+    to the plates without padding the per-sample dims: wrong in every entry where plate sizes equal per-sample
+    sizes, torch's expand error otherwise."""
+    Z, D, K, H = sizes
+    torch.manual_seed(0)
+    zp, dp = Plate("z", Z), Plate("data", D, True)
+    x = PlateTensor(torch.randn(D, K, H, dtype=torch.float64), (dp,))
+    z = PlateTensor(torch.randint(0, K, (Z, D)), (zp, dp))
+    for name, (mask, value) in _mask_cases(K, H, x, z).items():
+        h = x + 0 * z.double().unsqueeze(-1).unsqueeze(-1) + 1.0  # (K, H) on (z, data)
+        h[mask] = value
+        for e in entries((zp, dp)):
+            ref = entry(x, e) + 1.0
+            ref[entry(mask, e)] = entry(value, e)
+            assert torch.equal(entry(h, e), ref), (name, e)
+
+
+def test_masked_assignment_refuses_what_has_no_per_sample_answer():
+    zp, dp = Plate("z", 3), Plate("data", 2, True)
+    torch.manual_seed(1)
+    x = PlateTensor(torch.randn(2, 4, 5), (dp,))
+    z = PlateTensor(torch.tensor([[0, 1], [2, 3], [1, 1]]), (zp, dp))
+    h = x + 0 * z.float().unsqueeze(-1).unsqueeze(-1)
+    # one row per selected row, but the number selected depends on the sample
+    with pytest.raises(storch.PlateError, match=r"numbers selected differ by sample .*torch\.where"):
+        h[torch.arange(4) < z] = torch.ones(2, 5)
+    with pytest.raises(IndexError, match="shape of the mask"):
+        h[torch.arange(5) < z] = 0.0
+    with pytest.raises(storch.PlateError, match=r"per-sample shape \[4, 1\] .*\[number selected\]"):
+        h[x > 0] = x[:, :1]  # torch refuses it for one sample too
+    # the tensor assigned into does not vary over the mask's plates: the message of scores[a] = ... (it
+    # said "plates ['a'] are not among ('data',)")
+    scores = x.sum(-1)  # (4,) on data only
+    visited = F.one_hot(z, 4).bool()  # (4,) on (z, data)
+    with pytest.raises(storch.PlateError, match=r"varies over plates \['z'\].*cannot become one value per sample"):
+        scores[visited] = float("-inf")
+
+
+def test_masked_assignment_of_a_sampled_value_gives_the_exact_gradient():
+    """The tester's case: `y[arange(K) != z] = v` with v a per-sample scalar of z and the data, enumerated
+    exactly by `expect`: value and gradient equal the enumeration (they were wrong in every entry)."""
+    K, D = 3, 3
+    theta = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    X = torch.arange(9, dtype=torch.float64).view(D, K)
+    R = torch.tensor([1.0, -2.0, 4.0], dtype=torch.float64)
+
+    def exact(th):
+        p = torch.softmax(th, 0)
+        return sum(p[k] * (K - 1) * (R[k] + X[d].sum()) for d in range(D) for k in range(K)) / D
+
+    est = storch.estimator("expect", plate="z")
+    with storch.Graph():
+        x = storch.denote_independent(X, 0, "data")
+        z = est(torch.distributions.Categorical(logits=theta))
+        v = R[z] + x.sum()
+        y = torch.zeros(K, dtype=torch.float64) * v
+        y[torch.arange(K) != z] = v
+        storch.add_cost(y.sum(), name="c")
+        loss = storch.surrogate_loss()
+        g = torch.autograd.grad(loss, theta)[0]
+    ex = exact(theta)
+    assert torch.allclose(loss, ex)
+    assert torch.allclose(g, torch.autograd.grad(ex, theta)[0])
+
+
+# -- select, roll, repeat_interleave with a sampled argument ---------------------------------------
+
+
+def test_select_with_a_sampled_index_is_indexing():
+    """torch.select(x, d, i) with a sampled i is x[..., i] at d (it failed with vmap's '.item()' text)."""
+    a = _sampled([2, 0, 1], A_)
+    x = PlateTensor(torch.randn(2, 3, 4, dtype=torch.float64), (Plate("data", 2, True),))
+    _check(lambda x, a: torch.select(x, 0, a), x, a)
+    _check(lambda x, a: x.select(1, a), x, a)
+    _check(lambda x, a: torch.select(x, -2, a), x, a)
+    _check(lambda x, a: torch.select(x, dim=1, index=a), x, a)
+    assert torch.equal(torch.select(x, 1, 2).tensor, x.tensor[:, :, 2])  # an int index: as before
+    with pytest.raises(storch.PlateError, match="where torch takes a Python number"):
+        torch.select(torch.randn(3), 0, a)  # torch's parser reads the int itself, below storch's handlers
+
+
+def test_roll_and_repeat_interleave_by_a_sample_are_refused_with_what_to_do():
+    a = _sampled([2, 0, 1], A_)
+    x = PlateTensor(torch.randn(2, 3, 4), (Plate("data", 2, True),))
+    with pytest.raises(storch.PlateError, match=r"roll by a sampled shift.*\(torch\.arange\(n\) - shift\) % n"):
+        x.roll(a, 0)
+    with pytest.raises(storch.PlateError, match="roll by a sampled shift"):
+        torch.roll(x, shifts=(a,), dims=(0,))
+    with pytest.raises(storch.PlateError, match="sampled repeats.*different shapes"):
+        torch.repeat_interleave(torch.arange(3.0), torch.stack([a, a, a]) + 1)
+    with pytest.raises(storch.PlateError, match="sampled repeats"):
+        torch.repeat_interleave(a + 1)
+    # without a sampled shift / repeats: per sample, as before
+    _check(lambda x: x.roll(1, 0), x)
+    _check(lambda x: x.repeat_interleave(2, 1), x)
+    # the roll the message suggests is the roll of each sample
+    idx = (torch.arange(3) - a) % 3
+    out = x[idx]
+    for e in entries(out.plates):
+        assert torch.equal(entry(out, e), entry(x, e).roll(int(entry(a, e)), 0))

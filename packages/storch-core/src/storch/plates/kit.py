@@ -8,6 +8,7 @@ dispatcher installs on the tensor (``storch.plates.tensor.install_dispatcher``).
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -116,11 +117,14 @@ def _operands(args, kwargs):
 
 
 def too_many_samples(x: PlateTensor, what: str) -> PlateError:
-    n = x._raw[tuple(slice(None) for _ in x._plates)].shape[: len(x._plates)].numel()
+    n = math.prod(p.size for p in x._plates)
+    one = (" (one entry here, but a Python number leaves the plates: a cost computed through it would get no "
+           "credit from the estimators)" if n == 1 else "")
     return PlateError(
-        f"{what} needs a single value, but this PlateTensor holds {n} values over plates "
-        f"{_names(x._plates)}. Reduce over the plates first (storch.surrogate_loss does that "
-        "for costs) or use `.tensor` to get the raw values with the plate dims first"
+        f"{what} needs a single value, but this PlateTensor holds one value per plate entry, {n} over plates "
+        f"{_names(x._plates)}{one}. Keep computing with the tensor (index with it: `table[z]`), reduce over "
+        "the plates first (storch.surrogate_loss does that for costs) or use `.tensor` to get the raw values "
+        "with the plate dims first"
     )
 
 

@@ -274,6 +274,13 @@ class PlateTensor(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         # Every torch call on a PlateTensor is handled by __torch_function__ on raw tensors;
         # reaching the dispatcher means some code bypassed it (e.g. a custom C++ extension).
+        if func is torch.ops.aten._local_scalar_dense.default:
+            # torch's argument parser reads a Python number (an int argument, a size) from a tensor
+            # without asking __torch_function__ (e.g. torch.select(plain, 0, sampled)): refused, as .item()
+            raise PlateError(
+                "a PlateTensor was passed where torch takes a Python number (an int or float argument such as "
+                "an index, a shift or a size): one number cannot hold every sample's value. Index with the "
+                "plate tensor instead (`x[i]`, `x[:, i]`, `torch.gather`), or keep the number a fixed constant")
         raise PlateError(
             f"{func} reached a PlateTensor below __torch_function__: a sparse tensor (torch.sparse_coo_tensor), "
             "a custom C++ operator or another code path that bypasses torch's Python dispatch. Plate tensors work "

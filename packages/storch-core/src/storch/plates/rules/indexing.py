@@ -12,6 +12,9 @@ sample (where the tensor indices are adjacent after removing ints: at their plac
 
 Boolean masks that vary per sample would select different numbers of elements and are refused
 (except as the single index of an assignment, ``x[mask] = v``).
+
+``torch.select(x, dim, i)`` with a sampled ``i`` is ``x[..., i]`` (at ``dim``); ``roll`` by a sampled
+shift and ``repeat_interleave`` with sampled repeats are refused with what to write instead.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from __future__ import annotations
 import torch
 
 from ...errors import PlateError
-from ..kit import register, wrap_same
-from .shape import _full
+from ..kit import dispatch, register, wrap_same
+from .shape import _dim_handler, _full
+from .vmap import vmap_call
 from ..tensor import PlateTensor, align, union_plates
 
 _PT = PlateTensor
@@ -193,10 +197,7 @@ def _setitem(func, args, kwargs):
     n = len(x._plates)
     t = _index_tuple(idx)
     if len(t) == 1 and type(t[0]) is _PT and t[0].dtype == torch.bool:
-        mask = align(t[0]._raw, t[0]._plates, x._plates).expand(x._raw.shape)
-        if type(value) is _PT:
-            value = align(value._raw, value._plates, x._plates).expand(x._raw.shape)[mask]
-        x._raw[mask] = value
+        _mask_assign(x, t[0], value)
         return None
     vp = value._plates if type(value) is _PT else ()
     if _simple(x, t):
@@ -230,6 +231,53 @@ def _setitem(func, args, kwargs):
     return None
 
 
+def _mask_assign(x, mask, value) -> None:
+    """``x[mask] = value`` with a per-sample (plate) mask: per plate entry what torch does for one
+    sample. The mask covers x's leading per-sample dims (a row mask selects whole rows); the
+    selected elements form (count, *rest), and the value broadcasts to that as torch allows (leading
+    size-1 dims dropped): a scalar or a row (*rest) for every selected element, or one row per
+    selected element ((count, *rest)), which needs every entry to select that many."""
+    n = len(x._plates)
+    vp = value._plates if type(value) is _PT else ()
+    plates = union_plates([x._plates, mask._plates, vp])
+    if plates != x._plates:
+        raise PlateError(_more_plates(x, plates))
+    _held_once(x, (mask,), value)
+    shape = tuple(x._raw.shape[n:])  # one sample's shape
+    k = mask._raw.dim() - len(mask._plates)
+    if k > len(shape) or tuple(mask.shape) != shape[:k]:
+        raise IndexError(f"The shape of the mask {list(mask.shape)} at index 0 does not match the shape of the "
+                         f"indexed tensor {list(shape[:k])} at index 0")
+    rest = shape[k:]
+    # the mask on x's raw plate dims: the selection is (total over entries, *rest), entry by entry
+    m = align(mask._raw, mask._plates, x._plates).expand(x._raw.shape[:n + k])
+    v = (value._raw if type(value) is _PT else torch.as_tensor(value, device=x.device)).to(x.dtype)
+    vn = len(vp)
+    vs = tuple(v.shape[vn:])
+    while vs and vs[0] == 1:  # torch drops the value's leading size-1 dims
+        v, vs = v.squeeze(vn), vs[1:]
+    if len(vs) <= len(rest):  # the same value (per entry) for every selected element
+        if type(value) is not _PT:
+            x._raw[m] = v
+            return
+        v = align(v, vp, x._plates, len(rest))
+        v = v[(slice(None),) * n + (None,) * k].expand(x._raw.shape)[m]
+    elif len(vs) == len(rest) + 1:  # one row per selected element: each entry selects vs[0]
+        counts = m.reshape(m.shape[:n] + (-1,)).sum(-1)
+        if not bool((counts == vs[0]).all()):
+            raise PlateError(
+                f"x[mask] = value with a value of per-sample shape {list(vs)} (one row per selected element) "
+                f"needs every sample's mask to select {vs[0]} elements, but the numbers selected differ "
+                f"by sample (from {int(counts.min())} to {int(counts.max())}), as in torch for one sample "
+                "where they differ from the rows given. Give a value for every element instead: "
+                "`x = torch.where(mask, value, x)` with value of x's shape (or broadcastable to it)")
+        v = align(v, vp, x._plates, len(vs)).expand(x._raw.shape[:n] + vs[:1] + rest).reshape((-1,) + rest)
+    else:
+        raise PlateError(f"shape mismatch: value tensor of per-sample shape {list(vs)} cannot be broadcast to "
+                         f"the indexing result of per-sample shape [number selected{''.join(f', {r}' for r in rest)}]")
+    x._raw[m] = v
+
+
 def _held_once(x, idx, value) -> set:
     """The plates over which ``x`` holds one value (a size-1 raw dim); raises if the index or the
     value varies over one of them (per-entry writes into a value held once)."""
@@ -250,3 +298,52 @@ def _more_plates(x, plates, extra=None) -> str:
             "their entries): in place, it cannot become one value per "
             "sample. Build a new tensor instead, e.g. `x = torch.where(F.one_hot(a, n).bool(), value, x)` "
             "or `x = x.scatter(0, a.unsqueeze(0), value)`")
+
+
+_select_dim = _dim_handler(1)
+
+
+@register(torch.select, _T.select)
+def _select(func, args, kwargs):
+    """dim counts per-sample dims; a sampled index selects per sample (as x[:, i] at dim)"""
+    args = args + tuple(kwargs[k] for k in ("dim", "index")[len(args) - 1:] if k in kwargs)
+    if len(args) != 3 or type(args[2]) is not _PT:
+        return _select_dim(func, args, kwargs)
+    x, d, i = args
+    k = x.dim()  # per-sample rank (a plain x: its own)
+    if i.dim() or i.dtype.is_floating_point or i.dtype == torch.bool:
+        raise PlateError(f"select's index must be one integer per sample, got per-sample shape {tuple(i.shape)} "
+                         f"and dtype {i.dtype}")
+    if not -k <= d < k:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-k}, {k - 1}], but got {d})")
+    return dispatch(_T.__getitem__, (x, (slice(None),) * (d % k) + (i,)), {})
+
+
+def _sampled(*values) -> bool:
+    return any(type(v) is _PT or (isinstance(v, (tuple, list)) and any(type(u) is _PT for u in v))
+               for v in values)
+
+
+@register(torch.roll, _T.roll)
+def _roll(func, args, kwargs):
+    """per sample (vmap); a sampled shift is refused (torch takes it as a Python int): index by (arange(n) - shift) % n"""
+    if _sampled(*args[1:], *kwargs.values()):
+        raise PlateError(
+            "roll by a sampled shift: torch takes the shift as a Python int, one for the whole call, so it "
+            "cannot be a different number per sample. Index instead, which is the same per sample: with "
+            "`idx = (torch.arange(n) - shift) % n`, `x[idx]` rolls dim 0 of length n (`x[:, idx]` dim 1), or "
+            "gather: `x.gather(0, idx[:, None].expand_as(x))` for a 2-D x")
+    return vmap_call(func, args, kwargs)
+
+
+@register(torch.repeat_interleave, _T.repeat_interleave)
+def _repeat_interleave(func, args, kwargs):
+    """per sample (vmap); sampled repeats are refused (the result's shape would depend on the sample)"""
+    repeats = args[1:2] + tuple(v for key, v in kwargs.items() if key == "repeats")
+    if _sampled(*repeats) or (len(args) == 1 and not repeats and type(args[0]) is _PT):
+        raise PlateError(
+            "repeat_interleave with sampled repeats: the length of its result is the sum of the repeats, "
+            "which depends on the sample, so the plate entries would have different shapes (as x[mask]). Keep "
+            "a fixed shape: repeat by the largest count R and mask the rest, e.g. `y = x.repeat_interleave(R, 0)` "
+            "with `keep = torch.arange(R) < repeats.unsqueeze(-1)` as a weight or in torch.where")
+    return vmap_call(func, args, kwargs)

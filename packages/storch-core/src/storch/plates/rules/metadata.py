@@ -1,13 +1,16 @@
 """Metadata, conversions and Python protocols of plate tensors (handlers).
 
 A plate tensor answers metadata questions (``shape``, ``dim()``, ``dtype``, ``stride()``, ...)
-per sample; conversions to one Python value (``item()``, ``bool()``) need a single sample
-(``bool()`` asked by torch's own code, such as a distribution's argument check, also answers when
-every plate entry gives the same truth value);
+per sample; conversions to one Python value (``item()``, ``bool()``, ``int()``) are refused in user
+code, also for a single plate entry; asked by torch's own code they answer for a single entry
+(``bool()``, such as a distribution's argument check, also when every plate entry gives the same
+truth value);
 ``backward()`` is refused in favour of ``storch.backward()``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -95,26 +98,30 @@ def _over_all_samples(func, args, kwargs):
 
 
 def _single(func, args, kwargs):
-    """one Python value: a plate tensor with a single entry (``bool()`` in torch's own argument checks: when every entry agrees); else a PlateError"""
+    """refused in user code (a PlateError); asked by torch's own code, answered for a single plate entry (``bool()``: when every entry agrees)"""
     x = args[0]
     if type(x) is not _PT:
         return func(*args, **kwargs)
-    if x._raw.shape[: len(x._plates)].numel() != 1:
-        if func is _T.__bool__:
-            return _same_truth(x)
+    n = len(x._plates)
+    if func is _T.__bool__ and n:
+        return _same_truth(x)
+    # user code is refused also with a single plate entry (n_samples=1, no data plate): the Python
+    # value leaves the plates, and a cost computed through it would get no credit from the estimator
+    if n and (x._raw.shape[:n].numel() != 1 or not _from_torch()):
         raise too_many_samples(x, f"`{getattr(func, '__name__', func)}`")
-    return func(x._raw.reshape(x._raw.shape[len(x._plates):]), *args[1:], **kwargs)
+    return func(x._raw.reshape(x._raw.shape[n:]), *args[1:], **kwargs)
 
 
 def _same_truth(x) -> bool:
     """``bool(x)`` asked by torch's own code (torch.distributions' argument checks,
     ``if not valid.all(): raise``, in Geometric, ContinuousBernoulli, positive-definite matrices,
-    Wishart), answered when it is the same for every plate entry: then it is exactly what the
-    one-sample code decides for each of them. Entries that decide differently are refused
-    (PlateError): no single branch is right for all of them. In the user's own code every ``bool()``
-    of a plate tensor with several entries is refused, also when they agree: a loop such as
+    Wishart), answered when it is the same for every plate entry (a single entry: always): then it
+    is exactly what the one-sample code decides for each of them. Entries that decide differently
+    are refused (PlateError): no single branch is right for all of them. In the user's own code
+    every ``bool()`` of a plate tensor is refused, also when the entries agree: a loop such as
     ``if tok == EOS: break`` would otherwise run while the samples agree and fail at the first step
-    where they do not, mid-training, instead of at once."""
+    where they do not, mid-training, instead of at once; and with a single entry (n_samples=1) the
+    branch taken would leave the plates, so a cost computed in it would get no credit."""
     raw, n = x._raw, len(x._plates)
     if raw.shape[n:].numel() != 1:
         return bool(raw[(0,) * n])  # torch's own error: a per-sample tensor with several values is ambiguous
@@ -128,8 +135,9 @@ def _same_truth(x) -> bool:
 
 
 def _control_flow(x, true: int = -1) -> PlateError:
-    n = x._raw.shape[: len(x._plates)].numel()
-    split = f" ({true} True, {n - true} False)" if true >= 0 else ""
+    n = math.prod(p.size for p in x._plates)
+    held = x._raw.shape[: len(x._plates)].numel()  # fewer where a raw size-1 dim holds one value for its plate
+    split = f" ({true * n // held} True, {(held - true) * n // held} False)" if true >= 0 else ""
     check = (" If this comes from a torch.distributions constructor's argument check (e.g. Geometric's "
              "`if not valid.all()`), the distribution's parameters are invalid for some plate entries: fix them "
              "there." if true >= 0 else "")
@@ -137,7 +145,9 @@ def _control_flow(x, true: int = -1) -> PlateError:
         f"Python control flow (`if`, `while`, `and`/`or`, e.g. `if tok == EOS: break`) needs one truth value, "
         f"but this PlateTensor holds {n} values over plates {[p.name for p in x._plates]}"
         + (f" that differ{split}: each sample decides differently. " if true >= 0 else
-           ": each sample may decide differently. ")
+           ": each sample may decide differently" + (" (one entry here, but the branch taken would leave the "
+                                                    "plates and get no credit from the estimators). " if n == 1
+                                                    else ". "))
         + "Keep every sample going and write the decision as a mask, as one-sample "
         "code: `done = done | (tok == EOS)`, then `tok = torch.where(done, EOS, tok)` and `cost = torch.where(done, "
         "0.0, step_cost)` (for sequences, the estimators' `eos=` option does this: a finished sequence draws EOS "

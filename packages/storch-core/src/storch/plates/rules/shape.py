@@ -170,7 +170,7 @@ def _linalg_norm(func, args, kwargs):
         return vmap_call(func, args, kwargs)
     return _norm(func, args, kwargs)
 for _name in ["softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin",
-              "unbind", "select", "narrow", "sort", "argsort", "index_select"]:
+              "unbind", "narrow", "sort", "argsort", "index_select"]:  # select: in .indexing
     register(*_both(_name))(_dim_handler(1, default={"unbind": 0, "sort": -1, "argsort": -1}.get(_name)))
 _diff_dim = _dim_handler(2, default=-1)  # diff(input, n, dim, prepend, append)
 
