@@ -129,12 +129,15 @@ class VarianceTrained(Estimator):
         # torch.distributed: the variance of the rank-averaged gradient, whose ĝ per data point is
         # ĝ_rank / W: ∂φ Σ_r |ĝ_r / W|² = W⁻¹ · mean_r ∂φ|ĝ_r|², the same step on every rank (_across_ranks)
         dphi = _across_ranks(list(dphi), self)
+        # .grad as the backward pass left it, restored after the step: a layer that a user network= shares
+        # with the model keeps the model's gradient for the user's optimizer (docs/estimators/relax.md)
+        kept = [p.grad for p in params]
         for p, g in zip(params, dphi):
             p.grad = g
         match_optimizer_state(self._optimizer)  # after est.to(...) / .double(): Adam's moments follow φ
         self._optimizer.step()
-        for p in params:
-            p.grad = None
+        for p, g in zip(params, kept):
+            p.grad = g
         self.update_steps += 1
 
     # -- state_dict: optimizer state and the step count are estimator state ------------------------
