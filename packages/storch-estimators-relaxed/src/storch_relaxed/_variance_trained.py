@@ -129,9 +129,15 @@ class VarianceTrained(Estimator):
         # torch.distributed: the variance of the rank-averaged gradient, whose ĝ per data point is
         # ĝ_rank / W: ∂φ Σ_r |ĝ_r / W|² = W⁻¹ · mean_r ∂φ|ĝ_r|², the same step on every rank (_across_ranks)
         dphi = _across_ranks(list(dphi), self)
-        # .grad as the backward pass left it, restored after the step: a layer that a user network= shares
-        # with the model keeps the model's gradient for the user's optimizer (docs/estimators/relax.md)
-        kept = [p.grad for p in params]
+        # .grad of a user network='s parameters as the backward pass left it, restored after the step: a layer
+        # it shares with the model keeps the model's gradient for the user's optimizer (docs/estimators/relax.md).
+        # Parameters storch made (η, λ, the default network) are the estimator's alone: their .grad (the
+        # surrogate's zero-mean derivative in φ) is cleared as before, so that an optimizer over a model that
+        # holds the estimator as a submodule does not step them on it
+        net = getattr(self, "network", None)
+        user = ({id(p) for p in net.parameters()} if isinstance(net, torch.nn.Module)
+                and not isinstance(net, ControlVariateNet) else ())
+        kept = [p.grad if id(p) in user else None for p in params]
         for p, g in zip(params, dphi):
             p.grad = g
         match_optimizer_state(self._optimizer)  # after est.to(...) / .double(): Adam's moments follow φ
