@@ -108,6 +108,56 @@ def test_backward_with_a_loss_scale(name):
     assert all(torch.allclose(a, b) for a, b in zip(s1, s2))
 
 
+@pytest.mark.parametrize("name", ["score", "relax"])
+def test_backward_with_a_grad_scaler(name):
+    """storch.backward(scale=scaler) with a torch.amp.GradScaler, then scaler.step(opt), scaler.update(),
+    over several steps. The documented storch.backward(scale=scaler.get_scale()) failed at the first
+    scaler.step (the scaler creates the scale tensor it unscales by only in scaler.scale(); "Attempted step
+    but _scale is None"), and relax, which refuses scaler.scale(surrogate_loss()).backward(), had no route.
+    The scaled gradients are the scale times the unscaled run's, the optimizer steps, and the parameters and
+    the estimator's state follow the unscaled run."""
+    runs = []
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        enc = torch.nn.Linear(4, 3)
+        opt = torch.optim.SGD(enc.parameters(), lr=0.1)
+        est = storch.estimator(name, plate="z", n_samples=2, baseline="moving_average") if name == "score" \
+            else storch.estimator(name, plate="z")
+        scaler = torch.amp.GradScaler("cpu", enabled=True) if scaled else None
+        grads, weights = [], []
+        for _ in range(3):
+            z = est(Bernoulli(logits=enc(storch.denote_independent(DATA, 0, "data"))))
+            storch.add_cost(((z - 0.3) ** 2).sum(-1), name="c")
+            storch.backward(scale=scaler)
+            if scaled:
+                grads.append(enc.weight.grad / scaler.get_scale())
+                scaler.step(opt)
+                scaler.update()
+            else:
+                grads.append(enc.weight.grad.clone())
+                opt.step()
+            opt.zero_grad()
+            weights.append(enc.weight.detach().clone())
+        state = [p.detach().clone() for p in est.parameters()] or [est.moving_averages["c"].clone()]
+        runs.append((grads, weights, state))
+    (g1, w1, s1), (g2, w2, s2) = runs
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g1, g2))
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(w1, w2))
+    assert not torch.equal(w2[0], w2[-1])  # the scaler's steps happened (none was skipped as inf)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(s1, s2))
+
+
+def test_backward_refuses_a_scale_it_cannot_apply():
+    theta = torch.zeros(3, requires_grad=True)
+    with storch.Graph():
+        z = storch.estimator("score", plate="z", n_samples=2)(Bernoulli(logits=theta))
+        storch.add_cost(z.sum())
+        with pytest.raises(storch.StorchError, match=r"scale must be a torch.amp.GradScaler"):
+            storch.backward(scale="1024")
+        storch.backward()  # the step was left intact
+    assert theta.grad is not None
+
+
 def test_backward_under_no_grad_says_so():
     with storch.Graph():
         z = storch.estimator("score", plate="z", n_samples=2)(Bernoulli(logits=torch.zeros(3, requires_grad=True)))

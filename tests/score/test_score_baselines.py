@@ -1,6 +1,8 @@
 """score's baselines (moving average, leave-one-out / batch_average, callables), importance's proposal
 forms, continuous distributions, and partitions."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -399,3 +401,91 @@ def test_costs_of_one_name_at_two_layers_variance_and_bias(baseline):
         variances[names] = float(g.var(0).sum())
     ratio = variances["nelbo", "nelbo"] / variances["rec", "kl"]
     assert 1 / 1.5 < ratio < 1.5, variances
+
+
+class _Critic(torch.nn.Module):
+    """V(h) as the score estimator's baseline module: b = v(trunk(node.inputs))."""
+
+    def __init__(self, trunk, v):
+        super().__init__()
+        self.trunk, self.v = trunk, v
+
+    def forward(self, node, cost):
+        return self.v(self.trunk(node.inputs)).squeeze(-1)
+
+
+_X = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+
+
+def _actor_critic_step(est, trunk, pi_head, critic, regress, seed):
+    """One step: a policy on a trunk, the cost, and (regress) the critic's regression added with credit=False."""
+    torch.manual_seed(seed)
+    x = storch.denote_independent(_X, 0, "data")
+    z = est(Bernoulli(logits=pi_head(trunk(x))), inputs=x)
+    c = ((z - 0.45) ** 2).sum(-1)
+    storch.add_cost(c, name="c")
+    if regress:
+        storch.add_cost((critic.v(critic.trunk(x)).squeeze(-1) - c.detach()) ** 2, name="critic", credit=False)
+    return c
+
+
+@pytest.mark.parametrize("update", [True, False])
+@pytest.mark.parametrize("case", ["shared_trunk", "critic_regressed_by_the_user"])
+def test_module_baseline_leaves_the_surrogate_gradient(case, update):
+    """A trainable baseline module's own update (update=True) set .grad to its regression gradient, stepped,
+    and set .grad to None: the surrogate's gradient on a trunk shared by the policy and the critic (A2C), and
+    the gradient of a critic regression the user added with credit=False, were erased before the user's
+    optimizer could step them. Now every .grad is as the backward pass left it (the surrogate's gradient),
+    and the shared parameters get a warning that two optimizers step them."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh())
+    pi_head, v_head = torch.nn.Linear(8, 3), torch.nn.Linear(8, 1)
+    if case == "shared_trunk":
+        critic = _Critic(trunk, v_head)
+        params = [*trunk.parameters(), *pi_head.parameters()]
+    else:
+        critic = _Critic(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+        params = [*trunk.parameters(), *pi_head.parameters(), *critic.parameters()]
+    est = storch.estimator("score", plate="z", n_samples=4, baseline=critic, update=update)
+    regress = case != "shared_trunk"
+    with storch.Graph():  # the reference: the surrogate's gradient for the same samples (an evaluation pass)
+        _actor_critic_step(est, trunk, pi_head, critic, regress, seed=3)
+        reference = torch.autograd.grad(storch.surrogate_loss(), params)
+    before = [p.detach().clone() for p in critic.parameters()]
+    _actor_critic_step(est, trunk, pi_head, critic, regress, seed=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        storch.backward()
+    for p, g in zip(params, reference):
+        assert p.grad is not None and torch.allclose(p.grad, g, rtol=1e-10, atol=1e-12)
+    assert [str(w.message) for w in caught if "two optimizers on one parameter" in str(w.message)
+            and "update=False" in str(w.message)] == ([str(caught[0].message)] if update else [])
+    moved = any(not torch.equal(p, b) for p, b in zip(critic.parameters(), before))
+    assert moved == update and est.update_steps == int(update)
+
+
+def test_module_baseline_trains_as_before():
+    """A baseline module that shares nothing is trained as it was (one Adam step on Σ (b - f)² per step, the
+    oracle below), its .grad stays None (the backward pass gave it none), and nothing warns."""
+    torch.manual_seed(0)
+    trunk, pi_head = torch.nn.Linear(4, 3), torch.nn.Identity()
+    critic = _Critic(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    oracle = _Critic(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    oracle.load_state_dict(critic.state_dict())
+    adam = torch.optim.Adam(oracle.parameters(), lr=0.05)
+    est = storch.estimator("score", plate="z", n_samples=4, baseline=critic, lr=0.05)
+    for seed in range(3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            c = _actor_critic_step(est, trunk, pi_head, critic, False, seed)
+            f = c.tensor.detach()  # plates (data, z) or (z, data): aligned with b(data) below
+            b = oracle.v(oracle.trunk(_X)).squeeze(-1)
+            b = b.unsqueeze(-1) if c.plates[0].name == "data" else b
+            adam.zero_grad()
+            ((b - f) ** 2).mean().backward()
+            adam.step()
+            storch.backward()
+        assert all(p.grad is None for p in critic.parameters())
+        for p, q in zip(critic.parameters(), oracle.parameters()):
+            assert torch.allclose(p, q, rtol=1e-10, atol=1e-12)
+    assert est.update_steps == 3

@@ -16,6 +16,7 @@ are reduced by the mean; the costs' surrogates are summed.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import warnings
 import weakref
@@ -729,8 +730,8 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
                 f"{', '.join(learners)}: its update differentiates the surrogate again after the backward pass, "
                 "which needs the surrogate's graph then (storch cannot see whether this pass retains it). Nothing "
                 "was backpropagated. Call storch.backward() instead (it backpropagates, updates every estimator "
-                "and resets the graph; storch.backward(scale=s) for loss scaling), or create the estimator with "
-                "update=False")
+                "and resets the graph; storch.backward(scale=scaler) with a torch.amp.GradScaler for loss scaling), "
+                "or create the estimator with update=False")
         _check_finite(loss, graph)
 
     def run():
@@ -1087,7 +1088,7 @@ def _stacked_cumulative(node: Node, steps: list[int]) -> torch.Tensor:
 
 @eager_only
 def backward(graph: Optional[Graph] = None, *, order: int = 1,
-             scale: Optional[Union[float, torch.Tensor]] = None,
+             scale: Optional[Union[float, torch.Tensor, "torch.amp.GradScaler"]] = None,
              inputs: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
     """Backpropagate the first-order surrogate, run estimators' own updates, reset the graph.
 
@@ -1101,10 +1102,17 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1,
     optimizer per parameter group). The estimators' updates run as without it. (``surrogate_loss().backward(
     inputs=...)`` runs no updates: a restricted pass never reaches the loss's update probe.)
 
-    ``scale``: backpropagate ``scale * loss`` (loss scaling for mixed precision:
-    ``storch.backward(scale=scaler.get_scale())`` with a ``torch.amp.GradScaler``, then
-    ``scaler.step(opt)``, ``scaler.update()``). The estimators' updates read the unscaled loss, so their
-    state is the same as without it.
+    ``scale``: loss scaling for mixed precision. A ``torch.amp.GradScaler`` (or any object with a
+    ``scale(loss)`` method): backpropagate ``scaler.scale(loss)``, then ``scaler.step(opt)``,
+    ``scaler.update()`` as with ``scaler.scale(loss).backward()``::
+
+        scaler = torch.amp.GradScaler(device)
+        storch.backward(scale=scaler)
+        scaler.step(opt); scaler.update(); opt.zero_grad()
+
+    A number or tensor: backpropagate ``scale * loss`` (a fixed loss scale; not
+    ``scaler.get_scale()``, which leaves the scaler without the scale that ``scaler.step`` unscales
+    by). The estimators' updates read the unscaled loss, so their state is the same as without it.
 
     Returns:
         the detached estimate of the expected total cost.
@@ -1129,6 +1137,10 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1,
             "derivatives of order n, build loss = storch.surrogate_loss(order=n) and differentiate it n times "
             "with torch.autograd.grad(..., create_graph=True) (or loss.backward(create_graph=True)); end the "
             "step with storch.reset() or a `with storch.Graph():` block")
+    if not (scale is None or isinstance(scale, (numbers.Number, torch.Tensor)) or callable(getattr(scale, "scale", None))):
+        raise StorchError(  # a bad argument: the step is intact
+            f"storch.backward(scale={scale!r}): scale must be a torch.amp.GradScaler (storch.backward(scale=scaler), "
+            "then scaler.step(opt) and scaler.update()), a number or a tensor")
     if is_tracing():
         graph.reset()
         raise StorchError(
@@ -1164,7 +1176,15 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1,
         # backward's saved tensors to the end of the pass (peak memory 1.16-1.24x hand-written)
         keep = any(_needs_loss_graph(n[0].estimator) for n in updating.values())
         try:
-            (loss if scale is None else loss * scale).backward(retain_graph=keep, inputs=inputs)
+            if scale is None:
+                scaled = loss
+            elif isinstance(scale, (numbers.Number, torch.Tensor)):
+                scaled = loss * scale
+            else:
+                # a GradScaler: its scale() creates the scale tensor that scaler.step() unscales by (lazily,
+                # at the first call), so scale=scaler.get_scale() failed there ("_scale is None")
+                scaled = scale.scale(loss)
+            scaled.backward(retain_graph=keep, inputs=inputs)
         except RuntimeError as e:
             if "backward through the graph a second time" not in str(e):
                 raise

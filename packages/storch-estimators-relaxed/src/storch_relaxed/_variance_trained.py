@@ -158,12 +158,21 @@ class VarianceTrained(Estimator):
             return
         if self._optimizer is None or len(self._optimizer.param_groups[0]["params"]) != len(params):
             self._optimizer = torch.optim.Adam(params, lr=self.lr)
+        # .grad of a user network='s parameters as the backward pass left it, restored after the step: a layer
+        # it shares with the model keeps the model's gradient for the user's optimizer (docs/estimators/relax.md).
+        # Parameters storch made (η, λ, the default network) are the estimator's alone: their .grad (the
+        # surrogate's zero-mean derivative in φ) is cleared as before, so that an optimizer over a model that
+        # holds the estimator as a submodule does not step them on it
+        net = getattr(self, "network", None)
+        user = ({id(p) for p in net.parameters()} if isinstance(net, torch.nn.Module)
+                and not isinstance(net, ControlVariateNet) else ())
+        kept = [p.grad if id(p) in user else None for p in params]
         for p, g in zip(params, dphi):
             p.grad = g
         match_optimizer_state(self._optimizer)  # after est.to(...) / .double(): Adam's moments follow φ
         self._optimizer.step()
-        for p in params:
-            p.grad = None
+        for p, g in zip(params, kept):
+            p.grad = g
         self.update_steps += 1
 
     # -- state_dict: optimizer state and the step count are estimator state ------------------------

@@ -125,6 +125,7 @@ class Score(Estimator):
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self.update_steps = 0
         self.skipped_updates = 0  # regression steps left out because their loss or gradients were not finite
+        self._warned_shared = False  # the warning that the baseline module's parameters get other gradients too
         self.register_load_state_dict_post_hook(Score._restore_optimizer)
         # state that storch.backward() updates: the moving average, a learned baseline's parameters
         self.has_update = update and self._baseline.trains(self)
@@ -271,12 +272,26 @@ class Score(Estimator):
             return
         if self._optimizer is None or sum(len(g["params"]) for g in self._optimizer.param_groups) != len(params):
             self._optimizer = torch.optim.Adam(params, lr=self.lr)
+        # .grad as the backward pass left it (None where it gave none): restored after the step, so the
+        # user's optimizer sees the surrogate's gradient on a parameter the baseline shares with the
+        # model (an A2C trunk) or that a cost of the user's (a credit=False regression) reached
+        kept = [p.grad for p in params]
+        if not getattr(self, "_warned_shared", False) and any(g is not None for g in kept):
+            self._warned_shared = True
+            warnings.warn(
+                f"score (plate {self.plate!r}): parameters of the baseline module {type(self.baseline_fn).__name__} "
+                "also got a gradient in this backward pass (shared with the model, e.g. a trunk under the policy "
+                "and the critic, or reached by a cost of yours such as a credit=False regression). storch's own "
+                f"Adam (lr={self.lr}) steps them on the baseline's regression, and your optimizer steps them on "
+                "their .grad (left as the backward pass made it): two optimizers on one parameter. To train them "
+                "with your optimizer only, create the estimator with update=False and add the regression as a "
+                "cost with credit=False (docs/estimators/score.md)", RuntimeWarning, stacklevel=2)
         for p, g in zip(params, grads):
-            p.grad = None if g is None else g
+            p.grad = g
         match_optimizer_state(self._optimizer)  # after est.to(...) / .double(): Adam's moments follow ψ
         self._optimizer.step()
-        for p in params:
-            p.grad = None
+        for p, g in zip(params, kept):
+            p.grad = g
         self.update_steps += 1
 
     # -- state_dict: moving averages and a learned baseline's optimizer are estimator state ---------
