@@ -145,7 +145,8 @@ def test_supports_reads_an_instances_capabilities():
     est.requires_rsample = False  # an option that lifts the requirement, set on the instance
     assert est.supports(b) and not NeedsRsample.supports(b)
     est.check_distribution(b)
-    assert NeedsRsample.requirements() == ["a distribution with rsample (has_rsample=True)"]
+    assert NeedsRsample.requirements() == ["a distribution with rsample (has_rsample=True) that reparameterises its samples "
+                                           "(not OneHotCategoricalStraightThrough's straight-through rsample)"]
     assert est.requirements() == []
 
 
