@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Categorical, Normal, OneHotCategorical
+from torch.distributions import Bernoulli, Categorical, Independent, Normal, OneHotCategorical
 
 import storch
 import storch.testing as kit
@@ -30,6 +30,8 @@ FIRST_PARTY = {
 
 def _flat_proposal(p):
     """Importance sampling's proposal: uniform for discrete p, a wider Normal (fixed) for Normal p."""
+    if isinstance(p, Independent):  # the kit's independent[...] model: the same wrapper around q
+        return Independent(_flat_proposal(p.base_dist), p.reinterpreted_batch_ndims, validate_args=False)
     if isinstance(p, Bernoulli):
         return Bernoulli(probs=torch.full_like(p.probs, 0.5), validate_args=False)
     if isinstance(p, (Categorical, OneHotCategorical)):

@@ -17,6 +17,7 @@ from torch.distributions import Bernoulli
 
 import storch
 import storch.testing as kit
+from storch.extending import base_distribution
 
 F64 = torch.float64
 
@@ -183,3 +184,73 @@ def test_update_parameters_sees_the_frames_and_inputs_and_only_backward_runs_it(
         data = storch.denote_independent(torch.zeros(4, 2, dtype=F64), 0, "data")
         with pytest.raises(storch.PlateError, match="inputs have plates"):
             est(Bernoulli(logits=theta), inputs=data)  # the distribution does not depend on the data plate
+
+
+# -- check_conditions: a control variate that returned None is "not tested", and warmup= trains it --
+
+
+class _LinearCritic(storch.Estimator):
+    """Score function with a critic c(x) = φ·x and its exact mean φ·p as control variate:
+    a = E_p[c] - MagicBox(l) c(x), zero in expectation at every order (appendix C). φ is per cost
+    (``cost.key``) and unknown (``None``) until the first update, like a learned part that is built
+    on its first training step."""
+
+    has_update = True
+    detach_mean = False
+
+    def __init__(self, plate: str, n_samples: int = 1) -> None:
+        super().__init__(plate, n_samples)
+        self.phi: dict = {}
+
+    def has_control_variate(self) -> bool:
+        return True
+
+    def control_variate(self, node, cost):
+        phi = self.phi.get(cost.key)
+        if phi is None:
+            return None  # not trained yet
+        c = node.sample @ phi  # (N, *parents)
+        mean = base_distribution(node.distribution).probs @ phi  # E_p[c], with p's graph
+        if self.detach_mean:
+            mean = mean.detach()  # BUG: E_p[c] without its gradient; MagicBox(l) c keeps one
+        l = cost.align(node.gradient_values)
+        return cost.align(mean.unsqueeze(0).expand_as(c)) - torch.exp(l - l.detach()) * cost.align(c)
+
+    def update_parameters(self, nodes, loss) -> None:
+        for node in nodes:
+            for key in node.frames:
+                # a stand-in for training: any φ != 0 exercises condition 2
+                self.phi.setdefault(key, torch.tensor([0.5, 1.0], dtype=F64))
+
+
+class LinearCritic(_LinearCritic):
+    name = "test_linear_critic"
+
+
+class DetachedMeanCritic(_LinearCritic):
+    name = "test_detached_mean_critic"
+    detach_mean = True
+
+
+def test_check_conditions_says_not_tested_and_warms_up():
+    """check_conditions reported condition 2 'ok' (|z| 0.00) for a biased learned control variate:
+    without a warm-up it returned None, and the check z-tested zeros. It now reports such a condition
+    'not tested' (not ok), and takes warmup= as check_against_enumeration does."""
+    th, f = torch.tensor([0.3, -0.7], dtype=F64), lambda x: ((x - 0.2) ** 2).sum() + x[0] * x[1]
+    args = (lambda t: Bernoulli(logits=t), th, f)
+    for cls in (LinearCritic, DetachedMeanCritic):
+        cold = kit.check_conditions(cls, *args, n_replicates=500, raise_on_failure=False)
+        print("\n" + str(cold))
+        assert not cold.ok and not cold.condition_ok(2) and cold.condition_ok(1) and cold.condition_ok(3)
+        assert set(cold.not_tested) == {f"condition 2, order {m}" for m in range(4)}
+        assert "not tested" in str(cold) and "warmup=" in str(cold)
+        with pytest.raises(AssertionError, match="leaves untested"):
+            kit.check_conditions(cls, *args, n_replicates=200)
+    good = kit.check_conditions(LinearCritic, *args, warmup=2)
+    bad = kit.check_conditions(DetachedMeanCritic, *args, warmup=2, raise_on_failure=False)
+    print("\n" + good.table() + "\n" + bad.table(details=False))
+    assert good.ok and not good.not_tested and len(good.checks) == 11
+    assert not bad.condition_ok(2) and "condition 2, order 1" in {c.name for c in bad.failures}
+    assert bad.condition_ok(1) and bad.condition_ok(3)
+    # an estimator without a control variate (a = 0) is tested as before
+    assert kit.check_conditions("expect", *args, n_replicates=500).ok

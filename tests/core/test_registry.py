@@ -159,3 +159,47 @@ def test_order_error_of_a_biased_estimator_says_so_and_lists_installed_ones():
             with pytest.raises(storch.OrderError, match=said) as e:
                 storch.surrogate_loss(order=2)
         assert "expect" in str(e.value) and "unordered_set" not in str(e.value).split("choose")[1].split(")")[0]
+
+
+def test_malformed_distributions_and_state_are_named_at_registration_and_construction():
+    """`distributions = Bernoulli` (a class, not a tuple) passed the registry's check and failed later
+    with "TypeError: 'type' object is not iterable"; a State field without a default failed with
+    "S.__init__() missing 1 required positional argument" at the first node, naming no estimator.
+    Both are named errors now, at registration (_verify) and when the class is instantiated."""
+    import dataclasses
+
+    class NotTuple(storch.Estimator):
+        name = "my_not_tuple"
+        distributions = Bernoulli
+
+    @dataclasses.dataclass
+    class S:
+        kappa: torch.Tensor  # no default
+
+    class NoDefault(storch.Estimator):
+        name = "my_no_default"
+        State = S
+
+    @dataclasses.dataclass
+    class Good:
+        kappa: object = None
+        seen: list = dataclasses.field(default_factory=list)
+
+    class Fine(storch.Estimator):
+        name = "my_fine"
+        distributions = (Bernoulli,)
+        State = Good
+
+    cases = [(NotTuple, r"distributions=<class .*Bernoulli'>; use None \(any\) or a tuple.*distributions = \(Bernoulli,\)"),
+             (NoDefault, r"State=.*S whose field\(s\) kappa have no default; every field of State needs one")]
+    for cls, message in cases:
+        problem = _registry._verify(cls, "my-package", storch.Estimator)
+        assert problem is not None and "plugin 'my-package'" in problem
+        assert __import__("re").search(message, problem), problem
+        with pytest.raises(storch.StorchError, match=f"estimator class .*{cls.__name__} \\({cls.name}\\) has {message}"):
+            cls("z")
+    assert _registry._verify(Fine, "my-package", storch.Estimator) is None
+    with storch.Graph():
+        z = Fine("z")(Bernoulli(logits=torch.zeros(2, requires_grad=True)))
+        storch.add_cost(z.sum())
+        storch.backward()

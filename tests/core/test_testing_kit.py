@@ -13,10 +13,11 @@ from typing import Optional
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Categorical, Normal, OneHotCategorical
+from torch.distributions import Bernoulli, Categorical, Independent, Normal, OneHotCategorical
 
 import storch
 import storch.testing as kit
+from storch.extending import base_distribution
 
 F64 = torch.float64
 
@@ -45,6 +46,8 @@ class LeakyBaseline(storch.Estimator):
 
 def _flat(d):
     """A proposal that ignores θ: uniform over the support of a Bernoulli / (OneHot)Categorical."""
+    if isinstance(d, Independent):  # the kit's independent[...] model: the same wrapper around q
+        return Independent(_flat(d.base_dist), d.reinterpreted_batch_ndims, validate_args=False)
     if isinstance(d, Bernoulli):
         return Bernoulli(probs=torch.full_like(d.probs, 0.5), validate_args=False)
     return type(d)(logits=torch.zeros_like(d.logits), validate_args=False)
@@ -92,6 +95,13 @@ class PrioritySampling(storch.Estimator):
     distributions = (Categorical,)
     kappa_rank = 1  # κ = the key just below the sample; 0 would be the smallest key IN the sample
     State = PriorityState
+
+    def check_distribution(self, d):
+        # Gumbel-top-k over the last dim draws from one Categorical; an Independent(Categorical) node
+        # is a joint of several, which this sampler does not handle: refuse it, as the guide says
+        if isinstance(d, Independent):
+            raise storch.UnsupportedDistributionError(f"{self.name} samples one Categorical, not an Independent")
+        super().check_distribution(d)
 
     def proposal(self, node):
         logp = node.distribution.logits  # normalised log-probabilities (*parents, K)
@@ -167,6 +177,44 @@ def test_off_by_one_without_replacement_weight_is_reported():
     assert {"categorical[K=5], order 0", "chain[Categorical], order 0"} <= failed
 
 
+class BernoulliScore(storch.Estimator):
+    """Score function whose proposal reads the Bernoulli's probabilities (correct)."""
+
+    name = "test_bernoulli_score"
+    distributions = (Bernoulli,)
+
+    def proposal(self, node):
+        # supports() matches Bernoulli against base_distribution(d): the wrapper of an Independent
+        # holds no parameters, the distribution under it does
+        p = base_distribution(node.distribution).probs
+        return torch.bernoulli(p.expand((self.n_samples,) + p.shape))
+
+
+class WrapperBlindScore(BernoulliScore):
+    """BUG: reads ``node.distribution.probs``, which an ``Independent(Bernoulli)`` node does not have."""
+
+    name = "test_wrapper_blind_score"
+
+    def proposal(self, node):
+        p = node.distribution.probs
+        return torch.bernoulli(p.expand((self.n_samples,) + p.shape))
+
+
+def test_an_estimator_blind_to_independent_wrappers_is_reported():
+    """The kit's standard models had no Independent-wrapped node, so an estimator that accepts
+    Independent(Bernoulli) by its `distributions` but reads the wrapper's parameters (as the example
+    gumbel_rao did) passed the kit and crashed on users' models. The models now include one."""
+    models, _ = kit.standard_models(BernoulliScore("z"))
+    assert "independent[Bernoulli]" in [m.name for m in models]
+    report = _check(BernoulliScore, options={"n_samples": 2})
+    assert report.ok and {f"independent[Bernoulli], order {m}" for m in range(4)} <= {c.name for c in report.checks}
+    with pytest.raises(AttributeError, match="'Independent' object has no attribute 'probs'"):
+        kit.check_against_enumeration(WrapperBlindScore, options={"n_samples": 2})
+    # an estimator that refuses the wrapper (check_distribution) gets no such model
+    models, skipped = kit.standard_models(PrioritySampling("z"))
+    assert not any(m.name.startswith("independent[") for m in models) and "independent[Bernoulli]" in skipped
+
+
 def test_failure_message_is_a_readable_table():
     with pytest.raises(AssertionError) as info:
         kit.check_against_enumeration(OffByOnePrioritySampling, options={"n_samples": 2})
@@ -235,7 +283,8 @@ def test_orders_models_and_errors():
     report = kit.check_against_enumeration("reparameterization", orders=[1])
     assert report.orders == (1,) and all(c.name.endswith("order 1") for c in report.checks)
     models, skipped = kit.standard_models(storch.estimator("reparameterization", plate="z"))
-    assert [m.name for m in models] == ["normal[2]", "chain[Normal]"] and "bernoulli[3]" in skipped
+    assert [m.name for m in models] == ["normal[2]", "chain[Normal]", "independent[Normal]"]
+    assert "bernoulli[3]" in skipped
     with pytest.raises(AssertionError, match="none of the models"):
         kit.check_against_enumeration("reparameterization", models=[m for m in kit.standard_models(
             storch.estimator("expect", plate="z"))[0]])

@@ -353,6 +353,38 @@ def test_refuses_differentiating_inside_the_step(case):
         storch.compile(step, backend=None)(th)
 
 
+class _DifferentiatingControlVariate(storch.Estimator):
+    """Score function whose control variate differentiates the cost inside the step (as MuProp's
+    Taylor term does with torch.autograd.grad); its value is 0, so it runs eagerly unchanged."""
+
+    name = "test_differentiating_control_variate"
+
+    def control_variate(self, node, cost):
+        live = cost.live()
+        (g,) = torch.autograd.grad(live.sum(), node.gradient_values, retain_graph=True)
+        return 0.0 * g.detach().sum() * (1.0 - torch.exp(cost.align(node.gradient_values)
+                                                         - cost.align(node.gradient_values).detach()))
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_refusing_a_component_that_differentiates_names_the_estimator(backend):
+    """A control variate that calls torch.autograd.grad was refused with "<step> differentiates inside
+    the step", which blamed the user's step; the error now names the estimator and its component."""
+    est = _DifferentiatingControlVariate("z", n_samples=2)
+    theta = torch.zeros(3, requires_grad=True)
+
+    def step(th):
+        with storch.Graph():
+            z = est(Bernoulli(logits=th))
+            storch.add_cost(((z * th.exp() - 0.45) ** 2).sum(), name="f")
+            return storch.surrogate_loss()
+
+    assert torch.isfinite(torch.autograd.grad(step(theta), theta)[0]).all()  # eagerly: fine
+    with pytest.raises(storch.StorchError, match=r"the control_variate of estimator 'test_differentiating_control_"
+                       r"variate' \(_DifferentiatingControlVariate\) differentiates.*cannot be compiled"):
+        storch.compile(step, backend=backend)(theta)
+
+
 def test_refuses_plate_tensor_output_and_estimator_updates():
     theta = torch.zeros(3, requires_grad=True)
     est = storch.estimator("score", plate="z", n_samples=2)

@@ -30,7 +30,7 @@ def test_kit_with_warmup(baseline, warmup):
     report = kit.check_against_enumeration("score", options=opts, orders=(0, 1, 2), warmup=warmup,
                                            n_replicates=3000)
     print("\n" + report.table(details=False))
-    assert len(report.checks) == 18  # six models, three orders
+    assert len(report.checks) == 21  # seven models (independent[Bernoulli] included), three orders
 
 
 @pytest.mark.parametrize("baseline", ["learned", "greedy"])

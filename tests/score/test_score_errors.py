@@ -307,3 +307,19 @@ def test_importance_checks_p_support_on_draws_without_validation(backend):
             chain.append(str(e))
             e = e.__cause__ or e.__context__
         assert any("values drawn from the proposal Multinomial" in m for m in chain)
+
+
+def test_importance_refuses_partitions_as_its_page_says():
+    """docs/estimators/importance.md did not say that importance refuses partitions: calling one instance
+    at several steps of one graph raises a PlateError (it has no per-sequence weights)."""
+    from pathlib import Path
+
+    from torch.distributions import Categorical
+
+    est = storch.estimator("importance", plate="a", proposal=lambda p: Categorical(logits=torch.zeros(3)))
+    with pytest.raises(storch.PlateError, match="one partition.*which 'importance' does not support"):
+        with storch.Graph():
+            est(Categorical(logits=torch.zeros(3, requires_grad=True)))
+            est(Categorical(logits=torch.zeros(3, requires_grad=True)))
+    page = (Path(__file__).parents[2] / "docs" / "estimators" / "importance.md").read_text()
+    assert "Partitions are not supported" in page and "PlateError" in page

@@ -71,7 +71,33 @@ def test_errors_name_the_plugin():
 def test_passes_the_conformance_kit():
     report = kit.check_against_enumeration("gumbel_rao")
     print("\n" + report.table())
-    assert report.ok and report.orders == (0,) and len(report.checks) == 3
+    assert report.ok and report.orders == (0,) and len(report.checks) == 4
+    assert "independent[Bernoulli], order 0" in {c.name for c in report.checks}
+
+
+@pytest.mark.parametrize("kind", ["Bernoulli", "OneHotCategorical"])
+def test_an_independent_wrapper_is_the_distribution_under_it(kind):
+    """supports() accepts Independent(Bernoulli / OneHotCategorical) (`distributions` are matched
+    against the wrapped distribution), but output() read `node.distribution.logits` and raised
+    AttributeError on the wrapper. It reads them from base_distribution now; the reinterpreted dims
+    are elementwise, so the node gives the same values and gradients as the unwrapped distribution
+    with the same random numbers."""
+    from torch.distributions import Independent, OneHotCategorical
+
+    results = []
+    for wrap in (False, True):
+        logits = torch.tensor([[0.3, -0.5, 1.0], [0.0, 0.7, -1.2]], requires_grad=True)
+        d = Bernoulli(logits=logits) if kind == "Bernoulli" else OneHotCategorical(logits=logits)
+        est = storch.estimator("gumbel_rao", plate="z", n_samples=3, n_gumbels=4)
+        assert est.supports(Independent(d, 1))
+        torch.manual_seed(0)
+        with storch.Graph():
+            z = est(Independent(d, 1) if wrap else d)
+            storch.add_cost(((z - 0.4) ** 2 * torch.tensor([1.0, -2.0, 0.5])).sum())
+            (g,) = torch.autograd.grad(storch.surrogate_loss(), logits)
+        results.append((z.tensor.detach(), g))
+    assert torch.equal(results[0][0], results[1][0]) and torch.allclose(results[0][1], results[1][1])
+    assert results[0][1].abs().sum() > 0
 
 
 def _storch_compare() -> list[str]:

@@ -8,7 +8,7 @@ from torch.distributions import Bernoulli, OneHotCategorical
 
 import storch
 from storch import Node
-from storch.extending import options
+from storch.extending import base_distribution, options
 
 __all__ = ["GumbelRao", "conditional_gumbels"]
 
@@ -97,7 +97,9 @@ class GumbelRao(storch.Estimator):
         return torch.zeros((1,), dtype=node.sample.dtype, device=node.sample.device)
 
     def output(self, node: Node) -> torch.Tensor:
-        d, x = node.distribution, node.sample
+        # the parameters are on the wrapped distribution of an Independent (supports() matches
+        # `distributions` against it); its reinterpreted dims are elementwise here like batch dims
+        d, x = base_distribution(node.distribution), node.sample
         if isinstance(d, Bernoulli):  # a Bernoulli is a 2-category distribution with logits (0, ℓ)
             logits = torch.stack([torch.zeros_like(d.logits), d.logits], -1)
             hard = torch.stack([1 - x, x], -1)

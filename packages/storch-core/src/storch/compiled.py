@@ -131,6 +131,8 @@ from __future__ import annotations
 import builtins
 import functools
 import math
+import sys
+import threading
 import types
 from typing import Any, Callable, Optional, Union
 
@@ -138,7 +140,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import NonFiniteCostError, StorchError
-from .estimators.base import updating_message
+from .estimators.base import Estimator, updating_message
 from .graph import Graph, tracing_nodes, tracing_recorder
 from .plates.tensor import PlateTensor
 from ._order_guard import refuse_create_graph
@@ -345,7 +347,8 @@ class CompiledStep:
                     "(`.item()`, `bool(t)`, `if t > 0:`, a value check), so the program depends on the data. "
                     f"Run this step eagerly, or move that check out of the step. torch said: {e}") from e
             if "does not require grad and does not have a grad_fn" in str(e):
-                raise StorchError(_backward_message(self.fn) + f" torch said: {e}") from e
+                raise StorchError(_backward_message(self.fn, _traceback_component(e.__traceback__))
+                                  + f" torch said: {e}") from e
             raise
         finally:
             torch.distributions.Distribution.set_default_validate_args(validate)
@@ -778,7 +781,14 @@ def _update_on_backward(probe: torch.Tensor, loss: torch.Tensor, values: tuple, 
     update_on_backward(probe, check, run)
 
 
-def _backward_message(fn) -> str:
+def _backward_message(fn, component: Optional[str] = None) -> str:
+    if component is not None:
+        # the backward pass runs inside an estimator's component, not in the user's code
+        return (f"storch.compile cannot trace {_name(fn)}: {component} differentiates (torch.autograd.grad or "
+                ".backward()) inside the step. The trace records the forward program only; the saved tensors that "
+                "backward pass reads would be fixed to the first call's values, so an estimator component that "
+                "differentiates cannot be compiled. Run this step eagerly (without storch.compile), or use an "
+                "estimator whose components compute that derivative without autograd.")
     return (f"storch.compile cannot trace {_name(fn)}: it differentiates inside the step (torch.autograd.grad or "
             ".backward() on something the step computed: a gradient penalty, a lookahead step, a learned control "
             "variate's update). The trace records the forward program only; the saved tensors that backward pass "
@@ -786,13 +796,33 @@ def _backward_message(fn) -> str:
             "step's result outside it, or run this step eagerly.")
 
 
+def _estimator_component(frame) -> Optional[str]:
+    """The innermost estimator method on the stack from ``frame`` outwards, described
+    (``"the control_variate of estimator 'x' (X)"``), or ``None`` when no estimator code is running."""
+    while frame is not None:
+        est = frame.f_locals.get("self")
+        if isinstance(est, Estimator):
+            return f"the {frame.f_code.co_name} of estimator {est.name!r} ({type(est).__qualname__})"
+        frame = frame.f_back
+    return None
+
+
+def _traceback_component(tb) -> Optional[str]:
+    """:func:`_estimator_component` of the innermost frame of a traceback."""
+    last = None
+    while tb is not None:
+        last, tb = tb.tb_frame, tb.tb_next
+    return _estimator_component(last)
+
+
 def _no_backward_in_trace(fn):
     """Saved-tensor hooks for the trace: a backward pass run inside the step unpacks tensors that autograd
     saved in the forward pass, which ``make_fx(pre_dispatch=True)`` cannot connect to the program (they
     would become constants of the first call, or lose their graph): it is refused where it happens."""
+    tracing_thread = threading.get_ident()  # autograd may run the hook on a device thread: read this one's stack
 
     def unpack(saved):
-        raise StorchError(_backward_message(fn))
+        raise StorchError(_backward_message(fn, _estimator_component(sys._current_frames().get(tracing_thread))))
 
     return torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack)
 

@@ -19,7 +19,7 @@ import pluggy
 from importlib_metadata import entry_points
 
 from .errors import OptionError, PluginError, UnknownEstimatorError
-from .estimators.base import Estimator
+from .estimators.base import Estimator, capability_problem
 from .estimators.catalog import EstimatorInfo, set_source, supporting_estimators
 from .graph import current_graph
 from .hookspecs import HookSpecs, hookimpl, hookspec
@@ -159,7 +159,8 @@ def _verify(cls, dist: str, base: type) -> Optional[str]:
         return f"{where} with biased={cls.biased!r}; use True or False"
     if not isinstance(cls.aliases, tuple):
         return f"{where} with aliases={cls.aliases!r}; use a tuple of names"
-    return None
+    problem = capability_problem(cls)  # distributions and State
+    return None if problem is None else f"{where} with {problem}"
 
 
 _lock = threading.Lock()

@@ -32,9 +32,11 @@ checked at registration (``storch.registry``); an instance whose options change 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import types
+import weakref
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -154,6 +156,12 @@ class Estimator(torch.nn.Module):
 
     def __init__(self, plate: str, n_samples: int = 1) -> None:
         super().__init__()
+        cls = type(self)
+        if cls not in _WELL_FORMED:  # once per class: the registry checks it too, but a class may be used directly
+            problem = capability_problem(cls)
+            if problem is not None:
+                raise StorchError(f"estimator class {cls.__qualname__} ({cls.name or 'no name'}) has {problem}")
+            _WELL_FORMED.add(cls)
         if not isinstance(plate, str) or not plate:
             raise OptionError(f"plate must be a non-empty string, got {plate!r}")
         options.integer(self.name, "n_samples", n_samples, minimum=1, what="an int >= 1 (the number of samples)",
@@ -720,6 +728,33 @@ class Estimator(torch.nn.Module):
                     "neither. Run the vmapped members in a Python loop, or build the learned part with one step "
                     f"outside vmap first (torch said: {str(e)[:200]})") from e
             raise
+
+
+_WELL_FORMED: "weakref.WeakSet[type]" = weakref.WeakSet()
+
+
+def capability_problem(cls: type) -> Optional[str]:
+    """What is wrong with the capability attributes ``distributions`` and ``State`` of an estimator
+    class, or ``None``: checked at registration and when the class is first instantiated, so that a
+    malformed attribute is a named error there, not a ``TypeError`` deep in a later call."""
+    d = cls.distributions
+    if d is not None and not (isinstance(d, tuple) and all(isinstance(t, type) for t in d)):
+        example = d.__name__ if isinstance(d, type) else "Bernoulli"
+        return (f"distributions={d!r}; use None (any) or a tuple of distribution classes, "
+                f"e.g. distributions = ({example},)")
+    state = cls.State
+    if state is None:
+        return None
+    if not (isinstance(state, type) and dataclasses.is_dataclass(state)):
+        return f"State={state!r}; use None or a dataclass whose fields all have defaults"
+    missing = [f.name for f in dataclasses.fields(state) if f.init and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        # node.state = State() is created for every node before proposal, with no arguments
+        return (f"State={state.__qualname__} whose field(s) {', '.join(missing)} have no default; every field of "
+                "State needs one (node.state = State() is made for each node before proposal fills it), "
+                "e.g. `kappa: Optional[torch.Tensor] = None`")
+    return None
 
 
 def _under_jacfwd() -> bool:

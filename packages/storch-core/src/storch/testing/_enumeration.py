@@ -51,12 +51,12 @@ class ConformanceReport:
     def table(self, details: bool = True) -> str:
         """One row per (model, order); below it the per-component table of each failure."""
         head = f"{self.estimator}: orders {list(self.orders)}, {len(self.checks)} z-tests in {self.seconds:.1f}s"
-        rows = [head, f"{'model, order':<28} {'estimates':>9} {'components':>10} {'max |z|':>8}  result"]
+        rows = [head, f"{'model, order':<34} {'estimates':>9} {'components':>10} {'max |z|':>8}  result"]
         for c in self.checks:
             verdict = "ok" if c.ok else "FAIL"
-            rows.append(f"{c.name:<28} {c.n:>9} {c.z.numel():>10} {c.max_abs_z:>8.2f}  {verdict}")
+            rows.append(f"{c.name:<34} {c.n:>9} {c.z.numel():>10} {c.max_abs_z:>8.2f}  {verdict}")
         for name, why in self.skipped.items():
-            rows.append(f"{name:<28} skipped: {why}")
+            rows.append(f"{name:<34} skipped: {why}")
         if details:
             for c in self.failures:
                 rows += ["", c.table()]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-from torch.distributions import Bernoulli, Categorical, Distribution, Normal, OneHotCategorical
+from torch.distributions import Bernoulli, Categorical, Distribution, Independent, Normal, OneHotCategorical
 
 from ..errors import UnsupportedDistributionError
 from ..estimators.base import Estimator
@@ -219,17 +219,85 @@ def _normal_chain() -> Model:
     return Model("chain[Normal]", theta, build, exact, lambda: [Normal(theta[0], torch.tensor(1.0, dtype=_F64))])
 
 
+# -- an Independent-wrapped node ---------------------------------------------------------------
+
+_C22, _V23 = _t(1.0, -0.5, 0.8, 0.6).reshape(2, 2), _t(1.0, -0.5, 2.0, 0.3, -1.2, 0.7).reshape(2, 3)
+_K3 = torch.arange(3, dtype=_F64)
+
+
+def _independent(kind: type) -> Model:
+    """One node ``Independent(D(θ), 1)``: its parameters are on the wrapped ``base_dist``.
+
+    An estimator's ``distributions`` are matched against ``base_distribution(d)``, so an estimator for
+    D is handed the wrapper; one that reads ``node.distribution.logits`` (instead of
+    ``storch.extending.base_distribution(node.distribution).logits``), or that handles the base's
+    last batch dim as a batch dim when it is an event dim of the node, fails here.
+
+    - Bernoulli: logits θ (2, 2), batch (2,), event (2,); C = (c·x − 0.3)².
+    - OneHotCategorical: logits θ (2, 3), event (2, 3); C = (v·x − 0.4)².
+    - Categorical: logits θ (2, 3), event (2,); C = (c·x − 0.5)² with x the two indices (a one-hot
+      value, shape (2, 3), is read as its indices).
+    - Normal: μ = θ (2,), σ = (0.8, 1.2), event (2,); C = (c·x − 0.3)² + x0, as ``normal[2]``.
+    """
+    c2 = _C22[0]
+    if kind is Bernoulli:
+        theta, shape = _t(0.3, -0.6, 1.1, -0.2), (2, 2)
+    elif kind is Normal:
+        theta, shape = _t(0.5, -0.2), (2,)
+    else:
+        theta, shape = _t(0.2, -0.4, 0.9, 0.0, -1.1, 0.5), (2, 3)
+
+    def dist(th) -> Distribution:
+        base = Normal(th, _S2) if kind is Normal else kind(logits=th.reshape(shape))
+        return Independent(base, 1)
+
+    def cost(x):
+        if kind is Bernoulli:
+            return ((x * _C22).sum() - 0.3) ** 2
+        if kind is OneHotCategorical:
+            return ((x * _V23).sum() - 0.4) ** 2
+        if kind is Categorical:
+            idx = x if x.shape == (2,) else (x * _K3).sum(-1)
+            return ((idx * c2).sum() - 0.5) ** 2
+        return ((x * _C2).sum() - 0.3) ** 2 + x[0]
+
+    def build(make: EstimatorFactory, th: torch.Tensor) -> None:
+        add_cost(cost(make("x")(dist(th))))
+
+    def exact(th: torch.Tensor) -> torch.Tensor:
+        if kind is Normal:
+            return ((_C2 * th).sum() - 0.3) ** 2 + (_C2 ** 2 * _S2 ** 2).sum() + th[0]
+        if kind is Bernoulli:
+            xs = torch.tensor(list(itertools.product((0.0, 1.0), repeat=4)), dtype=_F64)  # (16, 4)
+            logp = (xs * torch.nn.functional.logsigmoid(th) + (1 - xs) * torch.nn.functional.logsigmoid(-th)).sum(-1)
+            return (logp.exp() * ((xs @ _C22.reshape(-1)) - 0.3) ** 2).sum()
+        p = torch.softmax(th.reshape(2, 3), -1)
+        joint = p[0].unsqueeze(1) * p[1].unsqueeze(0)  # (3, 3): x0 = i, x1 = j
+        if kind is OneHotCategorical:
+            value = _V23[0].unsqueeze(1) + _V23[1].unsqueeze(0)
+            return (joint * (value - 0.4) ** 2).sum()
+        value = c2[0] * _K3.unsqueeze(1) + c2[1] * _K3.unsqueeze(0)
+        return (joint * (value - 0.5) ** 2).sum()
+
+    short = "OneHot" if kind is OneHotCategorical else kind.__name__
+    return Model(f"independent[{short}]", theta, build, exact, lambda: [dist(theta)])
+
+
 def standard_models(estimator: Estimator) -> tuple[list[Model], dict[str, str]]:
     """The kit's models that ``estimator`` supports, and the reasons it skips the others.
 
     Discrete: ``bernoulli[3]``, ``categorical[K=5]``, ``onehot[K=5]`` for each supported
     family, and one two-node chain (the first supported of Bernoulli, OneHotCategorical,
-    Categorical). Continuous: ``normal[2]`` and ``chain[Normal]``.
+    Categorical). Continuous: ``normal[2]`` and ``chain[Normal]``. Last, one node wrapped in
+    ``Independent`` (the first supported of Bernoulli, OneHotCategorical, Categorical, Normal):
+    ``distributions`` match the wrapped distribution, so every estimator is handed such nodes.
     """
     candidates = [_bernoulli(), _categorical(), _onehot()]
     chains = [_chain(k) for k in (Bernoulli, OneHotCategorical, Categorical)]
     chain = next((c for c in chains if supports(estimator, c) is None), chains[0])
     candidates += [chain, _normal(), _normal_chain()]
+    wrapped = [_independent(k) for k in (Bernoulli, OneHotCategorical, Categorical, Normal)]
+    candidates.append(next((m for m in wrapped if supports(estimator, m) is None), wrapped[0]))
     chosen, skipped = [], {}
     for m in candidates:
         reason = supports(estimator, m)
