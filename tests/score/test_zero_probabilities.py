@@ -14,6 +14,7 @@ values (exact for ``expect`` and for a set that holds the whole support; a z-tes
 estimates otherwise).
 """
 
+import itertools
 import math
 
 import pytest
@@ -22,6 +23,7 @@ from torch.distributions import Bernoulli, Binomial, Categorical, Independent, O
 
 import storch
 from storch.extending import strict_support
+from storch.testing import assert_unbiased, direction, exact_derivatives, per_replicate_derivatives, replicate
 
 MASK = torch.tensor([True, False, True, True, False])  # 3 possible values of 5
 COST = torch.tensor([0.3, 0.0, 1.1, -0.4, 0.0])  # the cost of each possible value
@@ -393,3 +395,165 @@ def test_every_enumerating_estimator_gets_the_strict_distribution_and_no_other_d
         lp = seen[key].reshape(-1)
         assert bool(torch.isneginf(lp[~MASK]).all()) and bool(torch.isfinite(lp[MASK]).all()), (key, lp)
     assert bool(torch.isfinite(score_lp).all())  # torch's clamped log(eps): score never reads the support
+
+
+# -- Bernoulli and Binomial given by infinite logits ----------------------------------------------
+# torch's Bernoulli(logits=±inf).log_prob is NaN on the value such a logit always draws (inf - inf), so
+# no joint value of a node with a masked bit (logits + mask, mask -inf) looked possible: unordered_set
+# drew ONE value, impossible (the masked bit set), with log p = -inf and a zero gradient on both of its
+# paths, expect and sum_and_sample gave NaN. strict_support now gives such a Bernoulli (and Binomial)
+# log p = 0 on the value it always draws and -inf on the other.
+
+# one node of 3 bits per row of a data plate: -inf masks a bit (never 1), +inf makes it certain (always 1);
+# 8, 4, 4, 4 and 2 possible joint values, so with k = 3 the last row pads its set with a weight-0 repeat
+BIT_MASKS = torch.tensor([[0.0, 0.0, 0.0], [0.0, -math.inf, 0.0], [math.inf, 0.0, 0.0], [0.0, 0.0, -math.inf],
+                          [-math.inf, math.inf, 0.0]], dtype=torch.float64)
+BIT_WEIGHTS = (1.0, 2.0, 3.0)
+BIT_THETA = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+
+
+def _bits_finite_cost(z0, z1, z2):
+    return BIT_WEIGHTS[0] * (z0 - 0.45) ** 2 + BIT_WEIGHTS[1] * (z1 - 0.45) ** 2 + BIT_WEIGHTS[2] * (z2 - 0.45) ** 2 + 0.7 * z0 * z2
+
+
+def _bits_exact(theta: torch.Tensor) -> torch.Tensor:
+    """The mean over the rows of E[cost], by enumeration of the 8 joint values (float64)."""
+    vals = torch.tensor(list(itertools.product([0.0, 1.0], repeat=3)), dtype=torch.float64)  # (8, 3)
+    p = torch.sigmoid(theta + BIT_MASKS)  # (rows, 3): exactly 0 or 1 on the masked bits
+    prob = torch.where(vals.unsqueeze(1) > 0, p.unsqueeze(0), 1 - p.unsqueeze(0)).prod(-1)  # (8, rows)
+    f = _bits_finite_cost(vals[:, 0], vals[:, 1], vals[:, 2])
+    return (prob * f.unsqueeze(1)).sum(0).mean()
+
+
+def _bits_estimates(given: str, dtype: torch.dtype, budget: int, baseline: bool, order: int, k: int, reps: int):
+    theta = BIT_THETA.to(dtype)
+    est = storch.estimator("unordered_set", plate="z", n_samples=k, budget=budget, baseline=baseline)
+    with storch.Graph() as graph:
+        leaf, th = replicate(theta, reps)
+        mask = storch.denote_independent(BIT_MASKS.to(dtype), 0, "data")
+        logits = th + mask
+        z = est(Bernoulli(logits=logits) if given == "logits" else Bernoulli(probs=torch.sigmoid(logits)))
+        never = ((z == 1) & (mask == -math.inf)) | ((z == 0) & (mask == math.inf))
+        cost = _bits_finite_cost(z[0], z[1], z[2])
+        storch.add_cost(torch.where(never.any(-1), torch.full((), math.inf, dtype=dtype), cost), name="c")
+        loss = storch.surrogate_loss(order=order)
+        derivs = per_replicate_derivatives(loss, leaf, order, direction(3))
+        node = graph.nodes[0]
+        return z.tensor.detach(), node.weight_values.detach(), loss.detach(), derivs
+
+
+@pytest.mark.parametrize("given", ["logits", "probs"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("budget", [4096, 1], ids=["enumeration", "beam"])
+@pytest.mark.parametrize("baseline,order", [(True, 1), (False, 3)], ids=["baseline", "no_baseline"])
+def test_unordered_set_on_bits_with_infinite_logits_is_unbiased(given, dtype, budget, baseline, order):
+    """Bits masked by -inf or made certain by +inf logits (or probs of exactly 0 and 1), rows with
+    different masks: k = 3 distinct possible joint values per row (2 and a weight-0 repeat in the row with
+    2 possible values), never an impossible one, and the derivatives of every order unordered_set declares
+    (1 with its baseline, up to 3 without) z-tested against enumeration, on both sampling paths."""
+    torch.manual_seed(11)
+    z, w, _, derivs = _bits_estimates(given, dtype, budget, baseline, order, k=3, reps=1500)
+    assert z.shape[0] == 3  # (k, replicate, data, 3)
+    mask = BIT_MASKS.to(dtype)
+    assert not bool(((z == 1) & (mask == -math.inf)).any() | ((z == 0) & (mask == math.inf)).any())
+    codes = (z * torch.tensor([4.0, 2.0, 1.0], dtype=dtype)).sum(-1)  # (k, replicate, data)
+    w = w.reshape(codes.shape)
+    distinct = (codes.unsqueeze(0) != codes.unsqueeze(1)) | torch.eye(3, dtype=torch.bool).reshape(3, 3, 1, 1)
+    assert bool(distinct[:, :, :, :4].all())  # rows with >= 3 possible values: 3 distinct ones
+    assert bool((w[:, :, :4] > 0).all())
+    # the row with 2 possible values: both, and a repeat of weight 0
+    assert bool((codes[0, :, 4] != codes[1, :, 4]).all() & (w[2, :, 4] == 0).all() & (w[:2, :, 4] > 0).all())
+    exact = exact_derivatives(_bits_exact, BIT_THETA, order)
+    for i, (d, want) in enumerate(zip(derivs, exact[1:]), start=1):
+        assert bool(torch.isfinite(d).all())
+        assert_unbiased(d, want, f"order {i} ({given}, {dtype}, budget {budget}, baseline {baseline})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("budget", [4096, 1], ids=["enumeration", "beam"])
+def test_unordered_set_on_bits_with_infinite_logits_is_exact_with_the_whole_support(dtype, budget):
+    """k = 8 >= every row's possible joint values: the set is each row's whole support (8 for the
+    first row, the others padded with weight-0 repeats), and the estimate is exact."""
+    torch.manual_seed(12)
+    z, w, loss, derivs = _bits_estimates("logits", dtype, budget, True, 1, k=8, reps=2)
+    assert z.shape[0] == 8
+    codes = (z * torch.tensor([4.0, 2.0, 1.0], dtype=dtype)).sum(-1)[:, 0]  # (k, data)
+    w = w.reshape(z.shape[:-1])[:, 0]
+    for row, possible in enumerate((8, 4, 4, 4, 2)):
+        assert len(set(codes[w[:, row] > 0, row].tolist())) == possible == int((w[:, row] > 0).sum())
+    exact = exact_derivatives(_bits_exact, BIT_THETA, 1)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert float(loss) == pytest.approx(float(exact[0]), rel=tol)
+    torch.testing.assert_close(derivs[0].double(), exact[1].expand(2, 3), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("which", ["expect", "sum_and_sample"])
+def test_other_enumerating_estimators_on_bits_with_infinite_logits(which):
+    """expect (exact) and sum_and_sample (z-test) on the same node: finite, only possible values, unbiased
+    (before: NaN, and sum_and_sample evaluated the cost on an impossible value)."""
+    torch.manual_seed(13)
+    opts = {} if which == "expect" else {"n_enumerate": 2, "n_samples": 1}
+    reps = 1 if which == "expect" else 3000
+    with storch.Graph():
+        leaf, th = replicate(BIT_THETA, reps)
+        mask = storch.denote_independent(BIT_MASKS, 0, "data")
+        z = storch.estimator(which, plate="z", **opts)(Bernoulli(logits=th + mask))
+        never = ((z == 1) & (mask == -math.inf)) | ((z == 0) & (mask == math.inf))
+        storch.add_cost(torch.where(never.any(-1), math.inf, _bits_finite_cost(z[0], z[1], z[2])), name="c")
+        (g,) = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+    exact = exact_derivatives(_bits_exact, BIT_THETA, 1)
+    assert bool(torch.isfinite(g).all())
+    if which == "expect":
+        torch.testing.assert_close(g[0], exact[1], rtol=1e-12, atol=1e-12)
+    else:
+        assert_unbiased(g, exact[1], which)
+
+
+@pytest.mark.parametrize("which", ["expect", "unordered_set"])
+def test_binomial_with_infinite_logits(which):
+    """Binomial(3, logits=(-inf, +inf, θ)): the first count is surely 0, the second surely 3 (torch's
+    log_prob is NaN for every count there); exact with the whole support."""
+    theta = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    logits = torch.stack([theta - math.inf, theta + math.inf, theta])
+    opts = {} if which == "expect" else {"n_samples": 4}
+    with storch.Graph():
+        z = storch.estimator(which, plate="b", **opts)(Binomial(3, logits=logits))
+        v = z.tensor.detach().reshape(-1, 3)
+        ok = (z[0] == 0) & (z[1] == 3)
+        storch.add_cost(torch.where(ok, z[2] ** 2, torch.full((), math.inf, dtype=theta.dtype)), name="c")
+        loss = storch.surrogate_loss()
+        (g,) = torch.autograd.grad(loss, theta)
+    assert bool((v[:, 0] == 0).all() and (v[:, 1] == 3).all()), v
+    want = Binomial(3, logits=theta).variance + Binomial(3, logits=theta).mean ** 2
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-12)
+    assert float(g) == pytest.approx(float(torch.autograd.grad(want, theta)[0]), rel=1e-10)
+
+
+def test_strict_support_of_infinite_logits():
+    """A Bernoulli or Binomial given by logits with an infinite entry: log p 0 on the value it always draws,
+    -inf on the others, torch's values and derivatives on the finite entries, no NaN derivative; the
+    same samples. Finite logits: the distribution itself."""
+    x = torch.tensor([0.3, -math.inf, math.inf, -1.2], dtype=torch.float64)
+    leaf = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    b = Bernoulli(logits=x + leaf)
+    s = strict_support(b)
+    assert s is not b and isinstance(s, Bernoulli)
+    finite = torch.isfinite(x)
+    for v, sure in ((torch.zeros(4, dtype=torch.float64), x < 0), (torch.ones(4, dtype=torch.float64), x > 0)):
+        ls, lp = s.log_prob(v), b.log_prob(v)
+        assert bool(torch.isnan(lp[~finite]).any())  # torch's own
+        assert torch.equal(ls[finite], lp[finite])
+        assert ls[~finite].tolist() == [0.0 if bool(t) else -math.inf for t in sure[~finite]]
+        (gs,) = torch.autograd.grad(ls[torch.isfinite(ls)].sum(), leaf)
+        (gt,) = torch.autograd.grad(lp[finite].sum(), leaf)
+        assert torch.equal(gs, gt)
+    torch.manual_seed(4)
+    a = b.sample((20,))
+    torch.manual_seed(4)
+    assert torch.equal(s.sample((20,)), a)
+    n = Binomial(2, logits=x)
+    ls = strict_support(n).log_prob(torch.arange(3, dtype=torch.float64).reshape(3, 1))
+    assert torch.equal(ls[:, finite], n.log_prob(torch.arange(3, dtype=torch.float64).reshape(3, 1))[:, finite])
+    assert ls[:, 1].tolist() == [0.0, -math.inf, -math.inf] and ls[:, 2].tolist() == [-math.inf, -math.inf, 0.0]
+    for d in (Bernoulli(logits=x.clamp(-800, 800)), Binomial(2, logits=torch.zeros(3))):
+        assert strict_support(d) is d

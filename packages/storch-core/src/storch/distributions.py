@@ -816,13 +816,18 @@ def enumeration_support(d: Distribution) -> torch.Tensor:
 
 
 class _StrictBernoulli(Bernoulli):
-    """A ``Bernoulli`` given by probabilities, whose ``log_prob`` is ``-inf`` where the probability is
-    exactly 0 (value 1 at p = 0, value 0 at p = 1). torch's own ``log_prob`` clamps p to [eps, 1 - eps]
-    (log p(1) = -15.9 at p = 0 in float32) although ``sample`` never draws such a value; infinite
-    logits are no way out (``Bernoulli(logits=-inf).log_prob`` is NaN). Elsewhere the same values and
-    derivatives as torch's."""
+    """A ``Bernoulli`` whose ``log_prob`` is ``-inf`` on the value it never draws. Given by probabilities:
+    where the probability is exactly 0 (value 1 at p = 0, value 0 at p = 1); torch's own ``log_prob``
+    clamps p to [eps, 1 - eps] (log p(1) = -15.9 at p = 0 in float32) although ``sample`` never draws
+    such a value. Given by logits: where a logit is infinite (a masked bit, ``logits + mask`` with
+    ``mask = -inf``, or a certain one at ``+inf``), whose torch ``log_prob`` is NaN for the value it
+    always draws (inf - inf), so an enumerating estimator found no possible joint value at all
+    (:func:`_infinite_logits_log_prob`). Elsewhere the same values and derivatives as torch's."""
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if not given_by_probs(self):
+            return _infinite_logits_log_prob(self.logits, value, self.logits.new_ones(()),
+                                             lambda logits: Bernoulli(logits=logits, validate_args=False).log_prob(value))
         lp = super().log_prob(value)
         p = self.probs
         never = torch.where(value.to(torch.bool), p == 0, p == 1)
@@ -830,14 +835,36 @@ class _StrictBernoulli(Bernoulli):
 
 
 class _StrictBinomial(Binomial):
-    """A ``Binomial`` given by probabilities whose ``log_prob`` is ``-inf`` on the counts it never draws
-    (any count above 0 at p = 0, any below ``total_count`` at p = 1), as :class:`_StrictBernoulli`."""
+    """A ``Binomial`` whose ``log_prob`` is ``-inf`` on the counts it never draws: given by probabilities,
+    any count above 0 at p = 0 and any below ``total_count`` at p = 1; given by logits, every count but
+    0 at a logit of ``-inf`` and every count but ``total_count`` at ``+inf`` (torch's is NaN there), as
+    :class:`_StrictBernoulli`."""
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if not given_by_probs(self):
+            n = self.total_count
+            return _infinite_logits_log_prob(self.logits, value, n,
+                                             lambda logits: Binomial(n, logits=logits, validate_args=False).log_prob(value))
         lp = super().log_prob(value)
         p = self.probs
         never = ((p == 0) & (value > 0)) | ((p == 1) & (value < self.total_count))
         return lp.masked_fill(never, -math.inf)
+
+
+def _infinite_logits_log_prob(logits: torch.Tensor, value: torch.Tensor, top: torch.Tensor,
+                              torch_log_prob: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """log p(value) of a Bernoulli or Binomial given by ``logits`` that may be infinite.
+
+    A logit of ``-inf`` draws 0 surely and one of ``+inf`` draws ``top`` (1, or ``total_count``): log p
+    is 0 on that value and ``-inf`` on every other. torch's formula gives NaN there (inf - inf, or
+    0 * inf), so it runs on the finite logits only (the infinite ones replaced by 0 and their result
+    discarded: no NaN in the derivatives either); there the values and derivatives are torch's.
+    """
+    infinite = torch.isinf(logits)
+    lp = torch_log_prob(torch.where(infinite, torch.zeros_like(logits), logits))
+    sure = torch.where(logits > 0, top.to(logits.dtype), torch.zeros((), dtype=logits.dtype, device=logits.device))
+    fixed = torch.where(value == sure, torch.zeros_like(lp), torch.full_like(lp, -math.inf))
+    return torch.where(infinite, fixed, lp)
 
 
 _STRICT = {Bernoulli: _StrictBernoulli, Binomial: _StrictBinomial}
@@ -864,12 +891,17 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     probabilities to decide which values exist: the base class passes every estimator with
     ``requires_enumerate_support`` its distribution through this (``Estimator._sample_node``,
     ``_extend_partition``), so such values are impossible (``-inf``) there as they are with ``-inf``
-    logits, and the user's cost never sees them.
+    logits, and the user's cost never sees them. A ``Bernoulli`` or ``Binomial`` given by ``logits``
+    with an infinite logit (``logits + mask``, mask ``-inf`` on a masked bit) needs the same: torch's
+    ``log_prob`` is NaN on the value such a logit always draws, so no joint value looked possible
+    (``unordered_set`` drew one impossible value with a zero gradient, ``expect`` gave NaN).
 
     Returns ``d`` itself unless it is (an ``Independent`` of) one of those four, given by ``probs``,
     with a probability that is exactly 0 (checked by value; with ``traced``, which
     ``storch.extending.strict_support`` passes while ``storch.compile`` records the step: whenever it
-    is given by ``probs``, so that the program does not depend on the values). Otherwise a copy that
+    is given by ``probs``, so that the program does not depend on the values), or a ``Bernoulli`` /
+    ``Binomial`` given by ``logits`` with an infinite logit (checked by value, and not while traced:
+    there it is ``d``, whose NaN log-probabilities the traced samplers refuse). Otherwise a copy that
     samples as ``d`` does (the same random numbers) and has the same log-probabilities, with the same
     derivatives, on every value it can draw: a ``Categorical`` / ``OneHotCategorical`` with ``-inf``
     logits there, a ``Bernoulli`` / ``Binomial`` whose ``log_prob`` masks those values. The derivative
@@ -883,10 +915,19 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     if t not in (Bernoulli, Binomial, Categorical, OneHotCategorical):
         return d
     inner = d._categorical if t is OneHotCategorical else d
-    if not given_by_probs(inner):
-        return d
-    p = inner.probs
     strict = _STRICT.get(t)
+    if not given_by_probs(inner):
+        # given by logits: a Categorical's -inf logits are -inf log-probabilities already; a Bernoulli's or
+        # Binomial's infinite logits make torch's log_prob NaN on the value they always draw, and -inf or
+        # NaN on the others (checked by value; not while traced: the program must not depend on values)
+        logits = inner.logits
+        if strict is None or traced or logits.is_meta or not bool(torch.isinf(logits).any()):
+            return d
+        new = strict.__new__(strict)
+        new.__dict__.update(d.__dict__)
+        new._validate_args = False
+        return new
+    p = inner.probs
     never = (p == 0) | (p == 1) if strict is not None else p == 0
     if not traced and not p.is_meta and not bool(never.any()):
         return d

@@ -157,6 +157,13 @@ class UnorderedSet(Estimator):
             # without logsumexp's shift (each p(s) <= 1: nothing overflows, and where every p(s)
             # underflows, 1 - p(S) is 1), log1p as log(-expm1(log p(S))) (a third of logsumexp's time)
             log_rest = torch.log1p(lp.detach().exp().sum(0).clamp_max(1.0).neg())
+            if g is not None:
+                # a padded entry (weight-0 repeats of log p -inf) holds every possible value: p(D∖S) is 0
+                # exactly, where the sum above can leave a rounding remainder (Σ p(s) = 1 - 1e-16: log 1e-16,
+                # or log eps from the clamped log_prob of probs of exactly 0 or 1). That remainder against
+                # the padding's floor (log 0 -> -1e30) cost the set probabilities every digit: weight 1 on
+                # each element, the padding included
+                log_rest = log_rest.masked_fill(torch.isneginf(lp.detach()).any(0), -math.inf)
         node.state.lp, node.state.log_rest, node.state.g = lp, log_rest, g
         node.state.exact = g is None  # the i.i.d. path: k possible values, no padding
         return values
