@@ -357,6 +357,8 @@ def _held_coordinates(d: Distribution, name: str, theta: torch.Tensor, u: torch.
         "outcome of probability 0, which no perturbed sample reaches. Mask impossible categories with -inf "
         "logits instead (Categorical(logits=logits.masked_fill(~allowed, -math.inf))): spsa holds a -inf logit "
         "fixed and perturbs the finite ones")
+    if u.is_meta:  # no values to look at (a shape-only run): nothing is held
+        return None
     with torch.no_grad():
         bad = ~torch.isfinite(u)
         if is_tracing():  # storch.compile: no branch on values; the mask always (all False: no change)
