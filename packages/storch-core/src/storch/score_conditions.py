@@ -20,7 +20,7 @@ as 0, so from order 2 the estimate is biased (d²/dloc² E[z²] = 2 for a Laplac
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch.distributions import (
@@ -164,7 +164,8 @@ def _transform_grads(t, prefix: str, depth: int) -> list[str]:
     return out
 
 
-def same_support(a, b) -> bool:
+def same_support(a: Union[constraints.Constraint, Distribution, None],
+                 b: Union[constraints.Constraint, Distribution, None]) -> bool:
     """Whether ``a`` and ``b`` are certainly the same set: two constraints (a distribution stands for its
     ``support``) of the same type with the same bounds, reinterpreted (``independent``) dims aside.
 
