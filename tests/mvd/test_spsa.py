@@ -280,3 +280,52 @@ def test_probabilities_on_the_boundary_are_refused():
     est = storch.estimator("spsa", plate="k")
     with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="-inf logits"):
         est(Categorical(probs=probs))
+
+
+@pytest.mark.parametrize("family", ["bernoulli", "binomial"])
+@pytest.mark.parametrize("fill", [-math.inf, math.inf])
+def test_infinite_bernoulli_and_binomial_logits_are_held(family, fill):
+    """A Bernoulli / Binomial with an infinite logit (a masked bit, logits + mask): its value is sure (0 at −∞,
+    the top at +∞). spsa held −∞ but its weights p / (p₊ + p₋) came from torch's log_prob, NaN on that sure
+    value, so every finite coordinate's estimate was NaN; +∞ was refused. Now the weights use
+    strict_support's exact log-probabilities: the held coordinate's estimate is exactly 0 and the finite ones
+    match, in expectation, spsa's estimate for the same model without the masked element (the elements are
+    independent: the cost at the sure value, a Rademacher average of central differences, closed form)."""
+    c, top = 0.3, (1 if family == "bernoulli" else 2)
+    sure = 0.0 if fill < 0 else float(top)
+    theta = torch.tensor([0.4, -0.3, 0.6], dtype=torch.float64)
+    mask = torch.tensor([fill, 0.0, 0.0], dtype=torch.float64)
+
+    def dist(logits):
+        return Bernoulli(logits=logits) if family == "bernoulli" else Binomial(top, logits=logits)
+
+    def f(z0, z1, z2):
+        return (z0 - 0.5) ** 2 * (1 + z1) + z1 * z2 - 0.7 * z2
+
+    values = torch.arange(top + 1, dtype=torch.float64)
+
+    def F(u):  # E_p[f] over the two finite elements, the masked one at its sure value
+        p1, p2 = (torch.distributions.Binomial(top, logits=v).log_prob(values).exp() for v in u)
+        return sum(p1[a] * p2[b] * f(sure, values[a], values[b]) for a in range(top + 1) for b in range(top + 1))
+
+    u = theta[1:]
+    expected = torch.zeros(2, dtype=torch.float64)
+    for eps in itertools.product([1.0, -1.0], repeat=2):
+        e = torch.tensor(eps, dtype=torch.float64)
+        expected += (F(u + c * e) - F(u - c * e)) / (2 * c * e) / 4
+
+    torch.manual_seed(61)
+    est = storch.estimator("spsa", plate="z", perturbation=c)
+    seen = []
+
+    def model(t):
+        z = est(dist(t + mask))
+        seen.append(z.tensor.detach())
+        return f(z[0], z[1], z[2])
+
+    g, v = estimates(theta, model, 4000)
+    assert all((z[..., 0] == sure).all() for z in seen), "the cost saw an impossible value of the masked element"
+    assert torch.isfinite(g).all() and torch.isfinite(v).all()
+    assert (g[:, 0] == 0).all()
+    print(assert_unbiased(g[:, 1:], expected, f"spsa E[ĝ], {family} logit {fill}").table())
+    print(assert_unbiased(v, F(u), f"spsa forward value, {family} logit {fill}").table())

@@ -276,3 +276,36 @@ def test_go_neighbours_follow_the_order_of_the_possible_categories():
     assert set(x.unique().tolist()) == {0, 2, 4}
     following = {0: 2, 2: 4, 4: 5, 5: 1, 1: 1}  # 5 (e^-20) before 1 (e^-30); 1 is the last possible
     assert all(following[a] == b for a, b in zip(x.tolist(), nb.tolist()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_go_on_bernoulli_bits_with_infinite_logits(dtype):
+    """Bits masked by logits + [−inf, 0, +inf, 0]: bit 0 is 0 surely, bit 2 is 1 surely. go raised bit 0
+    to its neighbour 1 regardless (``raised = x < 0.5``), so the cost saw the impossible 1, and a cost
+    that is +inf there (a log-policy that forbids it) gave NaN (−inf · 0); log p(x) was NaN too (torch's
+    Bernoulli log_prob at an infinite logit). The neighbour's coefficient −σ'(−∞) ∇θ is exactly 0: it is
+    not evaluated, the masked bits' derivatives are exactly 0, the others unbiased (exact enumeration)."""
+    torch.manual_seed(9)
+    theta = torch.tensor([0.3, -0.5, 1.0, 0.2], dtype=dtype)
+    mask = torch.tensor([-math.inf, 0.0, math.inf, 0.0], dtype=dtype)
+    w = torch.tensor([1.0, 2.0, -1.0, 0.5], dtype=dtype)
+    inf = torch.tensor(math.inf, dtype=dtype)
+    est = storch.estimator("go", plate="z")
+
+    def f(z):  # not additive over the bits; +inf at the values the mask forbids
+        return (((z * w).sum(-1) - 0.7) ** 2 + torch.where(z[..., 0] > 0.5, inf, 0.0 * inf.new_ones(()))
+                + torch.where(z[..., 2] < 0.5, inf, 0.0 * inf.new_ones(())))
+
+    got, seen = _go_estimates(theta, lambda x: est(Bernoulli(logits=x + mask)), f)
+    assert torch.isfinite(got).all()
+    assert (seen[..., 0] == 0).all() and (seen[..., 2] == 1).all(), "the cost saw a value of probability 0"
+    assert (got[:, 0] == 0).all() and (got[:, 2] == 0).all()
+    # exact: enumerate bits 1 and 3, bits 0 and 2 at their sure values
+    x0 = theta.to(torch.float64).clone().requires_grad_(True)
+    p = torch.sigmoid(x0)
+    w64 = w.to(torch.float64)
+    exact = sum((p[1] if a else 1 - p[1]) * (p[3] if b else 1 - p[3])
+                * ((torch.tensor([0.0, a, 1.0, b], dtype=torch.float64) * w64).sum() - 0.7) ** 2
+                for a in (0, 1) for b in (0, 1))
+    (want,) = torch.autograd.grad(exact, x0)
+    assert_unbiased(got[:, [1, 3]].to(torch.float64), want[[1, 3]], f"go Bernoulli infinite logits {dtype}")

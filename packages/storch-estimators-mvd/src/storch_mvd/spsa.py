@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 from torch.distributions import (
+    Bernoulli,
+    Binomial,
     Distribution,
     Independent,
     MixtureSameFamily,
@@ -21,7 +23,16 @@ from torch.distributions.utils import lazy_property
 
 import storch
 from storch import Estimator, Node, UnsupportedDistributionError
-from storch.extending import assume, is_tracing, moving_support, options, rebuild, same_support
+from storch.extending import (
+    assume,
+    given_by_probs,
+    is_tracing,
+    moving_support,
+    options,
+    rebuild,
+    same_support,
+    strict_support,
+)
 
 from ._state import PrecomputedState
 
@@ -61,8 +72,9 @@ class Spsa(Estimator):
     support that the perturbation does not move (not Uniform, Pareto; a Binomial with fixed total_count is fine). Only parameters that
     require grad are perturbed (integer ones and constants stay fixed); a TransformedDistribution's are its
     base's, a MixtureSameFamily's its mixture's and components'. A tensor that requires grad elsewhere (a
-    transform's) is refused: it would get no gradient. A −∞ logit (a masked category) is held fixed (its
-    finite difference is exactly 0) and the finite coordinates are perturbed; a constrained parameter on its
+    transform's) is refused: it would get no gradient. A −∞ logit (a masked category or bit), and a +∞ logit
+    of a Bernoulli or Binomial (a bit that is 1 surely), is held fixed (its finite difference is exactly 0)
+    and the finite coordinates are perturbed; a constrained parameter on its
     boundary (probs exactly 0 or 1) is refused (see :func:`_held_coordinates`). Any cost.
 
     biased: True — E[ĝ] is the gradient of a finite difference, E[ĝ] − ∇ = O(c²) for smooth
@@ -163,13 +175,16 @@ class Spsa(Estimator):
             with torch.no_grad():
                 for i, (leaf, (f, fixed)) in enumerate(zip(leaves, split)):
                     if not f:  # one per perturbation too, so that a MixtureSameFamily's parts line up
-                        new.append(leaf.expand((n,) + leaf.batch_shape))
+                        new.append(strict_support(leaf.expand((n,) + leaf.batch_shape)))
                         continue
                     params = {k: transform_to(leaf.arg_constraints[k])(u[i, k].detach() + sign * c * eps[i, k])
                               for k in f}
                     # with the constructor arguments outside arg_constraints (a Multinomial's total_count:
-                    # type(leaf)(**params) alone drew 1 trial)
-                    new.append(rebuild(leaf, {**params, **fixed}))
+                    # type(leaf)(**params) alone drew 1 trial). strict_support: a Bernoulli's or Binomial's
+                    # infinite (held) logit has log p = 0 on the value it always draws, where torch's is NaN
+                    # (the weights p / (p₊ + p₋) of every coordinate were NaN); the same samples, and
+                    # torch's log-probabilities elsewhere
+                    new.append(strict_support(rebuild(leaf, {**params, **fixed})))
                 return new, _assemble(core, iter(new))
 
         # p itself, rebuilt without argument validation
@@ -338,7 +353,9 @@ def _supports_quietly(cls, d: Distribution) -> bool:
 
 def _held_coordinates(d: Distribution, name: str, theta: torch.Tensor, u: torch.Tensor) -> Optional[torch.Tensor]:
     """The coordinates of ``u`` (the unconstrained form of parameter ``name``) that spsa holds fixed: those
-    at −∞ where the parameter itself is −∞ (a masked logit: u = θ), as a bool mask; ``None`` if all are finite.
+    at −∞ where the parameter itself is −∞ (a masked logit: u = θ), and, for the logits of a Bernoulli or
+    Binomial (one independent logit per element), those at +∞ too (a sure outcome: σ'(+∞) = 0 as at −∞),
+    as a bool mask; ``None`` if all are finite. (A Categorical's +∞ logit normalises to NaN: refused.)
 
     u ± cε = −∞ there, so p± keep p's zero probabilities (the supports of p, p₊, p₋ stay equal and the
     weights of appendix D.3 stay valid), the finite coordinates get the usual SPSA estimate of the
@@ -359,9 +376,18 @@ def _held_coordinates(d: Distribution, name: str, theta: torch.Tensor, u: torch.
         "fixed and perturbs the finite ones")
     if u.is_meta:  # no values to look at (a shape-only run): nothing is held
         return None
+    # a Bernoulli's or Binomial's logits: elementwise, both infinities are sure outcomes (strict_support
+    # gives their exact log-probabilities in the weights)
+    bits = type(d) in (Bernoulli, Binomial) and name == "logits" and not given_by_probs(d)
     with torch.no_grad():
         bad = ~torch.isfinite(u)
         if is_tracing():  # storch.compile: no branch on values; the mask always (all False: no change)
+            if bits:
+                # traced, strict_support does not branch on values: torch's log p, NaN at an infinite logit
+                assume(~bad.any(), "spsa under storch.compile: a Bernoulli or Binomial with an infinite logit "
+                       "(torch's log_prob is NaN on the value it always draws); run this step eagerly (not "
+                       "compiled), where spsa holds such a logit fixed")
+                return None
             if u.shape == theta.shape:
                 assume((~bad | ((u == -math.inf) & (theta == -math.inf))).all(), message)
                 return bad
@@ -369,7 +395,8 @@ def _held_coordinates(d: Distribution, name: str, theta: torch.Tensor, u: torch.
             return None
         if not bool(bad.any()):
             return None
-        if u.shape == theta.shape and bool((u[bad] == -math.inf).all()) and bool((theta[bad] == -math.inf).all()):
+        if u.shape == theta.shape and bool((u[bad] == theta[bad]).all()) and (
+                bits or bool((u[bad] == -math.inf).all())):
             return bad
     raise UnsupportedDistributionError(message)
 

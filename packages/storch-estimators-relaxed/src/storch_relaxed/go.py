@@ -10,7 +10,7 @@ import torch
 from torch.distributions import Bernoulli, Categorical, OneHotCategorical, Poisson
 
 from storch import CostFrame, Estimator, Node, magic_box
-from storch.extending import base_distribution
+from storch.extending import assume, base_distribution, given_by_probs, is_tracing, strict_support
 
 from ._blocks import blocks_weights, pad_blocks
 from ._network import flat
@@ -60,6 +60,12 @@ class Go(Estimator):
     Note (paper vs. math): appendix D.2.6 prints the first factor as "( (P) - 1)"; the GO
     gradient needs ∇P_j exactly, i.e. (P - ⊥P), which is what we use (tested against enumeration).
 
+    A Bernoulli bit with logit −∞ (``logits + mask``) is 0 surely and has no neighbour: its term's
+    coefficient ∇P(0) = −σ'(−∞) ∇logit is exactly 0, so the impossible value 1 is never handed to the
+    cost (nor is any value to a bit at +∞, which is 1 surely). A bit given by ``probs`` exactly 0 keeps
+    its neighbour 1: with probs a parameter on its boundary the (one-sided) derivative
+    (f(1) − f(0)) ∇p needs f(1); mask with −∞ logits where the cost is undefined at the masked value.
+
     Requires: Bernoulli, Categorical or OneHotCategorical (categories in index order: the
     neighbour of category k is k + 1, handed to user code as a one-hot vector for
     OneHotCategorical) or Poisson, independent over the node's own batch dims; any cost. Costs
@@ -99,6 +105,12 @@ class Go(Estimator):
             up, raised = index + 1, torch.ones_like(index, dtype=torch.bool)
             if isinstance(d, Bernoulli):  # x = 1 is the largest value: its term is 0 since ∇P(1) = 0
                 raised = index < 0.5
+                if not given_by_probs(d):
+                    # a bit with logit −∞ is 0 surely: its neighbour 1 is impossible, and its term's
+                    # coefficient ∇P(0) = −σ'(−∞) ∇logit is exactly 0, so it is not evaluated (the cost
+                    # saw the impossible 1, and one infinite there made the gradient NaN: −inf · 0).
+                    # probs exactly 0 keep their neighbour: see the class docstring
+                    raised = raised & (d.logits.detach() > -math.inf)
         up = torch.where(raised, up, index)  # no next value: keep x (its term is 0)
         xf, upf = flat(index, lead), flat(up, lead)  # (n, *parents, m)
         step = torch.eye(m, dtype=torch.bool, device=x.device).reshape((m,) + (1,) * lead + (m,))
@@ -114,7 +126,15 @@ class Go(Estimator):
         return blocks_weights(node, self.n_samples, 1 + node.state.m)
 
     def gradient_function(self, node: Node) -> torch.Tensor:
-        node.state.l = node.log_prob(node.state.x)
+        d = node.distribution
+        if is_tracing() and isinstance(base_distribution(d), Bernoulli) and not given_by_probs(base_distribution(d)):
+            # strict_support does not branch on values while traced: torch's log p is NaN at an infinite logit
+            assume(torch.isfinite(base_distribution(d).logits).all(),
+                   "go under storch.compile: a Bernoulli with an infinite logit (torch's log_prob is NaN on the "
+                   "value it always draws); run this step eagerly (not compiled), where go supports it")
+        # infinite Bernoulli logits (a masked bit): log p(x) exactly 0 on the value they always draw, where
+        # torch's is NaN; elsewhere torch's values and derivatives
+        node.state.l = node.log_prob(node.state.x, strict_support(d))
         return pad_blocks(node.state.l, 1 + node.state.m)
 
     def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
@@ -188,7 +208,8 @@ def _cdf_term(d, state: GoState) -> torch.Tensor:
         # P(0) = 1 - p, P(1) = 1 (constant); ⊥ on the pmf: D.2.6 differentiates the CDF only.
         # 1 - p from the logits (exact near p = 1), and 1 where x = 1: torch.where would otherwise
         # send 0 · (1 / 0) = NaN into the gradient from the branch it does not select
-        below = x < 0.5
+        # no term where there is no neighbour (x = 1, or a bit with logit −∞, whose ∇P(0) is exactly 0)
+        below = state.raised
         q = torch.sigmoid(-d.logits).detach().expand_as(p)
         return torch.where(below, -(p - p.detach()) / torch.where(below, q, torch.ones_like(q)), torch.zeros_like(p))
     if isinstance(d, (Categorical, OneHotCategorical)):  # x: the category index
