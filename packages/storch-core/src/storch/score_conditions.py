@@ -211,28 +211,6 @@ def same_support(a: Union[constraints.Constraint, Distribution, None],
         elif x != y:
             return False
     return True
-    if type(a) is not type(b) or constraints.is_dependent(a) or constraints.is_dependent(b):
-        return False
-    va, vb = vars(a), vars(b)
-    if va.keys() != vb.keys():
-        return False
-    for k, x in va.items():
-        y = vb[k]
-        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-            x, y = torch.as_tensor(x), torch.as_tensor(y)
-            if x.requires_grad or y.requires_grad:
-                return False
-            # bounds expanded to a batch shape (TransformedDistribution expands its base: Uniform(0, 1)'s
-            # low of shape (1,)) are the same set as the scalar bound they repeat
-            try:
-                x, y = torch.broadcast_tensors(x, y.to(x))
-            except RuntimeError:
-                return False
-            if not torch.equal(x, y):
-                return False
-        elif x != y:
-            return False
-    return True
 
 
 # -- a smooth log p: the score's derivatives of order >= 2 ------------------------------------------------
