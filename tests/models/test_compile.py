@@ -980,10 +980,88 @@ def test_refuses_python_reads_of_traced_values(read):
     lambda x: x[x > 0].sum() * x,  # padding rows dropped with a mask: the next batch's count was fixed
     lambda x: x.nonzero().sum() * x,
     lambda x: torch.masked_select(x, x > 0).sum() * x,
+    # these traced silently with the first call's shape (the count of positive entries)
+    lambda x: x[torch.where(x > 0)[0]].sum() * x,
+    lambda x: torch.bincount((x > 0).long()).sum() * x,
+    lambda x: torch.bincount((x > 0).long(), minlength=1).sum() * x,
+    lambda x: torch.repeat_interleave(torch.arange(3), (x > 0).long()).sum() * x,
+    lambda x: torch.repeat_interleave((x > 0).long()).sum() * x,
+    lambda x: torch.tensor_split(x, (x > 0).long().cumsum(0)[:1])[0].sum() * x,
+    lambda x: torch.unique_consecutive(x).sum() * x,
 ])
 def test_refuses_data_dependent_shapes(select):
     with pytest.raises(storch.StorchError, match="data-dependent shape.*torch.where"):
         storch.compile(_score_step(select), backend=None)(torch.tensor([1.0, 0.0, 2.0]))
+
+
+def _buffer_read(kind):
+    thr = torch.nn.Parameter(torch.tensor([0.5])) if kind == "parameter" else torch.tensor([0.5])
+    read = {"tolist": lambda: thr.tolist()[0], "item": lambda: thr.item(),
+            "parameter": lambda: thr.tolist()[0], "float": lambda: float(thr)}[kind]
+    return thr, read
+
+
+@pytest.mark.parametrize("kind", ["tolist", "item", "parameter", "float"])
+def test_refuses_python_reads_of_captured_tensors(kind):
+    # a threshold read from a buffer or a parameter (which an optimizer or `buffer.fill_` changes between
+    # calls) was fixed to the first call's value: make_fx refuses such reads only of tensors the program computes
+    thr, read = _buffer_read(kind)
+    step = _score_step(lambda x: x * read())
+    with pytest.raises(storch.StorchError, match="reads a tensor's value in Python"):
+        storch.compile(step, backend=None)(torch.ones(3))
+
+
+@pytest.mark.parametrize("write", ["slot", "reshape", "argument", "argument_slot"])
+def test_in_place_updates_through_views_run_once_per_call(write):
+    """A write through a view of a captured buffer or of an argument (`stats[0].add_(1)`, `x[:, 0].add_(1)`) ran
+    on the root four times in the first compiled call: the trace saved (and restored) only tensors without a
+    proxy slot, and a view made in the trace has one."""
+    def make():
+        stats = torch.zeros(3)
+        step = _score_step(lambda x: x.sum() + stats.sum())
+
+        def outer(x):
+            if write == "slot":
+                stats[0].add_(1)
+            elif write == "reshape":
+                stats.view(-1).add_(1)
+            elif write == "argument":
+                x[:, 0].add_(1)
+            else:
+                x[1].mul_(2)[0].add_(1)  # a view of a view
+            return step(x)
+
+        return outer, stats
+
+    eager, eager_stats = make()
+    compiled_fn, compiled_stats = make()
+    compiled = storch.compile(compiled_fn, backend=None)
+    x_eager, x_compiled = torch.ones(2, 2), torch.ones(2, 2)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        want = eager(x_eager)
+        torch.manual_seed(seed)
+        got = compiled(x_compiled)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(compiled_stats, eager_stats)
+        torch.testing.assert_close(x_compiled, x_eager)
+    assert compiled.traces == 1
+
+
+def test_refused_step_leaves_arguments_written_through_views_unchanged():
+    # refused by the replay check (Python state): the argument was changed three times, and the message
+    # did not mention the in-place change
+    calls = []
+
+    def step(x):
+        x[:, 0].sub_(0.5)
+        calls.append(1)
+        return _score_step(lambda x: x)(x) * len(calls)
+
+    x = torch.ones(2, 3)
+    with pytest.raises(storch.StorchError, match="changes 1 of its tensor arguments in place"):
+        storch.compile(step, backend=None)(x)
+    torch.testing.assert_close(x, torch.ones(2, 3))
 
 
 def test_in_place_updates_run_once_per_call():
@@ -1110,4 +1188,28 @@ def test_guard_sees_autocast():
     assert valid()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not valid()
+    assert valid()
+
+
+def test_guard_sees_each_captured_tensors_metadata():
+    # the per-call check compares the captured tensors' metadata in C++ (dynamo's tensor check), falling back to
+    # the Python comparison when that fails (e.g. under inference_mode, whose dispatch keys differ)
+    lin = torch.nn.Linear(2, 2)
+    gm = torch.fx.experimental.proxy_tensor.make_fx(lambda x: lin(x))(torch.ones(1, 2))
+    valid = storch.compiled._guard(gm, {}, metadata=True)
+    assert valid()
+    with torch.inference_mode():
+        assert valid()
+    lin.bias.requires_grad_(False)
+    assert not valid()
+    lin.bias.requires_grad_(True)
+    assert valid()
+    lin.double()  # replaces .data in place: the same Parameter objects
+    assert not valid()
+    lin.float()
+    assert valid()
+    weight = lin.weight.data
+    lin.weight.data = torch.zeros(3, 2)
+    assert not valid()
+    lin.weight.data = weight
     assert valid()

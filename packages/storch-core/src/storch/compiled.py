@@ -915,10 +915,17 @@ def _name(fn) -> str:
 # -- what the trace watches: value reads, data-dependent shapes, in-place state, module attributes --
 
 _VALUE_READS = frozenset((_T.tolist, _T.numpy, _T.__array__))
+# reads that make_fx refuses itself for a tensor the program computes, but not for a captured one (no proxy slot)
+_SCALAR_READS = frozenset((_T.item, _T.__bool__, _T.__int__, _T.__float__, _T.__index__, _T.__complex__))
 _DATA_SHAPES = frozenset(f for f in (
     torch.nonzero, _T.nonzero, torch.argwhere, _T.argwhere, torch.masked_select, _T.masked_select,
     torch.unique, _T.unique, torch.unique_consecutive, _T.unique_consecutive, torch.Tensor.unique_consecutive,
 ) if f is not None)
+# data-dependent shapes only for some arguments (see _TraceMode._data_shape)
+_WHERE = frozenset((torch.where, _T.where))
+_BINCOUNT = frozenset((torch.bincount, _T.bincount))
+_REPEAT_INTERLEAVE = frozenset((torch.repeat_interleave, _T.repeat_interleave))
+_TENSOR_SPLIT = frozenset((torch.tensor_split, _T.tensor_split))
 # functions that update running statistics (their 2nd and 3rd arguments) in place, without a version bump
 _RUNNING_STATS = frozenset((torch.nn.functional.batch_norm, torch.batch_norm, torch.nn.functional.instance_norm,
                             torch.instance_norm, torch.native_batch_norm))
@@ -973,12 +980,55 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
         return (type(t) is _T and self.tracer is not None and has_proxy_slot(t, self.tracer)
                 and get_proxy_slot(t, self.tracer).constant is None)
 
+    def _captured(self, t) -> bool:
+        """``t`` is a tensor from outside the step (a captured buffer or parameter: no proxy slot; a parameter
+        is a subclass). Its value may change between calls (an optimizer step, ``buffer.fill_``), so a Python
+        read of it in the trace would fix the first call's value."""
+        from torch._C._functorch import is_functorch_wrapped_tensor
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode, has_proxy_slot
+
+        if not isinstance(t, _T) or self.tracer is None or is_functorch_wrapped_tensor(t):
+            return False
+        mode = get_proxy_mode()
+        if mode is None or mode.tracer is not self.tracer:
+            return False  # a nested trace, or proxy tracing switched off (torch's own bookkeeping)
+        return isinstance(t, torch.nn.Parameter) or not has_proxy_slot(t, self.tracer)
+
+    def _data_shape(self, func, args, kwargs) -> Optional[str]:
+        """The name of a call whose output shape depends on its input's values (beyond _DATA_SHAPES), or None."""
+        if func in _DATA_SHAPES:
+            return func.__name__ if args and self._traced(args[0]) else None
+        if func in _WHERE:  # one argument: nonzero(as_tuple=True)
+            cond = args[0] if args else kwargs.get("condition")
+            if len(args) + len(kwargs) == 1 and self._traced(cond):
+                return "torch.where(condition) with one argument"
+        elif func in _BINCOUNT:  # its length is the largest value + 1 (at least minlength)
+            if args and self._traced(args[0]):
+                return "bincount"
+        elif func in _REPEAT_INTERLEAVE:  # tensor repeats: the output's length is their sum
+            repeats = args[1] if len(args) > 1 else kwargs.get("repeats", args[0] if len(args) == 1 else None)
+            if self._traced(repeats):
+                return "repeat_interleave with tensor repeats"
+        elif func in _TENSOR_SPLIT:  # tensor indices: the pieces' lengths are their values
+            sections = args[1] if len(args) > 1 else kwargs.get("indices_or_sections",
+                                                                 kwargs.get("indices", kwargs.get("sections")))
+            if self._traced(sections):
+                return "tensor_split with tensor indices"
+        return None
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _VALUE_READS and args and self._traced(args[0]):
-            raise StorchError(_value_message(self.fn, f"`.{func.__name__}()` of a tensor the program computes"))
-        if func in _DATA_SHAPES and args and self._traced(args[0]):
-            raise StorchError(_shape_message(self.fn, f"`{func.__name__}`"))
+        if func in _VALUE_READS and args and (self._traced(args[0]) or self._captured(args[0])):
+            raise StorchError(_value_message(
+                self.fn, f"`.{func.__name__}()` of a tensor the program computes or reads from outside the step "
+                         "(a buffer or parameter, whose value changes between calls)"))
+        if func in _SCALAR_READS and args and self._captured(args[0]):
+            raise StorchError(_value_message(
+                self.fn, f"`{func.__name__}` of a tensor from outside the step (a buffer or parameter, whose "
+                         "value changes between calls)"))
+        shape = self._data_shape(func, args, kwargs)
+        if shape is not None:
+            raise StorchError(_shape_message(self.fn, f"`{shape}`"))
         if func is _T.__getitem__ and len(args) > 1:
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
             for i in index:
@@ -1001,8 +1051,12 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
         if mode is None or mode.tracer is not self.tracer:
             return  # a nested trace (storch's vmap rule traces a vmapped call below dispatch): its own tensors
         for t in values:
-            if type(t) is not _T or id(t) in self.saved or is_functorch_wrapped_tensor(t):
+            if type(t) is not _T or is_functorch_wrapped_tensor(t):
                 continue  # a parameter's update is the optimizer's; plate tensors hold traced tensors
+            while t._base is not None:  # a write through a view (`stats[0].add_(1)`, `x[:, 0].add_(1)`)
+                t = t._base             # changes its root: save the root, if it is an argument or captured
+            if type(t) is not _T or id(t) in self.saved:
+                continue
             if id(t) in self.args or self.tracer is None or not has_proxy_slot(t, self.tracer):
                 # an argument, or a tensor from outside the step (a captured buffer): the trace would change it
                 with disable_proxy_modes_tracing(), torch._C.DisableTorchFunction(), torch.no_grad():
@@ -1099,6 +1153,24 @@ def _metadata(tensors) -> tuple:
     return _autocast_state(), *[(t.requires_grad, t.dtype, t.device, t.shape) for t in tensors]
 
 
+def _tensor_check(tensors: tuple) -> Optional[Callable[..., bool]]:
+    """dynamo's C++ check of tensors' dtype, device, requires_grad, sizes and strides (its guard on a compiled
+    frame's tensors; ~0.06 us a tensor, building _metadata's tuples ~0.4), or None where this torch lacks it.
+    It also compares the dispatch keys under the thread's current ones (inference_mode changes them): so a
+    failing check is only a hint, confirmed by _metadata. The same tensor objects stay captured (a module's
+    .to() and .double() replace a parameter's .data in place), so only their metadata is compared."""
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+
+        check = TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                             dynamic_dims_strides=[list(t.stride()) for t in tensors]).check
+        if not check(*tensors):
+            return None
+    except Exception:  # a private API: another torch version's signature
+        return None
+    return check
+
+
 def _guard(gm: torch.fx.GraphModule, reads: dict, metadata: bool) -> Optional[Callable[[], bool]]:
     """A per-call check that the program still fits what the step reads outside its arguments, or None.
 
@@ -1124,11 +1196,17 @@ def _guard(gm: torch.fx.GraphModule, reads: dict, metadata: bool) -> Optional[Ca
         return None
     tensors = tuple(captured) if metadata else ()
     traced = _metadata(tensors) if metadata else None
+    fast = _tensor_check(tensors) if metadata else None
+    autocast = traced[0] if metadata else None
 
     def valid() -> bool:
         for holder, name, value in checks:
             if holder.get(name) is not value:
                 return False
-        return traced is None or _metadata(tensors) == traced
+        if traced is None:
+            return True
+        if fast is not None and fast(*tensors):  # the same metadata: only the autocast state left to compare
+            return _autocast_state() == autocast
+        return _metadata(tensors) == traced
 
     return valid
