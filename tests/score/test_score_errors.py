@@ -323,3 +323,16 @@ def test_importance_refuses_partitions_as_its_page_says():
             est(Categorical(logits=torch.zeros(3, requires_grad=True)))
     page = (Path(__file__).parents[2] / "docs" / "estimators" / "importance.md").read_text()
     assert "Partitions are not supported" in page and "PlateError" in page
+
+
+def test_infinite_bernoulli_logits_under_score_are_named_in_the_error():
+    # torch's Bernoulli.log_prob is NaN (inf - inf) at an infinite logit: score's surrogate is NaN and the
+    # error named no cause; it now names the node and the estimators that handle such logits
+
+    theta = torch.zeros(3, requires_grad=True)
+    est = storch.estimator("score", plate="z", n_samples=4)
+    with storch.Graph():
+        z = est(torch.distributions.Bernoulli(logits=theta + torch.tensor([0.0, -math.inf, 0.0])))
+        storch.add_cost(((z - 0.45) ** 2).sum(-1))
+        with pytest.raises(storch.NonFiniteCostError, match=r"Infinite logits .* at 'score' \(plate 'z', a Bernoulli\)"):
+            storch.backward()

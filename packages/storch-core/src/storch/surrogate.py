@@ -1230,7 +1230,27 @@ def _check_finite(loss: torch.Tensor, graph: Graph) -> None:
         f"an estimator are (estimators in this graph: {', '.join(names) or 'none'}; e.g. log p(x) = -inf, or "
         f"diverged parameters; a tanh-squashed distribution whose sample saturated at ±1, where "
         f"TanhTransform's inverse is infinite: use TanhTransform(cache_size=1) so log_prob reuses the "
-        f"pre-tanh sample): {after}Catch storch.NonFiniteCostError to skip the batch")
+        f"pre-tanh sample){_infinite_logits_hint(graph)}: {after}Catch storch.NonFiniteCostError to skip the batch")
+
+
+def _infinite_logits_hint(graph: Graph) -> str:
+    """For :func:`_check_finite`'s message (error path only): the nodes whose Bernoulli / Binomial has infinite
+    logits, where torch's log_prob is NaN (inf - inf) for the value the bit always takes."""
+    found = []
+    for n in graph.nodes:
+        d = n.original if n.original is not None else n.distribution
+        while isinstance(d, (torch.distributions.Independent, torch.distributions.TransformedDistribution)):
+            d = d.base_dist
+        logits = d.__dict__.get("logits") if isinstance(d, (torch.distributions.Bernoulli,
+                                                            torch.distributions.Binomial)) else None
+        if isinstance(logits, torch.Tensor) and bool(torch.isinf(raw_of(logits).detach()).any()):
+            found.append(f"{n.estimator.name!r} (plate {n.plate.name!r}, a {type(d).__name__})")
+    if not found:
+        return ""
+    return (f". Infinite logits (a masked or certain bit) at {', '.join(found)}, "
+            "where torch's log_prob is NaN (inf - inf) for the value the bit always takes: use a large finite "
+            "logit (±30) for a masked bit, or an estimator that handles infinite logits (expect, unordered_set, "
+            "sum_and_sample, spsa, go)")
 
 
 def _explain_ddp_error(e: RuntimeError) -> None:
