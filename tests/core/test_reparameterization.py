@@ -585,3 +585,16 @@ def test_a_straight_through_rsample_is_not_a_reparameterisation():
     assert "reparameterization" not in storch.registry.supporting_estimators(OneHotCategoricalStraightThrough(logits=theta))
     with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="straight-through estimator"):
         est(OneHotCategoricalStraightThrough(logits=theta))
+
+
+def test_a_nested_independent_refusal_says_to_wrap_once():
+    """An estimator that looks under one Independent refused Independent(Independent(Bernoulli)) saying it
+    needs a Bernoulli, which it was given: the message now says to wrap once or pass the Bernoulli."""
+
+    class BernoulliOnly(storch.Estimator):
+        distributions = (torch.distributions.Bernoulli,)
+
+    d = Independent(Independent(torch.distributions.Bernoulli(logits=torch.zeros(2, 3, 4)), 1), 1)
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="Wrap once"):
+        BernoulliOnly(plate="z")(d)
+    assert BernoulliOnly.supports(Independent(torch.distributions.Bernoulli(logits=torch.zeros(3, 4)), 1))

@@ -531,6 +531,15 @@ class Estimator(torch.nn.Module):
                     f"the {type(d.base_dist).__name__} itself. storch samples and scores the batch dims of a node's "
                     "distribution jointly (one log-probability per sample, summed over them), so the wrapper is not "
                     "needed." + hint)
+        inner = d
+        while isinstance(inner, Independent):
+            inner = inner.base_dist
+        if (isinstance(d, Independent) and isinstance(d.base_dist, Independent) and self.distributions is not None
+                and isinstance(inner, self.distributions)):
+            hint = (f" This is an Independent of an Independent of a {type(inner).__name__}, which it supports: it looks "
+                    f"under one Independent only. Wrap once, Independent({type(inner).__name__}(...), n) with n the "
+                    f"reinterpreted dims of both, or pass the {type(inner).__name__} itself (storch scores a node's "
+                    "batch dims jointly)." + hint)
         if self.requires_rsample and d.has_rsample and straight_through_rsample(d):
             hint = (" OneHotCategoricalStraightThrough's rsample is the straight-through estimator (a hard sample "
                     "with the derivative of probs), not a reparameterisation, so a pathwise gradient through it is "
