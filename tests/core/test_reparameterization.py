@@ -9,6 +9,7 @@ from torch.distributions import Normal, Independent
 import storch
 from storch import magic_box
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
+from twice import differentiate_twice
 
 R = 4000
 
@@ -152,12 +153,7 @@ def test_order_1_surrogate_with_a_kink_differentiated_twice_is_refused(how):
     mu0 = torch.tensor([0.3], dtype=torch.float64)
     for _ in range(2):
         with pytest.raises(storch.OrderError, match=r"'reparameterization'.*'c'.*ReluBackward0.*order=n"):
-            if how == "hessian":
-                torch.autograd.functional.hessian(lambda m: _relu_step(est, m), mu0)
-            else:
-                mu = mu0.clone().requires_grad_(True)
-                (g,) = torch.autograd.grad(_relu_step(est, mu), mu, create_graph=True)
-                torch.autograd.grad(g.sum(), mu)
+            differentiate_twice(lambda m: _relu_step(est, m), mu0, how)
 
 
 def test_order_1_surrogate_with_a_kink_trains_and_a_smooth_cost_differentiates_twice():
@@ -200,12 +196,8 @@ def test_order_1_surrogate_of_an_order_1_estimator_differentiated_twice_is_refus
             return storch.surrogate_loss()
 
     with pytest.raises(storch.OrderError, match=r"'first_order_score' on plate 'x'.*order 1.*order=n"):
-        if how == "hessian":
-            torch.autograd.functional.hessian(f, mu0)
-        elif how == "grad_of_grad":
-            mu = mu0.clone().requires_grad_(True)
-            (g,) = torch.autograd.grad(f(mu), mu, create_graph=True)
-            torch.autograd.grad(g.sum(), mu)
+        if how in ("hessian", "grad_of_grad"):
+            differentiate_twice(f, mu0, how)
         else:
             f(mu0.clone().requires_grad_(True)).backward(create_graph=True)
     mu = mu0.clone().requires_grad_(True)

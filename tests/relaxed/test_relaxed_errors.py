@@ -11,6 +11,7 @@ from torch.distributions import Bernoulli, Categorical, Independent, Laplace, No
 
 import storch
 from storch_relaxed import Arm, DisArm, Go, GumbelSoftmax, GumbelStraightThrough, Lax, Rebar, Relax
+from twice import differentiate_twice
 
 from relaxed_problems import TOY_THETA, toy_exact, toy_model
 
@@ -354,12 +355,7 @@ def test_order_1_surrogate_differentiated_twice_is_refused(name, how):
     biased Hessian (ARM |z| 17, DisARM / GO 0) without a word: the create_graph=True pass is refused."""
     f = _order_1_loss(storch.estimator(name, plate="b"))
     with pytest.raises(storch.OrderError, match=rf"'{name}' on plate 'b' is unbiased only up to order 1.*order=n"):
-        if how == "hessian":
-            torch.autograd.functional.hessian(f, TOY_THETA)
-        else:
-            t = TOY_THETA.clone().requires_grad_(True)
-            (g,) = torch.autograd.grad(f(t), t, create_graph=True)
-            torch.autograd.grad(g.sum(), t)
+        differentiate_twice(f, TOY_THETA, how)
     t = TOY_THETA.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(f(t), t)  # first order: unaffected
     assert torch.isfinite(g).all()
@@ -557,12 +553,7 @@ def test_order_1_surrogate_differentiated_twice_is_refused_on_a_kink(name, how):
     for _ in range(2):  # the first step walks; the second looks the kink up
         with pytest.raises(storch.OrderError, match=rf"'{name.split('_')[0]}' on plate 'b': the {what}.*kink.*"
                                                     r"ReluBackward0.*order=n"):
-            if how == "hessian":
-                torch.autograd.functional.hessian(f, TOY_THETA)
-            else:
-                t = TOY_THETA.clone().requires_grad_(True)
-                (g,) = torch.autograd.grad(f(t), t, create_graph=True)
-                torch.autograd.grad(g.sum(), t)
+            differentiate_twice(f, TOY_THETA, how)
         t = TOY_THETA.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(f(t), t)
         assert torch.isfinite(g).all()

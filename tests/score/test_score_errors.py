@@ -9,6 +9,7 @@ from torch.distributions import (
 )
 
 import storch
+from twice import differentiate_twice
 
 torch.set_default_dtype(torch.float64)
 
@@ -157,11 +158,7 @@ def test_order_1_surrogate_differentiated_twice_is_refused_on_a_kink_of_log_p(na
     loc = torch.tensor(0.3, requires_grad=True)
     with pytest.raises(storch.OrderError, match=rf"'{name}' on plate 'z'.*Laplace.*kink in loc.*AbsBackward0.*"
                                                 r"order=n.*'reparameterization'"):
-        if how == "hessian":
-            torch.autograd.functional.hessian(laplace, loc)
-        else:
-            (g,) = torch.autograd.grad(laplace(loc), loc, create_graph=True)
-            torch.autograd.grad(g, loc)
+        differentiate_twice(laplace, loc, how)
     (g,) = torch.autograd.grad(laplace(loc), loc)
     assert torch.isfinite(g)
     h = torch.autograd.functional.hessian(f(lambda loc: Normal(loc, 0.8)), loc)
