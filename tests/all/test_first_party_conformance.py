@@ -21,7 +21,7 @@ import storch.testing as kit
 
 FIRST_PARTY = {
     **dict.fromkeys(["expect", "reparameterization"], "storch-core"),
-    **dict.fromkeys(["score", "importance", "sum_and_sample", "unordered_set"], "storch-estimators-score"),
+    **dict.fromkeys(["score", "importance", "sum_and_sample", "unordered_set", "vimco"], "storch-estimators-score"),
     **dict.fromkeys(["gumbel_softmax", "gumbel_straight_through", "lax", "relax", "rebar", "arm", "disarm", "go"],
                     "storch-estimators-relaxed"),
     **dict.fromkeys(["spsa", "mvd"], "storch-estimators-mvd"),
@@ -86,6 +86,11 @@ PLANS = {
         "needs the option `proposal`: a uniform proposal for discrete nodes, a wider Normal for Normal nodes",
         lambda n: "proposal" in storch.get_estimator_class(n).options(),
         options={"proposal": _flat_proposal, "n_samples": 2}),
+    "vimco": Plan(
+        "its node is the set of K draws of a multi-sample bound and its cost is est.bound(log_w): the kit's "
+        "models, written for one sample and a cost of their own, do not fit it; its z-tests against exact "
+        "enumeration (orders 1 and 2) are in tests/score/test_vimco.py",
+        lambda n: storch.get_estimator_class(n).multi_sample_bound, run=False),
 }
 
 

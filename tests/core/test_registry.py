@@ -53,6 +53,7 @@ def test_unknown_name_lists_installed_and_suggests():
 @pytest.mark.parametrize("name,dist,module", [
     ("score", "storch-estimators-score", "storch_score"),
     ("unordered_set", "storch-estimators-score", "storch_score"),
+    ("vimco", "storch-estimators-score", "storch_score"),
     ("rebar", "storch-estimators-relaxed", "storch_relaxed"),
     ("mvd", "storch-estimators-mvd", "storch_mvd"),
 ])

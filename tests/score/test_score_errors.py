@@ -17,7 +17,7 @@ torch.set_default_dtype(torch.float64)
 def test_registered_through_entry_points():
     info = storch.available_estimators()
     for name, order in (("score", math.inf), ("importance", math.inf), ("sum_and_sample", math.inf),
-                        ("unordered_set", 1)):
+                        ("unordered_set", 1), ("vimco", math.inf)):
         assert info[name].package == "storch-estimators-score"
         assert info[name].family == "score"
         assert info[name].max_order == order
@@ -25,7 +25,7 @@ def test_registered_through_entry_points():
     assert storch.get_estimator_class("reinforce") is storch.get_estimator_class("score")
     assert storch.get_estimator_class("mapo") is storch.get_estimator_class("sum_and_sample")
     import storch_score
-    assert set(storch_score.__all__) == {"Score", "Importance", "SumAndSample", "UnorderedSet", "LearnedBaseline"}
+    assert set(storch_score.__all__) == {"Score", "Importance", "SumAndSample", "UnorderedSet", "Vimco", "LearnedBaseline"}
 
 
 def test_info_and_order_error_use_the_instance_capabilities():

@@ -127,6 +127,9 @@ def supports(cls: type, d) -> Optional[str]:
         if cls.distributions is not None and not isinstance(base, cls.distributions):
             return f"supports {', '.join(t.__name__ for t in cls.distributions)}, not {type(base).__name__}"
         return f"needs {' and '.join(cls.requirements())}, which {type(base).__name__} lacks"
+    if getattr(cls, "multi_sample_bound", False):  # vimco: the model must be written for it (est.bound)
+        return ("estimates the gradient of a multi-sample bound that the model adds with est.bound(log_w); "
+                "this model's costs are per sample")
     if cls.max_order < 1:
         return f"max_order={cls.max_order}: no unbiased gradient"
     return None

@@ -34,7 +34,8 @@ ENTRY_POINT_GROUP = "storch.estimators"
 # first-party names -> the distribution to install, for a helpful error when a family is missing
 FIRST_PARTY = {
     **dict.fromkeys(["expect", "enumerate", "reparameterization", "pathwise"], "storch-core"),
-    **dict.fromkeys(["score", "reinforce", "importance", "sum_and_sample", "mapo", "unordered_set"],
+    **dict.fromkeys(["score", "reinforce", "importance", "sum_and_sample", "mapo", "unordered_set",
+                     "vimco"],
                     "storch-estimators-score"),
     **dict.fromkeys(["gumbel_softmax", "gumbel_straight_through", "lax", "relax", "rebar", "arm",
                      "disarm", "go"], "storch-estimators-relaxed"),

@@ -1,10 +1,11 @@
 """Score-function estimators for storch: ``score`` (REINFORCE) with baselines, ``importance``,
-``sum_and_sample`` (MAPO) and ``unordered_set``."""
+``sum_and_sample`` (MAPO), ``unordered_set`` and ``vimco``."""
 
 from .importance import Importance
 from .learned_baseline import LearnedBaseline
 from .score import Score
 from .sum_and_sample import SumAndSample
 from .unordered_set import UnorderedSet
+from .vimco import Vimco
 
-__all__ = ["Score", "Importance", "SumAndSample", "UnorderedSet", "LearnedBaseline"]
+__all__ = ["Score", "Importance", "SumAndSample", "UnorderedSet", "Vimco", "LearnedBaseline"]

@@ -8,10 +8,11 @@ from .importance import Importance
 from .score import Score
 from .sum_and_sample import SumAndSample
 from .unordered_set import UnorderedSet
+from .vimco import Vimco
 
 __all__ = ["storch_estimators"]
 
 
 @storch.hookimpl
 def storch_estimators() -> list:
-    return [Score, Importance, SumAndSample, UnorderedSet]
+    return [Score, Importance, SumAndSample, UnorderedSet, Vimco]

@@ -1,0 +1,321 @@
+"""VIMCO (Mnih & Rezende, 2016): the score function of a K-draw bound with a baseline per draw.
+
+z-tests against exact enumeration of the joint values of the K draws (2^(K·D) for Bernoulli, C^K for a
+Categorical), at orders 1 and 2, with log w depending on θ directly (log w = log p - log q): K=3 draws of
+D=2 Bernoullis (one set and three independent sets), a Categorical of 3 classes, a data plate of 2 points
+with a second cost that gets plain score-function credit, and an upstream score node (Theorem 2's prefix).
+Its gradient's variance is measured against score@1 on the same bound; then the misuse errors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
+from torch.distributions import Bernoulli, Categorical
+
+import storch
+
+K, D = 3, 2
+THETA = torch.tensor([0.3, -0.5], dtype=torch.float64)
+PRIOR = torch.tensor([0.1, 0.4], dtype=torch.float64)
+LIKELIHOOD = torch.tensor([1.0, -2.0], dtype=torch.float64)  # log p(x | z) = z · LIKELIHOOD
+X = torch.tensor([[0.5, -1.0], [-0.7, 0.2]], dtype=torch.float64)  # two data points
+
+THETA_C = torch.tensor([0.2, -0.4, 0.6], dtype=torch.float64)
+PRIOR_C = torch.tensor([0.5, 0.0, -0.5], dtype=torch.float64)
+LIKELIHOOD_C = torch.tensor([-1.0, 1.5, 0.3], dtype=torch.float64)
+
+
+def bernoulli_log_w(z, logits, x=None):
+    """log w_k = log p(z_k) + log p(x | z_k) - log q(z_k); z (..., K, D), logits (..., D) -> (..., K)."""
+    like = LIKELIHOOD if x is None else LIKELIHOOD * x.unsqueeze(-2)
+    return (Bernoulli(logits=PRIOR).log_prob(z).sum(-1) + (z * like).sum(-1)
+            - Bernoulli(logits=logits.unsqueeze(-2)).log_prob(z).sum(-1))
+
+
+def categorical_log_w(z, logits):
+    return (Categorical(logits=PRIOR_C).log_prob(z) + Categorical(logits=LIKELIHOOD_C).log_prob(z)
+            - Categorical(logits=logits.unsqueeze(-2)).log_prob(z))
+
+
+def negative_bound(log_w):
+    return -(torch.logsumexp(log_w, -1) - math.log(log_w.shape[-1]))
+
+
+def bernoulli_values(n):
+    return torch.tensor(list(itertools.product([0.0, 1.0], repeat=n)), dtype=torch.float64)
+
+
+def derivatives(f, theta0, order=2):
+    """[∇f, ∇²f] at theta0 of a function computed by enumeration."""
+    theta = theta0.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(f(theta), theta, create_graph=True)
+    out = [g.detach()]
+    if order >= 2:
+        out.append(torch.stack([torch.autograd.grad(g[i], theta, retain_graph=True)[0] for i in range(g.numel())]))
+    return out
+
+
+def exact_bernoulli(theta):
+    z = bernoulli_values(K * D).view(-1, K, D)
+    q = Bernoulli(logits=theta).log_prob(z).sum((-1, -2)).exp()
+    return (q * negative_bound(bernoulli_log_w(z, theta))).sum()
+
+
+def exact_categorical(theta):
+    z = torch.tensor(list(itertools.product(range(3), repeat=K)))
+    q = Categorical(logits=theta).log_prob(z).sum(-1).exp()
+    return (q * negative_bound(categorical_log_w(z, theta))).sum()
+
+
+def exact_data(theta):
+    """Mean over the two data points of E[bound + second cost], q(z | x_i) = Bernoulli(σ(θ + x_i))."""
+    z = bernoulli_values(K * D).view(-1, K, D)
+    total = 0
+    for x in X:
+        logits = theta + x
+        q = Bernoulli(logits=logits).log_prob(z).sum((-1, -2)).exp()
+        second = ((z - 0.3) ** 2).sum((-1, -2)) * x.sum()
+        total = total + (q * (negative_bound(bernoulli_log_w(z, logits, x)) + second)).sum()
+    return total / len(X)
+
+
+def exact_upstream(theta):
+    """y ~ Bernoulli(σ(θ_0)) (score), then the K draws of q(z | y) = Bernoulli(σ(θ + y)); log w reads y."""
+    z = bernoulli_values(K * D).view(-1, K, D)
+    total = 0
+    for y in (0.0, 1.0):
+        p_y = Bernoulli(logits=theta[0]).log_prob(torch.tensor(y, dtype=torch.float64)).exp()
+        logits = theta + y
+        q = Bernoulli(logits=logits).log_prob(z).sum((-1, -2)).exp()
+        total = total + p_y * (q * negative_bound(bernoulli_log_w(z, logits) + y)).sum()
+    return total
+
+
+def run_bernoulli(est, theta):
+    z = est(Bernoulli(logits=theta))
+    assert z.shape == (K, D)
+    storch.add_cost(est.bound(bernoulli_log_w(z, theta)), name="negative_bound")
+
+
+def run_categorical(est, theta):
+    z = est(Categorical(logits=theta))
+    assert z.shape == (K,)
+    storch.add_cost(est.bound(categorical_log_w(z, theta)), name="negative_bound")
+
+
+def run_data(est, theta):
+    x = storch.denote_independent(X, 0, "data")
+    logits = theta + x
+    z = est(Bernoulli(logits=logits))
+    storch.add_cost(est.bound(bernoulli_log_w(z, logits, x)), name="negative_bound")
+    storch.add_cost(((z - 0.3) ** 2).sum() * x.sum(), name="second")  # plain score-function credit
+
+
+def run_upstream(est, theta):
+    y = storch.estimator("score", plate="y")(Bernoulli(logits=theta[0]))
+    logits = theta + y
+    z = est(Bernoulli(logits=logits))
+    storch.add_cost(est.bound(bernoulli_log_w(z, logits) + y), name="negative_bound")
+
+
+CASES = {
+    "bernoulli": (run_bernoulli, exact_bernoulli, THETA, {}),
+    "bernoulli, 3 sets": (run_bernoulli, exact_bernoulli, THETA, {"n_samples": 3}),
+    "categorical": (run_categorical, exact_categorical, THETA_C, {}),
+    "data plate": (run_data, exact_data, THETA, {}),
+    "upstream node": (run_upstream, exact_upstream, THETA, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vimco_is_unbiased_at_orders_1_and_2(case):
+    run, exact, theta0, options = CASES[case]
+    replicates = 3000
+    torch.manual_seed(0)
+    with storch.Graph():
+        leaf, theta = replicate(theta0, replicates)
+        est = storch.estimator("vimco", plate="z", n_draws=K, **options)
+        run(est, theta)
+        got = per_replicate_derivatives(storch.surrogate_loss(order=2), leaf, 2)
+    want = derivatives(exact, theta0)
+    first = assert_unbiased(got[0], want[0], f"vimco {case}: gradient")
+    second = assert_unbiased(got[1].reshape(replicates, -1), want[1].reshape(-1), f"vimco {case}: hessian")
+    print(f"\n{case}: max |z| {first.max_abs_z:.2f} (order 1), {second.max_abs_z:.2f} (order 2)")
+
+
+def gradient_estimates(name: str, replicates: int) -> torch.Tensor:
+    with storch.Graph():
+        leaf, theta = replicate(THETA, replicates)
+        if name == "vimco":
+            run_bernoulli(storch.estimator("vimco", plate="z", n_draws=K), theta)
+        else:  # score on the same set of K draws (tests/score/test_multi_sample_bounds.py)
+            z = storch.estimator("score", plate="z")(Bernoulli(logits=theta.expand(K, D)))
+            storch.add_cost(negative_bound(bernoulli_log_w(z, theta)), name="negative_bound")
+        return per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)[0]
+
+
+def test_vimco_has_lower_variance_than_score_on_the_same_bound():
+    torch.manual_seed(1)
+    vimco = gradient_estimates("vimco", 4000)
+    score = gradient_estimates("score", 4000)
+    want = derivatives(exact_bernoulli, THETA, 1)[0]
+    assert_unbiased(vimco, want, "vimco")
+    assert_unbiased(score, want, "score")
+    ratio = float(vimco.var(0).sum() / score.var(0).sum())
+    print(f"\nvariance of the gradient, vimco / score@1: {ratio:.3f}")
+    assert ratio < 0.5, ratio
+
+
+def test_vimco_with_k_equal_draws_reduces_to_the_direct_gradient():
+    """All K draws equal in log w: each baseline b_k is the bound itself, so only ∇L (direct) is left."""
+    with storch.Graph():
+        theta = THETA.clone().requires_grad_(True)
+        est = storch.estimator("vimco", plate="z", n_draws=K)
+        z = est(Bernoulli(logits=theta))
+        log_w = (z * 0).sum(-1) + theta.sum()  # the same value for every draw; θ enters directly
+        storch.add_cost(est.bound(log_w), name="bound")
+        (g,) = torch.autograd.grad(storch.surrogate_loss(), theta)
+    torch.testing.assert_close(g, -torch.ones(D, dtype=torch.float64))
+
+
+def test_vimco_is_registered_with_its_capabilities():
+    info = storch.available_estimators()["vimco"]
+    assert info.package == "storch-estimators-score" and info.max_order == math.inf and not info.biased
+    est = storch.estimator("vimco", plate="z", n_draws=4, n_samples=2)
+    assert (est.n_draws, est.n_samples) == (4, 2) and "n_draws=4" in repr(est)
+
+
+# -- misuse -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_draws", [1, 0, 2.5, True])
+def test_vimco_refuses_fewer_than_two_draws(n_draws):
+    with pytest.raises(storch.OptionError, match="n_draws"):
+        storch.estimator("vimco", plate="z", n_draws=n_draws)
+
+
+def test_vimco_refuses_log_weights_of_the_wrong_shape():
+    with storch.Graph():
+        est = storch.estimator("vimco", plate="z", n_draws=K)
+        z = est(Bernoulli(logits=THETA.clone().requires_grad_(True)))
+        with pytest.raises(storch.CostError, match=r"per-sample shape \(3,\).*got \(3, 2\)"):
+            est.bound(Bernoulli(logits=PRIOR).log_prob(z))  # not reduced over the draw's own dim
+
+
+def test_vimco_refuses_the_bound_of_another_node_or_step():
+    theta = THETA.clone().requires_grad_(True)
+    est, other = storch.estimator("vimco", plate="z", n_draws=K), storch.estimator("vimco", plate="y", n_draws=K)
+    with storch.Graph():
+        with pytest.raises(storch.StorchError, match="before the estimator drew"):
+            est.bound(torch.zeros(K))
+    with storch.Graph():
+        est(Bernoulli(logits=theta))
+        y = other(Bernoulli(logits=theta))
+        with pytest.raises(storch.PlateError, match=r"do not come from this step's draws of plate 'z'.*\['y'\]"):
+            est.bound(bernoulli_log_w(y, theta))
+    with storch.Graph():
+        z = est(Bernoulli(logits=theta))
+        old = bernoulli_log_w(z, theta)
+    with storch.Graph():
+        with pytest.raises(storch.StorchError, match="before the estimator drew"):
+            est.bound(old)  # this step has not drawn yet
+        est(Bernoulli(logits=theta))
+        with pytest.raises(storch.PlateError, match="do not come from this step's draws"):
+            est.bound(old)  # the draws of the previous step
+
+
+def test_vimco_refuses_log_weights_of_a_later_node():
+    theta = THETA.clone().requires_grad_(True)
+    with storch.Graph():
+        est = storch.estimator("vimco", plate="z", n_draws=K)
+        z = est(Bernoulli(logits=theta))
+        y = storch.estimator("score", plate="y")(Bernoulli(logits=z.sum(-1)))
+        with pytest.raises(storch.PlateError, match=r"nodes sampled after it \(\['y'\]\)"):
+            est.bound(bernoulli_log_w(z, theta) + y)
+
+
+def test_vimco_refuses_a_second_bound_of_one_set():
+    with storch.Graph():
+        est = storch.estimator("vimco", plate="z", n_draws=K)
+        z = est(Bernoulli(logits=THETA.clone().requires_grad_(True)))
+        est.bound(bernoulli_log_w(z, THETA))
+        with pytest.raises(storch.StorchError, match="already called"):
+            est.bound(bernoulli_log_w(z, THETA))
+
+
+@pytest.mark.parametrize("how", ["not called", "not added", "scaled"])
+def test_vimco_needs_the_bound_itself_as_a_cost(how):
+    with storch.Graph():
+        est = storch.estimator("vimco", plate="z", n_draws=K)
+        theta = THETA.clone().requires_grad_(True)
+        z = est(Bernoulli(logits=theta))
+        log_w = bernoulli_log_w(z, theta)
+        if how == "not called":
+            storch.add_cost(negative_bound(log_w), name="by_hand")
+        elif how == "not added":
+            est.bound(log_w)
+            storch.add_cost(negative_bound(log_w), name="by_hand")
+        else:
+            storch.add_cost(2 * est.bound(log_w), name="scaled")
+        message = "was not called" if how == "not called" else "was not added as a cost"
+        with pytest.raises(storch.StorchError, match=message):
+            storch.surrogate_loss()
+
+
+def test_vimco_refuses_a_bound_that_shares_its_name():
+    with storch.Graph():
+        est = storch.estimator("vimco", plate="z", n_draws=K)
+        theta = THETA.clone().requires_grad_(True)
+        z = est(Bernoulli(logits=theta))
+        storch.add_cost(est.bound(bernoulli_log_w(z, theta)), name="loss")
+        storch.add_cost(z.sum(), name="loss")
+        with pytest.raises(storch.CostError, match="shares its cost name 'loss'"):
+            storch.surrogate_loss()
+
+
+class _NoExpand(Bernoulli):
+    def __init__(self, logits):  # an __init__ of its own: torch's Bernoulli.expand refuses the subclass
+        super().__init__(logits=logits)
+
+
+class _SummedLogProb(Bernoulli):
+    def log_prob(self, value):  # one value for all batch entries: no log q(z_k) per draw
+        return super().log_prob(value).sum(-1)
+
+
+def test_vimco_refuses_distributions_it_cannot_copy_or_score_per_draw():
+    theta = THETA.clone().requires_grad_(True)
+    with storch.Graph():
+        with pytest.raises(storch.UnsupportedDistributionError, match="_NoExpand.expand, which is not implemented"):
+            storch.estimator("vimco", plate="z", n_draws=K)(_NoExpand(theta))
+    with storch.Graph():
+        with pytest.raises(storch.UnsupportedDistributionError, match="one value per batch entry"):
+            storch.estimator("vimco", plate="z", n_draws=K)(_SummedLogProb(logits=theta))
+
+
+def test_a_finished_vimco_step_leaves_no_cycles():
+    """Its per-node record holds the bound and a weak reference to the graph: freed by reference counting."""
+    import gc
+
+    est = storch.estimator("vimco", plate="z", n_draws=K)
+    theta = THETA.clone().requires_grad_(True)
+
+    def step():
+        x = storch.denote_independent(X, 0, "data")
+        z = est(Bernoulli(logits=theta + x))
+        storch.add_cost(est.bound(bernoulli_log_w(z, theta + x, x)), name="bound")
+        storch.backward()
+
+    step()
+    gc.collect()
+    gc.disable()
+    try:
+        step()
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
