@@ -974,8 +974,8 @@ def _warn_unused(graph: Graph, per_cost: list) -> None:
                 "the cost from the plate tensor itself, one value per sample (a reduction over the samples is not a "
                 "cost storch can differentiate with a score function; a continuous node can use "
                 "'reparameterization'; a multi-sample bound such as IWAE's is the cost of ONE sample that holds its K "
-                "draws: est(Bernoulli(logits=logits.expand(K, *logits.shape))), reduced over the first dim, see "
-                "docs/plates.md). A node sampled on purpose without a cost can be sampled under "
+                "draws: est(Bernoulli(logits=logits.expand(K, *logits.shape))), reduced over the first dim, or the "
+                "'vimco' estimator, see docs/plates.md). A node sampled on purpose without a cost can be sampled under "
                 "torch.no_grad() (or from detached parameters)"), stacklevel=5)
 
 
