@@ -330,3 +330,66 @@ def test_skip_nonfinite_update_counts_and_warns_only_when_not_finite():
                       "unchanged. Check x."):
         assert skip_nonfinite_update(owner, all_finite([torch.tensor([1.0, math.inf])]), "the part", "fit", "Check x.")
     assert owner.skipped_updates == 1
+
+
+class _Owner:
+    name, plate, skipped_updates = "mine", "z", 0
+
+
+def test_skip_nonfinite_update_on_the_meta_device_reads_no_values():
+    """Meta tensors hold no values: the check let every update run on shapes (it called .item(), which
+    they refuse, and storch.backward() failed on meta for NVIL, RELAX, REBAR, LAX)."""
+    from storch.extending import all_finite, skip_nonfinite_update
+
+    owner = _Owner()
+    finite = all_finite([torch.empty(2, device="meta")])
+    assert not skip_nonfinite_update(owner, finite, "the part", "fit", "Check x.") and owner.skipped_updates == 0
+
+
+def _half_adam_after_float32_training():
+    # Adam trained in float32 on tiny gradients (a converged regression: second moment ~1e-12), then the
+    # parameter moved to float16 as model.half() moves an estimator's learned part
+    p = torch.nn.Parameter(torch.tensor([0.5, -0.25, 1.0]))
+    opt = torch.optim.Adam([p], lr=1e-2)
+    for _ in range(3):
+        p.grad = torch.full((3,), 1e-6)
+        opt.step()
+    p.data = p.data.half()
+    p.grad = torch.full((3,), 1e-6).half()
+    return p, opt
+
+
+def test_optimizer_step_keeps_the_state_of_a_float16_parameter_in_float32():
+    from storch.extending import match_optimizer_state, optimizer_step
+
+    p, opt = _half_adam_after_float32_training()
+    old = p.detach().clone()
+    assert optimizer_step(_Owner(), opt, "the part")
+    assert p.dtype == torch.float16 and p.grad.dtype == torch.float16
+    assert torch.isfinite(p).all() and not torch.equal(p, old)  # torch's Adam in float16 wrote inf here
+    assert torch.allclose(p.float(), old.float() - 1e-2, atol=1e-3)  # a step of ~lr against the gradient
+    state = opt.state[p]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    assert (state["exp_avg_sq"] > 0).all()
+    match_optimizer_state(opt)  # leaves float32 state of a float16 parameter as it is
+    assert opt.state[p]["exp_avg_sq"].dtype == torch.float32
+
+
+def test_optimizer_step_rolls_back_a_step_that_overflows_the_parameters_dtype():
+    from storch.extending import optimizer_step
+
+    big = torch.nn.Parameter(torch.tensor([65504.0, 1.0]).half())  # float16's largest value
+    other = torch.nn.Parameter(torch.tensor([2.0, 3.0]))
+    opt = torch.optim.Adam([big, other], lr=100.0)
+    big.grad, other.grad = torch.tensor([-1.0, 1.0]).half(), torch.ones(2)
+    owner = _Owner()
+    with pytest.warns(RuntimeWarning, match=r"mine \(plate 'z'\): the part's parameters would not be finite in "
+                      r"torch.float16 after this update \(the step overflows their dtype; 1 update\(s\) skipped so "
+                      r"far\).*parameters and optimizer state are unchanged.*est.float\(\)"):
+        assert not optimizer_step(owner, opt, "the part")
+    assert owner.skipped_updates == 1 and not opt.state  # no state: none before the step
+    assert big.tolist() == [65504.0, 1.0] and other.tolist() == [2.0, 3.0]
+    assert big.dtype == torch.float16 and big.grad.dtype == torch.float16
+    big.grad = torch.tensor([1.0, 1.0]).half()  # a step that fits is taken
+    assert optimizer_step(owner, opt, "the part") and big[0] < 65504
+    assert torch.allclose(other, torch.tensor([-98.0, -97.0])) and owner.skipped_updates == 1

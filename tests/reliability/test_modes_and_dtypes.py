@@ -59,6 +59,39 @@ def test_trained_estimator_moved_to_float64_keeps_training(name, options):
     assert moments and all(v.dtype == torch.float64 for v in moments)
 
 
+@pytest.mark.parametrize("name,options", [("relax", {"n_samples": 2}), ("rebar", {"n_samples": 2}),
+                                          ("score", {"n_samples": 2, "baseline": "learned", "hidden": 8})])
+def test_trained_estimator_moved_to_float16_keeps_training(name, options):
+    """model.half() after training: storch's own Adam moved its moments to float16, where the second moment
+    (~1e-12) underflows to 0 and eps=1e-8 is 0, and its first step wrote inf/NaN into the control variate's
+    or NVIL's network; the next step raised NonFiniteCostError blaming the estimator (found by porting a
+    training loop). The learned parts keep training in float16, with Adam's state in float32."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"enc": torch.nn.Linear(4, 3), "est": storch.estimator(name, plate="z", **options)})
+    est = model["est"]
+
+    def step(dtype, seed):
+        torch.manual_seed(seed)
+        with storch.Graph():
+            x = storch.denote_independent(DATA.to(dtype), 0, "data")
+            z = est(Bernoulli(logits=model["enc"](x)))
+            storch.add_cost(((z - 0.3) ** 2).sum(), name="c")
+            storch.backward()
+
+    for seed in range(3):
+        step(torch.float32, seed)
+    model.half()
+    steps, before = est.update_steps, [p.detach().clone() for p in est.parameters()]
+    for seed in range(3, 8):
+        step(torch.float16, seed)  # raised NonFiniteCostError at the second
+    params = list(est.parameters())
+    assert est.update_steps == steps + 5 and est.skipped_updates == 0
+    assert all(p.dtype == torch.float16 and torch.isfinite(p).all() for p in params)
+    assert any(not torch.equal(p, b) for p, b in zip(params, before))  # it trained
+    moments = [v for s in est._optimizer.state.values() for k, v in s.items() if k != "step"]
+    assert moments and all(v.dtype == torch.float32 for v in moments)
+
+
 @pytest.mark.parametrize("name,options", [("relax", {}),
                                           ("score", {"n_samples": 2, "baseline": "learned"})])
 def test_learned_parts_built_under_autocast_keep_full_precision(name, options):

@@ -47,6 +47,8 @@ Random numbers:
 Learned parts:
     :func:`learned_dtype` is the dtype to build a learned part's parameters in from its first input
     (the input's, but not a reduced precision that ``torch.autocast`` gave it).
+    :func:`optimizer_step` is one step of the part's own optimizer (its state on the parameters' device,
+    in float32 for float16 / bfloat16 parameters), rolled back where it overflows their dtype.
 
 Baselines:
     :func:`leave_one_out` is the leave-one-out baseline of a node's samples from its cost frame.
@@ -125,7 +127,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "align", "plates_of", "raw_of", "base_distribution", "drawing_with", "leave_one_out", "options", "step_guard",
-    "match_optimizer_state", "all_finite", "skip_nonfinite_update",
+    "match_optimizer_state", "optimizer_step", "all_finite", "skip_nonfinite_update",
     "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild", "parameters",
     "rekey_transform_cache", "require_smooth", "nonsmooth_operations", "moving_support", "same_support", "estimator_create_graph",
     "refuse_create_graph",
@@ -198,26 +200,99 @@ def learned_dtype(x: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def _step_dtype(p: torch.Tensor) -> torch.dtype:
+    # the dtype an estimator's own optimizer keeps its state and does its arithmetic in for parameter p:
+    # p's, but at least float32 (see optimizer_step)
+    if p.dtype.is_floating_point and torch.finfo(p.dtype).bits < 32:
+        return torch.promote_types(p.dtype, torch.float32)
+    return p.dtype
+
+
 def match_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Move an estimator's own optimizer state to its parameters' dtype and device, in place.
+    """Move an estimator's own optimizer state to its parameters' dtype and device, in place: the
+    parameters' dtype, but at least float32 (the state of a float16 / bfloat16 parameter stays float32, and
+    :func:`optimizer_step` steps it in float32).
 
     ``est.to(...)``, ``.double()`` or ``.cuda()`` (or the model's, with the estimator a submodule)
     converts the parameters but not the state of an optimizer the estimator keeps (Adam's moments
     of a learned baseline or control variate), and the next ``optimizer.step()`` fails with a dtype
     or device mismatch. Call this before each step (a loop over the parameters; nothing is copied
-    when they match). ``"step"`` counters stay as they are, as ``Optimizer.load_state_dict`` leaves
-    them.
+    when they match), or use :func:`optimizer_step`, which calls it. ``"step"`` counters stay as they
+    are, as ``Optimizer.load_state_dict`` leaves them.
     """
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state.get(p)
             if not state:
                 continue
+            dtype = _step_dtype(p)
             for key, value in state.items():
                 if key != "step" and isinstance(value, torch.Tensor) and (
-                        value.dtype != p.dtype or value.device != p.device):
-                    state[key] = value.to(dtype=p.dtype if value.is_floating_point() else value.dtype,
+                        (value.is_floating_point() and value.dtype != dtype) or value.device != p.device):
+                    state[key] = value.to(dtype=dtype if value.is_floating_point() else value.dtype,
                                           device=p.device)
+
+
+def optimizer_step(owner: Estimator, optimizer: torch.optim.Optimizer, part: str) -> bool:
+    """One step of an estimator's own optimizer (Adam of a learned baseline or control variate) on its
+    parameters' ``.grad``, after :func:`match_optimizer_state`; whether it was taken.
+
+    A parameter in reduced precision (``model.half()`` with the estimator a submodule, ``est.bfloat16()``)
+    is stepped in float32: its ``.grad`` and value are raised to float32 for the step, the optimizer's
+    state stays float32, and the result is rounded back to the parameter's dtype. torch's Adam on float16
+    state wrote NaN into the parameters: the second moment (~1e-12 for a regression that has converged)
+    underflows to 0 while the first does not, and ``eps=1e-8`` is 0 in float16, so the step divided by
+    zero. The estimator keeps training in the dtype the user chose, as mixed precision keeps optimizer
+    state in float32; no float32 master copy of the parameters is kept (state a user could not see or
+    load into a model), so an update smaller than the parameter's precision is lost (Adam's steps are
+    ~``lr``, 1e-2 by default: float16 resolves them for parameters up to ~20 in magnitude).
+
+    A step whose rounded result is not finite (it overflows the parameter's dtype) is rolled back:
+    parameters and optimizer state as before, counted in ``owner.skipped_updates`` with a
+    ``RuntimeWarning`` naming ``part`` (as :func:`skip_nonfinite_update`); it returns False. Only
+    reduced-precision parameters are checked (one host sync then, none on the ``meta`` device): in
+    float32 or float64, a step from finite gradients and state is finite.
+    """
+    match_optimizer_state(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    low = [p for p in params if p.dtype != _step_dtype(p)]
+    if not low:
+        optimizer.step()
+        return True
+    # what a rolled-back step restores: every parameter's state (Adam's "step" counter is a tensor it
+    # increments in place), and the values of the parameters the step changes in place
+    before = {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in optimizer.state[p].items()}
+              for p in params if optimizer.state.get(p)}
+    values = [(p, p.detach().clone()) for p in params if p.dtype == _step_dtype(p)]
+    kept = [(p.data, p.grad) for p in low]
+    for p in low:
+        p.data = p.data.to(_step_dtype(p))  # the same Parameter (the optimizer's key), in float32
+        p.grad = None if p.grad is None else p.grad.to(p.dtype)
+    try:
+        optimizer.step()
+        stepped = [p.data for p in low]
+    finally:
+        for p, (data, grad) in zip(low, kept):
+            p.data, p.grad = data, grad
+    rounded = [value.to(data.dtype) for value, (data, _) in zip(stepped, kept)]
+    finite = all_finite(rounded)
+    if not finite.is_meta and not bool(finite):
+        for p in params:
+            optimizer.state.pop(p, None)
+            if p in before:
+                optimizer.state[p] = before[p]
+        with torch.no_grad():
+            for p, value in values:
+                p.copy_(value)
+        _count_skip(owner, f"{part}'s parameters would not be finite in {low[0].dtype} after this update",
+                    "the step overflows their dtype; ", part,
+                    "Keep the estimator's learned parts in float32 (e.g. est.float() after model.half()), or lower "
+                    "its lr")
+        return False
+    with torch.no_grad():
+        for value, (data, _) in zip(rounded, kept):
+            data.copy_(value)  # in place: the parameter's storage stays the one the model holds
+    return True
 
 
 def all_finite(tensors: Iterable[Optional[torch.Tensor]]) -> torch.Tensor:
@@ -242,11 +317,16 @@ def skip_nonfinite_update(owner: Estimator, finite: torch.Tensor, part: str, obj
     ``part`` names the learned part as the message should (``"the baseline"``), ``objective`` its loss
     (``"regression"``), ``advice`` what to check. One host sync (``bool(finite)``).
     """
-    if bool(finite.all()):
+    if finite.is_meta or bool(finite.all()):  # meta: shapes only, no values to check; the step runs on shapes
         return False
+    _count_skip(owner, f"{part}'s {objective} loss or gradients are not finite", "NaN or inf; ", part, advice)
+    return True
+
+
+def _count_skip(owner: Estimator, what: str, why: str, part: str, advice: str) -> None:
+    # the count and the warning of a skipped update (docs/reliability.md, "Non-finite costs")
     owner.skipped_updates += 1
     warnings.warn(
-        f"{owner.name} (plate {owner.plate!r}): {part}'s {objective} loss or gradients are not finite (NaN or inf; "
-        f"{owner.skipped_updates} update(s) skipped so far): this update was skipped, {part}'s parameters and "
-        f"optimizer state are unchanged. {advice}", RuntimeWarning, stacklevel=3)
-    return True
+        f"{owner.name} (plate {owner.plate!r}): {what} ({why}{owner.skipped_updates} update(s) skipped so far): this "
+        f"update was skipped, {part}'s parameters and optimizer state are unchanged. {advice}",
+        RuntimeWarning, stacklevel=4)

@@ -11,7 +11,7 @@ import torch
 
 import storch.distributed
 from storch import Estimator, Node, OptionError, StorchError
-from storch.extending import (all_finite, estimator_create_graph, match_optimizer_state, options,
+from storch.extending import (all_finite, estimator_create_graph, optimizer_step, options,
                                skip_nonfinite_update)
 
 from ._network import ControlVariateNet
@@ -169,11 +169,13 @@ class VarianceTrained(Estimator):
         kept = [p.grad if id(p) in user else None for p in params]
         for p, g in zip(params, dphi):
             p.grad = g
-        match_optimizer_state(self._optimizer)  # after est.to(...) / .double(): Adam's moments follow φ
-        self._optimizer.step()
+        # Adam's moments follow φ after est.to(...) / .double(); in float32 for a φ in float16 / bfloat16
+        # (model.half()), whose step is rounded back, or rolled back (and counted) where it overflows
+        taken = optimizer_step(self, self._optimizer, "the control variate")
         for p, g in zip(params, kept):
             p.grad = g
-        self.update_steps += 1
+        if taken:
+            self.update_steps += 1
 
     # -- state_dict: optimizer state and the step count are estimator state ------------------------
 

@@ -11,7 +11,7 @@ from torch.distributions import Bernoulli, Distribution
 
 import storch.distributed
 from storch import CostFrame, Estimator, Node, OptionError, Plate, PlateTensor
-from storch.extending import (all_finite, assume, base_distribution, is_tracing, leave_one_out, match_optimizer_state,
+from storch.extending import (all_finite, assume, base_distribution, is_tracing, leave_one_out, optimizer_step,
                                options, skip_nonfinite_update)
 
 from .learned_baseline import LearnedBaseline, baseline_features, check_inputs, in_frame
@@ -289,11 +289,13 @@ class Score(Estimator):
                 "cost with credit=False (docs/estimators/score.md)", RuntimeWarning, stacklevel=2)
         for p, g in zip(params, grads):
             p.grad = g
-        match_optimizer_state(self._optimizer)  # after est.to(...) / .double(): Adam's moments follow ψ
-        self._optimizer.step()
+        # Adam's moments follow ψ after est.to(...) / .double(); in float32 for a ψ in float16 / bfloat16
+        # (model.half()), whose step is rounded back, or rolled back (and counted) where it overflows
+        taken = optimizer_step(self, self._optimizer, "the baseline")
         for p, g in zip(params, kept):
             p.grad = g
-        self.update_steps += 1
+        if taken:
+            self.update_steps += 1
 
     # -- state_dict: moving averages and a learned baseline's optimizer are estimator state ---------
 
