@@ -587,3 +587,24 @@ def test_variance_training_runs_through_a_kink_at_order_1(name):
         storch.backward()
     assert theta.grad is not None and torch.isfinite(theta.grad).all()
     assert est.update_steps == 3 and any(not torch.equal(a, b) for a, b in zip(before, est.parameters()))
+
+
+@pytest.mark.parametrize("name, options", [("relax", {}), ("relax", {"control_variate": "network"}), ("lax", {})])
+def test_default_network_refuses_inputs_of_another_width_with_what_to_do(name, options):
+    """One estimator whose default network was built for one width, then given another (an estimator shared
+    by models with 5 and 7 latents, a Categorical over 5 then 7 values): torch's "mat1 and mat2 shapes cannot
+    be multiplied" named neither the estimator nor what to do. Now a StorchError, and the step is discarded."""
+    est = storch.estimator(name, plate="z", **options)
+
+    def step(k):
+        theta = torch.zeros(k, requires_grad=True)
+        z = est(Normal(theta, 1.0) if name == "lax" else Bernoulli(logits=theta))
+        storch.add_cost(((z - 0.3) ** 2).sum(), name="c")
+        storch.backward()
+        return theta.grad
+
+    step(5)
+    with pytest.raises(storch.StorchError, match=rf"{name} \(plate 'z'\).*built .* width 5.* width 7.*one estimator "
+                                                  r"per model.*network="):
+        step(7)
+    assert torch.isfinite(step(5)).all()  # the failed step left nothing behind

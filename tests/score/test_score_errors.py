@@ -333,3 +333,27 @@ def test_infinite_bernoulli_logits_under_score_are_named_in_the_error():
         storch.add_cost(((z - 0.45) ** 2).sum(-1))
         with pytest.raises(storch.NonFiniteCostError, match=r"Infinite logits .* at 'score' \(plate 'z', a Bernoulli\)"):
             storch.backward()
+
+
+def test_learned_baseline_refuses_features_of_another_width_with_what_to_do():
+    """NVIL's head, built for features of one width (a Categorical over 5 candidates: h = its 5 logits), then
+    given another (7 candidates, or one estimator shared by models of different sizes): torch's "mat1 and mat2
+    shapes cannot be multiplied" named neither the estimator nor what to do. Now a StorchError, the step is
+    discarded, and inputs= of one width works for every number of candidates."""
+    est = storch.estimator("score", plate="pick", n_samples=2, baseline="learned")
+
+    def step(est, k, inputs=None):
+        logits = torch.zeros(k, requires_grad=True)
+        pick = est(Categorical(logits=logits), inputs=inputs)
+        storch.add_cost(-torch.arange(k, dtype=torch.float64)[pick], name="r")
+        storch.backward()
+        return logits.grad
+
+    step(est, 5)
+    with pytest.raises(storch.StorchError, match=r"score \(plate 'pick'\).*cost 'r'.* width 5.* width 7.*inputs= of "
+                                                 r"one fixed width.*one estimator per model"):
+        step(est, 7)
+    assert torch.isfinite(step(est, 5)).all()  # the failed step left nothing behind
+    fixed = storch.estimator("score", plate="pick", n_samples=2, baseline="learned")
+    for k in (5, 7):
+        assert torch.isfinite(step(fixed, k, inputs=torch.ones(4))).all()

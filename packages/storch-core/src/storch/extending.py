@@ -49,6 +49,10 @@ Learned parts:
     (the input's, but not a reduced precision that ``torch.autocast`` gave it).
     :func:`optimizer_step` is one step of the part's own optimizer (its state on the parameters' device,
     in float32 for float16 / bfloat16 parameters), rolled back where it overflows their dtype.
+    :func:`own_optimizer`, :func:`hide_frozen_grads`, :func:`own_optimizer_state` and
+    :func:`load_own_optimizer` keep an estimator's own Adam over every parameter of its learned part
+    (frozen ones included, never stepped) and save and load its state matched by parameter name, so a
+    checkpoint loads whatever is frozen when it is saved or loaded.
 
 Baselines:
     :func:`leave_one_out` is the leave-one-out baseline of a node's samples from its cost frame.
@@ -118,6 +122,7 @@ from .generators import drawing_with
 from .graph import current_graph, is_tracing
 from .plates.tensor import align, plates_of, raw_of
 from ._order_guard import estimator_create_graph
+from ._own_optimizer import hide_frozen_grads, load_own_optimizer, own_optimizer, own_optimizer_state
 from .score_conditions import moving_support, same_support
 from .smoothness import nonsmooth_operations, require_smooth
 from .surrogate import _refuse_twice
@@ -130,7 +135,7 @@ __all__ = [
     "match_optimizer_state", "optimizer_step", "all_finite", "skip_nonfinite_update",
     "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild", "parameters",
     "rekey_transform_cache", "require_smooth", "nonsmooth_operations", "moving_support", "same_support", "estimator_create_graph",
-    "refuse_create_graph",
+    "refuse_create_graph", "own_optimizer", "hide_frozen_grads", "own_optimizer_state", "load_own_optimizer",
 ]
 
 

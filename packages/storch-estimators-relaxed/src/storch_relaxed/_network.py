@@ -3,6 +3,7 @@ z̃ term of REBAR and RELAX."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -38,30 +39,35 @@ class ControlVariateNet(torch.nn.Module):
         self.net: Optional[torch.nn.Sequential] = None
 
     def build(self, x: torch.Tensor) -> None:
-        """Create the layers for inputs like ``x`` (``(..., F)``), once."""
-        if self.net is None:
-            if is_tracing():  # its parameters' creation would be recorded, and replayed at every call
-                raise StorchError(
-                    "storch.compile: the learned control variate's network is built on first use (its input "
-                    "width is the sample's), which a traced step cannot do. Run one step eagerly first (or load "
-                    "a state_dict that holds the network), then call the compiled step")
-            if torch._C._functorch.maybe_current_level() is not None:  # torch.func.grad / jvp / vmap / jacrev
-                # torch's own error ("mutating directly with `.data` inside functorch transform") names neither
-                # the network nor what to do
-                raise StorchError(
-                    "the learned control variate's network is built on first use (its input width is the "
-                    "sample's), and a torch.func transform (torch.func.grad, jvp, jacrev, jacfwd, hessian, vmap) "
-                    "cannot create parameters inside it. Build the learned part with one step outside the "
-                    "transform first (or load a state_dict that holds the network), then call it under torch.func")
-            # normal tensors even when the first use is an evaluation pass under torch.inference_mode()
-            # (inference tensors cannot be trained afterwards)
-            with torch.inference_mode(False):
-                self._build(x.shape[-1], learned_dtype(x), x.device)
-                if self.zero_output:  # c_φ = 0 at the start (RELAX's residual: it starts as REBAR)
-                    torch.nn.init.zeros_(self.net[2].weight)
-                    torch.nn.init.zeros_(self.net[2].bias)
-            # every process must start from the same φ (DDP broadcasts only what exists at wrapping)
-            storch.distributed.broadcast_(list(self.net.parameters()), owner=self._owner)
+        """Create the layers for inputs like ``x`` (``(..., F)``), once; later inputs must have width F."""
+        if self.net is not None:
+            if x.shape[-1] != self.net[0].in_features:
+                # torch's "mat1 and mat2 shapes cannot be multiplied" names neither the estimator nor the cause
+                raise StorchError(_width_message(self._owner, self.net[0].in_features, x.shape[-1]))
+            return
+        if is_tracing():  # its parameters' creation would be recorded, and replayed at every call
+            raise StorchError(
+                "storch.compile: the learned control variate's network is built on first use (its input "
+                "width is the sample's), which a traced step cannot do. Run one step eagerly first (or load "
+                "a state_dict that holds the network), then call the compiled step")
+        if torch._C._functorch.maybe_current_level() is not None:  # torch.func.grad / jvp / vmap / jacrev
+            # torch's own error ("mutating directly with `.data` inside functorch transform") names neither
+            # the network nor what to do
+            raise StorchError(
+                "the learned control variate's network is built on first use (its input width is the "
+                "sample's), and a torch.func transform (torch.func.grad, jvp, jacrev, jacfwd, hessian, vmap) "
+                "cannot create parameters inside it. Build the learned part with one step outside the "
+                "transform first (or load a state_dict that holds the network), then call it under torch.func")
+        # normal tensors even when the first use is an evaluation pass under torch.inference_mode()
+        # (inference tensors cannot be trained afterwards)
+        with torch.inference_mode(False):
+            self._build(x.shape[-1], learned_dtype(x), x.device)
+            if self.zero_output:  # c_φ = 0 at the start (RELAX's residual: it starts as REBAR)
+                torch.nn.init.zeros_(self.net[2].weight)
+                torch.nn.init.zeros_(self.net[2].bias)
+        # every process must start from the same φ (DDP broadcasts only what exists at wrapping)
+        storch.distributed.broadcast_(list(self.net.parameters()), owner=self._owner)
+        _warn_untrained(self._owner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.build(x)
@@ -82,6 +88,35 @@ class ControlVariateNet(torch.nn.Module):
         if self.net is None and weight is not None:
             self._build(weight.shape[1], weight.dtype, weight.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _who(owner) -> str:
+    return "the control variate" if owner is None else f"{owner.name} (plate {owner.plate!r})"
+
+
+def _width_message(owner, built: int, now: int) -> str:
+    extra = ", plus inputs= where given" if owner is not None and owner.name == "relax" else ""
+    return (f"{_who(owner)}: its default control-variate network was built at its first node for inputs of width "
+            f"{built} (the sample's own dims flattened{extra}), and this node's are of width {now}. One network takes "
+            "one width: a Categorical over another number of values, latents of another size, or one estimator "
+            "shared by models of different sizes need their own. Create one estimator per model (per width), or "
+            "pass network= a module that takes every width you use (e.g. one that pools over the entries)")
+
+
+def _warn_untrained(owner) -> None:
+    """update=False: the user trains φ, and an optimizer built before this step (as usual) lacks the network
+    just built; warned once per estimator, and not for a build in an evaluation pass (no grad: the recipe)."""
+    if owner is None or owner.update or getattr(owner, "_warned_lazy", False) or not torch.is_grad_enabled():
+        return
+    owner._warned_lazy = True
+    warnings.warn(
+        f"{_who(owner)}: update=False, and its default control-variate network was built now, at its first use in "
+        "a training step (its input width is the sample's). An optimizer you built before this step does not hold "
+        "its parameters (est.network.parameters()), so they would never be trained. Build it before you create "
+        "your optimizer: one evaluation pass first (under torch.no_grad(): your model's forward, "
+        "storch.surrogate_loss(), storch.reset()), or load a state_dict that holds it; or pass network= your own "
+        "module; or add it to your optimizer now: opt.add_param_group({'params': est.network.parameters()})",
+        RuntimeWarning, stacklevel=2)
 
 
 def param_clones(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -11,7 +11,8 @@ import torch
 
 import storch.distributed
 from storch import Estimator, Node, OptionError, StorchError
-from storch.extending import (all_finite, estimator_create_graph, optimizer_step, options,
+from storch.extending import (all_finite, estimator_create_graph, hide_frozen_grads, load_own_optimizer,
+                               optimizer_step, options, own_optimizer, own_optimizer_state,
                                skip_nonfinite_update)
 
 from ._network import ControlVariateNet
@@ -156,8 +157,10 @@ class VarianceTrained(Estimator):
                                  "overflow their dtype: scale the costs down, or use float32 where this ran in "
                                  "float16) and the distribution's parameters for non-finite values"):
             return
-        if self._optimizer is None or len(self._optimizer.param_groups[0]["params"]) != len(params):
-            self._optimizer = torch.optim.Adam(params, lr=self.lr)
+        # Adam over every parameter of the estimator, frozen ones too (not stepped: hide_frozen_grads), so that
+        # freezing η or the whole model changes neither the optimizer nor its saved state (a checkpoint loads
+        # whatever is frozen when it is saved or loaded)
+        self._optimizer = own_optimizer(self._optimizer, self, self.lr)
         # .grad of a user network='s parameters as the backward pass left it, restored after the step: a layer
         # it shares with the model keeps the model's gradient for the user's optimizer (docs/estimators/relax.md).
         # Parameters storch made (η, λ, the default network) are the estimator's alone: their .grad (the
@@ -169,9 +172,11 @@ class VarianceTrained(Estimator):
         kept = [p.grad if id(p) in user else None for p in params]
         for p, g in zip(params, dphi):
             p.grad = g
+        unhide = hide_frozen_grads(self._optimizer, params)  # frozen parameters: no .grad, not stepped
         # Adam's moments follow φ after est.to(...) / .double(); in float32 for a φ in float16 / bfloat16
         # (model.half()), whose step is rounded back, or rolled back (and counted) where it overflows
         taken = optimizer_step(self, self._optimizer, "the control variate")
+        unhide()
         for p, g in zip(params, kept):
             p.grad = g
         if taken:
@@ -180,7 +185,8 @@ class VarianceTrained(Estimator):
     # -- state_dict: optimizer state and the step count are estimator state ------------------------
 
     def get_extra_state(self) -> dict:
-        return {"optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
+        # the optimizer's state with its parameters' names: loaded by name (load_own_optimizer)
+        return {**own_optimizer_state(self._optimizer, self),
                 "update_steps": self.update_steps, "skipped_updates": self.skipped_updates}
 
     def set_extra_state(self, state: dict) -> None:
@@ -195,10 +201,8 @@ class VarianceTrained(Estimator):
         state, module._loaded = module._loaded, None
         if state is None:
             return
-        module._optimizer = None
-        if state["optimizer"] is not None:
-            module._optimizer = torch.optim.Adam(module._trainable(), lr=module.lr)
-            module._optimizer.load_state_dict(state["optimizer"])
+        # every parameter's moments matched by name, whatever is frozen now or was at saving
+        module._optimizer = load_own_optimizer(state, module, module.lr, module.name)
 
 
 def _across_ranks(grads: list[torch.Tensor], finite: torch.Tensor, owner) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -162,6 +163,9 @@ class LearnedBaseline(torch.nn.Module):
     def head(self, name: Optional[str], h: torch.Tensor) -> torch.nn.Module:
         """The network of the cost named ``name``, built on first use with ``h``'s width, dtype and device."""
         key = "cost_" + re.sub(r"\W", "_", name or "")
+        if key in self.heads and self.heads[key][0].in_features != h.shape[-1]:
+            # torch's "mat1 and mat2 shapes cannot be multiplied" names neither the estimator nor the cause
+            raise StorchError(self._width_message(name, self.heads[key][0].in_features, h.shape[-1]))
         if key not in self.heads:
             if is_tracing():  # its parameters' creation would be recorded, and replayed at every call
                 raise StorchError(
@@ -178,7 +182,36 @@ class LearnedBaseline(torch.nn.Module):
             # every process must start from the same ψ (DDP broadcasts only what exists at wrapping)
             storch.distributed.broadcast_(list(net.parameters()), owner=self._owner)
             self.heads[key] = net
+            self._warn_untrained(name)
         return self.heads[key]
+
+    def _who(self) -> str:
+        return "baseline='learned'" if self._owner is None else f"{self._owner.name} (plate {self._owner.plate!r})"
+
+    def _width_message(self, name: Optional[str], built: int, now: int) -> str:
+        return (f"{self._who()}: the learned baseline's network for cost {name!r} was built at its first node for "
+                f"features h of width {built}, and this node's are of width {now} (h: the inputs= given at the call, "
+                "else the distribution's parameters, flattened per data point). One network takes one width: a "
+                "Categorical over another number of values, latents of another size, or one estimator shared by "
+                "models of different sizes need their own. Pass inputs= of one fixed width (e.g. features of the "
+                "data point, not of its candidates), create one estimator per model (per width), or pass "
+                "baseline= a module that takes every width you use")
+
+    def _warn_untrained(self, name: Optional[str]) -> None:
+        # update=False: the user trains ψ, and an optimizer built before this step (as usual) lacks the head just
+        # built; warned once per estimator, and not for a build in an evaluation pass (no grad: the recipe)
+        owner = self._owner
+        if owner is None or owner.update or getattr(owner, "_warned_lazy", False) or not torch.is_grad_enabled():
+            return
+        owner._warned_lazy = True
+        warnings.warn(
+            f"{self._who()}: update=False, and the learned baseline's network for cost {name!r} was built now, at its "
+            "first use in a training step (its input width is h's). An optimizer you built before this step does not "
+            "hold its parameters (est.baseline_fn.parameters()), so they would never be trained. Build the heads "
+            "before you create your optimizer: one evaluation pass first (under torch.no_grad(): your model's "
+            "forward with every cost, storch.surrogate_loss(), storch.reset()), or load a state_dict that holds "
+            "them; or pass baseline= your own module; or add them to your optimizer now: "
+            "opt.add_param_group({'params': est.baseline_fn.parameters()})", RuntimeWarning, stacklevel=2)
 
     def predict(self, name: Optional[str], h: torch.Tensor) -> torch.Tensor:
         """The head of cost ``name`` on features ``h``, ``(..., 1)``; ``h`` is cast to the head's dtype (a

@@ -11,8 +11,9 @@ from torch.distributions import Bernoulli, Distribution
 
 import storch.distributed
 from storch import CostFrame, Estimator, Node, OptionError, Plate, PlateTensor
-from storch.extending import (all_finite, assume, base_distribution, is_tracing, leave_one_out, optimizer_step,
-                               options, skip_nonfinite_update)
+from storch.extending import (all_finite, assume, base_distribution, hide_frozen_grads, is_tracing, leave_one_out,
+                               load_own_optimizer, optimizer_step, options, own_optimizer, own_optimizer_state,
+                               skip_nonfinite_update)
 
 from .learned_baseline import LearnedBaseline, baseline_features, check_inputs, in_frame
 
@@ -271,8 +272,10 @@ class Score(Estimator):
             return
         if all(g is None for g in grads):  # no rank regressed anything: nothing to step
             return
-        if self._optimizer is None or sum(len(g["params"]) for g in self._optimizer.param_groups) != len(params):
-            self._optimizer = torch.optim.Adam(params, lr=self.lr)
+        # Adam over every parameter of the baseline, frozen ones too (not stepped: hide_frozen_grads), so that
+        # freezing it or the whole model changes neither the optimizer nor its saved state (a checkpoint loads
+        # whatever is frozen when it is saved or loaded); a head for a new cost keeps the others' moments
+        self._optimizer = own_optimizer(self._optimizer, self.baseline_fn, self.lr)
         # .grad as the backward pass left it (None where it gave none): restored after the step, so the
         # user's optimizer sees the surrogate's gradient on a parameter the baseline shares with the
         # model (an A2C trunk) or that a cost of the user's (a credit=False regression) reached
@@ -289,9 +292,11 @@ class Score(Estimator):
                 "cost with credit=False (docs/estimators/score.md)", RuntimeWarning, stacklevel=2)
         for p, g in zip(params, grads):
             p.grad = g
+        unhide = hide_frozen_grads(self._optimizer, params)  # frozen parameters: no .grad, not stepped
         # Adam's moments follow ψ after est.to(...) / .double(); in float32 for a ψ in float16 / bfloat16
         # (model.half()), whose step is rounded back, or rolled back (and counted) where it overflows
         taken = optimizer_step(self, self._optimizer, "the baseline")
+        unhide()
         for p, g in zip(params, kept):
             p.grad = g
         if taken:
@@ -302,7 +307,8 @@ class Score(Estimator):
     def get_extra_state(self) -> dict:
         return {"moving_averages": dict(self.moving_averages), "update_steps": self.update_steps,
                 "skipped_updates": self.skipped_updates,
-                "optimizer": None if self._optimizer is None else self._optimizer.state_dict()}
+                # the optimizer's state with its parameters' names: loaded by name (load_own_optimizer)
+                **own_optimizer_state(self._optimizer, self.baseline_fn)}
 
     def set_extra_state(self, state: dict) -> None:
         # copies, as load_state_dict copies parameters; the optimizer once the baseline's heads loaded
@@ -310,16 +316,15 @@ class Score(Estimator):
         self.moving_averages = state["moving_averages"]
         self.update_steps = state.get("update_steps", 0)
         self.skipped_updates = state.get("skipped_updates", 0)
-        self._loaded_optimizer = state.get("optimizer")
+        self._loaded_optimizer = state if state.get("optimizer") is not None else None
 
     @staticmethod
     def _restore_optimizer(module: "Score", incompatible_keys) -> None:
         saved, module._loaded_optimizer = getattr(module, "_loaded_optimizer", None), None
         module._optimizer = None
-        if saved is not None and module.baseline_fn is not None:
-            params = [p for p in module.baseline_fn.parameters() if p.requires_grad]
-            module._optimizer = torch.optim.Adam(params, lr=module.lr)
-            module._optimizer.load_state_dict(saved)
+        if saved is not None and isinstance(module.baseline_fn, torch.nn.Module):
+            # every parameter's moments matched by name, whatever is frozen now or was at saving
+            module._optimizer = load_own_optimizer(saved, module.baseline_fn, module.lr, module.name)
 
     # -- the moving average's and NVIL's update, replayed by storch.compile (replays_update) --------
 
