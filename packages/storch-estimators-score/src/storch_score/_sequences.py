@@ -15,13 +15,13 @@ For a cost that depends on the first L steps (causal credit), the memory is the 
 memory sequences' L-prefixes (each counted once), so for every L:
 E[c] = Σ_{u ∈ M_L} p(u) c(u) + E_p[1[x≤L ∉ M_L] c(x≤L)], the first part exact, the second the
 score function of an indicator-weighted cost: unbiased at every order. The leave-one-out
-baseline b_j (the mean cost of the other accepted samples) enters as (1 - ⊡(l_j - log p(∉M_L))) b_j,
-zero-mean under the rejection weight since l_j - log p(∉M_L) = log p(x_j | x_j ∉ M_L); with it, one
-shift β (the samples' mean cost, leave-one-out for the samples) centres the memory part too:
-Σ_M ∇p(a)(c(a) - β) + (1/m) Σ_j 1[x_j ∉ M_L] (c_j - β_j) ∇log p(∉M_L) has the expectation of the
-unshifted one at every order because p(M_L) + p(∉M_L) = 1 (measured on the example's decoder at
-the same parameters: 10-12% less gradient variance). Both need p(M_L), i.e. every memory
-sequence evaluated, so no importance slot.
+baseline b_j (the mean cost of the other accepted samples) enters as (1 - ⊡(l_j)) b_j on the samples
+and its mean b̄ as -b̄ (p(a) - ⊥p(a)) on the slots: Σ_M ∇p(a)(c(a) - b̄) + (1/m) Σ_j 1[x_j ∉ M_L]
+(c_j - b_j) ∇log p(x_j) has the expectation of the unshifted one at every order because
+p(M_L) + p(∉M_L) = 1 and E[b_j] = E[b̄]. p(∉M_L) is never computed from the slots: with noise drawn
+per plate entry in the model (a stochastic environment, dropout) each slot has its own draw, and
+a baseline on ∇log p(∉M_L) from the slots was biased. The option keeps requiring every memory
+sequence summed (n_enumerate >= buffer).
 
 After ``storch.backward()`` the buffer keeps the ``buffer`` distinct sequences of lowest total
 cost seen (slots and samples), with their last log-probabilities (the next proposal q).
@@ -38,8 +38,6 @@ import torch.nn.functional as F
 from torch.distributions import Categorical, OneHotCategorical
 
 from storch import Node, OptionError, PlateError, UnsupportedDistributionError
-
-from ._memory import log1mexp
 
 if TYPE_CHECKING:
     from .sum_and_sample_sequences import SequenceState as MemoryState
@@ -521,10 +519,9 @@ def record_cost(node: Node, frame) -> None:
 
 
 def control_variate(est, node: Node, frame) -> Optional[torch.Tensor]:
-    """The leave-one-out baseline: (1 - ⊡(l - log p(∉M_L))) b_j on the samples, b_j the mean cost of the
-    other accepted samples; and one shift β for the whole estimate (memory included):
-    -β_mem (1 - ⊥p(a)/p(a)) on the slots, (1 - ⊡(log p(∉M_L))) β_j on the samples, β the mean cost of
-    the (other) samples. Both are zero-mean at every order."""
+    """The leave-one-out baseline: (1 - ⊡(l_j)) b_j on the samples, b_j the mean cost of the other
+    accepted samples (of the other samples where none is accepted), and -b̄ (1 - ⊥p(a)/p(a)) on the
+    slots, b̄ the mean of the b_j. Zero-mean at every order, per-entry noise in the model included."""
     from storch import magic_box
 
     record_cost(node, frame)
@@ -541,30 +538,30 @@ def control_variate(est, node: Node, frame) -> Optional[torch.Tensor]:
     g = f.narrow(d, s, m) * acc
     num = g.sum(d, keepdim=True) - g
     den = acc.sum(d, keepdim=True) - acc
-    b = torch.where(den > 0, num / den.clamp_min(1.0), torch.zeros_like(num))
-    # log p(∉ M_L): every memory sequence is a slot here (the baseline needs buffer <= n_enumerate)
-    if s:
-        factor = _tables(c, length, est.eos)[1]
-        lse = torch.logsumexp(_slot_logp(c, length).masked_fill(factor == 0, -math.inf), 0)
-        empty = lse >= 0.0
-        log_rest = torch.where(empty, torch.full_like(lse, -math.inf), log1mexp(torch.where(empty, -torch.ones_like(lse), lse)))
-        log_rest = torch.where(torch.isfinite(log_rest), log_rest, torch.zeros_like(log_rest))
-    else:
-        log_rest = torch.zeros(c.parents, dtype=f.dtype, device=f.device).reshape(-1)
-    log_rest = to_layout(log_rest.reshape((1,) + c.parents), node)
-    l_smp = node.gradient_values.narrow(0, s, m) - log_rest  # l' = log p(x | x ∉ M_L)
-    a = (1.0 - magic_box(frame.align(l_smp, node.plates))) * b
+    # where no other sample is accepted, the mean cost of the other samples (accepted or not): a
+    # baseline on every sample keeps the estimate's variance from growing with a constant added to the cost
+    raw = f.narrow(d, s, m)
+    beta = (raw.sum(d, keepdim=True) - raw) / (m - 1)
+    b = torch.where(den > 0, num / den.clamp_min(1.0), beta)  # b_j: from the samples other than j only
+    # Every baseline B multiplies a score whose expectation, as a function of θ, is known: on the
+    # samples (1 - ⊡(l_j)) B_j under w_j = 1[x_j ∉ M_L]/m has expectation B_j (P(∉M_L) at ⊥θ minus at θ)
+    # for B_j independent of x_j; on the slots -B (p(a) - ⊥p(a)) has -B (P(M_L) at θ minus at ⊥θ) for B
+    # independent of the slots. With E[B_j] = E[B], they cancel at every order since P(M_L) + P(∉M_L) = 1.
+    # P(M_L) is never computed from the slots' log-probabilities: a model whose later steps depend on
+    # noise drawn per plate entry (a stochastic environment, dropout in the decoder) gives each slot
+    # and each sample its own draw, so Σ_slots p(a) is not the samples' P(M_L) and a term built on
+    # ∇log p(∉M_L) from the slots (the form used before) was not zero-mean (biased gradients).
+    l_smp = node.gradient_values.narrow(0, s, m)
+    box = magic_box(frame.align(l_smp, node.plates))
+    a = (1.0 - box) * b  # b_j: the other accepted samples' mean cost, independent of x_j
     a_slot = torch.zeros_like(a.narrow(d, 0, 1)).expand(a.shape[:d] + (s,) + a.shape[d + 1:])
     if s:
-        # one shift β for the whole estimate: Σ_M ∇p(a) (c(a) - β) + the samples' (c - β) ∇log p(∉M);
-        # zero-mean at every order since p(M_L) + p(∉M_L) = 1 and E[β_j] = E[β_mem] = E_p[c]
-        raw = f.narrow(d, s, m)  # every sample's cost, accepted or not
-        beta_j = (raw.sum(d, keepdim=True) - raw) / (m - 1)  # independent of sample j
-        beta_mem = raw.mean(d, keepdim=True)
-        a = a + (1.0 - magic_box(frame.align(log_rest, node.plates))) * beta_j
+        # the slots' shift: the b_j averaged over j (the expectation of each b_j; from the samples
+        # alone, so independent of the slots)
+        b_mem = b.mean(d, keepdim=True)
         lp = to_layout(_slot_logp(c, length).reshape((s,) + c.parents), node)
         lp = frame.align(torch.where(torch.isfinite(lp), lp, torch.zeros_like(lp)), node.plates)
-        a_slot = -beta_mem * (1.0 - torch.exp(lp.detach() - lp))  # w·a = -β (p(a) - ⊥p(a))
+        a_slot = -b_mem * (1.0 - torch.exp(lp.detach() - lp))  # w·a = -b (p(a) - ⊥p(a))
     return torch.cat([a_slot, a], d)
 
 

@@ -99,8 +99,8 @@ class SumAndSampleSequences(Estimator):
         probable exactly and one drawn from the rest with a fixed proposal Q: p(a)/Q(a);
         w(x_j) = 1[x_j ∉ M] / m (rejection);
         l(a) = 0, l(x_j) = log p(x_j) summed over the steps;
-        a = the leave-one-out baseline on the remainder's conditional score l_j - log p(x ∉ M) plus one
-        shift of the whole estimate (``baseline="leave_one_out"``), else 0.
+        a = the leave-one-out baseline b_j on the samples' scores and its mean on the slots' p(a)
+        (``baseline="leave_one_out"``), else 0.
 
     Requires: one token per step (Categorical, OneHotCategorical or Bernoulli whose batch dims are
     all plates).
@@ -108,7 +108,8 @@ class SumAndSampleSequences(Estimator):
     max_order: ∞ — E[c] = Σ_{a∈M} p(a) c(a) + E_p[1[x ∉ M] c(x)] for any memory fixed before the
     graph's samples, the first part exact (D.1), the second the score function of an
     indicator-weighted cost (D.2.1); for a cost at step t the memory is that of the t-prefixes (causal
-    credit); the baseline is zero-mean under the rejection weight at every order (appendix C).
+    credit); the baseline's terms on the slots and on the samples add up to zero in expectation at
+    every order (p(M) + p(x ∉ M) = 1), noise drawn per plate entry in the model included.
 
     Args:
         plate: name of the partition's plate.
