@@ -154,6 +154,39 @@ def test_self_critical_baseline_returns_a_plate_tensor_and_is_unbiased():
                     "self-critical Hessian")
 
 
+def test_callable_baseline_tensor_not_laid_out_as_the_cost_names_cost_align():
+    """A callable that returned a raw tensor with the node's parents as leading dims (a function of
+    node.distribution's parameters) where the cost has more plates got torch's plain broadcasting error ("The
+    size of tensor a (5) must match ...") from inside the surrogate. An OptionError now gives the shapes and
+    says to return cost.align(t, plates); the aligned baseline gives the per-sample computation."""
+    theta = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1.0, -2.0])
+
+    def run(align):
+        def baseline(node, cost):
+            b = node.distribution.logits.detach().sum(-1)  # leading dims: node.parents (data,)
+            return cost.align(b, node.parents) if align else b
+
+        torch.manual_seed(4)
+        est = storch.estimator("score", plate="b", n_samples=4, baseline=baseline)
+        leaf = theta.clone().requires_grad_(True)
+        with storch.Graph() as graph:
+            b = est(Bernoulli(logits=storch.denote_independent(leaf, 0, "data")))
+            storch.add_cost(((b - 0.45) ** 2).sum(-1) * storch.denote_independent(y, 0, "y"), name="c")
+            x = graph.nodes[0].sample.detach()  # (4, 5, 3): b, data, own batch
+            g, = torch.autograd.grad(storch.surrogate_loss(), leaf)
+        return g, x
+
+    with pytest.raises(storch.OptionError, match=r"shape \(5,\).*cost's shape \(4, 5, 2\).*cost\.align"):
+        run(align=False)
+    g, x = run(align=True)
+    # per-sample oracle: independent plates averaged, samples weighed 1/4, l = Σ_j log p(x_j) (joint)
+    f = ((x - 0.45) ** 2).sum(-1)[..., None] * y  # (4, 5, 2): b, data, y
+    centred = f - theta.sum(-1)[None, :, None]
+    want = torch.einsum("biy,bij->ij", centred, x - torch.sigmoid(theta)) / (4 * 5 * 2)
+    assert torch.allclose(g, want)
+
+
 def test_learned_baseline_is_detached_and_registered():
     net = torch.nn.Linear(1, 1)
     est = storch.estimator("score", plate="b", n_samples=2, baseline=lambda node, cost: net(torch.ones(1)).squeeze())

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 from torch.distributions import (
-    Bernoulli, Categorical, Laplace, Multinomial, Normal, OneHotCategorical, Pareto, Uniform,
+    Bernoulli, Beta, Binomial, Categorical, Exponential, Laplace, Multinomial, Normal, OneHotCategorical, Pareto,
+    Poisson, Uniform,
 )
 
 import storch
@@ -320,6 +321,55 @@ def test_importance_refuses_partitions_as_its_page_says():
             est(Categorical(logits=torch.zeros(3, requires_grad=True)))
     page = (Path(__file__).parents[2] / "docs" / "estimators" / "importance.md").read_text()
     assert "Partitions are not supported" in page and "PlateError" in page
+
+
+_THETA2 = torch.tensor([0.3, -0.5])
+OUTSIDE = {  # p(θ), a proposal q that puts no mass on (almost all of) p's values, what the error says
+    "bernoulli-normal": (lambda th: Bernoulli(logits=th), Normal(0.5, 1.0), "Normal is continuous"),
+    "bernoulli-uniform": (lambda th: Bernoulli(logits=th), Uniform(0.0, 1.0), "Uniform is continuous"),
+    "binomial-normal": (lambda th: Binomial(3, logits=th), Normal(1.5, 2.0), "Normal is continuous"),
+    "normal-poisson": (lambda th: Normal(th, 1.0), Poisson(2.0), "Poisson is discrete"),
+    "normal-categorical": (lambda th: Normal(th, 1.0), Categorical(logits=torch.zeros(3)),
+                           "Categorical is discrete"),
+    "poisson-categorical5": (lambda th: Poisson(th.exp()), Categorical(logits=torch.zeros(5)), "does not contain"),
+    "poisson-binomial4": (lambda th: Poisson(th.exp()), Binomial(4, probs=torch.tensor(0.5)), "does not contain"),
+    "normal-exponential": (lambda th: Normal(th, 1.0), Exponential(1.0), "does not contain"),
+    "beta-narrower-uniform": (lambda th: Beta(th.exp(), torch.tensor(1.0)), Uniform(0.2, 1.0),
+                              "does not contain"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTSIDE))
+def test_importance_refuses_a_proposal_outside_p_support(case):
+    """A continuous proposal for a discrete p (a Normal or Uniform for a Bernoulli) gave a loss and gradient of
+    exactly 0 without a word: each draw is a value p cannot produce, weighed 0. A discrete proposal for a
+    continuous p, or one whose support ends before p's (a Categorical(5) or Binomial(4) for a Poisson, an
+    Exponential for a Normal), missed values p can produce and was silently biased. Each is refused with an
+    OptionError that says what to give instead; wider proposals stay accepted (test_unbiased.py)."""
+    mkp, q, match = OUTSIDE[case]
+    theta = _THETA2.clone().requires_grad_(True)
+    est = storch.estimator("importance", plate="z", proposal=q, n_samples=8)
+    with storch.Graph(), pytest.raises(storch.OptionError, match=match + ".*Give a"):
+        est(mkp(theta))
+
+
+def test_importance_compiled_checks_that_the_proposal_contains_p_support():
+    """Supports whose ends are per-call tensors (a Uniform p over an input's range): the check that q's support
+    contains p's is recorded while storch.compile traces the step and runs at every replayed call."""
+    est = storch.estimator("importance", plate="z", proposal=Exponential(1.0), n_samples=4)
+    theta = torch.nn.Parameter(torch.tensor(0.5))
+
+    def step(low):
+        with storch.Graph():
+            z = est(Uniform(low, low + 1))
+            storch.add_cost(theta * z ** 2, name="c")
+            return storch.surrogate_loss()
+
+    compiled = storch.compile(step, backend=None)
+    assert torch.isfinite(compiled(torch.tensor(0.2)))
+    assert torch.isfinite(compiled(torch.tensor(0.0)))  # the same end as q's: contained
+    with pytest.raises(RuntimeError, match=r"does not contain.*checked at every call"):
+        compiled(torch.tensor(-0.5))
 
 
 def test_infinite_bernoulli_logits_under_score_are_named_in_the_error():

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from score_problems import PROBLEMS, Maker, derivative_estimates, estimates, exact, exact_derivatives
 from storch.testing import assert_unbiased
-from torch.distributions import Beta, Binomial, Categorical, Exponential, Normal, Poisson
+from torch.distributions import Bernoulli, Beta, Binomial, Categorical, Exponential, Normal, Poisson
 
 import storch
 from storch.extending import raw_of
@@ -279,3 +279,53 @@ def test_importance_proposal_over_more_categories_than_p():
     got = derivative_estimates(model, theta, Maker("importance", proposal=q, n_samples=3), 2, 4000)
     for order, (g, w) in enumerate(zip(got, exact_derivatives(lambda th: th.softmax(-1) @ _CAT5_W, theta, 2)), 1):
         assert_unbiased(g, w, f"importance, 7-category q for a 5-category p, order {order}")
+
+
+# -- importance with a discrete proposal of another family than p ---------------------------------
+
+_BERN_VALUES = torch.tensor(list(itertools.product([0.0, 1.0], repeat=2)))  # the 4 joint values of 2 bits
+
+
+def _bits_cost(z):
+    return (z[..., 0] + 2 * z[..., 1] - 0.7) ** 2  # joint over the node's 2 bits
+
+
+def _bits_exact(th):
+    p = torch.sigmoid(th)
+    prob = (_BERN_VALUES * p + (1 - _BERN_VALUES) * (1 - p)).prod(-1)
+    return prob @ _bits_cost(_BERN_VALUES)
+
+
+_CAT3_W = torch.tensor([1.0, -2.0, 0.5])
+
+OTHER_FAMILY = {  # p(θ), its proposal q (another family), the cost of p's value, exact E[cost] in plain torch
+    "bernoulli-categorical2": (lambda th: Bernoulli(logits=th), Categorical(probs=torch.tensor([0.4, 0.6])),
+                               _bits_cost, _bits_exact),
+    "bernoulli-categorical3": (lambda th: Bernoulli(logits=th), Categorical(logits=torch.zeros(3)),  # wider: 2
+                               _bits_cost, _bits_exact),
+    "categorical3-binomial2": (lambda th: Categorical(logits=th), Binomial(2, probs=torch.tensor(0.5)),
+                               lambda z: _CAT3_W[z], lambda th: th.softmax(-1) @ _CAT3_W),
+}
+
+
+@pytest.mark.parametrize("case", list(OTHER_FAMILY))
+def test_importance_discrete_proposal_of_another_family(case):
+    """A Categorical proposal for a Bernoulli node (the same values {0, 1}, or wider {0, 1, 2}) crashed in
+    Bernoulli.log_prob ("result type Float can't be cast to the desired output type Long": q's integer draws
+    went to it as they were), and a Binomial proposal handed a Categorical node's cost float values (w[z]
+    raised). q's draws now take the dtype of p's own samples; a value p cannot take (2 for a Bernoulli) keeps
+    weight 0. Orders 1 and 2 against enumeration."""
+    mkp, q, cost, fn = OTHER_FAMILY[case]
+    theta = torch.tensor([0.4, -0.3, 0.2]) if case.startswith("categorical") else torch.tensor([0.4, -0.3])
+    dtype = torch.long if case.startswith("categorical") else torch.get_default_dtype()  # p's samples'
+
+    def model(th, make):
+        z = make("z", mkp(th))
+        assert z.dtype == dtype
+        storch.add_cost(cost(z), name="c")
+
+    torch.manual_seed(17)
+    got = derivative_estimates(model, theta, Maker("importance", proposal=q, n_samples=3), 2, 4000)
+    for order, (g, w) in enumerate(zip(got, exact_derivatives(fn, theta, 2)), 1):
+        assert torch.isfinite(g).all()
+        assert_unbiased(g, w, f"importance, {case}, order {order}")

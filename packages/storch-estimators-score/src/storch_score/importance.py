@@ -46,11 +46,13 @@ class Importance(Estimator):
         a = 0.
 
     Requires: p and q with ``log_prob`` on the same event shape; q must put mass wherever p does
-    (otherwise the estimate is biased, as for any importance sampler). q may put mass where p does not
-    (outside p's support, or on values p masks with ``-inf`` logits or probabilities of 0): such a draw
-    has weight 0 and l = 0, and the user's code gets a value p can produce in its place (p's mode for a
-    discrete p, its mean, strictly inside the support, for a continuous one), so that it never sees one the
-    model cannot produce.
+    (otherwise the estimate is biased, as for any importance sampler): a q of the other kind (continuous for
+    a discrete p, or discrete for a continuous one) or whose support ends before p's is refused. q may be of
+    another family (a Categorical for a Bernoulli): its draws take the dtype of p's samples. q may put mass
+    where p does not (outside p's support, or on values p masks with ``-inf`` logits or probabilities of
+    0): such a draw has weight 0 and l = 0, and the user's code gets a value p can produce in its place
+    (p's mode for a discrete p, its mean, strictly inside the support, for a continuous one), so that it
+    never sees one the model cannot produce.
 
     max_order: ∞ — the weights are detached, so Σ_x q(x) ⊥(p/q) ∇ⁿ(MagicBox(l) f) equals the
     score function's any-order estimate under p (D.2.2, using D.2.1).
@@ -108,6 +110,8 @@ class Importance(Estimator):
                 raise OptionError(
                     f"importance: the proposal's batch shape {tuple(q.batch_shape)} does not broadcast to the "
                     f"node's batch shape {tuple(p.batch_shape)} ((*parent plates, *own batch)): {e}") from e
+        _check_same_kind(p, q)
+        _check_bounds(p, q)
         _check_covers(p, q)
         return q
 
@@ -116,6 +120,7 @@ class Importance(Estimator):
         x = q.sample((self.n_samples,))
         with torch.no_grad():  # q's own draws (inside its support); only the detached weights read it
             log_q = node.log_prob(x, q)
+        x = _as_values_of(node.distribution, q, x)
         x, log_p, impossible = _possible_draws(node, x, q)
         c = node.state
         c.proposal, c.log_q, c.log_p, c.impossible = q, log_q, log_p, impossible
@@ -357,6 +362,133 @@ def _holds_plates(d, depth: int = 0) -> bool:
             if isinstance(item, (Distribution, Transform)) and depth < 8 and _holds_plates(item, depth + 1):
                 return True
     return False
+
+
+def _discrete(d: Distribution) -> Optional[bool]:
+    """Whether ``d``'s support is discrete (``support.is_discrete``); ``None`` where torch cannot say."""
+    support = _support(d)
+    try:
+        return None if support is None else bool(support.is_discrete)
+    except NotImplementedError:  # a dependent constraint that does not say
+        return None
+
+
+def _check_same_kind(p: Distribution, q: Distribution) -> None:
+    """Raise where one of p and q is discrete and the other continuous. A continuous q for a discrete p
+    (a Normal or a Uniform for a Bernoulli) almost surely draws values p cannot produce: each got weight 0,
+    and the loss and gradient were exactly 0 without a word (found by a tester). A discrete q for a
+    continuous p puts its mass on points that p's density gives probability 0: it misses almost all of
+    p's values, and p/q would divide a density by a probability (a biased estimate, silently)."""
+    dp, dq = _discrete(p), _discrete(q)
+    if dp is None or dq is None or dp == dq:
+        return
+    kind = {True: "discrete", False: "continuous"}
+    head = (f"importance: the proposal {type(q).__name__} is {kind[dq]} (support {_shown(q)}) but the node's "
+            f"{type(p).__name__} is {kind[dp]} (support {_shown(p)}): ")
+    if dp:
+        raise OptionError(head + (
+            "q's draws are almost surely values p cannot produce, each weighed 0, so the loss and gradient "
+            "would be 0. Give a discrete proposal over p's values (it may be wider than p): a Bernoulli or a "
+            "Categorical over the same values for a Bernoulli, a Categorical over at least p's categories, "
+            "a Poisson or a Binomial for a count"))
+    raise OptionError(head + (
+        "q puts its mass on points that p's density gives probability 0, so it misses almost all of p's "
+        "values and the weights p/q (a density over a probability) give a biased estimate. Give a "
+        "continuous proposal whose support contains p's (a Normal for a real p, a Normal, Gamma or "
+        "Exponential for a positive one)"))
+
+
+def _shown(d: Distribution) -> str:
+    """``d.support`` for a message: its repr, which prints tensor bounds, eagerly; its type while
+    ``storch.compile`` traces the step (printing a traced tensor reads its value)."""
+    support = _support(d)
+    return type(support).__name__.lstrip("_") if is_tracing() else repr(support)
+
+
+def _bounds(support) -> Optional[tuple]:
+    """``(lower, upper)`` of a support that is an interval of the reals or of the integers (numbers or
+    tensors, ±inf where unbounded), reinterpreted dims aside; ``None`` for any other constraint."""
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    inf = math.inf
+    if isinstance(support, constraints._Real):
+        return -inf, inf
+    if isinstance(support, constraints._Boolean):
+        return 0, 1
+    if isinstance(support, (constraints._GreaterThan, constraints._GreaterThanEq, constraints._IntegerGreaterThan)):
+        return support.lower_bound, inf
+    if isinstance(support, (constraints._LessThan, constraints._IntegerLessThan)):
+        return -inf, support.upper_bound
+    if isinstance(support, (constraints._Interval, constraints._HalfOpenInterval, constraints._IntegerInterval)):
+        return support.lower_bound, support.upper_bound
+    return None
+
+
+def _check_bounds(p: Distribution, q: Distribution) -> None:
+    """Raise where q's support ends before p's (a lower bound above p's, an upper bound below it): q puts no
+    mass on values p can produce (a Categorical(5) or a Binomial(4) for a Poisson, an Exponential for a
+    Normal), which the weights p/q cannot correct; it was accepted and the estimate was biased. Supports
+    with the same ends (open or closed: a boundary point has no mass for a continuous p, and discrete
+    supports are closed) and wider ones pass. Compared where both are intervals (``_bounds``); bounds that
+    are tensors are per-call values, so while ``storch.compile`` traces the step the check is recorded
+    (``assume``)."""
+    bp, bq = _bounds(_support(p)), _bounds(_support(q))
+    if bp is None or bq is None:
+        return
+    try:
+        with torch.no_grad():
+            def ends_before(a, b, below: bool):  # whether p's end a lies outside q's end b
+                if not isinstance(b, torch.Tensor) and b == (-math.inf if below else math.inf):
+                    return False  # q unbounded there (a Normal, a Poisson's upper end): no tensor read
+                a = a.detach() if isinstance(a, torch.Tensor) else a
+                b = b.detach() if isinstance(b, torch.Tensor) else b
+                out = a < b if below else a > b
+                return out.any() if isinstance(out, torch.Tensor) else out
+            missed = [ends_before(bp[0], bq[0], True), ends_before(bp[1], bq[1], False)]
+    except (RuntimeError, TypeError):  # bounds that do not broadcast: not compared
+        return
+    if any(isinstance(m, torch.Tensor) and m.is_meta for m in missed):  # no values
+        return
+    message = (
+        f"importance: the proposal {type(q).__name__}'s support {_shown(q)} does not contain the node's "
+        f"{type(p).__name__}'s support {_shown(p)}: q puts no mass on values p can produce, which the "
+        "importance weights p/q cannot correct (a biased estimate). Give a proposal whose support contains "
+        "p's (it may be wider: a Normal for an Exponential, a Poisson for a Binomial, a Poisson or a Geometric "
+        "for a Poisson)")
+    tensors = [m for m in missed if isinstance(m, torch.Tensor)]
+    if any(m is True for m in missed):
+        raise OptionError(message)
+    if not tensors:
+        return
+    missed = torch.stack([m.to(torch.bool) for m in tensors]).any()
+    if is_tracing():  # no value-dependent branch in a trace: checked at every call
+        assume(~missed, message + " (checked at every call of the step storch.compile traced)")
+    elif bool(missed):
+        raise OptionError(message)
+
+
+def _value_dtype(p: Distribution) -> Optional[torch.dtype]:
+    """The dtype of p's samples, read without drawing (which would move the random numbers): its mode's,
+    else its enumerated support's, else its mean's; ``None`` where none is known."""
+    for read in (lambda: p.mode, lambda: p.enumerate_support(expand=False), lambda: p.mean):
+        try:
+            value = read()
+        except (NotImplementedError, TypeError, ValueError, RuntimeError, AttributeError):
+            continue
+        if isinstance(value, torch.Tensor):
+            return value.dtype
+    return None
+
+
+def _as_values_of(p: Distribution, q: Distribution, x: torch.Tensor) -> torch.Tensor:
+    """q's draws ``x`` in the dtype of p's samples where both are discrete (integer values, so the cast is
+    exact): a Categorical proposal's integer draws for a Bernoulli crashed in Bernoulli.log_prob ("result
+    type Float can't be cast to the desired output type Long"), and a Binomial proposal handed a Categorical
+    node's code floats (an index w[z] fails). The user's code gets the dtype p's own samples have."""
+    if type(base_distribution(q)) is type(base_distribution(p)) or not (_discrete(p) and _discrete(q)):
+        return x  # (the same family samples in the same dtype)
+    dtype = _value_dtype(p)
+    return x if dtype is None or dtype == x.dtype else x.to(dtype)
 
 
 _MAX_CHECKED = 4096  # values of a finite support checked one by one

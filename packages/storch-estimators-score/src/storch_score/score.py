@@ -220,7 +220,21 @@ class Score(Estimator):
                     f"score: the baseline callable returned a PlateTensor with per-sample shape "
                     f"{tuple(b.shape)}; a baseline is one number per sample, like the cost")
             return cost.align(b.tensor, b.plates)
-        return torch.as_tensor(b, dtype=cost.tensor.dtype, device=cost.tensor.device)
+        b = torch.as_tensor(b, dtype=cost.tensor.dtype, device=cost.tensor.device)
+        # a raw tensor is taken as laid out like cost.tensor (plates cost.plates); one that does not broadcast to
+        # it got torch's plain broadcasting error from deep in the surrogate, one that widens it a wrong shape
+        try:
+            fits = torch.broadcast_shapes(b.shape, cost.tensor.shape) == cost.tensor.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise OptionError(
+                f"score: the baseline callable returned a tensor of shape {tuple(b.shape)} for cost {cost.name!r}, "
+                f"which does not broadcast to the cost's shape {tuple(cost.tensor.shape)} (plates "
+                f"{[p.name for p in cost.plates]}). Lay it out as the cost: return cost.align(t, plates) for a "
+                "tensor t whose leading dims are `plates` (the node's parents for a function of "
+                "node.distribution's parameters: cost.align(t, node.parents)), or return a PlateTensor")
+        return b
 
     # -- the state: changed here only ----------------------------------------------------------
 
