@@ -393,3 +393,28 @@ def test_optimizer_step_rolls_back_a_step_that_overflows_the_parameters_dtype():
     big.grad = torch.tensor([1.0, 1.0]).half()  # a step that fits is taken
     assert optimizer_step(owner, opt, "the part") and big[0] < 65504
     assert torch.allclose(other, torch.tensor([-98.0, -97.0])) and owner.skipped_updates == 1
+
+
+def test_is_differentiated_sees_reverse_and_forward_mode():
+    """requires_grad reads a forward-mode input (a torch.autograd.forward_ad dual, torch.func.jvp's input,
+    which do not require grad) as a constant; is_differentiated does not."""
+    import torch.autograd.forward_ad as fwAD
+
+    from storch.extending import is_differentiated
+
+    x = torch.tensor([1.0, 2.0])
+    assert not is_differentiated(x) and is_differentiated(x.clone().requires_grad_(True))
+    with fwAD.dual_level():
+        d = fwAD.make_dual(x, torch.ones(2))
+        assert is_differentiated(d) and is_differentiated(d * 2) and not is_differentiated(x)
+    seen = []
+
+    def f(t):
+        seen.append((is_differentiated(t), is_differentiated(t.sin()), is_differentiated(x + 1)))
+        return t.sin()
+
+    torch.func.jvp(f, (x,), (torch.ones(2),))
+    torch.func.grad(lambda t: f(t).sum())(x)
+    torch.func.jvp(torch.func.vmap(f), (x,), (torch.ones(2),))  # batched over a tangent-carrying tensor
+    torch.func.vmap(f)(x)
+    assert seen == [(True, True, False)] * 3 + [(False, False, False)]

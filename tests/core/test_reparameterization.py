@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.distributions import Normal, Independent
 
 import storch
@@ -207,6 +208,69 @@ def test_order_1_surrogate_of_an_order_1_estimator_differentiated_twice_is_refus
         torch.func.jacrev(torch.func.grad(f))(mu0)
     est.max_order = math.inf  # the same term, declared unbiased at every order: differentiated twice
     assert torch.isfinite(torch.autograd.functional.hessian(f, mu0)).all()
+
+
+def _forward_over_reverse(step, theta0, v):
+    """The tangent along ``v`` of the gradient of ``step`` (torch.autograd.forward_ad dual input, a backward pass
+    without create_graph): a Hessian-vector product."""
+    with fwAD.dual_level():
+        theta = fwAD.make_dual(theta0.clone().requires_grad_(True), v)
+        g, = torch.autograd.grad(step(theta), theta)
+        return fwAD.unpack_dual(g).tangent
+
+
+def test_forward_over_reverse_of_the_order_1_surrogate_is_refused():
+    """A forward-mode dual that requires grad, then torch.autograd.grad without create_graph: the gradient's
+    tangent is H·v, but the order guard only refused backward passes with grad mode on. A ReLU through
+    reparameterization gave 0 (exact: the normal density at μ, 0.37); an order-1 estimator (ARM) was biased
+    at z = 20-25. Both are refused now, as with create_graph=True."""
+    mu0, v = torch.tensor([0.4], dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    rep = storch.estimator("reparameterization", plate="x", n_samples=4)
+    with pytest.raises(storch.OrderError, match=r"'reparameterization'.*ReluBackward0.*forward-mode tangents"):
+        _forward_over_reverse(lambda m: _relu_step(rep, m), mu0, v)
+    est = _FirstOrderScore("x", n_samples=3)
+
+    def f(m, tangent_in_cost=None):
+        with storch.Graph():
+            x = est(Normal(m, 1.0))
+            c = (x ** 2).sum() if tangent_in_cost is None else ((x - tangent_in_cost) ** 2).sum()
+            storch.add_cost(c, name="c")
+            return storch.surrogate_loss()
+
+    with pytest.raises(storch.OrderError, match=r"'first_order_score'.*forward-mode tangents"):
+        _forward_over_reverse(f, mu0, v)
+    # the tangent only in the cost (a mixed second derivative ∂²/∂μ∂θ·v through the node's term, whose own
+    # tangent is 0): refused too
+    mu = mu0.clone().requires_grad_(True)
+    with fwAD.dual_level(), pytest.raises(storch.OrderError, match="first_order_score"):
+        torch.autograd.grad(f(mu, fwAD.make_dual(torch.tensor(0.2, dtype=torch.float64), v[0])), mu)
+    # plain forward mode (no reverse pass) and plain reverse mode are first derivatives: unaffected
+    with fwAD.dual_level():
+        assert fwAD.unpack_dual(f(fwAD.make_dual(mu0, v))).tangent is not None
+    f(mu).backward()
+    assert mu.grad is not None
+
+
+def test_forward_over_reverse_of_an_any_order_surrogate_is_the_hessian():
+    """Where the order-1 surrogate is unbiased at every order (a score function), forward-over-reverse is not
+    refused and equals reverse-over-reverse on the same draws."""
+    est = _FirstOrderScore("x", n_samples=3)
+    est.max_order = math.inf
+    mu0, v = torch.tensor([0.3, -0.2], dtype=torch.float64), torch.tensor([1.0, 0.5], dtype=torch.float64)
+
+    def f(m):
+        with storch.Graph():
+            x = est(Normal(m, 1.0))
+            storch.add_cost((x ** 3).sum(), name="c")
+            return storch.surrogate_loss()
+
+    torch.manual_seed(5)
+    fwd = _forward_over_reverse(f, mu0, v)
+    torch.manual_seed(5)
+    mu = mu0.clone().requires_grad_(True)
+    g, = torch.autograd.grad(f(mu), mu, create_graph=True)
+    hv, = torch.autograd.grad(g @ v, mu)
+    assert torch.allclose(fwd, hv)
 
 
 def test_torch_func_hessian_is_refused_with_what_works():

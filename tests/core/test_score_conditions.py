@@ -4,6 +4,7 @@ the base class's components."""
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.distributions import (
     AffineTransform,
     Bernoulli,
@@ -23,7 +24,7 @@ from torch.distributions import (
 
 import storch
 from storch import score_conditions
-from storch.extending import moving_support
+from storch.extending import moving_support, same_support
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
 
 
@@ -74,6 +75,35 @@ def test_score_function_refuses_a_support_that_moves(case):
     msg = str(info.value)
     assert names[0] in msg and "boundary term" in msg and "'reparameterization'" in msg
     assert not ScoreFunction.supports(d)
+
+
+@pytest.mark.parametrize("mode", ["forward_ad", "jvp"])
+def test_a_support_moved_by_a_forward_mode_tangent_is_refused(mode):
+    """Under forward mode (torch.autograd.forward_ad, torch.func.jvp) h does not require grad: the check was
+    skipped and the score estimate of d/dh E[z²] at h = 1.5 was silently 0.50 (exact 1.0), where reverse mode
+    refuses. The support moves with any differentiated bound: refused in every mode."""
+    est = ScoreFunction(plate="x", n_samples=2)
+
+    def step(h):
+        d = Uniform(torch.zeros(()), h)
+        assert moving_support(d) == ["high"]
+        assert not same_support(d, Uniform(torch.zeros(()), torch.tensor(1.5)))
+        with storch.Graph():
+            storch.add_cost(est(d) ** 2, name="c")
+            return storch.surrogate_loss()
+
+    h0, v = torch.tensor(1.5), torch.tensor(1.0)
+    with pytest.raises(storch.UnsupportedDistributionError, match="boundary term"):
+        if mode == "jvp":
+            torch.func.jvp(step, (h0,), (v,))
+        else:
+            with fwAD.dual_level():
+                step(fwAD.make_dual(h0, v))
+    with pytest.raises(storch.UnsupportedDistributionError, match="boundary term"):
+        torch.func.grad(step)(h0)  # reverse mode, as before
+    with fwAD.dual_level():  # a tangent elsewhere leaves a fixed support fixed
+        fwAD.make_dual(h0, v)
+        assert moving_support(Uniform(torch.zeros(()), h0)) == []
 
 
 def test_a_fixed_support_is_accepted():

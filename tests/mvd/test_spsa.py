@@ -329,3 +329,37 @@ def test_infinite_bernoulli_and_binomial_logits_are_held(family, fill):
     assert (g[:, 0] == 0).all()
     print(assert_unbiased(g[:, 1:], expected, f"spsa E[ĝ], {family} logit {fill}").table())
     print(assert_unbiased(v, F(u), f"spsa forward value, {family} logit {fill}").table())
+
+
+def test_forward_mode_perturbs_the_parameters_it_differentiates():
+    """Under forward mode (torch.autograd.forward_ad, torch.func.jvp) the parameter does not require grad: spsa
+    held it fixed and its derivative was exactly 0 (exact 0.24). Bernoulli(logits=θ + data shift) on a data
+    plate of 3: the mean of the tangent is spsa's expected estimate (central differences, one parameter)."""
+    import torch.autograd.forward_ad as fwAD
+
+    c, theta0 = 0.3, torch.tensor(0.2, dtype=torch.float64)
+    shift = torch.tensor([0.0, -0.5, 0.7], dtype=torch.float64)
+    est = storch.estimator("spsa", plate="z", n_samples=2, perturbation=c)
+
+    def step(t):
+        with storch.Graph():
+            x = storch.denote_independent(shift, 0, "data")
+            z = est(Bernoulli(logits=t + x))
+            storch.add_cost((z - x) ** 2, name="c")
+            return storch.surrogate_loss()
+
+    def value(logits):  # exact E[cost] per data point
+        p = torch.sigmoid(logits)
+        return p * (1 - shift) ** 2 + (1 - p) * shift ** 2
+
+    expected = ((value(theta0 + shift + c) - value(theta0 + shift - c)) / (2 * c)).mean()
+    torch.manual_seed(41)
+    with fwAD.dual_level():
+        tangents = torch.stack([fwAD.unpack_dual(step(fwAD.make_dual(theta0, torch.ones(())))).tangent
+                                for _ in range(1500)])
+    print(assert_unbiased(tangents, expected, "spsa forward-mode derivative").table())
+    torch.manual_seed(42)
+    jvp = torch.func.jvp(step, (theta0,), (torch.ones(()),))[1]
+    torch.manual_seed(42)
+    t = theta0.clone().requires_grad_(True)
+    assert torch.allclose(jvp, torch.autograd.grad(step(t), t)[0])  # the same draws: the reverse-mode derivative

@@ -13,6 +13,13 @@ differentiating transforms is read when the surrogate is built instead.
 
 An estimator's own update that differentiates the loss with ``create_graph=True`` (RELAX's, LAX's and
 REBAR's variance training of their control variate) runs inside :func:`estimator_create_graph`.
+
+Forward mode (``torch.autograd.forward_ad``) together with reverse mode: a backward pass whose inputs
+carry forward tangents gives its gradients tangents, the second derivatives (forward-over-reverse
+Hessian-vector products), with grad mode off; a gradient of a tangent (reverse-over-forward) passes no
+hook. ``storch.surrogate._refuse_twice`` refuses at once a hooked tensor that both requires grad and carries
+a tangent, and an order-1 surrogate whose loss does; the hook refuses a pass whose incoming gradient carries
+a tangent, and every pass through a tensor that carried one when it was hooked.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ import contextlib
 from typing import Callable, Iterator
 
 import torch
+import torch.autograd.forward_ad as _fwAD
 
 from .errors import OrderError
 
-__all__ = ["estimator_create_graph", "refuse_create_graph", "differentiating_transforms"]
+__all__ = ["estimator_create_graph", "refuse_create_graph", "differentiating_transforms", "is_differentiated",
+           "has_tangent", "forward_level_open", "FORWARD_OVER_REVERSE"]
 
 # a depth, not a thread-local: the autograd engine runs the hooks of a CUDA backward in its own threads
 _OWN = [0]
@@ -47,25 +56,65 @@ def estimator_create_graph() -> Iterator[None]:
         _OWN[0] -= 1
 
 
+def forward_level_open() -> bool:
+    """Whether a forward-AD level is open (``torch.autograd.forward_ad.dual_level``, ``torch.func.jvp``)."""
+    return _fwAD._current_level >= 0
+
+
+def has_tangent(t: torch.Tensor) -> bool:
+    """Whether ``t`` carries a forward-mode tangent (a dual tensor of ``torch.autograd.forward_ad``, an input
+    of ``torch.func.jvp`` / ``jacfwd`` or a tensor computed from one), looking through ``torch.func.vmap``'s
+    batching. ``False`` at once (one attribute read) where no forward-AD level is open."""
+    if _fwAD._current_level < 0:  # torch.func.jvp opens one too
+        return False
+    functorch = torch._C._functorch
+    while functorch.is_batchedtensor(t):  # unpack_dual has no batching rule: read the batched tensor's
+        t = functorch.get_unwrapped(t)
+    return _fwAD.unpack_dual(t).tangent is not None
+
+
+def is_differentiated(t: torch.Tensor) -> bool:
+    """Whether ``t`` is being differentiated: it requires grad (reverse mode, ``torch.func.grad`` /
+    ``vjp`` / ``jacrev``) or carries a forward-mode tangent (``torch.autograd.forward_ad``,
+    ``torch.func.jvp`` / ``jacfwd``, whose inputs do not require grad). The test to use where a term is
+    built or a check runs only for differentiated tensors: ``requires_grad`` alone reads a forward-mode
+    input as a constant. The cost of a reverse-mode call is the ``requires_grad`` read."""
+    return t.requires_grad or has_tangent(t)
+
+
 class _Refuse:
-    """A tensor hook that raises OrderError in a backward pass that builds a graph (``create_graph=True``).
-    The message is built only when it is raised (the hook is registered at every step)."""
+    """A tensor hook that raises OrderError in a backward pass that builds a graph (``create_graph=True``)
+    or whose gradients carry forward tangents (forward-over-reverse; ``always``: the hooked tensor carried a
+    tangent, so every backward pass through it does). The message is built only when it is raised (the
+    hook is registered at every step)."""
 
-    __slots__ = ("message",)
+    __slots__ = ("message", "always")
 
-    def __init__(self, message: Callable[[], str]) -> None:
+    def __init__(self, message: Callable[[], str], always: bool = False) -> None:
         self.message = message
+        self.always = always
 
     def __call__(self, grad: torch.Tensor) -> None:
-        if torch.is_grad_enabled() and not _OWN[0]:
+        if _OWN[0]:
+            return
+        if torch.is_grad_enabled():
             raise OrderError(self.message())
+        if (self.always and _fwAD._current_level >= 0) or has_tangent(grad):
+            raise OrderError(self.message() + FORWARD_OVER_REVERSE)
+
+
+FORWARD_OVER_REVERSE = (". Here the order-1 surrogate is differentiated in reverse mode over forward-mode tangents (a "
+            "torch.autograd.forward_ad dual that requires grad, or a backward pass inside torch.func.jvp): the "
+            "tangents of its gradients are second derivatives (forward-over-reverse), and a gradient of a tangent is "
+            "one too. For first derivatives differentiate in one mode only: hand the other the primal "
+            "(torch.autograd.forward_ad.unpack_dual(x).primal) or a detached tensor")
 
 
 def refuse_create_graph(tensor, message: Callable[[], str]) -> None:
     """Hook ``tensor`` (if it carries gradient) to raise ``OrderError(message())`` when a backward pass with
-    ``create_graph=True`` reaches it."""
+    ``create_graph=True``, or one over forward tangents, reaches it."""
     if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-        tensor.register_hook(_Refuse(message))
+        tensor.register_hook(_Refuse(message, has_tangent(tensor)))
 
 
 def differentiating_transforms() -> int:

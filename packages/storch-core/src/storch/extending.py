@@ -74,6 +74,10 @@ Differentiating the loss in an update:
     :func:`refuse_create_graph` marks a tensor of an estimator's term that the order-1 surrogate must not
     be differentiated twice through (a pathwise term whose output has a kink on the path from the sample,
     which :func:`require_smooth` returns at order 1): such a pass raises ``storch.OrderError``.
+    :func:`is_differentiated` is the test of whether a tensor is being differentiated, in reverse mode
+    (``requires_grad``) or forward mode (a ``torch.autograd.forward_ad`` / ``torch.func.jvp`` tangent, whose
+    tensors do not require grad): use it, not ``requires_grad``, where a term is built or a check runs
+    only for the parameters that are differentiated.
 
 Options:
     :mod:`options` (``storch.extending.options``) checks constructor options once, with errors
@@ -121,7 +125,7 @@ from .distributions import strict_support as _strict_support
 from .generators import drawing_with
 from .graph import current_graph, is_tracing
 from .plates.tensor import align, plates_of, raw_of
-from ._order_guard import estimator_create_graph
+from ._order_guard import estimator_create_graph, is_differentiated
 from ._own_optimizer import hide_frozen_grads, load_own_optimizer, own_optimizer, own_optimizer_state
 from .score_conditions import moving_support, same_support
 from .smoothness import nonsmooth_operations, require_smooth
@@ -135,7 +139,7 @@ __all__ = [
     "match_optimizer_state", "optimizer_step", "all_finite", "skip_nonfinite_update",
     "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild", "parameters",
     "rekey_transform_cache", "require_smooth", "nonsmooth_operations", "moving_support", "same_support", "estimator_create_graph",
-    "refuse_create_graph", "own_optimizer", "hide_frozen_grads", "own_optimizer_state", "load_own_optimizer",
+    "refuse_create_graph", "is_differentiated", "own_optimizer", "hide_frozen_grads", "own_optimizer_state", "load_own_optimizer",
 ]
 
 
@@ -151,8 +155,10 @@ def refuse_create_graph(tensor: torch.Tensor, message: Callable[[], str]) -> Non
     this step's tensor); ``message`` is called only when the refusal is raised, so build the words there.
     A plain backward pass is not affected, nor an estimator's own ``create_graph=True`` pass inside
     :func:`estimator_create_graph`. Under ``torch.func``, two nested differentiating transforms raise at
-    once; a step traced by ``storch.compile`` hooks its replays' outputs the same way. A tensor that does
-    not require grad is left alone."""
+    once; a step traced by ``storch.compile`` hooks its replays' outputs the same way. A backward pass over
+    forward-mode tangents (a ``torch.autograd.forward_ad`` dual that requires grad: forward-over-reverse,
+    whose gradients' tangents are second derivatives) raises too, with or without ``create_graph``. A
+    tensor that does not require grad is left alone."""
     _refuse_twice(tensor, message)
 
 

@@ -35,6 +35,7 @@ from torch.distributions import (
 )
 
 from .smoothness import _nonsmooth_on_path
+from ._order_guard import is_differentiated
 
 __all__ = ["moving_support", "log_prob_kinks", "same_support"]
 
@@ -70,9 +71,10 @@ def support_is_fixed(cls: type) -> bool:
 
 
 def moving_support(d: Distribution) -> list[str]:
-    """The parameters of ``d`` that require grad and move its (continuous) support, by name.
+    """The parameters of ``d`` that are differentiated and move its (continuous) support, by name.
 
-    ``["high"]`` for ``Uniform(0, h)`` with ``h.requires_grad``, ``["scale"]`` for ``Pareto(scale, α)``,
+    ``["high"]`` for ``Uniform(0, h)`` with ``h.requires_grad`` (or a forward-mode tangent, see
+    :func:`storch.extending.is_differentiated`), ``["scale"]`` for ``Pareto(scale, α)``,
     ``["transforms[0].loc"]`` for a ``TransformedDistribution`` that shifts a bounded base (a ``Uniform``,
     an ``Exponential``) by a learned ``AffineTransform``; ``[]`` when the support does not depend on
     parameters that require grad (every distribution whose class declares a fixed ``support``:
@@ -101,7 +103,7 @@ def moving_support(d: Distribution) -> list[str]:
         return []
     if support is None or support.is_discrete:
         return []
-    grads = [t for t in _constraint_tensors(support, 0) if t.requires_grad]
+    grads = [t for t in _constraint_tensors(support, 0) if is_differentiated(t)]
     if not grads:
         return []
     named = [k for k, v in vars(d).items() if isinstance(v, torch.Tensor) and any(v is t for t in grads)]
@@ -157,7 +159,7 @@ def _transform_grads(t, prefix: str, depth: int) -> list[str]:
     if depth > 4:
         return out
     for k, v in vars(t).items():
-        if isinstance(v, torch.Tensor) and v.requires_grad:
+        if isinstance(v, torch.Tensor) and is_differentiated(v):
             out.append(f"{prefix}.{k}")
         elif isinstance(v, Transform) and not k.startswith("_cached"):
             out += _transform_grads(v, f"{prefix}.{k}", depth + 1)
@@ -198,7 +200,7 @@ def same_support(a: Union[constraints.Constraint, Distribution, None],
         y = vb[k]
         if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             x, y = torch.as_tensor(x), torch.as_tensor(y)
-            if x.requires_grad or y.requires_grad:
+            if is_differentiated(x) or is_differentiated(y):
                 return False
             # bounds expanded to a batch shape (TransformedDistribution expands its base: Uniform(0, 1)'s
             # low of shape (1,)) are the same set as the scalar bound they repeat

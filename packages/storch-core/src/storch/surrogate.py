@@ -33,7 +33,8 @@ from .estimators.catalog import installed_classes, supporting_estimators
 from .graph import Graph, current_graph, is_tracing, tracing_recorder
 from .node import Node
 from .plates.tensor import Plate, align, plates_of, raw_of
-from ._order_guard import differentiating_transforms, refuse_create_graph
+from ._order_guard import (FORWARD_OVER_REVERSE, differentiating_transforms, forward_level_open, has_tangent,
+                           refuse_create_graph)
 from . import smoothness
 from .score_conditions import KINK_FREE, log_prob_kinks
 from .smoothness import _reaches, require_smooth
@@ -233,7 +234,29 @@ def _refuse_twice(tensor, message) -> None:
     if nested >= 2:
         raise OrderError(message())
     if not nested:
+        if forward_level_open() and isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+            if has_tangent(tensor):
+                # differentiated in both modes at once: a backward pass through it gives its gradient a tangent
+                # (forward-over-reverse); a gradient of its tangent reaches no hook (reverse-over-forward)
+                raise OrderError(message() + FORWARD_OVER_REVERSE)
+            _MIXED.append(message)  # the surrogate checks whether its loss carries a tangent (_check_mixed)
         refuse_create_graph(tensor, message)
+
+
+# the refusals hooked while this surrogate is built with a forward-AD level open
+_MIXED: list = []
+
+
+def _check_mixed(loss: torch.Tensor) -> None:
+    """A loss that requires grad and carries a forward tangent is differentiated in both modes at once: a
+    backward pass gives its gradients tangents that are second derivatives (the mixed ones through a hooked
+    term whose own tangent is 0 too: a cost's tangent under an order-1 node's detached cost), and a gradient
+    of its tangent passes no hook. Where an order-1 refusal was hooked, refuse now."""
+    try:
+        if _MIXED and loss.requires_grad and has_tangent(loss):
+            raise OrderError(_MIXED[0]() + FORWARD_OVER_REVERSE)
+    finally:
+        _MIXED.clear()
 
 
 _AGAIN = ("differentiating the order-1 surrogate (storch.surrogate_loss(), storch.backward()) again, after a "
@@ -775,6 +798,7 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
                  f" (its last step was {graph.last_end}: storch.backward() ends the step and resets the graph, "
                  "so call it once per step, after the step's costs)")
         raise StorchError(f"the graph has no costs{ended}; call storch.add_cost(...) before the surrogate loss")
+    _MIXED.clear()  # (refusals of an earlier build that raised)
     per_cost = []
     plain = []  # costs added with credit=False: differentiated as written
     reached = 0
@@ -832,6 +856,8 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
         loss = s if loss is None else loss + s
     if order == 1 and n:
         _guard_low_order(graph)
+    if _MIXED:
+        _check_mixed(loss)
     return loss if loss.dim() == 0 else loss.reshape(())  # a reshape of a 0-dim loss is one more node
 
 

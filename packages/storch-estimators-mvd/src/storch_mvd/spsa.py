@@ -26,6 +26,7 @@ from storch import Estimator, Node, UnsupportedDistributionError
 from storch.extending import (
     assume,
     given_by_probs,
+    is_differentiated,
     is_tracing,
     moving_support,
     options,
@@ -303,9 +304,10 @@ def _assemble(d: Distribution, leaves) -> Distribution:
 
 
 def _grad_tensor(obj, depth: int = 0) -> bool:
-    """Whether ``obj`` (a tensor, transform, distribution or a list of them) holds a tensor that requires grad."""
+    """Whether ``obj`` (a tensor, transform, distribution or a list of them) holds a tensor that is
+    differentiated (requires grad, or carries a forward-mode tangent)."""
     if isinstance(obj, torch.Tensor):
-        return obj.requires_grad
+        return is_differentiated(obj)
     if isinstance(obj, (list, tuple)):
         return any(_grad_tensor(v, depth) for v in obj)
     if isinstance(obj, (Transform, Distribution)) and depth < 8:
@@ -402,8 +404,9 @@ def _held_coordinates(d: Distribution, name: str, theta: torch.Tensor, u: torch.
 
 
 def _split_parameters(d: Distribution) -> tuple[dict, dict]:
-    """``(perturbed, fixed)`` constructor arguments of ``d``: continuous parameters that require
-    grad vs the rest."""
+    """``(perturbed, fixed)`` constructor arguments of ``d``: continuous parameters that are differentiated
+    vs the rest. Differentiated: requires grad, or carries a forward-mode tangent (torch.func.jvp,
+    torch.autograd.forward_ad: such a parameter does not require grad; held fixed, spsa's gradient was 0)."""
     params = {}
     for k in d.arg_constraints:
         if k in d.__dict__:
@@ -418,7 +421,7 @@ def _split_parameters(d: Distribution) -> tuple[dict, dict]:
         constraint = d.arg_constraints[k]
         # integer parameters cannot be perturbed; parameters nothing differentiates are held fixed,
         # since perturbing them only adds SPSA's cross-talk noise (f(x₁) − f(x₂)) ε_k / ε_j
-        if (not isinstance(v, torch.Tensor) or not v.is_floating_point() or not v.requires_grad
+        if (not isinstance(v, torch.Tensor) or not v.is_floating_point() or not is_differentiated(v)
                 or getattr(constraint, "_is_discrete", False) is True):
             fixed[k] = v
             continue
