@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.distributions import Bernoulli
 
 from storch import Node
-from storch.extending import assume, is_tracing
+from storch.extending import assume, is_tracing, table_cache
 
 from ._support import support_log_probs
 
@@ -119,7 +119,7 @@ def _chunk_plan(n: int, n_cat: int, k: int, max_candidates: int) -> tuple:
     return tuple(sizes)
 
 
-@functools.lru_cache(maxsize=None)
+@table_cache(maxsize=None)  # (tensors: lru_cache would keep one made inside a torch.func level)
 def _chunk_tables(n_cat: int, sizes: tuple) -> tuple:
     """Index tables of the chunks' joint values (chunk c: m_c variables, K^m_c joint values, listed
     row-major: the last variable varies fastest).
