@@ -412,7 +412,7 @@ def _linear_tables(k: int, device: torch.device) -> tuple:
             a.scatter_(1, larger, 1.0)
             up.append(a.to(device))
         out = (_not_in(k).to(device), tuple(up), pairs.to(device))
-        if len(_LINEAR_TABLES) < 64:
+        if torch._C._functorch.maybe_current_level() is None and len(_LINEAR_TABLES) < 64:  # (see table_cache)
             _LINEAR_TABLES[key] = out
     return out
 
