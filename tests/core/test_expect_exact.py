@@ -10,6 +10,7 @@ import torch
 from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 
 import storch
+from storch.builtins import expect as _expect_indices
 
 
 
@@ -143,3 +144,24 @@ def test_expect_rejects_continuous():
     est = storch.estimator("expect", plate="z")
     with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="finite support"):
         est(torch.distributions.Normal(0.0, 1.0))
+
+
+def test_expect_under_nested_torch_func_can_be_called_again():
+    """expect's table of joint values was cached with functools.lru_cache: made inside jacrev(jacrev(f)),
+    it belonged to that call's functorch level, and every later call failed PyTorch's internal assert
+    "level <= current_level". Now: three calls, each equal to the eager Hessian."""
+    est = storch.estimator("expect", plate="z")
+
+    def step(th):
+        with storch.Graph():
+            x = storch.denote_independent(torch.tensor([0.5, -1.0]), 0, "data")
+            z = est(Bernoulli(logits=th[0] * x + th[1]))
+            storch.add_cost((z - th[2] * x) ** 2, name="c")
+            return storch.surrogate_loss()
+
+    th0 = torch.tensor([0.7, -0.3, 0.4])
+    _expect_indices._joint_indices.cache_clear()  # (an eager call first would cache a plain table)
+    hessians = [torch.func.jacrev(torch.func.jacrev(step))(th0) for _ in range(3)]
+    eager = torch.autograd.functional.hessian(step, th0)
+    for h in hessians:
+        torch.testing.assert_close(h, eager)

@@ -273,6 +273,26 @@ def test_forward_over_reverse_of_an_any_order_surrogate_is_the_hessian():
     assert torch.allclose(fwd, hv)
 
 
+def test_functional_jvp_of_an_order_1_estimator_points_to_torch_func_jvp():
+    """torch.autograd.functional.jvp computes a first derivative with a create_graph=True pass (the
+    double-backward trick), which the order guard cannot tell from a second derivative: still refused, but
+    the message now names it and points to torch.func.jvp, which gives the derivative (z-test)."""
+    est = _FirstOrderScore("x", n_samples=3)
+
+    def f(m):
+        with storch.Graph():
+            x = est(Normal(m, 1.0))
+            storch.add_cost((x ** 2).sum(), name="c")
+            return storch.surrogate_loss()
+
+    mu0, v = torch.tensor([0.3], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
+    with pytest.raises(storch.OrderError, match=r"torch.autograd.functional.jvp.*torch.func.jvp"):
+        torch.autograd.functional.jvp(f, mu0, v)
+    torch.manual_seed(2)
+    d = torch.stack([torch.func.jvp(f, (mu0,), (v,))[1] for _ in range(1000)])
+    assert_unbiased(d, 0.6, "d/dμ E[x²]")
+
+
 def test_torch_func_hessian_is_refused_with_what_works():
     """torch.func.hessian (jacfwd(jacrev(f))) vmaps the random draws; the message spoke of a vmap the user
     never called. It now names jacfwd / hessian and points to jacrev(jacrev(f)), which works."""

@@ -274,3 +274,62 @@ def test_same_support_is_public_and_conservative():
     assert not same_support(Uniform(torch.zeros(2), 1.0), Uniform(torch.zeros(3), 1.0))  # no broadcast
     assert same_support(torch.distributions.Binomial(4, probs=torch.tensor(0.3)),
                         torch.distributions.Binomial(4, probs=torch.tensor(0.6)))
+
+
+def _bernoulli_step(est, d=Bernoulli):
+    def step(th):
+        with storch.Graph():
+            z = est(d(logits=th))
+            storch.add_cost((z - 0.3) ** 2 * th, name="c")
+            return storch.surrogate_loss()
+    return step
+
+
+def test_bernoulli_hessian_under_nested_torch_func_is_unbiased():
+    """Under torch.func, Bernoulli's log p (binary_cross_entropy_with_logits) is decomposed into
+    clamp_min(-x, 0) + log(exp + exp), whose kinks cancel: jacrev(jacrev(f)) (what storch's torch.func.hessian
+    message recommends) was refused as a kink. Now a z-test of the Hessian against the exact value."""
+    torch.manual_seed(5)
+    est = ScoreFunction(plate="z", n_samples=4)
+    hess = torch.func.jacrev(torch.func.jacrev(_bernoulli_step(est)))
+    th = torch.tensor(0.4, dtype=torch.float64)
+    h = torch.stack([hess(th) for _ in range(1500)])
+    s = torch.sigmoid(th)
+    ds = s * (1 - s)
+    exact = 2 * 0.4 * ds + th * 0.4 * ds * (1 - 2 * s)  # E = th (0.09 + 0.4 σ(th))
+    assert_unbiased(h, float(exact), "d²/dθ² E[(z - 0.3)² θ]")
+
+
+def test_a_kink_seen_under_torch_func_is_not_cached_for_eager_steps(monkeypatch):
+    """A walk of log p under a torch.func transform sees its decomposed ops (a Bernoulli subclass, not in
+    the smooth list: clamp_min); cached process-wide, that verdict refused every later eager second
+    derivative. Now it holds for that call only: the eager second derivative afterwards works and matches
+    the eager one of a fresh process."""
+
+    class MyBernoulli(Bernoulli):
+        pass
+
+    monkeypatch.setattr(score_conditions, "_KINKS", {})
+    est = ScoreFunction(plate="z", n_samples=4)
+    step = _bernoulli_step(est, MyBernoulli)
+    torch.func.grad(step)(torch.tensor(0.4))
+    assert MyBernoulli not in score_conditions.KINK_FREE
+    th = torch.tensor(0.4, requires_grad=True)
+    g, = torch.autograd.grad(step(th), th, create_graph=True)
+    assert torch.isfinite(torch.autograd.grad(g, th)[0])
+    assert MyBernoulli in score_conditions.KINK_FREE  # the eager walk is cached
+    score_conditions.KINK_FREE.discard(MyBernoulli)
+
+
+def test_vmap_randomness_error_mode_is_named_as_the_cause():
+    """vmap with its default randomness='error' refuses the estimator's draws: the message blamed storch
+    reading its samples and advised a Python loop; it now names randomness='different', which works."""
+    est = ScoreFunction(plate="z", n_samples=4)
+    step = _bernoulli_step(est)
+    with pytest.raises(storch.StorchError, match="randomness='different'"):
+        torch.func.vmap(torch.func.grad(step))(torch.tensor([0.4, -0.2]))
+    g = torch.func.vmap(torch.func.grad(step), randomness="different")(torch.tensor([0.4, -0.2]))
+    assert g.shape == (2,) and torch.isfinite(g).all()
+    with pytest.raises(storch.StorchError, match=r"torch.func.jacfwd.*randomness='different'"):
+        torch.func.jacfwd(step)(torch.tensor(0.4))
+    assert torch.isfinite(torch.func.jacfwd(step, randomness="different")(torch.tensor(0.4)))

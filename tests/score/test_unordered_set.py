@@ -216,3 +216,25 @@ def test_reduced_precision_is_unbiased(dtype, case):
     assert torch.isfinite(exact).all()
     # a masked value's logit gets no gradient (its probability is 0 whatever the logit)
     assert_unbiased(g.double(), exact, f"unordered_set {case} in {dtype}", atol=1e-2)
+
+
+def test_tables_made_inside_torch_func_are_not_cached():
+    """unordered_set's index tables were cached in dicts: made inside jacrev(grad(f)) (refused: order 2),
+    they belonged to that functorch level, and every later torch.func.grad step failed PyTorch's internal
+    assert "level <= current_level". Now the refusal is followed by a working step."""
+    from storch_score import unordered_set as us
+
+    us._LINEAR_TABLES.clear()
+    us._plan.cache_clear()
+    us._not_in.cache_clear()
+    est = storch.estimator("unordered_set", plate="z", n_samples=2)
+
+    def step(th):
+        with storch.Graph():
+            z = est(Categorical(logits=torch.stack([th, -th, 0.5 * th])))
+            storch.add_cost((z.float() - 0.3) ** 2 * th, name="c")
+            return storch.surrogate_loss()
+
+    with pytest.raises(storch.OrderError):
+        torch.func.jacrev(torch.func.grad(step))(torch.tensor(0.4))
+    assert torch.isfinite(torch.func.grad(step)(torch.tensor(0.4)))

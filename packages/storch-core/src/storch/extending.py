@@ -129,6 +129,7 @@ from ._order_guard import estimator_create_graph, is_differentiated
 from ._own_optimizer import hide_frozen_grads, load_own_optimizer, own_optimizer, own_optimizer_state
 from .score_conditions import moving_support, same_support
 from .smoothness import nonsmooth_operations, require_smooth
+from ._table_cache import table_cache
 from .surrogate import _refuse_twice
 
 if TYPE_CHECKING:
@@ -139,7 +140,8 @@ __all__ = [
     "match_optimizer_state", "optimizer_step", "all_finite", "skip_nonfinite_update",
     "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild", "parameters",
     "rekey_transform_cache", "require_smooth", "nonsmooth_operations", "moving_support", "same_support", "estimator_create_graph",
-    "refuse_create_graph", "is_differentiated", "own_optimizer", "hide_frozen_grads", "own_optimizer_state", "load_own_optimizer",
+    "refuse_create_graph", "is_differentiated", "table_cache", "own_optimizer", "hide_frozen_grads", "own_optimizer_state",
+    "load_own_optimizer",
 ]
 
 

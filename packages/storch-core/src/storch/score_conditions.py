@@ -24,8 +24,10 @@ from typing import Optional, Union
 
 import torch
 from torch.distributions import (
+    Bernoulli,
     Binomial,
     ComposeTransform,
+    ContinuousBernoulli,
     Distribution,
     Independent,
     MixtureSameFamily,
@@ -229,12 +231,22 @@ def same_support(a: Union[constraints.Constraint, Distribution, None],
 _SMOOTH_LOG_PROB: dict[type, str] = {
     Binomial: "log_prob writes softplus(logits) as clamp(logits, min=0) + log1p(exp(-|logits|)): the two kinks "
               "cancel",
+    # x·logits - softplus(logits), smooth in the logits (and in probs, through logit(p)). Eager torch computes
+    # it with the fused binary_cross_entropy_with_logits, whose graph the walk finds kink-free; under a
+    # torch.func transform (grad, jacrev, vmap) that op is decomposed into clamp_min(-x, 0) +
+    # log(exp(-m) + exp(-x - m)) (softplus's max-shift), whose two kinks cancel as Binomial's do
+    Bernoulli: "log_prob is -binary_cross_entropy_with_logits, smooth in the logits; under torch.func it is "
+               "decomposed into clamp_min + log(exp + exp): the kinks cancel",
+    # -binary_cross_entropy_with_logits (as Bernoulli) + the log normaliser log|2 atanh(1 - 2p) / (1 - 2p)|
+    # (the walk's log|u|, with a Taylor branch near p = 1/2 that matches the function it replaces)
+    ContinuousBernoulli: "log_prob is Bernoulli's (see there) plus a smooth log normaliser",
 }
 _KINKS: dict = {}  # (distribution type, names of its tensors that require grad) -> {operation: k}
 # distribution types whose log p was walked with every tensor they hold requiring grad and has no kink:
 # none with fewer learned tensors can have one (the paths from a subset of the inputs are a subset), so
-# later calls skip even building the key (the common step: Bernoulli / Categorical logits)
-KINK_FREE: set = set()
+# later calls skip even building the key (the common step: Bernoulli / Categorical logits); the types whose
+# log p is known smooth start there
+KINK_FREE: set = set(_SMOOTH_LOG_PROB)
 _ALL_ORDERS = 1 << 30
 
 
@@ -246,6 +258,7 @@ def log_prob_kinks(d: Distribution, log_prob: torch.Tensor, order: int) -> tuple
 
     Decided once per distribution type and set of parameters that require grad (the first log p of that
     kind is walked; later calls are a lookup), as the cost-path check is once per estimator and cost name.
+    A walk under a torch.func transform is not cached (its graph is of decomposed ops).
     """
     if type(d) in KINK_FREE:
         return [], {}
@@ -255,9 +268,16 @@ def log_prob_kinks(d: Distribution, log_prob: torch.Tensor, order: int) -> tuple
     key = (type(d), tuple(n for n, _ in named))
     found = _KINKS.get(key)
     if found is None:
-        found = _KINKS[key] = _nonsmooth_on_path(log_prob, [t for _, t in named], _ALL_ORDERS, log_of_abs=True)
-        if not found and len(named) == len(_grad_tensors(d, "", 0, every=True)):
-            KINK_FREE.add(type(d))
+        found = _nonsmooth_on_path(log_prob, [t for _, t in named], _ALL_ORDERS, log_of_abs=True)
+        # Under a torch.func transform (grad, jacrev, vmap) torch decomposes fused ops into primitives with
+        # kinks that cancel (softplus as clamp_min + log(exp + exp)), so a walk there can see a kink that the
+        # eager graph of the same log p has not. Such a verdict holds for this call only: cached, it would
+        # refuse every later eager second derivative of the process (the eager verdict, once cached, is used
+        # under the transforms too: it is of the same function).
+        if torch._C._functorch.maybe_current_level() is None:
+            _KINKS[key] = found
+            if not found and len(named) == len(_grad_tensors(d, "", 0, every=True)):
+                KINK_FREE.add(type(d))
     return [n for n, _ in named], {k: v for k, v in found.items() if v < order}
 
 

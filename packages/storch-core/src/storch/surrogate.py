@@ -269,7 +269,10 @@ _AGAIN = ("differentiating the order-1 surrogate (storch.surrogate_loss(), storc
           "the first derivative only linearly through this term (GradNorm's loss weights, learning-to-reweight's "
           "example weights: no second derivative of the storch term is taken), or it is an estimator's own update "
           "(training a learned part on the gradient's variance), run the create_graph pass inside "
-          "`with storch.extending.estimator_create_graph():`")
+          "`with storch.extending.estimator_create_graph():`. torch.autograd.functional.jvp computes its first "
+          "derivative this way (a create_graph=True backward pass, then a second one w.r.t. its dummy "
+          "grad_outputs), which the guard cannot tell from a second derivative at the first pass: use "
+          "torch.func.jvp(f, (x,), (v,)) (forward mode) for a Jacobian-vector product")
 
 
 def _kink_message(who: str, name: str, kinks: tuple) -> str:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.distributions import Bernoulli
 
 from storch import Node
-from storch.extending import assume, is_tracing
+from storch.extending import assume, is_tracing, table_cache
 
 from ._support import support_log_probs
 
@@ -119,7 +119,7 @@ def _chunk_plan(n: int, n_cat: int, k: int, max_candidates: int) -> tuple:
     return tuple(sizes)
 
 
-@functools.lru_cache(maxsize=None)
+@table_cache(maxsize=None)  # (tensors: lru_cache would keep one made inside a torch.func level)
 def _chunk_tables(n_cat: int, sizes: tuple) -> tuple:
     """Index tables of the chunks' joint values (chunk c: m_c variables, K^m_c joint values, listed
     row-major: the last variable varies fastest).
@@ -161,7 +161,7 @@ def _tables_on(n_cat: int, sizes: tuple, device: torch.device, dtype: torch.dtyp
     if out is None:
         offsets, values, var, onehot, columns = _chunk_tables(n_cat, sizes)
         out = (offsets, values.to(device), var.to(device), onehot.to(device, dtype), columns.to(device))
-        if len(_DEVICE_TABLES) < 256:
+        if torch._C._functorch.maybe_current_level() is None and len(_DEVICE_TABLES) < 256:  # (see table_cache)
             _DEVICE_TABLES[key] = out
     return out
 
@@ -337,7 +337,7 @@ def _draw_tables(n_cat: int, n: int, draws: int, p: int, exact: torch.dtype, dev
         position = torch.arange(draws, dtype=torch.float64).to(device, exact)
         row_start = (draws * torch.arange(p)).unsqueeze(1).to(device)
         out = (weights, earlier, position, position + draws, row_start)
-        if len(_DRAW_TABLES) < 64:
+        if torch._C._functorch.maybe_current_level() is None and len(_DRAW_TABLES) < 64:  # (see table_cache)
             _DRAW_TABLES[key] = out
     return out
 

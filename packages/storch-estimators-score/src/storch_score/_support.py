@@ -84,7 +84,7 @@ def _joint_index(k: int, n: int, device: torch.device) -> torch.Tensor:
     if idx is None:
         idx = torch.tensor(list(itertools.product(range(k), repeat=n)), dtype=torch.long).reshape(k ** n, n)
         idx = idx.to(device)
-        if len(_JOINT_INDEX) < 256:
+        if torch._C._functorch.maybe_current_level() is None and len(_JOINT_INDEX) < 256:  # (see table_cache)
             _JOINT_INDEX[key] = idx
     return idx
 

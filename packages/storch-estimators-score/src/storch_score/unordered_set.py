@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -11,7 +10,7 @@ import torch
 from torch.distributions import Bernoulli, Distribution
 
 from storch import CostFrame, Estimator, Node, OptionError, StorchError
-from storch.extending import align, is_tracing, options
+from storch.extending import align, is_tracing, options, table_cache
 
 from ._beam import _gumbel_like, beam_step, order_gumbels, sample_without_replacement, top_possible
 from ._support import enumerate_joint, enumerate_values, masked_logsumexp
@@ -277,7 +276,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-@functools.lru_cache(maxsize=None)
+@table_cache(maxsize=None)  # (tensors: lru_cache would keep one made inside a torch.func level)
 def _plan(k: int) -> tuple:
     """Index tables of the dynamic programme over the subsets of a set of k elements.
 
@@ -413,12 +412,12 @@ def _linear_tables(k: int, device: torch.device) -> tuple:
             a.scatter_(1, larger, 1.0)
             up.append(a.to(device))
         out = (_not_in(k).to(device), tuple(up), pairs.to(device))
-        if len(_LINEAR_TABLES) < 64:
+        if torch._C._functorch.maybe_current_level() is None and len(_LINEAR_TABLES) < 64:  # (see table_cache)
             _LINEAR_TABLES[key] = out
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@table_cache(maxsize=None)  # (tensors: lru_cache would keep one made inside a torch.func level)
 def _not_in(k: int) -> torch.Tensor:
     """(Σ_j n_j, k) float64: row C (layers k-1, ..., 0 in ``_plan``'s order) is 1 at each x ∉ C."""
     rows = []

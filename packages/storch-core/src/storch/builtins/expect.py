@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import torch
 from ..distributions import enumeration_support
 from ..errors import OptionError, UnsupportedDistributionError
 from ..estimators.base import Estimator, _float_dtype
+from .._table_cache import table_cache
 from ..graph import is_tracing
 from ..node import Node
 
@@ -106,7 +106,7 @@ class Expect(Estimator):
         return torch.zeros((1,), dtype=_float_dtype(node), device=node.sample.device)
 
 
-@functools.lru_cache(maxsize=64)
+@table_cache(maxsize=64)  # (not lru_cache: a table made inside a torch.func transform belongs to its level)
 def _joint_indices(k: int, n: int, device: torch.device) -> torch.Tensor:
     """All k^n joint values of n variables with k values each, as indices, shape (k^n, n)."""
     return torch.tensor(list(itertools.product(range(k), repeat=n)), dtype=torch.long,

@@ -721,6 +721,20 @@ class Estimator(torch.nn.Module):
                     f"{', '.join(repr(b) for b in bad)} hold NaN or infinite values (the model's outputs diverged, "
                     "or its inputs hold NaN); keep torch's argument validation on to catch it where the "
                     f"distribution is built. ({type(e).__name__}: {e})") from e
+            if isinstance(e, RuntimeError) and "randomness error mode" in str(e):
+                # torch's default randomness="error" refuses any random draw under vmap: the cause is the mode
+                # (the estimator's draws), not storch reading its samples
+                where = ("torch.func.jacfwd / torch.func.hessian (jacfwd's columns are a vmap) or "
+                         "torch.autograd.functional.jacobian(strategy='forward-mode')" if _under_jacfwd()
+                         else "torch.func.vmap")
+                raise StorchError(
+                    f"estimator {self.name!r} (plate {self.plate!r}) draws random samples inside {where}, whose "
+                    "default randomness='error' refuses any random draw. Pass randomness='different' (each vmapped "
+                    "member draws its own samples: e.g. torch.func.vmap(torch.func.grad(step), "
+                    "randomness='different') gives unbiased per-example gradients; torch.func.jacfwd(f, "
+                    "randomness='different') for first derivatives); for second derivatives use "
+                    "torch.func.jacrev(torch.func.jacrev(f)) or torch.autograd.functional.hessian(f, x) "
+                    f"(torch said: {str(e)[:200]})") from e
             if isinstance(e, RuntimeError) and str(e).startswith("vmap:") and _under_jacfwd():
                 raise StorchError(
                     f"estimator {self.name!r} (plate {self.plate!r}) cannot run inside torch.func.jacfwd or "

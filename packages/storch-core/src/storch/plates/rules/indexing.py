@@ -151,7 +151,9 @@ def _arange(size: int, j: int, dims: int, device) -> torch.Tensor:
     if t is None:
         with torch.inference_mode(False):  # a normal tensor also when first made in inference mode
             t = torch.arange(size, device=device).view((1,) * j + (size,) + (1,) * (dims - j - 1))
-        if type(t) is torch.Tensor:  # not a tracer's fake tensor
+        # not a tracer's fake tensor, nor one made inside a torch.func level (kept, a later call at another
+        # level fails torch's internal assert "level <= current_level")
+        if type(t) is torch.Tensor and torch._C._functorch.maybe_current_level() is None:
             if len(_ARANGES) >= 1024:
                 _ARANGES.clear()
             _ARANGES[key] = t
