@@ -319,3 +319,43 @@ def test_a_finished_vimco_step_leaves_no_cycles():
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_vimco_a_set_with_every_other_draw_impossible_has_a_finite_gradient():
+    """Draw 0 possible, draw 1 impossible under the prior (log w_1 = -inf): the bound is finite, but draw 0's
+    leave-one-out baseline is +inf, and (1 - MagicBox(l_0)) · b_0 was 0 · inf = NaN (storch.backward()
+    discarded the step). Such a b_k is replaced by 0 (any function of the other draws is a baseline): the
+    gradient is Σ_k (L - b_k) ∇l_k + ∇L with b_0 = 0 and b_1 = L with log w_1 replaced by log w_0."""
+    theta = torch.tensor([0.2, -0.4, 0.6], dtype=torch.float64, requires_grad=True)
+    prior = Categorical(logits=torch.tensor([0.0, 0.3, -math.inf], dtype=torch.float64))
+    for seed in range(40):  # a seed whose set holds one possible and one impossible draw
+        torch.manual_seed(seed)
+        with storch.Graph():
+            est = storch.estimator("vimco", plate="z", n_draws=2)
+            z = est(Categorical(logits=theta))
+            log_w = prior.log_prob(z) - Categorical(logits=theta).log_prob(z)
+            if not (torch.isfinite(log_w.tensor).sum() == 1):
+                continue
+            storch.add_cost(est.bound(log_w), name="negative_iwae")
+            (g,) = torch.autograd.grad(storch.surrogate_loss(), theta)
+            draws = z.tensor.reshape(2)
+        break
+    else:
+        pytest.fail("no seed drew one possible and one impossible value")
+    assert torch.isfinite(g).all()
+    lq = torch.log_softmax(theta, -1)[draws]  # l_k, with gradient
+    lw = prior.log_prob(draws) - lq
+    possible = torch.isfinite(lw.detach())
+    bound = -(torch.logsumexp(lw[possible], 0) - math.log(2))  # the impossible draw adds w = 0
+    mean_other = torch.where(possible, lw.detach(), lw.detach()[possible].expand(2))  # b_1: log w_1 := log w_0
+    b = torch.where(possible, torch.zeros(2, dtype=torch.float64), -(torch.logsumexp(mean_other, 0) - math.log(2)))
+    (want,) = torch.autograd.grad(bound + ((bound.detach() - b) * lq).sum(), theta)
+    torch.testing.assert_close(g, want)
+
+
+def test_vimco_names_a_data_plate_for_log_weights_with_a_batch_dim():
+    est = storch.estimator("vimco", plate="z", n_draws=3)
+    with storch.Graph():
+        z = est(Bernoulli(logits=torch.zeros(8, 2, requires_grad=True)))
+        with pytest.raises(storch.CostError, match=r"minibatch, put the batch on a data plate.*denote_independent"):
+            est.bound(z.sum(-1))

@@ -138,7 +138,7 @@ class Vimco(Estimator):
                 raise CostError(
                     f"vimco (plate {self.plate!r}): bound() needs the log-weights as floats of per-sample shape "
                     f"({self.n_draws},), one per draw, got {tuple(log_w.shape)} {log_w.dtype}; reduce each draw's "
-                    "log p(x, z_k) - log q(z_k) over its own dims first")
+                    "log p(x, z_k) - log q(z_k) over its own dims first" + _shape_hint(log_w, self.n_draws))
             later = [p.name for p in log_w.plates if (o := graph.node_of(p.name)) is not None and o.index > node.index]
             if later:
                 # b_k would depend on z_k through the later nodes' samples: not a baseline
@@ -172,12 +172,26 @@ class Vimco(Estimator):
             raise CostError(f"vimco (plate {self.plate!r}): the bound shares its cost name {cost.name!r} with "
                             "another cost; give it a name of its own")
         b = _leave_one_out_bounds(s.log_w)  # detached (bound() kept ⊥log w)
+        # every other draw impossible (log w_j = -inf for j != k): b_k = +inf although the bound is finite, and
+        # (1 - MagicBox(l_k)) · b_k would be 0 · inf = NaN. Any baseline that is a function of the other draws
+        # keeps the estimate unbiased, so such a b_k is replaced by 0 (no baseline for that draw)
+        b = torch.where(torch.isfinite(b), b, torch.zeros((), dtype=b.dtype, device=b.device))
         l_k = cost.align(s.log_q, node.plates)
         # Σ_k (1 - MagicBox(l_k)) ⊥b_k: zero-mean at every order, as b_k does not depend on z_k (appendix C)
         return ((1.0 - magic_box(l_k)) * cost.align(b, s.log_w_plates)).sum(-1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, n_draws={self.n_draws}"
+
+
+def _shape_hint(log_w: PlateTensor, k: int) -> str:
+    """What a log-weight of more than one dim usually means (the message of a wrong shape)."""
+    if log_w.dim() < 2 or log_w.shape[0] != k:
+        return ""
+    return (f". Log-weights of shape {tuple(log_w.shape)}: if a dim after the {k} draws is a minibatch, put the batch on "
+            "a data plate (x = storch.denote_independent(x, 0, 'data')) and write the model for one data point: "
+            "summing over it would make one bound of the whole batch, not one per data point. vimco makes the K "
+            "copies of q itself: pass q of one draw (not logits.expand(K, ...))")
 
 
 def _leave_one_out_bounds(log_w: torch.Tensor) -> torch.Tensor:
