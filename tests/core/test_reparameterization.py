@@ -251,6 +251,49 @@ def test_forward_over_reverse_of_the_order_1_surrogate_is_refused():
     assert mu.grad is not None
 
 
+class _ScoreWithHook(storch.Estimator):
+    """The base class's score function, whose baseline runs ``during_build`` (no baseline)."""
+
+    name = "test_core_score_with_hook"
+    during_build = None
+
+    def baseline(self, node, cost):
+        self.during_build()
+        return None
+
+
+def test_a_surrogate_built_in_another_thread_keeps_this_builds_forward_over_reverse_refusals():
+    """The refusals hooked while a surrogate is built under a forward-AD level were one list for the process,
+    cleared at the start of every build: a surrogate built in another thread meanwhile dropped them, and the
+    gradient's tangent (a second derivative through a ReLU) went through. They are per thread now."""
+    import threading
+
+    def other_thread_step():
+        with storch.Graph():
+            z = storch.estimator("reparameterization", plate="b")(Normal(torch.tensor(0.3, requires_grad=True), 1.0))
+            storch.add_cost(z * 2.0, name="c")
+            storch.surrogate_loss()
+
+    def run_other_thread():
+        t = threading.Thread(target=other_thread_step)
+        t.start()
+        t.join()
+
+    rep = storch.estimator("reparameterization", plate="x", n_samples=3)
+    sc = _ScoreWithHook(plate="y")
+    sc.during_build = run_other_thread
+    mu = torch.tensor(0.4, requires_grad=True)
+    with fwAD.dual_level():
+        t = fwAD.make_dual(torch.tensor(0.2), torch.tensor(1.0))
+        with storch.Graph():
+            x = rep(Normal(mu, 1.0))
+            storch.add_cost(torch.relu(x), name="a")  # a kink on the pathwise path: hooked, no tangent
+            y = sc(Normal(mu, 1.0))
+            storch.add_cost(y * t + x * t, name="b")  # the tangent: in this cost only
+            with pytest.raises(storch.OrderError, match=r"'reparameterization'.*ReluBackward0.*forward-mode"):
+                storch.surrogate_loss()
+
+
 def test_forward_over_reverse_of_an_any_order_surrogate_is_the_hessian():
     """Where the order-1 surrogate is unbiased at every order (a score function), forward-over-reverse is not
     refused and equals reverse-over-reverse on the same draws."""

@@ -241,13 +241,96 @@ _SMOOTH_LOG_PROB: dict[type, str] = {
     # (the walk's log|u|, with a Taylor branch near p = 1/2 that matches the function it replaces)
     ContinuousBernoulli: "log_prob is Bernoulli's (see there) plus a smooth log normaliser",
 }
-_KINKS: dict = {}  # (distribution type, names of its tensors that require grad) -> {operation: k}
-# distribution types whose log p was walked with every tensor they hold requiring grad and has no kink:
-# none with fewer learned tensors can have one (the paths from a subset of the inputs are a subset), so
-# later calls skip even building the key (the common step: Bernoulli / Categorical logits); the types whose
-# log p is known smooth start there
+_KINKS: dict = {}  # (structure(d), names of its tensors that require grad) -> {operation: k}
+# the structures (see structure()) whose log p was walked with every tensor they hold requiring grad and has
+# no kink: none with fewer learned tensors can have one (the paths from a subset of the inputs are a subset),
+# so later calls skip even building the cache key (the common step: Bernoulli / Categorical logits); the
+# types whose log p is known smooth start there. A bare type is put here only for a type that fixes its
+# structure (_FIXED), so `type(d) in KINK_FREE` is a sound fast path (the surrogate's order-1 guard uses it).
 KINK_FREE: set = set(_SMOOTH_LOG_PROB)
 _ALL_ORDERS = 1 << 30
+
+# The generic wrappers: what an instance wraps (base distribution, components, transforms) is its
+# constructor's argument, so its type says nothing of its log p: Independent(Bernoulli) kink-free must not
+# make Independent(Laplace) so. torch's other distributions build what they hold themselves (StudentT's
+# Chi2, LogNormal's Normal and ExpTransform): their type fixes the structure.
+_WRAPPERS = (Independent, MixtureSameFamily, TransformedDistribution)
+_FIXED: dict[type, bool] = {}  # distribution type -> whether the type alone fixes what it holds
+_LISTED: dict[type, bool] = {}  # type -> on the smooth list (a listed type, a subclass changing only __init__)
+# a class's own members that are bookkeeping, not behaviour
+_BOOKKEEPING = frozenset(("__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
+                          "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__", "__init__"))
+
+
+def structure(d: Distribution):
+    """The key of ``d``'s log p in the kink caches: ``type(d)`` for a type that fixes what it holds (one
+    lookup: torch's Bernoulli, Categorical, Normal, LogNormal ...), else ``(type, ((attribute, key), ...))``
+    over the distributions and transforms it holds, recursively (Independent, MixtureSameFamily,
+    TransformedDistribution and user classes, whose instances may hold anything); ``None`` past the depth
+    the walks read (not cached)."""
+    t = type(d)
+    return t if _fixed(t) else _structure(d, 0)
+
+
+def _fixed(t: type) -> bool:
+    fixed = _FIXED.get(t)
+    if fixed is None:
+        fixed = _FIXED[t] = t.__module__.startswith("torch.distributions.") and t not in _WRAPPERS
+    return fixed
+
+
+def _structure(obj, depth: int):
+    """``(type, parts)`` of a distribution or transform whose type does not fix what it holds."""
+    if depth > 4:
+        return None
+    parts = []
+    for k, v in vars(obj).items():
+        if isinstance(v, (Distribution, Transform)):
+            s = type(v) if isinstance(v, Distribution) and _fixed(type(v)) else _structure(v, depth + 1)
+            if s is None:
+                return None
+            parts.append((k, s))
+        elif type(v) is list or type(v) is tuple:  # (transforms; not a torch.Size, whose entries are ints)
+            for i, w in enumerate(v):
+                if isinstance(w, (Distribution, Transform)):
+                    s = type(w) if isinstance(w, Distribution) and _fixed(type(w)) else _structure(w, depth + 1)
+                    if s is None:
+                        return None
+                    parts.append((k, i, s))
+    return (type(obj), tuple(parts))
+
+
+def _changes_only_init(t: type, base: type) -> bool:
+    """Whether the classes from ``t`` up to ``base`` redefine no member of ``base`` but ``__init__`` (which
+    only sets the tensors that log p reads, from where the walk would start)."""
+    for c in t.__mro__[:t.__mro__.index(base)]:
+        if any(k not in _BOOKKEEPING and hasattr(base, k) for k in vars(c)):
+            return False
+    return True
+
+
+def _listed(t: type) -> bool:
+    v = _LISTED.get(t)
+    if v is None:
+        v = _LISTED[t] = any(issubclass(t, b) and _changes_only_init(t, b) for b in _SMOOTH_LOG_PROB)
+    return v
+
+
+def _smooth_by_list(key) -> bool:
+    """Whether log p of a structure is smooth by the list alone, whatever ran before (eager torch and
+    torch.func decompose Bernoulli's log p differently): a listed type, a subclass of one that changes only
+    ``__init__``, an Independent (log p the sum of its base's) of such."""
+    if isinstance(key, type):
+        return _listed(key)
+    t, parts = key
+    if not parts:
+        return _listed(t)
+    return (issubclass(t, Independent) and _changes_only_init(t, Independent)
+            and all(len(p) == 2 and _is_distribution_key(p[1]) and _smooth_by_list(p[1]) for p in parts))
+
+
+def _is_distribution_key(key) -> bool:
+    return issubclass(key if isinstance(key, type) else key[0], Distribution)
 
 
 def log_prob_kinks(d: Distribution, log_prob: torch.Tensor, order: int) -> tuple[list[str], dict[str, int]]:
@@ -256,17 +339,24 @@ def log_prob_kinks(d: Distribution, log_prob: torch.Tensor, order: int) -> tuple
     grad (``parameters``, by name) to ``log_prob`` (``d``'s log-probability, with its graph: a node's gradient
     values). Differentiating log p ``order`` times there loses the delta of the next derivative.
 
-    Decided once per distribution type and set of parameters that require grad (the first log p of that
-    kind is walked; later calls are a lookup), as the cost-path check is once per estimator and cost name.
-    A walk under a torch.func transform is not cached (its graph is of decomposed ops).
+    Decided once per distribution structure (:func:`structure`: its type, and what a wrapper wraps) and set
+    of parameters that require grad (the first log p of that kind is walked; later calls are a lookup), as
+    the cost-path check is once per estimator and cost name. A walk under a torch.func transform is not
+    cached (its graph is of decomposed ops).
     """
-    if type(d) in KINK_FREE:
+    if type(d) in KINK_FREE:  # (a bare type only where the type fixes the structure)
+        return [], {}
+    key = structure(d)
+    if key is not None and key in KINK_FREE:
         return [], {}
     named = _grad_tensors(d, "", 0)
-    if not named or type(d) in _SMOOTH_LOG_PROB or log_prob.grad_fn is None:
+    if not named or log_prob.grad_fn is None:
         return [n for n, _ in named], {}
-    key = (type(d), tuple(n for n, _ in named))
-    found = _KINKS.get(key)
+    if key is not None and _smooth_by_list(key):
+        KINK_FREE.add(key)  # (a verdict of the structure alone: the same in every process state)
+        return [n for n, _ in named], {}
+    ckey = (key, tuple(n for n, _ in named))
+    found = _KINKS.get(ckey) if key is not None else None
     if found is None:
         found = _nonsmooth_on_path(log_prob, [t for _, t in named], _ALL_ORDERS, log_of_abs=True)
         # Under a torch.func transform (grad, jacrev, vmap) torch decomposes fused ops into primitives with
@@ -274,10 +364,10 @@ def log_prob_kinks(d: Distribution, log_prob: torch.Tensor, order: int) -> tuple
         # eager graph of the same log p has not. Such a verdict holds for this call only: cached, it would
         # refuse every later eager second derivative of the process (the eager verdict, once cached, is used
         # under the transforms too: it is of the same function).
-        if torch._C._functorch.maybe_current_level() is None:
-            _KINKS[key] = found
+        if key is not None and torch._C._functorch.maybe_current_level() is None:
+            _KINKS[ckey] = found
             if not found and len(named) == len(_grad_tensors(d, "", 0, every=True)):
-                KINK_FREE.add(type(d))
+                KINK_FREE.add(key)
     return [n for n, _ in named], {k: v for k, v in found.items() if v < order}
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import threading
 import warnings
 import weakref
 from typing import Callable, Optional, Sequence, Union
@@ -68,7 +69,7 @@ def _check_order(nodes: list[Node], order: int) -> None:
 def _check_log_prob_smooth(node: Node, order: int) -> None:
     """An estimator whose gradient function is the score log p (score, importance, LAX) is unbiased at order
     n >= 2 only where log p's derivatives of order < n are continuous in the parameters: refuse a kink
-    (Laplace's |x - loc|; storch.score_conditions.log_prob_kinks, a walk cached per distribution type and
+    (Laplace's |x - loc|; storch.score_conditions.log_prob_kinks, a walk cached per distribution structure and
     learned parameters). A partition is checked by its first step's distribution and log-probability."""
     lp = node.step_log[0][1] if node.step_log is not None else node.gradient_values
     if not isinstance(lp, torch.Tensor):
@@ -239,12 +240,20 @@ def _refuse_twice(tensor, message) -> None:
                 # differentiated in both modes at once: a backward pass through it gives its gradient a tangent
                 # (forward-over-reverse); a gradient of its tangent reaches no hook (reverse-over-forward)
                 raise OrderError(message() + FORWARD_OVER_REVERSE)
-            _MIXED.append(message)  # the surrogate checks whether its loss carries a tangent (_check_mixed)
+            _PENDING.mixed.append(message)  # the surrogate checks whether its loss carries a tangent (_check_mixed)
         refuse_create_graph(tensor, message)
 
 
-# the refusals hooked while this surrogate is built with a forward-AD level open
-_MIXED: list = []
+class _Pending(threading.local):
+    """Per thread (graphs are per thread): the refusals hooked while this thread's surrogate is built with a
+    forward-AD level open. One list for the process let a surrogate built in another thread meanwhile clear
+    this build's refusals, and its forward-over-reverse second derivative went through."""
+
+    def __init__(self) -> None:
+        self.mixed: list = []
+
+
+_PENDING = _Pending()
 
 
 def _check_mixed(loss: torch.Tensor) -> None:
@@ -252,11 +261,12 @@ def _check_mixed(loss: torch.Tensor) -> None:
     backward pass gives its gradients tangents that are second derivatives (the mixed ones through a hooked
     term whose own tangent is 0 too: a cost's tangent under an order-1 node's detached cost), and a gradient
     of its tangent passes no hook. Where an order-1 refusal was hooked, refuse now."""
+    mixed = _PENDING.mixed
     try:
-        if _MIXED and loss.requires_grad and has_tangent(loss):
-            raise OrderError(_MIXED[0]() + FORWARD_OVER_REVERSE)
+        if mixed and loss.requires_grad and has_tangent(loss):
+            raise OrderError(mixed[0]() + FORWARD_OVER_REVERSE)
     finally:
-        _MIXED.clear()
+        mixed.clear()
 
 
 _AGAIN = ("differentiating the order-1 surrogate (storch.surrogate_loss(), storch.backward()) again, after a "
@@ -309,6 +319,8 @@ def _guard_low_order(graph: Graph) -> None:
     node whose log p has a kink in its parameters (see :func:`_guard_log_prob_kink`)."""
     for node in graph.nodes:
         if not _low_order(node):
+            # (a bare type is in KINK_FREE only where the type fixes what the distribution wraps; a wrapper's
+            # structure is looked up by log_prob_kinks)
             if type(node.distribution) not in KINK_FREE and _is_score_function(node.estimator):
                 _guard_log_prob_kink(node)
             continue
@@ -329,7 +341,7 @@ def _guard_log_prob_kink(node: Node) -> None:
     parameters (Laplace's |x - loc|): ``surrogate_loss(order=2)`` refuses it (:func:`_check_log_prob_smooth`),
     and the order-1 surrogate differentiated twice loses the same delta (a Hessian of 4.3 for an exact 2 at
     Laplace(loc, 1)), so its log p (each step's, of a partition) is hooked with the refusal. The analysis is
-    log_prob_kinks' cache (per distribution type and learned parameters: a lookup at steady state, the walk
+    log_prob_kinks' cache (per distribution structure and learned parameters: a lookup at steady state, the walk
     once), asked at order 2: a kink of log p itself (its derivative of order 1 jumps)."""
     log = node.step_log
     lp = log[0][1] if log is not None else node.gradient_values
@@ -801,7 +813,8 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
                  f" (its last step was {graph.last_end}: storch.backward() ends the step and resets the graph, "
                  "so call it once per step, after the step's costs)")
         raise StorchError(f"the graph has no costs{ended}; call storch.add_cost(...) before the surrogate loss")
-    _MIXED.clear()  # (refusals of an earlier build that raised)
+    pending = _PENDING.mixed
+    pending.clear()  # (refusals of an earlier build of this thread that raised)
     per_cost = []
     plain = []  # costs added with credit=False: differentiated as written
     reached = 0
@@ -859,7 +872,7 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
         loss = s if loss is None else loss + s
     if order == 1 and n:
         _guard_low_order(graph)
-    if _MIXED:
+    if pending:
         _check_mixed(loss)
     return loss if loss.dim() == 0 else loss.reshape(())  # a reshape of a 0-dim loss is one more node
 
