@@ -49,6 +49,8 @@ Learned parts:
     (the input's, but not a reduced precision that ``torch.autocast`` gave it).
     :func:`optimizer_step` is one step of the part's own optimizer (its state on the parameters' device,
     in float32 for float16 / bfloat16 parameters), rolled back where it overflows their dtype.
+    :func:`warn_untrained_part` warns once that a part of an ``update=False`` estimator was built lazily in
+    a training step (an optimizer built before it does not hold it).
     :func:`own_optimizer`, :func:`hide_frozen_grads`, :func:`own_optimizer_state` and
     :func:`load_own_optimizer` keep an estimator's own Adam over every parameter of its learned part
     (frozen ones included, never stepped) and save and load its state matched by parameter name, so a
@@ -137,7 +139,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "align", "plates_of", "raw_of", "base_distribution", "drawing_with", "leave_one_out", "options", "step_guard",
-    "match_optimizer_state", "optimizer_step", "all_finite", "skip_nonfinite_update",
+    "match_optimizer_state", "optimizer_step", "all_finite", "skip_nonfinite_update", "warn_untrained_part",
     "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild", "parameters",
     "rekey_transform_cache", "require_smooth", "nonsmooth_operations", "moving_support", "same_support", "estimator_create_graph",
     "refuse_create_graph", "is_differentiated", "table_cache", "own_optimizer", "hide_frozen_grads", "own_optimizer_state",
@@ -306,6 +308,32 @@ def optimizer_step(owner: Estimator, optimizer: torch.optim.Optimizer, part: str
         for value, (data, _) in zip(rounded, kept):
             data.copy_(value)  # in place: the parameter's storage stays the one the model holds
     return True
+
+
+def warn_untrained_part(owner: Optional[Estimator], who: str, part: str, parameters: str, own: str,
+                        stacklevel: int = 3) -> None:
+    """Warn once per estimator that a learned part was built lazily in a training step of an ``update=False``
+    estimator (the user trains it): an optimizer built before this step (as usual) does not hold it, so it
+    would never be trained. Not for a build in an evaluation pass (grad off: the recipe the message gives),
+    nor for an estimator that trains its parts itself (``owner.update``).
+
+    Args:
+        owner: the estimator (``None``: a part used without one; nothing to warn).
+        who: how the message names the estimator (``"relax (plate 'z')"``).
+        part: what was built (``"its default control-variate network"``).
+        parameters: the expression that gives its parameters (``"est.network.parameters()"``).
+        own: the option that takes the user's own module instead (``"network="``).
+    """
+    if owner is None or owner.update or getattr(owner, "_warned_lazy", False) or not torch.is_grad_enabled():
+        return
+    owner._warned_lazy = True
+    warnings.warn(
+        f"{who}: update=False, and {part} was built now, at its first use in a training step. An optimizer you "
+        f"built before this step does not hold its parameters ({parameters}), so they would never be trained. "
+        "Build it before you create your optimizer: one evaluation pass first (under torch.no_grad(): your model's "
+        "forward with every cost, storch.surrogate_loss(), storch.reset()), or load a state_dict that holds it; or "
+        f"pass {own} your own module; or add it to your optimizer now: opt.add_param_group({{'params': "
+        f"{parameters}}})", RuntimeWarning, stacklevel=stacklevel)
 
 
 def all_finite(tensors: Iterable[Optional[torch.Tensor]]) -> torch.Tensor:

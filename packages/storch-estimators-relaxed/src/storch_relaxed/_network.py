@@ -3,14 +3,14 @@ z̃ term of REBAR and RELAX."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Optional
 
 import torch
 
 import storch.distributed
 from storch import StorchError, magic_box
-from storch.extending import drawing_with, is_tracing, learned_dtype, refuse_create_graph, require_smooth
+from storch.extending import (drawing_with, is_tracing, learned_dtype, refuse_create_graph, require_smooth,
+                               warn_untrained_part)
 
 __all__ = ["ControlVariateNet", "param_clones", "flat", "evaluate_network", "tilde_term", "smooth_network",
            "smooth_who", "cost_what", "smoothness_due", "smoothness_checked", "order_1_kinks",
@@ -104,19 +104,9 @@ def _width_message(owner, built: int, now: int) -> str:
 
 
 def _warn_untrained(owner) -> None:
-    """update=False: the user trains φ, and an optimizer built before this step (as usual) lacks the network
-    just built; warned once per estimator, and not for a build in an evaluation pass (no grad: the recipe)."""
-    if owner is None or owner.update or getattr(owner, "_warned_lazy", False) or not torch.is_grad_enabled():
-        return
-    owner._warned_lazy = True
-    warnings.warn(
-        f"{_who(owner)}: update=False, and its default control-variate network was built now, at its first use in "
-        "a training step (its input width is the sample's). An optimizer you built before this step does not hold "
-        "its parameters (est.network.parameters()), so they would never be trained. Build it before you create "
-        "your optimizer: one evaluation pass first (under torch.no_grad(): your model's forward, "
-        "storch.surrogate_loss(), storch.reset()), or load a state_dict that holds it; or pass network= your own "
-        "module; or add it to your optimizer now: opt.add_param_group({'params': est.network.parameters()})",
-        RuntimeWarning, stacklevel=2)
+    """update=False: the user trains φ (storch.extending.warn_untrained_part)."""
+    warn_untrained_part(owner, _who(owner), "its default control-variate network (input width: the sample's)",
+                        "est.network.parameters()", "network=", stacklevel=3)
 
 
 def param_clones(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import math
 import re
-import warnings
 from typing import Any, Optional
 
 import torch
@@ -13,7 +12,8 @@ from torch.distributions import Distribution, Independent, MixtureSameFamily, On
 
 import storch.distributed
 from storch import CostFrame, Node, OptionError, Plate, PlateTensor, StorchError, current_generator
-from storch.extending import base_distribution, drawing_with, is_tracing, learned_dtype, options, parameters
+from storch.extending import (base_distribution, drawing_with, is_tracing, learned_dtype, options, parameters,
+                               warn_untrained_part)
 
 __all__ = ["LearnedBaseline", "baseline_features", "check_inputs", "in_frame"]
 
@@ -198,20 +198,9 @@ class LearnedBaseline(torch.nn.Module):
                 "baseline= a module that takes every width you use")
 
     def _warn_untrained(self, name: Optional[str]) -> None:
-        # update=False: the user trains ψ, and an optimizer built before this step (as usual) lacks the head just
-        # built; warned once per estimator, and not for a build in an evaluation pass (no grad: the recipe)
-        owner = self._owner
-        if owner is None or owner.update or getattr(owner, "_warned_lazy", False) or not torch.is_grad_enabled():
-            return
-        owner._warned_lazy = True
-        warnings.warn(
-            f"{self._who()}: update=False, and the learned baseline's network for cost {name!r} was built now, at its "
-            "first use in a training step (its input width is h's). An optimizer you built before this step does not "
-            "hold its parameters (est.baseline_fn.parameters()), so they would never be trained. Build the heads "
-            "before you create your optimizer: one evaluation pass first (under torch.no_grad(): your model's "
-            "forward with every cost, storch.surrogate_loss(), storch.reset()), or load a state_dict that holds "
-            "them; or pass baseline= your own module; or add them to your optimizer now: "
-            "opt.add_param_group({'params': est.baseline_fn.parameters()})", RuntimeWarning, stacklevel=2)
+        # update=False: the user trains ψ (storch.extending.warn_untrained_part)
+        warn_untrained_part(self._owner, self._who(), f"the learned baseline's network for cost {name!r} (input width: "
+                            "h's)", "est.baseline_fn.parameters()", "baseline=", stacklevel=3)
 
     def predict(self, name: Optional[str], h: torch.Tensor) -> torch.Tensor:
         """The head of cost ``name`` on features ``h``, ``(..., 1)``; ``h`` is cast to the head's dtype (a
