@@ -316,6 +316,101 @@ def test_forward_over_reverse_of_an_any_order_surrogate_is_the_hessian():
     assert torch.allclose(fwd, hv)
 
 
+def _transform_result(how, f, theta):
+    """The first derivative of ``f`` at ``theta`` by one torch.func transform (along 1 for jvp)."""
+    if how == "jvp":
+        return torch.func.jvp(f, (theta,), (torch.ones_like(theta),))[1]
+    if how == "grad":
+        return torch.func.grad(lambda t: f(t).sum())(theta)
+    if how == "vjp":
+        out, back = torch.func.vjp(f, theta)
+        return back(torch.ones_like(out))[0]
+    return torch.func.jacrev(f)(theta)
+
+
+@pytest.mark.parametrize("how", ["jvp", "grad", "vjp", "jacrev"])
+def test_reverse_over_one_torch_func_transform_of_the_order_1_surrogate_is_refused(how):
+    """One torch.func transform (jvp, grad, vjp, jacrev) whose primals require grad outside it: its result
+    (the jvp's tangent, the gradient) requires grad, and torch.autograd.grad of it is a second derivative.
+    Under one transform the guard hooked nothing (hooks there run with grad mode on) and raised only for two
+    nested transforms: ARM's Hessian through torch.func.jvp was -0.0001 for an exact -0.0149 (z 18), a ReLU
+    through reparameterization gave 0 without a word. Refused when the surrogate is built now, as the
+    torch.autograd.forward_ad equivalent is; so is a loss that requires grad outside only through its cost
+    (a mixed second derivative through the order-1 term)."""
+    mu0 = torch.tensor([0.4], dtype=torch.float64)
+    rep = storch.estimator("reparameterization", plate="x", n_samples=4)
+    mu = mu0.clone().requires_grad_(True)
+    with pytest.raises(storch.OrderError, match=r"'reparameterization'.*ReluBackward0.*torch.func transform.*detach"):
+        torch.autograd.grad(_transform_result(how, lambda m: _relu_step(rep, m), mu).sum(), mu)
+    est = _FirstOrderScore("x", n_samples=3)
+
+    def f(m, shift=0.0):
+        with storch.Graph():
+            x = est(Normal(m, 1.0))
+            storch.add_cost(((x - shift) ** 2).sum(), name="c")
+            return storch.surrogate_loss()
+
+    with pytest.raises(storch.OrderError, match=r"'first_order_score'.*torch.func.jvp\(f, \(p.detach\(\),\), \(v,\)\)"):
+        _transform_result(how, f, mu)
+    theta = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)  # only in the cost, captured
+    with pytest.raises(storch.OrderError, match=r"'first_order_score'.*torch.func transform"):
+        _transform_result(how, lambda m: f(m, theta), mu0)
+    with torch.no_grad():  # nothing takes part in an outer autograd: a first derivative
+        assert _transform_result(how, f, mu).numel() == 1
+
+
+@pytest.mark.parametrize("how", ["jvp", "grad", "vjp", "jacrev"])
+def test_one_torch_func_transform_with_detached_primals_is_the_reverse_mode_gradient(how):
+    """First derivatives by one torch.func transform of detached primals are unaffected: through a ReLU
+    (reparameterization) and an order-1 estimator they equal reverse mode's gradient on the same draws."""
+    mu0 = torch.tensor([0.4], dtype=torch.float64)
+    rep = storch.estimator("reparameterization", plate="x", n_samples=4)
+    est = _FirstOrderScore("y", n_samples=3)
+
+    def f(m):
+        with storch.Graph():
+            x = rep(Normal(m, 1.0))
+            y = est(Normal(m, 1.0))
+            storch.add_cost(torch.relu(x).sum() + (y ** 2).sum(), name="c")
+            return storch.surrogate_loss()
+
+    for seed in range(3):
+        torch.manual_seed(seed)
+        d = _transform_result(how, f, mu0.clone())
+        torch.manual_seed(seed)
+        mu = mu0.clone().requires_grad_(True)
+        g, = torch.autograd.grad(f(mu), mu)
+        assert torch.allclose(d.reshape(g.shape), g)
+    # and unbiased: d/dμ E[relu(x) + y²] = Φ(μ) + 2μ
+    torch.manual_seed(4)
+    d = torch.stack([_transform_result(how, f, mu0.clone()).reshape(()) for _ in range(800)])
+    assert_unbiased(d, Normal(0.0, 1.0).cdf(mu0)[0] + 2 * mu0[0], "d/dμ E[relu(x) + y²]")
+
+
+def test_reverse_over_one_torch_func_transform_of_an_any_order_surrogate_is_the_hessian():
+    """Where the order-1 surrogate is unbiased at every order (a score function), a gradient of a
+    torch.func.grad / jvp result is not refused and equals reverse-over-reverse on the same draws."""
+    est = _FirstOrderScore("x", n_samples=3)
+    est.max_order = math.inf
+    mu0 = torch.tensor([0.3], dtype=torch.float64)
+
+    def f(m):
+        with storch.Graph():
+            x = est(Normal(m, 1.0))
+            storch.add_cost((x ** 3).sum(), name="c")
+            return storch.surrogate_loss()
+
+    for how in ("jvp", "grad"):
+        torch.manual_seed(5)
+        mu = mu0.clone().requires_grad_(True)
+        h_over, = torch.autograd.grad(_transform_result(how, f, mu).sum(), mu)
+        torch.manual_seed(5)
+        mu = mu0.clone().requires_grad_(True)
+        g, = torch.autograd.grad(f(mu), mu, create_graph=True)
+        h, = torch.autograd.grad(g.sum(), mu)
+        assert torch.allclose(h_over, h)
+
+
 def test_functional_jvp_of_an_order_1_estimator_points_to_torch_func_jvp():
     """torch.autograd.functional.jvp computes a first derivative with a create_graph=True pass (the
     double-backward trick), which the order guard cannot tell from a second derivative: still refused, but
@@ -717,3 +812,15 @@ def test_a_nested_independent_refusal_says_to_wrap_once():
     with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="Wrap once"):
         BernoulliOnly(plate="z")(d)
     assert BernoulliOnly.supports(Independent(torch.distributions.Bernoulli(logits=torch.zeros(3, 4)), 1))
+
+
+def test_a_first_step_under_torch_func_jvp_does_not_clear_a_kink_for_later_steps():
+    """The order-1 walk that finds a ReLU on the pathwise path runs once per estimator and cost name; under
+    torch.func.jvp the wrapped tensors have no autograd graph, so a first step there found nothing and its
+    cached 'smooth' verdict let a later torch.autograd.functional.hessian through the ReLU give 0 (exact: the
+    normal density at μ). A walk that sees no graph is no verdict now."""
+    rep = storch.estimator("reparameterization", plate="x", n_samples=4)
+    mu0 = torch.tensor([0.4], dtype=torch.float64)
+    torch.func.jvp(lambda m: _relu_step(rep, m), (mu0,), (torch.ones_like(mu0),))
+    with pytest.raises(storch.OrderError, match=r"'reparameterization'.*ReluBackward0"):
+        torch.autograd.functional.hessian(lambda m: _relu_step(rep, m), mu0)

@@ -20,6 +20,15 @@ Hessian-vector products), with grad mode off; a gradient of a tangent (reverse-o
 hook. ``storch.surrogate._refuse_twice`` refuses at once a hooked tensor that both requires grad and carries
 a tangent, and an order-1 surrogate whose loss does; the hook refuses a pass whose incoming gradient carries
 a tangent, and every pass through a tensor that carried one when it was hooked.
+
+One ``torch.func`` transform that differentiates (``grad``, ``vjp``, ``jacrev``, ``jvp``) whose inputs, or
+tensors it captures, require grad in the autograd outside it: its result (the gradient, the jvp's tangent)
+requires grad there, and a ``torch.autograd.grad`` / ``.backward`` of it is a second derivative (reverse
+over the transform) that passes no hook (the transform's own pass runs its hooks with grad mode on, so they
+are not registered there). :func:`outer_requires_grad` reads, under the transform's wrappers, whether a term
+takes part in that outer autograd; ``storch.surrogate._refuse_twice`` refuses such a term when the surrogate
+is built (:data:`FUNCTORCH_OVER_OUTER` says what to do), and the surrogate refuses a loss that does where a
+differentiated order-1 term was found (a mixed second derivative through a detached cost).
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ import torch.autograd.forward_ad as _fwAD
 from .errors import OrderError
 
 __all__ = ["estimator_create_graph", "refuse_create_graph", "differentiating_transforms", "is_differentiated",
-           "has_tangent", "forward_level_open", "FORWARD_OVER_REVERSE"]
+           "has_tangent", "forward_level_open", "outer_requires_grad", "FORWARD_OVER_REVERSE",
+           "FUNCTORCH_OVER_OUTER"]
 
 # a depth, not a thread-local: the autograd engine runs the hooks of a CUDA backward in its own threads
 _OWN = [0]
@@ -108,6 +118,27 @@ FORWARD_OVER_REVERSE = (". Here the order-1 surrogate is differentiated in rever
             "tangents of its gradients are second derivatives (forward-over-reverse), and a gradient of a tangent is "
             "one too. For first derivatives differentiate in one mode only: hand the other the primal "
             "(torch.autograd.forward_ad.unpack_dual(x).primal) or a detached tensor")
+
+
+FUNCTORCH_OVER_OUTER = (". Here the order-1 surrogate is built inside a torch.func transform that differentiates "
+            "(torch.func.jvp, grad, vjp, jacrev) whose inputs, or tensors it captures, require grad outside it "
+            "(e.g. the parameters of an nn.Module passed through torch.func.functional_call): the transform's result "
+            "(the jvp's tangent, the gradient) requires grad too, and torch.autograd.grad / .backward of it is a "
+            "second derivative (reverse mode over the transform) that nothing would refuse. For a first derivative "
+            "pass detached tensors to the transform: torch.func.jvp(f, (p.detach(),), (v,)), "
+            "torch.func.grad(f)(p.detach()), {k: v.detach() for k, v in model.named_parameters()} with "
+            "torch.func.functional_call; for a second derivative build storch.surrogate_loss(order=2) and nest "
+            "torch.func transforms (torch.func.jacrev(torch.func.grad(f)))")
+
+
+def outer_requires_grad(t: torch.Tensor) -> bool:
+    """Whether ``t``, computed under ``torch.func`` transforms, takes part in the autograd outside them: the
+    tensor under all its functorch wrappers (grad / jvp levels, vmap batching) requires grad (which it does
+    only where grad mode is on outside: a transform runs the levels below it in their own grad mode)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t) or functorch.is_batchedtensor(t):
+        t = functorch.get_unwrapped(t)
+    return t.requires_grad
 
 
 def refuse_create_graph(tensor, message: Callable[[], str]) -> None:

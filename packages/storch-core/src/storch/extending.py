@@ -159,8 +159,10 @@ def refuse_create_graph(tensor: torch.Tensor, message: Callable[[], str]) -> Non
     this step's tensor); ``message`` is called only when the refusal is raised, so build the words there.
     A plain backward pass is not affected, nor an estimator's own ``create_graph=True`` pass inside
     :func:`estimator_create_graph`. Under ``torch.func``, two nested differentiating transforms raise at
-    once; a step traced by ``storch.compile`` hooks its replays' outputs the same way. A backward pass over
-    forward-mode tangents (a ``torch.autograd.forward_ad`` dual that requires grad: forward-over-reverse,
+    once, and so does one whose inputs (or captured tensors) require grad outside it (a gradient of its
+    result, e.g. of a ``torch.func.jvp`` tangent, is a second derivative; detached inputs give first
+    derivatives); a step traced by ``storch.compile`` hooks its replays' outputs the same way. A backward
+    pass over forward-mode tangents (a ``torch.autograd.forward_ad`` dual that requires grad: forward-over-reverse,
     whose gradients' tangents are second derivatives) raises too, with or without ``create_graph``. A
     tensor that does not require grad is left alone."""
     _refuse_twice(tensor, message)

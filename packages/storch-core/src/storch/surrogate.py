@@ -34,7 +34,8 @@ from .estimators.catalog import installed_classes, supporting_estimators
 from .graph import Graph, current_graph, is_tracing, tracing_recorder
 from .node import Node
 from .plates.tensor import Plate, align, plates_of, raw_of
-from ._order_guard import (FORWARD_OVER_REVERSE, differentiating_transforms, forward_level_open, has_tangent,
+from ._order_guard import (FORWARD_OVER_REVERSE, FUNCTORCH_OVER_OUTER, differentiating_transforms,
+                           forward_level_open, has_tangent, is_differentiated, outer_requires_grad,
                            refuse_create_graph)
 from . import smoothness
 from .score_conditions import KINK_FREE, log_prob_kinks
@@ -148,8 +149,18 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
                 if kinks == ():
                     continue  # checked, smooth: nothing to do at this step
             inputs = [raw for raw, _ in node.handed]
-            memo = _memo_for(memos, node, inputs, 2 if order < 2 else order)
             roots = _differentiated_through(node, name, cost, nodes)
+            walks = memos
+            if order < 2 and forward_level_open():
+                # under torch.func.jvp the wrapped tensors have no autograd graph: walk the outer autograd's
+                # (the tensors under the wrappers), which a second derivative would differentiate; a walk that
+                # sees no graph is no verdict (cached, a smooth verdict let a later Hessian through a ReLU)
+                inputs = [_graph_of(t) for t in inputs]
+                roots = [(_graph_of(root), what) for root, what in roots]
+                if not any(t.requires_grad for t in inputs):
+                    continue
+                walks = None  # (the memo is keyed by the node, for the tensors as handed)
+            memo = _memo_for(walks, node, inputs, 2 if order < 2 else order)
             if order >= 2:
                 for root, what in roots:
                     if smoothness._nonsmooth_on_path(root, inputs, order, memo=memo):
@@ -166,11 +177,21 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
                     found.update(here)
                 kinks = seen[key] = tuple(sorted(found))  # (after the check: a refused cost is checked again)
             if kinks:
-                hooked = memos.setdefault("hooked", set()) if memos is not None else set()
+                hooked = walks.setdefault("hooked", set()) if walks is not None else set()
                 for root, _ in roots:
                     if id(root) not in hooked:  # (a downstream step's log p is a root of every later cost)
                         hooked.add(id(root))
                         _refuse_twice(root, lambda: _kink_message(who, name, kinks))
+
+
+def _graph_of(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or where it has no autograd graph of its own (a torch.func.jvp level's wrapper) the tensor under
+    its functorch wrappers, whose graph is the autograd's outside the transforms."""
+    functorch = torch._C._functorch
+    if t.grad_fn is None:
+        while functorch.is_functorch_wrapped_tensor(t) or functorch.is_batchedtensor(t):
+            t = functorch.get_unwrapped(t)
+    return t
 
 
 def _steps_of(cost) -> tuple:
@@ -209,7 +230,7 @@ def _differentiated_through(node: Node, name: str, cost, nodes: list[Node]) -> l
             t = next((p.step for p in plates if p.name == other.plate.name), len(log) - 1)
             terms = [(l, f" at step {s}") for s, (_, l) in enumerate(log[:t + 1])]
         for l, at in terms:
-            if isinstance(l, torch.Tensor) and l.requires_grad:
+            if isinstance(l, torch.Tensor) and is_differentiated(l):  # (under torch.func.jvp: a tangent)
                 roots.append((l, f"the log-probability of node {other.plate.name!r}{at} (downstream, on the path "
                                  f"to the cost {name!r})"))
         if _weights_carry(other):
@@ -223,7 +244,9 @@ _PATHWISE_INSTEAD = "an estimator that does not differentiate through the sample
 
 def _refuse_twice(tensor, message) -> None:
     """Refuse a second differentiation of the order-1 surrogate through ``tensor`` (:mod:`storch._order_guard`):
-    a hook, or under torch.func (whose hooks cannot tell) an OrderError now if two transforms differentiate."""
+    a hook, or under torch.func (whose hooks cannot tell) an OrderError now if two transforms differentiate, or
+    one does and the term takes part in the autograd outside it (a gradient of the transform's result, e.g. of
+    a torch.func.jvp tangent or a torch.func.grad, is a second derivative)."""
     recorder = tracing_recorder() if is_tracing() else None
     if recorder is not None:
         # a compiled step's replays do not run the traced step's hooks: storch.compile hooks each replay's
@@ -234,6 +257,15 @@ def _refuse_twice(tensor, message) -> None:
     nested = differentiating_transforms()
     if nested >= 2:
         raise OrderError(message())
+    if nested == 1:
+        if not isinstance(tensor, torch.Tensor) or not is_differentiated(tensor):
+            return
+        if outer_requires_grad(tensor):
+            # the transform's result requires grad outside it: a gradient of it (of a jvp's tangent, a grad) is
+            # a second derivative through this term that no hook sees (hooks here run with grad mode on)
+            raise OrderError(message() + FUNCTORCH_OVER_OUTER)
+        _PENDING.mixed.append(message)  # the surrogate checks whether its loss takes part outside (_check_mixed)
+        return
     if not nested:
         if forward_level_open() and isinstance(tensor, torch.Tensor) and tensor.requires_grad:
             if has_tangent(tensor):
@@ -246,7 +278,7 @@ def _refuse_twice(tensor, message) -> None:
 
 class _Pending(threading.local):
     """Per thread (graphs are per thread): the refusals hooked while this thread's surrogate is built with a
-    forward-AD level open. One list for the process let a surrogate built in another thread meanwhile clear
+    forward-AD level open, or found under one torch.func transform. One list for the process let a surrogate built in another thread meanwhile clear
     this build's refusals, and its forward-over-reverse second derivative went through."""
 
     def __init__(self) -> None:
@@ -260,10 +292,18 @@ def _check_mixed(loss: torch.Tensor) -> None:
     """A loss that requires grad and carries a forward tangent is differentiated in both modes at once: a
     backward pass gives its gradients tangents that are second derivatives (the mixed ones through a hooked
     term whose own tangent is 0 too: a cost's tangent under an order-1 node's detached cost), and a gradient
-    of its tangent passes no hook. Where an order-1 refusal was hooked, refuse now."""
+    of its tangent passes no hook. Where an order-1 refusal was hooked, refuse now. Under one torch.func
+    transform, likewise a loss that requires grad in the autograd outside it (see :func:`_refuse_twice`)."""
     mixed = _PENDING.mixed
     try:
-        if mixed and loss.requires_grad and has_tangent(loss):
+        if not mixed:
+            return
+        if differentiating_transforms() == 1:
+            # under one torch.func transform: a loss that requires grad outside it (a cost's parameter) makes the
+            # outer gradient of the transform's result a mixed second derivative through the hooked terms
+            if outer_requires_grad(loss):
+                raise OrderError(mixed[0]() + FUNCTORCH_OVER_OUTER)
+        elif loss.requires_grad and has_tangent(loss):
             raise OrderError(mixed[0]() + FORWARD_OVER_REVERSE)
     finally:
         mixed.clear()
@@ -282,7 +322,7 @@ _AGAIN = ("differentiating the order-1 surrogate (storch.surrogate_loss(), storc
           "`with storch.extending.estimator_create_graph():`. torch.autograd.functional.jvp computes its first "
           "derivative this way (a create_graph=True backward pass, then a second one w.r.t. its dummy "
           "grad_outputs), which the guard cannot tell from a second derivative at the first pass: use "
-          "torch.func.jvp(f, (x,), (v,)) (forward mode) for a Jacobian-vector product")
+          "torch.func.jvp(f, (x.detach(),), (v,)) (forward mode) for a Jacobian-vector product")
 
 
 def _kink_message(who: str, name: str, kinks: tuple) -> str:
@@ -703,7 +743,10 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     abs, max; REBAR's, RELAX's and LAX's control variates likewise, their cost at the relaxed sample and
     their network), or a score-function node's log p has a kink in its learned parameters (Laplace's
     |x - loc|), the backward pass with ``create_graph=True`` through its term raises ``OrderError``
-    (torch.func: two nested differentiating transforms raise it when the surrogate is built).
+    (torch.func: two nested differentiating transforms raise it when the surrogate is built, and so does
+    one (``torch.func.jvp``, ``grad``, ``vjp``, ``jacrev``) whose inputs or captured tensors require grad
+    outside it: a ``torch.autograd.grad`` / ``.backward`` of its result, the jvp's tangent or the gradient,
+    would be a second derivative that no hook sees; pass it detached tensors for a first derivative).
 
     Raises:
         OrderError: an estimator upstream of a cost is not unbiased to ``order``. Like every
