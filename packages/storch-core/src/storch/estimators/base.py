@@ -790,12 +790,16 @@ def _under_jacfwd() -> bool:
 
 
 # The samples of a node are drawn for every entry of its parents' sample plates: along a chain of
-# nodes their n_samples multiply, and every data point of a data plate multiplies them again. Beyond
-# this many entries per draw (the parents' sample entries x the data plates' sizes x the values of one
-# draw: own batch and event) the step would not fit in memory (the process is killed before torch can
-# raise), so storch says why first: one draw of 2^24 entries, 8 samples of it 2^27 (3.7 GB at the
-# peak of a chain of Bernoulli nodes; 8 times more was killed at 8 GB).
+# nodes their n_samples multiply. Beyond this many entries per data point the step would not fit in
+# memory (the process is killed before torch can raise), so storch says why first.
 MAX_SAMPLE_ENTRIES = 2 ** 24
+# ... and every data point and every value of a draw multiplies them again: a chain's node whose sample
+# would hold more than this many entries in all (parents' sample entries x its own samples x the data
+# plates' sizes x the values of one draw; 2 GiB in float32, and a chain's peak is several such tensors:
+# 2^27 entries peaked at 3.7 GB for a chain of Bernoulli nodes) is refused too. Only for a chain: a node
+# drawn once per data point is the user's batch, not storch's to refuse; the limit is high enough for
+# hierarchical models with large batches (2 layers of 16 samples, 2048 data points, 784 values: 2^28.6)
+MAX_DRAW_ENTRIES = 2 ** 29
 
 # the distributions whose transforms may hold a cache of the sample (rekey_transform_cache)
 _MAY_CACHE = (TransformedDistribution, Independent)
@@ -823,25 +827,32 @@ def _check_sample_entries(est: Estimator, raw: Distribution, parents: tuple[Plat
             chain += 1
     if entries <= 1:  # no chain: one draw per data point, whatever the data's size (not storch's to refuse)
         return
-    per = math.prod(raw.batch_shape[len(parents):]) * math.prod(raw.event_shape)  # the values of one draw
-    total = entries * data * per
-    if total > MAX_SAMPLE_ENTRIES:
-        parts = [f"{entries} entries of the sample plates of the {chain} earlier nodes it depends on"]
+    if entries > MAX_SAMPLE_ENTRIES:
+        total, limit, parts = entries, MAX_SAMPLE_ENTRIES, [f"{entries} entries per data point of the sample plates "
+                                                            f"of the {chain} earlier nodes it depends on"]
+    else:
+        own = getattr(est, "n_samples", 1)
+        own = own if isinstance(own, int) and own > 0 else 1
+        per = math.prod(raw.batch_shape[len(parents):]) * math.prod(raw.event_shape)  # the values of one draw
+        total = entries * own * data * per
+        if total <= MAX_DRAW_ENTRIES:
+            return
+        limit = MAX_DRAW_ENTRIES
+        parts = [f"{entries} entries of the sample plates of the {chain} earlier nodes it depends on", f"{own} samples"]
         if data > 1:
             parts.append(f"{data} data points")
         if per > 1:
             parts.append(f"{per} values per draw")
-        raise PlateError(
-            f"estimator {est.name!r} (plate {est.plate!r}) would sample for each of {total} entries ("
-            + " x ".join(parts) + f"), more than {MAX_SAMPLE_ENTRIES}: each node's samples are drawn for every "
-            "sample of the nodes before it, so their numbers multiply along a chain, and again by the size of "
-            "the data plates. For a sequence of stochastic steps (an episode, a decoder loop), create ONE "
-            "estimator outside the loop and call it at every step: its calls make one partition with one plate "
-            "(docs/partitions.md). Otherwise draw fewer samples in the chain (n_samples=1 for some nodes; an "
-            "estimator whose plate holds more than its samples, such as 'go' (the sample and one neighbour per "
-            "variable), still multiplies at n_samples=1: use one with a plate of n_samples, such as 'score' "
-            "or 'reparameterization', for some nodes), use fewer chained nodes, or pass the data in smaller "
-            "batches")
+    raise PlateError(
+        f"estimator {est.name!r} (plate {est.plate!r}) would sample {total} entries (" + " x ".join(parts)
+        + f"), more than {limit}: each node's samples are drawn for every sample of the nodes before it, so their "
+        "numbers multiply along a chain, and again by the size of the data plates. For a sequence of stochastic "
+        "steps (an episode, a decoder loop), create ONE estimator outside the loop and call it at every step: its "
+        "calls make one partition with one plate (docs/partitions.md). Otherwise draw fewer samples in the chain "
+        "(n_samples=1 for some nodes; an estimator whose plate holds more than its samples, such as 'go' (the "
+        "sample and one neighbour per variable), still multiplies at n_samples=1: use one with a plate of "
+        "n_samples, such as 'score' or 'reparameterization', for some nodes), use fewer chained nodes, or pass "
+        "the data in smaller batches")
 
 
 _FORWARD = Estimator.forward
