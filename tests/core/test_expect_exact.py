@@ -165,3 +165,64 @@ def test_expect_under_nested_torch_func_can_be_called_again():
     eager = torch.autograd.functional.hessian(step, th0)
     for h in hessians:
         torch.testing.assert_close(h, eager)
+
+
+class _Categorical(Categorical):
+    """A subclass: expect computes its log p with ``log_prob`` (the general path), the oracle below."""
+
+
+class _OneHotCategorical(OneHotCategorical):
+    pass
+
+
+@pytest.mark.parametrize("one_hot", [False, True])
+@pytest.mark.parametrize("own", [(), (2,)])
+@pytest.mark.parametrize("masked", ["none", "logits", "probs"])
+def test_expect_categorical_log_probs_read_from_logits(monkeypatch, one_hot, own, masked):
+    """expect's log p of every value of a Categorical over a data plate was ``log_prob`` of the support
+    expanded to (K, B): torch broadcasts it against the logits to (K, B, K), and the backward
+    materialised that (K = 4000, B = 16: 572 ms and 5.9 GB; by hand 0.5 MB). Now read from the
+    normalised logits, O(K · B): ``log_prob`` is never called, and the value and the gradients equal
+    those of the ``log_prob`` path (a subclass takes it), impossible values (-inf logits, probabilities
+    of exactly 0) included."""
+    K, B = 5, 3
+    torch.manual_seed(3)
+    w = torch.randn(B, *own, K, requires_grad=True)
+    x = torch.randn(B)
+    emb = torch.randn(K)
+    mask = torch.zeros(B, *own, K, dtype=torch.bool)
+    if masked != "none":
+        mask[0, ..., 1] = mask[1, ..., 0] = mask[1, ..., 3] = True
+
+    def run(fast):
+        cat = (OneHotCategorical if one_hot else Categorical) if fast else (_OneHotCategorical if one_hot else _Categorical)
+        est = storch.estimator("expect", plate="z")
+        with storch.Graph():
+            xs, ws, m = storch.denote_independent((x, w, mask), 0, "data")
+            logits = xs * ws  # (per data point: (*own, K))
+            if masked == "probs" and fast:
+                d = cat(probs=torch.softmax(logits, -1).masked_fill(m, 0.0))
+            else:  # (the oracle, a subclass, has no strict support for probabilities of 0: -inf logits)
+                d = cat(logits=logits.masked_fill(m, -torch.inf))
+            z = est(d)
+            v = (z * emb).sum(-1) if one_hot else emb[z]
+            if own:
+                v = v.sum(-1)
+            storch.add_cost(torch.exp(v) * xs, name="c")
+            loss = storch.surrogate_loss()
+            return loss, torch.autograd.grad(loss, w)[0]
+
+    slow_value, slow_grad = run(False)
+    calls = []
+    for cls in (Categorical, OneHotCategorical):
+        def counted(self, value, _orig=cls.log_prob):
+            calls.append(type(self))
+            return _orig(self, value)
+        monkeypatch.setattr(cls, "log_prob", counted)
+    value, grad = run(True)
+    assert calls == []  # the fast path was taken
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    torch.testing.assert_close(value, slow_value, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, slow_grad, rtol=1e-12, atol=1e-14)
+    if masked == "logits":
+        assert (grad[mask] == 0).all()

@@ -305,7 +305,8 @@ def test_one_estimator_per_step_with_several_samples_is_refused_before_memory_ru
     """One estimator per step of a sequence with n_samples=8: each step multiplies the storage by 8, so the
     process ran out of memory (killed, or 'can't allocate memory') around step 9, long before torch's 64-dim
     limit that the docs' PlateError is about (found by running the docs' example). storch refuses at 2^24
-    sample entries per data point with the partition advice; a large data plate does not count."""
+    sample entries per data point (and a chain node's whole sample at MAX_DRAW_ENTRIES) with the partition advice;
+    a large data plate alone (no chain) does not count."""
     from torch.distributions import Categorical
 
     import storch.estimators.base as base
@@ -314,13 +315,50 @@ def test_one_estimator_per_step_with_several_samples_is_refused_before_memory_ru
     a = torch.zeros(3, 3, requires_grad=True)
     with storch.Graph():
         z = torch.tensor(0)
-        with pytest.raises(storch.PlateError, match=r"would sample for each of 32768 entries.*ONE estimator outside"):
+        with pytest.raises(storch.PlateError, match=r"would sample 32768 entries.*ONE estimator outside"):
             for t in range(12):
                 z = storch.estimator("score", plate=f"a{t}", n_samples=8)(Categorical(logits=a[z]))
         assert t == 5
+    from torch.distributions import Bernoulli
+
     from storch.estimators.base import _check_sample_entries
 
     est = storch.estimator("score", plate="b", n_samples=8)
-    _check_sample_entries(est, (storch.Plate("data", 2 ** 30, True), storch.Plate("a", 2 ** 12)))  # data: fine
+    one = Bernoulli(logits=torch.zeros(()))
+    _check_sample_entries(est, one, (storch.Plate("data", 2 ** 30, True), storch.Plate("a", 1)))  # no chain: fine
     with pytest.raises(storch.PlateError, match="the sample plates of the 2 earlier nodes"):
-        _check_sample_entries(est, (storch.Plate("a", 2 ** 12), storch.Plate("data", 2, True), storch.Plate("c", 2 ** 13)))
+        _check_sample_entries(est, one, (storch.Plate("a", 2 ** 12), storch.Plate("data", 2, True), storch.Plate("c", 2 ** 13)))
+
+
+def test_chain_size_guard_counts_the_data_plate_and_the_values_of_a_draw(monkeypatch):
+    """The chain guard counted the sample entries per data point only (docs/partitions.md: 2^24 per data
+    point), so a batched chain (score, n_samples=8, 64 data points, 8 nodes: a 2^30-entry, 4.3 GB sample at
+    the 8th node) was killed by the OS instead of refused. Now a chain's node whose sample would hold more
+    than MAX_DRAW_ENTRIES in all (parents' entries x its samples x data points x values of a draw) is refused
+    too; a node without a chain is never refused."""
+    from torch.distributions import Bernoulli, OneHotCategorical
+
+    import storch.estimators.base as base
+
+    monkeypatch.setattr(base, "MAX_DRAW_ENTRIES", 8 ** 4 * 64)  # (2^29 in use)
+    a = torch.full((8,), 0.5, requires_grad=True)
+    with storch.Graph():
+        z = storch.denote_independent(torch.randn(64), 0, "data")
+        with pytest.raises(storch.PlateError, match=r"(?s)would sample 2097152 entries \(4096 entries of the sample "
+                           r"plates of the 4 earlier nodes .* x 8 samples x 64 data points\).*smaller batches"):
+            for t in range(8):
+                z = storch.estimator("score", plate=f"z{t}", n_samples=8)(Bernoulli(logits=a[t] * z))
+        assert t == 4
+    # the values of one draw count too (own batch x event): 8 x 8 x 64 data points x 8 variables of 8 categories
+    monkeypatch.setattr(base, "MAX_DRAW_ENTRIES", 8 * 8 * 64 * 8)
+    with storch.Graph():
+        x = storch.denote_independent(torch.randn(64), 0, "data")
+        z = storch.estimator("score", plate="z0", n_samples=8)(Bernoulli(logits=x))
+        storch.estimator("score", plate="z1", n_samples=8)(Bernoulli(logits=z.expand(8)))  # 8 x 8 x 64 x 8: fine
+        with pytest.raises(storch.PlateError, match=r"x 64 data points x 64 values per draw"):
+            storch.estimator("score", plate="z2", n_samples=8)(OneHotCategorical(logits=z.expand(8, 8)))
+    # a large data plate without a chain is never refused
+    monkeypatch.setattr(base, "MAX_DRAW_ENTRIES", 4)
+    with storch.Graph():
+        x = storch.denote_independent(torch.randn(64), 0, "data")
+        storch.estimator("score", plate="z0", n_samples=8)(Bernoulli(logits=x))

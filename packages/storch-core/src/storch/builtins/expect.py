@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.distributions import Categorical, OneHotCategorical
 
 from ..distributions import enumeration_support
 from ..errors import OptionError, UnsupportedDistributionError
@@ -86,7 +87,10 @@ class Expect(Estimator):
         lead = (k ** n,) + (1,) * len(node.parents)
         joint = joint.reshape(lead + joint.shape[1:])
         sample = joint.expand((k ** n,) + tuple(d.batch_shape) + tuple(d.event_shape))
-        lp = node.state.lp = node.log_prob(sample)  # (K^n, *parents)
+        lp = _categorical_log_probs(d, len(node.parents), n, k)
+        if lp is None:
+            lp = node.log_prob(sample)
+        node.state.lp = lp  # (K^n, *parents)
         never = torch.isneginf(lp)
         if not is_tracing() and (lp.is_meta or not bool(never.any())):
             return sample  # every value possible (the common case): one expanded view of the values
@@ -104,6 +108,25 @@ class Expect(Estimator):
 
     def gradient_function(self, node: Node) -> torch.Tensor:
         return torch.zeros((1,), dtype=_float_dtype(node), device=node.sample.device)
+
+
+def _categorical_log_probs(d, m: int, n: int, k: int) -> Optional[torch.Tensor]:
+    """log p of every joint value of a Categorical / OneHotCategorical ``d`` (``m`` plate dims, ``n``
+    own variables of ``k`` values), ``(k^n, *plates)``, read from its normalised logits; ``None`` for any
+    other distribution. ``log_prob`` of the expanded support broadcasts each value against all K logits,
+    (k^n, *batch, K), and its backward materialises that: K²·B time and memory for K values over B data
+    points (5.9 GB at K = 4000, B = 16). These are the same numbers (``log_prob`` gathers them from the
+    same logits; ``-inf`` where a value is never drawn, ``strict_support``), O(k^n · batch)."""
+    t = type(d)
+    if t is not Categorical and t is not OneHotCategorical:  # (a subclass may redefine log_prob)
+        return None
+    logits = (d if t is Categorical else d._categorical).logits  # (*plates, *own, K)
+    if logits.dim() == m + 1:  # no own variable: the values are the K logits of each entry
+        return logits.movedim(-1, 0)
+    flat = logits.reshape(tuple(logits.shape[:m]) + (n, k))
+    idx = _joint_indices(k, n, logits.device)  # (k^n, n): the value of each own variable
+    picked = flat[..., torch.arange(n, device=idx.device), idx]  # (*plates, k^n, n)
+    return picked.sum(-1).movedim(-1, 0)
 
 
 @table_cache(maxsize=64)  # (not lru_cache: a table made inside a torch.func transform belongs to its level)

@@ -228,7 +228,7 @@ class Estimator(torch.nn.Module):
             _sampled_without_grad(node, distribution, 0)
         if _lowers_order(type(self)):  # storch.surrogate_loss(order) checks it (OrderError)
             node.max_order = self.max_order_for(raw)
-        _check_sample_entries(self, parents)
+        _check_sample_entries(self, raw, parents)
         sample = self.proposal(node)
         plate = node.plate = Plate(self.plate, sample.shape[0], False, 0, Lineage())
         node.sample = sample
@@ -793,6 +793,13 @@ def _under_jacfwd() -> bool:
 # nodes their n_samples multiply. Beyond this many entries per data point the step would not fit in
 # memory (the process is killed before torch can raise), so storch says why first.
 MAX_SAMPLE_ENTRIES = 2 ** 24
+# ... and every data point and every value of a draw multiplies them again: a chain's node whose sample
+# would hold more than this many entries in all (parents' sample entries x its own samples x the data
+# plates' sizes x the values of one draw; 2 GiB in float32, and a chain's peak is several such tensors:
+# 2^27 entries peaked at 3.7 GB for a chain of Bernoulli nodes) is refused too. Only for a chain: a node
+# drawn once per data point is the user's batch, not storch's to refuse; the limit is high enough for
+# hierarchical models with large batches (2 layers of 16 samples, 2048 data points, 784 values: 2^28.6)
+MAX_DRAW_ENTRIES = 2 ** 29
 
 # the distributions whose transforms may hold a cache of the sample (rekey_transform_cache)
 _MAY_CACHE = (TransformedDistribution, Independent)
@@ -810,20 +817,42 @@ def _sampled_without_grad(node: Node, distribution: Distribution, step: int) -> 
         node.no_grad_cut, node.no_grad_step = True, step
 
 
-def _check_sample_entries(est: Estimator, parents: tuple[Plate, ...]) -> None:
-    entries, chain = 1, 0
+def _check_sample_entries(est: Estimator, raw: Distribution, parents: tuple[Plate, ...]) -> None:
+    entries, chain, data = 1, 0, 1
     for p in parents:
-        if not p.independent:
+        if p.independent:
+            data *= p.size
+        else:
             entries *= p.size
             chain += 1
+    if entries <= 1:  # no chain: one draw per data point, whatever the data's size (not storch's to refuse)
+        return
     if entries > MAX_SAMPLE_ENTRIES:
-        raise PlateError(
-            f"estimator {est.name!r} (plate {est.plate!r}) would sample for each of {entries} entries per data "
-            f"point: the sample plates of the {chain} earlier nodes it depends on (each node's samples are drawn "
-            "for every sample of the nodes before it, so their numbers multiply along a chain). For a sequence of "
-            "stochastic steps (an episode, a decoder loop), create ONE estimator outside the loop and call it at "
-            "every step: its calls make one partition with one plate (docs/partitions.md); otherwise draw fewer "
-            "samples in the chain (n_samples=1 for some nodes)")
+        total, limit, parts = entries, MAX_SAMPLE_ENTRIES, [f"{entries} entries per data point of the sample plates "
+                                                            f"of the {chain} earlier nodes it depends on"]
+    else:
+        own = getattr(est, "n_samples", 1)
+        own = own if isinstance(own, int) and own > 0 else 1
+        per = math.prod(raw.batch_shape[len(parents):]) * math.prod(raw.event_shape)  # the values of one draw
+        total = entries * own * data * per
+        if total <= MAX_DRAW_ENTRIES:
+            return
+        limit = MAX_DRAW_ENTRIES
+        parts = [f"{entries} entries of the sample plates of the {chain} earlier nodes it depends on", f"{own} samples"]
+        if data > 1:
+            parts.append(f"{data} data points")
+        if per > 1:
+            parts.append(f"{per} values per draw")
+    raise PlateError(
+        f"estimator {est.name!r} (plate {est.plate!r}) would sample {total} entries (" + " x ".join(parts)
+        + f"), more than {limit}: each node's samples are drawn for every sample of the nodes before it, so their "
+        "numbers multiply along a chain, and again by the size of the data plates. For a sequence of stochastic "
+        "steps (an episode, a decoder loop), create ONE estimator outside the loop and call it at every step: its "
+        "calls make one partition with one plate (docs/partitions.md). Otherwise draw fewer samples in the chain "
+        "(n_samples=1 for some nodes; an estimator whose plate holds more than its samples, such as 'go' (the "
+        "sample and one neighbour per variable), still multiplies at n_samples=1: use one with a plate of "
+        "n_samples, such as 'score' or 'reparameterization', for some nodes), use fewer chained nodes, or pass "
+        "the data in smaller batches")
 
 
 _FORWARD = Estimator.forward
