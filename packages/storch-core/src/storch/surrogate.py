@@ -574,23 +574,101 @@ def _at_cost(cost_plates: tuple, raw: torch.Tensor, nodes: list[Node]):
     return cost_plates, raw, out
 
 
+class _Sums:
+    """One surrogate's running sums L_j = l_1 + ... + l_j of the cost's nodes' gradient functions, shared by
+    its costs: a trie by node (``children``: ``id(node)`` -> the level of the prefix one node longer), each
+    level holding the prefix's sum at the plates the costs asked for (``entries``: ``(plates, L)``, ``L``
+    ``None`` where every gradient function of the prefix is a constant). A chain of K nodes with a cost per
+    node adds K gradient functions, not K²/2 (each summed again for every cost downstream of it, and each
+    aligned to every cost's plates: O(K³) Python, O(K²) autograd nodes), as the DiCE objective written by
+    hand keeps one running L."""
+
+    __slots__ = ("children", "entries")
+
+    def __init__(self) -> None:
+        self.children: dict = {}
+        self.entries: list = []
+
+    def held(self, target: tuple, within: set):
+        """An entry whose plates are all in ``target`` (the exact plates first), or ``None``."""
+        entries = self.entries
+        for i in range(len(entries) - 1, -1, -1):
+            e = entries[i]
+            if e[0] == target:
+                return e
+        for i in range(len(entries) - 1, -1, -1):
+            e = entries[i]
+            if all(p in within for p in e[0]):
+                return e
+        return None
+
+
+def _constant(l) -> bool:
+    """Whether a gradient function is a constant of everything differentiated (the zeros of a pathwise node:
+    reparameterization, gumbel_softmax; a frozen distribution's log p): its l - ⊥l is 0 with every
+    derivative 0 at every order, so it leaves each MagicBox(L) the same function and is not added. One that
+    requires grad or carries a forward tangent stays, a zero that carries gradient included."""
+    return isinstance(l, torch.Tensor) and not is_differentiated(l)
+
+
+def _running_sums(nodes: list[Node], plates: tuple, sums: _Sums) -> list:
+    """The levels of ``sums`` for the prefixes of ``nodes`` (``levels[i]``: nodes[:i+1]); the last holds
+    L_k = l_1 + ... + l_k at ``plates`` (an entry whose plates are ``plates``). A prefix some earlier cost
+    summed (at plates that are all in ``plates``) is aligned and extended: one addition per node the cost
+    does not share with it. The sums are added in the nodes' order, so the values are those of the plain
+    sum at ``plates`` (a view of a broadcast sum is the sum of the views)."""
+    levels = []
+    level = sums
+    for node in nodes:
+        key = id(node)
+        nxt = level.children.get(key)
+        if nxt is None:
+            nxt = level.children[key] = _Sums()
+        levels.append(nxt)
+        level = nxt
+    within = set(plates)
+    total, start = None, 0
+    for j in range(len(levels) - 1, -1, -1):
+        e = levels[j].held(plates, within)
+        if e is not None:
+            if j == len(levels) - 1 and e[0] == plates:
+                return levels
+            total, start = e[1], j + 1
+            if total is not None:
+                total = align(total, e[0], plates)
+            break
+    for i in range(start, len(nodes)):
+        node = nodes[i]
+        l_i = node.gradient_values
+        if not _constant(l_i):
+            l_i = align(l_i, node.plates, plates)
+            total = l_i if total is None else total + l_i
+        levels[i].entries.append((plates, total))
+    return levels
+
+
+def _sum_at(level: _Sums, plates: tuple) -> Optional[torch.Tensor]:
+    """The prefix's L at ``plates`` (``None``: constant); :func:`_running_sums` left one within them."""
+    e = level.held(plates, set(plates))
+    return None if e[1] is None else align(e[1], e[0], plates)
+
+
 def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: int = 1,
-                    renamed: Optional[tuple] = None) -> torch.Tensor:
+                    renamed: Optional[tuple] = None, sums: Optional[_Sums] = None) -> torch.Tensor:
     """The cost's term of Eq. 2. ``renamed``: the cost's state name and the plate names of the nodes whose
-    frames use it (:func:`_state_names`), or ``None``."""
+    frames use it (:func:`_state_names`), or ``None``. ``sums``: the running sums of the gradient functions
+    shared by the costs of one surrogate (:class:`_Sums`), or ``None`` (this cost's own)."""
     if not nodes:  # a cost of the data alone (a KL term): the mean over the data points
         raw = raw_of(cost)
         return raw.mean() if raw.dim() else raw
     plates, raw, nodes = _at_cost(plates_of(cost), raw_of(cost), nodes)
     if len(nodes) == 1:
         return _one_node_surrogate(raw, plates, nodes[0], name, order, renamed)
-    # L_{i-1} for every node i, aligned to the cost's plates (Theorem 2's MagicBox arguments)
-    prefix: list[Optional[torch.Tensor]] = []
-    total = None
-    for node in nodes:
-        prefix.append(total)
-        l_i = align(node.gradient_values, node.plates, plates)
-        total = l_i if total is None else total + l_i
+    # L_k (and, for the nodes with a control variate, L_{i-1}: Theorem 2's MagicBox arguments) aligned to
+    # the cost's plates, from the running sums shared with the surrogate's other costs; constant gradient
+    # functions (a pathwise node's zeros) are not added (the same MagicBox functions, see _constant)
+    levels = _running_sums(nodes, plates, _Sums() if sums is None else sums)
+    total = _sum_at(levels[-1], plates)
     box = None if total is None else magic_box(total)  # MagicBox(L_k)
     inner = raw if box is None else box * raw  # line 7 of Algorithm 1
     last = len(nodes) - 1
@@ -608,13 +686,14 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
             state = renamed[0] if renamed is not None and node.plate.name in renamed[1] else None
             frame = CostFrame(inner.detach(), plates, node, inner, name, state, order)
             node.frames[frame.key] = frame  # what update_parameters trains on
+            prefix = _sum_at(levels[i - 1], plates) if i else None  # L_{i-1}
             if i == last and box is not None and type(est).control_variate is _BASE_CONTROL_VARIATE:
-                inner = _baseline_term(inner, est, node, frame, box, prefix[i])
+                inner = _baseline_term(inner, est, node, frame, box, prefix)
             else:
                 a = est.control_variate(node, frame)  # line 11
                 _guard_control_variate(a, node, order)
                 if a is not None:
-                    inner = inner + (a if prefix[i] is None else magic_box(prefix[i]) * a)
+                    inner = inner + (a if prefix is None else magic_box(prefix) * a)
         if est.uniform_weights:
             pending.append(dim)
         else:
@@ -907,8 +986,9 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
         else:
             s = _steps_surrogate(members[0][2][0], members, order)
             loss = s if loss is None else loss + s
+    sums = _Sums()  # the running sums of the gradient functions, shared by the costs
     for name, cost, nodes in single:
-        s = _cost_surrogate(cost, nodes, name, order, renamed and renamed.get(id(cost)))
+        s = _cost_surrogate(cost, nodes, name, order, renamed and renamed.get(id(cost)), sums)
         loss = s if loss is None else loss + s
     for cost, nodes in plain:
         s = _plain_surrogate(cost, nodes)
