@@ -44,7 +44,7 @@ def test_set_probabilities_match_sum_over_orderings():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("k", [1, 2, 5, 8])
+@pytest.mark.parametrize("k", [1, 2, 5, 8, 12])
 def test_linear_programme_matches_log_space(dtype, k):
     """The float64 programme without exp/log per layer (q = h / Π p) gives the weights and baseline
     coefficients of the log-space one (they use differences of log h only), and _set_terms takes it
@@ -218,6 +218,30 @@ def test_reduced_precision_is_unbiased(dtype, case):
     assert_unbiased(g.double(), exact, f"unordered_set {case} in {dtype}", atol=1e-2)
 
 
+def test_linear_programme_caches_index_tables_only():
+    """_log_h_linear multiplied each layer by a dense float64 0/1 matrix C(k,j) x C(k,j+1) (each row k-j
+    ones) and kept them for the process: time and memory ~4^k (k=16: 4.6 GB held, 3 s a step). Now it
+    gathers the k-j parents of each subset: the cache holds integer index tables of O(k 2^k) entries."""
+    from storch_score import unordered_set as us
+
+    k = 12
+    us._LINEAR_TABLES.clear()
+    lp = torch.log_softmax(torch.randn(k, 3), 0)
+    us._log_h_linear(lp, torch.full((3,), -1e30))
+    held = []
+
+    def walk(v):
+        if torch.is_tensor(v):
+            held.append(v)
+        else:
+            for t in v:
+                walk(t)
+
+    walk(us._LINEAR_TABLES.values())
+    assert held and all(not t.is_floating_point() for t in held)
+    assert sum(t.numel() * t.element_size() for t in held) <= 8 * k * 2**k  # dense: C(24, 11) * 8 ~ 20 MB
+
+
 def test_tables_made_inside_torch_func_are_not_cached():
     """unordered_set's index tables were cached in dicts: made inside jacrev(grad(f)) (refused: order 2),
     they belonged to that functorch level, and every later torch.func.grad step failed PyTorch's internal
@@ -226,7 +250,6 @@ def test_tables_made_inside_torch_func_are_not_cached():
 
     us._LINEAR_TABLES.clear()
     us._plan.cache_clear()
-    us._not_in.cache_clear()
     est = storch.estimator("unordered_set", plate="z", n_samples=2)
 
     def step(th):

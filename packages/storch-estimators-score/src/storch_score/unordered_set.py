@@ -370,22 +370,24 @@ def _log_h_linear(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tenso
     """:func:`_log_h` minus log Π_{s∈S} p(s) per row, by a programme without exp or log per layer.
 
     With q(C) = h(C) / Π_{x∈S∖C} p(x), the recurrence of h becomes
-    q(C) = Σ_{x∈S∖C} q(C ∪ {x}) / p(D∖C), q(S) = 1: per layer one matmul with the 0/1 matrix of
-    C ⊂ C ∪ {x} and one division, in float64. Every q(C) >= 1 (p(D∖C) <= 1), q(∅) is the largest,
-    and q(∅) <= k! / μ^k, finite where :func:`_linear_ok`; p(D∖C) = p(D∖S) + Σ_{x∉C} p(x) is a sum
-    of positive terms (one matmul for every C), so the programme is accurate to a few float64
-    ulps. Returns log q(∅), log q({s}) - log p(s) and log q({s, s'}) - log p(s) - log p(s')
-    (diagonal: the {s} term), in ``lp``'s dtype.
+    q(C) = Σ_{x∈S∖C} q(C ∪ {x}) / p(D∖C), q(S) = 1: per layer one gather of the k-j parents
+    C ∪ {x} of each C (``_plan``'s ``larger``), a sum and one division, in float64: O(k 2^k) per
+    row (not a dense 0/1 matrix per layer, C(k,j) x C(k,j+1): ~4^k time and memory). Every q(C) >= 1
+    (p(D∖C) <= 1), q(∅) is the largest, and q(∅) <= k! / μ^k, finite where :func:`_linear_ok`;
+    p(D∖C) = p(D∖(C ∪ {x0})) + p(x0) (x0 the smallest x ∉ C) is a sum of positive terms, so the
+    programme is accurate to a few float64 ulps. Returns log q(∅), log q({s}) - log p(s) and
+    log q({s, s'}) - log p(s) - log p(s') (diagonal: the {s} term), in ``lp``'s dtype.
     """
     k, size = lp.shape
-    dev = lp.device
-    not_in, up, pairs = _linear_tables(k, dev)
+    larger, first, x0, pairs = _linear_tables(k, lp.device)
     lp64 = lp.double()
-    den = torch.addmm(log_rest.double().exp().unsqueeze(0), not_in, lp64.exp()).split([a.shape[0] for a in up])
+    p_x0 = lp64.exp()[x0].split([f.shape[0] for f in first])  # p(x0) of every C, layer after layer
     q = lp64.new_ones(1, size)  # layer k: q(S) = 1
+    den = log_rest.double().exp().unsqueeze(0)  # p(D∖S)
     layers = [q]
-    for a, d in zip(up, den):
-        q = torch.mm(a, q).div_(d)
+    for up, f, px in zip(larger, first, p_x0):
+        den = den[f].add_(px)  # p(D∖C)
+        q = q.index_select(0, up.flatten()).view(up.shape + (size,)).sum(1).div_(den)
         layers.append(q)
     q0 = layers[-1][0].log()
     lq1 = layers[-2].log()
@@ -396,31 +398,20 @@ def _log_h_linear(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tenso
     return q0.to(lp.dtype), q1.to(lp.dtype), q2.to(lp.dtype)
 
 
+# (k, device) -> _plan's index tables on that device (so a step copies none); integer tables of
+# O(k 2^k) entries only (k <= 16: at most ~5 MB a key), so at most 64 keys hold bounded memory
 _LINEAR_TABLES: dict = {}
 
 
 def _linear_tables(k: int, device: torch.device) -> tuple:
-    """For :func:`_log_h_linear`, on ``device``: ``not_in`` (Σ_j n_j, k), row C 1 at each x ∉ C; ``up``:
-    per layer j = k-1, ..., 0 the (n_j, n_{j+1}) 0/1 float64 matrix of C ⊂ C ∪ {x}; ``pairs`` (k, k)."""
+    """For :func:`_log_h_linear`, on ``device``: per layer j = k-1, ..., 0 ``larger`` (n_j, k-j) and
+    ``first`` (n_j,) of ``_plan``; ``x0`` (Σ_j n_j,) and ``pairs`` (k, k)."""
     key = (k, device)
     out = _LINEAR_TABLES.get(key)
     if out is None:
-        steps, _, _, pairs = _plan(k)
-        up, sizes = [], [1] + [n for n, _, _, _ in steps]
-        for (n, width, larger, _), above in zip(steps, sizes):
-            a = torch.zeros(n, above, dtype=torch.float64)
-            a.scatter_(1, larger, 1.0)
-            up.append(a.to(device))
-        out = (_not_in(k).to(device), tuple(up), pairs.to(device))
+        steps, _, x0, pairs = _plan(k)
+        out = (tuple(larger.to(device) for _, _, larger, _ in steps),
+               tuple(first.to(device) for _, _, _, first in steps), x0.to(device), pairs.to(device))
         if torch._C._functorch.maybe_current_level() is None and len(_LINEAR_TABLES) < 64:  # (see table_cache)
             _LINEAR_TABLES[key] = out
     return out
-
-
-@table_cache(maxsize=None)  # (tensors: lru_cache would keep one made inside a torch.func level)
-def _not_in(k: int) -> torch.Tensor:
-    """(Σ_j n_j, k) float64: row C (layers k-1, ..., 0 in ``_plan``'s order) is 1 at each x ∉ C."""
-    rows = []
-    for j in range(k - 1, -1, -1):
-        rows += [[0.0 if (m >> x) & 1 else 1.0 for x in range(k)] for m in range(1 << k) if bin(m).count("1") == j]
-    return torch.tensor(rows, dtype=torch.float64)
