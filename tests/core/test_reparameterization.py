@@ -374,6 +374,10 @@ def test_one_torch_func_transform_with_detached_primals_is_the_reverse_mode_grad
             storch.add_cost(torch.relu(x).sum() + (y ** 2).sum(), name="c")
             return storch.surrogate_loss()
 
+    if how == "jvp":  # forward mode through a pathwise node: an eager step checks its cost for jumps first
+        with pytest.raises(storch.OrderError, match=r"'reparameterization'.*'c'.*forward mode.*eager|outside"):
+            _transform_result(how, f, mu0.clone())
+        f(mu0.clone().requires_grad_(True))
     for seed in range(3):
         torch.manual_seed(seed)
         d = _transform_result(how, f, mu0.clone())
@@ -818,9 +822,131 @@ def test_a_first_step_under_torch_func_jvp_does_not_clear_a_kink_for_later_steps
     """The order-1 walk that finds a ReLU on the pathwise path runs once per estimator and cost name; under
     torch.func.jvp the wrapped tensors have no autograd graph, so a first step there found nothing and its
     cached 'smooth' verdict let a later torch.autograd.functional.hessian through the ReLU give 0 (exact: the
-    normal density at μ). A walk that sees no graph is no verdict now."""
+    normal density at μ). A walk that sees no graph is no verdict now (and without a verdict forward mode
+    through a pathwise node is refused: see the test of a jump under torch.func.jvp)."""
     rep = storch.estimator("reparameterization", plate="x", n_samples=4)
     mu0 = torch.tensor([0.4], dtype=torch.float64)
-    torch.func.jvp(lambda m: _relu_step(rep, m), (mu0,), (torch.ones_like(mu0),))
+    with pytest.raises(storch.OrderError, match="forward mode"):
+        torch.func.jvp(lambda m: _relu_step(rep, m), (mu0,), (torch.ones_like(mu0),))
     with pytest.raises(storch.OrderError, match=r"'reparameterization'.*ReluBackward0"):
         torch.autograd.functional.hessian(lambda m: _relu_step(rep, m), mu0)
+
+
+def test_a_jump_under_torch_func_jvp_with_detached_primals_is_refused():
+    """round(x) of a reparameterised x: reverse mode refuses it at order 1 (the pathwise derivative is 0 where
+    the expectation's is not), but torch.func.jvp of detached primals has no autograd graph for the check to
+    walk, and the tangent of round came out 0 without a word. Forward mode through a pathwise node now uses the
+    verdict of an eager step (per estimator and cost name) and is refused without one; a smooth cost's jvp
+    after an eager step equals reverse mode's gradient on the same draws."""
+    mu0, v = torch.tensor([0.3, -0.2], dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    rep = storch.estimator("reparameterization", plate="x", n_samples=4)
+
+    def f(m, cost):
+        with storch.Graph():
+            x = rep(Normal(m, 1.0))
+            storch.add_cost(cost(x).sum() + x.sum(), name=cost.__name__)
+            return storch.surrogate_loss()
+
+    jump = lambda m: f(m, torch.round)  # noqa: E731
+    with pytest.raises(storch.OrderError, match=r"'reparameterization'.*'round'.*forward mode.*jump.*outside"):
+        torch.func.jvp(jump, (mu0,), (v,))
+    with pytest.raises(storch.OrderError, match="RoundBackward"):  # reverse mode: the jump itself
+        jump(mu0.clone().requires_grad_(True))
+    with pytest.raises(storch.OrderError, match="forward mode"):  # a refused eager step is no verdict
+        torch.func.jvp(jump, (mu0,), (v,))
+    with fwAD.dual_level(), pytest.raises(storch.OrderError, match="forward mode"):  # forward_ad alike
+        jump(fwAD.make_dual(mu0, v))
+    smooth = lambda m: f(m, torch.tanh)  # noqa: E731
+    with pytest.raises(storch.OrderError, match=r"'tanh'.*forward mode"):  # no verdict yet
+        torch.func.jvp(smooth, (mu0,), (v,))
+    smooth(mu0.clone().requires_grad_(True))  # the eager step: smooth
+    for seed in range(3):
+        torch.manual_seed(seed)
+        t = torch.func.jvp(smooth, (mu0,), (v,))[1]
+        torch.manual_seed(seed)
+        mu = mu0.clone().requires_grad_(True)
+        g, = torch.autograd.grad(smooth(mu), mu)
+        assert torch.allclose(t, g @ v)
+    with torch.no_grad():  # a node not differentiated in forward mode (no tangent) is not refused
+        with fwAD.dual_level():
+            f(mu0, torch.round)
+
+
+class _VmapPathwise(storch.Estimator):
+    """Reparameterization with a draw torch.func.vmap(randomness="different") batches (Normal.rsample's
+    in-place normal_ it refuses)."""
+
+    name = "test_core_vmap_pathwise"
+    requires_rsample = True
+
+    def proposal(self, node):
+        d = node.distribution
+        return d.loc + d.scale * torch.randn((self.n_samples,) + d.loc.shape, dtype=d.loc.dtype)
+
+    def gradient_function(self, node):
+        return torch.zeros((1,), dtype=node.sample.dtype)
+
+
+@pytest.mark.parametrize("how", ["hessian", "grad_of_grad"])
+def test_vmap_of_the_order_1_surrogate_differentiated_twice_is_refused(how):
+    """torch.func.vmap(step, randomness="different")(mu), differentiated twice outside: inside vmap the batched
+    tensors report requires_grad=False and have no autograd graph, so no refusal was hooked and the order-1
+    walk found no kink. An order-1 estimator's Hessian came out (1.68, 0.14) and a ReLU's 0 (exact: the normal
+    density at μ) without a word; the ReLU's cached 'smooth' verdict let a later eager Hessian through too, and
+    surrogate_loss(order=2) under vmap accepted the ReLU. The tensors under the batching are hooked and walked
+    now; first derivatives (a backward pass without create_graph) are unaffected."""
+    mu0 = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    est = _FirstOrderScore("x", n_samples=3)
+    rep = _VmapPathwise("z", n_samples=4)
+
+    def order_1(m):
+        with storch.Graph():
+            x = est(Normal(m, torch.ones_like(m)))
+            storch.add_cost((x ** 2).sum(), name="c")
+            return storch.surrogate_loss()
+
+    def relu(m, order=1):
+        with storch.Graph():
+            z = rep(Normal(m, torch.ones_like(m)))
+            storch.add_cost(torch.relu(z).sum(), name=f"relu{order}")
+            return storch.surrogate_loss(order=order)
+
+    def vmapped(step):
+        return lambda m: torch.func.vmap(step, randomness="different")(m).sum()
+
+    with pytest.raises(storch.OrderError, match=r"'first_order_score' on plate 'x'.*order 1"):
+        differentiate_twice(vmapped(order_1), mu0, how)
+    with pytest.raises(storch.OrderError, match=r"'test_core_vmap_pathwise'.*'relu1'.*ReluBackward0"):
+        differentiate_twice(vmapped(relu), mu0, how)
+    with pytest.raises(storch.OrderError, match=r"'test_core_vmap_pathwise'.*'relu1'.*ReluBackward0"):
+        differentiate_twice(relu, mu0[:1], how)  # eagerly after the vmapped step
+    with pytest.raises(storch.OrderError, match=r"'test_core_vmap_pathwise'.*'relu2'"):
+        vmapped(lambda m: relu(m, 2))(mu0.clone().requires_grad_(True))
+    for step in (order_1, relu):  # first order: backward and autograd.grad without create_graph
+        mu = mu0.clone().requires_grad_(True)
+        vmapped(step)(mu).backward()
+        g, = torch.autograd.grad(vmapped(step)(mu), mu)
+        assert torch.isfinite(mu.grad).all() and torch.isfinite(g).all() and mu.grad.abs().sum() > 0
+
+
+def test_vmap_of_the_order_1_surrogate_is_unbiased_at_first_order():
+    """The refusal hooked under vmap lets a first derivative through: d/dμ E[relu(z)] = Φ(μ) per member."""
+    mu0 = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    rep = _VmapPathwise("z", n_samples=4)
+
+    def relu(m):
+        with storch.Graph():
+            z = rep(Normal(m, torch.ones_like(m)))
+            storch.add_cost(torch.relu(z).sum(), name="c")
+            return storch.surrogate_loss()
+
+    torch.manual_seed(3)
+    gs = []
+    for _ in range(400):
+        mu = mu0.clone().requires_grad_(True)
+        g, = torch.autograd.grad(torch.func.vmap(relu, randomness="different")(mu).sum(), mu)
+        gs.append(g)
+    gs = torch.stack(gs)
+    exact = Normal(0.0, 1.0).cdf(mu0)
+    for i in range(2):
+        assert_unbiased(gs[:, i], exact[i], f"d/dμ_{i} E[relu(z)]")

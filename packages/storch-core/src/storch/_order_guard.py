@@ -29,6 +29,11 @@ are not registered there). :func:`outer_requires_grad` reads, under the transfor
 takes part in that outer autograd; ``storch.surrogate._refuse_twice`` refuses such a term when the surrogate
 is built (:data:`FUNCTORCH_OVER_OUTER` says what to do), and the surrogate refuses a loss that does where a
 differentiated order-1 term was found (a mixed second derivative through a detached cost).
+
+``torch.func.vmap`` (no differentiating transform): a batched tensor reports ``requires_grad=False`` and has no
+``grad_fn`` although the tensor it batches takes part in the autograd outside vmap, which a Hessian of the
+vmapped function differentiates twice: the refusal is hooked on, and the kink walk reads, that tensor
+(:func:`unbatched`).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from .errors import OrderError
 
 __all__ = ["estimator_create_graph", "refuse_create_graph", "differentiating_transforms", "is_differentiated",
            "has_tangent", "forward_level_open", "outer_requires_grad", "FORWARD_OVER_REVERSE",
-           "FUNCTORCH_OVER_OUTER"]
+           "FUNCTORCH_OVER_OUTER", "unbatched"]
 
 # a depth, not a thread-local: the autograd engine runs the hooks of a CUDA backward in its own threads
 _OWN = [0]
@@ -81,6 +86,18 @@ def has_tangent(t: torch.Tensor) -> bool:
     while functorch.is_batchedtensor(t):  # unpack_dual has no batching rule: read the batched tensor's
         t = functorch.get_unwrapped(t)
     return _fwAD.unpack_dual(t).tangent is not None
+
+
+def unbatched(t):
+    """``t`` under ``torch.func.vmap``'s batching (itself outside vmap, or where it is no tensor). Inside vmap
+    a batched tensor reports ``requires_grad=False`` and has no ``grad_fn`` even where the tensor it batches
+    takes part in the autograd outside vmap (``vmap(f)(mu)`` of a ``mu`` that requires grad): that tensor is
+    the one a backward pass outside vmap reaches, so it is the one to hook and to walk."""
+    if isinstance(t, torch.Tensor):
+        functorch = torch._C._functorch
+        while functorch.is_batchedtensor(t):
+            t = functorch.get_unwrapped(t)
+    return t
 
 
 def is_differentiated(t: torch.Tensor) -> bool:

@@ -36,7 +36,7 @@ from .node import Node
 from .plates.tensor import Plate, align, plates_of, raw_of
 from ._order_guard import (FORWARD_OVER_REVERSE, FUNCTORCH_OVER_OUTER, differentiating_transforms,
                            forward_level_open, has_tangent, is_differentiated, outer_requires_grad,
-                           refuse_create_graph)
+                           refuse_create_graph, unbatched)
 from . import smoothness
 from .score_conditions import KINK_FREE, log_prob_kinks
 from .smoothness import _reaches, require_smooth
@@ -151,13 +151,27 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
             inputs = [raw for raw, _ in node.handed]
             roots = _differentiated_through(node, name, cost, nodes)
             walks = memos
+            if any(_batched(t) for t in inputs):
+                # under torch.func.vmap the batched tensors have no autograd graph: walk the one of the tensors
+                # they batch, which a derivative outside vmap differentiates (a walk of the batched tensors found
+                # nothing: no refusal at order 2, and a cached smooth verdict let a later Hessian through a ReLU)
+                inputs = [unbatched(t) for t in inputs]
+                roots = [(unbatched(root), what) for root, what in roots]
+                if not any(t.requires_grad for t in inputs):
+                    continue  # no graph: no verdict (nothing outside vmap differentiates this node)
+                walks = None
             if order < 2 and forward_level_open():
                 # under torch.func.jvp the wrapped tensors have no autograd graph: walk the outer autograd's
                 # (the tensors under the wrappers), which a second derivative would differentiate; a walk that
                 # sees no graph is no verdict (cached, a smooth verdict let a later Hessian through a ReLU)
+                handed = inputs
                 inputs = [_graph_of(t) for t in inputs]
                 roots = [(_graph_of(root), what) for root, what in roots]
                 if not any(t.requires_grad for t in inputs):
+                    if kinks is None and any(has_tangent(t) for t in handed):
+                        # detached primals: no graph to walk for a jump (round, sign: a tangent of 0 where the
+                        # expectation's is not, which reverse mode refuses); only an eager walk's verdict can tell
+                        raise OrderError(_unchecked_jvp_message(who, name))
                     continue
                 walks = None  # (the memo is keyed by the node, for the tensors as handed)
             memo = _memo_for(walks, node, inputs, 2 if order < 2 else order)
@@ -184,6 +198,18 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
                         _refuse_twice(root, lambda: _kink_message(who, name, kinks))
 
 
+def _unchecked_jvp_message(who: str, name: str) -> str:
+    return (f"{who}: the cost {name!r} is differentiated in forward mode (torch.func.jvp / jacfwd, "
+            "torch.autograd.forward_ad) through the reparameterised sample, with primals that do not require grad: "
+            "there is no autograd graph, so storch cannot check that the path from the sample to the cost has no "
+            "jump (round, sign, floor, nearest grid_sample: the pathwise derivative is 0 there while the "
+            "expectation's is not, which reverse mode refuses), and a tangent of 0 would be silently wrong. The check "
+            "runs once per estimator and cost name: build one step of this estimator and cost outside the forward-mode "
+            "transform with parameters that require grad first (storch.backward(), or storch.surrogate_loss()), after "
+            "which forward mode uses its verdict; or differentiate in reverse mode (torch.func.grad / jacrev, "
+            "torch.autograd.grad), or use an estimator that does not differentiate through the sample ('score')")
+
+
 def _graph_of(t: torch.Tensor) -> torch.Tensor:
     """``t``, or where it has no autograd graph of its own (a torch.func.jvp level's wrapper) the tensor under
     its functorch wrappers, whose graph is the autograd's outside the transforms."""
@@ -192,6 +218,10 @@ def _graph_of(t: torch.Tensor) -> torch.Tensor:
         while functorch.is_functorch_wrapped_tensor(t) or functorch.is_batchedtensor(t):
             t = functorch.get_unwrapped(t)
     return t
+
+
+def _batched(t) -> bool:
+    return isinstance(t, torch.Tensor) and torch._C._functorch.is_batchedtensor(t)
 
 
 def _steps_of(cost) -> tuple:
@@ -267,6 +297,10 @@ def _refuse_twice(tensor, message) -> None:
         _PENDING.mixed.append(message)  # the surrogate checks whether its loss takes part outside (_check_mixed)
         return
     if not nested:
+        # under torch.func.vmap (no differentiating transform) the batched tensor reports requires_grad=False:
+        # hook the tensor it batches, which a backward pass outside vmap (create_graph=True: a Hessian of
+        # vmap(f)) reaches; a plain backward pass through it runs the hook with grad mode off, as eagerly
+        tensor = unbatched(tensor)
         if forward_level_open() and isinstance(tensor, torch.Tensor) and tensor.requires_grad:
             if has_tangent(tensor):
                 # differentiated in both modes at once: a backward pass through it gives its gradient a tangent
@@ -826,6 +860,14 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     one (``torch.func.jvp``, ``grad``, ``vjp``, ``jacrev``) whose inputs or captured tensors require grad
     outside it: a ``torch.autograd.grad`` / ``.backward`` of its result, the jvp's tangent or the gradient,
     would be a second derivative that no hook sees; pass it detached tensors for a first derivative).
+    Under ``torch.func.vmap`` (``randomness="different"``) the tensors under the batching are hooked and
+    checked, so a derivative of the vmapped surrogate outside vmap is refused or allowed as eagerly.
+
+    Forward mode (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``) of detached primals through a
+    pathwise node: there is no autograd graph in which to check its cost for a jump (round, sign, floor: a
+    tangent of 0 where the expectation's is not, which reverse mode refuses), so it uses the verdict of an
+    earlier step of the same estimator and cost name built with parameters that require grad (outside the
+    forward-mode transform), and without one raises ``OrderError``: run one such step first.
 
     Raises:
         OrderError: an estimator upstream of a cost is not unbiased to ``order``. Like every
