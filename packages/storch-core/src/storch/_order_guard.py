@@ -82,10 +82,7 @@ def has_tangent(t: torch.Tensor) -> bool:
     batching. ``False`` at once (one attribute read) where no forward-AD level is open."""
     if _fwAD._current_level < 0:  # torch.func.jvp opens one too
         return False
-    functorch = torch._C._functorch
-    while functorch.is_batchedtensor(t):  # unpack_dual has no batching rule: read the batched tensor's
-        t = functorch.get_unwrapped(t)
-    return _fwAD.unpack_dual(t).tangent is not None
+    return _fwAD.unpack_dual(unbatched(t)).tangent is not None  # unpack_dual has no batching rule
 
 
 def unbatched(t):
@@ -152,10 +149,16 @@ def outer_requires_grad(t: torch.Tensor) -> bool:
     """Whether ``t``, computed under ``torch.func`` transforms, takes part in the autograd outside them: the
     tensor under all its functorch wrappers (grad / jvp levels, vmap batching) requires grad (which it does
     only where grad mode is on outside: a transform runs the levels below it in their own grad mode)."""
+    return unwrapped(t).requires_grad
+
+
+def unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """``t`` under all its functorch wrappers (grad / jvp levels, vmap batching): the tensor of the autograd
+    outside the transforms (``t`` itself outside them)."""
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(t) or functorch.is_batchedtensor(t):
         t = functorch.get_unwrapped(t)
-    return t.requires_grad
+    return t
 
 
 def refuse_create_graph(tensor, message: Callable[[], str]) -> None:

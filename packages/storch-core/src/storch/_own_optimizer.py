@@ -10,7 +10,7 @@ import torch
 
 from .errors import StorchError
 
-__all__ = ["own_optimizer", "own_optimizer_state", "load_own_optimizer", "hide_frozen_grads"]
+__all__ = ["own_optimizer", "own_optimizer_state", "load_own_optimizer", "hide_frozen_grads", "state_dtype"]
 
 
 def _held(optimizer: torch.optim.Optimizer) -> list:
@@ -109,9 +109,18 @@ def load_own_optimizer(saved: dict, module: torch.nn.Module, lr: float, who: str
     params = list(current.values())
     for i, saved_state in moments.items():
         p = params[i]
-        if p.dtype.is_floating_point and torch.finfo(p.dtype).bits < 32:
+        dtype = state_dtype(p)
+        if dtype != p.dtype:
             loaded = optimizer.state[p]
             for key, value in saved_state.items():
                 if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
-                    loaded[key] = value.to(dtype=torch.promote_types(value.dtype, torch.float32), device=p.device)
+                    loaded[key] = value.to(dtype=dtype, device=p.device)
     return optimizer
+
+
+def state_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype an estimator's own optimizer keeps its state and does its arithmetic in for parameter ``p``:
+    ``p``'s, but at least float32 (``storch.extending.optimizer_step``)."""
+    if p.dtype.is_floating_point and torch.finfo(p.dtype).bits < 32:
+        return torch.promote_types(p.dtype, torch.float32)
+    return p.dtype

@@ -129,6 +129,7 @@ from .graph import current_graph, is_tracing
 from .plates.tensor import align, plates_of, raw_of
 from ._order_guard import estimator_create_graph, is_differentiated
 from ._own_optimizer import hide_frozen_grads, load_own_optimizer, own_optimizer, own_optimizer_state
+from ._own_optimizer import state_dtype as _step_dtype
 from .score_conditions import moving_support, same_support
 from .smoothness import nonsmooth_operations, require_smooth
 from ._table_cache import table_cache
@@ -215,14 +216,6 @@ def learned_dtype(x: torch.Tensor) -> torch.dtype:
     if dtype.is_floating_point and torch.finfo(dtype).bits < 32:
         return torch.promote_types(dtype, torch.get_default_dtype())
     return dtype
-
-
-def _step_dtype(p: torch.Tensor) -> torch.dtype:
-    # the dtype an estimator's own optimizer keeps its state and does its arithmetic in for parameter p:
-    # p's, but at least float32 (see optimizer_step)
-    if p.dtype.is_floating_point and torch.finfo(p.dtype).bits < 32:
-        return torch.promote_types(p.dtype, torch.float32)
-    return p.dtype
 
 
 def match_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

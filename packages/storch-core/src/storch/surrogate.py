@@ -36,7 +36,7 @@ from .node import Node
 from .plates.tensor import Plate, align, plates_of, raw_of
 from ._order_guard import (FORWARD_OVER_REVERSE, FUNCTORCH_OVER_OUTER, differentiating_transforms,
                            forward_level_open, has_tangent, is_differentiated, outer_requires_grad,
-                           refuse_create_graph, unbatched)
+                           refuse_create_graph, unbatched, unwrapped)
 from . import smoothness
 from .score_conditions import KINK_FREE, log_prob_kinks
 from .smoothness import _reaches, require_smooth
@@ -213,11 +213,7 @@ def _unchecked_jvp_message(who: str, name: str) -> str:
 def _graph_of(t: torch.Tensor) -> torch.Tensor:
     """``t``, or where it has no autograd graph of its own (a torch.func.jvp level's wrapper) the tensor under
     its functorch wrappers, whose graph is the autograd's outside the transforms."""
-    functorch = torch._C._functorch
-    if t.grad_fn is None:
-        while functorch.is_functorch_wrapped_tensor(t) or functorch.is_batchedtensor(t):
-            t = functorch.get_unwrapped(t)
-    return t
+    return unwrapped(t) if t.grad_fn is None else t
 
 
 def _batched(t) -> bool:
