@@ -370,25 +370,37 @@ def _log_h_linear(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tenso
     """:func:`_log_h` minus log Π_{s∈S} p(s) per row, by a programme without exp or log per layer.
 
     With q(C) = h(C) / Π_{x∈S∖C} p(x), the recurrence of h becomes
-    q(C) = Σ_{x∈S∖C} q(C ∪ {x}) / p(D∖C), q(S) = 1: per layer one gather of the k-j parents
-    C ∪ {x} of each C (``_plan``'s ``larger``), a sum and one division, in float64: O(k 2^k) per
-    row (not a dense 0/1 matrix per layer, C(k,j) x C(k,j+1): ~4^k time and memory). Every q(C) >= 1
-    (p(D∖C) <= 1), q(∅) is the largest, and q(∅) <= k! / μ^k, finite where :func:`_linear_ok`;
-    p(D∖C) = p(D∖(C ∪ {x0})) + p(x0) (x0 the smallest x ∉ C) is a sum of positive terms, so the
-    programme is accurate to a few float64 ulps. Returns log q(∅), log q({s}) - log p(s) and
-    log q({s, s'}) - log p(s) - log p(s') (diagonal: the {s} term), in ``lp``'s dtype.
+    q(C) = Σ_{x∈S∖C} q(C ∪ {x}) / p(D∖C), q(S) = 1, in float64. Every q(C) >= 1 (p(D∖C) <= 1),
+    q(∅) is the largest, and q(∅) <= k! / μ^k, finite where :func:`_linear_ok`; p(D∖C) is a sum of
+    positive terms, so the programme is accurate to a few float64 ulps. Returns log q(∅),
+    log q({s}) - log p(s) and log q({s, s'}) - log p(s) - log p(s') (diagonal: the {s} term), in
+    ``lp``'s dtype.
+
+    Two forms of a layer, the same numbers: for k <= ``_DENSE_MAX`` one matmul with the 0/1 matrix
+    of C ⊂ C ∪ {x} (C(k,j) x C(k,j+1): ~4^k entries, so small k only) and p(D∖C) = p(D∖S) + Σ_{x∉C} p(x)
+    for every C in one matmul: 2 operations a layer; above it a gather of the k-j parents C ∪ {x}
+    of each C (``_plan``'s ``larger``) and p(D∖C) = p(D∖(C ∪ {x0})) + p(x0) (x0 the smallest x ∉ C):
+    O(k 2^k) time and memory, 5 operations a layer.
     """
     k, size = lp.shape
-    larger, first, x0, pairs = _linear_tables(k, lp.device)
+    tables = _linear_tables(k, lp.device)
     lp64 = lp.double()
-    p_x0 = lp64.exp()[x0].split([f.shape[0] for f in first])  # p(x0) of every C, layer after layer
     q = lp64.new_ones(1, size)  # layer k: q(S) = 1
-    den = log_rest.double().exp().unsqueeze(0)  # p(D∖S)
     layers = [q]
-    for up, f, px in zip(larger, first, p_x0):
-        den = den[f].add_(px)  # p(D∖C)
-        q = q.index_select(0, up.flatten()).view(up.shape + (size,)).sum(1).div_(den)
-        layers.append(q)
+    if tables[0] == "dense":
+        _, up, not_in, pairs = tables
+        inv = torch.addmm(log_rest.double().exp().unsqueeze(0), not_in, lp64.exp()).reciprocal_()
+        for a, d in zip(up, inv.split([a.shape[0] for a in up])):
+            q = torch.mm(a, q).mul_(d)  # Σ_{x∉C} q(C ∪ {x}) / p(D∖C)
+            layers.append(q)
+    else:
+        _, larger, first, x0, pairs = tables
+        p_x0 = lp64.exp()[x0].split([f.shape[0] for f in first])  # p(x0) of every C, layer after layer
+        den = log_rest.double().exp().unsqueeze(0)  # p(D∖S)
+        for up, f, px in zip(larger, first, p_x0):
+            den = den[f].add_(px)  # p(D∖C)
+            q = q.index_select(0, up.flatten()).view(up.shape + (size,)).sum(1).div_(den)
+            layers.append(q)
     q0 = layers[-1][0].log()
     lq1 = layers[-2].log()
     q1 = lq1 - lp64
@@ -398,20 +410,37 @@ def _log_h_linear(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tenso
     return q0.to(lp.dtype), q1.to(lp.dtype), q2.to(lp.dtype)
 
 
-# (k, device) -> _plan's index tables on that device (so a step copies none); integer tables of
-# O(k 2^k) entries only (k <= 16: at most ~5 MB a key), so at most 64 keys hold bounded memory
+# the largest k whose layers are dense 0/1 matrices: Σ_j C(k,j) C(k,j+1) = C(2k, k-1) float64 entries
+# (k = 8: 92 kB, k = 10: 1.3 MB, k = 16: 4.6 GB); at k = 10, batch 100 the gather is faster already; above it, integer index tables of O(k 2^k) entries
+_DENSE_MAX = 8
+
+# (k, device) -> the tables of _log_h_linear on that device (so a step copies none); at most 64 keys,
+# each at most ~5 MB (k <= 16), so bounded memory
 _LINEAR_TABLES: dict = {}
 
 
 def _linear_tables(k: int, device: torch.device) -> tuple:
-    """For :func:`_log_h_linear`, on ``device``: per layer j = k-1, ..., 0 ``larger`` (n_j, k-j) and
-    ``first`` (n_j,) of ``_plan``; ``x0`` (Σ_j n_j,) and ``pairs`` (k, k)."""
+    """For :func:`_log_h_linear`, on ``device``: for k <= ``_DENSE_MAX`` ``("dense", up, not_in, pairs)``
+    with ``up`` per layer j = k-1, ..., 0 the (n_j, n_{j+1}) 0/1 float64 matrix of C ⊂ C ∪ {x} and
+    ``not_in`` (Σ_j n_j, k) 1 at each x ∉ C; else ``("gather", larger, first, x0, pairs)`` with
+    ``_plan``'s per-layer ``larger`` (n_j, k-j) and ``first`` (n_j,), ``x0`` (Σ_j n_j,); ``pairs`` (k, k)."""
     key = (k, device)
     out = _LINEAR_TABLES.get(key)
     if out is None:
-        steps, _, x0, pairs = _plan(k)
-        out = (tuple(larger.to(device) for _, _, larger, _ in steps),
-               tuple(first.to(device) for _, _, _, first in steps), x0.to(device), pairs.to(device))
+        steps, missing, x0, pairs = _plan(k)
+        if k <= _DENSE_MAX:
+            up, above = [], 1
+            for n, _, larger, _ in steps:
+                up.append(torch.zeros(n, above, dtype=torch.float64).scatter_(1, larger, 1.0).to(device))
+                above = n
+            rows = torch.arange(sum(n for n, _, _, _ in steps)).repeat_interleave(
+                torch.tensor([width for n, width, _, _ in steps for _ in range(n)]))
+            not_in = torch.zeros(rows.shape[0] and int(rows[-1]) + 1, k, dtype=torch.float64)
+            not_in[rows, missing] = 1.0
+            out = ("dense", tuple(up), not_in.to(device), pairs.to(device))
+        else:
+            out = ("gather", tuple(larger.to(device) for _, _, larger, _ in steps),
+                   tuple(first.to(device) for _, _, _, first in steps), x0.to(device), pairs.to(device))
         if torch._C._functorch.maybe_current_level() is None and len(_LINEAR_TABLES) < 64:  # (see table_cache)
             _LINEAR_TABLES[key] = out
     return out
