@@ -929,6 +929,31 @@ def test_vmap_of_the_order_1_surrogate_differentiated_twice_is_refused(how):
         assert torch.isfinite(mu.grad).all() and torch.isfinite(g).all() and mu.grad.abs().sum() > 0
 
 
+def test_vmap_of_an_order_2_kink_in_a_downstream_log_p_is_refused():
+    """A pathwise node z whose sample sets a downstream score node's logits through a ReLU: the order-2
+    surrogate differentiates that node's log p twice through the kink, refused eagerly; under vmap the
+    downstream log p (batched) reported requires_grad=False, so it was not walked and order 2 was accepted.
+    Its weights and log p are read under the batching now."""
+    mu0 = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    rep = _VmapPathwise("z", n_samples=3)
+
+    class Score(storch.Estimator):
+        name = "test_core_vmap_downstream_score"
+
+    sc = Score("b", n_samples=3)
+
+    def step(m):
+        with storch.Graph():
+            z = rep(Normal(m, torch.ones_like(m)))
+            b = sc(torch.distributions.Bernoulli(logits=torch.relu(z)))
+            storch.add_cost(b.to(m.dtype).sum(), name="down")
+            return storch.surrogate_loss(order=2)
+
+    for run in (step, torch.func.vmap(step, randomness="different")):
+        with pytest.raises(storch.OrderError, match=r"log-probability of node 'b'.*ReluBackward0"):
+            run(mu0.clone().requires_grad_(True))
+
+
 def test_vmap_of_the_order_1_surrogate_is_unbiased_at_first_order():
     """The refusal hooked under vmap lets a first derivative through: d/dμ E[relu(z)] = Φ(μ) per member."""
     mu0 = torch.tensor([0.3, -0.2], dtype=torch.float64)

@@ -153,6 +153,33 @@ def test_score_function_refuses_order_2_on_a_kink_of_log_p():
             storch.surrogate_loss(order=2)
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_a_kink_of_log_p_is_refused_under_vmap(order):
+    """Under torch.func.vmap the batched log p and parameters report requires_grad=False and have no graph, so
+    the kink walk found nothing: an order-1 surrogate's Hessian outside vmap, and surrogate_loss(order=2) inside
+    it, went through Laplace's |x - loc| without a word (a Hessian of 2.6 against the exact 2). The walk reads
+    the tensors under the batching now; a first derivative of the vmapped step is not refused."""
+    loc0 = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    est = ScoreFunction(plate="x", n_samples=4)
+
+    def step(m):
+        with storch.Graph():
+            z = est(Laplace(m, torch.ones_like(m)))  # (torch's Laplace draws in place: randomness="same")
+            storch.add_cost(z ** 2, name="c")
+            return storch.surrogate_loss(order=order)
+
+    loc = loc0.clone().requires_grad_(True)
+    vmapped = torch.func.vmap(step, randomness="same")
+    if order == 2:
+        with pytest.raises(storch.OrderError, match=r"AbsBackward0"):
+            vmapped(loc)
+        return
+    with pytest.raises(storch.OrderError, match=r"Laplace.*kink in loc"):  # the pass that builds a graph
+        torch.autograd.grad(vmapped(loc).sum(), loc, create_graph=True)
+    g, = torch.autograd.grad(vmapped(loc).sum(), loc)  # first order
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
 def test_a_smooth_log_p_keeps_every_order():
     """Laplace with only its scale learned (-|x - loc| / b is smooth in b), and Normal: order 2 is unbiased
     (z-test of the Hessian against the exact value)."""

@@ -37,7 +37,7 @@ from torch.distributions import (
 )
 
 from .smoothness import _nonsmooth_on_path
-from ._order_guard import is_differentiated
+from ._order_guard import is_differentiated, unbatched
 
 __all__ = ["moving_support", "log_prob_kinks", "same_support"]
 
@@ -349,6 +349,10 @@ def log_prob_kinks(d: Distribution, log_prob: torch.Tensor, order: int) -> tuple
     key = structure(d)
     if key is not None and key in KINK_FREE:
         return [], {}
+    # under torch.func.vmap the batched tensors report requires_grad=False and have no graph: the tensors they
+    # batch do, and a derivative outside vmap differentiates those (read batched, nothing was found: an order-1
+    # surrogate's Hessian outside vmap, or surrogate_loss(order=2) inside, went through a Laplace's |x - loc|)
+    log_prob = unbatched(log_prob)
     named = _grad_tensors(d, "", 0)
     if not named or log_prob.grad_fn is None:
         return [n for n, _ in named], {}
@@ -379,6 +383,7 @@ def _grad_tensors(obj, prefix: str, depth: int, every: bool = False) -> list[tup
         return out
     for k, v in vars(obj).items():
         if isinstance(v, torch.Tensor):
+            v = unbatched(v)  # (see log_prob_kinks: vmap's batched tensors report requires_grad=False)
             if every or v.requires_grad:
                 out.append((prefix + k, v))
         elif isinstance(v, (Distribution, Transform)):

@@ -136,18 +136,20 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
     surrogate learned (:class:`storch.smoothness.PathMemo`): each autograd node is expanded once."""
     if order < 1:  # the value alone: nothing differentiated
         return
+    key = None  # (name, the cost's partition steps): computed once per cost, for its first pathwise node
     for node in nodes:
         est = node.estimator
         if est.requires_rsample and node.handed:
-            who = f"estimator {est.name!r} on plate {node.plate.name!r}"
             if order < 2:
                 seen = _CHECKED_AT_ORDER_1.get(est)
                 if seen is None:
                     seen = _CHECKED_AT_ORDER_1[est] = {}
-                key = (name, _steps_of(cost))
+                if key is None:
+                    key = (name, _steps_of(cost))
                 kinks = seen.get(key)
                 if kinks == ():
                     continue  # checked, smooth: nothing to do at this step
+            who = f"estimator {est.name!r} on plate {node.plate.name!r}"
             inputs = [raw for raw, _ in node.handed]
             roots = _differentiated_through(node, name, cost, nodes)
             walks = memos
@@ -256,11 +258,13 @@ def _differentiated_through(node: Node, name: str, cost, nodes: list[Node]) -> l
             t = next((p.step for p in plates if p.name == other.plate.name), len(log) - 1)
             terms = [(l, f" at step {s}") for s, (_, l) in enumerate(log[:t + 1])]
         for l, at in terms:
-            if isinstance(l, torch.Tensor) and is_differentiated(l):  # (under torch.func.jvp: a tangent)
+            # (under torch.func.jvp: a tangent; under vmap: the tensor it batches requires grad)
+            if isinstance(l, torch.Tensor) and is_differentiated(unbatched(l)):
                 roots.append((l, f"the log-probability of node {other.plate.name!r}{at} (downstream, on the path "
                                  f"to the cost {name!r})"))
-        if _weights_carry(other):
-            roots.append((other._weight_values, f"the weights of node {other.plate.name!r} (downstream, on the "
+        w = other._weight_values
+        if isinstance(w, torch.Tensor) and unbatched(w).requires_grad:  # (_weights_carry, under vmap too)
+            roots.append((w, f"the weights of node {other.plate.name!r} (downstream, on the "
                                                 f"path to the cost {name!r})"))
     return roots
 
@@ -415,7 +419,7 @@ def _guard_log_prob_kink(node: Node) -> None:
     once), asked at order 2: a kink of log p itself (its derivative of order 1 jumps)."""
     log = node.step_log
     lp = log[0][1] if log is not None else node.gradient_values
-    if not isinstance(lp, torch.Tensor) or not lp.requires_grad:
+    if not isinstance(lp, torch.Tensor) or not unbatched(lp).requires_grad:  # (under vmap: the tensor it batches)
         return
     d = node.distribution
     params, found = log_prob_kinks(d, lp, 2)
