@@ -635,3 +635,45 @@ def test_batch_first_fold_inside_the_batch_dim_is_contiguous():
         plates = (z,) + tuple(h.plates)
         folded = _fold(h, plates, 1, True)  # per sample (1, 1, 6): batch dim 1 gets 4 * 1 * 1
         assert folded.shape == (1, 4, 6) and folded.is_contiguous()
+
+
+INDEX_ADD_SPELLINGS = {  # name -> (spelling, the same call as torch.index_add's (args, kwargs) of x, i, s, t)
+    "function": (lambda x, i, s, t: torch.index_add(x, 0, i, s), lambda x, i, s, t: ((x, 0, i, s), {})),
+    "method_alpha": (lambda x, i, s, t: x.index_add(1, i, t, alpha=2.5),
+                     lambda x, i, s, t: ((x, 1, i, t), {"alpha": 2.5})),
+    "keywords": (lambda x, i, s, t: torch.index_add(x, dim=-1, index=i, source=t),
+                 lambda x, i, s, t: ((x, -1, i, t), {})),
+    "method_keywords": (lambda x, i, s, t: x.index_add(dim=0, index=i, source=s, alpha=-1.0),
+                        lambda x, i, s, t: ((x, 0, i, s), {"alpha": -1.0})),
+}
+
+
+@pytest.mark.parametrize("plain_input", [True, False])
+@pytest.mark.parametrize("name", sorted(INDEX_ADD_SPELLINGS))
+def test_index_add_with_a_sampled_index_is_a_scatter_add(monkeypatch, name, plain_input):
+    """index_add with a sampled index went to vmap, where torch's batching rule loops over the batch (60x a
+    scatter_add at 25.6k entries, 137 s for an order-2 enumeration check): it is a scatter_add of the index
+    placed at dim now. Per entry the values equal torch's for that entry (duplicate indices sum), values and
+    gradients equal the vmap path's, and the vmap path is not taken (asserted)."""
+    from storch.plates.rules import indexing
+
+    fn, call = INDEX_ADD_SPELLINGS[name]
+    x = rnd(4, 5) if plain_input else make(rnd(2, 4, 5), ("data", 2))
+    i = make(torch.tensor([[0, 3], [2, 2], [1, 0]]), ("z", 3))  # (a duplicate: entries sum)
+    s = make(rnd(2, 3, 2, 5, seed=1).requires_grad_(True), ("r", 2), ("z", 3))
+    t = make(rnd(2, 4, 2, seed=2).requires_grad_(True), ("r", 2))
+    out = check(fn, x, i, s, t)
+    ref = indexing.vmap_call(torch.index_add, *call(x, i, s, t))  # the path taken before
+    assert out.tensor.shape == ref.tensor.shape
+    torch.testing.assert_close(out.tensor, ref.tensor)
+    w = torch.randn(out.tensor.shape, dtype=D, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad((out.tensor * w).sum(), [s.tensor, t.tensor], allow_unused=True)
+    want = torch.autograd.grad((ref.tensor * w).sum(), [s.tensor, t.tensor], allow_unused=True)
+    for g, h in zip(got, want):
+        assert (g is None) == (h is None)
+        if g is not None:
+            torch.testing.assert_close(g, h)
+    calls = []
+    monkeypatch.setattr(indexing, "vmap_call", lambda *a: calls.append(a))
+    fn(x, i, s, t)
+    assert not calls and treatment_of(torch.index_add).treatment == Treatment.HANDLER

@@ -14,7 +14,8 @@ Boolean masks that vary per sample would select different numbers of elements an
 (except as the single index of an assignment, ``x[mask] = v``).
 
 ``torch.select(x, dim, i)`` with a sampled ``i`` is ``x[..., i]`` (at ``dim``); ``roll`` by a sampled
-shift and ``repeat_interleave`` with sampled repeats are refused with what to write instead.
+shift and ``repeat_interleave`` with sampled repeats are refused with what to write instead;
+``index_add`` with a sampled index is a ``scatter_add`` (torch's vmap rule for it loops over the batch).
 """
 
 from __future__ import annotations
@@ -349,3 +350,30 @@ def _repeat_interleave(func, args, kwargs):
             "a fixed shape: repeat by the largest count R and mask the rest, e.g. `y = x.repeat_interleave(R, 0)` "
             "with `keep = torch.arange(R) < repeats.unsqueeze(-1)` as a weight or in torch.where")
     return vmap_call(func, args, kwargs)
+
+
+@register(torch.index_add, _T.index_add)
+def _index_add(func, args, kwargs):
+    """per sample; a sampled index as a scatter_add of it placed at dim
+
+    (vmap's batching rule for a batched index loops over the batch: ~60x slower.)
+    Per sample ``x.index_add(d, i, src, alpha=a)`` is ``x.scatter_add(d, I, a * src)`` with ``I`` the index
+    placed at ``d`` and expanded to ``src``'s shape: the same sums, and the same derivatives (the gradient of
+    ``src`` gathers the output's at ``I``, as index_add's selects it at ``i``)."""
+    names = ("input", "dim", "index", "source")
+    bound = dict(zip(names, args))
+    extra = {k: v for k, v in kwargs.items() if k not in names}
+    bound.update((k, v) for k, v in kwargs.items() if k in names)
+    x, d, i, src = (bound.get(k) for k in names)
+    if (type(i) is not _PT or set(extra) - {"alpha"} or not isinstance(d, int) or not isinstance(src, _T)
+            or src.dim() == 0 or i.dim() != 1 or not isinstance(x, _T) or x.dim() != src.dim()):
+        return vmap_call(func, args, kwargs)  # (torch's own checks and errors, per sample)
+    k = src.dim()
+    if not -k <= d < k:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-k}, {k - 1}], but got {d})")
+    d %= k
+    shape = [1] * k
+    shape[d] = i.shape[0]
+    index = i.reshape(shape).expand(src.shape)
+    alpha = extra.get("alpha", 1)
+    return torch.scatter_add(x, d, index, src if alpha == 1 else src * alpha)
