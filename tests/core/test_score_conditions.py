@@ -437,6 +437,23 @@ def test_independent_bernoulli_hessian_under_nested_torch_func_is_unbiased(monke
     assert_unbiased(h, float(exact), "d²/dθ² E[Σ(z - 0.3)² θ]")
 
 
+def test_an_in_place_sampler_under_vmap_different_randomness_is_named_as_the_cause():
+    """torch's Normal.rsample fills a new tensor in place (normal_), which vmap(randomness='different') refuses:
+    the message said storch reads its samples or builds a learned part and advised a Python loop; it now names
+    the distribution's sampler and the ways out (randomness='same', a plate, a loop), and 'same' works."""
+    est = storch.estimator("reparameterization", plate="z", n_samples=3)
+
+    def step(m):
+        with storch.Graph():
+            storch.add_cost(est(Normal(m, torch.ones_like(m))) ** 2, name="c")
+            return storch.surrogate_loss()
+
+    m = torch.tensor([0.3, -0.2])
+    with pytest.raises(storch.StorchError, match=r"cannot draw from Normal.*randomness='same'.*denote_independent"):
+        torch.func.vmap(step, randomness="different")(m)
+    assert torch.isfinite(torch.func.vmap(step, randomness="same")(m)).all()
+
+
 def test_vmap_randomness_error_mode_is_named_as_the_cause():
     """vmap with its default randomness='error' refuses the estimator's draws: the message blamed storch
     reading its samples and advised a Python loop; it now names randomness='different', which works."""

@@ -735,6 +735,19 @@ class Estimator(torch.nn.Module):
                     "randomness='different') for first derivatives); for second derivatives use "
                     "torch.func.jacrev(torch.func.jacrev(f)) or torch.autograd.functional.hessian(f, x) "
                     f"(torch said: {str(e)[:200]})") from e
+            if isinstance(e, RuntimeError) and "different inplace randomness on an unbatched tensor" in str(e):
+                # the draw itself: torch's rsample of some distributions (Normal, Laplace, ...) fills a new tensor
+                # of the sample's shape in place (normal_, uniform_), which vmap(randomness="different") cannot
+                # make different per member; nothing of storch reads a sample here
+                dist = type(distribution).__name__
+                raise StorchError(
+                    f"estimator {self.name!r} (plate {self.plate!r}) cannot draw from {dist} inside "
+                    "torch.func.vmap(randomness='different'): torch's sampler for it fills a new tensor with random "
+                    "numbers in place, which vmap can only do with one draw for every vmapped member. Use "
+                    "randomness='same' (the members share the draws: their per-member results are then correlated), "
+                    "or give the members a plate instead of vmap (storch.denote_independent(x, dim, 'data'): one "
+                    "independent draw per data point, vectorised), or run the members in a Python loop "
+                    f"(torch said: {str(e)[:200]})") from e
             if isinstance(e, RuntimeError) and str(e).startswith("vmap:") and _under_jacfwd():
                 raise StorchError(
                     f"estimator {self.name!r} (plate {self.plate!r}) cannot run inside torch.func.jacfwd or "
