@@ -677,3 +677,100 @@ def test_index_add_with_a_sampled_index_is_a_scatter_add(monkeypatch, name, plai
     monkeypatch.setattr(indexing, "vmap_call", lambda *a: calls.append(a))
     fn(x, i, s, t)
     assert not calls and treatment_of(torch.index_add).treatment == Treatment.HANDLER
+
+
+# -- out= (no rule reads it: a plain buffer got the raw plate storage, index_select/take returned the
+# last plate entry's value for every entry, gather ignored out) ---------------------------------------
+
+_TABLE = torch.arange(12., dtype=D).view(4, 3)
+_IDX = torch.tensor([3, 2, 1, 3])
+
+# name: (call with plate arguments, call for one entry k); each takes out=
+_OUT_CALLS = {
+    "index_select": (lambda x, i, out: torch.index_select(_TABLE, 0, i.view(1), out=out),
+                     lambda k, out: torch.index_select(_TABLE, 0, _IDX[k].view(1), out=out)),
+    "take": (lambda x, i, out: torch.take(_TABLE, i.view(1), out=out),
+             lambda k, out: torch.take(_TABLE, _IDX[k].view(1), out=out)),
+    "gather": (lambda x, i, out: torch.gather(_TABLE, 0, i.view(1, 1).expand(1, 3), out=out),
+               lambda k, out: torch.gather(_TABLE, 0, _IDX[k].view(1, 1).expand(1, 3), out=out)),
+    "mul": (lambda x, i, out: torch.mul(x, 2.0, out=out), lambda k, out: torch.mul(_X[k], 2.0, out=out)),
+    "sigmoid": (lambda x, i, out: torch.sigmoid(x, out=out), lambda k, out: torch.sigmoid(_X[k], out=out)),
+    "sum": (lambda x, i, out: torch.sum(x, 0, out=out), lambda k, out: torch.sum(_X[k], 0, out=out)),
+    "cumsum": (lambda x, i, out: torch.cumsum(x, 1, out=out), lambda k, out: torch.cumsum(_X[k], 1, out=out)),
+    "matmul": (lambda x, i, out: torch.matmul(x, _TABLE.T, out=out),
+               lambda k, out: torch.matmul(_X[k], _TABLE.T, out=out)),
+    "vector_norm": (lambda x, i, out: torch.linalg.vector_norm(x, dim=1, out=out),
+                    lambda k, out: torch.linalg.vector_norm(_X[k], dim=1, out=out)),
+    "normalize": (lambda x, i, out: F.normalize(x, 2.0, 1, out=out),  # a Python function: passes out=None on
+                  lambda k, out: F.normalize(_X[k], 2.0, 1, out=out)),
+    "max": (lambda x, i, out: torch.max(x, 1, out=out), lambda k, out: torch.max(_X[k], 1, out=out)),
+    "sort": (lambda x, i, out: torch.sort(x, 1, out=out), lambda k, out: torch.sort(_X[k], 1, out=out)),
+}
+_X = rnd(4, 2, 3, seed=7)
+
+
+def _plate_args():
+    return make(_X.clone(), ("z", 4)), make(_IDX.clone(), ("z", 4))
+
+
+def _as_tuple(r):
+    return tuple(r) if isinstance(r, tuple) else (r,)
+
+
+@pytest.mark.parametrize("name", list(_OUT_CALLS))
+def test_out_a_plain_buffer_is_refused(name):
+    call, one = _OUT_CALLS[name]
+    x, i = _plate_args()
+    bufs = tuple(torch.full(r.shape, -1.0, dtype=r.dtype) for r in _as_tuple(one(0, None)))
+    kept = [b.clone() for b in bufs]
+    with pytest.raises(storch.PlateError, match=r"out= a plain tensor.*Drop out= and assign the result"):
+        call(x, i, bufs if len(bufs) > 1 else bufs[0])
+    for b, k in zip(bufs, kept):  # nothing written
+        assert torch.equal(b, k)
+
+
+@pytest.mark.parametrize("name", list(_OUT_CALLS))
+def test_out_a_plate_tensor_is_written_per_entry(name):
+    call, one = _OUT_CALLS[name]
+    x, i = _plate_args()
+    expected = [_as_tuple(one(k, None)) for k in range(4)]
+    bufs = tuple(make(torch.full((4, *r.shape), -1.0, dtype=r.dtype), ("z", 4)) for r in expected[0])
+    got = call(x, i, bufs if len(bufs) > 1 else bufs[0])
+    assert all(g is b for g, b in zip(_as_tuple(got), bufs))  # torch returns the out tensors
+    if len(bufs) > 1:
+        assert type(got) is type(one(0, None))  # the structseq (values, indices)
+    for k in range(4):
+        for b, e in zip(bufs, expected[k]):
+            assert torch.equal(b.tensor[k], e)
+    assert type(call(x, i, None)) is type(got)  # out=None: the call without out
+
+
+def test_out_a_plate_tensor_with_more_plates_and_a_plain_call():
+    x = make(rnd(3, 2, seed=1), ("z", 3))
+    buf = make(torch.zeros(3, 2, 2, dtype=D), ("z", 3), ("w", 2))
+    assert torch.mul(x, 2.0, out=buf) is buf  # the value does not vary over w: every w entry gets it
+    assert torch.equal(buf.tensor, (2 * x.tensor).unsqueeze(1).expand(3, 2, 2))
+    t = rnd(2, seed=2)
+    assert torch.add(t, 1.0, out=buf) is buf  # only out is a plate tensor: every entry gets the plain result
+    assert torch.equal(buf.tensor, (t + 1).expand(3, 2, 2))
+
+
+def test_out_a_plate_tensor_that_cannot_hold_the_result_is_refused():
+    x = make(rnd(3, 2, seed=1), ("z", 3))
+    with pytest.raises(storch.PlateError, match="per-sample shape"):
+        torch.mul(x, 2.0, out=make(torch.zeros(3, 5, dtype=D), ("z", 3)))  # torch would resize it
+    with pytest.raises(storch.PlateError, match="dtype"):
+        torch.mul(x, 2.0, out=make(torch.zeros(3, 2), ("z", 3)))
+    with pytest.raises(storch.PlateError, match="vary over plates"):
+        torch.mul(x, 2.0, out=make(torch.zeros(2, 2, dtype=D), ("w", 2)))
+    with pytest.raises(storch.PlateError, match="vary over plates"):  # a size-1 (shared) plate dim
+        torch.mul(x, 2.0, out=make(torch.zeros(1, 2, dtype=D), ("z", 3)))
+
+
+def test_out_a_plate_tensor_passes_the_gradient():
+    w = rnd(3, 2, seed=3).requires_grad_()
+    x = make(w, ("z", 3))
+    buf = make(torch.zeros(3, 2, dtype=D), ("z", 3))
+    torch.mul(x, x, out=buf)
+    (g,) = torch.autograd.grad(buf.tensor.sum(), w)
+    torch.testing.assert_close(g, 2 * w.detach())

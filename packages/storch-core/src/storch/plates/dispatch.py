@@ -24,7 +24,7 @@ from .rules import indexing, losses, metadata, shape  # noqa: F401  (register th
 from .rules.batch_first import batch_first
 from .rules.pointwise import _is_inplace, broadcast, broadcast_inplace, random_pointwise
 from .rules.vmap import vmap_call
-from .tensor import PlateTensor, install_dispatcher, too_many_dims_message
+from .tensor import PlateTensor, _names, align, install_dispatcher, too_many_dims_message, union_plates
 from .tensor import new_plate_tensor as _new
 from .treatments import _LISTENERS, Entry, Treatment, describe, treatment_of
 
@@ -145,6 +145,60 @@ def _in_ddp_sink() -> bool:
     return False
 
 
+def _with_out(func, args, kwargs):
+    """``func(..., out=...)`` with plate tensors among the arguments (or as ``out``).
+
+    No rule reads ``out``: passed on, the raw call would write (and resize) the buffer with the raw
+    plate storage, and rules that compute per plate entry (vmap, index_select's gather) return the
+    last entry's value for every entry. So the call runs without ``out`` and its result is written
+    into ``out`` only where that is exactly torch's per-sample behaviour: every ``out`` is a plate
+    tensor with the result's per-sample shape and dtype and (at least) the result's plates (autograd
+    follows the copy, where torch refuses out= on operands that need grad). A plain buffer cannot
+    hold a value per plate entry: refused.
+    """
+    out = kwargs["out"]
+    rest = {k: v for k, v in kwargs.items() if k != "out"}
+    name = describe(func)
+    several = isinstance(out, (tuple, list))
+    outs = tuple(out) if several else (out,)
+    if not all(type(o) is _PT for o in outs):
+        raise PlateError(
+            f"{name} was called with out= a plain tensor and plate tensors among its arguments: its result holds "
+            "one value per plate entry, which a plain out= buffer cannot hold (torch would overwrite or resize "
+            f"it with storch's raw plate storage). Drop out= and assign the result: `buf = {name}(...)` (a "
+            "buffer that is a plate tensor of the result's per-sample shape, dtype and plates is written as asked)")
+    res = func(*args, **rest)  # re-enters the dispatcher (plain torch where only out= is a plate tensor)
+    results = tuple(res) if several and isinstance(res, tuple) else (res,)
+    if len(results) != len(outs) or not all(isinstance(r, _T) for r in results):
+        raise PlateError(f"{name}(..., out=...) on plate tensors: out= holds {len(outs)} tensor(s) where the "
+                         "function returns a different structure; drop out= and assign the result")
+    srcs = []  # every out checked before any is written
+    for o, r in zip(outs, results):
+        rp = r._plates if type(r) is _PT else ()
+        if tuple(r.shape) != tuple(o.shape) or r.dtype != o.dtype:
+            raise PlateError(
+                f"{name}(..., out=...) on plate tensors: the result has per-sample shape {tuple(r.shape)} and dtype "
+                f"{r.dtype}, out= has {tuple(o.shape)} and {o.dtype}; storch writes out= only where they are equal "
+                f"(it does not resize or cast a plate tensor). Drop out= and assign the result: `buf = {name}(...)`")
+        src = r  # a plain result (only out= is a plate tensor): every entry gets it
+        if rp:
+            fits = len(union_plates((o._plates, rp))) == len(o._plates)  # rp among out's plates
+            if fits:
+                src = align(r._raw, rp, o._plates, o.dim())
+                fits = all(s == 1 or s == d for s, d in zip(src.shape, o._raw.shape))  # not a size-1 plate dim
+            if not fits:
+                raise PlateError(
+                    f"{name}(..., out=...) would write values that vary over plates {_names(rp)} into a plate "
+                    f"tensor with plates {_names(o._plates)} (or one that is shared along them); drop out= and "
+                    f"assign the result: `buf = {name}(...)`")
+        srcs.append(src)
+    for o, src in zip(outs, srcs):
+        o._raw.copy_(src)  # the wrapper describes its raw tensor, now written
+    if not several:
+        return outs[0]
+    return type(res)(outs) if hasattr(type(res), "n_fields") else type(out)(outs)
+
+
 @mark_eager_only
 def _torch_function(cls, func, types, args=(), kwargs=None):
     # PlateTensor.__torch_function__, the dispatcher. The implementation of each function is
@@ -162,6 +216,10 @@ def _torch_function(cls, func, types, args=(), kwargs=None):
     if impl is None:
         impl = _implementation(func)
     try:
+        # the only cost on the common path (calls without keywords skip it); out=None is no buffer
+        # (Python functions such as F.normalize pass it on to torch.overrides)
+        if kwargs and kwargs.get("out") is not None:
+            return _with_out(func, args, kwargs)
         if impl is broadcast and not kwargs and len(args) == 1 and type(args[0]) is _PT:
             x = args[0]
             out = func(x._raw)
