@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Categorical, Independent, Normal, OneHotCategorical
+from torch.distributions import Bernoulli, Categorical, Independent, Laplace, Normal, OneHotCategorical
 
 import storch
 import storch.testing as kit
@@ -36,8 +36,8 @@ def _flat_proposal(p):
         return Bernoulli(probs=torch.full_like(p.probs, 0.5), validate_args=False)
     if isinstance(p, (Categorical, OneHotCategorical)):
         return type(p)(logits=torch.zeros_like(p.logits), validate_args=False)
-    if isinstance(p, Normal):
-        return Normal(p.loc.detach(), 1.5 * p.scale.detach(), validate_args=False)
+    if isinstance(p, (Normal, Laplace)):  # (the kit's laplace[loc] model: a wider Laplace)
+        return type(p)(p.loc.detach(), 1.5 * p.scale.detach(), validate_args=False)
     raise TypeError(type(p).__name__)
 
 

@@ -291,3 +291,69 @@ def test_no_gradient_error_names_no_grad_sampling():
         with pytest.raises(storch.StorchError, match=r"no tensor that requires grad.*\['a'\] were sampled under "
                                                      r"torch.no_grad\(\)"):
             storch.backward()
+
+
+# -- the components' result shapes (docs/writing-an-estimator.md, section 1) ----------------------------
+
+
+class _UnsummedScore(storch.Estimator):
+    """BUG: l = per-entry log p (distribution.log_prob, not node.log_prob): shape (N, 3), not (N,)."""
+
+    name = "test_core_unsummed_score"
+
+    def gradient_function(self, node):
+        return node.distribution.log_prob(node.sample)
+
+
+class _NoSampleDim(storch.Estimator):
+    """BUG: a proposal without the sample dim (distribution.sample() instead of sample((n,)))."""
+
+    name = "test_core_no_sample_dim"
+
+    def proposal(self, node):
+        return node.distribution.sample()
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_a_gradient_function_not_summed_over_the_nodes_own_dims_is_refused(n):
+    """With N equal to the node's 3 own dims the (N, 3) result was silently taken for (N, *parents) and
+    broadcast (a gradient z of 80 against enumeration); with N = 4 torch raised a bare broadcasting error."""
+    th = torch.tensor([0.3, -0.6, 0.9], requires_grad=True)
+    with storch.Graph():
+        with pytest.raises(storch.StorchError, match=r"gradient_function returned a tensor of shape \(%d, 3\).*"
+                           r"\(%d,\).*node.log_prob" % (n, n)):
+            _UnsummedScore("z", n_samples=n)(Bernoulli(logits=th))
+
+
+def test_a_proposal_without_the_sample_dim_is_refused():
+    """The node's first own batch dim became the plate (size 3, n_samples=2 ignored) without a word."""
+    th = torch.tensor([0.3, -0.6, 0.9], requires_grad=True)
+    with storch.Graph():
+        with pytest.raises(storch.StorchError, match=r"proposal returned samples of shape \(3,\).*\(N, 3, \.\.\.\)"
+                           r".*sample\(\(self.n_samples,\)\)"):
+            _NoSampleDim("z", n_samples=2)(Bernoulli(logits=th))
+
+
+def test_broadcastable_component_results_are_accepted():
+    """What the docs allow: a gradient function of shape (1,) (pathwise), weights with fewer dims, size-1 dims."""
+
+    class Broadcasting(storch.Estimator):
+        name = "test_core_broadcasting"
+
+        def gradient_function(self, node):
+            return node.log_prob(node.sample)[:, :1]  # (N, 1) for (N, data): broadcast along the data plate
+
+        def weighting_function(self, node):
+            return torch.full((node.n,), 1.0 / node.n)  # (N,): padded to (N, 1)
+
+        @property
+        def uniform_weights(self):
+            return False
+
+    th = torch.zeros(5, requires_grad=True)
+    with storch.Graph():
+        logits = storch.denote_independent(th, 0, "data")
+        z = Broadcasting("z", n_samples=2)(Bernoulli(logits=logits))
+        storch.add_cost(z)
+        g, = torch.autograd.grad(storch.surrogate_loss(), th)
+    assert g.shape == (5,)

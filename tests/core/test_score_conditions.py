@@ -466,3 +466,34 @@ def test_vmap_randomness_error_mode_is_named_as_the_cause():
     with pytest.raises(storch.StorchError, match=r"torch.func.jacfwd.*randomness='different'"):
         torch.func.jacfwd(step)(torch.tensor(0.4))
     assert torch.isfinite(torch.func.jacfwd(step, randomness="different")(torch.tensor(0.4)))
+
+
+class WrittenOutScore(storch.Estimator):
+    """A score function whose gradient function is written out (masking the first sample, as an eos variant
+    would: log p where it is not 0) and which leaves score_function unset."""
+
+    name = "test_core_written_out_score"
+
+    def gradient_function(self, node):
+        lp = node.log_prob(node.sample)
+        return torch.cat([torch.zeros_like(lp[:1]), lp[1:]])
+
+
+def test_a_gradient_function_written_out_as_log_p_gets_the_score_refusals():
+    """score_function None meant 'the base class's method only': a written-out log p lost the refusals (order-2
+    Laplace kink: |z| 145; Uniform(0, 1 + θ) at order 1: |z| 442). Its values are compared with log p once
+    per (class, distribution type)."""
+    loc = torch.tensor(0.3, requires_grad=True)
+    with storch.Graph():
+        z = WrittenOutScore(plate="x", n_samples=4)(Laplace(loc, torch.tensor(0.8)))
+        storch.add_cost(z ** 2)
+        g, = torch.autograd.grad(storch.surrogate_loss(order=1), loc)
+        assert torch.isfinite(g)  # order 1 is unbiased at a kink of log p
+        with pytest.raises(storch.OrderError, match=r"test_core_written_out_score.*AbsBackward0"):
+            storch.surrogate_loss(order=2)
+    for _ in range(2):  # the first node decides; the second is a lookup
+        with storch.Graph():
+            with pytest.raises(storch.UnsupportedDistributionError, match=r"high.*score_function = True"):
+                WrittenOutScore(plate="x", n_samples=4)(Uniform(torch.zeros(()), _h()))
+    with storch.Graph():  # a gradient function that is not log p keeps the moving support
+        NotAScore(plate="y")(Uniform(torch.zeros(()), _h()))

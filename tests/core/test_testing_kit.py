@@ -283,7 +283,7 @@ def test_orders_models_and_errors():
     report = kit.check_against_enumeration("reparameterization", orders=[1])
     assert report.orders == (1,) and all(c.name.endswith("order 1") for c in report.checks)
     models, skipped = kit.standard_models(storch.estimator("reparameterization", plate="z"))
-    assert [m.name for m in models] == ["normal[2]", "chain[Normal]", "independent[Normal]"]
+    assert [m.name for m in models] == ["normal[2]", "chain[Normal]", "independent[Normal]", "laplace[loc]", "uniform[high]"]
     assert "bernoulli[3]" in skipped
     with pytest.raises(AssertionError, match="none of the models"):
         kit.check_against_enumeration("reparameterization", models=[m for m in kit.standard_models(
@@ -335,3 +335,77 @@ def test_z_test_rejects_a_non_finite_exact_value():
     assert not r.ok and math.isinf(float(r.z[0])) and abs(float(r.z[1])) < 4
     with pytest.raises(AssertionError, match="biased"):
         kit.assert_unbiased(est, torch.tensor([0.0, float("inf")]))
+
+
+# -- a score function storch does not know is one: kinked log p, moving support ---------------------------
+
+
+class DeclaredNotAScore(storch.Estimator):
+    """BUG: the gradient function is log p (written out, as a masking variant would), but the class says
+    score_function = False, so storch's refusals for score functions are off."""
+
+    name = "test_declared_not_a_score"
+    score_function = False
+
+    def gradient_function(self, node):
+        return node.log_prob(node.sample)
+
+
+def _refusal_models(est) -> list:
+    return [m for m in kit.standard_models(est)[0] if m.name in ("laplace[loc]", "uniform[high]")]
+
+
+def test_a_score_function_without_its_refusals_fails_the_kink_and_moving_support_models():
+    """The standard models (Bernoulli, Categorical, Normal) cannot tell: a Laplace's kink at order 2 (|z| 145
+    by porting) and Uniform(0, h)'s moving support at order 1 (|z| 442) can; the failure says score_function."""
+    probe = DeclaredNotAScore("x")
+    models = _refusal_models(probe)
+    assert [m.name for m in models] == ["laplace[loc]", "uniform[high]"]
+    report = _check(DeclaredNotAScore, orders=(1, 2), models=models)
+    assert {"laplace[loc], order 2", "uniform[high], order 1"} <= _failed(report)
+    assert "laplace[loc], order 1" not in _failed(report)  # unbiased at order 1: the kink is of log p's derivative
+    assert "score_function = True" in report.table()
+    with pytest.raises(AssertionError, match="score_function = True"):
+        kit.check_against_enumeration(DeclaredNotAScore, orders=(1, 2), models=models)
+
+
+def test_refusals_and_pathwise_estimates_pass_the_kink_and_moving_support_models():
+    """The base class's score function is refused (order 2 at the kink, the moving support when sampling):
+    an accepted outcome, the lower orders still tested; reparameterization is unbiased on both."""
+    report = _check(LeaveOneOut, options={"n_samples": 2}, orders=(0, 1, 2), models=_refusal_models(LeaveOneOut("x")))
+    assert report.ok, report.table()
+    assert {c.name for c in report.checks} == {"laplace[loc], order 0", "laplace[loc], order 1"}
+    assert "refused" in report.skipped["laplace[loc], order 2"]
+    assert "refused while sampling" in report.skipped["uniform[high]"]
+    pathwise = _check("reparameterization", models=_refusal_models(storch.estimator("reparameterization", plate="x")))
+    assert pathwise.ok and len(pathwise.checks) == 8, pathwise.table()
+
+
+class EnumerateOne(storch.Estimator):
+    """BUG: an exact sum over a Bernoulli's two values with weights p(x) (weights that carry the gradient),
+    but uniform_weights says True: the surrogate never reads the weights."""
+
+    name = "test_enum_one"
+    distributions = (Bernoulli,)
+
+    def proposal(self, node):
+        d = node.distribution
+        return torch.arange(2.0, dtype=F64).reshape((2,) + (1,) * len(d.batch_shape)).expand((2,) + d.batch_shape)
+
+    def weighting_function(self, node):
+        return node.log_prob(node.sample).exp()
+
+    def gradient_function(self, node):
+        return torch.zeros(2, dtype=F64)
+
+    @property
+    def uniform_weights(self):
+        return True
+
+
+def test_uniform_weights_claimed_for_weights_that_are_not_one_over_n_is_named():
+    """Was: every order failed with |z| = inf and storch.backward() said 'no tensor that requires grad',
+    neither naming uniform_weights."""
+    chain = [m for m in kit.standard_models(EnumerateOne("z"))[0] if m.name.startswith("chain")]
+    with pytest.raises(AssertionError, match=r"uniform_weights is True.*carry gradient.*1/N = 0.5"):
+        kit.check_against_enumeration(EnumerateOne, models=chain)

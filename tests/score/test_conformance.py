@@ -2,7 +2,7 @@
 and derivatives up to min(max_order, 3) against exact values on the kit's standard models."""
 
 import pytest
-from torch.distributions import Independent, Normal
+from torch.distributions import Independent, Laplace, Normal
 
 from storch.testing import check_against_enumeration
 
@@ -11,8 +11,8 @@ def _proposal(p):
     # a proposal different from p that covers its support: tempered logits, or a wider shifted Normal
     if isinstance(p, Independent):  # the kit's independent[...] model: the same wrapper around q
         return Independent(_proposal(p.base_dist), p.reinterpreted_batch_ndims)
-    if isinstance(p, Normal):
-        return Normal(p.loc.detach() + 0.3, p.scale.detach() * 1.5)
+    if isinstance(p, (Normal, Laplace)):  # (the kit's laplace[loc] model: a wider, shifted Laplace)
+        return type(p)(p.loc.detach() + 0.3, p.scale.detach() * 1.5)
     return type(p)(logits=p.logits.detach() / 2)
 
 

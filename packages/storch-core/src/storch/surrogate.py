@@ -29,7 +29,7 @@ from .cost import CostFrame, _lead, magic_box
 from .eager import eager_only
 from .distributions import RSAMPLE_ORDER_NOTE, grad_parameters, rsample_max_order
 from .errors import NonFiniteCostError, OrderError, StorchError, UnusedSampleWarning
-from .estimators.base import Estimator, _is_score_function
+from .estimators.base import Estimator, _is_score_node
 from .estimators.catalog import installed_classes, supporting_estimators
 from .graph import Graph, current_graph, is_tracing, tracing_recorder
 from .node import Node
@@ -63,7 +63,7 @@ def _check_order(nodes: list[Node], order: int) -> None:
             raise OrderError(_order_message(node, order))
         if node.max_order < order:
             raise OrderError(_node_order_message(node, order))
-        if order >= 2 and _is_score_function(est):
+        if order >= 2 and _is_score_node(node):
             _check_log_prob_smooth(node, order)
 
 
@@ -395,7 +395,7 @@ def _guard_low_order(graph: Graph) -> None:
         if not _low_order(node):
             # (a bare type is in KINK_FREE only where the type fixes what the distribution wraps; a wrapper's
             # structure is looked up by log_prob_kinks)
-            if type(node.distribution) not in KINK_FREE and _is_score_function(node.estimator):
+            if type(node.distribution) not in KINK_FREE and _is_score_node(node):
                 _guard_log_prob_kink(node)
             continue
         message = _low_order_message(node)
@@ -792,7 +792,11 @@ def cost_estimates(graph: Optional[Graph] = None) -> dict[str, torch.Tensor]:
     p: the greedy entry of ``score(baseline="greedy")`` (weight 0), the memory slots and rejected
     samples of ``sum_and_sample``, the weight-0 padding of ``unordered_set`` when the support is
     smaller than k, and the weighted sets of ``expect`` and ``unordered_set``. Averaging a cost's
-    sample dimension by hand counts those entries as samples. The values sum to the surrogate's value.
+    sample dimension by hand counts those entries as samples. The values are the estimates of the costs,
+    not a decomposition of the surrogate: they sum to the surrogate's forward value only where every
+    control variate's forward value is 0 (a baseline enters as (1 - MagicBox(l)) b, whose value is 0); a
+    control variate that is 0 in expectation only (its value at the samples is not: a learned or relaxed
+    control variate, such as RELAX's c(z) - c(z̃) terms) adds to the surrogate's value, not to these.
     """
     graph = graph or current_graph()
     out: dict[str, torch.Tensor] = {}

@@ -62,7 +62,7 @@ from .. import options
 from ..graph import current_graph, is_tracing
 from ..node import Node
 from ..plates.tensor import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
-from ..score_conditions import moving_support, support_is_fixed
+from ..score_conditions import KINK_FREE, moving_support, support_is_fixed
 from .catalog import EstimatorInfo, available, supporting_estimators
 
 __all__ = ["Estimator", "CostFrame", "magic_box"]
@@ -96,7 +96,10 @@ class Estimator(torch.nn.Module):
             with a parameter that requires grad (:func:`storch.extending.moving_support`: its gradient
             misses the boundary term), and ``storch.surrogate_loss(order >= 2)`` refuses a node whose log p
             has a kink in the parameters (Laplace's |x - loc|: ``storch.OrderError``). ``None`` (the
-            default): true when ``gradient_function`` is the base class's (log p).
+            default): true when ``gradient_function`` is the base class's (log p), and for an overridden
+            one whose values are ``node.log_prob(sample)`` where not 0 (compared once per class and
+            distribution type, for types whose log p may have a kink or whose support may move). Set
+            it to True for a log p computed in another form.
         requires_rsample / requires_enumerate_support: capability requirements. An estimator with
             ``requires_enumerate_support`` gets its distribution through
             ``storch.extending.strict_support`` (``node.distribution`` and a partition step's): values of
@@ -230,14 +233,22 @@ class Estimator(torch.nn.Module):
             node.max_order = self.max_order_for(raw)
         _check_sample_entries(self, raw, parents)
         sample = self.proposal(node)
+        own = raw.batch_shape + raw.event_shape  # (torch.Size: parents, own batch, event)
+        # one tuple comparison (a wrong shape would silently move the plate); dims after them may hold a
+        # representation of the value (a relaxation's one-hot vector for a Categorical)
+        if sample.shape[1:len(own) + 1] != own:
+            raise StorchError(_sample_shape_message(self, "proposal", sample.shape, own))
         plate = node.plate = Plate(self.plate, sample.shape[0], False, 0, Lineage())
         node.sample = sample
         graph.add_node(node)
         plates = (plate,) + parents
-        n = len(plates)
-        node.gradient_values = _lead(self.gradient_function(node), n)
+        node.gradient_values = _checked_lead(self, "gradient_function", self.gradient_function(node), plates)
         if not self.uniform_weights:  # uniform ones (1/N) are built only if read (Node.weight_values)
-            node.weight_values = _lead(self.weighting_function(node), n)
+            node.weight_values = _checked_lead(self, "weighting_function", self.weighting_function(node), plates)
+        cls = type(self)
+        if (self.score_function is None and not _is_score_function(cls)
+                and (type(raw) not in KINK_FREE or not support_is_fixed(type(raw)))):
+            _detect_log_p_gradient(self, node, raw)
         if self.eos is not None:
             node.finished = self.is_eos(raw, sample, len(parents))
         out = self.output(node)
@@ -314,11 +325,13 @@ class Estimator(torch.nn.Module):
             log = node.step_log = [(node.plates, node.gradient_values)]
             node._history = [log[0]]
         sample, lp = self.extend(node, raw, plates)
+        own = (raw.batch_shape + raw.event_shape)[1:]  # (raw's first dim: the partition's plate at step t-1)
+        if sample.shape[1:len(own) + 1] != own:
+            raise StorchError(_sample_shape_message(self, "extend", sample.shape, own, t))
         prev = node.plate
         plate = Plate(prev.name, sample.shape[0], False, t, prev.lineage)
         new = (plate,) + parents
-        if type(lp) is not torch.Tensor or lp.dim() < len(new):
-            lp = _lead(lp, len(new))
+        lp = _checked_lead(self, "extend (its gradient function l_t)", lp, new, t)
         if node.steps_in_place and (prev.lineage.parents or plate.size != prev.size or parents != node.parents
                                     or lp.shape != log[0][1].shape):
             node.steps_in_place = False  # L_t re-indexed step by step (Node.history)
@@ -769,6 +782,40 @@ class Estimator(torch.nn.Module):
 _WELL_FORMED: "weakref.WeakSet[type]" = weakref.WeakSet()
 
 
+def _step(step: int) -> str:
+    return f" at step {step} of its partition" if step else ""
+
+
+def _sample_shape_message(est: Estimator, component: str, got: torch.Size, own: torch.Size, step: int = 0) -> str:
+    want = "(N, " + ", ".join(str(s) for s in own) + ", ...)" if own else "(N, ...)"
+    return (f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {component}{_step(step)} returned "
+            f"samples of shape {tuple(got)}, but they must have shape {want}: the sample dim N (the plate size) "
+            f"first, then the raw distribution's batch_shape + event_shape {tuple(own)} (the parent plates, the "
+            "node's own batch dims, its event dims; then, if any, the dims of a representation of the value such as "
+            "a one-hot vector: docs/writing-an-estimator.md, section 1). Draw with the "
+            "sample dim, e.g. node.distribution.sample((self.n_samples,)), not node.distribution.sample()")
+
+
+def _checked_lead(est: Estimator, component: str, t: Any, plates: tuple[Plate, ...], step: int = 0) -> torch.Tensor:
+    """``t`` (a gradient function's or weighting function's result) with its leading dims ``(N, *parents)``,
+    after checking that it has no other dims and that each is the plate's size or 1 (broadcast: a pathwise
+    estimator's gradient function may be one 0 of shape (1,)); fewer dims are padded with size-1 dims."""
+    n = len(plates)
+    t = _lead(t, n)
+    shape = t.shape
+    if len(shape) == n and all(s == p.size or s == 1 for s, p in zip(shape, plates)):
+        return t
+    want = tuple(p.size for p in plates)
+    extra = len(shape) > n
+    fix = ("sum it over the node's own batch (and event) dims: node.log_prob(x) does (not "
+           "node.distribution.log_prob(x), which is per entry)" if extra else
+           f"give it the sizes of the plates {', '.join(repr(p.name) for p in plates)} (or 1 to broadcast)")
+    raise StorchError(
+        f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {component}{_step(step)} returned a "
+        f"tensor of shape {tuple(shape)}, but it must have the dims (N, *parents) = {want} (plate sizes, or 1 to "
+        f"broadcast) and no others (docs/writing-an-estimator.md, section 1): {fix}")
+
+
 def capability_problem(cls: type) -> Optional[str]:
     """What is wrong with the capability attributes ``distributions`` and ``State`` of an estimator
     class, or ``None``: checked at registration and when the class is first instantiated, so that a
@@ -887,6 +934,53 @@ def _is_score_function(est) -> bool:
         if v is None:
             v = _SCORE_FUNCTION[cls] = cls.gradient_function is Estimator.gradient_function
     return v
+
+
+# (estimator class, distribution type) -> whether the class's overridden gradient function returns log p(x)
+# for that type: decided at the first node of a type whose log p may have a kink or whose support may move,
+# for a class that leaves score_function None (the default guesses from the method, not from its values)
+_LOG_P_GRADIENT: dict[tuple[type, type], bool] = {}
+
+
+def _detect_log_p_gradient(est: Estimator, node: Node, raw: Distribution) -> None:
+    """An overridden gradient function that returns ``node.log_prob(sample)`` (a masking / eos variant
+    written out: equal where it is nonzero) is a score function although ``score_function`` was not
+    set: the refusals of a score function apply to it (a moving support: refused here; a kink of log p
+    at order >= 2: :func:`_is_score_node` tells the surrogate). One ``log_prob`` and one comparison per
+    (class, distribution type), eager only, once the parameters require grad; then a dict lookup."""
+    key = (type(est), type(raw))
+    found = _LOG_P_GRADIENT.get(key)
+    if found is None:
+        g = node.gradient_values
+        if is_tracing() or not isinstance(g, torch.Tensor) or torch._C._functorch.is_batchedtensor(g):
+            return  # (decided at an eager call)
+        if not (g.requires_grad and holds_grad(raw)):
+            return  # nothing to tell (frozen parameters, or no gradient through l at all): ask again later
+        try:
+            with torch.no_grad():
+                lp = node.log_prob(node.sample)
+        except (ValueError, RuntimeError, NotImplementedError):  # samples outside the support (relaxed): not log p
+            lp = None
+        g = g.detach()
+        nonzero = g != 0
+        found = lp is not None and g.shape == lp.shape and bool(nonzero.any()) and torch.allclose(g[nonzero], lp[nonzero])
+        _LOG_P_GRADIENT[key] = found
+    if found:
+        moved = moving_support(raw)
+        if moved:
+            raise UnsupportedDistributionError(
+                est._moving_support_message(raw, moved) + f". ({type(est).__qualname__} leaves score_function unset, "
+                "but its gradient_function returns log p(x): storch takes it for a score function. Set "
+                "score_function = True to say so, or score_function = False if the estimator accounts for the "
+                "boundary term itself)")
+
+
+def _is_score_node(node: Node) -> bool:
+    """Whether ``node``'s gradient function is the score log p: its estimator's ``score_function``, or
+    (where that is unset) an overridden gradient function found to return log p (:func:`_detect_log_p_gradient`)."""
+    est = node.estimator
+    return _is_score_function(est) or (est.score_function is None
+                                       and _LOG_P_GRADIENT.get((type(est), type(node.distribution)), False))
 
 
 def _meets_requirements(est, d: Distribution) -> bool:

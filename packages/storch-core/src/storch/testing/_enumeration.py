@@ -8,7 +8,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..errors import UnsupportedDistributionError
+from ..cost import _lead
+from ..errors import OrderError, UnsupportedDistributionError
+from ..estimators.base import Estimator
 from ..graph import Graph, current_graph
 from ..surrogate import surrogate_loss
 from ._models import EstimatorFactory, Model, standard_models, supports
@@ -27,8 +29,11 @@ class ConformanceReport:
         estimator: the estimator's registry name.
         orders: the derivative orders that were tested.
         checks: one :class:`UnbiasednessReport` per (model, order), named ``"model, order m"``.
-        skipped: models not run, with the reason: a distribution the estimator does not support
-            (by its class attributes, or an ``UnsupportedDistributionError`` raised when sampling).
+        skipped: models (or a model's orders, ``"model, order m"``) not run, with the reason: a
+            distribution the estimator does not support (by its class attributes, or an
+            ``UnsupportedDistributionError`` raised when sampling), or an order storch refused on a
+            model where a refusal is an accepted outcome (``Model.may_refuse``).
+        hints: per model name, what a failure of that model most likely means (``Model.hint``).
         seconds: wall time of the whole check.
     """
 
@@ -36,6 +41,7 @@ class ConformanceReport:
     orders: tuple[int, ...]
     checks: list[UnbiasednessReport] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    hints: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -60,6 +66,8 @@ class ConformanceReport:
         if details:
             for c in self.failures:
                 rows += ["", c.table()]
+        failed = {c.name.rsplit(", order ", 1)[0] for c in self.failures}
+        rows += [f"\n{name} failed: {hint}" for name, hint in self.hints.items() if name in failed]
         return "\n".join(rows)
 
     def __str__(self) -> str:
@@ -166,6 +174,31 @@ def _without_plates(model: Model, make: EstimatorFactory, top: int) -> None:
         raise AssertionError(f"{model.name}: non-finite estimates of orders {bad} with a plain parameter (no plates)")
 
 
+def _check_uniform_weights(model: Model, make: EstimatorFactory) -> None:
+    """An estimator that says ``uniform_weights`` and overrides ``weighting_function``: the surrogate never
+    calls the weighting function then (it reduces the plate by its mean), so weights that are not 1/N,
+    or carry gradient, would be silently dropped. Built once with a plain θ."""
+    leaf = model.theta.detach().clone().requires_grad_(True)
+    with torch.random.fork_rng(devices=[]), Graph():
+        torch.manual_seed(0)
+        model.build(make, leaf)
+        for node in current_graph().nodes:
+            est = node.estimator
+            if not est.uniform_weights or type(est).weighting_function is Estimator.weighting_function:
+                continue
+            w = _lead(est.weighting_function(node), len(node.plates))
+            n = node.plate.size
+            if w.requires_grad or not torch.allclose(w.detach(), torch.full_like(w.detach(), 1.0 / n)):
+                values = w.detach().flatten()[:4].tolist()
+                raise AssertionError(
+                    f"{est.name or type(est).__name__}: uniform_weights is True, but weighting_function (overridden) "
+                    f"returns weights {values}{' ...' if w.numel() > 4 else ''}"
+                    f"{' that carry gradient' if w.requires_grad else ''}, not 1/N = {1.0 / n:.4g} (node "
+                    f"{node.plate.name!r} of model {model.name}). With uniform_weights the surrogate reduces the "
+                    "plate by its mean and never reads the weighting function, so these weights are dropped: make "
+                    "uniform_weights False (for the options under which the weights are not 1/N)")
+
+
 def check_against_enumeration(
     estimator: EstimatorLike,
     *,
@@ -223,14 +256,28 @@ def check_against_enumeration(
         skipped = {m.name: r for m in models if (r := supports(probe, m)) is not None}
         models = [m for m in models if m.name not in skipped]
     report = ConformanceReport(probe.name or type(probe).__name__, orders, skipped=skipped)
+    if models and probe.uniform_weights and type(probe).weighting_function is not Estimator.weighting_function:
+        _check_uniform_weights(models[0], make)  # (once: weights that uniform_weights makes the surrogate drop)
     for i, model in enumerate(models):
-        try:
-            report.checks += _run_model(model, make, orders, n_replicates, seed + i, threshold, warmup,
-                                        warmup_replicates, forward_is_a_sample)
-        except UnsupportedDistributionError as e:  # refused when sampling, not by its class attributes
-            report.skipped[model.name] = f"refused while sampling: {e}"
-        except _NotComparable as e:
-            report.skipped[model.name] = str(e)
+        if model.hint:
+            report.hints[model.name] = model.hint
+        tested = orders
+        while tested:
+            try:
+                report.checks += _run_model(model, make, tested, n_replicates, seed + i, threshold, warmup,
+                                            warmup_replicates, forward_is_a_sample)
+            except UnsupportedDistributionError as e:  # refused when sampling, not by its class attributes
+                report.skipped[model.name] = f"refused while sampling: {e}"
+            except _NotComparable as e:
+                report.skipped[model.name] = str(e)
+            except OrderError as e:
+                if not model.may_refuse:
+                    raise
+                # a refused order (a score function at a kink of log p): test the lower ones
+                report.skipped[f"{model.name}, order {max(tested)}"] = f"refused: {e}"
+                tested = tuple(o for o in tested if o < max(tested))
+                continue
+            break
     report.seconds = time.perf_counter() - start
     if not report.checks:
         relaxed = any("relaxed" in why for why in report.skipped.values())

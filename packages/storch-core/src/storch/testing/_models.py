@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-from torch.distributions import Bernoulli, Categorical, Distribution, Independent, Normal, OneHotCategorical
+from torch.distributions import (
+    Bernoulli, Categorical, Distribution, Independent, Laplace, Normal, OneHotCategorical, Uniform,
+)
 
 from ..errors import UnsupportedDistributionError
 from ..estimators.base import Estimator
@@ -46,6 +48,11 @@ class Model:
         exact: ``exact(theta) -> E[total cost]`` (0-dim) in plain torch, differentiable in θ.
         distributions: example distributions of the model's nodes, used to decide whether an
             estimator supports the model.
+        may_refuse: a storch refusal (``OrderError`` at an order, ``UnsupportedDistributionError``
+            when sampling) is an accepted outcome: the model is one where some estimators are
+            biased (a kink of log p, a moving support), so storch must refuse them; the refused
+            orders are reported as skipped and the lower ones still tested.
+        hint: what a failure of the model most likely means, printed under the report's table.
     """
 
     name: str
@@ -53,6 +60,8 @@ class Model:
     build: Callable[[EstimatorFactory, torch.Tensor], None]
     exact: Callable[[torch.Tensor], torch.Tensor]
     distributions: Callable[[], Sequence[Distribution]]
+    may_refuse: bool = False
+    hint: str = ""
 
 
 def supports(estimator: Estimator, model: Model) -> Optional[str]:
@@ -219,6 +228,55 @@ def _normal_chain() -> Model:
     return Model("chain[Normal]", theta, build, exact, lambda: [Normal(theta[0], torch.tensor(1.0, dtype=_F64))])
 
 
+# -- models where a score function is biased: storch must refuse it -----------------------------
+
+_SCORE_HINT = (
+    "{what}, so an estimator whose gradient function is the score log p(x) is biased here; storch refuses such "
+    "an estimator ({refusal}) when it knows it is one. If your gradient_function returns node.log_prob(x) (or "
+    "a masked / per-step variant of it), set the class attribute score_function = True: the default (None) "
+    "assumes a score function only where gradient_function is the base class's")
+
+
+def _laplace() -> Model:
+    """x ~ Laplace(θ, 1); C = x² + 5 (E = θ² + 7). log p = -|x - θ| has a kink in θ: a score function's
+    estimate of order >= 2 misses the delta term -2 p(θ) C(θ), so it must be refused (OrderError)."""
+    one = torch.tensor(1.0, dtype=_F64)
+
+    def build(make: EstimatorFactory, theta: torch.Tensor) -> None:
+        x = make("x")(Laplace(theta[0], one))
+        add_cost(x ** 2 + 5)
+
+    def exact(theta: torch.Tensor) -> torch.Tensor:
+        return theta[0] ** 2 + 7  # E x² = θ² + 2 b², b = 1
+
+    theta = _t(0.4)
+    hint = _SCORE_HINT.format(what="log p = -|x - loc| of a Laplace has a kink in loc (its derivative jumps at x = "
+                              "loc, and autograd drops the delta of the next derivative)",
+                              refusal="storch.OrderError at order >= 2")
+    return Model("laplace[loc]", theta, build, exact, lambda: [Laplace(theta[0], one)], True, hint)
+
+
+def _uniform() -> Model:
+    """x ~ Uniform(0, θ); C = (x - 0.3)² (E = θ²/3 - 0.3 θ + 0.09). The support moves with θ: a score
+    function's estimate misses the boundary term θ⁻¹ C(θ) at order 1 already, so it must be refused
+    (UnsupportedDistributionError when sampling)."""
+    zero = torch.tensor(0.0, dtype=_F64)
+
+    def build(make: EstimatorFactory, theta: torch.Tensor) -> None:
+        x = make("x")(Uniform(zero, theta[0]))
+        add_cost((x - 0.3) ** 2)
+
+    def exact(theta: torch.Tensor) -> torch.Tensor:
+        h = theta[0]
+        return h ** 2 / 3 - 0.3 * h + 0.09
+
+    theta = _t(1.3)
+    hint = _SCORE_HINT.format(what="the support [0, high] of Uniform(0, high) moves with high (the derivative of "
+                              "E C(x) has a boundary term C(high) p(high) that log p's gradient does not hold)",
+                              refusal="storch.UnsupportedDistributionError when sampling")
+    return Model("uniform[high]", theta, build, exact, lambda: [Uniform(zero, theta[0])], True, hint)
+
+
 # -- an Independent-wrapped node ---------------------------------------------------------------
 
 _C22, _V23 = _t(1.0, -0.5, 0.8, 0.6).reshape(2, 2), _t(1.0, -0.5, 2.0, 0.3, -1.2, 0.7).reshape(2, 3)
@@ -291,6 +349,9 @@ def standard_models(estimator: Estimator) -> tuple[list[Model], dict[str, str]]:
     Categorical). Continuous: ``normal[2]`` and ``chain[Normal]``. Last, one node wrapped in
     ``Independent`` (the first supported of Bernoulli, OneHotCategorical, Categorical, Normal):
     ``distributions`` match the wrapped distribution, so every estimator is handed such nodes.
+    Then ``laplace[loc]`` (a kink of log p in loc) and ``uniform[high]`` (a support that moves with
+    high): a score function is biased on them, so the outcome must be an unbiased estimate or a
+    storch refusal (``OrderError`` at the order, ``UnsupportedDistributionError`` when sampling).
     """
     candidates = [_bernoulli(), _categorical(), _onehot()]
     chains = [_chain(k) for k in (Bernoulli, OneHotCategorical, Categorical)]
@@ -298,6 +359,7 @@ def standard_models(estimator: Estimator) -> tuple[list[Model], dict[str, str]]:
     candidates += [chain, _normal(), _normal_chain()]
     wrapped = [_independent(k) for k in (Bernoulli, OneHotCategorical, Categorical, Normal)]
     candidates.append(next((m for m in wrapped if supports(estimator, m) is None), wrapped[0]))
+    candidates += [_laplace(), _uniform()]
     chosen, skipped = [], {}
     for m in candidates:
         reason = supports(estimator, m)
