@@ -803,8 +803,12 @@ def _checked_lead(est: Estimator, component: str, t: Any, plates: tuple[Plate, .
     n = len(plates)
     t = _lead(t, n)
     shape = t.shape
-    if len(shape) == n and all(s == p.size or s == 1 for s, p in zip(shape, plates)):
-        return t
+    if len(shape) == n:
+        if n == 1:  # (the common node without parents: no generator)
+            if shape[0] == plates[0].size or shape[0] == 1:
+                return t
+        elif all(s == p.size or s == 1 for s, p in zip(shape, plates)):
+            return t
     want = tuple(p.size for p in plates)
     extra = len(shape) > n
     fix = ("sum it over the node's own batch (and event) dims: node.log_prob(x) does (not "
