@@ -186,6 +186,88 @@ def test_require_smooth_refuses_a_kink_on_the_path_at_order_2_only(op):
     assert _refused(cost, [z], 1) is None or "Sign" in msg or "Round" in msg  # a jump is wrong at order 1 too
 
 
+
+_F = torch.nn.functional
+_C = torch.tensor([0.1, -0.2, 0.3])
+_SWEEP = {  # op of a sample z of 3 entries -> order of its first discontinuous derivative (None: smooth)
+    "div floor": (lambda z: torch.div(z, 0.5, rounding_mode="floor"), 0),
+    "div trunc": (lambda z: torch.div(z, torch.full((3,), 0.5), rounding_mode="trunc"), 0),
+    "div floor, z the divisor": (lambda z: torch.div(torch.ones(3), z + 3, rounding_mode="floor"), 0),
+    "div": (lambda z: z / (z + 3) / 0.5, None),
+    "vector_norm ord 1": (lambda z: torch.linalg.vector_norm(z - _C, ord=1), 1),
+    "vector_norm ord inf": (lambda z: torch.linalg.vector_norm(z - _C, ord=math.inf), 1),
+    "vector_norm ord 0": (lambda z: torch.linalg.vector_norm(z - _C, ord=0), 0),
+    "vector_norm ord 0.5": (lambda z: torch.linalg.vector_norm(z - _C, ord=0.5), 1),
+    "vector_norm ord 1.5": (lambda z: torch.linalg.vector_norm(z - _C, ord=1.5), 2),
+    "vector_norm of 1 element": (lambda z: torch.linalg.vector_norm(z[:1] - _C[:1]), 1),
+    "vector_norm dim of 1 element": (lambda z: torch.linalg.vector_norm((z - _C)[:, None], dim=1), 1),
+    "vector_norm ord 2 of 3": (lambda z: torch.linalg.vector_norm(z - _C), 3),  # a point: up to order 3
+    "linalg.norm ord inf": (lambda z: torch.linalg.norm(z - _C, ord=math.inf), 1),
+    "torch.norm p 1": (lambda z: torch.norm(z - _C, p=1), 1),
+    "Tensor.norm 1 dim": (lambda z: (z - _C)[None].norm(1, dim=1), 1),
+    "torch.dist p 1": (lambda z: torch.dist(z, _C, p=1), 1),
+    "torch.dist p inf": (lambda z: torch.dist(z, _C, p=math.inf), 1),
+    "torch.dist p 2 of 1": (lambda z: torch.dist(z[:1], _C[:1]), 1),
+    "pairwise_distance p 1": (lambda z: _F.pairwise_distance(z[None], _C[None], p=1), 1),
+    "pdist p 1": (lambda z: _F.pdist(torch.stack([z, _C]), p=1), 1),
+    "cdist p 1": (lambda z: torch.cdist(z[None], _C[None], p=1), 1),
+    "renorm": (lambda z: torch.renorm((z - _C)[None], p=2, dim=0, maxnorm=0.5), 1),
+    "normalize p 2": (lambda z: _F.normalize(z[None]), 3),  # its clamp_min(1e-12) of the norm: a guard
+    "normalize p 1": (lambda z: _F.normalize(z[None], p=1), 1),
+    "copysign of sign": (lambda z: z * torch.copysign(torch.ones(3), z - _C), 0),
+    "copysign of magnitude": (lambda z: torch.copysign(z, -1.0), 1),
+    "hypot with a constant": (lambda z: torch.hypot(z - _C, torch.zeros(3)), 1),
+    "atan2": (lambda z: torch.atan2(z, _C), 0),
+    "angle": (lambda z: torch.angle(z), 0),
+    "softplus threshold 1": (lambda z: _F.softplus(z, threshold=1.0), 0),
+    "softplus": (lambda z: _F.softplus(z), None),
+    "logit eps": (lambda z: torch.logit(torch.sigmoid(z), eps=0.1), 1),
+    "logit": (lambda z: torch.logit(torch.sigmoid(z)), None),
+    "smooth_l1_loss": (lambda z: _F.smooth_l1_loss(z, _C), 2),
+    "smooth_l1_loss beta 0": (lambda z: _F.smooth_l1_loss(z, _C, beta=0.0), 1),
+    "huber_loss": (lambda z: _F.huber_loss(z, _C), 2),
+    "l1_loss": (lambda z: _F.l1_loss(z, _C), 1),
+    "scatter_reduce amax": (lambda z: torch.zeros(2).scatter_reduce(0, torch.tensor([0, 1, 0]), z, "amax"), 1),
+    "scatter_reduce sum": (lambda z: torch.zeros(2).scatter_reduce(0, torch.tensor([0, 1, 0]), z, "sum"), None),
+    "segment_reduce max": (lambda z: torch.segment_reduce(z, "max", lengths=torch.tensor([2, 1])), 1),
+    "embedding_bag max": (lambda z: _F.embedding_bag(torch.tensor([[0, 1]]), z[:, None], mode="max"), 1),
+    "embedding_bag sum": (lambda z: _F.embedding_bag(torch.tensor([[0, 1]]), z[:, None], mode="sum"), None),
+    "fake_quantize": (lambda z: torch.fake_quantize_per_tensor_affine(z, 0.1, 0, -128, 127), 0),
+    "fmod": (lambda z: torch.fmod(z, 0.5), 0), "remainder": (lambda z: z % 0.5, 0), "frac": (torch.frac, 0),
+    "trunc": (torch.trunc, 0), "ceil": (torch.ceil, 0), "floor": (torch.floor, 0), "round": (torch.round, 0),
+    "round decimals": (lambda z: torch.round(z, decimals=1), 0), "sign": (torch.sign, 0), "sgn": (torch.sgn, 0),
+    "hardshrink": (_F.hardshrink, 0), "softshrink": (_F.softshrink, 1), "threshold": (lambda z: _F.threshold(z, 0.1, 2.0), 0),
+    "hardtanh": (_F.hardtanh, 1), "relu6": (_F.relu6, 1), "hardswish": (_F.hardswish, 1),
+    "hardsigmoid": (_F.hardsigmoid, 1), "leaky_relu": (_F.leaky_relu, 1),
+    "rrelu eval": (lambda z: _F.rrelu(z, training=False), 1), "selu": (_F.selu, 1), "elu": (_F.elu, 2),
+    "maximum": (lambda z: torch.maximum(z, _C), 1), "fmin": (lambda z: torch.fmin(z, _C), 1),
+    "cummax": (lambda z: torch.cummax(z, 0).values, 1), "cummin": (lambda z: torch.cummin(z, 0).values, 1),
+    "amax": (lambda z: z.amax(0), 1), "min dim": (lambda z: z.min(0).values, 1), "median": (torch.median, 1),
+    "kthvalue": (lambda z: z.kthvalue(2).values, 1), "topk": (lambda z: z.topk(2).values, 1),
+    "sort": (lambda z: z.sort().values, 1), "quantile": (lambda z: torch.quantile(z, 0.3), 1),
+    "max_pool1d": (lambda z: _F.max_pool1d(z[None, None], 2), 1),
+    "adaptive_max_pool1d": (lambda z: _F.adaptive_max_pool1d(z[None, None], 1), 1),
+    "clamp tensor bounds": (lambda z: torch.clamp(z, min=_C, max=_C + 1), 1),
+    "mish": (_F.mish, None), "gelu": (_F.gelu, None), "silu": (_F.silu, None), "logsigmoid": (_F.logsigmoid, None),
+    "mse_loss": (lambda z: _F.mse_loss(z, _C), None), "nan_to_num": (torch.nan_to_num, None),
+    "pad reflect": (lambda z: _F.pad(z[None, None], (1, 1), mode="reflect"), None),
+    "interpolate nearest (of values: linear)": (lambda z: _F.interpolate(z[None, None], scale_factor=2), None),
+    "logsumexp": (lambda z: torch.logsumexp(z, 0), None), "cosine_similarity": (lambda z: _F.cosine_similarity(z, _C, 0), 3),
+}
+
+
+@pytest.mark.parametrize("name", list(_SWEEP))
+def test_single_node_operations_are_classified_by_their_first_discontinuous_derivative(name):
+    """Each operation as torch records it (one autograd node, or a decomposition): the lowest order found on the
+    path (None: smooth). A renamed node in a future torch, or a new ord / mode it saves, fails here."""
+    from storch.smoothness import _nonsmooth_on_path
+
+    op, expected = _SWEEP[name]
+    z = torch.sigmoid(torch.tensor([0.3, -1.2, 0.8], requires_grad=True)) * 2 - 1  # a relaxed sample
+    found = _nonsmooth_on_path(op(z).sum(), [z], 10)
+    assert (min(found.values()) if found else None) == expected, found
+
+
 def test_require_smooth_passes_smooth_paths_and_kinks_off_the_path():
     w = torch.randn(3, 3, requires_grad=True)
     leaf = torch.rand(3, requires_grad=True)  # a leaf sample: found through its AccumulateGrad node

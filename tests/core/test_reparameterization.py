@@ -157,6 +157,32 @@ def test_order_1_surrogate_with_a_kink_differentiated_twice_is_refused(how):
             differentiate_twice(lambda m: _relu_step(est, m), mu0, how)
 
 
+
+def test_a_rounding_division_is_a_jump_and_a_one_norm_a_kink():
+    """torch.div(x, d, rounding_mode="floor") is floor(x / d), a jump, but its autograd node is division's
+    (DivBackward2, the mode saved in it): the pathwise gradient was silently 0 (exact: sum_k phi(k/2 - mu),
+    about 2). vector_norm(x - c, ord=1) (LinalgVectorNormBackward0) is ||x - c||_1, a kink: its Hessian was
+    silently 0 at order 2 and through the order-1 surrogate differentiated twice (exact: 2 phi(mu - c))."""
+    mu0 = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    c = torch.tensor([0.1, 0.4], dtype=torch.float64)
+    est = storch.estimator("reparameterization", plate="x", n_samples=4)
+    for mode in ("floor", "trunc"):
+        with storch.Graph():
+            x = est(Normal(mu0.clone().requires_grad_(True), 1.0))
+            storch.add_cost(torch.div(x, 0.5, rounding_mode=mode).sum(), name="floored")
+            with pytest.raises(storch.OrderError, match=r"'floored'.*DivBackward2.*order 0"):
+                storch.surrogate_loss()
+    for norm in (lambda v: torch.linalg.vector_norm(v, ord=1, dim=-1), lambda v: torch.dist(v, torch.zeros(2), p=1)):
+        with storch.Graph():
+            x = est(Normal(mu0.clone().requires_grad_(True), 1.0))
+            storch.add_cost(norm(x - c), name="l1")
+            with pytest.raises(storch.OrderError, match=r"'l1'.*(Norm|Dist)Backward"):
+                storch.surrogate_loss(order=2)
+        for how in ("hessian", "grad_of_grad"):
+            with pytest.raises(storch.OrderError, match=r"'reparameterization'.*'c'.*(Norm|Dist)Backward"):
+                differentiate_twice(lambda m: _relu_step(est, m, lambda v: norm(v - c)), mu0, how)
+
+
 def test_order_1_surrogate_with_a_kink_trains_and_a_smooth_cost_differentiates_twice():
     """First-order use of a cost with a kink is unaffected (storch.backward, autograd.grad without
     create_graph); a smooth cost's order-1 surrogate still gives its (correct) Hessian."""

@@ -66,6 +66,147 @@ def _grid_order(node, reach=()) -> Optional[int]:
     return 1
 
 
+def _rounding_order(node, reach=()) -> Optional[int]:
+    """Division (DivBackward2/3, the same autograd node as plain division): with ``rounding_mode`` "floor" or
+    "trunc" (``torch.div(x, d, rounding_mode=...)``) the value jumps and autograd reports 0: a jump (0);
+    plain (true) division is smooth where finite."""
+    return None if getattr(node, "_saved_rounding_mode", None) is None else 0
+
+
+def _lp_order(p, m: Optional[int]) -> Optional[int]:
+    """The order of the first discontinuous derivative of the p-norm of a vector of ``m`` elements (``None``:
+    unknown, counted as 1). p = 0 (the number of non-zero entries) jumps where an entry is 0: 0. p = ±inf
+    (max |x_i|), p <= 1 (|x_i|^p, at x_i = 0) and m = 1 (the norm of one element is |x|): a kink, 1. Otherwise
+    |x_i|^p has a discontinuous derivative of order ceil(p) at x_i = 0 unless p is an even integer, and the
+    norm is not differentiable at the zero vector: its n-th derivative ~ r^(1-n) is integrable there, with no
+    delta, up to n = m, so a continuous sample meets it as a point of measure zero until order m. That holds
+    where the vector's entries vary independently near 0 (a full-rank map of the samples); a vector confined
+    to a line through 0 (||z · v|| for a scalar z) is a kink the table cannot tell from its node."""
+    try:
+        p = float(p)
+    except (TypeError, ValueError):
+        return 1
+    if p == 0:
+        return 0
+    if math.isinf(p) or p <= 1 or m is None or m <= 1:
+        return 1
+    k = m
+    if not (p == int(p) and int(p) % 2 == 0):
+        k = min(k, math.ceil(p))
+    return k
+
+
+def _numel_reduced(node, saved: str = "_saved_self") -> Optional[int]:
+    """The number of elements one output of a norm reduces: the product of the saved input's sizes over
+    ``_saved_dim`` (all of them where it is None or empty). None where the input is not readable."""
+    try:
+        shape = tuple(getattr(node, saved).shape)
+    except (AttributeError, RuntimeError):
+        return None
+    dims = getattr(node, "_saved_dim", None)
+    if isinstance(dims, int):
+        dims = (dims,)
+    if not dims:
+        return math.prod(shape)
+    if not shape:
+        return 1
+    # a negative dim is saved as an unsigned 64-bit integer (dim=-1: 2**64 - 1)
+    return math.prod(shape[(d - 2 ** 64 if d >= 2 ** 63 else d) % len(shape)] for d in dims)
+
+
+def _norm_order(node, reach=()) -> Optional[int]:
+    """``torch.linalg.vector_norm`` / ``linalg.norm`` of a vector, ``torch.norm``, ``Tensor.norm``,
+    ``F.pairwise_distance`` (LinalgVectorNormBackward0, NormBackward0-3): by the saved ord / p and the number
+    of elements reduced, see :func:`_lp_order` (ord 1 and inf: a kink; ord 2: a kink for one element)."""
+    p = getattr(node, "_saved_ord", None)
+    if p is None:
+        p = getattr(node, "_saved_p", 2.0)
+    return _lp_order(2.0 if p is None else p, _numel_reduced(node))
+
+
+def _dist_order(node, reach=()) -> Optional[int]:
+    """``torch.dist(x, y, p)``: the p-norm of x - y over all its (broadcast) elements."""
+    try:
+        m = math.prod(torch.broadcast_shapes(node._saved_self.shape, node._saved_other.shape))
+    except (AttributeError, RuntimeError):
+        m = None
+    return _lp_order(getattr(node, "_saved_p", 2.0), m)
+
+
+def _pdist_order(node, reach=()) -> Optional[int]:
+    """``F.pdist`` (rows of an (N, M) input) and ``torch.cdist`` (the last dimension): p-norms of M elements."""
+    try:
+        m = int((node._saved_self if hasattr(node, "_saved_self") else node._saved_x1).shape[-1])
+    except (AttributeError, RuntimeError, IndexError):
+        m = None
+    return _lp_order(getattr(node, "_saved_p", 2.0), m)
+
+
+def _copysign_order(node, reach=()) -> Optional[int]:
+    """``copysign(a, b)`` = |a| · sign(b): a kink in a (1), a jump in b (0; autograd reports 0 for it)."""
+    return 0 if len(reach) > 1 and reach[1] else 1
+
+
+def _hypot_order(node, reach=()) -> Optional[int]:
+    """``hypot(a, b)``: the 2-norm of (a, b); with one of them off the path (a constant, which may be 0, as
+    ``hypot(x, 0)`` = |x|) a kink (1); with both on it, see :func:`_lp_order` for m = 2."""
+    return 2 if len(reach) > 1 and reach[0] and reach[1] else 1
+
+
+def _softplus_order(node, reach=()) -> Optional[int]:
+    """``softplus(x, beta, threshold)`` returns x where beta · x > threshold: its value jumps there by
+    log(1 + e^-threshold) / beta, its derivative by about e^-threshold. At torch's default threshold 20 that is
+    2e-9, below float32's resolution: not counted; a lower threshold is a jump (0)."""
+    t = getattr(node, "_saved_threshold", 20)
+    return None if isinstance(t, (int, float)) and t >= 20 else 0
+
+
+def _logit_order(node, reach=()) -> Optional[int]:
+    """``logit(p, eps)`` clamps p to [eps, 1 - eps] (derivative 0 outside): a kink unless eps is None or the
+    dtype's eps (a numerical guard, as for :func:`_clamp_order`)."""
+    eps = getattr(node, "_saved_eps", None)
+    if eps is None:
+        return None
+    try:
+        guard = torch.finfo(node._saved_self.dtype).eps
+    except (AttributeError, RuntimeError, TypeError):
+        return 1
+    return None if eps <= guard else 1
+
+
+def _smooth_l1_order(node, reach=()) -> Optional[int]:
+    """``smooth_l1_loss``: quadratic within beta, linear outside: C¹ (its second derivative jumps, 2) for
+    beta > 0; beta = 0 is the L1 loss, a kink (1)."""
+    beta = getattr(node, "_saved_beta", None)
+    return 2 if isinstance(beta, (int, float)) and beta > 0 else 1
+
+
+def _reduce_order(node, reach=()) -> Optional[int]:
+    """``scatter_reduce`` / ``index_reduce`` / ``segment_reduce``: a max or min reduction selects by value (a
+    kink, 1); sum, mean and prod are smooth."""
+    return 1 if getattr(node, "_saved_reduce", None) in ("amax", "amin", "max", "min") else None
+
+
+def _embedding_bag_order(node, reach=()) -> Optional[int]:
+    """``F.embedding_bag`` with mode "max" (saved mode 2) selects by value in the weight: a kink (1)."""
+    return 1 if reach and reach[0] and getattr(node, "_saved_mode", 2) == 2 else None
+
+
+_NORMS = frozenset({"LinalgVectorNormBackward0", "NormBackward0", "NormBackward1", "NormBackward2",
+                    "NormBackward3"})
+
+
+def _clamp_min_order(node, reach=()) -> Optional[int]:
+    """``clamp_min`` is a kink (1), except the guard of ``F.normalize`` (a norm clamped below at eps <= 1e-6, so
+    as not to divide by 0): a norm is >= 0 and below eps only in a ball of radius eps about the zero vector,
+    which the norm's own entry accounts for (:func:`_norm_order`)."""
+    lo = getattr(node, "_saved_min", None)
+    below = node.next_functions[0][0] if node.next_functions else None
+    if isinstance(lo, (int, float)) and 0 <= lo <= 1e-6 and type(below).__name__ in _NORMS:
+        return None
+    return 1
+
+
 # the table of nonsmooth_operations() (see there)
 _NONSMOOTH: Mapping[str, Union[int, Callable[[object], Optional[int]]]] = MappingProxyType({
     # kinks (k = 1): activations
@@ -76,7 +217,7 @@ _NONSMOOTH: Mapping[str, Union[int, Callable[[object], Optional[int]]]] = Mappin
     "HardswishBackward0": 1, "HardsigmoidBackward0": 1, "SoftshrinkBackward0": 1, "HardshrinkBackward0": 0,
     "EluBackward0": _elu_order, "EluBackward1": _elu_order, "CeluBackward0": 2, "CeluBackward1": 2,
     # kinks: clamp, abs, elementwise max/min
-    "ClampBackward0": 1, "ClampBackward1": _clamp_order, "ClampMinBackward0": 1, "ClampMinBackward1": 1,
+    "ClampBackward0": 1, "ClampBackward1": _clamp_order, "ClampMinBackward0": _clamp_min_order, "ClampMinBackward1": 1,
     "ClampMaxBackward0": 1, "ClampMaxBackward1": 1, "AbsBackward0": 1,
     "MaximumBackward0": 1, "MinimumBackward0": 1, "FmaxBackward0": 1, "FminBackward0": 1,
     # reductions and selections by value: which entry is taken changes with the values
@@ -84,18 +225,32 @@ _NONSMOOTH: Mapping[str, Union[int, Callable[[object], Optional[int]]]] = Mappin
     "AminBackward0": 1, "AminmaxBackward0": 1, "SortBackward0": 1, "SortBackward1": 1, "TopkBackward0": 1,
     "KthvalueBackward0": 1, "MedianBackward0": 1, "MedianBackward1": 1, "NanmedianBackward0": 1,
     "NanmedianBackward1": 1, "ModeBackward0": 1, "CummaxBackward0": 1, "CumminBackward0": 1,
+    "ScatterReduceBackward0": _reduce_order, "IndexReduceBackward0": _reduce_order,
+    "SegmentReduceBackward0": _reduce_order, "EmbeddingBagBackward0": _embedding_bag_order,
     "MaxPool2DBackward0": 1, "MaxPool2DWithIndicesBackward0": 1, "MaxPool3DWithIndicesBackward0": 1,
     "AdaptiveMaxPool2DBackward0": 1, "AdaptiveMaxPool3DBackward0": 1, "FractionalMaxPool2DBackward0": 1,
     "FractionalMaxPool3DBackward0": 1,
     # interpolation at sampled locations (a glimpse, a spatial transformer): see _grid_order
     "GridSampler2DBackward0": _grid_order, "GridSampler3DBackward0": _grid_order,
-    # losses with kinks; smooth_l1's beta is not saved (beta = 0 is l1): counted as a kink
-    "SmoothL1LossBackward0": 1, "HuberLossBackward0": 2, "MultiMarginLossBackward0": 1,
+    # norms and distances (ord 1, inf: kinks; ord 2: a kink of one element) and what is built on them
+    "LinalgVectorNormBackward0": _norm_order, "NormBackward0": _norm_order, "NormBackward1": _norm_order,
+    "NormBackward2": _norm_order, "NormBackward3": _norm_order, "DistBackward0": _dist_order,
+    "PdistBackward0": _pdist_order, "CdistBackward0": _pdist_order, "RenormBackward0": 1,  # rescales above maxnorm
+    "HypotBackward0": _hypot_order, "CopysignBackward0": _copysign_order, "CopysignBackward1": 1,
+    "SoftplusBackward0": _softplus_order, "LogitBackward0": _logit_order,
+    # losses with kinks
+    "SmoothL1LossBackward0": _smooth_l1_order, "HuberLossBackward0": 2, "MultiMarginLossBackward0": 1,
     "MultilabelMarginLossBackward0": 1,
     # jumps (k = 0)
     "SignBackward0": 0, "SgnBackward0": 0, "RoundBackward0": 0, "RoundBackward1": 0, "FloorBackward0": 0,
     "CeilBackward0": 0, "TruncBackward0": 0, "FracBackward0": 0, "FmodBackward0": 0, "FmodBackward1": 0,
-    "RemainderBackward0": 0, "RemainderBackward1": 0,
+    "RemainderBackward0": 0, "RemainderBackward1": 0, "DivBackward2": _rounding_order, "DivBackward3": _rounding_order,
+    "AngleBackward0": 0,  # of a real x: 0 or pi; of a complex one: its branch cut
+    "Atan2Backward0": 0,  # its branch cut: a jump of 2 pi where x < 0, y = 0
+    # fake quantization rounds; its gradient is the straight-through estimator's
+    "FakeQuantizePerTensorAffineCachemaskBackward0": 0, "FakeQuantizePerChannelAffineCachemaskBackward0": 0,
+    "FakeQuantizePerTensorAffineCachemaskTensorQparamsBackward0": 0,
+    "FakeQuantizeLearnablePerTensorAffineBackward0": 0, "FakeQuantizeLearnablePerChannelAffineBackward0": 0,
 })
 
 
@@ -111,7 +266,11 @@ def nonsmooth_operations() -> dict[str, Union[int, Callable[[object], Optional[i
     (or by a downstream node's discrete sample, which that node's estimator accounts for) cannot be
     told from one by the values differentiated. Decompositions show as their parts (``softsign`` and
     ``l1_loss`` as ``AbsBackward0``, ``hinge_embedding_loss`` as ``ClampMinBackward0``);
-    ``smooth_l1_loss`` counts as a kink (its beta is not saved; ``huber_loss``'s delta is: C¹).
+    ``smooth_l1_loss`` and ``huber_loss`` are C¹ (2; ``smooth_l1_loss`` with beta = 0 is l1: 1). Norms read their
+    saved ord / p and the number of elements reduced (ord 1, inf: 1; a 2-norm of m elements: m, see
+    ``_lp_order``); division reads its rounding mode (floor, trunc: 0). Not listed: ``floor_divide`` (autograd
+    raises for it), the SVD and eigendecompositions (their spectral functions are smooth; the nuclear norm of a
+    square matrix, a sum of singular values, has a kink where it is singular and is not detected).
     A copy: changing it changes nothing.
     """
     return dict(_NONSMOOTH)
