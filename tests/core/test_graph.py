@@ -140,6 +140,38 @@ def test_order_must_be_a_nonnegative_int():
         assert storch.surrogate_loss(order=0).item() == 1.0
 
 
+@pytest.mark.parametrize("case", ["jump", "kink", "order-1 estimator"])
+def test_the_order_0_surrogate_is_the_value_alone(case):
+    # surrogate_loss(order=0) had the order-1 surrogate's grad_fn but none of its guards: a gradient through
+    # round(z) came back 0 (exact 1), a Hessian through a ReLU 1 (exact 1.39), an order-1 estimator's Hessian
+    # without OrderError. It is the estimate of E[cost], detached: a derivative of it is torch's error
+    class OrderOne(storch.Estimator):  # the base class's score function, declared unbiased at order 1 (as ARM)
+        name = "test_order_one_score"
+        max_order = 1
+
+    theta = torch.tensor([0.3, -0.2], requires_grad=True)
+    cost = {"jump": torch.round, "kink": lambda z: torch.relu(z) + z ** 2 / 2,
+            "order-1 estimator": lambda z: (z - 0.45) ** 2}[case]
+    if case == "order-1 estimator":
+        est, dist = OrderOne(plate="z", n_samples=100), Bernoulli(logits=theta)
+    else:
+        est, dist = storch.estimator("reparameterization", plate="z", n_samples=100), Normal(theta, 1.0)
+    torch.manual_seed(0)
+    with storch.Graph():
+        z = est(dist)
+        storch.add_cost(cost(z).sum(), name="c")
+        value = storch.surrogate_loss(order=0)
+        assert value.grad_fn is None and not value.requires_grad
+        torch.testing.assert_close(value, storch.cost_estimates()["c"])
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            torch.autograd.grad(value, theta)
+        if case != "jump":  # the order-1 surrogate of the same step: its value, and its refusal of a Hessian
+            loss = storch.surrogate_loss()
+            torch.testing.assert_close(value, loss.detach())
+            with pytest.raises(storch.OrderError):
+                torch.autograd.grad(loss, theta, create_graph=True)
+
+
 def test_plate_tensors_hidden_in_a_base_distribution_are_an_error_not_shared_noise():
     from torch.distributions import LogNormal, RelaxedBernoulli, TransformedDistribution
     from torch.distributions.transforms import ExpTransform

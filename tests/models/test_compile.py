@@ -291,6 +291,42 @@ def test_refuses_higher_orders_with_a_compiler_backend(backend):
     torch.testing.assert_close(hessian_diag(storch.compile(step, backend=None)), hessian_diag(step))
 
 
+def test_a_compiler_backend_refuses_a_second_derivative_of_the_step():
+    """A smooth order-1 surrogate (score, every order eagerly) compiled with a compiler backend: the Hessian of
+    the step's output by torch.autograd.functional.hessian was all zeros, silently (torch's compiled program is
+    one autograd node that cannot be differentiated twice; hvp raised torch's "does not currently support double
+    backward"). Every output is hooked to refuse a create_graph pass, with the advice; backend=None replays
+    through autograd: its Hessian is the eager one."""
+    est = storch.estimator("score", plate="b", n_samples=4)
+
+    def step(theta):
+        with storch.Graph():
+            b = est(Bernoulli(logits=theta))
+            storch.add_cost(((b - 0.45) ** 2).sum() + (theta ** 2).sum(), name="c")  # Hessian >= 2 I
+            return storch.surrogate_loss()
+
+    theta, v = torch.tensor([0.3, -0.2]), torch.tensor([1.0, 0.5])
+    compiled = storch.compile(step, backend="aot_eager")
+    for _ in range(2):  # the traced call and a replay
+        with pytest.raises(storch.OrderError, match="compiler backend.*backend=None"):
+            torch.autograd.functional.hessian(compiled, theta)
+    with pytest.raises(storch.OrderError, match="compiler backend.*backend=None"):
+        torch.autograd.functional.hvp(compiled, theta, v)
+    th = theta.clone().requires_grad_(True)
+    with pytest.raises(storch.OrderError, match="cannot be differentiated twice"):
+        torch.autograd.grad(compiled(th), th, create_graph=True)
+    torch.manual_seed(0)
+    (g,) = torch.autograd.grad(compiled(th), th)  # a first derivative is fine, equal to eager's
+    torch.manual_seed(0)
+    torch.testing.assert_close(g, torch.autograd.grad(step(th), th)[0])
+    replay = storch.compile(step, backend=None)
+    torch.manual_seed(1)
+    h = torch.autograd.functional.hessian(replay, theta)
+    torch.manual_seed(1)
+    torch.testing.assert_close(h, torch.autograd.functional.hessian(step, theta))
+    assert (h.diagonal() > 1).all()
+
+
 @pytest.mark.parametrize("backend", [None, "aot_eager"])
 @pytest.mark.parametrize("case", ["arm", "relu"])
 def test_order1_surrogate_differentiated_twice_is_refused_as_eagerly(case, backend):

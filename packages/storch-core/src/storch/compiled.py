@@ -74,6 +74,9 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
 - an order-1 surrogate whose eager hooks refuse a second differentiation (an order-1 estimator, a kink
   on a pathwise path: storch._order_guard) is refused the same way: each call's outputs are hooked
   (so any create_graph pass through them is refused, outside ``estimator_create_graph``);
+- with a compiler backend (not ``backend=None``) every output is hooked so: torch's compiled program cannot
+  be differentiated twice, and ``torch.autograd.functional.hessian`` of it returned zeros silently. The
+  replay (``backend=None``) differentiates to every order (``surrogate_loss(order=2)`` in the step);
 - on the first call the step also runs eagerly and its trace runs from the same random state; if they
   disagree (the result depends on Python or generator state the trace cannot see: SPSA's coupled
   draws replay the random state, a ``storch.Graph(generator=...)``, Python's ``random``) it is refused.
@@ -379,7 +382,8 @@ class CompiledStep:
         trace.probe = (probe.dtype, probe.device) if used else None
         trace.updates, trace.estimators, trace.sig = recorder.updates, estimators, sig
         trace.live_loss = recorder.live is not None
-        trace.refusal = recorder.refusal
+        trace.refusal = (recorder.refusal if recorder.replay_only
+                         else _compiled_twice_message(self.fn, recorder.refusal))
         trace.guard = _guard(gm, _module_attributes(self.fn), _compiled_by_inductor(self.compile_options))
         return trace
 
@@ -582,6 +586,24 @@ def _replay_only_message(est) -> str:
             "update differentiates the loss again (e.g. a control variate trained on the gradient's variance), "
             "which needs the program's operations in autograd's graph, and a compiled program is one autograd "
             "node. Use storch.compile(step, backend=None), or run the step eagerly")
+
+
+def _compiled_twice_message(fn, eager: Optional[Callable[[], str]]) -> Callable[[], str]:
+    """The refusal hooked on every output of a compiler backend's program (see :func:`_refuse_twice`): torch's
+    compiled program is one autograd node that cannot be differentiated twice, and
+    ``torch.autograd.functional.hessian`` of it gave zeros silently (its second pass found no graph; a
+    grad-of-grad and ``hvp`` raised torch's "does not currently support double backward"). ``eager``: the
+    traced step's own refusal (an order-1 estimator, a kink), which ``backend=None`` keeps."""
+    def message() -> str:
+        text = (f"{_name(fn)}, compiled by storch.compile with a compiler backend, is differentiated again (a backward "
+                "pass with create_graph=True: torch.autograd.grad(..., create_graph=True), "
+                "torch.autograd.functional.hessian / hvp / vhp / jacobian(create_graph=True)): torch's compiled "
+                "programs cannot be differentiated twice (torch.autograd.functional.hessian returns zeros). For "
+                "higher derivatives use storch.compile(step, backend=None), whose replay runs the traced operations "
+                "through autograd (return storch.surrogate_loss(order=n) from the step for derivatives of order n), "
+                "or run the step eagerly")
+        return text if eager is None else f"{text}. Besides, {eager()}"
+    return message
 
 
 # -- estimators with state: the update a compiled step replays (Estimator.replays_update) ----------

@@ -134,7 +134,7 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
     the kinks: an order-1 surrogate whose cost has one is refused when it is differentiated again (its
     cost hooked: :mod:`storch._order_guard`). ``memos``: per pathwise node, what the walks of this
     surrogate learned (:class:`storch.smoothness.PathMemo`): each autograd node is expanded once."""
-    if order < 1:  # the value alone: nothing differentiated
+    if order < 1:  # the value alone: surrogate_loss(order=0) is detached, nothing differentiated
         return
     key = None  # (name, the cost's partition steps): computed once per cost, for its first pathwise node
     for node in nodes:
@@ -471,7 +471,7 @@ def _check_reaches(name: str, cost: torch.Tensor, nodes: list[Node], order: int)
     reads from ``cost.live()``) is no path from the parameters: its gradient is not part of the estimate, so
     the estimator is never pathwise (:func:`_pathwise`). The walk runs once per estimator and cost name (a
     model's operations rarely change between steps); a refused cost is checked again at the next step."""
-    if order < 1:  # the value alone
+    if order < 1:  # the value alone (detached: see surrogate_loss)
         return
     for node in reversed(nodes):  # the node nearest the cost first: the cut is reported where it is
         if node.no_grad_cut and torch.is_grad_enabled():
@@ -836,6 +836,12 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     gives unbiased estimates of the ``order``-th derivative (Theorem 1) for every estimator whose
     ``max_order`` >= ``order``.
 
+    ``order=0`` is the value alone: the same estimate of the expected total cost, returned detached (no
+    ``grad_fn``; like :func:`cost_estimates`, whose values it sums), because storch checks nothing a
+    derivative needs at order 0 (the jumps and kinks on a pathwise path, the estimators unbiased only at
+    order 1), so a derivative of it would not be guaranteed unbiased. Its ``.backward()`` raises torch's
+    "does not require grad"; for a gradient build order 1 (the default) or higher.
+
     ``surrogate_loss().backward()`` leaves the estimators as ``storch.backward()`` does: when the
     backward pass accumulates gradients (``.backward()``, not ``torch.autograd.grad``, which stays an
     evaluation pass), the estimators' ``update_parameters`` run once, after the pass (moving
@@ -883,6 +889,10 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     graph = graph or current_graph()
     if not isinstance(order, int) or isinstance(order, bool) or order < 0:
         raise StorchError(f"order must be an int >= 0, got {order!r}")  # a bad argument: the step is intact
+    if order == 0:
+        # detached because no guard of a derivative ran (before, its gradient skipped the order-1 refusals:
+        # round(z) gave 0, a ReLU's or ARM's Hessian no OrderError)
+        return value_surrogate(graph).detach()
     with graph.guard():
         if order >= 2:
             recorder = tracing_recorder()
@@ -896,6 +906,18 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
         loss = _surrogate_loss(order, graph)
     graph.loss_built = True
     return _updates_on_backward(loss, graph)
+
+
+def value_surrogate(graph: Graph) -> torch.Tensor:
+    """The order-0 surrogate with its autograd graph (``surrogate_loss(order=0)`` detaches it): for
+    storch.testing, which differentiates it only in the replicate plate's weights (each replicate's
+    estimate: the loss is linear in them), never in the parameters, whose derivatives nothing here guards.
+    Built with grad: the partition views and weights it caches on the nodes serve a later surrogate of the
+    step, which must keep their graph."""
+    with graph.guard():
+        loss = _surrogate_loss(0, graph)
+    graph.loss_built = True
+    return loss
 
 
 def _updating(graph: Graph) -> dict[int, list[Node]]:

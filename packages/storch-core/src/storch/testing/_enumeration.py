@@ -12,7 +12,7 @@ from ..cost import _lead
 from ..errors import OrderError, UnsupportedDistributionError
 from ..estimators.base import Estimator
 from ..graph import Graph, current_graph
-from ..surrogate import surrogate_loss
+from ..surrogate import surrogate_loss, value_surrogate
 from ._models import EstimatorFactory, Model, standard_models, supports
 from ._resolve import EstimatorLike, default_orders, replicas, resolve
 from ._stats import UnbiasednessReport, per_replicate_derivatives, z_test
@@ -137,7 +137,8 @@ def _run_model(model: Model, make: EstimatorFactory, orders: Sequence[int], n: i
                     f"{outside}: the estimator is declared biased and its forward value estimates another "
                     "(relaxed) objective, so there is nothing to compare with the exact values; pass orders= "
                     "to measure its distance from them")
-        loss = surrogate_loss(order=top)
+        # order 0 alone: surrogate_loss(order=0) is detached; its graph, differentiated in the weights only
+        loss = surrogate_loss(order=top) if top else value_surrogate(current_graph())
         estimates: dict[int, torch.Tensor] = {}
         if 0 in orders:
             # ∂loss/∂u_r = S_r: each replicate's forward estimate (see _resolve._Replicas)
