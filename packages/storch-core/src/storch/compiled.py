@@ -53,15 +53,19 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   reached through module attributes (``model.enc.weight``) and that is replaced later
   (``model.load_state_dict(sd, assign=True)``, ``model.enc = nn.Linear(...)``) is seen at the next call,
   which traces again (:func:`_guard`: a dict lookup per attribute of the modules the step names: its
-  closure, globals, bound ``self``); one replaced elsewhere (a global name rebound) is not: call
-  :meth:`CompiledStep.clear`. With the default backend (inductor, compiled without dynamo's guards) the
-  captured tensors' ``requires_grad``, dtype, device and shape and the autocast state are checked at
-  each call as well (a parameter unfrozen after the first call, ``model.double()``: traced again);
+  closure, globals, bound ``self``, and its module arguments); one replaced elsewhere (a global name
+  rebound) is not: call :meth:`CompiledStep.clear`. The captured tensors' ``requires_grad`` is checked at
+  each call (a parameter unfrozen after a first call made while frozen: traced again, since storch decided
+  in Python whether the loss updates estimators and refuses a second differentiation). With the default
+  backend (inductor, compiled without dynamo's guards) their dtype, device and shape and the autocast state
+  are checked as well (``model.double()``: traced again);
 - in-place updates of captured buffers and of arguments (BatchNorm's running statistics, a counter,
   ``x.sub_(0.5)``) happen once per call, as eagerly: the trace and the replay check run the step on the
   real tensors, so what they wrote is saved first and put back after each (a refused call changes nothing);
 - Python values the step reads (options, ``module.training``, Python numbers) are fixed at trace
-  time; call :meth:`CompiledStep.clear` after changing them;
+  time; call :meth:`CompiledStep.clear` after changing them. A non-tensor argument is traced once per
+  value (a step traced ``_RETRACE_WARNING`` times warns: pass a changing number as a 0-dim tensor), and
+  tensors the step stores outside itself (a metrics dict) keep the traced call's values;
 - data-dependent Python control flow (``if tensor.item() > 0``) cannot be traced: the error says so; so
   are Python reads of a traced tensor's values (``.tolist()``, ``.numpy()``, ``np.asarray``: a loop over
   ``range(max(lengths.tolist()))`` would be fixed to the first call's lengths) and data-dependent shapes
@@ -79,7 +83,9 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   replay (``backend=None``) differentiates to every order (``surrogate_loss(order=2)`` in the step);
 - on the first call the step also runs eagerly and its trace runs from the same random state; if they
   disagree (the result depends on Python or generator state the trace cannot see: SPSA's coupled
-  draws replay the random state, a ``storch.Graph(generator=...)``, Python's ``random``) it is refused.
+  draws replay the random state, a ``storch.Graph(generator=...)``) it is refused. A draw from Python's
+  ``random`` or numpy's global generator is refused by comparing their states around the trace
+  (:func:`_check_python_random`: the values may agree by chance).
 
 An estimator whose update can be replayed (``Estimator.replays_update``; ``score`` with
 ``baseline="moving_average"``) keeps the eager semantics: the baseline of a step is the average
@@ -134,9 +140,12 @@ from __future__ import annotations
 import builtins
 import functools
 import math
+import operator
+import random
 import sys
 import threading
 import types
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -152,6 +161,7 @@ from .surrogate import update_on_backward
 __all__ = ["compile", "CompiledStep"]
 
 _T = torch.Tensor
+_RETRACE_WARNING = 8  # traces of one step before a warning (torch._dynamo.config.recompile_limit's default)
 
 
 class CompiledStep:
@@ -337,6 +347,7 @@ class CompiledStep:
                             device=tensors[0].device if tensors else None, requires_grad=True)
         torch.distributions.Distribution.set_default_validate_args(False)
         watch = _TraceMode(self.fn, tensors)
+        python_random = _python_random_state()
         try:
             with torch.random.fork_rng(devices=devices), tracing_nodes(nodes, recorder), Graph(), \
                     _no_backward_in_trace(self.fn):
@@ -358,6 +369,7 @@ class CompiledStep:
             changed = watch.changed_arguments()
             watch.restore()  # the trace ran the step's in-place updates on the real tensors: undone
         saved, watch = watch, None  # flat runs unwatched from here (the replay check)
+        _check_python_random(python_random, self.fn)
         _check_nodes(nodes, self.fn, self.compile_options.get("backend") is None)
         _check_constants(gm, self.fn)
         estimators = _stateful(nodes)
@@ -374,6 +386,13 @@ class CompiledStep:
         _check_replay(gm, flat, [*tensors, probe], inputs, devices, self.fn, used, recorder.live is not None,
                       saved.restore, changed)
         self.traces += 1
+        if self.traces == _RETRACE_WARNING:  # once per step, as torch.compile's recompile limit warns
+            warnings.warn(
+                f"storch.compile has traced {_name(self.fn)} {self.traces} times (about a second each, every program "
+                "kept). Each distinct value of a non-tensor argument traces again: pass a number that changes "
+                "between calls (an annealed KL weight, a learning rate) as a 0-dim tensor, "
+                "`torch.tensor(beta)`; so do new argument shapes, grad mode and (un)freezing parameters",
+                RuntimeWarning, stacklevel=4)
         trace = _Trace()
         trace.gm, trace.spec = gm, out_spec[0]
         trace.program = _compile_graph(gm, inputs, self.compile_options)
@@ -384,7 +403,8 @@ class CompiledStep:
         trace.live_loss = recorder.live is not None
         trace.refusal = (recorder.refusal if recorder.replay_only
                          else _compiled_twice_message(self.fn, recorder.refusal))
-        trace.guard = _guard(gm, _module_attributes(self.fn), _compiled_by_inductor(self.compile_options))
+        arguments = tuple(a for a in leaves if not isinstance(a, torch.Tensor))
+        trace.guard = _guard(gm, _module_attributes(self.fn, arguments), _compiled_by_inductor(self.compile_options))
         return trace
 
     def __repr__(self) -> str:
@@ -572,6 +592,39 @@ def _check_replay(gm: torch.fx.GraphModule, flat: Callable, tensors: list, input
                    "the cause, compute a new tensor instead (`x = x - 0.5`)" if changed else ""))
 
 
+def _python_random_state() -> tuple:
+    """The state of Python's ``random`` and (if imported) numpy's global generator: see _check_python_random."""
+    np = sys.modules.get("numpy")
+    return random.getstate(), None if np is None else np.random.get_state()
+
+
+def _check_python_random(before: tuple, fn) -> None:
+    """A trace records torch operations only: a draw from Python's ``random`` or numpy's global generator in the
+    step (a random flip augmentation, ``np.random.rand()``) would be fixed to the trace's value in every replayed
+    call. The replay check (_check_replay) sees it only where the trace and the eager run happen to draw values
+    that differ, so the generators' states are compared around the trace instead: a step that drew from them
+    changed them. The state is put back (a refused call changes nothing)."""
+    after = _python_random_state()
+    which = []
+    if after[0] != before[0]:
+        which.append("Python's `random`")
+    if before[1] is not None and after[1] is not None:
+        import numpy as np
+
+        if (before[1][2:] != after[1][2:]) or not np.array_equal(before[1][1], after[1][1]):
+            which.append("numpy's global generator (`np.random`)")
+    if not which:
+        return
+    random.setstate(before[0])
+    if before[1] is not None:
+        sys.modules["numpy"].random.set_state(before[1])
+    raise StorchError(
+        f"storch.compile cannot replay {_name(fn)}: it draws from {' and '.join(which)}, which a trace cannot record "
+        "(every replayed call would reuse the traced call's draw). Draw with torch instead (`torch.rand(())`, "
+        "`torch.randint`, `torch.bernoulli`: recorded, fresh at every call; e.g. a random flip as "
+        "`torch.where(torch.rand(()) < 0.5, x.flip(-1), x)`), or run this step eagerly")
+
+
 def _check_nodes(nodes: list, fn, replay_only: bool = False) -> None:
     for node in nodes:
         est = node.estimator
@@ -666,11 +719,15 @@ def _lift_state(gm: torch.fx.GraphModule, state: list) -> None:
     index = {}
     for i, t in enumerate(state):
         index.setdefault(id(t), i)
-    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     inputs = []
     for i, t in enumerate(state):
-        with graph.inserting_after(anchor):
-            anchor = graph.placeholder(f"state_{i}")
+        if i == 0 and not placeholders:  # no tensor argument and no probe (a call under no_grad): the first inputs
+            with graph.inserting_before(next(iter(graph.nodes))):
+                anchor = graph.placeholder(f"state_{i}")
+        else:
+            with graph.inserting_after(anchor if i else placeholders[-1]):
+                anchor = graph.placeholder(f"state_{i}")
         anchor.meta["val"] = t
         inputs.append(anchor)
     for node in list(graph.nodes):
@@ -1098,10 +1155,11 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
                     item[1] = t._version
 
 
-def _module_attributes(fn: Callable) -> dict:
+def _module_attributes(fn: Callable, arguments: tuple = ()) -> dict:
     """Every module attribute (``model.enc``, ``enc.weight``) of the modules the step can reach by name: the
     function's closure, its bound ``self``, its defaults and the globals its code names (also those of the
-    functions these hold, a few levels deep). The trace captures the parameters and buffers it read, so if
+    functions these hold, a few levels deep), and its non-tensor ``arguments`` (``step(model, x)``: a module
+    argument selects the trace by identity, so its replaced parameters must be watched as well). The trace captures the parameters and buffers it read, so if
     one is replaced later (``load_state_dict(sd, assign=True)``, ``model.enc = nn.Linear(...)``) the program
     would go on computing with (and training) the old ones; :func:`_guard` keeps the attributes that lead to
     captured tensors and checks them at each call. A module reached otherwise (an attribute of a plain
@@ -1152,6 +1210,8 @@ def _module_attributes(fn: Callable) -> dict:
                     visit(g[n], depth + 1)
 
     visit(fn, 0)
+    for a in arguments:
+        visit(a, 1)
     out: dict = {}
     for root in roots:
         for owner in root.modules():
@@ -1193,6 +1253,9 @@ def _tensor_check(tensors: tuple) -> Optional[Callable[..., bool]]:
     return check
 
 
+_requires_grad = operator.attrgetter("requires_grad")
+
+
 def _guard(gm: torch.fx.GraphModule, reads: dict, metadata: bool) -> Optional[Callable[[], bool]]:
     """A per-call check that the program still fits what the step reads outside its arguments, or None.
 
@@ -1202,7 +1265,12 @@ def _guard(gm: torch.fx.GraphModule, reads: dict, metadata: bool) -> Optional[Ca
       tensors' ``requires_grad``, dtype, device and shape and the autocast state are as when traced
       (inductor specialises its program to them: a parameter unfrozen after the first call got no gradient,
       ``model.double()`` gave NaN). The other backends follow them: dynamo guards them, ``backend=None``
-      runs the recorded torch calls."""
+      runs the recorded torch calls.
+    - For every backend, the captured tensors' ``requires_grad``: storch's Python decided at trace time whether
+      the loss requires grad, so a trace made while the parameters were frozen (``requires_grad_(False)``, an
+      evaluation before training) has no update probe (moving averages, temperature schedules, NVIL never
+      updated after unfreezing) and no refusal of a second differentiation (an order-1 estimator's Hessian
+      replayed silently). A list of bools per call."""
     captured = [*gm.parameters(), *gm.buffers(), *(v for v in vars(gm).values() if isinstance(v, _T))]
     ids = {id(t) for t in captured}
     keep = {k: r for k, r in reads.items() if isinstance(r[3], _T) and id(r[3]) in ids}
@@ -1214,19 +1282,20 @@ def _guard(gm: torch.fx.GraphModule, reads: dict, metadata: bool) -> Optional[Ca
         keep.update(more)
         owners |= {id(r[0]) for r in more.values()}
     checks = tuple((r[1], r[2], r[3]) for r in keep.values())
-    if not checks and not metadata:
+    if not checks and not metadata and not captured:
         return None
     tensors = tuple(captured) if metadata else ()
     traced = _metadata(tensors) if metadata else None
     fast = _tensor_check(tensors) if metadata else None
     autocast = traced[0] if metadata else None
+    grads = list(map(_requires_grad, captured))
 
     def valid() -> bool:
         for holder, name, value in checks:
             if holder.get(name) is not value:
                 return False
         if traced is None:
-            return True
+            return list(map(_requires_grad, captured)) == grads  # ~0.2 us a tensor
         if fast is not None and fast(*tensors):  # the same metadata: only the autocast state left to compare
             return _autocast_state() == autocast
         return _metadata(tensors) == traced
