@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -20,7 +22,7 @@ from .treatments import register_plate_handler
 
 __all__ = [
     "dispatch", "register", "check_leading", "wrap", "wrap_same", "scan", "unwrap", "too_many_samples",
-    "plates_or_empty",
+    "plates_or_empty", "register_copy", "write_through",
 ]
 
 _PT = PlateTensor
@@ -161,3 +163,100 @@ def _from_torch() -> bool:
 
 def plates_or_empty(x):
     return x._plates if type(x) is _PT else ()
+
+
+# -- copies where torch gives a view -------------------------------------------------------
+# For one sample, ``y[s]`` with ``s`` a 0-dim integer tensor is a view of ``y`` (torch reads such an
+# index as an int), but per plate entry the offsets differ, so storch's result is a gather: a copy.
+# To keep torch's aliasing, the copy remembers where it was read from: an in-place write into it
+# (or into a view of it) is written back (``y[s] = copy``), and an in-place write into ``y`` (or a
+# view of it) refreshes the copies read from it. Keyed by the id of the raw storage's root tensor
+# (``_base``), whose weakref removes the entry; only in-place calls look here (the dispatcher).
+
+
+class _Copy(NamedTuple):
+    ref: Any  # weakref to the copy's raw root tensor
+    src: Any  # the tensor it was read from (plate or plain)
+    idx: tuple  # the per-sample index
+    plates: tuple
+    geometry: tuple  # (shape, stride, offset) of the copy's raw tensor in its root
+    read: Callable[..., torch.Tensor]  # read(src, idx) -> the raw values again
+    versions: tuple  # ((plate-tensor index, its version), ...) when read
+
+
+_COPIES: dict = {}  # id(root) -> _Copy
+_TAKEN: dict = {}  # id(root of a plate tensor) -> {id(root of a copy read from it)}
+_ACTIVE: set = set()  # copies being written back now (not refreshed by their own write)
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    b = t._base
+    return t if b is None else b
+
+
+def register_copy(out: PlateTensor, src, idx: tuple, read: Callable[..., torch.Tensor]) -> None:
+    """Record that ``out`` = ``src[idx]`` is a copy where, for one sample, torch gives a view of ``src``."""
+    raw = out._raw
+    root = _root(raw)
+    key = id(root)
+    base = id(_root(src._raw)) if type(src) is _PT else None
+
+    def gone(_, key=key, base=base):
+        _COPIES.pop(key, None)
+        taken = _TAKEN.get(base)
+        if taken is not None:
+            taken.discard(key)
+            if not taken:
+                del _TAKEN[base]
+
+    versions = tuple((i, i._raw._version) for i in idx if type(i) is _PT)
+    _COPIES[key] = _Copy(weakref.ref(root, gone), src, idx, out._plates,
+                         (raw.shape, raw.stride(), raw.storage_offset()), read, versions)
+    if base is not None:
+        _TAKEN.setdefault(base, set()).add(key)
+
+
+def _unchanged_index(c: _Copy) -> None:
+    for i, v in c.versions:
+        if i._raw._version != v:
+            raise PlateError(
+                "a sampled index was changed in place after it indexed a tensor (v = y[s], then s was written "
+                "to): for one sample v is a view of y at the old index, which storch cannot follow. Index again "
+                "after changing the index, or change a copy of it (s = s + 1 instead of s += 1)")
+
+
+def write_through(target: PlateTensor) -> None:
+    """After an in-place write into ``target``: write it back where it is such a copy (or a view of
+    one), and refresh the copies read from it (or from the tensor it is a view of)."""
+    key = id(_root(target._raw))
+    c = _COPIES.get(key)
+    if c is not None and key not in _ACTIVE:
+        root = c.ref()
+        if root is not None:
+            if type(c.src) is not _PT:
+                raise PlateError(
+                    "an in-place write into `table[s]` with a plain tensor `table` and a sampled 0-dim index `s`: "
+                    "for one sample torch returns a view of `table`, so the write would change the plain tensor, "
+                    "differently per sample, which it cannot hold. storch's result is a copy and the write does not "
+                    "reach `table`. Write into a per-sample tensor instead (`y = table + 0 * s`, then `y[s]...`), or "
+                    "compute the new values out of place (`table.index_put((s,), v)`, `torch.where`); or call "
+                    "`.clone()` on the row first to change only the row")
+            _unchanged_index(c)
+            _ACTIVE.add(key)
+            try:
+                value = _new(root.as_strided(*c.geometry), c.plates)
+                dispatch(torch.Tensor.__setitem__, (c.src, c.idx, value), {})
+            finally:
+                _ACTIVE.discard(key)
+    _refresh(key)
+
+
+def _refresh(key: int) -> None:
+    for k in list(_TAKEN.get(key, ())):
+        c = _COPIES.get(k)
+        root = c.ref() if c is not None else None
+        if root is None or k in _ACTIVE:
+            continue
+        _unchanged_index(c)
+        root.as_strided(*c.geometry).copy_(c.read(c.src, c.idx))
+        _refresh(k)
