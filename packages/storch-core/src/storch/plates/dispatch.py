@@ -19,7 +19,7 @@ import torch
 
 from ..eager import mark_eager_only, set_eval_frame
 from ..errors import PlateError, plate_error_from
-from .kit import _COPIES, _operands, dispatch, register, scan, too_many_samples, unwrap, wrap, write_through
+from .kit import _operands, dispatch, register, scan, too_many_samples, unwrap, wrap, write_through
 from .rules import indexing, losses, metadata, shape  # noqa: F401  (register their handlers)
 from .rules.batch_first import batch_first
 from .kit import _is_inplace
@@ -102,7 +102,7 @@ def _writing(impl):
     tensor a copy was read from, and the copies read from the written tensor (``kit.write_through``)."""
     def run(func, args, kwargs):
         out = impl(func, args, kwargs)
-        if _COPIES and args and type(args[0]) is _PT:
+        if args and type(args[0]) is _PT:
             write_through(args[0])
         return out
     return run

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from ...errors import PlateError
-from ..kit import dispatch, register, register_copy, wrap_same
+from .. import kit as _kit
+from ..kit import _PLAIN_SOURCE, dispatch, register, register_copy, wrap_same
 from .shape import _dim_handler, _full
 from .vmap import vmap_call
 from ..tensor import PlateTensor, align, union_plates
@@ -166,10 +167,12 @@ def _getitem(func, args, kwargs):
     x, idx = args
     if type(idx) is _PT and type(x) is not _PT and idx.dtype not in (torch.bool, torch.uint8):
         # table[s]: one plate-tensor index into a plain tensor; the raw index leads with the plates
-        out = wrap_same(x[idx._raw], idx._plates)
+        raw = x[idx._raw]
         if idx._raw.dim() == len(idx._plates):  # a 0-dim s: torch's table[s] is a view, ours a copy
-            register_copy(out, x, (idx,), _read)
-        return out
+            # (only a marker: a write through it is refused, the table cannot hold per-sample values)
+            raw._storch_copy = _PLAIN_SOURCE
+            _kit._seen = True
+        return wrap_same(raw, idx._plates)
     idx = _index_tuple(idx)
     if type(x) is _PT and _simple(x, idx):
         return wrap_same(x._raw[(slice(None),) * len(x._plates) + idx], x._plates)
@@ -200,8 +203,6 @@ def _general_read(x, idx: tuple):
 
 def _read(x, idx: tuple) -> torch.Tensor:
     """The raw values of ``x[idx]`` again (a copy's refresh after ``x`` was written in place)."""
-    if len(idx) == 1 and type(x) is not _PT:
-        return x[idx[0]._raw]
     return _general_read(x, idx)[0]._raw
 
 
