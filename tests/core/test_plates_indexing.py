@@ -372,3 +372,143 @@ def test_roll_and_repeat_interleave_by_a_sample_are_refused_with_what_to_do():
     out = x[idx]
     for e in entries(out.plates):
         assert torch.equal(entry(out, e), entry(x, e).roll(int(entry(a, e)), 0))
+
+
+# -- writes through a 0-dim sampled index: torch's view, storch's copy written back ------------------
+# For one sample `y[s]` with s a 0-dim integer tensor is a view of y (torch reads s as an int), so a
+# write through it changes y, and a later write into y shows in it. Per plate entry storch gathers (a
+# copy); the copy is written back and refreshed, so per entry the values are torch's.
+
+
+def _table(plates=PLATES, shape=(3, 4)):
+    return PlateTensor(torch.randn(tuple(p.size for p in plates) + shape, dtype=torch.float64), plates)
+
+
+def _ints(plate, high):
+    return PlateTensor(torch.randint(high, (plate.size,)), (plate,))
+
+
+def _row_view_rows(y, s, a):
+    r = y[s]
+    r[a] += 1.0
+
+
+def _loop_writes(fn, y, s, a):
+    """``fn`` on a copy of y per plate entry of y (s, a: that entry's ints); the stacked results."""
+    out = y.tensor.clone()
+    for e in entries(y.plates):
+        v = out[tuple(e[p.name] for p in y.plates)]
+        fn(v, int(entry(s, e)), int(entry(a, e)))
+    return out
+
+
+WRITES = {
+    "y[s][a] = 1": lambda y, s, a: y[s].__setitem__(a, 1.0),
+    "y[s].fill_(1)": lambda y, s, a: y[s].fill_(1.0),
+    "y[s, 1:].fill_(1)": lambda y, s, a: y[s, 1:].fill_(1.0),
+    "y[s][1:].mul_(2) (a view of the copy)": lambda y, s, a: y[s][1:].mul_(2.0),
+    "r = y[s]; r[a] += 1": _row_view_rows,
+    "y[s][a] += 1 (counts)": lambda y, s, a: y[s][a].add_(1.0),
+    "y[s, a] += 1": lambda y, s, a: y[s, a].add_(1.0),
+    "y[:, a].zero_()": lambda y, s, a: y[:, a].zero_(),
+    "y[s].view(2, 2)[1].exp_()": lambda y, s, a: y[s].view(2, 2)[1].exp_(),
+    "y[s][a] = y[s][a] * 3": lambda y, s, a: y[s].__setitem__(a, y[s][a] * 3),
+}
+
+
+@pytest.mark.parametrize("name", WRITES)
+def test_a_write_through_a_0dim_sampled_index_reaches_the_tensor(name):
+    torch.manual_seed(0)
+    y, s, a = _table(), _ints(A, 3), _ints(B, 4)
+    expected = _loop_writes(WRITES[name], y, s, a)
+    WRITES[name](y, s, a)
+    assert torch.equal(y.tensor, expected), name
+
+
+def test_in_place_augmented_assignment_with_a_sampled_index_counts_once():
+    # counts[s][a] += 1 and counts[s, a] += 1, as tabular code writes them (Python reads, adds in
+    # place, then assigns back: the write-back and the assignment agree)
+    torch.manual_seed(1)
+    s, a = _ints(A, 3), _ints(B, 4)
+    for form in range(2):
+        counts = PlateTensor(torch.zeros(2, 3, 3, 4), PLATES)
+        for _ in range(3):
+            if form:
+                counts[s, a] += 1
+            else:
+                counts[s][a] += 1
+        for e in entries(PLATES):
+            c = torch.zeros(3, 4)
+            c[int(entry(s, e)), int(entry(a, e))] = 3
+            assert torch.equal(entry(counts, e), c)
+
+
+def test_rows_read_with_a_sampled_index_see_later_writes_into_the_tensor():
+    torch.manual_seed(2)
+    y, s, a = _table(), _ints(A, 3), _ints(B, 4)
+    y0 = y.tensor.clone()
+    row, cell = y[s], y[s][a]
+    y[1:].mul_(2.0)  # through a view of y
+    y[s, a] = 7.0
+    for e in entries(PLATES):
+        v = y0[e["a"], e["b"]].clone()
+        i, j = int(entry(s, e)), int(entry(a, e))
+        r, c = v[i], v[i][j]  # torch: views
+        v[1:].mul_(2.0)
+        v[i, j] = 7.0
+        assert torch.equal(entry(row, e), r) and torch.equal(entry(cell, e), c)
+
+
+def test_reads_through_a_0dim_sampled_index_leave_the_tensor_alone():
+    torch.manual_seed(3)
+    y, s, a = _table(), _ints(A, 3), _ints(B, 4)
+    y0 = y.tensor.clone()
+    r = y[s]
+    out = (r * 2 + y[s, a]).exp()
+    r.clone().fill_(5.0)  # a clone is not a view: as in torch, y keeps its values
+    assert torch.equal(y.tensor, y0)
+    for e in entries(PLATES):
+        i, j = int(entry(s, e)), int(entry(a, e))
+        assert torch.equal(entry(r, e), y0[e["a"], e["b"]][i])
+        assert torch.allclose(entry(out, e), (y0[e["a"], e["b"]][i] * 2 + y0[e["a"], e["b"], i, j]).exp())
+
+
+def test_a_write_back_gives_torchs_gradient():
+    torch.manual_seed(4)
+    s, a = _ints(A, 3), _ints(B, 4)
+    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(2, 3, 3, 4, dtype=torch.float64)
+    y = PlateTensor(w.expand(2, 3, 3, 4) * 1.0, PLATES)
+    y[s][a].mul_(3.0)
+    y[s, 1:].mul_(w[0, 1:])
+    loss = (y.tensor * c).sum()
+    (g,) = torch.autograd.grad(loss, w)
+    w2 = w.detach().clone().requires_grad_(True)
+    total = 0
+    for e in entries(PLATES):
+        v = w2 * 1.0
+        i, j = int(entry(s, e)), int(entry(a, e))
+        v[i][j].mul_(3.0)
+        v[i, 1:].mul_(w2[0, 1:])
+        total = total + (v * c[e["a"], e["b"]]).sum()
+    (g2,) = torch.autograd.grad(total, w2)
+    assert torch.allclose(g, g2)
+
+
+def test_a_write_through_a_sampled_index_that_cannot_reach_the_tensor_is_refused():
+    torch.manual_seed(5)
+    s = _ints(A, 3)
+    table = torch.zeros(3, 4)
+    with pytest.raises(storch.PlateError, match="plain tensor"):
+        table[s].fill_(1.0)  # torch: a write into the plain table, different per sample
+    with pytest.raises(storch.PlateError, match="plain tensor"):
+        table[s][0] = 1.0
+    assert not table.any()
+    y = _table((B,))  # y does not vary over s's plate a
+    with pytest.raises(storch.PlateError, match="does not vary"):
+        y[s].fill_(1.0)
+    with pytest.raises(storch.PlateError, match="changed in place"):
+        y2, s2 = _table(), _ints(A, 3)
+        r = y2[s2]
+        s2.add_(1).remainder_(3)
+        r.fill_(0.0)

@@ -19,10 +19,11 @@ import torch
 
 from ..eager import mark_eager_only, set_eval_frame
 from ..errors import PlateError, plate_error_from
-from .kit import _operands, dispatch, register, scan, too_many_samples, unwrap, wrap
+from .kit import _operands, dispatch, register, scan, too_many_samples, unwrap, wrap, write_through
 from .rules import indexing, losses, metadata, shape  # noqa: F401  (register their handlers)
 from .rules.batch_first import batch_first
-from .rules.pointwise import _is_inplace, broadcast, broadcast_inplace, random_pointwise
+from .kit import _is_inplace
+from .rules.pointwise import broadcast, broadcast_inplace, random_pointwise
 from .rules.vmap import vmap_call
 from .tensor import PlateTensor, _names, align, install_dispatcher, too_many_dims_message, union_plates
 from .tensor import new_plate_tensor as _new
@@ -90,8 +91,21 @@ def _implementation(func):
         impl = vmap_call
     else:
         impl = refused(e.impl)
+    if _is_inplace(func) or func is _T.__setitem__:
+        impl = _writing(impl)
     _IMPL[func] = impl
     return impl
+
+
+def _writing(impl):
+    """``impl`` of an in-place function, followed by what torch's views would do: the write reaches the
+    tensor a copy was read from, and the copies read from the written tensor (``kit.write_through``)."""
+    def run(func, args, kwargs):
+        out = impl(func, args, kwargs)
+        if args and type(args[0]) is _PT:
+            write_through(args[0])
+        return out
+    return run
 
 
 _grad_enabled = torch.is_grad_enabled

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
+from typing import Callable
 
 import torch
 
@@ -20,7 +22,7 @@ from .treatments import register_plate_handler
 
 __all__ = [
     "dispatch", "register", "check_leading", "wrap", "wrap_same", "scan", "unwrap", "too_many_samples",
-    "plates_or_empty",
+    "plates_or_empty", "register_copy", "write_through",
 ]
 
 _PT = PlateTensor
@@ -161,3 +163,150 @@ def _from_torch() -> bool:
 
 def plates_or_empty(x):
     return x._plates if type(x) is _PT else ()
+
+
+# -- copies where torch gives a view -------------------------------------------------------
+# For one sample, ``y[s]`` with ``s`` a 0-dim integer tensor is a view of ``y`` (torch reads such an
+# index as an int), but per plate entry the offsets differ, so storch's result is a gather: a copy.
+# To keep torch's aliasing, the copy remembers where it was read from: an in-place write into it
+# (or into a view of it) is written back (``y[s] = copy``), and an in-place write into ``y`` (or a
+# view of it) refreshes the copies read from it.
+#
+# The read (``table[s]``, ``Q[s, a]``) runs at every step of a sampled episode, so it only stores:
+# the record is an attribute of the copy's raw root tensor (its lifetime is the tensor's; a view of
+# the copy reaches it through ``_base``), and the copies read from a plate tensor ``y`` are weak
+# references in a list on ``y``'s raw root. The checks, the write-back and the refresh run in the
+# in-place path (``write_through``, called by the dispatcher after in-place calls and __setitem__).
+# A copy read from a plain table only carries a marker: a write into it is refused (the plain table
+# cannot hold per-sample values), and storch never sees writes into a plain table, which torch
+# shows in its views, so such a copy is not refreshed (as before).
+_COPY = "_storch_copy"  # attribute of a copy's raw root: a _Record
+_TAKEN = "_storch_taken"  # attribute of a plate tensor's raw root: a _Taken of the copies read from it
+
+
+class _Record(tuple):
+    """(src, idx, plates, the sum of the index tensors' versions, read): the copy is ``src[idx]`` with
+    ``plates``; ``read(src, idx)`` gives its raw values again (the refresh)."""
+    __slots__ = ()
+
+    def __reduce__(self):  # pickled / deep-copied tensors are no views: drop the record (an empty
+        return set, ()      # set, which torch.load(weights_only=True) accepts)
+
+
+class _Taken(list):
+    """Weak references to the raw roots of the copies read from a plate tensor."""
+    __slots__ = ()
+
+    def __reduce__(self):
+        return set, ()
+
+
+_PLAIN_SOURCE = _Record(())  # the marker of a copy read from a plain table
+_ACTIVE: set = set()  # ids of the copies being written back now (not refreshed by their own write)
+_seen = False  # whether any copy was registered (the in-place path looks only then)
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    b = t._base
+    return t if b is None else b
+
+
+def register_copy(out: PlateTensor, src, idx: tuple, read: Callable[..., torch.Tensor]) -> None:
+    """Record that ``out`` = ``src[idx]`` is a copy where, for one sample, torch gives a view of ``src``.
+    ``out``'s raw tensor is the result of an advanced (tensor) index, which torch always makes anew: it
+    is its own root (the views of it reach the record through ``_base``)."""
+    global _seen
+    _seen = True
+    if type(src) is not _PT:
+        out._raw._storch_copy = _PLAIN_SOURCE
+        return
+    v = 0  # _versions(idx), inlined (the hot path)
+    for i in idx:
+        t = type(i)
+        if t is _PT:
+            v += i._raw._version
+        elif t is not int and isinstance(i, torch.Tensor):
+            v += i._version
+    root = out._raw
+    root._storch_copy = _Record((src, idx, out._plates, v, read))
+    s = src._raw
+    b = s._base
+    if b is not None:
+        s = b
+    try:
+        taken = s._storch_taken
+        taken.append(weakref.ref(root))
+    except AttributeError:  # the first copy read from it (or a loaded tensor's placeholder)
+        s._storch_taken = _Taken((weakref.ref(root),))
+        return
+    n = len(taken)
+    if n >= 64 and not n & (n - 1):  # at 64, 128, 256, ...: drop the dead (amortised)
+        taken[:] = [r for r in taken if r() is not None]
+
+
+def _versions(idx: tuple) -> int:
+    """The sum of the versions of the tensors in ``idx`` (counters only grow: equal iff none changed)."""
+    v = 0
+    for i in idx:
+        t = type(i)
+        if t is _PT:
+            v += i._raw._version
+        elif t is not int and isinstance(i, torch.Tensor):
+            v += i._version
+    return v
+
+
+def _unchanged_index(c: _Record) -> None:
+    if _versions(c[1]) != c[3]:
+        raise PlateError(
+            "a sampled index was changed in place after it indexed a tensor (v = y[s], then s was written "
+            "to): for one sample v is a view of y at the old index, which storch cannot follow. Index again "
+            "after changing the index, or change a copy of it (s = s + 1 instead of s += 1)")
+
+
+def _record(root: torch.Tensor):
+    c = root.__dict__.get(_COPY)
+    return c if type(c) is _Record else None
+
+
+def write_through(target: PlateTensor) -> None:
+    """After an in-place write into ``target``: write it back where it is such a copy (or a view of
+    one), and refresh the copies read from it (or from the tensor it is a view of)."""
+    if not _seen:
+        return
+    root = _root(target._raw)
+    c = _record(root)
+    if c is not None and id(root) not in _ACTIVE:
+        if not c:
+            raise PlateError(
+                "an in-place write into `table[s]` with a plain tensor `table` and a sampled 0-dim index `s`: "
+                "for one sample torch returns a view of `table`, so the write would change the plain tensor, "
+                "differently per sample, which it cannot hold. storch's result is a copy and the write does not "
+                "reach `table`. Write into a per-sample tensor instead (`y = table + 0 * s`, then `y[s]...`), or "
+                "compute the new values out of place (`table.index_put((s,), v)`, `torch.where`); or call "
+                "`.clone()` on the row first to change only the row")
+        src, idx, plates, _, _ = c
+        _unchanged_index(c)
+        _ACTIVE.add(id(root))
+        try:
+            value = _new(root, plates)
+            dispatch(torch.Tensor.__setitem__, (src, idx, value), {})
+        finally:
+            _ACTIVE.discard(id(root))
+    _refresh(root)
+
+
+def _refresh(root: torch.Tensor) -> None:
+    taken = root.__dict__.get(_TAKEN)
+    if type(taken) is not _Taken:
+        return
+    taken[:] = [r for r in taken if r() is not None]
+    for r in list(taken):
+        copy = r()
+        c = _record(copy) if copy is not None else None
+        if c is None or not c or id(copy) in _ACTIVE:
+            continue
+        src, idx, _, _, read = c
+        _unchanged_index(c)
+        copy.copy_(read(src, idx))
+        _refresh(copy)

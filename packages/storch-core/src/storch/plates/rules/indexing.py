@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 
 from ...errors import PlateError
-from ..kit import dispatch, register, wrap_same
+from .. import kit as _kit
+from ..kit import _PLAIN_SOURCE, dispatch, register, register_copy, wrap_same
 from .shape import _dim_handler, _full
 from .vmap import vmap_call
 from ..tensor import PlateTensor, align, union_plates
@@ -167,10 +168,26 @@ def _getitem(func, args, kwargs):
     x, idx = args
     if type(idx) is _PT and type(x) is not _PT and idx.dtype not in (torch.bool, torch.uint8):
         # table[s]: one plate-tensor index into a plain tensor; the raw index leads with the plates
-        return wrap_same(x[idx._raw], idx._plates)
+        raw = x[idx._raw]
+        if idx._raw.dim() == len(idx._plates):  # a 0-dim s: torch's table[s] is a view, ours a copy
+            # (only a marker: a write through it is refused, the table cannot hold per-sample values)
+            raw._storch_copy = _PLAIN_SOURCE
+            _kit._seen = True
+        return wrap_same(raw, idx._plates)
     idx = _index_tuple(idx)
     if type(x) is _PT and _simple(x, idx):
         return wrap_same(x._raw[(slice(None),) * len(x._plates) + idx], x._plates)
+    out, r = _general_read(x, idx)
+    if not r:
+        # every tensor index is one integer per sample, which torch reads as an int: for one sample the
+        # result is a view of x, here a gather (a copy); writes through it are written back to x
+        register_copy(out, x, idx, _read)
+    return out
+
+
+def _general_read(x, idx: tuple):
+    """``(x[idx], r)`` for an index with plate tensors (or non-adjacent tensor indices); ``r``: the
+    number of per-sample broadcast index dims (0: every tensor index is a 0-dim integer)."""
     raw_idx, plates, r, q, direct = _general(x, idx, plain=type(x) is not _PT)
     m = len(plates)
     if direct:  # a plain x indexed directly: the index tensors carry the plate dims
@@ -182,7 +199,12 @@ def _getitem(func, args, kwargs):
         out = src[raw_idx]
     if q and r:  # the block where torch puts it for one sample
         out = out.movedim(tuple(range(m, m + r)), tuple(range(m + q, m + q + r)))
-    return wrap_same(out, plates)
+    return wrap_same(out, plates), r
+
+
+def _read(x, idx: tuple) -> torch.Tensor:
+    """The raw values of ``x[idx]`` again (a copy's refresh after ``x`` was written in place)."""
+    return _general_read(x, idx)[0]._raw
 
 
 _PLAIN = ("cannot assign into a plain tensor with a per-sample (plate) index or value: the plain tensor "

@@ -226,12 +226,20 @@ def _same_bool(outs, func) -> bool:
 
 def _vmap(call, raws, mapped, levels, sizes, full, inplace, randomness):
     if full and len(levels) > 1 and not inplace:
-        # one vmap over the flattened plates (cheaper than nested levels)
+        # one vmap over the flattened plates (cheaper than nested levels), where the flattening is a
+        # view: a reshape that copies (plate dims permuted in the raw storage) would make the outputs
+        # of a view function (diagonal, tensor_split, unfold, ...) alias the copy, and writes through
+        # them (y.diagonal().fill_(1)) would be lost; then the nested levels below, which keep views
         lead = tuple(sizes[j] for j in levels)
         n = math.prod(lead)
-        flat = [r.reshape((n,) + r.shape[len(levels):]) for r in raws]
-        out = torch.func.vmap(call, randomness=randomness)(*flat)
-        return map_tensors(out, lambda o: o.reshape(lead + o.shape[1:]))
+        try:
+            flat = [r.view((n,) + r.shape[len(levels):]) for r in raws]
+        except RuntimeError:
+            flat = None
+        if flat is not None:
+            out = torch.func.vmap(call, randomness=randomness)(*flat)
+            # splitting the leading dim of an output is always a view
+            return map_tensors(out, lambda o: o.view(lead + o.shape[1:]))
     f = call
     for j in reversed(levels):
         f = torch.func.vmap(f, in_dims=tuple(0 if mk[j] else None for mk in mapped), randomness=randomness)
