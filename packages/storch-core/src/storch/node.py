@@ -26,24 +26,42 @@ __all__ = ["Node"]
 class Node:
     """One stochastic node (one partition of the paper, section 3.2) in a graph.
 
+    A partition's node is the record of the whole sequence as its last step left it: ``sample`` is the
+    last step's, ``distribution`` the first step's. What an estimator's component gets for a cost at
+    step t is :meth:`at` ``(t)``, a view whose per-step attributes are all step t's.
+
     Attributes:
         estimator: the estimator that sampled it.
-        distribution: the raw distribution (parent plates lead its batch shape); for a partition, its
-            first step's (``first_parents`` lead it).
+        distribution: the raw distribution (``distribution_plates`` lead its batch shape). For a
+            partition's node, its first step's; for ``at(t)``, step t's.
+        first_distribution: the first step's raw distribution (``first_parents`` lead it), on the node
+            and every view: what depends on nothing the sequence sampled (a baseline may read it).
+        distribution_plates: the plates that lead ``distribution``'s batch shape: ``first_parents`` for
+            the first step (and a partition's node); for ``at(t)`` with t >= 1, the partition's plate
+            at step t-1 then step t's parents (a later step's distribution is drawn per prefix: under
+            sampling with replacement entry i continues entry i; re-indexed by the lineage's parents
+            where the estimator selects them, as ``storch.extending.align`` does).
         parents: plates of the distribution's parameters (data plates, upstream samples).
-        first_parents: the parent plates of the first call, which lead ``distribution``'s batch shape
-            (a partition's ``parents`` are those of its last step; they may grow, e.g. a data plate
+        first_parents: the parent plates of the first call, which lead ``first_distribution``'s batch
+            shape (a partition's ``parents`` are those of its last step; they may grow, e.g. a data plate
             that joins at a later step).
         plate: the node's own sample plate (set once the proposal is drawn).
-        sample: raw samples, shape ``(plate, *parents, *batch, *event)``.
+        sample: raw samples, shape ``(plate, *parents, *batch, *event)`` (a partition's node: the last
+            step's; ``at(t)``: step t's).
         gradient_values: l(x) evaluated on the samples (the result of the estimator's
-            ``gradient_function``), shape broadcastable to ``(plate, *parents)``.
+            ``gradient_function``), shape broadcastable to ``(plate, *parents)``; for a partition the
+            cumulative L_t (``at(t)``: of step t).
         weight_values: w(x) evaluated on the samples (the result of ``weighting_function``),
-            shape broadcastable to ``(plate, *parents)``.
-        value: the PlateTensor handed to user code.
+            shape broadcastable to ``(plate, *parents)`` (``at(t)``: computed for the view).
+        value: the PlateTensor handed to user code (a partition's node: the first step's; ``at(t)``:
+            step t's).
+        original: the distribution the user built (plate tensors; ``None`` for a node made by hand):
+            the first call's on a partition's node, step t's on ``at(t)``.
         state: the estimator's typed per-node record (an instance of its ``State`` dataclass,
             created empty before ``proposal``; ``None`` if the estimator declares none). Its
             components pass values to each other (noise, relaxed samples, ...) through its fields.
+            One record for a whole partition, shared by its views: an estimator that needs values of
+            each step keeps them per step in it (``sum_and_sample``'s sequences keep their tokens).
         inputs: extra inputs given at the call, ``est(distribution, inputs=h)`` (``None`` if none):
             what a learned baseline may condition on besides the distribution (NVIL's observation).
             For a partition: the inputs of the latest step (up to ``step``) that was given some.
@@ -51,16 +69,22 @@ class Node:
             for a step without); ``None`` otherwise.
         frames: the :class:`storch.CostFrame` the surrogate built for this node, by cost key (filled
             by ``storch.surrogate_loss`` for estimators with a control variate; what
-            ``update_parameters`` trains on).
-        steps: the samples of the later steps of a partition, in call order.
+            ``update_parameters`` trains on). Shared by a partition's node and its views.
+        step_draws: for a partition with more than one step, ``(sample, distribution, original, value,
+            finished)`` of each step (its raw sample, raw distribution, the user's distribution, the
+            value handed to user code, ``finished`` after it); ``None`` otherwise. ``at(t)`` reads it.
+        steps: the samples of the later steps of a partition (steps 1, 2, ...), in call order.
+        handed: ``(raw value, its version)`` of every value handed to user code, all steps (shared by
+            the views): in-place changes of them are refused.
         index: topological position in the graph.
         step: the last step of a partition (0 for a node sampled once); ``plate`` is the plate at
-            that step, ``parents`` the union of every step's parents.
+            that step, ``parents`` its parents. ``at(t)``: t.
         history: for a partition, ``(plates_t, L_t)`` per step t: the plates of step t and the
             cumulative gradient function L_t = l_0 + ... + l_t (DiCE's cumulative MagicBox argument),
-            with leading dims ``plates_t``; ``None`` for a node sampled once.
+            with leading dims ``plates_t``; ``None`` for a node sampled once (and for a view).
         finished: for a partition with ``eos``: whether each sequence has ended (leading dims the
-            partition's plates at its last step); ``None`` otherwise.
+            partition's plates at its last step; ``at(t)``: after step t, at step t's plates); ``None``
+            otherwise.
         no_grad_step: the first step sampled while gradients were disabled (``torch.no_grad()``,
             ``torch.inference_mode()``; the first such step of ``no_grad_cut`` if there is one),
             ``None`` if none: its gradient function (and a pathwise sample) was computed without
@@ -78,9 +102,11 @@ class Node:
                  inputs: Any = None):
         self.estimator = estimator
         self.distribution = distribution
+        self.first_distribution = distribution
         self.original = original
         self.parents = parents
         self.first_parents = parents
+        self.distribution_plates = parents
         self.plate: Optional[Plate] = None
         self.sample: Optional[torch.Tensor] = None
         self._gradient_values: Any = None
@@ -91,7 +117,8 @@ class Node:
         self.inputs = inputs
         self.step_inputs: Optional[list] = None
         self.frames: dict = {}
-        self.steps: list = []
+        # a partition: (sample, distribution, original, value, finished) per step, made at its second step
+        self.step_draws: Optional[list] = None
         self.handed: list = []  # (raw value handed to user code, its version then): in-place changes are refused
         self.index = -1
         self.step = 0
@@ -156,9 +183,14 @@ class Node:
         self._gradient_values = hist[-1][1]
 
     def at(self, step: int) -> "Node":
-        """The partition as it was at ``step``: its plate, parents and cumulative gradient function
-        L_step (for causal credit, paper section 3.2). ``self`` for the last step."""
-        if step == self.step or self.step_log is None:
+        """The partition as it was at ``step``: what a component sees for a cost at step t (causal
+        credit, paper section 3.2). Its ``plate``, ``parents``, cumulative gradient function L_step,
+        ``sample``, ``distribution`` (led by ``distribution_plates``), ``original``, ``value``,
+        ``finished`` and ``inputs`` are step ``step``'s, its ``weight_values`` computed for it (the
+        last step's: the node's own);
+        ``state``, ``frames``, ``handed``, ``first_distribution`` and ``first_parents`` are the
+        partition's. ``self`` for a node that is no partition (a single step)."""
+        if self.step_log is None:
             return self
         if self._views is None:
             self._views = {}
@@ -168,12 +200,24 @@ class Node:
             view = Node.__new__(Node)
             view.__dict__.update(self.__dict__)
             view.plate, view.parents, view.gradient_values = plates[0], plates[1:], cumulative
+            # the step's own draw (the node holds the last step's sample beside the first step's
+            # distribution); a later step's distribution is drawn per prefix: led by the plate of step-1
+            view.sample, view.distribution, view.original, view.value, view.finished = self.step_draws[step]
+            view.distribution_plates = (self.step_log[step - 1][0][0],) + plates[1:] if step else self.first_parents
             view.step_log = view._history = None
-            view.weight_values, view.step, view._views = None, step, None  # computed for the view
+            # the weights: computed for the view, except the last step's, which are the node's own
+            view.weight_values = self._weight_values if step == self.step else None
+            view.step, view._views = step, None
             if self.step_inputs is not None:  # the inputs of the latest step up to `step` that got some
                 view.inputs = next((x for x in reversed(self.step_inputs[:step + 1]) if x is not None), None)
             self._views[step] = view
         return view
+
+    @property
+    def steps(self) -> list:
+        """The samples of the later steps of a partition (steps 1, 2, ...), in call order."""
+        draws = self.step_draws
+        return [] if draws is None else [d[0] for d in draws[1:]]
 
     @property
     def weight_values(self) -> Any:
@@ -208,12 +252,12 @@ class Node:
     @property
     def batch_ndims(self) -> int:
         """Number of the distribution's own batch dims (those sampled jointly by this node)."""
-        return len(self.distribution.batch_shape) - len(self.parents)
+        return len(self.distribution.batch_shape) - len(self.distribution_plates)
 
     def log_prob(self, value: torch.Tensor, distribution: Optional[Distribution] = None) -> torch.Tensor:
         """Log-probability of raw ``value`` summed over the node's own batch dims."""
         lp = raw_log_prob(distribution or self.distribution, value)
-        k = len(self.distribution.batch_shape) - len(self.parents)  # self.batch_ndims
+        k = len(self.distribution.batch_shape) - len(self.distribution_plates)  # self.batch_ndims
         return lp if k <= 0 else lp.sum(-1) if k == 1 else lp.sum(tuple(range(-k, 0)))
 
     def __repr__(self) -> str:

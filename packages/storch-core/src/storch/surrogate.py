@@ -582,7 +582,8 @@ def _has_control_variate(est) -> bool:
 
 
 def _at_cost(cost_plates: tuple, raw: torch.Tensor, nodes: list[Node]):
-    """The nodes as the cost sees them: a partition at the step of the cost's partition plate.
+    """The nodes as the cost sees them: a partition as of the step of the cost's partition plate
+    (``node.at(t)``: step t's sample, distribution, L_t, ...).
 
     Causal credit (paper, section 3.2; DiCE): a cost computed at step t of a partition gets the
     partition's cumulative gradient function L_t, not the whole sequence's. For a partition
@@ -593,15 +594,19 @@ def _at_cost(cost_plates: tuple, raw: torch.Tensor, nodes: list[Node]):
     for node in nodes:
         if node.history is not None:
             p = next(q for q in cost_plates if q.name == node.plate.name)
-            if p.step != node.step:
-                if node.estimator.causal_credit:
-                    node = node.at(p.step)
-                else:
-                    new = tuple(node.plate if q.name == p.name else q for q in cost_plates)
-                    names = {q.name for q in new}
-                    new += tuple(q for q in node.parents if q.name not in names)  # of later steps
-                    raw = align(raw, cost_plates, new)
-                    cost_plates = new
+            if not node.estimator.causal_credit and p.step != node.step:
+                new = tuple(node.plate if q.name == p.name else q for q in cost_plates)
+                names = {q.name for q in new}
+                new += tuple(q for q in node.parents if q.name not in names)  # of later steps
+                raw = align(raw, cost_plates, new)
+                cost_plates = new
+            step = p.step if node.estimator.causal_credit else node.step
+            if step == node.step and not node.estimator.uniform_weights and node.weight_values is None:
+                # the last step's weights are the node's own (read from it after the surrogate)
+                node.weight_values = _lead(node.estimator.weighting_function(node), len(node.plates))
+            # the view of the cost's step (without causal credit: the last step's), also at the last
+            # step: the node itself holds the last step's sample but the first step's distribution
+            node = node.at(step)
         if not node.estimator.uniform_weights and node.weight_values is None:
             node.weight_values = _lead(node.estimator.weighting_function(node), len(node.plates))
         out.append(node)

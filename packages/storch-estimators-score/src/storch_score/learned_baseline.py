@@ -38,7 +38,8 @@ def _default_features(node: Node) -> torch.Tensor:
     probability is 0 (or 1) to within eps: the features stay finite (a network on ``-inf`` has NaN
     outputs and a NaN regression), and "this value is impossible" is still what they say.
     """
-    d = node.distribution
+    # the first step's distribution: node.at(t)'s own distribution (t >= 1) depends on the sequence's samples
+    d = node.first_distribution
     base = base_distribution(d)
     base = base._categorical if isinstance(base, OneHotCategorical) else base  # it holds the logits
     for name in ("logits", "probs", "loc", "rate", "concentration"):

@@ -199,6 +199,8 @@ class Score(Estimator):
             check_inputs(inputs, self.plate, step)
 
     def _call_baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
+        if node.distribution is not node.first_distribution:
+            node = _before_sequence(node)
         b = self.baseline_fn(node, cost)
         if b is None:
             return None
@@ -552,3 +554,15 @@ def _mode(d, who: str) -> torch.Tensor:
         elif torch.isnan(mode).any():
             raise OptionError(message)
     return mode
+
+
+def _before_sequence(view: Node) -> Node:
+    """``node.at(t)`` (t >= 1) with the first step's distribution, as a baseline callable gets it: b_t
+    multiplies (1 - MagicBox(L_t)), so it must not depend on x_0..x_t, and step t's distribution depends on
+    x_<t (the plate of step t-1 leads it); the first step's depends on nothing the sequence sampled."""
+    node = Node.__new__(Node)
+    node.__dict__.update(view.__dict__)
+    node.distribution, node.distribution_plates = view.first_distribution, view.first_parents
+    first = view.step_draws[0]
+    node.original = first[2]
+    return node

@@ -324,6 +324,8 @@ class Estimator(torch.nn.Module):
         if log is None:
             log = node.step_log = [(node.plates, node.gradient_values)]
             node._history = [log[0]]
+            # step 0's draw, for node.at(0): the node itself goes on to hold the last step's sample
+            node.step_draws = [(node.sample, node.distribution, node.original, node.value, node.finished)]
         sample, lp = self.extend(node, raw, plates)
         own = (raw.batch_shape + raw.event_shape)[1:]  # (raw's first dim: the partition's plate at step t-1)
         if sample.shape[1:len(own) + 1] != own:
@@ -347,12 +349,14 @@ class Estimator(torch.nn.Module):
             node._weight_values = align(_lead(w, len(node.plates)), node.plates, new)
         node.plate, node.parents, node.step = plate, parents, t
         node.sample = sample
-        node.steps.append(sample)
         if not self.causal_credit:
             node.weight_values = None  # per whole sequence: computed at the last step, by the surrogate
         if not sample.is_inference():
             node.handed.append((sample, sample._version))
         value = PlateTensor._wrap(sample, new)
+        # the step's own draw for node.at(t) (references, no copies): what a control variate of a cost
+        # at step t reads (node.sample, node.distribution of step t)
+        node.step_draws.append((sample, raw, distribution, value, node.finished))
         if isinstance(raw, _MAY_CACHE):
             rekey_transform_cache(raw, sample, value, lambda r: PlateTensor._wrap(r, new), distribution)  # (as above)
         return value
