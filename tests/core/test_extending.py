@@ -217,7 +217,12 @@ _SWEEP = {  # op of a sample z of 3 entries -> order of its first discontinuous 
     "copysign of sign": (lambda z: z * torch.copysign(torch.ones(3), z - _C), 0),
     "copysign of magnitude": (lambda z: torch.copysign(z, -1.0), 1),
     "hypot with a constant": (lambda z: torch.hypot(z - _C, torch.zeros(3)), 1),
-    "atan2": (lambda z: torch.atan2(z, _C), 0),
+    "atan2": (lambda z: torch.atan2(z, _C), 0),  # (a constant x < 0 somewhere: the cut at y = 0)
+    "atan2, x a positive constant": (lambda z: torch.atan2(z, torch.full((3,), 2.0)), None),  # atan(y / 2)
+    "atan2, y a nonzero constant": (lambda z: torch.atan2(torch.full((3,), -1.0), z), None),
+    "atan2, y a constant 0": (lambda z: torch.atan2(torch.zeros(3), z), 0),  # 0 for x > 0, pi for x < 0
+    "atan2 of two paths": (lambda z: torch.atan2(z, z.flip(0)), 0),
+    "hypot with a nonzero constant": (lambda z: torch.hypot(z - _C, torch.full((3,), 2.0)), None),
     "angle": (lambda z: torch.angle(z), 0),
     "softplus threshold 1": (lambda z: _F.softplus(z, threshold=1.0), 0),
     "softplus": (lambda z: _F.softplus(z), None),

@@ -810,3 +810,13 @@ def test_reads_through_vmapped_views_of_a_permuted_two_plate_tensor_are_unchange
     for fn in (lambda v: v.diagonal() * 2, lambda v: v.tensor_split(2)[1].exp(), lambda v: v.unfold(0, 2, 2).sum(-1)):
         check(fn, y)
     assert torch.equal(y.tensor, raw)
+
+
+def test_index_add_with_a_sampled_index_and_a_mismatched_source_is_torchs_error():
+    """Per sample torch refuses a source whose dims other than dim differ from the input's; the scatter_add
+    rewrite filled part of the input instead (found by a reviewer): such calls go to torch per sample."""
+    i = make(torch.tensor([[0, 3, 1], [2, 2, 4]]), ("z", 2))
+    with pytest.raises(RuntimeError, match="source tensor shape must match"):
+        torch.index_add(rnd(5, 4), 0, i, rnd(3, 2))
+    with pytest.raises(RuntimeError):
+        torch.index_add(rnd(5, 4), 0, i, rnd(2, 4))  # (the index and the source disagree on dim)

@@ -479,6 +479,29 @@ class WrittenOutScore(storch.Estimator):
         return torch.cat([torch.zeros_like(lp[:1]), lp[1:]])
 
 
+class MaskedScore(storch.Estimator):
+    """A written-out score function with a mask (keep = 0: every value masked to 0)."""
+
+    def __init__(self, plate, n_samples=4, keep=1.0):
+        super().__init__(plate, n_samples)
+        self.keep = keep
+
+    def gradient_function(self, node):
+        return node.log_prob(node.sample) * self.keep
+
+
+def test_a_fully_masked_first_node_gives_no_verdict_on_a_written_out_log_p():
+    """The comparison with log p is made once per (class, distribution type): a first node whose values were
+    all masked to 0 (nothing to compare) was cached as 'not log p', and a later node of the class on
+    Uniform(0, h) with h learned was accepted without the boundary term (found by a reviewer). Such a node
+    gives no verdict now; the next node decides."""
+    with storch.Graph():
+        MaskedScore("z", keep=0.0)(Uniform(torch.zeros(()), _h()))  # (all 0: nothing to refuse or to learn)
+    with storch.Graph():
+        with pytest.raises(storch.UnsupportedDistributionError, match=r"'MaskedScore'.*high.*score_function = True"):
+            MaskedScore("z", keep=1.0)(Uniform(torch.zeros(()), _h()))
+
+
 def test_a_gradient_function_written_out_as_log_p_gets_the_score_refusals():
     """score_function None meant 'the base class's method only': a written-out log p lost the refusals (order-2
     Laplace kink: |z| 145; Uniform(0, 1 + θ) at order 1: |z| 442). Its values are compared with log p once

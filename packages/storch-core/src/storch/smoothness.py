@@ -147,10 +147,42 @@ def _copysign_order(node, reach=()) -> Optional[int]:
     return 0 if len(reach) > 1 and reach[1] else 1
 
 
+def _constant_holds(node, name: str, test) -> bool:
+    """Whether the saved tensor ``name`` of ``node`` (an argument off the path: a constant) passes ``test``
+    at every entry; False where it cannot be read (under a torch.func transform: then the conservative verdict)."""
+    try:
+        return bool(test(getattr(node, name)).all())
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
 def _hypot_order(node, reach=()) -> Optional[int]:
-    """``hypot(a, b)``: the 2-norm of (a, b); with one of them off the path (a constant, which may be 0, as
-    ``hypot(x, 0)`` = |x|) a kink (1); with both on it, see :func:`_lp_order` for m = 2."""
-    return 2 if len(reach) > 1 and reach[0] and reach[1] else 1
+    """``hypot(a, b)``: the 2-norm of (a, b); with both on the path see :func:`_lp_order` for m = 2; with one
+    of them off it, a constant c: sqrt(x² + c²) is smooth where c != 0 everywhere, and |x| where c = 0 (a
+    kink, 1: ``hypot(x, 0)``)."""
+    if len(reach) > 1 and reach[0] and reach[1]:
+        return 2
+    # autograd keeps no copy of the constant: c != 0 where the result exceeds |x| (x the argument on the path)
+    on = "_saved_self" if reach and reach[0] else "_saved_other"
+    try:
+        x, r = getattr(node, on), node._saved_result
+        smooth = bool((r > x.abs()).all())
+    except (AttributeError, RuntimeError, TypeError):
+        smooth = False
+    return None if smooth else 1
+
+
+def _atan2_order(node, reach=()) -> Optional[int]:
+    """``atan2(y, x)``: the angle of (x, y), which jumps by 2 pi across its branch cut (x < 0, y = 0) and is
+    undefined at the origin: a jump (0) with both on the path. With x a constant off the path, atan2(y, c)
+    is smooth in y where every c > 0 (it is atan(y / c)), a jump at y = 0 where some c <= 0; with y a
+    constant c, atan2(c, x) is smooth in x where every c != 0 (the angle turns through pi / 2, not across the
+    cut), a jump at x = 0 where some c = 0 (from 0 to pi)."""
+    if len(reach) < 2 or (reach[0] and reach[1]):
+        return 0
+    if reach[0]:  # y on the path, x a constant
+        return None if _constant_holds(node, "_saved_other", lambda c: c > 0) else 0
+    return None if _constant_holds(node, "_saved_self", lambda c: c != 0) else 0
 
 
 def _softplus_order(node, reach=()) -> Optional[int]:
@@ -246,7 +278,7 @@ _NONSMOOTH: Mapping[str, Union[int, Callable[[object], Optional[int]]]] = Mappin
     "CeilBackward0": 0, "TruncBackward0": 0, "FracBackward0": 0, "FmodBackward0": 0, "FmodBackward1": 0,
     "RemainderBackward0": 0, "RemainderBackward1": 0, "DivBackward2": _rounding_order, "DivBackward3": _rounding_order,
     "AngleBackward0": 0,  # of a real x: 0 or pi; of a complex one: its branch cut
-    "Atan2Backward0": 0,  # its branch cut: a jump of 2 pi where x < 0, y = 0
+    "Atan2Backward0": _atan2_order,  # its branch cut: a jump of 2 pi where x < 0, y = 0
     # fake quantization rounds; its gradient is the straight-through estimator's
     "FakeQuantizePerTensorAffineCachemaskBackward0": 0, "FakeQuantizePerChannelAffineCachemaskBackward0": 0,
     "FakeQuantizePerTensorAffineCachemaskTensorQparamsBackward0": 0,

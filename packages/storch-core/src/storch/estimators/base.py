@@ -532,7 +532,8 @@ class Estimator(torch.nn.Module):
                    "samples with the support)" if d.has_rsample else
                    f"Give {name} an rsample and use 'reparameterization' for this node (the pathwise gradient "
                    "moves the samples with the support)")
-        return (f"estimator {self.name!r} (plate {self.plate!r}) does not support {name} with {which} requiring "
+        return (f"estimator {self.name or type(self).__qualname__!r} (plate {self.plate!r}) does not support {name} "
+                f"with {which} requiring "
                 f"grad: the support of {name} depends on {which}, and this estimator's gradient function is the "
                 "score log p(x). ∇E_p[f] = E_p[f ∇log p] holds only for a support that does not move with the "
                 "parameters; a moving one adds a boundary term (f at the bound times the density there) that no "
@@ -971,7 +972,9 @@ def _detect_log_p_gradient(est: Estimator, node: Node, raw: Distribution) -> Non
             lp = None
         g = g.detach()
         nonzero = g != 0
-        found = lp is not None and g.shape == lp.shape and bool(nonzero.any()) and torch.allclose(g[nonzero], lp[nonzero])
+        if lp is not None and g.shape == lp.shape and not bool(nonzero.any()):
+            return  # every value masked to 0: nothing to compare, no verdict (cached, it would stick): ask again later
+        found = lp is not None and g.shape == lp.shape and torch.allclose(g[nonzero], lp[nonzero])
         _LOG_P_GRADIENT[key] = found
     if found:
         moved = moving_support(raw)

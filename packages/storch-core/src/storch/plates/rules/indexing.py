@@ -394,6 +394,8 @@ def _index_add(func, args, kwargs):
     if not -k <= d < k:
         raise IndexError(f"Dimension out of range (expected to be in range of [{-k}, {k - 1}], but got {d})")
     d %= k
+    if x.shape[:d] != src.shape[:d] or x.shape[d + 1:] != src.shape[d + 1:] or src.shape[d] != i.shape[0]:
+        return vmap_call(func, args, kwargs)  # torch's own error per sample (scatter_add would fill part of x)
     shape = [1] * k
     shape[d] = i.shape[0]
     index = i.reshape(shape).expand(src.shape)
