@@ -1,6 +1,7 @@
 """Partitions (paper, section 3.2): one estimator called in a loop makes one node with one plate."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -248,3 +249,172 @@ def test_the_view_of_each_step_holds_that_steps_draw():
                                        view.gradient_values - node.at(t - 1).gradient_values)
         assert node.steps == [x1.tensor, x2.tensor]
         assert node.sample is x2.tensor  # the node itself: the last step's sample, the first step's distribution
+
+
+# -- sequences that end (eos): the view of step t of an entry finished before t -------------------
+
+_S, _T, _EOS = 3, 3, 2  # a small MDP: state s, action a, action 2 ends the episode
+_THETA = torch.tensor([[0.3, -0.2, 0.1], [0.0, 0.5, -0.4], [-0.3, 0.2, 0.6]], dtype=torch.float64)
+_RTAB = torch.tensor([[1.0, -0.5, 0.2], [0.3, 2.0, -1.0], [-0.7, 0.4, 1.5]], dtype=torch.float64)
+_PHI3 = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)  # a control variate c(a) = φ[a]
+
+
+def _exact_mdp(theta):
+    """E[Σ_t r_t] by enumeration; an episode ends at the step that draws eos (its later steps are eos)."""
+    total = 0.0
+    for seq in itertools.product(range(_S), repeat=_T):
+        s, lp, ret, done = 0, 0.0, 0.0, False
+        for a in seq:
+            if done:
+                if a != _EOS:
+                    lp = None
+                    break
+                continue
+            lp = lp + torch.log_softmax(theta[s], -1)[a]
+            ret = ret + _RTAB[s, a]
+            done = a == _EOS
+            s = (s + a + 1) % _S
+        if lp is not None:
+            total = total + torch.exp(lp) * ret
+    return total
+
+
+def _mdp_episode(est, th):
+    s, done = torch.zeros((), dtype=torch.long), None
+    for _ in range(_T):
+        a = est(torch.distributions.Categorical(logits=th[s]))
+        alive = 1.0 if done is None else 1.0 - done
+        storch.add_cost(-_RTAB[s, a] * alive, name="r")
+        d = (a == _EOS).double()
+        done = d if done is None else torch.maximum(done, d)
+        s = (s + a + 1) % _S
+
+
+class EosCVScore(storch.Estimator):
+    """The control variate of docs/partitions.md ("For estimator authors") with eos: a_t =
+    MagicBox(L_{t-1}) E_{p_t}[c] - MagicBox(L_t) c(x_t), 0 on the entries finished before step t (they
+    drew eos with probability 1)."""
+
+    name = "test_eos_cv_score"
+    supports_partitions = True
+    form = "mask"
+
+    def control_variate(self, node, cost):
+        x, d = node.sample, node.distribution
+        total = node.gradient_values  # L_t
+        before = total - node.log_prob(x)  # L_{t-1}
+        if self.form == "mask":  # E_{p_t}[c] from the distribution the user built, then a_t = 0 where done
+            mu = (d.probs * _PHI3).sum(-1)
+        else:  # E_{p_t}[c] from view.log_prob over the support: the point mass at eos where done
+            support = d.enumerate_support(expand=False)  # (3, 1, ...)
+            mu = (node.log_prob(support).exp() * _PHI3.reshape((3,) + (1,) * (support.dim() - 1))).sum(0)
+        a = (cost.align(storch.magic_box(before)) * cost.align(mu, node.distribution_plates)
+             - cost.align(storch.magic_box(total) * _PHI3[x]))
+        if self.form == "mask" and node.step > 0:
+            prev = node.at(node.step - 1)
+            a = torch.where(cost.align(prev.finished, prev.plates), torch.zeros_like(a), a)
+        return a
+
+
+@pytest.mark.parametrize("form", ["mask", "log_prob"])
+def test_a_control_variate_of_a_sequence_that_ends_is_unbiased(form):
+    """view.log_prob(view.sample) was the user's distribution's log p on entries finished before step t
+    (1.09, 1.60 where l_t is 0), and view.at(t - 1) on a view was the view itself: the documented
+    control variate was biased (|z| 15-19 on the gradient)."""
+    torch.manual_seed(3)
+    est = EosCVScore(plate="ep", n_samples=2)
+    est.eos, est.form = _EOS, form
+    with storch.Graph():
+        leaf, th = replicate(_THETA, R)
+        _mdp_episode(est, th)
+        (grad,) = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+    t = _THETA.clone().requires_grad_(True)
+    exact = torch.autograd.grad(_exact_mdp(t), t)[0]
+    assert_unbiased(-grad, exact.reshape(-1), "gradient")
+
+
+def test_the_view_log_prob_of_its_sample_is_l_t_with_eos():
+    """On an entry finished before step t the step draws eos with log-probability 0 (mask_after_eos):
+    the view's log_prob agrees (0 for eos, -inf for another value), at every step."""
+    torch.manual_seed(0)
+    est = SequenceScore(plate="ep", n_samples=64)
+    est.eos = _EOS  # (the base class's end-of-sequence option; score's eos=)
+    with storch.Graph() as g:
+        _mdp_episode(est, _THETA)
+        node = g.nodes[0]
+        for t in range(1, _T):
+            view, prev = node.at(t), node.at(t - 1)
+            l_t = view.gradient_values - prev.gradient_values
+            assert bool(prev.finished.any()) and not bool(prev.finished.all())
+            torch.testing.assert_close(view.log_prob(view.sample), l_t)
+            other = torch.zeros_like(view.sample)  # not eos: impossible where the sequence had ended
+            lp = view.log_prob(other)
+            assert bool((lp[prev.finished] == -math.inf).all()) and bool(torch.isfinite(lp[~prev.finished]).all())
+
+
+def test_at_on_a_view_is_the_view_of_the_partition():
+    """view.at(s) was the view itself whatever s (a view is no partition: its step log is cleared)."""
+    est = SequenceScore(plate="ep", n_samples=3)
+    est.eos = _EOS
+    with storch.Graph() as g:
+        _mdp_episode(est, _THETA)
+        node = g.nodes[0]
+        for t in range(_T):
+            for s in range(_T):
+                assert node.at(t).at(s) is node.at(s)
+        assert node.at(2).at(0).finished is node.at(0).finished
+
+
+# -- a table made at step 0 written in place at later steps (tabular RL in an episode) ----------
+
+_WRITES = {
+    "counts[s, a] += 1": lambda tab, s, a: tab.__setitem__((s, a), tab[s, a] + 1),
+    "counts[s][a] += 1": None,  # (written out below: a write through the copy tab[s])
+    "Q[s, a] = Q[s, a] + 0.1": lambda tab, s, a: tab.__setitem__((s, a), tab[s, a] + 0.1),
+    "visited[s][a] = 1": None,
+    "tab[s] = a": lambda tab, s, a: tab.__setitem__(s, a.to(tab.dtype)),
+    "tab[s == a] = 2": lambda tab, s, a: tab.__setitem__(torch.arange(_S) == a, 2.0),
+    "tab.add_(a)": lambda tab, s, a: tab.add_(a.to(tab.dtype)),
+}
+
+
+def _write(form, tab, s, a):
+    if form == "counts[s][a] += 1":
+        tab[s][a] += 1
+    elif form == "visited[s][a] = 1":
+        tab[s][a] = 1
+    else:
+        _WRITES[form](tab, s, a)
+
+
+@pytest.mark.parametrize("with_data", [False, True])
+@pytest.mark.parametrize("form", list(_WRITES))
+def test_a_table_of_step_0_written_in_place_at_later_steps(form, with_data):
+    """Sampling with replacement: entry i of step t continues entry i of step t-1, so an in-place write
+    at step t into a per-entry table made at step 0 is exact per entry (as a plain loop over the entries).
+    It raised "the index or the value varies over plates []" (the table's plate was step 0's)."""
+    torch.manual_seed(0)
+    est = SequenceScore(plate="ep", n_samples=5)
+    logits = torch.randn(_S, _S, dtype=torch.float64)
+    with storch.Graph():
+        s0 = storch.denote_independent(torch.tensor([0, 1]), 0, "batch") if with_data else torch.tensor(0)
+        s, tab, actions = s0, None, []
+        for _ in range(_T):
+            a = est(torch.distributions.Categorical(logits=logits[s]))
+            actions.append(a)
+            if tab is None:
+                tab = torch.zeros(_S, _S, dtype=torch.float64) + 0.0 * a[..., None, None]
+            plates = tab.plates
+            _write(form, tab, s, a)
+            assert tab.plates == plates  # an in-place write keeps the table's plates
+            s = (s + a + 1) % _S
+        out = tab.tensor
+        raw = [x.tensor.expand(out.shape[:len(tab.plates)]) for x in actions]
+    s0 = torch.tensor([0, 1]) if with_data else torch.tensor(0)
+    for idx in itertools.product(*(range(n) for n in out.shape[:len(tab.plates)])):
+        ref, s = torch.zeros(_S, _S, dtype=torch.float64), int(s0[idx[1]]) if with_data else 0
+        for a_t in raw:  # the plain-torch loop for one entry
+            a = a_t[idx]
+            _write(form, ref, torch.tensor(s), a)
+            s = (s + int(a) + 1) % _S
+        torch.testing.assert_close(out[idx], ref)

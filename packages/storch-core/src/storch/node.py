@@ -8,6 +8,7 @@ annotations only.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -15,6 +16,7 @@ import torch
 from torch.distributions import Distribution
 
 from .distributions import raw_log_prob
+from .errors import StorchError
 from .plates.tensor import Plate, PlateTensor, align
 
 if TYPE_CHECKING:
@@ -134,6 +136,10 @@ class Node:
         self.no_grad_cut = False
         self.max_order: float = math.inf  # lowered by Estimator.max_order_for (Estimator._sample_node)
         self._views: Optional[dict] = None
+        self._owner: Optional[weakref.ref] = None  # a view (at(t)): the partition's node it belongs to
+        # a view at step t >= 1 with eos: (step t's distribution, entries finished before step t, led by
+        # distribution_plates): there the step drew eos with probability 1 (Estimator.mask_after_eos)
+        self._eos_before: Optional[tuple] = None
 
     @property
     def gradient_values(self) -> Any:
@@ -189,7 +195,13 @@ class Node:
         ``finished`` and ``inputs`` are step ``step``'s, its ``weight_values`` computed for it (the
         last step's: the node's own);
         ``state``, ``frames``, ``handed``, ``first_distribution`` and ``first_parents`` are the
-        partition's. ``self`` for a node that is no partition (a single step)."""
+        partition's. ``self`` for a node that is no partition (a single step). On a view, the view of
+        ``step`` of the partition it belongs to (``node.at(2).at(0)`` is ``node.at(0)``)."""
+        if self._owner is not None:
+            owner = self._owner()
+            if owner is None:
+                raise StorchError("Node.at on a view of a partition whose node no longer exists (its graph ended)")
+            return owner.at(step)
         if self.step_log is None:
             return self
         if self._views is None:
@@ -204,6 +216,14 @@ class Node:
             # distribution); a later step's distribution is drawn per prefix: led by the plate of step-1
             view.sample, view.distribution, view.original, view.value, view.finished = self.step_draws[step]
             view.distribution_plates = (self.step_log[step - 1][0][0],) + plates[1:] if step else self.first_parents
+            finished = self.step_draws[step - 1][4] if step else None
+            if finished is not None:
+                # sequences that ended before step t drew eos with log-probability 0 (mask_after_eos):
+                # view.log_prob agrees with l_t there (the step's draw is a point mass at eos)
+                prev = self.step_log[step - 1][0]
+                view._eos_before = (view.distribution, align(_lead(finished, len(prev)), prev, view.distribution_plates))
+            # (a weak reference: the node keeps its views, a view does not keep the node alive)
+            view._owner = weakref.ref(self)
             view.step_log = view._history = None
             # the weights: computed for the view, except the last step's, which are the node's own
             view.weight_values = self._weight_values if step == self.step else None
@@ -255,10 +275,21 @@ class Node:
         return len(self.distribution.batch_shape) - len(self.distribution_plates)
 
     def log_prob(self, value: torch.Tensor, distribution: Optional[Distribution] = None) -> torch.Tensor:
-        """Log-probability of raw ``value`` summed over the node's own batch dims."""
-        lp = raw_log_prob(distribution or self.distribution, value)
+        """Log-probability of raw ``value`` summed over the node's own batch dims.
+
+        On a view ``at(t)`` (t >= 1) of a partition with ``eos``, of step t's distribution: a sequence
+        that ended before step t draws eos there with probability 1 (``Estimator.mask_after_eos``), so
+        its entries get 0 for eos and ``-inf`` for any other value: ``view.log_prob(view.sample)`` is
+        l_t on every entry."""
+        d = distribution or self.distribution
+        lp = raw_log_prob(d, value)
         k = len(self.distribution.batch_shape) - len(self.distribution_plates)  # self.batch_ndims
-        return lp if k <= 0 else lp.sum(-1) if k == 1 else lp.sum(tuple(range(-k, 0)))
+        lp = lp if k <= 0 else lp.sum(-1) if k == 1 else lp.sum(tuple(range(-k, 0)))
+        before = self._eos_before
+        if before is not None and d is before[0]:
+            at_eos = self.estimator.is_eos(d, value, len(self.distribution_plates))
+            lp = torch.where(before[1], torch.where(at_eos, lp.new_zeros(()), lp.new_full((), -math.inf)), lp)
+        return lp
 
     def __repr__(self) -> str:
         name = self.plate.name if self.plate else "?"

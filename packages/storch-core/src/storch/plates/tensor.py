@@ -408,6 +408,42 @@ def later_step(a: tuple[Plate, ...], b: tuple[Plate, ...]) -> Optional[tuple[Pla
     return tuple(p if p.step >= q.step else q for p, q in zip(a, b))
 
 
+def write_plates(x: tuple[Plate, ...], plates: tuple[Plate, ...], what: str = "written in place"
+                 ) -> Optional[tuple[Plate, ...]]:
+    """The plates an in-place write into a tensor with plates ``x`` aligns its index and value to,
+    where the write's operands have plates ``plates`` (their union with ``x``); ``None`` where the
+    write adds plates that ``x`` lacks (the caller's refusal).
+
+    A tensor made at step t-1 of a partition and written at step t with step t's values (a table
+    ``counts[s, a] += 1`` in an episode): where the partition's entries stay in place between the two
+    steps (entry i of step t continues entry i of step t-1: sampling with replacement) the raw
+    tensors line up as they are, so the write is exact per entry; ``x`` keeps its plate objects (an
+    in-place write cannot change them: later reads align them as before) and the operands align to
+    the later step's (``later_step``). Where the estimator re-indexes the entries between the steps
+    (beams, ``unordered_set``) entry i of step t is not entry i of step t-1: refused, with how to
+    bring the tensor to the current step first.
+    """
+    if plates == x:
+        return x
+    later = later_step(x, plates)
+    if later is not None:
+        return later
+    if len(plates) == len(x) and all(p.name == q.name for p, q in zip(x, plates)):
+        moved = [(p, q) for p, q in zip(x, plates) if p.step < q.step and p.lineage is not None]
+        if moved:
+            p, q = moved[0]
+            raise PlateError(
+                f"the tensor {what} belongs to step {p.step} of partition {p.name!r}, and the value or index "
+                f"to step {q.step}; the estimator re-indexes the partition's entries between those steps (it "
+                f"selects which prefixes survive: beams, unordered_set), so entry i of step {q.step} is not "
+                f"entry i of step {p.step} and an in-place write cannot reach the right entries. Bring the "
+                f"tensor to step {q.step} first, out of place (re-indexed by the parents), at each step "
+                "before writing into it: e.g. `tab = tab + 0 * a[..., None, None]` with `a` the step's "
+                "sample (then `tab[s, a] += 1`), or rebuild it out of place at each step "
+                "(`tab = torch.where(mask, value, tab)`)")
+    return None
+
+
 _UNIONS: dict = {}
 
 

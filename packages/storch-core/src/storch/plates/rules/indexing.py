@@ -27,7 +27,7 @@ from .. import kit as _kit
 from ..kit import _PLAIN_SOURCE, dispatch, register, register_copy, wrap_same
 from .shape import _dim_handler, _full
 from .vmap import vmap_call
-from ..tensor import PlateTensor, align, union_plates
+from ..tensor import PlateTensor, align, union_plates, write_plates
 
 _PT = PlateTensor
 _T = torch.Tensor
@@ -228,17 +228,21 @@ def _setitem(func, args, kwargs):
     if _simple(x, t):
         plates = union_plates([x._plates, vp])
         raw_idx = (slice(None),) * n + t
-        if plates != x._plates:
+        # a table of step t-1 of a partition written with step t's values: the operands align to
+        # step t's plates, whose raw dims are x's where the entries stayed in place (write_plates)
+        wp = plates if plates is x._plates else write_plates(x._plates, plates)
+        if wp is None:
             raise PlateError(_more_plates(x, plates))
         _held_once(x, t, value)
         if type(value) is _PT:
             target = x._raw[raw_idx]
-            value = align(value._raw, value._plates, x._plates, target.dim() - n)
+            value = align(value._raw, value._plates, wp, target.dim() - n)
         x._raw[raw_idx] = value
         return None
     raw_idx, plates, r, q, _ = _general(x, t)
     plates = union_plates([plates, vp])
-    if plates != x._plates:
+    wp = plates if plates is x._plates else write_plates(x._plates, plates)  # (as above)
+    if wp is None:
         raise PlateError(_more_plates(x, plates))
     short = _held_once(x, t, value)
     if short:
@@ -249,7 +253,7 @@ def _setitem(func, args, kwargs):
     block, rest = tuple(target.shape[n:n + r]), tuple(target.shape[n + r:])
     shape = rest[:q] + block + rest[q:]  # one sample's result shape
     v = (value._raw if type(value) is _PT else torch.as_tensor(value, device=x.device)).to(x.dtype)
-    v = align(v, vp, x._plates, k).expand(target.shape[:n] + shape)
+    v = align(v, vp, wp, k).expand(target.shape[:n] + shape)
     if q and r:  # from one sample's layout to the raw one
         v = v.movedim(tuple(range(n + q, n + q + r)), tuple(range(n, n + r)))
     x._raw[raw_idx] = v
@@ -265,7 +269,8 @@ def _mask_assign(x, mask, value) -> None:
     n = len(x._plates)
     vp = value._plates if type(value) is _PT else ()
     plates = union_plates([x._plates, mask._plates, vp])
-    if plates != x._plates:
+    wp = write_plates(x._plates, plates)  # (as in _setitem: a table of an earlier step of a partition)
+    if wp is None:
         raise PlateError(_more_plates(x, plates))
     _held_once(x, (mask,), value)
     shape = tuple(x._raw.shape[n:])  # one sample's shape
@@ -275,7 +280,7 @@ def _mask_assign(x, mask, value) -> None:
                          f"indexed tensor {list(shape[:k])} at index 0")
     rest = shape[k:]
     # the mask on x's raw plate dims: the selection is (total over entries, *rest), entry by entry
-    m = align(mask._raw, mask._plates, x._plates).expand(x._raw.shape[:n + k])
+    m = align(mask._raw, mask._plates, wp).expand(x._raw.shape[:n + k])
     v = (value._raw if type(value) is _PT else torch.as_tensor(value, device=x.device)).to(x.dtype)
     vn = len(vp)
     vs = tuple(v.shape[vn:])
@@ -285,7 +290,7 @@ def _mask_assign(x, mask, value) -> None:
         if type(value) is not _PT:
             x._raw[m] = v
             return
-        v = align(v, vp, x._plates, len(rest))
+        v = align(v, vp, wp, len(rest))
         v = v[(slice(None),) * n + (None,) * k].expand(x._raw.shape)[m]
     elif len(vs) == len(rest) + 1:  # one row per selected element: each entry selects vs[0]
         counts = m.reshape(m.shape[:n] + (-1,)).sum(-1)
@@ -296,7 +301,7 @@ def _mask_assign(x, mask, value) -> None:
                 f"by sample (from {int(counts.min())} to {int(counts.max())}), as in torch for one sample "
                 "where they differ from the rows given. Give a value for every element instead: "
                 "`x = torch.where(mask, value, x)` with value of x's shape (or broadcastable to it)")
-        v = align(v, vp, x._plates, len(vs)).expand(x._raw.shape[:n] + vs[:1] + rest).reshape((-1,) + rest)
+        v = align(v, vp, wp, len(vs)).expand(x._raw.shape[:n] + vs[:1] + rest).reshape((-1,) + rest)
     else:
         raise PlateError(f"shape mismatch: value tensor of per-sample shape {list(vs)} cannot be broadcast to "
                          f"the indexing result of per-sample shape [number selected{''.join(f', {r}' for r in rest)}]")

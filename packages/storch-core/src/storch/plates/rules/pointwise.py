@@ -14,7 +14,7 @@ import torch.nn.functional as _F
 
 from ...errors import PlateError
 from ..kit import _is_inplace, _ndim, _operands, plates_or_empty, register, scan, unwrap, wrap, wrap_same
-from ..tensor import PlateTensor, _names, align, later_step, union_plates
+from ..tensor import PlateTensor, _names, align, later_step, union_plates, write_plates
 from ..tensor import new_plate_tensor as _new
 from ..treatments import describe, register_plate_handler
 
@@ -40,7 +40,11 @@ def _call(func, args, kwargs, pad: int):
                 f"{_names(plates)} into a tensor with plates {_names(plates_or_empty(self))}; use the "
                 "out-of-place version"
             )
-        plates = self._plates
+        # a tensor of step t-1 of a partition written with step t's values: aligned to step t's plates,
+        # whose raw dims are self's where the entries stayed in place (write_plates); self keeps its plates
+        wp = self._plates if plates is self._plates else write_plates(
+            self._plates, plates, f"written in place by {getattr(func, '__name__', func)}")
+        plates = self._plates if wp is None else wp
     args = tuple(unwrap(a, plates, pad) for a in args)
     if kwargs:
         kwargs = {k: unwrap(v, plates, pad) for k, v in kwargs.items()}

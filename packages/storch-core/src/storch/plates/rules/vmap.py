@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ...errors import PlateError, StorchError
 from ..kit import _from_torch, _is_inplace
-from ..tensor import PlateTensor, _names, align, map_tensors, union_plates
+from ..tensor import PlateTensor, _names, align, map_tensors, union_plates, write_plates
 from ..tensor import new_plate_tensor as _new
 from ..treatments import describe, from_torch
 
@@ -38,6 +38,10 @@ def vmap_call(func, args, kwargs):
     raws, mapped = _raws(leaves, pos, plates, sizes)
     levels = [j for j in range(m) if any(mk[j] for mk in mapped)]
     inplace = _is_inplace(func)
+    if inplace and type(args[0]) is _PT and args[0]._plates != plates:
+        # a tensor of an earlier step of a partition whose entries the estimator re-indexes (beams):
+        # aligned by the parents, the write would go into a copy (lost); refused (write_plates)
+        write_plates(args[0]._plates, plates, f"written in place by {describe(func)}")
     if inplace and (type(args[0]) is not _PT or not all(mapped[0][j] for j in levels)):
         raise PlateError(
             f"in-place {describe(func)} would write values that vary over plates {_names(plates)} into a "
