@@ -99,6 +99,31 @@ class Node:
             estimator's own ``max_order``.
     """
 
+    # Defaults of what most nodes never set (a partition's, eos, no-grad steps, views): class attributes, set on
+    # the instance only when they change, so a node's __init__ stays within CPython's key-sharing instance dicts
+    # (at most 30 keys: one more and every Node.__init__ builds a full dict, +1.3 us per estimator call)
+    step_inputs: Optional[list] = None
+    # a partition: (sample, distribution, original, value, finished) per step, made at its second step
+    step_draws: Optional[list] = None
+    index = -1
+    step = 0
+    _history: Optional[list] = None  # (plates_t, L_t) of the steps computed so far
+    # a partition: (plates_t, l_t) per step, the gradient function of each step alone; L_t is
+    # computed from it when read (history, gradient_values), the surrogate stacks it instead
+    step_log: Optional[list] = None
+    # every step so far has the plates of step 0 (at their own step), the same size and the same
+    # l_t shape, and no parent indices: L_t = l_0 + ... + l_t is a cumulative sum, no re-indexing
+    steps_in_place = True
+    finished: Optional[torch.Tensor] = None  # partitions with eos: sequences that have ended
+    no_grad_step: Optional[int] = None  # set by the estimator's call (Estimator._no_grad)
+    no_grad_cut = False
+    max_order: float = math.inf  # lowered by Estimator.max_order_for (Estimator._sample_node)
+    _views: Optional[dict] = None
+    _owner: Optional[weakref.ref] = None  # a view (at(t)): the partition's node it belongs to
+    # a view at step t >= 1 with eos: (step t's distribution, entries finished before step t, led by
+    # distribution_plates): there the step drew eos with probability 1 (Estimator.mask_after_eos)
+    _eos_before: Optional[tuple] = None
+
     def __init__(self, estimator: "Estimator", distribution: Distribution, parents: tuple[Plate, ...],
                  original: Optional[Node] = None,
                  inputs: Any = None):
@@ -117,29 +142,8 @@ class Node:
         state_type = getattr(estimator, "State", None)
         self.state: Any = state_type() if state_type is not None else None
         self.inputs = inputs
-        self.step_inputs: Optional[list] = None
         self.frames: dict = {}
-        # a partition: (sample, distribution, original, value, finished) per step, made at its second step
-        self.step_draws: Optional[list] = None
         self.handed: list = []  # (raw value handed to user code, its version then): in-place changes are refused
-        self.index = -1
-        self.step = 0
-        self._history: Optional[list] = None  # (plates_t, L_t) of the steps computed so far
-        # a partition: (plates_t, l_t) per step, the gradient function of each step alone; L_t is
-        # computed from it when read (history, gradient_values), the surrogate stacks it instead
-        self.step_log: Optional[list] = None
-        # every step so far has the plates of step 0 (at their own step), the same size and the same
-        # l_t shape, and no parent indices: L_t = l_0 + ... + l_t is a cumulative sum, no re-indexing
-        self.steps_in_place = True
-        self.finished: Optional[torch.Tensor] = None  # partitions with eos: sequences that have ended
-        self.no_grad_step: Optional[int] = None  # set by the estimator's call (Estimator._no_grad)
-        self.no_grad_cut = False
-        self.max_order: float = math.inf  # lowered by Estimator.max_order_for (Estimator._sample_node)
-        self._views: Optional[dict] = None
-        self._owner: Optional[weakref.ref] = None  # a view (at(t)): the partition's node it belongs to
-        # a view at step t >= 1 with eos: (step t's distribution, entries finished before step t, led by
-        # distribution_plates): there the step drew eos with probability 1 (Estimator.mask_after_eos)
-        self._eos_before: Optional[tuple] = None
 
     @property
     def gradient_values(self) -> Any:

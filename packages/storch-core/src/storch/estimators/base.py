@@ -221,7 +221,8 @@ class Estimator(torch.nn.Module):
         self.check_distribution(raw)
         if self.requires_enumerate_support:  # probabilities of exactly 0 (probs=) are impossible values
             raw = strict_support(raw, is_tracing())
-        ndims = 1 + len(raw.batch_shape) + len(raw.event_shape)  # the sample: plate, batch, event
+        own = raw.batch_shape + raw.event_shape  # (torch.Size: parents, own batch, event)
+        ndims = 1 + len(own)  # the sample: plate, batch, event
         if ndims > MAX_DIMS:
             raise PlateError(f"estimator {self.name!r} (plate {self.plate!r}): " + too_many_dims_message(ndims))
         if inputs is not None:
@@ -233,7 +234,6 @@ class Estimator(torch.nn.Module):
             node.max_order = self.max_order_for(raw)
         _check_sample_entries(self, raw, parents)
         sample = self.proposal(node)
-        own = raw.batch_shape + raw.event_shape  # (torch.Size: parents, own batch, event)
         # one tuple comparison (a wrong shape would silently move the plate); dims after them may hold a
         # representation of the value (a relaxation's one-hot vector for a Categorical)
         if sample.shape[1:len(own) + 1] != own:
@@ -245,8 +245,7 @@ class Estimator(torch.nn.Module):
         node.gradient_values = _checked_lead(self, "gradient_function", self.gradient_function(node), plates)
         if not self.uniform_weights:  # uniform ones (1/N) are built only if read (Node.weight_values)
             node.weight_values = _checked_lead(self, "weighting_function", self.weighting_function(node), plates)
-        cls = type(self)
-        if (self.score_function is None and not _is_score_function(cls)
+        if (self.score_function is None and not _is_score_function(type(self))
                 and (type(raw) not in KINK_FREE or not support_is_fixed(type(raw)))):
             _detect_log_p_gradient(self, node, raw)
         if self.eos is not None:
@@ -809,8 +808,9 @@ def _checked_lead(est: Estimator, component: str, t: Any, plates: tuple[Plate, .
     t = _lead(t, n)
     shape = t.shape
     if len(shape) == n:
-        if n == 1:  # (the common node without parents: no generator)
-            if shape[0] == plates[0].size or shape[0] == 1:
+        if n <= 2:  # (the common nodes, with no parent or one: no generator)
+            if (shape[0] == plates[0].size or shape[0] == 1) and (
+                    n == 1 or shape[1] == plates[1].size or shape[1] == 1):
                 return t
         elif all(s == p.size or s == 1 for s, p in zip(shape, plates)):
             return t
