@@ -220,15 +220,8 @@ def register_copy(out: PlateTensor, src, idx: tuple, read: Callable[..., torch.T
     if type(src) is not _PT:
         out._raw._storch_copy = _PLAIN_SOURCE
         return
-    v = 0  # _versions(idx), inlined (the hot path)
-    for i in idx:
-        t = type(i)
-        if t is _PT:
-            v += i._raw._version
-        elif t is not int and isinstance(i, torch.Tensor):
-            v += i._version
     root = out._raw
-    root._storch_copy = _Record((src, idx, out._plates, v, read))
+    root._storch_copy = _Record((src, idx, out._plates, _versions(idx), read))
     s = src._raw
     b = s._base
     if b is not None:
