@@ -326,7 +326,8 @@ class Estimator(torch.nn.Module):
             # step 0's draw, for node.at(0): the node itself goes on to hold the last step's sample
             node.step_draws = [(node.sample, node.distribution, node.original, node.value, node.finished)]
         sample, lp = self.extend(node, raw, plates)
-        own = (raw.batch_shape + raw.event_shape)[1:]  # (raw's first dim: the partition's plate at step t-1)
+        # (raw's first dim: the partition's plate at step t-1; every torch Distribution sets these two in __init__)
+        own = raw._batch_shape[1:] + raw._event_shape
         if sample.shape[1:len(own) + 1] != own:
             raise StorchError(_sample_shape_message(self, "extend", sample.shape, own, t))
         prev = node.plate
@@ -805,7 +806,8 @@ def _checked_lead(est: Estimator, component: str, t: Any, plates: tuple[Plate, .
     after checking that it has no other dims and that each is the plate's size or 1 (broadcast: a pathwise
     estimator's gradient function may be one 0 of shape (1,)); fewer dims are padded with size-1 dims."""
     n = len(plates)
-    t = _lead(t, n)
+    if type(t) is not torch.Tensor or t.dim() < n:
+        t = _lead(t, n)
     shape = t.shape
     if len(shape) == n:
         if n <= 2:  # (the common nodes, with no parent or one: no generator)
