@@ -1288,10 +1288,10 @@ def test_a_first_call_with_frozen_parameters_does_not_fix_the_updates(name, back
     assert compiled.traces >= 2
 
 
-@pytest.mark.parametrize("name", ["mvd", "arm"])
+@pytest.mark.parametrize("name", ["go", "arm", "unordered_set"])
 def test_a_first_call_with_frozen_parameters_keeps_the_order_guard(name):
     # the same trigger: the trace made while frozen held no refusal of a second differentiation, so an order-1
-    # estimator's "Hessian" replayed silently (mvd's mean 0.56 against an exact -0.004)
+    # estimator's "Hessian" replayed silently (mvd's mean 0.56 against an exact -0.004; mvd is not installed in the models environment)
     theta = torch.nn.Parameter(torch.tensor([0.3, -0.5, 1.0]))
     est = storch.estimator(name, plate="z", n_samples=8)
     compiled = storch.compile(_frozen_first_step(est, theta), backend=None)

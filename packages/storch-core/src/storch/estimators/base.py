@@ -963,8 +963,9 @@ def _detect_log_p_gradient(est: Estimator, node: Node, raw: Distribution) -> Non
     found = _LOG_P_GRADIENT.get(key)
     if found is None:
         g = node.gradient_values
-        if is_tracing() or not isinstance(g, torch.Tensor) or torch._C._functorch.is_batchedtensor(g):
-            return  # (decided at an eager call)
+        if (is_tracing() or not isinstance(g, torch.Tensor) or g.is_meta
+                or torch._C._functorch.is_batchedtensor(g)):
+            return  # (decided at an eager call with values)
         if not (g.requires_grad and holds_grad(raw)):
             return  # nothing to tell (frozen parameters, or no gradient through l at all): ask again later
         try:
