@@ -408,8 +408,7 @@ def later_step(a: tuple[Plate, ...], b: tuple[Plate, ...]) -> Optional[tuple[Pla
     return tuple(p if p.step >= q.step else q for p, q in zip(a, b))
 
 
-def write_plates(x: tuple[Plate, ...], plates: tuple[Plate, ...], what: str = "written in place"
-                 ) -> Optional[tuple[Plate, ...]]:
+def write_plates(x: tuple[Plate, ...], plates: tuple[Plate, ...], func: Any = None) -> Optional[tuple[Plate, ...]]:
     """The plates an in-place write into a tensor with plates ``x`` aligns its index and value to,
     where the write's operands have plates ``plates`` (their union with ``x``); ``None`` where the
     write adds plates that ``x`` lacks (the caller's refusal).
@@ -421,9 +420,9 @@ def write_plates(x: tuple[Plate, ...], plates: tuple[Plate, ...], what: str = "w
     in-place write cannot change them: later reads align them as before) and the operands align to
     the later step's (``later_step``). Where the estimator re-indexes the entries between the steps
     (beams, ``unordered_set``) entry i of step t is not entry i of step t-1: refused, with how to
-    bring the tensor to the current step first.
+    bring the tensor to the current step first. ``func``: the in-place function, named in that message.
     """
-    if plates == x:
+    if plates is x or plates == x:
         return x
     later = later_step(x, plates)
     if later is not None:
@@ -432,6 +431,7 @@ def write_plates(x: tuple[Plate, ...], plates: tuple[Plate, ...], what: str = "w
         moved = [(p, q) for p, q in zip(x, plates) if p.step < q.step and p.lineage is not None]
         if moved:
             p, q = moved[0]
+            what = "written in place" + ("" if func is None else f" by {getattr(func, '__name__', func)}")
             raise PlateError(
                 f"the tensor {what} belongs to step {p.step} of partition {p.name!r}, and the value or index "
                 f"to step {q.step}; the estimator re-indexes the partition's entries between those steps (it "

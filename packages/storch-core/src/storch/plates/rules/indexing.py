@@ -23,8 +23,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import PlateError
-from .. import kit as _kit
-from ..kit import _PLAIN_SOURCE, dispatch, register, register_copy, wrap_same
+from ..kit import dispatch, register, register_copy, wrap_same
 from .shape import _dim_handler, _full
 from .vmap import vmap_call
 from ..tensor import PlateTensor, align, union_plates, write_plates
@@ -168,12 +167,10 @@ def _getitem(func, args, kwargs):
     x, idx = args
     if type(idx) is _PT and type(x) is not _PT and idx.dtype not in (torch.bool, torch.uint8):
         # table[s]: one plate-tensor index into a plain tensor; the raw index leads with the plates
-        raw = x[idx._raw]
+        out = wrap_same(x[idx._raw], idx._plates)
         if idx._raw.dim() == len(idx._plates):  # a 0-dim s: torch's table[s] is a view, ours a copy
-            # (only a marker: a write through it is refused, the table cannot hold per-sample values)
-            raw._storch_copy = _PLAIN_SOURCE
-            _kit._seen = True
-        return wrap_same(raw, idx._plates)
+            register_copy(out, x, (idx,), _read)  # (a plain table: only a marker, a write through it is refused)
+        return out
     idx = _index_tuple(idx)
     if type(x) is _PT and _simple(x, idx):
         return wrap_same(x._raw[(slice(None),) * len(x._plates) + idx], x._plates)
@@ -230,7 +227,7 @@ def _setitem(func, args, kwargs):
         raw_idx = (slice(None),) * n + t
         # a table of step t-1 of a partition written with step t's values: the operands align to
         # step t's plates, whose raw dims are x's where the entries stayed in place (write_plates)
-        wp = plates if plates is x._plates else write_plates(x._plates, plates)
+        wp = write_plates(x._plates, plates)
         if wp is None:
             raise PlateError(_more_plates(x, plates))
         _held_once(x, t, value)
@@ -241,7 +238,7 @@ def _setitem(func, args, kwargs):
         return None
     raw_idx, plates, r, q, _ = _general(x, t)
     plates = union_plates([plates, vp])
-    wp = plates if plates is x._plates else write_plates(x._plates, plates)  # (as above)
+    wp = write_plates(x._plates, plates)  # (as above)
     if wp is None:
         raise PlateError(_more_plates(x, plates))
     short = _held_once(x, t, value)

@@ -42,8 +42,7 @@ def _call(func, args, kwargs, pad: int):
             )
         # a tensor of step t-1 of a partition written with step t's values: aligned to step t's plates,
         # whose raw dims are self's where the entries stayed in place (write_plates); self keeps its plates
-        wp = self._plates if plates is self._plates else write_plates(
-            self._plates, plates, f"written in place by {getattr(func, '__name__', func)}")
+        wp = write_plates(self._plates, plates, func)
         plates = self._plates if wp is None else wp
     args = tuple(unwrap(a, plates, pad) for a in args)
     if kwargs:

@@ -41,7 +41,7 @@ def vmap_call(func, args, kwargs):
     if inplace and type(args[0]) is _PT and args[0]._plates != plates:
         # a tensor of an earlier step of a partition whose entries the estimator re-indexes (beams):
         # aligned by the parents, the write would go into a copy (lost); refused (write_plates)
-        write_plates(args[0]._plates, plates, f"written in place by {describe(func)}")
+        write_plates(args[0]._plates, plates, describe(func))
     if inplace and (type(args[0]) is not _PT or not all(mapped[0][j] for j in levels)):
         raise PlateError(
             f"in-place {describe(func)} would write values that vary over plates {_names(plates)} into a "
