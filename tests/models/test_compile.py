@@ -1413,3 +1413,67 @@ def test_a_step_traced_again_and_again_warns():
         compiled(x, torch.tensor(0.9))
         compiled(x, torch.tensor(1.0))
     assert compiled.traces == 10
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+@pytest.mark.parametrize("as_argument", [False, True])
+def test_train_and_eval_select_their_own_trace(backend, as_argument):
+    # model.eval() after a compiled training call replayed the training-mode program (dropout on, batch
+    # statistics and running-stat updates of BatchNorm): the training flags of the modules the step reaches are
+    # part of a trace's key now, so each mode is traced once and switching back reuses the first trace
+    est = storch.estimator("score", plate="z", n_samples=4)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 3),
+                                torch.nn.Dropout(0.5))
+    x = torch.randn(5, 4)
+
+    def run(model, x):
+        with storch.Graph():
+            z = est(Bernoulli(logits=model(x)))  # a plain batch through the model: batch norm over it
+            storch.add_cost(((z - 0.3) ** 2).sum(), name="f")
+            return storch.surrogate_loss()
+
+    compiled = storch.compile(run if as_argument else (lambda x: run(model, x)), backend=backend)
+    call = (lambda f: f(model, x)) if as_argument else (lambda f: f(x))
+    eager = (lambda: run(model, x))
+    for mode in (True, False, True, False):
+        model.train(mode)
+        stats = model[1].running_mean.clone()
+        torch.manual_seed(1)
+        got = call(compiled)
+        after = model[1].running_mean.clone()
+        model[1].running_mean.copy_(stats)  # the eager step's update from the same statistics
+        torch.manual_seed(1)
+        want = eager()
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(after, model[1].running_mean)
+        assert torch.equal(after, stats) != mode  # training updates the running statistics, evaluation does not
+    assert compiled.traces == 2
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_an_estimator_option_set_after_tracing_selects_a_new_trace(backend):
+    # est.temperature = 0.1 (or n_samples) after the first call: the trace had fixed the option's value, so the
+    # replay went on with the old one (a silently different loss); setting an option now keys a new trace
+    pytest.importorskip("storch_relaxed")
+    est = storch.estimator("gumbel_softmax", plate="z", n_samples=4, temperature=1.0)
+    theta = torch.tensor([0.3, -0.5, 1.0], requires_grad=True)
+
+    def step(theta):
+        with storch.Graph():
+            z = est(Bernoulli(logits=theta))
+            storch.add_cost(((z - 0.3) ** 2).sum(-1), name="f")
+            return storch.surrogate_loss()
+
+    compiled = storch.compile(step, backend=backend)
+    for options in ({}, {"temperature": 0.1}, {"n_samples": 7}, {"temperature": 2.0}):
+        for k, v in options.items():
+            setattr(est, k, v)
+        torch.manual_seed(2)
+        got = compiled(theta)
+        torch.manual_seed(2)
+        want = step(theta)
+        torch.testing.assert_close(got, want)
+    assert compiled.traces == 4
+    compiled(theta)
+    assert compiled.traces == 4  # nothing set since: the last trace is replayed

@@ -62,8 +62,10 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
 - in-place updates of captured buffers and of arguments (BatchNorm's running statistics, a counter,
   ``x.sub_(0.5)``) happen once per call, as eagerly: the trace and the replay check run the step on the
   real tensors, so what they wrote is saved first and put back after each (a refused call changes nothing);
-- Python values the step reads (options, ``module.training``, Python numbers) are fixed at trace
-  time; call :meth:`CompiledStep.clear` after changing them. A non-tensor argument is traced once per
+- Python values the step reads (global options, Python numbers, plain objects' attributes) are fixed at
+  trace time; call :meth:`CompiledStep.clear` after changing them. Two are watched and key the trace
+  (:meth:`CompiledStep._python_state`): the ``training`` flags of the modules the step reaches (``model.eval()``)
+  and each estimator's count of option changes (``est.temperature = 0.1``). A non-tensor argument is traced once per
   value (a step traced ``_RETRACE_WARNING`` times warns: pass a changing number as a 0-dim tensor), and
   tensors the step stores outside itself (a metrics dict) keep the traced call's values;
 - data-dependent Python control flow (``if tensor.item() > 0``) cannot be traced: the error says so; so
@@ -146,6 +148,7 @@ import sys
 import threading
 import types
 import warnings
+import weakref
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -178,13 +181,15 @@ class CompiledStep:
         self.compile_options = compile_options
         self._cache: dict = {}
         self._fast: dict = {}
+        self._watch: Optional[tuple] = None  # the modules and estimators whose Python state keys a trace
         self.traces = 0
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not kwargs and all(type(a) is _T for a in args):
             # the common call, plain tensors only: a cheaper key (no pytree), its own cache entry
-            key = (torch.is_grad_enabled(), *[(a.shape, a.stride(), a.dtype, a.device, a.requires_grad) for a in args])
+            key = (torch.is_grad_enabled(), self._python_state(()),
+                   *[(a.shape, a.stride(), a.dtype, a.device, a.requires_grad) for a in args])
             entry = self._fast.get(key)
             if entry is None:
                 entry = self._fast[key] = self._entry(args, kwargs)
@@ -198,7 +203,7 @@ class CompiledStep:
                 _refuse_twice(outs, entry[4])
             return outs[0] if entry[3] else pytree.tree_unflatten(list(outs), entry[2])
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        key, tensors = _signature(leaves, spec)
+        key, tensors = _signature(leaves, spec, self._python_state(leaves))
         entry = self._cache.get(key)
         if entry is None or (type(entry) is tuple and entry[5] is not None and not entry[5]()):
             self._fast.clear()
@@ -216,11 +221,26 @@ class CompiledStep:
     def _lookup(self, args, kwargs) -> tuple:
         """The cache entry for these arguments (traced now if new) and their tensors."""
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        key, tensors = _signature(leaves, spec)
+        key, tensors = _signature(leaves, spec, self._python_state(leaves))
         entry = self._cache.get(key)
         if entry is None or (type(entry) is tuple and entry[5] is not None and not entry[5]()):
             entry = self._cache[key] = self._new_entry(leaves, spec, tensors)
         return entry, tensors
+
+    def _python_state(self, leaves) -> tuple:
+        """What a trace fixes of Python state outside the arguments, as part of its key: the ``training`` flag of
+        the modules the step reaches by name (and of module arguments) whose forward may read it, and how often
+        each estimator's options were set. ``model.eval()`` or ``est.temperature = 0.1`` after a trace selects
+        (or makes) the trace for that state, as torch.compile's guards on them do; a trace made before would
+        go on computing with training-mode dropout and batch statistics, or the old temperature."""
+        watch = self._watch
+        if watch is None:
+            watch = self._watch = _watched(_reached_modules(self.fn, ()))
+        state = _python_state_of(watch)
+        for a in leaves:
+            if isinstance(a, torch.nn.Module):
+                state += _python_state_of(_watched_argument(a))
+        return state
 
     def _new_entry(self, leaves: list, spec, tensors: list):
         """A new cache entry: ``(gm, program, out_spec, single, refusal, guard)``, or for a step with estimator state
@@ -301,9 +321,12 @@ class CompiledStep:
             return self.fn(*args, **kwargs)
 
     def clear(self) -> None:
-        """Forget every trace: the next call traces again (after changing options or modes)."""
+        """Forget every trace: the next call traces again (after replacing a tensor the step captured elsewhere,
+        or changing a Python value it reads that is not watched: see the README's storch.compile section)."""
         self._cache.clear()
         self._fast.clear()
+        self._watch = None
+        _WATCHED_ARGUMENTS.clear()
 
     def _trace(self, leaves: list, spec, tensors: list) -> "_Trace":
         positions = [i for i, a in enumerate(leaves) if isinstance(a, torch.Tensor)]
@@ -522,8 +545,8 @@ def _run(program: Callable, tensors, grad: bool):
         raise
 
 
-def _signature(leaves: list, spec) -> tuple:
-    key = [spec, torch.is_grad_enabled()]
+def _signature(leaves: list, spec, state: tuple = ()) -> tuple:
+    key = [spec, torch.is_grad_enabled(), state]
     tensors = []
     for a in leaves:
         if isinstance(a, torch.Tensor):
@@ -1155,6 +1178,45 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
                     item[1] = t._version
 
 
+# torch.nn modules whose forward does not read ``self.training`` (their train()/eval() changes nothing a trace
+# records), by the module that defines them; every other module's flag (dropout, batch norm, instance norm,
+# RNNs with dropout, transformer layers, a user's modules) is part of a trace's key
+_TRAINING_FREE = frozenset(f"torch.nn.modules.{m}" for m in (
+    "linear", "conv", "pooling", "container", "flatten", "sparse", "padding", "pixelshuffle", "upsampling", "distance",
+    "channelshuffle", "fold", "normalization", "activation", "loss"))
+_TRAINING_READERS = (torch.nn.RReLU, torch.nn.MultiheadAttention)  # the exceptions in those modules
+
+
+def _watched(roots: list) -> tuple:
+    """The modules among ``roots`` and their submodules whose ``training`` flag may change a trace, and the estimators."""
+    modules, estimators, seen = [], [], set()
+    for root in roots:
+        for m in root.modules():
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            if isinstance(m, Estimator):
+                estimators.append(m)  # estimators do not read training (docs/reliability.md): their options
+            elif type(m).__module__ not in _TRAINING_FREE or isinstance(m, _TRAINING_READERS):
+                modules.append(m)
+    return tuple(modules), tuple(estimators)
+
+
+def _python_state_of(watch: tuple) -> tuple:
+    modules, estimators = watch
+    return (*[m.training for m in modules], *[e._options_set for e in estimators])
+
+
+_WATCHED_ARGUMENTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # module argument -> _watched([it])
+
+
+def _watched_argument(module: torch.nn.Module) -> tuple:
+    watch = _WATCHED_ARGUMENTS.get(module)
+    if watch is None:
+        watch = _WATCHED_ARGUMENTS[module] = _watched([module])
+    return watch
+
+
 def _module_attributes(fn: Callable, arguments: tuple = ()) -> dict:
     """Every module attribute (``model.enc``, ``enc.weight``) of the modules the step can reach by name: the
     function's closure, its bound ``self``, its defaults and the globals its code names (also those of the
@@ -1165,6 +1227,21 @@ def _module_attributes(fn: Callable, arguments: tuple = ()) -> dict:
     captured tensors and checks them at each call. A module reached otherwise (an attribute of a plain
     object, a container built in the step) is not seen: call :meth:`CompiledStep.clear` after replacing its
     parameters. Returns ``{(id(holder), name): (owner, holder, name, value)}``."""
+    out: dict = {}
+    for root in _reached_modules(fn, arguments):
+        for owner in root.modules():
+            d = owner.__dict__
+            for kind in ("_parameters", "_buffers", "_modules"):
+                holder = d.get(kind)
+                if holder:
+                    for name, value in holder.items():
+                        if value is not None:
+                            out.setdefault((id(holder), name), (owner, holder, name, value))
+    return out
+
+
+def _reached_modules(fn: Callable, arguments: tuple = ()) -> list:
+    """The modules ``fn`` reaches by name (see :func:`_module_attributes`) and the module ``arguments``."""
     roots: list = []
     seen: set = set()
 
@@ -1212,17 +1289,7 @@ def _module_attributes(fn: Callable, arguments: tuple = ()) -> dict:
     visit(fn, 0)
     for a in arguments:
         visit(a, 1)
-    out: dict = {}
-    for root in roots:
-        for owner in root.modules():
-            d = owner.__dict__
-            for kind in ("_parameters", "_buffers", "_modules"):
-                holder = d.get(kind)
-                if holder:
-                    for name, value in holder.items():
-                        if value is not None:
-                            out.setdefault((id(holder), name), (owner, holder, name, value))
-    return out
+    return roots
 
 
 def _autocast_state():

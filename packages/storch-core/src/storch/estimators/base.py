@@ -715,6 +715,19 @@ class Estimator(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"plate={self.plate!r}, n_samples={self.n_samples}"
 
+    # a count of the times one of this instance's constructor options was set (``est.temperature = 0.1``,
+    # ``est.n_samples = 16``): ``storch.compile`` keys its traces by it, since a trace fixes the options'
+    # values (a class attribute until the first set after construction; read by the compiled step's key)
+    _options_set: int = 0
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        names = _OPTION_NAMES.get(type(self))
+        if names is None:
+            names = _OPTION_NAMES[type(self)] = frozenset(type(self).options()) | {"plate"}
+        if name in names:
+            object.__setattr__(self, "_options_set", self._options_set + 1)
+
     # -- graph identity (issue 11) -------------------------------------------------------------
 
     @eager_only
@@ -785,6 +798,7 @@ class Estimator(torch.nn.Module):
 
 
 _WELL_FORMED: "weakref.WeakSet[type]" = weakref.WeakSet()
+_OPTION_NAMES: "weakref.WeakKeyDictionary[type, frozenset]" = weakref.WeakKeyDictionary()
 
 
 def _step(step: int) -> str:
