@@ -262,8 +262,10 @@ def test_two_costs_with_one_name_at_one_step_warn():
 
 def test_interleaved_partitions_say_how_to_write_them():
     """An option every 2 steps and an action every step, each its own estimator: refused (partitions must
-    be topologically ordered), and the message now says what to write instead (found by porting a
-    hierarchical policy)."""
+    be topologically ordered), and the message says what to write instead (found by porting a hierarchical
+    policy). It used to say to create "the less frequent one" anew per call, which is refused in turn with
+    the same advice; what works is a new partition after each draw of the other node, here for both (the
+    option's logits depend on the state the actions reach)."""
     from torch.distributions import Categorical
 
     phi = torch.zeros(4, 2, requires_grad=True)
@@ -272,12 +274,24 @@ def test_interleaved_partitions_say_how_to_write_them():
     lo = storch.estimator("score", plate="act", n_samples=2)
     with storch.Graph():
         s = torch.tensor(1)
-        with pytest.raises(storch.PlateError, match=r"interleave.*Use one estimator for both.*anew for each"):
+        with pytest.raises(storch.PlateError, match=r"partition 'opt' depends on node 'act'.*estimator of 'opt' "
+                           r"anew for each segment.*plate=f'opt\{k\}'.*'act' is a partition too"):
             for t in range(4):
                 if t % 2 == 0:
                     o = hi(Categorical(logits=phi[s]))
                 a = lo(Categorical(logits=psi[o, s]))
                 s = (s + 2 * a - 1).clamp(0, 3)
+    with storch.Graph():  # the advice, followed for both: each created anew per segment between the other's draws
+        s = torch.tensor(1)
+        for t in range(4):
+            if t % 2 == 0:
+                o = storch.estimator("score", plate=f"opt{t // 2}", n_samples=2)(Categorical(logits=phi[s]))
+                lo = storch.estimator("score", plate=f"act{t // 2}", n_samples=2)
+            a = lo(Categorical(logits=psi[o, s]))
+            s = (s + 2 * a - 1).clamp(0, 3)
+            storch.add_cost(-s.float(), name="r")
+        storch.backward()
+    assert phi.grad is not None and psi.grad is not None
 
 
 @pytest.mark.parametrize("name", ["expect", "unordered_set", "sum_and_sample"])

@@ -311,13 +311,25 @@ class Estimator(torch.nn.Module):
             for p in parents:
                 other = graph.node_of(p.name)
                 if other is not None and other.index > node.index:
+                    # the advice names what works (found by porting an RL loop): a node created anew per
+                    # call is still sampled after this partition started, so re-creating the *other*
+                    # estimator never helps; the partition itself must start after the node
+                    q, e = self.plate, p.name
+                    both = (f" ({e!r} is a partition too: the two interleave, so each is created anew per segment "
+                            "between the other's draws, or one estimator draws both)") if other.step else ""
                     raise PlateError(
-                        f"step of partition {self.plate!r} depends on node {p.name!r}, which was sampled after "
-                        "the partition started; partitions must be topologically ordered (paper, section 3.2): "
-                        "two estimators whose calls interleave (an option every K steps and an action every "
-                        "step) cannot each be one partition. Use one estimator for both (their calls make one "
-                        "partition), or create the less frequent one anew for each of its calls (its own plate "
-                        f"per call: storch.estimator(..., plate=f'{self.plate}{{k}}'))"
+                        f"step {t} of partition {q!r} depends on node {e!r}, which was sampled after the partition "
+                        "started; a partition's steps may depend only on nodes sampled before its first call "
+                        "(partitions are topologically ordered, paper, section 3.2), so creating the estimator of "
+                        f"{e!r} anew for each of its calls does not help. Instead: (1) start a new partition of "
+                        f"{q!r} after each such draw: create the estimator of {q!r} anew for each segment between "
+                        f"the draws, storch.estimator(..., plate=f'{q}{{k}}') for segment k (a node drawn every "
+                        "step, such as an environment transition: one estimator per step; an option drawn every "
+                        f"K steps: one per option); (2) or draw {e!r} with the estimator of {q!r} itself (its calls "
+                        f"make one partition, e.g. s = est(Categorical(probs=P[s, a])) for a transition); (3) or, "
+                        "for environment randomness that needs no gradient, draw it with plain torch, "
+                        "Categorical(probs=P[s, a]).sample() or torch.rand_like(...) and an inverse CDF: not a "
+                        f"storch node{both}. docs/partitions.md, 'Stochastic environments and options'"
                     )
         log = node.step_log
         if log is None:
