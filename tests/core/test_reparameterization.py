@@ -650,6 +650,66 @@ def test_a_kink_or_jump_before_a_downstream_node_is_refused(downstream):
     assert_unbiased(hess, torch.autograd.functional.hessian(exact, t).reshape(1, 1), "Hessian")
 
 
+_BINOMIAL_PARAMETERS = {
+    "logits": lambda x, n: torch.distributions.Binomial(n, logits=x),
+    "probs": lambda x, n: torch.distributions.Binomial(n, probs=torch.sigmoid(x)),
+}
+
+
+@pytest.mark.parametrize("parameter", sorted(_BINOMIAL_PARAMETERS))
+@pytest.mark.parametrize("downstream", ["score", "expect"])
+def test_a_downstream_binomial_log_p_is_not_a_kink_at_order_2(downstream, parameter):
+    """x reparameterised -> k ~ Binomial(3, logits=x) (or probs=σ(x)), a score or expect node -> cost k² - 3.4 k.
+    torch's Binomial.log_prob writes n · softplus(logits) as n · clamp(logits, min=0) + n · log1p(exp(-|logits|)),
+    whose kinks cancel; the walk from k's log-probability (expect's weights) to x counted them and
+    surrogate_loss(order=2) raised OrderError (AbsBackward0, ClampBackward1), while Bernoulli(logits=x) in the
+    same place passed (found by a tester). Now the walk starts at k's parameters, its log p being smooth in
+    them: unbiased at orders 1 and 2 (z-test against E_x[n p (1 - p) + n² p² - 3.4 n p], p = σ(x), x ~ N(μ, 0.7²),
+    by quadrature)."""
+    torch.manual_seed(31)
+    n, sd = 3, 0.7
+    make = (lambda: ScoreFunction("k")) if downstream == "score" else (lambda: storch.estimator("expect", plate="k"))
+    theta = torch.tensor([0.2], dtype=torch.float64)
+    est = storch.estimator("reparameterization", plate="x")
+    with storch.Graph():
+        leaf, th = replicate(theta, R)
+        x = est(Normal(th, sd))
+        k = make()(_BINOMIAL_PARAMETERS[parameter](x, n))
+        storch.add_cost((k ** 2 - 3.4 * k).sum(), name="c")
+        g, hess = per_replicate_derivatives(storch.surrogate_loss(order=2), leaf, 2)
+
+    e = torch.linspace(-10, 10, 20001, dtype=torch.float64)
+    phi = torch.exp(-e ** 2 / 2) / math.sqrt(2 * math.pi)
+
+    def exact(t):
+        p = torch.sigmoid(t[0] + sd * e)
+        return ((n * p * (1 - p) + (n * p) ** 2 - 3.4 * n * p) * phi).sum() * (e[1] - e[0])
+
+    t = theta.clone().requires_grad_(True)
+    assert_unbiased(g, torch.autograd.functional.jacobian(exact, t).reshape(1), "gradient")
+    assert_unbiased(hess, torch.autograd.functional.hessian(exact, t).reshape(1, 1), "Hessian")
+
+
+@pytest.mark.parametrize("downstream", ["score", "expect"])
+def test_a_kink_before_a_downstream_binomial_is_refused_at_order_2(downstream):
+    """The walk from a Binomial's parameters (whose log p is smooth in them) still sees the user's kinks that
+    feed them: logits = relu(x), probs = clamp(σ(x), 0.2, 0.8) are refused at order 2 and named, without
+    the cancelling clamp and abs inside torch's log_prob."""
+    make = (lambda: ScoreFunction("k")) if downstream == "score" else (lambda: storch.estimator("expect", plate="k"))
+    mu = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    for dist, op in ((lambda x: torch.distributions.Binomial(3, logits=torch.relu(x)), "ReluBackward0"),
+                     (lambda x: torch.distributions.Binomial(3, probs=torch.sigmoid(x).clamp(0.2, 0.8)),
+                      "ClampBackward1")):
+        est = storch.estimator("reparameterization", plate="x")
+        with storch.Graph():
+            x = est(Normal(mu, 1.0))
+            k = make()(dist(x))
+            storch.add_cost(k.sum(), name="k")
+            with pytest.raises(storch.OrderError, match=rf"(log-probability|weights) of node 'k'.*{op}") as raised:
+                storch.surrogate_loss(order=2)
+            assert "AbsBackward0" not in str(raised.value)
+
+
 def test_a_cost_cut_after_its_first_check_is_refused():
     """The cut check runs once per estimator and cost name; a cost computed softly during a warm-up
     (sigmoid(z / 0.1)) and hard afterwards ((z > 0).float(), binary codes) under the same name passed at the

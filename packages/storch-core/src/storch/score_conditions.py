@@ -375,6 +375,25 @@ def log_prob_kinks(d: Distribution, log_prob: torch.Tensor, order: int) -> tuple
     return [n for n, _ in named], {k: v for k, v in found.items() if v < order}
 
 
+def smooth_log_prob_parameters(d: Distribution, order: int) -> Optional[list[torch.Tensor]]:
+    """``d``'s tensors that require grad (its parameters, under vmap the tensors they batch) where its log p is
+    known to have no operation whose derivative of order < ``order`` is discontinuous on a path from them,
+    without walking: a structure on the smooth list (Binomial, whose graph holds torch's clamp and abs of a
+    softplus; Bernoulli, ContinuousBernoulli), or one whose walk by :func:`log_prob_kinks` is cached (kink-free,
+    or kinks only of order >= ``order``). ``None`` where that is not known (never walked: the caller keeps its
+    own, conservative, verdict)."""
+    named = _grad_tensors(d, "", 0)
+    if type(d) not in KINK_FREE:  # (a bare type only where the type fixes the structure)
+        key = structure(d)
+        if key is None:
+            return None
+        if key not in KINK_FREE and not _smooth_by_list(key):
+            found = _KINKS.get((key, tuple(n for n, _ in named)))
+            if found is None or any(k < order for k in found.values()):
+                return None
+    return [t for _, t in named]
+
+
 def _grad_tensors(obj, prefix: str, depth: int, every: bool = False) -> list[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of the tensors that require grad held by a distribution (its base distributions'
     and transforms' too); ``every``: of all the tensors it holds."""

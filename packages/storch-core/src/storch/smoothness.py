@@ -427,17 +427,23 @@ def _walk_memo(output: torch.Tensor, memo: PathMemo) -> dict[str, int]:
     return dict(below.get(root) or {})
 
 
-def _reaches(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:
+def _reaches(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+             avoid: Sequence[torch.Tensor] = ()) -> bool:
     """Whether a path in the autograd graph leads from one of ``outputs`` down to one of ``inputs`` (their
     ``grad_fn``, or the ``AccumulateGrad`` of a leaf): a depth-first walk that stops at the first input it
     meets. ``False`` for outputs without a graph (no ``grad_fn``: built from no tensor that requires grad,
-    or through operations with no derivative such as comparisons, integer casts and argmax)."""
+    or through operations with no derivative such as comparisons, integer casts and argmax). ``avoid``:
+    tensors the path may not pass through (the walk does not go below them, nor count them as inputs)."""
     targets = {t.grad_fn for t in inputs if t.grad_fn is not None}
     leaves = {id(t) for t in inputs if t.grad_fn is None and t.requires_grad}
+    blocked = {t.grad_fn for t in avoid if t.grad_fn is not None}
+    blocked_leaves = {id(t) for t in avoid if t.grad_fn is None}
     stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
     seen = set()
     while stack:
         fn = stack.pop()
+        if fn in blocked or (blocked_leaves and id(getattr(fn, "variable", None)) in blocked_leaves):
+            continue
         if fn in targets or (leaves and id(getattr(fn, "variable", None)) in leaves):
             return True
         for m, _ in fn.next_functions:

@@ -38,7 +38,7 @@ from ._order_guard import (FORWARD_OVER_REVERSE, FUNCTORCH_OVER_OUTER, different
                            forward_level_open, has_tangent, is_differentiated, outer_requires_grad,
                            refuse_create_graph, unbatched, unwrapped)
 from . import smoothness
-from .score_conditions import KINK_FREE, log_prob_kinks
+from .score_conditions import KINK_FREE, log_prob_kinks, smooth_log_prob_parameters
 from .smoothness import _reaches, require_smooth
 
 __all__ = ["surrogate_loss", "backward", "cost_nodes", "cost_estimates"]
@@ -158,7 +158,7 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
                 # they batch, which a derivative outside vmap differentiates (a walk of the batched tensors found
                 # nothing: no refusal at order 2, and a cached smooth verdict let a later Hessian through a ReLU)
                 inputs = [unbatched(t) for t in inputs]
-                roots = [(unbatched(root), what) for root, what in roots]
+                roots = [(unbatched(root), what, other) for root, what, other in roots]
                 if not any(t.requires_grad for t in inputs):
                     continue  # no graph: no verdict (nothing outside vmap differentiates this node)
                 walks = None
@@ -168,7 +168,7 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
                 # sees no graph is no verdict (cached, a smooth verdict let a later Hessian through a ReLU)
                 handed = inputs
                 inputs = [_graph_of(t) for t in inputs]
-                roots = [(_graph_of(root), what) for root, what in roots]
+                roots = [(_graph_of(root), what, other) for root, what, other in roots]
                 if not any(t.requires_grad for t in inputs):
                     if kinks is None and any(has_tangent(t) for t in handed):
                         # detached primals: no graph to walk for a jump (round, sign: a tangent of 0 where the
@@ -178,23 +178,24 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
                 walks = None  # (the memo is keyed by the node, for the tensors as handed)
             memo = _memo_for(walks, node, inputs, 2 if order < 2 else order)
             if order >= 2:
-                for root, what in roots:
-                    if smoothness._nonsmooth_on_path(root, inputs, order, memo=memo):
-                        require_smooth(root, inputs, order, who=who, what=what,  # says why
+                for root, what, other in roots:
+                    here, blame = _nonsmooth_through(root, other, inputs, order, memo)
+                    if here:
+                        require_smooth(blame, inputs, order, who=who, what=what,  # says why
                                        through="the reparameterised sample", instead=_PATHWISE_INSTEAD)
                 continue
             if kinks is None:
                 found: dict = {}
-                for root, what in roots:
-                    here = smoothness._nonsmooth_on_path(root, inputs, 2, memo=memo)  # (tests count walks)
+                for root, what, other in roots:
+                    here, blame = _nonsmooth_through(root, other, inputs, 2, memo)  # (tests count walks)
                     if any(k < 1 for k in here.values()):  # a jump: refused (require_smooth says why)
-                        require_smooth(root, inputs, 1, who=who, what=what,
+                        require_smooth(blame, inputs, 1, who=who, what=what,
                                        through="the reparameterised sample", instead=_PATHWISE_INSTEAD)
                     found.update(here)
                 kinks = seen[key] = tuple(sorted(found))  # (after the check: a refused cost is checked again)
             if kinks:
                 hooked = walks.setdefault("hooked", set()) if walks is not None else set()
-                for root, _ in roots:
+                for root, _, _ in roots:
                     if id(root) not in hooked:  # (a downstream step's log p is a root of every later cost)
                         hooked.add(id(root))
                         _refuse_twice(root, lambda: _kink_message(who, name, kinks))
@@ -244,7 +245,7 @@ def _differentiated_through(node: Node, name: str, cost, nodes: list[Node]) -> l
     score node whose logits are h(z), an ``expect`` node's probabilities: the surrogate differentiates
     E_b[f(b) | z] through z along them, so a jump or kink of h biases it as one in the cost would). Of a
     downstream partition, the steps up to the cost's (causal credit: L_t of the cost's step t)."""
-    roots = [(raw_of(cost), f"the cost {name!r}")]
+    roots = [(raw_of(cost), f"the cost {name!r}", None)]
     plates = None
     for other in nodes:
         if other is node or not any(p.name == node.plate.name for p in other.parents):
@@ -261,15 +262,51 @@ def _differentiated_through(node: Node, name: str, cost, nodes: list[Node]) -> l
             # (under torch.func.jvp: a tangent; under vmap: the tensor it batches requires grad)
             if isinstance(l, torch.Tensor) and is_differentiated(unbatched(l)):
                 roots.append((l, f"the log-probability of node {other.plate.name!r}{at} (downstream, on the path "
-                                 f"to the cost {name!r})"))
+                                 f"to the cost {name!r})", other if log is None else None))
         w = other._weight_values
         if isinstance(w, torch.Tensor) and unbatched(w).requires_grad:  # (_weights_carry, under vmap too)
             roots.append((w, f"the weights of node {other.plate.name!r} (downstream, on the "
-                                                f"path to the cost {name!r})"))
+                                                f"path to the cost {name!r})", other if log is None else None))
     return roots
 
 
 _PATHWISE_INSTEAD = "an estimator that does not differentiate through the sample, e.g. 'score'"
+
+
+def _nonsmooth_through(root: torch.Tensor, other: Optional[Node], inputs: list, order: int,
+                       memo) -> tuple[dict, torch.Tensor]:
+    """The non-smooth operations (name -> order of the first discontinuous derivative, those < ``order``) on a
+    path from ``inputs`` (a pathwise node's samples) to ``root``, and the tensor whose walk found them (for
+    require_smooth's message). ``other``: the downstream node whose log-probability or weights ``root`` is
+    (``None`` for a cost, or a partition's step, whose distribution is per step).
+
+    torch writes some log-densities that are smooth in their parameters with kinks that cancel (Binomial's
+    softplus(logits) as clamp(logits, min=0) + log1p(exp(-|logits|))), which the walk of the autograd graph
+    counts. Where the walk from ``root`` finds an operation, every path from ``inputs`` to ``root`` passes
+    through the tensors of ``other``'s distribution that require grad (its parameters θ), and its log p is known
+    smooth in them (score_conditions.log_prob_known_smooth: Binomial on the list, or a cached walk), what lies
+    between θ and ``root`` is the node's own business at fixed θ: its log p, smooth, and its estimator's
+    computations on it, whose order-n derivatives in θ are unbiased up to its max_order (_check_order refuses
+    a lower one; _check_log_prob_smooth a score node's kink in log p). Then E_b[f | θ] is smooth in θ, and the
+    pathwise derivatives through x are unbiased where θ(x) is smooth: the paths from ``inputs`` to θ, the
+    user's own code (logits = relu(x) is refused), are walked instead."""
+    found = smoothness._nonsmooth_on_path(root, inputs, order, memo=memo)
+    if not found or other is None:
+        return found, root
+    params = smooth_log_prob_parameters(other.distribution, order)
+    if params is None:
+        return found, root
+    params = [_graph_of(t) for t in params]
+    if not params or _reaches([root], inputs, avoid=params):
+        return found, root  # a path that bypasses θ (a sample that carries gradient, an estimator's own input)
+    found, blame = {}, root
+    for t in params:
+        here = smoothness._nonsmooth_on_path(t, inputs, order, memo=memo)
+        if here and not found:
+            blame = t
+        for k, v in here.items():
+            found[k] = min(v, found.get(k, v))
+    return found, blame
 
 
 def _refuse_twice(tensor, message) -> None:
