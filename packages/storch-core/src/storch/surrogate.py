@@ -284,7 +284,7 @@ def _nonsmooth_through(root: torch.Tensor, other: Optional[Node], inputs: list, 
     softplus(logits) as clamp(logits, min=0) + log1p(exp(-|logits|))), which the walk of the autograd graph
     counts. Where the walk from ``root`` finds an operation, every path from ``inputs`` to ``root`` passes
     through the tensors of ``other``'s distribution that require grad (its parameters θ), and its log p is known
-    smooth in them (score_conditions.log_prob_known_smooth: Binomial on the list, or a cached walk), what lies
+    smooth in them (score_conditions.smooth_log_prob_parameters: Binomial on the list, or a cached walk), what lies
     between θ and ``root`` is the node's own business at fixed θ: its log p, smooth, and its estimator's
     computations on it, whose order-n derivatives in θ are unbiased up to its max_order (_check_order refuses
     a lower one; _check_log_prob_smooth a score node's kink in log p). Then E_b[f | θ] is smooth in θ, and the
