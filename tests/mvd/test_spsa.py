@@ -10,9 +10,11 @@ from torch.distributions import (
     Bernoulli,
     Binomial,
     Categorical,
+    Geometric,
     MixtureSameFamily,
     Multinomial,
     Normal,
+    OneHotCategorical,
     TransformedDistribution,
 )
 from torch.distributions.transforms import TanhTransform
@@ -280,6 +282,53 @@ def test_probabilities_on_the_boundary_are_refused():
     est = storch.estimator("spsa", plate="k")
     with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="-inf logits"):
         est(Categorical(probs=probs))
+
+
+BOUNDARY = {  # a distribution given by probs with an entry on the boundary, the other entry inside
+    "bernoulli-0": lambda p: Bernoulli(probs=p), "bernoulli-1": lambda p: Bernoulli(probs=p),
+    "binomial-0": lambda p: Binomial(4, probs=p), "binomial-1": lambda p: Binomial(4, probs=p),
+    "geometric-1": lambda p: Geometric(probs=p),
+    "onehot-0": lambda p: OneHotCategorical(probs=torch.stack([p, 1 - p], -1)),
+}
+
+
+@pytest.mark.parametrize("touched", [False, True])
+@pytest.mark.parametrize("case", sorted(BOUNDARY))
+def test_bernoulli_binomial_geometric_probs_on_the_boundary_are_refused(case, touched):
+    """probs exactly 0 or 1 of a Bernoulli, Binomial or Geometric: torch's sigmoid inverse clamps them, so u was
+    finite (logit(tiny) = −87), no boundary was seen, and the gradient was silently 0 through the clamp
+    (Bernoulli(probs=[0, .5]), f = (x − 3)²: [0, −5.9], exact [−5, −5]). With torch's lazy logits computed
+    (touched: d.logits, or d.log_prob before the node) and for a OneHotCategorical (whose logits are a
+    property), spsa perturbed those logits, computed from clamped probs (finite, the same zero gradient):
+    now the form the distribution was built from is perturbed, and the boundary is refused."""
+    edge = float(case[-1])
+    probs = torch.tensor([edge, 0.5], requires_grad=True)
+    d = BOUNDARY[case](probs)
+    if touched:
+        d.logits
+    est = storch.estimator("spsa", plate="k", n_samples=8)
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="boundary of its constraint"):
+        est(d)
+
+
+def test_probs_built_bernoulli_perturbs_probs_whether_or_not_its_logits_were_computed():
+    """A Bernoulli built from probs (inside (0, 1)) whose lazy logits torch has computed gets the same estimate
+    as one whose logits it has not (same seed): spsa perturbs probs, the form it was built from, in both."""
+    def grad(touched):
+        probs = torch.tensor([1e-9, 0.3, 0.9], dtype=torch.float64, requires_grad=True)
+        d = Bernoulli(probs=probs)
+        if touched:
+            d.logits
+        torch.manual_seed(5)
+        with storch.Graph():
+            k = storch.estimator("spsa", plate="k", n_samples=200, perturbation=0.1)(d)
+            storch.add_cost(((k - 3.0) ** 2 * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum())
+            storch.surrogate_loss().backward()
+        return probs.grad
+
+    untouched, touched = grad(False), grad(True)
+    assert torch.isfinite(untouched).all() and untouched[0] != 0
+    torch.testing.assert_close(touched, untouched, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", ["bernoulli", "binomial"])

@@ -309,3 +309,29 @@ def test_go_on_bernoulli_bits_with_infinite_logits(dtype):
                 for a in (0, 1) for b in (0, 1))
     (want,) = torch.autograd.grad(exact, x0)
     assert_unbiased(got[:, [1, 3]].to(torch.float64), want[[1, 3]], f"go Bernoulli infinite logits {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_go_on_bernoulli_probs_exactly_0_and_1_is_exact(dtype):
+    """Bernoulli(probs=θ), θ = [1, 0.3, 0, 0.8]: the derivatives at the boundary are one-sided,
+    ∂E/∂θ_k = E[f | x_k = 1] − E[f | x_k = 0] (E[f] is multilinear in θ). At θ_k = 0 the bit keeps its
+    neighbour 1 (documented). At θ_k = 1 the value 1 was last in the order (0, 1), so it had no term, and 0 is
+    never drawn: go gave exactly 0 (Bernoulli(probs=1), f = (x − 3)²: 0, exact −5). Now such a bit is ordered
+    (1, 0): every derivative unbiased against exact enumeration."""
+    torch.manual_seed(10)
+    theta = torch.tensor([1.0, 0.3, 0.0, 0.8], dtype=dtype)
+    w = torch.tensor([1.0, 2.0, -1.5, 0.5], dtype=dtype)
+    est = storch.estimator("go", plate="z")
+
+    def f(z):  # not additive over the bits
+        return ((z * w).sum(-1) - 0.7) ** 2
+
+    got, seen = _go_estimates(theta, lambda x: est(Bernoulli(probs=x)), f)
+    assert torch.isfinite(got).all()
+    x0 = theta.to(torch.float64).clone().requires_grad_(True)
+    exact = 0.0
+    for bits in range(16):
+        z = torch.tensor([(bits >> i) & 1 for i in range(4)], dtype=torch.float64)
+        exact = exact + torch.prod(torch.where(z > 0.5, x0, 1 - x0)) * f(z.to(dtype)).to(torch.float64)
+    (want,) = torch.autograd.grad(exact, x0)
+    assert_unbiased(got.to(torch.float64), want, f"go Bernoulli probs on the boundary {dtype}")

@@ -14,6 +14,8 @@ from torch.distributions import (
     Distribution,
     Independent,
     MixtureSameFamily,
+    Multinomial,
+    OneHotCategorical,
     Transform,
     TransformedDistribution,
     constraints,
@@ -38,9 +40,6 @@ from storch.extending import (
 from ._state import PrecomputedState
 
 __all__ = ["Spsa"]
-
-# a parameter a distribution may store in two equivalent forms: perturb the one it was built from
-_PAIRS = (("logits", "probs"),)
 
 
 class Spsa(Estimator):
@@ -76,7 +75,9 @@ class Spsa(Estimator):
     transform's) is refused: it would get no gradient. A −∞ logit (a masked category or bit), and a +∞ logit
     of a Bernoulli or Binomial (a bit that is 1 surely), is held fixed (its finite difference is exactly 0)
     and the finite coordinates are perturbed; a constrained parameter on its
-    boundary (probs exactly 0 or 1) is refused (see :func:`_held_coordinates`). Any cost.
+    boundary (probs exactly 0 or 1, of a Categorical, Bernoulli, Binomial, Geometric, ...) is refused (see
+    :func:`_held_coordinates`). Of probs and logits, the one the distribution was built from is perturbed.
+    Any cost.
 
     biased: True — E[ĝ] is the gradient of a finite difference, E[ĝ] − ∇ = O(c²) for smooth
     expectations (central difference; Spall 1992). max_order: 1 (appendix D.3).
@@ -365,9 +366,11 @@ def _held_coordinates(d: Distribution, name: str, theta: torch.Tensor, u: torch.
     lim_{θ_k → −∞} ∂_{θ_k} E_p[f] (for logits, p_k (f(k) − E_p[f]) → 0).
 
     Raises:
-        UnsupportedDistributionError: u is infinite where the parameter is finite: a constrained parameter on
-            its boundary (probs exactly 0 or 1), whose derivative there is one-sided and needs the cost at
-            an outcome of probability 0, which no sample of p± reaches (and the chain rule is 0 · ∞).
+        UnsupportedDistributionError: u is infinite where the parameter is finite, or the parameter is on a
+            bound of its constraint (a Bernoulli's, Binomial's or Geometric's probs exactly 0 or 1, whose u
+            torch's clamped sigmoid inverse makes finite, with derivative 0): a constrained parameter on
+            its boundary, whose derivative there is one-sided and needs the cost at an outcome of
+            probability 0, which no sample of p± reaches (and the chain rule is 0 · ∞).
     """
     message = (
         f"spsa cannot perturb parameter {name!r} of {type(d).__name__}: it has entries on the boundary of its "
@@ -375,7 +378,7 @@ def _held_coordinates(d: Distribution, name: str, theta: torch.Tensor, u: torch.
         "form is infinite. The derivative with respect to such an entry is one-sided and needs the cost at an "
         "outcome of probability 0, which no perturbed sample reaches. Mask impossible categories with -inf "
         "logits instead (Categorical(logits=logits.masked_fill(~allowed, -math.inf))): spsa holds a -inf logit "
-        "fixed and perturbs the finite ones")
+        "fixed and perturbs the finite ones (likewise a Bernoulli's or Binomial's -inf or +inf logit)")
     if u.is_meta:  # no values to look at (a shape-only run): nothing is held
         return None
     # a Bernoulli's or Binomial's logits: elementwise, both infinities are sure outcomes (strict_support
@@ -383,7 +386,12 @@ def _held_coordinates(d: Distribution, name: str, theta: torch.Tensor, u: torch.
     bits = type(d) in (Bernoulli, Binomial) and name == "logits" and not given_by_probs(d)
     with torch.no_grad():
         bad = ~torch.isfinite(u)
+        # probs exactly 0 or 1 of a Bernoulli, Binomial or Geometric: u = logit(clamped probs) is finite, and
+        # the gradient silently 0 (the clamp's)
+        edge = _on_boundary(d.arg_constraints[name], theta)
         if is_tracing():  # storch.compile: no branch on values; the mask always (all False: no change)
+            if edge is not None:
+                assume(~edge.any(), message)
             if bits:
                 # traced, strict_support does not branch on values: torch's log p, NaN at an infinite logit
                 assume(~bad.any(), "spsa under storch.compile: a Bernoulli or Binomial with an infinite logit "
@@ -395,12 +403,47 @@ def _held_coordinates(d: Distribution, name: str, theta: torch.Tensor, u: torch.
                 return bad
             assume(~bad.any(), message)
             return None
+        if edge is not None and bool(edge.any()):
+            raise UnsupportedDistributionError(message)
         if not bool(bad.any()):
             return None
         if u.shape == theta.shape and bool((u[bad] == theta[bad]).all()) and (
                 bits or bool((u[bad] == -math.inf).all())):
             return bad
     raise UnsupportedDistributionError(message)
+
+
+def _built_from_probs(d: Distribution) -> bool:
+    """Whether ``d``, which holds both ``logits`` and ``probs``, was built from ``probs``.
+
+    torch computes the other lazily (``d.log_prob`` or ``d.logits`` computes a probs-built Bernoulli's
+    logits; a OneHotCategorical's and a Multinomial's are properties, always both there), from clamped
+    probabilities: perturbing those logits chained the gradient through the clamp, 0 at a probability
+    exactly 0 or 1 (or below float eps) where the derivative is not, and the boundary was never seen.
+    """
+    if given_by_probs(d):
+        return True
+    inner = d._categorical if isinstance(d, (OneHotCategorical, Multinomial)) else d
+    if "_param" in inner.__dict__:
+        return False
+    # a class that does not record its argument (Geometric): its constructor sets it before anything
+    # computes the other, and a dict keeps the order of insertion
+    return next((k for k in inner.__dict__ if k in ("logits", "probs")), "logits") == "probs"
+
+
+def _on_boundary(constraint, theta: torch.Tensor) -> Optional[torch.Tensor]:
+    """The entries of ``theta`` on a bound of ``constraint`` (an interval's, e.g. probs' [0, 1]), as a bool
+    mask; ``None`` if the constraint has no bounds. torch's ``transform_to(unit_interval).inv`` clamps, so
+    such an entry's unconstrained form is finite (logit(tiny) = −87) with derivative 0 there."""
+    while isinstance(constraint, constraints.independent):
+        constraint = constraint.base_constraint
+    bounds = [getattr(constraint, b) for b in ("lower_bound", "upper_bound") if hasattr(constraint, b)]
+    if not bounds:
+        return None
+    edge = torch.zeros(theta.shape, dtype=torch.bool, device=theta.device)
+    for b in bounds:
+        edge = edge | (theta == b)
+    return edge
 
 
 def _split_parameters(d: Distribution) -> tuple[dict, dict]:
@@ -413,9 +456,8 @@ def _split_parameters(d: Distribution) -> tuple[dict, dict]:
             params[k] = d.__dict__[k]
         elif isinstance(getattr(type(d), k, None), property) and not isinstance(getattr(type(d), k), lazy_property):
             params[k] = getattr(d, k)  # e.g. LogNormal's loc and scale live on its base distribution
-    for keep, drop in _PAIRS:
-        if keep in params and drop in params:
-            del params[drop]
+    if "logits" in params and "probs" in params:  # two equivalent forms: perturb the one it was built from
+        del params["logits" if _built_from_probs(d) else "probs"]
     free, fixed = {}, {}
     for k, v in params.items():
         constraint = d.arg_constraints[k]

@@ -31,6 +31,8 @@ class GoState:
         order: Categorical only: the order of the categories per row, shape ``(*batch, K)``
             (``_category_order``); None for the other distributions.
         raised: 1[x has a neighbour] (a next possible value), shape of ``index``.
+        descending: Bernoulli given by ``probs`` only: the bits ordered (1, 0), those whose probs are
+            exactly 1 (see ``Go``), shape ``(*batch)``; None for the other distributions.
     """
 
     x: Optional[torch.Tensor] = None
@@ -39,6 +41,7 @@ class GoState:
     l: Optional[torch.Tensor] = None
     order: Optional[torch.Tensor] = None
     raised: Optional[torch.Tensor] = None
+    descending: Optional[torch.Tensor] = None
 
 
 class Go(Estimator):
@@ -65,6 +68,9 @@ class Go(Estimator):
     cost (nor is any value to a bit at +∞, which is 1 surely). A bit given by ``probs`` exactly 0 keeps
     its neighbour 1: with probs a parameter on its boundary the (one-sided) derivative
     (f(1) − f(0)) ∇p needs f(1); mask with −∞ logits where the cost is undefined at the masked value.
+    A bit given by ``probs`` exactly 1 is ordered (1, 0) instead (any order gives the GO identity):
+    its value 1 gets the neighbour 0 and the term (f(1) − f(0)) ∇p / p(1), the exact one-sided
+    derivative. In the order (0, 1), 1 was last (no term) and 0 never drawn, so the gradient was 0.
 
     Requires: Bernoulli, Categorical or OneHotCategorical (categories in index order: the
     neighbour of category k is k + 1, handed to user code as a one-hot vector for
@@ -97,7 +103,7 @@ class Go(Estimator):
         index = x.argmax(-1) if onehot else x  # a one-hot value as its category index
         lead = 1 + len(node.parents)
         m = math.prod(index.shape[lead:])
-        order = None
+        order = descending = None
         if isinstance(d, (Categorical, OneHotCategorical)):
             order = _category_order(d.probs.detach())  # ⊥: the order is a constant of the step
             up, raised = _next_category(d.probs.detach(), order, index)
@@ -105,7 +111,14 @@ class Go(Estimator):
             up, raised = index + 1, torch.ones_like(index, dtype=torch.bool)
             if isinstance(d, Bernoulli):  # x = 1 is the largest value: its term is 0 since ∇P(1) = 0
                 raised = index < 0.5
-                if not given_by_probs(d):
+                if given_by_probs(d):
+                    # probs exactly 1: 0 is never drawn, so in the order (0, 1) no term reaches the
+                    # one-sided derivative (f(1) − f(0)) ∇p; in the order (1, 0) the neighbour of 1 is 0.
+                    # (torch.where, not a branch on values: the same program under storch.compile)
+                    descending = d.probs.detach() == 1
+                    raised = torch.where(descending, index > 0.5, raised)
+                    up = torch.where(descending, torch.zeros_like(index), up)
+                else:
                     # a bit with logit −∞ is 0 surely: its neighbour 1 is impossible, and its term's
                     # coefficient ∇P(0) = −σ'(−∞) ∇logit is exactly 0, so it is not evaluated (the cost
                     # saw the impossible 1, and one infinite there made the gradient NaN: −inf · 0).
@@ -119,7 +132,7 @@ class Go(Estimator):
         if onehot:
             nb = torch.nn.functional.one_hot(nb, x.shape[-1]).to(x.dtype)
         node.state.x, node.state.index, node.state.m = x, index, m
-        node.state.order, node.state.raised = order, raised
+        node.state.order, node.state.raised, node.state.descending = order, raised, descending
         return torch.cat([x, nb], 0)
 
     def weighting_function(self, node: Node) -> torch.Tensor:
@@ -211,7 +224,13 @@ def _cdf_term(d, state: GoState) -> torch.Tensor:
         # no term where there is no neighbour (x = 1, or a bit with logit −∞, whose ∇P(0) is exactly 0)
         below = state.raised
         q = torch.sigmoid(-d.logits).detach().expand_as(p)
-        return torch.where(below, -(p - p.detach()) / torch.where(below, q, torch.ones_like(q)), torch.zeros_like(p))
+        term = -(p - p.detach()) / torch.where(below, q, torch.ones_like(q))
+        if state.descending is not None:
+            # order (1, 0): P(1) = p, divided by ⊥p(1) = p (= 1 where it is used; 1 elsewhere, so that no
+            # 0 · (1 / 0) = NaN comes from the unselected branch)
+            down = state.descending & below
+            term = torch.where(down, (p - p.detach()) / torch.where(down, p.detach(), torch.ones_like(p)), term)
+        return torch.where(below, term, torch.zeros_like(p))
     if isinstance(d, (Categorical, OneHotCategorical)):  # x: the category index
         r, order = _ranks(state.order, x)
         probs = d.probs.expand(x.shape + d.probs.shape[-1:])
