@@ -56,7 +56,9 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   closure, globals, bound ``self``, and its module arguments); one replaced elsewhere (a global name
   rebound) is not: call :meth:`CompiledStep.clear`. The captured tensors' ``requires_grad`` is checked at
   each call (a parameter unfrozen after a first call made while frozen: traced again, since storch decided
-  in Python whether the loss updates estimators and refuses a second differentiation). With the default
+  in Python whether the loss updates estimators and refuses a second differentiation); the ``requires_grad``
+  of the reached modules' parameters is part of the key (:meth:`CompiledStep._python_state`), so alternating
+  freezes (a GAN) trace each state once. With the default
   backend (inductor, compiled without dynamo's guards) their dtype, device and shape and the autocast state
   are checked as well (``model.double()``: traced again);
 - in-place updates of captured buffers and of arguments (BatchNorm's running statistics, a counter,
@@ -414,7 +416,8 @@ class CompiledStep:
                 f"storch.compile has traced {_name(self.fn)} {self.traces} times (about a second each, every program "
                 "kept). Each distinct value of a non-tensor argument traces again: pass a number that changes "
                 "between calls (an annealed KL weight, a learning rate) as a 0-dim tensor, "
-                "`torch.tensor(beta)`; so do new argument shapes, grad mode and (un)freezing parameters",
+                "`torch.tensor(beta)`; so do new argument shapes, grad mode, (un)freezing parameters, train()/eval() and "
+                "estimator options (each state once)",
                 RuntimeWarning, stacklevel=4)
         trace = _Trace()
         trace.gm, trace.spec = gm, out_spec[0]
@@ -1188,7 +1191,9 @@ _TRAINING_READERS = (torch.nn.RReLU, torch.nn.MultiheadAttention)  # the excepti
 
 
 def _watched(roots: list) -> tuple:
-    """The modules among ``roots`` and their submodules whose ``training`` flag may change a trace, and the estimators."""
+    """The modules among ``roots`` and their submodules whose ``training`` flag may change a trace, the estimators,
+    and the parameters (their ``requires_grad``: freezing and unfreezing, e.g. a GAN's alternating steps, selects
+    a trace per state instead of tracing again at each switch; :func:`_guard` still checks the captured ones)."""
     modules, estimators, seen = [], [], set()
     for root in roots:
         for m in root.modules():
@@ -1199,12 +1204,14 @@ def _watched(roots: list) -> tuple:
                 estimators.append(m)  # estimators do not read training (docs/reliability.md): their options
             elif type(m).__module__ not in _TRAINING_FREE or isinstance(m, _TRAINING_READERS):
                 modules.append(m)
-    return tuple(modules), tuple(estimators)
+    parameters = {id(p): p for root in roots for p in root.parameters()}
+    return tuple(modules), tuple(estimators), tuple(parameters.values())
 
 
 def _python_state_of(watch: tuple) -> tuple:
-    modules, estimators = watch
-    return (*[m.training for m in modules], *[e._options_set for e in estimators])
+    modules, estimators, parameters = watch
+    return (*[m.training for m in modules], *[e._options_set for e in estimators],
+            *map(_requires_grad, parameters))
 
 
 _WATCHED_ARGUMENTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # module argument -> _watched([it])
