@@ -271,6 +271,121 @@ def test_attention_and_transformer_layers_equal_a_loop(batch_first):
         check(lambda a, m: mha(a, a, a, key_padding_mask=m)[0], make(rnd(3, 2, 5, 4, 8).transpose(2, 3), *ZD), mask)
 
 
+def check_grads(fn, inputs, leaves, seed=7):
+    """Values (``check``) and gradients of ``fn`` on plate tensors equal those of a loop over plate entries:
+    the gradient of a random weighting of the output w.r.t. the raw ``leaves`` (that the inputs are made of)."""
+    out = check(fn, *inputs)
+    plates = {p.name: p.size for p in out.plates}
+    full = out.tensor.expand(*plates.values(), *out.shape)
+    w = rnd(*full.shape, seed=seed)
+    got = torch.autograd.grad((full * w).sum(), leaves)
+    ref = 0
+    for idx in itertools.product(*[range(s) for s in plates.values()]):
+        a = dict(zip(plates, idx))
+        ins = [entry(x, a) for x in inputs]
+        ref = ref + (fn(*ins) * w[idx]).sum()
+    want = torch.autograd.grad(ref, leaves)
+    for g, h in zip(got, want):
+        torch.testing.assert_close(g, h)
+    return out
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("dtype", ["bool", "float"])
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("batched", [False, True])
+def test_attention_with_a_sampled_attn_mask_equals_a_loop(batched, need_weights, dtype, train):
+    """A 2-d attn_mask built from a sample (a hard attention mask) is folded into the (N * heads, L, S) mask of
+    the batch-first call. With need_weights=False (and in TransformerEncoderLayer, which always passes it) it
+    went to vmap, which cannot return the None weights: "`call` must only return Tensors" (found by porting).
+    Values and gradients equal a loop; a 3-d mask, plain or sampled, likewise."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True, dropout=0.0).double().train(train)
+    xr = rnd(2, *((3, 5, 8) if batched else (5, 8))).requires_grad_(True)
+    x = make(xr, ("data", 2))  # the data on fewer plates than the mask
+    keep = torch.rand(4, 2, 5, generator=torch.Generator().manual_seed(1)) > 0.5
+    keep[..., 0] = True  # (never a fully masked row)
+    rows = (~keep)[:, :, None, :].expand(4, 2, 5, 5)
+    mr = rows if dtype == "bool" else torch.where(rows, -1e4, 0.5 * rnd(4, 2, 5, 5, seed=2)).requires_grad_(True)
+    m = make(mr, ("z", 4), ("data", 2))
+    leaves = [xr, mha.in_proj_weight] + ([mr] if dtype == "float" else [])
+    check_grads(lambda a, k: mha(a, a, a, attn_mask=k, need_weights=need_weights)[0], [x, m], leaves)
+    if need_weights:
+        check_grads(lambda a, k: mha(a, a, a, attn_mask=k, average_attn_weights=False)[1], [x, m], leaves)
+    # with a sampled key padding mask too
+    pad = make(~keep if not batched else (~keep)[:, :, None].expand(4, 2, 3, 5), ("z", 4), ("data", 2))
+    check(lambda a, k, p: mha(a, a, a, attn_mask=k, key_padding_mask=p if dtype == "bool" else None,
+                              need_weights=need_weights)[0], x, m, pad)
+    # 3-d masks: (N * heads, L, S), or (heads, L, S) for an unbatched query, plain or sampled
+    n = 2 * (3 if batched else 1)
+    m3 = make(mr[:, :, None].expand(4, 2, n, 5, 5), ("z", 4), ("data", 2))
+    check_grads(lambda a, k: mha(a, a, a, attn_mask=k, need_weights=need_weights)[0], [x, m3], leaves)
+    plain3 = entry(m3, {"z": 1, "data": 0})
+    check(lambda a: mha(a, a, a, attn_mask=plain3, need_weights=need_weights)[0], x)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("batched", [False, True])
+def test_transformer_encoder_layer_with_a_sampled_src_mask_equals_a_loop(batched, train):
+    """TransformerEncoderLayer passes need_weights=False: a src_mask built from a sample failed (the vmap path's
+    None weights); with a sampled src_key_padding_mask too, in eval and train mode (dropout 0)."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double().train(train)
+    xr = rnd(2, *((3, 5, 8) if batched else (5, 8))).requires_grad_(True)
+    x = make(xr, ("data", 2))
+    keep = torch.rand(4, 2, 5, generator=torch.Generator().manual_seed(1)) > 0.5
+    keep[..., 0] = True
+    m = make((~keep)[:, :, None, :].expand(4, 2, 5, 5), ("z", 4), ("data", 2))
+    pad_raw = torch.rand(4, 2, *((3, 5) if batched else (5,)), generator=torch.Generator().manual_seed(2)) > 0.7
+    pad_raw[..., 0] = False
+    pad = make(pad_raw, ("z", 4), ("data", 2))
+    leaves = [xr, enc.self_attn.in_proj_weight, enc.linear1.weight]
+    check_grads(lambda a, k: enc(a, src_mask=k), [x, m], leaves)
+    check_grads(lambda a, k, p: enc(a, src_mask=k, src_key_padding_mask=p), [x, m, pad], leaves)
+
+
+def test_vmap_returns_the_non_tensor_outputs_of_a_function_as_they_are():
+    """torch.func.vmap refuses an output that is not a tensor; vmap_call returned "`call` must only return
+    Tensors" for multi_head_attention_forward's None weights (need_weights=False) on its vmap path (a sampled
+    projection weight). Non-tensor outputs, the same for every entry, are returned as they are, on the vmap
+    path and on the per-entry loop (an operator without a batching rule)."""
+    from storch.plates.rules.vmap import vmap_call
+
+    x = make(rnd(3, 2, 4), *ZD)
+    y = make(rnd(2, 4, seed=1), ("data", 2))  # mapped on one of the two plates: nested vmap levels
+    for a in (x, y):
+        out = vmap_call(lambda t: (t * 2, None, (t.sum(), "s")), (a,), {})
+        assert out[1] is None and out[2][1] == "s"
+        torch.testing.assert_close(out[0].tensor, a.tensor * 2)
+        torch.testing.assert_close(out[2][0].tensor, a.tensor.sum(-1))
+
+    def no_rule(t, other=lambda t: None):  # as an operator that torch has no batching rule for
+        if torch._C._functorch.is_batchedtensor(t):
+            raise RuntimeError("Batching rule not implemented for no_rule")
+        return t + 1, other(t)
+
+    out = vmap_call(no_rule, (x,), {})
+    assert out[1] is None
+    torch.testing.assert_close(out[0].tensor, x.tensor + 1)
+    assert len({int(x.tensor[k].sum() > 0) for k in itertools.product(range(3), range(2))}) == 2
+    with pytest.raises(storch.PlateError, match="not the same one for every entry"):
+        vmap_call(no_rule, (x, lambda t: int(t.sum() > 0)), {})
+
+    # multi_head_attention_forward with a sampled projection weight goes to vmap
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2).double().eval()
+    w = make(mha.in_proj_weight.detach() + 0.1 * rnd(3, 24, 8, seed=3), ("z", 3))
+    q = make(rnd(2, 5, 8, seed=4), ("data", 2))
+
+    def f(a, wt):
+        return F.multi_head_attention_forward(a, a, a, 8, 2, wt, mha.in_proj_bias, None, None, False, 0.0,
+                                              mha.out_proj.weight, mha.out_proj.bias, training=False,
+                                              need_weights=False)
+
+    out = check(lambda a, wt: f(a, wt)[0], q, w)
+    assert f(q, w)[1] is None and treatment_of(F.multi_head_attention_forward).treatment == Treatment.BATCH_FIRST
+
+
 def test_transformer_encoder_eval_with_a_padding_mask_equals_a_loop():
     # the default enable_nested_tensor=True: in eval mode torch's own code asks
     # torch._nested_tensor_from_mask_left_aligned (a bool) before choosing its fast path
@@ -677,6 +792,45 @@ def test_index_add_with_a_sampled_index_is_a_scatter_add(monkeypatch, name, plai
     monkeypatch.setattr(indexing, "vmap_call", lambda *a: calls.append(a))
     fn(x, i, s, t)
     assert not calls and treatment_of(torch.index_add).treatment == Treatment.HANDLER
+
+
+INDEX_FILL_SPELLINGS = {  # name -> index_fill of x at a sampled (or plain) index i with a value v
+    "method": lambda x, i, v: x.index_fill(0, i, 1.5),
+    "function": lambda x, i, v: torch.index_fill(x, 0, i, -2.0),
+    "keywords_dim1": lambda x, i, v: torch.index_fill(x, dim=1, index=i % 3, value=0.25),
+    "negative": lambda x, i, v: x.index_fill(-2, i - 4, 3.0),
+    "sampled_value": lambda x, i, v: x.index_fill(0, i, v),
+    "sampled_value_plain_index": lambda x, i, v: x.index_fill(1, torch.tensor([2, 0, 2]), v),
+    "scalar_index": lambda x, i, v: x.index_fill(0, i[1], v),
+}
+
+
+@pytest.mark.parametrize("plain_input", [True, False])
+@pytest.mark.parametrize("name", sorted(INDEX_FILL_SPELLINGS))
+def test_index_fill_with_a_sampled_index_or_value_equals_a_loop(name, plain_input):
+    """Out-of-place index_fill of a plain tensor at a sampled index (the one-hot of an attended slot) failed
+    with a sample plate and a data plate both larger than 1 (torch's nested vmap of index_fill: "use
+    out-of-place operators instead of index_fill_"; found by porting), and with a sampled value torch's vmap
+    filled every entry with one entry's value. Values and gradients (duplicate indices: the value's gradient
+    counts each position once) equal a loop over the entries."""
+    fn = INDEX_FILL_SPELLINGS[name]
+    xr = (rnd(4, 3) if plain_input else rnd(2, 4, 3, seed=1)).requires_grad_(True)
+    x = xr if plain_input else make(xr, ("data", 2))
+    i = make(torch.tensor([[[0, 3], [2, 2]], [[1, 1], [3, 0]], [[2, 0], [0, 0]]]), ("z", 3), ("data", 2))
+    vr = rnd(3, 2, seed=2).requires_grad_(True)
+    v = make(vr, ("z", 3), ("data", 2))
+    leaves = [xr] + ([vr] if "value" in name or name == "scalar_index" else [])
+    check_grads(fn, [x, i, v], leaves)
+    assert treatment_of(torch.index_fill).treatment == Treatment.HANDLER
+
+
+def test_index_fill_with_a_sampled_index_out_of_range_is_an_error():
+    """The where of index_fill checks the index's range as torch does (scatter's error names the index)."""
+    i = make(torch.tensor([[1], [4]]), ("z", 2))
+    with pytest.raises((RuntimeError, IndexError), match="index 4 is out of bounds"):
+        torch.zeros(4).index_fill(0, i, 1.0)
+    with pytest.raises((RuntimeError, IndexError), match="index -8 is out of bounds"):
+        torch.zeros(4).index_fill(0, i - 9, 1.0)
 
 
 # -- out= (no rule reads it: a plain buffer got the raw plate storage, index_select/take returned the

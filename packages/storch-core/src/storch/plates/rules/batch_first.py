@@ -39,11 +39,18 @@ class Plan(NamedTuple):
             one; a single int for a function that returns one tensor.
         unbatched: True when the per-sample inputs have no batch dim (one is created from the
             plates, and removed from the outputs).
+        merged: positions of batched inputs whose batch dim exists per sample even when ``unbatched``
+            (attention's (heads, L, S) mask of an unbatched query): the plates are folded into it,
+            not into a new dim.
+        call: ``(args, kwargs)`` as the spec rewrote them for the folded call (a sampled (L, S)
+            attention mask as the (N * heads, L, S) mask it stands for), or ``None``: as they are.
     """
 
     inputs: tuple
     outputs: object
     unbatched: bool = False
+    merged: tuple = ()
+    call: Optional[tuple] = None
 
 
 def register_batch_first(*funcs, note: str = ""):
@@ -124,6 +131,8 @@ def batch_first(spec, func, args, kwargs):
     plan: Optional[Plan] = spec(args, kwargs)
     if plan is None:
         return vmap_call(func, args, kwargs)
+    if plan.call is not None:
+        args, kwargs = plan.call
     fast = None if kwargs else _positional_same_plates(plan, args)
     if fast is not None:
         plates, sizes = fast
@@ -132,7 +141,7 @@ def batch_first(spec, func, args, kwargs):
         m = len(plates)
         for pos, _, b in plan.inputs:
             if pos < len(folded):  # its raw dims line up with `plates` (_positional_same_plates)
-                folded[pos] = _fold_raw(folded[pos]._raw, m, b, batched, sizes)
+                folded[pos] = _fold_raw(folded[pos]._raw, m, b, batched or pos in plan.merged, sizes)
         return _unfold_outputs(func(*folded), plan, plates, sizes)
     batched_ids = set()
     groups = []
@@ -162,10 +171,11 @@ def batch_first(spec, func, args, kwargs):
         a = _get(args, kwargs, pos, key)
         if a is None:
             continue
+        batched = not plan.unbatched or pos in plan.merged
         if isinstance(a, (tuple, list)):
-            new = type(a)(_fold(t, plates, b, not plan.unbatched, sizes) for t in a)
+            new = type(a)(_fold(t, plates, b, batched, sizes) for t in a)
         else:
-            new = _fold(a, plates, b, not plan.unbatched, sizes)
+            new = _fold(a, plates, b, batched, sizes)
         args, kwargs = _set(args, kwargs, pos, key, new)
     return _unfold_outputs(func(*args, **kwargs), plan, plates, sizes)
 
@@ -331,16 +341,32 @@ def _sdpa(args, kwargs):
 
 @register_batch_first(F.multi_head_attention_forward)
 def _mha(args, kwargs):
-    """(L, N, E) or unbatched (L, E): plates folded into N; key_padding_mask and weights likewise"""
+    """(L, N, E) or unbatched (L, E): plates folded into N; key_padding_mask, the weights and a sampled or 3-d attn_mask likewise"""  # noqa: E501
     q = _get(args, kwargs, 0, "query")
-    attn_mask = _get(args, kwargs, 16, "attn_mask")
-    if (isinstance(attn_mask, _T) and attn_mask.dim() == 3) or _get(args, kwargs, 21, "static_k") is not None \
-            or _get(args, kwargs, 22, "static_v") is not None:
-        return None  # masks and static keys with a batch*heads dim: vmap
+    if _get(args, kwargs, 21, "static_k") is not None or _get(args, kwargs, 22, "static_v") is not None:
+        return None  # static keys with a batch*heads dim: vmap
     k = _rank(q)
     if k not in (2, 3):
         return None
-    return Plan(((0, "query", 1), (1, "key", 1), (2, "value", 1), (14, "key_padding_mask", 0)), (1, 0), k == 2)
+    inputs = ((0, "query", 1), (1, "key", 1), (2, "value", 1), (14, "key_padding_mask", 0))
+    mask = _get(args, kwargs, 16, "attn_mask")
+    if not isinstance(mask, _T) or (type(mask) is not _PT and mask.dim() == 2):
+        return Plan(inputs, (1, 0), k == 2)  # no mask, or one (L, S) mask for every entry: passed as it is
+    r = _rank(mask)
+    heads = _get(args, kwargs, 4, "num_heads")
+    n = heads * (q.shape[1] if k == 3 else 1)
+    if r not in (2, 3) or tuple(mask.shape[-2:]) != (q.shape[0], _get(args, kwargs, 1, "key").shape[0]) \
+            or (r == 3 and mask.shape[0] != n):
+        return None  # torch's own error, per sample (vmap)
+    if r == 2:
+        # a sampled (L, S) mask: torch applies it to every (batch, head) pair, which is the same as the
+        # (N * heads, L, S) mask (unbatched: (heads, L, S)) that repeats it; the plates fold into that
+        # one's leading dim as into N, so each entry's rows meet its own mask (the need_weights=False
+        # path went to vmap, which cannot return the None weights)
+        args, kwargs = _set(args, kwargs, 16, "attn_mask", mask.unsqueeze(0).expand(n, *mask.shape))
+    # a 3-d mask is (N * heads, L, S), batch-major (unbatched: (heads, L, S)): the plates fold into its dim
+    # 0 ahead of N, as into the query's N, also for an unbatched query
+    return Plan(inputs + ((16, "attn_mask", 0),), (1, 0), k == 2, (16,), (args, kwargs))
 
 
 def _rnn(has_cell_state: bool):

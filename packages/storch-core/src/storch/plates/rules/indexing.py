@@ -15,7 +15,9 @@ Boolean masks that vary per sample would select different numbers of elements an
 
 ``torch.select(x, dim, i)`` with a sampled ``i`` is ``x[..., i]`` (at ``dim``); ``roll`` by a sampled
 shift and ``repeat_interleave`` with sampled repeats are refused with what to write instead;
-``index_add`` with a sampled index is a ``scatter_add`` (torch's vmap rule for it loops over the batch).
+``index_add`` with a sampled index is a ``scatter_add`` (torch's vmap rule for it loops over the batch),
+``index_fill`` with a sampled index or value a ``where`` of the positions it fills (torch's vmap of it fails,
+or gives every entry one entry's value).
 """
 
 from __future__ import annotations
@@ -403,3 +405,39 @@ def _index_add(func, args, kwargs):
     index = i.reshape(shape).expand(src.shape)
     alpha = extra.get("alpha", 1)
     return torch.scatter_add(x, d, index, src if alpha == 1 else src * alpha)
+
+
+@register(torch.index_fill, _T.index_fill)
+def _index_fill(func, args, kwargs):
+    """per sample; a sampled index or value as a where of the positions it fills (a scatter of the index at dim)
+
+    torch's vmap of index_fill is wrong where the input is not mapped: with a mapped index under two
+    nested vmap levels (a sample plate and a data plate) it fails ("use out-of-place operators instead
+    of index_fill_", a torch bug that plain torch shows too), and with a mapped value it fills every
+    entry with one entry's value, silently. Per sample ``x.index_fill(d, i, v)`` is ``torch.where(hit, v,
+    x)`` with ``hit`` the positions of ``i`` along ``d`` (a scatter of True, which checks the index's range
+    as index_fill does): the same values, and the same derivatives (``x``'s gradient is zero where filled,
+    ``v``'s sums the gradient over the filled positions, each once, as index_fill's does over the unique
+    index)."""
+    names = ("input", "dim", "index", "value")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    x, d, i, v = (bound.get(k) for k in names)
+    if ((type(i) is not _PT and type(v) is not _PT) or set(kwargs) - set(names) or len(bound) != 4 or not isinstance(d, int)
+            or not isinstance(x, _T) or not isinstance(i, _T) or i.dim() > 1 or i.dtype != torch.long
+            or not (isinstance(v, (bool, int, float)) or (isinstance(v, _T) and v.dim() == 0))):
+        return vmap_call(func, args, kwargs)  # (torch's own checks and errors, per sample)
+    k = max(x.dim(), 1)  # (a 0-d input is indexed as one of 1 element, at dim 0 or -1)
+    if not -k <= d < k:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-k}, {k - 1}], but got {d})")
+    d %= k
+    shape = tuple(x.shape) or (1,)
+    i = i.reshape(-1)
+    # index_fill takes negative indices; one out of range is left as it is, for scatter's error to name it
+    i = torch.where((i < 0) & (i >= -shape[d]), i + shape[d], i)
+    place = [1] * k
+    place[d] = i.shape[0]
+    index = i.reshape(place).expand(shape[:d] + (i.shape[0],) + shape[d + 1:])
+    hit = torch.zeros(shape, dtype=torch.bool, device=x.device).scatter(d, index, True).reshape(x.shape)
+    value = v.to(x.dtype) if isinstance(v, _T) else torch.tensor(v, dtype=x.dtype, device=x.device)
+    return torch.where(hit, value, x)

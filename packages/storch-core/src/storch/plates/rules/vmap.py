@@ -190,9 +190,13 @@ def _loop(call, raws, mapped, levels, sizes, func):
     spec = flat[0][1]
     leaves = []
     for k, first in enumerate(flat[0][0]):
-        if not isinstance(first, torch.Tensor):
-            raise PlateError(f"{describe(func)} returns a {type(first).__name__}, not a tensor, per plate entry")
         items = [f[0][k] for f in flat]
+        if not isinstance(first, torch.Tensor):
+            if all(v is first or (type(v) is type(first) and v == first) for v in items):
+                leaves.append(first)  # the same for every entry (None weights of attention): as it is
+                continue
+            raise PlateError(f"{describe(func)} returns a {type(first).__name__}, not a tensor, per plate entry, "
+                             "and not the same one for every entry")
         if any(t.shape != first.shape for t in items):
             raise PlateError(
                 f"{describe(func)} returns tensors of different shapes for different plate entries "
@@ -229,6 +233,34 @@ def _same_bool(outs, func) -> bool:
 
 
 def _vmap(call, raws, mapped, levels, sizes, full, inplace, randomness):
+    """``torch.func.vmap`` of ``call``; its non-tensor outputs (multi_head_attention_forward's None
+    weights with need_weights=False) are returned as they are.
+
+    torch.func.vmap refuses an output that is not a tensor, so ``call`` is wrapped to return only
+    its tensors, and the others are put back in their places afterwards. Such a value cannot
+    differ between plate entries: vmap runs ``call`` once, for all of them (a value computed from
+    a mapped tensor would be a tensor, or a data-dependent error)."""
+    kept = []
+
+    def tensors_only(*rs):
+        out = call(*rs)
+        if isinstance(out, torch.Tensor):
+            return out
+        leaves, spec = tree_flatten(out)
+        if all(isinstance(v, torch.Tensor) for v in leaves):
+            return out
+        kept[:] = [leaves, spec]
+        return tuple(v for v in leaves if isinstance(v, torch.Tensor))
+
+    out = _vmap_tensors(tensors_only, raws, mapped, levels, sizes, full, inplace, randomness)
+    if not kept:
+        return out
+    leaves, spec = kept
+    it = iter(out)
+    return tree_unflatten([next(it) if isinstance(v, torch.Tensor) else v for v in leaves], spec)
+
+
+def _vmap_tensors(call, raws, mapped, levels, sizes, full, inplace, randomness):
     if full and len(levels) > 1 and not inplace:
         # one vmap over the flattened plates (cheaper than nested levels), where the flattening is a
         # view: a reshape that copies (plate dims permuted in the raw storage) would make the outputs
