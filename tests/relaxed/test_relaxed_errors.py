@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -496,8 +497,10 @@ def test_a_cost_cut_from_the_relaxed_sample_is_refused(name, kind):
             b = storch.estimator(name, plate="b")(OneHotCategorical(logits=theta))
             cost = (b.argmax(-1) == 0).to(torch.float64)
         storch.add_cost(cost * w, name="hard")
-        with pytest.raises(storch.OrderError, match=f"'{name}' on plate 'b': the cost 'hard' depends on the "
-                                                    "node's sample .* only through operations without"):
+        # rebar / relax: the comparison (argmax) of the relaxed sample is named (test_a_thresholded_...)
+        with pytest.raises(storch.OrderError, match=f"'{name}' on plate 'b': the cost 'hard' (depends on the "
+                                                    "node's sample .* only through operations without|carries "
+                                                    "the plate 'b', and in this step (gt|argmax))"):
             storch.backward()
 
 
@@ -608,3 +611,113 @@ def test_default_network_refuses_inputs_of_another_width_with_what_to_do(name, o
                                                   r"per model.*network="):
         step(7)
     assert torch.isfinite(step(5)).all()  # the failed step left nothing behind
+
+
+# -- a comparison of the relaxed sample (m > 0.5) makes the relaxed cost jump, outside the autograd graph --
+
+_ATT_A = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)  # attention scores of 3 tokens
+_ATT_V = torch.tensor([1.0, 3.0, -2.0], dtype=torch.float64)  # their values
+
+
+def _att_thresholded(m):
+    """Hard attention to the tokens of a Bernoulli mask written with a comparison, plus a sparsity penalty."""
+    att = torch.softmax(torch.where(m > 0.5, _ATT_A, torch.full_like(_ATT_A, -1e9)), 0)
+    return (att @ _ATT_V - 1.0) ** 2 + 0.1 * m.sum()
+
+
+def _att_multiplied(m):
+    """The same kind of model with the mask multiplied in: continuous in the relaxed sample."""
+    w = m * torch.exp(_ATT_A)
+    return (w @ _ATT_V / (w.sum() + 1.0) - 1.0) ** 2 + 0.1 * m.sum()
+
+
+def _att_exact(cost):
+    def exact(theta):
+        values = [torch.tensor(bits, dtype=torch.float64) for bits in itertools.product([0.0, 1.0], repeat=3)]
+        return sum(Bernoulli(logits=theta).log_prob(b).sum().exp() * cost(b) for b in values)
+    return exact
+
+
+_THRESHOLDS = {  # how the mask is thresholded
+    "where": _att_thresholded,
+    "mul": lambda m: ((m > 0.5).to(m.dtype) * m * _ATT_A).sum() + 0.1 * m.sum(),
+    "method": lambda m: (m.gt(0.5).double() * _ATT_A).sum() + 0.1 * m.sum(),
+    "bool": lambda m: (torch.where(m.bool(), _ATT_A, 0.0)).sum() + 0.1 * m.sum(),
+    "lt_reflected": lambda m: ((0.5 < m).double() * _ATT_A).sum() + 0.1 * m.sum(),
+    "argmax": lambda m: (torch.nn.functional.one_hot(m.argmax(-1), 3).double() * _ATT_A).sum() + 0.1 * m.sum(),
+}
+
+
+@pytest.mark.parametrize("how", sorted(_THRESHOLDS))
+@pytest.mark.parametrize("name", ["rebar", "relax"])
+def test_a_thresholded_relaxed_sample_is_refused(name, how):
+    """softmax(where(m > 0.5, a, -1e9)) @ v + 0.1 Σm with m from rebar / relax: the relaxed cost f(σ_λ(z)) jumps
+    where σ_λ(z) crosses 0.5, which autograd does not see (the comparison's result is a bool), so the control
+    variate's pathwise term missed the jump and only the penalty's gradient was left (mean [0.024, 0.026,
+    0.025] for the exact [-0.536, 0.091, 1.517], |z| up to 3900; found by porting). The cost reached the sample
+    through the penalty, so the core's cut check let it pass. Now the comparison (in its forms: method,
+    reflected operator, bool cast, argmax) is recorded by the dispatcher and the surrogate refuses it."""
+    theta = TOY_THETA.clone().requires_grad_(True)
+    with storch.Graph():
+        m = storch.estimator(name, plate="m")(Bernoulli(logits=theta))
+        storch.add_cost(_THRESHOLDS[how](m), name="att")
+        with pytest.raises(storch.OrderError, match=rf"'{name}' on plate 'm': the cost 'att' .*(without a "
+                                                    r"derivative|\bgt\b|__gt__|__lt__|bool|argmax).*'score'.*"
+                                                    r"multiply by it"):
+            storch.surrogate_loss()
+
+
+def test_a_thresholded_relaxed_sample_is_what_biases_the_estimate():
+    """What the refusal prevents: the same model with the record switched off (jump_free False on the
+    instance) gives a biased gradient (z-test against exact enumeration)."""
+    from relaxed_problems import estimates, exact_derivatives
+
+    torch.manual_seed(3)
+    est = storch.estimator("rebar", plate="m", update=False)
+    est.jump_free = False
+    g, = estimates(lambda x: storch.add_cost(_att_thresholded(est(Bernoulli(logits=x)))), TOY_THETA, 1, n=2000)
+    report = storch.testing.z_test(g, exact_derivatives(_att_exact(_att_thresholded), TOY_THETA, 1)[0],
+                                   "thresholded mask")
+    assert not report.ok
+
+
+@pytest.mark.parametrize("name", ["rebar", "relax"])
+def test_a_multiplied_mask_is_unbiased(name):
+    """The same model with the mask multiplied in (no comparison) is not refused and is unbiased."""
+    from relaxed_problems import estimates, exact_derivatives
+
+    torch.manual_seed(5)
+    est = storch.estimator(name, plate="m")
+    g, = estimates(lambda x: storch.add_cost(_att_multiplied(est(Bernoulli(logits=x)))), TOY_THETA, 1)
+    storch.testing.assert_unbiased(g, exact_derivatives(_att_exact(_att_multiplied), TOY_THETA, 1)[0], "gradient")
+
+
+@pytest.mark.parametrize("name", ["rebar", "relax"])
+def test_comparisons_that_do_not_threshold_the_relaxed_sample_are_not_refused(name):
+    """Comparisons of data (plain and on a data plate), of a value without the sample's gradient (a downstream
+    score node's sample, a detached metric), and torch.distributions' argument checks of a likelihood whose
+    parameters carry the relaxed sample's gradient (Bernoulli(logits=...) compares logits == logits) run."""
+    theta = TOY_THETA.clone().requires_grad_(True)
+    data = torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.0, 3.0]], dtype=torch.float64)
+    with storch.Graph():
+        x = storch.denote_independent(data, 0, "data")
+        m = storch.estimator(name, plate="m")(Bernoulli(logits=theta))
+        y = storch.estimator("score", plate="y")(Bernoulli(logits=2 * m - 1))
+        lik = Normal(m * x, torch.nn.functional.softplus(m) + 0.5)  # validated: loc == loc, scale > 0
+        cost = (torch.where(_ATT_A > 0, m, 1 - m).sum() + torch.where(x > 0, m, 0.0).sum()
+                + (y > 0.5).double().sum() - lik.log_prob(x).sum())
+        storch.add_cost(cost, name="c")
+        _ = (m.detach() > 0.5).double().mean()  # a metric
+        g, = torch.autograd.grad(storch.surrogate_loss(), theta)
+    assert torch.isfinite(g).all()
+
+
+def test_network_relax_and_arm_may_threshold_their_sample():
+    """relax with control_variate="network" evaluates the cost at the hard sample b only (it carries no
+    gradient), as ARM does: a comparison of it is fine."""
+    theta = TOY_THETA.clone().requires_grad_(True)
+    for est in (storch.estimator("relax", plate="m", control_variate="network"), storch.estimator("arm", plate="m")):
+        with storch.Graph():
+            storch.add_cost(_att_thresholded(est(Bernoulli(logits=theta))))
+            g, = torch.autograd.grad(storch.surrogate_loss(), theta)
+        assert torch.isfinite(g).all()

@@ -511,6 +511,8 @@ def _check_reaches(name: str, cost: torch.Tensor, nodes: list[Node], order: int)
     if order < 1:  # the value alone (detached: see surrogate_loss)
         return
     for node in reversed(nodes):  # the node nearest the cost first: the cut is reported where it is
+        if node.thresholded is not None:  # (jump_free estimators only: see Estimator.jump_free)
+            raise OrderError(_thresholded_message(node, name))
         if node.no_grad_cut and torch.is_grad_enabled():
             continue  # sampled under no_grad: its own refusal says so (_check_sampled_with_grad)
         est = node.estimator
@@ -597,6 +599,25 @@ def _cut_message(node: Node, name: str) -> str:
         "keep the path from the sample to the cost differentiable (a relaxed estimator needs a cost "
         "differentiable in the relaxed sample: e.g. sigmoid((z - c) / t) instead of (z > c).float()). A cost "
         "that is meant to give no gradient to this node can be added with storch.add_cost(..., credit=False)")
+
+
+def _thresholded_message(node: Node, name: str) -> str:
+    est = node.estimator
+    p = node.plate.name
+    return (
+        f"estimator {est.name!r} on plate {p!r}: the cost {name!r} carries the plate {p!r}, and in this step "
+        f"{node.thresholded} (a comparison, or another operation without a derivative: argmax, a bool or integer "
+        "cast) was applied to a value that carries the gradient of the node's sample. "
+        f"{est.name!r} differentiates the cost through that sample (REBAR and RELAX: the cost at the relaxed sample "
+        "σ_λ(z), in their control variate η f(σ_λ(z))): a threshold such as m > 0.5 makes that relaxed cost jump, autograd sees no "
+        "derivative of the jump (its result is a bool, outside the autograd graph), so the control variate no "
+        "longer cancels and the gradient is silently biased (only the smooth terms' gradient is left). Use an "
+        "estimator that does not differentiate the cost through the sample for this node: 'score' (with "
+        "baseline='leave_one_out'), 'arm', 'disarm' or 'unordered_set'; or write the cost without thresholding "
+        "the sample: multiply by it (m * a, m * x + (1 - m) * y: on the hard sample it is the same mask, on the "
+        "relaxed one it is continuous), and for a piecewise function that is continuous at its threshold "
+        "(torch.where(h > 0, h, 0.01 * h)) use torch's own (F.leaky_relu). A comparison whose result no cost "
+        "uses (a metric): compute it on m.detach() or under torch.no_grad()")
 
 
 def _node_order_message(node: Node, order: int) -> str:

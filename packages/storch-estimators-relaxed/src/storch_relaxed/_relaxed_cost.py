@@ -38,6 +38,9 @@ class RelaxedCost(VarianceTrained):
     """
 
     relaxed_cost: bool = True
+    # the cost is differentiated at σ_λ(z): a comparison of the relaxed sample (m > 0.5) makes it jump,
+    # and η ∇f(σ_λ(z)) misses the jump's delta (refused: storch.Estimator.jump_free)
+    jump_free: bool = True
     _tilde_term = staticmethod(tilde_term)
 
     def _init_relaxed_cost(self, temperature: float, eta: float) -> None:

@@ -106,6 +106,7 @@ class Relax(RelaxedCost):
                               f"{' or '.join(repr(f) for f in _FORMS)}")
         self.control_variate_form = control_variate
         self.relaxed_cost = control_variate == "rebar+network"
+        self.jump_free = self.relaxed_cost  # "network": the cost is evaluated at b only (see RelaxedCost)
         self._init_network(network, hidden, zero_output=self.relaxed_cost)
         if self.relaxed_cost:
             self._init_relaxed_cost(temperature, eta)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import sys
 import types
 import weakref
 from typing import Any, ClassVar, Optional
@@ -63,9 +64,42 @@ from ..graph import current_graph, is_tracing
 from ..node import Node
 from ..plates.tensor import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
 from ..score_conditions import KINK_FREE, moving_support, support_is_fixed
+from ..smoothness import _reaches
 from .catalog import EstimatorInfo, available, supporting_estimators
 
 __all__ = ["Estimator", "CostFrame", "magic_box"]
+
+
+def _threshold_watch(node: Node):
+    """The ``Lineage.watch`` of a ``jump_free`` estimator's node: records on ``node.thresholded`` the first
+    function of ``storch.plates.dispatch.JUMPS`` applied to a value whose autograd graph reaches the sample
+    handed out (its relaxed sample), unless a ``torch.distributions`` constraint check applied it (argument
+    validation and ``validate_sample``: their result only decides whether to raise). Holds the node weakly
+    (the lineage is the node's plate's: no reference cycle)."""
+    ref = weakref.ref(node)
+
+    def watch(func, raw: torch.Tensor) -> None:
+        node = ref()
+        if node is None or node.thresholded is not None or _in_constraint_check():
+            return
+        handed = [h for h, _ in node.handed if h.requires_grad]
+        if handed and _reaches([raw], handed):
+            node.thresholded = getattr(func, "__name__", str(func))
+    return watch
+
+
+def _in_constraint_check() -> bool:
+    """Whether the nearest caller outside storch is ``torch.distributions.constraints`` (a constraint's
+    ``check``; asked only for a comparison of a watched value)."""
+    frame = sys._getframe(2)
+    for _ in range(16):
+        if frame is None:
+            return False
+        name = frame.f_globals.get("__name__", "")
+        if not name.startswith("storch."):
+            return name == "torch.distributions.constraints"
+        frame = frame.f_back
+    return False
 
 
 class _instance_or_class:
@@ -100,6 +134,14 @@ class Estimator(torch.nn.Module):
             one whose values are ``node.log_prob(sample)`` where not 0 (compared once per class and
             distribution type, for types whose log p may have a kink or whose support may move). Set
             it to True for a log p computed in another form.
+        jump_free: whether the estimator differentiates the cost through the sample it hands out and needs
+            that cost continuous there (REBAR and RELAX's relaxed-cost term η f(σ_λ(z))): a comparison (or
+            argmax, a bool or integer cast) of a value that carries the sample's gradient, outside the
+            autograd graph, is recorded on the node (``Node.thresholded``), and
+            ``storch.surrogate_loss(order >= 1)`` refuses the costs that carry the node's plate
+            (``storch.OrderError``). Comparisons in ``torch.distributions``' argument and support checks are
+            not counted (their result decides only whether to raise). False by default: an estimator that
+            evaluates the cost at a hard or detached sample only (ARM, LAX) may see it thresholded.
         requires_rsample / requires_enumerate_support: capability requirements. An estimator with
             ``requires_enumerate_support`` gets its distribution through
             ``storch.extending.strict_support`` (``node.distribution`` and a partition step's): values of
@@ -145,6 +187,7 @@ class Estimator(torch.nn.Module):
     higher_order_options: ClassVar[str] = ""
     distributions: ClassVar[Optional[tuple[type, ...]]] = None
     score_function: ClassVar[Optional[bool]] = None
+    jump_free: bool = False
     requires_rsample: ClassVar[bool] = False
     requires_enumerate_support: ClassVar[bool] = False
     has_update: ClassVar[bool] = False
@@ -253,6 +296,8 @@ class Estimator(torch.nn.Module):
         out = self.output(node)
         if not out.is_inference():  # (torch.inference_mode(): no version counter, no backward either)
             node.handed.append((out, out._version))
+        if self.jump_free and out.requires_grad:
+            plate.lineage.watch = _threshold_watch(node)
         node.value = value = PlateTensor._wrap(out, plates)
         # the user's log_prob of the value they got (SAC's q.log_prob(a)) reuses the pre-tanh sample
         # that TanhTransform(cache_size=1) cached for `out`, as in plain torch (atanh(±1) is infinite)

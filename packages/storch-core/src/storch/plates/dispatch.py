@@ -29,7 +29,7 @@ from .tensor import PlateTensor, _names, align, install_dispatcher, too_many_dim
 from .tensor import new_plate_tensor as _new
 from .treatments import _LISTENERS, Entry, Treatment, describe, treatment_of
 
-__all__ = ["dispatch", "register", "wrap", "scan", "unwrap", "too_many_samples", "user_error"]
+__all__ = ["dispatch", "register", "wrap", "scan", "unwrap", "too_many_samples", "user_error", "JUMPS"]
 
 _PT = PlateTensor
 _T = torch.Tensor
@@ -93,8 +93,48 @@ def _implementation(func):
         impl = refused(e.impl)
     if _is_inplace(func) or func is _T.__setitem__:
         impl = _writing(impl)
+    if func in JUMPS:
+        impl = _watched(impl)
     _IMPL[func] = impl
     return impl
+
+
+def _jumps() -> frozenset:
+    names = ("eq", "ne", "gt", "ge", "lt", "le", "greater", "greater_equal", "less", "less_equal", "not_equal",
+             "isclose", "argmax", "argmin", "argsort", "bucketize", "logical_not", "logical_and", "logical_or",
+             "logical_xor")
+    methods = ("__eq__", "__ne__", "__gt__", "__ge__", "__lt__", "__le__", "bool", "long", "int", "short", "char",
+               "byte")
+    out = {getattr(torch, n) for n in names if hasattr(torch, n)}
+    out.update(getattr(_T, n) for n in names + methods if hasattr(_T, n))
+    out.update(getattr(_T, n + "_") for n in names if hasattr(_T, n + "_"))
+    out.add(torch.searchsorted)
+    return frozenset(out)
+
+
+# The functions whose result jumps where their (floating-point) operand crosses a threshold, outside the
+# autograd graph (a bool or integer result carries no grad_fn, so storch.extending.require_smooth, which
+# walks that graph, cannot see them): comparisons and their method, operator and in-place forms, argmax /
+# argmin / argsort, bucketize / searchsorted, logical operations, bool and integer casts. Applied to a plate
+# tensor that requires grad while grad is enabled, they are reported to the watch of its plates' lineages
+# (Lineage.watch: set by a node whose estimator must not see its sample thresholded). No other function
+# pays anything: the check is part of these functions' cached implementation only.
+JUMPS: frozenset = _jumps()
+
+
+def _watched(impl):
+    """``impl`` of a function of :data:`JUMPS`, which first reports its operands that require grad to their
+    plates' watches."""
+    def run(func, args, kwargs):
+        if _grad_enabled():
+            for a in _operands(args, kwargs):
+                if type(a) is _PT and a._raw.requires_grad:
+                    for p in a._plates:
+                        lin = p.lineage
+                        if lin is not None and lin.watch is not None:
+                            lin.watch(func, a._raw)
+        return impl(func, args, kwargs)
+    return run
 
 
 def _writing(impl):

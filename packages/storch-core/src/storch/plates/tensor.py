@@ -10,7 +10,7 @@ Nothing in torch is patched.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -39,16 +39,24 @@ class Lineage:
     exception during the step): a tensor carrying it can no longer be used as a cost or as a
     distribution parameter, and the error says so.
 
+    ``watch``: ``None``, or a callable ``watch(func, raw)`` that the dispatcher calls when ``func``, a
+    function whose result jumps outside the autograd graph (a comparison, ``argmax``, a bool or integer
+    cast: ``storch.plates.dispatch``), is applied while grad is enabled to a plate tensor of this plate
+    whose raw tensor ``raw`` requires grad. Set by a node whose estimator is ``jump_free`` (REBAR and RELAX
+    differentiate the cost at their relaxed sample: a threshold of it makes that cost jump); dropped when
+    the graph ends.
+
     Compared and hashed by identity.
     """
 
-    __slots__ = ("parents", "index_plates", "_cache", "closed", "__weakref__")
+    __slots__ = ("parents", "index_plates", "_cache", "closed", "watch", "__weakref__")
 
     def __init__(self) -> None:
         self.parents: dict[int, torch.Tensor] = {}
         self.index_plates: dict[int, tuple] = {}  # step -> plates of dims 1.. of its parent index
         self._cache: dict = {}
         self.closed: Optional[str] = None  # why its graph ended; None while the graph is live
+        self.watch: Optional[Callable[[Any, torch.Tensor], None]] = None
 
     def set_parents(self, step: int, index: torch.Tensor, plates: tuple = ()) -> None:
         """Record that entry ``i`` at ``step`` descends from entry ``index[i]`` at ``step - 1``.
@@ -578,6 +586,7 @@ def _release(lineage: Lineage) -> None:
         _PLANS.pop(key, None)
         _UNIONS.pop(key, None)
     lineage._cache.clear()
+    lineage.watch = None  # (it refers to the node: nothing of the step is held after it)
 
 
 def align(raw: torch.Tensor, plates: tuple[Plate, ...], target: tuple[Plate, ...], pad_to: int = -1) -> torch.Tensor:
