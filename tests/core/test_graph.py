@@ -389,3 +389,73 @@ def test_broadcastable_component_results_are_accepted():
         storch.add_cost(z)
         g, = torch.autograd.grad(storch.surrogate_loss(), th)
     assert g.shape == (5,)
+
+
+class _CountingScore(storch.Estimator):
+    """The plain score function with a state that every update changes: the number of updates and the
+    mean cost each one saw (a moving average's inputs), in storch-core alone."""
+
+    name = "test_core_graph_counting_score"
+    has_update = True
+
+    def __init__(self, plate, n_samples):
+        super().__init__(plate, n_samples)
+        self.seen = []
+
+    def update_parameters(self, nodes, loss):
+        self.seen.append(round(float(loss.detach()), 12))
+
+
+def _counting_steps(pattern, steps=3):
+    est = _CountingScore("z", n_samples=3)
+    theta = torch.tensor([0.3, -0.2], requires_grad=True)
+    for i in range(steps):
+        torch.manual_seed(i)
+        with storch.Graph():
+            z = est(Bernoulli(logits=theta))
+            storch.add_cost(((z - 0.45) ** 2).sum(), name="f")
+            if pattern == "storch.backward":
+                storch.backward()
+            elif pattern == "sum":  # a second term built from the surrogate again, one pass
+                (storch.surrogate_loss() + 0.0 * storch.surrogate_loss()).backward()
+            elif pattern == "orders":  # an order-1 and an order-2 surrogate, one pass
+                (storch.surrogate_loss(order=1) + 0.0 * storch.surrogate_loss(order=2)).backward()
+            elif pattern == "penalty":  # the second probe reached through the gradient's graph only
+                g, = torch.autograd.grad(storch.surrogate_loss(order=2), theta, create_graph=True)
+                (storch.surrogate_loss() + 0.0 * g.pow(2).sum()).backward()
+            elif pattern == "two_passes":  # two surrogates, two passes: gradients accumulate twice
+                storch.surrogate_loss().backward(retain_graph=True)
+                storch.surrogate_loss().backward()
+            elif pattern == "then_storch.backward":
+                storch.surrogate_loss().backward(retain_graph=True)
+                storch.backward()
+    return est.seen
+
+
+@pytest.mark.parametrize("pattern", ["sum", "orders", "penalty", "two_passes", "then_storch.backward"])
+def test_a_step_updates_its_estimators_once_however_many_of_its_surrogates_are_backpropagated(pattern):
+    """Every surrogate_loss() has its own update probe, and each probe had its own once-guard: a pass
+    that reached two of a step's surrogates (main + 0 * another, an order-1 and an order-2 part, a
+    gradient penalty) ran the updates twice (a moving average got two updates, a temperature schedule
+    advanced two steps per step), as did two passes of two surrogates or a surrogate's .backward() then
+    storch.backward(). The step's probes now share one record: one update per step, as storch.backward()."""
+    assert _counting_steps(pattern) == _counting_steps("storch.backward")
+
+
+def test_a_surrogate_of_an_ended_step_updates_with_its_own_step():
+    """The record is the step's: a loss kept from a step that was reset, backpropagated during the next
+    step, runs the old step's updates and leaves the new step's to its own surrogate."""
+    est = _CountingScore("z", n_samples=3)
+    theta = torch.tensor([0.3, -0.2], requires_grad=True)
+    losses = []
+    for _ in range(2):  # the thread's default graph: one Graph object, two steps
+        z = est(Bernoulli(logits=theta))
+        storch.add_cost(((z - 0.45) ** 2).sum(), name="f")
+        losses.append(storch.surrogate_loss())
+        storch.reset()
+    losses[0].backward(retain_graph=True)
+    assert len(est.seen) == 1
+    losses[1].backward()
+    assert len(est.seen) == 2
+    losses[0].backward()  # its step has updated already
+    assert len(est.seen) == 2

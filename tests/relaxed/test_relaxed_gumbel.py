@@ -116,3 +116,21 @@ def test_annealing_schedule():
     with pytest.raises(storch.OptionError, match="schedule returned -1.0"):
         bad(Bernoulli(logits=TOY_THETA))
     storch.reset()
+
+
+@pytest.mark.parametrize("pattern", ["sum", "orders"])
+def test_annealing_counts_a_step_once_when_one_pass_reaches_two_of_its_surrogates(pattern):
+    """``step`` counts training steps: (main + 0 * storch.surrogate_loss()).backward() (or an order-1 plus
+    an order-2 surrogate) reached two update probes and advanced the schedule two steps per step."""
+    schedule = lambda step: max(0.25, 2.0 * 0.5 ** step)  # noqa: E731
+    est = storch.estimator("gumbel_softmax", plate="b", temperature=schedule)
+    seen = []
+    for _ in range(3):
+        seen.append(est.current_temperature())
+        with storch.Graph():
+            toy_model(est, TOY_THETA.clone().requires_grad_(True))
+            if pattern == "sum":
+                (storch.surrogate_loss() + 0.0 * storch.surrogate_loss()).backward()
+            else:
+                (storch.surrogate_loss(order=1) + 0.0 * storch.surrogate_loss(order=2)).backward()
+    assert seen == [2.0, 1.0, 0.5] and est.step == 3

@@ -51,6 +51,46 @@ def test_moving_average_excludes_the_current_costs():
     assert torch.allclose(g3, _manual_gradient(theta, x3, b2))
 
 
+
+def _state_after(make, pattern, steps=4):
+    """The estimator's state after ``steps`` training steps that end with ``pattern``."""
+    torch.manual_seed(0)
+    est = make()
+    theta = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+    for i in range(steps):
+        torch.manual_seed(i)
+        with storch.Graph():
+            b = est(Bernoulli(logits=theta))
+            storch.add_cost(((b - 0.45) ** 2).sum() + 1.0, name="c")
+            if pattern == "storch.backward":
+                storch.backward()
+            elif pattern == "sum":
+                (storch.surrogate_loss() + 0.0 * storch.surrogate_loss()).backward()
+            else:  # an order-1 and an order-2 surrogate in one pass
+                (storch.surrogate_loss(order=1) + 0.0 * storch.surrogate_loss(order=2)).backward()
+    state = {f"average {k}": v.clone() for k, v in est.moving_averages.items()}
+    state.update((k, v.detach().clone()) for k, v in est.named_parameters())  # NVIL's networks
+    state["update_steps"] = torch.tensor(est.update_steps)  # NVIL's Adam steps
+    return state
+
+
+@pytest.mark.parametrize("baseline", ["moving_average", "learned"])
+@pytest.mark.parametrize("pattern", ["sum", "orders"])
+def test_two_surrogates_in_one_backward_pass_update_once_per_step(baseline, pattern):
+    """(main + 0 * storch.surrogate_loss()).backward() reached two update probes and updated twice: the
+    moving average took each step's costs twice, NVIL took two Adam steps a step. Now the state after N
+    such steps is the state after N storch.backward() steps."""
+    def make():
+        return storch.estimator("score", plate="b", n_samples=4, baseline=baseline,
+                                **({"hidden": 3, "lr": 0.1} if baseline == "learned" else {}))
+
+    want = _state_after(make, "storch.backward")
+    got = _state_after(make, pattern)
+    assert want and got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+
+
 def test_eager_moving_average_update_skips_the_finiteness_check():
     """The eager update runs after storch found the loss finite (it raises NonFiniteCostError first), so
     it adds the step's means without a per-cost isfinite and select (issue 19: ~10 us of a toy step);

@@ -908,8 +908,12 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     ``surrogate_loss().backward()`` leaves the estimators as ``storch.backward()`` does: when the
     backward pass accumulates gradients (``.backward()``, not ``torch.autograd.grad``, which stays an
     evaluation pass), the estimators' ``update_parameters`` run once, after the pass (moving
-    averages, sum-and-sample's buffer, annealing steps). An estimator whose update differentiates the
-    loss again (a learned control variate: RELAX, LAX, REBAR) is refused there, before any gradient
+    averages, sum-and-sample's buffer, annealing steps). Once per step: the step's surrogates share one
+    record, so a pass that reaches several of them (``(main + 0 * storch.surrogate_loss()).backward()``, an
+    order-1 and an order-2 surrogate) updates once, and a later pass of the step (a second ``.backward()``
+    with ``retain_graph=True``, of this or another of its surrogates, or ``storch.backward()``) accumulates
+    its gradients again but updates nothing: estimator state advances one step per training step. An
+    estimator whose update differentiates the loss again (a learned control variate: RELAX, LAX, REBAR) is refused there, before any gradient
     is accumulated, with the advice to call ``storch.backward()``. Unlike ``storch.backward()``, the
     graph is not reset. A second-order training objective built from ``g = torch.autograd.grad(loss,
     params, create_graph=True)`` (a gradient penalty, a MAML outer step through ``params - lr * g``) runs
@@ -1011,6 +1015,11 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
     # (a gradient penalty, a MAML outer step through θ - lr·g) reaches it too: g = ∂loss + probe ∂loss
     # holds it in its graph
     probe = torch.zeros((), dtype=loss.dtype, device=loss.device, requires_grad=True)
+    # one record for every probe of the step: a pass that reaches two of its surrogates (main + 0 * another,
+    # an order-1 and an order-2 part) updates once, as storch.backward() does
+    done = graph.step_updated
+    if done is None:
+        done = graph.step_updated = []
 
     def check():
         learners = sorted({f"{n[0].estimator.name!r} (plate {n[0].plate.name!r})" for n in updating.values()
@@ -1029,26 +1038,27 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
         for nodes in updating.values():
             nodes[0].estimator.update_parameters(nodes, loss)
 
-    update_on_backward(probe, check, run)
+    update_on_backward(probe, check, run, done)
     return torch.addcmul(loss, loss, probe)
 
 
 def update_on_backward(probe: Union[torch.Tensor, tuple], check: Callable[[], None],
-                       run: Callable[[], None]) -> None:
+                       run: Callable[[], None], done: list) -> None:
     """The update probe's mechanism (eager surrogates, and each call of a step compiled by
     ``storch.compile``): when ``.backward()`` accumulates into the zero leaf ``probe`` (added to
     the loss; ``torch.autograd.grad`` never accumulates into it), or into one of several, ``check()`` runs
     (it raises to stop the pass before any state changes) and ``run()`` (the estimators' updates) is queued
-    for the end of the pass, once per loss: a second backward with ``retain_graph=True`` updates nothing.
-    ``run`` has grad mode on, as under ``storch.backward()`` (the engine's callback runs with it
-    off, so a learned baseline's regression would build no graph and silently not train)."""
-    done = []
+    for the end of the pass, once per step: ``done`` is the step's record, shared by the probes of all its
+    surrogates, so neither a pass that reaches several of them nor a second pass (``retain_graph=True``, or
+    another surrogate of the step) updates again. ``run`` has grad mode on, as under ``storch.backward()``
+    (the engine's callback runs with it off, so a learned baseline's regression would build no graph and
+    silently not train)."""
 
     def on_backward(_):
         if done:
             return
+        check()  # before the record: a refused pass (a non-finite loss) is refused again, never let through
         done.append(True)
-        check()
 
         def queued():
             with torch.enable_grad():
@@ -1393,8 +1403,8 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1,
     Order: the surrogate loss (order 1) is built and backpropagated (its graph kept for the updates,
     unless each of them reads the step's tensors as values only: ``update_uses_loss_graph = False``,
     or ``replays_update`` without it set), then ``update_parameters(nodes, loss)`` runs once per estimator with
-    ``has_update`` (the only place estimator state changes), then the graph is reset (also after
-    an exception).
+    ``has_update`` (the only place estimator state changes; skipped where a ``surrogate_loss().backward()``
+    of this step ran them already: once per step), then the graph is reset (also after an exception).
 
     ``inputs``: accumulate gradients into these tensors only (``Tensor.backward(inputs=...)``: one
     optimizer per parameter group). The estimators' updates run as without it. (``surrogate_loss().backward(
@@ -1491,8 +1501,9 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1,
                 "through it (torch.autograd.grad(storch.surrogate_loss(), ...) or loss.backward() without "
                 "retain_graph=True). Pass retain_graph=True to that earlier call, or build the step again; no "
                 "estimator state was changed") from e
-        for nodes in updating.values():
-            nodes[0].estimator.update_parameters(nodes, loss)
+        if not graph.step_updated:  # a surrogate_loss().backward() of this step ran them already: once per step
+            for nodes in updating.values():
+                nodes[0].estimator.update_parameters(nodes, loss)
         return loss.detach()
     except RuntimeError as e:
         _explain_ddp_error(e)

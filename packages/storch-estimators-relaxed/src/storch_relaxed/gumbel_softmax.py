@@ -45,8 +45,9 @@ class GumbelSoftmax(Estimator):
         plate: name of the node's plate.
         n_samples: number of samples.
         temperature: τ > 0, or a schedule ``step -> τ`` (annealing); ``step`` counts the
-            ``storch.backward()`` calls (and ``.backward()`` of surrogate losses) of graphs that used
-            this estimator (``est.step``, in ``state_dict()`` as ``schedule_step``). Jang et al.'s
+            training steps of graphs that used this estimator: ``storch.backward()`` calls, and steps whose
+            surrogate losses were backpropagated with ``.backward()`` (one per step, however many of them;
+            ``est.step``, in ``state_dict()`` as ``schedule_step``). Jang et al.'s
             schedule: ``lambda t: max(0.5, math.exp(-1e-5 * t))``. The schedule is evaluated once per
             step (when the step changes); a value that is not a finite float > 0 raises
             ``storch.OptionError`` where the estimator samples. Only a schedule makes the estimator
