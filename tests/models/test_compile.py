@@ -1508,3 +1508,55 @@ def test_freezing_and_unfreezing_selects_a_trace_per_state(backend):
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w)
     assert compiled.traces == 2
+
+
+def test_an_option_set_again_or_alternating_reuses_its_trace():
+    # found by review: the key counted option sets, so a loop that set est.temperature each call (even to the same
+    # value) traced again at every call, keeping every program; the key holds the options' values now
+    pytest.importorskip("storch_relaxed")
+    est = storch.estimator("gumbel_softmax", plate="z", n_samples=4, temperature=1.0)
+    theta = torch.tensor([0.3, -0.5, 1.0], requires_grad=True)
+
+    def step(theta):
+        with storch.Graph():
+            z = est(Bernoulli(logits=theta))
+            storch.add_cost(((z - 0.3) ** 2).sum(-1), name="f")
+            return storch.surrogate_loss()
+
+    compiled = storch.compile(step, backend=None)
+    for i in range(6):
+        est.temperature = 1.0
+        compiled(theta)
+    assert compiled.traces == 1
+    for i in range(6):
+        est.temperature = 1.0 if i % 2 else 0.25
+        torch.manual_seed(i)
+        got = compiled(theta)
+        torch.manual_seed(i)
+        torch.testing.assert_close(got, step(theta))
+    assert compiled.traces == 2
+
+
+def test_a_training_flag_read_by_the_step_or_a_hook_selects_its_trace():
+    # found by review: only modules whose own forward may read `training` were watched, but the step itself
+    # (F.dropout(..., training=model.training)) and hooks read the flag of any module: every module's is watched
+    est = storch.estimator("expect", plate="z")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh())
+    x = torch.ones(3)
+
+    def step(x):
+        with storch.Graph():
+            h = torch.nn.functional.dropout(model(x), 0.5, training=model.training)
+            z = est(Bernoulli(logits=h))
+            storch.add_cost(((z - 0.45) ** 2).sum(-1), name="f")
+            return storch.surrogate_loss()
+
+    compiled = storch.compile(step, backend=None)
+    for mode in (True, False, True, False):
+        model.train(mode)
+        torch.manual_seed(1)
+        got = compiled(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(got, step(x))
+    assert compiled.traces == 2

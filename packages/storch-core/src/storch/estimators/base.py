@@ -772,10 +772,11 @@ class Estimator(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"plate={self.plate!r}, n_samples={self.n_samples}"
 
-    # a count of the times one of this instance's constructor options was set (``est.temperature = 0.1``,
-    # ``est.n_samples = 16``): ``storch.compile`` keys its traces by it, since a trace fixes the options'
-    # values (a class attribute until the first set after construction; read by the compiled step's key)
-    _options_set: int = 0
+    # the values last set of this instance's constructor options (``est.temperature = 0.1``, ``est.n_samples =
+    # 16``), as a sorted tuple of (name, value) (a value that is not a plain number or string: by identity):
+    # ``storch.compile`` keys its traces by it, since a trace fixes the options' values; setting an option to the
+    # value it has keeps the key, and switching between two values selects the trace of each
+    _options_key: tuple = ()
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
@@ -783,7 +784,10 @@ class Estimator(torch.nn.Module):
         if names is None:
             names = _OPTION_NAMES[type(self)] = frozenset(type(self).options()) | {"plate"}
         if name in names:
-            object.__setattr__(self, "_options_set", self._options_set + 1)
+            key = value if value is None or type(value) in (bool, int, float, str) else ("id", id(value))
+            options = dict(self._options_key)
+            options[name] = key
+            object.__setattr__(self, "_options_key", tuple(sorted(options.items())))
 
     # -- graph identity (issue 11) -------------------------------------------------------------
 
