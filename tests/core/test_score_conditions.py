@@ -2,6 +2,8 @@
 with the parameters (storch.extending.moving_support). Runs with storch-core alone: the score function is
 the base class's components."""
 
+import math
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -16,6 +18,7 @@ from torch.distributions import (
     Laplace,
     Normal,
     Pareto,
+    Poisson,
     PowerTransform,
     TransformedDistribution,
     Uniform,
@@ -520,3 +523,73 @@ def test_a_gradient_function_written_out_as_log_p_gets_the_score_refusals():
                 WrittenOutScore(plate="x", n_samples=4)(Uniform(torch.zeros(()), _h()))
     with storch.Graph():  # a gradient function that is not log p keeps the moving support
         NotAScore(plate="y")(Uniform(torch.zeros(()), _h()))
+
+
+# -- a Poisson whose rate is exactly 0 (a zero-inflated Poisson) ---------------------------------------
+
+def _zip_exact(theta: torch.Tensor, f, top: int = 80) -> torch.Tensor:
+    """E f(k) of z ~ Bernoulli(σ(θ₀)), k ~ Poisson(e^θ₁ z), by enumeration (k truncated at ``top``)."""
+    pi, lam = torch.sigmoid(theta[0]), theta[1].exp()
+    k = torch.arange(top + 1, dtype=theta.dtype)
+    pmf = torch.exp(k * lam.log() - lam - torch.lgamma(k + 1))
+    return (1 - pi) * f(torch.zeros((), dtype=theta.dtype)) + pi * (pmf * f(k)).sum()
+
+
+def _zip_cost(k):
+    return (k - 3.0) ** 2 + 0.4 * k ** 3
+
+
+def test_a_poisson_rate_of_exactly_0_has_the_log_prob_and_finite_derivatives():
+    """torch allows a rate of 0 (a point mass at 0); its log_prob has the right values but the derivative
+    value / rate = 0 / 0 = NaN at (0, 0). storch's log p (raw_log_prob, and strict_support's copy, which
+    importance reads) keeps torch's values and its derivatives of orders 1 and 2 where the rate is above 0,
+    and gives d log p(0) / d rate = -1, second derivative 0, at a rate of 0; a count above 0 there is -inf."""
+    from storch.distributions import raw_log_prob, strict_support
+    value = torch.tensor([[0.0, 0.0, 3.0], [2.0, 1.0, 0.0]], dtype=torch.float64)
+    for rate0 in ([0.0, 1.5, 2.0], [0.7, 1.5, 2.0]):
+        rate = torch.tensor(rate0, dtype=torch.float64, requires_grad=True)
+        d = Poisson(rate, validate_args=False)
+        torch_lp = d.log_prob(value)
+        for lp in (raw_log_prob(d, value), strict_support(d).log_prob(value),
+                   raw_log_prob(Independent(d, 1), value)):
+            want = torch_lp.sum(-1) if lp.dim() == 1 else torch_lp
+            possible = torch.isfinite(want)
+            assert torch.equal(lp.detach()[possible], want.detach()[possible])
+            assert (lp.detach()[~possible] == -math.inf).all()
+            g, = torch.autograd.grad(lp.sum(), rate, create_graph=True)
+            h, = torch.autograd.grad(g.sum(), rate)
+            assert torch.isfinite(g).all() and torch.isfinite(h).all(), (g, h)
+        # the possible values only: their derivatives are torch's above 0 and (-1 per value, 0) at 0
+        lp = raw_log_prob(d, value[:1])
+        g, = torch.autograd.grad(lp.sum(), rate, create_graph=True)
+        h, = torch.autograd.grad(g.sum(), rate)
+        if rate0[0] > 0:
+            tg, = torch.autograd.grad(d.log_prob(value[:1]).sum(), rate, create_graph=True)
+            th, = torch.autograd.grad(tg.sum(), rate)
+            assert torch.allclose(g, tg) and torch.allclose(h, th)
+        else:
+            assert g[0] == -1.0 and h[0] == 0.0
+    assert strict_support(Poisson(torch.tensor([0.5, 1.0]))).__class__ is Poisson  # no zero rate: d itself
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_a_zero_inflated_poisson_score_function_is_unbiased(order):
+    """z ~ Bernoulli(π), k ~ Poisson(λ z): where z = 0 the rate is exactly 0. torch's log_prob made the
+    derivative with respect to λ NaN there (0 / 0, times d rate / d λ = 0), for every estimator with a score
+    term. Now orders 1 and 2 of the score function (z enumerated by expect) match the exact derivatives of
+    the truncated enumeration."""
+    theta = torch.tensor([0.4, 0.3], dtype=torch.float64)
+    est = ScoreFunction("k", n_samples=2)
+    torch.manual_seed(3)
+    with storch.Graph():
+        leaf, th = replicate(theta, 3000)
+        z = storch.estimator("expect", plate="z")(Bernoulli(logits=th[0]))
+        k = est(Poisson(th[1].exp() * z))
+        storch.add_cost(_zip_cost(k))
+        got = per_replicate_derivatives(storch.surrogate_loss(order=order), leaf, order)
+    t = theta.clone().requires_grad_(True)
+    g, = torch.autograd.grad(_zip_exact(t, _zip_cost), t, create_graph=True)
+    want = [g.detach(), torch.stack([torch.autograd.grad(g[i], t, retain_graph=True)[0] for i in range(2)])]
+    for o in range(order):
+        assert torch.isfinite(got[o]).all()
+        print(assert_unbiased(got[o], want[o], f"score, zero-inflated Poisson, order {o + 1}").table())

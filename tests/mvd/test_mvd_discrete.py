@@ -175,3 +175,58 @@ def test_categorical_with_impossible_categories_against_enumeration(param, oneho
     name = f"mvd {'OneHot' if onehot else ''}Categorical({param}) masked, {dtype}"
     print(assert_unbiased(g[:, ~zero].double(), grad[~zero], f"{name} grad").table())
     print(assert_unbiased(v.double(), value, f"{name} forward value").table())
+
+
+# -- a Poisson whose rate is exactly 0 ----------------------------------------------------------------
+# ratio_sum was 1 + y / λ = 0 / 0 = NaN at λ = 0 (y = 0): every weight and gradient of the step was NaN.
+# The weak derivative there is c = 1, p⁺ = δ₁, p⁻ = δ₀ (decompositions/poisson.py); x⁺ = 1 has weight 0
+# (p has no mass there) and its term enters through the weight's derivative.
+
+def _zip_cost(k):
+    return (k - 3.0) ** 2 + 0.4 * k ** 3
+
+
+def _poisson_mean_cost(lam, top: int = 80):
+    """E f(k), k ~ Poisson(λ), λ > 0, by enumeration truncated at ``top``."""
+    k = torch.arange(top + 1, dtype=lam.dtype)
+    pmf = torch.exp(k * lam.log() - lam - torch.lgamma(k + 1))
+    return (pmf * _zip_cost(k)).sum()
+
+
+@pytest.mark.parametrize("upstream", ["expect", "score"])
+@pytest.mark.parametrize("coupled", [True, False])
+def test_zero_inflated_poisson_against_enumeration(upstream, coupled):
+    """z ~ Bernoulli(π), k ~ Poisson(λ z): where z = 0 the rate is exactly 0."""
+    torch.manual_seed(15)
+    theta = torch.tensor([0.4, 0.3], dtype=torch.float64)  # π = σ(θ₀), λ = exp(θ₁)
+    up = storch.estimator(upstream, plate="z", **({"n_samples": 2} if upstream == "score" else {}))
+    est = storch.estimator("mvd", plate="k", coupled=coupled)
+
+    def model(t):
+        z = up(Bernoulli(logits=t[0]))
+        return _zip_cost(est(Poisson(t[1].exp() * z)))
+
+    def exact(t):
+        pi = torch.sigmoid(t[0])
+        return (1 - pi) * _zip_cost(torch.zeros((), dtype=t.dtype)) + pi * _poisson_mean_cost(t[1].exp())
+
+    g, v = estimates(theta, model)
+    value, grad = exact_grad(exact, theta)
+    assert torch.isfinite(g).all() and torch.isfinite(v).all()
+    print(assert_unbiased(g, grad, f"mvd zero-inflated Poisson grad ({upstream}, coupled={coupled})").table())
+    print(assert_unbiased(v, value, "mvd zero-inflated Poisson forward value").table())
+
+
+def test_poisson_derivative_at_a_rate_of_0_is_f1_minus_f0():
+    """A rate that is a parameter at 0 (its boundary): ∂_λ E f = f(1) − f(0) there (E f is entire in λ), which
+    needs f at x⁺ = 1, where p has no mass; a rate above 0 beside it as a check."""
+    torch.manual_seed(16)
+    theta = torch.tensor([0.0, 1.2], dtype=torch.float64)
+    est = storch.estimator("mvd", plate="k")
+    g, v = estimates(theta, lambda t: _zip_cost(est(Poisson(t))).sum())
+    # the moments E k = λ, E k² = λ + λ², E k³ = λ³ + 3λ² + λ (the enumeration's derivative is 0 / 0 at λ = 0)
+    value, grad = exact_grad(lambda t: (t ** 2 - 4.6 * t + 9 + 0.4 * (t ** 3 + 3 * t ** 2)).sum(), theta)
+    assert abs(float(value) - float(_poisson_mean_cost(theta[1]) + 9)) < 1e-9
+    assert abs(float(grad[0]) - float(_zip_cost(torch.tensor(1.0, dtype=torch.float64)) - 9.0)) < 1e-9  # f(1) - f(0)
+    print(assert_unbiased(g, grad, "mvd Poisson grad at a rate of 0").table())
+    print(assert_unbiased(v, value, "mvd Poisson forward value at a rate of 0").table())

@@ -18,7 +18,7 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Categorical, OneHotCategorical
+from torch.distributions import Bernoulli, Categorical, OneHotCategorical, Poisson
 
 import storch
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
@@ -335,3 +335,53 @@ def test_go_on_bernoulli_probs_exactly_0_and_1_is_exact(dtype):
         exact = exact + torch.prod(torch.where(z > 0.5, x0, 1 - x0)) * f(z.to(dtype)).to(torch.float64)
     (want,) = torch.autograd.grad(exact, x0)
     assert_unbiased(got.to(torch.float64), want, f"go Bernoulli probs on the boundary {dtype}")
+
+
+# -- a Poisson whose rate is exactly 0 (a zero-inflated Poisson) ----------------------------------------
+# GO's term was (P - ⊥P) / ⊥p(x) with the CDF P = gammaincc(x + 1, λ), whose derivative at λ = 0 torch
+# computes as 0 · log 0 = NaN, and its log p was torch's, whose derivative is 0 / 0 there: the gradient of
+# every parameter (λ of Poisson(λ z)) was NaN although d rate / d λ = 0 there.
+
+def _zip_cost(k):
+    return (k - 3.0) ** 2 + 0.4 * k ** 3
+
+
+def _poisson_mean_cost(lam: torch.Tensor, top: int = 80) -> torch.Tensor:
+    """E f(k), k ~ Poisson(λ), λ > 0, by enumeration truncated at ``top``."""
+    k = torch.arange(top + 1, dtype=lam.dtype)
+    return (torch.exp(k * lam.log() - lam - torch.lgamma(k + 1)) * _zip_cost(k)).sum()
+
+
+@pytest.mark.parametrize("upstream", ["expect", "score"])
+def test_go_on_a_zero_inflated_poisson_is_unbiased(upstream):
+    """z ~ Bernoulli(π), k ~ Poisson(λ z): where z = 0 the rate is exactly 0."""
+    torch.manual_seed(17)
+    theta = torch.tensor([0.4, 0.3], dtype=torch.float64)  # π = σ(θ₀), λ = exp(θ₁)
+    up = storch.estimator(upstream, plate="z", **({"n_samples": 2} if upstream == "score" else {}))
+    est = storch.estimator("go", plate="k")
+    with storch.Graph():
+        leaf, x = replicate(theta, DRAWS)
+        z = up(Bernoulli(logits=x[0]))
+        storch.add_cost(_zip_cost(est(Poisson(x[1].exp() * z))))
+        (got,) = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+    t = theta.clone().requires_grad_(True)
+    pi = torch.sigmoid(t[0])
+    (want,) = torch.autograd.grad((1 - pi) * 9.0 + pi * _poisson_mean_cost(t[1].exp()), t)
+    assert torch.isfinite(got).all()
+    print(assert_unbiased(got, want, f"go, zero-inflated Poisson below {upstream}").table())
+
+
+def test_go_poisson_derivative_at_a_rate_of_0_is_f1_minus_f0():
+    """A rate that is a parameter at 0 (its boundary): ∂_λ E f = f(1) − f(0) (E f is entire in λ), from the
+    neighbour x + 1 = 1 as at any rate; a rate above 0 beside it."""
+    torch.manual_seed(18)
+    theta = torch.tensor([0.0, 1.2], dtype=torch.float64)
+    est = storch.estimator("go", plate="k")
+    with storch.Graph():
+        leaf, x = replicate(theta, DRAWS)
+        storch.add_cost(_zip_cost(est(Poisson(x))).sum())
+        (got,) = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+    # the moments E k = λ, E k² = λ + λ², E k³ = λ³ + 3λ² + λ: ∂ E f = 2λ - 4.6 + 0.4 (3λ² + 6λ)
+    want = 2 * theta - 4.6 + 0.4 * (3 * theta ** 2 + 6 * theta)
+    assert torch.isfinite(got).all()
+    print(assert_unbiased(got, want, "go, Poisson at a rate of 0").table())

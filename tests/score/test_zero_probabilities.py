@@ -19,7 +19,7 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Binomial, Categorical, Independent, OneHotCategorical
+from torch.distributions import Bernoulli, Binomial, Categorical, Independent, OneHotCategorical, Poisson
 
 import storch
 from storch.extending import strict_support
@@ -557,3 +557,50 @@ def test_strict_support_of_infinite_logits():
     assert ls[:, 1].tolist() == [0.0, -math.inf, -math.inf] and ls[:, 2].tolist() == [-math.inf, -math.inf, 0.0]
     for d in (Bernoulli(logits=x.clamp(-800, 800)), Binomial(2, logits=torch.zeros(3))):
         assert strict_support(d) is d
+
+
+# -- a Poisson whose rate is exactly 0: a zero-inflated Poisson --------------------------------------
+# z ~ Bernoulli(π), k ~ Poisson(λ z): where z = 0 the rate is exactly 0 (torch allows rate >= 0; a point
+# mass at 0). torch's Poisson.log_prob computes value.xlogy(rate), whose derivative value / rate is
+# 0 / 0 = NaN there: the gradient of λ was NaN (no error) for score and importance, although d rate / d λ
+# is 0 there. storch's log p of a node (raw_log_prob) and strict_support's copy (importance) now have
+# finite derivatives there.
+
+ZIP_THETA = torch.tensor([0.4, 0.3], dtype=torch.float64)  # π = σ(θ₀), λ = exp(θ₁)
+
+
+def _zip_cost(k):
+    return (k - 3.0) ** 2 + 0.4 * k ** 3
+
+
+def _zip_exact(theta: torch.Tensor, top: int = 80) -> torch.Tensor:
+    """E f(k) by enumeration: z in {0, 1}, k truncated at ``top`` (the tail beyond is below 1e-80)."""
+    pi, lam = torch.sigmoid(theta[0]), theta[1].exp()
+    k = torch.arange(top + 1, dtype=theta.dtype)
+    pmf = torch.exp(k * lam.log() - lam - torch.lgamma(k + 1))
+    return (1 - pi) * _zip_cost(torch.zeros((), dtype=theta.dtype)) + pi * (pmf * _zip_cost(k)).sum()
+
+
+ZIP_CASES = {
+    "score@2": ("score", dict(n_samples=2)),
+    "score@3-leave_one_out": ("score", dict(n_samples=3, baseline="leave_one_out")),
+    "importance@3-poisson": ("importance", dict(n_samples=3, proposal=Poisson(torch.tensor(2.0, dtype=torch.float64)))),
+}
+
+
+@pytest.mark.parametrize("upstream", ["expect", "score"])
+@pytest.mark.parametrize("case", list(ZIP_CASES))
+def test_zero_inflated_poisson_is_unbiased_at_orders_1_and_2(case, upstream):
+    name, options = ZIP_CASES[case]
+    torch.manual_seed(21)
+    est = storch.estimator(name, plate="k", **options)
+    with storch.Graph():
+        leaf, th = replicate(ZIP_THETA, 4000)
+        up = storch.estimator(upstream, plate="z", **({"n_samples": 2} if upstream == "score" else {}))
+        z = up(Bernoulli(logits=th[0]))
+        k = est(Poisson(th[1].exp() * z))
+        storch.add_cost(_zip_cost(k))
+        got = per_replicate_derivatives(storch.surrogate_loss(order=2), leaf, 2)
+    for order, (g, w) in enumerate(zip(got, exact_derivatives(_zip_exact, ZIP_THETA, 2)[1:]), 1):
+        assert torch.isfinite(g).all(), (case, order)
+        print(assert_unbiased(g, w, f"{case} below {upstream}, zero-inflated Poisson, order {order}").table())

@@ -27,6 +27,7 @@ from torch.distributions import (
     Multinomial,
     OneHotCategorical,
     OneHotCategoricalStraightThrough,
+    Poisson,
     RelaxedBernoulli,
     RelaxedOneHotCategorical,
     TransformedDistribution,
@@ -437,10 +438,20 @@ def raw_log_prob(d: Distribution, value: torch.Tensor) -> torch.Tensor:
     A ``Bernoulli`` given by its logits, without argument validation (the raw copy of a user's
     distribution), is computed as torch computes it, ``-binary_cross_entropy_with_logits``, with
     the logits expanded to the value's shape directly instead of through ``broadcast_all`` (its
-    Python checks and a second view for the value): the same kernel, values and derivatives. Any
-    other case (and any other distribution) calls ``d.log_prob``.
+    Python checks and a second view for the value): the same kernel, values and derivatives. A ``Poisson`` (or an ``Independent`` of
+    one) is computed by :func:`_poisson_log_prob`: torch's values, and finite derivatives where a rate
+    is exactly 0 (torch's are NaN there). Any other case (and any other distribution) calls
+    ``d.log_prob``.
     """
-    if type(d) is Bernoulli and not d._validate_args and type(value) is torch.Tensor:
+    t = type(d)
+    if t is Poisson:
+        if d._validate_args:
+            d._validate_sample(value)
+        return _poisson_log_prob(d.rate, value)
+    if t is Independent and type(d.base_dist) is Poisson:
+        lp, n = raw_log_prob(d.base_dist, value), d.reinterpreted_batch_ndims
+        return lp.sum(tuple(range(-n, 0))) if n else lp
+    if t is Bernoulli and not d._validate_args and type(value) is torch.Tensor:
         logits = d.__dict__.get("logits")
         if type(logits) is torch.Tensor:
             shape = value.shape
@@ -851,6 +862,34 @@ class _StrictBinomial(Binomial):
         return lp.masked_fill(never, -math.inf)
 
 
+class _StrictPoisson(Poisson):
+    """A ``Poisson`` whose ``log_prob`` has finite derivatives where a rate is exactly 0
+    (:func:`_poisson_log_prob`; torch's are NaN there); elsewhere torch's values and derivatives."""
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return _poisson_log_prob(self.rate, value)
+
+
+def _poisson_log_prob(rate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """log p(value | rate) = value log rate - rate - lgamma(value + 1) of a Poisson, for rates >= 0.
+
+    torch allows a rate of exactly 0 (a zero-inflated Poisson ``Poisson(lam * z)``, z ~ Bernoulli): a
+    point mass at 0, log p(0) = -rate (derivative -1, finite), and every count above 0 impossible
+    (-inf, never drawn). torch's ``value.xlogy(rate)`` has those values, but its derivative with
+    respect to the rate is value / rate = 0 / 0 = NaN at (0, 0), which poisoned the gradient of every
+    parameter upstream (``lam``) although d rate / d lam is 0 there. Here the log term reads 1 in
+    place of a zero rate where the value is 0 (xlogy(0, 1) = 0, derivative 0 / 1 = 0) and 0 where it
+    is above 0 (xlogy(k, 0) = -inf, the impossible value): one ``torch.where``, whose backward sends
+    the rate no derivative through the log term at those entries (and none of the NaN or infinity that
+    it computes there), so the rate gets exactly d(-rate) = -1. Where the rate is above 0 the values
+    and derivatives (of every order) are torch's.
+    """
+    safe = torch.where(rate > 0, rate, value == 0)  # (a bool promoted to the rate's dtype: 1 or 0)
+    return value.xlogy(safe) - rate - (value + 1).lgamma()
+
+
 def _infinite_logits_log_prob(logits: torch.Tensor, value: torch.Tensor, top: torch.Tensor,
                               torch_log_prob: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """log p(value) of a Bernoulli or Binomial given by ``logits`` that may be infinite.
@@ -867,7 +906,7 @@ def _infinite_logits_log_prob(logits: torch.Tensor, value: torch.Tensor, top: to
     return torch.where(infinite, fixed, lp)
 
 
-_STRICT = {Bernoulli: _StrictBernoulli, Binomial: _StrictBinomial}
+_STRICT = {Bernoulli: _StrictBernoulli, Binomial: _StrictBinomial, Poisson: _StrictPoisson}
 
 
 def given_by_probs(d: Distribution) -> bool:
@@ -895,16 +934,21 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     with an infinite logit (``logits + mask``, mask ``-inf`` on a masked bit) needs the same: torch's
     ``log_prob`` is NaN on the value such a logit always draws, so no joint value looked possible
     (``unordered_set`` drew one impossible value with a zero gradient, ``expect`` gave NaN).
+    A ``Poisson`` with a rate of exactly 0 (a zero-inflated Poisson ``Poisson(lam * z)``) has torch's
+    values (log p(0) = 0 there, -inf above 0) but NaN derivatives (``value.xlogy(rate)``: 0 / 0), which
+    made the gradient of every parameter upstream NaN (``importance`` reads this log_prob).
 
     Returns ``d`` itself unless it is (an ``Independent`` of) one of those four, given by ``probs``,
     with a probability that is exactly 0 (checked by value; with ``traced``, which
     ``storch.extending.strict_support`` passes while ``storch.compile`` records the step: whenever it
     is given by ``probs``, so that the program does not depend on the values), or a ``Bernoulli`` /
     ``Binomial`` given by ``logits`` with an infinite logit (checked by value, and not while traced:
-    there it is ``d``, whose NaN log-probabilities the traced samplers refuse). Otherwise a copy that
-    samples as ``d`` does (the same random numbers) and has the same log-probabilities, with the same
-    derivatives, on every value it can draw: a ``Categorical`` / ``OneHotCategorical`` with ``-inf``
-    logits there, a ``Bernoulli`` / ``Binomial`` whose ``log_prob`` masks those values. The derivative
+    there it is ``d``, whose NaN log-probabilities the traced samplers refuse), or a ``Poisson`` with a
+    rate of exactly 0 (checked by value; with ``traced``, always). Otherwise a copy that samples as ``d``
+    does (the same random numbers) and has the same log-probabilities, with the same derivatives, on
+    every value it can draw: a ``Categorical`` / ``OneHotCategorical`` with ``-inf`` logits there, a
+    ``Bernoulli`` / ``Binomial`` whose ``log_prob`` masks those values, a ``Poisson`` whose ``log_prob``
+    (:func:`_poisson_log_prob`) has finite derivatives at a zero rate. The derivative
     with respect to a probability that is exactly 0 is not estimated (it depends on the cost of a
     value that is never drawn); the estimates are of the derivative within the support.
     """
@@ -912,6 +956,16 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     if t is Independent:
         base = strict_support(d.base_dist, traced)
         return d if base is d.base_dist else Independent(base, d.reinterpreted_batch_ndims, validate_args=False)
+    if t is Poisson:
+        # a rate of exactly 0: torch's log_prob has the right values but NaN derivatives (checked by value;
+        # while traced always, so that the program does not depend on the values)
+        rate = d.rate
+        if not traced and not rate.is_meta and not bool((rate == 0).any()):
+            return d
+        new = _StrictPoisson.__new__(_StrictPoisson)
+        new.__dict__.update(d.__dict__)
+        new._validate_args = False
+        return new
     if t not in (Bernoulli, Binomial, Categorical, OneHotCategorical):
         return d
     inner = d._categorical if t is OneHotCategorical else d

@@ -7,7 +7,7 @@ import math
 import torch
 
 from storch import Estimator, Node
-from storch.extending import base_distribution, options
+from storch.extending import base_distribution, is_tracing, options
 
 from ._state import PrecomputedState
 from .decompositions import SUPPORTED, decomposition_for
@@ -27,6 +27,8 @@ class Mvd(Estimator):
     q of element e):
         q(X | x<i) = Π_θ p⁺_θ(x⁺_θ) p⁻_θ(x⁻_θ): 2 evaluation points per parameter element;
         w(x) = ⊥( p_e(x_e) / (n E Σ_{q ∈ G_e} q(x_e)) ): importance weights (balance heuristic);
+            where p_e(x_e) = 0 although c_θ ≠ 0 (Poisson's x⁺ = 1 at a rate of exactly 0), w = 0 with
+            the derivative ±c_θ ∇θ / n, and l = 0 there;
         l(x) = ±θ · ⊥( c_θ / (n w(x)) ), + for x⁺, − for x⁻ (parameter-valued);
         a = 0.
     Forward value Σ w f(x) is an importance-sampling estimate of E_p[f] (Σ_{q∈G_e} q w = p/(nE));
@@ -113,6 +115,17 @@ class Mvd(Estimator):
             # such a term is c (f(x⁺) - f(x⁻)) with c ≈ 0, dropped (set to 0) when not finite
             coef = (sign * c * (e * ratio)).detach()
             coef = torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef))
+            # a point of p^± where p has no mass at all while c ≠ 0 (Poisson's p⁺ = δ₁ at a rate of exactly
+            # 0, where ∂_λ p = δ₁ − δ₀: decompositions/poisson.py): its weight is exactly 0 (w ∝ p(x) = 0,
+            # the ratio is infinite), so l cannot carry its term ±c f(x) ∇θ / n; the weight's derivative
+            # does: w = 0 + ±c (θ − ⊥θ) / n there (value 0, so the forward estimate is unchanged; first
+            # order, as the rest). A check per part (always while traced: no value-dependent branch)
+            outside = torch.isinf(ratio) & (c != 0)
+            if part.active is not None:
+                outside = outside & active
+            if is_tracing() or bool(outside.any()):
+                term = sign * c.detach() * (theta - theta.detach()) / n
+                w = w + torch.where(outside, term, torch.zeros((), dtype=term.dtype, device=term.device))
             weights.append(w.reshape((n, k * 2 * e) + parents))
             grads.append((theta * coef).reshape((n, k * 2 * e) + parents))
         node.state.weights = torch.cat(weights, 1).flatten(0, 1)

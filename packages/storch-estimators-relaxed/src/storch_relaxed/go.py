@@ -238,7 +238,11 @@ def _cdf_term(d, state: GoState) -> torch.Tensor:
         p = probs.gather(-1, x.unsqueeze(-1)).squeeze(-1).detach()  # ⊥p_j(x_j): a coefficient (D.2.6)
         # the last possible category: ∇P_σ = -Σ ∇p over the impossible ones = 0 (exactly, not rounded)
         return torch.where(state.raised, (P - P.detach()) / p, torch.zeros_like(P))
+    # Poisson: P(X <= x) = Q(x + 1, λ), and ∂P(x)/∂λ = -λ^x e^{-λ} / x! = -p(x), so the term
+    # (P - ⊥P) / ⊥p(x) (D.2.6) has value 0 and first derivative -∇λ for every x: written so. Through
+    # gammaincc and a division by p(x) it was NaN at a rate of exactly 0 (the derivative of Q(1, λ) at
+    # λ = 0 is 0 · log 0 in torch's formula), where the term is -∇λ as anywhere (the neighbour x + 1 = 1
+    # gives the one-sided derivative f(1) - f(0) at λ = 0), and a ratio of two underflowing numbers in
+    # the far tail. (max_order 1: only the first derivative is used.)
     rate = d.rate
-    P = torch.special.gammaincc(x + 1, rate)  # Poisson CDF P(X <= x) = Q(x + 1, λ)
-    p = d.log_prob(x).exp().detach()  # ⊥p(x): a coefficient (D.2.6)
-    return (P - P.detach()) / p
+    return (rate.detach() - rate).expand(x.shape)
