@@ -974,3 +974,251 @@ def test_index_add_with_a_sampled_index_and_a_mismatched_source_is_torchs_error(
         torch.index_add(rnd(5, 4), 0, i, rnd(3, 2))
     with pytest.raises(RuntimeError):
         torch.index_add(rnd(5, 4), 0, i, rnd(2, 4))  # (the index and the source disagree on dim)
+
+
+# -- argument forms a property tester found (axis=, input=, dim=(), implicit dims, sampled 0-dim indices) --
+
+
+def check_grad(fn, *inputs, grad_as=None):
+    """``check`` (values per plate entry) and the gradients: of a weighted sum of storch's result and of
+    the same weighted sum of the per-entry results (of ``grad_as`` where given), for every input (raw
+    plate storage or plain) that requires grad."""
+    out = check(fn, *inputs)
+    fn = grad_as or fn
+    leaves = [x.tensor if type(x) is PlateTensor else x for x in inputs]
+    leaves = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    plates = {}
+    for x in inputs:
+        if type(x) is PlateTensor:
+            plates.update({p.name: p.size for p in x.plates})
+    got = want = 0
+    for n, idx in enumerate(itertools.product(*[range(s) for s in plates.values()])):
+        a = dict(zip(plates, idx))
+        c = 1.0 + 0.25 * n  # a different weight per entry: a gradient that mixes entries shows
+        for o, e in zip(tree_flatten(out)[0], tree_flatten(fn(*[entry(x, a) for x in inputs]))[0]):
+            if isinstance(e, torch.Tensor) and e.is_floating_point():
+                got = got + c * entry(o, a).sum()
+                want = want + c * e.sum()
+    assert leaves and torch.is_tensor(got)
+    for g, w, leaf in zip(torch.autograd.grad(got, leaves, allow_unused=True),
+                          torch.autograd.grad(want, leaves, allow_unused=True), leaves):
+        zero = torch.zeros_like(leaf)
+        torch.testing.assert_close(zero if g is None else g, zero if w is None else w, equal_nan=True)
+    return out
+
+
+def _leaf(*shape, seed=0):
+    return rnd(*shape, seed=seed).requires_grad_()
+
+
+CAT_AXIS = {  # torch's numpy alias axis= for dim (it was ignored: always per-sample dim 0)
+    "cat": lambda x, y, w: torch.cat([x, y], axis=1),
+    "concat_plain": lambda x, y, w: torch.concat([x, w], axis=-1),
+    "concatenate_plain_first": lambda x, y, w: torch.concatenate([w, y], axis=1),
+    "cat_tensors_kw": lambda x, y, w: torch.cat(tensors=[x, y], axis=0),
+    "stack": lambda x, y, w: torch.stack([x, y], axis=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CAT_AXIS))
+def test_cat_with_axis_equals_a_loop(name):
+    x = make(_leaf(3, 2, 4, 3), *ZD)
+    y = make(_leaf(3, 4, 3, seed=1), ("z", 3))
+    check_grad(CAT_AXIS[name], x, y, _leaf(4, 3, seed=2))
+    check_grad(CAT_AXIS[name], x, x, _leaf(4, 3, seed=2))  # (the same plates: the fast path's condition)
+
+
+def test_cat_skips_a_legacy_empty_tensor_whatever_the_samples_rank():
+    """`out = torch.tensor([])` then `out = torch.cat([out, row[None]])`: torch skips a 1-d empty tensor
+    (its dtype is still promoted); the raw call counted plate dims and refused."""
+    x = make(_leaf(3, 4, 3), ("z", 3))
+
+    def accumulate(x, empty):
+        out = empty
+        for t in range(2):
+            out = torch.cat([out, x[t].unsqueeze(0)])
+        return out
+
+    check_grad(lambda x: accumulate(x, torch.tensor([], dtype=D)), x)
+    ints = make(torch.arange(24).reshape(3, 2, 4), ("z", 3))
+    out = check(lambda i: torch.cat([torch.tensor([], dtype=D), i, i]), ints)
+    assert out.dtype == D  # the skipped tensor's dtype takes part in the promotion, as in torch
+    empty = make(torch.zeros(3, 0, dtype=D), ("z", 3))  # a sampled (0,) among matrices: skipped too
+    check_grad(lambda e, x: torch.cat([e, x, e], 1), empty, x)
+    check(lambda e: torch.cat([e, e]), empty)  # only empties: concatenated as they are
+    with pytest.raises(RuntimeError, match="same number of dimensions: got 1 and 2"):  # per-sample ranks
+        torch.cat([x, make(rnd(3, 3), ("z", 3))])
+
+
+INDEX_SELECT_SAMPLED = {  # (fn, per-sample index shape)
+    "method_0d": (lambda t, i: t.index_select(0, i), ()),
+    "torch_0d": (lambda t, i: torch.index_select(t, 0, i), ()),
+    "keywords_0d": (lambda t, i: torch.index_select(t, dim=0, index=i), ()),
+    "input_kw_dim1_0d": (lambda t, i: torch.index_select(input=t, dim=1, index=i), ()),
+    "negative_dim_0d": (lambda t, i: t.index_select(-1, i), ()),
+    "vector": (lambda t, i: t.index_select(0, i), (3,)),
+    "vector_dim1": (lambda t, i: t.index_select(dim=1, index=i), (3,)),
+    "int32": (lambda t, i: t.index_select(1, i.int()), (2,)),
+    "empty": (lambda t, i: t.index_select(1, i[:0]), (2,)),
+}
+
+
+@pytest.mark.parametrize("table", ["plain", "sampled", "same plates"])
+@pytest.mark.parametrize("name", sorted(INDEX_SELECT_SAMPLED))
+def test_index_select_with_a_sampled_0d_or_1d_index_equals_a_loop(name, table):
+    """A sampled 0-dim index (a Categorical sample) selects one row per sample, shape (1, E); vmap's
+    rule returned the whole table per sample."""
+    fn, shape = INDEX_SELECT_SAMPLED[name]
+    raw = torch.randint(0, 4, (3, *shape), generator=torch.Generator().manual_seed(3))
+    i = make(raw, ("z", 3))
+    t = {"plain": lambda: _leaf(4, 5), "sampled": lambda: make(_leaf(2, 4, 5), ("data", 2)),
+         "same plates": lambda: make(_leaf(3, 4, 5), ("z", 3))}[table]()
+    check_grad(fn, t, i)
+
+
+def test_index_select_with_a_sampled_index_keeps_torchs_checks():
+    a = make(torch.tensor([0, 3, 1]), ("z", 3))
+    x0 = make(_leaf(2), ("data", 2))  # 0-dim samples: an index of one element, 0
+    check_grad(lambda x, i: x.index_select(0, i * 0), x0, a)
+    check_grad(lambda x, i: x.index_select(-1, (i * 0).unsqueeze(0)), x0, a)
+    table = rnd(4, 5)
+    with pytest.raises(IndexError, match="index out of range in self"):
+        table.index_select(0, a + 1)  # 4 is out of range for one of the samples
+    with pytest.raises(IndexError, match="index out of range in self"):
+        table.index_select(0, a - 1)  # torch's index_select does not wrap -1
+    with pytest.raises(IndexError, match=r"range of \[-2, 1\], but got 2"):
+        table.index_select(2, a)
+    with pytest.raises(IndexError, match="supposed to be a vector"):
+        table.index_select(0, a.view(1, 1))
+    with pytest.raises(RuntimeError, match="int32 or int64"):
+        table.index_select(0, a.float())
+    with pytest.raises(IndexError, match="only 1 value, got 2"):
+        x0.index_select(0, torch.stack([a, a], -1) * 0)
+
+
+EMPTY_DIMS = {  # torch: an empty dim list reduces every dim of the sample (all/any: none)
+    "sum_tuple": lambda x: x.sum(dim=()),
+    "sum_list": lambda x: x.sum(dim=[]),
+    "torch_sum_positional": lambda x: torch.sum(x, ()),
+    "sum_keepdim": lambda x: x.sum((), keepdim=True),
+    "mean_list": lambda x: x.mean(dim=[]),
+    "amax": lambda x: x.amax(dim=()),
+    "amin_keepdim": lambda x: torch.amin(x, (), True),
+    "nansum": lambda x: x.nansum(()),
+    "nanmean": lambda x: torch.nanmean(x, dim=[]),
+    "std": lambda x: x.std(dim=()),
+    "var_correction": lambda x: torch.var(x, dim=[], correction=0),
+    "logsumexp_keepdim": lambda x: torch.logsumexp(x, (), keepdim=True),
+    "norm": lambda x: x.norm(2, ()),
+    "norm_fro": lambda x: torch.norm(x, dim=()),
+    "vector_norm": lambda x: torch.linalg.vector_norm(x, 3, dim=[]),
+    "count_nonzero": lambda x: (x * (x > 0)).count_nonzero(()) * x.sum(0).sum(),
+    "all_any": lambda x: (x > 0).all(dim=()) * x + (x < 0).any(dim=[]) * x,
+}
+
+
+EMPTY_DIMS_GRAD_AS = {"std": lambda x: x.std(), "var_correction": lambda x: torch.var(x, correction=0)}
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_DIMS))
+def test_an_empty_dim_list_reduces_as_torch_does_per_sample(name):
+    """sum(dim=()) summed the plate dims too: a PlateTensor of raw shape () that still claimed plates."""
+    x = make(_leaf(3, 2, 4, 3), *ZD)
+    # torch's own backward of std/var(dim=()) is not the derivative of its value (it reads the empty list
+    # as no dims: a gradient N times too large, or inf): compared with std/var over all dims instead
+    grad_as = EMPTY_DIMS_GRAD_AS.get(name)
+    out = check_grad(EMPTY_DIMS[name], x, grad_as=grad_as)
+    assert out.tensor.shape[:2] == (3, 2)
+    if grad_as is None:  # 0-dim samples (std and var of one element: nan)
+        check_grad(EMPTY_DIMS[name], make(_leaf(3, 2, seed=1), *ZD))
+
+
+def test_repeated_dims_are_refused_in_per_sample_dims():
+    x = make(rnd(3, 1, 4, 1), ("z", 3))
+    with pytest.raises(RuntimeError, match="dim 0 appears multiple times"):  # the raw call said dim 1
+        x.squeeze((0, -3))
+    with pytest.raises(RuntimeError, match="dim 2 appears multiple times"):
+        x.sum((2, -1))
+    check(lambda x: x.squeeze((0, -1)) + x.sum((0, 2)), x)
+
+
+KEYWORD_FORMS = {  # keyword and numpy-alias spellings torch accepts (each raised on plate tensors)
+    "sum_axis": lambda x: x.sum(axis=1),
+    "mean_axis_keepdims": lambda x: torch.mean(x, axis=0, keepdims=True),
+    "max_axis": lambda x: x.max(axis=-1).values,
+    "std_axis": lambda x: x.std(axis=0),
+    "argmax_axis": lambda x: x.argmax(axis=1) * x.sum(1),
+    "cumsum_axis": lambda x: x.cumsum(axis=1),
+    "logsumexp_axis": lambda x: torch.logsumexp(x, axis=0),
+    "squeeze_axis": lambda x: x[:, :1].squeeze(axis=1),
+    "flatten_input": lambda x: torch.flatten(input=x, start_dim=0),
+    "reshape_input": lambda x: torch.reshape(input=x, shape=(-1,)),
+    "matmul_input": lambda x: torch.matmul(input=x, other=x.mT),
+    "matmul_other_kw": lambda x: torch.matmul(x, other=x[0]),
+    "mm_input": lambda x: torch.mm(input=x, mat2=x.t()),
+    "mv_input": lambda x: torch.mv(input=x, vec=x[0]),
+    "linear_input": lambda x: F.linear(input=x, weight=x, bias=x[:, 0]),
+    "linear_plain_weight": lambda x: F.linear(input=x, weight=torch.ones(2, 3, dtype=D)),
+    "swapaxes_axis": lambda x: torch.swapaxes(x, axis0=0, axis1=1),
+    "swapaxes_method_axis": lambda x: x.swapaxes(axis0=-1, axis1=0),
+    "swapdims_dims": lambda x: torch.swapdims(x, dim0=0, dim1=1),
+    "transpose_mixed": lambda x: torch.transpose(x, 0, dim1=1),
+    "transpose_input": lambda x: torch.transpose(input=x, dim0=1, dim1=0),
+    "movedim_kw": lambda x: torch.movedim(x, source=0, destination=1),
+    "moveaxis_kw": lambda x: x.moveaxis(source=-1, destination=0),
+    "permute_input": lambda x: torch.permute(input=x, dims=(1, 0)),
+    "unflatten_input": lambda x: torch.unflatten(input=x, dim=1, sizes=(3, 1)),
+    "squeeze_input": lambda x: torch.squeeze(input=x[None]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KEYWORD_FORMS))
+def test_keyword_and_axis_forms_equal_a_loop(name):
+    check_grad(KEYWORD_FORMS[name], make(_leaf(3, 2, 4, 3), *ZD))
+
+
+IMPLICIT_SOFTMAX = {
+    "softmax": lambda x: F.softmax(x),
+    "log_softmax": lambda x: F.log_softmax(x),
+    "softmin": lambda x: F.softmin(x),
+    "nn.Softmax": nn.Softmax(),
+    "nn.LogSoftmax": nn.LogSoftmax(),
+    "dtype_kw": lambda x: F.softmax(x, dtype=torch.float32).double(),
+}
+
+
+@pytest.mark.parametrize("shape", [(5,), (4, 3), (2, 4, 3)])
+@pytest.mark.parametrize("name", sorted(IMPLICIT_SOFTMAX))
+def test_implicit_softmax_dim_is_torchs_of_the_per_sample_rank(name, shape):
+    """F.softmax(x) passes dim=None on: it raised "needs an explicit dim"; torch's rule (dim 0 for
+    ranks 0, 1 and 3, else 1) reads the per-sample rank, and torch's deprecation warning is kept."""
+    x = make(_leaf(3, 2, *shape), *ZD)
+    with pytest.warns(UserWarning, match="Implicit dimension choice") as rec:
+        out = IMPLICIT_SOFTMAX[name](x)
+    assert rec[0].filename == __file__ or name.startswith("nn.")  # attributed to the caller
+    with pytest.warns(UserWarning, match="Implicit dimension choice"):
+        check_grad(IMPLICIT_SOFTMAX[name], x)
+    assert out.shape == shape
+
+
+def test_masked_fill_with_a_per_sample_0d_value_equals_a_loop():
+    """Per sample the value is 0-dim; on the raw tensors it has the plate dims, which masked_fill refused."""
+    x = make(_leaf(3, 2, 4, 3), *ZD)
+    s = make(_leaf(3, seed=1), ("z", 3))
+    check_grad(lambda x: x.masked_fill(x > 0, x.sum()), x)
+    check_grad(lambda x, s: torch.masked_fill(x, x < 0, s), x, s)
+    check_grad(lambda x, s: x.masked_fill(mask=torch.tensor([True, False, True]), value=s), x, s)
+    check_grad(lambda w, s: w.masked_fill(w > 0, s), _leaf(4, 3, seed=2), s)  # a plain input
+    check(lambda s: torch.zeros(2, 3, dtype=torch.long).masked_fill(torch.tensor([True, False, True]), s * 3),
+          make(rnd(3, seed=1), ("z", 3)))  # the value cast to the input's dtype
+
+    def inplace(x, s):
+        y = x * 1
+        y.masked_fill_(y > 0, s)
+        return y
+
+    check_grad(inplace, x, s)
+    with pytest.raises(storch.PlateError, match="vary over plates"):
+        inplace(s, x.sum(-1).sum(-1))  # the value varies over data, which the written tensor lacks
+    with pytest.raises(RuntimeError, match="0-dimensional value tensor, but got tensor with 1 dimension"):
+        x.masked_fill(x > 0, x[0])

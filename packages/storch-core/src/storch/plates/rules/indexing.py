@@ -17,7 +17,8 @@ Boolean masks that vary per sample would select different numbers of elements an
 shift and ``repeat_interleave`` with sampled repeats are refused with what to write instead;
 ``index_add`` with a sampled index is a ``scatter_add`` (torch's vmap rule for it loops over the batch),
 ``index_fill`` with a sampled index or value a ``where`` of the positions it fills (torch's vmap of it fails,
-or gives every entry one entry's value).
+or gives every entry one entry's value); ``index_select`` with a sampled index (0-dim or 1-d per sample) is a
+``gather`` (vmap's rule read a batched 0-dim index as the whole table).
 """
 
 from __future__ import annotations
@@ -346,6 +347,57 @@ def _select(func, args, kwargs):
     if not -k <= d < k:
         raise IndexError(f"Dimension out of range (expected to be in range of [{-k}, {k - 1}], but got {d})")
     return dispatch(_T.__getitem__, (x, (slice(None),) * (d % k) + (i,)), {})
+
+
+_index_select_dim = _dim_handler(1)
+
+
+@register(torch.index_select, _T.index_select)
+def _index_select(func, args, kwargs):
+    """dim counts per-sample dims; a sampled index (0-dim or 1-d per sample) selects per sample
+
+    (torch.func.vmap's rule read a batched 0-dim index as the whole table, and a 1-d one loops.)"""
+    i = args[2] if len(args) > 2 else kwargs.get("index")
+    if type(i) is not _PT:
+        return _index_select_dim(func, args, kwargs)
+    names = ("input", "dim", "index")
+    bound = dict(zip(names, args))
+    bound.update((key, v) for key, v in kwargs.items() if key in names)
+    x, d = bound.get("input"), bound.get("dim")
+    if set(kwargs) - set(names) or not isinstance(x, _T) or not isinstance(d, int):
+        return vmap_call(func, args, kwargs)  # a named dim: torch's own, per sample
+    # torch's checks, in per-sample terms
+    if i.dtype not in (torch.int64, torch.int32):
+        raise RuntimeError("index_select(): Expected dtype int32 or int64 for index")
+    if i.dim() > 1:
+        raise IndexError("index_select(): Index is supposed to be a vector")
+    k = x.dim()  # per-sample rank (a plain x: its own)
+    lo, hi = (-k, k - 1) if k else (-1, 0)
+    if not lo <= d <= hi:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{lo}, {hi}], but got {d})")
+    if k == 0 and i.numel() != 1:
+        raise IndexError(f"index_select(): Index to scalar can have only 1 value, got {i.numel()} value(s)")
+    # per sample x.index_select(d, i) is x.gather(d, I) with I the index (as a vector) placed at d and
+    # expanded over x's other dims; the gather refuses indices out of range, as index_select does (and
+    # negative ones, which an advanced index would wrap); a 0-dim x is read as a vector of one element
+    plates = union_plates([x._plates if type(x) is _PT else (), i._plates])
+    m = len(plates)
+    raw_x = _full(x, plates)
+    if k == 0:
+        raw_x, k = raw_x.unsqueeze(-1), 1
+    d %= k
+    idx = align(i._raw, i._plates, plates)
+    idx = idx.reshape(idx.shape[:m] + (1,) * d + (-1,) + (1,) * (k - d - 1))
+    idx = idx.long().expand(*raw_x.shape[:m + d], idx.shape[m + d], *raw_x.shape[m + d + 1:])
+    try:
+        out = torch.gather(raw_x, m + d, idx)
+    except RuntimeError as e:
+        if "out of bounds" in str(e):
+            raise IndexError("index out of range in self") from None
+        raise
+    if x.dim() == 0:
+        out = out.squeeze(-1)
+    return wrap_same(out, plates)
 
 
 def _sampled(*values) -> bool:

@@ -175,3 +175,38 @@ def random_pointwise(func, args, kwargs):
 def broadcast_inplace(func, args, kwargs):
     """Pointwise, in place: the written tensor must already carry every plate of the result."""
     return broadcast(func, args, kwargs)
+
+
+def _fill(x, mask, value):
+    # masked_fill per sample with a 0-dim tensor value: value cast to x's dtype (as masked_fill does),
+    # the result of x's shape broadcast with the mask's; the value's derivative sums the filled positions
+    return torch.where(mask, value.to(x.dtype), x)
+
+
+def masked_fill_(x, filled):
+    # the raw write of masked_fill_ with a per-sample value (named so: _call's in-place checks and
+    # its refusals read the name)
+    return x.copy_(filled)
+
+
+@register(torch.masked_fill, _T.masked_fill, _T.masked_fill_)
+def _masked_fill(func, args, kwargs):
+    """elementwise; a per-sample 0-dim value (a plate tensor) fills each sample with its own value
+
+    On the raw tensors that value has the plate dims, which masked_fill refuses (a 0-dim value only)."""
+    value = args[2] if len(args) > 2 else kwargs.get("value")
+    if type(value) is not _PT:
+        return broadcast(func, args, kwargs)
+    k = value._raw.dim() - len(value._plates)
+    if k:  # torch's refusal, in per-sample dims
+        raise RuntimeError(f"masked_fill_ only supports a 0-dimensional value tensor, but got tensor with {k} "
+                           "dimension(s).")
+    bound = dict(zip(("input", "mask"), args))
+    bound.update((key, v) for key, v in kwargs.items() if key in ("input", "mask"))
+    x, mask = bound.get("input"), bound.get("mask")
+    if x is None or mask is None or set(kwargs) - {"input", "mask", "value"}:
+        return broadcast(func, args, kwargs)  # torch's own error (a missing argument)
+    filled = broadcast(_fill, (x, mask, value), {})
+    if func is _T.masked_fill_:
+        return broadcast(masked_fill_, (x, filled), {})
+    return filled

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
+import warnings
 from typing import Optional
 
 import torch
@@ -57,6 +59,35 @@ def _set_dim(args, kwargs, pos, where, value):
     return args, {**kwargs, "dim": value}
 
 
+def _numpy_names(kwargs):
+    """``kwargs`` with torch's numpy aliases ``axis=`` / ``keepdims=`` (which torch's argument parser
+    accepts for ``dim`` / ``keepdim``) under their own names, where the handlers look for them."""
+    if "axis" not in kwargs and "keepdims" not in kwargs:
+        return kwargs
+    return {{"axis": "dim", "keepdims": "keepdim"}.get(k, k): v for k, v in kwargs.items()}
+
+
+def _no_repeats(dims, k: int) -> None:
+    """torch's refusal of a dim given twice (``sum((0, -3))``), in per-sample dims (the raw call would
+    name a raw dim); dims out of range are left to :func:`tdim`."""
+    seen = set()
+    for d in dims:
+        if isinstance(d, int) and -k <= d < k:
+            if d % k in seen:
+                raise RuntimeError(f"dim {d % k} appears multiple times in the list of dims")
+            seen.add(d % k)
+
+
+def _warn_implicit_dim(func) -> None:
+    """torch's warning for F.softmax & co. without dim (its own is never reached: on plate tensors
+    F.softmax hands over to the dispatcher first), attributed to the first frame outside storch and torch."""
+    level, f = 1, sys._getframe(0)
+    while f is not None and f.f_globals.get("__name__", "").partition(".")[0] in ("storch", "torch"):
+        f, level = f.f_back, level + 1
+    warnings.warn(f"Implicit dimension choice for {func.__name__} has been deprecated. Change the call to "
+                  "include dim=X as an argument.", stacklevel=level)
+
+
 def _input_first(args, kwargs):
     """``args``, ``kwargs`` with a keyword ``input=`` (``torch.sum(input=x, dim=0)``) made the first
     positional argument, where the handlers look for it."""
@@ -93,6 +124,8 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
                         if na > 1:
                             return wrap_same(func(x._raw, *args[1:pos], d + n, **kwargs), x._plates)
                         return wrap_same(func(x._raw, **{**kwargs, "dim": d + n}), x._plates)
+        if kwargs:
+            kwargs = _numpy_names(kwargs)  # sum(axis=1), cumsum(axis=0), mean(axis=0, keepdims=True)
         if len(args) > 1 and isinstance(args[1], bool) and func in _UNBIASED:
             args, kwargs = args[:1], {**kwargs, "unbiased": args[1]}  # std(x, False)
         if len(args) > 1 and isinstance(args[1], _T):
@@ -105,8 +138,16 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
         if k == 0:
             return vmap_call(func, args, kwargs)  # 0-dim samples: dim 0 / -1 address the scalar itself
         d, where = _get_dim(args, kwargs, pos, default)
-        if callable(d):
-            d = d(k)
+        if callable(d) or (d is None and callable(default)):
+            # torch's implicit dim (F.softmax(x), nn.Softmax()): F.softmax passes dim=None on, and
+            # the rule depends on the rank, which is the per-sample rank here; torch's warning too
+            _warn_implicit_dim(func)
+            d = default(k)
+        elif type(d) in (tuple, list):
+            if not d and func in _EMPTY_IS_ALL:
+                d = None  # sum(dim=()): torch reduces every dim of the sample (all/any: none, as on the raw)
+            else:
+                _no_repeats(d, k + extra)
         if d is None:
             if not reduce_all:
                 raise PlateError(f"{func.__name__} on a PlateTensor needs an explicit dim")
@@ -140,6 +181,8 @@ _UNBIASED = set(_both("std") + _both("var"))
 # its default p='fro' refuses more than two dims)
 _TUPLE_DIMS = set(sum((_both(n) for n in ("sum", "mean", "nansum", "nanmean", "amax", "amin", "logsumexp", "std",
                                             "var", "count_nonzero", "all", "any")), [])) | {torch.linalg.vector_norm}
+# reductions that read an empty dim list (sum(dim=())) as every dim, as dim=None (all and any: as no dim)
+_EMPTY_IS_ALL = (_TUPLE_DIMS - set(_both("all") + _both("any"))) | set(_both("norm"))
 _REDUCE = ["sum", "mean", "nansum", "nanmean", "prod", "amax", "amin", "all", "any", "argmax",
            "argmin", "std", "var", "logsumexp", "max", "min", "median", "count_nonzero"]
 for _name in _REDUCE:
@@ -170,7 +213,7 @@ def _linalg_norm(func, args, kwargs):
         return vmap_call(func, args, kwargs)
     return _norm(func, args, kwargs)
 for _name in ["softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin",
-              "unbind", "narrow", "sort", "argsort", "index_select"]:  # select: in .indexing
+              "unbind", "narrow", "sort", "argsort"]:  # select, index_select: in .indexing
     register(*_both(_name))(_dim_handler(1, default={"unbind": 0, "sort": -1, "argsort": -1}.get(_name)))
 _diff_dim = _dim_handler(2, default=-1)  # diff(input, n, dim, prepend, append)
 
@@ -206,6 +249,8 @@ register(F.glu)(_dim_handler(1, default=-1))
 @register(_T.unflatten, *_both("unflatten"))
 def _unflatten(func, args, kwargs):
     """one per-sample dim split into several"""
+    if not args:
+        args, kwargs = _input_first(args, kwargs)
     x = args[0]
     n = len(x._plates)
     d = args[1] if len(args) > 1 else kwargs["dim"]
@@ -258,19 +303,25 @@ register(*_both("unsqueeze"))(_dim_handler(1, extra=1))
 @register(*_both("squeeze"))
 def _squeeze(func, args, kwargs):
     """squeezes per-sample dims only (all size-1 per-sample dims without dim)"""
+    if not args:
+        args, kwargs = _input_first(args, kwargs)
     x = args[0]
     n = len(x._plates)
     k = x._raw.dim() - n
-    d, _ = _get_dim(args, kwargs, 1)
+    d, _ = _get_dim(args, _numpy_names(kwargs) if kwargs else kwargs, 1)
     if d is None:
         d = tuple(i for i in range(n, n + k) if x._raw.shape[i] == 1)
         return wrap_same(x._raw.squeeze(d) if d else x._raw, x._plates)
+    if type(d) in (tuple, list):
+        _no_repeats(d, k)  # (torch's refusal in per-sample dims: the raw call names a raw dim)
     return wrap_same(x._raw.squeeze(tdim(d, n, k)), x._plates)
 
 
 @register(*_both("flatten"))
 def _flatten(func, args, kwargs):
     """start_dim/end_dim count per-sample dims; plate dims are kept"""
+    if not args:
+        args, kwargs = _input_first(args, kwargs)
     x = args[0]
     n = len(x._plates)
     k = x._raw.dim() - n
@@ -284,11 +335,17 @@ def _flatten(func, args, kwargs):
 @register(*_both("transpose"), *_both("swapaxes"), *_both("swapdims"), *_both("movedim"), *_both("moveaxis"))
 def _two_dims(func, args, kwargs):
     """both dim arguments count per-sample dims"""
+    if not args:
+        args, kwargs = _input_first(args, kwargs)
     x = args[0]
     n = len(x._plates)
     k = x._raw.dim() - n
-    a = kwargs.get("dim0", kwargs.get("source", args[1] if len(args) > 1 else None))
-    b = kwargs.get("dim1", kwargs.get("destination", args[2] if len(args) > 2 else None))
+    # the keywords: transpose/swapdims dim0, dim1; swapaxes axis0, axis1; movedim/moveaxis source, destination
+    a = args[1] if len(args) > 1 else next((kwargs[key] for key in ("dim0", "axis0", "source") if key in kwargs), None)
+    b = args[2] if len(args) > 2 else next((kwargs[key] for key in ("dim1", "axis1", "destination") if key in kwargs),
+                                           None)
+    if a is None or b is None:
+        return vmap_call(func, args, kwargs)  # torch's own error (a missing argument), per sample
     return wrap_same(func(x._raw, tdim(a, n, k), tdim(b, n, k)), x._plates)
 
 
@@ -304,6 +361,8 @@ def _shape_arg(args, kwargs, key):
 @register(*_both("permute"))
 def _permute(func, args, kwargs):
     """a permutation of the per-sample dims; plate dims stay first"""
+    if not args:
+        args, kwargs = _input_first(args, kwargs)
     x = args[0]
     n = len(x._plates)
     k = x._raw.dim() - n
@@ -314,6 +373,8 @@ def _permute(func, args, kwargs):
 @register(*_both("reshape"), _T.view)
 def _reshape(func, args, kwargs):
     """the new shape is per sample; plate dims stay first"""
+    if not args:
+        args, kwargs = _input_first(args, kwargs)  # torch.reshape(input=x, shape=...)
     x = args[0]
     if len(args) == 2 and isinstance(args[1], torch.dtype) or "dtype" in kwargs:
         return wrap(func(x._raw, *args[1:], **kwargs), x._plates)  # view(dtype): the last dim
@@ -381,14 +442,28 @@ def _cat(func, args, kwargs):
                for t in tensors):
             d = args[1] if len(args) > 1 else kwargs.get("dim", 0)
             extra = 1 if func in (torch.stack, getattr(_T, "stack", None)) else 0
-            return wrap_same(func([t._raw for t in tensors], tdim(d, n, first._raw.dim() - n + extra)), pf)
+            try:
+                return wrap_same(func([t._raw for t in tensors], tdim(d, n, first._raw.dim() - n + extra)), pf)
+            except (RuntimeError, PlateError):
+                pass  # a legacy empty (0,) sample among them (first: its rank): the general path (or its error)
     plates = union_plates(scan((tensors,), {}))
     n = len(plates)
-    k = max(t._raw.dim() - len(t._plates) if type(t) is _PT else t.dim() for t in tensors)
-    d, _ = _get_dim(args, kwargs, 1, 0)
-    extra = 1 if func in (torch.stack, getattr(_T, "stack", None)) else 0
-    raws = [_full(t, plates) for t in tensors]
-    return wrap_same(func(raws, tdim(d, n, k + extra)), plates)
+    ks = [t._raw.dim() - len(t._plates) if type(t) is _PT else t.dim() for t in tensors]
+    d, _ = _get_dim(args, _numpy_names(kwargs) if kwargs else kwargs, 1, 0)  # cat(..., axis=1)
+    stack = func in (torch.stack, getattr(_T, "stack", None))
+    # torch.cat skips a 1-d empty tensor (the legacy `out = torch.tensor([])` accumulation) whatever the
+    # others' shapes: per sample such a tensor is passed on as a raw (0,) tensor, which torch skips on
+    # the raw tensors too (its dtype still takes part in the type promotion, as for one sample)
+    skip = [not stack and k_ == 1 and t.shape[0] == 0 for t, k_ in zip(tensors, ks)]
+    if all(skip):
+        skip = [False] * len(tensors)
+    rank = {k_ for k_, s in zip(ks, skip) if not s}
+    if not stack and len(rank) > 1:  # torch's refusal, in per-sample dims (the raw tensors' would count plate dims)
+        raise RuntimeError(f"Tensors must have same number of dimensions: got {min(rank)} and {max(rank)}")
+    k = max(ks)
+    raws = [(t if type(t) is not _PT else t._raw.new_empty(0)) if s else _full(t, plates)
+            for t, s in zip(tensors, skip)]
+    return wrap_same(func(raws, tdim(d, n, k + stack)), plates)
 
 
 @register(*_both("gather"), *_both("take_along_dim"))
@@ -438,6 +513,8 @@ def _flat(t):
 @register(*_both("matmul"), _T.__matmul__, _T.__rmatmul__, *_both("mm"), *_both("bmm"), *_both("mv"))
 def _matmul(func, args, kwargs):
     """matrix product of the per-sample tensors (1-d operands as in torch.matmul)"""
+    if len(args) < 2:  # keyword operands: matmul(input=, other=), mm(mat2=), mv(vec=)
+        args = (*args, *[kwargs[key] for key in ("input", "other", "mat2", "vec") if key in kwargs])
     a, b = (args[1], args[0]) if func is _T.__rmatmul__ else (args[0], args[1])
     if type(a) is _PT and type(b) is _T and 0 < b.dim() <= 2 and a._raw.dim() > len(a._plates):
         # per-sample vector or matrices times one plain matrix or vector: the plate dims are batch
@@ -581,6 +658,8 @@ def _inner(func, args, kwargs):
 @register(F.linear)
 def _linear(func, args, kwargs):
     """x @ W.T + b per sample; a per-sample weight goes through matmul"""
+    if not args:
+        args, kwargs = _input_first(args, kwargs)  # F.linear(input=x, weight=W)
     x = args[0]
     w = args[1] if len(args) > 1 else kwargs["weight"]
     b = args[2] if len(args) > 2 else kwargs.get("bias")
