@@ -275,6 +275,36 @@ def test_masked_logits_hold_still_and_the_rest_matches_the_expected_estimate(dty
     print(assert_unbiased(v.double(), value(u.detach()), f"spsa forward value, masked logits, {dtype}").table())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loc", [5.0, 20.0])
+def test_reduced_precision_divides_by_the_realised_step(dtype, loc):
+    """Normal(μ, 1) with cost (x − (μ₀ − 1))² at μ = μ₀: E = (μ − μ₀ + 1)² + 1, exact gradient 2, and for a
+    quadratic the O(c²) bias of the central difference is exactly 0. In bfloat16 near 20 the spacing is
+    0.125, so u ± 0.1 rounds to 20.125 / 19.875, a step of 0.25, and dividing by the nominal 2c = 0.2 gave
+    2.49 ± 0.02 (float16 at 20: 1.86); spsa divides by the realised step u₊ − u₋."""
+    torch.manual_seed(44)
+    est = storch.estimator("spsa", plate="x")  # perturbation 0.1
+    g, _ = estimates(torch.tensor([loc], dtype=dtype),
+                     lambda t: (est(Normal(t[0], torch.ones_like(t[0]))) - (loc - 1.0)) ** 2, 20000)
+    assert g.dtype == dtype
+    print(assert_unbiased(g.double(), 2.0, f"spsa E[ĝ] at loc {loc}, {dtype}").table())
+
+
+def test_a_perturbation_that_the_dtype_rounds_away_is_refused():
+    """bfloat16 near 40 has spacing 0.25: u ± 0.1 rounds to u, the finite difference has no step (0 / 0):
+    refused, naming the dtype and the way out, where it was a silent 0 (and NaN with the realised step)."""
+    est = storch.estimator("spsa", plate="x")
+    theta = torch.tensor(40.0, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(storch.UnsupportedDistributionError, match="torch.bfloat16.*float32"):
+        with storch.Graph():
+            est(Normal(theta, torch.ones((), dtype=torch.bfloat16)))
+    with storch.Graph():  # a larger perturbation moves it
+        z = storch.estimator("spsa", plate="x", perturbation=0.2)(Normal(theta, torch.ones((), dtype=torch.bfloat16)))
+        storch.add_cost(z ** 2)
+        g, = torch.autograd.grad(storch.surrogate_loss(), theta)
+    assert torch.isfinite(g)
+
+
 def test_probabilities_on_the_boundary_are_refused():
     """probs exactly 0 have u = log probs = −∞ where the parameter is finite: the derivative there is one-sided
     and needs the cost at the impossible category (and the chain rule is 0 · ∞): refused, naming -inf logits."""

@@ -291,9 +291,9 @@ def _bits_cost(z):
 
 
 def _bits_exact(th):
-    p = torch.sigmoid(th)
-    prob = (_BERN_VALUES * p + (1 - _BERN_VALUES) * (1 - p)).prod(-1)
-    return prob @ _bits_cost(_BERN_VALUES)
+    p, values = torch.sigmoid(th), _BERN_VALUES.to(th)
+    prob = (values * p + (1 - values) * (1 - p)).prod(-1)
+    return prob @ _bits_cost(values)
 
 
 _CAT3_W = torch.tensor([1.0, -2.0, 0.5])
@@ -329,3 +329,41 @@ def test_importance_discrete_proposal_of_another_family(case):
     for order, (g, w) in enumerate(zip(got, exact_derivatives(fn, theta, 2)), 1):
         assert torch.isfinite(g).all()
         assert_unbiased(g, w, f"importance, {case}, order {order}")
+
+
+SAME_FAMILY = {  # p(θ) of θ's dtype, a same-family proposal of a given dtype, exact E[cost]
+    "bernoulli": (lambda th: Bernoulli(logits=th), lambda dtype: Bernoulli(probs=torch.tensor(0.5, dtype=dtype)),
+                  _bits_exact),
+    "normal": (lambda th: Normal(th, torch.ones_like(th)),
+               lambda dtype: Normal(torch.tensor(0.0, dtype=dtype), torch.tensor(2.0, dtype=dtype)),
+               lambda th: (th[0] + 2 * th[1] - 0.7) ** 2 + 5),  # Var(z₀ + 2 z₁) = 1 + 4
+}
+
+
+@pytest.mark.parametrize("family", list(SAME_FAMILY))
+def test_importance_same_family_proposal_of_another_dtype(family):
+    """A proposal built in the default dtype (Bernoulli(probs=torch.tensor(0.5)): float32) handed a float64 or
+    bfloat16 model its draws in float32 (the decoder's F.linear failed: "mat1 and mat2 must have the same
+    dtype"), and a float64 proposal silently upcast a float32 model to float64: the draws of a same-family
+    q were passed on as q drew them. They now take the dtype of p's own samples (log q is still evaluated on
+    q's draws). float64: orders 1 and 2 against enumeration; bfloat16 and float32 models: the dtype."""
+    mkp, q, fn = SAME_FAMILY[family]
+
+    def model(th, make):
+        z = make("z", mkp(th))
+        assert z.dtype == th.dtype
+        w = torch.tensor([[1.0, 2.0]], dtype=th.dtype)
+        storch.add_cost(F.linear(z, w, torch.tensor([-0.7], dtype=th.dtype)).squeeze(-1) ** 2, name="c")
+
+    theta = torch.tensor([0.4, -0.3], dtype=torch.float64)
+    torch.manual_seed(18)
+    got = derivative_estimates(model, theta, Maker("importance", proposal=q(torch.float32), n_samples=3), 2, 4000)
+    for order, (g, w) in enumerate(zip(got, exact_derivatives(fn, theta, 2)), 1):
+        assert torch.isfinite(g).all()
+        assert_unbiased(g, w, f"importance, float64 {family} with a float32 proposal, order {order}")
+    for dtype, q_dtype in ((torch.bfloat16, torch.float32), (torch.float32, torch.float64)):
+        th = torch.nn.Parameter(theta.to(dtype))
+        with storch.Graph():
+            model(th, Maker("importance", proposal=q(q_dtype), n_samples=3))
+            storch.backward()
+        assert th.grad is not None and th.grad.dtype == dtype and torch.isfinite(th.grad).all()

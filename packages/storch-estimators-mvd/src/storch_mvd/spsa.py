@@ -65,7 +65,9 @@ class Spsa(Estimator):
     a shrunk Normal scale, with infinite variance once e^{-2c} < ½). (2) The paper's second
     gradient function divides by p_{θ+cε}(x₂); it must be the proposal of x₂, p_{θ−cε}.
     (3) The paper perturbs θ itself; θ ± cε can leave the parameter space (a scale below 0,
-    probs outside [0, 1]), so the perturbation is applied to the unconstrained u.
+    probs outside [0, 1]), so the perturbation is applied to the unconstrained u. (4) 2cε is the
+    realised step u₊ − u₋ of the parameters p± are built from, after their dtype rounded them
+    (bfloat16 near 20: a step of 0.25 for c = 0.1); see :func:`_perturb`.
 
     Requires: parameters whose constraints have a ``torch.distributions.transform_to``
     (Normal, Bernoulli, Categorical, Poisson, Exponential, Gamma, Beta, LogNormal, ...) and a
@@ -167,6 +169,11 @@ class Spsa(Estimator):
         u = {key: transform_to(leaves[key[0]].arg_constraints[key[1]]).inv(v) for key, v in free.items()}  # with grad
         held = {key: _held_coordinates(leaves[key[0]], key[1], v, u[key]) for key, v in free.items()}
         eps = {k: torch.randint(0, 2, (n,) + v.shape, device=v.device).to(v.dtype) * 2 - 1 for k, v in u.items()}
+        # the perturbed parameters θ± = T(u ± cε) as the dtype rounds them, and the realised step Δ = u₊ − u₋
+        # between the points they stand for (≈ 2cε; near 20 a bfloat16 u ± 0.1 is 20.125 / 19.875)
+        ends = {key: _perturb(leaves[key[0]].arg_constraints[key[1]], u[key].detach(), c, eps[key]) for key in u}
+        steps = {key: _checked_step(leaves[key[0]], key[1], u[key], c, eps[key], ends[key][2], held[key])
+                 for key in u}
         # the weights p / (p₊ + p₋) are computed on the distribution under the outer Independent and
         # TransformedDistribution layers, whose transforms hold nothing perturbed: their Jacobian cancels in
         # the ratio, and a squashed sample (tanh ≈ ±1) is never inverted
@@ -179,8 +186,10 @@ class Spsa(Estimator):
                     if not f:  # one per perturbation too, so that a MixtureSameFamily's parts line up
                         new.append(strict_support(leaf.expand((n,) + leaf.batch_shape)))
                         continue
-                    params = {k: transform_to(leaf.arg_constraints[k])(u[i, k].detach() + sign * c * eps[i, k])
-                              for k in f}
+                    # p itself from its own parameters (T(T⁻¹(θ)) may round off θ), p± from the rounded
+                    # θ± whose realised step divides the finite difference below
+                    params = {k: (f[k].detach().expand((n,) + f[k].shape) if sign == 0 else
+                                  ends[i, k][0 if sign > 0 else 1]) for k in f}
                     # with the constructor arguments outside arg_constraints (a Multinomial's total_count:
                     # type(leaf)(**params) alone drew 1 trial). strict_support: a Bernoulli's or Binomial's
                     # infinite (held) logit has log p = 0 on the value it always draws, where torch's is NaN
@@ -224,8 +233,9 @@ class Spsa(Estimator):
             for k, v in u.items():
                 wk = w.reshape(w.shape + (1,) * (eps[k].dim() - w.dim()))
                 # appendix D.3: l = ±u ⊥(1 / (2cε n w)), so w ∇l = ±∇u / (2cε n): the weight cancels;
-                # detach: only u carries gradient
-                coef = (sign / (2 * c * eps[k] * n * wk)).detach()
+                # detach: only u carries gradient. 2cε is the realised step Δ = u₊ − u₋ (the nominal one was
+                # 25% off for a bfloat16 loc of 20), divided in the wide dtype Δ is carried in
+                coef = (sign / (steps[k] * n * wk.to(steps[k].dtype))).to(v.dtype).detach()
                 if held[k] is not None:
                     # a coordinate at −∞ (a masked logit) is not moved by ±cε, so its finite difference is
                     # exactly 0: it enters l as 0, with no gradient (−∞ · coef was NaN)
@@ -248,6 +258,62 @@ class Spsa(Estimator):
 
     def extra_repr(self) -> str:
         return f"plate={self.plate!r}, n_samples={self.n_samples}, perturbation={self.perturbation}, coupled={self.coupled}"
+
+
+def _perturb(constraint, u: torch.Tensor, c: float, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(θ₊, θ₋, Δ)``: the perturbed parameters θ± = T(u ± cε) in ``u``'s dtype, which rounds u ± cε and
+    T's result (T = ``transform_to(constraint)``), and the realised step Δ = u₊ − u₋ between the
+    unconstrained points that θ₊ and θ₋ stand for, in float64 (float32 on a device without float64).
+
+    Δ ≠ 2cε where the dtype's spacing is not small against c (bfloat16 near 20: 0.125, so u ± 0.1 is
+    20.125 / 19.875, a step of 0.25), or where T's rounding moves θ± (a bfloat16 exp(u ± c) is off by up
+    to 2⁻⁹, a 2% change of the step). Still Δ = ε D with D independent of the signs ε, so the cross terms
+    of SPSA keep their zero mean. For a T that is not one-to-one (softmax, whose T⁻¹ ∘ T shifts u by a
+    constant) Δ adds to the nominal u ± cε only the change that rounding θ± made to T⁻¹(θ±).
+    """
+    transform = transform_to(constraint)
+    wide = torch.float32 if u.device.type == "mps" else torch.float64  # MPS has no float64
+    thetas, points = [], []
+    with torch.no_grad():  # values only: u carries the gradient through l
+        for sign in (1.0, -1.0):
+            r = u + sign * c * eps  # rounded to u's dtype
+            theta = transform(r)  # rounded again: the parameter p± is built from
+            back = transform.inv(theta.to(wide))
+            if not transform.bijective:
+                r_wide = r.to(wide)
+                back = r_wide + (back - transform.inv(transform(r_wide)))
+            thetas.append(theta)
+            points.append(back)
+    return thetas[0], thetas[1], points[0] - points[1]
+
+
+def _checked_step(d: Distribution, name: str, u: torch.Tensor, c: float, eps: torch.Tensor, step: torch.Tensor,
+                  held: Optional[torch.Tensor]) -> torch.Tensor:
+    """The realised step of parameter ``name`` (see :func:`_perturb`), 2cε at the held coordinates (whose
+    u = ±∞ makes it NaN; their finite difference is exactly 0 and enters with no gradient).
+
+    Raises:
+        UnsupportedDistributionError: in ``u``'s dtype the perturbation does not move some coordinate
+            (u ± cε rounds to u: the finite difference is 0 / 0) or moves it onto the boundary of the
+            constraint (T(u ± cε) rounds to a bound: an infinite step).
+    """
+    if held is not None:
+        step = torch.where(held.expand(step.shape), 2 * c * eps.to(step.dtype), step)
+    message = (
+        f"spsa cannot perturb parameter {name!r} of {type(d).__name__} in {u.dtype}: for some entries the "
+        f"perturbation u ± c·ε of its unconstrained form (c = perturbation = {c}) rounds to no change, or T(u ± c·ε) "
+        f"to the boundary of its constraint ({d.arg_constraints[name]}), so the finite difference has no "
+        "step to divide by (bfloat16 has 8 significant bits: u ± c·ε rounds to u once |u| is about 256·c). Keep this "
+        "distribution's parameters in float32 (build it from .float() tensors) or use a larger perturbation")
+    if u.is_meta:  # no values to look at (a shape-only run)
+        return step
+    with torch.no_grad():
+        good = torch.isfinite(step) & (step * eps.to(step.dtype) > 0)
+        if is_tracing():  # storch.compile: no branch on values
+            assume(good.all(), message)
+        elif not bool(good.all()):
+            raise UnsupportedDistributionError(message)
+    return step
 
 
 def _replay_rng(device: torch.device, enabled: bool):

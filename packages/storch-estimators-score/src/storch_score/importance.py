@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
-from torch.distributions import Distribution, Independent, Transform, constraints, transform_to
+from torch.distributions import Distribution, Independent, Transform, TransformedDistribution, constraints, transform_to
 
 from storch import Estimator, Node, OptionError, StorchError
 from storch.extending import align, assume, base_distribution, is_tracing, parameters, plates_of, raw_of, rebuild, same_support, strict_support
@@ -469,7 +469,8 @@ def _check_bounds(p: Distribution, q: Distribution) -> None:
 
 def _value_dtype(p: Distribution) -> Optional[torch.dtype]:
     """The dtype of p's samples, read without drawing (which would move the random numbers): its mode's,
-    else its enumerated support's, else its mean's; ``None`` where none is known."""
+    else its enumerated support's, else its mean's (a TransformedDistribution without them: its base's,
+    whose dtype its transforms keep); ``None`` where none is known."""
     for read in (lambda: p.mode, lambda: p.enumerate_support(expand=False), lambda: p.mean):
         try:
             value = read()
@@ -477,18 +478,27 @@ def _value_dtype(p: Distribution) -> Optional[torch.dtype]:
             continue
         if isinstance(value, torch.Tensor):
             return value.dtype
+    if isinstance(p, (Independent, TransformedDistribution)):
+        return _value_dtype(p.base_dist)
     return None
 
 
 def _as_values_of(p: Distribution, q: Distribution, x: torch.Tensor) -> torch.Tensor:
-    """q's draws ``x`` in the dtype of p's samples where both are discrete (integer values, so the cast is
-    exact): a Categorical proposal's integer draws for a Bernoulli crashed in Bernoulli.log_prob ("result
-    type Float can't be cast to the desired output type Long"), and a Binomial proposal handed a Categorical
-    node's code floats (an index w[z] fails). The user's code gets the dtype p's own samples have."""
-    if type(base_distribution(q)) is type(base_distribution(p)) or not (_discrete(p) and _discrete(q)):
-        return x  # (the same family samples in the same dtype)
+    """q's draws ``x`` in the dtype of p's samples: the user's code gets the dtype p's own samples have.
+
+    Where both are discrete (integer values, so the cast is exact): a Categorical proposal's integer draws
+    for a Bernoulli crashed in Bernoulli.log_prob ("result type Float can't be cast to the desired output
+    type Long"), and a Binomial proposal handed a Categorical node's code floats (an index w[z] fails).
+    Floating draws of a q in another floating dtype, of the same family too: a float32 proposal (built with
+    the default dtype) for a float64 or bfloat16 model handed the model float32 values (its F.linear failed
+    with "mat1 and mat2 must have the same dtype"), and a float64 one silently upcast a float32 model. (log q
+    is evaluated before, on the draws as q drew them; log p after, on the values the user's code gets.)"""
     dtype = _value_dtype(p)
-    return x if dtype is None or dtype == x.dtype else x.to(dtype)
+    if dtype is None or dtype == x.dtype:
+        return x
+    if (_discrete(p) and _discrete(q)) or (x.is_floating_point() and dtype.is_floating_point):
+        return x.to(dtype)
+    return x
 
 
 _MAX_CHECKED = 4096  # values of a finite support checked one by one
