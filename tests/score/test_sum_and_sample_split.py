@@ -61,7 +61,7 @@ def test_seed_for_seed_the_values_before_the_split(name: str) -> None:
 # -- two estimators, one registered name ---------------------------------------------------------------
 
 ONE_STEP_FIELDS = ["k", "m", "first", "logp", "idx", "mask", "beam", "lp", "log_rest", "empty", "table", "codes",
-                   "sure", "rest"]
+                   "sure", "rest", "gone"]
 SEQUENCE_FIELDS = ["n_slots", "m", "keys", "mem", "mem_len", "mem_ok", "mem_range", "slot", "slot_ok", "imp", "q", "parents",
                    "names", "tokens", "lps", "slot_cum", "costs", "l0", "slot_seq", "slots_full", "any_imp", "is_slot", "orders",
                    "tables", "weights", "finished", "mem_ended", "smp_eq", "slot_eq"]

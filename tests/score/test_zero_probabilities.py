@@ -343,6 +343,109 @@ def test_user_memory_beyond_the_budget_never_reaches_the_cost_with_an_impossible
     assert z < 4, (float(v.mean()), exact, z)
 
 
+# -- sum_and_sample beyond its budget (the beam path) where an entry's only possible value is in M ------
+# torch clamps a probability of 1 to 1 - eps, so a variable whose one possible value is certain had
+# log p = -1.2e-7 (float32; -2.2e-16 in float64) in the beam path's table: an entry whose only possible
+# joint value was the memory looked as if it left mass outside M, and the sampler outside M forced a value
+# of probability 0 there (weight ~1e-7, log p = -inf: a NaN loss, storch.backward() discarded the step).
+
+# 2 data points of 2 categorical dims over 4 values: the first has 2 * 3 possible joint values, the
+# second a single one, (2, 0)
+CAT_POSSIBLE = torch.tensor([[[0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]],
+                             [[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]]], dtype=torch.float64)
+CAT_COST = torch.tensor([0.7, -0.2, 1.3, 0.4], dtype=torch.float64)  # the cost of a dim's value
+CAT_THETA = torch.tensor([[[0.2, -0.4, 0.1, 0.5], [-0.3, 0.6, 0.0, 0.2]],
+                          [[0.1, 0.3, -0.2, 0.4], [0.5, -0.1, 0.2, 0.0]]], dtype=torch.float64)
+
+
+def _cat_probs(theta: torch.Tensor, possible: torch.Tensor = CAT_POSSIBLE) -> torch.Tensor:
+    p = torch.softmax(theta, -1) * possible
+    return p / p.sum(-1, keepdim=True)
+
+
+# 3 data points of 3 bits: free bits (probability sigmoid(theta)), bits of probability exactly 0 or 1
+# (NaN: free); the second data point has a single possible joint value (0, 1, 1), the third 4
+BIT_FIXED = torch.tensor([[math.nan, math.nan, math.nan], [0.0, 1.0, 1.0], [math.nan, 1.0, math.nan]],
+                         dtype=torch.float64)
+BIT_THETA_3 = torch.tensor([[-0.85, 0.4, 0.0], [0.3, -0.5, 0.2], [0.6, 0.1, -0.4]], dtype=torch.float64)
+
+
+def _bit_probs(theta: torch.Tensor, fixed: torch.Tensor = BIT_FIXED) -> torch.Tensor:
+    return torch.where(torch.isnan(fixed), torch.sigmoid(theta), fixed)
+
+
+def _bit_exact(theta: torch.Tensor) -> torch.Tensor:
+    """The mean over the data points of E[cost], by enumeration of the 8 joint values."""
+    vals = torch.tensor(list(itertools.product([0.0, 1.0], repeat=3)), dtype=torch.float64)  # (8, 3)
+    p = _bit_probs(theta)
+    prob = torch.where(vals.unsqueeze(1) > 0, p.unsqueeze(0), 1 - p.unsqueeze(0)).prod(-1)  # (8, data)
+    return (prob * _bits_finite_cost(vals[:, 0], vals[:, 1], vals[:, 2]).unsqueeze(1)).sum(0).mean()
+
+
+SUM_AND_SAMPLE_BEAM = {
+    "k1_m1": dict(n_enumerate=1, n_samples=1),
+    "k1_m2": dict(n_enumerate=1, n_samples=2),
+    "k2_m2_loo": dict(n_enumerate=2, n_samples=2, baseline="leave_one_out"),
+}
+
+
+@pytest.mark.parametrize("opts", list(SUM_AND_SAMPLE_BEAM))
+@pytest.mark.parametrize("node", ["categorical", "bernoulli"])
+def test_sum_and_sample_beyond_budget_with_an_entry_whose_only_possible_value_is_in_memory(node, opts):
+    """budget=1: the beam path. A data point whose only possible joint value is the memory has an empty
+    remainder (weight 0; the cost never sees a value of probability 0), the others are sampled outside
+    M as usual: the values handed to the cost are all possible, the loss is finite, and the loss and
+    gradient are z-tested against exact enumeration (before: an impossible value and a NaN loss)."""
+    torch.manual_seed(21)
+    reps = 1500
+    theta = CAT_THETA if node == "categorical" else BIT_THETA_3
+    est = storch.estimator("sum_and_sample", plate="z", budget=1, **SUM_AND_SAMPLE_BEAM[opts])
+    with storch.Graph() as graph:
+        leaf, th = replicate(theta, reps)
+        given = CAT_POSSIBLE if node == "categorical" else BIT_FIXED
+        sel, given = storch.denote_independent((torch.eye(theta.shape[0], dtype=torch.float64), given), 0, "data")
+        th = (sel.reshape((theta.shape[0],) + (1,) * (theta.dim() - 1)) * th).sum(0)  # (data, replicate) plates
+        if node == "categorical":
+            possible = given
+            z = est(Categorical(probs=_cat_probs(th, possible)))
+            never = (possible.gather(-1, z.unsqueeze(-1)) == 0).squeeze(-1).any(-1)
+            cost = CAT_COST[z].sum(-1)
+        else:
+            fixed = given
+            z = est(Bernoulli(probs=_bit_probs(th, fixed)))
+            never = ((fixed == 0) & (z == 1)) | ((fixed == 1) & (z == 0))
+            never = never.any(-1)
+            cost = _bits_finite_cost(z[0], z[1], z[2])
+        seen = never.tensor.detach()
+        cost = torch.where(never, torch.full((), math.inf, dtype=torch.float64), cost)
+        storch.add_cost(cost, name="c")
+        loss = storch.surrogate_loss()
+        assert not bool(seen.any()), f"{int(seen.sum())} impossible values handed to the cost"
+        assert math.isfinite(float(loss.detach()))
+        (g,) = per_replicate_derivatives(loss, leaf, 1)
+        # each replicate's estimate of the value: Σ_x w(x) f(x) over the plate, the mean over the data
+        nd = graph.nodes[0]
+        order = [[p.name for p in cost.plates].index(p.name) for p in nd.plates]
+        f = cost.tensor.detach().permute(order)
+        w = nd.weight_values.detach().expand_as(f)
+        data_dim = [p.name for p in nd.parents].index("data")
+        values = (w * f).sum(0).mean(data_dim)  # (replicate,)
+        # data point 1 has one possible joint value: it is the memory, of weight exactly 1 (its probability),
+        # and the samples outside M have weight exactly 0 (before: a remainder of 1 - (1 - eps) > 0)
+        w1 = w.select(data_dim + 1, 1)
+        k = SUM_AND_SAMPLE_BEAM[opts]["n_enumerate"]
+        assert bool((w1[:k].sum(0) == 1).all()) and bool((w1[k:] == 0).all()), w1[:, :3]
+    exact = exact_derivatives(_cat_exact_value if node == "categorical" else _bit_exact, theta, 1)
+    assert bool(torch.isfinite(g).all()) and bool(torch.isfinite(values).all())
+    assert_unbiased(values.unsqueeze(-1), exact[0].reshape(1), f"value ({node}, {opts})")
+    assert_unbiased(g, exact[1].reshape(-1), f"gradient ({node}, {opts})")
+
+
+def _cat_exact_value(theta: torch.Tensor) -> torch.Tensor:
+    """The mean over the data points of E[cost]: the dims are independent, the cost a sum over them."""
+    return (_cat_probs(theta) * CAT_COST).sum((-1, -2)).mean()
+
+
 def test_unordered_set_replayed_with_masked_probs_refuses_instead_of_drawing_masked_values():
     """A step traced while every probability was positive assumes every value possible; a replayed call
     whose probs hold an exact 0 raises (as with -inf logits) instead of sampling the masked value,

@@ -48,6 +48,9 @@ class VariableTable:
         lp_grad: the same with gradient (``grad=True``; a Bernoulli's with finite logits is ``lp``:
             :meth:`log_prob` differentiates its logits instead).
         logits: ``(P, n)`` a Bernoulli's finite logits with gradient (``grad=True``), else ``None``.
+        all_possible: every value of every variable has a positive probability.
+        n_possible: ``(P,)`` float64, the number of possible joint values of each parent entry (``None``
+            when ``all_possible``: K^n).
         parents, own, event: the node's parent-plate, own-batch and event shapes.
     """
 
@@ -79,11 +82,28 @@ class VariableTable:
             self.lp = self.lp_grad.detach()
         # every value of every variable; while storch.compile traces: assumed, and checked at every replayed call
         self.all_possible = self.lp.is_meta or _traced_finite(self.lp) or bool(torch.isfinite(self.lp).all())
-        if self.bernoulli and self.logits is not None and not self.all_possible:
+        self.n_possible = None
+        if self.all_possible:
+            return
+        if self.bernoulli and self.logits is not None:
             # an infinite logit: BCE would give inf - inf = NaN for its sure value; gather from the table
             logits = d.logits
             self.lp_grad = torch.nn.functional.logsigmoid(torch.stack([-logits, logits])).reshape(2, self.p, self.n)
             self.logits = None
+        # values of probability exactly 0 are -inf (strict_support). A variable whose one possible value
+        # is certain has log p = 0 there, exactly: torch clamps a probability of 1 to 1 - eps (log p =
+        # -1.2e-7), which made the memory look as if it left mass outside (an entry whose only possible
+        # joint value is in M then drew an impossible value with a positive weight: a NaN loss). Its
+        # derivative is 0, as torch's (the clamp) and the true one (the probability is 1 whatever the
+        # parameters, given the values that are exactly 0)
+        finite = torch.isfinite(self.lp)
+        counts = finite.sum(0)  # possible values of each variable, (P, n)
+        sole = finite & (counts == 1).unsqueeze(0)
+        self.lp_grad = torch.where(sole, torch.zeros((), dtype=self.lp_grad.dtype, device=self.lp_grad.device),
+                                   self.lp_grad)
+        self.lp = self.lp_grad.detach()
+        # the number of possible joint values per parent entry, (P,) (float64: K^n may be large; inf is fine)
+        self.n_possible = counts.to(torch.float64).prod(-1)
 
     def values(self, codes: torch.Tensor) -> torch.Tensor:
         """Joint values ``(k, *parents, *own, *event)`` of codes ``(k, P, n)``."""
@@ -194,6 +214,17 @@ def sample_outside(lp: torch.Tensor, codes: torch.Tensor, first: torch.Tensor, m
         # where a sample's prefix matches no memory entry, p(v | prefix, x ∉ M) = p(v): draw those from p
         out = torch.distributions.Categorical(logits=lp.permute(1, 2, 0)).sample((m,))  # (m, P, n)
         tracing = is_tracing()
+        # the possible continuations of a prefix of j + 1 variables: Π_{i>j} (possible values of variable i)
+        # per entry, counted exactly (a sum of probabilities that should be 1 may round below it, and
+        # log1mexp of that leaves a subtree that M covers a small positive mass: a draw there ends in M);
+        # K^(n-j-1) when every value is possible (while storch.compile traces: assumed by VariableTable)
+        if tracing or lp.is_meta:
+            cont = None
+            check = [n_cat ** (n - j - 1) <= k for j in range(n)]
+        else:
+            counts = torch.isfinite(lp).sum(0).to(torch.float64)  # (P, n)
+            cont = torch.cat([counts.flip(-1).cumprod(-1).flip(-1)[:, 1:], counts.new_ones(p, 1)], -1)  # (P, n)
+            check = (cont.amin(0) <= k).tolist()
         for j in range(n):
             if not tracing and not bool(match.any()):
                 # every prefix left the memory's trie: the rest is drawn from p already (while
@@ -204,8 +235,9 @@ def sample_outside(lp: torch.Tensor, codes: torch.Tensor, first: torch.Tensor, m
             s = suffix[:, :, j + 1].unsqueeze(-1).expand(k, p, n_cat).unsqueeze(0)
             log_r = torch.where(below, s, torch.full_like(s, -math.inf)).logsumexp(1)  # (m, P, K)
             logits = lp[:, :, j].t().unsqueeze(0) + log1mexp(log_r)  # (m, P, K)
-            if n_cat ** (n - j - 1) <= k:  # the memory may cover every continuation of (prefix, v): no mass left
-                logits = logits.masked_fill(below.sum(1) >= n_cat ** (n - j - 1), -math.inf)
+            if check[j]:  # the memory may cover every continuation of (prefix, v): no mass left
+                limit = n_cat ** (n - j - 1) if cont is None else cont[:, j].unsqueeze(-1)  # (P, 1)
+                logits = logits.masked_fill(below.sum(1) >= limit, -math.inf)
             dead = torch.isinf(logits).all(-1, keepdim=True) | torch.isnan(logits).any(-1, keepdim=True)
             logits = torch.where(dead, lp[:, :, j].t().unsqueeze(0).expand_as(logits), logits)
             v = torch.distributions.Categorical(logits=logits).sample()  # (m, P)

@@ -50,6 +50,8 @@ class MemoryState:
             and p(x ∉ M) > 0 in every entry, so the components need no guards for an empty remainder
             or a repeated memory value (the same values and gradients, ~6 autograd nodes fewer).
         rest: p(x ∉ M) = 1 - p(a) per parent entry, with gradient (``sure``).
+        gone: where M holds every possible joint value, counted exactly, bool per parent entry (``beam``
+            with samples and values of probability 0; else ``None``).
     """
 
     k: int = 0
@@ -66,6 +68,7 @@ class MemoryState:
     codes: Optional[torch.Tensor] = None
     sure: bool = False
     rest: Optional[torch.Tensor] = None
+    gone: Optional[torch.Tensor] = None
 
 
 class SumAndSample(Estimator, metaclass=ABCMeta):
@@ -301,12 +304,19 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
         elif all_possible:
             m = 0 if n_values <= k else self.n_samples
         else:
-            n_possible = torch.isfinite(table.lp).sum(0).to(torch.float64).prod(-1)  # (P,)
-            m = 0 if (not n_possible.is_meta and bool((n_possible <= k).all())) else self.n_samples
+            m = 0 if bool((table.n_possible <= k).all()) else self.n_samples
+        gone = None
+        if m and not table.all_possible:
+            # the entries whose possible joint values are all in M (counted exactly: M holds distinct
+            # possible values, the repeats aside). Their remainder is empty although p(M), a sum of
+            # rounded probabilities, may fall short of 1: they get weight 0 (_parts), and their draws
+            # are from p, never a value of probability 0
+            gone = table.n_possible <= first.sum(0)
         if m:
             codes = torch.cat([codes, sample_outside(table.lp, codes, first, m)], 0)
         c = node.state
         c.beam, c.k, c.m, c.first = True, k, m, first.reshape((k,) + table.parents)
+        c.gone = None if gone is None else gone.reshape(table.parents)
         # the memory is the most probable value a (each variable's most probable value), and every
         # entry has mass outside it: log p(a) = Σ_j max_v log p_j(v) < 0, with a margin (p(a) < 1 - 1e-6)
         # so that log p(a) computed again with gradient, summed in another order, cannot round to 0
@@ -330,7 +340,10 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
             else:
                 mem = lp[:c.k].masked_fill(~c.first, -math.inf)
                 lse = torch.logsumexp(mem, 0) if c.k else torch.full_like(lp[0], -math.inf)
-            c.empty = empty = lse >= 0.0  # M holds (numerically) all the mass: no remainder
+            empty = lse >= 0.0  # M holds (numerically) all the mass: no remainder
+            if c.gone is not None:  # or exactly: every possible joint value is in M
+                empty = empty | c.gone
+            c.empty = empty
             safe = torch.where(empty, torch.full_like(lse, -1.0), lse)  # no NaN gradient in the unused branch
             # log(1 - p(M)): log(-expm1) is accurate to float precision in absolute terms, which is what
             # the weight exp(.) and the score lp - log_rest need (and its gradient is accurate everywhere)
