@@ -167,6 +167,42 @@ def test_expect_under_nested_torch_func_can_be_called_again():
         torch.testing.assert_close(h, eager)
 
 
+@pytest.mark.parametrize("form", ["one_hot", "categorical_logits_read"])
+def test_expect_on_a_data_plate_with_probs_of_exactly_0(form):
+    """Probs with exact zeros on a data plate: the raw copy of a OneHotCategorical (whose argument
+    validation computed torch's logits from clamped probabilities, log(eps) = -15.9 at 0) or of a
+    Categorical whose logits the user read took those logits as the given form, so they were never made
+    -inf: expect handed the cost 26 of 32 impossible values (and gave inf with a cost infinite there).
+    Now: none, and the exact value and gradient. Fails on that code."""
+    mask = torch.tensor([[[0.0, 1, 0, 1], [0, 0, 1, 0]], [[1, 0, 1, 0], [0, 1, 0, 1]]])
+    theta = torch.linspace(-1.0, 1.2, 16).reshape(2, 2, 4).requires_grad_()
+    values = torch.arange(4.0)
+
+    def masked(th, m):
+        p = torch.softmax(th, -1) * m
+        return p / p.sum(-1, keepdim=True)
+
+    seen = []
+    with storch.Graph():
+        th, m = storch.denote_independent((theta, mask), 0, "data")
+        if form == "one_hot":
+            z = storch.estimator("expect", plate="z")(OneHotCategorical(probs=masked(th, m)))
+        else:
+            d = Categorical(probs=masked(th, m))
+            d.logits  # read: cached in d
+            z = torch.nn.functional.one_hot(storch.estimator("expect", plate="z")(d), 4).to(theta.dtype)
+        impossible = (z.bool() & (m == 0)).any(-1).any(-1)
+        seen.append(impossible.tensor)
+        storch.add_cost((z * values).sum((-1, -2)) + torch.where(impossible, float("inf"), 0.0), name="c")
+        loss = storch.surrogate_loss()
+        (g,) = torch.autograd.grad(loss, theta)
+    exact = (masked(theta, mask) * values).sum((-1, -2)).mean()
+    (want,) = torch.autograd.grad(exact, theta)
+    assert not bool(seen[0].any()), f"{int(seen[0].sum())} impossible values handed to the cost"
+    assert float(loss.detach()) == pytest.approx(float(exact.detach()), rel=1e-12)
+    torch.testing.assert_close(g, want, rtol=0, atol=1e-12)
+
+
 class _Categorical(Categorical):
     """A subclass: expect computes its log p with ``log_prob`` (the general path), the oracle below."""
 

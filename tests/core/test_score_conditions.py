@@ -10,6 +10,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.distributions import (
     AffineTransform,
     Bernoulli,
+    Binomial,
     Categorical,
     Exponential,
     ExpTransform,
@@ -593,3 +594,46 @@ def test_a_zero_inflated_poisson_score_function_is_unbiased(order):
     for o in range(order):
         assert torch.isfinite(got[o]).all()
         print(assert_unbiased(got[o], want[o], f"score, zero-inflated Poisson, order {o + 1}").table())
+
+
+# -- storch's strict copies (strict_support) share their torch base's verdicts -------------------------
+
+
+class StrictScore(ScoreFunction):
+    """The plain score function on the strict copy that the enumerating estimators' nodes hold
+    (``requires_enumerate_support``: the base class passes the node's distribution through strict_support)."""
+
+    name = "test_core_strict_score"
+    requires_enumerate_support = True
+
+
+def test_a_strict_binomial_is_smooth_as_torch_binomial(monkeypatch):
+    """Binomial(3, logits=θ + (0, 0, -inf)): an enumerating estimator's node holds strict_support's copy, a
+    _StrictBinomial, which the kink verdicts did not know as a Binomial (whose log p torch writes with a
+    clamp and an abs that cancel): order 2 of a score function on it was refused (OrderError "AbsBackward0,
+    ClampBackward1") while the same node with finite logits was accepted. Now the strict copies of
+    Bernoulli, Binomial and Poisson count as their torch base (also inside an Independent); a user's
+    subclass of one keeps the walk. Fails on that code."""
+    from storch.distributions import _StrictBinomial, strict_support
+
+    _fresh_kink_caches(monkeypatch)
+    theta = torch.tensor([0.3, -0.4, 0.1], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([0.0, 0.0, -math.inf], dtype=torch.float64)
+    est = StrictScore(plate="z", n_samples=3)
+    with storch.Graph() as graph:
+        z = est(Binomial(3, logits=theta + mask))
+        assert type(graph.nodes[0].distribution) is _StrictBinomial
+        storch.add_cost(((z - 1.2) ** 2).sum())
+        (g,) = torch.autograd.grad(storch.surrogate_loss(order=2), theta, create_graph=True)
+        assert bool(torch.isfinite(g).all())
+    strict = strict_support(Binomial(3, logits=theta + mask))
+    key = score_conditions.structure
+    assert key(strict) is Binomial
+    assert key(Independent(strict, 1)) == key(Independent(Binomial(3, logits=theta), 1))
+
+    class MyStrictBinomial(_StrictBinomial):  # may redefine anything: the conservative walk
+        pass
+
+    mine = MyStrictBinomial.__new__(MyStrictBinomial)
+    mine.__dict__.update(strict.__dict__)
+    assert key(mine) is not Binomial and not score_conditions._smooth_by_list(key(mine))

@@ -149,6 +149,83 @@ def test_binomial_probs_of_exactly_0_and_1(which):
     assert bool(torch.isfinite(g).all())
 
 
+# -- probabilities with exact zeros on a plate ------------------------------------------------------
+# On a data plate, or computed from an upstream node's sample, a categorical's raw copy is rebuilt from
+# its parameter tensors. A OneHotCategorical given by probs holds torch's logits as well (its argument
+# validation reads them: log(eps) = -15.9 for a probability of exactly 0), as does a Categorical whose
+# user read ``d.logits``; the copy took those logits as the given form, strict_support then left it
+# alone, and expect / unordered_set / sum_and_sample handed the cost values that are never drawn
+# (expect: 26 of 32 values, and a loss of inf with a cost infinite there). These tests fail on that code.
+
+PLATE_PROBS = torch.tensor([[[0.0, 0.6, 0.0, 0.4], [0.0, 0.0, 1.0, 0.0]],  # data point 0: 2 variables
+                            [[0.5, 0.0, 0.5, 0.0], [0.0, 0.3, 0.0, 0.7]]], dtype=torch.float64)
+UPSTREAM_MASKS = torch.tensor([[[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]],  # u = 0
+                               [[0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]]], dtype=torch.float64)  # u = 1
+PLATED_ESTIMATORS = {  # each exact here: a set or an enumeration that covers the possible joint values
+    "expect": dict(name="expect"),
+    "unordered_set@16": dict(name="unordered_set", n_samples=16),
+    "sum_and_sample@1+8": dict(name="sum_and_sample", n_samples=1, n_enumerate=8),
+}
+
+
+def _masked(theta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    p = torch.softmax(theta, -1) * mask
+    return p / p.sum(-1, keepdim=True)  # exact zeros stay zero
+
+
+def _plated_node(est, p, form: str, mask, seen: list):
+    """The node on probs ``p`` (zeros where ``mask`` is 0) and its cost: the index of each of its 2
+    variables, +inf where a value is impossible; records whether each value the cost saw was."""
+    if form == "one_hot":
+        z = est(OneHotCategorical(probs=p))
+    else:
+        d = Categorical(probs=p)
+        d.logits  # a user who read them: torch's, from clamped probabilities (cached in d)
+        z = torch.nn.functional.one_hot(est(d), 4).to(p.dtype)
+    impossible = (z.bool() & (mask == 0)).any(-1).any(-1)
+    seen.append(impossible.tensor.reshape(-1))
+    return (z * torch.arange(4.0, dtype=p.dtype)).sum((-1, -2)) + torch.where(impossible, math.inf, 0.0)
+
+
+@pytest.mark.parametrize("form", ["one_hot", "categorical_logits_read"])
+@pytest.mark.parametrize("where", ["data_plate", "downstream"])
+@pytest.mark.parametrize("which", list(PLATED_ESTIMATORS))
+def test_probs_with_zeros_on_a_plate_never_reach_the_cost_and_are_exact(which, where, form):
+    """Probs with exact zeros on a data plate (2 data points) or depending on an upstream sample
+    (``expect`` on a Bernoulli picks the mask): the cost never sees an impossible value, and the loss
+    and gradient equal exact enumeration (deterministically, to float64 rounding)."""
+    torch.manual_seed(5)
+    spec = PLATED_ESTIMATORS[which]
+    est = storch.estimator(spec["name"], plate="z", **{k: v for k, v in spec.items() if k != "name"})
+    theta = torch.linspace(-1.0, 1.2, 16, dtype=torch.float64).reshape(2, 2, 4).requires_grad_()
+    phi = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    values = torch.arange(4.0, dtype=torch.float64)
+    seen: list = []
+    with storch.Graph():
+        if where == "data_plate":
+            th, mask = storch.denote_independent((theta, PLATE_PROBS), 0, "data")
+            cost = _plated_node(est, _masked(th, mask), form, mask, seen)
+            storch.add_cost(cost, name="c")  # one cost per data point (the loss is their mean)
+        else:
+            u = storch.estimator("expect", plate="u")(Bernoulli(logits=phi))
+            mask = UPSTREAM_MASKS[0] * (1 - u) + UPSTREAM_MASKS[1] * u  # exactly one of them
+            storch.add_cost(_plated_node(est, _masked(theta[0], mask), form, mask, seen), name="c")
+        loss = storch.surrogate_loss()
+        g = torch.autograd.grad(loss, (theta, phi), allow_unused=True)
+    if where == "data_plate":
+        exact = (_masked(theta, PLATE_PROBS) * values).sum((-1, -2)).mean()
+    else:
+        q = torch.sigmoid(phi)
+        exact = sum(w * (_masked(theta[0], UPSTREAM_MASKS[i]) * values).sum() for i, w in enumerate((1 - q, q)))
+    want = torch.autograd.grad(exact, (theta, phi), allow_unused=True)
+    drawn = torch.cat(seen)
+    assert not bool(drawn.any()), f"{int(drawn.sum())} of {drawn.numel()} values handed to the cost are impossible"
+    assert float(loss.detach()) == pytest.approx(float(exact.detach()), rel=1e-12)
+    for a, b in zip(g, want):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_strict_support_changes_only_what_it_must():
     """``strict_support`` returns the distribution itself when nothing is exactly 0 or when it is given
     by logits (the common case: no copy); otherwise the copy draws the same samples from the same seed,
@@ -630,6 +707,39 @@ def test_binomial_with_infinite_logits(which):
     want = Binomial(3, logits=theta).variance + Binomial(3, logits=theta).mean ** 2
     assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-12)
     assert float(g) == pytest.approx(float(torch.autograd.grad(want, theta)[0]), rel=1e-10)
+
+
+BINOMIAL_THETA = torch.tensor([0.3, -0.4, 0.1], dtype=torch.float64)
+
+
+def _masked_binomial_exact(theta: torch.Tensor) -> torch.Tensor:
+    """E Σ (z - 1.2)² for z ~ Binomial(3, σ(θ) on the first two counts, 0 on the third): Var + (mean - c)²."""
+    p = torch.sigmoid(theta[:2])
+    return (3 * p * (1 - p) + (3 * p - 1.2) ** 2).sum() + 1.2 ** 2 + 0 * theta[2]
+
+
+@pytest.mark.parametrize("given", ["logits", "probs"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_unordered_set_without_baseline_on_a_masked_binomial_at_order_2(k, given):
+    """Binomial(3, logits=θ + (0, 0, -inf)) (a masked count), or probs with an exact 0: the node holds
+    strict_support's _StrictBinomial, whose log p the order check did not know as torch's Binomial (a clamp
+    and an abs that cancel), so unordered_set(baseline=False) at order 2 raised OrderError although the same
+    node with finite logits was accepted. Now accepted, and unbiased at orders 1 and 2 (z-test against
+    exact enumeration). Fails on that code (the OrderError)."""
+    torch.manual_seed(31 + k)
+    est = storch.estimator("unordered_set", plate="z", n_samples=k, baseline=False)
+    mask = torch.tensor([0.0, 0.0, -math.inf], dtype=torch.float64)
+    with storch.Graph():
+        leaf, th = replicate(BINOMIAL_THETA, 3000)
+        d = (Binomial(3, logits=th + mask) if given == "logits"
+             else Binomial(3, probs=torch.sigmoid(th) * (mask == 0).to(th.dtype)))
+        z = est(d)
+        storch.add_cost(((z - 1.2) ** 2).sum())
+        derivs = per_replicate_derivatives(storch.surrogate_loss(order=2), leaf, 2)
+    exact = exact_derivatives(_masked_binomial_exact, BINOMIAL_THETA, 2)
+    for i, (g, want) in enumerate(zip(derivs, exact[1:]), start=1):
+        assert bool(torch.isfinite(g).all())
+        assert_unbiased(g, want, f"order {i} (k = {k}, {given})")
 
 
 def test_strict_support_of_infinite_logits():

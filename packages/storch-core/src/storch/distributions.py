@@ -169,7 +169,8 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
         # probs too when argument validation computed them), carried over as Categorical.expand does
         c = d._categorical if type(d) is OneHotCategorical else d
         params = {n: c.__dict__[n] for n in ("logits", "probs") if n in c.__dict__}
-        same = _categorical_on_one_layout(type(d), params, within)
+        by_probs = given_by_probs(c)
+        same = _categorical_on_one_layout(type(d), params, within, by_probs)
         if same is not None:
             return same
     else:
@@ -207,7 +208,7 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
         else:
             raw[name] = v.expand(*sizes, *v.shape) if hasattr(v, "expand") else v
     if torch_categorical:
-        return _categorical(type(d), raw), plates
+        return _categorical(type(d), raw, by_probs), plates
     return _rebuilt(d, raw, torch.Size(sizes)), plates
 
 
@@ -487,7 +488,7 @@ def raw_sample(d: Distribution) -> torch.Tensor:
     return d.sample()
 
 
-def _categorical_on_one_layout(cls: type, params: dict, within: tuple[Plate, ...]):
+def _categorical_on_one_layout(cls: type, params: dict, within: tuple[Plate, ...], by_probs: bool):
     """``(raw categorical, plates)`` when its parameters (the logits, and the probs argument
     validation computed) are plate tensors on the same plates (``within``'s, if given) at their
     full sizes: the raw tensors are the raw parameters as they are, what the general path's
@@ -511,18 +512,25 @@ def _categorical_on_one_layout(cls: type, params: dict, within: tuple[Plate, ...
         raw[name] = r
     if plates is None:
         return None
-    return _categorical(cls, raw), plates
+    return _categorical(cls, raw, by_probs), plates
 
 
-def _categorical(cls: type, raw: dict) -> Distribution:
-    """A ``Categorical`` / ``OneHotCategorical`` from already normalised ``logits`` and/or ``probs``.
+def _categorical(cls: type, raw: dict, by_probs: bool) -> Distribution:
+    """A ``Categorical`` / ``OneHotCategorical`` from already normalised ``logits`` and/or ``probs``;
+    ``by_probs``: whether the user's was given by ``probs`` (:func:`given_by_probs`).
 
     Like ``Categorical.expand``: no second normalisation (a logsumexp) and no second softmax when
     the user's distribution already computed ``probs``; no argument validation (done when the user
     built it).
     """
     c = Categorical.__new__(Categorical)
-    for name in ("probs", "logits"):  # _param: the logits when given, as Categorical.__init__ and expand
+    # _param (set last): the form the user gave, as Categorical.__init__ sets it. Not the logits whenever
+    # they are there: a distribution given by probs may hold logits too (argument validation of a
+    # OneHotCategorical reads them, as does a user's `d.logits`), computed from clamped probabilities
+    # (log(eps) = -15.9 for a probability of exactly 0), and the copy then looked given by those logits:
+    # strict_support left it alone and the enumerating estimators handed the cost values that are never
+    # drawn
+    for name in (("logits", "probs") if by_probs else ("probs", "logits")):
         if name in raw:
             setattr(c, name, raw[name])
             c._param = raw[name]

@@ -36,6 +36,7 @@ from torch.distributions import (
     constraints,
 )
 
+from .distributions import _STRICT
 from .smoothness import _nonsmooth_on_path
 from ._order_guard import is_differentiated, unbatched
 
@@ -262,13 +263,23 @@ _BOOKKEEPING = frozenset(("__module__", "__qualname__", "__doc__", "__dict__", "
                           "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__", "__init__"))
 
 
+# storch's strict copies (storch.distributions.strict_support: what the enumerating estimators' nodes hold
+# where a probability is exactly 0 or a logit infinite) -> the torch class whose verdicts they share. Their
+# log_prob is the base's on every value they draw (-inf on the others, a constant on an infinite logit,
+# finite derivatives at a Poisson rate of 0): the same kinks in the parameters. Keyed by the exact type,
+# so that a user's subclass of them (which may redefine anything) keeps the walk.
+_VERDICT_TYPE: dict[type, type] = {strict: base for base, strict in _STRICT.items()}
+
+
 def structure(d: Distribution):
     """The key of ``d``'s log p in the kink caches: ``type(d)`` for a type that fixes what it holds (one
-    lookup: torch's Bernoulli, Categorical, Normal, LogNormal ...), else ``(type, ((attribute, key), ...))``
+    lookup: torch's Bernoulli, Categorical, Normal, LogNormal ...; for storch's strict copies of Bernoulli,
+    Binomial and Poisson, that torch class: :data:`_VERDICT_TYPE`), else ``(type, ((attribute, key), ...))``
     over the distributions and transforms it holds, recursively (Independent, MixtureSameFamily,
     TransformedDistribution and user classes, whose instances may hold anything); ``None`` past the depth
     the walks read (not cached)."""
     t = type(d)
+    t = _VERDICT_TYPE.get(t, t)
     return t if _fixed(t) else _structure(d, 0)
 
 
@@ -286,18 +297,27 @@ def _structure(obj, depth: int):
     parts = []
     for k, v in vars(obj).items():
         if isinstance(v, (Distribution, Transform)):
-            s = type(v) if isinstance(v, Distribution) and _fixed(type(v)) else _structure(v, depth + 1)
+            s = _part(v, depth)
             if s is None:
                 return None
             parts.append((k, s))
         elif type(v) is list or type(v) is tuple:  # (transforms; not a torch.Size, whose entries are ints)
             for i, w in enumerate(v):
                 if isinstance(w, (Distribution, Transform)):
-                    s = type(w) if isinstance(w, Distribution) and _fixed(type(w)) else _structure(w, depth + 1)
+                    s = _part(w, depth)
                     if s is None:
                         return None
                     parts.append((k, i, s))
     return (type(obj), tuple(parts))
+
+
+def _part(v, depth: int):
+    """The key of a distribution or transform that ``_structure`` finds held at ``depth``."""
+    if isinstance(v, Distribution):
+        t = _VERDICT_TYPE.get(type(v), type(v))  # (an Independent of a strict copy: as of its torch base)
+        if _fixed(t):
+            return t
+    return _structure(v, depth + 1)
 
 
 def _changes_only_init(t: type, base: type) -> bool:
