@@ -18,13 +18,130 @@ from ..tensor import PlateTensor, _names, align, later_step, union_plates, write
 from ..tensor import new_plate_tensor as _new
 from ..treatments import describe, register_plate_handler
 
-__all__ = ["broadcast", "broadcast_inplace", "random_pointwise"]
+__all__ = ["broadcast", "broadcast_inplace", "random_pointwise", "per_sample_dtype"]
 
 _PT = PlateTensor
 _T = torch.Tensor
 
 
+# -- type promotion per sample -------------------------------------------------------------------
+# torch promotes a dimensioned tensor over a 0-dim one of the same category (float16 x * float32
+# 0-dim t is float16). A 0-dim per-sample plate tensor has raw dims (its plates), so the raw call
+# would count it as dimensioned. Where operand dtypes differ and such an operand meets another
+# tensor, the dtype torch gives per sample is computed (``per_sample_dtype``) and, where the raw
+# call would give another, the 0-dim plate operands are cast to it first: torch casts every
+# operand to that common dtype before computing, so the values are torch's per sample too.
+
+_NO_PROMOTION = {"to", "type", "type_as"}  # a tensor argument names the dtype: it is not promoted
+
+
+def _scalar_dtype(x) -> torch.dtype:
+    """The dtype torch gives a Python number in promotion (a wrapped number)."""
+    if isinstance(x, bool):
+        return torch.bool
+    if isinstance(x, int):
+        return torch.int64
+    if isinstance(x, float):
+        return torch.get_default_dtype()
+    return torch.complex128 if torch.get_default_dtype() == torch.float64 else torch.complex64
+
+
+_COMPLEX = {torch.float16: torch.complex32, torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def _combine(higher, lower):
+    # c10's combine_categories (None: no operand of that kind)
+    if higher is None:
+        return lower
+    if lower is None or higher.is_complex:
+        return higher
+    if lower.is_complex:
+        return _COMPLEX.get(higher, lower) if higher.is_floating_point else lower  # higher's precision
+    if higher.is_floating_point:
+        return higher
+    if higher == torch.bool or lower.is_floating_point:
+        return torch.promote_types(higher, lower)
+    return higher
+
+
+def per_sample_dtype(operands, raw: bool = False):
+    """torch's common dtype (``torch.result_type`` over any number of operands) of ``operands``
+    as one sample sees them: a plate tensor is 0-dim when its per-sample shape is (its raw dims,
+    its plates, make no difference); with ``raw``: as the raw call sees them. ``None`` where no
+    operand is a tensor or a number."""
+    dim = zero = wrapped = None
+    for a in operands:
+        t = type(a)
+        if t is _PT:
+            d = a._raw.dtype
+            is_zero = (a._raw.dim() == 0) if raw else (a._raw.dim() == len(a._plates))
+        elif isinstance(a, _T):
+            d, is_zero = a.dtype, a.dim() == 0
+        elif isinstance(a, (bool, int, float, complex)):
+            d = _scalar_dtype(a)
+            wrapped = d if wrapped is None else torch.promote_types(wrapped, d)
+            continue
+        else:
+            continue
+        if is_zero:
+            zero = d if zero is None else torch.promote_types(zero, d)
+        else:
+            dim = d if dim is None else torch.promote_types(dim, d)
+    return _combine(dim, _combine(zero, wrapped))
+
+
+def _promoted(func, args, kwargs):
+    """``(args, kwargs)`` with the 0-dim per-sample plate operands cast to the dtype torch promotes
+    to per sample, where the raw call would promote to another; ``None`` where it would not."""
+    dtype = None
+    zero = mixed = False  # cheap first: a 0-dim sample among tensors of more than one dtype
+    for a in _operands(args, kwargs):
+        if type(a) is _PT:
+            r = a._raw
+            d = r.dtype
+            if r.dim() == len(a._plates):
+                zero = True
+        elif isinstance(a, _T):
+            d = a.dtype
+        else:
+            continue
+        if dtype is None:
+            dtype = d
+        elif d is not dtype:
+            mixed = True
+    if not (zero and mixed) or getattr(func, "__name__", "") in _NO_PROMOTION:
+        return None
+    ops = list(_operands(args, kwargs))
+    want = per_sample_dtype(ops)
+    if want is None or want == per_sample_dtype(ops, raw=True):
+        return None
+
+    def cast(a):
+        # bool operands never change a promotion (the lowest dtype) and may be a condition or a mask
+        if (type(a) is _PT and a._raw.dim() == len(a._plates) and a._raw.dtype != want
+                and a._raw.dtype != torch.bool):
+            return _new(a._raw.to(want), a._plates)
+        if type(a) is list or type(a) is tuple:
+            return type(a)(cast(b) for b in a)
+        return a
+
+    # an in-place function writes into its first argument: that one is never replaced by a cast copy
+    first = args[:1] if _is_inplace(func) else tuple(cast(a) for a in args[:1])
+    return first + tuple(cast(a) for a in args[1:]), {k: cast(v) for k, v in kwargs.items()}
+
+
+def _dtypes_differ(args, kwargs) -> bool:
+    ds = {a._raw.dtype if type(a) is _PT else a.dtype for a in _operands(args, kwargs) if isinstance(a, _T)}
+    return len(ds) > 1
+
+
 def _call(func, args, kwargs, pad: int):
+    # (the common cases, nothing to promote: two plate tensors of one dtype, a tensor and a number)
+    if len(args) != 2 or kwargs or isinstance(args[1], _T) and not (
+            type(args[0]) is _PT and type(args[1]) is _PT and args[0]._raw.dtype is args[1]._raw.dtype):
+        fixed = _promoted(func, args, kwargs)
+        if fixed is not None:
+            args, kwargs = fixed
     groups = scan(args, kwargs)
     first = groups[0]
     if all(g is first or g == first for g in groups):
@@ -44,13 +161,36 @@ def _call(func, args, kwargs, pad: int):
         # whose raw dims are self's where the entries stayed in place (write_plates); self keeps its plates
         wp = write_plates(self._plates, plates, func)
         plates = self._plates if wp is None else wp
-    args = tuple(unwrap(a, plates, pad) for a in args)
-    if kwargs:
-        kwargs = {k: unwrap(v, plates, pad) for k, v in kwargs.items()}
-    out = func(*args, **kwargs)
+    raws = tuple(unwrap(a, plates, pad) for a in args)
+    rkw = {k: unwrap(v, plates, pad) for k, v in kwargs.items()} if kwargs else kwargs
     if inplace:
+        try:
+            func(*raws, **rkw)
+        except RuntimeError:
+            # (torch's "output with shape [1, ...] doesn't match the broadcast shape": the error path only)
+            _check_shared(func, self, plates, args, kwargs)
+            raise
         return self  # the raw tensor was modified in place; the wrapper still describes it
+    out = func(*raws, **rkw)
     return wrap(out, plates)
+
+
+def _check_shared(func, self, plates, args, kwargs) -> None:
+    """Refuse an in-place write into a tensor that holds a plate once (a size-1 raw plate dim, which
+    ``PlateTensor(raw, plates)`` allows) with values that vary over that plate."""
+    shared = [i for i, p in enumerate(plates) if self._raw.shape[i] == 1 and p.size > 1]
+    varying = set()
+    for a in _operands(args, kwargs):
+        if type(a) is _PT and a is not self:
+            r = align(a._raw, a._plates, plates)
+            varying.update(plates[i].name for i in shared if r.shape[i] > 1)
+    if varying:
+        raise PlateError(
+            f"in-place {getattr(func, '__name__', func)} would write values that vary over plates "
+            f"{tuple(n for n in _names(plates) if n in varying)} into a tensor that holds them once (its raw "
+            "tensor has size 1 there: one value shared by every entry); use the out-of-place version "
+            "(e.g. x = x + v instead of x += v)"
+        )
 
 
 def broadcast(func, args, kwargs):
@@ -63,22 +203,29 @@ def broadcast(func, args, kwargs):
             if tb is _PT:
                 pa, pb = a._plates, b._plates
                 if a._raw.dim() == b._raw.dim():
-                    if pa is pb or pa == pb:
+                    if pa is pb or pa == pb:  # one per-sample rank: the raw call promotes as torch does
                         return _new(func(a._raw, b._raw), pa)
                     # steps t-1 and t of a partition without parent indices: the raw dims line up
                     same = later_step(pa, pb)
                     if same is not None:
                         return _new(func(a._raw, b._raw), same)
+                ka, kb = a._raw.dim() - len(pa), b._raw.dim() - len(pb)
+                if (ka == 0) != (kb == 0) and a._raw.dtype is not b._raw.dtype:
+                    return _call(func, args, kwargs, max(ka, kb))  # a 0-dim sample of another dtype
                 plates = union_plates((pa, pb))
-                k = max(a._raw.dim() - len(pa), b._raw.dim() - len(pb))
+                k = max(ka, kb)
                 return _new(func(align(a._raw, pa, plates, k), align(b._raw, pb, plates, k)), plates)
             if not isinstance(b, _T):
                 return wrap_same(func(a._raw, b), a._plates)
+            if a._raw.dtype is not b.dtype and a._raw.dim() == len(a._plates):  # a 0-dim sample, another dtype
+                return _call(func, args, kwargs, b.dim())
             pa = a._plates
             return wrap_same(func(align(a._raw, pa, pa, b.dim()), b), pa)
         if tb is _PT:
             if not isinstance(a, _T):
                 return wrap_same(func(a, b._raw), b._plates)
+            if b._raw.dtype is not a.dtype and b._raw.dim() == len(b._plates):
+                return _call(func, args, kwargs, a.dim())
             pb = b._plates
             return wrap_same(func(a, align(b._raw, pb, pb, a.dim())), pb)
     if (len(args) == 1 and type(args[0]) is _PT and not any(isinstance(v, _T) for v in kwargs.values())
@@ -100,12 +247,23 @@ def broadcast(func, args, kwargs):
             ks = max(ks, k)
         elif isinstance(a, _T):
             plain = max(plain, a.dim())
-    if same and plain <= k0 and not _is_inplace(func):
+    # (0-dim samples meeting a plain 0-dim tensor of another dtype: _call promotes them as torch does per sample)
+    if same and plain <= k0 and not _is_inplace(func) and not (k0 == 0 and plain == 0 and _dtypes_differ(args, kwargs)):
         # fast path: one set of plates and one per-sample rank: no views needed
         out = func(*[a._raw if type(a) is _PT else a for a in args],
                    **{k: (v._raw if type(v) is _PT else unwrap(v, first)) for k, v in kwargs.items()})
         return wrap_same(out, first)
     return _call(func, args, kwargs, max(ks, plain))
+
+
+@register(torch.result_type)
+def _result_type(func, args, kwargs):
+    """torch's answer for one sample: a plate tensor counts with its per-sample shape (0-dim or not)"""
+    def stand_in(a):  # an empty tensor of the per-sample rank and dtype (no data: torch reads neither)
+        if type(a) is _PT:
+            return torch.empty((1,) * (a._raw.dim() - len(a._plates)), dtype=a._raw.dtype, device="meta")
+        return a
+    return func(*[stand_in(a) for a in args], **{k: stand_in(v) for k, v in kwargs.items()})
 
 
 @register(torch.broadcast_tensors)

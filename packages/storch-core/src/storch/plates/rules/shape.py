@@ -687,9 +687,56 @@ def _layer_norm(func, args, kwargs):
 
 @register(F.embedding)
 def _embedding(func, args, kwargs):
-    """indices of any shape: the table is looked up per element; a per-sample table goes to vmap"""
+    """indices of any shape: the table is looked up per element; a per-sample table is gathered per sample"""
+    if type(args[1] if len(args) > 1 else kwargs.get("weight")) is _PT:
+        return _embedding_table(func, args, kwargs)
     if type(args[0]) is not _PT or any(type(a) is _PT for a in list(args[1:]) + list(kwargs.values())):
         return vmap_call(func, args, kwargs)
     x = args[0]
     return wrap(func(x._raw, *args[1:], **kwargs), x._plates)
 
+
+
+_EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+
+
+def _embedding_table(func, args, kwargs):
+    """F.embedding with a per-sample table: ``weight[input]`` per sample, by advanced indexing of the raw tables.
+
+    torch's vmap rule is wrong when the table and the indices are both batched (the padding row got a
+    gradient). Here the padding row's value is read and its gradient stopped (``torch.where`` with the
+    detached lookup); with ``scale_grad_by_freq`` the tables are laid out one after another (one per
+    plate entry) and torch's own embedding runs on them with offset indices, so each row's gradient is
+    divided by its count in that entry's indices, as per sample. ``max_norm`` (renormalises the table
+    in place) and torch's own errors go to vmap."""
+    b = dict(zip(_EMBEDDING_ARGS, args))
+    b.update(kwargs)
+    idx, w, pad = b.get("input"), b.get("weight"), b.get("padding_idx")
+    scale = b.get("scale_grad_by_freq", False)
+    if (set(b) - set(_EMBEDDING_ARGS) or b.get("max_norm") is not None or not isinstance(idx, torch.Tensor)
+            or idx.dtype not in (torch.long, torch.int) or w.dim() != 2 or not isinstance(scale, bool)
+            or not (pad is None or (type(pad) is int and -w.shape[0] <= pad < w.shape[0]))):
+        return vmap_call(func, args, kwargs)
+    n = w.shape[0]
+    plates = union_plates(scan((idx, w), {}))
+    m = len(plates)
+    wr = align(w._raw, w._plates, plates)  # (plates or 1, n, D)
+    ir = align(idx._raw, idx._plates, plates) if type(idx) is _PT else idx.reshape((1,) * m + idx.shape)
+    shape = ir.shape[m:]  # the per-sample index shape
+    sizes = tuple(max(a, c) for a, c in zip(wr.shape[:m], ir.shape[:m]))
+    if scale:
+        if bool(((ir < 0) | (ir >= n)).any()):  # (offset indices out of range would read another table)
+            raise IndexError("index out of range in self")
+        count = math.prod(sizes)
+        tables = wr.expand(sizes + wr.shape[m:]).reshape(count * n, wr.shape[-1])
+        offsets = torch.arange(0, count * n, n, device=ir.device).reshape(sizes + (1,) * len(shape))
+        out = torch.embedding(tables, ir + offsets, -1, True, False)
+    else:
+        ir_ok = torch.where(ir < 0, n, ir)  # negative indices are out of range for embedding (indexing raises)
+        at = [torch.arange(wr.shape[j], device=ir.device).reshape((1,) * j + (-1,) + (1,) * (m - j - 1 + len(shape)))
+              for j in range(m)]
+        out = wr[(*at, ir_ok)]
+    if pad is not None:
+        # the padding row is read as it is, but gets no gradient (torch's padding_idx)
+        out = torch.where((ir != pad % n).unsqueeze(-1), out, out.detach())
+    return wrap(out, plates)
