@@ -487,8 +487,12 @@ def _index_fill(func, args, kwargs):
     d %= k
     shape = tuple(x.shape) or (1,)
     i = i.reshape(-1)
-    # index_fill takes negative indices; one out of range is left as it is, for scatter's error to name it
-    i = torch.where((i < 0) & (i >= -shape[d]), i + shape[d], i)
+    raw = i._raw if type(i) is _PT else i
+    out_of_range = (raw < -shape[d]) | (raw >= shape[d])
+    if bool(out_of_range.any()):  # torch's IndexError (scatter's would be a RuntimeError)
+        raise IndexError(f"index_fill: index {int(raw[out_of_range][0])} is out of bounds for dimension {d} with "
+                         f"size {shape[d]}")
+    i = torch.where(i < 0, i + shape[d], i)  # index_fill takes negative indices
     place = [1] * k
     place[d] = i.shape[0]
     index = i.reshape(place).expand(shape[:d] + (i.shape[0],) + shape[d + 1:])
