@@ -459,3 +459,19 @@ def test_a_surrogate_of_an_ended_step_updates_with_its_own_step():
     assert len(est.seen) == 2
     losses[0].backward()  # its step has updated already
     assert len(est.seen) == 2
+
+
+def test_an_estimator_that_an_earlier_pass_did_not_reach_is_updated_later():
+    """Found by review: the step's record was one flag, so after a surrogate_loss().backward() of the step's first
+    node, a storch.backward() after a second node (another estimator) skipped every update: the second estimator
+    never updated. The record holds the estimators updated; the others are updated by a later pass."""
+    first, second = _CountingScore("a", n_samples=2), _CountingScore("b", n_samples=2)
+    theta = torch.tensor([0.3, -0.2], requires_grad=True)
+    with storch.Graph():
+        a = first(Bernoulli(logits=theta))
+        storch.add_cost(((a - 0.45) ** 2).sum(), name="fa")
+        storch.surrogate_loss().backward(retain_graph=True)
+        b = second(Bernoulli(logits=theta * 2))
+        storch.add_cost(((b - 0.45) ** 2).sum(), name="fb")
+        storch.backward()
+    assert (len(first.seen), len(second.seen)) == (1, 1)

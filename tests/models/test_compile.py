@@ -1560,3 +1560,34 @@ def test_a_training_flag_read_by_the_step_or_a_hook_selects_its_trace():
         torch.manual_seed(1)
         torch.testing.assert_close(got, step(x))
     assert compiled.traces == 2
+
+
+def test_options_are_keyed_by_value_and_held():
+    # found by review: options that are not a plain bool/int/float/str (a numpy float from a schedule) were keyed
+    # by id() without a reference, so a freed value's id could be taken by a new one and replay the old trace;
+    # numbers are keyed by value now (a new numpy float of the same value reuses the trace), other values by
+    # identity with a reference held
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("storch_relaxed")
+    est = storch.estimator("gumbel_softmax", plate="z", n_samples=4, temperature=1.0)
+    theta = torch.tensor([0.3, -0.5, 1.0], requires_grad=True)
+
+    def step(theta):
+        with storch.Graph():
+            z = est(Bernoulli(logits=theta))
+            storch.add_cost(((z - 0.3) ** 2).sum(-1), name="f")
+            return storch.surrogate_loss()
+
+    compiled = storch.compile(step, backend=None)
+    for t in (0.5, 0.5, 0.7, 0.5, 0.7):
+        est.temperature = np.float64(t)  # a new object each time
+        torch.manual_seed(4)
+        got = compiled(theta)
+        torch.manual_seed(4)
+        torch.testing.assert_close(got, step(theta))
+    assert compiled.traces == 2
+    schedule = lambda s: 0.5  # noqa: E731
+    est.temperature = schedule
+    key = est._options_key
+    del schedule
+    assert any(getattr(v, "value", None) is est.temperature for _, v in key)  # the key holds the value

@@ -645,6 +645,10 @@ _THRESHOLDS = {  # how the mask is thresholded
     "bool": lambda m: (torch.where(m.bool(), _ATT_A, 0.0)).sum() + 0.1 * m.sum(),
     "lt_reflected": lambda m: ((0.5 < m).double() * _ATT_A).sum() + 0.1 * m.sum(),
     "argmax": lambda m: (torch.nn.functional.one_hot(m.argmax(-1), 3).double() * _ATT_A).sum() + 0.1 * m.sum(),
+    # the indices of max / topk / sort are an argmax too (found by review: |z| 870 with m.max(-1).indices)
+    "max_indices": lambda m: _ATT_A[m.max(-1).indices] + 0.1 * m.sum(),
+    "topk_indices": lambda m: _ATT_A[m.topk(1).indices].sum() + 0.1 * m.sum(),
+    "sort_indices": lambda m: _ATT_A[m.sort().indices[-1]] + 0.1 * m.sum(),
 }
 
 
@@ -662,7 +666,7 @@ def test_a_thresholded_relaxed_sample_is_refused(name, how):
         m = storch.estimator(name, plate="m")(Bernoulli(logits=theta))
         storch.add_cost(_THRESHOLDS[how](m), name="att")
         with pytest.raises(storch.OrderError, match=rf"'{name}' on plate 'm': the cost 'att' .*(without a "
-                                                    r"derivative|\bgt\b|__gt__|__lt__|bool|argmax).*'score'.*"
+                                                    r"derivative|\bgt\b|__gt__|__lt__|bool|argmax|max|topk|sort).*'score'.*"
                                                     r"multiply by it"):
             storch.surrogate_loss()
 
@@ -721,3 +725,27 @@ def test_network_relax_and_arm_may_threshold_their_sample():
             storch.add_cost(_att_thresholded(est(Bernoulli(logits=theta))))
             g, = torch.autograd.grad(storch.surrogate_loss(), theta)
         assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("name", ["rebar", "relax"])
+@pytest.mark.parametrize("likelihood", ["kl_bernoulli", "continuous_bernoulli", "geometric", "max_value"])
+def test_comparisons_inside_torch_distributions_or_without_indices_are_not_refused(name, likelihood):
+    """Found by review: the comparisons torch.distributions makes internally (kl_divergence's q.probs == 0,
+    ContinuousBernoulli's Taylor branch, Geometric's probs == 1) select between formulas of one smooth function,
+    and max(m) without a dim returns no index: REBAR/RELAX must not refuse them."""
+    from torch.distributions import ContinuousBernoulli, Geometric, kl_divergence
+
+    theta = TOY_THETA.clone().requires_grad_(True)
+    dec = torch.tensor([0.7, -0.4, 1.1], dtype=theta.dtype)
+    y = torch.tensor([1.0, 0.0, 1.0], dtype=theta.dtype)
+    costs = {
+        "kl_bernoulli": lambda m: kl_divergence(Bernoulli(logits=m * dec), Bernoulli(logits=torch.zeros_like(dec))).sum(),
+        "continuous_bernoulli": lambda m: -ContinuousBernoulli(logits=m * dec).log_prob(y * 0.8 + 0.1).sum(),
+        "geometric": lambda m: -Geometric(logits=m * dec).log_prob(y).sum(),
+        "max_value": lambda m: m.max() + (m * dec).sum(),
+    }
+    with storch.Graph():
+        m = storch.estimator(name, plate="m")(Bernoulli(logits=theta))
+        storch.add_cost(costs[likelihood](m), name="f")
+        storch.backward()
+    assert theta.grad is not None and torch.isfinite(theta.grad).all()

@@ -883,7 +883,7 @@ def _update_on_backward(probe: torch.Tensor, loss: torch.Tensor, values: tuple, 
                 continue
             est.update_from(pytree.tree_unflatten(leaves, spec))
 
-    update_on_backward(probe, check, run, [])  # a call is a step, with one surrogate (a second is refused)
+    update_on_backward(probe, check, lambda todo: run(), set())  # a call is a step, with one surrogate (a second is refused)
 
 
 def _backward_message(fn, component: Optional[str] = None) -> str:

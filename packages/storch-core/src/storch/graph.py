@@ -68,7 +68,7 @@ class Graph:
         # probe; reset drops it): non-empty once a backward pass queued the step's estimator updates, and shared
         # by every probe of the step, so they run once per step however many of its surrogates a pass reaches,
         # or passes reach. Dropped, never cleared: a probe of an ended step keeps its own
-        self.step_updated: Optional[list] = None
+        self.step_updated: Optional[set] = None
 
     @eager_only
     def __enter__(self) -> "Graph":

@@ -606,7 +606,7 @@ def _thresholded_message(node: Node, name: str) -> str:
     p = node.plate.name
     return (
         f"estimator {est.name!r} on plate {p!r}: the cost {name!r} carries the plate {p!r}, and in this step "
-        f"{node.thresholded} (a comparison, or another operation without a derivative: argmax, a bool or integer "
+        f"{node.thresholded} (a comparison, or another operation without a derivative: argmax, the indices of max / topk / sort, a bool or integer "
         "cast) was applied to a value that carries the gradient of the node's sample. "
         f"{est.name!r} differentiates the cost through that sample (REBAR and RELAX: the cost at the relaxed sample "
         "σ_λ(z), in their control variate η f(σ_λ(z))): a threshold such as m > 0.5 makes that relaxed cost jump, autograd sees no "
@@ -1019,7 +1019,7 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
     # an order-1 and an order-2 part) updates once, as storch.backward() does
     done = graph.step_updated
     if done is None:
-        done = graph.step_updated = []
+        done = graph.step_updated = set()
 
     def check():
         learners = sorted({f"{n[0].estimator.name!r} (plate {n[0].plate.name!r})" for n in updating.values()
@@ -1034,35 +1034,39 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
                 "or create the estimator with update=False")
         _check_finite(loss, graph)
 
-    def run():
-        for nodes in updating.values():
+    def run(todo):
+        for key in todo:
+            nodes = updating[key]
             nodes[0].estimator.update_parameters(nodes, loss)
 
-    update_on_backward(probe, check, run, done)
+    update_on_backward(probe, check, run, done, tuple(updating))
     return torch.addcmul(loss, loss, probe)
 
 
 def update_on_backward(probe: Union[torch.Tensor, tuple], check: Callable[[], None],
-                       run: Callable[[], None], done: list) -> None:
+                       run: Callable[[list], None], done: set, keys: tuple = (None,)) -> None:
     """The update probe's mechanism (eager surrogates, and each call of a step compiled by
     ``storch.compile``): when ``.backward()`` accumulates into the zero leaf ``probe`` (added to
     the loss; ``torch.autograd.grad`` never accumulates into it), or into one of several, ``check()`` runs
     (it raises to stop the pass before any state changes) and ``run()`` (the estimators' updates) is queued
-    for the end of the pass, once per step: ``done`` is the step's record, shared by the probes of all its
-    surrogates, so neither a pass that reaches several of them nor a second pass (``retain_graph=True``, or
-    another surrogate of the step) updates again. ``run`` has grad mode on, as under ``storch.backward()``
+    for the end of the pass, once per step and estimator: ``done`` is the step's record of the ``keys`` (the
+    estimators, by id) updated, shared by the probes of all its surrogates, so neither a pass that reaches
+    several of them nor a second pass (``retain_graph=True``, or another surrogate of the step) updates an
+    estimator again, while one that an earlier pass did not reach (a node added after it) is updated;
+    ``run(todo)`` updates the keys in ``todo``. ``run`` has grad mode on, as under ``storch.backward()``
     (the engine's callback runs with it off, so a learned baseline's regression would build no graph and
     silently not train)."""
 
     def on_backward(_):
-        if done:
+        todo = [k for k in keys if k not in done]
+        if not todo:
             return
         check()  # before the record: a refused pass (a non-finite loss) is refused again, never let through
-        done.append(True)
+        done.update(todo)
 
         def queued():
             with torch.enable_grad():
-                run()
+                run(todo)
 
         torch.autograd.Variable._execution_engine.queue_callback(queued)
 
@@ -1501,8 +1505,9 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1,
                 "through it (torch.autograd.grad(storch.surrogate_loss(), ...) or loss.backward() without "
                 "retain_graph=True). Pass retain_graph=True to that earlier call, or build the step again; no "
                 "estimator state was changed") from e
-        if not graph.step_updated:  # a surrogate_loss().backward() of this step ran them already: once per step
-            for nodes in updating.values():
+        ran = graph.step_updated or ()  # those a surrogate_loss().backward() of this step ran: once per step
+        for key, nodes in updating.items():
+            if key not in ran:
                 nodes[0].estimator.update_parameters(nodes, loss)
         return loss.detach()
     except RuntimeError as e:

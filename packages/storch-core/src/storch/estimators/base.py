@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import numbers
 import sys
 import types
 import weakref
@@ -89,15 +90,19 @@ def _threshold_watch(node: Node):
 
 
 def _in_constraint_check() -> bool:
-    """Whether the nearest caller outside storch is ``torch.distributions.constraints`` (a constraint's
-    ``check``; asked only for a comparison of a watched value)."""
+    """Whether the nearest caller outside storch is ``torch.distributions`` (asked only for a comparison of a
+    watched value): a constraint's ``check`` (argument validation), and the comparisons torch's densities and
+    divergences make internally, which select between formulas of one smooth function or guard a boundary
+    (``kl_divergence``'s ``q.probs == 0``, ContinuousBernoulli's Taylor branch near 1/2, VonMises' Bessel
+    approximation, Geometric's ``probs == 1``), not a jump of the cost (found by review: REBAR's analytic KL of a
+    sigmoid belief net was refused). A user's own comparison in the step is still seen."""
     frame = sys._getframe(2)
     for _ in range(16):
         if frame is None:
             return False
         name = frame.f_globals.get("__name__", "")
         if not name.startswith("storch."):
-            return name == "torch.distributions.constraints"
+            return name.startswith("torch.distributions")
         frame = frame.f_back
     return False
 
@@ -784,7 +789,9 @@ class Estimator(torch.nn.Module):
         if names is None:
             names = _OPTION_NAMES[type(self)] = frozenset(type(self).options()) | {"plate"}
         if name in names:
-            key = value if value is None or type(value) in (bool, int, float, str) else ("id", id(value))
+            # a number (numpy's too) or string by value; anything else by identity, holding it: a key of a freed
+            # object's id could be taken by a new one and select the old trace (found by review)
+            key = value if value is None or isinstance(value, (numbers.Number, str)) else _ByIdentity(value)
             options = dict(self._options_key)
             options[name] = key
             object.__setattr__(self, "_options_key", tuple(sorted(options.items())))
@@ -860,6 +867,21 @@ class Estimator(torch.nn.Module):
 
 _WELL_FORMED: "weakref.WeakSet[type]" = weakref.WeakSet()
 _OPTION_NAMES: "weakref.WeakKeyDictionary[type, frozenset]" = weakref.WeakKeyDictionary()
+
+
+class _ByIdentity:
+    """An option value in ``Estimator._options_key`` compared by identity (a callable schedule, a tensor), held."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is _ByIdentity and other.value is self.value
+
+    def __hash__(self) -> int:
+        return id(self.value)
 
 
 def _step(step: int) -> str:

@@ -109,7 +109,14 @@ def _jumps() -> frozenset:
     out.update(getattr(_T, n) for n in names + methods if hasattr(_T, n))
     out.update(getattr(_T, n + "_") for n in names if hasattr(_T, n + "_"))
     out.add(torch.searchsorted)
+    # functions that return indices as well as values (found by review: m.max(-1).indices, topk(k).indices); max,
+    # min and median give indices only with a dim (_DIM_JUMPS), the others always
+    for n in ("topk", "sort", "kthvalue", "mode", "cummax", "cummin", "max", "min", "median", "nanmedian"):
+        out.update(f for f in (getattr(torch, n, None), getattr(_T, n, None)) if f is not None)
     return frozenset(out)
+
+
+_DIM_JUMPS = frozenset(f for n in ("max", "min", "median", "nanmedian") for f in (getattr(torch, n), getattr(_T, n)))
 
 
 # The functions whose result jumps where their (floating-point) operand crosses a threshold, outside the
@@ -126,7 +133,8 @@ def _watched(impl):
     """``impl`` of a function of :data:`JUMPS`, which first reports its operands that require grad to their
     plates' watches."""
     def run(func, args, kwargs):
-        if _grad_enabled():
+        # (max(x), min(x), median(x) without a dim: a value, no index; max(x, y) with a tensor: elementwise)
+        if _grad_enabled() and (func not in _DIM_JUMPS or "dim" in kwargs or (len(args) > 1 and type(args[1]) is int)):
             for a in _operands(args, kwargs):
                 if type(a) is _PT and a._raw.requires_grad:
                     for p in a._plates:
