@@ -272,3 +272,18 @@ def test_inplace_into_a_size_one_plate_dim_is_refused_with_storch_message(form):
     # a value that does not vary over the held-once plate is written as before
     x.add_(PlateTensor(torch.ones(2, 4), (DATA,)))
     assert torch.equal(x.tensor, torch.ones(1, 2, 4))
+
+
+@pytest.mark.parametrize("op", ["div", "atan2", "true_divide"])
+@pytest.mark.parametrize("sample_dtype", [torch.int64, torch.int32])
+def test_an_integral_common_dtype_does_not_cast_the_sample(op, sample_dtype):
+    # found by review: the common per-sample dtype of a sampled int64 0-dim value and a uint8 tensor is uint8, and
+    # casting the sample to it made -5 into 251 before a true division (or atan2), which computes in floating
+    # point with the operands' values: the values must be each entry's own
+    z = Plate("z", 3)
+    k = PlateTensor(torch.tensor([-5, 2, -1], dtype=sample_dtype), (z,))
+    img = torch.tensor([2, 4, 10], dtype=torch.uint8)
+    f = getattr(torch, op)
+    got = f(k, img)
+    for i in range(3):
+        torch.testing.assert_close(got.tensor[i], f(k.tensor[i], img))

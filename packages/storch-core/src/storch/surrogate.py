@@ -606,7 +606,7 @@ def _thresholded_message(node: Node, name: str) -> str:
     p = node.plate.name
     return (
         f"estimator {est.name!r} on plate {p!r}: the cost {name!r} carries the plate {p!r}, and in this step "
-        f"{node.thresholded} (a comparison, or another operation without a derivative: argmax, the indices of max / topk / sort, a bool or integer "
+        f"{node.thresholded} (a comparison, or another operation without a derivative: argmax, a bool or integer "
         "cast) was applied to a value that carries the gradient of the node's sample. "
         f"{est.name!r} differentiates the cost through that sample (REBAR and RELAX: the cost at the relaxed sample "
         "σ_λ(z), in their control variate η f(σ_λ(z))): a threshold such as m > 0.5 makes that relaxed cost jump, autograd sees no "

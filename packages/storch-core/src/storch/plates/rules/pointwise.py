@@ -91,8 +91,9 @@ def per_sample_dtype(operands, raw: bool = False):
 
 
 def _promoted(func, args, kwargs):
-    """``(args, kwargs)`` with the 0-dim per-sample plate operands cast to the dtype torch promotes
-    to per sample, where the raw call would promote to another; ``None`` where it would not."""
+    """``(args, kwargs, result_dtype)`` with the 0-dim per-sample plate operands cast to the dtype torch promotes
+    to per sample, where the raw call would promote to another (``result_dtype``: for an integral one, the
+    operands as they are and the dtype an integral result is cast to); ``None`` where it would not."""
     dtype = None
     zero = mixed = False  # cheap first: a 0-dim sample among tensors of more than one dtype
     for a in _operands(args, kwargs):
@@ -115,6 +116,12 @@ def _promoted(func, args, kwargs):
     want = per_sample_dtype(ops)
     if want is None or want == per_sample_dtype(ops, raw=True):
         return None
+    if not (want.is_floating_point or want.is_complex) and not _is_inplace(func):
+        # an integral common dtype: the operands are not cast (true division and atan2 compute in floating point
+        # with the operands' values, and a sampled -5 cast to uint8 is 251: found by review), the call runs in the
+        # raw call's wider integer dtype and an integral result is cast to torch's per-sample dtype (the same
+        # values modulo the narrower range, as torch's arithmetic in it gives)
+        return args, kwargs, want
 
     def cast(a):
         # bool operands never change a promotion (the lowest dtype) and may be a condition or a mask
@@ -127,7 +134,7 @@ def _promoted(func, args, kwargs):
 
     # an in-place function writes into its first argument: that one is never replaced by a cast copy
     first = args[:1] if _is_inplace(func) else tuple(cast(a) for a in args[:1])
-    return first + tuple(cast(a) for a in args[1:]), {k: cast(v) for k, v in kwargs.items()}
+    return first + tuple(cast(a) for a in args[1:]), {k: cast(v) for k, v in kwargs.items()}, None
 
 
 def _dtypes_differ(args, kwargs) -> bool:
@@ -136,12 +143,13 @@ def _dtypes_differ(args, kwargs) -> bool:
 
 
 def _call(func, args, kwargs, pad: int):
+    integral = None  # the per-sample integral dtype of the result (_promoted)
     # (the common cases, nothing to promote: two plate tensors of one dtype, a tensor and a number)
     if len(args) != 2 or kwargs or isinstance(args[1], _T) and not (
             type(args[0]) is _PT and type(args[1]) is _PT and args[0]._raw.dtype is args[1]._raw.dtype):
         fixed = _promoted(func, args, kwargs)
         if fixed is not None:
-            args, kwargs = fixed
+            args, kwargs, integral = fixed
     groups = scan(args, kwargs)
     first = groups[0]
     if all(g is first or g == first for g in groups):
@@ -172,6 +180,9 @@ def _call(func, args, kwargs, pad: int):
             raise
         return self  # the raw tensor was modified in place; the wrapper still describes it
     out = func(*raws, **rkw)
+    if integral is not None and isinstance(out, _T) and out.dtype != integral and out.dtype != torch.bool \
+            and not (out.is_floating_point() or out.is_complex()):
+        out = out.to(integral)
     return wrap(out, plates)
 
 
