@@ -119,11 +119,12 @@ class Mvd(Estimator):
             # 0, where ∂_λ p = δ₁ − δ₀: decompositions/poisson.py): its weight is exactly 0 (w ∝ p(x) = 0,
             # the ratio is infinite), so l cannot carry its term ±c f(x) ∇θ / n; the weight's derivative
             # does: w = 0 + ±c (θ − ⊥θ) / n there (value 0, so the forward estimate is unchanged; first
-            # order, as the rest). A check per part (always while traced: no value-dependent branch)
+            # order, as the rest). A check per part (always while traced, and on the meta device: no
+            # value-dependent branch, and no value to read)
             outside = torch.isinf(ratio) & (c != 0)
             if part.active is not None:
                 outside = outside & active
-            if is_tracing() or bool(outside.any()):
+            if is_tracing() or outside.is_meta or bool(outside.any()):
                 term = sign * c.detach() * (theta - theta.detach()) / n
                 w = w + torch.where(outside, term, torch.zeros((), dtype=term.dtype, device=term.device))
             weights.append(w.reshape((n, k * 2 * e) + parents))

@@ -489,7 +489,7 @@ def _index_fill(func, args, kwargs):
     i = i.reshape(-1)
     raw = i._raw if type(i) is _PT else i
     out_of_range = (raw < -shape[d]) | (raw >= shape[d])
-    if bool(out_of_range.any()):  # torch's IndexError (scatter's would be a RuntimeError)
+    if not out_of_range.is_meta and bool(out_of_range.any()):  # torch's IndexError (scatter's would be a RuntimeError)
         raise IndexError(f"index_fill: index {int(raw[out_of_range][0])} is out of bounds for dimension {d} with "
                          f"size {shape[d]}")
     i = torch.where(i < 0, i + shape[d], i)  # index_fill takes negative indices
@@ -529,7 +529,7 @@ def _index_fill_inplace(func, args, kwargs):
         r = i._raw
         m = len(i._plates)
         r = r.reshape(r.shape[:m] + (-1,))
-        if bool(((r < -n) | (r >= n)).any()):  # (as torch's index_fill checks)
+        if not r.is_meta and bool(((r < -n) | (r >= n)).any()):  # (as torch's index_fill checks)
             raise IndexError(f"index out of range for dimension {d} with size {n} in index_fill")
         r = torch.where(r < 0, r + n, r)  # torch's negative indices
         mask = torch.zeros(r.shape[:m] + (n,), dtype=torch.bool, device=r.device).scatter(-1, r, True)

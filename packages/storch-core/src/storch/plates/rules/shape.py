@@ -725,7 +725,7 @@ def _embedding_table(func, args, kwargs):
     shape = ir.shape[m:]  # the per-sample index shape
     sizes = tuple(max(a, c) for a, c in zip(wr.shape[:m], ir.shape[:m]))
     if scale:
-        if bool(((ir < 0) | (ir >= n)).any()):  # (offset indices out of range would read another table)
+        if not ir.is_meta and bool(((ir < 0) | (ir >= n)).any()):  # (offset indices out of range would read another table)
             raise IndexError("index out of range in self")
         count = math.prod(sizes)
         tables = wr.expand(sizes + wr.shape[m:]).reshape(count * n, wr.shape[-1])
