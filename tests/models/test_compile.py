@@ -1451,10 +1451,8 @@ def test_train_and_eval_select_their_own_trace(backend, as_argument):
     assert compiled.traces == 2
 
 
-@pytest.mark.parametrize("backend", [None, "aot_eager"])
-def test_an_estimator_option_set_after_tracing_selects_a_new_trace(backend):
-    # est.temperature = 0.1 (or n_samples) after the first call: the trace had fixed the option's value, so the
-    # replay went on with the old one (a silently different loss); setting an option now keys a new trace
+def _gumbel_step():
+    """A gumbel_softmax estimator with a constant temperature, a parameter and a step that uses them."""
     pytest.importorskip("storch_relaxed")
     est = storch.estimator("gumbel_softmax", plate="z", n_samples=4, temperature=1.0)
     theta = torch.tensor([0.3, -0.5, 1.0], requires_grad=True)
@@ -1464,6 +1462,15 @@ def test_an_estimator_option_set_after_tracing_selects_a_new_trace(backend):
             z = est(Bernoulli(logits=theta))
             storch.add_cost(((z - 0.3) ** 2).sum(-1), name="f")
             return storch.surrogate_loss()
+
+    return est, theta, step
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_an_estimator_option_set_after_tracing_selects_a_new_trace(backend):
+    # est.temperature = 0.1 (or n_samples) after the first call: the trace had fixed the option's value, so the
+    # replay went on with the old one (a silently different loss); setting an option now keys a new trace
+    est, theta, step = _gumbel_step()
 
     compiled = storch.compile(step, backend=backend)
     for options in ({}, {"temperature": 0.1}, {"n_samples": 7}, {"temperature": 2.0}):
@@ -1513,15 +1520,7 @@ def test_freezing_and_unfreezing_selects_a_trace_per_state(backend):
 def test_an_option_set_again_or_alternating_reuses_its_trace():
     # found by review: the key counted option sets, so a loop that set est.temperature each call (even to the same
     # value) traced again at every call, keeping every program; the key holds the options' values now
-    pytest.importorskip("storch_relaxed")
-    est = storch.estimator("gumbel_softmax", plate="z", n_samples=4, temperature=1.0)
-    theta = torch.tensor([0.3, -0.5, 1.0], requires_grad=True)
-
-    def step(theta):
-        with storch.Graph():
-            z = est(Bernoulli(logits=theta))
-            storch.add_cost(((z - 0.3) ** 2).sum(-1), name="f")
-            return storch.surrogate_loss()
+    est, theta, step = _gumbel_step()
 
     compiled = storch.compile(step, backend=None)
     for i in range(6):
@@ -1568,15 +1567,7 @@ def test_options_are_keyed_by_value_and_held():
     # numbers are keyed by value now (a new numpy float of the same value reuses the trace), other values by
     # identity with a reference held
     np = pytest.importorskip("numpy")
-    pytest.importorskip("storch_relaxed")
-    est = storch.estimator("gumbel_softmax", plate="z", n_samples=4, temperature=1.0)
-    theta = torch.tensor([0.3, -0.5, 1.0], requires_grad=True)
-
-    def step(theta):
-        with storch.Graph():
-            z = est(Bernoulli(logits=theta))
-            storch.add_cost(((z - 0.3) ** 2).sum(-1), name="f")
-            return storch.surrogate_loss()
+    est, theta, step = _gumbel_step()
 
     compiled = storch.compile(step, backend=None)
     for t in (0.5, 0.5, 0.7, 0.5, 0.7):
