@@ -131,7 +131,9 @@ def _watched(impl):
     plates' watches."""
     def run(func, args, kwargs):
         if _grad_enabled():
-            for a in _operands(args, kwargs):
+            # (positional operands directly: these functions take no tensor lists; every argument-validating
+            # Distribution compares its parameters, logits == logits, so this runs in most steps)
+            for a in (_operands(args, kwargs) if kwargs else args):
                 if type(a) is _PT and a._raw.requires_grad:
                     for p in a._plates:
                         lin = p.lineage
