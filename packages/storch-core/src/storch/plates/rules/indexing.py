@@ -29,9 +29,9 @@ import torch
 from ...errors import PlateError
 from ..kit import dispatch, register, register_copy, wrap_same
 from .shape import _dim_handler, _full
+from .pointwise import broadcast, write_in_place
 from .vmap import vmap_call
 from ..tensor import PlateTensor, align, union_plates, write_plates
-from ..tensor import new_plate_tensor as _new
 
 _PT = PlateTensor
 _T = torch.Tensor
@@ -503,15 +503,11 @@ def _index_fill(func, args, kwargs):
 
 @register(_T.index_fill_)
 def _index_fill_inplace(func, args, kwargs):
-    """per sample (vmap); a sampled value (a plate tensor) as torch.where over a mask of the index, written in place
+    """per sample (vmap); a sampled value (a plate tensor): the out-of-place fill, written in place
 
-    (The out-of-place forms: ``_index_fill`` above, which also takes a sampled index.)
-
-    torch's vmap rule for index_fill with a batched value and an unbatched ``self`` fills every entry
-    with the last entry's value. Per sample ``x.index_fill(d, i, v)`` is ``torch.where(m, v, x)`` with
-    ``m`` true at the indexed positions of dim ``d`` (``v`` cast to ``x``'s dtype): the same values, and
-    the same derivatives (``x``'s gradient is zero where filled; ``v``'s sums the filled positions once
-    each, as torch's sums them over the unique index). In place, ``x`` must carry the value's plates."""
+    (torch's vmap rule for index_fill with a batched value and an unbatched ``self`` fills every entry with
+    the last entry's value.) The values are ``_index_fill``'s; the write is ``pointwise``'s in-place write,
+    so ``x`` must carry the value's plates."""
     names = ("input", "dim", "index", "value")
     bound = dict(zip(names, args))
     bound.update(("input" if k == "self" else k, v) for k, v in kwargs.items())
@@ -519,33 +515,7 @@ def _index_fill_inplace(func, args, kwargs):
     if (type(v) is not _PT or set(bound) - set(names) or not isinstance(d, int) or not isinstance(x, _T)
             or not isinstance(i, _T) or v.dim() != 0 or i.dim() > 1 or i.dtype != torch.long):
         return vmap_call(func, args, kwargs)  # (a sampled index with a plain value; torch's own errors)
-    k = x.dim()  # per-sample rank
-    kk = max(k, 1)
-    if not -kk <= d < kk:
-        raise IndexError(f"Dimension out of range (expected to be in range of [{-kk}, {kk - 1}], but got {d})")
-    d %= kk
-    n = x.shape[d] if k else 1
-    if type(i) is _PT:
-        r = i._raw
-        m = len(i._plates)
-        r = r.reshape(r.shape[:m] + (-1,))
-        if not r.is_meta and bool(((r < -n) | (r >= n)).any()):  # (as torch's index_fill checks)
-            raise IndexError(f"index out of range for dimension {d} with size {n} in index_fill")
-        r = torch.where(r < 0, r + n, r)  # torch's negative indices
-        mask = torch.zeros(r.shape[:m] + (n,), dtype=torch.bool, device=r.device).scatter(-1, r, True)
-        mask = _new(mask, i._plates)
-    else:
-        mask = torch.zeros(n, dtype=torch.bool, device=x.device).index_fill(0, i, True)  # torch's checks
-    mask = mask.reshape((1,) * d + (n,) + (1,) * (k - d - 1) if k else ())
-    out = torch.where(mask, v.to(x.dtype), x)
-    if func is not _T.index_fill_:
-        return out
-    wp = write_plates(x._plates, out._plates, func) if type(x) is _PT else None
-    src = None if wp is None or len(wp) != len(x._plates) else align(out._raw, out._plates, wp)
-    if src is None or any(s == 1 and t > 1 for s, t in zip(x._raw.shape[:len(wp)], src.shape)):
-        raise PlateError(
-            f"in-place index_fill_ would write values that vary over plates {tuple(p.name for p in out._plates)} "
-            f"into a tensor that does not vary over all of them; use the out-of-place version "
-            "(x = x.index_fill(dim, index, value))")
-    x._raw.copy_(src)
-    return x
+    return broadcast(_WRITE_INDEX_FILL, (x, _index_fill(_T.index_fill, (x, d, i, v), {})), {})
+
+
+_WRITE_INDEX_FILL = write_in_place("index_fill_")

@@ -18,7 +18,7 @@ from ..tensor import PlateTensor, _names, align, later_step, union_plates, write
 from ..tensor import new_plate_tensor as _new
 from ..treatments import describe, register_plate_handler
 
-__all__ = ["broadcast", "broadcast_inplace", "random_pointwise", "per_sample_dtype"]
+__all__ = ["broadcast", "broadcast_inplace", "random_pointwise", "per_sample_dtype", "write_in_place"]
 
 _PT = PlateTensor
 _T = torch.Tensor
@@ -352,10 +352,18 @@ def _fill(x, mask, value):
     return torch.where(mask, value.to(x.dtype), x)
 
 
-def masked_fill_(x, filled):
-    # the raw write of masked_fill_ with a per-sample value (named so: _call's in-place checks and
-    # its refusals read the name)
-    return x.copy_(filled)
+def write_in_place(name: str):
+    """The raw write ``x.copy_(filled)`` of the in-place function ``name`` whose values are computed out of
+    place (``masked_fill_``, ``index_fill_`` with a per-sample value). Passed to :func:`broadcast` with
+    ``(x, filled)`` it gets ``_call``'s in-place checks (x must carry every plate of ``filled``; a table of a
+    partition's earlier step), whose refusals name it, and returns ``x``."""
+    def write(x, filled):
+        return x.copy_(filled)
+    write.__name__ = write.__qualname__ = name
+    return write
+
+
+masked_fill_ = write_in_place("masked_fill_")
 
 
 @register(torch.masked_fill, _T.masked_fill, _T.masked_fill_)
