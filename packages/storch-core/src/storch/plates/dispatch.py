@@ -19,10 +19,9 @@ import torch
 
 from ..eager import mark_eager_only, set_eval_frame
 from ..errors import PlateError, plate_error_from
-from .kit import _operands, dispatch, register, scan, too_many_samples, unwrap, wrap, write_through
+from .kit import _is_inplace, _operands, dispatch, register, scan, too_many_samples, unwrap, wrap, write_through
 from .rules import indexing, losses, metadata, shape  # noqa: F401  (register their handlers)
 from .rules.batch_first import batch_first
-from .kit import _is_inplace
 from .rules.pointwise import broadcast, broadcast_inplace, random_pointwise
 from .rules.vmap import vmap_call
 from .tensor import PlateTensor, _names, align, install_dispatcher, too_many_dims_message, union_plates

@@ -696,7 +696,6 @@ def _embedding(func, args, kwargs):
     return wrap(func(x._raw, *args[1:], **kwargs), x._plates)
 
 
-
 _EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
 
 
