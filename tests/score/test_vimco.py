@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
-from torch.distributions import Bernoulli, Categorical
+from torch.distributions import Bernoulli, Categorical, Poisson
 
 import storch
 
@@ -359,3 +359,36 @@ def test_vimco_names_a_data_plate_for_log_weights_with_a_batch_dim():
         z = est(Bernoulli(logits=torch.zeros(8, 2, requires_grad=True)))
         with pytest.raises(storch.CostError, match=r"minibatch, put the batch on a data plate.*denote_independent"):
             est.bound(z.sum(-1))
+
+
+def test_vimco_a_poisson_rate_of_exactly_zero_has_an_unbiased_finite_gradient():
+    """q = Poisson(lam * mask) with mask 0 at one entry (a zero-inflated Poisson's rate): torch's log_prob has
+    derivative 0 / 0 = NaN at rate 0 and value 0, which made every gradient NaN; through strict_support it is
+    finite (-1 w.r.t. the rate, times d rate / d lam = 0). z-test of d/d lam_0 against enumeration over the
+    two draws' counts (truncated at 40: the tail's mass at rate 0.9 is below 1e-40); d/d lam_1 is 0 exactly."""
+    lam0 = torch.tensor([0.9, 1.3], dtype=torch.float64)
+    mask = torch.tensor([1.0, 0.0], dtype=torch.float64)
+
+    def log_w(z):  # of each draw's counts (..., 2, 2) -> (..., 2)
+        return -0.5 * ((z - torch.tensor([1.0, 0.0], dtype=torch.float64)) ** 2).sum(-1)
+
+    def exact(lam):
+        counts = torch.arange(41, dtype=torch.float64)
+        z0 = torch.stack(torch.meshgrid(counts, counts, indexing="ij"), -1).reshape(-1, 2)  # draw k's count 0
+        z = torch.stack([z0, torch.zeros_like(z0)], -1)  # (M, K=2, D=2): entry 1 is 0 at rate 0
+        q = Poisson(lam[0]).log_prob(z0).sum(-1).exp()
+        return (q * negative_bound(log_w(z))).sum()
+
+    replicates = 4000
+    torch.manual_seed(0)
+    with storch.Graph():
+        leaf, lam = replicate(lam0, replicates)
+        est = storch.estimator("vimco", plate="z", n_draws=2)
+        z = est(Poisson(lam * mask))
+        storch.add_cost(est.bound(log_w(z)), name="negative_bound")
+        (got,) = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+    assert torch.isfinite(got).all()
+    assert (got[:, 1] == 0).all()
+    want = derivatives(exact, lam0, order=1)[0]
+    report = assert_unbiased(got[:, :1], want[:1], "vimco, Poisson rate 0: gradient")
+    print(f"\nmax |z| {report.max_abs_z:.2f}")

@@ -13,7 +13,7 @@ from torch.distributions import Distribution
 import storch
 from storch import (CostError, CostFrame, Estimator, Node, PlateError, PlateTensor, StorchError,
                     UnsupportedDistributionError, magic_box)
-from storch.extending import options, step_guard
+from storch.extending import options, step_guard, strict_support
 
 __all__ = ["Vimco", "VimcoState"]
 
@@ -101,8 +101,8 @@ class Vimco(Estimator):
         return super().forward(distribution, inputs)
 
     def gradient_function(self, node: Node) -> torch.Tensor:
-        try:
-            lp = node.distribution.log_prob(node.sample)
+        try:  # strict_support: a Poisson rate of exactly 0 (Poisson(lam * mask)) gets finite derivatives (torch's: NaN)
+            lp = strict_support(node.distribution).log_prob(node.sample)
         except NotImplementedError:
             lp = None
         want = node.sample.shape[:1] + node.distribution.batch_shape
