@@ -245,13 +245,15 @@ def test_plain_table_indexed_by_a_plate_tensor_is_one_raw_index():
         for fn, by_hand in ((lambda: table[s], lambda: table[s.tensor]),
                             (lambda: table[s, a], lambda: table[s.tensor.unsqueeze(1), a.tensor.unsqueeze(0)])):
             out, seen = calls(fn)
-            assert "arange" not in seen and "_full" not in seen, "the plain table was expanded over the plates"
+            # _arange, not torch's arange: the aranges over the plates are cached per shape (an earlier test's
+            # index of the same shape made them), so only the helper's call shows the general path
+            assert "_arange" not in seen and "_full" not in seen, "the plain table was expanded over the plates"
             assert graph_ops(out.tensor) == graph_ops(by_hand()) and torch.equal(out.tensor, by_hand())
         assert [p.name for p in table[s, a].plates] == ["s", "a"]
         # the control: a slice first puts torch's block of the raw index in place, so the general
         # path (aranges over the plates) runs, and the probe sees it
         _, seen = calls(lambda: table[:, a])
-        assert "arange" in seen
+        assert "_arange" in seen
 
 
 class _PlainSequence(_Plain):
