@@ -9,7 +9,8 @@ reduction per node, never a Python loop over samples:
     inner_i-1 = Σ_{x_i ∈ X_i} w_i(x_i) · [ inner_i + MagicBox(L_{i-1}) · a_i(x<i, X_i) ]
 
 so each control variate is multiplied by MagicBox of the gradient functions before it (Theorem 2,
-appendix C), which makes baselines reduce variance at every order. Independent (data) plates
+appendix C), which keeps baselines zero-mean at every order, so they can reduce variance there (measured:
+usually the Hessian's total, not every entry). Independent (data) plates
 are reduced by the mean; the costs' surrogates are summed.
 """
 
