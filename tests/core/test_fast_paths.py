@@ -277,7 +277,7 @@ def test_partition_step_on_the_partitions_plates_skips_the_general_unwrapping():
         a1, seen = calls(lambda: est(d))
         assert {"_as_raw", "owns", "_extend_partition", "raw_sample", "raw_log_prob"} <= seen
         assert not seen & {"check_call", "_distribution_plates", "unwrap_distribution", "node_of", "broadcast_all",
-                           "_extended_shape"}  # (torch's Bernoulli.sample)
+                           "_extended_shape", "_components_step"}  # (torch's Bernoulli.sample)
         node = storch.current_graph().nodes[0]
         assert a1.plates == node.plates and a1.plates[0].step == 1
         # the plates the next step is matched against: those of the value, the same tuple (tensors
@@ -346,3 +346,16 @@ def test_raw_bernoulli_draw_is_torchs_draw():
             a = est(Bernoulli(logits=logits[0]))
             draws.append(est(Bernoulli(logits=logits[1] * a)).tensor)
     assert torch.equal(draws[0], draws[1]) and torch.equal(torch.get_rng_state(), state)
+
+
+def test_reparameterization_partition_step_keeps_its_own_step_gradient_function():
+    # the built-in pathwise estimator makes its later steps with the base class's extend and its own
+    # step_gradient_function (l_t = 0, one draw per prefix), not with the components' path that an
+    # estimator overriding only components gets (its proposal drawn for every prefix, then the diagonal)
+    theta = torch.randn(2, requires_grad=True)
+    est = storch.estimator("reparameterization", plate="walk", n_samples=3)
+    with storch.Graph():
+        x = est(Normal(theta[0], 1.0))
+        _, seen = calls(lambda: est(Normal(x, theta[1].exp())))
+    assert {"extend", "draw", "step_gradient_function"} <= seen
+    assert not seen & {"_components_step", "proposal", "gradient_function", "output"}

@@ -529,3 +529,80 @@ def test_a_table_of_step_0_written_in_place_at_later_steps(form, with_data):
             _write(form, ref, torch.tensor(s), a)
             s = (s + int(a) + 1) % _S
         torch.testing.assert_close(out[idx], ref)
+
+
+class MyPathwise(storch.Estimator):
+    """A third-party pathwise estimator written from docs/writing-an-estimator.md: rsample proposal, l = 0,
+    and no partition hooks (extend, step_gradient_function) of its own."""
+
+    name = "test_third_party_pathwise"
+    requires_rsample = True
+    supports_partitions = True
+
+    def proposal(self, node):
+        return node.distribution.rsample((self.n_samples,))
+
+    def gradient_function(self, node):
+        return torch.zeros((1,), dtype=node.sample.dtype, device=node.sample.device)  # pathwise: l = 0
+
+
+@pytest.mark.parametrize("n_samples", [1, 3])
+def test_a_third_party_estimator_s_later_partition_steps_use_its_own_components(n_samples):
+    # found by a tester: the later steps got the base class's extend (a draw scored with log p), so a
+    # pathwise estimator's step 1 was differentiated twice, pathwise and by the score (max |z| 51)
+    torch.manual_seed(11)
+    theta = torch.tensor([0.4, -0.9], dtype=torch.float64)
+    est = MyPathwise(plate="x", n_samples=n_samples)
+    with storch.Graph() as g:
+        leaf, th = replicate(theta, R)
+        x0 = est(Normal(th[0], 1.0))
+        x1 = est(Normal(x0, th[1].exp()))  # step 1 of the partition
+        assert len(g.nodes) == 1 and x1.plates[0].step == 1
+        storch.add_cost((x1 - x0) ** 2 + x0 ** 2)  # E = exp(2 th1) + th0^2 + 1
+        assert torch.count_nonzero(g.nodes[0].step_log[1][1]) == 0  # l_1 is the estimator's 0
+        (grad,) = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+    assert_unbiased(grad, torch.stack([2 * theta[0], 2 * torch.exp(2 * theta[1])]), "gradient")
+
+
+def test_a_later_partition_step_hands_out_the_estimator_s_output():
+    class Exp(MyPathwise):
+        name = "test_third_party_exp_output"
+
+        def output(self, node):
+            return node.sample.exp()
+
+    torch.manual_seed(2)
+    est = Exp(plate="x", n_samples=2)
+    with storch.Graph() as g:
+        y0 = est(Normal(torch.tensor(0.3), 1.0))
+        y1 = est(Normal(y0.log(), 0.5))
+        node = g.nodes[0]
+        assert torch.equal(y1.tensor, node.sample.exp()) and torch.equal(y0.tensor, node.at(0).sample.exp())
+        assert node.at(1).value is y1
+
+
+def test_components_below_the_partition_hooks_are_refused_at_the_class():
+    # a subclass of the built-in pathwise estimator with a gradient function of its own would inherit
+    # its step_gradient_function (l_t = 0): its later steps would silently not use the new one
+    class Scored(storch.estimator("reparameterization", plate="x").__class__):
+        name = "test_scored_pathwise"
+
+        def gradient_function(self, node):
+            return node.log_prob(node.sample)
+
+    with pytest.raises(storch.StorchError, match="gradient_function in a subclass of Reparameterization.*extend"):
+        Scored(plate="x")
+
+
+def test_weights_of_a_sequence_from_the_components_are_refused():
+    class Weighted(SequenceScore):
+        name = "test_weighted_sequence"
+
+        def weighting_function(self, node):
+            return torch.full((node.n,), 1.0 / node.n)
+
+    est = Weighted(plate="x", n_samples=2)
+    with storch.Graph():
+        b = est(Bernoulli(logits=torch.tensor(0.2)))
+        with pytest.raises(storch.StorchError, match="weighting_function.*step 1.*extend"):
+            est(Bernoulli(logits=b - 0.5))

@@ -477,3 +477,17 @@ def test_shared_running_sums_keep_the_surrogate_and_its_derivatives(order):
             h_ref = torch.stack([torch.autograd.grad(g_ref[i], theta, retain_graph=True)[0] for i in range(6)])
             assert torch.allclose(h, h_ref, rtol=1e-5, atol=1e-6)
             assert h.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name, options", [("score", {"baseline": "none"}), ("score", {"baseline": "greedy"}),
+                                           ("unordered_set", {})])
+def test_first_party_partition_steps_take_their_own_extend(name, options):
+    # the partition estimators of this family override extend with their components written into it
+    # (greedy decoding, stochastic beam search): a later step runs it, not the path made from the
+    # components that an estimator without partition hooks gets (Estimator._components_step)
+    theta = torch.tensor([0.3, -0.5], requires_grad=True)
+    est = storch.estimator(name, plate="a", n_samples=3, **options)
+    with storch.Graph():
+        a = est(Bernoulli(logits=theta[0]))
+        _, seen = calls(lambda: est(Bernoulli(logits=theta[1] + a)))
+    assert "extend" in seen and "_components_step" not in seen and "proposal" not in seen

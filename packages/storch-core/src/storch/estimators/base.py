@@ -173,7 +173,11 @@ class Estimator(torch.nn.Module):
             only backend that can: a compiled program is one autograd node).
         State: the dataclass of the per-node record ``node.state`` (``None``: no record).
         supports_partitions: whether calling one instance several times in a graph (a loop) makes
-            one partition (paper, section 3.2; docs/partitions.md).
+            one partition (paper, section 3.2; docs/partitions.md). A later step is made by
+            :meth:`extend` where the class overrides a partition hook (``extend``,
+            ``step_gradient_function``, ``draw``), else, where it overrides components, from its own
+            ``proposal``, ``gradient_function`` and ``output`` (:meth:`_components_step`); components
+            overridden below the class that wrote its hooks are refused (:func:`capability_problem`).
         causal_credit: for partitions: a cost computed at step t is credited to steps <= t only
             (True: weights are the same at every step, e.g. sampling with replacement); False:
             costs are moved to the last step and credited to the whole sequence (sampling without
@@ -387,7 +391,11 @@ class Estimator(torch.nn.Module):
             node._history = [log[0]]
             # step 0's draw, for node.at(0): the node itself goes on to hold the last step's sample
             node.step_draws = [(node.sample, node.distribution, node.original, node.value, node.finished)]
-        sample, lp = self.extend(node, raw, plates)
+        if _steps_by_components(type(self)):  # (a dict lookup; False for every first-party estimator)
+            sample, lp, out = self._components_step(node, raw, plates, t)
+        else:
+            sample, lp = self.extend(node, raw, plates)
+            out = sample
         # (raw's first dim: the partition's plate at step t-1; every torch Distribution sets these two in __init__)
         own = raw._batch_shape[1:] + raw._event_shape
         if sample.shape[1:len(own) + 1] != own:
@@ -413,15 +421,78 @@ class Estimator(torch.nn.Module):
         node.sample = sample
         if not self.causal_credit:
             node.weight_values = None  # per whole sequence: computed at the last step, by the surrogate
-        if not sample.is_inference():
-            node.handed.append((sample, sample._version))
-        value = PlateTensor._wrap(sample, new)
+        if not out.is_inference():
+            node.handed.append((out, out._version))
+        value = PlateTensor._wrap(out, new)
         # the step's own draw for node.at(t) (references, no copies): what a control variate of a cost
         # at step t reads (node.sample, node.distribution of step t)
         node.step_draws.append((sample, raw, distribution, value, node.finished))
         if isinstance(raw, _MAY_CACHE):
-            rekey_transform_cache(raw, sample, value, lambda r: PlateTensor._wrap(r, new), distribution)  # (as above)
+            rekey_transform_cache(raw, out, value, lambda r: PlateTensor._wrap(r, new), distribution)  # (as above)
         return value
+
+    def _components_step(self, node: Node, raw: Distribution, plates: tuple[Plate, ...],
+                         t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Step t of a partition of an estimator that overrides some of ``proposal``, ``gradient_function``
+        and ``output`` but none of the partition hooks (``extend``, ``step_gradient_function``, ``draw``),
+        whose defaults are the base class's components (a draw from p, l = log p, the sample handed out):
+        the step is drawn, scored and handed out by the estimator's own components (found by a tester: a
+        third-party pathwise estimator got l_t = log p of an rsample'd step, a score term on top of the
+        pathwise one). Returns ``(sample, l_t, output)``.
+
+        The components see step t as a node whose parents are ``plates`` (the partition's plate at t-1
+        leads them, as a parent plate does): ``proposal`` draws its N entries for every prefix, shape
+        ``(N, N_{t-1}, *parents, ...)``; prefix i continues with entry i of its own draws (the diagonal),
+        as sampling with replacement continues entry i with entry i, and l_t and the output are the
+        diagonal of ``gradient_function`` and ``output`` on that node. Uniform weights are kept per
+        whole sequence (causal credit); other weights would have to be multiplied along the sequence,
+        which only the estimator's own ``extend`` can say: refused."""
+        name = self.name or type(self).__qualname__
+        if not self.uniform_weights:
+            raise StorchError(
+                f"estimator {name!r} (plate {self.plate!r}) overrides weighting_function and is called again in "
+                f"this graph (step {t} of its partition): the base class keeps one weight per whole sequence, and "
+                "non-uniform weights of a sequence (e.g. importance weights) are a product over its steps that only "
+                "the estimator can compute. Override extend(node, distribution, plates) to draw step t and return "
+                "(sample, l_t) (docs/partitions.md, 'For estimator authors'), or set supports_partitions = False")
+        view = Node.__new__(Node)  # step t as a node of its own, with the prefix plate among its parents
+        view.__dict__.update(node.__dict__)  # (state, inputs, frames, handed: the partition's)
+        view.distribution, view.distribution_plates, view.parents = raw, plates, plates
+        view.step_log = view._history = view._views = view._eos_before = None
+        view.plate = view.sample = view.value = view._gradient_values = view._weight_values = None
+        view._owner, view.step = weakref.ref(node), t
+        grid = self.proposal(view)
+        full = raw._batch_shape + raw._event_shape  # (the prefix plate, the parents, the own batch, the event)
+        if grid.shape[1:len(full) + 1] != full:
+            raise StorchError(_sample_shape_message(self, "proposal", grid.shape, full, t))
+        m, n = grid.shape[0], plates[0].size
+        if m != n:
+            raise StorchError(
+                f"estimator {name!r} (plate {self.plate!r}): at step {t} of its partition, proposal drew {m} entries "
+                f"per prefix but the partition has {n}: storch continues prefix i with entry i of its draws "
+                "(sampling with replacement), which needs as many entries as at the step before. Override "
+                "extend(node, distribution, plates) to draw step t yourself (docs/partitions.md, 'For estimator "
+                "authors')")
+        view.plate, view.sample = Plate(self.plate, m, False, t, Lineage()), grid
+        l = _checked_lead(self, "gradient_function", self.gradient_function(view), view.plates, t)
+        view.gradient_values = l
+        out = self.output(view)
+        if out.shape[:2] != grid.shape[:2]:
+            raise StorchError(
+                f"estimator {name!r} (plate {self.plate!r}): at step {t} of its partition, output returned shape "
+                f"{tuple(out.shape)}, which does not lead with the sample's dims {tuple(grid.shape[:2])}")
+        i = torch.arange(n, device=grid.device)
+        sample, out = grid[i, i], out[i, i]  # entry i of prefix i's draws
+        lp = l.expand((m, n) + l.shape[2:])[i, i]
+        if self.eos is not None:
+            if type(self).output is not Estimator.output:
+                raise StorchError(
+                    f"estimator {name!r} (plate {self.plate!r}) overrides output and has eos={self.eos}: a finished "
+                    "sequence draws eos again, which its output would have to show. Override extend(node, "
+                    "distribution, plates) and return the masked step (docs/partitions.md, 'For estimator authors')")
+            sample, lp = self.mask_after_eos(node, raw, sample, lp, plates)
+            out = sample
+        return sample, lp, out
 
     def check_inputs(self, inputs: Any, plates: tuple[Plate, ...], step: int) -> None:
         """Check the ``inputs=`` of a call (every call: the first step of a node and every later step
@@ -925,7 +996,8 @@ def _checked_lead(est: Estimator, component: str, t: Any, plates: tuple[Plate, .
 
 
 def capability_problem(cls: type) -> Optional[str]:
-    """What is wrong with the capability attributes ``distributions`` and ``State`` of an estimator
+    """What is wrong with the capability attributes ``supports_partitions`` (components overridden below the
+    partition hooks: :func:`_partition_problem`), ``distributions`` and ``State`` of an estimator
     class, or ``None``: checked at registration and when the class is first instantiated, so that a
     malformed attribute is a named error there, not a ``TypeError`` deep in a later call."""
     d = cls.distributions
@@ -933,6 +1005,9 @@ def capability_problem(cls: type) -> Optional[str]:
         example = d.__name__ if isinstance(d, type) else "Bernoulli"
         return (f"distributions={d!r}; use None (any) or a tuple of distribution classes, "
                 f"e.g. distributions = ({example},)")
+    problem = _partition_problem(cls)
+    if problem is not None:
+        return problem
     state = cls.State
     if state is None:
         return None
@@ -946,6 +1021,54 @@ def capability_problem(cls: type) -> Optional[str]:
                 "State needs one (node.state = State() is made for each node before proposal fills it), "
                 "e.g. `kappa: Optional[torch.Tensor] = None`")
     return None
+
+
+# The partition hooks: what a later step of a partition calls (Estimator.extend draws with draw and scores with
+# step_gradient_function), and the components a first step calls. The base class's hooks are written for its own
+# components (a draw from p, l = log p, the sample handed out); an estimator that overrides components and no hook
+# has its later steps made from its components (Estimator._components_step)
+_PARTITION_HOOKS = ("extend", "step_gradient_function", "draw")
+_STEP_COMPONENTS = ("proposal", "gradient_function", "output", "weighting_function")
+_BY_COMPONENTS: dict[type, bool] = {}
+
+
+def _depth(cls: type, name: str) -> int:
+    """The position in ``cls.__mro__`` of the class that defines ``name`` (smaller: more derived)."""
+    return next(i for i, k in enumerate(cls.__mro__) if name in k.__dict__)
+
+
+def _partition_problem(cls: type) -> Optional[str]:
+    """For a class with ``supports_partitions``: the components it overrides below (in a subclass of) the class
+    that wrote its partition hooks, which a later step would then not call (a silently wrong step), or ``None``."""
+    if not cls.supports_partitions:
+        return None
+    base = cls.__mro__.index(Estimator)
+    hooks = [(_depth(cls, h), h) for h in _PARTITION_HOOKS if _depth(cls, h) < base]
+    if not hooks:
+        return None  # later steps are made from its components (or are the base class's, for its own)
+    depth, hook = min(hooks)
+    late = [c for c in _STEP_COMPONENTS if _depth(cls, c) < depth]
+    if not late:
+        return None
+    owner = cls.__mro__[depth].__qualname__
+    return (f"supports_partitions = True and overrides {', '.join(late)} in a subclass of {owner}, whose {hook} makes "
+            f"the later steps of a partition without calling them: step t >= 1 would be drawn, scored or handed out "
+            f"by {owner}'s components, a silently wrong gradient. Override extend(node, distribution, plates) too, "
+            f"returning step t's (sample, l_t) made with your components (or step_gradient_function(node, "
+            f"distribution, sample, plates) if only the gradient function differs), or set supports_partitions = "
+            f"False (docs/partitions.md, 'For estimator authors')")
+
+
+def _steps_by_components(cls: type) -> bool:
+    """Whether a later step of a partition of ``cls`` is made from its own components
+    (:meth:`Estimator._components_step`): it overrides one of ``proposal``, ``gradient_function``, ``output``,
+    ``weighting_function`` and none of the partition hooks (cached per class)."""
+    r = _BY_COMPONENTS.get(cls)
+    if r is None:
+        base = cls.__mro__.index(Estimator)
+        r = _BY_COMPONENTS[cls] = (all(_depth(cls, h) >= base for h in _PARTITION_HOOKS)
+                                   and any(_depth(cls, c) < base for c in _STEP_COMPONENTS))
+    return r
 
 
 def _under_jacfwd() -> bool:
