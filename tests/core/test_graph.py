@@ -4,7 +4,7 @@ import threading
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Categorical, Normal, OneHotCategorical
+from torch.distributions import Bernoulli, Categorical, ContinuousBernoulli, Normal, OneHotCategorical
 
 import storch
 
@@ -389,6 +389,211 @@ def test_broadcastable_component_results_are_accepted():
         storch.add_cost(z)
         g, = torch.autograd.grad(storch.surrogate_loss(), th)
     assert g.shape == (5,)
+
+
+# -- baseline, control_variate and output: laid out like the cost frame / the sample ----------------------
+# (found by a third-party author: they were not checked; a wrong shape failed in torch.lerp inside the
+# surrogate, and one that broadcasts, (2, *frame) or (*frame, 1), widened the cost's estimate: a wrong value
+# under weighted plates, and a crash or wrong frame for the nodes upstream)
+
+
+def _constant_baseline(shape_of):
+    class ConstantBaseline(storch.Estimator):
+        """Score function with a constant baseline 0.5, laid out by ``shape_of(frame shape)``."""
+
+        name = "test_core_constant_baseline"
+        supports_partitions = True
+
+        def baseline(self, node, cost):
+            return torch.full(shape_of(tuple(cost.tensor.shape)), 0.5, dtype=cost.tensor.dtype)
+
+    return ConstantBaseline
+
+
+def _constant_control_variate(shape_of):
+    class ConstantControlVariate(storch.Estimator):
+        """A constant control variate 0.5 laid out by ``shape_of(frame shape)`` (it shifts the value: the
+        tests compare its layouts, not its bias)."""
+
+        name = "test_core_constant_control_variate"
+        supports_partitions = True
+
+        def control_variate(self, node, cost):
+            return torch.full(shape_of(tuple(cost.tensor.shape)), 0.5, dtype=cost.tensor.dtype)
+
+        def control_variate_stacks(self):
+            return True  # it reads cost.tensor's shape only: the costs of a partition's steps stack
+
+    return ConstantControlVariate
+
+
+def _run_model(model, cls):
+    """The graphs in which the surrogate calls a node's baseline / control variate: one node with a data
+    plate (the hand-written DiCE surrogate), the node below a parent (the innermost node's baseline term),
+    the node above a child (its control variate in the general surrogate), a partition whose per-step
+    costs are stacked. Returns the loss and the gradient."""
+    th = torch.tensor([0.3, -0.6, 0.9], requires_grad=True)
+    torch.manual_seed(0)
+    with storch.Graph():
+        if model == "one_node":
+            data = storch.denote_independent(torch.tensor([0.1, 0.5, 0.9, 0.2]), 0, "data")
+            x = cls("z", 3)(Bernoulli(logits=th + 0 * data))
+            storch.add_cost(((x - data) ** 2).sum())
+        elif model == "below_a_parent":
+            k = storch.estimator("expect", plate="k")(Categorical(logits=th))
+            x = cls("z", 3)(Bernoulli(logits=th[k]))
+            storch.add_cost((x - 0.3) ** 2 + 0.1 * k)
+        elif model == "above_a_child":
+            x = cls("z", 3)(Bernoulli(logits=th))
+            y = storch.estimator("reparameterization", plate="y", n_samples=2)(Normal(x.sum(), 1.0))
+            storch.add_cost((y - 0.5) ** 2)
+        else:  # a partition of 3 steps with a cost per step (stacked where the control variate allows it)
+            est = cls("z", 2)
+            x = est(Bernoulli(logits=th[0]))
+            for _ in range(2):
+                storch.add_cost((x - 0.4) ** 2)
+                x = est(Bernoulli(logits=th[0] + x))
+            storch.add_cost((x - 0.4) ** 2)
+        loss = storch.surrogate_loss()
+        g, = torch.autograd.grad(loss, th)
+    return loss.detach(), g
+
+
+_MODELS = ["one_node", "below_a_parent", "above_a_child", "partition"]
+
+
+@pytest.mark.parametrize("model", _MODELS)
+@pytest.mark.parametrize("make", [_constant_baseline, _constant_control_variate])
+@pytest.mark.parametrize("shape_of,said", [
+    (lambda s: (2,) + s, r"1 dim\(s\) more than the cost"),  # two copies stacked: broadcast silently
+    (lambda s: s + (1,), r"1 dim\(s\) more than the cost"),  # keepdim=True
+    (lambda s: (7,) + s[1:], r"its dim 0 has size 7 where the cost's dim 0"),  # torch's broadcasting error
+], ids=["copies_stacked", "keepdim", "wrong_size"])
+def test_a_baseline_or_control_variate_not_laid_out_like_the_cost_frame_is_refused(model, make, shape_of, said):
+    cls = make(shape_of)
+    component = "baseline" if make is _constant_baseline else "control_variate"
+    with pytest.raises(storch.StorchError, match=rf"estimator '{cls.name}' \(plate 'z'\): {component} returned a "
+                       rf"tensor of shape .* but it must have the cost frame's shape .*{said}.*cost.align"):
+        _run_model(model, cls)
+
+
+@pytest.mark.parametrize("model", _MODELS)
+@pytest.mark.parametrize("make", [_constant_baseline, _constant_control_variate])
+def test_a_baseline_or_control_variate_that_broadcasts_to_the_frame_gives_the_full_ones_result(model, make):
+    """A scalar, size-1 dims and fewer leading dims broadcast to the frame without changing it: accepted, and
+    the same loss and gradient as the frame-shaped result (same seed, same samples)."""
+    want_loss, want_grad = _run_model(model, make(lambda s: s))
+    for shape_of in (lambda s: (), lambda s: (1,) * len(s), lambda s: s[1:]):
+        loss, g = _run_model(model, make(shape_of))
+        torch.testing.assert_close(loss, want_loss)
+        torch.testing.assert_close(g, want_grad)
+
+
+def test_a_baseline_that_is_not_a_plain_tensor_is_refused():
+    class FloatBaseline(storch.Estimator):
+        name = "test_core_float_baseline"
+
+        def baseline(self, node, cost):
+            return 0.5
+
+    class PlateBaseline(storch.Estimator):
+        name = "test_core_plate_baseline"
+
+        def baseline(self, node, cost):
+            return storch.PlateTensor(torch.zeros(cost.tensor.shape), cost.plates)
+
+    with pytest.raises(storch.StorchError, match=r"baseline returned float 0.5, but it must return None or a "
+                                                 r"torch.Tensor laid out as the cost frame's shape \(3, 4\)"):
+        _run_model("one_node", FloatBaseline)
+    with pytest.raises(storch.StorchError, match=r"baseline returned a PlateTensor.*cost.align\(t.tensor, t.plates\)"):
+        _run_model("one_node", PlateBaseline)
+
+
+def test_an_output_not_of_the_samples_shape_is_refused():
+    """A value of another shape than the sample (one sample, node.sample[0]) became a plate tensor whose
+    leading dims are not the plates (torch's broadcasting error later, or a silently wrong layout)."""
+
+    class FirstSample(storch.Estimator):
+        name = "test_core_first_sample"
+
+        def output(self, node):
+            return node.sample[0]
+
+    with storch.Graph():
+        with pytest.raises(storch.StorchError, match=r"'test_core_first_sample' \(plate 'z'\): output returned a "
+                           r"tensor of shape \(2, 3\).*the sample's shape \(3, 2, 3\)"):
+            FirstSample("z", 3)(Bernoulli(logits=torch.zeros(2, 3, requires_grad=True)))
+
+
+def test_a_proposal_of_another_dtype_than_the_distributions_is_named():
+    """A long tensor for a Bernoulli failed in torch's log_prob ("result type Float can't be cast to the
+    desired output type Long"), naming no estimator. The error path finds the distribution's dtype from its
+    support (Bernoulli) or from one draw whose random state is restored (ContinuousBernoulli); a
+    Categorical's float samples still work (its log_prob takes them)."""
+
+    class LongSamples(storch.Estimator):
+        name = "test_core_long_samples"
+
+        def proposal(self, node):
+            return node.distribution.sample((self.n_samples,)).long()
+
+    class FloatSamples(LongSamples):
+        name = "test_core_float_samples"
+
+        def proposal(self, node):
+            return node.distribution.sample((self.n_samples,)).float()
+
+    th = torch.zeros(2, 3, requires_grad=True)
+    for d in (Bernoulli(logits=th), ContinuousBernoulli(logits=th)):
+        torch.manual_seed(0)
+        with storch.Graph():
+            with pytest.raises(storch.StorchError, match=rf"'test_core_long_samples' \(plate 'z'\): proposal returned "
+                               rf"samples of dtype torch.int64, but {type(d).__name__}'s samples have dtype "
+                               r"torch.float32.*gradient_function failed.*x.to\(torch.float32\)"):
+                LongSamples("z", 3)(d)
+        after = torch.rand(4)
+        torch.manual_seed(0)
+        d.sample((3,))  # the proposal's own draw, and nothing else
+        assert torch.equal(after, torch.rand(4))
+    with storch.Graph():
+        z = FloatSamples("z", 3)(Categorical(logits=torch.zeros(4, requires_grad=True)))
+        storch.add_cost(z)
+        storch.surrogate_loss()
+
+
+def test_has_update_without_an_update_is_refused():
+    """``has_update = True`` with neither an ``update_parameters`` override nor ``replays_update`` updated
+    nothing, silently. A class attribute that an instance turns off (sum_and_sample's, the registered name's
+    capability) is fine: the instance's value is checked, at its call."""
+
+    class NoUpdate(storch.Estimator):
+        name = "test_core_no_update"
+        has_update = True
+
+    class OffForThisInstance(NoUpdate):
+        name = "test_core_update_off"
+
+        def __init__(self, plate, n_samples=1):
+            super().__init__(plate, n_samples)
+            self.has_update = False
+
+    class OnForThisInstance(storch.Estimator):
+        name = "test_core_update_on"
+
+        def __init__(self, plate, n_samples=1):
+            super().__init__(plate, n_samples)
+            self.has_update = True
+
+    th = torch.zeros(3, requires_grad=True)
+    for cls in (NoUpdate, OnForThisInstance):
+        with storch.Graph():
+            with pytest.raises(storch.StorchError, match=rf"'{cls.name}' \(plate 'z'\) has has_update = True but "
+                               r"neither overrides update_parameters\(nodes, loss\) nor sets replays_update"):
+                cls("z", 2)(Bernoulli(logits=th))
+    with storch.Graph():
+        z = OffForThisInstance("z", 2)(Bernoulli(logits=th))
+        storch.add_cost(z.sum())
+        storch.backward()
 
 
 class _CountingScore(storch.Estimator):

@@ -20,10 +20,11 @@ class _Dist:
 
 
 class FakeEntryPoint:
-    """What the registry uses of an importlib_metadata.EntryPoint: name, dist.name, load()."""
+    """What the registry uses of an importlib_metadata.EntryPoint: name, dist.name, value, load()."""
 
-    def __init__(self, name: str, dist: str, load) -> None:
+    def __init__(self, name: str, dist: str, load, value: str = "") -> None:
         self.name, self.dist, self._load = name, _Dist(dist), load
+        self.value = value or name
 
     def load(self):
         return self._load()
@@ -56,12 +57,65 @@ class BadClass(storch.Estimator):
     max_order = -3
 
 
+def _source_module(name: str, source: str) -> types.ModuleType:
+    """A plugin module made from source, as an import makes it (its classes' and functions' module is it)."""
+    m = types.ModuleType(name)
+    exec(source, vars(m))
+    return m
+
+
+# an author's mistakes that registered no hook, so the plugin loaded silently with no estimators (found by a
+# third-party author): storch_estimators without @hookimpl, and entry points `module:attr` naming the hook
+# function or an estimator class instead of the module
+_NO_HOOKIMPL = """
+import storch
+class Unmarked(storch.Estimator):
+    name = "unmarked_hook_estimator"
+def storch_estimators():
+    return [Unmarked]
+"""
+_HOOK_FUNCTION = """
+import storch
+class ByFunction(storch.Estimator):
+    name = "function_entry_estimator"
+@storch.hookimpl
+def storch_estimators():
+    return [ByFunction]
+"""
+_ESTIMATOR_CLASS = """
+import storch
+class ByClass(storch.Estimator):
+    name = "class_entry_estimator"
+@storch.hookimpl
+def storch_estimators():
+    return [ByClass]
+"""
+# two classes of one package under one name: the last one silently won
+_TWINS = """
+import storch
+class First(storch.Estimator):
+    name = "twin_in_one_package"
+class Second(storch.Estimator):
+    name = "twin_in_one_package"
+@storch.hookimpl
+def storch_estimators():
+    return [First, Second]
+"""
+
 BROKEN = {
     "import": FakeEntryPoint("import_plugin", "storch-broken-import", _import_fails),
     "hook": FakeEntryPoint("hook_plugin", "storch-broken-hook",
                            lambda: _module("hook_plugin", lambda: _hook_raises())),
     "bare_class": FakeEntryPoint("bare_plugin", "storch-broken-bare", lambda: _module("bare_plugin", lambda: Bare)),
     "class": FakeEntryPoint("class_plugin", "storch-broken-class", lambda: _module("class_plugin", lambda: [BadClass])),
+    "no_hookimpl": FakeEntryPoint("unmarked_plugin", "storch-broken-unmarked",
+                                  lambda: _source_module("unmarked_mod", _NO_HOOKIMPL), "unmarked_mod"),
+    "function_entry": FakeEntryPoint(
+        "function_plugin", "storch-broken-function",
+        lambda: _source_module("function_mod", _HOOK_FUNCTION).storch_estimators, "function_mod:storch_estimators"),
+    "class_entry": FakeEntryPoint("class_entry_plugin", "storch-broken-entry-class",
+                                  lambda: _source_module("class_mod", _ESTIMATOR_CLASS).ByClass, "class_mod:ByClass"),
+    "twins": FakeEntryPoint("twins_plugin", "storch-broken-twins", lambda: _source_module("twins_mod", _TWINS)),
 }
 # what a user would ask for, and what the error must mention
 LOOKUP = {
@@ -69,6 +123,11 @@ LOOKUP = {
     "hook": ("hook_plugin", "hook exploded"),
     "bare_class": ("bare_estimator", "not a list"),
     "class": ("bad_class_estimator", "max_order=-3"),
+    "no_hookimpl": ("unmarked_hook_estimator", "storch_estimators() without the @storch.hookimpl decorator"),
+    "function_entry": ("function_entry_estimator", "names the function storch_estimators, not the module"),
+    "class_entry": ("class_entry_estimator", "names the class ByClass, not the module"),
+    "twins": ("twin_in_one_package", "claimed by two classes of plugin 'storch-broken-twins': twins_mod.First and "
+                                     "twins_mod.Second"),
 }
 
 

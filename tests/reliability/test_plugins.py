@@ -55,3 +55,22 @@ def test_all_broken_plugins_at_once():
         for ep in BROKEN.values():  # one warning per broken plugin (other installed plugins may warn too)
             assert sum(ep.dist.name in m for m in messages) == 1
         assert "expect" in storch.available_estimators()
+
+
+@pytest.mark.parametrize("kind,instead", [("function_entry", "`function_plugin = function_mod`"),
+                                          ("class_entry", "`class_entry_plugin = class_mod`")])
+def test_an_entry_point_naming_the_hook_or_a_class_says_what_to_write(kind, instead):
+    """`name = module:storch_estimators` (or `module:MyEstimator`) registered the function (the class) with pluggy,
+    which finds hooks among the attributes of what it registers: no hook, no estimators, no warning. The
+    warning now quotes the entry point and the line to write instead (the module)."""
+    with installed(kind) as messages:
+        mine = [m for m in messages if BROKEN[kind].dist.name in m]
+    assert len(mine) == 1 and BROKEN[kind].value in mine[0] and instead in mine[0], messages
+
+
+def test_two_classes_of_one_package_under_one_name_leave_the_name_unusable():
+    """Neither class wins silently: the name is refused as a name claimed by two plugins is."""
+    with installed("twins"):
+        assert "twin_in_one_package" not in storch.available_estimators()
+        with pytest.raises(storch.PluginError, match="give each estimator class its own `name`"):
+            storch.get_estimator_class("twin_in_one_package")

@@ -1,10 +1,15 @@
 """The estimator registry: pluggy hooks discovered through the ``storch.estimators`` entry points.
 
-Each entry point's value is a module that implements the hook ``storch_estimators()`` and
-returns its estimator classes. Core registers its built-ins the same way. Plugins are loaded
-once, on first use. A plugin whose import, hook or classes fail is skipped with one warning
-that names its distribution and the reason; every other plugin works, and looking up a name of
-the broken plugin raises a :class:`PluginError` that says it failed to load and why.
+Each entry point's value is a module that implements the hook ``storch_estimators()`` (a function
+marked ``@storch.hookimpl``) and returns its estimator classes. Core registers its built-ins the same
+way. Plugins are loaded once, on first use. A plugin whose import, hook or classes fail is skipped
+with one warning that names its distribution and the reason; every other plugin works, and looking up
+a name of the broken plugin raises a :class:`PluginError` that says it failed to load and why. A plugin
+that registers no hook at all (``storch_estimators`` without ``@storch.hookimpl``, or an entry point
+``module:attr`` that names the function or a class instead of the module: pluggy registers the object
+the entry point names and looks for marked functions among its attributes, as for pytest's ``pytest11``
+plugins) is such a failure too, and so is an estimator name claimed twice, by two plugins or by two
+classes of one.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import difflib
 import math
 import threading
+import types
 import warnings
 from typing import Any, Optional
 
@@ -51,13 +57,13 @@ class _Registry:
         self.failed: dict[str, str] = {}  # distribution -> why (one of) its plugins failed
         self.failed_plugins: dict[str, tuple[str, str]] = {}  # entry point -> (distribution, why)
         self.failed_names: dict[str, tuple[str, str]] = {}  # estimator name -> (distribution, why)
-        self.conflicts: dict[str, tuple[str, str]] = {}
+        self.conflicts: dict[str, str] = {}  # name -> why it is unusable (claimed twice)
         self.invalid: dict[str, str] = {}
 
     def load(self) -> None:
         pm = pluggy.PluginManager("storch")
         pm.add_hookspecs(HookSpecs)
-        owners: dict[str, str] = {}  # name or alias -> distribution
+        owners: dict[str, tuple[str, type]] = {}  # name or alias -> (distribution, class)
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             dist = ep.dist.name if getattr(ep, "dist", None) is not None else "<unknown distribution>"
             # a broken plugin (import, hook or classes) is skipped with one warning; the others work
@@ -77,9 +83,14 @@ class _Registry:
             stage = "registration"
             pm.register(module, name=plugin)
             out = []
-            for impl in pm.hook.storch_estimators.get_hookimpls():
-                if impl.plugin_name != plugin:
-                    continue
+            impls = [impl for impl in pm.hook.storch_estimators.get_hookimpls() if impl.plugin_name == plugin]
+            if not impls:
+                # a plugin that provides nothing would load silently with no estimators: say what to write
+                problem = _no_hook_problem(ep, module)
+                for name in _estimator_names(module):  # a lookup of its estimators says why they are missing
+                    self.failed_names.setdefault(name, (dist, problem))
+                raise PluginError(problem)
+            for impl in impls:
                 stage = "hook storch_estimators()"
                 classes = impl.function()
                 if classes is None:
@@ -106,7 +117,8 @@ class _Registry:
             f"storch: the estimator plugin {ep_name!r} of distribution {dist!r} failed to load and is skipped "
             f"({reason}); its estimators are unavailable, the other plugins work", RuntimeWarning, stacklevel=4)
 
-    def _add_classes(self, classes: list, ep_name: str, dist: str, owners: dict) -> None:
+    def _add_classes(self, classes: list, ep_name: str, dist: str,
+                     owners: dict[str, tuple[str, type]]) -> None:
         problems = []
         for cls in classes:
             problem = _verify(cls, dist, Estimator)
@@ -117,17 +129,17 @@ class _Registry:
                     self.invalid[name] = problem
                 problems.append(problem)
                 continue
-            clash = [k for k in (cls.name, *cls.aliases) if k in owners and owners[k] != dist]
+            # the same class listed twice (by two entry points of one distribution) is no clash; two classes
+            # of one distribution under one name are (the last one silently won)
+            clash = [k for k in (cls.name, *cls.aliases) if k in owners and owners[k] != (dist, cls)]
             if clash:
                 # the name stays unusable (a clear error on lookup); other names keep working
                 for k in clash:
-                    self.conflicts[k] = (owners[k], dist)
-                warnings.warn(
-                    f"storch: estimator name {clash[0]!r} is claimed by two plugins, {owners[clash[0]]!r} "
-                    f"and {dist!r}; uninstall one of them", RuntimeWarning, stacklevel=4)
+                    self.conflicts[k] = _clash_message(k, owners[k], (dist, cls))
+                warnings.warn(f"storch: {self.conflicts[clash[0]]}", RuntimeWarning, stacklevel=4)
                 continue
             for k in (cls.name, *cls.aliases):
-                owners[k] = dist
+                owners[k] = (dist, cls)
             self.classes[cls.name] = cls
             self.infos[cls.name] = EstimatorInfo(cls.name, dist, ep_name, cls.max_order, cls.biased, cls.describe())
             for a in cls.aliases:
@@ -145,6 +157,55 @@ class _Registry:
         if dist is not None and dist in self.failed:
             return dist, self.failed[dist]
         return None
+
+
+def _clash_message(name: str, first: tuple[str, type], second: tuple[str, type]) -> str:
+    if first[0] != second[0]:
+        return (f"estimator name {name!r} is claimed by two plugins: {first[0]!r} and {second[0]!r}; uninstall one "
+                "of them")
+    a, b = (f"{c.__module__}.{c.__qualname__}" for c in (first[1], second[1]))
+    return (f"estimator name {name!r} is claimed by two classes of plugin {first[0]!r}: {a} and {b}; give each "
+            "estimator class its own `name` (and `aliases`)")
+
+
+def _estimator_names(obj: Any) -> list[str]:
+    """The names and aliases of the estimator classes a plugin object defines (an estimator class itself,
+    or those defined in a module or in a function's module): what its users look up."""
+    if isinstance(obj, type):
+        found = [obj]
+    else:
+        space = vars(obj) if isinstance(obj, types.ModuleType) else getattr(obj, "__globals__", {})
+        found = [v for v in space.values() if isinstance(v, type) and v.__module__ == space.get("__name__")]
+    names = []
+    for c in found:
+        if issubclass(c, Estimator) and isinstance(c.name, str) and c.name:
+            names.append(c.name)
+            if isinstance(c.aliases, tuple):
+                names += [a for a in c.aliases if isinstance(a, str)]
+    return names
+
+
+def _no_hook_problem(ep, obj: Any) -> str:
+    """Why a plugin registered no ``storch_estimators`` hook, and what to write instead."""
+    hook = "@storch.hookimpl function storch_estimators()"
+    if isinstance(obj, types.ModuleType):
+        if callable(getattr(obj, "storch_estimators", None)):
+            return (f"its module {obj.__name__} defines storch_estimators() without the @storch.hookimpl decorator, "
+                    "so pluggy does not see a hook and the plugin would provide no estimators; decorate it: "
+                    "`from storch import hookimpl`, then `@hookimpl` above `def storch_estimators():`")
+        return (f"its module {obj.__name__} defines no {hook}, so the plugin would provide no estimators; add "
+                "one that returns your estimator classes: `@storch.hookimpl` above "
+                "`def storch_estimators(): return [MyEstimator]`")
+    value = getattr(ep, "value", None)
+    module = getattr(ep, "module", None) or (value.partition(":")[0] if value else None)
+    kind = "class" if isinstance(obj, type) else "function" if isinstance(obj, types.FunctionType) else "object"
+    what = getattr(obj, "__qualname__", None) or type(obj).__name__
+    spelled = f"`{ep.name} = {value}`" if value else f"{ep.name!r}"
+    instead = f"`{ep.name} = {module}`" if module else f"`{ep.name} = your_package.plugin_module`"
+    return (f"its entry point {spelled} names the {kind} {what}, not the module: pluggy registers the object an "
+            f"entry point names and finds the hook among its attributes (a module's functions, as for pytest's "
+            f"pytest11 plugins), so it found no {hook}. Name the module that defines the hook: write {instead} "
+            "under [project.entry-points.\"storch.estimators\"] in pyproject.toml, and reinstall the package")
 
 
 def _verify(cls, dist: str, base: type) -> Optional[str]:
@@ -201,10 +262,7 @@ def get_estimator_class(name: str) -> type:
     """
     reg = _get()
     if name in reg.conflicts:
-        a, b = reg.conflicts[name]
-        raise PluginError(
-            f"estimator name {name!r} is claimed by two plugins: {a!r} and {b!r}; uninstall one of them"
-        )
+        raise PluginError(reg.conflicts[name])
     if name in reg.invalid:
         raise PluginError(reg.invalid[name])
     key = reg.aliases.get(name, name)

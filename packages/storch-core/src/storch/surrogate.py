@@ -30,7 +30,7 @@ from .cost import CostFrame, _lead, magic_box
 from .eager import eager_only
 from .distributions import RSAMPLE_ORDER_NOTE, grad_parameters, rsample_max_order
 from .errors import NonFiniteCostError, OrderError, StorchError, UnusedSampleWarning
-from .estimators.base import Estimator, _is_score_node
+from .estimators.base import Estimator, _is_score_node, check_in_frame
 from .estimators.catalog import installed_classes, supporting_estimators
 from .graph import Graph, current_graph, is_tracing, tracing_recorder
 from .node import Node
@@ -789,6 +789,8 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
                 inner = _baseline_term(inner, est, node, frame, box, prefix)
             else:
                 a = est.control_variate(node, frame)  # line 11
+                if a is not None and (type(a) is not torch.Tensor or a.shape != frame.tensor.shape):
+                    check_in_frame(est, "control_variate", a, frame)  # (the common path: one tuple comparison)
                 _guard_control_variate(a, node, order)
                 if a is not None:
                     inner = inner + (a if prefix is None else magic_box(prefix) * a)
@@ -822,6 +824,8 @@ def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Opti
             if b is None:
                 inner = box * raw
             else:
+                if type(b) is not torch.Tensor or b.shape != raw.shape:  # (the common path: one tuple comparison)
+                    check_in_frame(est, "baseline", b, frame)
                 if b.requires_grad:  # b must not carry gradient (appendix D.2.1); most are built detached
                     b = b.detach()
                 if b.dtype == raw.dtype == box.dtype and b.device == raw.device:
@@ -833,6 +837,8 @@ def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Opti
             frame = CostFrame(inner.detach(), plates, node, inner, name, state, order)
             node.frames[frame.key] = frame
             a = est.control_variate(node, frame)  # line 11
+            if a is not None and (type(a) is not torch.Tensor or a.shape != frame.tensor.shape):
+                check_in_frame(est, "control_variate", a, frame)
             _guard_control_variate(a, node, order)
             if a is not None:
                 inner = inner + a
@@ -888,6 +894,8 @@ def _baseline_term(inner: torch.Tensor, est, node: Node, frame: CostFrame, box: 
     b = est.baseline(node, frame)
     if b is None:
         return inner
+    if type(b) is not torch.Tensor or b.shape != frame.tensor.shape:  # (the common path: one tuple comparison)
+        check_in_frame(est, "baseline", b, frame)
     outer = 1.0 if prefix is None else magic_box(prefix)
     return inner + (outer - box) * b.detach()
 
@@ -1375,6 +1383,8 @@ def _steps_surrogate(node: Node, members: list, order: int = 1) -> torch.Tensor:
             inner = _baseline_term(inner, est, stacked, frame, box, None)
         else:
             a = est.control_variate(stacked, frame)  # line 11
+            if a is not None and (type(a) is not torch.Tensor or a.shape != frame.tensor.shape):
+                check_in_frame(est, "control_variate", a, frame)
             _guard_control_variate(a, node, order)
             if a is not None:
                 inner = inner + a

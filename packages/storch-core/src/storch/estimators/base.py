@@ -153,7 +153,10 @@ class Estimator(torch.nn.Module):
             probability exactly 0 given by ``probs`` have log p = -inf, as with ``-inf`` logits, so an
             estimator that reads the support's log-probabilities never takes them for possible values.
         has_update: ``storch.backward()`` runs :meth:`update_parameters` (learned or running parts);
-            so does ``surrogate_loss().backward()``, after its backward pass.
+            so does ``surrogate_loss().backward()``, after its backward pass. An instance that has it
+            but neither overrides ``update_parameters`` nor sets ``replays_update`` would update nothing:
+            refused at its first call (the class attribute alone may be the registered name's capability
+            that an instance turns off for its options, as ``sum_and_sample`` without ``buffer=``).
         update_uses_loss_graph: whether :meth:`update_parameters` differentiates ``loss`` again.
             ``True`` (a learned control variate): ``storch.backward()`` keeps the loss's graph for
             the update, and ``surrogate_loss().backward()``, which frees that graph, refuses it.
@@ -236,8 +239,11 @@ class Estimator(torch.nn.Module):
                 PlateTensor's plates must be among the distribution's plates.
         """
         graph = current_graph()
-        if self.has_update and not self.replays_update and is_tracing():  # before its components run
-            raise StorchError(updating_message(self))
+        if self.has_update and not self.replays_update:  # (False on the common path: one attribute read)
+            if type(self).update_parameters is _BASE_UPDATE:
+                raise StorchError(_no_update_message(self))
+            if is_tracing():  # before its components run
+                raise StorchError(updating_message(self))
         node = graph.partition_of(self)
         if isinstance(distribution, Distribution):
             if node is None:
@@ -294,7 +300,17 @@ class Estimator(torch.nn.Module):
         node.sample = sample
         graph.add_node(node)
         plates = (plate,) + parents
-        node.gradient_values = _checked_lead(self, "gradient_function", self.gradient_function(node), plates)
+        try:
+            l_x = self.gradient_function(node)
+        except (RuntimeError, TypeError, ValueError) as e:
+            # the usual reader of the sample's dtype is log p: a proposal that returns another dtype than the
+            # distribution's (a long tensor for a Bernoulli) fails in torch with "result type Float can't be
+            # cast to the desired output type Long"; say which component gave the wrong dtype (error path only)
+            message = _sample_dtype_message(self, raw, sample, own, e)
+            if message is None:
+                raise
+            raise StorchError(message) from e
+        node.gradient_values = _checked_lead(self, "gradient_function", l_x, plates)
         if not self.uniform_weights:  # uniform ones (1/N) are built only if read (Node.weight_values)
             node.weight_values = _checked_lead(self, "weighting_function", self.weighting_function(node), plates)
         if (self.score_function is None and not _is_score_function(type(self))
@@ -303,6 +319,8 @@ class Estimator(torch.nn.Module):
         if self.eos is not None:
             node.finished = self.is_eos(raw, sample, len(parents))
         out = self.output(node)
+        if out.shape != sample.shape:  # (a shape that broadcasts would move the plate dims of the value)
+            raise StorchError(_output_shape_message(self, out, sample))
         if not out.is_inference():  # (torch.inference_mode(): no version counter, no backward either)
             node.handed.append((out, out._version))
         if self.jump_free and out.requires_grad:
@@ -727,6 +745,8 @@ class Estimator(torch.nn.Module):
         b = self.baseline(node, cost)
         if b is None:
             return None
+        if type(b) is not torch.Tensor or b.shape != cost.tensor.shape:  # (the common path: one tuple comparison)
+            check_in_frame(self, "baseline", b, cost)
         # b must not carry gradient: appendix D.2.1, condition on the baseline
         return (1.0 - magic_box(cost.align(node.gradient_values))) * b.detach()
 
@@ -993,6 +1013,90 @@ def _checked_lead(est: Estimator, component: str, t: Any, plates: tuple[Plate, .
         f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {component}{_step(step)} returned a "
         f"tensor of shape {tuple(shape)}, but it must have the dims (N, *parents) = {want} (plate sizes, or 1 to "
         f"broadcast) and no others (docs/writing-an-estimator.md, section 1): {fix}")
+
+
+def check_in_frame(est: Estimator, component: str, t: Any, frame: CostFrame) -> None:
+    """Refuse a ``baseline`` or ``control_variate`` result that is not laid out like the cost frame.
+
+    Called only when the result is not a plain tensor of exactly the frame's shape (the callers compare
+    the shapes first: one tuple comparison per call). A tensor that broadcasts to ``frame.tensor``
+    without adding dims or growing one (a scalar, size-1 dims) is accepted; any other shape would either
+    fail in the surrogate with torch's broadcasting error or, where it broadcasts, widen the cost's
+    estimate by dims of its own: a wrong value and gradient, and the upstream nodes' frames (a leave-one-out
+    or unordered-set baseline) would read that wider tensor."""
+    want = frame.tensor.shape
+    who = f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {component}"
+    layout = (f"the cost frame's shape {tuple(want)} (the leading dims are the plates "
+              f"{[p.name for p in frame.plates]}, `cost.plates`)")
+    how = ("Compute it from cost.tensor (e.g. storch.extending.leave_one_out(cost, node.n)), bring a tensor "
+           "laid out by the node's plates into the frame with cost.align(t), or return a tensor that broadcasts "
+           "to the frame without changing it (a scalar, or size-1 dims); docs/writing-an-estimator.md, section 1")
+    if type(t) is PlateTensor:
+        raise StorchError(
+            f"{who} returned a PlateTensor (per-sample shape {tuple(t.shape)}, plates "
+            f"{[p.name for p in t.plates]}), but it must return a plain tensor laid out as {layout}: "
+            f"return cost.align(t.tensor, t.plates). {how}")
+    if not isinstance(t, torch.Tensor):
+        raise StorchError(f"{who} returned {type(t).__name__} {t!r:.80}, but it must return None or a torch.Tensor "
+                          f"laid out as {layout}. {how}")
+    shape = t.shape
+    if len(shape) > len(want):
+        why = (f"it has {len(shape) - len(want)} dim(s) more than the cost, which broadcasting would add to the "
+               "cost's estimate (a keepdim=True, an unsqueeze, or copies stacked along a new dim)")
+    else:
+        bad = [i for i, (s, w) in enumerate(zip(reversed(shape), reversed(want))) if s != w and s != 1]
+        if not bad:
+            return
+        i = len(shape) - 1 - bad[-1]
+        j = len(want) - 1 - bad[-1]
+        why = (f"its dim {i} has size {shape[i]} where the cost's dim {j} (aligned from the right, as torch "
+               f"broadcasts) has size {want[j]}")
+    raise StorchError(
+        f"{who} returned a tensor of shape {tuple(shape)}, but it must have {layout}, or a shape that broadcasts "
+        f"to it without adding dims or growing one: {why}. {how}")
+
+
+def _output_shape_message(est: Estimator, out: Any, sample: torch.Tensor) -> str:
+    return (f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): output returned a tensor of "
+            f"shape {tuple(out.shape)}, but the value handed to user code must have the sample's shape "
+            f"{tuple(sample.shape)} (node.sample: the sample dim N, the parent plates, the node's batch and event "
+            "dims): its leading dims become the value's plates. Return one entry per entry of node.sample (a "
+            "relaxed or straight-through sample of the same shape), e.g. node.sample + (r - r.detach())")
+
+
+def _sample_dtype_message(est: Estimator, raw: Distribution, sample: torch.Tensor, own: torch.Size,
+                          error: BaseException) -> Optional[str]:
+    """Why the gradient function failed if the proposal's samples have a dtype that the distribution's own
+    samples do not have (``None`` if they have it, or it cannot be told): read on the error path only."""
+    if sample.dim() != len(own) + 1:  # a representation of the value (a one-hot vector): its own dtype
+        return None
+    try:
+        if raw.has_enumerate_support:  # its values, no random draw
+            want = raw.enumerate_support(expand=False).dtype
+        else:
+            devices = [] if sample.device.type == "cpu" else [sample.device]
+            with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=sample.device.type):
+                want = raw.sample().dtype  # (the global generator's state is restored)
+    except Exception:  # noqa: BLE001  (only for a better message: the original error is raised otherwise)
+        return None
+    if want == sample.dtype:
+        return None
+    return (f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): proposal returned samples of "
+            f"dtype {sample.dtype}, but {type(raw).__name__}'s samples have dtype {want} (what "
+            f"node.distribution.sample() returns), and gradient_function failed on them ({type(error).__name__}: "
+            f"{str(error)[:200]}). Return the samples in the distribution's dtype, e.g. x.to({want})")
+
+
+_BASE_UPDATE = Estimator.update_parameters
+
+
+def _no_update_message(est: Estimator) -> str:
+    return (f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}) has has_update = True but "
+            "neither overrides update_parameters(nodes, loss) nor sets replays_update (whose default "
+            "update_parameters runs update_from(update_inputs(nodes))), so storch.backward() would update nothing. "
+            "Override update_parameters (the one place the estimator's state changes), or set replays_update = True "
+            "with update_inputs and update_from, or set has_update = False (an instance may set it from its "
+            "options, as sum_and_sample does without buffer=)")
 
 
 def capability_problem(cls: type) -> Optional[str]:
