@@ -1025,6 +1025,9 @@ def check_in_frame(est: Estimator, component: str, t: Any, frame: CostFrame) -> 
     estimate by dims of its own: a wrong value and gradient, and the upstream nodes' frames (a leave-one-out
     or unordered-set baseline) would read that wider tensor."""
     want = frame.tensor.shape
+    if type(t) is torch.Tensor and len(t.shape) <= len(want) and all(
+            s == w or s == 1 for s, w in zip(reversed(t.shape), reversed(want))):
+        return  # (a moving average's scalar, every step: no message is built)
     who = f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {component}"
     layout = (f"the cost frame's shape {tuple(want)} (the leading dims are the plates "
               f"{[p.name for p in frame.plates]}, `cost.plates`)")
