@@ -121,6 +121,19 @@ def normal_model(est, x) -> None:
     storch.add_cost(((y - 0.45) ** 2).sum())
 
 
+# LAX's textbook toy (Grathwohl et al. 2018): E[(x - 0.5)^2 / 2], x ~ Normal(θ0, exp θ1) = ((θ0 - 0.5)^2 + e^{2θ1}) / 2
+SCALE_THETA = torch.tensor([0.3, -0.5], dtype=torch.float64)
+
+
+def normal_scale_exact(theta: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((theta[0] - 0.5) ** 2 + (2 * theta[1]).exp())
+
+
+def normal_scale_model(est, x) -> None:
+    y = est(Normal(x[0], x[1].exp()))
+    storch.add_cost(0.5 * (y - 0.5) ** 2)
+
+
 def normal_chain_exact(theta: torch.Tensor) -> torch.Tensor:
     m1, m2 = theta[:2], theta[2:]
     first = ((m1 - 0.45) ** 2 + 1.0).sum()
