@@ -1,6 +1,7 @@
 """Registration, OrderError, and clear errors for bad options and unsupported distributions."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -407,3 +408,34 @@ def test_learned_baseline_refuses_features_of_another_width_with_what_to_do():
     fixed = storch.estimator("score", plate="pick", n_samples=2, baseline="learned")
     for k in (5, 7):
         assert torch.isfinite(step(fixed, k, inputs=torch.ones(4))).all()
+
+
+def _train(make, steps: int, plate: str) -> list:
+    """``steps`` training steps of a Bernoulli toy, the estimator from ``make()`` at each step; the warnings."""
+    theta = torch.zeros(3, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            est = make()
+            with storch.Graph():
+                z = est(Bernoulli(logits=theta))
+                storch.add_cost(((z - 0.4) ** 2).sum(), name="c")
+                storch.backward()
+    return [w for w in caught if "created anew" in str(w.message)]
+
+
+@pytest.mark.parametrize("options", [{"baseline": "moving_average"}, {"baseline": "learned"}])
+def test_a_stateful_estimator_made_in_every_step_warns_once(options):
+    # its moving average (or NVIL's heads) start from scratch at every step: silently plain REINFORCE (found by a
+    # tester reading the docs as a new user); the warning points at the user's storch.estimator call
+    plate = f"recreated_{options['baseline']}"
+    caught = _train(lambda: storch.estimator("score", plate=plate, n_samples=4, **options), 8, plate)
+    assert len(caught) == 1 and caught[0].filename == __file__
+    assert "outside the training loop" in str(caught[0].message)
+
+
+def test_a_stateful_estimator_made_once_or_a_stateless_one_made_in_every_step_does_not_warn():
+    est = storch.estimator("score", plate="made_once", n_samples=4, baseline="moving_average")
+    assert _train(lambda: est, 8, "made_once") == []
+    assert _train(lambda: storch.estimator("score", plate="stateless", n_samples=4), 8, "stateless") == []
+    assert _train(lambda: storch.estimator("score", plate="loo", n_samples=4, baseline="leave_one_out"), 8, "loo") == []

@@ -312,7 +312,36 @@ def _make_estimator(name: str, plate: str, options: dict):
             raise OptionError(
                 f"estimator {cls.name!r} has no option {key!r};{hint} its options are: {', '.join(accepted) or 'none'}"
             )
-    return cls(plate=plate, **options)
+    est = cls(plate=plate, **options)
+    if est.has_update:
+        _note_created(est)
+    return est
+
+
+# The latest instance made by storch.estimator per (class, plate) of an estimator with state (moving averages,
+# learned parts, schedules), as [nodes it drew (Estimator._sample_node counts them), instances in a row that each
+# replaced one that drew exactly one node]. An estimator made anew in every training step (inside the loop or the
+# model's forward) starts from scratch each time: no moving average is ever applied, nothing learned is trained,
+# and the user silently gets the plain estimator (found by a tester reading the docs as a new user)
+_LATEST: dict[tuple, list] = {}
+_STREAK = 3  # replaced after one node this many times in a row: warned (once per class and plate)
+
+
+def _note_created(est: Estimator) -> None:
+    key = (type(est), est.plate)
+    prev = _LATEST.get(key)
+    streak = prev[1] + 1 if prev is not None and prev[0] == 1 else 0
+    if len(_LATEST) > 1024:  # (plate names made per run: bounded)
+        _LATEST.clear()
+    _LATEST[key] = est._nodes_drawn = [0, streak]
+    if streak == _STREAK:
+        warnings.warn(
+            f"storch.estimator({est.name!r}, plate={est.plate!r}, ...) was created anew {streak + 1} times in a row, "
+            "each instance drawing one node before the next replaced it: an estimator made in every training step. "
+            "Its state (a moving average, a learned baseline or control variate, a temperature schedule, a buffer) "
+            "lives on the instance and is discarded with it, so the variance reduction you asked for never applies "
+            "(the gradient stays unbiased). Create the estimator once, outside the training loop (e.g. in your "
+            "module's __init__), and call it in every step", UserWarning, stacklevel=4)
 
 
 # the estimator base class (below this module) reads the installed estimators through the catalog

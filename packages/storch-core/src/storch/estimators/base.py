@@ -200,6 +200,8 @@ class Estimator(torch.nn.Module):
     distributions: ClassVar[Optional[tuple[type, ...]]] = None
     score_function: ClassVar[Optional[bool]] = None
     jump_free: bool = False
+    # storch.estimator's count of the nodes a stateful instance drew (storch.registry._note_created), or None
+    _nodes_drawn: Optional[list] = None
     requires_rsample: ClassVar[bool] = False
     requires_enumerate_support: ClassVar[bool] = False
     has_update: ClassVar[bool] = False
@@ -286,6 +288,9 @@ class Estimator(torch.nn.Module):
         if inputs is not None:
             self.check_inputs(inputs, parents, 0)
         node = Node(self, raw, parents, original=distribution, inputs=inputs)
+        drawn = self._nodes_drawn
+        if drawn is not None:  # (storch.estimator's record of a stateful estimator: storch.registry._note_created)
+            drawn[0] += 1
         if not torch.is_grad_enabled():
             _sampled_without_grad(node, distribution, 0)
         if _lowers_order(type(self)):  # storch.surrogate_loss(order) checks it (OrderError)
