@@ -1,5 +1,6 @@
 """The graph context: isolation, resets, errors for bad input, credit assignment by plates."""
 
+import re
 import threading
 
 import pytest
@@ -19,6 +20,77 @@ def test_plate_name_reused_is_an_error():
         est1(Bernoulli(logits=torch.zeros(())))
         with pytest.raises(storch.PlateError, match="'z' is already used"):
             est2(Bernoulli(logits=torch.zeros(())))
+
+
+def _denote_x_then_y():
+    x, y = torch.zeros(3, 2), torch.zeros(3)
+    storch.denote_independent(x, 0, "data")
+    storch.denote_independent(y, 0, "data")  # the second tensor of the same data points, in a second call
+
+
+@pytest.mark.parametrize("default", [True, False])
+def test_data_plate_name_reused_says_to_denote_the_tensors_in_one_call(default):
+    """The message said "give each ... data plate its own name": two names pair every x with every y
+    (docs/plates.md). It now gives the documented one-call form, and in the default graph no longer
+    speaks of an exception that did not happen."""
+    storch.reset()
+    with pytest.raises(storch.PlateError) as info:
+        if default:
+            _denote_x_then_y()
+        else:
+            with storch.Graph():
+                _denote_x_then_y()
+    msg = str(info.value)
+    assert re.search(r"pass them in ONE call: `x, y = storch\.denote_independent\(\(x, y\), 0, 'data'\)` pairs "
+                     r"x\[i\] with y\[i\]\. Give another name only to a genuinely different data plate", msg), msg
+    assert "its own name" not in msg and "exception" not in msg, msg
+    assert not storch.current_graph().plates  # the default graph's step was discarded (the block's too)
+
+
+def test_a_new_step_after_surrogate_loss_backward_says_the_step_was_not_ended():
+    """surrogate_loss().backward() in the default graph, no storch.reset(): the next step's first claim
+    said "if an exception interrupted the previous step", which none did."""
+    storch.reset()
+    theta = torch.zeros(3, requires_grad=True)
+    est = storch.estimator("expect", plate="z")
+
+    def step():
+        x = storch.denote_independent(torch.ones(4, 3), 0, "data")
+        z = est(Bernoulli(logits=x * theta))
+        storch.add_cost((z - 0.5).pow(2).sum())
+        storch.surrogate_loss().backward()
+
+    step()
+    with pytest.raises(storch.PlateError) as info:
+        step()
+    msg = str(info.value)
+    assert re.search(r"built its surrogate loss \(storch\.surrogate_loss\(\)\) and was never ended.*Call "
+                     r"storch\.backward\(\) instead.*or storch\.reset\(\) after loss\.backward\(\), or build each "
+                     r"step inside `with storch\.Graph\(\):`", msg), msg
+    assert "exception" not in msg, msg
+    step()  # the unfinished step was discarded: the next one runs
+    storch.reset()
+
+
+def test_the_same_denote_call_again_after_a_user_exception_says_the_step_was_interrupted():
+    storch.reset()
+    refused = []
+    for i in range(3):
+        try:
+            storch.denote_independent(torch.zeros(3, 2), 0, "data")
+            if i == 0:
+                raise ValueError("the user's model code failed")
+        except ValueError:
+            pass
+        except storch.PlateError as e:
+            refused.append(i)
+            assert re.search(r"same denote_independent call ran again.*never ended \(an exception in your code "
+                             r"interrupted it.*storch\.reset\(\) after catching", str(e)), str(e)
+    storch.reset()
+    with storch.Graph(), pytest.raises(storch.PlateError, match=r"ran again in one `with storch\.Graph\(\):` "
+                                                                r"block; a block is one step"):
+        for _ in range(2):  # the loop inside the block: one step
+            storch.denote_independent(torch.zeros(3, 2), 0, "data")
 
 
 def test_cost_with_event_shape_is_an_error():

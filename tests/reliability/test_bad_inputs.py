@@ -150,7 +150,7 @@ CASES = {
     "plate name reused (node)": Case(plate_name_reused, storch.PlateError, "plate name 'z' is already used",
                                      "give each stochastic node and data plate its own name"),
     "plate name reused (data)": Case(data_plate_reused, storch.PlateError, "plate name 'data' is already used",
-                                     "its own name"),
+                                     r"pass them in ONE call: `x, y = storch.denote_independent\(\(x, y\), 0, 'data'\)`"),
     "cost with an event shape": Case(cost_with_event_shape, storch.CostError,
                                      r"cost 'per_latent' has per-sample shape \(3,\)", r"sum\(-1\)"),
     "non-tensor cost": Case(non_tensor_cost, storch.CostError, "cost 'number' is a float, not a tensor",

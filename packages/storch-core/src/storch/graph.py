@@ -6,6 +6,8 @@ for one step (one surrogate loss); estimators, which hold state across steps, li
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union, overload
@@ -56,6 +58,9 @@ class Graph:
         self.nodes: list[Node] = []
         self.costs: list[tuple[str, Any]] = []
         self.plates: dict[str, Any] = {}  # name -> Node or Plate (data plate)
+        # data plate name -> where user code called denote_independent (_call_site), for the message of a
+        # reused name: the same call reached the same way again is a new step, not a second denote in this one
+        self.data_sites: dict[str, tuple] = {}
         self.generator = generator
         self.is_default = False  # the thread's default graph (set by _stack)
         self._mode = None
@@ -107,6 +112,7 @@ class Graph:
         self.nodes.clear()
         self.costs.clear()
         self.plates.clear()
+        self.data_sites.clear()
 
     def guard(self) -> "_StepGuard":
         """A context manager that discards the step (:meth:`discard`) when its block raises, and re-raises.
@@ -134,19 +140,61 @@ class Graph:
                 lineage.closed = reason
                 _release(lineage)  # nothing of the step is held after it (the plate caches)
 
-    def claim_plate(self, name: str, owner: Any) -> None:
-        """Reserve the plate name ``name`` for ``owner`` (a node or a data plate); a name already in use raises ``storch.PlateError``."""
+    def claim_plate(self, name: str, owner: Any, site: Optional[tuple] = None) -> None:
+        """Reserve the plate name ``name`` for ``owner`` (a node or a data plate); a name already in use raises ``storch.PlateError``.
+
+        ``site``: for a data plate, where user code called ``denote_independent`` (:func:`_call_site`).
+        """
         if name in self.plates:
-            hint = ("; if an exception interrupted the previous step in the thread's default graph, "
-                    "that step was never finished: storch has now discarded it (call storch.reset() "
-                    "after such an exception, or use `with storch.Graph():`, which discards a failed "
-                    "step itself)" if self.is_default else "")
-            raise PlateError(
-                f"plate name {name!r} is already used in this graph (by {self.plates[name]!r}); give "
-                "each stochastic node and data plate its own name, and start each step with a new "
-                f"graph (storch.backward() and storch.reset() clear the default graph){hint}"
-            )
+            raise PlateError(self._reused_name(name, owner, site))
         self.plates[name] = owner
+        if site is not None:
+            self.data_sites[name] = site
+
+    def _reused_name(self, name: str, owner: Any, site: Optional[tuple]) -> str:
+        """The message for a plate name claimed twice: what the graph knows of why, and what to do."""
+        old = self.plates[name]
+        head = f"plate name {name!r} is already used in this graph (by {old!r})"
+        if self.is_default and self.loss_built:
+            # the step built its surrogate loss, and a claim follows: a new step after one that was not
+            # ended (surrogate_loss().backward() does not end it), which this error has now discarded
+            ran = " and backpropagated it" if self.step_updated else ""
+            return (f"{head}: this call begins a new step, but the previous step in the thread's default graph "
+                    f"built its surrogate loss (storch.surrogate_loss()){ran} and was never ended: "
+                    "storch.surrogate_loss().backward() does not end a step. Call storch.backward() instead (it "
+                    "backpropagates and ends the step), or storch.reset() after loss.backward(), or build each "
+                    "step inside `with storch.Graph():`. storch has now discarded the unfinished step")
+        data = isinstance(old, Plate) and isinstance(owner, Plate)
+        if data and site is not None and site == self.data_sites.get(name):
+            # the same denote_independent call, reached the same way, ran again: a loop or a rerun cell
+            # began a new step while the graph still holds the previous one
+            if self.is_default:
+                return (f"{head}: the same denote_independent call ran again, so this is a new step, but the "
+                        "previous step in the thread's default graph was never ended (an exception in your code "
+                        "interrupted it, or it was not ended with storch.backward() or storch.reset()). storch "
+                        "has now discarded it; call storch.reset() after catching such an exception, or build "
+                        "each step inside `with storch.Graph():`, which discards a failed step itself")
+            return (f"{head}: the same denote_independent call ran again in one `with storch.Graph():` block; "
+                    "a block is one step: enter a new block for each step (inside the loop)")
+        if data:
+            # two data plates of one name: the tensors of one plate were denoted in two calls. Two names would
+            # pair every entry of one with every entry of the other (docs/plates.md), not x[i] with y[i]
+            advice = (f"to put several tensors (inputs and targets) on one data plate, pass them in ONE call: "
+                      f"`x, y = storch.denote_independent((x, y), 0, {name!r})` pairs x[i] with y[i]. Give another "
+                      "name only to a genuinely different data plate (two data plates pair every entry of one "
+                      "with every entry of the other)")
+        else:
+            advice = ("give each stochastic node and data plate its own name, and start each step with a new "
+                      "graph (storch.backward() and storch.reset() clear the default graph)")
+        if self.is_default:
+            # a failed storch call discards the default graph's step (discard): say so, since the
+            # tensors of the step are stale now
+            advice += ("; in the thread's default graph this error has discarded the step (start it again), and "
+                       "if an exception in your code interrupted an earlier step, call storch.reset() after "
+                       "catching it, or use `with storch.Graph():`, which discards a failed step itself"
+                       if not data else
+                       "; in the thread's default graph this error has discarded the step: start it again")
+        return f"{head}; {advice}"
 
     def check_plates(self, plates: tuple[Plate, ...], what: str) -> None:
         """Raise :class:`PlateError` if a plate belongs to an ended graph or to another graph."""
@@ -310,7 +358,7 @@ class Graph:
                 f"{tuple(tensor.shape)} has size 0); the surrogate averages over the data points, and a mean over "
                 "none is undefined (NaN). Skip empty batches before the step")
         p = Plate(plate, raw.shape[0], True, 0, Lineage())
-        self.claim_plate(plate, p)
+        self.claim_plate(plate, p, _call_site())
         return PlateTensor._wrap(raw, (p,) + parents)
 
     def _denote_several(self, tensors, dim: int, plate: str):
@@ -376,6 +424,24 @@ class _StepGuard:
             if graph is not None:
                 graph.discard(exc)
         return False
+
+
+_STORCH_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _call_site(depth: int = 3) -> tuple:
+    """Where user code called into storch: (file, line) of the first ``depth`` frames outside the
+    ``storch`` package. Two denote_independent calls of one step come from different lines (or one
+    helper reached from different lines); the same site again is the same code run again (a loop, a
+    rerun notebook cell): a new step."""
+    f = sys._getframe(1)
+    while f is not None and f.f_code.co_filename.startswith(_STORCH_DIR):
+        f = f.f_back
+    site = []
+    while f is not None and len(site) < depth:
+        site.append((f.f_code.co_filename, f.f_lineno))
+        f = f.f_back
+    return tuple(site)
 
 
 def _distribution_plates(d, depth: int = 0) -> tuple[Plate, ...]:
