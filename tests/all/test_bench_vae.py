@@ -45,8 +45,22 @@ def test_smoke_and_same_seed_same_csv(tmp_path, capsys):
     md = (a / "vae.md").read_text()
     # expect: 2^20 joint values exceed its budget on the first step; nosuch: not installed
     assert "expect@1" in md and "UnsupportedDistributionError" in md
-    assert "nosuch@1: not installed" in md
+    assert "nosuch@1: unknown estimator: no estimator named 'nosuch'" in md
     assert "valid -ELBO" in text
+
+
+@pytest.mark.parametrize("spec, advice", [("scroe@1", "Did you mean 'score'"),
+                                          ("score[baselin=leave_one_out]@2", "Did you mean 'baseline'")])
+@pytest.mark.parametrize("seeds", ["1", "2"])
+def test_a_misspelt_spec_keeps_the_suggestion_gets_no_install_advice_and_fails(tmp_path, capsys, spec, advice, seeds):
+    """storch-compare vae --estimators scroe@1 said "not installed" and "Install an estimator family"
+    (the registry's "Did you mean 'score'?" dropped), and exited 0 with an empty table."""
+    rc = main(["vae", "--estimators", spec, "--epochs", "1", "--max-train", "50", "--models", "bernoulli",
+               "--seeds", seeds, "--no-progress", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 2, out
+    assert advice in out and "Install an estimator family" not in out and "not installed" not in out, out
+    assert f"Nothing ran: --estimators {spec}: an unknown estimator name or option" in out, out
 
 
 def test_different_seed_changes_numbers(tmp_path):

@@ -217,6 +217,18 @@ def test_bad_step_functions_get_clear_errors():
         compare_estimators(no_node, ["score@1"], order=0, **QUIET)
 
 
+def test_cli_with_a_misspelt_estimator_keeps_the_suggestion_and_fails(tmp_path, capsys):
+    """storch-compare model ... --estimators scroe@1 said "not installed" and exited 0 with an empty table."""
+    from storch_bench.cli import main
+
+    rc = main(["model", f"{EXAMPLE}:step", "--estimators", "scroe@1", "--estimates", "4", "--warmup", "1",
+               "--reference-estimates", "4", "--no-memory", "--no-progress", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 2, out
+    assert "scroe@1: unknown estimator: no estimator named 'scroe' is installed. Did you mean 'score'?" in out, out
+    assert "not installed" not in out and "Nothing ran: --estimators scroe@1" in out, out
+
+
 def test_cli_on_the_example(tmp_path):
     exe = Path(sys.executable).with_name("storch-compare")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "storch_bench"]

@@ -16,6 +16,7 @@ from typing import Callable
 
 from .model_compare import Comparison, compare_estimators
 from .report import header, markdown_table, text_table, write_csv
+from .roster import bad_spec_advice
 
 __all__ = ["load_step", "text", "markdown", "write", "plot_model", "run", "HEADER"]
 
@@ -168,4 +169,7 @@ def run(args: argparse.Namespace) -> int:
     if errors:
         print(f"\n{len(errors)} estimator(s) failed on this model (error rows above)")
     print("\nWrote " + ", ".join(map(str, paths)))
-    return 0
+    advice = None if c.rows else bad_spec_advice(c.skipped)
+    if advice:
+        print("\n" + advice)
+    return 2 if advice else 0

@@ -41,7 +41,7 @@ import torch
 import storch
 
 from .model_runner import Runner, Step, describe, first_line, probe
-from .roster import Spec, build, parse_spec, parse_specs, supports
+from .roster import INVALID, Spec, build, parse_spec, parse_specs, skip_reason, supports
 
 __all__ = ["compare_estimators", "Comparison", "EstimatorResult", "bias_z", "DEFAULT_REFERENCES"]
 
@@ -112,7 +112,7 @@ def _why_not(spec: Spec, dists: list, order: int, partitioned: bool) -> tuple[Op
     try:
         cls = spec.estimator_class()
     except storch.UnknownEstimatorError as e:
-        return None, "not installed: " + str(e).splitlines()[0]
+        return None, skip_reason(e)
     except storch.PluginError as e:
         return None, str(e).splitlines()[0]
     for d in dists:
@@ -288,7 +288,8 @@ def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[s
             try:
                 est = build(spec, cls)
             except (storch.UnsupportedDistributionError, storch.OptionError, TypeError, ValueError) as e:
-                skipped.append((spec.label, "cannot be built: " + first_line(e)))
+                skipped.append((spec.label, INVALID + first_line(e) if isinstance(e, storch.OptionError)
+                                else "cannot be built: " + first_line(e)))
                 bar.update(warmup + estimates)
                 continue
             try:

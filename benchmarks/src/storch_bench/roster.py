@@ -19,7 +19,8 @@ from typing import Any, Optional
 import storch
 from storch.extending import base_distribution
 
-__all__ = ["Spec", "parse_spec", "parse_specs", "resolve", "supports", "build", "PRESETS"]
+__all__ = ["Spec", "parse_spec", "parse_specs", "resolve", "supports", "build", "skip_reason", "bad_spec",
+           "bad_spec_advice", "PRESETS"]
 
 # estimators usually compared with several samples (Table 1 of the Storchastic paper): name -> specs
 PRESETS: dict[str, list[str]] = {
@@ -148,6 +149,45 @@ def build(spec: Spec, cls: type):
     return storch.estimator(spec.name, plate="z", **options)
 
 
+# the reasons that are a mistake in a spec (a misspelt name or option), not a limit of an estimator or of
+# what is installed: no install advice for them, and a run where nothing ran because of them fails
+UNKNOWN, INVALID = "unknown estimator: ", "invalid options: "
+
+
+def skip_reason(e: Exception) -> str:
+    """Why a spec did not take part, from the error its lookup or construction raised.
+
+    The registry's own message is kept (it suggests close names: "Did you mean 'score'?"); only a
+    first-party name whose family is not installed is reported as "not installed", with its
+    ``pip install``.
+    """
+    if isinstance(e, storch.UnknownEstimatorError):
+        hint = re.search(r"`pip install [^`]+`", str(e))
+        return f"not installed ({hint.group(0)})" if hint else UNKNOWN + str(e)
+    if isinstance(e, storch.OptionError):
+        return INVALID + str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+def bad_spec(why: str) -> bool:
+    """Whether a reason from :func:`skip_reason` is a mistake in the spec (fix the spec, install nothing)."""
+    return why.startswith((UNKNOWN, INVALID))
+
+
+def bad_spec_advice(skipped: list[tuple[str, str]]) -> Optional[str]:
+    """When nothing ran: what to say if specs were wrong (the caller exits non-zero), else ``None``.
+
+    Args:
+        skipped: ``(label, reason)`` of the specs that did not take part.
+    """
+    bad = list(dict.fromkeys(label for label, why in skipped if bad_spec(why)))
+    if not bad:
+        return None
+    return (f"Nothing ran: --estimators {', '.join(bad)}: an unknown estimator name or option (the reasons are "
+            "under \"Did not take part\" above). Fix the spec; `python -c \"import storch; "
+            "print(storch.available_estimators())\"` lists the installed estimators")
+
+
 def resolve(specs: list[Spec], d) -> tuple[list[tuple[Spec, type]], list[tuple[str, str]]]:
     """Split ``specs`` into those that support distribution ``d`` and notes on the others.
 
@@ -160,8 +200,7 @@ def resolve(specs: list[Spec], d) -> tuple[list[tuple[Spec, type]], list[tuple[s
         try:
             cls = spec.estimator_class()
         except storch.UnknownEstimatorError as e:
-            hint = re.search(r"`pip install [^`]+`", str(e))
-            skipped.append((spec.label, "not installed" + (f" ({hint.group(0)})" if hint else "")))
+            skipped.append((spec.label, skip_reason(e)))
             continue
         except storch.PluginError as e:
             skipped.append((spec.label, str(e)))

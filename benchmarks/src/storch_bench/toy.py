@@ -31,7 +31,7 @@ from torch.distributions import Bernoulli, OneHotCategorical
 import storch
 from storch.testing import per_replicate_derivatives, replicate
 
-from .roster import Spec, build, parse_specs, resolve
+from .roster import Spec, bad_spec_advice, build, parse_specs, resolve, skip_reason
 from .report import header
 
 __all__ = ["ToyConfig", "ToyProblem", "PROBLEMS", "run_toy", "run_cli"]
@@ -151,7 +151,7 @@ def run_toy(cfg: ToyConfig, progress: bool = True) -> tuple[list[ToyRow], list[t
             g = _estimates(problem, est, cfg.replicates)
             row.us_per_estimate = _time_one(problem, est, cfg.timing_reps)
         except (storch.UnsupportedDistributionError, storch.OptionError) as e:
-            skipped.append((problem.name, spec.label, f"{type(e).__name__}: {e}"))
+            skipped.append((problem.name, spec.label, skip_reason(e)))
             continue
         _, exact = problem.exact()
         mean, var = g.mean(0), g.var(0)
@@ -197,4 +197,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if skipped:
         print("\nDid not take part:\n" + notes)
     print(f"\n{setup}.\nWrote {args.out / 'toy.md'}, {args.out / 'toy.csv'}")
-    return 0
+    advice = None if rows else bad_spec_advice([(label, why) for _, label, why in skipped])
+    if advice:
+        print("\n" + advice)
+    return 2 if advice else 0

@@ -28,7 +28,7 @@ from .data import load_binary_digits
 from .measure import gradient_variance, peak_memory, seed_everything
 from .models import VAE, negative_elbo, storch_step, storch_surrogate
 from .budget import at_budget
-from .roster import Spec, build, resolve
+from .roster import Spec, build, resolve, skip_reason
 
 __all__ = ["VAEConfig", "RunResult", "run_vae", "MODELS"]
 
@@ -141,7 +141,7 @@ def _train_one(cfg: VAEConfig, model: str, spec: Spec, cls: type, train: torch.T
     try:
         est = build(spec, cls)
     except (storch.UnsupportedDistributionError, storch.OptionError, TypeError, ValueError) as e:
-        res.note = f"skipped: {type(e).__name__}: {e}"
+        res.note = f"skipped: {skip_reason(e)}"
         tick(cfg.epochs)
         return res
     params = list(vae.parameters())

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from .budget import aggregate
 from .report import fmt, header, markdown_table, plot_vae, text_table, write_csv
-from .roster import parse_specs
+from .roster import bad_spec, bad_spec_advice, parse_specs
 from .vae import VAEConfig, run_vae
 
 __all__ = ["run", "config_from_args"]
@@ -104,6 +104,10 @@ def _run_seeds(args: argparse.Namespace, cfg: VAEConfig, seeds: list[int], stem:
     (out / f"{stem}.md").write_text(md)
     print(f"\n{title}\n" + text_table(AGG[:-1], [r[:-1] for r in table]))
     print(f"\n{setup}.\nWrote {out / (stem + '.md')}, {out / (stem + '.csv')}, {out / (stem + '_seeds.csv')}")
+    advice = None if rows else bad_spec_advice([(label, why) for (_, label), why in skipped.items()])
+    if advice:
+        print("\nDid not take part:\n" + notes + "\n\n" + advice)
+        return 2
     return 1 if any(r["note"].startswith("error") for r in rows) else 0
 
 
@@ -143,7 +147,10 @@ def _run_single(args: argparse.Namespace, cfg: VAEConfig, stem: str = "vae", wha
             print(f"note: {r.model} {r.label}: {r.note}")
     if skipped:
         print("\nDid not take part:\n" + notes)
-    if not results:
+    advice = None if results else bad_spec_advice([(label, why) for _, label, why in skipped])
+    if not results and any(not bad_spec(why) for _, _, why in skipped):
+        # install advice only for the estimators that are missing or cannot train these models: a misspelt
+        # name or option (advice) is fixed in the spec, not by installing a family
         print("\nNo installed estimator could train these models. Install an estimator family, e.g. "
               "`pip install storch-estimators-score storch-estimators-relaxed storch-estimators-mvd`, "
               "or name your own with --estimators.")
@@ -152,4 +159,7 @@ def _run_single(args: argparse.Namespace, cfg: VAEConfig, stem: str = "vae", wha
     errors = [r for r in results if r.note.startswith("error")]
     if errors:
         print(f"\n{len(errors)} estimator(s) failed with an error (see the notes above)")
+    if advice:  # nothing ran, and specs were wrong: a failed run, not an empty table
+        print("\n" + advice)
+        return 2
     return 1 if errors else 0
