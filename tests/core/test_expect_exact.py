@@ -4,6 +4,7 @@ Orders 1, 2 (full Hessian) and 3 (a directional third derivative), float64 preci
 """
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -137,6 +138,45 @@ def test_data_plate_two_costs_orders_0_to_3():
 def test_expect_budget_error():
     est = storch.estimator("expect", plate="z", budget=16)
     with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="budget"):
+        est(Bernoulli(logits=torch.zeros(5)))
+
+
+def test_expect_budget_error_for_a_minibatch_left_in_the_batch_dims_says_to_denote_it():
+    """Bernoulli(logits=enc(x)) of shape (32, 4) without denote_independent: the error said only to raise
+    the budget (2^128 values) or split the node; the batch belongs on a data plate (2^4 values per point)."""
+    enc = torch.nn.Linear(8, 4)
+    x = torch.rand(32, 8)
+    est = storch.estimator("expect", plate="z")
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError) as info:
+        est(Bernoulli(logits=enc(x)))
+    msg = str(info.value)
+    assert re.search(r"If dim 0 \(size 32\) holds independent data points, it belongs on a data plate: "
+                     r"`x = storch\.denote_independent\(x, 0, 'data'\)`.*expect then enumerates 2\^4 = 16 values "
+                     r"per data point\. Otherwise use a sampling estimator", msg), msg
+    assert "raise `budget`" not in msg, msg
+    with storch.Graph():  # as the message says
+        z = est(Bernoulli(logits=enc(storch.denote_independent(x, 0, "data"))))
+        assert z.plates[0].size == 16
+
+
+def test_expect_budget_error_for_astronomically_many_values_says_to_sample():
+    """10^20 joint values (the README's 20 latents of 10 classes, on a data plate): raising the budget
+    cannot help, so the message no longer says to."""
+    est = storch.estimator("expect", plate="z")
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError) as info:
+        x = storch.denote_independent(torch.zeros(16, 1), 0, "data")
+        est(OneHotCategorical(logits=torch.zeros(20, 10) + x))
+    msg = str(info.value)
+    assert re.search(r"10\^20 = 10+ joint values .* exceeds the budget of 4096; that many values cannot be "
+                     r"enumerated whatever the budget: use a sampling estimator \(such as 'unordered_set'.*'score'\)",
+                     msg), msg
+    assert "raise `budget`" not in msg and "data plate" not in msg, msg
+
+
+def test_expect_budget_error_within_reach_still_offers_the_budget():
+    est = storch.estimator("expect", plate="z", budget=16)
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError,
+                                       match=r"2\^5 = 32 joint values .*; raise `budget`, split the node"):
         est(Bernoulli(logits=torch.zeros(5)))
 
 

@@ -78,11 +78,7 @@ class Expect(Estimator):
         own = tuple(d.batch_shape[len(node.parents):])
         n = math.prod(own)
         if k ** n > self.budget:
-            raise UnsupportedDistributionError(
-                f"expect: enumerating {k}^{n} = {k ** n} joint values of plate {self.plate!r} exceeds the "
-                f"budget of {self.budget}; raise `budget`, split the node into several nodes, or use a "
-                "sampling estimator"
-            )
+            raise UnsupportedDistributionError(_over_budget(self, node, k, own))
         joint = values[_joint_indices(k, n, values.device)].reshape((k ** n,) + own + tuple(d.event_shape))
         lead = (k ** n,) + (1,) * len(node.parents)
         joint = joint.reshape(lead + joint.shape[1:])
@@ -108,6 +104,37 @@ class Expect(Estimator):
 
     def gradient_function(self, node: Node) -> torch.Tensor:
         return torch.zeros((1,), dtype=_float_dtype(node), device=node.sample.device)
+
+
+# joint values past which enumeration is out of reach whatever the budget: each one is a cost evaluation,
+# and the table of values alone is k^n · n integers (10^8 values of 20 variables: 16 GB)
+_ASTRONOMICAL = 10 ** 8
+_MINIBATCH = 8  # a first batch dim at least this large, with no data plate, may be a minibatch
+
+
+def _over_budget(est: "Expect", node: Node, k: int, own: tuple) -> str:
+    """The message when the k^n joint values of the node's own batch dims ``own`` exceed the budget:
+    advice that can help with this node (raising the budget cannot for 10^20 values)."""
+    n = math.prod(own)
+    msg = (f"expect: enumerating {k}^{n} = {k ** n} joint values of plate {est.plate!r} exceeds the budget of "
+           f"{est.budget}")
+    data = any(p.independent for p in node.parents)
+    per_point = k ** (n // own[0]) if own and own[0] else k ** n
+    if not data and own and own[0] >= _MINIBATCH and per_point <= est.budget:
+        # the batch dims are the node's own variables, enumerated jointly: a minibatch left there multiplies
+        # the count by k per data point, while on a data plate each point is enumerated on its own
+        rest = n // own[0]
+        msg += (f". No data plate was denoted, so every batch dim of the distribution (shape {own}) is a variable "
+                f"of this one node. If dim 0 (size {own[0]}) holds independent data points, it belongs on a data "
+                "plate: `x = storch.denote_independent(x, 0, 'data')` on the input before the distribution is "
+                f"computed from it; expect then enumerates {k}^{rest} = {per_point} values per data point")
+        return msg + (". Otherwise use a sampling estimator (such as 'unordered_set' or 'score')"
+                      if k ** n > _ASTRONOMICAL else
+                      ". Otherwise raise `budget`, split the node into several nodes, or use a sampling estimator")
+    if k ** n > _ASTRONOMICAL:
+        return msg + ("; that many values cannot be enumerated whatever the budget: use a sampling estimator "
+                      "(such as 'unordered_set', which samples without replacement, or 'score') instead")
+    return msg + "; raise `budget`, split the node into several nodes, or use a sampling estimator"
 
 
 def _categorical_log_probs(d, m: int, n: int, k: int) -> Optional[torch.Tensor]:
