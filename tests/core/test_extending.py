@@ -66,6 +66,34 @@ def test_option_validators_return_accepted_values():
     assert options.optional_index("e", "eos", 0) == 0
 
 
+def test_integer_options_accept_any_integral_number_but_not_bool_float_or_tensor():
+    """n_samples=np.int64(4) (what arithmetic on array sizes gives) was an OptionError; an integral
+    number is now accepted, as a Python int, while bool, float (even 4.0) and tensors still are not."""
+    np = pytest.importorskip("numpy")
+    for value in (np.int64(4), np.int32(4), np.uint8(4)):
+        n = options.integer("e", "n", value, minimum=1)
+        assert n == 4 and type(n) is int
+        eos = options.optional_index("e", "eos", value)
+        assert eos == 4 and type(eos) is int
+    for value in (np.bool_(True), True, 4.0, np.float64(4.0), torch.tensor(4), "4", np.int64(0)):
+        with pytest.raises(storch.OptionError, match=r"e: n must be an int >= 1, got "):
+            options.integer("e", "n", value, minimum=1)
+    # every integer option of the core: n_samples (the base class), expect's budget
+    est = storch.estimator("reparameterization", plate="z", n_samples=np.int64(4))
+    exp = storch.estimator("expect", plate="y", budget=np.int64(8))
+    assert exp.budget == 8 and type(exp.budget) is int
+    theta = torch.zeros(3, requires_grad=True)
+    with storch.Graph():
+        z = est(Normal(theta, 1.0))
+        y = exp(Bernoulli(logits=theta))
+        assert z.plates[0].size == 4 and y.plates[0].size == 8
+        storch.add_cost(((z - 0.5) ** 2).sum() + y.sum())
+        storch.surrogate_loss().backward()
+    assert theta.grad is not None and torch.isfinite(theta.grad).all()
+    with pytest.raises(storch.OptionError, match=r"expect: budget must be an int >= 1, got True"):
+        storch.estimator("expect", plate="y", budget=True)
+
+
 def test_n_samples_is_checked_by_the_validator():
     class Mine(storch.Estimator):
         name = "mine"

@@ -84,6 +84,30 @@ def test_bad_options(name, options, match):
         storch.estimator(name, plate="z", **options)
 
 
+def test_integer_options_accept_numpy_integers():
+    """n_samples=np.int64(4) and the family's other integer options (budget, eos, n_enumerate, n_draws,
+    hidden) were OptionErrors; they are accepted as Python ints (a bool or a float still is not)."""
+    np = pytest.importorskip("numpy")
+    i = np.int64
+    made = [storch.estimator("score", plate="z", n_samples=i(4), baseline="leave_one_out"),
+            storch.estimator("score", plate="z", baseline="learned", hidden=i(8)),
+            storch.estimator("unordered_set", plate="z", n_samples=i(4), budget=i(64)),
+            storch.estimator("sum_and_sample", plate="z", n_samples=i(3), n_enumerate=i(1), budget=i(64))]
+    assert made[2].budget == 64 and type(made[2].budget) is int and type(made[3].budget) is int
+    assert type(storch.estimator("vimco", plate="z", n_draws=i(3)).n_draws) is int
+    for name in ("score", "unordered_set"):  # eos: a sequence's end token (not run here: no sequence)
+        assert type(storch.estimator(name, plate="z", n_samples=2, eos=i(1)).eos) is int
+    theta = torch.zeros(3, requires_grad=True)
+    for est in made:
+        with storch.Graph():
+            z = est(Bernoulli(logits=theta))
+            storch.add_cost(((z - 0.45) ** 2).sum())
+            storch.surrogate_loss().backward()
+    for bad in (np.bool_(True), 4.0, torch.tensor(4)):
+        with pytest.raises(storch.OptionError, match="n_samples must be an int >= 1"):
+            storch.estimator("score", plate="z", n_samples=bad)
+
+
 @pytest.mark.parametrize("name,options", [
     ("sum_and_sample", dict(n_samples=2)), ("unordered_set", dict(n_samples=2)), ("mapo", dict()),
 ])

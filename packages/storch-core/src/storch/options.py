@@ -2,8 +2,9 @@
 
 Every check raises :class:`storch.OptionError` with the message
 ``"<owner>: <option> must be <what is accepted>, got <value>"`` (plus a hint where one helps),
-and returns the value (an int stays an int; a number is returned as given). ``bool`` is never
-accepted as a number: ``n_samples=True`` is a mistake, not 1.
+and returns the value (an integral number, a NumPy integer too, as a Python int; a number as given).
+``bool`` is never accepted as a number: ``n_samples=True`` is a mistake, not 1; nor is a float
+an int, even ``4.0``.
 
 Example:
     >>> from storch.extending import options
@@ -14,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Any, Collection, Optional, Union
 
 from .errors import OptionError
@@ -26,12 +29,24 @@ def fail(owner: str, name: str, what: str, value: Any, hint: str = "") -> Option
     return OptionError(f"{owner}: {name} must be {what}, got {value!r}{hint}")
 
 
+def _integral(value: Any) -> Optional[int]:
+    """``value`` as a Python int if it is an integral number (a ``numbers.Integral``: an int, a NumPy
+    integer), else ``None``. A bool is refused (``n_samples=True`` is a mistake, not 1; NumPy's bool is no
+    Integral), and so is a float, even 4.0, and a tensor (an option is a number, not data)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return operator.index(value)
+
+
 def integer(owner: str, name: str, value: Any, *, minimum: Optional[int] = None, what: Optional[str] = None,
             hint: str = "") -> int:
-    """``value`` if it is an int (not a bool) >= ``minimum``; else an :class:`OptionError`."""
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+    """``value`` as an int if it is an integral number (not a bool, not a float) >= ``minimum``; else an
+    :class:`OptionError`. A NumPy integer (``np.int64(4)``, what arithmetic on array sizes gives) is accepted
+    and returned as a Python int."""
+    n = _integral(value)
+    if n is None or (minimum is not None and n < minimum):
         raise fail(owner, name, what or ("an int" if minimum is None else f"an int >= {minimum}"), value, hint)
-    return value
+    return n
 
 
 def number(owner: str, name: str, value: Any, *, above: Optional[float] = None, at_least: Optional[float] = None,
@@ -81,7 +96,6 @@ def choice(owner: str, name: str, value: Any, choices: Collection[str], hint: st
 
 
 def optional_index(owner: str, name: str, value: Any, what: str = "None or an int >= 0") -> Optional[int]:
-    """``value`` if it is ``None`` or an int >= 0 (an index, e.g. ``eos``); else an :class:`OptionError`."""
-    if value is not None:
-        integer(owner, name, value, minimum=0, what=what)
-    return value
+    """``value`` if it is ``None`` or an int >= 0 (an index, e.g. ``eos``; a NumPy integer as a Python
+    int); else an :class:`OptionError`."""
+    return None if value is None else integer(owner, name, value, minimum=0, what=what)

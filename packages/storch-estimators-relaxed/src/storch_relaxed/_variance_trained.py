@@ -94,7 +94,7 @@ class VarianceTrained(Estimator):
 
     def _init_network(self, network: Optional[Callable], hidden: int, zero_output: bool = False) -> None:
         """The learned control variate c_φ: the user's network or a default MLP (LAX, RELAX)."""
-        options.integer(self.name, "hidden", hidden, minimum=1)
+        hidden = options.integer(self.name, "hidden", hidden, minimum=1)  # a NumPy integer as a Python int
         if network is not None and not callable(network):
             raise OptionError(f"{self.name}: network must be a torch.nn.Module (or callable), got {network!r}")
         self.network = network if network is not None else ControlVariateNet(hidden, zero_output)

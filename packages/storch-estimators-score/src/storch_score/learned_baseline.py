@@ -157,8 +157,7 @@ class LearnedBaseline(torch.nn.Module):
 
     def __init__(self, hidden: int = 32) -> None:
         super().__init__()
-        options.integer("learned baseline", "hidden", hidden, minimum=1)
-        self.hidden = hidden
+        self.hidden = options.integer("learned baseline", "hidden", hidden, minimum=1)  # NumPy's as a Python int
         self.heads = torch.nn.ModuleDict()
 
     def head(self, name: Optional[str], h: torch.Tensor) -> torch.nn.Module:

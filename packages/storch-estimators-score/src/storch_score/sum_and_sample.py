@@ -182,9 +182,8 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
                               "callable distribution -> tensor of values")
         self.n_enumerate = check_n_enumerate(n_enumerate, 1)
         self.leave_one_out = check_baseline(baseline, n_samples)
-        options.integer(NAME, "budget", budget, minimum=1)
         self.memory = memory
-        self.budget = budget
+        self.budget = options.integer(NAME, "budget", budget, minimum=1)  # a NumPy integer as a Python int
         # the one-step estimator keeps no state (its memory is chosen anew in every graph): nothing to
         # update, so storch.backward() runs no update for it and storch.compile does not refuse it.
         # The class attribute stays True: the registered name's capability, buffer= (sequences) included

@@ -150,12 +150,11 @@ class SumAndSampleSequences(Estimator):
     def __init__(self, plate: str, n_samples: int = 1, n_enumerate: Optional[int] = None,
                  memory: Any = None, baseline: str = "none", *, buffer: int, eos: Optional[int] = None) -> None:
         super().__init__(plate, n_samples)
-        self.buffer = buffer
-        self.eos = eos
+        # the checks return a NumPy integer as a Python int
+        buffer = self.buffer = options.integer(NAME, "buffer", buffer, minimum=1,
+                                               what="an int >= 1 (sequences kept per key)")
+        self.eos = None if eos is None else options.integer(NAME, "eos", eos, what="an int token")
         self._pending_key: Optional[torch.Tensor] = None  # memory_key= of the call in progress
-        options.integer(NAME, "buffer", buffer, minimum=1, what="an int >= 1 (sequences kept per key)")
-        if eos is not None:
-            options.integer(NAME, "eos", eos, what="an int token")
         n_enumerate = check_n_enumerate(n_enumerate, buffer)
         self.leave_one_out = check_baseline(baseline, n_samples)
         if self.leave_one_out and n_enumerate < buffer:

@@ -119,9 +119,8 @@ class UnorderedSet(Estimator):
                               "use baseline=False for a single sample")
         self.eos = options.optional_index("unordered_set", "eos", eos,
                                           "None or the index of the end value in the support")
-        options.integer("unordered_set", "budget", budget, minimum=1)
         self.use_baseline = baseline
-        self.budget = budget
+        self.budget = options.integer("unordered_set", "budget", budget, minimum=1)  # a NumPy integer as an int
         if not baseline:
             self.max_order = math.inf  # detached weights, no baseline: any order (D.2.3)
 

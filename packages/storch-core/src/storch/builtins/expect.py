@@ -11,7 +11,8 @@ import torch
 from torch.distributions import Categorical, OneHotCategorical
 
 from ..distributions import enumeration_support
-from ..errors import OptionError, UnsupportedDistributionError
+from .. import options
+from ..errors import UnsupportedDistributionError
 from ..estimators.base import Estimator, _float_dtype
 from .._table_cache import table_cache
 from ..graph import is_tracing
@@ -65,9 +66,7 @@ class Expect(Estimator):
 
     def __init__(self, plate: str, budget: int = 4096) -> None:
         super().__init__(plate, 1)
-        if not isinstance(budget, int) or budget < 1:
-            raise OptionError(f"expect: budget must be an int >= 1, got {budget!r}")
-        self.budget = budget
+        self.budget = options.integer("expect", "budget", budget, minimum=1)  # NumPy's integers too, as an int
 
     def proposal(self, node: Node) -> torch.Tensor:
         d = node.distribution  # (probabilities of exactly 0 have log p = -inf: Estimator._sample_node)
