@@ -94,6 +94,7 @@ def test_integer_options_accept_numpy_integers():
             storch.estimator("unordered_set", plate="z", n_samples=i(4), budget=i(64)),
             storch.estimator("sum_and_sample", plate="z", n_samples=i(3), n_enumerate=i(1), budget=i(64))]
     assert made[2].budget == 64 and type(made[2].budget) is int and type(made[3].budget) is int
+    assert all(type(e.n_samples) is int for e in made)  # (stored as a Python int: its repr, plate sizes)
     assert type(storch.estimator("vimco", plate="z", n_draws=i(3)).n_draws) is int
     for name in ("score", "unordered_set"):  # eos: a sequence's end token (not run here: no sequence)
         assert type(storch.estimator(name, plate="z", n_samples=2, eos=i(1)).eos) is int

@@ -224,8 +224,8 @@ class Estimator(torch.nn.Module):
             _WELL_FORMED.add(cls)
         if not isinstance(plate, str) or not plate:
             raise OptionError(f"plate must be a non-empty string, got {plate!r}")
-        options.integer(self.name, "n_samples", n_samples, minimum=1, what="an int >= 1 (the number of samples)",
-                        hint="; pass an int such as n_samples=4")
+        n_samples = options.integer(self.name, "n_samples", n_samples, minimum=1,
+                                    what="an int >= 1 (the number of samples)", hint="; pass an int such as n_samples=4")
         self.plate = plate
         self.n_samples = n_samples
 
