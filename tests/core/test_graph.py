@@ -752,3 +752,46 @@ def test_an_estimator_that_an_earlier_pass_did_not_reach_is_updated_later():
         storch.add_cost(((b - 0.45) ** 2).sum(), name="fb")
         storch.backward()
     assert (len(first.seen), len(second.seen)) == (1, 1)
+
+
+class _Stateless(_CountingScore):
+    name = "test_core_graph_stateless_score"
+    has_update = False
+
+
+def _vmapped_step(est, finish=storch.surrogate_loss):
+    """An ensemble's step for torch.func.vmap: one member's parameters θ (3 data points on a data plate)."""
+    x = torch.tensor([[1.0, -0.5], [0.3, 0.7], [-1.0, 0.2]])
+
+    def step(theta):
+        with storch.Graph():
+            z = est(Bernoulli(logits=storch.denote_independent(x, 0, "data") * theta))
+            storch.add_cost(((z - 0.45) ** 2).sum(), name="f")
+            return finish()
+    return step
+
+
+def test_a_vmapped_surrogate_refuses_the_updates_of_its_backward():
+    """An ensemble under torch.func.vmap (vmap(step, randomness="different")(thetas).sum().backward()):
+    inside vmap the batched loss reports requires_grad=False, so the surrogate attached no update probe and
+    the pass accumulated the gradients but updated no estimator (a moving average, a schedule), silently
+    (found by porting a training loop). An update there would read batched values and mix the members in one
+    state: the .backward() is refused with what to do, before any gradient is accumulated. Not refused: a
+    torch.autograd.grad of the vmapped surrogate (an evaluation pass: it never updates), and an estimator
+    without state. storch.backward() inside vmap says so (it was torch's ".item() on a Tensor")."""
+    from torch.func import vmap
+
+    thetas = torch.randn(4, 2, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    counting = _CountingScore("z", n_samples=3)
+    members = vmap(_vmapped_step(counting), randomness="different")
+    with pytest.raises(storch.StorchError, match=r"inside torch\.func\.vmap.*'test_core_graph_counting_score' "
+                                                 r"\(plate 'z'\).*Nothing was backpropagated.*Python loop"):
+        members(thetas).sum().backward()
+    assert thetas.grad is None and counting.seen == []
+    g, = torch.autograd.grad(members(thetas).sum(), thetas)  # an evaluation pass
+    assert g.shape == thetas.shape and torch.isfinite(g).all() and counting.seen == []
+    vmap(_vmapped_step(_Stateless("z", n_samples=3)), randomness="different")(thetas).sum().backward()
+    assert thetas.grad is not None and torch.isfinite(thetas.grad).all()
+    inside = vmap(_vmapped_step(_Stateless("z", n_samples=3), storch.backward), randomness="different")
+    with pytest.raises(storch.StorchError, match=r"storch\.backward\(\) inside torch\.func\.vmap.*Python loop"):
+        inside(thetas)

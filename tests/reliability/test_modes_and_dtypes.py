@@ -119,6 +119,66 @@ def test_learned_parts_built_under_autocast_keep_full_precision(name, options):
     assert est.update_steps == steps + 1 and all(torch.isfinite(p).all() for p in est.parameters())
 
 
+def _reduced_precision_run(mode: str, baseline: str, levels, decay: float = 0.99, compiled: bool = False):
+    """Steps whose costs are ``levels[i]`` exactly (whatever the sample: a decoder with zero weights), in the
+    dtype ``mode`` gives them: ``torch.autocast`` (bfloat16 from the decoder's Linear), ``model.half()`` /
+    ``.bfloat16()`` (the model's dtype) or float64. Returns the estimator and each step's surrogate dtype."""
+    torch.manual_seed(0)
+    dtype = {"half": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}.get(mode, torch.float32)
+    model = torch.nn.ModuleDict({"enc": torch.nn.Linear(4, 3), "dec": torch.nn.Linear(3, 1),
+                                 "est": storch.estimator("score", plate="z", n_samples=4, baseline=baseline,
+                                                         decay=decay, hidden=8)})
+    with torch.no_grad():
+        model["dec"].weight.zero_()
+    model.to(dtype)
+
+    def step(level):
+        with torch.no_grad():
+            model["dec"].bias.fill_(level)
+        with storch.Graph(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            z = model["est"](Bernoulli(logits=model["enc"](storch.denote_independent(DATA.to(dtype), 0, "data"))))
+            storch.add_cost(model["dec"](z.to(dtype)).squeeze(-1), name="c")
+            return storch.surrogate_loss()
+
+    run = storch.compile(step, backend=None) if compiled else step
+    dtypes = []
+    for i, level in enumerate(levels):
+        loss = (step if i == 0 else run)(float(level))  # (compiled: one eager step builds NVIL's network)
+        dtypes.append(loss.dtype)
+        loss.backward()
+    return model["est"], dtypes
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("baseline", ["moving_average", "learned"])
+@pytest.mark.parametrize("mode", ["autocast", "half", "bfloat16", "float64"])
+def test_running_average_follows_reduced_precision_costs(mode, baseline, compiled):
+    """score's moving average (and NVIL's centring c) was kept in the cost's dtype: under CPU autocast
+    (bfloat16) or model.half() one step (1 - decay)·(mean - average) of an average near 100 rounds away,
+    and the average stopped following the costs (bfloat16: stuck at 100 after they rose to 104; the
+    gradient's variance ~20x, found by porting a training loop). It is kept in float32 at least (float64
+    costs: float64), the eager and the storch.compile'd update alike, and equals the float32 EMA of the
+    step's mean costs computed by hand; the surrogate's dtype is the one it has without an average."""
+    levels = [100.0] * 5 + [104.0] * 45
+    est, dtypes = _reduced_precision_run(mode, baseline, levels, compiled=compiled)
+    state = torch.float64 if mode == "float64" else torch.float32
+    want = torch.tensor(levels[0], dtype=state)
+    for level in levels[1:]:  # the costs are the levels exactly, in every dtype
+        want = torch.lerp(want, torch.tensor(level, dtype=state), 1 - 0.99)
+    average = est.moving_averages["c"]
+    assert average.dtype == state
+    torch.testing.assert_close(average, want)  # bfloat16: 100.0 (float32: 103.4)
+    assert len(set(dtypes)) == 1, dtypes  # the first step has no average: the average changes no dtype
+
+
+def test_running_average_loaded_in_reduced_precision_is_kept_in_float32():
+    """A checkpoint saved while the average was kept in the cost's bfloat16 loads into float32: the average
+    follows the costs again."""
+    est = storch.estimator("score", plate="z", n_samples=2, baseline="moving_average", decay=0.99)
+    est.load_state_dict({"_extra_state": {"moving_averages": {"c": torch.tensor(100.0, dtype=torch.bfloat16)}}})
+    assert est.moving_averages["c"].dtype == torch.float32
+
+
 @pytest.mark.parametrize("name", ["score", "relax"])
 def test_backward_with_a_loss_scale(name):
     """storch.backward(scale=s) backpropagates s * loss (loss scaling for mixed precision): the gradients

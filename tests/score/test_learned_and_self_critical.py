@@ -153,6 +153,45 @@ def test_learned_baseline_is_a_submodule_trained_only_by_backward():
     assert any(not torch.equal(params[k], v) for k, v in est.named_parameters())
 
 
+
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_learned_baseline_first_used_under_torch_func_says_to_build_it_first(transform):
+    """NVIL (baseline='learned') first used under torch.func.vmap failed with functorch's "Cannot ask for
+    different inplace randomness on an unbatched tensor" (its head's initialisation), under torch.func.grad
+    with torch's "mutating directly with `.data`"; RELAX said what to do (found by porting a training loop).
+    Now NVIL says it too (the same storch.extending.refuse_lazy_build). After one eager step the transform
+    runs: a vmapped ensemble's gradient by torch.autograd.grad; its .backward() would update the baseline
+    and is refused (its state would mix the members), leaving the baseline as it was."""
+    from torch.func import grad, vmap
+
+    x = torch.tensor([[1.0, -0.5], [0.3, 0.7], [-1.0, 0.2]], dtype=F64)
+    thetas = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    est = storch.estimator("score", plate="z", n_samples=2, baseline="learned", hidden=4)
+
+    def step(theta):
+        with storch.Graph():
+            z = est(Bernoulli(logits=storch.denote_independent(x, 0, "data") * theta))
+            storch.add_cost(((z - 0.45) ** 2).sum(), name="c")
+            return storch.surrogate_loss()
+
+    run, args = (vmap(step, randomness="different"), thetas) if transform == "vmap" else (grad(step), thetas[0])
+    with pytest.raises(storch.StorchError, match=r"score's learned baseline's network for cost 'c' is built on "
+                                                 r"first use.*outside the transform first"):
+        run(args)
+    step(thetas[0].clone().requires_grad_(True)).backward()  # one eager step builds (and trains) the head
+    assert est.update_steps == 1
+    if transform == "grad":
+        assert run(args).shape == args.shape and est.update_steps == 1
+        return
+    params = thetas.clone().requires_grad_(True)
+    g, = torch.autograd.grad(run(params).sum(), params)
+    assert torch.isfinite(g).all()
+    before = {k: v.clone() for k, v in est.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(storch.StorchError, match=r"inside torch\.func\.vmap.*'score' \(plate 'z'\)"):
+        run(params).sum().backward()
+    assert est.update_steps == 1 and params.grad is None
+    assert all(torch.equal(v, est.state_dict()[k]) for k, v in before.items())
+
 def test_option_errors():
     with pytest.raises(storch.OptionError, match="'learned', 'greedy'"):
         storch.estimator("score", plate="z", baseline="nvil")

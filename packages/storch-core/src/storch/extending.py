@@ -46,7 +46,10 @@ Random numbers:
 
 Learned parts:
     :func:`learned_dtype` is the dtype to build a learned part's parameters in from its first input
-    (the input's, but not a reduced precision that ``torch.autocast`` gave it).
+    (the input's, but not a reduced precision that ``torch.autocast`` gave it), and to keep a running
+    statistic in (score's moving average).
+    :func:`refuse_lazy_build` refuses, with what to do, to build a learned part on first use where it
+    cannot be built: in a step traced by ``storch.compile`` or under a ``torch.func`` transform.
     :func:`optimizer_step` is one step of the part's own optimizer (its state on the parameters' device,
     in float32 for float16 / bfloat16 parameters), rolled back where it overflows their dtype.
     :func:`warn_untrained_part` warns once that a part of an ``update=False`` estimator was built lazily in
@@ -124,6 +127,7 @@ from .cost import leave_one_out
 from .distributions import (base_distribution, given_by_probs, parameters, rebuild, rekey_transform_cache,
                             rsample_max_order)
 from .distributions import strict_support as _strict_support
+from .errors import StorchError
 from .generators import drawing_with
 from .graph import current_graph, is_tracing
 from .plates.tensor import align, plates_of, raw_of
@@ -144,7 +148,7 @@ __all__ = [
     "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild", "parameters",
     "rekey_transform_cache", "require_smooth", "nonsmooth_operations", "moving_support", "same_support", "estimator_create_graph",
     "refuse_create_graph", "is_differentiated", "table_cache", "own_optimizer", "hide_frozen_grads", "own_optimizer_state",
-    "load_own_optimizer",
+    "load_own_optimizer", "refuse_lazy_build",
 ]
 
 
@@ -212,11 +216,40 @@ def learned_dtype(x: torch.Tensor) -> torch.dtype:
     precision would stay so after autocast ends (a later step without autocast failed with a dtype
     mismatch) and its optimizer would step reduced-precision weights. Mixed precision keeps the weights
     in full precision; so does this. Call the part on ``x.to(dtype)`` when the dtypes differ.
+
+    Also the dtype to keep a running statistic of ``x`` in (score's moving average of the costs): in
+    bfloat16 an average near 100 moves in steps of half a unit, so (1 - decay)·(cost - average) rounds away
+    and the average stops following the costs.
     """
     dtype = x.dtype
     if dtype.is_floating_point and torch.finfo(dtype).bits < 32:
         return torch.promote_types(dtype, torch.get_default_dtype())
     return dtype
+
+
+def refuse_lazy_build(what: str, width: str) -> None:
+    """Raise ``storch.StorchError`` where a learned part built on first use cannot be built now: in a step
+    that ``storch.compile`` traces (its parameters' creation would be recorded and replayed at every call),
+    and under a ``torch.func`` transform (``grad``, ``jvp``, ``vjp``, ``jacrev``, ``jacfwd``, ``hessian``,
+    ``vmap``), which cannot create parameters (torch's own errors, "mutating directly with `.data` inside
+    functorch transform" or vmap's "Cannot ask for different inplace randomness on an unbatched tensor",
+    name neither the part nor what to do). Call it just before building the part.
+
+    Args:
+        what: the part (``"score's learned baseline's network for cost 'c'"``).
+        width: what its input width is (``"h's"``, ``"the sample's"``).
+    """
+    if is_tracing():
+        raise StorchError(
+            f"storch.compile: {what} is built on first use (its input width is {width}), which a traced step "
+            "cannot do. Run one step eagerly first (or load a state_dict that holds the network), then call the "
+            "compiled step")
+    if torch._C._functorch.maybe_current_level() is not None:  # torch.func.grad / jvp / vmap / jacrev
+        raise StorchError(
+            f"{what} is built on first use (its input width is {width}), and a torch.func transform "
+            "(torch.func.grad, jvp, jacrev, jacfwd, hessian, vmap) cannot create parameters inside it. Build the "
+            "learned part with one step outside the transform first (or load a state_dict that holds the "
+            "network), then call it under torch.func")
 
 
 def match_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

@@ -929,6 +929,14 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     the updates too when it is backpropagated with ``.backward()``: the loss is ``loss + loss · probe`` with a
     zero leaf ``probe`` (one node; the same value and derivatives), and ``g = ∂loss + probe ∂loss`` holds it.
 
+    Built inside ``torch.func.vmap`` (an ensemble: ``vmap(step, randomness="different")(params).sum()
+    .backward()``, or ``stack_module_state`` + ``functional_call``), the surrogate's ``.backward()`` outside
+    vmap raises ``StorchError`` when an estimator of the step would update its state (before any gradient is
+    accumulated): the step's values are batched over the members, and one estimator's state would mix them.
+    Estimators without state (``score`` with ``baseline='leave_one_out'`` or none, ``update=False``) train
+    under vmap; ``torch.autograd.grad`` (and ``torch.func.grad``) of a vmapped surrogate, which never updates, is
+    not refused. ``storch.backward()`` inside vmap raises ``StorchError`` (no backward pass runs inside vmap).
+
     A node that no cost is downstream of (no cost carries its plate) and whose gradient function or
     weights carry gradient gets a :class:`storch.UnusedSampleWarning`: its parameters get no gradient
     from it, typically because a cost was computed from its samples outside storch's plates
@@ -947,7 +955,8 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     outside it: a ``torch.autograd.grad`` / ``.backward`` of its result, the jvp's tangent or the gradient,
     would be a second derivative that no hook sees; pass it detached tensors for a first derivative).
     Under ``torch.func.vmap`` (``randomness="different"``) the tensors under the batching are hooked and
-    checked, so a derivative of the vmapped surrogate outside vmap is refused or allowed as eagerly.
+    checked, so a derivative of the vmapped surrogate outside vmap is refused or allowed as eagerly (the
+    estimators' updates excepted: see above).
 
     Forward mode (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``) of detached primals through a
     pathwise node: there is no autograd graph in which to check its cost for a jump (round, sign, floor: a
@@ -1017,6 +1026,11 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
     if recorder is not None:  # storch.compile records the step: it attaches the probe to each replay
         return recorder(loss, updating)
     if not loss.requires_grad:
+        # under torch.func.vmap the batched loss reports requires_grad=False although the tensor it batches
+        # takes part in the autograd outside vmap (vmap(step)(params).sum().backward()): that pass must not
+        # silently skip the updates (it did), nor run them on batched values (one state would mix members)
+        if _batched(loss) and unbatched(loss).requires_grad:
+            return _refuse_updates_under_vmap(loss, updating)
         return loss
     # one zero leaf, one node: loss + loss · probe (addcmul) has the loss's value and derivatives in θ at
     # every order (probe = 0: the added terms are exact zeros), and .backward() accumulates into probe
@@ -1049,6 +1063,31 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
             nodes[0].estimator.update_parameters(nodes, loss)
 
     update_on_backward(probe, check, run, done, tuple(updating))
+    return torch.addcmul(loss, loss, probe)
+
+
+def _refuse_updates_under_vmap(loss: torch.Tensor, updating: dict[int, list[Node]]) -> torch.Tensor:
+    """``loss`` plus a zero probe (as :func:`_updates_on_backward`'s) whose gradient accumulation raises: a
+    ``.backward()`` outside ``torch.func.vmap`` of a surrogate built inside it would update the estimators.
+    ``torch.autograd.grad`` of it (an evaluation pass, which never updates) never reaches the probe and is
+    left alone. The probe's AccumulateGrad runs first, so nothing is backpropagated when it raises."""
+    names = ", ".join(sorted({f"{n[0].estimator.name!r} (plate {n[0].plate.name!r})" for n in updating.values()}))
+    message = (
+        f"storch.surrogate_loss() was built inside torch.func.vmap, and its .backward() outside vmap would have to "
+        f"update the state of estimator {names} (a moving average, a learned baseline or control variate, an "
+        "annealing schedule, a memory buffer): storch cannot. Inside vmap the step's values are batched over "
+        "the vmapped members, and one estimator's state would mix them. "
+        "Nothing was backpropagated. Run the members in a Python loop (an estimator per member, each step "
+        "ending with storch.backward()), use an estimator without state (e.g. score with "
+        "baseline='leave_one_out' or 'none', a constant temperature), or create the estimator with "
+        "update=False where it has that option (score, relax, lax, rebar: its state is then never updated). "
+        "torch.autograd.grad of the vmapped surrogate (an evaluation pass) updates nothing and is not refused")
+
+    def refuse(_):
+        raise StorchError(message)
+
+    probe = torch.zeros((), dtype=loss.dtype, device=loss.device, requires_grad=True)
+    probe.register_post_accumulate_grad_hook(refuse)
     return torch.addcmul(loss, loss, probe)
 
 
@@ -1476,6 +1515,12 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1,
         except BaseException as e:
             graph.discard(e)
             raise
+        if _batched(loss):  # torch said only "vmap: ... calling .item() on a Tensor" (the finiteness check)
+            raise StorchError(
+                "storch.backward() inside torch.func.vmap: a backward pass (and the estimators' updates) cannot "
+                "run inside vmap. Return storch.surrogate_loss() from the vmapped function and call .backward() "
+                "on its result outside vmap (for estimators without state: one whose state would be updated is "
+                "refused there), or run the members in a Python loop, each step ending with storch.backward()")
         _check_finite(loss, graph)
         if not loss.requires_grad:
             # a node sampled under torch.no_grad() from parameters that do not require grad there (a

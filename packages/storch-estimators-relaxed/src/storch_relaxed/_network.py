@@ -9,7 +9,7 @@ import torch
 
 import storch.distributed
 from storch import StorchError, magic_box
-from storch.extending import (drawing_with, is_tracing, learned_dtype, refuse_create_graph, require_smooth,
+from storch.extending import (drawing_with, learned_dtype, refuse_create_graph, refuse_lazy_build, require_smooth,
                                warn_untrained_part)
 
 __all__ = ["ControlVariateNet", "param_clones", "flat", "evaluate_network", "tilde_term", "smooth_network",
@@ -45,19 +45,8 @@ class ControlVariateNet(torch.nn.Module):
                 # torch's "mat1 and mat2 shapes cannot be multiplied" names neither the estimator nor the cause
                 raise StorchError(_width_message(self._owner, self.net[0].in_features, x.shape[-1]))
             return
-        if is_tracing():  # its parameters' creation would be recorded, and replayed at every call
-            raise StorchError(
-                "storch.compile: the learned control variate's network is built on first use (its input "
-                "width is the sample's), which a traced step cannot do. Run one step eagerly first (or load "
-                "a state_dict that holds the network), then call the compiled step")
-        if torch._C._functorch.maybe_current_level() is not None:  # torch.func.grad / jvp / vmap / jacrev
-            # torch's own error ("mutating directly with `.data` inside functorch transform") names neither
-            # the network nor what to do
-            raise StorchError(
-                "the learned control variate's network is built on first use (its input width is the "
-                "sample's), and a torch.func transform (torch.func.grad, jvp, jacrev, jacfwd, hessian, vmap) "
-                "cannot create parameters inside it. Build the learned part with one step outside the "
-                "transform first (or load a state_dict that holds the network), then call it under torch.func")
+        # not in a step storch.compile traces, nor under a torch.func transform: say what to do
+        refuse_lazy_build("the learned control variate's network", "the sample's")
         # normal tensors even when the first use is an evaluation pass under torch.inference_mode()
         # (inference tensors cannot be trained afterwards)
         with torch.inference_mode(False):

@@ -12,7 +12,7 @@ from torch.distributions import Distribution, Independent, MixtureSameFamily, On
 
 import storch.distributed
 from storch import CostFrame, Node, OptionError, Plate, PlateTensor, StorchError, current_generator
-from storch.extending import (base_distribution, drawing_with, is_tracing, learned_dtype, options, parameters,
+from storch.extending import (base_distribution, drawing_with, learned_dtype, options, parameters, refuse_lazy_build,
                                warn_untrained_part)
 
 __all__ = ["LearnedBaseline", "baseline_features", "check_inputs", "in_frame"]
@@ -167,11 +167,9 @@ class LearnedBaseline(torch.nn.Module):
             # torch's "mat1 and mat2 shapes cannot be multiplied" names neither the estimator nor the cause
             raise StorchError(self._width_message(name, self.heads[key][0].in_features, h.shape[-1]))
         if key not in self.heads:
-            if is_tracing():  # its parameters' creation would be recorded, and replayed at every call
-                raise StorchError(
-                    f"storch.compile: score's learned baseline builds its network for cost {name!r} on first use "
-                    "(its input width is h's), which a traced step cannot do. Run one step eagerly first (or "
-                    "load a state_dict that holds the network), then call the compiled step")
+            # not in a step storch.compile traces, nor under a torch.func transform (under vmap torch said only
+            # "Cannot ask for different inplace randomness on an unbatched tensor"): say what to do
+            refuse_lazy_build(f"score's learned baseline's network for cost {name!r}", "h's")
             # trainable even if first built in an inference_mode() pass; initialised from the generator of
             # storch.Graph(generator=g) (not torch's global one), as every learned part of storch is
             with torch.inference_mode(False), drawing_with(current_generator()):

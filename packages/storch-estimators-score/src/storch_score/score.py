@@ -11,9 +11,9 @@ from torch.distributions import Bernoulli, Distribution
 
 import storch.distributed
 from storch import CostFrame, Estimator, Node, OptionError, Plate, PlateTensor
-from storch.extending import (all_finite, assume, base_distribution, hide_frozen_grads, is_tracing, leave_one_out,
-                               load_own_optimizer, optimizer_step, options, own_optimizer, own_optimizer_state,
-                               skip_nonfinite_update)
+from storch.extending import (all_finite, assume, base_distribution, hide_frozen_grads, is_tracing, learned_dtype,
+                               leave_one_out, load_own_optimizer, optimizer_step, options, own_optimizer,
+                               own_optimizer_state, skip_nonfinite_update)
 
 from .learned_baseline import LearnedBaseline, baseline_features, check_inputs, in_frame
 
@@ -329,7 +329,9 @@ class Score(Estimator):
     def set_extra_state(self, state: dict) -> None:
         # copies, as load_state_dict copies parameters; the optimizer once the baseline's heads loaded
         state = copy.deepcopy(state)
-        self.moving_averages = state["moving_averages"]
+        # in float32 at least (a checkpoint of an average kept in bfloat16 / float16 follows the costs again)
+        self.moving_averages = {k: v.to(learned_dtype(v)) if isinstance(v, torch.Tensor) else v
+                                for k, v in state["moving_averages"].items()}
         self.update_steps = state.get("update_steps", 0)
         self.skipped_updates = state.get("skipped_updates", 0)
         self._loaded_optimizer = state if state.get("optimizer") is not None else None
@@ -349,7 +351,7 @@ class Score(Estimator):
         (what the moving average adds); for NVIL also ``"regression"``, per node and cost, the cost's
         state name and key, b_ψ's input h viewed in the cost's frame, and the cost estimates f."""
         frames = [(node, frame) for node in nodes for frame in node.frames.values()]
-        means = {frame.key: frame.tensor.mean() for _, frame in frames}
+        means = _means(frame for _, frame in frames)
         inputs: dict = {"means": means}
         if is_tracing():  # each mean's finiteness, computed with it: a compiled step's program returns it
             inputs["finite"] = {key: torch.isfinite(m) for key, m in means.items()}
@@ -372,6 +374,9 @@ class Score(Estimator):
             return
         errors = []
         for name, key, h, f in inputs["regression"]:
+            # regressed in the running state's precision (at least float32): f - c of a bfloat16 cost near
+            # 100 would be rounded to half a unit
+            f = f.to(learned_dtype(f))
             b = self.baseline_fn.predict(name, h).squeeze(-1).to(dtype=f.dtype, device=f.device)
             if b.requires_grad:
                 c = self.moving_averages.get(key)
@@ -467,13 +472,13 @@ class _MovingAverage(_Baseline):
         # the average of EARLIER steps only: update_parameters adds this step's costs after the
         # step, so b never depends on the current samples (appendix D.2.1, condition on b); a
         # cost at step t of a partition has its own average (a per-time-step baseline)
-        return est.moving_averages.get(cost.key)
+        return _in_cost_dtype(est.moving_averages.get(cost.key), cost)
 
     def trains(self, est):
         return True
 
     def update(self, est, frames):
-        est._update_averages({frame.key: frame.tensor.mean() for _, frame in frames})
+        est._update_averages(_means(frame for _, frame in frames))
 
 
 class _Greedy(_Baseline):
@@ -498,7 +503,7 @@ class _Callable(_Baseline):
         if isinstance(est.baseline_fn, LearnedBaseline):
             # NVIL centres the cost with a running mean c and learns b_ψ(h) on the rest:
             # b = c + b_ψ(h) (Mnih & Gregor 2014, §3.3); both from earlier steps only
-            c = est.moving_averages.get(cost.key)
+            c = _in_cost_dtype(est.moving_averages.get(cost.key), cost)
             b = b if c is None else b + c
         return b
 
@@ -527,6 +532,19 @@ def _across_ranks(params: list, grads: tuple, finite: torch.Tensor, owner: Score
     grads = [g if bool(u > 0) else None for g, u in zip(reduced[:-1], used.tolist())]
     finite = torch.stack([bad == 0] + [torch.isfinite(g).all() for g in grads if g is not None])
     return grads, finite
+
+
+def _means(frames) -> dict[str, torch.Tensor]:
+    """The mean cost per cost key, in the running averages' dtype: the cost's, but at least float32
+    (``learned_dtype``). In a bfloat16 (autocast) or float16 (``model.half()``) cost's own dtype, one step
+    (1 - decay)·(mean - average) of an average near 100 is below half a unit and rounds away: the
+    average stopped following the costs (gradient variance ~20x, without a warning)."""
+    return {frame.key: frame.tensor.mean(dtype=learned_dtype(frame.tensor)) for frame in frames}
+
+
+def _in_cost_dtype(average: Optional[torch.Tensor], cost: CostFrame) -> Optional[torch.Tensor]:
+    """A running average (float32 at least) as the surrogate's term for ``cost`` takes it: in its dtype."""
+    return average if average is None else average.to(cost.tensor.dtype)
 
 
 _KNOWN_FINITE = object()  # Score.update_parameters: the loss was checked finite, so is every mean cost
