@@ -639,7 +639,9 @@ class Estimator(torch.nn.Module):
             need.append("a distribution with rsample (has_rsample=True) that reparameterises its samples "
                         "(not OneHotCategoricalStraightThrough's straight-through rsample)")
         if cls.requires_enumerate_support:
-            need.append("a distribution with a finite support (has_enumerate_support=True)")
+            need.append("a distribution whose finite support torch can enumerate (has_enumerate_support=True: "
+                        "Bernoulli, Categorical, OneHotCategorical, Binomial; torch does not enumerate a Multinomial's "
+                        "support, which is finite too)")
         return need
 
     def max_order_for(self, distribution: Distribution) -> float:
