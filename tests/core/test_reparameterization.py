@@ -1061,3 +1061,63 @@ def test_vmap_of_the_order_1_surrogate_is_unbiased_at_first_order():
     exact = Normal(0.0, 1.0).cdf(mu0)
     for i in range(2):
         assert_unbiased(gs[:, i], exact[i], f"d/dμ_{i} E[relu(z)]")
+
+
+_ORDER_2_KINKS = {  # first discontinuous derivative of order 2 (storch.smoothness): allowed at order 2, not at 3
+    "elu": lambda x: torch.nn.functional.elu(x),
+    "celu": lambda x: torch.nn.functional.celu(x),
+    "huber": lambda x: torch.nn.functional.huber_loss(x, torch.zeros_like(x), reduction="none", delta=1.0),
+    "smooth_l1": lambda x: torch.nn.functional.smooth_l1_loss(x, torch.zeros_like(x), reduction="none", beta=0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ORDER_2_KINKS))
+def test_an_order_2_surrogate_differentiated_three_times_is_refused(name):
+    """elu(x) of a reparameterised x ~ N(μ, 1): surrogate_loss(order=3) refuses it (elu'' jumps at 0), but the
+    order-2 surrogate differentiated three times was not refused: its third derivative was silently wrong (0.245
+    against the exact e^(μ+1/2) Φ(-μ-1) - φ(μ) = -0.150 at μ = 0.1, z = 107; CELU alike), and huber / smooth_l1 gave
+    torch's "does not require grad" (0 with allow_unused). The second create_graph pass is refused; the
+    order-2 derivatives (second pass without create_graph) still run, and a smooth cost (softplus) is
+    differentiated three times."""
+    est = storch.estimator("reparameterization", plate="x", n_samples=4)
+    mu = torch.tensor([0.1, -0.2], dtype=torch.float64, requires_grad=True)
+    for _ in range(2):  # (the second step: nothing cached lets it through)
+        with storch.Graph():
+            x = est(Normal(mu, 1.0))
+            storch.add_cost(_ORDER_2_KINKS[name](x).sum(), name="c")
+            loss = storch.surrogate_loss(order=2)
+        (g,) = torch.autograd.grad(loss, mu, create_graph=True)
+        with pytest.raises(storch.OrderError, match=r"'reparameterization'.*'c'.*order 2 is discontinuous.*"
+                                                    r"surrogate_loss\(order=k\)"):
+            torch.autograd.grad(g.sum(), mu, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), mu)  # the order-2 derivative: fine
+        assert torch.isfinite(h).all()
+    with storch.Graph():
+        x = est(Normal(mu, 1.0))
+        storch.add_cost(torch.nn.functional.softplus(x).sum(), name="smooth")
+        (g,) = torch.autograd.grad(storch.surrogate_loss(order=2), mu, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), mu, create_graph=True)
+        (t,) = torch.autograd.grad(h.sum(), mu)
+        assert torch.isfinite(t).all()
+
+
+def test_an_order_2_surrogate_through_elu_is_unbiased_at_order_2():
+    """The counting guard of the third derivative leaves the first two alone: the gradient and Hessian of
+    the order-2 surrogate of elu(x), x ~ N(μ, 1), z-tested against the closed form
+    E[elu(x)] = μ Φ(μ) + φ(μ) + e^(μ+1/2) Φ(-μ-1) - Φ(-μ)."""
+    torch.manual_seed(5)
+    theta = torch.tensor([0.1, -0.2], dtype=torch.float64)
+    est = storch.estimator("reparameterization", plate="x", n_samples=4)
+    with storch.Graph():
+        leaf, th = replicate(theta, R)
+        x = est(Normal(th, 1.0))
+        storch.add_cost(torch.nn.functional.elu(x).sum())
+        g, h = per_replicate_derivatives(storch.surrogate_loss(order=2), leaf, 2)
+
+    def exact(m):
+        ndtr, phi = torch.special.ndtr, torch.exp(-m ** 2 / 2) / math.sqrt(2 * math.pi)
+        return (m * ndtr(m) + phi + torch.exp(m + 0.5) * ndtr(-m - 1) - ndtr(-m)).sum()
+
+    t = theta.clone().requires_grad_(True)
+    assert_unbiased(g, torch.autograd.functional.jacobian(exact, t), "gradient")
+    assert_unbiased(h, torch.autograd.functional.hessian(exact, t), "Hessian")

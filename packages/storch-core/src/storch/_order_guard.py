@@ -30,6 +30,18 @@ takes part in that outer autograd; ``storch.surrogate._refuse_twice`` refuses su
 is built (:data:`FUNCTORCH_OVER_OUTER` says what to do), and the surrogate refuses a loss that does where a
 differentiated order-1 term was found (a mixed second derivative through a detached cost).
 
+An order-n surrogate (n >= 2) differentiated more than n times: where ``surrogate_loss(order=n+1)`` would refuse a
+term (an estimator or node with max_order n, an operation whose derivative of order n jumps on a pathwise path,
+a log p whose derivative of order n jumps), the (n+1)-th derivative through it is biased. Its tensors are hooked
+with :class:`_Count`, which counts the passes: a create_graph pass that reaches the hooked tensor returns its
+gradient through :class:`_Depth` (depth 1), anchored on the hooked tensor so that the next pass, which
+differentiates that gradient in the parameters, runs ``_Depth``'s backward whether or not the gradient itself
+carries a graph; there, at depth d, the pass is the (d+1)-th: a create_graph one is refused at d + 1 = n, and
+below that hands the anchor a zero gradient through a ``_Depth`` of depth d + 1. A tensor reached in a later pass
+again (a saved input of a backward) is marked at depth 1 there: a depth is never more than the pass's number, and
+the chain of exact depths reaches every pass that differentiates through the hooked tensor. A plain backward pass
+(grad mode off) marks nothing: its cost is the hook's grad-mode read, as at order 1.
+
 ``torch.func.vmap`` (no differentiating transform): a batched tensor reports ``requires_grad=False`` and has no
 ``grad_fn`` although the tensor it batches takes part in the autograd outside vmap, which a Hessian of the
 vmapped function differentiates twice: the refusal is hooked on, and the kink walk reads, that tensor
@@ -39,6 +51,7 @@ vmapped function differentiates twice: the refusal is hooked on, and the kink wa
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable, Iterator
 
 import torch
@@ -48,7 +61,7 @@ from .errors import OrderError
 
 __all__ = ["estimator_create_graph", "refuse_create_graph", "differentiating_transforms", "is_differentiated",
            "has_tangent", "forward_level_open", "outer_requires_grad", "FORWARD_OVER_REVERSE",
-           "FUNCTORCH_OVER_OUTER", "unbatched"]
+           "FUNCTORCH_OVER_OUTER", "unbatched", "CountedRefusal"]
 
 # a depth, not a thread-local: the autograd engine runs the hooks of a CUDA backward in its own threads
 _OWN = [0]
@@ -161,11 +174,92 @@ def unwrapped(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def refuse_create_graph(tensor, message: Callable[[], str]) -> None:
+class CountedRefusal:
+    """The refusal of an order-``order`` surrogate (``order`` >= 2) differentiated more than ``order`` times: its
+    message (called when raised) and the number of derivatives allowed. storch.compile's recorder keeps it as
+    the refusal of a traced step, so that each replay's outputs are hooked with the counting hook."""
+
+    __slots__ = ("message", "order")
+
+    def __init__(self, message: Callable[[], str], order: int) -> None:
+        self.message = message
+        self.order = order
+
+    def __call__(self) -> str:
+        return self.message()
+
+
+_UNCOUNTED = (". Here a backward pass with create_graph=True reached a term of the surrogate after the surrogate "
+              "loss itself was freed: storch counts the derivatives taken of it with the tensors of its step, which "
+              "live as long as the loss. Keep the tensor returned by storch.surrogate_loss(order=n) alive while you "
+              "differentiate it")
+
+
+class _Count:
+    """A tensor hook of an order-``order`` surrogate's term (``order`` >= 2): in a create_graph pass, the gradient
+    through :class:`_Depth` at depth 1 (the pass is at least the first), anchored on the hooked tensor, held
+    weakly (the hook lives on the tensor's autograd node: a strong reference would be a cycle autograd never
+    frees; the surrogate keeps its terms alive as long as its loss)."""
+
+    __slots__ = ("refusal", "anchor")
+
+    def __init__(self, refusal: CountedRefusal, tensor: torch.Tensor) -> None:
+        self.refusal = refusal
+        self.anchor = weakref.ref(tensor)
+
+    def __call__(self, grad: torch.Tensor):
+        if _OWN[0] or not torch.is_grad_enabled():
+            return None  # a plain pass (forward-over-reverse: one derivative more than the passes, <= 2 here)
+        anchor = self.anchor()
+        if anchor is None:
+            raise OrderError(self.refusal() + _UNCOUNTED)
+        return _Depth.apply(grad, anchor, 1, self.refusal)
+
+
+class _Depth(torch.autograd.Function):
+    """The identity on a gradient computed by the ``depth``-th create_graph pass through a hooked term, with an
+    edge to the hooked tensor (``anchor``) that makes the next pass run this backward: that pass is at least the
+    (depth + 1)-th. Differentiated with create_graph=True at depth + 1 = order it refuses; below, it hands the
+    anchor a zero gradient through a ``_Depth`` one deeper, which the pass after it runs."""
+
+    @staticmethod
+    def forward(ctx, grad: torch.Tensor, anchor: torch.Tensor, depth: int, refusal: CountedRefusal):
+        ctx.depth, ctx.refusal = depth, refusal
+        ctx.save_for_backward(anchor)
+        return grad.clone()  # (a new tensor: the engine may accumulate into what a hook returned)
+
+    @staticmethod
+    def backward(ctx, out: torch.Tensor):
+        refusal, depth = ctx.refusal, ctx.depth
+        grad = out if ctx.needs_input_grad[0] else None
+        if _OWN[0]:
+            return grad, None, None, None
+        building = torch.is_grad_enabled()
+        if depth + 1 >= refusal.order:
+            if building:
+                raise OrderError(refusal())
+            if has_tangent(out):  # forward over this reverse pass: one derivative more
+                raise OrderError(refusal() + FORWARD_OVER_REVERSE)
+        if not building:
+            return grad, None, None, None
+        anchor, = ctx.saved_tensors
+        zero = torch.zeros((), dtype=anchor.dtype, device=anchor.device).expand(anchor.shape)
+        return grad, _Depth.apply(zero, anchor, depth + 1, refusal), None, None
+
+
+def refuse_create_graph(tensor, message: Callable[[], str], order: int = 1) -> None:
     """Hook ``tensor`` (if it carries gradient) to raise ``OrderError(message())`` when a backward pass with
-    ``create_graph=True``, or one over forward tangents, reaches it."""
+    ``create_graph=True``, or one over forward tangents, reaches it; for an order-``order`` surrogate
+    (``order`` >= 2, or a :class:`CountedRefusal`), the ``order``-th create_graph pass through it (the one that
+    builds the graph of an (order + 1)-th derivative)."""
     if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-        tensor.register_hook(_Refuse(message, has_tangent(tensor)))
+        if isinstance(message, CountedRefusal):
+            order = message.order
+        if order <= 1:
+            tensor.register_hook(_Refuse(message, has_tangent(tensor)))
+        else:
+            refusal = message if isinstance(message, CountedRefusal) else CountedRefusal(message, order)
+            tensor.register_hook(_Count(refusal, tensor))
 
 
 def differentiating_transforms() -> int:

@@ -35,7 +35,7 @@ from .estimators.catalog import installed_classes, supporting_estimators
 from .graph import Graph, current_graph, is_tracing, tracing_recorder
 from .node import Node
 from .plates.tensor import Plate, align, plates_of, raw_of
-from ._order_guard import (FORWARD_OVER_REVERSE, FUNCTORCH_OVER_OUTER, differentiating_transforms,
+from ._order_guard import (FORWARD_OVER_REVERSE, FUNCTORCH_OVER_OUTER, CountedRefusal, differentiating_transforms,
                            forward_level_open, has_tangent, is_differentiated, outer_requires_grad,
                            refuse_create_graph, unbatched, unwrapped)
 from . import smoothness
@@ -177,13 +177,19 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
                         raise OrderError(_unchecked_jvp_message(who, name))
                     continue
                 walks = None  # (the memo is keyed by the node, for the tensors as handed)
-            memo = _memo_for(walks, node, inputs, 2 if order < 2 else order)
+            memo = _memo_for(walks, node, inputs, 2 if order < 2 else order + 1)
             if order >= 2:
+                # walked at order + 1: what surrogate_loss(order=n+1) would refuse. An operation whose derivative of
+                # order < n jumps is refused; one of order n (ELU's second derivative at order 2) is not, but the
+                # (n+1)-th derivative of this order-n surrogate through it is biased: hooked with the counting refusal
                 for root, what, other in roots:
-                    here, blame = _nonsmooth_through(root, other, inputs, order, memo)
-                    if here:
+                    here, blame = _nonsmooth_through(root, other, inputs, order + 1, memo)
+                    if any(k < order for k in here.values()):
                         require_smooth(blame, inputs, order, who=who, what=what,  # says why
                                        through="the reparameterised sample", instead=_PATHWISE_INSTEAD)
+                    if here:
+                        kinks = tuple(sorted(here))
+                        _refuse_twice(root, lambda kinks=kinks: _kink_message(who, name, kinks, order), order)
                 continue
             if kinks is None:
                 found: dict = {}
@@ -310,11 +316,15 @@ def _nonsmooth_through(root: torch.Tensor, other: Optional[Node], inputs: list, 
     return found, blame
 
 
-def _refuse_twice(tensor, message) -> None:
+def _refuse_twice(tensor, message, order: int = 1) -> None:
     """Refuse a second differentiation of the order-1 surrogate through ``tensor`` (:mod:`storch._order_guard`):
     a hook, or under torch.func (whose hooks cannot tell) an OrderError now if two transforms differentiate, or
     one does and the term takes part in the autograd outside it (a gradient of the transform's result, e.g. of
-    a torch.func.jvp tangent or a torch.func.grad, is a second derivative)."""
+    a torch.func.jvp tangent or a torch.func.grad, is a second derivative). ``order`` >= 2: an (order + 1)-th
+    differentiation of the order-``order`` surrogate (:func:`_refuse_beyond`)."""
+    if order >= 2:
+        _refuse_beyond(tensor, message, order)
+        return
     recorder = tracing_recorder() if is_tracing() else None
     if recorder is not None:
         # a compiled step's replays do not run the traced step's hooks: storch.compile hooks each replay's
@@ -348,6 +358,43 @@ def _refuse_twice(tensor, message) -> None:
         refuse_create_graph(tensor, message)
 
 
+def _refuse_beyond(tensor, message, order: int) -> None:
+    """Refuse an (order + 1)-th differentiation of the order-``order`` surrogate through ``tensor``: a hook that
+    counts the create_graph passes (storch._order_guard._Count), kept alive with the loss (_keep_counted). Under
+    torch.func, whose hooks run with grad mode on and cannot count, the transforms are counted when the surrogate
+    is built: more than ``order`` refused, and so is a term that takes part in the autograd outside them (the
+    passes there are not counted: a conservative refusal); under forward mode (a tangent), likewise."""
+    refusal = CountedRefusal(message, order)
+    recorder = tracing_recorder() if is_tracing() else None
+    if recorder is not None:
+        if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+            recorder.refuse(refusal)  # (storch.compile hooks each replay's outputs with the counting hook)
+        return
+    nested = differentiating_transforms()
+    if nested > order:
+        raise OrderError(message())
+    if nested:
+        if isinstance(tensor, torch.Tensor) and is_differentiated(tensor) and outer_requires_grad(tensor):
+            raise OrderError(message() + FUNCTORCH_OVER_OUTER.replace("order-1", f"order-{order}"))
+        return
+    tensor = unbatched(tensor)
+    if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
+        return
+    if forward_level_open() and has_tangent(tensor):
+        raise OrderError(message() + FORWARD_OVER_REVERSE.replace("order-1", f"order-{order}"))
+    _PENDING.counted.append(tensor)
+    refuse_create_graph(tensor, refusal)
+
+
+def _keep_counted(loss: torch.Tensor) -> None:
+    """The counting hooks hold their tensors weakly (a hook on a tensor's autograd node that held the tensor would
+    be a cycle autograd never frees): keep the hooked tensors of this build alive as long as the loss."""
+    counted = _PENDING.counted
+    if counted:
+        weakref.finalize(loss, list.clear, list(counted))
+        counted.clear()
+
+
 class _Pending(threading.local):
     """Per thread (graphs are per thread): the refusals hooked while this thread's surrogate is built with a
     forward-AD level open, or found under one torch.func transform. One list for the process let a surrogate built in another thread meanwhile clear
@@ -355,6 +402,7 @@ class _Pending(threading.local):
 
     def __init__(self) -> None:
         self.mixed: list = []
+        self.counted: list = []  # the tensors hooked by _refuse_beyond in this build (see _keep_counted)
 
 
 _PENDING = _Pending()
@@ -397,7 +445,28 @@ _AGAIN = ("differentiating the order-1 surrogate (storch.surrogate_loss(), storc
           "torch.func.jvp(f, (x.detach(),), (v,)) (forward mode) for a Jacobian-vector product")
 
 
-def _kink_message(who: str, name: str, kinks: tuple) -> str:
+def _again(order: int) -> str:
+    """What to do instead of differentiating the order-``order`` surrogate more than ``order`` times."""
+    if order < 2:
+        return _AGAIN
+    return (f"differentiating the order-{order} surrogate (storch.surrogate_loss(order={order})) more than {order} "
+            f"times (a backward pass with create_graph=True after {order - 1} such pass(es): "
+            "torch.autograd.grad(..., create_graph=True), loss.backward(create_graph=True), "
+            f"torch.autograd.functional.hessian of a derivative, nested torch.func transforms) gives a silently "
+            f"biased derivative of order {order + 1}. For derivatives of order k build storch.surrogate_loss(order=k) "
+            "with k the number of derivatives you take, which checks every node and names the estimators unbiased at "
+            f"that order (here it refuses order {order + 1}); if the last create_graph=True was incidental (only the "
+            f"derivative of order {order} is used), pass create_graph=False or detach it")
+
+
+def _kink_message(who: str, name: str, kinks: tuple, order: int = 1) -> str:
+    if order >= 2:
+        return (f"{who}: the cost {name!r} has an operation on the path from the reparameterised sample whose "
+                f"derivative of order {order} is discontinuous ({', '.join(kinks)}), so its pathwise derivatives of "
+                f"order >= {order + 1} are biased (autograd reports 0 for the delta in the derivative of order "
+                f"{order + 1}; surrogate_loss(order={order + 1}) refuses it too); {_again(order)}. An operation "
+                f"smooth to order {order + 1} on that path (softplus, GELU, SiLU, tanh) or an estimator that does not "
+                "differentiate through the sample ('score') is unbiased at every order")
     return (f"{who}: the cost {name!r} has a kink on the path from the reparameterised sample "
             f"({', '.join(kinks)}: its derivative jumps), so its pathwise derivatives of order >= 2 are biased "
             f"(autograd reports 0 for the delta in the second derivative); {_AGAIN}. A smooth operation on that "
@@ -405,50 +474,51 @@ def _kink_message(who: str, name: str, kinks: tuple) -> str:
             "does not differentiate through the sample ('score') is unbiased at every order")
 
 
-def _low_order(node: Node) -> bool:
-    """Whether the node's term is unbiased only at order 1 (cached attributes only)."""
-    return node.estimator.max_order < 2 or node.max_order < 2
+def _low_order(node: Node, order: int = 1) -> bool:
+    """Whether the node's term is unbiased only up to ``order`` (cached attributes only)."""
+    return node.estimator.max_order <= order or node.max_order <= order
 
 
-def _low_order_message(node: Node) -> Callable[[], str]:
+def _low_order_message(node: Node, order: int = 1) -> Callable[[], str]:
     est, plate, node_order = node.estimator, node.plate.name, node.max_order
 
     def message() -> str:
-        if est.max_order < 2:
+        if est.max_order <= order:
             why = (f"is biased and its estimate is defined only at order {est.max_order}" if est.biased
                    else f"is unbiased only up to order {est.max_order} (its max_order; with its options: est.info())")
         else:
             why = (f"is unbiased only up to order {node_order} for this node's distribution (lowered by "
                    f"{type(est).__name__}.max_order_for)")
-        return f"estimator {est.name!r} on plate {plate!r} {why}: {_AGAIN}"
+        return f"estimator {est.name!r} on plate {plate!r} {why}: {_again(order)}"
     return message
 
 
-def _guard_low_order(graph: Graph) -> None:
-    """At order 1: hook the tensors through which an order-1 node's gradient flows into the surrogate (its
-    gradient function, weights and handed samples that carry gradient; control variates are hooked where
-    the surrogate adds them) so that differentiating the surrogate again is refused. Likewise a score-function
-    node whose log p has a kink in its parameters (see :func:`_guard_log_prob_kink`)."""
+def _guard_low_order(graph: Graph, order: int = 1) -> None:
+    """At order n: hook the tensors through which the gradient of a node unbiased only up to order n flows into
+    the surrogate (its gradient function, weights and handed samples that carry gradient; control variates are
+    hooked where the surrogate adds them) so that differentiating the surrogate more than n times is refused
+    (what surrogate_loss(order=n+1) refuses, :func:`_check_order`). Likewise a score-function node whose log p
+    has a derivative of order n that jumps in its parameters (see :func:`_guard_log_prob_kink`)."""
     for node in graph.nodes:
-        if not _low_order(node):
+        if not _low_order(node, order):
             # (a bare type is in KINK_FREE only where the type fixes what the distribution wraps; a wrapper's
             # structure is looked up by log_prob_kinks)
             if type(node.distribution) not in KINK_FREE and _is_score_node(node):
-                _guard_log_prob_kink(node)
+                _guard_log_prob_kink(node, order)
             continue
-        message = _low_order_message(node)
+        message = _low_order_message(node, order)
         if node.step_log is not None:
             for _, l in node.step_log:
-                _refuse_twice(l, message)
+                _refuse_twice(l, message, order)
         else:
-            _refuse_twice(node.gradient_values, message)
+            _refuse_twice(node.gradient_values, message, order)
         if not node.estimator.uniform_weights:
-            _refuse_twice(node._weight_values, message)
+            _refuse_twice(node._weight_values, message, order)
         for raw, _ in node.handed:
-            _refuse_twice(raw, message)
+            _refuse_twice(raw, message, order)
 
 
-def _guard_log_prob_kink(node: Node) -> None:
+def _guard_log_prob_kink(node: Node, order: int = 1) -> None:
     """At order 1, a score-function node (score, importance, LAX) whose log p has a kink in its learned
     parameters (Laplace's |x - loc|): ``surrogate_loss(order=2)`` refuses it (:func:`_check_log_prob_smooth`),
     and the order-1 surrogate differentiated twice loses the same delta (a Hessian of 4.3 for an exact 2 at
@@ -460,7 +530,7 @@ def _guard_log_prob_kink(node: Node) -> None:
     if not isinstance(lp, torch.Tensor) or not unbatched(lp).requires_grad:  # (under vmap: the tensor it batches)
         return
     d = node.distribution
-    params, found = log_prob_kinks(d, lp, 2)
+    params, found = log_prob_kinks(d, lp, order + 1)  # (at order n >= 2, those below n were refused: _check_order)
     if not found:
         return
     est, plate = node.estimator, node.plate.name
@@ -475,17 +545,22 @@ def _guard_log_prob_kink(node: Node) -> None:
                 f"which has a kink in {', '.join(params)} ({ops}, e.g. the |x - loc| of a Laplace: its derivative "
                 f"jumps), so the derivatives of order >= 2 of its term are biased (autograd reports 0 for the delta "
                 f"in the second derivative; surrogate_loss(order=2) refuses it too); {_AGAIN}. A distribution whose "
-                f"log p is smooth in its parameters, or {instead}, is unbiased at every order")
+                f"log p is smooth in its parameters, or {instead}, is unbiased at every order") if order < 2 else (
+                f"estimator {est.name!r} on plate {plate!r}: its gradient function is the score log p(x) of {name}, "
+                f"whose derivative of order {order} is discontinuous in {', '.join(params)} ({ops}), so the "
+                f"derivatives of order >= {order + 1} of its term are biased (surrogate_loss(order={order + 1}) "
+                f"refuses it too); {_again(order)}. A distribution whose log p is smooth in its parameters, or "
+                f"{instead}, is unbiased at every order")
     if log is not None:
         for _, l in log:
-            _refuse_twice(l, message)
+            _refuse_twice(l, message, order)
     else:
-        _refuse_twice(lp, message)
+        _refuse_twice(lp, message, order)
 
 
 def _guard_control_variate(a, node: Node, order: int) -> None:
-    if order == 1 and a is not None and _low_order(node):
-        _refuse_twice(a, _low_order_message(node))
+    if order >= 1 and a is not None and _low_order(node, order):
+        _refuse_twice(a, _low_order_message(node, order), order)
 
 
 # estimator -> the cost names checked by _check_reaches (None: never pathwise: it hands out samples without
@@ -990,7 +1065,10 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
                     "operations through autograd (every order), or run the step eagerly")
         loss = _surrogate_loss(order, graph)
     graph.loss_built = True
-    return _updates_on_backward(loss, graph)
+    loss = _updates_on_backward(loss, graph)
+    if order >= 2:
+        _keep_counted(loss)
+    return loss
 
 
 def value_surrogate(graph: Graph) -> torch.Tensor:
@@ -1186,8 +1264,8 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
     for cost, nodes in plain:
         s = _plain_surrogate(cost, nodes)
         loss = s if loss is None else loss + s
-    if order == 1 and n:
-        _guard_low_order(graph)
+    if n and order:  # (order 0, the value alone: nothing differentiated)
+        _guard_low_order(graph, order)
     if pending:
         _check_mixed(loss)
     return loss if loss.dim() == 0 else loss.reshape(())  # a reshape of a 0-dim loss is one more node
