@@ -950,8 +950,10 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     with a probability that is exactly 0 (checked by value; with ``traced``, which
     ``storch.extending.strict_support`` passes while ``storch.compile`` records the step: whenever it
     is given by ``probs``, so that the program does not depend on the values), or a ``Bernoulli`` /
-    ``Binomial`` given by ``logits`` with an infinite logit (checked by value, and not while traced:
-    there it is ``d``, whose NaN log-probabilities the traced samplers refuse), or a ``Poisson`` with a
+    ``Binomial`` given by ``logits`` with an infinite logit (checked by value; with ``traced``, always:
+    its ``log_prob`` is a ``torch.where`` on the logits, so a step that ``storch.compile`` traced with
+    finite logits gives the eager result when a replayed call meets infinite ones, where torch's NaN
+    made ``expect``'s value and gradient NaN), or a ``Poisson`` with a
     rate of exactly 0 (checked by value; with ``traced``, always). Otherwise a copy that samples as ``d``
     does (the same random numbers) and has the same log-probabilities, with the same derivatives, on
     every value it can draw: a ``Categorical`` / ``OneHotCategorical`` with ``-inf`` logits there, a
@@ -981,9 +983,12 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     if not given_by_probs(inner):
         # given by logits: a Categorical's -inf logits are -inf log-probabilities already; a Bernoulli's or
         # Binomial's infinite logits make torch's log_prob NaN on the value they always draw, and -inf or
-        # NaN on the others (checked by value; not while traced: the program must not depend on values)
+        # NaN on the others (checked by value; while traced, the copy always: the program must not depend
+        # on values, and the copy's log_prob is exact at finite and infinite logits alike)
+        if strict is None:
+            return d
         logits = inner.logits
-        if strict is None or traced or logits.is_meta or not bool(torch.isinf(logits).any()):
+        if not traced and (logits.is_meta or not bool(torch.isinf(logits).any())):
             return d
         new = strict.__new__(strict)
         new.__dict__.update(d.__dict__)
