@@ -593,8 +593,48 @@ def test_an_output_not_of_the_samples_shape_is_refused():
 
     with storch.Graph():
         with pytest.raises(storch.StorchError, match=r"'test_core_first_sample' \(plate 'z'\): output returned a "
-                           r"tensor of shape \(2, 3\).*the sample's shape \(3, 2, 3\)"):
+                           r"tensor of shape \(2, 3\).*lead with the sample's first 1 dims \(3,\)"):
             FirstSample("z", 3)(Bernoulli(logits=torch.zeros(2, 3, requires_grad=True)))
+
+
+def test_an_output_that_represents_the_sample_with_more_dims_is_handed_out():
+    """Only the plate dims must match: the dims after them may represent the value (a one-hot vector of a
+    Categorical's index, as the proposal's own check allows); a review found the first check refused it."""
+
+    class OneHotOut(storch.Estimator):
+        name = "test_core_one_hot_out"
+
+        def output(self, node):
+            return torch.nn.functional.one_hot(node.sample, 3).to(torch.float64)
+
+    theta = torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64, requires_grad=True)
+    c = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+    with storch.Graph():
+        th = storch.denote_independent(theta.expand(2, 3), 0, "b")
+        z = OneHotOut("x", 4)(torch.distributions.Categorical(logits=th))
+        assert tuple(z.shape) == (3,) and [p.name for p in z.plates] == ["x", "b"]
+        storch.add_cost(((z * c).sum(-1) - 1.0) ** 2)
+        loss = storch.surrogate_loss()
+    # the surrogate's value is the mean cost of the drawn classes (MagicBox = 1): the one-hot value was laid out
+    assert torch.isclose(loss.detach(), (((c - 1.0) ** 2)[z.tensor.argmax(-1)]).mean(), atol=1e-12)
+
+
+def test_a_storch_error_in_a_gradient_function_is_raised_as_it_is():
+    """The error path that names a proposal's wrong dtype caught storch's own errors too (a PlateError or
+    OptionError raised inside gradient_function came out as a StorchError about dtype)."""
+
+    class Refusing(storch.Estimator):
+        name = "test_core_refusing_gradient_function"
+
+        def proposal(self, node):
+            return node.distribution.sample((self.n_samples,)).long()
+
+        def gradient_function(self, node):
+            raise storch.OptionError("my own refusal")
+
+    with storch.Graph():
+        with pytest.raises(storch.OptionError, match="my own refusal"):
+            Refusing("z", 3)(Bernoulli(logits=torch.zeros(2, requires_grad=True)))
 
 
 def test_a_proposal_of_another_dtype_than_the_distributions_is_named():

@@ -562,3 +562,27 @@ def test_module_baseline_trains_as_before():
         for p, q in zip(critic.parameters(), oracle.parameters()):
             assert torch.allclose(p, q, rtol=1e-10, atol=1e-12)
     assert est.update_steps == 3
+
+
+def test_a_subclass_s_own_baseline_applies_with_the_default_baseline_option():
+    """A Score subclass that overrides baseline(node, cost) and keeps baseline="none" had its baseline silently
+    ignored (has_control_variate read only the option). The gradient is Σ_i (c_i - b) ∇log p(x_i) / N, by hand."""
+    import storch_score
+
+    class ConstantBaseline(storch_score.Score):
+        name = "test_score_constant_baseline"
+
+        def baseline(self, node, cost):
+            return torch.tensor(0.7, dtype=cost.tensor.dtype)
+
+    theta = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(4)
+    with storch.Graph():
+        z = ConstantBaseline(plate="x", n_samples=5)(Bernoulli(logits=theta))
+        storch.add_cost(((z - 0.2) ** 2).sum(), name="f")
+        (got,) = torch.autograd.grad(storch.surrogate_loss(), theta)
+        x = z.tensor.detach()
+    c = ((x - 0.2) ** 2).sum(-1)
+    logp = Bernoulli(logits=theta).log_prob(x).sum(-1)
+    (want,) = torch.autograd.grad(((c - 0.7) * logp).mean(), theta)
+    torch.testing.assert_close(got, want)

@@ -864,7 +864,7 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
                 inner = _baseline_term(inner, est, node, frame, box, prefix)
             else:
                 a = est.control_variate(node, frame)  # line 11
-                if a is not None and (type(a) is not torch.Tensor or a.shape != frame.tensor.shape):
+                if a is not None and (type(a) is not torch.Tensor or (a.shape != frame.tensor.shape and a.dim())):
                     check_in_frame(est, "control_variate", a, frame)  # (the common path: one tuple comparison)
                 _guard_control_variate(a, node, order)
                 if a is not None:
@@ -899,7 +899,7 @@ def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Opti
             if b is None:
                 inner = box * raw
             else:
-                if type(b) is not torch.Tensor or b.shape != raw.shape:  # (the common path: one tuple comparison)
+                if type(b) is not torch.Tensor or (b.shape != raw.shape and b.dim()):  # (a scalar: no call)
                     check_in_frame(est, "baseline", b, frame)
                 if b.requires_grad:  # b must not carry gradient (appendix D.2.1); most are built detached
                     b = b.detach()
@@ -912,7 +912,7 @@ def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Opti
             frame = CostFrame(inner.detach(), plates, node, inner, name, state, order)
             node.frames[frame.key] = frame
             a = est.control_variate(node, frame)  # line 11
-            if a is not None and (type(a) is not torch.Tensor or a.shape != frame.tensor.shape):
+            if a is not None and (type(a) is not torch.Tensor or (a.shape != frame.tensor.shape and a.dim())):
                 check_in_frame(est, "control_variate", a, frame)
             _guard_control_variate(a, node, order)
             if a is not None:
@@ -969,7 +969,7 @@ def _baseline_term(inner: torch.Tensor, est, node: Node, frame: CostFrame, box: 
     b = est.baseline(node, frame)
     if b is None:
         return inner
-    if type(b) is not torch.Tensor or b.shape != frame.tensor.shape:  # (the common path: one tuple comparison)
+    if type(b) is not torch.Tensor or (b.shape != frame.tensor.shape and b.dim()):  # (a scalar: no call)
         check_in_frame(est, "baseline", b, frame)
     outer = 1.0 if prefix is None else magic_box(prefix)
     return inner + (outer - box) * b.detach()
@@ -1500,7 +1500,7 @@ def _steps_surrogate(node: Node, members: list, order: int = 1) -> torch.Tensor:
             inner = _baseline_term(inner, est, stacked, frame, box, None)
         else:
             a = est.control_variate(stacked, frame)  # line 11
-            if a is not None and (type(a) is not torch.Tensor or a.shape != frame.tensor.shape):
+            if a is not None and (type(a) is not torch.Tensor or (a.shape != frame.tensor.shape and a.dim())):
                 check_in_frame(est, "control_variate", a, frame)
             _guard_control_variate(a, node, order)
             if a is not None:

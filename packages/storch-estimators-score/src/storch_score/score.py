@@ -187,10 +187,13 @@ class Score(Estimator):
         return self._baseline.value(self, node, cost)
 
     def has_control_variate(self) -> bool:
-        # without a baseline there is no control variate: no cost frame per cost, no extra nodes
-        return self.baseline_kind != "none"
+        # without a baseline there is no control variate: no cost frame per cost, no extra nodes; a subclass's own
+        # baseline (or control variate) counts with the default baseline="none" too (it was silently ignored)
+        return self.baseline_kind != "none" or _own_control_variate(type(self))
 
     def control_variate_stacks(self) -> bool:
+        if self.baseline_kind == "none" and _own_control_variate(type(self)):
+            return Estimator.control_variate_stacks(self)  # (a subclass's baseline: the base class's answer)
         return self._baseline.stacks
 
     def check_inputs(self, inputs: Any, plates: tuple[Plate, ...], step: int) -> None:
@@ -584,3 +587,8 @@ def _before_sequence(view: Node) -> Node:
     first = view.step_draws[0]
     node.original = first[2]
     return node
+
+
+def _own_control_variate(cls: type) -> bool:
+    """Whether a subclass of :class:`Score` overrides ``baseline`` or ``control_variate``."""
+    return cls.baseline is not Score.baseline or cls.control_variate is not Score.control_variate

@@ -308,6 +308,8 @@ class Estimator(torch.nn.Module):
         try:
             l_x = self.gradient_function(node)
         except (RuntimeError, TypeError, ValueError) as e:
+            if isinstance(e, StorchError):  # (storch's own error, e.g. a PlateError in a gradient function: as it is)
+                raise
             # the usual reader of the sample's dtype is log p: a proposal that returns another dtype than the
             # distribution's (a long tensor for a Bernoulli) fails in torch with "result type Float can't be
             # cast to the desired output type Long"; say which component gave the wrong dtype (error path only)
@@ -324,8 +326,9 @@ class Estimator(torch.nn.Module):
         if self.eos is not None:
             node.finished = self.is_eos(raw, sample, len(parents))
         out = self.output(node)
-        if out.shape != sample.shape:  # (a shape that broadcasts would move the plate dims of the value)
-            raise StorchError(_output_shape_message(self, out, sample))
+        lead = len(plates)  # the value's plate dims; the dims after them may hold a representation (a one-hot vector)
+        if out.shape[:lead] != sample.shape[:lead]:  # (a shape that broadcasts would move the plate dims of the value)
+            raise StorchError(_output_shape_message(self, out, sample, lead))
         if not out.is_inference():  # (torch.inference_mode(): no version counter, no backward either)
             node.handed.append((out, out._version))
         if self.jump_free and out.requires_grad:
@@ -752,7 +755,7 @@ class Estimator(torch.nn.Module):
         b = self.baseline(node, cost)
         if b is None:
             return None
-        if type(b) is not torch.Tensor or b.shape != cost.tensor.shape:  # (the common path: one tuple comparison)
+        if type(b) is not torch.Tensor or (b.shape != cost.tensor.shape and b.dim()):  # (a scalar: no call)
             check_in_frame(self, "baseline", b, cost)
         # b must not carry gradient: appendix D.2.1, condition on the baseline
         return (1.0 - magic_box(cost.align(node.gradient_values))) * b.detach()
@@ -1066,12 +1069,13 @@ def check_in_frame(est: Estimator, component: str, t: Any, frame: CostFrame) -> 
         f"to it without adding dims or growing one: {why}. {how}")
 
 
-def _output_shape_message(est: Estimator, out: Any, sample: torch.Tensor) -> str:
+def _output_shape_message(est: Estimator, out: Any, sample: torch.Tensor, lead: int) -> str:
     return (f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): output returned a tensor of "
-            f"shape {tuple(out.shape)}, but the value handed to user code must have the sample's shape "
-            f"{tuple(sample.shape)} (node.sample: the sample dim N, the parent plates, the node's batch and event "
-            "dims): its leading dims become the value's plates. Return one entry per entry of node.sample (a "
-            "relaxed or straight-through sample of the same shape), e.g. node.sample + (r - r.detach())")
+            f"shape {tuple(out.shape)}, but the value handed to user code must lead with the sample's first {lead} "
+            f"dims {tuple(sample.shape[:lead])} (node.sample's sample dim N and the parent plates): they become the "
+            "value's plates; the dims after them are the value's per-sample shape (the node's batch and event dims, "
+            "or a representation of the value such as a one-hot vector). Return one entry per entry of node.sample "
+            "(a relaxed or straight-through sample of the same shape, e.g. node.sample + (r - r.detach()))")
 
 
 def _sample_dtype_message(est: Estimator, raw: Distribution, sample: torch.Tensor, own: torch.Size,
