@@ -581,17 +581,142 @@ def test_a_later_partition_step_hands_out_the_estimator_s_output():
         assert node.at(1).value is y1
 
 
-def test_components_below_the_partition_hooks_are_refused_at_the_class():
-    # a subclass of the built-in pathwise estimator with a gradient function of its own would inherit
-    # its step_gradient_function (l_t = 0): its later steps would silently not use the new one
-    class Scored(storch.estimator("reparameterization", plate="x").__class__):
-        name = "test_scored_pathwise"
+def _pathwise_subclass(component):
+    """A subclass of the built-in pathwise estimator with a component of its own (a user's variant)."""
+    base = storch.estimator("reparameterization", plate="x").__class__
+    if component == "gradient_function":
+        class Scored(base):  # l = log p: its later steps would inherit step_gradient_function's l_t = 0
+            name = "test_scored_pathwise"
 
-        def gradient_function(self, node):
-            return node.log_prob(node.sample)
+            def gradient_function(self, node):
+                return node.log_prob(node.sample)
+        return Scored
 
-    with pytest.raises(storch.StorchError, match="gradient_function in a subclass of Reparameterization.*extend"):
-        Scored(plate="x")
+    class Proposed(base):  # its later steps would be drawn by the inherited draw, not by this proposal
+        name = "test_proposed_pathwise"
+
+        def proposal(self, node):
+            return node.distribution.rsample((self.n_samples,))
+    return Proposed
+
+
+@pytest.mark.parametrize("component, hooks", [("gradient_function", "step_gradient_function or extend"),
+                                              ("proposal", "draw or extend")])
+def test_components_below_the_partition_hooks_are_refused_at_step_1_not_at_creation(component, hooks):
+    # a reviewer found: refusing such a class when it was created (the earlier rule) broke a subclass that is
+    # never used in a partition; it is refused where its steps would be wrong: the second call in a graph
+    cls = _pathwise_subclass(component)
+    est = cls(plate="x", n_samples=2)
+    theta = torch.tensor([0.3, -0.2], requires_grad=True)
+    with storch.Graph():
+        x = est(Normal(theta, 1.0))  # a single node: its own components, as before the partition rule
+        storch.add_cost((x ** 2).sum(-1))
+        (g,) = torch.autograd.grad(storch.surrogate_loss(), theta)
+        assert torch.isfinite(g).all()
+    with storch.Graph():
+        x = est(Normal(theta, 1.0))
+        with pytest.raises(storch.StorchError, match=rf"step 1 of its partition.*{cls.__qualname__} overrides "
+                                                     rf"{component} without {hooks} in that class or a subclass"):
+            est(Normal(x, 1.0))
+
+
+class HalfScore(storch.Estimator):
+    """l = 0.5 log p, with draw (a partition hook) overridden in the same class (a reviewer's repro)."""
+
+    name = "test_half_score"
+    supports_partitions = True
+
+    def draw(self, distribution, shape):
+        return super().draw(distribution, shape)
+
+    def gradient_function(self, node):
+        return 0.5 * super().gradient_function(node)
+
+
+def test_a_component_is_paired_with_its_own_hook_not_with_any_hook():
+    # the earlier rule compared the components with the shallowest hook (draw, in the same class), so this class
+    # passed, and its later steps were scored by the base step_gradient_function (log p, not 0.5 log p): a
+    # silently doubled score term. gradient_function pairs with step_gradient_function or extend only
+    est = HalfScore(plate="x", n_samples=3)
+    with storch.Graph():
+        y0 = est(Normal(torch.tensor(0.3), 1.0))
+        with pytest.raises(storch.StorchError, match="HalfScore overrides gradient_function without "
+                                                     "step_gradient_function or extend.*scored by"):
+            est(Normal(y0, 1.0))
+
+    class HalfSteps(HalfScore):  # with its hook: step t is scored by 0.5 log p too
+        name = "test_half_steps"
+
+        def step_gradient_function(self, node, distribution, sample, plates):
+            return 0.5 * super().step_gradient_function(node, distribution, sample, plates)
+
+    torch.manual_seed(0)
+    est = HalfSteps(plate="x", n_samples=3)
+    with storch.Graph() as g:
+        y0 = est(Normal(torch.tensor(0.3), 1.0))
+        est(Normal(y0 - 0.2, 1.0))
+        node = g.nodes[0]
+        torch.testing.assert_close(node.step_log[1][1], 0.5 * Normal(y0.tensor - 0.2, 1.0).log_prob(node.sample))
+
+
+class Spin(SequenceScore):
+    """Hands out a ±1 spin, 2 b - 1, instead of the Bernoulli's {0, 1}."""
+
+    name = "test_spin"
+
+    def output(self, node):
+        return 2 * node.sample - 1
+
+
+def test_an_extend_returns_the_output_of_an_estimator_that_overrides_output():
+    # a reviewer found: extend returned (sample, l_t) only, so an estimator overriding extend and output handed
+    # out the raw {0, 1} sample at later steps; extend may return (sample, l_t, output)
+    class SpinSteps(Spin):
+        name = "test_spin_steps"
+
+        def extend(self, node, distribution, plates):
+            sample, lp = super().extend(node, distribution, plates)
+            return sample, lp, 2 * sample - 1
+
+    torch.manual_seed(0)
+    est = SpinSteps(plate="x", n_samples=4)
+    with storch.Graph() as g:
+        s0 = est(Bernoulli(logits=torch.tensor(0.0)))
+        s1 = est(Bernoulli(logits=0.5 * s0))
+        node = g.nodes[0]
+        assert torch.equal(s1.tensor, 2 * node.sample - 1) and torch.equal(s0.tensor, 2 * node.at(0).sample - 1)
+        assert node.at(1).value is s1 and set(s1.tensor.tolist()) <= {-1.0, 1.0}
+
+
+def test_an_extend_without_the_output_of_an_estimator_that_overrides_output_is_refused():
+    class TwoTuple(Spin):  # extend paired with output (same class or a subclass), but it returns (sample, l_t)
+        name = "test_spin_two_tuple"
+
+        def extend(self, node, distribution, plates):
+            return super().extend(node, distribution, plates)
+
+    class OutputBelow(TwoTuple):  # output overridden in a subclass of the class that wrote extend
+        name = "test_spin_output_below"
+
+        def output(self, node):
+            return 1 - 2 * node.sample
+
+    class WrongShape(Spin):
+        name = "test_spin_wrong_shape"
+
+        def extend(self, node, distribution, plates):
+            sample, lp = super().extend(node, distribution, plates)
+            return sample, lp, (2 * sample - 1)[:1]
+
+    for cls, match in [(TwoTuple, r"overrides output \(in Spin\), but its extend returned \(sample, l_t\) at step 1"
+                                  r".*third element"),
+                       (OutputBelow, "OutputBelow overrides output without extend in that class or a subclass"),
+                       (WrongShape, r"extend \(its third element\) returned a tensor of shape \(1,\)")]:
+        est = cls(plate="x", n_samples=2)
+        with storch.Graph():
+            s0 = est(Bernoulli(logits=torch.tensor(0.0)))
+            with pytest.raises(storch.StorchError, match=match):
+                est(Bernoulli(logits=s0))
 
 
 def test_weights_of_a_sequence_from_the_components_are_refused():

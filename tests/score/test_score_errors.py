@@ -464,3 +464,41 @@ def test_a_stateful_estimator_made_once_or_a_stateless_one_made_in_every_step_do
     assert _train(lambda: est, 8, "made_once") == []
     assert _train(lambda: storch.estimator("score", plate="stateless", n_samples=4), 8, "stateless") == []
     assert _train(lambda: storch.estimator("score", plate="loo", n_samples=4, baseline="leave_one_out"), 8, "loo") == []
+
+
+def test_a_subclass_of_score_with_a_component_of_its_own_is_refused_only_in_a_partition():
+    # a reviewer found: such a subclass was refused when it was created (a partition rule checked at the class),
+    # although it is never used in a partition. It works for single nodes; the second call in one graph (step 1
+    # of a partition) is refused, since Score's extend scores later steps without its gradient_function
+    import storch_score
+
+    class Tempered(storch_score.Score):
+        name = "test_tempered_score"
+
+        def gradient_function(self, node):
+            return super().gradient_function(node)
+
+    class OwnBaseline(storch_score.Score):  # a baseline is not a partition component: partitions work
+        name = "test_own_baseline_score"
+
+        def baseline(self, node, cost):
+            return super().baseline(node, cost)
+
+    theta = torch.tensor([0.3, -0.2], requires_grad=True)
+    for cls in (Tempered, OwnBaseline):
+        est = cls(plate="z", n_samples=4, baseline="moving_average")
+        with storch.Graph():
+            z = est(Bernoulli(logits=theta))
+            storch.add_cost(((z - 0.5) ** 2).sum(-1), name="f")
+            (g,) = torch.autograd.grad(storch.surrogate_loss(), theta)
+            assert torch.isfinite(g).all()
+    with storch.Graph():
+        z = Tempered(plate="z", n_samples=2)
+        b = z(Bernoulli(logits=theta[0]))
+        with pytest.raises(storch.StorchError, match="step 1 of its partition.*Tempered overrides gradient_function "
+                                                     "without step_gradient_function or extend.*Score.extend"):
+            z(Bernoulli(logits=theta[1] * b))
+    with storch.Graph():
+        z = OwnBaseline(plate="z", n_samples=2)
+        b = z(Bernoulli(logits=theta[0]))
+        assert z(Bernoulli(logits=theta[1] * b)).plates[0].step == 1

@@ -491,3 +491,15 @@ def test_first_party_partition_steps_take_their_own_extend(name, options):
         a = est(Bernoulli(logits=theta[0]))
         _, seen = calls(lambda: est(Bernoulli(logits=theta[1] + a)))
     assert "extend" in seen and "_components_step" not in seen and "proposal" not in seen
+
+
+def test_no_first_party_partition_estimator_is_refused_or_made_from_its_components():
+    # the per-component rule (each overridden component paired with its own partition hook in the same class
+    # or a subclass) keeps every installed first-party estimator with partitions on its own extend
+    from storch.estimators.base import _BY_EXTEND, _partition_path
+
+    classes = {storch.get_estimator_class(name) for name in storch.available_estimators()}
+    partitions = sorted((c for c in classes if c.supports_partitions), key=lambda c: c.name)
+    assert {"reparameterization", "score", "unordered_set"} <= {c.name for c in partitions}
+    for cls in partitions:
+        assert _partition_path(cls) == _BY_EXTEND, cls.name

@@ -45,6 +45,12 @@ class Reparameterization(Estimator):
     def gradient_function(self, node: Node) -> torch.Tensor:
         return torch.zeros((1,), dtype=node.sample.dtype, device=node.sample.device)
 
+    def draw(self, distribution: Distribution, shape: tuple) -> torch.Tensor:
+        # a later step's draw (Estimator.extend): one rsample per prefix, as proposal draws. Overridden here, with
+        # proposal, so that a subclass overriding proposal alone is refused at step 1 of a partition (its steps
+        # would be drawn by this draw, not by its proposal), not silently drawn otherwise
+        return distribution.rsample(shape)
+
     def step_gradient_function(self, node: Node, distribution: Distribution, sample: torch.Tensor,
                                plates: tuple) -> torch.Tensor:
         return torch.zeros((1,), dtype=sample.dtype, device=sample.device)

@@ -179,8 +179,11 @@ class Estimator(torch.nn.Module):
             one partition (paper, section 3.2; docs/partitions.md). A later step is made by
             :meth:`extend` where the class overrides a partition hook (``extend``,
             ``step_gradient_function``, ``draw``), else, where it overrides components, from its own
-            ``proposal``, ``gradient_function`` and ``output`` (:meth:`_components_step`); components
-            overridden below the class that wrote its hooks are refused (:func:`capability_problem`).
+            ``proposal``, ``gradient_function`` and ``output`` (:meth:`_components_step`). With a hook,
+            each overridden component needs its hook overridden in the same class or a subclass
+            (``gradient_function``: ``step_gradient_function`` or ``extend``; ``proposal``: ``draw`` or
+            ``extend``; ``output`` and ``weighting_function``: ``extend``), else the second call in a
+            graph (step 1) is refused (:func:`_partition_path`).
         causal_credit: for partitions: a cost computed at step t is credited to steps <= t only
             (True: weights are the same at every step, e.g. sampling with replacement); False:
             costs are moved to the last step and credited to the whole sequence (sampling without
@@ -366,6 +369,13 @@ class Estimator(torch.nn.Module):
                 f"{self.name!r} does not support. Create one estimator per stochastic node, or start each "
                 "step with a new graph (storch.backward() / storch.reset())"
             )
+        how = _STEP_PATH.get(type(self))  # (one dict lookup per step: the class's path, computed at its first step 1)
+        if how is None:
+            how = _partition_path(type(self))
+        if how.__class__ is str:  # components its partition hooks were not written for: refused where it matters
+            raise StorchError(
+                f"estimator {self.name or type(self).__qualname__!r} (plate {self.plate!r}) is called again in this "
+                f"graph (step {node.step + 1} of its partition), but {how}")
         if unwrapped is None:
             raw, plates = unwrap_distribution(distribution, within=node.plates)
         else:
@@ -417,11 +427,29 @@ class Estimator(torch.nn.Module):
             node._history = [log[0]]
             # step 0's draw, for node.at(0): the node itself goes on to hold the last step's sample
             node.step_draws = [(node.sample, node.distribution, node.original, node.value, node.finished)]
-        if _steps_by_components(type(self)):  # (a dict lookup; False for every first-party estimator)
+        if how is _BY_COMPONENTS:  # (never for a first-party estimator)
             sample, lp, out = self._components_step(node, raw, plates, t)
         else:
-            sample, lp = self.extend(node, raw, plates)
-            out = sample
+            made = self.extend(node, raw, plates)
+            if len(made) == 3:  # (sample, l_t, output): an estimator with an output of its own
+                sample, lp, out = made
+                lead = len(plates)  # (the step's plate and the parents: the value's plates)
+                if out.shape[:lead] != sample.shape[:lead]:
+                    raise StorchError(_output_shape_message(self, out, sample, lead, "extend (its third element)"))
+            elif how is _BY_EXTEND_OUTPUT:
+                # the sample would be handed out instead of the output: silently another value (a tester's
+                # {0, 1} where the estimator's output is a ±1 spin)
+                owner = type(self).__mro__[_depth(type(self), "output")].__qualname__
+                raise StorchError(
+                    f"estimator {self.name or type(self).__qualname__!r} (plate {self.plate!r}) overrides output "
+                    f"(in {owner}), but its extend returned (sample, l_t) at step {t} of its partition: the step "
+                    "would hand out the raw sample, not the output. Return the step's output as the third element, "
+                    "(sample, l_t, output), with output of the sample's shape (e.g. sample, l_t = "
+                    "super().extend(node, distribution, plates), then your output of sample) "
+                    "(docs/partitions.md, 'For estimator authors')")
+            else:
+                sample, lp = made
+                out = sample
         # (raw's first dim: the partition's plate at step t-1; every torch Distribution sets these two in __init__)
         own = raw._batch_shape[1:] + raw._event_shape
         if sample.shape[1:len(own) + 1] != own:
@@ -544,7 +572,7 @@ class Estimator(torch.nn.Module):
                     f"distribution does not have ({[p.name for p in plates]}); a node's inputs may depend only "
                     "on what its distribution depends on (its data plates and upstream samples)")
 
-    def extend(self, node: Node, distribution: Distribution, plates: tuple[Plate, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def extend(self, node: Node, distribution: Distribution, plates: tuple[Plate, ...]) -> tuple[torch.Tensor, ...]:
         """Proposal and gradient function of step t = ``node.step + 1`` of a partition.
 
         Args:
@@ -553,11 +581,18 @@ class Estimator(torch.nn.Module):
             plates: the partition's plate at step t-1, then the step's parent plates.
 
         Returns:
-            ``(sample, l_t)``: one sample per entry of step t, shape ``(size_t, *parents, *batch,
-            *event)``, and its log-probability (gradient function of the step), shape
-            ``(size_t, *parents)``. Here (sampling with replacement) entry i continues entry i. An
-            estimator that selects which prefixes survive records entry i's parent with
+            ``(sample, l_t)`` or ``(sample, l_t, output)``: one sample per entry of step t, shape
+            ``(size_t, *parents, *batch, *event)``, its log-probability (gradient function of the
+            step), shape ``(size_t, *parents)``, and optionally the value handed to user code, of the
+            sample's shape (what :meth:`output` is at the first step; without it the sample is
+            handed out). An estimator that overrides ``output`` must return it: a 2-tuple is then
+            refused. Here (sampling with replacement) entry i continues entry i. An estimator that
+            selects which prefixes survive records entry i's parent with
             ``node.plate.lineage.set_parents(node.step + 1, index, plates[1:])``.
+
+        An override must make the step with the estimator's components: a component overridden in
+        a subclass of the class that wrote ``extend`` (and, for ``gradient_function``, of the one
+        that wrote ``step_gradient_function``; for ``proposal``, ``draw``) is refused at step 1.
         """
         sample = self.draw(distribution, ())
         lp = self.step_gradient_function(node, distribution, sample, plates)
@@ -1069,8 +1104,8 @@ def check_in_frame(est: Estimator, component: str, t: Any, frame: CostFrame) -> 
         f"to it without adding dims or growing one: {why}. {how}")
 
 
-def _output_shape_message(est: Estimator, out: Any, sample: torch.Tensor, lead: int) -> str:
-    return (f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): output returned a tensor of "
+def _output_shape_message(est: Estimator, out: Any, sample: torch.Tensor, lead: int, who: str = "output") -> str:
+    return (f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {who} returned a tensor of "
             f"shape {tuple(out.shape)}, but the value handed to user code must lead with the sample's first {lead} "
             f"dims {tuple(sample.shape[:lead])} (node.sample's sample dim N and the parent plates): they become the "
             "value's plates; the dims after them are the value's per-sample shape (the node's batch and event dims, "
@@ -1114,8 +1149,7 @@ def _no_update_message(est: Estimator) -> str:
 
 
 def capability_problem(cls: type) -> Optional[str]:
-    """What is wrong with the capability attributes ``supports_partitions`` (components overridden below the
-    partition hooks: :func:`_partition_problem`), ``distributions`` and ``State`` of an estimator
+    """What is wrong with the capability attributes ``distributions`` and ``State`` of an estimator
     class, or ``None``: checked at registration and when the class is first instantiated, so that a
     malformed attribute is a named error there, not a ``TypeError`` deep in a later call."""
     d = cls.distributions
@@ -1123,9 +1157,6 @@ def capability_problem(cls: type) -> Optional[str]:
         example = d.__name__ if isinstance(d, type) else "Bernoulli"
         return (f"distributions={d!r}; use None (any) or a tuple of distribution classes, "
                 f"e.g. distributions = ({example},)")
-    problem = _partition_problem(cls)
-    if problem is not None:
-        return problem
     state = cls.State
     if state is None:
         return None
@@ -1142,12 +1173,17 @@ def capability_problem(cls: type) -> Optional[str]:
 
 
 # The partition hooks: what a later step of a partition calls (Estimator.extend draws with draw and scores with
-# step_gradient_function), and the components a first step calls. The base class's hooks are written for its own
-# components (a draw from p, l = log p, the sample handed out); an estimator that overrides components and no hook
-# has its later steps made from its components (Estimator._components_step)
+# step_gradient_function), each with the components it stands in for at a later step. The base class's hooks are
+# written for its own components (a draw from p, l = log p, the sample handed out); an estimator that overrides
+# components and no hook has its later steps made from its components (Estimator._components_step)
 _PARTITION_HOOKS = ("extend", "step_gradient_function", "draw")
-_STEP_COMPONENTS = ("proposal", "gradient_function", "output", "weighting_function")
-_BY_COMPONENTS: dict[type, bool] = {}
+_HOOKS_OF = {"gradient_function": ("step_gradient_function", "extend"), "proposal": ("draw", "extend"),
+             "output": ("extend",), "weighting_function": ("extend",)}
+_DOES = {"gradient_function": "scored", "proposal": "drawn", "output": "handed out", "weighting_function": "weighted"}
+# how a later step of a class is made (per class, computed at its first step 1): by extend; by extend, which must
+# return the output (the class overrides output); by its components; or a str: why it is refused
+_BY_EXTEND, _BY_EXTEND_OUTPUT, _BY_COMPONENTS = 0, 1, 2
+_STEP_PATH: dict[type, Any] = {}
 
 
 def _depth(cls: type, name: str) -> int:
@@ -1155,38 +1191,41 @@ def _depth(cls: type, name: str) -> int:
     return next(i for i, k in enumerate(cls.__mro__) if name in k.__dict__)
 
 
-def _partition_problem(cls: type) -> Optional[str]:
-    """For a class with ``supports_partitions``: the components it overrides below (in a subclass of) the class
-    that wrote its partition hooks, which a later step would then not call (a silently wrong step), or ``None``."""
-    if not cls.supports_partitions:
-        return None
+def _partition_path(cls: type) -> Any:
+    """How a later step of a partition of ``cls`` is made (cached in ``_STEP_PATH``): ``_BY_COMPONENTS`` if it
+    overrides no partition hook (below :class:`Estimator`); else by ``extend`` (``_BY_EXTEND_OUTPUT`` if it
+    overrides ``output``, which extend must then return), provided every component it overrides at MRO depth d
+    has one of its hooks (``_HOOKS_OF``) overridden at depth <= d (the same class or a subclass: written with the
+    component in view); else a str, the end of the message that refuses step 1 (a silently wrong step: e.g. a
+    class overriding draw and gradient_function together got l_t = log p from the base step_gradient_function).
+    Checked at step 1, not at the class: a subclass used only for single nodes is fine."""
     base = cls.__mro__.index(Estimator)
-    hooks = [(_depth(cls, h), h) for h in _PARTITION_HOOKS if _depth(cls, h) < base]
-    if not hooks:
-        return None  # later steps are made from its components (or are the base class's, for its own)
-    depth, hook = min(hooks)
-    late = [c for c in _STEP_COMPONENTS if _depth(cls, c) < depth]
-    if not late:
-        return None
-    owner = cls.__mro__[depth].__qualname__
-    return (f"supports_partitions = True and overrides {', '.join(late)} in a subclass of {owner}, whose {hook} makes "
-            f"the later steps of a partition without calling them: step t >= 1 would be drawn, scored or handed out "
-            f"by {owner}'s components, a silently wrong gradient. Override extend(node, distribution, plates) too, "
-            f"returning step t's (sample, l_t) made with your components (or step_gradient_function(node, "
-            f"distribution, sample, plates) if only the gradient function differs), or set supports_partitions = "
-            f"False (docs/partitions.md, 'For estimator authors')")
+    depth = {n: _depth(cls, n) for n in _PARTITION_HOOKS + tuple(_HOOKS_OF)}
+    if all(depth[h] >= base for h in _PARTITION_HOOKS):
+        how = _BY_COMPONENTS if any(depth[c] < base for c in _HOOKS_OF) else _BY_EXTEND
+    else:
+        late = [c for c, hooks in _HOOKS_OF.items() if depth[c] < base and min(depth[h] for h in hooks) > depth[c]]
+        if late:
+            def where(n):
+                return f"{cls.__mro__[depth[n]].__qualname__}.{n}"
 
-
-def _steps_by_components(cls: type) -> bool:
-    """Whether a later step of a partition of ``cls`` is made from its own components
-    (:meth:`Estimator._components_step`): it overrides one of ``proposal``, ``gradient_function``, ``output``,
-    ``weighting_function`` and none of the partition hooks (cached per class)."""
-    r = _BY_COMPONENTS.get(cls)
-    if r is None:
-        base = cls.__mro__.index(Estimator)
-        r = _BY_COMPONENTS[cls] = (all(_depth(cls, h) >= base for h in _PARTITION_HOOKS)
-                                   and any(_depth(cls, c) < base for c in _STEP_COMPONENTS))
-    return r
+            def owner(c):
+                k = cls.__mro__[depth[c]].__qualname__
+                return k if k == cls.__qualname__ else f"{cls.__qualname__} (in {k})"
+            parts = "; and ".join(
+                f"{owner(c)} overrides {c} without {' or '.join(_HOOKS_OF[c])} in that class or a subclass: a "
+                f"later step would be {_DOES[c]} by {' / '.join(where(h) for h in _HOOKS_OF[c])}, written without "
+                f"it, not by {c}" for c in late)
+            how = (f"{parts}. Step t >= 1 would be a silently wrong gradient or value. Override extend(node, "
+                   "distribution, plates) in that class or a subclass, returning step t's (sample, l_t), or "
+                   "(sample, l_t, output) where output is overridden, made with your components (or override "
+                   "step_gradient_function(node, distribution, sample, plates) if only the gradient function "
+                   "differs, draw(distribution, shape) if only the proposal does), or set supports_partitions = "
+                   "False, or create one estimator per stochastic node (docs/partitions.md, 'For estimator authors')")
+        else:
+            how = _BY_EXTEND_OUTPUT if depth["output"] < base else _BY_EXTEND
+    _STEP_PATH[cls] = how
+    return how
 
 
 def _under_jacfwd() -> bool:
