@@ -1,5 +1,6 @@
 """`reparameterization`: z-tests of first and second order on Gaussian models with closed forms."""
 
+import gc
 import math
 
 import pytest
@@ -1099,6 +1100,29 @@ def test_an_order_2_surrogate_differentiated_three_times_is_refused(name):
         (h,) = torch.autograd.grad(g.sum(), mu, create_graph=True)
         (t,) = torch.autograd.grad(h.sum(), mu)
         assert torch.isfinite(t).all()
+
+
+def test_an_order_2_surrogate_in_an_expression_is_counted_not_refused():
+    """The counting hooks hold their tensors weakly; they were kept alive only as long as the Python loss, so a
+    loss used in an expression (`surrogate_loss(order=2) + reg`, `hessian(lambda m: 0.5 * f(m), mu)`) was refused
+    at its first create_graph pass as "freed" (found by review). Its Hessian runs, the third pass is refused."""
+    est = storch.estimator("reparameterization", plate="x", n_samples=4)
+    mu = torch.tensor([0.1, -0.2], dtype=torch.float64, requires_grad=True)
+
+    def loss_of(m):
+        with storch.Graph():
+            storch.add_cost(torch.nn.functional.elu(est(Normal(m, 1.0))).sum(), name="c")
+            return storch.surrogate_loss(order=2)
+
+    total = loss_of(mu) + 0.01 * (mu ** 2).sum()  # (the loss itself is a temporary)
+    gc.collect()
+    (g,) = torch.autograd.grad(total, mu, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), mu, retain_graph=True)
+    assert torch.isfinite(h).all()
+    with pytest.raises(storch.OrderError, match=r"order 2 is discontinuous"):
+        torch.autograd.grad(g.sum(), mu, create_graph=True)
+    hess = torch.autograd.functional.hessian(lambda m: 0.5 * loss_of(m), mu)
+    assert hess.shape == (2, 2) and torch.isfinite(hess).all()
 
 
 def test_an_order_2_surrogate_through_elu_is_unbiased_at_order_2():

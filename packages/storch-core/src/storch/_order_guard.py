@@ -61,7 +61,7 @@ from .errors import OrderError
 
 __all__ = ["estimator_create_graph", "refuse_create_graph", "differentiating_transforms", "is_differentiated",
            "has_tangent", "forward_level_open", "outer_requires_grad", "FORWARD_OVER_REVERSE",
-           "FUNCTORCH_OVER_OUTER", "unbatched", "CountedRefusal"]
+           "FUNCTORCH_OVER_OUTER", "unbatched", "CountedRefusal", "keep_counted_view"]
 
 # a depth, not a thread-local: the autograd engine runs the hooks of a CUDA backward in its own threads
 _OWN = [0]
@@ -270,3 +270,16 @@ def differentiating_transforms() -> int:
     stack = torch._C._functorch.get_interpreter_stack() or []
     kinds = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
     return sum(1 for i in stack if i.key() in kinds)
+
+
+def keep_counted_view(tensor, refusal: CountedRefusal):
+    """``tensor`` hooked with the counting refusal of an order-n surrogate (n >= 2), returned as a view whose
+    autograd node holds it in its metadata: the hook holds its tensor weakly, and the view's node (downstream of
+    ``tensor``: no cycle) lives as long as any result computed from it, also when the view itself is a temporary.
+    A tensor that does not require grad is returned as it is."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
+        return tensor
+    refuse_create_graph(tensor, refusal)
+    view = tensor.view_as(tensor)
+    view.grad_fn.metadata["storch_counted"] = tensor
+    return view

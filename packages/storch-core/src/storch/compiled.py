@@ -160,7 +160,7 @@ from .errors import NonFiniteCostError, StorchError
 from .estimators.base import Estimator, updating_message
 from .graph import Graph, tracing_nodes, tracing_recorder
 from .plates.tensor import PlateTensor
-from ._order_guard import refuse_create_graph
+from ._order_guard import CountedRefusal, keep_counted_view, refuse_create_graph
 from .surrogate import update_on_backward
 
 __all__ = ["compile", "CompiledStep"]
@@ -202,7 +202,7 @@ class CompiledStep:
                 return self._call_stateful(entry, args, kwargs, list(args), key[0])
             outs = _run(entry[1], args, key[0])
             if entry[4] is not None:
-                _refuse_twice(outs, entry[4])
+                outs = _refuse_twice(outs, entry[4])
             return outs[0] if entry[3] else pytree.tree_unflatten(list(outs), entry[2])
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key, tensors = _signature(leaves, spec, self._python_state(leaves))
@@ -214,7 +214,7 @@ class CompiledStep:
             return self._call_stateful(entry, args, kwargs, tensors, key[1])
         outs = _run(entry[1], tensors, key[1])
         if entry[4] is not None:
-            _refuse_twice(outs, entry[4])
+            outs = _refuse_twice(outs, entry[4])
         return pytree.tree_unflatten(list(outs), entry[2])
 
     def _entry(self, args, kwargs):
@@ -282,7 +282,7 @@ class CompiledStep:
             outs = _run(trace.program, [*tensors, *state], grad)
         n = trace.n_out
         if trace.refusal is not None:
-            _refuse_twice(outs[:n], trace.refusal)
+            outs = [*_refuse_twice(outs[:n], trace.refusal), *outs[n:]]
         if probe is not None:
             values = outs[n + 1:]
             computed = None
@@ -830,15 +830,21 @@ class _Recorder:
         return (self.loss, *self.values) if self.live is None else (self.loss, *self.values, self.live)
 
 
-def _refuse_twice(outs, message: Callable[[], str]) -> None:
+def _refuse_twice(outs, message: Callable[[], str]) -> Any:
     """Hook a replayed call's outputs (the surrogate loss) with the traced step's refusal of a second
     differentiation (storch._order_guard): a backward pass with ``create_graph=True`` through them raises
     storch's OrderError, as the eager step's hooks on the terms inside do (outside
     ``estimator_create_graph``). With a compiler backend the program is one autograd node whose outputs
     cannot be differentiated twice anyway (torch said only that a tensor "appears to not have been used
     in the graph"), so the error says what was wrong there too."""
-    for o in outs:
-        refuse_create_graph(o, message)
+    if not isinstance(message, CountedRefusal):
+        for o in outs:
+            refuse_create_graph(o, message)
+        return outs
+    # an order-n refusal (n >= 2) counts the passes with a hook that holds its tensor weakly: the caller gets a
+    # view of each hooked output whose autograd node keeps it (a result used in an expression, `step(x) + reg`,
+    # would free it otherwise; a review found that refused)
+    return [keep_counted_view(o, message) for o in outs]
 
 
 def _loss_graph_values(values: tuple, loss: torch.Tensor, updates: list) -> dict:

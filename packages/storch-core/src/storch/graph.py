@@ -6,8 +6,6 @@ for one step (one surrogate loss); estimators, which hold state across steps, li
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union, overload
@@ -58,9 +56,6 @@ class Graph:
         self.nodes: list[Node] = []
         self.costs: list[tuple[str, Any]] = []
         self.plates: dict[str, Any] = {}  # name -> Node or Plate (data plate)
-        # data plate name -> where user code called denote_independent (_call_site), for the message of a
-        # reused name: the same call reached the same way again is a new step, not a second denote in this one
-        self.data_sites: dict[str, tuple] = {}
         self.generator = generator
         self.is_default = False  # the thread's default graph (set by _stack)
         self._mode = None
@@ -112,7 +107,6 @@ class Graph:
         self.nodes.clear()
         self.costs.clear()
         self.plates.clear()
-        self.data_sites.clear()
 
     def guard(self) -> "_StepGuard":
         """A context manager that discards the step (:meth:`discard`) when its block raises, and re-raises.
@@ -140,19 +134,15 @@ class Graph:
                 lineage.closed = reason
                 _release(lineage)  # nothing of the step is held after it (the plate caches)
 
-    def claim_plate(self, name: str, owner: Any, site: Optional[tuple] = None) -> None:
-        """Reserve the plate name ``name`` for ``owner`` (a node or a data plate); a name already in use raises ``storch.PlateError``.
-
-        ``site``: for a data plate, where user code called ``denote_independent`` (:func:`_call_site`).
-        """
+    def claim_plate(self, name: str, owner: Any) -> None:
+        """Reserve the plate name ``name`` for ``owner`` (a node or a data plate); a name already in use raises ``storch.PlateError``."""
         if name in self.plates:
-            raise PlateError(self._reused_name(name, owner, site))
+            raise PlateError(self._reused_name(name, owner))
         self.plates[name] = owner
-        if site is not None:
-            self.data_sites[name] = site
 
-    def _reused_name(self, name: str, owner: Any, site: Optional[tuple]) -> str:
-        """The message for a plate name claimed twice: what the graph knows of why, and what to do."""
+    def _reused_name(self, name: str, owner: Any) -> str:
+        """The message for a plate name claimed twice: what the graph knows of why, and what to do. (Where the
+        user's calls came from is not recorded: a stack walk in every denote_independent cost ~4 us in a step.)"""
         old = self.plates[name]
         head = f"plate name {name!r} is already used in this graph (by {old!r})"
         if self.is_default and self.loss_built:
@@ -164,37 +154,24 @@ class Graph:
                     "storch.surrogate_loss().backward() does not end a step. Call storch.backward() instead (it "
                     "backpropagates and ends the step), or storch.reset() after loss.backward(), or build each "
                     "step inside `with storch.Graph():`. storch has now discarded the unfinished step")
-        data = isinstance(old, Plate) and isinstance(owner, Plate)
-        if data and site is not None and site == self.data_sites.get(name):
-            # the same denote_independent call, reached the same way, ran again: a loop or a rerun cell
-            # began a new step while the graph still holds the previous one
-            if self.is_default:
-                return (f"{head}: the same denote_independent call ran again, so this is a new step, but the "
-                        "previous step in the thread's default graph was never ended (an exception in your code "
-                        "interrupted it, or it was not ended with storch.backward() or storch.reset()). storch "
-                        "has now discarded it; call storch.reset() after catching such an exception, or build "
-                        "each step inside `with storch.Graph():`, which discards a failed step itself")
-            return (f"{head}: the same denote_independent call ran again in one `with storch.Graph():` block; "
-                    "a block is one step: enter a new block for each step (inside the loop)")
-        if data:
-            # two data plates of one name: the tensors of one plate were denoted in two calls. Two names would
-            # pair every entry of one with every entry of the other (docs/plates.md), not x[i] with y[i]
-            advice = (f"to put several tensors (inputs and targets) on one data plate, pass them in ONE call: "
-                      f"`x, y = storch.denote_independent((x, y), 0, {name!r})` pairs x[i] with y[i]. Give another "
-                      "name only to a genuinely different data plate (two data plates pair every entry of one "
-                      "with every entry of the other)")
-        else:
-            advice = ("give each stochastic node and data plate its own name, and start each step with a new "
-                      "graph (storch.backward() and storch.reset() clear the default graph)")
         if self.is_default:
-            # a failed storch call discards the default graph's step (discard): say so, since the
-            # tensors of the step are stale now
-            advice += ("; in the thread's default graph this error has discarded the step (start it again), and "
-                       "if an exception in your code interrupted an earlier step, call storch.reset() after "
-                       "catching it, or use `with storch.Graph():`, which discards a failed step itself"
-                       if not data else
-                       "; in the thread's default graph this error has discarded the step: start it again")
-        return f"{head}; {advice}"
+            # a failed storch call discards the default graph's step (discard): the step's tensors are stale now
+            new_step = ("If this call begins a new step (a loop, a rerun cell), the previous step in the thread's "
+                        "default graph was never ended (an exception in your code interrupted it, or it was not ended "
+                        "with storch.backward() or storch.reset()): call storch.reset() after catching such an "
+                        "exception, or build each step inside `with storch.Graph():`, which discards a failed step "
+                        "itself. storch has now discarded the step: start it again")
+        else:
+            new_step = ("If this call begins a new step (a loop inside the block), enter a new `with storch.Graph():` "
+                        "block for each step: a block is one step")
+        if isinstance(old, Plate) and isinstance(owner, Plate):
+            # two data plates of one name: the tensors of one plate denoted in two calls, or a new step. Two names
+            # would pair every entry of one with every entry of the other (docs/plates.md), not x[i] with y[i]
+            return (f"{head}. If the two calls denote several tensors of the same data points (inputs and targets), "
+                    f"pass them in ONE call: `x, y = storch.denote_independent((x, y), 0, {name!r})` pairs x[i] with "
+                    "y[i]. Give another name only to a genuinely different data plate (two data plates pair every "
+                    f"entry of one with every entry of the other). {new_step}")
+        return (f"{head}; give each stochastic node and data plate its own name. {new_step}")
 
     def check_plates(self, plates: tuple[Plate, ...], what: str) -> None:
         """Raise :class:`PlateError` if a plate belongs to an ended graph or to another graph."""
@@ -358,7 +335,7 @@ class Graph:
                 f"{tuple(tensor.shape)} has size 0); the surrogate averages over the data points, and a mean over "
                 "none is undefined (NaN). Skip empty batches before the step")
         p = Plate(plate, raw.shape[0], True, 0, Lineage())
-        self.claim_plate(plate, p, _call_site())
+        self.claim_plate(plate, p)
         return PlateTensor._wrap(raw, (p,) + parents)
 
     def _denote_several(self, tensors, dim: int, plate: str):
@@ -424,37 +401,6 @@ class _StepGuard:
             if graph is not None:
                 graph.discard(exc)
         return False
-
-
-_STORCH_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def _call_site(depth: int = 2) -> tuple:
-    """Where user code called into storch: (code, line) of the first ``depth`` frames outside the
-    ``storch`` package. Two denote_independent calls of one step come from different lines (or one
-    helper reached from different lines); the same site again is the same code run again (a loop, a
-    rerun notebook cell): a new step. (Every denote_independent call records it: the package test is
-    cached per code object, ~0.7 us a call.)"""
-    f = sys._getframe(1)
-    ours = _OURS
-    while f is not None:
-        code = f.f_code
-        inside = ours.get(code)
-        if inside is None:
-            if len(ours) > 4096:  # (code objects made at run time: exec'd notebook cells)
-                ours.clear()
-            inside = ours[code] = code.co_filename.startswith(_STORCH_DIR)
-        if not inside:
-            break
-        f = f.f_back
-    site = []
-    while f is not None and len(site) < depth:
-        site.append((f.f_code, f.f_lineno))
-        f = f.f_back
-    return tuple(site)
-
-
-_OURS: dict = {}  # code object -> whether it is storch's own (weak enough: code objects of loaded modules)
 
 
 def _distribution_plates(d, depth: int = 0) -> tuple[Plate, ...]:

@@ -388,10 +388,18 @@ def _refuse_beyond(tensor, message, order: int) -> None:
 
 def _keep_counted(loss: torch.Tensor) -> None:
     """The counting hooks hold their tensors weakly (a hook on a tensor's autograd node that held the tensor would
-    be a cycle autograd never frees): keep the hooked tensors of this build alive as long as the loss."""
+    be a cycle autograd never frees): keep the hooked tensors of this build alive as long as the loss's autograd
+    node, in its metadata (no cycle: the hooked tensors are upstream of it). Not as long as the Python tensor: a
+    loss used in an expression (``surrogate_loss(order=2) + reg``, ``hessian(lambda m: 0.5 * f(m), mu)``) is a
+    temporary whose node lives on in the result's graph (a review found those refused as "freed")."""
     counted = _PENDING.counted
     if counted:
-        weakref.finalize(loss, list.clear, list(counted))
+        keep = list(counted)
+        node = loss.grad_fn
+        if node is not None:
+            node.metadata.setdefault("storch_counted", []).extend(keep)
+        else:  # (no graph of its own: a vmapped loss) as long as the tensor
+            weakref.finalize(loss, list.clear, keep)
         counted.clear()
 
 
@@ -456,7 +464,9 @@ def _again(order: int) -> str:
             f"biased derivative of order {order + 1}. For derivatives of order k build storch.surrogate_loss(order=k) "
             "with k the number of derivatives you take, which checks every node and names the estimators unbiased at "
             f"that order (here it refuses order {order + 1}); if the last create_graph=True was incidental (only the "
-            f"derivative of order {order} is used), pass create_graph=False or detach it")
+            f"derivative of order {order} is used), pass create_graph=False or detach it. "
+            "torch.autograd.functional.hvp (and hessian(..., create_graph=True)) build an order-2 product with such a "
+            "pass: use torch.autograd.functional.vhp (the Hessian is symmetric) or hessian(...) @ v instead")
 
 
 def _kink_message(who: str, name: str, kinks: tuple, order: int = 1) -> str:

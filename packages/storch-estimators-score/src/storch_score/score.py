@@ -542,12 +542,20 @@ def _means(frames) -> dict[str, torch.Tensor]:
     (``learned_dtype``). In a bfloat16 (autocast) or float16 (``model.half()``) cost's own dtype, one step
     (1 - decay)·(mean - average) of an average near 100 is below half a unit and rounds away: the
     average stopped following the costs (gradient variance ~20x, without a warning)."""
-    return {frame.key: frame.tensor.mean(dtype=learned_dtype(frame.tensor)) for frame in frames}
+    out = {}
+    for frame in frames:
+        t = frame.tensor
+        dtype = learned_dtype(t)
+        out[frame.key] = t.mean() if dtype == t.dtype else t.mean(dtype=dtype)  # (a float32 cost: the plain mean)
+    return out
 
 
 def _in_cost_dtype(average: Optional[torch.Tensor], cost: CostFrame) -> Optional[torch.Tensor]:
     """A running average (float32 at least) as the surrogate's term for ``cost`` takes it: in its dtype."""
-    return average if average is None else average.to(cost.tensor.dtype)
+    if average is None:
+        return None
+    dtype = cost.tensor.dtype
+    return average if average.dtype == dtype else average.to(dtype)  # (a float32 cost, every step: no call)
 
 
 _KNOWN_FINITE = object()  # Score.update_parameters: the loss was checked finite, so is every mean cost
