@@ -966,6 +966,21 @@ def test_reads_through_vmapped_views_of_a_permuted_two_plate_tensor_are_unchange
     assert torch.equal(y.tensor, raw)
 
 
+@pytest.mark.parametrize("layout, vmaps", [("contiguous", 1), ("size-1 plate, any stride", 1), ("permuted", 2)])
+def test_vmap_over_two_plates_flattens_them_only_where_that_is_a_view(layout, vmaps, monkeypatch):
+    # one vmap over the flattened plates where the raw storage allows a view, nested vmaps where it does
+    # not (decided from the strides: trying the view raised RuntimeError eagerly but ValueError on
+    # storch.compile's fake tensors, which escaped as a PlateError)
+    raw = {"contiguous": rnd(2, 3, 4), "size-1 plate, any stride": rnd(3, 1, 4).transpose(0, 1),
+           "permuted": rnd(3, 2, 4).transpose(0, 1)}[layout]
+    y = make(raw, *((("z", 1), ("data", 3)) if raw.shape[0] == 1 else (("z", 2), ("data", 3))))
+    calls = []
+    vmap = torch.func.vmap
+    monkeypatch.setattr(torch.func, "vmap", lambda *a, **k: calls.append(1) or vmap(*a, **k))
+    check(lambda v: torch.flip(v, [0]), y)
+    assert len(calls) == vmaps
+
+
 def test_index_add_with_a_sampled_index_and_a_mismatched_source_is_torchs_error():
     """Per sample torch refuses a source whose dims other than dim differ from the input's; the scatter_add
     rewrite filled part of the input instead (found by a reviewer): such calls go to torch per sample."""

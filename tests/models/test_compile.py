@@ -931,6 +931,117 @@ def test_vmap_treated_functions_compile(case, backend):
     assert compiled.traces == 1
 
 
+def _exact(got, want):
+    """``(value, grads)`` equal to 1e-12: backend=None replays the same draws and the same operations."""
+    torch.testing.assert_close(got, want, rtol=0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cost", ["gather", "flip"])
+def test_vmap_treatment_of_a_sample_with_permuted_plate_dims_compiles(cost):
+    """A score-function Categorical over a data plate draws its samples with the plate dims permuted in
+    the raw storage (strides (1, n)); a vmap-treated call on them (``q.gather(-1, a.unsqueeze(-1))``,
+    ``torch.flip``) tried to flatten the plates by a view and took the nested vmaps where torch's view
+    raised RuntimeError, but the trace's fake tensors raise ValueError: the compiled step failed with a
+    PlateError ("Cannot view a tensor with shape [4, 6] and strides (1, 4)"); now it gives eager's result."""
+    from torch.distributions import Categorical
+
+    def make():
+        torch.manual_seed(0)
+        policy = torch.nn.Linear(4, 3)
+        est = storch.estimator("score", plate="action", n_samples=4, baseline="leave_one_out")
+
+        def step(states, q):
+            with storch.Graph():
+                s, qs = storch.denote_independent((states, q), 0, "batch")
+                a = est(Categorical(logits=policy(s)))
+                if cost == "gather":
+                    reward = qs.gather(-1, a.unsqueeze(-1)).squeeze(-1)
+                else:
+                    reward = (torch.flip(a.float().unsqueeze(0), [0]) * qs).sum(-1)
+                storch.add_cost(-reward, name="reward")
+                return storch.surrogate_loss()
+
+        return step, list(policy.parameters())
+
+    args = (torch.randn(6, 4), torch.randn(6, 3))
+    step, params = make()
+    compiled_step, compiled_params = make()
+    compiled = storch.compile(compiled_step, backend=None)
+    for seed in range(2):
+        _exact(_grads(compiled, compiled_params, args, seed), _grads(step, params, args, seed))
+
+
+CLAMPS = {"clamp(-1, 1)": lambda z: torch.clamp(z, -1.0, 1.0), "clamp(min=0)": lambda z: z.clamp(min=0)}
+
+
+@pytest.mark.parametrize("clamp", list(CLAMPS))
+def test_the_smoothness_walk_through_a_clamp_is_not_a_backward_inside_the_step(clamp):
+    """The pathwise check walks a cost's autograd graph at the first step of each cost name; at a clamp it
+    reads the saved input's dtype (``node._saved_self``), which unpacks a saved tensor as a backward pass
+    does: a step compiled from its first call, or a clamped cost first seen in a compiled call, was refused
+    as "differentiates inside the step". Compiled calls (the first one traced, a new cost traced again)
+    give eager's values and gradients."""
+    from torch.distributions import Normal
+
+    def make():
+        torch.manual_seed(0)
+        enc = torch.nn.Linear(4, 3)
+        est = storch.estimator("reparameterization", plate="z", n_samples=3)
+
+        def step(x, clamped):
+            with storch.Graph():
+                z = est(Normal(enc(storch.denote_independent(x, 0, "data")), 1.0))
+                storch.add_cost(((z - 0.45) ** 2).sum(-1), name="f")
+                if clamped:
+                    storch.add_cost(CLAMPS[clamp](z).sum(-1), name="g")
+                return storch.surrogate_loss()
+
+        return step, list(enc.parameters())
+
+    x = torch.randn(5, 4)
+    step, params = make()
+    # each compiled step with its own estimator, which no eager step walked: one traced with the clamped
+    # cost at its first call, one that first sees the clamped cost at its second (a second trace)
+    for calls in ((True, True), (False, True)):
+        compiled_step, compiled_params = make()
+        compiled = storch.compile(compiled_step, backend=None)
+        for seed, clamped in enumerate(calls):
+            _exact(_grads(compiled, compiled_params, (x, clamped), seed), _grads(step, params, (x, clamped), seed))
+
+
+def test_the_smoothness_walk_in_a_trace_reads_no_saved_values():
+    """hypot and atan2 with a constant off the path are smooth or not by the constant's values, which the walk
+    read from the saved tensors: in a trace, those reads unpacked saved tensors (refused as "differentiates
+    inside the step") and their operations recorded a constant of the first call that requires grad. In a
+    trace the walk now reads no values: hypot (a kink at worst) compiles at order 1 with eager's result;
+    atan2 (a jump at worst) is refused, saying why under storch.compile."""
+    from torch.distributions import Normal
+
+    def make(op):
+        torch.manual_seed(0)
+        enc = torch.nn.Linear(4, 3)
+        est = storch.estimator("reparameterization", plate="z", n_samples=3)
+
+        def step(x):
+            with storch.Graph():
+                z = est(Normal(enc(storch.denote_independent(x, 0, "data")), 1.0))
+                storch.add_cost(op(z, torch.ones(())).sum(-1), name="c")
+                return storch.surrogate_loss()
+
+        return step, list(enc.parameters())
+
+    x = torch.randn(5, 4)
+    step, params = make(torch.hypot)
+    compiled_step, compiled_params = make(torch.hypot)
+    compiled = storch.compile(compiled_step, backend=None)
+    for seed in range(2):
+        _exact(_grads(compiled, compiled_params, (x,), seed), _grads(step, params, (x,), seed))
+    step, params = make(torch.atan2)
+    assert torch.isfinite(step(x))  # eagerly: smooth in z where the constant is > 0
+    with pytest.raises(storch.OrderError, match="Under storch.compile the constant argument of hypot / atan2"):
+        storch.compile(make(torch.atan2)[0], backend=None)(x)
+
+
 def test_vmap_of_a_user_function_is_refused():
     """A non-torch function that reaches storch goes through torch.func.vmap too; the compiled step records that
     call below autograd, where a grad-mode switch inside it would be lost (a wrong gradient): refused, naming it."""

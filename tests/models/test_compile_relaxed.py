@@ -240,3 +240,47 @@ def test_replayed_non_finite_update_is_skipped_as_eager(name):
     assert est.update_steps == 3 and torch.isfinite(theta.grad).all()
     assert all(torch.isfinite(v).all() for v in _phi(est).values())
     assert any(not torch.equal(phi[k], v) for k, v in _phi(est).items())
+
+
+@pytest.mark.parametrize("chain", [("reparameterization", "rebar"), ("rebar", "rebar"), ("relax", "relax")])
+def test_order_2_chains_compile(chain):
+    """surrogate_loss(order=2) walks each cost's graph for kinks at every surrogate; at the relaxations'
+    clamp of their probabilities it reads the saved input's dtype (``node._saved_self``), which unpacks a
+    saved tensor as a backward pass does: a compiled order-2 step with a chain of two such nodes was refused
+    at every call as differentiating inside the step (blaming the user's step or rebar's control variate).
+    Compiled (after an eager step: relax builds its network there) it gives eager's loss, gradient and
+    Hessian-vector product."""
+    first, second = chain
+
+    def make():
+        torch.manual_seed(0)
+        enc, dec = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)
+        e1 = storch.estimator(first, plate="z1", n_samples=2)
+        e2 = storch.estimator(second, plate="z2", n_samples=2)
+
+        def step(x):
+            with storch.Graph():
+                h = enc(storch.denote_independent(x, 0, "data"))
+                z1 = e1(Normal(h, 1.0) if first == "reparameterization" else Bernoulli(logits=h))
+                z2 = e2(Bernoulli(logits=dec(z1)))
+                storch.add_cost(((z2 - 0.3) ** 2).sum(-1), name="f")
+                return storch.surrogate_loss(order=2)
+
+        return step, [*enc.parameters(), *dec.parameters()]
+
+    def derivatives(step, params, seed):
+        torch.manual_seed(seed)
+        loss = step(x)
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        hvp = torch.autograd.grad(sum(gi.sum() for gi in g), params)
+        return loss.detach(), [gi.detach() for gi in g], hvp
+
+    x = torch.randn(3, 4)
+    step, params = make()
+    compiled_step, compiled_params = make()
+    derivatives(step, params, 0)  # eager first steps (no estimator update: surrogate_loss only)
+    derivatives(compiled_step, compiled_params, 0)
+    compiled = storch.compile(compiled_step, backend=None)
+    for seed in (1, 2):
+        torch.testing.assert_close(derivatives(compiled, compiled_params, seed), derivatives(step, params, seed),
+                                   rtol=0.0, atol=1e-12)

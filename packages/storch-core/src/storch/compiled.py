@@ -161,6 +161,7 @@ from .estimators.base import Estimator, updating_message
 from .graph import Graph, tracing_nodes, tracing_recorder
 from .plates.tensor import PlateTensor
 from ._order_guard import CountedRefusal, keep_counted_view, refuse_create_graph
+from .smoothness import inspecting_saved, saved_values_unread
 from .surrogate import update_on_backward
 
 __all__ = ["compile", "CompiledStep"]
@@ -375,7 +376,7 @@ class CompiledStep:
         python_random = _python_random_state()
         try:
             with torch.random.fork_rng(devices=devices), tracing_nodes(nodes, recorder), Graph(), \
-                    _no_backward_in_trace(self.fn):
+                    _no_backward_in_trace(self.fn), saved_values_unread():
                 gm = make_fx(flat, pre_dispatch=True)(*tensors, probe)
         except StorchError:
             raise
@@ -933,6 +934,8 @@ def _no_backward_in_trace(fn):
     tracing_thread = threading.get_ident()  # autograd may run the hook on a device thread: read this one's stack
 
     def unpack(saved):
+        if inspecting_saved():  # storch's smoothness walk reads a saved tensor's dtype or shape: no backward
+            return saved
         raise StorchError(_backward_message(fn, _estimator_component(sys._current_frames().get(tracing_thread))))
 
     return torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack)

@@ -11,15 +11,57 @@ it at order >= 2 at every surrogate, and at order 1 (for a jump) at the first st
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from types import MappingProxyType
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
 from .errors import OrderError
 
 __all__ = ["nonsmooth_operations", "require_smooth"]
+
+_inspecting = threading.local()
+
+
+def inspecting_saved() -> bool:
+    """Whether this thread is reading an autograd node's saved tensors to inspect them (their dtype,
+    shape or values, in :func:`_order_of`), not to differentiate. storch.compile's saved-tensor hook
+    refuses a backward pass inside a traced step, and a read of ``node._saved_self`` unpacks the same
+    way: it asks this to let storch's own reads through."""
+    return getattr(_inspecting, "active", False)
+
+
+@contextlib.contextmanager
+def saved_values_unread() -> Iterator[None]:
+    """While storch.compile traces a step: the table's entries read saved tensors' metadata (dtype, shape)
+    only. A verdict from saved values (``hypot`` and ``atan2`` with a constant off the path) would be fixed
+    into the program for every later call, and the operations on the values recorded in it (a saved
+    tensor unpacked in a trace is a constant of the first call), so those entries give their
+    conservative verdict, as where the values cannot be read (under a torch.func transform)."""
+    outer = getattr(_inspecting, "metadata_only", False)
+    _inspecting.metadata_only = True
+    try:
+        yield
+    finally:
+        _inspecting.metadata_only = outer
+
+
+def _values_readable() -> bool:
+    return not getattr(_inspecting, "metadata_only", False)
+
+
+def _order_of(k: Callable, fn, reach: tuple) -> Optional[int]:
+    """``k(fn, reach)``, an entry of the table that reads ``fn``'s saved attributes, marked as an inspection
+    (:func:`inspecting_saved`)."""
+    outer = inspecting_saved()
+    _inspecting.active = True
+    try:
+        return k(fn, reach)
+    finally:
+        _inspecting.active = outer
 
 
 def _clamp_order(node, reach=()) -> Optional[int]:
@@ -150,6 +192,8 @@ def _copysign_order(node, reach=()) -> Optional[int]:
 def _constant_holds(node, name: str, test) -> bool:
     """Whether the saved tensor ``name`` of ``node`` (an argument off the path: a constant) passes ``test``
     at every entry; False where it cannot be read (under a torch.func transform: then the conservative verdict)."""
+    if not _values_readable():
+        return False
     try:
         return bool(test(getattr(node, name)).all())
     except (AttributeError, RuntimeError, TypeError):
@@ -164,6 +208,8 @@ def _hypot_order(node, reach=()) -> Optional[int]:
         return 2
     # autograd keeps no copy of the constant: c != 0 where the result exceeds |x| (x the argument on the path)
     on = "_saved_self" if reach and reach[0] else "_saved_other"
+    if not _values_readable():
+        return 1
     try:
         x, r = getattr(node, on), node._saved_result
         smooth = bool((r > x.abs()).all())
@@ -349,7 +395,7 @@ def _nonsmooth_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor], ord
                             consumers.setdefault(m, set()).add(name)
                 k = table.get(name)
                 if k is not None and not isinstance(k, int):
-                    k = k(fn, reach)
+                    k = _order_of(k, fn, reach)
                 if k is not None and k < order:
                     if log_of_abs:
                         hits.append((fn, name, k))
@@ -412,7 +458,7 @@ def _walk_memo(output: torch.Tensor, memo: PathMemo) -> dict[str, int]:
                 name = type(fn).__name__
                 k = table.get(name)
                 if k is not None and not isinstance(k, int):
-                    k = k(fn, tuple(reach))
+                    k = _order_of(k, fn, tuple(reach))
                 if k is not None and k < order:
                     acc[name] = min(k, acc.get(name, k))
             below[fn] = acc
@@ -503,4 +549,13 @@ def require_smooth(output: torch.Tensor, inputs: Sequence[torch.Tensor], order: 
         f"holds {ops}: autograd reports 0 for the delta in the next derivative, so the estimate would be biased. "
         "Use smooth operations on that path (an activation such as softplus, GELU, SiLU or tanh instead of "
         "ReLU / leaky_relu / hardtanh / clamp; logsumexp instead of max); or "
-        f"{lower.replace(', ', '; or ')}use {instead} for this node")
+        f"{lower.replace(', ', '; or ')}use {instead} for this node{_unread_note(found)}")
+
+
+def _unread_note(found: Mapping[str, int]) -> str:
+    """Where the trace's verdict is :func:`saved_values_unread`'s conservative one, says so."""
+    if _values_readable() or not found.keys() & {"HypotBackward0", "Atan2Backward0"}:
+        return ""
+    return (". (Under storch.compile the constant argument of hypot / atan2 is not read: whether it is nonzero "
+            "(hypot) or of the sign that keeps atan2 off its branch cut would be fixed into the program for "
+            "every call. Run this step eagerly, where each surrogate reads it.)")

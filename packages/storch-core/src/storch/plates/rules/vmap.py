@@ -260,6 +260,15 @@ def _vmap(call, raws, mapped, levels, sizes, full, inplace, randomness):
     return tree_unflatten([next(it) if isinstance(v, torch.Tensor) else v for v in leaves], spec)
 
 
+def _leading_dims_merge(r: torch.Tensor, k: int) -> bool:
+    """Whether ``r``'s first ``k`` dims can be flattened into one by a view (no copy): each dim of
+    size > 1 steps over whole blocks of the next such dim (size-1 dims have no stride to match)."""
+    if r.numel() == 0:
+        return True
+    dims = [(r.shape[i], r.stride(i)) for i in range(k) if r.shape[i] != 1]
+    return all(s0 == s1 * n1 for (_, s0), (n1, s1) in zip(dims, dims[1:]))
+
+
 def _vmap_tensors(call, raws, mapped, levels, sizes, full, inplace, randomness):
     if full and len(levels) > 1 and not inplace:
         # one vmap over the flattened plates (cheaper than nested levels), where the flattening is a
@@ -268,11 +277,10 @@ def _vmap_tensors(call, raws, mapped, levels, sizes, full, inplace, randomness):
         # them (y.diagonal().fill_(1)) would be lost; then the nested levels below, which keep views
         lead = tuple(sizes[j] for j in levels)
         n = math.prod(lead)
-        try:
+        # decided from the strides, not by trying the view: a failed view raises RuntimeError eagerly
+        # but ValueError on storch.compile's fake tensors (torch._refs), so a try would only work eagerly
+        if all(_leading_dims_merge(r, len(levels)) for r in raws):
             flat = [r.view((n,) + r.shape[len(levels):]) for r in raws]
-        except RuntimeError:
-            flat = None
-        if flat is not None:
             out = torch.func.vmap(call, randomness=randomness)(*flat)
             # splitting the leading dim of an output is always a view
             return map_tensors(out, lambda o: o.view(lead + o.shape[1:]))
