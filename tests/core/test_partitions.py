@@ -731,3 +731,41 @@ def test_weights_of_a_sequence_from_the_components_are_refused():
         b = est(Bernoulli(logits=torch.tensor(0.2)))
         with pytest.raises(storch.StorchError, match="weighting_function.*step 1.*extend"):
             est(Bernoulli(logits=b - 0.5))
+
+
+def test_a_proposal_whose_draws_are_the_base_draw_says_so_with_the_base_draw():
+    """A pathwise estimator written like the built-in reparameterization before it had its own draw (proposal =
+    rsample, step_gradient_function = 0) is refused at step 1 (storch cannot tell its proposal is the base
+    draw); `draw = storch.Estimator.draw` in the class says so, and its steps are the built-in's (same draws)."""
+
+    class OldPathwise(storch.Estimator):
+        requires_rsample = True
+        supports_partitions = True
+
+        def proposal(self, node):
+            return node.distribution.rsample((self.n_samples,))
+
+        def gradient_function(self, node):
+            return torch.zeros((1,), dtype=node.sample.dtype)
+
+        def step_gradient_function(self, node, distribution, sample, plates):
+            return torch.zeros((1,), dtype=sample.dtype)
+
+    class SaysSo(OldPathwise):
+        draw = storch.Estimator.draw
+
+    mu = torch.tensor([0.2, -0.3], dtype=torch.float64, requires_grad=True)
+
+    def episode(est):
+        torch.manual_seed(0)
+        with storch.Graph():
+            s = None
+            for t in range(3):
+                s = est(Normal(mu if s is None else mu + 0.5 * torch.tanh(s), 1.0))
+                storch.add_cost((s ** 2).sum(-1) * (t + 1), name=f"c{t}")
+            return torch.autograd.grad(storch.surrogate_loss(), mu)[0]
+
+    with pytest.raises(storch.StorchError, match=r"proposal without draw or extend.*draw = storch\.Estimator\.draw"):
+        episode(OldPathwise(plate="x", n_samples=3))
+    builtin = episode(storch.estimator("reparameterization", plate="x", n_samples=3))
+    torch.testing.assert_close(episode(SaysSo(plate="x", n_samples=3)), builtin)

@@ -586,3 +586,38 @@ def test_a_subclass_s_own_baseline_applies_with_the_default_baseline_option():
     logp = Bernoulli(logits=theta).log_prob(x).sum(-1)
     (want,) = torch.autograd.grad(((c - 0.7) * logp).mean(), theta)
     torch.testing.assert_close(got, want)
+
+
+def test_a_subclass_s_own_baseline_is_called_per_cost_in_a_partition_whatever_the_option():
+    """Leave-one-out's control variate stacks the costs of a partition's steps along an extra plate and is called
+    once; a subclass's own baseline (here a constant per cost name) was called on that stacked frame too, with
+    another cost's name: a silently different gradient (found by review). It is called per cost, as without
+    stacking (the same class told not to stack gives the reference)."""
+    import storch_score
+
+    class StepBaseline(storch_score.Score):
+        name = "test_score_step_baseline"
+
+        def baseline(self, node, cost):
+            return torch.tensor(0.3 if cost.name.endswith("0") else 0.9, dtype=cost.tensor.dtype)
+
+    class Unstacked(StepBaseline):
+        name = "test_score_step_baseline_unstacked"
+
+        def control_variate_stacks(self):
+            return False
+
+    th = torch.tensor([[0.2, -0.1], [0.4, 0.3], [-0.3, 0.1]], dtype=torch.float64, requires_grad=True)
+
+    def gradient(est):
+        torch.manual_seed(1)
+        with storch.Graph():
+            s = None
+            for t in range(3):
+                s = est(Bernoulli(logits=th[t] if s is None else th[t] + 0.5 * s))
+                storch.add_cost(((s - 0.3) ** 2).sum(-1) * (t + 1), name=f"c{t}")
+            return torch.autograd.grad(storch.surrogate_loss(), th)[0]
+
+    for option in ("leave_one_out", "moving_average", "none"):
+        torch.testing.assert_close(gradient(StepBaseline(plate="z", n_samples=3, baseline=option)),
+                                   gradient(Unstacked(plate="z", n_samples=3, baseline=option)))

@@ -845,7 +845,8 @@ def _refuse_twice(outs, message: Callable[[], str]) -> Any:
     # an order-n refusal (n >= 2) counts the passes with a hook that holds its tensor weakly: the caller gets a
     # view of each hooked output whose autograd node keeps it (a result used in an expression, `step(x) + reg`,
     # would free it otherwise; a review found that refused)
-    return [keep_counted_view(o, message) for o in outs]
+    views: dict[int, Any] = {}  # (one view per output tensor: a step returning (loss, loss) keeps the identity)
+    return [views[id(o)] if id(o) in views else views.setdefault(id(o), keep_counted_view(o, message)) for o in outs]
 
 
 def _loss_graph_values(values: tuple, loss: torch.Tensor, updates: list) -> dict:

@@ -192,8 +192,8 @@ class Score(Estimator):
         return self.baseline_kind != "none" or _own_control_variate(type(self))
 
     def control_variate_stacks(self) -> bool:
-        if self.baseline_kind == "none" and _own_control_variate(type(self)):
-            return Estimator.control_variate_stacks(self)  # (a subclass's baseline: the base class's answer)
+        if _own_control_variate(type(self)):  # (a subclass's baseline, whatever the option: the base class's answer;
+            return Estimator.control_variate_stacks(self)  # leave-one-out's stacking gave it the stacked frame)
         return self._baseline.stacks
 
     def check_inputs(self, inputs: Any, plates: tuple[Plate, ...], step: int) -> None:

@@ -1216,12 +1216,16 @@ def _partition_path(cls: type) -> Any:
                 f"{owner(c)} overrides {c} without {' or '.join(_HOOKS_OF[c])} in that class or a subclass: a "
                 f"later step would be {_DOES[c]} by {' / '.join(where(h) for h in _HOOKS_OF[c])}, written without "
                 f"it, not by {c}" for c in late)
-            how = (f"{parts}. Step t >= 1 would be a silently wrong gradient or value. Override extend(node, "
+            how = (f"{parts}. storch cannot tell whether step t >= 1 made that way is what your components would "
+                   "make (where they differ, a silently wrong gradient or value). Override extend(node, "
                    "distribution, plates) in that class or a subclass, returning step t's (sample, l_t), or "
                    "(sample, l_t, output) where output is overridden, made with your components (or override "
                    "step_gradient_function(node, distribution, sample, plates) if only the gradient function "
-                   "differs, draw(distribution, shape) if only the proposal does), or set supports_partitions = "
-                   "False, or create one estimator per stochastic node (docs/partitions.md, 'For estimator authors')")
+                   "differs, draw(distribution, shape) if only the proposal does); where the base class's hook is "
+                   "right for your component (a proposal of n i.i.d. draws from p, as Estimator.draw makes them: "
+                   "rsample with requires_rsample, else sample), say so in the class: `draw = storch.Estimator.draw`. "
+                   "Or set supports_partitions = False, or create one estimator per stochastic node "
+                   "(docs/partitions.md, 'For estimator authors')")
         else:
             how = _BY_EXTEND_OUTPUT if depth["output"] < base else _BY_EXTEND
     _STEP_PATH[cls] = how
