@@ -88,6 +88,8 @@ def _check(got, want, who):
 @pytest.mark.parametrize("traced_with", ["finite logits", "infinite logits"])
 @pytest.mark.parametrize("name, family", CASES)
 def test_infinite_logits_give_the_eager_result_or_are_refused(name, family, traced_with):
+    if name not in storch.available_estimators():  # (CI's models environment has no storch-estimators-mvd)
+        pytest.skip(f"{name!r} is not installed here")
     theta = torch.tensor([[0.3, -0.2, 0.5]] * 2, dtype=torch.float64, requires_grad=True)
     pins = PINS[family]
     step = _step(_estimator(name, family), family)
