@@ -67,29 +67,16 @@ def _source_module(name: str, source: str) -> types.ModuleType:
 # an author's mistakes that registered no hook, so the plugin loaded silently with no estimators (found by a
 # third-party author): storch_estimators without @hookimpl, and entry points `module:attr` naming the hook
 # function or an estimator class instead of the module
-_NO_HOOKIMPL = """
-import storch
-class Unmarked(storch.Estimator):
-    name = "unmarked_hook_estimator"
-def storch_estimators():
-    return [Unmarked]
-"""
-_HOOK_FUNCTION = """
-import storch
-class ByFunction(storch.Estimator):
-    name = "function_entry_estimator"
-@storch.hookimpl
-def storch_estimators():
-    return [ByFunction]
-"""
-_ESTIMATOR_CLASS = """
-import storch
-class ByClass(storch.Estimator):
-    name = "class_entry_estimator"
-@storch.hookimpl
-def storch_estimators():
-    return [ByClass]
-"""
+def _one_estimator_source(cls: str, name: str, hookimpl: bool = True) -> str:
+    """A plugin module's source: one estimator class ``cls`` named ``name`` and the hook that lists it."""
+    mark = "@storch.hookimpl\n" if hookimpl else ""
+    return (f"import storch\nclass {cls}(storch.Estimator):\n    name = {name!r}\n"
+            f"{mark}def storch_estimators():\n    return [{cls}]\n")
+
+
+_NO_HOOKIMPL = _one_estimator_source("Unmarked", "unmarked_hook_estimator", hookimpl=False)
+_HOOK_FUNCTION = _one_estimator_source("ByFunction", "function_entry_estimator")
+_ESTIMATOR_CLASS = _one_estimator_source("ByClass", "class_entry_estimator")
 # two classes of one package under one name: the last one silently won
 _TWINS = """
 import storch
