@@ -577,8 +577,17 @@ def test_a_baseline_that_is_not_a_plain_tensor_is_refused():
     with pytest.raises(storch.StorchError, match=r"baseline returned float 0.5, but it must return None or a "
                                                  r"torch.Tensor laid out as the cost frame's shape \(3, 4\)"):
         _run_model("one_node", FloatBaseline)
+    class DataPlateBaseline(storch.Estimator):
+        name = "test_core_data_plate_baseline"
+
+        def baseline(self, node, cost):
+            plates = tuple(p for p in cost.plates if p.name != self.plate)
+            return storch.PlateTensor(torch.zeros(tuple(p.size for p in plates)), plates)
+
+    with pytest.raises(storch.StorchError, match=r"baseline returned a value that depends on the samples of plate"):
+        _run_model("one_node", PlateBaseline)  # (it carries the node's own plate)
     with pytest.raises(storch.StorchError, match=r"baseline returned a PlateTensor.*cost.align\(t.tensor, t.plates\)"):
-        _run_model("one_node", PlateBaseline)
+        _run_model("one_node", DataPlateBaseline)
 
 
 def test_an_output_not_of_the_samples_shape_is_refused():

@@ -621,3 +621,31 @@ def test_a_subclass_s_own_baseline_is_called_per_cost_in_a_partition_whatever_th
     for option in ("leave_one_out", "moving_average", "none"):
         torch.testing.assert_close(gradient(StepBaseline(plate="z", n_samples=3, baseline=option)),
                                    gradient(Unstacked(plate="z", n_samples=3, baseline=option)))
+
+
+def test_a_subclass_s_baseline_of_earlier_steps_samples_is_refused():
+    """A Score subclass's baseline V(s_t) of the previous action (a plate tensor carrying the partition's plate)
+    got a layout message that said to align it (cost.align(t.tensor, t.plates)), which hid the plate and gave a
+    silently biased gradient (|z| up to 60, found by a tester); as the callable form, it is refused for the
+    dependence, and the layout advice is only for a baseline that does not depend on the samples."""
+    import storch_score
+
+    values = torch.tensor([[0.5, -0.3], [0.2, 0.9]], dtype=torch.float64)
+
+    class ValueBaseline(storch_score.Score):
+        name = "test_score_value_baseline"
+
+        def baseline(self, node, cost):
+            return values[node.step][node.inputs] if isinstance(node.inputs, storch.PlateTensor) else None
+
+    theta = torch.zeros(2, 2, 2, dtype=torch.float64, requires_grad=True)
+    est = ValueBaseline(plate="p", n_samples=3)
+    with storch.Graph():
+        s = torch.tensor(0)
+        for t in range(2):
+            a = est(Categorical(logits=theta[t][s]), inputs=s)
+            storch.add_cost((a - 0.5) ** 2, name=f"r{t}")
+            s = a
+        with pytest.raises(storch.StorchError, match=r"baseline returned a value that depends on the samples of "
+                                                     r"plate 'p'.*must not depend"):
+            storch.surrogate_loss()

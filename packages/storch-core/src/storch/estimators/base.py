@@ -1080,10 +1080,23 @@ def check_in_frame(est: Estimator, component: str, t: Any, frame: CostFrame) -> 
            "laid out by the node's plates into the frame with cost.align(t), or return a tensor that broadcasts "
            "to the frame without changing it (a scalar, or size-1 dims); docs/writing-an-estimator.md, section 1")
     if type(t) is PlateTensor:
+        own = next((p for p in t.plates if p.name == est.plate), None)
+        if own is not None and component == "baseline":
+            # (1 - MagicBox(l)) b is zero in expectation only for a b that does not depend on x (appendix C); in a
+            # partition l = L_t holds x_0..x_t, so no step's sample may enter b (a subclass's V(s_t) of the last
+            # action: |z| up to 60, found by a tester; aligning it as the layout advice said hid the plate)
+            step = f" at step {own.step}" if own.step else ""
+            raise StorchError(
+                f"{who} returned a value that depends on the samples of plate {own.name!r}{step} (the PlateTensor "
+                "carries that plate). A baseline must not depend on the sample it is a baseline for, nor, in a "
+                "partition, on the sequence's samples of any step (a state value V(s_t) of earlier actions): the "
+                "control variate (1 - MagicBox(L_t)) b is then biased. Compute it from values before the node (before "
+                "the sequence's first step), or from the other samples' costs (storch.extending.leave_one_out), or "
+                "use a control variate that corrects for the dependence")
         raise StorchError(
             f"{who} returned a PlateTensor (per-sample shape {tuple(t.shape)}, plates "
             f"{[p.name for p in t.plates]}), but it must return a plain tensor laid out as {layout}: "
-            f"return cost.align(t.tensor, t.plates). {how}")
+            f"return cost.align(t.tensor, t.plates) (a baseline that does not depend on the node's samples). {how}")
     if not isinstance(t, torch.Tensor):
         raise StorchError(f"{who} returned {type(t).__name__} {t!r:.80}, but it must return None or a torch.Tensor "
                           f"laid out as {layout}. {how}")
