@@ -649,3 +649,25 @@ def test_a_subclass_s_baseline_of_earlier_steps_samples_is_refused():
         with pytest.raises(storch.StorchError, match=r"baseline returned a value that depends on the samples of "
                                                      r"plate 'p'.*must not depend"):
             storch.surrogate_loss()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_leave_one_out_of_many_reduced_precision_costs_is_summed_in_float32(dtype):
+    """score(n_samples=256, baseline="leave_one_out") with float16 costs of ~400 (a 784-pixel NLL): the sum over
+    the plate, 256 x 400, overflowed float16 (65504) to inf and the loss to NaN (storch.backward() blamed the
+    gradient functions; found by a tester). The sum runs in float32; b = (Σ f - f)/(n-1) is cast back, and
+    matches the float32 formula on the same samples to the dtype's precision."""
+    torch.manual_seed(0)
+    n = 256
+    mu = torch.zeros(4, dtype=dtype, requires_grad=True)
+    with storch.Graph():
+        z = storch.estimator("score", plate="z", n_samples=n, baseline="leave_one_out")(
+            Normal(mu, torch.ones(4, dtype=dtype)))
+        storch.add_cost((100 + z).sum(), name="nll")
+        (g,) = torch.autograd.grad(storch.surrogate_loss(), mu)
+    assert torch.isfinite(g).all()
+    x = z.tensor.detach().double()
+    f = (100 + x).sum(-1)
+    b = (f.sum() - f) / (n - 1)
+    want = ((f - b)[:, None] * x).mean(0)  # d log N(x; mu, 1)/d mu = x - mu, mu = 0
+    torch.testing.assert_close(g.double(), want, rtol=0.05, atol=0.1)
