@@ -231,3 +231,22 @@ def test_lineage_reindexes_an_earlier_partition_step_and_refuses_other_graphs():
     other = storch.Plate("z", 3, False, 0, storch.Lineage())  # same name and size, other graph
     with pytest.raises(storch.PlateError, match="different graphs"):
         union_plates([(z0,), (other,)])
+
+
+def test_independent_nodes_joined_beyond_the_combination_limit_are_refused_before_allocating():
+    """25 independent nodes of 2 samples each summed into one value hold 2^25 combinations per data point (30
+    asked torch for 4 GiB per element and ran out of memory without a storch message; found by a tester). The
+    union of their plates is refused with what to do instead; 20 such nodes (2^20) still run."""
+    mu = torch.zeros(25, requires_grad=True)
+    with storch.Graph():
+        total = 0
+        with pytest.raises(storch.PlateError, match=r"combinations per data point.*Draw them as one node"):
+            for i in range(25):
+                total = total + storch.estimator("reparameterization", plate=f"g{i}", n_samples=2)(
+                    Normal(mu[i], 1.0))
+        assert i == 24  # the 25th node's sum is the one refused
+    with storch.Graph():
+        total = 0
+        for i in range(20):
+            total = total + storch.estimator("reparameterization", plate=f"g{i}", n_samples=2)(Normal(mu[i], 1.0))
+        assert total.tensor.numel() == 2 ** 20

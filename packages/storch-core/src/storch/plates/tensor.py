@@ -496,10 +496,33 @@ def _union(groups: Sequence[tuple[Plate, ...]]) -> tuple[Plate, ...]:
                 raise PlateError(_mixed_message(q, p))
     if len(out) > MAX_DIMS:
         raise PlateError(too_many_dims_message(len(out)))
+    entries = 1
+    for p in out:
+        if not p.independent:
+            entries *= p.size
+    if entries > MAX_COMBINED_ENTRIES:  # (a new union only: the pairs are cached, so not on the common path)
+        raise PlateError(too_many_combinations_message(out, entries))
     return tuple(out)
 
 
 MAX_DIMS = 64  # torch's limit on the number of dims of a tensor
+# Independent nodes joined in one value hold every combination of their samples: 30 gates of 2 samples each,
+# summed into one cost, asked for 4 GiB per element and the process ran out of memory without a storch
+# message (found by a tester). Beyond this many sample-plate entries per data point (the chain limit,
+# storch.estimators.base.MAX_SAMPLE_ENTRIES) a value is refused before torch allocates it.
+MAX_COMBINED_ENTRIES = 2 ** 24
+
+
+def too_many_combinations_message(plates: Sequence[Plate], entries: int) -> str:
+    """The error for a value whose sample plates would hold more than ``MAX_COMBINED_ENTRIES`` combinations."""
+    sampled = [f"{p.name}={p.size}" for p in plates if not p.independent]
+    shown = ", ".join(sampled[:8]) + (f", ... ({len(sampled)} sample plates)" if len(sampled) > 8 else "")
+    return (f"this operation would combine the samples of plates {shown}: {entries} combinations per data point "
+            f"(above storch's limit of {MAX_COMBINED_ENTRIES}; the tensor would not fit in memory). Independent "
+            "nodes joined in one value hold every combination of their samples. Draw them as one node (one "
+            "distribution with a batch dim, e.g. Bernoulli(logits=theta) for all the gates), or call one estimator "
+            "for each of them in turn (a partition: docs/partitions.md), or use fewer samples per node (n_samples=1 "
+            "for nodes that need no baseline), or add a cost per node instead of one cost of all of them")
 
 
 def too_many_dims_message(n: int) -> str:
