@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from score_problems import PROBLEMS, Maker, estimates, exact
 from torch.distributions import Bernoulli, Categorical
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import storch
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
@@ -250,3 +252,52 @@ def test_spread_out_node_skips_the_exact_sampler(monkeypatch):
         logits = storch.denote_independent(torch.randn(20, 20) * 0.3, 0, "data")
         z = est(Bernoulli(logits=logits))
         assert z.plates[0].size == 8
+
+
+class _Largest(TorchDispatchMode):
+    """The most elements of any tensor an operation returns (what it allocates), counted, not timed."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.largest = max([self.largest] + [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+        return out
+
+
+def test_one_variable_outside_memory_masks_p_without_the_trie_walk():
+    """A node of one variable (a token of a large vocabulary): the walk over the memory's trie made
+    (m, k', P, K) tensors (50257 words, batch 64, 16 x 16: 3.3 GB, torch's out of memory). Now p is
+    masked at the memory's values, (P, K): the largest tensor stays far below m k' P K, and the
+    frequencies are p(x | x not in M) (z-test), a repeat of a memory value counting once."""
+    torch.manual_seed(3)
+    theta = torch.randn(6)
+    table = VariableTable(_node(Categorical(logits=theta), budget=2))
+    mem = torch.tensor([[4], [1], [4], [0]])  # (k', n), a repeat of 4
+    first = torch.tensor([True, True, False, True]).unsqueeze(-1)
+    with _Largest() as spy:
+        draws = sample_outside(table.lp, mem.unsqueeze(1), first, 20000)[:, 0, 0]  # (R,)
+    assert spy.largest < 20000 * 4 * 6
+    p = torch.softmax(theta, -1)
+    in_mem = torch.zeros(6, dtype=torch.bool)
+    in_mem[[4, 1, 0]] = True
+    want = torch.where(in_mem, torch.zeros(6), p) / p[~in_mem].sum()
+    assert not in_mem[draws].any()
+    assert_unbiased(F.one_hot(draws, 6).double(), want, "p(x | x not in M), one variable")
+
+
+def test_trie_walk_beyond_its_size_is_refused_before_allocating(monkeypatch):
+    """Several variables: the (m, k', P, K) walk above _WALK_MAX_ENTRIES raises a storch error that says
+    the size and what to do (lowered here; the real limit is 2^28 entries)."""
+    from storch_score import _memory
+
+    monkeypatch.setattr(_memory, "_WALK_MAX_ENTRIES", 100)
+    table = VariableTable(_node(Categorical(logits=torch.randn(2, 6)), budget=2))
+    mem = torch.tensor([[4, 0], [1, 2], [0, 0]]).unsqueeze(1)
+    with pytest.raises(storch.OptionError, match=r"10 x 3 x 1 x 6 = 180 entries.*n_samples or n_enumerate"):
+        sample_outside(table.lp, mem, torch.ones(3, 1, dtype=torch.bool), 10)
+    # a node of one variable does not walk: not refused
+    table = VariableTable(_node(Categorical(logits=torch.randn(6)), budget=2))
+    assert sample_outside(table.lp, mem[:, :, :1], torch.ones(3, 1, dtype=torch.bool), 10).shape == (10, 1, 1)

@@ -302,3 +302,46 @@ def test_one_categorical_over_a_large_vocabulary_needs_no_budget():
     exact = p * (values - (p * values).sum())
     top = torch.topk(exact.abs(), 8).indices  # the components with signal (the rest are ~0)
     assert_unbiased(g[:, top], exact[top], "unordered_set@4 over 5000 categories")
+
+
+def test_large_vocabulary_beam_keeps_no_dense_table():
+    """10 tokens of a 300-word vocabulary (one variable per step): the dense one-hot table of the chunks
+    had (n K)^2 = 9M entries (1000 words, 20 tokens: 1.6 GB, torch's out of memory) and was kept for the
+    process in float64 and in the step's dtype. Now above _ONEHOT_MAX_ENTRIES the chunks' log-probabilities
+    are gathered: no table of more than O(n K) entries is made or kept."""
+    from storch_score import _beam
+
+    _beam._DEVICE_TABLES.clear()
+    torch.manual_seed(4)
+    n, n_cat, k = 10, 300, 8
+    lp = torch.log_softmax(torch.randn(n_cat, 1, n), 0)
+    choices, phi, _, _ = _beam._search(lp, k, _beam._max_candidates(1))
+    sizes = _beam._chunk_plan(n, n_cat, k, _beam._max_candidates(1))
+    held = [t for entry in _beam._DEVICE_TABLES.values() for t in entry if torch.is_tensor(t)]
+    held += [t for t in _beam._chunk_tables(n_cat, sizes) if torch.is_tensor(t)]
+    assert held and max(t.numel() for t in held) <= 4 * n * n_cat
+    # the sample's log-probabilities are its values' (gathered, not a product with the table)
+    want = lp[choices.permute(1, 0, 2), 0, torch.arange(n)].sum(-1)  # (P, m), as phi
+    torch.testing.assert_close(phi, want)
+    assert len({tuple(c) for c in choices[:, 0].tolist()}) == k
+
+
+def test_beam_gathered_path_equals_the_table_and_the_cache_is_bounded(monkeypatch):
+    """The gathered chunk log-probabilities draw the same sample as the one-hot product (same seed);
+    with the cache's byte budget spent, a step's table is not kept (limits lowered here)."""
+    from storch_score import _beam
+
+    torch.manual_seed(5)
+    lp = torch.log_softmax(torch.randn(3, 4, 6), 0)  # K = 3, P = 4, n = 6: chunks of several variables
+    _beam._DEVICE_TABLES.clear()
+    monkeypatch.setattr(_beam, "_CACHE_BYTES", 0)
+    torch.manual_seed(6)
+    table = _beam._search(lp, 5, 32)
+    assert not _beam._DEVICE_TABLES  # its one-hot table (> 0 bytes) exceeded the budget: not kept
+    monkeypatch.setattr(_beam, "_ONEHOT_MAX_ENTRIES", 0)
+    torch.manual_seed(6)
+    gathered = _beam._search(lp, 5, 32)
+    assert torch.equal(table[0], gathered[0])
+    torch.testing.assert_close(table[1], gathered[1])
+    torch.testing.assert_close(table[2], gathered[2])
+    assert all(entry[3] is None for entry in _beam._DEVICE_TABLES.values())  # kept: index tables only

@@ -119,18 +119,26 @@ def _chunk_plan(n: int, n_cat: int, k: int, max_candidates: int) -> tuple:
     return tuple(sizes)
 
 
-@table_cache(maxsize=None)  # (tensors: lru_cache would keep one made inside a torch.func level)
+# The dense ``onehot`` of :func:`_tables_on` has (n K) x Σ_c K^m_c entries: with a large vocabulary
+# (one variable per chunk) that is (n K)^2 (20 tokens of 1000 words: 1.6 GB in float32). Above this
+# many entries it is not made: the chunks' log-probabilities are gathered instead (O(P Σ_c K^m_c m),
+# the same values), as they are where a value is impossible.
+_ONEHOT_MAX_ENTRIES = 1 << 22
+# Bytes of ``onehot`` tables kept for the process (per key: shape, device, dtype); past this budget a
+# step makes its own, which are freed with it.
+_CACHE_BYTES = 1 << 28
+
+
+@table_cache(maxsize=256)  # (tensors: lru_cache would keep one made inside a torch.func level)
 def _chunk_tables(n_cat: int, sizes: tuple) -> tuple:
     """Index tables of the chunks' joint values (chunk c: m_c variables, K^m_c joint values, listed
     row-major: the last variable varies fastest).
 
     Returns:
-        ``(offsets, values, var, onehot, columns)``: ``offsets[c]``, the first row of chunk c in
+        ``(offsets, values, var, columns)``: ``offsets[c]``, the first row of chunk c in
         the tables below; ``values`` (Σ_c K^m_c, max m): each joint value's value of each variable of
         its chunk (padded with 0); ``var`` (same shape): the variable each entry reads (padding reads
-        variable n); ``onehot`` (n K, Σ_c K^m_c): 1 where a joint value
-        sets a variable to a value, so that (P, n K) log-probabilities @ onehot are the chunks' joint
-        log-probabilities; ``columns`` (n,): where variable j is in (steps, max m) flattened.
+        variable n); ``columns`` (n,): where variable j is in (steps, max m) flattened.
     """
     n = sum(sizes)
     width = max(sizes)
@@ -145,23 +153,37 @@ def _chunk_tables(n_cat: int, sizes: tuple) -> tuple:
         columns += [c * width + j for j in range(m)]
         start += m
         row += vals.shape[0]
-    values, var = torch.cat(value_rows), torch.cat(var_rows)
-    onehot = torch.zeros(n * n_cat + n_cat, row, dtype=torch.float64)
-    onehot[var * n_cat + values, torch.arange(row).unsqueeze(1).expand_as(var)] = 1.0
-    return tuple(offsets), values, var, onehot[:n * n_cat], torch.tensor(columns)
+    return tuple(offsets), torch.cat(value_rows), torch.cat(var_rows), torch.tensor(columns)
 
 
 _DEVICE_TABLES: dict = {}
 
 
 def _tables_on(n_cat: int, sizes: tuple, device: torch.device, dtype: torch.dtype) -> tuple:
-    """:func:`_chunk_tables` on ``device`` (``onehot`` in ``dtype``), made once per device."""
+    """:func:`_chunk_tables` on ``device``, with ``onehot`` (n K, Σ_c K^m_c) in ``dtype``: 1 where a joint
+    value sets a variable to a value, so that (P, n K) log-probabilities @ onehot are the chunks' joint
+    log-probabilities; ``None`` above ``_ONEHOT_MAX_ENTRIES`` entries. Made once per device while the
+    kept tables stay within ``_CACHE_BYTES``.
+
+    Returns:
+        ``(offsets, values, var, onehot, columns)``.
+    """
     key = (n_cat, sizes, device, dtype)
     out = _DEVICE_TABLES.get(key)
     if out is None:
-        offsets, values, var, onehot, columns = _chunk_tables(n_cat, sizes)
-        out = (offsets, values.to(device), var.to(device), onehot.to(device, dtype), columns.to(device))
-        if torch._C._functorch.maybe_current_level() is None and len(_DEVICE_TABLES) < 256:  # (see table_cache)
+        offsets, values, var, columns = _chunk_tables(n_cat, sizes)
+        values, var, columns = values.to(device), var.to(device), columns.to(device)
+        n, rows = sum(sizes), values.shape[0]
+        onehot = None
+        if n * n_cat * rows <= _ONEHOT_MAX_ENTRIES:  # (variable n, the padding, reads row n K: dropped)
+            onehot = torch.zeros(n * n_cat + n_cat, rows, dtype=dtype, device=device)
+            onehot[var * n_cat + values, torch.arange(rows, device=device).unsqueeze(1).expand_as(var)] = 1.0
+            onehot = onehot[:n * n_cat]
+        out = (offsets, values, var, onehot, columns)
+        held = sum(t[3].untyped_storage().nbytes() for t in _DEVICE_TABLES.values() if t[3] is not None)
+        size = 0 if onehot is None else onehot.untyped_storage().nbytes()
+        if (torch._C._functorch.maybe_current_level() is None and len(_DEVICE_TABLES) < 256
+                and held + size <= _CACHE_BYTES):  # (see table_cache)
             _DEVICE_TABLES[key] = out
     return out
 
@@ -384,7 +406,7 @@ def _search(lp: torch.Tensor, k: int, max_candidates: int) -> tuple[torch.Tensor
     offsets, values, var, onehot, columns = _tables_on(n_cat, sizes, dev, lp.dtype)
     lpt = lp.permute(1, 2, 0)  # (P, n, K)
     all_finite = lp.is_meta or _traced_finite(lp) or bool(torch.isfinite(lp).all())
-    if all_finite:  # every chunk's joint log-probabilities at once: (P, Σ_c K^m_c)
+    if all_finite and onehot is not None:  # every chunk's joint log-probabilities at once: (P, Σ_c K^m_c)
         chunk_lp = lpt.reshape(p, n * n_cat) @ onehot
     else:  # -inf entries (impossible values): a sum, not a product with 0 (variable n has log p 0)
         padded_lpt = torch.cat([lpt, lpt.new_zeros(p, 1, n_cat)], 1)

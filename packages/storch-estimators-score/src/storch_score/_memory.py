@@ -206,6 +206,15 @@ def sample_outside(lp: torch.Tensor, codes: torch.Tensor, first: torch.Tensor, m
     k = codes.shape[0]
     if k == 1:
         return _rejection_one(lp, codes[0], m)
+    if n == 1:
+        return _outside_one_variable(lp, codes, first, m)
+    if m * k * p * n_cat > _WALK_MAX_ENTRIES:  # the walk below makes (m, k', P, K) tensors
+        raise OptionError(
+            f"sum_and_sample: drawing {m} samples outside a memory of {k} values of {n} variables with "
+            f"{n_cat} values each over {p} parent entries takes tensors of {m} x {k} x {p} x {n_cat} = "
+            f"{m * k * p * n_cat:,} entries (more than {_WALK_MAX_ENTRIES:,}). Use fewer n_samples or "
+            f"n_enumerate, one node per variable (a node of one variable needs no such tensor), a smaller "
+            f"support, or an estimator that does not enumerate (e.g. score)")
     with torch.no_grad():
         lm = _memory_lp(lp, codes)  # (k', P, n)
         # suffix[a, :, j] = log p(a_j, ..., a_{n-1}); suffix[..., n] = 0
@@ -244,6 +253,28 @@ def sample_outside(lp: torch.Tensor, codes: torch.Tensor, first: torch.Tensor, m
             out[:, :, j] = v
             match &= codes[:, :, j].unsqueeze(0) == v.unsqueeze(1)
     return out
+
+
+# Entries of the (m, k', P, K) tensors of :func:`sample_outside`'s walk over the memory's trie, above
+# which it is refused before allocating (50257 values, batch 64, 16 x 16: 3.3 G entries).
+_WALK_MAX_ENTRIES = 1 << 28
+
+
+def _outside_one_variable(lp: torch.Tensor, codes: torch.Tensor, first: torch.Tensor, m: int) -> torch.Tensor:
+    """:func:`sample_outside` for one variable (n = 1): p with the memory's values masked out, in (P, K)
+    (the trie walk would make (m, k', P, K) tensors). Where nothing is left, draws from p (weight 0)."""
+    n_cat, p, _ = lp.shape
+    with torch.no_grad():
+        logits = lp[:, :, 0].t()  # (P, K)
+        # counts of the memory entries that count at each value (a repeat of one that counts adds 0)
+        hits = torch.zeros(p, n_cat, dtype=logits.dtype, device=lp.device)
+        hits.scatter_add_(1, codes[:, :, 0].t(), first.t().to(logits.dtype))
+        rest = logits.masked_fill(hits > 0, -math.inf)
+        dead = torch.isinf(rest).all(-1, keepdim=True)
+        rest = torch.where(dead, logits, rest)
+        # m draws with replacement from (P, K) probabilities (Gumbel-max would make (m, P, K) noise)
+        probs = torch.softmax(rest.float(), -1)  # (multinomial: no half on every device)
+        return torch.multinomial(probs, m, replacement=True).t().unsqueeze(-1)  # (m, P, 1)
 
 
 def _rejection_one(lp: torch.Tensor, a: torch.Tensor, m: int) -> torch.Tensor:
