@@ -531,10 +531,8 @@ class Estimator(torch.nn.Module):
         l = _checked_lead(self, "gradient_function", self.gradient_function(view), view.plates, t)
         view.gradient_values = l
         out = self.output(view)
-        if out.shape[:2] != grid.shape[:2]:
-            raise StorchError(
-                f"estimator {name!r} (plate {self.plate!r}): at step {t} of its partition, output returned shape "
-                f"{tuple(out.shape)}, which does not lead with the sample's dims {tuple(grid.shape[:2])}")
+        if out.shape[:2] != grid.shape[:2]:  # (the step's plate and the prefix plate: the diagonal's two dims)
+            raise StorchError(_output_shape_message(self, out, grid, 2, f"output (at step {t} of its partition)"))
         i = torch.arange(n, device=grid.device)
         sample, out = grid[i, i], out[i, i]  # entry i of prefix i's draws
         lp = l.expand((m, n) + l.shape[2:])[i, i]
