@@ -10,7 +10,21 @@ from torch.distributions import Categorical, OneHotCategorical
 
 from storch import Node, UnsupportedDistributionError
 
-__all__ = ["enumerate_joint", "enumerate_values", "masked_logsumexp", "support_log_probs"]
+__all__ = ["enumerate_joint", "enumerate_values", "masked_logsumexp", "support_log_probs", "to_work"]
+
+REDUCED = (torch.float16, torch.bfloat16)
+
+
+def to_work(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is float16 / bfloat16, else ``x`` itself (no cast, no autograd node).
+
+    The set estimators sum and log-sum-exp log-probabilities, and their backward passes sum gradients
+    over the plate (a weight p(x ∉ M) / m broadcast to m samples gets Σ_j f(x_j) ≈ m · f, 256 x 400 >
+    65504): in float16 those overflow to inf, and LogsumexpBackward turned inf into NaN (inf x 0 at the
+    masked entries). The components compute in float32 and cast their outputs back to the model's dtype,
+    so the backward sums run in float32 (as ``storch.extending.leave_one_out`` sums costs).
+    """
+    return x.float() if x.dtype in REDUCED else x
 
 
 def enumerate_joint(node: Node, budget: int, who: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +108,10 @@ def masked_logsumexp(x: torch.Tensor, mask: torch.Tensor, dim: int = 0) -> tuple
 
     Returns:
         ``(lse, empty)``: ``lse`` is -inf where every entry is masked (``empty``), with zero gradient there.
+        ``lse`` is float32 for a float16 / bfloat16 ``x`` (:func:`to_work`; the caller casts back): a
+        log-sum-exp and its gradient in float16 overflowed (a NaN gradient).
     """
+    x = to_work(x)
     empty = mask.all(dim)
     masked = x.masked_fill(mask, -math.inf)
     # a row with every entry masked would give NaN gradients in logsumexp: use a dummy row there

@@ -22,7 +22,7 @@ from storch.extending import assume, is_tracing, leave_one_out, options
 from ._memory import (VariableTable, _memory_lp, check_in_support, codes_of, first_occurrences, sample_outside,
                       top_k_codes)
 from ._sum_and_sample_options import NAME, check_baseline, check_n_enumerate
-from ._support import enumerate_joint, masked_logsumexp
+from ._support import enumerate_joint, masked_logsumexp, to_work
 from .sum_and_sample_sequences import SumAndSampleSequences
 
 __all__ = ["SumAndSample", "MemoryState"]
@@ -41,7 +41,9 @@ class MemoryState:
         idx: joint-support indices of the plate's values, ``(k' + m, *parents)`` (enumerated).
         mask: the memory as a mask over the joint support, bool ``(M, *parents)`` (enumerated).
         beam: the support was too large to enumerate: M came from beam search.
-        lp: log p of the plate's values, ``(k' + m, *parents)``, with gradient (``beam``).
+        lp: log p of the plate's values, ``(k' + m, *parents)``, with gradient (``beam``); float32 for a
+            float16 / bfloat16 model, as ``log_rest`` and ``rest`` (the components compute in float32,
+            ``_support.to_work``, and cast their outputs back).
         table, codes: the per-variable log-probabilities (with gradient) and the plate's values as
             per-variable indices ``(k' + m, P, n)`` (``beam``).
         log_rest: log p(x ∉ M) per parent entry, with gradient.
@@ -329,7 +331,7 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
         c = node.state
         if c.log_rest is None and c.beam:
             # log p(x) of every drawn value and log p(x ∉ M) = log(1 - Σ_{a ∈ M} p(a)), WITH gradient
-            c.lp = lp = c.table.log_prob(c.codes)  # (k' + m, *parents)
+            c.lp = lp = to_work(c.table.log_prob(c.codes))  # (k' + m, *parents); float32 for float16 (to_work)
             if c.sure:  # log(1 - p(a)), p(a) < 1 in every entry (no guard; log(-expm1): see below)
                 c.rest = -torch.expm1(lp[0])
                 c.log_rest = torch.log(c.rest)
@@ -349,11 +351,14 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
             c.log_rest = torch.where(empty, torch.full_like(lse, -math.inf), torch.log(-torch.expm1(safe)))
         if c.beam:
             return c.lp, c.log_rest, c.empty
+        # float32 for a float16 / bfloat16 model (to_work): the gather's backward adds the samples' gradients
+        # of a repeated value, and log_rest's the whole plate's
+        logp = to_work(c.logp)
         if c.log_rest is None:
             # log p(x ∉ M), WITH gradient: stable in log space even when M holds almost all the mass
             # (values of probability 0 count as in M: a remainder of only those is empty, no NaN gradient)
-            c.log_rest, c.empty = masked_logsumexp(c.logp, c.mask | torch.isneginf(c.logp.detach()), 0)
-        return c.logp.gather(0, c.idx), c.log_rest, c.empty
+            c.log_rest, c.empty = masked_logsumexp(logp, c.mask | torch.isneginf(c.logp.detach()), 0)
+        return logp.gather(0, c.idx), c.log_rest, c.empty
 
     def weighting_function(self, node: Node) -> torch.Tensor:
         lp, log_rest, _ = self._parts(node)
@@ -362,22 +367,24 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
         # memory value counts once (sure: one memory value)
         w_mem = lp[:k].exp() if node.state.sure else lp[:k].exp() * node.state.first
         if not m:
-            return w_mem
+            return _model_dtype(w_mem, node)
         # w = p(x ∉ M) / m on the samples, gradient-carrying (appendix D.2.3)
         w_smp = ((node.state.rest if node.state.sure else log_rest.exp()) / m).unsqueeze(0).expand((m,) + log_rest.shape)
-        return torch.cat([w_mem, w_smp], 0)
+        # cast back after the broadcast: its backward sums the m samples' gradients, ~f each (256 costs of
+        # ~400: 1e5, inf in float16, and a NaN gradient through the log-sum-exp), in float32
+        return _model_dtype(torch.cat([w_mem, w_smp], 0), node)
 
     def gradient_function(self, node: Node) -> torch.Tensor:
         lp, log_rest, empty = self._parts(node)
         k, m = node.state.k, node.state.m
         l_mem = torch.zeros_like(lp[:k])
         if not m:
-            return l_mem
+            return _model_dtype(l_mem, node)
         if node.state.sure:  # the remainder is not empty in any entry
-            return torch.cat([l_mem, lp[k:] - log_rest], 0)
+            return _model_dtype(torch.cat([l_mem, lp[k:] - log_rest], 0), node)
         # l = log p(x | x ∉ M): the score of the renormalised remainder (0 where M is everything)
         l_smp = torch.where(empty, torch.zeros_like(lp[k:]), lp[k:] - torch.where(empty, torch.zeros_like(log_rest), log_rest))
-        return torch.cat([l_mem, l_smp], 0)
+        return _model_dtype(torch.cat([l_mem, l_smp], 0), node)
 
     def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         if not self.leave_one_out or not node.state.m:
@@ -412,6 +419,14 @@ def _memory_indices(memory, node: Node, values: torch.Tensor) -> torch.Tensor:
     check_in_support(eq.any(-1).all(), NAME)
     idx = eq.to(torch.uint8).argmax(-1)
     return idx.expand((idx.shape[0],) + parents).contiguous()
+
+
+def _model_dtype(t: torch.Tensor, node: Node) -> torch.Tensor:
+    """A component computed in float32 for a float16 / bfloat16 model (``_parts``), in the model's dtype;
+    ``t`` itself when it is in that dtype already (float32 and float64 models: no cast)."""
+    c = node.state
+    dtype = c.table.lp.dtype if c.beam else c.logp.dtype
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _traced_message(what: str) -> str:

@@ -13,7 +13,7 @@ from storch import CostFrame, Estimator, Node, OptionError, StorchError
 from storch.extending import align, is_tracing, options, table_cache
 
 from ._beam import _gumbel_like, beam_step, order_gumbels, sample_without_replacement, top_possible
-from ._support import enumerate_joint, enumerate_values, masked_logsumexp
+from ._support import enumerate_joint, enumerate_values, masked_logsumexp, to_work
 
 __all__ = ["UnorderedSet", "SetState"]
 
@@ -24,7 +24,8 @@ class SetState:
 
     Attributes:
         lp: log p(s) of the k drawn values, shape ``(k, *parents)``, with gradient.
-        log_rest: log(1 - p(S)) per parent entry (detached).
+        log_rest: log(1 - p(S)) per parent entry (detached; float32 for a float16 / bfloat16 model, as the
+            set probabilities are computed).
         h: the set probabilities (lp, h(∅), h({s}), h({s, s'})), computed once by the first
             component that needs them (weights or baseline).
         g: the perturbed log-probabilities (Gumbel values) of the kept values or prefixes (stochastic
@@ -154,7 +155,8 @@ class UnorderedSet(Estimator):
         with torch.no_grad():  # log(1 - p(S)), accurate in absolute terms (a log-weight): p(S) = Σ_s p(s)
             # without logsumexp's shift (each p(s) <= 1: nothing overflows, and where every p(s)
             # underflows, 1 - p(S) is 1), log1p as log(-expm1(log p(S))) (a third of logsumexp's time)
-            log_rest = torch.log1p(lp.detach().exp().sum(0).clamp_max(1.0).neg())
+            # (float32 for a float16 model, as masked_logsumexp's: 1 - p(S) near 0 kept 3 digits; to_work)
+            log_rest = torch.log1p(to_work(lp.detach()).exp().sum(0).clamp_max(1.0).neg())
             if g is not None:
                 # a padded entry (weight-0 repeats of log p -inf) holds every possible value: p(D∖S) is 0
                 # exactly, where the sum above can leave a rounding remainder (Σ p(s) = 1 - 1e-16: log 1e-16,
