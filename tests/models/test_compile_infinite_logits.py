@@ -39,8 +39,9 @@ _RELAXED = ["gumbel_softmax", "gumbel_straight_through", "rebar", "relax"]
 CASES = ([(n, "Bernoulli") for n in _ALL + _RELAXED + ["arm", "disarm"]]
          + [(n, "Categorical") for n in _ALL]
          + [(n, "OneHotCategorical") for n in _ALL + _RELAXED])
-# these hold the eager result under storch.compile (no refusal)
-EXACT = {"expect", "importance", "sum_and_sample"}
+# these hold the eager result under storch.compile (no refusal). go reads a Bernoulli's log p through
+# strict_support, whose traced copy is exact at ±inf: it refused such logits when that copy was not made
+EXACT = {"expect", "go", "importance", "sum_and_sample"}
 
 
 def _estimator(name: str, family: str):
@@ -171,3 +172,105 @@ def test_strict_support_while_traced_is_value_independent():
         finite = type(d)(**({} if top == 1.0 else {"total_count": 2}), logits=logits.detach()[:1])
         assert strict_support(finite, traced=True) is not finite  # traced: whatever the values
         assert strict_support(finite) is finite  # eagerly: d itself when nothing changes
+
+
+def _go_pinned_step(est):
+    def step(theta, pin):
+        with storch.Graph():
+            z = est(Bernoulli(logits=theta + pin))
+            storch.add_cost(((z - _TARGET4) ** 2).sum(-1), "c")
+            return storch.surrogate_loss()
+    return step
+
+
+_TARGET4 = torch.tensor([0.2, 0.7, 0.1, 0.6], dtype=torch.float64)
+_PIN4 = torch.tensor([0.0, -INF, INF, 0.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_go_pinned_bits_compiled_equal_eager(backend):
+    # go refused an infinite Bernoulli logit under storch.compile (torch's NaN log p, before strict_support's
+    # traced copy); now every call, traced with finite or with infinite logits, is the eager one
+    theta = torch.nn.Parameter(torch.tensor([0.3, -0.2, 0.5, -0.4], dtype=torch.float64))
+    step = _go_pinned_step(storch.estimator("go", plate="z", n_samples=3))
+    for first in (torch.zeros_like(_PIN4), _PIN4):
+        compiled = storch.compile(step, backend=backend)
+        _run(compiled, theta, first, 0)
+        for seed in range(1, 4):
+            got, want = _run(compiled, theta, _PIN4, seed), _run(step, theta, _PIN4, seed)
+            assert torch.isfinite(got[1]).all() and got[1][1:3].tolist() == [0.0, 0.0]
+            torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-12)
+
+
+def test_go_pinned_bits_compiled_gradient_is_unbiased():
+    # z-test of the replayed gradient against exact enumeration of the two free bits (the pinned ones
+    # are constants: their derivatives are exactly 0)
+    from storch.testing import assert_unbiased
+
+    theta = torch.nn.Parameter(torch.tensor([0.3, -0.2, 0.5, -0.4], dtype=torch.float64))
+    compiled = storch.compile(_go_pinned_step(storch.estimator("go", plate="z", n_samples=2)), backend=None)
+    torch.manual_seed(0)
+    grads = torch.stack([torch.autograd.grad(compiled(theta, _PIN4), theta)[0] for _ in range(800)])
+    exact = 0.0
+    p0, p3 = torch.sigmoid(theta[0]), torch.sigmoid(theta[3])
+    for b0 in (0.0, 1.0):
+        for b3 in (0.0, 1.0):
+            z = torch.tensor([b0, 0.0, 1.0, b3], dtype=torch.float64)
+            exact = exact + (p0 if b0 else 1 - p0) * (p3 if b3 else 1 - p3) * ((z - _TARGET4) ** 2).sum()
+    exact_grad, = torch.autograd.grad(exact, theta)
+    assert_unbiased(grads, exact_grad, "replayed go gradient with pinned bits")
+
+
+def test_spsa_holds_infinite_bits_on_the_traced_path():
+    # spsa's traced path refused a bit's infinite logit for a reason that no longer held (torch's NaN log p:
+    # strict_support's traced copy is exact there); it now holds such a logit fixed as eagerly (the traced
+    # path run eagerly, CompiledStep.eager, gives the eager result), and a compiled spsa step is refused for
+    # the true reason: its coupled draws cannot be replayed
+    theta = torch.tensor([[0.3, -0.2, 0.5]] * 2, dtype=torch.float64, requires_grad=True)
+    step = _step(storch.estimator("spsa", plate="z", n_samples=4), "Bernoulli")
+    compiled = storch.compile(step, backend=None)
+    for seed in range(3):
+        _check(_run(compiled.eager, theta, PINS["Bernoulli"], seed), _run(step, theta, PINS["Bernoulli"], seed),
+               f"spsa's traced path, seed {seed}")
+    with pytest.raises(storch.StorchError, match="cannot replay") as refused:
+        compiled(theta, PINS["Bernoulli"])
+    assert "infinite logit" not in str(refused.value)
+
+
+@pytest.mark.parametrize("family", ["Bernoulli", "Categorical", "OneHotCategorical"])
+def test_unordered_set_refusal_names_the_infinite_logit(family):
+    theta = torch.tensor([[0.3, -0.2, 0.5]] * 2, dtype=torch.float64, requires_grad=True)
+    compiled = storch.compile(_step(storch.estimator("unordered_set", plate="z"), family), backend=None)
+    compiled(theta, torch.zeros_like(PINS[family]))
+    with pytest.raises(RuntimeError, match="an infinite logit") as refused:
+        compiled(theta, PINS[family])
+    assert "Run this step eagerly" in str(refused.value)
+
+
+# score-function estimators read torch's log p, NaN at a bit's infinite logit: eagerly storch.backward()
+# raises NonFiniteCostError; the compiled step's .backward() (its replacement: storch.backward() cannot run
+# in a compiled step) backpropagated NaN silently when no estimator of the step had an update
+_NAN_LOG_P = ["score", "arm", "disarm", "mvd", "rebar", "relax"]
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+@pytest.mark.parametrize("name", _NAN_LOG_P)
+def test_compiled_backward_of_a_nan_loss_raises_as_storch_backward(name, backend):
+    if name not in storch.available_estimators():  # mvd: not installed in the models environment
+        pytest.skip(f"{name} is not installed")
+    theta = torch.tensor([[0.3, -0.2, 0.5]] * 2, dtype=torch.float64, requires_grad=True)
+    est = storch.estimator(name, plate="z", **({"update": False} if name in ("rebar", "relax") else {}))
+    assert not est.has_update
+    with pytest.raises(storch.NonFiniteCostError, match="Infinite logits"), storch.Graph():  # eagerly
+        z = est(Bernoulli(logits=storch.denote_independent(theta + PINS["Bernoulli"], 0, "data")))
+        storch.add_cost(((z - _TARGET) ** 2).sum(-1), name="c")
+        storch.backward()
+    compiled = storch.compile(_step(est, "Bernoulli"), backend=backend)
+    compiled(theta, torch.zeros_like(PINS["Bernoulli"])).backward()  # finite: no error
+    theta.grad = None
+    with pytest.raises(storch.NonFiniteCostError, match="infinite logit"):
+        compiled(theta, PINS["Bernoulli"]).backward()
+    # an evaluation pass (torch.autograd.grad) is not checked, as eagerly: its NaN is the caller's to see
+    value, grad = _run(compiled, theta, PINS["Bernoulli"], 0)
+    assert not torch.isfinite(value)

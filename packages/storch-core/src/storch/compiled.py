@@ -95,7 +95,9 @@ An estimator whose update can be replayed (``Estimator.replays_update``; ``score
 ``baseline="moving_average"``) keeps the eager semantics: the baseline of a step is the average
 of earlier steps only, and the update runs when the returned loss is backpropagated with
 ``.backward()`` (``torch.autograd.grad``, a ``no_grad`` call and a second ``retain_graph``
-backward update nothing; a non-finite loss raises ``storch.NonFiniteCostError`` there). While
+backward update nothing; a non-finite loss raises ``storch.NonFiniteCostError`` there; so does a step
+without updates, whose every output that requires grad gets a probe of its own that only checks, as
+``storch.backward()`` would: see :func:`_finite_on_backward`). While
 the step is traced, ``surrogate_loss`` adds a zero "probe" input of the program to the loss (two
 entries: the second in the graph of the loss's gradient, so that the ``.backward()`` of a second-order
 objective built from ``autograd.grad(loss, θ, create_graph=True)`` updates too, as eagerly) and
@@ -204,6 +206,8 @@ class CompiledStep:
             outs = _run(entry[1], args, key[0])
             if entry[4] is not None:
                 outs = _refuse_twice(outs, entry[4])
+            if key[0]:
+                outs = _finite_on_backward(outs, self.fn)
             return outs[0] if entry[3] else pytree.tree_unflatten(list(outs), entry[2])
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key, tensors = _signature(leaves, spec, self._python_state(leaves))
@@ -216,6 +220,8 @@ class CompiledStep:
         outs = _run(entry[1], tensors, key[1])
         if entry[4] is not None:
             outs = _refuse_twice(outs, entry[4])
+        if key[1]:
+            outs = _finite_on_backward(outs, self.fn)
         return pytree.tree_unflatten(list(outs), entry[2])
 
     def _entry(self, args, kwargs):
@@ -291,6 +297,8 @@ class CompiledStep:
                 values, loss = values[:-1], values[-1]
                 computed = _loss_graph_values(values, loss, trace.updates)
             _update_on_backward(probe, outs[n], values, trace.updates, self.fn, computed)
+        elif grad:
+            outs = _finite_on_backward(outs[:n], self.fn)
         return outs[0] if trace.single else pytree.tree_unflatten(list(outs[:n]), trace.spec)
 
     def graph_module(self, *args: Any, **kwargs: Any) -> torch.fx.GraphModule:
@@ -892,6 +900,44 @@ def _update_on_backward(probe: torch.Tensor, loss: torch.Tensor, values: tuple, 
             est.update_from(pytree.tree_unflatten(leaves, spec))
 
     update_on_backward(probe, check, lambda todo: run(), set())  # a call is a step, with one surrogate (a second is refused)
+
+
+def _finite_on_backward(outs, fn) -> list:
+    """``outs`` of a replayed call whose step updates no estimator (no update probe), each that requires grad
+    given a zero probe of its own (``o + o · probe``: ``o``'s value and derivatives at every order) whose
+    gradient accumulation checks that ``o`` is finite before the pass goes on. ``.backward()`` on the
+    compiled step's loss is what replaces ``storch.backward()`` there (refused in a traced step), and
+    storch.backward() raises ``NonFiniteCostError`` on a non-finite loss: without this check a NaN loss
+    (a Bernoulli's infinite logit under score, arm, disarm, mvd, rebar or relax, whose torch log p is NaN
+    there) gave NaN gradients silently. ``torch.autograd.grad`` never accumulates into the probe: an
+    evaluation pass is not checked, as eagerly."""
+    done: dict = {}  # one probe per tensor: a step returning (loss, loss) keeps the identity
+    out = []
+    for o in outs:
+        if not (isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point()):
+            out.append(o)
+            continue
+        if id(o) not in done:
+            probe = torch.zeros((), dtype=o.dtype, device=o.device, requires_grad=True)
+            update_on_backward(probe, _finite_check(o, fn), lambda todo: None, set())
+            done[id(o)] = torch.addcmul(o, o, probe)
+        out.append(done[id(o)])
+    return out
+
+
+def _finite_check(o: torch.Tensor, fn) -> Callable[[], None]:
+    def check():
+        if not o.is_meta and not bool(torch.isfinite(o.detach()).all()):
+            raise NonFiniteCostError(
+                f"a result of the compiled step {_name(fn)} that .backward() reached is not finite (NaN or inf), so "
+                "its gradient would be too, as storch.backward() refuses eagerly: the backward pass stopped; "
+                "gradients it accumulated before may hold NaN (zero them). A common cause: a Bernoulli or Binomial "
+                "with an infinite logit (a masked or pinned bit) under an estimator that reads torch's log_prob "
+                "(score, arm, disarm, mvd, rebar, relax), which is NaN for the value such a bit always takes: use a "
+                "large finite logit (±30), or an estimator that handles infinite logits (expect, sum_and_sample, "
+                "go; eagerly also unordered_set and spsa). Run the step eagerly with storch.backward() to see which "
+                "cost is not finite, or catch storch.NonFiniteCostError to skip the batch")
+    return check
 
 
 def _backward_message(fn, component: Optional[str] = None) -> str:

@@ -458,14 +458,11 @@ def _held_coordinates(d: Distribution, name: str, theta: torch.Tensor, u: torch.
         if is_tracing():  # storch.compile: no branch on values; the mask always (all False: no change)
             if edge is not None:
                 assume(~edge.any(), message)
-            if bits:
-                # traced, strict_support does not branch on values: torch's log p, NaN at an infinite logit
-                assume(~bad.any(), "spsa under storch.compile: a Bernoulli or Binomial with an infinite logit "
-                       "(torch's log_prob is NaN on the value it always draws); run this step eagerly (not "
-                       "compiled), where spsa holds such a logit fixed")
-                return None
             if u.shape == theta.shape:
-                assume((~bad | ((u == -math.inf) & (theta == -math.inf))).all(), message)
+                # as eagerly: an infinite logit of a bit (either sign; strict_support's traced copy gives its
+                # exact log p in the weights) or a masked -inf one is held fixed, by a mask
+                held = (u == theta) if bits else (u == -math.inf) & (theta == -math.inf)
+                assume((~bad | held).all(), message)
                 return bad
             assume(~bad.any(), message)
             return None

@@ -10,7 +10,7 @@ import torch
 from torch.distributions import Bernoulli, Categorical, OneHotCategorical, Poisson
 
 from storch import CostFrame, Estimator, Node, magic_box
-from storch.extending import assume, base_distribution, given_by_probs, is_tracing, strict_support
+from storch.extending import base_distribution, given_by_probs, strict_support
 
 from ._blocks import blocks_weights, pad_blocks
 from ._network import flat
@@ -140,13 +140,10 @@ class Go(Estimator):
 
     def gradient_function(self, node: Node) -> torch.Tensor:
         d = node.distribution
-        if is_tracing() and isinstance(base_distribution(d), Bernoulli) and not given_by_probs(base_distribution(d)):
-            # strict_support does not branch on values while traced: torch's log p is NaN at an infinite logit
-            assume(torch.isfinite(base_distribution(d).logits).all(),
-                   "go under storch.compile: a Bernoulli with an infinite logit (torch's log_prob is NaN on the "
-                   "value it always draws); run this step eagerly (not compiled), where go supports it")
         # infinite Bernoulli logits (a masked bit): log p(x) exactly 0 on the value they always draw, where
-        # torch's is NaN; elsewhere torch's values and derivatives
+        # torch's is NaN; elsewhere torch's values and derivatives. While storch.compile traces, strict_support
+        # gives this copy whatever the values (its log_prob is a torch.where on the logits), so a compiled
+        # step gives the eager result
         node.state.l = node.log_prob(node.state.x, strict_support(d))
         return pad_blocks(node.state.l, 1 + node.state.m)
 
