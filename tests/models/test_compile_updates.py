@@ -331,6 +331,44 @@ def test_partition_per_step_averages():
     assert_same_runs(run(True), want)
 
 
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+@pytest.mark.parametrize("partition", [False, True], ids=["one_node", "partition"])
+def test_two_costs_of_one_name_at_one_step_compile_as_eagerly(backend, partition):
+    # two costs of one name with the same plates at one step share their moving average (warned; see
+    # docs/estimators/score.md): the program reads that one state tensor twice. make_fx records a get_attr
+    # node per read, and lifting the state to an input deleted the constant at the first, so the second
+    # read a missing attribute (AttributeError '_tensor_constant0' at the first compiled call; in a
+    # partition at the second). Compiled and eager runs agree in float64: losses, gradients, averages
+    def run(compile_it):
+        torch.manual_seed(0)
+        theta = torch.nn.Parameter(torch.randn(3, 3, dtype=torch.float64))
+        est = storch.estimator("score", plate="ep", n_samples=4, baseline="moving_average")
+
+        def step():
+            with storch.Graph():
+                for t in range(3 if partition else 1):
+                    a = est(torch.distributions.Categorical(logits=theta[t]))
+                    storch.add_cost((a == 2).double() + t, name="r")
+                storch.add_cost((a == 1).double() * 3.0, name="r")  # the same name and plates as the last one
+                return storch.surrogate_loss()
+
+        fn = storch.compile(step, backend=backend) if compile_it else step
+        out = []
+        with pytest.warns(UserWarning, match="two costs named 'r'"):  # eagerly at each step, compiled at its traces
+            for seed in range(5):
+                torch.manual_seed(seed)
+                theta.grad = None
+                loss = fn()
+                loss.backward()
+                out.append((loss.detach(), theta.grad.clone(), _averages(est)))
+        return out
+
+    want = run(False)
+    assert set(want[-1][2]) == ({"r", "r@1", "r@2"} if partition else {"r"})
+    assert all(v.dtype == torch.float64 for v in want[-1][2].values())
+    torch.testing.assert_close(run(True), want, rtol=0, atol=1e-12)
+
+
 class _RunningMean(storch.Estimator):
     """Score function with the running mean of all earlier steps' mean costs as baseline (a test
     estimator: what a third-party estimator writes to let storch.compile replay its update).

@@ -765,6 +765,7 @@ def _lift_state(gm: torch.fx.GraphModule, state: list) -> None:
                 anchor = graph.placeholder(f"state_{i}")
         anchor.meta["val"] = t
         inputs.append(anchor)
+    lifted = set()
     for node in list(graph.nodes):
         if node.op == "get_attr":
             value = getattr(gm, node.target, None)
@@ -772,7 +773,12 @@ def _lift_state(gm: torch.fx.GraphModule, state: list) -> None:
             if i is not None:
                 node.replace_all_uses_with(inputs[i])
                 graph.erase_node(node)
-                delattr(gm, node.target)
+                lifted.add(node.target)
+    # removed after the walk: make_fx records one get_attr node per read of a constant, so a state tensor
+    # read twice (two costs of one name share a moving average) has two nodes of one target, and deleting
+    # the attribute at the first left the second reading a constant the module no longer had
+    for target in lifted:
+        delattr(gm, target)
     gm.recompile()
 
 
