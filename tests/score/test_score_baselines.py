@@ -590,16 +590,18 @@ def test_a_subclass_s_own_baseline_applies_with_the_default_baseline_option():
 
 def test_a_subclass_s_own_baseline_is_called_per_cost_in_a_partition_whatever_the_option():
     """Leave-one-out's control variate stacks the costs of a partition's steps along an extra plate and is called
-    once; a subclass's own baseline (here a constant per cost name) was called on that stacked frame too, with
-    another cost's name: a silently different gradient (found by review). It is called per cost, as without
-    stacking (the same class told not to stack gives the reference)."""
+    once; a subclass's own baseline (here a constant per cost name, added to the option's baseline) was called on
+    that stacked frame too, with another cost's name: a silently different gradient (found by review). It is
+    called per cost, as without stacking (the same class told not to stack gives the reference)."""
     import storch_score
 
     class StepBaseline(storch_score.Score):
         name = "test_score_step_baseline"
 
         def baseline(self, node, cost):
-            return torch.tensor(0.3 if cost.name.endswith("0") else 0.9, dtype=cost.tensor.dtype)
+            c = torch.tensor(0.3 if cost.name.endswith("0") else 0.9, dtype=cost.tensor.dtype)
+            b = super().baseline(node, cost)  # the option's baseline (None for "none", a first moving average)
+            return c if b is None else b + c
 
     class Unstacked(StepBaseline):
         name = "test_score_step_baseline_unstacked"
@@ -621,6 +623,50 @@ def test_a_subclass_s_own_baseline_is_called_per_cost_in_a_partition_whatever_th
     for option in ("leave_one_out", "moving_average", "none"):
         torch.testing.assert_close(gradient(StepBaseline(plate="z", n_samples=3, baseline=option)),
                                    gradient(Unstacked(plate="z", n_samples=3, baseline=option)))
+
+
+def test_a_subclass_s_own_baseline_that_ignores_the_baseline_option_is_refused_at_construction():
+    """A Score subclass that defines its own baseline() and is created with baseline="leave_one_out" (or another
+    option whose only effect is Score.baseline's value) silently used its own baseline and dropped the option
+    (found by a reviewer). It is refused when created, with what to do; a baseline() that combines the option's
+    (super().baseline(node, cost)) and the default baseline="none" are accepted, and so is "greedy", whose
+    evaluation-only entry a subclass's baseline may read (the self-critical baseline's cost)."""
+    import storch_score
+
+    class Own(storch_score.Score):
+        name = "test_score_own_ignoring"
+
+        def baseline(self, node, cost):
+            return torch.tensor(0.5, dtype=cost.tensor.dtype)
+
+    class Combined(storch_score.Score):
+        name = "test_score_own_combining"
+
+        def baseline(self, node, cost):
+            b = super().baseline(node, cost)
+            return None if b is None else 0.5 * b
+
+    for option in ("leave_one_out", "batch_average", "moving_average", "learned", lambda node, cost: None):
+        with pytest.raises(storch.OptionError, match=r"Own \('test_score_own_ignoring'\) defines its own "
+                                                     r"baseline\(node, cost\).*would be ignored.*baseline='none'.*"
+                                                     r"super\(\)\.baseline\(node, cost\)"):
+            Own(plate="z", n_samples=3, baseline=option)
+        assert Combined(plate="z", n_samples=3, baseline=option).baseline_kind != "none"
+    assert Own(plate="z", n_samples=3).baseline_kind == "none"
+    assert Own(plate="z", n_samples=3, baseline="greedy").baseline_kind == "greedy"
+
+    # the combined baseline is half the leave-one-out baseline: the gradient by hand
+    theta = torch.tensor([0.3, -0.2], dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(3)
+    with storch.Graph():
+        z = Combined(plate="z", n_samples=4, baseline="leave_one_out")(Bernoulli(logits=theta))
+        storch.add_cost(((z - 0.2) ** 2).sum(), name="f")
+        (got,) = torch.autograd.grad(storch.surrogate_loss(), theta)
+        x = z.tensor.detach()
+    c = ((x - 0.2) ** 2).sum(-1)
+    b = 0.5 * (c.sum() - c) / 3
+    (want,) = torch.autograd.grad(((c - b) * Bernoulli(logits=theta).log_prob(x).sum(-1)).mean(), theta)
+    torch.testing.assert_close(got, want)
 
 
 def test_a_subclass_s_baseline_of_earlier_steps_samples_is_refused():

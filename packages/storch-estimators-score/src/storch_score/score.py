@@ -63,7 +63,10 @@ class Score(Estimator):
             on the sequence's samples of any step); a PlateTensor that carries the node's plate raises
             :class:`storch.OptionError`. Its result is detached. A module with trainable parameters is
             trained like ``"learned"``; a regression step whose loss or gradients are not finite is
-            skipped (counted in ``skipped_updates``, with a RuntimeWarning).
+            skipped (counted in ``skipped_updates``, with a RuntimeWarning). A subclass that overrides
+            ``baseline`` replaces the option's baseline (``super().baseline(node, cost)`` reads it); one
+            whose ``baseline`` never reads the option, given one other than ``"none"`` or ``"greedy"``,
+            raises :class:`storch.OptionError` (the option would be ignored).
         decay: the moving average's decay in [0, 1): b <- decay·b + (1 - decay)·mean cost (also
             NVIL's running mean c).
         lr: Adam learning rate of a learned baseline's regression on the cost.
@@ -111,6 +114,15 @@ class Score(Estimator):
             raise OptionError(
                 f"score: baseline={baseline!r} is not accepted; use 'none', 'moving_average', 'leave_one_out' "
                 "(alias 'batch_average'), 'learned', 'greedy', or a callable / nn.Module baseline(node, cost)")
+        if kind not in ("none", "greedy") and _ignores_option(type(self)):
+            # the subclass's baseline() replaces Score.baseline, the only reader of the option's value: the
+            # option was silently ignored (greedy is not: its evaluation-only entry is still added)
+            raise OptionError(
+                f"{type(self).__qualname__} ({self.name!r}) defines its own baseline(node, cost), which does not "
+                f"read the baseline option (it calls no super().baseline(node, cost)), so baseline={baseline!r} "
+                "would be ignored. Create it with baseline='none' (the default: your baseline() is the baseline), "
+                "or combine the option's baseline in yours: b = super().baseline(node, cost) (None where the "
+                "option gives none, e.g. a moving average's first step)")
         if kind == "leave_one_out" and n_samples < 2:
             raise OptionError(
                 f"score: baseline={baseline!r} needs n_samples >= 2 (it averages the other samples' costs), "
@@ -595,6 +607,21 @@ def _before_sequence(view: Node) -> Node:
     first = view.step_draws[0]
     node.original = first[2]
     return node
+
+
+# names a baseline() reads when it uses the baseline option: Score.baseline (super().baseline(node, cost),
+# Score.baseline(self, ...)), the option's baseline object, or its state
+_OPTION_READS = frozenset({"baseline", "_baseline", "baseline_fn", "moving_averages"})
+
+
+def _ignores_option(cls: type) -> bool:
+    """Whether a subclass of :class:`Score` overrides ``baseline`` with code that never reads the baseline option
+    (names none of ``_OPTION_READS``). Read from the function's code at construction, so that the error comes
+    there and not at the first surrogate; a ``baseline`` that is not a plain function is given the benefit of
+    the doubt."""
+    fn = cls.baseline
+    code = getattr(fn, "__code__", None)
+    return fn is not Score.baseline and code is not None and not _OPTION_READS.intersection(code.co_names)
 
 
 def _own_control_variate(cls: type) -> bool:
