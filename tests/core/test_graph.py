@@ -266,8 +266,10 @@ def test_plate_tensors_hidden_in_a_base_distribution_are_an_error_not_shared_noi
 
 def test_replayed_update_protocol_defaults_say_what_is_missing():
     """An estimator that sets ``replays_update`` (and ``update_uses_loss_graph``) but leaves out
-    ``update_inputs`` or ``loss_graph_values`` gets an error naming the method at its first update,
-    not a silently skipped update."""
+    ``update_inputs``, ``update_from`` or ``loss_graph_values`` got a NotImplementedError only at its first
+    update, after the step's backward pass (found by a reviewer). It is refused when the class is registered or
+    first instantiated (a class attribute), or when an instance sets the flag for its options, with a
+    StorchError that names the methods to add."""
 
     class Partial(storch.Estimator):
         name = "partial_update"
@@ -284,13 +286,35 @@ def test_replayed_update_protocol_defaults_say_what_is_missing():
         def update_inputs(self, nodes):
             return {}
 
+    class NoFrom(storch.Estimator):
+        name = "partial_update_no_from"
+        has_update = True
+        replays_update = True
+
+        def update_inputs(self, nodes):
+            return {}
+
+    class PerInstance(storch.Estimator):  # replays_update from an option, as score and gumbel_softmax set it
+        name = "partial_update_per_instance"
+
+        def __init__(self, plate, n_samples=1, replay=False):
+            super().__init__(plate, n_samples)
+            self.has_update = self.replays_update = replay
+
+        def update_parameters(self, nodes, loss):
+            pass
+
+    for cls, missing in ((Partial, r"update_inputs\(nodes\)"), (WithInputs, r"loss_graph_values\(loss, inputs\)"),
+                         (NoFrom, r"update_from\(inputs\)"), (PerInstance, r"update_inputs\(nodes\) and "
+                                                                            r"update_from\(inputs\)")):
+        with pytest.raises(storch.StorchError, match=rf"{cls.__qualname__} \({cls.name}\) has replays_update = True "
+                                                     rf"but does not implement {missing}.*leave replays_update False"):
+            cls("z", 2, **({"replay": True} if cls is PerInstance else {}))
     theta = torch.zeros(2, requires_grad=True)
-    for cls, missing in ((Partial, r"update_inputs\(nodes\)"), (WithInputs, r"loss_graph_values\(loss, inputs\)")):
-        with pytest.raises(NotImplementedError, match=f"'{cls.name}' sets replays_update.*does not implement {missing}"):
-            with storch.Graph():
-                z = cls("z", 2)(Bernoulli(logits=theta))
-                storch.add_cost(z.sum(), name="c")
-                storch.backward()
+    with storch.Graph():  # the flag off: a plain estimator
+        z = PerInstance("z", 2)(Bernoulli(logits=theta))
+        storch.add_cost(z.sum(), name="c")
+        storch.backward()
 
 
 class _NoGradScoreFunction(storch.Estimator):

@@ -173,7 +173,9 @@ class Estimator(torch.nn.Module):
             E.g. ``score`` with ``baseline="moving_average"``. With ``update_uses_loss_graph`` too
             (relax, rebar, lax): ``update_inputs`` keep their graph and :meth:`loss_graph_values`
             differentiates the loss after each call of a step replayed with ``backend=None`` (the
-            only backend that can: a compiled program is one autograd node).
+            only backend that can: a compiled program is one autograd node). Without those methods:
+            a ``StorchError`` at registration or first instantiation (a class attribute), or where an
+            instance sets the flag (:func:`replay_problem`).
         State: the dataclass of the per-node record ``node.state`` (``None``: no record).
         supports_partitions: whether calling one instance several times in a graph (a loop) makes
             one partition (paper, section 3.2; docs/partitions.md). A later step is made by
@@ -919,6 +921,10 @@ class Estimator(torch.nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
+        if name in _REPLAY_FLAGS and value:  # an instance that turns on replays_update for its options
+            problem = replay_problem(self)
+            if problem is not None:
+                raise StorchError(f"estimator {type(self).__qualname__} ({self.name or 'no name'}) has {problem}")
         names = _OPTION_NAMES.get(type(self))
         if names is None:
             names = _OPTION_NAMES[type(self)] = frozenset(type(self).options()) | {"plate"}
@@ -1159,10 +1165,38 @@ def _no_update_message(est: Estimator) -> str:
             "options, as sum_and_sample does without buffer=)")
 
 
+_REPLAY_FLAGS = ("replays_update", "update_uses_loss_graph")
+
+
+def replay_problem(est: Any) -> Optional[str]:
+    """What an estimator class or instance that sets ``replays_update`` lacks, or ``None``: ``update_inputs`` and
+    ``update_from`` (and ``loss_graph_values`` with ``update_uses_loss_graph = True``), which the default
+    ``update_parameters`` and ``storch.compile``'s replay call. Without this check the base class's
+    ``NotImplementedError`` came at the first update, after the step's backward pass."""
+    if est.replays_update is not True:  # (a class may also hold a property an instance computes)
+        return None
+    cls = est if isinstance(est, type) else type(est)
+    missing = [sig for attr, sig in (("update_inputs", "update_inputs(nodes)"), ("update_from", "update_from(inputs)"))
+               if getattr(cls, attr) is getattr(Estimator, attr)]
+    if est.update_uses_loss_graph is True and cls.loss_graph_values is Estimator.loss_graph_values:
+        missing.append("loss_graph_values(loss, inputs) (it sets update_uses_loss_graph = True)")
+    if not missing:
+        return None
+    return (f"replays_update = True but does not implement {' and '.join(missing)}: storch.backward() (whose "
+            "default update_parameters is update_from(update_inputs(nodes))) and storch.compile's replay call "
+            f"them. Implement {'them' if len(missing) > 1 else 'it'} (docs/writing-an-estimator.md, 'An update that "
+            "storch.compile replays'), or leave replays_update False (an update that storch.compile cannot replay: "
+            "override update_parameters instead)")
+
+
 def capability_problem(cls: type) -> Optional[str]:
-    """What is wrong with the capability attributes ``distributions`` and ``State`` of an estimator
-    class, or ``None``: checked at registration and when the class is first instantiated, so that a
-    malformed attribute is a named error there, not a ``TypeError`` deep in a later call."""
+    """What is wrong with the capability attributes ``distributions``, ``State`` and ``replays_update`` of an
+    estimator class, or ``None``: checked at registration and when the class is first instantiated, so that a
+    malformed attribute is a named error there, not a ``TypeError`` (or ``NotImplementedError``) deep in a
+    later call."""
+    replay = replay_problem(cls)
+    if replay is not None:
+        return replay
     d = cls.distributions
     if d is not None and not (isinstance(d, tuple) and all(isinstance(t, type) for t in d)):
         example = d.__name__ if isinstance(d, type) else "Bernoulli"
