@@ -96,7 +96,7 @@ An estimator whose update can be replayed (``Estimator.replays_update``; ``score
 of earlier steps only, and the update runs when the returned loss is backpropagated with
 ``.backward()`` (``torch.autograd.grad``, a ``no_grad`` call and a second ``retain_graph``
 backward update nothing; a non-finite loss raises ``storch.NonFiniteCostError`` there; so does a step
-without updates, whose every output that requires grad gets a probe of its own that only checks, as
+without updates, whose every output that requires grad is checked when a backward pass reaches it, as
 ``storch.backward()`` would: see :func:`_finite_on_backward`). While
 the step is traced, ``surrogate_loss`` adds a zero "probe" input of the program to the loss (two
 entries: the second in the graph of the loss's gradient, so that the ``.backward()`` of a second-order
@@ -910,34 +910,38 @@ def _update_on_backward(probe: torch.Tensor, loss: torch.Tensor, values: tuple, 
 
 def _finite_on_backward(outs, fn) -> list:
     """``outs`` of a replayed call whose step updates no estimator (no update probe), each that requires grad
-    given a zero probe of its own (``o + o · probe``: ``o``'s value and derivatives at every order) whose
-    gradient accumulation checks that ``o`` is finite before the pass goes on. ``.backward()`` on the
-    compiled step's loss is what replaces ``storch.backward()`` there (refused in a traced step), and
-    storch.backward() raises ``NonFiniteCostError`` on a non-finite loss: without this check a NaN loss
-    (a Bernoulli's infinite logit under score, arm, disarm, mvd, rebar or relax, whose torch log p is NaN
-    there) gave NaN gradients silently. ``torch.autograd.grad`` never accumulates into the probe: an
-    evaluation pass is not checked, as eagerly."""
-    done: dict = {}  # one probe per tensor: a step returning (loss, loss) keeps the identity
-    out = []
+    checked for being finite when a backward pass reaches it, before the pass goes on (a hook on the tensor:
+    nothing is added to the graph). ``.backward()`` on the compiled step's loss is what replaces
+    ``storch.backward()`` there (refused in a traced step), and storch.backward() raises
+    ``NonFiniteCostError`` on a non-finite loss: without this check a NaN loss (a Bernoulli's infinite logit
+    under score, arm, disarm, mvd, rebar or relax, whose torch log p is NaN there) gave NaN gradients
+    silently. A ``torch.autograd.grad`` of the loss is checked too (eagerly only ``storch.backward()`` is),
+    which refuses nothing that would not be NaN. (A first version added a zero leaf ``o + o · probe`` per
+    output, as the update probe does, to tell ``.backward()`` from ``autograd.grad``: ~40 us a call, a
+    third of a replayed toy step; the hook costs ~2-4 us.)"""
     for o in outs:
-        if not (isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point()):
-            out.append(o)
-            continue
-        if id(o) not in done:
-            probe = torch.zeros((), dtype=o.dtype, device=o.device, requires_grad=True)
-            update_on_backward(probe, _finite_check(o, fn), lambda todo: None, set())
-            done[id(o)] = torch.addcmul(o, o, probe)
-        out.append(done[id(o)])
-    return out
+        if isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point():
+            check = _finite_check(weakref.ref(o), fn)
+            node = o.grad_fn
+            if node is None:  # a leaf returned as it is
+                o.register_hook(check)
+            else:  # the node's own hook: Tensor.register_hook's Python wrapping costs ~5 us more
+                node.register_prehook(check)
+    return outs
 
 
-def _finite_check(o: torch.Tensor, fn) -> Callable[[], None]:
-    def check():
-        if not o.is_meta and not bool(torch.isfinite(o.detach()).all()):
+def _finite_check(ref: "weakref.ref[torch.Tensor]", fn) -> Callable[[torch.Tensor], None]:
+    # the tensor weakly: a hook held by the tensor's autograd node that held the tensor would be a reference
+    # cycle (the step's tensors kept for the cyclic collector)
+    def check(_grad) -> None:
+        o = ref()
+        if o is None or o.is_meta:
+            return
+        if not (math.isfinite(o.item()) if o.dim() == 0 else bool(torch.isfinite(o.detach()).all())):
             raise NonFiniteCostError(
-                f"a result of the compiled step {_name(fn)} that .backward() reached is not finite (NaN or inf), so "
-                "its gradient would be too, as storch.backward() refuses eagerly: the backward pass stopped; "
-                "gradients it accumulated before may hold NaN (zero them). A common cause: a Bernoulli or Binomial "
+                f"a result of the compiled step {_name(fn)} that a backward pass reached is not finite (NaN or inf), "
+                "so its gradient would be too, as storch.backward() refuses eagerly: the backward pass stopped "
+                "before accumulating any gradient. A common cause: a Bernoulli or Binomial "
                 "with an infinite logit (a masked or pinned bit) under an estimator that reads torch's log_prob "
                 "(score, arm, disarm, mvd, rebar, relax), which is NaN for the value such a bit always takes: use a "
                 "large finite logit (±30), or an estimator that handles infinite logits (expect, sum_and_sample, "
