@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Independent, LogNormal, Normal
+from torch.distributions import Bernoulli, Categorical, Independent, LogNormal, Normal, OneHotCategorical
 
 import storch
 from storch.extending import align, base_distribution, leave_one_out, options, plates_of, raw_of, step_guard
@@ -533,3 +533,47 @@ def test_is_differentiated_sees_reverse_and_forward_mode():
     torch.func.jvp(torch.func.vmap(f), (x,), (torch.ones(2),))  # batched over a tangent-carrying tensor
     torch.func.vmap(f)(x)
     assert seen == [(True, True, False)] * 3 + [(False, False, False)]
+
+
+# -- a one-hot value with gradient of a category, read as indices by torch's (OneHot)Categorical.log_prob --
+
+class _Concrete(storch.Estimator):
+    """A minimal Gumbel-softmax: hands out a relaxed one-hot vector (shape (n, K)) of a OneHotCategorical."""
+    name = "concrete_test"
+    biased = True
+    score_function = False
+    distributions = (OneHotCategorical, Categorical)
+
+    def proposal(self, node):
+        logits = node.distribution.logits
+        g = -torch.log(-torch.log(torch.rand((self.n_samples,) + logits.shape, dtype=logits.dtype)))
+        return torch.softmax((logits + g) / 0.5, -1)
+
+    def gradient_function(self, node):
+        return torch.zeros((1,), dtype=node.sample.dtype)
+
+
+@pytest.mark.parametrize("cls", [OneHotCategorical, Categorical])
+def test_torch_log_prob_of_a_relaxed_category_is_refused_for_any_estimator(cls):
+    """Found by porting: torch's OneHotCategorical.log_prob takes value.max(-1)[1] of the relaxed simplex point
+    (the argmax's log-probability: a jump along the relaxed sample that the pathwise gradient misses) and
+    Categorical.log_prob takes value.long() of the one-hot vector (K entries read as K indices), both made
+    inside torch.distributions, whose jumps were all exempt. Now any estimator's one-hot value with gradient of a
+    (OneHot)Categorical node is watched for such index reads, and the refusal gives the formula to write; the
+    formula itself, torch's log_prob of data under parameters that carry the sample (validated: comparisons), and
+    comparisons of the sample in user code (not a jump_free estimator) are not refused."""
+    torch.manual_seed(0)
+    theta = torch.tensor([0.3, -0.5, 1.0], requires_grad=True)
+    w = torch.tensor([1.0, -2.0, 0.5])
+    with storch.Graph():
+        z = _Concrete("z")(cls(logits=theta))
+        storch.add_cost(cls(logits=theta, validate_args=False).log_prob(z).sum() + (z * w).sum() ** 2, name="c")
+        with pytest.raises(storch.OrderError, match=rf"'concrete_test' on plate 'z'.*torch's {cls.__name__}\.log_prob "
+                                                    r"applied (max|long).*\(z \* logits\.log_softmax\(-1\)\)\.sum\(-1\)"):
+            storch.surrogate_loss()
+    with storch.Graph():
+        z = _Concrete("z")(cls(logits=theta))
+        lik = Categorical(logits=z * w).log_prob(torch.tensor(2)) + (z.max(-1).values > 0.5).float()
+        storch.add_cost((z * theta.log_softmax(-1)).sum(-1) - lik + (z * w).sum() ** 2, name="c")
+        g, = torch.autograd.grad(storch.surrogate_loss(), theta)
+    assert torch.isfinite(g).all()

@@ -750,3 +750,82 @@ def test_comparisons_inside_torch_distributions_or_without_indices_are_not_refus
         storch.add_cost(costs[likelihood](m), name="f")
         storch.backward()
     assert theta.grad is not None and torch.isfinite(theta.grad).all()
+
+
+# -- torch's (OneHot)Categorical.log_prob reads a relaxed / straight-through one-hot sample as indices --
+
+_CAT_PRIOR = torch.tensor([0.2, 0.1, -0.4], dtype=torch.float64)
+
+
+def _torch_log_ratio(kind):
+    """The sampled-KL term q.log_prob(z) - p.log_prob(z) with torch's log_prob (validate_args=False, the recipe
+    that holds for a Bernoulli)."""
+    cls = OneHotCategorical if kind == "onehot" else Categorical
+
+    def cost(theta, z):
+        q, p = cls(logits=theta, validate_args=False), cls(logits=_CAT_PRIOR, validate_args=False)
+        return q.log_prob(z) - p.log_prob(z)
+    return cost
+
+
+@pytest.mark.parametrize("kind", ["onehot", "categorical"])
+@pytest.mark.parametrize("name", ["rebar", "relax", "gumbel_softmax", "gumbel_straight_through"])
+def test_torch_log_prob_of_a_relaxed_category_is_refused(name, kind):
+    """Found by porting a categorical VAE: with q.log_prob(z) - p.log_prob(z) in the cost, torch's
+    OneHotCategorical.log_prob took value.max(-1)[1] (an argmax) of the relaxed simplex point, so the cost jumped
+    along the relaxed path unseen (REBAR/RELAX |z| ~20, 72 in a two-layer categorical VAE), and
+    Categorical.log_prob took value.long() of the one-hot vector (per-sample shape (3,), |z| 161). The watch
+    exempted every jump made inside torch.distributions. Now these index reads are recorded for any estimator that
+    hands out a one-hot value with gradient, and the refusal says what to write."""
+    theta = TOY_THETA.clone().requires_grad_(True)
+    dist = OneHotCategorical(logits=theta) if kind == "onehot" else Categorical(logits=theta)
+    with storch.Graph():
+        z = storch.estimator(name, plate="z")(dist)
+        storch.add_cost(_torch_log_ratio(kind)(theta, z).sum() + (z * _ATT_V).sum() ** 2, name="elbo")
+        cause = r"OneHotCategorical\.log_prob applied max" if kind == "onehot" else r"Categorical\.log_prob applied long"
+        with pytest.raises(storch.OrderError, match=rf"'{name}' on plate 'z': the cost 'elbo' .*{cause}.*"
+                                                    r"\(z \* logits\.log_softmax\(-1\)\)\.sum\(-1\)"):
+            storch.surrogate_loss()
+
+
+@pytest.mark.parametrize("name", ["rebar", "gumbel_softmax"])
+def test_torch_log_prob_of_a_relaxed_category_under_independent_is_refused(name):
+    """The same through an Independent node and a likelihood whose value is a function of the sample."""
+    theta = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    with storch.Graph():
+        z = storch.estimator(name, plate="zi")(Independent(OneHotCategorical(logits=theta), 1))
+        prior = OneHotCategorical(logits=_CAT_PRIOR, validate_args=False)
+        storch.add_cost((prior.log_prob(z * 1.0).sum() + (z * _ATT_V).sum() ** 2), name="c")
+        with pytest.raises(storch.OrderError, match=r"OneHotCategorical\.log_prob"):
+            storch.surrogate_loss()
+
+
+def test_a_category_read_only_through_an_argmax_names_log_prob():
+    """A cost that reads gumbel_softmax's relaxed one-hot value only through an operation without a derivative
+    (the core's cut check): for a (OneHot)Categorical node the message names torch's log_prob and the formula."""
+    theta = TOY_THETA.clone().requires_grad_(True)
+    with storch.Graph():
+        z = storch.estimator("gumbel_softmax", plate="zc")(OneHotCategorical(logits=theta))
+        storch.add_cost(_ATT_V[z.argmax(-1)], name="c")
+        with pytest.raises(storch.OrderError, match=r"only through operations without a derivative.*"
+                                                    r"OneHotCategorical\.log_prob\(z\).*"
+                                                    r"\(z \* logits\.log_softmax\(-1\)\)\.sum\(-1\)"):
+            storch.surrogate_loss()
+
+
+@pytest.mark.parametrize("name", ["rebar", "relax", "gumbel_softmax"])
+def test_categorical_likelihoods_of_data_are_not_refused(name):
+    """torch's Categorical / OneHotCategorical log_prob of data (indices, one-hot labels: no gradient) under
+    parameters that carry the relaxed sample's gradient, with argument validation (its comparisons), and the
+    hand-written continuous extension of the sample's log-probability, run."""
+    theta = TOY_THETA.clone().requires_grad_(True)
+    labels = torch.tensor([2, 0])
+    with storch.Graph():
+        z = storch.estimator(name, plate="zd")(OneHotCategorical(logits=theta))
+        logits = z * _ATT_A
+        lik = Categorical(logits=logits).log_prob(labels).sum()
+        lik = lik + OneHotCategorical(logits=logits).log_prob(torch.eye(3, dtype=theta.dtype)[labels]).sum()
+        kl = (z * (theta.log_softmax(-1) - _CAT_PRIOR.log_softmax(-1))).sum(-1)
+        storch.add_cost(kl - lik, name="c")
+        g, = torch.autograd.grad(storch.surrogate_loss(), theta)
+    assert torch.isfinite(g).all()

@@ -239,3 +239,33 @@ def test_sampled_elbo_with_log_prob_of_the_sample(name):
         storch.add_cost((q.log_prob(b) - prior.log_prob(b) + (b - 0.45) ** 2).sum(), name="elbo")
 
     check(f"{name} sampled ELBO", model, _elbo_exact, TOY_THETA, 2)
+
+
+_CAT_PRIOR = torch.tensor([0.2, 0.1, -0.4], dtype=torch.float64)
+_CAT_W = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+
+
+def _cat_elbo_exact(theta):
+    """E_k[log q(k) - log prior(k) + w_k²] with q = softmax(θ), 3 categories."""
+    lq, lp = theta.log_softmax(-1), _CAT_PRIOR.log_softmax(-1)
+    return (lq.exp() * (lq - lp + _CAT_W ** 2)).sum()
+
+
+@pytest.mark.parametrize("kind", ["onehot", "categorical"])
+@pytest.mark.parametrize("name", ["rebar", "relax"])
+def test_sampled_categorical_elbo_with_the_hand_written_log_prob(name, kind):
+    """The sampled KL of a (OneHot)Categorical node written as docs/estimators/rebar.md says,
+    (z * (q.logits.log_softmax(-1) - p.logits.log_softmax(-1))).sum(-1) (torch's log_prob of the relaxed sample
+    is refused: test_relaxed_errors.py::test_torch_log_prob_of_a_relaxed_category_is_refused), plus (z · w)²:
+    unbiased at orders 1 and 2 against enumeration of the 3 categories."""
+    from torch.distributions import Categorical, OneHotCategorical
+
+    torch.manual_seed(29)
+    est = storch.estimator(name, plate="z", update=False)
+
+    def model(x):
+        z = est(OneHotCategorical(logits=x) if kind == "onehot" else Categorical(logits=x))
+        kl = (z * (x.log_softmax(-1) - _CAT_PRIOR.log_softmax(-1))).sum(-1)
+        storch.add_cost(kl + (z * _CAT_W).sum(-1) ** 2, name="elbo")
+
+    check(f"{name} {kind} sampled ELBO", model, _cat_elbo_exact, TOY_THETA, 2)

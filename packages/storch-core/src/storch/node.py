@@ -95,8 +95,13 @@ class Node:
             lost, which ``storch.surrogate_loss`` refuses for a node that a cost reaches).
         thresholded: for a node whose estimator is ``jump_free``: the name of the first function of
             ``storch.plates.dispatch.JUMPS`` (a comparison, argmax, a bool cast) applied to a value that
-            carries the gradient of its handed-out sample, ``None`` if none;
+            carries the gradient of its handed-out sample, ``None`` if none; for a Categorical or
+            OneHotCategorical node whose handed-out value carries gradient (any estimator): the first
+            function of torch.distributions' code that reads that value as indices (``long``, ``max``'s
+            indices: torch's (OneHot)Categorical.log_prob of it);
             ``storch.surrogate_loss(order >= 1)`` refuses the costs that carry its plate.
+        thresholded_in: the qualified name of the torch.distributions function that applied
+            ``thresholded`` (``"OneHotCategorical.log_prob"``), ``None`` for user code.
         max_order: the highest derivative order the estimator's :meth:`~storch.Estimator.max_order_for`
             allows for this node's distribution (a partition: the lowest of its steps'); ``math.inf``
             when the estimator is not asked. ``storch.surrogate_loss(order)`` checks it and the
@@ -121,7 +126,8 @@ class Node:
     finished: Optional[torch.Tensor] = None  # partitions with eos: sequences that have ended
     no_grad_step: Optional[int] = None  # set by the estimator's call (Estimator._no_grad)
     no_grad_cut = False
-    thresholded: Optional[str] = None  # set by a jump_free estimator's Lineage.watch (Estimator._sample_node)
+    thresholded: Optional[str] = None  # set by the node's Lineage.watch (base._threshold_watch)
+    thresholded_in: Optional[str] = None  # (the same watch)
     max_order: float = math.inf  # lowered by Estimator.max_order_for (Estimator._sample_node)
     _views: Optional[dict] = None
     _owner: Optional[weakref.ref] = None  # a view (at(t)): the partition's node it belongs to

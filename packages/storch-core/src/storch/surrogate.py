@@ -25,10 +25,11 @@ import weakref
 from typing import Callable, Optional, Sequence, Union
 
 import torch
+from torch.distributions import Categorical, OneHotCategorical
 
 from .cost import CostFrame, _lead, magic_box
 from .eager import eager_only
-from .distributions import RSAMPLE_ORDER_NOTE, grad_parameters, rsample_max_order
+from .distributions import RSAMPLE_ORDER_NOTE, base_distribution, grad_parameters, rsample_max_order
 from .errors import NonFiniteCostError, OrderError, StorchError, UnusedSampleWarning
 from .estimators.base import Estimator, _is_score_node, check_in_frame
 from .estimators.catalog import installed_classes, supporting_estimators
@@ -684,12 +685,24 @@ def _cut_message(node: Node, name: str) -> str:
         "this node ('score', with baseline='leave_one_out' for less variance; 'lax' for a continuous node), or "
         "keep the path from the sample to the cost differentiable (a relaxed estimator needs a cost "
         "differentiable in the relaxed sample: e.g. sigmoid((z - c) / t) instead of (z > c).float()). A cost "
-        "that is meant to give no gradient to this node can be added with storch.add_cost(..., credit=False)")
+        "that is meant to give no gradient to this node can be added with storch.add_cost(..., credit=False)"
+        + _category_hint(node))
+
+
+def _category_hint(node: Node) -> str:
+    """For a Categorical / OneHotCategorical node: torch's log_prob of its one-hot value is such an operation."""
+    if not isinstance(base_distribution(node.distribution), (Categorical, OneHotCategorical)):
+        return ""
+    return (". For the one-hot value z of this (OneHot)Categorical node: torch's OneHotCategorical.log_prob(z) reads z through "
+            "its argmax (value.max(-1)) and Categorical.log_prob(z) through z.long(); write the log-probability as "
+            + _ONE_HOT_LOG_PROB)
 
 
 def _thresholded_message(node: Node, name: str) -> str:
     est = node.estimator
     p = node.plate.name
+    if node.thresholded_in is not None:
+        return _index_read_message(node, name)
     return (
         f"estimator {est.name!r} on plate {p!r}: the cost {name!r} carries the plate {p!r}, and in this step "
         f"{node.thresholded} (a comparison, or another operation without a derivative: argmax, a bool or integer "
@@ -704,6 +717,31 @@ def _thresholded_message(node: Node, name: str) -> str:
         "relaxed one it is continuous), and for a piecewise function that is continuous at its threshold "
         "(torch.where(h > 0, h, 0.01 * h)) use torch's own (F.leaky_relu). A comparison whose result no cost "
         "uses (a metric): compute it on m.detach() or under torch.no_grad()")
+
+
+# for a one-hot (relaxed) value z of a category: what to write instead of torch's (OneHot)Categorical.log_prob
+_ONE_HOT_LOG_PROB = (
+    "(z * logits.log_softmax(-1)).sum(-1), the log-probability's continuous extension (for a sampled KL: "
+    "(z * (q.logits.log_softmax(-1) - p.logits.log_softmax(-1))).sum(-1)): on a one-hot z it equals log_prob, and "
+    "it is differentiable in the relaxed one")
+
+
+def _index_read_message(node: Node, name: str) -> str:
+    """A relaxed or straight-through Categorical / OneHotCategorical sample read as indices by torch.distributions
+    (Estimator._sample_node's watch): its log_prob of that sample."""
+    est = node.estimator
+    p = node.plate.name
+    return (
+        f"estimator {est.name!r} on plate {p!r}: the cost {name!r} carries the plate {p!r}, and in this step torch's "
+        f"{node.thresholded_in} applied {node.thresholded} to a value that carries the gradient of the node's "
+        f"sample, which {est.name!r} hands out as a one-hot vector (a relaxed point of the simplex on its relaxed "
+        "entries). torch's log_prob of a category reads that vector as indices: OneHotCategorical.log_prob takes "
+        "value.max(-1) (its argmax), Categorical.log_prob takes value.long() (the K entries as K indices: a "
+        "wrong value and shape even on a one-hot vector). The log-probability of the argmax jumps along the relaxed "
+        "sample, autograd sees no derivative of the jump, so the gradient would be silently wrong (validate_args="
+        "False makes log_prob the continuous extension for a Bernoulli only). Write it yourself instead: "
+        f"{_ONE_HOT_LOG_PROB}. A log_prob that no cost uses (a metric): compute it on z.detach() or under "
+        "torch.no_grad()")
 
 
 def _node_order_message(node: Node, order: int) -> str:

@@ -42,7 +42,7 @@ import weakref
 from typing import Any, ClassVar, Optional
 
 import torch
-from torch.distributions import Distribution, Independent, TransformedDistribution
+from torch.distributions import Categorical, Distribution, Independent, OneHotCategorical, TransformedDistribution
 
 from ..cost import CostFrame, _lead, magic_box
 from ..distributions import (
@@ -63,6 +63,7 @@ from ..generators import drawing_with
 from .. import options
 from ..graph import current_graph, is_tracing
 from ..node import Node
+from ..plates.dispatch import INDEX_VALUES, INDEXING
 from ..plates.tensor import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
 from ..score_conditions import KINK_FREE, moving_support, support_is_fixed
 from ..smoothness import _reaches
@@ -71,40 +72,63 @@ from .catalog import EstimatorInfo, available, supporting_estimators
 __all__ = ["Estimator", "CostFrame", "magic_box"]
 
 
-def _threshold_watch(node: Node):
-    """The ``Lineage.watch`` of a ``jump_free`` estimator's node: records on ``node.thresholded`` the first
-    function of ``storch.plates.dispatch.JUMPS`` applied to a value whose autograd graph reaches the sample
-    handed out (its relaxed sample), unless a ``torch.distributions`` constraint check applied it (argument
-    validation and ``validate_sample``: their result only decides whether to raise). Holds the node weakly
-    (the lineage is the node's plate's: no reference cycle)."""
+def _threshold_watch(node: Node, jumps: bool):
+    """The ``Lineage.watch`` of a node whose handed-out sample carries gradient and must not be read through a
+    jump: records on ``node.thresholded`` the first such function applied to a value whose autograd graph
+    reaches the sample handed out (its relaxed sample). ``jumps`` (a ``jump_free`` estimator): every function of
+    ``storch.plates.dispatch.JUMPS`` in user code. Always (also for a relaxed or straight-through Categorical /
+    OneHotCategorical node of gumbel_softmax, gumbel_straight_through): a function of ``torch.distributions``
+    that reads the sample as indices (:func:`_reads_indices`); its name is kept on ``node.thresholded_in``.
+    The comparisons torch.distributions makes (argument validation, ``validate_sample``, formula branches) are
+    not counted. Holds the node weakly (the lineage is the node's plate's: no reference cycle)."""
     ref = weakref.ref(node)
 
     def watch(func, raw: torch.Tensor) -> None:
         node = ref()
-        if node is None or node.thresholded is not None or _in_constraint_check():
+        if node is None or node.thresholded is not None or not (jumps or func in INDEXING or func in INDEX_VALUES):
+            return
+        code = _distributions_caller()
+        if code is None:  # user code: a jump of the cost (max's indices are not seen there: docs/estimators/rebar.md)
+            if not jumps or func in INDEX_VALUES:
+                return
+        elif not _reads_indices(func, code):
             return
         handed = [h for h, _ in node.handed if h.requires_grad]
         if handed and _reaches([raw], handed):
             node.thresholded = getattr(func, "__name__", str(func))
+            if code is not None:
+                node.thresholded_in = getattr(code, "co_qualname", code.co_name)
     return watch
 
 
-def _in_constraint_check() -> bool:
-    """Whether the nearest caller outside storch is ``torch.distributions`` (asked only for a comparison of a
-    watched value): a constraint's ``check`` (argument validation), and the comparisons torch's densities and
-    divergences make internally, which select between formulas of one smooth function or guard a boundary
-    (``kl_divergence``'s ``q.probs == 0``, ContinuousBernoulli's Taylor branch near 1/2, VonMises' Bessel
+def _distributions_caller() -> Optional[types.CodeType]:
+    """The code of the nearest caller outside storch if it is ``torch.distributions`` (asked only for a jump of a
+    watched value), else ``None``. The comparisons torch.distributions makes are a constraint's ``check``
+    (argument validation), and internal ones, which select between formulas of one smooth function or guard a
+    boundary (``kl_divergence``'s ``q.probs == 0``, ContinuousBernoulli's Taylor branch near 1/2, VonMises' Bessel
     approximation, Geometric's ``probs == 1``), not a jump of the cost (found by review: REBAR's analytic KL of a
     sigmoid belief net was refused). A user's own comparison in the step is still seen."""
-    frame = sys._getframe(2)
+    frame = sys._getframe(2)  # (the dispatcher's _watched; storch's frames are skipped)
     for _ in range(16):
         if frame is None:
-            return False
+            return None
         name = frame.f_globals.get("__name__", "")
         if not name.startswith("storch."):
-            return name.startswith("torch.distributions")
+            return frame.f_code if name.startswith("torch.distributions") else None
         frame = frame.f_back
-    return False
+    return None
+
+
+def _reads_indices(func, code: types.CodeType) -> bool:
+    """Whether ``func``, called by torch.distributions' ``code``, reads its operand as indices: an integer cast or
+    argmax (Categorical.log_prob's ``value.long()``), or the indices of ``max`` in OneHotCategorical.log_prob
+    (``value.max(-1)[1]``). On a relaxed sample the log-probability then jumps between categories (found by
+    porting: REBAR/RELAX with ``q.log_prob(z) - p.log_prob(z)``, |z| 20 to 161)."""
+    return func in INDEXING or (func in INDEX_VALUES and code is _ONE_HOT_LOG_PROB)
+
+
+_ONE_HOT_LOG_PROB = OneHotCategorical.log_prob.__code__
+_CATEGORIES = (Categorical, OneHotCategorical)
 
 
 class _instance_or_class:
@@ -336,8 +360,11 @@ class Estimator(torch.nn.Module):
             raise StorchError(_output_shape_message(self, out, sample, lead))
         if not out.is_inference():  # (torch.inference_mode(): no version counter, no backward either)
             node.handed.append((out, out._version))
-        if self.jump_free and out.requires_grad:
-            plate.lineage.watch = _threshold_watch(node)
+        if out.requires_grad and (self.jump_free or isinstance(base_distribution(raw), _CATEGORIES)):
+            # a relaxed / straight-through one-hot value of a category: torch's (OneHot)Categorical.log_prob of it
+            # reads an argmax (or .long() casts) of it, a jump the gradient misses (and a wrong value for
+            # Categorical): refused by storch.surrogate_loss whichever estimator hands it out
+            plate.lineage.watch = _threshold_watch(node, self.jump_free)
         node.value = value = PlateTensor._wrap(out, plates)
         # the user's log_prob of the value they got (SAC's q.log_prob(a)) reuses the pre-tanh sample
         # that TanhTransform(cache_size=1) cached for `out`, as in plain torch (atanh(±1) is infinite)

@@ -28,7 +28,8 @@ from .tensor import PlateTensor, _names, align, install_dispatcher, too_many_dim
 from .tensor import new_plate_tensor as _new
 from .treatments import _LISTENERS, Entry, Treatment, describe, treatment_of
 
-__all__ = ["dispatch", "register", "wrap", "scan", "unwrap", "too_many_samples", "user_error", "JUMPS"]
+__all__ = ["dispatch", "register", "wrap", "scan", "unwrap", "too_many_samples", "user_error", "JUMPS", "INDEXING",
+           "INDEX_VALUES"]
 
 _PT = PlateTensor
 _T = torch.Tensor
@@ -92,7 +93,7 @@ def _implementation(func):
         impl = refused(e.impl)
     if _is_inplace(func) or func is _T.__setitem__:
         impl = _writing(impl)
-    if func in JUMPS:
+    if func in JUMPS or func in INDEX_VALUES:
         impl = _watched(impl)
     _IMPL[func] = impl
     return impl
@@ -123,6 +124,18 @@ def _jumps() -> frozenset:
 # (Lineage.watch: set by a node whose estimator must not see its sample thresholded). No other function
 # pays anything: the check is part of these functions' cached implementation only.
 JUMPS: frozenset = _jumps()
+
+# The functions of JUMPS that read their operand as indices: argmax / argmin / argsort, bucketize / searchsorted,
+# integer casts. Comparisons made inside torch.distributions are not counted as jumps (constraint checks, formula
+# branches: storch.estimators.base._threshold_watch), these are: Categorical.log_prob(value) does value.long(),
+# which reads a relaxed one-hot vector as K indices (found by porting: |z| 161 with REBAR).
+INDEXING: frozenset = frozenset(f for f in JUMPS if getattr(f, "__name__", "") in (
+    "argmax", "argmin", "argsort", "bucketize", "searchsorted", "long", "int", "short", "char", "byte"))
+
+# max with a dim returns indices beside its (continuous) values; it is watched too, but recorded only where
+# torch.distributions is known to use the indices (OneHotCategorical.log_prob's value.max(-1)[1], an argmax of
+# a relaxed simplex point). Watching costs these two functions one check of their operands, as for JUMPS.
+INDEX_VALUES: frozenset = frozenset({torch.max, _T.max})
 
 
 def _watched(impl):

@@ -42,9 +42,10 @@ class Lineage:
     ``watch``: ``None``, or a callable ``watch(func, raw)`` that the dispatcher calls when ``func``, a
     function whose result jumps outside the autograd graph (a comparison, ``argmax``, a bool or integer
     cast: ``storch.plates.dispatch``), is applied while grad is enabled to a plate tensor of this plate
-    whose raw tensor ``raw`` requires grad. Set by a node whose estimator is ``jump_free`` (REBAR and RELAX
-    differentiate the cost at their relaxed sample: a threshold of it makes that cost jump); dropped when
-    the graph ends.
+    whose raw tensor ``raw`` requires grad (``max`` too: ``storch.plates.dispatch.INDEX_VALUES``). Set by a
+    node whose estimator is ``jump_free`` (REBAR and RELAX differentiate the cost at their relaxed sample: a
+    threshold of it makes that cost jump), and by a Categorical / OneHotCategorical node whose handed-out
+    one-hot value carries gradient (torch's log_prob reads it as indices); dropped when the graph ends.
 
     Compared and hashed by identity.
     """
