@@ -113,6 +113,47 @@ def test_network_with_wrong_output_shape():
             storch.surrogate_loss()
 
 
+def _batch_norm_network() -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    with torch.no_grad():
+        net[3].weight.mul_(20)  # a control variate large enough that a bias shows
+    return net.double()
+
+
+def test_a_network_normalising_over_the_batch_is_refused_and_in_eval_mode_is_unbiased():
+    """A BatchNorm1d in training mode makes c_φ at one entry depend on the others: RELAX's score term multiplies it
+    by that entry's log p gradient only, the pathwise term differentiates it through every entry (4 samples: |z| 67
+    against exact enumeration, silently). Refused; with running statistics in eval mode each entry is on its own."""
+    from storch.testing import assert_unbiased
+
+    net = _batch_norm_network()
+    est = storch.estimator("relax", plate="b", n_samples=4, network=net, update=False)
+    with pytest.raises(storch.StorchError, match="BatchNorm1d normalising with the batch's statistics"):
+        with storch.Graph():
+            toy_model(est, TOY_THETA.clone().requires_grad_())
+            storch.surrogate_loss()
+    net[1].track_running_stats = False
+    net[1].running_mean = net[1].running_var = None
+    net.eval()  # eval mode without running statistics still normalises over the batch
+    with pytest.raises(storch.StorchError, match="without running statistics"):
+        with storch.Graph():
+            toy_model(est, TOY_THETA.clone().requires_grad_())
+            storch.surrogate_loss()
+    net = _batch_norm_network().eval()
+    est = storch.estimator("relax", plate="b", n_samples=4, network=net, update=False)
+    x = TOY_THETA.clone().requires_grad_()
+    exact = torch.autograd.grad(toy_exact(x), x)[0]
+    torch.manual_seed(1)
+    grads = []
+    for _ in range(600):
+        x = TOY_THETA.clone().requires_grad_()
+        with storch.Graph():
+            toy_model(est, x)
+            grads.append(torch.autograd.grad(storch.surrogate_loss(), x)[0])
+    assert_unbiased(torch.stack(grads), exact, "relax, batch-norm network in eval mode")
+
+
 def test_plate_layouts_and_values():
     torch.manual_seed(40)
     with storch.Graph():

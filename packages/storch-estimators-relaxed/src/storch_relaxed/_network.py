@@ -118,6 +118,8 @@ def evaluate_network(name: str, network: Callable, z: torch.Tensor, lead: int) -
     if isinstance(network, ControlVariateNet):
         network.build(x)
     if isinstance(network, torch.nn.Module):
+        if not isinstance(network, ControlVariateNet):
+            _refuse_batch_statistics(name, network)
         out = torch.func.functional_call(network, param_clones(network), (x,))
     else:
         out = network(x)
@@ -129,6 +131,27 @@ def evaluate_network(name: str, network: Callable, z: torch.Tensor, lead: int) -
             f"{tuple(flat(z, lead).shape)}; it must return one number per entry, shape {tuple(z.shape[:lead])}"
         )
     return out
+
+
+# torch's batch norms (BatchNorm1d/2d/3d, their lazy forms, SyncBatchNorm) share this base class
+_BATCH_NORMS = (torch.nn.modules.batchnorm._BatchNorm,)
+
+
+def _refuse_batch_statistics(name: str, network: torch.nn.Module) -> None:
+    """Refuse a network whose output at one entry depends on the other entries: a batch norm that normalises with
+    the batch's statistics (training mode, or no running statistics). The score term of the control variate
+    multiplies c_φ at entry i by the gradient of entry i's log p only, while the pathwise term differentiates c_φ
+    at entry i through every entry's sample: unequal in expectation, so the gradient is biased (RELAX with a
+    BatchNorm1d network, 4 samples: |z| 67 against exact enumeration)."""
+    for m in network.modules():
+        if isinstance(m, _BATCH_NORMS) and (m.training or m.running_mean is None):
+            raise StorchError(
+                f"{name}: the control-variate network holds {type(m).__name__} normalising with the batch's statistics "
+                "(in training mode, or without running statistics), so its output at one entry (one sample, one data "
+                "point) depends on the other entries, and the control variate no longer has the expectation the "
+                "estimator subtracts: the gradient would be biased. c_φ must treat each entry on its own: use "
+                "LayerNorm (or GroupNorm) instead, or put the batch norm in eval mode with running statistics "
+                "(network.eval(), or the submodule's .eval())")
 
 
 def tilde_term(c_zt: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
