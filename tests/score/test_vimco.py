@@ -392,3 +392,70 @@ def test_vimco_a_poisson_rate_of_exactly_zero_has_an_unbiased_finite_gradient():
     want = derivatives(exact, lam0, order=1)[0]
     report = assert_unbiased(got[:, :1], want[:1], "vimco, Poisson rate 0: gradient")
     print(f"\nmax |z| {report.max_abs_z:.2f}")
+
+
+class _TwoLayerPosterior(torch.distributions.Distribution):
+    """q(z1, z2) = q(z1) q(z2 | z1) of a 2-layer sigmoid belief net as ONE distribution (docs/estimators/vimco.md,
+    "Several stochastic layers"): each draw is a path through both layers; value = cat(z1, z2)."""
+
+    arg_constraints = {"logits1": torch.distributions.constraints.real}
+    support = torch.distributions.constraints.boolean
+    has_rsample = False
+
+    def __init__(self, logits1, w2, b2, validate_args=None):  # (storch rebuilds it from its attributes)
+        self.logits1, self.w2, self.b2 = logits1, w2, b2
+        super().__init__(logits1.shape[:-1], torch.Size([logits1.shape[-1] + 1]), validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        return _TwoLayerPosterior(self.logits1.expand(*batch_shape, self.logits1.shape[-1]), self.w2, self.b2)
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            z1 = torch.bernoulli(torch.sigmoid(self.logits1.expand(*sample_shape, *self.logits1.shape)))
+            z2 = torch.bernoulli(torch.sigmoid(z1 @ self.w2 + self.b2)).unsqueeze(-1)
+        return torch.cat([z1, z2], -1)
+
+    def log_prob(self, v):
+        z1, z2 = v[..., :-1], v[..., -1]
+        return (Bernoulli(logits=self.logits1, validate_args=False).log_prob(z1).sum(-1)
+                + Bernoulli(logits=z1 @ self.w2 + self.b2, validate_args=False).log_prob(z2))
+
+
+def test_vimco_over_two_layers_written_as_one_joint_distribution_is_unbiased():
+    """Two nodes (z1, then z2 | z1) are refused (test_vimco_refuses_log_weights_of_a_later_node); the docs' way for
+    the paper's multi-layer SBNs is one joint distribution, whose draws are whole paths: z-test of the gradient in
+    the encoder (θ1, w2, b2) and the generative weights against enumeration of the K joint draws."""
+    k, h = 2, 2
+    theta0 = torch.tensor([0.3, -0.5, 0.8, -0.6, 0.2, 0.5, -1.0, 0.7], dtype=torch.float64)  # θ1 (2), w2 (2), b2, v (3)
+
+    def parts(th):
+        return th[:2], th[2:4], th[4], th[5:]
+
+    def log_w(th, z, q):
+        _, _, _, v = parts(th)
+        z1, z2 = z[..., :h], z[..., h]
+        log_p = (Bernoulli(logits=PRIOR).log_prob(z1).sum(-1) + Bernoulli(logits=z1 @ v[:2] + v[2]).log_prob(z2))
+        return log_p - q.log_prob(z)
+
+    def exact(th):
+        t1, w2, b2, _ = parts(th)
+        q = _TwoLayerPosterior(t1, w2, b2)
+        z = torch.tensor(list(itertools.product([0.0, 1.0], repeat=k * (h + 1))), dtype=th.dtype).view(-1, k, h + 1)
+        lw = log_w(th, z, q)
+        return (q.log_prob(z).sum(-1).exp() * -(torch.logsumexp(lw, -1) - math.log(k))).sum()
+
+    th = theta0.clone().requires_grad_()
+    want = torch.autograd.grad(exact(th), th)[0]
+    torch.manual_seed(0)
+    est = storch.estimator("vimco", plate="z", n_draws=k)
+    grads = []
+    for _ in range(400):
+        th = theta0.clone().requires_grad_()
+        t1, w2, b2, _ = parts(th)
+        with storch.Graph():
+            copies = storch.denote_independent(t1.expand(8, h), 0, "copies")
+            q = _TwoLayerPosterior(copies, w2, b2)
+            z = est(q)
+            storch.add_cost(est.bound(log_w(th, z, q)), name="niwae")
+            grads.append(torch.autograd.grad(storch.surrogate_loss(), th)[0])
+    assert_unbiased(torch.stack(grads), want, "vimco, a 2-layer posterior as one distribution")
