@@ -120,13 +120,17 @@ def _distributions_caller() -> Optional[types.CodeType]:
 
 
 def _reads_indices(func, code: types.CodeType) -> bool:
-    """Whether ``func``, called by torch.distributions' ``code``, reads its operand as indices: an integer cast or
-    argmax (Categorical.log_prob's ``value.long()``), or the indices of ``max`` in OneHotCategorical.log_prob
+    """Whether ``func``, called by torch.distributions' ``code``, reads its operand as indices: an integer cast
+    (Categorical.log_prob's ``value.long()``), or the indices of ``max`` in OneHotCategorical.log_prob
     (``value.max(-1)[1]``). On a relaxed sample the log-probability then jumps between categories (found by
     porting: REBAR/RELAX with ``q.log_prob(z) - p.log_prob(z)``, |z| 20 to 161)."""
-    return func in INDEXING or (func in INDEX_VALUES and code is _ONE_HOT_LOG_PROB)
+    return (func in INDEXING and code is _CATEGORICAL_LOG_PROB) or (func in INDEX_VALUES and code is _ONE_HOT_LOG_PROB)
 
 
+# only these two densities read their value as indices: elsewhere in torch.distributions an argmax reads something
+# else that the sample reaches (Categorical(logits=f(z)).mode, an unused metric of a decoder: refused by a first
+# version, found by review)
+_CATEGORICAL_LOG_PROB = Categorical.log_prob.__code__
 _ONE_HOT_LOG_PROB = OneHotCategorical.log_prob.__code__
 _CATEGORIES = (Categorical, OneHotCategorical)
 
