@@ -655,6 +655,41 @@ def test_a_subclass_s_own_baseline_that_ignores_the_baseline_option_is_refused_a
     assert Own(plate="z", n_samples=3).baseline_kind == "none"
     assert Own(plate="z", n_samples=3, baseline="greedy").baseline_kind == "greedy"
 
+    # baselines that read the option in other ways are accepted (a first version refused them; found by review)
+    class Decorated(storch_score.Score):
+        name = "test_score_own_decorated"
+
+        @torch.no_grad()
+        def baseline(self, node, cost):
+            return super().baseline(node, cost)
+
+    class Helper(storch_score.Score):
+        name = "test_score_own_helper"
+
+        def baseline(self, node, cost):
+            return self._scaled(node, cost)
+
+        def _scaled(self, node, cost):
+            b = storch_score.Score.baseline(self, node, cost)
+            return None if b is None else 0.5 * b
+
+    class Nested(storch_score.Score):
+        name = "test_score_own_nested"
+
+        def baseline(self, node, cost):
+            def inner():
+                return storch_score.Score.baseline(self, node, cost)
+            return inner()
+
+    class Kind(storch_score.Score):
+        name = "test_score_own_kind"
+
+        def baseline(self, node, cost):
+            return cost.tensor.mean() if self.baseline_kind == "leave_one_out" else None
+
+    for cls in (Decorated, Helper, Nested, Kind):
+        assert cls(plate="z", n_samples=3, baseline="leave_one_out").baseline_kind == "leave_one_out"
+
     # the combined baseline is half the leave-one-out baseline: the gradient by hand
     theta = torch.tensor([0.3, -0.2], dtype=torch.float64, requires_grad=True)
     torch.manual_seed(3)

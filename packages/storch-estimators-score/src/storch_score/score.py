@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import types
 import warnings
 from typing import Any, Callable, Optional, Union
 
@@ -610,18 +612,40 @@ def _before_sequence(view: Node) -> Node:
 
 
 # names a baseline() reads when it uses the baseline option: Score.baseline (super().baseline(node, cost),
-# Score.baseline(self, ...)), the option's baseline object, or its state
-_OPTION_READS = frozenset({"baseline", "_baseline", "baseline_fn", "moving_averages"})
+# Score.baseline(self, ...)), the option's kind, the option's baseline object, or its state
+_OPTION_READS = frozenset({"baseline", "_baseline", "baseline_fn", "baseline_kind", "moving_averages"})
 
 
 def _ignores_option(cls: type) -> bool:
-    """Whether a subclass of :class:`Score` overrides ``baseline`` with code that never reads the baseline option
-    (names none of ``_OPTION_READS``). Read from the function's code at construction, so that the error comes
-    there and not at the first surrogate; a ``baseline`` that is not a plain function is given the benefit of
-    the doubt."""
-    fn = cls.baseline
-    code = getattr(fn, "__code__", None)
-    return fn is not Score.baseline and code is not None and not _OPTION_READS.intersection(code.co_names)
+    """Whether a subclass of :class:`Score` overrides ``baseline`` with code that never reads the baseline option:
+    a plain function (under its decorators) whose code, nested functions included, names none of
+    ``_OPTION_READS`` and calls no other method of the class (a helper may read the option). Read from the code at
+    construction, so that the error comes there and not at the first surrogate; anything else (a partialmethod, a
+    callable object) is given the benefit of the doubt."""
+    if cls.baseline is Score.baseline:
+        return False
+    fn = inspect.getattr_static(cls, "baseline")  # (a partialmethod, a classmethod: not a plain function)
+    if not isinstance(fn, types.FunctionType):
+        return False
+    fn = inspect.unwrap(fn)  # (@torch.no_grad() and other functools.wraps decorators)
+    if not isinstance(fn, types.FunctionType):
+        return False
+    names = _code_names(fn.__code__)
+    if _OPTION_READS.intersection(names):
+        return False
+    # a call of another method of the class (self.helper(...)), which may read the option
+    return not any(callable(getattr(cls, n, None)) and not isinstance(getattr(cls, n, None), type)
+                   for n in names if n != "baseline" and not n.startswith("__"))
+
+
+def _code_names(code: types.CodeType) -> set:
+    """The global and attribute names a code object and the code objects nested in it (inner functions,
+    comprehensions, lambdas) use."""
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names |= _code_names(c)
+    return names
 
 
 def _own_control_variate(cls: type) -> bool:
