@@ -356,11 +356,11 @@ def test_a_kink_seen_under_torch_func_is_not_cached_for_eager_steps(monkeypatch)
 
 def _fresh_kink_caches(monkeypatch):
     """The kink verdicts of an empty process (the surrogate's order-1 guard holds the same set object)."""
-    from storch import surrogate
+    from storch.surrogate import order
 
     fresh = set(score_conditions._SMOOTH_LOG_PROB)
     monkeypatch.setattr(score_conditions, "KINK_FREE", fresh)
-    monkeypatch.setattr(surrogate, "KINK_FREE", fresh)
+    monkeypatch.setattr(order, "KINK_FREE", fresh)
     monkeypatch.setattr(score_conditions, "_KINKS", {})
 
 

@@ -159,7 +159,7 @@ def test_evaluation_calls_and_a_second_backward_do_not_update():
 @pytest.mark.parametrize("objective", ["gradient penalty", "maml"])
 def test_second_order_objective_updates_as_eagerly(objective):
     # eagerly a second-order objective built from g = autograd.grad(loss, θ, create_graph=True) runs the
-    # updates on its .backward() (a second probe in g's graph, storch.surrogate._updates_on_backward); the
+    # updates on its .backward() (a second probe in g's graph, storch.surrogate.updates._updates_on_backward); the
     # compiled loss had only the first probe, so its moving average never moved under a gradient penalty or
     # a MAML outer loss through θ - lr·g
     def run(compiled: bool) -> list:

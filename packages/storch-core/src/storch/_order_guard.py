@@ -17,7 +17,7 @@ REBAR's variance training of their control variate) runs inside :func:`estimator
 Forward mode (``torch.autograd.forward_ad``) together with reverse mode: a backward pass whose inputs
 carry forward tangents gives its gradients tangents, the second derivatives (forward-over-reverse
 Hessian-vector products), with grad mode off; a gradient of a tangent (reverse-over-forward) passes no
-hook. ``storch.surrogate._refuse_twice`` refuses at once a hooked tensor that both requires grad and carries
+hook. ``storch.surrogate.refusals._refuse_twice`` refuses at once a hooked tensor that both requires grad and carries
 a tangent, and an order-1 surrogate whose loss does; the hook refuses a pass whose incoming gradient carries
 a tangent, and every pass through a tensor that carried one when it was hooked.
 
@@ -26,7 +26,7 @@ tensors it captures, require grad in the autograd outside it: its result (the gr
 requires grad there, and a ``torch.autograd.grad`` / ``.backward`` of it is a second derivative (reverse
 over the transform) that passes no hook (the transform's own pass runs its hooks with grad mode on, so they
 are not registered there). :func:`outer_requires_grad` reads, under the transform's wrappers, whether a term
-takes part in that outer autograd; ``storch.surrogate._refuse_twice`` refuses such a term when the surrogate
+takes part in that outer autograd; ``storch.surrogate.refusals._refuse_twice`` refuses such a term when the surrogate
 is built (:data:`FUNCTORCH_OVER_OUTER` says what to do), and the surrogate refuses a loss that does where a
 differentiated order-1 term was found (a mixed second derivative through a detached cost).
 

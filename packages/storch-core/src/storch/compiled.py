@@ -784,7 +784,7 @@ def _lift_state(gm: torch.fx.GraphModule, state: list) -> None:
 
 class _Recorder:
     """What ``surrogate_loss`` hands over while ``storch.compile`` records a step whose loss updates
-    estimators (storch.surrogate._updates_on_backward): the loss gets the program's probe input
+    estimators (storch.surrogate.updates._updates_on_backward): the loss gets the program's probe input
     added (a zero whose gradient accumulation, at each replay, queues the updates, as the eager
     probe does), and the program returns the loss and the estimators' ``update_inputs`` as extra
     outputs. ``decided``: on the replay check (grad off), whether the trace recorded an update."""
@@ -800,7 +800,7 @@ class _Recorder:
 
     def refuse(self, message: Callable[[], str]) -> None:
         """The traced order-1 surrogate holds a term that differentiating it again would bias (an order-1
-        estimator, a kink on a pathwise path: storch.surrogate._refuse_twice): its eager hooks on the traced
+        estimator, a kink on a pathwise path: storch.surrogate.refusals._refuse_twice): its eager hooks on the traced
         tensors are not part of the program, so every replay's outputs get the refusal (the first message)."""
         if self.refusal is None:
             self.refusal = message
@@ -833,7 +833,7 @@ class _Recorder:
         probe = self.probe
         if probe.dtype != loss.dtype or probe.device != loss.device:
             probe = probe.to(dtype=loss.dtype, device=loss.device)
-        # as the eager step's probe (storch.surrogate._updates_on_backward): loss + loss · probe, one node with
+        # as the eager step's probe (storch.surrogate.updates._updates_on_backward): loss + loss · probe, one node with
         # the loss's value and derivatives (probe = 0); plain .backward() accumulates into the probe, and so does
         # a second-order objective built from g = autograd.grad(loss, θ, create_graph=True) (a gradient
         # penalty, a MAML outer loss through θ - lr·g): g = ∂loss + probe ∂loss holds it
@@ -883,7 +883,7 @@ _NO_UPDATE = object()
 
 def _update_on_backward(probe: torch.Tensor, loss: torch.Tensor, values: tuple, updates: list, fn,
                         computed: Optional[dict] = None) -> None:
-    """The eager probe's mechanism (storch.surrogate.update_on_backward) for a replayed call: when
+    """The eager probe's mechanism (storch.surrogate.updates.update_on_backward) for a replayed call: when
     ``.backward()`` accumulates into ``probe`` (``torch.autograd.grad`` does not), the loss is checked
     and the estimators' ``update_from`` run once, at the end of the pass, from this replay's values."""
 

@@ -64,7 +64,7 @@ class Graph:
         self.no_credit: set[int] = set()  # ids of the costs added with credit=False (storch.add_cost)
         self.loss_built = False  # surrogate_loss() was called in this step (for the messages below)
         self.last_end: Optional[str] = None  # how the last step with costs ended (for the messages below)
-        # the step's update record (storch.surrogate._updates_on_backward makes it at the step's first update
+        # the step's update record (storch.surrogate.updates._updates_on_backward makes it at the step's first update
         # probe; reset drops it): non-empty once a backward pass queued the step's estimator updates, and shared
         # by every probe of the step, so they run once per step however many of its surrogates a pass reaches,
         # or passes reach. Dropped, never cleared: a probe of an ended step keeps its own

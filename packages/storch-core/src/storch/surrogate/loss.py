@@ -1,0 +1,379 @@
+"""The surrogate loss (paper, Eq. 2) of a graph: ``surrogate_loss``, its value alone, the costs' estimates.
+
+``_surrogate_loss`` checks each cost's nodes (:mod:`.order`, :mod:`.pathwise`) and the samples (drawn with
+gradient, not changed in place, each reaching a cost), then sums the costs' terms: stacked per partition
+(:mod:`.steps`), one by one (:mod:`.terms`), or as written (``credit=False``); ``surrogate_loss`` adds the
+estimators' updates on backward (:mod:`.updates`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+from ..eager import eager_only
+from ..errors import StorchError, UnusedSampleWarning
+from ..graph import Graph, current_graph, tracing_recorder
+from ..node import Node
+from ..plates.tensor import align, plates_of, raw_of
+from .order import _check_order, _guard_low_order
+from .pathwise import _check_reaches, _check_smooth
+from .refusals import _PENDING, _check_mixed, _keep_counted
+from .steps import _step_group, _steps_surrogate
+from .terms import _Sums, _at_cost, _cost_surrogate, cost_nodes
+from .updates import _updates_on_backward
+
+
+@eager_only
+def cost_estimates(graph: Optional[Graph] = None) -> dict[str, torch.Tensor]:
+    """The estimate of the expectation of each cost, by name (detached; for logging).
+
+    Each cost is reduced as the surrogate reduces it: sampling plates by their estimators'
+    weights, data plates by the mean. This is the number a user computes by averaging the samples
+    of plain Monte Carlo, and the right one where the plate holds entries that are not samples of
+    p: the greedy entry of ``score(baseline="greedy")`` (weight 0), the memory slots and rejected
+    samples of ``sum_and_sample``, the weight-0 padding of ``unordered_set`` when the support is
+    smaller than k, and the weighted sets of ``expect`` and ``unordered_set``. Averaging a cost's
+    sample dimension by hand counts those entries as samples. The values are the estimates of the costs,
+    not a decomposition of the surrogate: they sum to the surrogate's forward value only where every
+    control variate's forward value is 0 (a baseline enters as (1 - MagicBox(l)) b, whose value is 0); a
+    control variate that is 0 in expectation only (its value at the samples is not: a learned or relaxed
+    control variate, such as RELAX's c(z) - c(z̃) terms) adds to the surrogate's value, not to these.
+    """
+    graph = graph or current_graph()
+    out: dict[str, torch.Tensor] = {}
+    for name, cost in graph.costs:
+        # the partition views (cumulative L_t) and weights that _at_cost builds are cached on the nodes for
+        # the surrogate: built with grad, also when this is called under torch.no_grad() (built without,
+        # they cut the loss of a later storch.backward() off from autograd; found by porting a TSP policy)
+        with torch.enable_grad():
+            plates, raw, nodes = _at_cost(plates_of(cost), raw_of(cost), cost_nodes(graph, cost))
+        with torch.no_grad():
+            value = _weighted_mean(plates, raw.detach(), nodes).reshape(())
+        out[name] = out[name] + value if name in out else value
+    return out
+
+
+@eager_only
+def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tensor:
+    """The surrogate loss of the current graph (paper, Eq. 2).
+
+    Its value is the estimate of the expected total cost; differentiating it ``order`` times
+    gives unbiased estimates of the ``order``-th derivative (Theorem 1) for every estimator whose
+    ``max_order`` >= ``order``.
+
+    ``order=0`` is the value alone: the same estimate of the expected total cost, returned detached (no
+    ``grad_fn``; like :func:`cost_estimates`, whose values it sums), because storch checks nothing a
+    derivative needs at order 0 (the jumps and kinks on a pathwise path, the estimators unbiased only at
+    order 1), so a derivative of it would not be guaranteed unbiased. Its ``.backward()`` raises torch's
+    "does not require grad"; for a gradient build order 1 (the default) or higher.
+
+    ``surrogate_loss().backward()`` leaves the estimators as ``storch.backward()`` does: when the
+    backward pass accumulates gradients (``.backward()``, not ``torch.autograd.grad``, which stays an
+    evaluation pass), the estimators' ``update_parameters`` run once, after the pass (moving
+    averages, sum-and-sample's buffer, annealing steps). Once per step: the step's surrogates share one
+    record, so a pass that reaches several of them (``(main + 0 * storch.surrogate_loss()).backward()``, an
+    order-1 and an order-2 surrogate) updates once, and a later pass of the step (a second ``.backward()``
+    with ``retain_graph=True``, of this or another of its surrogates, or ``storch.backward()``) accumulates
+    its gradients again but updates nothing: estimator state advances one step per training step. An
+    estimator whose update differentiates the loss again (a learned control variate: RELAX, LAX, REBAR) is refused there, before any gradient
+    is accumulated, with the advice to call ``storch.backward()``. Unlike ``storch.backward()``, the
+    graph is not reset. A second-order training objective built from ``g = torch.autograd.grad(loss,
+    params, create_graph=True)`` (a gradient penalty, a MAML outer step through ``params - lr * g``) runs
+    the updates too when it is backpropagated with ``.backward()``: the loss is ``loss + loss · probe`` with a
+    zero leaf ``probe`` (one node; the same value and derivatives), and ``g = ∂loss + probe ∂loss`` holds it.
+
+    Built inside ``torch.func.vmap`` (an ensemble: ``vmap(step, randomness="different")(params).sum()
+    .backward()``, or ``stack_module_state`` + ``functional_call``), the surrogate's ``.backward()`` outside
+    vmap raises ``StorchError`` when an estimator of the step would update its state (before any gradient is
+    accumulated): the step's values are batched over the members, and one estimator's state would mix them.
+    Estimators without state (``score`` with ``baseline='leave_one_out'`` or none, ``update=False``) train
+    under vmap; ``torch.autograd.grad`` (and ``torch.func.grad``) of a vmapped surrogate, which never updates, is
+    not refused. ``storch.backward()`` inside vmap raises ``StorchError`` (no backward pass runs inside vmap).
+
+    A node that no cost is downstream of (no cost carries its plate) and whose gradient function or
+    weights carry gradient gets a :class:`storch.UnusedSampleWarning`: its parameters get no gradient
+    from it, typically because a cost was computed from its samples outside storch's plates
+    (``z.tensor``).
+
+    The order-1 surrogate is the any-order form of Eq. 2: differentiated twice (``torch.autograd.grad``
+    with ``create_graph=True``, ``torch.autograd.functional.hessian`` / ``hvp``) it gives unbiased
+    higher derivatives for the estimators whose ``max_order`` allows them (score, expect, importance,
+    RELAX, ...). Where a node is unbiased only at order 1 (ARM, DisARM, GO, MVD, SPSA, the unordered
+    set with its baseline), a pathwise node's cost has a kink on the path from its sample (ReLU,
+    abs, max; REBAR's, RELAX's and LAX's control variates likewise, their cost at the relaxed sample and
+    their network), or a score-function node's log p has a kink in its learned parameters (Laplace's
+    |x - loc|), the backward pass with ``create_graph=True`` through its term raises ``OrderError``
+    (torch.func: two nested differentiating transforms raise it when the surrogate is built, and so does
+    one (``torch.func.jvp``, ``grad``, ``vjp``, ``jacrev``) whose inputs or captured tensors require grad
+    outside it: a ``torch.autograd.grad`` / ``.backward`` of its result, the jvp's tangent or the gradient,
+    would be a second derivative that no hook sees; pass it detached tensors for a first derivative).
+    Under ``torch.func.vmap`` (``randomness="different"``) the tensors under the batching are hooked and
+    checked, so a derivative of the vmapped surrogate outside vmap is refused or allowed as eagerly (the
+    estimators' updates excepted: see above).
+
+    Forward mode (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``) of detached primals through a
+    pathwise node: there is no autograd graph in which to check its cost for a jump (round, sign, floor: a
+    tangent of 0 where the expectation's is not, which reverse mode refuses), so it uses the verdict of an
+    earlier step of the same estimator and cost name built with parameters that require grad (outside the
+    forward-mode transform), and without one raises ``OrderError``: run one such step first.
+
+    Raises:
+        OrderError: an estimator upstream of a cost is not unbiased to ``order``. Like every
+            error raised during a step, it discards the step (the graph is reset). At order 1,
+            raised by the backward pass with ``create_graph=True`` described above.
+        StorchError: built with gradients enabled, a cost depends on a node that was sampled under
+            ``torch.no_grad()`` from parameters that require grad (its gradient would be missing).
+    """
+    graph = graph or current_graph()
+    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
+        raise StorchError(f"order must be an int >= 0, got {order!r}")  # a bad argument: the step is intact
+    if order == 0:
+        # detached because no guard of a derivative ran (before, its gradient skipped the order-1 refusals:
+        # round(z) gave 0, a ReLU's or ARM's Hessian no OrderError)
+        return value_surrogate(graph).detach()
+    with graph.guard():
+        if order >= 2:
+            recorder = tracing_recorder()
+            if recorder is not None and not recorder.replay_only:
+                raise StorchError(
+                    f"surrogate_loss(order={order}) in a step compiled by storch.compile with a compiler backend: "
+                    "torch's compiled programs cannot be differentiated twice (inductor says it does not support "
+                    "double backward; with aot_eager the second derivative came out unused, None with "
+                    "allow_unused=True). Use storch.compile(step, backend=None), whose replay runs the traced "
+                    "operations through autograd (every order), or run the step eagerly")
+        loss = _surrogate_loss(order, graph)
+    graph.loss_built = True
+    loss = _updates_on_backward(loss, graph)
+    if order >= 2:
+        _keep_counted(loss)
+    return loss
+
+
+def value_surrogate(graph: Graph) -> torch.Tensor:
+    """The order-0 surrogate with its autograd graph (``surrogate_loss(order=0)`` detaches it): for
+    storch.testing, which differentiates it only in the replicate plate's weights (each replicate's
+    estimate: the loss is linear in them), never in the parameters, whose derivatives nothing here guards.
+    Built with grad: the partition views and weights it caches on the nodes serve a later surrogate of the
+    step, which must keep their graph."""
+    with graph.guard():
+        loss = _surrogate_loss(0, graph)
+    graph.loss_built = True
+    return loss
+
+
+def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
+    if not graph.costs:
+        ended = ("" if graph.nodes or graph.last_end is None else
+                 f" (its last step was {graph.last_end}: storch.backward() ends the step and resets the graph, "
+                 "so call it once per step, after the step's costs)")
+        raise StorchError(f"the graph has no costs{ended}; call storch.add_cost(...) before the surrogate loss")
+    pending = _PENDING.mixed
+    pending.clear()  # (refusals of an earlier build of this thread that raised)
+    per_cost = []
+    plain = []  # costs added with credit=False: differentiated as written
+    reached = 0
+    no_credit = graph.no_credit
+    memos: dict = {}  # the smoothness walks' memo, shared by the costs of this surrogate
+    for name, cost in graph.costs:
+        nodes = cost_nodes(graph, cost)
+        if no_credit and id(cost) in no_credit:
+            plain.append((cost, nodes))
+            reached += len(nodes)
+            continue
+        if nodes:
+            _check_order(nodes, order)
+            _check_smooth(name, cost, nodes, order, memos)
+            _check_reaches(name, cost, nodes, order)
+            reached += len(nodes)
+        per_cost.append((name, cost, nodes))
+    grad = None
+    for node in graph.nodes:
+        for raw, version in node.handed:
+            if raw._version != version and _reads_its_samples(node):
+                _changed_in_place(node)
+        if node.no_grad_cut:
+            if grad is None:
+                grad = torch.is_grad_enabled()
+            if grad:  # a training surrogate (an evaluation one is built under no_grad too)
+                _check_sampled_with_grad(node, per_cost)
+    n = len(graph.nodes)
+    if n and (reached == 0 or n > 1):  # one node and some cost upstream of it: nothing to look for
+        _warn_unused(graph, per_cost + [(None, c, ns) for c, ns in plain])
+    renamed = _state_names(per_cost) if len(graph.costs) > 1 and n else None
+    loss = None
+    single, groups = [], {}
+    if any(len(nodes) == 1 and nodes[0].history is not None for _, _, nodes in per_cost):
+        stackable: dict = {}  # id(node) -> whether its steps' costs may be stacked (asked once per node)
+        for name, cost, nodes in per_cost:
+            key = _step_group(cost, nodes, stackable)
+            if key is None:
+                single.append((name, cost, nodes))
+            else:
+                groups.setdefault(key, []).append((name, cost, nodes))
+    else:  # only the costs of a partition's steps (one node with a history) can be stacked
+        single = per_cost
+    for members in groups.values():
+        if len(members) == 1:
+            single.extend(members)
+        else:
+            s = _steps_surrogate(members[0][2][0], members, order)
+            loss = s if loss is None else loss + s
+    sums = _Sums()  # the running sums of the gradient functions, shared by the costs
+    for name, cost, nodes in single:
+        s = _cost_surrogate(cost, nodes, name, order, renamed and renamed.get(id(cost)), sums)
+        loss = s if loss is None else loss + s
+    for cost, nodes in plain:
+        s = _plain_surrogate(cost, nodes)
+        loss = s if loss is None else loss + s
+    if n and order:  # (order 0, the value alone: nothing differentiated)
+        _guard_low_order(graph, order)
+    if pending:
+        _check_mixed(loss)
+    return loss if loss.dim() == 0 else loss.reshape(())  # a reshape of a 0-dim loss is one more node
+
+
+def _plain_surrogate(cost, nodes: list[Node]) -> torch.Tensor:
+    """A cost added with ``credit=False``: no MagicBox, no control variate; reduced as
+    :func:`cost_estimates` reduces a cost, but with the cost's graph."""
+    return _weighted_mean(*_at_cost(plates_of(cost), raw_of(cost), nodes))
+
+
+def _weighted_mean(plates: tuple, inner: torch.Tensor, nodes: list[Node]) -> torch.Tensor:
+    """``inner`` (leading dims ``plates``) reduced over the nodes' sampling plates by their weights
+    (detached: not differentiated; 1/N as a mean for uniform ones), then the mean over what is left."""
+    for node in reversed(nodes):
+        dim = plates.index(node.plate)
+        if node.estimator.uniform_weights:
+            inner = inner.mean(dim, keepdim=True)
+        else:
+            inner = (align(node.weight_values.detach(), node.plates, plates) * inner).sum(dim, keepdim=True)
+    return inner.mean() if inner.dim() else inner
+
+
+def _reads_its_samples(node: Node) -> bool:
+    """Whether the node's estimator reads the values it drew (a gradient function or weights that carry
+    gradient, a control variate). A pathwise node (reparameterization, a relaxation without control
+    variate) does not: autograd follows an in-place change of its sample as of any tensor."""
+    est = node.estimator
+    return bool(node.gradient_values.requires_grad or not est.uniform_weights or est.has_control_variate())
+
+
+def _check_sampled_with_grad(node: Node, per_cost: list) -> None:
+    """Refuse a node sampled under ``torch.no_grad()`` from parameters that require grad when a cost
+    reaches it and the surrogate is built with grad: its gradient function (and a pathwise sample)
+    has no graph, so its score term is silently missing from the gradient (only the other costs'
+    terms remain, e.g. an entropy bonus). A node without costs may be sampled so (it silences
+    :class:`UnusedSampleWarning`), and so may every node of an evaluation pass under no_grad. A cost added
+    with ``credit=False`` is differentiated as written (no score term), and as written it reads a sample
+    drawn without gradient: not refused (a world model trained on the actions of a policy sampled under
+    no_grad)."""
+    if not any(n is node for _, _, nodes in per_cost for n in nodes):
+        return
+    step = f" (step {node.no_grad_step} of its partition)" if node.step_log is not None else ""
+    raise StorchError(
+        f"node {node.plate.name!r} (estimator {node.estimator.name!r}) was sampled under torch.no_grad() (or "
+        f"torch.inference_mode()){step}, from a distribution whose parameters require grad, and a cost depends "
+        "on it: its gradient function was computed without grad, so these parameters would get no gradient "
+        "through it (the gradient would silently be only the other costs'). Sample it with gradients enabled "
+        "(est(distribution) outside the no_grad block); use torch.no_grad() only for evaluation steps (sampling, "
+        "storch.cost_estimates() and the surrogate all under no_grad) or for nodes without costs; a loss that "
+        "should not train this node's parameters can be added with storch.add_cost(..., credit=False)")
+
+
+def _changed_in_place(node: Node) -> None:
+    raise StorchError(
+        f"the samples of node {node.plate.name!r} (estimator {node.estimator.name!r}) were changed in place after "
+        "the estimator handed them out (z.mul_(2), z += 1, z[...] = v, z.clamp_(...)): its gradient function, "
+        "weights and control variates refer to the values it drew, so the gradient would be wrong or torch would "
+        "fail in the backward pass. Compute a new tensor instead (z = z * 2, z = z + 1, torch.where(...), "
+        "z.clamp(...))")
+
+
+def _state_names(per_cost: list) -> Optional[dict]:
+    """The state names of costs that share a name with a cost of other plates reaching the same node.
+
+    Per-cost estimator state (moving averages, NVIL's heads, the frames ``update_parameters`` reads,
+    sum_and_sample's buffer totals) is kept by the frame's key, the cost's name and step. Costs added per
+    layer under one name (``storch.add_cost(term, name="nelbo")`` for each layer) have different plates,
+    and one baseline for all of them (the last one's average) would silently cost variance: at a node
+    that several such costs reach, each is kept under its name with its plate names, sorted
+    (``"nelbo[z1,z2]"``). A model without such costs keeps its keys (and state_dict) as they were.
+    Two costs of one name with the same plates at one step do share the state: warned about.
+
+    Returns:
+        ``None`` (nothing renamed), or by ``id(cost)`` the cost's state name and the plate names of the
+        nodes where it is used.
+    """
+    by_name: dict = {}
+    for name, cost, nodes in per_cost:
+        if nodes:
+            by_name.setdefault(name, []).append((cost, nodes))
+    renamed: Optional[dict] = None
+    warned = False
+    for name, members in by_name.items():
+        if len(members) < 2:
+            continue
+        kinds: dict = {}  # the plate names of a cost: its costs (and their nodes)
+        seen: set = set()
+        for cost, nodes in members:
+            plates = plates_of(cost)
+            if plates in seen and not warned:
+                warned = True
+                warnings.warn(
+                    f"two costs named {name!r} were added at the same step (the same plates): the loss counts both, "
+                    "but estimator state kept per cost (moving-average and learned baselines, sum_and_sample's "
+                    "buffer) is kept by name, plates and step, so they share it and one replaces the other there. "
+                    "Give each cost of a step its own name (the same name at different steps of a partition, or "
+                    "for costs of different plates such as one per layer, is fine)", UserWarning, stacklevel=5)
+            seen.add(plates)
+            kinds.setdefault(frozenset([p.name for p in plates]), []).append((cost, nodes))
+        if len(kinds) < 2:  # (the steps of a partition: one kind)
+            continue
+        at_node: dict = {}  # a node's plate name -> the kinds of the costs that reach it
+        for kind, costs in kinds.items():
+            for _, nodes in costs:
+                for node in nodes:
+                    at_node.setdefault(node.plate.name, set()).add(kind)
+        for kind, costs in kinds.items():
+            state = f"{name or ''}[{','.join(sorted(kind))}]"
+            for cost, nodes in costs:
+                split = {node.plate.name for node in nodes if len(at_node[node.plate.name]) > 1}
+                if split:
+                    if renamed is None:
+                        renamed = {}
+                    renamed[id(cost)] = (state, split)
+    return renamed
+
+
+def _warn_unused(graph: Graph, per_cost: list) -> None:
+    """Warn about each node whose gradient function carries gradient and that no cost is downstream of.
+
+    Its score term (l, or its weights) reaches the parameters only through the costs downstream of it,
+    which are the costs that carry its plate. A cost computed from its samples outside storch's plates
+    (``z.tensor``, ``.item()``, numpy; a reduction over the sample plate such as an IWAE bound) does not
+    carry it, so that node's parameters silently got no gradient from it. A node with a zero gradient
+    function (reparameterization, the relaxations) is not reported: its gradient flows pathwise.
+    """
+    seen = {id(n) for _, _, nodes in per_cost for n in nodes}
+    if len(seen) == len(graph.nodes):
+        return
+    for node in graph.nodes:
+        if id(node) in seen:
+            continue
+        w = node.weight_values if not node.estimator.uniform_weights else None
+        carries = node.gradient_values.requires_grad or (w is not None and w.requires_grad)
+        if carries:
+            warnings.warn(UnusedSampleWarning(
+                f"node {node.plate.name!r} (estimator {node.estimator.name!r}) is upstream of no cost: no cost carries "
+                f"its plate {node.plate.name!r}, so its distribution's parameters get no gradient from its estimator. "
+                "If a cost was computed from its samples outside storch's plates (z.tensor, .item(), numpy, or a "
+                "reduction over the sample plate such as an IWAE bound), storch cannot see that dependence: compute "
+                "the cost from the plate tensor itself, one value per sample (a reduction over the samples is not a "
+                "cost storch can differentiate with a score function; a continuous node can use "
+                "'reparameterization'; a multi-sample bound such as IWAE's is the cost of ONE sample that holds its K "
+                "draws: est(Bernoulli(logits=logits.expand(K, *logits.shape))), reduced over the first dim, or the "
+                "'vimco' estimator, see docs/plates.md). A node sampled on purpose without a cost can be sampled under "
+                "torch.no_grad() (or from detached parameters)"), stacklevel=5)

@@ -1,0 +1,405 @@
+"""What a pathwise node (one whose gradient flows through the sample it handed out) needs of a cost.
+
+A smooth path (``_check_smooth``): no jump on the path from the sample to the cost at order 1, no kink at
+order >= 2 (storch.smoothness), an order-1 surrogate whose cost has a kink hooked against a second derivative.
+A path at all (``_check_reaches``): a cost that carries the node's plate but whose autograd graph does not reach
+the sample (a comparison, ``.long()``, ``detach``) is refused, its pathwise gradient silently 0.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+from torch.distributions import Categorical, OneHotCategorical
+
+from .. import smoothness
+from .._order_guard import forward_level_open, has_tangent, is_differentiated, unbatched, unwrapped
+from ..distributions import base_distribution, grad_parameters
+from ..errors import OrderError
+from ..node import Node
+from ..plates.tensor import plates_of, raw_of
+from ..score_conditions import smooth_log_prob_parameters
+from ..smoothness import _reaches, require_smooth
+from .refusals import _AGAIN, _again, _batched, _refuse_twice
+
+
+# estimator -> {cost name: the kinks (autograd node names) on the path from its sample to the cost, () if
+# none}: the costs checked at order 1 (see _check_smooth)
+_CHECKED_AT_ORDER_1: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
+                  memos: Optional[dict] = None) -> None:
+    """A pathwise node (its estimator ``requires_rsample``: the cost is differentiated through the sample
+    itself) is unbiased at order n only for a cost whose derivatives of order < n are continuous in its
+    sample: refuse an operation on a path from a value it handed out to the cost that breaks this
+    (storch.smoothness). At order >= 2, a kink (ReLU, abs, clamp, max) or a jump, at every surrogate; at
+    order 1 only a jump (round, sign, floor, nearest grid_sample: the pathwise gradient is 0 where the
+    expectation's is not), checked at the first step of each estimator, cost name and partition step of
+    the cost (a walk of the cost's graph per step would cost the common case time; a model's operations
+    rarely change between steps; an episode's costs of one name differ per step). That walk also records
+    the kinks: an order-1 surrogate whose cost has one is refused when it is differentiated again (its
+    cost hooked: :mod:`storch._order_guard`). ``memos``: per pathwise node, what the walks of this
+    surrogate learned (:class:`storch.smoothness.PathMemo`): each autograd node is expanded once."""
+    if order < 1:  # the value alone: surrogate_loss(order=0) is detached, nothing differentiated
+        return
+    key = None  # (name, the cost's partition steps): computed once per cost, for its first pathwise node
+    for node in nodes:
+        est = node.estimator
+        if est.requires_rsample and node.handed:
+            if order < 2:
+                seen = _CHECKED_AT_ORDER_1.get(est)
+                if seen is None:
+                    seen = _CHECKED_AT_ORDER_1[est] = {}
+                if key is None:
+                    key = (name, _steps_of(cost))
+                kinks = seen.get(key)
+                if kinks == ():
+                    continue  # checked, smooth: nothing to do at this step
+            who = f"estimator {est.name!r} on plate {node.plate.name!r}"
+            inputs = [raw for raw, _ in node.handed]
+            roots = _differentiated_through(node, name, cost, nodes)
+            walks = memos
+            if any(_batched(t) for t in inputs):
+                # under torch.func.vmap the batched tensors have no autograd graph: walk the one of the tensors
+                # they batch, which a derivative outside vmap differentiates (a walk of the batched tensors found
+                # nothing: no refusal at order 2, and a cached smooth verdict let a later Hessian through a ReLU)
+                inputs = [unbatched(t) for t in inputs]
+                roots = [(unbatched(root), what, other) for root, what, other in roots]
+                if not any(t.requires_grad for t in inputs):
+                    continue  # no graph: no verdict (nothing outside vmap differentiates this node)
+                walks = None
+            if order < 2 and forward_level_open():
+                # under torch.func.jvp the wrapped tensors have no autograd graph: walk the outer autograd's
+                # (the tensors under the wrappers), which a second derivative would differentiate; a walk that
+                # sees no graph is no verdict (cached, a smooth verdict let a later Hessian through a ReLU)
+                handed = inputs
+                inputs = [_graph_of(t) for t in inputs]
+                roots = [(_graph_of(root), what, other) for root, what, other in roots]
+                if not any(t.requires_grad for t in inputs):
+                    if kinks is None and any(has_tangent(t) for t in handed):
+                        # detached primals: no graph to walk for a jump (round, sign: a tangent of 0 where the
+                        # expectation's is not, which reverse mode refuses); only an eager walk's verdict can tell
+                        raise OrderError(_unchecked_jvp_message(who, name))
+                    continue
+                walks = None  # (the memo is keyed by the node, for the tensors as handed)
+            memo = _memo_for(walks, node, inputs, 2 if order < 2 else order + 1)
+            if order >= 2:
+                # walked at order + 1: what surrogate_loss(order=n+1) would refuse. An operation whose derivative of
+                # order < n jumps is refused; one of order n (ELU's second derivative at order 2) is not, but the
+                # (n+1)-th derivative of this order-n surrogate through it is biased: hooked with the counting refusal
+                for root, what, other in roots:
+                    here, blame = _nonsmooth_through(root, other, inputs, order + 1, memo)
+                    if any(k < order for k in here.values()):
+                        require_smooth(blame, inputs, order, who=who, what=what,  # says why
+                                       through="the reparameterised sample", instead=_PATHWISE_INSTEAD)
+                    if here:
+                        kinks = tuple(sorted(here))
+                        _refuse_twice(root, lambda kinks=kinks: _kink_message(who, name, kinks, order), order)
+                continue
+            if kinks is None:
+                found: dict = {}
+                for root, what, other in roots:
+                    here, blame = _nonsmooth_through(root, other, inputs, 2, memo)  # (tests count walks)
+                    if any(k < 1 for k in here.values()):  # a jump: refused (require_smooth says why)
+                        require_smooth(blame, inputs, 1, who=who, what=what,
+                                       through="the reparameterised sample", instead=_PATHWISE_INSTEAD)
+                    found.update(here)
+                kinks = seen[key] = tuple(sorted(found))  # (after the check: a refused cost is checked again)
+            if kinks:
+                hooked = walks.setdefault("hooked", set()) if walks is not None else set()
+                for root, _, _ in roots:
+                    if id(root) not in hooked:  # (a downstream step's log p is a root of every later cost)
+                        hooked.add(id(root))
+                        _refuse_twice(root, lambda: _kink_message(who, name, kinks))
+
+
+def _unchecked_jvp_message(who: str, name: str) -> str:
+    return (f"{who}: the cost {name!r} is differentiated in forward mode (torch.func.jvp / jacfwd, "
+            "torch.autograd.forward_ad) through the reparameterised sample, with primals that do not require grad: "
+            "there is no autograd graph, so storch cannot check that the path from the sample to the cost has no "
+            "jump (round, sign, floor, nearest grid_sample: the pathwise derivative is 0 there while the "
+            "expectation's is not, which reverse mode refuses), and a tangent of 0 would be silently wrong. The check "
+            "runs once per estimator and cost name: build one step of this estimator and cost outside the forward-mode "
+            "transform with parameters that require grad first (storch.backward(), or storch.surrogate_loss()), after "
+            "which forward mode uses its verdict; or differentiate in reverse mode (torch.func.grad / jacrev, "
+            "torch.autograd.grad), or use an estimator that does not differentiate through the sample ('score')")
+
+
+def _graph_of(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or where it has no autograd graph of its own (a torch.func.jvp level's wrapper) the tensor under
+    its functorch wrappers, whose graph is the autograd's outside the transforms."""
+    return unwrapped(t) if t.grad_fn is None else t
+
+
+def _steps_of(cost) -> tuple:
+    """The partition steps of a cost's plates (all 0 outside partitions): an episode's costs of one name
+    at different steps are different costs for the order-1 checks."""
+    return tuple(p.step for p in plates_of(cost))
+
+
+def _memo_for(memos: Optional[dict], node: Node, inputs: list, order: int):
+    if memos is None:
+        return None
+    key = (id(node), order)
+    memo = memos.get(key)
+    if memo is None:
+        memo = memos[key] = smoothness.PathMemo(inputs, order)
+    return memo
+
+
+def _differentiated_through(node: Node, name: str, cost, nodes: list[Node]) -> list:
+    """What the surrogate differentiates through a pathwise node's sample for one cost, with words for a
+    message: the cost, and the gradient functions and weights of the cost's nodes downstream of it (a
+    score node whose logits are h(z), an ``expect`` node's probabilities: the surrogate differentiates
+    E_b[f(b) | z] through z along them, so a jump or kink of h biases it as one in the cost would). Of a
+    downstream partition, the steps up to the cost's (causal credit: L_t of the cost's step t)."""
+    roots = [(raw_of(cost), f"the cost {name!r}", None)]
+    plates = None
+    for other in nodes:
+        if other is node or not any(p.name == node.plate.name for p in other.parents):
+            continue
+        log = other.step_log
+        if log is None:
+            terms = [(other.gradient_values, "")]
+        else:
+            if plates is None:
+                plates = plates_of(cost)
+            t = next((p.step for p in plates if p.name == other.plate.name), len(log) - 1)
+            terms = [(l, f" at step {s}") for s, (_, l) in enumerate(log[:t + 1])]
+        for l, at in terms:
+            # (under torch.func.jvp: a tangent; under vmap: the tensor it batches requires grad)
+            if isinstance(l, torch.Tensor) and is_differentiated(unbatched(l)):
+                roots.append((l, f"the log-probability of node {other.plate.name!r}{at} (downstream, on the path "
+                                 f"to the cost {name!r})", other if log is None else None))
+        w = other._weight_values
+        if isinstance(w, torch.Tensor) and unbatched(w).requires_grad:  # (_weights_carry, under vmap too)
+            roots.append((w, f"the weights of node {other.plate.name!r} (downstream, on the "
+                                                f"path to the cost {name!r})", other if log is None else None))
+    return roots
+
+
+_PATHWISE_INSTEAD = "an estimator that does not differentiate through the sample, e.g. 'score'"
+
+
+def _nonsmooth_through(root: torch.Tensor, other: Optional[Node], inputs: list, order: int,
+                       memo) -> tuple[dict, torch.Tensor]:
+    """The non-smooth operations (name -> order of the first discontinuous derivative, those < ``order``) on a
+    path from ``inputs`` (a pathwise node's samples) to ``root``, and the tensor whose walk found them (for
+    require_smooth's message). ``other``: the downstream node whose log-probability or weights ``root`` is
+    (``None`` for a cost, or a partition's step, whose distribution is per step).
+
+    torch writes some log-densities that are smooth in their parameters with kinks that cancel (Binomial's
+    softplus(logits) as clamp(logits, min=0) + log1p(exp(-|logits|))), which the walk of the autograd graph
+    counts. Where the walk from ``root`` finds an operation, every path from ``inputs`` to ``root`` passes
+    through the tensors of ``other``'s distribution that require grad (its parameters θ), and its log p is known
+    smooth in them (score_conditions.smooth_log_prob_parameters: Binomial on the list, or a cached walk), what lies
+    between θ and ``root`` is the node's own business at fixed θ: its log p, smooth, and its estimator's
+    computations on it, whose order-n derivatives in θ are unbiased up to its max_order (_check_order refuses
+    a lower one; _check_log_prob_smooth a score node's kink in log p). Then E_b[f | θ] is smooth in θ, and the
+    pathwise derivatives through x are unbiased where θ(x) is smooth: the paths from ``inputs`` to θ, the
+    user's own code (logits = relu(x) is refused), are walked instead."""
+    found = smoothness._nonsmooth_on_path(root, inputs, order, memo=memo)
+    if not found or other is None:
+        return found, root
+    params = smooth_log_prob_parameters(other.distribution, order)
+    if params is None:
+        return found, root
+    params = [_graph_of(t) for t in params]
+    if not params or _reaches([root], inputs, avoid=params):
+        return found, root  # a path that bypasses θ (a sample that carries gradient, an estimator's own input)
+    found, blame = {}, root
+    for t in params:
+        here = smoothness._nonsmooth_on_path(t, inputs, order, memo=memo)
+        if here and not found:
+            blame = t
+        for k, v in here.items():
+            found[k] = min(v, found.get(k, v))
+    return found, blame
+
+
+def _kink_message(who: str, name: str, kinks: tuple, order: int = 1) -> str:
+    if order >= 2:
+        return (f"{who}: the cost {name!r} has an operation on the path from the reparameterised sample whose "
+                f"derivative of order {order} is discontinuous ({', '.join(kinks)}), so its pathwise derivatives of "
+                f"order >= {order + 1} are biased (autograd reports 0 for the delta in the derivative of order "
+                f"{order + 1}; surrogate_loss(order={order + 1}) refuses it too); {_again(order)}. An operation "
+                f"smooth to order {order + 1} on that path (softplus, GELU, SiLU, tanh) or an estimator that does not "
+                "differentiate through the sample ('score') is unbiased at every order")
+    return (f"{who}: the cost {name!r} has a kink on the path from the reparameterised sample "
+            f"({', '.join(kinks)}: its derivative jumps), so its pathwise derivatives of order >= 2 are biased "
+            f"(autograd reports 0 for the delta in the second derivative); {_AGAIN}. A smooth operation on that "
+            "path (softplus, GELU, SiLU, tanh instead of ReLU; logsumexp instead of max) or an estimator that "
+            "does not differentiate through the sample ('score') is unbiased at every order")
+
+
+# estimator -> the cost names checked by _check_reaches (None: never pathwise: it hands out samples without
+# gradient, or with a gradient that is not a path from the distribution's parameters, by design; an empty
+# set: pathwise, no cost name passed yet)
+# kept in the estimator's __dict__ under this key (a plain dict read per node and cost: the common step's
+# score nodes are marked never pathwise after their first surrogate)
+_REACH_KEY = "_storch_reach_checked"
+
+
+def _check_reaches(name: str, cost: torch.Tensor, nodes: list[Node], order: int) -> None:
+    """A node that hands out a sample that is a differentiable function of its distribution's parameters
+    (reparameterization, the relaxations; REBAR and RELAX on their relaxed blocks) gets its gradient through
+    that sample: refuse a cost that carries its plate (it depends on the sample's value) but whose autograd
+    graph does not reach the sample (a comparison, ``.bool()``, ``.long()``, ``argmax``, ``torch.where``'s
+    condition, ``detach``): its pathwise gradient is silently 0 where the expectation's is not. A node
+    downstream of it that the cost carries and whose gradient function or weights reach the sample (a score
+    node whose logits depend on it) explains the dependence (the surrogate credits it through that node's
+    log-probability); one with a control variate is trusted to. A handed-out value that requires grad only
+    through a leaf of the estimator's own (MuProp's evaluation-only entry x̄, whose ∇f(x̄) its control variate
+    reads from ``cost.live()``) is no path from the parameters: its gradient is not part of the estimate, so
+    the estimator is never pathwise (:func:`_pathwise`). The walk runs once per estimator and cost name (a
+    model's operations rarely change between steps); a refused cost is checked again at the next step."""
+    if order < 1:  # the value alone (detached: see surrogate_loss)
+        return
+    for node in reversed(nodes):  # the node nearest the cost first: the cut is reported where it is
+        if node.thresholded is not None:  # (jump_free estimators only: see Estimator.jump_free)
+            raise OrderError(_thresholded_message(node, name))
+        if node.no_grad_cut and torch.is_grad_enabled():
+            continue  # sampled under no_grad: its own refusal says so (_check_sampled_with_grad)
+        est = node.estimator
+        seen = est.__dict__.get(_REACH_KEY, ())
+        if seen is None or (name in seen and raw_of(cost).requires_grad):
+            # checked for this name at an earlier step; a cost without any graph now (cut after a warm-up
+            # that computed it softly: sigmoid(z / t), then (z > 0)) is looked at again, one attribute read
+            continue
+        handed = [raw for raw, _ in node.handed if raw.requires_grad]
+        if not handed:
+            if node.handed and (any(l.requires_grad for l in _gradient_terms(node)) or _weights_carry(node)):
+                est.__dict__[_REACH_KEY] = None  # its parameters have gradient, its samples not: never pathwise
+            continue  # (parameters without gradient now, e.g. frozen: checked when they have one)
+        if seen == ():  # not known yet whether its gradient flows through what it hands out
+            pathwise = _pathwise(node)
+            if pathwise is False:
+                est.__dict__[_REACH_KEY] = None  # a leaf of its own requires grad, no parameter's path
+                continue
+            if pathwise:
+                seen = est.__dict__[_REACH_KEY] = set()
+        if not _reaches([raw_of(cost)], handed) and not _explained(node, nodes, handed):
+            raise OrderError(_cut_message(node, name))
+        if seen != ():  # (undecided: checked, not recorded; asked again at the next step)
+            seen.add(name)
+
+
+def _pathwise(node: Node) -> Optional[bool]:
+    """Whether the node's gradient flows through the value it handed out at its first call (which requires
+    grad): whether that value's autograd graph reaches a parameter that requires grad of the first call's
+    distribution (the raw one, or the one the user built, whose raw tensors the raw one's are computed from).
+    False, e.g., for an evaluation-only entry handed out as a leaf of the estimator's own (MuProp's x̄) beside
+    samples without gradient: never pathwise. True where the first value has no gradient (a later step's has).
+    ``None`` (undecided: checked as pathwise at this step, asked again at the next) where the distributions
+    show no parameter that requires grad (frozen ones, or held where their attributes do not show them).
+    Asked at an estimator's first checked step (then cached by _check_reaches): one walk of the first value's
+    graph, which stops at the first parameter it meets."""
+    first = node.handed[0][0]
+    if not first.requires_grad:
+        return True
+    params = list(grad_parameters(node.distribution))
+    if node.original is not None:
+        params.extend(grad_parameters(node.original))
+    return _reaches([first], params) if params else None
+
+
+def _weights_carry(node: Node) -> bool:
+    w = node._weight_values
+    return isinstance(w, torch.Tensor) and w.requires_grad
+
+
+def _gradient_terms(node: Node) -> list:
+    """The node's gradient function: l_t of each step of a partition (without computing L_t), or l."""
+    log = node.step_log
+    terms = [l for _, l in log] if log is not None else [node.gradient_values]
+    return [l for l in terms if isinstance(l, torch.Tensor)]
+
+
+def _explained(node: Node, nodes: list[Node], handed: list) -> bool:
+    """Whether another node of the cost, downstream of ``node``, credits the cost's dependence on ``node``'s
+    sample through its own gradient function or weights (whose graph reaches that sample), or through a
+    control variate (not inspected: trusted)."""
+    roots = []
+    for other in nodes:
+        if other is node or not any(p.name == node.plate.name for p in other.parents):
+            continue
+        if other.estimator.has_control_variate():
+            return True
+        roots.extend(_gradient_terms(other))
+        if _weights_carry(other):
+            roots.append(other._weight_values)
+    roots = [r for r in roots if r.requires_grad]
+    return bool(roots) and _reaches(roots, handed)
+
+
+def _cut_message(node: Node, name: str) -> str:
+    est = node.estimator
+    return (
+        f"estimator {est.name!r} on plate {node.plate.name!r}: the cost {name!r} depends on the node's sample (it "
+        f"carries the plate {node.plate.name!r}) only through operations without a derivative, so the gradient "
+        "that flows through the sample would be 0 although the gradient of the expected cost is not: its autograd "
+        "graph does not reach the sample (a comparison such as z > 0, .bool(), .long(), argmax, the condition of "
+        "torch.where, detach(), or a cost computed under torch.no_grad()). Use a score-function estimator for "
+        "this node ('score', with baseline='leave_one_out' for less variance; 'lax' for a continuous node), or "
+        "keep the path from the sample to the cost differentiable (a relaxed estimator needs a cost "
+        "differentiable in the relaxed sample: e.g. sigmoid((z - c) / t) instead of (z > c).float()). A cost "
+        "that is meant to give no gradient to this node can be added with storch.add_cost(..., credit=False)"
+        + _category_hint(node))
+
+
+def _category_hint(node: Node) -> str:
+    """For a Categorical / OneHotCategorical node: torch's log_prob of its one-hot value is such an operation."""
+    if not isinstance(base_distribution(node.distribution), (Categorical, OneHotCategorical)):
+        return ""
+    return (". For the one-hot value z of this (OneHot)Categorical node: torch's OneHotCategorical.log_prob(z) reads z through "
+            "its argmax (value.max(-1)) and Categorical.log_prob(z) through z.long(); write the log-probability as "
+            + _ONE_HOT_LOG_PROB)
+
+
+def _thresholded_message(node: Node, name: str) -> str:
+    est = node.estimator
+    p = node.plate.name
+    if node.thresholded_in is not None:
+        return _index_read_message(node, name)
+    return (
+        f"estimator {est.name!r} on plate {p!r}: the cost {name!r} carries the plate {p!r}, and in this step "
+        f"{node.thresholded} (a comparison, or another operation without a derivative: argmax, a bool or integer "
+        "cast) was applied to a value that carries the gradient of the node's sample. "
+        f"{est.name!r} differentiates the cost through that sample (REBAR and RELAX: the cost at the relaxed sample "
+        "σ_λ(z), in their control variate η f(σ_λ(z))): a threshold such as m > 0.5 makes that relaxed cost jump, autograd sees no "
+        "derivative of the jump (its result is a bool, outside the autograd graph), so the control variate no "
+        "longer cancels and the gradient is silently biased (only the smooth terms' gradient is left). Use an "
+        "estimator that does not differentiate the cost through the sample for this node: 'score' (with "
+        "baseline='leave_one_out'), 'arm', 'disarm' or 'unordered_set'; or write the cost without thresholding "
+        "the sample: multiply by it (m * a, m * x + (1 - m) * y: on the hard sample it is the same mask, on the "
+        "relaxed one it is continuous), and for a piecewise function that is continuous at its threshold "
+        "(torch.where(h > 0, h, 0.01 * h)) use torch's own (F.leaky_relu). A comparison whose result no cost "
+        "uses (a metric): compute it on m.detach() or under torch.no_grad()")
+# for a one-hot (relaxed) value z of a category: what to write instead of torch's (OneHot)Categorical.log_prob
+_ONE_HOT_LOG_PROB = (
+    "(z * logits.log_softmax(-1)).sum(-1), the log-probability's continuous extension (for a sampled KL: "
+    "(z * (q.logits.log_softmax(-1) - p.logits.log_softmax(-1))).sum(-1)): on a one-hot z it equals log_prob, and "
+    "it is differentiable in the relaxed one")
+
+
+def _index_read_message(node: Node, name: str) -> str:
+    """A relaxed or straight-through Categorical / OneHotCategorical sample read as indices by torch.distributions
+    (Estimator._sample_node's watch): its log_prob of that sample."""
+    est = node.estimator
+    p = node.plate.name
+    return (
+        f"estimator {est.name!r} on plate {p!r}: the cost {name!r} carries the plate {p!r}, and in this step torch's "
+        f"{node.thresholded_in} applied {node.thresholded} to a value that carries the gradient of the node's "
+        f"sample, which {est.name!r} hands out as a one-hot vector (a relaxed point of the simplex on its relaxed "
+        "entries). torch's log_prob of a category reads that vector as indices: OneHotCategorical.log_prob takes "
+        "value.max(-1) (its argmax), Categorical.log_prob takes value.long() (the K entries as K indices: a "
+        "wrong value and shape even on a one-hot vector). The log-probability of the argmax jumps along the relaxed "
+        "sample, autograd sees no derivative of the jump, so the gradient would be silently wrong (validate_args="
+        "False makes log_prob the continuous extension for a Bernoulli only). Write it yourself instead: "
+        f"{_ONE_HOT_LOG_PROB}. A log_prob that no cost uses (a metric): compute it on z.detach() or under "
+        "torch.no_grad()")
+
+

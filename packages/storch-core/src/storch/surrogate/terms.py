@@ -1,0 +1,268 @@
+"""A cost's term of Eq. 2 in the form of Theorem 2 (the nested sums of the package docstring).
+
+``cost_nodes`` finds the nodes upstream of a cost (by the sampling plates it carries), ``_at_cost`` takes each
+as the cost sees it (a partition at the cost's step: causal credit), ``_running_sums`` shares the sums
+L_j = l_1 + ... + l_j between the costs of one surrogate, and ``_cost_surrogate`` reduces MagicBox(L_k) · C with
+each node's control variate and weights (``_one_node_surrogate``: a single node's DiCE objective as by hand).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+
+from .._order_guard import is_differentiated
+from ..cost import CostFrame, _lead, magic_box
+from ..estimators.base import Estimator, check_in_frame
+from ..graph import Graph
+from ..node import Node
+from ..plates.tensor import align, plates_of, raw_of
+from .order import _guard_control_variate
+
+
+def cost_nodes(graph: Graph, cost) -> list[Node]:
+    """The stochastic nodes upstream of ``cost``, in topological order."""
+    get = graph.plates.get
+    nodes = [owner for p in plates_of(cost) if isinstance(owner := get(p.name), Node)]
+    if len(nodes) > 1:
+        nodes.sort(key=_index)
+    return nodes
+
+
+_index = operator.attrgetter("index")
+
+
+def _has_control_variate(est) -> bool:
+    return est.has_control_variate()
+
+
+def _at_cost(cost_plates: tuple, raw: torch.Tensor, nodes: list[Node]):
+    """The nodes as the cost sees them: a partition as of the step of the cost's partition plate
+    (``node.at(t)``: step t's sample, distribution, L_t, ...).
+
+    Causal credit (paper, section 3.2; DiCE): a cost computed at step t of a partition gets the
+    partition's cumulative gradient function L_t, not the whole sequence's. For a partition
+    without causal credit (sampling without replacement: weights belong to the final set), the
+    cost is moved to the last step (re-indexed by the parents) instead.
+    """
+    out = []
+    for node in nodes:
+        if node.history is not None:
+            p = next(q for q in cost_plates if q.name == node.plate.name)
+            if not node.estimator.causal_credit and p.step != node.step:
+                new = tuple(node.plate if q.name == p.name else q for q in cost_plates)
+                names = {q.name for q in new}
+                new += tuple(q for q in node.parents if q.name not in names)  # of later steps
+                raw = align(raw, cost_plates, new)
+                cost_plates = new
+            step = p.step if node.estimator.causal_credit else node.step
+            if step == node.step and not node.estimator.uniform_weights and node.weight_values is None:
+                # the last step's weights are the node's own (read from it after the surrogate)
+                node.weight_values = _lead(node.estimator.weighting_function(node), len(node.plates))
+            # the view of the cost's step (without causal credit: the last step's), also at the last
+            # step: the node itself holds the last step's sample but the first step's distribution
+            node = node.at(step)
+        if not node.estimator.uniform_weights and node.weight_values is None:
+            node.weight_values = _lead(node.estimator.weighting_function(node), len(node.plates))
+        out.append(node)
+    return cost_plates, raw, out
+
+
+class _Sums:
+    """One surrogate's running sums L_j = l_1 + ... + l_j of the cost's nodes' gradient functions, shared by
+    its costs: a trie by node (``children``: ``id(node)`` -> the level of the prefix one node longer), each
+    level holding the prefix's sum at the plates the costs asked for (``entries``: ``(plates, L)``, ``L``
+    ``None`` where every gradient function of the prefix is a constant). A chain of K nodes with a cost per
+    node adds K gradient functions, not K²/2 (each summed again for every cost downstream of it, and each
+    aligned to every cost's plates: O(K³) Python, O(K²) autograd nodes), as the DiCE objective written by
+    hand keeps one running L."""
+
+    __slots__ = ("children", "entries")
+
+    def __init__(self) -> None:
+        self.children: dict = {}
+        self.entries: list = []
+
+    def held(self, target: tuple, within: set):
+        """An entry whose plates are all in ``target`` (the exact plates first), or ``None``."""
+        entries = self.entries
+        for i in range(len(entries) - 1, -1, -1):
+            e = entries[i]
+            if e[0] == target:
+                return e
+        for i in range(len(entries) - 1, -1, -1):
+            e = entries[i]
+            if all(p in within for p in e[0]):
+                return e
+        return None
+
+
+def _constant(l) -> bool:
+    """Whether a gradient function is a constant of everything differentiated (the zeros of a pathwise node:
+    reparameterization, gumbel_softmax; a frozen distribution's log p): its l - ⊥l is 0 with every
+    derivative 0 at every order, so it leaves each MagicBox(L) the same function and is not added. One that
+    requires grad or carries a forward tangent stays, a zero that carries gradient included."""
+    return isinstance(l, torch.Tensor) and not is_differentiated(l)
+
+
+def _running_sums(nodes: list[Node], plates: tuple, sums: _Sums) -> list:
+    """The levels of ``sums`` for the prefixes of ``nodes`` (``levels[i]``: nodes[:i+1]); the last holds
+    L_k = l_1 + ... + l_k at ``plates`` (an entry whose plates are ``plates``). A prefix some earlier cost
+    summed (at plates that are all in ``plates``) is aligned and extended: one addition per node the cost
+    does not share with it. The sums are added in the nodes' order, so the values are those of the plain
+    sum at ``plates`` (a view of a broadcast sum is the sum of the views)."""
+    levels = []
+    level = sums
+    for node in nodes:
+        key = id(node)
+        nxt = level.children.get(key)
+        if nxt is None:
+            nxt = level.children[key] = _Sums()
+        levels.append(nxt)
+        level = nxt
+    within = set(plates)
+    total, start = None, 0
+    for j in range(len(levels) - 1, -1, -1):
+        e = levels[j].held(plates, within)
+        if e is not None:
+            if j == len(levels) - 1 and e[0] == plates:
+                return levels
+            total, start = e[1], j + 1
+            if total is not None:
+                total = align(total, e[0], plates)
+            break
+    for i in range(start, len(nodes)):
+        node = nodes[i]
+        l_i = node.gradient_values
+        if not _constant(l_i):
+            l_i = align(l_i, node.plates, plates)
+            total = l_i if total is None else total + l_i
+        levels[i].entries.append((plates, total))
+    return levels
+
+
+def _sum_at(level: _Sums, plates: tuple) -> Optional[torch.Tensor]:
+    """The prefix's L at ``plates`` (``None``: constant); :func:`_running_sums` left one within them."""
+    e = level.held(plates, set(plates))
+    return None if e[1] is None else align(e[1], e[0], plates)
+
+
+def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: int = 1,
+                    renamed: Optional[tuple] = None, sums: Optional[_Sums] = None) -> torch.Tensor:
+    """The cost's term of Eq. 2. ``renamed``: the cost's state name and the plate names of the nodes whose
+    frames use it (:func:`_state_names`), or ``None``. ``sums``: the running sums of the gradient functions
+    shared by the costs of one surrogate (:class:`_Sums`), or ``None`` (this cost's own)."""
+    if not nodes:  # a cost of the data alone (a KL term): the mean over the data points
+        raw = raw_of(cost)
+        return raw.mean() if raw.dim() else raw
+    plates, raw, nodes = _at_cost(plates_of(cost), raw_of(cost), nodes)
+    if len(nodes) == 1:
+        return _one_node_surrogate(raw, plates, nodes[0], name, order, renamed)
+    # L_k (and, for the nodes with a control variate, L_{i-1}: Theorem 2's MagicBox arguments) aligned to
+    # the cost's plates, from the running sums shared with the surrogate's other costs; constant gradient
+    # functions (a pathwise node's zeros) are not added (the same MagicBox functions, see _constant)
+    levels = _running_sums(nodes, plates, _Sums() if sums is None else sums)
+    total = _sum_at(levels[-1], plates)
+    box = None if total is None else magic_box(total)  # MagicBox(L_k)
+    inner = raw if box is None else box * raw  # line 7 of Algorithm 1
+    last = len(nodes) - 1
+    # line 14 with w = 1/N (D.2.1) is a mean over the node's plate; consecutive means (no control
+    # variate added in between) are one reduction, and the last ones join the final mean over
+    # the data plates: the autograd graph of a single node with one cost is DiCE's, as by hand
+    pending: list[int] = []
+    for i in range(len(nodes) - 1, -1, -1):
+        node = nodes[i]
+        dim = plates.index(node.plate)
+        est = node.estimator
+        if _has_control_variate(est):
+            if pending:
+                inner, pending = inner.mean(pending, keepdim=True), []
+            state = renamed[0] if renamed is not None and node.plate.name in renamed[1] else None
+            frame = CostFrame(inner.detach(), plates, node, inner, name, state, order)
+            node.frames[frame.key] = frame  # what update_parameters trains on
+            prefix = _sum_at(levels[i - 1], plates) if i else None  # L_{i-1}
+            if i == last and box is not None and type(est).control_variate is _BASE_CONTROL_VARIATE:
+                inner = _baseline_term(inner, est, node, frame, box, prefix)
+            else:
+                a = est.control_variate(node, frame)  # line 11
+                if a is not None and (type(a) is not torch.Tensor or (a.shape != frame.tensor.shape and a.dim())):
+                    check_in_frame(est, "control_variate", a, frame)  # (the common path: one tuple comparison)
+                _guard_control_variate(a, node, order)
+                if a is not None:
+                    inner = inner + (a if prefix is None else magic_box(prefix) * a)
+        if est.uniform_weights:
+            pending.append(dim)
+        else:
+            if pending:
+                inner, pending = inner.mean(pending, keepdim=True), []
+            w = align(node.weight_values, node.plates, plates)
+            inner = (w * inner).sum(dim, keepdim=True)  # line 14: weight and sum over X_i
+    # what is left are independent plates (and size-1 dims): the mean over data points
+    return inner.mean() if inner.dim() else inner
+
+
+def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Optional[str],
+                        order: int = 1, renamed: Optional[tuple] = None) -> torch.Tensor:
+    """:func:`_cost_surrogate` for a cost downstream of one node: the DiCE objective written by hand,
+    mean over the plates of MagicBox(l) · C, and with the base class's control variate (a baseline b)
+    ``lerp(⊥b, C, MagicBox(l))`` = MagicBox(l) · C + (1 - MagicBox(l)) · ⊥b in one autograd node
+    (the same function, so the same derivatives at every order; its value is C exactly, as
+    ``torch.lerp`` computes ``end - (end - start) · (1 - weight)`` at weight 1)."""
+    est = node.estimator
+    box = magic_box(align(node.gradient_values, node.plates, plates))  # MagicBox(l), line 7
+    if est.has_control_variate():
+        state = renamed[0] if renamed is not None and node.plate.name in renamed[1] else None
+        if type(est).control_variate is _BASE_CONTROL_VARIATE:
+            # the frame's values are C's (MagicBox(l) = 1); its live tensor is built if asked for
+            frame = CostFrame(raw.detach(), plates, node, lambda: box * raw, name, state, order)
+            node.frames[frame.key] = frame  # what update_parameters trains on
+            b = est.baseline(node, frame)
+            if b is None:
+                inner = box * raw
+            else:
+                if type(b) is not torch.Tensor or (b.shape != raw.shape and b.dim()):  # (a scalar: no call)
+                    check_in_frame(est, "baseline", b, frame)
+                if b.requires_grad:  # b must not carry gradient (appendix D.2.1); most are built detached
+                    b = b.detach()
+                if b.dtype == raw.dtype == box.dtype and b.device == raw.device:
+                    inner = torch.lerp(b, raw, box)
+                else:
+                    inner = box * raw + (1.0 - box) * b
+        else:
+            inner = box * raw
+            frame = CostFrame(inner.detach(), plates, node, inner, name, state, order)
+            node.frames[frame.key] = frame
+            a = est.control_variate(node, frame)  # line 11
+            if a is not None and (type(a) is not torch.Tensor or (a.shape != frame.tensor.shape and a.dim())):
+                check_in_frame(est, "control_variate", a, frame)
+            _guard_control_variate(a, node, order)
+            if a is not None:
+                inner = inner + a
+    else:
+        inner = box * raw
+    if not est.uniform_weights:
+        dim = plates.index(node.plate)
+        w = align(node.weight_values, node.plates, plates)
+        inner = (w * inner).sum(dim, keepdim=True)  # line 14: weight and sum over X_i
+    # w = 1/N: the mean over the node's plate and the data plates is one reduction
+    return inner.mean() if inner.dim() else inner
+
+
+_BASE_CONTROL_VARIATE = Estimator.control_variate
+
+
+def _baseline_term(inner: torch.Tensor, est, node: Node, frame: CostFrame, box: torch.Tensor,
+                   prefix: Optional[torch.Tensor]) -> torch.Tensor:
+    """``inner`` plus the base class's control variate of the innermost node, MagicBox(L_{k-1}) ·
+    (1 - MagicBox(l_k)) ⊥b = (MagicBox(L_{k-1}) - MagicBox(L_k)) ⊥b (a product of MagicBoxes is the
+    MagicBox of the sum), with MagicBox(L_k) the cost's own ``box``: the same values and derivatives
+    at every order, without computing that MagicBox a second time."""
+    b = est.baseline(node, frame)
+    if b is None:
+        return inner
+    if type(b) is not torch.Tensor or (b.shape != frame.tensor.shape and b.dim()):  # (a scalar: no call)
+        check_in_frame(est, "baseline", b, frame)
+    outer = 1.0 if prefix is None else magic_box(prefix)
+    return inner + (outer - box) * b.detach()

@@ -1,0 +1,136 @@
+"""The estimators' own updates on a backward pass of the surrogate (``surrogate_loss().backward()``).
+
+The loss gets a zero leaf (a probe) whose gradient accumulation checks the step and queues each estimator's
+``update_parameters`` for the end of the pass, once per step (``update_on_backward``; storch.compile uses it for
+each replay); ``torch.autograd.grad`` never reaches it, so an evaluation pass changes no state.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+
+from .._order_guard import unbatched
+from ..errors import StorchError
+from ..graph import Graph, tracing_recorder
+from ..node import Node
+from .finite import _check_finite
+from .refusals import _batched
+
+
+def _updating(graph: Graph) -> dict[int, list[Node]]:
+    """The nodes of each estimator in the graph that has an update, by estimator."""
+    updating: dict[int, list[Node]] = {}
+    for node in graph.nodes:
+        if node.estimator.has_update:
+            updating.setdefault(id(node.estimator), []).append(node)
+    return updating
+
+
+def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
+    """``loss`` plus a zero leaf whose gradient accumulation (``.backward()`` reaches it first: the
+    engine runs AccumulateGrad nodes before the others) checks the step and queues the estimators'
+    updates for the end of the pass. ``torch.autograd.grad(loss, params)`` never accumulates into
+    it: evaluation passes change no estimator state."""
+    updating = _updating(graph)
+    if not updating:
+        return loss
+    recorder = tracing_recorder()
+    if recorder is not None:  # storch.compile records the step: it attaches the probe to each replay
+        return recorder(loss, updating)
+    if not loss.requires_grad:
+        # under torch.func.vmap the batched loss reports requires_grad=False although the tensor it batches
+        # takes part in the autograd outside vmap (vmap(step)(params).sum().backward()): that pass must not
+        # silently skip the updates (it did), nor run them on batched values (one state would mix members)
+        if _batched(loss) and unbatched(loss).requires_grad:
+            return _refuse_updates_under_vmap(loss, updating)
+        return loss
+    # one zero leaf, one node: loss + loss · probe (addcmul) has the loss's value and derivatives in θ at
+    # every order (probe = 0: the added terms are exact zeros), and .backward() accumulates into probe
+    # (∂/∂probe = loss). A second-order objective built from g = autograd.grad(loss, θ, create_graph=True)
+    # (a gradient penalty, a MAML outer step through θ - lr·g) reaches it too: g = ∂loss + probe ∂loss
+    # holds it in its graph
+    probe = torch.zeros((), dtype=loss.dtype, device=loss.device, requires_grad=True)
+    # one record for every probe of the step: a pass that reaches two of its surrogates (main + 0 * another,
+    # an order-1 and an order-2 part) updates once, as storch.backward() does
+    done = graph.step_updated
+    if done is None:
+        done = graph.step_updated = set()
+
+    def check():
+        learners = sorted({f"{n[0].estimator.name!r} (plate {n[0].plate.name!r})" for n in updating.values()
+                           if getattr(n[0].estimator, "update_uses_loss_graph", False)})
+        if learners:
+            raise StorchError(
+                f"surrogate_loss().backward() cannot train the learned control variate of estimator "
+                f"{', '.join(learners)}: its update differentiates the surrogate again after the backward pass, "
+                "which needs the surrogate's graph then (storch cannot see whether this pass retains it). Nothing "
+                "was backpropagated. Call storch.backward() instead (it backpropagates, updates every estimator "
+                "and resets the graph; storch.backward(scale=scaler) with a torch.amp.GradScaler for loss scaling), "
+                "or create the estimator with update=False")
+        _check_finite(loss, graph)
+
+    def run(todo):
+        for key in todo:
+            nodes = updating[key]
+            nodes[0].estimator.update_parameters(nodes, loss)
+
+    update_on_backward(probe, check, run, done, tuple(updating))
+    return torch.addcmul(loss, loss, probe)
+
+
+def _refuse_updates_under_vmap(loss: torch.Tensor, updating: dict[int, list[Node]]) -> torch.Tensor:
+    """``loss`` plus a zero probe (as :func:`_updates_on_backward`'s) whose gradient accumulation raises: a
+    ``.backward()`` outside ``torch.func.vmap`` of a surrogate built inside it would update the estimators.
+    ``torch.autograd.grad`` of it (an evaluation pass, which never updates) never reaches the probe and is
+    left alone. The probe's AccumulateGrad runs first, so nothing is backpropagated when it raises."""
+    names = ", ".join(sorted({f"{n[0].estimator.name!r} (plate {n[0].plate.name!r})" for n in updating.values()}))
+    message = (
+        f"storch.surrogate_loss() was built inside torch.func.vmap, and its .backward() outside vmap would have to "
+        f"update the state of estimator {names} (a moving average, a learned baseline or control variate, an "
+        "annealing schedule, a memory buffer): storch cannot. Inside vmap the step's values are batched over "
+        "the vmapped members, and one estimator's state would mix them. "
+        "Nothing was backpropagated. Run the members in a Python loop (an estimator per member, each step "
+        "ending with storch.backward()), use an estimator without state (e.g. score with "
+        "baseline='leave_one_out' or 'none', a constant temperature), or create the estimator with "
+        "update=False where it has that option (score, relax, lax, rebar: its state is then never updated). "
+        "torch.autograd.grad of the vmapped surrogate (an evaluation pass) updates nothing and is not refused")
+
+    def refuse(_):
+        raise StorchError(message)
+
+    probe = torch.zeros((), dtype=loss.dtype, device=loss.device, requires_grad=True)
+    probe.register_post_accumulate_grad_hook(refuse)
+    return torch.addcmul(loss, loss, probe)
+
+
+def update_on_backward(probe: Union[torch.Tensor, tuple], check: Callable[[], None],
+                       run: Callable[[list], None], done: set, keys: tuple = (None,)) -> None:
+    """The update probe's mechanism (eager surrogates, and each call of a step compiled by
+    ``storch.compile``): when ``.backward()`` accumulates into the zero leaf ``probe`` (added to
+    the loss; ``torch.autograd.grad`` never accumulates into it), or into one of several, ``check()`` runs
+    (it raises to stop the pass before any state changes) and ``run()`` (the estimators' updates) is queued
+    for the end of the pass, once per step and estimator: ``done`` is the step's record of the ``keys`` (the
+    estimators, by id) updated, shared by the probes of all its surrogates, so neither a pass that reaches
+    several of them nor a second pass (``retain_graph=True``, or another surrogate of the step) updates an
+    estimator again, while one that an earlier pass did not reach (a node added after it) is updated;
+    ``run(todo)`` updates the keys in ``todo``. ``run`` has grad mode on, as under ``storch.backward()``
+    (the engine's callback runs with it off, so a learned baseline's regression would build no graph and
+    silently not train)."""
+
+    def on_backward(_):
+        todo = [k for k in keys if k not in done]
+        if not todo:
+            return
+        check()  # before the record: a refused pass (a non-finite loss) is refused again, never let through
+        done.update(todo)
+
+        def queued():
+            with torch.enable_grad():
+                run(todo)
+
+        torch.autograd.Variable._execution_engine.queue_callback(queued)
+
+    for p in probe if isinstance(probe, tuple) else (probe,):
+        p.register_post_accumulate_grad_hook(on_backward)
