@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
-from torch.distributions import Bernoulli, Distribution
+from torch.distributions import Bernoulli, Distribution, Normal
 
 import storch
 from model_checks import TrainableBaseline
@@ -205,6 +205,39 @@ def test_inductor_gradients_equal_eager():
             torch.testing.assert_close(value, value_eager, rtol=1e-5, atol=1e-5)
             for g, e in zip(grads, grads_eager):
                 torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_inductor_draws_two_normals_of_one_shape_independently():
+    """torch 2.13's inductor on CPU gave two `aten.normal` draws of one shape in a program the same noise (the two
+    steps of a Gaussian policy's episode under score: |z| 10 to 22, silently; found by porting). storch compiles
+    with fallback_random unless the options say otherwise: torch's generator, so eager's draws for a seed."""
+    est = storch.estimator("score", plate="ep", n_samples=4)
+    mu = torch.tensor([0.5, -1.0], requires_grad=True)
+
+    def step(mu):
+        with storch.Graph():
+            x = est(Normal(mu[0], 1.0))
+            y = est(Normal(mu[1] + 0 * x, 1.0))
+            storch.add_cost((x + y) ** 2, name="c")
+            return storch.surrogate_loss(), (x - mu[0]).tensor.detach(), (y - mu[1]).tensor.detach()
+
+    torch.manual_seed(0)
+    _, ex, ey = storch.compile(step)(mu)
+    assert not torch.allclose(ex, ey)
+    torch.manual_seed(0)
+    _, want_x, want_y = step(mu)
+    torch.testing.assert_close((ex, ey), (want_x, want_y))
+
+
+def test_inductor_options_keep_a_user_s_fallback_random(monkeypatch):
+    import torch._inductor as inductor
+
+    seen = []
+    monkeypatch.setattr(inductor, "compile", lambda gm, inputs, options=None: seen.append(options) or gm)
+    x = torch.ones(2, requires_grad=True)
+    storch.compile(lambda x: x * 2)(x)
+    storch.compile(lambda x: x * 2, options={"fallback_random": False})(x)
+    assert [o["fallback_random"] for o in seen] == [True, False]
 
 
 def test_torch_compile_of_storch_code_keeps_eager_values():

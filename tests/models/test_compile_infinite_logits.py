@@ -274,3 +274,46 @@ def test_compiled_backward_of_a_nan_loss_raises_as_storch_backward(name, backend
     # torch.autograd.grad is checked too (eagerly only storch.backward() is): a NaN gradient is never silent
     with pytest.raises(storch.NonFiniteCostError, match="infinite logit"):
         _run(compiled, theta, PINS["Bernoulli"], 0)
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_compiled_finite_check_reads_the_loss_only(backend):
+    """The check is the loss's: a masked logit of -inf returned beside a finite loss (for logging) was refused on
+    every backward by a first version, which hooked every output (under aot_eager they share the program's node);
+    a parameter returned as it is got a hook per call that was never removed (50 calls: 50 hooks, each run on
+    every backward: the steps slowed down quadratically). Both found by review."""
+    est = storch.estimator("reparameterization", plate="z", n_samples=4)
+    theta = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([0.0, -INF, 0.0], dtype=torch.float64)
+
+    def step(theta):
+        logits = theta + mask
+        z = est(torch.distributions.Normal(theta, 1.0))
+        storch.add_cost((z ** 2).sum(), name="f")
+        return storch.surrogate_loss(), logits, theta
+
+    compiled = storch.compile(step, backend=backend)
+    for _ in range(5):
+        loss, logits, same = compiled(theta)
+        assert torch.isfinite(loss) and not torch.isfinite(logits).all()
+        (loss + logits[0]).backward()  # through the masked logits too: its finite entry
+    assert not theta._backward_hooks  # nothing piled up on the returned input
+    assert torch.isfinite(theta.grad).all()
+
+
+def test_compiled_finite_check_of_a_loss_in_an_expression():
+    """A step that returns its surrogate loss inside an expression (surrogate_loss() + reg) has its 0-dim result
+    checked: a NaN loss is still refused on .backward()."""
+    theta = torch.tensor([[0.3, -0.2, 0.5]] * 2, dtype=torch.float64, requires_grad=True)
+    est = storch.estimator("score", plate="z")
+
+    def step(theta, pins):
+        with storch.Graph():
+            z = est(Bernoulli(logits=storch.denote_independent(theta + pins, 0, "data")))
+            storch.add_cost(((z - _TARGET) ** 2).sum(-1), name="c")
+            return storch.surrogate_loss() + 0.01 * theta.pow(2).sum(), z.tensor.detach()
+
+    compiled = storch.compile(step, backend=None)
+    compiled(theta, torch.zeros_like(PINS["Bernoulli"]))[0].backward()
+    with pytest.raises(storch.NonFiniteCostError, match="infinite logit"):
+        compiled(theta, PINS["Bernoulli"])[0].backward()

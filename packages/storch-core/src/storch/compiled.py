@@ -96,7 +96,7 @@ An estimator whose update can be replayed (``Estimator.replays_update``; ``score
 of earlier steps only, and the update runs when the returned loss is backpropagated with
 ``.backward()`` (``torch.autograd.grad``, a ``no_grad`` call and a second ``retain_graph``
 backward update nothing; a non-finite loss raises ``storch.NonFiniteCostError`` there; so does a step
-without updates, whose every output that requires grad is checked when a backward pass reaches it, as
+without updates, whose surrogate loss is checked when a backward pass reaches it, as
 ``storch.backward()`` would: see :func:`_finite_on_backward`). While
 the step is traced, ``surrogate_loss`` adds a zero "probe" input of the program to the loss (two
 entries: the second in the graph of the loss's gradient, so that the ``.backward()`` of a second-order
@@ -207,7 +207,7 @@ class CompiledStep:
             if entry[4] is not None:
                 outs = _refuse_twice(outs, entry[4])
             if key[0]:
-                outs = _finite_on_backward(outs, self.fn)
+                _finite_on_backward(outs, entry[6], self.fn)
             return outs[0] if entry[3] else pytree.tree_unflatten(list(outs), entry[2])
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key, tensors = _signature(leaves, spec, self._python_state(leaves))
@@ -221,7 +221,7 @@ class CompiledStep:
         if entry[4] is not None:
             outs = _refuse_twice(outs, entry[4])
         if key[1]:
-            outs = _finite_on_backward(outs, self.fn)
+            _finite_on_backward(outs, entry[6], self.fn)
         return pytree.tree_unflatten(list(outs), entry[2])
 
     def _entry(self, args, kwargs):
@@ -252,12 +252,12 @@ class CompiledStep:
         return state
 
     def _new_entry(self, leaves: list, spec, tensors: list):
-        """A new cache entry: ``(gm, program, out_spec, single, refusal, guard)``, or for a step with estimator state
+        """A new cache entry: ``(gm, program, out_spec, single, refusal, guard, checked)``, or for a step with estimator state
         (``state_tensors``, ``replays_update``) a :class:`_Stateful` that holds a trace per structure
         of that state."""
         trace = self._trace(leaves, spec, tensors)
         if not trace.estimators:
-            return trace.gm, trace.program, trace.spec, trace.single, trace.refusal, trace.guard
+            return trace.gm, trace.program, trace.spec, trace.single, trace.refusal, trace.guard, trace.checked
         return _Stateful(trace.estimators, {trace.sig: trace})
 
     def _variant(self, entry: "_Stateful", args, kwargs, tensors: list) -> tuple["_Trace", list]:
@@ -298,7 +298,7 @@ class CompiledStep:
                 computed = _loss_graph_values(values, loss, trace.updates)
             _update_on_backward(probe, outs[n], values, trace.updates, self.fn, computed)
         elif grad:
-            outs = _finite_on_backward(outs[:n], self.fn)
+            _finite_on_backward(outs, trace.checked, self.fn)
         return outs[0] if trace.single else pytree.tree_unflatten(list(outs[:n]), trace.spec)
 
     def graph_module(self, *args: Any, **kwargs: Any) -> torch.fx.GraphModule:
@@ -343,6 +343,7 @@ class CompiledStep:
         positions = [i for i, a in enumerate(leaves) if isinstance(a, torch.Tensor)]
         n_args = len(tensors)
         out_spec = []
+        checked: list = []  # the outputs _finite_on_backward checks
 
         def flat(*ts):
             # ts: the tensor arguments, then the update probe (an input of the program: see _Recorder)
@@ -367,6 +368,8 @@ class CompiledStep:
                     raise StorchError(
                         f"{_name(self.fn)} returned a {type(o).__name__}; a compiled step returns tensors "
                         "(e.g. storch.surrogate_loss()), whose values change from call to call")
+            if not out_spec:  # (the trace; flat runs again in the replay check)
+                checked.extend(_losses_among(outs, recorder.losses))
             out_spec.append(s)
             return (*outs, *recorder.extras())
 
@@ -433,6 +436,7 @@ class CompiledStep:
         trace.program = _compile_graph(gm, inputs, self.compile_options)
         trace.single = out_spec[0] == pytree.tree_structure(torch.empty(()))  # the step returned one tensor
         trace.n_out = out_spec[0].num_leaves
+        trace.checked = tuple(checked)
         trace.probe = (probe.dtype, probe.device) if used else None
         trace.updates, trace.estimators, trace.sig = recorder.updates, estimators, sig
         trace.live_loss = recorder.live is not None
@@ -513,9 +517,20 @@ def _compile_graph(gm: torch.fx.GraphModule, tensors: list, options: dict):
         import torch._inductor as inductor
 
         config = dict(inductor.list_mode_options(options["mode"])) if options.get("mode") else {}
+        config.setdefault(_RANDOM, True)  # (see _RANDOM)
         config.update(options.get("options") or {})
-        return inductor.compile(gm, list(tensors), options=config or None)
+        return inductor.compile(gm, list(tensors), options=config)
+    if options.get("backend") == "inductor" and not options.get("mode"):
+        options = {**options, "options": {_RANDOM: True, **(options.get("options") or {})}}
     return torch.compile(gm, fullgraph=True, **options)
+
+
+# inductor's own random number generation (torch 2.13, CPU) gave two `aten.normal` draws of one shape in a program
+# the SAME noise (the two steps of a Gaussian policy's episode: a silently biased gradient, |z| 10 to 22, found by
+# porting REINFORCE on an LQR); with fallback_random it calls torch's generator, as eagerly (the draws are then
+# eager's for a seed). A user's options={"fallback_random": False} still decides (with mode= and dynamic=True,
+# torch.compile takes no options: patch torch._inductor.config.fallback_random yourself there)
+_RANDOM = "fallback_random"
 
 
 def _compiled_by_inductor(options: dict) -> bool:
@@ -705,7 +720,7 @@ class _Trace:
     flattened leaves, ``None`` where a tensor output goes).
     ``estimators``: those whose state the program reads, ``sig`` its structure when traced."""
 
-    __slots__ = ("gm", "program", "spec", "single", "n_out", "probe", "updates", "estimators", "sig", "live_loss",
+    __slots__ = ("gm", "program", "spec", "single", "n_out", "checked", "probe", "updates", "estimators", "sig", "live_loss",
                  "refusal", "guard")
 
 
@@ -797,6 +812,7 @@ class _Recorder:
         self.updates: list = []
         self.values: list = []
         self.refusal: Optional[Callable[[], str]] = None  # see refuse
+        self.losses: list = []  # every surrogate loss the step built (storch.surrogate_loss hands them over)
 
     def refuse(self, message: Callable[[], str]) -> None:
         """The traced order-1 surrogate holds a term that differentiating it again would bias (an order-1
@@ -854,7 +870,8 @@ def _refuse_twice(outs, message: Callable[[], str]) -> Any:
     in the graph"), so the error says what was wrong there too."""
     if not isinstance(message, CountedRefusal):
         for o in outs:
-            refuse_create_graph(o, message)
+            if o.grad_fn is not None:  # (an input returned as it is holds no term: hooked, it got a hook per call)
+                refuse_create_graph(o, message)
         return outs
     # an order-n refusal (n >= 2) counts the passes with a hook that holds its tensor weakly: the caller gets a
     # view of each hooked output whose autograd node keeps it (a result used in an expression, `step(x) + reg`,
@@ -908,26 +925,35 @@ def _update_on_backward(probe: torch.Tensor, loss: torch.Tensor, values: tuple, 
     update_on_backward(probe, check, lambda todo: run(), set())  # a call is a step, with one surrogate (a second is refused)
 
 
-def _finite_on_backward(outs, fn) -> list:
-    """``outs`` of a replayed call whose step updates no estimator (no update probe), each that requires grad
-    checked for being finite when a backward pass reaches it, before the pass goes on (a hook on the tensor:
-    nothing is added to the graph). ``.backward()`` on the compiled step's loss is what replaces
-    ``storch.backward()`` there (refused in a traced step), and storch.backward() raises
-    ``NonFiniteCostError`` on a non-finite loss: without this check a NaN loss (a Bernoulli's infinite logit
-    under score, arm, disarm, mvd, rebar or relax, whose torch log p is NaN there) gave NaN gradients
-    silently. A ``torch.autograd.grad`` of the loss is checked too (eagerly only ``storch.backward()`` is),
-    which refuses nothing that would not be NaN. (A first version added a zero leaf ``o + o · probe`` per
-    output, as the update probe does, to tell ``.backward()`` from ``autograd.grad``: ~40 us a call, a
-    third of a replayed toy step; the hook costs ~2-4 us.)"""
-    for o in outs:
-        if isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point():
-            check = _finite_check(weakref.ref(o), fn)
-            node = o.grad_fn
-            if node is None:  # a leaf returned as it is
-                o.register_hook(check)
-            else:  # the node's own hook: Tensor.register_hook's Python wrapping costs ~5 us more
-                node.register_prehook(check)
-    return outs
+def _losses_among(outs: list, losses: list) -> list[int]:
+    """The positions among a traced step's outputs of the surrogate losses it built (the returned loss itself), or
+    where it returned none of them (a loss used in an expression: ``surrogate_loss() + reg``) of its 0-dim outputs
+    computed in the step (not an input returned as it is)."""
+    at = [i for i, o in enumerate(outs) if any(o is loss for loss in losses)]
+    if at or not losses:
+        return at
+    return [i for i, o in enumerate(outs) if o.dim() == 0 and o.grad_fn is not None]
+
+
+def _finite_on_backward(outs, checked: tuple, fn) -> None:
+    """Hook the surrogate loss among ``outs`` of a replayed call whose step updates no estimator (no update probe;
+    ``checked``: its positions, :func:`_losses_among`) to be checked for being finite when a backward pass reaches
+    it, before the pass goes on (a hook on its autograd node: nothing is added to the graph). ``.backward()`` on
+    the compiled step's loss is what replaces ``storch.backward()`` there (refused in a traced step), and
+    storch.backward() raises ``NonFiniteCostError`` on a non-finite loss: without this check a NaN loss (a
+    Bernoulli's infinite logit under score, arm, disarm, mvd, rebar or relax, whose torch log p is NaN there) gave
+    NaN gradients silently. A ``torch.autograd.grad`` of the loss is checked too (eagerly only
+    ``storch.backward()`` is), which refuses nothing that would not be NaN. Only the loss: eagerly storch.backward()
+    checks the costs, not what else a step returns (a masked logit of -inf returned for logging, whose backward
+    shares the loss's node under a compiler backend, was refused by a first version; found by review), and never
+    an input returned as it is (a first version hooked a parameter on every call: the hooks piled up). A first
+    version also added a zero leaf ``o + o · probe`` per output, as the update probe does: ~40 us a call, a third
+    of a replayed toy step."""
+    for i in checked:
+        o = outs[i]
+        node = o.grad_fn
+        if node is not None and o.is_floating_point():
+            node.register_prehook(_finite_check(weakref.ref(o), fn))
 
 
 def _finite_check(ref: "weakref.ref[torch.Tensor]", fn) -> Callable[[torch.Tensor], None]:

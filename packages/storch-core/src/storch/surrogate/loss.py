@@ -149,6 +149,9 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     loss = _updates_on_backward(loss, graph)
     if order >= 2:
         _keep_counted(loss)
+    recorder = tracing_recorder()
+    if recorder is not None:  # storch.compile records the step: a replay checks this output is finite on backward
+        recorder.losses.append(loss)
     return loss
 
 
