@@ -138,7 +138,9 @@ average is loaded after that first trace needs :meth:`CompiledStep.clear`.
 Random draws are recorded as torch random operations, so every call draws fresh samples from
 torch's generator. During the trace torch's RNG state is saved and restored (the trace's draws do
 not shift the first real call's samples), and torch.distributions argument validation is turned
-off, as ``torch.compile`` itself does for the whole process on its first compile.
+off, as ``torch.compile`` itself does for the whole process on its first compile. Inductor compiles
+with ``fallback_random=True`` (torch's generator: the draws eager storch makes for a seed) unless
+``options=`` sets it: its own generator gave two normal draws of one shape the same noise.
 """
 
 from __future__ import annotations
