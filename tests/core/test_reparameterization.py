@@ -521,6 +521,42 @@ def test_a_cost_cut_from_the_sample_is_refused(cut):
             storch.backward()
 
 
+def test_credit_false_keeps_the_pathwise_gradient_and_the_refusal_says_so():
+    """credit=False removes the score-function credit only: a critic's regression (V(s1) - G)^2 on a state
+    s1 = s + a reached by a reparameterized action still sends its pathwise gradient to the policy (as
+    written: the same gradient as autograd of the plain expression on the same noise); with s1.detach() it
+    sends none. The cut refusal said "a cost that is meant to give no gradient to this node can be added with
+    credit=False", which such a cost does not achieve: it now says to detach the inputs."""
+    k = torch.tensor(-0.3, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([-1.0, 0.5], dtype=torch.float64)
+    est = storch.estimator("reparameterization", plate="x", n_samples=3)
+    for detach in (False, True):
+        torch.manual_seed(0)
+        with storch.Graph():
+            s0 = storch.denote_independent(s, 0, "env")
+            s1 = s0 + est(Normal(k * s0, 0.5))
+            v = w * (s1.detach() if detach else s1)
+            storch.add_cost((v - (s1 ** 2).detach()) ** 2, name="critic", credit=False)
+            got = torch.autograd.grad(storch.surrogate_loss(), k, allow_unused=True)[0]
+        torch.manual_seed(0)
+        a = Normal(k * s, 0.5).rsample((3,))
+        s1 = s + a
+        want = ((w * (s1.detach() if detach else s1) - (s1 ** 2).detach()) ** 2).mean()
+        if detach:
+            assert got is None or got == 0
+        else:
+            torch.testing.assert_close(got, torch.autograd.grad(want, k)[0])
+            assert got != 0
+    mu = torch.zeros(3, requires_grad=True)
+    with storch.Graph():
+        x = est(Independent(Normal(mu, 1.0), 1))
+        storch.add_cost(_CUTS["greater_float"](x), name="cut")
+        with pytest.raises(storch.OrderError, match=r"credit=False\): that removes the score-function credit .* "
+                                                    r"differentiated as written.*detached inputs \(z.detach\(\)\)"):
+            storch.surrogate_loss()
+
+
 def test_a_cut_is_looked_for_once_per_estimator_and_cost(monkeypatch):
     """The walk of the cost's graph to the sample runs at the first step of each estimator and cost name (at
     any order): later steps walk nothing; a refused cost is checked again at the next step. One more walk, at

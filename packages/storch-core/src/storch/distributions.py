@@ -339,7 +339,7 @@ def _transforms(d: Distribution) -> list:
 
 def rekey_transform_cache(d: Distribution, sample: torch.Tensor, value: torch.Tensor,
                           convert: Callable[[torch.Tensor], torch.Tensor],
-                          into: Optional[Distribution] = None) -> None:
+                          into: Optional[Distribution] = None) -> list:
     """Let ``log_prob(value)`` reuse the pre-images that ``d``'s transforms cached when they made ``sample``.
 
     A ``TransformedDistribution`` whose transforms have ``cache_size=1`` (``TanhTransform(cache_size=1)``
@@ -364,23 +364,31 @@ def rekey_transform_cache(d: Distribution, sample: torch.Tensor, value: torch.Te
 
     After it, ``d.log_prob(sample)`` on the old key inverts again where ``into``'s transforms are ``d``'s
     objects: compute what needs the raw sample's log-probability first (an estimator's gradient function).
+
+    Returns:
+        The cached pre-images whose keys it moved (``d``'s raw ones, the last transform's first; ``[]``
+        if none): ``log_prob(value)`` is computed from them, not from ``value`` (its autograd graph
+        reaches the pre-tanh sample, not the sample handed out).
     """
+    found: list = []
     have = _transforms(d)
     want = have if into is None or into is d else _transforms(into)
     if not have or len(want) != len(have):
-        return
+        return found
     y, new_y = sample, value
     for t, u in zip(reversed(have), reversed(want)):
         if (t._cache_size != 1 or u._cache_size != 1 or type(t).inv is not Transform.inv
                 or type(u).inv is not Transform.inv or type(t)._inv_call is not Transform._inv_call
                 or type(u)._inv_call is not Transform._inv_call):
-            return  # no cache, or an inverse that reads another transform's cache
+            return found  # no cache, or an inverse that reads another transform's cache
         x, cached_y = t._cached_x_y
         if cached_y is not y or x is None:
-            return
+            return found
         new_x = convert(x)
         u._cached_x_y = (new_x, new_y)  # u.inv(new_y) is new_x: Transform._inv_call
+        found.append(x)
         y, new_y = x, new_x
+    return found
 
 
 def _as_raw(d: Distribution, within: tuple[Plate, ...]) -> Optional[tuple[Distribution, tuple[Plate, ...]]]:

@@ -482,6 +482,12 @@ def add_cost(cost: torch.Tensor, name: Optional[str] = None, *, credit: bool = T
     actor-critic: added as an ordinary cost it would also send score-function gradient to the policy
     (correct for the sum of all costs, but not what a critic loss is for). It is left out of estimator
     state (baselines, buffers) and out of ``max_order`` checks; ``storch.cost_estimates()`` reports it.
+
+    ``credit=False`` removes only the score-function credit: a path that autograd can differentiate is
+    differentiated as written. A reparameterized (pathwise) sample, or a parameter the loss reads directly,
+    still gets gradient through it: a critic's ``(V(s_t) - G_t) ** 2`` on states reached by reparameterized
+    actions through differentiable dynamics trains the policy through ``s_t``. Detach the inputs
+    (``V(s_t.detach())``) for a loss that must give the node no gradient at all.
     """
     graph = _stack()[-1]  # Graph.add_cost without a second eager_only call
     try:  # what `with graph.guard():` does, without its two method calls per cost

@@ -78,6 +78,9 @@ class Node:
         steps: the samples of the later steps of a partition (steps 1, 2, ...), in call order.
         handed: ``(raw value, its version)`` of every value handed to user code, all steps (shared by
             the views): in-place changes of them are refused.
+        preimages: the raw pre-images that the distribution's transforms cached for the handed-out
+            values and that require grad (``TanhTransform(cache_size=1)``'s pre-tanh sample u of a =
+            tanh(u)), all steps: ``log_prob`` of a handed-out value is computed from them.
         index: topological position in the graph.
         step: the last step of a partition (0 for a node sampled once); ``plate`` is the plate at
             that step, ``parents`` its parents. ``at(t)``: t.
@@ -129,6 +132,7 @@ class Node:
     thresholded: Optional[str] = None  # set by the node's Lineage.watch (base._threshold_watch)
     thresholded_in: Optional[str] = None  # (the same watch)
     max_order: float = math.inf  # lowered by Estimator.max_order_for (Estimator._sample_node)
+    preimages: tuple = ()  # set by the estimator's call (base._keep_preimages)
     _views: Optional[dict] = None
     _owner: Optional[weakref.ref] = None  # a view (at(t)): the partition's node it belongs to
     # a view at step t >= 1 with eos: (step t's distribution, entries finished before step t, led by

@@ -373,7 +373,8 @@ class Estimator(torch.nn.Module):
         # the user's log_prob of the value they got (SAC's q.log_prob(a)) reuses the pre-tanh sample
         # that TanhTransform(cache_size=1) cached for `out`, as in plain torch (atanh(±1) is infinite)
         if isinstance(raw, _MAY_CACHE):  # (a Bernoulli or Normal has no transforms: not called)
-            rekey_transform_cache(raw, out, value, lambda r: PlateTensor._wrap(r, plates), distribution)
+            _keep_preimages(node, rekey_transform_cache(raw, out, value, lambda r: PlateTensor._wrap(r, plates),
+                                                        distribution))
         return value
 
     def _extend_partition(self, graph, node: Node, distribution: Distribution,
@@ -514,8 +515,9 @@ class Estimator(torch.nn.Module):
         # the step's own draw for node.at(t) (references, no copies): what a control variate of a cost
         # at step t reads (node.sample, node.distribution of step t)
         node.step_draws.append((sample, raw, distribution, value, node.finished))
-        if isinstance(raw, _MAY_CACHE):
-            rekey_transform_cache(raw, out, value, lambda r: PlateTensor._wrap(r, new), distribution)  # (as above)
+        if isinstance(raw, _MAY_CACHE):  # (as above)
+            _keep_preimages(node, rekey_transform_cache(raw, out, value, lambda r: PlateTensor._wrap(r, new),
+                                                        distribution))
         return value
 
     def _components_step(self, node: Node, raw: Distribution, plates: tuple[Plate, ...],
@@ -1331,6 +1333,15 @@ MAX_DRAW_ENTRIES = 2 ** 29
 
 # the distributions whose transforms may hold a cache of the sample (rekey_transform_cache)
 _MAY_CACHE = (TransformedDistribution, Independent)
+
+
+def _keep_preimages(node: Node, preimages: list) -> None:
+    """Record the cached pre-images of a handed-out sample that require grad (the pre-tanh sample u of
+    a = tanh(u)): ``log_prob(a)`` is computed from them, so a cost made of it (SAC's entropy term) reaches
+    u, not a; the surrogate's check that a pathwise node's cost reaches its sample accepts them too."""
+    grad = tuple(x for x in preimages if x.requires_grad)
+    if grad:
+        node.preimages = node.preimages + grad
 
 
 def _sampled_without_grad(node: Node, distribution: Distribution, step: int) -> None:

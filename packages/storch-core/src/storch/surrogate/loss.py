@@ -283,7 +283,8 @@ def _check_sampled_with_grad(node: Node, per_cost: list) -> None:
         "through it (the gradient would silently be only the other costs'). Sample it with gradients enabled "
         "(est(distribution) outside the no_grad block); use torch.no_grad() only for evaluation steps (sampling, "
         "storch.cost_estimates() and the surrogate all under no_grad) or for nodes without costs; a loss that "
-        "should not train this node's parameters can be added with storch.add_cost(..., credit=False)")
+        "should give this node no score-function gradient (a world model trained on its samples) can be added "
+        "with storch.add_cost(..., credit=False): differentiated as written, without score-function credit")
 
 
 def _changed_in_place(node: Node) -> None:

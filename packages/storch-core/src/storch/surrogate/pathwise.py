@@ -281,10 +281,22 @@ def _check_reaches(name: str, cost: torch.Tensor, nodes: list[Node], order: int)
                 continue
             if pathwise:
                 seen = est.__dict__[_REACH_KEY] = set()
-        if not _reaches([raw_of(cost)], handed) and not _explained(node, nodes, handed):
+        if (not _reaches([raw_of(cost)], handed) and not _reaches_preimages(node, cost)
+                and not _explained(node, nodes, handed)):
             raise OrderError(_cut_message(node, name))
         if seen != ():  # (undecided: checked, not recorded; asked again at the next step)
             seen.add(name)
+
+
+def _reaches_preimages(node: Node, cost) -> bool:
+    """Whether the cost reaches a pre-image that the distribution's transforms cached for a handed-out value
+    (Node.preimages: the pre-tanh sample u of a = tanh(u), TanhTransform(cache_size=1)). ``q.log_prob(a)`` of
+    the value handed out (SAC's entropy term as a cost of its own) is computed from u, upstream of a, so its
+    graph never reaches a; it is log q(a) all the same, a function of the sample differentiated along u =
+    q's inverse of a, so its pathwise gradient is right. A value that is not the cached one (``a.detach()``,
+    a copy) is inverted afresh, and does not reach u. Asked only where the cost does not reach the sample."""
+    pre = [x for x in node.preimages if x.requires_grad]
+    return bool(pre) and _reaches([raw_of(cost)], pre)
 
 
 def _pathwise(node: Node) -> Optional[bool]:
@@ -346,7 +358,11 @@ def _cut_message(node: Node, name: str) -> str:
         "this node ('score', with baseline='leave_one_out' for less variance; 'lax' for a continuous node), or "
         "keep the path from the sample to the cost differentiable (a relaxed estimator needs a cost "
         "differentiable in the relaxed sample: e.g. sigmoid((z - c) / t) instead of (z > c).float()). A cost "
-        "that is meant to give no gradient to this node can be added with storch.add_cost(..., credit=False)"
+        "that is not meant to train this node (a metric, another model's loss) can be added with "
+        "storch.add_cost(..., credit=False): that removes the score-function credit (no MagicBox, no control "
+        "variate), and the cost is differentiated as written, so a differentiable path from the sample (or the "
+        "node's parameters) to it still carries gradient; a cost that must give the node no gradient at all is "
+        "computed from detached inputs (z.detach())"
         + _category_hint(node))
 
 
