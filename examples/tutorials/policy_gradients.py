@@ -43,7 +43,7 @@ def episode(theta: torch.Tensor, est, causal: bool) -> None:
             storch.add_cost(-reward, name=f"r{t}")          # credited to the actions of steps <= t
         rewards.append(reward)
     if not causal:
-        storch.add_cost(-sum(rewards), name="return")       # credited to every action
+        storch.add_cost(-sum(rewards, torch.tensor(0.0)), name="return")  # credited to every action
 
 
 def gradient_estimates(theta: torch.Tensor, est, causal: bool, reps: int) -> torch.Tensor:

@@ -7,7 +7,8 @@ errors, so the public signatures (``py.typed``) say what the documentation says.
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch.distributions import Bernoulli, Categorical, Distribution, OneHotCategorical
@@ -19,7 +20,8 @@ from storch.extending import align, base_distribution, drawing_with, leave_one_o
 from storch import CostFrame, Estimator, Node, PlateTensor
 from storch_mvd import Mvd, Spsa
 from storch_relaxed import Arm, DisArm, Go, GumbelSoftmax, GumbelStraightThrough, Lax, Rebar, Relax
-from storch_score import Importance, Score, SumAndSample, UnorderedSet
+from storch_score import Importance, Score, SumAndSample, UnorderedSet, Vimco
+from typing_extensions import assert_type
 
 FAMILY_CLASSES: list[type[Estimator]] = [Score, Importance, SumAndSample, UnorderedSet, GumbelSoftmax,
                                          GumbelStraightThrough, Lax, Relax, Rebar, Arm, DisArm, Go, Spsa, Mvd]
@@ -129,6 +131,135 @@ def distributed_state(est: Estimator) -> bool:
     return storch.distributed.is_active(est) or ranks != 1
 
 
+def compiled_steps(encoder: torch.nn.Linear, data: torch.Tensor) -> int:
+    """README 'Compiling a step' and docs/tutorials/discrete-vae.md: both forms of storch.compile."""
+    est = storch.estimator("score", plate="z", n_samples=3, baseline="leave_one_out")
+
+    @storch.compile(backend=None)
+    def step(x: torch.Tensor) -> torch.Tensor:
+        with storch.Graph():
+            z = est(Bernoulli(logits=encoder(storch.denote_independent(x, 0, "data"))))
+            storch.add_cost(((z - 0.3) ** 2).sum())
+            return storch.surrogate_loss()
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        return step.fn(x)
+
+    fast = storch.compile(loss_fn, backend=None)
+    fast(data).backward()
+    loss: torch.Tensor = step(data)
+    loss.backward()
+    same: storch.CompiledStep[[torch.Tensor], torch.Tensor] = fast
+    traces = same.traces + step.traces
+    fast.clear()
+    return traces
+
+
+def documented_attributes(theta: torch.Tensor) -> float:
+    """Attributes of estimators made by name that the family pages document (est.step, ...)."""
+    g = storch.estimator("gumbel_softmax", plate="z", temperature=lambda step: max(0.5, 0.99 ** step))
+    tau: float = g.current_temperature()  # gumbel_softmax.md
+    steps: int = g.step
+    g.step = 10
+    s = storch.estimator("score", plate="z", baseline="moving_average")
+    skipped: int = s.skipped_updates  # reliability.md
+    averages: dict[str, torch.Tensor] = s.moving_averages  # score.md
+    n: int = s.n_samples  # a declared attribute keeps its type
+    with storch.Graph():  # vimco.md, by name and with the class
+        for v in (storch.estimator("vimco", plate="v", n_draws=3), Vimco("v", n_draws=3)):
+            q = Bernoulli(logits=theta)
+            w = v(q)
+            log_w: torch.Tensor = (q.log_prob(w) - Bernoulli(logits=torch.zeros(3)).log_prob(w)).sum(-1)
+            storch.add_cost(v.bound(log_w), name="negative_iwae")
+            storch.backward()
+    return tau + steps + skipped + len(averages) + n
+
+
+def third_op(x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x)
+
+
+def fourth_op(x: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(x)
+
+
+def plate_handlers() -> storch.Entry:
+    """docs/plates.md: a refusal, and a handler registered by the decorator (which returns it)."""
+    storch.register_plate_handler(third_op, storch.refuse("use third_op_v2"))
+
+    @storch.register_plate_handler(fourth_op)
+    def fourth_on_plates(func: Callable[..., Any], args: tuple, kwargs: dict) -> PlateTensor:
+        x = args[0]
+        return storch.PlateTensor(torch.sigmoid(x.tensor), x.plates)
+
+    pt = storch.PlateTensor(torch.zeros(3, 2), (storch.Plate("p", 3),))
+    assert_type(fourth_on_plates(fourth_op, (pt,), {}), PlateTensor)  # the handler itself, typed
+    return storch.treatment_of(third_op)
+
+
+class Capped(storch.Estimator):
+    """docs/writing-an-estimator.md section 2: an option changes capabilities of one instance."""
+
+    name = "typed_capped"
+    max_order = 1
+    has_update = True
+    replays_update = True
+
+    def __init__(self, plate: str, n_samples: int = 2, exact: bool = False, update: bool = True) -> None:
+        super().__init__(plate, n_samples)
+        if exact:
+            self.max_order = math.inf
+        self.has_update = update
+        self.replays_update = update
+        self.update_uses_loss_graph = False
+
+    def update_inputs(self, nodes: list[Node]) -> list[torch.Tensor]:
+        return []
+
+    def update_from(self, inputs: list[torch.Tensor]) -> None:
+        pass
+
+
+class SelfCritical(storch.Estimator):
+    """docs/writing-an-estimator.md: components read node.sample, node.plate, node.frames, node.original."""
+
+    name = "typed_self_critical"
+
+    def gradient_function(self, node: Node) -> torch.Tensor:
+        l = node.log_prob(node.sample)  # noqa: E741 (the docs' code)
+        assert l.shape[0] == node.plate.size
+        return l
+
+    def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
+        d: Optional[Distribution] = node.original  # the distribution the user built
+        assert d is not None and cost.tensor.shape[0] == node.n
+        return None
+
+    def update_parameters(self, nodes: list[Node], loss: torch.Tensor) -> None:
+        for node in nodes:
+            assert_type(node.frames, dict[str, CostFrame])
+
+
+def typed_results(theta: torch.Tensor) -> bool:
+    """Results the docs give a type: classes from the registry, capability checks, averages, options."""
+    cls = storch.get_estimator_class("score")
+    assert_type(cls, type[Estimator])
+    est = cls("z", n_samples=2)
+    d = Bernoulli(logits=theta)
+    assert_type(Estimator.supports(d), bool)
+    assert_type(est.supports(d), bool)
+    avg: torch.Tensor = storch.distributed.all_reduce_mean(torch.ones(3), owner=est)
+    means = storch.distributed.all_reduce_mean({"rec": torch.ones(())}, owner=est, partial=True)
+    rec: torch.Tensor = means["rec"]
+    assert_type(options.choice("mine", "mode", "fast", ("fast", "slow")), Literal["fast", "slow"])
+    info = Capped("z", exact=True).info()
+    with storch.Graph():
+        b = SelfCritical("b", n_samples=3)(Bernoulli(logits=theta))
+        storch.add_cost(((b - 0.45) ** 2).sum())
+        storch.backward()
+    return Estimator.supports(d) and bool(avg.sum() + rec > 0) and info.max_order == math.inf
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     enc, dec = torch.nn.Linear(6, 12), torch.nn.Linear(12, 6)
@@ -145,4 +276,8 @@ if __name__ == "__main__":
     assert registry()
     plates()
     assert not distributed_state(storch.estimator("score", plate="z"))
+    assert compiled_steps(torch.nn.Linear(6, 4), torch.rand(5, 6)) >= 2
+    documented_attributes(torch.zeros(3, requires_grad=True))
+    assert plate_handlers().treatment == storch.Treatment.REFUSED
+    assert typed_results(torch.zeros(2, requires_grad=True))
     print("ok")

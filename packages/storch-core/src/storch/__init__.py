@@ -18,7 +18,7 @@ from .errors import (
     UnsupportedDistributionError,
 )
 from .plates import Lineage, Plate, PlateTensor  # importing storch.plates installs its dispatcher
-from .plates.treatments import Treatment, refuse, register_plate_handler, treatment_of
+from .plates.treatments import Entry, Treatment, refuse, register_plate_handler, treatment_of
 from .cost import CostFrame, magic_box
 from .node import Node
 from .graph import Graph, add_cost, current_graph, denote_independent, reset
@@ -49,7 +49,7 @@ __all__ = [
     "hookimpl", "hookspec", "StorchError", "PlateError", "OrderError", "UnknownEstimatorError",
     "UnsupportedDistributionError", "OptionError", "CostError", "NonFiniteCostError", "NonFiniteParameterError", "PluginError",
     "UnusedSampleWarning",
-    "register_plate_handler", "refuse", "treatment_of", "Treatment",
+    "register_plate_handler", "refuse", "treatment_of", "Treatment", "Entry",
     "current_generator",
     "distributed",
 ]

@@ -155,7 +155,7 @@ import threading
 import types
 import warnings
 import weakref
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Generic, Optional, TypeVar, Union, overload
 
 import torch
 import torch.utils._pytree as pytree
@@ -168,13 +168,22 @@ from ._order_guard import CountedRefusal, keep_counted_view, refuse_create_graph
 from .smoothness import inspecting_saved, saved_values_unread
 from .surrogate import update_on_backward
 
+if sys.version_info >= (3, 10):
+    from typing import ParamSpec
+else:  # (a dependency of torch; storch-core requires it on 3.9)
+    from typing_extensions import ParamSpec
+
 __all__ = ["compile", "CompiledStep"]
+
+# the compiled step is called like the step: its parameters and return type
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 _T = torch.Tensor
 _RETRACE_WARNING = 8  # traces of one step before a warning (torch._dynamo.config.recompile_limit's default)
 
 
-class CompiledStep:
+class CompiledStep(Generic[_P, _R]):
     """A storch step compiled by :func:`storch.compile`; call it like the step itself.
 
     Attributes:
@@ -183,7 +192,7 @@ class CompiledStep:
         traces: the number of traces made so far (one per distinct signature).
     """
 
-    def __init__(self, fn: Callable, compile_options: dict) -> None:
+    def __init__(self, fn: Callable[_P, _R], compile_options: dict) -> None:
         self.fn = fn
         self.compile_options = compile_options
         self._cache: dict = {}
@@ -192,11 +201,12 @@ class CompiledStep:
         self.traces = 0
         functools.update_wrapper(self, fn)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         if not kwargs and all(type(a) is _T for a in args):
             # the common call, plain tensors only: a cheaper key (no pytree), its own cache entry
             key = (torch.is_grad_enabled(), self._python_state(()),
-                   *[(a.shape, a.stride(), a.dtype, a.device, a.requires_grad) for a in args])
+                   *[(a.shape, a.stride(), a.dtype, a.device, a.requires_grad)  # type: ignore[attr-defined]
+                     for a in args])
             entry = self._fast.get(key)
             if entry is None:
                 entry = self._fast[key] = self._entry(args, kwargs)
@@ -324,7 +334,7 @@ class CompiledStep:
             return [*tensors, *state]
         return [*tensors, torch.zeros((), dtype=trace.probe[0], device=trace.probe[1], requires_grad=True), *state]
 
-    def eager(self, *args: Any, **kwargs: Any) -> Any:
+    def eager(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         """The step run eagerly by storch, on the paths its trace takes: what a compiled call computes
         from the same random state. For most steps that is just ``fn(*args)``; an estimator that picks
         a path by values (``unordered_set``'s i.i.d. sampler, its float64 set programme) takes its
@@ -356,10 +366,10 @@ class CompiledStep:
             recorder.probe = ts[n_args]
             args, kwargs = pytree.tree_unflatten(items, spec)
             if watch is None:
-                out = self.fn(*args, **kwargs)
+                out = self.fn(*args, **kwargs)  # type: ignore[call-arg]  # (the step's own arguments, unflattened)
             else:
                 with watch:
-                    out = self.fn(*args, **kwargs)
+                    out = self.fn(*args, **kwargs)  # type: ignore[call-arg]
             outs, s = pytree.tree_flatten(out)
             for o in outs:
                 if isinstance(o, PlateTensor):
@@ -452,9 +462,20 @@ class CompiledStep:
         return f"storch.compile({_name(self.fn)}, traces={self.traces})"
 
 
-def compile(fn: Optional[Callable] = None, *, backend: Any = "inductor", mode: Optional[str] = None,
+@overload
+def compile(fn: Callable[_P, _R], *, backend: Any = "inductor", mode: Optional[str] = None,
+            options: Optional[dict] = None, dynamic: Optional[bool] = False) -> CompiledStep[_P, _R]: ...
+
+
+@overload
+def compile(fn: None = None, *, backend: Any = "inductor", mode: Optional[str] = None,
             options: Optional[dict] = None, dynamic: Optional[bool] = False,
-            ) -> Union[CompiledStep, Callable[[Callable], CompiledStep]]:
+            ) -> Callable[[Callable[_P, _R]], CompiledStep[_P, _R]]: ...
+
+
+def compile(fn: Optional[Callable[_P, _R]] = None, *, backend: Any = "inductor", mode: Optional[str] = None,
+            options: Optional[dict] = None, dynamic: Optional[bool] = False,
+            ) -> Union[CompiledStep[_P, _R], Callable[[Callable[_P, _R]], CompiledStep[_P, _R]]]:
     """Compile a storch step: trace its plate program once into plain torch, then ``torch.compile`` it.
 
     ``fn(*args)`` builds one step's stochastic computation graph (estimators, costs) and returns

@@ -39,7 +39,7 @@ Example (``examples/distributed/train_ddp.py`` is a complete script)::
 from __future__ import annotations
 
 import functools
-from typing import Any, Union
+from typing import Any, TypeVar, Union, overload
 
 import torch
 
@@ -102,6 +102,24 @@ def synchronize(module: torch.nn.Module, enabled: bool = True, group: Any = None
     for m in module.modules():
         if isinstance(m, Estimator):
             m._storch_process_group = group if enabled else False
+
+
+_K = TypeVar("_K")
+
+
+@overload
+def all_reduce_mean(values: torch.Tensor, owner: Any = None, partial: bool = False,
+                    what: str = "values") -> torch.Tensor: ...
+
+
+@overload
+def all_reduce_mean(values: dict[_K, torch.Tensor], owner: Any = None, partial: bool = False,
+                    what: str = "values") -> dict[_K, torch.Tensor]: ...
+
+
+@overload
+def all_reduce_mean(values: list[torch.Tensor], owner: Any = None, partial: bool = False,
+                    what: str = "values") -> list[torch.Tensor]: ...
 
 
 def all_reduce_mean(values: Union[dict, list, torch.Tensor], owner: Any = None, partial: bool = False,

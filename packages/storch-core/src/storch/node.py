@@ -20,6 +20,7 @@ from .errors import StorchError
 from .plates.tensor import Plate, PlateTensor, align
 
 if TYPE_CHECKING:
+    from .cost import CostFrame
     from .estimators.base import Estimator
 
 __all__ = ["Node"]
@@ -47,7 +48,8 @@ class Node:
         first_parents: the parent plates of the first call, which lead ``first_distribution``'s batch
             shape (a partition's ``parents`` are those of its last step; they may grow, e.g. a data plate
             that joins at a later step).
-        plate: the node's own sample plate (set once the proposal is drawn).
+        plate: the node's own sample plate (set once the proposal is drawn: ``None`` while ``proposal``
+            runs, and typed as set, as every other component sees it; so is ``sample``).
         sample: raw samples, shape ``(plate, *parents, *batch, *event)`` (a partition's node: the last
             step's; ``at(t)``: step t's).
         gradient_values: l(x) evaluated on the samples (the result of the estimator's
@@ -140,7 +142,7 @@ class Node:
     _eos_before: Optional[tuple] = None
 
     def __init__(self, estimator: "Estimator", distribution: Distribution, parents: tuple[Plate, ...],
-                 original: Optional[Node] = None,
+                 original: Optional[Distribution] = None,
                  inputs: Any = None):
         self.estimator = estimator
         self.distribution = distribution
@@ -149,15 +151,17 @@ class Node:
         self.parents = parents
         self.first_parents = parents
         self.distribution_plates = parents
-        self.plate: Optional[Plate] = None
-        self.sample: Optional[torch.Tensor] = None
+        # declared as what a component reads: both are set once the proposal is drawn (before any
+        # component but ``proposal`` runs); ``None`` until then, and on a node made by hand
+        self.plate: Plate = None  # type: ignore[assignment]
+        self.sample: torch.Tensor = None  # type: ignore[assignment]
         self._gradient_values: Any = None
         self._weight_values: Any = None
         self.value: Optional[PlateTensor] = None
         state_type = getattr(estimator, "State", None)
         self.state: Any = state_type() if state_type is not None else None
         self.inputs = inputs
-        self.frames: dict = {}
+        self.frames: dict[str, CostFrame] = {}
         self.handed: list = []  # (raw value handed to user code, its version then): in-place changes are refused
 
     @property

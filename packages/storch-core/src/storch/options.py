@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import Any, Collection, Optional, Union
+from typing import Any, Collection, Optional, TypeVar, Union
 
 from .errors import OptionError
 
@@ -83,7 +83,10 @@ def flag(owner: str, name: str, value: Any) -> bool:
     return value
 
 
-def choice(owner: str, name: str, value: Any, choices: Collection[str], hint: str = "") -> Any:
+_Choice = TypeVar("_Choice")
+
+
+def choice(owner: str, name: str, value: Any, choices: Collection[_Choice], hint: str = "") -> _Choice:
     """``value`` if it is one of ``choices``; else an :class:`OptionError` that lists them."""
     try:
         ok = value in choices

@@ -252,7 +252,7 @@ def available_estimators() -> dict[str, EstimatorInfo]:
     return {k: v for k, v in sorted(reg.infos.items()) if k not in reg.conflicts}
 
 
-def get_estimator_class(name: str) -> type:
+def get_estimator_class(name: str) -> type[Estimator]:
     """The estimator class registered as ``name`` (or an alias of it).
 
     Raises:

@@ -103,7 +103,7 @@ class UnorderedSet(Estimator):
     """
 
     name = "unordered_set"
-    max_order = 1
+    max_order: float = 1  # (math.inf on an instance without the baseline: float, not int)
     higher_order_options = "unordered_set(baseline=False) is unbiased at every order"
     requires_enumerate_support = True
     supports_partitions = True

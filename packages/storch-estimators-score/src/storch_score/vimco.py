@@ -116,7 +116,7 @@ class Vimco(Estimator):
         node.state.log_q = lp.sum(tuple(range(-own, 0))) if own else lp
         return node.state.log_q.sum(-1)  # l = Σ_k l_k: the set is one sample
 
-    def bound(self, log_w: PlateTensor) -> PlateTensor:
+    def bound(self, log_w: torch.Tensor) -> torch.Tensor:
         """L = -(logsumexp_k log w_k - log K), the negative multi-sample bound of this step's draws.
 
         Add the result itself as a cost (``storch.add_cost(est.bound(log_w), name=...)``): that cost

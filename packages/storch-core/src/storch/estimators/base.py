@@ -39,7 +39,7 @@ import numbers
 import sys
 import types
 import weakref
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Optional, TypeVar
 
 import torch
 from torch.distributions import Categorical, Distribution, Independent, OneHotCategorical, TransformedDistribution
@@ -69,7 +69,15 @@ from ..score_conditions import KINK_FREE, moving_support, support_is_fixed
 from ..smoothness import _reaches
 from .catalog import EstimatorInfo, available, supporting_estimators
 
+if sys.version_info >= (3, 10):
+    from typing import Concatenate, ParamSpec
+else:  # (a dependency of torch; storch-core requires it on 3.9)
+    from typing_extensions import Concatenate, ParamSpec
+
 __all__ = ["Estimator", "CostFrame", "magic_box"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 def _threshold_watch(node: Node, jumps: bool):
@@ -135,14 +143,14 @@ _ONE_HOT_LOG_PROB = OneHotCategorical.log_prob.__code__
 _CATEGORIES = (Categorical, OneHotCategorical)
 
 
-class _instance_or_class:
+class _instance_or_class(Generic[_P, _R]):
     """A method bound to the instance when called on one, else to the class (capability checks)."""
 
-    def __init__(self, func) -> None:
+    def __init__(self, func: Callable[Concatenate[Any, _P], _R]) -> None:
         self.__func__ = func
         self.__doc__ = func.__doc__
 
-    def __get__(self, obj, cls=None):
+    def __get__(self, obj: Any, cls: Any = None) -> Callable[_P, _R]:
         return types.MethodType(self.__func__, cls if obj is None else obj)
 
 
@@ -227,7 +235,7 @@ class Estimator(torch.nn.Module):
 
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
-    max_order: ClassVar[float] = math.inf
+    max_order: float = math.inf  # (these four: an instance may set them from its options)
     biased: ClassVar[bool] = False
     higher_order_options: ClassVar[str] = ""
     distributions: ClassVar[Optional[tuple[type, ...]]] = None
@@ -237,15 +245,22 @@ class Estimator(torch.nn.Module):
     _nodes_drawn: Optional[list] = None
     requires_rsample: ClassVar[bool] = False
     requires_enumerate_support: ClassVar[bool] = False
-    has_update: ClassVar[bool] = False
-    update_uses_loss_graph: ClassVar[Optional[bool]] = None
-    replays_update: ClassVar[bool] = False
+    has_update: bool = False
+    update_uses_loss_graph: Optional[bool] = None
+    replays_update: bool = False
     supports_partitions: ClassVar[bool] = False
     causal_credit: ClassVar[bool] = True
     eos: Optional[int] = None
     State: ClassVar[Optional[type]] = None
     """The typed per-node record (a dataclass whose fields all have defaults); ``node.state`` is a
     fresh instance of it for every node, created before ``proposal``."""
+
+    if TYPE_CHECKING:
+        # for type checkers only (torch.nn.Module's own lookup runs at runtime): the attributes of an
+        # estimator made by name (storch.estimator returns an Estimator), such as gumbel_softmax's
+        # ``step`` or score's ``moving_averages``, are Any rather than Module.__getattr__'s
+        # ``Tensor | Module``; the attributes declared here keep their types
+        def __getattr__(self, name: str) -> Any: ...
 
     def __init__(self, plate: str, n_samples: int = 1) -> None:
         super().__init__()
@@ -548,7 +563,7 @@ class Estimator(torch.nn.Module):
         view.__dict__.update(node.__dict__)  # (state, inputs, frames, handed: the partition's)
         view.distribution, view.distribution_plates, view.parents = raw, plates, plates
         view.step_log = view._history = view._views = view._eos_before = None
-        view.plate = view.sample = view.value = view._gradient_values = view._weight_values = None
+        view.plate = view.sample = view.value = view._gradient_values = view._weight_values = None  # type: ignore[assignment]
         view._owner, view.step = weakref.ref(node), t
         grid = self.proposal(view)
         full = raw._batch_shape + raw._event_shape  # (the prefix plate, the parents, the own batch, the event)

@@ -30,7 +30,7 @@ generated from this table (``storch.plates.table_doc``, run by
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, TypeVar, Union, overload
 
 import torch
 
@@ -53,7 +53,8 @@ class Treatment(str, enum.Enum):
 
 
 class Entry(NamedTuple):
-    """One row of the table.
+    """A function's plate treatment: one row of the table (what :func:`treatment_of` returns and
+    :func:`refuse` makes).
 
     Attributes:
         treatment: which of the five treatments.
@@ -97,8 +98,22 @@ def _invalidate() -> None:
         fn()
 
 
-def register_plate_handler(func: Callable[..., Any], handler: Union[None, str, Callable[..., Any]] = None, *,
-                           override: bool = False, note: str = "") -> Callable[..., Any]:
+_Funcs = Union[Callable[..., Any], tuple[Callable[..., Any], ...], list[Callable[..., Any]]]
+_Handler = TypeVar("_Handler", bound=Callable[..., Any])
+_Given = TypeVar("_Given", bound=Union[str, Entry, Callable[..., Any]])
+
+
+@overload
+def register_plate_handler(func: _Funcs, handler: None = None, *, override: bool = False,
+                           note: str = "") -> Callable[[_Handler], _Handler]: ...
+
+
+@overload
+def register_plate_handler(func: _Funcs, handler: _Given, *, override: bool = False, note: str = "") -> _Given: ...
+
+
+def register_plate_handler(func: _Funcs, handler: Union[None, str, Entry, Callable[..., Any]] = None, *,
+                           override: bool = False, note: str = "") -> Any:
     """Register how ``func`` runs on plate tensors (a handler); usable as a decorator.
 
     ``handler(func, args, kwargs)`` is called with the original arguments (PlateTensors
@@ -109,9 +124,9 @@ def register_plate_handler(func: Callable[..., Any], handler: Union[None, str, C
 
     Args:
         func: the torch function, ``torch.Tensor`` method, ``torch.ops`` operator, or any
-            function that goes through ``__torch_function__``.
-        handler: the handler, a treatment name, or a :func:`refuse` marker. Omit it to use
-            this as a decorator.
+            function that goes through ``__torch_function__`` (or a list or tuple of them).
+        handler: the handler, a treatment name, or a :func:`refuse` marker (an :class:`Entry`).
+            Omit it to use this as a decorator (which returns the handler itself).
         override: replace an existing registration (otherwise that is an error).
         note: one line for the generated table of supported functions.
 

@@ -18,7 +18,7 @@ from ._models import EstimatorFactory
 
 __all__ = ["EstimatorLike", "resolve", "default_orders", "replicas"]
 
-EstimatorLike = Union[str, Estimator, type, Callable[[str], Estimator]]
+EstimatorLike = Union[Callable[[str], Estimator], str, Estimator, type[Estimator]]
 """A registry name, an estimator instance, an estimator class, or a factory ``make(plate)``."""
 
 
