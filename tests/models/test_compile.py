@@ -207,6 +207,32 @@ def test_inductor_gradients_equal_eager():
                 torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+@pytest.mark.parametrize("kwargs", [False, True])
+def test_one_tensor_passed_for_two_arguments_is_traced_apart(backend, kwargs):
+    """A first call with one tensor for two arguments (step(theta, zeros, zeros)) made a trace with one input for
+    both; a later call with two different tensors computed with one of them for both: silently wrong (a masked
+    argument's -inf became a NaN loss; found by review). Such calls have their own trace."""
+    est = storch.estimator("score", plate="z", n_samples=3)
+    theta = torch.tensor([[0.3, -0.2, 0.5]] * 2, dtype=torch.float64, requires_grad=True)
+
+    def step(theta, shift, offset):
+        with storch.Graph():
+            z = est(Bernoulli(logits=storch.denote_independent(theta + shift, 0, "data")))
+            storch.add_cost(((z - 0.3) ** 2).sum(-1) + offset.sum(), name="c")
+            return storch.surrogate_loss()
+
+    compiled = storch.compile(step, backend=backend)
+    zeros = torch.zeros(2, 3, dtype=torch.float64)
+    offset = torch.full((2, 3), 5.0, dtype=torch.float64)
+    for args in ((zeros, zeros), (zeros, offset), (offset, offset)):
+        call = (lambda: compiled(theta, shift=args[0], offset=args[1])) if kwargs else (lambda: compiled(theta, *args))
+        torch.manual_seed(0)
+        got = call()
+        torch.manual_seed(0)
+        torch.testing.assert_close(got, step(theta, *args))
+
+
 def test_inductor_draws_two_normals_of_one_shape_independently():
     """torch 2.13's inductor on CPU gave two `aten.normal` draws of one shape in a program the same noise (the two
     steps of a Gaussian policy's episode under score: |z| 10 to 22, silently; found by porting). storch compiles

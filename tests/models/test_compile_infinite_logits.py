@@ -301,19 +301,33 @@ def test_compiled_finite_check_reads_the_loss_only(backend):
     assert torch.isfinite(theta.grad).all()
 
 
-def test_compiled_finite_check_of_a_loss_in_an_expression():
-    """A step that returns its surrogate loss inside an expression (surrogate_loss() + reg) has its 0-dim result
-    checked: a NaN loss is still refused on .backward()."""
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+@pytest.mark.parametrize("form", ["plus", "reshape", "stack"])
+def test_compiled_finite_check_of_a_loss_in_an_expression(backend, form):
+    """What a step computes from its surrogate loss (surrogate_loss() + reg, loss.reshape(1), a stack of losses)
+    is checked, not a metric returned beside it (a 0-dim -inf minimum of masked logits, which shares the loss's
+    node under aot_eager); and a result used in an expression by the caller, (step(x) + reg).backward(), whose
+    temporary output is freed before the pass (a weak reference missed it: found by review)."""
     theta = torch.tensor([[0.3, -0.2, 0.5]] * 2, dtype=torch.float64, requires_grad=True)
     est = storch.estimator("score", plate="z")
 
-    def step(theta, pins):
+    def step(theta, pins, mask):
         with storch.Graph():
             z = est(Bernoulli(logits=storch.denote_independent(theta + pins, 0, "data")))
             storch.add_cost(((z - _TARGET) ** 2).sum(-1), name="c")
-            return storch.surrogate_loss() + 0.01 * theta.pow(2).sum(), z.tensor.detach()
+            loss = storch.surrogate_loss()
+            out = {"plus": lambda: loss + 0.01 * theta.pow(2).sum(), "reshape": lambda: loss.reshape(1),
+                   "stack": lambda: torch.stack([loss, loss.detach()])}[form]()
+            return out, (theta + mask).min()
 
-    compiled = storch.compile(step, backend=None)
-    compiled(theta, torch.zeros_like(PINS["Bernoulli"]))[0].backward()
+    compiled = storch.compile(step, backend=backend)
+    free, masked = torch.zeros_like(PINS["Bernoulli"]), PINS["Categorical"]
+    loss, metric = compiled(theta, free, free)
+    loss.sum().backward()
+    loss, metric = compiled(theta, free, masked)
+    assert metric == -INF and torch.isfinite(loss).all()  # a metric of -inf beside a finite loss
+    (loss.sum() + metric.clamp(min=0)).backward()
     with pytest.raises(storch.NonFiniteCostError, match="infinite logit"):
-        compiled(theta, PINS["Bernoulli"])[0].backward()
+        compiled(theta, PINS["Bernoulli"], free)[0].sum().backward()
+    with pytest.raises(storch.NonFiniteCostError, match="infinite logit"):
+        (compiled(theta, PINS["Bernoulli"], free)[0].sum() + theta.sum()).backward()

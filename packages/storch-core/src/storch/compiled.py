@@ -165,7 +165,7 @@ from .estimators.base import Estimator, updating_message
 from .graph import Graph, tracing_nodes, tracing_recorder
 from .plates.tensor import PlateTensor
 from ._order_guard import CountedRefusal, keep_counted_view, refuse_create_graph
-from .smoothness import inspecting_saved, saved_values_unread
+from .smoothness import _reaches, inspecting_saved, saved_values_unread
 from .surrogate import update_on_backward
 
 if sys.version_info >= (3, 10):
@@ -207,6 +207,8 @@ class CompiledStep(Generic[_P, _R]):
             key = (torch.is_grad_enabled(), self._python_state(()),
                    *[(a.shape, a.stride(), a.dtype, a.device, a.requires_grad)  # type: ignore[attr-defined]
                      for a in args])
+            if len(args) > 1 and len(set(map(id, args))) < len(args):
+                key += (_aliasing(args),)
             entry = self._fast.get(key)
             if entry is None:
                 entry = self._fast[key] = self._entry(args, kwargs)
@@ -614,7 +616,18 @@ def _signature(leaves: list, spec, state: tuple = ()) -> tuple:
                     f"a compiled step's non-tensor arguments must be hashable (they select the trace); got a "
                     f"{type(a).__name__}") from None
             key.append((type(a), a))
+    if len(set(map(id, tensors))) < len(tensors):
+        key.append(_aliasing(tensors))
     return tuple(key), tensors
+
+
+def _aliasing(tensors) -> tuple:
+    """Which tensor arguments are one tensor object: for each, the position of its first occurrence. A trace made
+    with one tensor passed twice (``step(theta, zeros, zeros)``) holds a single input for both (make_fx follows
+    tensors by identity), so a later call with two different tensors computed with one of them for both
+    (silently: a masked argument's -inf reached the loss as NaN; found by review): such calls are traced apart."""
+    first: dict = {}
+    return tuple(first.setdefault(id(t), i) for i, t in enumerate(tensors))
 
 
 def _check_replay(gm: torch.fx.GraphModule, flat: Callable, tensors: list, inputs: list, devices: list, fn,
@@ -949,54 +962,68 @@ def _update_on_backward(probe: torch.Tensor, loss: torch.Tensor, values: tuple, 
 
 
 def _losses_among(outs: list, losses: list) -> list[int]:
-    """The positions among a traced step's outputs of the surrogate losses it built (the returned loss itself), or
-    where it returned none of them (a loss used in an expression: ``surrogate_loss() + reg``) of its 0-dim outputs
-    computed in the step (not an input returned as it is)."""
-    at = [i for i, o in enumerate(outs) if any(o is loss for loss in losses)]
-    if at or not losses:
-        return at
-    return [i for i, o in enumerate(outs) if o.dim() == 0 and o.grad_fn is not None]
+    """The positions among a traced step's outputs of the surrogate losses it built and of what it computed from
+    them (``surrogate_loss() + reg``, ``2 * loss``, ``torch.stack([l1, l2])``, ``loss.reshape(1)``): the outputs
+    whose autograd graph reaches one of them (not an input returned as it is, not a metric beside the loss)."""
+    if not losses:
+        return []
+    return [i for i, o in enumerate(outs)
+            if o.grad_fn is not None and o.is_floating_point()
+            and (any(o is loss for loss in losses) or _reaches([o], losses))]
 
 
 def _finite_on_backward(outs, checked: tuple, fn) -> None:
-    """Hook the surrogate loss among ``outs`` of a replayed call whose step updates no estimator (no update probe;
-    ``checked``: its positions, :func:`_losses_among`) to be checked for being finite when a backward pass reaches
-    it, before the pass goes on (a hook on its autograd node: nothing is added to the graph). ``.backward()`` on
-    the compiled step's loss is what replaces ``storch.backward()`` there (refused in a traced step), and
-    storch.backward() raises ``NonFiniteCostError`` on a non-finite loss: without this check a NaN loss (a
-    Bernoulli's infinite logit under score, arm, disarm, mvd, rebar or relax, whose torch log p is NaN there) gave
-    NaN gradients silently. A ``torch.autograd.grad`` of the loss is checked too (eagerly only
-    ``storch.backward()`` is), which refuses nothing that would not be NaN. Only the loss: eagerly storch.backward()
-    checks the costs, not what else a step returns (a masked logit of -inf returned for logging, whose backward
-    shares the loss's node under a compiler backend, was refused by a first version; found by review), and never
-    an input returned as it is (a first version hooked a parameter on every call: the hooks piled up). A first
-    version also added a zero leaf ``o + o · probe`` per output, as the update probe does: ~40 us a call, a third
-    of a replayed toy step."""
+    """Check the surrogate losses among ``outs`` of a replayed call whose step updates no estimator (no update
+    probe; ``checked``: their positions, :func:`_losses_among`) for being finite when a backward pass reaches them,
+    before the pass goes on. ``.backward()`` on the compiled step's loss is what replaces ``storch.backward()``
+    there (refused in a traced step), and storch.backward() raises ``NonFiniteCostError`` on a non-finite loss:
+    without this check a NaN loss (a Bernoulli's infinite logit under score, arm, disarm, mvd, rebar or relax,
+    whose torch log p is NaN there) gave NaN gradients silently. A ``torch.autograd.grad`` of the loss is checked
+    too (eagerly only ``storch.backward()`` is), which refuses nothing that would not be NaN.
+
+    On the CPU the value is read now (~1 us) and only a non-finite loss gets a hook on its autograd node, which
+    raises when a pass reaches it: a Python hook on the node costs ~5 us a call (measured: ~10% of a replayed toy
+    step) and reading a value on an accelerator waits for it, so there the hook reads it, as storch.backward()
+    does, when a pass reaches it. The hook holds a detached alias (a weak reference missed ``(step(x) + reg)
+    .backward()``: the temporary output was freed before the pass; found by review). Only the losses: eagerly
+    storch.backward() checks the costs, not what else a step returns (a masked -inf logit returned beside a finite
+    loss, whose backward shares the loss's node under a compiler backend, was refused by a first version), and
+    never an input returned as it is (a first version hooked a parameter on every call)."""
     for i in checked:
         o = outs[i]
         node = o.grad_fn
-        if node is not None and o.is_floating_point():
-            node.register_prehook(_finite_check(weakref.ref(o), fn))
+        if node is None or o.is_meta:
+            continue
+        if o.device.type == "cpu":
+            if not _finite(o):
+                node.register_prehook(_refusal(fn))
+        else:
+            node.register_prehook(_finite_check(o.detach(), fn))
 
 
-def _finite_check(ref: "weakref.ref[torch.Tensor]", fn) -> Callable[[torch.Tensor], None]:
-    # the tensor weakly: a hook held by the tensor's autograd node that held the tensor would be a reference
-    # cycle (the step's tensors kept for the cyclic collector)
+def _finite(o: torch.Tensor) -> bool:
+    return math.isfinite(o.item()) if o.dim() == 0 else bool(torch.isfinite(o.detach()).all())
+
+
+def _finite_check(value: torch.Tensor, fn) -> Callable[[Any], None]:
     def check(_grad) -> None:
-        o = ref()
-        if o is None or o.is_meta:
-            return
-        if not (math.isfinite(o.item()) if o.dim() == 0 else bool(torch.isfinite(o.detach()).all())):
-            raise NonFiniteCostError(
-                f"a result of the compiled step {_name(fn)} that a backward pass reached is not finite (NaN or inf), "
-                "so its gradient would be too, as storch.backward() refuses eagerly: the backward pass stopped "
-                "before accumulating any gradient. A common cause: a Bernoulli or Binomial "
-                "with an infinite logit (a masked or pinned bit) under an estimator that reads torch's log_prob "
-                "(score, arm, disarm, mvd, rebar, relax), which is NaN for the value such a bit always takes: use a "
-                "large finite logit (±30), or an estimator that handles infinite logits (expect, sum_and_sample, "
-                "go; eagerly also unordered_set and spsa). Run the step eagerly with storch.backward() to see which "
-                "cost is not finite, or catch storch.NonFiniteCostError to skip the batch")
+        if not _finite(value):
+            _refusal(fn)(_grad)
     return check
+
+
+def _refusal(fn) -> Callable[[Any], None]:
+    def refuse(_grad) -> None:
+        raise NonFiniteCostError(
+            f"a result of the compiled step {_name(fn)} that a backward pass reached is not finite (NaN or inf), "
+            "so its gradient would be too, as storch.backward() refuses eagerly: the backward pass stopped "
+            "before accumulating any gradient. A common cause: a Bernoulli or Binomial "
+            "with an infinite logit (a masked or pinned bit) under an estimator that reads torch's log_prob "
+            "(score, arm, disarm, mvd, rebar, relax), which is NaN for the value such a bit always takes: use a "
+            "large finite logit (±30), or an estimator that handles infinite logits (expect, sum_and_sample, "
+            "go; eagerly also unordered_set and spsa). Run the step eagerly with storch.backward() to see which "
+            "cost is not finite, or catch storch.NonFiniteCostError to skip the batch")
+    return refuse
 
 
 def _backward_message(fn, component: Optional[str] = None) -> str:
