@@ -625,6 +625,13 @@ def test_a_subclass_s_own_baseline_is_called_per_cost_in_a_partition_whatever_th
                                    gradient(Unstacked(plate="z", n_samples=3, baseline=option)))
 
 
+def _half_of_the_option(est, node, cost):
+    import storch_score
+
+    b = storch_score.Score.baseline(est, node, cost)
+    return None if b is None else 0.5 * b
+
+
 def test_a_subclass_s_own_baseline_that_ignores_the_baseline_option_is_refused_at_construction():
     """A Score subclass that defines its own baseline() and is created with baseline="leave_one_out" (or another
     option whose only effect is Score.baseline's value) silently used its own baseline and dropped the option
@@ -687,8 +694,29 @@ def test_a_subclass_s_own_baseline_that_ignores_the_baseline_option_is_refused_a
         def baseline(self, node, cost):
             return cost.tensor.mean() if self.baseline_kind == "leave_one_out" else None
 
-    for cls in (Decorated, Helper, Nested, Kind):
+    class ModuleHelper(storch_score.Score):
+        name = "test_score_own_module_helper"
+
+        def baseline(self, node, cost):
+            return _half_of_the_option(self, node, cost)
+
+    class ByName(storch_score.Score):
+        name = "test_score_own_by_name"
+
+        def baseline(self, node, cost):
+            return None if not getattr(self, "moving_averages") else None
+
+    for cls in (Decorated, Helper, Nested, Kind, ModuleHelper, ByName):
         assert cls(plate="z", n_samples=3, baseline="leave_one_out").baseline_kind == "leave_one_out"
+
+    class Casts(storch_score.Score):  # tensor methods that share nn.Module's names (float, to) are no helper
+        name = "test_score_own_casts"
+
+        def baseline(self, node, cost):
+            return cost.tensor.detach().float().to(cost.tensor.dtype).mean()
+
+    with pytest.raises(storch.OptionError, match="would be ignored"):
+        Casts(plate="z", n_samples=3, baseline="leave_one_out")
 
     # the combined baseline is half the leave-one-out baseline: the gradient by hand
     theta = torch.tensor([0.3, -0.2], dtype=torch.float64, requires_grad=True)

@@ -618,33 +618,41 @@ _OPTION_READS = frozenset({"baseline", "_baseline", "baseline_fn", "baseline_kin
 
 def _ignores_option(cls: type) -> bool:
     """Whether a subclass of :class:`Score` overrides ``baseline`` with code that never reads the baseline option:
-    a plain function (under its decorators) whose code, nested functions included, names none of
-    ``_OPTION_READS`` and calls no other method of the class (a helper may read the option). Read from the code at
+    a plain function (under its decorators) whose code, nested functions and the module-level functions it calls
+    included, names none of ``_OPTION_READS`` (as a name or a string: ``getattr(self, "moving_averages")``) and
+    calls no other method the subclasses define (a helper may read the option). Read from the code at
     construction, so that the error comes there and not at the first surrogate; anything else (a partialmethod, a
-    callable object) is given the benefit of the doubt."""
+    static or class method, a callable object) is given the benefit of the doubt."""
     if cls.baseline is Score.baseline:
         return False
-    fn = inspect.getattr_static(cls, "baseline")  # (a partialmethod, a classmethod: not a plain function)
+    fn = inspect.getattr_static(cls, "baseline")
     if not isinstance(fn, types.FunctionType):
         return False
     fn = inspect.unwrap(fn)  # (@torch.no_grad() and other functools.wraps decorators)
     if not isinstance(fn, types.FunctionType):
         return False
-    names = _code_names(fn.__code__)
+    names = _code_names(fn.__code__, fn.__globals__)
     if _OPTION_READS.intersection(names):
         return False
-    # a call of another method of the class (self.helper(...)), which may read the option
-    return not any(callable(getattr(cls, n, None)) and not isinstance(getattr(cls, n, None), type)
-                   for n in names if n != "baseline" and not n.startswith("__"))
+    own = {n for k in cls.__mro__[:cls.__mro__.index(Score)] for n in vars(k) if n != "baseline"}
+    return not own.intersection(names)
 
 
-def _code_names(code: types.CodeType) -> set:
-    """The global and attribute names a code object and the code objects nested in it (inner functions,
-    comprehensions, lambdas) use."""
+def _code_names(code: types.CodeType, scope: dict, depth: int = 0) -> set:
+    """The global and attribute names and the string constants a code object uses, with those of the code objects
+    nested in it (inner functions, comprehensions, lambdas) and, two calls deep, of the module-level functions it
+    names in ``scope``."""
     names = set(code.co_names)
     for c in code.co_consts:
         if isinstance(c, types.CodeType):
-            names |= _code_names(c)
+            names |= _code_names(c, scope, depth)
+        elif isinstance(c, str):
+            names.add(c)
+    if depth < 2:
+        for n in code.co_names:
+            f = scope.get(n)
+            if isinstance(f, types.FunctionType) and f.__code__ is not code:
+                names |= _code_names(f.__code__, f.__globals__, depth + 1)
     return names
 
 

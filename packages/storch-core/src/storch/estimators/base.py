@@ -86,8 +86,8 @@ def _threshold_watch(node: Node, jumps: bool):
     reaches the sample handed out (its relaxed sample). ``jumps`` (a ``jump_free`` estimator): every function of
     ``storch.plates.dispatch.JUMPS`` in user code. Always (also for a relaxed or straight-through Categorical /
     OneHotCategorical node of gumbel_softmax, gumbel_straight_through): a function of ``torch.distributions``
-    that reads the sample as indices (:func:`_reads_indices`); its name is kept on ``node.thresholded_in``.
-    The comparisons torch.distributions makes (argument validation, ``validate_sample``, formula branches) are
+    that reads the sample as indices (:func:`_reads_indices`); its name is kept on ``node.thresholded_in``; for a
+    ``jump_free`` estimator also the argmax torch.distributions takes elsewhere (``Categorical.mode``). The comparisons torch.distributions makes (argument validation, ``validate_sample``, formula branches) are
     not counted. Holds the node weakly (the lineage is the node's plate's: no reference cycle)."""
     ref = weakref.ref(node)
 
@@ -100,7 +100,11 @@ def _threshold_watch(node: Node, jumps: bool):
             if not jumps or func in INDEX_VALUES:
                 return
         elif not _reads_indices(func, code):
-            return
+            if not (jumps and func in INDEXING):
+                return
+            # an argmax torch.distributions takes of a value the sample reaches (Categorical(logits=f(z)).mode): a
+            # jump as the user's own argmax is, for a jump_free estimator (the general message; found by review)
+            code = None
         handed = [h for h, _ in node.handed if h.requires_grad]
         if handed and _reaches([raw], handed):
             node.thresholded = getattr(func, "__name__", str(func))
