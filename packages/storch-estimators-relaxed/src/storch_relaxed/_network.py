@@ -3,6 +3,7 @@ z̃ term of REBAR and RELAX."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -135,6 +136,7 @@ def evaluate_network(name: str, network: Callable, z: torch.Tensor, lead: int) -
 
 # torch's batch norms (BatchNorm1d/2d/3d, their lazy forms, SyncBatchNorm) share this base class
 _BATCH_NORMS = (torch.nn.modules.batchnorm._BatchNorm,)
+_NORMS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()  # network -> its batch norms
 
 
 def _refuse_batch_statistics(name: str, network: torch.nn.Module) -> None:
@@ -143,8 +145,11 @@ def _refuse_batch_statistics(name: str, network: torch.nn.Module) -> None:
     multiplies c_φ at entry i by the gradient of entry i's log p only, while the pathwise term differentiates c_φ
     at entry i through every entry's sample: unequal in expectation, so the gradient is biased (RELAX with a
     BatchNorm1d network, 4 samples: |z| 67 against exact enumeration)."""
-    for m in network.modules():
-        if isinstance(m, _BATCH_NORMS) and (m.training or m.running_mean is None):
+    norms = _NORMS.get(network)
+    if norms is None:  # (walking the modules at every call cost ~4 us: they are looked up at the network's first use)
+        norms = _NORMS[network] = tuple(m for m in network.modules() if isinstance(m, _BATCH_NORMS))
+    for m in norms:
+        if m.training or m.running_mean is None:
             raise StorchError(
                 f"{name}: the control-variate network holds {type(m).__name__} normalising with the batch's statistics "
                 "(in training mode, or without running statistics), so its output at one entry (one sample, one data "
