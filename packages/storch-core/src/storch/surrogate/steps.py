@@ -12,11 +12,9 @@ from typing import Optional
 import torch
 
 from ..cost import CostFrame
-from ..estimators.base import check_in_frame
 from ..node import Node
 from ..plates.tensor import Plate, align, plates_of, raw_of
-from .order import _guard_control_variate
-from .terms import _BASE_CONTROL_VARIATE, _baseline_term, _has_control_variate
+from .terms import _BASE_CONTROL_VARIATE, _baseline_term, _has_control_variate, _with_control_variate
 
 
 _STEPS = "(steps)"
@@ -103,12 +101,7 @@ def _steps_surrogate(node: Node, members: list, order: int = 1) -> torch.Tensor:
         if type(est).control_variate is _BASE_CONTROL_VARIATE:
             inner = _baseline_term(inner, est, stacked, frame, box, None)
         else:
-            a = est.control_variate(stacked, frame)  # line 11
-            if a is not None and (type(a) is not torch.Tensor or (a.shape != frame.tensor.shape and a.dim())):
-                check_in_frame(est, "control_variate", a, frame)
-            _guard_control_variate(a, node, order)
-            if a is not None:
-                inner = inner + a
+            inner = _with_control_variate(inner, est, stacked, frame, order, node)
     # line 14 with w = 1/N (a mean over the node's plate), the costs summed over the steps and
     # averaged over the data points: the means over the plate and the data are one reduction
     return inner.sum(1).mean()

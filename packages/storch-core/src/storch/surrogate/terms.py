@@ -234,12 +234,7 @@ def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Opti
             inner = box * raw
             frame = CostFrame(inner.detach(), plates, node, inner, name, state, order)
             node.frames[frame.key] = frame
-            a = est.control_variate(node, frame)  # line 11
-            if a is not None and (type(a) is not torch.Tensor or (a.shape != frame.tensor.shape and a.dim())):
-                check_in_frame(est, "control_variate", a, frame)
-            _guard_control_variate(a, node, order)
-            if a is not None:
-                inner = inner + a
+            inner = _with_control_variate(inner, est, node, frame, order)
     else:
         inner = box * raw
     if not est.uniform_weights:
@@ -251,6 +246,18 @@ def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Opti
 
 
 _BASE_CONTROL_VARIATE = Estimator.control_variate
+
+
+def _with_control_variate(inner: torch.Tensor, est, node: Node, frame: CostFrame, order: int,
+                          guarded: Optional[Node] = None) -> torch.Tensor:
+    """``inner`` plus the estimator's own control variate (line 11) of ``node`` at ``frame``, its layout checked
+    for an estimator author and refused where differentiating it would be biased at ``order`` (for the node
+    ``guarded``: the partition's node where ``node`` is its stacked steps)."""
+    a = est.control_variate(node, frame)  # line 11
+    if a is not None and (type(a) is not torch.Tensor or (a.shape != frame.tensor.shape and a.dim())):
+        check_in_frame(est, "control_variate", a, frame)
+    _guard_control_variate(a, node if guarded is None else guarded, order)
+    return inner if a is None else inner + a
 
 
 def _baseline_term(inner: torch.Tensor, est, node: Node, frame: CostFrame, box: torch.Tensor,
