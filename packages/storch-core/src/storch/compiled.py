@@ -160,7 +160,7 @@ from typing import Any, Callable, Generic, Optional, TypeVar, Union, overload
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import NonFiniteCostError, StorchError
+from .errors import NonFiniteCostError, StorchError, assumption_failed
 from .estimators.base import Estimator, updating_message
 from .graph import Graph, tracing_nodes, tracing_recorder
 from .plates.tensor import PlateTensor
@@ -202,6 +202,15 @@ class CompiledStep(Generic[_P, _R]):
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return self._call(*args, **kwargs)
+        except RuntimeError as e:  # a check of storch.extending.assume (at the trace's first run too): a StorchError
+            failed = assumption_failed(e)
+            if failed is None:
+                raise
+            raise failed from e
+
+    def _call(self, *args: Any, **kwargs: Any) -> Any:
         if not kwargs and all(type(a) is _T for a in args):
             # the common call, plain tensors only: a cheaper key (no pytree), its own cache entry
             key = (torch.is_grad_enabled(), self._python_state(()),

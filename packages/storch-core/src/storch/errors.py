@@ -3,6 +3,8 @@ that says what was wrong and how to fix it."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 __all__ = [
     "StorchError",
     "PlateError",
@@ -84,3 +86,22 @@ def plate_error_from(exc: BaseException, message: str) -> PlateError:
         if isinstance(exc, base):
             return cls(message)
     return PlateError(message)
+
+
+class _AssumptionError(StorchError, RuntimeError):
+    """A check a step traced by ``storch.compile`` makes at every call (``storch.extending.assume``) failed: torch
+    raised it as a RuntimeError (``torch._assert_async``); re-raised as a StorchError that still is one."""
+
+
+# the messages storch.extending.assume was given (what storch.compile re-raises as _AssumptionError)
+ASSUMPTIONS: set = set()
+
+
+def assumption_failed(exc: BaseException) -> Optional[StorchError]:
+    """The StorchError for torch's RuntimeError of a failed ``storch.extending.assume``, or ``None``."""
+    if isinstance(exc, RuntimeError) and not isinstance(exc, StorchError):
+        text = str(exc)
+        for message in ASSUMPTIONS:
+            if message in text:
+                return _AssumptionError(message)
+    return None

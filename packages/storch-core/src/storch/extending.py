@@ -127,7 +127,7 @@ from .cost import leave_one_out
 from .distributions import (base_distribution, given_by_probs, parameters, rebuild, rekey_transform_cache,
                             rsample_max_order)
 from .distributions import strict_support as _strict_support
-from .errors import StorchError
+from .errors import ASSUMPTIONS, StorchError
 from .generators import drawing_with
 from .graph import current_graph, is_tracing
 from .plates.tensor import align, plates_of, raw_of
@@ -191,9 +191,10 @@ def strict_support(d: torch.distributions.Distribution) -> torch.distributions.D
 def assume(condition: torch.Tensor, message: str) -> None:
     """Record that ``condition`` (a boolean tensor, e.g. ``torch.isfinite(lp).all()``) must hold: a
     step traced by ``storch.compile`` checks it at every replayed call and raises a ``RuntimeError``
-    with ``message`` where it fails (``torch._assert_async``: no host sync on a GPU, where the
+    with ``message`` where it fails (a ``storch.StorchError`` that is a ``RuntimeError`` too; ``torch._assert_async``: no host sync on a GPU, where the
     failure is reported at the next synchronisation). Eagerly it checks at once. Use it for what a
     traced path assumes in place of a value-dependent branch; say in ``message`` what to do instead."""
+    ASSUMPTIONS.add(message)  # (storch.compile re-raises the failure as a StorchError with this message)
     torch._assert_async(condition, message)
 
 

@@ -55,8 +55,9 @@ def _truncated(phi_g: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
 
 
 # (the cause is named: an infinite logit is the usual one, and "probability 0" alone did not say so)
-_TRACED = ("storch.compile traced this step for distributions whose every value is possible (the sampler's "
-           "value-independent path), and a replayed call met a value of probability 0 (a -inf log-probability): "
+_TRACED = ("storch.compile traces this step for distributions whose every value is possible (the sampler's "
+           "value-independent path), and this call (the first one too) met a value of probability 0 (a -inf "
+           "log-probability): "
            "an infinite logit (a Categorical's -inf logit on a masked category, a Bernoulli's or Binomial's -inf "
            "or +inf logit on a masked or pinned bit) or a probability of exactly 0. Which values are possible "
            "decides how many distinct samples there are, which a traced program cannot depend on. Run this step "

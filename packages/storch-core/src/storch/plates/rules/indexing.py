@@ -337,7 +337,7 @@ _select_dim = _dim_handler(1)
 
 @register(torch.select, _T.select)
 def _select(func, args, kwargs):
-    """dim counts per-sample dims; a sampled index selects per sample (as x[:, i] at dim)"""
+    """dim counts per-sample dims; a sampled index selects per sample (as x[:, i] at dim) from a plate tensor x (a plain x with a sampled index: torch reads the index as an int first, refused: write x[i])"""
     args = args + tuple(kwargs[k] for k in ("dim", "index")[len(args) - 1:] if k in kwargs)
     if len(args) != 3 or type(args[2]) is not _PT:
         return _select_dim(func, args, kwargs)
