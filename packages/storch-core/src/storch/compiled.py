@@ -208,8 +208,8 @@ class CompiledStep(Generic[_P, _R]):
                 key = (torch.is_grad_enabled(), self._python_state(()),
                        *[(a.shape, a.stride(), a.dtype, a.device, a.requires_grad)  # type: ignore[attr-defined]
                          for a in args])
-                if len(args) > 1 and len(set(map(id, args))) < len(args):
-                    key += (_aliasing(args),)
+                if len(args) > 1:
+                    key += _aliasing(args)
                 entry = self._fast.get(key)
                 if entry is None:
                     entry = self._fast[key] = self._entry(args, kwargs)
@@ -622,18 +622,20 @@ def _signature(leaves: list, spec, state: tuple = ()) -> tuple:
                     f"a compiled step's non-tensor arguments must be hashable (they select the trace); got a "
                     f"{type(a).__name__}") from None
             key.append((type(a), a))
-    if len(set(map(id, tensors))) < len(tensors):
-        key.append(_aliasing(tensors))
+    key.extend(_aliasing(tensors))
     return tuple(key), tensors
 
 
 def _aliasing(tensors) -> tuple:
-    """Which tensor arguments are one tensor object: for each, the position of its first occurrence. A trace made
+    """A key entry where some tensor arguments are one tensor object (``()`` where none are): for each argument, the
+    position of its first occurrence. A trace made
     with one tensor passed twice (``step(theta, zeros, zeros)``) holds a single input for both (make_fx follows
     tensors by identity), so a later call with two different tensors computed with one of them for both
     (silently: a masked argument's -inf reached the loss as NaN; found by review): such calls are traced apart."""
+    if len(set(map(id, tensors))) == len(tensors):
+        return ()
     first: dict = {}
-    return tuple(first.setdefault(id(t), i) for i, t in enumerate(tensors))
+    return (tuple(first.setdefault(id(t), i) for i, t in enumerate(tensors)),)
 
 
 def _check_replay(gm: torch.fx.GraphModule, flat: Callable, tensors: list, inputs: list, devices: list, fn,
@@ -998,7 +1000,7 @@ def _finite_on_backward(outs, checked: tuple, fn) -> None:
     for i in checked:
         o = outs[i]
         if o.is_cpu:
-            if not (math.isfinite(o.item()) if o.dim() == 0 else bool(torch.isfinite(o).all())):
+            if not _finite(o):
                 node = o.grad_fn
                 if node is not None:
                     node.register_prehook(_refusal(fn))
