@@ -341,11 +341,11 @@ def test_compiled_finite_check_of_a_loss_in_an_expression(backend, form):
 def test_compiled_finite_check_hooks_only_a_non_finite_cpu_loss(monkeypatch):
     """The fast path: on the CPU a finite loss is read when the call returns and gets no hook (a Python hook on the
     loss's node cost ~10% of a replayed toy step); only a non-finite one is hooked, to raise on backward."""
-    import storch.compiled as compiled_module
+    import storch.compiled.finite as finite_module  # (where _finite_on_backward looks _refusal up)
 
     made = []
-    refusal = compiled_module._refusal
-    monkeypatch.setattr(compiled_module, "_refusal", lambda fn: made.append(fn) or refusal(fn))
+    refusal = finite_module._refusal
+    monkeypatch.setattr(finite_module, "_refusal", lambda fn: made.append(fn) or refusal(fn))
     theta = torch.tensor([[0.3, -0.2, 0.5]] * 2, dtype=torch.float64, requires_grad=True)
     compiled = storch.compile(_step(storch.estimator("score", plate="z"), "Bernoulli"), backend=None)
     for _ in range(3):

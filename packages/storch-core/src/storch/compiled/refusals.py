@@ -1,0 +1,115 @@
+"""What a compiled step may not do, and how it is told: the step's name in every message, the refusal of a
+second differentiation hooked on a replayed call's outputs (and the message of a compiler backend's, whose
+program cannot be differentiated twice), the refusal of an update that needs autograd's graph under a
+compiler, and of a backward pass run inside the trace (naming the estimator component that ran it).
+
+The bottom of :mod:`storch.compiled`: it imports nothing of the package."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..errors import StorchError
+from ..estimators.base import Estimator
+from .._order_guard import CountedRefusal, keep_counted_view, refuse_create_graph
+from ..smoothness import inspecting_saved
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def _replay_only_message(est) -> str:
+    return (f"storch.compile can replay estimator {est.name!r} (plate {est.plate!r}) only without a compiler: its "
+            "update differentiates the loss again (e.g. a control variate trained on the gradient's variance), "
+            "which needs the program's operations in autograd's graph, and a compiled program is one autograd "
+            "node. Use storch.compile(step, backend=None), or run the step eagerly")
+
+
+def _compiled_twice_message(fn, eager: Optional[Callable[[], str]]) -> Callable[[], str]:
+    """The refusal hooked on every output of a compiler backend's program (see :func:`_refuse_twice`): torch's
+    compiled program is one autograd node that cannot be differentiated twice, and
+    ``torch.autograd.functional.hessian`` of it gave zeros silently (its second pass found no graph; a
+    grad-of-grad and ``hvp`` raised torch's "does not currently support double backward"). ``eager``: the
+    traced step's own refusal (an order-1 estimator, a kink), which ``backend=None`` keeps."""
+    def message() -> str:
+        text = (f"{_name(fn)}, compiled by storch.compile with a compiler backend, is differentiated again (a backward "
+                "pass with create_graph=True: torch.autograd.grad(..., create_graph=True), "
+                "torch.autograd.functional.hessian / hvp / vhp / jacobian(create_graph=True)): torch's compiled "
+                "programs cannot be differentiated twice (torch.autograd.functional.hessian returns zeros). For "
+                "higher derivatives use storch.compile(step, backend=None), whose replay runs the traced operations "
+                "through autograd (return storch.surrogate_loss(order=n) from the step for derivatives of order n), "
+                "or run the step eagerly")
+        return text if eager is None else f"{text}. Besides, {eager()}"
+    return message
+
+
+def _refuse_twice(outs, message: Callable[[], str]) -> Any:
+    """Hook a replayed call's outputs (the surrogate loss) with the traced step's refusal of a second
+    differentiation (storch._order_guard): a backward pass with ``create_graph=True`` through them raises
+    storch's OrderError, as the eager step's hooks on the terms inside do (outside
+    ``estimator_create_graph``). With a compiler backend the program is one autograd node whose outputs
+    cannot be differentiated twice anyway (torch said only that a tensor "appears to not have been used
+    in the graph"), so the error says what was wrong there too."""
+    if not isinstance(message, CountedRefusal):
+        for o in outs:
+            if o.grad_fn is not None:  # (an input returned as it is holds no term: hooked, it got a hook per call)
+                refuse_create_graph(o, message)
+        return outs
+    # an order-n refusal (n >= 2) counts the passes with a hook that holds its tensor weakly: the caller gets a
+    # view of each hooked output whose autograd node keeps it (a result used in an expression, `step(x) + reg`,
+    # would free it otherwise; a review found that refused)
+    views: dict[int, Any] = {}  # (one view per output tensor: a step returning (loss, loss) keeps the identity)
+    return [views[id(o)] if id(o) in views else views.setdefault(id(o), keep_counted_view(o, message)) for o in outs]
+
+
+def _backward_message(fn, component: Optional[str] = None) -> str:
+    if component is not None:
+        # the backward pass runs inside an estimator's component, not in the user's code
+        return (f"storch.compile cannot trace {_name(fn)}: {component} differentiates (torch.autograd.grad or "
+                ".backward()) inside the step. The trace records the forward program only; the saved tensors that "
+                "backward pass reads would be fixed to the first call's values, so an estimator component that "
+                "differentiates cannot be compiled. Run this step eagerly (without storch.compile), or use an "
+                "estimator whose components compute that derivative without autograd.")
+    return (f"storch.compile cannot trace {_name(fn)}: it differentiates inside the step (torch.autograd.grad or "
+            ".backward() on something the step computed: a gradient penalty, a lookahead step, a learned control "
+            "variate's update). The trace records the forward program only; the saved tensors that backward pass "
+            "reads would be fixed to the first call's values. Return the loss and differentiate the compiled "
+            "step's result outside it, or run this step eagerly.")
+
+
+def _estimator_component(frame) -> Optional[str]:
+    """The innermost estimator method on the stack from ``frame`` outwards, described
+    (``"the control_variate of estimator 'x' (X)"``), or ``None`` when no estimator code is running."""
+    while frame is not None:
+        est = frame.f_locals.get("self")
+        if isinstance(est, Estimator):
+            return f"the {frame.f_code.co_name} of estimator {est.name!r} ({type(est).__qualname__})"
+        frame = frame.f_back
+    return None
+
+
+def _traceback_component(tb) -> Optional[str]:
+    """:func:`_estimator_component` of the innermost frame of a traceback."""
+    last = None
+    while tb is not None:
+        last, tb = tb.tb_frame, tb.tb_next
+    return _estimator_component(last)
+
+
+def _no_backward_in_trace(fn):
+    """Saved-tensor hooks for the trace: a backward pass run inside the step unpacks tensors that autograd
+    saved in the forward pass, which ``make_fx(pre_dispatch=True)`` cannot connect to the program (they
+    would become constants of the first call, or lose their graph): it is refused where it happens."""
+    tracing_thread = threading.get_ident()  # autograd may run the hook on a device thread: read this one's stack
+
+    def unpack(saved):
+        if inspecting_saved():  # storch's smoothness walk reads a saved tensor's dtype or shape: no backward
+            return saved
+        raise StorchError(_backward_message(fn, _estimator_component(sys._current_frames().get(tracing_thread))))
+
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack)

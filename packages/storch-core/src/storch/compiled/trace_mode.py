@@ -1,0 +1,192 @@
+"""What the trace watches while ``make_fx`` records the step (:class:`_TraceMode`, a torch function mode active
+then only): Python reads of a traced or captured tensor's values and selections whose shape depends on the data
+are refused; a captured buffer or an argument about to be written in place is saved, and put back after the
+trace and the replay check."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.utils._pytree as pytree
+
+from ..errors import StorchError
+from .refusals import _name
+
+_T = torch.Tensor
+
+
+_VALUE_READS = frozenset((_T.tolist, _T.numpy, _T.__array__))
+
+
+# reads that make_fx refuses itself for a tensor the program computes, but not for a captured one (no proxy slot)
+_SCALAR_READS = frozenset((_T.item, _T.__bool__, _T.__int__, _T.__float__, _T.__index__, _T.__complex__))
+
+
+_DATA_SHAPES = frozenset(f for f in (
+    torch.nonzero, _T.nonzero, torch.argwhere, _T.argwhere, torch.masked_select, _T.masked_select,
+    torch.unique, _T.unique, torch.unique_consecutive, _T.unique_consecutive, torch.Tensor.unique_consecutive,
+) if f is not None)
+
+
+# data-dependent shapes only for some arguments (see _TraceMode._data_shape)
+_WHERE = frozenset((torch.where, _T.where))
+
+
+_BINCOUNT = frozenset((torch.bincount, _T.bincount))
+
+
+_REPEAT_INTERLEAVE = frozenset((torch.repeat_interleave, _T.repeat_interleave))
+
+
+_TENSOR_SPLIT = frozenset((torch.tensor_split, _T.tensor_split))
+
+
+# functions that update running statistics (their 2nd and 3rd arguments) in place, without a version bump
+_RUNNING_STATS = frozenset((torch.nn.functional.batch_norm, torch.batch_norm, torch.nn.functional.instance_norm,
+                            torch.instance_norm, torch.native_batch_norm))
+
+
+def _value_message(fn, what: str) -> str:
+    return (f"storch.compile cannot trace {_name(fn)}: some code reads a tensor's value in Python ({what}), so the "
+            "program depends on the data and the trace would fix it to the first call's values. Run this step "
+            "eagerly, or move that code out of the step (pass what it computes as an argument: each value "
+            "of a non-tensor argument is traced once)")
+
+
+def _shape_message(fn, what: str) -> str:
+    return (f"storch.compile cannot trace {_name(fn)}: {what} gives a data-dependent shape (the number of "
+            "selected entries depends on the values), which a trace would fix to the first call's. Use "
+            "torch.where (keep the shape, mask the values: e.g. a zero cost for padding rows), or run this step "
+            "eagerly")
+
+
+class _TraceMode(torch.overrides.TorchFunctionMode):
+    """Active while ``make_fx`` traces the step (only then: a mode routes every torch call through Python).
+
+    - It refuses Python reads of a traced tensor's values that ``make_fx`` lets through (``tolist``,
+      ``numpy``, ``__array__``: ``.item()`` and ``bool()`` are refused by make_fx itself) and selections
+      whose shape depends on the values (a boolean mask index, ``nonzero``): the trace would silently fix
+      them to the first call's data.
+    - The trace, and then the replay check, run the step's torch operations on the real tensors, so an
+      in-place update of a captured buffer (BatchNorm's running statistics, a step counter) or of an argument
+      would happen three times before the first call's own. The first time such a tensor is about to be
+      written, its value is saved; :meth:`restore` puts back every saved tensor that changed, after each of
+      those runs (the first call then has one eager call's effect, a refused one none)."""
+
+    def __init__(self, fn, args: list) -> None:
+        super().__init__()
+        self.fn = fn
+        self.args = {id(t) for t in args}
+        self.saved: dict = {}  # id -> [tensor, version after saving, value]
+        self.tracer = None
+
+    def __enter__(self):
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+        mode = get_proxy_mode()
+        self.tracer = None if mode is None else mode.tracer
+        return super().__enter__()
+
+    def _traced(self, t) -> bool:
+        """``t`` is a plain tensor the program computes (not a constant ``torch.tensor(...)``): make_fx's own test
+        for ``.item()``."""
+        from torch.fx.experimental.proxy_tensor import get_proxy_slot, has_proxy_slot
+
+        return (type(t) is _T and self.tracer is not None and has_proxy_slot(t, self.tracer)
+                and get_proxy_slot(t, self.tracer).constant is None)
+
+    def _captured(self, t) -> bool:
+        """``t`` is a tensor from outside the step (a captured buffer or parameter: no proxy slot; a parameter
+        is a subclass). Its value may change between calls (an optimizer step, ``buffer.fill_``), so a Python
+        read of it in the trace would fix the first call's value."""
+        from torch._C._functorch import is_functorch_wrapped_tensor
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode, has_proxy_slot
+
+        if not isinstance(t, _T) or self.tracer is None or is_functorch_wrapped_tensor(t):
+            return False
+        mode = get_proxy_mode()
+        if mode is None or mode.tracer is not self.tracer:
+            return False  # a nested trace, or proxy tracing switched off (torch's own bookkeeping)
+        return isinstance(t, torch.nn.Parameter) or not has_proxy_slot(t, self.tracer)
+
+    def _data_shape(self, func, args, kwargs) -> Optional[str]:
+        """The name of a call whose output shape depends on its input's values (beyond _DATA_SHAPES), or None."""
+        if func in _DATA_SHAPES:
+            return func.__name__ if args and self._traced(args[0]) else None
+        if func in _WHERE:  # one argument: nonzero(as_tuple=True)
+            cond = args[0] if args else kwargs.get("condition")
+            if len(args) + len(kwargs) == 1 and self._traced(cond):
+                return "torch.where(condition) with one argument"
+        elif func in _BINCOUNT:  # its length is the largest value + 1 (at least minlength)
+            if args and self._traced(args[0]):
+                return "bincount"
+        elif func in _REPEAT_INTERLEAVE:  # tensor repeats: the output's length is their sum
+            repeats = args[1] if len(args) > 1 else kwargs.get("repeats", args[0] if len(args) == 1 else None)
+            if self._traced(repeats):
+                return "repeat_interleave with tensor repeats"
+        elif func in _TENSOR_SPLIT:  # tensor indices: the pieces' lengths are their values
+            sections = args[1] if len(args) > 1 else kwargs.get("indices_or_sections",
+                                                                 kwargs.get("indices", kwargs.get("sections")))
+            if self._traced(sections):
+                return "tensor_split with tensor indices"
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _VALUE_READS and args and (self._traced(args[0]) or self._captured(args[0])):
+            raise StorchError(_value_message(
+                self.fn, f"`.{func.__name__}()` of a tensor the program computes or reads from outside the step "
+                         "(a buffer or parameter, whose value changes between calls)"))
+        if func in _SCALAR_READS and args and self._captured(args[0]):
+            raise StorchError(_value_message(
+                self.fn, f"`{func.__name__}` of a tensor from outside the step (a buffer or parameter, whose "
+                         "value changes between calls)"))
+        shape = self._data_shape(func, args, kwargs)
+        if shape is not None:
+            raise StorchError(_shape_message(self.fn, f"`{shape}`"))
+        if func is _T.__getitem__ and len(args) > 1:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            for i in index:
+                if isinstance(i, _T) and i.dtype in (torch.bool, torch.uint8) and self._traced(i):
+                    raise StorchError(_shape_message(self.fn, "indexing with a boolean mask (`x[mask]`)"))
+        name = getattr(func, "__name__", "")
+        if args and ((name.endswith("_") and not name.endswith("__")) or func is _T.__setitem__):
+            self._save(args[:1])
+        elif func in _RUNNING_STATS:
+            self._save([*args[1:3], kwargs.get("running_mean"), kwargs.get("running_var")])
+        if "out" in kwargs:
+            self._save(pytree.tree_leaves(kwargs["out"]))
+        return func(*args, **kwargs)
+
+    def _save(self, values) -> None:
+        from torch._C._functorch import is_functorch_wrapped_tensor
+        from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, get_proxy_mode, has_proxy_slot
+
+        mode = get_proxy_mode()
+        if mode is None or mode.tracer is not self.tracer:
+            return  # a nested trace (storch's vmap rule traces a vmapped call below dispatch): its own tensors
+        for t in values:
+            if type(t) is not _T or is_functorch_wrapped_tensor(t):
+                continue  # a parameter's update is the optimizer's; plate tensors hold traced tensors
+            while t._base is not None:  # a write through a view (`stats[0].add_(1)`, `x[:, 0].add_(1)`)
+                t = t._base             # changes its root: save the root, if it is an argument or captured
+            if type(t) is not _T or id(t) in self.saved:
+                continue
+            if id(t) in self.args or self.tracer is None or not has_proxy_slot(t, self.tracer):
+                # an argument, or a tensor from outside the step (a captured buffer): the trace would change it
+                with disable_proxy_modes_tracing(), torch._C.DisableTorchFunction(), torch.no_grad():
+                    self.saved[id(t)] = [t, t._version, t.clone()]
+
+    def changed_arguments(self) -> int:
+        return sum(1 for k, (t, v, value) in self.saved.items()
+                   if k in self.args and (t._version != v or not torch.equal(t, value)))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for item in self.saved.values():
+                t, version, value = item
+                # batch_norm's update of its running statistics does not bump their version
+                if t._version != version or not torch.equal(t, value):
+                    t.copy_(value)
+                    item[1] = t._version
