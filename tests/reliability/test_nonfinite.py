@@ -116,3 +116,56 @@ def test_denote_independent_bad_arguments():
         storch.denote_independent(torch.zeros(2, 3), 0.5, "a")
     with pytest.raises(storch.PlateError, match="needs a tensor"):
         storch.denote_independent([1.0, 2.0], 0, "a")
+
+
+@pytest.mark.parametrize("name,options", [
+    ("score", {"n_samples": 3}),  # no baseline: no update, so no update probe checked the loss before
+    ("score", {"n_samples": 3, "baseline": "leave_one_out"}),
+    ("reparameterization", {"n_samples": 3}),
+    ("score", {"n_samples": 3, "baseline": "moving_average"}),  # an update: its probe checked .backward() only
+])
+@pytest.mark.parametrize("how", ["backward", "grad"])
+def test_surrogate_loss_backward_of_a_nonfinite_loss_raises_as_storch_backward_does(name, options, how):
+    """``storch.surrogate_loss().backward()`` of a NaN loss backpropagated NaN gradients silently where no estimator
+    of the step updates (only ``storch.backward()`` checked); ``torch.autograd.grad`` of it, for every estimator. Both
+    now raise NonFiniteCostError naming the cost, before any gradient of the loss is accumulated."""
+    _installed(name)
+    theta = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+    est = storch.estimator(name, plate="z", **options)
+    dist = (lambda t: torch.distributions.Normal(t, 1.0)) if name == "reparameterization" else (
+        lambda t: Bernoulli(logits=t))
+    with storch.Graph():
+        z = est(dist(theta))
+        storch.add_cost(((z - 0.45) ** 2).sum(), name="square")
+        storch.add_cost(z.sum() * float("nan"), name="scaled")
+        loss = storch.surrogate_loss()
+        with pytest.raises(storch.NonFiniteCostError, match="cost 'scaled' is not finite.*backward pass stopped"):
+            if how == "backward":
+                loss.backward()
+            else:
+                torch.autograd.grad(loss, [theta])
+    assert theta.grad is None
+
+
+def test_surrogate_loss_finite_check_hooks_only_a_non_finite_cpu_loss(monkeypatch):
+    """The fast path: on the CPU a finite loss is read when it is built and its autograd node gets no hook (a Python
+    hook costs ~5 us a step); only a non-finite one is hooked, to raise on backward."""
+    from storch.surrogate import finite
+
+    made = []
+    message = finite._message
+    monkeypatch.setattr(finite, "_message", lambda *a: made.append(a) or message(*a))
+    theta = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+    est = storch.estimator("score", plate="z", n_samples=3)
+    for poison in (1.0, 1.0, float("inf")):
+        with storch.Graph():
+            z = est(Bernoulli(logits=theta))
+            storch.add_cost(z.sum() * poison, name="scaled")
+            loss = storch.surrogate_loss()
+            if poison == 1.0:
+                loss.backward()
+                assert made == []  # a finite loss: read, no message, no hook
+            else:
+                assert len(made) == 1  # the message is made when the loss is built, for the hook
+                with pytest.raises(storch.NonFiniteCostError):
+                    loss.backward()

@@ -42,6 +42,14 @@ def vae_step(encoder: torch.nn.Linear, decoder: torch.nn.Linear, data: torch.Ten
     return float(elbo)
 
 
+def restricted_step(theta: torch.Tensor, est: Estimator) -> torch.Tensor:
+    """storch.backward(inputs=...) takes one tensor as Tensor.backward(inputs=...) does, or a sequence."""
+    storch.add_cost(est(Bernoulli(logits=theta)).sum(), name="c")
+    storch.backward(inputs=theta)
+    storch.add_cost(est(Bernoulli(logits=theta)).sum(), name="c")
+    return storch.backward(inputs=[theta])
+
+
 def second_order(theta: torch.Tensor) -> tuple[torch.Tensor, ...]:
     est = storch.estimator("score", plate="b", n_samples=4, baseline="leave_one_out")
     with storch.Graph():
@@ -267,6 +275,7 @@ if __name__ == "__main__":
     for spec in ("score", "unordered_set", "gumbel_softmax"):
         vae_step(enc, dec, torch.bernoulli(torch.rand(5, 6)), opt, storch.estimator(spec, plate="z"))
     second_order(torch.zeros(3, requires_grad=True))
+    restricted_step(torch.zeros(3, requires_grad=True), storch.estimator("score", plate="z"))
     supervised(torch.nn.Linear(4, 3), torch.randn(6, 4), torch.randint(0, 3, (6,)))
     assert conformance()
     assert kit.check_against_enumeration(LooWithHelpers, n_replicates=500, raise_on_failure=False).ok

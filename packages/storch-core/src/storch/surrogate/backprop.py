@@ -24,7 +24,7 @@ from .updates import _updating
 @eager_only
 def backward(graph: Optional[Graph] = None, *, order: int = 1,
              scale: Optional[Union[float, torch.Tensor, "torch.amp.GradScaler"]] = None,
-             inputs: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+             inputs: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None) -> torch.Tensor:
     """Backpropagate the first-order surrogate, run estimators' own updates, reset the graph.
 
     Order: the surrogate loss (order 1) is built and backpropagated (its graph kept for the updates,

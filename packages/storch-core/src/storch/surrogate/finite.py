@@ -16,28 +16,75 @@ def _check_finite(loss: torch.Tensor, graph: Graph) -> None:
     """Raise NonFiniteCostError naming the non-finite costs (one check of the total; the costs only if it fails)."""
     if loss.is_meta or math.isfinite(loss.item()):  # item(): ~0.2 us, torch.isfinite ~4 us; not .device (~5 us)
         return
-    bad = [name for name, cost in graph.costs if not bool(torch.isfinite(raw_of(cost).detach()).all())]
-    after = ("nothing was backpropagated, estimator state (moving averages, learned control variates) is "
-             "unchanged and the step is discarded. ")
+    raise NonFiniteCostError(_message(list(graph.costs), list(graph.nodes)))
+
+
+_AFTER = ("nothing was backpropagated, estimator state (moving averages, learned control variates) is "
+          "unchanged and the step is discarded. ")
+
+
+def _message(costs: list, nodes: list, after: str = _AFTER) -> str:
+    """Why a surrogate loss is not finite: the costs that are not, or else the estimators of the graph."""
+    bad = [name for name, cost in costs if not bool(torch.isfinite(raw_of(cost).detach()).all())]
     if bad:
-        raise NonFiniteCostError(
-            f"cost {', '.join(repr(b) for b in bad)} is not finite (NaN or inf), so its gradient would be too: "
-            f"{after}Find where the non-finite value comes from (e.g. log(0), NaN parameters, a diverging "
-            "learning rate), or catch storch.NonFiniteCostError to skip the batch")
-    names = sorted({f"{n.estimator.name!r} (plate {n.plate.name!r})" for n in graph.nodes})
-    raise NonFiniteCostError(
-        f"the surrogate loss is not finite although every cost is: the weights or gradient-function values of "
-        f"an estimator are (estimators in this graph: {', '.join(names) or 'none'}; e.g. log p(x) = -inf, or "
-        f"diverged parameters; a tanh-squashed distribution whose sample saturated at ±1, where "
-        f"TanhTransform's inverse is infinite: use TanhTransform(cache_size=1) so log_prob reuses the "
-        f"pre-tanh sample){_infinite_logits_hint(graph)}: {after}Catch storch.NonFiniteCostError to skip the batch")
+        return (f"cost {', '.join(repr(b) for b in bad)} is not finite (NaN or inf), so its gradient would be too: "
+                f"{after}Find where the non-finite value comes from (e.g. log(0), NaN parameters, a diverging "
+                "learning rate), or catch storch.NonFiniteCostError to skip the batch")
+    names = sorted({f"{n.estimator.name!r} (plate {n.plate.name!r})" for n in nodes})
+    return (f"the surrogate loss is not finite although every cost is: the weights or gradient-function values of "
+            f"an estimator are (estimators in this graph: {', '.join(names) or 'none'}; e.g. log p(x) = -inf, or "
+            f"diverged parameters; a tanh-squashed distribution whose sample saturated at ±1, where "
+            f"TanhTransform's inverse is infinite: use TanhTransform(cache_size=1) so log_prob reuses the "
+            f"pre-tanh sample){_infinite_logits_hint(nodes)}: {after}Catch storch.NonFiniteCostError to skip the batch")
 
 
-def _infinite_logits_hint(graph: Graph) -> str:
+_ON_BACKWARD = ("the backward pass stopped at the surrogate loss, before accumulating any gradient of it, and "
+                "estimator state is unchanged. ")
+
+
+def refuse_on_backward(loss: torch.Tensor, graph: Graph) -> None:
+    """Make a backward pass that reaches ``surrogate_loss()``'s ``loss`` raise NonFiniteCostError when ``loss``
+    is not finite, as ``storch.backward()`` does (eagerly ``surrogate_loss().backward()`` of a step whose
+    estimators have no update backpropagated a NaN loss silently: NaN gradients; with an update, the update's
+    probe refused ``.backward()`` only). ``torch.autograd.grad`` of the loss is refused too: its gradients
+    would be NaN.
+
+    On the CPU the value is read now (``item()``, well under a microsecond) and only a non-finite loss gets a
+    hook on its autograd node: a Python hook costs ~5 us a step. On an accelerator reading the value now would
+    wait for it, so the hook reads it when a pass reaches it (as ``storch.backward()`` reads it then). Skipped
+    inside torch.func transforms (``vmap``, whose batched values cannot be read, ``grad``: the transform
+    differentiates the loss, not a backward pass) and on the meta device."""
+    node = loss.grad_fn
+    if node is None or loss.is_meta or _wrapped(loss):
+        return
+    if loss.is_cpu:
+        if math.isfinite(loss.item()):
+            return
+        message = _message(list(graph.costs), list(graph.nodes), _ON_BACKWARD)
+
+        def refuse(_grad):
+            raise NonFiniteCostError(message)
+        node.register_prehook(refuse)
+        return
+    value, costs, nodes = loss.detach(), list(graph.costs), list(graph.nodes)
+
+    def check(_grad):
+        if not math.isfinite(value.item()):
+            raise NonFiniteCostError(_message(costs, nodes, _ON_BACKWARD))
+    node.register_prehook(check)
+
+
+def _wrapped(t: torch.Tensor) -> bool:
+    """``t`` is a torch.func transform's tensor (vmap's batched, grad's tracking one): its value cannot always be read
+    (``item()`` under vmap raises), and the transform, not a backward pass of the user's, differentiates it."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def _infinite_logits_hint(nodes: list) -> str:
     """For :func:`_check_finite`'s message (error path only): the nodes whose Bernoulli / Binomial has infinite
     logits, where torch's log_prob is NaN (inf - inf) for the value the bit always takes."""
     found = []
-    for n in graph.nodes:
+    for n in nodes:
         d = n.original if n.original is not None else n.distribution
         while isinstance(d, (torch.distributions.Independent, torch.distributions.TransformedDistribution)):
             d = d.base_dist

@@ -18,6 +18,7 @@ from ..errors import StorchError, UnusedSampleWarning
 from ..graph import Graph, current_graph, tracing_recorder
 from ..node import Node
 from ..plates.tensor import align, plates_of, raw_of
+from .finite import refuse_on_backward
 from .order import _check_order, _guard_low_order
 from .pathwise import _check_reaches, _check_smooth
 from .refusals import _PENDING, _check_mixed, _keep_counted
@@ -120,6 +121,12 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     earlier step of the same estimator and cost name built with parameters that require grad (outside the
     forward-mode transform), and without one raises ``OrderError``: run one such step first.
 
+    A backward pass that reaches a loss that is not finite (NaN or inf: a cost is, or an estimator's weights or
+    log-probabilities are) raises :class:`storch.NonFiniteCostError` naming the costs, as ``storch.backward()``
+    does, before it accumulates any gradient of the loss: ``.backward()`` and ``torch.autograd.grad`` alike, whose
+    gradients would be NaN. On the CPU the loss's value is read when it is built (a finite one costs nothing
+    more); on an accelerator when the pass reaches it.
+
     Raises:
         OrderError: an estimator upstream of a cost is not unbiased to ``order``. Like every
             error raised during a step, it discards the step (the graph is reset). At order 1,
@@ -152,6 +159,8 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     recorder = tracing_recorder()
     if recorder is not None:  # storch.compile records the step: a replay checks this output is finite on backward
         recorder.losses.append(loss)
+    else:
+        refuse_on_backward(loss, graph)
     return loss
 
 
