@@ -512,3 +512,17 @@ def test_a_write_through_a_sampled_index_that_cannot_reach_the_tensor_is_refused
         r = y2[s2]
         s2.add_(1).remainder_(3)
         r.fill_(0.0)
+
+
+def test_a_one_hot_sample_as_a_boolean_mask_is_refused_with_the_index_that_works():
+    """``table[z.bool()]`` with a OneHotCategorical sample z selects one row per sample, but a mask that varies
+    per sample is refused (it may select a different number); the message named only torch.where (found by
+    porting a mixture model). It now also names ``table[z.argmax(-1)]`` and ``z @ table``, which work."""
+    torch.manual_seed(0)
+    table = torch.randn(4, 3)
+    with storch.Graph():
+        z = storch.estimator("expect", plate="z")(torch.distributions.OneHotCategorical(logits=torch.zeros(4)))
+        with pytest.raises(storch.PlateError, match=r"one-hot mask.*table\[z\.argmax\(-1\)\].*z @ table"):
+            table[z.bool()]
+        picked = table[z.argmax(-1)]
+        assert torch.equal(picked.tensor, table) and torch.equal((z @ table).tensor, table)

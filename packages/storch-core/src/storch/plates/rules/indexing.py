@@ -66,9 +66,10 @@ def _normalise(x, idx) -> list:
         if isinstance(i, _T) and i.dtype in (torch.bool, torch.uint8):
             if type(i) is _PT:
                 raise PlateError(
-                    "a boolean mask that varies per sample selects a different number of elements per sample; "
-                    "use torch.where(mask, x, other) instead (or x[mask] = value as the only index of an "
-                    "assignment)")
+                    "a boolean mask that varies per sample may select a different number of elements per sample, "
+                    "which a plate tensor cannot hold; use torch.where(mask, x, other) instead (or x[mask] = value as "
+                    "the only index of an assignment). A one-hot mask (a OneHotCategorical sample z.bool()) selects "
+                    "one row: index with z.argmax(-1) (table[z.argmax(-1)]), or write z @ table")
             if i.dim() == 0:
                 raise PlateError("a 0-dim boolean index on a plate tensor is not supported; use x.unsqueeze(0) "
                                  "or torch.where")
