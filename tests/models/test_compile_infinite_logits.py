@@ -94,7 +94,11 @@ def test_infinite_logits_give_the_eager_result_or_are_refused(name, family, trac
     theta = torch.tensor([[0.3, -0.2, 0.5]] * 2, dtype=torch.float64, requires_grad=True)
     pins = PINS[family]
     step = _step(_estimator(name, family), family)
-    want = _run(step, theta, pins, 1)
+    try:
+        want = _run(step, theta, pins, 1)
+    except storch.NonFiniteCostError:  # eagerly a NaN loss (torch's log p of a pinned bit) is refused on backward
+        assert name not in EXACT, f"{name} on {family}: eagerly a NaN loss"
+        want = None
     compiled = storch.compile(step, backend=None)
     try:
         if traced_with == "finite logits":
@@ -104,6 +108,7 @@ def test_infinite_logits_give_the_eager_result_or_are_refused(name, family, trac
         assert name not in EXACT, f"{name} on {family} refused under storch.compile: {e}"
         assert "eagerly" in str(e), f"{name} on {family}: unclear refusal: {e}"
         return
+    assert want is not None, f"{name} on {family}: eagerly refused as not finite, compiled not refused"
     _check(got, want, f"{name} on {family}, traced with {traced_with}")
 
 
@@ -341,11 +346,11 @@ def test_compiled_finite_check_of_a_loss_in_an_expression(backend, form):
 def test_compiled_finite_check_hooks_only_a_non_finite_cpu_loss(monkeypatch):
     """The fast path: on the CPU a finite loss is read when the call returns and gets no hook (a Python hook on the
     loss's node cost ~10% of a replayed toy step); only a non-finite one is hooked, to raise on backward."""
-    import storch.compiled.finite as finite_module  # (where _finite_on_backward looks _refusal up)
+    import storch.compiled.finite as finite_module  # (where _finite_on_backward looks _message up: made only for a hook)
 
     made = []
-    refusal = finite_module._refusal
-    monkeypatch.setattr(finite_module, "_refusal", lambda fn: made.append(fn) or refusal(fn))
+    message = finite_module._message
+    monkeypatch.setattr(finite_module, "_message", lambda fn: made.append(fn) or message(fn))
     theta = torch.tensor([[0.3, -0.2, 0.5]] * 2, dtype=torch.float64, requires_grad=True)
     compiled = storch.compile(_step(storch.estimator("score", plate="z"), "Bernoulli"), backend=None)
     for _ in range(3):

@@ -4,13 +4,8 @@ computed from them) refuse a backward pass through a non-finite value, as ``stor
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
-
-import torch
-
-from ..errors import NonFiniteCostError
 from ..smoothness import _reaches
+from ..surrogate.finite import hook_unless_finite
 from .refusals import _name
 
 
@@ -34,40 +29,17 @@ def _finite_on_backward(outs, checked: tuple, fn) -> None:
     whose torch log p is NaN there) gave NaN gradients silently. A ``torch.autograd.grad`` of the loss is checked
     too (eagerly only ``storch.backward()`` is), which refuses nothing that would not be NaN.
 
-    On the CPU the value is read now (~1 us) and only a non-finite loss gets a hook on its autograd node, which
-    raises when a pass reaches it: a Python hook on the node costs ~5 us a call (measured: ~10% of a replayed toy
-    step) and reading a value on an accelerator waits for it, so there the hook reads it, as storch.backward()
-    does, when a pass reaches it. The hook holds a detached alias (a weak reference missed ``(step(x) + reg)
-    .backward()``: the temporary output was freed before the pass; found by review). Only the losses: eagerly
+    On the CPU a finite loss gets no hook (``storch.surrogate.finite.hook_unless_finite``, shared with the eager
+    ``surrogate_loss()``; on an accelerator the hook reads the value when a pass reaches it). Only the losses: eagerly
     storch.backward() checks the costs, not what else a step returns (a masked -inf logit returned beside a finite
     loss, whose backward shares the loss's node under a compiler backend, was refused by a first version), and
     never an input returned as it is (a first version hooked a parameter on every call)."""
     for i in checked:
-        o = outs[i]
-        if o.is_cpu:
-            if not _finite(o):
-                node = o.grad_fn
-                if node is not None:
-                    node.register_prehook(_refusal(fn))
-        elif not o.is_meta and o.grad_fn is not None:
-            o.grad_fn.register_prehook(_finite_check(o.detach(), fn))
+        hook_unless_finite(outs[i], lambda: _message(fn))
 
 
-def _finite(o: torch.Tensor) -> bool:
-    return math.isfinite(o.item()) if o.dim() == 0 else bool(torch.isfinite(o.detach()).all())
-
-
-def _finite_check(value: torch.Tensor, fn) -> Callable[[Any], None]:
-    def check(_grad) -> None:
-        if not _finite(value):
-            _refusal(fn)(_grad)
-    return check
-
-
-def _refusal(fn) -> Callable[[Any], None]:
-    def refuse(_grad) -> None:
-        raise NonFiniteCostError(
-            f"a result of the compiled step {_name(fn)} that a backward pass reached is not finite (NaN or inf), "
+def _message(fn) -> str:
+    return (f"a result of the compiled step {_name(fn)} that a backward pass reached is not finite (NaN or inf), "
             "so its gradient would be too, as storch.backward() refuses eagerly: the backward pass stopped "
             "before accumulating any gradient. A common cause: a Bernoulli or Binomial "
             "with an infinite logit (a masked or pinned bit) under an estimator that reads torch's log_prob "
@@ -75,4 +47,3 @@ def _refusal(fn) -> Callable[[Any], None]:
             "large finite logit (±30), or an estimator that handles infinite logits (expect, sum_and_sample, "
             "go; eagerly also unordered_set and spsa). Run the step eagerly with storch.backward() to see which "
             "cost is not finite, or catch storch.NonFiniteCostError to skip the batch")
-    return refuse

@@ -183,7 +183,7 @@ class CompiledStep(Generic[_P, _R]):
                 values, loss = values[:-1], values[-1]
                 computed = _loss_graph_values(values, loss, trace.updates)
             _update_on_backward(probe, outs[n], values, trace.updates, self.fn, computed)
-        elif grad:
+        if grad:  # (with a probe too: it checks .backward() only, and torch.autograd.grad of a NaN loss is refused eagerly)
             _finite_on_backward(outs, trace.checked, self.fn)
         return outs[0] if trace.single else pytree.tree_unflatten(list(outs[:n]), trace.spec)
 
