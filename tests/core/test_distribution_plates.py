@@ -579,7 +579,7 @@ def test_every_torch_distribution_with_arguments_outside_arg_constraints_is_know
     import inspect
 
     import torch.distributions as dists
-    from storch.distributions import _TORCH_EXTRA_ARGUMENTS
+    from storch.distributions.rebuild import _TORCH_EXTRA_ARGUMENTS
 
     elsewhere = {dists.Independent, dists.TransformedDistribution, dists.MixtureSameFamily,
                  dists.ExponentialFamily, dists.Uniform, dists.Wishart}  # the last two: properties that list them

@@ -614,7 +614,8 @@ def test_a_strict_binomial_is_smooth_as_torch_binomial(monkeypatch):
     ClampBackward1") while the same node with finite logits was accepted. Now the strict copies of
     Bernoulli, Binomial and Poisson count as their torch base (also inside an Independent); a user's
     subclass of one keeps the walk. Fails on that code."""
-    from storch.distributions import _StrictBinomial, strict_support
+    from storch.distributions import strict_support
+    from storch.distributions.support import _StrictBinomial
 
     _fresh_kink_caches(monkeypatch)
     theta = torch.tensor([0.3, -0.4, 0.1], dtype=torch.float64, requires_grad=True)

@@ -36,7 +36,7 @@ from torch.distributions import (
     constraints,
 )
 
-from .distributions import _STRICT
+from .distributions.support import _STRICT
 from .smoothness import _nonsmooth_on_path
 from ._order_guard import is_differentiated, unbatched
 

@@ -46,7 +46,6 @@ from torch.distributions import Categorical, Distribution, Independent, OneHotCa
 
 from ..cost import CostFrame, _lead, magic_box
 from ..distributions import (
-    _as_raw,
     base_distribution,
     holds_grad,
     raw_log_prob,
@@ -57,6 +56,7 @@ from ..distributions import (
     strict_support,
     unwrap_distribution,
 )
+from ..distributions.unwrap import _as_raw
 from ..eager import eager_only
 from ..errors import NonFiniteParameterError, OptionError, PlateError, StorchError, UnsupportedDistributionError
 from ..generators import drawing_with

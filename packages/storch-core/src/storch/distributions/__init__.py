@@ -1,0 +1,26 @@
+"""The distributions of a node: a distribution built from plate tensors turned into a raw one with the
+plates as batch dims, and what storch reads of it.
+
+User code builds ``torch.distributions`` objects from plate tensors (written for one sample).
+An estimator samples from the *raw* distribution, whose parameters are the raw tensors aligned
+to the union of their plates and expanded to the plate sizes, so that every plate entry gets
+its own, independent samples.
+
+Lowest first: ``parameters`` (the parameters a distribution was built from), ``rsample`` (what
+torch's rsample can be differentiated to), ``transform_cache`` (a transform's cached pre-images kept
+for the value handed out); ``rebuild`` (a distribution built again from its parameters), ``support``
+(the values an enumerating estimator walks; ``strict_support``); ``unwrap`` (plate tensors to the raw
+distribution), ``raw`` (a node's log p and draw on it).
+"""
+
+from .parameters import base_distribution, given_by_probs, grad_parameters, holds_grad, parameters
+from .raw import raw_log_prob, raw_sample
+from .rebuild import rebuild
+from .rsample import RSAMPLE_ORDER_NOTE, rsample_max_order, straight_through_rsample
+from .support import enumeration_support, strict_support
+from .transform_cache import rekey_transform_cache
+from .unwrap import unwrap_distribution
+
+__all__ = ["base_distribution", "unwrap_distribution", "raw_log_prob", "raw_sample", "strict_support",
+           "rsample_max_order", "RSAMPLE_ORDER_NOTE", "enumeration_support", "rekey_transform_cache",
+           "straight_through_rsample", "parameters", "rebuild", "given_by_probs", "holds_grad", "grad_parameters"]

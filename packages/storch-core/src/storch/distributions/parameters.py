@@ -1,0 +1,119 @@
+"""The parameters of a distribution: the ones it was built from (of ``probs`` and ``logits`` the
+given one), the distribution under one ``Independent``, and the tensors it holds that are plate tensors
+or carry gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributions import Distribution, Independent, Multinomial, OneHotCategorical
+from torch.distributions.transforms import Transform
+from torch.distributions.utils import lazy_property
+
+from ..plates.tensor import Plate, PlateTensor
+
+__all__ = ["base_distribution", "parameters", "given_by_probs", "holds_grad", "grad_parameters"]
+
+
+def base_distribution(d: Distribution) -> Distribution:
+    """The distribution under one ``Independent`` wrapper (the one that holds the parameters); ``d`` otherwise.
+
+    Only ``Independent`` is unwrapped, once: a ``TransformedDistribution`` such as ``LogNormal`` is
+    not its base ``Normal`` (a capability check that looked through it would accept it wrongly).
+    """
+    return d.base_dist if isinstance(d, Independent) else d
+
+# a parameter given in two equivalent forms: keep one of them
+_PAIRS = (("logits", "probs"),)
+
+
+_PLAIN_PROPERTY: dict = {}
+
+
+def _plain_property(cls: type, name: str) -> bool:
+    """Whether ``cls.name`` is a property that is not a lazy_property, cached per class.
+
+    Looked up in the classes' ``__dict__``: ``getattr(cls, name)`` on a lazy_property builds a new
+    descriptor object on every access (tens of microseconds per distribution).
+    """
+    key = (cls, name)
+    r = _PLAIN_PROPERTY.get(key)
+    if r is None:
+        attr = next((k.__dict__[name] for k in cls.__mro__ if name in k.__dict__), None)
+        r = _PLAIN_PROPERTY[key] = isinstance(attr, property) and not isinstance(attr, lazy_property)
+    return r
+
+
+def parameters(d: Distribution) -> dict:
+    """The parameter tensors ``d`` was built from, by their ``arg_constraints`` names: of ``probs`` and
+    ``logits`` the one that was given (never the other form, which torch computes and caches in the
+    instance once read); a ``OneHotCategorical``'s or ``Multinomial``'s from its inner ``Categorical``. With
+    :func:`rebuild`, the way to build ``d`` again from changed parameters (perturbed, detached copies
+    to differentiate per sample). Public as ``storch.extending.parameters``."""
+    if isinstance(d, (OneHotCategorical, Multinomial)):
+        d = d._categorical
+    params = _parameters(d)
+    if "logits" in params and given_by_probs(d):  # both forms cached in d: _parameters keeps the logits
+        params = {("probs" if n == "logits" else n): (d.probs if n == "logits" else v) for n, v in params.items()}
+    return params
+
+
+def _parameters(d: Distribution) -> dict:
+    def available(name: str) -> bool:
+        return name in d.__dict__ or _plain_property(type(d), name)
+
+    names = [n for n in d.arg_constraints if available(n)]
+    for keep, drop in _PAIRS:
+        if keep in names and drop in names:
+            names.remove(drop)  # one form is enough: never compute the other (e.g. a softmax)
+    return {n: d.__dict__[n] if n in d.__dict__ else getattr(d, n) for n in names}
+
+
+def _holds_plate_tensor(d, depth: int = 0, known: tuple[Plate, ...] = ()) -> bool:
+    """Whether ``d`` (a distribution or a transform) or what it holds (base distributions, components,
+    transforms and their parts) has a plate tensor with a plate that is not among ``known`` (by name)."""
+    names = {p.name for p in known}
+    for v in d.__dict__.values():
+        items = v if isinstance(v, (list, tuple)) else (v,)
+        for item in items:
+            if type(item) is PlateTensor:
+                if not known or any(p.name not in names for p in item._plates):
+                    return True
+            elif isinstance(item, (Distribution, Transform)) and depth < 8 and _holds_plate_tensor(
+                    item, depth + 1, known):
+                return True
+    return False
+
+
+def holds_grad(d) -> bool:
+    """Whether a tensor that ``d`` (a distribution or a transform) holds, or what it holds (base
+    distributions, components, transforms and their parts), requires grad: whether its parameters
+    carry gradient. Read only for a node sampled under ``torch.no_grad()`` (``Node.no_grad_step``)."""
+    return next(grad_parameters(d), None) is not None
+
+
+def grad_parameters(d, depth: int = 0):
+    """The tensors that ``d`` (a distribution or a transform) holds, or what it holds (base distributions,
+    components, transforms and their parts), that require grad (raw, not plate tensors): its parameters
+    that carry gradient, as far as its attributes show them (lazily computed ones, e.g. ``probs`` of a
+    distribution built from ``logits``, once read). A generator: :func:`holds_grad` stops at the first."""
+    for v in d.__dict__.values():
+        items = v if isinstance(v, (list, tuple)) else (v,)
+        for item in items:
+            if type(item) is PlateTensor:
+                item = item._raw
+            if isinstance(item, torch.Tensor):
+                if item.requires_grad:
+                    yield item
+            elif isinstance(item, (Distribution, Transform)) and depth < 8:
+                yield from grad_parameters(item, depth + 1)
+
+
+def given_by_probs(d: Distribution) -> bool:
+    """Whether ``d`` (a ``Bernoulli``, ``Binomial``, ``Categorical``, ``OneHotCategorical``, ...) was built
+    from ``probs=`` rather than ``logits=``: torch's ``logits`` are then computed from clamped probabilities
+    (a probability of exactly 0 gets log(eps), not ``-inf``)."""
+    if isinstance(d, (OneHotCategorical, Multinomial)):
+        d = d._categorical
+    param = d.__dict__.get("_param")
+    return param is not None and param is d.__dict__.get("probs")

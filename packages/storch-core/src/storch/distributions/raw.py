@@ -1,0 +1,68 @@
+"""A node's log-probability and draw on its raw distribution: torch's kernels, without the Python
+checks a raw copy does not need (a Bernoulli), and a Poisson's log p with finite derivatives at a zero rate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributions import Bernoulli, Distribution, Independent, Poisson
+from torch.nn.functional import binary_cross_entropy_with_logits
+
+from .support import _poisson_log_prob
+
+__all__ = ["raw_log_prob", "raw_sample"]
+
+
+def raw_log_prob(d: Distribution, value: torch.Tensor) -> torch.Tensor:
+    """``d.log_prob(value)`` for a raw distribution and raw ``value``.
+
+    A ``Bernoulli`` given by its logits, without argument validation (the raw copy of a user's
+    distribution), is computed as torch computes it, ``-binary_cross_entropy_with_logits``, with
+    the logits expanded to the value's shape directly instead of through ``broadcast_all`` (its
+    Python checks and a second view for the value): the same kernel, values and derivatives. A ``Poisson`` (or an ``Independent`` of
+    one) is computed by :func:`_poisson_log_prob`: torch's values, and finite derivatives where a rate
+    is exactly 0 (torch's are NaN there). Any other case (and any other distribution) calls
+    ``d.log_prob``.
+    """
+    t = type(d)
+    if t is Poisson:
+        if d._validate_args:
+            d._validate_sample(value)
+        return _poisson_log_prob(d.rate, value)
+    if t is Independent and type(d.base_dist) is Poisson:
+        lp, n = raw_log_prob(d.base_dist, value), d.reinterpreted_batch_ndims
+        return lp.sum(tuple(range(-n, 0))) if n else lp
+    if t is Bernoulli and not d._validate_args and type(value) is torch.Tensor:
+        logits = d.__dict__.get("logits")
+        if type(logits) is torch.Tensor:
+            shape = value.shape
+            if logits.shape != shape:
+                k = logits.dim()
+                if k > len(shape) or shape[len(shape) - k:] != logits.shape:
+                    return d.log_prob(value)  # a broadcast of the value too: torch's own
+                logits = logits.expand(shape)
+            return -binary_cross_entropy_with_logits(logits, value, reduction="none")
+    return d.log_prob(value)
+
+
+def raw_sample(d: Distribution) -> torch.Tensor:
+    """``d.sample()`` (one draw, no sample shape) for a raw distribution.
+
+    A ``Bernoulli`` without argument validation (the raw copy of a user's distribution) is drawn
+    as torch draws it, ``torch.bernoulli`` of its probabilities (``sigmoid(logits)`` when given
+    by its logits) without gradient: the same random numbers and values, without the lazy
+    property's grad mode, a ``no_grad`` block (the parameters are detached), ``_extended_shape`` and
+    an expand to the shape the probabilities have. The probabilities computed here are not cached on
+    ``d`` (reading ``d.probs`` computes them again). Any other case calls ``d.sample()``.
+    """
+    if type(d) is Bernoulli and not d._validate_args:
+        state = d.__dict__
+        p = state.get("probs")
+        logits = state.get("logits") if p is None else None
+        if type(p if p is not None else logits) is torch.Tensor:
+            batch = d._batch_shape
+            # detached instead of under no_grad (the same values and random numbers; a grad-mode
+            # context costs ~1 us, a policy's step draws once per step)
+            p = torch.sigmoid(logits.detach()) if p is None else p.detach()  # logits_to_probs(is_binary=True)
+            return torch.bernoulli(p if p.shape == batch else p.expand(batch))
+    return d.sample()

@@ -1,0 +1,212 @@
+"""The support of a distribution as the enumerating estimators see it: the values they walk
+(``enumeration_support``), and a copy whose ``log_prob`` is ``-inf`` on the values it never draws
+(``strict_support``: probabilities of exactly 0, infinite logits, a Poisson's zero rate).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch.distributions import Bernoulli, Binomial, Categorical, Distribution, Independent, OneHotCategorical, Poisson
+
+from ..errors import UnsupportedDistributionError
+from .parameters import given_by_probs
+
+__all__ = ["enumeration_support", "strict_support"]
+
+
+def enumeration_support(d: Distribution) -> torch.Tensor:
+    """``d.enumerate_support(expand=False)``: every value, shape ``(K, 1, ..., 1, *event)``.
+
+    A ``Binomial`` whose ``total_count`` differs between entries (a count per data point), which
+    torch's ``enumerate_support`` refuses, gets the counts 0..max(total_count): a count above an
+    entry's own total has log-probability -inf there (an impossible value, which ``expect`` weighs 0
+    and never hands to the cost).
+    """
+    try:
+        return d.enumerate_support(expand=False)
+    except NotImplementedError as e:
+        if not isinstance(d, Binomial):
+            raise UnsupportedDistributionError(
+                f"{type(d).__name__}.enumerate_support is not implemented for this distribution ({e}); use a "
+                "sampling estimator (e.g. 'score') for this node") from e
+        k = int(d.total_count.max())
+        values = torch.arange(1 + k, dtype=d._param.dtype, device=d._param.device)
+        return values.view((-1,) + (1,) * len(d.batch_shape))
+
+
+# -- values a distribution never draws ---------------------------------------------------------
+
+
+class _StrictBernoulli(Bernoulli):
+    """A ``Bernoulli`` whose ``log_prob`` is ``-inf`` on the value it never draws. Given by probabilities:
+    where the probability is exactly 0 (value 1 at p = 0, value 0 at p = 1); torch's own ``log_prob``
+    clamps p to [eps, 1 - eps] (log p(1) = -15.9 at p = 0 in float32) although ``sample`` never draws
+    such a value. Given by logits: where a logit is infinite (a masked bit, ``logits + mask`` with
+    ``mask = -inf``, or a certain one at ``+inf``), whose torch ``log_prob`` is NaN for the value it
+    always draws (inf - inf), so an enumerating estimator found no possible joint value at all
+    (:func:`_infinite_logits_log_prob`). Elsewhere the same values and derivatives as torch's."""
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if not given_by_probs(self):
+            return _infinite_logits_log_prob(self.logits, value, self.logits.new_ones(()),
+                                             lambda logits: Bernoulli(logits=logits, validate_args=False).log_prob(value))
+        lp = super().log_prob(value)
+        p = self.probs
+        never = torch.where(value.to(torch.bool), p == 0, p == 1)
+        return lp.masked_fill(never, -math.inf)
+
+
+class _StrictBinomial(Binomial):
+    """A ``Binomial`` whose ``log_prob`` is ``-inf`` on the counts it never draws: given by probabilities,
+    any count above 0 at p = 0 and any below ``total_count`` at p = 1; given by logits, every count but
+    0 at a logit of ``-inf`` and every count but ``total_count`` at ``+inf`` (torch's is NaN there), as
+    :class:`_StrictBernoulli`."""
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if not given_by_probs(self):
+            n = self.total_count
+            return _infinite_logits_log_prob(self.logits, value, n,
+                                             lambda logits: Binomial(n, logits=logits, validate_args=False).log_prob(value))
+        lp = super().log_prob(value)
+        p = self.probs
+        never = ((p == 0) & (value > 0)) | ((p == 1) & (value < self.total_count))
+        return lp.masked_fill(never, -math.inf)
+
+
+class _StrictPoisson(Poisson):
+    """A ``Poisson`` whose ``log_prob`` has finite derivatives where a rate is exactly 0
+    (:func:`_poisson_log_prob`; torch's are NaN there); elsewhere torch's values and derivatives."""
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return _poisson_log_prob(self.rate, value)
+
+
+def _poisson_log_prob(rate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """log p(value | rate) = value log rate - rate - lgamma(value + 1) of a Poisson, for rates >= 0.
+
+    torch allows a rate of exactly 0 (a zero-inflated Poisson ``Poisson(lam * z)``, z ~ Bernoulli): a
+    point mass at 0, log p(0) = -rate (derivative -1, finite), and every count above 0 impossible
+    (-inf, never drawn). torch's ``value.xlogy(rate)`` has those values, but its derivative with
+    respect to the rate is value / rate = 0 / 0 = NaN at (0, 0), which poisoned the gradient of every
+    parameter upstream (``lam``) although d rate / d lam is 0 there. Here the log term reads 1 in
+    place of a zero rate where the value is 0 (xlogy(0, 1) = 0, derivative 0 / 1 = 0) and 0 where it
+    is above 0 (xlogy(k, 0) = -inf, the impossible value): one ``torch.where``, whose backward sends
+    the rate no derivative through the log term at those entries (and none of the NaN or infinity that
+    it computes there), so the rate gets exactly d(-rate) = -1. Where the rate is above 0 the values
+    and derivatives (of every order) are torch's.
+    """
+    safe = torch.where(rate > 0, rate, value == 0)  # (a bool promoted to the rate's dtype: 1 or 0)
+    return value.xlogy(safe) - rate - (value + 1).lgamma()
+
+
+def _infinite_logits_log_prob(logits: torch.Tensor, value: torch.Tensor, top: torch.Tensor,
+                              torch_log_prob: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """log p(value) of a Bernoulli or Binomial given by ``logits`` that may be infinite.
+
+    A logit of ``-inf`` draws 0 surely and one of ``+inf`` draws ``top`` (1, or ``total_count``): log p
+    is 0 on that value and ``-inf`` on every other. torch's formula gives NaN there (inf - inf, or
+    0 * inf), so it runs on the finite logits only (the infinite ones replaced by 0 and their result
+    discarded: no NaN in the derivatives either); there the values and derivatives are torch's.
+    """
+    infinite = torch.isinf(logits)
+    lp = torch_log_prob(torch.where(infinite, torch.zeros_like(logits), logits))
+    sure = torch.where(logits > 0, top.to(logits.dtype), torch.zeros((), dtype=logits.dtype, device=logits.device))
+    fixed = torch.where(value == sure, torch.zeros_like(lp), torch.full_like(lp, -math.inf))
+    return torch.where(infinite, fixed, lp)
+
+
+_STRICT = {Bernoulli: _StrictBernoulli, Binomial: _StrictBinomial, Poisson: _StrictPoisson}
+
+
+def strict_support(d: Distribution, traced: bool = False) -> Distribution:
+    """``d`` with ``log_prob = -inf`` on every value it never draws: probabilities that are exactly 0.
+
+    ``torch.distributions`` computes ``log_prob`` of a ``Bernoulli``, ``Binomial``, ``Categorical`` or
+    ``OneHotCategorical`` given by ``probs`` from clamped probabilities, so a value of probability 0
+    (a masked action ``probs * mask``, a saturated ``sigmoid``) gets log p = log(eps) (-15.9 in
+    float32) while ``sample`` never draws it. An estimator that enumerates the support or samples it
+    without replacement (``expect``, ``unordered_set``, ``sum_and_sample``) reads those log
+    probabilities to decide which values exist: the base class passes every estimator with
+    ``requires_enumerate_support`` its distribution through this (``Estimator._sample_node``,
+    ``_extend_partition``), so such values are impossible (``-inf``) there as they are with ``-inf``
+    logits, and the user's cost never sees them. A ``Bernoulli`` or ``Binomial`` given by ``logits``
+    with an infinite logit (``logits + mask``, mask ``-inf`` on a masked bit) needs the same: torch's
+    ``log_prob`` is NaN on the value such a logit always draws, so no joint value looked possible
+    (``unordered_set`` drew one impossible value with a zero gradient, ``expect`` gave NaN).
+    A ``Poisson`` with a rate of exactly 0 (a zero-inflated Poisson ``Poisson(lam * z)``) has torch's
+    values (log p(0) = 0 there, -inf above 0) but NaN derivatives (``value.xlogy(rate)``: 0 / 0), which
+    made the gradient of every parameter upstream NaN (``importance`` reads this log_prob).
+
+    Returns ``d`` itself unless it is (an ``Independent`` of) one of those four, given by ``probs``,
+    with a probability that is exactly 0 (checked by value; with ``traced``, which
+    ``storch.extending.strict_support`` passes while ``storch.compile`` records the step: whenever it
+    is given by ``probs``, so that the program does not depend on the values), or a ``Bernoulli`` /
+    ``Binomial`` given by ``logits`` with an infinite logit (checked by value; with ``traced``, always:
+    its ``log_prob`` is a ``torch.where`` on the logits, so a step that ``storch.compile`` traced with
+    finite logits gives the eager result when a replayed call meets infinite ones, where torch's NaN
+    made ``expect``'s value and gradient NaN), or a ``Poisson`` with a
+    rate of exactly 0 (checked by value; with ``traced``, always). Otherwise a copy that samples as ``d``
+    does (the same random numbers) and has the same log-probabilities, with the same derivatives, on
+    every value it can draw: a ``Categorical`` / ``OneHotCategorical`` with ``-inf`` logits there, a
+    ``Bernoulli`` / ``Binomial`` whose ``log_prob`` masks those values, a ``Poisson`` whose ``log_prob``
+    (:func:`_poisson_log_prob`) has finite derivatives at a zero rate. The derivative
+    with respect to a probability that is exactly 0 is not estimated (it depends on the cost of a
+    value that is never drawn); the estimates are of the derivative within the support.
+    """
+    t = type(d)
+    if t is Independent:
+        base = strict_support(d.base_dist, traced)
+        return d if base is d.base_dist else Independent(base, d.reinterpreted_batch_ndims, validate_args=False)
+    if t is Poisson:
+        # a rate of exactly 0: torch's log_prob has the right values but NaN derivatives (checked by value;
+        # while traced always, so that the program does not depend on the values)
+        rate = d.rate
+        if not traced and not rate.is_meta and not bool((rate == 0).any()):
+            return d
+        new = _StrictPoisson.__new__(_StrictPoisson)
+        new.__dict__.update(d.__dict__)
+        new._validate_args = False
+        return new
+    if t not in (Bernoulli, Binomial, Categorical, OneHotCategorical):
+        return d
+    inner = d._categorical if t is OneHotCategorical else d
+    strict = _STRICT.get(t)
+    if not given_by_probs(inner):
+        # given by logits: a Categorical's -inf logits are -inf log-probabilities already; a Bernoulli's or
+        # Binomial's infinite logits make torch's log_prob NaN on the value they always draw, and -inf or
+        # NaN on the others (checked by value; while traced, the copy always: the program must not depend
+        # on values, and the copy's log_prob is exact at finite and infinite logits alike)
+        if strict is None:
+            return d
+        logits = inner.logits
+        if not traced and (logits.is_meta or not bool(torch.isinf(logits).any())):
+            return d
+        new = strict.__new__(strict)
+        new.__dict__.update(d.__dict__)
+        new._validate_args = False
+        return new
+    p = inner.probs
+    never = (p == 0) | (p == 1) if strict is not None else p == 0
+    if not traced and not p.is_meta and not bool(never.any()):
+        return d
+    if strict is not None:
+        new = strict.__new__(strict)
+        new.__dict__.update(d.__dict__)
+        new._validate_args = False
+        return new
+    c = Categorical.__new__(Categorical)
+    c.__dict__.update(inner.__dict__)
+    c.logits = torch.where(never, torch.full((), -math.inf, dtype=p.dtype, device=p.device), inner.logits)
+    c._validate_args = False
+    if t is Categorical:
+        return c
+    new = OneHotCategorical.__new__(OneHotCategorical)
+    new.__dict__.update(d.__dict__)
+    new._categorical = c
+    new._validate_args = False
+    return new

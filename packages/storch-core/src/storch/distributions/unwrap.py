@@ -1,0 +1,256 @@
+"""Turning a distribution built from plate tensors into a raw one with the plates as batch dims.
+
+User code builds ``torch.distributions`` objects from plate tensors (written for one sample).
+An estimator samples from the *raw* distribution, whose parameters are the raw tensors aligned
+to the union of their plates and expanded to the plate sizes, so that every plate entry gets
+its own, independent samples.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.distributions import (Categorical, Distribution, Independent, MixtureSameFamily, OneHotCategorical,
+    TransformedDistribution)
+from torch.distributions.transforms import AffineTransform, PowerTransform
+
+from ..errors import UnsupportedDistributionError
+from ..plates.tensor import Plate, PlateTensor, align, plates_of, union_plates
+from .parameters import _holds_plate_tensor, _parameters, given_by_probs
+from .rebuild import _categorical, _rebuilt
+
+__all__ = ["unwrap_distribution"]
+
+
+def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tuple[Distribution, tuple[Plate, ...]]:
+    """Return ``(raw_distribution, plates)``; ``plates`` lead the raw batch shape.
+
+    With ``within`` (a partition's plates at its last step, partition plate first), the raw batch
+    shape leads with at least those plates, ``within[0]`` first: parameters from earlier steps of
+    the partition are re-indexed to its last step, and missing plates are expanded.
+    """
+    if isinstance(d, Independent):
+        base, plates = unwrap_distribution(d.base_dist, within)
+        if not plates:
+            return d, ()
+        return Independent(base, d.reinterpreted_batch_ndims, validate_args=False), plates
+    if not isinstance(d, Distribution):
+        raise UnsupportedDistributionError(
+            f"expected a torch.distributions.Distribution, got {type(d).__name__}"
+        )
+    if type(d) is TransformedDistribution:
+        return _unwrap_transformed(d, within)
+    if type(d) is MixtureSameFamily:
+        return _unwrap_mixture(d, within)
+    same = _as_raw(d, within)  # the common case, without looking up parameters or plates again
+    if same is not None:
+        return same
+    torch_categorical = type(d) in (Categorical, OneHotCategorical)
+    if torch_categorical:
+        # torch's own categoricals: the parameters as the user's constructor left them (normalised;
+        # probs too when argument validation computed them), carried over as Categorical.expand does
+        c = d._categorical if type(d) is OneHotCategorical else d
+        params = {n: c.__dict__[n] for n in ("logits", "probs") if n in c.__dict__}
+        by_probs = given_by_probs(c)
+        same = _categorical_on_one_layout(type(d), params, within, by_probs)
+        if same is not None:
+            return same
+    else:
+        try:
+            params = _parameters(d)
+        except NotImplementedError:
+            params = {}
+    # `within` first: where a parameter has the same plates in another order, `within`'s order wins, so
+    # the parts of a MixtureSameFamily unwrapped within one tuple of plates get that very layout
+    plates = union_plates([within] + [plates_of(v) for v in params.values()] + [()])
+    if within and plates[0].name != within[0].name:  # the partition's plate first
+        plates = (next(p for p in plates if p.name == within[0].name),) + tuple(
+            p for p in plates if p.name != within[0].name)
+    if _holds_plate_tensor(d, known=plates):
+        # sampling it as it is would share one noise draw across the entries of those plates
+        raise UnsupportedDistributionError(
+            f"{type(d).__name__} holds plate tensors that storch cannot find among its "
+            f"arg_constraints {sorted(type(d).arg_constraints)} (in an attribute such as a temperature, "
+            "a base distribution or a transform): sampling it would share one noise draw across plate "
+            "entries. Pass the per-data-point (or per-sample) tensors only as parameters listed in "
+            "arg_constraints, build the other parts from plain tensors, or use a distribution that takes "
+            "them as parameters (LogNormal(loc, scale), Independent(Normal(...)), "
+            "TransformedDistribution(base, [AffineTransform(loc, scale)]))"
+        )
+    if not plates:
+        return d, ()  # built from plain tensors: nothing to unwrap
+    sizes = [p.size for p in plates]
+    raw = {}
+    m = len(plates)
+    for name, v in params.items():
+        if type(v) is PlateTensor:
+            r = align(v._raw, v._plates, plates)
+            # an expand to the shape it has is still a view (one more autograd node): skip it
+            raw[name] = r if list(r.shape[:m]) == sizes else r.expand(*sizes, *r.shape[m:])
+        else:
+            raw[name] = v.expand(*sizes, *v.shape) if hasattr(v, "expand") else v
+    if torch_categorical:
+        return _categorical(type(d), raw, by_probs), plates
+    return _rebuilt(d, raw, torch.Size(sizes)), plates
+
+
+# transforms whose tensor attributes storch re-aligns (their constructor takes them as keywords)
+_TRANSFORM_PARAMS = {AffineTransform: ("loc", "scale"), PowerTransform: ("exponent",)}
+
+
+def _unwrap_transformed(d: TransformedDistribution,
+                        within: tuple[Plate, ...]) -> tuple[Distribution, tuple[Plate, ...]]:
+    """A ``TransformedDistribution`` whose base distribution or transforms hold plate tensors.
+
+    The base distribution is unwrapped with the plates of every plate tensor (the transforms' ones
+    too), so each plate entry draws its own noise. A transform of :data:`_TRANSFORM_PARAMS`
+    (``AffineTransform``, ``PowerTransform``) holding plate tensors is rebuilt from their raw tensors,
+    aligned to those plates and padded to the per-sample rank of the value it transforms (so the
+    per-sample dims broadcast as in one-sample code); any other transform holding one is refused.
+    """
+    found = [within]
+    for t in d.transforms:
+        names = _TRANSFORM_PARAMS.get(type(t), ())
+        held = [t.__dict__.get(n) for n in names]
+        found += [v._plates for v in held if type(v) is PlateTensor]
+        if _holds_plate_tensor(t, known=tuple(p for g in found for p in g)):
+            raise UnsupportedDistributionError(
+                f"TransformedDistribution: its transform {type(t).__name__} holds plate tensors, and storch "
+                f"can re-align the tensors only of {', '.join(c.__name__ for c in _TRANSFORM_PARAMS)} given "
+                "directly in the list of transforms: sampling it as it is would share one noise draw across "
+                "plate entries. Put the data-dependent part in the base distribution's parameters, pass "
+                "AffineTransform/PowerTransform directly in the list, or apply the transform to the sample "
+                "(y = f(est(base)))")
+    wanted = union_plates(found + [()])
+    if within and wanted and wanted[0].name != within[0].name:  # the partition's plate first
+        wanted = (within[0],) + tuple(p for p in wanted if p.name != within[0].name)
+    base, plates = unwrap_distribution(d.base_dist, wanted)
+    if not plates:
+        return d, ()  # built from plain tensors: nothing to unwrap
+    m = len(plates)
+    shape = d.base_dist.batch_shape + d.base_dist.event_shape  # per sample, as the transforms see it
+    raw_transforms = []
+    for t in d.transforms:
+        names = _TRANSFORM_PARAMS.get(type(t), ())
+        if any(type(t.__dict__.get(n)) is PlateTensor for n in names):
+            kwargs = {}
+            for n in names:
+                v = t.__dict__[n]
+                if type(v) is PlateTensor:
+                    r = align(v._raw, v._plates, plates)
+                    per = r.shape[m:]
+                    if len(per) > len(shape):
+                        raise UnsupportedDistributionError(
+                            f"TransformedDistribution: {type(t).__name__}.{n} has per-sample shape {tuple(per)}, "
+                            f"more dims than the value it transforms ({tuple(shape)}); give the base "
+                            "distribution that shape (base.expand(...)), or apply the transform to the sample")
+                    v = r.reshape(r.shape[:m] + (1,) * (len(shape) - len(per)) + per)
+                kwargs[n] = v
+            if type(t) is AffineTransform:
+                raw_transforms.append(AffineTransform(**kwargs, event_dim=t.event_dim, cache_size=t._cache_size))
+            else:
+                raw_transforms.append(PowerTransform(**kwargs, cache_size=t._cache_size))
+        else:
+            raw_transforms.append(t)  # plain: broadcasts over the leading plate dims
+        shape = t.forward_shape(shape)
+    return TransformedDistribution(base, raw_transforms, validate_args=False), plates
+
+
+def _unwrap_mixture(d: MixtureSameFamily,
+                    within: tuple[Plate, ...]) -> tuple[Distribution, tuple[Plate, ...]]:
+    """A ``MixtureSameFamily`` whose mixture or component distribution holds plate tensors (a Gaussian
+    mixture per data point): both are unwrapped (with their own parameters, as any distribution) on one
+    tuple of plates, so the raw mixture weights of each plate entry pair with that entry's components
+    (batch dims: the plates, then the mixture's batch; the components' end with the K components), and
+    the raw mixture is built from them. Each plate entry draws its own component index and value."""
+    mix, comp = d.mixture_distribution, d.component_distribution
+    raw_mix, plates = unwrap_distribution(mix, within)
+    raw_comp, comp_plates = unwrap_distribution(comp, plates)
+    if comp_plates != plates:  # the components have plates the weights do not: expand the weights to them
+        raw_mix, plates = unwrap_distribution(mix, comp_plates)
+    if not plates:
+        return d, ()  # built from plain tensors: nothing to unwrap
+    if plates != comp_plates:  # (unwrap_distribution keeps the order of `within`; a guard, not a path)
+        raise UnsupportedDistributionError(
+            f"MixtureSameFamily: storch could not put its mixture and component distributions on one layout "
+            f"of plates ({[p.name for p in plates]} and {[p.name for p in comp_plates]}); build both from "
+            "tensors on the same plates")
+    return MixtureSameFamily(raw_mix, raw_comp, validate_args=False), plates
+
+
+def _as_raw(d: Distribution, within: tuple[Plate, ...]) -> Optional[tuple[Distribution, tuple[Plate, ...]]]:
+    """``(raw distribution, plates)`` for ``d`` without rebuilding it; ``None`` unless that is
+    exactly what :func:`unwrap_distribution` would build.
+
+    The common case (``Bernoulli(logits=x)``, ``Normal(mu, sigma)`` on tensors of one model): every
+    tensor the distribution holds (parameters, and what its constructor or argument validation
+    derived from them) is a plate tensor with the same plates (those of ``within`` too, if given),
+    at their full sizes, and with one per-sample dim per batch and event dim. The raw tensors then
+    already have the raw distribution's layout, so a copy of the object with them (and the plates
+    prepended to its batch shape) is the raw distribution: no second constructor call
+    (``broadcast_all``, shapes), no expand views. Anything else (plain tensors to expand, other
+    plates, size-1 plate dims, tensors shaped unlike the batch, base distributions, containers)
+    returns ``None``.
+    """
+    out = {}
+    plates = last = r = None
+    want = sizes = m = 0
+    for k, v in d.__dict__.items():
+        t = type(v)
+        if t is PlateTensor:
+            if v is last:  # the same tensor again (torch's `_param` is the logits or probs): checked
+                out[k] = r
+                continue
+            r, p = v._raw, v._plates
+            if plates is None:
+                plates = p
+                if within and p is not within and p != within:
+                    return None
+                m = len(p)
+                sizes = (p[0].size,) if m == 1 else tuple(q.size for q in p)
+                want = m + len(d.batch_shape) + len(d.event_shape)
+            elif p is not plates and p != plates:
+                return None
+            if r.dim() != want or r.shape[:m] != sizes:
+                return None
+            out[k] = r
+            last = v
+        elif t is torch.Size or t is bool or t is int or t is float or v is None:
+            out[k] = v
+        else:
+            return None  # plain tensors (to expand), base distributions, containers, anything else
+    if plates is None:
+        return None
+    new = type(d).__new__(type(d))
+    new.__dict__.update(out)
+    new._batch_shape = torch.Size(sizes) + d.batch_shape
+    new._validate_args = False  # validated when the user built `d`
+    return new, plates
+
+
+def _categorical_on_one_layout(cls: type, params: dict, within: tuple[Plate, ...], by_probs: bool):
+    """``(raw categorical, plates)`` when its parameters (the logits, and the probs argument
+    validation computed) are plate tensors on the same plates (``within``'s, if given) at their
+    full sizes: the raw tensors are the raw parameters as they are, what the general path's
+    ``union_plates`` and ``align`` would give. ``None`` otherwise. (``_as_raw`` does this for
+    other distributions; a ``OneHotCategorical`` holds a ``Categorical``, which it leaves alone.)"""
+    plates = None
+    raw = {}
+    for name, v in params.items():
+        if type(v) is not PlateTensor:
+            return None
+        p = v._plates
+        if plates is None:
+            plates = p
+            if within and p is not within and p != within:
+                return None
+        elif p is not plates and p != plates:
+            return None
+        r = v._raw
+        if any(r.shape[i] != q.size for i, q in enumerate(p)):  # a size-1 plate dim: expanded there
+            return None
+        raw[name] = r
+    if plates is None:
+        return None
+    return _categorical(cls, raw, by_probs), plates
