@@ -323,9 +323,9 @@ def test_one_estimator_per_step_with_several_samples_is_refused_before_memory_ru
     a large data plate alone (no chain) does not count."""
     from torch.distributions import Categorical
 
-    import storch.estimators.base as base
+    import storch.estimators.checks as checks
 
-    monkeypatch.setattr(base, "MAX_SAMPLE_ENTRIES", 8 ** 4)  # the chain below, without its memory (2^24: step 9)
+    monkeypatch.setattr(checks, "MAX_SAMPLE_ENTRIES", 8 ** 4)  # the chain below, without its memory (2^24: step 9)
     a = torch.zeros(3, 3, requires_grad=True)
     with storch.Graph():
         z = torch.tensor(0)
@@ -335,7 +335,7 @@ def test_one_estimator_per_step_with_several_samples_is_refused_before_memory_ru
         assert t == 5
     from torch.distributions import Bernoulli
 
-    from storch.estimators.base import _check_sample_entries
+    from storch.estimators.checks import _check_sample_entries
 
     est = storch.estimator("score", plate="b", n_samples=8)
     one = Bernoulli(logits=torch.zeros(()))
@@ -352,9 +352,9 @@ def test_chain_size_guard_counts_the_data_plate_and_the_values_of_a_draw(monkeyp
     too; a node without a chain is never refused."""
     from torch.distributions import Bernoulli, OneHotCategorical
 
-    import storch.estimators.base as base
+    import storch.estimators.checks as checks
 
-    monkeypatch.setattr(base, "MAX_DRAW_ENTRIES", 8 ** 4 * 64)  # (2^29 in use)
+    monkeypatch.setattr(checks, "MAX_DRAW_ENTRIES", 8 ** 4 * 64)  # (2^29 in use)
     a = torch.full((8,), 0.5, requires_grad=True)
     with storch.Graph():
         z = storch.denote_independent(torch.randn(64), 0, "data")
@@ -364,7 +364,7 @@ def test_chain_size_guard_counts_the_data_plate_and_the_values_of_a_draw(monkeyp
                 z = storch.estimator("score", plate=f"z{t}", n_samples=8)(Bernoulli(logits=a[t] * z))
         assert t == 4
     # the values of one draw count too (own batch x event): 8 x 8 x 64 data points x 8 variables of 8 categories
-    monkeypatch.setattr(base, "MAX_DRAW_ENTRIES", 8 * 8 * 64 * 8)
+    monkeypatch.setattr(checks, "MAX_DRAW_ENTRIES", 8 * 8 * 64 * 8)
     with storch.Graph():
         x = storch.denote_independent(torch.randn(64), 0, "data")
         z = storch.estimator("score", plate="z0", n_samples=8)(Bernoulli(logits=x))
@@ -372,7 +372,7 @@ def test_chain_size_guard_counts_the_data_plate_and_the_values_of_a_draw(monkeyp
         with pytest.raises(storch.PlateError, match=r"x 64 data points x 64 values per draw"):
             storch.estimator("score", plate="z2", n_samples=8)(OneHotCategorical(logits=z.expand(8, 8)))
     # a large data plate without a chain is never refused
-    monkeypatch.setattr(base, "MAX_DRAW_ENTRIES", 4)
+    monkeypatch.setattr(checks, "MAX_DRAW_ENTRIES", 4)
     with storch.Graph():
         x = storch.denote_independent(torch.randn(64), 0, "data")
         storch.estimator("score", plate="z0", n_samples=8)(Bernoulli(logits=x))

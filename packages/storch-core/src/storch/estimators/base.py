@@ -42,7 +42,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Optional, TypeVar
 
 import torch
-from torch.distributions import Categorical, Distribution, Independent, OneHotCategorical, TransformedDistribution
+from torch.distributions import Distribution, Independent, TransformedDistribution
 
 from ..cost import CostFrame, _lead, magic_box
 from ..distributions import (
@@ -63,11 +63,13 @@ from ..generators import drawing_with
 from .. import options
 from ..graph import current_graph, is_tracing
 from ..node import Node
-from ..plates.dispatch import INDEX_VALUES, INDEXING
 from ..plates.tensor import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
 from ..score_conditions import KINK_FREE, moving_support, support_is_fixed
-from ..smoothness import _reaches
 from .catalog import EstimatorInfo, available, supporting_estimators
+from .checks import _check_sample_entries, _checked_lead, check_in_frame
+from .messages import (_no_update_message, _nonfinite_parameters, _output_shape_message, _sample_dtype_message,
+                       _sample_shape_message, _under_jacfwd, updating_message)
+from .watch import _CATEGORIES, _threshold_watch
 
 if sys.version_info >= (3, 10):
     from typing import Concatenate, ParamSpec
@@ -78,73 +80,6 @@ __all__ = ["Estimator", "CostFrame", "magic_box"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
-
-
-def _threshold_watch(node: Node, jumps: bool):
-    """The ``Lineage.watch`` of a node whose handed-out sample carries gradient and must not be read through a
-    jump: records on ``node.thresholded`` the first such function applied to a value whose autograd graph
-    reaches the sample handed out (its relaxed sample). ``jumps`` (a ``jump_free`` estimator): every function of
-    ``storch.plates.dispatch.JUMPS`` in user code. Always (also for a relaxed or straight-through Categorical /
-    OneHotCategorical node of gumbel_softmax, gumbel_straight_through): a function of ``torch.distributions``
-    that reads the sample as indices (:func:`_reads_indices`); its name is kept on ``node.thresholded_in``; for a
-    ``jump_free`` estimator also the argmax torch.distributions takes elsewhere (``Categorical.mode``). The comparisons torch.distributions makes (argument validation, ``validate_sample``, formula branches) are
-    not counted. Holds the node weakly (the lineage is the node's plate's: no reference cycle)."""
-    ref = weakref.ref(node)
-
-    def watch(func, raw: torch.Tensor) -> None:
-        node = ref()
-        if node is None or node.thresholded is not None or not (jumps or func in INDEXING or func in INDEX_VALUES):
-            return
-        code = _distributions_caller()
-        if code is None:  # user code: a jump of the cost (max's indices are not seen there: docs/estimators/rebar.md)
-            if not jumps or func in INDEX_VALUES:
-                return
-        elif not _reads_indices(func, code):
-            if not (jumps and func in INDEXING):
-                return
-            # an argmax torch.distributions takes of a value the sample reaches (Categorical(logits=f(z)).mode): a
-            # jump as the user's own argmax is, for a jump_free estimator (the general message; found by review)
-            code = None
-        handed = [h for h, _ in node.handed if h.requires_grad]
-        if handed and _reaches([raw], handed):
-            node.thresholded = getattr(func, "__name__", str(func))
-            if code is not None:
-                node.thresholded_in = getattr(code, "co_qualname", code.co_name)
-    return watch
-
-
-def _distributions_caller() -> Optional[types.CodeType]:
-    """The code of the nearest caller outside storch if it is ``torch.distributions`` (asked only for a jump of a
-    watched value), else ``None``. The comparisons torch.distributions makes are a constraint's ``check``
-    (argument validation), and internal ones, which select between formulas of one smooth function or guard a
-    boundary (``kl_divergence``'s ``q.probs == 0``, ContinuousBernoulli's Taylor branch near 1/2, VonMises' Bessel
-    approximation, Geometric's ``probs == 1``), not a jump of the cost (found by review: REBAR's analytic KL of a
-    sigmoid belief net was refused). A user's own comparison in the step is still seen."""
-    frame = sys._getframe(2)  # (the dispatcher's _watched; storch's frames are skipped)
-    for _ in range(16):
-        if frame is None:
-            return None
-        name = frame.f_globals.get("__name__", "")
-        if not name.startswith("storch."):
-            return frame.f_code if name.startswith("torch.distributions") else None
-        frame = frame.f_back
-    return None
-
-
-def _reads_indices(func, code: types.CodeType) -> bool:
-    """Whether ``func``, called by torch.distributions' ``code``, reads its operand as indices: an integer cast
-    (Categorical.log_prob's ``value.long()``), or the indices of ``max`` in OneHotCategorical.log_prob
-    (``value.max(-1)[1]``). On a relaxed sample the log-probability then jumps between categories (found by
-    porting: REBAR/RELAX with ``q.log_prob(z) - p.log_prob(z)``, |z| 20 to 161)."""
-    return (func in INDEXING and code is _CATEGORICAL_LOG_PROB) or (func in INDEX_VALUES and code is _ONE_HOT_LOG_PROB)
-
-
-# only these two densities read their value as indices: elsewhere in torch.distributions an argmax reads something
-# else that the sample reaches (Categorical(logits=f(z)).mode, an unused metric of a decoder: refused by a first
-# version, found by review)
-_CATEGORICAL_LOG_PROB = Categorical.log_prob.__code__
-_ONE_HOT_LOG_PROB = OneHotCategorical.log_prob.__code__
-_CATEGORIES = (Categorical, OneHotCategorical)
 
 
 class _instance_or_class(Generic[_P, _R]):
@@ -1076,145 +1011,7 @@ class _ByIdentity:
         return id(self.value)
 
 
-def _step(step: int) -> str:
-    return f" at step {step} of its partition" if step else ""
-
-
-def _sample_shape_message(est: Estimator, component: str, got: torch.Size, own: torch.Size, step: int = 0) -> str:
-    want = "(N, " + ", ".join(str(s) for s in own) + ", ...)" if own else "(N, ...)"
-    return (f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {component}{_step(step)} returned "
-            f"samples of shape {tuple(got)}, but they must have shape {want}: the sample dim N (the plate size) "
-            f"first, then the raw distribution's batch_shape + event_shape {tuple(own)} (the parent plates, the "
-            "node's own batch dims, its event dims; then, if any, the dims of a representation of the value such as "
-            "a one-hot vector: docs/writing-an-estimator.md, section 1). Draw with the "
-            "sample dim, e.g. node.distribution.sample((self.n_samples,)), not node.distribution.sample()")
-
-
-def _checked_lead(est: Estimator, component: str, t: Any, plates: tuple[Plate, ...], step: int = 0) -> torch.Tensor:
-    """``t`` (a gradient function's or weighting function's result) with its leading dims ``(N, *parents)``,
-    after checking that it has no other dims and that each is the plate's size or 1 (broadcast: a pathwise
-    estimator's gradient function may be one 0 of shape (1,)); fewer dims are padded with size-1 dims."""
-    n = len(plates)
-    if type(t) is not torch.Tensor or t.dim() < n:
-        t = _lead(t, n)
-    shape = t.shape
-    if len(shape) == n:
-        if n <= 2:  # (the common nodes, with no parent or one: no generator)
-            if (shape[0] == plates[0].size or shape[0] == 1) and (
-                    n == 1 or shape[1] == plates[1].size or shape[1] == 1):
-                return t
-        elif all(s == p.size or s == 1 for s, p in zip(shape, plates)):
-            return t
-    want = tuple(p.size for p in plates)
-    extra = len(shape) > n
-    fix = ("sum it over the node's own batch (and event) dims: node.log_prob(x) does (not "
-           "node.distribution.log_prob(x), which is per entry)" if extra else
-           f"give it the sizes of the plates {', '.join(repr(p.name) for p in plates)} (or 1 to broadcast)")
-    raise StorchError(
-        f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {component}{_step(step)} returned a "
-        f"tensor of shape {tuple(shape)}, but it must have the dims (N, *parents) = {want} (plate sizes, or 1 to "
-        f"broadcast) and no others (docs/writing-an-estimator.md, section 1): {fix}")
-
-
-def check_in_frame(est: Estimator, component: str, t: Any, frame: CostFrame) -> None:
-    """Refuse a ``baseline`` or ``control_variate`` result that is not laid out like the cost frame.
-
-    Called only when the result is not a plain tensor of exactly the frame's shape (the callers compare
-    the shapes first: one tuple comparison per call). A tensor that broadcasts to ``frame.tensor``
-    without adding dims or growing one (a scalar, size-1 dims) is accepted; any other shape would either
-    fail in the surrogate with torch's broadcasting error or, where it broadcasts, widen the cost's
-    estimate by dims of its own: a wrong value and gradient, and the upstream nodes' frames (a leave-one-out
-    or unordered-set baseline) would read that wider tensor."""
-    want = frame.tensor.shape
-    if type(t) is torch.Tensor and len(t.shape) <= len(want) and all(
-            s == w or s == 1 for s, w in zip(reversed(t.shape), reversed(want))):
-        return  # (a moving average's scalar, every step: no message is built)
-    who = f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {component}"
-    layout = (f"the cost frame's shape {tuple(want)} (the leading dims are the plates "
-              f"{[p.name for p in frame.plates]}, `cost.plates`)")
-    how = ("Compute it from cost.tensor (e.g. storch.extending.leave_one_out(cost, node.n)), bring a tensor "
-           "laid out by the node's plates into the frame with cost.align(t), or return a tensor that broadcasts "
-           "to the frame without changing it (a scalar, or size-1 dims); docs/writing-an-estimator.md, section 1")
-    if type(t) is PlateTensor:
-        own = next((p for p in t.plates if p.name == est.plate), None)
-        if own is not None and component == "baseline":
-            # (1 - MagicBox(l)) b is zero in expectation only for a b that does not depend on x (appendix C); in a
-            # partition l = L_t holds x_0..x_t, so no step's sample may enter b (a subclass's V(s_t) of the last
-            # action: |z| up to 60, found by a tester; aligning it as the layout advice said hid the plate)
-            step = f" at step {own.step}" if own.step else ""
-            raise StorchError(
-                f"{who} returned a value that depends on the samples of plate {own.name!r}{step} (the PlateTensor "
-                "carries that plate). A baseline must not depend on the sample it is a baseline for, nor, in a "
-                "partition, on the sequence's samples of any step (a state value V(s_t) of earlier actions): the "
-                "control variate (1 - MagicBox(L_t)) b is then biased. Compute it from values before the node (before "
-                "the sequence's first step), or from the other samples' costs (storch.extending.leave_one_out), or "
-                "use a control variate that corrects for the dependence")
-        raise StorchError(
-            f"{who} returned a PlateTensor (per-sample shape {tuple(t.shape)}, plates "
-            f"{[p.name for p in t.plates]}), but it must return a plain tensor laid out as {layout}: "
-            f"return cost.align(t.tensor, t.plates) (a baseline that does not depend on the node's samples). {how}")
-    if not isinstance(t, torch.Tensor):
-        raise StorchError(f"{who} returned {type(t).__name__} {t!r:.80}, but it must return None or a torch.Tensor "
-                          f"laid out as {layout}. {how}")
-    shape = t.shape
-    if len(shape) > len(want):
-        why = (f"it has {len(shape) - len(want)} dim(s) more than the cost, which broadcasting would add to the "
-               "cost's estimate (a keepdim=True, an unsqueeze, or copies stacked along a new dim)")
-    else:
-        bad = [i for i, (s, w) in enumerate(zip(reversed(shape), reversed(want))) if s != w and s != 1]
-        if not bad:
-            return
-        i = len(shape) - 1 - bad[-1]
-        j = len(want) - 1 - bad[-1]
-        why = (f"its dim {i} has size {shape[i]} where the cost's dim {j} (aligned from the right, as torch "
-               f"broadcasts) has size {want[j]}")
-    raise StorchError(
-        f"{who} returned a tensor of shape {tuple(shape)}, but it must have {layout}, or a shape that broadcasts "
-        f"to it without adding dims or growing one: {why}. {how}")
-
-
-def _output_shape_message(est: Estimator, out: Any, sample: torch.Tensor, lead: int, who: str = "output") -> str:
-    return (f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {who} returned a tensor of "
-            f"shape {tuple(out.shape)}, but the value handed to user code must lead with the sample's first {lead} "
-            f"dims {tuple(sample.shape[:lead])} (node.sample's sample dim N and the parent plates): they become the "
-            "value's plates; the dims after them are the value's per-sample shape (the node's batch and event dims, "
-            "or a representation of the value such as a one-hot vector). Return one entry per entry of node.sample "
-            "(a relaxed or straight-through sample of the same shape, e.g. node.sample + (r - r.detach()))")
-
-
-def _sample_dtype_message(est: Estimator, raw: Distribution, sample: torch.Tensor, own: torch.Size,
-                          error: BaseException) -> Optional[str]:
-    """Why the gradient function failed if the proposal's samples have a dtype that the distribution's own
-    samples do not have (``None`` if they have it, or it cannot be told): read on the error path only."""
-    if sample.dim() != len(own) + 1:  # a representation of the value (a one-hot vector): its own dtype
-        return None
-    try:
-        if raw.has_enumerate_support:  # its values, no random draw
-            want = raw.enumerate_support(expand=False).dtype
-        else:
-            devices = [] if sample.device.type == "cpu" else [sample.device]
-            with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=sample.device.type):
-                want = raw.sample().dtype  # (the global generator's state is restored)
-    except Exception:  # noqa: BLE001  (only for a better message: the original error is raised otherwise)
-        return None
-    if want == sample.dtype:
-        return None
-    return (f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): proposal returned samples of "
-            f"dtype {sample.dtype}, but {type(raw).__name__}'s samples have dtype {want} (what "
-            f"node.distribution.sample() returns), and gradient_function failed on them ({type(error).__name__}: "
-            f"{str(error)[:200]}). Return the samples in the distribution's dtype, e.g. x.to({want})")
-
-
 _BASE_UPDATE = Estimator.update_parameters
-
-
-def _no_update_message(est: Estimator) -> str:
-    return (f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}) has has_update = True but "
-            "neither overrides update_parameters(nodes, loss) nor sets replays_update (whose default "
-            "update_parameters runs update_from(update_inputs(nodes))), so storch.backward() would update nothing. "
-            "Override update_parameters (the one place the estimator's state changes), or set replays_update = True "
-            "with update_inputs and update_from, or set has_update = False (an instance may set it from its "
-            "options, as sum_and_sample does without buffer=)")
 
 
 _REPLAY_FLAGS = ("replays_update", "update_uses_loss_graph")
@@ -1329,27 +1126,6 @@ def _partition_path(cls: type) -> Any:
     return how
 
 
-def _under_jacfwd() -> bool:
-    """Whether a torch.func.vmap active now is one that jacfwd (or hessian) runs over forward-mode
-    tangents: a vmap level with a jvp level inside it."""
-    stack = torch._C._functorch.get_interpreter_stack() or []
-    kinds = [i.key() for i in stack]
-    t = torch._C._functorch.TransformType
-    return any(a == t.Vmap and b == t.Jvp for a, b in zip(kinds, kinds[1:]))
-
-
-# The samples of a node are drawn for every entry of its parents' sample plates: along a chain of
-# nodes their n_samples multiply. Beyond this many entries per data point the step would not fit in
-# memory (the process is killed before torch can raise), so storch says why first.
-MAX_SAMPLE_ENTRIES = 2 ** 24
-# ... and every data point and every value of a draw multiplies them again: a chain's node whose sample
-# would hold more than this many entries in all (parents' sample entries x its own samples x the data
-# plates' sizes x the values of one draw; 2 GiB in float32, and a chain's peak is several such tensors:
-# 2^27 entries peaked at 3.7 GB for a chain of Bernoulli nodes) is refused too. Only for a chain: a node
-# drawn once per data point is the user's batch, not storch's to refuse; the limit is high enough for
-# hierarchical models with large batches (2 layers of 16 samples, 2048 data points, 784 values: 2^28.6)
-MAX_DRAW_ENTRIES = 2 ** 29
-
 # the distributions whose transforms may hold a cache of the sample (rekey_transform_cache)
 _MAY_CACHE = (TransformedDistribution, Independent)
 
@@ -1373,44 +1149,6 @@ def _sampled_without_grad(node: Node, distribution: Distribution, step: int) -> 
         node.no_grad_step = step
     if not node.no_grad_cut and holds_grad(distribution):
         node.no_grad_cut, node.no_grad_step = True, step
-
-
-def _check_sample_entries(est: Estimator, raw: Distribution, parents: tuple[Plate, ...]) -> None:
-    entries, chain, data = 1, 0, 1
-    for p in parents:
-        if p.independent:
-            data *= p.size
-        else:
-            entries *= p.size
-            chain += 1
-    if entries <= 1:  # no chain: one draw per data point, whatever the data's size (not storch's to refuse)
-        return
-    if entries > MAX_SAMPLE_ENTRIES:
-        total, limit, parts = entries, MAX_SAMPLE_ENTRIES, [f"{entries} entries per data point of the sample plates "
-                                                            f"of the {chain} earlier nodes it depends on"]
-    else:
-        own = getattr(est, "n_samples", 1)
-        own = own if isinstance(own, int) and own > 0 else 1
-        per = math.prod(raw.batch_shape[len(parents):]) * math.prod(raw.event_shape)  # the values of one draw
-        total = entries * own * data * per
-        if total <= MAX_DRAW_ENTRIES:
-            return
-        limit = MAX_DRAW_ENTRIES
-        parts = [f"{entries} entries of the sample plates of the {chain} earlier nodes it depends on", f"{own} samples"]
-        if data > 1:
-            parts.append(f"{data} data points")
-        if per > 1:
-            parts.append(f"{per} values per draw")
-    raise PlateError(
-        f"estimator {est.name!r} (plate {est.plate!r}) would sample {total} entries (" + " x ".join(parts)
-        + f"), more than {limit}: each node's samples are drawn for every sample of the nodes before it, so their "
-        "numbers multiply along a chain, and again by the size of the data plates. For a sequence of stochastic "
-        "steps (an episode, a decoder loop), create ONE estimator outside the loop and call it at every step: its "
-        "calls make one partition with one plate (docs/partitions.md). Otherwise draw fewer samples in the chain "
-        "(n_samples=1 for some nodes; an estimator whose plate holds more than its samples, such as 'go' (the "
-        "sample and one neighbour per variable), still multiplies at n_samples=1: use one with a plate of "
-        "n_samples, such as 'score' or 'reparameterization', for some nodes), use fewer chained nodes, or pass "
-        "the data in smaller batches")
 
 
 _FORWARD = Estimator.forward
@@ -1510,28 +1248,6 @@ def _base_supports(cls: type) -> bool:
     return r
 
 
-def _nonfinite_parameters(d) -> list[str]:
-    """Names of ``d``'s floating-point parameters that hold NaN or inf (for error messages only).
-
-    ``-inf`` logits are a mask (a value of probability 0), not a divergence: an error of an estimator
-    on masked logits is its own (it was reported as 'the logits diverged' in float16, where it was
-    an overflow), so logits count only with NaN or +inf."""
-    out = []
-    try:
-        base = base_distribution(d)
-        for name in getattr(base, "arg_constraints", {}):
-            v = base.__dict__.get(name)
-            raw = v.tensor if type(v) is PlateTensor else v
-            if isinstance(raw, torch.Tensor) and raw.is_floating_point() and raw.device.type != "meta":
-                raw = raw.detach()
-                bad = (torch.isnan(raw) | torch.isposinf(raw)) if name == "logits" else ~torch.isfinite(raw)
-                if bool(bad.any()):
-                    out.append(name)
-    except Exception:  # noqa: BLE001  (only for a better message: never hide the original error)
-        return []
-    return out
-
-
 def _float_dtype(node: Node) -> torch.dtype:
     s = node.sample
     if s is not None and s.is_floating_point():
@@ -1542,13 +1258,3 @@ def _float_dtype(node: Node) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def updating_message(est: "Estimator") -> str:
-    """Why ``storch.compile`` refuses ``est``: it updates its state in ``storch.backward()``, by
-    code that a compiled step cannot replay (``replays_update`` is false)."""
-    return (f"storch.compile cannot replay estimator {est.name!r} ({est.extra_repr()}): with these options it "
-            "updates its own state (a trainable baseline module, sum_and_sample's buffer= of the best sequences) "
-            "in storch.backward() by code that a compiled step cannot replay. Use it in an eager step, or drop the "
-            "option that keeps that state (score's baseline module: baseline='leave_one_out'; sum_and_sample: no "
-            "buffer=), or pick one that storch.compile replays (score's baseline='moving_average' or 'learned', "
-            "gumbel_softmax's temperature schedule, relax/rebar/lax with backend=None; an estimator with "
-            "replays_update)")

@@ -127,7 +127,7 @@ JUMPS: frozenset = _jumps()
 
 # The functions of JUMPS that read their operand as indices: argmax / argmin / argsort, bucketize / searchsorted,
 # integer casts. Comparisons made inside torch.distributions are not counted as jumps (constraint checks, formula
-# branches: storch.estimators.base._threshold_watch), these are: Categorical.log_prob(value) does value.long(),
+# branches: storch.estimators.watch._threshold_watch), these are: Categorical.log_prob(value) does value.long(),
 # which reads a relaxed one-hot vector as K indices (found by porting: |z| 161 with REBAR).
 INDEXING: frozenset = frozenset(f for f in JUMPS if getattr(f, "__name__", "") in (
     "argmax", "argmin", "argsort", "bucketize", "searchsorted", "long", "int", "short", "char", "byte"))

@@ -510,7 +510,7 @@ MAX_DIMS = 64  # torch's limit on the number of dims of a tensor
 # Independent nodes joined in one value hold every combination of their samples: 30 gates of 2 samples each,
 # summed into one cost, asked for 4 GiB per element and the process ran out of memory without a storch
 # message (found by a tester). Beyond this many sample-plate entries per data point (the chain limit,
-# storch.estimators.base.MAX_SAMPLE_ENTRIES) a value is refused before torch allocates it.
+# storch.estimators.checks.MAX_SAMPLE_ENTRIES) a value is refused before torch allocates it.
 MAX_COMBINED_ENTRIES = 2 ** 24
 
 

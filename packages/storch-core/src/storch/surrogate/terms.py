@@ -15,7 +15,8 @@ import torch
 
 from .._order_guard import is_differentiated
 from ..cost import CostFrame, _lead, magic_box
-from ..estimators.base import Estimator, check_in_frame
+from ..estimators.base import Estimator
+from ..estimators.checks import check_in_frame
 from ..graph import Graph
 from ..node import Node
 from ..plates.tensor import align, plates_of, raw_of

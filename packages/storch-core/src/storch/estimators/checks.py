@@ -1,0 +1,156 @@
+"""The checks of what an estimator's components return and draw: the plate dims of a gradient or
+weighting function's values (``(N, *parents)``), a baseline or control variate laid out as the cost frame,
+and the number of sample entries a chain of nodes would draw (refused before memory runs out).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.distributions import Distribution
+
+from ..cost import CostFrame, _lead
+from ..errors import PlateError, StorchError
+from ..plates.tensor import Plate, PlateTensor
+from .messages import _step
+
+if TYPE_CHECKING:
+    from .base import Estimator
+
+__all__ = ["check_in_frame", "MAX_SAMPLE_ENTRIES", "MAX_DRAW_ENTRIES"]
+
+
+def _checked_lead(est: Estimator, component: str, t: Any, plates: tuple[Plate, ...], step: int = 0) -> torch.Tensor:
+    """``t`` (a gradient function's or weighting function's result) with its leading dims ``(N, *parents)``,
+    after checking that it has no other dims and that each is the plate's size or 1 (broadcast: a pathwise
+    estimator's gradient function may be one 0 of shape (1,)); fewer dims are padded with size-1 dims."""
+    n = len(plates)
+    if type(t) is not torch.Tensor or t.dim() < n:
+        t = _lead(t, n)
+    shape = t.shape
+    if len(shape) == n:
+        if n <= 2:  # (the common nodes, with no parent or one: no generator)
+            if (shape[0] == plates[0].size or shape[0] == 1) and (
+                    n == 1 or shape[1] == plates[1].size or shape[1] == 1):
+                return t
+        elif all(s == p.size or s == 1 for s, p in zip(shape, plates)):
+            return t
+    want = tuple(p.size for p in plates)
+    extra = len(shape) > n
+    fix = ("sum it over the node's own batch (and event) dims: node.log_prob(x) does (not "
+           "node.distribution.log_prob(x), which is per entry)" if extra else
+           f"give it the sizes of the plates {', '.join(repr(p.name) for p in plates)} (or 1 to broadcast)")
+    raise StorchError(
+        f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {component}{_step(step)} returned a "
+        f"tensor of shape {tuple(shape)}, but it must have the dims (N, *parents) = {want} (plate sizes, or 1 to "
+        f"broadcast) and no others (docs/writing-an-estimator.md, section 1): {fix}")
+
+
+def check_in_frame(est: Estimator, component: str, t: Any, frame: CostFrame) -> None:
+    """Refuse a ``baseline`` or ``control_variate`` result that is not laid out like the cost frame.
+
+    Called only when the result is not a plain tensor of exactly the frame's shape (the callers compare
+    the shapes first: one tuple comparison per call). A tensor that broadcasts to ``frame.tensor``
+    without adding dims or growing one (a scalar, size-1 dims) is accepted; any other shape would either
+    fail in the surrogate with torch's broadcasting error or, where it broadcasts, widen the cost's
+    estimate by dims of its own: a wrong value and gradient, and the upstream nodes' frames (a leave-one-out
+    or unordered-set baseline) would read that wider tensor."""
+    want = frame.tensor.shape
+    if type(t) is torch.Tensor and len(t.shape) <= len(want) and all(
+            s == w or s == 1 for s, w in zip(reversed(t.shape), reversed(want))):
+        return  # (a moving average's scalar, every step: no message is built)
+    who = f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {component}"
+    layout = (f"the cost frame's shape {tuple(want)} (the leading dims are the plates "
+              f"{[p.name for p in frame.plates]}, `cost.plates`)")
+    how = ("Compute it from cost.tensor (e.g. storch.extending.leave_one_out(cost, node.n)), bring a tensor "
+           "laid out by the node's plates into the frame with cost.align(t), or return a tensor that broadcasts "
+           "to the frame without changing it (a scalar, or size-1 dims); docs/writing-an-estimator.md, section 1")
+    if type(t) is PlateTensor:
+        own = next((p for p in t.plates if p.name == est.plate), None)
+        if own is not None and component == "baseline":
+            # (1 - MagicBox(l)) b is zero in expectation only for a b that does not depend on x (appendix C); in a
+            # partition l = L_t holds x_0..x_t, so no step's sample may enter b (a subclass's V(s_t) of the last
+            # action: |z| up to 60, found by a tester; aligning it as the layout advice said hid the plate)
+            step = f" at step {own.step}" if own.step else ""
+            raise StorchError(
+                f"{who} returned a value that depends on the samples of plate {own.name!r}{step} (the PlateTensor "
+                "carries that plate). A baseline must not depend on the sample it is a baseline for, nor, in a "
+                "partition, on the sequence's samples of any step (a state value V(s_t) of earlier actions): the "
+                "control variate (1 - MagicBox(L_t)) b is then biased. Compute it from values before the node (before "
+                "the sequence's first step), or from the other samples' costs (storch.extending.leave_one_out), or "
+                "use a control variate that corrects for the dependence")
+        raise StorchError(
+            f"{who} returned a PlateTensor (per-sample shape {tuple(t.shape)}, plates "
+            f"{[p.name for p in t.plates]}), but it must return a plain tensor laid out as {layout}: "
+            f"return cost.align(t.tensor, t.plates) (a baseline that does not depend on the node's samples). {how}")
+    if not isinstance(t, torch.Tensor):
+        raise StorchError(f"{who} returned {type(t).__name__} {t!r:.80}, but it must return None or a torch.Tensor "
+                          f"laid out as {layout}. {how}")
+    shape = t.shape
+    if len(shape) > len(want):
+        why = (f"it has {len(shape) - len(want)} dim(s) more than the cost, which broadcasting would add to the "
+               "cost's estimate (a keepdim=True, an unsqueeze, or copies stacked along a new dim)")
+    else:
+        bad = [i for i, (s, w) in enumerate(zip(reversed(shape), reversed(want))) if s != w and s != 1]
+        if not bad:
+            return
+        i = len(shape) - 1 - bad[-1]
+        j = len(want) - 1 - bad[-1]
+        why = (f"its dim {i} has size {shape[i]} where the cost's dim {j} (aligned from the right, as torch "
+               f"broadcasts) has size {want[j]}")
+    raise StorchError(
+        f"{who} returned a tensor of shape {tuple(shape)}, but it must have {layout}, or a shape that broadcasts "
+        f"to it without adding dims or growing one: {why}. {how}")
+
+
+# The samples of a node are drawn for every entry of its parents' sample plates: along a chain of
+# nodes their n_samples multiply. Beyond this many entries per data point the step would not fit in
+# memory (the process is killed before torch can raise), so storch says why first.
+MAX_SAMPLE_ENTRIES = 2 ** 24
+# ... and every data point and every value of a draw multiplies them again: a chain's node whose sample
+# would hold more than this many entries in all (parents' sample entries x its own samples x the data
+# plates' sizes x the values of one draw; 2 GiB in float32, and a chain's peak is several such tensors:
+# 2^27 entries peaked at 3.7 GB for a chain of Bernoulli nodes) is refused too. Only for a chain: a node
+# drawn once per data point is the user's batch, not storch's to refuse; the limit is high enough for
+# hierarchical models with large batches (2 layers of 16 samples, 2048 data points, 784 values: 2^28.6)
+MAX_DRAW_ENTRIES = 2 ** 29
+
+
+def _check_sample_entries(est: Estimator, raw: Distribution, parents: tuple[Plate, ...]) -> None:
+    entries, chain, data = 1, 0, 1
+    for p in parents:
+        if p.independent:
+            data *= p.size
+        else:
+            entries *= p.size
+            chain += 1
+    if entries <= 1:  # no chain: one draw per data point, whatever the data's size (not storch's to refuse)
+        return
+    if entries > MAX_SAMPLE_ENTRIES:
+        total, limit, parts = entries, MAX_SAMPLE_ENTRIES, [f"{entries} entries per data point of the sample plates "
+                                                            f"of the {chain} earlier nodes it depends on"]
+    else:
+        own = getattr(est, "n_samples", 1)
+        own = own if isinstance(own, int) and own > 0 else 1
+        per = math.prod(raw.batch_shape[len(parents):]) * math.prod(raw.event_shape)  # the values of one draw
+        total = entries * own * data * per
+        if total <= MAX_DRAW_ENTRIES:
+            return
+        limit = MAX_DRAW_ENTRIES
+        parts = [f"{entries} entries of the sample plates of the {chain} earlier nodes it depends on", f"{own} samples"]
+        if data > 1:
+            parts.append(f"{data} data points")
+        if per > 1:
+            parts.append(f"{per} values per draw")
+    raise PlateError(
+        f"estimator {est.name!r} (plate {est.plate!r}) would sample {total} entries (" + " x ".join(parts)
+        + f"), more than {limit}: each node's samples are drawn for every sample of the nodes before it, so their "
+        "numbers multiply along a chain, and again by the size of the data plates. For a sequence of stochastic "
+        "steps (an episode, a decoder loop), create ONE estimator outside the loop and call it at every step: its "
+        "calls make one partition with one plate (docs/partitions.md). Otherwise draw fewer samples in the chain "
+        "(n_samples=1 for some nodes; an estimator whose plate holds more than its samples, such as 'go' (the "
+        "sample and one neighbour per variable), still multiplies at n_samples=1: use one with a plate of "
+        "n_samples, such as 'score' or 'reparameterization', for some nodes), use fewer chained nodes, or pass "
+        "the data in smaller batches")

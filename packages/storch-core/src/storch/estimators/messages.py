@@ -1,0 +1,117 @@
+"""The messages of the estimator call's refusals that several checks share: a sample or output of the
+wrong shape, a proposal's wrong dtype, an update that updates nothing or that ``storch.compile`` cannot
+replay; and what the call's messages read on the error path (non-finite parameters; jacfwd's vmap).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch.distributions import Distribution
+
+from ..distributions import base_distribution
+from ..plates.tensor import PlateTensor
+
+if TYPE_CHECKING:
+    from .base import Estimator
+
+__all__ = ["updating_message"]
+
+
+def _step(step: int) -> str:
+    return f" at step {step} of its partition" if step else ""
+
+
+def _sample_shape_message(est: Estimator, component: str, got: torch.Size, own: torch.Size, step: int = 0) -> str:
+    want = "(N, " + ", ".join(str(s) for s in own) + ", ...)" if own else "(N, ...)"
+    return (f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {component}{_step(step)} returned "
+            f"samples of shape {tuple(got)}, but they must have shape {want}: the sample dim N (the plate size) "
+            f"first, then the raw distribution's batch_shape + event_shape {tuple(own)} (the parent plates, the "
+            "node's own batch dims, its event dims; then, if any, the dims of a representation of the value such as "
+            "a one-hot vector: docs/writing-an-estimator.md, section 1). Draw with the "
+            "sample dim, e.g. node.distribution.sample((self.n_samples,)), not node.distribution.sample()")
+
+
+def _output_shape_message(est: Estimator, out: Any, sample: torch.Tensor, lead: int, who: str = "output") -> str:
+    return (f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {who} returned a tensor of "
+            f"shape {tuple(out.shape)}, but the value handed to user code must lead with the sample's first {lead} "
+            f"dims {tuple(sample.shape[:lead])} (node.sample's sample dim N and the parent plates): they become the "
+            "value's plates; the dims after them are the value's per-sample shape (the node's batch and event dims, "
+            "or a representation of the value such as a one-hot vector). Return one entry per entry of node.sample "
+            "(a relaxed or straight-through sample of the same shape, e.g. node.sample + (r - r.detach()))")
+
+
+def _sample_dtype_message(est: Estimator, raw: Distribution, sample: torch.Tensor, own: torch.Size,
+                          error: BaseException) -> Optional[str]:
+    """Why the gradient function failed if the proposal's samples have a dtype that the distribution's own
+    samples do not have (``None`` if they have it, or it cannot be told): read on the error path only."""
+    if sample.dim() != len(own) + 1:  # a representation of the value (a one-hot vector): its own dtype
+        return None
+    try:
+        if raw.has_enumerate_support:  # its values, no random draw
+            want = raw.enumerate_support(expand=False).dtype
+        else:
+            devices = [] if sample.device.type == "cpu" else [sample.device]
+            with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=sample.device.type):
+                want = raw.sample().dtype  # (the global generator's state is restored)
+    except Exception:  # noqa: BLE001  (only for a better message: the original error is raised otherwise)
+        return None
+    if want == sample.dtype:
+        return None
+    return (f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): proposal returned samples of "
+            f"dtype {sample.dtype}, but {type(raw).__name__}'s samples have dtype {want} (what "
+            f"node.distribution.sample() returns), and gradient_function failed on them ({type(error).__name__}: "
+            f"{str(error)[:200]}). Return the samples in the distribution's dtype, e.g. x.to({want})")
+
+
+def _no_update_message(est: Estimator) -> str:
+    return (f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}) has has_update = True but "
+            "neither overrides update_parameters(nodes, loss) nor sets replays_update (whose default "
+            "update_parameters runs update_from(update_inputs(nodes))), so storch.backward() would update nothing. "
+            "Override update_parameters (the one place the estimator's state changes), or set replays_update = True "
+            "with update_inputs and update_from, or set has_update = False (an instance may set it from its "
+            "options, as sum_and_sample does without buffer=)")
+
+
+def updating_message(est: "Estimator") -> str:
+    """Why ``storch.compile`` refuses ``est``: it updates its state in ``storch.backward()``, by
+    code that a compiled step cannot replay (``replays_update`` is false)."""
+    return (f"storch.compile cannot replay estimator {est.name!r} ({est.extra_repr()}): with these options it "
+            "updates its own state (a trainable baseline module, sum_and_sample's buffer= of the best sequences) "
+            "in storch.backward() by code that a compiled step cannot replay. Use it in an eager step, or drop the "
+            "option that keeps that state (score's baseline module: baseline='leave_one_out'; sum_and_sample: no "
+            "buffer=), or pick one that storch.compile replays (score's baseline='moving_average' or 'learned', "
+            "gumbel_softmax's temperature schedule, relax/rebar/lax with backend=None; an estimator with "
+            "replays_update)")
+
+
+def _under_jacfwd() -> bool:
+    """Whether a torch.func.vmap active now is one that jacfwd (or hessian) runs over forward-mode
+    tangents: a vmap level with a jvp level inside it."""
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    kinds = [i.key() for i in stack]
+    t = torch._C._functorch.TransformType
+    return any(a == t.Vmap and b == t.Jvp for a, b in zip(kinds, kinds[1:]))
+
+
+def _nonfinite_parameters(d) -> list[str]:
+    """Names of ``d``'s floating-point parameters that hold NaN or inf (for error messages only).
+
+    ``-inf`` logits are a mask (a value of probability 0), not a divergence: an error of an estimator
+    on masked logits is its own (it was reported as 'the logits diverged' in float16, where it was
+    an overflow), so logits count only with NaN or +inf."""
+    out = []
+    try:
+        base = base_distribution(d)
+        for name in getattr(base, "arg_constraints", {}):
+            v = base.__dict__.get(name)
+            raw = v.tensor if type(v) is PlateTensor else v
+            if isinstance(raw, torch.Tensor) and raw.is_floating_point() and raw.device.type != "meta":
+                raw = raw.detach()
+                bad = (torch.isnan(raw) | torch.isposinf(raw)) if name == "logits" else ~torch.isfinite(raw)
+                if bool(bad.any()):
+                    out.append(name)
+    except Exception:  # noqa: BLE001  (only for a better message: never hide the original error)
+        return []
+    return out

@@ -1,0 +1,87 @@
+"""The watch on a relaxed sample read through a jump: a comparison, argmax or integer cast of a value
+whose autograd graph reaches the sample an estimator handed out (``Node.thresholded``), in user code for a
+``jump_free`` estimator, and in ``torch.distributions`` where a density reads the sample as indices (a
+relaxed or straight-through Categorical / OneHotCategorical). ``storch.surrogate_loss`` refuses the costs
+it reached (``storch.OrderError``).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import weakref
+from typing import Optional
+
+import torch
+from torch.distributions import Categorical, OneHotCategorical
+
+from ..node import Node
+from ..plates.dispatch import INDEX_VALUES, INDEXING
+from ..smoothness import _reaches
+
+
+def _threshold_watch(node: Node, jumps: bool):
+    """The ``Lineage.watch`` of a node whose handed-out sample carries gradient and must not be read through a
+    jump: records on ``node.thresholded`` the first such function applied to a value whose autograd graph
+    reaches the sample handed out (its relaxed sample). ``jumps`` (a ``jump_free`` estimator): every function of
+    ``storch.plates.dispatch.JUMPS`` in user code. Always (also for a relaxed or straight-through Categorical /
+    OneHotCategorical node of gumbel_softmax, gumbel_straight_through): a function of ``torch.distributions``
+    that reads the sample as indices (:func:`_reads_indices`); its name is kept on ``node.thresholded_in``; for a
+    ``jump_free`` estimator also the argmax torch.distributions takes elsewhere (``Categorical.mode``). The comparisons torch.distributions makes (argument validation, ``validate_sample``, formula branches) are
+    not counted. Holds the node weakly (the lineage is the node's plate's: no reference cycle)."""
+    ref = weakref.ref(node)
+
+    def watch(func, raw: torch.Tensor) -> None:
+        node = ref()
+        if node is None or node.thresholded is not None or not (jumps or func in INDEXING or func in INDEX_VALUES):
+            return
+        code = _distributions_caller()
+        if code is None:  # user code: a jump of the cost (max's indices are not seen there: docs/estimators/rebar.md)
+            if not jumps or func in INDEX_VALUES:
+                return
+        elif not _reads_indices(func, code):
+            if not (jumps and func in INDEXING):
+                return
+            # an argmax torch.distributions takes of a value the sample reaches (Categorical(logits=f(z)).mode): a
+            # jump as the user's own argmax is, for a jump_free estimator (the general message; found by review)
+            code = None
+        handed = [h for h, _ in node.handed if h.requires_grad]
+        if handed and _reaches([raw], handed):
+            node.thresholded = getattr(func, "__name__", str(func))
+            if code is not None:
+                node.thresholded_in = getattr(code, "co_qualname", code.co_name)
+    return watch
+
+
+def _distributions_caller() -> Optional[types.CodeType]:
+    """The code of the nearest caller outside storch if it is ``torch.distributions`` (asked only for a jump of a
+    watched value), else ``None``. The comparisons torch.distributions makes are a constraint's ``check``
+    (argument validation), and internal ones, which select between formulas of one smooth function or guard a
+    boundary (``kl_divergence``'s ``q.probs == 0``, ContinuousBernoulli's Taylor branch near 1/2, VonMises' Bessel
+    approximation, Geometric's ``probs == 1``), not a jump of the cost (found by review: REBAR's analytic KL of a
+    sigmoid belief net was refused). A user's own comparison in the step is still seen."""
+    frame = sys._getframe(2)  # (the dispatcher's _watched; storch's frames are skipped)
+    for _ in range(16):
+        if frame is None:
+            return None
+        name = frame.f_globals.get("__name__", "")
+        if not name.startswith("storch."):
+            return frame.f_code if name.startswith("torch.distributions") else None
+        frame = frame.f_back
+    return None
+
+
+def _reads_indices(func, code: types.CodeType) -> bool:
+    """Whether ``func``, called by torch.distributions' ``code``, reads its operand as indices: an integer cast
+    (Categorical.log_prob's ``value.long()``), or the indices of ``max`` in OneHotCategorical.log_prob
+    (``value.max(-1)[1]``). On a relaxed sample the log-probability then jumps between categories (found by
+    porting: REBAR/RELAX with ``q.log_prob(z) - p.log_prob(z)``, |z| 20 to 161)."""
+    return (func in INDEXING and code is _CATEGORICAL_LOG_PROB) or (func in INDEX_VALUES and code is _ONE_HOT_LOG_PROB)
+
+
+# only these two densities read their value as indices: elsewhere in torch.distributions an argmax reads something
+# else that the sample reaches (Categorical(logits=f(z)).mode, an unused metric of a decoder: refused by a first
+# version, found by review)
+_CATEGORICAL_LOG_PROB = Categorical.log_prob.__code__
+_ONE_HOT_LOG_PROB = OneHotCategorical.log_prob.__code__
+_CATEGORIES = (Categorical, OneHotCategorical)
