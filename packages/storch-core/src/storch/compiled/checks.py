@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from ..errors import StorchError
-from ..estimators.base import updating_message
+from ..estimators.messages import updating_message
 from ..graph import Graph, tracing_nodes
 from .refusals import _name, _replay_only_message
 from .updates import _Recorder

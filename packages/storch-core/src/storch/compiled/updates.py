@@ -12,7 +12,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..errors import NonFiniteCostError, StorchError
-from ..estimators.base import updating_message
+from ..estimators.messages import updating_message
 from ..surrogate import update_on_backward
 from .refusals import _name, _replay_only_message
 
