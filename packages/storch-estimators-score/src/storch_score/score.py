@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
-import types
 import warnings
 from typing import Any, Callable, Optional, Union
 
@@ -17,6 +15,7 @@ from storch.extending import (all_finite, assume, base_distribution, hide_frozen
                                leave_one_out, load_own_optimizer, optimizer_step, options, own_optimizer,
                                own_optimizer_state, skip_nonfinite_update)
 
+from ._option_reads import reads_option
 from .learned_baseline import LearnedBaseline, baseline_features, check_inputs, in_frame
 
 __all__ = ["Score"]
@@ -67,8 +66,10 @@ class Score(Estimator):
             trained like ``"learned"``; a regression step whose loss or gradients are not finite is
             skipped (counted in ``skipped_updates``, with a RuntimeWarning). A subclass that overrides
             ``baseline`` replaces the option's baseline (``super().baseline(node, cost)`` reads it); one
-            whose ``baseline`` never reads the option, given one other than ``"none"`` or ``"greedy"``,
-            raises :class:`storch.OptionError` (the option would be ignored).
+            whose ``baseline`` (or ``control_variate``) never reads the option, given one other than
+            ``"none"`` or ``"greedy"``, raises :class:`storch.OptionError` (the option would be ignored).
+            Whether it reads it is read from its source (``reads_baseline_option = True`` on the class
+            declares a read storch does not follow).
         decay: the moving average's decay in [0, 1): b <- decay·b + (1 - decay)·mean cost (also
             NVIL's running mean c).
         lr: Adam learning rate of a learned baseline's regression on the cost.
@@ -100,6 +101,9 @@ class Score(Estimator):
     aliases = ("reinforce",)
     score_function = True  # l = log p (its override only zeroes the greedy entry)
     supports_partitions = True
+    #: for a subclass with its own ``baseline`` or ``control_variate``: whether it reads the baseline option.
+    #: ``None``: read from its source at construction; ``True`` / ``False`` declares it.
+    reads_baseline_option: Optional[bool] = None
 
     def __init__(self, plate: str, n_samples: int = 1,
                  baseline: Union[str, Callable[[Node, CostFrame], torch.Tensor]] = "none",
@@ -116,15 +120,12 @@ class Score(Estimator):
             raise OptionError(
                 f"score: baseline={baseline!r} is not accepted; use 'none', 'moving_average', 'leave_one_out' "
                 "(alias 'batch_average'), 'learned', 'greedy', or a callable / nn.Module baseline(node, cost)")
-        if kind not in ("none", "greedy") and _ignores_option(type(self)):
-            # the subclass's baseline() replaces Score.baseline, the only reader of the option's value: the
-            # option was silently ignored (greedy is not: its evaluation-only entry is still added)
-            raise OptionError(
-                f"{type(self).__qualname__} ({self.name!r}) defines its own baseline(node, cost), which does not "
-                f"read the baseline option (it calls no super().baseline(node, cost)), so baseline={baseline!r} "
-                "would be ignored. Create it with baseline='none' (the default: your baseline() is the baseline), "
-                "or combine the option's baseline in yours: b = super().baseline(node, cost) (None where the "
-                "option gives none, e.g. a moving average's first step)")
+        dropped = _ignores_option(type(self)) if kind not in ("none", "greedy") else None
+        if dropped is not None:
+            # the subclass's baseline() (or control_variate()) replaces Score.baseline, the only reader of the
+            # option's value: the option would be silently ignored (greedy is not: its evaluation-only entry is
+            # still added)
+            raise OptionError(_ignored_message(type(self), self.name, dropped, baseline))
         if kind == "leave_one_out" and n_samples < 2:
             raise OptionError(
                 f"score: baseline={baseline!r} needs n_samples >= 2 (it averages the other samples' costs), "
@@ -611,49 +612,34 @@ def _before_sequence(view: Node) -> Node:
     return node
 
 
-# names a baseline() reads when it uses the baseline option: Score.baseline (super().baseline(node, cost),
-# Score.baseline(self, ...)), the option's kind, the option's baseline object, or its state
-_OPTION_READS = frozenset({"baseline", "_baseline", "baseline_fn", "baseline_kind", "moving_averages"})
+def _ignores_option(cls: type) -> Optional[str]:
+    """For a subclass of :class:`Score` whose own ``baseline`` / ``control_variate`` never reads the baseline option
+    (``_option_reads``; ``reads_baseline_option`` overrides the reading): the method that drops it, else ``None``.
+    Read from the code at construction, so that the error comes there and not at the first surrogate."""
+    if not _own_control_variate(cls):
+        return None
+    declared = cls.reads_baseline_option
+    if declared is None:
+        declared, _ = reads_option(cls, Score)
+    if declared:
+        return None
+    return "control_variate" if cls.control_variate is not Score.control_variate else "baseline"
 
 
-def _ignores_option(cls: type) -> bool:
-    """Whether a subclass of :class:`Score` overrides ``baseline`` with code that never reads the baseline option:
-    a plain function (under its decorators) whose code, nested functions and the module-level functions it calls
-    included, names none of ``_OPTION_READS`` (as a name or a string: ``getattr(self, "moving_averages")``) and
-    calls no other method the subclasses define (a helper may read the option). Read from the code at
-    construction, so that the error comes there and not at the first surrogate; anything else (a partialmethod, a
-    static or class method, a callable object) is given the benefit of the doubt."""
-    if cls.baseline is Score.baseline:
-        return False
-    fn = inspect.getattr_static(cls, "baseline")
-    if not isinstance(fn, types.FunctionType):
-        return False
-    fn = inspect.unwrap(fn)  # (@torch.no_grad() and other functools.wraps decorators)
-    if not isinstance(fn, types.FunctionType):
-        return False
-    names = _code_names(fn.__code__, fn.__globals__)
-    if _OPTION_READS.intersection(names):
-        return False
-    own = {n for k in cls.__mro__[:cls.__mro__.index(Score)] for n in vars(k) if n != "baseline"}
-    return not own.intersection(names)
-
-
-def _code_names(code: types.CodeType, scope: dict, depth: int = 0) -> set:
-    """The global and attribute names and the string constants a code object uses, with those of the code objects
-    nested in it (inner functions, comprehensions, lambdas) and, two calls deep, of the module-level functions it
-    names in ``scope``."""
-    names = set(code.co_names)
-    for c in code.co_consts:
-        if isinstance(c, types.CodeType):
-            names |= _code_names(c, scope, depth)
-        elif isinstance(c, str):
-            names.add(c)
-    if depth < 2:
-        for n in code.co_names:
-            f = scope.get(n)
-            if isinstance(f, types.FunctionType) and f.__code__ is not code:
-                names |= _code_names(f.__code__, f.__globals__, depth + 1)
-    return names
+def _ignored_message(cls: type, name: str, method: str, baseline: Any) -> str:
+    how = ("calls no super().baseline(node, cost) and reads neither self.baseline_kind, self.moving_averages nor "
+           "self.baseline_fn" if method == "baseline" else
+           "calls neither super().control_variate(node, cost) nor a baseline() that reads it")
+    if cls.reads_baseline_option is None:
+        _, unreadable = reads_option(cls, Score)
+        if unreadable:
+            how += f"; the source of {', '.join(unreadable)} could not be read"
+    return (f"{cls.__qualname__} ({name!r}) defines its own {method}(node, cost), which does not read the "
+            f"baseline option (it {how}), so baseline={baseline!r} would be ignored. Create it with "
+            f"baseline='none' (the default: your {method}() is the baseline), or combine the option's baseline in "
+            "yours: b = super().baseline(node, cost) (None where the option gives none, e.g. a moving average's "
+            "first step). If it does read the option in a way storch does not follow, declare it on the class: "
+            "reads_baseline_option = True")
 
 
 def _own_control_variate(cls: type) -> bool:

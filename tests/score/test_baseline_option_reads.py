@@ -1,0 +1,208 @@
+"""A Score subclass with its own baseline() or control_variate(), created with a baseline option: refused where its
+code never reads the option (it would be silently dropped), accepted where it does. The check read the names in the
+override's bytecode: any attribute or string spelled like the option's ("baseline", "name" of a class attribute)
+counted as a read, a staticmethod or an overridden control_variate was not looked at, and a helper in another module
+or in a mixin after Score in the MRO was not followed (found by review). It now reads the override's syntax tree."""
+
+import pytest
+import torch
+from torch.distributions import Bernoulli
+
+import baseline_helpers
+import storch
+import storch_score
+from storch import magic_box
+
+torch.set_default_dtype(torch.float64)
+S = storch_score.Score
+
+
+class _Critic(torch.nn.Module):
+    def baseline(self, t):
+        return t.mean()
+
+
+# -- overrides that drop the option: refused (each was accepted before) --------------------------------------------
+
+
+class AnotherObjectsBaseline(S):
+    name = "test_reads_critic"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.critic = _Critic()
+
+    def baseline(self, node, cost):
+        return self.critic.baseline(cost.tensor)  # the critic's baseline, not the option's
+
+
+class ByCostName(S):
+    name = "test_reads_cost_name"  # a class attribute "name": cost.name below is no helper of the class
+
+    def baseline(self, node, cost):
+        return torch.tensor(0.3 if cost.name == "a" else 0.9)
+
+
+class ClassConstant(S):
+    name = "test_reads_class_constant"
+    scale = 0.5
+
+    def baseline(self, node, cost):
+        return cost.tensor.mean() * self.scale
+
+
+class Static(S):
+    name = "test_reads_static"
+
+    @staticmethod
+    def baseline(node, cost):
+        return cost.tensor.mean()
+
+
+class ClassMethod(S):
+    name = "test_reads_classmethod"
+
+    @classmethod
+    def baseline(cls, node, cost):
+        return cost.tensor.mean()
+
+
+class OwnControlVariate(S):
+    name = "test_reads_own_cv"
+
+    def control_variate(self, node, cost):
+        return (1.0 - magic_box(cost.align(node.gradient_values))) * 0.5  # calls no baseline
+
+
+class ControlVariateOfAnotherBaseline(S):
+    name = "test_reads_cv_other"
+
+    def control_variate(self, node, cost):
+        return (1.0 - magic_box(cost.align(node.gradient_values))) * self.constant(cost)
+
+    def constant(self, cost):
+        return torch.tensor(0.5)
+
+
+class DeclaredNot(S):
+    name = "test_reads_declared_not"
+    reads_baseline_option = False  # the declaration wins over the reading
+
+    def baseline(self, node, cost):
+        return super().baseline(node, cost)
+
+
+IGNORING = [(AnotherObjectsBaseline, "baseline"), (ByCostName, "baseline"), (ClassConstant, "baseline"),
+            (Static, "baseline"), (ClassMethod, "baseline"), (OwnControlVariate, "control_variate"),
+            (ControlVariateOfAnotherBaseline, "control_variate"), (DeclaredNot, "baseline")]
+
+
+@pytest.mark.parametrize("cls,method", IGNORING, ids=[c.__name__ for c, _ in IGNORING])
+def test_an_override_that_drops_the_option_is_refused(cls, method):
+    for option in ("leave_one_out", "moving_average", "learned", lambda node, cost: None):
+        with pytest.raises(storch.OptionError, match=rf"{cls.__name__} \('{cls.name}'\) defines its own {method}"
+                                                     r"\(node, cost\).*would be ignored.*baseline='none'.*"
+                                                     r"reads_baseline_option = True"):
+            cls(plate="z", n_samples=3, baseline=option)
+    assert cls(plate="z", n_samples=3).baseline_kind == "none"  # its own baseline with the default option
+    assert cls(plate="z", n_samples=3, baseline="greedy").baseline_kind == "greedy"
+
+
+# -- overrides that read the option: accepted (the first two were refused before) ----------------------------------
+
+
+class ModuleHelper(S):
+    name = "test_reads_module_helper"
+
+    def baseline(self, node, cost):
+        return baseline_helpers.half_of_the_option(self, node, cost)
+
+
+class MixinAfterScore(S, baseline_helpers.OptionMixin):
+    name = "test_reads_mixin_after"
+
+    def baseline(self, node, cost):
+        return self.option_baseline(node, cost)
+
+
+class LocalNamedBaseline(S):
+    name = "test_reads_local_named"
+
+    def baseline(self, node, cost):
+        baseline = super().baseline  # a local named baseline that holds the option's
+        b = baseline(node, cost)
+        return None if b is None else 0.5 * b
+
+
+class Aliased(S):
+    name = "test_reads_aliased"
+
+    def baseline(self, node, cost):
+        est = self
+        return None if est.baseline_kind == "none" else S.baseline(est, node, cost)
+
+
+class ControlVariateOfTheOption(S):
+    name = "test_reads_cv_super"
+
+    def control_variate(self, node, cost):
+        a = super().control_variate(node, cost)
+        return None if a is None else 0.5 * a
+
+
+class ControlVariateCallingBaseline(S):
+    name = "test_reads_cv_baseline"
+
+    def control_variate(self, node, cost):
+        b = self.baseline(node, cost)
+        return None if b is None else (1.0 - magic_box(cost.align(node.gradient_values))) * b.detach()
+
+
+class Declared(S):
+    name = "test_reads_declared"
+    reads_baseline_option = True  # a read storch does not follow: getattr with a computed name
+
+    def baseline(self, node, cost):
+        return getattr(S, "base" + "line")(self, node, cost)
+
+
+READING = [ModuleHelper, MixinAfterScore, LocalNamedBaseline, Aliased, ControlVariateOfTheOption,
+           ControlVariateCallingBaseline, Declared]
+
+
+@pytest.mark.parametrize("cls", READING, ids=[c.__name__ for c in READING])
+def test_an_override_that_reads_the_option_is_accepted(cls):
+    for option in ("leave_one_out", "moving_average", "learned"):
+        assert cls(plate="z", n_samples=3, baseline=option).baseline_kind != "none"
+
+
+@pytest.mark.parametrize("cls,factor", [(ModuleHelper, 0.5), (MixinAfterScore, 1.0), (LocalNamedBaseline, 0.5),
+                                        (ControlVariateCallingBaseline, 1.0)])
+def test_an_accepted_override_uses_the_option_s_baseline(cls, factor):
+    """The gradient by hand: Σ_j (c_j - factor·b_j) ∇log p(x_j) / n, b_j the leave-one-out mean of the others."""
+    theta = torch.tensor([0.3, -0.2], requires_grad=True)
+    torch.manual_seed(3)
+    with storch.Graph():
+        z = cls(plate="z", n_samples=4, baseline="leave_one_out")(Bernoulli(logits=theta))
+        storch.add_cost(((z - 0.2) ** 2).sum(), name="f")
+        (got,) = torch.autograd.grad(storch.surrogate_loss(), theta)
+        x = z.tensor.detach()
+    c = ((x - 0.2) ** 2).sum(-1)
+    b = factor * (c.sum() - c) / 3
+    (want,) = torch.autograd.grad(((c - b) * Bernoulli(logits=theta).log_prob(x).sum(-1)).mean(), theta)
+    torch.testing.assert_close(got, want)
+
+
+def test_the_control_variate_of_the_option_halved():
+    """super().control_variate(node, cost) is the option's (1 - MagicBox(l)) b: half of it, by hand."""
+    theta = torch.tensor([0.3, -0.2], requires_grad=True)
+    torch.manual_seed(5)
+    with storch.Graph():
+        z = ControlVariateOfTheOption(plate="z", n_samples=4, baseline="leave_one_out")(Bernoulli(logits=theta))
+        storch.add_cost(((z - 0.2) ** 2).sum(), name="f")
+        (got,) = torch.autograd.grad(storch.surrogate_loss(), theta)
+        x = z.tensor.detach()
+    c = ((x - 0.2) ** 2).sum(-1)
+    b = 0.5 * (c.sum() - c) / 3
+    (want,) = torch.autograd.grad(((c - b) * Bernoulli(logits=theta).log_prob(x).sum(-1)).mean(), theta)
+    torch.testing.assert_close(got, want)
