@@ -283,3 +283,43 @@ def test_tables_made_inside_torch_func_are_not_cached():
     with pytest.raises(storch.OrderError):
         torch.func.jacrev(torch.func.grad(step))(torch.tensor(0.4))
     assert torch.isfinite(torch.func.grad(step)(torch.tensor(0.4)))
+
+
+def _set_gradient_float64(theta, x, f):
+    """The unordered set estimator's gradient on the sample x (k, n) with costs f, in float64 by hand: Σ_s w(s)
+    (f(s) - b(s)) ∇log p(s), w(s) = p(s) R(S, s), b(s) = Σ_s' p(s') R^{D∖s}(S, s') f(s') (Kool et al. 2020)."""
+    from storch_score.unordered_set import _set_terms
+
+    th = theta.detach().double().requires_grad_(True)
+    lp = Bernoulli(logits=th).log_prob(x.double()).sum(-1)
+    with torch.no_grad():
+        log_rest = torch.log1p(-lp.exp().sum().clamp_max(1.0))
+        h0, h1, h2 = _set_terms(lp.detach()[:, None], log_rest.reshape(1), True)
+        h0, h1, h2 = h0[0], h1[:, 0], h2[:, :, 0]
+        w = (lp + h1 - h0).exp()
+        b = (lp[None] + h2 - h1[:, None]).exp() @ f
+    return torch.autograd.grad((w * (f - b) * lp).sum(), th)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_set_weights_and_baseline_match_float64(dtype):
+    """784 Bernoulli latents (a VAE's binarised MNIST), k = 16, costs ~400, in bfloat16: the joint log p(s) was
+    summed over the 784 variables in bfloat16 (rounded to units of 4 near -700), so p(s), and the set's weights
+    and baseline coefficients, were off by factors up to e^2: the gradient was off by 60% and 316% of its norm
+    on two of three seeds (float16: 0.4-1%). The sums, the sampler's uniforms and the baseline's coefficients now
+    compute in float32 (to_work, as leave_one_out and sum_and_sample) and return in the model's dtype: the
+    gradient matches the float64 formula on the same sample and the same (rounded) costs to 1%."""
+    n, k = 784, 16
+    scale = torch.linspace(-1, 1, n, dtype=dtype)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        theta = (2.0 * torch.randn(n)).to(dtype).requires_grad_(True)
+        with storch.Graph():
+            z = storch.estimator("unordered_set", plate="z", n_samples=k)(Bernoulli(logits=theta))
+            storch.add_cost(400 + 20 * (z * scale).sum(), name="nll")
+            (g,) = torch.autograd.grad(storch.surrogate_loss(), theta)
+            x = z.tensor.detach()
+        assert g.dtype == dtype and torch.isfinite(g).all()
+        f = (400 + 20 * (x * scale).sum(-1)).double()  # the costs the estimator saw (rounded to the dtype)
+        want = _set_gradient_float64(theta, x, f)
+        assert (g.double() - want).norm() / want.norm() < 0.02, seed

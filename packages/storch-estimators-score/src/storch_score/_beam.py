@@ -20,7 +20,7 @@ from torch.distributions import Bernoulli
 from storch import Node
 from storch.extending import assume, is_tracing, table_cache
 
-from ._support import support_log_probs
+from ._support import support_log_probs, to_work
 
 __all__ = ["stochastic_beam_search", "sample_without_replacement", "order_gumbels", "beam_step", "top_possible"]
 
@@ -230,12 +230,16 @@ def stochastic_beam_search(node: Node, k: int, max_candidates: Optional[int] = N
             choices = torch.empty(1, p, 0, dtype=torch.long, device=dev)
             phi, g, padded = lp.new_zeros(p, 1), _gumbel_like(lp.new_zeros(p, 1)), False
         else:
-            choices, phi, g, padded = _search(lp.detach(), k, max_candidates or _max_candidates(p))
+            # (float32 for a float16 / bfloat16 model, to_work: Gumbels of 3 digits tie, and a prefix's score
+            # is a sum of up to n log-probabilities)
+            choices, phi, g, padded = _search(to_work(lp.detach()), k, max_candidates or _max_candidates(p))
         g = g.t()  # (m, P)
     m = choices.shape[0]
     # joint log-probability of each drawn value, with gradient: Σ_j log p_j(choice_j); -inf on padding
     # (an entry with fewer than m possible joint values repeats a possible one there: weight 0)
-    logp = lp.unsqueeze(0).expand(m, n_cat, p, n).gather(1, choices.unsqueeze(1)).squeeze(1).sum(-1)
+    # (summed in float32 for a float16 / bfloat16 model, to_work: 784 terms of ~-1 in bfloat16 are rounded to
+    # units of 4, so p(s), and the set's weights, were off by factors up to e^2)
+    logp = to_work(lp.unsqueeze(0).expand(m, n_cat, p, n).gather(1, choices.unsqueeze(1)).squeeze(1)).sum(-1)
     if padded:
         logp = logp.masked_fill(torch.isneginf(phi.t()), -math.inf)  # phi: (P, m)
     # contiguous in (m, P, n) order (``choices`` is a transposed view; an indexed result follows its layout)
@@ -290,7 +294,9 @@ def sample_without_replacement(node: Node, k: int, draws: Optional[int] = None
     if lp.is_meta or not math.isfinite(lp.sum().item()):
         return stochastic_beam_search(node, k)
     with torch.no_grad():
-        choices = _first_distinct(lp.detach(), k, draws or 2 * k)  # (k, P, n)
+        # drawn in float32 for a float16 / bfloat16 model (to_work): a bfloat16 uniform has 8 bits, so a value of
+        # probability 1e-3 was drawn with probability 0 or 1/256
+        choices = _first_distinct(to_work(lp.detach()), k, draws or 2 * k)  # (k, P, n)
     # Bernoulli: the support is (0, 1), so a value is its index. Contiguous in the (k, P, n) order the
     # plates have (``choices`` is a transposed view): the model's layers then read and differentiate
     # a plain (k, P, ...) batch (the VAE decoder's forward and backward: ~2% faster than on the view)
@@ -298,10 +304,13 @@ def sample_without_replacement(node: Node, k: int, draws: Optional[int] = None
         values = choices.to(lp.dtype, memory_format=torch.contiguous_format)  # (k, P, n)
         # Σ_j log p_j(x_j) = -Σ_j BCE(l_j, x_j) from the logits: 3 autograd nodes where the gather from
         # the log-sigmoid table takes 8 (the same values up to rounding)
-        flat = logits if logits.shape == (p, n) else logits.reshape(p, n)
-        logp = F.binary_cross_entropy_with_logits(flat.expand(values.shape), values, reduction="none").sum(-1).neg()
+        # (in float32 for a float16 / bfloat16 model, to_work: the sum of n terms is the joint log p(s) that the
+        # set's weights and baseline read)
+        flat = to_work(logits if logits.shape == (p, n) else logits.reshape(p, n))
+        logp = F.binary_cross_entropy_with_logits(flat.expand(values.shape), values.to(flat.dtype),
+                                                  reduction="none").sum(-1).neg()
     else:
-        logp = lp.unsqueeze(0).expand(k, n_cat, p, n).gather(1, choices.unsqueeze(1)).squeeze(1).sum(-1)
+        logp = to_work(lp.unsqueeze(0).expand(k, n_cat, p, n).gather(1, choices.unsqueeze(1)).squeeze(1)).sum(-1)
         values = support.reshape((n_cat,) + event)[choices.contiguous()]  # (k, P, n, *event)
     if logp.shape != (k,) + parents:  # (a reshape to its own shape is still an autograd node)
         logp = logp.reshape((k,) + parents)

@@ -28,7 +28,7 @@ from storch import Node, OptionError
 from storch.extending import assume, is_tracing
 
 from ._beam import _gumbel_like, _traced_finite
-from ._support import support_log_probs
+from ._support import support_log_probs, to_work
 
 __all__ = ["VariableTable", "top_k_codes", "codes_of", "first_occurrences", "sample_outside", "log1mexp"]
 
@@ -112,18 +112,19 @@ class VariableTable:
 
     def log_prob(self, codes: torch.Tensor) -> torch.Tensor:
         """Joint log-probabilities ``(k, *parents)`` of codes ``(k, P, n)``, with gradient if the table
-        was made with ``grad=True``."""
+        was made with ``grad=True``; float32 for a float16 / bfloat16 model (``to_work``: a sum of n log-probabilities
+        in bfloat16 is rounded to units of 4 at n = 784)."""
         k = codes.shape[0]
         if self.bernoulli and self.logits is not None:
             # Σ_j log p_j(x_j) = -Σ_j BCE(l_j, x_j): 3 autograd nodes where the gather from the
             # log-sigmoid table takes 9 (the same values up to rounding)
-            x = codes.to(self.logits.dtype)
-            bce = torch.nn.functional.binary_cross_entropy_with_logits(
-                self.logits.expand(x.shape), x, reduction="none")
+            logits = to_work(self.logits)
+            x = codes.to(logits.dtype)
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.expand(x.shape), x, reduction="none")
             out = bce.sum(-1).neg()
             return out if out.shape == (k,) + self.parents else out.reshape((k,) + self.parents)
         lp = self.lp_grad
-        out = lp.unsqueeze(0).expand((k,) + lp.shape).gather(1, codes.unsqueeze(1)).squeeze(1).sum(-1)
+        out = to_work(lp.unsqueeze(0).expand((k,) + lp.shape).gather(1, codes.unsqueeze(1)).squeeze(1)).sum(-1)
         return out.reshape((k,) + self.parents)
 
 

@@ -13,7 +13,7 @@ from storch import CostFrame, Estimator, Node, OptionError, StorchError
 from storch.extending import align, is_tracing, options, table_cache
 
 from ._beam import _gumbel_like, beam_step, order_gumbels, sample_without_replacement, top_possible
-from ._support import enumerate_joint, enumerate_values, masked_logsumexp, to_work
+from ._support import REDUCED, enumerate_joint, enumerate_values, masked_logsumexp, to_work
 
 __all__ = ["UnorderedSet", "SetState"]
 
@@ -23,7 +23,9 @@ class SetState:
     """Per-node record of the unordered set estimator (filled by ``proposal``).
 
     Attributes:
-        lp: log p(s) of the k drawn values, shape ``(k, *parents)``, with gradient.
+        lp: log p(s) of the k drawn values, shape ``(k, *parents)``, with gradient; float32 for a float16 /
+            bfloat16 model (``to_work``: the weights and the baseline's coefficients are computed from it).
+        dtype: the model's dtype (of the log-probabilities it gives): l, w and b are returned in it.
         log_rest: log(1 - p(S)) per parent entry (detached; float32 for a float16 / bfloat16 model, as the
             set probabilities are computed).
         h: the set probabilities (lp, h(∅), h({s}), h({s, s'})), computed once by the first
@@ -41,6 +43,7 @@ class SetState:
     g: Optional[torch.Tensor] = None
     phi: Optional[torch.Tensor] = None
     exact: bool = False
+    dtype: torch.dtype = torch.float32
 
 _MAX_SAMPLES = 16  # the set probabilities take a 2^k dynamic programme
 
@@ -144,19 +147,21 @@ class UnorderedSet(Estimator):
             with torch.no_grad():
                 mask = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter(0, idx, True)
                 log_rest, _ = masked_logsumexp(logp.detach(), mask, 0)  # log(1 - p(S)), exact
-            lp = logp.gather(0, idx)
+            node.state.dtype = logp.dtype
+            lp = to_work(logp.gather(0, idx))
             node.state.lp = lp if pad is None else lp.masked_fill(pad.movedim(-1, 0), -math.inf)
             node.state.exact = pad is None
             node.state.log_rest, node.state.g = log_rest, g
             return values[idx]
         # too many joint values to list: the same Gumbel-top-k sample from i.i.d. draws (their first
         # distinct values) or by stochastic beam search; g is drawn later if a partition needs it
-        values, lp, g = sample_without_replacement(node, self.n_samples)
+        node.state.dtype = _model_dtype(node.distribution)
+        values, lp, g = sample_without_replacement(node, self.n_samples)  # lp: float32 for a float16 model
         with torch.no_grad():  # log(1 - p(S)), accurate in absolute terms (a log-weight): p(S) = Σ_s p(s)
             # without logsumexp's shift (each p(s) <= 1: nothing overflows, and where every p(s)
             # underflows, 1 - p(S) is 1), log1p as log(-expm1(log p(S))) (a third of logsumexp's time)
             # (float32 for a float16 model, as masked_logsumexp's: 1 - p(S) near 0 kept 3 digits; to_work)
-            log_rest = torch.log1p(to_work(lp.detach()).exp().sum(0).clamp_max(1.0).neg())
+            log_rest = torch.log1p(lp.detach().exp().sum(0).clamp_max(1.0).neg())
             if g is not None:
                 # a padded entry (weight-0 repeats of log p -inf) holds every possible value: p(D∖S) is 0
                 # exactly, where the sum above can leave a rounding remainder (Σ p(s) = 1 - 1e-16: log 1e-16,
@@ -195,7 +200,8 @@ class UnorderedSet(Estimator):
         if c.g is None:  # the first sample came without Gumbels: draw them given the sample
             c.g = order_gumbels(c.lp.detach())
         g = align(c.g, prev, plates).expand(lp.shape[1:])
-        parent, value, g, phi, left, pad = beam_step(lp.detach(), phi, g, self.n_samples)
+        # (in float32 for a float16 / bfloat16 model, to_work: the prefixes' scores phi sum a step's log p each)
+        parent, value, g, phi, left, pad = beam_step(to_work(lp.detach()), phi, g, self.n_samples)
         node.plate.lineage.set_parents(node.step + 1, parent, plates[1:])
         # l_t of each surviving prefix: log p(value | parent prefix), with gradient
         step_lp = lp.gather(1, parent.unsqueeze(0).expand((lp.shape[0],) + parent.shape)).gather(
@@ -246,11 +252,12 @@ class UnorderedSet(Estimator):
     def weighting_function(self, node: Node) -> torch.Tensor:
         lp, h0, h1, _ = self._set_probabilities(node)
         # w(s) = ⊥(p(s) p^{D∖s}(S∖s) / p(S)) (appendix D.2.3; Kool et al. 2020, Eq. 7)
-        return (lp + h1 - h0).exp().to(node.state.lp.dtype)
+        return (lp + h1 - h0).exp().to(node.state.dtype)
 
     def gradient_function(self, node: Node) -> torch.Tensor:
-        lp = node.state.lp
-        if node.state.exact:  # every drawn value is possible
+        c = node.state
+        lp = c.lp if c.lp.dtype == c.dtype else c.lp.to(c.dtype)  # (float32 for a float16 model: cast back)
+        if c.exact:  # every drawn value is possible
             return lp
         # a value of probability exactly 0 (weight 0) gets l = 0 instead of -inf: no NaN in MagicBox
         return torch.where(torch.isfinite(lp), lp, torch.zeros_like(lp))
@@ -262,13 +269,32 @@ class UnorderedSet(Estimator):
         k = lp.shape[0]
         # coefficients A[s, s'] = p(s') R^{D∖s}(S, s') (Kool et al. 2020, Eq. 11); h2[s, s] = h1[s],
         # so the diagonal is p(s) with R^{D∖s}(S, s) = 1, which makes E[b(s) | s drawn first] = E[f]
-        coef = (lp.unsqueeze(0) + h2 - h1.unsqueeze(1)).exp().to(node.state.lp.dtype)
+        # (in float32 for float16 / bfloat16 costs, to_work, as leave_one_out: k coefficients of float16 rounded,
+        # times costs of ~400, summed in float16, moved b(s) by a unit; b returns in the cost's dtype)
+        coef = (lp.unsqueeze(0) + h2 - h1.unsqueeze(1)).exp()
+        if node.state.dtype not in REDUCED:
+            coef = coef.to(node.state.dtype)
         d = cost.dim
         f = cost.tensor
+        work = to_work(f)
         if f.shape[d] != k:
-            f = f.expand(f.shape[:d] + (k,) + f.shape[d + 1:])
+            work = work.expand(f.shape[:d] + (k,) + f.shape[d + 1:])
         a = cost.align(coef.movedim(1, -1))  # (frame..., k): s on the node's plate, s' last
-        return (a * f.movedim(d, -1).unsqueeze(d)).sum(-1)  # b(s) = Σ_s' A[s, s'] f(s')
+        b = (a * work.movedim(d, -1).unsqueeze(d)).sum(-1)  # b(s) = Σ_s' A[s, s'] f(s')
+        return b if b.dtype == f.dtype else b.to(f.dtype)
+
+
+def _model_dtype(d: Distribution) -> torch.dtype:
+    """The dtype of the log-probabilities the model's distribution gives (its logits' or probabilities')."""
+    for name in ("logits", "probs"):
+        t = d.__dict__.get(name)  # (lazy properties: whichever the distribution was made with, no other computed)
+        if isinstance(t, torch.Tensor):
+            return t.dtype
+    for name in ("logits", "probs"):  # (a property: OneHotCategorical's, of its Categorical)
+        t = getattr(d, name, None)
+        if isinstance(t, torch.Tensor):
+            return t.dtype
+    return torch.get_default_dtype()
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
