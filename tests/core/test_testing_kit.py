@@ -409,3 +409,32 @@ def test_uniform_weights_claimed_for_weights_that_are_not_one_over_n_is_named():
     chain = [m for m in kit.standard_models(EnumerateOne("z"))[0] if m.name.startswith("chain")]
     with pytest.raises(AssertionError, match=r"uniform_weights is True.*carry gradient.*1/N = 0.5"):
         kit.check_against_enumeration(EnumerateOne, models=chain)
+
+
+def test_a_replicate_with_a_nan_estimate_is_a_failed_check_not_an_error():
+    """The kit sums R independent replicates into one loss; a backward pass through a non-finite surrogate loss is
+    refused (NonFiniteCostError, as storch.backward() refuses it), and a first version refused the kit's too, so one
+    replicate's NaN raised out of check_against_enumeration(raise_on_failure=False) instead of failing its check
+    (found by review). The kit differentiates its loss unchecked: the NaN estimate is an infinite z-score."""
+    from torch.distributions import Bernoulli
+
+    from storch.distributions import base_distribution
+
+    class NanScore(storch.Estimator):
+        name = "nan_score"
+        distributions = (Bernoulli,)
+
+        def proposal(self, node):
+            p = base_distribution(node.distribution).probs
+            return torch.bernoulli(p.expand((self.n_samples,) + p.shape))
+
+        def gradient_function(self, node):
+            lp = super().gradient_function(node)
+            bad = torch.rand(lp.shape) < 0.002  # a rare NaN: a broken estimator
+            return torch.where(bad, torch.full_like(lp, float("nan")), lp)
+
+    torch.manual_seed(0)
+    report = storch.testing.check_against_enumeration(NanScore, options={"n_samples": 2}, raise_on_failure=False,
+                                                      seed=0)
+    assert not report.ok
+    assert any(bool(torch.isinf(c.z).any()) for c in report.checks), report.table(details=False)

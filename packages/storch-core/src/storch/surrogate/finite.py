@@ -52,7 +52,10 @@ def refuse_on_backward(loss: torch.Tensor, graph: Graph) -> None:
     the transform differentiates the loss, not a backward pass)."""
     if _wrapped(loss):
         return
-    costs, nodes = list(graph.costs), list(graph.nodes)
+    if loss.is_cpu:  # the message is made now, only for a non-finite loss: from the graph as it is
+        hook_unless_finite(loss, lambda: _message(list(graph.costs), list(graph.nodes), _ON_BACKWARD))
+        return
+    costs, nodes = list(graph.costs), list(graph.nodes)  # (made when a pass reaches the loss: the graph may be reset)
     hook_unless_finite(loss, lambda: _message(costs, nodes, _ON_BACKWARD))
 
 

@@ -125,7 +125,9 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     log-probabilities are) raises :class:`storch.NonFiniteCostError` naming the costs, as ``storch.backward()``
     does, before it accumulates any gradient of the loss: ``.backward()`` and ``torch.autograd.grad`` alike, whose
     gradients would be NaN. On the CPU the loss's value is read when it is built (a finite one costs nothing
-    more); on an accelerator when the pass reaches it.
+    more); on an accelerator when the pass reaches it (reading it waits for the device, as ``storch.backward()``
+    does). Not inside torch.func transforms (``vmap``, ``grad``), whose values cannot be read there: a NaN member
+    of a vmapped surrogate gives NaN gradients.
 
     Raises:
         OrderError: an estimator upstream of a cost is not unbiased to ``order``. Like every
@@ -135,6 +137,16 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
             ``torch.no_grad()`` from parameters that require grad (its gradient would be missing).
     """
     graph = graph or current_graph()
+    loss = unchecked_surrogate_loss(order, graph)
+    if loss.grad_fn is not None and tracing_recorder() is None:  # (storch.compile checks its replays' losses itself)
+        refuse_on_backward(loss, graph)
+    return loss
+
+
+def unchecked_surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
+    """:func:`surrogate_loss` without the check that a backward pass refuses a non-finite loss: for
+    storch.testing's kit, whose replicated graph sums R independent estimates into one loss, where one
+    replicate's NaN is a failed check of that replicate (an infinite z-score), not an error of the run."""
     if not isinstance(order, int) or isinstance(order, bool) or order < 0:
         raise StorchError(f"order must be an int >= 0, got {order!r}")  # a bad argument: the step is intact
     if order == 0:
@@ -159,8 +171,6 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     recorder = tracing_recorder()
     if recorder is not None:  # storch.compile records the step: a replay checks this output is finite on backward
         recorder.losses.append(loss)
-    else:
-        refuse_on_backward(loss, graph)
     return loss
 
 

@@ -12,7 +12,8 @@ from ..cost import _lead
 from ..errors import OrderError, UnsupportedDistributionError
 from ..estimators.base import Estimator
 from ..graph import Graph, current_graph
-from ..surrogate import surrogate_loss, value_surrogate
+from ..surrogate import value_surrogate
+from ..surrogate.loss import unchecked_surrogate_loss
 from ._models import EstimatorFactory, Model, standard_models, supports
 from ._resolve import EstimatorLike, default_orders, replicas, resolve
 from ._stats import UnbiasednessReport, per_replicate_derivatives, z_test
@@ -138,7 +139,7 @@ def _run_model(model: Model, make: EstimatorFactory, orders: Sequence[int], n: i
                     "(relaxed) objective, so there is nothing to compare with the exact values; pass orders= "
                     "to measure its distance from them")
         # order 0 alone: surrogate_loss(order=0) is detached; its graph, differentiated in the weights only
-        loss = surrogate_loss(order=top) if top else value_surrogate(current_graph())
+        loss = unchecked_surrogate_loss(top, current_graph()) if top else value_surrogate(current_graph())
         estimates: dict[int, torch.Tensor] = {}
         if 0 in orders:
             # ∂loss/∂u_r = S_r: each replicate's forward estimate (see _resolve._Replicas)
@@ -164,7 +165,7 @@ def _without_plates(model: Model, make: EstimatorFactory, top: int) -> None:
     try:
         with Graph():
             model.build(make, leaf[0].reshape(model.theta.shape))
-            loss = surrogate_loss(order=top)
+            loss = unchecked_surrogate_loss(top, current_graph())
             values = [loss.reshape(1)] + per_replicate_derivatives(loss, leaf, top, direction(leaf.shape[1]))
     except Exception as e:
         raise AssertionError(

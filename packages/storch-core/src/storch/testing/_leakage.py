@@ -16,8 +16,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import UnsupportedDistributionError
-from ..graph import Graph
-from ..surrogate import surrogate_loss
+from ..graph import Graph, current_graph
+from ..surrogate.loss import unchecked_surrogate_loss
 from ._enumeration import ConformanceReport, exact_derivatives
 from ._models import EstimatorFactory, Model, standard_models, supports
 from ._resolve import EstimatorLike, default_orders, resolve
@@ -32,7 +32,7 @@ def _graph_estimate(model: Model, make: EstimatorFactory, data: int, top: int) -
     with Graph():
         leaf, theta = replicate(model.theta, data)
         model.build(make, theta)
-        loss = surrogate_loss(order=top)
+        loss = unchecked_surrogate_loss(top, current_graph())
         out = [loss.detach().reshape(1)]
         if top >= 1:
             # d/dθ of L(θ, ..., θ) = Σ_copies ∂L/∂leaf[c]: the mean of the copies' gradient estimates
