@@ -24,7 +24,8 @@ from ._network import (
     smooth_network, smooth_who, smoothness_checked, smoothness_due, tilde_term,
 )
 from ._noise import discrete_with_relaxation
-from ._params import param_tensors
+from ._params import param_tensors, sample_log_prob
+from ._precision import to_model
 from ._variance_trained import VarianceTrained
 
 __all__ = ["RelaxedCost"]
@@ -70,6 +71,9 @@ class RelaxedCost(VarianceTrained):
             soft, soft_tilde = torch.sigmoid(s.z / lam), torch.sigmoid(s.z_tilde / lam)
         else:
             soft, soft_tilde = torch.softmax(s.z / lam, -1), torch.softmax(s.z_tilde / lam, -1)
+        # z, z̃ are float32 for a float16 / bfloat16 model (the noise's precision, _precision): the cost reads
+        # the relaxations in the model's dtype, as b
+        soft, soft_tilde = to_model(soft, hard.dtype), to_model(soft_tilde, hard.dtype)
         s.relaxed = (soft, soft_tilde)  # what the cost is differentiated through (require_smooth: smoothness_due)
         return torch.cat([hard, soft, soft_tilde], 0)  # b (one-hot for categoricals), σ_λ(z), σ_λ(z̃)
 
@@ -81,7 +85,7 @@ class RelaxedCost(VarianceTrained):
     score_function = True  # l = log p(b), padded to the blocks
 
     def gradient_function(self, node: Node) -> torch.Tensor:
-        node.state.l = node.log_prob(node.state.b)  # l on the b block
+        node.state.l = sample_log_prob(node, node.state.b)  # l on the b block (float32 inside for bfloat16)
         return pad_blocks(node.state.l, self.blocks)
 
     def residual(self, node: Node, z: torch.Tensor) -> Optional[torch.Tensor]:

@@ -14,6 +14,7 @@ from storch.extending import base_distribution
 
 from ._blocks import block, blocks_weights, pad_blocks
 from ._noise import logistic_noise
+from ._precision import to_model
 from ._params import exact_logits
 
 __all__ = ["Arm", "AntitheticState"]
@@ -76,9 +77,9 @@ class Arm(Estimator):
         # far from 0 where the probabilities are exactly 0 or 1: x and x̃ never take a value of probability 0.
         # gradient_function reads torch's (finite, clamped) logits: ∇_α log q_α(z) depends on ε alone
         alpha = exact_logits(base_distribution(node.distribution))
-        eps = logistic_noise((self.n_samples,) + tuple(alpha.shape), alpha)
+        eps = logistic_noise((self.n_samples,) + tuple(alpha.shape), alpha)  # float32 for a bfloat16 α (_precision)
         node.state.eps = eps
-        x = (alpha + eps > 0).to(alpha.dtype)  # the real samples (no gradient)
+        x = (alpha + eps > 0).to(alpha.dtype)  # the real samples (no gradient); α + ε in ε's precision
         x_tilde = (alpha - eps > 0).to(alpha.dtype)  # antithetic
         node.state.x, node.state.x_tilde = x, x_tilde
         return torch.cat([x, x_tilde], 0)
@@ -93,7 +94,7 @@ class Arm(Estimator):
         log_q = -e - 2 * F.softplus(-e)  # log density of Logistic(α, 1) at z (appendix D.2.5, item 3)
         k = log_q.dim() - len(node.plates)
         l = log_q.sum(tuple(range(-k, 0))) if k > 0 else log_q
-        return pad_blocks(l, 2)
+        return pad_blocks(to_model(l, alpha.dtype), 2)  # (e is ε's float32 for a bfloat16 α)
 
     def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         n = self.n_samples

@@ -13,6 +13,7 @@ from storch.extending import base_distribution
 
 from ._params import exact_logits
 from ._noise import Temperature, check_temperature, gumbel_noise, logistic_noise
+from ._precision import to_model, to_work
 
 __all__ = ["GumbelSoftmax"]
 
@@ -148,18 +149,22 @@ class GumbelSoftmax(Estimator):
     # -- the components --------------------------------------------------------------------------
 
     def relaxed(self, node: Node) -> tuple[torch.Tensor, torch.Tensor]:
-        """n relaxed samples ``(n, *parents, *batch[, K])`` (differentiable) and their logits z."""
+        """n relaxed samples ``(n, *parents, *batch[, K])`` (differentiable) and their logits z (float32 for a
+        float16 / bfloat16 model: the noise's precision, ``_precision``; the samples in its dtype)."""
         d = base_distribution(node.distribution)
         t = self._temperature
         # a schedule's τ is a 0-dim float64 tensor (z / τ gives the same values as with a float)
         tau = self._scheduled() if callable(t) else float(t)
         logits = exact_logits(d)  # far below the rest where d's probabilities are exactly 0: never drawn
+        dtype = logits.dtype
+        # z in float32 for a float16 / bfloat16 model (the noise's precision, _precision), the relaxation in its dtype
+        logits = to_work(logits)
         shape = (self.n_samples,) + tuple(logits.shape)
         if isinstance(d, Bernoulli):
             z = logits + logistic_noise(shape, logits)  # z ~ Logistic(α, 1); 1[z > 0] ~ Bernoulli(σ(α))
-            return torch.sigmoid(z / tau), z  # Maddison et al. 2017, Eq. 21 (binary Concrete)
+            return to_model(torch.sigmoid(z / tau), dtype), z  # Maddison et al. 2017, Eq. 21 (binary Concrete)
         z = logits + gumbel_noise(shape, logits)  # Gumbel-max: argmax z ~ Categorical(p)
-        return torch.softmax(z / tau, -1), z  # Jang et al. 2017, Eq. 1
+        return to_model(torch.softmax(z / tau, -1), dtype), z  # Jang et al. 2017, Eq. 1
 
     def proposal(self, node: Node) -> torch.Tensor:
         return self.relaxed(node)[0]

@@ -55,8 +55,8 @@ class GumbelStraightThrough(GumbelSoftmax):
         soft, z = self.relaxed(node)
         z = z.detach()  # H(z) carries no gradient
         if isinstance(base_distribution(node.distribution), Bernoulli):
-            hard = (z > 0).to(z.dtype)  # = 1[σ(z/τ) > 1/2]
+            hard = (z > 0).to(soft.dtype)  # = 1[σ(z/τ) > 1/2] (z: float32 for a bfloat16 model, soft: its dtype)
         else:
-            hard = F.one_hot(z.argmax(-1), z.shape[-1]).to(z.dtype)
+            hard = F.one_hot(z.argmax(-1), z.shape[-1]).to(soft.dtype)
         # ⊥: the forward value is exactly the hard sample, the gradient is the relaxed one's
         return hard + (soft - soft.detach())
