@@ -324,6 +324,48 @@ def test_refuses_backward_inside():
         step(torch.zeros(3, requires_grad=True))
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_refuses_a_ddp_module_called_in_the_step_and_traces_its_wrapped_module(tmp_path):
+    """A DDP module called inside a traced step is refused, however the step reaches it (here: an attribute of
+    a plain object), for the trace would replay the wrapped module without DDP's gradient averaging
+    (tests/reliability/test_ddp.py runs two ranks); the wrapped module (``ddp.module``) traces, and the
+    module hook that watches for it is gone after the trace (refused or not). A one-process gloo group."""
+    import types
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    hooks = torch.nn.modules.module._global_forward_pre_hooks
+    before = len(hooks)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        enc = torch.nn.Linear(3, 3)
+        holder = types.SimpleNamespace(ddp=DDP(enc))
+        est = storch.estimator("score", plate="z", n_samples=2, baseline="leave_one_out")
+
+        def make(call):
+            @storch.compile(backend=None)
+            def step(x):
+                with storch.Graph():
+                    z = est(Bernoulli(logits=call(x)))
+                    storch.add_cost((z - 0.5).pow(2).sum(), name="f")
+                    return storch.surrogate_loss()
+            return step
+
+        x = torch.randn(3)
+        with pytest.raises(storch.StorchError, match="calls a DistributedDataParallel module.*ddp.module"):
+            make(lambda v: holder.ddp(v))(x)
+        assert len(hooks) == before
+        step = make(lambda v: holder.ddp.module(v))
+        for _ in range(2):
+            step(x).backward()
+        assert step.traces == 1 and enc.weight.grad is not None and len(hooks) == before
+    finally:
+        holder.ddp = None  # (DDP's reducer goes before the group)
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_refuses_higher_orders_with_a_compiler_backend(backend):
     """surrogate_loss(order=2) traced for a compiler backend: torch's compiled program cannot be

@@ -197,6 +197,7 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
             out["misuse"] = None
         except storch.StorchError as e:
             out["misuse"] = str(e)
+        out["compiled"] = compiled(x, rank, world)
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
         # the DDP reducers (held in reference cycles) go before the group does, and no rank tears
         # the group down while another is still in a collective; otherwise gloo may abort a
@@ -207,6 +208,61 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
     finally:
         gc.collect()
         dist.destroy_process_group()
+
+
+def compiled(x: torch.Tensor, rank: int, world: int) -> dict:
+    """storch.compile and DDP. A step that calls the DDP module is refused at its trace, for every backend (the
+    replay of the traced program never ran DDP's forward, which arms its reducer: from the second call on each
+    rank kept its own gradient, silently). The route the refusal recommends: a compiled step that calls
+    ``ddp.module``, its gradients averaged after ``loss.backward()``; against the eager DDP step from the same
+    seeds (the same samples: the replay draws from torch's generator as eagerly) and a moving average kept in
+    sync by the replayed update."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    name, options, _ = SCENARIOS["score_ma"]
+    out: dict = {"refused": {}}
+    for backend in (None, "aot_eager"):
+        ddp = DDP(Model(name, options))
+        step = storch.compile(lambda xx: ddp(xx), backend=backend)
+        try:
+            with storch.Graph():
+                step(x)
+            out["refused"][backend] = None
+        except Exception as e:  # (before the fix: dynamo's Unsupported with aot_eager)
+            out["refused"][backend] = (type(e).__name__, isinstance(e, storch.StorchError), str(e))
+        ddp = step = None
+    eager, ddp = DDP(Model(name, options)), DDP(Model(name, options))
+    model = ddp.module
+
+    @storch.compile(backend=None)
+    def step(xx):
+        with storch.Graph():
+            return model(xx)
+
+    params = [[*m.module.enc.parameters(), *m.module.dec.parameters()] for m in (ddp, eager)]
+    opts = [torch.optim.SGD(ps, lr=0.1) for ps in params]
+    out["grads"], out["eager_grads"] = [], []
+    for i in range(STEPS):
+        torch.manual_seed(1000 * i + rank)
+        step(x).backward()
+        for p in params[0]:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        torch.manual_seed(1000 * i + rank)
+        with storch.Graph():
+            eager(x)
+            storch.backward()
+        out["grads"].append([p.grad.clone() for p in params[0]])
+        out["eager_grads"].append([p.grad.clone() for p in params[1]])
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    out["state"], out["eager_state"] = estimator_state(model), estimator_state(eager.module)
+    out["agree"] = storch.distributed.ranks_agree(out["state"], model.est)
+    eager = ddp = None
+    gc.collect()
+    return out
 
 
 class ShardedRandom(TorchFunctionMode):

@@ -11,7 +11,9 @@ its first moment is linear in the gradients (NVIL's regression averages over the
 objective is the ranks' mean divided by the world size, storch.distributed.world_size). Also:
 moving averages of episodes of different lengths per rank, values of different sizes (a
 StorchError, not a gloo abort), and a DDP submodule under ``find_unused_parameters=True`` (a
-PlateError that names DDP's sink). Defects of issue 11: the moving
+PlateError that names DDP's sink). storch.compile of a step that calls the DDP module is refused (its replay
+skipped DDP's gradient averaging, silently); the route the refusal gives (compile a step that calls
+``ddp.module``, average the gradients after backward) equals the eager DDP step. Defects of issue 11: the moving
 averages and RELAX's control variate drifted apart per rank, RELAX's lazily built network was
 unknown to DDP (each rank initialised its own), and ``find_unused_parameters=True`` crashed with
 "marked as ready twice"."""
@@ -120,3 +122,36 @@ def test_a_ddp_submodule_returning_plate_tensors_under_find_unused_parameters_na
         msg = r["sink"]
         assert msg is not None and "_DDPSink" in msg and "return storch.surrogate_loss()" in msg
         assert "MyFn" not in msg
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_compiling_a_step_that_calls_ddp_is_refused(ranks, backend):
+    """The replay of a traced DDP call ran the wrapped module only: from the second call on the ranks' gradients
+    were not averaged (0.23-0.31 off the ranks' mean, parameters drifting apart); aot_eager raised dynamo's
+    error. Refused at the trace, on every rank, with the route that works."""
+    for r in ranks:
+        assert r["compiled"]["refused"][backend] is not None
+        kind, is_storch_error, msg = r["compiled"]["refused"][backend]
+        assert is_storch_error, (kind, msg)
+        assert "DistributedDataParallel" in msg and "ddp.module" in msg
+        assert "all_reduce(p.grad)" in msg and "eagerly" in msg
+
+
+def test_a_compiled_step_on_the_ddp_module_with_averaged_gradients_equals_the_eager_ddp_step(ranks):
+    """What the refusal recommends: from the same seeds the compiled step (backend=None) and the eager DDP step
+    draw the same samples, so the averaged gradients agree (every step, on every rank) and so do the moving
+    averages, which the replayed update keeps in sync across ranks."""
+    worst = 0.0
+    for step in range(_ddp.STEPS):
+        for r in ranks:
+            for g, e in zip(r["compiled"]["grads"][step], r["compiled"]["eager_grads"][step]):
+                worst = max(worst, (g - e).abs().max().item())
+        for g0, g1 in zip(ranks[0]["compiled"]["grads"][step], ranks[1]["compiled"]["grads"][step]):
+            assert torch.equal(g0, g1)
+    print(f"max |compiled on ddp.module, averaged - eager DDP| over {_ddp.STEPS} steps = {worst:.2e}")
+    assert worst < 1e-6
+    assert all(r["compiled"]["agree"] for r in ranks)
+    for r in ranks:
+        assert len(r["compiled"]["state"]) > 0
+        for a, b in zip(r["compiled"]["state"], r["compiled"]["eager_state"]):
+            assert (a - b).abs().max().item() < 1e-6

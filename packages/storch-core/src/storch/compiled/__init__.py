@@ -75,6 +75,11 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   ``range(max(lengths.tolist()))`` would be fixed to the first call's lengths) and data-dependent shapes
   (a boolean mask ``x[mask]``, ``nonzero``, ``masked_select``, ``unique``: use ``torch.where``), refused
   by a torch function mode active during the trace only (:class:`_TraceMode`);
+- a call of a DistributedDataParallel or FSDP module inside the step is refused
+  (:func:`_no_data_parallel_in_trace`, a module forward pre-hook during the trace only): DDP's forward arms
+  its gradient averaging outside the torch program, so the replay left every rank its own gradient from
+  the second call on (aot_eager raised dynamo's error); the message says to call ``ddp.module`` in the
+  step and average the gradients after ``loss.backward()``;
 - differentiating inside the step (``torch.autograd.grad`` or ``.backward()`` on what it computed: a
   gradient penalty, a lookahead step) is refused: the backward pass reads tensors autograd saved in
   the forward pass, which a ``pre_dispatch`` trace cannot connect to the program (they would be fixed

@@ -1,12 +1,14 @@
 """What a compiled step may not do, and how it is told: the step's name in every message, the refusal of a
 second differentiation hooked on a replayed call's outputs (and the message of a compiler backend's, whose
 program cannot be differentiated twice), the refusal of an update that needs autograd's graph under a
-compiler, and of a backward pass run inside the trace (naming the estimator component that ran it).
+compiler, of a backward pass run inside the trace (naming the estimator component that ran it), and of a
+call of a DistributedDataParallel (or FSDP) module inside the trace.
 
 The bottom of :mod:`storch.compiled`: it imports nothing of the package."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from typing import Any, Callable, Optional
@@ -113,3 +115,58 @@ def _no_backward_in_trace(fn):
         raise StorchError(_backward_message(fn, _estimator_component(sys._current_frames().get(tracing_thread))))
 
     return torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack)
+
+
+def _data_parallel_classes() -> tuple:
+    """The wrappers whose forward sets up their gradient synchronisation outside the torch program: DDP, and the
+    FSDP classes where ``torch.distributed.fsdp`` was imported (an FSDP module exists only then: nothing is
+    imported here)."""
+    classes: tuple = (torch.nn.parallel.DistributedDataParallel,)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    for name in ("FullyShardedDataParallel", "FSDPModule"):
+        cls = getattr(fsdp, name, None)
+        if isinstance(cls, type):
+            classes += (cls,)
+    return classes
+
+
+def _data_parallel_message(fn, module) -> str:
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        return (f"storch.compile cannot trace {_name(fn)}: it calls a DistributedDataParallel module, which "
+                "averages the gradients over the ranks through hooks its forward arms at every call (DDP's reducer), "
+                "outside the torch program. The trace records the wrapped module's operations only, so from the "
+                "second call on the replayed gradients would not be averaged (each rank would train on its own "
+                "gradient, silently), and a compiler backend cannot trace that forward at all. Call the wrapped "
+                "module in the step (`ddp.module(x)`: DDP's constructor gave every rank the same parameters) and "
+                "average the gradients yourself after `loss.backward()`: `for p in params: "
+                "torch.distributed.all_reduce(p.grad); p.grad /= world_size` (storch's estimators keep their own "
+                "state in sync, as eagerly); or run this step eagerly, without storch.compile")
+    fsdp1 = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
+    kind = ("FullyShardedDataParallel module" if isinstance(fsdp1, type) and isinstance(module, fsdp1)
+            else f"module sharded by fully_shard ({type(module).__name__})")
+    return (f"storch.compile cannot trace {_name(fn)}: it calls a {kind}, which gathers its sharded parameters "
+            "and reduces the gradients over the ranks in hooks around its forward and backward, outside the torch "
+            "program that a trace records. Run this step eagerly, without storch.compile")
+
+
+def _no_data_parallel_in_trace(fn):
+    """A global forward pre-hook of modules, registered for the trace only (removed after it) and active on the
+    tracing thread only: a call of a DDP or FSDP module is refused (see :func:`_data_parallel_message`). The
+    hook, not the modules the step reaches by name: a step that reaches ``ddp`` but calls ``ddp.module`` is
+    fine, and a DDP held by a plain object is called all the same."""
+    classes = _data_parallel_classes()
+    tracing_thread = threading.get_ident()
+
+    def refuse(module, args):
+        if isinstance(module, classes) and threading.get_ident() == tracing_thread:
+            raise StorchError(_data_parallel_message(fn, module))
+
+    @contextlib.contextmanager
+    def hooked():
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(refuse)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    return hooked()

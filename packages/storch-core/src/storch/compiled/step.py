@@ -23,8 +23,8 @@ from .finite import _finite_on_backward, _losses_among
 from .guards import _guard, _module_attributes, _reached_modules
 from .keys import _WATCHED_ARGUMENTS, _aliasing, _python_state_of, _signature, _watched, _watched_argument
 from .program import _Trace, _compile_graph, _compiled_by_inductor, _drop_identity_views, _fold_batch_views, _run
-from .refusals import _backward_message, _compiled_twice_message, _name, _no_backward_in_trace, _refuse_twice, \
-    _traceback_component
+from .refusals import _backward_message, _compiled_twice_message, _name, _no_backward_in_trace, \
+    _no_data_parallel_in_trace, _refuse_twice, _traceback_component
 from .state import _lift_state, _state_of, _Stateful, _stateful
 from .trace_mode import _TraceMode
 from .updates import _loss_graph_values, _Recorder, _update_on_backward
@@ -273,7 +273,7 @@ class CompiledStep(Generic[_P, _R]):
         python_random = _python_random_state()
         try:
             with torch.random.fork_rng(devices=devices), tracing_nodes(nodes, recorder), Graph(), \
-                    _no_backward_in_trace(self.fn), saved_values_unread():
+                    _no_backward_in_trace(self.fn), _no_data_parallel_in_trace(self.fn), saved_values_unread():
                 gm = make_fx(flat, pre_dispatch=True)(*tensors, probe)
         except StorchError:
             raise
@@ -372,7 +372,8 @@ def compile(fn: Optional[Callable[_P, _R]] = None, *, backend: Any = "inductor",
             ``storch.backward()``, returns plate tensors or non-tensors, uses an estimator whose update
             cannot be replayed (a trainable baseline module; a moving average, NVIL's learned baseline
             and an annealed temperature can, and learned control variates with ``backend=None``),
-            differentiates inside the step,
+            differentiates inside the step, calls a DistributedDataParallel or FSDP module (call
+            ``ddp.module`` and average the gradients after backward),
             captures a non-parameter tensor that requires grad, or branches on values.
 
     Example:
