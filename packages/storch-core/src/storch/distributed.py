@@ -4,7 +4,9 @@ Estimator state that must agree across processes is kept in sync by the estimato
 at the one place where it changes:
 
 - running statistics (the ``score`` estimator's moving-average baselines) are averaged over
-  the ranks before they are committed, so every rank holds the average of the global batch; per
+  the ranks before they are committed, so every rank holds the same average: of the ranks' mean
+  costs (the global batch's mean when the shards are of equal size; each rank's mean counts
+  equally otherwise, as in DDP's averaging of gradients); per
   step of a partition, over the ranks whose episodes reached that step (``partial=True``);
 - learned baselines (``score``'s ``"learned"``, NVIL, and trainable baseline modules) and learned
   control variates (``relax``, ``rebar``, ``lax``) average their gradient over the ranks before
