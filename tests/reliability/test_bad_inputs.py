@@ -376,3 +376,49 @@ def test_chain_size_guard_counts_the_data_plate_and_the_values_of_a_draw(monkeyp
     with storch.Graph():
         x = storch.denote_independent(torch.randn(64), 0, "data")
         storch.estimator("score", plate="z0", n_samples=8)(Bernoulli(logits=x))
+
+
+def test_backward_on_a_plate_tensor_names_the_routes_for_a_loss_that_trains_another_part():
+    """A GAN's discriminator loss on `x.detach()` of a storch sample: `.backward()` on it is refused, and the
+    message offers, beside storch.backward() (which, followed literally with the loss as an ordinary cost,
+    credits the generator's samples with the discriminator's loss), plain torch on the raw samples and
+    storch.add_cost(..., credit=False). Both give the discriminator the same gradient, from the same samples,
+    and leave the generator's gradient what it is without that loss; the ordinary cost changes it."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    D = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    theta = torch.zeros(4, requires_grad=True)
+    est = storch.estimator("score", plate="z", n_samples=3, baseline="leave_one_out")
+
+    def step(d_loss: str):
+        theta.grad = None
+        D.zero_grad()
+        torch.manual_seed(5)
+        with storch.Graph():
+            x = est(Bernoulli(logits=theta))
+            storch.add_cost(-F.logsigmoid(D(x).squeeze(-1)), name="g")
+            fake = D(x.detach()).squeeze(-1)
+            if d_loss == "refused":
+                F.binary_cross_entropy_with_logits(fake, torch.zeros(())).backward()
+            if d_loss in ("no credit", "credit"):
+                loss = F.binary_cross_entropy_with_logits(fake, torch.zeros(()), reduction="none")
+                storch.add_cost(loss, name="d", credit=d_loss == "credit")
+            raw = x.tensor.detach()
+            storch.backward()
+        if d_loss == "plain torch":  # the raw samples, plate dim first: the mean over them
+            F.binary_cross_entropy_with_logits(D(raw).squeeze(-1), torch.zeros(3)).backward()
+        return theta.grad.clone(), [p.grad.clone() for p in D.parameters()]
+
+    with pytest.raises(storch.PlateError) as info:
+        step("refused")
+    msg = str(info.value)
+    assert "storch.backward()" in msg and "x.tensor.detach()" in msg and "credit=False" in msg
+    g_alone, _ = step("none")
+    g_plain, d_plain = step("plain torch")
+    g_free, d_free = step("no credit")
+    g_credit, _ = step("credit")
+    assert torch.equal(g_plain, g_alone) and torch.allclose(g_free, g_alone, atol=1e-7)
+    for a, b in zip(d_free, d_plain):
+        assert torch.allclose(a, b, atol=1e-6), (a, b)
+    assert (g_credit - g_alone).abs().max() > 1e-3  # the discriminator's loss credited to the generator

@@ -183,8 +183,15 @@ def _new_per_entry(func, args, kwargs):
 def _no_backward(func, args, kwargs):
     """refused: call storch.backward() (the surrogate loss), not .backward() on a plate tensor"""
     raise PlateError(
-        "call storch.backward() (or differentiate storch.surrogate_loss()) instead of .backward() "
-        "on a PlateTensor: the surrogate loss is what carries the gradient estimators"
+        ".backward() on a PlateTensor: a value computed from storch's samples holds one entry per sample, and "
+        "its gradient is the gradient estimators' work. For the gradient of the step's costs (storch.add_cost), "
+        "call storch.backward() (or differentiate storch.surrogate_loss()). A loss that trains another part of "
+        "the model on the samples (a GAN discriminator's loss on `x.detach()`, a critic's regression) must not "
+        "become an ordinary cost, which would credit the samples with it (score-function gradient to the "
+        "parameters that drew them): compute it with plain torch on the raw samples (`D(x.tensor.detach())`, "
+        "the plate dims first) and call .backward() on that, or add it with "
+        "storch.add_cost(loss, name=..., credit=False), which storch.backward() differentiates as written, "
+        "without that credit"
     )
 
 
