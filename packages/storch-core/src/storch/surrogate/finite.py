@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -26,7 +26,7 @@ _AFTER = ("nothing was backpropagated, estimator state (moving averages, learned
 
 def _message(costs: list, nodes: list, after: str = _AFTER) -> str:
     """Why a surrogate loss is not finite: the costs that are not, or else the estimators of the graph."""
-    bad = [name for name, cost in costs if not bool(torch.isfinite(raw_of(cost).detach()).all())]
+    bad = [name for name, cost in costs if _holds(raw_of(cost), lambda t: ~torch.isfinite(t))]
     if bad:
         return (f"cost {', '.join(repr(b) for b in bad)} is not finite (NaN or inf), so its gradient would be too: "
                 f"{after}Find where the non-finite value comes from (e.g. log(0), NaN parameters, a diverging "
@@ -48,9 +48,12 @@ def refuse_on_backward(loss: torch.Tensor, graph: Graph) -> None:
     is not finite, as ``storch.backward()`` does (eagerly ``surrogate_loss().backward()`` of a step whose
     estimators have no update backpropagated a NaN loss silently: NaN gradients; with an update, the update's
     probe refused ``.backward()`` only). ``torch.autograd.grad`` of the loss is refused too: its gradients
-    would be NaN. Skipped inside torch.func transforms (``vmap``, whose batched values cannot be read, ``grad``:
-    the transform differentiates the loss, not a backward pass)."""
-    if _wrapped(loss):
+    would be NaN. Under ``torch.func.vmap`` the loss's batched values are checked (the tensor under the batching,
+    which the autograd outside vmap differentiates: ``vmap(step)(params).sum().backward()`` of an ensemble with a NaN
+    member is refused, as that member's step would be eagerly); skipped under ``torch.func.grad`` and the other
+    differentiating transforms, which differentiate the loss themselves."""
+    loss = _outside(loss)
+    if loss is None:
         return
     if loss.is_cpu:  # the message is made now, only for a non-finite loss: from the graph as it is
         hook_unless_finite(loss, lambda: _message(list(graph.costs), list(graph.nodes), _ON_BACKWARD))
@@ -93,10 +96,21 @@ def _finite(t: torch.Tensor) -> bool:
     return math.isfinite(t.item()) if t.dim() == 0 else bool(torch.isfinite(t.detach()).all())
 
 
-def _wrapped(t: torch.Tensor) -> bool:
-    """``t`` is a torch.func transform's tensor (vmap's batched, grad's tracking one): its value cannot always be read
-    (``item()`` under vmap raises), and the transform, not a backward pass of the user's, differentiates it."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+def _holds(t: torch.Tensor, test: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether ``test`` holds for an entry of ``t`` (for the messages: under vmap, of the values it batches)."""
+    plain = _outside(t.detach())
+    return plain is not None and bool(test(plain).any())
+
+
+def _outside(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """The tensor a backward pass outside torch.func's transforms reaches for ``t``: ``t`` itself, or under
+    ``vmap`` the plain tensor it batches (whose autograd node is the vmapped result's: its values can be read,
+    where ``item()`` of the batched one raises); None under a differentiating transform (``grad``, ``jvp``,
+    ``vjp``: it differentiates ``t`` itself, not a backward pass of the user's)."""
+    functorch = torch._C._functorch
+    while functorch.is_batchedtensor(t):
+        t = functorch.get_unwrapped(t)
+    return None if functorch.is_functorch_wrapped_tensor(t) else t
 
 
 def _infinite_logits_hint(nodes: list) -> str:
@@ -109,7 +123,7 @@ def _infinite_logits_hint(nodes: list) -> str:
             d = d.base_dist
         logits = d.__dict__.get("logits") if isinstance(d, (torch.distributions.Bernoulli,
                                                             torch.distributions.Binomial)) else None
-        if isinstance(logits, torch.Tensor) and bool(torch.isinf(raw_of(logits).detach()).any()):
+        if isinstance(logits, torch.Tensor) and _holds(raw_of(logits), torch.isinf):
             found.append(f"{n.estimator.name!r} (plate {n.plate.name!r}, a {type(d).__name__})")
     if not found:
         return ""

@@ -126,8 +126,8 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     does, before it accumulates any gradient of the loss: ``.backward()`` and ``torch.autograd.grad`` alike, whose
     gradients would be NaN. On the CPU the loss's value is read when it is built (a finite one costs nothing
     more); on an accelerator when the pass reaches it (reading it waits for the device, as ``storch.backward()``
-    does). Not inside torch.func transforms (``vmap``, ``grad``), whose values cannot be read there: a NaN member
-    of a vmapped surrogate gives NaN gradients.
+    does). Under ``torch.func.vmap`` the batched values are read (an ensemble with a NaN member is refused on
+    backward outside vmap); not under ``torch.func.grad`` and the other differentiating transforms.
 
     Raises:
         OrderError: an estimator upstream of a cost is not unbiased to ``order``. Like every
@@ -138,7 +138,7 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     """
     graph = graph or current_graph()
     loss = unchecked_surrogate_loss(order, graph)
-    if loss.grad_fn is not None and tracing_recorder() is None:  # (storch.compile checks its replays' losses itself)
+    if tracing_recorder() is None:  # (storch.compile checks its replays' losses itself)
         refuse_on_backward(loss, graph)
     return loss
 
