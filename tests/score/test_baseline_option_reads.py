@@ -4,6 +4,9 @@ override's bytecode: any attribute or string spelled like the option's ("baselin
 counted as a read, a staticmethod or an overridden control_variate was not looked at, and a helper in another module
 or in a mixin after Score in the MRO was not followed (found by review). It now reads the override's syntax tree."""
 
+import inspect
+import textwrap
+
 import pytest
 import torch
 from torch.distributions import Bernoulli
@@ -206,3 +209,110 @@ def test_the_control_variate_of_the_option_halved():
     b = 0.5 * (c.sum() - c) / 3
     (want,) = torch.autograd.grad(((c - b) * Bernoulli(logits=theta).log_prob(x).sum(-1)).mean(), theta)
     torch.testing.assert_close(got, want)
+
+
+# -- code without source (exec, python -c, stdin, .pyc-only): its bytecode is read (found by review: every such
+# override was refused, super().baseline(node, cost) included) -----------------------------------------------------
+
+
+def _without_source(body: str, name: str):
+    """``class <name>(Score)`` with the methods ``body``, defined by exec: inspect.getsource has nothing to read."""
+    src = f"class {name}(S):\n    name = 'test_reads_{name.lower()}'\n" + textwrap.indent(textwrap.dedent(body), "    ")
+    scope = {"S": S, "storch": storch, "baseline_helpers": baseline_helpers, "torch": torch, "magic_box": magic_box}
+    exec(compile(src, "<exec>", "exec"), scope)
+    return scope[name]
+
+
+EXEC_READING = {
+    "ExecSuper": "def baseline(self, node, cost):\n    return super().baseline(node, cost)\n",
+    "ExecScore": "def baseline(self, node, cost):\n    b = S.baseline(self, node, cost)\n    return b\n",
+    "ExecAlias": "def baseline(self, node, cost):\n    est = self\n    return S.baseline(est, node, cost)\n",
+    "ExecHelper": "def baseline(self, node, cost):\n    return self.helper(node, cost)\n"
+                  "def helper(self, node, cost):\n    return super().baseline(node, cost)\n",
+    "ExecModuleHelper": "def baseline(self, node, cost):\n"
+                        "    return 2.0 * baseline_helpers.half_of_the_option(self, node, cost)\n",
+    "ExecRegistry": "def baseline(self, node, cost):\n"
+                    "    return storch.get_estimator_class('score').baseline(self, node, cost)\n",
+    "ExecCv": "def control_variate(self, node, cost):\n    return super().control_variate(node, cost)\n",
+}
+EXEC_DROPPING = {
+    "ExecPlain": ("def baseline(self, node, cost):\n    return cost.tensor.mean()\n", "baseline"),
+    "ExecCritic": ("def baseline(self, node, cost):\n    self.critic.moving_averages['seen'] = True\n"
+                   "    return self.critic.baseline(cost.tensor)\n", "baseline"),
+    "ExecCostName": ("def baseline(self, node, cost):\n    return torch.tensor(0.3 if cost.name == 'a' else 0.9)\n",
+                     "baseline"),
+    "ExecCv": ("def control_variate(self, node, cost):\n    return (1.0 - magic_box(node.gradient_values)) * 0.5\n",
+               "control_variate"),
+}
+
+
+@pytest.mark.parametrize("name", list(EXEC_READING))
+def test_an_override_without_source_that_reads_the_option_is_accepted(name):
+    cls = _without_source(EXEC_READING[name], name)
+    with pytest.raises(OSError):
+        inspect.getsource(cls.__dict__["baseline" if "baseline" in cls.__dict__ else "control_variate"])
+    for option in ("leave_one_out", "moving_average", "learned"):
+        assert cls(plate="z", n_samples=3, baseline=option).baseline_kind != "none"
+
+
+@pytest.mark.parametrize("name", list(EXEC_DROPPING))
+def test_an_override_without_source_that_drops_the_option_is_refused(name):
+    body, method = EXEC_DROPPING[name]
+    cls = _without_source(body, name)
+    with pytest.raises(storch.OptionError, match=rf"{name} \('test_reads_{name.lower()}'\) defines its own {method}"
+                                                 rf".*the source of {name}.{method} could not be read, its bytecode "
+                                                 r"was read instead.*reads_baseline_option = True"):
+        cls(plate="z", n_samples=3, baseline="moving_average")
+    assert cls(plate="z", n_samples=3).baseline_kind == "none"
+
+
+@pytest.mark.parametrize("name", ["ExecSuper", "ExecModuleHelper", "ExecRegistry"])
+def test_an_accepted_override_without_source_uses_the_option_s_baseline(name):
+    test_an_accepted_override_uses_the_option_s_baseline(_without_source(EXEC_READING[name], name), 1.0)
+
+
+# -- spellings: the registry's class; the option's state of another object (found by review) -----------------------
+
+
+class ViaRegistry(S):
+    name = "test_reads_registry"
+
+    def baseline(self, node, cost):
+        return storch.get_estimator_class("score").baseline(self, node, cost)  # Score.baseline, looked up
+
+
+class ViaNodeEstimatorState(S):
+    name = "test_reads_node_estimator_state"
+
+    def baseline(self, node, cost):
+        return None if node.estimator.baseline_kind == "none" else S.baseline(self, node, cost)
+
+
+class _CriticWithState(_Critic):
+    def __init__(self):
+        super().__init__()
+        self.moving_averages: dict = {}
+
+
+class CriticsMovingAverages(S):
+    name = "test_reads_critic_state"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.critic = _CriticWithState()
+
+    def baseline(self, node, cost):
+        self.critic.moving_averages["seen"] = True  # the critic's state, not the option's
+        return getattr(self.critic, "baseline_fn", None) or self.critic.baseline(cost.tensor)
+
+
+def test_the_registry_s_score_baseline_reads_the_option():
+    assert ViaRegistry(plate="z", n_samples=3, baseline="leave_one_out").baseline_kind == "leave_one_out"
+    test_an_accepted_override_uses_the_option_s_baseline(ViaRegistry, 1.0)
+    assert ViaNodeEstimatorState(plate="z", n_samples=3, baseline="moving_average").baseline_kind == "moving_average"
+
+
+def test_another_object_s_option_state_is_no_read():
+    with pytest.raises(storch.OptionError, match=r"CriticsMovingAverages .* defines its own baseline"):
+        CriticsMovingAverages(plate="z", n_samples=3, baseline="moving_average")
+    assert CriticsMovingAverages(plate="z", n_samples=3).baseline_kind == "none"

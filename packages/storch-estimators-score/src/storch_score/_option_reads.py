@@ -8,8 +8,11 @@ class attribute ``name``) and follows what it calls on the estimator: ``super().
 ``control_variate``, ``self.<state>`` for the option's state (``_OPTION_STATE``, also as a string constant:
 ``getattr(self, "moving_averages")``), and, through them, the methods (of the class, its mixins wherever they
 sit in the MRO, and ``super()``'s), properties and functions (global, closure, ``module.function``) it passes
-the estimator to. A ``staticmethod`` reaches no estimator. What it cannot follow (code without source, a
-helper held in an instance attribute) does not count as a read: the error then says how to declare the read
+the estimator to. A ``staticmethod`` reaches no estimator. The option's state counts only on the estimator
+(``self.critic.moving_averages`` is the critic's). Where a function has no source (``exec``, ``python -c``, a
+``.pyc``-only install), its bytecode is read instead (``_Code``): the same reads, with the receivers found from the
+instructions that load them. What it cannot follow (a helper held in an instance attribute, a helper that gets the
+estimator only through ``node``) does not count as a read: the error then says how to declare the read
 (``reads_baseline_option = True``).
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import dis
 import functools
 import inspect
 import sys
@@ -97,9 +101,9 @@ class _Reader:
             return False
         self.seen.add(key)
         tree = _syntax_tree(fn)
-        if tree is None:
+        if tree is None:  # no source: read its bytecode
             self.unreadable.append(fn.__qualname__)
-            return False
+            return _Code(self, _scope(fn), selves, owner, depth).reads(code)
         return _Walk(self, fn, selves, owner, depth).reads(tree)
 
 
@@ -110,13 +114,7 @@ class _Walk:
                  depth: int) -> None:
         self.reader, self.owner, self.depth = reader, owner, depth
         self.selves = set(selves)
-        self.scope: dict = dict(vars(builtins))
-        self.scope.update(fn.__globals__)
-        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
-            try:
-                self.scope[name] = cell.cell_contents
-            except ValueError:  # (an empty cell)
-                pass
+        self.scope = _scope(fn)
 
     def reads(self, tree: ast.AST) -> bool:
         nodes = list(ast.walk(tree))
@@ -141,26 +139,30 @@ class _Walk:
                         if isinstance(t, ast.Name) and t.id not in self.selves:
                             self.selves.add(t.id)
                             grown = True
+        # getattr(x, "name"): read as x.name (the name alone is no read: getattr(self.critic, "moving_averages"))
+        self.named = {id(n.args[1]) for n in nodes if isinstance(n, ast.Call) and self.is_getattr(n)}
         return any(self.node_reads(n) for n in nodes)
 
+    def is_getattr(self, n: ast.AST) -> bool:
+        return isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and self.scope.get(n.func.id) is getattr \
+            and len(n.args) >= 2 and isinstance(n.args[1], ast.Constant) and isinstance(n.args[1].value, str)
+
     def node_reads(self, n: ast.AST) -> bool:
-        if isinstance(n, ast.Constant):
-            return isinstance(n.value, str) and n.value in _OPTION_STATE  # getattr(self, "moving_averages")
+        if isinstance(n, ast.Constant):  # a string naming the option's state: vars(self)["moving_averages"]
+            return isinstance(n.value, str) and n.value in _OPTION_STATE and id(n) not in self.named
         if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Load):
             return self.attribute_reads(n.value, n.attr)
         if isinstance(n, ast.Call):
-            f = n.func
-            if isinstance(f, ast.Name) and self.scope.get(f.id) is getattr and len(n.args) >= 2 \
-                    and isinstance(n.args[1], ast.Constant) and isinstance(n.args[1].value, str):
-                return self.attribute_reads(n.args[0], n.args[1].value)
+            if self.is_getattr(n):
+                return self.attribute_reads(n.args[0], n.args[1].value)  # type: ignore[attr-defined]
             return self.call_reads(n)
         return False
 
     def attribute_reads(self, value: ast.AST, attr: str) -> bool:
-        """``value.attr``: a member of the estimator, of ``super()``, or of a Score class."""
+        """``value.attr``: a member of the estimator (the option's state included: ``self.moving_averages``,
+        ``node.estimator.baseline_fn``), of ``super()``, or of a Score class; another receiver's
+        (``self.critic.moving_averages``) is no read."""
         r = self.reader
-        if attr in _OPTION_STATE:  # (on any receiver: node.estimator.moving_averages)
-            return True
         sup = self.super_of(value)
         if sup is not None:
             return r.member(r.cls, attr, sup, self.depth)
@@ -226,6 +228,34 @@ class _Walk:
                 return inspect.getattr_static(holder, e.attr)
             except AttributeError:
                 return None
+        if isinstance(e, ast.Call) and not e.keywords and all(isinstance(a, ast.Constant) for a in e.args):
+            # storch.get_estimator_class("score"): the registered class
+            return _estimator_class_of(self.resolve(e.func), [a.value for a in e.args])  # type: ignore[attr-defined]
+        return None
+
+
+def _scope(fn: types.FunctionType) -> dict:
+    """The names ``fn`` sees: builtins, its globals, its closure."""
+    scope: dict = dict(vars(builtins))
+    scope.update(fn.__globals__)
+    for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+        try:
+            scope[name] = cell.cell_contents
+        except ValueError:  # (an empty cell)
+            pass
+    return scope
+
+
+def _estimator_class_of(fn: Any, args: list) -> Any:
+    """``storch.get_estimator_class("score")`` (``fn`` called with the constants ``args``): the registered class,
+    or None."""
+    if fn is None or fn is not getattr(sys.modules.get("storch"), "get_estimator_class", None):
+        return None
+    if len(args) != 1 or not isinstance(args[0], str):
+        return None
+    try:
+        return fn(args[0])
+    except Exception:  # (an unknown name: no class, no read)
         return None
 
 
@@ -246,3 +276,213 @@ def _syntax_tree(fn: types.FunctionType) -> Optional[ast.AST]:
         if isinstance(n, ast.Lambda) and name == "<lambda>":
             return n
     return None
+
+
+# -- code without source: its bytecode ---------------------------------------------------------------------------
+
+_SKIP = frozenset({"CACHE", "EXTENDED_ARG", "NOP", "PRECALL", "PUSH_NULL", "RESUME", "COPY_FREE_VARS", "MAKE_CELL",
+                   "NOT_TAKEN"})
+_FAST_LOADS = frozenset({"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW", "LOAD_FAST_AND_CLEAR"})
+_CELL_LOADS = frozenset({"LOAD_DEREF", "LOAD_CLOSURE", "LOAD_CLASSDEREF", "LOAD_FROM_DICT_OR_DEREF"})
+_GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"})
+_PAIRS = {"LOAD_FAST_LOAD_FAST": ("LOAD_FAST", "LOAD_FAST"),  # (3.13+: two instructions in one)
+          "LOAD_FAST_BORROW_LOAD_FAST_BORROW": ("LOAD_FAST", "LOAD_FAST"),
+          "STORE_FAST_LOAD_FAST": ("STORE_FAST", "LOAD_FAST"), "STORE_FAST_STORE_FAST": ("STORE_FAST", "STORE_FAST")}
+_ATTRS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
+_CALLS = frozenset({"CALL", "CALL_FUNCTION", "CALL_METHOD", "CALL_KW", "CALL_FUNCTION_KW"})
+_STORES = frozenset({"STORE_FAST", "STORE_DEREF", "STORE_NAME"})
+_EST, _EST_CLASS, _UNKNOWN = ("estimator",), ("estimator class",), ("?",)
+
+
+class _Code:
+    """One function's bytecode, for code without source: the reads of :class:`_Walk`, each receiver read off the
+    instructions that push it (a name, ``x.estimator``, ``super()``, a dotted global, ``get_estimator_class("...")``,
+    a call's arguments), expression by expression backwards from the instruction that uses it. Instruction sequences
+    it does not know (a conditional expression as a receiver, ``*args``) are no read."""
+
+    def __init__(self, reader: _Reader, scope: dict, selves: set, owner: Optional[type], depth: int) -> None:
+        self.reader, self.scope, self.owner, self.depth = reader, scope, owner, depth
+        self.selves = set(selves)
+
+    def reads(self, code: types.CodeType) -> bool:
+        self.cells = set(code.co_cellvars)  # its own locals held in cells: not the scope's names
+        ins: list = []  # (opname, argval, arg), the no-ops left out and a pair of loads split
+        kw: tuple = ()
+        for i in dis.get_instructions(code):
+            if i.opname in _SKIP:
+                continue
+            if i.opname == "KW_NAMES":  # (3.11, 3.12: the keyword names of the next call)
+                kw = i.argval if isinstance(i.argval, tuple) else ()
+                continue
+            if i.opname in _PAIRS and isinstance(i.argval, tuple):
+                ins += [(op, name, None) for op, name in zip(_PAIRS[i.opname], i.argval)]
+                continue
+            ins.append((i.opname, i.argval, (i.arg, kw) if i.opname in _CALLS else i.arg))
+            if i.opname in _CALLS:
+                kw = ()
+        self.ins = ins
+        self.memo: dict = {}
+        grown = True  # aliases of the estimator: est = self, est = node.estimator (to a fixed point)
+        while grown:
+            grown = False
+            for k, (op, name, _) in enumerate(ins):
+                if op in _STORES and k and name not in self.selves and self.value(k - 1) is _EST:
+                    self.selves.add(name)
+                    self.memo.clear()
+                    grown = True
+        named = set()  # getattr(x, "name"): read as x.name
+        for k, (op, _, _) in enumerate(ins):
+            if op in _CALLS:
+                got = self.call(k)
+                if got is not None and got[2] == ("value", getattr) and len(got[3]) >= 2:
+                    named.add(got[3][1][0])
+        for k, (op, name, _) in enumerate(ins):
+            if op == "LOAD_CONST" and isinstance(name, types.CodeType):  # a nested function, lambda, comprehension
+                if _Code(self.reader, self.scope, self.selves, self.owner, self.depth).reads(name):
+                    return True
+            elif op == "LOAD_CONST" and isinstance(name, str) and name in _OPTION_STATE and k not in named:
+                return True
+            elif (op in _ATTRS or op == "LOAD_SUPER_ATTR") and self.attribute_reads(k):
+                return True
+            elif op in _CALLS and self.call_reads(k):
+                return True
+        return False
+
+    def attribute_reads(self, k: int) -> bool:
+        op, attr, _ = self.ins[k]
+        r = self.reader
+        if op == "LOAD_SUPER_ATTR":  # (3.12+: super, its class, self, then the attribute)
+            got = self.operands(k, 3)
+            after = got[1][1] if got is not None else None
+            return r.member(r.cls, attr, after if isinstance(after, type) else self.owner, self.depth)
+        return self.member_reads(self.value(k - 1), attr)
+
+    def member_reads(self, receiver: Any, attr: str) -> bool:
+        """``receiver.attr``, the receiver a value of :meth:`expr`."""
+        r = self.reader
+        if receiver is None:
+            return False
+        if receiver is _EST or receiver is _EST_CLASS:
+            return r.member(r.cls, attr, None, self.depth)
+        if receiver[0] == "super":
+            return r.member(r.cls, attr, receiver[1], self.depth)
+        if receiver[0] == "value" and isinstance(receiver[1], type) and issubclass(receiver[1], r.score):
+            return r.member(receiver[1], attr, None, self.depth)
+        return False
+
+    def call_reads(self, k: int) -> bool:
+        """A function the estimator is passed to (as in :meth:`_Walk.call_reads`)."""
+        got = self.call(k)
+        if got is None:
+            return False
+        _, f_end, f, args, kwnames = got
+        if f == ("value", getattr) and len(args) >= 2 and args[1][1][0] == "value" and isinstance(args[1][1][1], str):
+            return self.member_reads(args[0][1], args[1][1][1])  # getattr(self, "moving_averages")
+        n_pos = len(args) - len(kwnames)
+        positions: set = {j for j, (_, v) in enumerate(args[:n_pos]) if v is _EST}
+        positions |= {name for name, (_, v) in zip(kwnames, args[n_pos:]) if v is _EST}
+        if not positions or f[0] != "value":
+            return False
+        owner = None
+        f_op, f_attr, _ = self.ins[f_end]
+        if f_op in _ATTRS:
+            holder = self.value(f_end - 1)
+            if holder is None or holder[0] != "value":
+                return False  # a member of the estimator or of super(): attribute_reads followed it
+            if isinstance(holder[1], type):
+                if issubclass(holder[1], self.reader.score):
+                    return False  # Score.baseline(self, ...): attribute_reads followed it
+                owner = next((c for c in holder[1].__mro__ if f_attr in vars(c)), None)
+        return self.reader.function(f[1], positions, owner, self.depth + 1)
+
+    # -- expressions, read backwards ---------------------------------------------------------------------------
+
+    def value(self, k: int) -> Any:
+        got = self.expr(k)
+        return None if got is None else got[1]
+
+    def expr(self, k: int) -> Optional[tuple[int, Any]]:
+        """The expression whose last instruction is ``k``: (its first instruction, its value: ``_EST``,
+        ``_EST_CLASS``, ("super", the class after which it looks up), ("value", an object of the scope) or
+        ``_UNKNOWN``), or None where the instructions are not one known expression."""
+        if k < 0:
+            return None
+        if k not in self.memo:
+            self.memo[k] = None  # (no cycles: each step reads earlier instructions)
+            self.memo[k] = self._expr(k)
+        return self.memo[k]
+
+    def _expr(self, k: int) -> Optional[tuple[int, Any]]:
+        op, name, _ = self.ins[k]
+        if op == "LOAD_CONST":
+            return k, ("value", name)
+        if op in _FAST_LOADS or op in _CELL_LOADS:
+            if name in self.selves:
+                return k, _EST
+            if op in _CELL_LOADS and name not in self.cells and name in self.scope:  # (a closure's)
+                return k, ("value", self.scope[name])
+            return k, _UNKNOWN
+        if op in _GLOBAL_LOADS:
+            return k, (("value", self.scope[name]) if name in self.scope else _UNKNOWN)
+        if op in _ATTRS:
+            got = self.expr(k - 1)
+            if got is None:
+                return None
+            start, holder = got
+            if name == "estimator":
+                return start, _EST
+            if name == "__class__" and holder is _EST:
+                return start, _EST_CLASS
+            if holder[0] == "value":
+                try:
+                    return start, ("value", inspect.getattr_static(holder[1], name))
+                except AttributeError:
+                    return start, _UNKNOWN
+            return start, _UNKNOWN
+        if op == "LOAD_SUPER_ATTR":
+            got = self.operands(k, 3)
+            return None if got is None else (got[0][0], _UNKNOWN)
+        if op in _CALLS:
+            got = self.call(k)
+            if got is None:
+                return None
+            f_start, _, f, args, kwnames = got
+            if f[0] == "value" and f[1] is super:  # super() / super(C, self)
+                after = args[0][1][1] if args and args[0][1][0] == "value" else None
+                return f_start, ("super", after if isinstance(after, type) else self.owner)
+            if f[0] == "value" and not kwnames and all(v[0] == "value" for _, v in args):
+                cls = _estimator_class_of(f[1], [v[1] for _, v in args])
+                if cls is not None:  # storch.get_estimator_class("score")
+                    return f_start, ("value", cls)
+            return f_start, _UNKNOWN
+        return None
+
+    def operands(self, k: int, n: int) -> Optional[list]:
+        """The ``n`` expressions that end just before ``k``, first to last, as (start, value)."""
+        out: list = []
+        end = k - 1
+        for _ in range(n):
+            got = self.expr(end)
+            if got is None:
+                return None
+            out.append(got)
+            end = got[0] - 1
+        return out[::-1]
+
+    def call(self, k: int) -> Optional[tuple[int, int, Any, list, tuple]]:
+        """The call at ``k``: (its first instruction, the function expression's last, the function's value, the
+        arguments as (start, value), the keyword names of the last arguments)."""
+        op, _, (n, kwnames) = self.ins[k]
+        end = k
+        if op in ("CALL_KW", "CALL_FUNCTION_KW"):  # the names are a constant on top of the arguments
+            if k < 1 or self.ins[k - 1][0] != "LOAD_CONST" or not isinstance(self.ins[k - 1][1], tuple):
+                return None
+            kwnames, end = self.ins[k - 1][1], k - 1
+        args = self.operands(end, n)
+        if args is None:
+            return None
+        f_end = (args[0][0] if args else end) - 1
+        f = self.expr(f_end)
+        if f is None:
+            return None
+        return f[0], f_end, f[1], args, tuple(kwnames)

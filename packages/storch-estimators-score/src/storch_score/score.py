@@ -68,8 +68,8 @@ class Score(Estimator):
             ``baseline`` replaces the option's baseline (``super().baseline(node, cost)`` reads it); one
             whose ``baseline`` (or ``control_variate``) never reads the option, given one other than
             ``"none"`` or ``"greedy"``, raises :class:`storch.OptionError` (the option would be ignored).
-            Whether it reads it is read from its source (``reads_baseline_option = True`` on the class
-            declares a read storch does not follow).
+            Whether it reads it is read from its source, or its bytecode where it has none
+            (``reads_baseline_option = True`` on the class declares a read storch does not follow).
         decay: the moving average's decay in [0, 1): b <- decay·b + (1 - decay)·mean cost (also
             NVIL's running mean c).
         lr: Adam learning rate of a learned baseline's regression on the cost.
@@ -633,7 +633,7 @@ def _ignored_message(cls: type, name: str, method: str, baseline: Any) -> str:
     if cls.reads_baseline_option is None:
         _, unreadable = reads_option(cls, Score)
         if unreadable:
-            how += f"; the source of {', '.join(unreadable)} could not be read"
+            how += f"; the source of {', '.join(unreadable)} could not be read, its bytecode was read instead"
     return (f"{cls.__qualname__} ({name!r}) defines its own {method}(node, cost), which does not read the "
             f"baseline option (it {how}), so baseline={baseline!r} would be ignored. Create it with "
             f"baseline='none' (the default: your {method}() is the baseline), or combine the option's baseline in "
