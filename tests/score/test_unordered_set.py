@@ -323,3 +323,86 @@ def test_reduced_precision_set_weights_and_baseline_match_float64(dtype):
         f = (400 + 20 * (x * scale).sum(-1)).double()  # the costs the estimator saw (rounded to the dtype)
         want = _set_gradient_float64(theta, x, f)
         assert (g.double() - want).norm() / want.norm() < 0.02, seed
+
+
+class _Coins(torch.distributions.Distribution):
+    """Independent coins, P(1) = sigmoid(weight): an enumerable distribution whose parameter is named neither
+    ``logits`` nor ``probs``."""
+
+    arg_constraints: dict = {}
+    support = torch.distributions.constraints.boolean
+    has_enumerate_support = True
+
+    def __init__(self, weight):
+        self.weight = weight
+        super().__init__(weight.shape, validate_args=False)
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return torch.bernoulli(torch.sigmoid(self.weight).expand(self._extended_shape(sample_shape)))
+
+    def log_prob(self, value):
+        w = self.weight.expand(value.shape)
+        return -F.binary_cross_entropy_with_logits(w, value.to(w.dtype), reduction="none")
+
+    def enumerate_support(self, expand=True):
+        v = torch.arange(2, dtype=self.weight.dtype).reshape((2,) + (1,) * len(self.batch_shape))
+        return v.expand((2,) + self.batch_shape) if expand else v
+
+
+def test_a_float64_model_s_l_and_w_are_float64_whatever_its_parameters_are_named():
+    """The model's dtype was guessed from a ``logits`` / ``probs`` attribute, else the default dtype: 40 coins of
+    float64 parameters under another name (too many joint values to list: the i.i.d. sampler), with float32 the
+    default dtype, got l and w cast to float32 (w off by ~1e-8 relative). They now take the dtype of the model's
+    log-probabilities: float64, and w equals p(s) p^{D∖s}(S∖s) / p(S) by hand (k = 2) to 1e-12."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        torch.manual_seed(0)
+        theta = (0.5 * torch.randn(40, dtype=torch.float64)).requires_grad_(True)
+        with storch.Graph():
+            z = storch.estimator("unordered_set", plate="z", n_samples=2)(_Coins(theta))
+            storch.add_cost(((z - 0.3) ** 2).sum(), name="c")
+            node = storch.current_graph().nodes[0]
+            l, w = node.estimator.gradient_function(node), node.estimator.weighting_function(node)
+            (g,) = torch.autograd.grad(storch.surrogate_loss(), theta)
+            x = z.tensor.detach()
+    finally:
+        torch.set_default_dtype(default)
+    assert l.dtype == w.dtype == g.dtype == torch.float64
+    lp = Bernoulli(logits=theta.detach()).log_prob(x).sum(-1)  # (2,)
+    assert torch.equal(l.detach(), lp)
+    p = lp.exp()
+    p_set = p[0] * p[1] / (1 - p[0]) + p[1] * p[0] / (1 - p[1])  # p(S), both orders
+    want = torch.stack([p[0] * p[1] / (1 - p[0]), p[1] * p[0] / (1 - p[1])]) / p_set
+    torch.testing.assert_close(w, want, rtol=1e-12, atol=0)
+
+
+def test_a_float64_model_s_baseline_stays_float64_for_float32_costs():
+    """A float64 model with float32 costs: b(s) = Σ_s' A[s, s'] f(s') was cast to the cost's float32 (since the
+    float16 / bfloat16 change); as before it, b is float64, the same bits as for the same costs in float64 (the
+    float32 costs promote exactly), and the gradient matches the float64 formula on the same sample."""
+    seen = []
+
+    class Recording(type(storch.estimator("unordered_set", plate="z", n_samples=2))):
+        name = "test_unordered_set_recording"
+
+        def baseline(self, node, cost):
+            b = super().baseline(node, cost)
+            seen.append(b)
+            return b
+
+    got = []
+    for as_float64 in (False, True):
+        torch.manual_seed(1)
+        theta = (0.5 * torch.randn(40)).requires_grad_(True)
+        with storch.Graph():
+            z = Recording(plate="z", n_samples=4)(Bernoulli(logits=theta))
+            c = ((z.to(torch.float32) - 0.3) ** 2).sum()  # float32 costs of a float64 model
+            storch.add_cost(c.to(torch.float64) if as_float64 else c, name="c")
+            (g,) = torch.autograd.grad(storch.surrogate_loss(), theta)
+            got.append((seen[-1], g, z.tensor.detach(), c.tensor.detach()))
+    (b32, g32, x, f), (b64, _, _, _) = got
+    assert b32.dtype == torch.float64 and torch.equal(b32, b64)
+    want = _set_gradient_float64(theta, x, f.double())
+    torch.testing.assert_close(g32, want, rtol=1e-12, atol=1e-14)

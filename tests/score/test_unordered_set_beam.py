@@ -102,7 +102,7 @@ def test_beam_extreme_logits_no_nan():
         storch.add_cost(((b - 0.45) ** 2).sum())
         g, = torch.autograd.grad(storch.surrogate_loss(), theta)
     assert torch.isfinite(g).all()
-    values, lp, _ = stochastic_beam_search(_node_for(theta), 8)
+    values, lp, _, _ = stochastic_beam_search(_node_for(theta), 8)
     assert torch.isfinite(lp).all() and values.shape[0] == 8
 
 
@@ -137,9 +137,9 @@ def _beam_codes(dist_fn, theta, k, max_candidates, n_cat, sampler=None):
         est(dist_fn(th))
         node = g.nodes[0]
     if sampler is None:
-        values, lp, _ = stochastic_beam_search(node, k, max_candidates)  # (k, R, n[, K])
+        values, lp, _, _ = stochastic_beam_search(node, k, max_candidates)  # (k, R, n[, K])
     else:
-        values, lp, _ = sampler(node, k)
+        values, lp, _, _ = sampler(node, k)
     if values.dim() == 4:  # one-hot
         values = values.argmax(-1)
     n = values.shape[-1]

@@ -194,7 +194,7 @@ def _tables_on(n_cat: int, sizes: tuple, device: torch.device, dtype: torch.dtyp
 
 
 def stochastic_beam_search(node: Node, k: int, max_candidates: Optional[int] = None
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]:
     """An ordered sample without replacement of ``k`` joint values of the node.
 
     Stochastic beam search over the tree whose level c fixes the variables of chunk c (m_c variables,
@@ -210,9 +210,11 @@ def stochastic_beam_search(node: Node, k: int, max_candidates: Optional[int] = N
             number of rows; 2 (K = 2) gives one variable per step).
 
     Returns:
-        ``(values, logp, g)``: ``values`` of shape ``(k, *parents, *own_batch, *event)``, the joint
-        log-probabilities ``logp`` of shape ``(k, *parents)``, carrying gradient, and the perturbed
-        log-probabilities ``g`` (their Gumbels), which a partition's next step conditions on.
+        ``(values, logp, g, dtype)``: ``values`` of shape ``(k, *parents, *own_batch, *event)``, the joint
+        log-probabilities ``logp`` of shape ``(k, *parents)``, carrying gradient (float32 for a float16 /
+        bfloat16 model, ``to_work``), the perturbed log-probabilities ``g`` (their Gumbels), which a
+        partition's next step conditions on, and the dtype of the model's own log-probabilities (``logp``'s
+        before ``to_work``: the dtype the estimator returns l and w in).
     """
     d = node.distribution
     support = d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
@@ -244,11 +246,12 @@ def stochastic_beam_search(node: Node, k: int, max_candidates: Optional[int] = N
         logp = logp.masked_fill(torch.isneginf(phi.t()), -math.inf)  # phi: (P, m)
     # contiguous in (m, P, n) order (``choices`` is a transposed view; an indexed result follows its layout)
     values = support.reshape((n_cat,) + event)[choices.contiguous()]  # (m, P, n, *event)
-    return values.reshape((m,) + parents + own + event), logp.reshape((m,) + parents), g.reshape((m,) + parents)
+    return (values.reshape((m,) + parents + own + event), logp.reshape((m,) + parents), g.reshape((m,) + parents),
+            lp.dtype)
 
 
 def sample_without_replacement(node: Node, k: int, draws: Optional[int] = None
-                               ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                               ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.dtype]:
     """An ordered sample without replacement of ``k`` joint values of the node: the same
     distribution as :func:`stochastic_beam_search` (Gumbel-top-k over the joint), drawn faster.
 
@@ -266,7 +269,7 @@ def sample_without_replacement(node: Node, k: int, draws: Optional[int] = None
     sample that needs padding, or more than 2^53 joint values, take :func:`stochastic_beam_search`).
 
     Returns:
-        ``(values, logp, g)`` as :func:`stochastic_beam_search`; ``g`` is ``None`` when no beam
+        ``(values, logp, g, dtype)`` as :func:`stochastic_beam_search`; ``g`` is ``None`` when no beam
         ran for all rows (:func:`order_gumbels` draws the perturbed values given the sample).
     """
     d = node.distribution
@@ -314,7 +317,7 @@ def sample_without_replacement(node: Node, k: int, draws: Optional[int] = None
         values = support.reshape((n_cat,) + event)[choices.contiguous()]  # (k, P, n, *event)
     if logp.shape != (k,) + parents:  # (a reshape to its own shape is still an autograd node)
         logp = logp.reshape((k,) + parents)
-    return values.reshape((k,) + parents + own + event), logp, None
+    return values.reshape((k,) + parents + own + event), logp, None, lp.dtype
 
 
 def _first_distinct(lp: torch.Tensor, k: int, draws: int) -> torch.Tensor:

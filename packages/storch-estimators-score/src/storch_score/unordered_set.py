@@ -25,7 +25,8 @@ class SetState:
     Attributes:
         lp: log p(s) of the k drawn values, shape ``(k, *parents)``, with gradient; float32 for a float16 /
             bfloat16 model (``to_work``: the weights and the baseline's coefficients are computed from it).
-        dtype: the model's dtype (of the log-probabilities it gives): l, w and b are returned in it.
+        dtype: the model's dtype (of the log-probabilities it gives, before ``to_work``): l and w are returned
+            in it.
         log_rest: log(1 - p(S)) per parent entry (detached; float32 for a float16 / bfloat16 model, as the
             set probabilities are computed).
         h: the set probabilities (lp, h(∅), h({s}), h({s, s'})), computed once by the first
@@ -155,8 +156,8 @@ class UnorderedSet(Estimator):
             return values[idx]
         # too many joint values to list: the same Gumbel-top-k sample from i.i.d. draws (their first
         # distinct values) or by stochastic beam search; g is drawn later if a partition needs it
-        node.state.dtype = _model_dtype(node.distribution)
-        values, lp, g = sample_without_replacement(node, self.n_samples)  # lp: float32 for a float16 model
+        # lp: float32 for a float16 model; dtype: the model's log-probabilities' (l and w return in it)
+        values, lp, g, node.state.dtype = sample_without_replacement(node, self.n_samples)
         with torch.no_grad():  # log(1 - p(S)), accurate in absolute terms (a log-weight): p(S) = Σ_s p(s)
             # without logsumexp's shift (each p(s) <= 1: nothing overflows, and where every p(s)
             # underflows, 1 - p(S) is 1), log1p as log(-expm1(log p(S))) (a third of logsumexp's time)
@@ -270,7 +271,8 @@ class UnorderedSet(Estimator):
         # coefficients A[s, s'] = p(s') R^{D∖s}(S, s') (Kool et al. 2020, Eq. 11); h2[s, s] = h1[s],
         # so the diagonal is p(s) with R^{D∖s}(S, s) = 1, which makes E[b(s) | s drawn first] = E[f]
         # (in float32 for float16 / bfloat16 costs, to_work, as leave_one_out: k coefficients of float16 rounded,
-        # times costs of ~400, summed in float16, moved b(s) by a unit; b returns in the cost's dtype)
+        # times costs of ~400, summed in float16, moved b(s) by a unit; b returns in the cost's dtype. Costs and
+        # a model of float32 / float64: b in their promoted dtype, no cast, float64 for a float64 model)
         coef = (lp.unsqueeze(0) + h2 - h1.unsqueeze(1)).exp()
         if node.state.dtype not in REDUCED:
             coef = coef.to(node.state.dtype)
@@ -281,20 +283,7 @@ class UnorderedSet(Estimator):
             work = work.expand(f.shape[:d] + (k,) + f.shape[d + 1:])
         a = cost.align(coef.movedim(1, -1))  # (frame..., k): s on the node's plate, s' last
         b = (a * work.movedim(d, -1).unsqueeze(d)).sum(-1)  # b(s) = Σ_s' A[s, s'] f(s')
-        return b if b.dtype == f.dtype else b.to(f.dtype)
-
-
-def _model_dtype(d: Distribution) -> torch.dtype:
-    """The dtype of the log-probabilities the model's distribution gives (its logits' or probabilities')."""
-    for name in ("logits", "probs"):
-        t = d.__dict__.get(name)  # (lazy properties: whichever the distribution was made with, no other computed)
-        if isinstance(t, torch.Tensor):
-            return t.dtype
-    for name in ("logits", "probs"):  # (a property: OneHotCategorical's, of its Categorical)
-        t = getattr(d, name, None)
-        if isinstance(t, torch.Tensor):
-            return t.dtype
-    return torch.get_default_dtype()
+        return b.to(f.dtype) if f.dtype in REDUCED else b
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
