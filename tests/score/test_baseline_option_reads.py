@@ -9,7 +9,6 @@ import textwrap
 
 import pytest
 import torch
-from torch.distributions import Bernoulli
 
 import baseline_helpers
 import storch
@@ -183,32 +182,12 @@ def test_an_override_that_reads_the_option_is_accepted(cls):
                                         (ControlVariateCallingBaseline, 1.0)])
 def test_an_accepted_override_uses_the_option_s_baseline(cls, factor):
     """The gradient by hand: Σ_j (c_j - factor·b_j) ∇log p(x_j) / n, b_j the leave-one-out mean of the others."""
-    theta = torch.tensor([0.3, -0.2], requires_grad=True)
-    torch.manual_seed(3)
-    with storch.Graph():
-        z = cls(plate="z", n_samples=4, baseline="leave_one_out")(Bernoulli(logits=theta))
-        storch.add_cost(((z - 0.2) ** 2).sum(), name="f")
-        (got,) = torch.autograd.grad(storch.surrogate_loss(), theta)
-        x = z.tensor.detach()
-    c = ((x - 0.2) ** 2).sum(-1)
-    b = factor * (c.sum() - c) / 3
-    (want,) = torch.autograd.grad(((c - b) * Bernoulli(logits=theta).log_prob(x).sum(-1)).mean(), theta)
-    torch.testing.assert_close(got, want)
+    baseline_helpers.assert_leave_one_out_gradient(cls, factor, seed=3)
 
 
 def test_the_control_variate_of_the_option_halved():
     """super().control_variate(node, cost) is the option's (1 - MagicBox(l)) b: half of it, by hand."""
-    theta = torch.tensor([0.3, -0.2], requires_grad=True)
-    torch.manual_seed(5)
-    with storch.Graph():
-        z = ControlVariateOfTheOption(plate="z", n_samples=4, baseline="leave_one_out")(Bernoulli(logits=theta))
-        storch.add_cost(((z - 0.2) ** 2).sum(), name="f")
-        (got,) = torch.autograd.grad(storch.surrogate_loss(), theta)
-        x = z.tensor.detach()
-    c = ((x - 0.2) ** 2).sum(-1)
-    b = 0.5 * (c.sum() - c) / 3
-    (want,) = torch.autograd.grad(((c - b) * Bernoulli(logits=theta).log_prob(x).sum(-1)).mean(), theta)
-    torch.testing.assert_close(got, want)
+    baseline_helpers.assert_leave_one_out_gradient(ControlVariateOfTheOption, 0.5, seed=5)
 
 
 # -- code without source (exec, python -c, stdin, .pyc-only): its bytecode is read (found by review: every such

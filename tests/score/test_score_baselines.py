@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Bernoulli, Categorical, Normal
 
+import baseline_helpers
 import storch
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
 
@@ -719,17 +720,7 @@ def test_a_subclass_s_own_baseline_that_ignores_the_baseline_option_is_refused_a
         Casts(plate="z", n_samples=3, baseline="leave_one_out")
 
     # the combined baseline is half the leave-one-out baseline: the gradient by hand
-    theta = torch.tensor([0.3, -0.2], dtype=torch.float64, requires_grad=True)
-    torch.manual_seed(3)
-    with storch.Graph():
-        z = Combined(plate="z", n_samples=4, baseline="leave_one_out")(Bernoulli(logits=theta))
-        storch.add_cost(((z - 0.2) ** 2).sum(), name="f")
-        (got,) = torch.autograd.grad(storch.surrogate_loss(), theta)
-        x = z.tensor.detach()
-    c = ((x - 0.2) ** 2).sum(-1)
-    b = 0.5 * (c.sum() - c) / 3
-    (want,) = torch.autograd.grad(((c - b) * Bernoulli(logits=theta).log_prob(x).sum(-1)).mean(), theta)
-    torch.testing.assert_close(got, want)
+    baseline_helpers.assert_leave_one_out_gradient(Combined, 0.5, seed=3, dtype=torch.float64)
 
 
 def test_a_subclass_s_baseline_of_earlier_steps_samples_is_refused():
