@@ -159,6 +159,125 @@ def test_order_1_surrogate_with_a_kink_differentiated_twice_is_refused(how):
 
 
 
+# a ReLU (and a leaky one) written with a bool mask: the comparison has no autograd history, so the walk of the
+# autograd graph for kinks (storch.smoothness) does not see it; the plate dispatcher's watch does
+_MASKED = {
+    "where": lambda x: torch.where(x > 0, x, torch.zeros_like(x)),
+    "mask_product": lambda x: x * (x > 0).double(),
+    "leaky_where": lambda x: torch.where(x > 0, x, 0.01 * x),
+}
+
+
+def _phi(z):
+    return torch.exp(-z ** 2 / 2) / math.sqrt(2 * math.pi)
+
+
+def _Phi(z):
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+
+
+@pytest.mark.parametrize("form", sorted(_MASKED))
+def test_a_relu_written_with_a_mask_is_refused_from_order_2(form):
+    """torch.where(x > 0, x, 0), x * (x > 0) and torch.where(x > 0, x, 0.01 x) of a reparameterised x ~ N(0.3,
+    0.8^2): surrogate_loss(order=2) was accepted and its Hessian came out exactly 0 (exact (H_μμ, H_μσ, H_σσ) =
+    (0.465, -0.174, 0.065) for the ReLU: found by a tester) where F.relu is refused. Now refused at order 2,
+    and the order-1 surrogate differentiated twice (hessian, grad of grad) is refused too, at every step, also
+    for a comparison first made at a later step (the order-1 check of a cost runs at its first step), and for a
+    partition's later step."""
+    f = _MASKED[form]
+    theta = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    est = storch.estimator("reparameterization", plate="x", n_samples=2)
+    for _ in range(2):
+        with storch.Graph():
+            x = est(Normal(theta[0].clone().requires_grad_(True), theta[1]))
+            storch.add_cost(f(x), name="c")
+            with pytest.raises(storch.OrderError, match=r"'reparameterization'.*'c'.* gt \(a comparison.*"
+                                                        r"torch.where\(x > 0, x, 0\).*'score'"):
+                storch.surrogate_loss(order=2)
+
+    def step(est, t, compare=True):
+        with storch.Graph():
+            x = est(Normal(t[0], t[1]))
+            storch.add_cost(f(x) if compare else x ** 2, name="c")
+            return storch.surrogate_loss()
+
+    for how in ("hessian", "grad_of_grad"):
+        est = storch.estimator("reparameterization", plate="x", n_samples=2)
+        for _ in range(2):
+            with pytest.raises(storch.OrderError, match=r"'reparameterization'.*'c'.*comparison \(gt\).*order=n"):
+                differentiate_twice(lambda t: step(est, t), theta, how)
+        late = storch.estimator("reparameterization", plate="x", n_samples=2)
+        differentiate_twice(lambda t: step(late, t, compare=False), theta, how)  # smooth: checked, no kink
+        with pytest.raises(storch.OrderError, match=r"'reparameterization'.*'c'.*comparison \(gt\)"):
+            differentiate_twice(lambda t: step(late, t), theta, how)
+    est = storch.estimator("reparameterization", plate="x", n_samples=2)
+    for masked in (False, True):  # two costs of the node, one of them masked (at a later step): refused
+
+        def two_costs(t, masked=masked):
+            with storch.Graph():
+                x = est(Normal(t[0], t[1]))
+                storch.add_cost(f(x) if masked else x ** 2, name="a")
+                storch.add_cost(x ** 3, name="b")
+                return storch.surrogate_loss()
+
+        if masked:
+            with pytest.raises(storch.OrderError, match=r"comparison \(gt\)"):
+                differentiate_twice(two_costs, theta, "hessian")
+        else:
+            differentiate_twice(two_costs, theta, "hessian")
+    with storch.Graph():  # a partition whose first step's sample has no gradient (no watch was installed then)
+        est = storch.estimator("reparameterization", plate="x", n_samples=2)
+        x0 = est(Normal(torch.zeros((), dtype=torch.float64), 1.0))
+        x1 = est(Normal(theta[0].clone().requires_grad_(True) + x0, 1.0))
+        storch.add_cost(f(x1), name="c")
+        with pytest.raises(storch.OrderError, match=r"'c'.* gt \(a comparison"):
+            storch.surrogate_loss(order=2)
+
+
+@pytest.mark.parametrize("form", sorted(_MASKED))
+def test_a_relu_written_with_a_mask_is_unbiased_at_order_1(form):
+    """At order 1 the masked ReLU is a ReLU: d/dμ E[relu(x)] = Φ(μ/σ), d/dσ = φ(μ/σ) for x ~ N(μ, σ²) (the leaky
+    one: 0.99 of those plus (0.01, 0)). Not refused; z-test over independent replicates."""
+    torch.manual_seed(5)
+    theta = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    est = storch.estimator("reparameterization", plate="x", n_samples=2)
+    with storch.Graph():
+        leaf, th = replicate(theta, R)
+        x = est(Normal(th[0], th[1]))
+        storch.add_cost(_MASKED[form](x), name="c")
+        (g,) = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+    z = theta[0] / theta[1]
+    exact = torch.stack([_Phi(z), _phi(z)])
+    if form == "leaky_where":
+        exact = 0.99 * exact + torch.tensor([0.01, 0.0], dtype=torch.float64)
+    assert_unbiased(g, exact, "gradient")
+
+
+def test_comparisons_off_the_samples_path_are_not_refused_at_order_2():
+    """What the mask watch does not count: the comparisons torch.distributions makes (a Normal with validate_args
+    whose loc is the sample checks loc == loc), and a comparison of a value that carries the node's plate but whose
+    graph does not reach its sample (of the parameters broadcast over it). E[log N(y; x, 1)] = c - ((y - μ)² + σ²)
+    / 2 and E[x² (1 + [μ > 0])] = 2 (μ² + σ²) at μ > 0: z-tests of the order-2 estimates."""
+    torch.manual_seed(6)
+    theta = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    est = storch.estimator("reparameterization", plate="x", n_samples=2)
+    with storch.Graph():
+        leaf, th = replicate(theta, R)
+        x = est(Normal(th[0], th[1]))
+        off = th[0] + 0 * x.detach()  # carries the plate 'x' and requires grad, off the sample's path
+        storch.add_cost(Normal(x, 1.0, validate_args=True).log_prob(torch.tensor(0.5, dtype=torch.float64)),
+                        name="density")
+        storch.add_cost(x ** 2 * torch.where(off > 0, 2.0, 1.0), name="masked_by_parameters")
+        g, h = per_replicate_derivatives(storch.surrogate_loss(order=2), leaf, 2)
+
+    def exact(t):
+        return -0.5 * ((0.5 - t[0]) ** 2 + t[1] ** 2) + 2 * (t[0] ** 2 + t[1] ** 2)
+
+    t = theta.clone().requires_grad_(True)
+    assert_unbiased(g, torch.autograd.functional.jacobian(exact, t), "gradient")
+    assert_unbiased(h, torch.autograd.functional.hessian(exact, t), "Hessian")
+
+
 def test_a_rounding_division_is_a_jump_and_a_one_norm_a_kink():
     """torch.div(x, d, rounding_mode="floor") is floor(x / d), a jump, but its autograd node is division's
     (DivBackward2, the mode saved in it): the pathwise gradient was silently 0 (exact: sum_k phi(k/2 - mu),

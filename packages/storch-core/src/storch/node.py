@@ -107,6 +107,14 @@ class Node:
             ``storch.surrogate_loss(order >= 1)`` refuses the costs that carry its plate.
         thresholded_in: the qualified name of the torch.distributions function that applied
             ``thresholded`` (``"OneHotCategorical.log_prob"``), ``None`` for user code.
+        compared: for a node whose estimator differentiates the cost through its handed-out sample
+            (``requires_rsample``: reparameterization) and whose sample carries gradient: the name of the first
+            function of ``storch.plates.dispatch.JUMPS`` (a comparison, argmax, a bool or integer cast) that user
+            code applied to a value whose autograd graph reaches that sample (the mask of
+            ``torch.where(x > 0, x, 0)``, ``x * (x > 0)``), ``None`` if none; read through
+            ``storch.estimators.watch.compared`` (the watch records candidates, walked only when asked).
+            ``storch.surrogate_loss(order >= 2)`` refuses the costs that carry its plate, and the order-1
+            surrogate of such a cost differentiated twice.
         max_order: the highest derivative order the estimator's :meth:`~storch.Estimator.max_order_for`
             allows for this node's distribution (a partition: the lowest of its steps'); ``math.inf``
             when the estimator is not asked. ``storch.surrogate_loss(order)`` checks it and the
@@ -133,6 +141,8 @@ class Node:
     no_grad_cut = False
     thresholded: Optional[str] = None  # set by the node's Lineage.watch (base._threshold_watch)
     thresholded_in: Optional[str] = None  # (the same watch)
+    compared: Optional[str] = None  # set by storch.estimators.watch.compared (a pathwise node's comparisons)
+    _compared_pending: Optional[list] = None  # (func, raw) recorded by its Lineage.watch, not walked yet
     max_order: float = math.inf  # lowered by Estimator.max_order_for (Estimator._sample_node)
     preimages: tuple = ()  # set by the estimator's call (base._keep_preimages)
     _views: Optional[dict] = None

@@ -69,7 +69,7 @@ from .catalog import EstimatorInfo, available, supporting_estimators
 from .checks import _check_sample_entries, _checked_lead, check_in_frame
 from .messages import (_no_update_message, _nonfinite_parameters, _output_shape_message, _sample_dtype_message,
                        _sample_shape_message, _under_jacfwd, updating_message)
-from .watch import _CATEGORIES, _threshold_watch
+from .watch import _CATEGORIES, _compare_watch, _threshold_watch
 
 if sys.version_info >= (3, 10):
     from typing import Concatenate, ParamSpec
@@ -323,6 +323,10 @@ class Estimator(torch.nn.Module):
             # reads an argmax (or .long() casts) of it, a jump the gradient misses (and a wrong value for
             # Categorical): refused by storch.surrogate_loss whichever estimator hands it out
             plate.lineage.watch = _threshold_watch(node, self.jump_free)
+        elif out.requires_grad and self.requires_rsample:
+            # a pathwise sample: a comparison of a value it reaches (torch.where(x > 0, x, 0)) is a kink autograd
+            # cannot see, refused by storch.surrogate_loss(order >= 2) (surrogate.pathwise._check_smooth)
+            plate.lineage.watch = _compare_watch(node)
         node.value = value = PlateTensor._wrap(out, plates)
         # the user's log_prob of the value they got (SAC's q.log_prob(a)) reuses the pre-tanh sample
         # that TanhTransform(cache_size=1) cached for `out`, as in plain torch (atanh(±1) is infinite)
@@ -465,6 +469,8 @@ class Estimator(torch.nn.Module):
             node.weight_values = None  # per whole sequence: computed at the last step, by the surrogate
         if not out.is_inference():
             node.handed.append((out, out._version))
+        if out.requires_grad and self.requires_rsample and prev.lineage.watch is None:
+            prev.lineage.watch = _compare_watch(node)  # (the first step's sample had no gradient: see _sample_node)
         value = PlateTensor._wrap(out, new)
         # the step's own draw for node.at(t) (references, no copies): what a control variate of a cost
         # at step t reads (node.sample, node.distribution of step t)

@@ -2,7 +2,8 @@
 whose autograd graph reaches the sample an estimator handed out (``Node.thresholded``), in user code for a
 ``jump_free`` estimator, and in ``torch.distributions`` where a density reads the sample as indices (a
 relaxed or straight-through Categorical / OneHotCategorical). ``storch.surrogate_loss`` refuses the costs
-it reached (``storch.OrderError``).
+it reached (``storch.OrderError``). For a pathwise node (reparameterization), the comparisons in user code of
+a value its sample reaches (``Node.compared``: the mask of ``torch.where(x > 0, x, 0)``), refused from order 2.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Optional
 import torch
 from torch.distributions import Categorical, OneHotCategorical
 
+from .._order_guard import unbatched
 from ..node import Node
 from ..plates.dispatch import INDEX_VALUES, INDEXING
 from ..smoothness import _reaches
@@ -51,6 +53,55 @@ def _threshold_watch(node: Node, jumps: bool):
             if code is not None:
                 node.thresholded_in = getattr(code, "co_qualname", code.co_name)
     return watch
+
+
+def _compare_watch(node: Node):
+    """The ``Lineage.watch`` of a pathwise node (its estimator ``requires_rsample``: reparameterization) whose
+    handed-out sample carries gradient: a function of ``storch.plates.dispatch.JUMPS`` (a comparison, argmax, a
+    bool or integer cast) applied in user code to a value that requires grad and carries the node's plate is
+    kept on ``node._compared_pending`` as a candidate; :func:`compared` walks them when a surrogate asks (at
+    order >= 2, or for the order-1 surrogate's refusal of a second derivative). Its result, a bool mask, has no
+    autograd history, so a piecewise cost selected by it (``torch.where(x > 0, x, 0)``, ``x * (x > 0)``, a
+    leaky ReLU written so) has a kink the walk of the autograd graph (storch.smoothness) cannot see. The
+    comparisons torch.distributions makes (argument validation, formula branches) are not counted, nor
+    ``max`` with a dim (its indices: see :data:`~storch.plates.dispatch.INDEX_VALUES`; its values are in the
+    graph). Recording is a list append (no walk at order 1); at most ``_PENDING_MAX`` candidates are kept,
+    beyond that they are walked at once. Holds the node weakly."""
+    ref = weakref.ref(node)
+
+    def watch(func, raw: torch.Tensor) -> None:
+        node = ref()
+        if node is None or node.compared is not None or func in INDEX_VALUES:
+            return
+        if _distributions_caller() is not None:
+            return
+        pending = node._compared_pending
+        if pending is None:
+            node._compared_pending = [(func, raw)]
+        elif len(pending) < _PENDING_MAX:
+            pending.append((func, raw))
+        elif compared(node) is None:  # (walks the candidates: one of them reaches the sample, as a rule)
+            node._compared_pending = [(func, raw)]
+    return watch
+
+
+_PENDING_MAX = 4
+
+
+def compared(node: Node) -> Optional[str]:
+    """``node.compared``, after walking the candidates its :func:`_compare_watch` recorded: the name of the first
+    of them whose autograd graph reaches a value the node handed out that carries gradient (under
+    ``torch.func.vmap``: the tensors batched). ``None`` where none does."""
+    pending = node._compared_pending
+    if pending is not None:
+        node._compared_pending = None
+        handed = [h for h in (unbatched(h) for h, _ in node.handed) if h.requires_grad]
+        if handed:
+            for func, raw in pending:
+                if _reaches([unbatched(raw)], handed):
+                    node.compared = getattr(func, "__name__", str(func)).strip("_")  # (x > 0: __gt__)
+                    break
+    return node.compared
 
 
 def _distributions_caller() -> Optional[types.CodeType]:

@@ -20,7 +20,7 @@ from ..node import Node
 from ..plates.tensor import align, plates_of, raw_of
 from .finite import refuse_on_backward
 from .order import _check_order, _guard_low_order
-from .pathwise import _check_reaches, _check_smooth
+from .pathwise import _check_compared, _check_reaches, _check_smooth
 from .refusals import _PENDING, _check_mixed, _keep_counted
 from .steps import _step_group, _steps_surrogate
 from .terms import _Sums, _at_cost, _cost_surrogate, cost_nodes
@@ -209,6 +209,8 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
             _check_order(nodes, order)
             _check_smooth(name, cost, nodes, order, memos)
             _check_reaches(name, cost, nodes, order)
+            if order >= 2:
+                _check_compared(name, nodes, order)
             reached += len(nodes)
         per_cost.append((name, cost, nodes))
     grad = None

@@ -18,6 +18,7 @@ from .. import smoothness
 from .._order_guard import forward_level_open, has_tangent, is_differentiated, unbatched, unwrapped
 from ..distributions import base_distribution, grad_parameters
 from ..errors import OrderError
+from ..estimators.watch import compared
 from ..node import Node
 from ..plates.tensor import plates_of, raw_of
 from ..score_conditions import smooth_log_prob_parameters
@@ -41,7 +42,9 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
     the cost (a walk of the cost's graph per step would cost the common case time; a model's operations
     rarely change between steps; an episode's costs of one name differ per step). That walk also records
     the kinks: an order-1 surrogate whose cost has one is refused when it is differentiated again (its
-    cost hooked: :mod:`storch._order_guard`). ``memos``: per pathwise node, what the walks of this
+    cost hooked: :mod:`storch._order_guard`); so is one whose node's sample was compared in user code in a step
+    (``Node.compared``, :func:`storch.estimators.watch.compared`: the mask of ``torch.where(x > 0, x, 0)``, a kink
+    outside the autograd graph; at order >= 2 :func:`_check_compared` refuses it). ``memos``: per pathwise node, what the walks of this
     surrogate learned (:class:`storch.smoothness.PathMemo`): each autograd node is expanded once."""
     if order < 1:  # the value alone: surrogate_loss(order=0) is detached, nothing differentiated
         return
@@ -57,7 +60,11 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
                     key = (name, _steps_of(cost))
                 kinks = seen.get(key)
                 if kinks == ():
-                    continue  # checked, smooth: nothing to do at this step
+                    mask = node.compared if node._compared_pending is None else compared(node)
+                    if mask is None:
+                        continue  # checked, smooth: nothing to do at this step
+                    # a comparison first seen at a later step: remembered as a kink of this cost (hooked from now on)
+                    kinks = seen[key] = (_COMPARISON + mask,)
             who = f"estimator {est.name!r} on plate {node.plate.name!r}"
             inputs = [raw for raw, _ in node.handed]
             roots = _differentiated_through(node, name, cost, nodes)
@@ -107,13 +114,28 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
                         require_smooth(blame, inputs, 1, who=who, what=what,
                                        through="the reparameterised sample", instead=_PATHWISE_INSTEAD)
                     found.update(here)
+                mask = compared(node)
+                if mask is not None:
+                    found[_COMPARISON + mask] = 1
                 kinks = seen[key] = tuple(sorted(found))  # (after the check: a refused cost is checked again)
             if kinks:
                 hooked = walks.setdefault("hooked", set()) if walks is not None else set()
                 for root, _, _ in roots:
                     if id(root) not in hooked:  # (a downstream step's log p is a root of every later cost)
                         hooked.add(id(root))
-                        _refuse_twice(root, lambda: _kink_message(who, name, kinks))
+                        _refuse_twice(root, lambda kinks=kinks: _kink_message(who, name, kinks))
+
+
+def _check_compared(name: str, nodes: list[Node], order: int) -> None:
+    """At order >= 2: refuse a cost that carries the plate of a pathwise node whose sample was compared in user
+    code in this step (``Node.compared``: the mask of ``torch.where(x > 0, x, 0)``, a kink the walk of the
+    autograd graph cannot see: its Hessian came out 0). Called after :func:`_check_reaches`, whose refusal of a
+    cost cut from the sample (by such a comparison) says more. Attribute reads where nothing was compared."""
+    for node in nodes:
+        if node.compared is not None or node._compared_pending is not None:
+            mask = compared(node)
+            if mask is not None:
+                raise OrderError(_compared_message(node, name, mask, order))
 
 
 def _unchecked_jvp_message(who: str, name: str) -> str:
@@ -221,6 +243,14 @@ def _nonsmooth_through(root: torch.Tensor, other: Optional[Node], inputs: list, 
 
 
 def _kink_message(who: str, name: str, kinks: tuple, order: int = 1) -> str:
+    masks = [k[len(_COMPARISON):] for k in kinks if k.startswith(_COMPARISON)]
+    if masks:
+        ops = tuple(k for k in kinks if not k.startswith(_COMPARISON))
+        return (f"{who}: the cost {name!r} depends on a comparison ({', '.join(masks)}) of a value the reparameterised "
+                "sample reaches (the mask of torch.where(x > 0, x, 0) or x * (x > 0)), whose result has no derivative: "
+                "a piecewise function selected by it has a kink or jump there, and its pathwise derivatives of order "
+                f">= 2 are biased (autograd sees the mask as a constant: the delta at the threshold is lost); {_AGAIN}. "
+                f"{_SMOOTH_INSTEAD}" + (f". The path has other kinks too: {', '.join(ops)}" if ops else ""))
     if order >= 2:
         return (f"{who}: the cost {name!r} has an operation on the path from the reparameterised sample whose "
                 f"derivative of order {order} is discontinuous ({', '.join(kinks)}), so its pathwise derivatives of "
@@ -233,6 +263,32 @@ def _kink_message(who: str, name: str, kinks: tuple, order: int = 1) -> str:
             f"(autograd reports 0 for the delta in the second derivative); {_AGAIN}. A smooth operation on that "
             "path (softplus, GELU, SiLU, tanh instead of ReLU; logsumexp instead of max) or an estimator that "
             "does not differentiate through the sample ('score') is unbiased at every order")
+
+
+# a comparison of a value the sample reaches (Node.compared), among the kinks recorded for an order-1 cost
+_COMPARISON = "comparison "
+
+_SMOOTH_INSTEAD = (
+    "Write that function smoothly (softplus, GELU, SiLU or tanh; a soft mask sigmoid((x - c) / t) instead of "
+    "x > c), or use an estimator that does not differentiate through the sample for this node ('score', with "
+    "baseline='leave_one_out'), which is unbiased at every order. A comparison whose result no cost uses (a "
+    "metric, a check): compute it on x.detach() or under torch.no_grad()")
+
+
+def _compared_message(node: Node, name: str, mask: str, order: int) -> str:
+    est = node.estimator
+    p = node.plate.name
+    return (
+        f"estimator {est.name!r} on plate {p!r}: the order-{order} surrogate differentiates the cost {name!r} (it "
+        f"carries the plate {p!r}) {order} times through the reparameterised sample, and in this step {mask} (a "
+        "comparison, or another operation without a derivative: argmax, a bool or integer cast) was applied to a "
+        "value whose autograd graph reaches that sample: a mask such as the condition of torch.where(x > 0, x, 0), "
+        "x * (x > 0).float() or torch.where(x > 0, x, 0.01 * x). Its result has no autograd history, so autograd "
+        "differentiates the cost as if the mask were constant: the function it selects piecewise has a kink (or a "
+        "jump) at the threshold, whose delta in the next derivative is lost, and the derivatives of order "
+        f"{order} would be silently biased (the Hessian of E[relu(x)] written so came out exactly 0). Order 1 is "
+        "unbiased for a function continuous at the threshold (storch.surrogate_loss(), storch.backward()). "
+        "torch's own F.relu / leaky_relu / clamp are refused at order 2 the same way. " + _SMOOTH_INSTEAD)
 
 
 # estimator -> the cost names checked by _check_reaches (None: never pathwise: it hands out samples without
