@@ -108,9 +108,9 @@ class Node:
         thresholded_in: the qualified name of the torch.distributions function that applied
             ``thresholded`` (``"OneHotCategorical.log_prob"``), ``None`` for user code.
         compared: for a node whose estimator differentiates the cost through its handed-out sample
-            (``requires_rsample``: reparameterization) and whose sample carries gradient: the name of the first
-            function of ``storch.plates.dispatch.JUMPS`` (a comparison, argmax, a bool or integer cast) that user
-            code applied to a value whose autograd graph reaches that sample (the mask of
+            (``requires_rsample`` or ``pathwise``: reparameterization, gumbel_softmax) and whose sample carries
+            gradient: the name of the first function of ``storch.plates.dispatch.JUMPS`` (a comparison, argmax, a
+            bool or integer cast) that user code applied to a value whose autograd graph reaches that sample (the mask of
             ``torch.where(x > 0, x, 0)``, ``x * (x > 0)``), ``None`` if none; read through
             ``storch.estimators.watch.compared`` (the watch records candidates, walked only when asked).
             ``storch.surrogate_loss(order >= 2)`` refuses the costs that carry its plate, and the order-1

@@ -342,7 +342,7 @@ def nonsmooth_operations() -> dict[str, Union[int, Callable[[object], Optional[i
 
     ``torch.where`` is not listed: its condition is not in the autograd graph, so a selection by data
     (or by a downstream node's discrete sample, which that node's estimator accounts for) cannot be
-    told from one by the values differentiated (for a node of a ``requires_rsample`` estimator the plate
+    told from one by the values differentiated (for a node of a ``requires_rsample`` or ``pathwise`` estimator the plate
     dispatcher sees a comparison of a value its sample reaches instead: ``Node.compared``, refused by
     ``storch.surrogate_loss`` from order 2). Decompositions show as their parts (``softsign`` and
     ``l1_loss`` as ``AbsBackward0``, ``hinge_embedding_loss`` as ``ClampMinBackward0``);

@@ -40,7 +40,11 @@ class GumbelSoftmax(Estimator):
     differentiable on relaxed inputs.
 
     max_order: ∞, but of the RELAXED objective E_z[f(z)] (a reparameterisation of it); it is
-    ``biased`` for E_b[f(b)]; the bias vanishes as τ → 0 while the variance grows.
+    ``biased`` for E_b[f(b)]; the bias vanishes as τ → 0 while the variance grows. As for
+    ``reparameterization`` (``pathwise``), ∞ needs a smooth path from z to the cost: a kink (ReLU,
+    abs, clamp, a mask such as ``torch.where(z > c, z - c, 0)``) is refused from order 2, a jump
+    (round) at order 1 (``storch.OrderError``: autograd misses the delta, and the derivatives of
+    the relaxed objective would be silently wrong).
 
     Args:
         plate: name of the node's plate.
@@ -69,6 +73,9 @@ class GumbelSoftmax(Estimator):
     name = "gumbel_softmax"
     biased = True
     distributions = (Bernoulli, Categorical, OneHotCategorical)
+    # the cost is differentiated through the relaxed sample: its derivatives are those of the relaxed objective only
+    # where the path from z to the cost is smooth (a kink from order 2, a jump at order 1: refused by the surrogate)
+    pathwise = True
     has_update = True  # only to advance an annealing schedule: per instance, see the temperature setter
     replays_update = True  # that update is replayed by storch.compile (update_from; τ in state_tensors)
 

@@ -50,6 +50,9 @@ class GumbelStraightThrough(GumbelSoftmax):
     """
 
     name = "gumbel_straight_through"
+    # ∇f(H(z)) ∂z/∂θ is the derivative of no objective: no kink or jump of f makes it more biased than it is by
+    # design, so the cost's path is not checked as gumbel_softmax's is
+    pathwise = False
 
     def proposal(self, node: Node) -> torch.Tensor:
         soft, z = self.relaxed(node)

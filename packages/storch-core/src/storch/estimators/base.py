@@ -69,7 +69,7 @@ from .catalog import EstimatorInfo, available, supporting_estimators
 from .checks import _check_sample_entries, _checked_lead, check_in_frame
 from .messages import (_no_update_message, _nonfinite_parameters, _output_shape_message, _sample_dtype_message,
                        _sample_shape_message, _under_jacfwd, updating_message)
-from .watch import _CATEGORIES, _compare_watch, _threshold_watch
+from .watch import _CATEGORIES, _both, _compare_watch, _threshold_watch, is_pathwise
 
 if sys.version_info >= (3, 10):
     from typing import Concatenate, ParamSpec
@@ -122,6 +122,16 @@ class Estimator(torch.nn.Module):
             (``storch.OrderError``). Comparisons in ``torch.distributions``' argument and support checks are
             not counted (their result decides only whether to raise). False by default: an estimator that
             evaluates the cost at a hard or detached sample only (ARM, LAX) may see it thresholded.
+        pathwise: the estimator differentiates the cost through the value it hands out, drawn without torch's
+            ``rsample`` (a relaxation: ``gumbel_softmax``, whose derivatives at every order are those of the
+            relaxed objective E[f(relax(θ, noise))]). It gets the checks of a ``requires_rsample`` estimator (which
+            is pathwise whatever this says: ``storch.estimators.watch.is_pathwise``): the path from the sample to each cost is walked
+            for kinks and jumps (``storch.surrogate_loss(order >= 2)`` refuses a kink such as ReLU, abs, clamp,
+            order 1 a jump such as round), and a comparison in user code of a value that reaches the sample (the
+            mask of ``torch.where(z > c, z - c, 0)``) is recorded on the node (``Node.compared``) and refused from
+            order 2: autograd misses the delta at the kink, so those derivatives would be silently biased for the
+            estimator's own objective. False by default (straight-through, whose gradient is no derivative of an
+            objective, keeps it False).
         requires_rsample / requires_enumerate_support: capability requirements. An estimator with
             ``requires_enumerate_support`` gets its distribution through
             ``storch.extending.strict_support`` (``node.distribution`` and a partition step's): values of
@@ -183,6 +193,7 @@ class Estimator(torch.nn.Module):
     # storch.estimator's count of the nodes a stateful instance drew (storch.registry._note_created), or None
     _nodes_drawn: Optional[list] = None
     requires_rsample: ClassVar[bool] = False
+    pathwise: ClassVar[bool] = False
     requires_enumerate_support: ClassVar[bool] = False
     has_update: bool = False
     update_uses_loss_graph: Optional[bool] = None
@@ -323,7 +334,9 @@ class Estimator(torch.nn.Module):
             # reads an argmax (or .long() casts) of it, a jump the gradient misses (and a wrong value for
             # Categorical): refused by storch.surrogate_loss whichever estimator hands it out
             plate.lineage.watch = _threshold_watch(node, self.jump_free)
-        elif out.requires_grad and self.requires_rsample:
+            if is_pathwise(self):  # (gumbel_softmax of a category): its comparisons in user code too
+                plate.lineage.watch = _both(plate.lineage.watch, _compare_watch(node))
+        elif out.requires_grad and is_pathwise(self):
             # a pathwise sample: a comparison of a value it reaches (torch.where(x > 0, x, 0)) is a kink autograd
             # cannot see, refused by storch.surrogate_loss(order >= 2) (surrogate.pathwise._check_smooth)
             plate.lineage.watch = _compare_watch(node)
@@ -469,7 +482,7 @@ class Estimator(torch.nn.Module):
             node.weight_values = None  # per whole sequence: computed at the last step, by the surrogate
         if not out.is_inference():
             node.handed.append((out, out._version))
-        if out.requires_grad and self.requires_rsample and prev.lineage.watch is None:
+        if out.requires_grad and is_pathwise(self) and prev.lineage.watch is None:
             prev.lineage.watch = _compare_watch(node)  # (the first step's sample had no gradient: see _sample_node)
         value = PlateTensor._wrap(out, new)
         # the step's own draw for node.at(t) (references, no copies): what a control variate of a cost

@@ -2,8 +2,9 @@
 whose autograd graph reaches the sample an estimator handed out (``Node.thresholded``), in user code for a
 ``jump_free`` estimator, and in ``torch.distributions`` where a density reads the sample as indices (a
 relaxed or straight-through Categorical / OneHotCategorical). ``storch.surrogate_loss`` refuses the costs
-it reached (``storch.OrderError``). For a pathwise node (reparameterization), the comparisons in user code of
-a value its sample reaches (``Node.compared``: the mask of ``torch.where(x > 0, x, 0)``), refused from order 2.
+it reached (``storch.OrderError``). For a pathwise node (reparameterization, gumbel_softmax), the comparisons in
+user code of a value its sample reaches (``Node.compared``: the mask of ``torch.where(x > 0, x, 0)``), refused
+from order 2.
 """
 
 from __future__ import annotations
@@ -55,8 +56,25 @@ def _threshold_watch(node: Node, jumps: bool):
     return watch
 
 
+def is_pathwise(est) -> bool:
+    """Whether ``est`` differentiates the cost through the value it hands out, so that the path from it to a cost
+    must be smooth (``storch.surrogate.pathwise``) and its comparisons are watched (:func:`_compare_watch`): it
+    ``requires_rsample`` (reparameterization, LAX), or says it is ``pathwise`` (a relaxation such as
+    gumbel_softmax, drawn without ``rsample``)."""
+    return est.requires_rsample or est.pathwise
+
+
+def _both(first, second):
+    """One ``Lineage.watch`` that runs two (a relaxed Categorical / OneHotCategorical of a pathwise estimator: the
+    reads of its sample as indices, :func:`_threshold_watch`, and its comparisons in user code)."""
+    def watch(func, raw: torch.Tensor) -> None:
+        first(func, raw)
+        second(func, raw)
+    return watch
+
+
 def _compare_watch(node: Node):
-    """The ``Lineage.watch`` of a pathwise node (its estimator ``requires_rsample``: reparameterization) whose
+    """The ``Lineage.watch`` of a pathwise node (:func:`is_pathwise`: reparameterization, gumbel_softmax) whose
     handed-out sample carries gradient: a function of ``storch.plates.dispatch.JUMPS`` (a comparison, argmax, a
     bool or integer cast) applied in user code to a value that requires grad and carries the node's plate is
     kept on ``node._compared_pending`` as a candidate; :func:`compared` walks them when a surrogate asks (at

@@ -18,7 +18,7 @@ from .. import smoothness
 from .._order_guard import forward_level_open, has_tangent, is_differentiated, unbatched, unwrapped
 from ..distributions import base_distribution, grad_parameters
 from ..errors import OrderError
-from ..estimators.watch import compared
+from ..estimators.watch import compared, is_pathwise
 from ..node import Node
 from ..plates.tensor import plates_of, raw_of
 from ..score_conditions import smooth_log_prob_parameters
@@ -33,8 +33,9 @@ _CHECKED_AT_ORDER_1: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
                   memos: Optional[dict] = None) -> None:
-    """A pathwise node (its estimator ``requires_rsample``: the cost is differentiated through the sample
-    itself) is unbiased at order n only for a cost whose derivatives of order < n are continuous in its
+    """A pathwise node (its estimator ``requires_rsample``, or ``pathwise``: a relaxation such as gumbel_softmax,
+    whose objective is the relaxed one; :func:`~storch.estimators.watch.is_pathwise`: the cost is differentiated
+    through the sample itself) is unbiased at order n only for a cost whose derivatives of order < n are continuous in its
     sample: refuse an operation on a path from a value it handed out to the cost that breaks this
     (storch.smoothness). At order >= 2, a kink (ReLU, abs, clamp, max) or a jump, at every surrogate; at
     order 1 only a jump (round, sign, floor, nearest grid_sample: the pathwise gradient is 0 where the
@@ -51,7 +52,7 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
     key = None  # (name, the cost's partition steps): computed once per cost, for its first pathwise node
     for node in nodes:
         est = node.estimator
-        if est.requires_rsample and node.handed:
+        if node.handed and is_pathwise(est):
             if order < 2:
                 seen = _CHECKED_AT_ORDER_1.get(est)
                 if seen is None:
