@@ -208,23 +208,31 @@ def _check_rebuilt(d: Distribution, new: Distribution, raw: dict, extra: dict, p
     """Refuse the raw copy ``new`` of ``d`` (a class written outside torch) where it may not be the same
     distribution.
 
-    With ``extra`` arguments carried over, the copy must keep its raw parameters and those arguments as
-    they were passed (the very tensors, or views of them: compared without reading values): a
-    constructor that transforms them (``self.logits = logits / temperature``, a normalisation) would
-    apply the transformation a second time to what ``d`` keeps. Then the copy must agree with ``d`` in
-    its event and batch shapes and its attributes (plain values, tensors' shapes and dtypes, held
-    distributions): an argument that took its default shows there.
+    The copy must keep its raw parameters (and the ``extra`` arguments carried over) as they were passed
+    (the very tensors, or views of them: compared without reading values), or its constructor must be
+    idempotent on them (:func:`_idempotent`: a normalisation, a mask): a constructor that transforms
+    them otherwise (``self.logits = logits / temperature``, ``self.logits = logits + bias`` with ``bias``
+    a parameter too) would apply the transformation a second time to what ``d`` keeps (a bias added
+    twice: a silently wrong distribution, found by a tester). Checked for every class written outside
+    torch, with or without ``extra`` arguments. Then the copy must agree with ``d`` in its event and
+    batch shapes and its attributes (plain values, tensors' shapes and dtypes, held distributions): an
+    argument that took its default shows there.
     """
-    if extra:
-        for n, v in list(raw.items()) + list(extra.items()):
-            if isinstance(v, torch.Tensor) and not _kept_as_given(new.__dict__.get(n, new.__dict__.get("_" + n)), v):
-                raise UnsupportedDistributionError(
-                    f"storch rebuilds {type(d).__name__} from the parameters and constructor arguments it keeps "
-                    f"({sorted(raw)} with the plates as batch dims, and {sorted(extra)}), and its constructor does "
-                    f"not keep {n!r} as it was given (it transforms it, e.g. a normalisation or a division by "
-                    "a temperature): rebuilding from the kept values would transform them again. Compute the "
-                    "transformed parameters outside and pass them to a distribution whose constructor keeps them "
-                    "(torch's Categorical(logits=logits / t)), or keep the arguments as given")
+    for n, v in list(raw.items()) + list(extra.items()):
+        if isinstance(v, torch.Tensor) and not _kept_as_given(new.__dict__.get(n, new.__dict__.get("_" + n)), v) \
+                and not _idempotent(d, raw, extra, plates):
+            args = f"{sorted(raw)} with the plates as batch dims" + (f", and {sorted(extra)}" if extra else "")
+            raise UnsupportedDistributionError(
+                f"storch rebuilds {type(d).__name__} from the parameters{' and constructor arguments' if extra else ''} "
+                f"it keeps ({args}) where its parameters have different plates, and its constructor does not keep "
+                f"{n!r} as it was given (as self.{n} = {n}): it transforms it (e.g. adds another parameter to it, or "
+                "divides it by a temperature), so rebuilding from the kept values would transform them again. Keep "
+                f"each parameter of arg_constraints as given (self.{n} = {n}) and combine them where they are used "
+                "(in log_prob and sample, or a property), or compute the transformed parameters outside and pass them "
+                "to a distribution whose constructor keeps them (torch's Categorical(logits=logits / t)). (A "
+                "transformation that gives the same values when applied again, such as a normalisation, is "
+                "accepted where storch can check it: its arg_constraints must be torch constraints, and the "
+                "tensors not on the meta device.)")
     where = _differs(d, new, plates, 0)
     if where is not None:
         raise UnsupportedDistributionError(
@@ -233,6 +241,78 @@ def _check_rebuilt(d: Distribution, new: Distribution, raw: dict, extra: dict, p
             f"and the copy differs from yours in {where}: a constructor argument took its default. Keep each "
             "constructor argument in an attribute of the same name (self.k = k), as a named parameter of "
             "__init__ (not in **kwargs)")
+
+
+_IDEMPOTENT: dict = {}
+
+
+def _idempotent(d: Distribution, raw: dict, extra: dict, plates: torch.Size) -> bool:
+    """Whether ``type(d)``'s constructor, applied to the parameters it keeps, keeps them again (a
+    normalisation ``logits - logits.logsumexp(-1)``, torch's Categorical's; a mask): then its copy from
+    the kept parameters is the same distribution, although it does not keep them as given.
+
+    Checked on a probe, not on the user's values (no device sync of theirs): random parameters of the
+    per-sample shapes, drawn within their arg_constraints (``biject_to``) by a generator of storch's own
+    (the global random state is left alone), with ``d``'s constructor arguments outside them; built once,
+    then again from what the first build keeps, the kept tensors must agree. Cached per class, parameter
+    names and plain constructor arguments (a constructor's behaviour may depend on them: dividing by a
+    temperature of 1 is idempotent, by 0.5 not). False where storch cannot probe (a constraint torch
+    cannot draw from, a meta tensor, a constructor that fails on the probe).
+    """
+    cls = type(d)
+    key = None
+    if all(not isinstance(v, torch.Tensor) for v in extra.values()):
+        try:
+            key = (cls, tuple(sorted(raw)), tuple(sorted(extra.items())))
+            hash(key)
+        except TypeError:
+            key = None
+    if key is not None and key in _IDEMPOTENT:
+        return _IDEMPOTENT[key]
+    try:
+        ok = _probe_idempotent(d, raw, extra, len(plates))
+    except Exception:  # the constructor or a constraint refuses the probe: storch cannot tell
+        ok = False
+    if key is not None:
+        _IDEMPOTENT[key] = ok
+    return ok
+
+
+def _probe_idempotent(d: Distribution, raw: dict, extra: dict, m: int) -> bool:
+    """The probe of :func:`_idempotent` (raises where it cannot be run)."""
+    from torch.distributions import biject_to
+
+    cls = type(d)
+    constraints = d.arg_constraints
+    g = torch.Generator().manual_seed(0)
+    probe = {}
+    for n, v in raw.items():
+        if not isinstance(v, torch.Tensor):
+            probe[n] = v
+            continue
+        if v.is_meta or not v.is_floating_point():
+            return False
+        u = torch.randn(v.shape[m:], generator=g, dtype=v.dtype)
+        with torch.no_grad():
+            probe[n] = biject_to(constraints[n])(u).to(v.device)
+    with torch.no_grad():
+        first = cls(**probe, **extra, validate_args=False)
+        kept = {}
+        for n in raw:
+            w = first.__dict__.get(n, first.__dict__.get("_" + n))
+            if w is None:
+                return False
+            kept[n] = w
+        second = cls(**kept, **extra, validate_args=False)
+        for n, w in kept.items():
+            again = second.__dict__.get(n, second.__dict__.get("_" + n))
+            if not isinstance(w, torch.Tensor):
+                if again is not w and again != w:
+                    return False
+            elif not (isinstance(again, torch.Tensor) and again.shape == w.shape
+                      and bool(torch.allclose(again, w, rtol=1e-4, atol=1e-5, equal_nan=True))):
+                return False
+    return True
 
 
 def _kept_as_given(w: Any, v: torch.Tensor) -> bool:
