@@ -17,10 +17,10 @@ from .parameters import base_distribution, given_by_probs, grad_parameters, hold
 from .raw import raw_log_prob, raw_sample
 from .rebuild import rebuild
 from .rsample import RSAMPLE_ORDER_NOTE, rsample_max_order, straight_through_rsample
-from .support import enumeration_support, strict_support
+from .support import check_enumeration, enumeration_support, strict_support
 from .transform_cache import rekey_transform_cache
 from .unwrap import unwrap_distribution
 
 __all__ = ["base_distribution", "unwrap_distribution", "raw_log_prob", "raw_sample", "strict_support",
-           "rsample_max_order", "RSAMPLE_ORDER_NOTE", "enumeration_support", "rekey_transform_cache",
+           "rsample_max_order", "RSAMPLE_ORDER_NOTE", "enumeration_support", "check_enumeration", "rekey_transform_cache",
            "straight_through_rsample", "parameters", "rebuild", "given_by_probs", "holds_grad", "grad_parameters"]

@@ -14,7 +14,7 @@ from torch.distributions import Bernoulli, Binomial, Categorical, Distribution, 
 from ..errors import UnsupportedDistributionError
 from .parameters import given_by_probs
 
-__all__ = ["enumeration_support", "strict_support"]
+__all__ = ["enumeration_support", "check_enumeration", "strict_support"]
 
 
 def enumeration_support(d: Distribution) -> torch.Tensor:
@@ -30,11 +30,48 @@ def enumeration_support(d: Distribution) -> torch.Tensor:
     except NotImplementedError as e:
         if not isinstance(d, Binomial):
             raise UnsupportedDistributionError(
-                f"{type(d).__name__}.enumerate_support is not implemented for this distribution ({e}); use a "
-                "sampling estimator (e.g. 'score') for this node") from e
+                f"{type(d).__name__} declares has_enumerate_support = True, but its enumerate_support raised "
+                f"NotImplementedError({str(e)!r}): an enumerating estimator (expect, unordered_set, sum_and_sample) "
+                "walks the values it returns. Implement enumerate_support(expand=True) (every value, shape "
+                "(K, *batch_shape, *event_shape); with expand=False (K, 1, ..., 1, *event_shape)), or set "
+                "has_enumerate_support = False and use a sampling estimator (e.g. 'score') for this node") from e
         k = int(d.total_count.max())
         values = torch.arange(1 + k, dtype=d._param.dtype, device=d._param.device)
         return values.view((-1,) + (1,) * len(d.batch_shape))
+
+
+def check_enumeration(d: Distribution) -> None:
+    """Refuse a distribution written outside torch whose ``enumerate_support`` an enumerating estimator
+    cannot walk: one that raises ``NotImplementedError`` although ``has_enumerate_support`` is set, or
+    whose values are not laid out as torch lays them out with ``expand=False``: ``(K, 1, ..., 1,
+    *event_shape)``, one size-1 dim per batch dim (or no batch dims at all: the same values for every
+    entry), which the estimators read as ``K`` values of the event shape.
+    Such a layout (an event dim declared as a batch dim) failed deep inside an estimator with torch's
+    reshape or expand error. Read once per node, where storch first reads the support (torch's own
+    classes are not read: their layout is torch's).
+
+    Raises:
+        UnsupportedDistributionError: saying which shape was returned and which one is needed.
+    """
+    cls = type(d)
+    if cls.__module__.startswith("torch.distributions.") or cls in _STRICT_CLASSES:
+        return
+    values = enumeration_support(d)
+    batch, event = d.batch_shape, d.event_shape
+    shape = tuple(values.shape) if isinstance(values, torch.Tensor) else None
+    if shape is not None and len(shape) >= 1 + len(event) and shape[len(shape) - len(event):] == tuple(event):
+        middle = shape[1:len(shape) - len(event)]
+        if not middle or (len(middle) == len(batch) and all(m == 1 for m in middle)):
+            return
+    got = f"a tensor of shape {shape}" if shape is not None else f"a {type(values).__name__}"
+    raise UnsupportedDistributionError(
+        f"{cls.__name__}.enumerate_support(expand=False) returned {got}, but its batch_shape is {tuple(batch)} and "
+        f"its event_shape {tuple(event)}: an enumerating estimator needs every value laid out as (K, *batch_shape, "
+        f"*event_shape) = (K, {', '.join(str(n) for n in (*batch, *event))}) with expand=True, and (K, "
+        f"{', '.join(['1'] * len(batch) + [str(n) for n in event])}) with expand=False (K values). Check that "
+        "batch_shape and event_shape (given to Distribution.__init__) say which dims are independent entries and "
+        "which make up one value (a vector-valued sample's last dim is an event dim, not a batch dim), and that "
+        "enumerate_support lays its values out by them")
 
 
 # -- values a distribution never draws ---------------------------------------------------------
@@ -121,6 +158,7 @@ def _infinite_logits_log_prob(logits: torch.Tensor, value: torch.Tensor, top: to
 
 
 _STRICT = {Bernoulli: _StrictBernoulli, Binomial: _StrictBinomial, Poisson: _StrictPoisson}
+_STRICT_CLASSES = frozenset(_STRICT.values())
 
 
 def strict_support(d: Distribution, traced: bool = False) -> Distribution:

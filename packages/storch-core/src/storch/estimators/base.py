@@ -47,6 +47,7 @@ from torch.distributions import Distribution, Independent, TransformedDistributi
 from ..cost import CostFrame, _lead, magic_box
 from ..distributions import (
     base_distribution,
+    check_enumeration,
     holds_grad,
     raw_log_prob,
     raw_sample,
@@ -273,11 +274,20 @@ class Estimator(torch.nn.Module):
         raw, parents = unwrap_distribution(distribution)
         return self._sample_node(graph, raw, parents, distribution, inputs)
 
+    def _check_enumeration(self, raw: Distribution) -> None:
+        """:func:`~storch.distributions.check_enumeration`, naming this estimator (a user's class only)."""
+        try:
+            check_enumeration(raw)
+        except UnsupportedDistributionError as e:
+            raise UnsupportedDistributionError(
+                f"estimator {self.name or type(self).__qualname__!r} (plate {self.plate!r}): {e}") from e
+
     def _sample_node(self, graph, raw: Distribution, parents: tuple[Plate, ...], distribution: Distribution,
                      inputs: Any) -> PlateTensor:
         """The first call of this estimator in ``graph``: a new node for the raw distribution ``raw``."""
         self.check_distribution(raw)
         if self.requires_enumerate_support:  # probabilities of exactly 0 (probs=) are impossible values
+            self._check_enumeration(raw)
             raw = strict_support(raw, is_tracing())
         own = raw.batch_shape + raw.event_shape  # (torch.Size: parents, own batch, event)
         ndims = 1 + len(own)  # the sample: plate, batch, event
@@ -315,9 +325,10 @@ class Estimator(torch.nn.Module):
             if message is None:
                 raise
             raise StorchError(message) from e
-        node.gradient_values = _checked_lead(self, "gradient_function", l_x, plates)
+        node.gradient_values = _checked_lead(self, "gradient_function", l_x, plates, 0, raw, sample)
         if not self.uniform_weights:  # uniform ones (1/N) are built only if read (Node.weight_values)
-            node.weight_values = _checked_lead(self, "weighting_function", self.weighting_function(node), plates)
+            node.weight_values = _checked_lead(self, "weighting_function", self.weighting_function(node), plates, 0,
+                                              raw, sample)
         if (self.score_function is None and not _is_score_function(type(self))
                 and (type(raw) not in KINK_FREE or not support_is_fixed(type(raw)))):
             _detect_log_p_gradient(self, node, raw)
@@ -387,6 +398,8 @@ class Estimator(torch.nn.Module):
             raw, plates = unwrapped
         self.check_distribution(raw)
         if self.requires_enumerate_support:
+            if type(raw) is not type(node.distribution):  # (read once per node and class)
+                self._check_enumeration(raw)
             raw = strict_support(raw, is_tracing())
         if _lowers_order(type(self)):  # the partition's order: the lowest of its steps'
             node.max_order = min(node.max_order, self.max_order_for(raw))
@@ -462,7 +475,7 @@ class Estimator(torch.nn.Module):
         prev = node.plate
         plate = Plate(prev.name, sample.shape[0], False, t, prev.lineage)
         new = (plate,) + parents
-        lp = _checked_lead(self, "extend (its gradient function l_t)", lp, new, t)
+        lp = _checked_lead(self, "extend (its gradient function l_t)", lp, new, t, raw, sample)
         if node.steps_in_place and (prev.lineage.parents or plate.size != prev.size or parents != node.parents
                                     or lp.shape != log[0][1].shape):
             node.steps_in_place = False  # L_t re-indexed step by step (Node.history)
@@ -536,7 +549,7 @@ class Estimator(torch.nn.Module):
                 "extend(node, distribution, plates) to draw step t yourself (docs/partitions.md, 'For estimator "
                 "authors')")
         view.plate, view.sample = Plate(self.plate, m, False, t, Lineage()), grid
-        l = _checked_lead(self, "gradient_function", self.gradient_function(view), view.plates, t)
+        l = _checked_lead(self, "gradient_function", self.gradient_function(view), view.plates, t, raw, grid)
         view.gradient_values = l
         out = self.output(view)
         if out.shape[:2] != grid.shape[:2]:  # (the step's plate and the prefix plate: the diagonal's two dims)

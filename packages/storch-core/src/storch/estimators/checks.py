@@ -6,7 +6,7 @@ and the number of sample entries a chain of nodes would draw (refused before mem
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch.distributions import Distribution
@@ -22,10 +22,13 @@ if TYPE_CHECKING:
 __all__ = ["check_in_frame", "MAX_SAMPLE_ENTRIES", "MAX_DRAW_ENTRIES"]
 
 
-def _checked_lead(est: Estimator, component: str, t: Any, plates: tuple[Plate, ...], step: int = 0) -> torch.Tensor:
+def _checked_lead(est: Estimator, component: str, t: Any, plates: tuple[Plate, ...], step: int = 0,
+                  distribution: Any = None, sample: Any = None) -> torch.Tensor:
     """``t`` (a gradient function's or weighting function's result) with its leading dims ``(N, *parents)``,
     after checking that it has no other dims and that each is the plate's size or 1 (broadcast: a pathwise
-    estimator's gradient function may be one 0 of shape (1,)); fewer dims are padded with size-1 dims."""
+    estimator's gradient function may be one 0 of shape (1,)); fewer dims are padded with size-1 dims.
+    With the node's raw ``distribution`` and ``sample``, a result with extra dims is blamed on the
+    distribution's ``log_prob`` where that is where they come from (:func:`_log_prob_shape_message`)."""
     n = len(plates)
     if type(t) is not torch.Tensor or t.dim() < n:
         t = _lead(t, n)
@@ -39,6 +42,10 @@ def _checked_lead(est: Estimator, component: str, t: Any, plates: tuple[Plate, .
             return t
     want = tuple(p.size for p in plates)
     extra = len(shape) > n
+    if extra and distribution is not None:
+        message = _log_prob_shape_message(est, distribution, sample)
+        if message is not None:
+            raise StorchError(message)
     fix = ("sum it over the node's own batch (and event) dims: node.log_prob(x) does (not "
            "node.distribution.log_prob(x), which is per entry)" if extra else
            f"give it the sizes of the plates {', '.join(repr(p.name) for p in plates)} (or 1 to broadcast)")
@@ -46,6 +53,35 @@ def _checked_lead(est: Estimator, component: str, t: Any, plates: tuple[Plate, .
         f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {component}{_step(step)} returned a "
         f"tensor of shape {tuple(shape)}, but it must have the dims (N, *parents) = {want} (plate sizes, or 1 to "
         f"broadcast) and no others (docs/writing-an-estimator.md, section 1): {fix}")
+
+
+def _log_prob_shape_message(est: Estimator, d: Distribution, sample: Any) -> Optional[str]:
+    """Where a user's distribution's ``log_prob`` keeps dims that are not batch dims (per-event terms not
+    summed over the event: shape ``(N, *batch, *event)`` instead of ``(N, *batch)``), the message that says
+    so; else None. A gradient or weighting function then returned extra dims, which the generic message
+    blamed on the estimator's author. Error path only: one more ``log_prob`` of the sample (torch's own
+    classes are not probed: their ``log_prob`` follows torch's layout)."""
+    cls = type(d)
+    if cls.__module__.startswith("torch.distributions."):
+        return None
+    own = d.batch_shape + d.event_shape
+    try:
+        with torch.no_grad():
+            if not (isinstance(sample, torch.Tensor) and sample.shape[1:] == own):
+                sample = d.sample()  # (the node's is in another representation: one draw of the distribution's)
+            lp = d.log_prob(sample)
+    except Exception:  # (storch cannot tell: the generic message)
+        return None
+    want = tuple(sample.shape[:sample.dim() - len(d.event_shape)])
+    if not isinstance(lp, torch.Tensor) or tuple(lp.shape) == want:
+        return None
+    return (f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {cls.__name__}.log_prob returned "
+            f"a tensor of shape {tuple(lp.shape)} for samples of shape {tuple(sample.shape)}, but a distribution's "
+            f"log_prob must return one log-probability per sample and batch entry: the sample's shape without its "
+            f"event dims, {want} (batch_shape {tuple(d.batch_shape)}, event_shape {tuple(d.event_shape)}; storch's "
+            "plates lead the batch dims). Sum the per-element terms over the event dims (e.g. `.sum(-1)` for a "
+            "vector-valued value), or, if those dims are independent entries, declare them in batch_shape rather "
+            "than event_shape")
 
 
 def check_in_frame(est: Estimator, component: str, t: Any, frame: CostFrame) -> None:

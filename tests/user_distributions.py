@@ -1,0 +1,77 @@
+"""Small distributions written outside torch, as a user writes them, for the tests of what storch needs from
+one (docs/your-own-distribution.md): a Plackett-Luce over permutations, and broken variants of it."""
+
+import itertools
+
+import torch
+from torch.distributions import Distribution, constraints
+
+
+class Permutations(constraints.Constraint):
+    event_dim = 1
+    is_discrete = True
+
+    def check(self, value):
+        return (value.sort(-1).values == torch.arange(value.shape[-1], device=value.device)).all(-1)
+
+
+class PlackettLuce(Distribution):
+    """Permutations of n items, ``value[i]`` the item at rank i; batch_shape ``logits.shape[:-1]``,
+    event_shape ``(n,)``."""
+
+    arg_constraints = {"logits": constraints.real_vector}
+    has_enumerate_support = True
+    support = Permutations()
+
+    def __init__(self, logits, validate_args=None):
+        self.logits = logits
+        super().__init__(logits.shape[:-1], logits.shape[-1:], validate_args=validate_args)
+
+    def sample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            u = torch.rand(shape, dtype=self.logits.dtype, device=self.logits.device)
+            return (self.logits.expand(shape) - torch.log(-torch.log(u))).argsort(-1, descending=True)
+
+    def _terms(self, value):
+        """log p of each rank given the ranks before it."""
+        ranked = self.logits.expand(value.shape[:-1] + self.logits.shape[-1:]).gather(-1, value)
+        return ranked - torch.logcumsumexp(ranked.flip(-1), -1).flip(-1)
+
+    def log_prob(self, value):
+        return self._terms(value).sum(-1)
+
+    def enumerate_support(self, expand=True):
+        n = self.logits.shape[-1]
+        perms = torch.tensor(list(itertools.permutations(range(n))), device=self.logits.device)
+        perms = perms.view((perms.shape[0],) + (1,) * len(self.batch_shape) + (n,))
+        return perms.expand((perms.shape[0],) + self.batch_shape + (n,)) if expand else perms
+
+
+class NoEnumeration(PlackettLuce):
+    """Declares has_enumerate_support (inherited) but does not implement enumerate_support."""
+
+    def enumerate_support(self, expand=True):
+        raise NotImplementedError
+
+
+class LogProbPerRank(PlackettLuce):
+    """log_prob returns the per-rank terms, shape batch + event, not summed over the event."""
+
+    def log_prob(self, value):
+        return self._terms(value)
+
+
+class EventAsBatch(PlackettLuce):
+    """Declares the event dim as a batch dim (batch_shape ``logits.shape``, event_shape ``()``), while
+    enumerate_support lays out whole permutations: shapes inconsistent with each other."""
+
+    def __init__(self, logits, validate_args=None):
+        self.logits = logits
+        Distribution.__init__(self, logits.shape, torch.Size(), validate_args=validate_args)
+
+    def enumerate_support(self, expand=True):
+        n = self.logits.shape[-1]
+        perms = torch.tensor(list(itertools.permutations(range(n))), device=self.logits.device)
+        perms = perms.view((perms.shape[0],) + (1,) * (len(self.batch_shape) - 1) + (n,))
+        return perms.expand((perms.shape[0],) + self.batch_shape) if expand else perms
