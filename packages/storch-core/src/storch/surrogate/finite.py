@@ -52,9 +52,13 @@ def refuse_on_backward(loss: torch.Tensor, graph: Graph) -> None:
     which the autograd outside vmap differentiates: ``vmap(step)(params).sum().backward()`` of an ensemble with a NaN
     member is refused, as that member's step would be eagerly); skipped under ``torch.func.grad`` and the other
     differentiating transforms, which differentiate the loss themselves."""
-    loss = _outside(loss)
-    if loss is None:
-        return
+    if not _is_wrapped(loss) and loss.is_cpu:  # the common case, in a few C calls (a 0-dim loss, read here)
+        if loss.is_meta or math.isfinite(loss.item()):
+            return
+    else:
+        loss = _outside(loss)
+        if loss is None:
+            return
     if loss.is_cpu:  # the message is made now, only for a non-finite loss: from the graph as it is
         hook_unless_finite(loss, lambda: _message(list(graph.costs), list(graph.nodes), _ON_BACKWARD))
         return
@@ -100,6 +104,9 @@ def _holds(t: torch.Tensor, test: Callable[[torch.Tensor], torch.Tensor]) -> boo
     """Whether ``test`` holds for an entry of ``t`` (for the messages: under vmap, of the values it batches)."""
     plain = _outside(t.detach())
     return plain is not None and bool(test(plain).any())
+
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _outside(t: torch.Tensor) -> Optional[torch.Tensor]:
