@@ -34,9 +34,14 @@ def _threshold_watch(node: Node, jumps: bool):
     not counted. Holds the node weakly (the lineage is the node's plate's: no reference cycle)."""
     ref = weakref.ref(node)
 
-    def watch(func, raw: torch.Tensor) -> None:
+    def watch(func, raw: torch.Tensor, plates: Optional[tuple]) -> None:
         node = ref()
         if node is None or node.thresholded is not None or not (jumps or func in INDEXING or func in INDEX_VALUES):
+            return
+        if plates is not None:
+            # not counted: an operand without an autograd graph (detached, under no_grad). REBAR / RELAX refuse at
+            # order 1, where a detached metric of the hard decision is accepted by design (tests/relaxed/
+            # test_relaxed_errors.py); a detached mask that feeds a cost is not seen (docs/estimators/rebar.md)
             return
         code = _distributions_caller()
         if code is None:  # user code: a jump of the cost (max's indices are not seen there: docs/estimators/rebar.md)
@@ -67,9 +72,9 @@ def is_pathwise(est) -> bool:
 def _both(first, second):
     """One ``Lineage.watch`` that runs two (a relaxed Categorical / OneHotCategorical of a pathwise estimator: the
     reads of its sample as indices, :func:`_threshold_watch`, and its comparisons in user code)."""
-    def watch(func, raw: torch.Tensor) -> None:
-        first(func, raw)
-        second(func, raw)
+    def watch(func, raw: torch.Tensor, plates: Optional[tuple]) -> None:
+        first(func, raw, plates)
+        second(func, raw, plates)
     return watch
 
 
@@ -84,14 +89,25 @@ def _compare_watch(node: Node):
     comparisons torch.distributions makes (argument validation, formula branches) are not counted, nor
     ``max`` with a dim (its indices: see :data:`~storch.plates.dispatch.INDEX_VALUES`; its values are in the
     graph). Recording is a list append (no walk at order 1); at most ``_PENDING_MAX`` candidates are kept,
-    beyond that they are walked at once. Holds the node weakly."""
+    beyond that they are walked at once. An operand without an autograd graph (``plates`` given: detached,
+    ``x.detach()`` or ``x.clone().detach()``, or compared under ``torch.no_grad()``) has no graph to walk: it is
+    recorded at once where every sample plate it carries is one of the node's (:func:`_own`: a value computed from
+    the sample, as every tensor carrying only these plates is; found by review: ``torch.where(x.detach() > 0, x,
+    0)`` gave a Hessian of 0); one that carries a later node's plate (a discrete sample's ``z == 1``) is not.
+    A metric is computed on the raw tensor (``x.tensor.detach()``, not a plate tensor) or after the step. Holds the
+    node weakly."""
     ref = weakref.ref(node)
 
-    def watch(func, raw: torch.Tensor) -> None:
+    def watch(func, raw: torch.Tensor, plates: Optional[tuple]) -> None:
         node = ref()
         if node is None or node.compared is not None or func in INDEX_VALUES:
             return
+        if plates is not None and not _own(plates, node):
+            return
         if _distributions_caller() is not None:
+            return
+        if plates is not None:
+            node.compared = getattr(func, "__name__", str(func)).strip("_")
             return
         pending = node._compared_pending
         if pending is None:
@@ -104,6 +120,16 @@ def _compare_watch(node: Node):
 
 
 _PENDING_MAX = 4
+
+
+def _own(plates: tuple, node: Node) -> bool:
+    """Whether every sample plate (not a data plate) of ``plates`` is one of ``node``'s (its own, its parents')."""
+    mine = node.plates
+    for p in plates:
+        if not p.independent and p not in mine:
+            names = {q.name for q in mine}  # (a partition's plate at another step: the same name)
+            return all(q.independent or q.name in names for q in plates)
+    return True
 
 
 def compared(node: Node) -> Optional[str]:

@@ -120,8 +120,8 @@ def _jumps() -> frozenset:
 # autograd graph (a bool or integer result carries no grad_fn, so storch.extending.require_smooth, which
 # walks that graph, cannot see them): comparisons and their method, operator and in-place forms, argmax /
 # argmin / argsort, bucketize / searchsorted, logical operations, bool and integer casts. Applied to a plate
-# tensor that requires grad while grad is enabled, they are reported to the watch of its plates' lineages
-# (Lineage.watch: set by a node whose estimator must not see its sample thresholded). No other function
+# tensor, they are reported to the watch of its plates' lineages (Lineage.watch: set by a node whose estimator
+# must not see its sample thresholded), with its plates where it has no autograd graph to walk. No other function
 # pays anything: the check is part of these functions' cached implementation only.
 JUMPS: frozenset = _jumps()
 
@@ -139,18 +139,23 @@ INDEX_VALUES: frozenset = frozenset({torch.max, _T.max})
 
 
 def _watched(impl):
-    """``impl`` of a function of :data:`JUMPS`, which first reports its operands that require grad to their
-    plates' watches."""
+    """``impl`` of a function of :data:`JUMPS`, which first reports its plate operands to their plates' watches:
+    ``watch(func, raw, None)`` for one whose autograd graph can be walked (it requires grad, grad enabled), else
+    ``watch(func, raw, plates)`` with its plates (a detached value, one made under ``torch.no_grad()``: no graph
+    says what it was computed from; found by review: ``torch.where(x.detach() > 0, x, 0)`` was not seen)."""
     def run(func, args, kwargs):
-        if _grad_enabled():
-            # (positional operands directly: these functions take no tensor lists; every argument-validating
-            # Distribution compares its parameters, logits == logits, so this runs in most steps)
-            for a in (_operands(args, kwargs) if kwargs else args):
-                if type(a) is _PT and a._raw.requires_grad:
-                    for p in a._plates:
-                        lin = p.lineage
-                        if lin is not None and lin.watch is not None:
-                            lin.watch(func, a._raw)
+        grad = _grad_enabled()
+        # (positional operands directly: these functions take no tensor lists; every argument-validating
+        # Distribution compares its parameters, logits == logits, so this runs in most steps)
+        for a in (_operands(args, kwargs) if kwargs else args):
+            if type(a) is _PT:
+                raw = a._raw
+                plates = a._plates
+                graph = None if grad and raw.requires_grad else plates
+                for p in plates:
+                    lin = p.lineage
+                    if lin is not None and lin.watch is not None:
+                        lin.watch(func, raw, graph)
         return impl(func, args, kwargs)
     return run
 

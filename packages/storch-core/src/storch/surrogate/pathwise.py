@@ -273,7 +273,9 @@ _SMOOTH_INSTEAD = (
     "Write that function smoothly (softplus, GELU, SiLU or tanh; a soft mask sigmoid((x - c) / t) instead of "
     "x > c), or use an estimator that does not differentiate through the sample for this node ('score', with "
     "baseline='leave_one_out'), which is unbiased at every order. A comparison whose result no cost uses (a "
-    "metric, a check): compute it on x.detach() or under torch.no_grad()")
+    "metric, a check): compute it on the raw tensor, x.tensor.detach() (a plain tensor with the plate dims first, "
+    "which storch does not see and which cannot be combined with plate tensors by accident), or after the step; "
+    "x.detach() or torch.no_grad() is not enough (the mask of torch.where(x.detach() > 0, x, 0) is a kink too)")
 
 
 def _compared_message(node: Node, name: str, mask: str, order: int) -> str:
@@ -283,8 +285,10 @@ def _compared_message(node: Node, name: str, mask: str, order: int) -> str:
         f"estimator {est.name!r} on plate {p!r}: the order-{order} surrogate differentiates the cost {name!r} (it "
         f"carries the plate {p!r}) {order} times through the reparameterised sample, and in this step {mask} (a "
         "comparison, or another operation without a derivative: argmax, a bool or integer cast) was applied to a "
-        "value whose autograd graph reaches that sample: a mask such as the condition of torch.where(x > 0, x, 0), "
-        "x * (x > 0).float() or torch.where(x > 0, x, 0.01 * x). Its result has no autograd history, so autograd "
+        "value computed from that sample (its autograd graph reaches it, or it is detached or made under "
+        "torch.no_grad() and carries only the sample's plates): a mask such as the condition of "
+        "torch.where(x > 0, x, 0), x * (x > 0).float(), torch.where(x.detach() > 0, x, 0) or "
+        "torch.where(x > 0, x, 0.01 * x). Its result has no autograd history, so autograd "
         "differentiates the cost as if the mask were constant: the function it selects piecewise has a kink (or a "
         "jump) at the threshold, whose delta in the next derivative is lost, and the derivatives of order "
         f"{order} would be silently biased (the Hessian of E[relu(x)] written so came out exactly 0). Order 1 is "
