@@ -736,7 +736,7 @@ def test_a_multiplied_mask_is_unbiased(name):
 @pytest.mark.parametrize("name", ["rebar", "relax"])
 def test_comparisons_that_do_not_threshold_the_relaxed_sample_are_not_refused(name):
     """Comparisons of data (plain and on a data plate), of a value without the sample's gradient (a downstream
-    score node's sample, a detached metric), and torch.distributions' argument checks of a likelihood whose
+    score node's sample, a metric on the raw tensor m.tensor.detach()), and torch.distributions' argument checks of a likelihood whose
     parameters carry the relaxed sample's gradient (Bernoulli(logits=...) compares logits == logits) run."""
     theta = TOY_THETA.clone().requires_grad_(True)
     data = torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.0, 3.0]], dtype=torch.float64)
@@ -748,7 +748,7 @@ def test_comparisons_that_do_not_threshold_the_relaxed_sample_are_not_refused(na
         cost = (torch.where(_ATT_A > 0, m, 1 - m).sum() + torch.where(x > 0, m, 0.0).sum()
                 + (y > 0.5).double().sum() - lik.log_prob(x).sum())
         storch.add_cost(cost, name="c")
-        _ = (m.detach() > 0.5).double().mean()  # a metric
+        _ = (m.tensor.detach() > 0.5).double().mean()  # a metric, on the raw tensor
         g, = torch.autograd.grad(storch.surrogate_loss(), theta)
     assert torch.isfinite(g).all()
 
@@ -891,3 +891,24 @@ def test_torch_s_mode_of_a_decoder_is_treated_as_the_user_s_argmax(name, mode):
         else:
             g, = torch.autograd.grad(storch.surrogate_loss(), theta)
             assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("name", ["rebar", "relax"])
+@pytest.mark.parametrize("form", ["detached", "no_grad", "clone_detached"])
+def test_a_mask_of_the_detached_relaxed_sample_that_feeds_the_cost_is_refused(name, form):
+    """Found by review: a comparison of the relaxed sample's detached copy (z.detach(), under torch.no_grad(),
+    z.clone().detach()) has no autograd graph for the watch to walk, and was not counted: REBAR's gradient of
+    E[where(z > 0.5, 1, 0)] came out 0.000 against the exact σ'(0.3) = 0.245, silently. Every tensor carrying only
+    the node's sample plates is computed from its sample, so such a comparison in user code is a jump of the cost
+    now, refused as the comparison of z itself is; a metric is computed on the raw tensor (see the test above)."""
+    theta = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    with storch.Graph():
+        z = storch.estimator(name, plate="z", n_samples=4)(Bernoulli(logits=theta))
+        if form == "no_grad":
+            with torch.no_grad():
+                mask = z > 0.5
+        else:
+            mask = (z.detach() if form == "detached" else z.clone().detach()) > 0.5
+        storch.add_cost(torch.where(mask, 1.0 - 0 * z, 0 * z), name="c")
+        with pytest.raises(storch.OrderError, match=r"m\.tensor\.detach\(\)|tensor\.detach"):
+            storch.surrogate_loss()

@@ -39,9 +39,14 @@ def _threshold_watch(node: Node, jumps: bool):
         if node is None or node.thresholded is not None or not (jumps or func in INDEXING or func in INDEX_VALUES):
             return
         if plates is not None:
-            # not counted: an operand without an autograd graph (detached, under no_grad). REBAR / RELAX refuse at
-            # order 1, where a detached metric of the hard decision is accepted by design (tests/relaxed/
-            # test_relaxed_errors.py); a detached mask that feeds a cost is not seen (docs/estimators/rebar.md)
+            # an operand without an autograd graph (detached, compared under no_grad): a value computed from the
+            # sample where it carries only the node's sample plates (_own); no graph to walk. A jump_free estimator's
+            # comparison of it in user code is recorded (torch.where(z.detach() > 0.5, a, b) gave REBAR a gradient
+            # of 0 against 0.245: found by review); a metric is computed on the raw tensor, z.tensor.detach(). Not
+            # torch.distributions' index reads of a detached value: what the density reads is not the gradient path
+            if not jumps or func in INDEX_VALUES or not _own(plates, node) or _distributions_caller() is not None:
+                return
+            node.thresholded = getattr(func, "__name__", str(func))
             return
         code = _distributions_caller()
         if code is None:  # user code: a jump of the cost (max's indices are not seen there: docs/estimators/rebar.md)

@@ -454,7 +454,9 @@ def _thresholded_message(node: Node, name: str) -> str:
         "the sample: multiply by it (m * a, m * x + (1 - m) * y: on the hard sample it is the same mask, on the "
         "relaxed one it is continuous), and for a piecewise function that is continuous at its threshold "
         "(torch.where(h > 0, h, 0.01 * h)) use torch's own (F.leaky_relu). A comparison whose result no cost "
-        "uses (a metric): compute it on m.detach() or under torch.no_grad()")
+        "uses (a metric): compute it on the raw tensor, m.tensor.detach() (a plain tensor with the plate dims first), "
+        "or after the step; m.detach() or torch.no_grad() is not enough (the mask of torch.where(m.detach() > 0.5, "
+        "a, b) feeds the cost all the same)")
 # for a one-hot (relaxed) value z of a category: what to write instead of torch's (OneHot)Categorical.log_prob
 _ONE_HOT_LOG_PROB = (
     "(z * logits.log_softmax(-1)).sum(-1), the log-probability's continuous extension (for a sampled KL: "
