@@ -283,7 +283,7 @@ def test_comparisons_off_the_samples_path_are_not_refused_at_order_2():
         # compared under no_grad (it carries that node's plate: not a value of x alone)
         positive = (x.tensor.detach() > 0).double().mean()
         assert type(positive) is torch.Tensor and 0 < positive < 1
-        b = storch.estimator("score", plate="b", n_samples=1)(torch.distributions.Bernoulli(logits=x.detach()))
+        b = storch.estimator("expect", plate="b")(torch.distributions.Bernoulli(logits=x.detach()))  # (core: CI's core env has no score)
         with torch.no_grad():
             ones = (b == 1).double()
         assert "b" in [p.name for p in ones.plates] and "x" in [p.name for p in ones.plates]
