@@ -218,21 +218,22 @@ def _check_rebuilt(d: Distribution, new: Distribution, raw: dict, extra: dict, p
     batch shapes and its attributes (plain values, tensors' shapes and dtypes, held distributions): an
     argument that took its default shows there.
     """
-    for n, v in list(raw.items()) + list(extra.items()):
-        if isinstance(v, torch.Tensor) and not _kept_as_given(new.__dict__.get(n, new.__dict__.get("_" + n)), v) \
-                and not _idempotent(d, raw, extra, plates):
-            args = f"{sorted(raw)} with the plates as batch dims" + (f", and {sorted(extra)}" if extra else "")
-            raise UnsupportedDistributionError(
-                f"storch rebuilds {type(d).__name__} from the parameters{' and constructor arguments' if extra else ''} "
-                f"it keeps ({args}) where its parameters have different plates, and its constructor does not keep "
-                f"{n!r} as it was given (as self.{n} = {n}): it transforms it (e.g. adds another parameter to it, or "
-                "divides it by a temperature), so rebuilding from the kept values would transform them again. Keep "
-                f"each parameter of arg_constraints as given (self.{n} = {n}) and combine them where they are used "
-                "(in log_prob and sample, or a property), or compute the transformed parameters outside and pass them "
-                "to a distribution whose constructor keeps them (torch's Categorical(logits=logits / t)). (A "
-                "transformation that gives the same values when applied again, such as a normalisation, is "
-                "accepted where storch can check it: its arg_constraints must be torch constraints, and the "
-                "tensors not on the meta device.)")
+    changed = [n for n, v in list(raw.items()) + list(extra.items())
+               if isinstance(v, torch.Tensor) and not _kept_as_given(_kept(new, n), v)]
+    if changed and not _idempotent(d, raw, extra, plates):  # (one probe however many parameters it changed)
+        n = changed[0]
+        args = f"{sorted(raw)} with the plates as batch dims" + (f", and {sorted(extra)}" if extra else "")
+        raise UnsupportedDistributionError(
+            f"storch rebuilds {type(d).__name__} from the parameters{' and constructor arguments' if extra else ''} "
+            f"it keeps ({args}) where its parameters have different plates, and its constructor does not keep "
+            f"{n!r} as it was given (as self.{n} = {n}): it transforms it (e.g. adds another parameter to it, or "
+            "divides it by a temperature), so rebuilding from the kept values would transform them again. Keep "
+            f"each parameter of arg_constraints as given (self.{n} = {n}) and combine them where they are used "
+            "(in log_prob and sample, or a property), or compute the transformed parameters outside and pass them "
+            "to a distribution whose constructor keeps them (torch's Categorical(logits=logits / t)). (A "
+            "transformation that gives the same values when applied again, such as a normalisation, is "
+            "accepted where storch can check it: its arg_constraints must be torch constraints, and the "
+            "tensors not on the meta device.)")
     where = _differs(d, new, plates, 0)
     if where is not None:
         raise UnsupportedDistributionError(
@@ -299,13 +300,13 @@ def _probe_idempotent(d: Distribution, raw: dict, extra: dict, m: int) -> bool:
         first = cls(**probe, **extra, validate_args=False)
         kept = {}
         for n in raw:
-            w = first.__dict__.get(n, first.__dict__.get("_" + n))
+            w = _kept(first, n)
             if w is None:
                 return False
             kept[n] = w
         second = cls(**kept, **extra, validate_args=False)
         for n, w in kept.items():
-            again = second.__dict__.get(n, second.__dict__.get("_" + n))
+            again = _kept(second, n)
             if not isinstance(w, torch.Tensor):
                 if again is not w and again != w:
                     return False
@@ -313,6 +314,11 @@ def _probe_idempotent(d: Distribution, raw: dict, extra: dict, m: int) -> bool:
                       and bool(torch.allclose(again, w, rtol=1e-4, atol=1e-5, equal_nan=True))):
                 return False
     return True
+
+
+def _kept(d: Distribution, name: str) -> Any:
+    """What ``d``'s constructor kept of its argument ``name``: ``d.<name>``, or ``d._<name>`` (a property's store)."""
+    return d.__dict__.get(name, d.__dict__.get("_" + name))
 
 
 def _kept_as_given(w: Any, v: torch.Tensor) -> bool:

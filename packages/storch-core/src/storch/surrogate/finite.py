@@ -8,6 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .._order_guard import unbatched
 from ..errors import NonFiniteCostError
 from ..graph import Graph
 from ..plates.tensor import raw_of
@@ -114,10 +115,8 @@ def _outside(t: torch.Tensor) -> Optional[torch.Tensor]:
     ``vmap`` the plain tensor it batches (whose autograd node is the vmapped result's: its values can be read,
     where ``item()`` of the batched one raises); None under a differentiating transform (``grad``, ``jvp``,
     ``vjp``: it differentiates ``t`` itself, not a backward pass of the user's)."""
-    functorch = torch._C._functorch
-    while functorch.is_batchedtensor(t):
-        t = functorch.get_unwrapped(t)
-    return None if functorch.is_functorch_wrapped_tensor(t) else t
+    t = unbatched(t)
+    return None if _is_wrapped(t) else t
 
 
 def _infinite_logits_hint(nodes: list) -> str:
