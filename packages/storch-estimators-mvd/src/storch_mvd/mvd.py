@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
+from torch.distributions import Distribution
 
-from storch import Estimator, Node
+from storch import Estimator, Node, UnsupportedDistributionError
 from storch.extending import base_distribution, is_tracing, options
 
 from ._state import PrecomputedState
@@ -44,9 +46,12 @@ class Mvd(Estimator):
     family here because each family's proposals include p itself or point masses.
 
     Requires: one of the distributions with a decomposition (``decompositions/``): Normal,
-    Bernoulli, Categorical, OneHotCategorical, Poisson, Exponential (also inside
-    ``Independent``). Any cost; no differentiability in x. A Categorical's impossible categories
-    (−∞ logits, probs 0) have c = 0 and are never handed to the cost (``decompositions/categorical.py``).
+    Bernoulli, Categorical, OneHotCategorical, Poisson, Exponential, Binomial (in probs / logits;
+    total_count fixed), Geometric, Laplace, Gamma (in its rate; also Chi2 with a fixed df) (also
+    inside ``Independent``). A parameter that requires grad but has no weak derivative here (a
+    Gamma's concentration, a Binomial's total_count) is refused, with what to use instead. Any cost;
+    no differentiability in x. A Categorical's impossible categories (−∞ logits, probs 0) have c = 0
+    and are never handed to the cost (``decompositions/categorical.py``).
 
     max_order: 1 — the gradient function is linear in θ with a detached coefficient, so its
     second derivative is 0, and ∇l ∇l^T f has no weak-derivative meaning (appendix D.4).
@@ -55,7 +60,8 @@ class Mvd(Estimator):
         plate: name of the node's plate (size n · 2 · Σ_params K · E).
         n_samples: number of independent replicates of the whole set of evaluation points.
         coupled: draw each pair (x⁺, x⁻) with common random numbers where the family allows it
-            (Normal, Poisson, Exponential); lowers the variance for smooth costs.
+            (Normal, Poisson, Exponential, Binomial, Geometric, Laplace, Gamma); lowers the variance
+            for smooth costs. Bernoulli's and Categorical's p⁺ are point masses: nothing to couple.
 
     Example:
         >>> torch.manual_seed(0)
@@ -77,6 +83,20 @@ class Mvd(Estimator):
         super().__init__(plate, n_samples)
         options.flag("mvd", "coupled", coupled)
         self.coupled = coupled
+
+    @classmethod
+    def supports(cls, distribution: Distribution) -> bool:
+        """The base class's check, and no parameter that requires grad without a weak derivative here
+        (:meth:`WeakDerivative.unsupported`): the registry's listing agrees with :meth:`check_distribution`."""
+        return super().supports(distribution) and _unsupported(distribution) is None
+
+    def check_distribution(self, d: Distribution) -> None:
+        reason = _unsupported(d)
+        if reason is not None:
+            # sampling on would give that parameter no gradient, silently
+            raise UnsupportedDistributionError(
+                f"estimator {self.name!r} does not support {type(base_distribution(d)).__name__} {reason}")
+        super().check_distribution(d)
 
     def proposal(self, node: Node) -> torch.Tensor:
         d = node.distribution
@@ -141,3 +161,10 @@ class Mvd(Estimator):
 
     def extra_repr(self) -> str:
         return f"plate={self.plate!r}, n_samples={self.n_samples}, coupled={self.coupled}"
+
+
+def _unsupported(d: Distribution) -> Optional[str]:
+    """Why the decomposition of ``d``'s family cannot differentiate ``d`` (``None``: it can, or there is none)."""
+    base = base_distribution(d)
+    dec = decomposition_for(base)
+    return None if dec is None else dec.unsupported(base)

@@ -8,8 +8,12 @@ from torch.distributions import Distribution
 
 from ._base import Part, WeakDerivative
 from .bernoulli import BernoulliWeakDerivative
+from .binomial import BinomialWeakDerivative
 from .categorical import CategoricalWeakDerivative
 from .exponential import ExponentialWeakDerivative
+from .gamma import GammaWeakDerivative
+from .geometric import GeometricWeakDerivative
+from .laplace import LaplaceWeakDerivative
 from .normal import NormalWeakDerivative
 from .poisson import PoissonWeakDerivative
 
@@ -21,6 +25,10 @@ DECOMPOSITIONS: tuple[WeakDerivative, ...] = (
     CategoricalWeakDerivative(),
     PoissonWeakDerivative(),
     ExponentialWeakDerivative(),
+    BinomialWeakDerivative(),
+    GeometricWeakDerivative(),
+    LaplaceWeakDerivative(),
+    GammaWeakDerivative(),
 )
 
 # the distribution types with a decomposition (the `distributions` of the mvd estimator)

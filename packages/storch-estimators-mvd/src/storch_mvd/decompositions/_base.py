@@ -48,10 +48,21 @@ class WeakDerivative(abc.ABC):
     """Base class of a family's decomposition (one module per family in this package).
 
     Subclasses list the torch distribution types they handle in ``families`` and implement
-    :meth:`parts` and :meth:`ratio_sum`.
+    :meth:`parts` and :meth:`ratio_sum`; one that differentiates only some of a family's parameters
+    overrides :meth:`unsupported` to refuse a distribution whose other parameters require grad.
     """
 
     families: ClassVar[tuple[type, ...]] = ()
+
+    def unsupported(self, d: Distribution) -> Optional[str]:
+        """Why ``d`` cannot be differentiated here, and what to use instead (``None``: it can).
+
+        A parameter that requires grad but has no weak derivative in this module (Gamma's
+        concentration, Binomial's total_count) would silently get no gradient: the estimator
+        refuses the distribution with this reason. ``d`` may hold plate tensors (the registry's
+        capability listing asks with the user's distribution).
+        """
+        return None
 
     @abc.abstractmethod
     def parts(self, d: Distribution, n: int, coupled: bool) -> list[Part]:
