@@ -257,3 +257,30 @@ def test_go_counts_have_lower_variance_than_score_with_as_many_evaluations(famil
     ratio = var["go"] / var["score"]
     print(f"go {family}: variance / score's (3 samples, leave-one-out) = {[round(float(r), 3) for r in ratio]}")
     assert (ratio < 1).all()
+
+
+@pytest.mark.parametrize("family", ["binomial", "geometric", "negative_binomial"])
+def test_go_counts_compiled_step_equals_eager_and_checks_its_refusals(family):
+    """storch.compile (backend=None): the replayed gradient equals the eager one; the refusal of a Geometric
+    with probs 0 / a NegativeBinomial with probs 1 is an ``assume`` of the replayed step (no branch on values)."""
+    theta = torch.nn.Parameter(torch.tensor([0.3, -0.5], dtype=F64))
+    est = storch.estimator("go", plate="k", n_samples=4)
+
+    def step(x):
+        with storch.Graph():
+            k = est(_build(family, theta + x, "logits"))
+            storch.add_cost(cost(k))
+            return storch.surrogate_loss()
+
+    compiled = storch.compile(step, backend=None)
+    zero = torch.zeros(2, dtype=F64)
+    for _ in range(2):
+        torch.manual_seed(78)
+        (eager,) = torch.autograd.grad(step(zero), theta)
+        torch.manual_seed(78)
+        (replayed,) = torch.autograd.grad(compiled(zero), theta)
+        assert torch.equal(eager, replayed)
+    if family != "binomial":
+        bad = torch.tensor([-math.inf if family == "geometric" else math.inf, 0.0], dtype=F64)
+        with pytest.raises(storch.StorchError, match="probs 0" if family == "geometric" else "probs 1"):
+            compiled(bad)
