@@ -201,10 +201,19 @@ def test_joint_support_over_budget_is_not_listed():
             assert z.plates[0].size in (2, 3)
 
 
+class _NoExpand(Categorical):
+    def expand(self, batch_shape, _instance=None):
+        raise NotImplementedError  # as torch.distributions.Distribution.expand: no message
+
+
 def test_runtime_option_errors():
     with storch.Graph():
         imp = storch.estimator("importance", plate="a", proposal=Categorical(logits=torch.zeros(3, 5)))
         with pytest.raises(storch.OptionError, match=r"batch shape \(3,\) does not broadcast to the node's batch shape \(4,\)"):
+            imp(Categorical(logits=torch.zeros(4, 5)))
+        # a proposal without expand (torch's default raises NotImplementedError with no text): named, with the fix
+        imp = storch.estimator("importance", plate="e", proposal=_NoExpand(logits=torch.zeros(5)))
+        with pytest.raises(storch.OptionError, match=r"_NoExpand\.expand is not implemented\. Implement expand"):
             imp(Categorical(logits=torch.zeros(4, 5)))
         imp = storch.estimator("importance", plate="b", proposal=lambda p: Normal(0.0, 1.0))
         with pytest.raises(storch.OptionError, match=r"event shape"):

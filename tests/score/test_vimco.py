@@ -207,6 +207,20 @@ def test_vimco_refuses_log_weights_of_the_wrong_shape():
             est.bound(Bernoulli(logits=PRIOR).log_prob(z))  # not reduced over the draw's own dim
 
 
+def test_a_per_draw_cost_on_a_vimco_node_is_told_to_use_the_bound():
+    # a cost per draw (per-sample shape (K,)): the core's "one number per sample" error names vimco's bound
+    with storch.Graph():
+        est = storch.estimator("vimco", plate="z", n_draws=K)
+        z = est(Bernoulli(logits=THETA.clone().requires_grad_(True)))
+        with pytest.raises(storch.CostError, match=r"per-sample shape \(3,\).*est\.bound\(log_w\)"):
+            storch.add_cost(z.sum(-1), name="fit")
+    with storch.Graph():  # another estimator's node: no vimco hint
+        z = storch.estimator("score", plate="z", n_samples=2)(Bernoulli(logits=THETA.clone().requires_grad_(True)))
+        with pytest.raises(storch.CostError, match=r"per-sample shape \(2,\)") as e:
+            storch.add_cost(z, name="fit")
+        assert "bound" not in str(e.value)
+
+
 def test_vimco_refuses_the_bound_of_another_node_or_step():
     theta = THETA.clone().requires_grad_(True)
     est, other = storch.estimator("vimco", plate="z", n_draws=K), storch.estimator("vimco", plate="y", n_draws=K)

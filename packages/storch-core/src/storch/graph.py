@@ -277,7 +277,7 @@ class Graph:
             raise CostError(
                 f"cost {label!r} has per-sample shape {tuple(cost.shape)}; a cost must "
                 "be one number per sample: reduce its event dims first (e.g. `.sum(-1)`), or use "
-                "storch.denote_independent for dims that are independent data points"
+                "storch.denote_independent for dims that are independent data points" + self._cost_hints(plates)
             )
         if not raw.is_floating_point():
             raise CostError(f"cost {label!r} has dtype {cost.dtype}; a cost must be a floating point tensor "
@@ -289,6 +289,16 @@ class Graph:
                 raise CostError(f"cost {label!r}: credit must be True or False, got {credit!r}")
             self.no_credit.add(id(cost))
         self.costs.append((name or f"cost{len(self.costs)}", cost))
+
+    def _cost_hints(self, plates: tuple) -> str:
+        """The ``cost_hint`` of the estimators whose nodes a cost depends on (error path only)."""
+        hints = []
+        for p in plates:
+            owner = self.plates.get(p.name)
+            hint = getattr(getattr(owner, "estimator", None), "cost_hint", "")
+            if hint and hint not in hints:
+                hints.append(hint)
+        return "".join(f". {h}" for h in hints)
 
     @overload
     def denote_independent(self, tensor: torch.Tensor, dim: int, plate: str) -> PlateTensor: ...

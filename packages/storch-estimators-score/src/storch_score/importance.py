@@ -106,7 +106,15 @@ class Importance(Estimator):
         if q.batch_shape != p.batch_shape:
             try:
                 q = q.expand(p.batch_shape)
-            except (RuntimeError, ValueError, NotImplementedError) as e:
+            except NotImplementedError as e:
+                # a user distribution without expand (torch's Distribution.expand raises with no text)
+                raise OptionError(
+                    f"importance: the proposal {type(q).__name__} has batch shape {tuple(q.batch_shape)} and the "
+                    f"node's distribution has batch shape {tuple(p.batch_shape)} ((*parent plates, *own batch)), but "
+                    f"{type(q).__name__}.expand is not implemented{': ' + str(e) if str(e) else ''}. Implement "
+                    f"expand(batch_shape) on {type(q).__name__} (docs/your-own-distribution.md), or give a proposal "
+                    "(or a callable p -> q) whose batch shape is the node's") from e
+            except (RuntimeError, ValueError) as e:
                 raise OptionError(
                     f"importance: the proposal's batch shape {tuple(q.batch_shape)} does not broadcast to the "
                     f"node's batch shape {tuple(p.batch_shape)} ((*parent plates, *own batch)): {e}") from e

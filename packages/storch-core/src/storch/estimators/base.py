@@ -177,6 +177,9 @@ class Estimator(torch.nn.Module):
             costs are moved to the last step and credited to the whole sequence (sampling without
             replacement, whose weights belong to the final set of sequences).
         eos: the end-of-sequence value of a partition (an index into the support), or ``None``.
+        cost_hint: a sentence added to the error of a cost that is not one number per sample when
+            the cost depends on a node of this estimator (``""``: none); e.g. vimco's, whose samples
+            carry the K draws as a per-sample dim that only ``est.bound(log_w)`` reduces.
 
     Args:
         plate: name of the node's sample plate.
@@ -202,6 +205,7 @@ class Estimator(torch.nn.Module):
     supports_partitions: ClassVar[bool] = False
     causal_credit: ClassVar[bool] = True
     eos: Optional[int] = None
+    cost_hint: ClassVar[str] = ""
     State: ClassVar[Optional[type]] = None
     """The typed per-node record (a dataclass whose fields all have defaults); ``node.state`` is a
     fresh instance of it for every node, created before ``proposal``."""
