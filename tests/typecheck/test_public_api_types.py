@@ -1,7 +1,8 @@
 """The public API is typed: annotated signatures, ``py.typed`` in every wheel, a client that runs.
 
 pyright itself runs in the ``typecheck`` tox environment (``pyright`` over tests/typecheck with
-pyrightconfig.json): zero errors on ``client.py``, code written against the public API.
+pyrightconfig.json): zero errors on ``client.py``, code written against the public API, and on
+``kit_client.py`` (strict), storch.testing called with every form of estimator it accepts.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools" / "docs"))
@@ -88,3 +91,24 @@ def test_every_wheel_ships_py_typed(tmp_path: Path) -> None:
     for wheel in wheels:
         names = zipfile.ZipFile(wheel).namelist()
         assert any(n.endswith("/py.typed") for n in names), f"{wheel.name} does not ship py.typed"
+
+
+def test_kit_client_runs() -> None:
+    # every form of estimator that kit_client.py type-checks also works
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "typecheck" / "kit_client.py")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_kit_client_type_checks() -> None:
+    """pyright (strict, as the file says) infers a factory's ``plate: str`` and the report types.
+
+    The tox ``typecheck`` environment runs pyright over the same file (pyrightconfig.json); here it
+    runs where pyright is installed next to this interpreter or on PATH."""
+    found = Path(sys.executable).with_name("pyright")
+    pyright = str(found) if found.is_file() else shutil.which("pyright")
+    if pyright is None:
+        pytest.skip("pyright is not installed (the typecheck tox environment has it)")
+    proc = subprocess.run([pyright, "--pythonpath", sys.executable, str(ROOT / "tests" / "typecheck" / "kit_client.py")],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0 and "0 errors" in proc.stdout, proc.stdout[-6000:]

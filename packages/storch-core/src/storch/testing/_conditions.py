@@ -19,7 +19,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union, overload
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ from ..cost import CostFrame, magic_box
 from ..graph import Graph, add_cost
 from ..plates.tensor import PlateTensor, align
 from ._enumeration import direction, exact_derivatives
-from ._models import Model
+from ..estimators.base import Estimator
+from ._models import EstimatorFactory, Model
 from ._resolve import EstimatorLike, default_orders, resolve
 from ._stats import UnbiasednessReport, per_replicate_derivatives, replicate, z_test
 from ._warmup import persistent, warm_up
@@ -153,6 +154,38 @@ def _quadrature(d: Normal, f: Callable) -> torch.Tensor:
 def _per_replicate(t: torch.Tensor, n: int) -> torch.Tensor:
     """A term summed over the node's plate, as one value per replicate (shape ``(n,)``)."""
     return torch.broadcast_to(t.reshape(-1), (n,))
+
+
+_Node = Callable[[torch.Tensor], Distribution]
+_Function = Callable[[torch.Tensor], torch.Tensor]
+
+
+# Overloads, so that a type checker infers a factory's parameter (as for check_against_enumeration).
+@overload
+def check_conditions(
+    estimator: EstimatorFactory, distribution: _Node, theta: torch.Tensor, test_function: _Function, *,
+    orders: Optional[Sequence[int]] = ..., exact: Optional[_Function] = ..., options: None = ...,
+    n_replicates: int = ..., seed: int = ..., threshold: float = ..., raise_on_failure: bool = ...,
+    warmup: int = ..., warmup_replicates: int = ...,
+) -> ConditionsReport: ...
+
+
+@overload
+def check_conditions(
+    estimator: Estimator, distribution: _Node, theta: torch.Tensor, test_function: _Function, *,
+    orders: Optional[Sequence[int]] = ..., exact: Optional[_Function] = ..., options: None = ...,
+    n_replicates: int = ..., seed: int = ..., threshold: float = ..., raise_on_failure: bool = ...,
+    warmup: int = ..., warmup_replicates: int = ...,
+) -> ConditionsReport: ...
+
+
+@overload
+def check_conditions(
+    estimator: Union[str, type[Estimator]], distribution: _Node, theta: torch.Tensor, test_function: _Function, *,
+    orders: Optional[Sequence[int]] = ..., exact: Optional[_Function] = ..., options: Optional[dict[str, Any]] = ...,
+    n_replicates: int = ..., seed: int = ..., threshold: float = ..., raise_on_failure: bool = ...,
+    warmup: int = ..., warmup_replicates: int = ...,
+) -> ConditionsReport: ...
 
 
 def check_conditions(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union, overload
 
 import torch
 
@@ -110,7 +110,10 @@ def _values_outside_support(graph: Graph) -> Optional[str]:
             continue
         raw = value.tensor
         try:
-            inside = bool(node.distribution.support.check(raw).all())
+            support = node.distribution.support
+            if support is None:
+                continue  # no declared support: nothing to check the values against
+            inside = bool(support.check(raw).all())
         except (NotImplementedError, RuntimeError, TypeError, ValueError):
             continue  # a support that cannot be checked on these values: assume a sample
         if not inside:
@@ -199,6 +202,34 @@ def _check_uniform_weights(model: Model, make: EstimatorFactory) -> None:
                     f"{node.plate.name!r} of model {model.name}). With uniform_weights the surrogate reduces the "
                     "plate by its mean and never reads the weighting function, so these weights are dropped: make "
                     "uniform_weights False (for the options under which the weights are not 1/N)")
+
+
+# Overloads, so that a type checker infers a factory's parameter (``lambda plate: ...``): against the
+# plain union ``EstimatorLike`` pyright types it from Estimator.__call__ (a Distribution) instead.
+# Options are used only with a name or a class (with an instance the kit raises TypeError).
+@overload
+def check_against_enumeration(
+    estimator: EstimatorFactory, *, orders: Optional[Sequence[int]] = ..., models: Optional[Sequence[Model]] = ...,
+    options: None = ..., n_replicates: int = ..., seed: int = ..., threshold: float = ...,
+    raise_on_failure: bool = ..., warmup: int = ..., warmup_replicates: int = ...,
+) -> ConformanceReport: ...
+
+
+@overload
+def check_against_enumeration(
+    estimator: Estimator, *, orders: Optional[Sequence[int]] = ..., models: Optional[Sequence[Model]] = ...,
+    options: None = ..., n_replicates: int = ..., seed: int = ..., threshold: float = ...,
+    raise_on_failure: bool = ..., warmup: int = ..., warmup_replicates: int = ...,
+) -> ConformanceReport: ...
+
+
+@overload
+def check_against_enumeration(
+    estimator: Union[str, type[Estimator]], *, orders: Optional[Sequence[int]] = ...,
+    models: Optional[Sequence[Model]] = ..., options: Optional[dict[str, Any]] = ..., n_replicates: int = ...,
+    seed: int = ..., threshold: float = ..., raise_on_failure: bool = ..., warmup: int = ...,
+    warmup_replicates: int = ...,
+) -> ConformanceReport: ...
 
 
 def check_against_enumeration(

@@ -11,11 +11,12 @@ minibatch), and the graph's estimate (the mean over its copies) is one independe
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union, overload
 
 import torch
 
 from ..errors import UnsupportedDistributionError
+from ..estimators.base import Estimator
 from ..graph import Graph, current_graph
 from ..surrogate.loss import unchecked_surrogate_loss
 from ._enumeration import ConformanceReport, exact_derivatives
@@ -42,6 +43,32 @@ def _graph_estimate(model: Model, make: EstimatorFactory, data: int, top: int) -
                 d = g.shape[0]
                 out.append(torch.stack([_grad(g[i], leaf, top > 2).sum(0).reshape(-1) for i in range(d)]).detach())
     return out
+
+
+# Overloads, so that a type checker infers a factory's parameter (as for check_against_enumeration).
+@overload
+def check_leakage(
+    estimator: EstimatorFactory, *, orders: Optional[Sequence[int]] = ..., models: Optional[Sequence[Model]] = ...,
+    options: None = ..., n_graphs: int = ..., data: int = ..., seed: int = ..., threshold: float = ...,
+    raise_on_failure: bool = ..., warmup: int = ..., warmup_replicates: int = ...,
+) -> ConformanceReport: ...
+
+
+@overload
+def check_leakage(
+    estimator: Estimator, *, orders: Optional[Sequence[int]] = ..., models: Optional[Sequence[Model]] = ...,
+    options: None = ..., n_graphs: int = ..., data: int = ..., seed: int = ..., threshold: float = ...,
+    raise_on_failure: bool = ..., warmup: int = ..., warmup_replicates: int = ...,
+) -> ConformanceReport: ...
+
+
+@overload
+def check_leakage(
+    estimator: Union[str, type[Estimator]], *, orders: Optional[Sequence[int]] = ...,
+    models: Optional[Sequence[Model]] = ..., options: Optional[dict[str, Any]] = ..., n_graphs: int = ...,
+    data: int = ..., seed: int = ..., threshold: float = ..., raise_on_failure: bool = ..., warmup: int = ...,
+    warmup_replicates: int = ...,
+) -> ConformanceReport: ...
 
 
 def check_leakage(
