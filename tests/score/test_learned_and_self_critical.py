@@ -203,6 +203,53 @@ def test_option_errors():
                 torch.distributions.Uniform(torch.zeros(2), torch.ones(2)))
 
 
+class _ModedContinuousBernoulli(torch.distributions.ContinuousBernoulli):
+    """What the greedy baseline's message advises: a subclass that defines ``mode`` (the density is monotone
+    in x, so the most probable value is 1 where probs > 1/2 and 0 below; probs = 1/2 is uniform, taken as 0)."""
+
+    @property
+    def mode(self):
+        return (self.probs > 0.5).to(self.probs.dtype)
+
+
+def _tanh_normal():
+    return torch.distributions.TransformedDistribution(torch.distributions.Normal(torch.zeros(2), torch.ones(2)),
+                                                       [torch.distributions.transforms.TanhTransform()])
+
+
+@pytest.mark.parametrize("make,name,base,why", [
+    # torch 2.13 distributions without mode (NotImplementedError): ContinuousBernoulli, LKJCholesky, LogisticNormal,
+    # MixtureSameFamily, Multinomial, RelaxedBernoulli, RelaxedOneHotCategorical, TransformedDistribution
+    (lambda: torch.distributions.ContinuousBernoulli(probs=torch.tensor([0.3, 0.8])), "ContinuousBernoulli",
+     "ContinuousBernoulli", "is not implemented"),
+    (lambda: torch.distributions.Independent(_tanh_normal(), 1), r"Independent\(TransformedDistribution\)",
+     "TransformedDistribution", "is not implemented"),
+    (lambda: torch.distributions.Multinomial(4, probs=torch.tensor([0.2, 0.3, 0.5])), "Multinomial", "Multinomial",
+     "is not implemented"),
+    # a NaN mode: no unique most probable value (Uniform), or one torch does not compute (Kumaraswamy in torch 2.13)
+    (lambda: torch.distributions.Independent(torch.distributions.Uniform(torch.zeros(2), torch.ones(2)), 1),
+     r"Independent\(Uniform\)", "Uniform", "is NaN"),
+    (lambda: torch.distributions.Kumaraswamy(torch.tensor([2.0]), torch.tensor([3.0])), "Kumaraswamy", "Kumaraswamy",
+     "is NaN"),
+], ids=["continuous_bernoulli", "independent_transformed", "multinomial", "independent_uniform", "kumaraswamy"])
+def test_greedy_without_a_mode_names_the_distribution_and_what_to_do(make, name, base, why):
+    with pytest.raises(storch.OptionError) as raised:
+        with storch.Graph():
+            storch.estimator("score", plate="z", n_samples=2, baseline="greedy")(make())
+    message = str(raised.value)
+    assert raised.match(rf"score \(plate 'z'\): baseline='greedy' needs .* {name}\.mode {why}")
+    assert "another baseline ('leave_one_out' with n_samples >= 2, 'moving_average', 'learned'" in message
+    assert f"a subclass of {base} whose `mode` property returns its most probable value" in message
+
+
+def test_greedy_with_a_subclass_that_defines_mode():
+    # the message's advice works: the same family with a mode runs, its greedy entry is that mode
+    probs = torch.tensor([0.3, 0.8])
+    with storch.Graph():
+        c = storch.estimator("score", plate="c", n_samples=2, baseline="greedy")(_ModedContinuousBernoulli(probs=probs))
+        assert torch.equal(c.tensor[2], torch.tensor([0.0, 1.0]))
+
+
 def _squashed(a, b):
     return torch.distributions.TransformedDistribution(torch.distributions.Normal(a, b),
                                                        [torch.distributions.transforms.TanhTransform(cache_size=1)])

@@ -168,7 +168,8 @@ class Score(Estimator):
         if not self._baseline.greedy:
             return x
         # the greedy value as one more, evaluation-only entry (Rennie et al. 2017)
-        return torch.cat([x, _mode(node.distribution, self.name).unsqueeze(0).to(x.dtype)], 0)
+        greedy = _mode(node.distribution, f"{self.name} (plate {self.plate!r})")
+        return torch.cat([x, greedy.unsqueeze(0).to(x.dtype)], 0)
 
     def weighting_function(self, node: Node) -> torch.Tensor:
         w = super().weighting_function(node)
@@ -191,7 +192,7 @@ class Score(Estimator):
         sample = self.draw(distribution, ())
         is_greedy = torch.arange(sample.shape[0], device=sample.device) == self.n_samples
         sample = torch.where(is_greedy.reshape((-1,) + (1,) * (sample.dim() - 1)),
-                             _mode(distribution, self.name).to(sample.dtype), sample)
+                             _mode(distribution, f"{self.name} (plate {self.plate!r})").to(sample.dtype), sample)
         lp = self.step_gradient_function(node, distribution, sample, plates)
         lp = torch.where(is_greedy.reshape((-1,) + (1,) * (lp.dim() - 1)), torch.zeros_like(lp), lp)
         if self.eos is not None:
@@ -587,17 +588,26 @@ def _mode(d, who: str) -> torch.Tensor:
     try:
         mode = d.mode.detach()  # ⊥: the greedy value is a sample, not differentiated
     except NotImplementedError:
-        mode = None
-    message = (f"{who}: baseline='greedy' needs the distribution's most probable value, but {type(d).__name__}.mode "
-               "is not implemented or not unique (NaN); use another baseline")
-    if mode is None:
-        raise OptionError(message)
+        raise OptionError(_no_mode_message(d, who, "is not implemented (torch raises NotImplementedError)")) from None
+    message = _no_mode_message(d, who, "is NaN: its most probable value is not unique at these parameters (as for "
+                                       "a Uniform), or torch does not compute it")
     if mode.is_floating_point():
         if is_tracing():  # storch.compile: checked at every replayed call, not read in Python
             assume(~torch.isnan(mode).any(), message)
         elif torch.isnan(mode).any():
             raise OptionError(message)
     return mode
+
+
+def _no_mode_message(d: Distribution, who: str, why: str) -> str:
+    """Why baseline='greedy' cannot run on ``d``, naming it (and the distribution an ``Independent`` wraps) and what
+    to do instead: another baseline, or a subclass of the distribution that defines ``mode``."""
+    base = base_distribution(d)
+    name = type(d).__name__ if base is d else f"{type(d).__name__}({type(base).__name__})"
+    return (f"{who}: baseline='greedy' needs the distribution's most probable value (its mode), but {name}.mode "
+            f"{why}. Use another baseline ('leave_one_out' with n_samples >= 2, 'moving_average', 'learned' or a "
+            f"callable baseline(node, cost)), or give the distribution a mode: a subclass of {type(base).__name__} "
+            "whose `mode` property returns its most probable value")
 
 
 def _before_sequence(view: Node) -> Node:
