@@ -292,6 +292,10 @@ def test_orders_models_and_errors():
         kit.check_against_enumeration("expect", orders=[4])
     with pytest.raises(TypeError):
         kit.check_against_enumeration(42)
+    # options with a factory would be ignored (the factory builds the estimator): refused, as with an instance
+    with pytest.raises(TypeError, match="not with a factory"):
+        kit.check_against_enumeration(lambda plate: storch.estimator("expect", plate=plate),
+                                      options={"n_samples": 3})  # type: ignore[call-overload]
 
 
 def test_global_rng_is_left_alone():

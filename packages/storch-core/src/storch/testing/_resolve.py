@@ -49,6 +49,9 @@ def resolve(estimator: EstimatorLike, options: Optional[dict[str, Any]] = None) 
             est.plate = plate
             return est
     elif callable(estimator):
+        if options:  # (they would be ignored: the factory builds the estimator)
+            raise TypeError("options are only used with an estimator name or class, not with a factory make(plate): "
+                            "pass them where the factory builds the estimator, lambda plate: Score(plate, **options)")
         make = estimator
     else:
         raise TypeError(
