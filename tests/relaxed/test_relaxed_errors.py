@@ -88,6 +88,46 @@ def test_lax_refuses_order_2_on_a_kink_of_log_p():
             storch.surrogate_loss(order=2)
 
 
+class _FoldedNormal(torch.distributions.Distribution):
+    """|loc + eps| with its density: a user's class with a kink inside rsample."""
+
+    arg_constraints = {"loc": torch.distributions.constraints.real}
+    support = torch.distributions.constraints.nonnegative
+    has_rsample = True
+
+    def __init__(self, loc, validate_args=None):
+        self.loc = loc
+        super().__init__(loc.shape, validate_args=validate_args)
+
+    def rsample(self, sample_shape=torch.Size()):
+        return (self.loc + torch.randn(self._extended_shape(sample_shape), dtype=self.loc.dtype)).abs()
+
+    def log_prob(self, x):
+        n = Normal(self.loc, 1.0)
+        return torch.logaddexp(n.log_prob(x), n.log_prob(-x))
+
+
+class _RoundedNormal(_FoldedNormal):
+    def rsample(self, sample_shape=torch.Size()):
+        return (self.loc + torch.randn(self._extended_shape(sample_shape), dtype=self.loc.dtype)).round()
+
+
+def test_lax_refuses_a_kink_or_jump_inside_rsample():
+    """LAX differentiates its control variate c_phi(x) through x = rsample(): a kink inside the distribution's
+    rsample (|loc + eps|) biases it from order 2, a jump (round) from order 1, as in the cost; LAX hands out a
+    detached x, so it records the rsample's kinks itself (storch.extending.note_rsample). Order 1 through a
+    kink is unchanged."""
+    for cls, order, op in ((_FoldedNormal, 2, "AbsBackward0"), (_RoundedNormal, 1, "RoundBackward0")):
+        loc = torch.tensor([0.3], requires_grad=True)
+        with storch.Graph():
+            z = storch.estimator("lax", plate="z", n_samples=2)(cls(loc))
+            storch.add_cost((z ** 2).sum())
+            if order == 2:
+                assert torch.isfinite(torch.autograd.grad(storch.surrogate_loss(order=1), loc)[0]).all()
+            with pytest.raises(storch.OrderError, match=rf"'lax'.*the rsample of {cls.__name__} holds {op}.*'score'"):
+                storch.surrogate_loss(order=order)
+
+
 @pytest.mark.parametrize("name,options,match", [
     ("gumbel_softmax", {"temperature": 0.0}, "temperature must be"),
     ("gumbel_straight_through", {"temperature": "hot"}, "temperature must be"),

@@ -32,6 +32,11 @@ Distributions:
     :func:`rsample_max_order` is the derivative order to which autograd differentiates a distribution's
     ``rsample`` correctly (1 for torch's gamma family); ``Estimator.max_order_for`` lowers an
     estimator's order per node with it (the default, for estimators with ``requires_rsample``).
+    :func:`rsample_kinks` finds the kinks and jumps inside a distribution's own ``rsample`` (between its
+    parameters and a sample: a user's class or transform, ``AbsTransform``; torch's smooth classes are known
+    by class, not walked), and :func:`note_rsample` lowers a node's order with them (a kink: 1, a jump: 0).
+    An estimator with ``requires_rsample`` gets this for the value its ``proposal`` returns; one that hands out
+    something else (LAX's detached ⊥x) calls ``note_rsample(node, x)`` on the rsample itself.
     :func:`moving_support` names the parameters that require grad and move a distribution's support
     (``Uniform``'s bounds, ``Pareto``'s scale): a score-function gradient misses the boundary term there,
     so an estimator with ``score_function`` refuses such a distribution.
@@ -125,9 +130,10 @@ import torch
 from . import options
 from .cost import leave_one_out
 from .distributions import (base_distribution, given_by_probs, parameters, rebuild, rekey_transform_cache,
-                            rsample_max_order)
+                            rsample_kinks, rsample_max_order)
 from .distributions import strict_support as _strict_support
 from .errors import ASSUMPTIONS, StorchError
+from .estimators.checks import note_rsample
 from .generators import drawing_with
 from .graph import current_graph, is_tracing
 from .plates.tensor import align, plates_of, raw_of
@@ -148,7 +154,7 @@ __all__ = [
     "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild", "parameters",
     "rekey_transform_cache", "require_smooth", "nonsmooth_operations", "moving_support", "same_support", "estimator_create_graph",
     "refuse_create_graph", "is_differentiated", "table_cache", "own_optimizer", "hide_frozen_grads", "own_optimizer_state",
-    "load_own_optimizer", "refuse_lazy_build",
+    "load_own_optimizer", "refuse_lazy_build", "rsample_kinks", "note_rsample",
 ]
 
 

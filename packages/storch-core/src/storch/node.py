@@ -118,7 +118,13 @@ class Node:
         max_order: the highest derivative order the estimator's :meth:`~storch.Estimator.max_order_for`
             allows for this node's distribution (a partition: the lowest of its steps'); ``math.inf``
             when the estimator is not asked. ``storch.surrogate_loss(order)`` checks it and the
-            estimator's own ``max_order``.
+            estimator's own ``max_order``. Lowered too by a kink (to 1) or jump (to 0) inside the
+            distribution's own rsample (``rsample_kinks``).
+        rsample_kinks: for a node whose estimator ``requires_rsample``: ``(class name, {autograd node name: the
+            order of its first discontinuous derivative})`` of the non-smooth operations that
+            :func:`storch.distributions.rsample_kinks` found between the distribution's parameters and a
+            sample it drew (a user's rsample or transform, ``AbsTransform``; of a partition, the first step's
+            class with one); ``None`` if none (torch's smooth classes are not walked).
     """
 
     # Defaults of what most nodes never set (a partition's, eos, no-grad steps, views): class attributes, set on
@@ -144,6 +150,7 @@ class Node:
     compared: Optional[str] = None  # set by storch.estimators.watch.compared (a pathwise node's comparisons)
     _compared_pending: Optional[list] = None  # (func, raw) recorded by its Lineage.watch, not walked yet
     max_order: float = math.inf  # lowered by Estimator.max_order_for (Estimator._sample_node)
+    rsample_kinks: Optional[tuple] = None  # set by storch.estimators.base.note_rsample (lowers max_order)
     preimages: tuple = ()  # set by the estimator's call (base._keep_preimages)
     _views: Optional[dict] = None
     _owner: Optional[weakref.ref] = None  # a view (at(t)): the partition's node it belongs to

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from storch import CostFrame, Node, magic_box
-from storch.extending import rekey_transform_cache
+from storch.extending import note_rsample, rekey_transform_cache
 
 from ._network import (
     NETWORK_THROUGH, NETWORK_WHAT, evaluate_network, order_1_kinks, refuse_twice_on_kinks, smooth_network,
@@ -76,6 +76,7 @@ class Lax(VarianceTrained):
     def proposal(self, node: Node) -> torch.Tensor:
         node.state.params = param_tensors(node.distribution)
         x = node.distribution.rsample((self.n_samples,))
+        note_rsample(node, x)  # (a kink or jump inside rsample: c_φ(x) is differentiated through it)
         node.state.z = x
         xd = x.detach()  # ⊥x: the cost's gradient goes through l and c_φ only
         # l = log p(⊥x) reuses the detached pre-images a caching transform kept (TanhTransform(cache_size=1):

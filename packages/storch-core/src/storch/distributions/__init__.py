@@ -9,7 +9,8 @@ its own, independent samples.
 Lowest first: ``parameters`` (the parameters a distribution was built from), ``rsample`` (what
 torch's rsample can be differentiated to), ``transform_cache`` (a transform's cached pre-images kept
 for the value handed out); ``rebuild`` (a distribution built again from its parameters), ``support``
-(the values an enumerating estimator walks; ``strict_support``); ``unwrap`` (plate tensors to the raw
+(the values an enumerating estimator walks; ``strict_support``), ``rsample_kinks`` (kinks and jumps inside a
+distribution's rsample, between its parameters and the sample); ``unwrap`` (plate tensors to the raw
 distribution), ``raw`` (a node's log p and draw on it).
 """
 
@@ -17,10 +18,12 @@ from .parameters import base_distribution, given_by_probs, grad_parameters, hold
 from .raw import raw_log_prob, raw_sample
 from .rebuild import rebuild
 from .rsample import RSAMPLE_ORDER_NOTE, rsample_max_order, straight_through_rsample
+from .rsample_kinks import rsample_kinks, rsample_kinks_note, rsample_walked
 from .support import check_enumeration, enumeration_support, strict_support
 from .transform_cache import rekey_transform_cache
 from .unwrap import unwrap_distribution
 
 __all__ = ["base_distribution", "unwrap_distribution", "raw_log_prob", "raw_sample", "strict_support",
            "rsample_max_order", "RSAMPLE_ORDER_NOTE", "enumeration_support", "check_enumeration", "rekey_transform_cache",
-           "straight_through_rsample", "parameters", "rebuild", "given_by_probs", "holds_grad", "grad_parameters"]
+           "straight_through_rsample", "parameters", "rebuild", "given_by_probs", "holds_grad", "grad_parameters",
+           "rsample_kinks", "rsample_kinks_note", "rsample_walked"]

@@ -67,7 +67,7 @@ from ..node import Node
 from ..plates.tensor import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
 from ..score_conditions import KINK_FREE, moving_support, support_is_fixed
 from .catalog import EstimatorInfo, available, supporting_estimators
-from .checks import _check_sample_entries, _checked_lead, check_in_frame
+from .checks import _check_sample_entries, _checked_lead, check_in_frame, note_rsample
 from .messages import (_no_update_message, _nonfinite_parameters, _output_shape_message, _sample_dtype_message,
                        _sample_shape_message, _under_jacfwd, updating_message)
 from .watch import _CATEGORIES, _both, _compare_watch, _threshold_watch, is_pathwise
@@ -313,6 +313,8 @@ class Estimator(torch.nn.Module):
         # representation of the value (a relaxation's one-hot vector for a Categorical)
         if sample.shape[1:len(own) + 1] != own:
             raise StorchError(_sample_shape_message(self, "proposal", sample.shape, own))
+        if self.requires_rsample:  # a kink or jump inside the distribution's rsample lowers the node's order
+            note_rsample(node, sample, raw)  # (torch's smooth classes: one dict lookup)
         plate = node.plate = Plate(self.plate, sample.shape[0], False, 0, Lineage())
         node.sample = sample
         graph.add_node(node)
@@ -476,6 +478,8 @@ class Estimator(torch.nn.Module):
         own = raw._batch_shape[1:] + raw._event_shape
         if sample.shape[1:len(own) + 1] != own:
             raise StorchError(_sample_shape_message(self, "extend", sample.shape, own, t))
+        if self.requires_rsample:  # (as at the first step: each step's rsample)
+            note_rsample(node, sample, raw)
         prev = node.plate
         plate = Plate(prev.name, sample.shape[0], False, t, prev.lineage)
         new = (plate,) + parents

@@ -1,6 +1,7 @@
 """The checks of what an estimator's components return and draw: the plate dims of a gradient or
 weighting function's values (``(N, *parents)``), a baseline or control variate laid out as the cost frame,
-and the number of sample entries a chain of nodes would draw (refused before memory runs out).
+and the number of sample entries a chain of nodes would draw (refused before memory runs out); the kinks inside
+a distribution's own rsample (:func:`note_rsample`).
 """
 
 from __future__ import annotations
@@ -12,14 +13,40 @@ import torch
 from torch.distributions import Distribution
 
 from ..cost import CostFrame, _lead
+from ..distributions import rsample_kinks, rsample_walked
 from ..errors import PlateError, StorchError
+from ..node import Node
 from ..plates.tensor import Plate, PlateTensor
 from .messages import _step
 
 if TYPE_CHECKING:
     from .base import Estimator
 
-__all__ = ["check_in_frame", "MAX_SAMPLE_ENTRIES", "MAX_DRAW_ENTRIES"]
+__all__ = ["check_in_frame", "MAX_SAMPLE_ENTRIES", "MAX_DRAW_ENTRIES", "note_rsample"]
+
+
+def note_rsample(node: Node, x: torch.Tensor, distribution: Optional[Distribution] = None) -> None:
+    """Record the non-smooth operations inside the rsample that drew ``x`` (a value ``distribution.rsample()``
+    returned; ``distribution``: the node's raw distribution, or the partition step's) for ``node``: a kink
+    lowers ``node.max_order`` to 1, a jump (round, floor, sign) to 0, so that ``storch.surrogate_loss(order)``
+    refuses what it would refuse for the same operation in the cost, and an order-1 surrogate with a kink
+    differentiated twice is refused (:func:`storch.distributions.rsample_kinks`; the distribution's class name
+    and the operations in ``node.rsample_kinks``, for the message). torch's classes whose rsample is known smooth cost one dict
+    lookup. Estimator ``_sample_node`` calls it with the proposal of an estimator that ``requires_rsample``
+    (and each partition step's draw); one whose proposal hands out something else than the rsample (LAX's
+    detached ⊥x) calls it on the rsample itself: ``storch.extending.note_rsample(node, x)``."""
+    d = node.distribution if distribution is None else distribution
+    if not rsample_walked(d):
+        return
+    found = rsample_kinks(d, x, node.max_order)
+    if not found:
+        return
+    name, kinks = node.rsample_kinks or (type(d).__name__, {})
+    kinks = dict(kinks)
+    for op, k in found.items():
+        kinks[op] = min(k, kinks.get(op, k))
+    node.rsample_kinks = (name, kinks)  # (the class named: the first step's with a kink, of a partition)
+    node.max_order = min(node.max_order, min(found.values()))
 
 
 def _checked_lead(est: Estimator, component: str, t: Any, plates: tuple[Plate, ...], step: int = 0,

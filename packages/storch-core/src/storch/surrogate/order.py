@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .._order_guard import unbatched
-from ..distributions import RSAMPLE_ORDER_NOTE, rsample_max_order
+from ..distributions import RSAMPLE_ORDER_NOTE, rsample_kinks_note, rsample_max_order
 from ..errors import OrderError
 from ..estimators.base import _is_score_node
 from ..estimators.catalog import installed_classes, supporting_estimators
@@ -91,11 +91,16 @@ def _low_order(node: Node, order: int = 1) -> bool:
 
 def _low_order_message(node: Node, order: int = 1) -> Callable[[], str]:
     est, plate, node_order = node.estimator, node.plate.name, node.max_order
+    name, kinks = node.rsample_kinks or ("", None)
 
     def message() -> str:
         if est.max_order <= order:
             why = (f"is biased and its estimate is defined only at order {est.max_order}" if est.biased
                    else f"is unbiased only up to order {est.max_order} (its max_order; with its options: est.info())")
+        elif kinks and min(kinks.values()) <= order:
+            why = (f"is unbiased only up to order {node_order} for this node's distribution: "
+                   f"{rsample_kinks_note(name, kinks)}; or use an estimator that does not differentiate through the "
+                   "sample for this node ('score')")
         else:
             why = (f"is unbiased only up to order {node_order} for this node's distribution (lowered by "
                    f"{type(est).__name__}.max_order_for)")
@@ -177,6 +182,15 @@ def _node_order_message(node: Node, order: int) -> str:
     """Why a node's distribution lowers its estimator's order (Estimator.max_order_for), and what to do."""
     est = node.estimator
     name = type(node.original if node.original is not None else node.distribution).__name__
+    kinked, kinks = node.rsample_kinks or ("", None)
+    if kinks and min(kinks.values()) < order:
+        lowest = min(kinks.values())
+        lower = (f"; or differentiate at most {lowest} time(s) (storch.surrogate_loss(order={lowest}))" if lowest
+                 else " (a jump: its pathwise derivative is 0 where the expectation's is not, at every order)")
+        return (f"estimator {est.name!r} on plate {node.plate.name!r}: the order-{order} surrogate differentiates "
+                f"through the sample of {kinked}, but {rsample_kinks_note(kinked, kinks)}; or use an estimator that "
+                "does not differentiate through the sample for this node, e.g. 'score' (it needs log_prob; "
+                "baseline='leave_one_out' for less variance)" + lower)
     why = ""
     if est.requires_rsample and rsample_max_order(node.distribution) <= node.max_order:
         why = f": {RSAMPLE_ORDER_NOTE}"
@@ -186,3 +200,4 @@ def _node_order_message(node: Node, order: int) -> str:
             "does not differentiate through the sample for this node, e.g. 'score' (any order; "
             "baseline='leave_one_out' for less variance), or differentiate at most "
             f"{node.max_order} time(s)")
+

@@ -1,0 +1,270 @@
+"""A kink or jump inside a distribution's own rsample (between its parameters and the sample), found by a porting
+tester: storch's smoothness walk started at the sample, so torch's folded normal
+``TransformedDistribution(Normal(mu, 1), [AbsTransform()])`` gave an order-2 Hessian of E[x] of exactly 0 (exact
+2 phi(mu) = 0.763), a user transform with a clamp 0 (exact 0.069), a hard-concrete gate's clamp a Hessian off by
+z = 13, and a rounded gate an order-1 gradient of exactly 0 (exact (0.0055, 0.1045)), all without a word. Now the
+same operations are refused as in the cost (a kink from order 2, a jump from order 1), naming the rsample; torch's
+classes whose rsample is smooth are known by class and not walked (the path asserted)."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import (Distribution, Gumbel, HalfCauchy, HalfNormal, Independent, LogNormal, Normal,
+                                 RelaxedBernoulli, RelaxedOneHotCategorical, TransformedDistribution, Uniform,
+                                 constraints)
+from torch.distributions.transforms import (AbsTransform, AffineTransform, ComposeTransform,
+                                            CumulativeDistributionTransform, ExpTransform, PowerTransform,
+                                            SigmoidTransform, Transform)
+
+import storch
+import storch.estimators.checks as checks
+from storch.distributions import rsample_kinks, rsample_walked
+from storch.testing import assert_unbiased, per_replicate_derivatives, replicate, z_test
+
+D = torch.float64
+MU = 0.3
+
+
+class ScoreFunction(storch.Estimator):
+    """The base class's components: the plain score function (this test runs with storch-core alone)."""
+
+    name = "test_core_rsample_kinks_score"
+
+
+def phi(t):
+    return math.exp(-t * t / 2) / math.sqrt(2 * math.pi)
+
+
+def Phi(t):
+    return 0.5 * (1 + math.erf(t / math.sqrt(2)))
+
+
+class FoldedNormal(Distribution):
+    """|loc + eps|, eps ~ N(0, 1), with its density: a user's class with a kink inside rsample."""
+
+    arg_constraints = {"loc": constraints.real}
+    support = constraints.nonnegative
+    has_rsample = True
+
+    def __init__(self, loc, validate_args=None):
+        self.loc = loc
+        super().__init__(loc.shape, validate_args=validate_args)
+
+    def rsample(self, sample_shape=torch.Size()):
+        eps = torch.randn(self._extended_shape(sample_shape), dtype=self.loc.dtype)
+        return (self.loc + eps).abs()
+
+    def log_prob(self, x):
+        n = Normal(self.loc, 1.0)
+        return torch.logaddexp(n.log_prob(x), n.log_prob(-x))
+
+
+class RoundedNormal(FoldedNormal):
+    """round(loc + eps): a jump inside rsample (a hard gate's straight-through rounding)."""
+
+    support = constraints.real
+
+    def rsample(self, sample_shape=torch.Size()):
+        eps = torch.randn(self._extended_shape(sample_shape), dtype=self.loc.dtype)
+        return (self.loc + eps).round()
+
+
+class HardConcrete(Distribution):
+    """Louizos et al.'s hard-concrete gate: a stretched binary concrete clamped to [0, 1] (a kink)."""
+
+    arg_constraints = {"log_alpha": constraints.real}
+    support = constraints.unit_interval
+    has_rsample = True
+
+    def __init__(self, log_alpha, validate_args=None):
+        self.log_alpha = log_alpha
+        super().__init__(log_alpha.shape, validate_args=validate_args)
+
+    def rsample(self, sample_shape=torch.Size()):
+        u = torch.rand(self._extended_shape(sample_shape), dtype=self.log_alpha.dtype).clamp(1e-12, 1 - 1e-12)
+        s = torch.sigmoid((u.log() - (-u).log1p() + self.log_alpha) / (2 / 3))
+        return (s * 1.2 - 0.1).clamp(0, 1)
+
+
+class ClampTransform(Transform):
+    domain = constraints.real
+    codomain = constraints.real
+    bijective = False
+
+    def _call(self, x):
+        return x.clamp(0, 1)
+
+
+def folded(m):
+    return TransformedDistribution(Normal(m, 1.0), [AbsTransform()])
+
+
+def clamped(m):
+    return TransformedDistribution(Normal(m, 1.0), [ClampTransform()])
+
+
+# name -> (distribution of mu, the refused operation)
+KINKED = {
+    "torch AbsTransform": (folded, "AbsBackward0"),
+    "user ClampTransform": (clamped, "ClampBackward1"),
+    "user FoldedNormal": (FoldedNormal, "AbsBackward0"),
+    "HardConcrete": (HardConcrete, "ClampBackward1"),
+}
+
+
+def _surrogate(make, order, n=4, est=None):
+    mu = torch.tensor([MU, -0.5], dtype=D, requires_grad=True)
+    est = est or storch.estimator("reparameterization", plate="x", n_samples=n)
+    with storch.Graph():
+        x = est(make(mu))
+        storch.add_cost((x * x + x).sum(), name="c")
+        return storch.surrogate_loss(order=order), mu
+
+
+@pytest.mark.parametrize("case", sorted(KINKED))
+def test_a_kink_inside_rsample_is_refused_at_order_2(case):
+    make, op = KINKED[case]
+    torch.manual_seed(0)
+    with pytest.raises(storch.OrderError, match=rf"order-2 surrogate.*the rsample of \w+ holds {op}.*inside "
+                                                r"rsample or its transforms, not in the cost.*'score'.*order=1"):
+        _surrogate(make, 2)
+
+
+@pytest.mark.parametrize("case", ["torch AbsTransform", "HardConcrete"])
+def test_the_order_1_surrogate_of_a_kinked_rsample_differentiated_twice_is_refused(case):
+    torch.manual_seed(0)
+    loss, mu = _surrogate(KINKED[case][0], 1)
+    with pytest.raises(storch.OrderError, match=r"unbiased only up to order 1.*the rsample of \w+ holds"):
+        g, = torch.autograd.grad(loss, mu, create_graph=True)
+        torch.autograd.grad(g.sum(), mu)
+    loss, mu = _surrogate(KINKED[case][0], 1)
+    g, = torch.autograd.grad(loss, mu)  # a first derivative alone: not refused
+    assert torch.isfinite(g).all() and (g != 0).any()
+
+
+def test_a_jump_inside_rsample_is_refused_at_order_1():
+    """round(mu + eps): d/dmu E[round(mu + eps)] = sum_k phi(k + 1/2 - mu) = 1.0 at mu = 0.3, while the pathwise
+    gradient through the rounding is exactly 0 (what storch handed out before)."""
+    exact = sum(phi(k + 0.5 - MU) for k in range(-10, 11))
+    mu = torch.tensor(MU, dtype=D, requires_grad=True)
+    torch.manual_seed(0)
+    naive, = torch.autograd.grad(RoundedNormal(mu).rsample((100,)).mean(), mu)
+    assert naive.item() == 0.0 and abs(exact - 1.0) < 1e-3  # the bias the refusal prevents
+    torch.manual_seed(0)
+    with pytest.raises(storch.OrderError, match=r"order-1 surrogate.*the rsample of RoundedNormal holds "
+                                                r"RoundBackward0 \(its derivative of order 0.*'score'.*a jump"):
+        _surrogate(RoundedNormal, 1)
+
+
+def test_a_jump_inside_a_later_partition_step_is_refused():
+    """Each step of a partition draws with rsample: the step whose distribution rounds lowers the partition."""
+    mu = torch.tensor([MU], dtype=D, requires_grad=True)
+    est = storch.estimator("reparameterization", plate="x", n_samples=2)
+    with storch.Graph():
+        x0 = est(Normal(mu, 1.0))
+        x1 = est(RoundedNormal(x0))
+        storch.add_cost((x0 + x1).sum(), name="c")
+        with pytest.raises(storch.OrderError, match=r"RoundedNormal holds RoundBackward0"):
+            storch.surrogate_loss()
+
+
+def test_order_1_through_a_kink_inside_rsample_is_unbiased():
+    """A kink leaves the first derivative unbiased (not refused): d/dmu E|mu + eps| = 2 Phi(mu) - 1, and
+    d/dmu E[clamp(mu + eps, 0, 1)] = Phi(1 - mu) - Phi(-mu), z-tested."""
+    torch.manual_seed(1)
+    R = 4000
+    for make, exact in ((folded, 2 * Phi(MU) - 1), (clamped, Phi(1 - MU) - Phi(-MU))):
+        est = storch.estimator("reparameterization", plate="x", n_samples=1)
+        with storch.Graph():
+            leaf, m = replicate(torch.tensor([MU], dtype=D), R)
+            storch.add_cost(est(make(m)).sum(), name="c")
+            g, = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+        assert_unbiased(g, torch.tensor([exact], dtype=D), "gradient")
+
+
+def test_the_refused_hessian_is_biased_and_score_is_not():
+    """The folded normal's E[x] has Hessian 2 phi(mu) = 0.763 at mu = 0.3: the pathwise Hessian through |mu + eps|
+    (autograd, outside storch) is 0; 'score' on the same user class (its log_prob) is unbiased at order 2, which
+    the refusal suggests instead."""
+    exact = torch.tensor([[2 * phi(MU)]], dtype=D)
+    torch.manual_seed(2)
+    R = 8000
+    mu = torch.full((R,), MU, dtype=D, requires_grad=True)
+    x = FoldedNormal(mu).rsample()
+    g, = torch.autograd.grad(x.sum(), mu, create_graph=True)
+    h = torch.autograd.grad(g.sum(), mu, allow_unused=True)[0] if g.requires_grad else None
+    h = torch.zeros_like(mu) if h is None else h
+    assert not z_test(h.reshape(R, 1, 1), exact).ok  # the bias the refusal prevents (h is 0)
+    with storch.Graph():
+        leaf, m = replicate(torch.tensor([MU], dtype=D), R)
+        x = ScoreFunction("x", n_samples=1)(FoldedNormal(m))
+        storch.add_cost(x.sum(), name="c")
+        _, h = per_replicate_derivatives(storch.surrogate_loss(order=2), leaf, 2)
+    assert_unbiased(h, exact, "Hessian")
+
+
+def test_a_half_normal_is_known_smooth_and_unbiased_at_order_2():
+    """torch's HalfNormal folds a base centred at a constant 0 (|s eps| = s |eps|, smooth in s): known by class,
+    not refused (a walk would find its AbsTransform). E[x^2] = s^2: Hessian 2, z-tested. A user's fold of
+    Normal(0, s) is walked, and refused, naming HalfNormal."""
+    torch.manual_seed(3)
+    R = 2000
+    est = storch.estimator("reparameterization", plate="x", n_samples=1)
+    with storch.Graph():
+        leaf, s = replicate(torch.tensor([0.7], dtype=D), R)
+        x = est(HalfNormal(s))
+        storch.add_cost((x * x).sum(), name="c")
+        g, h = per_replicate_derivatives(storch.surrogate_loss(order=2), leaf, 2)
+    assert_unbiased(g, torch.tensor([1.4], dtype=D), "gradient")
+    assert_unbiased(h, torch.tensor([[2.0]], dtype=D), "Hessian")
+    with pytest.raises(storch.OrderError, match=r"AbsBackward0.*HalfNormal and HalfCauchy are known smooth"):
+        _surrogate(lambda s: TransformedDistribution(Normal(torch.zeros_like(s), s.exp()), [AbsTransform()]), 2)
+
+
+SMOOTH_TORCH = {
+    "Normal": lambda m: Normal(m, 1.0),
+    "LogNormal": lambda m: LogNormal(m, 1.0),
+    "Gumbel": lambda m: Gumbel(m, 1.0),
+    "HalfNormal": lambda m: HalfNormal(m.exp()),
+    "HalfCauchy": lambda m: HalfCauchy(m.exp()),
+    "Uniform": lambda m: Uniform(m, m + 1),
+    "Independent": lambda m: Independent(Normal(m, 1.0), 1),
+    "RelaxedBernoulli": lambda m: RelaxedBernoulli(torch.tensor(0.5, dtype=D), logits=m),
+    "RelaxedOneHotCategorical": lambda m: RelaxedOneHotCategorical(torch.tensor(0.5, dtype=D), logits=m),
+    "Transformed(smooth transforms)": lambda m: TransformedDistribution(
+        Uniform(torch.zeros_like(m), torch.ones_like(m)),
+        [SigmoidTransform().inv, AffineTransform(m, 1.0), ComposeTransform([SigmoidTransform(), ExpTransform()]),
+         PowerTransform(torch.tensor(2.0, dtype=D))]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SMOOTH_TORCH))
+def test_torch_smooth_classes_take_the_path_without_a_walk(case, monkeypatch):
+    """The common path: no walk of the rsample's graph for torch's smooth classes (the class's verdict, cached);
+    a user's class is walked at each draw."""
+    walks = []
+    monkeypatch.setattr(checks, "rsample_kinks", lambda *a, **k: walks.append(a) or rsample_kinks(*a, **k))
+    make = SMOOTH_TORCH[case]
+    assert not rsample_walked(make(torch.zeros(2, dtype=D)))
+    torch.manual_seed(0)
+    for _ in range(2):
+        _surrogate(make, 2)
+    assert walks == []
+    _surrogate(FoldedNormal, 1)
+    assert len(walks) == 1
+
+
+def test_what_is_walked():
+    m = torch.zeros(2, dtype=D)
+    for d in (folded(m), clamped(m), FoldedNormal(m), HardConcrete(m),
+              TransformedDistribution(Normal(m, 1.0), [CumulativeDistributionTransform(Normal(0.0, 1.0))]),
+              TransformedDistribution(Normal(m, 1.0), [ComposeTransform([ExpTransform(), ClampTransform()])]),
+              Independent(FoldedNormal(m), 1), TransformedDistribution(FoldedNormal(m), [ExpTransform()])):
+        assert rsample_walked(d), d
+
+    class MyNormal(Normal):
+        def rsample(self, sample_shape=torch.Size()):
+            return super().rsample(sample_shape).round()
+
+    assert rsample_walked(MyNormal(m, 1.0))
