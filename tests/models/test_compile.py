@@ -523,6 +523,44 @@ def test_refusing_a_component_that_differentiates_names_the_estimator(backend):
         storch.compile(step, backend=backend)(theta)
 
 
+class _FuncGradScore(storch.Estimator):
+    """Score function with a baseline from a per-sample score computed by torch.func.grad (as a third-party
+    optimal baseline did where it had no closed form); its value is 0, so it runs eagerly unchanged."""
+
+    name = "test_func_grad_score"
+
+    def control_variate(self, node, cost):
+        logits = node.distribution.logits.detach()
+        g = torch.func.grad(lambda eta: Bernoulli(logits=eta).log_prob(node.sample).sum())(logits)
+        return 0.0 * g.sum() * (1.0 - torch.exp(cost.align(node.gradient_values)
+                                                - cost.align(node.gradient_values).detach()))
+
+
+@pytest.mark.parametrize("where", ["component", "step"])
+def test_refusing_torch_func_grad_inside_the_trace_says_what_to_do(where):
+    """torch.func.grad inside a compiled step failed with torch's raw RuntimeError "torch.func.{grad, vjp,
+    jacrev, hessian} don't yet support saved tensor hooks" (the trace's hooks that refuse a backward pass);
+    torch.autograd.grad got a StorchError. torch.func's case now gets one too: what ran it, and what to do."""
+    est = _FuncGradScore("z", n_samples=2) if where == "component" else storch.estimator("score", plate="z")
+    theta = torch.zeros(3, requires_grad=True)
+
+    def step(th):
+        with storch.Graph():
+            z = est(Bernoulli(logits=th))
+            storch.add_cost(((z * th.exp() - 0.45) ** 2).sum(), name="f")
+            loss = storch.surrogate_loss()
+            if where == "step":
+                loss = loss + torch.func.grad(lambda t: (t.exp() ** 2).sum())(th.detach()).sum() * 0
+            return loss
+
+    assert torch.isfinite(torch.autograd.grad(step(theta), theta)[0]).all()  # eagerly: fine
+    who = (r"the control_variate of estimator 'test_func_grad_score' \(_FuncGradScore\)" if where == "component"
+           else "the step")
+    todo = "in closed form" if where == "component" else "differentiate the compiled step's result outside it"
+    with pytest.raises(storch.StorchError, match=rf"cannot trace \S*step: {who} calls a torch.func transform.*{todo}"):
+        storch.compile(step, backend=None)(theta)
+
+
 def test_refuses_plate_tensor_output_and_estimator_updates():
     theta = torch.zeros(3, requires_grad=True)
     est = storch.estimator("score", plate="z", n_samples=2)

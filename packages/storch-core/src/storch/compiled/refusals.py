@@ -69,6 +69,23 @@ def _refuse_twice(outs, message: Callable[[], str]) -> Any:
     return [views[id(o)] if id(o) in views else views.setdefault(id(o), keep_counted_view(o, message)) for o in outs]
 
 
+def _func_transform_message(fn, component: Optional[str] = None) -> str:
+    """The refusal of a ``torch.func`` transform (grad, vjp, jacrev, hessian...) run inside the trace: torch
+    refuses it under the trace's saved-tensor hooks (:func:`_no_backward_in_trace`) with a RuntimeError that
+    names neither the step nor the component, nor what to do."""
+    where = component if component is not None else "the step"
+    todo = ("compute that derivative in closed form (with torch operations only: storch.compile traces those), "
+            "e.g. the score x - sigmoid(logits) of a Bernoulli, or run this step eagerly (without storch.compile)"
+            if component is not None else
+            "return the loss and differentiate the compiled step's result outside it, or run this step eagerly "
+            "(without storch.compile)")
+    return (f"storch.compile cannot trace {_name(fn)}: {where} calls a torch.func transform that differentiates "
+            "backwards (torch.func.grad, vjp, jacrev or hessian) inside the step. storch.compile "
+            "records the step's forward program and refuses a differentiation inside it (torch.autograd.grad, "
+            ".backward(), torch.func), whose saved tensors would be fixed to the first call's values. To compile "
+            f"this step, {todo}.")
+
+
 def _backward_message(fn, component: Optional[str] = None) -> str:
     if component is not None:
         # the backward pass runs inside an estimator's component, not in the user's code
@@ -96,11 +113,18 @@ def _estimator_component(frame) -> Optional[str]:
 
 
 def _traceback_component(tb) -> Optional[str]:
-    """:func:`_estimator_component` of the innermost frame of a traceback."""
-    last = None
+    """The innermost estimator method among a traceback's frames, described as by
+    :func:`_estimator_component`. The frames are read from the traceback, innermost first, not through
+    ``f_back``: a frame that has returned (a context manager's ``__enter__`` that raised) has no ``f_back``."""
+    frames = []
     while tb is not None:
-        last, tb = tb.tb_frame, tb.tb_next
-    return _estimator_component(last)
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        est = frame.f_locals.get("self")
+        if isinstance(est, Estimator):
+            return f"the {frame.f_code.co_name} of estimator {est.name!r} ({type(est).__qualname__})"
+    return None
 
 
 def _no_backward_in_trace(fn):

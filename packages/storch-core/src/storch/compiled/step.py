@@ -23,8 +23,8 @@ from .finite import _finite_on_backward, _losses_among
 from .guards import _guard, _module_attributes, _reached_modules
 from .keys import _WATCHED_ARGUMENTS, _aliasing, _python_state_of, _signature, _watched, _watched_argument
 from .program import _Trace, _compile_graph, _compiled_by_inductor, _drop_identity_views, _fold_batch_views, _run
-from .refusals import _backward_message, _compiled_twice_message, _name, _no_backward_in_trace, \
-    _no_data_parallel_in_trace, _refuse_twice, _traceback_component
+from .refusals import _backward_message, _compiled_twice_message, _func_transform_message, _name, \
+    _no_backward_in_trace, _no_data_parallel_in_trace, _refuse_twice, _traceback_component
 from .state import _lift_state, _state_of, _Stateful, _stateful
 from .trace_mode import _TraceMode
 from .updates import _loss_graph_values, _Recorder, _update_on_backward
@@ -283,6 +283,9 @@ class CompiledStep(Generic[_P, _R]):
                     f"storch.compile cannot trace {_name(self.fn)}: some code reads a tensor's value in Python "
                     "(`.item()`, `bool(t)`, `if t > 0:`, a value check), so the program depends on the data. "
                     f"Run this step eagerly, or move that check out of the step. torch said: {e}") from e
+            if "don't yet support saved tensor hooks" in str(e):  # torch.func refuses the trace's hooks
+                raise StorchError(_func_transform_message(self.fn, _traceback_component(e.__traceback__))
+                                  + f" torch said: {e}") from e
             if "does not require grad and does not have a grad_fn" in str(e):
                 raise StorchError(_backward_message(self.fn, _traceback_component(e.__traceback__))
                                   + f" torch said: {e}") from e
