@@ -66,6 +66,41 @@ def test_first_party_name_of_missing_family_says_what_to_install(name, dist, mod
     assert f"Did you mean '{name}'" not in str(e.value)  # never suggests the name back
 
 
+@pytest.mark.parametrize("metadata", [False, True])
+def test_no_core_estimators_says_how_to_install(monkeypatch, metadata):
+    """With storch on sys.path (PYTHONPATH to the src folders) but not installed, no distribution metadata
+    is found, so no entry point either: the registry was empty and `storch.estimator("expect", ...)` said only
+    "Installed: none.". The error now says why and what to do (a real run: PYTHONPATH=packages/storch-core/src
+    with a Python where storch is not installed gives the first message)."""
+    from importlib_metadata import PackageNotFoundError
+
+    def no_metadata(name):
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(_registry, "entry_points", lambda **kw: [])
+    if not metadata:
+        monkeypatch.setattr(_registry, "distribution", no_metadata, raising=False)
+    storch.reload_estimators()
+    try:
+        assert storch.available_estimators() == {}
+        with pytest.raises(storch.UnknownEstimatorError) as e:
+            storch.estimator("expect", plate="z")
+        msg = str(e.value)
+        assert "Installed: none." in msg and "storch-core's own estimators" in msg
+        if metadata:
+            assert "metadata was found" in msg and "pip install --force-reinstall storch-core" in msg
+        else:
+            assert "metadata of storch-core was not found" in msg and "PYTHONPATH" in msg
+            assert "pip install -e packages/storch-core" in msg
+    finally:
+        monkeypatch.undo()
+        storch.reload_estimators()
+    # installed: no such hint
+    with pytest.raises(storch.UnknownEstimatorError) as e:
+        storch.estimator("expcet", plate="z")
+    assert "storch-core's own estimators" not in str(e.value)
+
+
 def test_options_are_validated():
     with pytest.raises(storch.OptionError, match="n_samples"):
         storch.estimator("reparameterization", plate="z", n_samples=0)

@@ -22,7 +22,7 @@ import warnings
 from typing import Any, Optional
 
 import pluggy
-from importlib_metadata import entry_points
+from importlib_metadata import PackageNotFoundError, distribution, entry_points
 
 from .errors import OptionError, PluginError, UnknownEstimatorError
 from .estimators.base import Estimator, capability_problem
@@ -288,7 +288,28 @@ def get_estimator_class(name: str) -> type[Estimator]:
     if dist is not None and dist != "storch-core":
         msg += f" {name!r} is provided by {dist}: `pip install {dist}`."
     msg += f" Installed: {', '.join(sorted(reg.classes)) or 'none'}."
+    if not any(c in reg.classes for c in ("expect", "reparameterization")):
+        msg += _no_core_hint()
     raise UnknownEstimatorError(msg)
+
+
+def _no_core_hint() -> str:
+    """Why even storch-core's own estimators (registered through its entry points like any plugin's) are
+    missing, and what to do: usually storch imported from a source folder (PYTHONPATH) without being
+    installed, so no distribution metadata, hence no entry points, is found."""
+    try:
+        distribution("storch-core")
+    except PackageNotFoundError:
+        return (" Even storch-core's own estimators ('expect', 'reparameterization') are missing: the "
+                "distribution metadata of storch-core was not found, and with it the entry points (group "
+                f"{ENTRY_POINT_GROUP!r}) through which every estimator is registered, the built-ins too. storch is probably imported from a source folder (PYTHONPATH) without being installed: "
+                "install the packages, `pip install storch-core` and the estimator families you use, or from a "
+                "checkout `pip install -e packages/storch-core -e packages/storch-estimators-score` (...), "
+                "instead of putting their src folders on PYTHONPATH.")
+    return (" Even storch-core's own estimators ('expect', 'reparameterization') are missing, though storch-core's "
+            f"distribution metadata was found: its entry points (group {ENTRY_POINT_GROUP!r}) registered nothing. "
+            "Reinstall it (`pip install --force-reinstall storch-core`, or `pip install -e packages/storch-core` "
+            "from a checkout).")
 
 
 def estimator(name: str, plate: str, **options: Any) -> Estimator:
