@@ -215,6 +215,53 @@ def test_an_estimator_blind_to_independent_wrappers_is_reported():
     assert not any(m.name.startswith("independent[") for m in models) and "independent[Bernoulli]" in skipped
 
 
+class ElementwiseScore(storch.Estimator):
+    """Score function whose proposal draws each element of a (OneHot)Categorical node from the node's
+    logits laid out as (*parents, D elements, K) (correct)."""
+
+    name = "test_elementwise_score"
+    distributions = (Bernoulli, Categorical, OneHotCategorical)
+
+    def element_logits(self, logits, n_parents):
+        return logits
+
+    def proposal(self, node):
+        d = base_distribution(node.distribution)
+        if isinstance(d, Bernoulli):
+            return node.distribution.sample((self.n_samples,))
+        npar = len(node.parents)  # the logits' leading dims are the parent plates, then the node's own
+        flat = d.logits.reshape(d.logits.shape[:npar] + (-1, d.logits.shape[-1]))  # (*parents, D, K)
+        logits = self.element_logits(flat, npar).reshape(d.logits.shape)
+        return type(d)(logits=logits).sample((self.n_samples,)).reshape((self.n_samples,) + node.distribution.batch_shape
+                                                                         + node.distribution.event_shape)
+
+
+class FirstElementScore(ElementwiseScore):
+    """BUG: every element drawn with the first element's probabilities (right for one element, D = 1)."""
+
+    name = "test_first_element_score"
+
+    def element_logits(self, logits, n_parents):
+        return logits[..., :1, :].expand(logits.shape)
+
+
+def test_an_estimator_that_gives_every_element_the_first_ones_probabilities_is_reported():
+    """Found by a third-party author: the standard models had no (OneHot)Categorical node with more than one
+    element (the Independent one is chosen only for an estimator without Bernoulli), so an estimator that gave
+    every element the first element's probabilities passed them all (max |z| 2.9). The kit now has
+    categorical[2x3] and onehot[2x2] (K = D: a mix-up of the element and category dims keeps the shapes)."""
+    new = {"categorical[2x3]", "onehot[2x2]"}
+    models, _ = kit.standard_models(FirstElementScore("z"))
+    assert new <= {m.name for m in models}
+    assert new <= {m.name for m in kit.standard_models(storch.estimator("expect", plate="z"))[0]}
+    old, added = [m for m in models if m.name not in new], [m for m in models if m.name in new]
+    assert _check(FirstElementScore, options={"n_samples": 2}, models=old, orders=(0, 1)).ok  # blind to it
+    report = _check(FirstElementScore, options={"n_samples": 2}, models=added, orders=(0, 1))
+    assert {"categorical[2x3], order 0", "onehot[2x2], order 0"} <= _failed(report)
+    assert min(c.max_abs_z for c in report.failures) > 8
+    assert _check(ElementwiseScore, options={"n_samples": 2}, models=added, orders=(0, 1)).ok  # the correct twin
+
+
 def test_failure_message_is_a_readable_table():
     with pytest.raises(AssertionError) as info:
         kit.check_against_enumeration(OffByOnePrioritySampling, options={"n_samples": 2})

@@ -133,6 +133,59 @@ def _onehot() -> Model:
     return Model("onehot[K=5]", _LOGITS5, build, exact, lambda: [OneHotCategorical(logits=_LOGITS5)])
 
 
+# -- categorical nodes with several elements -----------------------------------------------------
+
+def _categorical_2x3() -> Model:
+    """One Categorical node with own batch dims (2,) and K = 3 (9 joint values); θ = its logits (2, 3);
+    C = (x0 − 1.2 x1 + 0.5)² + 0.3 x0 x1.
+
+    The models above have one categorical element per node (or a single chosen Independent one): an
+    estimator that mixes up the node's elements (every element given the first one's probabilities, the
+    element dim read as the category dim) passes them. A one-hot value (relaxations hand one out) is read
+    as its indices.
+    """
+    theta = _t(0.3, -0.5, 0.9, -0.2, 0.4, 0.1)
+
+    def cost(i0, i1):
+        return (i0 - 1.2 * i1 + 0.5) ** 2 + 0.3 * i0 * i1
+
+    def build(make: EstimatorFactory, th: torch.Tensor) -> None:
+        x = make("x")(Categorical(logits=th.reshape(2, 3)))
+        idx = x.to(_F64) if x.shape == (2,) else (x * _K3).sum(-1)  # (long indices: float64, not float32)
+        add_cost(cost(idx[0], idx[1]))
+
+    def exact(th: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(th.reshape(2, 3), -1)
+        joint = p[0].unsqueeze(1) * p[1].unsqueeze(0)  # (3, 3): x0 = i, x1 = j
+        return (joint * cost(_K3.unsqueeze(1), _K3.unsqueeze(0))).sum()
+
+    return Model("categorical[2x3]", theta, build, exact, lambda: [Categorical(logits=theta.reshape(2, 3))])
+
+
+_V2 = _t(0.7, -1.1)
+
+
+def _onehot_2x2() -> Model:
+    """One OneHotCategorical node with own batch dims (2,) and K = 2 (4 joint values; K = D, so an element
+    dim read as the category dim keeps the shapes right and is caught only by its values); θ = its logits
+    (2, 2); with u_d = v·x_d: C = (u0 + u1 − 0.4)² + u0 u1. (A 3x3 node catches the same bugs, but costs a
+    relaxation-based estimator's conformance check 6 times as long: 81 components at orders 2 and 3.)"""
+    theta = _t(0.2, -0.4, -0.8, 0.7)
+
+    def cost(u0, u1):
+        return (u0 + u1 - 0.4) ** 2 + u0 * u1
+
+    def build(make: EstimatorFactory, th: torch.Tensor) -> None:
+        u = (make("x")(OneHotCategorical(logits=th.reshape(2, 2))) * _V2).sum(-1)
+        add_cost(cost(u[0], u[1]))
+
+    def exact(th: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(th.reshape(2, 2), -1)
+        return (p[0].unsqueeze(1) * p[1].unsqueeze(0) * cost(_V2.unsqueeze(1), _V2.unsqueeze(0))).sum()
+
+    return Model("onehot[2x2]", theta, build, exact, lambda: [OneHotCategorical(logits=theta.reshape(2, 2))])
+
+
 # -- a two-node discrete chain -----------------------------------------------------------------
 
 _DIR3, _OFF3 = _t(-1.0, 0.0, 1.0), _t(0.1, -0.2, 0.3)
@@ -359,6 +412,7 @@ def standard_models(estimator: Estimator) -> tuple[list[Model], dict[str, str]]:
     candidates += [chain, _normal(), _normal_chain()]
     wrapped = [_independent(k) for k in (Bernoulli, OneHotCategorical, Categorical, Normal)]
     candidates.append(next((m for m in wrapped if supports(estimator, m) is None), wrapped[0]))
+    candidates += [_categorical_2x3(), _onehot_2x2()]
     candidates += [_laplace(), _uniform()]
     chosen, skipped = [], {}
     for m in candidates:
