@@ -31,6 +31,15 @@ class LeakyMean(storch.Estimator):
         return cost.tensor.mean()
 
 
+class PlateMean(storch.Estimator):
+    """BUG: b = the mean cost of this data point's samples (cost.sum_plate), this sample included."""
+
+    name = "test_plate_mean"
+
+    def baseline(self, node, cost):
+        return cost.sum_plate(cost.tensor) / node.n
+
+
 class LeaveOneOut(storch.Estimator):
     """The correct twin: the mean cost of the OTHER samples of the same data point."""
 
@@ -100,6 +109,28 @@ def test_leaking_mean_baseline_passes_one_graph_but_not_separate_graphs():
     worst = max(c.max_abs_z for c in separate.checks)
     assert worst > 10.0
     assert not any(c.name.endswith("order 0") for c in separate.failures)  # the forward value is fine
+
+
+def test_check_conditions_sees_a_leak_through_the_plate_but_not_one_across_the_frame():
+    """docs/writing-an-estimator.md said check_conditions tells a baseline that sees its own sample; a third-party
+    author's baseline averaging the whole cost frame passed it (max |z| 3.4) and check_against_enumeration, and
+    only check_leakage caught it. The check's frame holds all R replicates (a parent plate of the node), so a
+    frame-wide mean dilutes the leak to 1/(R·n); a leak through the node's own plate is per replicate. The docs
+    now say which check catches which; this pins both sides down."""
+    theta = torch.tensor([0.3, -0.7, 1.1], dtype=F64)
+
+    def f(x):
+        return ((x - 0.2) ** 2).sum() + x[0] * x[1]
+
+    opts = {"n_samples": 2}
+    frame = kit.check_conditions(LeakyMean, lambda th: Bernoulli(logits=th), theta, f, options=opts,
+                                 orders=(0, 1), raise_on_failure=False)
+    plate = kit.check_conditions(PlateMean, lambda th: Bernoulli(logits=th), theta, f, options=opts,
+                                 orders=(0, 1), raise_on_failure=False)
+    print("\n" + frame.table(details=False) + "\n\n" + plate.table(details=False))
+    assert frame.ok  # the documented blind spot (check_leakage catches it: the test above)
+    assert not plate.condition_ok(2) and plate.condition_ok(1) and plate.condition_ok(3)
+    assert max(c.max_abs_z for c in plate.failures) > 10
 
 
 def test_separate_graphs_pass_the_correct_twin():

@@ -104,6 +104,10 @@ class PrioritySampling(storch.Estimator):
         super().check_distribution(d)
 
     def proposal(self, node):
+        if node.distribution.logits.dim() > len(node.parents) + 1:
+            # own batch dims: a joint of several Categoricals, which Gumbel-top-k over the last dim does not
+            # sample without replacement; refused when sampling (the kit skips categorical[2x3])
+            raise storch.UnsupportedDistributionError(f"{self.name} samples one Categorical per node")
         logp = node.distribution.logits  # normalised log-probabilities (*parents, K)
         keys = logp - torch.log(-torch.log(torch.rand_like(logp)))  # Gumbel-perturbed
         top = keys.topk(self.n_samples + 1, dim=-1)
