@@ -179,14 +179,18 @@ def _without_plates(model: Model, make: EstimatorFactory, top: int) -> None:
         raise AssertionError(f"{model.name}: non-finite estimates of orders {bad} with a plain parameter (no plates)")
 
 
-def _check_uniform_weights(model: Model, make: EstimatorFactory) -> None:
+def _check_uniform_weights(model: Model, make: EstimatorFactory) -> bool:
     """An estimator that says ``uniform_weights`` and overrides ``weighting_function``: the surrogate never
     calls the weighting function then (it reduces the plate by its mean), so weights that are not 1/N,
-    or carry gradient, would be silently dropped. Built once with a plain θ."""
+    or carry gradient, would be silently dropped. Built once with a plain θ; ``False`` where the estimator
+    refuses the model's distribution when sampling (the caller tries the next model)."""
     leaf = model.theta.detach().clone().requires_grad_(True)
     with torch.random.fork_rng(devices=[]), Graph():
         torch.manual_seed(0)
-        model.build(make, leaf)
+        try:
+            model.build(make, leaf)
+        except UnsupportedDistributionError:
+            return False  # refused when sampling: the model's own run reports the refusal (a pass)
         for node in current_graph().nodes:
             est = node.estimator
             if not est.uniform_weights or type(est).weighting_function is Estimator.weighting_function:
@@ -202,6 +206,7 @@ def _check_uniform_weights(model: Model, make: EstimatorFactory) -> None:
                     f"{node.plate.name!r} of model {model.name}). With uniform_weights the surrogate reduces the "
                     "plate by its mean and never reads the weighting function, so these weights are dropped: make "
                     "uniform_weights False (for the options under which the weights are not 1/N)")
+    return True
 
 
 # Overloads, so that a type checker infers a factory's parameter (``lambda plate: ...``): against the
@@ -290,7 +295,10 @@ def check_against_enumeration(
         models = [m for m in models if m.name not in skipped]
     report = ConformanceReport(probe.name or type(probe).__name__, orders, skipped=skipped)
     if models and probe.uniform_weights and type(probe).weighting_function is not Estimator.weighting_function:
-        _check_uniform_weights(models[0], make)  # (once: weights that uniform_weights makes the surrogate drop)
+        # (once: weights that uniform_weights makes the surrogate drop; on the first model the estimator samples)
+        for model in models:
+            if _check_uniform_weights(model, make):
+                break
     for i, model in enumerate(models):
         if model.hint:
             report.hints[model.name] = model.hint
