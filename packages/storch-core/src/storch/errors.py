@@ -17,6 +17,7 @@ __all__ = [
     "NonFiniteParameterError",
     "PluginError",
     "UnusedSampleWarning",
+    "IndependentStepWarning",
     "plate_error_from",
 ]
 
@@ -28,6 +29,14 @@ class StorchError(Exception):
 class UnusedSampleWarning(UserWarning):
     """A stochastic node whose gradient function carries gradient is upstream of no cost: its
     distribution's parameters get no gradient from it (see ``storch.surrogate_loss``)."""
+
+
+class IndependentStepWarning(UserWarning):
+    """A later call of one estimator in a graph (a step of its partition) draws from a distribution that
+    depends on none of the partition's earlier steps and lacks plates the partition already has, so the
+    step is drawn for every entry of them: the signature of two independent branches of a model sharing
+    one estimator (labelled and unlabelled data), which need one estimator each (docs/partitions.md).
+    Gradients stay unbiased; the step's compute is multiplied by the sizes of those plates."""
 
 
 class PlateError(StorchError, ValueError):

@@ -209,8 +209,9 @@ class Graph:
                 return False
         return True
 
-    def check_call(self, estimator: Estimator, distribution: Distribution) -> None:
-        """Checks before ``estimator(distribution)`` samples a node in this graph.
+    def check_call(self, estimator: Estimator, distribution: Distribution) -> tuple[Plate, ...]:
+        """Checks before ``estimator(distribution)`` samples a node in this graph; returns the plates of
+        the plate tensors the distribution holds (what it depends on).
 
         The distribution's plate tensors must belong to this graph. In the thread's default
         graph, a second call of one estimator (a partition step) must depend on something of
@@ -235,6 +236,7 @@ class Graph:
                 "on each other (a gate per block, independent decisions), build each training step inside "
                 "`with storch.Graph():` (there the block marks the step). If a previous step did not finish: "
                 f"{why}")
+        return plates
 
     def add_node(self, node: Node) -> None:
         """Register a stochastic node (claims its plate, gives it its index); estimators call this."""

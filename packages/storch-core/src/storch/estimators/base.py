@@ -36,8 +36,10 @@ import dataclasses
 import inspect
 import math
 import numbers
+import os
 import sys
 import types
+import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Optional, TypeVar
 
@@ -59,7 +61,8 @@ from ..distributions import (
 )
 from ..distributions.unwrap import _as_raw
 from ..eager import eager_only
-from ..errors import NonFiniteParameterError, OptionError, PlateError, StorchError, UnsupportedDistributionError
+from ..errors import (IndependentStepWarning, NonFiniteParameterError, OptionError, PlateError, StorchError,
+                      UnsupportedDistributionError)
 from ..generators import drawing_with
 from .. import options
 from ..graph import current_graph, is_tracing
@@ -272,9 +275,9 @@ class Estimator(torch.nn.Module):
                 same = _as_raw(distribution, log[-1][0] if log else node.plates)
                 if same is not None and graph.owns(same[1]):
                     return self._extend_partition(graph, node, distribution, same, inputs)
-        graph.check_call(self, distribution)
+        own = graph.check_call(self, distribution)
         if node is not None:
-            return self._extend_partition(graph, node, distribution, None, inputs)
+            return self._extend_partition(graph, node, distribution, None, inputs, own)
         raw, parents = unwrap_distribution(distribution)
         return self._sample_node(graph, raw, parents, distribution, inputs)
 
@@ -367,7 +370,7 @@ class Estimator(torch.nn.Module):
 
     def _extend_partition(self, graph, node: Node, distribution: Distribution,
                           unwrapped: Optional[tuple[Distribution, tuple[Plate, ...]]] = None,
-                          inputs: Any = None) -> PlateTensor:
+                          inputs: Any = None, own: Optional[tuple[Plate, ...]] = None) -> PlateTensor:
         """A further call of this estimator in the same graph: step t of its partition (section 3.2).
 
         The calls form one partition with one plate; the plate of step t is
@@ -382,7 +385,10 @@ class Estimator(torch.nn.Module):
         ``unwrapped``: ``(raw, plates)`` already built by :meth:`forward` (``plates`` are the
         partition's plates at its last step, checked against the graph), or ``None``. ``inputs``:
         the step's ``inputs=`` (checked by :meth:`check_inputs`, as at the first step), kept in
-        ``node.step_inputs``; ``node.inputs`` becomes them.
+        ``node.step_inputs``; ``node.inputs`` becomes them. ``own``: the plates of the plate tensors
+        ``distribution`` holds (``Graph.check_call``), or ``None`` where ``unwrapped`` says they are the
+        partition's plates at its last step: a step that carries none of the partition's plates (depends on
+        no earlier step) and lacks some of its parent plates gets an :class:`IndependentStepWarning`.
         """
         if not self.supports_partitions:
             raise PlateError(
@@ -431,9 +437,20 @@ class Estimator(torch.nn.Module):
                     q, e = self.plate, p.name
                     both = (f" ({e!r} is a partition too: the two interleave, so each is created anew per segment "
                             "between the other's draws, or one estimator draws both)") if other.step else ""
+                    # (found by porting M2: one estimator for the labelled and the unlabelled z, where no
+                    # sequence was meant; the partition suggestions below did not say so)
+                    alone = (f" This call depends on no earlier call of {q!r} (its distribution carries none of "
+                             "their samples), as independent branches do."
+                             if own is not None and all(o.name != q for o in own) else "")
                     raise PlateError(
                         f"step {t} of partition {q!r} depends on node {e!r}, which was sampled after the partition "
-                        "started; a partition's steps may depend only on nodes sampled before its first call "
+                        f"started. Calling one estimator several times in a graph makes its calls ONE partition, a "
+                        f"sequence of steps drawn in order (docs/partitions.md).{alone} If the calls are independent "
+                        "branches of your model (e.g. the labelled and the unlabelled data of a semi-supervised VAE, "
+                        "two encoders), you do not want a sequence: create one estimator per branch, "
+                        "storch.estimator(...) for each, with plates of their own (e.g. "
+                        f"plate='{q}_a' and plate='{q}_b'). If they are steps of one sequence: "
+                        "a partition's steps may depend only on nodes sampled before its first call "
                         "(partitions are topologically ordered, paper, section 3.2), so creating the estimator of "
                         f"{e!r} anew for each of its calls does not help. Instead: (1) start a new partition of "
                         f"{q!r} after each such draw: create the estimator of {q!r} anew for each segment between "
@@ -445,6 +462,8 @@ class Estimator(torch.nn.Module):
                         "Categorical(probs=P[s, a]).sample() or torch.rand_like(...) and an inverse CDF: not a "
                         f"storch node{both}. docs/partitions.md, 'Stochastic environments and options'"
                     )
+        if own is not None and not node.branch_warned:
+            _warn_independent_step(self, node, own, t)
         log = node.step_log
         if log is None:
             log = node.step_log = [(node.plates, node.gradient_values)]
@@ -1189,6 +1208,55 @@ def _sampled_without_grad(node: Node, distribution: Distribution, step: int) -> 
         node.no_grad_step = step
     if not node.no_grad_cut and holds_grad(distribution):
         node.no_grad_cut, node.no_grad_step = True, step
+
+
+def _warn_independent_step(est: Estimator, node: Node, own: tuple[Plate, ...], step: int) -> None:
+    """Warn (once per partition) when step ``step`` of ``node``'s partition draws from a distribution that
+    carries none of the partition's plates (it depends on no earlier step's sample) and lacks parent plates
+    the partition already has (it is drawn for every entry of them): the signature of two independent
+    branches of a model sharing one estimator (found by porting M2: the labelled z, drawn after the
+    unlabelled one by the same estimator, got the unlabelled data's and the labels' plates, 12x the work).
+    A sequence whose steps do not depend on each other but share their plates (i.i.d. pulls of a bandit,
+    a gate per block, actions given one option) lacks none and is not reported. One pass over plates."""
+    q = est.plate
+    names = set()
+    for o in own:
+        if o.name == q:  # (any step of the partition): the step depends on an earlier one
+            return
+        names.add(o.name)
+    missing = [p for p in node.parents if p.name not in names]
+    size = 1
+    for p in missing:
+        size *= p.size
+    if size <= 1:
+        return
+    node.branch_warned = True
+    have = ", ".join(repr(o.name) for o in own) or "none"
+    extra = ", ".join(f"{p.name!r} (size {p.size})" for p in missing)
+    warnings.warn(IndependentStepWarning(
+        f"estimator {est.name or type(est).__qualname__!r} (plate {q!r}) is called again in this graph (step {step} "
+        "of its partition: calling one estimator several times in a graph makes its calls ONE partition, a "
+        f"sequence), but this call's distribution depends on no earlier call (its plates: {have}; none is {q!r}) "
+        f"and lacks the plates {extra} of the earlier calls: it is drawn for every entry of them, {size}x the "
+        "samples it needs (gradients stay unbiased). If the calls are independent branches of your model (e.g. "
+        "the labelled and the unlabelled data of a semi-supervised VAE), create one estimator per branch, "
+        f"storch.estimator(...) for each, with plates of their own (plate='{q}_a', plate='{q}_b'). If a sequence is "
+        "meant, silence this with warnings.filterwarnings('ignore', category=storch.IndependentStepWarning) "
+        "(docs/partitions.md)"), stacklevel=_user_stacklevel())
+
+
+# storch's and torch's own files: frames a warning skips to reach the user's call
+_OWN_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+             os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of a warning issued by the caller of this function that points at the first frame
+    outside storch and torch (the user's estimator call, whichever of storch's paths led to it)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 _FORWARD = Estimator.forward
