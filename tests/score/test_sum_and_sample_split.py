@@ -145,9 +145,10 @@ def test_checkpoints_written_before_the_split_load() -> None:
     one.load_state_dict({"_extra_state": None})  # strict
     book = {"capacity": 2, "entries": {5: {(1, 2): [0.25, -1.5]}}}  # SequenceBuffer.state(), unchanged
     seq = storch.estimator("mapo", plate="s", buffer=2)
-    seq.load_state_dict({"_extra_state": book})
-    assert seq.state_dict()["_extra_state"] == book
+    seq.load_state_dict({"_extra_state": book})  # (a checkpoint from before the record of who saved it)
+    record = {"saved_by": {"estimator": "sum_and_sample", "buffer": 2, "eos": None}}  # (written since)
+    assert seq.state_dict()["_extra_state"] == {**book, **record}
     seq.load_state_dict({"_extra_state": None})  # a one-step checkpoint leaves the buffer as it is (as before)
-    assert seq.state_dict()["_extra_state"] == book
+    assert seq.state_dict()["_extra_state"] == {**book, **record}
     with pytest.raises(storch.OptionError, match="made with buffer="):
         one.load_state_dict({"_extra_state": book})

@@ -63,6 +63,9 @@ Learned parts:
     :func:`load_own_optimizer` keep an estimator's own Adam over every parameter of its learned part
     (frozen ones included, never stepped) and save and load its state matched by parameter name, so a
     checkpoint loads whatever is frozen when it is saved or loaded.
+    :func:`state_record` (merged into ``get_extra_state()``) and :func:`check_state_record` (first in
+    ``set_extra_state``) record which estimator saved a state, with the options that give it its meaning,
+    and refuse (``storch.OptionError``) loading it into another estimator or one with other such options.
 
 Baselines:
     :func:`leave_one_out` is the leave-one-out baseline of a node's samples from its cost frame.
@@ -140,6 +143,7 @@ from .plates.tensor import align, plates_of, raw_of
 from ._order_guard import estimator_create_graph, is_differentiated
 from ._own_optimizer import hide_frozen_grads, load_own_optimizer, own_optimizer, own_optimizer_state
 from ._own_optimizer import state_dtype as _step_dtype
+from ._state_record import check_state_record, state_record
 from .score_conditions import moving_support, same_support
 from .smoothness import nonsmooth_operations, require_smooth
 from ._table_cache import table_cache
@@ -154,7 +158,7 @@ __all__ = [
     "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild", "parameters",
     "rekey_transform_cache", "require_smooth", "nonsmooth_operations", "moving_support", "same_support", "estimator_create_graph",
     "refuse_create_graph", "is_differentiated", "table_cache", "own_optimizer", "hide_frozen_grads", "own_optimizer_state",
-    "load_own_optimizer", "refuse_lazy_build", "rsample_kinks", "note_rsample",
+    "load_own_optimizer", "refuse_lazy_build", "rsample_kinks", "note_rsample", "state_record", "check_state_record",
 ]
 
 

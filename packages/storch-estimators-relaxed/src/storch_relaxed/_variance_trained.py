@@ -11,9 +11,9 @@ import torch
 
 import storch.distributed
 from storch import Estimator, Node, OptionError, StorchError
-from storch.extending import (all_finite, estimator_create_graph, hide_frozen_grads, load_own_optimizer,
-                               optimizer_step, options, own_optimizer, own_optimizer_state,
-                               skip_nonfinite_update)
+from storch.extending import (all_finite, check_state_record, estimator_create_graph, hide_frozen_grads,
+                               load_own_optimizer, optimizer_step, options, own_optimizer, own_optimizer_state,
+                               skip_nonfinite_update, state_record)
 
 from ._network import ControlVariateNet
 
@@ -91,6 +91,8 @@ class VarianceTrained(Estimator):
         self._smooth_at_order_1: dict = {}
         # state_dict: the optimizer is rebuilt after the (possibly lazily built) network has loaded
         self.register_load_state_dict_post_hook(VarianceTrained._restore_training)
+        # a state saved by another estimator is refused before torch copies η and λ (set_extra_state runs after)
+        self.register_load_state_dict_pre_hook(VarianceTrained._check_saved_by)
 
     def _init_network(self, network: Optional[Callable], hidden: int, zero_output: bool = False) -> None:
         """The learned control variate c_φ: the user's network or a default MLP (LAX, RELAX)."""
@@ -184,17 +186,31 @@ class VarianceTrained(Estimator):
 
     # -- state_dict: optimizer state and the step count are estimator state ------------------------
 
+    def _state_options(self) -> dict:
+        """The options that give the saved state (φ's Adam moments, the step count) its meaning, besides which
+        estimator saved it (storch.extending.state_record): none here; RELAX's control variate form."""
+        return {}
+
     def get_extra_state(self) -> dict:
-        # the optimizer's state with its parameters' names: loaded by name (load_own_optimizer)
+        # the optimizer's state with its parameters' names: loaded by name (load_own_optimizer); and which
+        # estimator saved it (REBAR's η, λ and moments loaded into RELAX would train it: refused)
         return {**own_optimizer_state(self._optimizer, self),
-                "update_steps": self.update_steps, "skipped_updates": self.skipped_updates}
+                "update_steps": self.update_steps, "skipped_updates": self.skipped_updates,
+                **state_record(self, **self._state_options())}
 
     def set_extra_state(self, state: dict) -> None:
+        # saved by another estimator (or form): refused (a checkpoint without the record loads as it did); also
+        # checked by the load pre-hook, before torch copies the parameters (η, λ)
+        check_state_record(self, state, **self._state_options())
         # copied, as load_state_dict copies parameters; applied by _restore_training, once the
         # submodules (a lazily built network) are loaded
         self._loaded = state = copy.deepcopy(state)
         self.update_steps = state["update_steps"]
         self.skipped_updates = state.get("skipped_updates", 0)  # (not in a checkpoint from before it was counted)
+
+    @staticmethod
+    def _check_saved_by(module: "VarianceTrained", state_dict, prefix: str, *args) -> None:
+        check_state_record(module, state_dict.get(prefix + "_extra_state"), **module._state_options())
 
     @staticmethod
     def _restore_training(module: "VarianceTrained", incompatible_keys) -> None:

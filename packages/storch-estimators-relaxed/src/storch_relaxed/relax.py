@@ -122,6 +122,9 @@ class Relax(RelaxedCost):
     def extra_repr(self) -> str:  # noqa: D102
         return f"{super().extra_repr()}, control_variate={self.control_variate_form!r}"
 
+    def _state_options(self) -> dict:
+        return {"control_variate": self.control_variate_form}  # (with or without η f(σ_λ(z)): other parameters)
+
 
 def _inputs_like(node: Node, z: torch.Tensor, lead: int) -> torch.Tensor:
     """The node's inputs h, flattened and broadcast to z's leading dims ``(n, *parents, F_h)``.

@@ -13,7 +13,7 @@ import storch.distributed
 from storch import CostFrame, Estimator, Node, OptionError, Plate, PlateTensor
 from storch.extending import (all_finite, assume, base_distribution, hide_frozen_grads, is_tracing, learned_dtype,
                                leave_one_out, load_own_optimizer, optimizer_step, options, own_optimizer,
-                               own_optimizer_state, skip_nonfinite_update)
+                               own_optimizer_state, skip_nonfinite_update, state_record, check_state_record)
 
 from ._option_reads import reads_option
 from .learned_baseline import LearnedBaseline, baseline_features, check_inputs, in_frame
@@ -339,13 +339,26 @@ class Score(Estimator):
 
     # -- state_dict: moving averages and a learned baseline's optimizer are estimator state ---------
 
+    def _state_options(self) -> dict:
+        """The options that give the saved state its meaning (storch.extending.state_record): the baseline's kind
+        (the moving averages and the optimizer are its state; another kind ignores or misreads them) and, where
+        an average is kept (moving_average, learned: NVIL's running mean), its decay. Not lr, hidden (a learned
+        head of another width is refused by torch's shape check), n_samples, update."""
+        kind = "learned" if isinstance(self.baseline_fn, LearnedBaseline) else self.baseline_kind
+        return {"baseline": kind, "decay": self.decay} if kind in ("moving_average", "learned") else {"baseline": kind}
+
     def get_extra_state(self) -> dict:
         return {"moving_averages": dict(self.moving_averages), "update_steps": self.update_steps,
                 "skipped_updates": self.skipped_updates,
                 # the optimizer's state with its parameters' names: loaded by name (load_own_optimizer)
-                **own_optimizer_state(self._optimizer, self.baseline_fn)}
+                **own_optimizer_state(self._optimizer, self.baseline_fn),
+                # which estimator saved it, with which baseline (refused by set_extra_state where they differ)
+                **state_record(self, **self._state_options())}
 
     def set_extra_state(self, state: dict) -> None:
+        # saved by another estimator or baseline: refused before anything changes (a checkpoint without the
+        # record, from before it was written, loads as it did)
+        check_state_record(self, state, **self._state_options())
         # copies, as load_state_dict copies parameters; the optimizer once the baseline's heads loaded
         state = copy.deepcopy(state)
         # in float32 at least (a checkpoint of an average kept in bfloat16 / float16 follows the costs again)

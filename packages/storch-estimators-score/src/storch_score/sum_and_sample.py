@@ -211,6 +211,12 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
 
     def set_extra_state(self, state: Optional[dict]) -> None:
         if state is not None:
+            saved = state.get("saved_by") if isinstance(state, dict) else None
+            if isinstance(saved, dict) and saved.get("buffer") is None:  # (saved by another estimator: say which)
+                raise OptionError(
+                    f"sum_and_sample (plate {self.plate!r}) keeps no state, and the checkpoint holds a state for it "
+                    f"saved by estimator {saved.get('estimator')!r} ({saved}): construct the estimator as it was "
+                    "saved (docs/reliability.md, 'Saving and resuming')")
             raise OptionError("sum_and_sample: this checkpoint holds a memory buffer of sequences; load it into "
                               "an estimator made with buffer= (the same options it was saved with)")
 

@@ -11,7 +11,7 @@ from torch.distributions import Distribution
 import storch
 
 from storch import CostFrame, Estimator, Node, OptionError, PlateTensor
-from storch.extending import options
+from storch.extending import check_state_record, options, state_record
 
 from . import _sequences
 from ._sum_and_sample_options import NAME, SUMMARY, check_baseline, check_n_enumerate
@@ -240,8 +240,17 @@ class SumAndSampleSequences(Estimator):
             _sequences.update(self, node)
 
     def get_extra_state(self) -> dict:
-        return self._buffer.state()
+        # the buffer, and which estimator saved it with which buffer size and end token (refused where they differ)
+        return {**self._buffer.state(), **state_record(self, buffer=self.buffer, eos=self.eos)}
 
     def set_extra_state(self, state: Optional[dict]) -> None:
-        if state is not None:  # None: a checkpoint of a one-step sum_and_sample (no buffer)
-            self._buffer.load(state)
+        if state is None:  # None: a checkpoint of a one-step sum_and_sample (no buffer)
+            return
+        check_state_record(self, state, buffer=self.buffer, eos=self.eos)
+        if state.get("capacity") != self.buffer:  # (a checkpoint from before the record: its size says it too)
+            raise OptionError(
+                f"{NAME} (plate {self.plate!r}): the checkpoint's buffer keeps {state.get('capacity')!r} sequences per "
+                f"key and this estimator buffer={self.buffer}; loaded, the buffer would silently keep the saved size. "
+                f"Construct the estimator with buffer={state.get('capacity')!r} to resume (docs/reliability.md, "
+                "'Saving and resuming')")
+        self._buffer.load(state)
