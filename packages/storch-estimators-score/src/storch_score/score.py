@@ -341,11 +341,11 @@ class Score(Estimator):
 
     def _state_options(self) -> dict:
         """The options that give the saved state its meaning (storch.extending.state_record): the baseline's kind
-        (the moving averages and the optimizer are its state; another kind ignores or misreads them) and, where
-        an average is kept (moving_average, learned: NVIL's running mean), its decay. Not lr, hidden (a learned
-        head of another width is refused by torch's shape check), n_samples, update."""
-        kind = "learned" if isinstance(self.baseline_fn, LearnedBaseline) else self.baseline_kind
-        return {"baseline": kind, "decay": self.decay} if kind in ("moving_average", "learned") else {"baseline": kind}
+        (the moving averages and the optimizer are its state; another kind ignores or misreads them). Not the
+        decay (a saved average is an average of the costs whatever decay made it: a resumed run may average on
+        with another, e.g. when fine-tuning), lr, hidden (a learned head of another width is refused by torch's
+        shape check), n_samples, update."""
+        return {"baseline": "learned" if isinstance(self.baseline_fn, LearnedBaseline) else self.baseline_kind}
 
     def get_extra_state(self) -> dict:
         return {"moving_averages": dict(self.moving_averages), "update_steps": self.update_steps,
