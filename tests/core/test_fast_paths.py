@@ -359,3 +359,34 @@ def test_reparameterization_partition_step_keeps_its_own_step_gradient_function(
         _, seen = calls(lambda: est(Normal(x, theta[1].exp())))
     assert {"extend", "draw", "step_gradient_function"} <= seen
     assert not seen & {"_components_step", "proposal", "gradient_function", "output"}
+
+
+def test_first_draw_of_a_raw_bernoulli_is_torchs_draw_without_its_python():
+    # Estimator.proposal (score's first call): torch.bernoulli of the probabilities expanded to (N, *batch), as
+    # torch's Bernoulli.sample((N,)) draws it (the same random numbers), without its lazy probs and shape helpers
+    theta = torch.randn(2, 3, requires_grad=True)
+    for kw in ({"logits": theta}, {"probs": torch.sigmoid(theta)}):
+        est = storch.estimator("score", plate="z", n_samples=5)
+        with storch.Graph():
+            x = storch.denote_independent(kw["logits" if "logits" in kw else "probs"], 0, "data")
+            d = Bernoulli(**{next(iter(kw)): x})
+            torch.manual_seed(11)
+            z, seen = calls(lambda: est(d))
+            assert "raw_sample" in seen and "_extended_shape" not in seen
+            torch.manual_seed(11)
+            by_torch = Bernoulli(**kw).sample((5,))
+            assert torch.equal(z.tensor, by_torch) and not z.tensor.requires_grad
+            assert z.plates[0].size == 5 and tuple(z.shape) == (3,)
+    # the control: a Normal is drawn by torch's own sample (its shape helper runs)
+    est = storch.estimator("score", plate="n", n_samples=5)
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        _, seen = calls(lambda: est(Normal(x, 1.0)))
+        assert {"raw_sample", "_extended_shape"} <= seen
+    # a graph's generator still drives the lean draw, and the global generator is left alone
+    state, draws = torch.get_rng_state(), []
+    for _ in range(2):
+        est = storch.estimator("score", plate="z", n_samples=4)
+        with storch.Graph(generator=torch.Generator().manual_seed(5)):
+            draws.append(est(Bernoulli(logits=storch.denote_independent(theta, 0, "data"))).tensor)
+    assert torch.equal(draws[0], draws[1]) and torch.equal(torch.get_rng_state(), state)

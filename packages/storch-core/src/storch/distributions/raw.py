@@ -45,24 +45,27 @@ def raw_log_prob(d: Distribution, value: torch.Tensor) -> torch.Tensor:
     return d.log_prob(value)
 
 
-def raw_sample(d: Distribution) -> torch.Tensor:
-    """``d.sample()`` (one draw, no sample shape) for a raw distribution.
+def raw_sample(d: Distribution, sample_shape: tuple = ()) -> torch.Tensor:
+    """``d.sample(sample_shape)`` for a raw distribution (default: one draw, no sample shape).
 
     A ``Bernoulli`` without argument validation (the raw copy of a user's distribution) is drawn
     as torch draws it, ``torch.bernoulli`` of its probabilities (``sigmoid(logits)`` when given
-    by its logits) without gradient: the same random numbers and values, without the lazy
-    property's grad mode, a ``no_grad`` block (the parameters are detached), ``_extended_shape`` and
-    an expand to the shape the probabilities have. The probabilities computed here are not cached on
-    ``d`` (reading ``d.probs`` computes them again). Any other case calls ``d.sample()``.
+    by its logits) expanded to ``sample_shape + batch_shape``, without gradient: the same random
+    numbers and values, without the lazy property's grad mode (torch computes the probabilities with
+    gradient and caches them on ``d``), a ``no_grad`` block (the parameters are detached) and
+    ``_extended_shape``. The probabilities computed here are not cached on ``d`` (reading ``d.probs``
+    computes them again). Any other case calls ``d.sample(sample_shape)``.
     """
     if type(d) is Bernoulli and not d._validate_args:
         state = d.__dict__
         p = state.get("probs")
         logits = state.get("logits") if p is None else None
         if type(p if p is not None else logits) is torch.Tensor:
-            batch = d._batch_shape
+            shape = d._batch_shape
+            if sample_shape:
+                shape = torch.Size(sample_shape) + shape
             # detached instead of under no_grad (the same values and random numbers; a grad-mode
             # context costs ~1 us, a policy's step draws once per step)
             p = torch.sigmoid(logits.detach()) if p is None else p.detach()  # logits_to_probs(is_binary=True)
-            return torch.bernoulli(p if p.shape == batch else p.expand(batch))
-    return d.sample()
+            return torch.bernoulli(p if p.shape == shape else p.expand(shape))
+    return d.sample(sample_shape) if sample_shape else d.sample()

@@ -650,7 +650,7 @@ class Estimator(torch.nn.Module):
         """``shape`` samples of ``distribution``: ``rsample`` if the estimator requires it, else ``sample``."""
         if self.requires_rsample:
             return distribution.rsample(shape)
-        return distribution.sample(shape) if shape else raw_sample(distribution)  # (a raw Bernoulli: lean)
+        return raw_sample(distribution, shape)  # (a raw Bernoulli: torch.bernoulli, without torch's Python)
 
     def step_gradient_function(self, node: Node, distribution: Distribution, sample: torch.Tensor,
                                plates: tuple) -> torch.Tensor:
@@ -821,7 +821,9 @@ class Estimator(torch.nn.Module):
 
     def proposal(self, node: Node) -> torch.Tensor:
         """q(X | x<i): ``n_samples`` i.i.d. samples from p (appendix D.2.1)."""
-        return node.distribution.sample((self.n_samples,))
+        # (a raw Bernoulli: torch.bernoulli as torch's sample calls it, without its lazy probs, grad modes and
+        # shape helpers; the same random numbers and values; anything else: node.distribution.sample)
+        return raw_sample(node.distribution, (self.n_samples,))
 
     def weighting_function(self, node: Node) -> torch.Tensor:
         """w(x) = 1/N for each of N samples (appendix D.2.1)."""
