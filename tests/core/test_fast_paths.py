@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 import torch
 from torch.distributions import Bernoulli, Categorical, MultivariateNormal, Normal, OneHotCategorical
 
@@ -390,3 +391,20 @@ def test_first_draw_of_a_raw_bernoulli_is_torchs_draw_without_its_python():
         with storch.Graph(generator=torch.Generator().manual_seed(5)):
             draws.append(est(Bernoulli(logits=storch.denote_independent(theta, 0, "data"))).tensor)
     assert torch.equal(draws[0], draws[1]) and torch.equal(torch.get_rng_state(), state)
+
+
+def test_inputs_on_the_distributions_plates_are_accepted_without_comparing_names():
+    # check_inputs: inputs on exactly the distribution's plates (NVIL's x) pass with one tuple comparison; inputs on
+    # some of them are compared by name (the control), and inputs on another plate are still refused
+    theta = torch.randn(2, 3, requires_grad=True)
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        d = Bernoulli(logits=x)
+        _, seen = calls(lambda: storch.estimator("score", plate="z", n_samples=2)(d, inputs=x))
+        assert "check_inputs" in seen and "<setcomp>" not in seen
+        z = storch.current_graph().nodes[0].value
+        _, seen = calls(lambda: storch.estimator("score", plate="y", n_samples=2)(Bernoulli(logits=x + z), inputs=x))
+        assert {"check_inputs", "<setcomp>"} <= seen
+        other = storch.denote_independent(torch.randn(4), 0, "other")
+        with pytest.raises(storch.PlateError, match="inputs have plates \\['other'\\]"):
+            storch.estimator("score", plate="w", n_samples=2)(d, inputs=other)

@@ -609,6 +609,9 @@ class Estimator(torch.nn.Module):
         (their type; whether they may depend on the sequence's own samples).
         """
         if type(inputs) is PlateTensor:
+            own = inputs._plates
+            if own is plates or own == plates:  # (the common case, an input on the distribution's plates: no sets)
+                return
             names = {p.name for p in plates}
             extra = [p.name for p in inputs.plates if p.name not in names]
             if extra:
