@@ -35,7 +35,8 @@ def test_passes_the_conformance_kit():
         assert report.orders == (0,)  # biased: only the forward value is claimed unbiased
         assert {c.name for c in report.checks} == {
             "bernoulli[3], order 0", "onehot[K=5], order 0", "chain[Bernoulli], order 0",
-            "independent[Bernoulli], order 0"}  # (the kit's Independent model: the wrapper is read through)
+            "independent[Bernoulli], order 0",  # (the kit's Independent model: the wrapper is read through)
+            "onehot[2x2], order 0"}  # (two one-hot elements: each with its own probabilities)
 
 
 def test_forward_value_satisfies_condition_1():
