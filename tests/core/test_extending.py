@@ -403,6 +403,38 @@ def test_parameters_and_rebuild_give_the_distribution_back():
     assert torch.equal(rebuild(normal, parameters(normal)).scale, normal.scale)
 
 
+def test_differentiated_total_count_reads_every_form_of_a_learned_count():
+    """storch.extending.differentiated_total_count: a reason for a Binomial's or NegativeBinomial's total_count
+    that requires grad (plain, under Independent, a plate tensor as the registry's listing passes it, a
+    forward-mode tangent, a tensor batched by torch.func.vmap), None for a fixed count, a learned probs alone,
+    and other distributions; the Binomial's says to detach (an integer count), the NegativeBinomial's names
+    'score' too (a real r)."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.distributions import Binomial, NegativeBinomial, Poisson
+
+    from storch.extending import differentiated_total_count as why
+
+    n = torch.tensor([3.0, 5.0], requires_grad=True)
+    p = torch.tensor([0.3, 0.6], requires_grad=True)
+    binomial, negbin = why(Binomial(n, probs=p)), why(NegativeBinomial(n, probs=p))
+    assert binomial is not None and binomial.startswith("with a total_count that requires grad")
+    assert "Detach total_count" in binomial and "'score'" not in binomial
+    assert negbin is not None and "'score'" in negbin and "detach total_count" in negbin
+    assert why(Independent(Binomial(n, probs=p), 1)) == binomial
+    assert why(Binomial(n.detach(), probs=p)) is None and why(NegativeBinomial(n.detach(), logits=p)) is None
+    assert why(Poisson(n)) is None and why(Categorical(logits=n)) is None
+    with fwAD.dual_level():  # a forward-mode tangent: the count does not require grad, but is differentiated
+        dual = fwAD.make_dual(n.detach(), torch.ones(2))
+        assert why(Binomial(dual, probs=p.detach())) == binomial
+    with storch.Graph():  # a plate tensor (the user's distribution, as the registry asks)
+        z = storch.estimator("expect", plate="z")(Bernoulli(torch.tensor(0.5)))
+        assert why(Binomial(n * (1 + z), probs=p)) == binomial
+        assert why(Binomial((1 + z) * n.detach(), probs=p)) is None
+    seen = []
+    torch.func.vmap(lambda c: seen.append(why(Binomial(c, probs=p.detach()))) or c)(n.unsqueeze(0) * 1.0)
+    assert seen == [binomial]  # vmap's batched tensor reports requires_grad False: the tensor it batches does not
+
+
 class _Failing(storch.Estimator):
     """An estimator whose proposal fails with torch's error (as unordered_set's float16 overflow did)."""
 

@@ -222,14 +222,64 @@ def test_go_negative_binomial_probs_exactly_0_is_exact():
     (lambda: NegativeBinomial(2.0, logits=torch.tensor([-math.inf, 0.0])), "logit of -inf"),
     (lambda: Binomial(torch.tensor(3.0, requires_grad=True), logits=torch.zeros(2)), "total_count"),
     (lambda: NegativeBinomial(torch.tensor(3.0, requires_grad=True), logits=torch.zeros(2)), "total_count"),
+    (lambda: Geometric(logits=torch.tensor([-120.0, 0.0])), "underflows to 0 in torch.float32"),
+    (lambda: NegativeBinomial(2.0, logits=torch.tensor([20.0, 0.0])), r"rounds to 1 in torch.float32: above about 16\.6"),
+    (lambda: NegativeBinomial(2.0, logits=torch.tensor([40.0, 0.0], dtype=F64)),
+     r"rounds to 1 in torch.float64: above about 36\.7"),
 ], ids=["geometric-probs-0", "geometric-logit-minus-inf", "negbin-probs-1", "negbin-logit-plus-inf",
-        "negbin-logit-minus-inf", "binomial-total-count-grad", "negbin-total-count-grad"])
+        "negbin-logit-minus-inf", "binomial-total-count-grad", "negbin-total-count-grad", "geometric-logit-f32-underflow",
+        "negbin-logit-f32-rounds-to-1", "negbin-logit-f64-rounds-to-1"])
 def test_go_refuses_what_it_cannot_differentiate_or_sample(make, match):
     """Geometric at probs 0 and NegativeBinomial at probs 1 have no finite sample (torch draws inf, or a huge
     count through its clamp); a NegativeBinomial logit of −∞ makes torch's log_prob NaN; a differentiated
     total_count would get a silent 0 (GO differentiates the CDF in probs only)."""
     with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match=match):
         storch.estimator("go", plate="k")(make())
+
+
+@pytest.mark.parametrize("logit,dtype", [(20.0, torch.float32), (17.0, torch.float32), (40.0, F64)])
+def test_go_negative_binomial_logit_that_rounds_probs_to_1_says_so(logit, dtype):
+    """A finite logit whose sigmoid rounds to 1 in its dtype (float32 from about 16.6): the refusal names that
+    case, not only "a logit of +inf" (which the user did not give), and what to do; the logit of -inf has its
+    own message. A logit just below (16 in float32) is accepted."""
+    def call(x):
+        with storch.Graph():
+            storch.estimator("go", plate="k")(NegativeBinomial(torch.tensor(2.0, dtype=dtype), logits=x))
+
+    with pytest.raises(storch.UnsupportedDistributionError) as info:
+        call(torch.tensor([logit, 0.0], dtype=dtype))
+    message = str(info.value)
+    assert "a logit of +inf, or one so large that sigmoid rounds to 1" in message
+    assert "Keep probs below 1" in message and "log_prob NaN" not in message
+    call(torch.tensor([16.0 if dtype == torch.float32 else 36.0, 0.0], dtype=dtype))
+
+
+@pytest.mark.parametrize("family", ["binomial", "negative_binomial"])
+@pytest.mark.parametrize("wrap", [False, True])
+def test_go_differentiated_total_count_is_refused_and_not_listed(family, wrap):
+    """A total_count that requires grad would get no gradient from GO (its term differentiates probs / logits
+    only): refused by check_distribution with storch.extending.differentiated_total_count's reason (the words
+    mvd uses), and Go.supports / the registry's list of supporting estimators agree; a fixed count is listed."""
+    from storch.extending import differentiated_total_count
+    from storch.registry import supporting_estimators
+
+    def make(count):
+        d = (Binomial if family == "binomial" else NegativeBinomial)(count, logits=LOGITS)
+        return Independent(d, 1) if wrap else d
+
+    go = storch.get_estimator_class("go")
+    learned = make(torch.tensor([3.0, 5.0], dtype=F64, requires_grad=True))
+    reason = differentiated_total_count(learned)
+    assert reason is not None and reason.startswith("with a total_count that requires grad")
+    assert not go.supports(learned) and "go" not in supporting_estimators(learned)
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError) as info:
+        storch.estimator("go", plate="k")(learned)
+    name = "Binomial" if family == "binomial" else "NegativeBinomial"
+    assert str(info.value) == f"estimator 'go' (plate 'k') does not support {name} {reason}"
+    assert ("'score'" in reason) == (family == "negative_binomial")  # r is real: score differentiates it
+    fixed = make(torch.tensor([3.0, 5.0], dtype=F64))
+    assert differentiated_total_count(fixed) is None
+    assert go.supports(fixed) and "go" in supporting_estimators(fixed)
 
 
 def _smooth(k):

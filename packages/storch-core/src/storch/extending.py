@@ -40,6 +40,9 @@ Distributions:
     :func:`moving_support` names the parameters that require grad and move a distribution's support
     (``Uniform``'s bounds, ``Pareto``'s scale): a score-function gradient misses the boundary term there,
     so an estimator with ``score_function`` refuses such a distribution.
+    :func:`differentiated_total_count` says why an estimator that differentiates a ``Binomial``'s or
+    ``NegativeBinomial``'s probabilities only (GO, mvd) cannot take one whose ``total_count`` is differentiated
+    (that count would get no gradient, silently): refuse it in ``check_distribution`` and ``supports``.
     :func:`same_support` says whether two supports are certainly the same set (an importance proposal
     and p, perturbed copies of p): where they may differ, an estimator must mask or refuse the values
     one of them cannot produce.
@@ -132,8 +135,8 @@ import torch
 
 from . import options
 from .cost import leave_one_out
-from .distributions import (base_distribution, given_by_probs, parameters, rebuild, rekey_transform_cache,
-                            rsample_kinks, rsample_max_order)
+from .distributions import (base_distribution, differentiated_total_count, given_by_probs, parameters, rebuild,
+                            rekey_transform_cache, rsample_kinks, rsample_max_order)
 from .distributions import strict_support as _strict_support
 from .errors import ASSUMPTIONS, StorchError
 from .estimators.checks import note_rsample
@@ -159,6 +162,7 @@ __all__ = [
     "rekey_transform_cache", "require_smooth", "nonsmooth_operations", "moving_support", "same_support", "estimator_create_graph",
     "refuse_create_graph", "is_differentiated", "table_cache", "own_optimizer", "hide_frozen_grads", "own_optimizer_state",
     "load_own_optimizer", "refuse_lazy_build", "rsample_kinks", "note_rsample", "state_record", "check_state_record",
+    "differentiated_total_count",
 ]
 
 

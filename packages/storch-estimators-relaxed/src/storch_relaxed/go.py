@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.distributions import Bernoulli, Binomial, Categorical, Geometric, NegativeBinomial, OneHotCategorical, Poisson
+from torch.distributions import (Bernoulli, Binomial, Categorical, Distribution, Geometric, NegativeBinomial,
+                                 OneHotCategorical, Poisson)
 
 from storch import CostFrame, Estimator, Node, UnsupportedDistributionError, magic_box
-from storch.extending import assume, base_distribution, given_by_probs, is_differentiated, is_tracing, strict_support
+from storch.extending import (assume, base_distribution, differentiated_total_count, given_by_probs, is_tracing,
+                              strict_support)
 
 from ._blocks import blocks_weights, pad_blocks
 from ._network import flat
@@ -83,8 +85,10 @@ class Go(Estimator):
     f(0) − f(1)); at a logit of +∞ its neighbour is not evaluated (coefficient exactly 0). A
     NegativeBinomial at probs exactly 0 (x = 0 surely) gets r (f(1) − f(0)) ∇p from the neighbour 1.
     Refused (``UnsupportedDistributionError``): a Geometric with probs 0 and a NegativeBinomial with
-    probs 1 (no finite sample), a NegativeBinomial with a logit of −∞ (torch's log_prob is NaN: give
-    ``probs`` 0 instead), and a differentiated ``total_count`` (the term differentiates probs only).
+    probs 1 (no finite sample; also a logit whose sigmoid rounds to 0, or to 1, in its dtype), a
+    NegativeBinomial with a logit of −∞ (torch's log_prob is NaN: give ``probs`` 0 instead), and a
+    differentiated ``total_count`` (the term differentiates probs only; :meth:`check_distribution`, and
+    :meth:`supports` agrees: ``storch.extending.differentiated_total_count``).
 
     Variance: on a smooth bounded cost (``tests/relaxed/test_go_counts.py``) GO's variance per component
     is below that of 'score' with as many evaluations (n_samples = 1 + m, leave-one-out baseline): at most
@@ -115,6 +119,21 @@ class Go(Estimator):
     max_order = 1
     distributions = (Bernoulli, Binomial, Categorical, OneHotCategorical, Poisson, Geometric, NegativeBinomial)
     State = GoState
+
+    @classmethod
+    def supports(cls, distribution: Distribution) -> bool:
+        """The base class's check, and no differentiated ``total_count`` (a Binomial's, a NegativeBinomial's):
+        the registry's listing agrees with :meth:`check_distribution`."""
+        return super().supports(distribution) and differentiated_total_count(distribution) is None
+
+    def check_distribution(self, d: Distribution) -> None:
+        reason = differentiated_total_count(d)
+        if reason is not None:
+            # the term differentiates the CDF in probs / logits only: total_count would get no gradient, silently
+            raise UnsupportedDistributionError(
+                f"estimator {self.name!r} (plate {self.plate!r}) does not support {type(base_distribution(d)).__name__} "
+                f"{reason}")
+        super().check_distribution(d)
 
     def proposal(self, node: Node) -> torch.Tensor:
         d = base_distribution(node.distribution)
@@ -246,44 +265,47 @@ def _top(d) -> torch.Tensor:
 
 
 def _check_parameters(d) -> None:
-    """Refuse what GO cannot differentiate or sample (eagerly by value; while traced, ``assume``).
+    """Refuse what GO cannot sample or whose log p torch gives as NaN (eagerly by value; while traced, ``assume``).
 
-    * a ``total_count`` (Binomial, NegativeBinomial) that is differentiated: GO's term differentiates the CDF in
-      ``probs`` / ``logits`` only (and a Binomial's count is an integer), so its gradient would be silently 0;
-    * a Geometric with probs 0 (a logit of −∞, or below about −90 in float32, where σ underflows to 0): no success ever,
-      its sample is infinite;
-    * a NegativeBinomial with probs 1 (a logit of +∞): its sample is infinite (torch's clamp makes it merely huge);
-      with a logit of −∞ (x = 0 surely) torch's log_prob is NaN (0 · −∞): give ``probs`` (0 there) instead.
+    * a Geometric with probs 0 (a logit of −∞, or below about −88.7 in float32, −709.8 in float64, where σ
+      underflows to 0): no success ever, its sample is infinite;
+    * a NegativeBinomial with probs 1 (a logit of +∞, or above about 16.6 in float32, 36.7 in float64, where σ
+      rounds to 1): its sample is infinite (torch's clamp makes it merely huge); with a logit of −∞ (x = 0
+      surely) torch's log_prob is NaN (0 · −∞): give ``probs`` (0 there) instead.
+
+    (A differentiated ``total_count`` is refused before, by :meth:`Go.check_distribution`.)
     """
-    name = type(d).__name__
-    if isinstance(d, (Binomial, NegativeBinomial)) and is_differentiated(d.total_count):
-        raise UnsupportedDistributionError(
-            f"go does not differentiate the total_count of a {name}: its term is the derivative of the CDF in probs "
-            "(or logits) only, so the gradient of total_count would be silently 0. Detach total_count (a fixed "
-            "count), or use 'score' for this node (its log p differentiates every parameter)")
     if isinstance(d, Geometric):
         p = d.probs.detach()
-        bad = ~(p > 0)
-        message = (f"go: a Geometric with probs 0 (a logit of -inf, or one so negative that sigmoid underflows to 0 in "
+        checks = [(~(p > 0),
+                   f"go: a Geometric with probs 0 (a logit of -inf, or one so negative that sigmoid underflows to 0 in "
                    f"{p.dtype}) never succeeds: its sample is infinite. Keep probs above 0 (e.g. logits clamped below "
-                   "at -30), or mask the node's cost instead of its probability")
+                   "at -30), or mask the node's cost instead of its probability")]
     elif isinstance(d, NegativeBinomial):
         p = d.probs.detach()
-        bad = ~(p < 1)
+        if given_by_probs(d):
+            ones = "probs 1"
+        else:  # σ(l) = 1 / (1 + e^-l) is 1 once e^-l < eps / 2: from l = log(2 / eps), 16.6 in float32, 36.7 in float64
+            ones = (f"probs 1 (a logit of +inf, or one so large that sigmoid rounds to 1 in {p.dtype}: above about "
+                    f"{math.log(2 / torch.finfo(p.dtype).eps):.1f})")
+        checks = [(~(p < 1),
+                   f"go: a NegativeBinomial with {ones} never fails: it has no finite sample (torch's clamp draws a "
+                   "huge count). Keep probs below 1 (e.g. logits clamped above at 15, or the model in float64, where "
+                   "logits up to about 36 give probs below 1)")]
         if not given_by_probs(d):
-            bad = bad | (d.logits.detach() == -math.inf)
-        message = ("go: a NegativeBinomial with probs 1 (a logit of +inf) has no finite sample, and one with a logit of "
-                   "-inf (0 surely) has torch's log_prob NaN (0 * -inf). Keep probs below 1; for a count that is 0 "
-                   "surely give probs (0 there: NegativeBinomial(r, probs=torch.sigmoid(logits)) with -inf logits) "
-                   "instead of logits")
+            checks.append((d.logits.detach() == -math.inf,
+                           "go: a NegativeBinomial with a logit of -inf (0 surely) has torch's log_prob NaN (0 * -inf). "
+                           "For a count that is 0 surely give probs (0 there: NegativeBinomial(r, "
+                           "probs=torch.sigmoid(logits)) with -inf logits) instead of logits"))
     else:
         return
     if p.is_meta:
         return
-    if is_tracing():  # storch.compile: no branch on values
-        assume(~bad.any(), message)
-    elif bool(bad.any()):
-        raise UnsupportedDistributionError(message)
+    for bad, message in checks:
+        if is_tracing():  # storch.compile: no branch on values
+            assume(~bad.any(), message)
+        elif bool(bad.any()):
+            raise UnsupportedDistributionError(message)
 
 
 def _cdf_term(d, state: GoState) -> torch.Tensor:

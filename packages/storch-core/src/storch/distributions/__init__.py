@@ -14,7 +14,8 @@ distribution's rsample, between its parameters and the sample); ``unwrap`` (plat
 distribution), ``raw`` (a node's log p and draw on it).
 """
 
-from .parameters import base_distribution, given_by_probs, grad_parameters, holds_grad, parameters
+from .parameters import (base_distribution, differentiated_total_count, given_by_probs, grad_parameters, holds_grad,
+                         parameters)
 from .raw import raw_log_prob, raw_sample
 from .rebuild import rebuild
 from .rsample import RSAMPLE_ORDER_NOTE, rsample_max_order, straight_through_rsample
@@ -26,4 +27,4 @@ from .unwrap import unwrap_distribution
 __all__ = ["base_distribution", "unwrap_distribution", "raw_log_prob", "raw_sample", "strict_support",
            "rsample_max_order", "RSAMPLE_ORDER_NOTE", "enumeration_support", "check_enumeration", "rekey_transform_cache",
            "straight_through_rsample", "parameters", "rebuild", "given_by_probs", "holds_grad", "grad_parameters",
-           "rsample_kinks", "rsample_kinks_note", "rsample_walked"]
+           "rsample_kinks", "rsample_kinks_note", "rsample_walked", "differentiated_total_count"]

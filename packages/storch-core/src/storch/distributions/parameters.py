@@ -1,18 +1,23 @@
 """The parameters of a distribution: the ones it was built from (of ``probs`` and ``logits`` the
-given one), the distribution under one ``Independent``, and the tensors it holds that are plate tensors
-or carry gradient.
+given one), the distribution under one ``Independent``, the tensors it holds that are plate tensors
+or carry gradient, and a differentiated count (``total_count``) that an estimator of the probabilities
+alone cannot differentiate.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-from torch.distributions import Distribution, Independent, Multinomial, OneHotCategorical
+from torch.distributions import Binomial, Distribution, Independent, Multinomial, NegativeBinomial, OneHotCategorical
 from torch.distributions.transforms import Transform
 from torch.distributions.utils import lazy_property
 
-from ..plates.tensor import Plate, PlateTensor
+from .._order_guard import is_differentiated, unbatched
+from ..plates.tensor import Plate, PlateTensor, raw_of
 
-__all__ = ["base_distribution", "parameters", "given_by_probs", "holds_grad", "grad_parameters"]
+__all__ = ["base_distribution", "parameters", "given_by_probs", "holds_grad", "grad_parameters",
+           "differentiated_total_count"]
 
 
 def base_distribution(d: Distribution) -> Distribution:
@@ -117,3 +122,33 @@ def given_by_probs(d: Distribution) -> bool:
         d = d._categorical
     param = d.__dict__.get("_param")
     return param is not None and param is d.__dict__.get("probs")
+
+
+def differentiated_total_count(d: Distribution) -> Optional[str]:
+    """Why an estimator that differentiates a ``Binomial``'s or ``NegativeBinomial``'s probabilities only
+    (``probs`` / ``logits``: GO's CDF term, mvd's weak derivative) cannot take ``d``: its ``total_count`` is
+    differentiated (requires grad, or carries a forward-mode tangent), and would get no gradient, silently.
+    ``None`` when it is not, or ``d`` (under one ``Independent``) is neither. Public as
+    ``storch.extending.differentiated_total_count``.
+
+    The reason completes ``f"estimator {name!r} does not support {type(d).__name__} "`` (as
+    ``UnsupportedDistributionError``'s messages read) and says what to do instead: a Binomial's count of
+    trials is an integer, in which E[f] has no derivative (detach it); a NegativeBinomial's r is a real
+    number > 0, whose derivative such an estimator does not compute (``'score'`` does, through log p).
+    Call it in ``check_distribution`` and ``supports`` alike, so that the registry's list of supporting
+    estimators agrees with the refusal. ``d`` may hold plate tensors (the registry asks with the user's
+    distribution). A read of ``requires_grad`` per call.
+    """
+    d = base_distribution(d)
+    if not isinstance(d, (Binomial, NegativeBinomial)):
+        return None
+    count = getattr(d, "total_count", None)
+    if not isinstance(count, torch.Tensor) or not is_differentiated(unbatched(raw_of(count))):
+        return None
+    if isinstance(d, Binomial):
+        return ("with a total_count that requires grad: the number of trials is an integer, in which E[f] has no "
+                "derivative, and this estimator differentiates probs / logits only (total_count would get no "
+                "gradient, silently). Detach total_count (a fixed count, shared or per entry)")
+    return ("with a total_count that requires grad: this estimator differentiates probs / logits only, so the "
+            "derivative in r = total_count (a real number > 0) would be silently missing. Use 'score' for this "
+            "node (its log p differentiates total_count too), or detach total_count if it is not to be learned")
