@@ -223,6 +223,55 @@ def test_binomial_total_count_that_requires_grad_is_refused():
     message = _refusal(Binomial(total, probs=torch.tensor(0.3)))
     assert message.startswith("estimator 'mvd' does not support Binomial with a total_count that requires grad")
     assert "Detach total_count" in message
+    # the reason is storch.extending.differentiated_total_count's (the words GO uses)
+    from storch.extending import differentiated_total_count
+    reason = differentiated_total_count(Binomial(total, probs=torch.tensor(0.3)))
+    assert reason is not None and message.endswith(reason)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Geometric(probs=torch.tensor([0.0, 0.3], dtype=torch.float64), validate_args=False),
+    lambda: Geometric(logits=torch.tensor([-math.inf, 0.3], dtype=torch.float64)),
+    lambda: Geometric(logits=torch.tensor([-120.0, 0.3])),  # float32: sigmoid underflows to 0
+    lambda: Independent(Geometric(logits=torch.tensor([0.3, -120.0])), 1),
+], ids=["probs-0", "logit-minus-inf", "logit-f32-underflow", "independent"])
+def test_geometric_with_probs_0_is_refused_at_the_call(make):
+    """probs 0 never succeeds: every sample (and c = 1/θ) is infinite. Refused at the estimator call, naming the
+    distribution and what to do (it failed late, with a NonFiniteCostError about the cost)."""
+    d = make()
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError) as info:
+        storch.estimator("mvd", plate="x")(d)
+    dtype = (d.base_dist if isinstance(d, Independent) else d).probs.dtype
+    message = str(info.value)
+    assert message.startswith("estimator 'mvd' does not support Geometric with probs 0")
+    assert f"underflows to 0 in {dtype}" in message and "Keep probs above 0" in message
+
+
+def test_geometric_probs_0_refusal_is_an_assume_of_a_compiled_step():
+    """storch.compile (backend=None): a replayed step with probs above 0 equals the eager one; with a logit of
+    -inf (float64) or -120 (float32, sigmoid underflows) the replayed step's assume raises the same refusal."""
+    theta = torch.nn.Parameter(torch.tensor([0.3, -0.5], dtype=torch.float64))
+    est = storch.estimator("mvd", plate="x")
+
+    def step(shift):
+        with storch.Graph():
+            k = est(Geometric(logits=theta.to(shift.dtype) + shift))
+            storch.add_cost(((k - 0.4) ** 2).sum())
+            return storch.surrogate_loss()
+
+    compiled = storch.compile(step, backend=None)
+    zero = torch.zeros(2, dtype=torch.float64)
+    for _ in range(2):
+        torch.manual_seed(81)
+        (eager,) = torch.autograd.grad(step(zero), theta)
+        torch.manual_seed(81)
+        (replayed,) = torch.autograd.grad(compiled(zero), theta)
+        assert torch.equal(eager, replayed)
+    with pytest.raises(storch.StorchError, match="does not support Geometric with probs 0"):
+        compiled(torch.tensor([-math.inf, 0.0], dtype=torch.float64))
+    compiled(torch.zeros(2))  # float32: traced again for the dtype
+    with pytest.raises(storch.StorchError, match="underflows to 0 in torch.float32"):
+        compiled(torch.tensor([-120.0, 0.0]))
 
 
 def test_gamma_concentration_from_an_upstream_score_node_is_accepted():

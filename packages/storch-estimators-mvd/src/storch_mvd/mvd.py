@@ -49,7 +49,8 @@ class Mvd(Estimator):
     Bernoulli, Categorical, OneHotCategorical, Poisson, Exponential, Binomial (in probs / logits;
     total_count fixed), Geometric, Laplace, Gamma (in its rate; also Chi2 with a fixed df) (also
     inside ``Independent``). A parameter that requires grad but has no weak derivative here (a
-    Gamma's concentration, a Binomial's total_count) is refused, with what to use instead. Any cost;
+    Gamma's concentration, a Binomial's total_count) is refused, with what to use instead; so is a
+    Geometric with probs 0 (no finite sample; an ``assume`` under ``storch.compile``). Any cost;
     no differentiability in x. A Categorical's impossible categories (−∞ logits, probs 0) have c = 0
     and are never handed to the cost (``decompositions/categorical.py``).
 

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch.distributions import Binomial
 
-from storch.extending import is_differentiated, raw_of
+from storch.extending import differentiated_total_count
 
 from ._base import Part, WeakDerivative
 
@@ -37,10 +37,7 @@ class BinomialWeakDerivative(WeakDerivative):
     families = (Binomial,)
 
     def unsupported(self, d: Binomial) -> Optional[str]:
-        if is_differentiated(raw_of(d.total_count)):
-            return ("with a total_count that requires grad: the number of trials is an integer, it has no "
-                    "derivative (mvd differentiates probs / logits only). Detach total_count")
-        return None
+        return differentiated_total_count(d)  # (the words GO's refusal uses too)
 
     def parts(self, d: Binomial, n: int, coupled: bool) -> list[Part]:
         theta = d.probs

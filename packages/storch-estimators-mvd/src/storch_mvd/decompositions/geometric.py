@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch.distributions import Geometric
 
+from storch import UnsupportedDistributionError
+from storch.extending import assume, is_tracing
+
 from ._base import Part, WeakDerivative
 
 __all__ = ["GeometricWeakDerivative"]
@@ -26,12 +29,19 @@ class GeometricWeakDerivative(WeakDerivative):
 
     θ = 1 (p = δ₀; torch allows it): p⁻ = δ₁ and ∂_θ E_p[f] = f(0) − f(1); p⁻(0)/p(0) = 0 (not 0/0),
     and x⁻ = 1, where p has no mass, carries its term through its weight's derivative (``mvd.py``).
+
+    θ = 0 (a logit of −∞, or one so negative that σ underflows to 0: below about −88.7 in float32,
+    −709.8 in float64) never succeeds: every sample is infinite and c = 1/θ is too. Refused with
+    ``UnsupportedDistributionError`` before anything is drawn (the cost was evaluated at inf and the
+    step failed late, with a ``NonFiniteCostError`` naming the cost); under ``storch.compile`` an
+    ``assume`` of the replayed step.
     """
 
     families = (Geometric,)
 
     def parts(self, d: Geometric, n: int, coupled: bool) -> list[Part]:
         theta = d.probs
+        _refuse_probs_0(theta.detach())
         with torch.no_grad():
             p = theta.detach()
             geom = torch.distributions.Geometric(probs=p, validate_args=False)
@@ -44,3 +54,17 @@ class GeometricWeakDerivative(WeakDerivative):
         p = d.probs.detach()
         # at θ = 1: 0 at y = 0 (where y θ/q is 0/0), ∞ above
         return 1.0 + torch.where(y == 0, torch.zeros_like(y), y * p / (1 - p))
+
+
+def _refuse_probs_0(p: torch.Tensor) -> None:
+    """Refuse probs 0 (eagerly by value; while traced, ``assume``: no branch on values)."""
+    if p.is_meta:
+        return
+    bad = ~(p > 0)
+    message = (f"estimator 'mvd' does not support Geometric with probs 0 (a logit of -inf, or one so negative that "
+               f"sigmoid underflows to 0 in {p.dtype}): it never succeeds, its sample is infinite. Keep probs above "
+               "0 (e.g. logits clamped below at -30), or mask the node's cost instead of its probability")
+    if is_tracing():
+        assume(~bad.any(), message)
+    elif bool(bad.any()):
+        raise UnsupportedDistributionError(message)
