@@ -200,4 +200,3 @@ def _node_order_message(node: Node, order: int) -> str:
             "does not differentiate through the sample for this node, e.g. 'score' (any order; "
             "baseline='leave_one_out' for less variance), or differentiate at most "
             f"{node.max_order} time(s)")
-
