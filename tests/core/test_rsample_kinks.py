@@ -10,12 +10,12 @@ import math
 
 import pytest
 import torch
-from torch.distributions import (Distribution, Gumbel, HalfCauchy, HalfNormal, Independent, LogNormal, Normal,
-                                 RelaxedBernoulli, RelaxedOneHotCategorical, TransformedDistribution, Uniform,
-                                 constraints)
+from torch.distributions import (ContinuousBernoulli, Distribution, Gumbel, HalfCauchy, HalfNormal, Independent,
+                                 LogNormal, Normal, RelaxedBernoulli, RelaxedOneHotCategorical, TransformedDistribution,
+                                 Uniform, constraints)
 from torch.distributions.transforms import (AbsTransform, AffineTransform, ComposeTransform,
                                             CumulativeDistributionTransform, ExpTransform, PowerTransform,
-                                            SigmoidTransform, Transform)
+                                            SigmoidTransform, SoftmaxTransform, StickBreakingTransform, Transform)
 
 import storch
 import storch.estimators.checks as checks
@@ -268,3 +268,272 @@ def test_what_is_walked():
             return super().rsample(sample_shape).round()
 
     assert rsample_walked(MyNormal(m, 1.0))
+
+
+# ---- review r-one: caching transforms, vmap, parameters in modules and dicts, detached samples, false refusals,
+# ContinuousBernoulli's unstable region
+
+
+class Smooth(Transform):
+    """A user's smooth affine transform (2 x + 0.1): walked (not torch's), and smooth."""
+
+    domain = constraints.real
+    codomain = constraints.real
+    bijective = True
+
+    def _call(self, x):
+        return x * 2.0 + 0.1
+
+    def _inverse(self, y):
+        return (y - 0.1) / 2.0
+
+    def log_abs_det_jacobian(self, x, y):
+        return torch.full_like(x, math.log(2.0))
+
+
+class NetTransform(Transform):
+    """A transform whose parameters are in an nn.Module (a flow's coupling network), or in a dict."""
+
+    domain = constraints.real
+    codomain = constraints.real
+    bijective = False
+
+    def __init__(self, net=None, weights=None):
+        super().__init__()
+        self.net, self.weights = net, weights
+
+    def _call(self, x):
+        if self.net is not None:
+            return self.net(x.unsqueeze(-1)).squeeze(-1)
+        return torch.relu(x * self.weights["w"])
+
+
+def test_a_caching_transform_does_not_hide_the_kink():
+    """A transform with cache_size=1 keeps its last (x, y), after a draw the sample itself, which requires grad:
+    taken for a parameter, the walk stopped at the sample and the folded normal's order-2 Hessian of E[x] came out 0
+    (exact 2 phi(0.3) = 0.763), accepted. The parameters are taken before the draw and the cache is no parameter."""
+    from storch.distributions import grad_parameters
+    mu = torch.tensor([MU], dtype=D, requires_grad=True)
+    d = TransformedDistribution(Normal(mu, 1.0), [AbsTransform(cache_size=1)])
+    x = d.rsample()
+    assert all(p is not x for p in grad_parameters(d)) and len(list(grad_parameters(d))) == 1
+    torch.manual_seed(0)
+    for transforms in ([AbsTransform(cache_size=1)], [AbsTransform(), ExpTransform(cache_size=1)],
+                       [AffineTransform(0.0, 1.0, cache_size=1), AbsTransform(cache_size=1)]):
+        with pytest.raises(storch.OrderError, match="AbsBackward0"):
+            _surrogate(lambda m: TransformedDistribution(Normal(m, 1.0), transforms), 2)
+    clamp = ClampTransform(cache_size=1)
+    with pytest.raises(storch.OrderError, match="ClampBackward1"):
+        _surrogate(lambda m: TransformedDistribution(Normal(m, 1.0), [clamp]), 2)
+    with pytest.raises(storch.OrderError, match="AbsBackward0"):  # (through Independent: a real walk)
+        _surrogate(lambda m: Independent(TransformedDistribution(Normal(m, 1.0), [AbsTransform()]), 1), 2)
+
+
+def _vmapped(order):
+    est = storch.estimator("reparameterization", plate="z", n_samples=4)
+
+    def step(m):
+        with storch.Graph():
+            storch.add_cost(est(FoldedNormal(m)).sum(), name="c")
+            return storch.surrogate_loss(order=order)
+
+    return lambda m: torch.func.vmap(step, randomness="different")(m).sum()
+
+
+def test_a_kink_inside_rsample_is_refused_under_vmap():
+    """Under torch.func.vmap a batched parameter reports requires_grad=False: nothing was walked, and the order-2
+    surrogate (and the order-1 one differentiated twice: a Hessian of exactly 0) were accepted."""
+    mu = torch.tensor([MU, -0.2], dtype=D, requires_grad=True)
+    torch.manual_seed(0)
+    with pytest.raises(storch.OrderError, match="the rsample of FoldedNormal holds AbsBackward0"):
+        _vmapped(2)(mu)
+    with pytest.raises(storch.OrderError, match="unbiased only up to order 1.*FoldedNormal holds AbsBackward0"):
+        g, = torch.autograd.grad(_vmapped(1)(mu), mu, create_graph=True)  # (refused at the create_graph pass)
+        torch.autograd.grad(g.sum(), mu)
+    g, = torch.autograd.grad(_vmapped(1)(mu), mu)  # a first derivative alone: not refused
+    assert torch.isfinite(g).all() and (g != 0).all()
+
+
+def test_parameters_in_a_module_or_a_dict_are_walked_to():
+    """A transform whose parameters are an nn.Module's (a ReLU network over a fixed Normal(0, 1) base) or a dict's
+    was accepted at order 2 (nothing to walk to), the ReLU's deltas missing from the Hessian."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1)).double()
+    w = torch.tensor(0.7, dtype=D, requires_grad=True)
+    for make in (lambda m: NetTransform(net), lambda m: NetTransform(weights={"w": w})):
+        est = storch.estimator("reparameterization", plate="x", n_samples=3)
+        with storch.Graph():
+            x = est(TransformedDistribution(Normal(torch.zeros(2, dtype=D), 1.0), [make(None)]))
+            storch.add_cost((x * x).sum(), name="c")
+            with pytest.raises(storch.OrderError, match="ReluBackward0"):
+                storch.surrogate_loss(order=2)
+
+
+def test_a_parameter_held_out_of_sight_is_walked_to():
+    """A parameter the attributes do not show (a closure's): the walk goes on to the leaves that require grad."""
+    w = torch.tensor(0.7, dtype=D, requires_grad=True)
+
+    class Hidden(Transform):
+        domain = codomain = constraints.real
+
+        def _call(self, x, f=lambda x: (x * w).clamp(0, 1)):
+            return f(x)
+
+    with storch.Graph():
+        x = storch.estimator("reparameterization", plate="x", n_samples=3)(
+            TransformedDistribution(Normal(torch.zeros(2, dtype=D), 1.0), [Hidden()]))
+        storch.add_cost(x.sum(), name="c")
+        with pytest.raises(storch.OrderError, match="ClampBackward1"):
+            storch.surrogate_loss(order=2)
+
+
+class Thresholded(FoldedNormal):
+    """1[loc + eps > 0]: an rsample that returns a value without an autograd graph."""
+
+    support = constraints.real
+
+    def rsample(self, sample_shape=torch.Size()):
+        eps = torch.randn(self._extended_shape(sample_shape), dtype=self.loc.dtype)
+        return (self.loc + eps > 0).to(self.loc.dtype)
+
+
+def test_a_detached_rsample_is_refused():
+    """d/dmu E[1[mu + eps > 0]] = phi(mu) = 0.381; the order-1 loss backpropagated leaving mu.grad None (a gradient
+    of 0), without a word. Now refused when drawn."""
+    mu = torch.tensor([MU], dtype=D, requires_grad=True)
+    with storch.Graph():
+        with pytest.raises(storch.StorchError, match=r"rsample of Thresholded returned a value without an "
+                                                     r"autograd graph.*1 parameter tensor.*silently 0.*'score'"):
+            storch.estimator("reparameterization", plate="x", n_samples=3)(Thresholded(mu))
+    with torch.no_grad(), storch.Graph():  # (no gradient asked for: drawn)
+        storch.estimator("reparameterization", plate="x", n_samples=3)(Thresholded(mu))
+
+
+class MyHalfNormal(HalfNormal):
+    def describe(self):
+        return "a subclass that only adds a method"
+
+
+FALSELY_REFUSED = {  # torch's numerical guards (Sigmoid's and StickBreaking's clamp, Softmax's max, HalfNormal's abs)
+    "Sigmoid then a user's transform": lambda m: TransformedDistribution(Normal(m, 1.0), [SigmoidTransform(), Smooth()]),
+    "RelaxedBernoulli base": lambda m: TransformedDistribution(RelaxedBernoulli(torch.tensor(0.5, dtype=D), logits=m),
+                                                               [Smooth()]),
+    "HalfNormal base": lambda m: TransformedDistribution(HalfNormal(m.exp()), [Smooth()]),
+    "Softmax": lambda m: TransformedDistribution(Independent(Normal(m, 1.0), 1), [SoftmaxTransform(), Smooth()]),
+    "StickBreaking": lambda m: TransformedDistribution(Independent(Normal(m, 1.0), 1),
+                                                       [StickBreakingTransform(), Smooth()]),
+    "subclass of HalfNormal": lambda m: MyHalfNormal(m.exp()),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FALSELY_REFUSED))
+def test_smooth_parts_are_not_refused_for_their_guards(case):
+    torch.manual_seed(0)
+    _surrogate(FALSELY_REFUSED[case], 2)
+
+
+def test_a_user_transform_after_sigmoid_is_unbiased_at_order_2():
+    """x = 2 sigmoid(mu + eps) + 0.1 (a user's Smooth after torch's SigmoidTransform, whose clamp made it refused):
+    the gradient and Hessian of E[x^2], z-tested against Gauss-Hermite quadrature."""
+    nodes, weights = numpy_hermgauss(80)
+    u = MU + math.sqrt(2) * torch.tensor(nodes, dtype=D)
+    wq = torch.tensor(weights, dtype=D) / math.sqrt(math.pi)
+    m = torch.tensor(MU, dtype=D, requires_grad=True)
+    f = ((2 * torch.sigmoid(u - MU + m) + 0.1) ** 2 * wq).sum()
+    g1, = torch.autograd.grad(f, m, create_graph=True)
+    g2, = torch.autograd.grad(g1, m)
+    torch.manual_seed(4)
+    R = 3000
+    est = storch.estimator("reparameterization", plate="x", n_samples=1)
+    with storch.Graph():
+        leaf, mm = replicate(torch.tensor([MU], dtype=D), R)
+        x = est(TransformedDistribution(Normal(mm, 1.0), [SigmoidTransform(), Smooth()]))
+        storch.add_cost((x * x).sum(), name="c")
+        g, h = per_replicate_derivatives(storch.surrogate_loss(order=2), leaf, 2)
+    assert_unbiased(g, g1.detach().reshape(1), "gradient")
+    assert_unbiased(h, g2.reshape(1, 1), "Hessian")
+
+
+def numpy_hermgauss(n):
+    import numpy
+    return numpy.polynomial.hermite.hermgauss(n)
+
+
+def test_a_subclass_that_only_adds_a_method_keeps_its_parents_verdict():
+    """MyHalfNormal (a method added) is known smooth as HalfNormal is: E[x^2] = s^2, Hessian 2, z-tested. A subclass
+    that overrides __init__ or what rsample reads is walked."""
+    m = torch.zeros(2, dtype=D)
+    assert not rsample_walked(MyHalfNormal(m.exp()))
+
+    class OwnInit(HalfNormal):
+        def __init__(self, scale):
+            super().__init__(scale)
+
+    class OwnIcdf(ContinuousBernoulli):
+        def icdf(self, value):
+            return super().icdf(value).round()
+
+    assert rsample_walked(OwnInit(m.exp())) and rsample_walked(OwnIcdf(logits=m + 1))
+    torch.manual_seed(5)
+    R = 2000
+    with storch.Graph():
+        leaf, s = replicate(torch.tensor([0.7], dtype=D), R)
+        x = storch.estimator("reparameterization", plate="x", n_samples=1)(MyHalfNormal(s))
+        storch.add_cost((x * x).sum(), name="c")
+        _, h = per_replicate_derivatives(storch.surrogate_loss(order=2), leaf, 2)
+    assert_unbiased(h, torch.tensor([[2.0]], dtype=D), "Hessian")
+
+
+def test_the_walk_of_a_transformed_distribution_changes_neither_the_sample_nor_the_caches():
+    """The parts that are not known smooth are walked on a draw of storch's own: torch's random state and the
+    transforms' caches are restored (the sample a seed gives is the one torch draws; a caching TanhTransform still
+    holds the sample's pre-image for log_prob)."""
+    from torch.distributions.transforms import TanhTransform
+    m = torch.tensor([MU, -0.5], dtype=D, requires_grad=True)
+    tanh = TanhTransform(cache_size=1)
+    torch.manual_seed(6)
+    want = TransformedDistribution(Normal(m, 1.0), [tanh, Smooth()]).rsample((3,))
+    after = torch.rand(())
+    torch.manual_seed(6)
+    est = storch.estimator("reparameterization", plate="x", n_samples=3)
+    with storch.Graph():
+        x = est(TransformedDistribution(Normal(m, 1.0), [tanh, Smooth()]))
+        assert torch.rand(()) == after
+        assert torch.equal(x.tensor, want)
+        assert tanh._cached_x_y[1] is not None and torch.equal(tanh._cached_x_y[1], (want - 0.1) / 2)
+
+
+def test_classes_made_at_run_time_are_not_kept_by_the_verdict_cache():
+    import gc
+    import weakref
+
+    cls = type("Made", (FoldedNormal,), {})
+    assert rsample_walked(cls(torch.zeros(1)))
+    ref = weakref.ref(cls)
+    del cls
+    gc.collect()
+    assert ref() is None
+
+
+def test_continuous_bernoulli_inside_its_unstable_region_is_refused_at_order_1():
+    """torch's ContinuousBernoulli.rsample returns the uniform noise unchanged for probs in (0.499, 0.501): at
+    logits 0 (a common initialisation) the pathwise d E[x] / d probs was 0 (exact 1/3), accepted. Refused there, as a
+    base too; outside, the gradient of E[x] is z-tested against the closed form's (torch's mean)."""
+    mu = torch.tensor(0.0, dtype=D, requires_grad=True)
+    g, = torch.autograd.grad(ContinuousBernoulli(logits=mu).rsample((100,)).mean(), mu)
+    assert g.item() == 0.0  # the bias the refusal prevents (exact: 1/12 in the logit)
+    for make in (lambda m: ContinuousBernoulli(logits=m),
+                 lambda m: TransformedDistribution(ContinuousBernoulli(logits=m), [Smooth()])):
+        with pytest.raises(storch.OrderError, match=r"order-1 surrogate.*ContinuousBernoulli whose probs.*"
+                                                     r"\(0.499, 0.501\).*'score'"):
+            _surrogate(lambda m: make(m - torch.tensor([MU, -0.5], dtype=D)), 1)  # (logits exactly 0)
+    m0 = torch.tensor([0.8], dtype=D, requires_grad=True)
+    exact, = torch.autograd.grad(ContinuousBernoulli(logits=m0).mean.sum(), m0)
+    torch.manual_seed(7)
+    R = 4000
+    with storch.Graph():
+        leaf, m = replicate(torch.tensor([0.8], dtype=D), R)
+        storch.add_cost(storch.estimator("reparameterization", plate="x", n_samples=1)(
+            ContinuousBernoulli(logits=m)).sum(), name="c")
+        g, = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+    assert_unbiased(g, exact, "gradient")

@@ -952,3 +952,38 @@ def test_a_mask_of_the_detached_relaxed_sample_that_feeds_the_cost_is_refused(na
         storch.add_cost(torch.where(mask, 1.0 - 0 * z, 0 * z), name="c")
         with pytest.raises(storch.OrderError, match=r"m\.tensor\.detach\(\)|tensor\.detach"):
             storch.surrogate_loss()
+
+
+class _Leaky(torch.distributions.transforms.Transform):
+    """max(x, x / 2): a bijection with a kink at 0 (LAX needs log p of ⊥x: an inverse)."""
+
+    domain = codomain = torch.distributions.constraints.real
+    bijective = True
+
+    def _call(self, x):
+        return torch.maximum(x, x / 2)
+
+    def _inverse(self, y):
+        return torch.minimum(y, 2 * y)
+
+    def log_abs_det_jacobian(self, x, y):
+        return torch.where(x > 0, 0.0, math.log(0.5)).to(x.dtype)
+
+
+def test_lax_refuses_a_kink_behind_a_caching_transform():
+    """A transform with cache_size=1 keeps the sample after the draw; taken for a parameter, the walk stopped at the
+    sample and LAX's order-2 surrogate through max(loc + eps, (loc + eps) / 2) was accepted. The parameters are
+    taken before the draw; the cache LAX re-keys for log p(⊥x) is still the draw's (the walk's own draw restores
+    it)."""
+    from torch.distributions import TransformedDistribution
+    from torch.distributions.transforms import TanhTransform
+    loc = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    tanh = TanhTransform(cache_size=1)
+    with storch.Graph():
+        z = storch.estimator("lax", plate="z", n_samples=2)(
+            TransformedDistribution(Normal(loc, 1.0), [_Leaky(cache_size=1), tanh]))
+        y = tanh._cached_x_y[1]  # (re-keyed to ⊥x by LAX after the walk: the draw's, detached)
+        assert not y.requires_grad and torch.equal(getattr(y, "tensor", y), z.tensor)
+        storch.add_cost((z ** 2).sum())
+        with pytest.raises(storch.OrderError, match=r"'lax'.*the rsample of TransformedDistribution holds Maximum"):
+            storch.surrogate_loss(order=2)

@@ -152,6 +152,7 @@ class Node:
     _compared_pending: Optional[list] = None  # (func, raw) recorded by its Lineage.watch, not walked yet
     max_order: float = math.inf  # lowered by Estimator.max_order_for (Estimator._sample_node)
     rsample_kinks: Optional[tuple] = None  # set by storch.estimators.base.note_rsample (lowers max_order)
+    rsample_noted = False  # set by note_rsample: this step's rsample was noted (by a proposal: LAX's, of x not ⊥x)
     preimages: tuple = ()  # set by the estimator's call (base._keep_preimages)
     _views: Optional[dict] = None
     _owner: Optional[weakref.ref] = None  # a view (at(t)): the partition's node it belongs to

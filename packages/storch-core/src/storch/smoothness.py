@@ -357,7 +357,8 @@ def nonsmooth_operations() -> dict[str, Union[int, Callable[[object], Optional[i
 
 
 def _nonsmooth_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor], order: int,
-                       log_of_abs: bool = False, memo: Optional["PathMemo"] = None) -> dict[str, int]:
+                       log_of_abs: bool = False, memo: Optional["PathMemo"] = None,
+                       any_leaf: bool = False) -> dict[str, int]:
     """{name: k} of the operations of nonsmooth_operations() with k < ``order`` that lie on a path from one of
     ``inputs`` to ``output`` in the autograd graph: one memoised walk from ``output.grad_fn`` down to
     the inputs (not below them: what made the inputs is not on such a path).
@@ -367,7 +368,11 @@ def _nonsmooth_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor], ord
     torch's transformed distributions hold one (log|scale|, log|exponent · y / x| in log|det J|).
 
     ``memo``: a :class:`PathMemo` for ``inputs`` and ``order`` shared by several walks (not with
-    ``log_of_abs``): an autograd node already expanded by an earlier walk is not walked again."""
+    ``log_of_abs``): an autograd node already expanded by an earlier walk is not walked again.
+
+    ``any_leaf``: every leaf that requires grad (its ``AccumulateGrad`` node) that the walk meets before an
+    input is an input too (a parameter that ``inputs`` missed: held where a distribution's attributes do not
+    show it)."""
     if memo is not None and not log_of_abs:
         return _walk_memo(output, memo)
     root = output.grad_fn
@@ -375,7 +380,7 @@ def _nonsmooth_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor], ord
         return {}
     targets = {t.grad_fn for t in inputs if t.grad_fn is not None}
     leaves = {id(t) for t in inputs if t.grad_fn is None and t.requires_grad}  # their AccumulateGrad nodes
-    if not targets and not leaves:
+    if not targets and not leaves and not any_leaf:
         return {}
     table = _NONSMOOTH
     found: dict[str, int] = {}
@@ -406,7 +411,8 @@ def _nonsmooth_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor], ord
             continue
         if fn in reaches:
             continue
-        if fn in targets or (leaves and id(getattr(fn, "variable", None)) in leaves):
+        if fn in targets or (leaves and id(getattr(fn, "variable", None)) in leaves) or (
+                any_leaf and type(fn).__name__ == "AccumulateGrad"):
             reaches[fn] = True
             continue
         stack.append((fn, True))

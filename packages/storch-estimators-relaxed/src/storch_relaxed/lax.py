@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from storch import CostFrame, Node, magic_box
-from storch.extending import note_rsample, rekey_transform_cache
+from storch.extending import grad_parameters, note_rsample, rekey_transform_cache, rsample_walked
 
 from ._network import (
     NETWORK_THROUGH, NETWORK_WHAT, evaluate_network, order_1_kinks, refuse_twice_on_kinks, smooth_network,
@@ -74,9 +74,14 @@ class Lax(VarianceTrained):
         self._init_training(lr, update)
 
     def proposal(self, node: Node) -> torch.Tensor:
-        node.state.params = param_tensors(node.distribution)
-        x = node.distribution.rsample((self.n_samples,))
-        note_rsample(node, x)  # (a kink or jump inside rsample: c_φ(x) is differentiated through it)
+        d = node.distribution
+        node.state.params = param_tensors(d)
+        # (a kink or jump inside rsample: c_φ(x) is differentiated through it) the parameters of a distribution
+        # whose rsample storch looks into, taken before the draw (not a caching transform's last value)
+        params = list(grad_parameters(d)) if rsample_walked(d) else None
+        x = d.rsample((self.n_samples,))
+        if params is not None:
+            note_rsample(node, x, d, params)
         node.state.z = x
         xd = x.detach()  # ⊥x: the cost's gradient goes through l and c_φ only
         # l = log p(⊥x) reuses the detached pre-images a caching transform kept (TanhTransform(cache_size=1):

@@ -16,6 +16,8 @@ from torch.distributions.utils import lazy_property
 from .._order_guard import is_differentiated, unbatched
 from ..plates.tensor import Plate, PlateTensor, raw_of
 
+_is_batched = torch._C._functorch.is_batchedtensor
+
 __all__ = ["base_distribution", "parameters", "given_by_probs", "holds_grad", "grad_parameters",
            "differentiated_total_count"]
 
@@ -99,19 +101,37 @@ def holds_grad(d) -> bool:
 
 def grad_parameters(d, depth: int = 0):
     """The tensors that ``d`` (a distribution or a transform) holds, or what it holds (base distributions,
-    components, transforms and their parts), that require grad (raw, not plate tensors): its parameters
-    that carry gradient, as far as its attributes show them (lazily computed ones, e.g. ``probs`` of a
-    distribution built from ``logits``, once read). A generator: :func:`holds_grad` stops at the first."""
-    for v in d.__dict__.values():
-        items = v if isinstance(v, (list, tuple)) else (v,)
+    components, transforms and their parts, the parameters of an ``nn.Module``), that require grad (raw, not
+    plate tensors): its parameters that carry gradient, as far as its attributes show them (tensors, lists,
+    tuples and dicts of them; lazily computed ones, e.g. ``probs`` of a distribution built from ``logits``,
+    once read). Not a caching transform's ``_cached_x_y`` (its last input and output: after a draw, the
+    sample). Under ``torch.func.vmap`` the tensor that a batched one batches (a batched tensor reports
+    ``requires_grad=False``; the one under it is the one the backward pass outside vmap reaches). A generator:
+    :func:`holds_grad` stops at the first."""
+    for k, v in d.__dict__.items():
+        if k == "_cached_x_y":
+            continue
+        if isinstance(v, (list, tuple)):
+            items = v
+        elif isinstance(v, dict):
+            items = v.values()
+        else:
+            items = (v,)
         for item in items:
             if type(item) is PlateTensor:
                 item = item._raw
             if isinstance(item, torch.Tensor):
                 if item.requires_grad:
                     yield item
-            elif isinstance(item, (Distribution, Transform)) and depth < 8:
-                yield from grad_parameters(item, depth + 1)
+                elif _is_batched(item):
+                    item = unbatched(item)
+                    if item.requires_grad:
+                        yield item
+            elif isinstance(item, (Distribution, Transform)):
+                if depth < 8:
+                    yield from grad_parameters(item, depth + 1)
+            elif isinstance(item, torch.nn.Module):
+                yield from (p for p in item.parameters() if p.requires_grad)
 
 
 def given_by_probs(d: Distribution) -> bool:

@@ -16,12 +16,17 @@ them with torch's smooth transforms, are known by class (one dict lookup; their 
 clamp of ``SigmoidTransform`` at the dtype's tiny, would read as clamps). Everything else is walked: a user's
 class or transform, ``AbsTransform`` (a kink wherever the base sample's sign moves with the parameters; torch's
 ``HalfNormal`` and ``HalfCauchy`` fold a base centred at a constant 0, which is smooth, and are known by class),
-``CumulativeDistributionTransform`` (the cdf of a ``Uniform`` clamps).
+``CumulativeDistributionTransform`` (the cdf of a ``Uniform`` clamps); of a ``TransformedDistribution``, only
+those parts (:func:`rsample_kinks`). ``ContinuousBernoulli`` is smooth outside its unstable region, where torch's
+rsample does not depend on ``probs``: its values are read.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from typing import Optional
+
 import torch
 from torch.distributions import (Beta, Cauchy, Chi2, ContinuousBernoulli, Dirichlet, Distribution, Exponential,
     FisherSnedecor, Gamma, Gumbel, HalfCauchy, HalfNormal, Independent, InverseGamma, Kumaraswamy, Laplace,
@@ -57,22 +62,56 @@ SMOOTH_TRANSFORMS: frozenset = frozenset({
     _t.PositiveDefiniteTransform, _t.CorrCholeskyTransform, _t.ReshapeTransform,
 })
 
-_SMOOTH, _WALK, _INDEPENDENT, _TRANSFORMED = 0, 1, 2, 3
-_BY_CLASS: dict = {}  # distribution class -> one of the four (rsample_walked's per-class verdict)
+_SMOOTH, _WALK, _INDEPENDENT, _TRANSFORMED, _UNSTABLE = 0, 1, 2, 3, 4
+# distribution class -> one of the five (rsample_walked's per-class verdict): torch's own classes in a plain dict
+# (one lookup per draw), classes made at run time (a user's, type(...)) in a weak one (not kept alive by it)
+_BY_CLASS: dict = {}
+_BY_USER_CLASS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# what a subclass may define over a smooth torch class and keep its verdict: names no torch rsample reads
+# (ContinuousBernoulli's and GeneralizedPareto's read icdf, Wishart's support: not here), and Python's own
+_INHERITS = frozenset({
+    "log_prob", "entropy", "cdf", "mean", "mode", "variance", "stddev", "perplexity", "enumerate_support",
+    "has_enumerate_support", "arg_constraints", "__repr__", "__module__", "__qualname__", "__doc__", "__dict__",
+    "__weakref__", "__annotations__", "__firstlineno__", "__static_attributes__", "__orig_bases__",
+    "__parameters__", "_abc_impl",
+})
+
+# ContinuousBernoulli.rsample is icdf(u), which returns u itself where probs is inside _lims (0.499, 0.501 by
+# default, its numerically unstable region): the sample does not depend on probs there (the pathwise gradient
+# is 0, for an exact d E[x]/dp = 1/3 at p = 0.5); found per instance, by the values (the op named in the note)
+_UNSTABLE_OP = "ContinuousBernoulli.icdf"
+
+
+def _smooth_ancestor(cls: type) -> Optional[type]:
+    """The class of :data:`SMOOTH_RSAMPLE` whose verdict ``cls`` keeps: ``cls`` itself, or the nearest such base
+    class where ``cls`` and the classes between define nothing that the base class has (a subclass that only
+    adds methods, or overrides ``log_prob``; not one that overrides ``__init__``, ``rsample`` or what it reads)."""
+    if cls in SMOOTH_RSAMPLE:
+        return cls
+    mro = cls.__mro__
+    for i, base in enumerate(mro[1:], 1):
+        if base in SMOOTH_RSAMPLE:
+            defined = set().union(*(vars(k) for k in mro[:i])) - _INHERITS
+            return base if not any(hasattr(base, name) for name in defined) else None
+    return None
 
 
 def _class_verdict(cls: type) -> int:
     v = _BY_CLASS.get(cls)
     if v is None:
-        if cls in SMOOTH_RSAMPLE:
-            v = _SMOOTH
+        v = _BY_USER_CLASS.get(cls)
+    if v is None:
+        smooth = _smooth_ancestor(cls)
+        if smooth is not None:
+            v = _UNSTABLE if smooth is ContinuousBernoulli else _SMOOTH
         elif issubclass(cls, Independent) and cls.rsample is Independent.rsample:
             v = _INDEPENDENT
         elif issubclass(cls, TransformedDistribution) and cls.rsample is TransformedDistribution.rsample:
             v = _TRANSFORMED  # (a user's subclass that only sets up base and transforms in __init__ too)
         else:
             v = _WALK
-        _BY_CLASS[cls] = v
+        (_BY_CLASS if cls.__module__.startswith("torch.") else _BY_USER_CLASS)[cls] = v
     return v
 
 
@@ -93,47 +132,174 @@ def _smooth_transform(t, depth: int = 0) -> bool:
 
 
 def rsample_walked(d: Distribution, depth: int = 0) -> bool:
-    """Whether :func:`rsample_kinks` walks ``d``'s rsample: False for torch's classes whose rsample is known
-    smooth in their parameters (:data:`SMOOTH_RSAMPLE`), and ``Independent`` / ``TransformedDistribution``
-    (or a subclass that keeps their ``rsample``) of one with transforms of :data:`SMOOTH_TRANSFORMS`
-    (``ComposeTransform``, ``IndependentTransform``, ``CatTransform``, ``StackTransform`` and inverses of them
-    looked into). True for a user's class or transform, ``AbsTransform``, ``CumulativeDistributionTransform``.
-    The class's part is cached per class; a wrapper's base and transforms are looked at per instance."""
-    v = _BY_CLASS.get(type(d))
+    """Whether :func:`rsample_kinks` looks into ``d``'s rsample: False for torch's classes whose rsample is known
+    smooth in their parameters (:data:`SMOOTH_RSAMPLE`, and a subclass that only adds methods or overrides
+    ``log_prob``: not ``__init__``, ``rsample`` nor what rsample reads), and ``Independent`` /
+    ``TransformedDistribution`` (or a subclass that keeps their ``rsample``) of one with transforms of
+    :data:`SMOOTH_TRANSFORMS` (``ComposeTransform``, ``IndependentTransform``, ``CatTransform``,
+    ``StackTransform`` and inverses of them looked into). True for a user's class or transform,
+    ``AbsTransform``, ``CumulativeDistributionTransform``, and ``ContinuousBernoulli`` (its values are read: see
+    :func:`rsample_kinks`). The class's part is cached per class; a wrapper's base and transforms are looked at
+    per instance."""
+    cls = type(d)
+    v = _BY_CLASS.get(cls)
     if v is None:
-        v = _class_verdict(type(d))
+        v = _class_verdict(cls)
     if v == _SMOOTH:
         return False
-    if v == _WALK or depth > 8:
+    if v == _WALK or v == _UNSTABLE or depth > 8:
         return True
     if v == _TRANSFORMED and not all(_smooth_transform(t) for t in d.transforms):  # type: ignore[attr-defined]
         return True
     return rsample_walked(d.base_dist, depth + 1)  # type: ignore[attr-defined]
 
 
-def rsample_kinks(d: Distribution, x: torch.Tensor, order: float = math.inf) -> dict[str, int]:
+def rsample_kinks(d: Distribution, x: torch.Tensor, order: float = math.inf,
+                  params: Optional[list] = None, tracing: bool = False) -> dict[str, int]:
     """The non-smooth operations inside ``d``'s rsample: ``{autograd node name: k}`` (k: the order of its first
     discontinuous derivative, those below ``order``; 0 a jump, 1 a kink) on a path in the autograd graph from
     one of ``d``'s parameters that require grad to ``x``, a value ``d.rsample()`` returned. ``{}`` where
     :func:`rsample_walked` knows ``d``'s class smooth (nothing walked), where ``x`` has no graph or ``d`` no
-    parameter that requires grad. The walk stops at the parameters: what made them (``logits = relu(h)``) is
-    a function of θ alone, which the pathwise derivative differentiates correctly; an operation on the
-    parameters alone inside rsample (``self.scale.clamp(min=1e-6)``) is counted (the graph does not show
-    which operations the noise enters): apply it to the parameter before building the distribution. Under
-    ``torch.func.vmap`` the tensors that the batched ones batch are walked."""
-    if not rsample_walked(d):
-        return {}
+    parameter that requires grad.
+
+    ``params``: ``d``'s parameters (:func:`~storch.distributions.grad_parameters`), taken before ``x`` was drawn
+    (an rsample may keep what it computed in the distribution: the walk would stop there); passing them says
+    that :func:`rsample_walked` was True. The walk stops at the parameters: what made them (``logits =
+    relu(h)``) is a function of θ alone, which the pathwise derivative differentiates correctly; at a leaf that
+    requires grad too (a parameter held where the attributes do not show it is walked to, not missed). An
+    operation on the parameters alone inside rsample (``self.scale.clamp(min=1e-6)``) is counted (the graph
+    does not show which operations the noise enters): apply it to the parameter before building the
+    distribution. Comparisons and masks inside rsample (``torch.where(y > 0, y, 0)``, ``y * (y > 0)``) leave no
+    trace in the autograd graph and are not seen (in the cost they are: ``Node.compared``).
+
+    An ``Independent`` is its base's rsample. For a ``TransformedDistribution`` (that keeps torch's rsample) only
+    the parts that are not known smooth are walked, each from its output down to its input and its own
+    parameters: storch draws the base again and applies each transform to it, keeping the values between them
+    (torch's random state and the transforms' caches are restored: ``x`` and what follows it are not changed;
+    not while tracing, where ``x`` itself is walked). A smooth transform's numerical guards (the clamp of
+    ``SigmoidTransform`` at the dtype's tiny) and a smooth base are not counted.
+
+    A ``ContinuousBernoulli`` (also as a base) whose probabilities that require grad lie in its ``_lims``
+    ((0.499, 0.501), where torch's rsample returns the uniform noise unchanged: the sample does not depend on
+    them, a pathwise gradient of 0) gives ``{"ContinuousBernoulli.icdf": 0}`` (the values are read: one device
+    sync; while tracing, where they cannot be, always). Under ``torch.func.vmap`` the tensors that the batched
+    ones batch are walked. ``tracing``: ``storch.compile`` is tracing the step (``storch.extending.is_tracing()``:
+    no values read, no draw of storch's own)."""
+    if params is None:
+        if not rsample_walked(d):
+            return {}
+        params = list(grad_parameters(d))
+    k = int(order) if math.isfinite(order) else 1 << 30
+    return _kinks(d, x, k, params, 0, tracing)
+
+
+def _merge(found: dict, more: dict) -> None:
+    for op, k in more.items():
+        found[op] = min(k, found.get(op, k))
+
+
+def _walk(x: torch.Tensor, params: list, order: int) -> dict[str, int]:
     x = unbatched(x)
     if x.grad_fn is None:
         return {}
-    params = [unbatched(p) for p in grad_parameters(d)]
-    if not params:
+    return smoothness._nonsmooth_on_path(x, [unbatched(p) for p in params], order, any_leaf=True)
+
+
+def _kinks(d: Distribution, x: torch.Tensor, order: int, params: list, depth: int,
+           tracing: bool) -> dict[str, int]:
+    cls = type(d)
+    v = _BY_CLASS.get(cls)
+    if v is None:
+        v = _class_verdict(cls)
+    if v == _SMOOTH:
         return {}
-    return smoothness._nonsmooth_on_path(x, params, int(order) if math.isfinite(order) else 1 << 30)
+    if v == _UNSTABLE:
+        return _unstable(d, tracing)
+    if depth > 8 or v == _WALK:
+        return _walk(x, params, order)
+    if not rsample_walked(d, depth):
+        return {}
+    if v == _INDEPENDENT:  # (Independent.rsample is its base's)
+        return _kinks(d.base_dist, x, order, params, depth + 1, tracing)  # type: ignore[attr-defined]
+    if tracing:
+        return _walk(x, params, order)
+    return _transformed(d, x, order, depth)  # type: ignore[arg-type]
+
+
+def _unstable(d: Distribution, tracing: bool) -> dict[str, int]:
+    p = d.__dict__.get("probs")
+    p = unbatched(d.probs if p is None else p)
+    if not p.requires_grad:
+        return {}
+    lo, hi = d._lims  # type: ignore[attr-defined]
+    if tracing or bool(((p > lo) & (p < hi)).any()):
+        return {_UNSTABLE_OP: 0}
+    return {}
+
+
+def _parts(t, depth: int = 0) -> list:
+    """``t``'s parts applied one after another (a ComposeTransform's, flattened)."""
+    if type(t) is _t.ComposeTransform and depth < 8:
+        return [q for p in t.parts for q in _parts(p, depth + 1)]
+    return [t]
+
+
+def _caches(t, out: list, depth: int = 0) -> list:
+    """The transforms in ``t`` (itself, its parts, inverses, base transforms) with their ``_cached_x_y``."""
+    if isinstance(t, _t.Transform) and depth < 8:
+        out.append((t, t.__dict__.get("_cached_x_y", _NONE)))
+        for v in t.__dict__.values():
+            for item in (v if isinstance(v, (list, tuple)) else (v,)):
+                if isinstance(item, _t.Transform):
+                    _caches(item, out, depth + 1)
+    return out
+
+
+_NONE = object()
+
+
+def _transformed(d: TransformedDistribution, x: torch.Tensor, order: int, depth: int) -> dict[str, int]:
+    """The walk of a TransformedDistribution's parts that are not known smooth, on a draw of its own."""
+    base = d.base_dist
+    n = x.dim() - len(d.batch_shape) - len(d.event_shape)
+    shape = x.shape[:max(n, 0)]
+    caches = [c for t in d.transforms for c in _caches(t, [])]
+    dev = x.device
+    found: dict = {}
+    try:
+        with torch.random.fork_rng(devices=[] if dev.type == "cpu" else [dev.index or 0],
+                                   device_type="cuda" if dev.type == "cpu" else dev.type):
+            walked = rsample_walked(base, depth + 1)
+            base_params = list(grad_parameters(base)) if walked else None
+            y = base.rsample(shape)
+            if walked:
+                _merge(found, _kinks(base, y, order, base_params, depth + 1, False))  # type: ignore[arg-type]
+            for t in (q for p in d.transforms for q in _parts(p)):
+                if _smooth_transform(t):
+                    y = t(y)
+                    continue
+                own = list(grad_parameters(t))
+                out = t(y)
+                _merge(found, _walk(out, own + [y], order))
+                y = out
+    finally:
+        for t, c in caches:
+            if c is _NONE:
+                t.__dict__.pop("_cached_x_y", None)
+            else:
+                t._cached_x_y = c
+    return found
 
 
 def rsample_kinks_note(name: str, found: dict) -> str:
     """In words, for an error message: ``found`` (of :func:`rsample_kinks`) inside ``name``'s rsample."""
+    if _UNSTABLE_OP in found:
+        return (f"the rsample of {name} draws from a ContinuousBernoulli whose probs (which require grad) lie in "
+                "(0.499, 0.501) (its _lims): there torch's rsample (icdf) returns the uniform noise unchanged, so the "
+                "sample does not depend on probs and the pathwise gradient is 0 (exact at probs 0.5: d E[x] / d probs "
+                "= 1/3). Keep probs out of that interval (logits at least 0.004 away from 0: initialise them away "
+                "from 0), or use an estimator that does not differentiate through the sample for this node "
+                "('score')")
     ops = ", ".join(f"{op} (its derivative of order {k} is discontinuous)" for op, k in sorted(found.items()))
     folded = (" AbsTransform folds the base sample, a kink wherever its sign moves with the parameters; a base "
               "centred at a constant 0 is smooth (scale · |ε|): torch's HalfNormal and HalfCauchy are known "

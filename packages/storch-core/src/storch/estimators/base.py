@@ -50,11 +50,13 @@ from ..cost import CostFrame, _lead, magic_box
 from ..distributions import (
     base_distribution,
     check_enumeration,
+    grad_parameters,
     holds_grad,
     raw_log_prob,
     raw_sample,
     rekey_transform_cache,
     rsample_max_order,
+    rsample_walked,
     straight_through_rsample,
     strict_support,
     unwrap_distribution,
@@ -311,13 +313,17 @@ class Estimator(torch.nn.Module):
         if _lowers_order(type(self)):  # storch.surrogate_loss(order) checks it (OrderError)
             node.max_order = self.max_order_for(raw)
         _check_sample_entries(self, raw, parents)
+        # a distribution whose rsample storch looks into (a user's class or transform): its parameters before the
+        # draw (what the rsample keeps in it, a caching transform's last value, is no parameter); torch's smooth
+        # classes: one dict lookup
+        params = list(grad_parameters(raw)) if self.requires_rsample and rsample_walked(raw) else None
         sample = self.proposal(node)
         # one tuple comparison (a wrong shape would silently move the plate); dims after them may hold a
         # representation of the value (a relaxation's one-hot vector for a Categorical)
         if sample.shape[1:len(own) + 1] != own:
             raise StorchError(_sample_shape_message(self, "proposal", sample.shape, own))
-        if self.requires_rsample:  # a kink or jump inside the distribution's rsample lowers the node's order
-            note_rsample(node, sample, raw)  # (torch's smooth classes: one dict lookup)
+        if params is not None and not node.rsample_noted:  # a kink or jump inside the distribution's rsample
+            note_rsample(node, sample, raw, params)  # lowers the node's order (unless the proposal noted its rsample)
         plate = node.plate = Plate(self.plate, sample.shape[0], False, 0, Lineage())
         node.sample = sample
         graph.add_node(node)
@@ -470,6 +476,10 @@ class Estimator(torch.nn.Module):
             node._history = [log[0]]
             # step 0's draw, for node.at(0): the node itself goes on to hold the last step's sample
             node.step_draws = [(node.sample, node.distribution, node.original, node.value, node.finished)]
+        params = None
+        if self.requires_rsample and rsample_walked(raw):
+            params = list(grad_parameters(raw))
+            node.rsample_noted = False  # (set again where the step's draw notes its own rsample)
         if how is _BY_COMPONENTS:  # (never for a first-party estimator)
             sample, lp, out = self._components_step(node, raw, plates, t)
         else:
@@ -497,8 +507,8 @@ class Estimator(torch.nn.Module):
         own = raw._batch_shape[1:] + raw._event_shape
         if sample.shape[1:len(own) + 1] != own:
             raise StorchError(_sample_shape_message(self, "extend", sample.shape, own, t))
-        if self.requires_rsample:  # (as at the first step: each step's rsample)
-            note_rsample(node, sample, raw)
+        if params is not None and not node.rsample_noted:  # (as at the first step: each step's rsample, its
+            note_rsample(node, sample, raw, params)  # parameters taken before it)
         prev = node.plate
         plate = Plate(prev.name, sample.shape[0], False, t, prev.lineage)
         new = (plate,) + parents

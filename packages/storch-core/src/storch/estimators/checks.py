@@ -13,8 +13,10 @@ import torch
 from torch.distributions import Distribution
 
 from ..cost import CostFrame, _lead
-from ..distributions import rsample_kinks, rsample_walked
+from .._order_guard import unbatched
+from ..distributions import grad_parameters, rsample_kinks, rsample_walked
 from ..errors import PlateError, StorchError
+from ..graph import is_tracing
 from ..node import Node
 from ..plates.tensor import Plate, PlateTensor
 from .messages import _step
@@ -25,20 +27,45 @@ if TYPE_CHECKING:
 __all__ = ["check_in_frame", "MAX_SAMPLE_ENTRIES", "MAX_DRAW_ENTRIES", "note_rsample"]
 
 
-def note_rsample(node: Node, x: torch.Tensor, distribution: Optional[Distribution] = None) -> None:
+def note_rsample(node: Node, x: torch.Tensor, distribution: Optional[Distribution] = None,
+                 params: Optional[list] = None) -> None:
     """Record the non-smooth operations inside the rsample that drew ``x`` (a value ``distribution.rsample()``
     returned; ``distribution``: the node's raw distribution, or the partition step's) for ``node``: a kink
     lowers ``node.max_order`` to 1, a jump (round, floor, sign) to 0, so that ``storch.surrogate_loss(order)``
     refuses what it would refuse for the same operation in the cost, and an order-1 surrogate with a kink
     differentiated twice is refused (:func:`storch.distributions.rsample_kinks`; the distribution's class name
-    and the operations in ``node.rsample_kinks``, for the message). torch's classes whose rsample is known smooth cost one dict
-    lookup. Estimator ``_sample_node`` calls it with the proposal of an estimator that ``requires_rsample``
-    (and each partition step's draw); one whose proposal hands out something else than the rsample (LAX's
-    detached ⊥x) calls it on the rsample itself: ``storch.extending.note_rsample(node, x)``."""
+    and the operations in ``node.rsample_kinks``, for the message). torch's classes whose rsample is known
+    smooth cost one dict lookup. An rsample that returned a value without an autograd graph while the
+    distribution holds parameters that require grad (a threshold ``(y > 0).float()``, a draw under
+    ``torch.no_grad()``, a ``.detach()``) is refused with a StorchError: its pathwise gradient would be
+    silently 0.
+
+    ``params``: the distribution's :func:`~storch.distributions.grad_parameters`, taken before ``x`` was drawn
+    (what the rsample keeps in the distribution, a caching transform's last value, is then not taken for a
+    parameter); passing them says that :func:`~storch.distributions.rsample_walked` is True for it. Estimator
+    ``_sample_node`` calls it so with the proposal of an estimator that ``requires_rsample`` (and each
+    partition step's draw); one whose proposal hands out something else than the rsample (LAX's detached ⊥x)
+    calls it on the rsample itself: ``storch.extending.note_rsample(node, x)`` (after the draw: the
+    parameters are read then), or with ``params=`` taken before it."""
     d = node.distribution if distribution is None else distribution
-    if not rsample_walked(d):
-        return
-    found = rsample_kinks(d, x, node.max_order)
+    node.rsample_noted = True  # (Estimator._sample_node does not note the proposal's value again: LAX's ⊥x)
+    if params is None:
+        if not rsample_walked(d):
+            return
+        params = list(grad_parameters(d))
+    if params and torch.is_grad_enabled():
+        u = unbatched(x)
+        if isinstance(u, torch.Tensor) and u.grad_fn is None and not u.requires_grad:
+            raise StorchError(
+                f"estimator {node.estimator.name!r} (plate {node.estimator.plate!r}): the rsample of "
+                f"{type(d).__name__} returned a value without an autograd graph, although the distribution holds "
+                f"{len(params)} parameter tensor(s) that require grad: the sample does not depend on them in "
+                "autograd (a threshold or comparison such as (y > 0).float(), a draw under torch.no_grad(), a "
+                ".detach() or .sample() inside rsample), so its pathwise gradient would be silently 0. Return a value "
+                "computed from the parameters with differentiable operations (a smooth relaxation of the threshold, "
+                "or a straight-through estimator written explicitly), or use an estimator that does not "
+                "differentiate through the sample ('score'; it needs log_prob)")
+    found = rsample_kinks(d, x, node.max_order, params=params, tracing=is_tracing())
     if not found:
         return
     name, kinks = node.rsample_kinks or (type(d).__name__, {})
