@@ -15,7 +15,7 @@ from torch.distributions import (ContinuousBernoulli, Distribution, Gumbel, Half
                                  Uniform, constraints)
 from torch.distributions.transforms import (AbsTransform, AffineTransform, ComposeTransform,
                                             CumulativeDistributionTransform, ExpTransform, PowerTransform,
-                                            SigmoidTransform, SoftmaxTransform, StickBreakingTransform, Transform)
+                                            SigmoidTransform, SoftmaxTransform, Transform)
 
 import storch
 import storch.estimators.checks as checks
@@ -414,15 +414,19 @@ class MyHalfNormal(HalfNormal):
         return "a subclass that only adds a method"
 
 
-FALSELY_REFUSED = {  # torch's numerical guards (Sigmoid's and StickBreaking's clamp, Softmax's max, HalfNormal's abs)
+FALSELY_REFUSED = {  # torch's numerical guards (Sigmoid's clamp, HalfNormal's abs) in chains of torch's classes
+    "Sigmoid then a cdf": lambda m: TransformedDistribution(
+        Normal(m, 1.0), [SigmoidTransform(), CumulativeDistributionTransform(Normal(0.0, 1.0))]),
+    "subclass of HalfNormal": lambda m: MyHalfNormal(m.exp()),
+}
+
+# a user's transform in the chain: storch does not run it a second time (it may keep state), so the sample's own
+# graph is walked and torch's guards in it read as kinks: refused at order 2 (docs/estimators/reparameterization.md)
+USER_CODE_WALKED = {
     "Sigmoid then a user's transform": lambda m: TransformedDistribution(Normal(m, 1.0), [SigmoidTransform(), Smooth()]),
     "RelaxedBernoulli base": lambda m: TransformedDistribution(RelaxedBernoulli(torch.tensor(0.5, dtype=D), logits=m),
                                                                [Smooth()]),
-    "HalfNormal base": lambda m: TransformedDistribution(HalfNormal(m.exp()), [Smooth()]),
     "Softmax": lambda m: TransformedDistribution(Independent(Normal(m, 1.0), 1), [SoftmaxTransform(), Smooth()]),
-    "StickBreaking": lambda m: TransformedDistribution(Independent(Normal(m, 1.0), 1),
-                                                       [StickBreakingTransform(), Smooth()]),
-    "subclass of HalfNormal": lambda m: MyHalfNormal(m.exp()),
 }
 
 
@@ -432,14 +436,66 @@ def test_smooth_parts_are_not_refused_for_their_guards(case):
     _surrogate(FALSELY_REFUSED[case], 2)
 
 
-def test_a_user_transform_after_sigmoid_is_unbiased_at_order_2():
-    """x = 2 sigmoid(mu + eps) + 0.1 (a user's Smooth after torch's SigmoidTransform, whose clamp made it refused):
-    the gradient and Hessian of E[x^2], z-tested against Gauss-Hermite quadrature."""
+@pytest.mark.parametrize("case", sorted(USER_CODE_WALKED))
+def test_a_chain_with_a_users_transform_is_walked_on_its_own_sample(case):
+    torch.manual_seed(0)
+    with pytest.raises(storch.OrderError, match=r"order-2 surrogate.*the rsample of TransformedDistribution holds"):
+        _surrogate(USER_CODE_WALKED[case], 2)
+
+
+class _Counting(Transform):
+    """A user's transform with state (as a flow's cached log-det or a batch norm's statistics): calls counted."""
+
+    domain = constraints.real
+    codomain = constraints.real
+    bijective = True
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def _call(self, x):
+        self.calls += 1
+        return x * 2.0 + 0.1
+
+    def _inverse(self, y):
+        return (y - 0.1) / 2.0
+
+
+def test_a_users_transform_is_not_run_a_second_time():
+    """Found by review: storch's own draw of a TransformedDistribution ran the user's transforms again, so a
+    flow's cached log-det no longer matched its cached pair (log q(z) wrong) and a batch norm updated its
+    statistics twice. The user's code runs once per draw; a chain of torch's classes alone is drawn again."""
+    t = _Counting()
+    m = torch.tensor([MU], dtype=D, requires_grad=True)
+    with storch.Graph():
+        storch.estimator("reparameterization", plate="x", n_samples=2)(
+            TransformedDistribution(Normal(m, 1.0), [AbsTransform(), t]))
+    assert t.calls == 1
+
+
+def test_the_walk_restores_the_graphs_generator():
+    """Found by review: storch's own draw used the storch.Graph's generator (storch's draws do) and moved it on,
+    so the user's next numbers depended on whether storch walked the distribution."""
+    m = torch.tensor([MU, -0.5], dtype=D, requires_grad=True)
+    nexts = []
+    for transforms in ([AbsTransform()], [AffineTransform(0.0, 1.0)]):  # walked (a torch chain), not walked
+        g = torch.Generator().manual_seed(3)
+        with storch.Graph(generator=g):
+            storch.estimator("reparameterization", plate="x", n_samples=2)(
+                TransformedDistribution(Normal(m, 1.0), transforms))
+            nexts.append(torch.randn(2, generator=g))
+    assert torch.equal(nexts[0], nexts[1])
+
+
+def test_a_sigmoid_then_a_cdf_is_unbiased_at_order_2():
+    """x = Φ(sigmoid(mu + eps)) (torch's SigmoidTransform, whose clamp made it refused, then a walked
+    CumulativeDistributionTransform): the gradient and Hessian of E[x^2], z-tested against Gauss-Hermite quadrature."""
     nodes, weights = numpy_hermgauss(80)
     u = MU + math.sqrt(2) * torch.tensor(nodes, dtype=D)
     wq = torch.tensor(weights, dtype=D) / math.sqrt(math.pi)
     m = torch.tensor(MU, dtype=D, requires_grad=True)
-    f = ((2 * torch.sigmoid(u - MU + m) + 0.1) ** 2 * wq).sum()
+    f = (torch.special.ndtr(torch.sigmoid(u - MU + m)) ** 2 * wq).sum()
     g1, = torch.autograd.grad(f, m, create_graph=True)
     g2, = torch.autograd.grad(g1, m)
     torch.manual_seed(4)
@@ -447,7 +503,8 @@ def test_a_user_transform_after_sigmoid_is_unbiased_at_order_2():
     est = storch.estimator("reparameterization", plate="x", n_samples=1)
     with storch.Graph():
         leaf, mm = replicate(torch.tensor([MU], dtype=D), R)
-        x = est(TransformedDistribution(Normal(mm, 1.0), [SigmoidTransform(), Smooth()]))
+        x = est(TransformedDistribution(Normal(mm, 1.0), [SigmoidTransform(),
+                                                         CumulativeDistributionTransform(Normal(0.0, 1.0))]))
         storch.add_cost((x * x).sum(), name="c")
         g, h = per_replicate_derivatives(storch.surrogate_loss(order=2), leaf, 2)
     assert_unbiased(g, g1.detach().reshape(1), "gradient")
@@ -537,3 +594,23 @@ def test_continuous_bernoulli_inside_its_unstable_region_is_refused_at_order_1()
             ContinuousBernoulli(logits=m)).sum(), name="c")
         g, = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
     assert_unbiased(g, exact, "gradient")
+
+
+def test_a_continuous_bernoulli_under_storch_compile_is_checked_by_its_values_at_every_call():
+    """Found by review: while storch.compile traces, the values cannot be read, and every ContinuousBernoulli whose
+    probs require grad was refused (with a message saying they lie in (0.499, 0.501)). It is now an assumption of
+    the replayed step: the same loss and gradient as eager outside the interval, refused at a call inside it."""
+    def loss(logits):
+        with storch.Graph():
+            z = storch.estimator("reparameterization", plate="z", n_samples=4)(ContinuousBernoulli(logits=logits))
+            storch.add_cost(((z - 0.3) ** 2).sum(-1), name="c")
+            return storch.surrogate_loss()
+    logits = torch.tensor([1.0, -2.0, 0.7], dtype=D, requires_grad=True)
+    torch.manual_seed(0)
+    eager, = torch.autograd.grad(loss(logits), logits)
+    compiled = storch.compile(loss, backend=None)
+    torch.manual_seed(0)
+    replayed, = torch.autograd.grad(compiled(logits), logits)
+    assert torch.allclose(replayed, eager)
+    with pytest.raises(storch.StorchError, match=r"ContinuousBernoulli whose probs.*\(0.499, 0.501\)"):
+        compiled(torch.tensor([1.0, 0.0, 0.7], dtype=D, requires_grad=True))

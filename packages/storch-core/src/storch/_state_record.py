@@ -31,7 +31,7 @@ def state_record(estimator: Any, **options: Any) -> dict:
     """``{"saved_by": {"estimator": name, **options}}``: merge it into the dict ``get_extra_state`` returns.
 
     ``options`` are those of the estimator's options that change what its saved state means (``score``'s
-    baseline kind and the moving average's decay; ``relax``'s control variate form; MAPO's buffer size), as
+    baseline kind; ``relax``'s control variate form; MAPO's buffer size), as
     plain values (str, int, float, bool, None) so that ``torch.load(weights_only=True)`` reads them. Options
     the state does not depend on (a learning rate, the number of samples) stay out: they may change between
     saving and loading.

@@ -38,6 +38,8 @@ from torch.distributions.relaxed_categorical import ExpRelaxedCategorical
 
 from .. import smoothness
 from .._order_guard import unbatched
+from ..errors import ASSUMPTIONS
+from ..generators import current_generator
 from .parameters import grad_parameters
 
 __all__ = ["rsample_kinks", "rsample_walked", "SMOOTH_RSAMPLE", "SMOOTH_TRANSFORMS"]
@@ -172,12 +174,14 @@ def rsample_kinks(d: Distribution, x: torch.Tensor, order: float = math.inf,
     distribution. Comparisons and masks inside rsample (``torch.where(y > 0, y, 0)``, ``y * (y > 0)``) leave no
     trace in the autograd graph and are not seen (in the cost they are: ``Node.compared``).
 
-    An ``Independent`` is its base's rsample. For a ``TransformedDistribution`` (that keeps torch's rsample) only
-    the parts that are not known smooth are walked, each from its output down to its input and its own
-    parameters: storch draws the base again and applies each transform to it, keeping the values between them
-    (torch's random state and the transforms' caches are restored: ``x`` and what follows it are not changed;
-    not while tracing, where ``x`` itself is walked). A smooth transform's numerical guards (the clamp of
-    ``SigmoidTransform`` at the dtype's tiny) and a smooth base are not counted.
+    An ``Independent`` is its base's rsample. For a ``TransformedDistribution`` (that keeps torch's rsample) of
+    torch's classes only, only the parts that are not known smooth are walked, each from its output down to its
+    input and its own parameters: storch draws the base again and applies each transform to it, keeping the values
+    between them (torch's random state, that of the ``storch.Graph``'s generator and the transforms' caches are
+    restored: ``x`` and what follows it are not changed), so a smooth transform's numerical guards (the clamp of
+    ``SigmoidTransform`` at the dtype's tiny) and a smooth base are not counted. Where a user's class or transform
+    is in it (its code is not run a second time: it may keep state, as a flow's cached log-det or a batch norm's
+    running statistics do) and while tracing, ``x``'s own graph is walked, guards included.
 
     A ``ContinuousBernoulli`` (also as a base) whose probabilities that require grad lie in its ``_lims``
     ((0.499, 0.501), where torch's rsample returns the uniform noise unchanged: the sample does not depend on
@@ -221,9 +225,50 @@ def _kinks(d: Distribution, x: torch.Tensor, order: int, params: list, depth: in
         return {}
     if v == _INDEPENDENT:  # (Independent.rsample is its base's)
         return _kinks(d.base_dist, x, order, params, depth + 1, tracing)  # type: ignore[attr-defined]
-    if tracing:
-        return _walk(x, params, order)
+    if tracing or not _torch_only(d):
+        # storch's own draw would run the user's code a second time (a transform that keeps state: a flow's
+        # cached log-det, a batch norm's running statistics): the sample's own graph is walked instead (torch's
+        # numerical guards in it, such as SigmoidTransform's clamp, then read as kinks), and an unstable base's
+        # values are read
+        found = _walk(x, params, order)
+        _merge(found, _unstable_bases(d, tracing))
+        return found
     return _transformed(d, x, order, depth)  # type: ignore[arg-type]
+
+
+def _unstable_bases(d: Distribution, tracing: bool, depth: int = 0) -> dict[str, int]:
+    """:func:`_unstable` of the ContinuousBernoulli under ``d``'s wrappers (Independent, TransformedDistribution)."""
+    while depth <= 8 and isinstance(d, (Independent, TransformedDistribution)):
+        d, depth = d.base_dist, depth + 1
+    if _BY_CLASS.get(type(d)) == _UNSTABLE or _class_verdict(type(d)) == _UNSTABLE:
+        return _unstable(d, tracing)
+    return {}
+
+
+def _torch_only(d: Distribution, depth: int = 0) -> bool:
+    """Whether drawing ``d`` (a TransformedDistribution or Independent, with its base and transforms) runs torch's
+    classes only: storch draws such a distribution again to walk its parts (:func:`_transformed`) and must not run a
+    user's code twice."""
+    if depth > 8 or not type(d).__module__.startswith("torch."):
+        return False
+    if isinstance(d, TransformedDistribution):
+        if not all(_torch_transform(t) for t in d.transforms):
+            return False
+    elif not isinstance(d, Independent):
+        return True
+    return _torch_only(d.base_dist, depth + 1)  # type: ignore[attr-defined]
+
+
+def _torch_transform(t, depth: int = 0) -> bool:
+    if depth > 8 or not type(t).__module__.startswith("torch."):
+        return False
+    for v in t.__dict__.values():  # (parts, inverses, base transforms, a CumulativeDistributionTransform's distribution)
+        for item in (v if isinstance(v, (list, tuple)) else (v,)):
+            if isinstance(item, _t.Transform) and item is not t and not _torch_transform(item, depth + 1):
+                return False
+            if isinstance(item, Distribution) and not _torch_only(item, depth + 1):
+                return False
+    return True
 
 
 def _unstable(d: Distribution, tracing: bool) -> dict[str, int]:
@@ -232,7 +277,13 @@ def _unstable(d: Distribution, tracing: bool) -> dict[str, int]:
     if not p.requires_grad:
         return {}
     lo, hi = d._lims  # type: ignore[attr-defined]
-    if tracing or bool(((p > lo) & (p < hi)).any()):
+    inside = (p > lo) & (p <= hi)  # (torch's unstable region: _outside_unstable_region is p <= lo or p > hi)
+    if tracing:  # storch.compile: no value read; the replayed step checks it at every call
+        message = "storch: " + rsample_kinks_note("ContinuousBernoulli", {_UNSTABLE_OP: 0})
+        ASSUMPTIONS.add(message)
+        torch._assert_async(~inside.any(), message)
+        return {}
+    if bool(inside.any()):
         return {_UNSTABLE_OP: 0}
     return {}
 
@@ -266,6 +317,8 @@ def _transformed(d: TransformedDistribution, x: torch.Tensor, order: int, depth:
     caches = [c for t in d.transforms for c in _caches(t, [])]
     dev = x.device
     found: dict = {}
+    gen = current_generator()  # (storch.Graph(generator=g): storch's own draws use g; fork_rng restores the global one)
+    gen_state = gen.get_state() if gen is not None else None
     try:
         with torch.random.fork_rng(devices=[] if dev.type == "cpu" else [dev.index or 0],
                                    device_type="cuda" if dev.type == "cpu" else dev.type):
@@ -283,6 +336,8 @@ def _transformed(d: TransformedDistribution, x: torch.Tensor, order: int, depth:
                 _merge(found, _walk(out, own + [y], order))
                 y = out
     finally:
+        if gen is not None:
+            gen.set_state(gen_state)
         for t, c in caches:
             if c is _NONE:
                 t.__dict__.pop("_cached_x_y", None)
