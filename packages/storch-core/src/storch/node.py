@@ -121,7 +121,9 @@ class Node:
             estimator's own ``max_order``. Lowered too by a kink (to 1) or jump (to 0) inside the
             distribution's own rsample (``rsample_kinks``).
         rsample_kinks: for a node whose estimator ``requires_rsample``: ``(class name, {autograd node name: the
-            order of its first discontinuous derivative})`` of the non-smooth operations that
+            order of its first discontinuous derivative}, {autograd node name: [the parts it was found in, such
+            as "its transform ClampT"]})`` of the non-smooth operations (and the implicit reparameterisations of
+            the gamma family, correct at order 1 only) that
             :func:`storch.distributions.rsample_kinks` found between the distribution's parameters and a
             sample it drew (a user's rsample or transform, ``AbsTransform``; of a partition, the first step's
             class with one); ``None`` if none (torch's smooth classes are not walked).

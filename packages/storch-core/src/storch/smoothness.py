@@ -358,7 +358,7 @@ def nonsmooth_operations() -> dict[str, Union[int, Callable[[object], Optional[i
 
 def _nonsmooth_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor], order: int,
                        log_of_abs: bool = False, memo: Optional["PathMemo"] = None,
-                       any_leaf: bool = False) -> dict[str, int]:
+                       any_leaf: bool = False, table: Optional[Mapping] = None) -> dict[str, int]:
     """{name: k} of the operations of nonsmooth_operations() with k < ``order`` that lie on a path from one of
     ``inputs`` to ``output`` in the autograd graph: one memoised walk from ``output.grad_fn`` down to
     the inputs (not below them: what made the inputs is not on such a path).
@@ -372,7 +372,12 @@ def _nonsmooth_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor], ord
 
     ``any_leaf``: every leaf that requires grad (its ``AccumulateGrad`` node) that the walk meets before an
     input is an input too (a parameter that ``inputs`` missed: held where a distribution's attributes do not
-    show it)."""
+    show it).
+
+    ``table``: the ``{name: k}`` to look for on this walk instead of :func:`nonsmooth_operations` (not with
+    ``memo``): the rsample walk's adds operations whose backward is correct up to order ``k`` only without being
+    kinks (torch's implicit reparameterisation of the gamma family,
+    :data:`storch.distributions.rsample_kinks.IMPLICIT_REPARAMETERISATION`)."""
     if memo is not None and not log_of_abs:
         return _walk_memo(output, memo)
     root = output.grad_fn
@@ -382,7 +387,8 @@ def _nonsmooth_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor], ord
     leaves = {id(t) for t in inputs if t.grad_fn is None and t.requires_grad}  # their AccumulateGrad nodes
     if not targets and not leaves and not any_leaf:
         return {}
-    table = _NONSMOOTH
+    if table is None:
+        table = _NONSMOOTH
     found: dict[str, int] = {}
     hits: list = []  # (autograd node, name, k), when log_of_abs: filtered by consumers at the end
     consumers: dict = {}  # autograd node -> names of the nodes that read it (log_of_abs only)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from types import MappingProxyType
 from typing import Optional
 
 import torch
@@ -42,7 +43,15 @@ from ..errors import ASSUMPTIONS
 from ..generators import current_generator
 from .parameters import grad_parameters
 
-__all__ = ["rsample_kinks", "rsample_walked", "SMOOTH_RSAMPLE", "SMOOTH_TRANSFORMS"]
+__all__ = ["rsample_kinks", "rsample_walked", "SMOOTH_RSAMPLE", "SMOOTH_TRANSFORMS", "IMPLICIT_REPARAMETERISATION"]
+
+# the backward nodes of torch's implicit reparameterisation of the gamma family (torch._standard_gamma: Gamma, Chi2,
+# StudentT, FisherSnedecor, InverseGamma, Wishart; torch._sample_dirichlet: Dirichlet, Beta) -> 1: exact at order 1,
+# with no derivative of their own (a second derivative through them fails, Gamma, or silently leaves out terms,
+# Beta, Dirichlet: a Hessian of 0.0005 for 0.1662). torch's own classes are lowered by rsample_max_order; inside a
+# walked rsample (a user's class drawing Beta(...).rsample(), a user transform's base) the walk finds them
+IMPLICIT_REPARAMETERISATION: MappingProxyType = MappingProxyType({"StandardGammaBackward0": 1, "_DirichletBackward": 1})
+_TABLE: MappingProxyType = MappingProxyType({**smoothness.nonsmooth_operations(), **IMPLICIT_REPARAMETERISATION})
 
 # torch's classes whose rsample is a smooth function of their parameters (and the noise) wherever it is finite
 # (exact types: a subclass may override rsample). The gamma family's implicit reparameterisation has no second
@@ -157,7 +166,8 @@ def rsample_walked(d: Distribution, depth: int = 0) -> bool:
 
 
 def rsample_kinks(d: Distribution, x: torch.Tensor, order: float = math.inf,
-                  params: Optional[list] = None, tracing: bool = False) -> dict[str, int]:
+                  params: Optional[list] = None, tracing: bool = False,
+                  where: Optional[dict] = None) -> dict[str, int]:
     """The non-smooth operations inside ``d``'s rsample: ``{autograd node name: k}`` (k: the order of its first
     discontinuous derivative, those below ``order``; 0 a jump, 1 a kink) on a path in the autograd graph from
     one of ``d``'s parameters that require grad to ``x``, a value ``d.rsample()`` returned. ``{}`` where
@@ -171,7 +181,10 @@ def rsample_kinks(d: Distribution, x: torch.Tensor, order: float = math.inf,
     requires grad too (a parameter held where the attributes do not show it is walked to, not missed). An
     operation on the parameters alone inside rsample (``self.scale.clamp(min=1e-6)``) is counted (the graph
     does not show which operations the noise enters): apply it to the parameter before building the
-    distribution. Comparisons and masks inside rsample (``torch.where(y > 0, y, 0)``, ``y * (y > 0)``) leave no
+    distribution. The backward of torch's implicit reparameterisation of the gamma family
+    (:data:`IMPLICIT_REPARAMETERISATION`: ``StandardGammaBackward0``, ``_DirichletBackward``) is found with k = 1
+    wherever a walked rsample draws through it (a user's class whose rsample calls ``Beta(...).rsample()``): it is
+    exact at order 1 but has no derivative of its own. Comparisons and masks inside rsample (``torch.where(y > 0, y, 0)``, ``y * (y > 0)``) leave no
     trace in the autograd graph and are not seen (in the cost they are: ``Node.compared``).
 
     An ``Independent`` is its base's rsample. For a ``TransformedDistribution`` (that keeps torch's rsample) of
@@ -188,13 +201,17 @@ def rsample_kinks(d: Distribution, x: torch.Tensor, order: float = math.inf,
     them, a pathwise gradient of 0) gives ``{"ContinuousBernoulli.icdf": 0}`` (the values are read: one device
     sync; while tracing, where they cannot be, always). Under ``torch.func.vmap`` the tensors that the batched
     ones batch are walked. ``tracing``: ``storch.compile`` is tracing the step (``storch.extending.is_tracing()``:
-    no values read, no draw of storch's own)."""
+    no values read, no draw of storch's own).
+
+    ``where``: a dict filled with ``{autograd node name: [the parts of d it was found in]}``, for messages: ``"its
+    transform ClampT"``, ``"its base FoldedNormal"`` (nested: ``"its base TransformedDistribution's transform
+    ClampT"``); nothing for ``d``'s own rsample."""
     if params is None:
         if not rsample_walked(d):
             return {}
         params = list(grad_parameters(d))
     k = int(order) if math.isfinite(order) else 1 << 30
-    return _kinks(d, x, k, params, 0, tracing)
+    return _kinks(d, x, k, params, 0, tracing, where, "")
 
 
 def _merge(found: dict, more: dict) -> None:
@@ -202,15 +219,25 @@ def _merge(found: dict, more: dict) -> None:
         found[op] = min(k, found.get(op, k))
 
 
-def _walk(x: torch.Tensor, params: list, order: int) -> dict[str, int]:
+def _walk(x: torch.Tensor, params: list, order: int, where: Optional[dict] = None, place: str = "") -> dict[str, int]:
     x = unbatched(x)
     if x.grad_fn is None:
         return {}
-    return smoothness._nonsmooth_on_path(x, [unbatched(p) for p in params], order, any_leaf=True)
+    found = smoothness._nonsmooth_on_path(x, [unbatched(p) for p in params], order, any_leaf=True, table=_TABLE)
+    if where is not None and place:
+        for op in found:
+            if place not in where.setdefault(op, []):
+                where[op].append(place)
+    return found
+
+
+def _part(place: str, part: str) -> str:
+    """``part`` ("its transform ClampT") of what ``place`` names ("its base TransformedDistribution"), in words."""
+    return part if not place else f"{place}'s {part[4:]}"
 
 
 def _kinks(d: Distribution, x: torch.Tensor, order: int, params: list, depth: int,
-           tracing: bool) -> dict[str, int]:
+           tracing: bool, where: Optional[dict] = None, place: str = "") -> dict[str, int]:
     cls = type(d)
     v = _BY_CLASS.get(cls)
     if v is None:
@@ -220,20 +247,22 @@ def _kinks(d: Distribution, x: torch.Tensor, order: int, params: list, depth: in
     if v == _UNSTABLE:
         return _unstable(d, tracing)
     if depth > 8 or v == _WALK:
-        return _walk(x, params, order)
+        return _walk(x, params, order, where, place)
     if not rsample_walked(d, depth):
         return {}
     if v == _INDEPENDENT:  # (Independent.rsample is its base's)
-        return _kinks(d.base_dist, x, order, params, depth + 1, tracing)  # type: ignore[attr-defined]
+        base = d.base_dist  # type: ignore[attr-defined]
+        return _kinks(base, x, order, params, depth + 1, tracing, where,
+                      _part(place, f"its base {type(base).__name__}"))
     if tracing or not _torch_only(d):
         # storch's own draw would run the user's code a second time (a transform that keeps state: a flow's
         # cached log-det, a batch norm's running statistics): the sample's own graph is walked instead (torch's
         # numerical guards in it, such as SigmoidTransform's clamp, then read as kinks), and an unstable base's
         # values are read
-        found = _walk(x, params, order)
+        found = _walk(x, params, order, where, place)
         _merge(found, _unstable_bases(d, tracing))
         return found
-    return _transformed(d, x, order, depth)  # type: ignore[arg-type]
+    return _transformed(d, x, order, depth, where, place)  # type: ignore[arg-type]
 
 
 def _unstable_bases(d: Distribution, tracing: bool, depth: int = 0) -> dict[str, int]:
@@ -249,14 +278,15 @@ def _torch_only(d: Distribution, depth: int = 0) -> bool:
     """Whether drawing ``d`` (a TransformedDistribution or Independent, with its base and transforms) runs torch's
     classes only: storch draws such a distribution again to walk its parts (:func:`_transformed`) and must not run a
     user's code twice."""
-    if depth > 8 or not type(d).__module__.startswith("torch."):
+    if depth > 8:
         return False
-    if isinstance(d, TransformedDistribution):
+    if isinstance(d, TransformedDistribution):  # (storch's draw runs its base and transforms, not the class's code)
         if not all(_torch_transform(t) for t in d.transforms):
             return False
-    elif not isinstance(d, Independent):
-        return True
-    return _torch_only(d.base_dist, depth + 1)  # type: ignore[attr-defined]
+        return _torch_only(d.base_dist, depth + 1)
+    if isinstance(d, Independent):
+        return _torch_only(d.base_dist, depth + 1)
+    return type(d).__module__.startswith("torch.")
 
 
 def _torch_transform(t, depth: int = 0) -> bool:
@@ -309,7 +339,8 @@ def _caches(t, out: list, depth: int = 0) -> list:
 _NONE = object()
 
 
-def _transformed(d: TransformedDistribution, x: torch.Tensor, order: int, depth: int) -> dict[str, int]:
+def _transformed(d: TransformedDistribution, x: torch.Tensor, order: int, depth: int,
+                 where: Optional[dict] = None, place: str = "") -> dict[str, int]:
     """The walk of a TransformedDistribution's parts that are not known smooth, on a draw of its own."""
     base = d.base_dist
     n = x.dim() - len(d.batch_shape) - len(d.event_shape)
@@ -326,14 +357,15 @@ def _transformed(d: TransformedDistribution, x: torch.Tensor, order: int, depth:
             base_params = list(grad_parameters(base)) if walked else None
             y = base.rsample(shape)
             if walked:
-                _merge(found, _kinks(base, y, order, base_params, depth + 1, False))  # type: ignore[arg-type]
+                _merge(found, _kinks(base, y, order, base_params, depth + 1, False,  # type: ignore[arg-type]
+                                     where, _part(place, f"its base {type(base).__name__}")))
             for t in (q for p in d.transforms for q in _parts(p)):
                 if _smooth_transform(t):
                     y = t(y)
                     continue
                 own = list(grad_parameters(t))
                 out = t(y)
-                _merge(found, _walk(out, own + [y], order))
+                _merge(found, _walk(out, own + [y], order, where, _part(place, f"its transform {type(t).__name__}")))
                 y = out
     finally:
         if gen is not None:
@@ -346,8 +378,9 @@ def _transformed(d: TransformedDistribution, x: torch.Tensor, order: int, depth:
     return found
 
 
-def rsample_kinks_note(name: str, found: dict) -> str:
-    """In words, for an error message: ``found`` (of :func:`rsample_kinks`) inside ``name``'s rsample."""
+def rsample_kinks_note(name: str, found: dict, where: Optional[dict] = None) -> str:
+    """In words, for an error message: ``found`` (of :func:`rsample_kinks`) inside ``name``'s rsample; ``where``:
+    the parts each was found in (:func:`rsample_kinks`'s ``where``), named where known."""
     if _UNSTABLE_OP in found:
         return (f"the rsample of {name} draws from a ContinuousBernoulli whose probs (which require grad) lie in "
                 "(0.499, 0.501) (its _lims): there torch's rsample (icdf) returns the uniform noise unchanged, so the "
@@ -355,14 +388,35 @@ def rsample_kinks_note(name: str, found: dict) -> str:
                 "= 1/3). Keep probs out of that interval (logits at least 0.004 away from 0: initialise them away "
                 "from 0), or use an estimator that does not differentiate through the sample for this node "
                 "('score')")
-    ops = ", ".join(f"{op} (its derivative of order {k} is discontinuous)" for op, k in sorted(found.items()))
-    folded = (" AbsTransform folds the base sample, a kink wherever its sign moves with the parameters; a base "
-              "centred at a constant 0 is smooth (scale · |ε|): torch's HalfNormal and HalfCauchy are known "
-              "smooth." if "AbsBackward0" in found else "")
-    return (f"the rsample of {name} holds {ops} on a path from its parameters to the sample (inside rsample or "
+    where = where or {}
+
+    def inside(op: str) -> str:
+        parts = where.get(op)
+        return f"in {' and '.join(parts)}; " if parts else ""
+
+    kinks = sorted(op for op in found if op not in IMPLICIT_REPARAMETERISATION)
+    implicit = sorted(op for op in found if op in IMPLICIT_REPARAMETERISATION)
+    said = []
+    if kinks:
+        ops = ", ".join(f"{op} ({inside(op)}its derivative of order {found[op]} is discontinuous)" for op in kinks)
+        folded = (" AbsTransform folds the base sample, a kink wherever its sign moves with the parameters; a base "
+                  "centred at a constant 0 is smooth (scale · |ε|): torch's HalfNormal and HalfCauchy are known "
+                  "smooth." if "AbsBackward0" in found else "")
+        said.append(
+            f"the rsample of {name} holds {ops} on a path from its parameters to the sample (inside rsample or "
             "its transforms, not in the cost): the sample is a non-smooth function of the parameters, autograd "
             "reports 0 for the delta in the next derivative, and the pathwise estimate would be biased." + folded +
             " Write rsample (or the transform) smoothly (a sigmoid or softplus instead of a clamp, round or "
             "threshold; an operation on the parameters alone inside rsample, such as self.scale.clamp(min=1e-6), "
             "is counted too, as the graph does not show where the noise enters: apply it to the parameter before "
             "building the distribution)")
+    if implicit:
+        ops = ", ".join(f"{op}{' (' + inside(op)[:-2] + ')' if inside(op) else ''}" for op in implicit)
+        said.append(
+            f"{'and ' if kinks else ''}the rsample of {name} draws through {ops} on a path from its parameters to the "
+            "sample: torch's implicit reparameterisation of the gamma family (Gamma, Chi2, Beta, Dirichlet, and "
+            "StudentT, FisherSnedecor, InverseGamma, Wishart built on them), whose backward is exact at order 1 but "
+            "has no derivative of its own, so a second derivative through the sample is wrong (Beta, Dirichlet: "
+            "terms silently left out) or fails (Gamma). Differentiate through it once, or draw with explicit noise "
+            "(Kumaraswamy instead of Beta, a LogNormal or a transformed Normal instead of Gamma)")
+    return "; ".join(said)

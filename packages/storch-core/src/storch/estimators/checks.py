@@ -33,8 +33,10 @@ def note_rsample(node: Node, x: torch.Tensor, distribution: Optional[Distributio
     returned; ``distribution``: the node's raw distribution, or the partition step's) for ``node``: a kink
     lowers ``node.max_order`` to 1, a jump (round, floor, sign) to 0, so that ``storch.surrogate_loss(order)``
     refuses what it would refuse for the same operation in the cost, and an order-1 surrogate with a kink
-    differentiated twice is refused (:func:`storch.distributions.rsample_kinks`; the distribution's class name
-    and the operations in ``node.rsample_kinks``, for the message). torch's classes whose rsample is known
+    differentiated twice is refused (:func:`storch.distributions.rsample_kinks`; the distribution's class name,
+    the operations and the parts they were found in (a transform's class) in ``node.rsample_kinks``, for the
+    message). torch's implicit reparameterisation of the gamma family drawn inside a walked rsample (a user's
+    class calling ``Beta(...).rsample()``) lowers it to 1 too. torch's classes whose rsample is known
     smooth cost one dict lookup. An rsample that returned a value without an autograd graph while the
     distribution holds parameters that require grad (a threshold ``(y > 0).float()``, a draw under
     ``torch.no_grad()``, a ``.detach()``) is refused with a StorchError: its pathwise gradient would be
@@ -65,14 +67,18 @@ def note_rsample(node: Node, x: torch.Tensor, distribution: Optional[Distributio
                 "computed from the parameters with differentiable operations (a smooth relaxation of the threshold, "
                 "or a straight-through estimator written explicitly), or use an estimator that does not "
                 "differentiate through the sample ('score'; it needs log_prob)")
-    found = rsample_kinks(d, x, node.max_order, params=params, tracing=is_tracing())
+    places: dict = {}
+    found = rsample_kinks(d, x, node.max_order, params=params, tracing=is_tracing(), where=places)
     if not found:
         return
-    name, kinks = node.rsample_kinks or (type(d).__name__, {})
-    kinks = dict(kinks)
+    name, kinks, where = node.rsample_kinks or (type(d).__name__, {}, {})
+    kinks, where = dict(kinks), {op: list(p) for op, p in where.items()}
     for op, k in found.items():
         kinks[op] = min(k, kinks.get(op, k))
-    node.rsample_kinks = (name, kinks)  # (the class named: the first step's with a kink, of a partition)
+        for place in places.get(op, ()):
+            if place not in where.setdefault(op, []):
+                where[op].append(place)
+    node.rsample_kinks = (name, kinks, where)  # (the class named: the first step's with a kink, of a partition)
     node.max_order = min(node.max_order, min(found.values()))
 
 

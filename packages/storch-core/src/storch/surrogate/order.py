@@ -91,7 +91,7 @@ def _low_order(node: Node, order: int = 1) -> bool:
 
 def _low_order_message(node: Node, order: int = 1) -> Callable[[], str]:
     est, plate, node_order = node.estimator, node.plate.name, node.max_order
-    name, kinks = node.rsample_kinks or ("", None)
+    name, kinks, where = node.rsample_kinks or ("", None, None)
 
     def message() -> str:
         if est.max_order <= order:
@@ -99,7 +99,7 @@ def _low_order_message(node: Node, order: int = 1) -> Callable[[], str]:
                    else f"is unbiased only up to order {est.max_order} (its max_order; with its options: est.info())")
         elif kinks and min(kinks.values()) <= order:
             why = (f"is unbiased only up to order {node_order} for this node's distribution: "
-                   f"{rsample_kinks_note(name, kinks)}; or use an estimator that does not differentiate through the "
+                   f"{rsample_kinks_note(name, kinks, where)}; or use an estimator that does not differentiate through the "
                    "sample for this node ('score')")
         else:
             why = (f"is unbiased only up to order {node_order} for this node's distribution (lowered by "
@@ -182,13 +182,13 @@ def _node_order_message(node: Node, order: int) -> str:
     """Why a node's distribution lowers its estimator's order (Estimator.max_order_for), and what to do."""
     est = node.estimator
     name = type(node.original if node.original is not None else node.distribution).__name__
-    kinked, kinks = node.rsample_kinks or ("", None)
+    kinked, kinks, where = node.rsample_kinks or ("", None, None)
     if kinks and min(kinks.values()) < order:
         lowest = min(kinks.values())
         lower = (f"; or differentiate at most {lowest} time(s) (storch.surrogate_loss(order={lowest}))" if lowest
                  else " (a jump: its pathwise derivative is 0 where the expectation's is not, at every order)")
         return (f"estimator {est.name!r} on plate {node.plate.name!r}: the order-{order} surrogate differentiates "
-                f"through the sample of {kinked}, but {rsample_kinks_note(kinked, kinks)}; or use an estimator that "
+                f"through the sample of {kinked}, but {rsample_kinks_note(kinked, kinks, where)}; or use an estimator that "
                 "does not differentiate through the sample for this node, e.g. 'score' (it needs log_prob; "
                 "baseline='leave_one_out' for less variance)" + lower)
     why = ""
