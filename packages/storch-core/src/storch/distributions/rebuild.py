@@ -49,7 +49,8 @@ def _rebuilt(d: Distribution, raw: dict, plates: torch.Size) -> Distribution:
         raise UnsupportedDistributionError(
             f"storch cannot rebuild {type(d).__name__} from its parameters {sorted(raw)}"
             f"{' and constructor arguments ' + str(sorted(extra)) if extra else ''} ({e}); use a distribution "
-            "whose constructor takes its arg_constraints as keywords, and keeps each other constructor "
+            "whose constructor takes its arg_constraints as keywords and a validate_args keyword (storch calls "
+            f"{type(d).__name__}(**parameters, validate_args=False)), and keeps each other constructor "
             "argument in an attribute of the same name"
         ) from e
     if known is None:  # a class storch does not know: the rebuilt copy must be the user's distribution

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch.distributions import (Categorical, Distribution, Independent, MixtureSameFamily, OneHotCategorical,
     TransformedDistribution)
-from torch.distributions.transforms import AffineTransform, PowerTransform
+from torch.distributions.transforms import AffineTransform, PowerTransform, Transform
 
 from ..errors import UnsupportedDistributionError
 from ..plates.tensor import Plate, PlateTensor, align, plates_of, union_plates
@@ -39,8 +39,8 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
         raise UnsupportedDistributionError(
             f"expected a torch.distributions.Distribution, got {type(d).__name__}"
         )
-    if type(d) is TransformedDistribution:
-        return _unwrap_transformed(d, within)
+    if type(d) is TransformedDistribution or (isinstance(d, TransformedDistribution) and _copyable(d)):
+        return _unwrap_transformed(d, within)  # (torch's subclasses, LogNormal, RelaxedBernoulli: rebuilt below)
     if type(d) is MixtureSameFamily:
         return _unwrap_mixture(d, within)
     same = _as_raw(d, within)  # the common case, without looking up parameters or plates again
@@ -76,7 +76,7 @@ def unwrap_distribution(d: Distribution, within: tuple[Plate, ...] = ()) -> tupl
             "entries. Pass the per-data-point (or per-sample) tensors only as parameters listed in "
             "arg_constraints, build the other parts from plain tensors, or use a distribution that takes "
             "them as parameters (LogNormal(loc, scale), Independent(Normal(...)), "
-            "TransformedDistribution(base, [AffineTransform(loc, scale)]))"
+            "TransformedDistribution(base, [AffineTransform(loc, scale)]))" + _subclass_fix(d)
         )
     if not plates:
         return d, ()  # built from plain tensors: nothing to unwrap
@@ -108,8 +108,15 @@ def _unwrap_transformed(d: TransformedDistribution,
     (``AffineTransform``, ``PowerTransform``) holding plate tensors is rebuilt from their raw tensors,
     aligned to those plates and padded to the per-sample rank of the value it transforms (so the
     per-sample dims broadcast as in one-sample code); any other transform holding one is refused.
+
+    A subclass (that keeps this structure: :func:`_copyable`) is copied, not built again: the copy keeps its
+    methods and attributes, with the raw base distribution and transforms, the shapes they give, and each
+    plate tensor it holds itself (``self.loc``) aligned to the plates (size 1 where it lacks one) and padded
+    to the base's per-sample rank, as the base's parameters are.
     """
     found = [within]
+    if type(d) is not TransformedDistribution:  # a subclass's own plate tensors (self.loc): their plates too
+        found += [v._plates for v in d.__dict__.values() if type(v) is PlateTensor]
     for t in d.transforms:
         names = _TRANSFORM_PARAMS.get(type(t), ())
         held = [t.__dict__.get(n) for n in names]
@@ -154,7 +161,75 @@ def _unwrap_transformed(d: TransformedDistribution,
         else:
             raw_transforms.append(t)  # plain: broadcasts over the leading plate dims
         shape = t.forward_shape(shape)
-    return TransformedDistribution(base, raw_transforms, validate_args=False), plates
+    plain = TransformedDistribution(base, raw_transforms, validate_args=False)
+    if type(d) is TransformedDistribution:
+        return plain, plates
+    return _copy_transformed(d, plain, plates), plates
+
+
+def _copy_transformed(d: TransformedDistribution, plain: TransformedDistribution,
+                      plates: tuple[Plate, ...]) -> TransformedDistribution:
+    """The raw copy of ``d`` (a subclass of ``TransformedDistribution`` that :func:`_copyable` accepts): its
+    attributes, with ``plain``'s raw base distribution, transforms and shapes, and its own plate tensors aligned
+    to ``plates`` (size 1 where one lacks a plate) and padded to the base's per-sample rank."""
+    cls = type(d)
+    new = cls.__new__(cls)
+    old_base = d.base_dist
+    pad = len(old_base.batch_shape + old_base.event_shape)
+    for k, v in d.__dict__.items():
+        if v is old_base:
+            v = plain.base_dist
+        elif type(v) is PlateTensor:
+            v = align(v._raw, v._plates, plates, pad_to=pad)
+        new.__dict__[k] = v
+    new.transforms = plain.transforms
+    new._batch_shape, new._event_shape = plain.batch_shape, plain.event_shape
+    new._validate_args = False  # validated when the user built `d`
+    return new
+
+
+def _copyable(d: TransformedDistribution) -> bool:
+    """Whether ``d``, an instance of a subclass of ``TransformedDistribution``, keeps its structure so that its
+    raw copy can be made as the plain class's is, without calling its constructor (pytorch_sac's
+    ``SquashedNormal(loc, scale)``, with its own methods and ``self.loc``; a class written outside torch): it holds its base distribution in
+    ``base_dist`` and its transforms in ``transforms`` (a list of transforms), and a plate tensor only there or in
+    an attribute of its own that is a plate tensor itself (re-aligned in the copy). Not where a plate tensor is
+    held elsewhere (another distribution, a container, a transform outside ``transforms``): the copy would keep it
+    as it is (one noise draw, or one value, shared across plate entries)."""
+    if type(d).__module__.startswith("torch.distributions."):
+        return False  # torch's own subclasses (LogNormal, RelaxedBernoulli, ...) are rebuilt from their parameters
+    h = d.__dict__
+    base, transforms = h.get("base_dist"), h.get("transforms")
+    if not isinstance(base, Distribution) or not isinstance(transforms, list) or not all(
+            isinstance(t, Transform) for t in transforms):
+        return False
+    for k, v in h.items():
+        if k in ("base_dist", "transforms") or v is base or type(v) is PlateTensor or k == "_cached_x_y":
+            continue
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, (list, tuple)):
+            if any(type(x) is PlateTensor or (isinstance(x, (Distribution, Transform)) and _holds_plate_tensor(x))
+                   for x in v):
+                return False
+        elif isinstance(v, (Distribution, Transform)) and _holds_plate_tensor(v):
+            return False
+    return True
+
+
+def _subclass_fix(d: Distribution) -> str:
+    """The other fix for a subclass of ``TransformedDistribution`` that storch cannot copy (:func:`_copyable`)."""
+    if not isinstance(d, TransformedDistribution) or type(d).__module__.startswith("torch.distributions."):
+        return ""
+    cls = type(d).__name__
+    return (f". {cls} is a TransformedDistribution whose raw copy storch cannot make from base_dist and transforms "
+            "(it holds plate tensors elsewhere: in another distribution, a container, or a transform not in "
+            f"self.transforms). Either keep them only in base_dist, in self.transforms (AffineTransform, "
+            f"PowerTransform) or as plate-tensor attributes of {cls} itself, or let storch rebuild it from its "
+            f"parameters: list them in {cls}.arg_constraints (arg_constraints = {{'loc': constraints.real, "
+            "'scale': constraints.positive}), keep each as self.<name> = <name>, and give __init__ a validate_args "
+            "keyword passed on to TransformedDistribution.__init__ (storch calls "
+            f"{cls}(**parameters, validate_args=False))")
 
 
 def _unwrap_mixture(d: MixtureSameFamily,
