@@ -24,6 +24,7 @@ rsample does not depend on ``probs``: its values are read.
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 from types import MappingProxyType
 from typing import Optional
@@ -37,13 +38,17 @@ from torch.distributions import transforms as _t
 from torch.distributions.relaxed_bernoulli import LogitRelaxedBernoulli
 from torch.distributions.relaxed_categorical import ExpRelaxedCategorical
 
+from torch.overrides import TorchFunctionMode
+
 from .. import smoothness
 from .._order_guard import unbatched
 from ..errors import ASSUMPTIONS
 from ..generators import current_generator
+from ..plates.dispatch import INDEX_VALUES, JUMPS
 from .parameters import grad_parameters
 
-__all__ = ["rsample_kinks", "rsample_walked", "SMOOTH_RSAMPLE", "SMOOTH_TRANSFORMS", "IMPLICIT_REPARAMETERISATION"]
+__all__ = ["rsample_kinks", "rsample_walked", "SMOOTH_RSAMPLE", "SMOOTH_TRANSFORMS", "IMPLICIT_REPARAMETERISATION",
+           "RsampleComparisons", "COMPARISON"]
 
 # the backward nodes of torch's implicit reparameterisation of the gamma family (torch._standard_gamma: Gamma, Chi2,
 # StudentT, FisherSnedecor, InverseGamma, Wishart; torch._sample_dirichlet: Dirichlet, Beta) -> 1: exact at order 1,
@@ -184,8 +189,9 @@ def rsample_kinks(d: Distribution, x: torch.Tensor, order: float = math.inf,
     distribution. The backward of torch's implicit reparameterisation of the gamma family
     (:data:`IMPLICIT_REPARAMETERISATION`: ``StandardGammaBackward0``, ``_DirichletBackward``) is found with k = 1
     wherever a walked rsample draws through it (a user's class whose rsample calls ``Beta(...).rsample()``): it is
-    exact at order 1 but has no derivative of its own. Comparisons and masks inside rsample (``torch.where(y > 0, y, 0)``, ``y * (y > 0)``) leave no
-    trace in the autograd graph and are not seen (in the cost they are: ``Node.compared``).
+    exact at order 1 but has no derivative of its own. Comparisons and masks inside rsample (``torch.where(y > 0, y,
+    0)``, ``y * (y > 0)``) leave no trace in the autograd graph and are not seen by this walk: the estimators watch
+    the draw of a walked distribution for them (:class:`RsampleComparisons`; in the cost: ``Node.compared``).
 
     An ``Independent`` is its base's rsample. For a ``TransformedDistribution`` (that keeps torch's rsample) of
     torch's classes only, only the parts that are not known smooth are walked, each from its output down to its
@@ -378,6 +384,38 @@ def _transformed(d: TransformedDistribution, x: torch.Tensor, order: int, depth:
     return found
 
 
+# the prefix of rsample_kinks' name for a comparison inside a walked rsample (RsampleComparisons): "comparison gt"
+COMPARISON = "comparison "
+
+
+class RsampleComparisons(TorchFunctionMode):
+    """Records the first comparison (a function of ``storch.plates.dispatch.JUMPS``: ``>``, ``torch.where``'s
+    condition, a mask, a bool or integer cast) that code outside storch and torch applies to a tensor that requires
+    grad while it is active: around the draw of a distribution whose rsample storch walks (:func:`rsample_walked`:
+    a user's class or transform), the mask of ``torch.where(y > 0, y, 0)``, ``y * (y > 0)``,
+    ``y.masked_fill(y < 0, 0)`` inside rsample, which leaves no trace in the autograd graph. ``found``: its name
+    and the function that made it (``"gt in WhereClamp._call"``), or None. Comparisons made by torch (``torch.distributions``' constraint checks and formula branches,
+    its transforms) and by storch are not counted; nor one of a value that does not require grad (the noise
+    alone). Counted like ``Node.compared`` in the cost: from order 2 (a piecewise function, a kink or a jump
+    autograd does not see). Costs a Python call per torch function inside the draw, for walked classes only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: Optional[str] = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.found is None and func in JUMPS and func not in INDEX_VALUES and any(
+                isinstance(a, torch.Tensor) and unbatched(a).requires_grad for a in args):
+            frame = sys._getframe(1)
+            caller = frame.f_globals.get("__name__", "")
+            if not (caller.startswith("storch") or caller.startswith("torch")):
+                code = frame.f_code
+                self.found = (f"{getattr(func, '__name__', str(func)).strip('_')} in "
+                              f"{getattr(code, 'co_qualname', code.co_name)}")
+        return func(*args, **kwargs)
+
+
 def rsample_kinks_note(name: str, found: dict, where: Optional[dict] = None) -> str:
     """In words, for an error message: ``found`` (of :func:`rsample_kinks`) inside ``name``'s rsample; ``where``:
     the parts each was found in (:func:`rsample_kinks`'s ``where``), named where known."""
@@ -394,7 +432,8 @@ def rsample_kinks_note(name: str, found: dict, where: Optional[dict] = None) -> 
         parts = where.get(op)
         return f"in {' and '.join(parts)}; " if parts else ""
 
-    kinks = sorted(op for op in found if op not in IMPLICIT_REPARAMETERISATION)
+    compared = sorted(op[len(COMPARISON):] for op in found if op.startswith(COMPARISON))
+    kinks = sorted(op for op in found if op not in IMPLICIT_REPARAMETERISATION and not op.startswith(COMPARISON))
     implicit = sorted(op for op in found if op in IMPLICIT_REPARAMETERISATION)
     said = []
     if kinks:
@@ -419,4 +458,11 @@ def rsample_kinks_note(name: str, found: dict, where: Optional[dict] = None) -> 
             "has no derivative of its own, so a second derivative through the sample is wrong (Beta, Dirichlet: "
             "terms silently left out) or fails (Gamma). Differentiate through it once, or draw with explicit noise "
             "(Kumaraswamy instead of Beta, a LogNormal or a transformed Normal instead of Gamma)")
+    if compared:
+        said.append(
+            f"{'and ' if said else ''}the rsample of {name} (or its transform) compares a value that depends on its "
+            f"parameters ({', '.join(compared)}: a mask or the condition of torch.where, such as torch.where(y > 0, "
+            "y, 0), y * (y > 0), y.masked_fill(y < 0, 0)): the sample is a piecewise function of the parameters, "
+            "with a kink or jump that autograd does not see, so derivatives of order >= 2 through it are biased. "
+            "Write it smoothly (softplus, sigmoid, tanh instead of the mask), or differentiate at most once")
     return "; ".join(said)

@@ -61,6 +61,7 @@ from ..distributions import (
     strict_support,
     unwrap_distribution,
 )
+from ..distributions.rsample_kinks import RsampleComparisons
 from ..distributions.unwrap import _as_raw
 from ..eager import eager_only
 from ..errors import (IndependentStepWarning, NonFiniteParameterError, OptionError, PlateError, StorchError,
@@ -72,7 +73,7 @@ from ..node import Node
 from ..plates.tensor import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
 from ..score_conditions import KINK_FREE, moving_support, support_is_fixed
 from .catalog import EstimatorInfo, available, supporting_estimators
-from .checks import _check_sample_entries, _checked_lead, check_in_frame, note_rsample
+from .checks import _check_sample_entries, _checked_lead, check_in_frame, note_compared, note_rsample
 from .messages import (_no_update_message, _nonfinite_parameters, _output_shape_message, _sample_dtype_message,
                        _sample_shape_message, _under_jacfwd, updating_message)
 from .watch import _CATEGORIES, _both, _compare_watch, _threshold_watch, is_pathwise
@@ -317,7 +318,12 @@ class Estimator(torch.nn.Module):
         # draw (what the rsample keeps in it, a caching transform's last value, is no parameter); torch's smooth
         # classes: one dict lookup
         params = list(grad_parameters(raw)) if self.requires_rsample and rsample_walked(raw) else None
-        sample = self.proposal(node)
+        if params is None or is_tracing():
+            sample = self.proposal(node)
+        else:  # (and its comparisons: a mask inside rsample leaves no trace in the autograd graph)
+            with RsampleComparisons() as watch:
+                sample = self.proposal(node)
+            note_compared(node, raw, watch.found)
         # one tuple comparison (a wrong shape would silently move the plate); dims after them may hold a
         # representation of the value (a relaxation's one-hot vector for a Categorical)
         if sample.shape[1:len(own) + 1] != own:
@@ -482,8 +488,13 @@ class Estimator(torch.nn.Module):
             node.rsample_noted = False  # (set again where the step's draw notes its own rsample)
         if how is _BY_COMPONENTS:  # (never for a first-party estimator)
             sample, lp, out = self._components_step(node, raw, plates, t)
-        else:
+        elif params is None or is_tracing():
             made = self.extend(node, raw, plates)
+        else:
+            with RsampleComparisons() as watch:
+                made = self.extend(node, raw, plates)
+            note_compared(node, raw, watch.found)
+        if how is not _BY_COMPONENTS:
             if len(made) == 3:  # (sample, l_t, output): an estimator with an output of its own
                 sample, lp, out = made
                 lead = len(plates)  # (the step's plate and the parents: the value's plates)

@@ -15,6 +15,7 @@ from torch.distributions import Distribution
 from ..cost import CostFrame, _lead
 from .._order_guard import unbatched
 from ..distributions import grad_parameters, rsample_kinks, rsample_walked
+from ..distributions.rsample_kinks import COMPARISON
 from ..errors import PlateError, StorchError
 from ..graph import is_tracing
 from ..node import Node
@@ -24,7 +25,19 @@ from .messages import _step
 if TYPE_CHECKING:
     from .base import Estimator
 
-__all__ = ["check_in_frame", "MAX_SAMPLE_ENTRIES", "MAX_DRAW_ENTRIES", "note_rsample"]
+__all__ = ["check_in_frame", "MAX_SAMPLE_ENTRIES", "MAX_DRAW_ENTRIES", "note_rsample", "note_compared"]
+
+
+def note_compared(node: Node, distribution: Distribution, found: Optional[str]) -> None:
+    """Record a comparison made inside the draw of ``distribution`` (``found``: its name, from
+    :class:`~storch.distributions.rsample_kinks.RsampleComparisons`, or None: nothing) for ``node``: lowers
+    ``node.max_order`` to 1, as ``Node.compared`` does for one in the cost, named in ``node.rsample_kinks``."""
+    if found is None:
+        return
+    op = COMPARISON + found
+    name, kinks, where = node.rsample_kinks or (type(distribution).__name__, {}, {})
+    node.rsample_kinks = (name, {**kinks, op: min(1, kinks.get(op, 1))}, where)
+    node.max_order = min(node.max_order, 1)
 
 
 def note_rsample(node: Node, x: torch.Tensor, distribution: Optional[Distribution] = None,
