@@ -363,11 +363,11 @@ def test_reparameterization_partition_step_keeps_its_own_step_gradient_function(
 
 
 def test_first_draw_of_a_raw_bernoulli_is_torchs_draw_without_its_python():
-    # Estimator.proposal (score's first call): torch.bernoulli of the probabilities expanded to (N, *batch), as
+    # Estimator.proposal (score's first call; here the base class's components: the core env has no storch_score): torch.bernoulli of the probabilities expanded to (N, *batch), as
     # torch's Bernoulli.sample((N,)) draws it (the same random numbers), without its lazy probs and shape helpers
     theta = torch.randn(2, 3, requires_grad=True)
     for kw in ({"logits": theta}, {"probs": torch.sigmoid(theta)}):
-        est = storch.estimator("score", plate="z", n_samples=5)
+        est = _Plain(plate="z", n_samples=5)
         with storch.Graph():
             x = storch.denote_independent(kw["logits" if "logits" in kw else "probs"], 0, "data")
             d = Bernoulli(**{next(iter(kw)): x})
@@ -379,7 +379,7 @@ def test_first_draw_of_a_raw_bernoulli_is_torchs_draw_without_its_python():
             assert torch.equal(z.tensor, by_torch) and not z.tensor.requires_grad
             assert z.plates[0].size == 5 and tuple(z.shape) == (3,)
     # the control: a Normal is drawn by torch's own sample (its shape helper runs)
-    est = storch.estimator("score", plate="n", n_samples=5)
+    est = _Plain(plate="n", n_samples=5)
     with storch.Graph():
         x = storch.denote_independent(theta, 0, "data")
         _, seen = calls(lambda: est(Normal(x, 1.0)))
@@ -387,7 +387,7 @@ def test_first_draw_of_a_raw_bernoulli_is_torchs_draw_without_its_python():
     # a graph's generator still drives the lean draw, and the global generator is left alone
     state, draws = torch.get_rng_state(), []
     for _ in range(2):
-        est = storch.estimator("score", plate="z", n_samples=4)
+        est = _Plain(plate="z", n_samples=4)
         with storch.Graph(generator=torch.Generator().manual_seed(5)):
             draws.append(est(Bernoulli(logits=storch.denote_independent(theta, 0, "data"))).tensor)
     assert torch.equal(draws[0], draws[1]) and torch.equal(torch.get_rng_state(), state)
@@ -400,11 +400,11 @@ def test_inputs_on_the_distributions_plates_are_accepted_without_comparing_names
     with storch.Graph():
         x = storch.denote_independent(theta, 0, "data")
         d = Bernoulli(logits=x)
-        _, seen = calls(lambda: storch.estimator("score", plate="z", n_samples=2)(d, inputs=x))
+        _, seen = calls(lambda: _Plain(plate="z", n_samples=2)(d, inputs=x))
         assert "check_inputs" in seen and "<setcomp>" not in seen
         z = storch.current_graph().nodes[0].value
-        _, seen = calls(lambda: storch.estimator("score", plate="y", n_samples=2)(Bernoulli(logits=x + z), inputs=x))
+        _, seen = calls(lambda: _Plain(plate="y", n_samples=2)(Bernoulli(logits=x + z), inputs=x))
         assert {"check_inputs", "<setcomp>"} <= seen
         other = storch.denote_independent(torch.randn(4), 0, "other")
         with pytest.raises(storch.PlateError, match="inputs have plates \\['other'\\]"):
-            storch.estimator("score", plate="w", n_samples=2)(d, inputs=other)
+            _Plain(plate="w", n_samples=2)(d, inputs=other)

@@ -30,3 +30,14 @@ CASES = {
 def test_conformance(case):
     report = check_against_enumeration(case.split("-")[0], options=CASES[case], seed=7)
     print(f"\n{report.table(details=False)}")
+
+
+def test_a_model_refused_when_sampling_is_reported_not_raised_by_the_uniform_weights_check():
+    # score overrides weighting_function (greedy's 0 weight) and says uniform_weights: the kit's check of those
+    # weights built its first model unguarded, so a model score refuses when sampling (a moving support) raised
+    import storch
+    import storch.testing as kit
+    uniform = [m for m in kit.standard_models(storch.estimator("reparameterization", plate="z"))[0]
+               if m.name == "uniform[high]"]
+    with pytest.raises(AssertionError, match="none of the models"):
+        check_against_enumeration("score", models=uniform, orders=[1])

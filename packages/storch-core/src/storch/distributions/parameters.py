@@ -6,7 +6,7 @@ alone cannot differentiate.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch.distributions import Binomial, Distribution, Independent, Multinomial, NegativeBinomial, OneHotCategorical
@@ -99,7 +99,7 @@ def holds_grad(d) -> bool:
     return next(grad_parameters(d), None) is not None
 
 
-def grad_parameters(d, depth: int = 0):
+def grad_parameters(d: Any, depth: int = 0) -> Iterator[torch.Tensor]:
     """The tensors that ``d`` (a distribution or a transform) holds, or what it holds (base distributions,
     components, transforms and their parts, the parameters of an ``nn.Module``), that require grad (raw, not
     plate tensors): its parameters that carry gradient, as far as its attributes show them (tensors, lists,
