@@ -852,3 +852,49 @@ def test_a_comparison_of_the_noise_alone_is_not_refused():
         g, h = per_replicate_derivatives(storch.surrogate_loss(order=2), leaf, 2)
     assert_unbiased(g, torch.tensor([2 * MU], dtype=D), "gradient")
     assert_unbiased(h, torch.tensor([[2.0]], dtype=D), "Hessian")
+
+
+class _MaskedBy(Distribution):
+    arg_constraints = {"loc": constraints.real}
+    support = constraints.real
+    has_rsample = True
+    helper = None
+
+    def __init__(self, loc, validate_args=None):
+        self.loc = loc
+        super().__init__(loc.shape, validate_args=validate_args)
+
+    def rsample(self, sample_shape=torch.Size()):
+        y = self.loc + torch.randn(self._extended_shape(sample_shape), dtype=self.loc.dtype)
+        return type(self).helper(y)
+
+    def log_prob(self, x):
+        return Normal(self.loc, 1.0).log_prob(x)
+
+
+def _order2_refused(helper) -> None:
+    cls = type("Masked", (_MaskedBy,), {"helper": staticmethod(helper)})
+    est = storch.estimator("reparameterization", plate="x", n_samples=2)
+    with storch.Graph():
+        mu = torch.tensor([0.3], dtype=D, requires_grad=True)
+        storch.add_cost(est(cls(mu)).sum(), name="c")
+        with pytest.raises(storch.OrderError, match="compares"):
+            storch.surrogate_loss(order=2)
+
+
+@pytest.mark.parametrize("module", ["torch_utils", "storch_helpers", "torchrl_like"])
+def test_a_mask_in_a_user_module_named_like_torch_is_counted(module):
+    """r-three F3: the caller was judged by startswith("torch"/"storch"): y * (y > 0) in a user's torch_utils was
+    accepted at order 2."""
+    ns: dict = {"__name__": module}
+    exec("def relu_mask(y):\n    return y * (y > 0)\n", ns)
+    _order2_refused(ns["relu_mask"])
+
+
+def test_a_mask_under_another_torch_function_mode_is_counted():
+    """r-three F4: `with torch.device("cpu"):` inside rsample put torch.utils._device's mode above the watch, read
+    as the caller: the mask was accepted at order 2."""
+    def masked(y):
+        with torch.device("cpu"):
+            return y * (y > 0)
+    _order2_refused(masked)

@@ -78,9 +78,13 @@ def _parameters(d: Distribution) -> dict:
 
 def _holds_plate_tensor(d, depth: int = 0, known: tuple[Plate, ...] = ()) -> bool:
     """Whether ``d`` (a distribution or a transform) or what it holds (base distributions, components,
-    transforms and their parts) has a plate tensor with a plate that is not among ``known`` (by name)."""
+    transforms and their parts) has a plate tensor with a plate that is not among ``known`` (by name). Not in a
+    caching transform's ``_cached_x_y``."""
     names = {p.name for p in known}
-    for v in d.__dict__.values():
+    for k, v in d.__dict__.items():
+        if k == "_cached_x_y":
+            continue  # a caching transform's last (input, output), hit only by that very object (`is`): never by
+            # a raw draw's new tensors (storch rekeys it to the plate tensors it hands out: left from the last step)
         items = v if isinstance(v, (list, tuple)) else (v,)
         for item in items:
             if type(item) is PlateTensor:

@@ -388,6 +388,17 @@ def _transformed(d: TransformedDistribution, x: torch.Tensor, order: int, depth:
 COMPARISON = "comparison "
 
 
+# the packages whose comparisons RsampleComparisons does not count (torch's and storch's own), by root package name:
+# a user's module named torch_utils, storch_helpers or torchrl is not one of them
+_OWN_PACKAGES = frozenset({"torch", "storch", "storch_score", "storch_relaxed", "storch_mvd"})
+
+
+def _is_mode_frame(frame) -> bool:
+    """Whether ``frame`` runs a ``TorchFunctionMode``'s ``__torch_function__`` (a mode above the watch passing
+    the call on): the code that made the call is further up."""
+    return frame.f_code.co_name == "__torch_function__" and isinstance(frame.f_locals.get("self"), TorchFunctionMode)
+
+
 class RsampleComparisons(TorchFunctionMode):
     """Records the first comparison (a function of ``storch.plates.dispatch.JUMPS``: ``>``, ``torch.where``'s
     condition, a mask, a bool or integer cast) that code outside storch and torch applies to a tensor that requires
@@ -395,7 +406,9 @@ class RsampleComparisons(TorchFunctionMode):
     a user's class or transform), the mask of ``torch.where(y > 0, y, 0)``, ``y * (y > 0)``,
     ``y.masked_fill(y < 0, 0)`` inside rsample, which leaves no trace in the autograd graph. ``found``: its name
     and the function that made it (``"gt in WhereClamp._call"``), or None. Comparisons made by torch (``torch.distributions``' constraint checks and formula branches,
-    its transforms) and by storch are not counted; nor one of a value that does not require grad (the noise
+    its transforms) and by storch (a module whose root package is in ``_OWN_PACKAGES``: not a user's torch_utils) are
+    not counted, the caller read through any ``TorchFunctionMode`` above this one (``torch.device(...)`` inside
+    rsample); nor one of a value that does not require grad (the noise
     alone). Counted like ``Node.compared`` in the cost: from order 2 (a piecewise function, a kink or a jump
     autograd does not see). Costs a Python call per torch function inside the draw, for walked classes only."""
 
@@ -408,8 +421,10 @@ class RsampleComparisons(TorchFunctionMode):
         if self.found is None and func in JUMPS and func not in INDEX_VALUES and any(
                 isinstance(a, torch.Tensor) and unbatched(a).requires_grad for a in args):
             frame = sys._getframe(1)
+            while frame.f_back is not None and _is_mode_frame(frame):
+                frame = frame.f_back  # another mode above this one (torch.device(...) inside rsample): its caller
             caller = frame.f_globals.get("__name__", "")
-            if not (caller.startswith("storch") or caller.startswith("torch")):
+            if caller.partition(".")[0] not in _OWN_PACKAGES:
                 code = frame.f_code
                 self.found = (f"{getattr(func, '__name__', str(func)).strip('_')} in "
                               f"{getattr(code, 'co_qualname', code.co_name)}")

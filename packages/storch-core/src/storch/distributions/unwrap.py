@@ -111,8 +111,8 @@ def _unwrap_transformed(d: TransformedDistribution,
 
     A subclass (that keeps this structure: :func:`_copyable`) is copied, not built again: the copy keeps its
     methods and attributes, with the raw base distribution and transforms, the shapes they give, and each
-    plate tensor it holds itself (``self.loc``) aligned to the plates (size 1 where it lacks one) and padded
-    to the base's per-sample rank, as the base's parameters are.
+    plate tensor it holds itself (``self.loc``) aligned and expanded to the plates and padded to the base's
+    per-sample rank, as the base's parameters are.
     """
     found = [within]
     if type(d) is not TransformedDistribution:  # a subclass's own plate tensors (self.loc): their plates too
@@ -121,7 +121,10 @@ def _unwrap_transformed(d: TransformedDistribution,
         names = _TRANSFORM_PARAMS.get(type(t), ())
         held = [t.__dict__.get(n) for n in names]
         found += [v._plates for v in held if type(v) is PlateTensor]
-        if _holds_plate_tensor(t, known=tuple(p for g in found for p in g)):
+        # only storch's re-aligned transforms may hold plate tensors of known plates: a user's transform is applied
+        # as it is to raw tensors (a plate tensor there makes a nested, wrongly broadcast sample), whatever plates
+        # the distribution's other parts have
+        if _holds_plate_tensor(t, known=tuple(p for g in found for p in g)) if names else _holds_plate_tensor(t):
             raise UnsupportedDistributionError(
                 f"TransformedDistribution: its transform {type(t).__name__} holds plate tensors, and storch "
                 f"can re-align the tensors only of {', '.join(c.__name__ for c in _TRANSFORM_PARAMS)} given "
@@ -171,16 +174,22 @@ def _copy_transformed(d: TransformedDistribution, plain: TransformedDistribution
                       plates: tuple[Plate, ...]) -> TransformedDistribution:
     """The raw copy of ``d`` (a subclass of ``TransformedDistribution`` that :func:`_copyable` accepts): its
     attributes, with ``plain``'s raw base distribution, transforms and shapes, and its own plate tensors aligned
-    to ``plates`` (size 1 where one lacks a plate) and padded to the base's per-sample rank."""
+    to ``plates``, expanded to their sizes (as :func:`unwrap_distribution` expands a parameter that lacks a plate:
+    an rsample or sample of its own that shapes its noise from ``self.loc`` draws it per plate entry) and padded to
+    the base's per-sample rank."""
     cls = type(d)
     new = cls.__new__(cls)
     old_base = d.base_dist
     pad = len(old_base.batch_shape + old_base.event_shape)
+    m = len(plates)
+    sizes = [p.size for p in plates]
     for k, v in d.__dict__.items():
         if v is old_base:
             v = plain.base_dist
         elif type(v) is PlateTensor:
             v = align(v._raw, v._plates, plates, pad_to=pad)
+            if list(v.shape[:m]) != sizes:  # expanded to every plate, as unwrap_distribution's parameters are: an
+                v = v.expand(*sizes, *v.shape[m:])  # rsample of its own shaping noise from it draws per entry
         new.__dict__[k] = v
     new.transforms = plain.transforms
     new._batch_shape, new._event_shape = plain.batch_shape, plain.event_shape
@@ -194,14 +203,19 @@ def _copyable(d: TransformedDistribution) -> bool:
     ``SquashedNormal(loc, scale)``, with its own methods and ``self.loc``; a class written outside torch): it holds its base distribution in
     ``base_dist`` and its transforms in ``transforms`` (a list of transforms), and a plate tensor only there or in
     an attribute of its own that is a plate tensor itself (re-aligned in the copy). Not where a plate tensor is
-    held elsewhere (another distribution, a container, a transform outside ``transforms``): the copy would keep it
-    as it is (one noise draw, or one value, shared across plate entries)."""
+    held elsewhere (another distribution, a container, a transform outside ``transforms``, a transform in
+    ``transforms`` other than ``AffineTransform`` and ``PowerTransform``): the copy would keep it as it is (one
+    noise draw, or one value, shared across plate entries, or a nested plate tensor)."""
     if type(d).__module__.startswith("torch.distributions."):
         return False  # torch's own subclasses (LogNormal, RelaxedBernoulli, ...) are rebuilt from their parameters
     h = d.__dict__
     base, transforms = h.get("base_dist"), h.get("transforms")
     if not isinstance(base, Distribution) or not isinstance(transforms, list) or not all(
             isinstance(t, Transform) for t in transforms):
+        return False
+    if any(type(t) not in _TRANSFORM_PARAMS and _holds_plate_tensor(t) for t in transforms):
+        # a transform of its own holding plate tensors ([MyScale(scale)]) cannot be re-aligned: rebuilt through
+        # its constructor where arg_constraints allow it, refused (naming both fixes) otherwise
         return False
     for k, v in h.items():
         if k in ("base_dist", "transforms") or v is base or type(v) is PlateTensor or k == "_cached_x_y":

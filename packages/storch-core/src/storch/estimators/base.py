@@ -74,8 +74,8 @@ from ..plates.tensor import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_ma
 from ..score_conditions import KINK_FREE, moving_support, support_is_fixed
 from .catalog import EstimatorInfo, available, supporting_estimators
 from .checks import _check_sample_entries, _checked_lead, check_in_frame, note_compared, note_rsample
-from .messages import (_no_update_message, _nonfinite_parameters, _output_shape_message, _sample_dtype_message,
-                       _sample_shape_message, _under_jacfwd, updating_message)
+from .messages import (_no_update_message, _nonfinite_parameters, _output_shape_message, _plate_tensor_draw_message,
+                       _sample_dtype_message, _sample_shape_message, _under_jacfwd, updating_message)
 from .watch import _CATEGORIES, _both, _compare_watch, _threshold_watch, is_pathwise
 
 if sys.version_info >= (3, 10):
@@ -324,6 +324,8 @@ class Estimator(torch.nn.Module):
             with RsampleComparisons() as watch:
                 sample = self.proposal(node)
             note_compared(node, raw, watch.found)
+        if type(sample) is PlateTensor:
+            raise UnsupportedDistributionError(_plate_tensor_draw_message(self, distribution, "proposal"))
         # one tuple comparison (a wrong shape would silently move the plate); dims after them may hold a
         # representation of the value (a relaxation's one-hot vector for a Categorical)
         if sample.shape[1:len(own) + 1] != own:
@@ -514,6 +516,8 @@ class Estimator(torch.nn.Module):
             else:
                 sample, lp = made
                 out = sample
+        if type(sample) is PlateTensor:
+            raise UnsupportedDistributionError(_plate_tensor_draw_message(self, distribution, f"extend (step {t})"))
         # (raw's first dim: the partition's plate at step t-1; every torch Distribution sets these two in __init__)
         own = raw._batch_shape[1:] + raw._event_shape
         if sample.shape[1:len(own) + 1] != own:

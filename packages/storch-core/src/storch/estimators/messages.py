@@ -23,6 +23,20 @@ def _step(step: int) -> str:
     return f" at step {step} of its partition" if step else ""
 
 
+def _plate_tensor_draw_message(est: Estimator, distribution: Distribution, where: str) -> str:
+    """The refusal of a raw draw that came back as a PlateTensor: the raw distribution still holds plate tensors
+    that storch could not see (in a closure, or an attribute of a user's transform or class), so the draw mixes
+    plates inside the raw sample (a nested plate tensor: wrong values, or a confusing error later)."""
+    return (f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): the raw draw ({where}) of "
+            f"{type(distribution).__name__} returned a PlateTensor, not a raw tensor: a part of it (a transform, a "
+            "closure such as a conditional flow's params=lambda: (u, w, b) or partial(nn, context), an attribute "
+            "of your class) holds plate tensors that storch cannot see and re-align, so the raw sample would mix "
+            "plates (nested values, one draw broadcast against another plate's entries). Apply that part to the "
+            "sample instead (z = f(est(base)): the flow applied to the estimated base sample, its log-det "
+            "subtracted from the base's log_prob), or pass the data-dependent tensors as the base distribution's "
+            "parameters or as AffineTransform/PowerTransform in its list of transforms")
+
+
 def _sample_shape_message(est: Estimator, component: str, got: torch.Size, own: torch.Size, step: int = 0) -> str:
     want = "(N, " + ", ".join(str(s) for s in own) + ", ...)" if own else "(N, ...)"
     return (f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {component}{_step(step)} returned "
