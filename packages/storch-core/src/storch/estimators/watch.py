@@ -58,7 +58,7 @@ def _threshold_watch(node: Node, jumps: bool):
             # an argmax torch.distributions takes of a value the sample reaches (Categorical(logits=f(z)).mode): a
             # jump as the user's own argmax is, for a jump_free estimator (the general message; found by review)
             code = None
-        handed = [h for h, _ in node.handed if h.requires_grad]
+        handed = [h for h, _ in node.handed if h.requires_grad] + list(node.preimages)
         if handed and _reaches([raw], handed):
             node.thresholded = getattr(func, "__name__", str(func))
             if code is not None:
@@ -145,6 +145,7 @@ def compared(node: Node) -> Optional[str]:
     if pending is not None:
         node._compared_pending = None
         handed = [h for h in (unbatched(h) for h, _ in node.handed) if h.requires_grad]
+        handed += [unbatched(u) for u in node.preimages]  # (t.inv(z) of a cached transform: its pre-image)
         if handed:
             for func, raw in pending:
                 if _reaches([unbatched(raw)], handed):

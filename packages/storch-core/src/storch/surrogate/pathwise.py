@@ -67,7 +67,12 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
                     # a comparison first seen at a later step: remembered as a kink of this cost (hooked from now on)
                     kinks = seen[key] = (_COMPARISON + mask,)
             who = f"estimator {est.name!r} on plate {node.plate.name!r}"
-            inputs = [raw for raw, _ in node.handed]
+            # the values it handed out, and the pre-images its transforms cached for them (Node.preimages: u of
+            # z = t(u), AffineTransform / TanhTransform(cache_size=1)), which t.inv(z) and log_prob(z) return
+            # instead of computing them from z: a cost of them is differentiated through the sample all the
+            # same (round(t.inv(z)) gave a gradient of 1 for 2). The walk stops at each input, so the
+            # transform between u and z (the rsample's business) is not walked for a cost of z
+            inputs = [raw for raw, _ in node.handed] + list(node.preimages)
             roots = _differentiated_through(node, name, cost, nodes)
             walks = memos
             if any(_batched(t) for t in inputs):
@@ -102,7 +107,7 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
                     here, blame = _nonsmooth_through(root, other, inputs, order + 1, memo)
                     if any(k < order for k in here.values()):
                         require_smooth(blame, inputs, order, who=who, what=what,  # says why
-                                       through="the reparameterised sample", instead=_PATHWISE_INSTEAD)
+                                       through=_through(node), instead=_PATHWISE_INSTEAD)
                     if here:
                         kinks = tuple(sorted(here))
                         _refuse_twice(root, lambda kinks=kinks: _kink_message(who, name, kinks, order), order)
@@ -113,7 +118,7 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
                     here, blame = _nonsmooth_through(root, other, inputs, 2, memo)  # (tests count walks)
                     if any(k < 1 for k in here.values()):  # a jump: refused (require_smooth says why)
                         require_smooth(blame, inputs, 1, who=who, what=what,
-                                       through="the reparameterised sample", instead=_PATHWISE_INSTEAD)
+                                       through=_through(node), instead=_PATHWISE_INSTEAD)
                     found.update(here)
                 mask = compared(node)
                 if mask is not None:
@@ -125,6 +130,14 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
                     if id(root) not in hooked:  # (a downstream step's log p is a root of every later cost)
                         hooked.add(id(root))
                         _refuse_twice(root, lambda kinks=kinks: _kink_message(who, name, kinks))
+
+
+def _through(node: Node) -> str:
+    """The inputs of :func:`_check_smooth`'s walk, in words for require_smooth's message."""
+    if not node.preimages:
+        return "the reparameterised sample"
+    return ("the reparameterised sample z (or the pre-image u of z = t(u) that its transforms cached, which "
+            "t.inv(z) and log_prob(z) read)")
 
 
 def _check_compared(name: str, nodes: list[Node], order: int) -> None:
