@@ -10,7 +10,62 @@ import torch
 from torch.distributions import Distribution, Independent, TransformedDistribution
 from torch.distributions.transforms import Transform
 
+from ..errors import UnsupportedDistributionError
+from ..plates.tensor import PlateTensor
+
 __all__ = ["rekey_transform_cache"]
+
+
+def _raw_log_det(u: Transform, x: PlateTensor, y: PlateTensor) -> Optional[bool]:
+    """Whether ``u.log_abs_det_jacobian(x, y)`` of plate tensors ``x``, ``y`` is a tensor without plates whose
+    leading dims are the plate dims of ``x`` (a value computed from the raw draw and kept: one without them,
+    log|scale| of a raw parameter, is a constant per sample, broadcast rightly); ``None`` where it raises (a
+    missing or stale side cache, or a log-det the transform cannot compute on plate tensors)."""
+    try:
+        r = u.log_abs_det_jacobian(x, y)
+    except Exception:  # noqa: BLE001 (the user's log_prob raises it again where it is asked for)
+        return None
+    if not isinstance(r, torch.Tensor) or isinstance(r, PlateTensor):
+        return False
+    lead = x._raw.shape[:len(x.plates)]
+    return r.shape[:len(lead)] == lead
+
+
+def _refresh_side_cache(u: Transform, x: PlateTensor, y: PlateTensor) -> None:
+    """A transform of the user's (pyro's Planar, Radial, Sylvester, AffineAutoregressive, Spline) may compute
+    log|det J| in ``_call`` and keep it on itself (``self._cached_logDetJ``), which ``log_abs_det_jacobian(x, y)``
+    returns where ``(x, y)`` is its cached pair. storch ran ``_call`` on the raw tensors, so that value has no
+    plates, and ``log_prob`` of the handed-out value (keyed to it now) would mix it into plate tensors as a
+    constant, broadcast against the per-sample dims: a silently wrong log q (-37.7 for -3.1). Where the log-det
+    of ``(x, y)`` is such a tensor (or fails), ``_call(x)`` runs again on the plate tensors, which keeps what it
+    caches with its plates (one more forward of the layer per draw, only for such transforms); a log-det still
+    without plates after it is refused, as is one without plates whose ``_call`` fails on plate tensors. torch's
+    own transforms cache nothing else: not asked."""
+    first = _raw_log_det(u, x, y)
+    if first is False:
+        return  # (a log-det computed from x, or a constant per sample)
+    try:
+        u._call(x)
+    except Exception as e:  # noqa: BLE001
+        if first is None:
+            return  # (no log-det to correct: its log_prob fails as it did)
+        raise UnsupportedDistributionError(_side_cache_message(u, f"running its _call on the plate tensor failed "
+                                                                 f"({type(e).__name__}: {e})")) from e
+    u._cached_x_y = (x, y)
+    if _raw_log_det(u, x, y):
+        raise UnsupportedDistributionError(_side_cache_message(u, "it still does after _call(x) ran on the plate "
+                                                                  "tensor"))
+
+
+def _side_cache_message(u: Transform, why: str) -> str:
+    name = type(u).__name__
+    return (f"transform {name}: log_abs_det_jacobian(x, y) of the sample storch hands out (a plate tensor) returns a "
+            "tensor without plates: a value cached when storch drew the sample from raw tensors (a log-det kept on "
+            f"the transform in _call, pyro's self._cached_logDetJ); {why}. log_prob of the sample would add it as a "
+            "constant broadcast against the per-sample dims: a wrong log-probability and gradient. Compute the "
+            f"log-det from x in {name}.log_abs_det_jacobian (or recompute it there when x is not the tensor _call "
+            "saw), or apply the flow to the sample yourself (z = flow(storch.estimator(...)(base)) and the "
+            "log-density base.log_prob(x) - log|det J| written from x)")
 
 
 def _transforms(d: Distribution) -> list:
@@ -69,6 +124,9 @@ def rekey_transform_cache(d: Distribution, sample: torch.Tensor, value: torch.Te
             return found
         new_x = convert(x)
         u._cached_x_y = (new_x, new_y)  # u.inv(new_y) is new_x: Transform._inv_call
+        if (isinstance(new_x, PlateTensor) and isinstance(new_y, PlateTensor)
+                and not type(u).__module__.startswith("torch.distributions.")):
+            _refresh_side_cache(u, new_x, new_y)
         found.append(x)
         y, new_y = x, new_x
     return found
