@@ -131,6 +131,29 @@ def test_log_prob_of_a_planar_flow_is_the_hand_computed_one_per_sample_and_data_
         torch.testing.assert_close(lq.tensor.detach(), hand)
 
 
+def test_a_planar_flow_reused_in_later_steps_is_not_refused_for_its_refreshed_cache():
+    """The log-det storch refreshes on the handed-out sample stays on the transform (a plate tensor of that draw): a
+    flow's transform is reused from step to step, and the next step refused it ("holds plate tensors"). Each step's
+    log q is the hand-computed one."""
+    torch.manual_seed(2)
+    mu = torch.tensor([[0.2], [-0.5], [1.0]], dtype=D, requires_grad=True)
+    u, w, b = (torch.tensor(v, dtype=D) for v in ([0.8], [1.2], 0.1))
+    flow = Planar(u, w, b)
+    est = storch.estimator("reparameterization", plate="z", n_samples=2)
+    for _ in range(3):
+        with storch.Graph():
+            q = TransformedDistribution(Independent(Normal(storch.denote_independent(mu, 0, "data"), 1.0), 1), [flow])
+            z = est(q)
+            lq = q.log_prob(z)
+            x = z.tensor.detach().clone()
+            for _ in range(60):
+                a = torch.tanh(w * x + b)
+                x = x - (x + u * a - z.tensor.detach()) / (1 + u * w * (1 - a * a))
+            torch.testing.assert_close(lq.tensor.detach(), _planar_log_q(x, mu.detach(), u, w, b).squeeze(-1))
+            storch.add_cost(lq + (z * z).sum(-1), name="c")
+            storch.backward()
+
+
 def test_a_planar_flow_entropy_term_is_unbiased():
     """E[log q(z) + z^2] for z = Planar(x), x ~ N(mu, 1), mu per replicate: the exact gradient in mu by
     Gauss-Hermite quadrature over x (80 nodes: the integrand is smooth)."""

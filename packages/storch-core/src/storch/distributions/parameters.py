@@ -76,13 +76,21 @@ def _parameters(d: Distribution) -> dict:
     return {n: d.__dict__[n] if n in d.__dict__ else getattr(d, n) for n in names}
 
 
+# the attribute where storch records the names of a transform's attributes that it wrote with plate tensors
+# (storch.distributions.transform_cache refreshes a user's side cache, pyro's _cached_logDetJ, on the sample it
+# hands out): values of the last draw, hit only with that sample, not tensors the transform holds
+SIDE_CACHE = "_storch_side_cache"
+
+
 def _holds_plate_tensor(d, depth: int = 0, known: tuple[Plate, ...] = ()) -> bool:
     """Whether ``d`` (a distribution or a transform) or what it holds (base distributions, components,
     transforms and their parts) has a plate tensor with a plate that is not among ``known`` (by name). Not in a
-    caching transform's ``_cached_x_y``."""
+    caching transform's ``_cached_x_y``, nor what storch wrote on a transform when it handed out a sample
+    (``SIDE_CACHE``: a log-det kept by ``_call``, refreshed on the plate tensors)."""
     names = {p.name for p in known}
+    written = d.__dict__.get(SIDE_CACHE, ())
     for k, v in d.__dict__.items():
-        if k == "_cached_x_y":
+        if k == "_cached_x_y" or k == SIDE_CACHE or k in written:
             continue  # a caching transform's last (input, output), hit only by that very object (`is`): never by
             # a raw draw's new tensors (storch rekeys it to the plate tensors it hands out: left from the last step)
         items = v if isinstance(v, (list, tuple)) else (v,)

@@ -13,6 +13,8 @@ from torch.distributions.transforms import Transform
 from ..errors import UnsupportedDistributionError
 from ..plates.tensor import PlateTensor
 
+_SIDE_CACHE = "_storch_side_cache"  # (storch.distributions.parameters.SIDE_CACHE: a sibling module, not imported)
+
 __all__ = ["rekey_transform_cache"]
 
 
@@ -44,6 +46,7 @@ def _refresh_side_cache(u: Transform, x: PlateTensor, y: PlateTensor) -> None:
     first = _raw_log_det(u, x, y)
     if first is False:
         return  # (a log-det computed from x, or a constant per sample)
+    held = {k for k, v in u.__dict__.items() if type(v) is PlateTensor}
     try:
         u._call(x)
     except Exception as e:  # noqa: BLE001
@@ -52,6 +55,9 @@ def _refresh_side_cache(u: Transform, x: PlateTensor, y: PlateTensor) -> None:
         raise UnsupportedDistributionError(_side_cache_message(u, f"running its _call on the plate tensor failed "
                                                                  f"({type(e).__name__}: {e})")) from e
     u._cached_x_y = (x, y)
+    # the attributes _call wrote with plate tensors: this draw's values, not tensors the transform holds (a transform
+    # reused in the next step is not refused for them: parameters.SIDE_CACHE)
+    u.__dict__[_SIDE_CACHE] = frozenset(k for k, v in u.__dict__.items() if type(v) is PlateTensor and k not in held)
     if _raw_log_det(u, x, y):
         raise UnsupportedDistributionError(_side_cache_message(u, "it still does after _call(x) ran on the plate "
                                                                   "tensor"))
