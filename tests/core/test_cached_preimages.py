@@ -224,3 +224,88 @@ def test_a_log_det_without_plates_that_is_constant_per_sample_is_kept():
         z = storch.estimator("reparameterization", plate="z", n_samples=4)(q)
         lq = q.log_prob(z)
         torch.testing.assert_close(lq.tensor, Normal(a * mu, a).log_prob(z.tensor))
+
+
+class _ScaleLogDet(Transform):
+    """y = a x elementwise, log|a| kept in _call (a constant per sample whose first dim is the sample count here)."""
+
+    domain = constraints.real
+    codomain = constraints.real
+    bijective = True
+
+    def __init__(self, a):
+        super().__init__(cache_size=1)
+        self.a = a
+
+    def _call(self, x):
+        self._ld = torch.log(self.a.abs())
+        return x * self.a
+
+    def _inverse(self, y):
+        return y / self.a
+
+    def log_abs_det_jacobian(self, x, y):
+        return self._ld
+
+
+class _Stats(Transform):
+    """A pyro-style cached log-det and a running mean of its inputs: in place (`inplace`) or functionally."""
+
+    domain = constraints.real
+    codomain = constraints.real
+    bijective = True
+
+    def __init__(self, inplace):
+        super().__init__(cache_size=1)
+        self.inplace = inplace
+        self.running_mean = torch.zeros((), dtype=D)
+        self.calls = 0
+
+    def _call(self, x):
+        self.calls += 1
+        if self.inplace:
+            with torch.no_grad():
+                self.running_mean.mul_(0.9).add_(0.1 * x.mean())
+        else:
+            self.running_mean = (0.9 * self.running_mean + 0.1 * x.mean()).detach()
+        self._ld = torch.zeros_like(x)
+        return x * 1.0
+
+    def _inverse(self, y):
+        return y
+
+    def log_abs_det_jacobian(self, x, y):
+        return self._ld
+
+
+def test_a_constant_log_det_whose_first_dim_is_the_sample_count_is_kept():
+    """Found by review: the raw log-det was told by its leading dims only, so log|a| of 4 elements was refused at
+    n_samples = 4 (accepted at 3). It is told by its whole shape: the plate dims, then x's."""
+    a = torch.tensor([0.5, -2.0, 1.5, 3.0], dtype=D)
+    mu = torch.zeros(4, dtype=D, requires_grad=True)
+    for n in (3, 4):
+        with storch.Graph():
+            q = TransformedDistribution(Normal(mu, 1.0), [_ScaleLogDet(a)])
+            z = storch.estimator("reparameterization", plate="z", n_samples=n)(q)
+            x = z.tensor.detach() / a
+            torch.testing.assert_close(q.log_prob(z).tensor.detach(), Normal(0.0, 1.0).log_prob(x) - a.abs().log())
+
+
+def test_the_refresh_keeps_a_layers_state_as_one_draw_leaves_it():
+    """Found by review: the refresh ran the user's _call again on the transform itself, so a running mean updated
+    functionally became a plate tensor (one mean per sample), and one updated in place was updated twice. It runs
+    on a copy now: a functional update is the draw's (a plain tensor, one update a draw); an in-place one is refused."""
+    mu = torch.tensor([1.0, 2.0, 3.0], dtype=D, requires_grad=True)
+    t = _Stats(inplace=False)
+    for _ in range(2):
+        with storch.Graph():
+            q = TransformedDistribution(Normal(storch.denote_independent(mu, 0, "data"), 1.0), [t])
+            z = storch.estimator("reparameterization", plate="z", n_samples=5)(q)
+            assert type(t.running_mean) is torch.Tensor and t.running_mean.dim() == 0 and t.calls == 1
+            assert [p.name for p in q.log_prob(z).plates] == ["z", "data"]
+        t.calls = 0
+    t = _Stats(inplace=True)
+    with storch.Graph():
+        q = TransformedDistribution(Normal(storch.denote_independent(mu, 0, "data"), 1.0), [t])
+        with pytest.raises(storch.UnsupportedDistributionError, match=r"changes running_mean in place|running its _call on the plate tensor failed"):
+            storch.estimator("reparameterization", plate="z", n_samples=5)(q)

@@ -4,6 +4,7 @@ handed out (``log_prob`` of a squashed Gaussian's action reuses its pre-tanh sam
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Optional
 
 import torch
@@ -29,8 +30,12 @@ def _raw_log_det(u: Transform, x: PlateTensor, y: PlateTensor) -> Optional[bool]
         return None
     if not isinstance(r, torch.Tensor) or isinstance(r, PlateTensor):
         return False
-    lead = x._raw.shape[:len(x.plates)]
-    return r.shape[:len(lead)] == lead
+    # the whole raw shape of a log-det of the draw (the plate dims, then x's dims but the transform's event dims),
+    # not only its leading dims: a log|scale| of a raw parameter whose first dim happens to be the sample count is
+    # a constant per sample (found by review: refused at n_samples = 4 for a scale of 4 elements)
+    raw = x._raw
+    event = getattr(getattr(u, "domain", None), "event_dim", 0)
+    return r.shape == raw.shape[:raw.dim() - event]
 
 
 def _refresh_side_cache(u: Transform, x: PlateTensor, y: PlateTensor) -> None:
@@ -44,23 +49,51 @@ def _refresh_side_cache(u: Transform, x: PlateTensor, y: PlateTensor) -> None:
     without plates after it is refused, as is one without plates whose ``_call`` fails on plate tensors. torch's
     own transforms cache nothing else: not asked."""
     first = _raw_log_det(u, x, y)
-    if first is False:
-        return  # (a log-det computed from x, or a constant per sample)
-    held = {k for k, v in u.__dict__.items() if type(v) is PlateTensor}
+    if not first:
+        # (a log-det computed from x, or a constant per sample; or none that can be computed on plate tensors, with
+        # nothing kept to correct: the user's _call is not run a second time)
+        return
+    # _call runs again on a shallow copy (found by review: run on the transform itself, a layer that also keeps
+    # statistics, a running mean, updated them twice a draw or stored them per sample): only the attributes that
+    # held the raw draw's per-sample values (the raw plate dims leading) are taken from it; state changed in place
+    # (a tensor the copy shares) is refused, as storch cannot run such a _call a second time
+    lead = x._raw.shape[:len(x.plates)]
+    shadow = copy.copy(u)
+    for name in ("_parameters", "_buffers", "_modules"):  # (an nn.Module's: copied, not shared, so are its buffers)
+        if isinstance(u.__dict__.get(name), dict):
+            shadow.__dict__[name] = dict(u.__dict__[name])
+    versions = {k: v._version for k, v in _tensors(u)}
     try:
-        u._call(x)
+        shadow._call(x)
     except Exception as e:  # noqa: BLE001
-        if first is None:
-            return  # (no log-det to correct: its log_prob fails as it did)
         raise UnsupportedDistributionError(_side_cache_message(u, f"running its _call on the plate tensor failed "
                                                                  f"({type(e).__name__}: {e})")) from e
+    changed = sorted(k for k, v in _tensors(u) if k in versions and v._version != versions[k])
+    if changed:
+        raise UnsupportedDistributionError(_side_cache_message(u, f"its _call changes {', '.join(changed)} in place, "
+                                                                 "so storch cannot run it again on the plate tensor"))
+    per_sample = {k for k, v in u.__dict__.items()
+                  if type(v) is torch.Tensor and v.shape[:len(lead)] == lead and type(shadow.__dict__.get(k)) is PlateTensor}
+    for k in per_sample:
+        u.__dict__[k] = shadow.__dict__[k]
     u._cached_x_y = (x, y)
-    # the attributes _call wrote with plate tensors: this draw's values, not tensors the transform holds (a transform
-    # reused in the next step is not refused for them: parameters.SIDE_CACHE)
-    u.__dict__[_SIDE_CACHE] = frozenset(k for k, v in u.__dict__.items() if type(v) is PlateTensor and k not in held)
+    # this draw's values, not tensors the transform holds (a transform reused in the next step is not refused for
+    # them: parameters.SIDE_CACHE)
+    u.__dict__[_SIDE_CACHE] = frozenset(per_sample)
     if _raw_log_det(u, x, y):
         raise UnsupportedDistributionError(_side_cache_message(u, "it still does after _call(x) ran on the plate "
                                                                   "tensor"))
+
+
+def _tensors(u: Transform):
+    """The tensors ``u`` holds as attributes (an nn.Module's buffers and parameters too), by name."""
+    for k, v in u.__dict__.items():
+        if isinstance(v, torch.Tensor) and type(v) is not PlateTensor:
+            yield k, v
+    for name in ("_parameters", "_buffers"):
+        for k, v in (u.__dict__.get(name) or {}).items():
+            if isinstance(v, torch.Tensor):
+                yield k, v
 
 
 def _side_cache_message(u: Transform, why: str) -> str:
