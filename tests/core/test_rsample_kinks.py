@@ -898,3 +898,144 @@ def test_a_mask_under_another_torch_function_mode_is_counted():
         with torch.device("cpu"):
             return y * (y > 0)
     _order2_refused(masked)
+
+
+# ---- r-three F5: the watch was off while storch.compile traced a step: a mask inside rsample refused eagerly was
+# accepted at order 2 by storch.compile(loss, backend=None) (a leaky flow written with torch.where gave a Hessian of
+# exactly 0 for an exact 0.352, p-flows t8b); the refusal now comes at trace time, as eagerly
+
+
+def _compiled_order2(make, partition=False):
+    def loss(mu):
+        est = storch.estimator("reparameterization", plate="x", n_samples=2)
+        with storch.Graph():
+            x = est(Normal(mu, 1.0) if partition else make(mu))
+            if partition:
+                x = est(make(x))
+            storch.add_cost((x * x).sum(), name="c")
+            return storch.surrogate_loss(order=2)
+    return storch.compile(loss, backend=None)(torch.tensor([MU], dtype=D, requires_grad=True))
+
+
+@pytest.mark.parametrize("case", sorted(MASKED))
+def test_a_comparison_inside_rsample_is_refused_while_storch_compile_traces(case):
+    make, op = MASKED[case]
+    torch.manual_seed(0)
+    with pytest.raises(storch.OrderError, match=rf"order-2 surrogate.*compares.*\({op}: a mask"):
+        _compiled_order2(make)
+
+
+def test_a_comparison_inside_a_later_partition_steps_rsample_is_refused_while_storch_compile_traces():
+    torch.manual_seed(0)
+    with pytest.raises(storch.OrderError, match=r"order-2 surrogate.*compares.*\(gt in MaskedRelu.rsample"):
+        _compiled_order2(MaskedRelu, partition=True)
+
+
+def test_a_smooth_walked_rsample_compiles_at_order_2_as_eagerly():
+    """The watch under the trace leaves a smooth walked rsample (a comparison of the noise alone) accepted, with the
+    eager step's value and derivatives."""
+    def loss(mu):
+        est = storch.estimator("reparameterization", plate="x", n_samples=3)
+        with storch.Graph():
+            x = est(NoiseSelected(mu))
+            storch.add_cost((x * x).sum(), name="c")
+            return storch.surrogate_loss(order=2)
+    mu = torch.tensor([MU, -0.5], dtype=D, requires_grad=True)
+    compiled = storch.compile(loss, backend=None)
+    out = []
+    for f in (loss, compiled):
+        torch.manual_seed(3)
+        g, = torch.autograd.grad(f(mu), mu, create_graph=True)
+        out.append((g, torch.autograd.grad(g.sum(), mu)[0]))
+    assert torch.allclose(out[0][0], out[1][0]) and torch.allclose(out[0][1], out[1][1])
+
+
+# ---- r-three F6: forms of a comparison the watch missed: keyword operands (torch.gt(input=y, other=0)), heaviside,
+# a cast to bool through .to / .type, a mask of the detached value (torch.where(y.detach() > 0, y, 0))
+MISSED = {
+    "torch.gt keywords": lambda y: y * torch.gt(input=y, other=0),
+    "heaviside": lambda y: y * torch.heaviside(y, torch.zeros_like(y)),
+    "to(bool)": lambda y: y * y.to(torch.bool),
+    "to(dtype=bool)": lambda y: y * y.to(dtype=torch.bool),
+    "type(bool)": lambda y: y * y.type(torch.bool),
+    "detached mask": lambda y: torch.where(y.detach() > 0, y, 0 * y),
+    "detached clone mask": lambda y: y * (y.detach().clone() > 0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISSED))
+def test_more_forms_of_a_comparison_inside_rsample_are_refused(case):
+    _order2_refused(MISSED[case])
+
+
+def test_a_cast_to_another_float_dtype_inside_rsample_is_not_a_comparison():
+    from storch.distributions.rsample_kinks import RsampleComparisons
+    y = torch.tensor([0.3, -0.2], dtype=D, requires_grad=True) * 1
+    with RsampleComparisons() as watch:
+        y.to(torch.float32).type(torch.float64).to(y).detach().double()
+    assert watch.found is None
+
+
+@pytest.mark.parametrize("cast", [lambda x: x.to(torch.bool), lambda x: x.type(torch.long),
+                                  lambda x: torch.heaviside(x, torch.zeros_like(x))])
+def test_a_bool_cast_or_heaviside_of_a_pathwise_sample_in_the_cost_is_refused_at_order_2(cast):
+    """The cost's watch (storch.plates.dispatch.JUMPS) missed them too."""
+    mu = torch.tensor([MU, -0.5], dtype=D, requires_grad=True)
+    est = storch.estimator("reparameterization", plate="x", n_samples=2)
+    with storch.Graph():
+        x = est(Normal(mu, 1.0))
+        storch.add_cost((x * cast(x).to(D)).sum(), name="c")
+        with pytest.raises(storch.OrderError, match=r"compar|mask"):
+            storch.surrogate_loss(order=2)
+
+
+# ---- r-three F7: extend ran wholly under the watch, the step's gradient function too: a requires_rsample estimator
+# with partitions whose gradient function reads a piecewise log_prob was lowered to order 1 from step 1
+
+
+class _PiecewiseDensity(Distribution):
+    """loc + eps (smooth), with a density written with torch.where."""
+
+    arg_constraints = {"loc": constraints.real}
+    support = constraints.real
+    has_rsample = True
+
+    def __init__(self, loc, validate_args=None):
+        self.loc = loc
+        super().__init__(loc.shape, validate_args=validate_args)
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.loc + torch.randn(self._extended_shape(sample_shape), dtype=self.loc.dtype)
+
+    def log_prob(self, x):
+        d = x - self.loc
+        return torch.where(d > 0, Normal(0.0, 1.0).log_prob(d), Normal(0.0, 1.0).log_prob(-d))
+
+
+class _PathwiseWithLogProb(storch.Estimator):
+    name = "test_core_rsample_kinks_pathwise_log_prob"
+    requires_rsample = True
+    supports_partitions = True
+
+    def proposal(self, node):
+        return node.distribution.rsample((self.n_samples,))
+
+    def draw(self, distribution, shape):
+        return distribution.rsample(shape)
+
+
+def test_a_piecewise_log_prob_in_a_later_steps_gradient_function_is_not_a_comparison_of_the_draw():
+    mu = torch.tensor([MU], dtype=D, requires_grad=True)
+    est = _PathwiseWithLogProb(plate="x", n_samples=2)
+    with storch.Graph():
+        x0 = est(_PiecewiseDensity(mu))
+        x1 = est(_PiecewiseDensity(x0))
+        storch.add_cost((x0 + x1).sum(), name="c")
+        storch.surrogate_loss(order=2)
+    # the same draw with a mask is still refused at the later step
+    with storch.Graph():
+        x0 = est(_PiecewiseDensity(mu))
+        x1 = est(MaskedRelu(x0))
+        storch.add_cost((x0 + x1).sum(), name="c")
+        with pytest.raises(storch.OrderError, match=r"gt in MaskedRelu.rsample"):
+            storch.surrogate_loss(order=2)

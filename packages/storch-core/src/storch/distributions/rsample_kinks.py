@@ -44,7 +44,7 @@ from .. import smoothness
 from .._order_guard import unbatched
 from ..errors import ASSUMPTIONS
 from ..generators import current_generator
-from ..plates.dispatch import INDEX_VALUES, JUMPS
+from ..plates.dispatch import CASTS, INDEX_VALUES, JUMPS, casts_to_jump
 from .parameters import grad_parameters
 
 __all__ = ["rsample_kinks", "rsample_walked", "SMOOTH_RSAMPLE", "SMOOTH_TRANSFORMS", "IMPLICIT_REPARAMETERISATION",
@@ -393,6 +393,18 @@ COMPARISON = "comparison "
 _OWN_PACKAGES = frozenset({"torch", "storch", "storch_score", "storch_relaxed", "storch_mvd"})
 
 
+def _is_log_prob_frame(frame) -> bool:
+    """Whether ``frame`` runs an estimator's ``step_gradient_function`` or a distribution's ``log_prob`` (a
+    partition step's gradient function, which ``extend`` computes beside its draw): not the draw."""
+    name = frame.f_code.co_name
+    return name == "step_gradient_function" or name == "log_prob" and isinstance(frame.f_locals.get("self"),
+                                                                                   Distribution)
+
+
+# the functions whose result is a value detached from their operand (RsampleComparisons watches it too)
+_DETACH = frozenset({torch.Tensor.detach, torch.detach, torch.Tensor.data.__get__})  # type: ignore[attr-defined]
+
+
 def _is_mode_frame(frame) -> bool:
     """Whether ``frame`` runs a ``TorchFunctionMode``'s ``__torch_function__`` (a mode above the watch passing
     the call on): the code that made the call is further up."""
@@ -409,26 +421,64 @@ class RsampleComparisons(TorchFunctionMode):
     its transforms) and by storch (a module whose root package is in ``_OWN_PACKAGES``: not a user's torch_utils) are
     not counted, the caller read through any ``TorchFunctionMode`` above this one (``torch.device(...)`` inside
     rsample); nor one of a value that does not require grad (the noise
-    alone). Counted like ``Node.compared`` in the cost: from order 2 (a piecewise function, a kink or a jump
+    alone), unless it was detached from one (``y.detach()``, ``y.data``, and what is computed from them while the mode
+    is active). Tensor operands in keywords count (``torch.gt(input=y, other=0)``), and ``Tensor.to`` /
+    ``Tensor.type`` to a bool or integer dtype (``storch.plates.dispatch.CASTS``). Not counted: a comparison made
+    under a ``log_prob`` or an estimator's ``step_gradient_function`` (``extend`` computes the step's gradient
+    function beside its draw: a piecewise density is no kink of the sample). Counted like ``Node.compared`` in the cost: from order 2 (a piecewise function, a kink or a jump
     autograd does not see). Costs a Python call per torch function inside the draw, for walked classes only."""
 
     def __init__(self) -> None:
         super().__init__()
         self.found: Optional[str] = None
+        # the values detached (y.detach(), y.data) from a value that requires grad while active, and what was
+        # computed from them (ids, with the tensors kept alive: the draw's own, dropped with the mode)
+        self._detached: dict = {}
+
+    def _watched(self, a) -> bool:
+        return isinstance(a, torch.Tensor) and (unbatched(a).requires_grad or id(a) in self._detached)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.found is None and func in JUMPS and func not in INDEX_VALUES and any(
-                isinstance(a, torch.Tensor) and unbatched(a).requires_grad for a in args):
-            frame = sys._getframe(1)
-            while frame.f_back is not None and _is_mode_frame(frame):
-                frame = frame.f_back  # another mode above this one (torch.device(...) inside rsample): its caller
-            caller = frame.f_globals.get("__name__", "")
-            if caller.partition(".")[0] not in _OWN_PACKAGES:
-                code = frame.f_code
-                self.found = (f"{getattr(func, '__name__', str(func)).strip('_')} in "
-                              f"{getattr(code, 'co_qualname', code.co_name)}")
-        return func(*args, **kwargs)
+        if self.found is None and (func in JUMPS and func not in INDEX_VALUES
+                                   or func in CASTS and casts_to_jump(args, kwargs)):
+            if any(self._watched(a) for a in args) or any(self._watched(a) for a in kwargs.values()):
+                self._note(func)
+        out = func(*args, **kwargs)
+        if self.found is None and isinstance(out, torch.Tensor) and not out.requires_grad:
+            # a comparison of y.detach() (torch.where(y.detach() > 0, y, 0)) is as much a kink as one of y: the
+            # detached value (and what is computed from it) is watched too
+            if func in _DETACH and args and isinstance(args[0], torch.Tensor) and unbatched(args[0]).requires_grad \
+                    or self._detached and (any(id(a) in self._detached for a in args if isinstance(a, torch.Tensor))
+                                           or any(id(a) in self._detached for a in kwargs.values()
+                                                  if isinstance(a, torch.Tensor))):
+                self._detached[id(out)] = out
+        return out
+
+    def __enter__(self):
+        self._entry = sys._getframe(1)  # (the code that draws under the watch: the frames below it are the draw's)
+        return super().__enter__()
+
+    def _note(self, func) -> None:
+        frame = sys._getframe(2)
+        while frame.f_back is not None and _is_mode_frame(frame):
+            frame = frame.f_back  # another mode above this one (torch.device(...) inside rsample): its caller
+        caller = frame.f_globals.get("__name__", "")
+        if caller.partition(".")[0] not in _OWN_PACKAGES and not self._in_log_prob(frame):
+            code = frame.f_code
+            self.found = (f"{getattr(func, '__name__', str(func)).strip('_')} in "
+                          f"{getattr(code, 'co_qualname', code.co_name)}")
+
+    def _in_log_prob(self, frame) -> bool:
+        """Whether the comparison is made (``frame``: its caller) under a log-density, between here and where
+        the watch was entered: ``extend`` runs the step's gradient function (``step_gradient_function``, the
+        user's ``log_prob``) under the watch beside the draw; a piecewise density is no kink of the sample."""
+        entry = getattr(self, "_entry", None)
+        while frame is not None and frame is not entry:
+            if _is_log_prob_frame(frame):
+                return True
+            frame = frame.f_back
+        return False
 
 
 def rsample_kinks_note(name: str, found: dict, where: Optional[dict] = None) -> str:

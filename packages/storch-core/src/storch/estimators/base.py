@@ -318,9 +318,10 @@ class Estimator(torch.nn.Module):
         # draw (what the rsample keeps in it, a caching transform's last value, is no parameter); torch's smooth
         # classes: one dict lookup
         params = list(grad_parameters(raw)) if self.requires_rsample and rsample_walked(raw) else None
-        if params is None or is_tracing():
+        if params is None:
             sample = self.proposal(node)
-        else:  # (and its comparisons: a mask inside rsample leaves no trace in the autograd graph)
+        else:  # (and its comparisons: a mask inside rsample leaves no trace in the autograd graph; under
+            # storch.compile's trace too, where the mode sees the traced tensors and the refusal comes at trace time)
             with RsampleComparisons() as watch:
                 sample = self.proposal(node)
             note_compared(node, raw, watch.found)
@@ -490,7 +491,7 @@ class Estimator(torch.nn.Module):
             node.rsample_noted = False  # (set again where the step's draw notes its own rsample)
         if how is _BY_COMPONENTS:  # (never for a first-party estimator)
             sample, lp, out = self._components_step(node, raw, plates, t)
-        elif params is None or is_tracing():
+        elif params is None:
             made = self.extend(node, raw, plates)
         else:
             with RsampleComparisons() as watch:

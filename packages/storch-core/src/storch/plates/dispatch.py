@@ -14,6 +14,7 @@ on the tensor (``storch.plates.tensor.install_dispatcher``) when imported.
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 import torch
 
@@ -29,7 +30,7 @@ from .tensor import new_plate_tensor as _new
 from .treatments import _LISTENERS, Entry, Treatment, describe, treatment_of
 
 __all__ = ["dispatch", "register", "wrap", "scan", "unwrap", "too_many_samples", "user_error", "JUMPS", "INDEXING",
-           "INDEX_VALUES"]
+           "INDEX_VALUES", "CASTS", "casts_to_jump"]
 
 _PT = PlateTensor
 _T = torch.Tensor
@@ -95,6 +96,8 @@ def _implementation(func):
         impl = _writing(impl)
     if func in JUMPS or func in INDEX_VALUES:
         impl = _watched(impl)
+    elif func in CASTS:
+        impl = _watched_cast(impl)
     _IMPL[func] = impl
     return impl
 
@@ -102,7 +105,7 @@ def _implementation(func):
 def _jumps() -> frozenset:
     names = ("eq", "ne", "gt", "ge", "lt", "le", "greater", "greater_equal", "less", "less_equal", "not_equal",
              "isclose", "argmax", "argmin", "argsort", "bucketize", "logical_not", "logical_and", "logical_or",
-             "logical_xor")
+             "logical_xor", "heaviside")
     methods = ("__eq__", "__ne__", "__gt__", "__ge__", "__lt__", "__le__", "bool", "long", "int", "short", "char",
                "byte")
     out = {getattr(torch, n) for n in names if hasattr(torch, n)}
@@ -124,6 +127,34 @@ def _jumps() -> frozenset:
 # must not see its sample thresholded), with its plates where it has no autograd graph to walk. No other function
 # pays anything: the check is part of these functions' cached implementation only.
 JUMPS: frozenset = _jumps()
+
+# Casts that are a jump for some targets only: Tensor.to / Tensor.type to a bool or integer dtype (y.to(torch.bool),
+# y.type(torch.long)), as Tensor.bool / Tensor.long are (casts_to_jump); a cast to another floating dtype is smooth.
+CASTS: frozenset = frozenset({_T.to, _T.type})
+
+
+def _jump_dtype(a) -> Optional[bool]:
+    if isinstance(a, torch.dtype):
+        return not (a.is_floating_point or a.is_complex)
+    if isinstance(a, str):  # (Tensor.type's type strings: "torch.BoolTensor", "torch.cuda.LongTensor")
+        return not any(k in a for k in ("Float", "Double", "Half", "BFloat", "Complex"))
+    if isinstance(a, torch.Tensor):  # (Tensor.to(other): other's dtype)
+        return not (a.dtype.is_floating_point or a.dtype.is_complex)
+    return None
+
+
+def casts_to_jump(args, kwargs) -> bool:
+    """Whether a call of a function of :data:`CASTS` (``Tensor.to``, ``Tensor.type``) casts its tensor to a bool or
+    integer dtype: a jump, as ``Tensor.bool()`` is."""
+    for a in args[1:]:
+        v = _jump_dtype(a)
+        if v is not None:
+            return v
+    if kwargs:
+        v = _jump_dtype(kwargs.get("dtype"))
+        return bool(v)
+    return False
+
 
 # The functions of JUMPS that read their operand as indices: argmax / argmin / argsort, bucketize / searchsorted,
 # integer casts. Comparisons made inside torch.distributions are not counted as jumps (constraint checks, formula
@@ -157,6 +188,16 @@ def _watched(impl):
                     if lin is not None and lin.watch is not None:
                         lin.watch(func, raw, graph)
         return impl(func, args, kwargs)
+    return run
+
+
+def _watched_cast(impl):
+    """``impl`` of a function of :data:`CASTS`: watched as :func:`_watched` where it casts to a bool or integer
+    dtype (:func:`casts_to_jump`), else as it is."""
+    watched = _watched(impl)
+
+    def run(func, args, kwargs):
+        return (watched if casts_to_jump(args, kwargs) else impl)(func, args, kwargs)
     return run
 
 
