@@ -235,3 +235,39 @@ def test_a_raw_draw_that_is_a_plate_tensor_is_refused():
         q = TransformedDistribution(Normal(m, 1.0), [Conditioned(functools.partial(torch.mul, c, 2.0))])
         with pytest.raises(storch.UnsupportedDistributionError, match="returned a PlateTensor.*to the sample"):
             est(q)
+
+
+class _NamespaceParams(TransformedDistribution):
+    """A subclass that keeps its parameters in a SimpleNamespace (not an attribute storch re-aligns)."""
+
+    def __init__(self, loc, scale):
+        import types
+        self.p = types.SimpleNamespace(loc=loc, scale=scale)
+        super().__init__(Normal(loc, scale), [TanhTransform()])
+
+
+class _AffineAttribute(TransformedDistribution):
+    """A subclass that also keeps its transform (in transforms) as an attribute, self.affine."""
+
+    def __init__(self, loc, scale):
+        self.loc = loc
+        self.affine = AffineTransform(loc, scale)
+        super().__init__(Normal(torch.zeros_like(loc), torch.ones_like(loc)), [self.affine])
+
+
+def test_plate_tensors_in_an_object_are_refused_and_a_transform_kept_twice_is_copied():
+    """Found by review: a plate tensor in a SimpleNamespace was copied as it was (an unrelated "`item` needs a single
+    value" error later); it is refused at the call, naming the fixes. A transform of `transforms` also kept as an
+    attribute (self.affine) is not a reason to refuse: copied, its draws per data point as the plain class's."""
+    mu = torch.tensor([0.1, 0.5, -0.3], dtype=D, requires_grad=True)
+    with storch.Graph():
+        loc, scale = storch.denote_independent((mu, torch.full((3,), 0.5, dtype=D)), 0, "data")
+        with pytest.raises(storch.UnsupportedDistributionError, match=r"_NamespaceParams holds plate tensors"):
+            storch.estimator("reparameterization", plate="x", n_samples=2)(_NamespaceParams(loc, scale))
+    torch.manual_seed(3)
+    with storch.Graph():
+        loc, scale = storch.denote_independent((mu, torch.full((3,), 0.5, dtype=D)), 0, "data")
+        z = storch.estimator("reparameterization", plate="x", n_samples=4000)(_AffineAttribute(loc, scale))
+        assert type(z.tensor) is torch.Tensor and z.tensor.shape == (4000, 3)
+        for j in range(3):  # mean loc, sd 0.5 per data point
+            assert abs(float(z.tensor[:, j].mean()) - float(mu[j])) < 4 * 0.5 / 4000 ** 0.5

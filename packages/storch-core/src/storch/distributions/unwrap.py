@@ -220,6 +220,11 @@ def _copyable(d: TransformedDistribution) -> bool:
     for k, v in h.items():
         if k in ("base_dist", "transforms") or v is base or type(v) is PlateTensor or k == "_cached_x_y":
             continue
+        if isinstance(v, Transform) and any(v is t for t in transforms):
+            continue  # (a transform of transforms also kept as an attribute: self.affine)
+        if not isinstance(v, (dict, list, tuple, Distribution, Transform, torch.Tensor)) and any(
+                type(x) is PlateTensor for x in getattr(v, "__dict__", {}).values()):
+            return False  # an object holding plate tensors (a SimpleNamespace of the parameters): not re-aligned
         if isinstance(v, dict):
             v = list(v.values())
         if isinstance(v, (list, tuple)):
