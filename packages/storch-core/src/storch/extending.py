@@ -38,8 +38,7 @@ Distributions:
     An estimator with ``requires_rsample`` gets this for the value its ``proposal`` returns; one that hands out
     something else (LAX's detached ⊥x) calls ``note_rsample(node, x)`` on the rsample itself, best with the
     parameters taken before the draw where :func:`rsample_walked` says it is looked into:
-    ``params = list(grad_parameters(d)) if rsample_walked(d) else None``, then ``note_rsample(node, x, d, params)``
-    after ``x = d.rsample(...)``.
+    ``params = rsample_params(d)``, then ``note_rsample(node, x, d, params)`` after ``x = d.rsample(...)``.
     :func:`moving_support` names the parameters that require grad and move a distribution's support
     (``Uniform``'s bounds, ``Pareto``'s scale): a score-function gradient misses the boundary term there,
     so an estimator with ``score_function`` refuses such a distribution.
@@ -139,7 +138,8 @@ import torch
 from . import options
 from .cost import leave_one_out
 from .distributions import (base_distribution, differentiated_total_count, given_by_probs, grad_parameters, parameters,
-                            rebuild, rekey_transform_cache, rsample_kinks, rsample_max_order, rsample_walked)
+                            rebuild, rekey_transform_cache, rsample_kinks, rsample_max_order, rsample_params,
+                            rsample_walked)
 from .distributions import strict_support as _strict_support
 from .errors import ASSUMPTIONS, StorchError
 from .estimators.checks import note_rsample
@@ -164,7 +164,7 @@ __all__ = [
     "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild", "parameters",
     "rekey_transform_cache", "require_smooth", "nonsmooth_operations", "moving_support", "same_support", "estimator_create_graph",
     "refuse_create_graph", "is_differentiated", "table_cache", "own_optimizer", "hide_frozen_grads", "own_optimizer_state",
-    "load_own_optimizer", "refuse_lazy_build", "rsample_kinks", "rsample_walked", "grad_parameters", "note_rsample",
+    "load_own_optimizer", "refuse_lazy_build", "rsample_kinks", "rsample_walked", "rsample_params", "grad_parameters", "note_rsample",
     "state_record", "check_state_record", "differentiated_total_count",
 ]
 

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from storch import CostFrame, Node, magic_box
-from storch.extending import grad_parameters, note_rsample, rekey_transform_cache, rsample_walked
+from storch.extending import note_rsample, rekey_transform_cache, rsample_params
 
 from ._network import (
     NETWORK_THROUGH, NETWORK_WHAT, evaluate_network, order_1_kinks, refuse_twice_on_kinks, smooth_network,
@@ -78,7 +78,7 @@ class Lax(VarianceTrained):
         node.state.params = param_tensors(d)
         # (a kink or jump inside rsample: c_φ(x) is differentiated through it) the parameters of a distribution
         # whose rsample storch looks into, taken before the draw (not a caching transform's last value)
-        params = list(grad_parameters(d)) if rsample_walked(d) else None
+        params = rsample_params(d)
         x = d.rsample((self.n_samples,))
         if params is not None:
             note_rsample(node, x, d, params)

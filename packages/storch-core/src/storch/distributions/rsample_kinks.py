@@ -47,7 +47,7 @@ from ..generators import current_generator
 from ..plates.dispatch import CASTS, INDEX_VALUES, JUMPS, casts_to_jump
 from .parameters import grad_parameters
 
-__all__ = ["rsample_kinks", "rsample_walked", "SMOOTH_RSAMPLE", "SMOOTH_TRANSFORMS", "IMPLICIT_REPARAMETERISATION",
+__all__ = ["rsample_kinks", "rsample_walked", "rsample_params", "SMOOTH_RSAMPLE", "SMOOTH_TRANSFORMS", "IMPLICIT_REPARAMETERISATION",
            "RsampleComparisons", "COMPARISON"]
 
 # the backward nodes of torch's implicit reparameterisation of the gamma family (torch._standard_gamma: Gamma, Chi2,
@@ -170,6 +170,14 @@ def rsample_walked(d: Distribution, depth: int = 0) -> bool:
     return rsample_walked(d.base_dist, depth + 1)  # type: ignore[attr-defined]
 
 
+def rsample_params(d: Distribution) -> Optional[list]:
+    """``d``'s parameters that require grad (:func:`~storch.distributions.grad_parameters`) where
+    :func:`rsample_walked` says its rsample is looked into, else ``None`` (torch's smooth classes: one dict
+    lookup). Take them before drawing (a caching transform's last value, or what the rsample keeps in ``d``, is
+    no parameter) and pass them to :func:`rsample_kinks` (``storch.extending.note_rsample``) with the draw."""
+    return list(grad_parameters(d)) if rsample_walked(d) else None
+
+
 def rsample_kinks(d: Distribution, x: torch.Tensor, order: float = math.inf,
                   params: Optional[list] = None, tracing: bool = False,
                   where: Optional[dict] = None) -> dict[str, int]:
@@ -213,9 +221,9 @@ def rsample_kinks(d: Distribution, x: torch.Tensor, order: float = math.inf,
     transform ClampT"``, ``"its base FoldedNormal"`` (nested: ``"its base TransformedDistribution's transform
     ClampT"``); nothing for ``d``'s own rsample."""
     if params is None:
-        if not rsample_walked(d):
+        params = rsample_params(d)
+        if params is None:
             return {}
-        params = list(grad_parameters(d))
     k = int(order) if math.isfinite(order) else 1 << 30
     return _kinks(d, x, k, params, 0, tracing, where, "")
 
@@ -275,7 +283,7 @@ def _unstable_bases(d: Distribution, tracing: bool, depth: int = 0) -> dict[str,
     """:func:`_unstable` of the ContinuousBernoulli under ``d``'s wrappers (Independent, TransformedDistribution)."""
     while depth <= 8 and isinstance(d, (Independent, TransformedDistribution)):
         d, depth = d.base_dist, depth + 1
-    if _BY_CLASS.get(type(d)) == _UNSTABLE or _class_verdict(type(d)) == _UNSTABLE:
+    if _class_verdict(type(d)) == _UNSTABLE:  # (it reads the per-class cache first)
         return _unstable(d, tracing)
     return {}
 

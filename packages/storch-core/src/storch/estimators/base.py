@@ -50,13 +50,12 @@ from ..cost import CostFrame, _lead, magic_box
 from ..distributions import (
     base_distribution,
     check_enumeration,
-    grad_parameters,
     holds_grad,
     raw_log_prob,
     raw_sample,
     rekey_transform_cache,
     rsample_max_order,
-    rsample_walked,
+    rsample_params,
     straight_through_rsample,
     strict_support,
     unwrap_distribution,
@@ -317,14 +316,8 @@ class Estimator(torch.nn.Module):
         # a distribution whose rsample storch looks into (a user's class or transform): its parameters before the
         # draw (what the rsample keeps in it, a caching transform's last value, is no parameter); torch's smooth
         # classes: one dict lookup
-        params = list(grad_parameters(raw)) if self.requires_rsample and rsample_walked(raw) else None
-        if params is None:
-            sample = self.proposal(node)
-        else:  # (and its comparisons: a mask inside rsample leaves no trace in the autograd graph; under
-            # storch.compile's trace too, where the mode sees the traced tensors and the refusal comes at trace time)
-            with RsampleComparisons() as watch:
-                sample = self.proposal(node)
-            note_compared(node, raw, watch.found)
+        params = rsample_params(raw) if self.requires_rsample else None
+        sample = _watched_draw(node, raw, params, self.proposal, node)
         if type(sample) is PlateTensor:
             raise UnsupportedDistributionError(_plate_tensor_draw_message(self, distribution, "proposal"))
         # one tuple comparison (a wrong shape would silently move the plate); dims after them may hold a
@@ -485,19 +478,14 @@ class Estimator(torch.nn.Module):
             node._history = [log[0]]
             # step 0's draw, for node.at(0): the node itself goes on to hold the last step's sample
             node.step_draws = [(node.sample, node.distribution, node.original, node.value, node.finished)]
-        params = None
-        if self.requires_rsample and rsample_walked(raw):
-            params = list(grad_parameters(raw))
+        params = rsample_params(raw) if self.requires_rsample else None
+        if params is not None:
             node.rsample_noted = False  # (set again where the step's draw notes its own rsample)
         if how is _BY_COMPONENTS:  # (never for a first-party estimator)
             sample, lp, out = self._components_step(node, raw, plates, t)
-        elif params is None:
-            made = self.extend(node, raw, plates)
         else:
-            with RsampleComparisons() as watch:
-                made = self.extend(node, raw, plates)
-            note_compared(node, raw, watch.found)
-        if how is not _BY_COMPONENTS:
+            made = _watched_draw(node, raw, params, self.extend, node, raw, plates)
+
             if len(made) == 3:  # (sample, l_t, output): an estimator with an output of its own
                 sample, lp, out = made
                 lead = len(plates)  # (the step's plate and the parents: the value's plates)
@@ -1239,6 +1227,19 @@ def _sampled_without_grad(node: Node, distribution: Distribution, step: int) -> 
         node.no_grad_step = step
     if not node.no_grad_cut and holds_grad(distribution):
         node.no_grad_cut, node.no_grad_step = True, step
+
+
+def _watched_draw(node: Node, raw: Distribution, params: Optional[list], draw: Callable, *args: Any) -> Any:
+    """``draw(*args)`` (an estimator's proposal or extend); where ``params`` says ``raw``'s rsample is looked into
+    (:func:`~storch.distributions.rsample_params`), under :class:`RsampleComparisons`, whose finds lower the node's
+    order (a mask inside rsample leaves no trace in the autograd graph; under storch.compile's trace too, where
+    the mode sees the traced tensors and the refusal comes at trace time)."""
+    if params is None:
+        return draw(*args)
+    with RsampleComparisons() as watch:
+        made = draw(*args)
+    note_compared(node, raw, watch.found)
+    return made
 
 
 def _warn_independent_step(est: Estimator, node: Node, own: tuple[Plate, ...], step: int) -> None:

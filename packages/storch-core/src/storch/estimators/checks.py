@@ -14,7 +14,7 @@ from torch.distributions import Distribution
 
 from ..cost import CostFrame, _lead
 from .._order_guard import unbatched
-from ..distributions import grad_parameters, rsample_kinks, rsample_walked
+from ..distributions import rsample_kinks, rsample_params
 from ..distributions.rsample_kinks import COMPARISON
 from ..errors import PlateError, StorchError
 from ..graph import is_tracing
@@ -65,9 +65,9 @@ def note_rsample(node: Node, x: torch.Tensor, distribution: Optional[Distributio
     d = node.distribution if distribution is None else distribution
     node.rsample_noted = True  # (Estimator._sample_node does not note the proposal's value again: LAX's ⊥x)
     if params is None:
-        if not rsample_walked(d):
+        params = rsample_params(d)
+        if params is None:
             return
-        params = list(grad_parameters(d))
     if params and torch.is_grad_enabled():
         u = unbatched(x)
         if isinstance(u, torch.Tensor) and u.grad_fn is None and not u.requires_grad:
