@@ -401,3 +401,29 @@ def test_a_checkpoint_of_a_float16_estimator_resumes_bitwise(name, options):
         b.step(x.half())
     for p, q in zip(a.est.parameters(), b.est.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name,options", [("score", dict(n_samples=2, baseline="learned", hidden=8)),
+                                          ("relax", dict(n_samples=2))])
+def test_a_loaded_checkpoint_keeps_the_estimators_own_lr(name, options):
+    """docs/reliability.md: lr may change between saving and loading. The estimator's Adam took the saved lr
+    from the checkpoint's param group, silently overriding the lr= it was built with."""
+    _installed(name, options)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    a = _HalfModel(name, lr=1e-3, **options)
+    for s in range(2):
+        torch.manual_seed(s)
+        a.step(x)
+    b = _HalfModel(name, lr=5e-2, **options)
+    b.load_state_dict(a.state_dict())
+    assert [g["lr"] for g in b.est._optimizer.param_groups] == [5e-2]
+    before = [p.detach().clone() for p in b.est.parameters()]
+    c = _HalfModel(name, lr=1e-3, **options)
+    c.load_state_dict(a.state_dict())
+    for m in (b, c):
+        torch.manual_seed(7)
+        m.step(x)
+    # the same gradients and moments: b's step is 50x c's in Adam's first steps (|update| ~ lr)
+    moved_b = sum((p.detach() - q).abs().sum() for p, q in zip(b.est.parameters(), before))
+    moved_c = sum((p.detach() - q).abs().sum() for p, q in zip(c.est.parameters(), before))
+    assert moved_b > 10 * moved_c > 0

@@ -76,7 +76,8 @@ def load_own_optimizer(saved: dict, module: torch.nn.Module, lr: float, who: str
     A checkpoint from before the names were saved (no ``"optimizer_params"``): its optimizer held the
     trainable parameters in ``module.parameters()`` order, all of them unless some were frozen when it was
     saved (then those frozen now are taken to be those). Moments of a parameter ``module`` no longer has
-    are dropped. ``who`` names the estimator in the error.
+    are dropped. The learning rate is ``lr`` (the estimator's own option), not the saved one. ``who`` names the
+    estimator in the error.
     """
     state, names = saved.get("optimizer"), saved.get("optimizer_params")
     if state is None:
@@ -99,6 +100,10 @@ def load_own_optimizer(saved: dict, module: torch.nn.Module, lr: float, who: str
     optimizer = torch.optim.Adam(list(current.values()), lr=lr)
     position = {n: i for i, n in enumerate(current)}
     group = {k: v for k, v in state["param_groups"][0].items() if k not in ("params", "param_names")}
+    # the estimator's own lr= wins over the saved one: resuming with the same code gives the same lr, and an
+    # lr changed on purpose (a fine-tuning run) is what the user asked for; torch's load_state_dict would
+    # restore the saved lr silently (docs/reliability.md: lr may change)
+    group["lr"] = lr
     group["params"] = list(range(len(current)))
     moments = {position[n]: state["state"][i] for i, n in zip(indices, names) if i in state["state"] and n in position}
     optimizer.load_state_dict({"state": moments, "param_groups": [group]})
