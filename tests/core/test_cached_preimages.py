@@ -154,6 +154,40 @@ def test_a_planar_flow_reused_in_later_steps_is_not_refused_for_its_refreshed_ca
             storch.backward()
 
 
+def test_a_flow_applied_by_hand_then_reused_in_a_transformed_distribution_names_its_stale_cache():
+    """review r-four F4: a flow the user applied to a sample themselves (y = f(est(base))) keeps that step's log-det,
+    a plate tensor, in its own attribute; the same flow object used later in a TransformedDistribution was refused
+    with "holds plate tensors" and a list of fixes that do not apply. The message names the attribute and how to
+    clear it; cleared, the flow is accepted and log q is the hand-computed one."""
+    torch.manual_seed(3)
+    mu = torch.tensor([[0.2], [-0.5], [1.0]], dtype=D, requires_grad=True)
+    u, w, b = (torch.tensor(v, dtype=D) for v in ([0.8], [1.2], 0.1))
+    flow = Planar(u, w, b)
+    with storch.Graph():
+        x = storch.estimator("reparameterization", plate="z", n_samples=2)(
+            Independent(Normal(storch.denote_independent(mu, 0, "data"), 1.0), 1))
+        flow(x)  # the user's own application: _call keeps a plate tensor in flow._cached_logDetJ
+    assert type(flow._cached_logDetJ) is storch.PlateTensor
+
+    def step():
+        with storch.Graph():
+            q = TransformedDistribution(Independent(Normal(storch.denote_independent(mu, 0, "data"), 1.0), 1), [flow])
+            z = storch.estimator("reparameterization", plate="z", n_samples=2)(q)
+            return z.tensor.detach(), q.log_prob(z).tensor.detach()
+
+    with pytest.raises(storch.UnsupportedDistributionError,
+                       match=r"Planar keeps a plate tensor of a finished step in self\._cached_logDetJ.*"
+                             r"t\._cached_logDetJ = None"):
+        step()
+    flow._cached_logDetJ = None
+    z, lq = step()
+    x = z.clone()
+    for _ in range(60):
+        a = torch.tanh(w * x + b)
+        x = x - (x + u * a - z) / (1 + u * w * (1 - a * a))
+    torch.testing.assert_close(lq, _planar_log_q(x, mu.detach(), u, w, b).squeeze(-1))
+
+
 def test_a_planar_flow_entropy_term_is_unbiased():
     """E[log q(z) + z^2] for z = Planar(x), x ~ N(mu, 1), mu per replicate: the exact gradient in mu by
     Gauss-Hermite quadrature over x (80 nodes: the integrand is smooth)."""

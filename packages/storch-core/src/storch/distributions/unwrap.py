@@ -125,6 +125,15 @@ def _unwrap_transformed(d: TransformedDistribution,
         # as it is to raw tensors (a plate tensor there makes a nested, wrongly broadcast sample), whatever plates
         # the distribution's other parts have
         if _holds_plate_tensor(t, known=tuple(p for g in found for p in g)) if names else _holds_plate_tensor(t):
+            stale = _stale_attributes(t)
+            if stale:
+                raise UnsupportedDistributionError(
+                    f"TransformedDistribution: its transform {type(t).__name__} keeps a plate tensor of a finished "
+                    f"step in {', '.join(f'self.{a}' for a in stale)} (a value its _call kept, as a pyro-style "
+                    "log-det cache does, when the transform was applied to a sample by hand, y = f(est(base))). "
+                    "Storch cannot tell it from a parameter. Clear it before using the transform in a "
+                    f"TransformedDistribution (t.{stale[0]} = None), or use a separate transform object for each way "
+                    "of applying it")
             raise UnsupportedDistributionError(
                 f"TransformedDistribution: its transform {type(t).__name__} holds plate tensors, and storch "
                 f"can re-align the tensors only of {', '.join(c.__name__ for c in _TRANSFORM_PARAMS)} given "
@@ -168,6 +177,13 @@ def _unwrap_transformed(d: TransformedDistribution,
     if type(d) is TransformedDistribution:
         return plain, plates
     return _copy_transformed(d, plain, plates), plates
+
+
+def _stale_attributes(t: Transform) -> list[str]:
+    """The attributes of ``t`` that hold a plate tensor of a graph that has ended (a log-det a pyro-style
+    ``_call`` kept when the user applied ``t`` to a sample by hand), for the refusal's message."""
+    return [k for k, v in t.__dict__.items()
+            if type(v) is PlateTensor and any(p.lineage is not None and p.lineage.closed is not None for p in v._plates)]
 
 
 def _copy_transformed(d: TransformedDistribution, plain: TransformedDistribution,
