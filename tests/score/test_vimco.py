@@ -473,3 +473,16 @@ def test_vimco_over_two_layers_written_as_one_joint_distribution_is_unbiased():
             storch.add_cost(est.bound(log_w(th, z, q)), name="niwae")
             grads.append(torch.autograd.grad(storch.surrogate_loss(), th)[0])
     assert_unbiased(torch.stack(grads), want, "vimco, a 2-layer posterior as one distribution")
+
+
+def test_an_order_error_lists_vimco_only_for_its_own_cost_form():
+    """p-higher F1: the OrderError of a max_order-1 node listed vimco among the estimators to switch to for a
+    Bernoulli node, but vimco does not take the node's costs as they are (only est.bound(log_w))."""
+    th = torch.zeros(3, requires_grad=True)
+    with storch.Graph():
+        z = storch.estimator("unordered_set", plate="z", n_samples=2)(Bernoulli(logits=th))
+        storch.add_cost((z - 0.3).pow(2).sum(), name="c")
+        with pytest.raises(storch.OrderError) as e:
+            storch.surrogate_loss(order=2)
+    listed = str(e.value).split("for this node's Bernoulli: ")[1]
+    assert "score, " in listed and "vimco (only for costs written its own way: see its docs)" in listed

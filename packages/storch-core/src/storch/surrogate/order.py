@@ -68,12 +68,22 @@ def _order_message(node: Node, order: int) -> str:
     what = (f"is biased (it estimates another objective) and its estimate is defined only up to order {est.max_order}"
             if est.biased else f"is unbiased only up to order {est.max_order}")
     d = node.original if node.original is not None else node.distribution
-    higher = [n for n in supporting_estimators(d) if _unbiased_to(n, order)]
+    higher = [n + _cost_form(n) for n in supporting_estimators(d) if _unbiased_to(n, order)]
     others = (f" (installed, unbiased at order {order} for this node's {type(d).__name__}: {', '.join(higher)})"
               if higher else "")
     option = f", or an option that raises it: {est.higher_order_options}" if est.higher_order_options else ""
     return (f"estimator {est.name!r} on plate {node.plate.name!r} {what} (with its options: est.info()), but order "
             f"{order} was requested; choose an estimator with a higher max_order for this node{others}{option}")
+
+
+def _cost_form(name: str) -> str:
+    """For the list of alternatives: a note on an estimator whose costs are written its own way (its
+    ``cost_hint``: vimco's bound), which does not take the node's costs as they are."""
+    try:
+        hint = installed_classes()[name].cost_hint
+    except Exception:  # noqa: BLE001  (only for an error message)
+        return ""
+    return " (only for costs written its own way: see its docs)" if hint else ""
 
 
 def _unbiased_to(name: str, order: int) -> bool:
