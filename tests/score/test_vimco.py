@@ -486,3 +486,20 @@ def test_an_order_error_lists_vimco_only_for_its_own_cost_form():
             storch.surrogate_loss(order=2)
     listed = str(e.value).split("for this node's Bernoulli: ")[1]
     assert "score, " in listed and "vimco (only for costs written its own way: see its docs)" in listed
+
+
+def test_an_order_error_of_a_partition_lists_the_estimators_that_support_partitions():
+    """p-seq F1: for one estimator called at several steps, the OrderError listed expect, importance and vimco as
+    replacements, which each refuse a partition; they are now offered as one estimator per step."""
+    th = torch.zeros(3, requires_grad=True)
+    with storch.Graph():
+        est = storch.estimator("unordered_set", plate="z", n_samples=3)
+        z = est(Categorical(logits=th))
+        z2 = est(Categorical(logits=th + z.float()))
+        storch.add_cost((z2 - 0.3).pow(2), name="c")
+        with pytest.raises(storch.OrderError) as e:
+            storch.surrogate_loss(order=2)
+    message = str(e.value)
+    together, per_step = message.split("and for a partition: ")[1].split("; or one estimator per step: ")
+    assert "score" in together and "expect" not in together and "vimco" not in together
+    assert "expect" in per_step and "vimco (only for costs written its own way" in per_step

@@ -68,12 +68,27 @@ def _order_message(node: Node, order: int) -> str:
     what = (f"is biased (it estimates another objective) and its estimate is defined only up to order {est.max_order}"
             if est.biased else f"is unbiased only up to order {est.max_order}")
     d = node.original if node.original is not None else node.distribution
-    higher = [n + _cost_form(n) for n in supporting_estimators(d) if _unbiased_to(n, order)]
-    others = (f" (installed, unbiased at order {order} for this node's {type(d).__name__}: {', '.join(higher)})"
-              if higher else "")
+    higher = [n for n in supporting_estimators(d) if _unbiased_to(n, order)]
+    partition, per_step = node.step > 0, []
+    if partition:  # one estimator called at several steps: only those that support partitions take its place
+        per_step = [n for n in higher if not _supports_partitions(n)]
+        higher = [n for n in higher if n not in per_step]
+        per_step = [n + _cost_form(n) for n in per_step]
+    higher = [n + _cost_form(n) for n in higher]
+    others = (f" (installed, unbiased at order {order} for this node's {type(d).__name__}"
+              f"{' and for a partition' if partition else ''}: {', '.join(higher)}"
+              f"{'; or one estimator per step: ' + ', '.join(per_step) if partition and per_step else ''})"
+              if higher or (partition and per_step) else "")
     option = f", or an option that raises it: {est.higher_order_options}" if est.higher_order_options else ""
     return (f"estimator {est.name!r} on plate {node.plate.name!r} {what} (with its options: est.info()), but order "
             f"{order} was requested; choose an estimator with a higher max_order for this node{others}{option}")
+
+
+def _supports_partitions(name: str) -> bool:
+    try:
+        return bool(installed_classes()[name].supports_partitions)
+    except Exception:  # noqa: BLE001  (only for an error message)
+        return False
 
 
 def _cost_form(name: str) -> str:
