@@ -503,3 +503,15 @@ def test_an_order_error_of_a_partition_lists_the_estimators_that_support_partiti
     together, per_step = message.split("and for a partition: ")[1].split("; or one estimator per step: ")
     assert "score" in together and "expect" not in together and "vimco" not in together
     assert "expect" in per_step and "vimco (only for costs written its own way" in per_step
+
+
+def test_a_second_call_of_vimco_points_to_its_recipe_for_sequences():
+    """p-seq F2: one vimco called at several steps was refused with "create one estimator per stochastic node" only;
+    for a bound over a whole sequence its docs recommend one joint distribution, which the refusal now names."""
+    th = torch.zeros(3, requires_grad=True)
+    with storch.Graph():
+        est = storch.estimator("vimco", plate="z", n_draws=2)
+        z = est(Bernoulli(logits=th))
+        with pytest.raises(storch.PlateError, match=r"one estimator per stochastic node.*one joint torch Distribution.*"
+                                                     r"docs/estimators/vimco.md"):
+            est(Bernoulli(logits=th + z.float().mean(0)))

@@ -83,6 +83,9 @@ class Vimco(Estimator):
     cost_hint = ("A vimco node hands out its K draws as the first per-sample dim of the value it returns: reduce them "
                  "with the bound, storch.add_cost(est.bound(log_w)), log_w holding one log-weight per draw "
                  "(log p(x, z_k) - log q(z_k)), instead of adding a cost per draw")
+    partition_hint = ("For one bound over a whole sequence, write the chain as one joint torch Distribution and put "
+                      "vimco on that node: each of the K draws is then a whole path (docs/estimators/vimco.md, "
+                      "'Several stochastic layers')")
     score_function = True  # l = Σ_k log q(z_k), the joint log-probability of the set
     multi_sample_bound = True  # its costs are written with est.bound: generic per-sample harnesses skip it
     State = VimcoState

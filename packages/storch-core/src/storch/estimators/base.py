@@ -185,6 +185,8 @@ class Estimator(torch.nn.Module):
         cost_hint: a sentence added to the error of a cost that is not one number per sample when
             the cost depends on a node of this estimator (``""``: none); e.g. vimco's, whose samples
             carry the K draws as a per-sample dim that only ``est.bound(log_w)`` reduces.
+        partition_hint: a sentence added to the refusal of a second call (a partition) of an estimator
+            that does not support partitions (``""``: none); e.g. vimco's recipe for a bound over a sequence.
 
     Args:
         plate: name of the node's sample plate.
@@ -211,6 +213,7 @@ class Estimator(torch.nn.Module):
     causal_credit: ClassVar[bool] = True
     eos: Optional[int] = None
     cost_hint: ClassVar[str] = ""
+    partition_hint: ClassVar[str] = ""
     State: ClassVar[Optional[type]] = None
     """The typed per-node record (a dataclass whose fields all have defaults); ``node.state`` is a
     fresh instance of it for every node, created before ``proposal``."""
@@ -404,6 +407,7 @@ class Estimator(torch.nn.Module):
                 "estimator several times makes its calls one partition (a sequence with one plate), which "
                 f"{self.name!r} does not support. Create one estimator per stochastic node, or start each "
                 "step with a new graph (storch.backward() / storch.reset())"
+                + (f". {self.partition_hint}" if self.partition_hint else "")
             )
         how = _STEP_PATH.get(type(self))  # (one dict lookup per step: the class's path, computed at its first step 1)
         if how is None:
