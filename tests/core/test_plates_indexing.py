@@ -526,3 +526,118 @@ def test_a_one_hot_sample_as_a_boolean_mask_is_refused_with_the_index_that_works
             table[z.bool()]
         picked = table[z.argmax(-1)]
         assert torch.equal(picked.tensor, table) and torch.equal((z @ table).tensor, table)
+
+
+# -- bincount of a sampled index (found by porting: vmap failed where the lengths differ, or warned) ---------
+
+def _bincount_cases():
+    torch.manual_seed(6)
+    i = PlateTensor(torch.randint(4, (2, 3, 5)), PLATES)  # values 0..3 on plates (a, b)
+    w = torch.randn(5)
+    wp = PlateTensor(torch.randn(3, 5, dtype=torch.float64), (B,))  # per-sample weights on plate b only
+    return {
+        "minlength=4": (lambda: torch.bincount(i, minlength=4), lambda e: torch.bincount(entry(i, e), minlength=4)),
+        "minlength=6": (lambda: i.bincount(minlength=6), lambda e: entry(i, e).bincount(minlength=6)),
+        "float32 weights": (lambda: torch.bincount(i, weights=w, minlength=4),
+                            lambda e: torch.bincount(entry(i, e), weights=w, minlength=4)),
+        "int32 weights (float64 counts)": (lambda: i.bincount(w.mul(10).int(), 4),
+                                           lambda e: entry(i, e).bincount(w.mul(10).int(), 4)),
+        "sampled float64 weights": (lambda: torch.bincount(i, wp, minlength=4),
+                                    lambda e: torch.bincount(entry(i, e), entry(wp, e), minlength=4)),
+        "int32 input": (lambda: torch.bincount(i.int(), minlength=4),
+                        lambda e: torch.bincount(entry(i, e).int(), minlength=4)),
+        # every entry holds a 3 (its largest value): torch's length is the same for all, no minlength needed
+        "same max everywhere, no minlength": (lambda: torch.bincount(torch.cat([i, i[:1] * 0 + 3])),
+                                              lambda e: torch.bincount(torch.cat([entry(i, e), entry(i, e)[:1] * 0 + 3]))),
+        "empty per sample, weights": (lambda: torch.bincount(i[:0], weights=w[:0], minlength=3),
+                                      lambda e: torch.bincount(entry(i, e)[:0], weights=w[:0], minlength=3)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bincount_cases()))
+def test_bincount_of_a_sampled_index_is_torchs_per_sample(name):
+    """Per plate entry the values and the dtype of torch's bincount (int64 counts, float64 for integer
+    weights, int64 for an empty input), and no warning: torch's vmap of bincount warned of a performance
+    drop (it has no batching rule) and failed where the entries' lengths differ."""
+    run, ref = _bincount_cases()[name]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = run()
+    for e in entries(out.plates):
+        r = ref(e)
+        got = entry(out, e)
+        assert got.dtype == r.dtype and got.shape == r.shape and torch.allclose(got, r), (name, e, got, r)
+
+
+def test_bincount_whose_length_depends_on_the_draw_is_refused_with_minlength():
+    i = PlateTensor(torch.tensor([[0, 1], [2, 2], [1, 0]]), (A_,))  # per sample max 1, 2, 1: lengths 2, 3, 2
+    for call in (lambda: torch.bincount(i), lambda: i.bincount(minlength=2),
+                 lambda: torch.bincount(i, weights=torch.ones(2))):
+        with pytest.raises(storch.PlateError, match=r"depends on the drawn values: here from 2 to 3.*minlength="
+                                                     r".*F\.one_hot\(i, K\)\.sum\(0\)"):
+            call()
+    assert torch.equal(torch.bincount(i, minlength=3).tensor, F.one_hot(i, 3).sum(0).tensor)
+    for bad, match in ((i.float(), "integral"), (i - 1, "non-negative"), (i[:, None], "1-d")):
+        with pytest.raises(RuntimeError, match=match):
+            torch.bincount(bad, minlength=3)
+
+
+def test_bincount_weights_get_the_gradient_of_the_counts():
+    """The counts are a scatter_add of the weights: d counts[k] / d w[j] = [i[j] == k] per sample (torch's
+    bincount has no derivative for its weights; storch's per-sample counts are differentiable)."""
+    torch.manual_seed(7)
+    i = PlateTensor(torch.randint(4, (3, 5)), (B,))
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(3, 6, dtype=torch.float64)
+    (g,) = torch.autograd.grad((torch.bincount(i, w, minlength=6).tensor * c).sum(), w)
+    expected = sum(c[b][entry(i, {"b": b})] for b in range(3))  # each weight meets the cost of its bin
+    assert torch.allclose(g, expected)
+
+
+# -- errors in per-sample terms --------------------------------------------------------------------------
+
+_RELAXED = PlateTensor(torch.eye(3)[torch.tensor([[0, 2], [1, 1]])], (A,))  # a one-hot (B=2, K=3) sample per entry, as the
+_FEATS, _TABLE = torch.randn(2, 3, 2), torch.randn(3, 2)       # relaxed estimators hand it out
+FLOAT_INDEX = {
+    "index_select": lambda w: _TABLE.index_select(0, w[0]),
+    "gather": lambda w: _FEATS.gather(1, w[:, :, None]),
+    "take_along_dim": lambda w: torch.take_along_dim(_FEATS, w[:, :, None], 1),
+    "index_add": lambda w: torch.zeros(3, 2).index_add(0, w[0], torch.ones(3, 2)),
+    "index_add_ (into a plain tensor)": lambda w: torch.zeros(3, 2).index_add_(0, w[0], torch.ones(3, 2)),
+    "scatter": lambda w: torch.zeros(2, 3).scatter(1, w, 1.0),
+    "scatter_add": lambda w: torch.zeros(2, 3).scatter_add(1, w, torch.ones(2, 3)),
+    "take": lambda w: torch.take(_TABLE, w),
+    "bincount": lambda w: torch.bincount(w[0], minlength=3),
+}
+
+
+@pytest.mark.parametrize("name", list(FLOAT_INDEX))
+def test_a_floating_point_sample_as_the_index_of_an_index_function_says_it_is_one_hot(name):
+    """``table[w]`` and ``F.embedding(w, t)`` of a relaxed (one-hot) sample said why it fails and what to
+    write; index_select, gather, ... gave only torch's dtype error (or storch's in-place refusal)."""
+    with pytest.raises(storch.PlateError, match=r"floating-point sample used as an index.*z @ emb\.weight"):
+        FLOAT_INDEX[name](_RELAXED)
+
+
+def test_a_failed_expand_quotes_torch_in_per_sample_shapes():
+    """``w[:, None, None].expand(B, 1, D)`` of a one-hot sample failed with torch's message about the raw
+    tensor ([2, 2, 1, 1, 3], size=[-1, 2, 1, 2]: plate dims included) inside storch's per-sample shapes."""
+    with pytest.raises(storch.PlateError) as info:
+        _RELAXED[:, None, None].expand(2, 1, 2)
+    msg = str(info.value)
+    assert "shapes (2, 1, 1, 3) on plates (a=2)" in msg
+    assert "expand(torch.FloatTensor{[2, 1, 1, 3]}, size=[2, 1, 2])" in msg and "[2, 2, 1, 1, 3]" not in msg
+    with pytest.raises(storch.PlateError, match=r"non-singleton dimension 1\. +Target sizes: \[2, 4\]\. +Tensor "
+                                                 r"sizes: \[2, 3\]"):
+        torch.broadcast_to(_RELAXED, (2, 4))
+
+
+def test_torchs_message_about_raw_tensors_says_that_the_plates_come_first():
+    """Where a handler's torch call fails with the raw shapes in its message, storch says what they are."""
+    x = PlateTensor(torch.randn(2, 3, 4), (A,))
+    with pytest.raises(storch.PlateError) as info:
+        torch.gather(x, 0, PlateTensor(torch.zeros(2, 3, 5, dtype=torch.long), (A,)))
+    msg = str(info.value)
+    print(msg)
+    assert "raw tensors'" in msg and "(2, 3, 4) is the per-sample shape (3, 4) after plate dims (a=2)" in msg

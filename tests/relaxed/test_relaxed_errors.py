@@ -317,17 +317,21 @@ def test_go_gradient_is_finite_at_saturated_logits():
 
 
 @pytest.mark.parametrize("name", ["gumbel_softmax", "gumbel_straight_through", "rebar", "relax"])
-@pytest.mark.parametrize("lookup", ["embedding", "index"])
+@pytest.mark.parametrize("lookup", ["embedding", "index", "index_select", "gather", "take_along_dim"])
 def test_a_categorical_sample_used_as_an_index_says_it_is_one_hot(name, lookup):
     """The relaxed estimators hand out one-hot vectors for a Categorical node (documented); using one as
     an index raised torch's bare "indices must be long" (re-wrapped): the message now says why and what
-    to write instead."""
+    to write instead (index_select and gather gave only torch's dtype error)."""
     torch.manual_seed(0)
     emb = torch.nn.Embedding(5, 3)
+    lookups = {"embedding": lambda z: emb(z), "index": lambda z: emb.weight[z],
+               "index_select": lambda z: emb.weight.index_select(0, z),
+               "gather": lambda z: emb.weight.gather(0, z[:, None].expand(5, 3)),
+               "take_along_dim": lambda z: torch.take_along_dim(emb.weight, z[:, None], 0)}
     with storch.Graph():
         z = storch.estimator(name, plate="z", n_samples=2)(Categorical(logits=torch.zeros(5, requires_grad=True)))
         with pytest.raises(storch.PlateError, match=r"hand out one-hot vectors.*z @ emb.weight instead of emb\(z\)"):
-            emb(z) if lookup == "embedding" else emb.weight[z]
+            lookups[lookup](z)
         assert (z @ emb.weight).shape == (3,)  # the lookup written for one-hot inputs
 
 

@@ -42,6 +42,13 @@ def refused(message: str):
     return handler
 
 
+_FLOAT_INDEX_HINT = (
+    ". A floating-point sample used as an index: the relaxed estimators (gumbel_softmax, gumbel_straight_through, "
+    "rebar, relax) hand out one-hot vectors (or relaxed ones) for a Categorical node, not indices; write the lookup "
+    "for one-hot inputs (z @ emb.weight instead of emb(z), (z * values).sum(-1) instead of values[z]), or use an "
+    "estimator that hands out indices (score, unordered_set, expect, ...)")
+
+
 def user_error(func, args, kwargs, e: BaseException) -> PlateError:
     """A PlateError (of the original exception's kind) that describes the call in per-sample terms."""
     parts = []
@@ -52,12 +59,9 @@ def user_error(func, args, kwargs, e: BaseException) -> PlateError:
         elif isinstance(a, _T):
             parts.append(f"{tuple(a.shape)} (plain)")
     hint = ""
-    if "indices" in str(e) and any(type(a) is _PT and a.is_floating_point() for a in _operands(args, kwargs or {})):
-        hint = (". A floating-point sample used as an index: the relaxed estimators (gumbel_softmax, "
-                "gumbel_straight_through, rebar, relax) hand out one-hot vectors (or relaxed ones) for a "
-                "Categorical node, not indices; write the lookup for one-hot inputs (z @ emb.weight instead "
-                "of emb(z), (z * values).sum(-1) instead of values[z]), or use an estimator that hands out "
-                "indices (score, unordered_set, expect, ...)")
+    if _float_index(func, args, kwargs or {}) or (
+            "indices" in str(e) and any(type(a) is _PT and a.is_floating_point() for a in _operands(args, kwargs or {}))):
+        hint = _FLOAT_INDEX_HINT
     elif "up to 64 dims" in str(e) or "more than 64 dimensions" in str(e):
         hint = ". Every stochastic node adds a plate dim: " + too_many_dims_message(64 + 1).split(": ", 1)[1]
     elif "refers to a single memory location" in str(e):
@@ -68,8 +72,48 @@ def user_error(func, args, kwargs, e: BaseException) -> PlateError:
         e,
         f"{describe(func)} failed on plate tensors. Per sample (as your code sees them) its tensor "
         f"arguments have shapes {', '.join(parts) or '()'}; the plates are vectorised by storch "
-        f"({treatment_of(func).treatment.value} treatment). torch said: {e}{hint}",
+        f"({treatment_of(func).treatment.value} treatment). torch said: {e}{_raw_shapes(e, args, kwargs or {})}{hint}",
     )
+
+
+def _index_arguments() -> dict:
+    """The functions that take an index tensor: where it is among the arguments (position, name)."""
+    out = {}
+    for names, at in ((("index_select", "gather", "index_add", "index_add_", "index_copy", "index_copy_", "index_fill",
+                        "index_fill_", "index_reduce", "index_reduce_", "scatter", "scatter_", "scatter_add",
+                        "scatter_add_", "scatter_reduce", "scatter_reduce_"), (2, "index")),
+                      (("take_along_dim",), (1, "indices")), (("take", "put", "put_"), (1, "index")),
+                      (("bincount",), (0, "input"))):
+        for n in names:
+            out.update((f, at) for f in (getattr(torch, n, None), getattr(_T, n, None)) if f is not None)
+    return out
+
+
+# the index argument of the functions that take one (for the hint of a floating-point sample used as an index)
+_INDEX_ARGUMENT: dict = _index_arguments()
+
+
+def _float_index(func, args, kwargs) -> bool:
+    """Whether ``func`` takes an index tensor and was given a floating-point plate tensor (a sample) as it."""
+    at = _INDEX_ARGUMENT.get(func)
+    if at is None:
+        return False
+    i = args[at[0]] if len(args) > at[0] else kwargs.get(at[1], kwargs.get("self") if at[0] == 0 else None)
+    return type(i) is _PT and i.is_floating_point()
+
+
+def _raw_shapes(e: BaseException, args, kwargs) -> str:
+    """A note where torch's message shows the raw shape of a plate operand (plate dims first): a handler ran
+    torch on the raw tensors, and its shapes and dim numbers would contradict the per-sample ones above."""
+    msg = str(e)
+    for a in _operands(args, kwargs):
+        if type(a) is _PT and a._plates:
+            s = tuple(a._raw.shape)
+            if str(list(s)) in msg or str(s) in msg or f"torch.Size({list(s)})" in msg:
+                ps = ", ".join(f"{p.name}={p.size}" for p in a._plates)
+                return (f" (torch's shapes and dims here are the raw tensors', which hold the plates first: {s} is "
+                        f"the per-sample shape {tuple(a.shape)} after plate dims ({ps}))")
+    return ""
 
 
 _IMPL: dict = {}
@@ -345,7 +389,11 @@ def _torch_function(cls, func, types, args=(), kwargs=None):
                 return _new(out, x._plates)
             return wrap(out, x._plates)
         return impl(func, args, kwargs or {})
-    except PlateError:
+    except PlateError as e:
+        # storch's own refusal (an in-place write into a plain tensor, ...) of a call whose index is a
+        # floating-point sample: that is the first thing to fix, so the hint comes with it (once)
+        if _float_index(func, args, kwargs or {}) and _FLOAT_INDEX_HINT not in str(e):
+            raise plate_error_from(e, f"{e}{_FLOAT_INDEX_HINT}") from e
         raise
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
         raise user_error(func, args, kwargs, e) from e

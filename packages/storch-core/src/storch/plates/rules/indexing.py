@@ -19,7 +19,9 @@ shift and ``repeat_interleave`` with sampled repeats are refused with what to wr
 ``index_fill`` with a sampled index or value a ``where`` of the positions it fills (torch's vmap of it fails,
 or gives every entry one entry's value); ``index_select`` with a sampled index (0-dim or 1-d per sample) is a
 ``gather`` (vmap's rule read a batched 0-dim index as the whole table); in place, ``index_fill_`` with a
-sampled value is the same ``where``, written into a tensor that carries the value's plates.
+sampled value is the same ``where``, written into a tensor that carries the value's plates. ``bincount`` of a
+sampled input is a ``scatter_add`` into one length for all samples (refused where torch's length, the
+largest value + 1, differs between them).
 """
 
 from __future__ import annotations
@@ -520,3 +522,75 @@ def _index_fill_inplace(func, args, kwargs):
 
 
 _WRITE_INDEX_FILL = write_in_place("index_fill_")
+
+
+_BINCOUNT_ARGS = ("input", "weights", "minlength")
+_BINCOUNT_DTYPES: dict = {}
+
+
+def _bincount_dtype(weights) -> torch.dtype:
+    """The dtype of torch's bincount of a non-empty input: int64 without weights; with them, torch's own
+    choice for the weights' dtype (their float32 / float64, float64 for the others), asked of torch once per
+    dtype (with an input of one element: torch gives an empty input int64 counts, whatever the weights)."""
+    if weights is None:
+        return torch.int64
+    d = _BINCOUNT_DTYPES.get(weights.dtype)
+    if d is None:
+        d = _BINCOUNT_DTYPES[weights.dtype] = torch.bincount(
+            torch.zeros(1, dtype=torch.long), weights=torch.zeros(1, dtype=weights.dtype)).dtype
+    return d
+
+
+@register(torch.bincount, _T.bincount)
+def _bincount(func, args, kwargs):
+    """per sample (a scatter_add); refused where the length, max + 1, differs between samples: pass minlength= above the largest value
+
+    Per sample ``torch.bincount(i, weights=w, minlength=K)`` has length ``max(K, max(i) + 1)``, which
+    depends on the drawn values; a plate tensor holds one per-sample shape, so the largest value is
+    read once (one host sync) and the call is refused where the samples' lengths differ. Otherwise the
+    counts are ``zeros(L).scatter_add(0, i, w)`` per sample: torch's values and dtype (int64 without
+    weights), and a gradient for ``w`` (torch's bincount has none). torch's vmap of bincount loops
+    over the entries (with a performance warning) and failed where the lengths differ."""
+    b = dict(zip(_BINCOUNT_ARGS, args))
+    b.update(("input" if k == "self" else k, v) for k, v in kwargs.items())
+    x, w, minlength = b.get("input"), b.get("weights"), b.get("minlength", 0)
+    if (len(args) > 3 or set(b) - set(_BINCOUNT_ARGS) or not isinstance(x, _T)
+            or not (w is None or isinstance(w, _T)) or type(minlength) is not int):
+        return vmap_call(func, args, kwargs)  # (torch's own errors, per sample)
+    # torch's checks, in per-sample terms
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise RuntimeError(f"bincount only supports 1-d non-negative integral inputs; got dtype {x.dtype}")
+    if x.dim() != 1:
+        raise RuntimeError("bincount only supports 1-d non-negative integral inputs.")
+    if w is not None and (w.dim() != 1 or w.shape[0] != x.shape[0]):
+        raise RuntimeError("weights should be 1-d and have the same length as input")
+    if minlength < 0:
+        raise RuntimeError("minlength should be >= 0")
+    plates = union_plates([x._plates if type(x) is _PT else (), w._plates if type(w) is _PT else ()])
+    m = len(plates)
+    rx = align(x._raw, x._plates, plates) if type(x) is _PT else x.reshape((1,) * m + tuple(x.shape))
+    n = x.shape[0]
+    length = minlength
+    if n and not rx.is_meta:
+        top = rx.amax(-1)
+        low, short, long = (int(v) for v in torch.stack((rx.amin(), top.amin(), top.amax())).tolist())
+        if low < 0:
+            raise RuntimeError("bincount only supports 1-d non-negative integral inputs.")
+        length = max(minlength, long + 1)
+        if max(minlength, short + 1) != length:
+            raise PlateError(
+                f"torch.bincount's result has length max(input) + 1 (or minlength, if larger) per sample, so "
+                f"its length depends on the drawn values: here from {max(minlength, short + 1)} to {length} "
+                f"over plates {[p.name for p in plates]}, and a plate tensor holds one per-sample shape. Pass "
+                f"minlength= greater than the largest value the input can take (the number of categories K: "
+                f"torch.bincount(i, minlength=K)), or count with F.one_hot(i, K).sum(0) "
+                f"((F.one_hot(i, K) * w.unsqueeze(-1)).sum(0) with weights)")
+    dtype = _bincount_dtype(w) if n else torch.int64  # (torch: an empty input counts in int64)
+    rw = None
+    if w is not None:
+        rw = align(w._raw, w._plates, plates) if type(w) is _PT else w.reshape((1,) * m + tuple(w.shape))
+    sizes = tuple(max(rx.shape[j], rw.shape[j] if rw is not None else 1) for j in range(m))
+    index = rx.long().expand(sizes + (n,))
+    src = (torch.ones((), dtype=dtype, device=rx.device) if rw is None else rw.to(dtype)).expand(sizes + (n,))
+    out = torch.zeros(sizes + (length,), dtype=dtype, device=rx.device).scatter_add(-1, index, src)
+    return wrap_same(out, plates)

@@ -399,7 +399,13 @@ def _expand(func, args, kwargs):
     x = args[0]
     sizes = _shape_arg(args, kwargs, "size")
     raw = _pad_raw(x, len(sizes))
-    return wrap(raw.expand(*([-1] * len(x._plates)), *sizes), x._plates)
+    try:
+        return wrap(raw.expand(*([-1] * len(x._plates)), *sizes), x._plates)
+    except RuntimeError:
+        # torch's message for one sample (the raw call's shows the plate dims, and counts them in its dim
+        # numbers and sizes): the same call on a stand-in of the per-sample shape (zero strides, no memory)
+        func(torch.zeros((), dtype=x.dtype, device=x.device).expand(tuple(x.shape)), *args[1:], **kwargs)
+        raise
 
 
 @register(_T.expand_as)
