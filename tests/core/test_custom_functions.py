@@ -112,3 +112,146 @@ def test_an_estimator_that_reads_values_under_vmap_says_so():
         torch.manual_seed(0)
         looped.append(grad(loss)(p))
     torch.testing.assert_close(g, torch.stack(looped))
+
+
+# -- found by porting (p-torch): a reentrant checkpoint on data that needs no grad, messages, sampling inside a
+# non-reentrant checkpoint
+
+
+def test_reentrant_checkpoint_on_data_without_grad_is_refused():
+    """``checkpoint(enc, x, use_reentrant=True)`` on a data plate that needs no grad: only the encoder's parameters
+    need grad, so the old check (a plate operand that needs grad) let it pass, and the encoder got no gradient
+    (None; torch's "None of the inputs have requires_grad=True" warning only). Refused now, with what to do;
+    also with the sampling inside the checkpointed function."""
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(4, 3)
+    data = torch.bernoulli(torch.rand(2, 4))
+    est = storch.estimator("score", plate="z", n_samples=4)
+    with storch.Graph():
+        with pytest.raises(storch.PlateError, match=r"^torch.utils.checkpoint.checkpoint\(\.\.\., use_reentrant=True\) "
+                           r"was called on plate tensors.*use_reentrant=False"):
+            checkpoint(enc, _data(data), use_reentrant=True)
+    with storch.Graph():
+        with pytest.raises(storch.PlateError, match=r"use_reentrant=False"):
+            checkpoint(lambda t: est(torch.distributions.Bernoulli(logits=enc(t))), _data(data), use_reentrant=True)
+
+
+def test_custom_function_reaching_a_parameter_is_refused_and_frozen_or_no_grad_passes():
+    """A user's Function whose forward reads a parameter that needs grad (the plate operand needs none) is
+    refused; the same Function with a frozen parameter, and a reentrant checkpoint of a frozen module, run
+    (nothing needs grad: nothing is lost) and give torch's values."""
+    w = torch.randn(3, requires_grad=True)
+
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * w
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * w
+
+    data = torch.randn(4, 3)
+    with storch.Graph():
+        with pytest.raises(storch.PlateError, match=r"custom torch.autograd.Function.*operands that need grad"):
+            Scale.apply(_data(data))
+    with torch.no_grad():
+        frozen = w.clone()
+    w = frozen
+    lin = torch.nn.Linear(3, 2).requires_grad_(False)
+    with storch.Graph():
+        assert torch.equal(Scale.apply(_data(data)).tensor, data * frozen)
+    with storch.Graph():
+        assert torch.allclose(checkpoint(lin, _data(data), use_reentrant=True).tensor, lin(data))
+
+
+def test_refusals_say_what_the_user_did():
+    """The reentrant-checkpoint and full-backward-hook refusals began "Tensor.requires_grad was called on plate
+    tensors" (torch's own check inside its Function), which the user never called."""
+    lin = torch.nn.Linear(3, 2)
+    w = torch.randn(4, 3, requires_grad=True)
+    with storch.Graph():
+        with pytest.raises(storch.PlateError) as info:
+            checkpoint(lin, _data(w), use_reentrant=True)
+    assert str(info.value).startswith("torch.utils.checkpoint.checkpoint(..., use_reentrant=True) was called")
+    handle = lin.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    try:
+        with storch.Graph():
+            with pytest.raises(storch.PlateError) as info:
+                lin(_data(w))
+    finally:
+        handle.remove()
+    assert str(info.value).startswith("a module with a full backward hook (register_full_backward_hook")
+    assert "Tensor.requires_grad" not in str(info.value)
+
+
+def test_sampling_inside_a_non_reentrant_checkpoint_is_refused_during_backward():
+    """An estimator called inside ``checkpoint(..., use_reentrant=False)`` is called again by the recomputation
+    during backward: storch saw a new partition step, or a graph "discarded after an error in its step
+    (_StopRecomputationError)", or "estimator 'relax' was already used in this graph". Refused now, for a single
+    node and for a partition (one estimator at two steps); checkpointing only the network is exact."""
+    from torch.distributions import Bernoulli, Categorical
+
+    torch.manual_seed(0)
+    enc, dec = torch.nn.Linear(4, 3), torch.nn.Linear(3, 4)
+    data = torch.bernoulli(torch.rand(2, 4))
+    for name in ("score", "relax"):
+        est = storch.estimator(name, plate="z", n_samples=2)
+
+        def inner(t):
+            return est(Bernoulli(logits=enc(t)))
+
+        x = _data(data)
+        z = checkpoint(inner, x, use_reentrant=False)
+        storch.add_cost(-Bernoulli(logits=dec(z)).log_prob(x).sum(), name="rec")
+        with pytest.raises(storch.StorchError, match=r"(?i)during a backward pass.*checkpoint the networks, not the "
+                           r"sampling"):
+            storch.backward()
+        storch.reset()
+    pol = torch.nn.Linear(3, 3)
+    est = storch.estimator("score", plate="a", n_samples=4, baseline="leave_one_out")
+
+    def step(s):
+        return est(Categorical(logits=pol(s)))
+
+    s = _data(torch.eye(3)[:2])
+    a1 = checkpoint(step, s, use_reentrant=False)
+    a2 = checkpoint(step, torch.nn.functional.one_hot(a1, 3).float(), use_reentrant=False)
+    storch.add_cost(-torch.randn(3, 3)[a1, a2], name="r")
+    with pytest.raises(storch.StorchError, match=r"(?i)checkpoint the networks, not the sampling"):
+        storch.backward()
+    storch.reset()
+    grads = []
+    for wrap in (False, True):
+        enc.zero_grad()
+        torch.manual_seed(3)
+        est = storch.estimator("score", plate="z", n_samples=4)
+        x = _data(data)
+        logits = checkpoint(enc, x, use_reentrant=False) if wrap else enc(x)
+        z = est(Bernoulli(logits=logits))
+        storch.add_cost(-Bernoulli(logits=dec(z)).log_prob(x).sum(), name="rec")
+        storch.backward()
+        grads.append(enc.weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_torch_recompute_stop_does_not_discard_the_step():
+    """torch's _StopRecomputationError ends a non-reentrant checkpoint's recomputation early (control flow); passing
+    through a storch call (storch.add_cost inside the checkpointed function) it discarded the default graph's step,
+    whose tensors then failed as stale. Any other error still discards the step."""
+    import torch.utils.checkpoint as torch_checkpoint
+
+    stop = getattr(torch_checkpoint, "_StopRecomputationError", None)
+    if stop is None:
+        pytest.skip("this torch has no _StopRecomputationError")
+    from storch.graph import current_graph
+
+    x = _data(torch.randn(2, 3))
+    graph = current_graph()
+    graph.discard(stop())
+    storch.add_cost((x ** 2).sum(), name="c")  # not stale
+    graph.discard(RuntimeError("a user error"))
+    with pytest.raises(storch.StorchError, match=r"discarded after an error in its step \(RuntimeError\)"):
+        storch.add_cost((x ** 2).sum(), name="c")
+    storch.reset()

@@ -261,50 +261,88 @@ _fw_grad_enabled = torch._C._is_fwd_grad_enabled
 
 
 def _check_custom_function(func, args, kwargs) -> None:
-    """Refuse a plate call in the forward of a custom ``torch.autograd.Function`` on operands that need grad.
+    """Refuse a plate call in the forward of a custom ``torch.autograd.Function`` that reaches tensors that need grad.
 
     ``MyFn.apply(x)`` does not go through ``__torch_function__``: torch runs the forward on the plate
     tensors with autograd off (grad mode and forward-mode AD both disabled, which is how this is told
     from ``torch.no_grad()``), and it records the Function's backward on the wrappers, which storch does
     not read. The result would be cut off from the gradient without a word (reentrant checkpointing is
-    such a Function). Inside ``torch.inference_mode()`` nothing needs grad.
+    such a Function). The signal is an operand that needs grad, a plate tensor or a plain one (a module's
+    parameter: ``checkpoint(enc, x, use_reentrant=True)`` on data that needs no grad reaches
+    ``F.linear(x, enc.weight)``, found by porting); nothing computed inside the forward needs grad, so only
+    what comes from outside it does. Inside ``torch.inference_mode()`` nothing needs grad.
     """
     if torch.is_inference_mode_enabled():
         return
-    if any(type(a) is _PT and a._raw.requires_grad for a in _operands(args, kwargs or {})):
-        if _in_ddp_sink():
-            raise PlateError(
-                "a DistributedDataParallel module returned plate tensors (storch's samples, or values computed from "
-                "them) with find_unused_parameters=True or static_graph=True: DDP then passes its outputs through "
-                "its own torch.autograd.Function (_DDPSink), whose backward storch cannot follow on plate tensors, "
-                "so their gradient would be lost. Wrap the whole model in DDP instead (the estimators as its "
-                "submodules) and end its forward with `return storch.surrogate_loss()` (a plain tensor), then call "
-                "storch.backward(); see docs/reliability.md and examples/distributed/train_ddp.py. A DDP-wrapped "
-                "submodule that returns plate tensors works with the default DDP arguments only")
+    for a in _operands(args, kwargs or {}):
+        if type(a) is _PT:
+            if a._raw.requires_grad:
+                break
+        elif isinstance(a, _T) and a.requires_grad:
+            break
+    else:
+        return
+    which = _innermost_function()
+    if which == "ddp":
         raise PlateError(
-            f"{describe(func)} was called on plate tensors that need grad with autograd disabled and forward-mode "
-            "AD disabled: the forward of a custom torch.autograd.Function (MyFn.apply(x), "
-            "torch.utils.checkpoint.checkpoint(..., use_reentrant=True)). torch records such a Function's backward "
-            "on the plate tensors' wrappers, which storch does not follow, so its result would carry no gradient. "
-            "Use torch.utils.checkpoint.checkpoint(..., use_reentrant=False), and write the function with torch "
-            "operations (autograd differentiates them) instead of a custom Function. A module's full backward "
-            "hook (register_full_backward_hook) is such a Function too: use a forward hook or "
-            "tensor.register_hook instead")
+            "a DistributedDataParallel module returned plate tensors (storch's samples, or values computed from "
+            "them) with find_unused_parameters=True or static_graph=True: DDP then passes its outputs through "
+            "its own torch.autograd.Function (_DDPSink), whose backward storch cannot follow on plate tensors, "
+            "so their gradient would be lost. Wrap the whole model in DDP instead (the estimators as its "
+            "submodules) and end its forward with `return storch.surrogate_loss()` (a plain tensor), then call "
+            "storch.backward(); see docs/reliability.md and examples/distributed/train_ddp.py. A DDP-wrapped "
+            "submodule that returns plate tensors works with the default DDP arguments only")
+    lost = ("torch runs it with autograd off and records its backward on the plate tensors' wrappers, which "
+            "storch does not follow, so the gradient of the parameters and inputs it reaches would be lost without "
+            "a word")
+    if which == "checkpoint":
+        raise PlateError(
+            "torch.utils.checkpoint.checkpoint(..., use_reentrant=True) was called on plate tensors (storch's "
+            "samples, data from storch.denote_independent, or values computed from them), and the checkpointed "
+            "function reaches tensors that need grad (a module's parameters, or the plate tensors themselves). "
+            f"A reentrant checkpoint is a custom torch.autograd.Function: {lost}. Use "
+            "torch.utils.checkpoint.checkpoint(..., use_reentrant=False), which gives exact gradients on plate "
+            "tensors; checkpoint the networks, not the sampling (keep estimator calls outside the checkpointed "
+            "function). Under torch.no_grad(), where nothing is recomputed, call the function without checkpoint")
+    if which == "hook":
+        raise PlateError(
+            "a module with a full backward hook (register_full_backward_hook, or a library that registers one) "
+            "was called on plate tensors (storch's samples, data from storch.denote_independent, or values "
+            "computed from them) that need grad, or returned them. torch wraps such a module's inputs and outputs "
+            f"in a custom torch.autograd.Function (BackwardHookFunction): {lost}. Use a forward hook "
+            "(register_forward_hook), or tensor.register_hook on the module's output (a plate tensor's hook "
+            "receives its gradient as a plate tensor: docs/plates.md)")
+    raise PlateError(
+        f"{describe(func)} was called on plate tensors inside the forward of a custom torch.autograd.Function "
+        "(MyFn.apply(x): autograd disabled and forward-mode AD disabled) with operands that need grad: "
+        f"{lost}. Write the function with torch operations (autograd differentiates them) instead of a custom "
+        "Function; for checkpointing use torch.utils.checkpoint.checkpoint(..., use_reentrant=False); instead of a "
+        "module's full backward hook use a forward hook or tensor.register_hook")
 
 
-def _in_ddp_sink() -> bool:
-    """Whether the caller is DDP's ``_DDPSink.forward`` (torch.nn.parallel.distributed; error path only)."""
-    ddp = sys.modules.get("torch.nn.parallel.distributed")
-    sink = getattr(getattr(ddp, "_DDPSink", None), "forward", None)
-    code = getattr(sink, "__code__", None)
-    if code is None:
-        return False
+def _code_of(module: str, owner: str, attr: str = "forward"):
+    """The code object of ``module.owner.attr`` where the module is imported (error path only), else None."""
+    f = getattr(getattr(sys.modules.get(module), owner, None), attr, None)
+    return getattr(f, "__code__", None)
+
+
+def _innermost_function() -> Optional[str]:
+    """Which of torch's own custom Functions runs the innermost forward among the dispatcher's callers: "ddp"
+    (DDP's _DDPSink), "checkpoint" (reentrant checkpointing) or "hook" (a module's full backward hook), else
+    None (a user's Function). Error path only: a walk up the stack."""
+    codes = {
+        _code_of("torch.nn.parallel.distributed", "_DDPSink"): "ddp",
+        _code_of("torch.utils.checkpoint", "CheckpointFunction"): "checkpoint",
+        _code_of("torch.nn.modules._functions", "BackwardHookFunction"): "hook",
+    }
+    codes.pop(None, None)
     frame = sys._getframe(1)
-    while frame is not None:  # a few frames: the sink calls the dispatcher (clone) directly
-        if frame.f_code is code:
-            return True
+    while frame is not None:
+        which = codes.get(frame.f_code)
+        if which is not None:
+            return which
         frame = frame.f_back
-    return False
+    return None
 
 
 def _with_out(func, args, kwargs):
