@@ -122,9 +122,11 @@ class Graph:
         The default graph has no ``with`` block that marks the end of a step, so a failed step
         is discarded at once (its plate tensors become stale). Inside ``with storch.Graph():``
         the caller may handle the error and go on with the step; the step is discarded when an
-        exception leaves the block.
+        exception leaves the block. torch's ``_StopRecomputationError`` is no error: non-reentrant
+        checkpointing raises it to end a recomputation early during backward (storch code inside a
+        checkpointed function, such as ``storch.add_cost``, sees it pass), and it discards nothing.
         """
-        if self.is_default:
+        if self.is_default and not _is_recompute_stop(error):
             self.reset(f"discarded after an error in its step ({type(error).__name__})")
 
     def _close(self, reason: str) -> None:
@@ -386,6 +388,13 @@ class Graph:
             else:
                 out.append(PlateTensor._wrap(t.movedim(dim, 0), (p,)))
         return type(tensors)(out) if type(tensors) in (tuple, list) else tuple(out)
+
+
+def _is_recompute_stop(error: BaseException) -> bool:
+    """Whether ``error`` is torch's ``_StopRecomputationError`` (torch.utils.checkpoint): control flow that ends a
+    non-reentrant checkpoint's recomputation early during backward, not an error of the step."""
+    t = type(error)
+    return t.__name__ == "_StopRecomputationError" and t.__module__ == "torch.utils.checkpoint"
 
 
 class _StepGuard:

@@ -1012,6 +1012,8 @@ class Estimator(torch.nn.Module):
         # Graph identity (issue 11): the distribution's plate tensors must belong to the current
         # graph (Estimator.forward checks it, with Graph.check_call), and an exception while sampling
         # discards the step, so it never leaks into the next.
+        if _graph_task_id() != -1:  # (one C call: -1 outside a backward pass)
+            raise StorchError(_in_backward_message(self))
         graph = current_graph()
         try:
             if graph.generator is None and type(self).forward is _FORWARD:  # the lean path
@@ -1293,6 +1295,20 @@ def _user_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIRS):
         frame, level = frame.f_back, level + 1
     return level
+
+
+_graph_task_id = torch._C._current_graph_task_id
+
+
+def _in_backward_message(est: "Estimator") -> str:
+    return (
+        f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}) was called during a backward pass. "
+        "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) runs the checkpointed function again during "
+        "backward to recompute what it saved, and an estimator called there would sample anew: a new node or "
+        "partition step whose samples are not the ones the costs were computed from. Checkpoint the networks, not "
+        "the sampling: checkpoint the module that computes the distribution's parameters "
+        "(`logits = checkpoint(enc, x, use_reentrant=False)`) and call the estimator outside the checkpointed "
+        "function (the same holds for an estimator called from a tensor hook or a custom Function's backward)")
 
 
 _FORWARD = Estimator.forward
