@@ -18,7 +18,7 @@ from ...errors import PlateError
 from ..kit import _from_torch, _operands, dispatch, register, too_many_samples, wrap_same
 from .pointwise import broadcast
 from .vmap import vmap_call
-from ..tensor import PlateTensor
+from ..tensor import PlateTensor, _names, align, union_plates
 from ..tensor import new_plate_tensor as _new
 
 _PT = PlateTensor
@@ -78,6 +78,57 @@ def _raw_property(func, args, kwargs):
     """autograd properties (requires_grad, grad_fn, is_leaf, grad, data) of the raw storage"""
     x = args[0]
     return wrap_same(func(x._raw), x._plates)
+
+
+@register(_T.register_hook)
+def _register_hook(func, args, kwargs):
+    """a hook on the raw tensor; it receives the gradient as a plate tensor (per-sample shape, the tensor's plates) and may return a replacement, as torch's hooks do"""
+    x, hook = args[0], (args[1] if len(args) > 1 else kwargs["hook"])
+    plates = x._plates
+    return x._raw.register_hook(_PlateHook(hook, plates))
+
+
+class _PlateHook:
+    """The hook registered on a plate tensor's raw tensor: hands the user's hook the gradient as a plate tensor
+    with the tensor's plates (what the user's code saw: ``g.shape`` is the per-sample shape, ``g.tensor`` the raw
+    gradient with the plate dims first), and turns what it returns (``None``: the gradient unchanged) back into a
+    raw gradient of the raw tensor's shape: a plate tensor on (some of) those plates, a plain tensor of the
+    per-sample shape (the same for every plate entry) or a plain tensor of the raw shape (computed from
+    ``g.tensor``)."""
+
+    __slots__ = ("hook", "plates")
+
+    def __init__(self, hook, plates) -> None:
+        self.hook = hook
+        self.plates = plates
+
+    def __call__(self, grad: torch.Tensor):
+        plates = self.plates
+        out = self.hook(_new(grad, plates))
+        if out is None:
+            return None
+        k = grad.dim() - len(plates)
+        if type(out) is _PT:
+            rp = out._plates
+            if len(union_plates((plates, rp))) != len(plates):
+                raise PlateError(
+                    f"a hook registered with register_hook on a plate tensor with plates {_names(plates)} returned a "
+                    f"gradient with plates {_names(rp)}: it may vary only over the tensor's own plates. Return a "
+                    "tensor computed from the gradient it receives (`g * 0.5`), or None to keep the gradient")
+            raw = align(out._raw, rp, plates, k)
+        elif isinstance(out, _T):
+            if out.dim() > k and out.shape == grad.shape:
+                return out  # the raw gradient (computed from `g.tensor`)
+            raw = out.reshape((1,) * len(plates) + tuple(out.shape))
+        else:
+            return out  # torch's own error for a hook that returns something else
+        if tuple(raw.shape[len(plates):]) != tuple(grad.shape[len(plates):]):
+            raise PlateError(
+                f"a hook registered with register_hook on a plate tensor returned a gradient of per-sample shape "
+                f"{tuple(out.shape)} where the tensor's per-sample shape is {tuple(grad.shape[len(plates):])}: "
+                "return a tensor of the shape of the gradient it receives, a plate tensor computed from it, a plain tensor "
+                "of the shape of its `.tensor` (or None to keep the gradient)")
+        return raw.expand(grad.shape)
 
 
 @register(_T.T.__get__, _T.mT.__get__)
