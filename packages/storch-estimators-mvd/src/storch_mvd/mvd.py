@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch.distributions import Distribution
@@ -82,8 +82,12 @@ class Mvd(Estimator):
 
     def __init__(self, plate: str, n_samples: int = 1, coupled: bool = True) -> None:
         super().__init__(plate, n_samples)
-        options.flag("mvd", "coupled", coupled)
-        self.coupled = coupled
+        self.coupled = self.check_option("coupled", coupled)
+
+    def check_option(self, name: str, value: Any) -> Any:
+        if name == "coupled":
+            options.flag("mvd", "coupled", value)
+        return super().check_option(name, value)
 
     @classmethod
     def supports(cls, distribution: Distribution) -> bool:

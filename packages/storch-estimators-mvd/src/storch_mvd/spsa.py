@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch.distributions import (
@@ -108,10 +108,16 @@ class Spsa(Estimator):
 
     def __init__(self, plate: str, n_samples: int = 1, perturbation: float = 0.1, coupled: bool = True) -> None:
         super().__init__(plate, n_samples)
-        options.number("spsa", "perturbation", perturbation, above=0, finite=True, what="a finite number > 0")
-        options.flag("spsa", "coupled", coupled)
-        self.perturbation = float(perturbation)
-        self.coupled = coupled
+        self.perturbation = self.check_option("perturbation", perturbation)
+        self.coupled = self.check_option("coupled", coupled)
+
+    def check_option(self, name: str, value: Any) -> Any:
+        if name == "perturbation":
+            options.number("spsa", "perturbation", value, above=0, finite=True, what="a finite number > 0")
+            return float(value)
+        if name == "coupled":
+            options.flag("spsa", "coupled", value)
+        return super().check_option(name, value)
 
     @classmethod
     def supports(cls, distribution: Distribution) -> bool:

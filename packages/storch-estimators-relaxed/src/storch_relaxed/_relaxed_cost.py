@@ -44,6 +44,14 @@ class RelaxedCost(VarianceTrained):
     jump_free: bool = True
     _tilde_term = staticmethod(tilde_term)
 
+    fixed_options = {
+        **VarianceTrained.fixed_options,
+        "temperature": "it is the initial value of λ, a parameter (log_temperature) trained from then on; set "
+                       "est.log_temperature.data instead to move the trained value",
+        "eta": "it is the initial value of η, a parameter (eta) trained from then on; set est.eta.data instead to move "
+               "the trained value",
+    }
+
     def _init_relaxed_cost(self, temperature: float, eta: float) -> None:
         options.number(self.name, "temperature", temperature, above=0, finite=True)
         options.number(self.name, "eta", eta, finite=True)

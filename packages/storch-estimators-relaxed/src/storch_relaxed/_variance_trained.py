@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
@@ -73,10 +73,24 @@ class VarianceTrained(Estimator):
     replays_update = True
     State = RelaxedState
 
+    fixed_options = {
+        "network": "the control variate's network is built (or taken) at construction, and trained as state of "
+                   "this estimator: the new one starts it afresh",
+        "hidden": "the control variate's network is built with this width at construction",
+        "update": "whether storch.backward() trains the control variate is decided at construction (has_update); a "
+                  "new estimator starts its state afresh (load this one's state_dict() into it to keep it)",
+    }
+
+    def check_option(self, name: str, value: Any) -> Any:
+        if name == "lr":
+            options.number(self.name, "lr", value, above=0)
+            return float(value)
+        return super().check_option(name, value)
+
     def _init_training(self, lr: float, update: bool) -> None:
-        options.number(self.name, "lr", lr, above=0)
+        lr = self.check_option("lr", lr)
         options.flag(self.name, "update", update)
-        self.lr = float(lr)
+        self.lr = lr
         self.update = update
         # the update differentiates the surrogate again: surrogate_loss().backward() refuses it
         self.update_uses_loss_graph = update
@@ -163,6 +177,8 @@ class VarianceTrained(Estimator):
         # freezing η or the whole model changes neither the optimizer nor its saved state (a checkpoint loads
         # whatever is frozen when it is saved or loaded)
         self._optimizer = own_optimizer(self._optimizer, self, self.lr)
+        for group in self._optimizer.param_groups:  # est.lr = ... set after construction applies from here
+            group["lr"] = self.lr
         # .grad of a user network='s parameters as the backward pass left it, restored after the step: a layer
         # it shares with the model keeps the model's gradient for the user's optimizer (docs/estimators/relax.md).
         # Parameters storch made (η, λ, the default network) are the estimator's alone: their .grad (the

@@ -53,8 +53,9 @@ class GumbelSoftmax(Estimator):
             training steps of graphs that used this estimator: ``storch.backward()`` calls, and steps whose
             surrogate losses were backpropagated with ``.backward()`` (one per step, however many of them;
             ``est.step``, in ``state_dict()`` as ``schedule_step``). Jang et al.'s
-            schedule: ``lambda t: max(0.5, math.exp(-1e-5 * t))``. The schedule is evaluated once per
-            step (when the step changes); a value that is not a finite float > 0 raises
+            schedule: ``lambda t: max(0.5, math.exp(-1e-5 * t))``. The schedule is evaluated at each
+            call of the estimator (a schedule that reads a value you change gives the next call its new τ;
+            ``current_temperature()`` is what a call now would use); a value that is not a finite float > 0 raises
             ``storch.OptionError`` where the estimator samples. Only a schedule makes the estimator
             update its state (``has_update``); ``storch.compile`` replays that update
             (``replays_update``: the compiled program reads τ, a 0-dim tensor, at every call), so
@@ -84,6 +85,7 @@ class GumbelSoftmax(Estimator):
         self._step = 0
         self._tau: Optional[torch.Tensor] = None  # τ at the current step, for a schedule (0-dim float64, CPU)
         self._tau_error: Optional[str] = None  # why the schedule's value at this step is not a temperature
+        self._tau_value: object = None  # the schedule's value that _tau holds (compared at each call)
         self.temperature = temperature
         self.register_load_state_dict_post_hook(_loaded)
 
@@ -140,9 +142,15 @@ class GumbelSoftmax(Estimator):
             return
         # a tensor, not a float: storch.compile passes it to the program at every call (state_tensors)
         _plain_setattr(self, "_tau", torch.tensor(float(tau), dtype=torch.float64))
+        _plain_setattr(self, "_tau_value", tau)
 
     def _scheduled(self) -> torch.Tensor:
-        """The schedule's τ at the current step as a 0-dim tensor (checked)."""
+        """The schedule's τ at the current step as a 0-dim tensor (checked), evaluated now: a schedule that reads
+        a value the user changed between calls (``lambda t: scale[0]``) gives the call its new τ. The tensor of
+        the last evaluation is kept while the value stays the same (storch.compile lifts the tensor the trace
+        read into an input of the program: the same object as ``state_tensors()`` returns after the trace)."""
+        if callable(self._temperature) and (self._tau is None or self._temperature(self._step) != self._tau_value):
+            self._evaluate()
         if self._tau is None:
             raise OptionError(self._tau_error or f"{self.name}: the temperature is not a schedule")
         return self._tau

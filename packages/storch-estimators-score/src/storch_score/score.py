@@ -110,7 +110,7 @@ class Score(Estimator):
                  decay: float = 0.9, lr: float = 1e-2, hidden: int = 128, update: bool = True,
                  eos: Optional[int] = None) -> None:
         super().__init__(plate, n_samples)
-        self.eos = options.optional_index("score", "eos", eos, "None or the index of the end value in the support")
+        self.eos = self.check_option("eos", eos)
         self.baseline_fn: Optional[Callable] = None
         if callable(baseline) and not isinstance(baseline, str):
             kind, self.baseline_fn = "callable", baseline
@@ -130,14 +130,13 @@ class Score(Estimator):
             raise OptionError(
                 f"score: baseline={baseline!r} needs n_samples >= 2 (it averages the other samples' costs), "
                 f"got n_samples={n_samples}")
-        options.number("score", "decay", decay, at_least=0.0, below=1.0)
-        options.number("score", "lr", lr, above=0)
+        decay, lr = self.check_option("decay", decay), self.check_option("lr", lr)
         options.flag("score", "update", update)
         if kind == "learned":
             kind, self.baseline_fn = "callable", LearnedBaseline(hidden)
             object.__setattr__(self.baseline_fn, "_owner", self)  # not a submodule: no cycle in .modules()
         self._baseline: _Baseline = _BASELINES[kind]
-        self.decay, self.lr, self.update = float(decay), float(lr), update
+        self.decay, self.lr, self.update = decay, lr, update
         self.moving_averages: dict[str, torch.Tensor] = {}  # cost key -> average of earlier steps
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self.update_steps = 0
@@ -151,6 +150,31 @@ class Score(Estimator):
         # user's trainable callable it cannot (its inputs are whatever it reads)
         self.replays_update = self.has_update and (
             self._baseline is _BASELINES["moving_average"] or isinstance(self.baseline_fn, LearnedBaseline))
+
+    fixed_options = {
+        "baseline": "the baseline is set up at construction (a moving average or a learned baseline is state of "
+                    "this estimator, which the new one starts afresh: its moving averages and network are not "
+                    "carried over, and its state_dict() is refused by an estimator with another baseline)",
+        "hidden": "the learned baseline's networks are built with this width at construction",
+        "update": "whether storch.backward() updates the baseline is decided at construction (has_update); a new "
+                  "estimator with the same baseline starts its state afresh (load this one's state_dict() into it "
+                  "to keep it)",
+    }
+
+    def check_option(self, name: str, value: Any) -> Any:
+        if name == "decay":
+            options.number("score", "decay", value, at_least=0.0, below=1.0)
+            return float(value)
+        if name == "lr":
+            options.number("score", "lr", value, above=0)
+            return float(value)
+        if name == "eos":
+            return options.optional_index("score", "eos", value, "None or the index of the end value in the support")
+        value = super().check_option(name, value)
+        if name == "n_samples" and self.__dict__.get("_baseline") is _BASELINES["leave_one_out"] and value < 2:
+            raise OptionError(f"score: baseline='leave_one_out' needs n_samples >= 2 (it averages the other samples' "
+                              f"costs), got n_samples={value}")
+        return value
 
     @property
     def baseline_kind(self) -> str:
@@ -311,6 +335,8 @@ class Score(Estimator):
         # freezing it or the whole model changes neither the optimizer nor its saved state (a checkpoint loads
         # whatever is frozen when it is saved or loaded); a head for a new cost keeps the others' moments
         self._optimizer = own_optimizer(self._optimizer, self.baseline_fn, self.lr)
+        for group in self._optimizer.param_groups:  # est.lr = ... set after construction applies from here
+            group["lr"] = self.lr
         # .grad as the backward pass left it (None where it gave none): restored after the step, so the
         # user's optimizer sees the surrogate's gradient on a parameter the baseline shares with the
         # model (an A2C trunk) or that a cost of the user's (a credit=False regression) reached

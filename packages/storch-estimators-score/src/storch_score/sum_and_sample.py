@@ -185,11 +185,34 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
         self.n_enumerate = check_n_enumerate(n_enumerate, 1)
         self.leave_one_out = check_baseline(baseline, n_samples)
         self.memory = memory
-        self.budget = options.integer(NAME, "budget", budget, minimum=1)  # a NumPy integer as a Python int
+        self.budget = self.check_option("budget", budget)
         # the one-step estimator keeps no state (its memory is chosen anew in every graph): nothing to
         # update, so storch.backward() runs no update for it and storch.compile does not refuse it.
         # The class attribute stays True: the registered name's capability, buffer= (sequences) included
         self.has_update = False
+
+    fixed_options = {
+        "buffer": "buffer= makes another estimator (MAPO's sequence mode, a SumAndSampleSequences)",
+        "eos": "eos= is for sequences, which buffer= makes (another estimator)",
+    }
+
+    def check_option(self, name: str, value: Any) -> Any:
+        if name == "budget":
+            return options.integer(NAME, "budget", value, minimum=1)  # a NumPy integer as a Python int
+        if name == "n_enumerate":
+            if value is not None and self.memory is not None:
+                raise OptionError("sum_and_sample: give either n_enumerate (the k' most probable values) or memory, "
+                                  "not both (set est.memory = None first)")
+            return check_n_enumerate(value, 1)
+        if name == "memory":
+            if value is not None and not (isinstance(value, torch.Tensor) or callable(value)):
+                raise OptionError(f"sum_and_sample: memory={value!r} is not accepted; give a tensor of values or a "
+                                  "callable distribution -> tensor of values")
+            return value
+        value = super().check_option(name, value)
+        if name == "n_samples" and self.__dict__.get("leave_one_out") and value < 2:
+            raise OptionError(f"{NAME}: baseline='leave_one_out' needs n_samples >= 2, got {value}")
+        return value
 
     def forward(self, distribution: Distribution, *args: Any, memory_key: Optional[Hashable] = None,
                 **kwargs: Any) -> PlateTensor:

@@ -147,6 +147,14 @@ class SumAndSampleSequences(Estimator):
     update_uses_loss_graph = False
     State = SequenceState
 
+    fixed_options = {
+        "buffer": "the buffer of best sequences is state of this estimator, sized at construction (the new one "
+                  "starts it empty)",
+        "memory": "it seeds the buffer at construction (the new estimator starts from it)",
+        "n_enumerate": "the memory slots are laid out at construction",
+        "eos": "the sequences in the buffer end at this value",
+    }
+
     def __init__(self, plate: str, n_samples: int = 1, n_enumerate: Optional[int] = None,
                  memory: Any = None, baseline: str = "none", *, buffer: int, eos: Optional[int] = None) -> None:
         super().__init__(plate, n_samples)

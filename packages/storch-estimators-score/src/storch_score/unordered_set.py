@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch.distributions import Bernoulli, Distribution
@@ -122,12 +122,22 @@ class UnorderedSet(Estimator):
         if baseline and n_samples < 2:
             raise OptionError(f"unordered_set: the built-in baseline needs n_samples >= 2, got {n_samples}; "
                               "use baseline=False for a single sample")
-        self.eos = options.optional_index("unordered_set", "eos", eos,
-                                          "None or the index of the end value in the support")
         self.use_baseline = baseline
-        self.budget = options.integer("unordered_set", "budget", budget, minimum=1)  # a NumPy integer as an int
+        self.eos = self.check_option("eos", eos)
+        self.budget = self.check_option("budget", budget)
         if not baseline:
             self.max_order = math.inf  # detached weights, no baseline: any order (D.2.3)
+
+    def check_option(self, name: str, value: Any) -> Any:
+        if name == "eos":
+            return options.optional_index("unordered_set", "eos", value, "None or the index of the end value in the support")
+        if name == "budget":
+            return options.integer("unordered_set", "budget", value, minimum=1)  # a NumPy integer as an int
+        value = super().check_option(name, value)
+        if name == "n_samples" and self.__dict__.get("use_baseline") and value < 2:
+            raise OptionError(f"unordered_set: the built-in baseline needs n_samples >= 2, got {value}; "
+                              "use baseline=False for a single sample")
+        return value
 
     def proposal(self, node: Node) -> torch.Tensor:
         d = node.distribution

@@ -92,8 +92,13 @@ class Vimco(Estimator):
 
     def __init__(self, plate: str, n_draws: int = 2, n_samples: int = 1) -> None:
         super().__init__(plate, n_samples)
-        self.n_draws = options.integer(self.name, "n_draws", n_draws, minimum=2,
-                                       what="an int >= 2 (each draw's baseline averages the others)")
+        self.n_draws = self.check_option("n_draws", n_draws)
+
+    def check_option(self, name: str, value: Any) -> Any:
+        if name == "n_draws":
+            return options.integer(self.name, "n_draws", value, minimum=2,
+                                   what="an int >= 2 (each draw's baseline averages the others)")
+        return super().check_option(name, value)
 
     def forward(self, distribution: Distribution, inputs: Any = None) -> PlateTensor:
         if isinstance(distribution, Distribution):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch.distributions import Categorical, OneHotCategorical
@@ -66,7 +66,12 @@ class Expect(Estimator):
 
     def __init__(self, plate: str, budget: int = 4096) -> None:
         super().__init__(plate, 1)
-        self.budget = options.integer("expect", "budget", budget, minimum=1)  # NumPy's integers too, as an int
+        self.budget = self.check_option("budget", budget)
+
+    def check_option(self, name: str, value: Any) -> Any:
+        if name == "budget":
+            return options.integer("expect", "budget", value, minimum=1)  # NumPy's integers too, as an int
+        return super().check_option(name, value)
 
     def proposal(self, node: Node) -> torch.Tensor:
         d = node.distribution  # (probabilities of exactly 0 have log p = -inf: Estimator._sample_node)

@@ -33,6 +33,7 @@ checked at registration (``storch.registry``); an instance whose options change 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import numbers
@@ -235,10 +236,34 @@ class Estimator(torch.nn.Module):
             _WELL_FORMED.add(cls)
         if not isinstance(plate, str) or not plate:
             raise OptionError(f"plate must be a non-empty string, got {plate!r}")
-        n_samples = options.integer(self.name, "n_samples", n_samples, minimum=1,
-                                    what="an int >= 1 (the number of samples)", hint="; pass an int such as n_samples=4")
         self.plate = plate
-        self.n_samples = n_samples
+        self.n_samples = self.check_option("n_samples", n_samples)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "_marks_construction", False):
+            cls.__init__ = _marking_construction(init)  # type: ignore[method-assign]
+
+    # -- options set after construction (``est.temperature = 0.1``) --------------------------------
+
+    #: the constructor options that are fixed at construction (read only there, or turned into state), each with
+    #: what setting it afterwards would leave wrong: ``est.<option> = v`` then raises :class:`storch.OptionError`
+    #: (create a new estimator instead). Options whose name is a method of the class (``score``'s ``baseline``)
+    #: are fixed too; every other option set on a constructed estimator goes through :meth:`check_option`.
+    fixed_options: ClassVar[dict[str, str]] = {}
+
+    def check_option(self, name: str, value: Any) -> Any:
+        """The value to keep for option ``name`` (checked as the constructor checks it), or raise
+        :class:`storch.OptionError`. Called by the constructor and for ``est.<name> = value`` on a constructed
+        estimator (an option not in :attr:`fixed_options`); a subclass checks its own options and calls
+        ``super().check_option(name, value)`` for the others."""
+        if name == "n_samples":
+            return options.integer(self.name, "n_samples", value, minimum=1,
+                                   what="an int >= 1 (the number of samples)", hint="; pass an int such as n_samples=4")
+        if name == "plate" and (not isinstance(value, str) or not value):
+            raise OptionError(f"plate must be a non-empty string, got {value!r}")
+        return value
 
     # -- the node call -----------------------------------------------------------------------
 
@@ -989,15 +1014,19 @@ class Estimator(torch.nn.Module):
     _options_key: tuple = ()
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_constructed") and name in _option_names(type(self)):
+            # an option set on a constructed estimator: as the constructor takes it, or refused where the
+            # estimator read it only at construction (a silently ignored option, a method shadowed by a string)
+            why = _fixed_options(type(self)).get(name)
+            if why is not None:
+                raise OptionError(_fixed_option_message(self, name, value, why))
+            value = self.check_option(name, value)
         super().__setattr__(name, value)
         if name in _REPLAY_FLAGS and value:  # an instance that turns on replays_update for its options
             problem = replay_problem(self)
             if problem is not None:
                 raise StorchError(f"estimator {type(self).__qualname__} ({self.name or 'no name'}) has {problem}")
-        names = _OPTION_NAMES.get(type(self))
-        if names is None:
-            names = _OPTION_NAMES[type(self)] = frozenset(type(self).options()) | {"plate"}
-        if name in names:
+        if name in _option_names(type(self)):
             # a number (numpy's too) or string by value; anything else by identity, holding it: a key of a freed
             # object's id could be taken by a new one and select the old trace (found by review)
             key = value if value is None or isinstance(value, (numbers.Number, str)) else _ByIdentity(value)
@@ -1078,6 +1107,63 @@ class Estimator(torch.nn.Module):
 
 _WELL_FORMED: "weakref.WeakSet[type]" = weakref.WeakSet()
 _OPTION_NAMES: "weakref.WeakKeyDictionary[type, frozenset]" = weakref.WeakKeyDictionary()
+_FIXED: "weakref.WeakKeyDictionary[type, dict]" = weakref.WeakKeyDictionary()
+
+
+def _option_names(cls: type) -> frozenset:
+    names = _OPTION_NAMES.get(cls)
+    if names is None:
+        names = _OPTION_NAMES[cls] = frozenset(cls.options()) | {"plate"}
+    return names
+
+
+def _fixed_options(cls: type) -> dict:
+    """``cls.fixed_options``, and the options whose name is a method or property without a setter of the class
+    (an instance attribute of that name would shadow it: ``score``'s ``baseline`` method)."""
+    fixed = _FIXED.get(cls)
+    if fixed is None:
+        fixed = {}
+        for name in _option_names(cls):
+            member = inspect.getattr_static(cls, name, None)
+            if isinstance(member, (types.FunctionType, staticmethod, classmethod, _instance_or_class)) or (
+                    isinstance(member, property) and member.fset is None):
+                fixed[name] = (f"`{name}` is also the name of the estimator's method, which the attribute would "
+                               "shadow, and the option is read only at construction")
+        fixed.update(cls.fixed_options)
+        _FIXED[cls] = fixed
+    return fixed
+
+
+def _fixed_option_message(est: Estimator, name: str, value: Any, why: str) -> str:
+    try:
+        shown = repr(value)
+    except Exception:  # (a value whose repr fails)
+        shown = f"<{type(value).__name__}>"
+    return (f"{est.name or type(est).__qualname__}: est.{name} = {shown[:80]} after construction is not supported: "
+            f"{why}. Create a new estimator with the option instead: storch.estimator({est.name!r}, "
+            f"plate={est.plate!r}, ..., {name}={shown[:80]})")
+
+
+def _marking_construction(init: Callable) -> Callable:
+    """``init`` that marks the instance constructed when the outermost ``__init__`` returns (options set later
+    go through ``Estimator.__setattr__``'s checks; those the constructors set are theirs to check)."""
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        depth = self.__dict__.get("_init_depth", 0)
+        object.__setattr__(self, "_init_depth", depth + 1)
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            object.__setattr__(self, "_init_depth", depth)
+        if depth == 0:
+            object.__setattr__(self, "_constructed", True)
+
+    __init__._marks_construction = True  # type: ignore[attr-defined]
+    return __init__
+
+
+Estimator.__init__ = _marking_construction(Estimator.__init__)  # type: ignore[method-assign]
 
 
 class _ByIdentity:
