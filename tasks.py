@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""The two quick-start commands, runnable with nothing but python3.
+"""The quick-start commands, runnable with nothing but python3.
 
-    python3 tasks.py demo   # the estimator comparison demo on bundled data (tox -e demo)
-    python3 tasks.py test   # every test environment (tox)
-    python3 tasks.py docs   # the documentation site, built offline into site/ (tox -e docs)
+    python3 tasks.py demo [ARGS]   # the estimator comparison demo on bundled data (tox -e demo -- ARGS)
+    python3 tasks.py test [ARGS]   # every test environment (tox -p auto ARGS: ARGS go to tox, e.g. -e core)
+    python3 tasks.py docs [ARGS]   # the documentation site, built offline into site/ (tox -e docs -- ARGS)
 
-Creates ./.venv with tox on first use; tox builds one environment per install set.
+ARGS after demo go to storch-compare, after docs to the docs environment's command, after test to
+tox itself. Creates ./.venv with tox on first use; tox builds one environment per install set.
 """
 
 import os
@@ -37,6 +38,8 @@ def ensure_tox() -> Path:
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in VERBS:
+        if argv:
+            print(f"tasks.py: unknown command {argv[0]!r}; choose from {', '.join(VERBS)}", file=sys.stderr)
         print(__doc__)
         return 2
     py = ensure_tox()
@@ -44,7 +47,7 @@ def main(argv: list[str]) -> int:
         return subprocess.call([str(py), "-m", "tox", "-e", "demo", "--", *argv[1:]], cwd=ROOT)
     if argv[0] == "docs":
         # the docs env runs tests/docs (code blocks, tutorials) and then the strict build
-        code = subprocess.call([str(py), "-m", "tox", "-e", "docs", *argv[1:]], cwd=ROOT)
+        code = subprocess.call([str(py), "-m", "tox", "-e", "docs", "--", *argv[1:]], cwd=ROOT)
         if code == 0:
             print(f"site built: {ROOT / 'site' / 'index.html'}")
         return code

@@ -14,7 +14,7 @@ from storch_bench.overhead_ipd import add_replay_columns, replay_pair
 
 def test_toy_smoke(tmp_path):
     out = tmp_path / "toy"
-    assert main(["toy", "--estimators", "expect@1,score@1,gumbel_softmax@1", "--replicates", "200",
+    assert main(["toy", "--estimators", "expect@1,score@1,gumbel_softmax@1", "--replicates", "500",
                  "--timing-reps", "2", "--no-progress", "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "toy.csv")))
     by = {(r["problem"], r["estimator"]): r for r in rows}

@@ -60,7 +60,20 @@ def test_a_misspelt_spec_keeps_the_suggestion_gets_no_install_advice_and_fails(t
     out = capsys.readouterr().out
     assert rc == 2, out
     assert advice in out and "Install an estimator family" not in out and "not installed" not in out, out
-    assert f"Nothing ran: --estimators {spec}: an unknown estimator name or option" in out, out
+    assert f"Nothing ran: --estimators {spec}: a spec to fix ({spec}: " in out, out
+
+
+def test_installed_estimators_that_cannot_train_get_their_reasons_not_install_advice(tmp_path, capsys):
+    """vimco, importance (no proposal) and reparameterization printed "No installed estimator could train these
+    models. Install an estimator family" and called importance "an unknown estimator name"."""
+    rc = main(["vae", "--estimators", "vimco@1,importance@1,reparameterization@1", "--epochs", "1",
+               "--max-train", "50", "--models", "bernoulli", "--no-progress", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 2, out
+    assert "Install" not in out and "unknown estimator name" not in out, out
+    assert "importance@1: invalid options: " in out and "`proposal` is required" in out, out
+    assert "- bernoulli: vimco@1: estimates the gradient of a multi-sample bound" in out, out
+    assert "- bernoulli: reparameterization@1: needs a distribution with rsample" in out, out
 
 
 def test_different_seed_changes_numbers(tmp_path):

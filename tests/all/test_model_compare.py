@@ -159,7 +159,7 @@ def test_reference_falls_back_when_enumeration_exceeds_its_budget():
         storch.add_cost(((est(Bernoulli(logits=theta)) - T) ** 2).sum())
         return theta
 
-    c = compare_estimators(step, ["expect@1", "score@1"], estimates=8, warmup=0, reference_estimates=40,
+    c = compare_estimators(step, ["expect@1", "score@1"], estimates=32, warmup=0, reference_estimates=40,
                            samples=4, **QUIET)
     assert c.reference == "score[loo]@4" and c.reference_estimates == 40
     assert dict(c.skipped)["expect@1"].startswith("UnsupportedDistributionError: expect: enumerating 2^13")
@@ -190,12 +190,41 @@ def test_a_model_that_calls_est_several_times_skips_estimators_without_partition
         assert r.bias_z < 4 and _z_vs_exact(r.estimates, exact) < 4, r
 
 
-def test_without_a_usable_reference_the_bias_columns_are_empty():
+def test_a_named_reference_that_cannot_run_is_refused():
+    """A biased or unknown --reference ran on with "reference = none" and exit 0."""
+    from storch_bench.model_compare import BadReferenceError
+
     step, _, _ = _bernoulli_model()
-    c = compare_estimators(step, ["score@1"], estimates=8, warmup=0, reference="gumbel_softmax@1", **QUIET)
-    assert c.reference.startswith("none (gumbel_softmax@1: biased") and c.reference_mean is None
+    with pytest.raises(BadReferenceError, match="gumbel_softmax@1 cannot be the reference: biased"):
+        compare_estimators(step, ["score@1"], estimates=8, warmup=0, reference="gumbel_softmax@1", **QUIET)
+    with pytest.raises(BadReferenceError, match="nosuch@1 cannot be the reference: unknown estimator"):
+        compare_estimators(step, ["score@1"], estimates=8, warmup=0, reference="nosuch@1", **QUIET)
+    with pytest.raises(ValueError, match="reference_estimates must be >= 32"):
+        compare_estimators(step, ["score@1"], estimates=8, warmup=0, reference_estimates=1, **QUIET)
+
+
+@pytest.mark.parametrize("reference", ["nosuch@1", "gumbel_softmax@1"])
+def test_cli_refuses_a_bad_reference(tmp_path, capsys, reference):
+    from storch_bench.cli import main
+
+    rc = main(["model", f"{EXAMPLE}:step", "--estimators", "score@1", "--estimates", "4", "--warmup", "0",
+               "--reference", reference, "--no-memory", "--no-progress", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"argument --reference: {reference} cannot be the reference" in err, err
+
+
+def test_too_few_estimates_for_the_bias_test_leave_the_bias_columns_empty():
+    """With 16 estimates score[baseline=learned]@1 showed bias z 8.89 ("> 4: biased"): below 32 no verdict."""
+    from storch_bench.model_cli import markdown
+
+    step, _, _ = _bernoulli_model()
+    c = compare_estimators(step, ["score@1"], estimates=16, warmup=0, **QUIET)
     r = c.row("score@1")
     assert r.variance > 0 and np.isnan(r.bias_z) and np.isnan(r.rel_bias)
+    md = markdown(c)
+    assert "too few for the bias z-test" in md and "> 4: biased" not in md, md
+    c = compare_estimators(step, ["score@1"], estimates=32, warmup=0, **QUIET)
+    assert c.row("score@1").bias_z < 4 and "> 4: biased" in markdown(c)
 
 
 def test_bad_step_functions_get_clear_errors():
@@ -222,11 +251,11 @@ def test_cli_with_a_misspelt_estimator_keeps_the_suggestion_and_fails(tmp_path, 
     from storch_bench.cli import main
 
     rc = main(["model", f"{EXAMPLE}:step", "--estimators", "scroe@1", "--estimates", "4", "--warmup", "1",
-               "--reference-estimates", "4", "--no-memory", "--no-progress", "--out", str(tmp_path)])
+               "--reference-estimates", "32", "--no-memory", "--no-progress", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 2, out
     assert "scroe@1: unknown estimator: no estimator named 'scroe' is installed. Did you mean 'score'?" in out, out
-    assert "not installed" not in out and "Nothing ran: --estimators scroe@1" in out, out
+    assert "not installed" not in out and "Nothing ran: --estimators scroe@1: a spec to fix" in out, out
 
 
 def test_cli_on_the_example(tmp_path):
@@ -235,7 +264,7 @@ def test_cli_on_the_example(tmp_path):
     out = tmp_path / "model"
     proc = subprocess.run(cmd + ["model", f"{EXAMPLE}:step", "--estimators",
                                  "score@1,score[baseline=leave_one_out]@8,unordered_set@8,arm@1",
-                                 "--estimates", "12", "--warmup", "1", "--no-progress", "--out", str(out)],
+                                 "--estimates", "32", "--warmup", "1", "--no-progress", "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     rows = {r["estimator"]: r for r in csv.DictReader(open(out / "model.csv"))}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -26,17 +26,128 @@ __all__ = ["main"]
 COMMANDS = ("vae", "toy", "overhead", "ops", "model", "sequences", "ipd")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--estimators", default="auto",
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type=``: an int >= ``low`` (else argparse's usage error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+positive_int = at_least(1)
+non_negative_int = at_least(0)
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type=``: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def int_list(low: int) -> Callable[[str], str]:
+    """An argparse ``type=``: comma-separated ints >= ``low``; the text is kept (the subcommand splits it)."""
+    one = at_least(low)
+
+    def parse(text: str) -> str:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("is empty; give comma-separated integers")
+        for t in items:
+            one(t)
+        return text
+
+    return parse
+
+
+def choice_list(choices: Sequence[str]) -> Callable[[str], str]:
+    """An argparse ``type=``: comma-separated names out of ``choices``; the text is kept."""
+
+    def parse(text: str) -> str:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{'unknown ' + ', '.join(map(repr, bad)) if bad else 'is empty'}; "
+                                             f"choose from {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def estimator_specs(text: str) -> str:
+    """An argparse ``type=``: a comma-separated list of estimator specs (or ``auto``); the text is kept."""
+    from .roster import parse_specs
+
+    try:
+        specs = parse_specs(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not specs:
+        raise argparse.ArgumentTypeError("names no estimator; write specs name[option=value,...]@n or auto")
+    return text
+
+
+def estimator_spec(text: str) -> str:
+    """An argparse ``type=``: one estimator spec ``name[option=value,...]@n``."""
+    from .roster import parse_spec
+
+    try:
+        parse_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _estimators(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--estimators", default="auto", type=estimator_specs,
                    help="comma-separated specs name[option=value,...]@n; 'auto' = every installed estimator "
                         "(default: auto)")
-    p.add_argument("--samples", type=int, default=None, help="sample count of the multi-sample presets "
+    p.add_argument("--samples", type=positive_int, default=None, help="sample count of the multi-sample presets "
                    "(score with leave-one-out, unordered_set)")
+
+
+def _common(p: argparse.ArgumentParser, estimators: bool = True) -> None:
+    """The options every subcommand reads; ``--estimators``/``--samples`` only where they are used."""
+    if estimators:
+        _estimators(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: reproducible, and no "
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1: reproducible, and no "
                    "OpenMP spin-waits competing with other processes on small tensors)")
     p.add_argument("--out", type=Path, default=Path("results"), help="output folder (default results/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# names the subcommands accept (checked when the arguments are read, not after a long run)
+VAE_MODELS = ("bernoulli", "categorical")
+OVERHEAD_PROBLEMS = ("toy", "vae", "cnn", "rnn")
+OVERHEAD_CONFIGS = ("score", "loo", "unordered_set", "gumbel_softmax", "sum_and_sample", "moving_average",
+                    "gumbel_annealed")
+IPD_CONFIGS = ("LOLA-DiCE", "LOLA-DiCE + baseline", "naive")
+SEQUENCE_ESTIMATORS = ("score+loo", "unordered_set", "sum_and_sample")
+MIN_REPLICATES = 500  # toy: below, max z > 4 flags unbiased estimators too often (docs/comparison.md)
+
+
+def _check_out(parser: argparse.ArgumentParser, out: Path) -> None:
+    """Create the output folder and check that a file can be written there, before any long run."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".storch-compare-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        parser.error(f"argument --out: cannot write to {str(out)!r} ({e.strerror or e}); choose another folder")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,28 +157,30 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("vae", help="discrete VAE comparison (the default)")
     _common(v)
     v.add_argument("--full", action="store_true", help="the longer comparison (100 epochs, more checkpoints)")
-    v.add_argument("--models", default="bernoulli,categorical", help="bernoulli, categorical or both")
-    v.add_argument("--epochs", type=int, default=None)
-    v.add_argument("--batch-size", type=int, default=None)
-    v.add_argument("--lr", type=float, default=3e-3)
-    v.add_argument("--variance-reps", type=int, default=None, help="gradient estimates per checkpoint")
-    v.add_argument("--checkpoints", type=int, default=None, help="number of variance checkpoints")
-    v.add_argument("--max-train", type=int, default=None, help="use only the first N training points")
-    v.add_argument("--budget", type=int, default=None, help="also compare at an equal budget of B cost evaluations "
+    v.add_argument("--models", default="bernoulli,categorical", type=choice_list(VAE_MODELS), help="bernoulli, categorical or both")
+    v.add_argument("--epochs", type=positive_int, default=None)
+    v.add_argument("--batch-size", type=positive_int, default=None)
+    v.add_argument("--lr", type=positive_float, default=3e-3)
+    v.add_argument("--variance-reps", type=at_least(2), default=None, help="gradient estimates per checkpoint")
+    v.add_argument("--checkpoints", type=positive_int, default=None, help="number of variance checkpoints")
+    v.add_argument("--max-train", type=positive_int, default=None, help="use only the first N training points")
+    v.add_argument("--budget", type=positive_int, default=None, help="also compare at an equal budget of B cost evaluations "
                    "per data point and step (n_samples chosen per estimator; --full: 24)")
-    v.add_argument("--seeds", type=int, default=None, help="repeat over this many seeds and report mean ± sd "
+    v.add_argument("--seeds", type=positive_int, default=None, help="repeat over this many seeds and report mean ± sd "
                    "(--full: 3)")
     t = sub.add_parser("toy", help="REBAR toy and K=10 categorical: bias, variance, time per estimate")
     _common(t)
-    t.add_argument("--replicates", type=int, default=2000, help="independent estimates per estimator")
-    t.add_argument("--timing-reps", type=int, default=100, help="single-estimate runs timed per estimator")
+    t.add_argument("--replicates", type=at_least(MIN_REPLICATES), default=2000, help="independent estimates per "
+                   f"estimator (default 2000, at least {MIN_REPLICATES}: below, the z-test flags unbiased estimators; "
+                   "see docs/comparison.md)")
+    t.add_argument("--timing-reps", type=positive_int, default=100, help="single-estimate runs timed per estimator")
     o = sub.add_parser("overhead", help="storch vs hand-written torch: time and peak memory ratios")
-    _common(o)
-    o.add_argument("--batch-sizes", default="1,100")
-    o.add_argument("--n-samples", default="1,8,64")
-    o.add_argument("--problems", default="toy,vae", help="toy, vae, cnn, rnn (comma-separated; default toy,vae)")
-    o.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per measurement")
-    o.add_argument("--configs", default=None, help="subset of score,loo,unordered_set,gumbel_softmax,sum_and_sample (default: all of them), "
+    _common(o, estimators=False)
+    o.add_argument("--batch-sizes", default="1,100", type=int_list(1), help="comma-separated (default 1,100)")
+    o.add_argument("--n-samples", default="1,8,64", type=int_list(1), help="comma-separated sample counts (default 1,8,64)")
+    o.add_argument("--problems", default="toy,vae", type=choice_list(OVERHEAD_PROBLEMS), help="toy, vae, cnn, rnn (comma-separated; default toy,vae)")
+    o.add_argument("--min-time", type=positive_float, default=0.2, help="seconds of timing per measurement")
+    o.add_argument("--configs", default=None, type=choice_list(OVERHEAD_CONFIGS), help="subset of score,loo,unordered_set,gumbel_softmax,sum_and_sample (default: all of them), "
                    "or moving_average (score with a moving-average baseline), gumbel_annealed (gumbel_softmax with "
                    "a temperature schedule); those only when named")
     o.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -82,10 +195,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(columns: replayed storch / eager hand-written, and whether the replay's gradient is eager storch's)")
     ops = sub.add_parser("ops", help="single torch calls on plate tensors vs the same call on raw tensors: "
                          "the dispatcher's extra cost per call, slow paths marked")
-    _common(ops)
+    _common(ops, estimators=False)
     ops.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     ops.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (cuda when available)")
-    ops.add_argument("--min-time", type=float, default=0.05, help="timing per call and side: 5 x this many "
+    ops.add_argument("--min-time", type=positive_float, default=0.05, help="timing per call and side: 5 x this many "
                      "seconds, as storch-compare overhead's --min-time")
     ops.add_argument("--threshold", type=float, default=5.0, help="extra microseconds above which a call is "
                      "marked slow (the wrapper's floor is ~2-3 us on a CPU)")
@@ -94,24 +207,27 @@ def _parser() -> argparse.ArgumentParser:
     _common(m)
     from .model_cli import add_arguments
 
-    add_arguments(m)
+    add_arguments(m, at_least, estimator_spec)
     q = sub.add_parser("sequences", help="GRU decoder trained on -edit distance: sequence estimators at equal k")
-    _common(q)
-    q.add_argument("--k", type=int, default=8, help="sequences per target and step (default 8)")
-    q.add_argument("--steps", type=int, default=400, help="training steps (default 400; the first 5 are warm-up, not timed)")
-    q.add_argument("--lr", type=float, default=0.005)
-    q.add_argument("--seeds", default=None, help="comma-separated seeds, one run each (default: --seed)")
-    q.add_argument("--variance-reps", type=int, default=16, help="gradient estimates for the variance at the start "
+    _common(q, estimators=False)
+    q.add_argument("--estimators", default="auto", type=choice_list(("auto", *SEQUENCE_ESTIMATORS)),
+                   help=f"comma-separated names out of {', '.join(SEQUENCE_ESTIMATORS)} (not specs: each runs with "
+                        "--k samples); 'auto' = all of them (default)")
+    q.add_argument("--k", type=at_least(2), default=8, help="sequences per target and step (default 8)")
+    q.add_argument("--steps", type=positive_int, default=400, help="training steps (default 400; the first 5 are warm-up, not timed)")
+    q.add_argument("--lr", type=positive_float, default=0.005)
+    q.add_argument("--seeds", default=None, type=int_list(0), help="comma-separated seeds, one run each (default: --seed)")
+    q.add_argument("--variance-reps", type=non_negative_int, default=16, help="gradient estimates for the variance at the start "
                    "and the end (0: skip)")
     i = sub.add_parser("ipd", help="LOLA-DiCE and naive learners on the iterated prisoner's dilemma (short run)")
-    _common(i)
-    i.add_argument("--iterations", type=int, default=30, help="updates per run (default 30; the example uses 200)")
-    i.add_argument("--steps", type=int, default=150, help="episode length")
-    i.add_argument("--batch", type=int, default=128, help="episodes per estimate")
-    i.add_argument("--configs", default=None, help="subset of: LOLA-DiCE, LOLA-DiCE + baseline, naive")
-    i.add_argument("--implementations", default="storch", help="storch, torch (hand-written) or both")
-    i.add_argument("--seeds", default="0", help="comma-separated seeds, one run each (default 0)")
-    i.add_argument("--variance-reps", type=int, default=16, help="second-order estimates for the variance (0: skip)")
+    _common(i, estimators=False)
+    i.add_argument("--iterations", type=positive_int, default=30, help="updates per run (default 30; the example uses 200)")
+    i.add_argument("--steps", type=positive_int, default=150, help="episode length")
+    i.add_argument("--batch", type=positive_int, default=128, help="episodes per estimate")
+    i.add_argument("--configs", default=None, type=choice_list(IPD_CONFIGS), help="subset of: LOLA-DiCE, LOLA-DiCE + baseline, naive")
+    i.add_argument("--implementations", default="storch", type=choice_list(("storch", "torch")), help="storch, torch (hand-written) or both")
+    i.add_argument("--seeds", default="0", type=int_list(0), help="comma-separated seeds, one run each (default 0)")
+    i.add_argument("--variance-reps", type=non_negative_int, default=16, help="second-order estimates for the variance (0: skip)")
     return p
 
 
@@ -119,9 +235,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["vae", *argv]
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    _check_out(parser, args.out)
     if args.command == "vae":
         from .vae_cli import run
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .model_compare import Comparison, compare_estimators
+from .model_compare import MIN_BIAS_ESTIMATES, BadReferenceError, Comparison, compare_estimators
 from .report import header, markdown_table, text_table, write_csv
 from .roster import bad_spec_advice
 
@@ -57,6 +57,14 @@ def _rows(c: Comparison) -> list[list]:
              r.cost_evals or "-", r.efficiency, r.note] for r in c.rows]
 
 
+def bias_rule(estimates: int) -> str:
+    """What the bias z column means at this many estimates."""
+    if estimates >= MIN_BIAS_ESTIMATES:
+        return "bias z = split-half z-test of the bias (> 4: biased)"
+    return (f"rel. bias and bias z not computed: {estimates} estimates are too few for the bias z-test (from "
+            f"{MIN_BIAS_ESTIMATES} on; below, an unbiased estimator's |z| exceeds 4 in 0.5-16% of rows)")
+
+
 def setup(c: Comparison) -> str:
     what = "gradient" if c.order == 1 else f"order-{c.order} derivative (along a fixed random direction)"
     ref = (c.reference if c.reference_mean is None else f"{c.reference}, exact (deterministic)"
@@ -64,7 +72,7 @@ def setup(c: Comparison) -> str:
     return (f"Model: {', '.join(c.distributions)}; {c.n_params} parameters. Per estimator: {c.estimates} estimates "
             f"of the {what} at the same parameters (seed {c.seed}). variance = trace of their covariance; "
             f"reference = {ref}; rel. bias = |mean - reference| / |reference| with the noise's share removed; "
-            "bias z = split-half z-test of the bias (> 4: biased); ms/step = one estimate (the step, the "
+            f"{bias_rule(c.estimates)}; ms/step = one estimate (the step, the "
             "surrogate, the derivative), the fastest of the repeats (slower ones measure other processes, as "
             f"in timeit); peak MB = {c.memory}, one estimate; cost evals = samples per data point at which the "
             "cost is evaluated; variance x ms: lower is better. Rows best first")
@@ -142,26 +150,35 @@ def write(c: Comparison, out: Path, title: str = "storch-compare model") -> list
     return paths
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser, at_least: Callable[[int], Callable[[str], int]],
+                  spec: Callable[[str], str]) -> None:
     p.add_argument("target", metavar="FILE:FUNCTION", help="the Python file and its function step(est) "
                    "(default function name: step)")
-    p.add_argument("--estimates", type=int, default=32, help="derivative estimates per estimator (default 32)")
-    p.add_argument("--order", type=int, default=1, help="derivative order the model needs (default 1); "
+    p.add_argument("--estimates", type=at_least(4), default=32, help="derivative estimates per estimator (default "
+                   f"32, at least 4); the bias z-test and rel. bias only from {MIN_BIAS_ESTIMATES} on (below, an "
+                   "unbiased estimator shows |z| > 4 in 0.5-16%% of rows: docs/comparison.md)")
+    p.add_argument("--order", type=at_least(1), default=1, help="derivative order the model needs (default 1); "
                    "estimators not unbiased to it are skipped")
-    p.add_argument("--warmup", type=int, default=20, help="storch.backward() steps before measuring (default 20)")
-    p.add_argument("--reference", default=None, help="spec of the unbiased reference (default expect@1, else "
-                   "score[baseline=leave_one_out]@SAMPLES)")
-    p.add_argument("--reference-estimates", type=int, default=256, help="estimates averaged by a stochastic "
-                   "reference (default 256)")
+    p.add_argument("--warmup", type=at_least(0), default=20, help="storch.backward() steps before measuring "
+                   "(default 20)")
+    p.add_argument("--reference", default=None, type=spec, help="spec of the unbiased reference (default expect@1, "
+                   "else score[baseline=leave_one_out]@SAMPLES); one that cannot run on the model is refused")
+    p.add_argument("--reference-estimates", type=at_least(MIN_BIAS_ESTIMATES), default=256, help="estimates "
+                   f"averaged by a stochastic reference (default 256, at least {MIN_BIAS_ESTIMATES})")
     p.add_argument("--no-memory", action="store_true", help="do not measure peak memory")
 
 
 def run(args: argparse.Namespace) -> int:
     step = load_step(args.target)
-    c = compare_estimators(step, args.estimators, estimates=args.estimates, order=args.order, warmup=args.warmup,
-                           reference=args.reference, reference_estimates=args.reference_estimates,
-                           seed=args.seed, samples=args.samples or 8, measure_memory=not args.no_memory,
-                           progress=not args.no_progress)
+    try:
+        c = compare_estimators(step, args.estimators, estimates=args.estimates, order=args.order,
+                               warmup=args.warmup, reference=args.reference,
+                               reference_estimates=args.reference_estimates, seed=args.seed,
+                               samples=args.samples or 8, measure_memory=not args.no_memory,
+                               progress=not args.no_progress)
+    except BadReferenceError as e:
+        print(f"storch-compare model: error: argument --reference: {e}", file=sys.stderr)
+        return 2
     title = f"storch-compare model {args.target}"
     paths = write(c, args.out, title)
     print(markdown(c, title))

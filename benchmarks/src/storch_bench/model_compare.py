@@ -43,10 +43,20 @@ import storch
 from .model_runner import Runner, Step, describe, first_line, probe
 from .roster import INVALID, Spec, build, parse_spec, parse_specs, skip_reason, supports
 
-__all__ = ["compare_estimators", "Comparison", "EstimatorResult", "bias_z", "DEFAULT_REFERENCES"]
+__all__ = ["compare_estimators", "Comparison", "EstimatorResult", "bias_z", "DEFAULT_REFERENCES", "MIN_BIAS_ESTIMATES",
+           "BadReferenceError"]
 
 # tried in order when no reference is given; the first that supports the model and runs is used
 DEFAULT_REFERENCES = ("expect@1", "score[baseline=leave_one_out]@{n}")
+# the fewest estimates (per estimator, and of a stochastic reference) at which the bias z-test is reported: with
+# fewer, the standard error of heavy-tailed estimates is too noisy. Measured on examples/which_estimator (5 unbiased
+# estimators, 2000 resampled runs each), the share of rows with |z| > 4: 15-16% at 4 estimates, 2-3% at 8,
+# 0.1-0.8% at 16, 0.05-0.2% at 32, <= 0.05% at 64
+MIN_BIAS_ESTIMATES = 32
+
+
+class BadReferenceError(ValueError):
+    """The reference the caller named cannot be used (unknown, biased, unsupported by the model, or it failed)."""
 
 
 @dataclass
@@ -210,11 +220,13 @@ def _reference(runner: Runner, reference, dists, partitioned: bool, order: int, 
                 first, _, _ = runner.estimates(est, 2, seed + 2, tick)
                 if torch.equal(first[0], first[1]):  # deterministic (e.g. exact enumeration): one suffices
                     return spec.label, first[:1]
-                rest, _, _ = runner.estimates(est, max(n_ref - 2, 2), seed + 3, tick)
+                rest, _, _ = runner.estimates(est, n_ref - 2, seed + 3, tick)
                 return spec.label, torch.cat([first, rest])
             except Exception as e:  # noqa: BLE001 - try the next candidate
                 why = first_line(e)
         tried.append(f"{spec.label}: {why}")
+        if reference is not None:  # the caller's choice: refused, not silently replaced by none
+            raise BadReferenceError(f"{spec.label} cannot be the reference: {why}")
     return "none (" + "; ".join(tried) + ")", None
 
 
@@ -234,13 +246,16 @@ def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[s
         estimators: spec strings ``name[option=value,...]@n`` (a list, or one comma-separated
             string), :class:`storch_bench.Spec` objects, or ``None``/``"auto"``: every installed
             estimator (``score`` also with ``baseline=leave_one_out``, ``unordered_set`` at ``@samples``).
-        estimates: derivative estimates per estimator (the variance is over these).
+        estimates: derivative estimates per estimator (the variance is over these; at least 4). The bias
+            columns are computed from ``MIN_BIAS_ESTIMATES`` (32) on and NaN below: with fewer, the
+            z-test flags unbiased estimators (|z| > 4 in 0.5-16% of rows).
         order: the derivative order the model needs; estimators with ``max_order < order`` and,
             for ``order >= 2``, biased ones are skipped.
         warmup: training steps (``storch.backward()``) each estimator runs before it is measured.
         reference: spec of an unbiased reference; default ``expect@1``, else
-            ``score[baseline=leave_one_out]@samples``.
-        reference_estimates: estimates averaged for a stochastic reference.
+            ``score[baseline=leave_one_out]@samples``. A reference named here that cannot run on the
+            model (unknown, biased, unsupported, failing) raises :class:`BadReferenceError`.
+        reference_estimates: estimates averaged for a stochastic reference (at least ``MIN_BIAS_ESTIMATES``).
         seed: estimates are drawn after ``torch.manual_seed(seed)``.
         samples: the sample count of the multi-sample presets of ``auto``.
         keep_estimates: keep every row's ``(estimates, P)`` tensor in ``EstimatorResult.estimates``.
@@ -252,15 +267,19 @@ def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[s
 
     Raises:
         TypeError / ValueError / RuntimeError: ``step`` does not build a valid graph with a plain
-            score-function estimator. (When no reference can run, the bias columns are NaN and
-            ``Comparison.reference`` says why.)
+            score-function estimator; ``estimates`` < 4 or ``reference_estimates`` < ``MIN_BIAS_ESTIMATES``.
+        BadReferenceError: the ``reference`` named cannot run on the model. (When no default reference
+            can run, the bias columns are NaN and ``Comparison.reference`` says why.)
     """
     from tqdm.auto import tqdm
 
     if isinstance(order, bool) or not isinstance(order, int) or order < 1:
         raise ValueError(f"order must be an int >= 1, got {order!r}")
     if estimates < 4:
-        raise ValueError(f"estimates must be >= 4 (variance and the split-half bias test need them), got {estimates}")
+        raise ValueError(f"estimates must be >= 4 (the variance needs them), got {estimates}")
+    if reference_estimates < MIN_BIAS_ESTIMATES:
+        raise ValueError(f"reference_estimates must be >= {MIN_BIAS_ESTIMATES} (the bias z-test is unreliable with "
+                         f"fewer), got {reference_estimates}")
     params, dists, partitioned = probe(step)
     gen = torch.Generator().manual_seed(seed)
     # the fixed direction of higher-order derivatives: Rademacher, one entry per parameter element
@@ -308,7 +327,7 @@ def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[s
                 continue
             row.variance = float(g.var(0).sum())  # trace of the covariance (unbiased per coordinate)
             row.ms_per_step = 1e3 * min(times)  # timeit's convention
-            if ref is not None:
+            if ref is not None and estimates >= MIN_BIAS_ESTIMATES:
                 row.bias_z, row.rel_bias = bias_z(g, ref, eps=precision), _rel_bias(g, ref)
             row.mean = g.mean(0)
             row.estimates = g if keep_estimates else None

@@ -80,6 +80,8 @@ def parse_spec(text: str) -> Spec:
             raise ValueError(f"option {item!r} in spec {text!r} is not of the form option=value")
         k, v = item.split("=", 1)
         options.append((k.strip(), _value(v)))
+    if n is not None and int(n) < 1:
+        raise ValueError(f"estimator spec {text!r} asks for {n} samples; write @n with n >= 1")
     return Spec(name, int(n) if n else 1, tuple(options))
 
 
@@ -180,11 +182,11 @@ def bad_spec_advice(skipped: list[tuple[str, str]]) -> Optional[str]:
     Args:
         skipped: ``(label, reason)`` of the specs that did not take part.
     """
-    bad = list(dict.fromkeys(label for label, why in skipped if bad_spec(why)))
+    bad = dict((label, why) for label, why in skipped if bad_spec(why))
     if not bad:
         return None
-    return (f"Nothing ran: --estimators {', '.join(bad)}: an unknown estimator name or option (the reasons are "
-            "under \"Did not take part\" above). Fix the spec; `python -c \"import storch; "
+    reasons = "; ".join(f"{label}: {why}" for label, why in bad.items())
+    return (f"Nothing ran: --estimators {', '.join(bad)}: a spec to fix ({reasons}). `python -c \"import storch; "
             "print(storch.available_estimators())\"` lists the installed estimators")
 
 

@@ -360,8 +360,9 @@ def run_cli(args) -> int:
     seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else ()
     cfg = SeqConfig(k=args.k, steps=args.steps, seed=args.seed, seeds=seeds, lr=args.lr,
                     variance_reps=args.variance_reps)
-    if args.estimators and args.estimators != "auto":
-        cfg.estimators = tuple(s.strip() for s in args.estimators.split(","))
+    names = [s.strip() for s in (args.estimators or "auto").split(",") if s.strip()]
+    if names and "auto" not in names:
+        cfg.estimators = tuple(names)
         unknown = [s for s in cfg.estimators if s not in SPECS]
         if unknown:
             raise SystemExit(f"unknown sequence estimator(s) {unknown}; choose from {list(SPECS)}")

@@ -148,12 +148,15 @@ def _run_single(args: argparse.Namespace, cfg: VAEConfig, stem: str = "vae", wha
     if skipped:
         print("\nDid not take part:\n" + notes)
     advice = None if results else bad_spec_advice([(label, why) for _, label, why in skipped])
-    if not results and any(not bad_spec(why) for _, _, why in skipped):
-        # install advice only for the estimators that are missing or cannot train these models: a misspelt
-        # name or option (advice) is fixed in the spec, not by installing a family
-        print("\nNo installed estimator could train these models. Install an estimator family, e.g. "
+    if not results and any(why.startswith("not installed") for _, _, why in skipped):
+        # install advice only where an estimator is missing: a misspelt name or option (advice) is fixed in
+        # the spec, and an installed estimator that cannot train these models is not helped by installing
+        print("\nNothing ran. Install the missing estimator families (see \"Did not take part\"), e.g. "
               "`pip install storch-estimators-score storch-estimators-relaxed storch-estimators-mvd`, "
-              "or name your own with --estimators.")
+              "or name installed estimators with --estimators.")
+    elif not results and any(not bad_spec(why) for _, _, why in skipped):
+        print("\nNothing ran: none of these estimators can train these models (each one's reason is under "
+              "\"Did not take part\" above); name others with --estimators (auto: every installed one).")
     print(f"\n{setup}.\nWrote {out / (stem + '.md')}, {out / (stem + '.csv')}, {out / (stem + '_cost.csv')}, "
           f"{out / (stem + '_curves.csv')}" + (f", {out / (stem + '.png')}" if results else ""))
     errors = [r for r in results if r.note.startswith("error")]

@@ -1,0 +1,97 @@
+"""storch-compare's arguments: bad values are usage errors (exit 2, one line naming the option) before any run,
+and each subcommand offers only the options it reads."""
+
+import pytest
+
+from storch_bench.cli import _parser, main
+
+EXAMPLE = "examples/which_estimator/hard_attention.py:step"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["model", EXAMPLE, "--estimators", "score@1.5"], "argument --estimators: cannot read estimator spec 'score@1.5'"),
+    (["model", EXAMPLE, "--estimators", "score@0"], "argument --estimators: estimator spec 'score@0' asks for 0"),
+    (["model", EXAMPLE, "--estimates", "0"], "argument --estimates: must be >= 4, got 0"),
+    (["model", EXAMPLE, "--estimates", "1"], "argument --estimates: must be >= 4, got 1"),
+    (["model", EXAMPLE, "--order", "0"], "argument --order: must be >= 1, got 0"),
+    (["model", EXAMPLE, "--samples", "0"], "argument --samples: must be >= 1, got 0"),
+    (["model", EXAMPLE, "--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
+    (["model", EXAMPLE, "--reference-estimates", "0"], "argument --reference-estimates: must be >= 32, got 0"),
+    (["model", EXAMPLE, "--reference-estimates", "1"], "argument --reference-estimates: must be >= 32, got 1"),
+    (["model", EXAMPLE, "--reference", "score[baseline"], "argument --reference: cannot read estimator spec"),
+    (["vae", "--models", "nosuch"], "argument --models: unknown 'nosuch'; choose from bernoulli, categorical"),
+    (["vae", "--samples", "0"], "argument --samples: must be >= 1, got 0"),
+    (["vae", "--estimators", ""], "argument --estimators: names no estimator"),
+    (["vae", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+    (["overhead", "--problems", "nosuch"], "argument --problems: unknown 'nosuch'; choose from toy, vae, cnn, rnn"),
+    (["overhead", "--configs", "nosuch"], "argument --configs: unknown 'nosuch'; choose from score, loo"),
+    (["overhead", "--batch-sizes", "0"], "argument --batch-sizes: must be >= 1, got 0"),
+    (["overhead", "--n-samples", "2,x"], "argument --n-samples: 'x' is not an integer"),
+    (["overhead", "--min-time", "0"], "argument --min-time: must be > 0, got 0"),
+    (["overhead", "--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    (["toy", "--threads", "-3"], "argument --threads: must be >= 1, got -3"),
+    (["ipd", "--configs", "nosuch"], "argument --configs: unknown 'nosuch'; choose from LOLA-DiCE"),
+    (["ipd", "--seeds", "0,a"], "argument --seeds: 'a' is not an integer"),
+    (["toy", "--replicates", "0"], "argument --replicates: must be >= 500, got 0"),
+    (["toy", "--replicates", "20"], "argument --replicates: must be >= 500, got 20"),
+    (["sequences", "--estimators", "score@1"], "argument --estimators: unknown 'score@1'; choose from auto, "
+                                               "score+loo, unordered_set, sum_and_sample"),
+    # options a subcommand would ignore are not offered
+    (["ops", "--estimators", "nosuch@1"], "unrecognized arguments: --estimators nosuch@1"),
+    (["ops", "--samples", "0"], "unrecognized arguments: --samples 0"),
+    (["overhead", "--estimators", "score@1"], "unrecognized arguments: --estimators score@1"),
+    (["ipd", "--samples", "3"], "unrecognized arguments: --samples 3"),
+    (["sequences", "--samples", "3"], "unrecognized arguments: --samples 3"),
+    (["toy", "--out", "/proc/storch-compare-x"], "argument --out: cannot write to '/proc/storch-compare-x'"),
+])
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command, ignored", [("overhead", ("--estimators", "--samples")),
+                                              ("ops", ("--estimators", "--samples")),
+                                              ("ipd", ("--estimators", "--samples")),
+                                              ("sequences", ("--samples",))])
+def test_help_lists_only_the_options_a_subcommand_reads(command, ignored):
+    sub = next(a for a in _parser()._actions if a.dest == "command").choices[command]
+    text = " ".join(sub.format_help().split())
+    assert all(f"{opt} " not in text for opt in ignored), text
+    if command == "sequences":  # names, not specs
+        assert "score+loo, unordered_set, sum_and_sample" in text and "name[" not in text, text
+
+
+def test_model_help_states_the_bias_rule():
+    sub = next(a for a in _parser()._actions if a.dest == "command").choices["model"]
+    text = " ".join(sub.format_help().split())
+    assert "the bias z-test and rel. bias only from 32 on" in text and "at least 32" in text, text
+
+
+def test_tasks_py_names_an_unknown_verb(capsys):
+    """`python3 tasks.py tset` printed the usage without saying the verb is unknown."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("storch_tasks", Path(__file__).parents[2] / "tasks.py")
+    tasks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tasks)
+    assert tasks.main(["tset"]) == 2
+    captured = capsys.readouterr()
+    assert "unknown command 'tset'; choose from demo, test, docs" in captured.err
+    assert "The quick-start commands" in captured.out and "two quick-start" not in captured.out
+
+
+def test_readme_using_it_block_defines_its_data():
+    """The README's "Using it" block failed with NameError: batches when copied (the data was in hidden setup)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    section = text[text.index("## Using it"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    before = section[:section.index("```python")]
+    assert "test-setup" not in before
+    assert block.index("batches = ") < block.index("for data in batches")
