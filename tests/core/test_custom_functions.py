@@ -255,3 +255,58 @@ def test_torch_recompute_stop_does_not_discard_the_step():
     with pytest.raises(storch.StorchError, match=r"discarded after an error in its step \(RuntimeError\)"):
         storch.add_cost((x ** 2).sum(), name="c")
     storch.reset()
+
+
+# -- found by review (r-five): storch.add_cost inside a non-reentrant checkpoint, a custom Function under no_grad
+
+
+def test_add_cost_during_a_backward_pass_is_refused_and_a_returned_cost_is_exact():
+    """``storch.add_cost`` inside ``checkpoint(..., use_reentrant=False)`` ran again when a backward pass went
+    through the checkpoint before storch.backward() (a gradient penalty with ``torch.autograd.grad(...,
+    retain_graph=True)``): the costs were ['rec', 'rec'] and the encoder's gradient counted the cost twice, silently.
+    Refused now during any backward pass (storch.backward()'s own included), with what to do: return the cost from
+    the checkpointed function and add it outside, which gives the gradient of the uncheckpointed step, with or
+    without the pass in the middle."""
+    from torch.distributions import Normal
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+
+    from storch.graph import current_graph
+
+    data = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+
+    def run(how, mid, early=True):
+        torch.manual_seed(0)
+        enc, dec = torch.nn.Linear(4, 3), torch.nn.Linear(3, 4)
+        x = _data(data)
+        z = storch.estimator("reparameterization", plate="z", n_samples=3)(Normal(enc(x), 1.0))
+
+        def body(z):
+            h = torch.tanh(dec(z))
+            if how == "inside":
+                storch.add_cost(((h - x) ** 2).sum(), name="rec")
+                return (h ** 2).sum().tensor.sum()
+            return ((h - x) ** 2).sum(), (h ** 2).sum().tensor.sum()
+
+        with set_checkpoint_early_stop(early):
+            out = checkpoint(body, z, use_reentrant=False) if how != "plain" else body(z)
+        if how != "inside":
+            storch.add_cost(out[0], name="rec")
+            out = out[1]
+        if mid:
+            torch.autograd.grad(out, dec.weight, retain_graph=True)
+        assert [n for n, _ in current_graph().costs] == ["rec"]
+        storch.backward()
+        return enc.weight.grad
+
+    for early in (True, False):
+        with pytest.raises(storch.CostError, match=r"^storch.add_cost was called during a backward pass \(cost "
+                           r"'rec'\).*twice.*Return the cost from the checkpointed function and add it outside"):
+            run("inside", mid=True, early=early)
+        storch.reset()
+    with pytest.raises(storch.CostError, match=r"during a backward pass"):
+        run("inside", mid=False)
+    storch.reset()
+    exact = run("plain", mid=False)
+    assert exact.abs().sum() > 0
+    for mid in (False, True):
+        torch.testing.assert_close(run("returned", mid=mid), exact)

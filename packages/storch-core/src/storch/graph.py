@@ -124,7 +124,10 @@ class Graph:
         the caller may handle the error and go on with the step; the step is discarded when an
         exception leaves the block. torch's ``_StopRecomputationError`` is no error: non-reentrant
         checkpointing raises it to end a recomputation early during backward (storch code inside a
-        checkpointed function, such as ``storch.add_cost``, sees it pass), and it discards nothing.
+        checkpointed function sees it pass), and it discards nothing. ``storch.add_cost`` and estimator
+        calls are refused during a backward pass, a recomputation included (a cost added there would
+        be added again by each backward pass through the checkpoint): return the cost from the
+        checkpointed function and add it outside; checkpoint the networks, not the sampling.
         """
         if self.is_default and not _is_recompute_stop(error):
             self.reset(f"discarded after an error in its step ({type(error).__name__})")
@@ -269,6 +272,8 @@ class Graph:
 
     def _add_cost(self, cost, name: Optional[str], credit: bool = True) -> None:
         label = name if name is not None else len(self.costs)
+        if _graph_task_id() != -1:  # (one C call: -1 outside a backward pass)
+            raise CostError(_in_backward_message(label))
         if not isinstance(cost, torch.Tensor):
             raise CostError(
                 f"cost {label!r} is a {type(cost).__name__}, not a tensor; pass the torch tensor computed "
@@ -485,6 +490,20 @@ def is_tracing() -> bool:
     """Whether ``storch.compile`` is tracing a step in this thread (or running it eagerly on the
     traced paths: its replay check, ``CompiledStep.eager``). Public as ``storch.extending.is_tracing``."""
     return _local.__dict__.get("traced") is not None
+
+
+_graph_task_id = torch._C._current_graph_task_id
+
+
+def _in_backward_message(label) -> str:
+    return (
+        f"storch.add_cost was called during a backward pass (cost {label!r}). "
+        "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) runs the checkpointed function again during "
+        "backward to recompute what it saved, so a cost added there is added once more by every backward pass that "
+        "goes through it (a gradient penalty with torch.autograd.grad(..., retain_graph=True) before "
+        "storch.backward() counts it twice). Return the cost from the checkpointed function and add it outside "
+        "(`cost = checkpoint(f, z, use_reentrant=False); storch.add_cost(cost, name=...)`); the same holds for "
+        "storch.add_cost called from a tensor hook or a custom Function's backward")
 
 
 def current_graph() -> Graph:
