@@ -136,10 +136,13 @@ def test_reentrant_checkpoint_on_data_without_grad_is_refused():
             checkpoint(lambda t: est(torch.distributions.Bernoulli(logits=enc(t))), _data(data), use_reentrant=True)
 
 
-def test_custom_function_reaching_a_parameter_is_refused_and_frozen_or_no_grad_passes():
+def test_custom_function_reaching_a_parameter_is_refused_also_under_no_grad_and_frozen_passes():
     """A user's Function whose forward reads a parameter that needs grad (the plate operand needs none) is
-    refused; the same Function with a frozen parameter, and a reentrant checkpoint of a frozen module, run
-    (nothing needs grad: nothing is lost) and give torch's values."""
+    refused; also under an outer torch.no_grad(), where nothing is lost but which the forward cannot tell from
+    the autograd the Function turns off, so the message says to call the function directly there (found by
+    review: the message did not say it, and this test's name promised a no_grad case it did not have); the
+    direct call under no_grad gives torch's values. The same Function with a frozen parameter, and a reentrant
+    checkpoint of a frozen module, run (nothing needs grad: nothing is lost) and give torch's values."""
     w = torch.randn(3, requires_grad=True)
 
     class Scale(torch.autograd.Function):
@@ -155,6 +158,17 @@ def test_custom_function_reaching_a_parameter_is_refused_and_frozen_or_no_grad_p
     with storch.Graph():
         with pytest.raises(storch.PlateError, match=r"custom torch.autograd.Function.*operands that need grad"):
             Scale.apply(_data(data))
+    lin = torch.nn.Linear(3, 2)
+    with torch.no_grad(), storch.Graph():
+        x = _data(data)
+        with pytest.raises(storch.PlateError, match=r"custom torch.autograd.Function.*Under torch.no_grad\(\), "
+                           r"where nothing is lost, call the function directly"):
+            Scale.apply(x)
+        assert torch.equal((x * w).tensor, data * w)  # the direct call
+        with pytest.raises(storch.PlateError, match=r"use_reentrant=True.*Under torch.no_grad\(\).*call the "
+                           r"function without checkpoint"):
+            checkpoint(lin, x, use_reentrant=True)
+        torch.testing.assert_close(lin(x).tensor, lin(data))
     with torch.no_grad():
         frozen = w.clone()
     w = frozen

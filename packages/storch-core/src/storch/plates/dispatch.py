@@ -270,7 +270,11 @@ def _check_custom_function(func, args, kwargs) -> None:
     such a Function). The signal is an operand that needs grad, a plate tensor or a plain one (a module's
     parameter: ``checkpoint(enc, x, use_reentrant=True)`` on data that needs no grad reaches
     ``F.linear(x, enc.weight)``, found by porting); nothing computed inside the forward needs grad, so only
-    what comes from outside it does. Inside ``torch.inference_mode()`` nothing needs grad.
+    what comes from outside it does. Inside ``torch.inference_mode()`` nothing needs grad. Under an outer
+    ``torch.no_grad()`` nothing is lost either, but it is refused too: the grad mode outside ``apply`` is
+    recorded nowhere the forward can read (the ctx differs, by empty ``next_functions``, only where an input
+    needs grad, not for ``checkpoint(enc, x, use_reentrant=True)`` on data), so the messages say to call the
+    function directly there.
     """
     if torch.is_inference_mode_enabled():
         return
@@ -317,7 +321,9 @@ def _check_custom_function(func, args, kwargs) -> None:
         "(MyFn.apply(x): autograd disabled and forward-mode AD disabled) with operands that need grad: "
         f"{lost}. Write the function with torch operations (autograd differentiates them) instead of a custom "
         "Function; for checkpointing use torch.utils.checkpoint.checkpoint(..., use_reentrant=False); instead of a "
-        "module's full backward hook use a forward hook or tensor.register_hook")
+        "module's full backward hook use a forward hook or tensor.register_hook. Under torch.no_grad(), where "
+        "nothing is lost, call the function directly (what its forward computes, without MyFn.apply): inside the "
+        "forward, torch.no_grad() outside cannot be told from the autograd that the Function turns off")
 
 
 def _code_of(module: str, owner: str, attr: str = "forward"):
