@@ -87,3 +87,32 @@ def test_a_hook_returning_a_wrong_shape_is_refused():
     with pytest.raises(storch.PlateError, match=r"per-sample shape \(5,\).*\(3,\)"):
         storch.backward()
     storch.reset()
+
+
+def test_a_hook_on_a_broadcast_plate_dim_is_refused_and_the_expanded_tensor_gets_each_entrys_gradient():
+    """A plate tensor whose raw tensor has size 1 along a plate of more entries (``storch.PlateTensor(p[None],
+    x.plates)``, allowed for broadcasting) handed its hook the gradient summed over the entries as every entry's
+    ((5.5, 5.5, 5.5) for both data points, found by review), so per-sample clipping in the hook clipped the sum.
+    Refused now, saying to expand first; the expanded tensor's hook receives each entry's gradient (the cost's mean
+    over the data points: x_i / 2) and per-entry clipping gives the sum of the clipped rows."""
+    p = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    data = torch.tensor([[1.0, 1.0, 1.0], [10.0, 10.0, 10.0]])
+    x = storch.denote_independent(data, 0, "data")
+    h = storch.PlateTensor(p[None], x.plates)
+    with pytest.raises(storch.PlateError, match=r"size 1 along plate 'data' of 2 entries.*sum over the entries.*"
+                       r"t = t.expand_as\(x\)"):
+        h.register_hook(lambda g: g)
+    storch.reset()
+    for expand in (lambda h, x: h.expand_as(x), lambda h, x: h + 0 * x):
+        seen = []
+        x = storch.denote_independent(data, 0, "data")
+        h = expand(storch.PlateTensor(p[None], x.plates), x)
+        h.register_hook(lambda g: seen.append(g.tensor.clone()) or g / torch.clamp(
+            torch.linalg.vector_norm(g), min=1.0))
+        storch.add_cost((h * x).sum(), name="c")
+        storch.backward()
+        assert len(seen) == 1
+        torch.testing.assert_close(seen[0], data / 2)
+        rows = data / 2
+        torch.testing.assert_close(p.grad, (rows / rows.norm(dim=1, keepdim=True).clamp(min=1.0)).sum(0))
+        p.grad = None

@@ -157,3 +157,23 @@ def test_shared_network_layer_keeps_the_model_gradient(shared, update):
             assert p.grad is not None and torch.allclose(p.grad, g, rtol=1e-5, atol=1e-7)
     assert all(torch.allclose(p, q, rtol=1e-6, atol=1e-8) for p, q in zip(phi, expected))
     assert est.update_steps == int(update)
+
+
+def test_a_hook_upstream_of_a_variance_trained_node_runs_in_the_loss_pass_then_the_variance_pass():
+    """What docs/plates.md says of ``register_hook`` upstream of relax/rebar (found by review): the hook runs twice
+    per storch.backward(), first in the loss's backward pass (gradients disabled), then in the control variate's
+    variance-training pass (create_graph: gradients enabled), with the same gradient; a score node, once."""
+    data = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    for name, passes in (("relax", [False, True]), ("rebar", [False, True]), ("score", [False])):
+        torch.manual_seed(0)
+        enc, dec = torch.nn.Linear(4, 3), torch.nn.Linear(3, 4)
+        est = storch.estimator(name, plate="z", n_samples=3)
+        calls = []
+        x = storch.denote_independent(data, 0, "data")
+        logits = enc(x)
+        logits.register_hook(lambda g: calls.append((torch.is_grad_enabled(), g.tensor.detach().clone())))
+        z = est(Bernoulli(logits=logits))
+        storch.add_cost(((dec(z) - x) ** 2).sum(), name="rec")
+        storch.backward()
+        assert [c[0] for c in calls] == passes, name
+        assert all(torch.equal(c[1], calls[0][1]) for c in calls)

@@ -82,9 +82,18 @@ def _raw_property(func, args, kwargs):
 
 @register(_T.register_hook)
 def _register_hook(func, args, kwargs):
-    """a hook on the raw tensor; it receives the gradient as a plate tensor (per-sample shape, the tensor's plates) and may return a replacement, as torch's hooks do"""
+    """a hook on the raw tensor; it receives the gradient as a plate tensor (per-sample shape, the tensor's plates) and may return a replacement, as torch's hooks do; refused on a raw tensor with a size-1 (broadcast) plate dim, whose gradient is the sum over the plate's entries"""
     x, hook = args[0], (args[1] if len(args) > 1 else kwargs["hook"])
     plates = x._plates
+    for p, size in zip(plates, x._raw.shape):
+        if size != p.size:
+            raise PlateError(
+                f"register_hook on a plate tensor whose raw tensor has size {size} along plate {p.name!r} of "
+                f"{p.size} entries: one value broadcast to every entry (storch.PlateTensor(raw, plates) with a "
+                "size-1 dim), whose gradient is the sum over the entries, so the hook would receive that sum as "
+                "each entry's gradient. Expand the tensor to the plate's entries first and use the expanded "
+                "tensor, with the hook on it: `t = t.expand_as(x)` (x a tensor with those plates) or "
+                "`t = t + 0 * x`")
     return x._raw.register_hook(_PlateHook(hook, plates))
 
 
