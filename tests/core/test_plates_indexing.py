@@ -641,3 +641,20 @@ def test_torchs_message_about_raw_tensors_says_that_the_plates_come_first():
     msg = str(info.value)
     print(msg)
     assert "raw tensors'" in msg and "(2, 3, 4) is the per-sample shape (3, 4) after plate dims (a=2)" in msg
+
+
+def test_the_raw_shapes_note_is_not_added_where_torch_quotes_the_users_own_sizes():
+    """``x.unflatten(0, (2, 3))`` on a plate tensor of raw shape (2, 3): torch's message quotes the sizes the user
+    passed ([2, 3]), which equal the raw shape by coincidence, and storch added "(2, 3) is the per-sample shape (3,)
+    after plate dims" (found by review). Not where the matched shape is one the call's arguments hold, as a sequence
+    or as int arguments; still where torch quotes the raw shape itself (F.conv1d's input)."""
+    x = PlateTensor(torch.randn(2, 3), (A,))
+    with pytest.raises(storch.PlateError) as info:
+        x.unflatten(0, (2, 3))
+    assert "[2, 3]" in str(info.value) and "raw tensors'" not in str(info.value)
+    with pytest.raises(storch.PlateError) as info:
+        F.conv1d(x[None], torch.randn(1, 2, 3))
+    assert "(2, 1, 3) is the per-sample shape (1, 3) after plate dims (a=2)" in str(info.value)
+    from storch.plates.dispatch import _passed_sizes
+    assert _passed_sizes((x, 0, (2, 3)), {}) == {(0,), (2, 3)}
+    assert _passed_sizes((x, 2, 3), {"size": torch.Size([4])}) == {(2, 3), (4,)}

@@ -106,14 +106,39 @@ def _raw_shapes(e: BaseException, args, kwargs) -> str:
     """A note where torch's message shows the raw shape of a plate operand (plate dims first): a handler ran
     torch on the raw tensors, and its shapes and dim numbers would contradict the per-sample ones above."""
     msg = str(e)
+    passed = None
     for a in _operands(args, kwargs):
         if type(a) is _PT and a._plates:
             s = tuple(a._raw.shape)
+            if passed is None:
+                passed = _passed_sizes(args, kwargs)
+            if s in passed:  # torch may be quoting the user's own sizes (x.unflatten(0, (2, 3)))
+                continue
             if str(list(s)) in msg or str(s) in msg or f"torch.Size({list(s)})" in msg:
                 ps = ", ".join(f"{p.name}={p.size}" for p in a._plates)
                 return (f" (torch's shapes and dims here are the raw tensors', which hold the plates first: {s} is "
                         f"the per-sample shape {tuple(a.shape)} after plate dims ({ps}))")
     return ""
+
+
+def _passed_sizes(args, kwargs) -> set:
+    """The sizes the user passed in a call (error path only): each sequence of ints among the arguments
+    (``(2, 3)`` of ``x.unflatten(0, (2, 3))``, a ``torch.Size``) and each run of int positional arguments (``2, 3``
+    of ``x.view(2, 3)``), as tuples."""
+    out: set = set()
+    run: list = []
+    for a in (*args, None, *kwargs.values()):
+        if isinstance(a, int) and not isinstance(a, bool):
+            run.append(a)
+            continue
+        if run:
+            out.add(tuple(run))
+            run = []
+        if isinstance(a, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in a):
+            out.add(tuple(a))
+    if run:
+        out.add(tuple(run))
+    return out
 
 
 _IMPL: dict = {}
