@@ -26,6 +26,8 @@ largest value + 1, differs between them).
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ...errors import PlateError
@@ -550,10 +552,14 @@ def _bincount(func, args, kwargs):
     read once (one host sync) and the call is refused where the samples' lengths differ. Otherwise the
     counts are ``zeros(L).scatter_add(0, i, w)`` per sample: torch's values and dtype (int64 without
     weights), and a gradient for ``w`` (torch's bincount has none). torch's vmap of bincount loops
-    over the entries (with a performance warning) and failed where the lengths differ."""
+    over the entries (with a performance warning) and failed where the lengths differ. ``minlength`` is an int
+    or what torch takes as one (a numpy integer: ``operator.index``). On the meta device the values are unknown:
+    the length is ``minlength``, and a non-empty input without it is refused (torch has no meta bincount)."""
     b = dict(zip(_BINCOUNT_ARGS, args))
     b.update(("input" if k == "self" else k, v) for k, v in kwargs.items())
     x, w, minlength = b.get("input"), b.get("weights"), b.get("minlength", 0)
+    if type(minlength) is not int and hasattr(type(minlength), "__index__") and not isinstance(minlength, (bool, _T)):
+        minlength = operator.index(minlength)  # a numpy integer (K = len(np.unique(...))), as torch takes it
     if (len(args) > 3 or set(b) - set(_BINCOUNT_ARGS) or not isinstance(x, _T)
             or not (w is None or isinstance(w, _T)) or type(minlength) is not int):
         return vmap_call(func, args, kwargs)  # (torch's own errors, per sample)
@@ -571,6 +577,11 @@ def _bincount(func, args, kwargs):
     rx = align(x._raw, x._plates, plates) if type(x) is _PT else x.reshape((1,) * m + tuple(x.shape))
     n = x.shape[0]
     length = minlength
+    if n and rx.is_meta and not minlength:
+        raise PlateError(
+            "torch.bincount of a meta tensor without minlength: its length, max(input) + 1, depends on values that a "
+            "meta tensor does not hold (torch's bincount has no meta kernel either). Pass minlength= greater than the "
+            "largest value the input can take (the number of categories K: torch.bincount(i, minlength=K))")
     if n and not rx.is_meta:
         top = rx.amax(-1)
         low, short, long = (int(v) for v in torch.stack((rx.amin(), top.amin(), top.amax())).tolist())
