@@ -310,6 +310,7 @@ def test_add_cost_during_a_backward_pass_is_refused_and_a_returned_cost_is_exact
             torch.autograd.grad(out, dec.weight, retain_graph=True)
         assert [n for n, _ in current_graph().costs] == ["rec"]
         storch.backward()
+        assert enc.weight.grad is not None
         return enc.weight.grad
 
     for early in (True, False):

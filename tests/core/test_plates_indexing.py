@@ -589,10 +589,12 @@ def test_bincount_takes_a_numpy_minlength_and_refuses_a_meta_input_without_minle
     minlength covers them. On the meta device, ``torch.bincount(i)`` gave shape (0,) where torch raises (no meta
     kernel): its length depends on values a meta tensor does not hold. Found by review."""
     import warnings
+    from typing import Any
 
     import numpy as np
 
     i = PlateTensor(torch.tensor([[0, 1], [2, 2], [1, 0]]), (A_,))  # per sample max 1, 2, 1
+    ml: Any  # numpy integers, which torch's stubs do not list
     for ml in (np.int64(4), np.int32(4)):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -600,13 +602,13 @@ def test_bincount_takes_a_numpy_minlength_and_refuses_a_meta_input_without_minle
         assert torch.equal(out.tensor, torch.bincount(i, minlength=4).tensor)
         assert torch.equal(out.tensor, torch.stack([torch.bincount(r, minlength=ml) for r in i.tensor]))
     with pytest.raises(storch.PlateError, match=r"depends on the drawn values: here from 2 to 3"):
-        torch.bincount(i, minlength=np.int64(2))
+        torch.bincount(i, minlength=np.int64(2))  # pyright: ignore[reportArgumentType]
     with pytest.raises(TypeError, match="minlength"):  # torch's own refusal of a bool, as on a plain tensor
         torch.bincount(i, minlength=True)
     meta = PlateTensor(torch.zeros(3, 2, dtype=torch.long, device="meta"), (A_,))
     with pytest.raises(storch.PlateError, match=r"meta tensor without minlength.*minlength="):
         torch.bincount(meta)
-    assert torch.bincount(meta, minlength=np.int64(5)).tensor.shape == (3, 5)
+    assert torch.bincount(meta, minlength=np.int64(5)).tensor.shape == (3, 5)  # pyright: ignore[reportArgumentType]
     assert torch.bincount(meta[:0]).tensor.shape == (3, 0)  # an empty input counts nothing, as torch's CPU kernel
 
 
