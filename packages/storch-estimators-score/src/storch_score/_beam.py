@@ -176,20 +176,21 @@ def _tables_on(n_cat: int, sizes: tuple, device: torch.device, dtype: torch.dtyp
     key = (n_cat, sizes, device, dtype)
     out = _DEVICE_TABLES.get(key)
     if out is None:
-        offsets, values, var, columns = _chunk_tables(n_cat, sizes)
-        values, var, columns = values.to(device), var.to(device), columns.to(device)
-        n, rows = sum(sizes), values.shape[0]
-        onehot = None
-        if n * n_cat * rows <= _ONEHOT_MAX_ENTRIES:  # (variable n, the padding, reads row n K: dropped)
-            onehot = torch.zeros(n * n_cat + n_cat, rows, dtype=dtype, device=device)
-            onehot[var * n_cat + values, torch.arange(rows, device=device).unsqueeze(1).expand_as(var)] = 1.0
-            onehot = onehot[:n * n_cat]
-        out = (offsets, values, var, onehot, columns)
-        held = sum(t[3].untyped_storage().nbytes() for t in _DEVICE_TABLES.values() if t[3] is not None)
-        size = 0 if onehot is None else onehot.untyped_storage().nbytes()
-        if (torch._C._functorch.maybe_current_level() is None and len(_DEVICE_TABLES) < 256
-                and held + size <= _CACHE_BYTES):  # (see table_cache)
-            _DEVICE_TABLES[key] = out
+        with torch.inference_mode(False):  # normal tensors, also when first made under inference mode (see table_cache)
+            offsets, values, var, columns = _chunk_tables(n_cat, sizes)
+            values, var, columns = values.to(device), var.to(device), columns.to(device)
+            n, rows = sum(sizes), values.shape[0]
+            onehot = None
+            if n * n_cat * rows <= _ONEHOT_MAX_ENTRIES:  # (variable n, the padding, reads row n K: dropped)
+                onehot = torch.zeros(n * n_cat + n_cat, rows, dtype=dtype, device=device)
+                onehot[var * n_cat + values, torch.arange(rows, device=device).unsqueeze(1).expand_as(var)] = 1.0
+                onehot = onehot[:n * n_cat]
+            out = (offsets, values, var, onehot, columns)
+            held = sum(t[3].untyped_storage().nbytes() for t in _DEVICE_TABLES.values() if t[3] is not None)
+            size = 0 if onehot is None else onehot.untyped_storage().nbytes()
+            if (torch._C._functorch.maybe_current_level() is None and len(_DEVICE_TABLES) < 256
+                    and held + size <= _CACHE_BYTES):  # (see table_cache)
+                _DEVICE_TABLES[key] = out
     return out
 
 
@@ -371,13 +372,14 @@ def _draw_tables(n_cat: int, n: int, draws: int, p: int, exact: torch.dtype, dev
     key = (n_cat, n, draws, p, exact, device)
     out = _DRAW_TABLES.get(key)
     if out is None:
-        weights = (float(n_cat) ** torch.arange(n - 1, -1, -1, dtype=torch.float64)).to(device, exact)
-        earlier = torch.ones(draws, draws, dtype=torch.bool).tril_(-1).to(device)
-        position = torch.arange(draws, dtype=torch.float64).to(device, exact)
-        row_start = (draws * torch.arange(p)).unsqueeze(1).to(device)
-        out = (weights, earlier, position, position + draws, row_start)
-        if torch._C._functorch.maybe_current_level() is None and len(_DRAW_TABLES) < 64:  # (see table_cache)
-            _DRAW_TABLES[key] = out
+        with torch.inference_mode(False):  # normal tensors, also when first made under inference mode (see table_cache)
+            weights = (float(n_cat) ** torch.arange(n - 1, -1, -1, dtype=torch.float64)).to(device, exact)
+            earlier = torch.ones(draws, draws, dtype=torch.bool).tril_(-1).to(device)
+            position = torch.arange(draws, dtype=torch.float64).to(device, exact)
+            row_start = (draws * torch.arange(p)).unsqueeze(1).to(device)
+            out = (weights, earlier, position, position + draws, row_start)
+            if torch._C._functorch.maybe_current_level() is None and len(_DRAW_TABLES) < 64:  # (see table_cache)
+                _DRAW_TABLES[key] = out
     return out
 
 

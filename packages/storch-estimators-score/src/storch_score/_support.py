@@ -96,10 +96,11 @@ def _joint_index(k: int, n: int, device: torch.device) -> torch.Tensor:
     key = (k, n, device)
     idx = _JOINT_INDEX.get(key)
     if idx is None:
-        idx = torch.tensor(list(itertools.product(range(k), repeat=n)), dtype=torch.long).reshape(k ** n, n)
-        idx = idx.to(device)
-        if torch._C._functorch.maybe_current_level() is None and len(_JOINT_INDEX) < 256:  # (see table_cache)
-            _JOINT_INDEX[key] = idx
+        with torch.inference_mode(False):  # normal tensors, also when first made under inference mode (see table_cache)
+            idx = torch.tensor(list(itertools.product(range(k), repeat=n)), dtype=torch.long).reshape(k ** n, n)
+            idx = idx.to(device)
+            if torch._C._functorch.maybe_current_level() is None and len(_JOINT_INDEX) < 256:  # (see table_cache)
+                _JOINT_INDEX[key] = idx
     return idx
 
 

@@ -453,20 +453,21 @@ def _linear_tables(k: int, device: torch.device) -> tuple:
     key = (k, device)
     out = _LINEAR_TABLES.get(key)
     if out is None:
-        steps, missing, x0, pairs = _plan(k)
-        if k <= _DENSE_MAX:
-            up, above = [], 1
-            for n, _, larger, _ in steps:
-                up.append(torch.zeros(n, above, dtype=torch.float64).scatter_(1, larger, 1.0).to(device))
-                above = n
-            rows = torch.arange(sum(n for n, _, _, _ in steps)).repeat_interleave(
-                torch.tensor([width for n, width, _, _ in steps for _ in range(n)]))
-            not_in = torch.zeros(rows.shape[0] and int(rows[-1]) + 1, k, dtype=torch.float64)
-            not_in[rows, missing] = 1.0
-            out = ("dense", tuple(up), not_in.to(device), pairs.to(device))
-        else:
-            out = ("gather", tuple(larger.to(device) for _, _, larger, _ in steps),
-                   tuple(first.to(device) for _, _, _, first in steps), x0.to(device), pairs.to(device))
-        if torch._C._functorch.maybe_current_level() is None and len(_LINEAR_TABLES) < 64:  # (see table_cache)
-            _LINEAR_TABLES[key] = out
+        with torch.inference_mode(False):  # normal tensors, also when first made under inference mode (see table_cache)
+            steps, missing, x0, pairs = _plan(k)
+            if k <= _DENSE_MAX:
+                up, above = [], 1
+                for n, _, larger, _ in steps:
+                    up.append(torch.zeros(n, above, dtype=torch.float64).scatter_(1, larger, 1.0).to(device))
+                    above = n
+                rows = torch.arange(sum(n for n, _, _, _ in steps)).repeat_interleave(
+                    torch.tensor([width for n, width, _, _ in steps for _ in range(n)]))
+                not_in = torch.zeros(rows.shape[0] and int(rows[-1]) + 1, k, dtype=torch.float64)
+                not_in[rows, missing] = 1.0
+                out = ("dense", tuple(up), not_in.to(device), pairs.to(device))
+            else:
+                out = ("gather", tuple(larger.to(device) for _, _, larger, _ in steps),
+                       tuple(first.to(device) for _, _, _, first in steps), x0.to(device), pairs.to(device))
+            if torch._C._functorch.maybe_current_level() is None and len(_LINEAR_TABLES) < 64:  # (see table_cache)
+                _LINEAR_TABLES[key] = out
     return out
