@@ -38,7 +38,7 @@ def test_inference_mode_evaluation_pass(name, options):
 def _cold_tables():
     """Empty storch's process-wide index tables, so that the next step makes them (in this test's mode)."""
     from storch.builtins import expect
-    from storch_score import _beam, _support, unordered_set
+    from storch_score import _beam, unordered_set
 
     expect._joint_indices.cache_clear()
     _beam._chunk_tables.cache_clear()
