@@ -1471,7 +1471,7 @@ def test_guard_sees_autocast():
     # the per-call check of an inductor program (no compile here: its guard on a traced program)
     lin = torch.nn.Linear(2, 2)
     gm = torch.fx.experimental.proxy_tensor.make_fx(lambda x: lin(x))(torch.ones(1, 2))
-    valid = storch.compiled.guards._guard(gm, {}, metadata=True)
+    valid = storch.compiled.guards._guard(gm, [], [], metadata=True)
     assert valid()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not valid()
@@ -1483,7 +1483,7 @@ def test_guard_sees_each_captured_tensors_metadata():
     # the Python comparison when that fails (e.g. under inference_mode, whose dispatch keys differ)
     lin = torch.nn.Linear(2, 2)
     gm = torch.fx.experimental.proxy_tensor.make_fx(lambda x: lin(x))(torch.ones(1, 2))
-    valid = storch.compiled.guards._guard(gm, {}, metadata=True)
+    valid = storch.compiled.guards._guard(gm, [], [], metadata=True)
     assert valid()
     with torch.inference_mode():
         assert valid()

@@ -41,6 +41,15 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
 
 - the step returns tensors (e.g. ``storch.surrogate_loss()``), not plate tensors, and does not call
   ``storch.backward()``: call ``loss.backward()`` on the result;
+- the step does not step the optimizer or touch gradients: a ``torch.optim`` optimizer's ``step()`` (a global
+  optimizer step pre-hook during the trace only, on the tracing thread: :func:`_no_optimizer_in_trace`), a
+  ``zero_grad()`` and any read or write of a tensor's ``.grad`` (``model.zero_grad()``, ``p.grad = None``,
+  ``clip_grad_norm_``: seen by :class:`_TraceMode`) are refused: a trace records the torch program only, so a
+  replayed call would never update or zero the gradients (``opt.step()`` at the start of the step trained
+  nothing, silently). Step outside: ``loss = f(x); loss.backward(); opt.step(); opt.zero_grad()``;
+- an estimator with state (``has_update`` or ``state_tensors``) created during the trace, i.e. inside the step,
+  is refused (:func:`storch.estimators.base.creation_mark`): eagerly it starts from scratch at every call, the
+  replay would keep the traced instance; create it once, outside the step;
 - estimators that update their own state (``has_update``) are refused unless the update can be
   replayed (``replays_update``: score's moving-average and learned (NVIL) baselines,
   gumbel_softmax's and gumbel_straight_through's temperature schedule; learned control variates
@@ -49,12 +58,13 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
 - tensors the step reads but does not receive as arguments are captured: ``nn.Parameter``s by
   reference (gradients and optimizer updates work as usual); any other captured tensor that
   requires grad is refused (pass it as an argument); other captured tensors are read live (same
-  object) but must not be replaced by new objects between calls. A parameter or buffer that the step
-  reached through module attributes (``model.enc.weight``) and that is replaced later
-  (``model.load_state_dict(sd, assign=True)``, ``model.enc = nn.Linear(...)``) is seen at the next call,
-  which traces again (:func:`_guard`: a dict lookup per attribute of the modules the step names: its
-  closure, globals, bound ``self``, and its module arguments); one replaced elsewhere (a global name
-  rebound) is not: call :meth:`CompiledStep.clear`. The captured tensors' ``requires_grad`` is checked at
+  object). A parameter, buffer, tensor or module that the step reached by name and that is replaced later
+  (``model.load_state_dict(sd, assign=True)``, ``model.enc = nn.Linear(...)``, ``holder["dec"] = ...``, a
+  global or ``nonlocal`` name rebound) is seen at the next call, which traces again (:func:`_guard`: a dict
+  lookup or attribute read per link on the way: a global name, a closure cell, an entry of a dict or list
+  these hold, an attribute of a module, from its closure, globals, bound ``self``, defaults and module
+  arguments: ``guards._reached``); one reached otherwise (an attribute of a plain object) is not: call
+  :meth:`CompiledStep.clear`. The captured tensors' ``requires_grad`` is checked at
   each call (a parameter unfrozen after a first call made while frozen: traced again, since storch decided
   in Python whether the loss updates estimators and refuses a second differentiation); the ``requires_grad``
   of the reached modules' parameters is part of the key (:meth:`CompiledStep._python_state`), so alternating
@@ -92,7 +102,8 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   replay (``backend=None``) differentiates to every order (``surrogate_loss(order=2)`` in the step);
 - on the first call the step also runs eagerly and its trace runs from the same random state; if they
   disagree (the result depends on Python or generator state the trace cannot see: SPSA's coupled
-  draws replay the random state, a ``storch.Graph(generator=...)``) it is refused. A draw from Python's
+  draws replay the random state) it is refused. A draw with a generator of its own (``generator=g`` of a
+  torch call, a ``storch.Graph(generator=g)``) is refused where :class:`_TraceMode` sees it. A draw from Python's
   ``random`` or numpy's global generator is refused by comparing their states around the trace
   (:func:`_check_python_random`: the values may agree by chance).
 

@@ -11,9 +11,10 @@ from typing import Callable
 import torch
 
 from ..errors import StorchError
+from ..estimators.base import created_after
 from ..estimators.messages import updating_message
 from ..graph import Graph, tracing_nodes
-from .refusals import _name, _replay_only_message
+from .refusals import _created_in_step_message, _name, _replay_only_message
 from .updates import _Recorder
 
 
@@ -98,7 +99,14 @@ def _check_python_random(before: tuple, fn) -> None:
         "`torch.where(torch.rand(()) < 0.5, x.flip(-1), x)`), or run this step eagerly")
 
 
-def _check_nodes(nodes: list, fn, replay_only: bool = False) -> None:
+def _check_nodes(nodes: list, fn, replay_only: bool = False, mark: int = -1) -> None:
+    """The traced nodes' estimators can be replayed: their updates (``replays_update``; with a compiler, not one that
+    differentiates the loss again), and none with state was created during the trace (after ``mark``:
+    :func:`storch.estimators.base.creation_mark`), i.e. inside the step, anew at every eager call."""
+    for node in nodes:
+        est = node.estimator
+        if created_after(mark, est) and (est.has_update or est.state_tensors()):
+            raise StorchError(_created_in_step_message(fn, est))
     for node in nodes:
         est = node.estimator
         if est.has_update and not est.replays_update:

@@ -16,31 +16,30 @@ from .keys import _requires_grad
 _T = torch.Tensor
 
 
-def _module_attributes(fn: Callable, arguments: tuple = ()) -> dict:
-    """Every module attribute (``model.enc``, ``enc.weight``) of the modules the step can reach by name: the
-    function's closure, its bound ``self``, its defaults and the globals its code names (also those of the
-    functions these hold, a few levels deep), and its non-tensor ``arguments`` (``step(model, x)``: a module
-    argument selects the trace by identity, so its replaced parameters must be watched as well). The trace captures the parameters and buffers it read, so if
-    one is replaced later (``load_state_dict(sd, assign=True)``, ``model.enc = nn.Linear(...)``) the program
-    would go on computing with (and training) the old ones; :func:`_guard` keeps the attributes that lead to
-    captured tensors and checks them at each call. A module reached otherwise (an attribute of a plain
-    object, a container built in the step) is not seen: call :meth:`CompiledStep.clear` after replacing its
-    parameters. Returns ``{(id(holder), name): (owner, holder, name, value)}``."""
-    out: dict = {}
-    for root in _reached_modules(fn, arguments):
-        for owner in root.modules():
-            d = owner.__dict__
-            for kind in ("_parameters", "_buffers", "_modules"):
-                holder = d.get(kind)
-                if holder:
-                    for name, value in holder.items():
-                        if value is not None:
-                            out.setdefault((id(holder), name), (owner, holder, name, value))
-    return out
+# how a link (see _reached) is looked up again at each call: ``holder.get(key)`` (a dict: a function's globals, a
+# dict the step reads, a module's _parameters / _buffers / _modules), ``holder.cell_contents`` (a closure cell),
+# ``holder[key]`` (a list); a fixed link (a tuple's item, a bound method's self, a default) cannot change
+_DICT, _CELL, _ITEM, _FIXED = range(4)
 
 
-def _reached_modules(fn: Callable, arguments: tuple = ()) -> list:
-    """The modules ``fn`` reaches by name (see :func:`_module_attributes`) and the module ``arguments``."""
+def _reached(fn: Callable, arguments: tuple = ()) -> tuple[list, list]:
+    """What the step can reach by name, and how: ``(links, roots)``.
+
+    ``roots``: the modules it reaches: through its closure, its bound ``self``, its defaults and the globals its code
+    names (also those of the functions these hold, a few levels deep), through the dicts, lists and tuples these
+    hold (``holder["dec"]``, ``layers[0]``), and its non-tensor ``arguments`` (``step(model, x)``).
+    ``links``: ``(owner, kind, holder, key, value)``, one per lookup on the way: a global name (``owner`` the
+    function, ``holder`` its globals), a closure cell, a dict entry or list item, and every parameter, buffer and
+    submodule of the modules reached (``holder``: the module's ``_parameters`` / ``_buffers`` / ``_modules``).
+
+    The trace captures the parameters, buffers and tensors it read, and bakes in the modules it called, so if one
+    of these lookups gives another object later (``holder["dec"] = nn.Linear(...)``, a global or nonlocal name
+    rebound, ``load_state_dict(sd, assign=True)``, ``model.enc = nn.Linear(...)``) the program would go on
+    computing with (and training) the old ones; :func:`_guard` keeps the links that lead to what the trace
+    captured and to the modules reached, and checks them at each call. A module or tensor reached otherwise (an
+    attribute of a plain object, a container built in the step) is not seen: call :meth:`CompiledStep.clear`
+    after replacing it."""
+    links: list = []
     roots: list = []
     seen: set = set()
 
@@ -50,19 +49,26 @@ def _reached_modules(fn: Callable, arguments: tuple = ()) -> list:
         seen.add(id(v))
         if isinstance(v, torch.nn.Module):
             roots.append(v)
-        elif isinstance(v, (list, tuple)) and depth < 4:
-            for item in v[:64]:
-                visit(item, depth + 1)
         elif isinstance(v, dict) and depth < 4:
-            for item in list(v.values())[:64]:
+            for key, item in list(v.items())[:64]:
+                links.append((v, _DICT, v, key, item))
+                visit(item, depth + 1)
+        elif isinstance(v, list) and depth < 4:
+            for i, item in enumerate(v[:64]):
+                links.append((v, _ITEM, v, i, item))
+                visit(item, depth + 1)
+        elif isinstance(v, tuple) and depth < 4:
+            for item in v[:64]:
+                links.append((v, _FIXED, None, None, item))
                 visit(item, depth + 1)
         elif isinstance(v, functools.partial) and depth < 4:
-            visit(v.func, depth + 1)
-            visit(v.args, depth + 1)
-            visit(v.keywords, depth + 1)
-        elif callable(v) and depth < 4:
+            for item in (v.func, v.args, v.keywords):
+                links.append((v, _FIXED, None, None, item))
+                visit(item, depth + 1)
+        elif callable(v) and not isinstance(v, type) and depth < 4:
             self_ = getattr(v, "__self__", None)
-            if self_ is not None:
+            if self_ is not None and not isinstance(self_, types.ModuleType):
+                links.append((v, _FIXED, None, None, self_))
                 visit(self_, depth + 1)
             f = getattr(v, "__func__", v)
             code = getattr(f, "__code__", None)
@@ -70,10 +76,13 @@ def _reached_modules(fn: Callable, arguments: tuple = ()) -> list:
                 return
             for cell in getattr(f, "__closure__", None) or ():
                 try:
-                    visit(cell.cell_contents, depth + 1)
+                    item = cell.cell_contents
                 except ValueError:  # an empty cell
-                    pass
+                    continue
+                links.append((v, _CELL, cell, None, item))
+                visit(item, depth + 1)
             for d in getattr(f, "__defaults__", None) or ():
+                links.append((v, _FIXED, None, None, d))
                 visit(d, depth + 1)
             names, codes = set(), [code]
             while codes:
@@ -83,12 +92,33 @@ def _reached_modules(fn: Callable, arguments: tuple = ()) -> list:
             g = getattr(f, "__globals__", {})
             for n in names:
                 if n in g:
-                    visit(g[n], depth + 1)
+                    item = g[n]
+                    if not isinstance(item, (types.ModuleType, type)):  # (torch, storch, classes: never a module)
+                        links.append((v, _DICT, g, n, item))
+                    visit(item, depth + 1)
 
     visit(fn, 0)
     for a in arguments:
         visit(a, 1)
-    return roots
+    done: set = set()
+    for root in roots:
+        for owner in root.modules():
+            if id(owner) in done:
+                continue
+            done.add(id(owner))
+            d = owner.__dict__
+            for kind in ("_parameters", "_buffers", "_modules"):
+                holder = d.get(kind)
+                if holder:
+                    for name, value in holder.items():
+                        if value is not None:
+                            links.append((owner, _DICT, holder, name, value))
+    return links, roots
+
+
+def _reached_modules(fn: Callable, arguments: tuple = ()) -> list:
+    """The modules ``fn`` reaches by name and the module ``arguments`` (see :func:`_reached`)."""
+    return _reached(fn, arguments)[1]
 
 
 def _autocast_state():
@@ -119,11 +149,13 @@ def _tensor_check(tensors: tuple) -> Optional[Callable[..., bool]]:
     return check
 
 
-def _guard(gm: torch.fx.GraphModule, reads: dict, metadata: bool) -> Optional[Callable[[], bool]]:
+def _guard(gm: torch.fx.GraphModule, links: list, roots: list, metadata: bool) -> Optional[Callable[[], bool]]:
     """A per-call check that the program still fits what the step reads outside its arguments, or None.
 
-    - Every module attribute through which the trace reached a captured parameter or buffer still holds the
-      same object (see :func:`_module_attributes`): a dict lookup each.
+    - Every lookup (see :func:`_reached`: a global name, a closure cell, a dict entry or list item, a module
+      attribute) through which the trace reached a captured parameter, buffer or tensor, or a module the step
+      reaches by name (whose forward the trace baked in: ``holder["drop"]``'s dropout probability), still gives
+      the same object: a dict lookup or an attribute read each.
     - With ``metadata`` (inductor, compiled without dynamo's guards: :func:`_compile_graph`): the captured
       tensors' ``requires_grad``, dtype, device and shape and the autocast state are as when traced
       (inductor specialises its program to them: a parameter unfrozen after the first call got no gradient,
@@ -135,17 +167,19 @@ def _guard(gm: torch.fx.GraphModule, reads: dict, metadata: bool) -> Optional[Ca
       updated after unfreezing) and no refusal of a second differentiation (an order-1 estimator's Hessian
       replayed silently). A list of bools per call."""
     captured = [*gm.parameters(), *gm.buffers(), *(v for v in vars(gm).values() if isinstance(v, _T))]
-    ids = {id(t) for t in captured}
-    keep = {k: r for k, r in reads.items() if isinstance(r[3], _T) and id(r[3]) in ids}
-    owners = {id(r[0]) for r in keep.values()}
-    while True:  # the modules on the way to them (model.enc for enc.weight)
-        more = {k: r for k, r in reads.items() if k not in keep and id(r[3]) in owners}
-        if not more:
-            break
-        keep.update(more)
-        owners |= {id(r[0]) for r in more.values()}
-    checks = tuple((r[1], r[2], r[3]) for r in keep.values())
-    if not checks and not metadata and not captured:
+    targets = {id(t) for t in captured}
+    keep = [link for link in links if id(link[4]) in targets]  # the lookups that give a captured tensor,
+    targets = {id(link[0]) for link in keep} | {id(m) for m in roots}  # and the ones on the way to those
+    kept = {id(link) for link in keep}
+    while targets:
+        more = [link for link in links if id(link) not in kept and id(link[4]) in targets]
+        keep.extend(more)
+        kept.update(map(id, more))
+        targets = {id(link[0]) for link in more}
+    checks = tuple((h, k, v) for _, kind, h, k, v in keep if kind == _DICT)
+    cells = tuple((h, v) for _, kind, h, _k, v in keep if kind == _CELL)
+    items = tuple((h, k, v) for _, kind, h, k, v in keep if kind == _ITEM)
+    if not checks and not cells and not items and not metadata and not captured:
         return None
     tensors = tuple(captured) if metadata else ()
     traced = _metadata(tensors) if metadata else None
@@ -153,10 +187,19 @@ def _guard(gm: torch.fx.GraphModule, reads: dict, metadata: bool) -> Optional[Ca
     autocast = traced[0] if metadata else None
     grads = list(map(_requires_grad, captured))
 
-    def valid() -> bool:
+    rare = bool(cells or items)
+
+    def valid() -> bool:  # (~35 ns a lookup)
         for holder, name, value in checks:
             if holder.get(name) is not value:
                 return False
+        if rare:
+            for cell, value in cells:  # (a nonlocal rebound)
+                if cell.cell_contents is not value:
+                    return False
+            for holder, i, value in items:
+                if len(holder) <= i or holder[i] is not value:
+                    return False
         if traced is None:
             return list(map(_requires_grad, captured)) == grads  # ~0.2 us a tensor
         if fast is not None and fast(*tensors):  # the same metadata: only the autocast state left to compare

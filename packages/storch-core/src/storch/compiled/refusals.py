@@ -194,3 +194,57 @@ def _no_data_parallel_in_trace(fn):
             handle.remove()
 
     return hooked()
+
+
+_OUTSIDE = ("Step the optimizer and zero the gradients outside the compiled step: `loss = f(x); loss.backward(); "
+            "opt.step(); opt.zero_grad()`")
+
+
+def _optimizer_message(fn, optimizer) -> str:
+    return (f"storch.compile cannot trace {_name(fn)}: it calls {type(optimizer).__name__}.step() inside the step. "
+            "A trace records the step's torch program (what autograd differentiates), not the optimizer's update "
+            "of the parameters from their .grad, so no replayed call would update them (silently: the first call "
+            "had no gradients to apply, later calls never step). Step the optimizer outside the compiled step: "
+            "`loss = f(x); loss.backward(); opt.step(); opt.zero_grad()`")
+
+
+def _gradient_message(fn, what: str) -> str:
+    """The refusal of a read or write of a tensor's ``.grad`` during the trace (:class:`_TraceMode`)."""
+    return (f"storch.compile cannot trace {_name(fn)}: {what} inside the step (an optimizer's "
+            "zero_grad(), model.zero_grad(), `p.grad = None`, clip_grad_norm_, an optimizer's update). A trace records the "
+            "step's torch program, not what it does to the parameters' gradients: no replayed call would do it "
+            "(zeroed only at the first call, the gradients would accumulate over the calls after it, silently). "
+            + _OUTSIDE)
+
+
+def _no_optimizer_in_trace(fn):
+    """A global optimizer step pre-hook, registered for the trace only (removed after it) and active on the tracing
+    thread only: a ``torch.optim`` optimizer's ``step()`` in the step is refused (:func:`_optimizer_message`)
+    before it changes anything. (A ``zero_grad`` or another optimizer's update reads or writes ``.grad``, which
+    the trace's torch function mode refuses.)"""
+    tracing_thread = threading.get_ident()
+
+    def refuse(optimizer, args, kwargs):
+        if threading.get_ident() == tracing_thread:
+            raise StorchError(_optimizer_message(fn, optimizer))
+
+    @contextlib.contextmanager
+    def hooked():
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        handle = register_optimizer_step_pre_hook(refuse)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    return hooked()
+
+
+def _created_in_step_message(fn, est) -> str:
+    return (f"storch.compile cannot trace {_name(fn)}: it creates estimator {est.name!r} (plate {est.plate!r}) inside "
+            "the step, and that estimator keeps state from step to step (a moving average, a learned baseline or "
+            "control variate, a temperature schedule, a buffer). Made anew at every call, it would start from scratch "
+            "each time (eagerly its variance reduction never applies), while the compiled step would replay the "
+            "traced instance. Create the estimator once, outside the step (in your module's __init__, or before the "
+            "training loop), and call it in the step")

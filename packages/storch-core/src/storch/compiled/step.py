@@ -15,16 +15,17 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..errors import StorchError, assumption_failed
+from ..estimators.base import creation_mark
 from ..graph import Graph, tracing_nodes, tracing_recorder
 from ..plates.tensor import PlateTensor
 from ..smoothness import saved_values_unread
 from .checks import _check_constants, _check_nodes, _check_python_random, _check_replay, _python_random_state
 from .finite import _finite_on_backward, _losses_among
-from .guards import _guard, _module_attributes, _reached_modules
+from .guards import _guard, _reached, _reached_modules
 from .keys import _WATCHED_ARGUMENTS, _aliasing, _python_state_of, _signature, _watched, _watched_argument
 from .program import _Trace, _compile_graph, _compiled_by_inductor, _drop_identity_views, _fold_batch_views, _run
 from .refusals import _backward_message, _compiled_twice_message, _func_transform_message, _name, \
-    _no_backward_in_trace, _no_data_parallel_in_trace, _refuse_twice, _traceback_component
+    _no_backward_in_trace, _no_data_parallel_in_trace, _no_optimizer_in_trace, _refuse_twice, _traceback_component
 from .state import _lift_state, _state_of, _Stateful, _stateful
 from .trace_mode import _TraceMode
 from .updates import _loss_graph_values, _Recorder, _update_on_backward
@@ -44,6 +45,10 @@ _R = TypeVar("_R")
 
 
 _T = torch.Tensor
+
+
+class _Stale(Exception):
+    """A stateful entry's trace no longer fits what the step reaches (its guard failed: see _guard)."""
 
 
 _RETRACE_WARNING = 8  # traces of one step before a warning (torch._dynamo.config.recompile_limit's default)
@@ -83,7 +88,11 @@ class CompiledStep(Generic[_P, _R]):
                     self.clear()  # a captured parameter replaced, or (inductor) its metadata changed: see _guard
                     entry = self._fast[key] = self._entry(args, kwargs)
                 if type(entry) is _Stateful:
-                    return self._call_stateful(entry, args, kwargs, list(args), key[0])
+                    try:
+                        return self._call_stateful(entry, args, kwargs, list(args), key[0])
+                    except _Stale:  # (see _variant)
+                        self.clear()
+                        return self(*args, **kwargs)
                 outs = _run(entry[1], args, key[0])
                 if entry[4] is not None:
                     outs = _refuse_twice(outs, entry[4])
@@ -93,11 +102,19 @@ class CompiledStep(Generic[_P, _R]):
             leaves, spec = pytree.tree_flatten((args, kwargs))
             key, tensors = _signature(leaves, spec, self._python_state(leaves))
             entry = self._cache.get(key)
-            if entry is None or (type(entry) is tuple and entry[5] is not None and not entry[5]()):
+            if entry is not None and type(entry) is tuple and entry[5] is not None and not entry[5]():
+                self.clear()  # (as above: what the step reaches is looked up again)
+                key, tensors = _signature(leaves, spec, self._python_state(leaves))
+                entry = None
+            if entry is None:
                 self._fast.clear()
                 entry = self._cache[key] = self._new_entry(leaves, spec, tensors)
             if type(entry) is _Stateful:
-                return self._call_stateful(entry, args, kwargs, tensors, key[1])
+                try:
+                    return self._call_stateful(entry, args, kwargs, tensors, key[1])
+                except _Stale:
+                    self.clear()
+                    return self(*args, **kwargs)
             outs = _run(entry[1], tensors, key[1])
             if entry[4] is not None:
                 outs = _refuse_twice(outs, entry[4])
@@ -118,7 +135,11 @@ class CompiledStep(Generic[_P, _R]):
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key, tensors = _signature(leaves, spec, self._python_state(leaves))
         entry = self._cache.get(key)
-        if entry is None or (type(entry) is tuple and entry[5] is not None and not entry[5]()):
+        if entry is not None and type(entry) is tuple and entry[5] is not None and not entry[5]():
+            self.clear()
+            key, tensors = _signature(leaves, spec, self._python_state(leaves))
+            entry = None
+        if entry is None:
             entry = self._cache[key] = self._new_entry(leaves, spec, tensors)
         return entry, tensors
 
@@ -152,15 +173,16 @@ class CompiledStep(Generic[_P, _R]):
         sig, state = _state_of(entry.estimators)
         trace = entry.variants.get(sig)
         if trace is not None and trace.guard is not None and not trace.guard():
-            entry.variants.clear()  # see _guard
-            trace = None
+            raise _Stale  # see _guard: the caller forgets every trace (the modules reached are found again) and retries
         if trace is None:
             leaves, spec = pytree.tree_flatten((args, kwargs))
             trace = self._trace(leaves, spec, tensors)
             if [id(e) for e in trace.estimators] != [id(e) for e in entry.estimators]:
                 raise StorchError(
-                    f"{_name(self.fn)} uses other estimators than when it was first traced with these arguments: "
-                    "call .clear() on the compiled step after changing what it runs")
+                    f"{_name(self.fn)} uses other estimators than when it was first traced with these arguments. If "
+                    "the step creates its estimators, create them once, outside the step (in your module's __init__, "
+                    "or before the training loop: their state lives on the instance); after changing what the step "
+                    "runs, call .clear() on the compiled step")
             entry.variants[trace.sig] = trace
         return trace, state
 
@@ -195,7 +217,11 @@ class CompiledStep(Generic[_P, _R]):
         estimators' ``state_tensors`` (see :meth:`program_inputs`)."""
         entry, tensors = self._lookup(args, kwargs)
         if type(entry) is _Stateful:
-            return self._variant(entry, args, kwargs, tensors)[0].gm
+            try:
+                return self._variant(entry, args, kwargs, tensors)[0].gm
+            except _Stale:
+                self.clear()
+                return self.graph_module(*args, **kwargs)
         return entry[0]
 
     def program_inputs(self, *args: Any, **kwargs: Any) -> list:
@@ -203,7 +229,11 @@ class CompiledStep(Generic[_P, _R]):
         entry, tensors = self._lookup(args, kwargs)
         if type(entry) is not _Stateful:
             return list(tensors)
-        trace, state = self._variant(entry, args, kwargs, tensors)
+        try:
+            trace, state = self._variant(entry, args, kwargs, tensors)
+        except _Stale:
+            self.clear()
+            return self.program_inputs(*args, **kwargs)
         if trace.probe is None:
             return [*tensors, *state]
         return [*tensors, torch.zeros((), dtype=trace.probe[0], device=trace.probe[1], requires_grad=True), *state]
@@ -271,9 +301,11 @@ class CompiledStep(Generic[_P, _R]):
         torch.distributions.Distribution.set_default_validate_args(False)
         watch = _TraceMode(self.fn, tensors)
         python_random = _python_random_state()
+        mark = creation_mark()  # (an estimator with state made in the step: refused, _check_nodes)
         try:
             with torch.random.fork_rng(devices=devices), tracing_nodes(nodes, recorder), Graph(), \
-                    _no_backward_in_trace(self.fn), _no_data_parallel_in_trace(self.fn), saved_values_unread():
+                    _no_backward_in_trace(self.fn), _no_data_parallel_in_trace(self.fn), \
+                    _no_optimizer_in_trace(self.fn), saved_values_unread():
                 gm = make_fx(flat, pre_dispatch=True)(*tensors, probe)
         except StorchError:
             raise
@@ -296,7 +328,7 @@ class CompiledStep(Generic[_P, _R]):
             watch.restore()  # the trace ran the step's in-place updates on the real tensors: undone
         saved, watch = watch, None  # flat runs unwatched from here (the replay check)
         _check_python_random(python_random, self.fn)
-        _check_nodes(nodes, self.fn, self.compile_options.get("backend") is None)
+        _check_nodes(nodes, self.fn, self.compile_options.get("backend") is None, mark)
         _check_constants(gm, self.fn)
         estimators = _stateful(nodes)
         sig, state = _state_of(estimators)
@@ -332,7 +364,7 @@ class CompiledStep(Generic[_P, _R]):
         trace.refusal = (recorder.refusal if recorder.replay_only
                          else _compiled_twice_message(self.fn, recorder.refusal))
         arguments = tuple(a for a in leaves if not isinstance(a, torch.Tensor))
-        trace.guard = _guard(gm, _module_attributes(self.fn, arguments), _compiled_by_inductor(self.compile_options))
+        trace.guard = _guard(gm, *_reached(self.fn, arguments), _compiled_by_inductor(self.compile_options))
         return trace
 
     def __repr__(self) -> str:
@@ -377,7 +409,9 @@ def compile(fn: Optional[Callable[_P, _R]] = None, *, backend: Any = "inductor",
             and an annealed temperature can, and learned control variates with ``backend=None``),
             differentiates inside the step, calls a DistributedDataParallel or FSDP module (call
             ``ddp.module`` and average the gradients after backward),
-            captures a non-parameter tensor that requires grad, or branches on values.
+            captures a non-parameter tensor that requires grad, branches on values, steps an optimizer or
+            reads or writes a ``.grad`` (``zero_grad``: step outside, after ``loss.backward()``), draws with a
+            generator of its own, or creates an estimator with state (create it once, outside the step).
 
     Example:
         >>> est = storch.estimator("score", plate="z", n_samples=8, baseline="leave_one_out")

@@ -1,6 +1,7 @@
 """What the trace watches while ``make_fx`` records the step (:class:`_TraceMode`, a torch function mode active
-then only): Python reads of a traced or captured tensor's values and selections whose shape depends on the data
-are refused; a captured buffer or an argument about to be written in place is saved, and put back after the
+then only): Python reads of a traced or captured tensor's values or of a sample, selections whose shape depends
+on the data, reads and writes of a ``.grad`` (an optimizer's ``zero_grad``) and draws from a generator of the step's
+own are refused; a captured buffer or an argument about to be written in place is saved, and put back after the
 trace and the replay check."""
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..errors import StorchError
-from .refusals import _name
+from ..plates.tensor import PlateTensor
+from .refusals import _gradient_message, _name
 
 _T = torch.Tensor
 
@@ -47,6 +49,29 @@ _RUNNING_STATS = frozenset((torch.nn.functional.batch_norm, torch.batch_norm, to
                             torch.instance_norm, torch.native_batch_norm))
 
 
+# the descriptor of Tensor.grad: a read or write of a tensor's .grad reaches a torch function mode as its bound
+# __get__ / __set__ (an optimizer's zero_grad, model.zero_grad(), `p.grad = None`, a hand-written update)
+_GRAD = torch._C.TensorBase.__dict__.get("grad")
+
+
+def _generator_message(fn, func) -> str:
+    name = getattr(func, "__name__", None) or str(func)
+    return (f"storch.compile cannot trace {_name(fn)}: it draws from a generator of its own (`{name}(..., "
+            "generator=g)`, or storch draws from one: `storch.Graph(generator=g)`). A trace records draws from "
+            "torch's default generator, fresh at every call; a generator of its own is state outside the torch "
+            "program, so the replayed calls could not draw from it as the eager step does. Draw from torch's default "
+            "generator (seeded by torch.manual_seed: drop `generator=`), or run this step eagerly")
+
+
+def _sample_read_message(fn, func) -> str:
+    name = getattr(func, "__name__", None) or str(func)
+    return (f"storch.compile cannot trace {_name(fn)}: some code reads the values of a plate tensor the step computes "
+            f"(a sample, or a value computed from one) in Python (`{name}`: `if z.sum() > 3:`, `.tolist()`), so the "
+            "program would depend on the samples and the trace would fix it to the first call's. Write the decision "
+            "as a mask that every sample follows (`storch.add_cost(torch.where(z.sum() > 3, extra, 0.0), ...)`), or "
+            "run this step eagerly")
+
+
 def _value_message(fn, what: str) -> str:
     return (f"storch.compile cannot trace {_name(fn)}: some code reads a tensor's value in Python ({what}), so the "
             "program depends on the data and the trace would fix it to the first call's values. Run this step "
@@ -67,7 +92,9 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
     - It refuses Python reads of a traced tensor's values that ``make_fx`` lets through (``tolist``,
       ``numpy``, ``__array__``: ``.item()`` and ``bool()`` are refused by make_fx itself) and selections
       whose shape depends on the values (a boolean mask index, ``nonzero``): the trace would silently fix
-      them to the first call's data.
+      them to the first call's data. So are reads and writes of a tensor's ``.grad`` (``opt.zero_grad()``, seen
+      by its profiler record even where no gradient exists yet; ``model.zero_grad()``, ``p.grad = None``,
+      ``clip_grad_norm_``), which no replayed call would repeat, and draws with ``generator=`` of the step's own.
     - The trace, and then the replay check, run the step's torch operations on the real tensors, so an
       in-place update of a captured buffer (BatchNorm's running statistics, a step counter) or of an argument
       would happen three times before the first call's own. The first time such a tensor is about to be
@@ -103,8 +130,8 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
         from torch._C._functorch import is_functorch_wrapped_tensor
         from torch.fx.experimental.proxy_tensor import get_proxy_mode, has_proxy_slot
 
-        if not isinstance(t, _T) or self.tracer is None or is_functorch_wrapped_tensor(t):
-            return False
+        if not isinstance(t, _T) or type(t) is PlateTensor or self.tracer is None or is_functorch_wrapped_tensor(t):
+            return False  # (a plate tensor holds the step's own values: storch's dispatch checks the read)
         mode = get_proxy_mode()
         if mode is None or mode.tracer is not self.tracer:
             return False  # a nested trace, or proxy tracing switched off (torch's own bookkeeping)
@@ -134,6 +161,16 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _GRAD is not None and getattr(func, "__self__", None) is _GRAD:
+            raise StorchError(_gradient_message(
+                self.fn, "it writes a tensor's `.grad`" if func.__name__ == "__set__" else "it reads a tensor's `.grad`"))
+        if args and type(args[0]) is str and args[0].startswith("Optimizer.zero_grad#"):  # its profiler record
+            raise StorchError(_gradient_message(self.fn, f"it calls {args[0].partition('#')[2]}()"))
+        generator = kwargs.get("generator")
+        if generator is not None and generator is not torch.default_generator:
+            raise StorchError(_generator_message(self.fn, func))
+        if (func in _VALUE_READS or func in _SCALAR_READS) and args and type(args[0]) is PlateTensor:
+            raise StorchError(_sample_read_message(self.fn, func))
         if func in _VALUE_READS and args and (self._traced(args[0]) or self._captured(args[0])):
             raise StorchError(_value_message(
                 self.fn, f"`.{func.__name__}()` of a tensor the program computes or reads from outside the step "

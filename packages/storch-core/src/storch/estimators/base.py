@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import itertools
 import math
 import numbers
 import os
@@ -228,6 +229,7 @@ class Estimator(torch.nn.Module):
 
     def __init__(self, plate: str, n_samples: int = 1) -> None:
         super().__init__()
+        self._created = next(_CREATED)
         cls = type(self)
         if cls not in _WELL_FORMED:  # once per class: the registry checks it too, but a class may be used directly
             problem = capability_problem(cls)
@@ -1106,6 +1108,21 @@ class Estimator(torch.nn.Module):
 
 
 _WELL_FORMED: "weakref.WeakSet[type]" = weakref.WeakSet()
+
+
+# the estimators' creation order (Estimator._created): storch.compile tells an estimator made inside the step it
+# traces (one with state: made anew at every eager call, but replayed as the traced instance) by it
+_CREATED = itertools.count()
+
+
+def created_after(mark: int, est: "Estimator") -> bool:
+    """Whether ``est`` was created after :func:`creation_mark` returned ``mark``."""
+    return getattr(est, "_created", -1) > mark
+
+
+def creation_mark() -> int:
+    """A mark in the estimators' creation order (see :func:`created_after`)."""
+    return next(_CREATED)
 _OPTION_NAMES: "weakref.WeakKeyDictionary[type, frozenset]" = weakref.WeakKeyDictionary()
 _FIXED: "weakref.WeakKeyDictionary[type, dict]" = weakref.WeakKeyDictionary()
 
