@@ -41,10 +41,9 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
 
 - the step returns tensors (e.g. ``storch.surrogate_loss()``), not plate tensors, and does not call
   ``storch.backward()``: call ``loss.backward()`` on the result;
-- the step does not step the optimizer or touch gradients: a ``torch.optim`` optimizer's ``step()`` (a global
-  optimizer step pre-hook during the trace only, on the tracing thread: :func:`_no_optimizer_in_trace`), a
+- the step does not step the optimizer or touch gradients: a ``torch.optim`` optimizer's ``step()`` and
   ``zero_grad()`` and any read or write of a tensor's ``.grad`` (``model.zero_grad()``, ``p.grad = None``,
-  ``clip_grad_norm_``: seen by :class:`_TraceMode`) are refused: a trace records the torch program only, so a
+  ``clip_grad_norm_``) are refused (:class:`_TraceMode`, before anything changes): a trace records the torch program only, so a
   replayed call would never update or zero the gradients (``opt.step()`` at the start of the step trained
   nothing, silently). Step outside: ``loss = f(x); loss.backward(); opt.step(); opt.zero_grad()``;
 - an estimator with state (``has_update`` or ``state_tensors``) created during the trace, i.e. inside the step,

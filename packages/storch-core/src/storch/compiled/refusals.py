@@ -2,7 +2,8 @@
 second differentiation hooked on a replayed call's outputs (and the message of a compiler backend's, whose
 program cannot be differentiated twice), the refusal of an update that needs autograd's graph under a
 compiler, of a backward pass run inside the trace (naming the estimator component that ran it), and of a
-call of a DistributedDataParallel (or FSDP) module inside the trace.
+call of a DistributedDataParallel (or FSDP) module inside the trace, and the messages of an optimizer's step or a
+gradient's read or write in the trace, and of an estimator with state created inside the step.
 
 The bottom of :mod:`storch.compiled`: it imports nothing of the package."""
 
@@ -200,8 +201,8 @@ _OUTSIDE = ("Step the optimizer and zero the gradients outside the compiled step
             "opt.step(); opt.zero_grad()`")
 
 
-def _optimizer_message(fn, optimizer) -> str:
-    return (f"storch.compile cannot trace {_name(fn)}: it calls {type(optimizer).__name__}.step() inside the step. "
+def _optimizer_message(fn, method: str) -> str:
+    return (f"storch.compile cannot trace {_name(fn)}: it calls {method}() inside the step. "
             "A trace records the step's torch program (what autograd differentiates), not the optimizer's update "
             "of the parameters from their .grad, so no replayed call would update them (silently: the first call "
             "had no gradients to apply, later calls never step). Step the optimizer outside the compiled step: "
@@ -215,30 +216,6 @@ def _gradient_message(fn, what: str) -> str:
             "step's torch program, not what it does to the parameters' gradients: no replayed call would do it "
             "(zeroed only at the first call, the gradients would accumulate over the calls after it, silently). "
             + _OUTSIDE)
-
-
-def _no_optimizer_in_trace(fn):
-    """A global optimizer step pre-hook, registered for the trace only (removed after it) and active on the tracing
-    thread only: a ``torch.optim`` optimizer's ``step()`` in the step is refused (:func:`_optimizer_message`)
-    before it changes anything. (A ``zero_grad`` or another optimizer's update reads or writes ``.grad``, which
-    the trace's torch function mode refuses.)"""
-    tracing_thread = threading.get_ident()
-
-    def refuse(optimizer, args, kwargs):
-        if threading.get_ident() == tracing_thread:
-            raise StorchError(_optimizer_message(fn, optimizer))
-
-    @contextlib.contextmanager
-    def hooked():
-        from torch.optim.optimizer import register_optimizer_step_pre_hook
-
-        handle = register_optimizer_step_pre_hook(refuse)
-        try:
-            yield
-        finally:
-            handle.remove()
-
-    return hooked()
 
 
 def _created_in_step_message(fn, est) -> str:

@@ -25,7 +25,7 @@ from .guards import _guard, _reached, _reached_modules
 from .keys import _WATCHED_ARGUMENTS, _aliasing, _python_state_of, _signature, _watched, _watched_argument
 from .program import _Trace, _compile_graph, _compiled_by_inductor, _drop_identity_views, _fold_batch_views, _run
 from .refusals import _backward_message, _compiled_twice_message, _func_transform_message, _name, \
-    _no_backward_in_trace, _no_data_parallel_in_trace, _no_optimizer_in_trace, _refuse_twice, _traceback_component
+    _no_backward_in_trace, _no_data_parallel_in_trace, _refuse_twice, _traceback_component
 from .state import _lift_state, _state_of, _Stateful, _stateful
 from .trace_mode import _TraceMode
 from .updates import _loss_graph_values, _Recorder, _update_on_backward
@@ -304,8 +304,7 @@ class CompiledStep(Generic[_P, _R]):
         mark = creation_mark()  # (an estimator with state made in the step: refused, _check_nodes)
         try:
             with torch.random.fork_rng(devices=devices), tracing_nodes(nodes, recorder), Graph(), \
-                    _no_backward_in_trace(self.fn), _no_data_parallel_in_trace(self.fn), \
-                    _no_optimizer_in_trace(self.fn), saved_values_unread():
+                    _no_backward_in_trace(self.fn), _no_data_parallel_in_trace(self.fn), saved_values_unread():
                 gm = make_fx(flat, pre_dispatch=True)(*tensors, probe)
         except StorchError:
             raise

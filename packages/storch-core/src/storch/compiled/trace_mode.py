@@ -13,7 +13,7 @@ import torch.utils._pytree as pytree
 
 from ..errors import StorchError
 from ..plates.tensor import PlateTensor
-from .refusals import _gradient_message, _name
+from .refusals import _gradient_message, _name, _optimizer_message
 
 _T = torch.Tensor
 
@@ -92,9 +92,13 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
     - It refuses Python reads of a traced tensor's values that ``make_fx`` lets through (``tolist``,
       ``numpy``, ``__array__``: ``.item()`` and ``bool()`` are refused by make_fx itself) and selections
       whose shape depends on the values (a boolean mask index, ``nonzero``): the trace would silently fix
-      them to the first call's data. So are reads and writes of a tensor's ``.grad`` (``opt.zero_grad()``, seen
-      by its profiler record even where no gradient exists yet; ``model.zero_grad()``, ``p.grad = None``,
-      ``clip_grad_norm_``), which no replayed call would repeat, and draws with ``generator=`` of the step's own.
+      them to the first call's data. So are a ``torch.optim`` optimizer's ``step()`` and ``zero_grad()`` (seen by
+      their profiler records, which torch makes for every optimizer, before anything changes and even where no
+      gradient exists yet), any other read or write of a tensor's ``.grad`` (``model.zero_grad()``,
+      ``p.grad = None``, ``clip_grad_norm_``, another optimizer's update), which no replayed call would repeat,
+      and draws with ``generator=`` of the step's own. (A global optimizer step pre-hook would see the step too,
+      but registering and removing it while another thread's ``opt.step()`` iterates torch's dict of global
+      hooks raises "OrderedDict mutated during iteration" there; a mode is per thread.)
     - The trace, and then the replay check, run the step's torch operations on the real tensors, so an
       in-place update of a captured buffer (BatchNorm's running statistics, a step counter) or of an argument
       would happen three times before the first call's own. The first time such a tensor is about to be
@@ -164,8 +168,12 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
         if _GRAD is not None and getattr(func, "__self__", None) is _GRAD:
             raise StorchError(_gradient_message(
                 self.fn, "it writes a tensor's `.grad`" if func.__name__ == "__set__" else "it reads a tensor's `.grad`"))
-        if args and type(args[0]) is str and args[0].startswith("Optimizer.zero_grad#"):  # its profiler record
-            raise StorchError(_gradient_message(self.fn, f"it calls {args[0].partition('#')[2]}()"))
+        if args and type(args[0]) is str and args[0].startswith("Optimizer."):  # a torch.optim profiler record
+            kind, _, method = args[0].partition("#")
+            if kind == "Optimizer.step":
+                raise StorchError(_optimizer_message(self.fn, method))
+            if kind == "Optimizer.zero_grad":
+                raise StorchError(_gradient_message(self.fn, f"it calls {method}()"))
         generator = kwargs.get("generator")
         if generator is not None and generator is not torch.default_generator:
             raise StorchError(_generator_message(self.fn, func))
