@@ -170,3 +170,22 @@ def test_order_1_surrogate_differentiated_twice_is_refused(name, how):
     mu = mu0.clone().requires_grad_(True)
     f(mu).backward()  # first order: unaffected
     assert mu.grad is not None
+
+
+@pytest.mark.parametrize("loc, scale", [(0.5, 1e-8), (1e8, 1.0)])
+def test_scale_below_the_spacing_at_loc_is_refused(loc, scale):
+    """Normal(1e8, 1) in float32: mvd's points loc ± scale·w both round to loc, so its gradient in loc was exactly 0
+    (the exact one is 2e8 for E[x²]); Normal(0.5, 1e-8): z -21. Refused, naming float64 and centering; the same
+    node in float64 is accepted and unbiased (z-test against (2 loc, 2 scale))."""
+    from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
+
+    def grads(dtype):
+        torch.manual_seed(0)
+        with storch.Graph():
+            leaf, th = replicate(torch.tensor([loc, scale], dtype=dtype), 2000)
+            x = storch.estimator("mvd", plate="x")(Normal(th[0], th[1]))
+            storch.add_cost(x ** 2)
+            return per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)[0]
+    with pytest.raises(storch.UnsupportedDistributionError, match="(?s)'mvd'.*16·eps·|loc|.*float64.*center"):
+        grads(torch.float32)
+    assert_unbiased(grads(torch.float64), torch.tensor([2 * loc, 2 * scale], dtype=torch.float64), "mvd, float64")

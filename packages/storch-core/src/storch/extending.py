@@ -39,6 +39,10 @@ Distributions:
     something else (LAX's detached ⊥x) calls ``note_rsample(node, x)`` on the rsample itself, best with the
     parameters taken before the draw where :func:`rsample_walked` says it is looked into:
     ``params = rsample_params(d)``, then ``note_rsample(node, x, d, params)`` after ``x = d.rsample(...)``.
+    :func:`check_precision` refuses samples their dtype cannot resolve where an estimator's gradient reads
+    their position (a Beta drawn at the float spacing of 1 by a concentration near 0, a Normal whose scale is
+    below 16·eps·|loc|): the base class calls it for an estimator with ``score_function``, mvd for its points
+    loc ± scale·w; call it in a proposal that reads the sample otherwise.
     :func:`moving_support` names the parameters that require grad and move a distribution's support
     (``Uniform``'s bounds, ``Pareto``'s scale): a score-function gradient misses the boundary term there,
     so an estimator with ``score_function`` refuses such a distribution.
@@ -142,7 +146,7 @@ from .distributions import (base_distribution, differentiated_total_count, given
                             rsample_walked)
 from .distributions import strict_support as _strict_support
 from .errors import ASSUMPTIONS, StorchError
-from .estimators.checks import note_rsample
+from .estimators.checks import check_precision, note_rsample
 from .generators import drawing_with
 from .graph import current_graph, is_tracing
 from .plates.tensor import align, plates_of, raw_of
@@ -165,6 +169,7 @@ __all__ = [
     "rekey_transform_cache", "require_smooth", "nonsmooth_operations", "moving_support", "same_support", "estimator_create_graph",
     "refuse_create_graph", "is_differentiated", "table_cache", "own_optimizer", "hide_frozen_grads", "own_optimizer_state",
     "load_own_optimizer", "refuse_lazy_build", "rsample_kinks", "rsample_walked", "rsample_params", "grad_parameters", "note_rsample",
+    "check_precision",
     "state_record", "check_state_record", "differentiated_total_count",
 ]
 

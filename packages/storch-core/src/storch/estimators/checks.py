@@ -15,8 +15,9 @@ from torch.distributions import Distribution
 from ..cost import CostFrame, _lead
 from .._order_guard import unbatched
 from ..distributions import rsample_kinks, rsample_params
+from ..distributions.precision import location_scale_problem, precision_checked, unit_interval_problem
 from ..distributions.rsample_kinks import COMPARISON
-from ..errors import PlateError, StorchError
+from ..errors import PlateError, StorchError, UnsupportedDistributionError
 from ..graph import is_tracing
 from ..node import Node
 from ..plates.tensor import Plate, PlateTensor
@@ -25,7 +26,42 @@ from .messages import _step
 if TYPE_CHECKING:
     from .base import Estimator
 
-__all__ = ["check_in_frame", "MAX_SAMPLE_ENTRIES", "MAX_DRAW_ENTRIES", "note_rsample", "note_compared"]
+__all__ = ["check_in_frame", "MAX_SAMPLE_ENTRIES", "MAX_DRAW_ENTRIES", "note_rsample", "note_compared", "check_precision"]
+
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def check_precision(est: Estimator, distribution: Distribution, sample: torch.Tensor) -> None:
+    """Refuse (:class:`~storch.UnsupportedDistributionError`) samples of ``distribution`` (a node's raw one, or a
+    partition step's) that its dtype cannot resolve where ``est``'s gradient reads them: a Beta, Kumaraswamy or
+    Dirichlet drawn at the float spacing of 0 or 1 by a concentration near 0, a location-scale family whose
+    scale is below ``SPREAD * eps * |loc|`` (:mod:`storch.distributions.precision`). Called by the estimator base
+    class for an estimator with ``score_function`` and by mvd (its points loc ± scale·w); storch.extending
+    exports it for other estimators that read the sample's position.
+
+    Both checks read the parameters, not the sample (deterministic: a refusal that depends on the draw would
+    come at random steps near the limit; the parameters are also smaller than the sample, by ``n_samples``).
+    Cost: nothing for another class (one dict lookup). On the CPU every draw is checked (three or four small
+    kernels on the parameters and one read: a few microseconds), so parameters that drift into the problem while
+    training are caught at that step. On an accelerator a read would wait for the device, so only the first draw per
+    estimator, distribution class and dtype is checked (one wait), and a later drift is not caught there. Not
+    checked while storch.compile traces a step or under a torch.func transform (no value to read)."""
+    found = precision_checked(distribution)
+    if found is None or is_tracing() or sample.is_meta or _is_wrapped(sample):
+        return
+    kind, d = found
+    seen = None if sample.is_cpu else est.__dict__.setdefault("_storch_precision_seen", set())
+    key = (type(d), sample.dtype)
+    if seen is not None and key in seen:
+        return
+    problem = (unit_interval_problem if kind == "unit" else location_scale_problem)(d, sample)
+    if problem is None:
+        if seen is not None:
+            seen.add(key)
+        return
+    raise UnsupportedDistributionError(
+        f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {problem}")
 
 
 def note_compared(node: Node, distribution: Distribution, found: Optional[str]) -> None:

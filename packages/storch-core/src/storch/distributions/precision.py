@@ -1,0 +1,132 @@
+"""Samples the floating-point format cannot resolve, where an estimator's gradient reads them (found by a porting
+tester: silent wrong gradients from the precision of the samples, float64 included).
+
+Two failures, both of estimators that read the sample's position relative to the distribution (the score
+log p(x) of ``score``, ``importance``, LAX, VIMCO; mvd's pair of points), not of the pathwise gradient:
+
+- A distribution on (0, 1) with a concentration near 0 (``Beta(1, 1e-3)``, ``Beta(0.01, 0.01)``,
+  ``Beta(1000, 0.01)``; ``Kumaraswamy``; a ``Dirichlet``'s components) puts most of its mass closer to 0 or 1
+  than the dtype resolves: torch's sampler returns ``x`` at the float spacing next to 1 (``1 - eps/2``, also
+  in float64) or at the smallest normal float where the true ``1 - x`` or ``x`` is ~1e-300, so ``log(1 - x)``
+  in log p is stuck near ``log(eps/2)`` (-37 in float64) and the score is wrong for almost every sample
+  (z 3021 for ``Beta(1, 1e-3)``'s concentration0 in float64). :func:`unit_interval_problem` compares the
+  concentrations (not the sample: a refusal that depends on the draw would come at random steps near the limit):
+  the mass within the float spacing of a side, ~``spacing ** c`` for the concentration c of that side, above
+  1e-3 is refused, i.e. ``c < log(1e3) / log(1 / spacing)`` (near 1: 0.19 in float64, 0.42 in float32, where
+  the spacing below 1 is eps/2; near 0: 0.0098 and 0.079, the smallest normal float). ``Beta(0.5, 0.5)`` in
+  float32 is accepted (2e-4 of its mass beyond the spacing: that bias is below any test's reach);
+  a concentration far from 0 whose mass sits near 1 through the other one (``Beta(1e6, 1)``) is not looked at.
+  ``ContinuousBernoulli`` is not checked: its density is bounded, log p is smooth on [0, 1].
+- A location-scale distribution (``Normal``, ``Laplace``, ``Cauchy``, ``Gumbel``, ``StudentT``) whose scale
+  is below the spacing of the floats at its location (``Normal(0.5, 1e-8)`` in float32: 92% of the draws
+  equal loc exactly, so (x - loc) / scale² is 0; ``Normal(1e8, 1)`` in float32: mvd's points loc ± scale·w
+  both round to loc and its gradient is exactly 0). :func:`location_scale_problem` compares the parameters
+  (not the sample: a draw that rounds onto loc happens by chance at any ratio, a refusal must not):
+  ``scale < SPREAD * eps * |loc|``, where the draws fall on fewer than ~SPREAD floats per scale.
+
+Both return the reason in words (``None``: nothing found); the estimator base class and mvd raise
+:class:`storch.UnsupportedDistributionError` with it (``storch.estimators.checks.check_precision``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch.distributions import (Beta, Cauchy, Dirichlet, Distribution, Gumbel, Independent, Kumaraswamy, Laplace,
+                                 Normal, StudentT)
+
+__all__ = ["UNIT_INTERVAL", "LOCATION_SCALE", "SPREAD", "LIKELY", "precision_checked", "unit_interval_problem",
+           "location_scale_problem"]
+
+UNIT_INTERVAL = (Beta, Kumaraswamy, Dirichlet)
+LOCATION_SCALE = (Normal, Laplace, Cauchy, Gumbel, StudentT)
+SPREAD = 16  # floats per scale below which a location-scale family's draws are refused (rounding step > scale/16)
+LIKELY = 1e-3  # the mass within the float spacing of 0 or 1 (~spacing ** concentration) above which it is refused
+
+_LIMITS: dict = {}  # dtype -> the concentrations below which unit_interval_problem refuses, near 0 and near 1
+_KIND = {**{c: "unit" for c in UNIT_INTERVAL}, **{c: "loc" for c in LOCATION_SCALE}}
+
+
+def precision_checked(d: Distribution) -> Optional[tuple[str, Distribution]]:
+    """``("unit" | "loc", the distribution under one Independent)`` for a distribution whose samples are checked,
+    else None (one dict lookup for any other class)."""
+    kind = _KIND.get(type(d))
+    if kind is not None:
+        return kind, d
+    if type(d) is Independent:
+        kind = _KIND.get(type(d.base_dist))
+        if kind is not None:
+            return kind, d.base_dist
+    return None
+
+
+def unit_interval_problem(d: Distribution, x: torch.Tensor) -> Optional[str]:
+    """Why samples ``x`` of a Beta, Kumaraswamy or Dirichlet ``d`` (not wrapped) give a wrong log p, or None."""
+    if not x.is_floating_point():
+        return None
+    info = torch.finfo(x.dtype)
+    limits = _LIMITS.get(x.dtype)
+    if limits is None:  # spacing ** c > LIKELY, near 0 (the smallest normal float) and near 1 (eps / 2)
+        limits = _LIMITS[x.dtype] = (math.log(1 / LIKELY) / math.log(1 / info.tiny),
+                                     math.log(1 / LIKELY) / math.log(2 / info.eps))
+    near_0, near_1 = limits
+    if isinstance(d, Dirichlet):
+        c_low = d.concentration.detach()
+        c_high = c_low.sum(-1, keepdim=True) - c_low  # a component near 1: the others near 0
+        names = ("concentration", "the sum of the other concentrations")
+    else:
+        c_low = d.concentration1.detach()  # type: ignore[attr-defined]  # (Beta's and Kumaraswamy's a, b)
+        c_high = d.concentration0.detach()  # type: ignore[attr-defined]
+        names = ("concentration1", "concentration0")
+    if not bool(((c_low < near_0) | (c_high < near_1)).any()):  # the common case: three kernels and one read
+        return None
+    dt = str(x.dtype)[6:]
+    for at, side, spacing, c, name, limit in ((1, "1 - x", info.eps / 2, c_high, names[1], near_1),
+                                              (0, "x", info.tiny, c_low, names[0], near_0)):
+        low = float(c.min())
+        if low >= limit:
+            continue
+        if at == 1:
+            wider = ("float64 does not help: its spacing below 1 is still 1.1e-16" if x.dtype == torch.float64 else
+                     f"float64 helps only where {name} is above "
+                     f"{math.log(1 / LIKELY) / math.log(2 / torch.finfo(torch.float64).eps):.2g} (its spacing below 1"
+                     " is still 1.1e-16)")
+        else:
+            wider = ("float64 does not help: it resolves values down to 2.2e-308" if x.dtype == torch.float64 else
+                     f"float64 helps only where {name} is above "
+                     f"{math.log(1 / LIKELY) / math.log(1 / torch.finfo(torch.float64).tiny):.2g} (it resolves values "
+                     "down to 2.2e-308)")
+        return (f"{type(d).__name__} has {name} {low:.3g}, below {limit:.2g} in {dt}: about {spacing ** low:.2g} of "
+                f"its mass lies closer to {at} than {dt} resolves ({side} < {spacing:.3g}), where torch's sampler "
+                f"returns the float next to {at} although the true {side} is far smaller, so log({side}) in log p is "
+                f"stuck near {math.log(spacing):.3g} (the true values lie lower by ~1/{name}): a gradient read from "
+                "log p (the score) would be silently wrong. Use 'reparameterization' for this node (the pathwise "
+                f"gradient of {type(d).__name__}'s rsample does not read log p), or keep {name} away from 0 "
+                f"(e.g. softplus(...) + 0.5); {wider}")
+    return None
+
+
+def location_scale_problem(d: Distribution, x: torch.Tensor) -> Optional[str]:
+    """Why samples ``x`` of a location-scale ``d`` (not wrapped) round onto its location, or None."""
+    if not x.is_floating_point():
+        return None
+    loc, scale = d.loc.detach(), d.scale.detach()  # type: ignore[attr-defined]
+    eps = torch.finfo(x.dtype).eps
+    collapsed = scale * (1.0 / (SPREAD * eps)) < loc.abs()
+    if not bool(collapsed.any()):
+        return None
+    n = int(collapsed.sum())
+    i = int(torch.argmax((loc.abs() / scale).flatten()))  # the worst entry, for the message
+    lv, sv = float(loc.flatten()[i]), float(scale.flatten()[i])
+    dt = str(x.dtype)[6:]
+    better = ("" if x.dtype == torch.float64 else
+              f"use float64 (it resolves scale / |loc| down to {SPREAD * 2.220446049250313e-16:.2g}), ")
+    return (f"{type(d).__name__} has scale below {SPREAD}·eps·|loc| in {dt} at {n} of {collapsed.numel()} entries "
+            f"(e.g. loc {lv:.6g}, scale {sv:.3g}; eps {eps:.3g}): its draws loc + scale·ε round onto a few floats "
+            f"around loc (many equal loc exactly), so what this estimator's gradient reads of them (the score "
+            f"(x - loc)/scale², mvd's difference of the points loc ± scale·w) is lost to rounding and the gradient "
+            f"would be silently wrong. Do one of: {better}center the variable (draw the offset "
+            f"{type(d).__name__}(0, scale) with this estimator and add loc outside the node), or use "
+            f"'reparameterization' for this node (its pathwise gradient does not read x - loc)")
