@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 from torch.distributions import Bernoulli, Categorical, OneHotCategorical
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import storch
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
@@ -345,3 +347,87 @@ def test_beam_gathered_path_equals_the_table_and_the_cache_is_bounded(monkeypatc
     torch.testing.assert_close(table[1], gathered[1])
     torch.testing.assert_close(table[2], gathered[2])
     assert all(entry[3] is None for entry in _beam._DEVICE_TABLES.values())  # kept: index tables only
+
+
+def _comparison_count(lp, u):
+    """The inverse CDF as _first_distinct computed it before: (u >= cdf).sum(-1) over a (P, draws, n, K-1)
+    comparison (the reference the binary search must agree with bitwise)."""
+    cdf = lp[:-1].exp().cumsum(0).permute(1, 2, 0).unsqueeze(1)  # (P, 1, n, K-1)
+    return (u.unsqueeze(-1) >= cdf).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inverse_cdf_binary_search_counts_as_the_comparison(dtype):
+    """_inverse_cdf (torch.searchsorted, right=True) gives exactly the comparison's counts on 200 seeds:
+    zero-probability values (equal cumulative sums), draws equal to a cumulative sum (ties, which
+    count), draws of 0, K from 3 to 40, several rows and variables."""
+    from storch_score._beam import _inverse_cdf
+
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        n_cat, p, n, draws = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in
+                              ((3, 41), (1, 5), (1, 4), (1, 60)))
+        logits = torch.randn(n_cat, p, n, generator=g, dtype=dtype) * 3
+        logits[torch.rand(n_cat, p, n, generator=g) < 0.3] = -1e4  # probability 0 (exp underflows)
+        lp = logits.log_softmax(0)
+        u = torch.rand(p, draws, n, generator=g, dtype=dtype)
+        cdf = lp[:-1].exp().cumsum(0).permute(1, 2, 0).unsqueeze(1).expand(p, draws, n, n_cat - 1)
+        at = torch.randint(0, n_cat - 1, (p, draws, n, 1), generator=g)
+        pick = torch.rand(p, draws, n, generator=g)
+        u = torch.where(pick < 0.3, cdf.gather(-1, at).squeeze(-1), u)  # ties u == cdf
+        u = torch.where(pick > 0.95, torch.zeros_like(u), u)
+        got = _inverse_cdf(lp, u)
+        assert got.dtype == torch.int64 and got.is_contiguous()
+        assert torch.equal(got, _comparison_count(lp, u)), seed
+
+
+def test_first_distinct_draws_the_same_values_as_the_comparison(monkeypatch):
+    """The same random numbers give bitwise the same sample: _first_distinct with the binary search and
+    with the old comparison in its place, on 40 seeds (float32 and float64, zero-probability values)."""
+    from storch_score import _beam
+
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        dtype = torch.float32 if seed % 2 else torch.float64
+        n_cat, p, n = 3 + seed % 9, 1 + seed % 4, 1 + seed % 3
+        logits = torch.randn(n_cat, p, n, generator=g, dtype=dtype) * 2
+        logits[0] = -1e4
+        lp = logits.log_softmax(0)
+        k = min(4, n_cat ** n - 1)
+        torch.manual_seed(seed)
+        new = _beam._first_distinct(lp, k, 2 * k)
+        with monkeypatch.context() as m:
+            m.setattr(_beam, "_inverse_cdf", _comparison_count)
+            torch.manual_seed(seed)
+            old = _beam._first_distinct(lp, k, 2 * k)
+        assert torch.equal(new, old), seed
+
+
+class _Ops(TorchDispatchMode):
+    """The operations run and the most elements of any tensor one returns (counted, not timed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.names = 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.names.add(func.overloadpacket.__name__)
+        self.largest = max([self.largest] + [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+        return out
+
+
+def test_first_distinct_over_a_large_vocabulary_makes_no_k_wide_comparison():
+    """8 rows of 4 tokens of a 2000-word vocabulary, 16 draws: the inverse CDF is a binary search (the
+    comparison made a (P, draws, n, K-1) = 1M-element tensor; at P 256, K 30000 it was 1.5 GB and 6x the
+    step): no tensor of more than P n K elements, and torch.searchsorted ran."""
+    from storch_score._beam import _first_distinct
+
+    torch.manual_seed(6)
+    n_cat, p, n, k = 2000, 8, 4, 8
+    lp = torch.log_softmax(torch.randn(n_cat, p, n), 0)
+    with _Ops() as spy:
+        choices = _first_distinct(lp, k, 2 * k)
+    assert "searchsorted" in spy.names
+    assert spy.largest <= p * n * n_cat
+    assert choices.shape == (k, p, n) and bool(((choices >= 0) & (choices < n_cat)).all())

@@ -333,9 +333,8 @@ def _first_distinct(lp: torch.Tensor, k: int, draws: int) -> torch.Tensor:
     u = torch.rand((p, draws, n), dtype=lp.dtype, device=dev)
     if n_cat == 2:
         idx = u.ge_(lp[0].exp().unsqueeze(1))  # value 1 (as 1.0) with probability 1 - p(0), in place
-    else:  # inverse CDF: the number of cumulative probabilities below u
-        cdf = lp[:-1].exp().cumsum(0).permute(1, 2, 0).unsqueeze(1)  # (P, 1, n, K-1)
-        idx = (u.unsqueeze(-1) >= cdf).sum(-1).to(lp.dtype)
+    else:
+        idx = _inverse_cdf(lp, u).to(lp.dtype)
     # the joint value's code, exact in floating point: K^n <= 2^24 (float32) or 2^53 (float64)
     exact = torch.float32 if n * math.log2(n_cat) <= 24 else torch.float64
     weights, earlier, position, later, row_start = _draw_tables(n_cat, n, draws, p, exact, dev)
@@ -359,6 +358,26 @@ def _first_distinct(lp: torch.Tensor, k: int, draws: int) -> torch.Tensor:
         filled.scatter_(1, slot.unsqueeze(-1).expand_as(beam), beam)
         choices[rows] = filled[:, :k]
     return choices.permute(1, 0, 2)
+
+
+def _inverse_cdf(lp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The value index of each uniform draw by the inverse CDF: the number of cumulative probabilities
+    of the values 0..K-2 that are <= u, by a binary search per draw.
+
+    The same counts as ``(u.unsqueeze(-1) >= cdf).sum(-1)`` (the cumulative sum of exp(lp) >= 0 is
+    non-decreasing; a tie u == cdf counts, as ``right=True`` does) without that comparison's
+    (P, draws, n, K-1) temporary: 1.5 GB and 6x the step's time at P 256, K 30000, n 8.
+
+    Args:
+        lp: log p of each value, ``(K, P, n)`` finite, K > 2.
+        u: uniform draws in [0, 1), ``(P, draws, n)``, of ``lp``'s dtype.
+
+    Returns:
+        the value indices, ``(P, draws, n)`` int64, contiguous.
+    """
+    cdf = lp[:-1].exp().cumsum(0).permute(1, 2, 0).contiguous()  # (P, n, K-1)
+    at = torch.searchsorted(cdf, u.transpose(1, 2).contiguous(), right=True)  # (P, n, draws)
+    return at.transpose(1, 2).contiguous()
 
 
 _DRAW_TABLES: dict = {}
