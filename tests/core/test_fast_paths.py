@@ -408,3 +408,74 @@ def test_inputs_on_the_distributions_plates_are_accepted_without_comparing_names
         other = storch.denote_independent(torch.randn(4), 0, "other")
         with pytest.raises(storch.PlateError, match="inputs have plates \\['other'\\]"):
             _Plain(plate="w", n_samples=2)(d, inputs=other)
+
+
+def _pathwise_chain(m, validate, score=None):
+    """m reparameterization nodes in a chain, each its own plate, a cost per layer (tanh of the sample); node
+    ``score`` (an index) a score node with a leave-one-out baseline on a Bernoulli instead."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(4, 4) for _ in range(m)]
+    ests = [storch.estimator("score", plate=f"z{i}", n_samples=2, baseline="leave_one_out") if i == score else
+            storch.estimator("reparameterization", plate=f"z{i}", n_samples=2) for i in range(m)]
+    data = torch.randn(3, 4)
+
+    def step():
+        with storch.Graph():
+            h = storch.denote_independent(data, 0, "data")
+            for i, layer in enumerate(layers):
+                if i == score:
+                    h = ests[i](Bernoulli(logits=layer(h), validate_args=validate))
+                else:
+                    h = torch.tanh(ests[i](Normal(layer(h), 1.0, validate_args=validate)))
+                storch.add_cost((h ** 2).mean(), name=f"c{i}")
+            return storch.surrogate_loss()
+    return layers, step
+
+
+def test_many_pathwise_nodes_walk_the_frames_once_per_comparison(monkeypatch):
+    """A comparison of a value carrying the plates of 12 pathwise nodes (Normal's argument validation, scale > 0)
+    asks each node's watch; whether torch.distributions made it is found once per comparison (one walk of the
+    frames), not once per watch (~M² walks a step: half the step's time at M 50). A user's comparison is still
+    recorded on the node whose sample it reaches."""
+    from storch.estimators.watch import compared
+    from storch.plates import dispatch
+
+    walks = []
+    real = dispatch.distributions_caller
+    monkeypatch.setattr(dispatch, "distributions_caller", lambda frame: walks.append(1) or real(frame))
+    calls = []
+    made = dispatch.Caller
+    monkeypatch.setattr(dispatch, "Caller", lambda: calls.append(1) or made())
+    _, step = _pathwise_chain(12, True)
+    step()
+    assert calls and len(walks) <= len(calls)  # at most one walk per watched call (each asked by up to 12 watches)
+    est = storch.estimator("reparameterization", plate="z", n_samples=2)
+    with storch.Graph() as g:
+        z = est(Normal(torch.zeros(3, requires_grad=True), 1.0))
+        storch.add_cost(torch.where(z > 0, z, 0.0).sum())
+        assert compared(g.nodes[0]) == "gt"
+
+
+def test_pathwise_nodes_are_passive_in_each_costs_term_and_asked_once(monkeypatch):
+    """M pathwise nodes, a cost each: a node with uniform weights, no control variate and a constant gradient
+    function adds only the mean over its plate to a cost's term, decided once per node in a surrogate (not for
+    each (cost, node): M²/2); the loss and its gradient are bitwise those of the full loop (a score node in the
+    middle of the chain keeps its L and baseline)."""
+    from storch.surrogate import terms
+
+    m = 8
+    layers, step = _pathwise_chain(m, False, score=4)
+    asked = []
+    real = terms._passive
+    monkeypatch.setattr(terms, "_passive", lambda node: asked.append(node) or real(node))
+    torch.manual_seed(1)
+    loss = step()
+    grads = torch.autograd.grad(loss, [layers[0].weight, layers[-1].weight])
+    assert len(asked) == m and len({id(n) for n in asked}) == m
+    assert [real(n) for n in asked] == [i != 4 for i in range(m)]
+    monkeypatch.setattr(terms, "_passive", lambda node: False)  # every node through the general loop
+    torch.manual_seed(1)
+    loss_all = step()
+    assert torch.equal(loss, loss_all)
+    for a, b in zip(grads, torch.autograd.grad(loss_all, [layers[0].weight, layers[-1].weight])):
+        assert torch.equal(a, b)

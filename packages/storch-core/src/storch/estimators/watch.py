@@ -9,7 +9,6 @@ from order 2.
 
 from __future__ import annotations
 
-import sys
 import types
 import weakref
 from typing import Optional
@@ -19,7 +18,7 @@ from torch.distributions import Categorical, OneHotCategorical
 
 from .._order_guard import unbatched
 from ..node import Node
-from ..plates.dispatch import INDEX_VALUES, INDEXING
+from ..plates.dispatch import INDEX_VALUES, INDEXING, Caller
 from ..smoothness import _reaches
 
 
@@ -34,7 +33,7 @@ def _threshold_watch(node: Node, jumps: bool):
     not counted. Holds the node weakly (the lineage is the node's plate's: no reference cycle)."""
     ref = weakref.ref(node)
 
-    def watch(func, raw: torch.Tensor, plates: Optional[tuple]) -> None:
+    def watch(func, raw: torch.Tensor, plates: Optional[tuple], caller: Caller) -> None:
         node = ref()
         if node is None or node.thresholded is not None or not (jumps or func in INDEXING or func in INDEX_VALUES):
             return
@@ -44,11 +43,11 @@ def _threshold_watch(node: Node, jumps: bool):
             # comparison of it in user code is recorded (torch.where(z.detach() > 0.5, a, b) gave REBAR a gradient
             # of 0 against 0.245: found by review); a metric is computed on the raw tensor, z.tensor.detach(). Not
             # torch.distributions' index reads of a detached value: what the density reads is not the gradient path
-            if not jumps or func in INDEX_VALUES or not _own(plates, node) or _distributions_caller() is not None:
+            if not jumps or func in INDEX_VALUES or caller() is not None or not _own(plates, node):
                 return
             node.thresholded = getattr(func, "__name__", str(func))
             return
-        code = _distributions_caller()
+        code = caller()
         if code is None:  # user code: a jump of the cost (max's indices are not seen there: docs/estimators/rebar.md)
             if not jumps or func in INDEX_VALUES:
                 return
@@ -77,9 +76,9 @@ def is_pathwise(est) -> bool:
 def _both(first, second):
     """One ``Lineage.watch`` that runs two (a relaxed Categorical / OneHotCategorical of a pathwise estimator: the
     reads of its sample as indices, :func:`_threshold_watch`, and its comparisons in user code)."""
-    def watch(func, raw: torch.Tensor, plates: Optional[tuple]) -> None:
-        first(func, raw, plates)
-        second(func, raw, plates)
+    def watch(func, raw: torch.Tensor, plates: Optional[tuple], caller: Caller) -> None:
+        first(func, raw, plates, caller)
+        second(func, raw, plates, caller)
     return watch
 
 
@@ -103,13 +102,12 @@ def _compare_watch(node: Node):
     node weakly."""
     ref = weakref.ref(node)
 
-    def watch(func, raw: torch.Tensor, plates: Optional[tuple]) -> None:
+    def watch(func, raw: torch.Tensor, plates: Optional[tuple], caller: Caller) -> None:
         node = ref()
         if node is None or node.compared is not None or func in INDEX_VALUES:
             return
-        if plates is not None and not _own(plates, node):
-            return
-        if _distributions_caller() is not None:
+        # (torch.distributions' own comparisons first: the caller is found once per call, for every watch)
+        if caller() is not None or (plates is not None and not _own(plates, node)):
             return
         if plates is not None:
             node.compared = getattr(func, "__name__", str(func)).strip("_")
@@ -152,24 +150,6 @@ def compared(node: Node) -> Optional[str]:
                     node.compared = getattr(func, "__name__", str(func)).strip("_")  # (x > 0: __gt__)
                     break
     return node.compared
-
-
-def _distributions_caller() -> Optional[types.CodeType]:
-    """The code of the nearest caller outside storch if it is ``torch.distributions`` (asked only for a jump of a
-    watched value), else ``None``. The comparisons torch.distributions makes are a constraint's ``check``
-    (argument validation), and internal ones, which select between formulas of one smooth function or guard a
-    boundary (``kl_divergence``'s ``q.probs == 0``, ContinuousBernoulli's Taylor branch near 1/2, VonMises' Bessel
-    approximation, Geometric's ``probs == 1``), not a jump of the cost (found by review: REBAR's analytic KL of a
-    sigmoid belief net was refused). A user's own comparison in the step is still seen."""
-    frame = sys._getframe(2)  # (the dispatcher's _watched; storch's frames are skipped)
-    for _ in range(16):
-        if frame is None:
-            return None
-        name = frame.f_globals.get("__name__", "")
-        if not name.startswith("storch."):
-            return frame.f_code if name.startswith("torch.distributions") else None
-        frame = frame.f_back
-    return None
 
 
 def _reads_indices(func, code: types.CodeType) -> bool:

@@ -240,11 +240,13 @@ INDEX_VALUES: frozenset = frozenset({torch.max, _T.max})
 
 def _watched(impl):
     """``impl`` of a function of :data:`JUMPS`, which first reports its plate operands to their plates' watches:
-    ``watch(func, raw, None)`` for one whose autograd graph can be walked (it requires grad, grad enabled), else
-    ``watch(func, raw, plates)`` with its plates (a detached value, one made under ``torch.no_grad()``: no graph
-    says what it was computed from; found by review: ``torch.where(x.detach() > 0, x, 0)`` was not seen)."""
+    ``watch(func, raw, None, caller)`` for one whose autograd graph can be walked (it requires grad, grad enabled),
+    else ``watch(func, raw, plates, caller)`` with its plates (a detached value, one made under
+    ``torch.no_grad()``: no graph says what it was computed from; found by review: ``torch.where(x.detach() > 0,
+    x, 0)`` was not seen). ``caller`` (a :class:`Caller`, one per call) says whether torch.distributions made it."""
     def run(func, args, kwargs):
         grad = _grad_enabled()
+        caller = None
         # (positional operands directly: these functions take no tensor lists; every argument-validating
         # Distribution compares its parameters, logits == logits, so this runs in most steps)
         for a in (_operands(args, kwargs) if kwargs else args):
@@ -255,9 +257,51 @@ def _watched(impl):
                 for p in plates:
                     lin = p.lineage
                     if lin is not None and lin.watch is not None:
-                        lin.watch(func, raw, graph)
+                        if caller is None:
+                            caller = Caller()
+                        lin.watch(func, raw, graph, caller)
         return impl(func, args, kwargs)
     return run
+
+
+_UNSET = object()
+
+
+class Caller:
+    """The code of the nearest caller outside storch of one watched call where it is ``torch.distributions``'
+    (else ``None``), found by :func:`distributions_caller` at most once however many watches ask: the operand of
+    a comparison carries the plates of every node upstream of it, and each pathwise node's watch asked (M nodes
+    in a chain: ~M² walks of the frames a step, half the step's time at M 50, and most of them for
+    torch.distributions' own argument validation). Called from a watch: ``caller()``."""
+
+    __slots__ = ("code",)
+
+    def __init__(self) -> None:
+        self.code = _UNSET
+
+    def __call__(self):
+        code = self.code
+        if code is _UNSET:
+            code = self.code = distributions_caller(sys._getframe(2))  # (the watch's caller: _watched's run)
+        return code
+
+
+def distributions_caller(frame):
+    """The code of the first frame from ``frame`` outward that is not storch's if it is ``torch.distributions``'
+    (its module's name), else ``None`` (also past 16 frames of storch). The comparisons torch.distributions makes
+    are a constraint's ``check`` (argument validation), and internal ones, which select between formulas of one
+    smooth function or guard a boundary (``kl_divergence``'s ``q.probs == 0``, ContinuousBernoulli's Taylor branch
+    near 1/2, VonMises' Bessel approximation, Geometric's ``probs == 1``), not a jump of the cost (found by review:
+    REBAR's analytic KL of a sigmoid belief net was refused): the watches of storch.estimators.watch skip them. A
+    user's own comparison in the step is still seen."""
+    for _ in range(16):
+        if frame is None:
+            return None
+        name = frame.f_globals.get("__name__", "")
+        if not name.startswith("storch."):
+            return frame.f_code if name.startswith("torch.distributions") else None
+        frame = frame.f_back
+    return None
 
 
 def _watched_cast(impl):

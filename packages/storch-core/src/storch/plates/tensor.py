@@ -39,12 +39,13 @@ class Lineage:
     exception during the step): a tensor carrying it can no longer be used as a cost or as a
     distribution parameter, and the error says so.
 
-    ``watch``: ``None``, or a callable ``watch(func, raw, plates)`` that the dispatcher calls when ``func``, a
+    ``watch``: ``None``, or a callable ``watch(func, raw, plates, caller)`` that the dispatcher calls when ``func``, a
     function whose result jumps outside the autograd graph (a comparison, ``argmax``, a bool or integer
     cast: ``storch.plates.dispatch``), is applied to a plate tensor of this plate whose raw tensor is ``raw``
     (``max`` too: ``storch.plates.dispatch.INDEX_VALUES``); ``plates`` is ``None`` where ``raw`` requires grad
     and grad is enabled (its autograd graph can be walked), else the tensor's plates (detached, or under
-    ``torch.no_grad()``). Set by a
+    ``torch.no_grad()``); ``caller()`` is the code of torch.distributions that made the call, or ``None`` (user
+    code), found once per call (``storch.plates.dispatch.Caller``). Set by a
     node whose estimator is ``jump_free`` (REBAR and RELAX differentiate the cost at their relaxed sample: a
     threshold of it makes that cost jump), and by a Categorical / OneHotCategorical node whose handed-out
     one-hot value carries gradient (torch's log_prob reads it as indices); dropped when the graph ends.
@@ -59,7 +60,7 @@ class Lineage:
         self.index_plates: dict[int, tuple] = {}  # step -> plates of dims 1.. of its parent index
         self._cache: dict = {}
         self.closed: Optional[str] = None  # why its graph ended; None while the graph is live
-        self.watch: Optional[Callable[[Any, torch.Tensor, Optional[tuple]], None]] = None
+        self.watch: Optional[Callable[[Any, torch.Tensor, Optional[tuple], Any], None]] = None
 
     def set_parents(self, step: int, index: torch.Tensor, plates: tuple = ()) -> None:
         """Record that entry ``i`` at ``step`` descends from entry ``index[i]`` at ``step - 1``.

@@ -80,11 +80,12 @@ class _Sums:
     aligned to every cost's plates: O(K³) Python, O(K²) autograd nodes), as the DiCE objective written by
     hand keeps one running L."""
 
-    __slots__ = ("children", "entries")
+    __slots__ = ("children", "entries", "passive")
 
     def __init__(self) -> None:
         self.children: dict = {}
         self.entries: list = []
+        self.passive: Optional[dict] = None  # (the root's: id(node) -> _passive(node), asked once per node)
 
     def held(self, target: tuple, within: set):
         """An entry whose plates are all in ``target`` (the exact plates first), or ``None``."""
@@ -108,12 +109,14 @@ def _constant(l) -> bool:
     return isinstance(l, torch.Tensor) and not is_differentiated(l)
 
 
-def _running_sums(nodes: list[Node], plates: tuple, sums: _Sums) -> list:
+def _running_sums(nodes: list[Node], plates: tuple, sums: _Sums, record: bool = False) -> list:
     """The levels of ``sums`` for the prefixes of ``nodes`` (``levels[i]``: nodes[:i+1]); the last holds
     L_k = l_1 + ... + l_k at ``plates`` (an entry whose plates are ``plates``). A prefix some earlier cost
     summed (at plates that are all in ``plates``) is aligned and extended: one addition per node the cost
     does not share with it. The sums are added in the nodes' order, so the values are those of the plain
-    sum at ``plates`` (a view of a broadcast sum is the sum of the views)."""
+    sum at ``plates`` (a view of a broadcast sum is the sum of the views). ``record``: keep the last prefix's sum
+    aligned to ``plates`` on its level also where nothing is added (the cost's last nodes were passive, left
+    out: the next cost aligns from this one's plates, as it did from the passive node's level)."""
     levels = []
     level = sums
     for node in nodes:
@@ -133,6 +136,8 @@ def _running_sums(nodes: list[Node], plates: tuple, sums: _Sums) -> list:
             total, start = e[1], j + 1
             if total is not None:
                 total = align(total, e[0], plates)
+            if record and start == len(levels):
+                levels[j].entries.append((plates, total))
             break
     for i in range(start, len(nodes)):
         node = nodes[i]
@@ -142,6 +147,17 @@ def _running_sums(nodes: list[Node], plates: tuple, sums: _Sums) -> list:
             total = l_i if total is None else total + l_i
         levels[i].entries.append((plates, total))
     return levels
+
+
+def _passive(node: Node) -> bool:
+    """Whether ``node`` adds nothing to a cost's term but the mean over its plate: uniform weights, no control
+    variate, a constant gradient function (:func:`_constant`: a pathwise node's zeros), not a partition.
+    :func:`_cost_surrogate` then reduces its plate with the others' and leaves it out of the running sums (a
+    constant is not added there either: the same values). M pathwise nodes with a cost each: asked M times a
+    surrogate, not M²/2 (each cost asked each node upstream of it for its weights, control variate and L)."""
+    est = node.estimator
+    return (node.history is None and est.uniform_weights and not _has_control_variate(est)
+            and _constant(node.gradient_values))
 
 
 def _sum_at(level: _Sums, plates: tuple) -> Optional[torch.Tensor]:
@@ -164,8 +180,25 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
     # L_k (and, for the nodes with a control variate, L_{i-1}: Theorem 2's MagicBox arguments) aligned to
     # the cost's plates, from the running sums shared with the surrogate's other costs; constant gradient
     # functions (a pathwise node's zeros) are not added (the same MagicBox functions, see _constant)
-    levels = _running_sums(nodes, plates, _Sums() if sums is None else sums)
-    total = _sum_at(levels[-1], plates)
+    if sums is None:
+        sums = _Sums()
+    memo = sums.passive
+    if memo is None:
+        memo = sums.passive = {}
+    passive = []
+    active = []  # the nodes that are not passive, and each node's count of them before it (at[i])
+    at = []
+    for node in nodes:
+        key = id(node)
+        flag = memo.get(key)
+        if flag is None:
+            flag = memo[key] = _passive(node)
+        passive.append(flag)
+        at.append(len(active))
+        if not flag:
+            active.append(node)
+    levels = _running_sums(active, plates, sums, passive[-1]) if active else None
+    total = None if levels is None else _sum_at(levels[-1], plates)
     box = None if total is None else magic_box(total)  # MagicBox(L_k)
     inner = raw if box is None else box * raw  # line 7 of Algorithm 1
     last = len(nodes) - 1
@@ -176,6 +209,9 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
     for i in range(len(nodes) - 1, -1, -1):
         node = nodes[i]
         dim = plates.index(node.plate)
+        if passive[i]:  # (w = 1/N, no control variate, l constant: the mean over its plate alone)
+            pending.append(dim)
+            continue
         est = node.estimator
         if _has_control_variate(est):
             if pending:
@@ -183,7 +219,8 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
             state = renamed[0] if renamed is not None and node.plate.name in renamed[1] else None
             frame = CostFrame(inner.detach(), plates, node, inner, name, state, order)
             node.frames[frame.key] = frame  # what update_parameters trains on
-            prefix = _sum_at(levels[i - 1], plates) if i else None  # L_{i-1}
+            j = at[i]  # L_{i-1}: the sum of the non-passive nodes' l before node i (a passive one's is constant)
+            prefix = _sum_at(levels[j - 1], plates) if j and levels is not None else None
             if i == last and box is not None and type(est).control_variate is _BASE_CONTROL_VARIATE:
                 inner = _baseline_term(inner, est, node, frame, box, prefix)
             else:
