@@ -412,10 +412,11 @@ def test_inputs_on_the_distributions_plates_are_accepted_without_comparing_names
 
 def _pathwise_chain(m, validate, score=None):
     """m reparameterization nodes in a chain, each its own plate, a cost per layer (tanh of the sample); node
-    ``score`` (an index) a score node with a leave-one-out baseline on a Bernoulli instead."""
+    ``score`` (an index) a score-function node on a Bernoulli instead (the base class's components: the core env
+    has no storch_score)."""
     torch.manual_seed(0)
     layers = [torch.nn.Linear(4, 4) for _ in range(m)]
-    ests = [storch.estimator("score", plate=f"z{i}", n_samples=2, baseline="leave_one_out") if i == score else
+    ests = [_Plain(plate=f"z{i}", n_samples=2) if i == score else
             storch.estimator("reparameterization", plate=f"z{i}", n_samples=2) for i in range(m)]
     data = torch.randn(3, 4)
 

@@ -991,3 +991,21 @@ def test_lax_refuses_a_kink_behind_a_caching_transform():
         storch.add_cost((z ** 2).sum())
         with pytest.raises(storch.OrderError, match=r"'lax'.*the rsample of TransformedDistribution holds Maximum"):
             storch.surrogate_loss(order=2)
+
+
+def test_relax_sampled_inside_a_non_reentrant_checkpoint_is_refused_during_backward():
+    """p-torch: relax called inside checkpoint(..., use_reentrant=False) was recomputed in backward and refused with
+    "estimator 'relax' was already used in this graph", though the user called it once (the core's test covers the
+    base class's components)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    enc, dec = torch.nn.Linear(4, 3), torch.nn.Linear(3, 4)
+    data = torch.bernoulli(torch.rand(2, 4))
+    est = storch.estimator("relax", plate="z", n_samples=2)
+    x = storch.denote_independent(data, 0, "data")
+    z = checkpoint(lambda t: est(Bernoulli(logits=enc(t))), x, use_reentrant=False)
+    storch.add_cost(-Bernoulli(logits=dec(z)).log_prob(x).sum(), name="rec")
+    with pytest.raises(storch.StorchError, match=r"(?i)during a backward pass.*checkpoint the networks, not the sampling"):
+        storch.backward()
+    storch.reset()

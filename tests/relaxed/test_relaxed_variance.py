@@ -162,9 +162,9 @@ def test_shared_network_layer_keeps_the_model_gradient(shared, update):
 def test_a_hook_upstream_of_a_variance_trained_node_runs_in_the_loss_pass_then_the_variance_pass():
     """What docs/plates.md says of ``register_hook`` upstream of relax/rebar (found by review): the hook runs twice
     per storch.backward(), first in the loss's backward pass (gradients disabled), then in the control variate's
-    variance-training pass (create_graph: gradients enabled), with the same gradient; a score node, once."""
+    variance-training pass (create_graph: gradients enabled), with the same gradient; a node without a variance pass (disarm), once."""
     data = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
-    for name, passes in (("relax", [False, True]), ("rebar", [False, True]), ("score", [False])):
+    for name, passes in (("relax", [False, True]), ("rebar", [False, True]), ("disarm", [False])):
         torch.manual_seed(0)
         enc, dec = torch.nn.Linear(4, 3), torch.nn.Linear(3, 4)
         est = storch.estimator(name, plate="z", n_samples=3)
