@@ -427,3 +427,23 @@ def test_a_loaded_checkpoint_keeps_the_estimators_own_lr(name, options):
     moved_b = sum((p.detach() - q).abs().sum() for p, q in zip(b.est.parameters(), before))
     moved_c = sum((p.detach() - q).abs().sum() for p, q in zip(c.est.parameters(), before))
     assert moved_b > 10 * moved_c > 0
+
+
+@pytest.mark.parametrize("name", ["relax", "rebar"])
+def test_load_state_dict_with_assign_replaces_a_parameter_named_like_an_option(name):
+    """review r-six: relax / rebar keep eta as an nn.Parameter and take eta= as an option fixed at construction;
+    load_state_dict(sd, assign=True) sets the parameter with setattr and was refused as a late option."""
+    _installed(name)
+    saved = storch.estimator(name, plate="z")
+    with torch.no_grad():
+        saved.eta.fill_(0.37)
+    sd = saved.state_dict()
+    est = storch.estimator(name, plate="z")
+    est.load_state_dict(sd, assign=True)
+    assert est.eta.item() == pytest.approx(0.37) and isinstance(est.eta, torch.nn.Parameter)
+    model = torch.nn.Module()
+    model.est = storch.estimator(name, plate="z")
+    model.load_state_dict({"est." + k: v for k, v in sd.items()}, assign=True)
+    assert model.est.eta.item() == pytest.approx(0.37)
+    with pytest.raises(storch.OptionError):
+        est.eta = 0.5  # the option itself stays fixed

@@ -1021,9 +1021,11 @@ class Estimator(torch.nn.Module):
     _options_key: tuple = ()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if self.__dict__.get("_constructed") and name in _option_names(type(self)):
+        if (self.__dict__.get("_constructed") and name in _option_names(type(self))
+                and not (type(value) is torch.nn.Parameter and name in self.__dict__.get("_parameters", ()))):
             # an option set on a constructed estimator: as the constructor takes it, or refused where the
-            # estimator read it only at construction (a silently ignored option, a method shadowed by a string)
+            # estimator read it only at construction (a silently ignored option, a method shadowed by a string);
+            # not the parameter of that name replaced by torch (load_state_dict(sd, assign=True): relax's eta)
             why = _fixed_options(type(self)).get(name)
             if why is not None:
                 raise OptionError(_fixed_option_message(self, name, value, why))
