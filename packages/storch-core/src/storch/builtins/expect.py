@@ -63,6 +63,8 @@ class Expect(Estimator):
     aliases = ("enumerate",)
     requires_enumerate_support = True
     State = ExpectState
+    fixed_options = {"n_samples": "expect enumerates every value of the support (its plate holds all of them, "
+                                  "whatever n_samples is); `budget` caps how many"}
 
     def __init__(self, plate: str, budget: int = 4096) -> None:
         super().__init__(plate, 1)

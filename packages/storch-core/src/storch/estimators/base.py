@@ -74,7 +74,7 @@ from ..graph import current_graph, is_tracing
 from ..node import Node
 from ..plates.tensor import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
 from ..score_conditions import KINK_FREE, moving_support, support_is_fixed
-from .catalog import EstimatorInfo, available, supporting_estimators
+from .catalog import EstimatorInfo, available, installed_classes, supporting_estimators
 from .checks import _check_sample_entries, _checked_lead, check_in_frame, check_precision, note_compared, note_rsample
 from .messages import (_no_update_message, _nonfinite_parameters, _output_shape_message, _plate_tensor_draw_message,
                        _sample_dtype_message, _sample_shape_message, _under_jacfwd, updating_message)
@@ -250,10 +250,13 @@ class Estimator(torch.nn.Module):
 
     # -- options set after construction (``est.temperature = 0.1``) --------------------------------
 
-    #: the constructor options that are fixed at construction (read only there, or turned into state), each with
-    #: what setting it afterwards would leave wrong: ``est.<option> = v`` then raises :class:`storch.OptionError`
-    #: (create a new estimator instead). Options whose name is a method of the class (``score``'s ``baseline``)
-    #: are fixed too; every other option set on a constructed estimator goes through :meth:`check_option`.
+    #: the options fixed at construction (read only there, or turned into state), each with what setting it
+    #: afterwards would leave wrong: ``est.<name> = v`` on a constructed estimator then raises
+    #: :class:`storch.OptionError` (create a new estimator instead). A name may be any attribute, not only a
+    #: constructor parameter (``"n_samples"`` for an estimator whose constructor computes it from its own
+    #: options). Options whose name is a method of the class (``score``'s ``baseline``) are fixed too; every other
+    #: constructor option, and the base's ``plate`` and ``n_samples``, set on a constructed estimator goes through
+    #: :meth:`check_option`.
     fixed_options: ClassVar[dict[str, str]] = {}
 
     def check_option(self, name: str, value: Any) -> Any:
@@ -1132,12 +1135,16 @@ def creation_mark() -> int:
     return next(_CREATED)
 _OPTION_NAMES: "weakref.WeakKeyDictionary[type, frozenset]" = weakref.WeakKeyDictionary()
 _FIXED: "weakref.WeakKeyDictionary[type, dict]" = weakref.WeakKeyDictionary()
+_BASE_OPTIONS = frozenset({"plate", "n_samples"})
 
 
 def _option_names(cls: type) -> frozenset:
+    """The attributes whose setting after construction ``Estimator.__setattr__`` checks: the constructor's
+    options, the base's own options (``plate``, ``n_samples``: a subclass whose constructor computes
+    ``n_samples`` from its own options still has it), and every name in ``cls.fixed_options``."""
     names = _OPTION_NAMES.get(cls)
     if names is None:
-        names = _OPTION_NAMES[cls] = frozenset(cls.options()) | {"plate"}
+        names = _OPTION_NAMES[cls] = frozenset(cls.options()) | _BASE_OPTIONS | frozenset(cls.fixed_options)
     return names
 
 
@@ -1163,9 +1170,17 @@ def _fixed_option_message(est: Estimator, name: str, value: Any, why: str) -> st
         shown = repr(value)
     except Exception:  # (a value whose repr fails)
         shown = f"<{type(value).__name__}>"
-    return (f"{est.name or type(est).__qualname__}: est.{name} = {shown[:80]} after construction is not supported: "
-            f"{why}. Create a new estimator with the option instead: storch.estimator({est.name!r}, "
-            f"plate={est.plate!r}, ..., {name}={shown[:80]})")
+    cls = type(est)
+    made = (f"storch.estimator({est.name!r}, plate={est.plate!r}, ...," if est.name and installed_classes().get(est.name) is cls
+            else f"{cls.__qualname__}(plate={est.plate!r}, ...,")
+    if name in cls.options():
+        advice = f"Create a new estimator with the option instead: {made} {name}={shown[:80]})"
+    else:  # (not a constructor option: n_samples computed from the estimator's own options, an attribute)
+        advice = (f"Create a new estimator instead: {made[:-1]}) (its constructor sets `{name}` from its options: "
+                  f"{', '.join(cls.options()) or 'none'})")
+    return (f"{est.name or cls.__qualname__}: est.{name} = {shown[:80]} after construction is not supported: "
+            f"{why}. {advice}")
+
 
 
 def _marking_construction(init: Callable) -> Callable:

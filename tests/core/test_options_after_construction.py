@@ -1,0 +1,157 @@
+"""Options of the base class set on a constructed estimator, ``fixed_options`` naming any attribute, and the
+NonFiniteCostError that names a non-finite baseline or control variate (found by a third-party author)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch.distributions import Bernoulli
+
+import storch
+from storch.extending import leave_one_out, options
+
+
+class Pairs(storch.Estimator):
+    """Score function on n_pairs pairs of i.i.d. samples: its constructor takes n_pairs and passes 2 * n_pairs as
+    the base's n_samples (a third-party pattern), and checks n_samples against it in check_option."""
+
+    name = "test_pairs"
+
+    def __init__(self, plate: str, n_pairs: int = 2) -> None:
+        self.n_pairs = options.integer(self.name, "n_pairs", n_pairs, minimum=1)
+        super().__init__(plate, 2 * self.n_pairs)
+
+    def check_option(self, name: str, value: Any) -> Any:
+        if name == "n_samples":
+            value = super().check_option(name, value)
+            if value != 2 * self.n_pairs:
+                raise storch.OptionError(f"{self.name}: n_samples is 2 * n_pairs = {2 * self.n_pairs}")
+            return value
+        return super().check_option(name, value)
+
+
+class FixedPairs(Pairs):
+    """The same, with n_samples (not a constructor parameter) and an attribute listed in fixed_options."""
+
+    name = None
+    fixed_options = {"n_samples": "it is set from n_pairs", "table": "the table is built at construction"}
+
+    def __init__(self, plate: str, n_pairs: int = 2) -> None:
+        super().__init__(plate, n_pairs)
+        self.table = torch.arange(n_pairs)
+
+
+def _plate_size(est) -> int:
+    with storch.Graph():
+        return est(Bernoulli(logits=torch.zeros(2))).plates[0].size
+
+
+def test_n_samples_of_an_estimator_whose_constructor_computes_it_goes_through_check_option():
+    # found by a third-party author: est.n_samples = 5 on an estimator whose constructor takes n_pairs was accepted
+    # and ignored by nothing (only the constructor's parameter names were checked): check_option never ran
+    est = Pairs("z", n_pairs=2)
+    with pytest.raises(storch.OptionError, match=r"n_samples is 2 \* n_pairs = 4"):
+        est.n_samples = 5
+    assert est.n_samples == 4 and _plate_size(est) == 4
+    est.n_samples = 4  # the value it has: accepted
+    with pytest.raises(storch.OptionError, match="an int >= 1"):
+        est.n_samples = 0  # the base's own check, for a subclass that does not check n_samples itself
+    with pytest.raises(storch.OptionError, match="plate must be a non-empty string"):
+        est.plate = ""
+
+
+def test_fixed_options_apply_to_any_attribute_name():
+    # found by a third-party author: "n_samples" in fixed_options changed nothing (only constructor parameters
+    # were looked up in it)
+    est = FixedPairs("z", n_pairs=2)
+    with pytest.raises(storch.OptionError, match=r"est\.n_samples = 4 after construction is not supported: it is "
+                                                 r"set from n_pairs\. Create a new estimator instead: "
+                                                 r"FixedPairs\(plate='z', \.\.\.\) \(its constructor sets "
+                                                 r"`n_samples` from its options: n_pairs\)"):
+        est.n_samples = 4
+    with pytest.raises(storch.OptionError, match="the table is built at construction"):
+        est.table = torch.arange(5)
+    assert est.n_samples == 4 and est.table.tolist() == [0, 1]
+
+
+def test_expect_refuses_n_samples_it_would_ignore():
+    est = storch.estimator("expect", plate="z")
+    with pytest.raises(storch.OptionError, match=r"expect enumerates every value.*storch\.estimator\('expect'"):
+        est.n_samples = 3
+    assert _plate_size(est) == 4  # (two Bernoullis: every joint value)
+
+
+class LeaveOneOutChecked(storch.Estimator):
+    """docs/writing-an-estimator.md's LeaveOneOut: n_samples >= 2 checked in check_option."""
+
+    name = "test_leave_one_out_checked"
+
+    def __init__(self, plate: str, n_samples: int = 4) -> None:
+        super().__init__(plate, n_samples)
+
+    def check_option(self, name: str, value: Any) -> Any:
+        if name == "n_samples":
+            return options.integer(self.name, "n_samples", value, minimum=2)
+        return super().check_option(name, value)
+
+    def baseline(self, node, cost):
+        return leave_one_out(cost, node.n)
+
+
+class LeaveOneOutUnchecked(storch.Estimator):
+    """The same without the check: at n_samples = 1 the baseline is 0 / 0."""
+
+    name = "test_leave_one_out_unchecked"
+
+    def baseline(self, node, cost):
+        return leave_one_out(cost, node.n)
+
+
+class NanControlVariate(storch.Estimator):
+    """A control variate that is NaN (for the message)."""
+
+    name = "test_nan_control_variate"
+
+    def control_variate(self, node, cost):
+        return cost.tensor * float("nan")
+
+
+def _backward(est, theta):
+    with storch.Graph():
+        z = est(Bernoulli(logits=theta))
+        storch.add_cost(z.sum(), name="f")
+        storch.backward()
+
+
+def test_the_guides_leave_one_out_refuses_one_sample_set_after_construction():
+    with pytest.raises(storch.OptionError, match="n_samples"):
+        LeaveOneOutChecked("z", n_samples=1)
+    est = LeaveOneOutChecked("z", n_samples=3)
+    with pytest.raises(storch.OptionError, match="n_samples"):
+        est.n_samples = 1
+    assert est.n_samples == 3
+
+
+def test_a_non_finite_baseline_or_control_variate_is_named():
+    # found by a third-party author: a NaN leave-one-out baseline (n_samples = 1) was reported as "the weights or
+    # gradient-function values of an estimator are" not finite
+    theta = torch.zeros(3, requires_grad=True)
+    with pytest.raises(storch.NonFiniteCostError,
+                       match=r"NaN or inf in the baseline \(`baseline`\) for cost 'f' of estimator "
+                             r"'test_leave_one_out_unchecked' \(plate 'z'\)"):
+        _backward(LeaveOneOutUnchecked("z", n_samples=1), theta)
+    with pytest.raises(storch.NonFiniteCostError,
+                       match=r"NaN or inf in the control variate \(`control_variate`\) for cost 'f' of estimator "
+                             r"'test_nan_control_variate'"):
+        _backward(NanControlVariate("z", n_samples=2), theta)
+    assert theta.grad is None  # nothing was backpropagated
+    _backward(LeaveOneOutUnchecked("z", n_samples=2), theta)  # finite: no error
+    assert theta.grad is not None and bool(torch.isfinite(theta.grad).all())
+
+
+def test_a_non_finite_log_prob_keeps_the_general_message():
+    theta = torch.tensor([float("inf"), 0.0], requires_grad=True)  # an infinite logit: log p = NaN at x = 1
+    with pytest.raises(storch.NonFiniteCostError, match="weights or gradient-function values.*Infinite logits"):
+        _backward(LeaveOneOutUnchecked("z", n_samples=2), theta)
