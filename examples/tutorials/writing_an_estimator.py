@@ -31,6 +31,7 @@ from torch.distributions import Bernoulli
 import storch
 import storch.testing as kit
 from storch import hookimpl
+from storch.extending import options
 
 
 # 1. Write ---------------------------------------------------------------------------------
@@ -47,6 +48,13 @@ class LeaveOneOut(storch.Estimator):
     """
 
     name = "my_leave_one_out"
+
+    def check_option(self, name, value):
+        # the constructor's check, and est.n_samples = v's on a constructed estimator: the baseline
+        # averages the OTHER samples, so at least two (storch.OptionError otherwise)
+        if name == "n_samples":
+            return options.integer(self.name, "n_samples", value, minimum=2)
+        return super().check_option(name, value)
 
     def baseline(self, node, cost):
         # the mean cost of the OTHER samples: independent of this sample (appendix C)
@@ -112,6 +120,15 @@ def test_no_leak_across_the_frame():
     # every replicate its own graph with a data plate of 2: a baseline that averages the frame
     # (its own sample or data point included) is biased here, as in real use
     kit.check_leakage(LeaveOneOut, options={"n_samples": 3})
+
+
+def test_on_chosen_models():
+    # kit.standard_models(est) returns a tuple: the LIST of the kit's models that est supports,
+    # and a dict {model name: why it is skipped} for the others; pass a selection as models=
+    models, skipped = kit.standard_models(LeaveOneOut("probe", n_samples=3))
+    chosen = [m for m in models if m.name in ("bernoulli[3]", "global_latent[Bernoulli]")]
+    assert len(chosen) == 2, skipped
+    kit.check_leakage(LeaveOneOut, options={"n_samples": 3}, models=chosen)
 
 
 def test_learned_baseline():

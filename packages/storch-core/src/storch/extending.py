@@ -127,7 +127,11 @@ Example:
     >>> class MyScore(storch.Estimator):
     ...     name = "my_score"
     ...     def __init__(self, plate, n_samples=4):
-    ...         super().__init__(plate, options.integer(self.name, "n_samples", n_samples, minimum=2))
+    ...         super().__init__(plate, n_samples)
+    ...     def check_option(self, name, value):  # the constructor's check, and est.n_samples = v's
+    ...         if name == "n_samples":
+    ...             return options.integer(self.name, "n_samples", value, minimum=2)
+    ...         return super().check_option(name, value)
     ...     def baseline(self, node, cost):
     ...         return leave_one_out(cost, node.n)
 """

@@ -10,6 +10,7 @@ import torch
 
 from .._order_guard import unbatched
 from ..errors import NonFiniteCostError
+from ..estimators.base import Estimator
 from ..graph import Graph
 from ..plates.tensor import raw_of
 
@@ -32,12 +33,47 @@ def _message(costs: list, nodes: list, after: str = _AFTER) -> str:
         return (f"cost {', '.join(repr(b) for b in bad)} is not finite (NaN or inf), so its gradient would be too: "
                 f"{after}Find where the non-finite value comes from (e.g. log(0), NaN parameters, a diverging "
                 "learning rate), or catch storch.NonFiniteCostError to skip the batch")
+    culprits = _nonfinite_components(nodes)
+    if culprits:
+        return (f"the surrogate loss is not finite although every cost is: {'; '.join(culprits)}. "
+                f"{after}Check the component named (e.g. a baseline that divides by n_samples - 1 at n_samples=1: "
+                "check options in check_option, which est.<option> = v on a constructed estimator goes through), "
+                "or catch storch.NonFiniteCostError to skip the batch")
     names = sorted({f"{n.estimator.name!r} (plate {n.plate.name!r})" for n in nodes})
     return (f"the surrogate loss is not finite although every cost is: the weights or gradient-function values of "
             f"an estimator are (estimators in this graph: {', '.join(names) or 'none'}; e.g. log p(x) = -inf, or "
             f"diverged parameters; a tanh-squashed distribution whose sample saturated at ±1, where "
             f"TanhTransform's inverse is infinite: use TanhTransform(cache_size=1) so log_prob reuses the "
             f"pre-tanh sample){_infinite_logits_hint(nodes)}: {after}Catch storch.NonFiniteCostError to skip the batch")
+
+
+def _nonfinite_components(nodes: list) -> list[str]:
+    """For :func:`_message` (error path only): the baselines and control variates whose values are not finite, as
+    ``"NaN or inf in the baseline (`baseline`) for cost <c> of estimator <name> (plate <p>)"``, recomputed for each
+    cost frame the surrogate built (their values are not kept), where the node's weights and gradient-function
+    values are finite (those the general message covers, with its hints). A component that raises when
+    recomputed is skipped."""
+    found = []
+    for n in nodes:
+        est = n.estimator
+        if not n.frames or any(isinstance(v, torch.Tensor) and _holds(raw_of(v), lambda t: ~torch.isfinite(t))
+                               for v in (_quietly(lambda: n.weight_values), _quietly(lambda: n.gradient_values))):
+            continue
+        base = type(est).control_variate is Estimator.control_variate
+        what = "baseline (`baseline`)" if base else "control variate (`control_variate`)"
+        for frame in list(n.frames.values()):
+            value = _quietly(lambda: est.baseline(n, frame) if base else est.control_variate(n, frame))
+            if isinstance(value, torch.Tensor) and _holds(raw_of(value), lambda t: ~torch.isfinite(t)):
+                found.append(f"NaN or inf in the {what} for cost {frame.name!r} of estimator "
+                             f"{(est.name or type(est).__qualname__)!r} (plate {n.plate.name!r})")
+    return found
+
+
+def _quietly(get: Callable[[], object]) -> object:
+    try:
+        return get()
+    except Exception:  # (a component that cannot be recomputed here: not named)
+        return None
 
 
 _ON_BACKWARD = ("the backward pass stopped at the surrogate loss, before accumulating any gradient of it, and "
