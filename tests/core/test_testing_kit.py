@@ -266,6 +266,83 @@ def test_an_estimator_that_gives_every_element_the_first_ones_probabilities_is_r
     assert _check(ElementwiseScore, options={"n_samples": 2}, models=added, orders=(0, 1)).ok  # the correct twin
 
 
+class DataLeaveOneOut(storch.Estimator):
+    """Score function whose baseline for data point i is the mean cost of the other data points of the plate
+    ``data``, for a node under that plate (correct: the other points' samples are independent of its own)."""
+
+    name = "test_data_leave_one_out"
+
+    def baseline(self, node, cost):
+        names = [p.name for p in cost.plates]
+        if "data" not in names or "data" not in {p.name for p in node.plates}:
+            return None
+        k = names.index("data")
+        f = cost.tensor
+        return (f.sum(k, keepdim=True) - f) / (f.shape[k] - 1)
+
+
+class DataLeaveOneOutForAll(DataLeaveOneOut):
+    """BUG: the data-point baseline also for a node NOT under the plate ``data`` (a global latent), whose
+    sample the other data points' costs depend on."""
+
+    name = "test_data_leave_one_out_for_all"
+
+    def baseline(self, node, cost):
+        names = [p.name for p in cost.plates]
+        if "data" not in names:
+            return None
+        k = names.index("data")
+        f = cost.tensor
+        return (f.sum(k, keepdim=True) - f) / (f.shape[k] - 1)
+
+
+def test_a_data_plate_baseline_for_a_node_outside_the_data_plate_is_reported():
+    """Found by a third-party author: no standard model had a node outside a data plate of its costs (every node
+    was under every plate of its costs), so a leave-one-data-point-out baseline that forgot to check that the node
+    is under the data plate (biased for a global latent: z = -21.96 on the author's model) passed
+    check_against_enumeration and check_leakage. The kit now has global_latent[D]: a global z over the costs' data
+    plate, with a local y_i per data point (under it, where the baseline is right). Old models: the bug passes."""
+    models, _ = kit.standard_models(DataLeaveOneOutForAll("z"))
+    added = [m for m in models if m.name == "global_latent[Bernoulli]"]
+    assert len(added) == 1
+    old = [m for m in models if m.name in ("bernoulli[3]", "chain[Bernoulli]")]
+    assert _check(DataLeaveOneOutForAll, options={"n_samples": 2}, models=old, orders=(0, 1)).ok  # blind to it
+    report = _check(DataLeaveOneOutForAll, options={"n_samples": 2}, models=added, orders=(0, 1, 2))
+    assert _failed(report) == {"global_latent[Bernoulli], order 1", "global_latent[Bernoulli], order 2"}
+    assert min(c.max_abs_z for c in report.failures) > 8
+    assert "NOT under the data plate" in report.table()  # the model's hint
+    leak = kit.check_leakage(DataLeaveOneOutForAll, options={"n_samples": 2}, models=added, n_graphs=300,
+                             raise_on_failure=False)
+    assert _failed(leak) == {"global_latent[Bernoulli], order 1"}
+    # the correct twin passes both, at every order
+    assert _check(DataLeaveOneOut, options={"n_samples": 2}, models=added).ok
+    assert kit.check_leakage(DataLeaveOneOut, options={"n_samples": 2}, models=added, n_graphs=300).ok
+
+
+def test_the_global_latent_models_exact_values():
+    """global_latent[D]'s exact expectation against a direct enumeration (Bernoulli) and a Monte Carlo z-test
+    (Normal: 200000 draws), so that the model's exact value is not checked only against the estimators."""
+    models = {m.name: m for m in kit.standard_models(storch.estimator("expect", plate="z"))[0]}
+    models.update({m.name: m for m in kit.standard_models(storch.estimator("reparameterization", plate="z"))[0]})
+    x, a = torch.tensor([0.4, 1.0, -0.3], dtype=F64), torch.tensor([0.25, -0.65, 0.05], dtype=F64)
+    th = torch.tensor([0.4, -0.3], dtype=F64)
+    p1 = torch.sigmoid(th[0])
+    want = 0.0
+    for z in (0.0, 1.0):
+        pz = p1 if z else 1 - p1
+        for i in range(3):
+            q = torch.sigmoid(th[1] + 0.8 * z + a[i])
+            for y in (0.0, 1.0):
+                want = want + pz * (q if y else 1 - q) * ((y - x[i] + z) ** 2 + th[0] * x[i]) / 3
+    assert torch.allclose(models["global_latent[Bernoulli]"].exact(th), want)
+    torch.manual_seed(0)
+    z = th[0] + torch.randn(200000, 1, dtype=F64)
+    y = th[1] + 0.8 * z + a + 0.5 * torch.randn(200000, 3, dtype=F64)
+    draws = ((y - x + z) ** 2 + th[0] * x).mean(-1)
+    exact = models["global_latent[Normal]"].exact(th)
+    assert abs(draws.mean() - exact) < 4 * draws.std() / 200000 ** 0.5
+
+
 def test_failure_message_is_a_readable_table():
     with pytest.raises(AssertionError) as info:
         kit.check_against_enumeration(OffByOnePrioritySampling, options={"n_samples": 2})
@@ -334,7 +411,8 @@ def test_orders_models_and_errors():
     report = kit.check_against_enumeration("reparameterization", orders=[1])
     assert report.orders == (1,) and all(c.name.endswith("order 1") for c in report.checks)
     models, skipped = kit.standard_models(storch.estimator("reparameterization", plate="z"))
-    assert [m.name for m in models] == ["normal[2]", "chain[Normal]", "independent[Normal]", "laplace[loc]", "uniform[high]"]
+    assert [m.name for m in models] == ["normal[2]", "chain[Normal]", "independent[Normal]", "global_latent[Normal]",
+                                      "laplace[loc]", "uniform[high]"]
     assert "bernoulli[3]" in skipped
     with pytest.raises(AssertionError, match="none of the models"):
         kit.check_against_enumeration("reparameterization", models=[m for m in kit.standard_models(

@@ -36,7 +36,8 @@ def test_passes_the_conformance_kit():
         assert {c.name for c in report.checks} == {
             "bernoulli[3], order 0", "onehot[K=5], order 0", "chain[Bernoulli], order 0",
             "independent[Bernoulli], order 0",  # (the kit's Independent model: the wrapper is read through)
-            "onehot[2x2], order 0"}  # (two one-hot elements: each with its own probabilities)
+            "onehot[2x2], order 0",  # (two one-hot elements: each with its own probabilities)
+            "global_latent[Bernoulli], order 0"}  # (a global latent outside the costs' data plate)
 
 
 def test_forward_value_satisfies_condition_1():

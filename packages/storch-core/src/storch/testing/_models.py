@@ -21,7 +21,7 @@ from torch.distributions import (
 
 from ..errors import UnsupportedDistributionError
 from ..estimators.base import Estimator
-from ..graph import add_cost
+from ..graph import add_cost, denote_independent
 
 __all__ = ["Model", "EstimatorFactory", "standard_models", "supports"]
 
@@ -242,6 +242,67 @@ def _chain(kind: type) -> Model:
     return Model(f"chain[{kind.__name__}]", theta, build, exact, lambda: [fam.make(theta[0])])
 
 
+# -- a global latent over a data plate ---------------------------------------------------------
+
+_DATA_PLATE = "data"
+_XD, _AD = _t(0.4, 1.0, -0.3), _t(0.25, -0.65, 0.05)  # the data points x_i, offsets a_i (plate "data")
+# (no logit of y_i is 0 or a tie of two categories for any z: a mode (a greedy baseline) is then defined)
+
+_GLOBAL_HINT = (
+    "the global latent z is NOT under the data plate 'data' of the costs (each data point i also has its own "
+    "latent y_i, which is): a baseline or control variate for z that averages the costs over 'data' (a "
+    "leave-one-data-point-out mean, a batch mean) uses costs that depend on z itself, so it is biased. Average "
+    "over a data plate only for a node under it: `plate in {p.name for p in node.plates}` for the plate of "
+    "`cost.plates` you average over (the total cost is the MEAN over the data plates)")
+
+
+def _global_latent(kind: type) -> Model:
+    """A global latent z over a data plate of three points, each with its own local latent y_i (a hierarchical
+    model): z ~ D(θ0), y_i ~ D(θ1 + 0.8 φ(z) + a_i) on the plate ``data``; costs on that plate
+    C_i = (φ(y_i) − x_i + φ(z))² + θ0 x_i, whose total is their mean over ``data``.
+
+    Every other model's nodes are under all the plates of its costs (the kit's replicate plate): an estimator
+    whose baseline averages a cost over a data plate without checking that the node is under it (a
+    leave-one-data-point-out baseline applied to z too) passes them, and is biased here. The local y_i are
+    under the plate, so a correct per-data-point baseline is exercised as well.
+    """
+    normal = kind is Normal
+    fam = None if normal else _Family(kind)
+    one, half = torch.tensor(1.0, dtype=_F64), torch.tensor(0.5, dtype=_F64)
+
+    def dist(s, scale) -> Distribution:
+        return Normal(s, scale) if fam is None else fam.make(s)
+
+    def feature(v):
+        return v if fam is None else fam.feature(v)
+
+    def build(make: EstimatorFactory, theta: torch.Tensor) -> None:
+        z = make("z")(dist(theta[0], one))
+        fz = feature(z)
+        a, x = denote_independent((_AD, _XD), 0, _DATA_PLATE)
+        y = make("y")(dist(theta[1] + 0.8 * fz + a, half))
+        add_cost((feature(y) - x + fz) ** 2 + theta[0] * x)
+
+    def exact(theta: torch.Tensor) -> torch.Tensor:
+        if fam is None:  # y_i − x_i + z = θ1 + a_i − x_i + 1.8 z + ε/2: mean m_i, variance 1.8² + 0.5²
+            m = theta[1] + _AD - _XD + 1.8 * theta[0]
+            return (m ** 2 + 3.24 + 0.25 + theta[0] * _XD).mean()
+        phi = torch.tensor(fam.values, dtype=_F64)
+        pz = fam.log_probs(theta[0]).exp()
+        total = theta.new_zeros(())
+        for j, vz in enumerate(phi):
+            per_point = []
+            for i in range(len(_XD)):
+                py = fam.log_probs(theta[1] + 0.8 * vz + _AD[i]).exp()
+                per_point.append((py * (phi - _XD[i] + vz) ** 2).sum() + theta[0] * _XD[i])
+            total = total + pz[j] * torch.stack(per_point).mean()
+        return total
+
+    theta = _t(0.4, -0.3)
+    short = "OneHot" if kind is OneHotCategorical else kind.__name__
+    return Model(f"global_latent[{short}]", theta, build, exact, lambda: [dist(theta[0], one)], hint=_GLOBAL_HINT)
+
+
 # -- continuous models (closed forms) ----------------------------------------------------------
 
 _C2, _S2 = _t(1.0, -0.7), _t(0.8, 1.2)
@@ -402,6 +463,11 @@ def standard_models(estimator: Estimator) -> tuple[list[Model], dict[str, str]]:
     Categorical). Continuous: ``normal[2]`` and ``chain[Normal]``. Last, one node wrapped in
     ``Independent`` (the first supported of Bernoulli, OneHotCategorical, Categorical, Normal):
     ``distributions`` match the wrapped distribution, so every estimator is handed such nodes.
+    Then ``categorical[2x3]`` and ``onehot[2x2]`` (a node of several categorical elements), and one
+    ``global_latent[...]`` model (the first supported of Bernoulli, OneHotCategorical, Categorical,
+    Normal): a global latent z that is not under the data plate ``data`` of its costs, with a local
+    latent per data point that is, so a baseline that averages over a data plate for a node not under
+    it is caught (the total cost is the mean over the data plates).
     Then ``laplace[loc]`` (a kink of log p in loc) and ``uniform[high]`` (a support that moves with
     high): a score function is biased on them, so the outcome must be an unbiased estimate or a
     storch refusal (``OrderError`` at the order, ``UnsupportedDistributionError`` when sampling).
@@ -413,6 +479,8 @@ def standard_models(estimator: Estimator) -> tuple[list[Model], dict[str, str]]:
     wrapped = [_independent(k) for k in (Bernoulli, OneHotCategorical, Categorical, Normal)]
     candidates.append(next((m for m in wrapped if supports(estimator, m) is None), wrapped[0]))
     candidates += [_categorical_2x3(), _onehot_2x2()]
+    latent = [_global_latent(k) for k in (Bernoulli, OneHotCategorical, Categorical, Normal)]
+    candidates.append(next((m for m in latent if supports(estimator, m) is None), latent[0]))
     candidates += [_laplace(), _uniform()]
     chosen, skipped = [], {}
     for m in candidates:
