@@ -489,6 +489,51 @@ def test_refused_updates_say_what_compiles():
     assert compiled.traces == 1
 
 
+class _EagerRunningMean(_RunningMean):
+    """_RunningMean as a third-party author first writes it: its own update_parameters, no replays_update."""
+
+    name = "test_eager_running_mean"
+    replays_update = False
+
+    def update_parameters(self, nodes, loss):
+        self.update_from(self.update_inputs(nodes))
+
+
+def test_a_third_party_update_refusal_names_the_protocol():
+    """Found by a third-party author: storch.compile's refusal of an estimator whose update it cannot replay
+    spoke of first-party options only (a trainable baseline module, sum_and_sample's buffer=, score's options),
+    which a third-party class does not have. It now names the protocol the class lacks."""
+    theta = torch.zeros(2, 3, requires_grad=True)
+    est = _EagerRunningMean("z", n_samples=2)
+
+    def step(theta):
+        with storch.Graph():
+            z = est(Bernoulli(logits=storch.denote_independent(theta, 0, "data")))
+            storch.add_cost(z.sum(-1), name="f")
+            return storch.surrogate_loss()
+
+    with pytest.raises(storch.StorchError) as refused:
+        storch.compile(step, backend=None)(theta)
+    text = str(refused.value)
+    assert "'test_eager_running_mean'" in text and "_EagerRunningMean" in text
+    for part in ("replays_update = True", "update_inputs(nodes)", "update_from(inputs)", "state_tensors()",
+                 "An update that storch.compile replays"):
+        assert part in text, part
+    for first_party in ("trainable baseline module", "sum_and_sample", "baseline='leave_one_out'"):
+        assert first_party not in text, first_party
+    # a first-party estimator is still told its options
+    trained = storch.estimator("score", plate="z", n_samples=2, baseline=TrainableBaseline())
+    with pytest.raises(storch.StorchError, match="trainable baseline module.*baseline='moving_average'"):
+        storch.compile(lambda theta: _score_step(trained, theta), backend=None)(theta)
+
+
+def _score_step(est, theta):
+    with storch.Graph():
+        z = est(Bernoulli(logits=storch.denote_independent(theta, 0, "data")))
+        storch.add_cost(z.sum(-1), name="f")
+        return storch.surrogate_loss()
+
+
 def test_overhead_benchmark_moving_average_row():
     # storch-compare overhead --configs moving_average --replay --compile: the row is measured with
     # .backward() on both sides (the update), the replayed gradient equals eager storch's, no breaks

@@ -88,9 +88,40 @@ def _no_update_message(est: Estimator) -> str:
             "options, as sum_and_sample does without buffer=)")
 
 
+# the top-level modules of the first-party estimator packages: their options are what the first-party advice names
+_FIRST_PARTY_MODULES = frozenset({"storch", "storch_score", "storch_relaxed", "storch_mvd"})
+
+
+def _first_party_update(est: "Estimator") -> bool:
+    """Whether ``est``'s update (its ``update_parameters``, or its class where none is defined) is a first-party
+    estimator's, whose options the refusal's advice names; a third-party class (or subclass with its own update)
+    is told the protocol instead."""
+    for cls in type(est).__mro__:
+        if cls.__module__ == "storch.estimators.base":  # (the base class's: no update of the estimator's own)
+            break
+        if "update_parameters" in cls.__dict__ or "update_from" in cls.__dict__:
+            return cls.__module__.split(".")[0] in _FIRST_PARTY_MODULES
+    return type(est).__module__.split(".")[0] in _FIRST_PARTY_MODULES
+
+
 def updating_message(est: "Estimator") -> str:
     """Why ``storch.compile`` refuses ``est``: it updates its state in ``storch.backward()``, by
-    code that a compiled step cannot replay (``replays_update`` is false)."""
+    code that a compiled step cannot replay (``replays_update`` is false). A first-party estimator is told
+    the options that keep such state; a third-party one the protocol it lacks (``replays_update``,
+    ``update_inputs``, ``update_from``, ``state_tensors``)."""
+    if not _first_party_update(est):
+        who = est.name or type(est).__qualname__
+        return (f"storch.compile cannot replay estimator {who!r} ({type(est).__qualname__}, {est.extra_repr()}): "
+                "it has has_update = True (it updates its own state in storch.backward(), in update_parameters) "
+                "and replays_update is false, so a compiled step, which never runs storch's Python after tracing, "
+                "cannot replay the update. Use it in an eager step, or make the update replayable: set "
+                "replays_update = True (on the class, or on the instance for the options where it holds) and "
+                "implement update_inputs(nodes) (the detached tensors the update needs from the step, computed with "
+                "torch operations from the nodes' frames), update_from(inputs) (the update itself, from those "
+                "tensors only; the base class's update_parameters is then update_from(update_inputs(nodes))) and "
+                "state_tensors() ({name: tensor} of the state the components read); an update that differentiates "
+                "the loss also needs loss_graph_values(loss, inputs) and backend=None. See "
+                "docs/writing-an-estimator.md, section 1b, 'An update that storch.compile replays'")
     return (f"storch.compile cannot replay estimator {est.name!r} ({est.extra_repr()}): with these options it "
             "updates its own state (a trainable baseline module, sum_and_sample's buffer= of the best sequences) "
             "in storch.backward() by code that a compiled step cannot replay. Use it in an eager step, or drop the "
