@@ -102,7 +102,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--estimates", type=int, default=16, help="gradient estimates per estimator (variance)")
+    p.add_argument("--estimates", type=int, default=32,
+                   help="gradient estimates per estimator (variance; the bias z needs >= 32)")
     p.add_argument("--out", type=Path, default=None, help="folder for discrete_vae.png")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
