@@ -353,3 +353,45 @@ def test_an_estimator_without_state_created_inside_the_step_compiles():
     for seed in range(2):
         _assert_same(_grads(compiled, params, (_X,), seed), _grads(step, params, (_X,), seed))
     assert compiled.traces == 1
+
+
+class _LazyModel(torch.nn.Module):
+    """Creates its estimator with state at the first call and keeps it (a common pattern)."""
+
+    def __init__(self, name: str, options: dict) -> None:
+        super().__init__()
+        self.enc = torch.nn.Linear(D, L)
+        self.name, self.options, self.est = name, options, None
+
+    def forward(self, x):
+        if self.est is None:
+            self.est = storch.estimator(self.name, plate="z", n_samples=2, **self.options)
+        with storch.Graph():
+            z = self.est(Bernoulli(logits=self.enc(storch.denote_independent(x, 0, "data"))))
+            storch.add_cost(((z - 0.3) ** 2).sum(), name="f")
+            return storch.surrogate_loss()
+
+
+def test_an_estimator_with_state_created_at_the_first_call_and_kept_compiles():
+    # created in the trace but not anew at each call: it was refused as "made anew at every call" (it ran before
+    # that refusal, and must): the compiled step updates the kept estimator's state as the eager one does
+    torch.manual_seed(0)
+    eager = _LazyModel("score", {"baseline": "moving_average"})
+    model = _LazyModel("score", {"baseline": "moving_average"})
+    model.load_state_dict(eager.state_dict())
+    compiled = storch.compile(model, backend=None)
+    averages = []
+    for seed in range(3):
+        for step, m in ((compiled, model), (eager, eager)):
+            torch.manual_seed(seed)
+            m.zero_grad()
+            step(_X).backward()
+        for g, e in zip(model.parameters(), eager.parameters()):
+            torch.testing.assert_close(g.grad, e.grad, rtol=1e-5, atol=1e-6)
+        assert model.est is not None and eager.est is not None
+        got, want = dict(model.est.moving_averages), dict(eager.est.moving_averages)
+        assert list(got) == list(want) == ["f"]
+        torch.testing.assert_close(got["f"], want["f"])
+        averages.append(want["f"].clone())
+    assert compiled.traces <= 2  # (model.est set at the first call: the guard may trace once more), not per call
+    assert not torch.equal(averages[0], averages[2])  # the averages moved at every call

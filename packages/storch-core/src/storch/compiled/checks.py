@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from ..errors import StorchError
-from ..estimators.base import created_after
+from ..estimators.base import created_after, creation_mark
 from ..estimators.messages import updating_message
 from ..graph import Graph, tracing_nodes
 from .refusals import _created_in_step_message, _name, _replay_only_message
@@ -22,6 +22,11 @@ def _check_replay(gm: torch.fx.GraphModule, flat: Callable, tensors: list, input
                   updates: bool, loss_graph: bool = False, restore: Callable[[], None] = lambda: None,
                   changed: int = 0) -> None:
     """Run the step eagerly and its trace from the same random state: they must agree.
+
+    The eager run is the step's second call: an estimator with state it creates (one made anew at every call,
+    e.g. a local ``est = storch.estimator(..., baseline="moving_average")`` in the step) is refused first. One
+    created only at the first call and kept (``if self.est is None: self.est = ...``) is created in the trace
+    only, and is replayed as usual.
 
     The trace records torch operations only. A step whose result also depends on what it does to
     Python or generator state (an estimator that replays the random state for common random numbers,
@@ -40,11 +45,14 @@ def _check_replay(gm: torch.fx.GraphModule, flat: Callable, tensors: list, input
         # update differentiates the loss (its update_inputs are what the loss is differentiated for, and
         # an estimator may record them only where they have a graph)
         grad = torch.enable_grad() if loss_graph else torch.no_grad()
+        eager: list = []
+        mark = creation_mark()
         try:
-            with torch.random.fork_rng(devices=devices), grad, tracing_nodes([], recorder), Graph():
+            with torch.random.fork_rng(devices=devices), grad, tracing_nodes(eager, recorder), Graph():
                 want = flat(*tensors)
         finally:
             restore()
+        _check_created(eager, fn, mark)
         try:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 got = gm(*inputs)
@@ -99,14 +107,19 @@ def _check_python_random(before: tuple, fn) -> None:
         "`torch.where(torch.rand(()) < 0.5, x.flip(-1), x)`), or run this step eagerly")
 
 
-def _check_nodes(nodes: list, fn, replay_only: bool = False, mark: int = -1) -> None:
-    """The traced nodes' estimators can be replayed: their updates (``replays_update``; with a compiler, not one that
-    differentiates the loss again), and none with state was created during the trace (after ``mark``:
-    :func:`storch.estimators.base.creation_mark`), i.e. inside the step, anew at every eager call."""
+def _check_created(nodes: list, fn, mark: int) -> None:
+    """No estimator with state among ``nodes`` (those of a run of the step after its trace) was created during that
+    run (after ``mark``: :func:`storch.estimators.base.creation_mark`): the step makes it anew at every call, so
+    eagerly it would start from scratch each time, while the replay would keep the traced instance."""
     for node in nodes:
         est = node.estimator
         if created_after(mark, est) and (est.has_update or est.state_tensors()):
             raise StorchError(_created_in_step_message(fn, est))
+
+
+def _check_nodes(nodes: list, fn, replay_only: bool = False) -> None:
+    """The traced nodes' estimators can be replayed: their updates (``replays_update``; with a compiler, not one that
+    differentiates the loss again)."""
     for node in nodes:
         est = node.estimator
         if est.has_update and not est.replays_update:

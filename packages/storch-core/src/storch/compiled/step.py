@@ -15,7 +15,6 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..errors import StorchError, assumption_failed
-from ..estimators.base import creation_mark
 from ..graph import Graph, tracing_nodes, tracing_recorder
 from ..plates.tensor import PlateTensor
 from ..smoothness import saved_values_unread
@@ -301,7 +300,6 @@ class CompiledStep(Generic[_P, _R]):
         torch.distributions.Distribution.set_default_validate_args(False)
         watch = _TraceMode(self.fn, tensors)
         python_random = _python_random_state()
-        mark = creation_mark()  # (an estimator with state made in the step: refused, _check_nodes)
         try:
             with torch.random.fork_rng(devices=devices), tracing_nodes(nodes, recorder), Graph(), \
                     _no_backward_in_trace(self.fn), _no_data_parallel_in_trace(self.fn), saved_values_unread():
@@ -327,7 +325,7 @@ class CompiledStep(Generic[_P, _R]):
             watch.restore()  # the trace ran the step's in-place updates on the real tensors: undone
         saved, watch = watch, None  # flat runs unwatched from here (the replay check)
         _check_python_random(python_random, self.fn)
-        _check_nodes(nodes, self.fn, self.compile_options.get("backend") is None, mark)
+        _check_nodes(nodes, self.fn, self.compile_options.get("backend") is None)
         _check_constants(gm, self.fn)
         estimators = _stateful(nodes)
         sig, state = _state_of(estimators)

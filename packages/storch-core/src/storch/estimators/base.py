@@ -1120,8 +1120,9 @@ class Estimator(torch.nn.Module):
 _WELL_FORMED: "weakref.WeakSet[type]" = weakref.WeakSet()
 
 
-# the estimators' creation order (Estimator._created): storch.compile tells an estimator made inside the step it
-# traces (one with state: made anew at every eager call, but replayed as the traced instance) by it
+# the estimators' creation order (Estimator._created): storch.compile tells an estimator made anew at every call of
+# the step it traces (one with state: from scratch at every eager call, but replayed as the traced instance) by it,
+# as one created again in the eager run after the trace (its replay check)
 _CREATED = itertools.count()
 
 
