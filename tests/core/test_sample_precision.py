@@ -1,6 +1,6 @@
 """Samples the dtype cannot resolve, where a score-function gradient reads them (storch.distributions.precision):
-a Beta drawn at the float spacing of 0 or 1 by a concentration near 0 (float64 too), a location-scale family whose
-scale is below 16·eps·|loc|. Refused with UnsupportedDistributionError; what is accepted is z-tested against the
+a Beta drawn at the float spacing of 0 or 1 by a concentration near 0 (float64 too; a Dirichlet near 0 only), a
+location-scale family whose scale is below 8 float spacings at loc. Refused with UnsupportedDistributionError; what is accepted is z-tested against the
 exact gradient. Runs with storch-core alone: the score function is the base class's components."""
 
 import pytest
@@ -80,6 +80,26 @@ def test_concentration_near_zero_is_refused(name, dtype):
         _draw(make, dtype)
 
 
+@pytest.mark.parametrize("conc, dtype", [((0.1, 0.1, 0.1), torch.float32), ((0.1, 0.1), torch.float32),
+                                         ((0.1, 0.1), torch.float64)], ids=["0.1x3-f32", "0.1x2-f32", "0.1x2-f64"])
+def test_dirichlet_near_one_is_accepted_and_unbiased(conc, dtype):
+    """Dirichlet.log_prob reads xlogy(c - 1, x), never log(1 - x): a component near 1 (the others' concentrations
+    summing to 0.1 or 0.2, below the near-1 limit) was refused although the score gradient is unbiased (the
+    reviewer's z 0.5, -0.1, -0.1 over 1e7 draws); accepted now, z-tested against d/dc of E[x0] = c0 / sum(c)."""
+    c64 = torch.tensor(conc, dtype=torch.float64, requires_grad=True)
+    (want,) = torch.autograd.grad(c64[0] / c64.sum(), c64)
+    g = _score_gradient(lambda th: Dirichlet(th), torch.tensor(conc), lambda x: x[..., 0], dtype, n=4)
+    assert_unbiased(g.double(), want, f"score gradient, Dirichlet{conc} {dtype}")
+
+
+def test_dirichlet_near_zero_is_refused_without_log_one_minus_x():
+    """The side Dirichlet's log p reads: Dirichlet(0.05·ones(3)) in float32 (below the near-0 limit 0.079) has a
+    biased score gradient (z 25 over 1e7 draws); refused, and the message names log(x), not log(1 - x)."""
+    with pytest.raises(storch.UnsupportedDistributionError, match=r"has concentration 0\.05.*log\(x\)") as info:
+        _draw(lambda d: Dirichlet(torch.full((3,), 0.05, dtype=d)), torch.float32)
+    assert "1 - x" not in str(info.value)
+
+
 def test_beta_score_was_silently_wrong_in_float64():
     """The porting tester's case, Beta(1, 1e-3) in float64: the score's gradient in concentration0 reads
     log(1 - x) stuck near log(eps/2) = -37 (z ~ 3000 against the exact -a/(a+b)²); the draw is refused now.
@@ -129,7 +149,7 @@ def test_pathwise_estimators_are_not_checked():
         _draw(make, torch.float64, Pathwise(plate="x", n_samples=200))
 
 
-# -- location-scale families: a scale below 16·eps·|loc| -----------------------------------------------------
+# -- location-scale families: a scale below 8 float spacings at loc -----------------------------------------
 
 LOC_SCALE = {
     "Normal": Normal, "Laplace": Laplace, "Cauchy": Cauchy, "Gumbel": Gumbel,
@@ -138,11 +158,42 @@ LOC_SCALE = {
 
 
 @pytest.mark.parametrize("family", list(LOC_SCALE))
-@pytest.mark.parametrize("loc, scale", [(0.5, 1e-8), (1e8, 1.0)])
-def test_scale_below_the_spacing_at_loc_is_refused_in_float32(family, loc, scale):
+@pytest.mark.parametrize("dtype, loc, scale", [(torch.float32, 0.5, 1e-8), (torch.float32, 1e8, 1.0),
+                                               (torch.float64, 1e16, 1.0)], ids=["f32-0.5", "f32-1e8", "f64-1e16"])
+def test_scale_below_the_spacing_at_loc_is_refused(family, dtype, loc, scale):
     make = LOC_SCALE[family]
-    with pytest.raises(storch.UnsupportedDistributionError, match="(?s)16·eps·|loc|.*float64.*center"):
-        _draw(lambda d: make(torch.tensor([0.0, loc], dtype=d), torch.tensor([1.0, scale], dtype=d)), torch.float32)
+    advice = r"use float64 .*center" if dtype == torch.float32 else r"one of: center"
+    with pytest.raises(storch.UnsupportedDistributionError,
+                       match=rf"(?s)below 8 float spacings at loc in {str(dtype)[6:]}.*{advice}"):
+        _draw(lambda d: make(torch.tensor([0.0, loc], dtype=d), torch.tensor([1.0, scale], dtype=d)), dtype)
+
+
+# (loc, the float32 spacing there): 1000 is near the top of its binade (spacing 0.51·eps·|loc|), 1025 at the bottom
+_SPACINGS = [(1000.0, 2.0 ** -14), (1025.0, 2.0 ** -13), (0.75, 2.0 ** -24)]
+
+
+@pytest.mark.parametrize("loc, spacing", _SPACINGS)
+def test_the_threshold_is_eight_spacings_at_loc(loc, spacing):
+    """Refused just below 8 float32 spacings at loc, accepted just above (measured, score gradient of
+    E[(x - loc - 2 scale)²], 1e7 draws: z 8 at 4 spacings per scale, 2-4 at 8, |z| < 1 at 16; the old bound,
+    16·eps·|loc|, refused up to 32 spacings: Normal(1000, 1e-3), 16 spacings, z -0.3 and 0.7, was refused)."""
+    def make(s):
+        return lambda d: Normal(torch.tensor(loc, dtype=d), torch.tensor(s, dtype=d))
+    with pytest.raises(storch.UnsupportedDistributionError, match="below 8 float spacings"):
+        _draw(make(7.5 * spacing), torch.float32)
+    _draw(make(8.5 * spacing), torch.float32)
+    _draw(make(7.5 * spacing), torch.float64)  # float64 resolves it
+
+
+def test_normal_1000_scale_1e_3_is_accepted_in_float32_and_unbiased():
+    """The reviewer's case: Normal(1000, 1e-3) in float32 (16 spacings per scale) was refused although its score
+    gradient is unbiased (z -0.3, 0.7 over 1e7 draws); accepted now, and z-tested here (f centred at loc, scaled)."""
+    mu, s = 1000.0, 1e-3
+    g = _score_gradient(lambda th: Normal(th[0], th[1]), torch.tensor([mu, s]),
+                        lambda x: (x - mu) ** 2 * 1e6, torch.float32, n=4)
+    mu32, s32 = float(torch.tensor(mu)), float(torch.tensor(s))
+    assert_unbiased(g.double(), torch.tensor([2 * (mu32 - mu) * 1e6, 2 * s32 * 1e6], dtype=torch.float64),
+                    "score gradient, Normal(1000, 1e-3) float32", atol=1e-3)
 
 
 def test_normal_score_was_silently_wrong_in_float32_and_is_right_in_float64():

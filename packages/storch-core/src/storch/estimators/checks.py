@@ -35,8 +35,8 @@ _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 def check_precision(est: Estimator, distribution: Distribution, sample: torch.Tensor) -> None:
     """Refuse (:class:`~storch.UnsupportedDistributionError`) samples of ``distribution`` (a node's raw one, or a
     partition step's) that its dtype cannot resolve where ``est``'s gradient reads them: a Beta, Kumaraswamy or
-    Dirichlet drawn at the float spacing of 0 or 1 by a concentration near 0, a location-scale family whose
-    scale is below ``SPREAD * eps * |loc|`` (:mod:`storch.distributions.precision`). Called by the estimator base
+    Dirichlet (near 0 only) drawn at the float spacing of 0 or 1 by a concentration near 0, a location-scale family whose
+    scale is below ``SPREAD`` float spacings at its loc (:mod:`storch.distributions.precision`). Called by the estimator base
     class for an estimator with ``score_function`` and by mvd (its points loc ± scale·w); storch.extending
     exports it for other estimators that read the sample's position.
 
