@@ -6,6 +6,8 @@
 - :func:`layout`: the raw storage of a plate tensor in a chosen plate order (missing or size-1
   plates expanded), to hand storch's samples to a hand-written batched model.
 - :func:`assert_same_grads`: two lists of gradients are equal (tight tolerances).
+- :func:`step_value_and_grads`, :func:`assert_same_step`: a (compiled or eager) step's value and gradients from a
+  seed, and two of them equal (the compile tests' comparison with eager storch).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 
 import storch
 
-__all__ = ["lift", "layout", "assert_per_entry", "assert_same_grads", "grads", "PLATES"]
+__all__ = ["lift", "layout", "assert_per_entry", "assert_same_grads", "grads", "PLATES", "step_value_and_grads",
+           "assert_same_step"]
 
 # a sample plate and a data plate, sizes chosen different so that mixed-up dims show
 PLATES = (storch.Plate("z", 3), storch.Plate("data", 2, True))
@@ -154,3 +157,18 @@ class TrainableBaseline(torch.nn.Module):
 
     def forward(self, node, cost):
         return cost.align(self.net(node.distribution.logits.detach()).squeeze(-1), node.parents)
+
+
+def step_value_and_grads(loss: Callable, params: Sequence[torch.Tensor], args: Sequence, seed: int):
+    """``(value, grads)`` of ``loss(*args)`` drawn from ``seed``."""
+    torch.manual_seed(seed)
+    value = loss(*args)
+    return value.detach(), torch.autograd.grad(value, params)
+
+
+def assert_same_step(got, want) -> None:
+    """``(value, grads)`` of a compiled or replayed step equal eager storch's from the same seed."""
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert len(got[1]) == len(want[1])
+    for g, e in zip(got[1], want[1]):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)

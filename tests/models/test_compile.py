@@ -19,7 +19,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.distributions import Bernoulli, Distribution, Normal
 
 import storch
-from model_checks import TrainableBaseline
+from model_checks import TrainableBaseline, assert_same_step, step_value_and_grads
 from storch_bench import conv_vae, gru_decoder
 from storch_bench.data import load_binary_digits
 from storch_bench.models import VAE, storch_surrogate
@@ -91,18 +91,7 @@ def _rnn():
 STEPS = {"toy": _toy, "vae": _vae("bernoulli"), "vae_categorical": _vae("categorical"), "cnn": _cnn, "rnn": _rnn}
 
 
-def _grads(loss, params, args, seed):
-    torch.manual_seed(seed)
-    value = loss(*args)
-    return value.detach(), torch.autograd.grad(value, params)
-
-
-def _assert_same(got, want):
-    """``(value, grads)`` of a compiled or replayed step equal eager storch's from the same seed."""
-    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
-    assert len(got[1]) == len(want[1])
-    for g, e in zip(got[1], want[1]):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+_grads, _assert_same = step_value_and_grads, assert_same_step
 
 
 @pytest.mark.parametrize("step", list(STEPS))

@@ -17,6 +17,7 @@ from torch.distributions import Bernoulli
 from torch.optim.optimizer import _global_optimizer_pre_hooks
 
 import storch
+from model_checks import assert_same_step, step_value_and_grads
 
 pytestmark = pytest.mark.usefixtures("restore_validation")  # conftest
 
@@ -40,16 +41,7 @@ def _est():
     return storch.estimator("score", plate="z", n_samples=2, baseline="leave_one_out")
 
 
-def _grads(loss, params, args, seed):
-    torch.manual_seed(seed)
-    value = loss(*args)
-    return value.detach(), torch.autograd.grad(value, params)
-
-
-def _assert_same(got, want):
-    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
-    for g, e in zip(got[1], want[1]):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+_grads, _assert_same = step_value_and_grads, assert_same_step
 
 
 # -- the optimizer inside the step -----------------------------------------------------------------------------
