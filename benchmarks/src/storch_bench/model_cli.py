@@ -62,7 +62,7 @@ def bias_rule(estimates: int) -> str:
     if estimates >= MIN_BIAS_ESTIMATES:
         return "bias z = split-half z-test of the bias (> 4: biased)"
     return (f"rel. bias and bias z not computed: {estimates} estimates are too few for the bias z-test (from "
-            f"{MIN_BIAS_ESTIMATES} on; below, an unbiased estimator's |z| exceeds 4 in 0.5-16% of rows)")
+            f"{MIN_BIAS_ESTIMATES} on; below, an unbiased estimator's |z| exceeds 4 in 0.1-16% of rows)")
 
 
 def setup(c: Comparison) -> str:
@@ -156,7 +156,7 @@ def add_arguments(p: argparse.ArgumentParser, at_least: Callable[[int], Callable
                    "(default function name: step)")
     p.add_argument("--estimates", type=at_least(4), default=32, help="derivative estimates per estimator (default "
                    f"32, at least 4); the bias z-test and rel. bias only from {MIN_BIAS_ESTIMATES} on (below, an "
-                   "unbiased estimator shows |z| > 4 in 0.5-16%% of rows: docs/comparison.md)")
+                   "unbiased estimator shows |z| > 4 in 0.1-16%% of rows: README, 'Which estimator for my model?')")
     p.add_argument("--order", type=at_least(1), default=1, help="derivative order the model needs (default 1); "
                    "estimators not unbiased to it are skipped")
     p.add_argument("--warmup", type=at_least(0), default=20, help="storch.backward() steps before measuring "

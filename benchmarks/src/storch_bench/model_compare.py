@@ -248,7 +248,7 @@ def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[s
             estimator (``score`` also with ``baseline=leave_one_out``, ``unordered_set`` at ``@samples``).
         estimates: derivative estimates per estimator (the variance is over these; at least 4). The bias
             columns are computed from ``MIN_BIAS_ESTIMATES`` (32) on and NaN below: with fewer, the
-            z-test flags unbiased estimators (|z| > 4 in 0.5-16% of rows).
+            z-test flags unbiased estimators (|z| > 4 in 0.1-16% of rows).
         order: the derivative order the model needs; estimators with ``max_order < order`` and,
             for ``order >= 2``, biased ones are skipped.
         warmup: training steps (``storch.backward()``) each estimator runs before it is measured.
