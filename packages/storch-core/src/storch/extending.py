@@ -41,7 +41,7 @@ Distributions:
     ``params = rsample_params(d)``, then ``note_rsample(node, x, d, params)`` after ``x = d.rsample(...)``.
     :func:`check_precision` refuses samples their dtype cannot resolve where an estimator's gradient reads
     their position (a Beta drawn at the float spacing of 1 by a concentration near 0, a Normal whose scale is
-    below 8 float spacings at loc): the base class calls it for an estimator with ``score_function``, mvd for its points
+    below 12 float spacings at loc): the base class calls it for an estimator with ``score_function``, mvd for its points
     loc ± scale·w; call it in a proposal that reads the sample otherwise.
     :func:`moving_support` names the parameters that require grad and move a distribution's support
     (``Uniform``'s bounds, ``Pareto``'s scale): a score-function gradient misses the boundary term there,

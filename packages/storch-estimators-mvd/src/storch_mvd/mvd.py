@@ -113,7 +113,7 @@ class Mvd(Estimator):
         e = math.prod(own)
         with torch.no_grad():
             x0 = base.sample((n,)).reshape((n, 1, 1, 1) + parents + (e,) + event)
-        check_precision(self, base, x0)  # a scale below 8 float spacings at loc: the points loc ± scale·w round onto loc
+        check_precision(self, base, x0)  # a scale below 12 float spacings at loc: the points loc ± scale·w round onto loc
         # entry (k, s, j) replaces element j of x₀ and nothing else
         eye = torch.eye(e, dtype=torch.bool, device=x0.device)
         eye = eye.reshape((1, 1, 1, e) + (1,) * npar + (e,) + (1,) * len(event))

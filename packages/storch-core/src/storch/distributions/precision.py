@@ -23,11 +23,12 @@ log p(x) of ``score``, ``importance``, LAX, VIMCO; mvd's pair of points), not of
   equal loc exactly, so (x - loc) / scale² is 0; ``Normal(1e8, 1)`` in float32: mvd's points loc ± scale·w
   both round to loc and its gradient is exactly 0). :func:`location_scale_problem` compares the parameters
   (not the sample: a draw that rounds onto loc happens by chance at any ratio, a refusal must not):
-  ``scale < SPREAD * spacing(loc)``, the draws on fewer than SPREAD floats per scale. SPREAD = 8 is measured
-  (z of the score gradient of E[(x - loc - 2 scale)²], float32, 1e7 draws, by scale / spacing: 4: z 8; 6: z
-  4-5; 8: z 2-4; 16: |z| < 1 for Normal(1000, 1e-3)): the bias shrinks like (spacing / scale)², the threshold
-  refuses where it is about 1e-3 of the gradient. In eps·|loc| it is 4 to 8 (the spacing at |loc| is
-  between eps·|loc|/2 and eps·|loc|): ``Normal(1000, 1e-3)`` is accepted, ``Normal(1000, 3e-4)`` refused.
+  ``scale < SPREAD * spacing(loc)``, the draws on fewer than SPREAD floats per scale. SPREAD = 12 is measured
+  (z of the score gradient of E[(x - loc - 2 scale)²], float32, 1e7 draws, by scale / spacing: 4: z 7-8
+  (bias 0.5%); 6: z 4-5; 8: z 2-4 (0.16%); 10: z 3 (0.22%); 12: z 0.8 (0.06%); 16: |z| < 1): the bias
+  shrinks like (spacing / scale)², and the threshold refuses where it exceeds about 1e-3 of the gradient. In
+  eps·|loc| it is 6 to 12 (the spacing at |loc| is between eps·|loc|/2 and eps·|loc|): ``Normal(1000, 1e-3)``
+  (16 spacings) is accepted, ``Normal(1000, 3e-4)`` refused.
 
 Both return the reason in words (``None``: nothing found); the estimator base class and mvd raise
 :class:`storch.UnsupportedDistributionError` with it (``storch.estimators.checks.check_precision``).
@@ -47,7 +48,7 @@ __all__ = ["UNIT_INTERVAL", "LOCATION_SCALE", "SPREAD", "LIKELY", "precision_che
 
 UNIT_INTERVAL = (Beta, Kumaraswamy, Dirichlet)
 LOCATION_SCALE = (Normal, Laplace, Cauchy, Gumbel, StudentT)
-SPREAD = 8  # float spacings per scale below which a location-scale family's draws are refused (step > scale/8)
+SPREAD = 12  # float spacings per scale below which a location-scale family's draws are refused (step > scale/8)
 LIKELY = 1e-3  # the mass within the float spacing of 0 or 1 (~spacing ** concentration) above which it is refused
 
 _LIMITS: dict = {}  # dtype -> the concentrations below which unit_interval_problem refuses, near 0 and near 1
