@@ -260,23 +260,12 @@ def test_a_log_det_without_plates_that_is_constant_per_sample_is_kept():
         torch.testing.assert_close(lq.tensor, Normal(a * mu, a).log_prob(z.tensor))
 
 
-class _ScaleLogDet(Transform):
-    """y = a x elementwise, log|a| kept in _call (a constant per sample whose first dim is the sample count here)."""
-
-    domain = constraints.real
-    codomain = constraints.real
-    bijective = True
-
-    def __init__(self, a):
-        super().__init__(cache_size=1)
-        self.a = a
+class _ScaleLogDet(Scale):
+    """:class:`Scale` with log|a| kept in _call (a constant per sample whose first dim is the sample count here)."""
 
     def _call(self, x):
         self._ld = torch.log(self.a.abs())
         return x * self.a
-
-    def _inverse(self, y):
-        return y / self.a
 
     def log_abs_det_jacobian(self, x, y):
         return self._ld
