@@ -9,7 +9,7 @@ order (and ``_guard_control_variate`` their control variates), so that different
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -68,13 +68,11 @@ def _order_message(node: Node, order: int) -> str:
     what = (f"is biased (it estimates another objective) and its estimate is defined only up to order {est.max_order}"
             if est.biased else f"is unbiased only up to order {est.max_order}")
     d = node.original if node.original is not None else node.distribution
-    higher = [n for n in supporting_estimators(d) if _unbiased_to(n, order)]
-    partition, per_step = node.step > 0, []
-    if partition:  # one estimator called at several steps: only those that support partitions take its place
-        per_step = [n for n in higher if not _supports_partitions(n)]
-        higher = [n for n in higher if n not in per_step]
-        per_step = [n + _cost_form(n) for n in per_step]
-    higher = [n + _cost_form(n) for n in higher]
+    classes = [(n, c) for n in supporting_estimators(d) if (c := _installed_class(n)) is not None]
+    unbiased = [(n, c) for n, c in classes if not c.biased and c.max_order >= order]
+    partition = node.step > 0  # one estimator at several steps: only those supporting partitions take its place
+    higher = [n + _cost_form(c) for n, c in unbiased if not partition or c.supports_partitions]
+    per_step = [n + _cost_form(c) for n, c in unbiased if partition and not c.supports_partitions]
     others = (f" (installed, unbiased at order {order} for this node's {type(d).__name__}"
               f"{' and for a partition' if partition else ''}: {', '.join(higher)}"
               f"{'; or one estimator per step: ' + ', '.join(per_step) if partition and per_step else ''})"
@@ -84,29 +82,18 @@ def _order_message(node: Node, order: int) -> str:
             f"{order} was requested; choose an estimator with a higher max_order for this node{others}{option}")
 
 
-def _supports_partitions(name: str) -> bool:
+def _installed_class(name: str) -> Optional[type]:
+    """The installed estimator class of that name, or None where it cannot be loaded (only for an error message)."""
     try:
-        return bool(installed_classes()[name].supports_partitions)
+        return installed_classes()[name]
     except Exception:  # noqa: BLE001  (only for an error message)
-        return False
+        return None
 
 
-def _cost_form(name: str) -> str:
+def _cost_form(cls: type) -> str:
     """For the list of alternatives: a note on an estimator whose costs are written its own way (its
     ``cost_hint``: vimco's bound), which does not take the node's costs as they are."""
-    try:
-        hint = installed_classes()[name].cost_hint
-    except Exception:  # noqa: BLE001  (only for an error message)
-        return ""
-    return " (only for costs written its own way: see its docs)" if hint else ""
-
-
-def _unbiased_to(name: str, order: int) -> bool:
-    try:
-        cls = installed_classes()[name]
-    except Exception:  # noqa: BLE001  (only for an error message)
-        return False
-    return not cls.biased and cls.max_order >= order
+    return " (only for costs written its own way: see its docs)" if cls.cost_hint else ""
 
 
 def _low_order(node: Node, order: int = 1) -> bool:
