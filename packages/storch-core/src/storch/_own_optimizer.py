@@ -19,7 +19,8 @@ def _held(optimizer: torch.optim.Optimizer) -> list:
 
 def own_optimizer(optimizer: Optional[torch.optim.Optimizer], module: torch.nn.Module,
                   lr: float) -> torch.optim.Optimizer:
-    """``optimizer`` if it holds exactly ``module.parameters()``, else a new Adam over them (``lr``).
+    """``optimizer`` if it holds exactly ``module.parameters()``, else a new Adam over them; either steps with
+    ``lr``, the estimator's option (``est.lr = ...`` set after construction applies from the next update).
 
     Every parameter, frozen ones included: ``requires_grad`` changes (a frozen model, a frozen η) then
     change neither the optimizer nor the size of its saved state, and a frozen parameter is not stepped
@@ -30,10 +31,12 @@ def own_optimizer(optimizer: Optional[torch.optim.Optimizer], module: torch.nn.M
     if optimizer is not None:
         held = _held(optimizer)
         if len(held) == len(params) and all(a is b for a, b in zip(held, params)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             return optimizer
     new = torch.optim.Adam(params, lr=lr)
     if optimizer is not None:
-        new.param_groups[0].update({k: v for k, v in optimizer.param_groups[0].items() if k != "params"})
+        new.param_groups[0].update({k: v for k, v in optimizer.param_groups[0].items() if k not in ("params", "lr")})
         for p in params:
             if p in optimizer.state:
                 new.state[p] = optimizer.state[p]

@@ -177,8 +177,6 @@ class VarianceTrained(Estimator):
         # freezing η or the whole model changes neither the optimizer nor its saved state (a checkpoint loads
         # whatever is frozen when it is saved or loaded)
         self._optimizer = own_optimizer(self._optimizer, self, self.lr)
-        for group in self._optimizer.param_groups:  # est.lr = ... set after construction applies from here
-            group["lr"] = self.lr
         # .grad of a user network='s parameters as the backward pass left it, restored after the step: a layer
         # it shares with the model keeps the model's gradient for the user's optimizer (docs/estimators/relax.md).
         # Parameters storch made (η, λ, the default network) are the estimator's alone: their .grad (the

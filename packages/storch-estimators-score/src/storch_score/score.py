@@ -335,8 +335,6 @@ class Score(Estimator):
         # freezing it or the whole model changes neither the optimizer nor its saved state (a checkpoint loads
         # whatever is frozen when it is saved or loaded); a head for a new cost keeps the others' moments
         self._optimizer = own_optimizer(self._optimizer, self.baseline_fn, self.lr)
-        for group in self._optimizer.param_groups:  # est.lr = ... set after construction applies from here
-            group["lr"] = self.lr
         # .grad as the backward pass left it (None where it gave none): restored after the step, so the
         # user's optimizer sees the surrogate's gradient on a parameter the baseline shares with the
         # model (an A2C trunk) or that a cost of the user's (a credit=False regression) reached
