@@ -76,6 +76,18 @@ def test_installed_estimators_that_cannot_train_get_their_reasons_not_install_ad
     assert "- bernoulli: reparameterization@1: needs a distribution with rsample" in out, out
 
 
+@pytest.mark.parametrize("seeds", ["1", "2"])
+def test_nothing_ran_is_a_failed_run_with_one_seed_or_several(tmp_path, capsys, seeds):
+    """With several seeds, a run where no estimator could train the models (none a misspelt spec) printed no
+    reason and exited 0; with one seed it printed the reason and exited 0. Both exit 1 with the reason."""
+    rc = main(["vae", "--estimators", "reparameterization@1", "--epochs", "1", "--max-train", "50",
+               "--models", "bernoulli", "--seeds", seeds, "--no-progress", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert "Nothing ran: none of these estimators can train these models" in out, out
+    assert "- bernoulli: reparameterization@1: needs a distribution with rsample" in out, out
+
+
 def test_different_seed_changes_numbers(tmp_path):
     a = _run(tmp_path, "a")
     c = _run(tmp_path, "c", "--seed", "1")

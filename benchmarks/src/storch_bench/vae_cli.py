@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from .budget import aggregate
 from .report import fmt, header, markdown_table, plot_vae, text_table, write_csv
-from .roster import bad_spec, bad_spec_advice, parse_specs
+from .roster import bad_spec_advice, parse_specs
 from .vae import VAEConfig, run_vae
 
 __all__ = ["run", "config_from_args"]
@@ -104,10 +104,9 @@ def _run_seeds(args: argparse.Namespace, cfg: VAEConfig, seeds: list[int], stem:
     (out / f"{stem}.md").write_text(md)
     print(f"\n{title}\n" + text_table(AGG[:-1], [r[:-1] for r in table]))
     print(f"\n{setup}.\nWrote {out / (stem + '.md')}, {out / (stem + '.csv')}, {out / (stem + '_seeds.csv')}")
-    advice = None if rows else bad_spec_advice([(label, why) for (_, label), why in skipped.items()])
-    if advice:
-        print("\nDid not take part:\n" + notes + "\n\n" + advice)
-        return 2
+    if not rows:
+        print("\nDid not take part:\n" + notes)
+        return _nothing_ran([(label, why) for (_, label), why in skipped.items()])
     return 1 if any(r["note"].startswith("error") for r in rows) else 0
 
 
@@ -147,22 +146,30 @@ def _run_single(args: argparse.Namespace, cfg: VAEConfig, stem: str = "vae", wha
             print(f"note: {r.model} {r.label}: {r.note}")
     if skipped:
         print("\nDid not take part:\n" + notes)
-    advice = None if results else bad_spec_advice([(label, why) for _, label, why in skipped])
-    if not results and any(why.startswith("not installed") for _, _, why in skipped):
-        # install advice only where an estimator is missing: a misspelt name or option (advice) is fixed in
-        # the spec, and an installed estimator that cannot train these models is not helped by installing
-        print("\nNothing ran. Install the missing estimator families (see \"Did not take part\"), e.g. "
-              "`pip install storch-estimators-score storch-estimators-relaxed storch-estimators-mvd`, "
-              "or name installed estimators with --estimators.")
-    elif not results and any(not bad_spec(why) for _, _, why in skipped):
-        print("\nNothing ran: none of these estimators can train these models (each one's reason is under "
-              "\"Did not take part\" above); name others with --estimators (auto: every installed one).")
     print(f"\n{setup}.\nWrote {out / (stem + '.md')}, {out / (stem + '.csv')}, {out / (stem + '_cost.csv')}, "
           f"{out / (stem + '_curves.csv')}" + (f", {out / (stem + '.png')}" if results else ""))
     errors = [r for r in results if r.note.startswith("error")]
     if errors:
         print(f"\n{len(errors)} estimator(s) failed with an error (see the notes above)")
-    if advice:  # nothing ran, and specs were wrong: a failed run, not an empty table
+    if not results:
+        return _nothing_ran([(label, why) for _, label, why in skipped])
+    return 1 if errors else 0
+
+
+def _nothing_ran(skipped: list[tuple[str, str]]) -> int:
+    """Say why no estimator ran, and the exit status: 2 where specs were wrong (fix the spec), else 1 (an
+    estimator family is missing, or none of those named can train these models): an empty table is a failed run."""
+    advice = bad_spec_advice(skipped)
+    if advice:
         print("\n" + advice)
         return 2
-    return 1 if errors else 0
+    if any(why.startswith("not installed") for _, why in skipped):
+        # install advice only where an estimator is missing: a misspelt name or option (advice) is fixed in
+        # the spec, and an installed estimator that cannot train these models is not helped by installing
+        print("\nNothing ran. Install the missing estimator families (see \"Did not take part\"), e.g. "
+              "`pip install storch-estimators-score storch-estimators-relaxed storch-estimators-mvd`, "
+              "or name installed estimators with --estimators.")
+    else:
+        print("\nNothing ran: none of these estimators can train these models (each one's reason is under "
+              "\"Did not take part\" above); name others with --estimators (auto: every installed one).")
+    return 1
