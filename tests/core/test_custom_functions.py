@@ -335,3 +335,38 @@ def test_add_cost_during_a_backward_pass_is_refused_and_a_returned_cost_is_exact
     assert exact.abs().sum() > 0
     for mid in (False, True):
         torch.testing.assert_close(run("returned", mid=mid), exact)
+
+
+def test_denote_independent_during_a_backward_pass_is_refused_and_declaring_it_outside_is_exact():
+    """``storch.denote_independent`` inside ``checkpoint(..., use_reentrant=False)`` ran again in the recomputation
+    during backward and was told "plate name 'data' is already used in this graph ... pass them in ONE call", which
+    is not the mistake. Refused now with the checkpoint's reason and the fix (declare the plate before the
+    checkpoint and pass the plate tensor in), which gives the uncheckpointed step's gradient."""
+    from torch.distributions import Normal
+
+    data = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+
+    def run(how):
+        torch.manual_seed(0)
+        enc, dec = torch.nn.Linear(4, 2), torch.nn.Linear(2, 4)
+
+        def declared_inside(x):
+            return enc(_data(x))
+
+        if how == "inside":
+            h = checkpoint(declared_inside, data, use_reentrant=False)
+        else:
+            x = _data(data)
+            h = checkpoint(enc, x, use_reentrant=False) if how == "outside" else enc(x)
+        z = storch.estimator("reparameterization", plate="z", n_samples=2)(Normal(h, 1.0))
+        storch.add_cost(((dec(z) - 1.0) ** 2).sum(), name="rec")
+        storch.backward()
+        return enc.weight.grad
+
+    with pytest.raises(storch.PlateError, match=r"^storch.denote_independent was called during a backward pass "
+                       r"\(plate 'data'\).*Declare the data plate before the checkpoint"):
+        run("inside")
+    storch.reset()
+    exact = run("plain")
+    assert exact.abs().sum() > 0
+    torch.testing.assert_close(run("outside"), exact)

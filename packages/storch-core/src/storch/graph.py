@@ -325,6 +325,8 @@ class Graph:
             return self._denote_independent(tensor, dim, plate)
 
     def _denote_independent(self, tensor: torch.Tensor, dim: int, plate: str) -> PlateTensor:
+        if _graph_task_id() != -1:  # (one C call: -1 outside a backward pass)
+            raise PlateError(_denote_in_backward_message(plate))
         if not isinstance(tensor, torch.Tensor):
             raise PlateError(f"denote_independent needs a tensor, got {type(tensor).__name__}")
         if isinstance(dim, bool) or not isinstance(dim, int):
@@ -504,6 +506,16 @@ def _in_backward_message(label) -> str:
         "storch.backward() counts it twice). Return the cost from the checkpointed function and add it outside "
         "(`cost = checkpoint(f, z, use_reentrant=False); storch.add_cost(cost, name=...)`); the same holds for "
         "storch.add_cost called from a tensor hook or a custom Function's backward")
+
+
+def _denote_in_backward_message(plate) -> str:
+    return (
+        f"storch.denote_independent was called during a backward pass (plate {plate!r}). "
+        "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) runs the checkpointed function again during "
+        "backward to recompute what it saved, and the data plate it declared in the forward pass is already in the "
+        "graph. Declare the data plate before the checkpoint and pass the plate tensor in "
+        "(`xs = storch.denote_independent(x, 0, 'data'); h = checkpoint(enc, xs, use_reentrant=False)`); the same "
+        "holds for storch.denote_independent called from a tensor hook or a custom Function's backward")
 
 
 def current_graph() -> Graph:
