@@ -3,6 +3,9 @@ a Beta drawn at the float spacing of 0 or 1 by a concentration near 0 (float64 t
 location-scale family whose scale is below 12 float spacings at loc. Refused with UnsupportedDistributionError; what is accepted is z-tested against the
 exact gradient. Runs with storch-core alone: the score function is the base class's components."""
 
+import math
+import warnings
+
 import pytest
 import torch
 from torch.distributions import (Bernoulli, Beta, Cauchy, Dirichlet, Gumbel, Independent, Kumaraswamy, Laplace,
@@ -75,8 +78,8 @@ UNIT = {  # name -> (distribution in a dtype, the concentration named)
 @pytest.mark.parametrize("name", list(UNIT))
 def test_concentration_near_zero_is_refused(name, dtype):
     make, param = UNIT[name]
-    with pytest.raises(storch.UnsupportedDistributionError, match=rf"(?s)has {param} .*resolves.*"
-                                                                  "'reparameterization'"):
+    with pytest.raises(storch.UnsupportedDistributionError, match=rf"(?s)has {param} .*(resolves|exactly).*"
+                                                                  "(closed-form|floor)"):
         _draw(make, dtype)
 
 
@@ -103,15 +106,18 @@ def test_dirichlet_near_zero_is_refused_without_log_one_minus_x():
 def test_beta_score_was_silently_wrong_in_float64():
     """The porting tester's case, Beta(1, 1e-3) in float64: the score's gradient in concentration0 reads
     log(1 - x) stuck near log(eps/2) = -37 (z ~ 3000 against the exact -a/(a+b)²); the draw is refused now.
-    The pathwise gradient of the same node is right (z-test), which is what the message says to use."""
+    The pathwise gradient of the same node is right for a bounded cost (z-test), as the message says (and biased for
+    one that reads log(1 - x): test_pathwise_log_one_minus_x_is_biased_below_the_limit)."""
     a, b = 1.0, 1e-3
     exact = torch.tensor([b / (a + b) ** 2, -a / (a + b) ** 2], dtype=torch.float64)
-    with pytest.raises(storch.UnsupportedDistributionError, match="float64 does not help"):
+    with pytest.raises(storch.UnsupportedDistributionError, match=r"(?s)no general remedy.*bounded as x -> 1.*"
+                                                                   "closed-form"):
         _score_gradient(lambda th: Beta(th[0], th[1]), torch.tensor([a, b]), lambda x: x, torch.float64)
     torch.manual_seed(0)
     with storch.Graph():
         leaf, th = replicate(torch.tensor([a, b], dtype=torch.float64), R)
-        x = storch.estimator("reparameterization", plate="x")(Beta(th[0], th[1]))
+        with pytest.warns(storch.PrecisionWarning, match="concentration0 0.001"):
+            x = storch.estimator("reparameterization", plate="x")(Beta(th[0], th[1]))
         storch.add_cost(x)
         g = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)[0]
     assert_unbiased(g, exact, "pathwise gradient of E[x]")
@@ -143,10 +149,138 @@ def test_a_partition_step_is_checked():
             est(Beta(x * 0 + 1.0, x * 0 + 1e-3))
 
 
-def test_pathwise_estimators_are_not_checked():
-    """reparameterization's gradient does not read log p: the same draws are accepted."""
+def test_pathwise_estimators_are_warned_not_refused():
+    """reparameterization's gradient does not read log p: the same draws are accepted, with a PrecisionWarning
+    (exact for a bounded cost, wrong for one that reads log(1 - x)), once per estimator."""
     for make, _ in UNIT.values():
-        _draw(make, torch.float64, Pathwise(plate="x", n_samples=200))
+        est = Pathwise(plate="x", n_samples=200)
+        with pytest.warns(storch.PrecisionWarning, match="(log\\(1 - x\\)|log\\(x\\))") as record:
+            _draw(make, torch.float64, est)
+            _draw(make, torch.float64, est, seed=1)
+        assert len([w for w in record if w.category is storch.PrecisionWarning]) == 1
+
+
+# -- pathwise estimators: a cost that reads log(1 - x) (storch.PrecisionWarning) ----------------------------------
+
+def _pathwise_log_gradient(c, dtype, side=1, cost=None, reps=200, n=256, seed=0):
+    """Per-draw pathwise gradients of E[cost(x)] (default log(1 - x), or log x at ``side`` 0) in log c, for
+    Beta(1, c) (Beta(c, 1) at side 0), with reparameterization (its PrecisionWarning ignored)."""
+    torch.manual_seed(seed)
+    lc = torch.tensor(math.log(c), dtype=dtype, requires_grad=True)
+    est = storch.estimator("reparameterization", plate="x", n_samples=n)
+    one = torch.tensor(1.0, dtype=dtype)
+    cost = cost or (torch.log1p if side == 1 else torch.log)
+    gs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", storch.PrecisionWarning)
+        for _ in range(reps):
+            with storch.Graph():
+                x = est(Beta(one, lc.exp()) if side == 1 else Beta(lc.exp(), one))
+                storch.add_cost(cost(-x) if cost is torch.log1p else cost(x))
+                gs.append(torch.autograd.grad(storch.surrogate_loss(), lc)[0].double())
+    return torch.stack(gs)
+
+
+@pytest.mark.parametrize("dtype, c, side", [(torch.float32, 0.1, 1), (torch.float64, 0.1, 1), (torch.float32, 0.03, 0)],
+                         ids=["f32-0.1", "f64-0.1", "f32-near0-0.03"])
+def test_pathwise_log_one_minus_x_is_biased_below_the_limit(dtype, c, side):
+    """The porting tester's silent case: reparameterization of Beta(1, c) with a cost reading log(1 - x) (a
+    Beta-Bernoulli likelihood): d/dlog c E[log(1 - x)] = 1/c (digamma closed form) came out 4.8 for 10 at c 0.1
+    in float32. It still does (storch cannot see the cost), and the draw now gives a PrecisionWarning that names
+    the concentration and the measured bias. The z-test here detects the bias (|z| > 8)."""
+    g = _pathwise_log_gradient(c, dtype, side)
+    z = (g.mean() - 1 / c) / (g.std() / math.sqrt(len(g)))
+    assert z < -8, f"z {float(z):.1f}: the bias this warning is about was not seen"
+    est = storch.estimator("reparameterization", plate="x", n_samples=4)
+    one, cc = torch.tensor(1.0, dtype=dtype), torch.tensor(c, dtype=dtype)
+    name, log = ("concentration0", r"log\(1 - x\)") if side else ("concentration1", r"log\(x\)")
+    with pytest.warns(storch.PrecisionWarning, match=rf"{name} {c:g}, below .*{log}.*closed-form"):
+        with storch.Graph():
+            est(Beta(one, cc) if side else Beta(cc, one))
+
+
+@pytest.mark.parametrize("dtype, c, side", [(torch.float32, 0.8, 1), (torch.float64, 0.3, 1),
+                                            (torch.float32, 0.15, 0), (torch.float64, 0.02, 0)],
+                         ids=["f32-0.8", "f64-0.3", "f32-near0-0.15", "f64-near0-0.02"])
+def test_pathwise_log_cost_above_the_limit_is_unbiased_and_not_warned(dtype, c, side):
+    """Above the limit (0.55 / 0.25 near 1, 0.11 / 0.013 near 0, float32 / float64; measured, see
+    storch.distributions.precision.LIKELY_PATHWISE) no warning, and the log cost's pathwise gradient is unbiased."""
+    from storch.distributions.precision import unit_interval_limits
+    near_0, near_1 = unit_interval_limits(Beta, dtype, pathwise=True)
+    assert c > (near_1 if side == 1 else near_0)
+    one, cc = torch.tensor(1.0, dtype=dtype), torch.tensor(c, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", storch.PrecisionWarning)
+        with storch.Graph():
+            storch.estimator("reparameterization", plate="x", n_samples=4)(Beta(one, cc) if side else Beta(cc, one))
+    g = _pathwise_log_gradient(c, dtype, side)
+    assert_unbiased(g, torch.tensor(1 / c, dtype=torch.float64), f"d/dlog c E[log] of Beta, c {c}, {dtype}")
+
+
+@pytest.mark.parametrize("dtype, c", [(torch.float32, 0.5), (torch.float64, 0.2)], ids=["f32-0.5", "f64-0.2"])
+def test_pathwise_warns_just_below_the_limit(dtype, c):
+    """Just below the limit (float32 0.5: measured bias 0.13%, z 3.4 over 6e6 draws; float64 0.2: 0.46%, z 13)."""
+    with pytest.warns(storch.PrecisionWarning, match=f"concentration0 {c:g}, below"):
+        with storch.Graph():
+            storch.estimator("reparameterization", plate="x", n_samples=4)(
+                Beta(torch.tensor(1.0, dtype=dtype), torch.tensor(c, dtype=dtype)))
+
+
+def test_pathwise_bounded_cost_stays_exact_below_the_limit():
+    """A cost bounded as x -> 1 (E[x]) keeps an exact pathwise gradient at Beta(1, 0.1) in float32 (z-test
+    against d/dlog b of 1/(1 + b)): why this is a warning and not a refusal."""
+    b = 0.1
+    g = _pathwise_log_gradient(b, torch.float32, cost=lambda x: x)
+    assert_unbiased(g, torch.tensor(-b / (1 + b) ** 2, dtype=torch.float64), "d/dlog b E[x], Beta(1, 0.1)")
+
+
+def test_precision_warning_follows_warnings_filters():
+    """'error' makes the warning a refusal, 'ignore' silences it; it is a UserWarning."""
+    assert issubclass(storch.PrecisionWarning, UserWarning)
+    make = lambda: Beta(torch.tensor(1.0), torch.tensor(0.1))  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", storch.PrecisionWarning)
+        with pytest.raises(storch.PrecisionWarning):
+            with storch.Graph():
+                storch.estimator("reparameterization", plate="x", n_samples=4)(make())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=storch.PrecisionWarning)
+        with storch.Graph():
+            storch.estimator("reparameterization", plate="x", n_samples=4)(make())
+    assert not [w for w in record if w.category is storch.PrecisionWarning]
+
+
+# -- Kumaraswamy: its sampler returns 0 and 1 exactly ---------------------------------------------------------
+
+def test_kumaraswamy_score_limit_is_its_own():
+    """Kumaraswamy(1, 0.6) in float32 passed the Beta limit (0.42) but its sampler returns exactly 1.0 for ~3e-5
+    of the draws (1 - u^(1/b) rounds to 1), where log p is infinite: 14 of 100 steps raised NonFiniteCostError at
+    n_samples 4096. Its own limit (draws of exactly 0 or 1 above 1e-6: 0.80 in float32, 0.37 in float64) refuses
+    it, naming the exact draws; float64 accepts it."""
+    make = lambda d: Kumaraswamy(torch.tensor(1.0, dtype=d), torch.tensor(0.6, dtype=d))  # noqa: E731
+    with pytest.raises(storch.UnsupportedDistributionError, match=r"concentration0 0\.6, below 0\.8 .*exactly 1"):
+        _draw(make, torch.float32)
+    _draw(make, torch.float64)
+
+
+def test_nonfinite_cost_from_an_exact_draw_names_the_cause():
+    """reparameterization of Kumaraswamy(1, 0.3) with a sampled log q(x) (the porting tester's KL term): ~0.5% of
+    float32 draws equal 1, log q is infinite, and storch.backward() says so (the draws, the concentration, the
+    remedies) instead of the generic 'log p(x) = -inf, or diverged parameters; a tanh-squashed distribution'."""
+    torch.manual_seed(0)
+    b = torch.tensor(0.3, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", storch.PrecisionWarning)
+        with storch.Graph():
+            q = Kumaraswamy(torch.tensor(1.0), b)
+            x = storch.estimator("reparameterization", plate="x", n_samples=4096)(q)
+            storch.add_cost(q.log_prob(x), name="logq")
+            with pytest.raises(storch.NonFiniteCostError) as info:
+                storch.backward()
+    text = str(info.value)
+    assert "of the 4096 draws of Kumaraswamy (concentration1 min 1, concentration0 min 0.3; float32) equal 1 " \
+        "exactly" in text and "float64" in text and "tanh" not in text
 
 
 # -- location-scale families: a scale below 12 float spacings at loc -----------------------------------------

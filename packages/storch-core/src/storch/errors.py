@@ -18,6 +18,7 @@ __all__ = [
     "PluginError",
     "UnusedSampleWarning",
     "IndependentStepWarning",
+    "PrecisionWarning",
     "plate_error_from",
 ]
 
@@ -37,6 +38,15 @@ class IndependentStepWarning(UserWarning):
     step is drawn for every entry of them: the signature of two independent branches of a model sharing
     one estimator (labelled and unlabelled data), which need one estimator each (docs/partitions.md).
     Gradients stay unbiased; the step's compute is multiplied by the sizes of those plates."""
+
+
+class PrecisionWarning(UserWarning):
+    """A pathwise estimator (``reparameterization``, a plugin with ``requires_rsample``) draws a Beta,
+    Kumaraswamy or Dirichlet whose concentration puts mass closer to 0 or 1 than the dtype resolves: its
+    gradient is exact for a cost that stays bounded there (E[x]), but biased (Beta, Dirichlet) or infinite at
+    random steps (Kumaraswamy's draws of exactly 0 or 1) for a cost that reads log(1 - x) or log x (a
+    Beta-Bernoulli likelihood, a sampled KL). Given once per estimator; storch cannot see the cost
+    (docs/reliability.md, "Float precision of the samples")."""
 
 
 class PlateError(StorchError, ValueError):

@@ -75,7 +75,8 @@ from ..node import Node
 from ..plates.tensor import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
 from ..score_conditions import KINK_FREE, moving_support, support_is_fixed
 from .catalog import EstimatorInfo, available, installed_classes, supporting_estimators
-from .checks import _check_sample_entries, _checked_lead, check_in_frame, check_precision, note_compared, note_rsample
+from .checks import (_check_sample_entries, _checked_lead, check_in_frame, check_precision, note_compared, note_rsample,
+                     warn_precision)
 from .messages import (_no_update_message, _nonfinite_parameters, _output_shape_message, _plate_tensor_draw_message,
                        _sample_dtype_message, _sample_shape_message, _under_jacfwd, updating_message)
 from .watch import _CATEGORIES, _both, _compare_watch, _threshold_watch, is_pathwise
@@ -360,8 +361,11 @@ class Estimator(torch.nn.Module):
             raise StorchError(_sample_shape_message(self, "proposal", sample.shape, own))
         if params is not None and not node.rsample_noted:  # a kink or jump inside the distribution's rsample
             note_rsample(node, sample, raw, params)  # lowers the node's order (unless the proposal noted its rsample)
-        if precision_checked(raw) is not None and _is_score_function(self):  # (one dict lookup for other classes)
-            check_precision(self, raw, sample)  # a Beta's draw at the float spacing of 1; a Normal's scale below eps·|loc|
+        if precision_checked(raw) is not None:  # (one dict lookup for other classes)
+            if _is_score_function(self):
+                check_precision(self, raw, sample)  # a Beta's draw at the float spacing of 1; a Normal's scale below eps·|loc|
+            elif self.requires_rsample:  # exact for a bounded cost, biased for log(1 - x): a PrecisionWarning
+                warn_precision(self, raw, sample, _user_stacklevel)
         plate = node.plate = Plate(self.plate, sample.shape[0], False, 0, Lineage())
         node.sample = sample
         graph.add_node(node)
@@ -548,8 +552,11 @@ class Estimator(torch.nn.Module):
         own = raw._batch_shape[1:] + raw._event_shape
         if sample.shape[1:len(own) + 1] != own:
             raise StorchError(_sample_shape_message(self, "extend", sample.shape, own, t))
-        if precision_checked(raw) is not None and _is_score_function(self):  # (as at the first step)
-            check_precision(self, raw, sample)
+        if precision_checked(raw) is not None:  # (as at the first step)
+            if _is_score_function(self):
+                check_precision(self, raw, sample)
+            elif self.requires_rsample:
+                warn_precision(self, raw, sample, _user_stacklevel)
         if params is not None and not node.rsample_noted:  # (as at the first step: each step's rsample, its
             note_rsample(node, sample, raw, params)  # parameters taken before it)
         prev = node.plate

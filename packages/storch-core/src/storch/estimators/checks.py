@@ -7,7 +7,8 @@ a distribution's own rsample (:func:`note_rsample`).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Optional
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch.distributions import Distribution
@@ -17,7 +18,7 @@ from .._order_guard import unbatched
 from ..distributions import rsample_kinks, rsample_params
 from ..distributions.precision import location_scale_problem, precision_checked, unit_interval_problem
 from ..distributions.rsample_kinks import COMPARISON
-from ..errors import PlateError, StorchError, UnsupportedDistributionError
+from ..errors import PlateError, PrecisionWarning, StorchError, UnsupportedDistributionError
 from ..graph import is_tracing
 from ..node import Node
 from ..plates.tensor import Plate, PlateTensor
@@ -26,7 +27,8 @@ from .messages import _step
 if TYPE_CHECKING:
     from .base import Estimator
 
-__all__ = ["check_in_frame", "MAX_SAMPLE_ENTRIES", "MAX_DRAW_ENTRIES", "note_rsample", "note_compared", "check_precision"]
+__all__ = ["check_in_frame", "MAX_SAMPLE_ENTRIES", "MAX_DRAW_ENTRIES", "note_rsample", "note_compared", "check_precision",
+           "warn_precision"]
 
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -62,6 +64,45 @@ def check_precision(est: Estimator, distribution: Distribution, sample: torch.Te
         return
     raise UnsupportedDistributionError(
         f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {problem}")
+
+
+def warn_precision(est: Estimator, distribution: Distribution, sample: torch.Tensor,
+                   stacklevel: Optional[Callable[[], int]] = None) -> None:
+    """Warn (:class:`~storch.PrecisionWarning`, once per estimator) where a pathwise estimator (``requires_rsample``,
+    not a score function) draws a Beta, Kumaraswamy or Dirichlet whose concentration puts mass closer to 0 or 1
+    than the dtype resolves (:func:`storch.distributions.precision.unit_interval_problem` with ``pathwise``).
+
+    A warning, not a refusal: the pathwise gradient of such a draw is exact for a cost that stays bounded as the
+    sample goes to 0 or 1 (E[x], a squared error: unbiased at Beta(1, 1e-3), float64), and biased only for one that
+    reads log(1 - x) or log x (a Beta-Bernoulli likelihood, a sampled KL q.log_prob(x): Beta(1, 0.1) float32 gave 4.8
+    for the exact 10). storch cannot see which one the cost is (the cost is added after the draw, and the log may sit
+    inside a user's function), so a refusal would break the exact case for every user of a small concentration
+    (an IBP's stick-breaking Beta(alpha, 1) at alpha 0.1, a sparse prior), and an opt-out option would make every
+    such user change code to keep a correct model running. The warning names the concentration, the measured bias and
+    the remedies; it fires once per estimator (not once per step), and ``warnings`` filters control it (``"error"``
+    makes it a refusal, ``"ignore"`` silences it for a bounded cost). The same limits and costs as
+    :func:`check_precision`: every draw on the CPU until it warned, the first per distribution class and dtype on an
+    accelerator; nothing while tracing or under a torch.func transform. ``stacklevel``: called here, the level
+    that points the warning at the user's estimator call (the base class's ``_user_stacklevel``)."""
+    found = precision_checked(distribution)
+    if found is None or found[0] != "unit" or est.__dict__.get("_storch_precision_warned") or is_tracing() \
+            or sample.is_meta or _is_wrapped(sample):
+        return
+    _, d = found
+    seen = None if sample.is_cpu else est.__dict__.setdefault("_storch_precision_seen_pathwise", set())
+    key = (type(d), sample.dtype)
+    if seen is not None and key in seen:
+        return
+    problem = unit_interval_problem(d, sample, pathwise=True)
+    if problem is None:
+        if seen is not None:
+            seen.add(key)
+        return
+    est.__dict__["_storch_precision_warned"] = True
+    warnings.warn(PrecisionWarning(
+        f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {problem}. (Given once per "
+        "estimator; silence it where the cost stays bounded with warnings.filterwarnings('ignore', "
+        "category=storch.PrecisionWarning).)"), stacklevel=stacklevel() if stacklevel else 2)
 
 
 def note_compared(node: Node, distribution: Distribution, found: Optional[str]) -> None:

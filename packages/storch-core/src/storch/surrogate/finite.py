@@ -9,6 +9,7 @@ from typing import Callable, Optional
 import torch
 
 from .._order_guard import unbatched
+from ..distributions.precision import exact_draws_hint, precision_checked
 from ..errors import NonFiniteCostError
 from ..estimators.base import Estimator
 from ..graph import Graph
@@ -29,6 +30,10 @@ _AFTER = ("nothing was backpropagated, estimator state (moving averages, learned
 def _message(costs: list, nodes: list, after: str = _AFTER) -> str:
     """Why a surrogate loss is not finite: the costs that are not, or else the estimators of the graph."""
     bad = [name for name, cost in costs if _holds(raw_of(cost), lambda t: ~torch.isfinite(t))]
+    exact = _exact_draws(nodes)
+    if exact:  # (a Kumaraswamy's draw of exactly 1: log p and a cost's log(1 - x) are infinite; the cause, not a guess)
+        what = f"cost {', '.join(repr(b) for b in bad)} is" if bad else "the surrogate loss is"
+        return f"{what} not finite (NaN or inf): {exact} {after}Catch storch.NonFiniteCostError to skip the batch"
     if bad:
         return (f"cost {', '.join(repr(b) for b in bad)} is not finite (NaN or inf), so its gradient would be too: "
                 f"{after}Find where the non-finite value comes from (e.g. log(0), NaN parameters, a diverging "
@@ -45,6 +50,23 @@ def _message(costs: list, nodes: list, after: str = _AFTER) -> str:
             f"diverged parameters; a tanh-squashed distribution whose sample saturated at ±1, where "
             f"TanhTransform's inverse is infinite: use TanhTransform(cache_size=1) so log_prob reuses the "
             f"pre-tanh sample){_infinite_logits_hint(nodes)}: {after}Catch storch.NonFiniteCostError to skip the batch")
+
+
+def _exact_draws(nodes: list) -> str:
+    """For :func:`_message` (error path only): the nodes whose Beta, Kumaraswamy or Dirichlet drew 0 or 1 exactly
+    (torch's Kumaraswamy sampler does for (eps/4)^concentration0 of its draws, and for ~6e-8 of any float32 draws),
+    where log p(x) and a cost's log(1 - x) are infinite: what storch.distributions.precision says of them."""
+    found = []
+    for n in nodes:
+        checked = precision_checked(n.distribution)
+        if checked is None or checked[0] != "unit" or n.sample is None:
+            continue
+        d, sample = checked[1], _outside(raw_of(n.sample).detach())
+        hint = None if sample is None else _quietly(lambda d=d, sample=sample: exact_draws_hint(d, sample))
+        if isinstance(hint, str):
+            found.append(f"estimator {n.estimator.name or type(n.estimator).__qualname__!r} (plate "
+                         f"{n.plate.name!r}): {hint}.")
+    return " ".join(found)
 
 
 def _nonfinite_components(nodes: list) -> list[str]:
