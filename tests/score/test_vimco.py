@@ -256,10 +256,11 @@ def test_vimco_refuses_log_weights_of_a_later_node():
 def test_vimco_refuses_a_second_bound_of_one_set():
     with storch.Graph():
         est = storch.estimator("vimco", plate="z", n_draws=K)
-        z = est(Bernoulli(logits=THETA.clone().requires_grad_(True)))
-        est.bound(bernoulli_log_w(z, THETA))
+        theta = THETA.clone().requires_grad_(True)
+        z = est(Bernoulli(logits=theta))
+        est.bound(bernoulli_log_w(z, theta))
         with pytest.raises(storch.StorchError, match="already called"):
-            est.bound(bernoulli_log_w(z, THETA))
+            est.bound(bernoulli_log_w(z, theta))
 
 
 @pytest.mark.parametrize("how", ["not called", "not added", "scaled"])
@@ -290,6 +291,66 @@ def test_vimco_refuses_a_bound_that_shares_its_name():
         storch.add_cost(z.sum(), name="loss")
         with pytest.raises(storch.CostError, match="shares its cost name 'loss'"):
             storch.surrogate_loss()
+
+
+def numpy_log_p(z):
+    """log p(z) + log p(x | z) of the Bernoulli model computed outside torch (numpy), per draw: (..., D) -> (...)."""
+    import numpy as np
+
+    prior, like = PRIOR.numpy(), LIKELIHOOD.numpy()
+    return (z * prior - np.logaddexp(0.0, prior)).sum(-1) + (z * like).sum(-1)
+
+
+def black_box_log_w(z, theta, how):
+    """log w of the Bernoulli model with log p from numpy (a black box); log q in torch, or in numpy too."""
+    log_p = numpy_log_p(z.tensor.detach().numpy())
+    log_q = Bernoulli(logits=theta.unsqueeze(-2)).log_prob(z).sum(-1)
+    if how == "log q in torch":
+        return storch.PlateTensor(torch.as_tensor(log_p), z.plates) - log_q
+    return storch.PlateTensor(torch.as_tensor(log_p - log_q.tensor.detach().numpy()), z.plates)
+
+
+def test_vimco_refuses_log_weights_without_gradient_while_q_is_trained():
+    """log w computed outside torch (log q in numpy) loses the bound's direct term ∇L: refused, not biased
+    (it was z = 15.7 off the exact gradient). Under torch.no_grad, or with a q whose parameters need no grad,
+    there is no gradient to lose: accepted; log-weights of the draws alone (no log q) are accepted when
+    bound() is told so (independent_of_q=True; z-tested in the Poisson test below)."""
+    theta = THETA.clone().requires_grad_(True)
+    with storch.Graph():
+        est = storch.estimator("vimco", plate="z", n_draws=K)
+        z = est(Bernoulli(logits=theta))
+        with pytest.raises(storch.CostError, match=r"carry no gradient.*Bernoulli.*q\.log_prob\(z\)"):
+            est.bound(black_box_log_w(z, theta, "all numpy"))
+        storch.add_cost(est.bound(black_box_log_w(z, theta, "log q in torch")), name="bound")  # the step goes on
+        storch.surrogate_loss()
+    with storch.Graph():
+        est = storch.estimator("vimco", plate="z", n_draws=K)
+        z = est(Bernoulli(logits=THETA))
+        storch.add_cost(est.bound(black_box_log_w(z, THETA, "all numpy")), name="bound")
+    with storch.Graph(), torch.no_grad():
+        est = storch.estimator("vimco", plate="z", n_draws=K)
+        z = est(Bernoulli(logits=theta))
+        storch.add_cost(est.bound(black_box_log_w(z, theta, "all numpy")), name="bound")
+    with storch.Graph():  # log w of the draws alone, said so: no check
+        est = storch.estimator("vimco", plate="z", n_draws=K)
+        z = est(Bernoulli(logits=theta))
+        log_w = storch.PlateTensor(torch.as_tensor(numpy_log_p(z.tensor.numpy())), z.plates)
+        storch.add_cost(est.bound(log_w, independent_of_q=True), name="bound")
+        storch.surrogate_loss()
+
+
+def test_vimco_with_a_black_box_log_p_and_log_q_in_torch_is_unbiased():
+    """The path the refusal points to: log p from numpy wrapped with z.plates, log q from torch."""
+    replicates = 3000
+    torch.manual_seed(2)
+    with storch.Graph():
+        leaf, theta = replicate(THETA, replicates)
+        est = storch.estimator("vimco", plate="z", n_draws=K, n_samples=2)
+        z = est(Bernoulli(logits=theta))
+        storch.add_cost(est.bound(black_box_log_w(z, theta, "log q in torch")), name="negative_bound")
+        (got,) = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+    result = assert_unbiased(got, derivatives(exact_bernoulli, THETA, 1)[0], "vimco, black-box log p")
+    print(f"\nvimco, black-box log p, log q in torch: max |z| {result.max_abs_z:.2f}")
 
 
 class _NoExpand(Bernoulli):
@@ -399,7 +460,7 @@ def test_vimco_a_poisson_rate_of_exactly_zero_has_an_unbiased_finite_gradient():
         leaf, lam = replicate(lam0, replicates)
         est = storch.estimator("vimco", plate="z", n_draws=2)
         z = est(Poisson(lam * mask))
-        storch.add_cost(est.bound(log_w(z)), name="negative_bound")
+        storch.add_cost(est.bound(log_w(z), independent_of_q=True), name="negative_bound")  # f(z_k) alone
         (got,) = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
     assert torch.isfinite(got).all()
     assert (got[:, 1] == 0).all()

@@ -99,7 +99,10 @@ Differentiating the loss in an update:
     :func:`is_differentiated` is the test of whether a tensor is being differentiated, in reverse mode
     (``requires_grad``) or forward mode (a ``torch.autograd.forward_ad`` / ``torch.func.jvp`` tangent, whose
     tensors do not require grad): use it, not ``requires_grad``, where a term is built or a check runs
-    only for the parameters that are differentiated.
+    only for the parameters that are differentiated. :func:`unbatched` is the tensor a ``torch.func.vmap``
+    batched tensor batches (a batched tensor reports ``requires_grad=False`` even where the tensor under it
+    requires grad): ``is_differentiated(unbatched(t))`` reads a value computed under vmap as the backward pass
+    outside it does (as :func:`grad_parameters` reads a distribution's parameters).
 
 Options:
     :mod:`options` (``storch.extending.options``) checks constructor options once, with errors
@@ -154,7 +157,7 @@ from .estimators.checks import check_precision, note_rsample
 from .generators import drawing_with
 from .graph import current_graph, is_tracing
 from .plates.tensor import align, plates_of, raw_of
-from ._order_guard import estimator_create_graph, is_differentiated
+from ._order_guard import estimator_create_graph, is_differentiated, unbatched
 from ._own_optimizer import hide_frozen_grads, load_own_optimizer, own_optimizer, own_optimizer_state
 from ._own_optimizer import state_dtype as _step_dtype
 from ._state_record import check_state_record, state_record
@@ -173,7 +176,7 @@ __all__ = [
     "rekey_transform_cache", "require_smooth", "nonsmooth_operations", "moving_support", "same_support", "estimator_create_graph",
     "refuse_create_graph", "is_differentiated", "table_cache", "own_optimizer", "hide_frozen_grads", "own_optimizer_state",
     "load_own_optimizer", "refuse_lazy_build", "rsample_kinks", "rsample_walked", "rsample_params", "grad_parameters", "note_rsample",
-    "check_precision",
+    "check_precision", "unbatched",
     "state_record", "check_state_record", "differentiated_total_count",
 ]
 

@@ -13,7 +13,7 @@ from torch.distributions import Distribution
 import storch
 from storch import (CostError, CostFrame, Estimator, Node, PlateError, PlateTensor, StorchError,
                     UnsupportedDistributionError, magic_box)
-from storch.extending import options, step_guard, strict_support
+from storch.extending import grad_parameters, is_differentiated, options, step_guard, strict_support, unbatched
 
 __all__ = ["Vimco", "VimcoState"]
 
@@ -127,11 +127,15 @@ class Vimco(Estimator):
         node.state.log_q = lp.sum(tuple(range(-own, 0))) if own else lp
         return node.state.log_q.sum(-1)  # l = Σ_k l_k: the set is one sample
 
-    def bound(self, log_w: torch.Tensor) -> torch.Tensor:
+    def bound(self, log_w: torch.Tensor, *, independent_of_q: bool = False) -> torch.Tensor:
         """L = -(logsumexp_k log w_k - log K), the negative multi-sample bound of this step's draws.
 
         Add the result itself as a cost (``storch.add_cost(est.bound(log_w), name=...)``): that cost
         gets the per-draw baselines. ``log_w`` has per-sample shape (K,): entry k computed from draw k.
+        Log-weights that carry no gradient while q's parameters require grad (log q computed in numpy,
+        or detached) are refused (``storch.CostError``): they drop the bound's direct term ∇L through
+        log q. ``independent_of_q=True`` says they truly do not depend on q's parameters (an objective
+        -log mean_k exp f(z_k) of the draws alone, not an importance weight p / q) and skips that check.
         """
         with step_guard():
             graph = storch.current_graph()
@@ -159,6 +163,8 @@ class Vimco(Estimator):
             if node.state.bound is not None:
                 raise StorchError(f"vimco (plate {self.plate!r}): bound() was already called in this step; a set "
                                   "of draws has one bound (add it once, or use one estimator per bound)")
+            if not independent_of_q:
+                _check_log_q_in_log_w(self.plate, node, log_w)
             value = -(torch.logsumexp(log_w, -1) - math.log(self.n_draws))
             s = node.state
             s.bound, s.log_w, s.log_w_plates = value, log_w.tensor.detach(), log_w.plates  # ⊥: b_k is a constant
@@ -193,6 +199,28 @@ class Vimco(Estimator):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, n_draws={self.n_draws}"
+
+
+def _check_log_q_in_log_w(plate: str, node: Node, log_w: PlateTensor) -> None:
+    """Refuse log-weights that carry no gradient while q's parameters do (grad mode on).
+
+    log w_k = log p(x, z_k) - log q(z_k) depends on q's parameters through log q: the bound's direct
+    dependence on them (∇L) is part of VIMCO's gradient. Log-weights computed outside torch (log q in numpy,
+    or detached) drop it, and the gradient is biased without a sign; refused here. (A log q detached while
+    log p keeps a gradient is not seen: log_w then requires grad.)"""
+    if not torch.is_grad_enabled() or is_differentiated(unbatched(log_w.tensor)):
+        return
+    if next(grad_parameters(node.distribution), None) is None:
+        return  # nothing of q is trained: no direct term to lose
+    raise CostError(
+        f"vimco (plate {plate!r}): the log-weights passed to bound() carry no gradient, but the distribution of "
+        f"the draws ({type(node.distribution).__name__}) has parameters that require grad. VIMCO's gradient "
+        "includes the bound's direct dependence on them through log q(z_k) in log w_k = log p(x, z_k) - "
+        "log q(z_k); without it the gradient is biased. Compute log q in torch from the distribution passed to "
+        "est(q): log_w = storch.PlateTensor(torch.as_tensor(log_p), z.plates) - q.log_prob(z).sum(-1), where "
+        "log_p may come from outside torch (numpy, a simulator); do not detach log q or compute it in numpy. "
+        "Log-weights that truly do not depend on q's parameters (a multi-sample objective of the draws alone, "
+        "not an importance weight p / q): est.bound(log_w, independent_of_q=True)")
 
 
 def _shape_hint(log_w: PlateTensor, k: int) -> str:
