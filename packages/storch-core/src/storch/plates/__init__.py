@@ -13,6 +13,6 @@ Layers, lowest first (each module imports only from those before it; checked by 
 """
 
 from . import dispatch  # noqa: F401  (installs the dispatcher on PlateTensor)
-from .tensor import Lineage, Plate, PlateTensor
+from .tensor import Lineage, Plate, PlateTensor, ancestor_index
 
-__all__ = ["Lineage", "Plate", "PlateTensor"]
+__all__ = ["Lineage", "Plate", "PlateTensor", "ancestor_index"]

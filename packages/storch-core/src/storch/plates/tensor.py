@@ -18,6 +18,7 @@ from ..errors import PlateError
 
 __all__ = [
     "Plate", "Lineage", "PlateTensor", "plates_of", "union_plates", "align", "raw_of", "MAX_DIMS", "install_dispatcher",
+    "ancestor_index",
 ]
 
 
@@ -373,6 +374,48 @@ def _direct_operator(name: str, torch_function):
 
 def _names(plates: Sequence[Plate]) -> tuple[str, ...]:
     return tuple(p.name for p in plates)
+
+
+def ancestor_index(x: "PlateTensor", plate: str, step: Optional[int] = None) -> "PlateTensor":
+    """Which entry of an earlier step of a partition each entry of ``x`` continues.
+
+    Entry ``i`` of ``x`` (at the step of its plate ``plate``, t) continues entry ``ancestor_index(x,
+    plate)[i]`` of step ``t - 1`` (``step=s``: of step s <= t). Estimators that sample with replacement keep
+    entry i in place (the index is ``arange``); beams (``unordered_set``, ``sum_and_sample`` with ``buffer=``)
+    re-index the entries between the steps, and the plate's size may change. Plate tensors follow that
+    re-indexing by themselves; what was taken out of them does not: a raw tensor from ``.tensor``, a Python
+    list or object per entry (a simulator per episode). Carry such state to step t with the index:
+    ``envs = [copy.deepcopy(envs[j]) for j in storch.ancestor_index(a, "ep").tensor.tolist()]``.
+
+    Returns an int64 plate tensor of per-sample shape ``()`` with x's plates, in x's order (its ``.tensor``
+    lines up with the leading dims of ``x.tensor``): the index along ``plate``; with a data plate a beam runs
+    per data point, so the index is per data point too.
+    Raises ``PlateError`` where ``x`` has no sample plate ``plate``, or ``step`` is not an earlier step
+    (step 0 has none).
+    """
+    plates = plates_of(x)
+    p = next((q for q in plates if q.name == plate and not q.independent), None)
+    if p is None or p.lineage is None:
+        raise PlateError(f"storch.ancestor_index: the value has no sample plate {plate!r} (its plates: "
+                         f"{list(_names(plates))}); pass a value the partition's estimator returned at this step, "
+                         "or one computed from it")
+    t = p.step
+    s = t - 1 if step is None else step
+    if step is None and t == 0:
+        raise PlateError(f"storch.ancestor_index: plate {plate!r} of the value is at step 0 (the first step of the "
+                         "partition, or no partition): it has no parent step; start the per-entry state there")
+    if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= t:
+        raise PlateError(f"storch.ancestor_index: plate {plate!r} of the value is at step {t}; step must be a step "
+                         f"0..{t}, got {s!r}")
+    raw = raw_of(x)
+    index = p.lineage.index(s, t) if s < t else None
+    if index is None:  # the entries stayed in place
+        index, index_plates = torch.arange(p.size, device=raw.device), (p,)
+    else:
+        index, index_plates = index, (p,) + p.lineage.index_plates_of(s, t)
+    target = plates + tuple(q for q in index_plates if q not in plates)  # x's layout, then any plate x lacks
+    shape = tuple(q.size for q in target)
+    return PlateTensor(align(index, index_plates, target).expand(shape).clone(), target)
 
 
 def plates_of(x: Any) -> tuple[Plate, ...]:
