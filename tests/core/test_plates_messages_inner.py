@@ -57,3 +57,20 @@ def test_assignment_that_would_add_plates_in_place_is_refused_with_the_alternati
     a = PlateTensor(torch.tensor([[0, 2, 1], [1, 1, 0]]), (d, P))
     with pytest.raises(storch.PlateError, match=r"does not vary.*torch\.where\(F\.one_hot\(a, n\)\.bool\(\), value, x\)"):
         visited[a] = True
+
+
+@pytest.mark.parametrize("route", ["np.from_dlpack", "torch.from_dlpack", "__dlpack__", "data_ptr",
+                                   "untyped_storage", "storage"])
+def test_memory_reads_of_a_plate_tensor_point_to_the_raw_tensor(route):
+    """A plate tensor's memory read by a black-box cost: np.from_dlpack gave torch's "Cannot access data pointer"
+    (a vmap failure) with no hint; now every route is the PlateError that `.numpy()` gives, naming `.tensor`."""
+    import numpy as np
+
+    z = PlateTensor(torch.tensor([0, 2, 1]), (P,))
+    read = {"np.from_dlpack": lambda: np.from_dlpack(z), "torch.from_dlpack": lambda: torch.from_dlpack(z),
+            "__dlpack__": lambda: z.__dlpack__(), "data_ptr": lambda: z.data_ptr(),
+            "untyped_storage": lambda: z.untyped_storage(), "storage": lambda: z.storage()}[route]
+    with pytest.raises(storch.PlateError, match=r"use `\.tensor") as info:
+        read()
+    assert "Cannot access data pointer" not in str(info.value)
+    assert np.from_dlpack(z.tensor).tolist() == [0, 2, 1]  # the raw tensor, as the message says

@@ -1287,6 +1287,88 @@ def test_refuses_python_reads_of_captured_tensors(kind):
         storch.compile(step, backend=None)(torch.ones(3))
 
 
+def _memory_read(route, t):
+    """A black-box read of ``t``'s values through its memory (a simulator, an environment): int64 values."""
+    import copy
+    import ctypes
+    import io
+    import pickle
+
+    import numpy as np
+
+    if route == "np.from_dlpack":
+        return np.from_dlpack(t)
+    if route == "torch.from_dlpack":
+        return torch.from_dlpack(t).numpy()  # (refused before too, at this .numpy(); now at the export)
+    if route == "data_ptr":  # what a ctypes or C-extension simulator reads
+        return np.array((ctypes.c_int64 * t.numel()).from_address(t.data_ptr())[:])
+    if route == "untyped_storage":
+        return np.frombuffer(bytes(t.untyped_storage()), dtype=np.int64)[: t.numel()]
+    if route == "storage":
+        return np.array(t.storage().tolist()[: t.numel()])
+    if route == "pickle":
+        return np.array(pickle.loads(pickle.dumps(t)).clone().tolist())
+    if route == "torch.save":
+        buf = io.BytesIO()
+        torch.save(t, buf)
+        buf.seek(0)
+        return np.array(torch.load(buf).clone().tolist())
+    return np.array(copy.deepcopy(t).clone().tolist())
+
+
+_MEMORY_ROUTES = ["np.from_dlpack", "torch.from_dlpack", "data_ptr", "untyped_storage", "storage", "pickle",
+                  "torch.save", "deepcopy"]
+
+
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
+@pytest.mark.parametrize("route", _MEMORY_ROUTES)
+def test_refuses_black_box_costs_read_through_memory(route):
+    """A black-box cost of the samples read through DLPack or the data pointer was traced once: every later call
+    reused the first call's costs (np.from_dlpack, a ctypes read of data_ptr: the same loss at each call while the
+    samples changed); the storage routes (pickle, torch.save, deepcopy) crashed with a bare NotImplementedError.
+    Each is refused at the trace, as `.numpy()` is."""
+    import numpy as np
+
+    table = np.array([1.3, -0.7, 2.1, 0.4])
+    theta = torch.nn.Parameter(torch.zeros(4))
+    est = storch.estimator("score", plate="z", n_samples=4, baseline="leave_one_out")
+
+    def step():
+        with storch.Graph():
+            z = est(torch.distributions.Categorical(logits=theta))
+            cost = torch.tensor(table[_memory_read(route, z.tensor.long())], dtype=torch.float32)
+            storch.add_cost(storch.PlateTensor(cost, z.plates), name="c")
+            return storch.surrogate_loss()
+
+    torch.manual_seed(0)
+    step()  # eagerly each route reads the samples
+    with pytest.raises(storch.StorchError, match="reads a tensor's value in Python.*Run this step eagerly"):
+        storch.compile(step, backend=None)()
+
+
+@pytest.mark.parametrize("route", ["np.from_dlpack", "data_ptr", "pickle"])
+def test_refuses_memory_reads_of_captured_tensors(route):
+    # a table held in a buffer that changes between calls (`table.fill_`) would be read once, at the trace
+    table = torch.tensor([1, 0, 2])
+    step = _score_step(lambda x: x * float(_memory_read(route, table).sum()))
+    with pytest.raises(storch.StorchError, match="reads a tensor's value in Python"):
+        storch.compile(step, backend=None)(torch.ones(3))
+
+
+def test_refuses_memory_reads_of_plate_tensors_in_the_trace():
+    theta = torch.nn.Parameter(torch.zeros(4))
+    est = storch.estimator("score", plate="z", n_samples=4)
+
+    def step():
+        with storch.Graph():
+            z = est(torch.distributions.Categorical(logits=theta))
+            storch.add_cost(z.float() * float(z.data_ptr() % 2), name="c")
+            return storch.surrogate_loss()
+
+    with pytest.raises(storch.StorchError, match="reads the values of a plate tensor the step computes"):
+        storch.compile(step, backend=None)()
+
+
 @pytest.mark.parametrize("write", ["slot", "reshape", "argument", "argument_slot"])
 def test_in_place_updates_through_views_run_once_per_call(write):
     """A write through a view of a captured buffer or of an argument (`stats[0].add_(1)`, `x[:, 0].add_(1)`) ran

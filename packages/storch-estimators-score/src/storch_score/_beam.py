@@ -186,8 +186,9 @@ def _tables_on(n_cat: int, sizes: tuple, device: torch.device, dtype: torch.dtyp
                 onehot[var * n_cat + values, torch.arange(rows, device=device).unsqueeze(1).expand_as(var)] = 1.0
                 onehot = onehot[:n * n_cat]
             out = (offsets, values, var, onehot, columns)
-            held = sum(t[3].untyped_storage().nbytes() for t in _DEVICE_TABLES.values() if t[3] is not None)
-            size = 0 if onehot is None else onehot.untyped_storage().nbytes()
+            with torch._C.DisableTorchFunction():  # (storch.compile's trace refuses a user's storage read: not this)
+                held = sum(t[3].untyped_storage().nbytes() for t in _DEVICE_TABLES.values() if t[3] is not None)
+                size = 0 if onehot is None else onehot.untyped_storage().nbytes()
             if (torch._C._functorch.maybe_current_level() is None and len(_DEVICE_TABLES) < 256
                     and held + size <= _CACHE_BYTES):  # (see table_cache)
                 _DEVICE_TABLES[key] = out

@@ -82,7 +82,10 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   tensors the step stores outside itself (a metrics dict) keep the traced call's values;
 - data-dependent Python control flow (``if tensor.item() > 0``) cannot be traced: the error says so; so
   are Python reads of a traced tensor's values (``.tolist()``, ``.numpy()``, ``np.asarray``: a loop over
-  ``range(max(lengths.tolist()))`` would be fixed to the first call's lengths) and data-dependent shapes
+  ``range(max(lengths.tolist()))`` would be fixed to the first call's lengths; through its memory too:
+  ``__dlpack__``, ``data_ptr``, ``untyped_storage`` / ``storage``, which pickle and ``torch.save`` read, and
+  ``copy.deepcopy``: a black-box cost read so reused the first call's costs; ``str()`` is let through for
+  printing) and data-dependent shapes
   (a boolean mask ``x[mask]``, ``nonzero``, ``masked_select``, ``unique``: use ``torch.where``), refused
   by a torch function mode active during the trace only (:class:`_TraceMode`);
 - a call of a DistributedDataParallel or FSDP module inside the step is refused

@@ -21,6 +21,18 @@ _T = torch.Tensor
 _VALUE_READS = frozenset((_T.tolist, _T.numpy, _T.__array__))
 
 
+# routes to a tensor's memory that make_fx lets through: the first call's values, read outside the program (a
+# black-box cost read by `np.from_dlpack(t)` or by a C simulator at `t.data_ptr()`; pickle, torch.save and
+# copy.deepcopy read `untyped_storage()`); each mapped to how the message names it
+_MEMORY_READS = {
+    _T.__dlpack__: "`__dlpack__` (np.from_dlpack, torch.from_dlpack)",
+    _T.data_ptr: "`.data_ptr()` (ctypes, a C extension)",
+    _T.untyped_storage: "`.untyped_storage()` (pickle, torch.save)",
+    _T.storage: "`.storage()`",
+    _T.__deepcopy__: "`copy.deepcopy`",
+}
+
+
 # reads that make_fx refuses itself for a tensor the program computes, but not for a captured one (no proxy slot)
 _SCALAR_READS = frozenset((_T.item, _T.__bool__, _T.__int__, _T.__float__, _T.__index__, _T.__complex__))
 
@@ -90,7 +102,9 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
     """Active while ``make_fx`` traces the step (only then: a mode routes every torch call through Python).
 
     - It refuses Python reads of a traced tensor's values that ``make_fx`` lets through (``tolist``,
-      ``numpy``, ``__array__``: ``.item()`` and ``bool()`` are refused by make_fx itself) and selections
+      ``numpy``, ``__array__``: ``.item()`` and ``bool()`` are refused by make_fx itself; the routes to its
+      memory: ``__dlpack__``, ``data_ptr``, ``untyped_storage`` / ``storage`` (pickle, ``torch.save``),
+      ``copy.deepcopy``) and selections
       whose shape depends on the values (a boolean mask index, ``nonzero``): the trace would silently fix
       them to the first call's data. So are a ``torch.optim`` optimizer's ``step()`` and ``zero_grad()`` (seen by
       their profiler records, which torch makes for every optimizer, before anything changes and even where no
@@ -177,8 +191,13 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
         generator = kwargs.get("generator")
         if generator is not None and generator is not torch.default_generator:
             raise StorchError(_generator_message(self.fn, func))
-        if (func in _VALUE_READS or func in _SCALAR_READS) and args and type(args[0]) is PlateTensor:
+        if (func in _VALUE_READS or func in _SCALAR_READS or func in _MEMORY_READS) and args \
+                and type(args[0]) is PlateTensor:
             raise StorchError(_sample_read_message(self.fn, func))
+        if func in _MEMORY_READS and args and (self._traced(args[0]) or self._captured(args[0])):
+            raise StorchError(_value_message(
+                self.fn, f"{_MEMORY_READS[func]} of a tensor the program computes or reads from outside the step "
+                         "(a buffer or parameter, whose value changes between calls)"))
         if func in _VALUE_READS and args and (self._traced(args[0]) or self._captured(args[0])):
             raise StorchError(_value_message(
                 self.fn, f"`.{func.__name__}()` of a tensor the program computes or reads from outside the step "

@@ -332,8 +332,9 @@ def _kept_as_given(w: Any, v: torch.Tensor) -> bool:
         return False
     try:
         e = v.expand(w.shape)
-        return (w.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
-                and w.storage_offset() == v.storage_offset() and w.stride() == e.stride())
+        with torch._C.DisableTorchFunction():  # (storch.compile's trace refuses a user's storage read: not this one)
+            same = w.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+        return same and w.storage_offset() == v.storage_offset() and w.stride() == e.stride()
     except RuntimeError:  # not a broadcast of v, or a tensor without storage
         return False
 

@@ -216,7 +216,7 @@ def _control_flow(x, true: int = -1) -> PlateError:
 
 
 register(_T.item, _T.tolist, _T.numpy, _T.__bool__, _T.__int__, _T.__float__, _T.__index__,
-         _T.__array__, _T.__complex__)(_single)
+         _T.__array__, _T.__complex__, _T.__dlpack__)(_single)  # (__dlpack__: np.from_dlpack, torch.from_dlpack)
 
 
 @register(_T.new_zeros, _T.new_ones, _T.new_full, _T.new_empty, _T.new_tensor, _T.new_empty_strided)
