@@ -271,7 +271,7 @@ def test_torch_recompute_stop_does_not_discard_the_step():
         pytest.skip("this torch has no _StopRecomputationError")
     from storch.graph import current_graph
 
-    x = _data(torch.randn(2, 3))
+    x = _data(torch.randn(2, 3, requires_grad=True))  # (a cost that needs no grad is refused as a constant)
     graph = current_graph()
     graph.discard(stop())
     storch.add_cost((x ** 2).sum(), name="c")  # not stale

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union, over
 import torch
 from torch.distributions import Distribution
 
+from ._order_guard import is_differentiated, unbatched
 from .eager import eager_only
 from .errors import CostError, PlateError
 from .generators import pop_generator, push_generator
@@ -283,21 +284,65 @@ class Graph:
         else:
             raw, plates = cost, ()
         if raw.dim() != len(plates):  # per-sample rank 0 (read from the raw tensor: no dispatch)
-            raise CostError(
-                f"cost {label!r} has per-sample shape {tuple(cost.shape)}; a cost must "
-                "be one number per sample: reduce its event dims first (e.g. `.sum(-1)`), or use "
-                "storch.denote_independent for dims that are independent data points" + self._cost_hints(plates)
-            )
+            raise CostError(self._shape_message(label, cost, raw, plates))
         if not raw.is_floating_point():
             raise CostError(f"cost {label!r} has dtype {cost.dtype}; a cost must be a floating point tensor "
                             "(e.g. `.float()`)")
         if not self.owns(plates):
             self.check_plates(plates, f"cost {label!r}")
+        if not raw.requires_grad and credit is True and torch.is_grad_enabled():  # (one attribute read if it does)
+            self._refuse_constant(raw, plates, label)
         if credit is not True:
             if credit is not False:
                 raise CostError(f"cost {label!r}: credit must be True or False, got {credit!r}")
             self.no_credit.add(id(cost))
         self.costs.append((name or f"cost{len(self.costs)}", cost))
+
+    def _shape_message(self, label, cost: torch.Tensor, raw: torch.Tensor, plates: tuple) -> str:
+        """A cost that is not one number per sample (error path only)."""
+        hint = self._per_entry_hint(raw) if not plates else ""
+        return (f"cost {label!r} has per-sample shape {tuple(cost.shape)}; a cost must be one number per sample. "
+                + (hint + "Otherwise: reduce" if hint else "Reduce") + " its event dims first (e.g. `.sum(-1)`), or "
+                "use storch.denote_independent for dims that are independent data points" + self._cost_hints(plates))
+
+    def _refuse_constant(self, raw: torch.Tensor, plates: tuple, label) -> None:
+        """Refuse a cost that carries no sample plate (a plain tensor, or data plates only) and needs no gradient
+        while gradients are enabled: it is a constant, which contributes nothing to any gradient (a reward
+        computed per sample outside torch, then reduced or put on a data plate, had its credit dropped silently).
+        Allowed: under torch.no_grad() (evaluation), with credit=False (not meant to train), a cost that needs grad."""
+        if any(not p.independent for p in plates) or is_differentiated(unbatched(raw)):
+            return  # a sample plate (score-function credit), or differentiated (under vmap / forward mode too)
+        what = "a plain tensor" if not plates else f"only the data plates {tuple(p.name for p in plates)}"
+        raise CostError(
+            f"cost {label!r} carries no sample plate ({what}) and needs no gradient (requires_grad is False while "
+            "gradients are enabled): to storch it is a constant, which contributes nothing to any gradient, so "
+            "adding it would silently train nothing. " + (self._per_entry_hint(raw) or "A reward computed per "
+            "sample outside torch (from z.tensor, in numpy) must be wrapped back on the sample's plates, "
+            "`storch.PlateTensor(r, z.plates)` (the plate dims first, as in z.tensor), and a score-function "
+            "estimator credits it to the node (the black-box recipe in docs/plates.md); reducing it (r.sum()) or "
+            "putting it on a data plate (storch.denote_independent) cuts it from the samples. ")
+            + "Otherwise compute the cost in torch from the samples or the parameters. For evaluation without "
+            "gradients, add it under torch.no_grad(). A term that is constant by construction (the entropy of a "
+            "Normal of fixed scale) can be left out, or added with credit=False where it is meant only for the "
+            "reported value (storch.backward()'s value, storch.cost_estimates())")
+
+    def _per_entry_hint(self, raw: torch.Tensor) -> str:
+        """Where ``raw``'s leading dims have the sizes of the plates of a live node's sample (a reward computed
+        per sample outside torch, from z.tensor): the advice to wrap it back on them (error path only)."""
+        for node in self.nodes:
+            value = node.value
+            if type(value) is not PlateTensor or not value._plates:
+                continue
+            vp = value._plates
+            if raw.dim() >= len(vp) and tuple(raw.shape[:len(vp)]) == tuple(p.size for p in vp):
+                names = tuple(p.name for p in vp)
+                return (f"Its leading dims {tuple(raw.shape[:len(vp)])} have the sizes of the plates {names} of the "
+                        f"sample of node {node.plate.name!r}: if it holds one value per entry of that sample (a reward "
+                        "computed per sample outside torch, from z.tensor), wrap it back on them, "
+                        "`storch.PlateTensor(r, z.plates)` with z that sample (the black-box recipe in docs/plates.md;"
+                        " reducing it with .sum() or putting it on a data plate with storch.denote_independent would "
+                        "cut it from the samples and drop its credit). ")
+        return ""
 
     def _cost_hints(self, plates: tuple) -> str:
         """The ``cost_hint`` of the estimators whose nodes a cost depends on (error path only)."""

@@ -183,6 +183,12 @@ class PlateTensor(torch.Tensor):
 
     @staticmethod
     def __new__(cls, tensor: torch.Tensor, plates: Sequence[Plate]):
+        if not isinstance(tensor, torch.Tensor):
+            raise PlateError(
+                f"storch.PlateTensor(tensor, plates) needs a torch tensor, got a {type(tensor).__name__}: convert "
+                "it first, e.g. storch.PlateTensor(torch.as_tensor(r, dtype=torch.float32, "
+                "device=z.device), z.plates) for values r computed per entry outside torch (from z.tensor, in numpy), "
+                "with the plate dims first")
         plates = tuple(plates)
         n = len(plates)
         if tensor.dim() < n:
@@ -194,6 +200,8 @@ class PlateTensor(torch.Tensor):
                 raise PlateError(
                     f"dim {i} of the tensor has size {tensor.shape[i]} but plate {p.name!r} has size {p.size}"
                 )
+        if _wrap_check is not None:  # (storch.surrogate.pathwise: a value per entry of a pathwise node's plate)
+            _wrap_check(tensor, plates)
         return cls._wrap(tensor, plates)
 
     @classmethod
@@ -309,6 +317,18 @@ def new_plate_tensor(tensor: torch.Tensor, plates: tuple[Plate, ...]) -> PlateTe
     r._raw = tensor
     r._plates = plates
     return r
+
+
+# the check of the public constructor's values (``storch.PlateTensor(raw, plates)``, not ``_wrap``), installed by
+# the layer that knows the graph's nodes (storch.surrogate.pathwise), which this module never imports
+_wrap_check: Optional[Callable[[torch.Tensor, tuple], None]] = None
+
+
+def install_wrap_check(check: Callable[[torch.Tensor, tuple], None]) -> None:
+    """Make ``check(raw, plates)`` run in ``storch.PlateTensor(raw, plates)`` (the public constructor) after its
+    shape checks; it raises to refuse the value."""
+    global _wrap_check
+    _wrap_check = check
 
 
 def _dispatch(func, args, kwargs):

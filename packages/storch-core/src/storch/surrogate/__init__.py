@@ -28,6 +28,7 @@ The modules, each importing only those below it (the ``surrogate-layers`` contra
 
 from __future__ import annotations
 
+from . import blackbox  # noqa: F401  (installs the check of storch.PlateTensor(raw, plates): blackbox.py)
 from .backprop import backward
 from .loss import cost_estimates, surrogate_loss
 # the private names the rest of storch imports from here: storch.testing (value_surrogate), storch.extending

@@ -37,7 +37,7 @@ def _message(costs: list, nodes: list, after: str = _AFTER) -> str:
     if bad:
         return (f"cost {', '.join(repr(b) for b in bad)} is not finite (NaN or inf), so its gradient would be too: "
                 f"{after}Find where the non-finite value comes from (e.g. log(0), NaN parameters, a diverging "
-                "learning rate), or catch storch.NonFiniteCostError to skip the batch")
+                "learning rate), or catch storch.NonFiniteCostError to skip the batch" + _some_entries(costs, bad))
     culprits = _nonfinite_components(nodes)
     if culprits:
         return (f"the surrogate loss is not finite although every cost is: {'; '.join(culprits)}. "
@@ -67,6 +67,25 @@ def _exact_draws(nodes: list) -> str:
             found.append(f"estimator {n.estimator.name or type(n.estimator).__qualname__!r} (plate "
                          f"{n.plate.name!r}): {hint}.")
     return " ".join(found)
+
+
+def _some_entries(costs: list, bad: list) -> str:
+    """For :func:`_message` (error path only): where a non-finite cost is so in some of its entries only (a
+    black-box reward of an invalid decode), how many, and the finite penalty to put there."""
+    counts = []
+    for name, cost in costs:
+        plain = _outside(raw_of(cost).detach()) if name in bad else None
+        if plain is not None and plain.dim() > 0:
+            k = int((~torch.isfinite(plain)).sum())
+            if 0 < k < plain.numel():
+                counts.append(f"{name!r}: {k} of {plain.numel()} entries")
+    if not counts:
+        return ""
+    return (f". Only some entries are ({'; '.join(counts)}): for a value computed outside torch (a black-box "
+            "reward that is NaN for an invalid decode or a failed simulation), give those entries a finite penalty "
+            "before adding the cost, c = torch.where(torch.isfinite(c), c, penalty) (a finite number worse than any "
+            "valid cost); in torch, remove the NaN at its source (torch.where's gradient through a NaN branch is NaN "
+            "too)")
 
 
 def _nonfinite_components(nodes: list) -> list[str]:

@@ -1,0 +1,214 @@
+"""Costs computed outside torch (a black box: numpy from ``z.tensor``), wrapped back with ``storch.PlateTensor(r,
+z.plates)`` (docs/plates.md, "A cost computed outside torch").
+
+Found by a porting tester: a plain vector of per-sample rewards reduced with ``.sum()`` or put on a data plate (as the
+shape error suggested) was accepted and credited nothing (z = 320); a black-box part beside a differentiable term
+under an estimator that differentiates the cost through its sample was silently biased (reparameterization z = 658,
+gumbel_straight_through z = 2993, rebar / relax z = 32); ``storch.PlateTensor(ndarray, plates)`` raised an
+AttributeError.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Bernoulli, Categorical, Normal
+
+import storch
+
+T = np.array([1.3, -0.7, 2.1, 0.4])
+
+
+def _ztest(one, exact: torch.Tensor, R: int, seed: int = 0) -> float:
+    """max |z| of the mean of R independent estimates against the exact gradient."""
+    torch.manual_seed(seed)
+    G = torch.stack([one().detach().clone() for _ in range(R)]).double()
+    se = G.std(0) / math.sqrt(R)
+    return float(((G.mean(0) - exact.double()) / se.clamp_min(1e-12)).abs().max())
+
+
+def _blackbox(z, f) -> storch.PlateTensor:
+    """The documented recipe: per entry of ``z.tensor`` in numpy, wrapped back on ``z.plates``."""
+    raw = z.tensor.detach().cpu().numpy()
+    n = len(z.plates)
+    flat = raw.reshape((-1,) + tuple(z.shape))
+    vals = np.array([f(s) for s in flat], dtype=np.float64).reshape(raw.shape[:n])
+    return storch.PlateTensor(torch.as_tensor(vals, dtype=torch.float32), z.plates)
+
+
+# -- F1: a reward vector that carries no plate
+
+
+@pytest.mark.parametrize("how", ["sum", "denote_independent"])
+def test_a_reward_cut_from_the_samples_is_refused(how):
+    theta = torch.zeros(4, requires_grad=True)
+    with storch.Graph():
+        z = storch.estimator("score", plate="z", n_samples=4)(Categorical(logits=theta))
+        storch.add_cost(0.1 * z.float(), name="length")
+        r = torch.as_tensor(T[z.tensor.numpy()], dtype=torch.float32)  # plain (4,): no credit to anything
+        c = r.sum() if how == "sum" else storch.denote_independent(r, 0, "rewards")
+        with pytest.raises(storch.CostError, match=r"no sample plate.*constant.*storch\.PlateTensor\(r, z\.plates\)"):
+            storch.add_cost(c, name="reward")
+
+
+def test_the_shape_error_of_a_reward_per_sample_says_to_wrap_it_first():
+    theta = torch.zeros(4, requires_grad=True)
+    with storch.Graph():
+        z = storch.estimator("score", plate="z", n_samples=4)(Categorical(logits=theta))
+        r = torch.as_tensor(T[z.tensor.numpy()], dtype=torch.float32)
+        with pytest.raises(storch.CostError) as e:
+            storch.add_cost(r, name="reward")
+    msg = str(e.value)
+    assert "plates ('z',) of the sample of node 'z'" in msg
+    assert msg.index("storch.PlateTensor(r, z.plates)") < msg.index("`.sum(-1)`")
+
+
+def test_a_constant_cost_stays_allowed_without_grad_or_credit_and_one_that_needs_grad():
+    theta = torch.zeros(4, requires_grad=True)
+    est = storch.estimator("score", plate="z", n_samples=4)
+    with torch.no_grad(), storch.Graph():  # evaluation
+        est(Categorical(logits=theta))
+        storch.add_cost(torch.tensor(1.0), name="c")
+        assert storch.surrogate_loss().item() == 1.0
+    with storch.Graph():
+        z = est(Categorical(logits=theta))
+        storch.add_cost(z.float(), name="r")
+        storch.add_cost(torch.tensor(1.0), name="reported", credit=False)
+        storch.add_cost((theta ** 2).sum(), name="plain, with grad")
+        storch.backward()
+
+
+def test_a_wrapped_reward_beside_a_torch_cost_is_exact():
+    theta = torch.tensor([0.2, -0.3, 0.5, 0.1], requires_grad=True)
+    p = torch.softmax(theta, 0)
+    exact, = torch.autograd.grad((p * (torch.tensor(T, dtype=torch.float32) + 0.1 * torch.arange(4.))).sum(), theta)
+    est = storch.estimator("score", plate="z", n_samples=4, baseline="leave_one_out")
+
+    def one():
+        theta.grad = None
+        z = est(Categorical(logits=theta))
+        storch.add_cost(0.1 * z.float(), name="length")
+        storch.add_cost(_blackbox(z, lambda s: T[int(s)]), name="reward")
+        storch.backward()
+        return theta.grad
+
+    assert _ztest(one, exact, R=300) < 4
+
+
+# -- F2 / F3: a black-box part under an estimator that differentiates the cost through its sample
+
+
+def _sim(a) -> float:
+    return float(-np.sum((a - 1.0) ** 2))
+
+
+def _f(b) -> float:
+    return float((b[0] + 2 * b[1] - 0.45) ** 2)
+
+
+@pytest.mark.parametrize("name,dist,n", [
+    ("reparameterization", "normal", 4), ("reparameterization", "normal", 1),
+    ("gumbel_straight_through", "bernoulli", 1), ("gumbel_softmax", "bernoulli", 2),
+    ("rebar", "bernoulli", 1), ("relax", "bernoulli", 1),
+])
+def test_a_blackbox_value_on_the_plate_of_a_pathwise_node_is_refused(name, dist, n):
+    theta = torch.tensor([0.3, -0.6], requires_grad=True)
+    d = Normal(theta, 1.0) if dist == "normal" else Bernoulli(logits=theta)
+    with storch.Graph():
+        z = storch.estimator(name, plate="z", n_samples=n)(d)
+        with pytest.raises(storch.OrderError, match=rf"estimator {name!r} differentiates the cost through the "
+                                                    r"sample.*score-function estimator.*'score'"):
+            storch.add_cost(-_blackbox(z, _sim if dist == "normal" else _f) + 0.1 * (z ** 2).sum(), name="c")
+
+
+@pytest.mark.parametrize("name", ["score", "lax"])
+def test_a_blackbox_reward_plus_a_penalty_is_exact_under_score_function_estimators(name):
+    mu = torch.tensor([0.3, -0.6], requires_grad=True)
+    exact = (2 * (mu - 1) + 0.2 * mu).detach()  # E[-sim(a) + 0.1 |a|^2], a ~ N(mu, 1)
+    opt = dict(n_samples=4, baseline="leave_one_out") if name == "score" else dict(n_samples=4)
+    est = storch.estimator(name, plate="z", **opt)
+
+    def one():
+        mu.grad = None
+        a = est(Normal(mu, 1.0))
+        storch.add_cost(-_blackbox(a, _sim) + 0.1 * (a ** 2).sum(), name="c")
+        storch.backward()
+        return mu.grad
+
+    assert _ztest(one, exact, R=300) < 4
+
+
+@pytest.mark.parametrize("name", ["score", "arm"])
+def test_a_blackbox_bernoulli_cost_plus_a_term_is_exact_under_score_function_estimators(name):
+    theta = torch.tensor([0.3, -0.6], requires_grad=True)
+    pr = torch.sigmoid(theta)
+    E = sum(torch.prod(torch.stack([pr[i] if v[i] else 1 - pr[i] for i in range(2)])) * (_f(np.array(v)) + 0.1 * sum(v))
+            for v in itertools.product([0., 1.], repeat=2))
+    exact, = torch.autograd.grad(E, theta)
+    est = storch.estimator(name, plate="z", n_samples=4) if name == "score" else storch.estimator(name, plate="z")
+
+    def one():
+        theta.grad = None
+        z = est(Bernoulli(logits=theta))
+        storch.add_cost(_blackbox(z, _f) + 0.1 * z.sum(), name="c")
+        storch.backward()
+        return theta.grad
+
+    assert _ztest(one, exact, R=400) < 4
+
+
+def test_values_per_entry_that_do_not_depend_on_a_pathwise_sample_stay_allowed_and_exact():
+    """Noise drawn per entry (under torch.no_grad(), or torch.randn_like), a value broadcast along the plate
+    (size 1), and a wrapped tensor that requires grad: the pathwise gradient is the one autograd gives."""
+    mu = torch.tensor([0.3, -0.6], requires_grad=True)
+    est = storch.estimator("reparameterization", plate="z", n_samples=4)
+    with storch.Graph():
+        a = est(Normal(mu, 1.0))
+        with torch.no_grad():
+            eps = storch.PlateTensor(torch.randn(4, 2), a.plates)
+        eps2 = torch.randn_like(a)
+        w = storch.PlateTensor(torch.tensor([[0.5, 2.0]]), a.plates)  # size 1: one value for every entry
+        s = storch.PlateTensor(a.tensor * 3.0, a.plates)  # needs grad: a function of the sample in torch
+        storch.add_cost((w * (a + eps + eps2) ** 2).sum() + s.sum(), name="c")
+        storch.backward()
+    x = a.tensor.detach()
+    expected = (w.tensor * 2 * (x + eps.tensor + eps2.tensor.detach())).mean(0) + 3.0  # the mean over the 4 entries
+    assert torch.allclose(mu.grad, expected, atol=1e-5)
+
+
+def test_a_blackbox_value_on_a_score_function_plate_stays_allowed():
+    # ids / noise per entry for a score-function node: it needs only the cost's value
+    theta = torch.zeros(3, requires_grad=True)
+    with storch.Graph():
+        z = storch.estimator("score", plate="z", n_samples=5)(Categorical(logits=theta))
+        ids = storch.PlateTensor(torch.arange(5), z.plates)
+        noise = storch.PlateTensor(torch.randn(5), z.plates)
+        storch.add_cost((z + ids).float() + noise, name="c")
+        storch.backward()
+    assert theta.grad is not None
+
+
+# -- F9, F10
+
+
+def test_a_numpy_array_is_refused_with_the_conversion():
+    theta = torch.zeros(3, requires_grad=True)
+    with storch.Graph():
+        z = storch.estimator("score", plate="z", n_samples=5)(Categorical(logits=theta))
+        for r in (np.zeros(5), [0.0] * 5):
+            with pytest.raises(storch.PlateError, match=r"needs a torch tensor, got a (ndarray|list).*torch\.as_tensor"):
+                storch.PlateTensor(r, z.plates)
+
+
+def test_a_nan_in_some_entries_names_the_count_and_a_finite_penalty():
+    theta = torch.zeros(4, requires_grad=True)
+    with storch.Graph():
+        z = storch.estimator("score", plate="z", n_samples=4)(Categorical(logits=theta))
+        r = torch.tensor([1.0, float("nan"), 2.0, 3.0])  # an invalid decode in one entry
+        storch.add_cost(storch.PlateTensor(r, z.plates), name="reward")
+        with pytest.raises(storch.NonFiniteCostError, match=r"'reward': 1 of 4 entries.*torch\.where\(torch\.isfinite"):
+            storch.backward()
