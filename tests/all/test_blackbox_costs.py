@@ -212,3 +212,16 @@ def test_a_nan_in_some_entries_names_the_count_and_a_finite_penalty():
         storch.add_cost(storch.PlateTensor(r, z.plates), name="reward")
         with pytest.raises(storch.NonFiniteCostError, match=r"'reward': 1 of 4 entries.*torch\.where\(torch\.isfinite"):
             storch.backward()
+
+
+def test_ancestor_index_on_a_pathwise_plate_is_no_black_box_value():
+    """storch.ancestor_index built its index with the public PlateTensor constructor, which refuses a no-grad value
+    per entry of a pathwise node's plate: on a reparameterization node the index (of entries that stay in place)
+    is arange, not a refusal."""
+    from torch.distributions import Normal
+
+    with storch.Graph():
+        z = storch.estimator("reparameterization", plate="z", n_samples=3)(
+            Normal(torch.zeros(2, requires_grad=True), 1.0))
+        index = storch.ancestor_index(z, "z", step=0)
+        assert index.plate_names == ("z",) and index.tensor.tolist() == [0, 1, 2]

@@ -435,7 +435,9 @@ def ancestor_index(x: "PlateTensor", plate: str, step: Optional[int] = None) -> 
         index, index_plates = index, (p,) + p.lineage.index_plates_of(s, t)
     target = plates + tuple(q for q in index_plates if q not in plates)  # x's layout, then any plate x lacks
     shape = tuple(q.size for q in target)
-    return PlateTensor(align(index, index_plates, target).expand(shape).clone(), target)
+    # _wrap, not the public constructor: an index is no black-box value (which the constructor refuses on a
+    # pathwise node's plate); its plates match its dims by construction
+    return PlateTensor._wrap(align(index, index_plates, target).expand(shape).clone(), target)
 
 
 def plates_of(x: Any) -> tuple[Plate, ...]:
