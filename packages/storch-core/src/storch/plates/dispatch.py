@@ -24,6 +24,7 @@ from .kit import _is_inplace, _operands, dispatch, register, scan, too_many_samp
 from .rules import indexing, losses, metadata, shape  # noqa: F401  (register their handlers)
 from .rules.batch_first import batch_first
 from .rules.pointwise import broadcast, broadcast_inplace, random_pointwise
+from .rules.sparse import SPARSE_ADVICE
 from .rules.vmap import vmap_call
 from .tensor import PlateTensor, _names, align, install_dispatcher, too_many_dims_message, union_plates
 from .tensor import new_plate_tensor as _new
@@ -64,6 +65,9 @@ def user_error(func, args, kwargs, e: BaseException) -> PlateError:
         hint = _FLOAT_INDEX_HINT
     elif "up to 64 dims" in str(e) or "more than 64 dimensions" in str(e):
         hint = ". Every stochastic node adds a plate dim: " + too_many_dims_message(64 + 1).split(": ", 1)[1]
+    elif any((a._raw if type(a) is _PT else a).layout is not torch.strided
+             for a in _operands(args, kwargs or {}) if isinstance(a, _T)):
+        hint = ". A sparse operand: " + SPARSE_ADVICE
     elif "refers to a single memory location" in str(e):
         hint = (". The written-to tensor is a broadcast view (a sample that is the same for several plate "
                 "entries, as expect's enumerated values are, or an expanded tensor): compute a new tensor instead "

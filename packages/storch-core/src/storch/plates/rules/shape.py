@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ...errors import PlateError
 from ..kit import dispatch, register, scan, wrap, wrap_same
 from .pointwise import broadcast
+from .sparse import is_sparse, sparse_matmul
 from .vmap import vmap_call
 from ..tensor import PlateTensor, align, union_plates
 
@@ -516,6 +517,11 @@ def _flat(t):
 # -- matmul, linear --------------------------------------------------------------------------------
 
 
+_STRIDED = torch.strided
+# the per-sample ranks of the dense operand next to a sparse left operand (torch.mm: matrices, mv: vectors)
+_SPARSE_RANKS = {**dict.fromkeys(_both("mm"), (2,)), **dict.fromkeys(_both("mv"), (1,))}
+
+
 @register(*_both("matmul"), _T.__matmul__, _T.__rmatmul__, *_both("mm"), *_both("bmm"), *_both("mv"))
 def _matmul(func, args, kwargs):
     """matrix product of the per-sample tensors (1-d operands as in torch.matmul)"""
@@ -526,13 +532,21 @@ def _matmul(func, args, kwargs):
         # per-sample vector or matrices times one plain matrix or vector: the plate dims are batch
         # dims of torch.matmul's own (a single mm / mv, as written by hand for a batch of row
         # vectors; a per-sample dot product with a plain vector contracts the last dim the same way)
-        return wrap_same(torch.matmul(a._raw, b), a._plates)
+        try:
+            return wrap_same(torch.matmul(a._raw, b), a._plates)
+        except RuntimeError:
+            if is_sparse(b):  # torch.matmul expands the batch dims, which a sparse b does not support
+                return sparse_matmul(a, b, torch.mm, (2, 1), func)
+            raise
     if type(a) is _PT and type(b) is _PT and (a._plates is b._plates or a._plates == b._plates):
         n = len(a._plates)
         if a._raw.dim() == b._raw.dim() >= n + 2:
             # two plate tensors on the same plates, per-sample matrices (or stacks of them) of one
             # rank: the plate dims are batch dims that line up (x @ x.mT, attention scores)
             return wrap_same(torch.matmul(a._raw, b._raw), a._plates)
+    if (type(a) is _T and a.layout is not _STRIDED) or (type(b) is _T and b.layout is not _STRIDED):
+        # a plain sparse matrix (a fixed graph): the plates folded into the dense operand's columns or rows
+        return sparse_matmul(a, b, torch.mm, _SPARSE_RANKS.get(func, (2, 1)), func)
     plates = union_plates(scan((a, b), {}))
     ka = a._raw.dim() - len(a._plates) if type(a) is _PT else a.dim()
     kb = b._raw.dim() - len(b._plates) if type(b) is _PT else b.dim()
