@@ -687,3 +687,21 @@ def test_the_raw_shapes_note_is_not_added_where_torch_quotes_the_users_own_sizes
     from storch.plates.dispatch import _passed_sizes
     assert _passed_sizes((x, 0, (2, 3)), {}) == {(0,), (2, 3)}
     assert _passed_sizes((x, 2, 3), {"size": torch.Size([4])}) == {(2, 3), (4,)}
+
+
+def test_a_write_into_a_new_zeros_tensor_says_factories_are_plain_and_what_works():
+    """``A = z.new_zeros(N, N, K); A[iu0, iu1] = z`` (p-graphs): new_zeros of a plate tensor is plain (factories
+    cannot see plates), so the write is refused; the message says so and names the out-of-place index_put, which
+    gives per sample what the in-place write would."""
+    n, k = 3, 2
+    iu = torch.triu_indices(n, n, 1)
+    z = PlateTensor(torch.randn(4, 3, k, generator=torch.Generator().manual_seed(0)), [Plate("z", 4)])
+    a = z.new_zeros(n, n, k)
+    assert type(a) is torch.Tensor
+    with pytest.raises(storch.PlateError, match=r"(?s)new_zeros.*is plain.*index_put\(\(i, j\), z\)"):
+        a[iu[0], iu[1]] = z
+    b = torch.zeros(n, n, k).index_put((iu[0], iu[1]), z)
+    for e in range(4):
+        expect = torch.zeros(n, n, k)
+        expect[iu[0], iu[1]] = z.tensor[e]
+        assert torch.equal(b.tensor[e], expect)

@@ -217,7 +217,10 @@ def _read(x, idx: tuple) -> torch.Tensor:
 _PLAIN = ("cannot assign into a plain tensor with a per-sample (plate) index or value: the plain tensor "
           "would have to become one value per sample. Build a new tensor instead, e.g. for a boolean "
           "`visited[a] = True`: `visited = visited | F.one_hot(a, n).bool()` or "
-          "`visited = visited.scatter(0, a.unsqueeze(0), True)`; in general `x = torch.where(mask, value, x)`")
+          "`visited = visited.scatter(0, a.unsqueeze(0), True)`; in general `x = torch.where(mask, value, x)`. "
+          "A tensor from `torch.zeros(...)` or `z.new_zeros(...)` (new_ones, new_full, new_empty, new_tensor) is "
+          "plain even when made from a plate tensor: write out of place, `A = torch.zeros(N, N, K).index_put((i, j), "
+          "z)` (or scatter, torch.stack), or start from a per-sample tensor such as `torch.zeros_like(z)`")
 
 
 @register(_T.__setitem__)
