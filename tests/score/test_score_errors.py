@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.distributions import (
     Bernoulli, Beta, Binomial, Categorical, Exponential, Laplace, Multinomial, Normal, OneHotCategorical, Pareto,
-    Poisson, Uniform,
+    Independent, Poisson, Uniform,
 )
 
 import storch
@@ -511,3 +511,23 @@ def test_a_subclass_of_score_with_a_component_of_its_own_is_refused_only_in_a_pa
         z = OwnBaseline(plate="z", n_samples=2)
         b = z(Bernoulli(logits=theta[0]))
         assert z(Bernoulli(logits=theta[1] * b)).plates[0].step == 1
+
+
+def test_vimco_is_not_listed_for_a_distribution_without_expand():
+    """The docs' PlackettLuce (no ``expand``): other estimators' refusals listed vimco among the estimators that
+    support it, which then refused ("makes its K=2 draws with PlackettLuce.expand, which is not implemented").
+    vimco declares ``requires_expand``: it is left out of the list, and it is listed where expand exists."""
+    from user_distributions import PlackettLuce
+
+    d = PlackettLuce(torch.zeros(4, requires_grad=True))
+    assert "vimco" not in storch.registry.supporting_estimators(d)
+    assert not storch.get_estimator_class("vimco").supports(d)
+    for name in ("reparameterization",):  # (core's: the score environment has no relaxed estimators)
+        with pytest.raises(storch.UnsupportedDistributionError, match="Estimators that support it: ") as info:
+            with storch.Graph():
+                storch.estimator(name, plate="z")(d)
+        assert "vimco" not in str(info.value) and "score" in str(info.value)
+    # a distribution with expand keeps it, also under Independent
+    assert "vimco" in storch.registry.supporting_estimators(Bernoulli(logits=torch.zeros(3)))
+    assert storch.get_estimator_class("vimco").supports(Independent(Bernoulli(logits=torch.zeros(3)), 1))
+    assert "expand" in " ".join(storch.get_estimator_class("vimco").requirements())

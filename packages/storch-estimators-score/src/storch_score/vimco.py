@@ -87,6 +87,7 @@ class Vimco(Estimator):
                       "vimco on that node: each of the K draws is then a whole path (docs/estimators/vimco.md, "
                       "'Several stochastic layers')")
     score_function = True  # l = Σ_k log q(z_k), the joint log-probability of the set
+    requires_expand = True  # the K draws are one q.expand((K, *batch_shape)): a q without expand is not supported
     multi_sample_bound = True  # its costs are written with est.bound: generic per-sample harnesses skip it
     State = VimcoState
 

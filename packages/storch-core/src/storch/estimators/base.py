@@ -147,6 +147,10 @@ class Estimator(torch.nn.Module):
             ``storch.extending.strict_support`` (``node.distribution`` and a partition step's): values of
             probability exactly 0 given by ``probs`` have log p = -inf, as with ``-inf`` logits, so an
             estimator that reads the support's log-probabilities never takes them for possible values.
+        requires_expand: a capability requirement: the distribution implements ``expand`` (vimco makes its K
+            draws with it); a distribution without it (torch's default ``Distribution.expand`` raises
+            ``NotImplementedError``) is not supported, so the estimator is left out of the lists of estimators
+            that support it.
         has_update: ``storch.backward()`` runs :meth:`update_parameters` (learned or running parts);
             so does ``surrogate_loss().backward()``, after its backward pass. An instance that has it
             but neither overrides ``update_parameters`` nor sets ``replays_update`` would update nothing:
@@ -210,6 +214,7 @@ class Estimator(torch.nn.Module):
     requires_rsample: ClassVar[bool] = False
     pathwise: ClassVar[bool] = False
     requires_enumerate_support: ClassVar[bool] = False
+    requires_expand: ClassVar[bool] = False
     has_update: bool = False
     update_uses_loss_graph: Optional[bool] = None
     replays_update: bool = False
@@ -789,6 +794,9 @@ class Estimator(torch.nn.Module):
             need.append("a distribution whose finite support torch can enumerate (has_enumerate_support=True: "
                         "Bernoulli, Categorical, OneHotCategorical, Binomial; torch does not enumerate a Multinomial's "
                         "support, which is finite too)")
+        if cls.requires_expand:
+            need.append("a distribution that implements expand (torch's default Distribution.expand raises "
+                        "NotImplementedError)")
         return need
 
     def max_order_for(self, distribution: Distribution) -> float:
@@ -815,7 +823,7 @@ class Estimator(torch.nn.Module):
         if fixed is not None and type(d) in fixed:
             return  # accepted before: a type whose class fixes its support (no moving support possible)
         plain = (self.distributions is None and not self.requires_rsample and not self.requires_enumerate_support
-                 and _base_supports(type(self)))
+                 and not self.requires_expand and _base_supports(type(self)))
         score = _is_score_function(self)
         if plain and not score:
             return  # the base class's supports() accepts every distribution
@@ -1521,7 +1529,22 @@ def _meets_requirements(est, d: Distribution) -> bool:
         return False
     if est.requires_rsample and (not d.has_rsample or straight_through_rsample(d)):
         return False  # (a straight-through rsample is no pathwise derivative: a biased estimate)
+    if est.requires_expand and not implements_expand(d):
+        return False
     return not est.requires_enumerate_support or d.has_enumerate_support
+
+
+def implements_expand(d: Distribution) -> bool:
+    """Whether ``d.expand`` is implemented: its class (or, under torch's ``Independent`` and
+    ``TransformedDistribution``, which expand their base, the base's) overrides ``Distribution.expand``."""
+    while True:
+        f = getattr(type(d), "expand", None)
+        if f is None or f is Distribution.expand:
+            return False
+        if f is Independent.expand or f is TransformedDistribution.expand:
+            d = d.base_dist
+            continue
+        return True
 
 
 def _lowers_order(cls: type) -> bool:
