@@ -571,3 +571,79 @@ def test_a_replicate_with_a_nan_estimate_is_a_failed_check_not_an_error():
                                                       seed=0)
     assert not report.ok
     assert any(bool(torch.isinf(c.z).any()) for c in report.checks), report.table(details=False)
+
+
+# -- found by a porting tester (Bayesian networks checked with the kit) ----------------------------------------
+
+
+class CrossCostBaseline(LeaveOneOut):
+    """BUG: the baseline of a cost is the previous cost frame of the step. In an ELBO the two costs log q(z) and
+    -log p(x, z) are on the same frame, so the baseline of the second is the first: this very sample's cost."""
+
+    name = "test_cross_cost_baseline"
+
+    def __init__(self, plate: str, n_samples: int = 2) -> None:
+        super().__init__(plate, n_samples)
+        self._last = None
+
+    def baseline(self, node, cost):
+        prev, self._last = self._last, cost.tensor
+        return prev if prev is not None and prev.shape == cost.tensor.shape else None
+
+
+def test_a_baseline_made_of_another_cost_of_the_same_frame_is_caught_on_the_elbo_model():
+    # it passed every standard model at orders 0-3 (no node had two costs of the same frame): the elbo model fails it
+    bad = kit.check_against_enumeration(CrossCostBaseline, raise_on_failure=False)
+    failed = {c.name for c in bad.failures}
+    assert failed and all(name.startswith("elbo[") for name in failed), bad.table(details=False)
+    assert max(c.max_abs_z for c in bad.failures) > 8 and "TWO costs of the same frame" in bad.table()
+    twin = kit.check_against_enumeration(LeaveOneOut, models=[m for m in kit.standard_models(
+        LeaveOneOut("probe", 2))[0] if m.name.startswith("elbo[")])  # the correct twin passes it
+    assert [c.name for c in twin.checks] == [f"elbo[Bernoulli], order {m}" for m in range(4)]
+
+
+@pytest.mark.parametrize("kind", [Bernoulli, OneHotCategorical, Categorical, Normal])
+def test_the_elbo_models_exact_values(kind):
+    # expect (zero variance: equal to the enumeration to 1e-9) and reparameterization (z-tests) check the
+    # closed forms / enumerations of every variant of the elbo model
+    from storch.testing._models import _elbo
+
+    model = _elbo(kind)
+    name = "reparameterization" if kind is Normal else "expect"
+    report = kit.check_against_enumeration(name, models=[model], orders=(0, 1, 2, 3), n_replicates=2000)
+    assert len(report.checks) == 4 and report.ok
+
+
+def test_a_model_passed_explicitly_that_cannot_run_fails_and_names_the_estimators_per_node():
+    # reparameterization at node 'x' refuses bernoulli[3]'s Bernoulli when sampling: the model was skipped and the
+    # check passed on the other model (ok=True, nothing raised); the report named only the probe's estimator
+    models = {m.name: m for m in kit.standard_models(storch.estimator("expect", plate="z"))[0]}
+
+    def make(plate):
+        return storch.estimator("reparameterization" if plate == "x" else "expect", plate=plate)
+
+    chosen = [models["chain[Bernoulli]"], models["bernoulli[3]"]]
+    with pytest.raises(AssertionError, match=r"factory \(expect at x1, x2; reparameterization at x\) could not run "
+                                             r"on models passed in models=\[\.\.\.\][\s\S]*bernoulli\[3\] +FAIL: "
+                                             r".*refused while sampling by reparameterization at node 'x'"):
+        kit.check_against_enumeration(make, models=chosen, orders=(0, 1))
+    report = kit.check_against_enumeration(make, models=chosen, orders=(0, 1), raise_on_failure=False)
+    assert not report.ok and all(c.ok for c in report.checks) and list(report.errors) == ["bernoulli[3]"]
+    # a model the estimator does not support by its class attributes, passed explicitly: a failure too
+    with pytest.raises(AssertionError, match=r"could not run[\s\S]*normal\[2\] +FAIL"):
+        kit.check_against_enumeration("expect", models=[models["bernoulli[3]"], kit.standard_models(
+            storch.estimator("reparameterization", plate="z"))[0][0]], orders=(0,))
+    # separate graphs: the same
+    with pytest.raises(AssertionError, match=r"could not run[\s\S]*refused while sampling by reparameterization"):
+        kit.check_leakage(make, models=chosen, orders=(0,), n_graphs=50)
+
+
+def test_a_zero_variance_failure_says_the_gap_the_tolerance_and_float32():
+    # it printed 'mean 2.27528, stderr 0, exact 2.27528, z inf, FAIL' without the gap (6e-9) or the tolerance
+    est = torch.full((5, 1), 2.2752800, dtype=torch.float32)
+    exact = torch.tensor([float(est[0, 0]) + 6e-9], dtype=F64)
+    report = kit.z_test(est, exact)
+    assert not report.ok
+    row = report.table().splitlines()[-1]
+    assert "|mean - exact| = 6e-09 > tolerance 3.28e-09" in row and "float32" in row and "float64" in row
+    assert "float32" not in kit.z_test(est.double(), exact).table()

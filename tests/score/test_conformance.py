@@ -2,8 +2,11 @@
 and derivatives up to min(max_order, 3) against exact values on the kit's standard models."""
 
 import pytest
-from torch.distributions import Independent, Laplace, Normal
+import torch
+from torch.distributions import Bernoulli, Independent, Laplace, Normal
 
+import storch
+import storch.testing as kit
 from storch.testing import check_against_enumeration
 
 
@@ -41,3 +44,28 @@ def test_a_model_refused_when_sampling_is_reported_not_raised_by_the_uniform_wei
                if m.name == "uniform[high]"]
     with pytest.raises(AssertionError, match="none of the models"):
         check_against_enumeration("score", models=uniform, orders=[1])
+
+
+def test_the_kit_in_a_loop_does_not_warn_of_an_estimator_made_in_every_training_step():
+    """The kit makes one estimator per node of every model and check, by design: running it in a loop with a
+    stateful estimator (a moving-average baseline) in a factory used to warn 'created anew 4 times in a row ...
+    an estimator made in every training step' (found by a porting tester); the same making outside the kit
+    still warns."""
+    import warnings
+
+    plate = "kit_loop"  # (the kit's models name their nodes 'x'; this plate is for the outside-the-kit control)
+    make = lambda p: storch.estimator("score", plate=p, n_samples=2, baseline="moving_average")  # noqa: E731
+    bern = [m for m in kit.standard_models(make("probe"))[0] if m.name == "bernoulli[3]"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5):  # (this one warned)
+            kit.check_conditions(make, lambda th: Bernoulli(logits=th), torch.tensor([0.3, -0.7], dtype=torch.float64),
+                                 lambda x: ((x - 0.2) ** 2).sum(), raise_on_failure=False)
+        for _ in range(5):
+            assert check_against_enumeration(make, models=bern, orders=(0, 1), n_replicates=400).ok
+        assert not [w for w in caught if "created anew" in str(w.message)]
+        for _ in range(5):  # the control: made anew in every step by the user, drawing one node each
+            with storch.Graph():
+                storch.add_cost(make(plate)(Bernoulli(logits=torch.zeros(2, requires_grad=True))).sum(), name="c")
+                storch.backward()
+    assert len([w for w in caught if "created anew" in str(w.message)]) == 1

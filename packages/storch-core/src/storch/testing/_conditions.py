@@ -28,6 +28,7 @@ from torch.distributions import Distribution, Normal
 from ..cost import CostFrame, magic_box
 from ..graph import Graph, add_cost
 from ..plates.tensor import PlateTensor, align
+from ..registry import created_by_design
 from ._enumeration import direction, exact_derivatives
 from ..estimators.base import Estimator
 from ._models import EstimatorFactory, Model
@@ -234,68 +235,69 @@ def check_conditions(
         ...     "score", lambda th: Bernoulli(logits=th), torch.tensor([0.3, -0.2], dtype=torch.float64),
         ...     lambda x: ((x - 0.45) ** 2).sum())
     """
-    start = time.perf_counter()
-    make, probe = resolve(estimator, options)
-    orders = tuple(sorted(set(orders))) if orders is not None else default_orders(probe)
-    if not orders or min(orders) < 0 or max(orders) > 3:
-        raise ValueError(f"orders must be a non-empty subset of 0..3, got {orders!r}")
-    top, n = max(orders), n_replicates
-    exact_fn = exact or exact_expectation(distribution, test_function)
-    make = persistent(make)  # one estimator for the warm-up and the check (its learned parts persist)
-    if warmup:
-        def build(make_: Callable, th: torch.Tensor) -> None:
-            add_cost(test_function(make_("x")(distribution(th))), name=_COST)
+    with created_by_design():  # (estimators made anew by design: not counted as made in every training step)
+        start = time.perf_counter()
+        make, probe = resolve(estimator, options)
+        orders = tuple(sorted(set(orders))) if orders is not None else default_orders(probe)
+        if not orders or min(orders) < 0 or max(orders) > 3:
+            raise ValueError(f"orders must be a non-empty subset of 0..3, got {orders!r}")
+        top, n = max(orders), n_replicates
+        exact_fn = exact or exact_expectation(distribution, test_function)
+        make = persistent(make)  # one estimator for the warm-up and the check (its learned parts persist)
+        if warmup:
+            def build(make_: Callable, th: torch.Tensor) -> None:
+                add_cost(test_function(make_("x")(distribution(th))), name=_COST)
 
-        model = Model("conditions", theta, build, exact_fn, lambda: [distribution(theta)])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 7919)
-            warm_up(model, make, warmup, warmup_replicates)
-    with torch.random.fork_rng(devices=[]), Graph() as graph:
-        torch.manual_seed(seed)
-        leaf, th = replicate(theta, n)
-        dist = distribution(th)
-        est = make("x")
-        x = est(dist)
-        node = graph.nodes[-1]
-        fx = test_function(x)
-        if fx.shape != ():
-            raise ValueError(f"test_function must return one number per sample, got shape {tuple(fx.shape)}")
-        f = align(fx.tensor, fx.plates, node.plates) if isinstance(fx, PlateTensor) else fx
-        inner = magic_box(node.gradient_values) * f  # ⊡(l(x)) f(x), as in Eq. 2
-        a = est.control_variate(node, CostFrame(inner.detach(), node.plates, node, inner, _COST, order=max(top, 1)))
-        w = node.weight_values
-        terms = {1: (w * inner).sum(0), 2: None if a is None else (w * a).sum(0), 3: w.sum(0)}
-        values: dict[tuple[int, int], torch.Tensor] = {}
-        for k, t in terms.items():
-            if t is None:
-                continue
-            t = _per_replicate(t, n)
-            values[k, 0] = t.detach().reshape(n, 1)
-            if top > 0:
-                derivatives = per_replicate_derivatives(t.mean(), leaf, top, direction(leaf[0].numel()))
-                for m, d in enumerate(derivatives, start=1):
-                    values[k, m] = d
-    exact_d = exact_derivatives(exact_fn, theta, top)
-    report = ConditionsReport(probe.name or type(probe).__name__, type(dist).__name__, orders)
-    for k in (1, 2, 3):
-        for m in orders:
-            if k == 3 and m == 0:
-                continue  # condition 3 constrains derivatives only
-            if k == 2 and (2, m) not in values:
-                if est.has_control_variate():
-                    # a control variate that returned None (an untrained learned one) showed nothing:
-                    # a z-test of zeros would report "ok" for any control variate, a biased one too
-                    report.not_tested[f"condition 2, order {m}"] = (
-                        "control_variate returned None on every replicate (a learned part not trained yet?): "
-                        "pass warmup= or a trained instance")
+            model = Model("conditions", theta, build, exact_fn, lambda: [distribution(theta)])
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + 7919)
+                warm_up(model, make, warmup, warmup_replicates)
+        with torch.random.fork_rng(devices=[]), Graph() as graph:
+            torch.manual_seed(seed)
+            leaf, th = replicate(theta, n)
+            dist = distribution(th)
+            est = make("x")
+            x = est(dist)
+            node = graph.nodes[-1]
+            fx = test_function(x)
+            if fx.shape != ():
+                raise ValueError(f"test_function must return one number per sample, got shape {tuple(fx.shape)}")
+            f = align(fx.tensor, fx.plates, node.plates) if isinstance(fx, PlateTensor) else fx
+            inner = magic_box(node.gradient_values) * f  # ⊡(l(x)) f(x), as in Eq. 2
+            a = est.control_variate(node, CostFrame(inner.detach(), node.plates, node, inner, _COST, order=max(top, 1)))
+            w = node.weight_values
+            terms = {1: (w * inner).sum(0), 2: None if a is None else (w * a).sum(0), 3: w.sum(0)}
+            values: dict[tuple[int, int], torch.Tensor] = {}
+            for k, t in terms.items():
+                if t is None:
                     continue
-                est_m = torch.zeros((n,) + exact_d[m].shape, dtype=torch.float64)  # no control variate: a = 0
-            else:
-                est_m = values[k, m]
-            target = exact_d[m] if k == 1 else torch.zeros_like(exact_d[m])
-            report.checks.append(z_test(est_m, target, f"condition {k}, order {m}", threshold))
-    report.seconds = time.perf_counter() - start
-    if raise_on_failure and not report.ok:
-        what = "violates" if report.failures else "leaves untested"
-        raise AssertionError(f"{report.estimator} {what} Theorem 1's local conditions:\n" + report.table())
-    return report
+                t = _per_replicate(t, n)
+                values[k, 0] = t.detach().reshape(n, 1)
+                if top > 0:
+                    derivatives = per_replicate_derivatives(t.mean(), leaf, top, direction(leaf[0].numel()))
+                    for m, d in enumerate(derivatives, start=1):
+                        values[k, m] = d
+        exact_d = exact_derivatives(exact_fn, theta, top)
+        report = ConditionsReport(probe.name or type(probe).__name__, type(dist).__name__, orders)
+        for k in (1, 2, 3):
+            for m in orders:
+                if k == 3 and m == 0:
+                    continue  # condition 3 constrains derivatives only
+                if k == 2 and (2, m) not in values:
+                    if est.has_control_variate():
+                        # a control variate that returned None (an untrained learned one) showed nothing:
+                        # a z-test of zeros would report "ok" for any control variate, a biased one too
+                        report.not_tested[f"condition 2, order {m}"] = (
+                            "control_variate returned None on every replicate (a learned part not trained yet?): "
+                            "pass warmup= or a trained instance")
+                        continue
+                    est_m = torch.zeros((n,) + exact_d[m].shape, dtype=torch.float64)  # no control variate: a = 0
+                else:
+                    est_m = values[k, m]
+                target = exact_d[m] if k == 1 else torch.zeros_like(exact_d[m])
+                report.checks.append(z_test(est_m, target, f"condition {k}, order {m}", threshold))
+        report.seconds = time.perf_counter() - start
+        if raise_on_failure and not report.ok:
+            what = "violates" if report.failures else "leaves untested"
+            raise AssertionError(f"{report.estimator} {what} Theorem 1's local conditions:\n" + report.table())
+        return report

@@ -12,6 +12,7 @@ from ..cost import _lead
 from ..errors import OrderError, UnsupportedDistributionError
 from ..estimators.base import Estimator
 from ..graph import Graph, current_graph
+from ..registry import created_by_design
 from ..surrogate import value_surrogate
 from ..surrogate.loss import unchecked_surrogate_loss
 from ._models import EstimatorFactory, Model, standard_models, supports
@@ -27,13 +28,17 @@ class ConformanceReport:
     """Outcome of :func:`check_against_enumeration`: one z-test per (model, order).
 
     Attributes:
-        estimator: the estimator's registry name.
+        estimator: the estimator's registry name; for a factory that made estimators of several kinds,
+            which estimator ran at which node (``"factory (arm at R; score at C, S)"``).
         orders: the derivative orders that were tested.
         checks: one :class:`UnbiasednessReport` per (model, order), named ``"model, order m"``.
         skipped: models (or a model's orders, ``"model, order m"``) not run, with the reason: a
             distribution the estimator does not support (by its class attributes, or an
             ``UnsupportedDistributionError`` raised when sampling), or an order storch refused on a
             model where a refusal is an accepted outcome (``Model.may_refuse``).
+        errors: models passed explicitly (``models=[...]``) that could not run, with the reason (a
+            distribution an estimator does not support): failures, since a model the test names must be
+            tested (the kit's own models that an estimator does not support are skipped instead).
         hints: per model name, what a failure of that model most likely means (``Model.hint``).
         seconds: wall time of the whole check.
     """
@@ -42,13 +47,14 @@ class ConformanceReport:
     orders: tuple[int, ...]
     checks: list[UnbiasednessReport] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
     hints: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        """True if there was at least one check and every check passed."""
-        return bool(self.checks) and all(c.ok for c in self.checks)
+        """True if there was at least one check, every check passed and every model passed explicitly ran."""
+        return bool(self.checks) and all(c.ok for c in self.checks) and not self.errors
 
     @property
     def failures(self) -> list[UnbiasednessReport]:
@@ -62,6 +68,8 @@ class ConformanceReport:
         for c in self.checks:
             verdict = "ok" if c.ok else "FAIL"
             rows.append(f"{c.name:<34} {c.n:>9} {c.z.numel():>10} {c.max_abs_z:>8.2f}  {verdict}")
+        for name, why in self.errors.items():
+            rows.append(f"{name:<34} FAIL: passed in models=[...] but could not run: {why}")
         for name, why in self.skipped.items():
             rows.append(f"{name:<34} skipped: {why}")
         if details:
@@ -151,11 +159,27 @@ def _run_model(model: Model, make: EstimatorFactory, orders: Sequence[int], n: i
             derivatives = per_replicate_derivatives(loss, leaf, top, direction(leaf[0].numel()))
             for m, d in enumerate(derivatives, start=1):
                 estimates[m] = d
+        low = _lowest_precision(current_graph())
     exact = exact_derivatives(model.exact, model.theta, top)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         _without_plates(model, make, top)
-    return [z_test(estimates[m], exact[m], f"{model.name}, order {m}", threshold) for m in orders]
+    reports = [z_test(estimates[m], exact[m], f"{model.name}, order {m}", threshold) for m in orders]
+    if low is not None:  # (the estimates are float64, as θ; a cost computed in a lower precision limits them)
+        for r in reports:
+            r.dtype = low
+    return reports
+
+
+def _lowest_precision(graph: Graph) -> Optional[torch.dtype]:
+    """float32 (or lower) if a cost of ``graph`` is computed in it, else ``None``."""
+    low = None
+    for _, cost in graph.costs:
+        dtype = getattr(getattr(cost, "tensor", cost), "dtype", None)
+        if dtype in (torch.float32, torch.float16, torch.bfloat16) and (
+                low is None or torch.finfo(dtype).eps > torch.finfo(low).eps):
+            low = dtype
+    return low
 
 
 def _without_plates(model: Model, make: EstimatorFactory, top: int) -> None:
@@ -280,20 +304,60 @@ def check_against_enumeration(
         >>> def test_my_estimator():
         ...     storch.testing.check_against_enumeration("my_estimator")
     """
+    with created_by_design():  # (one estimator per node of every model, made anew by design: not warned)
+        return _check(estimator, orders, models, options, n_replicates, seed, threshold, raise_on_failure, warmup,
+                      warmup_replicates)
+
+
+class _Recorder:
+    """The estimators a factory made, per node (plate) name, and the node made last (whose sampling ran next)."""
+
+    def __init__(self, make: EstimatorFactory) -> None:
+        self._make = make
+        self.used: dict[str, str] = {}
+        self.last: Optional[tuple[str, str]] = None
+
+    def __call__(self, plate: str) -> Estimator:
+        est = self._make(plate)
+        name = getattr(est, "name", None) or type(est).__name__
+        self.used.setdefault(plate, name)
+        self.last = (plate, name)
+        return est
+
+    def label(self, probe: str) -> str:
+        """``probe`` if every node got that estimator, else which estimator ran at which node."""
+        if set(self.used.values()) <= {probe}:
+            return probe
+        by_name: dict[str, list[str]] = {}
+        for plate, name in self.used.items():
+            by_name.setdefault(name, []).append(plate)
+        return "factory (" + "; ".join(f"{name} at {', '.join(plates)}" for name, plates in sorted(by_name.items())) + ")"
+
+
+def _check(estimator: EstimatorLike, orders: Optional[Sequence[int]], models: Optional[Sequence[Model]],
+           options: Optional[dict[str, Any]], n_replicates: int, seed: int, threshold: float, raise_on_failure: bool,
+           warmup: int, warmup_replicates: int) -> ConformanceReport:
     start = time.perf_counter()
     make, probe = resolve(estimator, options)
+    recorder = _Recorder(make)
+    make = recorder
     # the default for a biased estimator is its forward value (order 0), comparable only where it is a
     # sample of p: a model where it hands out relaxed values is skipped, with the reason
     forward_is_a_sample = orders is None and probe.biased
     orders = tuple(sorted(set(orders))) if orders is not None else default_orders(probe)
     if not orders or min(orders) < 0 or max(orders) > 3:
         raise ValueError(f"orders must be a non-empty subset of 0..3, got {orders!r}")
+    explicit = models is not None  # a model the test names must run: one that cannot is a failure
+    errors: dict[str, str] = {}
     if models is None:
         models, skipped = standard_models(probe)
     else:
-        skipped = {m.name: r for m in models if (r := supports(probe, m)) is not None}
-        models = [m for m in models if m.name not in skipped]
-    report = ConformanceReport(probe.name or type(probe).__name__, orders, skipped=skipped)
+        skipped = {}
+        for m in models:
+            if (r := supports(probe, m)) is not None:
+                (skipped if m.may_refuse else errors)[m.name] = r
+        models = [m for m in models if m.name not in skipped and m.name not in errors]
+    report = ConformanceReport(probe.name or type(probe).__name__, orders, skipped=skipped, errors=errors)
     if models and probe.uniform_weights and type(probe).weighting_function is not Estimator.weighting_function:
         # (once: weights that uniform_weights makes the surrogate drop; on the first model the estimator samples)
         for model in models:
@@ -308,7 +372,9 @@ def check_against_enumeration(
                 report.checks += _run_model(model, make, tested, n_replicates, seed + i, threshold, warmup,
                                             warmup_replicates, forward_is_a_sample)
             except UnsupportedDistributionError as e:  # refused when sampling, not by its class attributes
-                report.skipped[model.name] = f"refused while sampling: {e}"
+                at = f" by {recorder.last[1]} at node {recorder.last[0]!r}" if recorder.last else ""
+                (report.errors if explicit and not model.may_refuse else report.skipped)[model.name] = (
+                    f"refused while sampling{at}: {e}")
             except _NotComparable as e:
                 report.skipped[model.name] = str(e)
             except OrderError as e:
@@ -320,15 +386,21 @@ def check_against_enumeration(
                 continue
             break
     report.seconds = time.perf_counter() - start
+    report.estimator = recorder.label(report.estimator)
     if not report.checks:
         relaxed = any("relaxed" in why for why in report.skipped.values())
         raise AssertionError(
             (f"{report.estimator}: declared biased, and on every model it supports its forward value is not a "
              "sample of p, so the kit has nothing to compare with exact values; pass orders=(0, ...) to "
              "measure its distance from them (e.g. its bias as the temperature goes to 0)\n" if relaxed else
-             f"{report.estimator}: none of the models uses a distribution it supports; pass models=[...]\n")
+             f"{report.estimator}: none of the models ran: each uses a distribution that an estimator of it does "
+             "not support (see below); pass models=[...] that it supports\n")
             + report.table()
         )
     if raise_on_failure and not report.ok:
-        raise AssertionError(f"{report.estimator} does not match the exact values:\n" + report.table())
+        what = ("does not match the exact values" if report.failures else
+                "could not run on models passed in models=[...] (a model the test names must be tested)")
+        if report.failures and report.errors:
+            what += ", and could not run on models passed in models=[...]"
+        raise AssertionError(f"{report.estimator} {what}:\n" + report.table())
     return report

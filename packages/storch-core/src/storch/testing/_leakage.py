@@ -18,8 +18,9 @@ import torch
 from ..errors import UnsupportedDistributionError
 from ..estimators.base import Estimator
 from ..graph import Graph, current_graph
+from ..registry import created_by_design
 from ..surrogate.loss import unchecked_surrogate_loss
-from ._enumeration import ConformanceReport, exact_derivatives
+from ._enumeration import ConformanceReport, _Recorder, exact_derivatives
 from ._models import EstimatorFactory, Model, standard_models, supports
 from ._resolve import EstimatorLike, default_orders, resolve
 from ._stats import _grad, replicate, z_test
@@ -106,40 +107,54 @@ def check_leakage(
             :func:`check_against_enumeration`).
         warmup_replicates: copies of θ per warm-up step.
     """
-    if data < 2:
-        raise ValueError(f"data must be >= 2 (a data plate a leaking baseline can average over), got {data}")
-    start = time.perf_counter()
-    make, probe = resolve(estimator, options)
-    if orders is None:
-        orders = tuple(o for o in default_orders(probe) if o <= 1)
-    orders = tuple(sorted(set(orders)))
-    if not orders or min(orders) < 0 or max(orders) > 2:
-        raise ValueError(f"orders must be a non-empty subset of 0..2, got {orders!r}")
-    if models is None:
-        models, skipped = standard_models(probe)
-    else:
-        skipped = {m.name: r for m in models if (r := supports(probe, m)) is not None}
-        models = [m for m in models if m.name not in skipped]
-    report = ConformanceReport((probe.name or type(probe).__name__) + " (separate graphs)", orders,
-                               skipped=skipped)
-    top = max(orders)
-    for i, model in enumerate(models):
-        make_once = persistent(make)
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed + i)
-                warm_up(model, make_once, warmup, warmup_replicates)
-                draws = [_graph_estimate(model, make_once, data, top) for _ in range(n_graphs)]
-        except UnsupportedDistributionError as e:
-            report.skipped[model.name] = f"refused while sampling: {e}"
-            continue
-        exact = exact_derivatives(model.exact, model.theta, top)
-        for m in orders:
-            estimates = torch.stack([d[m] for d in draws]).reshape((n_graphs,) + exact[m].shape)
-            report.checks.append(z_test(estimates, exact[m], f"{model.name}, order {m}", threshold))
-    report.seconds = time.perf_counter() - start
-    if not report.checks:
-        raise AssertionError(f"{report.estimator}: no model could run; pass models=[...]\n" + report.table())
-    if raise_on_failure and not report.ok:
-        raise AssertionError(f"{report.estimator} is biased when replicates are separate graphs:\n" + report.table())
-    return report
+    with created_by_design():  # (estimators made anew by design: not counted as made in every training step)
+        if data < 2:
+            raise ValueError(f"data must be >= 2 (a data plate a leaking baseline can average over), got {data}")
+        start = time.perf_counter()
+        make, probe = resolve(estimator, options)
+        recorder = _Recorder(make)
+        make = recorder
+        if orders is None:
+            orders = tuple(o for o in default_orders(probe) if o <= 1)
+        orders = tuple(sorted(set(orders)))
+        if not orders or min(orders) < 0 or max(orders) > 2:
+            raise ValueError(f"orders must be a non-empty subset of 0..2, got {orders!r}")
+        explicit = models is not None  # a model the test names must run: one that cannot is a failure
+        errors: dict[str, str] = {}
+        if models is None:
+            models, skipped = standard_models(probe)
+        else:
+            skipped = {}
+            for m in models:
+                if (r := supports(probe, m)) is not None:
+                    (skipped if m.may_refuse else errors)[m.name] = r
+            models = [m for m in models if m.name not in skipped and m.name not in errors]
+        report = ConformanceReport(probe.name or type(probe).__name__, orders, skipped=skipped, errors=errors)
+        top = max(orders)
+        for i, model in enumerate(models):
+            make_once = persistent(make)
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed + i)
+                    warm_up(model, make_once, warmup, warmup_replicates)
+                    draws = [_graph_estimate(model, make_once, data, top) for _ in range(n_graphs)]
+            except UnsupportedDistributionError as e:
+                at = f" by {recorder.last[1]} at node {recorder.last[0]!r}" if recorder.last else ""
+                (report.errors if explicit and not model.may_refuse else report.skipped)[model.name] = (
+                    f"refused while sampling{at}: {e}")
+                continue
+            exact = exact_derivatives(model.exact, model.theta, top)
+            for m in orders:
+                estimates = torch.stack([d[m] for d in draws]).reshape((n_graphs,) + exact[m].shape)
+                report.checks.append(z_test(estimates, exact[m], f"{model.name}, order {m}", threshold))
+        report.seconds = time.perf_counter() - start
+        report.estimator = recorder.label(report.estimator) + " (separate graphs)"
+        if not report.checks:
+            raise AssertionError(f"{report.estimator}: no model could run; pass models=[...]\n" + report.table())
+        if raise_on_failure and not report.ok:
+            what = ("is biased when replicates are separate graphs" if report.failures else
+                    "could not run on models passed in models=[...] (a model the test names must be tested)")
+            if report.failures and report.errors:
+                what += ", and could not run on models passed in models=[...]"
+            raise AssertionError(f"{report.estimator} {what}:\n" + report.table())
+        return report

@@ -11,6 +11,7 @@ supports (through its ``check_distribution``, i.e. its ``distributions``,
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -303,6 +304,90 @@ def _global_latent(kind: type) -> Model:
     return Model(f"global_latent[{short}]", theta, build, exact, lambda: [dist(theta[0], one)], hint=_GLOBAL_HINT)
 
 
+# -- an ELBO: two costs of the same frame on one node ---------------------------------------------
+
+_ELBO_W, _ELBO_X = _t(0.9, -1.3), _t(0.6, -0.4)  # likelihood weights, observed x (one per element of z)
+_ELBO_PRIOR = _t(-0.5, 0.8)  # prior logits p(z) (Normal: prior means)
+
+_ELBO_HINT = (
+    "this model's node has TWO costs of the same frame (an ELBO: log q(z) and -log p(x, z), both holding the same "
+    "sample's value): a baseline or control variate for one cost built from another cost of the same step (the "
+    "previous cost frame, a sum over the node's costs) depends on the sample itself, so it is biased. Build a "
+    "baseline only from what is independent of the sample: other samples' values of the SAME cost "
+    "(leave-one-out), a moving average of earlier steps, a learned function of the node's parents")
+
+
+def _elbo(kind: type) -> Model:
+    """An ELBO with one latent node of two elements: z ~ q = D(θ), costs log q(z) and -log p(x, z) with
+    p(z) a fixed prior of the same family and p(x | z) = Normal(x; w·φ(z), 1) per element (both costs are on
+    the same frame: the node's sample and the kit's replicate plate; log q also depends on θ directly).
+
+    Every other model has at most one cost per frame (``chain[...]``'s two costs are on different frames): an
+    estimator whose baseline for one cost is another cost of the same step (the previous cost frame, which
+    holds this very sample's cost) passes them, and is biased here. The log-probabilities are written out
+    (not ``log_prob``), so a relaxed value of z gives a finite cost too.
+    """
+    normal = kind is Normal
+    fam = None if normal else _Family(kind)
+    half = torch.tensor(0.5, dtype=_F64)
+
+    def q(th) -> Distribution:
+        if fam is None:
+            return Normal(th, half.expand(2))
+        if kind is Bernoulli:
+            return Bernoulli(logits=th)
+        return kind(logits=th.unsqueeze(-1) * _DIR3 + _OFF3)  # (2, 3): element d's logits θ_d·dir + off
+
+    def log_p_family(th, z):
+        """log D(z; θ) per element, written out: z a sample (a one-hot value for a categorical, or an index)."""
+        if fam is None:
+            return -0.5 * ((z - th) / half) ** 2 - torch.log(half) - 0.5 * math.log(2 * math.pi)
+        if kind is Bernoulli:
+            return z * torch.nn.functional.logsigmoid(th) + (1 - z) * torch.nn.functional.logsigmoid(-th)
+        logits = torch.log_softmax(th.unsqueeze(-1) * _DIR3 + _OFF3, -1)  # (2, 3)
+        onehot = z if z.dim() == 2 else (z.unsqueeze(-1) == _K3).to(_F64)
+        return (onehot * logits).sum(-1)
+
+    def feature(z):
+        if fam is None or kind is Bernoulli:
+            return z
+        return (z * _K3).sum(-1) if z.dim() == 2 else z.to(_F64)
+
+    def log_lik(z):
+        return -0.5 * (_ELBO_X - _ELBO_W * feature(z)) ** 2 - 0.5 * math.log(2 * math.pi)
+
+    def build(make: EstimatorFactory, theta: torch.Tensor) -> None:
+        z = make("z")(q(theta))
+        add_cost(log_p_family(theta, z).sum())  # log q(z)
+        add_cost(-(log_p_family(_ELBO_PRIOR, z) + log_lik(z)).sum())  # -log p(x, z)
+
+    def exact(theta: torch.Tensor) -> torch.Tensor:
+        if fam is None:  # per element (prior N(m, σ²) as q's scale σ): E log q = -log σ - ½ log 2π - ½;
+            # E -log p(z) = ((θ-m)² + σ²) / 2σ² + log σ + ½ log 2π; E -log p(x|z) = ½ ((x - wθ)² + w² σ²) + ½ log 2π
+            s2 = half ** 2
+            per = (-torch.log(half) - 0.5 - 0.5 * math.log(2 * math.pi)
+                   + 0.5 * ((theta - _ELBO_PRIOR) ** 2 + s2) / s2 + torch.log(half) + 0.5 * math.log(2 * math.pi)
+                   + 0.5 * ((_ELBO_X - _ELBO_W * theta) ** 2 + _ELBO_W ** 2 * s2) + 0.5 * math.log(2 * math.pi))
+            return per.sum()
+        values = torch.tensor(fam.values, dtype=_F64)
+        total = theta.new_zeros(())
+        for d in range(2):  # the elements are independent and the costs are sums over them
+            if kind is Bernoulli:
+                zs = values
+                lq = torch.stack([log_p_family(theta[d], v) for v in zs])
+                lp = torch.stack([log_p_family(_ELBO_PRIOR[d], v) for v in zs])
+            else:
+                lq = torch.log_softmax(theta[d] * _DIR3 + _OFF3, -1)
+                lp = torch.log_softmax(_ELBO_PRIOR[d] * _DIR3 + _OFF3, -1)
+            ll = -0.5 * (_ELBO_X[d] - _ELBO_W[d] * values) ** 2 - 0.5 * math.log(2 * math.pi)
+            total = total + (lq.exp() * (lq - lp - ll)).sum()
+        return total
+
+    theta = _t(0.4, -0.7) if normal else _t(1.3, -1.6)  # (|log q| differences large enough to catch a cross-cost baseline)
+    short = "OneHot" if kind is OneHotCategorical else kind.__name__
+    return Model(f"elbo[{short}]", theta, build, exact, lambda: [q(theta)], hint=_ELBO_HINT)
+
+
 # -- continuous models (closed forms) ----------------------------------------------------------
 
 _C2, _S2 = _t(1.0, -0.7), _t(0.8, 1.2)
@@ -467,7 +552,9 @@ def standard_models(estimator: Estimator) -> tuple[list[Model], dict[str, str]]:
     ``global_latent[...]`` model (the first supported of Bernoulli, OneHotCategorical, Categorical,
     Normal): a global latent z that is not under the data plate ``data`` of its costs, with a local
     latent per data point that is, so a baseline that averages over a data plate for a node not under
-    it is caught (the total cost is the mean over the data plates).
+    it is caught (the total cost is the mean over the data plates). Then one ``elbo[...]`` model (the
+    first supported of the same four): one node with two costs of the same frame, log q(z) and
+    -log p(x, z), so a baseline for one cost built from another cost of the same step is caught.
     Then ``laplace[loc]`` (a kink of log p in loc) and ``uniform[high]`` (a support that moves with
     high): a score function is biased on them, so the outcome must be an unbiased estimate or a
     storch refusal (``OrderError`` at the order, ``UnsupportedDistributionError`` when sampling).
@@ -481,6 +568,8 @@ def standard_models(estimator: Estimator) -> tuple[list[Model], dict[str, str]]:
     candidates += [_categorical_2x3(), _onehot_2x2()]
     latent = [_global_latent(k) for k in (Bernoulli, OneHotCategorical, Categorical, Normal)]
     candidates.append(next((m for m in latent if supports(estimator, m) is None), latent[0]))
+    elbos = [_elbo(k) for k in (Bernoulli, OneHotCategorical, Categorical, Normal)]
+    candidates.append(next((m for m in elbos if supports(estimator, m) is None), elbos[0]))
     candidates += [_laplace(), _uniform()]
     chosen, skipped = [], {}
     for m in candidates:

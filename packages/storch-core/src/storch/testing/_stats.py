@@ -75,6 +75,8 @@ class UnbiasednessReport:
     n: int
     threshold: float
     variance: torch.Tensor = field(default=None)
+    atol: float = 1e-9
+    dtype: Optional[torch.dtype] = None  # of the estimates as handed in (before the float64 comparison)
 
     @property
     def ok(self) -> bool:
@@ -93,6 +95,14 @@ class UnbiasednessReport:
         for i, (m, s, e, z) in enumerate(zip(self.mean.flatten(), self.stderr.flatten(),
                                             self.exact.flatten(), self.z.flatten())):
             flag = "" if abs(float(z)) < self.threshold else "  <-- FAIL"
+            tol = self.atol * (1 + abs(float(e)))
+            if flag and float(s) <= tol and math.isfinite(float(m)) and math.isfinite(float(e)):
+                # zero variance: z is infinite for any gap, so say how large the gap is and what was allowed
+                flag += (f": zero variance, so the mean must equal the exact value; |mean - exact| = "
+                         f"{abs(float(m) - float(e)):.3g} > tolerance {tol:.3g} (atol {self.atol:g} x (1 + |exact|))")
+                if self.dtype in (torch.float32, torch.float16, torch.bfloat16):
+                    flag += (f"; the estimates are {str(self.dtype).replace('torch.', '')} (a relative precision of "
+                             f"{torch.finfo(self.dtype).eps:.1g}): compute the model in float64, or pass a larger atol")
             rows.append(f"{i:>10} {float(m):>12.6g} {float(s):>10.3g} {float(e):>12.6g} {float(z):>8.2f}{flag}")
         return "\n".join(rows)
 
@@ -106,6 +116,7 @@ def z_test(estimates: torch.Tensor, exact: Union[torch.Tensor, float], name: str
     give an infinite z-score too, and so does a non-finite exact value (an enumeration that failed,
     e.g. 0 * inf for a masked value, must not pass as z = 0).
     """
+    dtype = estimates.dtype
     est = estimates.detach().to(torch.float64)
     n = est.shape[0]
     exact = torch.as_tensor(exact).detach().to(torch.float64).expand(est.shape[1:])
@@ -118,7 +129,7 @@ def z_test(estimates: torch.Tensor, exact: Union[torch.Tensor, float], name: str
     # nan_to_num would turn ±inf into ±1.797e308: keep infinities as they are
     z = torch.where(torch.isfinite(mean) & torch.isfinite(exact), torch.nan_to_num(z, nan=0.0, posinf=math.inf, neginf=-math.inf),
                     torch.full_like(z, math.inf))
-    return UnbiasednessReport(name, mean, stderr, exact, z, n, threshold, var)
+    return UnbiasednessReport(name, mean, stderr, exact, z, n, threshold, var, atol, dtype)
 
 
 def assert_unbiased(estimates: torch.Tensor, exact: Union[torch.Tensor, float], name: str = "estimate", threshold: float = 4.0,
