@@ -412,7 +412,7 @@ def test_orders_models_and_errors():
     assert report.orders == (1,) and all(c.name.endswith("order 1") for c in report.checks)
     models, skipped = kit.standard_models(storch.estimator("reparameterization", plate="z"))
     assert [m.name for m in models] == ["normal[2]", "chain[Normal]", "independent[Normal]", "global_latent[Normal]",
-                                      "laplace[loc]", "uniform[high]"]
+                                      "elbo[Normal]", "laplace[loc]", "uniform[high]"]
     assert "bernoulli[3]" in skipped
     with pytest.raises(AssertionError, match="none of the models"):
         kit.check_against_enumeration("reparameterization", models=[m for m in kit.standard_models(

@@ -30,11 +30,11 @@ def test_kit_with_warmup(baseline, warmup):
     report = kit.check_against_enumeration("score", options=opts, orders=(0, 1, 2), warmup=warmup,
                                            n_replicates=3000)
     print("\n" + report.table(details=False))
-    # ten models (independent[Bernoulli], categorical[2x3], onehot[2x2] and global_latent[Bernoulli] included), three
-    # orders; laplace[loc] at orders 0 and 1 (order 2 is refused: a kink of log p); uniform[high] refused when sampling
-    # (a moving support)
-    assert len(report.checks) == 32 and report.ok
-    assert "global_latent[Bernoulli], order 2" in {c.name for c in report.checks}
+    # eleven models (independent[Bernoulli], categorical[2x3], onehot[2x2], global_latent[Bernoulli] and
+    # elbo[Bernoulli] included), three orders; laplace[loc] at orders 0 and 1 (order 2 is refused: a kink of log p);
+    # uniform[high] refused when sampling (a moving support)
+    assert len(report.checks) == 35 and report.ok
+    assert {"global_latent[Bernoulli], order 2", "elbo[Bernoulli], order 2"} <= {c.name for c in report.checks}
     assert "laplace[loc], order 2" in report.skipped and "uniform[high]" in report.skipped
 
 
