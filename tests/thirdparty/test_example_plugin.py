@@ -71,7 +71,7 @@ def test_errors_name_the_plugin():
 def test_passes_the_conformance_kit():
     report = kit.check_against_enumeration("gumbel_rao")
     print("\n" + report.table())
-    assert report.ok and report.orders == (0,) and len(report.checks) == 6  # onehot[2x2], global_latent[Bernoulli] too
+    assert report.ok and report.orders == (0,) and len(report.checks) == 7  # onehot[2x2], global_latent[Bernoulli], elbo[Bernoulli] too
     assert "independent[Bernoulli], order 0" in {c.name for c in report.checks}
 
 
