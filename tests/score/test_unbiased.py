@@ -367,3 +367,73 @@ def test_importance_same_family_proposal_of_another_dtype(family):
             model(th, Maker("importance", proposal=q(q_dtype), n_samples=3))
             storch.backward()
         assert th.grad is not None and th.grad.dtype == dtype and torch.isfinite(th.grad).all()
+
+
+# -- importance: proposals of multi-binary / multi-discrete actions and ε-greedy mixtures -------------
+
+_BITS3_W = torch.tensor([1.0, -2.0, 0.5])
+_BITS3_VALUES = torch.tensor(list(itertools.product([0.0, 1.0], repeat=3)))  # the 8 joint values of 3 bits
+_CAT23_W = torch.tensor([[1.0, -2.0, 0.5], [0.3, 1.0, -1.0]])
+_CAT23_VALUES = torch.tensor(list(itertools.product(range(3), repeat=2)))  # the 9 joint values of 2 positions
+
+
+def _bits3_cost(z):
+    return ((z * _BITS3_W).sum(-1) - 0.3) ** 2
+
+
+def _bits3_exact(th):
+    p, values = torch.sigmoid(th), _BITS3_VALUES.to(th)
+    return (values * p + (1 - values) * (1 - p)).prod(-1) @ _bits3_cost(values)
+
+
+def _cat23_cost(a):
+    return _CAT23_W[0][a[..., 0]] * _CAT23_W[1][a[..., 1]] + _CAT23_W[0][a[..., 0]]
+
+
+def _cat23_exact(th):
+    lp = th.view(2, 3).log_softmax(-1)
+    v = _CAT23_VALUES
+    return (lp[0][v[:, 0]] + lp[1][v[:, 1]]).exp() @ _cat23_cost(v).to(th)
+
+
+_GREEDY = torch.tensor([0.0, 0.0, 1.0])
+
+COVERING = {  # p(θ), a proposal that covers p (Independent over p's dims, or a mixture), the cost, exact E[cost]
+    "independent-bernoulli": (lambda th: torch.distributions.Independent(Bernoulli(logits=th), 1),
+                              lambda: torch.distributions.Independent(Bernoulli(probs=torch.tensor([0.5, 0.5, 0.9])), 1),
+                              _bits3_cost, _bits3_exact, torch.tensor([0.3, -0.2, 0.5])),
+    "independent-categorical": (lambda th: torch.distributions.Independent(Categorical(logits=th.view(2, 3)), 1),
+                                lambda: torch.distributions.Independent(
+                                    Categorical(probs=torch.tensor([[0.5, 0.4, 0.1], [1 / 3, 1 / 3, 1 / 3]])), 1),
+                                _cat23_cost, _cat23_exact, torch.tensor([0.3, -0.2, 0.5, 0.1, 0.0, -0.4])),
+    "epsilon-greedy-mixture": (lambda th: Categorical(logits=th),
+                               lambda: torch.distributions.MixtureSameFamily(
+                                   Categorical(probs=torch.tensor([0.8, 0.2])),
+                                   Categorical(probs=torch.stack([_GREEDY, torch.full((3,), 1 / 3)]))),
+                               lambda z: _CAT3_W[z], lambda th: th.softmax(-1) @ _CAT3_W, torch.tensor([0.3, -0.2, 0.5])),
+    "mixture-of-independent-bernoulli": (
+        lambda th: torch.distributions.Independent(Bernoulli(logits=th), 1),
+        lambda: torch.distributions.MixtureSameFamily(  # a greedy joint action (1, 1, 0) and a uniform one
+            Categorical(probs=torch.tensor([0.7, 0.3])),
+            torch.distributions.Independent(Bernoulli(probs=torch.tensor([[1.0, 1.0, 0.0], [0.5, 0.5, 0.5]])), 1)),
+        _bits3_cost, _bits3_exact, torch.tensor([0.3, -0.2, 0.5])),
+}
+
+
+@pytest.mark.parametrize("case", list(COVERING))
+def test_importance_independent_and_mixture_proposals_that_cover_p(case):
+    """The covering versions of the proposals tests/score/test_score_errors.py refuses: an Independent over a
+    multi-binary or multi-discrete action (probabilities of 0 or 1 in some elements but none that misses a
+    value p can draw), an ε-greedy MixtureSameFamily with ε > 0, and a mixture whose greedy part puts mass on
+    one joint action only (its uniform part covers the rest). The check on p's finite support accepts each;
+    orders 1 and 2 against enumeration."""
+    mkp, mkq, cost, fn, theta = COVERING[case]
+
+    def model(th, make):
+        storch.add_cost(cost(make("z", mkp(th))), name="c")
+
+    torch.manual_seed(23)
+    got = derivative_estimates(model, theta, Maker("importance", proposal=mkq(), n_samples=3), 2, 4000)
+    for order, (g, w) in enumerate(zip(got, exact_derivatives(fn, theta, 2)), 1):
+        assert torch.isfinite(g).all()
+        assert_unbiased(g, w, f"importance, {case}, order {order}")

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
-from torch.distributions import Distribution, Independent, Transform, TransformedDistribution, constraints, transform_to
+from torch.distributions import (
+    Categorical, Distribution, Independent, MixtureSameFamily, Transform, TransformedDistribution, constraints, transform_to,
+)
 
 from storch import Estimator, Node, OptionError, StorchError
 from storch.extending import align, assume, base_distribution, is_tracing, parameters, plates_of, raw_of, rebuild, same_support, strict_support
@@ -117,7 +119,13 @@ class Importance(Estimator):
             except (RuntimeError, ValueError) as e:
                 raise OptionError(
                     f"importance: the proposal's batch shape {tuple(q.batch_shape)} does not broadcast to the "
-                    f"node's batch shape {tuple(p.batch_shape)} ((*parent plates, *own batch)): {e}") from e
+                    f"node's batch shape {tuple(p.batch_shape)} ({_dims_named(node, p)}): {str(e).rstrip('. ')}. A proposal given as "
+                    "raw tensors lines up with the node's dims from the right, as torch broadcasts (its last batch "
+                    "dim with the node's last), not by plate. Give its parameters as plate tensors, which are lined "
+                    "up with the node's plates by name: a behaviour policy per data point on the data plate, "
+                    "`x, logits_q = storch.denote_independent((x, logits_q), 0, 'data')` then "
+                    "`proposal=lambda p: Categorical(logits=logits_q)` (docs/estimators/importance.md); or raw "
+                    "tensors whose leading dims are the node's parent plates in that order") from e
         _check_same_kind(p, q)
         _check_bounds(p, q)
         _check_covers(p, q)
@@ -329,6 +337,13 @@ def _inside(p: Distribution, x: torch.Tensor) -> Optional[tuple[torch.Tensor, to
     return mask, valid.to(x.dtype)
 
 
+def _dims_named(node: Node, p: Distribution) -> str:
+    """The node's raw batch dims named for a message: ``plate 'data' (3), plate 'z' (2), own batch (4)``."""
+    plates = [f"plate {pl.name!r} ({pl.size})" for pl in node.parents]
+    own = tuple(p.batch_shape)[len(node.parents):]
+    return ", ".join(plates + [f"own batch ({n})" for n in own]) or "no batch dims"
+
+
 def _on_parent_plates(q: Distribution, node: Node) -> Distribution:
     """``q`` with its plate-tensor parameters as raw tensors whose leading dims are the node's parent
     plates (size 1 where a parameter lacks one), as p's raw distribution has them: the batch shape
@@ -513,33 +528,111 @@ _MAX_CHECKED = 4096  # values of a finite support checked one by one
 
 
 def _check_covers(p: Distribution, q: Distribution) -> None:
-    """Raise where a finite support shows that q puts no mass on a value p can draw (a proposal over fewer
+    """Raise where p's finite support shows that q puts no mass on a value p can draw (a proposal over fewer
     categories than p, or with a probability of exactly 0 where p's is positive): the importance weights
     p/q cannot correct that, and the estimate would be biased without a word (found by porting an
-    off-policy correction whose behaviour policy had 3 actions of 4). Continuous supports are not checked
+    off-policy correction whose behaviour policy had 3 actions of 4). Only p's support must be finite
+    (``_finite_values``: enumerated, an ``Independent`` one through its base, up to ``_MAX_CHECKED`` values);
+    q is any distribution with ``log_prob`` on those values: an ε-greedy ``MixtureSameFamily`` whose ε is
+    annealed to 0, an ``Independent`` over the action dims of a multi-binary or multi-discrete action
+    (each was accepted before, as the check ran only where both enumerated their support: biased by up to
+    105.9 standard errors). Where p and q are ``Independent`` over the same dims, each marginal is checked
+    (q covers p's joint values iff every marginal of q covers p's). Continuous supports are not checked
     (documented: q must put mass wherever p does). While ``storch.compile`` traces the step the check is
     recorded (``assume``): the probabilities are per-call values, so it runs at every replayed call."""
-    if not (p.has_enumerate_support and q.has_enumerate_support):
+    names, per = (type(q).__name__, type(p).__name__), ""
+    while (type(p) is Independent and type(q) is Independent
+           and p.reinterpreted_batch_ndims == q.reinterpreted_batch_ndims
+           and p.base_dist.batch_shape == q.base_dist.batch_shape):
+        p_, q_ = p.base_dist, q.base_dist  # both factorise over the same dims: per marginal
+        if _finite_values(p_, count_only=True) is None:
+            break
+        p, q, per = p_, q_, " per element"
+    values = _finite_values(p)  # (K, *batch, *event)
+    if values is None or values.is_meta:
         return
-    values = p.enumerate_support(expand=True)  # (K, *batch, *event)
-    if values.shape[0] > _MAX_CHECKED or values.is_meta:
-        return
+    why = ""
     with torch.no_grad():
-        lp = strict_support(p).log_prob(values)
-        try:
-            lq = strict_support(q).log_prob(values)  # probs of exactly 0: -inf (torch clamps them)
-        except StorchError:  # storch's own errors (a PlateError is a ValueError) say what was wrong
-            raise
-        except (ValueError, IndexError, RuntimeError):  # a value outside q's support (torch's validation)
-            lq = None
+        lp = _strict(p).log_prob(values)
+        lq, other = None, _value_dtype(q)
+        for dtype in [values.dtype] + ([other] if other is not None and other != values.dtype else []):
+            try:  # p's values as they are, else in the dtype of q's values (a q whose log_prob needs floats)
+                lq, why = _strict(q).log_prob(values.to(dtype)), ""  # probs of exactly 0: -inf (torch clamps them)
+                break
+            except StorchError:  # storch's own errors (a PlateError is a ValueError) say what was wrong
+                raise
+            except (ValueError, IndexError, RuntimeError) as e:  # a value outside q's support (torch's validation)
+                why = f" (q.log_prob raised on them: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
         missed = None if lq is None else (torch.isfinite(lp) & (lq == -math.inf)).any()
     message = (
-        f"importance: the proposal {type(q).__name__} puts no mass on values that the node's {type(p).__name__} "
-        f"can draw ({values.shape[0]} values: a proposal over fewer values, or with probability 0 where p's is "
-        "positive); the importance weights p/q cannot correct that and the estimate would be biased. Give a "
-        "proposal over the same values with positive probability wherever p's is positive")
+        f"importance: the proposal {names[0]} puts no mass on values that the node's {names[1]} can draw "
+        f"({values.shape[0]} values{per}{why}: a proposal over fewer values, or with probability 0 where p's is "
+        "positive, an ε-greedy mixture with ε = 0); the importance weights p/q cannot correct that and the "
+        "estimate would be biased. Give a proposal over the same values with positive probability wherever p's "
+        "is positive")
     if missed is not None and is_tracing():  # no value-dependent branch in a trace: checked at every call
         assume(~missed, message + " (checked at every call of the step storch.compile traced)")
         return
     if missed is None or bool(missed):
         raise OptionError(message)
+
+
+def _finite_values(d: Distribution, count_only: bool = False) -> Optional[torch.Tensor]:
+    """Every value ``d`` can draw, ``(K, *batch, *event)`` (``enumerate_support(expand=True)``; an
+    ``Independent``'s joint values from its base's, over its reinterpreted dims; a ``MixtureSameFamily``'s
+    from its components', which share their values); ``None`` where its support is not finite, not known,
+    or has more than ``_MAX_CHECKED`` values. With ``count_only``, only whether it is known (a tensor of
+    shape ``(K,)``, no values built)."""
+    if d.has_enumerate_support:
+        try:
+            n = d.enumerate_support(expand=False).shape[0]
+            if n > _MAX_CHECKED:
+                return None
+            return torch.empty(n) if count_only else d.enumerate_support(expand=True)
+        except NotImplementedError:  # (a Binomial whose total_count differs between elements)
+            return None
+    if type(d) is Independent:
+        base = _finite_values(d.base_dist, count_only=True)
+        r = d.reinterpreted_batch_ndims
+        batch = d.base_dist.batch_shape
+        inner = batch[len(batch) - r:]
+        if base is None:
+            return None
+        k, m = base.shape[0], math.prod(inner)
+        if m > 0 and k > 1 and m * math.log(k) > math.log(_MAX_CHECKED) + 1e-9:
+            return None
+        n = k ** m
+        if count_only:
+            return torch.empty(n)
+        values = _finite_values(d.base_dist)  # (k, *outer, *inner, *base event)
+        if values is None:
+            return None
+        outer = batch[:len(batch) - r]
+        ev = d.base_dist.event_shape
+        flat = values.reshape((k,) + tuple(outer) + (m,) + tuple(ev))
+        # every combination of one of the k values per reinterpreted element: (n, m) indices
+        digits = torch.arange(n, device=values.device).unsqueeze(-1) // (k ** torch.arange(m - 1, -1, -1, device=values.device))
+        index = (digits % k).reshape((n,) + (1,) * len(outer) + (m,) + (1,) * len(ev))
+        joint = flat.gather(0, index.expand((n,) + tuple(outer) + (m,) + tuple(ev)))
+        return joint.reshape((n,) + tuple(d.batch_shape) + tuple(d.event_shape))
+    if isinstance(d, MixtureSameFamily):
+        values = _finite_values(d.component_distribution, count_only)
+        if values is None or count_only:
+            return values
+        return values.select(1 + len(d.batch_shape), 0)  # the components' values are the same
+    return None
+
+
+def _strict(d: Distribution) -> Distribution:
+    """``strict_support`` (``log_prob = -inf`` where a probability is exactly 0) through an ``Independent`` and
+    the parts of a ``MixtureSameFamily`` (an ε-greedy proposal whose ε is 0: torch's clamped probabilities
+    gave its greedy part a finite log-probability on the values it never draws)."""
+    if type(d) is Independent:
+        base = _strict(d.base_dist)
+        return d if base is d.base_dist else Independent(base, d.reinterpreted_batch_ndims, validate_args=False)
+    if type(d) is MixtureSameFamily:
+        mix, comp = strict_support(d.mixture_distribution), _strict(d.component_distribution)
+        if (mix is d.mixture_distribution and comp is d.component_distribution) or not isinstance(mix, Categorical):
+            return d  # (strict_support gives a Categorical for a Categorical: -inf logits where probs are 0)
+        return MixtureSameFamily(mix, comp, validate_args=False)
+    return strict_support(d)
