@@ -202,3 +202,31 @@ def test_two_costs_of_one_name_at_one_step_warn_and_distinct_names_do_not():
             storch.surrogate_loss()
         messages = [str(w.message) for w in caught if "two costs named" in str(w.message)]
         assert bool(messages) == warns, messages
+
+
+# -- a replay buffer: stored actions reweighted (docs/estimators/importance.md) ---------------------------
+
+def test_replay_buffer_recipe_is_unbiased():
+    """docs/estimators/importance.md, "A replay buffer": actions drawn earlier from a behaviour policy, stored
+    with their log-probabilities, put on a data plate with denote_independent and reused in a later step with
+    the cost -(p/q) r. Its derivatives of orders 1 and 2 are z-tested against those of E_p[-r] (enumerated)."""
+    theta = (OLD + torch.tensor([0.4, -0.3, 0.2], dtype=D)).requires_grad_(True)
+    behaviour = Categorical(logits=OLD)
+    torch.manual_seed(11)
+    R, B = 1500, 8
+    got = [[], []]
+    for _ in range(R):
+        actions = behaviour.sample((B,))
+        buffer = (actions, behaviour.log_prob(actions), REWARD[actions])  # collected in an earlier step
+        with storch.Graph():
+            a, log_q, r = storch.denote_independent(buffer, 0, "buffer")
+            ratio = (Categorical(logits=theta).log_prob(a) - log_q).exp()
+            storch.add_cost(-ratio * r, name="reward")
+            (g,) = torch.autograd.grad(storch.surrogate_loss(order=2), theta, create_graph=True)
+        got[0].append(g.detach())
+        got[1].append(torch.stack([torch.autograd.grad(g[i], theta, retain_graph=True)[0] for i in range(3)]))
+    t = theta.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(-(t.softmax(-1) * REWARD).sum(), t, create_graph=True)
+    exact = [g.detach(), torch.stack([torch.autograd.grad(g[i], t, retain_graph=True)[0] for i in range(3)])]
+    for order in (0, 1):
+        assert_unbiased(torch.stack(got[order]), exact[order], f"replay buffer recipe, order {order + 1}")
