@@ -44,15 +44,34 @@ def _blackbox(z, f) -> storch.PlateTensor:
 
 
 @pytest.mark.parametrize("how", ["sum", "denote_independent"])
-def test_a_reward_cut_from_the_samples_is_refused(how):
+def test_a_reward_cut_from_the_samples_is_warned_of(how):
+    """A warning (storch.ConstantCostWarning), not a refusal: terms constant by construction are common (review
+    r-eight: an entropy bonus of a fixed-scale Normal, a placeholder regulariser, a frozen module's weight decay)."""
     theta = torch.zeros(4, requires_grad=True)
     with storch.Graph():
         z = storch.estimator("score", plate="z", n_samples=4)(Categorical(logits=theta))
         storch.add_cost(0.1 * z.float(), name="length")
         r = torch.as_tensor(T[z.tensor.numpy()], dtype=torch.float32)  # plain (4,): no credit to anything
         c = r.sum() if how == "sum" else storch.denote_independent(r, 0, "rewards")
-        with pytest.raises(storch.CostError, match=r"no sample plate.*constant.*storch\.PlateTensor\(r, z\.plates\)"):
+        with pytest.warns(storch.ConstantCostWarning,
+                          match=r"no sample plate.*constant.*storch\.PlateTensor\(r, z\.plates\)") as w:
             storch.add_cost(c, name="reward")
+        assert w[0].filename == __file__  # points at the user's add_cost
+        storch.reset()
+
+
+def test_a_term_constant_by_construction_is_warned_of_not_refused():
+    mu = torch.zeros(3, requires_grad=True)
+    frozen = torch.nn.Linear(3, 3).requires_grad_(False)
+    with storch.Graph():
+        z = storch.estimator("score", plate="z", n_samples=4)(Normal(mu, 1.0))
+        storch.add_cost((z ** 2).sum(), name="c")
+        for name, term in [("entropy bonus", -0.01 * Normal(torch.zeros(3), 1.0).entropy().sum()),
+                           ("placeholder", torch.tensor(0.0)), ("frozen decay", frozen.weight.pow(2).sum())]:
+            with pytest.warns(storch.ConstantCostWarning, match=rf"cost {name!r} carries no sample plate"):
+                storch.add_cost(term, name=name)
+        storch.backward()
+    assert mu.grad is not None and torch.isfinite(mu.grad).all()
 
 
 def test_the_shape_error_of_a_reward_per_sample_says_to_wrap_it_first():
@@ -162,22 +181,75 @@ def test_a_blackbox_bernoulli_cost_plus_a_term_is_exact_under_score_function_est
 
 
 def test_values_per_entry_that_do_not_depend_on_a_pathwise_sample_stay_allowed_and_exact():
-    """Noise drawn per entry (under torch.no_grad(), or torch.randn_like), a value broadcast along the plate
-    (size 1), and a wrapped tensor that requires grad: the pathwise gradient is the one autograd gives."""
+    """Noise drawn per entry (torch.randn_like), integer ids, a value broadcast along the plate (size 1), and a
+    wrapped tensor that requires grad: the pathwise gradient is the one autograd gives."""
     mu = torch.tensor([0.3, -0.6], requires_grad=True)
     est = storch.estimator("reparameterization", plate="z", n_samples=4)
     with storch.Graph():
         a = est(Normal(mu, 1.0))
-        with torch.no_grad():
-            eps = storch.PlateTensor(torch.randn(4, 2), a.plates)
+        eps = 0.1 * storch.PlateTensor(torch.arange(4), a.plates)  # integer ids: not checked
         eps2 = torch.randn_like(a)
         w = storch.PlateTensor(torch.tensor([[0.5, 2.0]]), a.plates)  # size 1: one value for every entry
         s = storch.PlateTensor(a.tensor * 3.0, a.plates)  # needs grad: a function of the sample in torch
         storch.add_cost((w * (a + eps + eps2) ** 2).sum() + s.sum(), name="c")
         storch.backward()
     x = a.tensor.detach()
-    expected = (w.tensor * 2 * (x + eps.tensor + eps2.tensor.detach())).mean(0) + 3.0  # the mean over the 4 entries
+    expected = (w.tensor * 2 * (x + eps.tensor[:, None] + eps2.tensor.detach())).mean(0) + 3.0  # mean over entries
     assert torch.allclose(mu.grad, expected, atol=1e-5)
+
+
+def test_no_grad_is_no_escape_for_a_blackbox_value_on_a_pathwise_plate():
+    """The refusal's message offered `with torch.no_grad(): storch.PlateTensor(r, z.plates)` to declare a value
+    that does not depend on the sample; a black-box reward so wrapped was biased (review r-eight: z = 103). The
+    wrap is refused whatever the grad mode while the node's samples need grad; an evaluation (samples drawn under
+    no_grad) is not refused."""
+    mu = torch.tensor([0.3, -0.6], requires_grad=True)
+    est = storch.estimator("reparameterization", plate="z", n_samples=4)
+    with storch.Graph():
+        a = est(Normal(mu, 1.0))
+        with torch.no_grad(), pytest.raises(storch.OrderError, match=r"Wrapping under torch.no_grad\(\) does not"):
+            storch.PlateTensor(a.tensor.detach() ** 3, a.plates)
+        storch.reset()
+    with torch.no_grad(), storch.Graph():
+        a = est(Normal(mu, 1.0))
+        storch.add_cost(storch.PlateTensor((a.tensor ** 3).sum(-1), a.plates), name="eval")
+        assert torch.isfinite(storch.surrogate_loss())
+
+
+def test_a_blackbox_reward_of_a_score_node_below_a_pathwise_node_stays_allowed_and_exact():
+    """z1 ~ N(theta, 1) by reparameterization, z2 ~ Bernoulli(logits=z1) by score, a reward computed in numpy from
+    z2 alone: its plates (z2, z1) include z1's, and the wrap was refused (review r-eight), although the gradient
+    is exact: z1 gets its gradient through z2's log-probability. E[r(z2)] = sum_b r(b) E[p(b | z1)], differentiated
+    by quadrature."""
+    rewards = np.array([0.0, 1.5])
+    theta = torch.tensor([0.4], dtype=torch.float64, requires_grad=True)
+    upper = storch.estimator("reparameterization", plate="z1", n_samples=4)
+    lower = storch.estimator("score", plate="z2", n_samples=2, baseline="leave_one_out")
+
+    def one():
+        theta.grad = None
+        z1 = upper(Normal(theta, 1.0))
+        z2 = lower(Bernoulli(logits=z1))
+        r = torch.as_tensor(rewards[z2.tensor.detach().long().numpy()], dtype=torch.float64).sum(-1)
+        storch.add_cost(storch.PlateTensor(r, z2.plates), name="reward")
+        storch.backward()
+        return theta.grad
+
+    x, w = np.polynomial.hermite_e.hermegauss(60)  # E over z1 ~ N(theta, 1) of 1.5 * sigmoid(z1)
+    t = torch.tensor(x, dtype=torch.float64) + theta
+    value = (torch.tensor(w) * rewards[1] * torch.sigmoid(t)).sum() / math.sqrt(2 * math.pi)
+    exact, = torch.autograd.grad(value, theta)
+    assert _ztest(one, exact, R=400) < 4
+
+
+def test_integer_and_bool_values_on_a_pathwise_plate_are_not_checked():
+    """Entry ids and masks (review r-eight: refused) carry no gradient by their dtype: not black-box floats."""
+    mu = torch.tensor([0.3, -0.6], requires_grad=True)
+    with storch.Graph():
+        a = storch.estimator("reparameterization", plate="z", n_samples=4)(Normal(mu, 1.0))
+        ids = storch.PlateTensor(torch.arange(4), a.plates)
+        valid = storch.PlateTensor(torch.tensor([True, False, True, True]), a.plates)
+        assert ids.plate_names == ("z",) and valid.dtype == torch.bool
 
 
 def test_a_blackbox_value_on_a_score_function_plate_stays_allowed():

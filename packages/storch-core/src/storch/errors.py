@@ -49,6 +49,14 @@ class PrecisionWarning(UserWarning):
     (docs/reliability.md, "Float precision of the samples")."""
 
 
+class ConstantCostWarning(UserWarning):
+    """A cost that carries no sample plate and needs no gradient was added while gradients are enabled: it
+    contributes nothing to any gradient. Harmless for a term that is constant by construction (the entropy of a
+    Normal of fixed scale, a frozen module's weight decay); a reward computed per sample outside torch and then
+    reduced (``r.sum()``) or put on a data plate gets no credit at all: wrap it back on the sample's plates,
+    ``storch.PlateTensor(r, z.plates)`` (docs/plates.md, "A cost computed outside torch")."""
+
+
 class PlateError(StorchError, ValueError):
     """An operation would mix plate (sample or data) dimensions, or a plate name is reused."""
 

@@ -7,6 +7,7 @@ for one step (one surrogate loss); estimators, which hold state across steps, li
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union, overload
 
@@ -14,8 +15,9 @@ import torch
 from torch.distributions import Distribution
 
 from ._order_guard import is_differentiated, unbatched
+from ._stacklevel import user_stacklevel
 from .eager import eager_only
-from .errors import CostError, PlateError
+from .errors import ConstantCostWarning, CostError, PlateError
 from .generators import pop_generator, push_generator
 from .node import Node
 from .plates.tensor import Lineage, Plate, PlateTensor, _release
@@ -291,7 +293,7 @@ class Graph:
         if not self.owns(plates):
             self.check_plates(plates, f"cost {label!r}")
         if not raw.requires_grad and credit is True and torch.is_grad_enabled():  # (one attribute read if it does)
-            self._refuse_constant(raw, plates, label)
+            self._warn_constant(raw, plates, label)
         if credit is not True:
             if credit is not False:
                 raise CostError(f"cost {label!r}: credit must be True or False, got {credit!r}")
@@ -305,26 +307,29 @@ class Graph:
                 + (hint + "Otherwise: reduce" if hint else "Reduce") + " its event dims first (e.g. `.sum(-1)`), or "
                 "use storch.denote_independent for dims that are independent data points" + self._cost_hints(plates))
 
-    def _refuse_constant(self, raw: torch.Tensor, plates: tuple, label) -> None:
-        """Refuse a cost that carries no sample plate (a plain tensor, or data plates only) and needs no gradient
-        while gradients are enabled: it is a constant, which contributes nothing to any gradient (a reward
-        computed per sample outside torch, then reduced or put on a data plate, had its credit dropped silently).
-        Allowed: under torch.no_grad() (evaluation), with credit=False (not meant to train), a cost that needs grad."""
+    def _warn_constant(self, raw: torch.Tensor, plates: tuple, label) -> None:
+        """Warn (:class:`storch.ConstantCostWarning`) of a cost that carries no sample plate (a plain tensor, or
+        data plates only) and needs no gradient while gradients are enabled: a constant, which contributes nothing
+        to any gradient. A warning, not a refusal: a term constant by construction is harmless and common (the
+        entropy of a Normal of fixed scale, a placeholder regulariser, a frozen module's weight decay: a review
+        found them refused); the case it is for, a reward computed per sample outside torch then reduced
+        (``r.sum()``) or put on a data plate, silently lost its credit (z = 320 in a porting test).
+        Not warned: under torch.no_grad() (evaluation), with credit=False, a cost that needs grad."""
         if any(not p.independent for p in plates) or is_differentiated(unbatched(raw)):
             return  # a sample plate (score-function credit), or differentiated (under vmap / forward mode too)
         what = "a plain tensor" if not plates else f"only the data plates {tuple(p.name for p in plates)}"
-        raise CostError(
+        warnings.warn(ConstantCostWarning(
             f"cost {label!r} carries no sample plate ({what}) and needs no gradient (requires_grad is False while "
-            "gradients are enabled): to storch it is a constant, which contributes nothing to any gradient, so "
-            "adding it would silently train nothing. " + (self._per_entry_hint(raw) or "A reward computed per "
-            "sample outside torch (from z.tensor, in numpy) must be wrapped back on the sample's plates, "
-            "`storch.PlateTensor(r, z.plates)` (the plate dims first, as in z.tensor), and a score-function "
-            "estimator credits it to the node (the black-box recipe in docs/plates.md); reducing it (r.sum()) or "
-            "putting it on a data plate (storch.denote_independent) cuts it from the samples. ")
-            + "Otherwise compute the cost in torch from the samples or the parameters. For evaluation without "
-            "gradients, add it under torch.no_grad(). A term that is constant by construction (the entropy of a "
-            "Normal of fixed scale) can be left out, or added with credit=False where it is meant only for the "
-            "reported value (storch.backward()'s value, storch.cost_estimates())")
+            "gradients are enabled): to storch it is a constant, which contributes nothing to any gradient. "
+            + (self._per_entry_hint(raw) or "If it is a reward computed per sample outside torch (from z.tensor, in "
+            "numpy), wrap it back on the sample's plates, `storch.PlateTensor(r, z.plates)` (the plate dims first, "
+            "as in z.tensor), and a score-function estimator credits it to the node (the black-box recipe in "
+            "docs/plates.md); reducing it (r.sum()) or putting it on a data plate (storch.denote_independent) cuts "
+            "it from the samples. ")
+            + "A term that is constant by construction (the entropy of a Normal of fixed scale) can be left out, "
+            "or added with credit=False where it is meant only for the reported value; "
+            "warnings.filterwarnings('ignore', category=storch.ConstantCostWarning) silences this"),
+            stacklevel=user_stacklevel())
 
     def _per_entry_hint(self, raw: torch.Tensor) -> str:
         """Where ``raw``'s leading dims have the sizes of the plates of a live node's sample (a reward computed

@@ -38,7 +38,6 @@ import inspect
 import itertools
 import math
 import numbers
-import os
 import sys
 import types
 import warnings
@@ -65,6 +64,7 @@ from ..distributions import (
 from ..distributions.precision import precision_checked
 from ..distributions.rsample_kinks import RsampleComparisons
 from ..distributions.unwrap import _as_raw
+from .._stacklevel import user_stacklevel
 from ..eager import eager_only
 from ..errors import (IndependentStepWarning, NonFiniteParameterError, OptionError, PlateError, StorchError,
                       UnsupportedDistributionError)
@@ -1424,18 +1424,7 @@ def _warn_independent_step(est: Estimator, node: Node, own: tuple[Plate, ...], s
         "(docs/partitions.md)"), stacklevel=_user_stacklevel())
 
 
-# storch's and torch's own files: frames a warning skips to reach the user's call
-_OWN_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
-             os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` of a warning issued by the caller of this function that points at the first frame
-    outside storch and torch (the user's estimator call, whichever of storch's paths led to it)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level
+_user_stacklevel = user_stacklevel  # (storch._stacklevel: the first frame outside storch and torch)
 
 
 _graph_task_id = torch._C._current_graph_task_id

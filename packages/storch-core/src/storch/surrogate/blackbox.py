@@ -22,23 +22,34 @@ from .pathwise import _REACH_KEY, _pathwise
 
 
 def check_wrapped(raw: torch.Tensor, plates: tuple) -> None:
-    """Refuse ``storch.PlateTensor(raw, plates)`` while grad mode is on, where ``raw`` needs no gradient and has
-    one entry per entry (not a broadcast size-1 dim over more entries) of the plate of a live node that
-    differentiates the cost through its sample. Under ``torch.no_grad()`` it is allowed: nothing is
-    differentiated there, and it is how a value per entry that does not depend on the sample (noise, an index)
-    is declared. Attribute reads where ``raw`` requires grad, or grad mode is off."""
-    if not torch.is_grad_enabled() or not plates or is_differentiated(unbatched(raw)):
+    """Refuse ``storch.PlateTensor(raw, plates)`` where ``raw`` is a floating-point tensor that needs no gradient
+    and has one entry per entry (not a broadcast size-1 dim over more entries) of the plate of a live node that
+    differentiates the cost through its sample, and of no other sample plate.
+
+    Not refused: integer and bool values (entry ids, masks: no gradient is ever expected of them); a value that
+    also varies along the plate of a score-function node (a reward computed from that node's sample, whose
+    plates include those of the pathwise nodes upstream of it: the score-function term credits it, and the
+    pathwise nodes get their gradient through that node's log-probability); a value wrapped while the pathwise
+    node's samples need no gradient (an evaluation under ``torch.no_grad()``, where nothing is differentiated).
+    Grad mode at the wrap does not matter otherwise: ``with torch.no_grad(): storch.PlateTensor(r, z.plates)``
+    inside a training step is the same value computed outside autograd (a review found it offered as an escape,
+    and a black-box reward so wrapped was biased at z = 103). Attribute reads where ``raw`` requires grad."""
+    if not plates or not raw.is_floating_point() or is_differentiated(unbatched(raw)):
         return
     graph = current_graph()
+    pathwise = None
     for i, p in enumerate(plates):
         if raw.shape[i] != p.size or p.independent:
             continue  # broadcast along the plate (one value for every entry), or a data plate
         node = graph.plates.get(p.name)
         if not isinstance(node, Node) or (p.lineage is not None and node.plate.lineage is not p.lineage):
             continue  # not a node of this graph (check_plates says so where it is used)
-        if _differentiates_cost(node):
-            with graph.guard():  # (the default graph's step is discarded, as after any refused storch call)
-                raise OrderError(_message(node, raw, plates))
+        if not _differentiates_cost(node):
+            return  # a score-function node's plate: the value may be computed from its sample (credited there)
+        pathwise = pathwise or node
+    if pathwise is not None:
+        with graph.guard():  # (the default graph's step is discarded, as after any refused storch call)
+            raise OrderError(_message(pathwise, raw, plates))
 
 
 def _differentiates_cost(node: Node) -> bool:
@@ -68,10 +79,10 @@ def _message(node: Node, raw: torch.Tensor, plates: tuple) -> str:
         "computed outside torch (a black-box reward, a simulator), use a score-function estimator for this node, "
         "which needs only the cost's value per entry: 'score' (with baseline='leave_one_out' for less variance), "
         "'lax' for a continuous node, 'arm' or 'disarm' for a Bernoulli; or compute the cost in torch from the "
-        "sample. A value per entry that does not depend on the sample (noise drawn per entry, an entry's index): "
-        "draw it with torch from the sample's shape (torch.randn_like(z)), or wrap it under torch.no_grad() "
-        "(`with torch.no_grad(): eps = storch.PlateTensor(raw, z.plates)`), which says that it does not; a value "
-        "that is the same for every entry needs no plate (a plain tensor broadcasts)")
+        "sample. A value per entry that does not depend on the sample: noise, drawn with torch from the sample's "
+        "shape (torch.randn_like(z)); an entry's index or a mask, as an integer or bool tensor (not checked); a "
+        "value that is the same for every entry needs no plate (a plain tensor broadcasts). Wrapping under "
+        "torch.no_grad() does not change this: the value is still computed outside autograd")
 
 
 install_wrap_check(check_wrapped)

@@ -1,0 +1,23 @@
+"""Where a storch warning points: the first frame outside storch and torch (the user's call)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+__all__ = ["user_stacklevel"]
+
+# storch's and torch's own files: frames a warning skips to reach the user's call
+_OWN_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+             os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` of a warning issued by the caller of this function that points at the first frame
+    outside storch and torch (the user's call, whichever of storch's paths led to it)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
