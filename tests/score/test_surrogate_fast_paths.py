@@ -505,3 +505,92 @@ def test_no_first_party_partition_estimator_is_refused_or_made_from_its_componen
     assert {"reparameterization", "score", "unordered_set"} <= {c.name for c in partitions}
     for cls in partitions:
         assert _partition_path(cls) == _BY_EXTEND, cls.name
+
+
+# what the common step's surrogate (one node, one cost downstream of it, order 1) skips once an earlier step of its
+# estimator settled the checks: the general path's per-cost and per-node loops (loss._one_node_loss)
+_GENERAL_SURROGATE = {"unchecked_surrogate_loss", "_cost_surrogate", "_check_order", "_check_smooth",
+                      "_check_reaches", "_guard_low_order", "_at_cost", "cost_nodes"}
+
+
+def _toy_step(est, theta, seed: int, order: int = 1, extra_cost: bool = False, data_cost: bool = False):
+    torch.manual_seed(seed)
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        z = est(Bernoulli(logits=x))
+        if data_cost:  # a cost of the data alone before the node's (a VAE's KL term), and a plain tensor after
+            storch.add_cost((torch.sigmoid(x) ** 2).sum(-1), name="kl")
+        storch.add_cost(((z - 0.45) ** 2).sum(-1), name="f")
+        if data_cost:
+            storch.add_cost(theta.sum() * 0.01, name="reg")
+        if extra_cost:
+            storch.add_cost((0.1 * z).sum(-1), name="g")
+        loss, seen = calls(lambda: storch.surrogate_loss(order=order))
+        (grad,) = torch.autograd.grad(loss, theta)
+    return loss, grad, seen, graph_ops(loss)
+
+
+@pytest.mark.parametrize("data_cost", [False, True])
+@pytest.mark.parametrize("baseline", ["none", "leave_one_out", "moving_average"])
+def test_common_step_surrogate_skips_the_general_loops(baseline, data_cost, monkeypatch):
+    """One node and one cost downstream of it (and costs of the data alone) at order 1: after the first step (which
+    settles, per estimator, that its gradient flows through no sample it hands out) the surrogate is built without
+    the per-cost and per-node checks; the loss, its gradient and its autograd graph are bitwise those of the
+    general path (forced below). A second cost downstream of the node, and order 2, take the general path, and
+    the probe sees it there."""
+    from storch.surrogate import loss as surrogate_module
+
+    theta = torch.linspace(-1.0, 1.0, 3).repeat(2, 1).requires_grad_(True)
+    est = storch.estimator("score", plate="z", n_samples=4, baseline=baseline)
+    _, _, first, _ = _toy_step(est, theta, 0, data_cost=data_cost)
+    assert "_check_reaches" in first  # the first step settles the checks on the general path
+    loss, grad, seen, ops = _toy_step(est, theta, 1, data_cost=data_cost)
+    assert not seen & _GENERAL_SURROGATE, sorted(seen & _GENERAL_SURROGATE)
+    assert "_one_node_loss" in seen and "_one_node_surrogate" in seen
+    # controls: a second cost, order 2
+    _, _, seen2, _ = _toy_step(est, theta, 2, extra_cost=True)
+    assert {"unchecked_surrogate_loss", "_check_reaches", "_guard_low_order"} <= seen2
+    _, _, seen3, _ = _toy_step(est, theta, 3, order=2)
+    assert {"unchecked_surrogate_loss", "_check_order", "_guard_low_order"} <= seen3
+    # the same step through the general path: the same loss, gradient and autograd graph
+    monkeypatch.setattr(surrogate_module, "_one_node_loss", lambda graph: None)
+    loss_g, grad_g, seen_g, ops_g = _toy_step(est, theta, 1, data_cost=data_cost)
+    assert "_check_reaches" in seen_g and "_cost_surrogate" in seen_g
+    if baseline != "moving_average":  # (a moving average moved between the steps: values differ, graphs not)
+        assert torch.equal(loss, loss_g) and torch.equal(grad, grad_g)
+    assert ops == ops_g
+
+
+def test_common_step_surrogate_still_refuses_what_the_general_path_refuses():
+    """Where the common step's surrogate would skip a check that acts, it leaves the step to the general path:
+    samples changed in place, a NaN cost (refused on backward), a node sampled under no_grad, a cost that does
+    not carry the node's plate (warned: no cost is downstream of it)."""
+    theta = torch.zeros(2, 3, requires_grad=True)
+    est = storch.estimator("score", plate="z", n_samples=4)
+    _toy_step(est, theta, 0)  # settles the estimator's checks: later steps may take the common path
+    with storch.Graph():
+        z = est(Bernoulli(logits=storch.denote_independent(theta, 0, "data")))
+        cost = ((z - 0.45) ** 2).sum(-1)
+        z.mul_(2)
+        storch.add_cost(cost, name="f")
+        with pytest.raises(storch.StorchError, match="changed in place"):
+            storch.surrogate_loss()
+    with storch.Graph():
+        z = est(Bernoulli(logits=storch.denote_independent(theta, 0, "data")))
+        storch.add_cost(((z - 0.45) ** 2).sum(-1) * float("nan"), name="f")
+        loss = storch.surrogate_loss()
+        with pytest.raises(storch.NonFiniteCostError, match="cost 'f' is not finite"):
+            torch.autograd.grad(loss, theta)
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        with torch.no_grad():
+            z = est(Bernoulli(logits=x))
+        storch.add_cost(((z - 0.45) ** 2).sum(-1), name="f")
+        with pytest.raises(storch.StorchError, match="sampled under torch.no_grad"):
+            storch.surrogate_loss()
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        z = est(Bernoulli(logits=x))
+        storch.add_cost((x * 0.0).sum(-1) + ((z.tensor - 0.45) ** 2).sum().detach(), name="f")
+        with pytest.warns(storch.UnusedSampleWarning):
+            storch.surrogate_loss()

@@ -17,13 +17,13 @@ from ..eager import eager_only
 from ..errors import StorchError, UnusedSampleWarning
 from ..graph import Graph, current_graph, tracing_recorder
 from ..node import Node
-from ..plates.tensor import align, plates_of, raw_of
+from ..plates.tensor import PlateTensor, align, plates_of, raw_of
 from .finite import refuse_on_backward
-from .order import _check_order, _guard_low_order
-from .pathwise import _check_compared, _check_reaches, _check_smooth
+from .order import _check_order, _guard_low_order, _unguarded_at_order_1
+from .pathwise import _check_compared, _check_reaches, _check_smooth, _known_not_pathwise
 from .refusals import _PENDING, _check_mixed, _keep_counted
 from .steps import _step_group, _steps_surrogate
-from .terms import _Sums, _at_cost, _cost_surrogate, cost_nodes
+from .terms import _ensure_weights, _one_node_surrogate, _Sums, _at_cost, _cost_surrogate, cost_nodes
 from .updates import _updates_on_backward
 
 
@@ -137,9 +137,34 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
             ``torch.no_grad()`` from parameters that require grad (its gradient would be missing).
     """
     graph = graph or current_graph()
+    loss = _common_step(order, graph)
+    if loss is not None:
+        refuse_on_backward(loss, graph)
+        return loss
     loss = unchecked_surrogate_loss(order, graph)
     if tracing_recorder() is None:  # (storch.compile checks its replays' losses itself)
         refuse_on_backward(loss, graph)
+    return loss
+
+
+def _common_step(order, graph: Graph) -> Optional[torch.Tensor]:
+    """:func:`unchecked_surrogate_loss` of the commonest step (order 1, one node and one cost downstream of
+    it, not recorded by storch.compile) by :func:`_one_node_loss`, without the general path's calls around
+    it; ``None`` where that does not apply (the general path builds the loss)."""
+    if type(order) is not int or order != 1 or len(graph.nodes) != 1 or not graph.costs:
+        return None
+    if tracing_recorder() is not None:
+        return None  # (storch.compile records the loss and its update probe)
+    try:  # what `with graph.guard():` does: an error discards the step
+        loss = _one_node_loss(graph)
+    except BaseException as e:
+        graph.discard(e)
+        raise
+    if loss is None:
+        return None
+    graph.loss_built = True
+    if graph.nodes[0].estimator.has_update:  # (_updating: the one node's estimator)
+        loss = _updates_on_backward(loss, graph)
     return loss
 
 
@@ -187,6 +212,10 @@ def value_surrogate(graph: Graph) -> torch.Tensor:
 
 
 def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
+    if order == 1 and len(graph.nodes) == 1 and graph.costs:
+        loss = _one_node_loss(graph)
+        if loss is not None:
+            return loss
     if not graph.costs:
         ended = ("" if graph.nodes or graph.last_end is None else
                  f" (its last step was {graph.last_end}: storch.backward() ends the step and resets the graph, "
@@ -257,6 +286,58 @@ def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
     if pending:
         _check_mixed(loss)
     return loss if loss.dim() == 0 else loss.reshape(())  # a reshape of a 0-dim loss is one more node
+
+
+def _one_node_loss(graph: Graph) -> Optional[torch.Tensor]:
+    """The order-1 surrogate of the commonest step, one node and one cost downstream of it (and any costs of the
+    data alone: a VAE's KL), where the general path's checks are known to do nothing (no refusal, warning or
+    hook): the same terms in the same order (:func:`_one_node_surrogate`, the data costs' means: the same loss
+    and autograd graph) without the per-cost and per-node loops around them. ``None`` where one of them might
+    act; the general path then decides (and raises, warns or hooks as it does for every graph)."""
+    node = graph.nodes[0]
+    if graph.no_credit or node.step_log is not None or node.no_grad_cut:
+        return None  # (credit=False, a partition, a node sampled under no_grad)
+    for raw, version in node.handed:
+        if raw._version != version:
+            return None  # its samples changed in place: the general path decides whether that is refused
+    if not (_unguarded_at_order_1(node) and _known_not_pathwise(node)):
+        return None
+    terms = _costs_at(graph.costs, node.plate.name)
+    if terms is None:
+        return None
+    loss = None
+    for name, raw, plates in terms:
+        if plates is None:  # a cost of the data alone: the mean over the data points (_cost_surrogate)
+            s = raw.mean() if raw.dim() else raw
+        else:
+            _ensure_weights(node)
+            s = _one_node_surrogate(raw, plates, node, name)
+        loss = s if loss is None else loss + s
+    return loss if loss.dim() == 0 else loss.reshape(())  # type: ignore[union-attr]
+
+
+def _costs_at(costs: list, own: str) -> Optional[list]:
+    """For :func:`_one_node_loss`: ``(name, raw, plates)`` of each cost, ``plates`` ``None`` for a cost of the
+    data alone (it does not carry the node's plate ``own``); ``None`` unless exactly one cost carries it (none:
+    the general path warns that no cost is downstream of the node; several: it may keep their estimator state
+    under per-plate names, :func:`_state_names`)."""
+    out = []
+    reached = False
+    for name, cost in costs:
+        if type(cost) is not PlateTensor:
+            out.append((name, cost, None))
+            continue
+        plates = cost._plates
+        for p in plates:
+            if p.name == own:
+                if reached:
+                    return None
+                reached = True
+                break
+        else:
+            plates = None
+        out.append((name, cost._raw, plates))
+    return out if reached else None
 
 
 def _plain_surrogate(cost, nodes: list[Node]) -> torch.Tensor:

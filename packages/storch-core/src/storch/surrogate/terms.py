@@ -65,10 +65,16 @@ def _at_cost(cost_plates: tuple, raw: torch.Tensor, nodes: list[Node]):
             # the view of the cost's step (without causal credit: the last step's), also at the last
             # step: the node itself holds the last step's sample but the first step's distribution
             node = node.at(step)
-        if not node.estimator.uniform_weights and node.weight_values is None:
-            node.weight_values = _lead(node.estimator.weighting_function(node), len(node.plates))
+        _ensure_weights(node)
         out.append(node)
     return cost_plates, raw, out
+
+
+def _ensure_weights(node: Node) -> None:
+    """Compute the node's weights w(x) if they are not uniform (w = 1/N: the surrogate takes a mean) and not
+    computed yet (a partition's last step's are read from the node after the surrogate)."""
+    if not node.estimator.uniform_weights and node.weight_values is None:
+        node.weight_values = _lead(node.estimator.weighting_function(node), len(node.plates))
 
 
 class _Sums:
