@@ -18,9 +18,10 @@ from ..errors import StorchError, UnusedSampleWarning
 from ..graph import Graph, current_graph, tracing_recorder
 from ..node import Node
 from ..plates.tensor import PlateTensor, align, plates_of, raw_of
+from ..score_conditions import KINK_FREE
 from .finite import refuse_on_backward
-from .order import _check_order, _guard_low_order, _unguarded_at_order_1
-from .pathwise import _check_compared, _check_reaches, _check_smooth, _known_not_pathwise
+from .order import _check_order, _guard_low_order
+from .pathwise import _REACH_KEY, _check_compared, _check_reaches, _check_smooth
 from .refusals import _PENDING, _check_mixed, _keep_counted
 from .steps import _step_group, _steps_surrogate
 from .terms import _ensure_weights, _one_node_surrogate, _Sums, _at_cost, _cost_surrogate, cost_nodes
@@ -137,34 +138,23 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
             ``torch.no_grad()`` from parameters that require grad (its gradient would be missing).
     """
     graph = graph or current_graph()
-    loss = _common_step(order, graph)
-    if loss is not None:
-        refuse_on_backward(loss, graph)
-        return loss
+    # the commonest step (order 1, one node: _one_node_loss) without the general path's calls around it;
+    # storch.compile records the general path's loss and update probe
+    if type(order) is int and order == 1 and len(graph.nodes) == 1 and graph.costs and tracing_recorder() is None:
+        try:  # what `with graph.guard():` does: an error discards the step
+            loss = _one_node_loss(graph)
+        except BaseException as e:
+            graph.discard(e)
+            raise
+        if loss is not None:
+            graph.loss_built = True
+            if graph.nodes[0].estimator.has_update:  # (_updating: the one node's estimator)
+                loss = _updates_on_backward(loss, graph)
+            refuse_on_backward(loss, graph)
+            return loss
     loss = unchecked_surrogate_loss(order, graph)
     if tracing_recorder() is None:  # (storch.compile checks its replays' losses itself)
         refuse_on_backward(loss, graph)
-    return loss
-
-
-def _common_step(order, graph: Graph) -> Optional[torch.Tensor]:
-    """:func:`unchecked_surrogate_loss` of the commonest step (order 1, one node and one cost downstream of
-    it, not recorded by storch.compile) by :func:`_one_node_loss`, without the general path's calls around
-    it; ``None`` where that does not apply (the general path builds the loss)."""
-    if type(order) is not int or order != 1 or len(graph.nodes) != 1 or not graph.costs:
-        return None
-    if tracing_recorder() is not None:
-        return None  # (storch.compile records the loss and its update probe)
-    try:  # what `with graph.guard():` does: an error discards the step
-        loss = _one_node_loss(graph)
-    except BaseException as e:
-        graph.discard(e)
-        raise
-    if loss is None:
-        return None
-    graph.loss_built = True
-    if graph.nodes[0].estimator.has_update:  # (_updating: the one node's estimator)
-        loss = _updates_on_backward(loss, graph)
     return loss
 
 
@@ -295,14 +285,28 @@ def _one_node_loss(graph: Graph) -> Optional[torch.Tensor]:
     and autograd graph) without the per-cost and per-node loops around them. ``None`` where one of them might
     act; the general path then decides (and raises, warns or hooks as it does for every graph)."""
     node = graph.nodes[0]
-    if graph.no_credit or node.step_log is not None or node.no_grad_cut:
-        return None  # (credit=False, a partition, a node sampled under no_grad)
+    if graph.no_credit or node.step_log is not None or node.no_grad_cut or node.thresholded is not None:
+        return None  # (credit=False, a partition, a node sampled under no_grad, a jump refused by _check_reaches)
     for raw, version in node.handed:
         if raw._version != version:
             return None  # its samples changed in place: the general path decides whether that is refused
-    if not (_unguarded_at_order_1(node) and _known_not_pathwise(node)):
+    est = node.estimator
+    # what the general path's checks of the node would find, read inline (a call each cost ~0.5 us in a step):
+    # _check_order passes and _guard_low_order hooks nothing (unbiased above order 1, a log p known smooth:
+    # KINK_FREE); _check_smooth and _check_reaches do nothing (not pathwise, and an earlier surrogate found its
+    # gradient flows through no sample it hands out: _REACH_KEY is None)
+    if not (est.max_order > 1 and node.max_order > 1 and type(node.distribution) in KINK_FREE
+            and not est.requires_rsample and not est.pathwise and est.__dict__.get(_REACH_KEY, ()) is None):
         return None
-    terms = _costs_at(graph.costs, node.plate.name)
+    costs = graph.costs
+    if len(costs) == 1:  # (the toy's step: no list of terms)
+        name, cost = costs[0]
+        if type(cost) is not PlateTensor or node.plate not in cost._plates:
+            return None  # a cost of the data alone: the general path warns that no cost is downstream of the node
+        _ensure_weights(node)
+        loss = _one_node_surrogate(cost._raw, cost._plates, node, name)
+        return loss if loss.dim() == 0 else loss.reshape(())
+    terms = _costs_at(costs, node.plate.name)
     if terms is None:
         return None
     loss = None

@@ -96,13 +96,6 @@ def _cost_form(cls: type) -> str:
     return " (only for costs written its own way: see its docs)" if cls.cost_hint else ""
 
 
-def _unguarded_at_order_1(node: Node) -> bool:
-    """Whether the order-1 surrogate neither refuses ``node`` (:func:`_check_order`) nor hooks its term
-    (:func:`_guard_low_order`): unbiased above order 1, and a distribution type whose log p is known smooth
-    (``KINK_FREE``). Attribute reads and one set lookup: the common step's fast path asks it per surrogate."""
-    return node.estimator.max_order > 1 and node.max_order > 1 and type(node.distribution) in KINK_FREE
-
-
 def _low_order(node: Node, order: int = 1) -> bool:
     """Whether the node's term is unbiased only up to ``order`` (cached attributes only)."""
     return node.estimator.max_order <= order or node.max_order <= order

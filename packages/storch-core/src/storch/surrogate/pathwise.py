@@ -317,15 +317,6 @@ def _compared_message(node: Node, name: str, mask: str, order: int) -> str:
 _REACH_KEY = "_storch_reach_checked"
 
 
-def _known_not_pathwise(node: Node) -> bool:
-    """Whether :func:`_check_smooth` and :func:`_check_reaches` are known to do nothing for ``node`` at order 1:
-    its estimator is not pathwise, an earlier surrogate found its gradient flows through no sample it hands
-    out (``_REACH_KEY`` is ``None``), and no jump was applied to a value carrying its sample's gradient."""
-    est = node.estimator
-    return (node.thresholded is None and not est.requires_rsample and not est.pathwise
-            and est.__dict__.get(_REACH_KEY, ()) is None)
-
-
 def _check_reaches(name: str, cost: torch.Tensor, nodes: list[Node], order: int) -> None:
     """A node that hands out a sample that is a differentiable function of its distribution's parameters
     (reparameterization, the relaxations; REBAR and RELAX on their relaxed blocks) gets its gradient through
