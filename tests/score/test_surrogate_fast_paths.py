@@ -526,6 +526,7 @@ def _toy_step(est, theta, seed: int, order: int = 1, extra_cost: bool = False, d
         if extra_cost:
             storch.add_cost((0.1 * z).sum(-1), name="g")
         loss, seen = calls(lambda: storch.surrogate_loss(order=order))
+        assert isinstance(loss, torch.Tensor)
         (grad,) = torch.autograd.grad(loss, theta)
     return loss, grad, seen, graph_ops(loss)
 
