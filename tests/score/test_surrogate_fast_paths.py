@@ -509,7 +509,7 @@ def test_no_first_party_partition_estimator_is_refused_or_made_from_its_componen
 
 # what the common step's surrogate (one node, one cost downstream of it, order 1) skips once an earlier step of its
 # estimator settled the checks: the general path's per-cost and per-node loops (loss._one_node_loss)
-_GENERAL_SURROGATE = {"unchecked_surrogate_loss", "_cost_surrogate", "_check_order", "_check_smooth",
+_GENERAL_SURROGATE = {"_unchecked", "_cost_surrogate", "_check_order", "_check_smooth",
                       "_check_reaches", "_guard_low_order", "_at_cost", "cost_nodes"}
 
 
@@ -550,9 +550,9 @@ def test_common_step_surrogate_skips_the_general_loops(baseline, data_cost, monk
     assert "_one_node_loss" in seen and "_one_node_surrogate" in seen
     # controls: a second cost, order 2
     _, _, seen2, _ = _toy_step(est, theta, 2, extra_cost=True)
-    assert {"unchecked_surrogate_loss", "_check_reaches", "_guard_low_order"} <= seen2
+    assert {"_unchecked", "_check_reaches", "_guard_low_order"} <= seen2
     _, _, seen3, _ = _toy_step(est, theta, 3, order=2)
-    assert {"unchecked_surrogate_loss", "_check_order", "_guard_low_order"} <= seen3
+    assert {"_unchecked", "_check_order", "_guard_low_order"} <= seen3
     # the same step through the general path: the same loss, gradient and autograd graph
     monkeypatch.setattr(surrogate_module, "_one_node_loss", lambda graph: None)
     loss_g, grad_g, seen_g, ops_g = _toy_step(est, theta, 1, data_cost=data_cost)
@@ -595,3 +595,25 @@ def test_common_step_surrogate_still_refuses_what_the_general_path_refuses():
         storch.add_cost((x * 0.0).sum(-1) + ((z.tensor - 0.45) ** 2).sum().detach(), name="f")
         with pytest.warns(storch.UnusedSampleWarning):
             storch.surrogate_loss()
+
+
+def test_a_step_the_common_path_declines_is_asked_once(monkeypatch):
+    """A one-node step that the common path declines (a pathwise node: its cost's path is checked) is built by the
+    general path without asking the common path a second time (surrogate_loss, then _surrogate_loss)."""
+    from torch.distributions import Normal
+
+    from storch.surrogate import loss as surrogate_module
+
+    asked = []
+    real = surrogate_module._one_node_loss
+    monkeypatch.setattr(surrogate_module, "_one_node_loss", lambda graph: asked.append(1) or real(graph))
+    est = storch.estimator("reparameterization", plate="z", n_samples=2)
+    mu = torch.zeros(2, 3, requires_grad=True)
+    for _ in range(2):
+        asked.clear()
+        with storch.Graph():
+            z = est(Normal(storch.denote_independent(mu, 0, "data"), 1.0))
+            storch.add_cost((z ** 2).sum(-1), name="f")
+            loss, seen = calls(storch.surrogate_loss)
+        assert asked == [1] and "_check_smooth" in seen
+        assert isinstance(loss, torch.Tensor)

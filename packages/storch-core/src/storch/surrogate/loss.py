@@ -152,7 +152,9 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
                 loss = _updates_on_backward(loss, graph)
             refuse_on_backward(loss, graph)
             return loss
-    loss = unchecked_surrogate_loss(order, graph)
+        loss = _unchecked(order, graph, common=False)  # (not asked again: a pathwise node's step, a partition's)
+    else:
+        loss = _unchecked(order, graph)
     if tracing_recorder() is None:  # (storch.compile checks its replays' losses itself)
         refuse_on_backward(loss, graph)
     return loss
@@ -162,6 +164,11 @@ def unchecked_surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
     """:func:`surrogate_loss` without the check that a backward pass refuses a non-finite loss: for
     storch.testing's kit, whose replicated graph sums R independent estimates into one loss, where one
     replicate's NaN is a failed check of that replicate (an infinite z-score), not an error of the run."""
+    return _unchecked(order, graph)
+
+
+def _unchecked(order: int, graph: Graph, common: bool = True) -> torch.Tensor:
+    """:func:`unchecked_surrogate_loss`; ``common=False``: :func:`_one_node_loss` already declined the step."""
     if not isinstance(order, int) or isinstance(order, bool) or order < 0:
         raise StorchError(f"order must be an int >= 0, got {order!r}")  # a bad argument: the step is intact
     if order == 0:
@@ -178,7 +185,7 @@ def unchecked_surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
                     "double backward; with aot_eager the second derivative came out unused, None with "
                     "allow_unused=True). Use storch.compile(step, backend=None), whose replay runs the traced "
                     "operations through autograd (every order), or run the step eagerly")
-        loss = _surrogate_loss(order, graph)
+        loss = _surrogate_loss(order, graph, common)
     graph.loss_built = True
     loss = _updates_on_backward(loss, graph)
     if order >= 2:
@@ -201,8 +208,8 @@ def value_surrogate(graph: Graph) -> torch.Tensor:
     return loss
 
 
-def _surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
-    if order == 1 and len(graph.nodes) == 1 and graph.costs:
+def _surrogate_loss(order: int, graph: Graph, common: bool = True) -> torch.Tensor:
+    if common and order == 1 and len(graph.nodes) == 1 and graph.costs:
         loss = _one_node_loss(graph)
         if loss is not None:
             return loss
