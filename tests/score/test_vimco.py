@@ -466,6 +466,24 @@ def test_vimco_linear_baselines_equal_the_k_by_k_formula():
         torch.testing.assert_close(_leave_one_out_baselines(log_w), k_by_k_baselines(log_w), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vimco_linear_baselines_of_a_far_dominating_draw(dtype):
+    """Review (r-nine): shifted by the largest log-weight, the largest draw's own terms underflowed to 0 once every
+    other draw lay ~103 nats below it in float32 (745 in float64): its b was +inf, then 0, where the K x K form
+    gives 121.39 for log w [0, -120, -130, -140]; at K = 1000 with a spread of ~1000 nats the top draw was off by up
+    to 3134. It is shifted by the largest of the other log-weights now."""
+    far = 800.0 if dtype == torch.float64 else 120.0
+    log_w = torch.tensor([0.0, -far, -far - 10, -far - 20], dtype=dtype)
+    want = k_by_k_baselines(log_w.double())
+    got = _leave_one_out_baselines(log_w)
+    assert float(want[0]) > far  # the reference is finite and large
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-4)
+    gen = torch.Generator().manual_seed(3)
+    log_w = torch.randn(8, 1000, generator=gen, dtype=torch.float64) * 300 - 60
+    want = k_by_k_baselines(log_w)
+    torch.testing.assert_close(_leave_one_out_baselines(log_w.to(dtype)).double(), want, rtol=1e-5, atol=1e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_vimco_linear_baselines_keep_the_dtype_and_its_precision(dtype):
     """In float32 at K = 1000, log-weights of spread ~50 around -60: within 2e-7 (relative) of float64, as the

@@ -254,13 +254,21 @@ def _leave_one_out_baselines(log_w: torch.Tensor) -> torch.Tensor:
     m = torch.where(torch.isfinite(m), m, zero)  # all -inf: e = 0 below
     e = torch.exp(x - m)
     rest = e.sum(-1, keepdim=True) - e  # Σ_{j≠k} e_j >= e_top = 1 for k != top: no cancellation
-    top = e.argmax(-1, keepdim=True)
-    rest = rest.scatter(-1, top, e.scatter(-1, top, 0.0).sum(-1, keepdim=True))
     xf = torch.where(finite, log_w, zero)
     others = (xf.sum(-1, keepdim=True) - xf) / (k - 1)  # the mean of the finite others
     impossible = log_w == -math.inf
     others = torch.where(_at_another_draw(impossible), ninf, others)  # the geometric mean of weights with a zero
-    b = -(m + torch.log(rest + torch.exp(others - m)) - math.log(k))
+    lse = m + torch.log(rest + torch.exp(others - m))
+    # the largest draw's own entry is shifted by the largest of the OTHER log-weights, m2 (its mean of the others
+    # is <= m2): shifted by m, every term of it is exp(x_j - m), which underflows to 0 once all other draws lie
+    # ~103 nats below the top in float32 (745 in float64) and gave b = +inf, then 0 (a review: log w [0, -120,
+    # -130, -140] gave b_top 0 for 121.39); the K x K form shifted each row by its own maximum
+    top = e.argmax(-1, keepdim=True)
+    x2 = x.scatter(-1, top, -math.inf)
+    m2 = x2.amax(-1, keepdim=True)
+    m2 = torch.where(torch.isfinite(m2), m2, zero)
+    lse_top = m2 + torch.log(torch.exp(x2 - m2).sum(-1, keepdim=True) + torch.exp(others.gather(-1, top) - m2))
+    b = -(lse.scatter(-1, top, lse_top) - math.log(k))
     return torch.where(torch.isfinite(b) & ~_at_another_draw(~finite & ~impossible), b, zero)
 
 
