@@ -37,7 +37,8 @@ def test_passes_the_conformance_kit():
             "bernoulli[3], order 0", "onehot[K=5], order 0", "chain[Bernoulli], order 0",
             "independent[Bernoulli], order 0",  # (the kit's Independent model: the wrapper is read through)
             "onehot[2x2], order 0",  # (two one-hot elements: each with its own probabilities)
-            "global_latent[Bernoulli], order 0"}  # (a global latent outside the costs' data plate)
+            "global_latent[Bernoulli], order 0",  # (a global latent outside the costs' data plate)
+            "elbo[Bernoulli], order 0"}  # (two costs of one frame on one node: log q and -log p)
 
 
 def test_forward_value_satisfies_condition_1():
