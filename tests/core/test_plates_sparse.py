@@ -138,7 +138,9 @@ def test_a_gcn_layer_on_a_fixed_graph_with_sampled_features():
     lambda h: h.to_sparse(), lambda h: h.to_sparse_csr(), lambda h: h.to_sparse(layout=torch.sparse_csc),
     lambda h: torch.hspmm(S, h), lambda h: torch.sparse.sum(S * (h.mT @ h), dim=1),
     lambda h: torch.smm(S, h),
-], ids=["to_sparse", "to_sparse_csr", "to_sparse_csc", "hspmm", "sparse.sum", "smm"])
+    lambda h: torch.sparse.softmax(S * (h.mT @ h), 1), lambda h: torch.sparse.log_softmax(S * (h.mT @ h), 1),
+], ids=["to_sparse", "to_sparse_csr", "to_sparse_csc", "hspmm", "sparse.sum", "smm", "sparse.softmax",
+        "sparse.log_softmax"])
 def test_sparse_tensors_that_vary_per_sample_are_refused(fn):
     h = make(rnd(3, 2, 4, 4), *ZD)
     with pytest.raises(storch.PlateError, match="sparse tensor.*build the dense tensor instead"):

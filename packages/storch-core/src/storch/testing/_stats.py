@@ -102,7 +102,7 @@ class UnbiasednessReport:
                          f"{abs(float(m) - float(e)):.3g} > tolerance {tol:.3g} (atol {self.atol:g} x (1 + |exact|))")
                 if self.dtype in (torch.float32, torch.float16, torch.bfloat16):
                     flag += (f"; the estimates are {str(self.dtype).replace('torch.', '')} (a relative precision of "
-                             f"{torch.finfo(self.dtype).eps:.1g}): compute the model in float64, or pass a larger atol")
+                             f"{torch.finfo(self.dtype).eps:.1g}): compute the model in float64 (or, calling assert_unbiased yourself, pass a larger atol=)")
             rows.append(f"{i:>10} {float(m):>12.6g} {float(s):>10.3g} {float(e):>12.6g} {float(z):>8.2f}{flag}")
         return "\n".join(rows)
 

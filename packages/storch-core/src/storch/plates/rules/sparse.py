@@ -113,6 +113,10 @@ def _refuse_sparse_results() -> None:
     names = ("to_sparse", "to_sparse_coo", "to_sparse_csr", "to_sparse_csc", "to_sparse_bsr", "to_sparse_bsc",
              "hspmm", "smm", "sspaddmm", "_sparse_sum", "_sparse_softmax", "_sparse_log_softmax")
     funcs = [f for n in names for f in (getattr(torch, n, None), getattr(_T, n, None)) if callable(f)]
+    # torch.sparse.softmax / log_softmax are builtins of torch._C._sparse, not attributes of torch (a docs reader
+    # found them vmapped into a 60-line torch error)
+    funcs += [f for f in (getattr(torch.sparse, "softmax", None), getattr(torch.sparse, "log_softmax", None))
+              if callable(f)]
     register_plate_handler(list(dict.fromkeys(funcs)), refuse(SPARSE_RESULT))
 
 
