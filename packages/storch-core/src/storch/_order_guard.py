@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.autograd.forward_ad as _fwAD
@@ -98,7 +98,7 @@ def has_tangent(t: torch.Tensor) -> bool:
     return _fwAD.unpack_dual(unbatched(t)).tangent is not None  # unpack_dual has no batching rule
 
 
-def unbatched(t):
+def unbatched(t: Any) -> Any:
     """``t`` under ``torch.func.vmap``'s batching (itself outside vmap, or where it is no tensor). Inside vmap
     a batched tensor reports ``requires_grad=False`` and has no ``grad_fn`` even where the tensor it batches
     takes part in the autograd outside vmap (``vmap(f)(mu)`` of a ``mu`` that requires grad): that tensor is
