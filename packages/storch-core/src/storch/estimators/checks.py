@@ -53,17 +53,26 @@ def check_precision(est: Estimator, distribution: Distribution, sample: torch.Te
     if found is None or is_tracing() or sample.is_meta or _is_wrapped(sample):
         return
     kind, d = found
-    seen = None if sample.is_cpu else est.__dict__.setdefault("_storch_precision_seen", set())
-    key = (type(d), sample.dtype)
-    if seen is not None and key in seen:
-        return
-    problem = (unit_interval_problem if kind == "unit" else location_scale_problem)(d, sample)
+    problem = _problem_once(est, d, sample, "_storch_precision_seen",
+                            unit_interval_problem if kind == "unit" else location_scale_problem)
     if problem is None:
-        if seen is not None:
-            seen.add(key)
         return
     raise UnsupportedDistributionError(
         f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}): {problem}")
+
+
+def _problem_once(est: Estimator, d: Distribution, sample: torch.Tensor, seen_attr: str,
+                  problem_of: Callable[[Distribution, torch.Tensor], Optional[str]]) -> Optional[str]:
+    """``problem_of(d, sample)``: at every draw on the CPU; on an accelerator (a read waits for the device) only
+    at the first draw per distribution class and dtype without a problem (recorded in ``est.<seen_attr>``)."""
+    seen = None if sample.is_cpu else est.__dict__.setdefault(seen_attr, set())
+    key = (type(d), sample.dtype)
+    if seen is not None and key in seen:
+        return None
+    problem = problem_of(d, sample)
+    if problem is None and seen is not None:
+        seen.add(key)
+    return problem
 
 
 def warn_precision(est: Estimator, distribution: Distribution, sample: torch.Tensor,
@@ -88,15 +97,9 @@ def warn_precision(est: Estimator, distribution: Distribution, sample: torch.Ten
     if found is None or found[0] != "unit" or est.__dict__.get("_storch_precision_warned") or is_tracing() \
             or sample.is_meta or _is_wrapped(sample):
         return
-    _, d = found
-    seen = None if sample.is_cpu else est.__dict__.setdefault("_storch_precision_seen_pathwise", set())
-    key = (type(d), sample.dtype)
-    if seen is not None and key in seen:
-        return
-    problem = unit_interval_problem(d, sample, pathwise=True)
+    problem = _problem_once(est, found[1], sample, "_storch_precision_seen_pathwise",
+                            lambda d, sample: unit_interval_problem(d, sample, pathwise=True))
     if problem is None:
-        if seen is not None:
-            seen.add(key)
         return
     est.__dict__["_storch_precision_warned"] = True
     warnings.warn(PrecisionWarning(

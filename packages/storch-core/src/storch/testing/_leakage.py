@@ -21,7 +21,7 @@ from ..graph import Graph, current_graph
 from ..registry import created_by_design
 from ..surrogate.loss import unchecked_surrogate_loss
 from ._enumeration import ConformanceReport, _Recorder, exact_derivatives
-from ._models import EstimatorFactory, Model, standard_models, supports
+from ._models import EstimatorFactory, Model, models_to_run
 from ._resolve import EstimatorLike, default_orders, resolve
 from ._stats import _grad, replicate, z_test
 from ._warmup import persistent, warm_up
@@ -120,15 +120,7 @@ def check_leakage(
         if not orders or min(orders) < 0 or max(orders) > 2:
             raise ValueError(f"orders must be a non-empty subset of 0..2, got {orders!r}")
         explicit = models is not None  # a model the test names must run: one that cannot is a failure
-        errors: dict[str, str] = {}
-        if models is None:
-            models, skipped = standard_models(probe)
-        else:
-            skipped = {}
-            for m in models:
-                if (r := supports(probe, m)) is not None:
-                    (skipped if m.may_refuse else errors)[m.name] = r
-            models = [m for m in models if m.name not in skipped and m.name not in errors]
+        models, skipped, errors = models_to_run(probe, models)
         report = ConformanceReport(probe.name or type(probe).__name__, orders, skipped=skipped, errors=errors)
         top = max(orders)
         for i, model in enumerate(models):

@@ -540,6 +540,21 @@ def _independent(kind: type) -> Model:
     return Model(f"independent[{short}]", theta, build, exact, lambda: [dist(theta)])
 
 
+def models_to_run(estimator: Estimator, models: Optional[list[Model]]
+                  ) -> tuple[list[Model], dict[str, str], dict[str, str]]:
+    """The models a check runs, the reasons it skips others, and the errors: ``models=None``: the kit's
+    :func:`standard_models` (unsupported ones skipped); a list the test names: each must run, so one that the
+    estimator does not support is an error (skipped only with ``may_refuse``)."""
+    if models is None:
+        return (*standard_models(estimator), {})
+    skipped: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    for m in models:
+        if (r := supports(estimator, m)) is not None:
+            (skipped if m.may_refuse else errors)[m.name] = r
+    return [m for m in models if m.name not in skipped and m.name not in errors], skipped, errors
+
+
 def standard_models(estimator: Estimator) -> tuple[list[Model], dict[str, str]]:
     """The kit's models that ``estimator`` supports, and the reasons it skips the others.
 
