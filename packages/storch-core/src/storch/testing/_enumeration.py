@@ -61,6 +61,16 @@ class ConformanceReport:
         """The checks that failed."""
         return [c for c in self.checks if not c.ok]
 
+    def raise_if_failed(self, failed: str) -> None:
+        """Raise ``AssertionError`` with the table unless :attr:`ok`: ``failed`` says what the failed z-tests mean
+        (``"does not match the exact values"``); models passed in ``models=[...]`` that could not run are named."""
+        if self.ok:
+            return
+        errors = "could not run on models passed in models=[...]"
+        what = (f"{failed}, and {errors}" if self.errors else failed) if self.failures else \
+            f"{errors} (a model the test names must be tested)"
+        raise AssertionError(f"{self.estimator} {what}:\n" + self.table())
+
     def table(self, details: bool = True) -> str:
         """One row per (model, order); below it the per-component table of each failure."""
         head = f"{self.estimator}: orders {list(self.orders)}, {len(self.checks)} z-tests in {self.seconds:.1f}s"
@@ -389,10 +399,6 @@ def _check(estimator: EstimatorLike, orders: Optional[Sequence[int]], models: Op
              "not support (see below); pass models=[...] that it supports\n")
             + report.table()
         )
-    if raise_on_failure and not report.ok:
-        what = ("does not match the exact values" if report.failures else
-                "could not run on models passed in models=[...] (a model the test names must be tested)")
-        if report.failures and report.errors:
-            what += ", and could not run on models passed in models=[...]"
-        raise AssertionError(f"{report.estimator} {what}:\n" + report.table())
+    if raise_on_failure:
+        report.raise_if_failed("does not match the exact values")
     return report

@@ -143,10 +143,6 @@ def check_leakage(
         report.estimator = recorder.label(report.estimator) + " (separate graphs)"
         if not report.checks:
             raise AssertionError(f"{report.estimator}: no model could run; pass models=[...]\n" + report.table())
-        if raise_on_failure and not report.ok:
-            what = ("is biased when replicates are separate graphs" if report.failures else
-                    "could not run on models passed in models=[...] (a model the test names must be tested)")
-            if report.failures and report.errors:
-                what += ", and could not run on models passed in models=[...]"
-            raise AssertionError(f"{report.estimator} {what}:\n" + report.table())
+        if raise_on_failure:
+            report.raise_if_failed("is biased when replicates are separate graphs")
         return report
