@@ -1009,3 +1009,22 @@ def test_relax_sampled_inside_a_non_reentrant_checkpoint_is_refused_during_backw
     with pytest.raises(storch.StorchError, match=r"(?i)during a backward pass.*checkpoint the networks, not the sampling"):
         storch.backward()
     storch.reset()
+
+
+def test_a_commitment_loss_that_detaches_the_sample_gets_the_detach_the_parameters_hint():
+    """A VQ-VAE's commitment loss (e - q.detach())**2 with q = z @ C under relax: refused (the relaxed control
+    variate would differentiate a cost that does not reach the sample); the message's fixes (score, credit=False,
+    z.detach()) all change the model, where the idiom is to detach the codebook (a porting test: with
+    ((e - z @ C.detach())**2) relax and rebar are unbiased)."""
+    torch.manual_seed(0)
+    e = torch.randn(3, requires_grad=True)
+    C = torch.randn(4, 3, requires_grad=True)
+    with storch.Graph():
+        z = storch.estimator("relax", plate="z", n_samples=2)(OneHotCategorical(logits=-((e - C) ** 2).sum(-1)))
+        q = z @ C
+        storch.add_cost(((q - 1.0) ** 2).sum(), name="rec")
+        storch.add_cost(0.25 * ((e - q.detach()) ** 2).sum(), name="commit")
+        with pytest.raises(storch.OrderError, match=r"cost 'commit'.*detaches the parameters instead of the sample: "
+                           r"\(\(e - z @ C\.detach\(\)\)\*\*2\)"):
+            storch.surrogate_loss()
+    storch.reset()
