@@ -35,7 +35,7 @@ from .registry import (
     hookspec,
     reload_estimators,
 )
-from .surrogate import backward, cost_estimates, surrogate_loss
+from .surrogate import backward, cost_estimates, estimate, surrogate_loss
 from .generators import current_generator
 from .compiled import CompiledStep, compile
 from . import distributed  # noqa: F401  (storch.distributed: estimator state under torch.distributed)
@@ -46,7 +46,7 @@ del _install_old_paths
 
 __all__ = [
     "Plate", "Lineage", "PlateTensor", "ancestor_index", "Graph", "Node", "Estimator", "CostFrame", "EstimatorInfo",
-    "add_cost", "denote_independent", "reset", "current_graph", "surrogate_loss", "backward", "cost_estimates",
+    "add_cost", "denote_independent", "reset", "current_graph", "surrogate_loss", "backward", "cost_estimates", "estimate",
     "compile", "CompiledStep",
     "magic_box", "estimator", "available_estimators", "get_estimator_class", "reload_estimators",
     "hookimpl", "hookspec", "StorchError", "PlateError", "OrderError", "UnknownEstimatorError",

@@ -594,6 +594,26 @@ def too_many_combinations_message(plates: Sequence[Plate], entries: int) -> str:
             "for nodes that need no baseline), or add a cost per node instead of one cost of all of them")
 
 
+def inplace_write_message(func: str, plates: Sequence[Plate], self: Any, shared: str) -> str:
+    """The error for an in-place ``func`` that would write values varying over ``plates`` into ``self``, which
+    does not vary over all of them (``shared`` says how it does vary). Into a plain tensor, the advice is for
+    state kept across steps too (a module buffer, a running statistic: reduce over the plates first; assigned
+    out of place it would become a plate tensor of this step's graph, refused in the next step)."""
+    head = f"in-place {func} would write values that vary over plates {_names(plates)} into "
+    if isinstance(self, PlateTensor):
+        return head + f"{shared}; use the out-of-place version (e.g. x = x + v instead of x += v)"
+    return head + (
+        "a plain tensor (no plates), which holds one value for all the samples. For state kept across steps (a "
+        "module buffer, a running statistic such as a VQ-VAE's EMA codebook counts), reduce over the plates "
+        "first: `counts.mul_(0.9).add_(0.1 * storch.estimate(z))`, where storch.estimate(z) is the estimate of "
+        "E[z] of shape z.shape, weighted by each sample plate's estimator as storch.cost_estimates weighs a cost "
+        "(`z.tensor.mean(0)` is right only for estimators with uniform weights; for unordered_set, expect, "
+        "sum_and_sample and score(baseline='greedy') it is silently wrong). Assigning out of place "
+        "(`m.counts = 0.9 * m.counts + 0.1 * z`) would make the buffer a plate tensor of this step's graph, "
+        "which the next step refuses. For a value used in this step only, use the out-of-place version "
+        "(x = x + v instead of x += v)")
+
+
 def too_many_dims_message(n: int) -> str:
     """The error for a tensor that would need ``n`` > 64 dims (plates and per-sample dims)."""
     return (

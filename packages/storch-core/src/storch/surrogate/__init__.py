@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from . import blackbox  # noqa: F401  (installs the check of storch.PlateTensor(raw, plates): blackbox.py)
 from .backprop import backward
-from .loss import cost_estimates, surrogate_loss
+from .loss import cost_estimates, estimate, surrogate_loss
 # the private names the rest of storch imports from here: storch.testing (value_surrogate), storch.extending
 # (_refuse_twice), storch.compile (update_on_backward); and tests/score/test_surrogate_fast_paths.py (terms)
 from .loss import value_surrogate  # noqa: F401
@@ -39,4 +39,4 @@ from .terms import (_BASE_CONTROL_VARIATE, _at_cost, _baseline_term, _cost_surro
                     _one_node_surrogate, cost_nodes)
 from .updates import update_on_backward  # noqa: F401
 
-__all__ = ["surrogate_loss", "backward", "cost_nodes", "cost_estimates"]
+__all__ = ["surrogate_loss", "backward", "cost_nodes", "cost_estimates", "estimate"]

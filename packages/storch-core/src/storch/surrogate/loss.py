@@ -47,15 +47,46 @@ def cost_estimates(graph: Optional[Graph] = None) -> dict[str, torch.Tensor]:
     graph = graph or current_graph()
     out: dict[str, torch.Tensor] = {}
     for name, cost in graph.costs:
-        # the partition views (cumulative L_t) and weights that _at_cost builds are cached on the nodes for
-        # the surrogate: built with grad, also when this is called under torch.no_grad() (built without,
-        # they cut the loss of a later storch.backward() off from autograd; found by porting a TSP policy)
-        with torch.enable_grad():
-            plates, raw, nodes = _at_cost(plates_of(cost), raw_of(cost), cost_nodes(graph, cost))
-        with torch.no_grad():
-            value = _weighted_mean(plates, raw.detach(), nodes).reshape(())
+        value = _estimate(graph, cost).reshape(())
         out[name] = out[name] + value if name in out else value
     return out
+
+
+@eager_only
+def estimate(x, graph: Optional[Graph] = None) -> torch.Tensor:
+    """The estimate of E[x] for a plate tensor ``x`` of any per-sample shape (detached; a plain tensor).
+
+    ``x`` is reduced as :func:`cost_estimates` reduces a cost: over the sampling plates by their
+    estimators' weights, over the data plates by the mean, leaving ``x``'s per-sample shape (``x.shape``).
+    A statistic of the samples kept across steps (a VQ-VAE's EMA codebook counts ``E[one_hot(z)]``, a
+    running mean) needs it: ``z.tensor.mean(0)`` is right for estimators with uniform weights (``score``,
+    ``gumbel_softmax``, reparameterization) and silently wrong for the rest: the weighted set of
+    ``unordered_set`` and ``expect`` (with the weight-0 padding where the support is smaller than the set),
+    the memory slots and rejected samples of ``sum_and_sample``, the greedy entry of
+    ``score(baseline="greedy")`` (weight 0). A plain tensor (no plates) is returned as it is.
+
+    Raises:
+        PlateError: ``x`` has a plate that is not part of ``graph`` (the current graph by default): a
+            tensor of an earlier step or of another graph.
+    """
+    if type(x) is not PlateTensor:
+        return x
+    graph = graph or current_graph()
+    if not graph.owns(x._plates):
+        graph.check_plates(x._plates, "storch.estimate's tensor")
+    return _estimate(graph, x, x._raw.dim() - len(x._plates))
+
+
+def _estimate(graph: Graph, x, event: int = 0) -> torch.Tensor:
+    """``x`` (a cost, or a plate tensor with ``event`` per-sample dims) reduced over its plates: the sampling
+    plates by the weights of the nodes that own them, the data plates by the mean (detached)."""
+    # the partition views (cumulative L_t) and weights that _at_cost builds are cached on the nodes for
+    # the surrogate: built with grad, also when this is called under torch.no_grad() (built without,
+    # they cut the loss of a later storch.backward() off from autograd; found by porting a TSP policy)
+    with torch.enable_grad():
+        plates, raw, nodes = _at_cost(plates_of(x), raw_of(x), cost_nodes(graph, x))
+    with torch.no_grad():
+        return _weighted_mean(plates, raw.detach(), nodes, event)
 
 
 @eager_only
@@ -357,15 +388,19 @@ def _plain_surrogate(cost, nodes: list[Node]) -> torch.Tensor:
     return _weighted_mean(*_at_cost(plates_of(cost), raw_of(cost), nodes))
 
 
-def _weighted_mean(plates: tuple, inner: torch.Tensor, nodes: list[Node]) -> torch.Tensor:
+def _weighted_mean(plates: tuple, inner: torch.Tensor, nodes: list[Node], event: int = 0) -> torch.Tensor:
     """``inner`` (leading dims ``plates``) reduced over the nodes' sampling plates by their weights
-    (detached: not differentiated; 1/N as a mean for uniform ones), then the mean over what is left."""
+    (detached: not differentiated; 1/N as a mean for uniform ones), then the mean over what is left;
+    ``event`` > 0: ``inner`` has that many per-sample dims after the plates, which are kept."""
     for node in reversed(nodes):
         dim = plates.index(node.plate)
         if node.estimator.uniform_weights:
             inner = inner.mean(dim, keepdim=True)
         else:
-            inner = (align(node.weight_values.detach(), node.plates, plates) * inner).sum(dim, keepdim=True)
+            inner = (align(node.weight_values.detach(), node.plates, plates, pad_to=event) * inner).sum(
+                dim, keepdim=True)
+    if event:
+        return inner.mean(tuple(range(len(plates)))) if plates else inner
     return inner.mean() if inner.dim() else inner
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as _F
 
 from ...errors import PlateError
 from ..kit import _is_inplace, _ndim, _operands, plates_or_empty, register, scan, unwrap, wrap, wrap_same
-from ..tensor import PlateTensor, _names, align, later_step, union_plates, write_plates
+from ..tensor import PlateTensor, _names, align, inplace_write_message, later_step, union_plates, write_plates
 from ..tensor import new_plate_tensor as _new
 from ..treatments import describe, register_plate_handler
 
@@ -160,11 +160,9 @@ def _call(func, args, kwargs, pad: int):
     inplace = _is_inplace(func)
     if inplace:
         if type(self) is not _PT or len(self._plates) != len(plates):
-            raise PlateError(
-                f"in-place {getattr(func, '__name__', func)} would write values that vary over plates "
-                f"{_names(plates)} into a tensor with plates {_names(plates_or_empty(self))}; use the "
-                "out-of-place version"
-            )
+            raise PlateError(inplace_write_message(
+                getattr(func, '__name__', str(func)), plates, self,
+                f"a tensor with plates {_names(plates_or_empty(self))}"))
         # a tensor of step t-1 of a partition written with step t's values: aligned to step t's plates,
         # whose raw dims are self's where the entries stayed in place (write_plates); self keeps its plates
         wp = write_plates(self._plates, plates, func)

@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ...errors import PlateError, StorchError
 from ..kit import _from_torch, _is_inplace
-from ..tensor import PlateTensor, _names, align, map_tensors, union_plates, write_plates
+from ..tensor import PlateTensor, align, inplace_write_message, map_tensors, union_plates, write_plates
 from ..tensor import new_plate_tensor as _new
 from ..treatments import describe, from_torch
 
@@ -43,10 +43,8 @@ def vmap_call(func, args, kwargs):
         # aligned by the parents, the write would go into a copy (lost); refused (write_plates)
         write_plates(args[0]._plates, plates, describe(func))
     if inplace and (type(args[0]) is not _PT or not all(mapped[0][j] for j in levels)):
-        raise PlateError(
-            f"in-place {describe(func)} would write values that vary over plates {_names(plates)} into a "
-            "tensor that does not vary over all of them; use the out-of-place version"
-        )
+        raise PlateError(inplace_write_message(
+            describe(func), plates, args[0], "a tensor that does not vary over all of them"))
 
     def call(*rs, base=leaves):
         ls = list(base)
