@@ -69,3 +69,30 @@ def test_one_hot_expectation_is_unbiased(name, options, seed, naive_biased):
         assert _z(naive, p).abs().max() > 8, _z(naive, p)
     else:  # uniform weights: the plain mean is the estimate
         torch.testing.assert_close(weighted, naive, rtol=0, atol=1e-15)
+
+
+def test_an_ema_buffer_under_storch_compile_is_the_eager_one():
+    # the in-place EMA update of a buffer the step captures, with a data plate: replayed by storch.compile
+    # exactly as eagerly (a new batch each step)
+    logits = torch.nn.Parameter(torch.tensor([1.0, 0.5, 0.0, -0.5]))
+    est = storch.estimator("unordered_set", plate="z", n_samples=3)
+    counts = torch.zeros(4)
+
+    def step(data):
+        with storch.Graph():
+            x = storch.denote_independent(data, 0, "data")
+            z = est(OneHotCategorical(logits=logits + x))
+            with torch.no_grad():
+                counts.mul_(0.9).add_(0.1 * storch.estimate(z))
+            storch.add_cost((z * torch.arange(4.0)).sum(), name="c")
+            return storch.surrogate_loss()
+
+    out = []
+    for f in (step, storch.compile(step, backend=None)):
+        counts.zero_()
+        torch.manual_seed(0)
+        for _ in range(4):
+            f(0.1 * torch.randn(2, 4))
+        out.append(counts.clone())
+    assert out[0].sum() > 0.3
+    torch.testing.assert_close(out[1], out[0], rtol=1e-12, atol=1e-12)

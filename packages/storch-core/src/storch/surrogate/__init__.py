@@ -16,7 +16,7 @@ are reduced by the mean; the costs' surrogates are summed.
 The modules, each importing only those below it (the ``surrogate-layers`` contract in ``.importlinter``):
 
 - ``backprop``: ``storch.backward()``, the training step (backpropagate, update, reset the graph);
-- ``loss``: ``surrogate_loss``, ``value_surrogate``, ``cost_estimates``: the checks, then the costs' terms summed;
+- ``loss``: ``surrogate_loss``, ``value_surrogate``, ``cost_estimates``, ``estimate``: the checks, then the costs' terms summed;
 - ``steps``: the costs of a partition's steps stacked into one term;
 - ``terms``: a cost's term of Eq. 2 / Theorem 2 (``cost_nodes``, the running sums L_j, control variates);
 - ``order``: each estimator unbiased at the requested order; the low-order nodes' terms guarded;
