@@ -53,7 +53,7 @@ def cost_estimates(graph: Optional[Graph] = None) -> dict[str, torch.Tensor]:
 
 
 @eager_only
-def estimate(x, graph: Optional[Graph] = None) -> torch.Tensor:
+def estimate(x: torch.Tensor, graph: Optional[Graph] = None) -> torch.Tensor:
     """The estimate of E[x] for a plate tensor ``x`` of any per-sample shape (detached; a plain tensor).
 
     ``x`` is reduced as :func:`cost_estimates` reduces a cost: over the sampling plates by their
