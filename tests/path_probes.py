@@ -10,6 +10,8 @@ import sys
 from collections import Counter
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def calls(fn) -> tuple[object, set]:
@@ -42,3 +44,23 @@ def graph_ops(t: torch.Tensor) -> Counter:
         out[type(f).__name__] += 1
         stack.extend(g for g, _ in f.next_functions)
     return out
+
+
+class Allocations(TorchDispatchMode):
+    """What a block of torch calls allocates, counted, not timed (for tests that a path builds no large tensor):
+    the operations run (``names``), the most elements of any tensor one returns (``largest``) and the most
+    elements of any storage one returns (``largest_storage``: an expanded view counts as its storage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest, self.largest_storage, self.names = 0, 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.names.add(func.overloadpacket.__name__)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+                if t.layout == torch.strided:
+                    self.largest_storage = max(self.largest_storage, t.untyped_storage().nbytes() // t.element_size())
+        return out

@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 from score_problems import PROBLEMS, Maker, estimates, exact
 from torch.distributions import Bernoulli, Categorical
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import storch
+from path_probes import Allocations
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
 from storch_score._memory import VariableTable, sample_outside, top_k_codes
 
@@ -254,19 +253,6 @@ def test_spread_out_node_skips_the_exact_sampler(monkeypatch):
         assert z.plates[0].size == 8
 
 
-class _Largest(TorchDispatchMode):
-    """The most elements of any tensor an operation returns (what it allocates), counted, not timed."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.largest = max([self.largest] + [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
-        return out
-
-
 def test_one_variable_outside_memory_masks_p_without_the_trie_walk():
     """A node of one variable (a token of a large vocabulary): the walk over the memory's trie made
     (m, k', P, K) tensors (50257 words, batch 64, 16 x 16: 3.3 GB, torch's out of memory). Now p is
@@ -277,7 +263,7 @@ def test_one_variable_outside_memory_masks_p_without_the_trie_walk():
     table = VariableTable(_node(Categorical(logits=theta), budget=2))
     mem = torch.tensor([[4], [1], [4], [0]])  # (k', n), a repeat of 4
     first = torch.tensor([True, True, False, True]).unsqueeze(-1)
-    with _Largest() as spy:
+    with Allocations() as spy:
         draws = sample_outside(table.lp, mem.unsqueeze(1), first, 20000)[:, 0, 0]  # (R,)
     assert spy.largest < 20000 * 4 * 6
     p = torch.softmax(theta, -1)

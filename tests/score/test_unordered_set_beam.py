@@ -6,10 +6,9 @@ import math
 import pytest
 import torch
 from torch.distributions import Bernoulli, Categorical, OneHotCategorical
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import storch
+from path_probes import Allocations
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
 from storch_score._beam import order_gumbels, sample_without_replacement, stochastic_beam_search
 
@@ -403,20 +402,6 @@ def test_first_distinct_draws_the_same_values_as_the_comparison(monkeypatch):
         assert torch.equal(new, old), seed
 
 
-class _Ops(TorchDispatchMode):
-    """The operations run and the most elements of any tensor one returns (counted, not timed)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest, self.names = 0, set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.names.add(func.overloadpacket.__name__)
-        self.largest = max([self.largest] + [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
-        return out
-
-
 def test_first_distinct_over_a_large_vocabulary_makes_no_k_wide_comparison():
     """8 rows of 4 tokens of a 2000-word vocabulary, 16 draws: the inverse CDF is a binary search (the
     comparison made a (P, draws, n, K-1) = 1M-element tensor; at P 256, K 30000 it was 1.5 GB and 6x the
@@ -426,7 +411,7 @@ def test_first_distinct_over_a_large_vocabulary_makes_no_k_wide_comparison():
     torch.manual_seed(6)
     n_cat, p, n, k = 2000, 8, 4, 8
     lp = torch.log_softmax(torch.randn(n_cat, p, n), 0)
-    with _Ops() as spy:
+    with Allocations() as spy:
         choices = _first_distinct(lp, k, 2 * k)
     assert "searchsorted" in spy.names
     assert spy.largest <= p * n * n_cat

@@ -16,10 +16,9 @@ import pytest
 import torch
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
 from torch.distributions import Bernoulli, Categorical, Poisson
-from torch.utils._pytree import tree_leaves
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import storch
+from path_probes import Allocations
 from storch_score.vimco import _leave_one_out_baselines
 
 K, D = 3, 2
@@ -502,19 +501,6 @@ def test_vimco_linear_baselines_keep_the_dtype_and_its_precision(dtype):
         assert rel < 2 * old + 1e-8, (rel, old)
 
 
-class _Largest(TorchDispatchMode):
-    """The most elements of any tensor an operation returns, counted, not timed."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.largest = max([self.largest] + [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
-        return out
-
-
 def test_vimco_with_many_draws_builds_no_k_by_k_tensor():
     """p-cliffs2: the baselines were built from K x K tensors per set (K = 4096, 16 data points: 2.5 s and
     2.3 GB a step). A step of K = 512 draws of 3 Bernoullis for 2 data points, surrogate and backward,
@@ -522,7 +508,7 @@ def test_vimco_with_many_draws_builds_no_k_by_k_tensor():
     n = 512
     torch.manual_seed(0)
     theta = torch.zeros(D + 1, requires_grad=True)
-    with _Largest() as spy, storch.Graph():
+    with Allocations() as spy, storch.Graph():
         x = storch.denote_independent(torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]), 0, "data")
         est = storch.estimator("vimco", plate="z", n_draws=n)
         q = Bernoulli(logits=theta + x)
