@@ -367,10 +367,7 @@ class Estimator(torch.nn.Module):
         if params is not None and not node.rsample_noted:  # a kink or jump inside the distribution's rsample
             note_rsample(node, sample, raw, params)  # lowers the node's order (unless the proposal noted its rsample)
         if precision_checked(raw) is not None:  # (one dict lookup for other classes)
-            if _is_score_function(self):
-                check_precision(self, raw, sample)  # a Beta's draw at the float spacing of 1; a Normal's scale below eps·|loc|
-            elif self.requires_rsample:  # exact for a bounded cost, biased for log(1 - x): a PrecisionWarning
-                warn_precision(self, raw, sample, _user_stacklevel)
+            self._check_draw_precision(raw, sample)
         plate = node.plate = Plate(self.plate, sample.shape[0], False, 0, Lineage())
         node.sample = sample
         graph.add_node(node)
@@ -558,10 +555,7 @@ class Estimator(torch.nn.Module):
         if sample.shape[1:len(own) + 1] != own:
             raise StorchError(_sample_shape_message(self, "extend", sample.shape, own, t))
         if precision_checked(raw) is not None:  # (as at the first step)
-            if _is_score_function(self):
-                check_precision(self, raw, sample)
-            elif self.requires_rsample:
-                warn_precision(self, raw, sample, _user_stacklevel)
+            self._check_draw_precision(raw, sample)
         if params is not None and not node.rsample_noted:  # (as at the first step: each step's rsample, its
             note_rsample(node, sample, raw, params)  # parameters taken before it)
         prev = node.plate
@@ -798,6 +792,16 @@ class Estimator(torch.nn.Module):
             need.append("a distribution that implements expand (torch's default Distribution.expand raises "
                         "NotImplementedError)")
         return need
+
+    def _check_draw_precision(self, raw: Distribution, sample: torch.Tensor) -> None:
+        """A draw of a distribution whose precision storch checks (at the first step and each partition step):
+        a score function is refused where the draw sits at the float spacing (a Beta's at 1, a Normal's scale
+        below eps·|loc|); a pathwise draw of a Beta / Kumaraswamy / Dirichlet gets a PrecisionWarning (exact for
+        a bounded cost, biased for log(1 - x))."""
+        if _is_score_function(self):
+            check_precision(self, raw, sample)
+        elif self.requires_rsample:
+            warn_precision(self, raw, sample, _user_stacklevel)
 
     def max_order_for(self, distribution: Distribution) -> float:
         """The highest derivative order for which this estimator is unbiased on a node of ``distribution``.
