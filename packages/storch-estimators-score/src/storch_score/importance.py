@@ -545,7 +545,7 @@ def _check_covers(p: Distribution, q: Distribution) -> None:
            and p.reinterpreted_batch_ndims == q.reinterpreted_batch_ndims
            and p.base_dist.batch_shape == q.base_dist.batch_shape):
         p_, q_ = p.base_dist, q.base_dist  # both factorise over the same dims: per marginal
-        if _finite_values(p_, count_only=True) is None:
+        if _finite_count(p_) is None:
             break
         p, q, per = p_, q_, " per element"
     values = _finite_values(p)  # (K, *batch, *event)
@@ -577,50 +577,55 @@ def _check_covers(p: Distribution, q: Distribution) -> None:
         raise OptionError(message)
 
 
-def _finite_values(d: Distribution, count_only: bool = False) -> Optional[torch.Tensor]:
-    """Every value ``d`` can draw, ``(K, *batch, *event)`` (``enumerate_support(expand=True)``; an
-    ``Independent``'s joint values from its base's, over its reinterpreted dims; a ``MixtureSameFamily``'s
-    from its components', which share their values); ``None`` where its support is not finite, not known,
-    or has more than ``_MAX_CHECKED`` values. With ``count_only``, only whether it is known (a tensor of
-    shape ``(K,)``, no values built)."""
+def _finite_count(d: Distribution) -> Optional[int]:
+    """How many values ``d`` can draw (an ``Independent``'s joint values: its base's count to the power of its
+    reinterpreted elements; a ``MixtureSameFamily``'s: its components'); ``None`` where its support is not
+    finite, not known, or has more than ``_MAX_CHECKED`` values. Builds no values."""
     if d.has_enumerate_support:
         try:
             n = d.enumerate_support(expand=False).shape[0]
-            if n > _MAX_CHECKED:
-                return None
-            return torch.empty(n) if count_only else d.enumerate_support(expand=True)
-        except NotImplementedError:  # (a Binomial whose total_count differs between elements)
+        except NotImplementedError:  # (a Binomial whose total_count differs between elements: not checked)
             return None
+        return n if n <= _MAX_CHECKED else None
     if type(d) is Independent:
-        base = _finite_values(d.base_dist, count_only=True)
-        r = d.reinterpreted_batch_ndims
-        batch = d.base_dist.batch_shape
-        inner = batch[len(batch) - r:]
-        if base is None:
+        k = _finite_count(d.base_dist)
+        if k is None:
             return None
-        k, m = base.shape[0], math.prod(inner)
+        batch = d.base_dist.batch_shape
+        m = math.prod(batch[len(batch) - d.reinterpreted_batch_ndims:])
         if m > 0 and k > 1 and m * math.log(k) > math.log(_MAX_CHECKED) + 1e-9:
             return None
-        n = k ** m
-        if count_only:
-            return torch.empty(n)
+        return k ** m
+    if isinstance(d, MixtureSameFamily):
+        return _finite_count(d.component_distribution)
+    return None
+
+
+def _finite_values(d: Distribution) -> Optional[torch.Tensor]:
+    """Every value ``d`` can draw, ``(K, *batch, *event)`` (``enumerate_support(expand=True)``; an
+    ``Independent``'s joint values from its base's, over its reinterpreted dims; a ``MixtureSameFamily``'s
+    from its components', which share their values); ``None`` where :func:`_finite_count` is."""
+    if _finite_count(d) is None:
+        return None
+    if d.has_enumerate_support:
+        return d.enumerate_support(expand=True)
+    if type(d) is Independent:
         values = _finite_values(d.base_dist)  # (k, *outer, *inner, *base event)
         if values is None:
             return None
-        outer = batch[:len(batch) - r]
-        ev = d.base_dist.event_shape
+        batch = d.base_dist.batch_shape
+        r = d.reinterpreted_batch_ndims
+        outer, inner, ev = batch[:len(batch) - r], batch[len(batch) - r:], d.base_dist.event_shape
+        k, m = values.shape[0], math.prod(inner)
+        n = k ** m
         flat = values.reshape((k,) + tuple(outer) + (m,) + tuple(ev))
         # every combination of one of the k values per reinterpreted element: (n, m) indices
         digits = torch.arange(n, device=values.device).unsqueeze(-1) // (k ** torch.arange(m - 1, -1, -1, device=values.device))
         index = (digits % k).reshape((n,) + (1,) * len(outer) + (m,) + (1,) * len(ev))
         joint = flat.gather(0, index.expand((n,) + tuple(outer) + (m,) + tuple(ev)))
         return joint.reshape((n,) + tuple(d.batch_shape) + tuple(d.event_shape))
-    if isinstance(d, MixtureSameFamily):
-        values = _finite_values(d.component_distribution, count_only)
-        if values is None or count_only:
-            return values
-        return values.select(1 + len(d.batch_shape), 0)  # the components' values are the same
-    return None
+    values = _finite_values(d.component_distribution)  # a MixtureSameFamily (the only other counted case)
+    return None if values is None else values.select(1 + len(d.batch_shape), 0)  # the components' values are the same
 
 
 def _strict(d: Distribution) -> Distribution:
