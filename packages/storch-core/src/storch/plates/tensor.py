@@ -200,7 +200,7 @@ class PlateTensor(torch.Tensor):
                 raise PlateError(
                     f"dim {i} of the tensor has size {tensor.shape[i]} but plate {p.name!r} has size {p.size}"
                 )
-        if _wrap_check is not None:  # (storch.surrogate.pathwise: a value per entry of a pathwise node's plate)
+        if _wrap_check is not None:  # (storch.surrogate.blackbox: a value per entry of a pathwise node's plate)
             _wrap_check(tensor, plates)
         return cls._wrap(tensor, plates)
 
@@ -320,7 +320,7 @@ def new_plate_tensor(tensor: torch.Tensor, plates: tuple[Plate, ...]) -> PlateTe
 
 
 # the check of the public constructor's values (``storch.PlateTensor(raw, plates)``, not ``_wrap``), installed by
-# the layer that knows the graph's nodes (storch.surrogate.pathwise), which this module never imports
+# the layer that knows the graph's nodes (storch.surrogate.blackbox), which this module never imports
 _wrap_check: Optional[Callable[[torch.Tensor, tuple], None]] = None
 
 
@@ -432,7 +432,7 @@ def ancestor_index(x: "PlateTensor", plate: str, step: Optional[int] = None) -> 
     if index is None:  # the entries stayed in place
         index, index_plates = torch.arange(p.size, device=raw.device), (p,)
     else:
-        index, index_plates = index, (p,) + p.lineage.index_plates_of(s, t)
+        index_plates = (p,) + p.lineage.index_plates_of(s, t)
     target = plates + tuple(q for q in index_plates if q not in plates)  # x's layout, then any plate x lacks
     shape = tuple(q.size for q in target)
     # _wrap, not the public constructor: an index is no black-box value (which the constructor refuses on a
