@@ -15,6 +15,8 @@ Speed itself is measured by ``storch-compare overhead``; these tests check the p
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pytest
 import torch
 from torch.distributions import Bernoulli
@@ -513,7 +515,7 @@ _GENERAL_SURROGATE = {"_unchecked", "_cost_surrogate", "_check_order", "_check_s
                       "_check_reaches", "_guard_low_order", "_at_cost", "cost_nodes"}
 
 
-def _toy_step(est, theta, seed: int, order: int = 1, extra_cost: bool = False, data_cost: bool = False):
+def _toy_step(est, theta, seed: int, order: int = 1, extra_cost: Optional[str] = None, data_cost: bool = False):
     torch.manual_seed(seed)
     with storch.Graph():
         x = storch.denote_independent(theta, 0, "data")
@@ -523,8 +525,8 @@ def _toy_step(est, theta, seed: int, order: int = 1, extra_cost: bool = False, d
         storch.add_cost(((z - 0.45) ** 2).sum(-1), name="f")
         if data_cost:
             storch.add_cost(theta.sum() * 0.01, name="reg")
-        if extra_cost:
-            storch.add_cost((0.1 * z).sum(-1), name="g")
+        if extra_cost is not None:
+            storch.add_cost((0.1 * z).sum(-1), name=extra_cost)
         loss, seen = calls(lambda: storch.surrogate_loss(order=order))
         assert isinstance(loss, torch.Tensor)
         (grad,) = torch.autograd.grad(loss, theta)
@@ -537,8 +539,9 @@ def test_common_step_surrogate_skips_the_general_loops(baseline, data_cost, monk
     """One node and one cost downstream of it (and costs of the data alone) at order 1: after the first step (which
     settles, per estimator, that its gradient flows through no sample it hands out) the surrogate is built without
     the per-cost and per-node checks; the loss, its gradient and its autograd graph are bitwise those of the
-    general path (forced below). A second cost downstream of the node, and order 2, take the general path, and
-    the probe sees it there."""
+    general path (forced below). A second cost downstream of the node of the same name (the general path may
+    keep their state under per-plate names, or warns), and order 2, take the general path, and the probe sees it
+    there; one of another name stays on the common path (_many_costs_loss)."""
     from storch.surrogate import loss as surrogate_module
 
     theta = torch.linspace(-1.0, 1.0, 3).repeat(2, 1).requires_grad_(True)
@@ -548,9 +551,12 @@ def test_common_step_surrogate_skips_the_general_loops(baseline, data_cost, monk
     loss, grad, seen, ops = _toy_step(est, theta, 1, data_cost=data_cost)
     assert not seen & _GENERAL_SURROGATE, sorted(seen & _GENERAL_SURROGATE)
     assert "_one_node_loss" in seen and "_one_node_surrogate" in seen
-    # controls: a second cost, order 2
-    _, _, seen2, _ = _toy_step(est, theta, 2, extra_cost=True)
+    # controls: a second cost of the same name, order 2
+    with pytest.warns(UserWarning, match="two costs named 'f'"):
+        _, _, seen2, _ = _toy_step(est, theta, 2, extra_cost="f")
     assert {"_unchecked", "_check_reaches", "_guard_low_order"} <= seen2
+    _, _, seen2, _ = _toy_step(est, theta, 2, extra_cost="g")
+    assert not seen2 & _GENERAL_SURROGATE and "_many_costs_loss" in seen2
     _, _, seen3, _ = _toy_step(est, theta, 3, order=2)
     assert {"_unchecked", "_check_order", "_guard_low_order"} <= seen3
     # the same step through the general path: the same loss, gradient and autograd graph
@@ -617,3 +623,96 @@ def test_a_step_the_common_path_declines_is_asked_once(monkeypatch):
             loss, seen = calls(storch.surrogate_loss)
         assert asked == [1] and "_check_smooth" in seen
         assert isinstance(loss, torch.Tensor)
+
+
+
+def _many_costs_step(est, theta, seed: int, costs: int = 4, order: int = 1, plates: bool = False,
+                     same_name: bool = False, plain: bool = False):
+    """One node with ``costs`` costs downstream of it (names c0, c1, ...; ``plates``: the odd ones carry a second
+    data plate, so two sets of plates; ``plain``: the second added with credit=False), a cost of the data alone
+    among them."""
+    torch.manual_seed(seed)
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        extra = storch.denote_independent(torch.linspace(1.0, 2.0, 3), 0, "extra")
+        z = est(Bernoulli(logits=x))
+        for i in range(costs):
+            c = ((z - 0.1 * (i + 1)) ** 2 * (1.0 + x)).sum(-1)
+            if plates and i % 2:
+                c = c * extra
+            storch.add_cost(c, name="c" if same_name else f"c{i}", credit=not (plain and i == 1))
+            if i == 1:
+                storch.add_cost((torch.sigmoid(x) ** 2).sum(-1), name="kl")
+        loss, seen = calls(lambda: storch.surrogate_loss(order=order))
+        assert isinstance(loss, torch.Tensor)
+        (grad,) = torch.autograd.grad(loss, theta)
+    return loss, grad, seen, graph_ops(loss)
+
+
+@pytest.mark.parametrize("plates", [False, True])
+@pytest.mark.parametrize("baseline", ["none", "leave_one_out", "moving_average"])
+def test_many_costs_of_one_node_share_its_score_term(baseline, plates, monkeypatch):
+    """Several costs downstream of one node (a loss in several terms, a reward per step without a partition): after
+    the first step, the common path builds them (_many_costs_loss) with one MagicBox(l) per set of plates, not one
+    per cost; without a control variate the costs of one set of plates are one term, MagicBox(l) · Σ C_i (as by
+    hand). The loss and gradient are those of the general path (forced below; allclose: summed in another order),
+    whose costs of one node share the MagicBox too. Controls: two costs of one name, order 2, a cost with
+    credit=False take the general path."""
+    from storch.surrogate import loss as surrogate_module
+
+    theta = torch.linspace(-1.0, 1.0, 3).repeat(2, 1).requires_grad_(True)
+    est = storch.estimator("score", plate="z", n_samples=4, baseline=baseline)
+    _many_costs_step(est, theta, 0, plates=plates)  # settles the estimator's checks
+    loss, grad, seen, ops = _many_costs_step(est, theta, 1, plates=plates)
+    assert "_many_costs_loss" in seen and not seen & _GENERAL_SURROGATE, sorted(seen & _GENERAL_SURROGATE)
+    groups = 2 if plates else 1
+    assert ops["ExpBackward0"] == groups  # one MagicBox per set of plates (4 costs)
+    if baseline == "none":  # one score term per set of plates
+        assert ops["MeanBackward0"] == groups + 1  # (+ the cost of the data alone)
+    # controls: two costs of one name, order 2, credit=False
+    with pytest.warns(UserWarning, match="two costs named 'c'"):
+        _, _, seen2, _ = _many_costs_step(est, theta, 2, same_name=True)
+    assert "_many_costs_loss" not in seen2 and "_cost_surrogate" in seen2
+    _, _, seen3, _ = _many_costs_step(est, theta, 3, order=2)
+    assert "_many_costs_loss" not in seen3 and "_check_order" in seen3
+    _, _, seen4, _ = _many_costs_step(est, theta, 4, plain=True)
+    assert "_many_costs_loss" not in seen4 and "_plain_surrogate" in seen4
+    # the same step through the general path: one MagicBox per set of plates there too, the same loss and gradient
+    monkeypatch.setattr(surrogate_module, "_one_node_loss", lambda graph: None)
+    loss_g, grad_g, seen_g, ops_g = _many_costs_step(est, theta, 1, plates=plates)
+    assert "_cost_surrogate" in seen_g and ops_g["ExpBackward0"] == groups
+    if baseline != "moving_average":  # (a moving average moved between the steps)
+        torch.testing.assert_close(loss, loss_g, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grad, grad_g, rtol=1e-6, atol=1e-7)
+        if baseline == "leave_one_out":  # each cost keeps its term: the same values, summed in the same order
+            assert torch.equal(loss, loss_g)
+
+
+def test_many_costs_of_one_node_by_hand():
+    """The common path's surrogate of several costs of one node without a baseline is the DiCE objective with the
+    costs summed (first and second derivatives, against a hand-written one with the same samples)."""
+    theta = torch.linspace(-1.0, 1.0, 3).repeat(2, 1).requires_grad_(True)
+    est = storch.estimator("score", plate="z", n_samples=4)
+    _many_costs_step(est, theta, 0)
+    _, _, seen, _ = _many_costs_step(est, theta, 1, costs=3)
+    assert "_many_costs_loss" in seen
+    torch.manual_seed(1)
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        storch.denote_independent(torch.linspace(1.0, 2.0, 3), 0, "extra")
+        z = est(Bernoulli(logits=x))
+        for i in range(3):
+            storch.add_cost(((z - 0.1 * (i + 1)) ** 2 * (1.0 + x)).sum(-1), name=f"c{i}")
+        loss = storch.surrogate_loss()
+        (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), theta)
+    torch.manual_seed(1)
+    d = Bernoulli(logits=theta)
+    zz = d.sample((4,))
+    box = magic_box(d.log_prob(zz).sum(-1))
+    hand = sum((box * ((zz - 0.1 * (i + 1)) ** 2 * (1.0 + theta)).sum(-1)).mean() for i in range(3))
+    (gh,) = torch.autograd.grad(hand, theta, create_graph=True)
+    (hh,) = torch.autograd.grad(gh.sum(), theta)
+    torch.testing.assert_close(loss, hand.detach())
+    torch.testing.assert_close(g, gh)
+    torch.testing.assert_close(h, hh)

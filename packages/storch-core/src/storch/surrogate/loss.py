@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from ..cost import magic_box
 from ..eager import eager_only
 from ..errors import StorchError, UnusedSampleWarning
 from ..graph import Graph, current_graph, tracing_recorder
@@ -347,6 +348,9 @@ def _one_node_loss(graph: Graph) -> Optional[torch.Tensor]:
     terms = _costs_at(costs, node.plate.name)
     if terms is None:
         return None
+    terms, reached = terms
+    if reached > 1:
+        return _many_costs_loss(node, terms)
     loss = None
     for name, raw, plates in terms:
         if plates is None:  # a cost of the data alone: the mean over the data points (_cost_surrogate)
@@ -358,13 +362,55 @@ def _one_node_loss(graph: Graph) -> Optional[torch.Tensor]:
     return loss if loss.dim() == 0 else loss.reshape(())  # type: ignore[union-attr]
 
 
-def _costs_at(costs: list, own: str) -> Optional[list]:
+def _many_costs_loss(node: Node, terms: list) -> torch.Tensor:
+    """:func:`_one_node_loss` for several costs downstream of its node (a loss in several terms, a reward per
+    time step without a partition, a KL per latent dim): the costs of the same plates (and dtype) share one
+    MagicBox(l) and one weighting. Without a control variate their surrogate is one term, MagicBox(l) · Σ_i C_i
+    reduced once (as by hand: the costs summed before the score term; the same function, its value summed in
+    another order); with one (a baseline per cost, kept under the cost's name) each cost keeps its term and
+    frame, built on the shared MagicBox(l) (the same values as the general path's)."""
+    _ensure_weights(node)
+    boxes: dict = {}  # plates -> MagicBox(l) at them
+    if node.estimator.has_control_variate():
+        loss = None
+        for name, raw, plates in terms:
+            if plates is None:  # a cost of the data alone: the mean over the data points (_cost_surrogate)
+                s = raw.mean() if raw.dim() else raw
+            else:
+                box = boxes.get(plates)
+                if box is None:
+                    box = boxes[plates] = magic_box(align(node.gradient_values, node.plates, plates))
+                s = _one_node_surrogate(raw, plates, node, name, box=box)
+            loss = s if loss is None else loss + s
+        return loss if loss.dim() == 0 else loss.reshape(())  # type: ignore[union-attr]
+    sums: dict = {}  # (plates, dtype) -> [the sum of its costs, their first name]
+    loss = None
+    for name, raw, plates in terms:
+        if plates is None:
+            s = raw.mean() if raw.dim() else raw
+            loss = s if loss is None else loss + s
+            continue
+        key = (plates, raw.dtype)
+        group = sums.get(key)
+        if group is None:
+            sums[key] = [raw, name]
+        else:
+            group[0] = group[0] + raw
+    for (plates, _), (raw, name) in sums.items():
+        s = _one_node_surrogate(raw, plates, node, name)
+        loss = s if loss is None else loss + s
+    return loss if loss.dim() == 0 else loss.reshape(())  # type: ignore[union-attr]
+
+
+def _costs_at(costs: list, own: str) -> Optional[tuple[list, int]]:
     """For :func:`_one_node_loss`: ``(name, raw, plates)`` of each cost, ``plates`` ``None`` for a cost of the
-    data alone (it does not carry the node's plate ``own``); ``None`` unless exactly one cost carries it (none:
-    the general path warns that no cost is downstream of the node; several: it may keep their estimator state
-    under per-plate names, :func:`_state_names`)."""
+    data alone (it does not carry the node's plate ``own``), and how many carry it; ``None`` where none does (the
+    general path warns that no cost is downstream of the node) or two of those have one name (the general path
+    may keep their estimator state under per-plate names, :func:`_state_names`, or warns that they share it)."""
     out = []
-    reached = False
+    names: Optional[set] = None
+    first = None
+    reached = 0
     for name, cost in costs:
         if type(cost) is not PlateTensor:
             out.append((name, cost, None))
@@ -372,14 +418,19 @@ def _costs_at(costs: list, own: str) -> Optional[list]:
         plates = cost._plates
         for p in plates:
             if p.name == own:
-                if reached:
-                    return None
-                reached = True
+                if reached == 1:
+                    names = {first}
+                if names is not None:
+                    if name in names:
+                        return None
+                    names.add(name)
+                first = name
+                reached += 1
                 break
         else:
             plates = None
         out.append((name, cost._raw, plates))
-    return out if reached else None
+    return (out, reached) if reached else None
 
 
 def _plain_surrogate(cost, nodes: list[Node]) -> torch.Tensor:

@@ -86,12 +86,15 @@ class _Sums:
     aligned to every cost's plates: O(K³) Python, O(K²) autograd nodes), as the DiCE objective written by
     hand keeps one running L."""
 
-    __slots__ = ("children", "entries", "passive")
+    __slots__ = ("children", "entries", "passive", "boxes")
 
     def __init__(self) -> None:
         self.children: dict = {}
         self.entries: list = []
         self.passive: Optional[dict] = None  # (the root's: id(node) -> _passive(node), asked once per node)
+        # (the root's: (id(node), plates) -> MagicBox(l) at those plates, for the costs of one node that is not a
+        # partition: built once, not once per cost; see _one_node_surrogate)
+        self.boxes: Optional[dict] = None
 
     def held(self, target: tuple, within: set):
         """An entry whose plates are all in ``target`` (the exact plates first), or ``None``."""
@@ -182,7 +185,17 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
         return raw.mean() if raw.dim() else raw
     plates, raw, nodes = _at_cost(plates_of(cost), raw_of(cost), nodes)
     if len(nodes) == 1:
-        return _one_node_surrogate(raw, plates, nodes[0], name, order, renamed)
+        node = nodes[0]
+        if sums is None or node.history is not None:  # (a partition's view of a step: built per cost)
+            return _one_node_surrogate(raw, plates, node, name, order, renamed)
+        boxes = sums.boxes
+        if boxes is None:
+            boxes = sums.boxes = {}
+        key = (id(node), plates)
+        box = boxes.get(key)
+        if box is None:
+            box = boxes[key] = magic_box(align(node.gradient_values, node.plates, plates))
+        return _one_node_surrogate(raw, plates, node, name, order, renamed, box)
     # L_k (and, for the nodes with a control variate, L_{i-1}: Theorem 2's MagicBox arguments) aligned to
     # the cost's plates, from the running sums shared with the surrogate's other costs; constant gradient
     # functions (a pathwise node's zeros) are not added (the same MagicBox functions, see _constant)
@@ -248,14 +261,18 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
 
 
 def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Optional[str],
-                        order: int = 1, renamed: Optional[tuple] = None) -> torch.Tensor:
+                        order: int = 1, renamed: Optional[tuple] = None,
+                        box: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`_cost_surrogate` for a cost downstream of one node: the DiCE objective written by hand,
     mean over the plates of MagicBox(l) · C, and with the base class's control variate (a baseline b)
     ``lerp(⊥b, C, MagicBox(l))`` = MagicBox(l) · C + (1 - MagicBox(l)) · ⊥b in one autograd node
     (the same function, so the same derivatives at every order; its value is C exactly, as
-    ``torch.lerp`` computes ``end - (end - start) · (1 - weight)`` at weight 1)."""
+    ``torch.lerp`` computes ``end - (end - start) · (1 - weight)`` at weight 1). ``box``: MagicBox(l) at
+    ``plates`` where the surrogate's other costs of this node share it (built once for all of them, as by hand:
+    the same values; a gradient summed in another order)."""
     est = node.estimator
-    box = magic_box(align(node.gradient_values, node.plates, plates))  # MagicBox(l), line 7
+    if box is None:
+        box = magic_box(align(node.gradient_values, node.plates, plates))  # MagicBox(l), line 7
     if est.has_control_variate():
         state = renamed[0] if renamed is not None and node.plate.name in renamed[1] else None
         if type(est).control_variate is _BASE_CONTROL_VARIATE:
