@@ -671,14 +671,14 @@ _KEYS_OF: dict = {}
 def _remember(cache: dict, key: tuple, value) -> None:
     """``cache[key] = value``, the key filed under its lineages; a key with a plate of a finished graph
     is not cached (computed again where used: such tensors are only read after their step)."""
-    lineages = []
+    lineages: dict = {}  # (hashed by identity; a dict, not a list: a key of a chain of M nodes holds M lineages)
     for plates in key:
         for p in plates:
             lin = p.lineage
-            if lin is not None and lin not in lineages:  # (compared by identity)
+            if lin is not None and lin not in lineages:
                 if lin.closed is not None:
                     return
-                lineages.append(lin)
+                lineages[lin] = None
     if len(cache) >= 4096:
         # a graph's keys are hit within its step only: start over rather than stop caching (a
         # 1000-step partition makes 1000s of keys); both caches and the filing at once, so that a
