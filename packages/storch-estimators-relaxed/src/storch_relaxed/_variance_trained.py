@@ -127,8 +127,14 @@ class VarianceTrained(Estimator):
     # -- the update, in the three steps storch.compile(step, backend=None) replays (replays_update) ---
 
     def update_inputs(self, nodes: list[Node]) -> list[torch.Tensor]:
-        """The distribution parameters of this step's nodes, with their graph: ĝ = ∂loss/∂(these)."""
-        return [t for node in nodes for t in node.state.params]
+        """The distribution parameters of this step's nodes, with their graph: ĝ = ∂loss/∂(these); only of
+        the nodes that a credited cost reaches (``node.frames``: the surrogate builds a frame for each cost
+        that credits the node, none for one added with ``credit=False``). A step whose costs read a node only
+        with ``credit=False`` (a discrete GAN's discriminator step) trains nothing there: its ĝ does not depend
+        on φ (∂φ Σ ĝ² = 0), and an Adam step on that zero would still move φ along its old moments and count
+        a step (docs/partitions.md: such a loss stays out of estimator state, as the moving average's).
+        Decided from the graph, not from the gradient's value: no host sync, and the same in a compiled step."""
+        return [t for node in nodes if node.frames for t in node.state.params]
 
     def loss_graph_values(self, loss: torch.Tensor, targets: list[torch.Tensor]) -> tuple:
         """∂/∂φ Σ ĝ² (detached, one tensor per parameter of ``_trainable()``) and whether it and Σ ĝ² are
