@@ -705,3 +705,23 @@ def test_a_write_into_a_new_zeros_tensor_says_factories_are_plain_and_what_works
         expect = torch.zeros(n, n, k)
         expect[iu[0], iu[1]] = z.tensor[e]
         assert torch.equal(b.tensor[e], expect)
+
+
+def test_a_padding_mask_on_a_data_plate_is_refused_naming_that_plate():
+    """``cost[mask]`` with a padding mask from ``denote_independent`` varies along the data plate, not a sample
+    plate; the message said "varies per sample" (found by porting a masked sequence model). It now says the mask
+    varies per plate entry and names the plates it varies along, data or sample, and keeps torch.where."""
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    with storch.Graph():
+        (m,) = storch.denote_independent((mask,), 0, "data")
+        cost = torch.ones(3)
+        with pytest.raises(storch.PlateError) as err:
+            cost[m]
+        msg = str(err.value)
+        assert "varies per plate entry" in msg and "per sample" not in msg
+        assert "'data' (a data plate)" in msg and "torch.where(mask, x, other)" in msg
+        z = storch.estimator("expect", plate="z")(torch.distributions.Bernoulli(probs=torch.full((3,), 0.5)))
+        with pytest.raises(storch.PlateError) as err:
+            cost[z.bool() & m]
+        assert "'data' (a data plate), 'z' (a sample plate)" in str(err.value) or \
+            "'z' (a sample plate), 'data' (a data plate)" in str(err.value)

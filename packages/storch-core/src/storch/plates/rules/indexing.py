@@ -69,10 +69,11 @@ def _normalise(x, idx) -> list:
                 isinstance(v, _T) for v in i) else torch.as_tensor(i, device=x.device)
         if isinstance(i, _T) and i.dtype in (torch.bool, torch.uint8):
             if type(i) is _PT:
+                along = ", ".join(f"{q.name!r} ({'a data' if q.independent else 'a sample'} plate)" for q in i._plates)
                 raise PlateError(
-                    "a boolean mask that varies per sample may select a different number of elements per sample, "
-                    "which a plate tensor cannot hold; use torch.where(mask, x, other) instead (or x[mask] = value as "
-                    "the only index of an assignment). A one-hot mask (a OneHotCategorical sample z.bool()) selects "
+                    f"a boolean mask that varies per plate entry (along {along}) may select a different number of "
+                    "elements per entry, which a plate tensor cannot hold; use torch.where(mask, x, other) instead "
+                    "(or x[mask] = value as the only index of an assignment). A one-hot mask (a OneHotCategorical sample z.bool()) selects "
                     "one row: index with z.argmax(-1) (table[z.argmax(-1)]), or write z @ table")
             if i.dim() == 0:
                 raise PlateError("a 0-dim boolean index on a plate tensor is not supported; use x.unsqueeze(0) "
