@@ -239,3 +239,30 @@ def test_malformed_distributions_and_state_are_named_at_registration_and_constru
         z = Fine("z")(Bernoulli(logits=torch.zeros(2, requires_grad=True)))
         storch.add_cost(z.sum())
         storch.backward()
+
+
+def test_the_pass_the_base_hint_for_an_independent_appears_only_where_the_estimator_takes_the_base():
+    """An estimator refusing Independent(Categorical(...), 1) said "pass the Categorical itself" also where it
+    refuses the bare Categorical too (arm and disarm take Bernoulli only: found by porting). The hint is shared
+    by all estimators; it now appears only where the estimator supports the base distribution."""
+    from torch.distributions import Categorical, Independent
+
+    class BernoulliOnly(storch.Estimator):  # as arm: a Categorical is refused bare or wrapped
+        name = "bernoulli_only_test"
+        distributions = (Bernoulli,)
+        requires_enumerate_support = True
+
+    class Enumerating(storch.Estimator):  # as expect: it takes the Categorical, not the Independent
+        name = "enumerating_test"
+        requires_enumerate_support = True
+
+    wrapped = Independent(Categorical(logits=torch.zeros(2, 3, requires_grad=True)), 1)
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError) as e:
+        BernoulliOnly("x")(wrapped)
+    msg = str(e.value)
+    assert "does not support Independent; it needs one of Bernoulli" in msg, msg
+    assert "pass the Categorical itself" not in msg and "wrapper is not needed" not in msg, msg
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="pass the Categorical itself"):
+        Enumerating("x")(wrapped)
+    with storch.Graph():  # the advice holds: the bare Categorical is accepted
+        Enumerating("x")(wrapped.base_dist)

@@ -1028,3 +1028,15 @@ def test_a_commitment_loss_that_detaches_the_sample_gets_the_detach_the_paramete
                            r"\(\(e - z @ C\.detach\(\)\)\*\*2\)"):
             storch.surrogate_loss()
     storch.reset()
+
+
+@pytest.mark.parametrize("name", ["arm", "disarm"])
+def test_arm_on_an_independent_categorical_does_not_advise_passing_the_categorical(name):
+    """arm / disarm refused Independent(Categorical(...), 1) with "pass the Categorical itself", which they
+    refuse too (found by porting); the message now names Bernoulli and the estimators that take the node."""
+    d = Independent(Categorical(logits=torch.zeros(2, 3, requires_grad=True)), 1)
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError) as e:
+        storch.estimator(name, plate="x")(d)
+    msg = str(e.value)
+    assert "it needs one of Bernoulli" in msg and "Estimators that support it:" in msg and "score" in msg, msg
+    assert "pass the Categorical itself" not in msg, msg

@@ -860,8 +860,10 @@ class Estimator(torch.nn.Module):
     def _unsupported_message(self, d: Distribution) -> str:
         others = [n for n in supporting_estimators(d) if n != self.name]
         hint = f" Estimators that support it: {', '.join(others)}." if others else ""
-        if isinstance(d, Independent) and not d.has_enumerate_support and d.base_dist.has_enumerate_support:
-            # torch's Independent does not enumerate; storch needs no Independent to treat dims jointly
+        if (isinstance(d, Independent) and not d.has_enumerate_support and d.base_dist.has_enumerate_support
+                and self.supports(d.base_dist)):
+            # torch's Independent does not enumerate; storch needs no Independent to treat dims jointly (a hint
+            # only where this estimator takes the base: arm refuses an Independent(Categorical) and the Categorical)
             hint = (f" This is an Independent of a {type(d.base_dist).__name__}, which has a finite support: pass "
                     f"the {type(d.base_dist).__name__} itself. storch samples and scores the batch dims of a node's "
                     "distribution jointly (one log-probability per sample, summed over them), so the wrapper is not "
