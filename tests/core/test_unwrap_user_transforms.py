@@ -271,3 +271,26 @@ def test_plate_tensors_in_an_object_are_refused_and_a_transform_kept_twice_is_co
         assert type(z.tensor) is torch.Tensor and z.tensor.shape == (4000, 3)
         for j in range(3):  # mean loc, sd 0.5 per data point
             assert abs(float(z.tensor[:, j].mean()) - float(mu[j])) < 4 * 0.5 / 4000 ** 0.5
+
+
+def test_the_refusal_of_a_user_transform_on_a_data_plate_says_the_density_of_y_needs_the_log_det():
+    """p-dists: a user's transform with a parameter on a data plate is refused with the advice y = f(est(base)); the
+    node is then the base, so a cost that needs log q(y) (an ELBO's entropy term) must subtract the log-det itself.
+    The message says so, under score (where log p is the score) as under reparameterization; the formula it gives
+    is torch's own TransformedDistribution log-density, checked here on plain tensors."""
+    s = torch.tensor([0.5, 2.0, 1.5], dtype=D)
+    for name in ("score", "reparameterization"):
+        with storch.Graph():
+            (sd,) = storch.denote_independent((s,), 0, "data")
+            base = Normal(torch.zeros((), dtype=D), 1.0)
+            with pytest.raises(storch.UnsupportedDistributionError) as e:
+                storch.estimator(name, plate="x", n_samples=2)(TransformedDistribution(base, [MyScale(sd)]))
+        msg = str(e.value)
+        assert "its transform MyScale holds plate tensors" in msg and "y = f(est(base))" in msg, msg
+        assert "density of y" in msg and "base.log_prob(x) - f.log_abs_det_jacobian(x, y)" in msg, msg
+    torch.manual_seed(0)
+    f, base = MyScale(s), Normal(torch.zeros(3, dtype=D), 1.0)
+    x = base.sample()
+    y = x * s  # f(x)
+    torch.testing.assert_close(base.log_prob(x) - f.log_abs_det_jacobian(x, y),
+                               TransformedDistribution(base, [f]).log_prob(y))

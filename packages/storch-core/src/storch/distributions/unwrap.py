@@ -140,7 +140,9 @@ def _unwrap_transformed(d: TransformedDistribution,
                 "directly in the list of transforms: sampling it as it is would share one noise draw across "
                 "plate entries. Put the data-dependent part in the base distribution's parameters, pass "
                 "AffineTransform/PowerTransform directly in the list, or apply the transform to the sample "
-                "(y = f(est(base)))")
+                "(y = f(est(base))). The node is then the base's sample x, and its log-probability (a score-function "
+                "estimator's score) is the base's: where the cost needs the density of y (an ELBO's log q(y)), "
+                "write it as base.log_prob(x) - f.log_abs_det_jacobian(x, y)")
     wanted = union_plates(found + [()])
     if within and wanted and wanted[0].name != within[0].name:  # the partition's plate first
         wanted = (within[0],) + tuple(p for p in wanted if p.name != within[0].name)
