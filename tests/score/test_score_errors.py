@@ -1,13 +1,14 @@
 """Registration, OrderError, and clear errors for bad options and unsupported distributions."""
 
 import math
+import re
 import warnings
 
 import pytest
 import torch
 from torch.distributions import (
-    Bernoulli, Beta, Binomial, Categorical, Exponential, Laplace, Multinomial, Normal, OneHotCategorical, Pareto,
-    Independent, Poisson, Uniform,
+    Bernoulli, Beta, Binomial, Categorical, Exponential, Geometric, Laplace, Multinomial, NegativeBinomial, Normal,
+    OneHotCategorical, Pareto, Independent, Poisson, Uniform,
 )
 
 import storch
@@ -590,3 +591,35 @@ def test_vimco_is_not_listed_for_a_distribution_without_expand():
     assert "vimco" in storch.registry.supporting_estimators(Bernoulli(logits=torch.zeros(3)))
     assert storch.get_estimator_class("vimco").supports(Independent(Bernoulli(logits=torch.zeros(3)), 1))
     assert "expand" in " ".join(storch.get_estimator_class("vimco").requirements())
+
+
+_COUNT_ADVICE = {  # a count p, the proposals the refusal of a Normal proposal must name (each accepted), one it must not
+    "poisson": (lambda th: Poisson(th.exp()), {"Poisson": Poisson(torch.tensor(2.0)),
+                                               "Geometric": Geometric(torch.tensor(0.3)),
+                                               "NegativeBinomial": NegativeBinomial(3.0, torch.tensor(0.4))}, "Binomial"),
+    "geometric": (lambda th: Geometric(logits=th), {"Poisson": Poisson(torch.tensor(2.0)),
+                                                    "Geometric": Geometric(torch.tensor(0.3))}, "Binomial"),
+    "binomial": (lambda th: Binomial(3, logits=th), {"Binomial": Binomial(5, torch.tensor(0.5)),
+                                                     "Poisson": Poisson(torch.tensor(2.0))}, None),
+}
+
+
+@pytest.mark.parametrize("case", list(_COUNT_ADVICE))
+def test_importance_advice_for_a_count_names_only_proposals_whose_support_contains_p(case):
+    """A Normal proposal for a Poisson node was refused with the advice "a Poisson or a Binomial for a count"; a
+    Binomial proposal for the Poisson is then refused too (a bounded support cannot contain an unbounded one).
+    The advice now depends on p's support: each proposal it names is accepted, and a bounded one is not named
+    for an unbounded p."""
+    mkp, named, absent = _COUNT_ADVICE[case]
+    theta = _THETA2.clone().requires_grad_(True)
+    with storch.Graph(), pytest.raises(storch.OptionError, match="Normal is continuous") as e:
+        storch.estimator("importance", plate="z", proposal=Normal(1.0, 2.0), n_samples=8)(mkp(theta))
+    advice = str(e.value).split("Give a")[1]
+    recommended = advice.split("): ")[1].split(":")[0]  # the proposals named, before the reason
+    assert all(n in recommended for n in named), advice
+    assert absent is None or not re.search(rf"\b{absent}", recommended), advice  # (NegativeBinomial: no match)
+    for n, q in named.items():  # the advice holds: each named proposal passes the support checks
+        with storch.Graph():
+            z = storch.estimator("importance", plate="z", proposal=q, n_samples=8)(mkp(theta))
+            storch.add_cost(z.float().sum(), name="c")
+            storch.surrogate_loss()

@@ -409,11 +409,16 @@ def _check_same_kind(p: Distribution, q: Distribution) -> None:
     head = (f"importance: the proposal {type(q).__name__} is {kind[dq]} (support {_shown(q)}) but the node's "
             f"{type(p).__name__} is {kind[dp]} (support {_shown(p)}): ")
     if dp:
+        bp = _bounds(_support(p))
+        if bp is not None and not isinstance(bp[1], torch.Tensor) and bp[1] == math.inf:  # a Poisson, a Geometric
+            give = ("a Poisson, a Geometric or a NegativeBinomial: p's support has no upper bound, so a proposal "
+                    "with one (a Binomial, a Categorical) cannot contain it")
+        else:
+            give = ("a Bernoulli or a Categorical over the same values for a Bernoulli, a Categorical over at least "
+                    "p's categories, a Binomial with at least p's total_count or a Poisson for a bounded count")
         raise OptionError(head + (
             "q's draws are almost surely values p cannot produce, each weighed 0, so the loss and gradient "
-            "would be 0. Give a discrete proposal over p's values (it may be wider than p): a Bernoulli or a "
-            "Categorical over the same values for a Bernoulli, a Categorical over at least p's categories, "
-            "a Poisson or a Binomial for a count"))
+            f"would be 0. Give a discrete proposal whose support contains p's (it may be wider than p): {give}"))
     raise OptionError(head + (
         "q puts its mass on points that p's density gives probability 0, so it misses almost all of p's "
         "values and the weights p/q (a density over a probability) give a biased estimate. Give a "
