@@ -312,29 +312,64 @@ def test_go_on_bernoulli_bits_with_infinite_logits(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-def test_go_on_bernoulli_probs_exactly_0_and_1_is_exact(dtype):
-    """Bernoulli(probs=θ), θ = [1, 0.3, 0, 0.8]: the derivatives at the boundary are one-sided,
-    ∂E/∂θ_k = E[f | x_k = 1] − E[f | x_k = 0] (E[f] is multilinear in θ). At θ_k = 0 the bit keeps its
-    neighbour 1 (documented). At θ_k = 1 the value 1 was last in the order (0, 1), so it had no term, and 0 is
-    never drawn: go gave exactly 0 (Bernoulli(probs=1), f = (x − 3)²: 0, exact −5). Now such a bit is ordered
-    (1, 0): every derivative unbiased against exact enumeration."""
+def test_go_on_bernoulli_probs_exactly_0_and_1_never_sees_the_impossible_value(dtype):
+    """Bernoulli(probs=θ), θ = [1, 0.3, 0, 0.8], a cost that is +inf at the impossible values (x₀ = 0, x₂ = 1).
+    The bit at θ = 0 kept its neighbour 1 and the bit at θ = 1 was ordered (1, 0), its neighbour 0: the cost saw
+    both impossible values (NonFiniteCostError with this cost). As for a Categorical's probs 0, the one-sided
+    derivatives on the boundary (which need the cost there) are not estimated: exactly 0; the free bits are
+    unbiased against exact enumeration."""
     torch.manual_seed(10)
     theta = torch.tensor([1.0, 0.3, 0.0, 0.8], dtype=dtype)
     w = torch.tensor([1.0, 2.0, -1.5, 0.5], dtype=dtype)
+    inf = torch.tensor(math.inf, dtype=dtype)
     est = storch.estimator("go", plate="z")
 
-    def f(z):  # not additive over the bits
-        return ((z * w).sum(-1) - 0.7) ** 2
+    def f(z):  # not additive over the bits; +inf at the values of probability 0
+        bad = (z[..., 0] < 0.5) | (z[..., 2] > 0.5)
+        return torch.where(bad, inf, ((z * w).sum(-1) - 0.7) ** 2)
 
     got, seen = _go_estimates(theta, lambda x: est(Bernoulli(probs=x)), f)
     assert torch.isfinite(got).all()
+    assert (seen[..., 0] == 1).all() and (seen[..., 2] == 0).all(), "the cost saw a value of probability 0"
+    assert (got[:, 0] == 0).all() and (got[:, 2] == 0).all()
     x0 = theta.to(torch.float64).clone().requires_grad_(True)
-    exact = 0.0
-    for bits in range(16):
-        z = torch.tensor([(bits >> i) & 1 for i in range(4)], dtype=torch.float64)
-        exact = exact + torch.prod(torch.where(z > 0.5, x0, 1 - x0)) * f(z.to(dtype)).to(torch.float64)
+    w64 = w.to(torch.float64)
+    exact = sum((x0[1] if a else 1 - x0[1]) * (x0[3] if b else 1 - x0[3])
+                * ((torch.tensor([1.0, a, 0.0, b], dtype=torch.float64) * w64).sum() - 0.7) ** 2
+                for a in (0, 1) for b in (0, 1))
     (want,) = torch.autograd.grad(exact, x0)
-    assert_unbiased(got.to(torch.float64), want, f"go Bernoulli probs on the boundary {dtype}")
+    assert_unbiased(got[:, [1, 3]].to(torch.float64), want[[1, 3]], f"go Bernoulli probs on the boundary {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_go_on_bernoulli_with_a_mask_multiplied_into_probs(dtype):
+    """probs = σ(θ) · mask (action masking), a different mask per row, a cost that is +inf where a masked bit
+    is 1: the masked bits had their neighbour 1 and the cost saw it (NonFiniteCostError). Now never, and the
+    gradient (θ is shared by the rows; ∇p = 0 at the masked entries) is unbiased against exact enumeration."""
+    torch.manual_seed(11)
+    theta = torch.tensor([0.2, -0.5, 0.4], dtype=dtype)
+    mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]], dtype=dtype)
+    w = torch.tensor([1.0, 2.0, -1.0], dtype=dtype)
+    inf = torch.tensor(math.inf, dtype=dtype)
+    est = storch.estimator("go", plate="z")
+
+    def f(z):  # (..., 2 rows, 3 bits) -> (...)
+        bad = ((z * (1 - mask)).sum(-1) > 0).any(-1)
+        return torch.where(bad, inf, (((z * w).sum(-1) - 0.3) ** 2).sum(-1))
+
+    got, seen = _go_estimates(theta, lambda x: est(Bernoulli(probs=torch.sigmoid(x) * mask)), f)
+    assert torch.isfinite(got).all()
+    assert ((seen * (1 - mask)) == 0).all(), "the cost saw a value of probability 0"
+    x0 = theta.to(torch.float64).clone().requires_grad_(True)
+    m64, w64 = mask.to(torch.float64), w.to(torch.float64)
+    exact = 0.0
+    for r in range(2):
+        p = torch.sigmoid(x0) * m64[r]
+        for bits in range(8):
+            z = torch.tensor([(bits >> i) & 1 for i in range(3)], dtype=torch.float64)
+            exact = exact + torch.prod(torch.where(z > 0.5, p, 1 - p)) * ((z * w64).sum() - 0.3) ** 2
+    (want,) = torch.autograd.grad(exact, x0)
+    assert_unbiased(got.to(torch.float64), want, f"go Bernoulli probs * mask {dtype}")
 
 
 # -- a Poisson whose rate is exactly 0 (a zero-inflated Poisson) ----------------------------------------

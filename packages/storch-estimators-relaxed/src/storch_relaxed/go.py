@@ -33,7 +33,7 @@ class GoState:
         order: Categorical only: the order of the categories per row, shape ``(*batch, K)``
             (``_category_order``); None for the other distributions.
         raised: 1[x has a neighbour] (a next possible value), shape of ``index``.
-        descending: Bernoulli or Binomial given by ``probs`` only: the entries ordered (n, ..., 0), those
+        descending: Binomial given by ``probs`` only: the entries ordered (n, ..., 0), those
             whose probs are exactly 1 (see ``Go``), shape ``(*batch)``; None for the other distributions.
     """
 
@@ -69,14 +69,12 @@ class Go(Estimator):
     Note (paper vs. math): appendix D.2.6 prints the first factor as "( (P) - 1)"; the GO
     gradient needs ∇P_j exactly, i.e. (P - ⊥P), which is what we use (tested against enumeration).
 
-    A Bernoulli bit with logit −∞ (``logits + mask``) is 0 surely and has no neighbour: its term's
-    coefficient ∇P(0) = −σ'(−∞) ∇logit is exactly 0, so the impossible value 1 is never handed to the
-    cost (nor is any value to a bit at +∞, which is 1 surely). A bit given by ``probs`` exactly 0 keeps
-    its neighbour 1: with probs a parameter on its boundary the (one-sided) derivative
-    (f(1) − f(0)) ∇p needs f(1); mask with −∞ logits where the cost is undefined at the masked value.
-    A bit given by ``probs`` exactly 1 is ordered (1, 0) instead (any order gives the GO identity):
-    its value 1 gets the neighbour 0 and the term (f(1) − f(0)) ∇p / p(1), the exact one-sided
-    derivative. In the order (0, 1), 1 was last (no term) and 0 never drawn, so the gradient was 0.
+    A Bernoulli bit that is 0 surely (probs exactly 0: ``probs * mask``, a logit of −∞, or one whose
+    sigmoid underflows) has no neighbour, and one that is 1 surely is at its last value: the impossible
+    value is never handed to the cost (as for a Categorical's impossible categories). In the logits the
+    derivative there is exactly 0 (∇P(0) = −σ'(logit) ∇logit, σ' = p (1 − p) = 0); with probs a
+    parameter on its boundary, the one-sided derivative (f(1) − f(0)) ∇p, which needs the cost at the
+    impossible value, is not estimated (0).
     A Binomial(n, p) is treated alike: its last value x = n has no neighbour (∇P(n) = 0); at a logit
     of −∞ (x = 0 surely) no neighbour is evaluated, and at +∞ x = n is last; at probs exactly 0 the
     neighbour 1 gives n (f(1) − f(0)) ∇p; an entry with probs exactly 1 is ordered (n, ..., 0), the
@@ -150,7 +148,15 @@ class Go(Estimator):
         elif isinstance(d, (Bernoulli, Binomial)):  # support {0, ..., top}: top = 1, or total_count
             top = _top(d)
             up, raised = index + 1, index < top  # x = top is the largest value: its term is 0 since ∇P(top) = 0
-            if given_by_probs(d):
+            if isinstance(d, Bernoulli):
+                # a bit that is 0 surely (probs 0: a mask multiplied in, a logit of −∞, or one whose sigmoid
+                # underflows) has no neighbour: the value 1 is impossible and never handed to the cost. Its
+                # coefficient ∇P(0) = −σ'(logit) ∇logit is 0 in the logits; in probs the one-sided derivative
+                # (f(1) − f(0)) ∇p on the boundary is not estimated (as for a Categorical's probs 0). A bit that is
+                # 1 surely is at the last value (no neighbour) in the order (0, 1): it is not reordered, since its
+                # neighbour 0 would be impossible too (torch.where / comparisons: no branch on values)
+                raised = raised & (d.probs.detach() > 0)
+            elif given_by_probs(d):
                 # probs exactly 1: x = top surely, so in the order (0, ..., top) no term reaches the one-sided
                 # derivative top (f(top) − f(top − 1)) ∇p; in the order (top, ..., 0) the neighbour of x is x − 1.
                 # (torch.where, not a branch on values: the same program under storch.compile)
