@@ -129,8 +129,8 @@ def test_go_neighbours_of_a_binomial_stop_at_total_count():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_go_binomial_probs_exactly_0_and_1_is_exact(dtype):
     """Binomial(total_count [3, 5], probs=θ) at θ = (1, 0) and (0, 1). At p = 1 every draw is x = n, the last
-    value in the order (0, ..., n), which has no term: that order gave exactly 0 (the Bernoulli case,
-    ``test_go_on_bernoulli_probs_exactly_0_and_1_is_exact``). Such an entry is ordered (n, ..., 0): the neighbour
+    value in the order (0, ..., n), which has no term: that order gave exactly 0. (A Bernoulli at probs 0 or 1 is
+    not differentiated instead, so that the cost never sees its impossible value: docs/estimators/go.md.) Such an entry is ordered (n, ..., 0): the neighbour
     of n is n − 1, and the term n (f(n) − f(n − 1)) ∇p is the exact one-sided derivative. At p = 0 the draw is 0
     and its neighbour 1 gives n (f(1) − f(0)) ∇p."""
     torch.manual_seed(72)

@@ -51,8 +51,9 @@ class Mvd(Estimator):
     inside ``Independent``). A parameter that requires grad but has no weak derivative here (a
     Gamma's concentration, a Binomial's total_count) is refused, with what to use instead; so is a
     Geometric with probs 0 (no finite sample; an ``assume`` under ``storch.compile``). Any cost;
-    no differentiability in x. A Categorical's impossible categories (−∞ logits, probs 0) have c = 0
-    and are never handed to the cost (``decompositions/categorical.py``).
+    no differentiability in x. A Categorical's impossible categories (−∞ logits, probs 0) and a
+    Bernoulli's impossible values (probs exactly 0 or 1, logits ±∞) have c = 0 and are never handed to
+    the cost (``decompositions/categorical.py``, ``decompositions/bernoulli.py``).
 
     max_order: 1 — the gradient function is linear in θ with a detached coefficient, so its
     second derivative is 0, and ∇l ∇l^T f has no weak-derivative meaning (appendix D.4).
