@@ -716,3 +716,35 @@ def test_many_costs_of_one_node_by_hand():
     torch.testing.assert_close(loss, hand.detach())
     torch.testing.assert_close(g, gh)
     torch.testing.assert_close(h, hh)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_many_costs_of_low_precision_are_summed_in_the_magic_box_dtype(dtype, monkeypatch):
+    """bf16 / fp16 costs of one node (a reward head under autocast) are promoted to MagicBox(l)'s dtype before the
+    common path sums them, as the general path's MagicBox(l) · C_i promotes each: summed in bf16, 300 + 0.5 z is 300
+    and the small cost's score term was lost (review r-ten: its gradient 0.0 for an exact 0.0625). Same gradient as
+    the general path."""
+    from storch.surrogate import loss as surrogate_module
+
+    theta = torch.zeros(2, 3, requires_grad=True)
+    est = storch.estimator("score", plate="z", n_samples=4)
+
+    def grad(seed: int, small: bool = True):
+        torch.manual_seed(seed)
+        with storch.Graph():
+            z = est(Bernoulli(logits=storch.denote_independent(theta, 0, "data")))
+            storch.add_cost((300.0 + 0.0 * z.sum(-1)).to(dtype), name="big")
+            if small:
+                storch.add_cost((0.5 * z[..., 0]).to(dtype), name="small")
+            loss, seen = calls(storch.surrogate_loss)
+            assert isinstance(loss, torch.Tensor)
+            return torch.autograd.grad(loss, theta)[0], seen
+
+    grad(0)  # settles the estimator's checks
+    fast = [grad(s) for s in range(1, 9)]
+    assert all("_many_costs_loss" in seen for _, seen in fast)
+    small_share = torch.stack([g - grad(s, small=False)[0] for s, (g, _) in zip(range(1, 9), fast)])
+    assert small_share.abs().sum() > 0  # the small cost's term is there
+    monkeypatch.setattr(surrogate_module, "_one_node_loss", lambda graph: None)
+    for s, (g, _) in zip(range(1, 9), fast):
+        torch.testing.assert_close(g, grad(s)[0], rtol=1e-5, atol=1e-6)

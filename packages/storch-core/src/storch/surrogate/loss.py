@@ -385,12 +385,18 @@ def _many_costs_loss(node: Node, terms: list) -> torch.Tensor:
         return loss if loss.dim() == 0 else loss.reshape(())  # type: ignore[union-attr]
     sums: dict = {}  # (plates, dtype) -> [the sum of its costs, their first name]
     loss = None
+    box_dtype = node.gradient_values.dtype
     for name, raw, plates in terms:
         if plates is None:
             s = raw.mean() if raw.dim() else raw
             loss = s if loss is None else loss + s
             continue
-        key = (plates, raw.dtype)
+        # summed in the dtype the general path's MagicBox(l) · C computes in (a bf16 / fp16 cost is promoted
+        # before it is added: summed in bf16, 300 + 0.5 is 300, and a small cost's term was lost; review r-ten)
+        dtype = torch.promote_types(raw.dtype, box_dtype)
+        if raw.dtype != dtype:
+            raw = raw.to(dtype)
+        key = (plates, dtype)
         group = sums.get(key)
         if group is None:
             sums[key] = [raw, name]
