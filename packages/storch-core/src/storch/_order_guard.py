@@ -59,7 +59,7 @@ import torch.autograd.forward_ad as _fwAD
 
 from .errors import OrderError
 
-__all__ = ["estimator_create_graph", "refuse_create_graph", "differentiating_transforms", "is_differentiated",
+__all__ = ["estimator_create_graph", "estimator_own_pass", "in_estimator_own_pass", "refuse_create_graph", "differentiating_transforms", "is_differentiated",
            "has_tangent", "forward_level_open", "outer_requires_grad", "FORWARD_OVER_REVERSE",
            "FUNCTORCH_OVER_OUTER", "unbatched", "CountedRefusal", "keep_counted_view"]
 
@@ -82,6 +82,30 @@ def estimator_create_graph() -> Iterator[None]:
         yield
     finally:
         _OWN[0] -= 1
+
+
+# (a depth, as _OWN: a CUDA backward runs the tensor hooks that read it in the autograd engine's threads)
+_OWN_PASS = [0]
+
+
+@contextlib.contextmanager
+def estimator_own_pass() -> Iterator[None]:
+    """The autograd passes in this block differentiate an estimator's own objective, not the loss: the gradient
+    of Σ ĝ² in the control variate's parameters φ (RELAX, REBAR, LAX's variance-minimising update). A user's
+    gradient hook on a plate tensor (``register_hook``) is not run in them: it changes the loss's gradient, and
+    what flows through the hooked tensor here is ∂(Σ ĝ²)/∂(tensor). (It runs in the loss's backward pass, and
+    in the update's ``torch.autograd.grad(loss, ..., create_graph=True)`` that computes ĝ, so that the control
+    variate is trained on the variance of the gradient the parameters get.)"""
+    _OWN_PASS[0] += 1
+    try:
+        yield
+    finally:
+        _OWN_PASS[0] -= 1
+
+
+def in_estimator_own_pass() -> bool:
+    """Whether an :func:`estimator_own_pass` block is open."""
+    return _OWN_PASS[0] > 0
 
 
 def forward_level_open() -> bool:

@@ -93,6 +93,9 @@ Differentiating the loss in an update:
     gradient, as RELAX, LAX and REBAR do), which the order-1 surrogate would otherwise refuse where an
     order-1 node (ARM, GO, ...) is in the loss: a backward pass with ``create_graph=True`` through such a
     node is how a user's second derivative of ``storch.surrogate_loss()`` starts.
+    :func:`estimator_own_pass` (``with estimator_own_pass():``) marks an update's autograd pass that
+    differentiates its own objective, not the loss (the gradient of Σ ĝ² in the control variate's
+    parameters): a user's gradient hook on a plate tensor (``register_hook``) is not run there.
     :func:`refuse_create_graph` marks a tensor of an estimator's term that the order-1 surrogate must not
     be differentiated twice through (a pathwise term whose output has a kink on the path from the sample,
     which :func:`require_smooth` returns at order 1): such a pass raises ``storch.OrderError``.
@@ -157,7 +160,7 @@ from .estimators.checks import check_precision, note_rsample
 from .generators import drawing_with
 from .graph import current_graph, is_tracing
 from .plates.tensor import align, plates_of, raw_of
-from ._order_guard import estimator_create_graph, is_differentiated, unbatched
+from ._order_guard import estimator_create_graph, estimator_own_pass, is_differentiated, unbatched
 from ._own_optimizer import hide_frozen_grads, load_own_optimizer, own_optimizer, own_optimizer_state
 from ._own_optimizer import state_dtype as _step_dtype
 from ._state_record import check_state_record, state_record
@@ -174,6 +177,7 @@ __all__ = [
     "match_optimizer_state", "optimizer_step", "all_finite", "skip_nonfinite_update", "warn_untrained_part",
     "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild", "parameters",
     "rekey_transform_cache", "require_smooth", "nonsmooth_operations", "moving_support", "same_support", "estimator_create_graph",
+    "estimator_own_pass",
     "refuse_create_graph", "is_differentiated", "table_cache", "own_optimizer", "hide_frozen_grads", "own_optimizer_state",
     "load_own_optimizer", "refuse_lazy_build", "rsample_kinks", "rsample_walked", "rsample_params", "grad_parameters", "note_rsample",
     "check_precision", "unbatched",

@@ -90,6 +90,11 @@ class RelaxedCost(VarianceTrained):
             return super().weighting_function(node)
         return blocks_weights(node, self.n_samples, 3)
 
+    def evaluation_from(self, node: Node) -> Optional[int]:
+        # the relaxed blocks σ_λ(z), σ_λ(z̃) are the control variate's evaluation points: a user's gradient hook
+        # leaves their gradient alone (its pathwise part must stay the derivative of c's value, read from them)
+        return self.n_samples if self.relaxed_cost else None
+
     score_function = True  # l = log p(b), padded to the blocks
 
     def gradient_function(self, node: Node) -> torch.Tensor:

@@ -11,9 +11,9 @@ import torch
 
 import storch.distributed
 from storch import Estimator, Node, OptionError, StorchError
-from storch.extending import (all_finite, check_state_record, estimator_create_graph, hide_frozen_grads,
-                               load_own_optimizer, optimizer_step, options, own_optimizer, own_optimizer_state,
-                               skip_nonfinite_update, state_record)
+from storch.extending import (all_finite, check_state_record, estimator_create_graph, estimator_own_pass,
+                               hide_frozen_grads, load_own_optimizer, optimizer_step, options, own_optimizer,
+                               own_optimizer_state, skip_nonfinite_update, state_record)
 
 from ._network import ControlVariateNet
 
@@ -149,7 +149,8 @@ class VarianceTrained(Estimator):
         var = sum((g ** 2).sum() for g in grads if g is not None)
         if not isinstance(var, torch.Tensor) or not var.requires_grad:
             return ()
-        dphi = torch.autograd.grad(var, params, retain_graph=True, allow_unused=True)
+        with estimator_own_pass():  # (∂/∂φ Σ ĝ², not the loss's gradient: a user's register_hook is not run)
+            dphi = torch.autograd.grad(var, params, retain_graph=True, allow_unused=True)
         dphi = tuple(torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, dphi))
         return VarianceGradient(dphi, all_finite([var.detach(), *dphi]))
 

@@ -388,6 +388,8 @@ class Estimator(torch.nn.Module):
         if not self.uniform_weights:  # uniform ones (1/N) are built only if read (Node.weight_values)
             node.weight_values = _checked_lead(self, "weighting_function", self.weighting_function(node), plates, 0,
                                               raw, sample)
+        if type(self).evaluation_from is not Estimator.evaluation_from:
+            plate.lineage.evaluation_from = self.evaluation_from(node)  # (read by a user's register_hook)
         if (self.score_function is None and not _is_score_function(type(self))
                 and (type(raw) not in KINK_FREE or not support_is_fixed(type(raw)))):
             _detect_log_p_gradient(self, node, raw)
@@ -893,6 +895,16 @@ class Estimator(torch.nn.Module):
         still weighs uniformly for some options may override this property too.
         """
         return type(self).weighting_function is Estimator.weighting_function
+
+    def evaluation_from(self, node: Node) -> Optional[int]:
+        """The index of the first entry of the node's plate that is the estimator's own evaluation point
+        rather than a sample it hands out for the estimate (REBAR's and RELAX's relaxed inputs σ_λ(z), σ_λ(z̃)
+        after the n hard samples, read by the control variate); ``None`` (the default): every entry is a
+        sample. Asked once, after ``weighting_function``, at the node's first step. A user's gradient hook
+        (``register_hook`` on a plate tensor) changes only the entries before it: the gradient of the others
+        passes through unchanged, so that the control variate's pathwise part (through them) stays the
+        derivative of its value (read from ``cost.live()``) and the control variate zero-mean."""
+        return None
 
     # -- the four components (paper, section 3.2) --------------------------------------------
 

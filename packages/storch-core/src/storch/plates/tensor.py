@@ -51,10 +51,16 @@ class Lineage:
     threshold of it makes that cost jump), and by a Categorical / OneHotCategorical node whose handed-out
     one-hot value carries gradient (torch's log_prob reads it as indices); dropped when the graph ends.
 
+    ``evaluation_from``: ``None``, or the index of the plate's first entry that is the estimator's own evaluation
+    point rather than a sample it hands out (REBAR's and RELAX's relaxed inputs σ_λ(z), σ_λ(z̃) after the n hard
+    samples: :meth:`storch.Estimator.evaluation_from`): a user's gradient hook (``register_hook`` on a plate
+    tensor) changes only the entries before it, the others' gradient passes through as autograd computed it.
+    Set by the node at its first step.
+
     Compared and hashed by identity.
     """
 
-    __slots__ = ("parents", "index_plates", "_cache", "closed", "watch", "__weakref__")
+    __slots__ = ("parents", "index_plates", "_cache", "closed", "watch", "evaluation_from", "__weakref__")
 
     def __init__(self) -> None:
         self.parents: dict[int, torch.Tensor] = {}
@@ -62,6 +68,7 @@ class Lineage:
         self._cache: dict = {}
         self.closed: Optional[str] = None  # why its graph ended; None while the graph is live
         self.watch: Optional[Callable[[Any, torch.Tensor, Optional[tuple], Any], None]] = None
+        self.evaluation_from: Optional[int] = None
 
     def set_parents(self, step: int, index: torch.Tensor, plates: tuple = ()) -> None:
         """Record that entry ``i`` at ``step`` descends from entry ``index[i]`` at ``step - 1``.

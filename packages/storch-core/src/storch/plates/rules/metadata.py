@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from ..._order_guard import in_estimator_own_pass
 from ...errors import PlateError
 from ..kit import _from_torch, _operands, dispatch, register, too_many_samples, wrap_same
 from .pointwise import broadcast
@@ -82,7 +83,7 @@ def _raw_property(func, args, kwargs):
 
 @register(_T.register_hook)
 def _register_hook(func, args, kwargs):
-    """a hook on the raw tensor; it receives the gradient as a plate tensor (per-sample shape, the tensor's plates) and may return a replacement, as torch's hooks do; refused on a raw tensor with a size-1 (broadcast) plate dim, whose gradient is the sum over the plate's entries"""
+    """a hook on the raw tensor; it receives the gradient as a plate tensor (per-sample shape, the tensor's plates) and may return a replacement, as torch's hooks do (of the entries a node hands out as samples: an estimator's own evaluation entries, REBAR's and RELAX's relaxed inputs, keep their gradient); refused on a raw tensor with a size-1 (broadcast) plate dim, whose gradient is the sum over the plate's entries"""
     x, hook = args[0], (args[1] if len(args) > 1 else kwargs["hook"])
     plates = x._plates
     for p, size in zip(plates, x._raw.shape):
@@ -112,6 +113,22 @@ class _PlateHook:
         self.plates = plates
 
     def __call__(self, grad: torch.Tensor):
+        if in_estimator_own_pass():
+            return None  # ∂(Σ ĝ²)/∂(tensor) in a variance-minimising update: not the loss's gradient
+        out = self._replacement(grad)
+        if out is None or not isinstance(out, _T):
+            return out
+        for d, p in enumerate(self.plates):
+            # an estimator's own evaluation entries (REBAR's and RELAX's relaxed inputs: Lineage.evaluation_from):
+            # their gradient passes through unchanged. The control variate reads its value there (cost.live()) and
+            # its pathwise part through them: a hook that changed the one and not the other would bias it.
+            start = p.lineage.evaluation_from if p.lineage is not None else None
+            if start is not None and start < p.size:
+                mask = torch.arange(p.size, device=grad.device) < start
+                out = torch.where(mask.reshape((-1,) + (1,) * (grad.dim() - d - 1)), out, grad)
+        return out
+
+    def _replacement(self, grad: torch.Tensor):
         plates = self.plates
         out = self.hook(_new(grad, plates))
         if out is None:
