@@ -92,6 +92,32 @@ def test_full_backward_hook_is_refused_with_advice_and_no_grad_passes_work():
         assert lin(_data(w)).shape == (2,)
 
 
+@pytest.mark.parametrize("pre,full,words", [
+    (True, False, "a module with a full backward pre-hook (register_full_backward_pre_hook,"),
+    (True, True, "a module with a full backward hook and a full backward pre-hook (register_full_backward_hook and "
+                 "register_full_backward_pre_hook,"),
+    (False, True, "a module with a full backward hook (register_full_backward_hook,"),
+])
+def test_the_full_backward_hook_refusal_names_the_registration_used(pre, full, words):
+    """The refusal named register_full_backward_hook also for a module with only a backward pre-hook (found by
+    porting)."""
+    lin = torch.nn.Linear(3, 2)
+    handles = []
+    if pre:
+        handles.append(lin.register_full_backward_pre_hook(lambda module, grad_out: None))
+    if full:
+        handles.append(lin.register_full_backward_hook(lambda module, grad_in, grad_out: None))
+    w = torch.randn(4, 3, requires_grad=True)
+    try:
+        with storch.Graph():
+            with pytest.raises(storch.PlateError) as info:
+                lin(_data(w))
+    finally:
+        for h in handles:
+            h.remove()
+    assert str(info.value).startswith(words)
+
+
 def test_an_estimator_that_reads_values_under_vmap_says_so():
     """torch.func.vmap over an ensemble of storch models: an estimator that decides its computation from
     values (expect asks whether every value is possible) failed with torch's generic "vmap: ... .item() ...

@@ -383,7 +383,7 @@ def _check_custom_function(func, args, kwargs) -> None:
             "function). Under torch.no_grad(), where nothing is recomputed, call the function without checkpoint")
     if which == "hook":
         raise PlateError(
-            "a module with a full backward hook (register_full_backward_hook, or a library that registers one) "
+            f"a module with {_backward_hooks_used()} "
             "was called on plate tensors (storch's samples, data from storch.denote_independent, or values "
             "computed from them) that need grad, or returned them. torch wraps such a module's inputs and outputs "
             f"in a custom torch.autograd.Function (BackwardHookFunction): {lost}. Use a forward hook "
@@ -397,6 +397,26 @@ def _check_custom_function(func, args, kwargs) -> None:
         "module's full backward hook use a forward hook or tensor.register_hook. Under torch.no_grad(), where "
         "nothing is lost, call the function directly (what its forward computes, without MyFn.apply): inside the "
         "forward, torch.no_grad() outside cannot be told from the autograd that the Function turns off")
+
+
+def _backward_hooks_used() -> str:
+    """Which of torch's full backward hooks the module being called has (the ``full_backward_hooks`` and
+    ``backward_pre_hooks`` of ``Module._call_impl``'s frame, or of the ``inner`` it defines: the module's own
+    and torch's global ones), in the words of the message (error path only: a walk up the stack)."""
+    where = getattr(sys.modules.get("torch.nn.modules.module"), "__file__", None)
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_code.co_filename == where and "backward_pre_hooks" in frame.f_locals):
+        frame = frame.f_back
+    full = pre = False
+    if frame is not None:
+        full = bool(frame.f_locals.get("full_backward_hooks"))
+        pre = bool(frame.f_locals.get("backward_pre_hooks"))
+    if pre and not full:
+        return "a full backward pre-hook (register_full_backward_pre_hook, or a library that registers one)"
+    if pre:
+        return ("a full backward hook and a full backward pre-hook (register_full_backward_hook and "
+                "register_full_backward_pre_hook, or a library that registers them)")
+    return "a full backward hook (register_full_backward_hook, or a library that registers one)"
 
 
 def _code_of(module: str, owner: str, attr: str = "forward"):
