@@ -292,6 +292,8 @@ class Graph:
                             "(e.g. `.float()`)")
         if not self.owns(plates):
             self.check_plates(plates, f"cost {label!r}")
+        if credit is True and plates:
+            self._check_node_plates(label, plates)
         if not raw.requires_grad and credit is True and torch.is_grad_enabled():  # (one attribute read if it does)
             self._warn_constant(raw, plates, label)
         if credit is not True:
@@ -299,6 +301,56 @@ class Graph:
                 raise CostError(f"cost {label!r}: credit must be True or False, got {credit!r}")
             self.no_credit.add(id(cost))
         self.costs.append((name or f"cost{len(self.costs)}", cost))
+
+    def _check_node_plates(self, label, plates: tuple) -> None:
+        """Refuse a cost that carries a node's sample plate but not every plate of that node's sample: a data
+        plate (or an upstream node's sample plate) reduced by hand (``.tensor.sum(i)`` rewrapped with
+        ``storch.PlateTensor``). The node's score term is per entry of all its plates, and such a cost has no
+        entry per data point (or per upstream sample) to credit: the surrogate failed deep inside with a
+        PlateError naming neither the cost nor the node (a porting test). A partition's node is left to the
+        surrogate (its steps may have other plates)."""
+        get = self.plates.get
+        for p in plates:
+            if p.independent:
+                continue
+            owner = get(p.name)
+            if not isinstance(owner, Node) or owner.step_log is not None:
+                continue
+            for q in owner.parents:
+                if q not in plates:  # (the same Plate objects, as a rule: found by identity) then by name
+                    names = {r.name for r in plates}
+                    missing = [r for r in owner.parents if r.name not in names]
+                    if missing:
+                        raise CostError(self._missing_plates_message(label, plates, owner, missing))
+                    break
+
+    def _missing_plates_message(self, label, plates: tuple, node: Node, missing: list) -> str:
+        """The refusal of :meth:`_check_node_plates` (error path only)."""
+        data = [q.name for q in missing if q.independent]
+        samples = [q.name for q in missing if not q.independent]
+        msg = (f"cost {label!r} has plates {tuple(q.name for q in plates)}: it carries the sample plate "
+               f"{node.plate.name!r} of node {node.plate.name!r} (estimator {node.estimator.name!r}), whose samples "
+               f"have the plates {tuple(q.name for q in node.plates)}, but not ")
+        parts = []
+        if data:
+            parts.append(
+                f"the data plate{'s' if len(data) > 1 else ''} {data}, reduced by hand (a sum or mean over its dim "
+                "of .tensor, wrapped back with storch.PlateTensor). Each data point's sample is credited with its "
+                "own entry's cost, and a cost reduced over the data points has none. Add the per-data-point cost "
+                "instead (before the reduction): storch averages a data plate; for the sum over it, scale the "
+                "per-entry cost by the plate's size (`size * cost`; nested data plates: J * n, see 'Minibatches of "
+                "a larger data set, and nested data plates' in docs/plates.md). A cost that mixes data points "
+                "(contrastive across the batch) is no per-data-point cost: keep the batch as a per-sample dim of "
+                "the node (no data plate), see 'A cost that mixes data points' in docs/plates.md")
+        if samples:
+            owners = [f"{n!r} (of node {n!r})" for n in samples]
+            parts.append(
+                f"the sample plate{'s' if len(samples) > 1 else ''} {', '.join(owners)}, reduced by hand. A reduction "
+                "over a node's samples is not a cost storch can credit: compute the cost from the plate tensors "
+                "themselves, one value per sample; a multi-sample bound such as IWAE's is the cost of ONE sample that "
+                "holds its K draws (est(dist.expand((K, *dist.batch_shape)))), reduced over that dim, or the 'vimco' "
+                "estimator (docs/plates.md)")
+        return msg + "; nor ".join(parts)
 
     def _shape_message(self, label, cost: torch.Tensor, raw: torch.Tensor, plates: tuple) -> str:
         """A cost that is not one number per sample (error path only)."""
