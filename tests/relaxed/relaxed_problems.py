@@ -49,7 +49,7 @@ def cat_model(est, x, kind: str = "categorical") -> None:
         v = (z * CAT_VALUES).sum(-1)
     else:
         z = est(Categorical(logits=x))
-        # relaxations (rebar) hand out one-hot vectors for Categorical; score-type ones an index
+        # relaxations (rebar with categorical="one_hot") hand out one-hot vectors for Categorical; others an index
         v = (z * CAT_VALUES).sum(-1) if z.dim() == 1 else z.to(torch.float64)
     storch.add_cost((v - 1.7) ** 2)
 

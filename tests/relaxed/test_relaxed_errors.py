@@ -51,9 +51,11 @@ def test_arm_on_categorical_names_supporting_estimators():
     msg = str(info.value)
     print(msg)
     assert "'arm' does not support Categorical" in msg and "Bernoulli" in msg
-    for other in ("expect", "go", "gumbel_softmax", "rebar", "relax"):
+    for other in ("expect", "go", "score"):
         assert other in msg.split("support it:")[1]
-    assert "disarm" not in msg.split("support it:")[1]
+    # disarm: Bernoulli only; the relaxations take a Categorical only with categorical="one_hot"
+    for other in ("disarm", "gumbel_softmax", "gumbel_straight_through", "rebar", "relax"):
+        assert other not in msg.split("support it:")[1]
 
 
 @pytest.mark.parametrize("name,dist,needs", [
@@ -199,8 +201,8 @@ def test_plate_layouts_and_values():
     with storch.Graph():
         b = storch.estimator("arm", plate="a", n_samples=2)(Independent(Bernoulli(logits=torch.zeros(4)), 1))
         assert b.plates[0].size == 4 and b.shape == (4,)
-        r = storch.estimator("rebar", plate="r", n_samples=2)(Categorical(logits=torch.zeros(3, 5)))
-        assert r.plates[0].size == 6 and r.shape == (3, 5)  # one-hot for Categorical (see rebar docs)
+        r = storch.estimator("rebar", plate="r", n_samples=2, categorical="one_hot")(Categorical(logits=torch.zeros(3, 5)))
+        assert r.plates[0].size == 6 and r.shape == (3, 5)  # one-hot for a Categorical taken as one (see rebar docs)
         raw = r.tensor
         assert set(raw[:2].unique().tolist()) <= {0.0, 1.0} and ((raw[2:] > 0) & (raw[2:] < 1)).all()
         g = storch.estimator("go", plate="g")(Bernoulli(probs=torch.tensor([0.3, 0.9])))
@@ -209,7 +211,7 @@ def test_plate_layouts_and_values():
         assert set(nb.unique().tolist()) <= {0.0, 1.0}  # neighbours of 1 stay at 1 (term is zero)
         x = storch.estimator("relax", plate="x", control_variate="network")(Categorical(logits=torch.zeros(2, 5)))
         assert x.tensor.dtype == torch.long and x.shape == (2,)  # network-only relax keeps the index
-        y = storch.estimator("relax", plate="y")(Categorical(logits=torch.zeros(2, 5)))
+        y = storch.estimator("relax", plate="y", categorical="one_hot")(Categorical(logits=torch.zeros(2, 5)))
         assert y.plates[0].size == 3 and y.shape == (2, 5)  # with REBAR's term: b, σ_λ(z), σ_λ(z̃), one-hot
 
 
@@ -283,7 +285,7 @@ def test_masked_categorical_in_float16_trains(name):
     (3 log eps = -20.8: exp(20.8) > 65504): z̃ = -inf, NaN in ∂/∂φ Σ ĝ², and the update wrote NaN into φ
     (now it would be skipped: but it is finite, and trains)."""
     torch.manual_seed(0)
-    est = storch.estimator(name, plate="z", n_samples=2)
+    est = storch.estimator(name, plate="z", n_samples=2, categorical="one_hot")
     theta = torch.tensor([0.3, -0.5, 1.0, 0.2, -1.0], dtype=torch.float16, requires_grad=True)
     mask = torch.tensor([0.0, -math.inf, 0.0, -math.inf, 0.0], dtype=torch.float16)
     start = [p.detach().clone() for p in est.parameters()]
@@ -319,7 +321,7 @@ def test_go_gradient_is_finite_at_saturated_logits():
 @pytest.mark.parametrize("name", ["gumbel_softmax", "gumbel_straight_through", "rebar", "relax"])
 @pytest.mark.parametrize("lookup", ["embedding", "index", "index_select", "gather", "take_along_dim"])
 def test_a_categorical_sample_used_as_an_index_says_it_is_one_hot(name, lookup):
-    """The relaxed estimators hand out one-hot vectors for a Categorical node (documented); using one as
+    """The relaxed estimators hand out one-hot vectors for a Categorical node they take (categorical="one_hot"); using one as
     an index raised torch's bare "indices must be long" (re-wrapped): the message now says why and what
     to write instead (index_select and gather gave only torch's dtype error)."""
     torch.manual_seed(0)
@@ -329,7 +331,8 @@ def test_a_categorical_sample_used_as_an_index_says_it_is_one_hot(name, lookup):
                "gather": lambda z: emb.weight.gather(0, z[:, None].expand(5, 3)),
                "take_along_dim": lambda z: torch.take_along_dim(emb.weight, z[:, None], 0)}
     with storch.Graph():
-        z = storch.estimator(name, plate="z", n_samples=2)(Categorical(logits=torch.zeros(5, requires_grad=True)))
+        est = storch.estimator(name, plate="z", n_samples=2, categorical="one_hot")
+        z = est(Categorical(logits=torch.zeros(5, requires_grad=True)))
         with pytest.raises(storch.PlateError, match=r"hand out one-hot vectors.*z @ emb.weight instead of emb\(z\)"):
             lookups[lookup](z)
         assert (z @ emb.weight).shape == (3,)  # the lookup written for one-hot inputs
@@ -864,8 +867,9 @@ def test_torch_log_prob_of_a_relaxed_category_is_refused(name, kind):
     hands out a one-hot value with gradient, and the refusal says what to write."""
     theta = TOY_THETA.clone().requires_grad_(True)
     dist = OneHotCategorical(logits=theta) if kind == "onehot" else Categorical(logits=theta)
+    opt_in = {"categorical": "one_hot"} if kind == "categorical" else {}  # a Categorical taken as one-hot vectors
     with storch.Graph():
-        z = storch.estimator(name, plate="z")(dist)
+        z = storch.estimator(name, plate="z", **opt_in)(dist)
         storch.add_cost(_torch_log_ratio(kind)(theta, z).sum() + (z * _ATT_V).sum() ** 2, name="elbo")
         cause = r"OneHotCategorical\.log_prob applied max" if kind == "onehot" else r"Categorical\.log_prob applied long"
         with pytest.raises(storch.OrderError, match=rf"'{name}' on plate 'z': the cost 'elbo' .*{cause}.*"

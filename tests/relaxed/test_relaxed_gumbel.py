@@ -72,10 +72,11 @@ def test_straight_through_forward_values_are_one_hot():
     p, mean = torch.sigmoid(TOY_THETA), raw.mean(0)
     assert ((mean - p).abs() < 4 * (p * (1 - p) / N).sqrt()).all()  # exact Bernoulli samples
     for d in (Categorical(logits=torch.randn(4, 5)), OneHotCategorical(logits=torch.randn(4, 5))):
-        est = storch.estimator("gumbel_straight_through", plate="z", n_samples=50, temperature=2.0)
+        est = storch.estimator("gumbel_straight_through", plate="z", n_samples=50, temperature=2.0,
+                               categorical="one_hot")
         with storch.Graph():
             z = est(d)
-            assert z.shape == (4, 5)  # Categorical nodes hand out one-hot vectors too
+            assert z.shape == (4, 5)  # Categorical nodes taken with categorical="one_hot" hand out one-hot vectors
             raw = z.tensor
         assert set(raw.unique().tolist()) <= {0.0, 1.0}
         assert (raw.sum(-1) == 1).all()
@@ -93,7 +94,7 @@ def test_straight_through_gradient_flows():
 def test_gumbel_softmax_categorical_is_relaxed_one_hot():
     torch.manual_seed(23)
     for d in (Categorical(logits=torch.randn(4, 5)), OneHotCategorical(logits=torch.randn(4, 5))):
-        est = storch.estimator("gumbel_softmax", plate="z", n_samples=10, temperature=0.5)
+        est = storch.estimator("gumbel_softmax", plate="z", n_samples=10, temperature=0.5, categorical="one_hot")
         with storch.Graph():
             z = est(d)
             assert z.shape == (4, 5)

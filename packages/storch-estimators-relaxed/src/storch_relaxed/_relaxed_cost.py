@@ -18,6 +18,7 @@ from torch.distributions import Bernoulli
 from storch import CostFrame, Node
 from storch.extending import base_distribution, options, require_smooth
 
+from ._categorical import OneHotForCategorical
 from ._blocks import block, blocks_weights, pad_blocks
 from ._network import (
     NETWORK_THROUGH, NETWORK_WHAT, RELAXED_THROUGH, SMOOTH_INSTEAD, cost_what, order_1_kinks, refuse_twice_on_kinks,
@@ -31,11 +32,12 @@ from ._variance_trained import VarianceTrained
 __all__ = ["RelaxedCost"]
 
 
-class RelaxedCost(VarianceTrained):
+class RelaxedCost(OneHotForCategorical, VarianceTrained):
     """Base of ``rebar`` and ``relax``: c(z) = [η f(σ_λ(z))] + [r_ρ(z)], λ, η (and ρ) learned.
 
     Subclasses set ``self.relaxed_cost`` (whether c has the η f(σ_λ(z)) term) and may override
-    :meth:`residual` (r_ρ, none by default).
+    :meth:`residual` (r_ρ, none by default). With the relaxed-cost term a Categorical node hands out
+    one-hot vectors, so it is taken only with ``categorical="one_hot"`` (:mod:`storch_relaxed._categorical`).
     """
 
     relaxed_cost: bool = True

@@ -6,11 +6,12 @@ import warnings
 from typing import Optional
 
 import torch
-from torch.distributions import Bernoulli, Categorical, OneHotCategorical
+from torch.distributions import Bernoulli
 
 from storch import Estimator, Node, OptionError
 from storch.extending import base_distribution
 
+from ._categorical import DEFAULT_DISTRIBUTIONS, OneHotForCategorical
 from ._params import exact_logits
 from ._noise import Temperature, check_temperature, gumbel_noise, logistic_noise
 from ._precision import to_model, to_work
@@ -21,7 +22,7 @@ __all__ = ["GumbelSoftmax"]
 _plain_setattr = object.__setattr__  # an attribute that is no parameter, buffer or submodule
 
 
-class GumbelSoftmax(Estimator):
+class GumbelSoftmax(OneHotForCategorical, Estimator):
     """Gumbel-softmax / Concrete relaxation: a reparameterised relaxed sample (biased).
 
     Components:
@@ -32,12 +33,15 @@ class GumbelSoftmax(Estimator):
         a = 0.
 
     User code receives the relaxed sample: a number in (0, 1) for Bernoulli, a point of the
-    simplex (shape ``(..., K)``) for OneHotCategorical AND for Categorical: integer categories
-    cannot be relaxed, so a Categorical node hands out a relaxed one-hot vector instead of an
-    index (write the cost for one-hot inputs, e.g. ``emb @ z`` instead of ``emb[z]``).
+    simplex (shape ``(..., K)``) for OneHotCategorical (write the cost for one-hot inputs, e.g.
+    ``z @ emb`` instead of ``emb[z]``).
 
-    Requires: Bernoulli, Categorical or OneHotCategorical, and a cost that is defined and
-    differentiable on relaxed inputs.
+    Requires: Bernoulli or OneHotCategorical (a Categorical only with ``categorical="one_hot"``), and
+    a cost that is defined and differentiable on relaxed inputs. A Categorical is refused by default
+    (``storch.UnsupportedDistributionError``): integer categories cannot be relaxed, so its node
+    would hand out a relaxed one-hot vector where every other estimator hands out the index, and a
+    cost written for the index would silently be another one. Pass ``OneHotCategorical`` (the same
+    parameters) instead.
 
     max_order: ∞, but of the RELAXED objective E_z[f(z)] (a reparameterisation of it); it is
     ``biased`` for E_b[f(b)]; the bias vanishes as τ → 0 while the variance grows. As for
@@ -60,6 +64,9 @@ class GumbelSoftmax(Estimator):
             update its state (``has_update``); ``storch.compile`` replays that update
             (``replays_update``: the compiled program reads τ, a 0-dim tensor, at every call), so
             a step with either compiles.
+        categorical: ``"refuse"`` (the default) or ``"one_hot"``: take a Categorical node too, handing out
+            relaxed one-hot vectors of shape ``(..., K)`` for it, not indices (for a model written for
+            one-hot vectors; ``OneHotCategorical`` says the same without the option).
 
     Example:
         >>> torch.manual_seed(0)
@@ -73,15 +80,17 @@ class GumbelSoftmax(Estimator):
 
     name = "gumbel_softmax"
     biased = True
-    distributions = (Bernoulli, Categorical, OneHotCategorical)
+    distributions = DEFAULT_DISTRIBUTIONS  # a Categorical only with categorical="one_hot" (_categorical)
     # the cost is differentiated through the relaxed sample: its derivatives are those of the relaxed objective only
     # where the path from z to the cost is smooth (a kink from order 2, a jump at order 1: refused by the surrogate)
     pathwise = True
     has_update = True  # only to advance an annealing schedule: per instance, see the temperature setter
     replays_update = True  # that update is replayed by storch.compile (update_from; τ in state_tensors)
 
-    def __init__(self, plate: str, n_samples: int = 1, temperature: Temperature = 1.0) -> None:
+    def __init__(self, plate: str, n_samples: int = 1, temperature: Temperature = 1.0,
+                 categorical: str = "refuse") -> None:
         super().__init__(plate, n_samples)
+        self.categorical = categorical
         self._step = 0
         self._tau: Optional[torch.Tensor] = None  # τ at the current step, for a schedule (0-dim float64, CPU)
         self._tau_error: Optional[str] = None  # why the schedule's value at this step is not a temperature
@@ -211,7 +220,8 @@ class GumbelSoftmax(Estimator):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, temperature={self.temperature!r}"
+        extra = f", categorical={self.categorical!r}" if self.categorical != "refuse" else ""
+        return f"{super().extra_repr()}, temperature={self.temperature!r}{extra}"
 
 
 def _loaded(module: GumbelSoftmax, incompatible_keys) -> None:

@@ -26,11 +26,14 @@ class GumbelStraightThrough(GumbelSoftmax):
         a = 0.
 
     The forward value is exactly H(z) (the term z - ⊥z evaluates to 0): 0/1 for Bernoulli, a
-    one-hot vector (shape ``(..., K)``) for OneHotCategorical and for Categorical (whose integer
-    index would carry no gradient, so a Categorical node hands out a one-hot vector).
+    one-hot vector (shape ``(..., K)``) for OneHotCategorical.
 
-    Requires: Bernoulli, Categorical or OneHotCategorical, and a cost differentiable in its
-    (one-hot) input.
+    Requires: Bernoulli or OneHotCategorical (a Categorical only with ``categorical="one_hot"``), and
+    a cost differentiable in its (one-hot) input. A Categorical is refused by default
+    (``storch.UnsupportedDistributionError``): its integer index would carry no gradient, so its node
+    would hand out a one-hot vector where every other estimator hands out the index, and a cost
+    written for the index would silently be another one. Pass ``OneHotCategorical`` (the same
+    parameters) instead.
 
     max_order: ∞ for its own surrogate, but ``biased``: ∇f(H(z)) · ∂z/∂θ is not the gradient of
     E[f(b)]; the bias depends on τ (it vanishes as τ → 0 for costs quadratic in b).
@@ -39,6 +42,8 @@ class GumbelStraightThrough(GumbelSoftmax):
         plate: name of the node's plate.
         n_samples: number of samples.
         temperature: τ > 0, or a schedule ``step -> τ`` (see ``gumbel_softmax``).
+        categorical: ``"refuse"`` (the default) or ``"one_hot"``: take a Categorical node too, handing out
+            one-hot vectors of shape ``(..., K)`` for it, not indices (see ``gumbel_softmax``).
 
     Example:
         >>> est = storch.estimator("gumbel_straight_through", plate="z", temperature=1.0)

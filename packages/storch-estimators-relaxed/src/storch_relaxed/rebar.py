@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from torch.distributions import Bernoulli, Categorical, OneHotCategorical
-
+from ._categorical import DEFAULT_DISTRIBUTIONS
 from ._relaxed_cost import RelaxedCost
 
 __all__ = ["Rebar"]
@@ -26,12 +25,15 @@ class Rebar(RelaxedCost):
     which is biased at order 2 (see ``relax``); the test suite checks both at order 2.
 
     User code receives, on the b block, b: 0/1 for Bernoulli, a one-hot vector (shape (..., K))
-    for OneHotCategorical AND Categorical (the relaxed entries cannot be integer indices, so a
-    Categorical node hands out one-hot vectors); on the relaxed blocks, points in (0, 1) or on
-    the simplex. Only the b block is weighted, so the estimate of E[f] is f(b).
+    for OneHotCategorical; on the relaxed blocks, points in (0, 1) or on the simplex. Only the b
+    block is weighted, so the estimate of E[f] is f(b).
 
-    Requires: Bernoulli, Categorical or OneHotCategorical, and a cost defined and differentiable
-    on relaxed inputs (for the control variate only).
+    Requires: Bernoulli or OneHotCategorical (a Categorical only with ``categorical="one_hot"``), and
+    a cost defined and differentiable on relaxed inputs (for the control variate only). A Categorical
+    is refused by default (``storch.UnsupportedDistributionError``): the relaxed entries cannot be
+    integer indices, so its node would hand out one-hot vectors where every other estimator hands out
+    the index, and a cost written for the index would silently be another one. Pass
+    ``OneHotCategorical`` (the same parameters) instead.
 
     max_order: ∞ for a cost n times differentiable in the relaxed sample (appendix D.2.4): then
     E[∇ⁿc(z)] = ∇ⁿE[c(z)], and MagicBox(l) c(z̃) is an any-order estimate of the same expectation.
@@ -56,6 +58,8 @@ class Rebar(RelaxedCost):
         eta: initial η.
         lr: Adam learning rate of the variance-minimising update.
         update: whether ``storch.backward()`` trains λ and η.
+        categorical: ``"refuse"`` (the default) or ``"one_hot"``: take a Categorical node too, handing out
+            one-hot vectors (and relaxed ones) of shape ``(..., K)`` for it, not indices.
 
     Example:
         >>> est = storch.estimator("rebar", plate="b", temperature=0.5)
@@ -68,10 +72,11 @@ class Rebar(RelaxedCost):
     """
 
     name = "rebar"
-    distributions = (Bernoulli, Categorical, OneHotCategorical)
+    distributions = DEFAULT_DISTRIBUTIONS  # a Categorical only with categorical="one_hot" (_categorical)
 
     def __init__(self, plate: str, n_samples: int = 1, temperature: float = 0.5, eta: float = 1.0,
-                 lr: float = 1e-2, update: bool = True) -> None:
+                 lr: float = 1e-2, update: bool = True, categorical: str = "refuse") -> None:
         super().__init__(plate, n_samples)
+        self.categorical = categorical
         self._init_relaxed_cost(temperature, eta)
         self._init_training(lr, update)

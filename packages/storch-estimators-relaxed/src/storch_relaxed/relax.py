@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from torch.distributions import Bernoulli, Categorical, OneHotCategorical
-
 from storch import Node, OptionError, PlateError, PlateTensor
 from storch.extending import align
 
+from ._categorical import DEFAULT_DISTRIBUTIONS
 from ._network import evaluate_network, flat
 from ._relaxed_cost import RelaxedCost
 
@@ -46,12 +45,16 @@ class Relax(RelaxedCost):
     expectation at every order. ``tests/relaxed/test_relaxed_unbiased.py`` checks both forms.
 
     User code receives, on the b block, b: 0/1 for Bernoulli, a one-hot vector for
-    OneHotCategorical AND Categorical (relaxed entries cannot be integer indices; with
-    ``control_variate="network"`` a Categorical node keeps its index); on the relaxed blocks,
-    points in (0, 1) or on the simplex.
+    OneHotCategorical, the index for a Categorical with ``control_variate="network"``; on the
+    relaxed blocks, points in (0, 1) or on the simplex.
 
-    Requires: Bernoulli, Categorical or OneHotCategorical; a cost defined and differentiable on
-    relaxed inputs (for the control variate only; not with ``control_variate="network"``).
+    Requires: Bernoulli or OneHotCategorical, or a Categorical with ``control_variate="network"`` (or
+    with ``categorical="one_hot"``); a cost defined and differentiable on relaxed inputs (for the
+    control variate only; not with ``control_variate="network"``). With the relaxed-cost term a
+    Categorical is refused by default (``storch.UnsupportedDistributionError``): the relaxed entries
+    cannot be integer indices, so its node would hand out one-hot vectors where every other estimator
+    hands out the index, and a cost written for the index would silently be another one. Pass
+    ``OneHotCategorical`` (the same parameters) instead.
 
     max_order: ∞ for a cost and network n times differentiable in the relaxed sample (appendix D.2.4,
     with the correction above): then E[∇ⁿc_φ(z)] = ∇ⁿE[c_φ(z)], and MagicBox(l) c_φ(z̃) is an any-order
@@ -84,6 +87,9 @@ class Relax(RelaxedCost):
         eta: initial η (``"rebar+network"``).
         lr: Adam learning rate of the variance-minimising update.
         update: whether ``storch.backward()`` trains η, λ and ρ.
+        categorical: ``"refuse"`` (the default) or ``"one_hot"``: with ``"rebar+network"``, take a
+            Categorical node too, handing out one-hot vectors (and relaxed ones) of shape ``(..., K)`` for
+            it, not indices. ``"network"`` takes a Categorical and hands out its index without it.
 
     Example:
         >>> est = storch.estimator("relax", plate="b")
@@ -95,17 +101,20 @@ class Relax(RelaxedCost):
     """
 
     name = "relax"
-    distributions = (Bernoulli, Categorical, OneHotCategorical)
+    distributions = DEFAULT_DISTRIBUTIONS  # a Categorical with "network", or categorical="one_hot" (_categorical)
 
     def __init__(self, plate: str, n_samples: int = 1, control_variate: str = "rebar+network",
                  network: Optional[Callable] = None, hidden: int = 32, temperature: float = 0.5,
-                 eta: float = 1.0, lr: float = 1e-2, update: bool = True) -> None:
+                 eta: float = 1.0, lr: float = 1e-2, update: bool = True, categorical: str = "refuse") -> None:
         super().__init__(plate, n_samples)
         if control_variate not in _FORMS:
             raise OptionError(f"relax: control_variate={control_variate!r} is not accepted; use "
                               f"{' or '.join(repr(f) for f in _FORMS)}")
         self.control_variate_form = control_variate
         self.relaxed_cost = control_variate == "rebar+network"
+        # "network": the plate holds b only, a Categorical's index (_noise.discrete_with_relaxation)
+        self._takes_index = "" if self.relaxed_cost else "control_variate='network'"
+        self.categorical = categorical
         self.jump_free = self.relaxed_cost  # "network": the cost is evaluated at b only (see RelaxedCost)
         self._init_network(network, hidden, zero_output=self.relaxed_cost)
         if self.relaxed_cost:
