@@ -121,3 +121,21 @@ def test_mvd_refuses_lognormal_without_naming_itself():
     # an Independent Normal is a Normal to mvd; a LogNormal under Independent is not
     assert storch.get_estimator_class("mvd").supports(D.Independent(D.Normal(torch.zeros(2), torch.ones(2)), 1))
     assert not storch.get_estimator_class("mvd").supports(EXAMPLES["Independent(LogNormal)"])
+
+
+def test_the_roster_takes_a_categorical_under_a_relaxation_only_with_the_opt_in():
+    """gumbel_softmax / gumbel_straight_through / rebar / relax refuse a Categorical by default (their sample of it is
+    a one-hot vector, not an index); the roster skips them with that reason, and runs a spec that opts in."""
+    from storch_bench.roster import parse_spec, resolve
+
+    d = D.Categorical(logits=torch.zeros(3))
+    for name in ("gumbel_softmax", "gumbel_straight_through", "rebar", "relax"):
+        cls = storch.get_estimator_class(name)
+        why = roster_supports(cls, d)
+        assert why is not None and "not Categorical" in why and f"{name}[categorical=one_hot]" in why, why
+        assert roster_supports(cls, d, (("categorical", "one_hot"),)) is None
+    assert roster_supports(storch.get_estimator_class("relax"), d, (("control_variate", "network"),)) is None
+    runnable, skipped = resolve([parse_spec("gumbel_softmax@1"), parse_spec("gumbel_softmax[categorical=one_hot]@1"),
+                                 parse_spec("gumbel_softmax[categorical=bogus]@1")], d)
+    assert [s.label for s, _ in runnable] == ["gumbel_softmax[categorical=one_hot]@1"]
+    assert {label for label, _ in skipped} == {"gumbel_softmax@1", "gumbel_softmax[categorical=bogus]@1"}

@@ -126,7 +126,7 @@ def _why_not(spec: Spec, dists: list, order: int, partitioned: bool) -> tuple[Op
     except storch.PluginError as e:
         return None, str(e).splitlines()[0]
     for d in dists:
-        why = supports(cls, d)
+        why = supports(cls, d, spec.options)
         if why is not None:
             return None, why
     if partitioned and not getattr(cls, "supports_partitions", False):

@@ -123,12 +123,18 @@ def parse_specs(text: str, n_multi: int = 5) -> list[Spec]:
     return unique
 
 
-def supports(cls: type, d) -> Optional[str]:
-    """``None`` if estimator class ``cls`` can train a model whose latent is ``d``; else why not."""
-    if not cls.supports(d):  # the estimators' one capability check (storch.Estimator.supports); the words:
+def supports(cls: type, d, options: tuple[tuple[str, Any], ...] = ()) -> Optional[str]:
+    """``None`` if estimator class ``cls`` (with the spec's ``options``) can train a model whose latent is ``d``;
+    else why not. An option may widen what an instance takes (``gumbel_softmax[categorical=one_hot]``: a
+    Categorical): then the instance's check decides."""
+    if not cls.supports(d) and not _instance_supports(cls, d, options):  # storch.Estimator.supports; the words:
         base = base_distribution(d)
         if cls.distributions is not None and not isinstance(base, cls.distributions):
-            return f"supports {', '.join(t.__name__ for t in cls.distributions)}, not {type(base).__name__}"
+            hint = ""
+            if type(base).__name__ == "Categorical" and "categorical" in cls.options():  # the relaxations
+                hint = (" (its sample would be a one-hot vector, not an index: use OneHotCategorical, or "
+                        f"{cls.name}[categorical=one_hot] for a model written for one-hot vectors)")
+            return f"supports {', '.join(t.__name__ for t in cls.distributions)}, not {type(base).__name__}{hint}"
         return f"needs {' and '.join(cls.requirements())}, which {type(base).__name__} lacks"
     if getattr(cls, "multi_sample_bound", False):  # vimco: the model must be written for it (est.bound)
         return ("estimates the gradient of a multi-sample bound that the model adds with est.bound(log_w); "
@@ -136,6 +142,17 @@ def supports(cls: type, d) -> Optional[str]:
     if cls.max_order < 1:
         return f"max_order={cls.max_order}: no unbiased gradient"
     return None
+
+
+def _instance_supports(cls: type, d, options: tuple[tuple[str, Any], ...]) -> bool:
+    """Whether an instance of ``cls`` built with ``options`` supports ``d`` (False without options, or where the
+    options do not build one: the run reports that error)."""
+    if not options:
+        return False
+    try:
+        return bool(cls(plate="roster", **dict(options)).supports(d))
+    except (storch.StorchError, TypeError, ValueError):
+        return False
 
 
 def build(spec: Spec, cls: type):
@@ -207,7 +224,7 @@ def resolve(specs: list[Spec], d) -> tuple[list[tuple[Spec, type]], list[tuple[s
         except storch.PluginError as e:
             skipped.append((spec.label, str(e)))
             continue
-        why = supports(cls, d)
+        why = supports(cls, d, spec.options)
         if why is not None:
             skipped.append((spec.label, why))
         else:
