@@ -40,7 +40,7 @@ def test_a_categorical_is_refused_by_default_with_what_to_do(name, wrap):
     msg = str(info.value)
     print(msg)
     given = "an Independent of a Categorical" if wrap else "a Categorical"
-    assert f"estimator '{name}' (plate 'x') does not take {given} by default" in msg
+    assert f"estimator '{name}' does not support {given} by default (plate 'x')" in msg
     assert "one-hot vector of shape (..., K)" in msg and "not the category index" in msg
     assert "would compute another cost, silently" in msg
     assert "OneHotCategorical(logits=...)" in msg and "x @ emb instead of emb[x]" in msg

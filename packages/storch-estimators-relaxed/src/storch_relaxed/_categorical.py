@@ -88,7 +88,7 @@ class OneHotForCategorical:
 def categorical_message(name: str, plate: str, given: str) -> str:
     """Why estimator ``name`` refuses a Categorical node (``given``: "a Categorical", or its wrapper) by
     default, and what to do instead."""
-    return (f"estimator {name!r} (plate {plate!r}) does not take {given} by default: its sample is a "
+    return (f"estimator {name!r} does not support {given} by default (plate {plate!r}): its sample is a "
             "one-hot vector of shape (..., K) (a relaxed or straight-through sample has no index form), not the "
             "category index that Categorical's samples are, so code written for Categorical's indices (emb[x], x == k, "
             "arithmetic on x) would compute another cost, silently. Pass OneHotCategorical(logits=...) (or probs=: the "
