@@ -93,6 +93,12 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   its gradient averaging outside the torch program, so the replay left every rank its own gradient from
   the second call on (aot_eager raised dynamo's error); the message says to call ``ddp.module`` in the
   step and average the gradients after ``loss.backward()``;
+- a gradient hook registered inside the step (``register_hook``, ``register_post_accumulate_grad_hook``, on any
+  tensor: :class:`_TraceMode`, storch's own hooks aside) and a call of a module with a backward hook (full, pre or
+  the deprecated kind, its own or global: :func:`_no_data_parallel_in_trace`) are refused: the program records no
+  hook, so the replay skipped a module's backward hook silently, and a hook on a parameter or argument would be
+  registered at the trace only. The message says to register a hook on a parameter or input once, outside the
+  step, or to run the step eagerly; forward hooks are traced as the rest of the module;
 - differentiating inside the step (``torch.autograd.grad`` or ``.backward()`` on what it computed: a
   gradient penalty, a lookahead step) is refused: the backward pass reads tensors autograd saved in
   the forward pass, which a ``pre_dispatch`` trace cannot connect to the program (they would be fixed

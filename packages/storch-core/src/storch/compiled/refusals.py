@@ -2,8 +2,9 @@
 second differentiation hooked on a replayed call's outputs (and the message of a compiler backend's, whose
 program cannot be differentiated twice), the refusal of an update that needs autograd's graph under a
 compiler, of a backward pass run inside the trace (naming the estimator component that ran it), and of a
-call of a DistributedDataParallel (or FSDP) module inside the trace, and the messages of an optimizer's step or a
-gradient's read or write in the trace, and of an estimator with state created inside the step.
+call of a DistributedDataParallel (or FSDP) module or of a module with a backward hook inside the trace, and the
+messages of an optimizer's step, a gradient's read or write or a tensor's gradient hook in the trace, and of an
+estimator with state created inside the step.
 
 The bottom of :mod:`storch.compiled`: it imports nothing of the package."""
 
@@ -178,13 +179,19 @@ def _no_data_parallel_in_trace(fn):
     """A global forward pre-hook of modules, registered for the trace only (removed after it) and active on the
     tracing thread only: a call of a DDP or FSDP module is refused (see :func:`_data_parallel_message`). The
     hook, not the modules the step reaches by name: a step that reaches ``ddp`` but calls ``ddp.module`` is
-    fine, and a DDP held by a plain object is called all the same."""
+    fine, and a DDP held by a plain object is called all the same. A call of a module with a backward hook is
+    refused there too (:func:`_module_hook_message`)."""
     classes = _data_parallel_classes()
     tracing_thread = threading.get_ident()
 
     def refuse(module, args):
-        if isinstance(module, classes) and threading.get_ident() == tracing_thread:
+        if threading.get_ident() != tracing_thread:
+            return
+        if isinstance(module, classes):
             raise StorchError(_data_parallel_message(fn, module))
+        hooks = _backward_hooks_of(module)
+        if hooks:
+            raise StorchError(_module_hook_message(fn, module, hooks))
 
     @contextlib.contextmanager
     def hooked():
@@ -195,6 +202,51 @@ def _no_data_parallel_in_trace(fn):
             handle.remove()
 
     return hooked()
+
+
+def _backward_hooks_of(module) -> str:
+    """The backward hooks a call of ``module`` would run, in the words of a message ('' if none): its own
+    (``register_full_backward_hook``, ``register_full_backward_pre_hook``, the deprecated
+    ``register_backward_hook``) and torch's global ones (``register_module_full_backward_hook``...)."""
+    from torch.nn.modules import module as torch_module
+
+    names = []
+    own = getattr(module, "_backward_hooks", None) or {}
+    full = getattr(module, "_is_full_backward_hook", None)
+    if own and full is not False:
+        names.append("register_full_backward_hook")
+    if own and full is False:
+        names.append("register_backward_hook")
+    if getattr(module, "_backward_pre_hooks", None):
+        names.append("register_full_backward_pre_hook")
+    if getattr(torch_module, "_global_backward_hooks", None):
+        names.append("register_module_full_backward_hook (global)")
+    if getattr(torch_module, "_global_backward_pre_hooks", None):
+        names.append("register_module_full_backward_pre_hook (global)")
+    return ", ".join(names)
+
+
+def _module_hook_message(fn, module, hooks: str) -> str:
+    return (f"storch.compile cannot trace {_name(fn)}: it calls a module ({type(module).__name__}) with a backward "
+            f"hook ({hooks}). torch runs a module's backward hooks from autograd nodes it attaches to the module's "
+            "inputs and outputs at each call, outside the torch program that a trace records, so the replayed calls "
+            "would skip the hook and give the unhooked gradients, silently. Remove the hook for the compiled step (to "
+            "change the parameters' gradients, register a hook on each parameter once, outside the step: "
+            "`p.register_hook(fn)`, or transform the gradients after `loss.backward()`), or run this step eagerly "
+            "(without storch.compile). A module's forward hooks are fine: their torch operations are traced")
+
+
+def _tensor_hook_message(fn, method: str, on_plate: bool) -> str:
+    what = ("a plate tensor the step computes (a sample, or a value computed from one)" if on_plate
+            else "a tensor inside the step")
+    return (f"storch.compile cannot trace {_name(fn)}: it registers a gradient hook (`{method}`) on {what}. A trace "
+            "records the step's forward torch program, not hooks: the tensors it computes carry no autograd graph "
+            "while traced (torch refuses the hook), and the replayed calls would not run a hook registered there; one "
+            "on a parameter or an argument would be registered at the trace only, not at every call as eagerly. "
+            "Register a hook on a parameter or an input once, outside the step (it runs at each backward pass "
+            "through the compiled step's loss), or transform the gradients after `loss.backward()`; for a hook on "
+            "a value the step computes (a plate tensor's hook: docs/plates.md), run this step eagerly (without "
+            "storch.compile)")
 
 
 _OUTSIDE = ("Step the optimizer and zero the gradients outside the compiled step: `loss = f(x); loss.backward(); "

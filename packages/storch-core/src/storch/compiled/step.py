@@ -408,7 +408,9 @@ def compile(fn: Optional[Callable[_P, _R]] = None, *, backend: Any = "inductor",
             ``ddp.module`` and average the gradients after backward),
             captures a non-parameter tensor that requires grad, branches on values, steps an optimizer or
             reads or writes a ``.grad`` (``zero_grad``: step outside, after ``loss.backward()``), draws with a
-            generator of its own, or creates an estimator with state (create it once, outside the step).
+            generator of its own, creates an estimator with state (create it once, outside the step), registers
+            a gradient hook (``register_hook``, ``register_post_accumulate_grad_hook``) or calls a module with
+            a backward hook (register hooks on parameters once, outside the step, or run it eagerly).
 
     Example:
         >>> est = storch.estimator("score", plate="z", n_samples=8, baseline="leave_one_out")

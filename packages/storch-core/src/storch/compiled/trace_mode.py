@@ -1,11 +1,14 @@
 """What the trace watches while ``make_fx`` records the step (:class:`_TraceMode`, a torch function mode active
 then only): Python reads of a traced or captured tensor's values or of a sample, selections whose shape depends
-on the data, reads and writes of a ``.grad`` (an optimizer's ``zero_grad``) and draws from a generator of the step's
-own are refused; a captured buffer or an argument about to be written in place is saved, and put back after the
-trace and the replay check."""
+on the data, reads and writes of a ``.grad`` (an optimizer's ``zero_grad``), a tensor's gradient hook
+(``register_hook``, ``register_post_accumulate_grad_hook``) and draws from a generator of the step's own are
+refused; a captured buffer or an argument about to be written in place is saved, and put back after the trace and
+the replay check."""
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Optional
 
 import torch
@@ -13,7 +16,7 @@ import torch.utils._pytree as pytree
 
 from ..errors import StorchError
 from ..plates.tensor import PlateTensor
-from .refusals import _gradient_message, _name, _optimizer_message
+from .refusals import _gradient_message, _name, _optimizer_message, _tensor_hook_message
 
 _T = torch.Tensor
 
@@ -59,6 +62,24 @@ _TENSOR_SPLIT = frozenset((torch.tensor_split, _T.tensor_split))
 # functions that update running statistics (their 2nd and 3rd arguments) in place, without a version bump
 _RUNNING_STATS = frozenset((torch.nn.functional.batch_norm, torch.batch_norm, torch.nn.functional.instance_norm,
                             torch.instance_norm, torch.native_batch_norm))
+
+
+# a tensor's gradient hooks: registered in the trace, they are not in the program (see _tensor_hook_message)
+_HOOKS = frozenset((_T.register_hook, _T.register_post_accumulate_grad_hook))
+
+
+_STORCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # storch's package folder
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _called_by_storch() -> bool:
+    """Whether the innermost caller outside torch (and this module) is storch's own code (its hooks on what it
+    builds), not the step's."""
+    frame = sys._getframe(2)
+    while frame is not None and (frame.f_code.co_filename.startswith(_TORCH)
+                                 or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    return frame is not None and frame.f_code.co_filename.startswith(_STORCH + os.sep)
 
 
 # the descriptor of Tensor.grad: a read or write of a tensor's .grad reaches a torch function mode as its bound
@@ -110,7 +131,9 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
       their profiler records, which torch makes for every optimizer, before anything changes and even where no
       gradient exists yet), any other read or write of a tensor's ``.grad`` (``model.zero_grad()``,
       ``p.grad = None``, ``clip_grad_norm_``, another optimizer's update), which no replayed call would repeat,
-      and draws with ``generator=`` of the step's own. (A global optimizer step pre-hook would see the step too,
+      and draws with ``generator=`` of the step's own. So is the step's ``register_hook`` or
+      ``register_post_accumulate_grad_hook`` on any tensor (storch's own hooks pass): the program records no
+      hook, and one on a parameter or argument would be registered at the trace only. (A global optimizer step pre-hook would see the step too,
       but registering and removing it while another thread's ``opt.step()`` iterates torch's dict of global
       hooks raises "OrderedDict mutated during iteration" there; a mode is per thread.)
     - The trace, and then the replay check, run the step's torch operations on the real tensors, so an
@@ -188,6 +211,8 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
                 raise StorchError(_optimizer_message(self.fn, method))
             if kind == "Optimizer.zero_grad":
                 raise StorchError(_gradient_message(self.fn, f"it calls {method}()"))
+        if func in _HOOKS and not _called_by_storch():
+            raise StorchError(_tensor_hook_message(self.fn, f"{func.__name__}", type(args[0]) is PlateTensor))
         generator = kwargs.get("generator")
         if generator is not None and generator is not torch.default_generator:
             raise StorchError(_generator_message(self.fn, func))
