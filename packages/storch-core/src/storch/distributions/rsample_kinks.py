@@ -48,7 +48,7 @@ from ..plates.dispatch import CASTS, INDEX_VALUES, JUMPS, casts_to_jump
 from .parameters import grad_parameters
 
 __all__ = ["rsample_kinks", "rsample_walked", "rsample_params", "SMOOTH_RSAMPLE", "SMOOTH_TRANSFORMS", "IMPLICIT_REPARAMETERISATION",
-           "RsampleComparisons", "COMPARISON"]
+           "RsampleComparisons", "COMPARISON", "STRAIGHT_THROUGH", "PIECEWISE_CONSTANT", "WITH_INDICES", "ADDITIVE"]
 
 # the backward nodes of torch's implicit reparameterisation of the gamma family (torch._standard_gamma: Gamma, Chi2,
 # StudentT, FisherSnedecor, InverseGamma, Wishart; torch._sample_dirichlet: Dirichlet, Beta) -> 1: exact at order 1,
@@ -394,6 +394,9 @@ def _transformed(d: TransformedDistribution, x: torch.Tensor, order: int, depth:
 
 # the prefix of rsample_kinks' name for a comparison inside a walked rsample (RsampleComparisons): "comparison gt"
 COMPARISON = "comparison "
+# and for a piecewise-constant value added to one that carries gradient (RsampleComparisons.jump): "straight-through
+# add in GumbelSinkhornST.rsample"
+STRAIGHT_THROUGH = "straight-through "
 
 
 # the packages whose comparisons RsampleComparisons does not count (torch's and storch's own), by root package name:
@@ -409,8 +412,48 @@ def _is_log_prob_frame(frame) -> bool:
                                                                                    Distribution)
 
 
+_GUMBEL_SOFTMAX = torch.nn.functional.gumbel_softmax
+
 # the functions whose result is a value detached from their operand (RsampleComparisons watches it too)
 _DETACH = frozenset({torch.Tensor.detach, torch.detach, torch.Tensor.data.__get__})  # type: ignore[attr-defined]
+
+
+def _flat_tensors(args, kwargs) -> list:
+    """The tensors among ``args`` and ``kwargs``' values, and in lists and tuples of them (``torch.cat([a, b])``)."""
+    out = []
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(t for t in a if isinstance(t, torch.Tensor))
+    return out
+
+
+_T = torch.Tensor
+
+
+def _fns(names: tuple) -> frozenset:
+    out = {getattr(torch, n) for n in names if hasattr(torch, n)}
+    out.update(getattr(_T, n) for n in names if hasattr(_T, n))
+    return frozenset(out)
+
+
+# what makes a value piecewise constant in its operand (derivative 0 almost everywhere, changing by jumps) outside
+# the autograd graph: the comparisons, argmax / argmin / argsort, bool and integer casts of JUMPS, and rounding
+# (of a detached value: of one that requires grad, the walk of the autograd graph finds RoundBackward0 itself)
+PIECEWISE_CONSTANT: frozenset = (JUMPS - INDEX_VALUES) | _fns(("round", "floor", "ceil", "trunc", "fix", "sign",
+                                                             "sgn", "signbit"))
+# the functions that return (values, indices): the indices are piecewise constant (the values are continuous:
+# sort values, a max, are kinks)
+WITH_INDICES: frozenset = _fns(("sort", "topk", "max", "min", "kthvalue", "mode", "median", "nanmedian", "cummax",
+                                "cummin", "aminmax"))
+# the functions that put their operands' values into their result as they are (a sum, a concatenation): a
+# piecewise-constant operand makes the result jump where autograd sees a derivative of 0, as a straight-through
+# hard + soft - soft.detach() does. A product or torch.where with a mask selects between values (relu's
+# torch.where(y > 0, y, 0) is continuous): not here.
+ADDITIVE: frozenset = _fns(("add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__",
+                            "__isub__", "subtract", "subtract_", "rsub", "cat", "concat", "concatenate", "stack",
+                            "hstack", "vstack", "dstack", "column_stack", "row_stack"))
 
 
 def _is_mode_frame(frame) -> bool:
@@ -434,11 +477,27 @@ class RsampleComparisons(TorchFunctionMode):
     ``Tensor.type`` to a bool or integer dtype (``storch.plates.dispatch.CASTS``). Not counted: a comparison made
     under a ``log_prob`` or an estimator's ``step_gradient_function`` (``extend`` computes the step's gradient
     function beside its draw: a piecewise density is no kink of the sample). Counted like ``Node.compared`` in the cost: from order 2 (a piecewise function, a kink or a jump
-    autograd does not see). Costs a Python call per torch function inside the draw, for walked classes only."""
+    autograd does not see).
+
+    ``jump``: the first straight-through, or None: a value piecewise constant in the parameters (a function of
+    :data:`PIECEWISE_CONSTANT` of a watched value, the indices of :data:`WITH_INDICES`, and what is computed from
+    them and values without gradient alone: ``one_hot``, a float cast, a scatter into zeros) that a function of
+    :data:`ADDITIVE` puts into a value that carries gradient (``one_hot(soft.argmax(-1)) + soft - soft.detach()``;
+    also ``F.gumbel_softmax(..., hard=True)`` of a watched value, whose operations the mode does not see), in code
+    outside storch (torch's counted) and not under a ``log_prob``: its words (``"add in GumbelSinkhornST.rsample"``).
+    The sample jumps with the parameters while autograd sees the soft part's derivative only: biased at order 1,
+    counted from order 1 (``storch.estimators.checks.note_compared``). A mask that multiplies or selects
+    (``y * (y > 0).float()``, ``torch.where``) or indexes (``y.gather(-1, idx)``) is not one (relu, a max: kinks).
+    Costs a Python call per torch function inside the draw, for walked classes only."""
 
     def __init__(self) -> None:
         super().__init__()
         self.found: Optional[str] = None
+        # the first straight-through (a piecewise-constant value added to one that carries gradient): its words
+        self.jump: Optional[str] = None
+        # the values piecewise constant in the parameters, without gradient (argmax of a value that requires grad,
+        # a comparison, and what is computed from them alone: one_hot, a float cast, a scatter into zeros), by id
+        self._discrete: dict = {}
         # the values detached (y.detach(), y.data) from a value that requires grad while active, and what was
         # computed from them (ids, with the tensors kept alive: the draw's own, dropped with the mode)
         self._detached: dict = {}
@@ -453,6 +512,8 @@ class RsampleComparisons(TorchFunctionMode):
             if any(self._watched(a) for a in args) or any(self._watched(a) for a in kwargs.values()):
                 self._note(func)
         out = func(*args, **kwargs)
+        if self.jump is None:
+            self._track_jumps(func, args, kwargs, out)
         if self.found is None and isinstance(out, torch.Tensor) and not out.requires_grad:
             # a comparison of y.detach() (torch.where(y.detach() > 0, y, 0)) is as much a kink as one of y: the
             # detached value (and what is computed from it) is watched too
@@ -462,6 +523,55 @@ class RsampleComparisons(TorchFunctionMode):
                                                   if isinstance(a, torch.Tensor))):
                 self._detached[id(out)] = out
         return out
+
+    def _track_jumps(self, func, args, kwargs, out) -> None:
+        """Mark ``out`` piecewise constant (``_discrete``) where ``func`` makes such a value of a watched one
+        (:data:`PIECEWISE_CONSTANT`; the indices of :data:`WITH_INDICES`) or of piecewise-constant values alone,
+        and note a straight-through (``jump``) where :data:`ADDITIVE` puts one into a value that carries
+        gradient."""
+        discrete = self._discrete
+        if func is _GUMBEL_SOFTMAX:  # (torch's straight-through: the mode does not see the operations inside it)
+            hard = kwargs.get("hard", args[2] if len(args) > 2 else False)
+            if hard and self._watched_or_discrete(args, kwargs):
+                self._note_jump(func)
+            return
+        if func in WITH_INDICES:
+            if isinstance(out, tuple) and len(out) == 2 and not unbatched(out[1]).requires_grad \
+                    and self._watched_or_discrete(args, kwargs):
+                discrete[id(out[1])] = out[1]
+            return
+        if func in PIECEWISE_CONSTANT or func in CASTS and casts_to_jump(args, kwargs):
+            if isinstance(out, torch.Tensor) and not unbatched(out).requires_grad \
+                    and self._watched_or_discrete(args, kwargs):
+                discrete[id(out)] = out
+            return
+        if not discrete:
+            return
+        operands = _flat_tensors(args, kwargs)
+        if not any(id(a) in discrete for a in operands):
+            return
+        if any(unbatched(a).requires_grad for a in operands):
+            if func in ADDITIVE:  # (a mask times the value, torch.where: a kink or a jump, counted from order 2)
+                self._note_jump(func)
+            return
+        for o in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(o, torch.Tensor):
+                discrete[id(o)] = o
+
+    def _note_jump(self, func) -> None:
+        """Record the straight-through made by ``func`` where the code that called it is not storch's (its
+        gumbel_straight_through is biased by design, and marked so) nor under a ``log_prob``."""
+        frame = sys._getframe(3)  # (_note_jump, _track_jumps, __torch_function__: its caller)
+        while frame.f_back is not None and _is_mode_frame(frame):
+            frame = frame.f_back
+        caller = frame.f_globals.get("__name__", "")
+        if caller.partition(".")[0] not in _OWN_PACKAGES - {"torch"} and not self._in_log_prob(frame):
+            code = frame.f_code
+            self.jump = (f"{getattr(func, '__name__', str(func)).strip('_')} in "
+                         f"{getattr(code, 'co_qualname', code.co_name)}")
+
+    def _watched_or_discrete(self, args, kwargs) -> bool:
+        return any(self._watched(a) or id(a) in self._discrete for a in _flat_tensors(args, kwargs))
 
     def __enter__(self):
         self._entry = sys._getframe(1)  # (the code that draws under the watch: the frames below it are the draw's)
@@ -506,9 +616,24 @@ def rsample_kinks_note(name: str, found: dict, where: Optional[dict] = None) -> 
         return f"in {' and '.join(parts)}; " if parts else ""
 
     compared = sorted(op[len(COMPARISON):] for op in found if op.startswith(COMPARISON))
-    kinks = sorted(op for op in found if op not in IMPLICIT_REPARAMETERISATION and not op.startswith(COMPARISON))
+    straight = sorted(op[len(STRAIGHT_THROUGH):] for op in found if op.startswith(STRAIGHT_THROUGH))
+    kinks = sorted(op for op in found if op not in IMPLICIT_REPARAMETERISATION and not op.startswith(COMPARISON)
+                   and not op.startswith(STRAIGHT_THROUGH))
     implicit = sorted(op for op in found if op in IMPLICIT_REPARAMETERISATION)
     said = []
+    if straight:
+        said.append(
+            f"the rsample of {name} (or its transform) adds a value that is piecewise constant in its parameters (an "
+            "argmax, argmin, one_hot of an index, sort or topk indices, a comparison or a rounding cast to float) to "
+            f"one that carries gradient ({', '.join(straight)}): a straight-through sample such as "
+            "one_hot(soft.argmax(-1)) + soft - soft.detach(). Its value jumps with the parameters while autograd "
+            "sees the derivative of the soft part only, so the pathwise gradient is not that of the expectation: "
+            "biased at order 1 already. For an unbiased gradient draw the discrete variable from a distribution "
+            "with log_prob and use a score-function estimator on it ('score' with baseline='leave_one_out', or "
+            "'rebar' / 'relax' for a Bernoulli or OneHotCategorical); for the biased straight-through gradient "
+            "itself, use storch's 'gumbel_straight_through' estimator on a Bernoulli or OneHotCategorical (biased "
+            "by design, and marked so); or return the soft (relaxed) value alone from rsample, a continuous "
+            "relaxation whose pathwise gradient is exact for the relaxed objective")
     if kinks:
         ops = ", ".join(f"{op} ({inside(op)}its derivative of order {found[op]} is discontinuous)" for op in kinks)
         folded = (" AbsTransform folds the base sample, a kink wherever its sign moves with the parameters; a base "
@@ -531,7 +656,7 @@ def rsample_kinks_note(name: str, found: dict, where: Optional[dict] = None) -> 
             "has no derivative of its own, so a second derivative through the sample is wrong (Beta, Dirichlet: "
             "terms silently left out) or fails (Gamma). Differentiate through it once, or draw with explicit noise "
             "(Kumaraswamy instead of Beta, a LogNormal or a transformed Normal instead of Gamma)")
-    if compared:
+    if compared and not straight:  # (the comparison that made the straight-through value: said above)
         said.append(
             f"{'and ' if said else ''}the rsample of {name} (or its transform) compares a value that depends on its "
             f"parameters ({', '.join(compared)}: a mask or the condition of torch.where, such as torch.where(y > 0, "

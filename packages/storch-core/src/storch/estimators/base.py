@@ -1403,7 +1403,7 @@ def _watched_draw(node: Node, raw: Distribution, params: Optional[list], draw: C
         return draw(*args)
     with RsampleComparisons() as watch:
         made = draw(*args)
-    note_compared(node, raw, watch.found)
+    note_compared(node, raw, watch.found, watch.jump)
     return made
 
 

@@ -17,7 +17,7 @@ from ..cost import CostFrame, _lead
 from .._order_guard import unbatched
 from ..distributions import rsample_kinks, rsample_params
 from ..distributions.precision import location_scale_problem, precision_checked, unit_interval_problem
-from ..distributions.rsample_kinks import COMPARISON
+from ..distributions.rsample_kinks import COMPARISON, STRAIGHT_THROUGH
 from ..errors import PlateError, PrecisionWarning, StorchError, UnsupportedDistributionError
 from ..graph import is_tracing
 from ..node import Node
@@ -108,16 +108,24 @@ def warn_precision(est: Estimator, distribution: Distribution, sample: torch.Ten
         "category=storch.PrecisionWarning).)"), stacklevel=stacklevel() if stacklevel else 2)
 
 
-def note_compared(node: Node, distribution: Distribution, found: Optional[str]) -> None:
+def note_compared(node: Node, distribution: Distribution, found: Optional[str], jump: Optional[str] = None) -> None:
     """Record a comparison made inside the draw of ``distribution`` (``found``: its name, from
     :class:`~storch.distributions.rsample_kinks.RsampleComparisons`, or None: nothing) for ``node``: lowers
-    ``node.max_order`` to 1, as ``Node.compared`` does for one in the cost, named in ``node.rsample_kinks``."""
-    if found is None:
+    ``node.max_order`` to 1, as ``Node.compared`` does for one in the cost, named in ``node.rsample_kinks``.
+    ``jump`` (the watch's ``jump``: a piecewise-constant value, such as ``one_hot(y.argmax(-1))``, added to one
+    that carries gradient, a straight-through ``hard + soft - soft.detach()``) lowers it to 0: the pathwise
+    gradient is biased at order 1 already."""
+    if found is None and jump is None:
         return
-    op = COMPARISON + found
     name, kinks, where = node.rsample_kinks or (type(distribution).__name__, {}, {})
-    node.rsample_kinks = (name, {**kinks, op: min(1, kinks.get(op, 1))}, where)
-    node.max_order = min(node.max_order, 1)
+    kinks = dict(kinks)
+    if found is not None:
+        op = COMPARISON + found
+        kinks[op] = min(1, kinks.get(op, 1))
+    if jump is not None:
+        kinks[STRAIGHT_THROUGH + jump] = 0
+    node.rsample_kinks = (name, kinks, where)
+    node.max_order = min(node.max_order, 0 if jump is not None else 1)
 
 
 def note_rsample(node: Node, x: torch.Tensor, distribution: Optional[Distribution] = None,
