@@ -480,3 +480,34 @@ def test_pathwise_nodes_are_passive_in_each_costs_term_and_asked_once(monkeypatc
     assert torch.equal(loss, loss_all)
     for a, b in zip(grads, torch.autograd.grad(loss_all, [layers[0].weight, layers[-1].weight])):
         assert torch.equal(a, b)
+
+
+def test_pointwise_with_a_number_or_the_same_plates_is_one_raw_call():
+    # the toy's cost ((z - 0.45) ** 2) and torch.distributions' argument validation (`value == value`, on every
+    # distribution built from plate tensors): the dispatcher computes them itself, without the pointwise rule's
+    # calls (broadcast, wrap_same), and gives what the rule gives: the raw call's values and autograd graph
+    torch.manual_seed(0)
+    theta = torch.randn(1, 3, requires_grad=True)
+    rule = {"broadcast", "wrap_same"} | GENERAL
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        z = storch.estimator("reparameterization", plate="z", n_samples=4)(Normal(x, 1.0))
+        raw = z.tensor
+        cases = ((lambda: z - 0.45, lambda: raw - 0.45), (lambda: z ** 2, lambda: raw ** 2),
+                 (lambda: 2 * z, lambda: 2 * raw), (lambda: 0.5 - z, lambda: 0.5 - raw),
+                 (lambda: z * z, lambda: raw * raw), (lambda: x == x, lambda: theta == theta),
+                 (lambda: x > 0.1, lambda: theta > 0.1))
+        for fn, by_hand in cases:
+            fn()  # the first call decides the function's treatment (cached)
+            out, seen = calls(fn)
+            assert not seen & rule, f"the dispatcher's short path was not taken: {sorted(seen & rule)}"
+            expected = by_hand()
+            assert type(out) is storch.PlateTensor and out.plates == (x.plates if expected.shape[0] == 1 else z.plates)
+            assert torch.equal(out.tensor, expected) and out.dtype == expected.dtype
+            assert graph_ops(out.tensor) == graph_ops(expected)
+        # controls: other plates, a bool, a plain tensor, a keyword take the pointwise rule, and the probe sees it
+        for fn in (lambda: x + z, lambda: z * True, lambda: z - torch.ones(3), lambda: torch.sub(z, 0.45, alpha=2),
+                   lambda: x == z):
+            fn()
+            _, seen = calls(fn)
+            assert "broadcast" in seen

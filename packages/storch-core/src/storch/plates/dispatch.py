@@ -20,7 +20,8 @@ import torch
 
 from ..eager import mark_eager_only, set_eval_frame
 from ..errors import PlateError, plate_error_from
-from .kit import _is_inplace, _operands, dispatch, register, scan, too_many_samples, unwrap, wrap, write_through
+from .kit import (_is_inplace, _operands, dispatch, register, scan, too_many_samples, unwrap, wrap, wrap_same,
+                  write_through)
 from .rules import indexing, losses, metadata, shape  # noqa: F401  (register their handlers)
 from .rules.batch_first import batch_first
 from .rules.pointwise import broadcast, broadcast_inplace, random_pointwise
@@ -265,7 +266,19 @@ def _watched(impl):
                         if caller is None:
                             caller = Caller()
                         lin.watch(func, raw, graph, caller)
+        if pointwise and not kwargs and len(args) == 2:
+            # (torch.distributions' argument validation, `value == value`, and a user's `z > 0.5`: the
+            # dispatcher's own short path for two operands, as broadcast's first lines compute it)
+            x, y = args
+            if type(x) is _PT:
+                ty = type(y)
+                if ty is float or ty is int:
+                    out = func(x._raw, y)
+                    return _new(out, x._plates) if type(out) is _T else wrap_same(out, x._plates)
+                if ty is _PT and y._plates is x._plates and y._raw.dim() == x._raw.dim():
+                    return _new(func(x._raw, y._raw), x._plates)
         return impl(func, args, kwargs)
+    pointwise = impl is broadcast
     return run
 
 
@@ -520,12 +533,25 @@ def _torch_function(cls, func, types, args=(), kwargs=None):
         # (Python functions such as F.normalize pass it on to torch.overrides)
         if kwargs and kwargs.get("out") is not None:
             return _with_out(func, args, kwargs)
-        if impl is broadcast and not kwargs and len(args) == 1 and type(args[0]) is _PT:
-            x = args[0]
-            out = func(x._raw)
-            if type(out) is _T:
-                return _new(out, x._plates)
-            return wrap(out, x._plates)
+        if impl is broadcast and not kwargs:  # (pointwise and not in place: those are _writing(broadcast_inplace))
+            n = len(args)
+            x = args[0] if n else None
+            if type(x) is _PT:
+                if n == 1:
+                    out = func(x._raw)
+                    if type(out) is _T:
+                        return _new(out, x._plates)
+                    return wrap(out, x._plates)
+                if n == 2:
+                    # a plate tensor and a Python number (z - 0.45, z ** 2, 2.0 * z through __rmul__), or two of
+                    # the very same plates and raw rank: what broadcast's first lines do, without its calls
+                    y = args[1]
+                    ty = type(y)
+                    if ty is float or ty is int:
+                        out = func(x._raw, y)
+                        return _new(out, x._plates) if type(out) is _T else wrap_same(out, x._plates)
+                    if ty is _PT and y._plates is x._plates and y._raw.dim() == x._raw.dim():
+                        return _new(func(x._raw, y._raw), x._plates)
         return impl(func, args, kwargs or {})
     except PlateError as e:
         # storch's own refusal (an in-place write into a plain tensor, ...) of a call whose index is a
