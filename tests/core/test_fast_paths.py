@@ -511,3 +511,20 @@ def test_pointwise_with_a_number_or_the_same_plates_is_one_raw_call():
             fn()
             _, seen = calls(fn)
             assert "broadcast" in seen
+
+
+def test_a_cost_on_a_sample_plate_skips_the_constant_cost_check():
+    # the toy's cost: a score-function node's samples need no grad, nor does the cost, but it carries the node's
+    # plate (first among its plates): no constant, so add_cost does not call the warning's check
+    theta = torch.zeros(2, 3)
+    with storch.Graph():
+        x = storch.denote_independent(theta, 0, "data")
+        z = storch.estimator("reparameterization", plate="z", n_samples=4)(Normal(x, 1.0))
+        cost = (z ** 2).sum(-1)
+        assert not cost.requires_grad and not cost.plates[0].independent
+        _, seen = calls(lambda: storch.add_cost(cost, name="c"))
+        assert "_warn_constant" not in seen
+        # a control: a cost on the data plate alone that needs no grad is a constant: checked, and warned of
+        with pytest.warns(storch.ConstantCostWarning):
+            _, seen = calls(lambda: storch.add_cost(x.sum(-1), name="d"))
+        assert "_warn_constant" in seen

@@ -294,7 +294,10 @@ class Graph:
             self.check_plates(plates, f"cost {label!r}")
         if credit is True and plates:
             self._check_node_plates(label, plates)
-        if not raw.requires_grad and credit is True and torch.is_grad_enabled():  # (one attribute read if it does)
+        # (one attribute read if it needs grad; a cost on a sample plate, which comes first, is no constant either:
+        # a score-function cost such as the toy's, of samples that need no grad, skips the warning's call)
+        if not raw.requires_grad and credit is True and (not plates or plates[0].independent) and (
+                torch.is_grad_enabled()):
             self._warn_constant(raw, plates, label)
         if credit is not True:
             if credit is not False:
