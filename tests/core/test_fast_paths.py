@@ -224,13 +224,14 @@ def test_bernoulli_log_prob_of_the_raw_distribution_skips_broadcast_all():
         _, seen = calls(lambda: est(d))
         node = storch.current_graph().nodes[0]
         assert "raw_log_prob" in seen and "broadcast_all" not in seen
+        assert "get_enum" not in seen  # torch's kernel itself, not F.binary_cross_entropy_with_logits' Python
         by_torch = Bernoulli(logits=theta, validate_args=False).log_prob(node.sample).sum(-1)
         assert torch.equal(node.gradient_values, by_torch)
         assert graph_ops(node.gradient_values) == graph_ops(by_torch)
         # the control: a Bernoulli given by its probabilities takes torch's log_prob, and the probe sees it
         est, d = _Plain(plate="p", n_samples=5), Bernoulli(probs=torch.sigmoid(x))
         _, seen = calls(lambda: est(d))
-        assert "raw_log_prob" in seen and "broadcast_all" in seen
+        assert "raw_log_prob" in seen and "broadcast_all" in seen and "get_enum" in seen
 
 
 def test_plain_table_indexed_by_a_plate_tensor_is_one_raw_index():

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import torch
 from torch.distributions import Bernoulli, Distribution, Independent, Poisson
-from torch.nn.functional import binary_cross_entropy_with_logits
 
 from .support import _poisson_log_prob
 
 __all__ = ["raw_log_prob", "raw_sample"]
+
+_bce_with_logits = torch.binary_cross_entropy_with_logits
 
 
 def raw_log_prob(d: Distribution, value: torch.Tensor) -> torch.Tensor:
@@ -19,7 +20,8 @@ def raw_log_prob(d: Distribution, value: torch.Tensor) -> torch.Tensor:
     A ``Bernoulli`` given by its logits, without argument validation (the raw copy of a user's
     distribution), is computed as torch computes it, ``-binary_cross_entropy_with_logits``, with
     the logits expanded to the value's shape directly instead of through ``broadcast_all`` (its
-    Python checks and a second view for the value): the same kernel, values and derivatives. A ``Poisson`` (or an ``Independent`` of
+    Python checks and a second view for the value): the same kernel (called directly, not through
+    ``F.binary_cross_entropy_with_logits``), values and derivatives. A ``Poisson`` (or an ``Independent`` of
     one) is computed by :func:`_poisson_log_prob`: torch's values, and finite derivatives where a rate
     is exactly 0 (torch's are NaN there). Any other case (and any other distribution) calls
     ``d.log_prob``.
@@ -41,7 +43,9 @@ def raw_log_prob(d: Distribution, value: torch.Tensor) -> torch.Tensor:
                 if k > len(shape) or shape[len(shape) - k:] != logits.shape:
                     return d.log_prob(value)  # a broadcast of the value too: torch's own
                 logits = logits.expand(shape)
-            return -binary_cross_entropy_with_logits(logits, value, reduction="none")
+            # torch's kernel as F.binary_cross_entropy_with_logits calls it (reduction "none" = 0), without that
+            # Python wrapper's checks (plain tensors of equal shapes here: its size check passes)
+            return -_bce_with_logits(logits, value, None, None, 0)
     return d.log_prob(value)
 
 
