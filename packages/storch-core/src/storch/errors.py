@@ -19,6 +19,8 @@ __all__ = [
     "UnusedSampleWarning",
     "IndependentStepWarning",
     "PrecisionWarning",
+    "ConstantCostWarning",
+    "UntrackedDrawWarning",
     "plate_error_from",
 ]
 
@@ -55,6 +57,15 @@ class ConstantCostWarning(UserWarning):
     Normal of fixed scale, a frozen module's weight decay); a reward computed per sample outside torch and then
     reduced (``r.sum()``) or put on a data plate gets no credit at all: wrap it back on the sample's plates,
     ``storch.PlateTensor(r, z.plates)`` (docs/plates.md, "A cost computed outside torch")."""
+
+
+class UntrackedDrawWarning(UserWarning):
+    """A plain draw (``dist.sample()``, ``torch.multinomial``, ``torch.bernoulli``, ...) on plate tensors from a
+    distribution whose parameters require grad: the draw carries no gradient to them and no estimator sees it,
+    so its score-function term is missing and the gradient of the expected cost is biased. Make the draw a storch
+    node (``storch.estimator("score", plate="y")(dist)``) for an unbiased gradient, or sample from detached
+    parameters (``Categorical(logits=logits.detach()).sample()``) where no gradient through the draw is wanted
+    (an environment's transition, scheduled sampling's token): that gives no warning (docs/partitions.md)."""
 
 
 class PlateError(StorchError, ValueError):

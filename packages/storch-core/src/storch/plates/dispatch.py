@@ -20,6 +20,7 @@ import torch
 
 from ..eager import mark_eager_only, set_eval_frame
 from ..errors import PlateError, plate_error_from
+from .draws import DRAWS, check_no_grad_call, watch_draw
 from .kit import (_is_inplace, _operands, dispatch, register, scan, too_many_samples, unwrap, wrap, wrap_same,
                   write_through)
 from .rules import indexing, losses, metadata, shape  # noqa: F401  (register their handlers)
@@ -173,6 +174,8 @@ def _implementation(func):
         impl = _watched(impl)
     elif func in CASTS:
         impl = _watched_cast(impl)
+    if func in DRAWS:
+        impl = watch_draw(impl)
     _IMPL[func] = impl
     return impl
 
@@ -523,8 +526,10 @@ def _torch_function(cls, func, types, args=(), kwargs=None):
             return _torch_function(cls, func, types, args, kwargs)
         finally:
             set_eval_frame(prior)
-    if not _grad_enabled() and not _fw_grad_enabled():
-        _check_custom_function(func, args, kwargs)
+    if not _grad_enabled():
+        if not _fw_grad_enabled():
+            _check_custom_function(func, args, kwargs)
+        check_no_grad_call(func, args, kwargs)  # a torch.distributions .sample() of learned parameters (draws)
     impl = _IMPL.get(func)
     if impl is None:
         impl = _implementation(func)
