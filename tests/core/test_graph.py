@@ -112,6 +112,9 @@ def test_empty_data_plate_is_an_error_not_a_nan_loss():
             storch.denote_independent(theta, 0, "data")
         with pytest.raises(storch.PlateError, match="0 data points"):
             storch.denote_independent((theta, torch.zeros(0)), 0, "batch")
+        # a batch split into labelled and unlabelled points: skip the empty branch, not the whole step
+        with pytest.raises(storch.PlateError, match=r"sub-batches \(labelled and unlabelled.*skip that sub-batch"):
+            storch.denote_independent(theta, 0, "labelled")
     with storch.Graph():  # the step was discarded; a non-empty batch works
         x = storch.denote_independent(torch.zeros(2, 3), 0, "data")
         assert x.plates[0].size == 2

@@ -459,7 +459,9 @@ class Graph:
             raise PlateError(
                 f"denote_independent: plate {plate!r} would hold 0 data points (dim {dim} of a tensor of shape "
                 f"{tuple(tensor.shape)} has size 0); the surrogate averages over the data points, and a mean over "
-                "none is undefined (NaN). Skip empty batches before the step")
+                "none is undefined (NaN). Skip empty batches before the step; where the batch is split into "
+                "sub-batches (labelled and unlabelled data points), skip that sub-batch's denote_independent and "
+                "its costs (`if x_lab.shape[0] > 0:`), not the whole step")
         p = Plate(plate, raw.shape[0], True, 0, Lineage())
         self.claim_plate(plate, p)
         return PlateTensor._wrap(raw, (p,) + parents)
