@@ -71,3 +71,45 @@ def test_a_cost_that_mixes_data_points_is_exact_with_the_batch_as_a_per_sample_d
     g = torch.stack(out)
     assert g.std() > 0
     assert abs(_z(g, exact)) < 4
+
+
+def _m2_step(phi, F, labelled, y_obs, est):
+    """docs/plates.md, "A variable observed for some data points": sample y for every point, then
+    torch.where(observed, y_obs, y_sample); the classification loss on the labelled points, log q masked."""
+    with storch.Graph():
+        logits, f, lab, yo = storch.denote_independent((phi, F, labelled, y_obs), 0, "data")
+        q = torch.distributions.Categorical(logits=logits)
+        y_sample = est(q)
+        y = torch.where(lab, yo, y_sample)
+        storch.add_cost(f[y], name="elbo")
+        storch.add_cost(torch.where(lab, 0.0, q.log_prob(y_sample)), name="log_q")
+        storch.add_cost(torch.where(lab, -q.log_prob(yo), 0.0), name="classify")
+        return torch.autograd.grad(storch.surrogate_loss(), phi)[0]
+
+
+@pytest.mark.parametrize("baseline", [None, "leave_one_out"])
+def test_a_variable_observed_for_some_data_points_is_exact(baseline):
+    """The semi-supervised VAE (M2) pattern: the gradient is the exact one of
+    mean_b [labelled_b (F_b[y_b] - log q_b(y_b)) + (1 - labelled_b) E_q_b (F_b[y] + log q_b(y))], |z| < 4 per entry."""
+    g = torch.Generator().manual_seed(1)
+    phi0, F = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g) * 3
+    labelled, y_obs = torch.tensor([True, False, True, False]), torch.tensor([2, 0, 1, 1])
+    phi = phi0.clone().requires_grad_()
+    lq = phi.log_softmax(-1)
+    per = torch.where(labelled, F.gather(1, y_obs[:, None])[:, 0] - lq.gather(1, y_obs[:, None])[:, 0],
+                      (lq.exp() * (F + lq)).sum(-1))
+    exact = torch.autograd.grad(per.mean(), phi)[0]
+    torch.manual_seed(0)
+    R = 400
+    opts = {"baseline": baseline} if baseline else {}
+    gs = torch.stack([_m2_step(phi0.clone().requires_grad_(), F, labelled, y_obs,
+                               storch.estimator("score", plate="y", n_samples=4, **opts)) for _ in range(R)])
+    se = gs.std(0) / R ** 0.5
+    unl = ~labelled
+    z = (gs.mean(0)[unl] - exact[unl]) / se[unl]
+    assert z.abs().max() < 4, z
+    # the labelled points' gradient is the classification loss's alone: exact, up to the score term of their
+    # (unused) samples, which has mean 0 (and is 0 with a leave-one-out baseline: their costs do not vary)
+    zl = (gs.mean(0)[labelled] - exact[labelled]) / se[labelled].clamp_min(1e-12)
+    assert ((zl.abs() < 4) | ((gs.mean(0)[labelled] - exact[labelled]).abs() < 1e-6)).all(), zl
+    assert (exact[unl].abs() > 8 * se[unl]).any()  # the test can tell a wrong gradient
