@@ -36,7 +36,10 @@ class PlackettLuce(Distribution):
     def _terms(self, value):
         """log p of each rank given the ranks before it."""
         ranked = self.logits.expand(value.shape[:-1] + self.logits.shape[-1:]).gather(-1, value)
-        return ranked - torch.logcumsumexp(ranked.flip(-1), -1).flip(-1)
+        n = ranked.shape[-1]
+        tail = torch.ones(n, n, dtype=torch.bool, device=ranked.device).triu()  # row i: ranks i..n-1
+        # as in the docs: a masked logsumexp, whose Hessian is finite where torch.logcumsumexp's is NaN
+        return ranked - ranked.unsqueeze(-2).masked_fill(~tail, float("-inf")).logsumexp(-1)
 
     def log_prob(self, value):
         return self._terms(value).sum(-1)

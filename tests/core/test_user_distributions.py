@@ -47,6 +47,22 @@ def test_expect_on_a_correct_user_distribution_is_exact():
     assert torch.allclose(g, torch.autograd.functional.jacobian(_exact, LOGITS))
 
 
+def test_expect_on_a_user_distribution_is_exact_at_order_2():
+    """A top-1 precision cost (item 0 ranked first): P = softmax(logits)[0], so the exact Hessian is the
+    softmax's. log_prob by torch.logcumsumexp gave a NaN Hessian (its second derivative is NaN where the value
+    multiplying log p is exactly 0); the masked logsumexp of the docs' example is finite and exact."""
+    top = torch.tensor([1.0, 0.0, 0.0], dtype=D)
+    theta = LOGITS[0].clone().requires_grad_(True)
+    with storch.Graph():
+        z = storch.estimator("expect", plate="z")(PlackettLuce(theta))
+        storch.add_cost(-top[z[..., 0]])
+        g, = torch.autograd.grad(storch.surrogate_loss(order=2), theta, create_graph=True)
+        hess = torch.stack([torch.autograd.grad(g[i], theta, retain_graph=True)[0] for i in range(3)])
+    exact = torch.autograd.functional.hessian(lambda lg: -lg.softmax(-1)[0], LOGITS[0])
+    assert torch.isfinite(hess).all()
+    assert torch.allclose(hess, exact)
+
+
 def test_enumerate_support_not_implemented_is_named():
     with pytest.raises(storch.UnsupportedDistributionError,
                        match=r"estimator 'expect'.*NoEnumeration declares has_enumerate_support = True, but its "
