@@ -725,3 +725,62 @@ def test_a_padding_mask_on_a_data_plate_is_refused_naming_that_plate():
             cost[z.bool() & m]
         assert "'data' (a data plate), 'z' (a sample plate)" in str(err.value) or \
             "'z' (a sample plate), 'data' (a data plate)" in str(err.value)
+
+
+# -- a sampled count used as a size, a length or a slice bound (a variable length) --------------------
+
+SIZE_USES = {
+    "range(n)": lambda n, z: sum(z[..., i] for i in range(n)),
+    "z[:n]": lambda n, z: z[..., :n].sum(-1),
+    "n.item()": lambda n, z: z[..., :n.item()].sum(-1),
+    "torch.arange(n)": lambda n, z: torch.arange(n).float().sum(),
+    "z.narrow(-1, 0, n)": lambda n, z: z.narrow(-1, 0, n).sum(-1),
+    "torch.narrow(z, -1, start=n, length=1)": lambda n, z: torch.narrow(z, -1, start=n, length=1).sum(-1),
+}
+
+
+def _count_and_bits(use, est="expect"):
+    phi = torch.tensor([0.2, -0.1, 0.4, 0.0], dtype=torch.float64, requires_grad=True)  # n in 0..3
+    psi = torch.tensor([0.3, -0.5, 1.0], dtype=torch.float64, requires_grad=True)  # 3 bits, M = 3
+    with storch.Graph():
+        n = storch.estimator(est, plate="n")(torch.distributions.Categorical(logits=phi))
+        z = storch.estimator(est, plate="z")(torch.distributions.Bernoulli(logits=psi))
+        storch.add_cost(use(n, z))
+        return phi, psi, storch.surrogate_loss()
+
+
+@pytest.mark.parametrize("label", list(SIZE_USES))
+def test_a_sampled_size_names_the_mask_over_a_maximum_length(label):
+    """p-struct (AIR-style variable length): range(n) and z[:n] advised `table[z]`, torch.arange(n) 'keep the
+    number a fixed constant', narrow passed vmap's '.item()' text; none named what works, a mask over a
+    maximum length."""
+    with pytest.raises(storch.PlateError) as err:
+        _count_and_bits(SIZE_USES[label])
+    msg = str(err.value)
+    assert "a size, a length or a slice bound" in msg and "fixed maximum length M" in msg
+    assert "`z * (torch.arange(M) < n.unsqueeze(-1))`" in msg
+    assert "vmap" not in msg and ".item()" not in msg
+    if "narrow" in label:
+        assert ("sampled length" if "length=1" not in label else "sampled start") in msg
+
+
+def test_a_float_sample_as_a_number_does_not_advise_a_length_mask():
+    x = PlateTensor(torch.tensor([0.5, 1.5]), (A,))
+    with pytest.raises(storch.PlateError) as err:
+        float(x)
+    assert "needs a single value" in str(err.value) and "maximum length" not in str(err.value)
+
+
+def test_the_advised_length_mask_is_exact():
+    """The advice, `z * (torch.arange(M) < n.unsqueeze(-1))`, under expect: E[sum_{i<n} z_i] =
+    sum_i P(n > i) sigmoid(psi_i), value and gradient."""
+    phi, psi, loss = _count_and_bits(lambda n, z: (z * (torch.arange(3) < n.unsqueeze(-1))).sum(-1))
+    g = torch.autograd.grad(loss, (phi, psi))
+
+    def exact(phi, psi):
+        p_more = 1 - phi.softmax(-1).cumsum(-1)[:3]  # P(n > i), i = 0, 1, 2
+        return (p_more * psi.sigmoid()).sum()
+
+    assert torch.allclose(loss, exact(phi.detach(), psi.detach()))
+    ex = torch.autograd.functional.jacobian(exact, (phi.detach(), psi.detach()))
+    assert all(torch.allclose(a, b) for a, b in zip(g, ex))

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ..errors import PlateError
-from .tensor import Plate, PlateTensor, _names, align, map_tensors
+from .tensor import SAMPLED_SIZE, Plate, PlateTensor, _names, align, map_tensors
 from .tensor import new_plate_tensor as _new
 from .treatments import register_plate_handler
 
@@ -122,11 +122,13 @@ def too_many_samples(x: PlateTensor, what: str) -> PlateError:
     n = math.prod(p.size for p in x._plates)
     one = (" (one entry here, but a Python number leaves the plates: a cost computed through it would get no "
            "credit from the estimators)" if n == 1 else "")
+    size = ("" if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype is torch.bool
+            else ". " + SAMPLED_SIZE)
     return PlateError(
         f"{what} needs a single value, but this PlateTensor holds one value per plate entry, {n} over plates "
         f"{_names(x._plates)}{one}. Keep computing with the tensor (index with it: `table[z]`), reduce over "
         "the plates first (storch.surrogate_loss does that for costs) or use `.tensor` to get the raw values "
-        "with the plate dims first"
+        f"with the plate dims first{size}"
     )
 
 

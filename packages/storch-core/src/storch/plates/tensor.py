@@ -308,13 +308,20 @@ class PlateTensor(torch.Tensor):
             raise PlateError(
                 "a PlateTensor was passed where torch takes a Python number (an int or float argument such as "
                 "an index, a shift or a size): one number cannot hold every sample's value. Index with the "
-                "plate tensor instead (`x[i]`, `x[:, i]`, `torch.gather`), or keep the number a fixed constant")
+                "plate tensor instead (`x[i]`, `x[:, i]`, `torch.gather`), or keep the number a fixed constant. "
+                + SAMPLED_SIZE)
         raise PlateError(
             f"{func} reached a PlateTensor below __torch_function__: a sparse tensor (torch.sparse_coo_tensor), "
             "a custom C++ operator or another code path that bypasses torch's Python dispatch. Plate tensors work "
             "with dense torch operations: build the dense tensor instead (index_add, scatter_add, a dense "
             "adjacency mask), or pass `.tensor` explicitly and handle the plate dimensions (leading) yourself"
         )
+
+
+SAMPLED_SIZE = (
+    "Where the number is a size, a length or a slice bound (`range(n)`, `x[:n]`, `torch.arange(n)`, "
+    "`x.narrow(d, 0, n)`: a variable length), the shapes cannot differ per sample: keep a fixed maximum length "
+    "M and mask the entries past n, `z * (torch.arange(M) < n.unsqueeze(-1))` (or `torch.where` with that mask)")
 
 
 def new_plate_tensor(tensor: torch.Tensor, plates: tuple[Plate, ...]) -> PlateTensor:

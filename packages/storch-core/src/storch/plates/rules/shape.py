@@ -21,7 +21,7 @@ from ..kit import dispatch, register, scan, wrap, wrap_same
 from .pointwise import broadcast
 from .sparse import is_sparse, sparse_matmul
 from .vmap import vmap_call
-from ..tensor import PlateTensor, align, union_plates
+from ..tensor import SAMPLED_SIZE, PlateTensor, align, union_plates
 
 _PT = PlateTensor
 _T = torch.Tensor
@@ -214,8 +214,22 @@ def _linalg_norm(func, args, kwargs):
         return vmap_call(func, args, kwargs)
     return _norm(func, args, kwargs)
 for _name in ["softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin",
-              "unbind", "narrow", "sort", "argsort"]:  # select, index_select: in .indexing
+              "unbind", "sort", "argsort"]:  # select, index_select: in .indexing
     register(*_both(_name))(_dim_handler(1, default={"unbind": 0, "sort": -1, "argsort": -1}.get(_name)))
+_narrow_dim = _dim_handler(1)
+
+
+@register(*_both("narrow"))
+def _narrow(func, args, kwargs):
+    """dim counts per-sample dims; a sampled start or length is refused (a PlateError: mask over a fixed length)"""
+    bounds = list(args[2:4]) + [kwargs.get(k) for k in ("start", "length")]
+    for name, b in zip(("start", "length", "start", "length"), bounds):
+        if type(b) is _PT:
+            raise PlateError(
+                f"narrow got a sampled {name} (a PlateTensor over plates {tuple(p.name for p in b._plates)}): "
+                "narrow takes one Python number, and the slice it makes cannot start or end differently per "
+                "sample. " + SAMPLED_SIZE)
+    return _narrow_dim(func, args, kwargs)
 _diff_dim = _dim_handler(2, default=-1)  # diff(input, n, dim, prepend, append)
 
 
