@@ -20,7 +20,7 @@ from torch.distributions import Bernoulli
 from storch import Node
 from storch.extending import assume, is_tracing, table_cache
 
-from ._support import support_log_probs, to_work
+from ._support import support_log_probs, support_table, to_work
 
 __all__ = ["stochastic_beam_search", "sample_without_replacement", "order_gumbels", "beam_step", "top_possible"]
 
@@ -219,7 +219,7 @@ def stochastic_beam_search(node: Node, k: int, max_candidates: Optional[int] = N
         before ``to_work``: the dtype the estimator returns l and w in).
     """
     d = node.distribution
-    support = d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
+    support = support_table(d)  # (K, *event); a OneHotCategorical's rows of eye(K) never built
     n_cat = support.shape[0]
     event = tuple(d.event_shape)
     parents = tuple(d.batch_shape[:len(node.parents)])
@@ -247,7 +247,7 @@ def stochastic_beam_search(node: Node, k: int, max_candidates: Optional[int] = N
     if padded:
         logp = logp.masked_fill(torch.isneginf(phi.t()), -math.inf)  # phi: (P, m)
     # contiguous in (m, P, n) order (``choices`` is a transposed view; an indexed result follows its layout)
-    values = support.reshape((n_cat,) + event)[choices.contiguous()]  # (m, P, n, *event)
+    values = support[choices.contiguous()]  # (m, P, n, *event)
     return (values.reshape((m,) + parents + own + event), logp.reshape((m,) + parents), g.reshape((m,) + parents),
             lp.dtype)
 
@@ -276,7 +276,7 @@ def sample_without_replacement(node: Node, k: int, draws: Optional[int] = None
     """
     d = node.distribution
     bernoulli = type(d) is Bernoulli  # log p of both values from the logits: no support, no validation
-    support = None if bernoulli else d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
+    support = None if bernoulli else support_table(d)  # (K, *event); OneHotCategorical: never built
     n_cat = 2 if bernoulli else support.shape[0]
     event = tuple(d.event_shape)
     parents = tuple(d.batch_shape[:len(node.parents)])
@@ -316,7 +316,7 @@ def sample_without_replacement(node: Node, k: int, draws: Optional[int] = None
                                                   reduction="none").sum(-1).neg()
     else:
         logp = to_work(lp.unsqueeze(0).expand(k, n_cat, p, n).gather(1, choices.unsqueeze(1)).squeeze(1)).sum(-1)
-        values = support.reshape((n_cat,) + event)[choices.contiguous()]  # (k, P, n, *event)
+        values = support[choices.contiguous()]  # (k, P, n, *event)
     if logp.shape != (k,) + parents:  # (a reshape to its own shape is still an autograd node)
         logp = logp.reshape((k,) + parents)
     return values.reshape((k,) + parents + own + event), logp, None, lp.dtype

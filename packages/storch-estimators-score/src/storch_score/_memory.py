@@ -28,7 +28,7 @@ from storch import Node, OptionError
 from storch.extending import assume, is_tracing
 
 from ._beam import _gumbel_like, _traced_finite
-from ._support import support_log_probs, to_work
+from ._support import dense, support_log_probs, support_table, to_work
 
 __all__ = ["VariableTable", "top_k_codes", "codes_of", "first_occurrences", "sample_outside", "log1mexp"]
 
@@ -56,14 +56,14 @@ class VariableTable:
 
     def __init__(self, node: Node, grad: bool = False) -> None:
         d = node.distribution
-        support = d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
+        support = support_table(d)  # (K, *event); a OneHotCategorical's rows of eye(K) never built
         self.n_values = support.shape[0]
         self.event = tuple(d.event_shape)
         self.parents = tuple(d.batch_shape[:len(node.parents)])
         self.own = tuple(d.batch_shape[len(node.parents):])
         self.n = math.prod(self.own)
         self.p = math.prod(self.parents)
-        self.support = support.reshape((self.n_values,) + self.event)
+        self.support = support
         self.bernoulli = type(d) is Bernoulli  # support (0, 1): a value is its index
         grad = grad and torch.is_grad_enabled()
         if self.bernoulli:
@@ -167,7 +167,7 @@ def codes_of(values: torch.Tensor, table: VariableTable, who: str) -> torch.Tens
             f"(k', {', '.join(map(str, per_value))}) or with the parent plates {table.parents} after k'")
     k = values.shape[0]
     flat = values.reshape((k, table.p, table.n, -1)).to(table.support.dtype)  # (k', P, n, E)
-    sup = table.support.reshape(table.n_values, -1)  # (K, E)
+    sup = dense(table.support).reshape(table.n_values, -1)  # (K, E)
     eq = (flat.unsqueeze(-2) == sup).all(-1)  # (k', P, n, K)
     check_in_support(eq.any(-1).all(), who)
     return eq.to(torch.uint8).argmax(-1)

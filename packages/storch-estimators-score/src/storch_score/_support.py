@@ -6,11 +6,13 @@ import itertools
 import math
 
 import torch
-from torch.distributions import Categorical, OneHotCategorical
+import torch.nn.functional as F
+from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 
 from storch import Node, UnsupportedDistributionError
 
-__all__ = ["enumerate_joint", "enumerate_values", "masked_logsumexp", "support_log_probs", "to_work"]
+__all__ = ["OneHotRows", "dense", "enumerate_joint", "enumerate_values", "masked_logsumexp", "n_categories",
+           "support_log_probs", "support_table", "to_work"]
 
 REDUCED = (torch.float16, torch.bfloat16)
 
@@ -38,25 +40,24 @@ def enumerate_joint(node: Node, budget: int, who: str) -> tuple[torch.Tensor, to
 
 
 def enumerate_values(d, n_plates: int, budget: int, who: str, plate: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`enumerate_joint` for a raw distribution whose first ``n_plates`` batch dims are plates."""
-    support = d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
-    k = support.shape[0]
+    """:func:`enumerate_joint` for a raw distribution whose first ``n_plates`` batch dims are plates.
+
+    A OneHotCategorical's values are a :class:`OneHotRows` (indexed as the tensor would be)."""
+    single = support_table(d)  # (K, *event)
+    k = single.shape[0]
     event = tuple(d.event_shape)
-    single = support.reshape((k,) + event)
     own = tuple(d.batch_shape[n_plates:])
     n = math.prod(own)
-    if not own and type(d) is Categorical:
+    if not own and type(d) in (Categorical, OneHotCategorical):
         # one variable per entry: log p of every value is the normalised logits (support_log_probs), and the
-        # values are arange(K): nothing is listed beyond the K logits, so no budget applies (a 32000-token
-        # vocabulary was refused at the default budget of 4096)
-        return single, support_log_probs(d, support)
+        # values are arange(K) or the rows of eye(K), never built: nothing is listed beyond the K logits, so
+        # no budget applies (a 32000-token vocabulary was refused at the default budget of 4096)
+        return single, support_log_probs(d, single)
     if k ** n > budget:
         raise UnsupportedDistributionError(
             f"{who}: the node on plate {plate!r} has {k}^{n} = {k ** n} joint values, more than "
             f"budget={budget}; raise `budget`, split the node into several nodes, or use 'score'"
         )
-    if not own and type(d) is OneHotCategorical:  # as Categorical, but its K values are K one-hot rows
-        return single, support_log_probs(d, support)
     idx = _joint_index(k, n, single.device)
     values = single[idx].reshape((k ** n,) + own + event)
     if type(d) in (Categorical, OneHotCategorical):
@@ -74,18 +75,69 @@ def enumerate_values(d, n_plates: int, budget: int, who: str, plate: str) -> tup
     return values, logp
 
 
-def support_log_probs(d, support: torch.Tensor) -> torch.Tensor:
+def support_table(d):
+    """The values of one variable of ``d``, ``(K, *event)``: ``enumerate_support(expand=False)`` without its
+    batch dims. A OneHotCategorical's, the rows of ``eye(K)``, as a :class:`OneHotRows` that is never built:
+    its K x K table was the largest tensor of a step (5000 categories: 100 MB, 10x a Categorical's time)."""
+    if type(d) is OneHotCategorical:
+        return OneHotRows(d._categorical.logits.shape[-1], d._param.dtype, d._param.device)
+    support = d.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
+    return support.reshape((support.shape[0],) + tuple(d.event_shape))
+
+
+class OneHotRows:
+    """The support of a OneHotCategorical with K categories, the rows of ``eye(K)``, without building it:
+    ``rows[idx]`` is the one-hot rows of the indices ``idx`` (``F.one_hot``, the dtype of torch's
+    ``enumerate_support``), O(K) per row handed out instead of the K x K table."""
+
+    def __init__(self, k: int, dtype: torch.dtype, device: torch.device):
+        self.k, self.dtype, self.device = k, dtype, device
+        self.shape = torch.Size((k, k))
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(idx, self.k).to(self.dtype)
+
+    def reshape(self, shape) -> OneHotRows:
+        if tuple(shape) != (self.k, self.k):
+            raise ValueError(f"OneHotRows of {self.k} categories reshaped to {tuple(shape)}")
+        return self
+
+    def dense(self) -> torch.Tensor:
+        """The K x K table (``enumerate_support(expand=False)``), for the rare paths that compare values."""
+        return torch.eye(self.k, dtype=self.dtype, device=self.device)
+
+
+def dense(values) -> torch.Tensor:
+    """The values of :func:`enumerate_values` or :func:`support_table` as a tensor (a :class:`OneHotRows`
+    built: for the rare paths that compare values, memory= and eos=)."""
+    return values.dense() if type(values) is OneHotRows else values
+
+
+def n_categories(d) -> int:
+    """The number of values of one variable of ``d`` (the first dim of ``enumerate_support``), without
+    listing them where it is known: a Categorical's or OneHotCategorical's K from its logits, a Bernoulli's 2."""
+    if type(d) in (Categorical, OneHotCategorical):
+        return (d if type(d) is Categorical else d._categorical).logits.shape[-1]
+    if type(d) is Bernoulli:
+        return 2
+    return d.enumerate_support(expand=False).shape[0]
+
+
+def support_log_probs(d, support) -> torch.Tensor:
     """log p of every value of every variable of ``d``: ``(K, *batch)``, with gradient.
 
-    ``support`` is ``d.enumerate_support(expand=False)``. For a Categorical or OneHotCategorical the
-    normalised logits are those values (what ``log_prob`` reads), O(K · batch); ``log_prob`` of the
-    expanded support broadcasts each value against all K logits, (K, *batch, K), and its backward
-    materialises that (400 GB for 5000 categories on 2000 data points).
+    ``support`` is :func:`support_table` of ``d`` (or ``d.enumerate_support(expand=False)``). For a
+    Categorical or OneHotCategorical the normalised logits are those values (what ``log_prob`` reads),
+    O(K · batch); ``log_prob`` of the expanded support broadcasts each value against all K logits,
+    (K, *batch, K), and its backward materialises that (400 GB for 5000 categories on 2000 data points).
     """
     if type(d) in (Categorical, OneHotCategorical):
         cat = d if type(d) is Categorical else d._categorical
         return cat.logits.movedim(-1, 0)
-    return d.log_prob(support.expand((support.shape[0],) + tuple(d.batch_shape) + tuple(d.event_shape)))
+    event = tuple(d.event_shape)
+    k = support.shape[0]
+    full = support.reshape((k,) + (1,) * len(d.batch_shape) + event)
+    return d.log_prob(full.expand((k,) + tuple(d.batch_shape) + event))
 
 
 _JOINT_INDEX: dict = {}

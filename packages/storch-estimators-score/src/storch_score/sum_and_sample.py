@@ -22,7 +22,7 @@ from storch.extending import assume, is_tracing, leave_one_out, options
 from ._memory import (VariableTable, _memory_lp, check_in_support, codes_of, first_occurrences, sample_outside,
                       top_k_codes)
 from ._sum_and_sample_options import NAME, check_baseline, check_n_enumerate
-from ._support import enumerate_joint, masked_logsumexp, to_work
+from ._support import dense, enumerate_joint, masked_logsumexp, n_categories, to_work
 from .sum_and_sample_sequences import SumAndSampleSequences
 
 __all__ = ["SumAndSample", "MemoryState"]
@@ -247,7 +247,7 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
 
     def proposal(self, node: Node) -> torch.Tensor:
         d = node.distribution
-        n_values = d.enumerate_support(expand=False).shape[0] ** math.prod(d.batch_shape[len(node.parents):])
+        n_values = n_categories(d) ** math.prod(d.batch_shape[len(node.parents):])
         if n_values > self.budget:
             return self._beyond_budget(node, n_values)
         values, logp = enumerate_joint(node, self.budget, self.name)  # (M, *own, *event), (M, *parents)
@@ -269,7 +269,7 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
             first = torch.isfinite(top.values)
             top = torch.where(first, top.indices, top.indices[:1].expand_as(top.indices))
         else:
-            top = _memory_indices(self.memory, node, values)
+            top = _memory_indices(self.memory, node, dense(values))
             k = top.shape[0]
             # a memory value of probability 0 in an entry (a mask) is summed there as the entry's most
             # probable value instead, counted once: another memory set, as unbiased, and the user's cost

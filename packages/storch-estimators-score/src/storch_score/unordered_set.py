@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from torch.distributions import Bernoulli, Distribution
+from torch.distributions import Distribution
 
 from storch import CostFrame, Estimator, Node, OptionError, StorchError
 from storch.extending import align, is_tracing, options, table_cache
 
 from ._beam import _gumbel_like, beam_step, order_gumbels, sample_without_replacement, top_possible
-from ._support import REDUCED, enumerate_joint, enumerate_values, masked_logsumexp, to_work
+from ._support import REDUCED, dense, enumerate_joint, enumerate_values, masked_logsumexp, n_categories, to_work
 
 __all__ = ["UnorderedSet", "SetState"]
 
@@ -141,7 +141,7 @@ class UnorderedSet(Estimator):
 
     def proposal(self, node: Node) -> torch.Tensor:
         d = node.distribution
-        n_cat = 2 if type(d) is Bernoulli else d.enumerate_support(expand=False).shape[0]
+        n_cat = n_categories(d)
         n_values = n_cat ** math.prod(d.batch_shape[len(node.parents):])
         if n_values <= self.budget:
             values, logp = enumerate_joint(node, self.budget, self.name)  # (M, *own, *event), (M, *parents)
@@ -202,7 +202,7 @@ class UnorderedSet(Estimator):
         values, lp = enumerate_values(distribution, len(plates), self.budget, self.name, self.plate)  # (M, *plates)
         if self.eos is not None:  # a finished prefix continues with eos, with probability 1
             done = align(node.finished, prev, plates).expand(tuple(p.size for p in plates))
-            is_end = self.is_eos(distribution, values, len(plates)).reshape((-1,) + (1,) * len(plates))
+            is_end = self.is_eos(distribution, dense(values), len(plates)).reshape((-1,) + (1,) * len(plates))
             forced = torch.where(is_end, torch.zeros((), dtype=lp.dtype), torch.full((), -math.inf, dtype=lp.dtype))
             lp = torch.where(done.unsqueeze(0), forced, lp)
         lp = lp.expand((lp.shape[0],) + tuple(p.size for p in plates))
