@@ -357,6 +357,119 @@ def test_refuse_create_graph_refuses_a_second_derivative_only():
     refuse_create_graph(torch.ones(2), lambda: "never")  # no gradient: nothing to hook
 
 
+def _in_thread(fn):
+    """fn() run in another thread; its result (or the exception it raised)."""
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 (handed back to the test)
+            out["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def _hooked_score_step(calls):
+    """A score-function step whose plate tensor h = z * W has a hook that negates its gradient: W.grad is
+    exactly -mean_z z (the cost's path to W goes through h; the score term does not reach W)."""
+    torch.manual_seed(0)
+    theta = torch.zeros(3, requires_grad=True)
+    w = torch.ones(3, requires_grad=True)
+    with storch.Graph():
+        z = storch.estimator("score", plate="z", n_samples=2)(Bernoulli(logits=theta))
+        h = z * w
+        h.register_hook(lambda g: calls.append(1) or -g)
+        storch.add_cost(h.sum(), name="c")
+        storch.backward()
+    return w.grad.clone(), -raw_of(z).mean(0)
+
+
+def test_estimator_own_pass_leaves_other_threads_hooks_alone():
+    """estimator_own_pass() was a process-wide switch: while one thread was in it (RELAX's update of its control
+    variate), every other thread's backward pass skipped the user's register_hook hooks on plate tensors, a
+    silent wrong gradient ([1, .5, .5] for [-1, -.5, -.5], the hook called 0 times). Only the block's passes skip
+    them; a thread's own pass in its block still does."""
+    from storch.extending import estimator_own_pass
+
+    calls: list = []
+    alone, exact = _hooked_score_step(calls)
+    assert calls == [1] and torch.equal(alone, exact)
+    calls.clear()
+    with estimator_own_pass():
+        got, exact = _in_thread(lambda: _hooked_score_step(calls))
+        assert calls == [1] and torch.equal(got, exact) and torch.equal(got, alone)
+        calls.clear()
+        # this thread's passes in the block are the estimator's own: the hook is not run
+        skipped, _ = _hooked_score_step(calls)
+    assert calls == [] and torch.equal(skipped, -exact)
+
+
+def test_estimator_create_graph_leaves_other_threads_refusals_alone():
+    """estimator_create_graph() was a process-wide switch too: while one thread was in it, another thread's user
+    create_graph pass through an order-1 refusal (a kink) went through, a silent biased second derivative. It
+    is refused; the block's own thread's pass is let through."""
+    from storch.extending import estimator_create_graph, refuse_create_graph
+
+    theta = torch.tensor([0.3, -0.2], requires_grad=True)
+
+    def loss():
+        y = torch.relu(theta) * 2
+        refuse_create_graph(y, lambda: "a kink: refused")
+        return (y ** 2).sum()
+
+    with estimator_create_graph():
+        with pytest.raises(storch.OrderError, match=r"a kink: refused\. \(A `with storch\.extending\.estimator_create_graph"
+                           r"\(\):` block is open, but this pass is not its own.*own\(loss\)"):
+            _in_thread(lambda: torch.autograd.grad(loss(), theta, create_graph=True))
+        (g,) = torch.autograd.grad(loss(), theta, create_graph=True)
+    assert torch.equal(g.detach(), torch.tensor([2.4, 0.0]))
+
+
+def test_a_marked_pass_is_the_blocks_own_in_any_thread():
+    """A CUDA backward runs hooks in the autograd engine's device threads, not the block's: a pass from an
+    output marked with the block's marker (``with estimator_own_pass() as own: ...grad(own(t), ...)``) is the
+    block's own in whichever thread it runs (a pass run in another thread here), and only while it is open."""
+    from storch.extending import estimator_create_graph, estimator_own_pass, refuse_create_graph
+
+    calls: list = []
+    theta = torch.zeros(3, requires_grad=True)
+    w = torch.ones(3, requires_grad=True)
+    with storch.Graph():
+        torch.manual_seed(0)
+        z = storch.estimator("score", plate="z", n_samples=2)(Bernoulli(logits=theta))
+        h = z * w
+        h.register_hook(lambda g: calls.append(1) or -g)
+        obj = raw_of(h).sum()
+        exact = raw_of(z).sum(0)
+        with estimator_own_pass() as own:
+            marked = own(obj)
+            assert torch.equal(marked, obj)
+            (g,) = _in_thread(lambda: torch.autograd.grad(marked, w, retain_graph=True))
+            assert calls == [] and torch.equal(g, exact)  # the hook not run: the block's own pass
+            (g,) = _in_thread(lambda: torch.autograd.grad(obj, w, retain_graph=True))  # unmarked, other thread
+            assert calls == [1] and torch.equal(g, -exact)
+        (g,) = _in_thread(lambda: torch.autograd.grad(marked, w, retain_graph=True))  # the block is closed
+        assert calls == [1, 1] and torch.equal(g, -exact)
+        storch.reset()
+
+    y = torch.relu(theta + 0.5) * 2
+    refuse_create_graph(y, lambda: "a kink: refused")
+    with estimator_create_graph() as own:
+        marked = own((y ** 2).sum())
+        (g,) = _in_thread(lambda: torch.autograd.grad(marked, theta, retain_graph=True, create_graph=True))
+        assert g.requires_grad and torch.equal(g.detach(), torch.full((3,), 4.0))
+    with pytest.raises(storch.OrderError, match="a kink: refused"):
+        torch.autograd.grad(marked, theta, create_graph=True)
+
+
 def test_grid_sample_at_a_sampled_location_is_a_kink_and_linear_in_the_image():
     """A glimpse at a reparameterised location (F.grid_sample with the sample in the grid) was accepted at order
     2 with a biased second derivative (z 35-360 against quadrature; found by porting a recurrent attention

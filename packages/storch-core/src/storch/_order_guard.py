@@ -51,6 +51,7 @@ vmapped function differentiates twice: the refusal is hooked on, and the kink wa
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from typing import Any, Callable, Iterator
 
@@ -63,12 +64,112 @@ __all__ = ["estimator_create_graph", "estimator_own_pass", "in_estimator_own_pas
            "has_tangent", "forward_level_open", "outer_requires_grad", "FORWARD_OVER_REVERSE",
            "FUNCTORCH_OVER_OUTER", "unbatched", "CountedRefusal", "keep_counted_view"]
 
-# a depth, not a thread-local: the autograd engine runs the hooks of a CUDA backward in its own threads
-_OWN = [0]
+_graph_task_id = torch._C._current_graph_task_id  # -1 outside a backward pass
 
 
-@contextlib.contextmanager
-def estimator_create_graph() -> Iterator[None]:
+class _PassScope:
+    """Which autograd passes are an estimator's own (one scope for :func:`estimator_create_graph`, one for
+    :func:`estimator_own_pass`), never a process-wide switch: another thread's pass, while one thread is in
+    such a block, is the user's and runs its hooks and refusals as always.
+
+    A pass is the scope's when the thread that runs the hook is inside the block (a CPU backward runs its
+    hooks in the thread that started it), or when it is an autograd graph task that a block marked: the
+    block's marker (``own(t)``) passes its outputs through :class:`_Mark`, whose backward runs first in a
+    pass from them and records the pass's graph task id; the hooks a CUDA backward runs in the autograd
+    engine's device threads read that id (``torch._C._current_graph_task_id()``)."""
+
+    __slots__ = ("local", "tasks", "kind", "blocks")
+
+    def __init__(self, kind: str) -> None:
+        self.local = threading.local()
+        self.tasks: dict[int, int] = {}  # graph task id -> how many open blocks marked it
+        self.kind = kind
+        self.blocks = [0]  # open blocks in all threads (only for the hint of a refusal: never a switch)
+
+    def active(self) -> bool:
+        if getattr(self.local, "depth", 0):
+            return True
+        return bool(self.tasks) and _graph_task_id() in self.tasks
+
+    @contextlib.contextmanager
+    def block(self) -> Iterator["_Marker"]:
+        marker = _Marker(self)
+        self.local.depth = getattr(self.local, "depth", 0) + 1
+        self.blocks[0] += 1
+        try:
+            yield marker
+        finally:
+            self.blocks[0] -= 1
+            self.local.depth -= 1
+            marker.close()
+
+    def hint(self) -> str:
+        """What a refusal adds while a block is open in some thread (a pass it does not cover is refused)."""
+        if not self.blocks[0]:
+            return ""
+        return (f". (A `with storch.extending.{self.kind}():` block is open, but this pass is not its own: it was "
+                "started by another thread, or its hooks run in the autograd engine's threads (a CUDA backward). An "
+                f"estimator's own pass starts from outputs marked with the block's marker: `with {self.kind}() as "
+                "own: torch.autograd.grad(own(loss), ..., create_graph=True)`)")
+
+
+class _Marker:
+    """``own(t)``: ``t`` (a tensor, or a list / tuple of them) unchanged in value, marked so that every
+    autograd pass from it while the block is open is the block's, in whichever thread the engine runs it."""
+
+    __slots__ = ("scope", "recorded", "open")
+
+    def __init__(self, scope: _PassScope) -> None:
+        self.scope = scope
+        self.recorded: list[int] = []
+        self.open = True
+
+    def __call__(self, t: Any) -> Any:
+        if isinstance(t, (list, tuple)):
+            return type(t)(self(x) for x in t)
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return _Mark.apply(t, self)
+        return t
+
+    def record(self) -> None:
+        task = _graph_task_id()
+        if self.open and task >= 0:
+            tasks = self.scope.tasks
+            tasks[task] = tasks.get(task, 0) + 1
+            self.recorded.append(task)
+
+    def close(self) -> None:
+        self.open = False
+        tasks = self.scope.tasks
+        for task in self.recorded:
+            left = tasks.get(task, 0) - 1
+            if left > 0:
+                tasks[task] = left
+            else:
+                tasks.pop(task, None)
+        self.recorded.clear()
+
+
+class _Mark(torch.autograd.Function):
+    """The identity; its backward (the first node a pass from its output runs) records the pass as the
+    marker's block's own."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, marker: _Marker):
+        ctx.marker = marker
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.marker.record()
+        return grad, None
+
+
+_OWN = _PassScope("estimator_create_graph")
+_OWN_PASS = _PassScope("estimator_own_pass")
+
+
+def estimator_create_graph() -> contextlib.AbstractContextManager[_Marker]:
     """The ``create_graph=True`` passes in this block are an estimator's own (training its learned parts on
     the variance of the gradient, in ``update_parameters``), not a user's higher derivative of an order-1
     surrogate: the order-1 surrogate's refusal (see :func:`storch.surrogate_loss`) lets them through.
@@ -76,36 +177,38 @@ def estimator_create_graph() -> Iterator[None]:
     A user's pass may run in it too when what is differentiated afterwards depends on the first derivative
     only linearly through the storch term (GradNorm differentiates ‖w ∇L‖ in the loss weight w;
     learning-to-reweight, in per-example weights): no second derivative of the surrogate is taken, so the
-    order-1 estimators and kinks it would refuse are unbiased there."""
-    _OWN[0] += 1
-    try:
-        yield
-    finally:
-        _OWN[0] -= 1
+    order-1 estimators and kinks it would refuse are unbiased there.
+
+    Only this thread's passes are let through (another thread's create_graph pass is refused as always), and
+    of those the passes that run their hooks in this thread: a CPU backward does. A CUDA backward runs them in
+    the autograd engine's device threads: mark the outputs the pass starts from with the block's marker,
+    ``with estimator_create_graph() as own: torch.autograd.grad(own(loss), ..., create_graph=True)`` (``own``
+    returns its tensor, or list of tensors, unchanged in value; a pass from a marked output while the block is
+    open is its own in any thread). An unmarked CUDA pass is refused (``storch.OrderError``), never let
+    through silently."""
+    return _OWN.block()
 
 
-# (a depth, as _OWN: a CUDA backward runs the tensor hooks that read it in the autograd engine's threads)
-_OWN_PASS = [0]
-
-
-@contextlib.contextmanager
-def estimator_own_pass() -> Iterator[None]:
+def estimator_own_pass() -> contextlib.AbstractContextManager[_Marker]:
     """The autograd passes in this block differentiate an estimator's own objective, not the loss: the gradient
     of Σ ĝ² in the control variate's parameters φ (RELAX, REBAR, LAX's variance-minimising update). A user's
     gradient hook on a plate tensor (``register_hook``) is not run in them: it changes the loss's gradient, and
     what flows through the hooked tensor here is ∂(Σ ĝ²)/∂(tensor). (It runs in the loss's backward pass, and
     in the update's ``torch.autograd.grad(loss, ..., create_graph=True)`` that computes ĝ, so that the control
-    variate is trained on the variance of the gradient the parameters get.)"""
-    _OWN_PASS[0] += 1
-    try:
-        yield
-    finally:
-        _OWN_PASS[0] -= 1
+    variate is trained on the variance of the gradient the parameters get.)
+
+    Only this thread's passes are affected: another thread's backward pass meanwhile runs the user's hooks as
+    always. A CPU backward runs its hooks in the thread that started it; a CUDA backward runs them in the
+    autograd engine's device threads, so mark the objective the pass starts from with the block's marker:
+    ``with estimator_own_pass() as own: torch.autograd.grad(own(objective), params)`` (``own`` returns its
+    tensor, or list of tensors, unchanged in value). In an unmarked CUDA pass the user's hooks run."""
+    return _OWN_PASS.block()
 
 
 def in_estimator_own_pass() -> bool:
-    """Whether an :func:`estimator_own_pass` block is open."""
-    return _OWN_PASS[0] > 0
+    """Whether the running autograd pass (or this thread, outside one) is in an :func:`estimator_own_pass`
+    block: a pass this thread started in the block, or one from an output its marker marked."""
+    return _OWN_PASS.active()
 
 
 def forward_level_open() -> bool:
@@ -156,10 +259,10 @@ class _Refuse:
         self.always = always
 
     def __call__(self, grad: torch.Tensor) -> None:
-        if _OWN[0]:
+        if _OWN.active():
             return
         if torch.is_grad_enabled():
-            raise OrderError(self.message())
+            raise OrderError(self.message() + _OWN.hint())
         if (self.always and _fwAD._current_level >= 0) or has_tangent(grad):
             raise OrderError(self.message() + FORWARD_OVER_REVERSE)
 
@@ -232,7 +335,7 @@ class _Count:
         self.anchor = weakref.ref(tensor)
 
     def __call__(self, grad: torch.Tensor):
-        if _OWN[0] or not torch.is_grad_enabled():
+        if _OWN.active() or not torch.is_grad_enabled():
             return None  # a plain pass (forward-over-reverse: one derivative more than the passes, <= 2 here)
         anchor = self.anchor()
         if anchor is None:
@@ -256,12 +359,12 @@ class _Depth(torch.autograd.Function):
     def backward(ctx, out: torch.Tensor):
         refusal, depth = ctx.refusal, ctx.depth
         grad = out if ctx.needs_input_grad[0] else None
-        if _OWN[0]:
+        if _OWN.active():
             return grad, None, None, None
         building = torch.is_grad_enabled()
         if depth + 1 >= refusal.order:
             if building:
-                raise OrderError(refusal())
+                raise OrderError(refusal() + _OWN.hint())
             if has_tangent(out):  # forward over this reverse pass: one derivative more
                 raise OrderError(refusal() + FORWARD_OVER_REVERSE)
         if not building:

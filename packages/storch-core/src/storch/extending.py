@@ -96,6 +96,10 @@ Differentiating the loss in an update:
     :func:`estimator_own_pass` (``with estimator_own_pass():``) marks an update's autograd pass that
     differentiates its own objective, not the loss (the gradient of Σ ĝ² in the control variate's
     parameters): a user's gradient hook on a plate tensor (``register_hook``) is not run there.
+    Both switch only the passes of the thread in the block (never another thread's); mark the outputs
+    the pass starts from with the block's marker (``with estimator_own_pass() as own:
+    torch.autograd.grad(own(objective), params)``) so that a CUDA backward, which runs its hooks in the
+    autograd engine's threads, is the block's too.
     :func:`refuse_create_graph` marks a tensor of an estimator's term that the order-1 surrogate must not
     be differentiated twice through (a pathwise term whose output has a kink on the path from the sample,
     which :func:`require_smooth` returns at order 1): such a pass raises ``storch.OrderError``.

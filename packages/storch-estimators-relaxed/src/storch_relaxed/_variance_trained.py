@@ -144,13 +144,14 @@ class VarianceTrained(Estimator):
         if not params or not targets:
             return ()
         # storch's own create_graph pass: an order-1 node (ARM) elsewhere in the loss does not refuse it
-        with estimator_create_graph():
-            grads = torch.autograd.grad(loss, targets, retain_graph=True, create_graph=True, allow_unused=True)
+        # (own(): the pass is this block's also where a CUDA backward runs the hooks in the engine's threads)
+        with estimator_create_graph() as own:
+            grads = torch.autograd.grad(own(loss), targets, retain_graph=True, create_graph=True, allow_unused=True)
         var = sum((g ** 2).sum() for g in grads if g is not None)
         if not isinstance(var, torch.Tensor) or not var.requires_grad:
             return ()
-        with estimator_own_pass():  # (∂/∂φ Σ ĝ², not the loss's gradient: a user's register_hook is not run)
-            dphi = torch.autograd.grad(var, params, retain_graph=True, allow_unused=True)
+        with estimator_own_pass() as own:  # (∂/∂φ Σ ĝ², not the loss's gradient: a user's register_hook is not run)
+            dphi = torch.autograd.grad(own(var), params, retain_graph=True, allow_unused=True)
         dphi = tuple(torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, dphi))
         return VarianceGradient(dphi, all_finite([var.detach(), *dphi]))
 
