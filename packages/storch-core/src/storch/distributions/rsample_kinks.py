@@ -48,7 +48,7 @@ from ..plates.dispatch import CASTS, INDEX_VALUES, JUMPS, casts_to_jump
 from .parameters import grad_parameters
 
 __all__ = ["rsample_kinks", "rsample_walked", "rsample_params", "SMOOTH_RSAMPLE", "SMOOTH_TRANSFORMS", "IMPLICIT_REPARAMETERISATION",
-           "RsampleComparisons", "COMPARISON", "STRAIGHT_THROUGH", "PIECEWISE_CONSTANT", "WITH_INDICES", "ADDITIVE"]
+           "RsampleComparisons", "COMPARISON", "STRAIGHT_THROUGH", "PIECEWISE_CONSTANT", "WITH_INDICES", "ADDITIVE", "CARRIES", "DRAWS"]
 
 # the backward nodes of torch's implicit reparameterisation of the gamma family (torch._standard_gamma: Gamma, Chi2,
 # StudentT, FisherSnedecor, InverseGamma, Wishart; torch._sample_dirichlet: Dirichlet, Beta) -> 1: exact at order 1,
@@ -455,6 +455,28 @@ ADDITIVE: frozenset = _fns(("add", "add_", "__add__", "__radd__", "__iadd__", "s
                             "__isub__", "subtract", "subtract_", "rsub", "cat", "concat", "concatenate", "stack",
                             "hstack", "vstack", "dstack", "column_stack", "row_stack"))
 
+# the functions that carry their operands' summands into their result, scaled, cast or rearranged (a straight-through
+# part survives them: (soft - soft.detach()) * 2, .view(...), [..., 0], .to(float64)); a function not here (softmax,
+# a max, exp) ends them: logits - logits.detach().max() is a stabilised logit, no stop-gradient summand of the sample
+CARRIES: frozenset = _fns(("neg", "negative", "__neg__", "positive", "__pos__", "mul", "mul_", "__mul__", "__rmul__",
+                           "__imul__", "multiply", "div", "div_", "__truediv__", "__itruediv__", "divide", "true_divide",
+                           "clone", "contiguous", "reshape", "view", "view_as", "reshape_as", "expand", "expand_as",
+                           "squeeze", "unsqueeze", "flatten", "unflatten", "permute", "transpose", "movedim", "t",
+                           "__getitem__", "select", "narrow", "index_select", "gather", "to", "type", "float",
+                           "double", "half", "bfloat16", "broadcast_to", "where", "masked_fill", "scatter",
+                           "scatter_add", "roll", "flip", "repeat", "tile", "chunk", "split", "unbind"))
+# the draws of a discrete variable from probabilities: piecewise constant in them, as an argmax is (torch's
+# OneHotCategoricalStraightThrough by hand: one_hot(multinomial(p, 1)) + p - p.detach())
+DRAWS: frozenset = _fns(("multinomial", "bernoulli", "bernoulli_", "poisson", "binomial"))
+# RsampleComparisons' flags of a value's summands: a piecewise-constant value, a detached copy of one with gradient
+_HARD, _STOPPED = 1, 2
+
+
+def _keep(table: dict, out) -> None:
+    for o in (out if isinstance(out, (tuple, list)) else (out,)):
+        if isinstance(o, torch.Tensor):
+            table[id(o)] = o
+
 
 def _is_mode_frame(frame) -> bool:
     """Whether ``frame`` runs a ``TorchFunctionMode``'s ``__torch_function__`` (a mode above the watch passing
@@ -480,14 +502,24 @@ class RsampleComparisons(TorchFunctionMode):
     autograd does not see).
 
     ``jump``: the first straight-through, or None: a value piecewise constant in the parameters (a function of
-    :data:`PIECEWISE_CONSTANT` of a watched value, the indices of :data:`WITH_INDICES`, and what is computed from
-    them and values without gradient alone: ``one_hot``, a float cast, a scatter into zeros) that a function of
-    :data:`ADDITIVE` puts into a value that carries gradient (``one_hot(soft.argmax(-1)) + soft - soft.detach()``;
-    also ``F.gumbel_softmax(..., hard=True)`` of a watched value, whose operations the mode does not see), in code
-    outside storch (torch's counted) and not under a ``log_prob``: its words (``"add in GumbelSinkhornST.rsample"``).
-    The sample jumps with the parameters while autograd sees the soft part's derivative only: biased at order 1,
-    counted from order 1 (``storch.estimators.checks.note_compared``). A mask that multiplies or selects
-    (``y * (y > 0).float()``, ``torch.where``) or indexes (``y.gather(-1, idx)``) is not one (relu, a max: kinks).
+    :data:`PIECEWISE_CONSTANT` or a draw of :data:`DRAWS` of a watched value, the indices of :data:`WITH_INDICES`, and
+    what is computed from them and values without gradient alone: ``one_hot``, a float cast, a scatter into zeros)
+    and a detached copy of a value that carries gradient (``soft.detach()``, ``soft.data``; carried through sums and
+    :data:`CARRIES`: scalings, casts, reshapes, indexing) that functions of :data:`ADDITIVE` put, in any order, into
+    a value that carries gradient (``one_hot(soft.argmax(-1)) + soft - soft.detach()``, ``(hard - soft).detach() +
+    soft``, ``one_hot(multinomial(p, 1)) + p - p.detach()``; also ``F.gumbel_softmax(..., hard=True)`` of a watched
+    value, whose operations the mode does not see), in code outside storch (torch's counted) and not under a
+    ``log_prob``: its words (``"sub in GumbelSinkhornST.rsample"``). The sample jumps with the parameters while
+    autograd sees the soft part's derivative only: biased at order 1, counted from order 1
+    (``storch.estimators.checks.note_compared``). Without the detached copy it is not one: a continuous
+    piecewise-linear spline adds a bin index to a value that carries gradient (``cq[b] + (y * K - b) * q[b]``, ``b =
+    floor(y * K)``; the index of ``searchsorted(cdf.detach(), u)``: a detached value that only makes an index is no
+    copy), its terms' jumps cancel, and its pathwise gradient is exact (found by review: the first version of this
+    rule refused such splines). A detached value reduced before it is added (``logits - logits.detach().max()``) is
+    no copy either. Not seen: a jump without a detached copy (``y + (y > 0).float()``, ``torch.where(y > 0, y + 1,
+    y)``: the comparison lowers the node to order 1 only) or whose copy is made under ``torch.no_grad()``. A mask
+    that multiplies or selects (``y * (y > 0).float()``, ``torch.where``) or indexes (``y.gather(-1, idx)``) is not
+    one (relu, a max: kinks).
     Costs a Python call per torch function inside the draw, for walked classes only."""
 
     def __init__(self) -> None:
@@ -501,6 +533,10 @@ class RsampleComparisons(TorchFunctionMode):
         # the values detached (y.detach(), y.data) from a value that requires grad while active, and what was
         # computed from them (ids, with the tensors kept alive: the draw's own, dropped with the mode)
         self._detached: dict = {}
+        # the values that hold, as a summand, a piecewise-constant value (_HARD: hard + soft) or a detached copy of a
+        # value that carries gradient (_STOPPED: soft.detach(), soft - soft.detach(), (hard - soft).detach()): id ->
+        # (the tensor, kept alive, the flags). Both added into a value that carries gradient: a straight-through
+        self._parts: dict = {}
 
     def _watched(self, a) -> bool:
         return isinstance(a, torch.Tensor) and (unbatched(a).requires_grad or id(a) in self._detached)
@@ -529,7 +565,7 @@ class RsampleComparisons(TorchFunctionMode):
         (:data:`PIECEWISE_CONSTANT`; the indices of :data:`WITH_INDICES`) or of piecewise-constant values alone,
         and note a straight-through (``jump``) where :data:`ADDITIVE` puts one into a value that carries
         gradient."""
-        discrete = self._discrete
+        discrete, parts = self._discrete, self._parts
         if func is _GUMBEL_SOFTMAX:  # (torch's straight-through: the mode does not see the operations inside it)
             hard = kwargs.get("hard", args[2] if len(args) > 2 else False)
             if hard and self._watched_or_discrete(args, kwargs):
@@ -540,23 +576,40 @@ class RsampleComparisons(TorchFunctionMode):
                     and self._watched_or_discrete(args, kwargs):
                 discrete[id(out[1])] = out[1]
             return
-        if func in PIECEWISE_CONSTANT or func in CASTS and casts_to_jump(args, kwargs):
-            if isinstance(out, torch.Tensor) and not unbatched(out).requires_grad \
-                    and self._watched_or_discrete(args, kwargs):
+        if func in PIECEWISE_CONSTANT or func in DRAWS or func in CASTS and casts_to_jump(args, kwargs):
+            # (y.floor() and bernoulli(p) require grad, with a derivative of 0: piecewise constant all the same)
+            if isinstance(out, torch.Tensor) and self._watched_or_discrete(args, kwargs):
                 discrete[id(out)] = out
             return
-        if not discrete:
+        if func in _DETACH:  # a detached copy of a value that carries gradient: a stop-gradient summand
+            if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor) \
+                    and unbatched(args[0]).requires_grad:
+                parts[id(out)] = (out, _STOPPED | parts.get(id(args[0]), (None, 0))[1]
+                                  | (_HARD if id(args[0]) in discrete else 0))
+            return
+        if not discrete and not parts:
             return
         operands = _flat_tensors(args, kwargs)
-        if not any(id(a) in discrete for a in operands):
+        additive = func in ADDITIVE
+        grad = any(unbatched(a).requires_grad and id(a) not in discrete for a in operands)
+        if func not in CARRIES and not additive:
+            if not grad and any(id(a) in discrete for a in operands):
+                _keep(discrete, out)  # (computed from piecewise-constant values and values without gradient alone)
             return
-        if any(unbatched(a).requires_grad for a in operands):
-            if func in ADDITIVE:  # (a mask times the value, torch.where: a kink or a jump, counted from order 2)
-                self._note_jump(func)
+        flags = 0
+        for a in operands:
+            flags |= parts[id(a)][1] if id(a) in parts else 0
+            if additive and id(a) in discrete:
+                flags |= _HARD
+        if additive and grad and flags == _HARD | _STOPPED:
+            self._note_jump(func)
             return
-        for o in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(o, torch.Tensor):
-                discrete[id(o)] = o
+        if any(id(a) in discrete for a in operands) and not grad:
+            _keep(discrete, out)
+        if flags:
+            for o in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(o, torch.Tensor):
+                    parts[id(o)] = (o, flags)
 
     def _note_jump(self, func) -> None:
         """Record the straight-through made by ``func`` where the code that called it is not storch's (its
@@ -624,8 +677,9 @@ def rsample_kinks_note(name: str, found: dict, where: Optional[dict] = None) -> 
     if straight:
         said.append(
             f"the rsample of {name} (or its transform) adds a value that is piecewise constant in its parameters (an "
-            "argmax, argmin, one_hot of an index, sort or topk indices, a comparison or a rounding cast to float) to "
-            f"one that carries gradient ({', '.join(straight)}): a straight-through sample such as "
+            "argmax, argmin, one_hot of an index or of a multinomial draw, sort or topk indices, a comparison or a "
+            "rounding cast to float) and a detached copy of a value that carries gradient to one that carries "
+            f"gradient ({', '.join(straight)}): a straight-through sample such as "
             "one_hot(soft.argmax(-1)) + soft - soft.detach(). Its value jumps with the parameters while autograd "
             "sees the derivative of the soft part only, so the pathwise gradient is not that of the expectation: "
             "biased at order 1 already. For an unbiased gradient draw the discrete variable from a distribution "
