@@ -377,6 +377,12 @@ def _in_thread(fn):
     return out["value"]
 
 
+class _ScoreForThreads(storch.Estimator):
+    """The base class's components (the score function): the core test env has no storch_score."""
+
+    name = "plain_score_for_thread_tests"
+
+
 def _hooked_score_step(calls):
     """A score-function step whose plate tensor h = z * W has a hook that negates its gradient: W.grad is
     exactly -mean_z z (the cost's path to W goes through h; the score term does not reach W)."""
@@ -384,7 +390,7 @@ def _hooked_score_step(calls):
     theta = torch.zeros(3, requires_grad=True)
     w = torch.ones(3, requires_grad=True)
     with storch.Graph():
-        z = storch.estimator("score", plate="z", n_samples=2)(Bernoulli(logits=theta))
+        z = _ScoreForThreads(plate="z", n_samples=2)(Bernoulli(logits=theta))
         h = z * w
         h.register_hook(lambda g: calls.append(1) or -g)
         storch.add_cost(h.sum(), name="c")
@@ -444,7 +450,7 @@ def test_a_marked_pass_is_the_blocks_own_in_any_thread():
     w = torch.ones(3, requires_grad=True)
     with storch.Graph():
         torch.manual_seed(0)
-        z = storch.estimator("score", plate="z", n_samples=2)(Bernoulli(logits=theta))
+        z = _ScoreForThreads(plate="z", n_samples=2)(Bernoulli(logits=theta))
         h = z * w
         h.register_hook(lambda g: calls.append(1) or -g)
         obj = raw_of(h).sum()
