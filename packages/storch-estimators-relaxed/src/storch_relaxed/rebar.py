@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._categorical import DEFAULT_DISTRIBUTIONS
-from ._relaxed_cost import RelaxedCost
+from ._relaxed_cost import MAX_CHAIN_ENTRIES, RelaxedCost
 
 __all__ = ["Rebar"]
 
@@ -60,6 +60,10 @@ class Rebar(RelaxedCost):
         update: whether ``storch.backward()`` trains λ and η.
         categorical: ``"refuse"`` (the default) or ``"one_hot"``: take a Categorical node too, handing out
             one-hot vectors (and relaxed ones) of shape ``(..., K)`` for it, not indices.
+        max_chain_entries: the most entries per data point of a chain of relaxed nodes: this node's 3 n times
+            the sizes of the plates of the REBAR / RELAX nodes with relaxed blocks it depends on (each is
+            sampled for every entry upstream, the relaxed ones included, so M chained nodes hold (3 n)^M).
+            Above it the node is refused (``storch.PlateError``) before its draw; default 4096 (see ``relax``).
 
     Example:
         >>> est = storch.estimator("rebar", plate="b", temperature=0.5)
@@ -75,8 +79,10 @@ class Rebar(RelaxedCost):
     distributions = DEFAULT_DISTRIBUTIONS  # a Categorical only with categorical="one_hot" (_categorical)
 
     def __init__(self, plate: str, n_samples: int = 1, temperature: float = 0.5, eta: float = 1.0,
-                 lr: float = 1e-2, update: bool = True, categorical: str = "refuse") -> None:
+                 lr: float = 1e-2, update: bool = True, categorical: str = "refuse",
+                 max_chain_entries: int = MAX_CHAIN_ENTRIES) -> None:
         super().__init__(plate, n_samples)
+        self._init_chain_limit(max_chain_entries)
         self.categorical = categorical
         self._init_relaxed_cost(temperature, eta)
         self._init_training(lr, update)
