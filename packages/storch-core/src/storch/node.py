@@ -8,6 +8,7 @@ annotations only.
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional
@@ -326,7 +327,12 @@ class Node:
         its entries get 0 for eos and ``-inf`` for any other value: ``view.log_prob(view.sample)`` is
         l_t on every entry."""
         d = distribution or self.distribution
-        lp = raw_log_prob(d, value)
+        try:
+            lp = raw_log_prob(d, value)
+        except ValueError as exc:  # (no cost on the ordinary path: the except runs only on an error)
+            if "within the support" not in str(exc):  # torch's argument validation (_validate_sample)
+                raise
+            raise StorchError(_outside_support_message(self, d, sys._getframe(1).f_code.co_name, exc)) from exc
         k = len(self.distribution.batch_shape) - len(self.distribution_plates)  # self.batch_ndims
         lp = lp if k <= 0 else lp.sum(-1) if k == 1 else lp.sum(tuple(range(-k, 0)))
         before = self._eos_before
@@ -338,6 +344,18 @@ class Node:
     def __repr__(self) -> str:
         name = self.plate.name if self.plate else "?"
         return f"Node({self.estimator.name!r}, plate={name!r}, parents={[p.name for p in self.parents]})"
+
+
+def _outside_support_message(node: Node, d: Distribution, caller: str, exc: ValueError) -> str:
+    """Why ``node.log_prob`` was refused by torch's argument validation, and what to do: an estimator whose
+    plate holds extra entries (a mean-field point x̄ = E_p[x], a relaxed sample) that the distribution
+    never draws scored them too."""
+    who = caller if caller.isidentifier() else "a component (gradient_function)"
+    return (f"estimator {node.estimator.name!r}: node.log_prob, called in {who}, got values outside the support "
+            f"of the node's {type(d).__name__}, which validates its arguments ({exc}). Entries of the plate other than the ordinary samples (evaluation-only entries "
+            f"such as the mean x̄ = E_p[x] of a Bernoulli, a relaxed sample) may lie outside the support: compute "
+            f"log p of the ordinary samples only (node.log_prob(node.sample[:n]), and 0 for the other entries, "
+            f"whose weight is 0), or build the distribution with validate_args=False")
 
 
 class History(Sequence):

@@ -1,0 +1,67 @@
+"""An estimator whose extra (evaluation-only) entries lie outside the distribution's support and that
+scores them with node.log_prob gets a storch error naming it and the component, not torch's raw
+ValueError of argument validation (p-ext: x̄ = E_p[x] = 0.57 appended to a Bernoulli's samples)."""
+import pytest
+import torch
+
+import storch
+
+
+class _MeanPointAll(storch.Estimator):
+    """Score function over n samples plus the evaluation-only mean x̄ (weight 0), scoring every entry."""
+
+    name = "test_mean_point_all"
+
+    def proposal(self, node):
+        x = node.distribution.sample((self.n_samples,))
+        return torch.cat([x, node.distribution.mean.detach().unsqueeze(0)], 0)  # x̄: a constant of the step
+
+    @property
+    def uniform_weights(self) -> bool:
+        return False
+
+    def weighting_function(self, node):
+        w = torch.full((self.n_samples + 1,), 1.0 / self.n_samples, dtype=node.sample.dtype)
+        w[-1] = 0.0
+        return w
+
+    def gradient_function(self, node):
+        return node.log_prob(node.sample)  # x̄ is not in a Bernoulli's support
+
+
+class _MeanPointSamples(_MeanPointAll):
+    """The fix the message suggests: log p of the ordinary samples only, 0 at x̄."""
+
+    name = "test_mean_point_samples"
+
+    def gradient_function(self, node):
+        lp = node.log_prob(node.sample[:self.n_samples])
+        return torch.cat([lp, torch.zeros_like(lp[:1])])
+
+
+def _step(est, validate_args=None):
+    torch.manual_seed(0)
+    th = torch.tensor([0.3, -0.5], dtype=torch.float64, requires_grad=True)
+    z = est(torch.distributions.Bernoulli(logits=th, validate_args=validate_args))
+    storch.add_cost(((z - 0.9) ** 2).sum(-1), name="c")
+    storch.backward()
+    return th.grad
+
+
+def test_extra_entries_outside_support_name_the_estimator_and_component():
+    with pytest.raises(storch.StorchError) as info:
+        _step(_MeanPointAll("z", n_samples=2))
+    message = str(info.value)
+    assert "'test_mean_point_all'" in message and "node.log_prob" in message and "gradient_function" in message
+    assert "outside the support" in message and "Bernoulli" in message
+    assert "node.sample[:n]" in message and "validate_args=False" in message
+    assert isinstance(info.value.__cause__, ValueError)  # torch's own message is kept as the cause
+    # the step was discarded: a new one runs
+    assert torch.isfinite(_step(_MeanPointSamples("z", n_samples=2))).all()
+
+
+def test_both_fixes_run_and_agree_on_the_samples():
+    # validate_args=False: torch's log p at x̄ is a number, with weight 0 in the surrogate
+    g_all = _step(_MeanPointAll("z", n_samples=2), validate_args=False)
+    g_samples = _step(_MeanPointSamples("z", n_samples=2), validate_args=False)
+    torch.testing.assert_close(g_all, g_samples)
