@@ -191,7 +191,8 @@ def estimator_create_graph() -> contextlib.AbstractContextManager[_Marker]:
 
 def estimator_own_pass() -> contextlib.AbstractContextManager[_Marker]:
     """The autograd passes in this block differentiate an estimator's own objective, not the loss: the gradient
-    of Σ ĝ² in the control variate's parameters φ (RELAX, REBAR, LAX's variance-minimising update). A user's
+    of Σ ĝ² in the control variate's parameters φ (RELAX, REBAR, LAX's variance-minimising update), or a control
+    variate's own derivative of the cost (MuProp's ∇f(x̄) at an evaluation-only entry). A user's
     gradient hook on a plate tensor (``register_hook``) is not run in them: it changes the loss's gradient, and
     what flows through the hooked tensor here is ∂(Σ ĝ²)/∂(tensor). (It runs in the loss's backward pass, and
     in the update's ``torch.autograd.grad(loss, ..., create_graph=True)`` that computes ĝ, so that the control

@@ -95,7 +95,9 @@ Differentiating the loss in an update:
     node is how a user's second derivative of ``storch.surrogate_loss()`` starts.
     :func:`estimator_own_pass` (``with estimator_own_pass():``) marks an update's autograd pass that
     differentiates its own objective, not the loss (the gradient of Σ ĝ² in the control variate's
-    parameters): a user's gradient hook on a plate tensor (``register_hook``) is not run there.
+    parameters), and a control variate's own derivative of the cost (MuProp's ∇f(x̄) at an evaluation-only
+    entry, in ``control_variate``): a user's gradient hook on a plate tensor (``register_hook``) is not run
+    there.
     Both switch only the passes of the thread in the block (never another thread's); mark the outputs
     the pass starts from with the block's marker (``with estimator_own_pass() as own:
     torch.autograd.grad(own(objective), params)``) so that a CUDA backward, which runs its hooks in the
