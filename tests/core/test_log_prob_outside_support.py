@@ -55,6 +55,7 @@ def test_extra_entries_outside_support_name_the_estimator_and_component():
     assert "'test_mean_point_all'" in message and "node.log_prob" in message and "gradient_function" in message
     assert "outside the support" in message and "Bernoulli" in message
     assert "node.sample[:n]" in message and "validate_args=False" in message
+    assert isinstance(info.value, ValueError)  # still a ValueError: code that catches torch's keeps working
     assert isinstance(info.value.__cause__, ValueError)  # torch's own message is kept as the cause
     # the step was discarded: a new one runs
     g = _step(_MeanPointSamples("z", n_samples=2))
@@ -67,3 +68,24 @@ def test_both_fixes_run_and_agree_on_the_samples():
     g_samples = _step(_MeanPointSamples("z", n_samples=2), validate_args=False)
     assert g_all is not None and g_samples is not None
     torch.testing.assert_close(g_all, g_samples)
+
+
+class _UniformExtraPoint(_MeanPointSamples):
+    """n samples of a Uniform(0, high), then the point high + 1 outside its support (evaluation-only)."""
+
+    name = "test_uniform_extra_point"
+    score_function = None  # storch compares the overridden gradient function with node.log_prob of every entry
+
+    def proposal(self, node):
+        x = node.distribution.sample((self.n_samples,))
+        return torch.cat([x, (node.distribution.high.detach() + 1.0).expand_as(x[:1])], 0)
+
+
+def test_storch_own_comparison_of_all_entries_still_tells_the_outside_of_the_support_apart():
+    # the base class's score-function comparison calls node.log_prob(node.sample) and treats a ValueError as
+    # "not log p" (entries outside the support): the storch error is still one, so the step runs
+    high = torch.tensor([1.0, 2.0], requires_grad=True)
+    z = _UniformExtraPoint("z", n_samples=2)(torch.distributions.Uniform(torch.zeros(2), high))
+    storch.add_cost(z.sum(-1), name="c")
+    storch.backward()
+    assert high.grad is not None

@@ -105,6 +105,11 @@ class PluginError(StorchError, RuntimeError):
     """A plugin is malformed or two plugins claim the same estimator name."""
 
 
+class _OutsideSupportError(StorchError, ValueError):
+    """``node.log_prob`` of values outside the distribution's support (torch's argument validation), re-raised
+    naming the estimator; still a ValueError, so that code that tells such values apart by it keeps working."""
+
+
 class _PlateRuntimeError(PlateError, RuntimeError):
     """A torch RuntimeError inside a plate call, re-raised in per-sample terms."""
 
