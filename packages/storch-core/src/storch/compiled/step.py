@@ -14,6 +14,7 @@ from typing import Any, Callable, Generic, Optional, TypeVar, Union, overload
 import torch
 import torch.utils._pytree as pytree
 
+from .._flatten import flatten, unflatten
 from ..errors import StorchError, assumption_failed
 from ..graph import Graph, tracing_nodes, tracing_recorder
 from ..plates.tensor import PlateTensor
@@ -98,7 +99,7 @@ class CompiledStep(Generic[_P, _R]):
                 if key[0]:
                     _finite_on_backward(outs, entry[6], self.fn)
                 return outs[0] if entry[3] else pytree.tree_unflatten(list(outs), entry[2])
-            leaves, spec = pytree.tree_flatten((args, kwargs))
+            leaves, spec = flatten((args, kwargs))
             key, tensors = _signature(leaves, spec, self._python_state(leaves))
             entry = self._cache.get(key)
             if entry is not None and type(entry) is tuple and entry[5] is not None and not entry[5]():
@@ -131,7 +132,7 @@ class CompiledStep(Generic[_P, _R]):
 
     def _lookup(self, args, kwargs) -> tuple:
         """The cache entry for these arguments (traced now if new) and their tensors."""
-        leaves, spec = pytree.tree_flatten((args, kwargs))
+        leaves, spec = flatten((args, kwargs))
         key, tensors = _signature(leaves, spec, self._python_state(leaves))
         entry = self._cache.get(key)
         if entry is not None and type(entry) is tuple and entry[5] is not None and not entry[5]():
@@ -174,7 +175,7 @@ class CompiledStep(Generic[_P, _R]):
         if trace is not None and trace.guard is not None and not trace.guard():
             raise _Stale  # see _guard: the caller forgets every trace (the modules reached are found again) and retries
         if trace is None:
-            leaves, spec = pytree.tree_flatten((args, kwargs))
+            leaves, spec = flatten((args, kwargs))
             trace = self._trace(leaves, spec, tensors)
             if [id(e) for e in trace.estimators] != [id(e) for e in entry.estimators]:
                 raise StorchError(
@@ -267,7 +268,7 @@ class CompiledStep(Generic[_P, _R]):
                 items[i] = t
             recorder = tracing_recorder()
             recorder.probe = ts[n_args]
-            args, kwargs = pytree.tree_unflatten(items, spec)
+            args, kwargs = unflatten(items, spec)
             if watch is None:
                 out = self.fn(*args, **kwargs)  # type: ignore[call-arg]  # (the step's own arguments, unflattened)
             else:

@@ -15,6 +15,7 @@ import math
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..._flatten import flatten, unflatten
 from ...errors import PlateError, StorchError
 from ..kit import _from_torch, _is_inplace
 from ..tensor import PlateTensor, align, inplace_write_message, map_tensors, union_plates, write_plates
@@ -30,7 +31,7 @@ def vmap_call(func, args, kwargs):
     """Run ``func`` once per plate entry with ``torch.func.vmap`` (one level per mapped plate)."""
     # a torch.Size stays a leaf: pytree would rebuild it as a plain tuple, and some functions read
     # the two differently (Tensor.new(torch.Size) is a shape, Tensor.new(tuple) is data)
-    leaves, spec = tree_flatten((args, kwargs), is_leaf=_is_size)
+    leaves, spec = flatten((args, kwargs), is_leaf=_is_size)
     pos = [i for i, a in enumerate(leaves) if type(a) is _PT]
     plates = union_plates([leaves[i]._plates for i in pos])
     m = len(plates)
@@ -50,7 +51,7 @@ def vmap_call(func, args, kwargs):
         ls = list(base)
         for i, r in zip(pos, rs):
             ls[i] = r
-        a, k = tree_unflatten(ls, spec)
+        a, k = unflatten(ls, spec)
         return func(*a, **k)
 
     missing = [j for j in range(m) if j not in levels]
