@@ -13,7 +13,7 @@ from storch import PlateTensor
 
 from path_probes import calls, graph_ops
 from test_fast_paths import GENERAL
-from test_plates_dispatch import ZD, check, make, rnd
+from test_plates_dispatch import ZD, check, check_grads, make, rnd
 
 # -- metadata answered in Python --------------------------------------------------------------
 
@@ -503,13 +503,88 @@ def test_einsum_on_different_plates_and_fallbacks():
     check(lambda a, b: torch.einsum("ij,j->i", a, b), x, y)
     _, seen = calls(lambda: torch.einsum("ij,j->i", x, y))
     assert "vmap_call" not in seen and "union_plates" in seen
-    # the control: an ellipsis of the user's own goes to vmap, and is still right per sample
+    # an ellipsis of the user's own: the plates are letters of their own (see the ellipsis tests below)
     check(lambda a: torch.einsum("...j,jk->...k", a, rnd(5, 2, seed=2)), x)
     _, seen = calls(lambda: torch.einsum("...j,jk->...k", x, rnd(5, 2, seed=2)))
+    assert "vmap_call" not in seen
+    # the control: a term whose rank is not the per-sample rank goes to vmap, for torch's own error in
+    # per-sample shapes
+    _, seen = calls(lambda: pytest.raises(storch.PlateError, torch.einsum, "ijk,jk->i", x, rnd(5, 2)))
     assert "vmap_call" in seen
-    # a term whose rank is not the per-sample rank: torch's own error, in per-sample shapes
     with pytest.raises(storch.PlateError):
-        torch.einsum("ijk,jk->i", x, rnd(5, 2))
+        torch.einsum("...ijk,jk->i", x, rnd(5, 2))  # (with an ellipsis: fewer per-sample dims than letters)
+
+
+# (equation, the per-sample shape of each operand, its plates or None for a plain tensor)
+_D = (("data", 2),)
+EINSUM_ELLIPSIS = {
+    "matmul": ("...j,jk->...k", [(4, 5), (5, 2)], [ZD, None]),
+    "batch matmul": ("...ij,...jk->...ik", [(6, 4, 5), (6, 5, 3)], [ZD, _D]),  # operands on different plates
+    "batch, plain batch": ("b...ij,bjk->b...ik", [(2, 6, 4, 5), (2, 5, 3)], [ZD, None]),
+    "implicit output": ("...ij,jk", [(6, 4, 5), (5, 3)], [_D, ZD]),
+    "trace": ("...ii->...", [(6, 4, 4)], [ZD]),
+    "implicit trace": ("...ii", [(4, 4)], [ZD]),
+    "ellipsis last": ("i...->...i", [(4, 6, 5)], [ZD]),
+    "empty ellipsis": ("...i,...i->...", [(4,), (4,)], [ZD, (("z", 3),)]),
+    "broadcast ellipsis": ("...i,...i->...", [(6, 4), (1, 4)], [_D, ZD]),
+    "outer": ("...i,j->...ij", [(6, 4), (3,)], [ZD, ZD]),
+}
+EINSUM_PLAIN = {  # no ellipsis (the letters path too)
+    "trace": ("ii->", [(4, 4)], [ZD]),
+    "outer": ("i,j->ij", [(4,), (3,)], [ZD, _D]),
+    "batch": ("bij,bjk->bik", [(2, 4, 5), (2, 5, 3)], [ZD, ZD]),
+    "matmul, plates swapped": ("ij,jk->ik", [(4, 5), (5, 3)], [ZD, (("data", 2), ("z", 3))]),
+}
+
+
+def _einsum_operands(shapes, plates):
+    leaves, ops = [], []
+    for n, (shape, lay) in enumerate(zip(shapes, plates)):
+        raw = rnd(*[s for _, s in lay or ()], *shape, seed=n).requires_grad_(True)
+        leaves.append(raw)
+        ops.append(raw if lay is None else make(raw, *lay))
+    return leaves, ops
+
+
+@pytest.mark.parametrize("name", [*("ellipsis: " + k for k in EINSUM_ELLIPSIS), *("plain: " + k for k in EINSUM_PLAIN)])
+def test_einsum_plates_as_letters_equal_the_loop_and_vmap(name):
+    """Issue 19: an equation with an ellipsis went to vmap (slower, and torch's vmap leaves a garbage
+    cycle per call); now every equation gets one subscript letter per plate, leading the plate
+    operands and the result. Values and gradients equal the loop over plate entries and the vmap
+    path, and the call is one torch.einsum on the raw tensors."""
+    kind, key = name.split(": ")
+    equation, shapes, plates = (EINSUM_ELLIPSIS if kind == "ellipsis" else EINSUM_PLAIN)[key]
+    leaves, ops = _einsum_operands(shapes, plates)
+    pos = [i for i, o in enumerate(ops) if type(o) is PlateTensor]
+
+    def fn(*plated):
+        it = iter(plated)
+        return torch.einsum(equation, *[next(it) if i in pos else o for i, o in enumerate(ops)])
+
+    out = check_grads(fn, [ops[i] for i in pos], leaves)
+    _, seen = calls(lambda: fn(*[ops[i] for i in pos]))
+    assert "vmap_call" not in seen and "_einsum" in seen, sorted(seen)
+    # the vmap path (the treatment before): the same values and gradients
+    from storch.plates.rules.vmap import vmap_call
+
+    ref = vmap_call(torch.einsum, (equation, *ops), {})
+    assert ref.plates == out.plates
+    torch.testing.assert_close(out.tensor.expand_as(ref.tensor), ref.tensor)
+    w = rnd(*ref.tensor.shape, seed=9)
+    again = fn(*[ops[i] for i in pos])  # (check_grads differentiated the first)
+    got = torch.autograd.grad((again.tensor.expand_as(w) * w).sum(), leaves)
+    want = torch.autograd.grad((ref.tensor * w).sum(), leaves)
+    for g, h in zip(got, want):
+        torch.testing.assert_close(g, h)
+
+
+def test_einsum_sublist_format_with_an_ellipsis():
+    """torch turns the sublist format into an equation before dispatch: Ellipsis in a sublist is ``...``."""
+    leaves, (x, y) = _einsum_operands([(6, 4, 5), (5, 3)], [ZD, None])
+    fn = lambda a: torch.einsum(a, [Ellipsis, 0, 1], y, [1, 2], [Ellipsis, 0, 2])  # noqa: E731
+    check_grads(fn, [x], leaves)
+    _, seen = calls(lambda: fn(x))
+    assert "vmap_call" not in seen and "_einsum" in seen, sorted(seen)
 
 
 @pytest.mark.parametrize("fn", [

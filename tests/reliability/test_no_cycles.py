@@ -14,7 +14,7 @@ import gc
 
 import pytest
 import torch
-from torch.distributions import Categorical
+from torch.distributions import Categorical, Normal
 
 import storch
 
@@ -118,3 +118,49 @@ def test_partition_leaves_no_cycles(config):
 
     n, kinds = _unreachable_after(step)
     assert n == 0, f"{config} partition: gc.collect() found {n} unreachable objects after a step: {kinds}"
+
+
+# -- per-call garbage of torch's pytree helpers (issue 19) ---------------------------------------------
+# torch.utils._pytree.tree_flatten walks with a recursive local function whose closure cell holds itself:
+# a cycle of 7 objects per call. storch.compile's replay flattened its arguments with it on every call
+# with a non-tensor argument, and einsum with an ellipsis went through torch.func.vmap (whose own
+# flattening leaves ~34 objects a call: functions storch still runs through vmap do, docs/performance.md).
+
+
+def test_einsum_on_plate_tensors_leaves_no_cycles():
+    torch.manual_seed(0)
+    est = storch.estimator("reparameterization", plate="z", n_samples=2)
+    theta = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+    w = torch.tensor([[0.5, -1.0], [0.2, 0.3], [-0.4, 0.1]], requires_grad=True)
+
+    def step():
+        x = storch.denote_independent(theta.expand(4, 3), 0, "data")
+        z = est(Normal(x, 1.0))
+        h = torch.einsum("...i,ij->...j", z, w)  # an ellipsis: it went through vmap
+        storch.add_cost(torch.einsum("...j,...j->...", h, h) + torch.einsum("i,i->", z, x), name="c")
+        storch.backward()
+
+    n, kinds = _unreachable_after(step)
+    assert n == 0, f"gc.collect() found {n} unreachable objects after a step with einsum: {kinds}"
+
+
+@pytest.mark.parametrize("call", ["int", "keyword", "nested"])
+def test_compiled_step_with_non_tensor_arguments_leaves_no_cycles(call):
+    torch.manual_seed(0)
+    est = storch.estimator("reparameterization", plate="z", n_samples=2)
+    theta = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+
+    def loss(th, n, scale=1.0, extra=None):
+        with storch.Graph():
+            x = storch.denote_independent(th.expand(n, 3), 0, "data")
+            z = est(Normal(x, scale))
+            storch.add_cost((z ** 2).sum(-1) + (extra["w"][0].sum() if extra else 0), name="c")
+            return storch.surrogate_loss()
+
+    compiled = storch.compile(loss, backend=None)
+    args = {"int": lambda: compiled(theta, 4),
+            "keyword": lambda: compiled(theta, n=4, scale=2.0),
+            "nested": lambda: compiled(theta, 4, extra={"w": [theta, (1, None)]})}[call]
+    n, kinds = _unreachable_after(lambda: args().backward())
+    assert n == 0, f"gc.collect() found {n} unreachable objects after a compiled step ({call}): {kinds}"
+    assert compiled.traces == 1

@@ -625,34 +625,51 @@ def _broadcast_matmul(ra: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
     return out.permute(*[order.index(i) for i in range(nb + 2)])
 
 
+_EINSUM_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # the subscripts torch.einsum accepts
+
+
 @functools.lru_cache(maxsize=256)
-def _einsum_equation(equation: str, plate_operands: tuple) -> Optional[tuple]:
-    """``equation`` with a leading ``...`` for the plate operands (``plate_operands``: one bool per
-    operand) and the result, and each term's rank; ``None`` where it is not a plain per-sample
-    equation of that many operands (an ellipsis of the user's own)."""
-    if "..." in equation:
-        return None
-    lhs, arrow, rhs = equation.replace(" ", "").partition("->")
+def _einsum_equation(equation: str, plate_operands: tuple, m: int) -> Optional[tuple]:
+    """``equation`` with the ``m`` plate dims as subscript letters it does not use, leading the term
+    of each plate operand (``plate_operands``: one bool per operand) and the result; and each term's
+    per-sample rank: exact, or for a term with an ellipsis the least (its letters). ``None`` where
+    it is not an equation of that many operands, or uses too many of the 52 letters to add ``m``."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
     terms = lhs.split(",")
     if len(terms) != len(plate_operands):
         return None
-    if not arrow:  # implicit output: the labels that appear once, in torch's (ASCII) order
-        rhs = "".join(sorted(c for c in set(lhs) if c.isalpha() and lhs.count(c) == 1))
-    eq = ",".join("..." + t if p else t for t, p in zip(terms, plate_operands)) + "->..." + rhs
-    return eq, tuple(len(t) for t in terms)
+    free = [c for c in _EINSUM_LETTERS if c not in eq]
+    if len(free) < m:
+        return None
+    lead = "".join(free[:m])
+    if not arrow:  # implicit output: the ellipsis dims, then the labels that appear once, in torch's (ASCII) order
+        rhs = ("..." if "..." in lhs else "") + "".join(
+            sorted(c for c in set(lhs) if c.isalpha() and lhs.count(c) == 1))
+    new = ",".join(lead + t if p else t for t, p in zip(terms, plate_operands)) + "->" + lead + rhs
+    ranks = tuple((len(t) - 3, True) if "..." in t else (len(t), False) for t in terms)
+    return new, ranks
+
+
+def _einsum_ranks_fit(ops, ranks) -> bool:
+    """Whether each plate operand has its term's per-sample rank (at least it, for an ellipsis)."""
+    for (r, ellipsis), t in zip(ranks, ops):
+        if type(t) is _PT:
+            k = t._raw.dim() - len(t._plates)
+            if k != r and not (ellipsis and k > r):
+                return False
+    return True
 
 
 @register(torch.einsum)
 def _einsum(func, args, kwargs):
-    """the equation is per sample; the plate dims become a leading ``...`` of plate operands and result"""
+    """the equation is per sample; each plate dim becomes a subscript letter the equation does not
+    use, leading the plate operands (aligned to the union of their plates) and the result"""
     if kwargs or not args or not isinstance(args[0], str):
-        return vmap_call(func, args, kwargs)  # the sublist format
+        return vmap_call(func, args, kwargs)  # (torch turns the sublist format into an equation first)
     ops = args[1:]
     if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
         ops = tuple(ops[0])
-    plan = _einsum_equation(args[0], tuple(type(t) is _PT for t in ops))
-    if plan is None or any(type(t) is _PT and t._raw.dim() - len(t._plates) != r for r, t in zip(plan[1], ops)):
-        return vmap_call(func, args, kwargs)  # an ellipsis of the user's own, or torch's own error per sample
     first = None
     for t in ops:
         if type(t) is _PT:
@@ -661,9 +678,13 @@ def _einsum(func, args, kwargs):
             elif t._plates is not first and t._plates != first:
                 first = None
                 break
-    if first is not None:  # every plate operand on the same plates: no alignment
+    # every plate operand on the same plates: no alignment
+    plates = first if first is not None else union_plates(scan(ops, {}))
+    plan = _einsum_equation(args[0], tuple(type(t) is _PT for t in ops), len(plates))
+    if plan is None or not _einsum_ranks_fit(ops, plan[1]):
+        return vmap_call(func, args, kwargs)  # over 52 subscripts, or torch's own error per sample
+    if first is not None:
         return wrap_same(torch.einsum(plan[0], *[t._raw if type(t) is _PT else t for t in ops]), first)
-    plates = union_plates(scan(ops, {}))
     raws = [align(t._raw, t._plates, plates) if type(t) is _PT else t for t in ops]
     return wrap(torch.einsum(plan[0], *raws), plates)
 
