@@ -230,9 +230,12 @@ class UnorderedSet(Estimator):
         keep = torch.isfinite(step_lp) if pad is None else torch.isfinite(step_lp) & ~pad
         return sample, torch.where(keep, step_lp, torch.zeros_like(step_lp))
 
-    def _set_probabilities(self, node: Node) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _set_probabilities(self, node: Node) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(w, A)``: the weights w(s) = p(s) R(S, s), shape ``(k, *parents)`` in the model's dtype, and (with
+        the baseline) its coefficients A[s, s'] = p(s') R^{D∖s}(S, s'), ``(k, k, *parents)`` in lp's dtype;
+        computed once per step (a cache of values derived from the proposal: same inputs, same values)."""
         c = node.state
-        if c.h is None:  # a cache of values derived from the proposal (pure: same inputs, same h)
+        if c.h is None:
             with torch.no_grad():  # weights and baseline are detached (⊥ in D.2.3)
                 # in float32 at least: the log-space programme adds up to k floors (below), which overflow
                 # float16 (max 65504) to -inf (inf - inf = NaN), and its log-sum-exps would round to float16's
@@ -245,25 +248,28 @@ class UnorderedSet(Estimator):
                 k = lp.shape[0]
                 flat = lp.reshape(k, -1)
                 rest = log_rest.expand(lp.shape[1:]).reshape(-1)
+                coef: Optional[torch.Tensor] = None
                 if k > _MAX_SAMPLES:
                     if not torch.isneginf(rest).all():
                         raise OptionError(
                             f"unordered_set: n_samples={k} > {_MAX_SAMPLES} works only when the sample is the whole "
                             f"support (then the estimate is exact); on plate {self.plate!r} it is not. The set "
                             f"probabilities cost 2^k per set: use n_samples <= {_MAX_SAMPLES}")
-                    # S = D: every h(C) = p^{D∖C}(S∖C) is 1 (the rest of S is drawn surely)
-                    z = flat.new_zeros(flat.shape[1:])
-                    h0, h1, h2 = z, flat.new_zeros(flat.shape), flat.new_zeros((k,) + flat.shape)
+                    # S = D: every h(C) = p^{D∖C}(S∖C) is 1 (the rest of S is drawn surely): w(s) = p(s),
+                    # A[s, s'] = p(s')
+                    w = flat.exp()
+                    if self.use_baseline:
+                        coef = w.unsqueeze(0).expand((k,) + w.shape)
                 else:
-                    h0, h1, h2 = _set_terms(flat, rest.clamp_min(floor), c.exact)
+                    w, coef = _set_weights(flat, rest.clamp_min(floor), c.exact, self.use_baseline)
                 shape = lp.shape[1:]
-                c.h = (lp, h0.reshape(shape), h1.reshape((k,) + shape), h2.reshape((k, k) + shape))
+                c.h = (w.reshape((k,) + shape).to(c.dtype),
+                       None if coef is None else coef.reshape((k, k) + shape).to(work))
         return c.h
 
     def weighting_function(self, node: Node) -> torch.Tensor:
-        lp, h0, h1, _ = self._set_probabilities(node)
         # w(s) = ⊥(p(s) p^{D∖s}(S∖s) / p(S)) (appendix D.2.3; Kool et al. 2020, Eq. 7)
-        return (lp + h1 - h0).exp().to(node.state.dtype)
+        return self._set_probabilities(node)[0]
 
     def gradient_function(self, node: Node) -> torch.Tensor:
         c = node.state
@@ -276,16 +282,14 @@ class UnorderedSet(Estimator):
     def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         if not self.use_baseline:
             return None
-        lp, _, h1, h2 = self._set_probabilities(node)
-        k = lp.shape[0]
-        # coefficients A[s, s'] = p(s') R^{D∖s}(S, s') (Kool et al. 2020, Eq. 11); h2[s, s] = h1[s],
-        # so the diagonal is p(s) with R^{D∖s}(S, s) = 1, which makes E[b(s) | s drawn first] = E[f]
+        coef = self._set_probabilities(node)[1]
+        assert coef is not None  # (computed with the baseline)
+        k = coef.shape[0]
+        # coefficients A[s, s'] = p(s') R^{D∖s}(S, s') (Kool et al. 2020, Eq. 11); the diagonal is p(s) with
+        # R^{D∖s}(S, s) = 1, which makes E[b(s) | s drawn first] = E[f]
         # (in float32 for float16 / bfloat16 costs, to_work, as leave_one_out: k coefficients of float16 rounded,
         # times costs of ~400, summed in float16, moved b(s) by a unit; b returns in the cost's dtype. Costs and
         # a model of float32 / float64: b in their promoted dtype, no cast, float64 for a float64 model)
-        coef = (lp.unsqueeze(0) + h2 - h1.unsqueeze(1)).exp()
-        if node.state.dtype not in REDUCED:
-            coef = coef.to(node.state.dtype)
         d = cost.dim
         f = cost.tensor
         work = to_work(f)
@@ -408,25 +412,9 @@ def _log_h_linear(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tenso
     of each C (``_plan``'s ``larger``) and p(D∖C) = p(D∖(C ∪ {x0})) + p(x0) (x0 the smallest x ∉ C):
     O(k 2^k) time and memory, 5 operations a layer.
     """
-    k, size = lp.shape
-    tables = _linear_tables(k, lp.device)
-    lp64 = lp.double()
-    q = lp64.new_ones(1, size)  # layer k: q(S) = 1
-    layers = [q]
-    if tables[0] == "dense":
-        _, up, not_in, pairs = tables
-        inv = torch.addmm(log_rest.double().exp().unsqueeze(0), not_in, lp64.exp()).reciprocal_()
-        for a, d in zip(up, inv.split([a.shape[0] for a in up])):
-            q = torch.mm(a, q).mul_(d)  # Σ_{x∉C} q(C ∪ {x}) / p(D∖C)
-            layers.append(q)
-    else:
-        _, larger, first, x0, pairs = tables
-        p_x0 = lp64.exp()[x0].split([f.shape[0] for f in first])  # p(x0) of every C, layer after layer
-        den = log_rest.double().exp().unsqueeze(0)  # p(D∖S)
-        for up, f, px in zip(larger, first, p_x0):
-            den = den[f].add_(px)  # p(D∖C)
-            q = q.index_select(0, up.flatten()).view(up.shape + (size,)).sum(1).div_(den)
-            layers.append(q)
+    layers, lp64, _ = _linear_layers(lp, log_rest)
+    k = lp.shape[0]
+    pairs = _linear_tables(k, lp.device)[-1]
     q0 = layers[-1][0].log()
     lq1 = layers[-2].log()
     q1 = lq1 - lp64
@@ -434,6 +422,60 @@ def _log_h_linear(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[torch.Tenso
     both = torch.cat([lq1.add_(lp64), layers[-3].log()]) if k > 1 else lq1.add_(lp64)
     q2 = both[pairs].sub_(lp64.unsqueeze(0)).sub_(lp64.unsqueeze(1))
     return q0.to(lp.dtype), q1.to(lp.dtype), q2.to(lp.dtype)
+
+
+def _linear_layers(lp: torch.Tensor, log_rest: torch.Tensor) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """The layers of :func:`_log_h_linear`'s programme, q(S) = 1 first and q(∅) last (layer j: (C(k, j), B)),
+    with ``lp`` in float64 and p = exp(lp) in float64."""
+    k, size = lp.shape
+    tables = _linear_tables(k, lp.device)
+    lp64 = lp.double()
+    p = lp64.exp()
+    q = lp64.new_ones(1, size)  # layer k: q(S) = 1
+    layers = [q]
+    if tables[0] == "dense":
+        _, up, not_in, pairs = tables
+        inv = torch.addmm(log_rest.double().exp().unsqueeze(0), not_in, p).reciprocal_()
+        for a, d in zip(up, inv.split([a.shape[0] for a in up])):
+            q = torch.mm(a, q).mul_(d)  # Σ_{x∉C} q(C ∪ {x}) / p(D∖C)
+            layers.append(q)
+    else:
+        _, larger, first, x0, pairs = tables
+        p_x0 = p[x0].split([f.shape[0] for f in first])  # p(x0) of every C, layer after layer
+        den = log_rest.double().exp().unsqueeze(0)  # p(D∖S)
+        for up, f, px in zip(larger, first, p_x0):
+            den = den[f].add_(px)  # p(D∖C)
+            q = q.index_select(0, up.flatten()).view(up.shape + (size,)).sum(1).div_(den)
+            layers.append(q)
+    return layers, lp64, p
+
+
+def _set_weights(lp: torch.Tensor, log_rest: torch.Tensor, possible: bool, with_coef: bool
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The weights w(s) = p(s) h({s}) / h(∅), shape (k, B), and (``with_coef``) the baseline's coefficients
+    A[s, s'] = p(s') h({s, s'}) / h({s}), (k, k, B), diagonal p(s); ``lp`` (k, B) and ``log_rest`` (B,) as
+    :func:`_set_terms` takes them, which decides the programme in the same way.
+
+    On the linear programme (:func:`_log_h_linear`'s q(C) = h(C) / Π_{x∈S∖C} p(x)) both are ratios of its
+    layers, w(s) = q({s}) / q(∅) and A[s, s'] = q({s, s'}) / q({s}), in float64: no log and exp per
+    term (a step of k = 4 at batch 16 ran ~60 torch operations for them, now ~25). On the log-space
+    programme: exp of the differences of log h, in ``lp``'s dtype, as before.
+    """
+    if not (lp.is_meta or is_tracing()) and (possible or _linear_ok(lp, log_rest)):
+        layers, _, p = _linear_layers(lp, log_rest)
+        q0 = layers[-1]
+        if not possible or math.isfinite(q0.sum().item()):  # q(∅) (the largest q) did not overflow
+            q1 = layers[-2]
+            w = q1 / q0
+            if not with_coef:
+                return w, None
+            k = lp.shape[0]
+            # numerators q({s, s'}) off the diagonal and p(s) q({s}) on it (``pairs``: {s} in layer 1 at s)
+            num = torch.cat([q1 * p, layers[-3]]) if k > 1 else q1 * p
+            return w, num[_linear_tables(k, lp.device)[-1]].div_(q1.unsqueeze(1))
+    h0, h1, h2 = _log_h(lp, log_rest)
+    w = (lp + h1 - h0).exp()
+    return w, (lp.unsqueeze(0) + h2 - h1.unsqueeze(1)).exp() if with_coef else None
 
 
 # the largest k whose layers are dense 0/1 matrices: Σ_j C(k,j) C(k,j+1) = C(2k, k-1) float64 entries
