@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from torch.distributions import Distribution
+from torch.distributions import Categorical, Distribution
 
 from storch import CostFrame, Estimator, Node, OptionError, StorchError
 from storch.extending import align, is_tracing, options, table_cache
 
 from ._beam import _gumbel_like, beam_step, order_gumbels, sample_without_replacement, top_possible
-from ._support import REDUCED, dense, enumerate_joint, enumerate_values, masked_logsumexp, n_categories, to_work
+from ._support import REDUCED, dense, enumerate_joint, enumerate_values, n_categories, to_work
 
 __all__ = ["UnorderedSet", "SetState"]
 
@@ -144,7 +144,13 @@ class UnorderedSet(Estimator):
         n_cat = n_categories(d)
         n_values = n_cat ** math.prod(d.batch_shape[len(node.parents):])
         if n_values <= self.budget:
-            values, logp = enumerate_joint(node, self.budget, self.name)  # (M, *own, *event), (M, *parents)
+            # one Categorical variable per entry: its values are arange(K), so the sample values[idx] is idx
+            # itself and log p of every value the normalised logits (what enumerate_joint returns), read directly
+            index_only = type(d) is Categorical and len(d.batch_shape) == len(node.parents)
+            if index_only:
+                values, logp = None, d.logits.movedim(-1, 0)
+            else:
+                values, logp = enumerate_joint(node, self.budget, self.name)  # (M, *own, *event), (M, *parents)
             # Gumbel-top-k: the k largest of log p + Gumbel noise are an ordered sample without
             # replacement; detach: sampling is not differentiated (the score l carries the gradient).
             # Only values of positive probability: k = min(n_samples, the size of the support), and an
@@ -155,15 +161,16 @@ class UnorderedSet(Estimator):
             # (k, *parents), contiguous: the sample `values[idx]` follows idx's layout, and the model
             # reads it faster in the plates' order than as a transposed view
             idx, g = idx.movedim(-1, 0).contiguous(), g.movedim(-1, 0)
-            with torch.no_grad():
-                mask = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter(0, idx, True)
-                log_rest, _ = masked_logsumexp(logp.detach(), mask, 0)  # log(1 - p(S)), exact
+            with torch.no_grad():  # log(1 - p(S)), exact: log-sum-exp of the values not drawn (-inf where none is
+                # left; float32 for a float16 / bfloat16 model, to_work). clone keeps logp's layout, in which
+                # the sum runs in the order masked_logsumexp's did (same bits; scatter would make it contiguous)
+                log_rest = torch.logsumexp(to_work(logp.detach()).clone().scatter_(0, idx, -math.inf), 0)
             node.state.dtype = logp.dtype
             lp = to_work(logp.gather(0, idx))
             node.state.lp = lp if pad is None else lp.masked_fill(pad.movedim(-1, 0), -math.inf)
             node.state.exact = pad is None
             node.state.log_rest, node.state.g = log_rest, g
-            return values[idx]
+            return idx if values is None else values[idx]
         # too many joint values to list: the same Gumbel-top-k sample from i.i.d. draws (their first
         # distinct values) or by stochastic beam search; g is drawn later if a partition needs it
         # lp: float32 for a float16 model; dtype: the model's log-probabilities' (l and w return in it)
