@@ -206,7 +206,11 @@ class UnorderedSet(Estimator):
                 "eagerly, or trace it without eos= (sequences of a fixed length compile)")
         c = node.state
         prev = (node.plate,) + node.parents
-        values, lp = enumerate_values(distribution, len(plates), self.budget, self.name, self.plate)  # (M, *plates)
+        if self.eos is None and type(distribution) is Categorical and len(distribution.batch_shape) == len(plates):
+            # one Categorical variable per entry: values arange(K), so the step's sample values[value] is value
+            values, lp = None, distribution.logits.movedim(-1, 0)
+        else:
+            values, lp = enumerate_values(distribution, len(plates), self.budget, self.name, self.plate)  # (M, *plates)
         if self.eos is not None:  # a finished prefix continues with eos, with probability 1
             done = align(node.finished, prev, plates).expand(tuple(p.size for p in plates))
             is_end = self.is_eos(distribution, dense(values), len(plates)).reshape((-1,) + (1,) * len(plates))
@@ -226,7 +230,7 @@ class UnorderedSet(Estimator):
             0, value.unsqueeze(0)).squeeze(0)
         with torch.no_grad():  # p(D∖S) of the prefixes: what was left before plus the dropped children
             log_rest = torch.logaddexp(align(c.log_rest, prev[1:], plates[1:]), left)
-        sample = values[value]
+        sample = value if values is None else values[value]
         c.lp, c.phi, c.g, c.log_rest, c.h = phi, phi, g, log_rest, None
         c.exact = pad is None
         if self.eos is not None:
@@ -249,7 +253,8 @@ class UnorderedSet(Estimator):
                 # 3 digits; the weights and the baseline's coefficients return in lp's dtype
                 # (a Python choice: torch.promote_types is an operator that storch.compile's trace cannot return)
                 work = torch.float64 if c.lp.dtype == torch.float64 else torch.float32
-                lp, log_rest = c.lp.detach().to(work), c.log_rest.to(work)
+                lp, log_rest = c.lp.detach(), c.log_rest
+                lp, log_rest = (lp, log_rest) if lp.dtype == work == log_rest.dtype else (lp.to(work), log_rest.to(work))
                 floor = -1e30  # log of a probability that is exactly 0: finite, so no inf - inf
                 lp = lp if c.exact else lp.clamp_min(floor)
                 k = lp.shape[0]
@@ -268,9 +273,10 @@ class UnorderedSet(Estimator):
                     if self.use_baseline:
                         coef = w.unsqueeze(0).expand((k,) + w.shape)
                 else:
-                    w, coef = _set_weights(flat, rest.clamp_min(floor), c.exact, self.use_baseline)
+                    w, coef = _set_weights(flat, rest, c.exact, self.use_baseline)
                 shape = lp.shape[1:]
-                c.h = (w.reshape((k,) + shape).to(c.dtype),
+                w = w.reshape((k,) + shape)
+                c.h = (w if w.dtype == c.dtype else w.to(c.dtype),
                        None if coef is None else coef.reshape((k, k) + shape).to(work))
         return c.h
 
@@ -466,7 +472,8 @@ def _set_weights(lp: torch.Tensor, log_rest: torch.Tensor, possible: bool, with_
     On the linear programme (:func:`_log_h_linear`'s q(C) = h(C) / Π_{x∈S∖C} p(x)) both are ratios of its
     layers, w(s) = q({s}) / q(∅) and A[s, s'] = q({s, s'}) / q({s}), in float64: no log and exp per
     term (a step of k = 4 at batch 16 ran ~60 torch operations for them, now ~25). On the log-space
-    programme: exp of the differences of log h, in ``lp``'s dtype, as before.
+    programme: exp of the differences of log h, in ``lp``'s dtype, as before. ``log_rest`` may be -inf
+    (S = D): the linear programme reads p(D∖S) = 0, the log-space one a floor of -1e30.
     """
     if not (lp.is_meta or is_tracing()) and (possible or _linear_ok(lp, log_rest)):
         layers, _, p = _linear_layers(lp, log_rest)
@@ -480,7 +487,7 @@ def _set_weights(lp: torch.Tensor, log_rest: torch.Tensor, possible: bool, with_
             # numerators q({s, s'}) off the diagonal and p(s) q({s}) on it (``pairs``: {s} in layer 1 at s)
             num = torch.cat([q1 * p, layers[-3]]) if k > 1 else q1 * p
             return w, num[_linear_tables(k, lp.device)[-1]].div_(q1.unsqueeze(1))
-    h0, h1, h2 = _log_h(lp, log_rest)
+    h0, h1, h2 = _log_h(lp, log_rest.clamp_min(-1e30))  # (log 0 as a finite floor: no inf - inf)
     w = (lp + h1 - h0).exp()
     return w, (lp.unsqueeze(0) + h2 - h1.unsqueeze(1)).exp() if with_coef else None
 
