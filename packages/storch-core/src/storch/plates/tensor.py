@@ -139,8 +139,25 @@ def _chain(a: torch.Tensor, a_plates: tuple, b, b_plates: tuple):
     u = union_plates([b_plates, a_plates])  # per-entry parents: compose entry-wise
     a = _index_view(a, a_plates, u)
     b = _index_view(b, b_plates, u)
-    shape = torch.broadcast_shapes(a.shape[1:], b.shape[1:])
+    shape = _broadcast_shapes(a.shape[1:], b.shape[1:])
     return a.expand(a.shape[:1] + shape).gather(0, b.expand(b.shape[:1] + shape)), u
+
+
+def _broadcast_shapes(a, b) -> tuple:
+    """``torch.broadcast_shapes(a, b)`` for two shapes of Python ints, in plain Python: torch's runs its
+    symbolic-shape checks per dim, ~40 us a call, and a partition re-indexes tensors by the lineage a
+    few times per step and cost (a 10-step unordered_set sequence: 26 calls, ~1 ms a step). Symbolic
+    sizes (a trace) go to torch's."""
+    if not all(type(x) is int for x in (*a, *b)):
+        return tuple(torch.broadcast_shapes(a, b))
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    out = []
+    for x, y in zip(a, b):
+        if x != y and x != 1 and y != 1:
+            raise RuntimeError(f"shapes {a} and {b} cannot be broadcast: {x} against {y}")
+        out.append(y if x == 1 else x)
+    return tuple(out)
 
 
 def _index_view(idx: torch.Tensor, plates: tuple, target: tuple) -> torch.Tensor:
@@ -782,7 +799,7 @@ def _to_step(raw: torch.Tensor, dim: int, step: int, target: Plate, plates: tupl
             j += 1
     idx = idx.reshape(shape)
     shape[dim] = 1
-    full = list(torch.broadcast_shapes(raw.shape, shape))
+    full = list(_broadcast_shapes(raw.shape, shape))
     full[dim] = raw.shape[dim]
     raw = raw.expand(full)
     full[dim] = idx.shape[dim]
