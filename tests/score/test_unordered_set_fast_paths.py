@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.distributions import Bernoulli, Categorical
+from torch.distributions import Categorical
 
 import storch
 from storch_score import unordered_set as us
@@ -99,6 +99,7 @@ def test_weights_from_the_linear_layers_match_log_space(monkeypatch, dense, k):
         rest = torch.full((9,), -math.inf) if whole else _log1mexp(torch.logsumexp(lp, 0))
         for possible in (True, False):
             w, coef = _set_weights(lp, rest, possible, True)
+            assert coef is not None
             want_w, want_coef = _log_space(lp, rest)
             assert torch.allclose(w, want_w, rtol=1e-11, atol=1e-13)
             assert torch.allclose(coef, want_coef, rtol=1e-11, atol=1e-13)
@@ -116,6 +117,7 @@ def test_weights_fall_back_to_log_space_where_linear_overflows(monkeypatch):
     rest = torch.full((2,), -800.0)
     want = _log_space(lp, rest)  # (the unpatched _log_h)
     for possible in (True, False):
-        got = _set_weights(lp, rest, possible, True)
-        assert torch.isfinite(got[0]).all() and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        w, coef = _set_weights(lp, rest, possible, True)
+        assert coef is not None
+        assert torch.isfinite(w).all() and torch.equal(w, want[0]) and torch.equal(coef, want[1])
     assert logs == ["_log_h"] * 2

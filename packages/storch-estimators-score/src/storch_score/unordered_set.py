@@ -146,8 +146,7 @@ class UnorderedSet(Estimator):
         if n_values <= self.budget:
             # one Categorical variable per entry: its values are arange(K), so the sample values[idx] is idx
             # itself and log p of every value the normalised logits (what enumerate_joint returns), read directly
-            index_only = type(d) is Categorical and len(d.batch_shape) == len(node.parents)
-            if index_only:
+            if type(d) is Categorical and len(d.batch_shape) == len(node.parents):
                 values, logp = None, d.logits.movedim(-1, 0)
             else:
                 values, logp = enumerate_joint(node, self.budget, self.name)  # (M, *own, *event), (M, *parents)
