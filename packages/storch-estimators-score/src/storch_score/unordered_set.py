@@ -29,8 +29,8 @@ class SetState:
             in it.
         log_rest: log(1 - p(S)) per parent entry (detached; float32 for a float16 / bfloat16 model, as the
             set probabilities are computed).
-        h: the set probabilities (lp, h(∅), h({s}), h({s, s'})), computed once by the first
-            component that needs them (weights or baseline).
+        h: the weights w(s) and (with the baseline) the baseline's coefficients A[s, s'], from the set
+            probabilities, computed once by the first component that needs them (weights or baseline).
         g: the perturbed log-probabilities (Gumbel values) of the kept values or prefixes (stochastic
             beam search continues from them at the next step of a partition).
         phi: on a partition, log p of each kept prefix (detached), the beam's scores.
