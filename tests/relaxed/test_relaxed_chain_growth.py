@@ -1,6 +1,6 @@
 """A chain of REBAR / RELAX nodes: each node's plate holds 3 n entries (b, σ_λ(z), σ_λ(z̃)) and a node downstream
 is drawn for every one of them, so M chained nodes hold (3 n)^M entries per data point. Past ``max_chain_entries``
-(default 4096) the node is refused before its draw, with what to do instead; short chains still run, unbiased."""
+(default 32768) a node downstream of another relaxed node is refused before its draw, with what to do instead; short chains still run, unbiased."""
 
 from __future__ import annotations
 
@@ -46,25 +46,38 @@ def _weights(m):
 
 
 @pytest.mark.parametrize("name", ["relax", "rebar"])
-def test_eighth_chained_node_refused_before_its_draw(name):
+def test_chained_node_past_the_default_refused_before_its_draw(name):
+    """Two nodes of n = 61: 183 x 183 = 33489 > 32768 entries per data point, refused at the second."""
     torch.manual_seed(0)
-    ests = [storch.estimator(name, plate=f"z{i}") for i in range(8)]
+    ests = [storch.estimator(name, plate=f"z{i}", n_samples=61) for i in range(2)]
     probe = Allocations()
     with storch.Graph():
         with pytest.raises(storch.PlateError) as info:
-            _chain(ests, torch.randn(DATA, D), _weights(8), last=probe)
+            _chain(ests, torch.randn(DATA, D), _weights(2), last=probe)
     msg = str(info.value)
-    print(msg)
-    # 7 upstream plates of 3 entries, the node's own 3: 3^8 = 6561 entries per data point (its draw: 6561 x 4 x 3)
-    assert f"{name} (plate 'z7'): this node would hold 6561 entries per data point" in msg
-    assert "3 blocks of n_samples=1 (b, σ_λ(z), σ_λ(z̃))" in msg
-    assert "7 earlier relaxed node(s)" in msg and "'z0' (3)" in msg and "'z6' (3)" in msg
-    assert "multiplies the entries downstream by 3 n" in msg and "max_chain_entries=4096" in msg
+    assert f"{name} (plate 'z1'): this node would hold 33489 entries per data point" in msg
+    assert "3 blocks of n_samples=61 (b, σ_λ(z), σ_λ(z̃))" in msg
+    assert "1 earlier relaxed node(s)" in msg and "'z0' (183)" in msg
+    assert "multiplies the entries downstream by 3 n" in msg and "max_chain_entries=32768" in msg
     for fix in ("control_variate='network'", "storch.estimator('score'", "baseline=", "fewer chained relaxed nodes",
                 "larger max_chain_entries"):
         assert fix in msg
     # refused before the draw: no tensor of the node's size was made in its call (the old code drew it)
-    assert probe.largest < 3 ** 8 * DATA * D
+    assert probe.largest < 183 * 183 * DATA * D
+
+
+@pytest.mark.parametrize("name", ["relax", "rebar"])
+def test_a_node_in_no_chain_is_not_refused_whatever_its_n(name):
+    """A node that depends on no earlier relaxed node holds 3 n entries, linear in n: never refused (review
+    r-thirteen: n = 1366 alone was refused by a count of its own entries), nor one below a score node."""
+    torch.manual_seed(5)
+    with storch.Graph():
+        z = _chain([storch.estimator(name, plate="z0", n_samples=2000)], torch.randn(DATA, D), _weights(1))
+        assert z.tensor.shape == (6000, DATA, D)
+    with storch.Graph():
+        ests = [storch.estimator("expect", plate="s"), storch.estimator(name, plate="z0", n_samples=2000)]
+        z = _chain(ests, torch.randn(DATA, D), _weights(2))
+        assert z.tensor.shape[0] == 6000
 
 
 def test_large_n_refused_at_the_second_node():

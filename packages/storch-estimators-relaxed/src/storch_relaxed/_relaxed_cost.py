@@ -35,9 +35,11 @@ __all__ = ["RelaxedCost", "MAX_CHAIN_ENTRIES"]
 # every one of them, the relaxed ones included: along a chain of such nodes the entries per data point grow as
 # (3 n)^M. Measured (Bernoulli, batch 16, 8 values, n = 1, CPU): relax 4.8 ms a step at M = 1, 35 ms at 4,
 # 154 ms at 6, 1.3 s at 8 (6561 entries), 12 s at 10, out of memory (23 GB) at 20; rebar 201 ms at 7. The
-# default refuses a node whose chain would exceed 4096 entries per data point: 7 chained nodes of n = 1
-# (2187) or 4 of n = 2 (1296) still run, 8 of n = 1 (6561) are refused before their samples are drawn.
-MAX_CHAIN_ENTRIES = 4096
+# default refuses a node downstream of another relaxed node whose chain would exceed 32768 entries per data
+# point: 9 chained nodes of n = 1 (19683) or two of n = 32 (9216: 0.05 s a step, review r-thirteen) still run,
+# 10 of n = 1 (59049: 12 s a step) are refused before their samples are drawn. A node that depends on no
+# earlier relaxed node is never refused (its 3 n entries grow linearly: n = 2000 alone took 0.17 s).
+MAX_CHAIN_ENTRIES = 32768
 
 
 class RelaxedCost(OneHotForCategorical, VarianceTrained):
@@ -75,6 +77,8 @@ class RelaxedCost(OneHotForCategorical, VarianceTrained):
         size = self.blocks * self.n_samples
         chain = [p for p in node.parents if not p.independent and p.lineage is not None
                  and p.lineage.evaluation_from is not None]
+        if not chain:  # not in a chain: a node's own 3 n entries grow linearly (a large n_samples is the user's)
+            return
         entries = size * math.prod(p.size for p in chain)
         if entries <= self.max_chain_entries:
             return
@@ -86,7 +90,7 @@ class RelaxedCost(OneHotForCategorical, VarianceTrained):
             f"sampled for every entry of the plates it depends on, the relaxed ones included, so every relaxed node "
             f"of a chain multiplies the entries downstream by 3 n ((3 n)^M for M chained nodes), here more than "
             f"max_chain_entries={self.max_chain_entries}. Time and memory grow with it (a chain of 8 Bernoulli "
-            f"nodes with n_samples=1: 1.3 s a step; of 20: out of memory). Use relax with control_variate='network' "
+            f"nodes with n_samples=1: 1.3 s a step, of 10: 12 s; of 20: out of memory). Use relax with control_variate='network' "
             f"(a plate of n entries, no relaxed blocks), a score-function estimator with a baseline "
             f"(storch.estimator('score', plate=..., baseline='moving_average')) for the inner nodes, or fewer "
             f"chained relaxed nodes; or pass a larger max_chain_entries if the step fits in time and memory "

@@ -63,7 +63,7 @@ class Rebar(RelaxedCost):
         max_chain_entries: the most entries per data point of a chain of relaxed nodes: this node's 3 n times
             the sizes of the plates of the REBAR / RELAX nodes with relaxed blocks it depends on (each is
             sampled for every entry upstream, the relaxed ones included, so M chained nodes hold (3 n)^M).
-            Above it the node is refused (``storch.PlateError``) before its draw; default 4096 (see ``relax``).
+            Above it the node is refused (``storch.PlateError``) before its draw; default 32768 (see ``relax``).
 
     Example:
         >>> est = storch.estimator("rebar", plate="b", temperature=0.5)
