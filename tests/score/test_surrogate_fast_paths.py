@@ -554,7 +554,8 @@ def test_common_step_surrogate_skips_the_general_loops(baseline, data_cost, monk
     # controls: a second cost of the same name, order 2
     with pytest.warns(UserWarning, match="two costs named 'f'"):
         _, _, seen2, _ = _toy_step(est, theta, 2, extra_cost="f")
-    assert {"_unchecked", "_check_reaches", "_guard_low_order"} <= seen2
+    # (the general path: its order-1 checks are asked per node, _needy_nodes, and skipped for the settled one)
+    assert {"_unchecked", "_needy_nodes", "_cost_surrogate", "_guard_low_order"} <= seen2
     _, _, seen2, _ = _toy_step(est, theta, 2, extra_cost="g")
     assert not seen2 & _GENERAL_SURROGATE and "_many_costs_loss" in seen2
     _, _, seen3, _ = _toy_step(est, theta, 3, order=2)
@@ -562,7 +563,7 @@ def test_common_step_surrogate_skips_the_general_loops(baseline, data_cost, monk
     # the same step through the general path: the same loss, gradient and autograd graph
     monkeypatch.setattr(surrogate_module, "_one_node_loss", lambda graph: None)
     loss_g, grad_g, seen_g, ops_g = _toy_step(est, theta, 1, data_cost=data_cost)
-    assert "_check_reaches" in seen_g and "_cost_surrogate" in seen_g
+    assert "_needy_nodes" in seen_g and "_cost_surrogate" in seen_g
     if baseline != "moving_average":  # (a moving average moved between the steps: values differ, graphs not)
         assert torch.equal(loss, loss_g) and torch.equal(grad, grad_g)
     assert ops == ops_g

@@ -10,6 +10,7 @@ Nothing in torch is patched.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -683,10 +684,10 @@ def _plan(plates: tuple[Plate, ...], target: tuple[Plate, ...]):
         if len(order) != n:
             missing = set(_names(plates)) - set(_names(target))
             raise PlateError(f"plates {sorted(missing)} are not among {_names(target)}")
-        inserts = tuple(i for i, p in enumerate(target) if p.name not in pos)
+        inserts = tuple([i for i, p in enumerate(target) if p.name not in pos])  # (a list: no generator step per plate)
         # plates of a partition at an earlier step than the target's: re-indexed by the parents
-        steps = tuple((i, plates[pos[p.name]].step, p) for i, p in enumerate(target)
-                      if p.name in pos and plates[pos[p.name]].step != p.step)
+        steps = tuple([(i, plates[pos[p.name]].step, p) for i, p in enumerate(target)
+                       if p.name in pos and plates[pos[p.name]].step != p.step])
         plan = (None if order == list(range(n)) else tuple(order), inserts, steps)
         _remember(_PLANS, key, plan)
     return plan
@@ -697,19 +698,21 @@ def _plan(plates: tuple[Plate, ...], target: tuple[Plate, ...]):
 # plates' lineages, a partition's lineage its parent index tensors: 2 lineages and ~28 tensors per
 # training step were kept until 4096 keys had piled up). Entries of plates built by hand (no lineage) stay.
 _KEYS_OF: dict = {}
+_LINEAGE = operator.attrgetter("lineage")
 
 
 def _remember(cache: dict, key: tuple, value) -> None:
     """``cache[key] = value``, the key filed under its lineages; a key with a plate of a finished graph
     is not cached (computed again where used: such tensors are only read after their step)."""
-    lineages: dict = {}  # (hashed by identity; a dict, not a list: a key of a chain of M nodes holds M lineages)
+    # (hashed by identity; a set, not a list: a key of a chain of M nodes holds M lineages; gathered without a
+    # Python step per plate: a chain's cost at step k has k plates)
+    lineages: set = set()
     for plates in key:
-        for p in plates:
-            lin = p.lineage
-            if lin is not None and lin not in lineages:
-                if lin.closed is not None:
-                    return
-                lineages[lin] = None
+        lineages.update(map(_LINEAGE, plates))
+    lineages.discard(None)
+    for lin in lineages:
+        if lin.closed is not None:
+            return
     if len(cache) >= 4096:
         # a graph's keys are hit within its step only: start over rather than stop caching (a
         # 1000-step partition makes 1000s of keys); both caches and the filing at once, so that a
@@ -743,8 +746,13 @@ def align(raw: torch.Tensor, plates: tuple[Plate, ...], target: tuple[Plate, ...
         order, inserts, steps = _plan(plates, target)
         if order is not None:
             raw = raw.permute(*order, *range(len(plates), raw.dim()))
-        for i in inserts:
-            raw = raw.unsqueeze(i)
+        if len(inserts) == 1:
+            raw = raw.unsqueeze(inserts[0])
+        elif inserts:  # one view, not one unsqueeze per missing plate (the sum of a chain of M nodes: M²/2 of them)
+            shape = list(raw.shape)
+            for i in inserts:
+                shape.insert(i, 1)
+            raw = raw.view(shape)
         for i, step, p in steps:
             raw = _to_step(raw, i, step, p, target)
     if pad_to >= 0:

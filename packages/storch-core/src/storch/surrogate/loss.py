@@ -16,6 +16,7 @@ import torch
 from ..cost import magic_box
 from ..eager import eager_only
 from ..errors import StorchError, UnusedSampleWarning
+from ..estimators.watch import is_pathwise
 from ..graph import Graph, current_graph, tracing_recorder
 from ..node import Node
 from ..plates.tensor import PlateTensor, align, plates_of, raw_of
@@ -257,13 +258,18 @@ def _surrogate_loss(order: int, graph: Graph, common: bool = True) -> torch.Tens
     reached = 0
     no_credit = graph.no_credit
     memos: dict = {}  # the smoothness walks' memo, shared by the costs of this surrogate
+    # at order 1, the nodes on which the per-cost checks below may act, asked once per node (a chain of M score
+    # nodes with a cost per step asked each cost's nodes: M²/2 calls); a cost with none of them skips the checks
+    needy = _needy_nodes(graph) if order == 1 else None
     for name, cost in graph.costs:
         nodes = cost_nodes(graph, cost)
         if no_credit and id(cost) in no_credit:
             plain.append((cost, nodes))
             reached += len(nodes)
             continue
-        if nodes:
+        if nodes and needy is not None and (not needy or needy.isdisjoint(map(id, nodes))):
+            reached += len(nodes)  # (the checks would do nothing for this cost: see _needy_nodes)
+        elif nodes:
             _check_order(nodes, order)
             _check_smooth(name, cost, nodes, order, memos)
             _check_reaches(name, cost, nodes, order)
@@ -304,6 +310,8 @@ def _surrogate_loss(order: int, graph: Graph, common: bool = True) -> torch.Tens
             s = _steps_surrogate(members[0][2][0], members, order)
             loss = s if loss is None else loss + s
     sums = _Sums()  # the running sums of the gradient functions, shared by the costs
+    if len(single) > 1:
+        sums.settle(graph.nodes)  # (what each cost would ask its nodes, asked once per node)
     for name, cost, nodes in single:
         s = _cost_surrogate(cost, nodes, name, order, renamed and renamed.get(id(cost)), sums)
         loss = s if loss is None else loss + s
@@ -315,6 +323,32 @@ def _surrogate_loss(order: int, graph: Graph, common: bool = True) -> torch.Tens
     if pending:
         _check_mixed(loss)
     return loss if loss.dim() == 0 else loss.reshape(())  # a reshape of a 0-dim loss is one more node
+
+
+def _needy_nodes(graph: Graph) -> set:
+    """The ids of the graph's nodes on which the order-1 checks of a cost (``_check_order``, ``_check_smooth``,
+    ``_check_reaches``) may act: an estimator or node below order 1; a pathwise node (its estimator
+    ``requires_rsample`` or is ``pathwise``) that handed out samples; a jump refused by ``_check_reaches``
+    (``thresholded``); an estimator whose verdict ``_check_reaches`` has not settled as never pathwise
+    (``_REACH_KEY`` is not ``None``), unless the node was sampled under no_grad and the surrogate is built with grad
+    (skipped there). For the other nodes each check only reads and moves on (and nothing a check does to an
+    earlier cost makes one of them act), so a cost none of whose nodes is here is not checked: the same refusals,
+    asked once per node instead of once per (cost, upstream node)."""
+    needy = set()
+    grad = None
+    for node in graph.nodes:
+        est = node.estimator
+        if (est.max_order < 1 or node.max_order < 1 or node.thresholded is not None
+                or (node.handed and is_pathwise(est))):
+            needy.add(id(node))
+        elif est.__dict__.get(_REACH_KEY, ()) is not None:
+            if node.no_grad_cut:
+                if grad is None:
+                    grad = torch.is_grad_enabled()
+                if grad:
+                    continue
+            needy.add(id(node))
+    return needy
 
 
 def _one_node_loss(graph: Graph) -> Optional[torch.Tensor]:
@@ -566,7 +600,9 @@ def _warn_unused(graph: Graph, per_cost: list) -> None:
     carry it, so that node's parameters silently got no gradient from it. A node with a zero gradient
     function (reparameterization, the relaxations) is not reported: its gradient flows pathwise.
     """
-    seen = {id(n) for _, _, nodes in per_cost for n in nodes}
+    seen: set = set()
+    for _, _, nodes in per_cost:  # (a set of all (cost, node) pairs' ids: M²/2 steps of Python for a chain)
+        seen.update(map(id, nodes))
     if len(seen) == len(graph.nodes):
         return
     for node in graph.nodes:

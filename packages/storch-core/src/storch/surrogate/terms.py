@@ -86,7 +86,7 @@ class _Sums:
     aligned to every cost's plates: O(K³) Python, O(K²) autograd nodes), as the DiCE objective written by
     hand keeps one running L."""
 
-    __slots__ = ("children", "entries", "passive", "boxes")
+    __slots__ = ("children", "entries", "passive", "boxes", "paths", "nodes")
 
     def __init__(self) -> None:
         self.children: dict = {}
@@ -95,6 +95,34 @@ class _Sums:
         # (the root's: (id(node), plates) -> MagicBox(l) at those plates, for the costs of one node that is not a
         # partition: built once, not once per cost; see _one_node_surrogate)
         self.boxes: Optional[dict] = None
+        # (the root's: the ids of a prefix's nodes -> its levels, so that a cost one node longer than an earlier
+        # one finds its levels without walking the trie again: O(1) Python per cost of a chain, not O(k))
+        self.paths: Optional[dict] = None
+        # (the root's, see settle: the ids of the graph's nodes that _at_cost changes, that are passive, and
+        # that have a control variate or weights)
+        self.nodes: Optional[tuple] = None
+
+    def settle(self, nodes: list[Node]) -> None:
+        """Ask each of the graph's ``nodes`` once what :func:`_cost_surrogate` asks each cost's nodes: whether
+        :func:`_at_cost` takes another view of it or computes its weights (a partition; weights not computed
+        yet), whether it is :func:`_passive`, whether its term has a control variate or weights (``special``).
+        A cost of none of the first and third kinds, in a graph without passive nodes (a chain of score nodes
+        without baseline) is then built without a loop over its nodes."""
+        changed, passive, special = set(), set(), set()
+        memo = self.passive
+        if memo is None:
+            memo = self.passive = {}
+        for node in nodes:
+            est = node.estimator
+            uniform = est.uniform_weights
+            if node.history is not None or (not uniform and node.weight_values is None):
+                changed.add(id(node))
+            flag = memo[id(node)] = _passive(node)  # (the per-cost loop's memo: asked once per node)
+            if flag:
+                passive.add(id(node))
+            elif not uniform or _has_control_variate(est):
+                special.add(id(node))
+        self.nodes = (changed, passive, special)
 
     def held(self, target: tuple, within: set):
         """An entry whose plates are all in ``target`` (the exact plates first), or ``None``."""
@@ -105,7 +133,7 @@ class _Sums:
                 return e
         for i in range(len(entries) - 1, -1, -1):
             e = entries[i]
-            if all(p in within for p in e[0]):
+            if within.issuperset(e[0]):
                 return e
         return None
 
@@ -126,15 +154,29 @@ def _running_sums(nodes: list[Node], plates: tuple, sums: _Sums, record: bool = 
     sum at ``plates`` (a view of a broadcast sum is the sum of the views). ``record``: keep the last prefix's sum
     aligned to ``plates`` on its level also where nothing is added (the cost's last nodes were passive, left
     out: the next cost aligns from this one's plates, as it did from the passive node's level)."""
-    levels = []
-    level = sums
-    for node in nodes:
-        key = id(node)
-        nxt = level.children.get(key)
-        if nxt is None:
-            nxt = level.children[key] = _Sums()
-        levels.append(nxt)
-        level = nxt
+    paths = sums.paths
+    if paths is None:
+        paths = sums.paths = {}
+    ids: tuple = tuple(map(id, nodes))
+    levels = paths.get(ids)
+    if levels is None:
+        head = paths.get(ids[:-1]) if len(ids) > 1 else None
+        if head is not None:  # (the prefix one node shorter: the trie's walk would find its levels)
+            level = head[-1]
+            nxt = level.children.get(ids[-1])
+            if nxt is None:
+                nxt = level.children[ids[-1]] = _Sums()
+            levels = head + [nxt]
+        else:
+            levels = []
+            level = sums
+            for key in ids:
+                nxt = level.children.get(key)
+                if nxt is None:
+                    nxt = level.children[key] = _Sums()
+                levels.append(nxt)
+                level = nxt
+        paths[ids] = levels
     within = set(plates)
     total, start = None, 0
     for j in range(len(levels) - 1, -1, -1):
@@ -183,7 +225,12 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
     if not nodes:  # a cost of the data alone (a KL term): the mean over the data points
         raw = raw_of(cost)
         return raw.mean() if raw.dim() else raw
-    plates, raw, nodes = _at_cost(plates_of(cost), raw_of(cost), nodes)
+    settled = sums.nodes if sums is not None else None
+    if settled is not None and (not settled[0] or settled[0].isdisjoint(map(id, nodes))):
+        plates, raw = plates_of(cost), raw_of(cost)  # (_at_cost would hand back the nodes as they are)
+    else:
+        settled = None
+        plates, raw, nodes = _at_cost(plates_of(cost), raw_of(cost), nodes)
     if len(nodes) == 1:
         node = nodes[0]
         if sums is None or node.history is not None:  # (a partition's view of a step: built per cost)
@@ -201,6 +248,12 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
     # functions (a pathwise node's zeros) are not added (the same MagicBox functions, see _constant)
     if sums is None:
         sums = _Sums()
+    elif settled is not None and not settled[1] and (not settled[2] or settled[2].isdisjoint(map(id, nodes))):
+        # every node of the cost active (no passive node in the graph), none with a control variate or weights:
+        # the loop below would only collect each plate for the final mean (the same terms, no loop over the nodes)
+        total = _sum_at(_running_sums(nodes, plates, sums)[-1], plates)
+        inner = raw if total is None else magic_box(total) * raw
+        return inner.mean() if inner.dim() else inner
     memo = sums.passive
     if memo is None:
         memo = sums.passive = {}
