@@ -251,8 +251,11 @@ def test_vimco_refuses_log_weights_of_a_later_node():
         est = storch.estimator("vimco", plate="z", n_draws=K)
         z = est(Bernoulli(logits=theta))
         y = storch.estimator("score", plate="y")(Bernoulli(logits=z.sum(-1)))
-        with pytest.raises(storch.PlateError, match=r"nodes sampled after it \(\['y'\]\)"):
+        with pytest.raises(storch.PlateError, match=r"nodes sampled after it \(\['y'\]\)") as info:
             est.bound(bernoulli_log_w(z, theta) + y)
+    # the message names both ways out (found by porting a hierarchical IWAE, p-vi)
+    assert "one torch Distribution of the joint" in str(info.value)
+    assert "under 'score'" in str(info.value)
 
 
 def test_vimco_refuses_a_second_bound_of_one_set():

@@ -160,7 +160,11 @@ class Vimco(Estimator):
                 # b_k would depend on z_k through the later nodes' samples: not a baseline
                 raise PlateError(
                     f"vimco (plate {self.plate!r}): the log-weights depend on nodes sampled after it ({later}); "
-                    "the bound may depend only on the draws, the data and earlier nodes")
+                    "the bound may depend only on the draws, the data and earlier nodes. For a posterior of several "
+                    "layers, write the layers as one torch Distribution of the joint and put vimco on that one node "
+                    "(docs/estimators/vimco.md, 'Several stochastic layers'); or make the K draws one sample of "
+                    "Categorical / Bernoulli parameters expanded to (K, ...) under 'score' (leave_one_out), with the "
+                    "later nodes below it, and add the bound -(logsumexp(log_w, 0) - log K) as an ordinary cost")
             if node.state.bound is not None:
                 raise StorchError(f"vimco (plate {self.plate!r}): bound() was already called in this step; a set "
                                   "of draws has one bound (add it once, or use one estimator per bound)")
