@@ -294,6 +294,34 @@ def test_interleaved_partitions_say_how_to_write_them():
     assert phi.grad is not None and psi.grad is not None
 
 
+def test_two_sequences_reading_each_other_say_to_create_both_estimators_per_step():
+    """A switching state-space model: z_t reads x_{t-1}, x_t reads z_t, one estimator each. At z's step 1, x has
+    been called once (not yet a partition), and the advice used to say only to create z's estimator anew, which
+    was then refused for x in turn (found by porting, p-mix); the message now says to create both anew per step,
+    and doing so works."""
+    from torch.distributions import Categorical, Normal
+
+    pi0 = torch.zeros(2, requires_grad=True)
+    a = torch.tensor([0.9, -0.6], requires_grad=True)
+    ez = storch.estimator("score", plate="z", n_samples=2)
+    ex = storch.estimator("reparameterization", plate="x")
+    with storch.Graph():
+        z0 = ez(Categorical(logits=pi0))
+        x0 = ex(Normal(a[z0], 0.5))
+        with pytest.raises(storch.PlateError, match=r"partition 'z' depends on node 'x'.*called again at later "
+                           r"steps.*create BOTH estimators anew per step, for 'z' and for 'x'"):
+            ez(Categorical(logits=torch.stack([x0, -x0], -1)))
+    with storch.Graph():  # the advice followed: both anew per step
+        x = None
+        for t in range(2):
+            logits = pi0 if x is None else torch.stack([x, -x], -1)
+            z = storch.estimator("score", plate=f"z{t}", n_samples=2)(Categorical(logits=logits))
+            x = storch.estimator("reparameterization", plate=f"x{t}")(Normal(a[z] * (1.0 if t == 0 else x), 0.5))
+            storch.add_cost((x - 0.3) ** 2, name="c")
+        storch.backward()
+    assert pi0.grad is not None and a.grad is not None
+
+
 @pytest.mark.parametrize("name", ["expect", "unordered_set", "sum_and_sample"])
 def test_an_independent_of_a_finite_distribution_says_to_pass_the_base(name):
     """Independent(Bernoulli(...), 1) for an enumerating estimator: torch's Independent has no enumerable

@@ -488,8 +488,13 @@ class Estimator(torch.nn.Module):
                     # call is still sampled after this partition started, so re-creating the *other*
                     # estimator never helps; the partition itself must start after the node
                     q, e = self.plate, p.name
+                    # (found by porting a switching state-space model, p-mix: z_t reads x_{t-1} and x_t reads z_t;
+                    # at z's step 1, x had been called once, and fix (1) alone then refused x's next call)
                     both = (f" ({e!r} is a partition too: the two interleave, so each is created anew per segment "
-                            "between the other's draws, or one estimator draws both)") if other.step else ""
+                            "between the other's draws, or one estimator draws both)") if other.step else (
+                            f" (if {e!r}'s estimator is called again at later steps, as in a switching state-space "
+                            f"model where each step reads the other sequence's last draw, it is a partition too: "
+                            f"create BOTH estimators anew per step, for {q!r} and for {e!r})")
                     # (found by porting M2: one estimator for the labelled and the unlabelled z, where no
                     # sequence was meant; the partition suggestions below did not say so)
                     alone = (f" This call depends on no earlier call of {q!r} (its distribution carries none of "
