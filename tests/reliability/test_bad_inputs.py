@@ -308,8 +308,8 @@ def test_two_sequences_reading_each_other_say_to_create_both_estimators_per_step
     with storch.Graph():
         z0 = ez(Categorical(logits=pi0))
         x0 = ex(Normal(a[z0], 0.5))
-        with pytest.raises(storch.PlateError, match=r"partition 'z' depends on node 'x'.*called again at later "
-                           r"steps.*create BOTH estimators anew per step, for 'z' and for 'x'"):
+        with pytest.raises(storch.PlateError, match=r"partition 'z' depends on node 'x'.*itself called again at "
+                           r"later steps.*create BOTH estimators anew per step, for 'z' and for 'x'"):
             ez(Categorical(logits=torch.stack([x0, -x0], -1)))
     with storch.Graph():  # the advice followed: both anew per step
         x = None

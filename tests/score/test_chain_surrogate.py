@@ -121,3 +121,40 @@ def test_chain_cost_not_reached_still_warned():
         storch.add_cost(z1.tensor.sum() * 0 + a.sum(), name="c1")
         with pytest.warns(storch.UnusedSampleWarning):
             storch.surrogate_loss()
+
+
+def test_a_jump_under_a_new_cost_name_at_a_later_step_is_refused_after_the_verdicts_settled():
+    """Steps 0-1 settle every verdict (the chain's score estimators, the pathwise node's cost names); at step 2 a
+    new cost name carries round(x): still refused at order 1 (the checks asked per node must not skip a pathwise
+    node's new cost; review r-fourteen)."""
+    a = torch.tensor([0.3, 0.5, -0.2], requires_grad=True)
+    ests = [storch.estimator("score", plate=f"z{k}", n_samples=2) for k in range(2)]
+    rep = storch.estimator("reparameterization", plate="x", n_samples=2)
+    for step in range(3):
+        with storch.Graph():
+            z = storch.denote_independent(torch.linspace(-1.0, 1.0, 3), 0, "data")
+            for k in range(2):
+                z = ests[k](Bernoulli(logits=a[k] * z))
+                storch.add_cost((z - 0.3) ** 2, name=f"c{k}")
+            x = rep(torch.distributions.Normal(a[2] * z, 1.0))
+            storch.add_cost((x - 0.1) ** 2, name="smooth")
+            if step < 2:
+                torch.autograd.grad(storch.surrogate_loss(), [a])
+            else:
+                storch.add_cost(torch.round(x), name="jump")
+                with pytest.raises(storch.OrderError, match="RoundBackward"):
+                    storch.surrogate_loss()
+
+
+def test_align_of_a_non_contiguous_raw_keeps_unsqueezes_strides():
+    """Several size-1 dims inserted into a non-contiguous raw get unsqueeze's strides (a view gives them others, and
+    a later op's output another layout: its sums another order of addition; review r-fourteen)."""
+    from storch.plates.tensor import Plate, align
+    plates = (Plate("a", 7, False), Plate("b", 6, False))
+    target = (plates[0], plates[1], Plate("c", 1, False), Plate("d", 1, False), Plate("e", 1, False))
+    raw = torch.randn(7, 6, 3)[..., 1]  # strides (18, 3)
+    expected = raw.unsqueeze(2).unsqueeze(3).unsqueeze(4)
+    out = align(raw, plates, target)
+    assert out.shape == expected.shape and out.stride() == expected.stride() and torch.equal(out, expected)
+    contiguous = align(raw.contiguous(), plates, target)  # (the one-view path: the same values)
+    assert torch.equal(contiguous, expected)

@@ -492,9 +492,9 @@ class Estimator(torch.nn.Module):
                     # at z's step 1, x had been called once, and fix (1) alone then refused x's next call)
                     both = (f" ({e!r} is a partition too: the two interleave, so each is created anew per segment "
                             "between the other's draws, or one estimator draws both)") if other.step else (
-                            f" (if {e!r}'s estimator is called again at later steps, as in a switching state-space "
-                            f"model where each step reads the other sequence's last draw, it is a partition too: "
-                            f"create BOTH estimators anew per step, for {q!r} and for {e!r})")
+                            f" (if the estimator of {e!r} is itself called again at later steps, each step reading the "
+                            "other sequence's last draw as in a switching state-space model, create BOTH estimators "
+                            f"anew per step, for {q!r} and for {e!r})")
                     # (found by porting M2: one estimator for the labelled and the unlabelled z, where no
                     # sequence was meant; the partition suggestions below did not say so)
                     alone = (f" This call depends on no earlier call of {q!r} (its distribution carries none of "

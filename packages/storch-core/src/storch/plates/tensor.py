@@ -746,8 +746,11 @@ def align(raw: torch.Tensor, plates: tuple[Plate, ...], target: tuple[Plate, ...
         order, inserts, steps = _plan(plates, target)
         if order is not None:
             raw = raw.permute(*order, *range(len(plates), raw.dim()))
-        if len(inserts) == 1:
-            raw = raw.unsqueeze(inserts[0])
+        if len(inserts) == 1 or (inserts and not raw.is_contiguous()):
+            # (unsqueeze's strides for a non-contiguous raw: view gives its size-1 dims other strides, and a later
+            # op's output another memory layout, so its sums another order of addition; review r-fourteen)
+            for i in inserts:
+                raw = raw.unsqueeze(i)
         elif inserts:  # one view, not one unsqueeze per missing plate (the sum of a chain of M nodes: M²/2 of them)
             shape = list(raw.shape)
             for i in inserts:
