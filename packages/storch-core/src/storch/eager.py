@@ -24,6 +24,8 @@ from typing import Callable, TypeVar
 
 import torch
 
+from .errors import StorchError
+
 __all__ = ["eager_only", "mark_eager_only", "set_eval_frame"]
 
 F = TypeVar("F", bound=Callable)
@@ -72,3 +74,37 @@ def eager_only(fn: F) -> F:
     eager._torchdynamo_disable = True  # what dynamo checks before inlining a call
     eager._torchdynamo_disable_msg = REASON
     return eager  # type: ignore[return-value]
+
+
+# -- torch's own tracers ------------------------------------------------------------------------
+#
+# torch.jit.trace records the torch operations of one call and replays them; torch.export (non-strict, its
+# default) traces them with fake tensors. Neither runs storch's Python at a later call: a traced step skipped
+# the estimators' state updates (a moving average never changed) and the finiteness check of the costs (a NaN
+# cost's gradient passed), and export failed inside storch's validation with a torch error. So storch's entry
+# points that every step passes (a ``storch.Graph`` block's entry, ``storch.denote_independent``, an estimator
+# call) refuse to run under them: one C call (``torch._C._is_tracing``) and one module attribute read.
+
+_jit_tracing = torch._C._is_tracing
+_compiler = torch.compiler
+
+
+def _exporting() -> bool:
+    return bool(getattr(_compiler, "_is_exporting_flag", False))
+
+
+def foreign_trace_message(where: str) -> str:
+    tracer = "torch.export" if _exporting() else "torch.jit.trace"
+    return (f"{where} ran under {tracer}: torch.jit.trace, torch.jit.script and torch.export record the torch "
+            "operations of one call and replay them without storch's Python, so the traced program would skip "
+            "storch's per-step checks (a NaN cost, plates that do not match) and the estimators' state updates "
+            "(moving-average baselines, learned baselines and control variates, temperature schedules) and train "
+            "silently wrong. To compile a storch step use storch.compile(step), which traces storch's plate "
+            "program into plain torch and replays these checks and updates (backend=None: no compiler); run "
+            "the step eagerly otherwise")
+
+
+def refuse_foreign_trace(where: str) -> None:
+    """Raise storch's error when torch.jit.trace or torch.export is tracing (see :func:`foreign_trace_message`).
+    Callers check ``_jit_tracing() or _compiler._is_exporting_flag`` inline first (the eager path's cost)."""
+    raise StorchError(foreign_trace_message(where))

@@ -16,7 +16,7 @@ from torch.distributions import Distribution
 
 from ._order_guard import is_differentiated, unbatched
 from ._stacklevel import user_stacklevel
-from .eager import eager_only
+from .eager import _compiler, _jit_tracing, eager_only, refuse_foreign_trace
 from .errors import ConstantCostWarning, CostError, PlateError
 from .generators import pop_generator, push_generator
 from .node import Node
@@ -75,6 +75,8 @@ class Graph:
 
     @eager_only
     def __enter__(self) -> "Graph":
+        if _jit_tracing() or _compiler._is_exporting_flag:
+            refuse_foreign_trace("a storch.Graph block")
         if self._finished:  # a graph object entered again starts a new step
             self.reset()
         self._finished = False
@@ -674,6 +676,8 @@ def denote_independent(tensor: Union[torch.Tensor, Sequence[torch.Tensor]], dim:
     sizes along ``dim`` must agree. (Two calls with two plate names would instead pair every
     ``x`` with every ``y``; the same name twice is refused.)
     """
+    if _jit_tracing() or _compiler._is_exporting_flag:
+        refuse_foreign_trace(f"storch.denote_independent (plate {plate!r})")
     graph = _stack()[-1]  # Graph.denote_independent without a second eager_only call
     with graph._guard:
         if isinstance(tensor, (tuple, list)):

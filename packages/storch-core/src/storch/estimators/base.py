@@ -65,7 +65,7 @@ from ..distributions.precision import precision_checked
 from ..distributions.rsample_kinks import RsampleComparisons
 from ..distributions.unwrap import _as_raw
 from .._stacklevel import user_stacklevel
-from ..eager import eager_only
+from ..eager import _compiler, _jit_tracing, eager_only, refuse_foreign_trace
 from ..errors import (IndependentStepWarning, NonFiniteParameterError, OptionError, PlateError, StorchError,
                       UnsupportedDistributionError)
 from ..generators import drawing_with
@@ -288,6 +288,8 @@ class Estimator(torch.nn.Module):
                 example the observation an input-dependent baseline conditions on: NVIL's x). A
                 PlateTensor's plates must be among the distribution's plates.
         """
+        if _jit_tracing() or _compiler._is_exporting_flag:
+            refuse_foreign_trace(f"estimator {self.name!r} (plate {self.plate!r})")
         graph = current_graph()
         if self.has_update and not self.replays_update:  # (False on the common path: one attribute read)
             if type(self).update_parameters is _BASE_UPDATE:
