@@ -10,6 +10,7 @@ Nothing in torch is patched.
 
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -70,6 +71,25 @@ class Lineage:
         self.closed: Optional[str] = None  # why its graph ended; None while the graph is live
         self.watch: Optional[Callable[[Any, torch.Tensor, Optional[tuple], Any], None]] = None
         self.evaluation_from: Optional[int] = None
+
+    def __getstate__(self):
+        """Pickled (and deep-copied) without ``watch``: a closure of the step's node, runtime state of that step
+        only (a pathwise node's plate tensors, and the costs computed from them, failed to pickle with "Can't
+        pickle local object '_compare_watch.<locals>.watch'"). The copy is a lineage of its own, which no live
+        graph owns: a step that mixes it with its own plate tensors refuses it, as it does a score node's."""
+        state = {name: getattr(self, name) for name in self.__slots__ if name != "__weakref__" and hasattr(self, name)}
+        state["watch"] = None
+        return None, state
+
+    def __deepcopy__(self, memo):
+        """A deep copy as before ``__getstate__`` was written: every slot copied, ``watch`` kept (a function, which
+        ``copy.deepcopy`` does not copy)."""
+        new = Lineage.__new__(Lineage)
+        memo[id(self)] = new
+        for name in self.__slots__:
+            if name != "__weakref__" and hasattr(self, name):
+                setattr(new, name, copy.deepcopy(getattr(self, name), memo))
+        return new
 
     def set_parents(self, step: int, index: torch.Tensor, plates: tuple = ()) -> None:
         """Record that entry ``i`` at ``step`` descends from entry ``index[i]`` at ``step - 1``.
