@@ -784,3 +784,19 @@ def test_the_advised_length_mask_is_exact():
     assert torch.allclose(loss, exact(phi.detach(), psi.detach()))
     ex = torch.autograd.functional.jacobian(exact, (phi.detach(), psi.detach()))
     assert all(torch.allclose(a, b) for a, b in zip(g, ex))
+
+
+def test_a_format_spec_and_round_are_refused_as_item_is():
+    """p-tools: f"{cost:.3f}" ignored the spec (the multi-line repr came back), round(cost, 2) gave torch's
+    TypeError; both are .item()'s PlateError now. f"{x}" and str(x) stay the repr."""
+    x = PlateTensor(torch.tensor([0.5, 1.5]), (A,))
+    for call, what in ((lambda: f"{x:.3f}", 'a format spec (f"{x:.3f}")'), (lambda: format(x, ">20"), ">20"),
+                       (lambda: round(x, 2), "`round`"), (lambda: round(x), "`round`")):
+        with pytest.raises(storch.PlateError) as err:
+            call()
+        assert what in str(err.value) and "needs a single value" in str(err.value), str(err.value)
+    with pytest.raises(storch.PlateError) as err:
+        x.item()
+    assert "needs a single value" in str(err.value)
+    assert f"{x}" == str(x) == repr(x) and repr(x).startswith("PlateTensor(plates=")
+    assert f"{torch.tensor(0.5):.3f}" == "0.500"  # plain tensors as torch formats them

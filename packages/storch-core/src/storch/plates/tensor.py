@@ -327,7 +327,21 @@ class PlateTensor(torch.Tensor):
     __str__ = __repr__
 
     def __format__(self, spec: str) -> str:
-        return self.__repr__()
+        """``f"{x}"`` is ``repr(x)``; a format spec (``f"{x:.3f}"``) needs one number, refused as ``.item()`` is."""
+        if not spec:
+            return self.__repr__()
+        if not self._plates:
+            return format(self._raw, spec)
+        from .kit import too_many_samples  # (kit imports this module)
+        raise too_many_samples(self, f"a format spec (f\"{{x:{spec}}}\")")
+
+    def __round__(self, ndigits: Optional[int] = None):
+        """``round(x, n)`` needs one number, refused as ``.item()`` is (``torch.round(x, decimals=n)`` rounds every
+        entry)."""
+        if not self._plates:
+            raise TypeError(f"type {type(self._raw).__name__} doesn't define __round__ method")
+        from .kit import too_many_samples
+        raise too_many_samples(self, "`round`")
 
     def __reduce_ex__(self, protocol):
         return (PlateTensor, (self._raw, self._plates))
