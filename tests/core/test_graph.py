@@ -873,3 +873,38 @@ def test_a_vmapped_surrogate_refuses_the_updates_of_its_backward():
     inside = vmap(_vmapped_step(_Stateless("z", n_samples=3), storch.backward), randomness="different")
     with pytest.raises(storch.StorchError, match=r"storch\.backward\(\) inside torch\.func\.vmap.*Python loop"):
         inside(thetas)
+
+
+def test_denote_independent_in_a_collate_fn_names_the_cause():
+    """p-tools: denote_independent in a DataLoader's collate_fn gave "plate 'data' of another graph" (in-process
+    loading) and "the previous step in the thread's default graph was never ended" (a worker collates each batch in
+    its own default graph), naming neither the collate_fn nor what to do: call it inside the step."""
+    torch.manual_seed(0)
+    hint = "call storch.denote_independent inside the step"
+
+    def collate(batch):
+        return storch.denote_independent(torch.stack(batch), 0, "data")
+
+    est = storch.estimator("reparameterization", plate="z", n_samples=2)
+    loader = torch.utils.data.DataLoader([torch.rand(3) for _ in range(4)], batch_size=2, collate_fn=collate)
+    try:
+        with pytest.raises(storch.PlateError) as err:
+            for xs in loader:
+                with storch.Graph():
+                    storch.add_cost(est(Normal(xs, 1.0)).sum(), name="c")
+        assert "of another graph" in str(err.value) and hint in str(err.value) and "collate_fn" in str(err.value)
+        storch.reset()
+        # what a loader worker does: collate batch after batch in its default graph, with no step in between
+        collate([torch.rand(3), torch.rand(3)])
+        with pytest.raises(storch.PlateError) as err:
+            collate([torch.rand(3), torch.rand(3)])
+        assert "already used" in str(err.value) and hint in str(err.value), str(err.value)
+    finally:
+        storch.reset()
+    # the hint is for data plates: a node's plate of another graph does not get it
+    with storch.Graph():
+        z = est(Normal(torch.zeros(2), 1.0))
+        with storch.Graph():
+            with pytest.raises(storch.PlateError) as err:
+                est(Normal(z, 1.0))
+    assert "of another graph" in str(err.value) and hint not in str(err.value)

@@ -180,7 +180,8 @@ class Graph:
             return (f"{head}. If the two calls denote several tensors of the same data points (inputs and targets), "
                     f"pass them in ONE call: `x, y = storch.denote_independent((x, y), 0, {name!r})` pairs x[i] with "
                     "y[i]. Give another name only to a genuinely different data plate (two data plates pair every "
-                    f"entry of one with every entry of the other). {new_step}")
+                    f"entry of one with every entry of the other). {new_step}"
+                    + (_DATA_PLATE_OUTSIDE if self.is_default else ""))
         return (f"{head}; give each stochastic node and data plate its own name. {new_step}")
 
     def check_plates(self, plates: tuple[Plate, ...], what: str) -> None:
@@ -205,7 +206,7 @@ class Graph:
             raise PlateError(
                 f"{what} has plate {p.name!r} of another graph (a graph that is still open, e.g. an "
                 "enclosing `with storch.Graph():` block or another thread's graph); tensors cannot "
-                "move between graphs")
+                "move between graphs" + (_DATA_PLATE_OUTSIDE if p.independent else ""))
 
     def owns(self, plates: tuple[Plate, ...]) -> bool:
         """Whether every plate of ``plates`` is one this graph made (the check of :meth:`check_plates`
@@ -625,6 +626,16 @@ def _denote_in_backward_message(plate) -> str:
         "graph. Declare the data plate before the checkpoint and pass the plate tensor in "
         "(`xs = storch.denote_independent(x, 0, 'data'); h = checkpoint(enc, xs, use_reentrant=False)`); the same "
         "holds for storch.denote_independent called from a tensor hook or a custom Function's backward")
+
+
+# the likely cause of a data plate of another graph, or of one claimed again in a default graph: denote_independent
+# called where no step is, in a DataLoader's collate_fn (each batch claims the plate again in the default graph of
+# the process or thread that collates) or a Dataset
+_DATA_PLATE_OUTSIDE = (
+    ". If storch.denote_independent is called in a DataLoader's collate_fn or a Dataset's __getitem__ (or anywhere "
+    "before the step), its data plate belongs to the graph current there, not to the step: call "
+    "storch.denote_independent inside the step (inside the `with storch.Graph():` block or the step function), on "
+    "the batch the loader returned, and let the loader return plain tensors")
 
 
 def current_graph() -> Graph:
