@@ -46,7 +46,8 @@ def _compile_graph(gm: torch.fx.GraphModule, tensors: list, options: dict):
 # inductor's own random number generation (torch 2.13, CPU) gave two `aten.normal` draws of one shape in a program
 # the SAME noise (the two steps of a Gaussian policy's episode: a silently biased gradient, |z| 10 to 22, found by
 # porting REINFORCE on an LQR); with fallback_random it calls torch's generator, as eagerly (the draws are then
-# eager's for a seed). A user's options={"fallback_random": False} still decides (with mode= and dynamic=True,
+# eager's for a seed, except a float64 torch.bernoulli, which inductor draws otherwise even so: same distribution,
+# other values; backend=None replays eager's draws exactly: docs/performance.md). A user's options={"fallback_random": False} still decides (with mode= and dynamic=True,
 # torch.compile takes no options: patch torch._inductor.config.fallback_random yourself there)
 _RANDOM = "fallback_random"
 

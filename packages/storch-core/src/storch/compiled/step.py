@@ -393,6 +393,12 @@ def compile(fn: Optional[Callable[_P, _R]] = None, *, backend: Any = "inductor",
 
     Usable as ``storch.compile(fn)``, ``@storch.compile`` or ``@storch.compile(backend="aot_eager")``.
 
+    ``torch.jit.trace``, ``torch.jit.script`` and ``torch.export`` cannot carry a storch step (they replay torch
+    operations without storch's per-step checks and estimator state updates): ``torch.jit.trace`` and
+    ``torch.export`` are refused with a StorchError that names this function. With inductor, draws are eager's for
+    a seed (``fallback_random``) except a float64 ``torch.bernoulli``, which torch 2.13's CPU inductor draws
+    otherwise; ``backend=None`` replays eager's draws exactly.
+
     Args:
         fn: the step function.
         backend, mode, options, dynamic: passed to ``torch.compile`` (``dynamic=False`` by default:
