@@ -8,7 +8,6 @@ dispatcher installs on the tensor (``storch.plates.tensor.install_dispatcher``).
 
 from __future__ import annotations
 
-import math
 import sys
 import weakref
 from typing import Callable
@@ -16,7 +15,7 @@ from typing import Callable
 import torch
 
 from ..errors import PlateError
-from .tensor import SAMPLED_SIZE, Plate, PlateTensor, _names, align, map_tensors
+from .tensor import Plate, PlateTensor, align, map_tensors, too_many_samples
 from .tensor import new_plate_tensor as _new
 from .treatments import register_plate_handler
 
@@ -116,20 +115,6 @@ def _operands(args, kwargs):
         else:
             yield a
     yield from kwargs.values()
-
-
-def too_many_samples(x: PlateTensor, what: str) -> PlateError:
-    n = math.prod(p.size for p in x._plates)
-    one = (" (one entry here, but a Python number leaves the plates: a cost computed through it would get no "
-           "credit from the estimators)" if n == 1 else "")
-    size = ("" if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype is torch.bool
-            else ". " + SAMPLED_SIZE)
-    return PlateError(
-        f"{what} needs a single value, but this PlateTensor holds one value per plate entry, {n} over plates "
-        f"{_names(x._plates)}{one}. Keep computing with the tensor (index with it: `table[z]`), reduce over "
-        "the plates first (storch.surrogate_loss does that for costs) or use `.tensor` to get the raw values "
-        f"with the plate dims first{size}"
-    )
 
 
 # -- generic handlers ----------------------------------------------------------------------

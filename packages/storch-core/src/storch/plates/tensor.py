@@ -11,6 +11,7 @@ Nothing in torch is patched.
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -332,7 +333,6 @@ class PlateTensor(torch.Tensor):
             return self.__repr__()
         if not self._plates:
             return format(self._raw, spec)
-        from .kit import too_many_samples  # (kit imports this module)
         raise too_many_samples(self, f"a format spec (f\"{{x:{spec}}}\")")
 
     def __round__(self, ndigits: Optional[int] = None):
@@ -340,7 +340,6 @@ class PlateTensor(torch.Tensor):
         entry)."""
         if not self._plates:
             raise TypeError(f"type {type(self._raw).__name__} doesn't define __round__ method")
-        from .kit import too_many_samples
         raise too_many_samples(self, "`round`")
 
     def __reduce_ex__(self, protocol):
@@ -374,6 +373,20 @@ SAMPLED_SIZE = (
     "Where the number is a size, a length or a slice bound (`range(n)`, `x[:n]`, `torch.arange(n)`, "
     "`x.narrow(d, 0, n)`: a variable length), the shapes cannot differ per sample: keep a fixed maximum length "
     "M and mask the entries past n, `z * (torch.arange(M) < n.unsqueeze(-1))` (or `torch.where` with that mask)")
+
+
+def too_many_samples(x: PlateTensor, what: str) -> PlateError:
+    n = math.prod(p.size for p in x._plates)
+    one = (" (one entry here, but a Python number leaves the plates: a cost computed through it would get no "
+           "credit from the estimators)" if n == 1 else "")
+    size = ("" if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype is torch.bool
+            else ". " + SAMPLED_SIZE)
+    return PlateError(
+        f"{what} needs a single value, but this PlateTensor holds one value per plate entry, {n} over plates "
+        f"{_names(x._plates)}{one}. Keep computing with the tensor (index with it: `table[z]`), reduce over "
+        "the plates first (storch.surrogate_loss does that for costs) or use `.tensor` to get the raw values "
+        f"with the plate dims first{size}"
+    )
 
 
 def new_plate_tensor(tensor: torch.Tensor, plates: tuple[Plate, ...]) -> PlateTensor:
