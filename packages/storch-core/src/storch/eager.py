@@ -20,6 +20,7 @@ called once per torch call on a plate tensor, does it inline (:func:`mark_eager_
 from __future__ import annotations
 
 import functools
+import types
 from typing import Callable, TypeVar
 
 import torch
@@ -86,7 +87,10 @@ def eager_only(fn: F) -> F:
 # call) refuse to run under them: one C call (``torch._C._is_tracing``) and one module attribute read.
 
 _jit_tracing = torch._C._is_tracing
-_compiler = torch.compiler
+# (torch.compiler's export flag, read inline on the eager path; a torch without it, before 2.5, cannot be exporting
+# through the path that sets it: a stand-in whose flag is always False)
+_compiler = torch.compiler if hasattr(torch.compiler, "_is_exporting_flag") else types.SimpleNamespace(
+    _is_exporting_flag=False)
 
 
 def _exporting() -> bool:
