@@ -18,7 +18,7 @@ from torch.distributions import Categorical, OneHotCategorical
 
 from .._order_guard import unbatched
 from ..node import Node
-from ..plates.dispatch import INDEX_VALUES, INDEXING, Caller
+from ..plates.dispatch import INDEX_VALUES, INDEXING, INTEGER_SOURCES, Caller
 from ..smoothness import _reaches
 
 
@@ -76,9 +76,10 @@ def is_pathwise(est) -> bool:
 def _both(first, second):
     """One ``Lineage.watch`` that runs two (a relaxed Categorical / OneHotCategorical of a pathwise estimator: the
     reads of its sample as indices, :func:`_threshold_watch`, and its comparisons in user code)."""
-    def watch(func, raw: torch.Tensor, plates: Optional[tuple], caller: Caller) -> None:
-        first(func, raw, plates, caller)
-        second(func, raw, plates, caller)
+    def watch(func, raw: torch.Tensor, plates: Optional[tuple], caller: Caller) -> Optional[tuple]:
+        one = first(func, raw, plates, caller)
+        two = second(func, raw, plates, caller)
+        return one if one is not None else two
     return watch
 
 
@@ -99,19 +100,33 @@ def _compare_watch(node: Node):
     the sample, as every tensor carrying only these plates is; found by review: ``torch.where(x.detach() > 0, x,
     0)`` gave a Hessian of 0); one that carries a later node's plate (a discrete sample's ``z == 1``) is not.
     A metric is computed on the raw tensor (``x.tensor.detach()``, not a plate tensor) or after the step. Holds the
-    node weakly."""
+    node weakly.
+
+    An integer value it reads from a floating-point operand (:data:`~storch.plates.dispatch.INTEGER_SOURCES`:
+    ``l.long()``, argmax, bucketize, the indices of max / topk / sort) is also returned as a record
+    ``(node reference, name, operand or None)``, with which the dispatcher marks that integer result
+    (:mod:`storch.plates.integer_reads`): a cost computed from it is refused at every order (the jump of the
+    index has no derivative, so the gradient through the sample would miss its term)."""
     ref = weakref.ref(node)
 
-    def watch(func, raw: torch.Tensor, plates: Optional[tuple], caller: Caller) -> None:
+    def watch(func, raw: torch.Tensor, plates: Optional[tuple], caller: Caller) -> Optional[tuple]:
         node = ref()
-        if node is None or node.compared is not None or func in INDEX_VALUES:
-            return
+        if node is None:
+            return None
+        integer = func in INTEGER_SOURCES and (raw.is_floating_point() or raw.is_complex())
+        if not integer and (node.compared is not None or func in INDEX_VALUES):
+            return None
         # (torch.distributions' own comparisons first: the caller is found once per call, for every watch)
         if caller() is not None or (plates is not None and not _own(plates, node)):
-            return
+            return None
+        # an integer value read from the sample (l.long(), argmax, topk's indices): marked, its walk deferred to
+        # the surrogate of a cost that carries the mark (storch.surrogate.pathwise._check_integer_reads)
+        record = (ref, _name(func), None if plates is not None else raw) if integer else None
+        if node.compared is not None or func in INDEX_VALUES:
+            return record
         if plates is not None:
-            node.compared = getattr(func, "__name__", str(func)).strip("_")
-            return
+            node.compared = _name(func)
+            return record
         pending = node._compared_pending
         if pending is None:
             node._compared_pending = [(func, raw)]
@@ -119,7 +134,12 @@ def _compare_watch(node: Node):
             pending.append((func, raw))
         elif compared(node) is None:  # (walks the candidates: one of them reaches the sample, as a rule)
             node._compared_pending = [(func, raw)]
+        return record
     return watch
+
+
+def _name(func) -> str:
+    return getattr(func, "__name__", str(func)).strip("_")
 
 
 _PENDING_MAX = 4

@@ -21,6 +21,7 @@ import torch
 from ..eager import mark_eager_only, set_eval_frame
 from ..errors import PlateError, plate_error_from
 from .draws import DRAWS, check_no_grad_call, watch_draw
+from .integer_reads import _INNER, MARKS, mark, spread
 from .kit import (_is_inplace, _operands, dispatch, register, scan, too_many_samples, unwrap, wrap, wrap_same,
                   write_through)
 from .rules import indexing, losses, metadata, shape  # noqa: F401  (register their handlers)
@@ -33,7 +34,7 @@ from .tensor import new_plate_tensor as _new
 from .treatments import _LISTENERS, Entry, Treatment, describe, treatment_of
 
 __all__ = ["dispatch", "register", "wrap", "scan", "unwrap", "too_many_samples", "user_error", "JUMPS", "INDEXING",
-           "INDEX_VALUES", "CASTS", "casts_to_jump"]
+           "INDEX_VALUES", "INTEGER_SOURCES", "CASTS", "casts_to_jump"]
 
 _PT = PlateTensor
 _T = torch.Tensor
@@ -193,7 +194,9 @@ def _jumps() -> frozenset:
     # Not here: max / min / median with a dim, topk, sort, kthvalue, mode, cummax / cummin. Their indices jump
     # as argmax does, but their values are continuous, and a decoder's x - x.max(-1, keepdim=True).values is
     # common: recording the call refused it (found by review), and telling which output a cost uses would need
-    # a mark on every tensor computed from the indices. Their indices are not seen (docs/estimators/rebar.md).
+    # a mark on every tensor computed from the indices. They are in INDEX_VALUES: a pathwise node's watch marks the
+    # indices, and the mark follows the tensors computed from them (storch.plates.integer_reads); a jump_free
+    # estimator's watch does not see them in user code (docs/estimators/rebar.md).
     return frozenset(out)
 
 
@@ -241,10 +244,29 @@ def casts_to_jump(args, kwargs) -> bool:
 INDEXING: frozenset = frozenset(f for f in JUMPS if getattr(f, "__name__", "") in (
     "argmax", "argmin", "argsort", "bucketize", "searchsorted", "long", "int", "short", "char", "byte"))
 
-# max with a dim returns indices beside its (continuous) values; it is watched too, but recorded only where
-# torch.distributions is known to use the indices (OneHotCategorical.log_prob's value.max(-1)[1], an argmax of
-# a relaxed simplex point). Watching costs these two functions one check of their operands, as for JUMPS.
-INDEX_VALUES: frozenset = frozenset({torch.max, _T.max})
+# max with a dim returns indices beside its (continuous) values, as min, median, mode, kthvalue, topk, sort,
+# cummax and cummin do: they are watched too. A jump_free estimator's watch records them only where
+# torch.distributions is known to use the indices (OneHotCategorical.log_prob's value.max(-1)[1], an argmax of a
+# relaxed simplex point); a pathwise node's watch marks their indices (storch.plates.integer_reads), not their
+# values. Watching costs these functions one check of their operands, as for JUMPS.
+INDEX_VALUES: frozenset = frozenset(
+    f for n in ("max", "min", "median", "nanmedian", "mode", "kthvalue", "topk", "sort", "cummax", "cummin")
+    for f in (getattr(torch, n, None), getattr(_T, n, None)) if f is not None)
+
+# The functions whose result is (or holds) an integer value read from a floating-point operand: INDEXING,
+# INDEX_VALUES' indices, and Tensor.to / Tensor.type to an integer dtype. A pathwise node's watch marks that value
+# (storch.plates.integer_reads, storch.estimators.watch._compare_watch): a cost computed from it is refused.
+INTEGER_SOURCES: frozenset = INDEXING | INDEX_VALUES | CASTS
+
+
+def _mark_integers(func, out, record) -> None:
+    """Mark the integer part of ``out`` (a function of :data:`INTEGER_SOURCES`'s result) with ``record``: the
+    indices of a (values, indices) result, or an integer (not bool) result."""
+    if func in INDEX_VALUES:
+        if isinstance(out, tuple) and len(out) == 2:
+            mark(out[1], record)
+    elif isinstance(out, _T) and not out.is_floating_point() and not out.is_complex() and out.dtype is not torch.bool:
+        mark(out, record)
 
 
 def _watched(impl):
@@ -256,6 +278,7 @@ def _watched(impl):
     def run(func, args, kwargs):
         grad = _grad_enabled()
         caller = None
+        record = None  # (a watch's mark for an integer result: storch.plates.integer_reads)
         # (positional operands directly: these functions take no tensor lists; every argument-validating
         # Distribution compares its parameters, logits == logits, so this runs in most steps)
         for a in (_operands(args, kwargs) if kwargs else args):
@@ -268,7 +291,9 @@ def _watched(impl):
                     if lin is not None and lin.watch is not None:
                         if caller is None:
                             caller = Caller()
-                        lin.watch(func, raw, graph, caller)
+                        found = lin.watch(func, raw, graph, caller)
+                        if found is not None and record is None:
+                            record = found
         if pointwise and not kwargs and len(args) == 2:
             # (torch.distributions' argument validation, `value == value`, and a user's `z > 0.5`: the
             # dispatcher's own short path for two operands, as broadcast's first lines compute it)
@@ -280,7 +305,10 @@ def _watched(impl):
                     return _new(out, x._plates) if type(out) is _T else wrap_same(out, x._plates)
                 if ty is _PT and y._plates is x._plates and y._raw.dim() == x._raw.dim():
                     return _new(func(x._raw, y._raw), x._plates)
-        return impl(func, args, kwargs)
+        out = impl(func, args, kwargs)
+        if record is not None:
+            _mark_integers(func, out, record)
+        return out
     pointwise = impl is broadcast
     return run
 
@@ -526,6 +554,9 @@ def _torch_function(cls, func, types, args=(), kwargs=None):
             return _torch_function(cls, func, types, args, kwargs)
         finally:
             set_eval_frame(prior)
+    if MARKS and not getattr(_INNER, "on", False):
+        # an integer value read from a pathwise sample is live: results computed from it are marked as it is
+        return spread(_torch_function, cls, func, types, args, kwargs)
     if not _grad_enabled():
         if not _fw_grad_enabled():
             _check_custom_function(func, args, kwargs)

@@ -23,7 +23,7 @@ from ..plates.tensor import PlateTensor, align, plates_of, raw_of
 from ..score_conditions import KINK_FREE
 from .finite import refuse_on_backward
 from .order import _check_order, _guard_low_order
-from .pathwise import _REACH_KEY, _check_compared, _check_reaches, _check_smooth
+from .pathwise import _REACH_KEY, _check_compared, _check_integer_reads, _check_reaches, _check_smooth
 from .refusals import _PENDING, _check_mixed, _keep_counted
 from .steps import _step_group, _steps_surrogate
 from .terms import _ensure_weights, _one_node_surrogate, _Sums, _at_cost, _cost_surrogate, cost_nodes
@@ -273,6 +273,7 @@ def _surrogate_loss(order: int, graph: Graph, common: bool = True) -> torch.Tens
             _check_order(nodes, order)
             _check_smooth(name, cost, nodes, order, memos)
             _check_reaches(name, cost, nodes, order)
+            _check_integer_reads(name, cost, nodes, order)
             if order >= 2:
                 _check_compared(name, nodes, order)
             reached += len(nodes)

@@ -223,7 +223,20 @@ _narrow_dim = _dim_handler(1)
 def _narrow(func, args, kwargs):
     """dim counts per-sample dims; a sampled start or length is refused (a PlateError: mask over a fixed length)"""
     bounds = list(args[2:4]) + [kwargs.get(k) for k in ("start", "length")]
+    length = args[3] if len(args) > 3 else kwargs.get("length")
     for name, b in zip(("start", "length", "start", "length"), bounds):
+        if name == "start" and type(b) is _PT and type(length) is not _PT:
+            # (found by porting: the length's advice, a fixed maximum length and a mask, for a fixed length)
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            n = length if isinstance(length, int) else "n"
+            raise PlateError(
+                f"narrow got a sampled start (a PlateTensor over plates {tuple(p.name for p in b._plates)}) and a "
+                f"fixed length {n}: narrow takes one Python number as its start, so the slice cannot start "
+                "differently per sample. A sampled start with a fixed length is an index: index with the start "
+                f"plus an arange, `x.index_select({dim}, r + torch.arange({n}))`"
+                + (f" (`x[r + torch.arange({n})]`)" if dim == 0 else "")
+                + f", or torch.gather with that index along dim {dim}. The shapes stay fixed, and the start may "
+                "be sampled (a score-function node's value, e.g. a glimpse's position)")
         if type(b) is _PT:
             raise PlateError(
                 f"narrow got a sampled {name} (a PlateTensor over plates {tuple(p.name for p in b._plates)}): "

@@ -1,0 +1,96 @@
+"""Integer values read from a pathwise sample: the indices of ``argmax``, ``topk(...).indices``, ``l.long()``.
+
+A pathwise estimator (reparameterization, gumbel_softmax, LAX) differentiates the cost through its sample. An
+integer value computed from that sample (a cast, an argmax, the indices of ``max`` / ``topk`` / ``sort``,
+``bucketize``) jumps where the sample crosses a threshold, and it has no autograd history: a cost that reads it
+(``img[l.long()] + l ** 2``) gets the gradient of its smooth part alone, the jump's term is lost without a word
+(found by porting: a gradient of 0.460 for 0.511, z = 10.5). The walk of the autograd graph
+(:mod:`storch.smoothness`) cannot see it, so the value is marked here when it is made
+(:func:`storch.estimators.watch._compare_watch` says which results), the mark follows every plate tensor computed
+from it (the dispatcher: :func:`spread`), and the surrogate refuses a cost that carries it
+(:func:`storch.surrogate.pathwise._check_integer_reads`). A bool mask (``x > 0``) is not marked: a continuous
+function selected by it (``torch.where(x > 0, x, 0)``) is unbiased at order 1; nor an integer cast of a bool or
+integer value (``(x > 0).long()`` is such a mask; an integer computed from a mark is marked by spreading).
+
+The marks are kept by the id of the plate tensor, with a weak reference: a mark goes with its tensor. While no
+mark is live (the common step), the dispatcher pays one test of an empty dict per call.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Optional
+
+import torch
+
+# id(plate tensor) -> (weak reference to it, the record: (weak reference to the node, the function's name, the
+# operand's raw tensor, or None where it had no autograd graph))
+MARKS: dict = {}
+
+
+def _forget(key: int):
+    def gone(_ref) -> None:
+        MARKS.pop(key, None)
+    return gone
+
+
+def mark(t, record: tuple) -> None:
+    """Mark the plate tensor ``t`` (or each plate tensor of a tuple or list ``t``) with ``record``."""
+    if isinstance(t, (tuple, list)):
+        for o in t:
+            mark(o, record)
+        return
+    if not isinstance(t, torch.Tensor) or getattr(t, "_plates", None) is None:
+        return
+    key = id(t)
+    old = MARKS.get(key)
+    if old is not None and old[0]() is t:
+        return
+    MARKS[key] = (weakref.ref(t, _forget(key)), record)
+
+
+def record_of(t) -> Optional[tuple]:
+    """The record of the mark of ``t``, or None."""
+    entry = MARKS.get(id(t))
+    if entry is None or entry[0]() is not t:
+        return None
+    return entry[1]
+
+
+_INNER = threading.local()
+
+
+def spread(call, cls, func, types, args, kwargs):
+    """``call(cls, func, types, args, kwargs)`` (the dispatcher, which calls this while marks are live and
+    ``_INNER.on`` is not set): its results are marked
+    with the record of a marked operand (one level into lists), and so is the tensor an in-place function or
+    ``__setitem__`` writes. The calls the dispatcher makes inside it (a handler's) are not looked at: the outer
+    call's results are what the user's code sees."""
+    _INNER.on = True
+    try:
+        out = call(cls, func, types, args, kwargs)
+    finally:
+        _INNER.on = False
+    record = None
+    for a in _operands(args, kwargs):
+        if type(a) is not torch.Tensor and isinstance(a, torch.Tensor):
+            record = record_of(a)
+            if record is not None:
+                break
+    if record is not None:
+        mark(out, record)
+        name = getattr(func, "__name__", "")
+        if args and (func is torch.Tensor.__setitem__ or (name.endswith("_") and not name.endswith("__"))):
+            mark(args[0], record)
+    return out
+
+
+def _operands(args, kwargs):
+    for a in args:
+        if type(a) is list or type(a) is tuple:
+            yield from a
+        else:
+            yield a
+    if kwargs:
+        yield from kwargs.values()
