@@ -62,6 +62,42 @@ def test_unordered_set_with_baseline_refuses_order_2():
     assert plain.max_order == math.inf and est.max_order == 1
 
 
+def test_order_error_of_a_partition_says_what_sum_and_sample_needs_there():
+    """unordered_set called once per step, asked for order 2: the refusal offers sum_and_sample for the partition and
+    now says it needs buffer= and one token per call (plain sum_and_sample's second call was refused in turn, and a
+    joint Bernoulli of two agents for its batch dim; found by porting LOLA, p-lola)."""
+    est = storch.estimator("unordered_set", plate="ep", n_samples=2)
+    theta = torch.zeros(2, requires_grad=True)
+    with storch.Graph():
+        for _ in range(2):
+            a = est(Categorical(logits=theta))
+            storch.add_cost(a.double(), name="c")
+        with pytest.raises(storch.OrderError, match=r"sum_and_sample \(a partition needs buffer=K.*one token per call"):
+            storch.surrogate_loss(order=2)
+
+
+def test_order_error_names_a_users_subclass_by_its_class():
+    """A user's subclass that lowers max_order inherits the registered name; the refusal names the class (it used to
+    say "estimator 'score' ... is unbiased only up to order 2", and offer 'score' as the fix; p-lola)."""
+    Score = storch.get_estimator_class("score")
+
+    class Score2(Score):
+        max_order = 2
+
+    theta = torch.tensor([0.2, -0.3], requires_grad=True)
+    with storch.Graph():
+        z = Score2(plate="z", n_samples=2)(Categorical(logits=theta))
+        storch.add_cost(z.double())
+        with pytest.raises(storch.OrderError, match=r"estimator Score2 \(a subclass of 'score'\) on plate 'z' is "
+                           r"unbiased only up to order 2"):
+            storch.surrogate_loss(order=3)
+    with storch.Graph():  # a first-party estimator keeps its registered name
+        z = storch.estimator("unordered_set", plate="z", n_samples=2)(Categorical(logits=theta))
+        storch.add_cost(z.double())
+        with pytest.raises(storch.OrderError, match=r"estimator 'unordered_set' on plate 'z'"):
+            storch.surrogate_loss(order=2)
+
+
 @pytest.mark.parametrize("name,options,match", [
     ("score", dict(baseline="mean"), r"baseline='mean'.*'leave_one_out'"),
     ("score", dict(baseline="leave_one_out"), r"n_samples >= 2.*n_samples=1"),

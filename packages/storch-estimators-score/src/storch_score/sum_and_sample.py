@@ -153,6 +153,12 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
     # capabilities of the registered name, buffer= included (SumAndSampleSequences): partitions and an
     # update. On this one-step estimator a second call raises (extend) and the update does nothing.
     supports_partitions = True
+    # (named where it is offered for a partition: an order-2 refusal's list of alternatives sent users to
+    # sum_and_sample, whose second call without buffer= is refused, and then to a joint Bernoulli of two agents,
+    # refused for its batch dim; found by porting LOLA, p-lola)
+    partition_options = ("buffer=K (a sequence estimator: storch.estimator('sum_and_sample', plate=..., buffer=4, "
+                         "...)), and one token per call: a Categorical, OneHotCategorical or Bernoulli whose batch "
+                         "dims are all plates (one call per agent or token)")
     has_update = True
     State = MemoryState
 

@@ -195,6 +195,8 @@ class Estimator(torch.nn.Module):
             carry the K draws as a per-sample dim that only ``est.bound(log_w)`` reduces.
         partition_hint: a sentence added to the refusal of a second call (a partition) of an estimator
             that does not support partitions (``""``: none); e.g. vimco's recipe for a bound over a sequence.
+        partition_options: what a partition of this estimator needs, named where it is offered as an
+            alternative for a partition (``""``: nothing); e.g. sum_and_sample's ``buffer=`` and one token per call.
 
     Args:
         plate: name of the node's sample plate.
@@ -223,6 +225,7 @@ class Estimator(torch.nn.Module):
     eos: Optional[int] = None
     cost_hint: ClassVar[str] = ""
     partition_hint: ClassVar[str] = ""
+    partition_options: ClassVar[str] = ""
     State: ClassVar[Optional[type]] = None
     """The typed per-node record (a dataclass whose fields all have defaults); ``node.state`` is a
     fresh instance of it for every node, created before ``proposal``."""

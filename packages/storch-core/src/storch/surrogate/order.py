@@ -71,15 +71,29 @@ def _order_message(node: Node, order: int) -> str:
     classes = [(n, c) for n in supporting_estimators(d) if (c := _installed_class(n)) is not None]
     unbiased = [(n, c) for n, c in classes if not c.biased and c.max_order >= order]
     partition = node.step > 0  # one estimator at several steps: only those supporting partitions take its place
-    higher = [n + _cost_form(c) for n, c in unbiased if not partition or c.supports_partitions]
+    higher = [n + _cost_form(c) + (f" (a partition needs {c.partition_options})" if partition and c.partition_options
+                                   else "") for n, c in unbiased if not partition or c.supports_partitions]
     per_step = [n + _cost_form(c) for n, c in unbiased if partition and not c.supports_partitions]
     others = (f" (installed, unbiased at order {order} for this node's {type(d).__name__}"
               f"{' and for a partition' if partition else ''}: {', '.join(higher)}"
               f"{'; or one estimator per step: ' + ', '.join(per_step) if partition and per_step else ''})"
               if higher or (partition and per_step) else "")
     option = f", or an option that raises it: {est.higher_order_options}" if est.higher_order_options else ""
-    return (f"estimator {est.name!r} on plate {node.plate.name!r} {what} (with its options: est.info()), but order "
+    return (f"estimator {_shown(est)} on plate {node.plate.name!r} {what} (with its options: est.info()), but order "
             f"{order} was requested; choose an estimator with a higher max_order for this node{others}{option}")
+
+
+def _shown(est) -> str:
+    """The estimator as a message names it: its registered name, or for a class of another package that inherits
+    the name (a user's ``class Score2(Score): max_order = 2``) the class and the name it inherits, so that the
+    message does not blame the registered estimator, nor offer it as the fix as if it were the same (found by
+    porting, p-lola)."""
+    cls = type(est)
+    registered = _installed_class(est.name) if est.name else None
+    if registered is None or cls is registered or cls.__dict__.get("name") == est.name or (
+            cls.__module__.split(".")[0] == registered.__module__.split(".")[0]):
+        return repr(est.name)
+    return f"{cls.__name__} (a subclass of {est.name!r})"
 
 
 def _installed_class(name: str) -> Optional[type]:
@@ -116,7 +130,7 @@ def _low_order_message(node: Node, order: int = 1) -> Callable[[], str]:
         else:
             why = (f"is unbiased only up to order {node_order} for this node's distribution (lowered by "
                    f"{type(est).__name__}.max_order_for)")
-        return f"estimator {est.name!r} on plate {plate!r} {why}: {_again(order)}"
+        return f"estimator {_shown(est)} on plate {plate!r} {why}: {_again(order)}"
     return message
 
 
