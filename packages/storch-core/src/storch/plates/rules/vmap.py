@@ -21,6 +21,7 @@ from ..kit import _from_torch, _is_inplace
 from ..tensor import PlateTensor, align, inplace_write_message, map_tensors, union_plates, write_plates
 from ..tensor import new_plate_tensor as _new
 from ..treatments import describe, from_torch
+from .flat_vmap import vmap as flat_vmap
 
 __all__ = ["vmap_call"]
 
@@ -280,10 +281,10 @@ def _vmap_tensors(call, raws, mapped, levels, sizes, full, inplace, randomness):
         # but ValueError on storch.compile's fake tensors (torch._refs), so a try would only work eagerly
         if all(_leading_dims_merge(r, len(levels)) for r in raws):
             flat = [r.view((n,) + r.shape[len(levels):]) for r in raws]
-            out = torch.func.vmap(call, randomness=randomness)(*flat)
+            out = flat_vmap(call, [0] * len(flat), n, randomness)(*flat)
             # splitting the leading dim of an output is always a view
             return map_tensors(out, lambda o: o.view(lead + o.shape[1:]))
     f = call
     for j in reversed(levels):
-        f = torch.func.vmap(f, in_dims=tuple(0 if mk[j] else None for mk in mapped), randomness=randomness)
+        f = flat_vmap(f, [0 if mk[j] else None for mk in mapped], sizes[j], randomness)
     return f(*raws)

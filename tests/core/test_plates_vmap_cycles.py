@@ -1,0 +1,127 @@
+"""Functions storch runs per plate entry (``rules.vmap``) leave no reference cycles (issue 19).
+
+``torch.func.vmap`` flattens its inputs and outputs with ``torch.utils._pytree``, whose recursive
+local helpers hold themselves in their closure cells: 34 cyclic objects per vmapped call (found
+by a tester with a replay buffer: ``Categorical(logits=theta).log_prob(plate_actions)`` runs
+broadcast_tensors and gather per entry; 3502 objects after 100 importance steps). storch now
+batches with functorch's primitives itself (``rules.flat_vmap``): a step that reaches the vmap
+route frees everything by reference counting, and its values and gradients are the per-entry ones.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Categorical, OneHotCategorical
+
+import storch
+import storch.plates.rules.vmap as vmap_rule
+
+K, N = 6, 5
+
+
+def _theta():
+    torch.manual_seed(0)
+    return torch.randn(K, requires_grad=True)
+
+
+def _acts():
+    return torch.tensor([0, 3, 5, 3, 1])
+
+
+# name: cost per plate entry from (theta: plain, a: plate actions (N,), x: plate floats (N, K))
+CASES = {
+    "gather, plain input, plate index": lambda th, a, x: torch.log_softmax(th, -1).gather(-1, a.unsqueeze(-1))[..., 0],
+    "take_along_dim": lambda th, a, x: torch.take_along_dim(torch.log_softmax(th, -1), a.unsqueeze(-1), -1)[..., 0],
+    "broadcast_tensors": lambda th, a, x: torch.broadcast_tensors(a.unsqueeze(-1), th)[1].sum(-1) * a,
+    "Categorical(plain logits).log_prob(plate)": lambda th, a, x: Categorical(logits=th).log_prob(a),
+    "Categorical(plate logits).log_prob(plate)": lambda th, a, x: Categorical(logits=x * th).log_prob(a),
+    "OneHotCategorical(plain logits).log_prob(plate)":
+        lambda th, a, x: OneHotCategorical(logits=th).log_prob(F.one_hot(a, K).float()),
+    "cross_entropy, plate target": lambda th, a, x: F.cross_entropy(th.unsqueeze(0), a.unsqueeze(0)),
+    "scatter_add, plate index": lambda th, a, x: torch.zeros(K).scatter_add(0, a.unsqueeze(0), th[:1]) @ th,
+}
+
+
+def _per_entry(fn, theta, acts, xs):
+    return torch.stack([fn(theta, acts[i], xs[i]) for i in range(N)])
+
+
+def _count_vmaps(monkeypatch):
+    calls = []
+    orig = vmap_rule._vmap_tensors
+    monkeypatch.setattr(vmap_rule, "_vmap_tensors", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_step_through_the_vmap_route_leaves_no_cycles(name, monkeypatch):
+    fn = CASES[name]
+    theta, xs = _theta(), torch.rand(N, K) + 0.5
+
+    def step():
+        a, x = storch.denote_independent((_acts(), xs), 0, "buffer")
+        storch.add_cost(fn(theta, a, x), name="cost")
+        storch.backward()
+
+    step()  # (first-call caches: lazy imports, decompositions)
+    calls = _count_vmaps(monkeypatch)
+    gc.collect()
+    gc.disable()
+    try:
+        step()
+        garbage = gc.collect()
+    finally:
+        gc.enable()
+    assert calls, f"{name} no longer reaches the vmap route: this test no longer covers it"
+    assert garbage == 0, f"{name}: {garbage} objects in reference cycles after one step"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_vmap_route_gives_the_per_entry_values_and_gradients(name, monkeypatch):
+    fn = CASES[name]
+    theta, xs, acts = _theta(), torch.rand(N, K) + 0.5, _acts()
+    calls = _count_vmaps(monkeypatch)
+    with storch.Graph():
+        a, x = storch.denote_independent((acts, xs), 0, "buffer")
+        out = fn(theta, a, x)
+        got = out.tensor
+        (g,) = torch.autograd.grad((got * torch.arange(1.0, N + 1)).sum(), theta)
+    assert calls
+    want = _per_entry(fn, theta, acts, xs)
+    (gw,) = torch.autograd.grad((want * torch.arange(1.0, N + 1)).sum(), theta)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g, gw)
+
+
+def test_random_draws_over_two_plates_leave_no_cycles(monkeypatch):
+    # a random function on a plate tensor among two plates (refused in vmap's randomness "error" mode,
+    # then rerun with every entry drawing its own)
+    theta = _theta()
+    probs = torch.rand(3, K) + 0.1
+
+    def step():
+        p = storch.denote_independent(probs, 0, "outer")
+        a = storch.denote_independent(torch.randint(0, K, (2, 4)), 0, "inner")
+        q, b = torch.broadcast_tensors(theta[:4] * p[..., :4], a)  # plates (outer, inner), each maps one
+        draw = torch.multinomial(p, 2)
+        storch.add_cost((q * b).sum(-1) + draw.sum(-1), name="cost")
+        storch.backward()
+
+    step()
+    calls = _count_vmaps(monkeypatch)
+    levels = []
+    flat_vmap = vmap_rule.flat_vmap
+    monkeypatch.setattr(vmap_rule, "flat_vmap", lambda *a, **k: levels.append(1) or flat_vmap(*a, **k))
+    gc.collect()
+    gc.disable()
+    try:
+        step()
+        garbage = gc.collect()
+    finally:
+        gc.enable()
+    assert calls and levels
+    assert garbage == 0
