@@ -17,20 +17,27 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
-from torch._functorch.predispatch import (
-    _add_batch_dim,
-    _remove_batch_dim,
-    _vmap_decrement_nesting,
-    _vmap_increment_nesting,
-    lazy_load_decompositions,
-)
+
+try:  # (functorch's primitives, as torch.func.vmap's _flat_vmap imports them in torch 2.13)
+    from torch._functorch.predispatch import (
+        _add_batch_dim,
+        _remove_batch_dim,
+        _vmap_decrement_nesting,
+        _vmap_increment_nesting,
+        lazy_load_decompositions,
+    )
+except ImportError:  # pragma: no cover  (another torch: torch.func.vmap itself, cycles and all)
+    _add_batch_dim = None
 
 __all__ = ["vmap"]
 
 
 def vmap(func: Callable, in_dims: Sequence[Optional[int]], size: int, randomness: str) -> Callable:
     """``torch.func.vmap(func, in_dims=tuple(in_dims), randomness=randomness)`` for positional tensor
-    (or ``None``-dimmed) operands, mapping ``size`` entries; every output is batched at dim 0."""
+    (or ``None``-dimmed) operands, mapping ``size`` entries; every output is batched at dim 0. Where torch
+    lacks the primitives (another version), ``torch.func.vmap`` itself."""
+    if _add_batch_dim is None:  # pragma: no cover
+        return torch.func.vmap(func, in_dims=tuple(in_dims), randomness=randomness)
 
     def run(*xs):
         lazy_load_decompositions()
