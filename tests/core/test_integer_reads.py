@@ -41,6 +41,10 @@ READS = {
     "index_select": lambda l: IMG.index_select(0, l.clamp(0, 5).long().unsqueeze(0)).sum() + l ** 2,
     "argmax == y accuracy": lambda l: ((l * AR).argmax() == 3).float() + l ** 2,
     "detached long() index": lambda l: IMG[l.detach().clamp(0, 5).long()] + l ** 2,
+    # counts and exponents (found by porting, p-nas): histc's counts are a floating-point tensor
+    "histc counts": lambda l: (torch.histc(l, bins=6, min=0, max=6) * IMG).sum() + l ** 2,
+    "count_nonzero": lambda l: torch.count_nonzero(torch.relu(l - 2)).float() + l ** 2,
+    "frexp exponent": lambda l: torch.frexp(l).exponent.float() + l ** 2,
 }
 
 # accepted at order 1: a bool mask of a continuous function, a continuous value of max / topk, integers no cost uses
@@ -77,6 +81,46 @@ def test_masks_continuous_values_and_unused_integers_are_accepted_at_order_1(cas
     torch.manual_seed(0)
     loss = _surrogate(ACCEPTED[case], 1)
     assert loss.requires_grad
+
+
+# jumps in the autograd graph that autograd reports as 0 (frexp's mantissa) or cannot differentiate (floor_divide:
+# torch's raw RuntimeError in backward, after the surrogate was built; found by porting)
+GRAPH_JUMPS = {
+    "//": (lambda l: l // 1 + l ** 2, "DivBackward"),
+    "rfloordiv": (lambda l: 7.0 // (l + 3) + l ** 2, "DivBackward"),
+    "floor_divide": (lambda l: torch.floor_divide(l, 0.5) + l ** 2, "DivBackward"),
+    "Tensor.floor_divide": (lambda l: l.floor_divide(0.5) + l ** 2, "DivBackward"),
+    "frexp mantissa": (lambda l: torch.frexp(l).mantissa + l ** 2, "FrexpBackward0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRAPH_JUMPS))
+def test_a_floor_division_or_frexp_of_a_pathwise_sample_is_refused_at_order_1(case):
+    cost_of, op = GRAPH_JUMPS[case]
+    torch.manual_seed(0)
+    with pytest.raises(storch.OrderError, match=rf"'reparameterization' on plate 'l': the order-1 .*{op}"):
+        _surrogate(cost_of, 1)
+
+
+def test_a_floor_division_of_plate_tensors_keeps_torchs_values():
+    """floor_divide on a plate tensor is computed as torch.div(..., rounding_mode="floor"): the same values, in
+    every form (also in place, and of data without gradient)."""
+    torch.manual_seed(0)
+    with storch.Graph():
+        x = storch.estimator("reparameterization", plate="l", n_samples=5)(Normal(torch.tensor(0.3), 2.0))
+        r = x.tensor.detach()
+        d = storch.denote_independent(torch.tensor([0.7, -1.3, 2.0]), 0, "data")
+        rd = d.tensor
+        pairs = [(x // 0.7, r // 0.7), (2.5 // x, 2.5 // r), (torch.floor_divide(x, -0.6), torch.floor_divide(r, -0.6)),
+                 (x.floor_divide(0.3), r.floor_divide(0.3)), (d // 0.4, rd // 0.4), (3 // d, 3 // rd)]
+        y = d.clone()
+        y //= 0.3
+        pairs.append((y, rd // 0.3))
+        z = d.clone()
+        z.floor_divide_(-0.45)
+        pairs.append((z, rd.floor_divide(-0.45)))
+        for got, want in pairs:
+            assert torch.equal(got.tensor.detach(), want)
 
 
 def test_the_message_says_what_was_read_and_what_to_do():

@@ -977,7 +977,13 @@ def test_a_cast_to_another_float_dtype_inside_rsample_is_not_a_comparison():
 
 
 @pytest.mark.parametrize("cast", [lambda x: x.to(torch.bool), lambda x: x.type(torch.long),
-                                  lambda x: torch.heaviside(x, torch.zeros_like(x))])
+                                  lambda x: torch.heaviside(x, torch.zeros_like(x)),
+                                  # found by porting (p-nas): thresholds by signbit and the finiteness tests
+                                  lambda x: ~torch.signbit(x), lambda x: torch.isfinite(torch.log(x)),
+                                  lambda x: torch.isnan(torch.log(x)), lambda x: torch.isneginf(torch.log(x)),
+                                  lambda x: torch.isinf(torch.log(-x)), lambda x: torch.isposinf(1 / x)],
+                         ids=["to(bool)", "type(long)", "heaviside", "signbit", "isfinite", "isnan", "isneginf",
+                              "isinf", "isposinf"])
 def test_a_bool_cast_or_heaviside_of_a_pathwise_sample_in_the_cost_is_refused_at_order_2(cast):
     """The cost's watch (storch.plates.dispatch.JUMPS) missed them too."""
     mu = torch.tensor([MU, -0.5], dtype=D, requires_grad=True)

@@ -321,7 +321,7 @@ _NONSMOOTH: Mapping[str, Union[int, Callable[[object], Optional[int]]]] = Mappin
     "MultilabelMarginLossBackward0": 1,
     # jumps (k = 0)
     "SignBackward0": 0, "SgnBackward0": 0, "RoundBackward0": 0, "RoundBackward1": 0, "FloorBackward0": 0,
-    "CeilBackward0": 0, "TruncBackward0": 0, "FracBackward0": 0, "FmodBackward0": 0, "FmodBackward1": 0,
+    "CeilBackward0": 0, "TruncBackward0": 0, "FracBackward0": 0, "FrexpBackward0": 0, "FmodBackward0": 0, "FmodBackward1": 0,
     "RemainderBackward0": 0, "RemainderBackward1": 0, "DivBackward2": _rounding_order, "DivBackward3": _rounding_order,
     "AngleBackward0": 0,  # of a real x: 0 or pi; of a complex one: its branch cut
     "Atan2Backward0": _atan2_order,  # its branch cut: a jump of 2 pi where x < 0, y = 0
@@ -348,8 +348,9 @@ def nonsmooth_operations() -> dict[str, Union[int, Callable[[object], Optional[i
     ``l1_loss`` as ``AbsBackward0``, ``hinge_embedding_loss`` as ``ClampMinBackward0``);
     ``smooth_l1_loss`` and ``huber_loss`` are C¹ (2; ``smooth_l1_loss`` with beta = 0 is l1: 1). Norms read their
     saved ord / p and the number of elements reduced (ord 1, inf: 1; a 2-norm of m elements: m, see
-    ``_lp_order``); division reads its rounding mode (floor, trunc: 0). Not listed: ``floor_divide`` (autograd
-    raises for it), the SVD and eigendecompositions (their spectral functions are smooth; the nuclear norm of a
+    ``_lp_order``); division reads its rounding mode (floor, trunc: 0); frexp's mantissa jumps at the powers of 2
+    (0). Not listed: ``floor_divide`` (autograd raises for it; on a plate tensor storch computes it as the division
+    with rounding mode floor, ``storch.plates.dispatch.FLOOR_DIVISIONS``), the SVD and eigendecompositions (their spectral functions are smooth; the nuclear norm of a
     square matrix, a sum of singular values, has a kink where it is singular and is not detected).
     A copy: changing it changes nothing.
     """

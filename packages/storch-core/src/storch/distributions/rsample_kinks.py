@@ -442,11 +442,12 @@ def _fns(names: tuple) -> frozenset:
 # the autograd graph: the comparisons, argmax / argmin / argsort, bool and integer casts of JUMPS, and rounding
 # (of a detached value: of one that requires grad, the walk of the autograd graph finds RoundBackward0 itself)
 PIECEWISE_CONSTANT: frozenset = (JUMPS - INDEX_VALUES) | _fns(("round", "floor", "ceil", "trunc", "fix", "sign",
-                                                             "sgn", "signbit"))
+                                                             "sgn", "signbit", "floor_divide",
+                                                             "__floordiv__", "__rfloordiv__"))
 # the functions that return (values, indices): the indices are piecewise constant (the values are continuous:
 # sort values, a max, are kinks)
 WITH_INDICES: frozenset = _fns(("sort", "topk", "max", "min", "kthvalue", "mode", "median", "nanmedian", "cummax",
-                                "cummin", "aminmax"))
+                                "cummin", "aminmax", "frexp"))
 # the functions that put their operands' values into their result as they are (a sum, a concatenation): a
 # piecewise-constant operand makes the result jump where autograd sees a derivative of 0, as a straight-through
 # hard + soft - soft.detach() does. A product or torch.where with a mask selects between values (relu's

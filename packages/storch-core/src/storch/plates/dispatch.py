@@ -34,7 +34,7 @@ from .tensor import new_plate_tensor as _new
 from .treatments import _LISTENERS, Entry, Treatment, describe, treatment_of
 
 __all__ = ["dispatch", "register", "wrap", "scan", "unwrap", "too_many_samples", "user_error", "JUMPS", "INDEXING",
-           "INDEX_VALUES", "INTEGER_SOURCES", "CASTS", "casts_to_jump"]
+           "INDEX_VALUES", "INTEGER_SOURCES", "COUNTS", "CASTS", "casts_to_jump", "FLOOR_DIVISIONS"]
 
 _PT = PlateTensor
 _T = torch.Tensor
@@ -177,6 +177,9 @@ def _implementation(func):
         impl = _watched_cast(impl)
     if func in DRAWS:
         impl = watch_draw(impl)
+    floor = FLOOR_DIVISIONS.get(func)
+    if floor is not None:  # (computed as torch.div(..., rounding_mode="floor"), which autograd records)
+        impl = _as_floor_division(impl, floor)
     _IMPL[func] = impl
     return impl
 
@@ -184,13 +187,20 @@ def _implementation(func):
 def _jumps() -> frozenset:
     names = ("eq", "ne", "gt", "ge", "lt", "le", "greater", "greater_equal", "less", "less_equal", "not_equal",
              "isclose", "argmax", "argmin", "argsort", "bucketize", "logical_not", "logical_and", "logical_or",
-             "logical_xor", "heaviside")
+             "logical_xor", "heaviside", "signbit", "isfinite", "isinf", "isposinf", "isneginf", "isnan", "histc",
+             "count_nonzero", "frexp")
     methods = ("__eq__", "__ne__", "__gt__", "__ge__", "__lt__", "__le__", "bool", "long", "int", "short", "char",
                "byte")
     out = {getattr(torch, n) for n in names if hasattr(torch, n)}
     out.update(getattr(_T, n) for n in names + methods if hasattr(_T, n))
     out.update(getattr(_T, n + "_") for n in names if hasattr(_T, n + "_"))
     out.add(torch.searchsorted)
+    # signbit and the finiteness tests are thresholds as `x < 0` is (isfinite(log(z - 0.5)) is z > 0.5); histc and
+    # count_nonzero count the entries past thresholds, frexp's exponent is floor(log2 |x|) + 1: each jumps where its
+    # operand crosses a threshold, with no autograd history (found by porting: REBAR's gradient 0.0246 for 0.7578).
+    # Not here: bincount (its input is already an integer, read by a cast or argmax that is here; its weights are
+    # summed, linearly), nan_to_num (the identity on finite values: docs/estimators/rebar.md), nonzero / argwhere /
+    # unique / unique_consecutive (refused on plate tensors: their result's shape depends on the values).
     # Not here: max / min / median with a dim, topk, sort, kthvalue, mode, cummax / cummin. Their indices jump
     # as argmax does, but their values are continuous, and a decoder's x - x.max(-1, keepdim=True).values is
     # common: recording the call refused it (found by review), and telling which output a cost uses would need
@@ -208,6 +218,49 @@ def _jumps() -> frozenset:
 # must not see its sample thresholded), with its plates where it has no autograd graph to walk. No other function
 # pays anything: the check is part of these functions' cached implementation only.
 JUMPS: frozenset = _jumps()
+
+def _floor_divisions() -> dict:
+    """``floor_divide`` in its forms (``//``, ``//=``, ``Tensor.floor_divide(_)``) -> the same division written with
+    ``torch.div(..., rounding_mode="floor")``, with the original's name. On a plate tensor it is computed so:
+    torch's ``floor_divide`` has no derivative (autograd raises its own RuntimeError in backward, after the
+    surrogate was built), while the division with a rounding mode is recorded as ``DivBackward`` with its mode,
+    which :mod:`storch.smoothness` counts as a jump (a pathwise node's cost is refused at order 1, as ``floor``
+    is). The values are torch's: ``floor_divide`` rounds towards -inf, as the floor division does."""
+    def rfloor(a, b):
+        return torch.div(b if isinstance(b, torch.Tensor) else torch.as_tensor(b, device=a.device), a,
+                         rounding_mode="floor")
+
+    def inplace(a, b):
+        return a.div_(b, rounding_mode="floor")
+
+    def plain(a, b, *, out=None):
+        return torch.div(a, b, rounding_mode="floor", out=out)
+
+    def make(name: str):
+        body = rfloor if name == "__rfloordiv__" else inplace if name in ("floor_divide_", "__ifloordiv__") else plain
+
+        def fn(*args, **kwargs):
+            return body(*args, **kwargs)
+        fn.__name__ = fn.__qualname__ = name
+        return fn
+
+    out = {}
+    for owner, name in ((torch, "floor_divide"), (_T, "floor_divide"), (_T, "__floordiv__"), (_T, "__rfloordiv__"),
+                        (_T, "floor_divide_"), (_T, "__ifloordiv__")):
+        f = getattr(owner, name, None)
+        if f is not None:
+            out[f] = make(name)
+    return out
+
+
+def _as_floor_division(impl, floor):
+    """``impl`` of a function of :data:`FLOOR_DIVISIONS`, called with its floor division in its place."""
+    def run(func, args, kwargs):
+        return impl(floor, args, kwargs)
+    return run
+
+
+FLOOR_DIVISIONS: dict = _floor_divisions()
 
 # Casts that are a jump for some targets only: Tensor.to / Tensor.type to a bool or integer dtype (y.to(torch.bool),
 # y.type(torch.long)), as Tensor.bool / Tensor.long are (casts_to_jump); a cast to another floating dtype is smooth.
@@ -254,17 +307,29 @@ INDEX_VALUES: frozenset = frozenset(
     for f in (getattr(torch, n, None), getattr(_T, n, None)) if f is not None)
 
 # The functions whose result is (or holds) an integer value read from a floating-point operand: INDEXING,
-# INDEX_VALUES' indices, and Tensor.to / Tensor.type to an integer dtype. A pathwise node's watch marks that value
+# INDEX_VALUES' indices, COUNTS, and Tensor.to / Tensor.type to an integer dtype. A pathwise node's watch marks that value
 # (storch.plates.integer_reads, storch.estimators.watch._compare_watch): a cost computed from it is refused.
-INTEGER_SOURCES: frozenset = INDEXING | INDEX_VALUES | CASTS
+# The functions of JUMPS whose result is a count or an integer read from a floating-point operand: histc's counts (a
+# floating-point tensor), count_nonzero, frexp's exponent (its mantissa is in the autograd graph: FrexpBackward0).
+COUNTS: frozenset = frozenset(f for f in JUMPS if getattr(f, "__name__", "") in ("histc", "count_nonzero", "frexp"))
+
+_HISTC = frozenset(f for f in COUNTS if getattr(f, "__name__", "") == "histc")
+
+INTEGER_SOURCES: frozenset = INDEXING | INDEX_VALUES | CASTS | COUNTS
 
 
 def _mark_integers(func, out, record) -> None:
     """Mark the integer part of ``out`` (a function of :data:`INTEGER_SOURCES`'s result) with ``record``: the
-    indices of a (values, indices) result, or an integer (not bool) result."""
+    indices of a (values, indices) result, histc's counts, or an integer (not bool) result (of a tuple: frexp's
+    exponent)."""
     if func in INDEX_VALUES:
         if isinstance(out, tuple) and len(out) == 2:
             mark(out[1], record)
+    elif func in _HISTC and isinstance(out, _T):
+        mark(out, record)  # (counts in a floating-point tensor)
+    elif isinstance(out, tuple):  # (frexp: the exponent, an integer, beside the mantissa)
+        for o in out:
+            _mark_integers(func, o, record)
     elif isinstance(out, _T) and not out.is_floating_point() and not out.is_complex() and out.dtype is not torch.bool:
         mark(out, record)
 
