@@ -203,3 +203,160 @@ def test_a_fixed_length_narrow_with_a_sampled_start_is_an_index():
             im.narrow(0, r, 2)
         with pytest.raises(storch.PlateError, match=r"fixed maximum length"):
             im.narrow(0, 0, r)  # (a sampled length keeps the advice for a variable length)
+
+
+# -- an integer read from a pathwise sample that reaches the cost through a LATER node's parameters (found by review):
+# x ~ N(2.3, 1) reparameterised, k = x.clamp(0, 5).long(); y ~ N(IMG[k], 1) reparameterised with the cost
+# y + 0.1 x² gave 0.4598 for the exact 0.5043 (z = -12.4); z ~ Categorical(logits=EMB[k]) under a score function
+# with the cost VAL[z] + 0.1 x² gave 0.4598 for -0.3229 (z = +218). The mark is on IMG[k] / EMB[k], but the later
+# estimator draws from raw tensors, so neither its sample nor the cost carried it.
+
+EMB = torch.tensor([[1.2, -0.4, 0.3], [-2.0, 1.1, 0.5], [0.7, 0.7, -1.5], [0.0, -1.0, 2.2], [1.6, 0.2, -0.3],
+                    [-0.8, 1.9, 0.4]])
+VAL = torch.tensor([1.0, -2.0, 3.0])
+
+
+class _Score(storch.Estimator):
+    name = "test_core_integer_reads_later_score"
+
+
+def _later(kind: str):
+    x = storch.estimator("reparameterization", plate="x", n_samples=4)(Normal(torch.tensor(2.3, requires_grad=True),
+                                                                              1.0))
+    k = x.clamp(0, 5).long()
+    if kind == "normal":
+        y = storch.estimator("reparameterization", plate="y", n_samples=2)(Normal(IMG[k], 1.0))
+        storch.add_cost(y + 0.1 * x ** 2, name="c")
+    elif kind == "categorical":
+        z = _Score(plate="z", n_samples=3)(Categorical(logits=EMB[k]))
+        storch.add_cost(VAL[z] + 0.1 * x ** 2, name="c")
+    elif kind == "independent":
+        y = storch.estimator("reparameterization", plate="y", n_samples=2)(
+            torch.distributions.Independent(Normal(IMG[k].unsqueeze(-1).expand(2), 1.0), 1))
+        storch.add_cost(y.sum(-1) + 0.1 * x ** 2, name="c")
+    else:  # a third node drawn from the second: the cost reaches y through w's plates
+        y = storch.estimator("reparameterization", plate="y", n_samples=2)(Normal(IMG[k], 1.0))
+        w = storch.estimator("reparameterization", plate="w", n_samples=2)(Normal(y, 1.0))
+        storch.add_cost(w + 0.1 * x ** 2, name="c")
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("kind", ["normal", "categorical", "independent", "chain"])
+def test_a_later_node_drawn_from_an_integer_read_is_refused(kind, order):
+    path = {"normal": r"Normal\.loc", "categorical": r"Categorical\.logits",
+            "independent": r"Independent\.base_dist\.Normal\.loc", "chain": r"Normal\.loc"}[kind]
+    later = "z" if kind == "categorical" else "y"
+    torch.manual_seed(0)
+    with storch.Graph():
+        _later(kind)
+        with pytest.raises(storch.OrderError, match=rf"estimator 'reparameterization' on plate 'x': the cost 'c' "
+                                                    rf"reaches node '{later}' \(estimator '.*'\), whose distribution's "
+                                                    rf"parameter {path} was computed from an integer value that long"):
+            storch.surrogate_loss(order=order)
+
+
+def test_a_later_partition_step_drawn_from_an_integer_read_is_refused():
+    """A pathwise partition whose step 1 reads step 0's sample as an index: the step's parameter carries the mark."""
+    torch.manual_seed(0)
+    est = storch.estimator("reparameterization", plate="s", n_samples=4)
+    with storch.Graph():
+        s0 = est(Normal(torch.tensor(2.3, requires_grad=True), 1.0))
+        s1 = est(Normal(IMG[s0.clamp(0, 5).long()], 1.0))
+        storch.add_cost(s1 + 0.1 * s0 ** 2, name="c")
+        with pytest.raises(storch.OrderError, match=r"reaches node 's'.*Normal\.loc \(at step 1 of its partition\)"):
+            storch.surrogate_loss()
+
+
+def test_a_mixture_picked_by_a_score_nodes_index_is_accepted_and_exact():
+    """The accepted control: k ~ Categorical(logits=theta) under a score function picks the parameters of
+    y ~ N(mus[k] + x, 1), reparameterised, x ~ N(m, 1) reparameterised; an index read from x is live (a metric, kept
+    to the end) but no parameter carries it. The gradient of E[y²] = sum_k pi_k ((mus_k + m)² + 2) in (m, theta, mus)
+    is exact (z-test)."""
+    theta0 = torch.tensor([0.3, -0.5, 0.2], dtype=torch.float64)
+    mus0 = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)
+    m0 = 0.4
+
+    def expected(m, theta, mus):
+        return (torch.softmax(theta, -1) * ((mus + m) ** 2 + 2)).sum()
+
+    params = [torch.tensor(m0, dtype=torch.float64, requires_grad=True), theta0.clone().requires_grad_(),
+              mus0.clone().requires_grad_()]
+    exact = torch.cat([g.reshape(-1) for g in torch.autograd.grad(expected(*params), params)])
+    rep_x = storch.estimator("reparameterization", plate="x", n_samples=2)
+    rep_y = storch.estimator("reparameterization", plate="y", n_samples=2)
+    score = _Score(plate="k", n_samples=6)
+    grads = []
+    for seed in range(600):
+        torch.manual_seed(seed)
+        ps = [torch.tensor(m0, dtype=torch.float64, requires_grad=True), theta0.clone().requires_grad_(),
+              mus0.clone().requires_grad_()]
+        with storch.Graph():
+            x = rep_x(Normal(ps[0], 1.0))
+            metric = x.clamp(0, 5).long()  # (an integer read from x, live while y is drawn: used by no cost)
+            k = score(Categorical(logits=ps[1]))
+            y = rep_y(Normal(ps[2][k] + x, 1.0))
+            storch.add_cost(y ** 2, name="c")
+            assert MARKS
+            gs = torch.autograd.grad(storch.surrogate_loss(), ps)
+            del metric
+        grads.append(torch.cat([g.reshape(-1) for g in gs]).detach())
+    assert_unbiased(torch.stack(grads), exact.detach(), name="d/d(m, theta, mus)")
+
+
+def test_a_parameter_index_computed_from_data_is_accepted():
+    """The other control: a later node's parameter indexed by data (a data plate's integer), with an index read
+    from a pathwise node live: the node keeps no record, and the loss is the plain one (y's own gradient exact)."""
+    torch.manual_seed(0)
+    with storch.Graph():
+        data = storch.denote_independent(torch.tensor([0.2, 1.1, 2.6]), 0, "batch")
+        x = storch.estimator("reparameterization", plate="x", n_samples=3)(
+            Normal(torch.tensor(2.3, requires_grad=True), 1.0))
+        metric = x.clamp(0, 5).long()
+        y = storch.estimator("reparameterization", plate="y", n_samples=2)(Normal(IMG[(data * 2).long()] + x, 1.0))
+        storch.add_cost(y, name="c")
+        assert MARKS
+        loss = storch.surrogate_loss()
+        assert storch.current_graph().nodes[1].integer_parameter is None
+        assert loss.requires_grad
+        del metric
+
+
+@pytest.mark.parametrize("case", ["type(torch.LongTensor)", "type('torch.LongTensor')", "max_pool1d", "max_pool2d",
+                                  "max_pool3d", "max_pool1d_with_indices", "adaptive_max_pool1d",
+                                  "adaptive_max_pool2d", "adaptive_max_pool3d", "fractional_max_pool2d",
+                                  "fractional_max_pool3d"])
+def test_other_integer_reads_are_refused(case):
+    """Integer reads found by review that were not in INTEGER_SOURCES: Tensor.type to a tensor type, the indices of
+    the max poolings (return_indices=True); their values stay accepted."""
+    F = torch.nn.functional
+    index_of = {
+        "type(torch.LongTensor)": lambda l: l.clamp(0, 5).type(torch.LongTensor),
+        "type('torch.LongTensor')": lambda l: l.clamp(0, 5).type("torch.LongTensor"),
+        "max_pool1d": lambda l: F.max_pool1d((l * AR)[None], 6, return_indices=True),
+        "max_pool2d": lambda l: F.max_pool2d((l * AR).reshape(1, 2, 3), 2, return_indices=True),
+        "max_pool3d": lambda l: F.max_pool3d((l * AR).reshape(1, 1, 2, 3), (1, 2, 3), return_indices=True),
+        "max_pool1d_with_indices": lambda l: torch.max_pool1d_with_indices((l * AR)[None], 6),
+        "adaptive_max_pool1d": lambda l: F.adaptive_max_pool1d((l * AR)[None], 1, return_indices=True),
+        "adaptive_max_pool2d": lambda l: F.adaptive_max_pool2d((l * AR).reshape(1, 2, 3), 1, return_indices=True),
+        "adaptive_max_pool3d": lambda l: F.adaptive_max_pool3d((l * AR).reshape(1, 1, 2, 3), 1,
+                                                               return_indices=True),
+        "fractional_max_pool2d": lambda l: F.fractional_max_pool2d((l * AR).reshape(1, 2, 3), 1, output_size=1,
+                                                                   return_indices=True),
+        "fractional_max_pool3d": lambda l: F.fractional_max_pool3d(torch.stack([l * AR, l * AR]).reshape(1, 2, 2, 3),
+                                                                   1, output_size=1, return_indices=True),
+    }[case]
+
+    def index(l):
+        out = index_of(l)
+        return out[1].reshape(-1)[0] if isinstance(out, tuple) else out
+
+    def value(l):
+        out = index_of(l)
+        return out[0].reshape(-1)[0] if isinstance(out, tuple) else l
+
+    torch.manual_seed(0)
+    with pytest.raises(storch.OrderError, match=r"integer value"):
+        _surrogate(lambda l: IMG[index(l).clamp(0, 5)] + l ** 2, 1)
+    if case.startswith(("max", "adaptive", "fractional")):
+        torch.manual_seed(0)
+        assert _surrogate(lambda l: value(l) + l ** 2, 1).requires_grad

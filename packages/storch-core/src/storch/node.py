@@ -121,6 +121,11 @@ class Node:
             when the estimator is not asked. ``storch.surrogate_loss(order)`` checks it and the
             estimator's own ``max_order``. Lowered too by a kink (to 1) or jump (to 0) inside the
             distribution's own rsample (``rsample_kinks``).
+        integer_parameter: ``(record, parameter path, step)`` where a parameter of the node's distribution (at
+            step ``step`` of a partition) was computed from an integer value read from a pathwise node's sample
+            (``Normal(img[x.long()], 1)``: ``record`` is :mod:`storch.plates.integer_reads`' mark of it, ``path``
+            names the parameter, ``"Normal.loc"``), ``None`` if none. ``storch.surrogate_loss(order >= 1)`` refuses
+            the costs that reach the node, as it refuses a cost that carries the mark.
         rsample_kinks: for a node whose estimator ``requires_rsample``: ``(class name, {autograd node name: the
             order of its first discontinuous derivative}, {autograd node name: [the parts it was found in, such
             as "its transform ClampT"]})`` of the non-smooth operations (and the implicit reparameterisations of
@@ -155,6 +160,9 @@ class Node:
     _compared_pending: Optional[list] = None  # (func, raw) recorded by its Lineage.watch, not walked yet
     max_order: float = math.inf  # lowered by Estimator.max_order_for (Estimator._sample_node)
     rsample_kinks: Optional[tuple] = None  # set by storch.estimators.base.note_rsample (lowers max_order)
+    # (record of storch.plates.integer_reads, parameter path, step): a parameter of its distribution was computed
+    # from an integer value read from a pathwise sample (set by the estimator's call while a mark is live)
+    integer_parameter: Optional[tuple] = None
     rsample_noted = False  # set by note_rsample: this step's rsample was noted (by a proposal: LAX's, of x not ⊥x)
     preimages: tuple = ()  # set by the estimator's call (base._keep_preimages)
     _views: Optional[dict] = None

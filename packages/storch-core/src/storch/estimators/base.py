@@ -72,6 +72,7 @@ from ..generators import drawing_with
 from .. import options
 from ..graph import current_graph, is_tracing
 from ..node import Node
+from ..plates.integer_reads import MARKS, marked_parameter
 from ..plates.tensor import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
 from ..score_conditions import KINK_FREE, moving_support, support_is_fixed
 from .catalog import EstimatorInfo, available, installed_classes, supporting_estimators
@@ -350,6 +351,8 @@ class Estimator(torch.nn.Module):
         if inputs is not None:
             self.check_inputs(inputs, parents, 0)
         node = Node(self, raw, parents, original=distribution, inputs=inputs)
+        if MARKS:  # (an integer value read from a pathwise sample is live: its parameters may carry it)
+            _note_integer_parameter(node, distribution, 0)
         drawn = self._nodes_drawn
         if drawn is not None:  # (storch.estimator's record of a stateful estimator: storch.registry._note_created)
             drawn[0] += 1
@@ -475,6 +478,8 @@ class Estimator(torch.nn.Module):
             node.max_order = min(node.max_order, self.max_order_for(raw))
         parents = plates[1:]
         t = node.step + 1
+        if MARKS and node.integer_parameter is None:
+            _note_integer_parameter(node, distribution, t)
         if not torch.is_grad_enabled():
             _sampled_without_grad(node, distribution, t)
         if inputs is not None:
@@ -1591,3 +1596,12 @@ def _float_dtype(node: Node) -> torch.dtype:
     return torch.get_default_dtype()
 
 
+
+
+def _note_integer_parameter(node: Node, distribution: Distribution, step: int) -> None:
+    """Keep on ``node`` (``Node.integer_parameter``) the record of a parameter of its distribution computed from an
+    integer value read from a pathwise node's sample (``Normal(img[x.long()], 1)``): ``storch.surrogate_loss``
+    refuses the costs that reach the node (``storch.surrogate.pathwise._check_integer_reads``)."""
+    found = marked_parameter(distribution)
+    if found is not None:
+        node.integer_parameter = (found[1], found[0], step)

@@ -274,6 +274,9 @@ def _jump_dtype(a) -> Optional[bool]:
         return not any(k in a for k in ("Float", "Double", "Half", "BFloat", "Complex"))
     if isinstance(a, torch.Tensor):  # (Tensor.to(other): other's dtype)
         return not (a.dtype.is_floating_point or a.dtype.is_complex)
+    dtype = getattr(a, "dtype", None)  # (Tensor.type's tensor types: torch.LongTensor, found by review)
+    if isinstance(dtype, torch.dtype):
+        return not (dtype.is_floating_point or dtype.is_complex)
     return None
 
 
@@ -304,10 +307,20 @@ INDEXING: frozenset = frozenset(f for f in JUMPS if getattr(f, "__name__", "") i
 # values. Watching costs these functions one check of their operands, as for JUMPS.
 INDEX_VALUES: frozenset = frozenset(
     f for n in ("max", "min", "median", "nanmedian", "mode", "kthvalue", "topk", "sort", "cummax", "cummin")
-    for f in (getattr(torch, n, None), getattr(_T, n, None)) if f is not None)
+    for f in (getattr(torch, n, None), getattr(_T, n, None)) if f is not None) | frozenset(
+    # the max poolings, which return (values, indices) (found by review): F.max_pool2d(..., return_indices=True)
+    # calls F.max_pool2d_with_indices, which calls torch._C._nn.max_pool2d_with_indices; the adaptive and
+    # fractional ones call torch.adaptive_max_pool1d, torch._C._nn.adaptive_max_pool2d, ...
+    f for n in ("max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+                "adaptive_max_pool3d", "fractional_max_pool2d", "fractional_max_pool3d")
+    for f in (getattr(torch.nn.functional, n + "_with_indices", None), getattr(torch, n + "_with_indices", None),
+              getattr(torch._C._nn, n + "_with_indices", None),
+              getattr(torch, n, None) if n.startswith("adaptive") else None,
+              getattr(torch._C._nn, n, None) if not n.startswith("max") else None) if f is not None)
 
 # The functions whose result is (or holds) an integer value read from a floating-point operand: INDEXING,
-# INDEX_VALUES' indices, COUNTS, and Tensor.to / Tensor.type to an integer dtype. A pathwise node's watch marks that value
+# INDEX_VALUES' indices (max / topk / sort, the max poolings), COUNTS, and Tensor.to / Tensor.type to an integer dtype
+# (torch.long, torch.LongTensor, "torch.LongTensor"). A pathwise node's watch marks that value
 # (storch.plates.integer_reads, storch.estimators.watch._compare_watch): a cost computed from it is refused.
 # The functions of JUMPS whose result is a count or an integer read from a floating-point operand: histc's counts (a
 # floating-point tensor), count_nonzero, frexp's exponent (its mantissa is in the autograd graph: FrexpBackward0).

@@ -332,7 +332,8 @@ def _needy_nodes(graph: Graph) -> set:
     ``requires_rsample`` or is ``pathwise``) that handed out samples; a jump refused by ``_check_reaches``
     (``thresholded``); an estimator whose verdict ``_check_reaches`` has not settled as never pathwise
     (``_REACH_KEY`` is not ``None``), unless the node was sampled under no_grad and the surrogate is built with grad
-    (skipped there). For the other nodes each check only reads and moves on (and nothing a check does to an
+    (skipped there); a node drawn from parameters computed from an integer read from a pathwise sample
+    (``integer_parameter``: ``_check_integer_reads``). For the other nodes each check only reads and moves on (and nothing a check does to an
     earlier cost makes one of them act), so a cost none of whose nodes is here is not checked: the same refusals,
     asked once per node instead of once per (cost, upstream node)."""
     needy = set()
@@ -340,7 +341,7 @@ def _needy_nodes(graph: Graph) -> set:
     for node in graph.nodes:
         est = node.estimator
         if (est.max_order < 1 or node.max_order < 1 or node.thresholded is not None
-                or (node.handed and is_pathwise(est))):
+                or (node.handed and is_pathwise(est)) or node.integer_parameter is not None):
             needy.add(id(node))
         elif est.__dict__.get(_REACH_KEY, ()) is not None:
             if node.no_grad_cut:

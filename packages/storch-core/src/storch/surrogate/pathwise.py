@@ -155,37 +155,67 @@ def _check_compared(name: str, nodes: list[Node], order: int) -> None:
 
 def _check_integer_reads(name: str, cost, nodes: list[Node], order: int) -> None:
     """At every order >= 1: refuse a cost computed from an integer value read from a pathwise node's sample (an
-    integer cast, argmax / argsort, bucketize / searchsorted, the indices of max / topk / sort / kthvalue: marked
-    by :mod:`storch.plates.integer_reads` when it was made, where the operand's autograd graph reaches a value the
-    node handed out, or it was detached and carries only the node's plates). The value jumps where the sample
-    crosses a threshold and has no autograd history, so the pathwise gradient misses the jump's term, also where
-    the cost depends on the sample smoothly as well (``img[l.long()] + l ** 2``: 0.460 for 0.511). One dict test
-    where no mark is live."""
-    if order < 1 or not MARKS:
+    integer cast, argmax / argsort, bucketize / searchsorted, the indices of max / topk / sort / kthvalue and of the
+    max poolings: marked by :mod:`storch.plates.integer_reads` when it was made, where the operand's autograd graph
+    reaches a value the node handed out, or it was detached and carries only the node's plates). The value jumps
+    where the sample crosses a threshold and has no autograd history, so the pathwise gradient misses the jump's
+    term, also where the cost depends on the sample smoothly as well (``img[l.long()] + l ** 2``: 0.460 for
+    0.511). So is a cost that reaches a later node drawn from parameters computed from such a value
+    (``Normal(img[x.long()], 1)``, ``Categorical(logits=emb[x.long()])``: ``Node.integer_parameter``): neither its
+    sample nor the cost carries the mark (found by review: 0.460 for 0.504, z = -12; 0.460 for -0.323, z = 218).
+    One dict test and one attribute read per node where no mark is live."""
+    if order < 1:
+        return
+    for later in nodes:
+        kept = later.integer_parameter
+        if kept is not None:
+            node = _marking_node(kept[0], nodes)
+            if node is not None:
+                raise OrderError(_integer_read_message(node, name, kept[0][1], order, (later, kept[1], kept[2])))
+    if not MARKS:
         return
     record = record_of(cost)
     if record is None:
         return
-    ref, func, raw = record
+    node = _marking_node(record, nodes)
+    if node is not None:
+        raise OrderError(_integer_read_message(node, name, record[1], order))
+
+
+def _marking_node(record: tuple, nodes: list[Node]) -> Optional[Node]:
+    """The pathwise node of a mark's ``record`` where it is among ``nodes`` and the marked value was read from a
+    value computed from its samples (the operand's autograd graph reaches one it handed out), else None."""
+    ref, _, raw = record
     node = ref()
     if node is None or not any(n is node for n in nodes):
-        return
+        return None
     if raw is not None:
         handed = [h for h in (unbatched(h) for h, _ in node.handed) if h.requires_grad]
         handed += [unbatched(u) for u in node.preimages]
         if not handed or not _reaches([unbatched(raw)], handed):
-            return
-    raise OrderError(_integer_read_message(node, name, func, order))
+            return None
+    return node
 
 
-def _integer_read_message(node: Node, name: str, func: str, order: int) -> str:
+def _integer_read_message(node: Node, name: str, func: str, order: int, later: Optional[tuple] = None) -> str:
     est = node.estimator
     p = node.plate.name
+    if later is None:
+        how = f"the cost {name!r} is computed from an integer value"
+        used = "used as an index or as a number"
+    else:
+        other, path, step = later
+        at = f" (at step {step} of its partition)" if step else ""
+        how = (f"the cost {name!r} reaches node {other.plate.name!r} (estimator {other.estimator.name!r}), whose "
+               f"distribution's parameter {path}{at} was computed from an integer value")
+        used = ("used as an index or as a number (Normal(img[k], 1), Categorical(logits=emb[k]) with k = x.long()); "
+                f"{other.estimator.name!r} draws from that parameter, so neither {other.plate.name!r}'s sample nor "
+                "the cost carries the jump")
     return (
-        f"estimator {est.name!r} on plate {p!r}: the cost {name!r} is computed from an integer value that {func} "
+        f"estimator {est.name!r} on plate {p!r}: {how} that {func} "
         "read from a value computed from the node's sample (an integer cast such as l.long() or .to(torch.int64), "
-        "argmax / argsort, bucketize / searchsorted, or the indices of max / min / topk / sort / kthvalue), used as "
-        f"an index or as a number. {est.name!r} differentiates the cost through the sample, but that integer jumps "
+        "argmax / argsort, bucketize / searchsorted, or the indices of max / min / topk / sort / kthvalue or of a "
+        f"max pooling), {used}. {est.name!r} differentiates the cost through the sample, but that integer jumps "
         "where the sample crosses a threshold and has no derivative (autograd does not see it), so the gradient "
         f"of the order-{order} surrogate would miss the jump's term and be silently biased, even where the cost "
         "also depends on the sample smoothly (img[l.round().long()] + l ** 2). Use a score-function estimator for "
