@@ -56,3 +56,26 @@ def test_the_same_glimpse_is_refused_with_reparameterization():
             assert "integer value that long read" in str(e) and "'score'" in str(e)
         else:
             raise AssertionError("a glimpse read by index from a reparameterised location was accepted")
+
+
+def test_a_score_node_drawn_from_an_index_of_a_reparameterised_sample_is_refused():
+    """Found by review: x ~ N(2.3, 1) reparameterised, k = x.clamp(0, 5).long(), z ~ Categorical(logits=EMB[k])
+    under 'score' with leave_one_out, cost VAL[z] + 0.1 x²: accepted, 0.4598 for the exact -0.3229 (z = +218). z's
+    score term credits its logits, EMB[k], which have no gradient to mu; the jump of k is nowhere."""
+    torch.manual_seed(123)
+    emb = torch.randn(6, 3, dtype=D) * 2
+    val = torch.tensor([1.0, -2.0, 3.0], dtype=D)
+    mu = torch.tensor(MU, dtype=D, requires_grad=True)
+    for order in (1, 2):
+        torch.manual_seed(0)
+        with storch.Graph():
+            x = storch.estimator("reparameterization", plate="x", n_samples=8)(Normal(mu, 1.0))
+            z = storch.estimator("score", plate="z", n_samples=4, baseline="leave_one_out")(
+                torch.distributions.Categorical(logits=emb[x.clamp(0, 5).long()]))
+            storch.add_cost(val[z] + 0.1 * x ** 2, name="c")
+            try:
+                storch.surrogate_loss(order=order)
+            except storch.OrderError as e:
+                assert "reaches node 'z' (estimator 'score')" in str(e) and "Categorical.logits" in str(e)
+            else:
+                raise AssertionError(f"order {order}: a score node drawn from EMB[x.long()] was accepted")
