@@ -20,6 +20,7 @@ from .eager import _compiler, _jit_tracing, eager_only, refuse_foreign_trace
 from .errors import ConstantCostWarning, CostError, PlateError
 from .generators import pop_generator, push_generator
 from .node import Node
+from .plates.integer_reads import MARKS, forget
 from .plates.tensor import Lineage, Plate, PlateTensor, _release
 
 if TYPE_CHECKING:
@@ -138,6 +139,8 @@ class Graph:
             self.reset(f"discarded after an error in its step ({type(error).__name__})")
 
     def _close(self, reason: str) -> None:
+        if MARKS:  # (integer values read from its pathwise samples: their marks end with the step)
+            forget(self.nodes)
         for owner in self.plates.values():
             lineage = _lineage_of(owner)
             if lineage is not None and lineage.closed is None:

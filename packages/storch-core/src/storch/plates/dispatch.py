@@ -305,6 +305,7 @@ INDEXING: frozenset = frozenset(f for f in JUMPS if getattr(f, "__name__", "") i
 # torch.distributions is known to use the indices (OneHotCategorical.log_prob's value.max(-1)[1], an argmax of a
 # relaxed simplex point); a pathwise node's watch marks their indices (storch.plates.integer_reads), not their
 # values. Watching costs these functions one check of their operands, as for JUMPS.
+_NN = getattr(torch._C, "_nn")  # (the native functions behind torch.nn.functional: max_pool2d_with_indices)
 INDEX_VALUES: frozenset = frozenset(
     f for n in ("max", "min", "median", "nanmedian", "mode", "kthvalue", "topk", "sort", "cummax", "cummin")
     for f in (getattr(torch, n, None), getattr(_T, n, None)) if f is not None) | frozenset(
@@ -314,9 +315,9 @@ INDEX_VALUES: frozenset = frozenset(
     f for n in ("max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
                 "adaptive_max_pool3d", "fractional_max_pool2d", "fractional_max_pool3d")
     for f in (getattr(torch.nn.functional, n + "_with_indices", None), getattr(torch, n + "_with_indices", None),
-              getattr(torch._C._nn, n + "_with_indices", None),
+              getattr(_NN, n + "_with_indices", None),
               getattr(torch, n, None) if n.startswith("adaptive") else None,
-              getattr(torch._C._nn, n, None) if not n.startswith("max") else None) if f is not None)
+              getattr(_NN, n, None) if not n.startswith("max") else None) if f is not None)
 
 # The functions whose result is (or holds) an integer value read from a floating-point operand: INDEXING,
 # INDEX_VALUES' indices (max / topk / sort, the max poolings), COUNTS, and Tensor.to / Tensor.type to an integer dtype
