@@ -26,7 +26,7 @@ from .order import _check_order, _guard_low_order
 from .pathwise import _REACH_KEY, _check_compared, _check_integer_reads, _check_reaches, _check_smooth
 from .refusals import _PENDING, _check_mixed, _keep_counted
 from .steps import _step_group, _steps_surrogate
-from .terms import _ensure_weights, _one_node_surrogate, _Sums, _at_cost, _cost_surrogate, cost_nodes
+from .terms import _ensure_weights, _grouped_terms, _one_node_surrogate, _Sums, _at_cost, _cost_surrogate, cost_nodes
 from .updates import _updates_on_backward
 
 
@@ -313,9 +313,14 @@ def _surrogate_loss(order: int, graph: Graph, common: bool = True) -> torch.Tens
     sums = _Sums()  # the running sums of the gradient functions, shared by the costs
     if len(single) > 1:
         sums.settle(graph.nodes)  # (what each cost would ask its nodes, asked once per node)
+        sums.groups = {}  # (the costs' control variates summed by node: see terms._grouped_cost)
     for name, cost, nodes in single:
         s = _cost_surrogate(cost, nodes, name, order, renamed and renamed.get(id(cost)), sums)
         loss = s if loss is None else loss + s
+    if sums.groups:
+        s = _grouped_terms(sums)
+        if s is not None:
+            loss = s if loss is None else loss + s
     for cost, nodes in plain:
         s = _plain_surrogate(cost, nodes)
         loss = s if loss is None else loss + s

@@ -20,7 +20,7 @@ from ..estimators.checks import check_in_frame
 from ..graph import Graph
 from ..node import Node
 from ..plates.tensor import align, plates_of, raw_of
-from .order import _guard_control_variate
+from .order import _guard_control_variate, _low_order
 
 
 def cost_nodes(graph: Graph, cost) -> list[Node]:
@@ -86,7 +86,7 @@ class _Sums:
     aligned to every cost's plates: O(K³) Python, O(K²) autograd nodes), as the DiCE objective written by
     hand keeps one running L."""
 
-    __slots__ = ("children", "entries", "passive", "boxes", "paths", "nodes")
+    __slots__ = ("children", "entries", "passive", "boxes", "paths", "nodes", "groups", "groupable")
 
     def __init__(self) -> None:
         self.children: dict = {}
@@ -101,6 +101,11 @@ class _Sums:
         # (the root's, see settle: the ids of the graph's nodes that _at_cost changes, that are passive, and
         # that have a control variate or weights)
         self.nodes: Optional[tuple] = None
+        # (the root's, where the surrogate sums them, see _grouped_cost: the control variates of the costs by
+        # node, ``(id(node), plates, ids of L_{i-1}'s nodes)`` -> ``[node, plates, those nodes, Σ_c b(c)]``; ``None``:
+        # each cost adds its own; ``groupable``: id(node) -> whether the node's control variate may join a group)
+        self.groups: Optional[dict] = None
+        self.groupable: Optional[dict] = None
 
     def settle(self, nodes: list[Node]) -> None:
         """Ask each of the graph's ``nodes`` once what :func:`_cost_surrogate` asks each cost's nodes: whether
@@ -273,6 +278,8 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
     total = None if levels is None else _sum_at(levels[-1], plates)
     box = None if total is None else magic_box(total)  # MagicBox(L_k)
     inner = raw if box is None else box * raw  # line 7 of Algorithm 1
+    if sums.groups is not None and _all_groupable(nodes, order, sums):
+        return _grouped_cost(inner, plates, nodes, passive, active, at, levels, name, order, renamed, sums)
     last = len(nodes) - 1
     # line 14 with w = 1/N (D.2.1) is a mean over the node's plate; consecutive means (no control
     # variate added in between) are one reduction, and the last ones join the final mean over
@@ -311,6 +318,138 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
             inner = (w * inner).sum(dim, keepdim=True)  # line 14: weight and sum over X_i
     # what is left are independent plates (and size-1 dims): the mean over data points
     return inner.mean() if inner.dim() else inner
+
+
+def _all_groupable(nodes: list[Node], order: int, sums: _Sums) -> bool:
+    """Whether the cost's control variates may join their nodes' groups (:func:`_grouped_cost`): every node has
+    uniform weights (between the cost and a node's control variate there are only means) and is no partition's
+    step, and each node with a control variate has the base class's ``(1 - MagicBox(l)) b`` with a baseline ``b``
+    (a constant), unbiased at ``order`` (no refusal to hook). Asked once per node a surrogate."""
+    memo = sums.groupable
+    if memo is None:
+        memo = sums.groupable = {}
+    for node in nodes:
+        flag = memo.get(id(node))
+        if flag is None:
+            est = node.estimator
+            flag = memo[id(node)] = node.history is None and est.uniform_weights and (
+                not _has_control_variate(est)
+                or (type(est).control_variate is _BASE_CONTROL_VARIATE and not _low_order(node, order)))
+        if not flag:
+            return False
+    return True
+
+
+def _grouped_cost(inner: torch.Tensor, plates: tuple, nodes: list[Node], passive: list, active: list, at: list,
+                  levels: Optional[list], name: Optional[str], order: int, renamed: Optional[tuple],
+                  sums: _Sums) -> torch.Tensor:
+    """The cost's term of Eq. 2 without its control variates, which join their nodes' groups (``sums.groups``):
+    Theorem 2's Σ_c Σ_{w upstream of c} MagicBox(L_{w-1}) (1 - MagicBox(l_w)) ⊥b_w(c) is, for the costs whose
+    plates at w's term (the cost's, without those of the nodes after w: reduced by their means before it) are the
+    same, MagicBox(L_{w-1}) (1 - MagicBox(l_w)) Σ_c ⊥b_w(c): the baselines are constants, summed without autograd,
+    and each term's share of the cost's final mean is its own mean (the reductions between are means). A chain
+    of M nodes with a cost each builds M such terms, not M²/2 (each with its MagicBoxes, alignments and a mean
+    of the cost per pair: an autograd graph of O(M²) nodes). The frames, the baselines asked, the estimators'
+    state (a moving average per (cost, node)) are the per-cost path's: each frame's values are the cost's mean
+    over the plates of the later nodes (the control variates added before are 0), computed in the same chunks.
+    ``inner``: MagicBox(L_k) · C at ``plates``."""
+    val = inner.detach()
+    pending: list[int] = []
+    keep = list(range(len(plates)))  # the dims but those of the nodes after node i (reduced before its term)
+    stored: list = []  # (i, b) of the nodes after node i: the frame's live tensor is rebuilt from them
+    groups = sums.groups
+    assert groups is not None
+    for i in range(len(nodes) - 1, -1, -1):
+        node = nodes[i]
+        dim = plates.index(node.plate)
+        est = node.estimator
+        if not passive[i] and _has_control_variate(est):
+            if pending:
+                if any(val.shape[d] != 1 for d in pending):  # (a mean over size-1 dims: the same values)
+                    val = val.mean(pending, keepdim=True)
+                pending = []
+            state = renamed[0] if renamed is not None and node.plate.name in renamed[1] else None
+            live = _LiveInner(inner, plates, nodes, passive, at, levels, i, tuple(stored))
+            frame = CostFrame(val, plates, node, live, name, state, order)
+            node.frames[frame.key] = frame  # what update_parameters trains on
+            b = est.baseline(node, frame)
+            if b is not None:
+                if type(b) is not torch.Tensor or (b.shape != val.shape and b.dim()):  # (a scalar: no call)
+                    check_in_frame(est, "baseline", b, frame)
+                b = b.detach()
+                stored.append((i, b))
+                if not _constant(node.gradient_values):  # (else 1 - MagicBox(l) is 0 with every derivative)
+                    _join(groups, node, plates, keep, active[:at[i]], b)
+        pending.append(dim)
+        keep.remove(dim)
+    return inner.mean() if inner.dim() else inner
+
+
+def _join(groups: dict, node: Node, plates: tuple, keep: list, prefix: list, b: torch.Tensor) -> None:
+    """Add the baseline ``b`` (laid out like the frame at ``plates``; size 1 but at the dims ``keep``) to the group
+    of ``node`` at the plates ``keep``, whose L_{i-1} sums the (non-passive) nodes ``prefix``."""
+    if len(keep) == len(plates):
+        target = plates
+    else:
+        pick = operator.itemgetter(*keep) if len(keep) > 1 else (lambda t: (t[keep[0]],))
+        target = pick(plates)
+        if b.dim():
+            shape = (1,) * (len(plates) - b.dim()) + tuple(b.shape)
+            b = b.reshape(pick(shape))
+    key = (id(node), target, tuple(map(id, prefix)))
+    group = groups.get(key)
+    if group is None:
+        groups[key] = [node, target, prefix, b]
+    else:
+        group[3] = group[3] + b
+
+
+def _grouped_terms(sums: _Sums) -> Optional[torch.Tensor]:
+    """The control variates of the groups (:func:`_grouped_cost`): per group, the mean of MagicBox(L_{i-1})
+    (1 - MagicBox(l_i)) Σ_c ⊥b_i(c) at the group's plates (value 0); ``None`` where there are none."""
+    out = None
+    for node, plates, prefix, b in (sums.groups or {}).values():
+        x = 1.0 - magic_box(align(node.gradient_values, node.plates, plates))
+        if prefix:
+            total = _sum_at(_running_sums(prefix, plates, sums)[-1], plates)
+            if total is not None:
+                x = magic_box(total) * x
+        t = x * b
+        t = t.mean() if t.dim() else t
+        out = t if out is None else out + t
+    return out
+
+
+class _LiveInner:
+    """A frame's live tensor on the grouped path (:func:`_grouped_cost`), built when first asked for: the inner
+    cost estimate with its graph as the per-cost path had it at node ``stop``, MagicBox(L_k) · C with the later
+    nodes' control variates (their baselines ``stored``) added and the means between."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, *args) -> None:
+        self.args = args
+
+    def __call__(self) -> torch.Tensor:
+        inner, plates, nodes, passive, at, levels, stop, stored = self.args
+        bs = dict(stored)
+        pending: list[int] = []
+        for j in range(len(nodes) - 1, stop - 1, -1):
+            node = nodes[j]
+            dim = plates.index(node.plate)
+            if not passive[j] and _has_control_variate(node.estimator):
+                if pending:
+                    inner, pending = inner.mean(pending, keepdim=True), []
+                if j == stop:
+                    break
+                b = bs.get(j)
+                if b is not None:
+                    k = at[j]
+                    prefix = _sum_at(levels[k - 1], plates) if k and levels is not None else None
+                    a = (1.0 - magic_box(align(node.gradient_values, node.plates, plates))) * b
+                    inner = inner + (a if prefix is None else magic_box(prefix) * a)
+            pending.append(dim)
+        return inner
 
 
 def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Optional[str],
