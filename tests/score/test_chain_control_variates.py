@@ -170,3 +170,32 @@ def test_moving_averages_and_frames_equal_the_per_pair_path(monkeypatch, build, 
         t1, live1 = frames[1][k]
         assert t0.shape == t1.shape and torch.equal(t0, t1)  # the frames' values: bitwise
         torch.testing.assert_close(live0, live1, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_grouped_chain_leaves_no_cycles(monkeypatch, live):
+    # the frames' live tensors (rebuilt when asked) hold no node: a finished step is freed by reference counting
+    import gc
+    a, ests = _setup(4, "moving_average", 2)
+    ests[0] = storch.estimator("score", plate="z0", n_samples=2, baseline="leave_one_out")
+    seen = _grouped_taken(monkeypatch)
+
+    def step():
+        with storch.Graph():
+            _chain(4, ests, a)
+            storch.backward()
+            if live:
+                for node in storch.current_graph().nodes:
+                    for frame in node.frames.values():
+                        frame.live()
+
+    step()
+    step()
+    gc.collect()
+    gc.disable()
+    try:
+        step()
+        n = gc.collect()
+    finally:
+        gc.enable()
+    assert seen and n == 0, n

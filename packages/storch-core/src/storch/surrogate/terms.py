@@ -356,20 +356,23 @@ def _grouped_cost(inner: torch.Tensor, plates: tuple, nodes: list[Node], passive
     val = inner.detach()
     pending: list[int] = []
     keep = list(range(len(plates)))  # the dims but those of the nodes after node i (reduced before its term)
-    stored: list = []  # (i, b) of the nodes after node i: the frame's live tensor is rebuilt from them
+    # per node from the last: what a frame's live tensor is rebuilt from (no Node: a frame is held by its node)
+    seen: list = []
     groups = sums.groups
     assert groups is not None
     for i in range(len(nodes) - 1, -1, -1):
         node = nodes[i]
         dim = plates.index(node.plate)
         est = node.estimator
-        if not passive[i] and _has_control_variate(est):
+        b = None
+        cv = not passive[i] and _has_control_variate(est)
+        if cv:
             if pending:
                 if any(val.shape[d] != 1 for d in pending):  # (a mean over size-1 dims: the same values)
                     val = val.mean(pending, keepdim=True)
                 pending = []
             state = renamed[0] if renamed is not None and node.plate.name in renamed[1] else None
-            live = _LiveInner(inner, plates, nodes, passive, at, levels, i, tuple(stored))
+            live = _LiveInner(inner, plates, levels, seen, len(seen))
             frame = CostFrame(val, plates, node, live, name, state, order)
             node.frames[frame.key] = frame  # what update_parameters trains on
             b = est.baseline(node, frame)
@@ -377,9 +380,9 @@ def _grouped_cost(inner: torch.Tensor, plates: tuple, nodes: list[Node], passive
                 if type(b) is not torch.Tensor or (b.shape != val.shape and b.dim()):  # (a scalar: no call)
                     check_in_frame(est, "baseline", b, frame)
                 b = b.detach()
-                stored.append((i, b))
                 if not _constant(node.gradient_values):  # (else 1 - MagicBox(l) is 0 with every derivative)
                     _join(groups, node, plates, keep, active[:at[i]], b)
+        seen.append((dim, cv, node.gradient_values, node.plates, at[i], b))
         pending.append(dim)
         keep.remove(dim)
     return inner.mean() if inner.dim() else inner
@@ -422,8 +425,8 @@ def _grouped_terms(sums: _Sums) -> Optional[torch.Tensor]:
 
 class _LiveInner:
     """A frame's live tensor on the grouped path (:func:`_grouped_cost`), built when first asked for: the inner
-    cost estimate with its graph as the per-cost path had it at node ``stop``, MagicBox(L_k) · C with the later
-    nodes' control variates (their baselines ``stored``) added and the means between."""
+    cost estimate with its graph as the per-cost path had it at the frame's node, MagicBox(L_k) · C with the later
+    nodes' control variates added and the means between (``seen[:upto]``: the later nodes, from the last)."""
 
     __slots__ = ("args",)
 
@@ -431,25 +434,18 @@ class _LiveInner:
         self.args = args
 
     def __call__(self) -> torch.Tensor:
-        inner, plates, nodes, passive, at, levels, stop, stored = self.args
-        bs = dict(stored)
+        inner, plates, levels, seen, upto = self.args
         pending: list[int] = []
-        for j in range(len(nodes) - 1, stop - 1, -1):
-            node = nodes[j]
-            dim = plates.index(node.plate)
-            if not passive[j] and _has_control_variate(node.estimator):
+        for dim, cv, l, node_plates, k, b in seen[:upto]:
+            if cv:
                 if pending:
                     inner, pending = inner.mean(pending, keepdim=True), []
-                if j == stop:
-                    break
-                b = bs.get(j)
                 if b is not None:
-                    k = at[j]
                     prefix = _sum_at(levels[k - 1], plates) if k and levels is not None else None
-                    a = (1.0 - magic_box(align(node.gradient_values, node.plates, plates))) * b
+                    a = (1.0 - magic_box(align(l, node_plates, plates))) * b
                     inner = inner + (a if prefix is None else magic_box(prefix) * a)
             pending.append(dim)
-        return inner
+        return inner.mean(pending, keepdim=True) if pending else inner
 
 
 def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Optional[str],
