@@ -476,6 +476,76 @@ def test_at_on_a_view_is_the_view_of_the_partition():
         assert node.at(2).at(0).finished is node.at(0).finished
 
 
+# -- eos with a stochastic environment: transitions drawn with plain torch, not by the partition ------
+
+_P_ENV = torch.tensor([[[0.6, 0.0, 0.4], [0.1, 0.7, 0.2], [0.3, 0.3, 0.4]],
+                       [[0.0, 0.5, 0.5], [0.8, 0.2, 0.0], [0.2, 0.2, 0.6]],
+                       [[0.3, 0.0, 0.7], [0.5, 0.25, 0.25], [0.9, 0.1, 0.0]]], dtype=torch.float64)  # P[s, a, s']
+
+
+def _exact_env(theta, s=0, t=0):
+    """E[Σ_t r_t] by recursion over states: action _EOS ends the episode (its reward is still paid)."""
+    if t == _T:
+        return 0.0
+    pi = torch.softmax(theta[s], -1)
+    total = 0.0
+    for a in range(_S):
+        later = 0.0 if a == _EOS else sum(_P_ENV[s, a, n] * _exact_env(theta, n, t + 1) for n in range(_S))
+        total = total + pi[a] * (_RTAB[s, a] + later)
+    return total
+
+
+def test_eos_with_an_environment_drawn_with_plain_torch_is_unbiased():
+    """docs/partitions.md ('Variable length: eos='): with eos=, environment transitions are drawn with
+    plain torch (option 1) and the costs of finished episodes masked; z-tested against the exact gradient."""
+    torch.manual_seed(4)
+    est = SequenceScore(plate="ep", n_samples=2)
+    est.eos = _EOS
+    with storch.Graph():
+        leaf, th = replicate(_THETA, R)
+        s, done = torch.zeros((), dtype=torch.long), None
+        for _ in range(_T):
+            a = est(Categorical(logits=th[s]))
+            alive = 1.0 if done is None else 1.0 - done
+            storch.add_cost(-_RTAB[s, a] * alive, name="r")
+            d = (a == _EOS).double()
+            done = d if done is None else torch.maximum(done, d)
+            s = Categorical(probs=_P_ENV[s, a]).sample()  # the environment: plain torch, per entry
+        (grad,) = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+    t = _THETA.clone().requires_grad_(True)
+    exact = torch.autograd.grad(_exact_env(t), t)[0]
+    assert_unbiased(-grad, exact.reshape(-1), "gradient")
+
+
+@pytest.mark.parametrize("transition", ["states", "one_hot", "normal"])
+def test_eos_refuses_a_step_of_another_support(transition):
+    """eos applies to every step of a partition: a transition drawn by the policy's estimator (docs option 2)
+    was forced to state eos once an entry had stopped, a state of probability 0 (P = [0.5, 0, 0.5] drew
+    state 1 for every stopped entry; the tester's MDP gradient was off by z = 14 eager, 17 compiled).
+    A step whose support differs from the first step's (values, class, event shape) is refused."""
+    torch.manual_seed(0)
+    est = SequenceScore(plate="ep", n_samples=8)
+    est.eos = 1
+    step = {"states": lambda: Categorical(probs=torch.tensor([0.5, 0.0, 0.5])),
+            "one_hot": lambda: torch.distributions.OneHotCategorical(logits=torch.zeros(2)),
+            "normal": lambda: Normal(0.0, 1.0)}[transition]
+    with storch.Graph():
+        est(Categorical(logits=torch.zeros(2, requires_grad=True)))  # the policy: action 1 stops
+        with pytest.raises(storch.OptionError, match=r"(?s)step 1 of its partition.*EVERY later step.*plain torch"):
+            est(step())
+
+
+def test_eos_accepts_later_steps_of_the_same_support():
+    """Steps of the first step's support (the tokens of a sequence, whatever their logits) are accepted
+    (a transition with as many states as actions cannot be told apart: docs/partitions.md says so)."""
+    est = SequenceScore(plate="ep", n_samples=4)
+    est.eos = 1
+    with storch.Graph():
+        a = est(Categorical(logits=torch.zeros(3)))
+        b = est(Categorical(logits=torch.stack([torch.zeros(3), torch.ones(3), torch.arange(3.0)])[a]))
+        assert b.plates[0].step == 1
+
+
 # -- a table made at step 0 written in place at later steps (tabular RL in an episode) ----------
 
 _WRITES = {

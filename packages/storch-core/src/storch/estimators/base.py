@@ -480,6 +480,8 @@ class Estimator(torch.nn.Module):
         t = node.step + 1
         if MARKS and node.integer_parameter is None:
             _note_integer_parameter(node, distribution, t)
+        if self.eos is not None:
+            _check_eos_step(self, node, raw, t)
         if not torch.is_grad_enabled():
             _sampled_without_grad(node, distribution, t)
         if inputs is not None:
@@ -1395,6 +1397,43 @@ def _keep_preimages(node: Node, preimages: list) -> None:
     grad = tuple(x for x in preimages if x.requires_grad)
     if grad:
         node.preimages = node.preimages + grad
+
+
+def _eos_support(d: Distribution) -> tuple:
+    """What ``eos=`` reads of a step's distribution: its class, event shape and number of values."""
+    n = d.enumerate_support(expand=False).shape[0] if d.has_enumerate_support else None
+    return type(d), tuple(d.event_shape), n
+
+
+def _describe_support(d: Distribution) -> str:
+    kind, event, n = _eos_support(d)
+    values = "no finite support" if n is None else f"{n} values"
+    return f"{kind.__name__} ({values}, event shape {event})"
+
+
+def _check_eos_step(est: Estimator, node: Node, raw: Distribution, t: int) -> None:
+    """Refuse step t of a partition with ``eos=`` whose distribution has another support than its first
+    step's (another class, event shape or number of values): eos applies to every step, so such a step
+    (an environment transition drawn by the policy's estimator) would be forced to the value at index
+    ``eos`` once a sequence ended, even where it has probability 0, and drawing that value would end the
+    sequence (found by porting an RL loop with a stopping action). A step with the same support cannot
+    be told apart from a token of the sequence (docs/partitions.md, 'Variable length: eos=')."""
+    first = node.distribution
+    if type(raw) is type(first) and raw.event_shape == first.event_shape and (
+            _eos_support(raw) == _eos_support(first)):
+        return
+    name = est.name or type(est).__qualname__
+    raise OptionError(
+        f"estimator {name!r} (plate {est.plate!r}) has eos={est.eos}, and step {t} of its partition draws from "
+        f"{_describe_support(raw)}, its first step from {_describe_support(first)}. eos= ends the whole "
+        f"sequence: once an entry drew the value at index {est.eos}, EVERY later step of the partition draws "
+        f"that value again with log-probability 0, whatever its distribution, and any step that draws it ends "
+        "the sequence. A step of another kind, such as an environment transition drawn by the policy's estimator "
+        "(docs/partitions.md, 'Stochastic environments and options', option 2), would be forced to that value "
+        "(even where it has probability 0) and would end episodes. With eos=, draw environment transitions with "
+        "plain torch, s = Categorical(probs=P[s, a]).sample() (option 1), or by an estimator created anew per "
+        "segment (option 3); or leave out eos= and mask the costs of finished episodes yourself "
+        "(docs/partitions.md, 'Variable length: eos=')")
 
 
 def _sampled_without_grad(node: Node, distribution: Distribution, step: int) -> None:
