@@ -185,9 +185,44 @@ _TUPLE_DIMS = set(sum((_both(n) for n in ("sum", "mean", "nansum", "nanmean", "a
 # reductions that read an empty dim list (sum(dim=())) as every dim, as dim=None (all and any: as no dim)
 _EMPTY_IS_ALL = (_TUPLE_DIMS - set(_both("all") + _both("any"))) | set(_both("norm"))
 _REDUCE = ["sum", "mean", "nansum", "nanmean", "prod", "amax", "amin", "all", "any", "argmax",
-           "argmin", "std", "var", "logsumexp", "max", "min", "median", "count_nonzero"]
+           "argmin", "logsumexp", "max", "min", "median", "count_nonzero"]
 for _name in _REDUCE:
     register(*_both(_name))(_dim_handler(1, reduce_all=True))
+_spread_dim = _dim_handler(1, reduce_all=True)
+
+
+def _refuse_one_value(func, args, kwargs) -> None:
+    """A spread (std, var) of a plate tensor whose samples hold one value each: per-sample code sees
+    one value per plate entry, so the spread is NaN (0 without Bessel's correction), not the spread over
+    the data points or samples that "normalising over the batch" means (found by porting an RL loop:
+    ``ret / (ret.std() + 1e-8)`` gave NaN on every entry and a NonFiniteCostError that did not say why)."""
+    x = args[0] if args else kwargs.get("input")
+    if type(x) is not _PT or math.prod(x._raw.shape[len(x._plates):]) != 1:
+        return
+    names = tuple(p.name for p in x._plates)
+    raise PlateError(
+        f"{func.__name__} of a plate tensor whose samples hold one value each (per-sample shape "
+        f"{tuple(x.shape)}, plates {names}): per-sample code sees one value per plate entry, so its "
+        f"{func.__name__} is over that one value (NaN, or 0 without Bessel's correction), not over the "
+        "plate's entries. To normalise over the data points (a batch of returns), use the raw tensor, "
+        "`ret.tensor`, whose leading dims are the plates: its mean and std over the data plate's dim (a cost "
+        "that mixes data points is biased: docs/plates.md, 'A cost that mixes data points'); to centre a "
+        "return for a score-function gradient, use the estimator's baseline (score's "
+        "baseline='leave_one_out') instead")
+
+
+@register(*_both("std"), *_both("var"))
+def _spread(func, args, kwargs):
+    """dim counts per-sample dims; without dim, over all of a sample's dims; refused (a PlateError) where a sample holds one value"""
+    _refuse_one_value(func, args, kwargs)
+    return _spread_dim(func, args, kwargs)
+
+
+@register(torch.std_mean, torch.var_mean)
+def _spread_mean(func, args, kwargs):
+    """per sample (vmap); refused (a PlateError) where a sample holds one value"""
+    _refuse_one_value(func, args, kwargs)
+    return vmap_call(func, args, kwargs)
 _norm = _dim_handler(2, reduce_all=True)
 
 
