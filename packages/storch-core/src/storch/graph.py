@@ -20,7 +20,7 @@ from .eager import _compiler, _jit_tracing, eager_only, refuse_foreign_trace
 from .errors import ConstantCostWarning, CostError, PlateError
 from .generators import pop_generator, push_generator
 from .node import Node
-from .plates.integer_reads import MARKS, forget
+from .plates.integer_reads import MARKS, forget, record_of
 from .plates.tensor import Lineage, Plate, PlateTensor, _release
 
 if TYPE_CHECKING:
@@ -66,6 +66,10 @@ class Graph:
         self._finished = False
         self._guard = _StepGuard(self)
         self.no_credit: set[int] = set()  # ids of the costs added with credit=False (storch.add_cost)
+        # id(cost) -> the record of its mark (storch.plates.integer_reads), for the costs computed from an integer
+        # read from a pathwise sample, kept when the step's marks end (_close): a surrogate built after the `with`
+        # block still refuses them (storch.surrogate.pathwise._check_integer_reads)
+        self.integer_costs: dict[int, tuple] = {}
         self.loss_built = False  # surrogate_loss() was called in this step (for the messages below)
         self.last_end: Optional[str] = None  # how the last step with costs ended (for the messages below)
         # the step's update record (storch.surrogate.updates._updates_on_backward makes it at the step's first update
@@ -110,6 +114,7 @@ class Graph:
         self.loss_built = False
         self.step_updated = None
         self.no_credit.clear()
+        self.integer_costs.clear()
         self.nodes.clear()
         self.costs.clear()
         self.plates.clear()
@@ -140,6 +145,10 @@ class Graph:
 
     def _close(self, reason: str) -> None:
         if MARKS:  # (integer values read from its pathwise samples: their marks end with the step)
+            for _, cost in self.costs:  # (its costs' records stay with it: a surrogate built after the block)
+                record = record_of(cost)
+                if record is not None:
+                    self.integer_costs[id(cost)] = record
             forget(self.nodes)
         for owner in self.plates.values():
             lineage = _lineage_of(owner)

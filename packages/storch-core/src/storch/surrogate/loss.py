@@ -273,7 +273,7 @@ def _surrogate_loss(order: int, graph: Graph, common: bool = True) -> torch.Tens
             _check_order(nodes, order)
             _check_smooth(name, cost, nodes, order, memos)
             _check_reaches(name, cost, nodes, order)
-            _check_integer_reads(name, cost, nodes, order)
+            _check_integer_reads(name, cost, nodes, order, graph.integer_costs)
             if order >= 2:
                 _check_compared(name, nodes, order)
             reached += len(nodes)

@@ -153,7 +153,7 @@ def _check_compared(name: str, nodes: list[Node], order: int) -> None:
                 raise OrderError(_compared_message(node, name, mask, order))
 
 
-def _check_integer_reads(name: str, cost, nodes: list[Node], order: int) -> None:
+def _check_integer_reads(name: str, cost, nodes: list[Node], order: int, closed: Optional[dict] = None) -> None:
     """At every order >= 1: refuse a cost computed from an integer value read from a pathwise node's sample (an
     integer cast, argmax / argsort, bucketize / searchsorted, the indices of max / topk / sort / kthvalue and of the
     max poolings: marked by :mod:`storch.plates.integer_reads` when it was made, where the operand's autograd graph
@@ -163,6 +163,8 @@ def _check_integer_reads(name: str, cost, nodes: list[Node], order: int) -> None
     0.511). So is a cost that reaches a later node drawn from parameters computed from such a value
     (``Normal(img[x.long()], 1)``, ``Categorical(logits=emb[x.long()])``: ``Node.integer_parameter``): neither its
     sample nor the cost carries the mark (found by review: 0.460 for 0.504, z = -12; 0.460 for -0.323, z = 218).
+    ``closed``: the graph's ``integer_costs``, the records of its costs' marks kept when its ``with`` block ended
+    (the marks end with the step: a surrogate built after the block reads them there).
     One dict test and one attribute read per node where no mark is live."""
     if order < 1:
         return
@@ -172,11 +174,13 @@ def _check_integer_reads(name: str, cost, nodes: list[Node], order: int) -> None
             node = _marking_node(kept[0], nodes)
             if node is not None:
                 raise OrderError(_integer_read_message(node, name, kept[0][1], order, (later, kept[1], kept[2])))
-    if not MARKS:
-        return
-    record = record_of(cost)
+    record = record_of(cost) if MARKS else None
     if record is None:
-        return
+        if not closed:
+            return
+        record = closed.get(id(cost))
+        if record is None:
+            return
     node = _marking_node(record, nodes)
     if node is not None:
         raise OrderError(_integer_read_message(node, name, record[1], order))
