@@ -18,8 +18,22 @@ from torch.distributions import Categorical, OneHotCategorical
 
 from .._order_guard import unbatched
 from ..node import Node
-from ..plates.dispatch import INDEX_VALUES, INDEXING, INTEGER_SOURCES, Caller
+from ..plates.dispatch import FINITENESS_TESTS, INDEX_VALUES, INDEXING, INTEGER_SOURCES, Caller
 from ..smoothness import _reaches
+
+
+def finite_test(func, raw: torch.Tensor) -> bool:
+    """Whether ``func`` is a finiteness test (:data:`~storch.plates.dispatch.FINITENESS_TESTS`: isfinite, isnan,
+    isinf, isposinf, isneginf) of an operand whose entries are all finite in this step: its result is constant
+    there (all True or all False), no jump, and the watches do not record it (a NaN guard,
+    ``torch.where(torch.isfinite(c), c, 0)``, the one storch's NonFiniteCostError advises). One ``all()`` of the
+    operand, asked only for these functions and only where a watch would record them. Where the operand is not
+    finite somewhere (``isfinite(log(z - 0.5))``, NaN for z < 0.5) the test is a threshold, recorded as ``x < 0``
+    is; an accepted step there is one whose samples all fell on one side."""
+    if func not in FINITENESS_TESTS:
+        return False
+    raw = unbatched(raw)
+    return not raw.is_meta and bool(torch.isfinite(raw).all())
 
 
 def _threshold_watch(node: Node, jumps: bool):
@@ -43,7 +57,8 @@ def _threshold_watch(node: Node, jumps: bool):
             # comparison of it in user code is recorded (torch.where(z.detach() > 0.5, a, b) gave REBAR a gradient
             # of 0 against 0.245: found by review); a metric is computed on the raw tensor, z.tensor.detach(). Not
             # torch.distributions' index reads of a detached value: what the density reads is not the gradient path
-            if not jumps or func in INDEX_VALUES or caller() is not None or not _own(plates, node):
+            if (not jumps or func in INDEX_VALUES or caller() is not None or not _own(plates, node)
+                    or finite_test(func, raw)):
                 return
             node.thresholded = getattr(func, "__name__", str(func))
             return
@@ -57,6 +72,8 @@ def _threshold_watch(node: Node, jumps: bool):
             # an argmax torch.distributions takes of a value the sample reaches (Categorical(logits=f(z)).mode): a
             # jump as the user's own argmax is, for a jump_free estimator (the general message; found by review)
             code = None
+        if finite_test(func, raw):
+            return  # (a NaN guard of a finite value: constant, no jump)
         handed = [h for h, _ in node.handed if h.requires_grad] + list(node.preimages)
         if handed and _reaches([raw], handed):
             node.thresholded = getattr(func, "__name__", str(func))
@@ -119,6 +136,8 @@ def _compare_watch(node: Node):
         # (torch.distributions' own comparisons first: the caller is found once per call, for every watch)
         if caller() is not None or (plates is not None and not _own(plates, node)):
             return None
+        if not integer and finite_test(func, raw):
+            return None  # (a NaN guard of a finite value: constant, no jump)
         # an integer value read from the sample (l.long(), argmax, topk's indices): marked, its walk deferred to
         # the surrogate of a cost that carries the mark (storch.surrogate.pathwise._check_integer_reads)
         record = (ref, _name(func), None if plates is not None else raw) if integer else None

@@ -34,7 +34,7 @@ from .tensor import new_plate_tensor as _new
 from .treatments import _LISTENERS, Entry, Treatment, describe, treatment_of
 
 __all__ = ["dispatch", "register", "wrap", "scan", "unwrap", "too_many_samples", "user_error", "JUMPS", "INDEXING",
-           "INDEX_VALUES", "INTEGER_SOURCES", "COUNTS", "CASTS", "casts_to_jump", "FLOOR_DIVISIONS"]
+           "INDEX_VALUES", "INTEGER_SOURCES", "COUNTS", "FINITENESS_TESTS", "CASTS", "casts_to_jump", "FLOOR_DIVISIONS"]
 
 _PT = PlateTensor
 _T = torch.Tensor
@@ -326,6 +326,14 @@ INDEX_VALUES: frozenset = frozenset(
 # The functions of JUMPS whose result is a count or an integer read from a floating-point operand: histc's counts (a
 # floating-point tensor), count_nonzero, frexp's exponent (its mantissa is in the autograd graph: FrexpBackward0).
 COUNTS: frozenset = frozenset(f for f in JUMPS if getattr(f, "__name__", "") in ("histc", "count_nonzero", "frexp"))
+
+# The finiteness tests of JUMPS: isfinite / isnan / isinf / isposinf / isneginf. On an operand whose entries are all
+# finite their result is constant (all True, or all False), so there they are no jump: the watches
+# (storch.estimators.watch.finite_test) do not record them, and a NaN guard, torch.where(torch.isfinite(c), c, 0),
+# is accepted (refused by a first version: found by review). Where the operand is not finite somewhere in the step
+# (isfinite(log(z - 0.5)) is z > 0.5) they are thresholds, recorded as `x < 0` is.
+FINITENESS_TESTS: frozenset = frozenset(f for f in JUMPS if getattr(f, "__name__", "") in (
+    "isfinite", "isnan", "isinf", "isposinf", "isneginf"))
 
 _HISTC = frozenset(f for f in COUNTS if getattr(f, "__name__", "") == "histc")
 
