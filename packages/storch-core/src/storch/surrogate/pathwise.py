@@ -540,7 +540,8 @@ def _thresholded_message(node: Node, name: str) -> str:
     return (
         f"estimator {est.name!r} on plate {p!r}: the cost {name!r} carries the plate {p!r}, and in this step "
         f"{node.thresholded} (a comparison, or another operation without a derivative: argmax, a bool or integer "
-        "cast, signbit, a finiteness test, a count such as histc or count_nonzero, frexp) was applied to a value that carries the gradient of the node's sample. "
+        "cast, signbit, a finiteness test of a value not finite somewhere in this step, a count such as histc or "
+        "count_nonzero, frexp) was applied to a value that carries the gradient of the node's sample. "
         f"{est.name!r} differentiates the cost through that sample (REBAR and RELAX: the cost at the relaxed sample "
         "σ_λ(z), in their control variate η f(σ_λ(z))): a threshold such as m > 0.5 makes that relaxed cost jump, autograd sees no "
         "derivative of the jump (its result is a bool, outside the autograd graph), so the control variate no "
