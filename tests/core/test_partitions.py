@@ -852,3 +852,26 @@ def test_lineage_broadcasts_shapes_as_torch_does():
         assert _broadcast_shapes(a, b) == tuple(torch.broadcast_shapes(a, b))
     with pytest.raises(RuntimeError, match="cannot be broadcast"):
         _broadcast_shapes((4, 3), (2, 3))
+
+
+def test_eos_support_reads_the_users_class_and_counts_categories_without_enumerating(monkeypatch):
+    """The eos check compares the user's class (a saturated Bernoulli that strict_support copied is still a
+    Bernoulli: unordered_set refused a binary sequence when one step saturated) and reads a (one-hot) categorical's
+    number of values from its parameters (enumerating a OneHotCategorical's support built eye(K) per step:
+    K = 8000 doubled the step; review r-eighteen)."""
+    from torch.distributions import Bernoulli, OneHotCategorical
+
+    from storch.distributions.support import strict_support
+    from storch.estimators.base import _eos_support
+
+    plain = Bernoulli(logits=torch.zeros(2))
+    saturated = strict_support(Bernoulli(logits=torch.tensor([float("inf"), 0.0])))
+    assert type(saturated) is not Bernoulli  # (the strict copy)
+    assert _eos_support(saturated) == _eos_support(plain)
+
+    def no_enumeration(self, expand=True):
+        raise AssertionError("enumerate_support called")
+    monkeypatch.setattr(OneHotCategorical, "enumerate_support", no_enumeration)
+    monkeypatch.setattr(Categorical, "enumerate_support", no_enumeration)
+    assert _eos_support(OneHotCategorical(logits=torch.zeros(8000)))[2] == 8000
+    assert _eos_support(Categorical(probs=torch.tensor([0.5, 0.0, 0.5])))[2] == 3

@@ -78,3 +78,17 @@ def test_the_mean_and_sum_of_one_value_per_sample_are_that_value():
     s = torch.sigmoid(theta.detach())
     exact = r * s * (1 - s) / 2  # d/dθ of E[r b] = r σ(θ), per data point (averaged over the data plate's 2)
     torch.testing.assert_close(grad, exact)
+
+
+def test_a_spread_over_a_given_dim_without_the_correction_is_computed():
+    """x.var(-1, correction=0, keepdim=True) on a feature size of 1 (a layer norm written by hand) is 0, as torch
+    gives, not refused; over a given dim WITH the correction (NaN) it is still refused (review r-eighteen)."""
+    with storch.Graph():
+        x = storch.denote_independent(torch.randn(3, 1), 0, "data")
+        v = x.var(-1, correction=0, keepdim=True)
+        assert torch.equal(v.tensor, torch.zeros(3, 1))
+        assert torch.equal(torch.std(x, dim=-1, unbiased=False).tensor, torch.zeros(3))
+        with pytest.raises(storch.PlateError, match="one value each"):
+            x.var(-1)
+        with pytest.raises(storch.PlateError, match="one value each"):
+            x.std(correction=0)

@@ -320,3 +320,15 @@ def test_discrete_and_continuous_action_per_step_on_a_data_plate(second, per_ste
         (g,) = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
     exact_grad = torch.autograd.functional.jacobian(lambda q: _actions_exact(second, q), ACTION_PARAMS.clone())
     assert_unbiased(g, exact_grad, f"unordered_set actions with a {second} node per step")
+
+
+def test_eos_accepts_a_saturated_bernoulli_step_under_unordered_set():
+    """unordered_set passes each step through strict_support, which copies a Bernoulli with an infinite logit into
+    storch's strict class: the eos check compared the classes and refused a binary sequence whenever one step
+    saturated (review r-eighteen); the user's class is what it compares now."""
+    b = torch.zeros(2, requires_grad=True)
+    est = storch.estimator("unordered_set", plate="seq", eos=0, n_samples=4)
+    with storch.Graph():
+        est(Bernoulli(logits=b[0]))
+        z = est(Bernoulli(logits=b[1].masked_fill(torch.tensor(True), float("inf"))))
+        assert z.plates[0].step == 1

@@ -45,7 +45,8 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Optional, TypeVar
 
 import torch
-from torch.distributions import Distribution, Independent, TransformedDistribution
+from torch.distributions import (Bernoulli, Categorical, Distribution, Independent, OneHotCategorical,
+                                 TransformedDistribution)
 
 from ..cost import CostFrame, _lead, magic_box
 from ..distributions import (
@@ -62,6 +63,7 @@ from ..distributions import (
     unwrap_distribution,
 )
 from ..distributions.precision import precision_checked
+from ..distributions.support import _STRICT
 from ..distributions.rsample_kinks import RsampleComparisons
 from ..distributions.unwrap import _as_raw
 from .._stacklevel import user_stacklevel
@@ -1399,10 +1401,24 @@ def _keep_preimages(node: Node, preimages: list) -> None:
         node.preimages = node.preimages + grad
 
 
+_STRICT_BASES = {strict: base for base, strict in _STRICT.items()}  # storch's strict copies -> the user's class
+
+
 def _eos_support(d: Distribution) -> tuple:
-    """What ``eos=`` reads of a step's distribution: its class, event shape and number of values."""
-    n = d.enumerate_support(expand=False).shape[0] if d.has_enumerate_support else None
-    return type(d), tuple(d.event_shape), n
+    """What ``eos=`` reads of a step's distribution: its class (the user's: a saturated Bernoulli that
+    storch.extending.strict_support copied is still a Bernoulli), event shape and number of values (of a
+    Categorical / OneHotCategorical read from its parameters: enumerating a OneHotCategorical's support builds
+    eye(K), K x K per step; review r-eighteen)."""
+    kind = _STRICT_BASES.get(type(d), type(d))
+    if isinstance(d, Categorical):
+        n = d._num_events
+    elif isinstance(d, OneHotCategorical):
+        n = d._categorical._num_events
+    elif isinstance(d, Bernoulli):
+        n = 2
+    else:
+        n = d.enumerate_support(expand=False).shape[0] if d.has_enumerate_support else None
+    return kind, tuple(d.event_shape), n
 
 
 def _describe_support(d: Distribution) -> str:
@@ -1419,8 +1435,7 @@ def _check_eos_step(est: Estimator, node: Node, raw: Distribution, t: int) -> No
     sequence (found by porting an RL loop with a stopping action). A step with the same support cannot
     be told apart from a token of the sequence (docs/partitions.md, 'Variable length: eos=')."""
     first = node.distribution
-    if type(raw) is type(first) and raw.event_shape == first.event_shape and (
-            _eos_support(raw) == _eos_support(first)):
+    if _eos_support(raw) == _eos_support(first):
         return
     name = est.name or type(est).__qualname__
     raise OptionError(

@@ -199,6 +199,14 @@ def _refuse_one_value(func, args, kwargs) -> None:
     x = args[0] if args else kwargs.get("input")
     if type(x) is not _PT or math.prod(x._raw.shape[len(x._plates):]) != 1:
         return
+    # a spread over a given dim without Bessel's correction is 0, not NaN: a layer norm written by hand,
+    # x.var(-1, correction=0, keepdim=True), on a feature size of 1 (review r-eighteen); refused are the
+    # spread over every dim (the batch habit) and any spread with the correction (NaN)
+    legacy = len(args) > 1 and isinstance(args[1], bool)  # std(x, unbiased)
+    dim = kwargs.get("dim", args[1] if len(args) > 1 and not legacy else None)
+    unbiased = kwargs.get("unbiased", args[1] if legacy else args[2] if len(args) > 2 else None)
+    if dim not in (None, (), []) and (kwargs.get("correction") == 0 or unbiased is False):
+        return
     names = tuple(p.name for p in x._plates)
     raise PlateError(
         f"{func.__name__} of a plate tensor whose samples hold one value each (per-sample shape "
@@ -213,7 +221,7 @@ def _refuse_one_value(func, args, kwargs) -> None:
 
 @register(*_both("std"), *_both("var"))
 def _spread(func, args, kwargs):
-    """dim counts per-sample dims; without dim, over all of a sample's dims; refused (a PlateError) where a sample holds one value"""
+    """dim counts per-sample dims; without dim, over all of a sample's dims; refused (a PlateError) where a sample holds one value, but over a given dim without the correction (0)"""
     _refuse_one_value(func, args, kwargs)
     return _spread_dim(func, args, kwargs)
 
