@@ -56,3 +56,25 @@ def test_no_cycle():
         gc.enable()
     assert n_ours == 0
     assert n_torch > 0  # the control: torch's own leaves its helper's cycle
+
+
+def test_torch_return_types_are_walked_without_a_cycle():
+    # what torch functions return (torch.max(x, 0)): the plates' per-entry loop and vmap flatten those per call
+    x = torch.arange(6.0).reshape(2, 3)
+    tree = (torch.max(x, 0), [torch.linalg.slogdet(torch.eye(2)), None])
+    leaves, spec = flatten(tree)
+    ref, _ = pytree.tree_flatten(tree)
+    assert len(leaves) == len(ref) and all(a is b for a, b in zip(leaves, ref))
+    assert not isinstance(spec, pytree.TreeSpec)
+    hash(spec)
+    back = unflatten(leaves, spec)
+    assert type(back[0]) is type(tree[0]) and type(back[1][0]) is type(tree[1][0])
+    assert all(a is b for a, b in zip(back[0], tree[0])) and back[1][1] is None
+    gc.collect()
+    gc.disable()
+    try:
+        unflatten(*flatten(tree))
+        n = gc.collect()
+    finally:
+        gc.enable()
+    assert n == 0

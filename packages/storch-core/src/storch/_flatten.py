@@ -5,8 +5,10 @@ reference cycle its ``tree_flatten`` leaves per call (issue 19).
 closure cell holds the function itself: every call leaves a cycle of 7 objects that only the cyclic
 garbage collector frees. ``vmap_call`` and ``storch.compile``'s replay flatten on every call, so a step
 left garbage at every such call. Here tuples, lists and dicts (their exact types: what arguments and
-keyword arguments are made of) are walked by a module-level function, and their structure is a nested
-tuple (hashable: ``storch.compile`` keys its traces by it). Any other pytree container (a namedtuple,
+keyword arguments are made of) and torch's own structseqs (``torch.return_types``: what torch functions
+return, e.g. ``torch.max(x, 0)``; the plates' per-entry vmap flattens those) are walked by a module-level
+function, and their structure is a nested tuple (hashable: ``storch.compile`` keys its traces by it). Any
+other pytree container (a namedtuple,
 an ``OrderedDict``, a ``torch.Size`` unless it is a leaf, a registered class) makes the whole flatten
 pytree's own, with its ``TreeSpec``: the same leaves in the same order either way.
 """
@@ -19,8 +21,9 @@ import torch.utils._pytree as pytree
 
 __all__ = ["flatten", "unflatten"]
 
-# a structure: None for a leaf, else (kind, children...) for a tuple or list, (_DICT, keys, children...) for a dict
-_TUPLE, _LIST, _DICT = 0, 1, 2
+# a structure: None for a leaf, else (kind, children...) for a tuple or list, (_DICT, keys, children...) for a dict,
+# (_RETURN, class, children...) for a torch.return_types structseq (pytree's node for it rebuilds it as class(values))
+_TUPLE, _LIST, _DICT, _RETURN = 0, 1, 2, 3
 
 
 class _OtherNode(Exception):
@@ -60,6 +63,11 @@ def _walk(x: Any, leaves: list, is_leaf) -> Any:
         for v in x.values():
             children.append(_walk(v, leaves, is_leaf))
         return tuple(children)
+    if t.__module__ == "torch.return_types" and issubclass(t, tuple):
+        children = [_RETURN, t]
+        for v in x:
+            children.append(_walk(v, leaves, is_leaf))
+        return tuple(children)
     if t in pytree.SUPPORTED_NODES or pytree.is_namedtuple_class(t):
         raise _OtherNode
     leaves.append(x)
@@ -72,5 +80,7 @@ def _build(structure: Any, it) -> Any:
     kind = structure[0]
     if kind == _DICT:
         return {k: _build(s, it) for k, s in zip(structure[1], structure[2:])}
+    if kind == _RETURN:
+        return structure[1]([_build(s, it) for s in structure[2:]])
     children = [_build(s, it) for s in structure[1:]]
     return tuple(children) if kind == _TUPLE else children

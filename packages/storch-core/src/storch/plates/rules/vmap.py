@@ -13,7 +13,6 @@ import functools
 import math
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..._flatten import flatten, unflatten
 from ...errors import PlateError, StorchError
@@ -186,7 +185,8 @@ def _loop(call, raws, mapped, levels, sizes, func):
         outs.append(call(*entry))
     if type(outs[0]) is bool:
         return _same_bool(outs, func)
-    flat = [tree_flatten(o) for o in outs]
+    # storch's flatten, not pytree's tree_flatten: that leaves a reference cycle per call (issue 19)
+    flat = [flatten(o) for o in outs]
     spec = flat[0][1]
     leaves = []
     for k, first in enumerate(flat[0][0]):
@@ -204,7 +204,7 @@ def _loop(call, raws, mapped, levels, sizes, func):
             )
         st = torch.stack(items)
         leaves.append(st.reshape(tuple(sizes[j] for j in levels) + first.shape))
-    return tree_unflatten(leaves, spec)
+    return unflatten(leaves, spec)
 
 
 _BOOL_ADVICE = {
@@ -246,18 +246,27 @@ def _vmap(call, raws, mapped, levels, sizes, full, inplace, randomness):
         out = call(*rs)
         if isinstance(out, torch.Tensor):
             return out
-        leaves, spec = tree_flatten(out)
-        if all(isinstance(v, torch.Tensor) for v in leaves):
+        split = _non_tensor_leaves(out)
+        if split is None:
             return out
-        kept[:] = [leaves, spec]
-        return tuple(v for v in leaves if isinstance(v, torch.Tensor))
+        kept[:] = split
+        return tuple(v for v in split[0] if isinstance(v, torch.Tensor))
 
     out = _vmap_tensors(tensors_only, raws, mapped, levels, sizes, full, inplace, randomness)
     if not kept:
         return out
     leaves, spec = kept
     it = iter(out)
-    return tree_unflatten([next(it) if isinstance(v, torch.Tensor) else v for v in leaves], spec)
+    return unflatten([next(it) if isinstance(v, torch.Tensor) else v for v in leaves], spec)
+
+
+def _non_tensor_leaves(out):
+    """``out``'s leaves and structure where some leaf is not a tensor; ``None`` where all are. Flattened
+    by storch's flatten, not pytree's ``tree_flatten``, which leaves a reference cycle per call (issue 19)."""
+    leaves, spec = flatten(out)
+    if all(isinstance(v, torch.Tensor) for v in leaves):
+        return None
+    return leaves, spec
 
 
 def _leading_dims_merge(r: torch.Tensor, k: int) -> bool:
