@@ -44,13 +44,28 @@ def _threshold_watch(node: Node, jumps: bool):
     OneHotCategorical node of gumbel_softmax, gumbel_straight_through): a function of ``torch.distributions``
     that reads the sample as indices (:func:`_reads_indices`); its name is kept on ``node.thresholded_in``; for a
     ``jump_free`` estimator also the argmax torch.distributions takes elsewhere (``Categorical.mode``). The comparisons torch.distributions makes (argument validation, ``validate_sample``, formula branches) are
-    not counted. Holds the node weakly (the lineage is the node's plate's: no reference cycle)."""
+    not counted. Holds the node weakly (the lineage is the node's plate's: no reference cycle).
+
+    For a ``jump_free`` estimator, a function of :data:`~storch.plates.dispatch.INDEX_VALUES` (max / min with a dim,
+    topk, sort, kthvalue, median, mode, the max poolings) in user code is not a threshold (its values are continuous
+    and common: ``x - x.max(-1, keepdim=True).values``), but its indices are an argmax of the relaxed sample: the
+    watch returns a record ``(node reference, name, operand or None)``, with which the dispatcher marks the indices
+    (:mod:`storch.plates.integer_reads`), and a cost computed from them is refused
+    (``storch.surrogate.pathwise._check_integer_reads``; found by review: REBAR's gradient of
+    ``w[m.max(-1).indices] + 0.1 * (m * v).sum(-1)`` was that of the smooth term alone, -0.0056 for -0.288)."""
     ref = weakref.ref(node)
 
-    def watch(func, raw: torch.Tensor, plates: Optional[tuple], caller: Caller) -> None:
+    def watch(func, raw: torch.Tensor, plates: Optional[tuple], caller: Caller) -> Optional[tuple]:
         node = ref()
         if node is None or node.thresholded is not None or not (jumps or func in INDEXING or func in INDEX_VALUES):
-            return
+            return None
+        if jumps and func in INDEX_VALUES and (raw.is_floating_point() or raw.is_complex()):
+            # the indices of max / topk / sort of a value the relaxed sample reaches, in user code: marked, refused
+            # where a cost reads them (the walk is deferred to that surrogate: _check_integer_reads)
+            if caller() is None:
+                if plates is None:
+                    return (ref, _name(func), raw)
+                return (ref, _name(func), None) if _own(plates, node) else None
         if plates is not None:
             # an operand without an autograd graph (detached, compared under no_grad): a value computed from the
             # sample where it carries only the node's sample plates (_own); no graph to walk. A jump_free estimator's
@@ -59,21 +74,21 @@ def _threshold_watch(node: Node, jumps: bool):
             # torch.distributions' index reads of a detached value: what the density reads is not the gradient path
             if (not jumps or func in INDEX_VALUES or caller() is not None or not _own(plates, node)
                     or finite_test(func, raw)):
-                return
+                return None
             node.thresholded = getattr(func, "__name__", str(func))
-            return
+            return None
         code = caller()
-        if code is None:  # user code: a jump of the cost (max's indices are not seen there: docs/estimators/rebar.md)
+        if code is None:  # user code: a jump of the cost (max's indices: marked above, not a threshold)
             if not jumps or func in INDEX_VALUES:
-                return
+                return None
         elif not _reads_indices(func, code):
             if not (jumps and func in INDEXING):
-                return
+                return None
             # an argmax torch.distributions takes of a value the sample reaches (Categorical(logits=f(z)).mode): a
             # jump as the user's own argmax is, for a jump_free estimator (the general message; found by review)
             code = None
         if finite_test(func, raw):
-            return  # (a NaN guard of a finite value: constant, no jump)
+            return None  # (a NaN guard of a finite value: constant, no jump)
         handed = [h for h, _ in node.handed if h.requires_grad] + list(node.preimages)
         if handed and _reaches([raw], handed):
             node.thresholded = getattr(func, "__name__", str(func))

@@ -205,8 +205,8 @@ def _jumps() -> frozenset:
     # as argmax does, but their values are continuous, and a decoder's x - x.max(-1, keepdim=True).values is
     # common: recording the call refused it (found by review), and telling which output a cost uses would need
     # a mark on every tensor computed from the indices. They are in INDEX_VALUES: a pathwise node's watch marks the
-    # indices, and the mark follows the tensors computed from them (storch.plates.integer_reads); a jump_free
-    # estimator's watch does not see them in user code (docs/estimators/rebar.md).
+    # indices, and the mark follows the tensors computed from them (storch.plates.integer_reads); so does a
+    # jump_free estimator's watch (REBAR, RELAX: storch.estimators.watch._threshold_watch) in user code.
     return frozenset(out)
 
 

@@ -11,6 +11,8 @@ from it (the dispatcher: :func:`spread`), and the surrogate refuses a cost that 
 (:func:`storch.surrogate.pathwise._check_integer_reads`). A bool mask (``x > 0``) is not marked: a continuous
 function selected by it (``torch.where(x > 0, x, 0)``) is unbiased at order 1; nor an integer cast of a bool or
 integer value (``(x > 0).long()`` is such a mask; an integer computed from a mark is marked by spreading).
+The indices of max / topk / sort of a REBAR or RELAX node's relaxed sample are marked too
+(:func:`storch.estimators.watch._threshold_watch`: their other jumps are refused as thresholds already).
 
 The marks are kept by the id of the plate tensor, with a weak reference: a mark goes with its tensor, or with the
 graph of its node when that ends (:func:`forget`). While no mark is live (the common step), the dispatcher pays one

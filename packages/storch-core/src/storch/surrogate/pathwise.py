@@ -215,6 +215,8 @@ def _integer_read_message(node: Node, name: str, func: str, order: int, later: O
         used = ("used as an index or as a number (Normal(img[k], 1), Categorical(logits=emb[k]) with k = x.long()); "
                 f"{other.estimator.name!r} draws from that parameter, so neither {other.plate.name!r}'s sample nor "
                 "the cost carries the jump")
+    if est.jump_free:
+        return _jump_free_index_message(node, how, func, used, order)
     return (
         f"estimator {est.name!r} on plate {p!r}: {how} that {func} "
         "read from a value computed from the node's sample (an integer cast such as l.long() or .to(torch.int64), "
@@ -231,6 +233,27 @@ def _integer_read_message(node: Node, name: str, func: str, order: int, later: O
         "l.max(-1).values instead of l.gather(-1, l.argmax(-1, keepdim=True)). An index that no cost uses (a metric, "
         "a size taken from l.tensor) is not refused, nor a bool mask of a function continuous at its threshold "
         "(torch.where(x > 0, x, 0), at order 1)")
+
+
+def _jump_free_index_message(node: Node, how: str, func: str, used: str, order: int) -> str:
+    """:func:`_integer_read_message` for a ``jump_free`` estimator (REBAR, RELAX): the indices of max / topk / sort
+    of a value its relaxed sample reaches (its argmax, the jumps themselves are refused as thresholds)."""
+    est = node.estimator
+    p = node.plate.name
+    return (
+        f"estimator {est.name!r} on plate {p!r}: {how} that {func} read from a value computed from the node's "
+        "sample (the indices of max / min with a dim, topk, sort, kthvalue, median, mode or of a max pooling: "
+        f"m.max(-1).indices, m.topk(2).indices), {used}. {est.name!r} differentiates the cost through the relaxed "
+        "sample (REBAR and RELAX: the cost at the relaxed sample σ_λ(z), in their control variate η f(σ_λ(z))), "
+        "and these indices are an argmax of it: they jump where the relaxed sample crosses a threshold, autograd "
+        "sees no derivative of the jump (they are integers, outside the autograd graph), so the control variate no "
+        f"longer cancels and the gradient of the order-{order} surrogate would be silently biased (only the smooth "
+        "terms' gradient is left). Use an estimator that does not differentiate the cost through the sample for "
+        "this node: 'score' (with baseline='leave_one_out'), 'arm', 'disarm' or 'unordered_set'; or write the cost "
+        "without indices: on the one-hot sample m, (m * w).sum(-1) instead of w[m.max(-1).indices] and m @ emb "
+        "instead of emb[m.argmax(-1)] (the same value on the hard sample, continuous on the relaxed one). The "
+        "values are accepted (m.max(-1).values, x - x.max(-1, keepdim=True).values); indices that no cost uses (a "
+        "metric) are not refused, or compute them on the raw tensor, m.tensor.detach()")
 
 
 def _unchecked_jvp_message(who: str, name: str) -> str:
