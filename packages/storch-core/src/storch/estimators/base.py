@@ -132,8 +132,9 @@ class Estimator(torch.nn.Module):
             argmax, a bool or integer cast) of a value that carries the sample's gradient, outside the
             autograd graph, is recorded on the node (``Node.thresholded``), and
             ``storch.surrogate_loss(order >= 1)`` refuses the costs that carry the node's plate
-            (``storch.OrderError``). Comparisons in ``torch.distributions``' argument and support checks are
-            not counted (their result decides only whether to raise). False by default: an estimator that
+            (``storch.OrderError``); the indices of max / topk / sort of such a value are marked, and a cost
+            computed from them is refused (its values are accepted). Comparisons in ``torch.distributions``'
+            argument and support checks are not counted (their result decides only whether to raise). False by default: an estimator that
             evaluates the cost at a hard or detached sample only (ARM, LAX) may see it thresholded.
         pathwise: the estimator differentiates the cost through the value it hands out, drawn without torch's
             ``rsample`` (a relaxation: ``gumbel_softmax``, whose derivatives at every order are those of the
