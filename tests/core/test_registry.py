@@ -266,3 +266,33 @@ def test_the_pass_the_base_hint_for_an_independent_appears_only_where_the_estima
         Enumerating("x")(wrapped)
     with storch.Graph():  # the advice holds: the bare Categorical is accepted
         Enumerating("x")(wrapped.base_dist)
+
+
+def test_order_error_names_a_subclass_that_inherits_its_name():
+    """A subclass that lowers max_order but keeps its parent's name (registered or not) is named by its class in
+    the OrderError, not by the name it inherits (the parent is unbiased at that order; p-lola, p-ext3)."""
+    from torch.distributions import Normal
+
+    Rep = storch.get_estimator_class("reparameterization")
+
+    class Rep1(Rep):
+        max_order = 1
+
+    class MyRep(Rep):
+        name = "my_rep"
+
+    class MyRep1(MyRep):
+        max_order = 1
+
+    mu = torch.tensor(0.3, requires_grad=True)
+    for cls, shown in ((Rep1, "Rep1 (a subclass of 'reparameterization')"), (MyRep1, "MyRep1 (a subclass of 'my_rep')"),
+                       (MyRep, None)):
+        with storch.Graph():
+            x = cls(plate="x", n_samples=2)(Normal(mu, 1.0))
+            storch.add_cost(x ** 3, name="c")
+            if shown is None:
+                storch.surrogate_loss(order=2)  # (unbiased at order 2: no refusal)
+                continue
+            with pytest.raises(storch.OrderError) as info:
+                storch.surrogate_loss(order=2)
+            assert f"estimator {shown} on plate 'x'" in str(info.value)

@@ -89,10 +89,12 @@ def _shown(est) -> str:
     message does not blame the registered estimator, nor offer it as the fix as if it were the same (found by
     porting, p-lola)."""
     cls = type(est)
-    registered = _installed_class(est.name) if est.name else None
-    if registered is None or cls is registered or cls.__dict__.get("name") == est.name or (
-            cls.__module__.split(".")[0] == registered.__module__.split(".")[0]):
+    if not est.name or "name" in cls.__dict__:  # (the class names itself)
         return repr(est.name)
+    registered = _installed_class(est.name)
+    if registered is cls or (registered is not None
+                             and cls.__module__.split(".")[0] == registered.__module__.split(".")[0]):
+        return repr(est.name)  # (a first-party variant: sum_and_sample's sequence estimator)
     return f"{cls.__name__} (a subclass of {est.name!r})"
 
 
