@@ -745,6 +745,9 @@ _THRESHOLDS = {  # how the mask is thresholded
     "histc": lambda m: torch.histc(m, bins=2, min=0, max=1)[1] + 0.1 * m.sum(),
     "count_nonzero": lambda m: torch.count_nonzero(torch.relu(m - 0.5)).double() + 0.1 * m.sum(),
     "frexp": lambda m: torch.frexp(m + 0.5).exponent.double().sum() + 0.1 * m.sum(),
+    # a one-hot argmax whose gradient is the soft one's (review r-nineteen: accepted before)
+    "gumbel_softmax_hard": lambda m: (torch.nn.functional.gumbel_softmax(m * 3, hard=True) * _ATT_A).sum()
+    + 0.1 * m.sum(),
 }
 
 _FINITENESS = ("isfinite", "isinf", "isposinf", "isneginf", "isnan", "Tensor.isnan")
@@ -766,7 +769,7 @@ def test_a_thresholded_relaxed_sample_is_refused(name, how):
     # are refused at the first step whose samples fall on both sides of m = 0.5
     steps = 20 if how in _FINITENESS else 1
     with pytest.raises(storch.OrderError, match=rf"'{name}' on plate 'm': the cost 'att' .*(without a "
-                                                r"derivative|\bgt\b|__gt__|__lt__|bool|argmax).*'score'.*"
+                                                r"derivative|\bgt\b|__gt__|__lt__|bool|argmax|gumbel_softmax).*'score'.*"
                                                 r"multiply by it"):
         for _ in range(steps):
             with storch.Graph():
