@@ -10,7 +10,6 @@ route frees everything by reference counting, and its values and gradients are t
 
 from __future__ import annotations
 
-import gc
 from typing import cast
 
 import pytest
@@ -20,6 +19,7 @@ from torch.distributions import Categorical, OneHotCategorical
 
 import storch
 import storch.plates.rules.vmap as vmap_rule
+from step_checks import garbage_after
 
 K, N = 6, 5
 
@@ -70,13 +70,7 @@ def test_a_step_through_the_vmap_route_leaves_no_cycles(name, monkeypatch):
 
     step()  # (first-call caches: lazy imports, decompositions)
     calls = _count_vmaps(monkeypatch)
-    gc.collect()
-    gc.disable()
-    try:
-        step()
-        garbage = gc.collect()
-    finally:
-        gc.enable()
+    garbage = garbage_after(step, warmups=0)
     assert calls, f"{name} no longer reaches the vmap route: this test no longer covers it"
     assert garbage == 0, f"{name}: {garbage} objects in reference cycles after one step"
 
@@ -117,25 +111,13 @@ def test_random_draws_over_two_plates_leave_no_cycles(monkeypatch):
     levels = []
     flat_vmap = vmap_rule.flat_vmap
     monkeypatch.setattr(vmap_rule, "flat_vmap", lambda *a, **k: levels.append(1) or flat_vmap(*a, **k))
-    gc.collect()
-    gc.disable()
-    try:
-        step()
-        garbage = gc.collect()
-    finally:
-        gc.enable()
+    garbage = garbage_after(step, warmups=0)
     assert calls and levels
     assert garbage == 0
 
 
 def _garbage_of(step):
-    gc.collect()
-    gc.disable()
-    try:
-        step()
-        return gc.collect()
-    finally:
-        gc.enable()
+    return garbage_after(step, warmups=0)
 
 
 # operators torch has no batching rule for (and no fallback): storch calls them once per plate entry (rules.vmap._loop)

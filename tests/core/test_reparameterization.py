@@ -1321,45 +1321,9 @@ def test_an_order_2_surrogate_through_elu_is_unbiased_at_order_2():
     assert_unbiased(h, torch.autograd.functional.hessian(exact, t), "Hessian")
 
 
-def _pickle_round_trips(est, dist_of):
-    """Pickle and torch.save round trips of a pathwise node's plate tensors (z, z.detach(), a cost of z), as a
-    score node's pickle; an unpickled one mixed into a new step is refused; deepcopy keeps the node's watch."""
-    import copy
-    import io
-    import pickle
-
-    x = torch.randn(5, 3)
-    lin = torch.nn.Linear(3, 2)
-    with storch.Graph():
-        xs = storch.denote_independent(x, 0, "data")
-        z = est(dist_of(lin(xs)))
-        cost = ((z - 0.3) ** 2).sum()
-        assert z.plates[0].lineage.watch is not None  # the closure that did not pickle
-        saved = []
-        for obj in (z, z.detach(), cost):
-            back = pickle.loads(pickle.dumps(obj))
-            buffer = io.BytesIO()
-            torch.save(obj, buffer)
-            buffer.seek(0)
-            loaded = torch.load(buffer, weights_only=False)
-            for copy_ in (back, loaded):
-                assert isinstance(copy_, storch.PlateTensor)
-                assert [p.name for p in copy_.plates] == [p.name for p in obj.plates]
-                assert torch.equal(copy_.tensor, obj.tensor.detach())
-                assert copy_.plates[0].lineage.watch is None
-            saved.append(back)
-        kept = copy.deepcopy(z.detach())
-        assert kept.plates[0].lineage.watch is z.plates[0].lineage.watch
-        storch.add_cost(cost, name="c")
-        storch.backward()
-    with storch.Graph():
-        xs = storch.denote_independent(x, 0, "data")
-        z = est(dist_of(lin(xs)))
-        with pytest.raises(storch.PlateError, match="comes from two different graphs"):
-            storch.add_cost((z * saved[0]).sum(), name="mixed")
-
-
 def test_plate_tensors_pickle():
     torch.manual_seed(0)
     est = storch.estimator("reparameterization", plate="z", n_samples=2)
-    _pickle_round_trips(est, lambda loc: Normal(loc, 1.0))
+    from step_checks import pickle_round_trips
+
+    pickle_round_trips(est, lambda loc: Normal(loc, 1.0))

@@ -9,6 +9,7 @@ from torch.distributions import Bernoulli
 
 import storch
 from storch.surrogate import terms as terms_module
+from step_checks import garbage_after
 
 
 def _setup(M, baseline, n):
@@ -175,7 +176,6 @@ def test_moving_averages_and_frames_equal_the_per_pair_path(monkeypatch, build, 
 @pytest.mark.parametrize("live", [False, True])
 def test_grouped_chain_leaves_no_cycles(monkeypatch, live):
     # the frames' live tensors (rebuilt when asked) hold no node: a finished step is freed by reference counting
-    import gc
     a, ests = _setup(4, "moving_average", 2)
     ests[0] = storch.estimator("score", plate="z0", n_samples=2, baseline="leave_one_out")
     seen = _grouped_taken(monkeypatch)
@@ -189,13 +189,5 @@ def test_grouped_chain_leaves_no_cycles(monkeypatch, live):
                     for frame in node.frames.values():
                         frame.live()
 
-    step()
-    step()
-    gc.collect()
-    gc.disable()
-    try:
-        step()
-        n = gc.collect()
-    finally:
-        gc.enable()
+    n = garbage_after(step, warmups=2)
     assert seen and n == 0, n

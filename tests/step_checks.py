@@ -1,0 +1,64 @@
+"""Checks of one training step shared by the test folders (``tests/conftest.py`` puts this folder on ``sys.path``):
+what the garbage collector frees after a step (storch promises none: a step's tensors are freed by reference
+counting), and the pickle round trips of a pathwise node's plate tensors."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import io
+import pickle
+from typing import Callable
+
+import pytest
+import torch
+
+import storch
+
+
+def garbage_after(step: Callable[[], object], warmups: int = 1) -> int:
+    """Run ``step`` ``warmups`` times (first-call caches: lazy imports, decompositions), then once with the
+    collector off: the number of objects ``gc.collect()`` frees after it (0: no reference cycles)."""
+    for _ in range(warmups):
+        step()
+    gc.collect()
+    gc.disable()
+    try:
+        step()
+        return gc.collect()
+    finally:
+        gc.enable()
+
+
+def pickle_round_trips(est, dist_of) -> None:
+    """Pickle and torch.save round trips of a pathwise node's plate tensors (z, z.detach(), a cost of z), as a
+    score node's pickle; an unpickled one mixed into a new step is refused; deepcopy keeps the node's watch."""
+    x = torch.randn(5, 3)
+    lin = torch.nn.Linear(3, 2)
+    with storch.Graph():
+        xs = storch.denote_independent(x, 0, "data")
+        z = est(dist_of(lin(xs)))
+        cost = ((z - 0.3) ** 2).sum()
+        assert z.plates[0].lineage.watch is not None  # the closure that did not pickle
+        saved = []
+        for obj in (z, z.detach(), cost):
+            back = pickle.loads(pickle.dumps(obj))
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            buffer.seek(0)
+            loaded = torch.load(buffer, weights_only=False)
+            for copy_ in (back, loaded):
+                assert isinstance(copy_, storch.PlateTensor)
+                assert [p.name for p in copy_.plates] == [p.name for p in obj.plates]
+                assert torch.equal(copy_.tensor, obj.tensor.detach())
+                assert copy_.plates[0].lineage.watch is None
+            saved.append(back)
+        kept = copy.deepcopy(z.detach())
+        assert kept.plates[0].lineage.watch is z.plates[0].lineage.watch
+        storch.add_cost(cost, name="c")
+        storch.backward()
+    with storch.Graph():
+        xs = storch.denote_independent(x, 0, "data")
+        z = est(dist_of(lin(xs)))
+        with pytest.raises(storch.PlateError, match="comes from two different graphs"):
+            storch.add_cost((z * saved[0]).sum(), name="mixed")
