@@ -123,3 +123,20 @@ def test_eager_and_storch_compile_unaffected():
     fast(x).backward()
     fast(x).backward()
     assert torch.isfinite(m.lin.weight.grad).all()
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_jit_trace_of_a_function_of_plate_tensors_says_tracing_is_unsupported(grad):
+    """torch.jit.trace of a plain function given a plate tensor made in a step (not a storch entry point): torch's
+    "Cannot insert a Tensor that requires grad as a constant" (with grad) or storch's "a sparse tensor, a custom
+    C++ operator" (without) read as a bug in the user's op; both now say that tracing cannot carry plate tensors
+    and point to storch.compile (found by a third-party author, p-ext3)."""
+    mu = torch.tensor([0.3, -0.2], requires_grad=grad)
+    with storch.Graph():
+        x = storch.estimator("reparameterization", plate="x", n_samples=2)(Normal(mu, 1.0))
+        if not grad:
+            x = x.detach()
+        with pytest.raises(storch.PlateError, match=r"ran under torch.jit.trace.*storch.compile\(step\)"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (torch's tracer warnings)
+                torch.jit.trace(lambda t: t * 2, (x,))

@@ -20,6 +20,7 @@ called once per torch call on a plate tensor, does it inline (:func:`mark_eager_
 from __future__ import annotations
 
 import functools
+import sys
 import types
 from typing import Callable, TypeVar
 
@@ -106,6 +107,18 @@ def foreign_trace_message(where: str) -> str:
             "silently wrong. To compile a storch step use storch.compile(step), which traces storch's plate "
             "program into plain torch and replays these checks and updates (backend=None: no compiler); run "
             "the step eagerly otherwise")
+
+
+def under_jit_trace() -> bool:
+    """Whether torch.jit.trace is on the Python stack: for error paths only (a frame walk). Inside storch's
+    dispatch of a traced op torch reports no tracing state (``torch._C._is_tracing()`` is False there), and the
+    tracer's copy of its inputs runs before tracing starts, so its errors on plate tensors are told by the caller."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.replace("\\", "/").endswith("torch/jit/_trace.py"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def refuse_foreign_trace(where: str) -> None:

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ..eager import mark_eager_only, set_eval_frame
+from ..eager import foreign_trace_message, mark_eager_only, set_eval_frame, under_jit_trace
 from ..errors import PlateError, plate_error_from
 from .draws import DRAWS, check_no_grad_call, watch_draw
 from .integer_reads import _INNER, MARKS, mark, spread
@@ -56,6 +56,10 @@ _FLOAT_INDEX_HINT = (
 
 def user_error(func, args, kwargs, e: BaseException) -> PlateError:
     """A PlateError (of the original exception's kind) that describes the call in per-sample terms."""
+    if under_jit_trace():
+        # (torch.jit.trace of a function of plate tensors outside a storch step: torch's "Cannot insert a Tensor that
+        # requires grad as a constant" read as a bug in the user's op; found by a third-party author, p-ext3)
+        return plate_error_from(e, foreign_trace_message(f"{describe(func)} on plate tensors") + f". torch said: {e}")
     parts = []
     for a in _operands(args, kwargs or {}):
         if type(a) is _PT:

@@ -17,6 +17,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 
+from ..eager import foreign_trace_message, under_jit_trace
 from ..errors import PlateError
 
 __all__ = [
@@ -361,6 +362,8 @@ class PlateTensor(torch.Tensor):
                 "an index, a shift or a size): one number cannot hold every sample's value. Index with the "
                 "plate tensor instead (`x[i]`, `x[:, i]`, `torch.gather`), or keep the number a fixed constant. "
                 + SAMPLED_SIZE)
+        if under_jit_trace():  # (torch.jit.trace of plate tensors, without grad: its copy of them; p-ext3)
+            raise PlateError(foreign_trace_message(f"{func} on plate tensors"))
         raise PlateError(
             f"{func} reached a PlateTensor below __torch_function__: a sparse tensor (torch.sparse_coo_tensor), "
             "a custom C++ operator or another code path that bypasses torch's Python dispatch. Plate tensors work "
