@@ -28,6 +28,8 @@ from typing import Optional
 import torch
 from torch.distributions import Distribution, Transform
 
+from .kit import _is_inplace, _operands
+
 # id(plate tensor) -> (weak reference to it, the record: (weak reference to the node, the function's name, the
 # operand's raw tensor, or None where it had no autograd graph))
 MARKS: dict = {}
@@ -89,27 +91,16 @@ def spread(call, cls, func, types, args, kwargs):
     finally:
         _INNER.on = False
     record = None
-    for a in _operands(args, kwargs):
+    for a in _operands(args, kwargs or {}):
         if type(a) is not torch.Tensor and isinstance(a, torch.Tensor):
             record = record_of(a)
             if record is not None:
                 break
     if record is not None:
         mark(out, record)
-        name = getattr(func, "__name__", "")
-        if args and (func is torch.Tensor.__setitem__ or (name.endswith("_") and not name.endswith("__"))):
+        if args and (func is torch.Tensor.__setitem__ or _is_inplace(func)):
             mark(args[0], record)
     return out
-
-
-def _operands(args, kwargs):
-    for a in args:
-        if type(a) is list or type(a) is tuple:
-            yield from a
-        else:
-            yield a
-    if kwargs:
-        yield from kwargs.values()
 
 
 def marked_parameter(d, depth: int = 0, path: str = "") -> Optional[tuple]:
