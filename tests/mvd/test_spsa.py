@@ -442,3 +442,16 @@ def test_forward_mode_perturbs_the_parameters_it_differentiates():
     torch.manual_seed(42)
     t = theta0.clone().requires_grad_(True)
     assert torch.allclose(jvp, torch.autograd.grad(step(t), t)[0])  # the same draws: the reverse-mode derivative
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sigma", [1e-3, 1e-4])
+def test_a_perturbation_of_many_scales_gives_the_finite_difference(dtype, sigma):
+    """c = 0.05 is 50 and 500 scales σ of a Normal's loc: p(x₁) / (p₊ + p₋) underflows to 0 and 1 / w was
+    infinite (w ∇l f = 0 · ∞: NonFiniteCostError from σ ≈ 0.0045 on). For f = (x − 1)² the central
+    difference is exact: E[ĝ] = ((μ + c − 1)² − (μ − c − 1)²) / 2c = 2(μ − 1) = −1.6 at μ = 0.2."""
+    torch.manual_seed(71)
+    est = storch.estimator("spsa", plate="x", n_samples=2, perturbation=0.05)
+    g, _ = estimates(torch.tensor([0.2], dtype=dtype), lambda t: (est(Normal(t[0], sigma)) - 1.0) ** 2, 2000)
+    assert torch.isfinite(g).all()
+    print(assert_unbiased(g.double(), torch.tensor([-1.6], dtype=torch.float64), f"spsa at σ={sigma}").table())

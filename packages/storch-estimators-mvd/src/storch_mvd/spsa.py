@@ -56,6 +56,8 @@ class Spsa(Estimator):
         w(x) = ⊥( p(x) / (n (p₊(x) + p₋(x))) );
         l(x₁) = u · ⊥(1 / (2cε n w(x₁))),  l(x₂) = −u · ⊥(1 / (2cε n w(x₂)));
         a = 0.
+    Where w underflows (p barely overlaps p±: c many scales of a Normal's loc), 1 / w is infinite; such an
+    entry has l = 0 and w = ⊥w ± Σ (u − ⊥u) / (2cε n) instead (value ⊥w, the same derivative ±∇u / (2cε n)).
     So Σ w f is an unbiased importance-sampling estimate of E_p[f] (p₊w + p₋w = p/n), and
     Σ w ∇l f is the SPSA gradient (the weights cancel), averaged over replicates.
 
@@ -233,12 +235,21 @@ class Spsa(Estimator):
             # balance-heuristic weight p / (n (p₊ + p₋))
             w1, w2 = (torch.exp(log_prob(x, p) - torch.logaddexp(log_prob(x, p_plus), log_prob(x, p_minus))) / n
                       for x in (x1, x2))
-        grads = []
+        grads, weights, routed_any = [], [], False
         for w, sign in ((w1, 1.0), (w2, -1.0)):
+            # appendix D.3: l = ±u ⊥(1 / (2cε n w)), so w ∇l = ±∇u / (2cε n): the weight cancels. Where p
+            # barely overlaps p± (a perturbation of ~10 scales: c = 0.05 at σ = 0.0045) w underflows and
+            # 1 / w is infinite: w ∇l f was 0 · ∞ = NaN. Such an entry carries its term in the weight instead,
+            # w = ⊥w + Σ ±(u − ⊥u) / (2cε n) (value ⊥w, derivative ±∇u / (2cε n), as mvd's points outside p's
+            # support), with l = 0; the others keep l (a weight below √tiny: w f and 1 / w stay normal numbers)
+            small = w < math.sqrt(torch.finfo(w.dtype).tiny)
+            routed = is_tracing() or small.is_meta or bool(small.any())
+            routed_any = routed_any or routed
             l = torch.zeros_like(w)
+            extra = torch.zeros_like(w)
             for k, v in u.items():
                 wk = w.reshape(w.shape + (1,) * (eps[k].dim() - w.dim()))
-                # appendix D.3: l = ±u ⊥(1 / (2cε n w)), so w ∇l = ±∇u / (2cε n): the weight cancels;
+                sk = small.reshape(wk.shape)
                 # detach: only u carries gradient. 2cε is the realised step Δ = u₊ − u₋ (the nominal one was
                 # 25% off for a bfloat16 loc of 20), divided in the wide dtype Δ is carried in
                 coef = (sign / (steps[k] * n * wk.to(steps[k].dtype))).to(v.dtype).detach()
@@ -246,9 +257,18 @@ class Spsa(Estimator):
                     # a coordinate at −∞ (a masked logit) is not moved by ±cε, so its finite difference is
                     # exactly 0: it enters l as 0, with no gradient (−∞ · coef was NaN)
                     v = torch.where(held[k], torch.zeros((), dtype=v.dtype, device=v.device), v)
+                zero = torch.zeros((), dtype=v.dtype, device=v.device)
+                if routed:
+                    coef = torch.where(sk, zero, coef)
+                    step = (sign / (steps[k] * n)).to(v.dtype).detach()
+                    term = torch.where(sk, (v - v.detach()) * step, zero)
+                    extra = extra + term.reshape(w.shape + (-1,)).sum(-1).to(w.dtype)
                 l = l + (v * coef).reshape(w.shape + (-1,)).sum(-1)
             grads.append(l)
-        node.state.weights = torch.stack([w1, w2], 1).flatten(0, 1)
+            weights.append(w + extra if routed else w)
+        # a baseline (see :meth:`baseline`) cancels only where every pair's terms are carried by l
+        node.state.paired = not routed_any
+        node.state.weights = torch.stack(weights, 1).flatten(0, 1)
         node.state.gradient = torch.stack(grads, 1).flatten(0, 1)
         with torch.no_grad():
             x = torch.stack([x1, x2], 1).flatten(0, 1)
