@@ -372,7 +372,7 @@ class Graph:
 
     def _shape_message(self, label, cost: torch.Tensor, raw: torch.Tensor, plates: tuple) -> str:
         """A cost that is not one number per sample (error path only)."""
-        hint = self._per_entry_hint(raw) if not plates else ""
+        hint = self._per_entry_hint(raw) if not plates else self._other_plates_hint(cost, plates)
         return (f"cost {label!r} has per-sample shape {tuple(cost.shape)}; a cost must be one number per sample. "
                 + (hint + "Otherwise: reduce" if hint else "Reduce") + " its event dims first (e.g. `.sum(-1)`), or "
                 "use storch.denote_independent for dims that are independent data points" + self._cost_hints(plates))
@@ -418,6 +418,27 @@ class Graph:
                         " reducing it with .sum() or putting it on a data plate with storch.denote_independent would "
                         "cut it from the samples and drop its credit). ")
         return ""
+
+    def _other_plates_hint(self, cost: torch.Tensor, plates: tuple) -> str:
+        """Where the leading per-sample dims of ``cost`` have the sizes of live sample plates that ``plates`` lack
+        (a black-box cost of two nodes wrapped on one node's plates): the advice to wrap it on the plates of a
+        tensor that holds all of them (error path only)."""
+        names = {p.name for p in plates}
+        others = [node.plate for node in self.nodes if node.plate.name not in names]
+        matched: list = []
+        for size in tuple(cost.shape):
+            plate = next((q for q in others if q.size == size and q not in matched), None)
+            if plate is None:
+                break
+            matched.append(plate)
+        if not matched:
+            return ""
+        return (f"Its leading dims {tuple(q.size for q in matched)} have the sizes of the sample plates "
+                f"{tuple(q.name for q in matched)}, which its plates {tuple(q.name for q in plates)} lack: if it was "
+                "computed outside torch from the .tensor of several nodes' samples (torch.stack([x, y], -1).tensor), "
+                "wrap it on the plates of a tensor that holds all of them, `storch.PlateTensor(c, s.plates)` with s "
+                "that tensor (e.g. s = torch.stack([x, y])), whose plates are in the order of its .tensor's dims (the "
+                "black-box recipe for several nodes in docs/plates.md). ")
 
     def _cost_hints(self, plates: tuple) -> str:
         """The ``cost_hint`` of the estimators whose nodes a cost depends on (error path only)."""
