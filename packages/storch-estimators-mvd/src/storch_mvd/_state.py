@@ -17,11 +17,7 @@ class PrecomputedState:
     Attributes:
         weights: w(x) per entry of the node's plate.
         gradient: l(x) per entry of the node's plate.
-        paired: whether the terms w ∇l of each pair of entries cancel a constant exactly (±c ∇θ / n), so
-            that a baseline subtracted from the cost leaves the gradient unchanged (False where a weight
-            carries an entry's derivative instead of l).
     """
 
     weights: Optional[torch.Tensor] = None
     gradient: Optional[torch.Tensor] = None
-    paired: bool = True

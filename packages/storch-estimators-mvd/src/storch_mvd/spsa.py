@@ -235,7 +235,7 @@ class Spsa(Estimator):
             # balance-heuristic weight p / (n (p₊ + p₋))
             w1, w2 = (torch.exp(log_prob(x, p) - torch.logaddexp(log_prob(x, p_plus), log_prob(x, p_minus))) / n
                       for x in (x1, x2))
-        grads, weights, routed_any = [], [], False
+        grads, weights = [], []
         for w, sign in ((w1, 1.0), (w2, -1.0)):
             # appendix D.3: l = ±u ⊥(1 / (2cε n w)), so w ∇l = ±∇u / (2cε n): the weight cancels. Where p
             # barely overlaps p± (a perturbation of ~10 scales: c = 0.05 at σ = 0.0045) w underflows and
@@ -244,7 +244,6 @@ class Spsa(Estimator):
             # support), with l = 0; the others keep l (a weight below √tiny: w f and 1 / w stay normal numbers)
             small = w < math.sqrt(torch.finfo(w.dtype).tiny)
             routed = is_tracing() or small.is_meta or bool(small.any())
-            routed_any = routed_any or routed
             l = torch.zeros_like(w)
             extra = torch.zeros_like(w)
             for k, v in u.items():
@@ -266,8 +265,6 @@ class Spsa(Estimator):
                 l = l + (v * coef).reshape(w.shape + (-1,)).sum(-1)
             grads.append(l)
             weights.append(w + extra if routed else w)
-        # a baseline (see :meth:`baseline`) cancels only where every pair's terms are carried by l
-        node.state.paired = not routed_any
         node.state.weights = torch.stack(weights, 1).flatten(0, 1)
         node.state.gradient = torch.stack(grads, 1).flatten(0, 1)
         with torch.no_grad():
