@@ -908,3 +908,81 @@ def test_denote_independent_in_a_collate_fn_names_the_cause():
             with pytest.raises(storch.PlateError) as err:
                 est(Normal(z, 1.0))
     assert "of another graph" in str(err.value) and hint not in str(err.value)
+
+
+def test_a_graph_open_in_another_thread_is_refused_and_each_thread_keeps_its_own_step():
+    """One Graph object entered by two threads at once merged their steps: the first storch.backward()
+    backpropagated the other thread's cost too, and the other then found "the graph has no costs" (p-edge s18).
+    Entering a graph open in another thread is refused; after its block there ended, it may be entered again."""
+    est = storch.estimator("expect", plate="z")
+    a = torch.tensor([0.3], requires_grad=True)
+    b = torch.tensor([-0.5], requires_grad=True)
+    graph = storch.Graph()
+    inside, leave, out = threading.Event(), threading.Event(), {}
+
+    def hold():
+        try:
+            with graph:
+                z = est(Bernoulli(logits=a))
+                storch.add_cost(z.sum(), "a")
+                inside.set()
+                leave.wait(10)
+                out["value"] = storch.backward().item()
+        except BaseException as e:  # asserted below
+            out["error"] = e
+            inside.set()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert inside.wait(10)
+    with pytest.raises(storch.StorchError, match=r"open in another thread.*one `with storch.Graph\(\):` per thread"):
+        with graph:
+            storch.add_cost(est(Bernoulli(logits=b)).sum(), "b")
+    leave.set()
+    thread.join()
+    assert "error" not in out
+    # the holder's step has its own cost only: the exact expectation sigmoid(a), and no gradient reached b
+    assert out["value"] == pytest.approx(torch.sigmoid(a).item())
+    assert b.grad is None
+    with graph:  # its block in the other thread ended: this thread may enter it
+        with graph:  # and re-enter it (nested) in one thread
+            storch.add_cost(est(Bernoulli(logits=b)).sum(), "b")
+            assert storch.backward().item() == pytest.approx(torch.sigmoid(b).item())
+    assert b.grad is not None
+
+
+@pytest.mark.parametrize("refused", ["order", "scale", "no_grad", "inference_mode"])
+def test_a_refused_backward_in_the_default_graph_discards_the_step(refused):
+    """docs/reliability.md: in the default graph a storch call that raises discards the step. The argument
+    refusals of storch.backward() raised before it did, and the next step met "already called in the thread's
+    default graph" (p-edge s4, s5)."""
+    storch.reset()
+    est = storch.estimator("expect", plate="z")
+    theta = torch.tensor([0.3, -0.5], requires_grad=True)
+    storch.add_cost(est(Bernoulli(logits=theta)).sum(), "c")
+    with pytest.raises(storch.StorchError):
+        if refused == "order":
+            storch.backward(order=2)
+        elif refused == "scale":
+            storch.backward(scale="x")
+        else:
+            with getattr(torch, refused)():
+                storch.backward()
+    assert not storch.current_graph().nodes and not storch.current_graph().costs
+    storch.add_cost(est(Bernoulli(logits=theta)).sum(), "c")  # the next step starts clean
+    assert storch.backward().item() == pytest.approx(torch.sigmoid(theta).sum().item())
+    assert torch.allclose(theta.grad, torch.sigmoid(theta) * (1 - torch.sigmoid(theta)))
+
+
+def test_denoting_a_0d_tensor_says_it_has_no_dim():
+    """A 0-d tensor was told "dim -1 is out of range ...; use a dim in [0, -1]" (an empty range; p-edge s26)."""
+    said = r"no dim to denote as independent.*unsqueeze\(0\).*is not denoted"
+    with storch.Graph():
+        for dim in (-1, 0):
+            with pytest.raises(storch.PlateError, match=r"0-d tensor \(shape \(\)\): it has " + said):
+                storch.denote_independent(torch.tensor(2.0), dim, "d")
+        with pytest.raises(storch.PlateError, match=r"0-d tensor \(shape \(\)\) in the tuple: it has " + said):
+            storch.denote_independent((torch.tensor(2.0), torch.tensor(3.0)), 0, "d")
+        x = storch.denote_independent(torch.arange(3.0), 0, "data")
+        with pytest.raises(storch.PlateError, match=r"per-sample shape \(\) \(plates \('data',\)\): it has " + said):
+            storch.denote_independent(x, 0, "d")

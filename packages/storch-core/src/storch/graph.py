@@ -17,7 +17,7 @@ from torch.distributions import Distribution
 from ._order_guard import is_differentiated, unbatched
 from ._stacklevel import user_stacklevel
 from .eager import _compiler, _jit_tracing, eager_only, refuse_foreign_trace
-from .errors import ConstantCostWarning, CostError, PlateError
+from .errors import ConstantCostWarning, CostError, PlateError, StorchError
 from .generators import pop_generator, push_generator
 from .node import Node
 from .plates.integer_reads import MARKS, forget, record_of
@@ -38,7 +38,9 @@ class Graph:
     ``add_cost``, ``denote_independent``, ``surrogate_loss``) discards the step at once. So an
     exception never leaks a step's nodes into the next step. Plate tensors carry the identity of the graph that made
     their plates (:class:`storch.Lineage`); using one after its graph ended, or in another graph,
-    raises a :class:`storch.PlateError` that says so.
+    raises a :class:`storch.PlateError` that says so. A graph belongs to the thread whose ``with`` block has it
+    open: entering it from another thread meanwhile raises a :class:`storch.StorchError` (use one
+    ``with storch.Graph():`` per thread).
 
     Args:
         generator: a ``torch.Generator`` for storch's random draws in this graph (the estimators'
@@ -65,6 +67,10 @@ class Graph:
         self._mode = None
         self._finished = False
         self._guard = _StepGuard(self)
+        # {0: ident of the thread whose `with` block has this graph open} (claimed by one atomic setdefault, so of
+        # two threads entering at once one is refused), and how deep that thread has entered it (re-entry nests)
+        self._open_in: dict[int, int] = {}
+        self._depth = 0
         self.no_credit: set[int] = set()  # ids of the costs added with credit=False (storch.add_cost)
         # id(cost) -> the record of its mark (storch.plates.integer_reads), for the costs computed from an integer
         # read from a pathwise sample, kept when the step's marks end (_close): a surrogate built after the `with`
@@ -82,6 +88,10 @@ class Graph:
     def __enter__(self) -> "Graph":
         if _jit_tracing() or _compiler._is_exporting_flag:
             refuse_foreign_trace("a storch.Graph block")
+        ident = _get_ident()
+        if self._open_in.setdefault(0, ident) != ident:  # open in another thread (a dict call and a comparison)
+            raise StorchError(_open_elsewhere_message(self._open_in.get(0)))
+        self._depth += 1
         if self._finished:  # a graph object entered again starts a new step
             self.reset()
         self._finished = False
@@ -93,6 +103,10 @@ class Graph:
 
     @eager_only
     def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth <= 0:  # its outermost block in the owning thread: another thread may enter it now
+            self._depth = 0
+            self._open_in.clear()
         if self._mode is not None:
             self._mode = None
             pop_generator()
@@ -478,6 +492,8 @@ class Graph:
             self.check_plates(tensor.plates, "the tensor passed to denote_independent")
             n = len(tensor.plates)
             k = tensor.tensor.dim() - n  # per-sample dims: `dim` counts among these only
+            if k == 0:
+                raise PlateError(_no_dim_message(f"a plate tensor of per-sample shape () (plates {tensor.plate_names})"))
             if not -k <= dim < k:
                 raise PlateError(
                     f"dim {dim} is out of range for a plate tensor of per-sample shape {tuple(tensor.shape)} "
@@ -485,6 +501,8 @@ class Graph:
             d = n + (dim if dim >= 0 else k + dim)
             raw, parents = tensor.tensor.movedim(d, 0), tensor.plates
         else:
+            if tensor.dim() == 0:
+                raise PlateError(_no_dim_message("a 0-d tensor (shape ())"))
             if not -tensor.dim() <= dim < tensor.dim():
                 raise PlateError(f"dim {dim} is out of range for a tensor of shape {tuple(tensor.shape)}; "
                                  f"use a dim in [{-tensor.dim()}, {tensor.dim() - 1}]")
@@ -514,6 +532,8 @@ class Graph:
                     f"data plate), got a {type(tensors).__name__} holding a {type(t).__name__}; convert it "
                     "with torch.as_tensor first")
             k = t.dim()  # per-sample rank for a PlateTensor
+            if k == 0:
+                raise PlateError(_no_dim_message(f"a 0-d tensor (shape ()) in the {type(tensors).__name__}"))
             if not -k <= dim < k:
                 raise PlateError(f"dim {dim} is out of range for a tensor of shape {tuple(t.shape)}")
             sizes.append(t.shape[dim])
@@ -538,6 +558,13 @@ class Graph:
             else:
                 out.append(PlateTensor._wrap(t.movedim(dim, 0), (p,)))
         return type(tensors)(out) if type(tensors) in (tuple, list) else tuple(out)
+
+
+def _no_dim_message(what: str) -> str:
+    return (
+        f"denote_independent got {what}: it has no dim to denote as independent (a data plate indexes the data "
+        "points along a dim). For one data point, unsqueeze it (tensor.unsqueeze(0): a data plate of size 1); a "
+        "value shared by all data points (a scalar hyperparameter, a total) is not denoted: use it as it is")
 
 
 def _is_recompute_stop(error: BaseException) -> bool:
@@ -595,6 +622,18 @@ def _lineage_of(owner) -> Optional[Lineage]:
 
 
 _local = threading.local()
+_get_ident = threading.get_ident
+
+
+def _open_elsewhere_message(owner: Optional[int]) -> str:
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return (
+        f"this storch.Graph is open in another thread ({names.get(owner, owner)!r}: its `with` block there has not "
+        f"ended), and thread {threading.current_thread().name!r} entered it. A graph is one step of one thread: two "
+        "threads in one graph would merge their steps (one thread's storch.backward() would backpropagate the other's "
+        "costs and end its step). Use one `with storch.Graph():` per thread, a new graph for each step (e.g. "
+        "`with storch.Graph(generator=g):` with one torch.Generator per thread for reproducible draws); the same "
+        "Graph object may be entered again once its block in the other thread has ended")
 
 
 def _stack() -> list:

@@ -59,23 +59,16 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1,
             Catch it to skip the batch.
         OrderError: ``order`` other than 1 (a surrogate of higher order is built with
             :func:`surrogate_loss` and differentiated with ``torch.autograd.grad``).
+        StorchError: a ``scale`` it cannot apply, or gradients disabled (``torch.no_grad()``,
+            ``torch.inference_mode()``). These refusals, like every error of ``storch.backward()``, discard the
+            step of the thread's default graph; inside a ``with storch.Graph():`` block they leave it as it was.
     """
     graph = graph or current_graph()
-    if not torch.is_grad_enabled():
-        raise StorchError(
-            "storch.backward() with gradients disabled (inside torch.no_grad() or torch.inference_mode()): "
-            "nothing can be backpropagated. Build the step with gradients enabled; for an evaluation pass use "
-            "storch.cost_estimates() and end the step with storch.reset() (or a `with storch.Graph():` block)")
-    if order != 1:
-        raise OrderError(
-            f"storch.backward(order={order!r}): storch.backward() is the first-order training step. For "
-            "derivatives of order n, build loss = storch.surrogate_loss(order=n) and differentiate it n times "
-            "with torch.autograd.grad(..., create_graph=True) (or loss.backward(create_graph=True)); end the "
-            "step with storch.reset() or a `with storch.Graph():` block")
-    if not (scale is None or isinstance(scale, (numbers.Number, torch.Tensor)) or callable(getattr(scale, "scale", None))):
-        raise StorchError(  # a bad argument: the step is intact
-            f"storch.backward(scale={scale!r}): scale must be a torch.amp.GradScaler (storch.backward(scale=scaler), "
-            "then scaler.step(opt) and scaler.update()), a number or a tensor")
+    try:
+        _refuse_arguments(order, scale)
+    except BaseException as e:  # a refusal discards the step as any raising backward does (in the default graph;
+        graph.discard(e)        # inside a `with storch.Graph():` block the step stays: fix the call and go on)
+        raise
     if is_tracing():
         graph.reset()
         raise StorchError(
@@ -144,6 +137,25 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1,
         raise
     finally:
         graph.reset()
+
+
+def _refuse_arguments(order, scale) -> None:
+    """Raise what is wrong with a ``storch.backward()`` call before it builds the surrogate (nothing built yet)."""
+    if not torch.is_grad_enabled():
+        raise StorchError(
+            "storch.backward() with gradients disabled (inside torch.no_grad() or torch.inference_mode()): "
+            "nothing can be backpropagated. Build the step with gradients enabled; for an evaluation pass use "
+            "storch.cost_estimates() and end the step with storch.reset() (or a `with storch.Graph():` block)")
+    if order != 1:
+        raise OrderError(
+            f"storch.backward(order={order!r}): storch.backward() is the first-order training step. For "
+            "derivatives of order n, build loss = storch.surrogate_loss(order=n) and differentiate it n times "
+            "with torch.autograd.grad(..., create_graph=True) (or loss.backward(create_graph=True)); end the "
+            "step with storch.reset() or a `with storch.Graph():` block")
+    if not (scale is None or isinstance(scale, (numbers.Number, torch.Tensor)) or callable(getattr(scale, "scale", None))):
+        raise StorchError(
+            f"storch.backward(scale={scale!r}): scale must be a torch.amp.GradScaler (storch.backward(scale=scaler), "
+            "then scaler.step(opt) and scaler.update()), a number or a tensor")
 
 
 def _needs_loss_graph(est: Estimator) -> bool:
