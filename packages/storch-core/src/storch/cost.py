@@ -22,6 +22,20 @@ def magic_box(x: torch.Tensor) -> torch.Tensor:
     return torch.exp(x - x.detach())  # detach: Foerster et al. 2018, Eq. 3
 
 
+def _widened(l: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A node's gradient function ``l`` in ``promote_types(l's dtype, dtype)``, for MagicBox(l) and the weights that
+    meet the costs (``dtype``: float32, or a float64 cost's). The surrogate differentiates MagicBox(l) · C and
+    (1 - MagicBox(l)) · ⊥b as separate terms: autograd rounds each term's gradient to l's dtype before adding
+    them, so in bfloat16 (or float32 under a float64 cost of 1e8) the two large terms, C and -b, cancel to 0
+    (found by testers). Widened once per node, every term reads the same widened tensor: their gradients are
+    added in the wide dtype, and only the sum C - b is rounded to l's (the cast's backward). The same values
+    and derivatives at every order (a cast is linear); a tensor already as wide is returned as it is."""
+    if l.dtype is dtype or not l.is_floating_point():
+        return l
+    wide = torch.promote_types(l.dtype, dtype)
+    return l if wide is l.dtype else l.to(wide)
+
+
 class CostFrame:
     """The cost as one estimator's control variate sees it (inside the surrogate, Eq. 2).
 

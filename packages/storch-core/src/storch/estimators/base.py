@@ -48,7 +48,7 @@ import torch
 from torch.distributions import (Bernoulli, Categorical, Distribution, Independent, OneHotCategorical,
                                  TransformedDistribution)
 
-from ..cost import CostFrame, _lead, magic_box
+from ..cost import CostFrame, _lead, _widened, magic_box
 from ..distributions import (
     base_distribution,
     check_enumeration,
@@ -395,10 +395,12 @@ class Estimator(torch.nn.Module):
             if message is None:
                 raise
             raise StorchError(message) from e
-        node.gradient_values = _checked_lead(self, "gradient_function", l_x, plates, 0, raw, sample)
+        # a float16 / bfloat16 l (a model under autocast) in float32: MagicBox(l) · C and (1 - MagicBox(l)) · ⊥b
+        # cancelled in bfloat16 (cost._widened); l's dtype compared, one cast for a reduced one
+        node.gradient_values = _widened(_checked_lead(self, "gradient_function", l_x, plates, 0, raw, sample))
         if not self.uniform_weights:  # uniform ones (1/N) are built only if read (Node.weight_values)
-            node.weight_values = _checked_lead(self, "weighting_function", self.weighting_function(node), plates, 0,
-                                              raw, sample)
+            node.weight_values = _widened(_checked_lead(self, "weighting_function", self.weighting_function(node),
+                                                        plates, 0, raw, sample))
         if type(self).evaluation_from is not Estimator.evaluation_from:
             plate.lineage.evaluation_from = self.evaluation_from(node)  # (read by a user's register_hook)
         if (self.score_function is None and not _is_score_function(type(self))
@@ -657,7 +659,7 @@ class Estimator(torch.nn.Module):
                 "extend(node, distribution, plates) to draw step t yourself (docs/partitions.md, 'For estimator "
                 "authors')")
         view.plate, view.sample = Plate(self.plate, m, False, t, Lineage()), grid
-        l = _checked_lead(self, "gradient_function", self.gradient_function(view), view.plates, t, raw, grid)
+        l = _widened(_checked_lead(self, "gradient_function", self.gradient_function(view), view.plates, t, raw, grid))
         view.gradient_values = l
         out = self.output(view)
         if out.shape[:2] != grid.shape[:2]:  # (the step's plate and the prefix plate: the diagonal's two dims)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..cost import magic_box
+from ..cost import _widened, magic_box
 from ..eager import eager_only
 from ..errors import StorchError, UnusedSampleWarning
 from ..estimators.watch import is_pathwise
@@ -277,6 +277,8 @@ def _surrogate_loss(order: int, graph: Graph, common: bool = True) -> torch.Tens
             if order >= 2:
                 _check_compared(name, nodes, order)
             reached += len(nodes)
+        if nodes and raw_of(cost).dtype is torch.float64:
+            _widen_to_float64(nodes)
         per_cost.append((name, cost, nodes))
     grad = None
     for node in graph.nodes:
@@ -384,12 +386,16 @@ def _one_node_loss(graph: Graph) -> Optional[torch.Tensor]:
         if type(cost) is not PlateTensor or node.plate not in cost._plates:
             return None  # a cost of the data alone: the general path warns that no cost is downstream of the node
         _ensure_weights(node)
+        if cost._raw.dtype is torch.float64:
+            _widen_to_float64(graph.nodes)
         loss = _one_node_surrogate(cost._raw, cost._plates, node, name)
         return loss if loss.dim() == 0 else loss.reshape(())
     terms = _costs_at(costs, node.plate.name)
     if terms is None:
         return None
     terms, reached = terms
+    if any(raw.dtype is torch.float64 for _, raw, _ in terms):
+        _widen_to_float64(graph.nodes)
     if reached > 1:
         return _many_costs_loss(node, terms)
     loss = None
@@ -401,6 +407,20 @@ def _one_node_loss(graph: Graph) -> Optional[torch.Tensor]:
             s = _one_node_surrogate(raw, plates, node, name)
         loss = s if loss is None else loss + s
     return loss if loss.dim() == 0 else loss.reshape(())  # type: ignore[union-attr]
+
+
+def _widen_to_float64(nodes: list[Node]) -> None:
+    """Give the nodes upstream of a float64 cost their l (and weights) in float64 (``cost._widened``): MagicBox(l) · C
+    and (1 - MagicBox(l)) · ⊥b reached a float32 l as two gradients rounded to float32, which cancelled under a
+    cost of 1e8 (found by a tester). Widened once, shared by every term; a partition's steps are left as they are."""
+    for node in nodes:
+        if node.step_log is None:
+            l = node.gradient_values
+            if isinstance(l, torch.Tensor) and l.dtype is not torch.float64:
+                node.gradient_values = _widened(l, torch.float64)
+            w = node._weight_values
+            if isinstance(w, torch.Tensor) and w.dtype is not torch.float64:
+                node.weight_values = _widened(w, torch.float64)
 
 
 def _many_costs_loss(node: Node, terms: list) -> torch.Tensor:
