@@ -30,10 +30,11 @@ def _widened(l: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tenso
     (found by testers). Widened once per node, every term reads the same widened tensor: their gradients are
     added in the wide dtype, and only the sum C - b is rounded to l's (the cast's backward). The same values
     and derivatives at every order (a cast is linear); a tensor already as wide is returned as it is."""
-    if l.dtype is dtype or not l.is_floating_point():
+    if l.dtype is dtype or l.dtype is torch.float64 or not l.is_floating_point():
         return l
-    wide = torch.promote_types(l.dtype, dtype)
-    return l if wide is l.dtype else l.to(wide)
+    # the wider of the two in Python: torch.promote_types would be recorded by storch.compile's trace (an aten op
+    # returning a dtype, which a compiling backend refuses)
+    return l if l.dtype is torch.float32 and dtype is not torch.float64 else l.to(dtype)
 
 
 class CostFrame:
