@@ -1177,3 +1177,16 @@ def test_arm_on_an_independent_categorical_does_not_advise_passing_the_categoric
     msg = str(e.value)
     assert "it needs one of Bernoulli" in msg and "Estimators that support it:" in msg and "go" in msg, msg
     assert "pass the Categorical itself" not in msg, msg
+
+
+def test_gumbel_softmax_hard_option_points_to_gumbel_straight_through():
+    """torch's F.gumbel_softmax(hard=True) users write storch.estimator("gumbel_softmax", hard=True): the
+    refusal names "gumbel_straight_through" (it only listed the options); gumbel_straight_through itself
+    does not repeat the hint, and another unknown option keeps difflib's suggestion."""
+    with pytest.raises(storch.OptionError, match='no option \'hard\'; For the hard .* use the estimator "gumbel_straight_through"'):
+        storch.estimator("gumbel_softmax", plate="c", hard=True)
+    with pytest.raises(storch.OptionError) as info:
+        storch.estimator("gumbel_straight_through", plate="c", hard=True)
+    assert "gumbel_straight_through\"" not in str(info.value)
+    with pytest.raises(storch.OptionError, match="Did you mean 'temperature'"):
+        storch.estimator("gumbel_softmax", plate="c", temprature=0.5)

@@ -330,8 +330,9 @@ def _make_estimator(name: str, plate: str, options: dict):
     accepted = cls.options()
     for key in options:
         if key not in accepted:
+            told = cls.__dict__.get("unknown_option_hints", {}).get(key)  # the class's own words (not a subclass's)
             close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = f" {told}." if told else f" Did you mean {close[0]!r}?" if close else ""
             raise OptionError(
                 f"estimator {cls.name!r} has no option {key!r};{hint} its options are: {', '.join(accepted) or 'none'}"
             )

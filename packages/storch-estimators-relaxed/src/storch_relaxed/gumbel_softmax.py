@@ -79,6 +79,12 @@ class GumbelSoftmax(OneHotForCategorical, Estimator):
     """
 
     name = "gumbel_softmax"
+    #: read by ``storch.estimator`` when it refuses an option this class does not take (this class's only)
+    unknown_option_hints = {
+        "hard": "For the hard (discrete) forward value with the relaxed sample's gradient, torch's "
+                "F.gumbel_softmax(hard=True), use the estimator \"gumbel_straight_through\" "
+                "(storch.estimator(\"gumbel_straight_through\", plate=..., temperature=...))",
+    }
     biased = True
     distributions = DEFAULT_DISTRIBUTIONS  # a Categorical only with categorical="one_hot" (_categorical)
     # the cost is differentiated through the relaxed sample: its derivatives are those of the relaxed objective only

@@ -45,6 +45,11 @@ def cost_estimates(graph: Optional[Graph] = None) -> dict[str, torch.Tensor]:
     control variate's forward value is 0 (a baseline enters as (1 - MagicBox(l)) b, whose value is 0); a
     control variate that is 0 in expectation only (its value at the samples is not: a learned or relaxed
     control variate, such as RELAX's c(z) - c(z̃) terms) adds to the surrogate's value, not to these.
+
+    The expectation is the one over the values the nodes hand the cost: where a node hands out relaxed
+    samples (``gumbel_softmax``; under ``torch.no_grad()`` too) it is the relaxed objective E_z[f(z)], not
+    E_b[f(b)]. To evaluate a model, sample discrete values in the evaluation step (``score``, or ``expect``
+    for small supports), as the README's demo does (docs/estimators/gumbel_softmax.md).
     """
     graph = graph or current_graph()
     out: dict[str, torch.Tensor] = {}
@@ -65,7 +70,9 @@ def estimate(x: torch.Tensor, graph: Optional[Graph] = None) -> torch.Tensor:
     ``gumbel_softmax``, reparameterization) and silently wrong for the rest: the weighted set of
     ``unordered_set`` and ``expect`` (with the weight-0 padding where the support is smaller than the set),
     the memory slots and rejected samples of ``sum_and_sample``, the greedy entry of
-    ``score(baseline="greedy")`` (weight 0). A plain tensor (no plates) is returned as it is.
+    ``score(baseline="greedy")`` (weight 0). A plain tensor (no plates) is returned as it is. Under a
+    ``gumbel_softmax`` node ``x`` is computed from relaxed samples: the estimate is of E_z[x(z)], not E_b[x(b)]
+    (see :func:`cost_estimates`).
 
     Raises:
         PlateError: ``x`` has a plate that is not part of ``graph`` (the current graph by default): a
