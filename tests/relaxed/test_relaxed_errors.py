@@ -1190,3 +1190,27 @@ def test_gumbel_softmax_hard_option_points_to_gumbel_straight_through():
     assert "gumbel_straight_through\"" not in str(info.value)
     with pytest.raises(storch.OptionError, match="Did you mean 'temperature'"):
         storch.estimator("gumbel_softmax", plate="c", temprature=0.5)
+
+
+@pytest.mark.parametrize("which", ["rebar", "relax"])
+def test_mask_thresholded_from_relaxed_samples_builds_no_later_distribution(which):
+    """A Plackett-Luce ranking drawn position by position, the mask of used items thresholded from the earlier
+    draws (used > 0.5). REBAR and RELAX evaluate the model on relaxed samples too, where the threshold can mask
+    every item: torch's argument validation raised "Expected parameter logits ... found invalid values" (NaN
+    rows), which said nothing of the cause. Now storch's OrderError (still a ValueError) says that a threshold
+    of a rebar / relax sample cannot build a later distribution's parameters and names the estimators to use."""
+    torch.manual_seed(0)
+    k = 4
+    theta = torch.tensor([0.3, -0.2, 0.5, 0.1], requires_grad=True)
+    ests = [storch.estimator(which, plate=f"r{t}") for t in range(k)]
+    with storch.Graph():
+        used = torch.zeros(k)
+        with pytest.raises(storch.OrderError) as info:
+            for t in range(k):
+                c = ests[t](OneHotCategorical(logits=torch.where(used > 0.5, float("-inf"), theta), validate_args=False))
+                used = used + c
+    text = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert f"estimator {which!r}, whose sample was thresholded" in text
+    assert "cannot build a later distribution's parameters" in text
+    assert "'score'" in text and "'unordered_set'" in text and "'sum_and_sample'" in text

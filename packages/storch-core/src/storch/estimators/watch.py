@@ -94,6 +94,7 @@ def _threshold_watch(node: Node, jumps: bool):
             node.thresholded = getattr(func, "__name__", str(func))
             if code is not None:
                 node.thresholded_in = getattr(code, "co_qualname", code.co_name)
+    watch.node = ref  # type: ignore[attr-defined]  # (read on an error path: storch.plates.rules.metadata)
     return watch
 
 
@@ -112,6 +113,7 @@ def _both(first, second):
         one = first(func, raw, plates, caller)
         two = second(func, raw, plates, caller)
         return one if one is not None else two
+    watch.node = getattr(first, "node", None) or getattr(second, "node", None)  # type: ignore[attr-defined]
     return watch
 
 

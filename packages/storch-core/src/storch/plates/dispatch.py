@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ..eager import foreign_trace_message, mark_eager_only, set_eval_frame, under_jit_trace
-from ..errors import PlateError, plate_error_from
+from ..errors import OrderError, PlateError, plate_error_from
 from .draws import DRAWS, check_no_grad_call, watch_draw
 from .integer_reads import _INNER, MARKS, mark, spread
 from .kit import (_is_inplace, _operands, dispatch, register, scan, too_many_samples, unwrap, wrap, wrap_same,
@@ -704,6 +704,8 @@ def _torch_function(cls, func, types, args=(), kwargs=None):
         # floating-point sample: that is the first thing to fix, so the hint comes with it (once)
         if _float_index(func, args, kwargs or {}) and _FLOAT_INDEX_HINT not in str(e):
             raise plate_error_from(e, f"{e}{_FLOAT_INDEX_HINT}") from e
+        raise
+    except OrderError:  # storch's own explanation (a thresholded relaxed sample in a parameter: rules.metadata)
         raise
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
         raise user_error(func, args, kwargs, e) from e

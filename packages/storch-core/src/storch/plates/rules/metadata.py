@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..._order_guard import in_estimator_own_pass
-from ...errors import PlateError
+from ...errors import OrderError, PlateError
 from ..kit import _from_torch, _operands, dispatch, register, too_many_samples, wrap_same
 from .pointwise import broadcast
 from .vmap import vmap_call
@@ -171,7 +171,41 @@ def _transposed(func, args, kwargs):
 def _over_all_samples(func, args, kwargs):
     """true when it holds for every sample (all plate entries)"""
     # used by torch.distributions argument validation: every sample must be valid
-    return func(args[0]._raw)
+    out = func(args[0]._raw)
+    if func is torch._is_all_true:
+        _refuse_thresholded(args[0]._plates, out)
+    return out
+
+
+def _refuse_thresholded(plates: tuple, valid: torch.Tensor) -> None:
+    """torch.distributions' argument validation is about to refuse a parameter (torch's ValueError "Expected
+    parameter ... found invalid values") that carries the plate of a node whose relaxed sample a comparison
+    thresholded in this step (``Node.thresholded``, set by the plate's ``Lineage.watch`` of a ``jump_free``
+    estimator: REBAR, RELAX). Such an estimator evaluates the model on relaxed samples, where a threshold of one
+    (``used > 0.5`` of a running sum of one-hot draws) may mask every value of a later distribution (NaN logits):
+    raise storch's explanation instead (an OrderError, a ValueError as torch's is). The graph would be refused by
+    the surrogate anyway (its gradient misses the jump). The common path reads an attribute per plate; the
+    validity itself (a host read) only where such a node is found."""
+    for plate in plates:
+        lineage = plate.lineage
+        ref = getattr(lineage.watch, "node", None) if lineage is not None else None
+        node = ref() if ref is not None else None
+        if node is None or node.thresholded is None or node.thresholded_in is not None or not node.estimator.jump_free:
+            continue
+        if valid.is_meta or bool(valid):
+            return
+        est = node.estimator.name
+        raise OrderError(
+            f"a distribution's parameter carries the plate {plate.name!r} of estimator {est!r}, whose sample was "
+            f"thresholded in this step ({node.thresholded}: a comparison, argmax or cast of a value computed from "
+            f"it), and torch.distributions' argument validation found invalid values in it (NaN: e.g. logits "
+            f"masked to -inf everywhere). {est!r} evaluates the model on relaxed samples too (REBAR and RELAX: "
+            f"σ_λ(z), σ_λ(z̃)), where a threshold or comparison of the sample (a mask built as used > 0.5 from "
+            f"earlier draws) need not mean what it means on a hard sample, so it cannot build a later "
+            f"distribution's parameters (and its jump has no derivative: the gradient would be biased). Use an "
+            f"estimator that evaluates the model on hard samples only for this node: 'score' (with "
+            f"baseline='leave_one_out'), 'unordered_set' or 'sum_and_sample' (a Plackett-Luce ranking: "
+            f"'unordered_set' per position, or 'score')")
 
 
 def _single(func, args, kwargs):
