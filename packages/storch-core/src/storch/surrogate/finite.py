@@ -211,6 +211,13 @@ def _infinite_logits_hint(nodes: list) -> str:
     if not found:
         return ""
     return (f". Infinite logits (a masked or certain bit) at {', '.join(found)}, "
-            "where torch's log_prob is NaN (inf - inf) for the value the bit always takes: use a large finite "
-            "logit (±30) for a masked bit, or an estimator that handles infinite logits (expect, unordered_set, "
-            "sum_and_sample, spsa, go)")
+            "where torch's log_prob is NaN (inf - inf) for the value the bit always takes, and the formulas of "
+            "the relaxed estimators (arm, disarm, rebar, relax, lax, gumbel_softmax: the logistic density and "
+            "σ(z / λ) at an infinite logit) are NaN too: use a large finite logit (±30) for a masked bit, or an "
+            f"estimator that handles infinite logits ({', '.join(INFINITE_LOGITS_ESTIMATORS)})")
+
+
+#: the estimators that take a Bernoulli / Binomial with infinite logits (a pinned bit: log p = 0 on the value it
+#: always takes, and no derivative), each tested so (tests/score/test_zero_probabilities.py,
+#: tests/relaxed and tests/mvd): named by the NonFiniteCostError of a graph whose surrogate loss such a bit made NaN
+INFINITE_LOGITS_ESTIMATORS = ("score", "expect", "unordered_set", "sum_and_sample", "importance", "mvd", "spsa", "go")
