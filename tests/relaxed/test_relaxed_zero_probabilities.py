@@ -430,8 +430,8 @@ def test_go_poisson_derivative_at_a_rate_of_0_is_f1_minus_f0():
 def test_relaxed_estimators_on_infinite_logits_refuse_and_name_every_alternative(which):
     """A pinned bit (``logits + mask``, mask ±inf) under arm / disarm / rebar / relax: their formulas (the
     logistic density at α = ±inf, σ(z / λ)) are NaN there, so storch.backward() raises NonFiniteCostError.
-    Its message says so and names every estimator that takes infinite logits: it left out score (which
-    now handles them), importance and mvd (which did already)."""
+    Its message says so and names every estimator that takes infinite logits: it left out importance and mvd
+    (which did already), and points to giving the Bernoulli by probs."""
     torch.manual_seed(16)
     pin = torch.tensor([0.0, -math.inf, math.inf, 0.0])
     theta = torch.tensor([0.3, 0.0, 0.0, -0.2], requires_grad=True)
@@ -443,5 +443,6 @@ def test_relaxed_estimators_on_infinite_logits_refuse_and_name_every_alternative
     text = str(info.value)
     assert f"'{which}' (plate 'b', a Bernoulli)" in text
     assert "the relaxed estimators (arm, disarm, rebar, relax" in text
-    for name in ("score", "expect", "unordered_set", "sum_and_sample", "importance", "mvd", "spsa", "go"):
+    assert "Bernoulli(probs=torch.sigmoid(logits))" in text
+    for name in ("expect", "unordered_set", "sum_and_sample", "importance", "mvd", "spsa", "go"):
         assert f" {name}," in text or f" {name})" in text or f"({name}," in text, name

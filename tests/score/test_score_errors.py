@@ -512,8 +512,9 @@ def test_infinite_bernoulli_logits_under_score_are_named_in_the_error():
     with storch.Graph():
         z = est(torch.distributions.Bernoulli(logits=theta + torch.tensor([0.0, -math.inf, 0.0])))
         storch.add_cost(((z - 0.45) ** 2).sum(-1))
-        with pytest.raises(storch.NonFiniteCostError, match=r"Infinite logits .* at 'score' \(plate 'z', a Bernoulli\)"):
+        with pytest.raises(storch.NonFiniteCostError, match=r"Infinite logits .* at 'score' \(plate 'z', a Bernoulli\)") as info:
             storch.backward()
+    assert "Bernoulli(probs=torch.sigmoid(logits))" in str(info.value)
 
 
 def test_learned_baseline_refuses_features_of_another_width_with_what_to_do():

@@ -817,3 +817,37 @@ def test_zero_inflated_poisson_is_unbiased_at_orders_1_and_2(case, upstream):
     for order, (g, w) in enumerate(zip(got, exact_derivatives(_zip_exact, ZIP_THETA, 2)[1:]), 1):
         assert torch.isfinite(g).all(), (case, order)
         print(assert_unbiased(g, w, f"{case} below {upstream}, zero-inflated Poisson, order {order}").table())
+
+
+def test_score_on_pinned_bits_given_by_probs_is_unbiased():
+    """The advice of the NonFiniteCostError for infinite Bernoulli logits under score: give the Bernoulli by probs,
+    ``Bernoulli(probs=torch.sigmoid(logits + mask))``. torch clamps a probability of 0 or 1, so log p is finite;
+    a pinned bit has no gradient and the free bits' gradient is unbiased (z-test against enumeration)."""
+    pin = torch.tensor([0.0, -math.inf, math.inf, 0.0])
+    weights = torch.tensor([1.0, 2.0, -1.5, 0.7])
+    theta0 = torch.tensor([0.3, 0.0, 0.0, -0.2])
+
+    def cost(b):
+        return ((b * weights).sum(-1) - 0.4) ** 2
+
+    theta = theta0.clone().requires_grad_(True)
+    p = torch.sigmoid(theta + pin)
+    exact = sum((p ** b * (1 - p) ** (1 - b)).prod() * cost(b)
+                for b in (torch.tensor(bits) for bits in itertools.product([0.0, 1.0], repeat=4)))
+    (want,) = torch.autograd.grad(exact, theta)
+    grads = []
+    for seed in range(1500):
+        torch.manual_seed(seed)
+        theta = theta0.clone().requires_grad_(True)
+        est = storch.estimator("score", plate="b", n_samples=4, baseline="leave_one_out")
+        with storch.Graph():
+            b = est(Bernoulli(probs=torch.sigmoid(theta + pin)))
+            assert bool((b.tensor[:, 1] == 0).all() and (b.tensor[:, 2] == 1).all())
+            storch.add_cost(cost(b))
+            storch.backward()
+        grads.append(theta.grad.clone())
+    g = torch.stack(grads)
+    assert bool((g[:, 1:3] == 0).all())
+    free = torch.tensor([0, 3])
+    z = (g[:, free].mean(0) - want[free]) / (g[:, free].std(0) / math.sqrt(len(g)))
+    assert bool((z.abs() < 4).all()), (g.mean(0), want, z)

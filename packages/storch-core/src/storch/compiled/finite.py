@@ -43,7 +43,8 @@ def _message(fn) -> str:
             "so its gradient would be too, as storch.backward() refuses eagerly: the backward pass stopped "
             "before accumulating any gradient. A common cause: a Bernoulli or Binomial "
             "with an infinite logit (a masked or pinned bit) under an estimator that reads torch's log_prob "
-            "or its logits (arm, disarm, rebar, relax), which is NaN for the value such a bit always takes: use a "
-            "large finite logit (±30), or an estimator that handles infinite logits (expect, sum_and_sample, "
-            "go; eagerly also score, unordered_set, importance, mvd and spsa). Run the step eagerly with storch.backward() to see which "
+            "or its logits (score, arm, disarm, rebar, relax), which is NaN for the value such a bit always "
+            "takes: use a large finite logit (±30), give it by probs (Bernoulli(probs=torch.sigmoid(logits))), "
+            "or an estimator that handles infinite logits (expect, sum_and_sample, go; eagerly also "
+            "unordered_set, importance, mvd and spsa). Run the step eagerly with storch.backward() to see which "
             "cost is not finite, or catch storch.NonFiniteCostError to skip the batch")

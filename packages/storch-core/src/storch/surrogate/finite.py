@@ -213,11 +213,15 @@ def _infinite_logits_hint(nodes: list) -> str:
     return (f". Infinite logits (a masked or certain bit) at {', '.join(found)}, "
             "where torch's log_prob is NaN (inf - inf) for the value the bit always takes, and the formulas of "
             "the relaxed estimators (arm, disarm, rebar, relax, lax, gumbel_softmax: the logistic density and "
-            "σ(z / λ) at an infinite logit) are NaN too: use a large finite logit (±30) for a masked bit, or an "
-            f"estimator that handles infinite logits ({', '.join(INFINITE_LOGITS_ESTIMATORS)})")
+            "σ(z / λ) at an infinite logit) are NaN too: use a large finite logit (±30) for a masked bit, give the "
+            "distribution by probs (Bernoulli(probs=torch.sigmoid(logits)): torch clamps a probability of 0 or 1, "
+            "so log p is finite and a pinned bit gets no gradient; score then trains), or an estimator that "
+            f"handles infinite logits ({', '.join(INFINITE_LOGITS_ESTIMATORS)})")
 
 
 #: the estimators that take a Bernoulli / Binomial with infinite logits (a pinned bit: log p = 0 on the value it
-#: always takes, and no derivative), each tested so (tests/score/test_zero_probabilities.py,
-#: tests/relaxed and tests/mvd): named by the NonFiniteCostError of a graph whose surrogate loss such a bit made NaN
-INFINITE_LOGITS_ESTIMATORS = ("score", "expect", "unordered_set", "sum_and_sample", "importance", "mvd", "spsa", "go")
+#: always takes, and no derivative), each tested so (tests/relaxed and tests/mvd): named by the NonFiniteCostError
+#: of a graph whose surrogate loss such a bit made NaN. score reads torch's log_prob (NaN there); detecting the
+#: pinned bits costs a host read per node and step (~4 us on the toy step), so it is not done: the message points to
+#: Bernoulli(probs=...) instead (tests/score/test_score_errors.py)
+INFINITE_LOGITS_ESTIMATORS = ("expect", "unordered_set", "sum_and_sample", "importance", "mvd", "spsa", "go")
