@@ -195,6 +195,41 @@ def test_stale_plates_still_raise_on_the_lean_estimator_call():
             raise AssertionError("a distribution of an ended graph's plate tensors was sampled")
 
 
+def test_estimator_call_skips_module_call_machinery_without_hooks():
+    # the lean call without module hooks: Estimator.__call__ calls forward itself, as nn.Module.__call__'s own
+    # fast path would (without _wrapped_call_impl and _call_impl); with a hook on the estimator, or a global
+    # module hook, nn.Module.__call__ runs and calls it
+    theta = torch.randn(4, 3, requires_grad=True)
+    est = _Plain(plate="z", n_samples=2)
+    for i in range(2):  # the same samples and log-probabilities either way
+        torch.manual_seed(0)
+        with storch.Graph():
+            x = storch.denote_independent(theta, 0, "data")
+            d = Bernoulli(logits=x)
+            z, seen = calls(lambda: est(d))
+            assert "_forward" in seen and not seen & {"forward", "_call_impl", "_wrapped_call_impl"}
+            values = (z.tensor.clone(), storch.current_graph().nodes[0].gradient_values.detach().clone())
+    heard = []
+    for kind, register in (("hook", est.register_forward_hook), ("pre", est.register_forward_pre_hook),
+                           ("global", torch.nn.modules.module.register_module_forward_hook)):
+        if kind == "pre":
+            handle = register(lambda m, i, kind=kind: heard.append(kind))
+        else:
+            handle = register(lambda m, i, o, kind=kind: heard.append(kind))
+        try:
+            torch.manual_seed(0)
+            with storch.Graph():
+                x = storch.denote_independent(theta, 0, "data")
+                d = Bernoulli(logits=x)
+                z, seen = calls(lambda: est(d))
+                assert "_call_impl" in seen and "forward" in seen
+                assert torch.equal(z.tensor, values[0])
+                assert torch.equal(storch.current_graph().nodes[0].gradient_values, values[1])
+        finally:
+            handle.remove()
+    assert heard == ["hook", "pre", "global"]  # each ran once
+
+
 def test_an_overridden_supports_is_still_asked():
     # the shortcut of check_distribution (no requirements: accept) holds for the base supports() only
     class Picky(_Plain):

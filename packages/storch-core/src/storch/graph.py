@@ -762,10 +762,13 @@ def denote_independent(tensor: Union[torch.Tensor, Sequence[torch.Tensor]], dim:
     if _jit_tracing() or _compiler._is_exporting_flag:
         refuse_foreign_trace(f"storch.denote_independent (plate {plate!r})")
     graph = _stack()[-1]  # Graph.denote_independent without a second eager_only call
-    with graph._guard:
+    try:  # what `with graph.guard():` does, without its two method calls
         if isinstance(tensor, (tuple, list)):
             return graph._denote_several(tensor, dim, plate)
         return graph._denote_independent(tensor, dim, plate)
+    except BaseException as e:
+        graph.discard(e)
+        raise
 
 
 @eager_only

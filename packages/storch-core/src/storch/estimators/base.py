@@ -295,9 +295,12 @@ class Estimator(torch.nn.Module):
                 example the observation an input-dependent baseline conditions on: NVIL's x). A
                 PlateTensor's plates must be among the distribution's plates.
         """
+        return self._forward(current_graph(), distribution, inputs)
+
+    def _forward(self, graph, distribution: Distribution, inputs: Any) -> PlateTensor:
+        """:meth:`forward` in ``graph``, the current graph (``Estimator.__call__`` has it at hand)."""
         if _jit_tracing() or _compiler._is_exporting_flag:
             refuse_foreign_trace(f"estimator {self.name!r} (plate {self.plate!r})")
-        graph = current_graph()
         if self.has_update and not self.replays_update:  # (False on the common path: one attribute read)
             if type(self).update_parameters is _BASE_UPDATE:
                 raise StorchError(_no_update_message(self))
@@ -1113,6 +1116,10 @@ class Estimator(torch.nn.Module):
         graph = current_graph()
         try:
             if graph.generator is None and type(self).forward is _FORWARD:  # the lean path
+                if not args and not kwargs and _no_module_hooks(self):
+                    # what nn.Module.__call__ then does (forward), without its two calls and forward's
+                    # second look-up of the current graph
+                    return self._forward(graph, distribution, None)
                 return super().__call__(distribution, *args, **kwargs)
             graph.check_call(self, distribution)  # before an overriding forward runs
             with drawing_with(graph.generator):  # storch.Graph(generator=g): the node's draws use g
@@ -1532,6 +1539,21 @@ def _in_backward_message(est: "Estimator") -> str:
 
 
 _FORWARD = Estimator.forward
+_module = sys.modules[torch.nn.Module.__module__]  # torch.nn.modules.module: the global module hooks it keeps
+_get_tracing_state = torch._C._get_tracing_state
+
+
+def _no_module_hooks(est: Estimator) -> bool:
+    """Whether ``nn.Module.__call__`` would call ``est.forward`` directly (its own fast path): the estimator is
+    not compiled (``est.compile()``), torch.jit is not tracing, and neither the estimator nor any module globally
+    has forward or backward hooks (``register_forward_hook``, ``register_module_forward_hook``, ...). Otherwise
+    the call goes through ``nn.Module.__call__``, which runs them."""
+    return not (est._compiled_call_impl is not None or est._forward_hooks or est._forward_pre_hooks
+                or est._backward_hooks or est._backward_pre_hooks or _module._global_forward_hooks
+                or _module._global_forward_pre_hooks or _module._global_backward_hooks
+                or _module._global_backward_pre_hooks or _get_tracing_state())
+
+
 _SUPPORTS = Estimator.__dict__["supports"]
 _BASE_SUPPORTS: dict[type, bool] = {}
 _LOWERS_ORDER: dict[type, bool] = {}
