@@ -228,6 +228,16 @@ def test_estimator_call_skips_module_call_machinery_without_hooks():
         finally:
             handle.remove()
     assert heard == ["hook", "pre", "global"]  # each ran once
+    # a forward set on the instance is what nn.Module.__call__ calls: so is it here
+    est.forward = lambda d, *a, **k: heard.append("instance") or type(est).forward(est, d, *a, **k)
+    try:
+        torch.manual_seed(0)
+        with storch.Graph():
+            z = est(Bernoulli(logits=storch.denote_independent(theta, 0, "data")))
+            assert torch.equal(z.tensor, values[0])
+    finally:
+        del est.forward
+    assert heard[-1] == "instance"
 
 
 def test_an_overridden_supports_is_still_asked():
