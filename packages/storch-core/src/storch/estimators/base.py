@@ -1545,11 +1545,11 @@ _get_tracing_state = torch._C._get_tracing_state
 
 def _no_module_hooks(est: Estimator) -> bool:
     """Whether ``nn.Module.__call__`` would call the class's ``forward`` directly (its own fast path): no
-    ``forward`` set on the instance, the estimator is not compiled (``est.compile()``), torch.jit is not tracing,
+    ``forward`` set on the instance, the estimator is not compiled (``est.compile()``; torch >= 2.2), torch.jit is not tracing,
     and neither the estimator nor any module globally has forward or backward hooks (``register_forward_hook``,
     ``register_module_forward_hook``, ...). Otherwise the call goes through ``nn.Module.__call__``, which runs
     them."""
-    return not ("forward" in est.__dict__ or est._compiled_call_impl is not None or est._forward_hooks
+    return not ("forward" in est.__dict__ or getattr(est, "_compiled_call_impl", None) is not None or est._forward_hooks
                 or est._forward_pre_hooks or est._backward_hooks or est._backward_pre_hooks
                 or _module._global_forward_hooks
                 or _module._global_forward_pre_hooks or _module._global_backward_hooks
