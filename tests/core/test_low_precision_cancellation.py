@@ -107,3 +107,23 @@ def test_leave_one_out_baseline_under_a_float64_cost_offset_is_unbiased(offset):
     assert g.abs().sum() > 0
     z = (g.mean() + 1.6) / (g.std() / math.sqrt(R))
     assert abs(z) < 4, (g.mean(), z)
+
+
+class _WrittenOutScore(storch.Estimator):
+    """The score function written out (score_function unset): the base class compares l with log p once."""
+
+    name = "test_low_precision_written_out_score"
+
+    def gradient_function(self, node):
+        return node.log_prob(node.sample)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_written_out_log_p_is_recognised_in_low_precision(dtype):
+    # l is widened to float32, log p stays in the node's dtype: the comparison raised "Float did not match BFloat16"
+    mu = torch.tensor(0.25, requires_grad=True)
+    with storch.Graph():
+        x = _WrittenOutScore(plate="x", n_samples=2)(Normal(mu.to(dtype), torch.tensor(1.0, dtype=dtype)))
+        storch.add_cost(x.float() ** 2, name="f")
+        assert torch.autograd.grad(storch.surrogate_loss(), mu)[0].isfinite()
+    assert storch.estimators.base._LOG_P_GRADIENT[(_WrittenOutScore, Normal)]  # found to be log p

@@ -1606,7 +1606,8 @@ def _detect_log_p_gradient(est: Estimator, node: Node, raw: Distribution) -> Non
         nonzero = g != 0
         if lp is not None and g.shape == lp.shape and not bool(nonzero.any()):
             return  # every value masked to 0: nothing to compare, no verdict (cached, it would stick): ask again later
-        found = lp is not None and g.shape == lp.shape and torch.allclose(g[nonzero], lp[nonzero])
+        # in l's dtype: a float16 / bfloat16 node's l is widened to float32 (cost._widened), its log p is not
+        found = lp is not None and g.shape == lp.shape and torch.allclose(g[nonzero], lp[nonzero].to(g.dtype))
         _LOG_P_GRADIENT[key] = found
     if found:
         moved = moving_support(raw)
