@@ -11,7 +11,7 @@ from torch.distributions import Bernoulli, Categorical, Distribution, Independen
 from storch import Node
 from storch.extending import base_distribution, given_by_probs
 
-from ._precision import REDUCED, noise_dtype, to_model
+from ._precision import REDUCED, noise_dtype
 
 __all__ = ["param_tensors", "exact_logits", "sample_log_prob"]
 
@@ -75,13 +75,19 @@ def exact_logits(d: Distribution, finite: bool = False) -> torch.Tensor:
 
 def sample_log_prob(node: Node, value: torch.Tensor) -> torch.Tensor:
     """``node.log_prob(value)`` of a Bernoulli, Categorical or OneHotCategorical node (``Independent`` too),
-    computed in float32 where its parameter is float16 / bfloat16, and returned in that dtype.
+    computed in float32 where its parameter is float16 / bfloat16, and returned in float32.
 
     Its derivative is b - σ(α) (softmax for categoricals): in bfloat16 σ(5) = 0.99331 rounds to 0.99219, so
     1 - σ(α) is 0.0078 instead of 0.0067, and E[∇l] = σ - σ̂ is not 0. REBAR's and RELAX's score term
     (f(b) - c(z̃)) ∇l then carries a bias (σ - σ̂) E[f(b) - c(z̃)] (8 % of the gradient at logit 5). The
     float32 copy is built from the same tensor (``probs`` or ``logits``, as ``d`` was given), so the
     derivative reaches it; float32 and float64 call ``node.log_prob`` as it is.
+
+    Returned in float32, not cast back: l meets the costs twice, in the surrogate's MagicBox(l) · f(b) and in the
+    control variate's -MagicBox(l) c(z̃); cast back to bfloat16, each term's gradient (~ f ∇l and -c ∇l, f and c
+    near 300 under a cost of 300 + 0.1 · signal) was rounded to bfloat16 before they were added, and the small
+    difference f(b) - c(z̃) was lost (RELAX and REBAR z ~ -31, found by a tester). In float32 they are added in
+    float32, and only their sum is cast back by the backward of ``param.float()``.
     """
     d = node.distribution
     base = base_distribution(d)
@@ -100,4 +106,4 @@ def sample_log_prob(node: Node, value: torch.Tensor) -> torch.Tensor:
         work = Categorical(probs=probs, logits=logits, validate_args=False)
     if isinstance(d, Independent):
         work = Independent(work, d.reinterpreted_batch_ndims, validate_args=False)
-    return to_model(node.log_prob(value.float() if value.is_floating_point() else value, work), param.dtype)
+    return node.log_prob(value.float() if value.is_floating_point() else value, work)
