@@ -10,6 +10,7 @@ import torch
 from torch.distributions import Bernoulli, Normal
 
 import storch
+from storch.estimators.base import _LOG_P_GRADIENT
 
 
 class _LeaveOneOut(storch.Estimator):
@@ -126,4 +127,4 @@ def test_written_out_log_p_is_recognised_in_low_precision(dtype):
         x = _WrittenOutScore(plate="x", n_samples=2)(Normal(mu.to(dtype), torch.tensor(1.0, dtype=dtype)))
         storch.add_cost(x.float() ** 2, name="f")
         assert torch.autograd.grad(storch.surrogate_loss(), mu)[0].isfinite()
-    assert storch.estimators.base._LOG_P_GRADIENT[(_WrittenOutScore, Normal)]  # found to be log p
+    assert _LOG_P_GRADIENT[(_WrittenOutScore, Normal)]  # found to be log p
