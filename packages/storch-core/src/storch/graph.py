@@ -386,10 +386,14 @@ class Graph:
 
     def _shape_message(self, label, cost: torch.Tensor, raw: torch.Tensor, plates: tuple) -> str:
         """A cost that is not one number per sample (error path only)."""
-        hint = self._per_entry_hint(raw) if not plates else self._other_plates_hint(cost, plates)
+        hint = self._per_entry_hint(raw) if not plates else _data_plate_hint(cost, plates)
+        # a black-box cost of several nodes wrapped on one node's plates: after the common advice (a forgotten
+        # .sum(-1) whose event size equals another plate's size matches too: review r-twenty)
+        after = self._other_plates_hint(cost, plates) if plates else ""
         return (f"cost {label!r} has per-sample shape {tuple(cost.shape)}; a cost must be one number per sample. "
                 + (hint + "Otherwise: reduce" if hint else "Reduce") + " its event dims first (e.g. `.sum(-1)`), or "
-                "use storch.denote_independent for dims that are independent data points" + self._cost_hints(plates))
+                "use storch.denote_independent for dims that are independent data points"
+                + (". " + after.rstrip(" ").rstrip(".") if after else "") + self._cost_hints(plates))
 
     def _warn_constant(self, raw: torch.Tensor, plates: tuple, label) -> None:
         """Warn (:class:`storch.ConstantCostWarning`) of a cost that carries no sample plate (a plain tensor, or
@@ -447,10 +451,10 @@ class Graph:
             matched.append(plate)
         if not matched:
             return ""
-        return (f"Its leading dims {tuple(q.size for q in matched)} have the sizes of the sample plates "
-                f"{tuple(q.name for q in matched)}, which its plates {tuple(q.name for q in plates)} lack: if it was "
-                "computed outside torch from the .tensor of several nodes' samples (torch.stack([x, y], -1).tensor), "
-                "wrap it on the plates of a tensor that holds all of them, `storch.PlateTensor(c, s.plates)` with s "
+        return (f"Its leading dims {tuple(q.size for q in matched)} also have the sizes of the sample plates "
+                f"{tuple(q.name for q in matched)}, which its plates {tuple(q.name for q in plates)} lack: if it is "
+                "a black box computed outside torch from the .tensor of several nodes' samples "
+                "(torch.stack([x, y], -1).tensor), wrap it on the plates of a tensor that holds all of them, `storch.PlateTensor(c, s.plates)` with s "
                 "that tensor (e.g. s = torch.stack([x, y])), whose plates are in the order of its .tensor's dims (the "
                 "black-box recipe for several nodes in docs/plates.md). ")
 
@@ -572,6 +576,20 @@ def _is_recompute_stop(error: BaseException) -> bool:
     non-reentrant checkpoint's recomputation early during backward, not an error of the step."""
     t = type(error)
     return t.__name__ == "_StopRecomputationError" and t.__module__ == "torch.utils.checkpoint"
+
+
+def _data_plate_hint(cost: torch.Tensor, plates: tuple) -> str:
+    """Where a cost's per-sample dims start with the size of one of its data plates: a plain tensor of one value per
+    data point (a weight ``w * c``) broadcast against the plate, which ``.sum(-1)`` would weight by ``w.sum()``
+    (p-semi). Error path only."""
+    data = [p for p in plates if p.independent and cost.dim() and p.size == cost.shape[0]]
+    if not data:
+        return ""
+    name = data[0].name
+    return (f"Its per-sample dims start with {cost.shape[0]}, the size of its data plate {name!r}: a plain tensor of "
+            f"one value per data point (a weight w in w * c) multiplied with a cost on that plate makes every data "
+            f"point's cost a vector over all of them, and .sum(-1) would weight each point by w.sum(). Put the "
+            f"tensor on the data plate with the data (storch.denote_independent((x, w), 0, {name!r})). ")
 
 
 class _StepGuard:

@@ -419,7 +419,10 @@ def _one_node_loss(graph: Graph) -> Optional[torch.Tensor]:
 def _widen_to_float64(nodes: list[Node]) -> None:
     """Give the nodes upstream of a float64 cost their l (and weights) in float64 (``cost._widened``): MagicBox(l) · C
     and (1 - MagicBox(l)) · ⊥b reached a float32 l as two gradients rounded to float32, which cancelled under a
-    cost of 1e8 (found by a tester). Widened once, shared by every term; a partition's steps are left as they are."""
+    cost of 1e8 (found by a tester). Widened once, shared by every term; a partition's steps are left as they are.
+    The nodes keep the widened values: a cost_estimates() read after the surrogate of a node with weights (expect,
+    importance, spsa) is then float64 for a float32 cost too (the same estimate, computed in float64; review
+    r-twenty)."""
     for node in nodes:
         if node.step_log is None:
             l = node.gradient_values
