@@ -231,18 +231,21 @@ def test_go_pinned_bits_compiled_gradient_is_unbiased():
 def test_spsa_holds_infinite_bits_on_the_traced_path():
     # spsa's traced path refused a bit's infinite logit for a reason that no longer held (torch's NaN log p:
     # strict_support's traced copy is exact there); it now holds such a logit fixed as eagerly (the traced
-    # path run eagerly, CompiledStep.eager, gives the eager result), and a compiled spsa step is refused for
-    # the true reason: its coupled draws cannot be replayed
+    # path run eagerly, CompiledStep.eager, gives the eager result; coupled=False: the coupled draws are
+    # refused on every traced path), and a compiled spsa step is refused for the true reason, at the trace:
+    # its coupled draws cannot be replayed
     if "spsa" not in storch.available_estimators():  # the models environment installs no mvd family
         pytest.skip("spsa (storch-estimators-mvd) is not installed")
     theta = torch.tensor([[0.3, -0.2, 0.5]] * 2, dtype=torch.float64, requires_grad=True)
-    step = _step(storch.estimator("spsa", plate="z", n_samples=4), "Bernoulli")
+    step = _step(storch.estimator("spsa", plate="z", n_samples=4, coupled=False), "Bernoulli")
     compiled = storch.compile(step, backend=None)
     for seed in range(3):
-        _check(_run(compiled.eager, theta, PINS["Bernoulli"], seed), _run(step, theta, PINS["Bernoulli"], seed),
-               f"spsa's traced path, seed {seed}")
-    with pytest.raises(storch.StorchError, match="cannot replay") as refused:
-        compiled(theta, PINS["Bernoulli"])
+        want = _run(step, theta, PINS["Bernoulli"], seed)
+        assert torch.isfinite(want[1]).all() and bool((want[1][1, 1:] == 0).all())  # the held bits: exactly 0
+        _check(_run(compiled.eager, theta, PINS["Bernoulli"], seed), want, f"spsa's traced path, seed {seed}")
+    coupled = storch.compile(_step(storch.estimator("spsa", plate="z", n_samples=4), "Bernoulli"), backend=None)
+    with pytest.raises(storch.StorchError, match="cannot replay estimator 'spsa' with coupled=True") as refused:
+        coupled(theta, PINS["Bernoulli"])
     assert "infinite logit" not in str(refused.value)
 
 
