@@ -974,6 +974,42 @@ def test_a_refused_backward_in_the_default_graph_discards_the_step(refused):
     assert torch.allclose(theta.grad, torch.sigmoid(theta) * (1 - torch.sigmoid(theta)))
 
 
+@pytest.mark.parametrize("scale, said", [
+    (float("nan"), r"scale=nan\): every gradient would be nan or inf"),
+    (float("inf"), r"scale=inf\): every gradient would be nan or inf"),
+    (-float("inf"), r"scale=-inf\): every gradient would be nan or inf"),
+    (torch.tensor(float("nan")), r"scale=nan\): every gradient would be nan or inf"),
+    (torch.tensor([float("inf")]), r"scale=inf\): every gradient would be nan or inf"),
+    (torch.ones(3), r"scale=<tensor of shape \(3,\)>\): the loss is a scalar and is scaled by one number"),
+])
+def test_backward_refuses_a_scale_that_is_not_finite_or_not_one_number(scale, said):
+    """scale=nan or inf was applied: every gradient nan with no error; scale=torch.ones(3) gave torch's "grad can
+    be implicitly created only for scalar outputs" (p-docs6 t2). Both are refused, saying what is accepted, and
+    the step is discarded (the default graph) as for the other refusals."""
+    storch.reset()
+    est = storch.estimator("expect", plate="z")
+    theta = torch.tensor([0.3, -0.5], requires_grad=True)
+    storch.add_cost(est(Bernoulli(logits=theta)).sum(), "c")
+    with pytest.raises(storch.StorchError, match=said + r".*GradScaler .*a finite number or a one-element tensor"):
+        storch.backward(scale=scale)
+    assert theta.grad is None
+    assert not storch.current_graph().nodes and not storch.current_graph().costs
+
+
+@pytest.mark.parametrize("scale", [0.0, -2.0, 3, torch.tensor(0.5), torch.tensor([2.0])])
+def test_backward_applies_a_finite_scale_zero_and_negative_included(scale):
+    """A finite number or one-element tensor scales the gradient (0 skips a step's update, a negative one ascends);
+    the returned loss is unscaled."""
+    est = storch.estimator("expect", plate="z")
+    theta = torch.tensor([0.3, -0.5], requires_grad=True)
+    with storch.Graph():
+        storch.add_cost(est(Bernoulli(logits=theta)).sum(), "c")
+        loss = storch.backward(scale=scale)
+    assert loss.item() == pytest.approx(torch.sigmoid(theta).sum().item())
+    s = float(scale)
+    assert torch.allclose(theta.grad, s * torch.sigmoid(theta) * (1 - torch.sigmoid(theta)))
+
+
 def test_denoting_a_0d_tensor_says_it_has_no_dim():
     """A 0-d tensor was told "dim -1 is out of range ...; use a dim in [0, -1]" (an empty range; p-edge s26)."""
     said = r"no dim to denote as independent.*unsqueeze\(0\).*is not denoted"

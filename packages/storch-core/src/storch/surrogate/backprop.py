@@ -6,6 +6,7 @@ that name.)
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Sequence, Union
 
@@ -45,9 +46,10 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1,
         storch.backward(scale=scaler)
         scaler.step(opt); scaler.update(); opt.zero_grad()
 
-    A number or tensor: backpropagate ``scale * loss`` (a fixed loss scale; not
+    A finite number or a one-element tensor: backpropagate ``scale * loss`` (a fixed loss scale; not
     ``scaler.get_scale()``, which leaves the scaler without the scale that ``scaler.step`` unscales
-    by). The estimators' updates read the unscaled loss, so their state is the same as without it.
+    by). 0 and negative scales are applied (0 gives zero gradients). The estimators' updates read the
+    unscaled loss, so their state is the same as without it.
 
     Returns:
         the detached estimate of the expected total cost.
@@ -59,7 +61,8 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1,
             Catch it to skip the batch.
         OrderError: ``order`` other than 1 (a surrogate of higher order is built with
             :func:`surrogate_loss` and differentiated with ``torch.autograd.grad``).
-        StorchError: a ``scale`` it cannot apply, or gradients disabled (``torch.no_grad()``,
+        StorchError: a ``scale`` it cannot apply (not a GradScaler, number or tensor; nan or infinite; a
+            tensor of more than one element), or gradients disabled (``torch.no_grad()``,
             ``torch.inference_mode()``). These refusals, like every error of ``storch.backward()``, discard the
             step of the thread's default graph; inside a ``with storch.Graph():`` block they leave it as it was.
     """
@@ -152,10 +155,22 @@ def _refuse_arguments(order, scale) -> None:
             "derivatives of order n, build loss = storch.surrogate_loss(order=n) and differentiate it n times "
             "with torch.autograd.grad(..., create_graph=True) (or loss.backward(create_graph=True)); end the "
             "step with storch.reset() or a `with storch.Graph():` block")
+    accepted = ("scale must be a torch.amp.GradScaler (storch.backward(scale=scaler), then scaler.step(opt) and "
+                "scaler.update()), a finite number or a one-element tensor holding one")
     if not (scale is None or isinstance(scale, (numbers.Number, torch.Tensor)) or callable(getattr(scale, "scale", None))):
+        raise StorchError(f"storch.backward(scale={scale!r}): {accepted}")
+    if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+        # torch said "grad can be implicitly created only for scalar outputs" (the scaled loss was not a scalar)
         raise StorchError(
-            f"storch.backward(scale={scale!r}): scale must be a torch.amp.GradScaler (storch.backward(scale=scaler), "
-            "then scaler.step(opt) and scaler.update()), a number or a tensor")
+            f"storch.backward(scale=<tensor of shape {tuple(scale.shape)}>): the loss is a scalar and is scaled by "
+            f"one number; {accepted}")
+    if isinstance(scale, (numbers.Number, torch.Tensor)):
+        # nan or inf made every gradient nan with no error (0 and negative scales are applied: 0 skips a step)
+        value = scale.detach().cpu().item() if isinstance(scale, torch.Tensor) else scale
+        if not (isinstance(value, numbers.Real) and math.isfinite(value)):
+            raise StorchError(
+                f"storch.backward(scale={value!r}): every gradient would be nan or inf; {accepted}. A GradScaler "
+                "skips steps with inf or nan gradients itself")
 
 
 def _needs_loss_graph(est: Estimator) -> bool:
