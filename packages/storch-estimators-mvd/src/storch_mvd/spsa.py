@@ -243,7 +243,7 @@ class Spsa(Estimator):
         grads, weights = [], []
         for w, sign in ((w1, 1.0), (w2, -1.0)):
             # appendix D.3: l = ±u ⊥(1 / (2cε n w)), so w ∇l = ±∇u / (2cε n): the weight cancels. Where p
-            # barely overlaps p± (a perturbation of ~10 scales: c = 0.05 at σ = 0.0045) w underflows and
+            # barely overlaps p± (a perturbation of ~11 scales or more in float32: c = 0.05 at σ = 0.0045) w underflows and
             # 1 / w is infinite: w ∇l f was 0 · ∞ = NaN. Such an entry carries its term in the weight instead,
             # w = ⊥w + Σ ±(u − ⊥u) / (2cε n) (value ⊥w, derivative ±∇u / (2cε n), as mvd's points outside p's
             # support), with l = 0; the others keep l (a weight below √tiny: w f and 1 / w stay normal numbers)
