@@ -48,8 +48,10 @@ def cost_estimates(graph: Optional[Graph] = None) -> dict[str, torch.Tensor]:
 
     The expectation is the one over the values the nodes hand the cost: where a node hands out relaxed
     samples (``gumbel_softmax``; under ``torch.no_grad()`` too) it is the relaxed objective E_z[f(z)], not
-    E_b[f(b)]. To evaluate a model, sample discrete values in the evaluation step (``score``, or ``expect``
-    for small supports), as the README's demo does (docs/estimators/gumbel_softmax.md).
+    E_b[f(b)] (Bernoulli(logits=0), τ = 1, f = (b − 0.5)²: 0.083 against the exact 0.25 over 20000 samples).
+    To evaluate a model, sample discrete values in the evaluation step (``score``, or ``expect`` for small
+    supports), or in plain torch outside storch, as the validation −ELBO of the README's demo does
+    (docs/estimators/gumbel_softmax.md).
     """
     graph = graph or current_graph()
     out: dict[str, torch.Tensor] = {}
