@@ -101,6 +101,34 @@ def test_no_core_estimators_says_how_to_install(monkeypatch, metadata):
     assert "storch-core's own estimators" not in str(e.value)
 
 
+@pytest.mark.parametrize("hint", ["Use the estimator 'other' (storch.estimator('other', plate=...))",
+                                  "Use the estimator 'other'.", "  Is it 'other'? Then use that one. "])
+def test_an_unknown_option_hint_gets_storchs_punctuation_around_it(monkeypatch, hint):
+    """docs/writing-an-estimator.md: the hint is one or more sentences, and storch adds the punctuation around
+    it. It read "has no option 'hard'; For the hard ... temperature=...)). its options are: ..." (p-docs6)."""
+    from storch.builtins.reparameterization import Reparameterization
+
+    class Hinted(Reparameterization):
+        name = "hinted"
+        unknown_option_hints = {"hard": hint}
+
+    monkeypatch.setattr(_registry, "get_estimator_class", lambda name: Hinted)
+    with pytest.raises(storch.OptionError) as info:
+        storch.estimator("hinted", plate="z", hard=True)
+    told = hint.strip()
+    told += "" if told.endswith((".", "?")) else "."
+    assert str(info.value) == f"estimator 'hinted' has no option 'hard'. {told} Its options are: " + ", ".join(
+        Hinted.options())
+    with pytest.raises(storch.OptionError) as info:  # no hint, no close name: two sentences
+        storch.estimator("hinted", plate="z", xyzzy=True)
+    assert str(info.value) == "estimator 'hinted' has no option 'xyzzy'. Its options are: " + ", ".join(
+        Hinted.options())
+    with pytest.raises(storch.OptionError) as info:  # difflib's question
+        storch.estimator("hinted", plate="z", n_sample=2)
+    assert str(info.value).startswith("estimator 'hinted' has no option 'n_sample'. Did you mean 'n_samples'? Its "
+                                      "options are: ")
+
+
 def test_options_are_validated():
     with pytest.raises(storch.OptionError, match="n_samples"):
         storch.estimator("reparameterization", plate="z", n_samples=0)

@@ -106,7 +106,7 @@ def test_importance_has_no_baseline_and_no_clip():
     """docs/estimators/importance.md: options `proposal` and `n_samples` only (partitions are refused:
     tests/score/test_score_errors.py)."""
     for option in (dict(baseline="leave_one_out"), dict(clip=0.2)):
-        with pytest.raises(storch.OptionError, match="its options are: proposal, n_samples"):
+        with pytest.raises(storch.OptionError, match="Its options are: proposal, n_samples"):
             storch.estimator("importance", plate="s", proposal=Categorical(logits=OLD), **option)
 
 

@@ -332,9 +332,12 @@ def _make_estimator(name: str, plate: str, options: dict):
         if key not in accepted:
             told = cls.__dict__.get("unknown_option_hints", {}).get(key)  # the class's own words (not a subclass's)
             close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
-            hint = f" {told}." if told else f" Did you mean {close[0]!r}?" if close else ""
+            hint = told.strip() if told else f"Did you mean {close[0]!r}?" if close else ""
+            if hint and not hint.endswith((".", "?", "!")):
+                hint += "."  # a hint is one or more sentences: storch adds the punctuation around it
             raise OptionError(
-                f"estimator {cls.name!r} has no option {key!r};{hint} its options are: {', '.join(accepted) or 'none'}"
+                f"estimator {cls.name!r} has no option {key!r}.{' ' + hint if hint else ''} "
+                f"Its options are: {', '.join(accepted) or 'none'}"
             )
     est = cls(plate=plate, **options)
     if est.has_update:
