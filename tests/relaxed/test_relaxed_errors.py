@@ -1218,6 +1218,6 @@ def test_mask_thresholded_from_relaxed_samples_builds_no_later_distribution(whic
                 used = used + c
     text = str(info.value)
     assert isinstance(info.value, ValueError)
-    assert f"estimator {which!r}, whose sample was thresholded" in text
+    assert f"of estimator {which!r} (a distribution's parameter" in text and "sample was thresholded" in text
     assert "cannot build a later distribution's parameters" in text
     assert "'score'" in text and "'unordered_set'" in text and "'sum_and_sample'" in text

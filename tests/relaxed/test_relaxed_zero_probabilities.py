@@ -443,6 +443,6 @@ def test_relaxed_estimators_on_infinite_logits_refuse_and_name_every_alternative
     text = str(info.value)
     assert f"'{which}' (plate 'b', a Bernoulli)" in text
     assert "the relaxed estimators (arm, disarm, rebar, relax" in text
-    assert "Bernoulli(probs=torch.sigmoid(logits))" in text
+    assert "Bernoulli(probs=torch.sigmoid(logits.float()))" in text
     for name in ("expect", "unordered_set", "sum_and_sample", "importance", "mvd", "spsa", "go"):
         assert f" {name}," in text or f" {name})" in text or f"({name}," in text, name

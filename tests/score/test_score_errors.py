@@ -514,7 +514,7 @@ def test_infinite_bernoulli_logits_under_score_are_named_in_the_error():
         storch.add_cost(((z - 0.45) ** 2).sum(-1))
         with pytest.raises(storch.NonFiniteCostError, match=r"Infinite logits .* at 'score' \(plate 'z', a Bernoulli\)") as info:
             storch.backward()
-    assert "Bernoulli(probs=torch.sigmoid(logits))" in str(info.value)
+    assert "Bernoulli(probs=torch.sigmoid(logits.float()))" in str(info.value)
 
 
 def test_learned_baseline_refuses_features_of_another_width_with_what_to_do():

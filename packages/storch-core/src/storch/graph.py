@@ -586,10 +586,10 @@ def _data_plate_hint(cost: torch.Tensor, plates: tuple) -> str:
     if not data:
         return ""
     name = data[0].name
-    return (f"Its per-sample dims start with {cost.shape[0]}, the size of its data plate {name!r}: a plain tensor of "
-            f"one value per data point (a weight w in w * c) multiplied with a cost on that plate makes every data "
-            f"point's cost a vector over all of them, and .sum(-1) would weight each point by w.sum(). Put the "
-            f"tensor on the data plate with the data (storch.denote_independent((x, w), 0, {name!r})). ")
+    return (f"Its per-sample dims start with {cost.shape[0]}, the size of its data plate {name!r}: if it multiplies "
+            f"a plain tensor of one value per data point (a weight w in w * c), every data point's cost became a "
+            f"vector over all of them, and .sum(-1) would weight each point by w.sum(); put that tensor on the data "
+            f"plate with the data (storch.denote_independent((x, w), 0, {name!r})). ")
 
 
 class _StepGuard:

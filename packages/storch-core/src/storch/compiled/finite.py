@@ -44,7 +44,7 @@ def _message(fn) -> str:
             "before accumulating any gradient. A common cause: a Bernoulli or Binomial "
             "with an infinite logit (a masked or pinned bit) under an estimator that reads torch's log_prob "
             "or its logits (score, arm, disarm, rebar, relax), which is NaN for the value such a bit always "
-            "takes: use a large finite logit (±30), give it by probs (Bernoulli(probs=torch.sigmoid(logits))), "
+            "takes: use a large finite logit (±30), give it by probs in float32 (Bernoulli(probs=torch.sigmoid(logits.float()))), "
             "or an estimator that handles infinite logits (expect, sum_and_sample, go; eagerly also "
             "unordered_set, importance, mvd and spsa). Run the step eagerly with storch.backward() to see which "
             "cost is not finite, or catch storch.NonFiniteCostError to skip the batch")

@@ -295,10 +295,12 @@ class Estimator(torch.nn.Module):
                 example the observation an input-dependent baseline conditions on: NVIL's x). A
                 PlateTensor's plates must be among the distribution's plates.
         """
-        return self._forward(current_graph(), distribution, inputs)
+        return _draw_node(self, current_graph(), distribution, inputs)
 
-    def _forward(self, graph, distribution: Distribution, inputs: Any) -> PlateTensor:
-        """:meth:`forward` in ``graph``, the current graph (``Estimator.__call__`` has it at hand)."""
+    def _storch_forward(self, graph, distribution: Distribution, inputs: Any) -> PlateTensor:
+        """:meth:`forward` in ``graph``, the current graph (``Estimator.__call__`` has it at hand). Called through
+        the module-level ``_draw_node``, so a subclass's own method of this name is never called in its place
+        (review r-twentyone: a subclass helper named ``_forward`` was)."""
         if _jit_tracing() or _compiler._is_exporting_flag:
             refuse_foreign_trace(f"estimator {self.name!r} (plate {self.plate!r})")
         if self.has_update and not self.replays_update:  # (False on the common path: one attribute read)
@@ -1119,7 +1121,7 @@ class Estimator(torch.nn.Module):
                 if not args and not kwargs and _no_module_hooks(self):
                     # what nn.Module.__call__ then does (forward), without its two calls and forward's
                     # second look-up of the current graph
-                    return self._forward(graph, distribution, None)
+                    return _draw_node(self, graph, distribution, None)
                 return super().__call__(distribution, *args, **kwargs)
             graph.check_call(self, distribution)  # before an overriding forward runs
             with drawing_with(graph.generator):  # storch.Graph(generator=g): the node's draws use g
@@ -1539,6 +1541,7 @@ def _in_backward_message(est: "Estimator") -> str:
 
 
 _FORWARD = Estimator.forward
+_draw_node = Estimator._storch_forward  # (not self._storch_forward: a subclass may define that name)
 _module = sys.modules[torch.nn.Module.__module__]  # torch.nn.modules.module: the global module hooks it keeps
 _get_tracing_state = torch._C._get_tracing_state
 

@@ -214,8 +214,10 @@ def _infinite_logits_hint(nodes: list) -> str:
             "where torch's log_prob is NaN (inf - inf) for the value the bit always takes, and the formulas of "
             "the relaxed estimators (arm, disarm, rebar, relax, lax, gumbel_softmax: the logistic density and "
             "σ(z / λ) at an infinite logit) are NaN too: use a large finite logit (±30) for a masked bit, give the "
-            "distribution by probs (Bernoulli(probs=torch.sigmoid(logits)): torch clamps a probability of 0 or 1, "
-            "so log p is finite and a pinned bit gets no gradient; score then trains), or an estimator that "
+            "distribution by probs, in float32 or wider (Bernoulli(probs=torch.sigmoid(logits.float())): torch "
+            "clamps a probability of 0 or 1 to the dtype's eps, so log p is finite and a pinned bit gets no "
+            "gradient, and score trains; in bfloat16 that eps, 2^-7, would zero the gradient of any logit above "
+            "~4.8), or an estimator that "
             f"handles infinite logits ({', '.join(INFINITE_LOGITS_ESTIMATORS)})")
 
 

@@ -196,16 +196,19 @@ def _refuse_thresholded(plates: tuple, valid: torch.Tensor) -> None:
             return
         est = node.estimator.name
         raise OrderError(
-            f"a distribution's parameter carries the plate {plate.name!r} of estimator {est!r}, whose sample was "
-            f"thresholded in this step ({node.thresholded}: a comparison, argmax or cast of a value computed from "
-            f"it), and torch.distributions' argument validation found invalid values in it (NaN: e.g. logits "
-            f"masked to -inf everywhere). {est!r} evaluates the model on relaxed samples too (REBAR and RELAX: "
-            f"σ_λ(z), σ_λ(z̃)), where a threshold or comparison of the sample (a mask built as used > 0.5 from "
-            f"earlier draws) need not mean what it means on a hard sample, so it cannot build a later "
-            f"distribution's parameters (and its jump has no derivative: the gradient would be biased). Use an "
-            f"estimator that evaluates the model on hard samples only for this node: 'score' (with "
+            f"torch.distributions' argument validation found invalid values in a tensor that carries the plate "
+            f"{plate.name!r} of estimator {est!r} (a distribution's parameter, or a value given to log_prob; e.g. "
+            f"NaN logits, logits masked to -inf everywhere, a negative scale), and {est!r}'s sample was thresholded "
+            f"in this step ({node.thresholded}: a comparison, argmax or cast of a value computed from it). If the "
+            f"invalid values come from that threshold: {est!r} evaluates the model on relaxed samples too (REBAR "
+            f"and RELAX: σ_λ(z), σ_λ(z̃)), where a threshold or comparison of the sample (a mask built as "
+            f"used > 0.5 from earlier draws) need not mean what it means on a hard sample, so it cannot build a "
+            f"later distribution's parameters (and its jump has no derivative: the gradient would be biased); use "
+            f"an estimator that evaluates the model on hard samples only for this node: 'score' (with "
             f"baseline='leave_one_out'), 'unordered_set' or 'sum_and_sample' (a Plackett-Luce ranking: "
-            f"'unordered_set' per position, or 'score')")
+            f"'unordered_set' per position, or 'score'). Otherwise the values are invalid for another reason: "
+            f"check the parameter as torch's ValueError would (set validate_args=False on the distribution to see "
+            f"where they arise)")
 
 
 def _single(func, args, kwargs):
