@@ -1,6 +1,6 @@
 """Checks of one training step shared by the test folders (``tests/conftest.py`` puts this folder on ``sys.path``):
 what the garbage collector frees after a step (storch promises none: a step's tensors are freed by reference
-counting), and the pickle round trips of a pathwise node's plate tensors."""
+counting), the pickle round trips of a pathwise node's plate tensors, and the logits of a low-precision model."""
 
 from __future__ import annotations
 
@@ -62,3 +62,18 @@ def pickle_round_trips(est, dist_of) -> None:
         z = est(dist_of(lin(xs)))
         with pytest.raises(storch.PlateError, match="comes from two different graphs"):
             storch.add_cost((z * saved[0]).sum(), name="mixed")
+
+
+def low_precision_logits(a: torch.Tensor, dtype: torch.dtype, autocast: bool, batch: int) -> torch.Tensor:
+    """Logits ``a`` (one row per data point of a data plate of ``batch``) computed by a model in ``dtype``: a
+    ``Linear`` under ``torch.autocast("cpu", dtype)``, or a float16 / bfloat16 model (``x.to(dtype) * a``). For the
+    low-precision tests (tests/score/test_low_precision_offset.py, tests/relaxed/test_relaxed_low_precision_offset.py);
+    call it inside a graph."""
+    x = storch.denote_independent(torch.ones(batch, 1), 0, "data")
+    if autocast:
+        with torch.autocast("cpu", dtype=dtype):
+            logits = torch.nn.functional.linear(x, torch.zeros(a.shape[-1], 1), a)
+    else:
+        logits = x.to(dtype) * a.to(dtype)
+    assert logits.dtype is dtype
+    return logits

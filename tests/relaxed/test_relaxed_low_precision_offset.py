@@ -15,6 +15,7 @@ import torch
 from torch.distributions import Bernoulli
 
 import storch
+from step_checks import low_precision_logits
 
 _A = (0.3, -0.5)  # exact in bfloat16 and float16
 _SLOPE = torch.tensor([1.0, 2.0])
@@ -29,13 +30,7 @@ def _exact(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _grad(est, a: torch.Tensor, dtype: torch.dtype, autocast: bool) -> torch.Tensor:
     with storch.Graph():
-        x = storch.denote_independent(torch.ones(32, 1), 0, "data")
-        if autocast:
-            with torch.autocast("cpu", dtype=dtype):
-                logits = torch.nn.functional.linear(x, torch.zeros(2, 1), a)
-        else:
-            logits = x.to(dtype) * a.to(dtype)  # a float16 / bfloat16 model
-        assert logits.dtype is dtype
+        logits = low_precision_logits(a, dtype, autocast, 32)
         h = est(Bernoulli(logits=logits))
         storch.add_cost(_OFFSET + 0.1 * (h.float() * _SLOPE).sum(-1), name="c")  # a float32 cost
         return torch.autograd.grad(storch.surrogate_loss(), a)[0].double()
