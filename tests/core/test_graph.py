@@ -2,6 +2,7 @@
 
 import re
 import threading
+import warnings
 
 import pytest
 import torch
@@ -1022,3 +1023,42 @@ def test_denoting_a_0d_tensor_says_it_has_no_dim():
         x = storch.denote_independent(torch.arange(3.0), 0, "data")
         with pytest.raises(storch.PlateError, match=r"per-sample shape \(\) \(plates \('data',\)\): it has " + said):
             storch.denote_independent(x, 0, "d")
+
+
+def test_a_cost_added_after_the_steps_update_is_warned():
+    """p-state: a cost added after a backward pass of the step's surrogate ran the estimators' updates (once per
+    step) never reached their per-cost state (a moving average), silently. It is now warned; a cost added before
+    the first pass, or to a step whose estimators have no update, is not."""
+
+    class Counting(storch.Estimator):
+        name = "test_core_counting_update"
+        has_update = True
+
+        def __init__(self, plate, n_samples=1):
+            super().__init__(plate, n_samples)
+            self.seen = []
+
+        def update_parameters(self, nodes, loss):
+            self.seen.append(sorted(name for name, _ in storch.current_graph().costs))
+
+    theta = torch.tensor([0.3, -0.2], requires_grad=True)
+    est = Counting("z", 2)
+    with storch.Graph():
+        z = est(Normal(theta, 1.0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            storch.add_cost((z ** 2).sum(-1), name="A")
+            storch.surrogate_loss().backward(retain_graph=True)
+        assert est.seen == [["A"]]
+        with pytest.warns(UserWarning, match=r"cost 'B' was added after a backward pass .*test_core_counting_update"
+                                             r".*will not include this cost"):
+            storch.add_cost(z.sum(-1), name="B")
+        storch.surrogate_loss().backward()
+        assert est.seen == [["A"]]  # the step updated once, as documented
+    with storch.Graph():  # a step whose estimator has no update: no warning
+        z = storch.estimator("reparameterization", plate="z")(Normal(theta, 1.0))
+        storch.add_cost((z ** 2).sum(-1), name="A")
+        storch.surrogate_loss().backward(retain_graph=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            storch.add_cost(z.sum(-1), name="B")

@@ -332,6 +332,8 @@ class Graph:
             if credit is not False:
                 raise CostError(f"cost {label!r}: credit must be True or False, got {credit!r}")
             self.no_credit.add(id(cost))
+        elif self.step_updated and plates:  # (None on the common path: one attribute read)
+            self._warn_late_cost(label, plates)
         self.costs.append((name or f"cost{len(self.costs)}", cost))
 
     def _check_node_plates(self, label, plates: tuple) -> None:
@@ -383,6 +385,23 @@ class Graph:
                 "holds its K draws (est(dist.expand((K, *dist.batch_shape)))), reduced over that dim, or the 'vimco' "
                 "estimator (docs/plates.md)")
         return msg + "; nor ".join(parts)
+
+    def _warn_late_cost(self, label, plates: tuple) -> None:
+        """A cost added after a backward pass of this step's surrogate ran the estimators' updates
+        (``surrogate_loss().backward()``; ``step_updated``): they update once per step, so the state they keep per
+        cost (a moving average, a learned baseline's regression) never sees this one (p-state). Warned, not
+        refused: the gradient of a later pass is right; only the estimator's state misses the cost."""
+        names = {p.name for p in plates}
+        late = sorted({f"{n.estimator.name!r} (plate {n.plate.name!r})" for n in self.nodes
+                       if id(n.estimator) in self.step_updated and n.plate.name in names})
+        if late:
+            warnings.warn(
+                f"cost {label!r} was added after a backward pass of this step's surrogate loss updated estimator "
+                f"{', '.join(late)} (surrogate_loss().backward() runs each estimator's update once per step): its "
+                "state (a moving average or learned baseline per cost) will not include this cost, in this step or "
+                "any later one, and a later storch.backward() of the step updates nothing. Add every cost before "
+                "the step's first backward pass (one surrogate_loss() of all of them, or storch.backward())",
+                UserWarning, stacklevel=user_stacklevel())
 
     def _shape_message(self, label, cost: torch.Tensor, raw: torch.Tensor, plates: tuple) -> str:
         """A cost that is not one number per sample (error path only)."""
