@@ -1,9 +1,11 @@
 """The graph context: isolation, resets, errors for bad input, credit assignment by plates."""
 
+import fractions
 import re
 import threading
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import Bernoulli, Categorical, ContinuousBernoulli, Normal, OneHotCategorical
@@ -982,6 +984,10 @@ def test_a_refused_backward_in_the_default_graph_discards_the_step(refused):
     (torch.tensor(float("nan")), r"scale=nan\): every gradient would be nan or inf"),
     (torch.tensor([float("inf")]), r"scale=inf\): every gradient would be nan or inf"),
     (torch.ones(3), r"scale=<tensor of shape \(3,\)>\): the loss is a scalar and is scaled by one number"),
+    (False, r"scale=False\): a bool is no scale"),  # review r-twenty-two: False zeroed every gradient
+    (1j, r"scale=1j\): a complex is no scale"),
+    (fractions.Fraction(1, 2), r"a Fraction is no scale"),  # (torch refused it after the step's checks)
+    (10 ** 400, r"every gradient would be nan or inf"),  # (math.isfinite raised OverflowError)
 ])
 def test_backward_refuses_a_scale_that_is_not_finite_or_not_one_number(scale, said):
     """scale=nan or inf was applied: every gradient nan with no error; scale=torch.ones(3) gave torch's "grad can
@@ -997,7 +1003,7 @@ def test_backward_refuses_a_scale_that_is_not_finite_or_not_one_number(scale, sa
     assert not storch.current_graph().nodes and not storch.current_graph().costs
 
 
-@pytest.mark.parametrize("scale", [0.0, -2.0, 3, torch.tensor(0.5), torch.tensor([2.0])])
+@pytest.mark.parametrize("scale", [0.0, -2.0, 3, torch.tensor(0.5), torch.tensor([2.0]), np.float32(2.0), np.int64(3)])
 def test_backward_applies_a_finite_scale_zero_and_negative_included(scale):
     """A finite number or one-element tensor scales the gradient (0 skips a step's update, a negative one ascends);
     the returned loss is unscaled."""

@@ -167,7 +167,16 @@ def _refuse_arguments(order, scale) -> None:
     if isinstance(scale, (numbers.Number, torch.Tensor)):
         # nan or inf made every gradient nan with no error (0 and negative scales are applied: 0 skips a step)
         value = scale.detach().cpu().item() if isinstance(scale, torch.Tensor) else scale
-        if not (isinstance(value, numbers.Real) and math.isfinite(value)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+                isinstance(value, numbers.Real) and type(value).__module__ == "numpy"):
+            # a bool (False zeroed every gradient), a complex, a Decimal or a Fraction (torch refused it later):
+            # review r-twenty-two
+            raise StorchError(f"storch.backward(scale={value!r}): a {type(value).__name__} is no scale; {accepted}")
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int beyond a float (10**400)
+            finite = False
+        if not finite:
             raise StorchError(
                 f"storch.backward(scale={value!r}): every gradient would be nan or inf; {accepted}. A GradScaler "
                 "skips steps with inf or nan gradients itself")
