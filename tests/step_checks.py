@@ -69,10 +69,11 @@ def low_precision_logits(a: torch.Tensor, dtype: torch.dtype, autocast: bool, ba
     ``Linear`` under ``torch.autocast("cpu", dtype)``, or a float16 / bfloat16 model (``x.to(dtype) * a``). For the
     low-precision tests (tests/score/test_low_precision_offset.py, tests/relaxed/test_relaxed_low_precision_offset.py);
     call it inside a graph."""
-    x = storch.denote_independent(torch.ones(batch, 1), 0, "data")
+    # float32 inputs whatever torch's default dtype (tests/score's modules set float64, which autocast leaves alone)
+    x = storch.denote_independent(torch.ones(batch, 1, dtype=torch.float32), 0, "data")
     if autocast:
         with torch.autocast("cpu", dtype=dtype):
-            logits = torch.nn.functional.linear(x, torch.zeros(a.shape[-1], 1), a)
+            logits = torch.nn.functional.linear(x, torch.zeros(a.shape[-1], 1, dtype=torch.float32), a.float())
     else:
         logits = x.to(dtype) * a.to(dtype)
     assert logits.dtype is dtype

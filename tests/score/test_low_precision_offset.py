@@ -45,7 +45,7 @@ def test_low_precision_logits_under_a_cost_offset_are_unbiased(name, options, dt
     torch.set_num_threads(1)
     torch.manual_seed(0)
     R = 200
-    a = torch.tensor(_A, requires_grad=True)
+    a = torch.tensor(_A, dtype=torch.float32, requires_grad=True)
     est = storch.estimator(name, plate="h", **options)
     g = torch.stack([_grad(est, a, dtype, autocast) for _ in range(R)])
     exact = _exact(a, dtype)

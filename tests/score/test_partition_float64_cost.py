@@ -27,7 +27,7 @@ def _exact(th: torch.Tensor) -> torch.Tensor:
 def _grad(th: torch.Tensor, grow: bool) -> torch.Tensor:
     est = storch.estimator("score", plate="ep", n_samples=4, baseline="leave_one_out")  # one partition, two steps
     with storch.Graph():
-        data = storch.denote_independent(torch.zeros(3), 0, "data")
+        data = storch.denote_independent(torch.zeros(3, dtype=torch.float32), 0, "data")
         for t in range(2):
             logits = th[t] + data if grow and t == 1 else th[t]  # step 1 on the data plate: steps not in place
             b = est(Bernoulli(logits=logits))
@@ -39,7 +39,7 @@ def _grad(th: torch.Tensor, grow: bool) -> torch.Tensor:
 def test_partition_of_float32_steps_under_float64_cost_is_unbiased(grow):
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    th = torch.tensor([0.3, -0.5], requires_grad=True)  # float32 logits
+    th = torch.tensor([0.3, -0.5], dtype=torch.float32, requires_grad=True)  # float32 logits (whatever the default dtype)
     g = torch.stack([_grad(th, grow) for _ in range(300)])
     assert (g != 0).any(1).sum() > 250  # (it was exactly 0 in every estimate)
     exact = _exact(th)
@@ -50,7 +50,7 @@ def test_partition_of_float32_steps_under_float64_cost_is_unbiased(grow):
 def test_widened_partition_keeps_its_values():
     # the loss's value and the gradient of a small cost (no cancellation) as in float32, up to float32's rounding
     torch.set_num_threads(1)
-    th = torch.tensor([0.3, -0.5], requires_grad=True)
+    th = torch.tensor([0.3, -0.5], dtype=torch.float32, requires_grad=True)
     out = {}
     for dt in (torch.float32, torch.float64):
         torch.manual_seed(1)

@@ -19,7 +19,7 @@ _C = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0], dtype=torch.float64)
 
 def _gradients(offset: float, reps: int, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
-    theta = torch.tensor(_THETA, requires_grad=True)
+    theta = torch.tensor(_THETA, dtype=torch.float32, requires_grad=True)  # a float32 model
     est = storch.estimator("unordered_set", plate="s", n_samples=3)
     gs = []
     for _ in range(reps):
