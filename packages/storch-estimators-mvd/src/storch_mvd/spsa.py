@@ -208,7 +208,9 @@ class Spsa(Estimator):
                     # infinite (held) logit has log p = 0 on the value it always draws, where torch's is NaN
                     # (the weights p / (p₊ + p₋) of every coordinate were NaN); the same samples, and
                     # torch's log-probabilities elsewhere
-                    new.append(strict_support(rebuild(leaf, {**params, **fixed})))
+                    # (n,): the perturbation dim the parameters carry ahead of the leaf's batch dims (a user's
+                    # class was refused for its batch shape (n, ...) without it)
+                    new.append(strict_support(rebuild(leaf, {**params, **fixed}, torch.Size((n,)))))
                 return new, _assemble(core, iter(new))
 
         # p itself, rebuilt without argument validation

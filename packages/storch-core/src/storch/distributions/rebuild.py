@@ -23,18 +23,21 @@ from .parameters import _holds_plate_tensor, _plain_property
 __all__ = ["rebuild"]
 
 
-def rebuild(d: Distribution, params: dict) -> Distribution:
+def rebuild(d: Distribution, params: dict, leading: torch.Size = torch.Size()) -> Distribution:
     """``d``'s class built from ``params`` (parameter tensors by their arg_constraints names: perturbed,
     expanded or re-aligned ones) and the constructor arguments ``d`` keeps outside its arg_constraints
     (a Multinomial's ``total_count``, a ContinuousBernoulli's ``lims``, a class's own ``self.k``), without
     argument validation. ``type(d)(**params)`` alone would silently give those arguments their defaults
-    (a Multinomial of 1 trial). Public as ``storch.extending.rebuild``.
+    (a Multinomial of 1 trial). ``leading``: the dims that ``params`` carry ahead of ``d``'s batch dims
+    (spsa's perturbations, ``(n,)``), which the copy's batch shape has ahead of ``d``'s: without it a class
+    written outside torch was refused for its batch shape (found by a tester). Public as
+    ``storch.extending.rebuild``.
 
     Raises:
         UnsupportedDistributionError: an argument ``d`` does not keep where it can be found, or a class
             written outside torch whose copy may not be the same distribution (see ``unwrap_distribution``).
     """
-    return _rebuilt(d, params, torch.Size())
+    return _rebuilt(d, params, torch.Size(leading))
 
 
 def _rebuilt(d: Distribution, raw: dict, plates: torch.Size) -> Distribution:
