@@ -327,6 +327,25 @@ def test_importance_refuses_a_proposal_that_misses_values_of_p(q):
 
 
 _IND = torch.distributions.Independent
+
+
+class _UserCategorical(torch.distributions.Distribution):
+    """A user's class over {0, 1, 2} written without enumerate_support."""
+    arg_constraints = {"logits": torch.distributions.constraints.real_vector}
+    support = torch.distributions.constraints.integer_interval(0, 2)
+
+    def __init__(self, logits, validate_args=None):
+        self.logits = logits
+        super().__init__(batch_shape=logits.shape[:-1], validate_args=validate_args)
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return Categorical(logits=self.logits).sample(sample_shape)
+
+    def log_prob(self, x):
+        lp = self.logits.log_softmax(-1)
+        lp, x = torch.broadcast_tensors(lp, x.long().unsqueeze(-1))
+        return lp.gather(-1, x[..., :1]).squeeze(-1)
 _MIX = torch.distributions.MixtureSameFamily
 MISSING = {  # p(θ), a proposal that puts no mass on some value p can draw (before: accepted, biased by z)
     # a greedy behaviour policy on the last bit of a multi-binary action (z = 46.9)
@@ -349,6 +368,17 @@ MISSING = {  # p(θ), a proposal that puts no mass on some value p can draw (bef
                                          lambda: _MIX(Categorical(probs=torch.tensor([0.5, 0.5])),
                                                       _IND(Bernoulli(probs=torch.tensor([[1.0, 1.0, 0.0],
                                                                                          [0.5, 0.5, 1.0]])), 1))),
+    # torch's Multinomial has no enumerate_support: a proposal with probability 0 on a category (z = 219), or
+    # with another total_count (its counts sum to 2, which p's support accepts: z = 38.8; or to 4)
+    "multinomial-zero-probability": (lambda th: Multinomial(3, logits=th[:3]),
+                                     lambda: Multinomial(3, probs=torch.tensor([0.5, 0.5, 0.0]))),
+    "multinomial-fewer-trials": (lambda th: Multinomial(3, logits=th[:3]),
+                                 lambda: Multinomial(2, probs=torch.full((3,), 1 / 3))),
+    "multinomial-more-trials": (lambda th: Multinomial(3, logits=th[:3]),
+                                lambda: Multinomial(4, probs=torch.full((3,), 1 / 3))),
+    # a user's class whose support is integer_interval(0, 2), without enumerate_support (z = 14.9)
+    "user-integer-interval": (lambda th: _UserCategorical(th[:3]),
+                              lambda: Categorical(probs=torch.tensor([0.5, 0.5, 0.0]))),
     # an ε-greedy target policy (a mixture p: its components' values) and a proposal over 2 of its 3 values
     "mixture-p": (lambda th: _MIX(Categorical(logits=th[:2]), Categorical(logits=th.view(2, 3))),
                   lambda: Categorical(probs=torch.tensor([0.5, 0.5, 0.0]))),
@@ -398,24 +428,27 @@ def test_importance_compiled_refuses_a_proposal_that_misses_values_of_p():
 
 def test_importance_names_the_proposal_when_p_cannot_weigh_its_draws():
     """A proposal over other values than p's, where storch knows no value inside p's support to weigh such a
-    draw 0 (a Multinomial of 3 trials for p, 4 for q): torch's argument validation raised its own ValueError
+    draw 0 (a Multinomial of 3 trials for p; for q 4 trials per category, an Independent Binomial, as a Multinomial
+    of 4 trials is refused before it draws: "multinomial-more-trials" above): torch's argument validation raised
+    its own ValueError
     ("Expected value argument ... within the support"), which did not say that the values came from the
     proposal. Now an OptionError says so."""
     theta = torch.zeros(3, requires_grad=True)
-    est = storch.estimator("importance", plate="z", proposal=Multinomial(4, probs=torch.full((3,), 1 / 3)),
+    est = storch.estimator("importance", plate="z", proposal=_IND(Binomial(4, probs=torch.full((3,), 1 / 3)), 1),
                            n_samples=2)
-    with storch.Graph(), pytest.raises(storch.OptionError, match=r"values drawn from the proposal Multinomial"):
+    with storch.Graph(), pytest.raises(storch.OptionError, match=r"values drawn from the proposal Independent"):
         est(Multinomial(3, logits=theta, validate_args=True))
 
 
 @pytest.mark.parametrize("backend", [None, "aot_eager", "eager without validation"])
 def test_importance_checks_p_support_on_draws_without_validation(backend):
     """Only torch's argument validation of p.log_prob refused q's draws outside p's support where storch knows
-    no value inside it (a Multinomial of 3 trials for p, 4 for q); a compiled step (validation off in the
+    no value inside it (a Multinomial of 3 trials for p, 4 for q; now 4 per category, an Independent Binomial, as
+    a Multinomial of 4 trials is refused before it draws); a compiled step (validation off in the
     trace) evaluated p's formula there: a loss biased by z = 16. p.support is checked on the draws (recorded
     in a trace, checked at every call)."""
     phi = torch.nn.Parameter(torch.tensor([0.2, -0.3, 0.5]))
-    est = storch.estimator("importance", plate="m", proposal=Multinomial(4, probs=torch.full((3,), 1 / 3)),
+    est = storch.estimator("importance", plate="m", proposal=_IND(Binomial(4, probs=torch.full((3,), 1 / 3)), 1),
                            n_samples=4)
 
     def step():
@@ -425,7 +458,7 @@ def test_importance_checks_p_support_on_draws_without_validation(backend):
             return storch.surrogate_loss()
 
     if backend == "eager without validation":
-        with pytest.raises(storch.OptionError, match=r"values drawn from the proposal Multinomial.*outside p.support"):
+        with pytest.raises(storch.OptionError, match=r"values drawn from the proposal Independent.*outside p.support"):
             step()
     else:
         error = RuntimeError if backend is None else Exception  # (aot_eager: dynamo wraps the assertion's error)
@@ -435,7 +468,7 @@ def test_importance_checks_p_support_on_draws_without_validation(backend):
         while e is not None:
             chain.append(str(e))
             e = e.__cause__ or e.__context__
-        assert any("values drawn from the proposal Multinomial" in m for m in chain)
+        assert any("values drawn from the proposal Independent" in m for m in chain)
 
 
 def test_importance_refuses_partitions_as_its_page_says():

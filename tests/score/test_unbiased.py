@@ -398,6 +398,40 @@ def _cat23_exact(th):
 
 _GREEDY = torch.tensor([0.0, 0.0, 1.0])
 
+# Multinomial(3) over 3 categories: its 10 count vectors, a cost on them and E[cost] by enumeration
+_MULTI_VALUES = torch.tensor([[a, b, 3 - a - b] for a in range(4) for b in range(4 - a)], dtype=torch.float64)
+
+
+def _multi_cost(x):
+    return x[..., 0] * x[..., 1] + x[..., 2] ** 2 + torch.sin(x[..., 0])
+
+
+def _multi_p(th):
+    return torch.distributions.Multinomial(3, logits=torch.stack([th[..., 0], th[..., 1], th[..., 0] * 0], -1))
+
+
+def _multi_exact(th):
+    return _multi_p(th).log_prob(_MULTI_VALUES.to(th)).exp() @ _multi_cost(_MULTI_VALUES).to(th)
+
+
+class _UserCategorical(torch.distributions.Distribution):
+    """A user's class over {0, 1, 2} written without enumerate_support: its support lists its values."""
+    arg_constraints = {"logits": torch.distributions.constraints.real_vector}
+    support = torch.distributions.constraints.integer_interval(0, 2)
+
+    def __init__(self, logits, validate_args=None):
+        self.logits = logits
+        super().__init__(batch_shape=logits.shape[:-1], validate_args=validate_args)
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return Categorical(logits=self.logits).sample(sample_shape)
+
+    def log_prob(self, x):
+        lp = self.logits.log_softmax(-1)
+        lp, x = torch.broadcast_tensors(lp, x.long().unsqueeze(-1))
+        return lp.gather(-1, x[..., :1]).squeeze(-1)
+
 COVERING = {  # p(θ), a proposal that covers p (Independent over p's dims, or a mixture), the cost, exact E[cost]
     "independent-bernoulli": (lambda th: torch.distributions.Independent(Bernoulli(logits=th), 1),
                               lambda: torch.distributions.Independent(Bernoulli(probs=torch.tensor([0.5, 0.5, 0.9])), 1),
@@ -417,6 +451,13 @@ COVERING = {  # p(θ), a proposal that covers p (Independent over p's dims, or a
             Categorical(probs=torch.tensor([0.7, 0.3])),
             torch.distributions.Independent(Bernoulli(probs=torch.tensor([[1.0, 1.0, 0.0], [0.5, 0.5, 0.5]])), 1)),
         _bits3_cost, _bits3_exact, torch.tensor([0.3, -0.2, 0.5])),
+    # a Multinomial proposal with p's total_count and positive probabilities (tests/score/test_score_errors.py
+    # refuses the ones that miss p's values)
+    "multinomial": (_multi_p, lambda: torch.distributions.Multinomial(3, probs=torch.tensor([0.5, 0.3, 0.2])),
+                    _multi_cost, _multi_exact, torch.tensor([0.3, -0.4])),
+    # a user's class whose support is constraints.integer_interval(0, 2), without enumerate_support
+    "user-integer-interval": (lambda th: _UserCategorical(th), lambda: Categorical(probs=torch.ones(3) / 3),
+                              lambda z: _CAT3_W[z], lambda th: th.softmax(-1) @ _CAT3_W, torch.tensor([0.3, -0.2, 0.5])),
 }
 
 

@@ -9,7 +9,7 @@ from typing import Callable, Optional, Union
 
 import torch
 from torch.distributions import (
-    Categorical, Distribution, Independent, MixtureSameFamily, Transform, TransformedDistribution, constraints, transform_to,
+    Categorical, Distribution, Independent, MixtureSameFamily, Multinomial, Transform, TransformedDistribution, constraints, transform_to,
 )
 
 from storch import Estimator, Node, OptionError, StorchError
@@ -128,6 +128,7 @@ class Importance(Estimator):
                     "tensors whose leading dims are the node's parent plates in that order") from e
         _check_same_kind(p, q)
         _check_bounds(p, q)
+        _check_multinomial(p, q)
         _check_covers(p, q)
         return q
 
@@ -529,6 +530,35 @@ def _as_values_of(p: Distribution, q: Distribution, x: torch.Tensor) -> torch.Te
     return x
 
 
+def _check_multinomial(p: Distribution, q: Distribution) -> None:
+    """Raise where p and q are Multinomials and q cannot draw p's values: another ``total_count`` (q's counts
+    sum to another number than p's: torch's Multinomial support accepts counts summing to at most
+    ``total_count``, so p weighed q's draws of 2 trials as values of its own of 3), or probability exactly 0
+    on a category where p's is positive. torch's Multinomial has no ``enumerate_support``, so the cover check
+    never saw it: both were accepted and the gradient was biased (z = 219 and 38.8; found by a tester). The
+    probabilities are per-call values: while ``storch.compile`` traces the step that part is recorded
+    (``assume``)."""
+    if not (isinstance(p, Multinomial) and isinstance(q, Multinomial)):
+        return
+    head = f"importance: the proposal Multinomial puts no mass on values that the node's {type(p).__name__} can draw: "
+    if q.total_count != p.total_count:
+        raise OptionError(
+            head + f"its total_count is {q.total_count} and p's is {p.total_count}, so its counts sum to another "
+            "number than p's and the importance weights p/q cannot correct that (a biased estimate). Give a proposal "
+            f"that can: a Multinomial with total_count={p.total_count} and positive probability wherever p's is positive")
+    with torch.no_grad():
+        missed = ((p.probs.detach() > 0) & (q.probs.detach() == 0)).any()
+    message = head + ("its probability is exactly 0 on a category where p's is positive; the importance weights "
+                      "p/q cannot correct that (a biased estimate). Give a proposal with positive probability "
+                      "wherever p's is positive")
+    if is_tracing():
+        assume(~missed, message + " (checked at every call of the step storch.compile traced)")
+    elif missed.is_meta:
+        return
+    elif bool(missed):
+        raise OptionError(message)
+
+
 _MAX_CHECKED = 4096  # values of a finite support checked one by one
 
 
@@ -603,6 +633,27 @@ def _finite_count(d: Distribution) -> Optional[int]:
         return k ** m
     if isinstance(d, MixtureSameFamily):
         return _finite_count(d.component_distribution)
+    interval = _integer_interval(d)
+    if interval is not None:
+        n = interval[1] - interval[0] + 1
+        return n if n <= _MAX_CHECKED else None
+    return None
+
+
+def _integer_interval(d: Distribution) -> Optional[tuple[int, int]]:
+    """``(lower, upper)`` of a scalar support ``{lower, ..., upper}`` (``constraints.integer_interval`` with
+    number bounds, or ``constraints.boolean``) of a distribution without ``enumerate_support`` (a user's class:
+    its values are listed from the support, for the cover check); ``None`` otherwise."""
+    if d.has_enumerate_support or d.event_shape != torch.Size():
+        return None
+    support = _support(d)
+    if isinstance(support, constraints._Boolean):
+        return 0, 1
+    if isinstance(support, constraints._IntegerInterval):
+        lower, upper = support.lower_bound, support.upper_bound
+        if isinstance(lower, (int, float)) and isinstance(upper, (int, float)) and math.isfinite(lower) \
+                and math.isfinite(upper) and int(lower) == lower and int(upper) == upper and upper >= lower:
+            return int(lower), int(upper)
     return None
 
 
@@ -629,6 +680,11 @@ def _finite_values(d: Distribution) -> Optional[torch.Tensor]:
         index = (digits % k).reshape((n,) + (1,) * len(outer) + (m,) + (1,) * len(ev))
         joint = flat.gather(0, index.expand((n,) + tuple(outer) + (m,) + tuple(ev)))
         return joint.reshape((n,) + tuple(d.batch_shape) + tuple(d.event_shape))
+    interval = _integer_interval(d)
+    if interval is not None:  # a user's class over {lower, ..., upper}: its values in its samples' dtype
+        dtype = _value_dtype(d) or torch.long
+        values = torch.arange(interval[0], interval[1] + 1, dtype=dtype)
+        return values.reshape((-1,) + (1,) * len(d.batch_shape)).expand((values.shape[0],) + tuple(d.batch_shape))
     values = _finite_values(d.component_distribution)  # a MixtureSameFamily (the only other counted case)
     return None if values is None else values.select(1 + len(d.batch_shape), 0)  # the components' values are the same
 
