@@ -98,7 +98,8 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   the deprecated kind, its own or global: :func:`_no_data_parallel_in_trace`) are refused: the program records no
   hook, so the replay skipped a module's backward hook silently, and a hook on a parameter or argument would be
   registered at the trace only. The message says to register a hook on a parameter or input once, outside the
-  step, or to run the step eagerly; forward hooks are traced as the rest of the module;
+  step, or to run the step eagerly; forward hooks are traced as the rest of the module, and a hook added
+  or removed on a module the trace called (or a global one) later traces again (:func:`guards._guard`);
 - differentiating inside the step (``torch.autograd.grad`` or ``.backward()`` on what it computed: a
   gradient penalty, a lookahead step) is refused: the backward pass reads tensors autograd saved in
   the forward pass, which a ``pre_dispatch`` trace cannot connect to the program (they would be fixed

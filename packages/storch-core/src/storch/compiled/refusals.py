@@ -175,18 +175,25 @@ def _data_parallel_message(fn, module) -> str:
             "program that a trace records. Run this step eagerly, without storch.compile")
 
 
-def _no_data_parallel_in_trace(fn):
+_TRACE_HOOKS: set = set()  # the ids of the global hooks of :func:`_no_data_parallel_in_trace` now registered
+
+
+def _no_data_parallel_in_trace(fn, called: Optional[dict] = None):
     """A global forward pre-hook of modules, registered for the trace only (removed after it) and active on the
     tracing thread only: a call of a DDP or FSDP module is refused (see :func:`_data_parallel_message`). The
     hook, not the modules the step reaches by name: a step that reaches ``ddp`` but calls ``ddp.module`` is
     fine, and a DDP held by a plain object is called all the same. A call of a module with a backward hook is
-    refused there too (:func:`_module_hook_message`)."""
+    refused there too (:func:`_module_hook_message`). Each module called is recorded in ``called`` (by id: the
+    modules whose hooks the trace ran, which ``guards._guard`` checks at each call). The hook's id is in
+    ``_TRACE_HOOKS`` while registered (a guard of another thread's step ignores it)."""
     classes = _data_parallel_classes()
     tracing_thread = threading.get_ident()
 
     def refuse(module, args):
         if threading.get_ident() != tracing_thread:
             return
+        if called is not None:
+            called[id(module)] = module
         if isinstance(module, classes):
             raise StorchError(_data_parallel_message(fn, module))
         hooks = _backward_hooks_of(module)
@@ -196,10 +203,12 @@ def _no_data_parallel_in_trace(fn):
     @contextlib.contextmanager
     def hooked():
         handle = torch.nn.modules.module.register_module_forward_pre_hook(refuse)
+        _TRACE_HOOKS.add(handle.id)
         try:
             yield
         finally:
             handle.remove()
+            _TRACE_HOOKS.discard(handle.id)
 
     return hooked()
 
@@ -233,7 +242,8 @@ def _module_hook_message(fn, module, hooks: str) -> str:
             "would skip the hook and give the unhooked gradients, silently. Remove the hook for the compiled step (to "
             "change the parameters' gradients, register a hook on each parameter once, outside the step: "
             "`p.register_hook(fn)`, or transform the gradients after `loss.backward()`), or run this step eagerly "
-            "(without storch.compile). A module's forward hooks are fine: their torch operations are traced")
+            "(without storch.compile). A module's forward hooks are fine: their torch operations are traced (and a forward "
+            "hook added or removed later traces the step again)")
 
 
 def _tensor_hook_message(fn, method: str, on_plate: bool) -> str:

@@ -6,8 +6,10 @@ outputs hooked (a second differentiation refused, the finite check, the replayed
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
+import threading
 import warnings
 from typing import Any, Callable, Generic, Optional, TypeVar, Union, overload
 
@@ -49,6 +51,22 @@ _T = torch.Tensor
 
 class _Stale(Exception):
     """A stateful entry's trace no longer fits what the step reaches (its guard failed: see _guard)."""
+
+
+# held while a step is traced (a first call, a new signature, a retrace; never a replay): make_fx's proxy mode and
+# torch's pre-dispatch mode stack are process-wide, so two threads tracing their steps at once failed in torch
+# ("ProxyTorchDispatchMode slot already occupied", "Trying to pop empty mode stack"); reentrant, for a compiled step
+# called inside another's trace. Once torch._dynamo is imported, a trace also holds its compile lock (taken first),
+# which torch.compile holds while it compiles a frame (its backend traces with make_fx too: a compiler backend's
+# first call in one thread while another traced failed with an InternalTorchDynamoError)
+_TRACING = threading.RLock()
+
+
+def _dynamo_lock():
+    """torch.compile's compile lock, or None while torch._dynamo is not imported (nothing compiles then; importing it
+    costs ~1 s, which a ``backend=None`` step need not pay)."""
+    frames = sys.modules.get("torch._dynamo.convert_frame")
+    return getattr(frames, "compile_lock", None)
 
 
 _RETRACE_WARNING = 8  # traces of one step before a warning (torch._dynamo.config.recompile_limit's default)
@@ -256,6 +274,14 @@ class CompiledStep(Generic[_P, _R]):
         _WATCHED_ARGUMENTS.clear()
 
     def _trace(self, leaves: list, spec, tensors: list) -> "_Trace":
+        while True:  # one trace at a time in the process: torch's tracing state is global (see _TRACING)
+            dynamo = _dynamo_lock()
+            with dynamo if dynamo is not None else contextlib.nullcontext(), _TRACING:
+                if dynamo is None and _dynamo_lock() is not None:
+                    continue  # torch._dynamo was imported meanwhile (the last trace's torch.compile): take its lock too
+                return self._trace_now(leaves, spec, tensors)
+
+    def _trace_now(self, leaves: list, spec, tensors: list) -> "_Trace":
         positions = [i for i, a in enumerate(leaves) if isinstance(a, torch.Tensor)]
         n_args = len(tensors)
         out_spec = []
@@ -291,6 +317,7 @@ class CompiledStep(Generic[_P, _R]):
 
         from torch.fx.experimental.proxy_tensor import make_fx
 
+        called: dict = {}  # the modules the step calls (by id): their hooks are checked at each call (see _guard)
         devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
         validate = torch.distributions.Distribution._validate_args
         nodes: list = []
@@ -303,7 +330,7 @@ class CompiledStep(Generic[_P, _R]):
         python_random = _python_random_state()
         try:
             with torch.random.fork_rng(devices=devices), tracing_nodes(nodes, recorder), Graph(), \
-                    _no_backward_in_trace(self.fn), _no_data_parallel_in_trace(self.fn), saved_values_unread():
+                    _no_backward_in_trace(self.fn), _no_data_parallel_in_trace(self.fn, called), saved_values_unread():
                 gm = make_fx(flat, pre_dispatch=True)(*tensors, probe)
         except StorchError:
             raise
@@ -362,7 +389,8 @@ class CompiledStep(Generic[_P, _R]):
         trace.refusal = (recorder.refusal if recorder.replay_only
                          else _compiled_twice_message(self.fn, recorder.refusal))
         arguments = tuple(a for a in leaves if not isinstance(a, torch.Tensor))
-        trace.guard = _guard(gm, *_reached(self.fn, arguments), _compiled_by_inductor(self.compile_options))
+        trace.guard = _guard(gm, *_reached(self.fn, arguments), _compiled_by_inductor(self.compile_options),
+                             tuple(called.values()))
         return trace
 
     def __repr__(self) -> str:

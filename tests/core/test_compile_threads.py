@@ -1,0 +1,66 @@
+"""Two threads tracing their own storch.compile steps at once: torch's tracing state (make_fx's proxy mode, the
+pre-dispatch mode stack) is process-wide, so storch.compile traces one step at a time (a lock around the trace,
+not the replays). Before, the second trace failed inside torch ("ProxyTorchDispatchMode slot already occupied",
+"Trying to pop empty mode stack")."""
+
+import threading
+
+import pytest
+import torch
+from torch.distributions import Bernoulli
+
+import storch
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_two_threads_trace_at_once(backend):
+    start = threading.Barrier(2)
+    inside = [threading.Event(), threading.Event()]
+    results: list = [None, None]
+    errors: list = []
+
+    def make(i):
+        torch.manual_seed(i)
+        enc = torch.nn.Linear(3, 2)
+        est = storch.estimator("score", plate="h", n_samples=4, baseline="leave_one_out")
+        first = [True]
+
+        def step(x):
+            with storch.Graph():
+                if first[0]:  # the first run of the trace: the traces of both threads overlap unless serialised
+                    first[0] = False
+                    inside[i].set()
+                    inside[1 - i].wait(timeout=2.0)
+                x = storch.denote_independent(x, 0, "data")
+                h = est(Bernoulli(logits=enc(x)))
+                storch.add_cost((h.float() * torch.tensor([1.0, 2.0])).sum(-1), name="c")
+                return storch.surrogate_loss()
+
+        return enc, step
+
+    def worker(i):
+        try:
+            enc, step = make(i)
+            compiled = storch.compile(step, backend=backend)
+            x = torch.randn(5, 3)
+            start.wait(timeout=30)
+            losses = []
+            for _ in range(5):
+                loss = compiled(x)
+                loss.backward()
+                losses.append(loss.detach())
+            assert enc.weight.grad is not None
+            results[i] = (compiled.traces, torch.stack(losses), enc.weight.grad.clone())
+        except Exception as e:  # (reported by the main thread)
+            errors.append((i, type(e).__name__, str(e)))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for traces, losses, grad in results:  # type: ignore[misc]
+        assert traces == 1
+        assert torch.isfinite(losses).all() and torch.isfinite(grad).all()
+        assert grad.abs().sum() > 0
