@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from torch.distributions import Bernoulli
+from torch.distributions import Normal
 
 import storch
 
@@ -22,7 +22,7 @@ def test_two_threads_trace_at_once(backend):
     def make(i):
         torch.manual_seed(i)
         enc = torch.nn.Linear(3, 2)
-        est = storch.estimator("score", plate="h", n_samples=4, baseline="leave_one_out")
+        est = storch.estimator("reparameterization", plate="h", n_samples=4)
         first = [True]
 
         def step(x):
@@ -32,8 +32,8 @@ def test_two_threads_trace_at_once(backend):
                     inside[i].set()
                     inside[1 - i].wait(timeout=2.0)
                 x = storch.denote_independent(x, 0, "data")
-                h = est(Bernoulli(logits=enc(x)))
-                storch.add_cost((h.float() * torch.tensor([1.0, 2.0])).sum(-1), name="c")
+                h = est(Normal(enc(x), 1.0))
+                storch.add_cost((h ** 2 * torch.tensor([1.0, 2.0])).sum(-1), name="c")
                 return storch.surrogate_loss()
 
         return enc, step
