@@ -5,7 +5,10 @@ with ``backend=None``, replayed as recorded (:func:`_direct_calls`), and run."""
 from __future__ import annotations
 
 import builtins
+import contextlib
 import functools
+import sys
+import threading
 from typing import Callable
 
 import torch
@@ -80,15 +83,49 @@ def _direct_calls(gm: torch.fx.GraphModule) -> Callable:
     return functools.partial(namespace["forward"], gm)
 
 
+# held while a step is traced (a first call, a new signature, a retrace; never a replay): make_fx's proxy mode and
+# torch's pre-dispatch mode stack are process-wide, so two threads tracing their steps at once failed in torch
+# ("ProxyTorchDispatchMode slot already occupied", "Trying to pop empty mode stack"); reentrant, for a compiled step
+# called inside another's trace. Once torch._dynamo is imported, a trace also holds its compile lock (taken first),
+# which torch.compile holds while it compiles a frame (its backend traces with make_fx too: a compiler backend's
+# first call in one thread while another traced failed with an InternalTorchDynamoError)
+_TRACING = threading.RLock()
+
+
+def _dynamo_lock():
+    """torch.compile's compile lock, or None while torch._dynamo is not imported (nothing compiles then; importing it
+    costs ~1 s, which a ``backend=None`` step need not pay)."""
+    frames = sys.modules.get("torch._dynamo.convert_frame")
+    return getattr(frames, "compile_lock", None)
+
+
+_NESTED_FX = "symbolically trace a dynamo-optimized function"
+
+
 def _run(program: Callable, tensors, grad: bool):
     """Run a traced program. The trace records storch's grad-mode switches as they happened: a call
     that raises inside one (a check the replayed program makes, e.g. storch.extending.assume) would
-    leave the caller's grad mode switched, so it is restored on the way out."""
+    leave the caller's grad mode switched, so it is restored on the way out.
+
+    A ``torch.compile`` program (a backend other than inductor and None) refuses to run, before it runs anything,
+    while FX traces in any thread (torch's flag is process-wide): a replay while another thread traces its step is
+    run again once that trace is over, under the trace lock (only then: a replay takes no lock)."""
     try:
         return program(*tensors)
+    except RuntimeError as e:
+        if _NESTED_FX not in str(e):
+            torch._C._set_grad_enabled(grad)
+            raise
     except BaseException:
         torch._C._set_grad_enabled(grad)
         raise
+    dynamo = _dynamo_lock()
+    with dynamo if dynamo is not None else contextlib.nullcontext(), _TRACING:
+        try:  # (once: FX tracing in this thread, e.g. torch.fx.symbolic_trace of a caller, raises as before)
+            return program(*tensors)
+        except BaseException:
+            torch._C._set_grad_enabled(grad)
+            raise
 
 
 def _drop_identity_views(gm: torch.fx.GraphModule) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-import threading
 import warnings
 from typing import Any, Callable, Generic, Optional, TypeVar, Union, overload
 
@@ -25,7 +24,8 @@ from .checks import _check_constants, _check_nodes, _check_python_random, _check
 from .finite import _finite_on_backward, _losses_among
 from .guards import _guard, _reached, _reached_modules
 from .keys import _WATCHED_ARGUMENTS, _aliasing, _python_state_of, _signature, _watched, _watched_argument
-from .program import _Trace, _compile_graph, _compiled_by_inductor, _drop_identity_views, _fold_batch_views, _run
+from .program import _TRACING, _Trace, _compile_graph, _compiled_by_inductor, _drop_identity_views, _dynamo_lock, \
+    _fold_batch_views, _run
 from .refusals import _backward_message, _compiled_twice_message, _func_transform_message, _name, \
     _no_backward_in_trace, _no_data_parallel_in_trace, _refuse_twice, _traceback_component
 from .state import _lift_state, _state_of, _Stateful, _stateful
@@ -51,22 +51,6 @@ _T = torch.Tensor
 
 class _Stale(Exception):
     """A stateful entry's trace no longer fits what the step reaches (its guard failed: see _guard)."""
-
-
-# held while a step is traced (a first call, a new signature, a retrace; never a replay): make_fx's proxy mode and
-# torch's pre-dispatch mode stack are process-wide, so two threads tracing their steps at once failed in torch
-# ("ProxyTorchDispatchMode slot already occupied", "Trying to pop empty mode stack"); reentrant, for a compiled step
-# called inside another's trace. Once torch._dynamo is imported, a trace also holds its compile lock (taken first),
-# which torch.compile holds while it compiles a frame (its backend traces with make_fx too: a compiler backend's
-# first call in one thread while another traced failed with an InternalTorchDynamoError)
-_TRACING = threading.RLock()
-
-
-def _dynamo_lock():
-    """torch.compile's compile lock, or None while torch._dynamo is not imported (nothing compiles then; importing it
-    costs ~1 s, which a ``backend=None`` step need not pay)."""
-    frames = sys.modules.get("torch._dynamo.convert_frame")
-    return getattr(frames, "compile_lock", None)
 
 
 _RETRACE_WARNING = 8  # traces of one step before a warning (torch._dynamo.config.recompile_limit's default)
@@ -274,7 +258,7 @@ class CompiledStep(Generic[_P, _R]):
         _WATCHED_ARGUMENTS.clear()
 
     def _trace(self, leaves: list, spec, tensors: list) -> "_Trace":
-        while True:  # one trace at a time in the process: torch's tracing state is global (see _TRACING)
+        while True:  # one trace at a time in the process: torch's tracing state is global (see program._TRACING)
             dynamo = _dynamo_lock()
             with dynamo if dynamo is not None else contextlib.nullcontext(), _TRACING:
                 if dynamo is None and _dynamo_lock() is not None:
