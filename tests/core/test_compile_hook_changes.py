@@ -18,6 +18,15 @@ from storch.errors import StorchError
 S = torch.tensor([1.0, 2.0])
 
 
+@pytest.fixture(autouse=True)
+def _distribution_validation_kept():
+    """torch.compile's first use (aot_eager here) turns torch.distributions' argument validation off for the process
+    (torch._dynamo's TorchPatcher.patch); restored after each test, so later tests' checks still run."""
+    validate = torch.distributions.Distribution._validate_args
+    yield
+    torch.distributions.Distribution.set_default_validate_args(validate)
+
+
 def _doubled(module, inputs, output) -> Any:
     return 2.0 * output
 
