@@ -376,6 +376,13 @@ MISSING = {  # p(θ), a proposal that puts no mass on some value p can draw (bef
                                  lambda: Multinomial(2, probs=torch.full((3,), 1 / 3))),
     "multinomial-more-trials": (lambda th: Multinomial(3, logits=th[:3]),
                                 lambda: Multinomial(4, probs=torch.full((3,), 1 / 3))),
+    # the same inside Independent (review r-twentythree: max |z| 112 and z 10.5)
+    "independent-multinomial-zero-probability": (
+        lambda th: Independent(Multinomial(3, logits=th[:3].expand(2, 3)), 1),
+        lambda: Independent(Multinomial(3, probs=torch.tensor([0.5, 0.5, 0.0]).expand(2, 3)), 1)),
+    "independent-multinomial-fewer-trials": (
+        lambda th: Independent(Multinomial(3, logits=th[:3].expand(2, 3)), 1),
+        lambda: Independent(Multinomial(2, probs=torch.full((2, 3), 1 / 3)), 1)),
     # a user's class whose support is integer_interval(0, 2), without enumerate_support (z = 14.9)
     "user-integer-interval": (lambda th: _UserCategorical(th[:3]),
                               lambda: Categorical(probs=torch.tensor([0.5, 0.5, 0.0]))),

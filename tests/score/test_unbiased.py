@@ -8,6 +8,7 @@ batch shape (2,) and two costs, one of which does not depend on the sample.
 """
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -478,3 +479,41 @@ def test_importance_independent_and_mixture_proposals_that_cover_p(case):
     for order, (g, w) in enumerate(zip(got, exact_derivatives(fn, theta, 2)), 1):
         assert torch.isfinite(g).all()
         assert_unbiased(g, w, f"importance, {case}, order {order}")
+
+
+class _UserNormal(torch.distributions.Distribution):
+    """A user's Normal with a fixed scale (a constructor argument outside arg_constraints), as
+    docs/your-own-distribution.md describes."""
+
+    arg_constraints = {"loc": torch.distributions.constraints.real}
+    support = torch.distributions.constraints.real
+
+    def __init__(self, loc, scale=1.0, validate_args=None):
+        self.loc, self.scale = loc, scale
+        super().__init__(batch_shape=loc.shape, validate_args=validate_args)
+
+    def sample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            return self.loc.expand(shape) + self.scale * torch.randn(shape, dtype=self.loc.dtype)
+
+    def log_prob(self, x):
+        return -0.5 * ((x - self.loc) / self.scale) ** 2 - math.log(self.scale) - 0.5 * math.log(2 * math.pi)
+
+
+def test_importance_with_a_user_proposal_on_the_data_plate_is_unbiased():
+    # review r-twentythree: a proposal of the user's class built from plate tensors was refused ("the copy differs
+    # from yours in batch_shape") because its copy's leading dims, the node's parent plates, were not declared
+    shift = torch.tensor([0.0, 0.4, -0.2], dtype=torch.float64)
+    gs = []
+    for seed in range(600):
+        torch.manual_seed(seed)
+        theta = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+        with storch.Graph():
+            s = storch.denote_independent(shift, 0, "data")
+            est = storch.estimator("importance", plate="z", proposal=_UserNormal(s * 0 + 0.3, 1.5), n_samples=3)
+            z = est(Normal(theta + s, 1.0))
+            storch.add_cost(z ** 2, name="c")
+            storch.backward()
+        gs.append(theta.grad)
+    assert_unbiased(torch.stack(gs), 2 * (0.5 + shift.mean()), "importance, a user proposal on the data plate")

@@ -373,7 +373,9 @@ def _on_parent_plates(q: Distribution, node: Node) -> Distribution:
                 f"not on (its plates: {sorted(names)}); a proposal may depend only on what p depends on (data, "
                 "earlier nodes that p's parameters carry)")
     raw = {n: align(raw_of(v), plates_of(v), node.parents) if n in plated else v for n, v in params.items()}
-    unplated = rebuild(base, raw)
+    # the plate tensors are aligned to the node's parent plates, which lead the copy's batch dims (review
+    # r-twentythree: a user's class was refused for its batch shape)
+    unplated = rebuild(base, raw, torch.Size(pl.size for pl in node.parents) if plated else torch.Size())
     return Independent(unplated, q.reinterpreted_batch_ndims) if base is not q else unplated
 
 
@@ -538,6 +540,7 @@ def _check_multinomial(p: Distribution, q: Distribution) -> None:
     never saw it: both were accepted and the gradient was biased (z = 219 and 38.8; found by a tester). The
     probabilities are per-call values: while ``storch.compile`` traces the step that part is recorded
     (``assume``)."""
+    p, q = base_distribution(p), base_distribution(q)  # (an Independent of Multinomials: review r-twentythree)
     if not (isinstance(p, Multinomial) and isinstance(q, Multinomial)):
         return
     head = f"importance: the proposal Multinomial puts no mass on values that the node's {type(p).__name__} can draw: "
