@@ -85,10 +85,13 @@ def _direct_calls(gm: torch.fx.GraphModule) -> Callable:
 
 # held while a step is traced (a first call, a new signature, a retrace; never a replay): make_fx's proxy mode and
 # torch's pre-dispatch mode stack are process-wide, so two threads tracing their steps at once failed in torch
-# ("ProxyTorchDispatchMode slot already occupied", "Trying to pop empty mode stack"); reentrant, for a compiled step
-# called inside another's trace. Once torch._dynamo is imported, a trace also holds its compile lock (taken first),
-# which torch.compile holds while it compiles a frame (its backend traces with make_fx too: a compiler backend's
-# first call in one thread while another traced failed with an InternalTorchDynamoError)
+# ("ProxyTorchDispatchMode slot already occupied", "Trying to pop empty mode stack"); reentrant only so that a
+# nested call raises storch's own refusal instead of deadlocking (a compiled step called inside another's trace is
+# refused). Once torch._dynamo is imported, a trace also holds its compile lock (taken first), which torch.compile
+# holds while it compiles a frame (its backend traces with make_fx too: a compiler backend's first call in one
+# thread while another traced failed with an InternalTorchDynamoError). Left (review r-twentythree): a trace begun
+# before torch._dynamo is imported holds only this lock, so a torch.compile in another thread during it can run
+# beside it
 _TRACING = threading.RLock()
 
 
