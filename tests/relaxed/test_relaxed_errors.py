@@ -1194,6 +1194,7 @@ def test_gumbel_softmax_hard_option_points_to_gumbel_straight_through():
     with pytest.raises(storch.OptionError) as info:
         storch.estimator("gumbel_straight_through", plate="c", hard=True)
     assert "gumbel_straight_through\"" not in str(info.value)
+    assert "already hard" in str(info.value) and "drop the option" in str(info.value)
     with pytest.raises(storch.OptionError, match=r"has no option 'temprature'\. Did you mean 'temperature'\? Its "
                                                   r"options are: "):
         storch.estimator("gumbel_softmax", plate="c", temprature=0.5)

@@ -55,6 +55,11 @@ class GumbelStraightThrough(GumbelSoftmax):
     """
 
     name = "gumbel_straight_through"
+    #: read by ``storch.estimator`` when it refuses an option this class does not take (this class's only)
+    unknown_option_hints = {
+        "hard": "This estimator is already hard (a discrete forward value, the relaxed sample's gradient, as torch's "
+                "F.gumbel_softmax(hard=True)): drop the option",
+    }
     # ∇f(H(z)) ∂z/∂θ is the derivative of no objective: no kink or jump of f makes it more biased than it is by
     # design, so the cost's path is not checked as gumbel_softmax's is
     pathwise = False
