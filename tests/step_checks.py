@@ -78,3 +78,13 @@ def low_precision_logits(a: torch.Tensor, dtype: torch.dtype, autocast: bool, ba
         logits = x.to(dtype) * a.to(dtype)
     assert logits.dtype is dtype
     return logits
+
+
+@pytest.fixture(autouse=True)
+def distribution_validation_kept():
+    """torch.compile's first use (aot_eager) turns torch.distributions' argument validation off for the process
+    (torch._dynamo's TorchPatcher.patch); restored after each test, so later tests' checks still run. Autouse in a
+    module that imports it (``from step_checks import distribution_validation_kept``)."""
+    validate = torch.distributions.Distribution._validate_args
+    yield
+    torch.distributions.Distribution.set_default_validate_args(validate)

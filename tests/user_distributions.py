@@ -1,10 +1,12 @@
 """Small distributions written outside torch, as a user writes them, for the tests of what storch needs from
-one (docs/your-own-distribution.md): a Plackett-Luce over permutations, and broken variants of it."""
+one (docs/your-own-distribution.md): a Plackett-Luce over permutations, and broken variants of it; a Normal with a
+constructor argument outside arg_constraints and a categorical over an integer_interval without enumerate_support."""
 
 import itertools
+import math
 
 import torch
-from torch.distributions import Distribution, constraints
+from torch.distributions import Categorical, Distribution, constraints
 
 
 class Permutations(constraints.Constraint):
@@ -78,3 +80,43 @@ class EventAsBatch(PlackettLuce):
         perms = torch.tensor(list(itertools.permutations(range(n))), device=self.logits.device)
         perms = perms.view((perms.shape[0],) + (1,) * (len(self.batch_shape) - 1) + (n,))
         return perms.expand((perms.shape[0],) + self.batch_shape) if expand else perms
+
+
+class UserNormal(Distribution):
+    """A class written as docs/your-own-distribution.md says: arg_constraints, each parameter kept as given,
+    a validate_args keyword, and a constructor argument outside arg_constraints (``scale``) kept in an attribute."""
+
+    arg_constraints = {"loc": constraints.real}
+    support = constraints.real
+
+    def __init__(self, loc, scale=1.0, validate_args=None):
+        self.loc, self.scale = loc, scale
+        super().__init__(batch_shape=loc.shape, validate_args=validate_args)
+
+    def sample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            return self.loc.expand(shape) + self.scale * torch.randn(shape, dtype=self.loc.dtype)
+
+    def log_prob(self, x):
+        return -0.5 * ((x - self.loc) / self.scale) ** 2 - math.log(self.scale) - 0.5 * math.log(2 * math.pi)
+
+
+class UserCategorical(Distribution):
+    """A user's class over {0, 1, 2} written without enumerate_support: its support lists its values."""
+
+    arg_constraints = {"logits": constraints.real_vector}
+    support = constraints.integer_interval(0, 2)
+
+    def __init__(self, logits, validate_args=None):
+        self.logits = logits
+        super().__init__(batch_shape=logits.shape[:-1], validate_args=validate_args)
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return Categorical(logits=self.logits).sample(sample_shape)
+
+    def log_prob(self, x):
+        lp = self.logits.log_softmax(-1)
+        lp, x = torch.broadcast_tensors(lp, x.long().unsqueeze(-1))
+        return lp.gather(-1, x[..., :1]).squeeze(-1)

@@ -13,18 +13,10 @@ import torch
 from torch.distributions import Normal
 
 import storch
+from step_checks import distribution_validation_kept  # noqa: F401 (an autouse fixture)
 from storch.errors import StorchError
 
 S = torch.tensor([1.0, 2.0])
-
-
-@pytest.fixture(autouse=True)
-def _distribution_validation_kept():
-    """torch.compile's first use (aot_eager here) turns torch.distributions' argument validation off for the process
-    (torch._dynamo's TorchPatcher.patch); restored after each test, so later tests' checks still run."""
-    validate = torch.distributions.Distribution._validate_args
-    yield
-    torch.distributions.Distribution.set_default_validate_args(validate)
 
 
 def _doubled(module, inputs, output) -> Any:

@@ -10,15 +10,7 @@ import torch
 from torch.distributions import Normal
 
 import storch
-
-
-@pytest.fixture(autouse=True)
-def _distribution_validation_kept():
-    """torch.compile's first use (aot_eager here) turns torch.distributions' argument validation off for the process
-    (torch._dynamo's TorchPatcher.patch); restored after each test, so later tests' checks still run."""
-    validate = torch.distributions.Distribution._validate_args
-    yield
-    torch.distributions.Distribution.set_default_validate_args(validate)
+from step_checks import distribution_validation_kept  # noqa: F401 (an autouse fixture)
 
 
 @pytest.mark.parametrize("backend", [None, "aot_eager"])

@@ -20,6 +20,7 @@ from torch.distributions import (
 from torch.distributions.transforms import TanhTransform
 
 import storch
+from user_distributions import UserNormal
 from storch.testing import assert_unbiased
 
 from _helpers import estimates
@@ -457,25 +458,6 @@ def test_a_perturbation_of_many_scales_gives_the_finite_difference(dtype, sigma)
     print(assert_unbiased(g.double(), torch.tensor([-1.6], dtype=torch.float64), f"spsa at σ={sigma}").table())
 
 
-class _UserNormal(torch.distributions.Distribution):
-    """A class written as docs/your-own-distribution.md says: arg_constraints, each parameter kept as given,
-    a validate_args keyword, and a constructor argument outside arg_constraints kept in an attribute."""
-    arg_constraints = {"loc": torch.distributions.constraints.real}
-    support = torch.distributions.constraints.real
-
-    def __init__(self, loc, scale=1.0, validate_args=None):
-        self.loc, self.scale = loc, scale
-        super().__init__(batch_shape=loc.shape, validate_args=validate_args)
-
-    def sample(self, sample_shape=torch.Size()):
-        shape = self._extended_shape(sample_shape)
-        with torch.no_grad():
-            return self.loc.expand(shape) + self.scale * torch.randn(shape, dtype=self.loc.dtype)
-
-    def log_prob(self, x):
-        return -0.5 * ((x - self.loc) / self.scale) ** 2 - math.log(self.scale) - 0.5 * math.log(2 * math.pi)
-
-
 @pytest.mark.parametrize("batched", [False, True], ids=["scalar", "data-plate"])
 def test_a_user_distribution_is_perturbed(batched):
     """spsa rebuilt a user's class from parameters expanded by the perturbation dim (n, ...) and compared the
@@ -490,8 +472,8 @@ def test_a_user_distribution_is_perturbed(batched):
 
     def model(t):
         if not batched:
-            return est(_UserNormal(t[0], sigma)) ** 3
-        return est(_UserNormal(t[0] + storch.denote_independent(shift, 0, "data"), sigma)) ** 3
+            return est(UserNormal(t[0], sigma)) ** 3
+        return est(UserNormal(t[0] + storch.denote_independent(shift, 0, "data"), sigma)) ** 3
 
     mu = 0.5
     locs = [mu] if not batched else [mu + float(s) for s in shift]

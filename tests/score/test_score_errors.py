@@ -12,6 +12,7 @@ from torch.distributions import (
 )
 
 import storch
+from user_distributions import UserCategorical
 from twice import differentiate_twice
 
 torch.set_default_dtype(torch.float64)
@@ -329,23 +330,6 @@ def test_importance_refuses_a_proposal_that_misses_values_of_p(q):
 _IND = torch.distributions.Independent
 
 
-class _UserCategorical(torch.distributions.Distribution):
-    """A user's class over {0, 1, 2} written without enumerate_support."""
-    arg_constraints = {"logits": torch.distributions.constraints.real_vector}
-    support = torch.distributions.constraints.integer_interval(0, 2)
-
-    def __init__(self, logits, validate_args=None):
-        self.logits = logits
-        super().__init__(batch_shape=logits.shape[:-1], validate_args=validate_args)
-
-    def sample(self, sample_shape=torch.Size()):
-        with torch.no_grad():
-            return Categorical(logits=self.logits).sample(sample_shape)
-
-    def log_prob(self, x):
-        lp = self.logits.log_softmax(-1)
-        lp, x = torch.broadcast_tensors(lp, x.long().unsqueeze(-1))
-        return lp.gather(-1, x[..., :1]).squeeze(-1)
 _MIX = torch.distributions.MixtureSameFamily
 MISSING = {  # p(θ), a proposal that puts no mass on some value p can draw (before: accepted, biased by z)
     # a greedy behaviour policy on the last bit of a multi-binary action (z = 46.9)
@@ -384,7 +368,7 @@ MISSING = {  # p(θ), a proposal that puts no mass on some value p can draw (bef
         lambda th: Independent(Multinomial(3, logits=th[:3].expand(2, 3)), 1),
         lambda: Independent(Multinomial(2, probs=torch.full((2, 3), 1 / 3)), 1)),
     # a user's class whose support is integer_interval(0, 2), without enumerate_support (z = 14.9)
-    "user-integer-interval": (lambda th: _UserCategorical(th[:3]),
+    "user-integer-interval": (lambda th: UserCategorical(th[:3]),
                               lambda: Categorical(probs=torch.tensor([0.5, 0.5, 0.0]))),
     # an ε-greedy target policy (a mixture p: its components' values) and a proposal over 2 of its 3 values
     "mixture-p": (lambda th: _MIX(Categorical(logits=th[:2]), Categorical(logits=th.view(2, 3))),

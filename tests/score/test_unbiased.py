@@ -8,7 +8,6 @@ batch shape (2,) and two costs, one of which does not depend on the sample.
 """
 
 import itertools
-import math
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from torch.distributions import Bernoulli, Beta, Binomial, Categorical, Exponent
 
 import storch
 from storch.extending import raw_of
+from user_distributions import UserCategorical, UserNormal
 
 # unordered set: k = 3 of 5 (categorical), 2 of 3 (chain), 3 of 4 joint values (plate)
 K_SET = {"categorical": 3, "chain": 2, "plate": 3}
@@ -415,24 +415,6 @@ def _multi_exact(th):
     return _multi_p(th).log_prob(_MULTI_VALUES.to(th)).exp() @ _multi_cost(_MULTI_VALUES).to(th)
 
 
-class _UserCategorical(torch.distributions.Distribution):
-    """A user's class over {0, 1, 2} written without enumerate_support: its support lists its values."""
-    arg_constraints = {"logits": torch.distributions.constraints.real_vector}
-    support = torch.distributions.constraints.integer_interval(0, 2)
-
-    def __init__(self, logits, validate_args=None):
-        self.logits = logits
-        super().__init__(batch_shape=logits.shape[:-1], validate_args=validate_args)
-
-    def sample(self, sample_shape=torch.Size()):
-        with torch.no_grad():
-            return Categorical(logits=self.logits).sample(sample_shape)
-
-    def log_prob(self, x):
-        lp = self.logits.log_softmax(-1)
-        lp, x = torch.broadcast_tensors(lp, x.long().unsqueeze(-1))
-        return lp.gather(-1, x[..., :1]).squeeze(-1)
-
 COVERING = {  # p(θ), a proposal that covers p (Independent over p's dims, or a mixture), the cost, exact E[cost]
     "independent-bernoulli": (lambda th: torch.distributions.Independent(Bernoulli(logits=th), 1),
                               lambda: torch.distributions.Independent(Bernoulli(probs=torch.tensor([0.5, 0.5, 0.9])), 1),
@@ -457,7 +439,7 @@ COVERING = {  # p(θ), a proposal that covers p (Independent over p's dims, or a
     "multinomial": (_multi_p, lambda: torch.distributions.Multinomial(3, probs=torch.tensor([0.5, 0.3, 0.2])),
                     _multi_cost, _multi_exact, torch.tensor([0.3, -0.4])),
     # a user's class whose support is constraints.integer_interval(0, 2), without enumerate_support
-    "user-integer-interval": (lambda th: _UserCategorical(th), lambda: Categorical(probs=torch.ones(3) / 3),
+    "user-integer-interval": (lambda th: UserCategorical(th), lambda: Categorical(probs=torch.ones(3) / 3),
                               lambda z: _CAT3_W[z], lambda th: th.softmax(-1) @ _CAT3_W, torch.tensor([0.3, -0.2, 0.5])),
 }
 
@@ -481,26 +463,6 @@ def test_importance_independent_and_mixture_proposals_that_cover_p(case):
         assert_unbiased(g, w, f"importance, {case}, order {order}")
 
 
-class _UserNormal(torch.distributions.Distribution):
-    """A user's Normal with a fixed scale (a constructor argument outside arg_constraints), as
-    docs/your-own-distribution.md describes."""
-
-    arg_constraints = {"loc": torch.distributions.constraints.real}
-    support = torch.distributions.constraints.real
-
-    def __init__(self, loc, scale=1.0, validate_args=None):
-        self.loc, self.scale = loc, scale
-        super().__init__(batch_shape=loc.shape, validate_args=validate_args)
-
-    def sample(self, sample_shape=torch.Size()):
-        shape = self._extended_shape(sample_shape)
-        with torch.no_grad():
-            return self.loc.expand(shape) + self.scale * torch.randn(shape, dtype=self.loc.dtype)
-
-    def log_prob(self, x):
-        return -0.5 * ((x - self.loc) / self.scale) ** 2 - math.log(self.scale) - 0.5 * math.log(2 * math.pi)
-
-
 def test_importance_with_a_user_proposal_on_the_data_plate_is_unbiased():
     # review r-twentythree: a proposal of the user's class built from plate tensors was refused ("the copy differs
     # from yours in batch_shape") because its copy's leading dims, the node's parent plates, were not declared
@@ -511,7 +473,7 @@ def test_importance_with_a_user_proposal_on_the_data_plate_is_unbiased():
         theta = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
         with storch.Graph():
             s = storch.denote_independent(shift, 0, "data")
-            est = storch.estimator("importance", plate="z", proposal=_UserNormal(s * 0 + 0.3, 1.5), n_samples=3)
+            est = storch.estimator("importance", plate="z", proposal=UserNormal(s * 0 + 0.3, 1.5), n_samples=3)
             z = est(Normal(theta + s, 1.0))
             storch.add_cost(z ** 2, name="c")
             storch.backward()
