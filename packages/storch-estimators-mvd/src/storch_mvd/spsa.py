@@ -252,10 +252,8 @@ class Spsa(Estimator):
             small = w < math.sqrt(torch.finfo(w.dtype).tiny)
             routed = is_tracing() or small.is_meta or bool(small.any())
             l = torch.zeros_like(w)
-            extra = torch.zeros_like(w)
             for k, v in u.items():
                 wk = w.reshape(w.shape + (1,) * (eps[k].dim() - w.dim()))
-                sk = small.reshape(wk.shape)
                 # detach: only u carries gradient. 2cε is the realised step Δ = u₊ − u₋ (the nominal one was
                 # 25% off for a bfloat16 loc of 20), divided in the wide dtype Δ is carried in
                 coef = (sign / (steps[k] * n * wk.to(steps[k].dtype))).to(v.dtype).detach()
@@ -263,15 +261,15 @@ class Spsa(Estimator):
                     # a coordinate at −∞ (a masked logit) is not moved by ±cε, so its finite difference is
                     # exactly 0: it enters l as 0, with no gradient (−∞ · coef was NaN)
                     v = torch.where(held[k], torch.zeros((), dtype=v.dtype, device=v.device), v)
-                zero = torch.zeros((), dtype=v.dtype, device=v.device)
-                if routed:
+                if routed:  # (the underflowing entries' terms, carried in the weight: only where there are some)
+                    sk, zero = small.reshape(wk.shape), torch.zeros((), dtype=v.dtype, device=v.device)
                     coef = torch.where(sk, zero, coef)
                     step = (sign / (steps[k] * n)).to(v.dtype).detach()
                     term = torch.where(sk, (v - v.detach()) * step, zero)
-                    extra = extra + term.reshape(w.shape + (-1,)).sum(-1).to(w.dtype)
+                    w = w + term.reshape(w.shape + (-1,)).sum(-1).to(w.dtype)
                 l = l + (v * coef).reshape(w.shape + (-1,)).sum(-1)
             grads.append(l)
-            weights.append(w + extra if routed else w)
+            weights.append(w)
         node.state.weights = torch.stack(weights, 1).flatten(0, 1)
         node.state.gradient = torch.stack(grads, 1).flatten(0, 1)
         with torch.no_grad():
