@@ -2,7 +2,7 @@
 are differentiated as separate terms, and autograd rounded each term's gradient to float32 before adding them, so
 C and -b (both ~5e7) cancelled to 0: the gradient was exactly 0 in every estimate (found by p-docs6) while an
 estimator per step (no partition) was right. A partition's per-step l_t is now widened to float64 as a single
-node's l is (storch.surrogate.loss._widen_steps). z-tests against the exact gradient, in place (the stacked
+node's l is (Node.widen_to_float64). z-tests against the exact gradient, in place (the stacked
 cumulative sum) and with a step that grows a data plate (L_t re-indexed step by step)."""
 
 from __future__ import annotations

@@ -312,6 +312,38 @@ class Node:
     def weight_values(self, w: Any) -> None:
         self._weight_values = w
 
+    def widen_to_float64(self) -> None:
+        """Give this node its l (and weights) in float64, for a float64 cost downstream (``storch.surrogate``):
+        MagicBox(l) · C and (1 - MagicBox(l)) · ⊥b reached a float32 l as two gradients rounded to float32,
+        which cancelled under a cost of 1e8 (found by a tester). Widened once, shared by every term. For a
+        partition: each logged l_t (in place in ``step_log``, which the stacked surrogate's cumulative sum
+        reads), the cumulative L_t recomputed from them when next read, the views made so far (:meth:`at`)
+        given their step's widened L_t, and every weight (the node's and its views'). The same values and
+        derivatives (a cast is linear). The node keeps the widened values: a ``cost_estimates()`` read after
+        the surrogate of a node with weights is then float64 for a float32 cost too (review r-twenty)."""
+        log = self.step_log
+        if log is None:
+            l = self._gradient_values
+            if _narrow(l):
+                self._gradient_values = l.to(torch.float64)
+        else:
+            changed = False
+            for i, (plates, l) in enumerate(log):
+                if _narrow(l):
+                    log[i] = (plates, l.to(torch.float64))
+                    changed = True
+            if changed:
+                self._history = [log[0]]  # (L_0 = l_0; the later L_t summed again from the widened log when read)
+                self._gradient_values = log[0][1]
+                if self._views:
+                    hist = self._materialised()
+                    for step, view in self._views.items():
+                        view._gradient_values = hist[step][1]
+        for node in (self, *(self._views or {}).values()):
+            w = node._weight_values
+            if _narrow(w):
+                node._weight_values = w.to(torch.float64)
+
     @property
     def plates(self) -> tuple[Plate, ...]:
         """The node's plates: its own plate first, then its parents'."""
@@ -387,6 +419,11 @@ class History(Sequence):
 
     def __repr__(self) -> str:
         return f"History({len(self)} steps)"
+
+
+def _narrow(x: Any) -> bool:
+    """Whether ``x`` is a floating tensor narrower than float64 (:meth:`Node.widen_to_float64`)."""
+    return isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype is not torch.float64
 
 
 def _lead(t: torch.Tensor, n: int) -> torch.Tensor:

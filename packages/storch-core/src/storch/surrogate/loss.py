@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..cost import _widened, magic_box
+from ..cost import magic_box
 from ..eager import eager_only
 from ..errors import StorchError, UnusedSampleWarning
 from ..estimators.watch import is_pathwise
@@ -419,53 +419,10 @@ def _one_node_loss(graph: Graph) -> Optional[torch.Tensor]:
 
 
 def _widen_to_float64(nodes: list[Node]) -> None:
-    """Give the nodes upstream of a float64 cost their l (and weights) in float64 (``cost._widened``): MagicBox(l) · C
-    and (1 - MagicBox(l)) · ⊥b reached a float32 l as two gradients rounded to float32, which cancelled under a
-    cost of 1e8 (found by a tester). Widened once, shared by every term; a partition's per-step l_t too
-    (``_widen_steps``: its cumulative L_t read from them, as was an estimator-per-step model's, found by p-docs6).
-    The nodes keep the widened values: a cost_estimates() read after the surrogate of a node with weights (expect,
-    importance, spsa) is then float64 for a float32 cost too (the same estimate, computed in float64; review
-    r-twenty)."""
+    """Give the nodes upstream of a float64 cost their l (and weights) in float64 (:meth:`Node.widen_to_float64`;
+    a partition's per-step l_t too, which its cumulative L_t reads, found by p-docs6)."""
     for node in nodes:
-        if node.step_log is not None:
-            _widen_steps(node)
-            continue
-        l = node.gradient_values
-        if isinstance(l, torch.Tensor) and l.dtype is not torch.float64:
-            node.gradient_values = _widened(l, torch.float64)
-        w = node._weight_values
-        if isinstance(w, torch.Tensor) and w.dtype is not torch.float64:
-            node.weight_values = _widened(w, torch.float64)
-
-
-def _widen_steps(node: Node) -> None:
-    """:func:`_widen_to_float64` for a partition: each logged l_t in float64 (in place in ``node.step_log``, which
-    the stacked surrogate's cumulative sum reads: ``steps._stacked_cumulative``), the cumulative L_t recomputed from
-    them when next read (``Node.history``, ``gradient_values``), the views made so far (``Node.at``) given their
-    step's widened L_t, and the weights widened. The same values and derivatives (a cast is linear)."""
-    log = node.step_log
-    if log is None:  # (a node sampled once: _widen_to_float64's own case)
-        return
-    changed = False
-    for i, (plates, l) in enumerate(log):
-        if isinstance(l, torch.Tensor) and l.is_floating_point() and l.dtype is not torch.float64:
-            log[i] = (plates, _widened(l, torch.float64))
-            changed = True
-    if changed:
-        node._history = [log[0]]  # (L_0 = l_0; the later L_t summed again from the widened log when read)
-        node._gradient_values = log[0][1]
-        views = node._views
-        if views:
-            hist = node._materialised()
-            for step, view in views.items():
-                view.gradient_values = hist[step][1]
-    w = node._weight_values
-    if isinstance(w, torch.Tensor) and w.is_floating_point() and w.dtype is not torch.float64:
-        node.weight_values = _widened(w, torch.float64)
-    for view in (node._views or {}).values():
-        w = view._weight_values
-        if isinstance(w, torch.Tensor) and w.is_floating_point() and w.dtype is not torch.float64:
-            view.weight_values = _widened(w, torch.float64)
+        node.widen_to_float64()
 
 
 def _many_costs_loss(node: Node, terms: list) -> torch.Tensor:
