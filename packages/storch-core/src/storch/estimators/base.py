@@ -297,10 +297,12 @@ class Estimator(torch.nn.Module):
         """
         return _draw_node(self, current_graph(), distribution, inputs)
 
-    def _storch_forward(self, graph, distribution: Distribution, inputs: Any) -> PlateTensor:
+    def _storch_forward(self, graph, distribution: Distribution, inputs: Any, plain: bool = False) -> PlateTensor:
         """:meth:`forward` in ``graph``, the current graph (``Estimator.__call__`` has it at hand). Called through
         the module-level ``_draw_node``, so a subclass's own method of this name is never called in its place
-        (review r-twentyone: a subclass helper named ``_forward`` was)."""
+        (review r-twentyone: a subclass helper named ``_forward`` was). ``plain``: called by ``Estimator.__call__``'s
+        lean path (no hooks, generator, overriding forward, compiled module or jit trace), where a plain node may
+        take :func:`_plain_node`."""
         if _jit_tracing() or _compiler._is_exporting_flag:
             refuse_foreign_trace(f"estimator {self.name!r} (plate {self.plate!r})")
         if self.has_update and not self.replays_update:  # (False on the common path: one attribute read)
@@ -319,6 +321,8 @@ class Estimator(torch.nn.Module):
                     raw, parents = same
                     if not graph.owns(parents):
                         graph.check_call(self, distribution)  # raises the error that says what is wrong
+                    if plain and inputs is None:
+                        return _first_node(self, graph, raw, parents, distribution)
                     return self._sample_node(graph, raw, parents, distribution, inputs)
             else:
                 # a partition step whose parameters are plate tensors on exactly the partition's
@@ -335,6 +339,8 @@ class Estimator(torch.nn.Module):
         if node is not None:
             return self._extend_partition(graph, node, distribution, None, inputs, own)
         raw, parents = unwrap_distribution(distribution)
+        if plain and inputs is None:
+            return _first_node(self, graph, raw, parents, distribution)
         return self._sample_node(graph, raw, parents, distribution, inputs)
 
     def _check_enumeration(self, raw: Distribution) -> None:
@@ -391,15 +397,8 @@ class Estimator(torch.nn.Module):
         try:
             l_x = self.gradient_function(node)
         except (RuntimeError, TypeError, ValueError) as e:
-            if isinstance(e, StorchError):  # (storch's own error, e.g. a PlateError in a gradient function: as it is)
-                raise
-            # the usual reader of the sample's dtype is log p: a proposal that returns another dtype than the
-            # distribution's (a long tensor for a Bernoulli) fails in torch with "result type Float can't be
-            # cast to the desired output type Long"; say which component gave the wrong dtype (error path only)
-            message = _sample_dtype_message(self, raw, sample, own, e)
-            if message is None:
-                raise
-            raise StorchError(message) from e
+            _gradient_function_failed(self, raw, sample, own, e)
+            raise
         # a float16 / bfloat16 l (a model under autocast) in float32: MagicBox(l) · C and (1 - MagicBox(l)) · ⊥b
         # cancelled in bfloat16 (cost._widened); l's dtype compared, one cast for a reduced one
         node.gradient_values = _widened(_checked_lead(self, "gradient_function", l_x, plates, 0, raw, sample))
@@ -1084,6 +1083,7 @@ class Estimator(torch.nn.Module):
     _options_key: tuple = ()
 
     def __setattr__(self, name: str, value: Any) -> None:
+        self.__dict__.pop("_storch_plain", None)  # (any attribute may change what _is_plain decided)
         if (self.__dict__.get("_constructed") and name in _option_names(type(self))
                 and not (type(value) is torch.nn.Parameter and name in self.__dict__.get("_parameters", ()))):
             # an option set on a constructed estimator: as the constructor takes it, or refused where the
@@ -1121,7 +1121,7 @@ class Estimator(torch.nn.Module):
                 if not args and not kwargs and _no_module_hooks(self):
                     # what nn.Module.__call__ then does (forward), without its two calls and forward's
                     # second look-up of the current graph
-                    return _draw_node(self, graph, distribution, None)
+                    return _draw_node(self, graph, distribution, None, True)
                 return super().__call__(distribution, *args, **kwargs)
             graph.check_call(self, distribution)  # before an overriding forward runs
             with drawing_with(graph.generator):  # storch.Graph(generator=g): the node's draws use g
@@ -1463,6 +1463,102 @@ def _check_eos_step(est: Estimator, node: Node, raw: Distribution, t: int) -> No
         "(docs/partitions.md, 'Variable length: eos=')")
 
 
+def _gradient_function_failed(est: Estimator, raw: Distribution, sample: torch.Tensor, own: tuple,
+                              e: BaseException) -> None:
+    """Raise storch's explanation of the error ``e`` of a node's first gradient function where there is one (the
+    caller re-raises ``e`` otherwise)."""
+    if isinstance(e, StorchError):  # (storch's own error, e.g. a PlateError in a gradient function: as it is)
+        return
+    # the usual reader of the sample's dtype is log p: a proposal that returns another dtype than the
+    # distribution's (a long tensor for a Bernoulli) fails in torch with "result type Float can't be
+    # cast to the desired output type Long"; say which component gave the wrong dtype (error path only)
+    message = _sample_dtype_message(est, raw, sample, own, e)
+    if message is not None:
+        raise StorchError(message) from e
+
+
+def _is_plain(est: Estimator, raw: Distribution) -> bool:
+    """Whether a node of ``est`` for a distribution of ``type(raw)`` is a plain node (:func:`_plain_node`): every
+    branch of :meth:`Estimator._sample_node` that :func:`_plain_node` leaves out is a no-op for any instance of the
+    type with this estimator's present options. Decided once per (estimator, distribution type) after the general
+    path ran for the type, and cached in the estimator's ``_storch_plain`` (cleared by ``Estimator.__setattr__``,
+    on any attribute set: an option, a flag set on the instance). The per-call conditions (no inputs, no live
+    integer-read mark, grad enabled, not traced by storch.compile, only independent parent plates: no draw
+    count to check) are tested by the caller; hooks, a generator, an overriding forward, a compiled module or a
+    jit trace take ``nn.Module.__call__`` and the general path."""
+    cls, kind = type(est), type(raw)
+    return (
+        # a torch class (its type fixes its structure: no user subclass, no wrapper of another distribution whose
+        # log p, support or rsample its type does not tell), whose support check this estimator passed before
+        # (check_distribution's cache of a fixed support: the same answer for every instance of the type)
+        kind.__module__.startswith("torch.distributions.") and not isinstance(raw, _MAY_CACHE)
+        and kind in est.__dict__.get("_storch_fixed_support_ok", ())
+        and cls.check_distribution is Estimator.check_distribution
+        # no enumeration check, order lowering, rsample watch, precision check, evaluation entries, eos, watch of
+        # the value's comparisons, or transform cache: the branches _plain_node leaves out
+        and not est.requires_enumerate_support and not _lowers_order(cls) and not est.requires_rsample
+        and not is_pathwise(est) and not est.jump_free and precision_checked(raw) is None
+        and est.uniform_weights is True and cls.evaluation_from is Estimator.evaluation_from and est.eos is None
+        and cls.output is Estimator.output and cls.is_eos is Estimator.is_eos
+        # a score function (no detection of an overridden gradient function that returns log p)
+        and not (est.score_function is None and not _is_score_function(cls)
+                 and (kind not in KINK_FREE or not support_is_fixed(kind))))
+
+
+def _first_node(est: Estimator, graph, raw: Distribution, parents: tuple[Plate, ...],
+                distribution: Distribution) -> PlateTensor:
+    """The estimator's first node in ``graph`` on ``Estimator.__call__``'s lean path, without inputs: a plain node
+    (:func:`_plain_node`) where that was decided for the distribution's type and the call's conditions hold, else
+    :meth:`Estimator._sample_node`, after which the type is decided (check_distribution has then cached what it
+    accepted)."""
+    kind = type(raw)
+    known = est.__dict__.get("_storch_plain")
+    ok = known.get(kind) if known is not None else None
+    if ok and not MARKS and _grad_enabled() and not is_tracing() and all(p.independent for p in parents):
+        return _plain_node(est, graph, raw, parents, distribution)
+    value = est._sample_node(graph, raw, parents, distribution, None)
+    if ok is None:
+        if known is None:
+            known = est.__dict__["_storch_plain"] = {}
+        known[kind] = _is_plain(est, raw)
+    return value
+
+
+def _plain_node(est: Estimator, graph, raw: Distribution, parents: tuple[Plate, ...],
+                distribution: Distribution) -> PlateTensor:
+    """:meth:`Estimator._sample_node` of a plain node (:func:`_is_plain`; issue 19): the same node, value and
+    errors, without the checks that are decided per (estimator, distribution type) and come out as no-ops (~20
+    statements and calls a node: the step's Python runs cold, so the code it runs matters, not only each call)."""
+    own = raw.batch_shape + raw.event_shape
+    if len(own) + 1 > MAX_DIMS:
+        raise PlateError(f"estimator {est.name!r} (plate {est.plate!r}): " + too_many_dims_message(len(own) + 1))
+    node = Node(est, raw, parents, original=distribution, inputs=None)
+    drawn = est._nodes_drawn
+    if drawn is not None:
+        drawn[0] += 1
+    sample = est.proposal(node)
+    if type(sample) is PlateTensor:
+        raise UnsupportedDistributionError(_plate_tensor_draw_message(est, distribution, "proposal"))
+    if sample.shape[1:len(own) + 1] != own:
+        raise StorchError(_sample_shape_message(est, "proposal", sample.shape, own))
+    plate = node.plate = Plate(est.plate, sample.shape[0], False, 0, Lineage())
+    node.sample = sample
+    graph.add_node(node)
+    plates = (plate,) + parents
+    try:
+        l_x = est.gradient_function(node)
+    except (RuntimeError, TypeError, ValueError) as e:
+        _gradient_function_failed(est, raw, sample, own, e)
+        raise
+    node.gradient_values = _widened(_checked_lead(est, "gradient_function", l_x, plates, 0, raw, sample))
+    if not sample.is_inference():
+        node.handed.append((sample, sample._version))
+    if sample.requires_grad and isinstance(raw, _CATEGORIES):  # (as _sample_node: a proposal's one-hot with grad)
+        plate.lineage.watch = _threshold_watch(node, False)
+    node.value = value = PlateTensor._wrap(sample, plates)
+    return value
+
+
 def _sampled_without_grad(node: Node, distribution: Distribution, step: int) -> None:
     """Record a step sampled with gradients disabled: its gradient function (and a pathwise sample)
     is computed without grad, so parameters that require grad get no gradient through the node. The
@@ -1544,6 +1640,7 @@ _FORWARD = Estimator.forward
 _draw_node = Estimator._storch_forward  # (not self._storch_forward: a subclass may define that name)
 _module = sys.modules[torch.nn.Module.__module__]  # torch.nn.modules.module: the global module hooks it keeps
 _get_tracing_state = torch._C._get_tracing_state
+_grad_enabled = torch.is_grad_enabled
 
 
 def _no_module_hooks(est: Estimator) -> bool:
