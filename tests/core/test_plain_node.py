@@ -3,7 +3,7 @@ no-ops is sampled by ``storch.estimators.base._plain_node``, decided once per (e
 cached on the estimator. These tests assert the path (not a time): taken in the plain case from the second call on,
 with the general path's samples, log-probabilities, loss and gradients bitwise; not taken where an option was set
 since, a hook runs, the distribution or the estimator is a subclass that changes what is checked, a parent plate is
-a sample plate, the step is traced by storch.compile, grad is disabled or inputs are given."""
+a sample plate, the step is traced by storch.compile or grad is disabled."""
 
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def test_a_sample_plate_among_the_parents_takes_the_general_path():
         assert "_plain_node" in seen
 
 
-def test_no_grad_inputs_and_normal_are_as_the_general_path_decides():
+def test_no_grad_inputs_and_other_types():
     theta = torch.randn(4, 3, requires_grad=True)
     est = _Plain(plate="z", n_samples=5)
     assert [_step(est, theta)[0] for _ in range(2)] == ["general", "plain"]
@@ -157,10 +157,29 @@ def test_no_grad_inputs_and_normal_are_as_the_general_path_decides():
             _, seen = calls(lambda: est(Bernoulli(logits=x)))
             assert "_plain_node" not in seen
             assert storch.current_graph().nodes[0].no_grad_step == 0
-    with storch.Graph():  # inputs go through nn.Module.__call__ and check_inputs
+    checked = []
+
+    class _Inputs(_Plain):
+        def check_inputs(self, inputs, plates, step):
+            checked.append(inputs)
+            super().check_inputs(inputs, plates, step)
+
+    with_inputs = _Inputs(plate="z", n_samples=5)
+    for i in range(2):  # inputs= keeps the lean call: checked (an overridden check_inputs too) and kept on the node
+        with storch.Graph():
+            x = storch.denote_independent(theta, 0, "data")
+            _, seen = calls(lambda: with_inputs(Bernoulli(logits=x), inputs=x))
+            assert ("_plain_node" in seen) == (i == 1) and "check_inputs" in seen
+            assert storch.current_graph().nodes[0].inputs is x and checked[-1] is x
+    with storch.Graph():  # inputs of another plate: refused on the plain path as on the general one
         x = storch.denote_independent(theta, 0, "data")
-        _, seen = calls(lambda: est(Bernoulli(logits=x), inputs=x))
-        assert "_plain_node" not in seen and "check_inputs" in seen
+        y = storch.denote_independent(theta, 0, "other")
+        with pytest.raises(storch.StorchError):
+            with_inputs(Bernoulli(logits=x), inputs=y)
+    with storch.Graph():  # a positional inputs goes through nn.Module.__call__
+        x = storch.denote_independent(theta, 0, "data")
+        _, seen = calls(lambda: est(Bernoulli(logits=x), x))
+        assert "_plain_node" not in seen and "_call_impl" in seen
     # a Categorical is plain too; a Normal's draws are checked for their precision at every node: never plain
     assert [_step(est, theta, lambda x: Categorical(logits=x))[0] for _ in range(2)] == ["general", "plain"]
     assert [_step(est, theta, lambda x: Normal(x, 1.0))[0] for _ in range(2)] == ["general", "general"]

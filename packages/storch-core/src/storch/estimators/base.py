@@ -321,8 +321,8 @@ class Estimator(torch.nn.Module):
                     raw, parents = same
                     if not graph.owns(parents):
                         graph.check_call(self, distribution)  # raises the error that says what is wrong
-                    if plain and inputs is None:
-                        return _first_node(self, graph, raw, parents, distribution)
+                    if plain:
+                        return _first_node(self, graph, raw, parents, distribution, inputs)
                     return self._sample_node(graph, raw, parents, distribution, inputs)
             else:
                 # a partition step whose parameters are plate tensors on exactly the partition's
@@ -339,8 +339,8 @@ class Estimator(torch.nn.Module):
         if node is not None:
             return self._extend_partition(graph, node, distribution, None, inputs, own)
         raw, parents = unwrap_distribution(distribution)
-        if plain and inputs is None:
-            return _first_node(self, graph, raw, parents, distribution)
+        if plain:
+            return _first_node(self, graph, raw, parents, distribution, inputs)
         return self._sample_node(graph, raw, parents, distribution, inputs)
 
     def _check_enumeration(self, raw: Distribution) -> None:
@@ -1118,10 +1118,10 @@ class Estimator(torch.nn.Module):
         graph = current_graph()
         try:
             if graph.generator is None and type(self).forward is _FORWARD:  # the lean path
-                if not args and not kwargs and _no_module_hooks(self):
+                if not args and (not kwargs or len(kwargs) == 1 and "inputs" in kwargs) and _no_module_hooks(self):
                     # what nn.Module.__call__ then does (forward), without its two calls and forward's
                     # second look-up of the current graph
-                    return _draw_node(self, graph, distribution, None, True)
+                    return _draw_node(self, graph, distribution, kwargs["inputs"] if kwargs else None, True)
                 return super().__call__(distribution, *args, **kwargs)
             graph.check_call(self, distribution)  # before an overriding forward runs
             with drawing_with(graph.generator):  # storch.Graph(generator=g): the node's draws use g
@@ -1482,10 +1482,10 @@ def _is_plain(est: Estimator, raw: Distribution) -> bool:
     branch of :meth:`Estimator._sample_node` that :func:`_plain_node` leaves out is a no-op for any instance of the
     type with this estimator's present options. Decided once per (estimator, distribution type) after the general
     path ran for the type, and cached in the estimator's ``_storch_plain`` (cleared by ``Estimator.__setattr__``,
-    on any attribute set: an option, a flag set on the instance). The per-call conditions (no inputs, no live
+    on any attribute set: an option, a flag set on the instance). The per-call conditions (no live
     integer-read mark, grad enabled, not traced by storch.compile, only independent parent plates: no draw
-    count to check) are tested by the caller; hooks, a generator, an overriding forward, a compiled module or a
-    jit trace take ``nn.Module.__call__`` and the general path."""
+    count to check) are tested by the caller; hooks, a generator, an overriding forward, arguments other than
+    ``inputs=``, a compiled module or a jit trace take ``nn.Module.__call__`` and the general path."""
     cls, kind = type(est), type(raw)
     return (
         # a torch class (its type fixes its structure: no user subclass, no wrapper of another distribution whose
@@ -1505,18 +1505,22 @@ def _is_plain(est: Estimator, raw: Distribution) -> bool:
                  and (kind not in KINK_FREE or not support_is_fixed(kind))))
 
 
-def _first_node(est: Estimator, graph, raw: Distribution, parents: tuple[Plate, ...],
-                distribution: Distribution) -> PlateTensor:
-    """The estimator's first node in ``graph`` on ``Estimator.__call__``'s lean path, without inputs: a plain node
+def _first_node(est: Estimator, graph, raw: Distribution, parents: tuple[Plate, ...], distribution: Distribution,
+                inputs: Any) -> PlateTensor:
+    """The estimator's first node in ``graph`` on ``Estimator.__call__``'s lean path: a plain node
     (:func:`_plain_node`) where that was decided for the distribution's type and the call's conditions hold, else
     :meth:`Estimator._sample_node`, after which the type is decided (check_distribution has then cached what it
     accepted)."""
     kind = type(raw)
     known = est.__dict__.get("_storch_plain")
     ok = known.get(kind) if known is not None else None
-    if ok and not MARKS and _grad_enabled() and not is_tracing() and all(p.independent for p in parents):
-        return _plain_node(est, graph, raw, parents, distribution)
-    value = est._sample_node(graph, raw, parents, distribution, None)
+    if ok and not MARKS and _grad_enabled() and not is_tracing():
+        for p in parents:
+            if not p.independent:  # a node's sample plate: the draw count is checked (_check_sample_entries)
+                break
+        else:
+            return _plain_node(est, graph, raw, parents, distribution, inputs)
+    value = est._sample_node(graph, raw, parents, distribution, inputs)
     if ok is None:
         if known is None:
             known = est.__dict__["_storch_plain"] = {}
@@ -1524,15 +1528,17 @@ def _first_node(est: Estimator, graph, raw: Distribution, parents: tuple[Plate, 
     return value
 
 
-def _plain_node(est: Estimator, graph, raw: Distribution, parents: tuple[Plate, ...],
-                distribution: Distribution) -> PlateTensor:
+def _plain_node(est: Estimator, graph, raw: Distribution, parents: tuple[Plate, ...], distribution: Distribution,
+                inputs: Any) -> PlateTensor:
     """:meth:`Estimator._sample_node` of a plain node (:func:`_is_plain`; issue 19): the same node, value and
     errors, without the checks that are decided per (estimator, distribution type) and come out as no-ops (~20
     statements and calls a node: the step's Python runs cold, so the code it runs matters, not only each call)."""
     own = raw.batch_shape + raw.event_shape
     if len(own) + 1 > MAX_DIMS:
         raise PlateError(f"estimator {est.name!r} (plate {est.plate!r}): " + too_many_dims_message(len(own) + 1))
-    node = Node(est, raw, parents, original=distribution, inputs=None)
+    if inputs is not None:
+        est.check_inputs(inputs, parents, 0)
+    node = Node(est, raw, parents, original=distribution, inputs=inputs)
     drawn = est._nodes_drawn
     if drawn is not None:
         drawn[0] += 1
