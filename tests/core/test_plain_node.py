@@ -128,6 +128,11 @@ def test_an_estimator_subclass_that_checks_more_keeps_its_checks():
             return node.sample * 1.0
 
     assert [_step(_OwnOutput(plate="z", n_samples=5), theta)[0] for _ in range(2)] == ["general"] * 2
+    est = _Plain(plate="z", n_samples=5)  # an output set on the instance: called, so not plain
+    assert [_step(est, theta)[0] for _ in range(2)] == ["general", "plain"]
+    outputs = []
+    est.output = lambda node: outputs.append(1) or node.sample
+    assert [_step(est, theta)[0] for _ in range(2)] == ["general", "general"] and outputs == [1, 1]
 
 
 def test_a_sample_plate_among_the_parents_takes_the_general_path():

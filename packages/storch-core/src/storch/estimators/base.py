@@ -1477,6 +1477,11 @@ def _gradient_function_failed(est: Estimator, raw: Distribution, sample: torch.T
         raise StorchError(message) from e
 
 
+# the estimator's methods that _plain_node does not call (the general path calls them through the instance)
+_PLAIN_SKIPS = ("check_distribution", "supports", "output", "evaluation_from", "is_eos", "max_order_for",
+                "_check_draw_precision", "weighting_function")
+
+
 def _is_plain(est: Estimator, raw: Distribution) -> bool:
     """Whether a node of ``est`` for a distribution of ``type(raw)`` is a plain node (:func:`_plain_node`): every
     branch of :meth:`Estimator._sample_node` that :func:`_plain_node` leaves out is a no-op for any instance of the
@@ -1500,6 +1505,8 @@ def _is_plain(est: Estimator, raw: Distribution) -> bool:
         and not is_pathwise(est) and not est.jump_free and precision_checked(raw) is None
         and est.uniform_weights is True and cls.evaluation_from is Estimator.evaluation_from and est.eos is None
         and cls.output is Estimator.output and cls.is_eos is Estimator.is_eos
+        # none of the methods it leaves out set on the instance (est.output = f: nn.Module keeps it in __dict__)
+        and not any(name in est.__dict__ for name in _PLAIN_SKIPS)
         # a score function (no detection of an overridden gradient function that returns log p)
         and not (est.score_function is None and not _is_score_function(cls)
                  and (kind not in KINK_FREE or not support_is_fixed(kind))))
