@@ -1083,7 +1083,8 @@ class Estimator(torch.nn.Module):
     _options_key: tuple = ()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        self.__dict__.pop("_storch_plain", None)  # (any attribute may change what _is_plain decided)
+        if name not in _PLAIN_KEEPS:  # (any other attribute may change what _is_plain decided)
+            self.__dict__.pop("_storch_plain", None)
         if (self.__dict__.get("_constructed") and name in _option_names(type(self))
                 and not (type(value) is torch.nn.Parameter and name in self.__dict__.get("_parameters", ()))):
             # an option set on a constructed estimator: as the constructor takes it, or refused where the
@@ -1476,6 +1477,12 @@ def _gradient_function_failed(est: Estimator, raw: Distribution, sample: torch.T
     if message is not None:
         raise StorchError(message) from e
 
+
+# what storch's estimators set at each update (score's and the variance-trained estimators' update_steps, and
+# storch.extending.optimizer_step's skipped_updates: numbers that only count; their optimizer, _optimizer): read by
+# no decision of the estimator call (set every step, they would send a learned baseline's node through the general
+# path and _is_plain, ~2 us, at every step)
+_PLAIN_KEEPS = frozenset({"update_steps", "skipped_updates", "_optimizer"})
 
 # the estimator's methods that _plain_node does not call (the general path calls them through the instance)
 _PLAIN_SKIPS = ("check_distribution", "supports", "output", "evaluation_from", "is_eos", "max_order_for",
