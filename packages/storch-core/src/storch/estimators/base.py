@@ -353,7 +353,9 @@ class Estimator(torch.nn.Module):
 
     def _sample_node(self, graph, raw: Distribution, parents: tuple[Plate, ...], distribution: Distribution,
                      inputs: Any) -> PlateTensor:
-        """The first call of this estimator in ``graph``: a new node for the raw distribution ``raw``."""
+        """The first call of this estimator in ``graph``: a new node for the raw distribution ``raw``. (A check
+        added here must be added to :func:`_is_plain`'s conditions, or to :func:`_plain_node`, which leaves out
+        the branches that are no-ops for a plain node.)"""
         self.check_distribution(raw)
         if self.requires_enumerate_support:  # probabilities of exactly 0 (probs=) are impossible values
             self._check_enumeration(raw)
