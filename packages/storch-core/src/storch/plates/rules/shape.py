@@ -137,6 +137,9 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
         n = len(x._plates)
         k = x._raw.dim() - n
         if k == 0:
+            if func in ACROSS_SAMPLES:
+                d = _get_dim(args, kwargs, pos, default)[0]
+                _refuse_reduction_of_one_value(func, x, default if d is None and callable(default) else d)
             return vmap_call(func, args, kwargs)  # 0-dim samples: dim 0 / -1 address the scalar itself
         d, where = _get_dim(args, kwargs, pos, default)
         if callable(d) or (d is None and callable(default)):
@@ -178,6 +181,65 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
 
 
 _UNBIASED = set(_both("std") + _both("var"))
+
+# The reductions and normalisations that batched code applies along its samples' dim (an IWAE bound's
+# logsumexp(lw, 0), lw.mean(0), lw.softmax(0), lw.max(0)). On a per-sample tensor of one value (per-sample
+# shape ()) torch accepts dim 0 and -1 and reduces nothing: each entry's "bound" is its own value, and the
+# objective is silently another one (found by a tester: an IWAE_4 written so trained on the ELBO, mean cost 3.71
+# where E[-IWAE_4] is 1.86). Such a call, in user code, on a tensor that carries a sample plate is refused
+# (:func:`_refuse_reduction_of_one_value`); only these functions on 0-dim samples pay for the check.
+ACROSS_SAMPLES: frozenset = frozenset(
+    f for n in ("sum", "mean", "nansum", "nanmean", "prod", "amax", "amin", "max", "min", "median", "nanmedian",
+                "logsumexp", "argmax", "argmin", "std", "var", "norm", "softmax", "log_softmax", "cumsum", "cumprod",
+                "logcumsumexp", "cummax", "cummin")
+    for f in _both(n)) | {F.softmax, F.log_softmax, F.softmin, F.normalize, torch.linalg.vector_norm,
+                          torch.linalg.norm}
+
+# the modules between a user's call and the dispatcher (torch's Python wrappers that hand over to
+# __torch_function__: F.softmax, Tensor.norm, torch.norm), skipped when looking for who made the call
+_PASSING = ("torch.overrides", "torch.nn.functional", "torch.functional", "torch._tensor", "torch.linalg")
+
+
+def _made_by_user() -> bool:
+    """Whether the nearest caller outside storch's plate code and torch's Python wrappers is user code: not
+    torch.distributions (a distribution's own formulas), and not storch or an estimator package (storch's own
+    calls). Refusal path only: a walk up the stack."""
+    f = sys._getframe(2)
+    while f is not None:
+        name = f.f_globals.get("__name__", "")
+        if name.startswith("storch.plates") or name == "storch.eager" or name.startswith(_PASSING):
+            f = f.f_back
+            continue
+        return not (name.startswith(("storch.", "storch_", "torch.distributions")) or name == "storch")
+    return False
+
+
+def _refuse_reduction_of_one_value(func, x, d) -> None:
+    """Refuse (a PlateError) ``func`` with a dim (or softmax's implicit one) on ``x``, a plate tensor of per-sample
+    shape (), where it carries a sample plate (a node's, of size > 1: not a data plate, nor a plate built by hand,
+    which has no lineage) and the call is the user's: it reduces nothing, where the user meant to reduce over
+    the samples."""
+    if d is None or (type(d) in (tuple, list) and not d):
+        return  # sum(), sum(dim=()): over every per-sample dim, which torch does on one value too
+    sampled = [p for p in x._plates if not p.independent and p.size > 1 and p.lineage is not None]
+    if not sampled or not _made_by_user():
+        return
+    name = getattr(func, "__name__", str(func))
+    dim = "its implicit dim" if callable(d) else f"dim={d!r}"
+    plates = ", ".join(f"{p.name!r} (size {p.size})" for p in sampled)
+    raise PlateError(
+        f"{name} with {dim} on a plate tensor of per-sample shape () that carries the sample plate(s) {plates}: "
+        "the plate is not a dim of the per-sample tensor (your code sees one sample, whose value is a single "
+        f"number), so torch's {name} over dim 0 / -1 of it reduces nothing and returns that value (or 1, 0) "
+        "per sample: it does not combine the samples, as the same line does in batched code. storch computes "
+        "each plate entry's cost from that entry alone (docs/plates.md, 'Each entry's cost from that entry "
+        "alone'). For an objective that couples K draws (a multi-sample bound such as IWAE's logsumexp of the K "
+        "log-weights minus log K), hold the K draws in ONE sample: the node's distribution is K copies of q, "
+        "z = est(Bernoulli(logits=logits.expand(K, *logits.shape))), and the bound reduces over z's first "
+        "per-sample dim, log_w(z).logsumexp(0) (docs/plates.md, Pitfalls, '.tensor'); or use the 'vimco' "
+        "estimator, which draws the K copies itself and gives each its own baseline (docs/estimators/vimco.md). "
+        "For a baseline from the other samples use the estimator's baseline='leave_one_out'. "
+        "A reduction of a sample's own value needs no dim: sum() / mean()")
 # reductions that take a tuple of any number of dims (the others reduce a flattened view; not norm:
 # its default p='fro' refuses more than two dims)
 _TUPLE_DIMS = set(sum((_both(n) for n in ("sum", "mean", "nansum", "nanmean", "amax", "amin", "logsumexp", "std",

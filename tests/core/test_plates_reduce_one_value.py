@@ -1,0 +1,128 @@
+"""A reduction with a dim of a per-sample scalar that carries a sample plate: refused, not a silent no-op.
+
+Found by a tester (p-hier): an IWAE bound written as in batched code on the per-sample log-weight,
+``add_cost(-(torch.logsumexp(lw, 0) - math.log(4)))`` with ``lw`` of per-sample shape (), reduces nothing (torch
+accepts dim 0 / -1 of a scalar): each entry's cost was -ELBO + log 4 and the model trained on the ELBO (mean cost
+3.71 where E[-IWAE_4] is 1.86). The plate is not a dim of the per-sample tensor; the error says so and what to do.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Bernoulli, Normal, constraints
+
+import storch
+
+FORMS = {
+    "torch.logsumexp": lambda lw: torch.logsumexp(lw, 0),
+    "logsumexp_-1": lambda lw: lw.logsumexp(-1),
+    "mean": lambda lw: lw.mean(0),
+    "sum_dim_kw": lambda lw: lw.sum(dim=0),
+    "sum_axis": lambda lw: lw.sum(axis=0),
+    "sum_tuple": lambda lw: lw.sum((0,)),
+    "prod": lambda lw: lw.prod(0),
+    "max": lambda lw: lw.max(0).values,
+    "min": lambda lw: torch.min(lw, dim=0)[0],
+    "amax": lambda lw: lw.amax(0),
+    "amin": lambda lw: lw.amin(-1),
+    "argmax": lambda lw: lw.argmax(0),
+    "var_biased": lambda lw: lw.var(0, correction=0),
+    "softmax": lambda lw: lw.softmax(0),
+    "log_softmax": lambda lw: torch.log_softmax(lw, 0),
+    "F.softmax": lambda lw: F.softmax(lw, dim=0),
+    "F.softmax_implicit": lambda lw: F.softmax(lw),
+    "F.log_softmax": lambda lw: F.log_softmax(lw, -1),
+    "nn.Softmax": lambda lw: torch.nn.Softmax(dim=0)(lw),
+    "cumsum": lambda lw: lw.cumsum(0),
+    "logcumsumexp": lambda lw: torch.logcumsumexp(lw, 0),
+    "norm": lambda lw: lw.norm(dim=0),
+    "vector_norm": lambda lw: torch.linalg.vector_norm(lw, dim=0),
+    "F.normalize": lambda lw: F.normalize(lw, dim=0),
+}
+
+
+def _log_weights(n=4):
+    mu = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    z = storch.estimator("reparameterization", plate="z", n_samples=n)(Normal(mu, 1.0))
+    return Normal(0.0, 1.0).log_prob(z) - Normal(mu, 1.0).log_prob(z)  # per-sample shape ()
+
+
+@pytest.mark.filterwarnings("ignore:Implicit dimension choice")
+@pytest.mark.parametrize("form", list(FORMS))
+def test_a_reduction_with_a_dim_of_a_per_sample_scalar_is_refused(form):
+    torch.manual_seed(0)
+    with storch.Graph():
+        lw = _log_weights()
+        assert lw.shape == () and lw.plate_names == ("z",)
+        with pytest.raises(storch.PlateError,
+                           match=r"(?s)per-sample shape \(\).*'z' \(size 4\).*reduces nothing.*"
+                                 r"logsumexp\(0\).*vimco"):
+            FORMS[form](lw)
+
+
+def test_the_testers_iwae_bound_is_refused():
+    torch.manual_seed(0)
+    with storch.Graph():
+        lw = _log_weights()
+        with pytest.raises(storch.PlateError, match="logsumexp with dim=0"):
+            storch.add_cost(-(torch.logsumexp(lw, 0) - math.log(4)), name="iwae")
+
+
+def test_without_a_dim_and_on_a_per_sample_vector_the_reductions_run_per_sample():
+    torch.manual_seed(1)
+    with storch.Graph():
+        lw = _log_weights()
+        for f in (lambda t: t.sum(), lambda t: t.mean(), lambda t: torch.logsumexp(t, dim=()), lambda t: t.amax()):
+            out = f(lw)  # over every per-sample dim: the value itself
+            assert out.plate_names == ("z",)
+            torch.testing.assert_close(out.tensor, lw.tensor)
+        v = torch.stack([lw, 2 * lw])  # per-sample shape (2,): dim 0 is a dim of the sample
+        for name in ("logsumexp", "mean", "softmax", "cumsum", "amax"):
+            out = getattr(v, name)(0)
+            torch.testing.assert_close(out.tensor, getattr(v.tensor, name)(1))
+
+
+def test_one_sample_and_a_data_plate_are_not_refused():
+    """A plate of size 1, or a data plate alone: no samples to couple."""
+    torch.manual_seed(2)
+    with storch.Graph():
+        lw = _log_weights(n=1)
+        torch.testing.assert_close(torch.logsumexp(lw, 0).tensor, lw.tensor)
+        x = storch.denote_independent(torch.randn(5, dtype=torch.float64), 0, "data")
+        torch.testing.assert_close(x.logsumexp(0).tensor, x.tensor)
+
+
+def test_torch_distributions_own_reductions_of_a_per_sample_scalar_are_not_refused():
+    """torch.distributions' own calls (here the simplex constraint's value.sum(-1) of its argument) are its
+    formulas, not the user's batched habit: they run as torch computes them on one sample."""
+    torch.manual_seed(3)
+    with storch.Graph():
+        lw = _log_weights()
+        ok = constraints.simplex.check(lw.exp())
+        assert ok.plate_names == ("z",) and ok.shape == ()
+        assert torch.equal(ok.tensor, constraints.simplex.check(lw.tensor.exp().unsqueeze(-1)))
+
+
+def test_the_advised_form_k_draws_in_one_sample_is_the_exact_iwae_bound():
+    """The error's advice: the K draws in one sample (K copies of q), the bound over the sample's dim 0. Under
+    `expect` (every joint value of the K copies enumerated) the cost estimate is E[-IWAE_K] exactly."""
+    K = 3
+    a, d = torch.tensor(0.4, dtype=torch.float64), torch.tensor(1.3, dtype=torch.float64)
+    prior = Bernoulli(logits=torch.tensor(-0.2, dtype=torch.float64))
+
+    def log_w(z):
+        return Normal(d * z, 1.0).log_prob(torch.tensor(0.7, dtype=torch.float64)) + prior.log_prob(z) - \
+            Bernoulli(logits=a).log_prob(z)
+
+    exact = torch.zeros((), dtype=torch.float64)
+    for combo in itertools.product((0.0, 1.0), repeat=K):
+        z = torch.tensor(combo, dtype=torch.float64)
+        exact = exact + Bernoulli(logits=a).log_prob(z).sum().exp() * -(log_w(z).logsumexp(0) - math.log(K))
+    with storch.Graph():
+        z = storch.estimator("expect", plate="z")(Bernoulli(logits=a.expand(K)))
+        assert z.shape == (K,)
+        storch.add_cost(-(log_w(z).logsumexp(0) - math.log(K)), name="iwae")
+        torch.testing.assert_close(storch.cost_estimates()["iwae"], exact)
