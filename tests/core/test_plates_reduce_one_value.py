@@ -27,7 +27,7 @@ FORMS = {
     "max": lambda lw: lw.max(0).values,
     "min": lambda lw: torch.min(lw, dim=0)[0],
     "amax": lambda lw: lw.amax(0),
-    "amin": lambda lw: lw.amin(-1),
+    "amin": lambda lw: lw.amin(0),
     "argmax": lambda lw: lw.argmax(0),
     "var_biased": lambda lw: lw.var(0, correction=0),
     "softmax": lambda lw: lw.softmax(0),
@@ -83,6 +83,21 @@ def test_without_a_dim_and_on_a_per_sample_vector_the_reductions_run_per_sample(
         for name in ("logsumexp", "mean", "softmax", "cumsum", "amax"):
             out = getattr(v, name)(0)
             torch.testing.assert_close(out.tensor, getattr(v.tensor, name)(1))
+
+
+def test_a_reduction_over_the_last_dim_of_a_per_sample_scalar_runs_as_torch_does():
+    """Generic cost code reduces a sample's last dim (``((z - t) ** 2).sum(-1)``, written for vector samples and run on
+    a Categorical's scalar ones): dim -1 is the sample's own value, not the samples' dim of batched code (dim 0), so
+    sum / mean / amin / max / var over it run per sample. logsumexp and the softmax family are refused at any dim
+    (one value's softmax is 1)."""
+    torch.manual_seed(4)
+    with storch.Graph():
+        lw = _log_weights()
+        for f in (lambda t: t.sum(-1), lambda t: t.mean(dim=-1), lambda t: t.amin(-1), lambda t: t.max(-1).values,
+                  lambda t: t.cumsum(-1), lambda t: ((t - 0.5) ** 2).sum(-1)):
+            out = f(lw)
+            assert out.plate_names == ("z",)
+            torch.testing.assert_close(out.tensor, f(lw.tensor.unsqueeze(-1)).squeeze(-1))
 
 
 def test_one_sample_and_a_data_plate_are_not_refused():

@@ -195,6 +195,14 @@ ACROSS_SAMPLES: frozenset = frozenset(
     for f in _both(n)) | {F.softmax, F.log_softmax, F.softmin, F.normalize, torch.linalg.vector_norm,
                           torch.linalg.norm}
 
+# of those, the ones whose result on one value is a constant or the value itself whatever the dim (softmax: 1,
+# log_softmax: 0, normalize: the sign, logsumexp: the value): refused at any dim. The others only at dim 0, the
+# samples' dim of batched code: a generic cost's ``.sum(-1)`` over a sample's last dim (written for vector
+# samples, run on a Categorical's scalar ones) is a reduction over the sample's own value, as torch does it.
+_ANY_DIM: frozenset = frozenset(
+    f for n in ("logsumexp", "softmax", "log_softmax", "logcumsumexp") for f in _both(n)) | {
+        F.softmax, F.log_softmax, F.softmin, F.normalize}
+
 # the modules between a user's call and the dispatcher (torch's Python wrappers that hand over to
 # __torch_function__: F.softmax, Tensor.norm, torch.norm), skipped when looking for who made the call
 _PASSING = ("torch.overrides", "torch.nn.functional", "torch.functional", "torch._tensor", "torch.linalg")
@@ -221,6 +229,8 @@ def _refuse_reduction_of_one_value(func, x, d) -> None:
     the samples."""
     if d is None or (type(d) in (tuple, list) and not d):
         return  # sum(), sum(dim=()): over every per-sample dim, which torch does on one value too
+    if func not in _ANY_DIM and not (d == 0 if type(d) is int else type(d) in (tuple, list) and 0 in d):
+        return  # x.sum(-1): a generic reduction over a sample's last dim (_ANY_DIM)
     sampled = [p for p in x._plates if not p.independent and p.size > 1 and p.lineage is not None]
     if not sampled or not _made_by_user():
         return
