@@ -32,6 +32,7 @@ checked at registration (``storch.registry``); an instance whose options change 
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -800,10 +801,19 @@ class Estimator(torch.nn.Module):
         The factory (:meth:`check_distribution`), the registry's list of supporting estimators and
         the benchmarks' roster all ask this method. Called on an instance it reads the instance's
         capabilities (an option may change one), on a class the class defaults.
+
+        A class that overrides :meth:`check_distribution` (refusing more than these attributes say) is
+        asked too, where they accept ``distribution``: ``supports`` is False where ``check_distribution``
+        raises, so the lists of supporting estimators agree with what the factory accepts without a
+        ``supports`` override. On a class it asks an instance built with the default options (none is
+        built where the constructor needs arguments; torch's random state is restored after it); the
+        lists ask only when building an error message, the roster once per model.
         """
         if not _meets_requirements(cls, distribution):
             return False
-        return not (_is_score_function(cls) and moving_support(distribution))
+        if _is_score_function(cls) and moving_support(distribution):
+            return False
+        return _accepted_by_check(cls, distribution)
 
     @_instance_or_class
     def requirements(cls) -> list[str]:
@@ -862,7 +872,7 @@ class Estimator(torch.nn.Module):
         if plain and not score:
             return  # the base class's supports() accepts every distribution
         moved = moving_support(d) if score else ()  # (one dict lookup for a type that fixes its support)
-        if not plain and not self.supports(d) and not (
+        if not plain and not _supports_unconsulted(self, d) and not (
                 moved and _base_supports(type(self)) and _meets_requirements(self, d)):
             raise UnsupportedDistributionError(self._unsupported_message(d))
         if moved:
@@ -1747,6 +1757,47 @@ def _is_score_node(node: Node) -> bool:
     est = node.estimator
     return _is_score_function(est) or (est.score_function is None
                                        and _LOG_P_GRADIENT.get((type(est), type(node.distribution)), False))
+
+
+# the estimator classes whose check_distribution is running (Estimator.supports then does not ask it again)
+_CHECKING: "contextvars.ContextVar[frozenset]" = contextvars.ContextVar("storch_checking_distribution",
+                                                                      default=frozenset())
+
+
+def _supports_unconsulted(est: "Estimator", d: Distribution) -> bool:
+    """``est.supports(d)`` from inside ``est``'s check_distribution: the base supports does not ask the
+    check again (no recursion, no second check per node)."""
+    token = _CHECKING.set(_CHECKING.get() | {type(est)})
+    try:
+        return est.supports(d)
+    finally:
+        _CHECKING.reset(token)
+
+
+def _accepted_by_check(est: Any, d: Distribution) -> bool:
+    """Whether ``est``'s own :meth:`Estimator.check_distribution` (an override) accepts ``d``; True where the
+    class does not override it, or while it runs. ``est``: an instance, or a class (asked through an instance
+    with default options; True where none can be built)."""
+    owner = est if isinstance(est, type) else type(est)
+    if owner.check_distribution is Estimator.check_distribution or owner in _CHECKING.get():
+        return True
+    token = _CHECKING.set(_CHECKING.get() | {owner})
+    try:
+        with torch.random.fork_rng(devices=[]):  # a learned part built with default options draws its init
+            if isinstance(est, type):
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        est = owner(plate="supports")
+                except Exception:  # noqa: BLE001  (a constructor that needs arguments: the attributes decide)
+                    return True
+            try:
+                est.check_distribution(d)
+            except Exception:  # noqa: BLE001  (the factory would raise it too: not supported)
+                return False
+            return True
+    finally:
+        _CHECKING.reset(token)
 
 
 def _meets_requirements(est, d: Distribution) -> bool:

@@ -1,0 +1,64 @@
+"""``Estimator.supports`` asks an overridden ``check_distribution`` (third-party estimators need not override both)."""
+import pytest
+import torch
+from torch.distributions import Bernoulli, Distribution, Normal
+
+import storch
+from storch.estimators import catalog
+from storch.extending import base_distribution
+
+
+class CdfOnly(storch.Estimator):
+    """A pathwise-style estimator for distributions with a cdf (the test's own class)."""
+
+    name = "cdf_only_test"
+    distributions = None
+
+    def __init__(self, plate: str, n_samples: int = 1) -> None:
+        super().__init__(plate, n_samples)
+        self.learned = torch.nn.Linear(2, 2)  # a learned part: its init draws from torch's random state
+
+    def check_distribution(self, d: Distribution) -> None:
+        super().check_distribution(d)
+        if type(base_distribution(d)).cdf is Distribution.cdf:
+            raise storch.UnsupportedDistributionError(f"cdf_only_test needs a cdf; {type(d).__name__} has none")
+
+
+class NeedsArgument(CdfOnly):
+    """A constructor with a required option: no instance with defaults, the attributes decide on the class."""
+
+    name = "needs_argument_test"
+
+    def __init__(self, plate: str, width: int) -> None:
+        super().__init__(plate)
+
+
+def test_supports_follows_check_distribution():
+    torch.manual_seed(0)
+    p = torch.tensor(0.3, requires_grad=True)
+    assert not CdfOnly.supports(Bernoulli(p))
+    assert not CdfOnly("z").supports(Bernoulli(p))
+    assert CdfOnly.supports(Normal(p, 1.0)) and CdfOnly("z").supports(Normal(p, 1.0))
+    assert NeedsArgument.supports(Bernoulli(p))  # cannot be asked on the class: the attributes' answer
+    assert not NeedsArgument("z", 2).supports(Bernoulli(p))  # an instance is asked
+    with pytest.raises(storch.UnsupportedDistributionError, match="needs a cdf"):
+        with storch.Graph():
+            CdfOnly("z")(Bernoulli(p))
+
+
+def test_supports_leaves_the_random_state():
+    torch.manual_seed(1)
+    state = torch.random.get_rng_state()
+    assert not CdfOnly.supports(Bernoulli(torch.tensor(0.3)))
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_other_estimators_errors_do_not_list_it(monkeypatch):
+    installed = dict(catalog.installed_classes())
+    monkeypatch.setattr(catalog, "_classes", lambda: {**installed, CdfOnly.name: CdfOnly})
+    p = torch.tensor(0.3, requires_grad=True)
+    assert CdfOnly.name not in catalog.supporting_estimators(Bernoulli(p))
+    assert CdfOnly.name in catalog.supporting_estimators(Normal(p, 1.0))
+    with pytest.raises(storch.UnsupportedDistributionError) as info:
+        storch.estimator("reparameterization", plate="z")(Bernoulli(p))
+    assert "Estimators that support it" in str(info.value) and CdfOnly.name not in str(info.value)
