@@ -647,3 +647,35 @@ def test_a_zero_variance_failure_says_the_gap_the_tolerance_and_float32():
     row = report.table().splitlines()[-1]
     assert "|mean - exact| = 6e-09 > tolerance 3.28e-09" in row and "float32" in row and "float64" in row
     assert "float32" not in kit.z_test(est.double(), exact).table()
+
+
+# -- found by a plugin-author tester -----------------------------------------------------------------------
+
+
+class CategoricalCrash(storch.Estimator):
+    """The score function, which raises on a Categorical node (a broken estimator on some kit models)."""
+
+    name = "test_categorical_crash"
+    distributions = (Bernoulli, Categorical)
+
+    def gradient_function(self, node):
+        if isinstance(base_distribution(node.distribution), Categorical):
+            raise RuntimeError("categorical logits not handled")
+        return super().gradient_function(node)
+
+
+def test_an_estimator_that_raises_on_a_kit_model_is_recorded_without_raise_on_failure():
+    """Was: the RuntimeError propagated out of check_against_enumeration(raise_on_failure=False), losing the
+    report of the models that ran. Now it is the model's entry in report.errors (ok False); the other models
+    are tested (the Bernoulli ones pass their z-tests), and raise_on_failure=True still propagates it."""
+    report = kit.check_against_enumeration(CategoricalCrash, options={"n_samples": 2}, orders=[1],
+                                           n_replicates=1000, raise_on_failure=False)
+    print(report.table(details=False))
+    crashed = {name for name, why in report.errors.items()
+               if why == "raised RuntimeError: categorical logits not handled"}
+    assert "categorical[K=5]" in crashed and crashed == set(report.errors), report.errors
+    assert not report.ok and not report.failures
+    assert any(c.name.startswith("bernoulli") for c in report.checks)
+    assert "FAIL: raised RuntimeError: categorical logits not handled" in report.table()
+    with pytest.raises(RuntimeError, match="categorical logits not handled"):
+        kit.check_against_enumeration(CategoricalCrash, options={"n_samples": 2}, orders=[1], n_replicates=1000)

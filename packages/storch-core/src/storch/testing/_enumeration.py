@@ -38,7 +38,9 @@ class ConformanceReport:
             model where a refusal is an accepted outcome (``Model.may_refuse``).
         errors: models passed explicitly (``models=[...]``) that could not run, with the reason (a
             distribution an estimator does not support): failures, since a model the test names must be
-            tested (the kit's own models that an estimator does not support are skipped instead).
+            tested (the kit's own models that an estimator does not support are skipped instead); and,
+            with ``raise_on_failure=False``, every model on which the estimator raised, with
+            ``"raised <type>: <message>"`` (with ``raise_on_failure=True`` the exception propagates).
         hints: per model name, what a failure of that model most likely means (``Model.hint``).
         seconds: wall time of the whole check.
     """
@@ -66,7 +68,7 @@ class ConformanceReport:
         (``"does not match the exact values"``); models passed in ``models=[...]`` that could not run are named."""
         if self.ok:
             return
-        errors = "could not run on models passed in models=[...]"
+        errors = "could not run on some models"
         what = (f"{failed}, and {errors}" if self.errors else failed) if self.failures else \
             f"{errors} (a model the test names must be tested)"
         raise AssertionError(f"{self.estimator} {what}:\n" + self.table())
@@ -79,7 +81,8 @@ class ConformanceReport:
             verdict = "ok" if c.ok else "FAIL"
             rows.append(f"{c.name:<34} {c.n:>9} {c.z.numel():>10} {c.max_abs_z:>8.2f}  {verdict}")
         for name, why in self.errors.items():
-            rows.append(f"{name:<34} FAIL: passed in models=[...] but could not run: {why}")
+            rows.append(f"{name:<34} FAIL: {why}" if why.startswith("raised ") else
+                        f"{name:<34} FAIL: passed in models=[...] but could not run: {why}")
         for name, why in self.skipped.items():
             rows.append(f"{name:<34} skipped: {why}")
         if details:
@@ -300,7 +303,8 @@ def check_against_enumeration(
         n_replicates: independent estimates per model (>= 2000 recommended).
         seed: seed of the first model (model i uses ``seed + i``); the global RNG is restored.
         threshold: the largest accepted |z| per component.
-        raise_on_failure: raise ``AssertionError`` with the report's table when a test fails.
+        raise_on_failure: raise ``AssertionError`` with the report's table when a test fails; False: return
+            the report, with an exception the estimator raised on a model recorded in ``errors`` (``ok`` False).
         warmup: training steps (``storch.backward()``, so ``update_parameters`` runs) of each model
             at its θ before the test, with the same estimator instances the test then uses, so
             that learned baselines and control variates are tested trained, not at their initial
@@ -344,6 +348,11 @@ class _Recorder:
         return "factory (" + "; ".join(f"{name} at {', '.join(plates)}" for name, plates in sorted(by_name.items())) + ")"
 
 
+def _raised(e: Exception) -> str:
+    """A model's entry in ``ConformanceReport.errors`` for an exception raised while it ran."""
+    return f"raised {type(e).__name__}: {e}"
+
+
 def _check(estimator: EstimatorLike, orders: Optional[Sequence[int]], models: Optional[Sequence[Model]],
            options: Optional[dict[str, Any]], n_replicates: int, seed: int, threshold: float, raise_on_failure: bool,
            warmup: int, warmup_replicates: int) -> ConformanceReport:
@@ -380,16 +389,22 @@ def _check(estimator: EstimatorLike, orders: Optional[Sequence[int]], models: Op
             except _NotComparable as e:
                 report.skipped[model.name] = str(e)
             except OrderError as e:
-                if not model.may_refuse:
+                if model.may_refuse:
+                    # a refused order (a score function at a kink of log p): test the lower ones
+                    report.skipped[f"{model.name}, order {max(tested)}"] = f"refused: {e}"
+                    tested = tuple(o for o in tested if o < max(tested))
+                    continue
+                if raise_on_failure:
                     raise
-                # a refused order (a score function at a kink of log p): test the lower ones
-                report.skipped[f"{model.name}, order {max(tested)}"] = f"refused: {e}"
-                tested = tuple(o for o in tested if o < max(tested))
-                continue
+                report.errors[model.name] = _raised(e)
+            except Exception as e:  # noqa: BLE001  (the estimator failed on this model: a failure of the check)
+                if raise_on_failure:
+                    raise
+                report.errors[model.name] = _raised(e)
             break
     report.seconds = time.perf_counter() - start
     report.estimator = recorder.label(report.estimator)
-    if not report.checks:
+    if not report.checks and not (report.errors and not raise_on_failure):
         relaxed = any("relaxed" in why for why in report.skipped.values())
         raise AssertionError(
             (f"{report.estimator}: declared biased, and on every model it supports its forward value is not a "
