@@ -679,3 +679,36 @@ def test_an_estimator_that_raises_on_a_kit_model_is_recorded_without_raise_on_fa
     assert "FAIL: raised RuntimeError: categorical logits not handled" in report.table()
     with pytest.raises(RuntimeError, match="categorical logits not handled"):
         kit.check_against_enumeration(CategoricalCrash, options={"n_samples": 2}, orders=[1], n_replicates=1000)
+
+
+class BiasedPathwise(storch.get_estimator_class("reparameterization")):
+    """BUG: the pathwise derivative is 1.5 times the sample's (a wrong output; the forward value is right)."""
+
+    name = "test_biased_pathwise"
+
+    def output(self, node):
+        x = super().output(node)
+        return x + 0.5 * (x - x.detach())
+
+
+def test_hints_follow_the_capabilities_and_a_failure_everywhere_is_said_first():
+    """Was: a biased pathwise estimator got every failed model's fixed hint: 'a baseline or control variate ...
+    built from another cost' and 'set the class attribute score_function = True', neither of which it can have.
+    Now a model's hint shows only where it can apply (baselines: an estimator with a baseline or control
+    variate; score_function: one whose own gradient function may be an undeclared score), and a failure on
+    every model says first that the estimator itself is biased."""
+    from storch.testing._models import has_baseline, may_be_undeclared_score
+
+    assert has_baseline(LeaveOneOut("z")) and not has_baseline(BiasedPathwise("z"))
+    assert may_be_undeclared_score(DeclaredNotAScore("z")) and not may_be_undeclared_score(BiasedPathwise("z"))
+    assert not may_be_undeclared_score(LeaveOneOut("z"))  # the base class's log p: storch knows it
+    models = [m for m in kit.standard_models(BiasedPathwise("z"))[0] if not m.name.startswith("global_latent")]
+    report = _check(BiasedPathwise, models=models, orders=[1], n_replicates=4000)  # (global_latent: |z| < 1)
+    table = report.table()
+    assert len(report.failures) == len(report.checks) > 1, table
+    assert table.splitlines()[1].startswith("fails on every model"), table
+    assert "another cost" not in table and "score_function = True" not in table and "data plate" not in table
+    # a failure on one model only: no claim about every model, and the hint of an estimator it applies to
+    one = _check(CrossCostBaseline, options={"n_samples": 2}, models=[m for m in kit.standard_models(
+        CrossCostBaseline("z"))[0] if m.name.startswith(("elbo", "bernoulli"))], orders=[1])
+    assert "fails on every model" not in one.table() and "another cost" in one.table(), one.table()

@@ -89,7 +89,14 @@ class ConformanceReport:
             for c in self.failures:
                 rows += ["", c.table()]
         failed = {c.name.rsplit(", order ", 1)[0] for c in self.failures}
-        rows += [f"\n{name} failed: {hint}" for name, hint in self.hints.items() if name in failed]
+        tested = {c.name.rsplit(", order ", 1)[0] for c in self.checks}
+        hints = [f"\n{name} failed: {hint}" for name, hint in self.hints.items() if name in failed]
+        if len(tested) > 1 and failed == tested:
+            rows.insert(1, f"fails on every model ({len(tested)} of them): the estimator itself is biased (its "
+                           "components, not one model's structure: check the proposal, weights, gradient function "
+                           "and output against the estimator's derivation on the simplest model first)"
+                           + ("; the models' hints below are less likely causes" if hints else ""))
+        rows += hints
         return "\n".join(rows)
 
     def __str__(self) -> str:
@@ -375,7 +382,7 @@ def _check(estimator: EstimatorLike, orders: Optional[Sequence[int]], models: Op
             if _check_uniform_weights(model, make):
                 break
     for i, model in enumerate(models):
-        if model.hint:
+        if model.hint and (model.hint_applies is None or model.hint_applies(probe)):
             report.hints[model.name] = model.hint
         tested = orders
         while tested:

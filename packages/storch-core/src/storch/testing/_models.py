@@ -54,6 +54,9 @@ class Model:
             biased (a kink of log p, a moving support), so storch must refuse them; the refused
             orders are reported as skipped and the lower ones still tested.
         hint: what a failure of the model most likely means, printed under the report's table.
+        hint_applies: ``hint_applies(estimator) -> bool``: whether the hint can apply to the estimator's
+            declared capabilities (a hint about baselines only to one with a baseline or control variate);
+            ``None``: always.
     """
 
     name: str
@@ -63,6 +66,25 @@ class Model:
     distributions: Callable[[], Sequence[Distribution]]
     may_refuse: bool = False
     hint: str = ""
+    hint_applies: Optional[Callable[[Estimator], bool]] = None
+
+
+def has_baseline(est: Estimator) -> bool:
+    """Whether ``est`` declares a baseline or a control variate (overrides either component)."""
+    cls = type(est)
+    return cls.baseline is not Estimator.baseline or cls.control_variate is not Estimator.control_variate
+
+
+def is_pathwise(est: Estimator) -> bool:
+    """Whether ``est`` differentiates the cost through its sample (``requires_rsample`` or ``pathwise``)."""
+    return bool(est.requires_rsample or est.pathwise)
+
+
+def may_be_undeclared_score(est: Estimator) -> bool:
+    """Whether ``est`` may compute log p in a gradient function storch does not know as a score function: not
+    pathwise, ``score_function`` not True, and its ``gradient_function`` its own (the base class's is known)."""
+    return (not is_pathwise(est) and est.score_function is not True
+            and type(est).gradient_function is not Estimator.gradient_function)
 
 
 def supports(estimator: Estimator, model: Model) -> Optional[str]:
@@ -301,7 +323,8 @@ def _global_latent(kind: type) -> Model:
 
     theta = _t(0.4, -0.3)
     short = "OneHot" if kind is OneHotCategorical else kind.__name__
-    return Model(f"global_latent[{short}]", theta, build, exact, lambda: [dist(theta[0], one)], hint=_GLOBAL_HINT)
+    return Model(f"global_latent[{short}]", theta, build, exact, lambda: [dist(theta[0], one)], hint=_GLOBAL_HINT,
+                 hint_applies=has_baseline)
 
 
 # -- an ELBO: two costs of the same frame on one node ---------------------------------------------
@@ -385,7 +408,8 @@ def _elbo(kind: type) -> Model:
 
     theta = _t(0.4, -0.7) if normal else _t(1.3, -1.6)  # (|log q| differences large enough to catch a cross-cost baseline)
     short = "OneHot" if kind is OneHotCategorical else kind.__name__
-    return Model(f"elbo[{short}]", theta, build, exact, lambda: [q(theta)], hint=_ELBO_HINT)
+    return Model(f"elbo[{short}]", theta, build, exact, lambda: [q(theta)], hint=_ELBO_HINT,
+                 hint_applies=has_baseline)
 
 
 # -- continuous models (closed forms) ----------------------------------------------------------
@@ -452,7 +476,8 @@ def _laplace() -> Model:
     hint = _SCORE_HINT.format(what="log p = -|x - loc| of a Laplace has a kink in loc (its derivative jumps at x = "
                               "loc, and autograd drops the delta of the next derivative)",
                               refusal="storch.OrderError at order >= 2")
-    return Model("laplace[loc]", theta, build, exact, lambda: [Laplace(theta[0], one)], True, hint)
+    return Model("laplace[loc]", theta, build, exact, lambda: [Laplace(theta[0], one)], True, hint,
+                 may_be_undeclared_score)
 
 
 def _uniform() -> Model:
@@ -473,7 +498,8 @@ def _uniform() -> Model:
     hint = _SCORE_HINT.format(what="the support [0, high] of Uniform(0, high) moves with high (the derivative of "
                               "E C(x) has a boundary term C(high) p(high) that log p's gradient does not hold)",
                               refusal="storch.UnsupportedDistributionError when sampling")
-    return Model("uniform[high]", theta, build, exact, lambda: [Uniform(zero, theta[0])], True, hint)
+    return Model("uniform[high]", theta, build, exact, lambda: [Uniform(zero, theta[0])], True, hint,
+                 may_be_undeclared_score)
 
 
 # -- an Independent-wrapped node ---------------------------------------------------------------
