@@ -353,6 +353,46 @@ def test_select_with_a_sampled_index_is_indexing():
         torch.select(torch.randn(3), 0, a)  # torch's parser reads the int itself, below storch's handlers
 
 
+def test_select_and_slice_scatter_at_a_sampled_index_name_the_index_write():
+    """p-attn (memory writes): torch.select_scatter(x, src, 0, i) with a sampled i gave vmap's '.item()' text in a
+    _PlateRuntimeError, slice_scatter(..., start=i) and x[i:i + 2] the variable-length advice (a fixed maximum
+    length and a mask). A sampled index, or start with a fixed length, is an index: the messages name the write
+    (index_copy / index_put) and read (index_select) with i + arange(k), which give each sample's scatter."""
+    a = _sampled([2, 0, 1], A_)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    src = a * torch.ones(3, dtype=torch.float64)  # a sampled row
+    with pytest.raises(storch.PlateError, match=r"select_scatter got a sampled index.*"
+                                                r"`x\.index_copy\(0, i\.reshape\(1\), src\.unsqueeze\(0\)\)` "
+                                                r"\(`x\.index_put\(\(i,\), src\)`\)") as err:
+        torch.select_scatter(x, src, 0, a)
+    assert "vmap" not in str(err.value) and ".item()" not in str(err.value)
+    # what it advises is each sample's select_scatter (an int index: torch's own, per sample)
+    _check(lambda a: x.index_put((a,), a * torch.ones(3, dtype=torch.float64)), a)
+    out = x.index_copy(0, a.reshape(1), src.unsqueeze(0))
+    for e, k in enumerate([2, 0, 1]):
+        assert torch.equal(out.tensor[e], torch.select_scatter(x, torch.full((3,), float(k), dtype=x.dtype), 0, k))
+    rows = a * torch.ones(2, 3, dtype=torch.float64)
+    with pytest.raises(storch.PlateError, match=r"slice_scatter got a sampled start.*fixed by src \(2 along dim 0\)"
+                                                r".*`x\.index_copy\(0, i \+ torch\.arange\(2\), src\)`"):
+        torch.slice_scatter(x, rows, 0, a, a + 2)
+    out = x.index_copy(0, a + torch.arange(2), rows)
+    for e, k in enumerate([2, 0, 1]):
+        assert torch.equal(out.tensor[e], torch.slice_scatter(x, torch.full((2, 3), float(k), dtype=x.dtype), 0, k,
+                                                              k + 2))
+    # plain x and src: torch reads the int itself, below storch's handlers; the message still names the index
+    for fn in (lambda: torch.slice_scatter(x, x[:2], 0, a, a + 2), lambda: x[a:a + 2],
+               lambda: torch.select_scatter(x, x[0], 1, a)):
+        with pytest.raises(storch.PlateError, match=r"start with a fixed length k.*it is an index: read with "
+                                                    r"`x\.index_select\(d, i \+ torch\.arange\(k\)\)`.*write "
+                                                    r"with `x\.index_copy\(d, i \+ torch\.arange\(k\), src\)`"):
+            fn()
+    out = x.index_select(0, a + torch.arange(2))
+    assert all(torch.equal(out.tensor[e], x[k:k + 2]) for e, k in enumerate([2, 0, 1]))
+    # an int index is torch's own, per sample
+    _check(lambda a: torch.select_scatter(x, a * torch.ones(3, dtype=torch.float64), 0, 1), a)
+    _check(lambda a: torch.slice_scatter(x, a * torch.ones(2, 3, dtype=torch.float64), 0, 1, 3), a)
+
+
 def test_roll_and_repeat_interleave_by_a_sample_are_refused_with_what_to_do():
     a = _sampled([2, 0, 1], A_)
     x = PlateTensor(torch.randn(2, 3, 4), (Plate("data", 2, True),))

@@ -361,7 +361,7 @@ class PlateTensor(torch.Tensor):
                 "a PlateTensor was passed where torch takes a Python number (an int or float argument such as "
                 "an index, a shift or a size): one number cannot hold every sample's value. Index with the "
                 "plate tensor instead (`x[i]`, `x[:, i]`, `torch.gather`), or keep the number a fixed constant. "
-                + SAMPLED_SIZE)
+                + SAMPLED_INDEX + ". " + SAMPLED_SIZE)
         if under_jit_trace():  # (torch.jit.trace of plate tensors, without grad: its copy of them; p-ext3)
             raise PlateError(foreign_trace_message(f"{func} on plate tensors"))
         raise PlateError(
@@ -372,10 +372,44 @@ class PlateTensor(torch.Tensor):
         )
 
 
+def sampled_index_advice(dim: object = "d", k: object = "k", i: str = "i", read: bool = True,
+                         write: bool = False) -> str:
+    """What to write for a sampled start with a fixed length ``k`` (``k=None``: a single sampled index) where torch
+    takes one Python number (``narrow``, a slice ``x[i:i + k]``, ``select_scatter``, ``slice_scatter``): an index
+    tensor, ``i + torch.arange(k)``, read with ``index_select`` / ``gather`` and written with ``index_copy`` /
+    ``index_put`` / ``scatter``."""
+    if k is None:
+        what, idx, put, src = "A sampled index", f"{i}.reshape(1)", f"({i},), src", f"src.unsqueeze({dim})"
+    else:
+        what, idx, src = "A sampled start with a fixed length", f"{i} + torch.arange({k})", "src"
+        put = f"({idx},), src"
+    ways = []
+    if read:
+        ways.append(f"index with the start plus an arange, `x.index_select({dim}, {idx})`"
+                    + (f" (`x[{idx}]`)" if dim == 0 else "") + f", or torch.gather with that index along dim {dim}"
+                    if k is not None else f"index with it, `x.index_select({dim}, {idx})` or `x[..., {i}]` at dim {dim}")
+    if write:
+        ways.append(f"write with `x.index_copy({dim}, {idx}, {src})`"
+                    + (f" (`x.index_put({put})`)" if dim == 0 else "") + f", or torch.scatter along dim {dim}")
+    return (f"{what} is an index: " + "; ".join(ways) + ". The shapes stay fixed, and the "
+            + ("start" if k is not None else "index") + " may be sampled (a score-function node's value, e.g. a "
+            "glimpse's position)")
+
+
 SAMPLED_SIZE = (
     "Where the number is a size, a length or a slice bound (`range(n)`, `x[:n]`, `torch.arange(n)`, "
     "`x.narrow(d, 0, n)`: a variable length), the shapes cannot differ per sample: keep a fixed maximum length "
     "M and mask the entries past n, `z * (torch.arange(M) < n.unsqueeze(-1))` (or `torch.where` with that mask)")
+
+
+# a sampled start or index where torch reads one Python number from it (a slice's start, `x[i:i + k]`; an int
+# argument of select_scatter / slice_scatter with plain tensors, which never reaches storch's handlers)
+SAMPLED_INDEX = ("Where it is a start with a fixed length k (`x[i:i + k]`, `x.narrow(d, i, k)`, "
+                 "`torch.slice_scatter(x, src, d, i, i + k)`), it is an index: read with "
+                 "`x.index_select(d, i + torch.arange(k))` or torch.gather, write with "
+                 "`x.index_copy(d, i + torch.arange(k), src)` or torch.scatter (a single index, as in "
+                 "`torch.select_scatter(x, src, d, i)`: `x.index_copy(d, i.reshape(1), src.unsqueeze(d))`); the "
+                 "shapes stay fixed and the start may be sampled")
 
 
 def too_many_samples(x: PlateTensor, what: str) -> PlateError:
@@ -383,7 +417,7 @@ def too_many_samples(x: PlateTensor, what: str) -> PlateError:
     one = (" (one entry here, but a Python number leaves the plates: a cost computed through it would get no "
            "credit from the estimators)" if n == 1 else "")
     size = ("" if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype is torch.bool
-            else ". " + SAMPLED_SIZE)
+            else ". " + SAMPLED_INDEX + ". " + SAMPLED_SIZE)
     return PlateError(
         f"{what} needs a single value, but this PlateTensor holds one value per plate entry, {n} over plates "
         f"{_names(x._plates)}{one}. Keep computing with the tensor (index with it: `table[z]`), reduce over "

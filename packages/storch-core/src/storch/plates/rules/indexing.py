@@ -15,7 +15,8 @@ Boolean masks that vary per sample would select different numbers of elements an
 
 ``torch.select(x, dim, i)`` with a sampled ``i`` is ``x[..., i]`` (at ``dim``); ``roll`` by a sampled
 shift and ``repeat_interleave`` with sampled repeats are refused with what to write instead;
-``index_add`` with a sampled index is a ``scatter_add`` (torch's vmap rule for it loops over the batch),
+``select_scatter`` / ``slice_scatter`` at a sampled index or start are refused with the index write to use instead
+(``index_copy`` at ``i + arange(k)``); ``index_add`` with a sampled index is a ``scatter_add`` (torch's vmap rule for it loops over the batch),
 ``index_fill`` with a sampled index or value a ``where`` of the positions it fills (torch's vmap of it fails,
 or gives every entry one entry's value); ``index_select`` with a sampled index (0-dim or 1-d per sample) is a
 ``gather`` (vmap's rule read a batched 0-dim index as the whole table); in place, ``index_fill_`` with a
@@ -35,7 +36,7 @@ from ..kit import dispatch, register, register_copy, wrap_same
 from .shape import _dim_handler, _full
 from .pointwise import broadcast, write_in_place
 from .vmap import vmap_call
-from ..tensor import PlateTensor, align, union_plates, write_plates
+from ..tensor import PlateTensor, align, sampled_index_advice, union_plates, write_plates
 
 _PT = PlateTensor
 _T = torch.Tensor
@@ -414,6 +415,48 @@ def _index_select(func, args, kwargs):
 def _sampled(*values) -> bool:
     return any(type(v) is _PT or (isinstance(v, (tuple, list)) and any(type(u) is _PT for u in v))
                for v in values)
+
+
+def _bound(args: tuple, kwargs: dict, names: tuple) -> dict:
+    bound = dict(zip(names, args))
+    bound.update((key, v) for key, v in kwargs.items() if key in names)
+    return bound
+
+
+def _plates_of(x) -> tuple:
+    return tuple(p.name for p in x._plates)
+
+
+@register(torch.select_scatter, _T.select_scatter)
+def _select_scatter(func, args, kwargs):
+    """per sample (vmap); a sampled index is refused (torch takes it as a Python int): index_copy / index_put"""
+    b = _bound(args, kwargs, ("input", "src", "dim", "index"))
+    i, dim = b.get("index"), b.get("dim", 0)
+    if type(i) is _PT:
+        raise PlateError(
+            f"select_scatter got a sampled index (a PlateTensor over plates {_plates_of(i)}): torch takes one Python "
+            "number as its index, so the row it writes cannot differ per sample. "
+            + sampled_index_advice(dim, None, "i", read=False, write=True))
+    return vmap_call(func, args, kwargs)
+
+
+@register(torch.slice_scatter, _T.slice_scatter)
+def _slice_scatter(func, args, kwargs):
+    """per sample (vmap); a sampled start or end is refused (torch takes them as Python ints): index_copy at i + arange(k)"""
+    b = _bound(args, kwargs, ("input", "src", "dim", "start", "end", "step"))
+    dim = b.get("dim", 0)
+    for name in ("start", "end", "step"):
+        v = b.get(name)
+        if type(v) is not _PT:
+            continue
+        src = b.get("src")
+        k = src.shape[dim] if isinstance(src, _T) and isinstance(dim, int) and -src.dim() <= dim < src.dim() else "k"
+        raise PlateError(
+            f"slice_scatter got a sampled {name} (a PlateTensor over plates {_plates_of(v)}): torch takes one "
+            "Python number as its start and end, so the slice it writes cannot start differently per sample; "
+            f"its length is fixed by src ({k} along dim {dim}). "
+            + sampled_index_advice(dim, k, "i", read=False, write=True))
+    return vmap_call(func, args, kwargs)
 
 
 @register(torch.roll, _T.roll)

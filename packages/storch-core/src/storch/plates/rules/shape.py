@@ -21,7 +21,7 @@ from ..kit import dispatch, register, scan, wrap, wrap_same
 from .pointwise import broadcast
 from .sparse import is_sparse, sparse_matmul
 from .vmap import vmap_call
-from ..tensor import SAMPLED_SIZE, PlateTensor, align, union_plates
+from ..tensor import SAMPLED_SIZE, PlateTensor, align, sampled_index_advice, union_plates
 
 _PT = PlateTensor
 _T = torch.Tensor
@@ -347,11 +347,7 @@ def _narrow(func, args, kwargs):
             raise PlateError(
                 f"narrow got a sampled start (a PlateTensor over plates {tuple(p.name for p in b._plates)}) and a "
                 f"fixed length {n}: narrow takes one Python number as its start, so the slice cannot start "
-                "differently per sample. A sampled start with a fixed length is an index: index with the start "
-                f"plus an arange, `x.index_select({dim}, r + torch.arange({n}))`"
-                + (f" (`x[r + torch.arange({n})]`)" if dim == 0 else "")
-                + f", or torch.gather with that index along dim {dim}. The shapes stay fixed, and the start may "
-                "be sampled (a score-function node's value, e.g. a glimpse's position)")
+                "differently per sample. " + sampled_index_advice(dim, n, "r"))
         if type(b) is _PT:
             raise PlateError(
                 f"narrow got a sampled {name} (a PlateTensor over plates {tuple(p.name for p in b._plates)}): "
