@@ -196,6 +196,10 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         stale = public_api.estimator_table_problem()
         if stale:
             raise PluginError(stale)
+    if src_uri == public_api.PARTITIONS_PAGE:
+        stale = public_api.partition_list_problem()
+        if stale:
+            raise PluginError(stale)
 
     def tutorial(m: re.Match) -> str:
         rel = m.group(1)

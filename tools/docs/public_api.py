@@ -163,19 +163,43 @@ def estimator_table() -> str:
     """The first-party estimators as the registry has them: page, class, max_order, biased, summary."""
     import storch
 
-    rows = ["| estimator | class | max_order | biased | summary |", "|---|---|---|---|---|"]
-    for name in storch.available_estimators():
-        cls = storch.get_estimator_class(name)
+    rows = ["| estimator | class | max_order | biased | partitions | summary |", "|---|---|---|---|---|---|"]
+    for name, cls in _first_party():
         module = cls.__module__
-        if not module.startswith(FIRST_PARTY):
-            continue  # a third-party plugin installed next to storch: not documented here
         public = "storch.builtins" if module.startswith("storch.") else module.split(".")[0]
         if not (ROOT / "docs" / "estimators" / f"{name}.md").exists():
             raise ValueError(f"estimator {name!r} ({public}.{cls.__name__}) has no page docs/estimators/{name}.md")
         order = "∞" if cls.max_order == float("inf") else str(cls.max_order)
         summary = (cls.__doc__ or "").strip().splitlines()[0].rstrip(".").replace("|", "\\|")
         rows.append(f"| [`{name}`]({name}.md) | `{public}.{cls.__name__}` | {order} | "
-                    f"{'yes' if cls.biased else 'no'} | {summary} |")
+                    f"{'yes' if cls.biased else 'no'} | {'yes' if cls.supports_partitions else 'no'} | {summary} |")
+    return "\n".join(rows) + "\n"
+
+
+def _first_party() -> list:
+    """(name, class) of the installed first-party estimators, in the registry's order."""
+    import storch
+
+    found = []
+    for name in storch.available_estimators():
+        cls = storch.get_estimator_class(name)
+        if cls.__module__.startswith(FIRST_PARTY):  # (a third-party plugin installed next to storch: not here)
+            found.append((name, cls))
+    return found
+
+
+PARTITIONS_PAGE = "partitions.md"
+PARTITIONS_START, PARTITIONS_END = "<!-- partition-estimators: start -->", "<!-- partition-estimators: end -->"
+
+
+def partition_list() -> str:
+    """The first-party estimators with ``supports_partitions`` (one instance called at several steps), with what a
+    partition of each needs (``partition_options``)."""
+    rows = []
+    for name, cls in _first_party():
+        if cls.supports_partitions:
+            needs = (cls.partition_options or "").strip()
+            rows.append(f"- [`{name}`](estimators/{name}.md)" + (f": needs {needs}" if needs else ""))
     return "\n".join(rows) + "\n"
 
 
@@ -195,8 +219,20 @@ def estimator_table_problem() -> str:
     return ""
 
 
+def partition_list_problem() -> str:
+    """Why docs/partitions.md's list of estimators that support partitions is not the registry's, or ""."""
+    shown = between(ROOT / "docs" / PARTITIONS_PAGE, PARTITIONS_START, PARTITIONS_END)
+    if shown is None:
+        return f"docs/{PARTITIONS_PAGE} has no {PARTITIONS_START} ... {PARTITIONS_END} markers"
+    if shown != partition_list().strip():
+        return (f"the list of estimators that support partitions in docs/{PARTITIONS_PAGE} is not the registry's "
+                "(supports_partitions); `python tools/docs/public_api.py --write-estimator-table` rewrites it")
+    return ""
+
+
 def write_estimator_table() -> None:
     write_between(ROOT / "docs" / ESTIMATOR_PAGE, TABLE_START, TABLE_END, estimator_table())
+    write_between(ROOT / "docs" / PARTITIONS_PAGE, PARTITIONS_START, PARTITIONS_END, partition_list())
 
 
 if __name__ == "__main__":
