@@ -160,9 +160,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def estimator_table() -> str:
-    """The first-party estimators as the registry has them: page, class, max_order, biased, summary."""
-    import storch
-
+    """The first-party estimators as the registry has them: page, class, max_order, biased, partitions, summary."""
     rows = ["| estimator | class | max_order | biased | partitions | summary |", "|---|---|---|---|---|---|"]
     for name, cls in _first_party():
         module = cls.__module__
