@@ -62,3 +62,26 @@ def test_other_estimators_errors_do_not_list_it(monkeypatch):
     with pytest.raises(storch.UnsupportedDistributionError) as info:
         storch.estimator("reparameterization", plate="z")(Bernoulli(p))
     assert "Estimators that support it" in str(info.value) and CdfOnly.name not in str(info.value)
+
+
+def test_each_check_is_asked_once_per_listing(monkeypatch):
+    """A consulted check that refuses builds its own message, which lists supporting estimators too: those are
+    not consulted again (the checks would nest, once per installed class at every level)."""
+    calls = []
+
+    class Counted(CdfOnly):
+        name = "counted_test"
+
+        def check_distribution(self, d):
+            calls.append(type(self).__name__)
+            super().check_distribution(d)
+
+    class CountedToo(Counted):
+        name = "counted_too_test"
+
+    installed = dict(catalog.installed_classes())
+    monkeypatch.setattr(catalog, "_classes", lambda: {**installed, Counted.name: Counted,
+                                                      CountedToo.name: CountedToo})
+    names = catalog.supporting_estimators(Bernoulli(torch.tensor(0.3)))
+    assert Counted.name not in names and CountedToo.name not in names
+    assert sorted(calls) == ["Counted", "CountedToo"]

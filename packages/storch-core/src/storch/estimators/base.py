@@ -1776,10 +1776,12 @@ def _supports_unconsulted(est: "Estimator", d: Distribution) -> bool:
 
 def _accepted_by_check(est: Any, d: Distribution) -> bool:
     """Whether ``est``'s own :meth:`Estimator.check_distribution` (an override) accepts ``d``; True where the
-    class does not override it, or while it runs. ``est``: an instance, or a class (asked through an instance
-    with default options; True where none can be built)."""
+    class does not override it, or while a check runs (its own, or another's asked here, whose refusal message
+    lists supporting estimators too: that list, discarded, is not asked again, so the checks do not nest).
+    ``est``: an instance, or a class (asked through an instance with default options; True where none can be
+    built)."""
     owner = est if isinstance(est, type) else type(est)
-    if owner.check_distribution is Estimator.check_distribution or owner in _CHECKING.get():
+    if owner.check_distribution is Estimator.check_distribution or _CHECKING.get():
         return True
     token = _CHECKING.set(_CHECKING.get() | {owner})
     try:
