@@ -68,7 +68,8 @@ class ConformanceReport:
         (``"does not match the exact values"``); models passed in ``models=[...]`` that could not run are named."""
         if self.ok:
             return
-        errors = "could not run on some models"
+        errors = ("could not run on some models" if any(why.startswith("raised ") for why in self.errors.values())
+                  else "could not run on models passed in models=[...]")
         what = (f"{failed}, and {errors}" if self.errors else failed) if self.failures else \
             f"{errors} (a model the test names must be tested)"
         raise AssertionError(f"{self.estimator} {what}:\n" + self.table())
