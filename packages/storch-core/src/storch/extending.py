@@ -49,6 +49,9 @@ Distributions:
     :func:`differentiated_total_count` says why an estimator that differentiates a ``Binomial``'s or
     ``NegativeBinomial``'s probabilities only (GO, mvd) cannot take one whose ``total_count`` is differentiated
     (that count would get no gradient, silently): refuse it in ``check_distribution`` and ``supports``.
+    :func:`varying_total_count` says why an estimator that samples torch's ``enumerate_support`` without
+    replacement (``unordered_set``, ``sum_and_sample``) cannot take a ``Binomial`` whose ``total_count``
+    differs between entries (torch's ``enumerate_support`` refuses it): refuse it there too.
     :func:`same_support` says whether two supports are certainly the same set (an importance proposal
     and p, perturbed copies of p): where they may differ, an estimator must mask or refuse the values
     one of them cannot produce.
@@ -159,7 +162,7 @@ from . import options
 from .cost import leave_one_out
 from .distributions import (base_distribution, differentiated_total_count, given_by_probs, grad_parameters, parameters,
                             rebuild, rekey_transform_cache, rsample_kinks, rsample_max_order, rsample_params,
-                            rsample_walked)
+                            rsample_walked, varying_total_count)
 from .distributions import strict_support as _strict_support
 from .errors import ASSUMPTIONS, StorchError
 from .estimators.checks import check_precision, note_rsample
@@ -187,7 +190,7 @@ __all__ = [
     "refuse_create_graph", "is_differentiated", "table_cache", "own_optimizer", "hide_frozen_grads", "own_optimizer_state",
     "load_own_optimizer", "refuse_lazy_build", "rsample_kinks", "rsample_walked", "rsample_params", "grad_parameters", "note_rsample",
     "check_precision", "unbatched",
-    "state_record", "check_state_record", "differentiated_total_count",
+    "state_record", "check_state_record", "differentiated_total_count", "varying_total_count",
 ]
 
 

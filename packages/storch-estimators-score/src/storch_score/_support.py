@@ -9,12 +9,26 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 
-from storch import Node, UnsupportedDistributionError
+from storch import Estimator, Node, UnsupportedDistributionError
+from storch.extending import base_distribution, varying_total_count
 
-__all__ = ["OneHotRows", "dense", "enumerate_joint", "enumerate_values", "masked_logsumexp", "n_categories",
+__all__ = ["OneHotRows", "check_one_support", "dense", "enumerate_joint", "enumerate_values", "masked_logsumexp", "n_categories",
            "support_log_probs", "support_table", "to_work"]
 
 REDUCED = (torch.float16, torch.bfloat16)
+
+
+def check_one_support(est: Estimator, d: torch.distributions.Distribution) -> None:
+    """Refuse a ``Binomial`` whose ``total_count`` differs between entries in an estimator that samples
+    torch's ``enumerate_support`` without replacement (``unordered_set``, ``sum_and_sample``): torch's
+    ``enumerate_support`` raised its own ``NotImplementedError`` deep in the proposal
+    (:func:`storch.extending.varying_total_count` says why, and what to use instead; the estimators'
+    ``supports`` asks it too, so that the registry's lists agree)."""
+    reason = varying_total_count(d)
+    if reason is not None:
+        raise UnsupportedDistributionError(
+            f"estimator {est.name!r} (plate {est.plate!r}) does not support {type(base_distribution(d)).__name__} "
+            f"{reason}")
 
 
 def to_work(x: torch.Tensor) -> torch.Tensor:

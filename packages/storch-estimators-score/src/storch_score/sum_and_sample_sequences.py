@@ -11,9 +11,10 @@ from torch.distributions import Distribution
 import storch
 
 from storch import CostFrame, Estimator, Node, OptionError, PlateTensor
-from storch.extending import check_state_record, options, state_record
+from storch.extending import check_state_record, options, state_record, varying_total_count
 
 from . import _sequences
+from ._support import check_one_support
 from ._sum_and_sample_options import NAME, SUMMARY, check_baseline, check_n_enumerate
 
 __all__ = ["SumAndSampleSequences", "SequenceState"]
@@ -146,6 +147,17 @@ class SumAndSampleSequences(Estimator):
     # (no replays_update: the buffer is Python per data point)
     update_uses_loss_graph = False
     State = SequenceState
+
+    @classmethod
+    def supports(cls, distribution: Distribution) -> bool:
+        """The base class's check, and no ``Binomial`` whose ``total_count`` differs between entries
+        (:func:`storch.extending.varying_total_count`): the registry's listing agrees with
+        :meth:`check_distribution`."""
+        return super().supports(distribution) and varying_total_count(distribution) is None
+
+    def check_distribution(self, d: Distribution) -> None:
+        check_one_support(self, d)  # (torch's enumerate_support refuses a count per entry)
+        super().check_distribution(d)
 
     fixed_options = {
         "buffer": "the buffer of best sequences is state of this estimator, sized at construction (the new one "

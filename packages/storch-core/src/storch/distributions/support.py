@@ -6,15 +6,16 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch.distributions import Bernoulli, Binomial, Categorical, Distribution, Independent, OneHotCategorical, Poisson
 
 from ..errors import UnsupportedDistributionError
-from .parameters import given_by_probs
+from ..plates.tensor import raw_of
+from .parameters import base_distribution, given_by_probs
 
-__all__ = ["enumeration_support", "check_enumeration", "strict_support"]
+__all__ = ["enumeration_support", "check_enumeration", "strict_support", "varying_total_count"]
 
 
 def enumeration_support(d: Distribution) -> torch.Tensor:
@@ -38,6 +39,49 @@ def enumeration_support(d: Distribution) -> torch.Tensor:
         k = int(d.total_count.max())
         values = torch.arange(1 + k, dtype=d._param.dtype, device=d._param.device)
         return values.view((-1,) + (1,) * len(d.batch_shape))
+
+
+def _count_varies(d: Distribution) -> bool:
+    """Whether ``d`` is a ``Binomial`` whose ``total_count`` differs between entries (torch's
+    ``enumerate_support`` refuses it: one shared support 0..N per distribution). ``total_count`` may be
+    a plate tensor (entries of its plates count too: the raw distribution's batch holds them). Read by
+    value (torch's own check reads it too); a tensor without values (meta, or batched by vmap) is not
+    read."""
+    if not isinstance(d, Binomial):
+        return False
+    count = raw_of(d.__dict__.get("total_count"))
+    if not isinstance(count, torch.Tensor) or count.numel() <= 1 or count.is_meta:
+        return False
+    if torch._C._functorch.is_batchedtensor(count):
+        return False
+    count = count.detach()
+    return bool((count != count.reshape(-1)[0]).any())
+
+
+def varying_total_count(d: Distribution) -> Optional[str]:
+    """Why an estimator that draws from torch's ``enumerate_support`` (``unordered_set``,
+    ``sum_and_sample``: they sample the support's values without replacement) cannot take ``d``: a
+    ``Binomial`` (under one ``Independent``) whose ``total_count`` differs between entries, for which
+    torch's ``enumerate_support`` raises ``NotImplementedError`` (the values 0..N are one tensor shared
+    by every entry). ``None`` otherwise. ``expect`` takes such a Binomial (:func:`enumeration_support`:
+    0..max(total_count), the counts above an entry's own total impossible there).
+
+    The reason completes ``f"estimator {name!r} does not support {type(d).__name__} "`` (as
+    ``UnsupportedDistributionError``'s messages read) and says what to use instead. Call it in
+    ``check_distribution`` and ``supports`` alike, so that the registry's list of supporting estimators
+    agrees with the refusal. ``d`` may hold plate tensors. Public as ``storch.extending.varying_total_count``.
+    """
+    base = base_distribution(d)
+    if not _count_varies(base):
+        return None
+    count = raw_of(base.total_count).detach()
+    values = sorted({int(v) for v in count.reshape(-1)[:64].tolist()})
+    shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 or count.numel() > 64 else "")
+    return (f"with a total_count that differs between entries ({shown}): torch's enumerate_support, whose values "
+            "this estimator samples without replacement, enumerates one support 0..N shared by every entry and "
+            "refuses a count per entry. Use 'expect' (exact: it enumerates 0..max(total_count) and weighs the counts "
+            "above an entry's own total 0), a sampling estimator such as 'score', or one Binomial node per distinct "
+            "total_count (each with a single count)")
 
 
 def check_enumeration(d: Distribution) -> None:
@@ -103,11 +147,23 @@ class _StrictBinomial(Binomial):
     :class:`_StrictBernoulli`."""
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        n = self.total_count
+        # a count above an entry's own total (expect enumerates 0..max(total_count) where the total differs
+        # between entries): -inf, computed at the count 0 in its place (torch's lgamma(n - k + 1) at a pole
+        # there, whose derivatives in total_count are NaN), so no NaN reaches a derivative of any order
+        # (always, not by value: a step that storch.compile traced gives the eager result on any counts)
+        above = value > n
+        safe = torch.where(above, torch.zeros((), dtype=value.dtype, device=value.device), value)
+        lp = self._log_prob_within(safe)
+        return torch.where(above, torch.full((), -math.inf, dtype=lp.dtype, device=lp.device), lp)
+
+    def _log_prob_within(self, value: torch.Tensor) -> torch.Tensor:
+        """log p(value) for counts 0..total_count."""
         if not given_by_probs(self):
             n = self.total_count
             return _infinite_logits_log_prob(self.logits, value, n,
                                              lambda logits: Binomial(n, logits=logits, validate_args=False).log_prob(value))
-        lp = super().log_prob(value)
+        lp = Binomial.log_prob(self, value)
         p = self.probs
         never = ((p == 0) & (value > 0)) | ((p == 1) & (value < self.total_count))
         return lp.masked_fill(never, -math.inf)
@@ -179,6 +235,10 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     A ``Poisson`` with a rate of exactly 0 (a zero-inflated Poisson ``Poisson(lam * z)``) has torch's
     values (log p(0) = 0 there, -inf above 0) but NaN derivatives (``value.xlogy(rate)``: 0 / 0), which
     made the gradient of every parameter upstream NaN (``importance`` reads this log_prob).
+    A ``Binomial`` whose ``total_count`` differs between entries (checked by value) gets the copy too:
+    ``expect`` enumerates 0..max(total_count) (:func:`enumeration_support`), and the copy's ``log_prob``
+    is ``-inf`` above an entry's own total (computed at count 0 there: no NaN in any derivative) where
+    torch's, which validates its arguments by default, raised.
 
     Returns ``d`` itself unless it is (an ``Independent`` of) one of those four, given by ``probs``,
     with a probability that is exactly 0 (checked by value; with ``traced``, which
@@ -214,6 +274,13 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
         return d
     inner = d._categorical if t is OneHotCategorical else d
     strict = _STRICT.get(t)
+    if t is Binomial and _count_varies(d):
+        # a total_count per entry: expect enumerates 0..max(total_count), and a count above an entry's own
+        # total is an impossible value there (torch's log_prob, which validates, refused it)
+        new = strict.__new__(strict)
+        new.__dict__.update(d.__dict__)
+        new._validate_args = False
+        return new
     if not given_by_probs(inner):
         # given by logits: a Categorical's -inf logits are -inf log-probabilities already; a Bernoulli's or
         # Binomial's infinite logits make torch's log_prob NaN on the value they always draw, and -inf or
