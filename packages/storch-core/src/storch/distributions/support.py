@@ -274,9 +274,11 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
         return d
     inner = d._categorical if t is OneHotCategorical else d
     strict = _STRICT.get(t)
-    if t is Binomial and _count_varies(d):
+    if t is Binomial and not traced and _count_varies(d):
         # a total_count per entry: expect enumerates 0..max(total_count), and a count above an entry's own
-        # total is an impossible value there (torch's log_prob, which validates, refused it)
+        # total is an impossible value there (torch's log_prob, which validates, refused it). Not read while
+        # traced (a value read, which storch.compile's trace refuses: go's compiled Binomial step): the copy
+        # below is then made whatever the values, the same class
         new = strict.__new__(strict)
         new.__dict__.update(d.__dict__)
         new._validate_args = False
