@@ -166,6 +166,10 @@ class Node:
     rsample_noted = False  # set by note_rsample: this step's rsample was noted (by a proposal: LAX's, of x not ⊥x)
     preimages: tuple = ()  # set by the estimator's call (base._keep_preimages)
     _views: Optional[dict] = None
+    # the step's baselines as read before its estimator's update, and whether that update ran (storch.estimators.
+    # step_state): a surrogate built after the update reads the kept ones
+    step_baselines: Optional[dict] = None
+    updated_in_step = False
     _owner: Optional[weakref.ref] = None  # a view (at(t)): the partition's node it belongs to
     # a view at step t >= 1 with eos: (step t's distribution, entries finished before step t, led by
     # distribution_plates): there the step drew eos with probability 1 (Estimator.mask_after_eos)

@@ -83,6 +83,7 @@ from .checks import (_check_sample_entries, _checked_lead, check_in_frame, check
                      warn_precision)
 from .messages import (_no_update_message, _nonfinite_parameters, _output_shape_message, _plate_tensor_draw_message,
                        _sample_dtype_message, _sample_shape_message, _under_jacfwd, updating_message)
+from .step_state import step_baseline
 from .watch import _CATEGORIES, _both, _compare_watch, _threshold_watch, is_pathwise
 
 if sys.version_info >= (3, 10):
@@ -962,7 +963,7 @@ class Estimator(torch.nn.Module):
 
     def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         """a(x<i, X) = (1 - MagicBox(l)) b (Theorem 2 with a baseline b; appendix C)."""
-        b = self.baseline(node, cost)
+        b = step_baseline(self, node, cost)  # (as before the step's update, where it has one)
         if b is None:
             return None
         if type(b) is not torch.Tensor or (b.shape != cost.tensor.shape and b.dim()):  # (a scalar: no call)

@@ -17,6 +17,7 @@ from .._order_guard import is_differentiated
 from ..cost import CostFrame, _lead, magic_box
 from ..estimators.base import Estimator
 from ..estimators.checks import check_in_frame
+from ..estimators.step_state import step_baseline
 from ..graph import Graph
 from ..node import Node
 from ..plates.tensor import align, plates_of, raw_of
@@ -375,7 +376,7 @@ def _grouped_cost(inner: torch.Tensor, plates: tuple, nodes: list[Node], passive
             live = _LiveInner(inner, plates, levels, seen, len(seen))
             frame = CostFrame(val, plates, node, live, name, state, order)
             node.frames[frame.key] = frame  # what update_parameters trains on
-            b = est.baseline(node, frame)
+            b = step_baseline(est, node, frame)
             if b is not None:
                 if type(b) is not torch.Tensor or (b.shape != val.shape and b.dim()):  # (a scalar: no call)
                     check_in_frame(est, "baseline", b, frame)
@@ -467,7 +468,7 @@ def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Opti
             # the frame's values are C's (MagicBox(l) = 1); its live tensor is built if asked for
             frame = CostFrame(raw.detach(), plates, node, lambda: box * raw, name, state, order)
             node.frames[frame.key] = frame  # what update_parameters trains on
-            b = est.baseline(node, frame)
+            b = step_baseline(est, node, frame)
             if b is None:
                 inner = box * raw
             else:
@@ -515,7 +516,7 @@ def _baseline_term(inner: torch.Tensor, est, node: Node, frame: CostFrame, box: 
     (1 - MagicBox(l_k)) ⊥b = (MagicBox(L_{k-1}) - MagicBox(L_k)) ⊥b (a product of MagicBoxes is the
     MagicBox of the sum), with MagicBox(L_k) the cost's own ``box``: the same values and derivatives
     at every order, without computing that MagicBox a second time."""
-    b = est.baseline(node, frame)
+    b = step_baseline(est, node, frame)
     if b is None:
         return inner
     if type(b) is not torch.Tensor or (b.shape != frame.tensor.shape and b.dim()):  # (a scalar: no call)

@@ -13,6 +13,7 @@ import torch
 
 from .._order_guard import unbatched
 from ..errors import StorchError
+from ..estimators.step_state import mark_updated
 from ..graph import Graph, tracing_recorder
 from ..node import Node
 from .finite import _check_finite
@@ -74,6 +75,9 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
     def run(todo):
         for key in todo:
             nodes = updating[key]
+            # the step's later surrogates (a second epoch on the batch, storch.backward() after this pass) read
+            # the baselines as before this update: one that read the updated state would depend on the samples
+            mark_updated(nodes)
             nodes[0].estimator.update_parameters(nodes, loss)
 
     update_on_backward(probe, check, run, done, tuple(updating))
