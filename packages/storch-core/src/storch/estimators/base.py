@@ -162,6 +162,11 @@ class Estimator(torch.nn.Module):
             but neither overrides ``update_parameters`` nor sets ``replays_update`` would update nothing:
             refused at its first call (the class attribute alone may be the registered name's capability
             that an instance turns off for its options, as ``sum_and_sample`` without ``buffer=``).
+            A surrogate of the step built after that update reads :meth:`baseline` as it was before it
+            (``storch.estimators.step_state``: kept when the update runs); state read elsewhere in the surrogate
+            (an overridden :meth:`control_variate`) must not change in the update, or the step's later
+            surrogates read this step's samples through it (read it when the node is sampled, or through
+            :meth:`baseline`; or set ``update_uses_loss_graph``: ``surrogate_loss().backward()`` is then refused).
         update_uses_loss_graph: whether :meth:`update_parameters` differentiates ``loss`` again.
             ``True`` (a learned control variate): ``storch.backward()`` keeps the loss's graph for
             the update, and ``surrogate_loss().backward()``, which frees that graph, refuses it.

@@ -5,8 +5,9 @@ backward pass (``surrogate_loss().backward()``), and a surrogate built after tha
 (``storch.surrogate_loss()`` again for a second epoch on the batch, ``storch.backward()`` after
 ``surrogate_loss().backward(retain_graph=True)``) would read the updated state: a baseline that depends on this
 step's samples, a biased gradient (the moving average: the second surrogate's gradient of a single-sample
-step was 0). So :func:`step_baseline` keeps, per node and cost frame, the baseline that a surrogate of the step
-read before the update (a detached tensor), and hands it to the surrogates built after it.
+step was 0). So :func:`mark_updated`, run before the update, keeps the baselines of the node's cost frames as
+they are then (detached copies), and :func:`step_baseline` hands them to the surrogates built after it. Nothing
+is kept, and nothing is added to the surrogate, in a step that ends with ``storch.backward()`` alone.
 """
 
 from __future__ import annotations
@@ -21,36 +22,42 @@ if TYPE_CHECKING:
 
 
 def step_baseline(est, node: Node, frame: CostFrame) -> Optional[torch.Tensor]:
-    """``est.baseline(node, frame)``, for an estimator with state (``has_update``) as it was before the step's
-    update: the value a surrogate of the step read before the update ran (a copy; per node and frame: the cost's name,
-    state key, plates and layout); before the update, and for a cost or node the step's earlier surrogates did
-    not have (added after the update: its baseline reads the state, which holds nothing of that node's samples),
-    computed. Without state, a plain call."""
+    """``est.baseline(node, frame)``; after the update of the step of ``node`` (:func:`mark_updated`), the value
+    the baseline had before it, kept then (per cost frame: the cost's name, state key, plates and layout). A frame
+    the step's surrogates did not have before the update (a node or cost added after it: the update did not see
+    its samples) reads the state as it is."""
     if not est.has_update:  # (the common path: one attribute read)
         return est.baseline(node, frame)
     owner = node._owner
     root = node if owner is None else (owner() or node)  # a partition's view at step t: the partition's record
-    key = (frame.name, frame.key, frame.plates, frame.tensor.shape)
-    memo = root.step_baselines
-    if root.updated_in_step:
-        if memo is not None and key in memo:
-            return memo[key]
-        return est.baseline(node, frame)
-    b = est.baseline(node, frame)
-    if memo is None:
-        memo = root.step_baselines = {}
-    memo[key] = b.detach() if isinstance(b, torch.Tensor) else b
-    return b
+    if root.updated_in_step:  # (before the update, the common path: two attribute reads more)
+        memo = root.step_baselines
+        b = None if memo is None else memo.get(_key(frame), _MISSING)
+        if b is not _MISSING:
+            return b
+    return est.baseline(node, frame)
+
+
+_MISSING = object()
+
+
+def _key(frame: CostFrame) -> tuple:
+    return frame.name, frame.key, frame.plates, frame.tensor.shape
 
 
 def mark_updated(nodes: list) -> None:
-    """Record that the estimator of ``nodes`` updated its state in their step (before its update runs): the
-    step's later surrogates read the baselines :func:`step_baseline` kept."""
+    """Before the update of the estimator of ``nodes`` (the roots of its nodes in the step) that a surrogate's
+    ``.backward()`` runs: keep the baseline of each of their cost frames (those of the step's last surrogate),
+    copies of the values as they are before the update, for the step's later surrogates (:func:`step_baseline`).
+    Once per step and estimator, on that path only: ``storch.backward()`` resets the step after its update, and a
+    step without an update keeps nothing."""
     for node in nodes:
+        est = node.estimator
+        memo = {}
+        for frame in node.frames.values():
+            b = est.baseline(frame.node or node, frame)
+            # a copy: a baseline may be a view of the state that the update changes in place (a trainable
+            # callable's parameter, expanded; a buffer)
+            memo[_key(frame)] = b.detach().clone() if isinstance(b, torch.Tensor) else b
+        node.step_baselines = memo
         node.updated_in_step = True
-        memo = node.step_baselines
-        if memo:
-            # copies: a baseline may be a view of the state the update changes in place (a trainable callable's
-            # parameter, expanded; a buffer). Only here, once per update of a surrogate's .backward() (storch.
-            # backward() resets the step after its update: nothing to keep)
-            node.step_baselines = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in memo.items()}
