@@ -55,7 +55,10 @@ def mark_updated(nodes: list) -> None:
         est = node.estimator
         memo = {}
         for frame in node.frames.values():
-            b = est.baseline(frame.node or node, frame)
+            at = frame.node  # the node (a partition's view at the cost's step) the surrogate called it with
+            if at is None:  # (a view made for one surrogate, gone: its frame is not read again)
+                continue
+            b = est.baseline(at, frame)
             # a copy: a baseline may be a view of the state that the update changes in place (a trainable
             # callable's parameter, expanded; a buffer)
             memo[_key(frame)] = b.detach().clone() if isinstance(b, torch.Tensor) else b
