@@ -100,6 +100,28 @@ def test_a_reduction_over_the_last_dim_of_a_per_sample_scalar_runs_as_torch_does
             torch.testing.assert_close(out.tensor, f(lw.tensor.unsqueeze(-1)).squeeze(-1))
 
 
+def test_a_batch_reduction_on_a_data_plate_runs_and_user_modules_named_storch_are_user_code():
+    """Review r-24: ``rec.mean(0)`` of a per-data-point cost (dim 0 was the batch in the ported code) runs, as
+    on main: storch averages the data plates itself; logsumexp still is refused there. A user's module whose
+    name starts with ``storch_`` is user code (only storch's own packages are exempt)."""
+    torch.manual_seed(5)
+    with storch.Graph():
+        x = storch.denote_independent(torch.randn(3, dtype=torch.float64), 0, "data")
+        mu = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        z = storch.estimator("reparameterization", plate="z", n_samples=4)(Normal(mu + 0 * x, 1.0))
+        rec = (z - x) ** 2
+        assert rec.shape == () and set(rec.plate_names) == {"z", "data"}
+        for f in (lambda t: t.mean(0), lambda t: t.sum(0), lambda t: torch.mean(t, dim=[0])):
+            torch.testing.assert_close(f(rec).tensor, rec.tensor)
+        with pytest.raises(storch.PlateError, match="drop the reduction"):
+            torch.logsumexp(rec, 0)
+    scope = {"__name__": "storch_mylib", "torch": torch}
+    exec("def bound(lw):\n    return torch.logsumexp(lw, 0)\n", scope)
+    with storch.Graph():
+        with pytest.raises(storch.PlateError, match="logsumexp with dim=0"):
+            scope["bound"](_log_weights())
+
+
 def test_one_sample_and_a_data_plate_are_not_refused():
     """A plate of size 1, or a data plate alone: no samples to couple."""
     torch.manual_seed(2)

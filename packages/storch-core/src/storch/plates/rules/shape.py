@@ -218,8 +218,12 @@ def _made_by_user() -> bool:
         if name.startswith("storch.plates") or name == "storch.eager" or name.startswith(_PASSING):
             f = f.f_back
             continue
-        return not (name.startswith(("storch.", "storch_", "torch.distributions")) or name == "storch")
+        return not (name.startswith(_OWN) or name in ("storch", "storch_score", "storch_relaxed", "storch_mvd"))
     return False
+
+
+# storch's packages and torch.distributions (by their names: a user's module named storch_mylib is user code)
+_OWN = ("storch.", "storch_score.", "storch_relaxed.", "storch_mvd.", "torch.distributions")
 
 
 def _refuse_reduction_of_one_value(func, x, d) -> None:
@@ -229,8 +233,12 @@ def _refuse_reduction_of_one_value(func, x, d) -> None:
     the samples."""
     if d is None or (type(d) in (tuple, list) and not d):
         return  # sum(), sum(dim=()): over every per-sample dim, which torch does on one value too
-    if func not in _ANY_DIM and not (d == 0 if type(d) is int else type(d) in (tuple, list) and 0 in d):
-        return  # x.sum(-1): a generic reduction over a sample's last dim (_ANY_DIM)
+    if func not in _ANY_DIM and (not (d == 0 if type(d) is int else type(d) in (tuple, list) and 0 in d)
+                                 or any(p.independent for p in x._plates)):
+        # x.sum(-1): a generic reduction over a sample's last dim (_ANY_DIM); and a tensor on a data plate, where
+        # dim 0 was the batch in the ported code (`rec.mean(0)`, `kld.sum(1).mean(0)`): storch averages the
+        # data plates itself, so the reduction of the per-point value is right (found by review r-24)
+        return
     sampled = [p for p in x._plates if not p.independent and p.size > 1 and p.lineage is not None]
     if not sampled or not _made_by_user():
         return
@@ -249,7 +257,8 @@ def _refuse_reduction_of_one_value(func, x, d) -> None:
         "per-sample dim, log_w(z).logsumexp(0) (docs/plates.md, Pitfalls, '.tensor'); or use the 'vimco' "
         "estimator, which draws the K copies itself and gives each its own baseline (docs/estimators/vimco.md). "
         "For a baseline from the other samples use the estimator's baseline='leave_one_out'. "
-        "A reduction of a sample's own value needs no dim: sum() / mean()")
+        "A reduction of a sample's own value needs no dim: sum() / mean(). If the dim was your batch (a data "
+        "plate), drop the reduction: storch averages a cost over its data plates")
 # reductions that take a tuple of any number of dims (the others reduce a flattened view; not norm:
 # its default p='fro' refuses more than two dims)
 _TUPLE_DIMS = set(sum((_both(n) for n in ("sum", "mean", "nansum", "nanmean", "amax", "amin", "logsumexp", "std",
