@@ -171,3 +171,48 @@ def test_a_partition_gives_every_surrogate_of_a_step_the_same_gradient(baseline)
             storch.surrogate_loss().backward(retain_graph=True)
             again = torch.autograd.grad(storch.surrogate_loss(), theta, retain_graph=True)[0]
             torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+class _SharedCritic(torch.nn.Module):
+    """A trainable baseline module: one parameter shared by every cost of the node."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, node, cost):
+        return self.w.expand(cost.tensor.shape)
+
+
+def test_a_cost_or_step_added_after_the_update_with_a_shared_baseline_is_refused():
+    """Review r-24: a cost (or a partition's step) added after the step's update has no baseline kept from before
+    it; a baseline whose state the costs share (a trainable module, a learned head per cost name) had just been
+    trained on this step's samples: z = -36 (a shared module, lr 2) and -24 (learned, a partition's next step)
+    against the exact gradient. Refused now; a late cost without a baseline (score's default) still runs."""
+    theta = torch.tensor(THETA, requires_grad=True)
+    est = storch.estimator("score", plate="z", n_samples=1, baseline=_SharedCritic(), lr=2.0)
+    with storch.Graph():
+        x = est(Bernoulli(logits=theta))
+        storch.add_cost((4 * x - 2.2).sum(), name="c")
+        storch.surrogate_loss().backward(retain_graph=True)  # the update runs here
+        with pytest.warns(UserWarning, match="added after a backward pass"):
+            storch.add_cost((4 * x - 2.2).sum(), name="e")
+        with pytest.raises(storch.StorchError, match=r"cost 'e' .*after this step's update.*new `with storch"):
+            storch.surrogate_loss()
+    est = storch.estimator("score", plate="ep", n_samples=1, baseline="learned")
+    with storch.Graph():
+        x0 = est(Bernoulli(logits=theta))
+        storch.add_cost((4.0 * x0 - 2.2).sum(), name="r")
+        storch.surrogate_loss().backward(retain_graph=True)  # an update after step 0; the episode continues
+        x1 = est(Bernoulli(logits=theta + x0))
+        with pytest.warns(UserWarning, match="added after a backward pass"):
+            storch.add_cost((4.0 * x1 - 2.2).sum(), name="r")
+        with pytest.raises(storch.StorchError, match=r"cost 'r' .*at step 1 .*after this step's update"):
+            storch.surrogate_loss()
+    est = storch.estimator("score", plate="z", n_samples=2)  # no baseline: nothing to read, the late cost runs
+    with storch.Graph():
+        x = est(Bernoulli(logits=theta))
+        storch.add_cost((4 * x - 2.2).sum(), name="c")
+        storch.surrogate_loss().backward(retain_graph=True)
+        storch.add_cost((4 * x - 2.2).sum(), name="e")
+        torch.autograd.grad(storch.surrogate_loss(), theta)

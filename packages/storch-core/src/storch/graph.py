@@ -389,8 +389,9 @@ class Graph:
     def _warn_late_cost(self, label, plates: tuple) -> None:
         """A cost added after a backward pass of this step's surrogate ran the estimators' updates
         (``surrogate_loss().backward()``; ``step_updated``): they update once per step, so the state they keep per
-        cost (a moving average, a learned baseline's regression) never sees this one (p-state). Warned, not
-        refused: the gradient of a later pass is right; only the estimator's state misses the cost."""
+        cost (a moving average, a learned baseline's regression) never sees this one (p-state). Warned here; where
+        the cost has a baseline, the surrogate that reaches it refuses it (its baseline would read state trained on
+        this step's samples: ``storch.estimators.step_state``, review r-24)."""
         names = {p.name for p in plates}
         late = sorted({f"{n.estimator.name!r} (plate {n.plate.name!r})" for n in self.nodes
                        if id(n.estimator) in self.step_updated and n.plate.name in names})

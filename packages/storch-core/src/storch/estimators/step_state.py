@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from ..errors import StorchError
+
 if TYPE_CHECKING:
     from ..cost import CostFrame
     from ..node import Node
@@ -25,7 +27,9 @@ def step_baseline(est, node: Node, frame: CostFrame) -> Optional[torch.Tensor]:
     """``est.baseline(node, frame)``; after the update of the step of ``node`` (:func:`mark_updated`), the value
     the baseline had before it, kept then (per cost frame: the cost's name, state key, plates and layout). A frame
     the step's surrogates did not have before the update (a node or cost added after it: the update did not see
-    its samples) reads the state as it is."""
+    its samples) has no baseline kept: one is refused (a StorchError), since its state may be shared with the
+    frames the update trained on (a learned baseline, a trainable baseline module; review r-24), and a frame whose
+    baseline is ``None`` has nothing to read."""
     if not est.has_update:  # (the common path: one attribute read)
         return est.baseline(node, frame)
     owner = node._owner
@@ -35,7 +39,22 @@ def step_baseline(est, node: Node, frame: CostFrame) -> Optional[torch.Tensor]:
         b = None if memo is None else memo.get(_key(frame), _MISSING)
         if b is not _MISSING:
             return b
+        b = est.baseline(node, frame)
+        if b is not None:
+            raise StorchError(_late_frame_message(est, node, frame))
+        return b
     return est.baseline(node, frame)
+
+
+def _late_frame_message(est, node: Node, frame: CostFrame) -> str:
+    step = "" if node.step_log is None and node._owner is None else f" at step {node.step}"
+    return (f"cost {frame.name!r} of estimator {(est.name or type(est).__qualname__)!r} (plate {node.plate.name!r})"
+            f"{step} reached a surrogate built after this step's update (surrogate_loss().backward() ran it): the "
+            "cost, or the partition's step, was added after that backward pass, and its baseline would read state "
+            "the update has just trained on this step's samples (a learned baseline or a trainable baseline module "
+            "is shared by the costs and steps: a biased gradient, found by review r-24). Add every cost and every "
+            "step before the step's first backward pass (one surrogate_loss() of all of them, or storch.backward()), "
+            "or start a new step (a new `with storch.Graph():` block) for what comes after the update")
 
 
 _MISSING = object()
