@@ -67,6 +67,9 @@ def test_an_option_set_clears_the_decision():
     second = _step(est, theta)
     assert second[0] == "plain"
     _same(first, second)
+    est.train()  # nn.Module.train() / .eval() set `training`, which decides nothing: the decision is kept (r-24)
+    est.eval()
+    assert _step(est, theta)[0] == "plain"
     est.jump_free = True  # a flag set on the instance: decided again, and a jump-free estimator is not plain
     assert [_step(est, theta)[0] for _ in range(2)] == ["general", "general"]
 

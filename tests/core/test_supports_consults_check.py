@@ -85,3 +85,21 @@ def test_each_check_is_asked_once_per_listing(monkeypatch):
     names = catalog.supporting_estimators(Bernoulli(torch.tensor(0.3)))
     assert Counted.name not in names and CountedToo.name not in names
     assert sorted(calls) == ["Counted", "CountedToo"]
+
+
+def test_a_class_is_asked_through_one_instance_built_once():
+    """Review r-24: building the instance per query under warnings.catch_warnings() reset the warnings already
+    shown once (they were shown again after every listing); the instance with default options is built once."""
+
+    class Counted(CdfOnly):
+        name = "counted_test"
+        built = 0
+
+        def __init__(self, plate: str, n_samples: int = 1) -> None:
+            super().__init__(plate, n_samples)
+            type(self).built += 1
+
+    p = torch.tensor(0.3)
+    for _ in range(3):
+        assert not Counted.supports(Bernoulli(p)) and Counted.supports(Normal(p, 1.0))
+    assert Counted.built == 1

@@ -1499,8 +1499,9 @@ def _gradient_function_failed(est: Estimator, raw: Distribution, sample: torch.T
 # what storch's estimators set at each update (score's and the variance-trained estimators' update_steps, and
 # storch.extending.optimizer_step's skipped_updates: numbers that only count; their optimizer, _optimizer): read by
 # no decision of the estimator call (set every step, they would send a learned baseline's node through the general
-# path and _is_plain, ~2 us, at every step)
-_PLAIN_KEEPS = frozenset({"update_steps", "skipped_updates", "_optimizer"})
+# path and _is_plain, ~2 us, at every step); nn.Module.train() / .eval() set `training`, which no decision reads
+# (a loop calling model.train() every step stayed on the general path: review r-24)
+_PLAIN_KEEPS = frozenset({"update_steps", "skipped_updates", "_optimizer", "training"})
 
 # the estimator's methods that _plain_node does not call (the general path calls them through the instance)
 _PLAIN_SKIPS = ("check_distribution", "supports", "output", "evaluation_from", "is_eos", "max_order_for",
@@ -1780,6 +1781,11 @@ def _supports_unconsulted(est: "Estimator", d: Distribution) -> bool:
         _CHECKING.reset(token)
 
 
+# class -> its instance with default options (None: its constructor needs arguments), for _accepted_by_check
+_DEFAULT_INSTANCES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_MISSING_INSTANCE = object()
+
+
 def _accepted_by_check(est: Any, d: Distribution) -> bool:
     """Whether ``est``'s own :meth:`Estimator.check_distribution` (an override) accepts ``d``; True where the
     class does not override it, or while a check runs (its own, or another's asked here, whose refusal message
@@ -1793,11 +1799,18 @@ def _accepted_by_check(est: Any, d: Distribution) -> bool:
     try:
         with torch.random.fork_rng(devices=[]):  # a learned part built with default options draws its init
             if isinstance(est, type):
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        est = owner(plate="supports")
-                except Exception:  # noqa: BLE001  (a constructor that needs arguments: the attributes decide)
+                est = _DEFAULT_INSTANCES.get(owner, _MISSING_INSTANCE)
+                if est is _MISSING_INSTANCE:
+                    # built once per class (warnings.catch_warnings resets the warnings already shown once, and
+                    # is not thread-safe: not at every query; review r-24)
+                    try:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            est = owner(plate="supports")
+                    except Exception:  # noqa: BLE001  (a constructor that needs arguments: the attributes decide)
+                        est = None
+                    _DEFAULT_INSTANCES[owner] = est
+                if est is None:
                     return True
             try:
                 est.check_distribution(d)
