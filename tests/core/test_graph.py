@@ -45,9 +45,24 @@ def test_data_plate_name_reused_says_to_denote_the_tensors_in_one_call(default):
                 _denote_x_then_y()
     msg = str(info.value)
     assert re.search(r"pass them in ONE call: `x, y = storch\.denote_independent\(\(x, y\), 0, 'data'\)` pairs "
-                     r"x\[i\] with y\[i\]\. Give another name only to a genuinely different data plate", msg), msg
+                     r"x\[i\] with y\[i\]\. ", msg), msg
+    # a tensor of the same data points that exists only later: the documented wrap (tester p-port2)
+    assert "`y = storch.PlateTensor(raw_y, x.plates)`" in msg and "Give another name only to a genuinely" in msg, msg
     assert "its own name" not in msg and re.search(r"If this call begins a new step", msg), msg
     assert not storch.current_graph().plates  # the default graph's step was discarded (the block's too)
+
+
+def test_the_wrap_the_reused_name_message_gives_pairs_the_later_tensor_with_the_plate():
+    """The form the message names, `storch.PlateTensor(raw_y, x.plates)`, puts a tensor computed later on the data
+    plate: entry i of it meets entry i of x (no new plate)."""
+    torch.manual_seed(0)
+    raw_x, raw_y = torch.randn(4, 3), torch.randn(4)
+    with storch.Graph() as graph:
+        x = storch.denote_independent(raw_x, 0, "data")
+        y = storch.PlateTensor(raw_y, x.plates)
+        both = x.sum(-1) * y
+        assert both.plates == x.plates and list(graph.plates) == ["data"]
+        assert torch.equal(both.tensor, raw_x.sum(-1) * raw_y)
 
 
 def test_a_new_step_after_surrogate_loss_backward_says_the_step_was_not_ended():

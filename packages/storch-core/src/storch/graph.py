@@ -205,8 +205,11 @@ class Graph:
             # would pair every entry of one with every entry of the other (docs/plates.md), not x[i] with y[i]
             return (f"{head}. If the two calls denote several tensors of the same data points (inputs and targets), "
                     f"pass them in ONE call: `x, y = storch.denote_independent((x, y), 0, {name!r})` pairs x[i] with "
-                    "y[i]. Give another name only to a genuinely different data plate (two data plates pair every "
-                    f"entry of one with every entry of the other). {new_step}"
+                    "y[i]. A tensor of the same data points that exists only later (computed after the first call) "
+                    "is put on the plate by wrapping its raw values: `y = storch.PlateTensor(raw_y, x.plates)` "
+                    "(its leading dims: x's plates, each of the plate's size or 1; docs/plates.md). Give another name "
+                    "only to a genuinely different data plate (two data plates pair every entry of one with every "
+                    f"entry of the other). {new_step}"
                     + (_DATA_PLATE_OUTSIDE if self.is_default else ""))
         return (f"{head}; give each stochastic node and data plate its own name. {new_step}")
 

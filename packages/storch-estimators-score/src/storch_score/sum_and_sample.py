@@ -231,12 +231,12 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
             raise OptionError(f"{NAME}: baseline='leave_one_out' needs n_samples >= 2, got {value}")
         return value
 
-    def forward(self, distribution: Distribution, *args: Any, memory_key: Optional[Hashable] = None,
-                **kwargs: Any) -> PlateTensor:
+    def forward(self, distribution: Distribution, inputs: Any = None, *,
+                memory_key: Optional[Hashable] = None) -> PlateTensor:
         """Sample the node; ``memory_key`` is for sequences (``buffer=``) only."""
         if memory_key is not None:
             raise OptionError("sum_and_sample: memory_key= is for sequences (buffer=)")
-        return super().forward(distribution, *args, **kwargs)
+        return super().forward(distribution, inputs)
 
     def extend(self, node: Node, distribution: Distribution, plates: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         raise PlateError(

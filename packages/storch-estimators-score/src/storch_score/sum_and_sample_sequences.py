@@ -219,15 +219,15 @@ class SumAndSampleSequences(Estimator):
         raise OptionError(f"{NAME}: memory={memory!r} is not accepted for sequences; give a tensor (k', T), "
                           "a dict key -> tensor or a callable key -> tensor")
 
-    def forward(self, distribution: Distribution, *args: Any, memory_key: Optional[Hashable] = None,
-                **kwargs: Any) -> PlateTensor:
+    def forward(self, distribution: Distribution, inputs: Any = None, *,
+                memory_key: Optional[Hashable] = None) -> PlateTensor:
         """Sample the next step of the sequence; ``memory_key`` (first step): the data points' keys."""
         if memory_key is None:  # (every later token): nothing to hand to proposal, _pending_key stays None
-            return super().forward(distribution, *args, **kwargs)
+            return super().forward(distribution, inputs)
         memory_key = memory_key.tensor if isinstance(memory_key, storch.PlateTensor) else torch.as_tensor(memory_key)
         self._pending_key = memory_key  # (nn.Module.__setattr__: ~3 us, once per graph)
         try:
-            return super().forward(distribution, *args, **kwargs)
+            return super().forward(distribution, inputs)
         finally:
             self._pending_key = None
 

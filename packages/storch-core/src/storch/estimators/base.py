@@ -1141,7 +1141,11 @@ class Estimator(torch.nn.Module):
                     # what nn.Module.__call__ then does (forward), without its two calls and forward's
                     # second look-up of the current graph
                     return _draw_node(self, graph, distribution, kwargs["inputs"] if kwargs else None, True)
+                if args or kwargs:
+                    _check_call_arguments(self, args, kwargs)
                 return super().__call__(distribution, *args, **kwargs)
+            if args or kwargs:
+                _check_call_arguments(self, args, kwargs)
             graph.check_call(self, distribution)  # before an overriding forward runs
             with drawing_with(graph.generator):  # storch.Graph(generator=g): the node's draws use g
                 return super().__call__(distribution, *args, **kwargs)
@@ -1680,6 +1684,49 @@ _draw_node = Estimator._storch_forward  # (not self._storch_forward: a subclass 
 _module = sys.modules[torch.nn.Module.__module__]  # torch.nn.modules.module: the global module hooks it keeps
 _get_tracing_state = torch._C._get_tracing_state
 _grad_enabled = torch.is_grad_enabled
+
+
+# per estimator class: (whether its forward takes a positional argument after the distribution, the keywords it
+# takes, or None for any): read by _check_call_arguments, on the calls that pass more than inputs=
+_CALL_SIGNATURES: "weakref.WeakKeyDictionary[type, tuple[bool, Optional[frozenset]]]" = weakref.WeakKeyDictionary()
+
+
+def _call_signature(cls: type) -> tuple[bool, Optional[frozenset]]:
+    """What ``cls``'s ``forward`` takes after the distribution: positional arguments (a first parameter not named
+    ``inputs``, or ``*args``: a user's forward that reads them itself), and its keywords (``None``: ``**kwargs``)."""
+    known = _CALL_SIGNATURES.get(cls)
+    if known is None:
+        params = list(inspect.signature(cls.forward).parameters.values())[2:]  # (after self and the distribution)
+        positional = bool(params) and (
+            params[0].kind is inspect.Parameter.VAR_POSITIONAL
+            or params[0].kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            and params[0].name != "inputs")
+        keywords = None if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) else frozenset(
+            p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                 inspect.Parameter.KEYWORD_ONLY))
+        known = _CALL_SIGNATURES[cls] = (positional, keywords)
+    return known
+
+
+def _check_call_arguments(est: Estimator, args: tuple, kwargs: dict) -> None:
+    """Refuse a positional argument after the distribution (``est(d, x)``: taken for ``inputs``, which only an
+    input-dependent baseline or network reads, so an observed value meant as Pyro's ``obs=`` would be silently
+    ignored and the node sampled) and a keyword the estimator's ``forward`` does not take (``obs=``)."""
+    positional, keywords = _call_signature(type(est))
+    unknown = [] if keywords is None else [k for k in kwargs if k not in keywords]
+    if (not args or positional) and not unknown:
+        return
+    what = (f"{len(args)} positional argument{'s' if len(args) > 1 else ''} after the distribution" if args and not
+            positional else "keyword" + ("s " if len(unknown) > 1 else " ") + ", ".join(f"{k}=" for k in unknown))
+    takes = ", ".join(f"{k}=" for k in sorted(keywords)) if keywords is not None else ""
+    inputs = ("Extra inputs that the estimator's components read as node.inputs (a learned or callable baseline's "
+              "features, NVIL's x; relax's network) go as a keyword: est(d, inputs=x). " if keywords is None or
+              "inputs" in keywords else "")
+    raise OptionError(
+        f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}) was called with {what}; it takes "
+        f"the distribution{' and the keyword ' + takes if takes else ''} only. {inputs}An OBSERVED value (Pyro's "
+        "pyro.sample(..., obs=x)) is not an estimator call: nothing is sampled for it, its log-likelihood is a "
+        "cost: storch.add_cost(-d.log_prob(x_obs), name='likelihood') (docs/comparison.md, 'Coming from Pyro')")
 
 
 def _no_module_hooks(est: Estimator) -> bool:
