@@ -62,7 +62,7 @@ class _OwnForward(Estimator):
 
     name = "own_forward_test"
 
-    def forward(self, distribution, context=None):
+    def forward(self, distribution, context=None):  # pyright: ignore[reportIncompatibleMethodOverride]
         self.seen = context
         return super().forward(distribution)
 

@@ -684,3 +684,25 @@ def test_importance_advice_for_a_count_names_only_proposals_whose_support_contai
             z = storch.estimator("importance", plate="z", proposal=q, n_samples=8)(mkp(theta))
             storch.add_cost(z.float().sum(), name="c")
             storch.surrogate_loss()
+
+
+def test_sum_and_sample_takes_inputs_and_memory_key_as_keywords_only():
+    """sum_and_sample's forward took *args, **kwargs and handed them on: a positional argument after the
+    distribution (an observed value meant as Pyro's obs=) was taken for inputs and the node sampled. Its forward
+    now names inputs and memory_key, and the call refuses the rest (tester p-port2)."""
+    est = storch.estimator("sum_and_sample", plate="z")
+    theta = torch.zeros(3, requires_grad=True)
+    with storch.Graph():
+        with pytest.raises(storch.OptionError, match="1 positional argument after the distribution"):
+            est(Bernoulli(logits=theta), torch.tensor(0.3))
+    with storch.Graph():
+        with pytest.raises(storch.OptionError, match="keyword obs=.*takes the distribution and the keyword "
+                                                     "inputs=, memory_key= only"):
+            est(Bernoulli(logits=theta), obs=torch.tensor(0.3))
+    with storch.Graph():
+        with pytest.raises(storch.OptionError, match="memory_key= is for sequences"):
+            est(Bernoulli(logits=theta), memory_key=torch.tensor([0]))
+    with storch.Graph() as graph:
+        x = torch.ones(3)
+        est(Bernoulli(logits=theta), inputs=x)
+        assert graph.nodes[0].inputs is x

@@ -1726,7 +1726,7 @@ def _check_call_arguments(est: Estimator, args: tuple, kwargs: dict) -> None:
         f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}) was called with {what}; it takes "
         f"the distribution{' and the keyword ' + takes if takes else ''} only. {inputs}An OBSERVED value (Pyro's "
         "pyro.sample(..., obs=x)) is not an estimator call: nothing is sampled for it, its log-likelihood is a "
-        "cost: storch.add_cost(-d.log_prob(x_obs), name='likelihood') (docs/comparison.md, 'Coming from Pyro')")
+        "cost: storch.add_cost(-d.log_prob(x_obs), name='likelihood') (docs/coming-from-pyro.md)")
 
 
 def _no_module_hooks(est: Estimator) -> bool:
