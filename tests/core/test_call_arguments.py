@@ -92,3 +92,22 @@ def test_an_overriding_forward_keeps_its_own_signature():
         x = torch.ones(2)
         same(Bernoulli(logits=torch.zeros(2, requires_grad=True)), inputs=x)
         assert graph.nodes[0].inputs is x
+
+
+def test_a_forward_set_on_the_instance_or_taking_star_args_reads_its_own_arguments():
+    """Review r-25: a forward set on the instance (``est.forward = f``) and a ``forward(self, *args, **kwargs)``
+    wrapper take the arguments they declare; neither is refused."""
+    est = storch.estimator("reparameterization", plate="z")
+    orig = est.forward
+    est.forward = lambda d, extra=None: orig(d)
+    with storch.Graph():
+        assert est(Normal(0.0, 1.0), extra=1).plate_names == ("z",)
+
+    class Wrapped(type(storch.estimator("reparameterization", plate="w"))):
+        name = "wrapped_forward_test"
+
+        def forward(self, *args, **kwargs):
+            return super().forward(args[0])
+
+    with storch.Graph():
+        assert Wrapped(plate="w")(Normal(0.0, 1.0), torch.tensor(0.3), note=2).plate_names == ("w",)

@@ -115,6 +115,9 @@ def test_a_batch_reduction_on_a_data_plate_runs_and_user_modules_named_storch_ar
             torch.testing.assert_close(f(rec).tensor, rec.tensor)
         with pytest.raises(storch.PlateError, match="drop the reduction"):
             torch.logsumexp(rec, 0)
+        for f in (lambda t: t.max(0), lambda t: t.amax(0), lambda t: t.prod(0), lambda t: t.var(0, correction=0)):
+            with pytest.raises(storch.PlateError, match="reduces nothing"):  # a hand-written logsumexp's (r-25)
+                f(rec)
     scope = {"__name__": "storch_mylib", "torch": torch}
     exec("def bound(lw):\n    return torch.logsumexp(lw, 0)\n", scope)
     with storch.Graph():

@@ -103,3 +103,17 @@ def test_a_class_is_asked_through_one_instance_built_once():
     for _ in range(3):
         assert not Counted.supports(Bernoulli(p)) and Counted.supports(Normal(p, 1.0))
     assert Counted.built == 1
+
+
+
+def test_the_instance_is_kept_on_its_class():
+    """Review r-25: kept as a WeakKeyDictionary's value keyed by its own class, the instance kept the class alive
+    (the entry was never dropped); it is kept on the class itself (and a subclass gets its own)."""
+
+    class Throwaway(CdfOnly):
+        name = "throwaway_test"
+
+    assert not Throwaway.supports(Bernoulli(torch.tensor(0.3)))
+    kept = Throwaway.__dict__["_storch_default_instance"]
+    assert type(kept) is Throwaway and "_storch_default_instance" not in CdfOnly.__dict__ or \
+        type(CdfOnly.__dict__["_storch_default_instance"]) is CdfOnly

@@ -1696,10 +1696,11 @@ def _call_signature(cls: type) -> tuple[bool, Optional[frozenset]]:
     ``inputs``, or ``*args``: a user's forward that reads them itself), and its keywords (``None``: ``**kwargs``)."""
     known = _CALL_SIGNATURES.get(cls)
     if known is None:
-        params = list(inspect.signature(cls.forward).parameters.values())[2:]  # (after self and the distribution)
-        positional = bool(params) and (
-            params[0].kind is inspect.Parameter.VAR_POSITIONAL
-            or params[0].kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        after_self = list(inspect.signature(cls.forward).parameters.values())[1:]
+        # (after the distribution; a forward(self, *args, **kwargs) wrapper takes the distribution in *args)
+        params = after_self if after_self and after_self[0].kind is inspect.Parameter.VAR_POSITIONAL else after_self[1:]
+        positional = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params) or bool(params) and (
+            params[0].kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
             and params[0].name != "inputs")
         keywords = None if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) else frozenset(
             p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
@@ -1712,6 +1713,8 @@ def _check_call_arguments(est: Estimator, args: tuple, kwargs: dict) -> None:
     """Refuse a positional argument after the distribution (``est(d, x)``: taken for ``inputs``, which only an
     input-dependent baseline or network reads, so an observed value meant as Pyro's ``obs=`` would be silently
     ignored and the node sampled) and a keyword the estimator's ``forward`` does not take (``obs=``)."""
+    if "forward" in est.__dict__:  # a forward set on the instance reads its own arguments (review r-25)
+        return
     positional, keywords = _call_signature(type(est))
     unknown = [] if keywords is None else [k for k in kwargs if k not in keywords]
     if (not args or positional) and not unknown:
@@ -1828,8 +1831,8 @@ def _supports_unconsulted(est: "Estimator", d: Distribution) -> bool:
         _CHECKING.reset(token)
 
 
-# class -> its instance with default options (None: its constructor needs arguments), for _accepted_by_check
-_DEFAULT_INSTANCES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# a class's ``_storch_default_instance`` (in its own __dict__): its instance with default options (None: its
+# constructor needs arguments), for _accepted_by_check
 _MISSING_INSTANCE = object()
 
 
@@ -1846,7 +1849,7 @@ def _accepted_by_check(est: Any, d: Distribution) -> bool:
     try:
         with torch.random.fork_rng(devices=[]):  # a learned part built with default options draws its init
             if isinstance(est, type):
-                est = _DEFAULT_INSTANCES.get(owner, _MISSING_INSTANCE)
+                est = owner.__dict__.get("_storch_default_instance", _MISSING_INSTANCE)
                 if est is _MISSING_INSTANCE:
                     # built once per class (warnings.catch_warnings resets the warnings already shown once, and
                     # is not thread-safe: not at every query; review r-24)
@@ -1856,7 +1859,8 @@ def _accepted_by_check(est: Any, d: Distribution) -> bool:
                             est = owner(plate="supports")
                     except Exception:  # noqa: BLE001  (a constructor that needs arguments: the attributes decide)
                         est = None
-                    _DEFAULT_INSTANCES[owner] = est
+                    # kept on the class (a WeakKeyDictionary's value, an instance, kept its key alive: review r-25)
+                    type.__setattr__(owner, "_storch_default_instance", est)
                 if est is None:
                     return True
             try:

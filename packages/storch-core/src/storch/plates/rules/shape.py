@@ -203,6 +203,10 @@ _ANY_DIM: frozenset = frozenset(
     f for n in ("logsumexp", "softmax", "log_softmax", "logcumsumexp") for f in _both(n)) | {
         F.softmax, F.log_softmax, F.softmin, F.normalize}
 
+# of the others, those that agree with storch's averaging of a data plate (up to a scale) where dim 0 was the batch
+# of the ported code; max / min / prod / ... over it there were a hand-written logsumexp's (review r-25): refused
+_BATCH_MEANS: frozenset = frozenset(f for n in ("sum", "mean", "nansum", "nanmean") for f in _both(n))
+
 # the modules between a user's call and the dispatcher (torch's Python wrappers that hand over to
 # __torch_function__: F.softmax, Tensor.norm, torch.norm), skipped when looking for who made the call
 _PASSING = ("torch.overrides", "torch.nn.functional", "torch.functional", "torch._tensor", "torch.linalg")
@@ -234,7 +238,7 @@ def _refuse_reduction_of_one_value(func, x, d) -> None:
     if d is None or (type(d) in (tuple, list) and not d):
         return  # sum(), sum(dim=()): over every per-sample dim, which torch does on one value too
     if func not in _ANY_DIM and (not (d == 0 if type(d) is int else type(d) in (tuple, list) and 0 in d)
-                                 or any(p.independent for p in x._plates)):
+                                 or func in _BATCH_MEANS and any(p.independent for p in x._plates)):
         # x.sum(-1): a generic reduction over a sample's last dim (_ANY_DIM); and a tensor on a data plate, where
         # dim 0 was the batch in the ported code (`rec.mean(0)`, `kld.sum(1).mean(0)`): storch averages the
         # data plates itself, so the reduction of the per-point value is right (found by review r-24)
