@@ -681,6 +681,32 @@ def test_an_estimator_that_raises_on_a_kit_model_is_recorded_without_raise_on_fa
         kit.check_against_enumeration(CategoricalCrash, options={"n_samples": 2}, orders=[1], n_replicates=1000)
 
 
+class RaisesAtEveryProposal(storch.Estimator):
+    """Uniform weights and an overridden weighting function (as Score has): the kit's one-off uniform-weights check
+    builds the first model, outside the per-model recording; the proposal raises there."""
+
+    name = "test_raises_at_every_proposal"
+    distributions = (Bernoulli, Categorical)
+    uniform_weights = True
+
+    def proposal(self, node):
+        raise RuntimeError("boom")
+
+    def weighting_function(self, node):
+        return super().weighting_function(node)
+
+
+def test_an_estimator_that_raises_in_the_uniform_weights_check_is_recorded_without_raise_on_failure():
+    """Review p-docs7: the uniform-weights check built the first model outside the try that records errors, so an
+    estimator raising there escaped check_against_enumeration(raise_on_failure=False)."""
+    report = kit.check_against_enumeration(RaisesAtEveryProposal, orders=[1], n_replicates=100,
+                                           raise_on_failure=False)
+    assert report.errors and set(report.errors.values()) == {"raised RuntimeError: boom"}, report.errors
+    assert not report.ok
+    with pytest.raises(RuntimeError, match="boom"):
+        kit.check_against_enumeration(RaisesAtEveryProposal, orders=[1], n_replicates=100)
+
+
 class BiasedPathwise(storch.get_estimator_class("reparameterization")):
     """BUG: the pathwise derivative is 1.5 times the sample's (a wrong output; the forward value is right)."""
 
