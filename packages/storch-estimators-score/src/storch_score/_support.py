@@ -22,8 +22,8 @@ def check_one_support(est: Estimator, d: torch.distributions.Distribution) -> No
     """Refuse a ``Binomial`` whose ``total_count`` differs between entries in an estimator that samples
     torch's ``enumerate_support`` without replacement (``unordered_set``, ``sum_and_sample``): torch's
     ``enumerate_support`` raised its own ``NotImplementedError`` deep in the proposal
-    (:func:`storch.extending.varying_total_count` says why, and what to use instead; the estimators'
-    ``supports`` asks it too, so that the registry's lists agree)."""
+    (:func:`storch.extending.varying_total_count` says why, and what to use instead; ``Estimator.supports``
+    asks the estimators' ``check_distribution``, so that the registry's lists agree)."""
     reason = varying_total_count(d)
     if reason is not None:
         raise UnsupportedDistributionError(

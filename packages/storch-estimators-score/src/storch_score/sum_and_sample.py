@@ -17,7 +17,7 @@ import torch
 from torch.distributions import Categorical, Distribution
 
 from storch import CostFrame, Estimator, Node, OptionError, PlateError, PlateTensor
-from storch.extending import assume, is_tracing, leave_one_out, options, varying_total_count
+from storch.extending import assume, is_tracing, leave_one_out, options
 
 from ._memory import (VariableTable, _memory_lp, check_in_support, codes_of, first_occurrences, sample_outside,
                       top_k_codes)
@@ -161,13 +161,6 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
                          "dims are all plates (one call per agent or token)")
     has_update = True
     State = MemoryState
-
-    @classmethod
-    def supports(cls, distribution: Distribution) -> bool:
-        """The base class's check, and no ``Binomial`` whose ``total_count`` differs between entries
-        (:func:`storch.extending.varying_total_count`): the registry's listing agrees with
-        :meth:`check_distribution`."""
-        return super().supports(distribution) and varying_total_count(distribution) is None
 
     def check_distribution(self, d: Distribution) -> None:
         check_one_support(self, d)  # (torch's enumerate_support refuses a count per entry)

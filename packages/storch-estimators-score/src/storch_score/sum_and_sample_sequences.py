@@ -152,7 +152,8 @@ class SumAndSampleSequences(Estimator):
     def supports(cls, distribution: Distribution) -> bool:
         """The base class's check, and no ``Binomial`` whose ``total_count`` differs between entries
         (:func:`storch.extending.varying_total_count`): the registry's listing agrees with
-        :meth:`check_distribution`."""
+        :meth:`check_distribution` (kept: its constructor needs options, so the default ``supports`` cannot
+        ask an instance built on the class)."""
         return super().supports(distribution) and varying_total_count(distribution) is None
 
     def check_distribution(self, d: Distribution) -> None:

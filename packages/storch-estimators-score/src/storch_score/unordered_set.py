@@ -10,7 +10,7 @@ import torch
 from torch.distributions import Categorical, Distribution
 
 from storch import CostFrame, Estimator, Node, OptionError, StorchError
-from storch.extending import align, is_tracing, options, table_cache, varying_total_count
+from storch.extending import align, is_tracing, options, table_cache
 
 from ._beam import _gumbel_like, beam_step, order_gumbels, sample_without_replacement, top_possible
 from ._support import REDUCED, check_one_support, dense, enumerate_joint, enumerate_values, n_categories, to_work
@@ -113,13 +113,6 @@ class UnorderedSet(Estimator):
     supports_partitions = True
     causal_credit = False  # the weights belong to the final set of sequences
     State = SetState
-
-    @classmethod
-    def supports(cls, distribution: Distribution) -> bool:
-        """The base class's check, and no ``Binomial`` whose ``total_count`` differs between entries
-        (:func:`storch.extending.varying_total_count`): the registry's listing agrees with
-        :meth:`check_distribution`."""
-        return super().supports(distribution) and varying_total_count(distribution) is None
 
     def check_distribution(self, d: Distribution) -> None:
         check_one_support(self, d)  # (torch's enumerate_support refuses a count per entry)
