@@ -399,18 +399,7 @@ class Estimator(torch.nn.Module):
             note_rsample(node, sample, raw, params)  # lowers the node's order (unless the proposal noted its rsample)
         if precision_checked(raw) is not None:  # (one dict lookup for other classes)
             self._check_draw_precision(raw, sample)
-        plate = node.plate = Plate(self.plate, sample.shape[0], False, 0, Lineage())
-        node.sample = sample
-        graph.add_node(node)
-        plates = (plate,) + parents
-        try:
-            l_x = self.gradient_function(node)
-        except (RuntimeError, TypeError, ValueError) as e:
-            _gradient_function_failed(self, raw, sample, own, e)
-            raise
-        # a float16 / bfloat16 l (a model under autocast) in float32: MagicBox(l) · C and (1 - MagicBox(l)) · ⊥b
-        # cancelled in bfloat16 (cost._widened); l's dtype compared, one cast for a reduced one
-        node.gradient_values = _widened(_checked_lead(self, "gradient_function", l_x, plates, 0, raw, sample))
+        plate, plates = _add_scored_node(self, graph, node, raw, parents, sample, own)
         if not self.uniform_weights:  # uniform ones (1/N) are built only if read (Node.weight_values)
             node.weight_values = _widened(_checked_lead(self, "weighting_function", self.weighting_function(node),
                                                         plates, 0, raw, sample))
@@ -1565,6 +1554,26 @@ def _first_node(est: Estimator, graph, raw: Distribution, parents: tuple[Plate, 
     return value
 
 
+def _add_scored_node(est: Estimator, graph, node: Node, raw: Distribution, parents: tuple[Plate, ...],
+                     sample: torch.Tensor, own: tuple) -> tuple[Plate, tuple[Plate, ...]]:
+    """A node's first step once its sample is drawn and checked (:meth:`Estimator._sample_node` and
+    :func:`_plain_node` alike): its plate, the node added to ``graph``, and its gradient function l evaluated,
+    checked and widened. Returns the plate and the node's plates."""
+    plate = node.plate = Plate(est.plate, sample.shape[0], False, 0, Lineage())
+    node.sample = sample
+    graph.add_node(node)
+    plates = (plate,) + parents
+    try:
+        l_x = est.gradient_function(node)
+    except (RuntimeError, TypeError, ValueError) as e:
+        _gradient_function_failed(est, raw, sample, own, e)
+        raise
+    # a float16 / bfloat16 l (a model under autocast) in float32: MagicBox(l) · C and (1 - MagicBox(l)) · ⊥b
+    # cancelled in bfloat16 (cost._widened); l's dtype compared, one cast for a reduced one
+    node.gradient_values = _widened(_checked_lead(est, "gradient_function", l_x, plates, 0, raw, sample))
+    return plate, plates
+
+
 def _plain_node(est: Estimator, graph, raw: Distribution, parents: tuple[Plate, ...], distribution: Distribution,
                 inputs: Any) -> PlateTensor:
     """:meth:`Estimator._sample_node` of a plain node (:func:`_is_plain`; issue 19): the same node, value and
@@ -1584,16 +1593,7 @@ def _plain_node(est: Estimator, graph, raw: Distribution, parents: tuple[Plate, 
         raise UnsupportedDistributionError(_plate_tensor_draw_message(est, distribution, "proposal"))
     if sample.shape[1:len(own) + 1] != own:
         raise StorchError(_sample_shape_message(est, "proposal", sample.shape, own))
-    plate = node.plate = Plate(est.plate, sample.shape[0], False, 0, Lineage())
-    node.sample = sample
-    graph.add_node(node)
-    plates = (plate,) + parents
-    try:
-        l_x = est.gradient_function(node)
-    except (RuntimeError, TypeError, ValueError) as e:
-        _gradient_function_failed(est, raw, sample, own, e)
-        raise
-    node.gradient_values = _widened(_checked_lead(est, "gradient_function", l_x, plates, 0, raw, sample))
+    plate, plates = _add_scored_node(est, graph, node, raw, parents, sample, own)
     if not sample.is_inference():
         node.handed.append((sample, sample._version))
     if sample.requires_grad and isinstance(raw, _CATEGORIES):  # (as _sample_node: a proposal's one-hot with grad)
