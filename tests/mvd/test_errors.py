@@ -37,7 +37,7 @@ def test_mvd_lists_supported_distributions():
         est(Beta(torch.tensor(2.0), torch.tensor(1.0)))
     msg = str(info.value)
     for family in ("Normal", "Bernoulli", "Categorical", "OneHotCategorical", "Poisson", "Exponential", "Binomial",
-                   "Geometric", "Laplace", "Gamma"):
+                   "Geometric", "NegativeBinomial", "Laplace", "Gamma"):
         assert family in msg
     assert "does not support Beta" in msg
 

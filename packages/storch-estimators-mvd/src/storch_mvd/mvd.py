@@ -47,10 +47,12 @@ class Mvd(Estimator):
 
     Requires: one of the distributions with a decomposition (``decompositions/``): Normal,
     Bernoulli, Categorical, OneHotCategorical, Poisson, Exponential, Binomial (in probs / logits;
-    total_count fixed), Geometric, Laplace, Gamma (in its rate; also Chi2 with a fixed df) (also
-    inside ``Independent``). A parameter that requires grad but has no weak derivative here (a
-    Gamma's concentration, a Binomial's total_count) is refused, with what to use instead; so is a
-    Geometric with probs 0 (no finite sample; an ``assume`` under ``storch.compile``). Any cost;
+    total_count fixed), Geometric, NegativeBinomial (in probs / logits; total_count fixed), Laplace,
+    Gamma (in its rate; also Chi2 with a fixed df) (also inside ``Independent``). A parameter that
+    requires grad but has no weak derivative here (a Gamma's concentration, a Binomial's or
+    NegativeBinomial's total_count) is refused, with what to use instead; so are a Geometric with
+    probs 0 and a NegativeBinomial with probs 1 (no finite sample; an ``assume`` under
+    ``storch.compile``). Any cost;
     no differentiability in x. A Categorical's impossible categories (−∞ logits, probs 0) and a
     Bernoulli's impossible values (probs exactly 0 or 1, logits ±∞) have c = 0 and are never handed to
     the cost (``decompositions/categorical.py``, ``decompositions/bernoulli.py``).
@@ -62,8 +64,8 @@ class Mvd(Estimator):
         plate: name of the node's plate (size n · 2 · Σ_params K · E).
         n_samples: number of independent replicates of the whole set of evaluation points.
         coupled: draw each pair (x⁺, x⁻) with common random numbers where the family allows it
-            (Normal, Poisson, Exponential, Binomial, Geometric, Laplace, Gamma); lowers the variance
-            for smooth costs. Bernoulli's and Categorical's p⁺ are point masses: nothing to couple.
+            (Normal, Poisson, Exponential, Binomial, Geometric, NegativeBinomial, Laplace, Gamma); lowers the
+            variance for smooth costs. Bernoulli's and Categorical's p⁺ are point masses: nothing to couple.
 
     Example:
         >>> torch.manual_seed(0)

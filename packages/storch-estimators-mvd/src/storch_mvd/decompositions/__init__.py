@@ -14,6 +14,7 @@ from .exponential import ExponentialWeakDerivative
 from .gamma import GammaWeakDerivative
 from .geometric import GeometricWeakDerivative
 from .laplace import LaplaceWeakDerivative
+from .negative_binomial import NegativeBinomialWeakDerivative
 from .normal import NormalWeakDerivative
 from .poisson import PoissonWeakDerivative
 
@@ -27,6 +28,7 @@ DECOMPOSITIONS: tuple[WeakDerivative, ...] = (
     ExponentialWeakDerivative(),
     BinomialWeakDerivative(),
     GeometricWeakDerivative(),
+    NegativeBinomialWeakDerivative(),
     LaplaceWeakDerivative(),
     GammaWeakDerivative(),
 )
