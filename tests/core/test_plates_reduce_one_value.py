@@ -166,3 +166,110 @@ def test_the_advised_form_k_draws_in_one_sample_is_the_exact_iwae_bound():
         assert z.shape == (K,)
         storch.add_cost(-(log_w(z).logsumexp(0) - math.log(K)), name="iwae")
         torch.testing.assert_close(storch.cost_estimates()["iwae"], exact)
+
+
+# Review r-24: the same silent no-op on a per-sample tensor of shape (1,) (or (1, 1)) made from the one value
+MADE = {
+    "unsqueeze": lambda lw, v: lw.unsqueeze(0),
+    "index_None": lambda lw, v: lw[None],
+    "view": lambda lw, v: lw.view(1),
+    "reshape_11": lambda lw, v: lw.reshape(1, 1),
+    "atleast_1d": lambda lw, v: torch.atleast_1d(lw),
+    "stack": lambda lw, v: torch.stack([lw]),
+    "unsqueeze_minus_log_K": lambda lw, v: lw.unsqueeze(0) - math.log(4),
+    "sum_keepdim": lambda lw, v: v.sum(-1, keepdim=True),
+    "logsumexp_keepdim": lambda lw, v: v.logsumexp(-1, keepdim=True),
+}
+SIZE_ONE_FORMS = {
+    "torch.logsumexp_0": lambda t: torch.logsumexp(t, 0),
+    "logsumexp_-1": lambda t: t.logsumexp(-1),
+    "logsumexp_0_keepdim": lambda t: torch.logsumexp(t, dim=0, keepdim=True),
+    "mean_0": lambda t: t.mean(0),
+    "sum_tuple": lambda t: t.sum((0,)),
+    "sum_axis": lambda t: t.sum(axis=0),
+    "max_0": lambda t: t.max(0).values,
+    "softmax_-1": lambda t: t.softmax(-1),
+    "F.log_softmax": lambda t: F.log_softmax(t, dim=0),
+    "cumsum_0": lambda t: t.cumsum(0),
+    "var_0": lambda t: t.var(0, correction=0),
+}
+
+
+def _log_weights_and_vector(n=4):
+    mu = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    z = storch.estimator("reparameterization", plate="z", n_samples=n)(Normal(mu, 1.0))
+    lw = Normal(0.0, 1.0).log_prob(z) - Normal(mu, 1.0).log_prob(z)  # per-sample shape ()
+    v = storch.estimator("reparameterization", plate="z2", n_samples=n)(Normal(mu.expand(3), 1.0))
+    return lw, Normal(0.0, 1.0).log_prob(v) - Normal(mu, 1.0).log_prob(v)  # per-sample shape (3,)
+
+
+@pytest.mark.parametrize("form", list(SIZE_ONE_FORMS))
+@pytest.mark.parametrize("made", list(MADE))
+def test_a_reduction_over_a_size_one_dim_made_from_the_one_value_is_refused(made, form):
+    torch.manual_seed(6)
+    with storch.Graph():
+        lw1 = MADE[made](*_log_weights_and_vector())
+        assert math.prod(lw1.shape) == 1 and lw1.dim() >= 1
+        with pytest.raises(storch.PlateError,
+                           match=r"(?s)per-sample shape \(1(, 1)?,?\).*\(size 4\).*ONE value.*reduces nothing.*"
+                                 r"logsumexp\(0\).*vimco"):
+            SIZE_ONE_FORMS[form](lw1)
+
+
+def test_the_iwae_bound_with_keepdim_is_refused():
+    """The reviewer's form: the log-weight of a vector sample summed with keepdim=True, then the batched bound."""
+    torch.manual_seed(7)
+    with storch.Graph():
+        _, lwv = _log_weights_and_vector()
+        lw1 = lwv.sum(-1, keepdim=True)
+        with pytest.raises(storch.PlateError, match=r"logsumexp with dim=0 .*per-sample shape \(1,\)"):
+            storch.add_cost(-(torch.logsumexp(lw1, 0) - math.log(4)).squeeze(-1), name="iwae")
+
+
+def test_a_real_size_one_dim_is_not_refused():
+    """A size-1 dim of the model, not made from the one value: a Linear's one output (its softmax, logsumexp, sum(0)),
+    a (1, 3) matrix's one row, a Categorical over a Linear's (1,)-shaped logits (torch.distributions' own calls),
+    the last dim of the keepdim form (sum(-1)), sum / mean over dim 0 on a data plate, one sample, and a
+    tensor without a graph (storch cannot see where its dim came from: not refused)."""
+    torch.manual_seed(8)
+    lin = torch.nn.Linear(3, 1).double()
+    with storch.Graph():
+        lw, lwv = _log_weights_and_vector()
+        out = lin(lwv)  # per-sample (1,): the model's one output
+        assert out.shape == (1,)
+        raw = out.tensor  # plates first, the one output last
+        torch.testing.assert_close(torch.logsumexp(out, 0).tensor, raw.logsumexp(-1))
+        torch.testing.assert_close(out.softmax(-1).tensor, raw.softmax(-1))
+        torch.testing.assert_close(out.sum(0).tensor, raw.sum(-1))
+        torch.testing.assert_close(out.max(0)[0].tensor, raw.max(-1)[0])
+        row = lwv.unsqueeze(0)  # (1, 3): one real row
+        torch.testing.assert_close(row.sum(0).tensor, lwv.tensor)
+        torch.testing.assert_close(row.logsumexp(-1).tensor, lwv.tensor.logsumexp(-1, keepdim=True))
+        c = storch.estimator("expect", plate="c")(torch.distributions.Categorical(logits=out))
+        assert c.shape == () and "c" in c.plate_names and torch.equal(c.tensor, torch.zeros_like(c.tensor))
+        torch.testing.assert_close(lwv.sum(-1, keepdim=True).sum(-1).tensor, lwv.tensor.sum(-1))
+        x = storch.denote_independent(torch.randn(3, dtype=torch.float64), 0, "data")
+        rec = (lw.unsqueeze(0) - x) ** 2  # per-sample (1,) on a data plate: dim 0 was the batch
+        torch.testing.assert_close(rec.mean(0).tensor, rec.tensor.squeeze(-1))
+        plain = lw.detach().unsqueeze(0)
+        torch.testing.assert_close(torch.logsumexp(plain, 0).tensor, plain.tensor.squeeze(-1))
+    with storch.Graph():
+        one, _ = _log_weights_and_vector(n=1)
+        torch.testing.assert_close(torch.logsumexp(one.unsqueeze(0), 0).tensor, one.tensor)
+
+
+def test_the_size_one_check_is_not_reached_on_the_common_path(monkeypatch):
+    """A reduction over a dim of size > 1 (a vector sample's sum(-1), logsumexp(-1), softmax(0)) and sum(-1) of a
+    size-1 dim never call the refusal (the handler's fast path tests one flag and, for the refused functions only,
+    one size); unsqueeze (not a reduction) neither."""
+    from storch.plates.rules import shape
+    calls = []
+    monkeypatch.setattr(shape, "_refuse_size_one", lambda *a: calls.append(a))
+    torch.manual_seed(9)
+    with storch.Graph():
+        _, lwv = _log_weights_and_vector()
+        lwv.sum(-1), lwv.logsumexp(-1), lwv.softmax(0), lwv.mean(0), lwv.unsqueeze(0).unsqueeze(0)
+        lwv.sum(-1, keepdim=True).sum(-1)
+        assert calls == []
+        lwv.sum(-1, keepdim=True).logsumexp(0)
+        assert len(calls) == 1
