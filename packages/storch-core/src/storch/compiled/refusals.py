@@ -129,6 +129,34 @@ def _traceback_component(tb) -> Optional[str]:
     return None
 
 
+# the functions that read a Binomial's total_count as a Python number to enumerate its support: torch's
+# enumerate_support, and storch's check that the count is one number (unordered_set's, sum_and_sample's) and its
+# support of a count per entry (expect's): named by their code (their argument is `self` or `d`)
+_READS_TOTAL_COUNT = frozenset(("enumerate_support", "_count_varies", "enumeration_support"))
+
+
+def _binomial_support_message(fn, tb) -> Optional[str]:
+    """The refusal of a trace that failed where a Binomial's support was enumerated (``storch.expect``,
+    ``unordered_set`` or ``sum_and_sample`` on a Binomial node), or ``None`` where no frame of the traceback is
+    one: torch sizes the support 0..n by reading ``total_count`` as a Python number, which the generic "reads a
+    tensor's value" refusal does not explain (found by a tester)."""
+    frames, t = [], tb
+    while t is not None:
+        frames.append(t.tb_frame)
+        t = t.tb_next
+    if not any(f.f_code.co_name in _READS_TOTAL_COUNT
+               and isinstance(f.f_locals.get("self", f.f_locals.get("d")), torch.distributions.Binomial) for f in frames):
+        return None
+    who = _traceback_component(tb) or "an estimator"
+    return (f"storch.compile cannot trace {_name(fn)}: {who} enumerates a Binomial node's support 0..n, which needs "
+            "the total_count as a Python number (torch's Binomial.enumerate_support reads `int(total_count.max())`), "
+            "and a trace cannot read a number from a tensor; backend=None traces the step too and fails alike. Run this step eagerly (call the step itself, not "
+            "storch.compile(step)), or enumerate a Categorical over 0..n with the Binomial's probabilities, which "
+            "traces: `k = torch.arange(n + 1.0)`, `logits = Binomial(n, probs=p).log_prob(k.view(-1, *[1] * "
+            "p.dim())).movedim(0, -1)`, `z = est(Categorical(logits=logits)).to(p.dtype)` (z is the count, with "
+            "the Binomial's law)")
+
+
 def _no_backward_in_trace(fn):
     """Saved-tensor hooks for the trace: a backward pass run inside the step unpacks tensors that autograd
     saved in the forward pass, which ``make_fx(pre_dispatch=True)`` cannot connect to the program (they

@@ -26,7 +26,7 @@ from .guards import _guard, _reached, _reached_modules
 from .keys import _WATCHED_ARGUMENTS, _aliasing, _python_state_of, _signature, _watched, _watched_argument
 from .program import _TRACING, _Trace, _compile_graph, _compiled_by_inductor, _drop_identity_views, _dynamo_lock, \
     _fold_batch_views, _run
-from .refusals import _backward_message, _compiled_twice_message, _func_transform_message, _name, \
+from .refusals import _backward_message, _binomial_support_message, _compiled_twice_message, _func_transform_message, _name, \
     _no_backward_in_trace, _no_data_parallel_in_trace, _refuse_twice, _traceback_component
 from .state import _lift_state, _state_of, _Stateful, _stateful
 from .trace_mode import _TraceMode
@@ -320,6 +320,9 @@ class CompiledStep(Generic[_P, _R]):
             raise
         except RuntimeError as e:
             if "data-dependent" in str(e) or "_local_scalar_dense" in str(e):
+                binomial = _binomial_support_message(self.fn, e.__traceback__)
+                if binomial is not None:
+                    raise StorchError(f"{binomial}. torch said: {e}") from e
                 raise StorchError(
                     f"storch.compile cannot trace {_name(self.fn)}: some code reads a tensor's value in Python "
                     "(`.item()`, `bool(t)`, `if t > 0:`, a value check), so the program depends on the data. "
