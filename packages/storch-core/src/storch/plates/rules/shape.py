@@ -98,13 +98,11 @@ def _input_first(args, kwargs):
     return args, kwargs
 
 
-def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = False, across: int = 0):
+def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = False):
     """Handler for functions of one plate tensor with a dim argument at ``pos``.
 
     ``extra`` = 1 for functions that insert a dim (unsqueeze). With ``reduce_all`` a missing
-    dim means "over all per-sample dims" (sum(), mean(), max(), ...). ``across``: 0 for functions that batched
-    code does not apply along its samples' dim; 1 for those of :data:`ACROSS_SAMPLES` refused over a per-sample
-    dim 0 of size 1; 2 for those refused over any size-1 dim (:data:`_ANY_DIM`): see :func:`_refuse_size_one`.
+    dim means "over all per-sample dims" (sum(), mean(), max(), ...).
     """
 
     def handler(func, args, kwargs):
@@ -122,12 +120,8 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
                 k = x._raw.dim() - n
                 if k > 0:
                     if -(k + extra) <= d < 0:
-                        if across == 2 and x._raw.shape[d] == 1:
-                            _refuse_size_one(func, x, d, d + k)
                         return wrap_same(func(x._raw, *args[1:], **kwargs), x._plates)
                     if 0 <= d < k + extra:
-                        if across and (d == 0 or across == 2) and x._raw.shape[d + n] == 1:
-                            _refuse_size_one(func, x, d, d)
                         if na > 1:
                             return wrap_same(func(x._raw, *args[1:pos], d + n, **kwargs), x._plates)
                         return wrap_same(func(x._raw, **{**kwargs, "dim": d + n}), x._plates)
@@ -174,13 +168,7 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
             if kw.get("keepdim"):  # every per-sample dim kept, of size 1
                 out = out.reshape(out.shape[:n] + (1,) * k)
             return wrap(out, x._plates)
-        raw_d = tdim(d, n, k + extra)
-        if across:
-            for p in (raw_d if type(raw_d) in (tuple, list) else (raw_d,)):
-                p = p % (n + k)
-                if x._raw.shape[p] == 1 and (p == n or across == 2):
-                    _refuse_size_one(func, x, d, p - n)
-        args, kwargs = _set_dim(args, kwargs, pos, where, raw_d)
+        args, kwargs = _set_dim(args, kwargs, pos, where, tdim(d, n, k + extra))
         return wrap_same(func(x._raw, *args[1:], **kwargs), x._plates)
 
     if reduce_all:
@@ -265,81 +253,16 @@ def _refuse_reduction_of_one_value(func, x, d) -> None:
         f"{name} with {dim} on a plate tensor of per-sample shape () that carries the sample plate(s) {plates}: "
         "the plate is not a dim of the per-sample tensor (your code sees one sample, whose value is a single "
         f"number), so torch's {name} over dim 0 / -1 of it reduces nothing and returns that value (or 1, 0) "
-        "per sample: it does not combine the samples, as the same line does in batched code. " + _ADVICE)
-
-
-def _across(*funcs) -> int:
-    """The ``across`` of :func:`_dim_handler` for ``funcs`` (registered together): 2 at any dim, 1 at dim 0, 0 none."""
-    return 2 if any(f in _ANY_DIM for f in funcs) else 1 if any(f in ACROSS_SAMPLES for f in funcs) else 0
-
-
-# the autograd nodes that make a size-1 dim out of what they get (lw.unsqueeze(0), lw[None], torch.stack([lw]),
-# lw.expand(1)); views (lw.view(1), lw.reshape(1), atleast_1d) where their input did not end in a size-1 dim
-# already (F.linear's view of a (B, 1) result does); and a reduction with keepdim=True (_saved_keepdim)
-_MAKES_DIM = frozenset(("UnsqueezeBackward0", "UnsqueezeBackward1", "StackBackward0", "ExpandBackward0"))
-_VIEWS = frozenset(("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"))
-# the nodes the walk looks through: elementwise arithmetic on the one value (lw.unsqueeze(0) - math.log(K))
-_THROUGH = frozenset(f"{n}Backward{i}" for n in ("Add", "Sub", "Rsub", "Mul", "Div", "Neg", "Exp", "Log", "Clone",
-                                                  "ToCopy", "Alias") for i in (0, 1))
-
-
-def _one_value_given_a_dim(g) -> bool:
-    """Whether the autograd graph behind a one-valued per-sample tensor shows its size-1 dim(s) made by a
-    shape function or keepdim=True (through elementwise arithmetic), not a real dim of the model (a Linear's
-    one output, a batch of one). Refusal path only; a tensor without a graph (no grad) is not refused."""
-    todo, seen = [g], 0
-    while todo and seen < 64:
-        g = todo.pop()
-        if g is None:
-            continue
-        seen += 1
-        name = g.name()
-        if name in _MAKES_DIM or getattr(g, "_saved_keepdim", False) is True:
-            return True
-        if name in _VIEWS:
-            sizes = getattr(g, "_saved_self_sym_sizes", None)
-            if sizes is not None and (len(sizes) == 0 or sizes[-1] != 1):
-                return True
-        elif name in _THROUGH:
-            todo.extend(f for f, _ in g.next_functions)
-    return False
-
-
-def _refuse_size_one(func, x, d, pd: int) -> None:
-    """Refuse (a PlateError) ``func`` with dim ``d`` (the per-sample dim ``pd``, of size 1) on ``x`` where each sample
-    holds one value whose size-1 dim(s) storch can see were made from it (:func:`_one_value_given_a_dim`: review
-    r-24's ``lw.unsqueeze(0)``, ``lw[None]``, ``lw.view(1)``, ``.sum(-1, keepdim=True)``), ``x`` carries a sample
-    plate of size > 1 and the call is the user's: as on per-sample shape () (:func:`_refuse_reduction_of_one_value`),
-    it reduces nothing where batched code reduced over the samples. A real size-1 dim (a (1, D) matrix's one row, a
-    Linear's one output) and torch.distributions' own calls run; so do sum / mean over dim 0 on a data plate."""
-    n = len(x._plates)
-    if math.prod(x._raw.shape[n:]) != 1 or func in _BATCH_MEANS and any(p.independent for p in x._plates):
-        return
-    sampled = [p for p in x._plates if not p.independent and p.size > 1 and p.lineage is not None]
-    if not sampled or not _one_value_given_a_dim(x._raw.grad_fn) or not _made_by_user():
-        return
-    name = getattr(func, "__name__", str(func))
-    plates = ", ".join(f"{p.name!r} (size {p.size})" for p in sampled)
-    raise PlateError(
-        f"{name} with dim={d!r} on a plate tensor of per-sample shape {tuple(x.shape)} that carries the sample "
-        f"plate(s) {plates}: each sample holds ONE value, and its size-1 dim {pd} was made from that value (by "
-        "unsqueeze, indexing with None, view / reshape, stack or keepdim=True); the plate is not a dim of the "
-        f"per-sample tensor, so torch's {name} over that dim reduces nothing and returns the value (or 1, 0) per "
-        "sample: it does not combine the samples, as the same line does in batched code. " + _ADVICE)
-
-
-_ADVICE = (
-    "storch computes each plate entry's cost from that entry alone (docs/plates.md, 'Each entry's cost from that "
-    "entry alone'). For an objective that couples K draws (a multi-sample bound such as IWAE's logsumexp of the K "
-    "log-weights minus log K), hold the K draws in ONE sample: the node's distribution is K copies of q, "
-    "z = est(Bernoulli(logits=logits.expand(K, *logits.shape))), and the bound reduces over z's first "
-    "per-sample dim, log_w(z).logsumexp(0) (docs/plates.md, Pitfalls, '.tensor'); or use the 'vimco' "
-    "estimator, which draws the K copies itself and gives each its own baseline (docs/estimators/vimco.md). "
-    "For a baseline from the other samples use the estimator's baseline='leave_one_out'. "
-    "A reduction of a sample's own value needs no dim: sum() / mean(). If the dim was your batch (a data "
-    "plate), drop the reduction: storch averages a cost over its data plates")
-
-
+        "per sample: it does not combine the samples, as the same line does in batched code. storch computes "
+        "each plate entry's cost from that entry alone (docs/plates.md, 'Each entry's cost from that entry "
+        "alone'). For an objective that couples K draws (a multi-sample bound such as IWAE's logsumexp of the K "
+        "log-weights minus log K), hold the K draws in ONE sample: the node's distribution is K copies of q, "
+        "z = est(Bernoulli(logits=logits.expand(K, *logits.shape))), and the bound reduces over z's first "
+        "per-sample dim, log_w(z).logsumexp(0) (docs/plates.md, Pitfalls, '.tensor'); or use the 'vimco' "
+        "estimator, which draws the K copies itself and gives each its own baseline (docs/estimators/vimco.md). "
+        "For a baseline from the other samples use the estimator's baseline='leave_one_out'. "
+        "A reduction of a sample's own value needs no dim: sum() / mean(). If the dim was your batch (a data "
+        "plate), drop the reduction: storch averages a cost over its data plates")
 # reductions that take a tuple of any number of dims (the others reduce a flattened view; not norm:
 # its default p='fro' refuses more than two dims)
 _TUPLE_DIMS = set(sum((_both(n) for n in ("sum", "mean", "nansum", "nanmean", "amax", "amin", "logsumexp", "std",
@@ -349,8 +272,8 @@ _EMPTY_IS_ALL = (_TUPLE_DIMS - set(_both("all") + _both("any"))) | set(_both("no
 _REDUCE = ["sum", "mean", "nansum", "nanmean", "prod", "amax", "amin", "all", "any", "argmax",
            "argmin", "logsumexp", "max", "min", "median", "count_nonzero"]
 for _name in _REDUCE:
-    register(*_both(_name))(_dim_handler(1, reduce_all=True, across=_across(*_both(_name))))
-_spread_dim = _dim_handler(1, reduce_all=True, across=1)
+    register(*_both(_name))(_dim_handler(1, reduce_all=True))
+_spread_dim = _dim_handler(1, reduce_all=True)
 
 
 def _refuse_one_value(func, args, kwargs) -> None:
@@ -393,7 +316,7 @@ def _spread_mean(func, args, kwargs):
     """per sample (vmap); refused (a PlateError) where a sample holds one value"""
     _refuse_one_value(func, args, kwargs)
     return vmap_call(func, args, kwargs)
-_norm = _dim_handler(2, reduce_all=True, across=1)
+_norm = _dim_handler(2, reduce_all=True)
 
 
 @register(*_both("norm"))
@@ -420,8 +343,7 @@ def _linalg_norm(func, args, kwargs):
     return _norm(func, args, kwargs)
 for _name in ["softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin",
               "unbind", "sort", "argsort"]:  # select, index_select: in .indexing
-    register(*_both(_name))(_dim_handler(1, default={"unbind": 0, "sort": -1, "argsort": -1}.get(_name),
-                                         across=_across(*_both(_name))))
+    register(*_both(_name))(_dim_handler(1, default={"unbind": 0, "sort": -1, "argsort": -1}.get(_name)))
 _narrow_dim = _dim_handler(1)
 
 
@@ -472,7 +394,7 @@ def _softmax_dim(k: int) -> int:
     return 0 if k in (0, 1, 3) else 1
 
 
-register(F.softmax, F.log_softmax, F.softmin)(_dim_handler(1, default=_softmax_dim, across=2))
+register(F.softmax, F.log_softmax, F.softmin)(_dim_handler(1, default=_softmax_dim))
 register(F.glu)(_dim_handler(1, default=-1))
 
 
@@ -524,7 +446,7 @@ def _view_as(func, args, kwargs):
         return vmap_call(func, args, kwargs)
     return wrap(x._raw.reshape(x._raw.shape[: len(x._plates)] + tuple(other.shape)), x._plates)
 register(F.gumbel_softmax)(_dim_handler(4, default=-1))
-register(F.normalize)(_dim_handler(2, default=1, across=2))
+register(F.normalize)(_dim_handler(2, default=1))
 for _name in ["split", "chunk", "topk", "kthvalue"]:
     register(*_both(_name))(_dim_handler(2, default=0 if _name in ("split", "chunk") else -1))
 register(*_both("unsqueeze"))(_dim_handler(1, extra=1))
