@@ -166,3 +166,19 @@ def test_the_advised_form_k_draws_in_one_sample_is_the_exact_iwae_bound():
         assert z.shape == (K,)
         storch.add_cost(-(log_w(z).logsumexp(0) - math.log(K)), name="iwae")
         torch.testing.assert_close(storch.cost_estimates()["iwae"], exact)
+
+
+@pytest.mark.parametrize("reduce", [lambda v: v.sum(0), lambda v: v.mean(0), lambda v: v.logsumexp(0),
+                                    lambda v: v.softmax(-1).sum(0)])
+def test_a_real_size_one_dim_with_a_per_sample_scalar_runs_as_torch_runs_it(reduce):
+    """A batch of one data point (x of shape (1,)) times a per-sample scalar sample: storch broadcasts the scalar
+    (an unsqueeze of its raw tensor) and the (1,) dim is the model's; reducing it runs, per sample, as torch runs
+    it (review r-26 D1: a refusal of size-1 dims made from a sample's one value refused this; it was reverted)."""
+    torch.manual_seed(0)
+    mu = torch.tensor(0.3, requires_grad=True)
+    x, y = torch.tensor([2.0]), torch.tensor([1.0])
+    with storch.Graph():
+        w = storch.estimator("reparameterization", plate="z", n_samples=4)(Normal(mu, 1.0))
+        out = reduce(y * (w * x) - (w * x).exp())
+        expected = torch.stack([reduce(y * (wi * x) - (wi * x).exp()) for wi in w.tensor])
+        assert torch.equal(out.tensor, expected)
