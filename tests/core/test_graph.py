@@ -1,6 +1,8 @@
 """The graph context: isolation, resets, errors for bad input, credit assignment by plates."""
 
+import copy
 import fractions
+import pickle
 import re
 import threading
 import warnings
@@ -926,6 +928,61 @@ def test_denote_independent_in_a_collate_fn_names_the_cause():
             with pytest.raises(storch.PlateError) as err:
                 est(Normal(z, 1.0))
     assert "of another graph" in str(err.value) and hint not in str(err.value)
+
+
+def test_a_plate_tensor_from_a_loader_worker_or_unpickled_is_named_as_such():
+    """p-loop t_dl3: a DataLoader(num_workers=2) whose collate_fn called denote_independent handed over an unpickled
+    plate tensor, and the step refused it as "from a graph that was discarded after an error in its step
+    (PlateError): a stale tensor" (no step had failed: the worker's copy carried the worker's reason) or as "of
+    another graph", without the collate_fn advice. An unpickled plate tensor (a worker's batch, pickle.loads,
+    torch.load) is named as such, with what to do."""
+    torch.manual_seed(0)
+
+    def collate(batch):
+        return storch.denote_independent(torch.stack(batch), 0, "data")
+
+    def check(message):
+        assert "made in another process or unpickled" in message, message
+        assert "collate_fn" in message and "return plain tensors from the loader" in message, message
+        assert "call storch.denote_independent in the step" in message, message
+        assert "stale" not in message and "discarded" not in message and "another graph" not in message, message
+
+    est = storch.estimator("reparameterization", plate="z", n_samples=2)
+    loader = torch.utils.data.DataLoader([torch.rand(3) for _ in range(4)], batch_size=2, num_workers=2,
+                                         collate_fn=collate)
+    xb = next(iter(loader))
+    assert type(xb) is storch.PlateTensor and xb.plates[0].lineage.unpickled
+    with storch.Graph():
+        with pytest.raises(storch.PlateError) as err:
+            est(Normal(xb, 1.0))
+    check(str(err.value))
+    # a plate tensor pickled in one step and unpickled in a later one: as a distribution's parameter, denoted again,
+    # or mixed with the later step's own plate tensors (align)
+    with storch.Graph():
+        xs = storch.denote_independent(torch.rand(2, 3), 0, "data")
+        back = pickle.loads(pickle.dumps(xs))
+        assert not xs.plates[0].lineage.unpickled
+        loc = torch.zeros(3, requires_grad=True)
+        storch.add_cost(est(Normal(xs + loc, 1.0)).sum(), name="c")
+        storch.backward()
+    with storch.Graph():
+        with pytest.raises(storch.PlateError) as err:
+            est(Normal(back, 1.0))
+    check(str(err.value))
+    with storch.Graph():
+        with pytest.raises(storch.PlateError) as err:
+            storch.denote_independent(back, 0, "data2")
+    check(str(err.value))
+    with storch.Graph():
+        xs = storch.denote_independent(torch.rand(2, 3), 0, "data")
+        with pytest.raises(storch.PlateError) as err:
+            storch.add_cost((xs * back).sum(), name="mixed")
+    check(str(err.value))
+    # a deep copy is not marked unpickled (copy.deepcopy copies the lineage as it did)
+    with storch.Graph():
+        xs = storch.denote_independent(torch.rand(2, 3), 0, "data")
+        kept = copy.deepcopy(xs)
+        assert not kept.plates[0].lineage.unpickled
 
 
 def test_a_graph_open_in_another_thread_is_refused_and_each_thread_keeps_its_own_step():

@@ -21,7 +21,7 @@ from .errors import ConstantCostWarning, CostError, PlateError, StorchError
 from .generators import pop_generator, push_generator
 from .node import Node
 from .plates.integer_reads import MARKS, forget, record_of
-from .plates.tensor import Lineage, Plate, PlateTensor, _release
+from .plates.tensor import Lineage, Plate, PlateTensor, _release, unpickled_message
 
 if TYPE_CHECKING:
     from .estimators.base import Estimator
@@ -226,6 +226,8 @@ class Graph:
                 continue
             if owner is not None and _lineage_of(owner) is lineage:
                 continue
+            if lineage.unpickled:  # (a worker's batch: its copy may carry the worker's closed reason)
+                raise PlateError(unpickled_message(what, p.name))
             if lineage.closed is not None:
                 raise PlateError(
                     f"{what} has plate {p.name!r} from a graph that was {lineage.closed}: a stale tensor. "

@@ -61,10 +61,15 @@ class Lineage:
     tensor) changes only the entries before it, the others' gradient passes through as autograd computed it.
     Set by the node at its first step.
 
+    ``unpickled``: ``True`` for a lineage rebuilt by unpickling (``pickle``, ``torch.load``, a DataLoader worker's
+    batch sent to the main process): no graph of this process made it, and the refusal says so
+    (:func:`unpickled_message`) rather than naming a closed or another graph.
+
     Compared and hashed by identity.
     """
 
-    __slots__ = ("parents", "index_plates", "_cache", "closed", "watch", "evaluation_from", "__weakref__")
+    __slots__ = ("parents", "index_plates", "_cache", "closed", "watch", "evaluation_from", "unpickled",
+                 "__weakref__")
 
     def __init__(self) -> None:
         self.parents: dict[int, torch.Tensor] = {}
@@ -73,14 +78,17 @@ class Lineage:
         self.closed: Optional[str] = None  # why its graph ended; None while the graph is live
         self.watch: Optional[Callable[[Any, torch.Tensor, Optional[tuple], Any], None]] = None
         self.evaluation_from: Optional[int] = None
+        self.unpickled = False
 
     def __getstate__(self):
         """Pickled (and deep-copied) without ``watch``: a closure of the step's node, runtime state of that step
         only (a pathwise node's plate tensors, and the costs computed from them, failed to pickle with "Can't
         pickle local object '_compare_watch.<locals>.watch'"). The copy is a lineage of its own, which no live
-        graph owns: a step that mixes it with its own plate tensors refuses it, as it does a score node's."""
+        graph owns: a step that mixes it with its own plate tensors refuses it, as it does a score node's, and says
+        it was unpickled (``unpickled``: a DataLoader worker's batch looked like a stale tensor of a failed step)."""
         state = {name: getattr(self, name) for name in self.__slots__ if name != "__weakref__" and hasattr(self, name)}
         state["watch"] = None
+        state["unpickled"] = True
         return None, state
 
     def __deepcopy__(self, memo):
@@ -740,7 +748,22 @@ def too_many_dims_message(n: int) -> str:
     )
 
 
+def unpickled_message(what: str, name: str) -> str:
+    """The refusal of a plate tensor whose plate ``name`` was unpickled (:attr:`Lineage.unpickled`), ``what`` being
+    the tensor's role (``"the distribution passed to estimator 'z'"``)."""
+    return (
+        f"{what} has plate {name!r} from another process or an unpickled copy: this plate tensor was made in "
+        "another process or unpickled (a DataLoader worker's collate_fn or a Dataset's __getitem__ calling "
+        "storch.denote_independent with num_workers > 0, torch.load or pickle.loads of plate tensors). Plate "
+        "tensors belong to one step of one process: return plain tensors from the loader (or save "
+        "`x.tensor`, the raw values) and call storch.denote_independent in the step, on the batch the loader "
+        "returned")
+
+
 def _mixed_message(q: Plate, p: Plate) -> str:
+    for r in (q, p):
+        if r.lineage is not None and r.lineage.unpickled:
+            return unpickled_message("a tensor", r.name)
     if q.size != p.size:
         what = f"appears with sizes {q.size} and {p.size}"
     elif q.lineage is not p.lineage:
