@@ -95,6 +95,42 @@ def test_moving_average_is_in_the_state_dict():
     assert torch.equal(fresh.est.moving_averages["c"], m.est.moving_averages["c"])
 
 
+@pytest.mark.parametrize("case", ["relax", "score_moving_average"])
+def test_an_averaged_model_averages_the_estimators_parameters_but_copies_its_extra_state_once(case):
+    """docs/reliability.md, "An averaged copy of the model": torch's AveragedModel (an EMA here) of a model holding an
+    estimator averages the estimator's learned parameters (RELAX's eta, log_temperature, network), while the
+    estimator's _extra_state (moving averages, its own optimizer's step counters) stays as it was when the averaged
+    model was built; AveragedModel(model.encoder) averages the model's own module only."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    name, options = CASES[case]
+    _installed(name, options)
+    m = Model(name, options)
+    x = torch.randn(5, 4)
+    opt = torch.optim.SGD(m.encoder.parameters(), lr=0.1)
+    m.step(x, 0)
+    opt.step()  # (RELAX's network is built at its first node)
+    ema = AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(0.5))
+    own = AveragedModel(m.encoder, multi_avg_fn=get_ema_multi_avg_fn(0.5))
+    built = repr(ema.module.state_dict()["est._extra_state"])
+    est_params = {n: p.detach().clone() for n, p in ema.module.named_parameters() if n.startswith("est.")}
+    for seed in range(1, 6):
+        m.step(x, seed)
+        opt.step()
+        ema.update_parameters(m)
+        own.update_parameters(m.encoder)
+    live = repr(m.state_dict()["est._extra_state"])
+    assert live != built  # the live estimator's state moved on ...
+    assert repr(ema.module.state_dict()["est._extra_state"]) == built  # ... the averaged copy's did not
+    averaged = dict(ema.module.named_parameters())
+    live_params = dict(m.named_parameters())
+    for n, before in est_params.items():  # RELAX's eta, log_temperature, network: averaged, not the live values
+        assert not torch.equal(averaged[n], before) and not torch.equal(averaged[n], live_params[n]), n
+    if name == "relax":
+        assert {"est.eta", "est.log_temperature"} <= set(est_params) and len(est_params) > 2
+    assert [n for n, _ in own.module.named_parameters()] == ["weight", "bias"]  # the model's own module only
+
+
 def test_relax_lazily_built_network_loads_strictly_into_a_fresh_model():
     _installed("relax")
     m = Model("relax", {})
