@@ -23,7 +23,7 @@ EXAMPLE = "examples/which_estimator/hard_attention.py:step"
     (["vae", "--samples", "0"], "argument --samples: must be >= 1, got 0"),
     (["vae", "--estimators", ""], "argument --estimators: names no estimator"),
     (["vae", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
-    (["overhead", "--problems", "nosuch"], "argument --problems: unknown 'nosuch'; choose from toy, vae, cnn, rnn"),
+    (["overhead", "--problems", "nosuch"], "argument --problems: unknown 'nosuch'; choose from toy, vae, cnn, rnn, ipd"),
     (["overhead", "--configs", "nosuch"], "argument --configs: unknown 'nosuch'; choose from score, loo"),
     (["overhead", "--batch-sizes", "0"], "argument --batch-sizes: must be >= 1, got 0"),
     (["overhead", "--n-samples", "2,x"], "argument --n-samples: 'x' is not an integer"),
@@ -95,3 +95,23 @@ def test_readme_using_it_block_defines_its_data():
     before = section[:section.index("```python")]
     assert "test-setup" not in before
     assert block.index("batches = ") < block.index("for data in batches")
+
+
+def test_overhead_runs_the_ipd_rows_it_documents(tmp_path, monkeypatch):
+    """`storch-compare overhead --problems ipd` (docs/performance.md, issue 19's ipd targets) reaches the ipd rows:
+    a regression had the argument check refuse 'ipd' while run_overhead still handled it."""
+    import storch_bench.overhead_ipd as overhead_ipd
+
+    asked = []
+
+    def rows(row_cls, configs, min_time=0.2, kinds=(), replay=False):
+        asked.append((tuple(configs), min_time))
+        row = row_cls("ipd reinforce T=50", "score", 1, 128)
+        row.storch_us, row.torch_us, row.same_grad = 2.0, 1.0, "yes"
+        return [row]
+
+    monkeypatch.setattr(overhead_ipd, "ipd_rows", rows)
+    assert main(["overhead", "--problems", "ipd", "--configs", "score", "--min-time", "0.01", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    assert asked == [(("score",), 0.01)]
+    assert "ipd reinforce T=50" in (tmp_path / "overhead.csv").read_text()
