@@ -153,7 +153,7 @@ def test_partition_leaves_no_cycles(config):
 # torch.utils._pytree.tree_flatten walks with a recursive local function whose closure cell holds itself:
 # a cycle of 7 objects per call. storch.compile's replay flattened its arguments with it on every call
 # with a non-tensor argument, and einsum with an ellipsis went through torch.func.vmap (whose own
-# flattening leaves ~34 objects a call: functions storch still runs through vmap do, docs/performance.md).
+# flattening leaves ~34 objects a call: functions storch still runs through vmap do, docs/performance-log.md).
 
 
 def test_einsum_on_plate_tensors_leaves_no_cycles():
