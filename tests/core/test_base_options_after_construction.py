@@ -155,3 +155,45 @@ def test_a_non_finite_log_prob_keeps_the_general_message():
     theta = torch.tensor([float("inf"), 0.0], requires_grad=True)  # an infinite logit: log p = NaN at x = 1
     with pytest.raises(storch.NonFiniteCostError, match="weights or gradient-function values.*Infinite logits"):
         _backward(LeaveOneOutUnchecked("z", n_samples=2), theta)
+
+
+class Tempered(storch.Estimator):
+    """An estimator with a ``temperature`` option that sets an attribute of its own after construction."""
+
+    name = None
+
+    def __init__(self, plate: str, n_samples: int = 1, temperature: float = 1.0) -> None:
+        super().__init__(plate, n_samples)
+        self.temperature = temperature
+
+    def note(self) -> None:
+        self.calls_seen = 1  # a public attribute of its own, set after construction, far from every option
+
+
+def test_a_misspelled_option_set_after_construction_is_refused_with_did_you_mean():
+    # found by a tester (p-api): est.temprature = 0.1 and est.n_sample = 3 were accepted and silently ignored
+    est = Tempered("z", temperature=0.5)
+    with pytest.raises(storch.OptionError, match=r"'temprature'.*Did you mean 'temperature'\?"):
+        est.temprature = 0.1
+    with pytest.raises(storch.OptionError, match=r"Did you mean 'n_samples'\?"):
+        est.n_sample = 3
+    assert not hasattr(est, "temprature") and est.temperature == 0.5 and est.n_samples == 1
+    est.temperature = 0.1  # the option itself, an attribute far from the options, a private one: accepted
+    est.note()
+    est.my_counter = 3
+    est._temprature = 2.0
+    assert est.temperature == 0.1 and est.calls_seen == 1 and est.my_counter == 3
+    est.my_counter = 4  # an existing attribute
+    assert est.my_counter == 4
+
+
+def test_direct_construction_with_a_misspelled_option_is_an_option_error():
+    # found by a tester (p-api): Score('z', n_samplez=3) raised Python's bare TypeError, not the registry's words
+    with pytest.raises(storch.OptionError, match=r"Tempered has no option 'n_samplez'\. Did you mean 'n_samples'\? "
+                                                 r"Its options are: n_samples, temperature"):
+        Tempered("z", n_samplez=3)
+    with pytest.raises(storch.OptionError, match=r"Pairs \(estimator 'test_pairs'\) has no option 'n_pair'\. Did you "
+                                                 "mean 'n_pairs'"):
+        Pairs("z", n_pair=3)
+    with pytest.raises(TypeError):  # (not an option: a missing argument stays Python's error)
+        Tempered()  # type: ignore[call-arg]

@@ -27,7 +27,7 @@ import pluggy
 from importlib_metadata import PackageNotFoundError, distribution, entry_points
 
 from .errors import OptionError, PluginError, UnknownEstimatorError
-from .estimators.base import Estimator, capability_problem
+from .estimators.base import Estimator, capability_problem, unknown_option_message
 from .estimators.catalog import EstimatorInfo, set_source, supporting_estimators
 from .graph import current_graph
 from .hookspecs import HookSpecs, hookimpl, hookspec
@@ -330,15 +330,7 @@ def _make_estimator(name: str, plate: str, options: dict):
     accepted = cls.options()
     for key in options:
         if key not in accepted:
-            told = cls.__dict__.get("unknown_option_hints", {}).get(key)  # the class's own words (not a subclass's)
-            close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
-            hint = told.strip() if told else f"Did you mean {close[0]!r}?" if close else ""
-            if hint and not hint.endswith((".", "?", "!")):
-                hint += "."  # a hint is one or more sentences: storch adds the punctuation around it
-            raise OptionError(
-                f"estimator {cls.name!r} has no option {key!r}.{' ' + hint if hint else ''} "
-                f"Its options are: {', '.join(accepted) or 'none'}"
-            )
+            raise OptionError(unknown_option_message(cls, key, f"estimator {cls.name!r}"))
     est = cls(plate=plate, **options)
     if est.has_update:
         _note_created(est)

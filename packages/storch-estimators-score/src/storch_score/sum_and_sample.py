@@ -28,6 +28,17 @@ from .sum_and_sample_sequences import SumAndSampleSequences
 __all__ = ["SumAndSample", "MemoryState"]
 
 
+class _InitSignature:
+    """A class's ``__signature__``: that of its ``__init__`` without ``self`` (what ``inspect.signature`` would
+    give without a ``__new__``), for the class and each subclass; none on an instance (its call's)."""
+
+    def __get__(self, obj: Any, cls: type) -> inspect.Signature:
+        if obj is not None:
+            raise AttributeError("__signature__")
+        sig = inspect.signature(cls.__init__)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+
 @dataclass
 class MemoryState:
     """Per-node record of the one-step estimator (filled by ``proposal``; ``lp``, ``log_rest`` and
@@ -166,11 +177,17 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
         check_one_support(self, d)  # (torch's enumerate_support refuses a count per entry)
         super().check_distribution(d)
 
+    # help() and inspect.signature show the constructor's options, not __new__'s (*args, **kwargs)
+    __signature__ = _InitSignature()
+
     def __new__(cls, *args: Any, **kwargs: Any) -> "SumAndSample":
         # the one place the mode is chosen, once per estimator: buffer= builds the sequence estimator
         # (budget= is not used there). No arguments: unpickling or copying.
         if cls is SumAndSample and (args or kwargs):
-            given = inspect.signature(cls.__init__).bind(None, *args, **kwargs).arguments
+            try:
+                given = inspect.signature(cls.__init__).bind(None, *args, **kwargs).arguments
+            except TypeError:  # a misspelled option: __init__ raises the OptionError that names it
+                return super().__new__(cls)
             if given.get("buffer") is not None:
                 given = {k: v for k, v in given.items() if k not in ("self", "budget")}
                 return SumAndSampleSequences(**given)  # type: ignore[return-value]

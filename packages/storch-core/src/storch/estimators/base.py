@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import difflib
 import functools
 import inspect
 import itertools
@@ -1092,6 +1093,8 @@ class Estimator(torch.nn.Module):
     def __setattr__(self, name: str, value: Any) -> None:
         if name not in _PLAIN_KEEPS:  # (any other attribute may change what _is_plain decided)
             self.__dict__.pop("_storch_plain", None)
+            if self.__dict__.get("_constructed") and name[:1] != "_" and name not in _option_names(type(self)):
+                _check_new_attribute(self, name)  # a misspelled option (est.temprature = 0.1) is not ignored
         if (self.__dict__.get("_constructed") and name in _option_names(type(self))
                 and not (type(value) is torch.nn.Parameter and name in self.__dict__.get("_parameters", ()))):
             # an option set on a constructed estimator: as the constructor takes it, or refused where the
@@ -1242,6 +1245,44 @@ def _fixed_options(cls: type) -> dict:
     return fixed
 
 
+def unknown_option_message(cls: type, key: str, who: str) -> str:
+    """What ``cls(plate, **{key: ...})`` (``storch.estimator(name, plate, ...)``) says of an option ``cls`` does
+    not take: the class's own hint (``unknown_option_hints``) or "Did you mean" the closest option, and its
+    options. ``who``: the estimator as the message names it."""
+    accepted = cls.options()
+    told = cls.__dict__.get("unknown_option_hints", {}).get(key)  # the class's own words (not a subclass's)
+    close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+    hint = told.strip() if told else f"Did you mean {close[0]!r}?" if close else ""
+    if hint and not hint.endswith((".", "?", "!")):
+        hint += "."  # a hint is one or more sentences: storch adds the punctuation around it
+    return f"{who} has no option {key!r}.{' ' + hint if hint else ''} Its options are: {', '.join(accepted) or 'none'}"
+
+
+# how close (difflib's ratio) a new attribute's name must be to an option's for ``est.<name> = v`` on a constructed
+# estimator to be refused as a misspelled option: closer than the registry's 0.6 for an unknown option, since an
+# estimator may set attributes of its own after construction (``temprature``, ``n_sample``: 0.95 and 0.94)
+_MISSPELLED = 0.8
+
+
+def _check_new_attribute(est: Estimator, name: str) -> None:
+    """Raise :class:`storch.OptionError` for ``est.<name> = ...`` on a constructed estimator where ``name`` is no
+    attribute of it yet and is close to one of its options (``est.temprature = 0.1``, which would otherwise be
+    silently ignored: the estimator reads ``temperature``). A public name far from every option stays allowed (an
+    estimator's own new attribute), and so does every private one."""
+    d = est.__dict__
+    if name in d or name in d.get("_parameters", ()) or name in d.get("_buffers", ()) or name in d.get(
+            "_modules", ()) or hasattr(type(est), name):
+        return
+    cls = type(est)
+    close = difflib.get_close_matches(name, sorted(_option_names(cls)), n=1, cutoff=_MISSPELLED)
+    if close:
+        raise OptionError(
+            f"{est.name or cls.__qualname__}: est.{name} = ... sets no option: the estimator has no option or "
+            f"attribute {name!r}, so it would be silently ignored. Did you mean {close[0]!r}? Its options are: "
+            f"{', '.join(sorted(_option_names(cls) - set(_fixed_options(cls))))} (an attribute of your own: name "
+            f"it `_{name}` or further from the options' names)")
+
+
 def _fixed_option_message(est: Estimator, name: str, value: Any, why: str) -> str:
     try:
         shown = repr(value)
@@ -1260,6 +1301,17 @@ def _fixed_option_message(est: Estimator, name: str, value: Any, why: str) -> st
 
 
 
+def _unknown_keywords(init: Callable, kwargs: dict) -> list:
+    """The keywords of ``kwargs`` that ``init`` takes no parameter for (none where it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(init).parameters
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    return [k for k in kwargs if k not in params or params[k].kind is inspect.Parameter.POSITIONAL_ONLY]
+
+
 def _marking_construction(init: Callable) -> Callable:
     """``init`` that marks the instance constructed when the outermost ``__init__`` returns (options set later
     go through ``Estimator.__setattr__``'s checks; those the constructors set are theirs to check)."""
@@ -1270,6 +1322,14 @@ def _marking_construction(init: Callable) -> Callable:
         object.__setattr__(self, "_init_depth", depth + 1)
         try:
             init(self, *args, **kwargs)
+        except TypeError:
+            unknown = _unknown_keywords(init, kwargs) if depth == 0 and kwargs else ()
+            if unknown:  # Score("z", n_samplez=3): the registry's words, not Python's bare TypeError
+                cls = type(self)
+                raise OptionError(unknown_option_message(
+                    cls, unknown[0], f"{cls.__qualname__} (estimator {cls.name!r})" if cls.name else
+                    cls.__qualname__)) from None
+            raise
         finally:
             object.__setattr__(self, "_init_depth", depth)
         if depth == 0:

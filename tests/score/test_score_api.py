@@ -1,0 +1,37 @@
+"""storch_score's public classes as an IDE, a type checker and a REPL see them: construction with a misspelled
+option, SumAndSample's signature, the exports the docs name, the reprs (found by a tester, p-api)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+import storch
+import storch_score
+
+
+@pytest.mark.parametrize("cls", [storch_score.Score, storch_score.SumAndSample, storch_score.Importance])
+def test_direct_construction_with_a_misspelled_option_says_did_you_mean(cls):
+    with pytest.raises(storch.OptionError, match=rf"{cls.__name__} \(estimator '{cls.name}'\) has no option "
+                                                 r"'n_samplez'\. Did you mean 'n_samples'\? Its options are: "):
+        cls("z", n_samplez=3)
+
+
+def test_a_misspelled_option_set_on_a_score_estimator_is_refused():
+    est = storch.estimator("score", plate="z", baseline="moving_average")
+    with pytest.raises(storch.OptionError, match=r"Did you mean 'decay'\?"):
+        est.decya = 0.5
+    est.decay = 0.5
+    assert est.decay == 0.5 and not hasattr(est, "decya")
+
+
+def test_sum_and_sample_shows_its_constructors_signature():
+    # its __new__ (which builds SumAndSampleSequences for buffer=) made help() show (*args, **kwargs)
+    params = list(inspect.signature(storch_score.SumAndSample).parameters)
+    assert params == ["plate", "n_samples", "n_enumerate", "memory", "baseline", "budget", "buffer", "eos"]
+    assert inspect.signature(storch_score.SumAndSample) == inspect.signature(storch_score.SumAndSample.__init__).replace(
+        parameters=list(inspect.signature(storch_score.SumAndSample.__init__).parameters.values())[1:])
+    est = storch_score.SumAndSample("z", n_samples=2)  # an instance: its call's signature, not the constructor's
+    assert "distribution" in inspect.signature(est).parameters
+    assert type(storch_score.SumAndSample("z", buffer=3)).__name__ == "SumAndSampleSequences"
