@@ -324,3 +324,36 @@ def test_order_error_names_a_subclass_that_inherits_its_name():
             with pytest.raises(storch.OrderError) as info:
                 storch.surrogate_loss(order=2)
             assert f"estimator {shown} on plate 'x'" in str(info.value)
+
+
+def _core_only(monkeypatch):
+    """The registry as a core-only install sees it (whatever families this environment has)."""
+    reg = _registry._get()
+    core = {k: c for k, c in reg.classes.items() if _registry.FIRST_PARTY.get(k) == "storch-core"}
+    monkeypatch.setattr(reg, "classes", core)
+    monkeypatch.setattr(reg, "aliases", {a: n for a, n in reg.aliases.items() if n in core})
+
+
+def _unknown(name: str) -> str:
+    with pytest.raises(storch.UnknownEstimatorError) as e:
+        storch.estimator(name, plate="z")
+    return str(e.value)
+
+
+def test_names_of_families_not_installed_are_not_suggested_as_installed(monkeypatch):
+    # found by a tester (p-api) with core only: "relax" said "Did you mean 'lax' or 'rebar'?" (neither installed;
+    # relax is the right name of a family not installed), "scroe" suggested 'score' without the package to install
+    _core_only(monkeypatch)
+    msg = _unknown("relax")
+    assert "Did you mean" not in msg and "'relax' is provided by storch-estimators-relaxed: `pip install " \
+        "storch-estimators-relaxed`" in msg
+    assert _unknown("scroe").count("Did you mean 'score' (not installed: `pip install storch-estimators-score`)?") == 1
+    assert "Did you mean 'reparameterization'?" in _unknown("reparameterisation")  # an installed name as it is
+    assert "Did you mean" not in _unknown("xyzzy")
+
+
+def test_an_installed_family_is_suggested_without_an_install_hint():
+    if importlib.util.find_spec("storch_score") is None:
+        pytest.skip("storch-estimators-score not installed")
+    msg = _unknown("scroe")
+    assert "Did you mean 'score'?" in msg and "pip install" not in msg

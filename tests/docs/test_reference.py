@@ -51,3 +51,30 @@ def test_the_partition_column_and_list_are_the_classes_supports_partitions(tmp_p
     monkeypatch.setattr(public_api, "ROOT", tmp_path)
     assert "supports_partitions" in public_api.partition_list_problem()
     assert storch.get_estimator_class("vimco").supports_partitions is False
+
+
+def test_every_class_the_docs_name_by_package_exists_there() -> None:
+    """p-api: docs/estimators/sum_and_sample.md named ``storch_score.SumAndSampleSequences``, which storch_score did
+    not export. Every ``storch*.Name`` (a capitalised name: a class) written in the docs is importable as written."""
+    import importlib
+    import re
+
+    missing = []
+    for page in sorted((ROOT / "docs").rglob("*.md")):
+        text = page.read_text(encoding="utf-8")
+        for module, name in sorted(set(re.findall(r"`(storch(?:_score|_relaxed|_mvd)?)\.([A-Z]\w*)", text))):
+            if not hasattr(importlib.import_module(module), name):
+                missing.append(f"{page.relative_to(ROOT)}: {module}.{name}")
+    assert missing == []
+
+
+def test_storch_estimator_says_where_to_find_names_and_what_it_raises() -> None:
+    """p-api: ``storch.estimator``'s docstring named neither how to list the names nor what it raises."""
+    import storch
+
+    doc = storch.estimator.__doc__ or ""
+    assert "storch.available_estimators()" in doc and "docs/estimators/README.md" in doc
+    raises = doc.split("Raises:")[1]
+    for error in ("UnknownEstimatorError", "OptionError", "PluginError"):
+        assert f"storch.{error}:" in raises
+    assert (ROOT / "docs" / "estimators" / "README.md").exists()

@@ -282,17 +282,28 @@ def get_estimator_class(name: str) -> type[Estimator]:
     if reg.failed_plugins:
         msg += " Plugins that failed to load (if it is theirs, that is why): " + "; ".join(
             f"{ep!r} of {dist!r}: {why}" for ep, (dist, why) in sorted(reg.failed_plugins.items())) + "."
-    candidates = [k for k in dict.fromkeys(known + list(FIRST_PARTY)) if k != name]
-    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
-    if close:
-        msg += f" Did you mean {' or '.join(repr(c) for c in close)}?"
     dist = FIRST_PARTY.get(name)
-    if dist is not None and dist != "storch-core":
+    if dist is None:  # (a known name of a family not installed: no "did you mean", the package to install)
+        # installed names, and the known names of the families not installed with the package to install
+        # ("relax" without storch-estimators-relaxed suggested 'lax' or 'rebar', neither installed either)
+        candidates = [k for k in dict.fromkeys(known + list(FIRST_PARTY)) if k != name]
+        close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+        if close:
+            msg += f" Did you mean {' or '.join(_suggested(c, known) for c in close)}?"
+    elif dist != "storch-core":
         msg += f" {name!r} is provided by {dist}: `pip install {dist}`."
     msg += f" Installed: {', '.join(sorted(reg.classes)) or 'none'}."
     if not any(c in reg.classes for c in ("expect", "reparameterization")):
         msg += _no_core_hint()
     raise UnknownEstimatorError(msg)
+
+
+def _suggested(name: str, installed: list[str]) -> str:
+    """A name "Did you mean" offers: an installed one as it is, a first-party one with the package to install."""
+    dist = FIRST_PARTY.get(name)
+    if name in installed or dist is None or dist == "storch-core":
+        return repr(name)
+    return f"{name!r} (not installed: `pip install {dist}`)"
 
 
 def _no_core_hint() -> str:
@@ -316,6 +327,26 @@ def _no_core_hint() -> str:
 
 def estimator(name: str, plate: str, **options: Any) -> Estimator:
     """Create the estimator registered as ``name`` for the node with sample plate ``plate``.
+
+    ``storch.available_estimators()`` lists the installed names (each estimator family is a package:
+    ``storch-estimators-score``, ``-relaxed``, ``-mvd``); the estimator table of the documentation,
+    docs/estimators/README.md, has one page per first-party estimator with its options, what it requires and
+    the highest order it is unbiased for. An option may be set later too (``est.temperature = 0.1``), checked
+    as the constructor checks it.
+
+    Args:
+        name: the estimator's registered name or an alias (``"score"``, ``"reinforce"``, ``"gumbel_softmax"``).
+        plate: the name of the sample plate of the nodes it draws.
+        **options: the estimator's own options (``n_samples`` and those of its page; ``type(est).options()``).
+
+    Returns:
+        A new :class:`storch.Estimator`; call it on a distribution to sample a node.
+
+    Raises:
+        storch.UnknownEstimatorError: no installed estimator has that name (the message suggests close installed
+            names, and the package to ``pip install`` for a first-party name of a family not installed).
+        storch.OptionError: an option it does not take ("Did you mean"), or an invalid value.
+        storch.PluginError: the plugin that provides the name failed to load, or two plugins claim it.
 
     Example:
         >>> est = storch.estimator("score", plate="z", n_samples=8, baseline="leave_one_out")

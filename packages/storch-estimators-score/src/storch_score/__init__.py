@@ -1,11 +1,13 @@
 """Score-function estimators for storch: ``score`` (REINFORCE) with baselines, ``importance``,
-``sum_and_sample`` (MAPO), ``unordered_set`` and ``vimco``."""
+``sum_and_sample`` (MAPO; with ``buffer=`` it builds :class:`SumAndSampleSequences`, the sequence estimator with a
+memory buffer), ``unordered_set`` and ``vimco``."""
 
 from .importance import Importance
 from .learned_baseline import LearnedBaseline
 from .score import Score
 from .sum_and_sample import SumAndSample
+from .sum_and_sample_sequences import SumAndSampleSequences
 from .unordered_set import UnorderedSet
 from .vimco import Vimco
 
-__all__ = ["Score", "Importance", "SumAndSample", "UnorderedSet", "Vimco", "LearnedBaseline"]
+__all__ = ["Score", "Importance", "SumAndSample", "SumAndSampleSequences", "UnorderedSet", "Vimco", "LearnedBaseline"]
