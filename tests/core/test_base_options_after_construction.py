@@ -197,3 +197,16 @@ def test_direct_construction_with_a_misspelled_option_is_an_option_error():
         Pairs("z", n_pair=3)
     with pytest.raises(TypeError):  # (not an option: a missing argument stays Python's error)
         Tempered()  # type: ignore[call-arg]
+
+
+def test_the_base_attributes_and_compiles_options_are_typed():
+    # found by a tester (p-api) with a strict type checker: n_samples and skipped_updates were Any (through the
+    # TYPE_CHECKING __getattr__), storch.compile's options a bare dict ("partially unknown" in strict user code)
+    import inspect
+
+    assert storch.Estimator.__annotations__["n_samples"] == "int"
+    assert storch.Estimator.__annotations__["skipped_updates"] == "int"
+    assert storch.Estimator.__annotations__["plate"] == "str"
+    assert inspect.signature(storch.compile).parameters["options"].annotation == "Optional[dict[str, Any]]"
+    est = Tempered("z", n_samples=3)
+    assert type(est.n_samples) is int and est.n_samples == 3 and est.skipped_updates == 0

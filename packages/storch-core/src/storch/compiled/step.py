@@ -386,17 +386,17 @@ class CompiledStep(Generic[_P, _R]):
 
 @overload
 def compile(fn: Callable[_P, _R], *, backend: Any = "inductor", mode: Optional[str] = None,
-            options: Optional[dict] = None, dynamic: Optional[bool] = False) -> CompiledStep[_P, _R]: ...
+            options: Optional[dict[str, Any]] = None, dynamic: Optional[bool] = False) -> CompiledStep[_P, _R]: ...
 
 
 @overload
 def compile(fn: None = None, *, backend: Any = "inductor", mode: Optional[str] = None,
-            options: Optional[dict] = None, dynamic: Optional[bool] = False,
+            options: Optional[dict[str, Any]] = None, dynamic: Optional[bool] = False,
             ) -> Callable[[Callable[_P, _R]], CompiledStep[_P, _R]]: ...
 
 
 def compile(fn: Optional[Callable[_P, _R]] = None, *, backend: Any = "inductor", mode: Optional[str] = None,
-            options: Optional[dict] = None, dynamic: Optional[bool] = False,
+            options: Optional[dict[str, Any]] = None, dynamic: Optional[bool] = False,
             ) -> Union[CompiledStep[_P, _R], Callable[[Callable[_P, _R]], CompiledStep[_P, _R]]]:
     """Compile a storch step: trace its plate program once into plain torch, then ``torch.compile`` it.
 

@@ -217,6 +217,11 @@ class Estimator(torch.nn.Module):
 
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
+    plate: str
+    n_samples: int  # (both set by the constructor: typed here, not Any through __getattr__ below)
+    #: the updates of a learned part skipped because their loss or gradients were not finite
+    #: (:func:`storch.extending.optimizer_step`); 0 for an estimator that learns nothing
+    skipped_updates: int = 0
     max_order: float = math.inf  # (these four: an instance may set them from its options)
     biased: ClassVar[bool] = False
     higher_order_options: ClassVar[str] = ""
