@@ -738,3 +738,36 @@ def test_hints_follow_the_capabilities_and_a_failure_everywhere_is_said_first():
     one = _check(CrossCostBaseline, options={"n_samples": 2}, models=[m for m in kit.standard_models(
         CrossCostBaseline("z"))[0] if m.name.startswith(("elbo", "bernoulli"))], orders=[1])
     assert "fails on every model" not in one.table() and "another cost" in one.table(), one.table()
+
+
+def test_reports_print_a_readable_summary_and_say_when_a_failure_is_a_declared_bias():
+    # p-api: str(UnbiasednessReport) was the dataclass's repr (every tensor in full); a failed enumeration check
+    # of an estimator declared biased (gumbel_softmax, orders=[1]) said only "does not match the exact values"
+    torch.manual_seed(0)
+    good = kit.z_test(torch.randn(400, 3, dtype=torch.float64), 0.0, name="demo")
+    text = str(good)
+    assert text.startswith(f"demo: ok, max |z| = {good.max_abs_z:.2f} over 3 component(s) (400 estimates, |z| < 4.0)")
+    assert len(text.splitlines()) == 5 and "tensor(" not in text
+    bad = kit.z_test(torch.randn(400, 2, dtype=torch.float64) + 1.0, 0.0, name="shifted")
+    assert str(bad).startswith("shifted: FAIL") and "<-- FAIL" in str(bad)
+    for biased in (False, True):
+        report = kit.ConformanceReport("mine", (1,), checks=[bad, good], biased=biased)
+        assert ("declared biased" in report.table()) is biased
+
+
+class _BiasedScore(storch.Estimator):
+    """The base score function with a bias: each sample's gradient weight is doubled, declared biased."""
+
+    name = None
+    biased = True
+
+    def gradient_function(self, node):  # noqa: D102
+        return 2 * super().gradient_function(node)
+
+
+def test_a_failed_check_of_an_estimator_declared_biased_says_so():
+    model = kit.standard_models(_BiasedScore("probe"))[0][:1]
+    with pytest.raises(AssertionError, match=r"does not match the exact values, as an estimator declared biased "
+                                             r"need not") as e:
+        kit.check_against_enumeration(_BiasedScore, orders=[1], models=model, n_replicates=400)
+    assert "a failed z-test measures that bias" in str(e.value)

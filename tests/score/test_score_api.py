@@ -35,3 +35,42 @@ def test_sum_and_sample_shows_its_constructors_signature():
     est = storch_score.SumAndSample("z", n_samples=2)  # an instance: its call's signature, not the constructor's
     assert "distribution" in inspect.signature(est).parameters
     assert type(storch_score.SumAndSample("z", buffer=3)).__name__ == "SumAndSampleSequences"
+
+
+def test_reprs_quote_option_strings_and_print_a_learned_baseline_once():
+    assert repr(storch.estimator("score", plate="z", baseline="moving_average")) == (
+        "Score(plate='z', n_samples=1, baseline='moving_average', decay=0.9)")
+    learned = repr(storch.estimator("score", plate="z", baseline="learned"))
+    assert "baseline='learned'" in learned and learned.count("LearnedBaseline") == 1  # the child module, once
+    import torch
+    from torch.distributions import Normal
+
+    shown = repr(storch.estimator("importance", plate="z", proposal=Normal(torch.zeros(3), 1.0)))
+    assert shown.startswith("Importance(plate='z', n_samples=1, proposal=Normal(")
+
+    def widened(p):
+        return p
+
+    assert repr(storch_score.Importance("z", proposal=widened)).endswith(", proposal=widened)")
+
+
+def test_graph_and_cost_frame_reprs_say_what_they_hold():
+    import torch
+    from torch.distributions import Bernoulli
+
+    frames = []
+
+    def baseline(node, frame):
+        frames.append(repr(frame))
+        return frame.tensor.mean(frame.dim, keepdim=True)
+
+    g = storch.Graph()
+    assert repr(g) == "storch.Graph(inactive, nodes=[], costs=[])"
+    with g:
+        x = storch.denote_independent(torch.zeros(2, 3), 0, "data")
+        z = storch.estimator("score", plate="z", n_samples=3, baseline=baseline)(Bernoulli(logits=x))
+        storch.add_cost(z.sum(-1), name="c")
+        assert repr(g) == "storch.Graph(active, nodes=[z: score], costs=['c'])"
+        storch.surrogate_loss()
+    assert repr(g).startswith("storch.Graph(finished, ")
+    assert frames == ["CostFrame('c', plates=('z', 'data'), shape=(3, 2), dim=0, order=1)"]

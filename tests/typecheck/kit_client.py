@@ -93,9 +93,26 @@ def factory_type() -> kit.EstimatorFactory:
     return factories[1]
 
 
+def typed_attributes() -> int:
+    """The base's attributes and storch.compile's options are typed (p-api: in strict code ``n_samples`` and
+    ``skipped_updates`` were Any through ``__getattr__``, ``options=`` a partially unknown dict)."""
+    est = storch.estimator("score", plate="z", n_samples=3)
+    assert_type(est.n_samples, int)
+    assert_type(est.skipped_updates, int)
+    assert_type(est.plate, str)
+
+    def step() -> None:
+        pass
+
+    compiled = storch.compile(step, options={"max_autotune": False})
+    assert compiled is not None
+    return est.n_samples + est.skipped_updates
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     found = [*enumeration(), leakage(), *conditions()]
     assert all(r.ok for r in found), "\n".join(str(r.table()) for r in found if not r.ok)
     assert factory_type()("p").plate == "p"
+    assert typed_attributes() == 3
     print("ok")

@@ -75,6 +75,10 @@ class CostFrame:
         self.dim = 0 if plates[0].name == name else next(i for i, p in enumerate(plates) if p.name == name)
         self._live = live
 
+    def __repr__(self) -> str:
+        return (f"CostFrame({self.name!r}, plates={tuple(p.name for p in self.plates)}, "
+                f"shape={tuple(self.tensor.shape)}, dim={self.dim}, order={self.order})")
+
     @property
     def node(self) -> Optional[Node]:
         """The node whose control variate this frame is for (``None`` once its graph is freed)."""

@@ -84,6 +84,17 @@ class Graph:
         # or passes reach. Dropped, never cleared: a probe of an ended step keeps its own
         self.step_updated: Optional[set] = None
 
+    def __repr__(self) -> str:
+        # active: the current graph of this thread (storch calls go to it); open: entered by a `with` block
+        stack = getattr(_local, "stack", None)
+        state = ("active" if stack and stack[-1] is self else "open" if self._depth > 0 else
+                 "finished" if self._finished else "inactive")
+        kind = "default graph, " if self.is_default else ""
+        nodes = ", ".join(f"{n.plate.name if n.plate else '?'}: {n.estimator.name or type(n.estimator).__name__}"
+                          for n in self.nodes[:8]) + (", ..." if len(self.nodes) > 8 else "")
+        costs = [name for name, _ in self.costs[:8]] + (["..."] if len(self.costs) > 8 else [])
+        return f"storch.Graph({kind}{state}, nodes=[{nodes}], costs={costs})"
+
     @eager_only
     def __enter__(self) -> "Graph":
         if _jit_tracing() or _compiler._is_exporting_flag:

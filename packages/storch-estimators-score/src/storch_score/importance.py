@@ -94,6 +94,13 @@ class Importance(Estimator):
                               "torch.distributions.Distribution or a callable p -> q")
         self.proposal_distribution = proposal
 
+    def extra_repr(self) -> str:
+        q = self.proposal_distribution
+        # a distribution as torch shows it; a function by its name (without its enclosing function's)
+        name = getattr(q, "__qualname__", None)
+        shown = repr(q) if isinstance(q, Distribution) or not isinstance(name, str) else name.rsplit("<locals>.")[-1]
+        return f"{super().extra_repr()}, proposal={shown if len(shown) <= 80 else shown[:77] + '...'}"
+
     def _sampler(self, node: Node) -> Distribution:
         p = node.distribution
         q = self.proposal_distribution

@@ -479,7 +479,10 @@ class Score(Estimator):
         return self.moving_averages
 
     def extra_repr(self) -> str:
-        b = self.baseline_kind if self.baseline_fn is None else repr(self.baseline_fn)
+        # a name quoted as the option is given; a learned baseline is a child module (printed once, below the
+        # options, by torch), a callable by its repr
+        b = ("'learned'" if isinstance(self.baseline_fn, LearnedBaseline) else repr(self.baseline_kind)
+             if self.baseline_fn is None or isinstance(self.baseline_fn, torch.nn.Module) else repr(self.baseline_fn))
         return f"{super().extra_repr()}, baseline={b}" + (
             f", decay={self.decay}" if self._baseline is _BASELINES["moving_average"] else "")
 

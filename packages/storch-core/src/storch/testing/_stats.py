@@ -88,6 +88,14 @@ class UnbiasednessReport:
         """The largest |z| over the components (0 for an empty report)."""
         return float(self.z.abs().max()) if self.z.numel() else 0.0
 
+    def __str__(self) -> str:
+        # (the dataclass's repr prints every tensor in full: this is the summary, then the per-component table)
+        verdict = "ok" if self.ok else "FAIL"
+        lines = self.table().split("\n")
+        lines[0] = (f"{self.name}: {verdict}, max |z| = {self.max_abs_z:.2f} over {self.z.numel()} component(s) "
+                    f"({self.n} estimates, |z| < {self.threshold})")
+        return "\n".join(lines)
+
     def table(self) -> str:
         """The per-component table: mean, standard error, exact value and z."""
         rows = [f"{self.name}: {self.n} estimates, |z| < {self.threshold}"]
