@@ -210,3 +210,32 @@ def test_the_base_attributes_and_compiles_options_are_typed():
     assert inspect.signature(storch.compile).parameters["options"].annotation == "Optional[dict[str, Any]]"
     est = Tempered("z", n_samples=3)
     assert type(est.n_samples) is int and est.n_samples == 3 and est.skipped_updates == 0
+
+
+class Author(storch.Estimator):
+    """A third-party estimator that keeps values of its own under names close to its options, set in its own
+    methods after construction (review r-26 D4: `self.samples` in update_parameters, `self.n_sample` in a helper,
+    a child module `self.baselines` attached lazily)."""
+
+    name = "test_author_attrs"
+    has_update = True
+
+    def __init__(self, plate: str, n_samples: int = 2) -> None:
+        super().__init__(plate, n_samples)
+
+    def update_parameters(self, nodes, loss) -> None:
+        self.samples = [n.n for n in nodes]
+        self._helper()
+
+    def _helper(self) -> None:
+        self.n_sample = 1
+        self.baselines = torch.nn.Linear(1, 1)
+
+
+def test_an_estimators_own_methods_may_set_attributes_close_to_its_options():
+    est = Author("z")
+    est.update_parameters([], None)
+    assert est.samples == [] and est.n_sample == 1 and isinstance(est.baselines, torch.nn.Linear)
+    with pytest.raises(storch.OptionError, match="Did you mean 'n_samples'") as e:
+        Author("z").n_sample = 3  # the same name set from outside: a misspelled option
+    assert "set it in one of its methods" in str(e.value)

@@ -1280,12 +1280,23 @@ def _check_new_attribute(est: Estimator, name: str) -> None:
         return
     cls = type(est)
     close = difflib.get_close_matches(name, sorted(_option_names(cls)), n=1, cutoff=_MISSPELLED)
-    if close:
+    if close and not _set_by_its_own_method(est):
         raise OptionError(
             f"{est.name or cls.__qualname__}: est.{name} = ... sets no option: the estimator has no option or "
-            f"attribute {name!r}, so it would be silently ignored. Did you mean {close[0]!r}? Its options are: "
-            f"{', '.join(sorted(_option_names(cls) - set(_fixed_options(cls))))} (an attribute of your own: name "
-            f"it `_{name}` or further from the options' names)")
+            f"attribute {name!r}, and storch reads {close[0]!r}, not {name!r}. Did you mean {close[0]!r}? Its "
+            f"options are: {', '.join(sorted(_option_names(cls) - set(_fixed_options(cls))))}. To keep a value "
+            f"of your own on the estimator, set it in one of its methods (an estimator's own attributes are "
+            f"its business) or name it `_{name}`")
+
+
+def _set_by_its_own_method(est: Estimator) -> bool:
+    """Whether ``est.<name> = ...`` runs in a method of ``est`` itself (``self.samples = ...`` in an author's
+    ``update_parameters`` or ``anneal()``; review r-26): an estimator's own attributes are not misspelled options.
+    Looked up only for a new name close to an option (frames: Estimator.__setattr__, _check_new_attribute)."""
+    frame: Any = sys._getframe(2)  # Estimator.__setattr__ (or a subclass's, which called it)
+    while frame is not None and frame.f_code.co_name == "__setattr__":
+        frame = frame.f_back
+    return frame is not None and frame.f_locals.get("self") is est
 
 
 def _fixed_option_message(est: Estimator, name: str, value: Any, why: str) -> str:
