@@ -14,12 +14,22 @@ at the one place where it changes:
   broadcast from rank 0 when it is built, so their parameters stay identical.
 
 This happens automatically when ``torch.distributed`` is initialised with more than one
-process. It is a collective operation: every rank must call ``storch.backward()`` as often, with
-the same estimators (as under DDP); episodes of a partition may differ in length. Values that
-would be averaged with different keys, shapes or dtypes raise :class:`storch.StorchError` on
-every rank before the collective. To
-use an estimator on one rank only (evaluation on rank 0, for example), switch it off for that
-model with :func:`synchronize` ``(model, enabled=False)``, or pass another process group.
+process. It is a collective operation, inside ``storch.backward()``: ranks that call it a different
+number of times HANG (as under DDP); episodes of a partition may differ in length. Before each
+collective one small all_reduce checks what every rank is about to run (the estimator's class and
+the options that give its state its meaning, what it averages) and the values' layout: ranks with
+different estimators, a rank whose step has no costs or no data (it joins the check from
+``storch.backward()`` / ``denote_independent``) while the others update, and values of one name
+with different shapes or dtypes raise :class:`storch.StorchError` on every rank. Different cost
+names are not an error: each name is averaged over the ranks that have it. Under DDP a rank that
+skips the step leaves the others in DDP's own gradient allreduce, which storch cannot join: give
+every rank data (``DistributedSampler(drop_last=True)``, or pad) and costs in every step.
+
+To use an estimator on one rank only, switch it off for that model with :func:`synchronize`
+``(model, enabled=False)``, or pass another process group. A step that calls ``storch.backward()``
+then updates that rank's state alone (even in ``model.eval()``), and ``enabled=True`` later does not
+copy it back: evaluate under ``torch.no_grad()`` with ``storch.cost_estimates()`` instead (no update,
+no collective).
 
 DDP and ``find_unused_parameters=True``: DDP looks for the parameters the loss depends on by
 walking back from the *outputs of the wrapped module's forward*. In storch the loss is built
@@ -27,7 +37,8 @@ from the registered costs, so the forward must return it: end the forward with
 ``return storch.surrogate_loss()`` and call ``storch.backward()`` after it (it rebuilds the same
 surrogate; the estimators' state changes once). Otherwise DDP marks every parameter unused and
 backward fails; ``storch.backward()`` turns that failure into a :class:`storch.StorchError`
-that says this. With the default ``find_unused_parameters=False`` nothing is needed.
+that says this (``storch.surrogate_loss().backward()`` after a forward that returns nothing fails
+in torch's reducer: "Expected to mark a variable ready only once"). With the default ``find_unused_parameters=False`` nothing is needed.
 
 Example (``examples/distributed/train_ddp.py`` is a complete script)::
 
@@ -40,24 +51,16 @@ Example (``examples/distributed/train_ddp.py`` is a complete script)::
 
 from __future__ import annotations
 
-import functools
 from typing import Any, TypeVar, Union, overload
 
 import torch
 
+from ._ranks import _NO_COSTS, _comm_device, _dist, _gather_collectives, _layouts_agree
 from .errors import StorchError
 
 __all__ = ["is_active", "world_size", "synchronize", "all_reduce_mean", "broadcast_", "ranks_agree"]
 
 _UNSET = object()
-
-
-@functools.cache
-def _dist():
-    """torch.distributed, or None where it is not built in (looked up once: every update asks)."""
-    import torch.distributed as dist
-
-    return dist if dist.is_available() else None
 
 
 def _group_of(owner: Any) -> Any:
@@ -98,6 +101,10 @@ def synchronize(module: torch.nn.Module, enabled: bool = True, group: Any = None
         enabled: False: each process keeps its own state (no collectives; for single-rank
             evaluation). True (the default of every estimator): average over ``group``.
         group: the ``torch.distributed`` process group (None: the default world group).
+
+    Switching back on does not copy state: a ``storch.backward()`` while it was off updated this rank's
+    state alone (even in ``model.eval()``), and the ranks stay apart from then on. Evaluate under
+    ``torch.no_grad()`` with ``storch.cost_estimates()`` (no update, no collective) instead.
     """
     from .estimators.base import Estimator
 
@@ -138,7 +145,8 @@ def all_reduce_mean(values: Union[dict, list, torch.Tensor], owner: Any = None, 
         partial: a dict whose keys may differ across ranks (a moving average per step of
             episodes of different lengths): the result holds the union of the keys on every rank,
             each averaged over the ranks that have it (a rank without it contributes nothing).
-            Otherwise ranks with different keys, shapes or dtypes raise :class:`storch.StorchError`.
+            Otherwise ranks with different keys, shapes or dtypes raise :class:`storch.StorchError`, as do
+            ranks that run different collectives (another estimator, ``what`` or ``partial``).
         what: what the values are, for the error message.
     """
     if not is_active(owner):
@@ -148,9 +156,15 @@ def all_reduce_mean(values: Union[dict, list, torch.Tensor], owner: Any = None, 
     if isinstance(values, torch.Tensor):
         return all_reduce_mean([values], owner, what=what)[0]
     items = list(values.items()) if isinstance(values, dict) else list(enumerate(values))
-    # the ranks' layouts agree? (a flat all_reduce of different sizes aborts the process in gloo)
+    # the ranks run the same collective (the same estimator kind, the same update) and their layouts agree?
+    # (a flat all_reduce of different sizes aborts the process in gloo; a rank whose estimator runs other
+    # collectives than the others' would wait in them forever)
     layout = [(key, str(v.dtype), tuple(v.shape)) for key, v in items]
-    if not _layouts_agree(layout, group):
+    collective = _collective(owner, f"averaging {what}" + (" (partial)" if partial else ""))
+    same_op, same_layout = _layouts_agree(layout, group, collective)
+    if not same_op:
+        _raise_different_collectives(collective, group)
+    if not same_layout:
         if partial and isinstance(values, dict):
             return _union_mean(values, layout, group)
         raise StorchError(
@@ -176,23 +190,35 @@ def all_reduce_mean(values: Union[dict, list, torch.Tensor], owner: Any = None, 
     return [out[i] for i, _ in items]
 
 
-def _comm_device(group: Any) -> torch.device:
-    """Where tensors of a collective of ``group`` live (nccl: the current CUDA device; else the CPU)."""
-    if _dist().get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def _collective(owner: Any, action: str) -> str:
+    """Which collective a rank is about to run: the estimator (its class and the options that give its state
+    its meaning: score's baseline kind, RELAX's control variate form) and what it does. Ranks whose
+    estimators differ run different sequences of collectives (a moving average alone, or a moving average
+    and then a learned baseline's gradients): the first one where they differ is caught."""
+    if owner is None:
+        return f"storch.distributed {action}"
+    options = getattr(owner, "_state_options", None)
+    options = options() if callable(options) else {}
+    if not options and isinstance(getattr(owner, "baseline_kind", None), str):
+        options = {"baseline": owner.baseline_kind}
+    args = ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
+    return f"{type(owner).__name__}({args}) {action}"
 
 
-def _layouts_agree(layout: list, group: Any) -> bool:
-    """Whether every rank passed the same ``layout`` (one all_reduce of a 63-bit fingerprint)."""
-    import hashlib
-
-    digest = hashlib.blake2b(repr(layout).encode(), digest_size=8).digest()
-    fp = int.from_bytes(digest, "little") >> 1  # Python's hash() of a str differs between processes
-    t = torch.tensor([fp, -fp], dtype=torch.int64, device=_comm_device(group))
-    dist = _dist()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(t[0]) == fp and int(t[1]) == -fp  # max == min == this rank's
+def _raise_different_collectives(collective: str, group: Any) -> None:
+    """Every rank, once the fingerprints said the ranks run different collectives: gather what each runs
+    (every rank is here: each saw the same mismatch) and raise, on every rank, saying it."""
+    ranks = _gather_collectives(collective, group)
+    if _NO_COSTS in ranks:
+        advice = ("A rank whose step has no costs (an episode that ended at reset, an empty shard) cannot take "
+                  "part in the others' estimator updates: every rank must register costs in every step (pad "
+                  "the shard, use DistributedSampler(drop_last=True), or skip the step on every rank)")
+    else:
+        advice = ("The ranks use different estimators (a different class or baseline), or call them in a "
+                  "different order: build the same model, with the same estimators, on every rank; to use an "
+                  "estimator on one rank only, switch its synchronisation off with "
+                  "storch.distributed.synchronize(model, enabled=False)")
+    raise StorchError(f"storch.distributed: the ranks run different collectives ({ranks}). {advice}")
 
 
 def _union_mean(values: dict, layout: list, group: Any) -> dict:
@@ -244,6 +270,16 @@ def broadcast_(tensors: list[torch.Tensor], owner: Any = None, src: int = 0) -> 
         return
     dist = _dist()
     group = _group_of(owner)
+    # the ranks broadcast the same tensors (a lazily built network: once)? The check that precedes every
+    # storch collective: a rank whose estimator differs would otherwise wait in another collective forever
+    collective = _collective(owner, "broadcasting a built network's parameters")
+    same_op, same_layout = _layouts_agree([(str(t.dtype), tuple(t.shape)) for t in tensors], group, collective)
+    if not same_op:
+        _raise_different_collectives(collective, group)
+    if not same_layout:
+        raise StorchError(
+            "storch.distributed: the ranks built networks of different shapes to broadcast; build the same "
+            "model, with the same estimators and inputs, on every rank")
     with torch.no_grad():
         for t in tensors:
             dist.broadcast(t.data, src=src, group=group)

@@ -550,10 +550,19 @@ class Graph:
             # autograd node fewer, as by hand)
             raw, parents = (tensor if dim == 0 or dim == -tensor.dim() else tensor.movedim(dim, 0)), ()
         if raw.shape[0] == 0:
+            from ._ranks import _announce_no_costs
+
+            # under torch.distributed: every rank raises where the others are in storch's collectives
+            others = _announce_no_costs()
+            skip = ("Skip empty batches before the step" if others is None else
+                    "Under torch.distributed, skipping the step on one rank hangs the others (in DDP's gradient "
+                    "allreduce and the estimators' updates): give every rank data, with "
+                    "DistributedSampler(drop_last=True) or by padding the shard"
+                    + (f" (the ranks ran: {others}; every rank raised)" if others else ""))
             raise PlateError(
                 f"denote_independent: plate {plate!r} would hold 0 data points (dim {dim} of a tensor of shape "
                 f"{tuple(tensor.shape)} has size 0); the surrogate averages over the data points, and a mean over "
-                "none is undefined (NaN). Skip empty batches before the step; where the batch is split into "
+                f"none is undefined (NaN). {skip}; where the batch is split into "
                 "sub-batches (labelled and unlabelled data points), skip that sub-batch's denote_independent and "
                 "its costs (`if x_lab.shape[0] > 0:`), not the whole step")
         p = Plate(plate, raw.shape[0], True, 0, Lineage())

@@ -259,7 +259,18 @@ def _surrogate_loss(order: int, graph: Graph, common: bool = True) -> torch.Tens
         ended = ("" if graph.nodes or graph.last_end is None else
                  f" (its last step was {graph.last_end}: storch.backward() ends the step and resets the graph, "
                  "so call it once per step, after the step's costs)")
-        raise StorchError(f"the graph has no costs{ended}; call storch.add_cost(...) before the surrogate loss")
+        from .._ranks import _announce_no_costs
+
+        # under torch.distributed the other ranks may be in their estimators' collectives: join their check,
+        # so that every rank raises instead of theirs waiting forever (nothing in one process)
+        others = _announce_no_costs()
+        ranks = ("" if others is None else
+                 ". Under torch.distributed every rank must register costs in every step: a rank without them "
+                 "cannot take part in the others' estimator updates (nor in DDP's gradient allreduce, where "
+                 "the others then wait); pad the episode or the shard instead of skipping it"
+                 + (f" (the ranks ran: {others}; every rank raised)" if others else ""))
+        raise StorchError(f"the graph has no costs{ended}; call storch.add_cost(...) before the surrogate loss"
+                          + ranks)
     pending = _PENDING.mixed
     pending.clear()  # (refusals of an earlier build of this thread that raised)
     per_cost = []

@@ -1,0 +1,93 @@
+"""The parts of test_ddp_mismatch.py: a per-rank worker (run by torch.multiprocessing.spawn, without DDP: only
+storch's own collectives) whose ranks disagree in ways that used to leave one rank waiting forever in a
+collective the others never ran. Each case records, per rank, the error it raised (type and message) or
+what it computed; the group's timeout (20 s) turns a hang into an error, so no case waits forever."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.distributions import Bernoulli
+
+import storch
+from _ddp import Episode, Model, data
+
+SHARD = 4
+
+
+def _steps(model, x, g, steps: int = 2) -> None:
+    for _ in range(steps):
+        with storch.Graph(generator=g):
+            model(x)
+            storch.backward()
+
+
+def _outcome(fn) -> tuple:
+    try:
+        return ("ok", fn())
+    except Exception as e:  # (recorded: the test asserts its type and message)
+        return (type(e).__name__, str(e))
+
+
+def worker(rank: int, world: int, port: int, outdir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        x = data(world)[rank * SHARD:(rank + 1) * SHARD]
+        g = torch.Generator().manual_seed(10 + rank)
+        out = {}
+        # different estimators: rank 0 a moving average, rank 1 NVIL (a lazily built network, broadcast, then
+        # a moving average and the regression's gradients): used to hang in NVIL's collectives on one rank
+        ma = {"n_samples": 2, "baseline": "moving_average"}
+        other = {"n_samples": 2, "baseline": "learned", "hidden": 4} if rank == 1 else ma
+        out["nvil"] = _outcome(lambda: _steps(Model("score", other), x, g))
+        dist.barrier()
+        # the same, once the network is built (NVIL's first collective is its moving average's)
+        models = [Model("score", ma), Model("score", {"n_samples": 2, "baseline": "learned", "hidden": 4})]
+        out["nvil_built"] = _outcome(lambda: (_steps(models[1], x, g, 1), _steps(models[rank], x, g)))
+        dist.barrier()
+        # a score estimator on one rank, RELAX on the other
+        out["relax"] = _outcome(lambda: _steps(Model("score", ma) if rank == 0 else Model("relax", {}), x, g))
+        dist.barrier()
+        # an episode with no steps on rank 1 (T=3 on rank 0), first after two full episodes, then at the first step
+        for key, first in (("no_costs", 2), ("no_costs_first", 0)):
+            ep = Episode()
+            out[key] = _outcome(lambda: (_steps(ep, 3, g, first), _steps(ep, 3 if rank == 0 else 0, g, 1)))
+            dist.barrier()
+        # no rank has costs: each raises the one-process error (nobody waits)
+        out["no_costs_all"] = _outcome(lambda: _steps(Episode(), 0, g, 1))
+        dist.barrier()
+        # an empty shard on rank 1
+        model = Model("score", ma)
+        out["empty"] = _outcome(lambda: (_steps(model, x, g, 1), _steps(model, x if rank == 0 else x[:0], g, 1)))
+        dist.barrier()
+        # different cost names: not an error, each name averaged over the ranks that have it
+        model = Model("score", ma)
+
+        def named() -> dict:
+            for _ in range(2):
+                with storch.Graph(generator=g):
+                    xs = storch.denote_independent(x, 0, "data")
+                    z = model.est(Bernoulli(logits=model.enc(xs)))
+                    cost = F.binary_cross_entropy_with_logits(model.dec(z), xs, reduction="none").sum()
+                    storch.add_cost(cost, name="rec" if rank == 0 else "other")
+                    storch.backward()
+            return {k: v.clone() for k, v in model.est.moving_averages.items()}
+
+        out["names"] = _outcome(named)
+        # afterwards the ranks still agree on what they run: one more synchronised step of both
+        out["after"] = _outcome(lambda: (_steps(model, x, g, 1), storch.distributed.ranks_agree(
+            [v for _, v in sorted(model.est.moving_averages.items())], model.est))[1])
+        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+        gc.collect()
+        dist.barrier()
+    finally:
+        gc.collect()
+        dist.destroy_process_group()

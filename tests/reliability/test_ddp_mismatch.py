@@ -1,0 +1,84 @@
+"""torch.distributed, ranks that disagree (tests/reliability/_ddp_mismatch.py runs them in two gloo processes).
+
+Each storch collective is preceded by one small check of what every rank is about to run (the estimator's
+class and the options that give its state its meaning, what it averages) and of the values' layout: ranks
+with different estimators, or a rank whose step has no costs or no data while the others update their
+estimators, raise a StorchError on EVERY rank; before, one rank raised or went on while the other waited
+forever in a collective. Different cost names are not an error (each is averaged over the ranks that have it).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import _ddp_mismatch
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("ddp_mismatch")
+    mp.spawn(_ddp_mismatch.worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("case, first, second", [
+    ("nvil", "Score(baseline='moving_average')", "Score(baseline='learned')"),
+    ("nvil_built", "Score(baseline='moving_average')", "Score(baseline='learned')"),
+    ("relax", "Score(baseline='moving_average')", "Relax("),
+])
+def test_different_estimators_raise_on_every_rank(ranks, case, first, second):
+    for r in range(WORLD):
+        kind, message = ranks[r][case]
+        assert kind == "StorchError", (r, kind, message)
+        assert "the ranks use different estimators" in message.lower(), message
+        assert f"rank 0: {first}" in message and f"rank 1: {second}" in message, message
+
+
+@pytest.mark.parametrize("case", ["no_costs", "no_costs_first"])
+def test_a_rank_without_costs_raises_on_every_rank(ranks, case):
+    kind, message = ranks[1][case]  # the rank without costs: its own error, saying why and what the others ran
+    assert kind == "StorchError" and "the graph has no costs" in message, message
+    assert "every rank must register costs in every step" in message, message
+    assert "rank 0: Score(baseline='moving_average') averaging moving averages" in message, message
+    kind, message = ranks[0][case]  # the others: no longer waiting in their moving average's collective
+    assert kind == "StorchError" and "rank 1: a step with no costs" in message, message
+
+
+def test_no_rank_with_costs_is_the_one_process_error_on_every_rank(ranks):
+    for r in range(WORLD):
+        kind, message = ranks[r]["no_costs_all"]
+        assert kind == "StorchError" and message.startswith("the graph has no costs"), message
+
+
+def test_an_empty_shard_raises_on_every_rank_with_the_distributed_advice(ranks):
+    kind, message = ranks[1]["empty"]  # its own error
+    assert kind == "PlateError" and "would hold 0 data points" in message, message
+    assert "skipping the step on one rank hangs the others" in message, message
+    assert "DistributedSampler(drop_last=True)" in message and "Skip empty batches" not in message, message
+    kind, message = ranks[0]["empty"]
+    assert kind == "StorchError" and "rank 1: a step with no costs or no data" in message, message
+
+
+def test_different_cost_names_are_each_averaged_over_the_ranks_that_have_them(ranks):
+    (k0, ma0), (k1, ma1) = ranks[0]["names"], ranks[1]["names"]
+    assert k0 == k1 == "ok", (ma0, ma1)
+    assert set(ma0) == set(ma1) == {"rec", "other"}
+    for key in ma0:
+        assert torch.equal(ma0[key], ma1[key])
+    assert ranks[0]["after"] == ranks[1]["after"] == ("ok", True)
