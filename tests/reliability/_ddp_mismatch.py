@@ -64,6 +64,19 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         # no rank has costs: each raises the one-process error (nobody waits)
         out["no_costs_all"] = _outcome(lambda: _steps(Episode(), 0, g, 1))
         dist.barrier()
+        # single-rank use (synchronisation off): a step without costs on rank 0 alone raises there at once (its
+        # estimators take part in no collective, so it joins none)
+        if rank == 0:
+            local = Model("score", ma)
+            storch.distributed.synchronize(local, enabled=False)
+
+            def uncosted() -> None:
+                with storch.Graph(generator=g):
+                    local.est(Bernoulli(logits=local.enc(storch.denote_independent(x, 0, "data"))))
+                    storch.backward()
+
+            out["no_costs_local"] = _outcome(uncosted)
+        dist.barrier()
         # an empty shard on rank 1
         model = Model("score", ma)
         out["empty"] = _outcome(lambda: (_steps(model, x, g, 1), _steps(model, x if rank == 0 else x[:0], g, 1)))

@@ -60,6 +60,12 @@ def test_a_rank_without_costs_raises_on_every_rank(ranks, case):
     assert kind == "StorchError" and "rank 1: a step with no costs" in message, message
 
 
+def test_a_step_without_costs_of_an_unsynchronised_estimator_raises_on_its_rank_alone(ranks):
+    kind, message = ranks[0]["no_costs_local"]
+    assert kind == "StorchError" and message.startswith("the graph has no costs"), message
+    assert "torch.distributed" not in message, message
+
+
 def test_no_rank_with_costs_is_the_one_process_error_on_every_rank(ranks):
     for r in range(WORLD):
         kind, message = ranks[r]["no_costs_all"]

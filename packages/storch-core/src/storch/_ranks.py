@@ -57,7 +57,7 @@ def _gather_collectives(collective: str, group: Any) -> str:
     return "; ".join(f"rank {r}: {n}" for r, n in enumerate(names))
 
 
-def _announce_no_costs() -> Optional[str]:
+def _announce_no_costs(owners: tuple = ()) -> Optional[str]:
     """A step without costs (or with an empty data shard) under torch.distributed: the other ranks are (or
     will be) in their estimators' collectives, which this rank cannot join. Join their check with a
     collective of its own, so that every rank raises (the others: storch.distributed raises on seeing it)
@@ -66,9 +66,13 @@ def _announce_no_costs() -> Optional[str]:
     Returns None in one process (nothing is asked then); else what the ranks were running ("" where every
     rank is here, or inside a DistributedDataParallel forward, where nothing is joined: the other ranks
     wait in DDP's own gradient allreduce, which storch cannot join, and a collective of its own would meet
-    DDP's there)."""
+    DDP's there). ``owners``: the estimators the step called; where there are some and every one has its
+    synchronisation switched off (``storch.distributed.synchronize(model, enabled=False)``: single-rank
+    use) nothing is joined either, and None is returned."""
     dist = _dist()
     if dist is None or not dist.is_initialized() or dist.get_world_size() <= 1:
+        return None
+    if owners and all(getattr(o, "_storch_process_group", None) is False for o in owners):
         return None
     from torch.nn.parallel import DistributedDataParallel
 

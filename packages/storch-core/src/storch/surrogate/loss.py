@@ -263,7 +263,7 @@ def _surrogate_loss(order: int, graph: Graph, common: bool = True) -> torch.Tens
 
         # under torch.distributed the other ranks may be in their estimators' collectives: join their check,
         # so that every rank raises instead of theirs waiting forever (nothing in one process)
-        others = _announce_no_costs()
+        others = _announce_no_costs(tuple(n.estimator for n in graph.nodes))
         ranks = ("" if others is None else
                  ". Under torch.distributed every rank must register costs in every step: a rank without them "
                  "cannot take part in the others' estimator updates (nor in DDP's gradient allreduce, where "
