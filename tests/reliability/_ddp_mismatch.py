@@ -81,6 +81,20 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         model = Model("score", ma)
         out["empty"] = _outcome(lambda: (_steps(model, x, g, 1), _steps(model, x if rank == 0 else x[:0], g, 1)))
         dist.barrier()
+        # evaluation under no_grad with an empty shard on rank 1: no rank is in a collective, so rank 1 raises the
+        # one-process error at once and rank 0 finishes its evaluation (joining a check there would wait forever)
+        model = Model("score", ma)
+
+        def evaluate() -> float:
+            with torch.no_grad(), storch.Graph(generator=g):
+                xs = storch.denote_independent(x if rank == 0 else x[:0], 0, "data")
+                z = model.est(Bernoulli(logits=model.enc(xs)))
+                storch.add_cost(F.binary_cross_entropy_with_logits(model.dec(z), xs, reduction="none").sum(),
+                                name="rec")
+                return float(storch.cost_estimates()["rec"].mean())
+
+        out["empty_eval"] = _outcome(evaluate)
+        dist.barrier()
         # different cost names: not an error, each name averaged over the ranks that have it
         model = Model("score", ma)
 

@@ -88,3 +88,12 @@ def test_different_cost_names_are_each_averaged_over_the_ranks_that_have_them(ra
     for key in ma0:
         assert torch.equal(ma0[key], ma1[key])
     assert ranks[0]["after"] == ranks[1]["after"] == ("ok", True)
+
+
+def test_an_empty_shard_in_evaluation_under_no_grad_raises_on_its_rank_alone(ranks):
+    """Under torch.no_grad() no rank runs an estimator's collective: the rank with the empty shard raises the
+    one-process error at once, and the others finish their evaluation (nobody waits)."""
+    kind, message = ranks[1]["empty_eval"]
+    assert kind == "PlateError" and "Skip empty batches" in message, message
+    assert "torch.distributed" not in message, message
+    assert ranks[0]["empty_eval"][0] == "ok", ranks[0]["empty_eval"]

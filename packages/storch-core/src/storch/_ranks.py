@@ -68,10 +68,13 @@ def _announce_no_costs(owners: tuple = ()) -> Optional[str]:
     wait in DDP's own gradient allreduce, which storch cannot join, and a collective of its own would meet
     DDP's there). ``owners``: the estimators the step called; where there are some and every one has its
     synchronisation switched off (``storch.distributed.synchronize(model, enabled=False)``: single-rank
-    use) nothing is joined either, and None is returned."""
+    use) nothing is joined either, and None is returned; nor under ``torch.no_grad()`` (evaluation, where no
+    rank takes part in an estimator's collective)."""
     dist = _dist()
     if dist is None or not dist.is_initialized() or dist.get_world_size() <= 1:
         return None
+    if not torch.is_grad_enabled():  # evaluation: no rank runs an estimator update (storch.backward refuses
+        return None  # no_grad), so nobody waits; joining here would leave this rank waiting instead
     if owners and all(getattr(o, "_storch_process_group", None) is False for o in owners):
         return None
     from torch.nn.parallel import DistributedDataParallel
