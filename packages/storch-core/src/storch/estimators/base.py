@@ -347,6 +347,16 @@ class Estimator(torch.nn.Module):
                 log = node.step_log
                 same = _as_raw(distribution, log[-1][0] if log else node.plates)
                 if same is not None and graph.owns(same[1]):
+                    if plain and inputs is None:
+                        # a plain step (:func:`_plain_step`): decided per (estimator, distribution type) with the
+                        # node's plain decision, with the per-call conditions of _first_node and a partition
+                        # already started (its log and path set by its step 1 on the general path)
+                        known = self.__dict__.get("_storch_plain")
+                        if (known is not None and known.get(type(same[0])) and log is not None
+                                and node.step_inputs is None and same[1][1:] == node.parents
+                                and _STEP_PATH.get(type(self)) is _BY_EXTEND and self.supports_partitions
+                                and not MARKS and _grad_enabled() and not is_tracing()):
+                            return _plain_step(self, node, distribution, same[0], same[1])
                     return self._extend_partition(graph, node, distribution, same, inputs)
         own = graph.check_call(self, distribution)
         if node is not None:
@@ -1627,6 +1637,48 @@ def _first_node(est: Estimator, graph, raw: Distribution, parents: tuple[Plate, 
         if known is None:
             known = est.__dict__["_storch_plain"] = {}
         known[kind] = _is_plain(est, raw)
+    return value
+
+
+def _plain_step(est: Estimator, node: Node, distribution: Distribution, raw: Distribution,
+                plates: tuple[Plate, ...]) -> PlateTensor:
+    """:meth:`Estimator._extend_partition` of a plain step (issue 19: a policy's episode, one call per step): step t
+    of a partition whose estimator and distribution type were found plain (:func:`_is_plain`, the node's decision)
+    and whose step has no ``inputs=`` and the partition's parents (``plates[1:] == node.parents``, so no
+    topological-order walk, weight re-alignment or independent-step warning). The same step, value and errors,
+    without the checks that come out as no-ops for such a step (the support check, enumeration, order lowering,
+    integer-read marks, eos, no-grad record, rsample watch, precision check, pathwise watch, transform cache)."""
+    t = node.step + 1
+    made = est.extend(node, raw, plates)
+    if len(made) == 3:  # (sample, l_t, output): as _extend_partition
+        sample, lp, out = made
+        lead = len(plates)
+        if out.shape[:lead] != sample.shape[:lead]:
+            raise StorchError(_output_shape_message(est, out, sample, lead, "extend (its third element)"))
+    else:
+        sample, lp = made
+        out = sample
+    if type(sample) is PlateTensor:
+        raise UnsupportedDistributionError(_plate_tensor_draw_message(est, distribution, f"extend (step {t})"))
+    own = raw._batch_shape[1:] + raw._event_shape
+    if sample.shape[1:len(own) + 1] != own:
+        raise StorchError(_sample_shape_message(est, "extend", sample.shape, own, t))
+    prev = node.plate
+    plate = Plate(prev.name, sample.shape[0], False, t, prev.lineage)
+    new = (plate,) + node.parents
+    lp = _checked_lead(est, "extend (its gradient function l_t)", lp, new, t, raw, sample)
+    log = node.step_log
+    if node.steps_in_place and (prev.lineage.parents or plate.size != prev.size or lp.shape != log[0][1].shape):
+        node.steps_in_place = False
+    log.append((new, lp))
+    node.plate, node.step = plate, t
+    node.sample = sample
+    if not est.causal_credit:
+        node.weight_values = None
+    if not out.is_inference():
+        node.handed.append((out, out._version))
+    value = PlateTensor._wrap(out, new)
+    node.step_draws.append((sample, raw, distribution, value, node.finished))
     return value
 
 

@@ -387,6 +387,12 @@ def _watched(impl):
                         found = lin.watch(func, raw, graph, caller)
                         if found is not None and record is None:
                             record = found
+        if pointwise and not kwargs and len(args) == 1 and record is None:
+            # (a cast of one plate tensor, `s.long()` of a sampled state: the dispatcher's own short path for one
+            # operand, as broadcast's one-operand branch computes it; a marked integer result takes impl below)
+            x = args[0]
+            if type(x) is _PT:
+                return wrap_same(func(x._raw), x._plates)
         if pointwise and not kwargs and len(args) == 2:
             # (torch.distributions' argument validation, `value == value`, and a user's `z > 0.5`: the
             # dispatcher's own short path for two operands, as broadcast's first lines compute it)

@@ -1,0 +1,175 @@
+"""The plain partition step (issue 19): step t of a partition whose estimator and distribution type were found plain
+(the node's decision, ``storch.estimators.base._is_plain``) is made by ``storch.estimators.base._plain_step``,
+without the per-step checks that come out as no-ops for it (a policy's episode: one estimator call per step). These
+tests assert the path (not a time): taken from step 2 of a partition on the lean call, with the general path's
+samples, gradient functions, loss and gradients bitwise; not taken at the steps that need the general path (the
+first steps, ``inputs=``, a step with a new parent plate, grad disabled, a hook, a type that is not plain, eos,
+storch.compile's trace); and a cast of a sampled value is one raw call where no watch asks for it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Normal
+
+import storch
+from path_probes import calls
+
+
+class _Sequence(storch.Estimator):
+    """The base class's components (the score function, sampling with replacement), called once per step."""
+
+    name = "plain_step_sequence_for_tests"
+    supports_partitions = True
+
+
+def _episode(est, theta, steps=5, hook=False, make=None):
+    """One episode of ``steps`` calls, each step's logits read from the last step's sample; returns the path of
+    each call, the samples, the logged gradient functions, the loss and the gradient."""
+    torch.manual_seed(0)
+    paths, samples = [], []
+    with storch.Graph():
+        s = theta[0]
+        for t in range(steps):
+            d = make(s) if make is not None else Bernoulli(logits=s)
+            a, seen = calls(lambda: est(d))
+            paths.append("plain" if "_plain_step" in seen else "general")
+            assert (paths[-1] == "plain") != bool(seen & {"_extend_partition", "_first_node", "_sample_node"})
+            samples.append(a.tensor)
+            s = theta[1] + theta[2] * a
+            storch.add_cost(((a - 0.45) ** 2).sum(-1) if a.dim() else (a - 0.45) ** 2, name=f"c{t}")
+        node = storch.current_graph().nodes[0]
+        lps = [lp.detach() for _, lp in node.step_log]
+        loss = storch.surrogate_loss(order=1)
+        g, = torch.autograd.grad(loss, [theta])
+    return paths, samples, lps, loss.detach(), g
+
+
+def _same(a, b):
+    for xs, ys in zip(a[1:], b[1:]):
+        for x, y in zip(xs if isinstance(xs, list) else [xs], ys if isinstance(ys, list) else [ys]):
+            assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+
+
+def test_plain_step_is_taken_from_step_two_with_the_general_paths_values():
+    theta = torch.randn(3, requires_grad=True)
+    est = _Sequence(plate="episode", n_samples=6)
+    first = _episode(est, theta)
+    # step 0 is the first node (its type decided there), step 1 starts the partition's log (and decides the
+    # class's step path): both on the general path; the later steps are plain, in every graph
+    assert first[0] == ["general", "general", "plain", "plain", "plain"]
+    second = _episode(est, theta)
+    assert second[0] == first[0]
+    # the control: a forward hook takes nn.Module.__call__ and the general path at every step; the same values
+    heard = []
+    handle = est.register_forward_hook(lambda m, i, o: heard.append(1))
+    try:
+        hooked = _episode(est, theta)
+    finally:
+        handle.remove()
+    assert hooked[0] == ["general"] * 5 and len(heard) == 5
+    _same(hooked, first)
+    _same(hooked, second)
+
+
+def test_plain_steps_keep_the_partitions_views_and_causal_credit():
+    theta = torch.randn(3, requires_grad=True)
+    est = _Sequence(plate="episode", n_samples=4)
+    _episode(est, theta)
+    with storch.Graph():
+        s = theta[0]
+        values = []
+        for t in range(4):
+            a, seen = calls(lambda: est(Bernoulli(logits=s)))
+            values.append(a)
+            s = theta[1] + theta[2] * a
+        assert "_plain_step" in seen
+        node = storch.current_graph().nodes[0]
+        assert node.step == 3 and len(node.step_log) == 4 and node.steps_in_place
+        for t, a in enumerate(values):  # node.at(t): step t's own draw, value and plate
+            view = node.at(t)
+            assert torch.equal(view.sample, a.tensor) and view.value is a and a.plates[0].step == t
+        assert [p.step for p, *_ in (plates for plates, _ in node.step_log)] == [0, 1, 2, 3]
+
+
+def test_steps_that_need_the_general_path_take_it():
+    theta = torch.randn(3, requires_grad=True)
+    est = _Sequence(plate="episode", n_samples=4)
+    _episode(est, theta)
+    with storch.Graph():
+        a = est(Bernoulli(logits=theta[0]))
+        a = est(Bernoulli(logits=theta[1] + theta[2] * a))
+        _, seen = calls(lambda: est(Bernoulli(logits=theta[1] + theta[2] * a), inputs=a))  # inputs=: checked, kept
+        assert "_plain_step" not in seen and "check_inputs" in seen
+        _, seen = calls(lambda: est(Bernoulli(logits=theta[1] + theta[2] * a)))  # later steps keep the inputs log
+        assert "_plain_step" not in seen
+    with storch.Graph():
+        a = est(Bernoulli(logits=theta[0]))
+        a = est(Bernoulli(logits=theta[1] + theta[2] * a))
+        x = storch.denote_independent(theta, 0, "data")  # a new parent plate: the order walk, the plates grow
+        b, seen = calls(lambda: est(Bernoulli(logits=x + a)))
+        assert "_plain_step" not in seen and [p.name for p in b.plates] == ["episode", "data"]
+        _, seen = calls(lambda: est(Bernoulli(logits=x + b)))  # the partition's parents again: plain
+        assert "_plain_step" in seen
+        with torch.no_grad():  # the general path records a step sampled without grad
+            _, seen = calls(lambda: est(Bernoulli(logits=x + b)))
+        assert "_plain_step" not in seen and storch.current_graph().nodes[0].no_grad_step == 4
+
+
+def test_a_type_that_is_not_plain_and_eos_take_the_general_path():
+    theta = torch.randn(3, requires_grad=True)
+    est = _Sequence(plate="episode", n_samples=4)
+    # a Normal's draws are checked for their precision at every step: never plain
+    paths = _episode(est, theta, make=lambda s: Normal(s, 1.0))[0]
+    assert paths == ["general"] * 5
+    assert est.__dict__["_storch_plain"] == {Normal: False}
+    with_eos = _Sequence(plate="episode", n_samples=4)
+    with_eos.eos = 0  # (the base class's end-of-sequence option: every step masks the finished entries)
+    assert _episode(with_eos, theta)[0] == ["general"] * 5
+
+
+def test_a_step_traced_by_storch_compile_takes_the_general_path():
+    theta = torch.randn(3, requires_grad=True)
+    est = _Sequence(plate="episode", n_samples=4)
+    assert _episode(est, theta)[0][2:] == ["plain"] * 3
+    paths = []
+
+    def step(theta):
+        with storch.Graph():
+            s = theta[0]
+            for t in range(4):
+                a, seen = calls(lambda: est(Bernoulli(logits=s)))
+                paths.append("plain" if "_plain_step" in seen else "general")
+                s = theta[1] + theta[2] * a
+                storch.add_cost((a - 0.45) ** 2, name=f"c{t}")
+            return storch.surrogate_loss(order=1)
+
+    compiled = storch.compile(step, backend=None)
+    torch.manual_seed(0)
+    compiled(theta).backward()
+    assert paths and set(paths) == {"general"}
+    assert _episode(est, theta)[0][2:] == ["plain"] * 3  # eager again: the decision holds
+
+
+def test_an_integer_cast_of_a_sample_is_one_raw_call_unless_watched():
+    # s.long() of a score node's sample (a policy's next state): no watch asks, so the cast is the raw call (the
+    # dispatcher's one-operand path), not broadcast's general branch
+    theta = torch.randn(3, requires_grad=True)
+    est = _Sequence(plate="episode", n_samples=4)
+    with storch.Graph():
+        a = est(Bernoulli(logits=theta[0]))
+        y = a * 2.0 + 1.0
+        s, seen = calls(lambda: y.long())
+        assert "run" in seen and "broadcast" not in seen
+        assert s.dtype == torch.long and s.plates is y.plates and torch.equal(s.tensor, y.tensor.long())
+    # the control: a cast of a pathwise sample is watched (its watch records an integer read) and marked
+    with storch.Graph():
+        z = storch.estimator("reparameterization", plate="z", n_samples=3)(Normal(theta[0], 1.0))
+        i, seen = calls(lambda: (z * 2.0).long())
+        assert {"run", "watch", "broadcast"} <= seen
+        assert i.dtype == torch.long and torch.equal(i.tensor, (z.tensor * 2.0).long())
+    with pytest.raises(storch.StorchError):  # the marked read still refused where it reaches a cost's gradient
+        with storch.Graph():
+            z = storch.estimator("reparameterization", plate="z", n_samples=3)(Normal(theta[0], 1.0))
+            storch.add_cost(theta[1] * (z * 2.0).long().float() + z, name="c")
+            storch.surrogate_loss(order=1).backward()
