@@ -1663,12 +1663,14 @@ def _plain_step(est: Estimator, node: Node, distribution: Distribution, raw: Dis
     own = raw._batch_shape[1:] + raw._event_shape
     if sample.shape[1:len(own) + 1] != own:
         raise StorchError(_sample_shape_message(est, "extend", sample.shape, own, t))
-    prev = node.plate
-    plate = Plate(prev.name, sample.shape[0], False, t, prev.lineage)
+    prev, log, draws = node.plate, node.step_log, node.step_draws
+    lineage = prev.lineage if prev is not None else None
+    # (a partition started: its step 1 set them)
+    assert prev is not None and lineage is not None and log is not None and draws is not None
+    plate = Plate(prev.name, sample.shape[0], False, t, lineage)
     new = (plate,) + node.parents
     lp = _checked_lead(est, "extend (its gradient function l_t)", lp, new, t, raw, sample)
-    log = node.step_log
-    if node.steps_in_place and (prev.lineage.parents or plate.size != prev.size or lp.shape != log[0][1].shape):
+    if node.steps_in_place and (lineage.parents or plate.size != prev.size or lp.shape != log[0][1].shape):
         node.steps_in_place = False
     log.append((new, lp))
     node.plate, node.step = plate, t
@@ -1678,7 +1680,7 @@ def _plain_step(est: Estimator, node: Node, distribution: Distribution, raw: Dis
     if not out.is_inference():
         node.handed.append((out, out._version))
     value = PlateTensor._wrap(out, new)
-    node.step_draws.append((sample, raw, distribution, value, node.finished))
+    draws.append((sample, raw, distribution, value, node.finished))
     return value
 
 
