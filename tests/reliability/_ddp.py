@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,14 @@ from torch.overrides import TorchFunctionMode
 
 import storch
 from storch.generators import RANDOM_FUNCTIONS
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a process group's rendezvous (the DDP tests' workers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 SCENARIOS = {
     "score_loo": ("score", {"n_samples": 3, "baseline": "leave_one_out"}, False),

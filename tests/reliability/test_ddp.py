@@ -20,8 +20,6 @@ unknown to DDP (each rank initialised its own), and ``find_unused_parameters=Tru
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -36,18 +34,12 @@ WORLD = 2
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     if "score" not in storch.available_estimators() or "relax" not in storch.available_estimators():
         pytest.skip("needs the score and relaxed families")
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_ddp.worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_ddp.worker, args=(WORLD, _ddp.free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -570,32 +570,8 @@ class Estimator(torch.nn.Module):
             sample, lp, out = self._components_step(node, raw, plates, t)
         else:
             made = _watched_draw(node, raw, params, self.extend, node, raw, plates)
-
-            if len(made) == 3:  # (sample, l_t, output): an estimator with an output of its own
-                sample, lp, out = made
-                lead = len(plates)  # (the step's plate and the parents: the value's plates)
-                if out.shape[:lead] != sample.shape[:lead]:
-                    raise StorchError(_output_shape_message(self, out, sample, lead, "extend (its third element)"))
-            elif how is _BY_EXTEND_OUTPUT:
-                # the sample would be handed out instead of the output: silently another value (a tester's
-                # {0, 1} where the estimator's output is a ±1 spin)
-                owner = type(self).__mro__[_depth(type(self), "output")].__qualname__
-                raise StorchError(
-                    f"estimator {self.name or type(self).__qualname__!r} (plate {self.plate!r}) overrides output "
-                    f"(in {owner}), but its extend returned (sample, l_t) at step {t} of its partition: the step "
-                    "would hand out the raw sample, not the output. Return the step's output as the third element, "
-                    "(sample, l_t, output), with output of the sample's shape (e.g. sample, l_t = "
-                    "super().extend(node, distribution, plates), then your output of sample) "
-                    "(docs/partitions.md, 'For estimator authors')")
-            else:
-                sample, lp = made
-                out = sample
-        if type(sample) is PlateTensor:
-            raise UnsupportedDistributionError(_plate_tensor_draw_message(self, distribution, f"extend (step {t})"))
-        # (raw's first dim: the partition's plate at step t-1; every torch Distribution sets these two in __init__)
-        own = raw._batch_shape[1:] + raw._event_shape
-        if sample.shape[1:len(own) + 1] != own:
-            raise StorchError(_sample_shape_message(self, "extend", sample.shape, own, t))
+            sample, lp, out = _extended(self, made, plates, t, how)
+        _check_step_sample(self, sample, raw, distribution, t)
         if precision_checked(raw) is not None:  # (as at the first step)
             self._check_draw_precision(raw, sample)
         if params is not None and not node.rsample_noted:  # (as at the first step: each step's rsample, its
@@ -1640,6 +1616,42 @@ def _first_node(est: Estimator, graph, raw: Distribution, parents: tuple[Plate, 
     return value
 
 
+def _extended(est: "Estimator", made: tuple, plates: tuple, t: int, how: object) -> tuple:
+    """``(sample, l_t, output)`` of a partition step from what ``est.extend`` returned: a third element is the
+    step's output (of the sample's plates); an estimator that overrides ``output`` must return it (``how`` is
+    ``_BY_EXTEND_OUTPUT``), since the step would otherwise hand out the raw sample."""
+    if len(made) == 3:  # (sample, l_t, output): an estimator with an output of its own
+        sample, lp, out = made
+        lead = len(plates)  # (the step's plate and the parents: the value's plates)
+        if out.shape[:lead] != sample.shape[:lead]:
+            raise StorchError(_output_shape_message(est, out, sample, lead, "extend (its third element)"))
+        return sample, lp, out
+    if how is _BY_EXTEND_OUTPUT:
+        # the sample would be handed out instead of the output: silently another value (a tester's
+        # {0, 1} where the estimator's output is a ±1 spin)
+        owner = type(est).__mro__[_depth(type(est), "output")].__qualname__
+        raise StorchError(
+            f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}) overrides output "
+            f"(in {owner}), but its extend returned (sample, l_t) at step {t} of its partition: the step "
+            "would hand out the raw sample, not the output. Return the step's output as the third element, "
+            "(sample, l_t, output), with output of the sample's shape (e.g. sample, l_t = "
+            "super().extend(node, distribution, plates), then your output of sample) "
+            "(docs/partitions.md, 'For estimator authors')")
+    sample, lp = made
+    return sample, lp, sample
+
+
+def _check_step_sample(est: "Estimator", sample: Any, raw: Any, distribution: Any, t: int) -> None:
+    """A partition step's draw: a raw tensor (not a plate tensor) with the step distribution's own shape after the
+    leading plate dim."""
+    if type(sample) is PlateTensor:
+        raise UnsupportedDistributionError(_plate_tensor_draw_message(est, distribution, f"extend (step {t})"))
+    # (raw's first dim: the partition's plate at step t-1; every torch Distribution sets these two in __init__)
+    own = raw._batch_shape[1:] + raw._event_shape
+    if sample.shape[1:len(own) + 1] != own:
+        raise StorchError(_sample_shape_message(est, "extend", sample.shape, own, t))
+
+
 def _plain_step(est: Estimator, node: Node, distribution: Distribution, raw: Distribution,
                 plates: tuple[Plate, ...]) -> PlateTensor:
     """:meth:`Estimator._extend_partition` of a plain step (issue 19: a policy's episode, one call per step): step t
@@ -1649,20 +1661,8 @@ def _plain_step(est: Estimator, node: Node, distribution: Distribution, raw: Dis
     without the checks that come out as no-ops for such a step (the support check, enumeration, order lowering,
     integer-read marks, eos, no-grad record, rsample watch, precision check, pathwise watch, transform cache)."""
     t = node.step + 1
-    made = est.extend(node, raw, plates)
-    if len(made) == 3:  # (sample, l_t, output): as _extend_partition
-        sample, lp, out = made
-        lead = len(plates)
-        if out.shape[:lead] != sample.shape[:lead]:
-            raise StorchError(_output_shape_message(est, out, sample, lead, "extend (its third element)"))
-    else:
-        sample, lp = made
-        out = sample
-    if type(sample) is PlateTensor:
-        raise UnsupportedDistributionError(_plate_tensor_draw_message(est, distribution, f"extend (step {t})"))
-    own = raw._batch_shape[1:] + raw._event_shape
-    if sample.shape[1:len(own) + 1] != own:
-        raise StorchError(_sample_shape_message(est, "extend", sample.shape, own, t))
+    sample, lp, out = _extended(est, est.extend(node, raw, plates), plates, t, _BY_EXTEND)
+    _check_step_sample(est, sample, raw, distribution, t)
     prev, log, draws = node.plate, node.step_log, node.step_draws
     lineage = prev.lineage if prev is not None else None
     # (a partition started: its step 1 set them)
