@@ -875,3 +875,17 @@ def test_eos_support_reads_the_users_class_and_counts_categories_without_enumera
     monkeypatch.setattr(Categorical, "enumerate_support", no_enumeration)
     assert _eos_support(OneHotCategorical(logits=torch.zeros(8000)))[2] == 8000
     assert _eos_support(Categorical(probs=torch.tensor([0.5, 0.0, 0.5])))[2] == 3
+
+
+def test_eos_set_after_a_partition_began_is_refused():
+    """est.eos set in the middle of an episode (review r-27): the earlier steps recorded no finished entries, so the
+    step crashed with an AttributeError; now an OptionError that says when to set eos."""
+    torch.manual_seed(0)
+    th = torch.randn(3, requires_grad=True)
+    est = SequenceScore("e", n_samples=4)
+    with storch.Graph():
+        s = est(Bernoulli(logits=th[0]))
+        s = est(Bernoulli(logits=th[1] + th[2] * s))
+        est.eos = 1
+        with pytest.raises(storch.OptionError, match="eos was set after its partition began"):
+            est(Bernoulli(logits=th[1] + th[2] * s))

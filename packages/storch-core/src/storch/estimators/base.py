@@ -767,6 +767,12 @@ class Estimator(torch.nn.Module):
         """Finished sequences (eos drawn at an earlier step) draw eos again with log-probability 0,
         so they stop contributing to the gradient function and keep their value (sampling with
         replacement: entry i of step t continues entry i of step t-1)."""
+        if node.finished is None:  # (eos set on the estimator after the partition's first step: r-27)
+            raise OptionError(
+                f"estimator {self.name or type(self).__qualname__!r} (plate {self.plate!r}): eos was set after its "
+                f"partition began (this is step {node.step + 1}): the earlier steps did not record which entries "
+                "drew eos, so the later ones cannot tell finished sequences. Give eos when building the estimator "
+                "(storch.estimator(..., eos=...)) or set it before the episode's first step")
         prev_plates = (node.plate,) + node.parents
         done = align(node.finished, prev_plates, plates)
         eos = self.eos_value(d, len(plates))
