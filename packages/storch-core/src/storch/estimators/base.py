@@ -472,6 +472,9 @@ class Estimator(torch.nn.Module):
         ``distribution`` holds (``Graph.check_call``), or ``None`` where ``unwrapped`` says they are the
         partition's plates at its last step: a step that carries none of the partition's plates (depends on
         no earlier step) and lacks some of its parent plates gets an :class:`IndependentStepWarning`.
+
+        (A per-step check added here must be added to :func:`_plain_step` too, or to the conditions under which
+        :meth:`forward` takes it: it leaves out the checks that are no-ops for a plain node's later steps.)
         """
         if not self.supports_partitions:
             raise PlateError(
