@@ -350,10 +350,3 @@ def test_names_of_families_not_installed_are_not_suggested_as_installed(monkeypa
     assert _unknown("scroe").count("Did you mean 'score' (not installed: `pip install storch-estimators-score`)?") == 1
     assert "Did you mean 'reparameterization'?" in _unknown("reparameterisation")  # an installed name as it is
     assert "Did you mean" not in _unknown("xyzzy")
-
-
-def test_an_installed_family_is_suggested_without_an_install_hint():
-    if importlib.util.find_spec("storch_score") is None:
-        pytest.skip("storch-estimators-score not installed")
-    msg = _unknown("scroe")
-    assert "Did you mean 'score'?" in msg and "pip install" not in msg

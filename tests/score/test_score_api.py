@@ -74,3 +74,10 @@ def test_graph_and_cost_frame_reprs_say_what_they_hold():
         storch.surrogate_loss()
     assert repr(g).startswith("storch.Graph(finished, ")
     assert frames == ["CostFrame('c', plates=('z', 'data'), shape=(3, 2), dim=0, order=1)"]
+
+
+def test_an_installed_family_is_suggested_without_an_install_hint():
+    # (moved here from tests/core, whose environment has no family installed: there it always skipped)
+    with pytest.raises(storch.UnknownEstimatorError) as e:
+        storch.estimator("scroe", plate="z")
+    assert "Did you mean 'score'?" in str(e.value) and "pip install" not in str(e.value)
