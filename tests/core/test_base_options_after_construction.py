@@ -199,6 +199,72 @@ def test_direct_construction_with_a_misspelled_option_is_an_option_error():
         Tempered()  # type: ignore[call-arg]
 
 
+class Forwarding(Tempered):
+    """A third-party subclass whose constructor forwards ``**kwargs`` to its base's, with an option of its own
+    (``foo``) and one it pops from ``kwargs`` before forwarding the rest (``special``)."""
+
+    name = "test_forwarding"
+
+    def __init__(self, plate: str, *, foo: int = 1, **kwargs: Any) -> None:
+        self.special = kwargs.pop("special", 0)
+        super().__init__(plate, **kwargs)
+        self.foo = foo
+
+
+class Twice(Forwarding):
+    name = None
+
+    def __init__(self, plate: str, **kwargs: Any) -> None:
+        super().__init__(plate, **kwargs)
+
+
+class MisspelledBase(Tempered):
+    name = None
+
+    def __init__(self, plate: str, **kwargs: Any) -> None:
+        super().__init__(plate, **{"temprature": 1.0}, **kwargs)  # the author's misspelling, not the user's
+
+
+class FailingBody(Tempered):
+    name = None
+
+    def __init__(self, plate: str, **kwargs: Any) -> None:
+        super().__init__(plate, **kwargs)
+        len(self.temperature)  # type: ignore[arg-type]  # a TypeError of its own, after the base's constructor
+
+
+def test_a_subclass_forwarding_kwargs_refuses_a_misspelled_option_as_its_base_does(monkeypatch):
+    # left by review: Forwarding("z", n_samplez=3) raised the base's bare TypeError ("Tempered.__init__() got an
+    # unexpected keyword argument"), and storch.estimator refused even n_samples (options() listed only foo)
+    assert Forwarding.options() == ["foo", "n_samples", "temperature"]
+    with pytest.raises(storch.OptionError, match=r"^Forwarding \(estimator 'test_forwarding'\) has no option "
+                                                 r"'n_samplez'\. Did you mean 'n_samples'\? Its options are: foo, "
+                                                 r"n_samples, temperature$"):
+        Forwarding("z", n_samplez=3)
+    with pytest.raises(storch.OptionError, match=r"^Twice has no option 'temprature'\. Did you mean 'temperature'"):
+        Twice("z", temprature=0.5)
+    est = Forwarding("z", n_samples=3, temperature=0.5, foo=2, special=7)
+    assert (est.n_samples, est.temperature, est.foo, est.special) == (3, 0.5, 2, 7)
+    with pytest.raises(storch.OptionError, match=r"Did you mean 'temperature'\?"):
+        est.temprature = 0.1  # a base's option misspelled after construction: refused as for the base
+    monkeypatch.setattr(storch.registry, "get_estimator_class", lambda name: Forwarding)
+    est = storch.estimator("test_forwarding", plate="z", n_samples=3, special=7)
+    assert (est.n_samples, est.special) == (3, 7)
+    with pytest.raises(storch.OptionError, match=r"has no option 'n_samplez'\. Did you mean 'n_samples'\?"):
+        storch.estimator("test_forwarding", plate="z", n_samplez=3)
+
+
+def test_a_subclass_forwarding_kwargs_keeps_typeerrors_that_are_not_the_users_unknown_option():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'") as e:
+        MisspelledBase("z", n_samples=2)  # the subclass's own call to its base: not an option the user gave
+    assert not isinstance(e.value, storch.OptionError)
+    with pytest.raises(TypeError, match="has no len") as e:
+        FailingBody("z", n_samples=2)
+    assert not isinstance(e.value, storch.OptionError)
+    with pytest.raises(storch.OptionError, match="FailingBody has no option 'n_sample'"):
+        FailingBody("z", n_sample=2)
+
+
 def test_the_base_attributes_and_compiles_options_are_typed():
     # found by a tester (p-api) with a strict type checker: n_samples and skipped_updates were Any (through the
     # TYPE_CHECKING __getattr__), storch.compile's options a bare dict ("partially unknown" in strict user code)

@@ -81,3 +81,26 @@ def test_an_installed_family_is_suggested_without_an_install_hint():
     with pytest.raises(storch.UnknownEstimatorError) as e:
         storch.estimator("scroe", plate="z")
     assert "Did you mean 'score'?" in str(e.value) and "pip install" not in str(e.value)
+
+
+class ForwardingScore(storch_score.Score):
+    """A subclass of score that forwards ``**kwargs`` to its base (left by review: a misspelled option was
+    Python's bare TypeError, and storch.estimator refused the base's options)."""
+
+    name = "test_forwarding_score"
+
+    def __init__(self, plate: str, *, foo: int = 1, **kwargs) -> None:
+        super().__init__(plate, **kwargs)
+        self.foo = foo
+
+
+def test_a_score_subclass_forwarding_kwargs_says_did_you_mean(monkeypatch):
+    with pytest.raises(storch.OptionError, match=r"ForwardingScore \(estimator 'test_forwarding_score'\) has no "
+                                                 r"option 'n_samplez'\. Did you mean 'n_samples'\? Its options are: "
+                                                 r"foo, n_samples, baseline"):
+        ForwardingScore("z", n_samplez=3)
+    monkeypatch.setattr(storch.registry, "get_estimator_class", lambda name: ForwardingScore)
+    est = storch.estimator("test_forwarding_score", plate="z", n_samples=3, baseline="leave_one_out", foo=2)
+    assert (est.n_samples, est.baseline_kind, est.foo) == (3, "leave_one_out", 2)
+    with pytest.raises(storch.OptionError, match=r"has no option 'n_samplez'\. Did you mean 'n_samples'\?"):
+        storch.estimator("test_forwarding_score", plate="z", n_samplez=3)

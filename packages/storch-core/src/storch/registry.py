@@ -27,7 +27,7 @@ import pluggy
 from importlib_metadata import PackageNotFoundError, distribution, entry_points
 
 from .errors import OptionError, PluginError, UnknownEstimatorError
-from .estimators.base import Estimator, capability_problem, unknown_option_message
+from .estimators.base import Estimator, capability_problem, takes_more_options, unknown_option_message
 from .estimators.catalog import EstimatorInfo, set_source, supporting_estimators
 from .graph import current_graph
 from .hookspecs import HookSpecs, hookimpl, hookspec
@@ -360,7 +360,9 @@ def _make_estimator(name: str, plate: str, options: dict):
     cls = get_estimator_class(name)
     accepted = cls.options()
     for key in options:
-        if key not in accepted:
+        # a constructor that takes **kwargs may take options of its own besides its base's (kwargs.pop("x")): its
+        # construction says which keyword it does not take, as direct construction does
+        if key not in accepted and not takes_more_options(cls):
             raise OptionError(unknown_option_message(cls, key, f"estimator {cls.name!r}"))
     est = cls(plate=plate, **options)
     if est.has_update:

@@ -1076,10 +1076,15 @@ class Estimator(torch.nn.Module):
 
     @classmethod
     def options(cls) -> list[str]:
-        """Names of the constructor options (besides ``plate``)."""
+        """Names of the constructor options (besides ``plate``). A constructor that takes ``**kwargs`` is taken to
+        forward them to its base's (``super().__init__(plate, **kwargs)``), whose options are then its options
+        too: ``storch.estimator(name, plate, n_samples=8)`` for such a subclass of ``score`` was refused as an
+        unknown option."""
         params = inspect.signature(cls.__init__).parameters
-        return [p for p in params if p not in ("self", "plate") and params[p].kind not in (
+        names = [p for p in params if p not in ("self", "plate") and params[p].kind not in (
             inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+        base = _forwarded_to(cls)
+        return names + [p for p in base.options() if p not in names] if base is not None else names
 
     def extra_repr(self) -> str:
         return f"plate={self.plate!r}, n_samples={self.n_samples}"
@@ -1312,6 +1317,26 @@ def _fixed_option_message(est: Estimator, name: str, value: Any, why: str) -> st
 
 
 
+def _forwarded_to(cls: type) -> Optional[type]:
+    """The estimator class whose constructor ``cls``'s ``**kwargs`` go to (the next class in ``cls``'s MRO after
+    the one that defines its ``__init__``), or ``None`` where that constructor takes no ``**kwargs``."""
+    try:
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    mro = cls.__mro__
+    definer = next(i for i, k in enumerate(mro) if "__init__" in k.__dict__)
+    return next((k for k in mro[definer + 1:] if issubclass(k, Estimator)), None)
+
+
+def takes_more_options(cls: type) -> bool:
+    """Whether ``cls``'s constructor takes ``**kwargs``: options besides those :meth:`Estimator.options` lists
+    may be its own (popped before it forwards the rest), so only its construction can refuse a keyword."""
+    return _forwarded_to(cls) is not None
+
+
 def _unknown_keywords(init: Callable, kwargs: dict) -> list:
     """The keywords of ``kwargs`` that ``init`` takes no parameter for (none where it takes ``**kwargs``)."""
     try:
@@ -1321,6 +1346,16 @@ def _unknown_keywords(init: Callable, kwargs: dict) -> list:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return []
     return [k for k in kwargs if k not in params or params[k].kind is inspect.Parameter.POSITIONAL_ONLY]
+
+
+def _named_keywords(init: Callable) -> frozenset:
+    """The parameters of ``init`` a keyword argument can name (not its ``**kwargs``)."""
+    try:
+        params = inspect.signature(init).parameters.values()
+    except (TypeError, ValueError):
+        return frozenset()
+    return frozenset(p.name for p in params if p.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
 
 
 def _marking_construction(init: Callable) -> Callable:
@@ -1333,9 +1368,17 @@ def _marking_construction(init: Callable) -> Callable:
         object.__setattr__(self, "_init_depth", depth + 1)
         try:
             init(self, *args, **kwargs)
-        except TypeError:
-            unknown = _unknown_keywords(init, kwargs) if depth == 0 and kwargs else ()
-            if unknown:  # Score("z", n_samplez=3): the registry's words, not Python's bare TypeError
+        except TypeError as e:
+            unknown = _unknown_keywords(init, kwargs) if kwargs else ()
+            if unknown and depth > 0:
+                # a base's constructor that a subclass's **kwargs forwarded a keyword to: marked, so that the
+                # outermost constructor can tell this TypeError from any other one raised in its body
+                e._storch_unknown_keyword = unknown[0]  # type: ignore[attr-defined]
+            elif depth == 0 and not unknown and kwargs:
+                key = getattr(e, "_storch_unknown_keyword", None)
+                if key in kwargs and key not in _named_keywords(init):  # (the user's keyword, through **kwargs)
+                    unknown = [key]
+            if unknown and depth == 0:  # Score("z", n_samplez=3): the registry's words, not Python's bare TypeError
                 cls = type(self)
                 raise OptionError(unknown_option_message(
                     cls, unknown[0], f"{cls.__qualname__} (estimator {cls.name!r})" if cls.name else
