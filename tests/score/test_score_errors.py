@@ -29,7 +29,8 @@ def test_registered_through_entry_points():
     assert storch.get_estimator_class("reinforce") is storch.get_estimator_class("score")
     assert storch.get_estimator_class("mapo") is storch.get_estimator_class("sum_and_sample")
     import storch_score
-    assert set(storch_score.__all__) == {"Score", "Importance", "SumAndSample", "SumAndSampleSequences", "UnorderedSet", "Vimco", "LearnedBaseline"}
+    assert set(storch_score.__all__) == {"Score", "Importance", "SumAndSample", "SumAndSampleSequences", "UnorderedSet", "Vimco",
+                                         "LearnedBaseline", "storch_estimators"}
 
 
 def test_info_and_order_error_use_the_instance_capabilities():

@@ -15,4 +15,5 @@ __all__ = ["storch_estimators"]
 
 @storch.hookimpl
 def storch_estimators() -> list:
+    """The plugin hook: this family's estimator classes."""
     return [Score, Importance, SumAndSample, UnorderedSet, Vimco]
