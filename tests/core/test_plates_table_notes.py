@@ -16,3 +16,11 @@ def test_the_generated_table_has_no_empty_what_happens_cell():
     rows = [line for line in markdown().splitlines() if line.startswith("| `")]
     assert rows
     assert not [r for r in rows if r.rstrip().endswith("|  |")]
+
+
+def test_the_batchnorm_row_says_a_per_data_point_input_fails_in_torch():
+    # left by review: the generated row read "BatchNorm1d/2d/3d (eval mode)" only, while docs/plates.md's BatchNorm
+    # section says a per-data-point (C,) input fails in torch even in eval mode
+    (row,) = [line for line in markdown().splitlines() if line.startswith("| BatchNorm")]
+    assert "`(C,)` input fails in torch, in eval mode too" in row and "`bn(x.unsqueeze(0)).squeeze(0)`" in row
+    assert "(#batchnorm-on-plate-tensors)" in row

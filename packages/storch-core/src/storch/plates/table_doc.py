@@ -61,7 +61,10 @@ LAYERS = [
     ("RNNCell, LSTMCell, GRUCell", ["torch._VF.rnn_tanh_cell", "torch._VF.lstm_cell", "torch._VF.gru_cell"]),
     ("MultiheadAttention, TransformerEncoderLayer, TransformerDecoderLayer",
      ["F.multi_head_attention_forward", "F.scaled_dot_product_attention", "F.layer_norm"]),
-    ("BatchNorm1d/2d/3d (eval mode)", ["F.batch_norm"]),
+    # (docs/plates.md's BatchNorm section: torch takes (N, C, ...), so one data point's (C,) fails in torch itself)
+    ("BatchNorm1d/2d/3d (eval mode; a per-data-point `(C,)` input fails in torch, in eval mode too: give it a batch "
+     "dim of one, `bn(x.unsqueeze(0)).squeeze(0)`, see [BatchNorm on plate tensors](#batchnorm-on-plate-tensors))",
+     ["F.batch_norm"]),
     ("GroupNorm, InstanceNorm, LayerNorm", ["F.group_norm", "F.instance_norm", "F.layer_norm"]),
     ("Embedding, EmbeddingBag", ["F.embedding", "F.embedding_bag"]),
     ("Upsample (F.interpolate)", ["F.interpolate"]),
