@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Normal
+from torch.distributions import Bernoulli, Categorical, Normal, OneHotCategorical
 
 import storch
 from path_probes import calls
@@ -114,6 +114,49 @@ def test_steps_that_need_the_general_path_take_it():
         with torch.no_grad():  # the general path records a step sampled without grad
             _, seen = calls(lambda: est(Bernoulli(logits=x + b)))
         assert "_plain_step" not in seen and storch.current_graph().nodes[0].no_grad_step == 4
+
+
+def _categorical_episode(est, table, cls, by, steps=6):
+    """A policy over 4 states whose next state is the last action (an RNN decoder's or a tabular policy's
+    shape): each step's categorical reads its row of ``table`` selected by the previous step's sample (its
+    index, or its one-hot vector)."""
+    torch.manual_seed(0)
+    paths, samples = [], []
+    with storch.Graph():
+        s = torch.tensor(0) if cls is Categorical else torch.eye(4)[0]
+        for t in range(steps):
+            row = table[s] if cls is Categorical else s @ table
+            d = cls(logits=row) if by == "logits" else cls(probs=row.softmax(-1))
+            s, seen = calls(lambda: est(d))
+            paths.append("plain" if "_plain_step" in seen else "general")
+            samples.append(s.tensor)
+            k = s.float() if cls is Categorical else s @ torch.arange(4.0)
+            storch.add_cost((k - 1.5) ** 2, name=f"c{t}")
+        lps = [lp.detach() for _, lp in storch.current_graph().nodes[0].step_log]
+        loss = storch.surrogate_loss(order=1)
+        g, = torch.autograd.grad(loss, [table])
+    return paths, samples, lps, loss.detach(), g
+
+
+@pytest.mark.parametrize("cls", [Categorical, OneHotCategorical])
+@pytest.mark.parametrize("by", ["logits", "probs"])
+def test_a_categorical_read_from_the_previous_sample_takes_the_plain_step(cls, by):
+    # a Categorical's parameters carry a category dim that is neither a batch nor an event dim, and a
+    # OneHotCategorical holds a Categorical: _as_raw once refused both, so such a policy (the GRU decoder's)
+    # never took the plain step (review r-27)
+    table = torch.randn(4, 4, requires_grad=True)
+    est = _Sequence(plate="episode", n_samples=5)
+    first = _categorical_episode(est, table, cls, by)
+    assert first[0] == ["general", "general"] + ["plain"] * 4
+    assert est.__dict__["_storch_plain"] == {cls: True}
+    heard = []
+    handle = est.register_forward_hook(lambda m, i, o: heard.append(1))  # the control: the general path
+    try:
+        hooked = _categorical_episode(est, table, cls, by)
+    finally:
+        handle.remove()
+    assert hooked[0] == ["general"] * 6 and len(heard) == 6
+    _same(hooked, first)
 
 
 def test_a_type_that_is_not_plain_and_eos_take_the_general_path():

@@ -291,6 +291,9 @@ def _unwrap_mixture(d: MixtureSameFamily,
     return MixtureSameFamily(raw_mix, raw_comp, validate_args=False), plates
 
 
+_ONE_HOT_KEYS = frozenset(("_categorical", "_batch_shape", "_event_shape", "_validate_args"))
+
+
 def _as_raw(d: Distribution, within: tuple[Plate, ...]) -> Optional[tuple[Distribution, tuple[Plate, ...]]]:
     """``(raw distribution, plates)`` for ``d`` without rebuilding it; ``None`` unless that is
     exactly what :func:`unwrap_distribution` would build.
@@ -298,13 +301,26 @@ def _as_raw(d: Distribution, within: tuple[Plate, ...]) -> Optional[tuple[Distri
     The common case (``Bernoulli(logits=x)``, ``Normal(mu, sigma)`` on tensors of one model): every
     tensor the distribution holds (parameters, and what its constructor or argument validation
     derived from them) is a plate tensor with the same plates (those of ``within`` too, if given),
-    at their full sizes, and with one per-sample dim per batch and event dim. The raw tensors then
+    at their full sizes, and with one per-sample dim per batch and event dim (and, for torch's
+    ``Categorical``, its parameters' category dim: the rebuilt copy of the general path,
+    :func:`~storch.distributions.rebuild._categorical`, holds the same tensors). The raw tensors then
     already have the raw distribution's layout, so a copy of the object with them (and the plates
     prepended to its batch shape) is the raw distribution: no second constructor call
     (``broadcast_all``, shapes), no expand views. Anything else (plain tensors to expand, other
     plates, size-1 plate dims, tensors shaped unlike the batch, base distributions, containers)
-    returns ``None``.
+    returns ``None``. A ``OneHotCategorical`` is a copy holding its ``Categorical``'s copy.
     """
+    if type(d) is OneHotCategorical:  # (torch's: it holds a Categorical and its own two shapes, nothing else)
+        if d.__dict__.keys() - _ONE_HOT_KEYS:
+            return None
+        inner = _as_raw(d._categorical, within)
+        if inner is None:
+            return None
+        c, plates = inner
+        new = OneHotCategorical.__new__(OneHotCategorical)
+        new.__dict__.update(_categorical=c, _batch_shape=c._batch_shape, _event_shape=d._event_shape,
+                            _validate_args=False)
+        return new, plates
     out = {}
     plates = last = r = None
     want = sizes = m = 0
@@ -321,7 +337,7 @@ def _as_raw(d: Distribution, within: tuple[Plate, ...]) -> Optional[tuple[Distri
                     return None
                 m = len(p)
                 sizes = (p[0].size,) if m == 1 else tuple(q.size for q in p)
-                want = m + len(d.batch_shape) + len(d.event_shape)
+                want = m + len(d.batch_shape) + len(d.event_shape) + (type(d) is Categorical)
             elif p is not plates and p != plates:
                 return None
             if r.dim() != want or r.shape[:m] != sizes:
@@ -346,7 +362,7 @@ def _categorical_on_one_layout(cls: type, params: dict, within: tuple[Plate, ...
     validation computed) are plate tensors on the same plates (``within``'s, if given) at their
     full sizes: the raw tensors are the raw parameters as they are, what the general path's
     ``union_plates`` and ``align`` would give. ``None`` otherwise. (``_as_raw`` does this for
-    other distributions; a ``OneHotCategorical`` holds a ``Categorical``, which it leaves alone.)"""
+    other distributions and torch's categoricals at full size; this function is the general path's.)"""
     plates = None
     raw = {}
     for name, v in params.items():
