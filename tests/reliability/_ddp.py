@@ -22,6 +22,8 @@ from torch.overrides import TorchFunctionMode
 import storch
 from storch.generators import RANDOM_FUNCTIONS
 
+import _ddp_mapo
+
 
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 for a process group's rendezvous (the DDP tests' workers)."""
@@ -207,6 +209,7 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         except storch.StorchError as e:
             out["misuse"] = str(e)
         out["compiled"] = compiled(x, rank, world)
+        out["mapo"] = _ddp_mapo.worker(rank, world)
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
         # the DDP reducers (held in reference cycles) go before the group does, and no rank tears
         # the group down while another is still in a collective; otherwise gloo may abort a

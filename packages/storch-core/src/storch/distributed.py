@@ -58,7 +58,8 @@ import torch
 from ._ranks import _NO_COSTS, _comm_device, _dist, _gather_collectives, _layouts_agree
 from .errors import StorchError
 
-__all__ = ["is_active", "world_size", "synchronize", "all_reduce_mean", "broadcast_", "ranks_agree"]
+__all__ = ["is_active", "world_size", "synchronize", "all_reduce_mean", "all_gather_objects", "broadcast_",
+           "ranks_agree"]
 
 _UNSET = object()
 
@@ -188,6 +189,32 @@ def all_reduce_mean(values: Union[dict, list, torch.Tensor], owner: Any = None, 
     if isinstance(values, dict):
         return {key: out[key] for key, _ in items}
     return [out[i] for i, _ in items]
+
+
+def all_gather_objects(obj: Any, owner: Any = None, what: str = "objects") -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` without an active process group.
+
+    For state that is not an average: a set of things found per data point (MAPO's buffer of best sequences),
+    which every rank must hold whole, so that each rank, and a checkpoint saved on one of them, has what every
+    shard found. The ranks first check that they run the same collective (one small all_reduce, as before
+    :func:`all_reduce_mean`): ranks with different estimators raise :class:`storch.StorchError` on every rank.
+
+    Args:
+        obj: this rank's contribution (its size may differ from the other ranks').
+        owner: the estimator whose process group is used (None: the world).
+        what: what the objects are, for the check and its error message.
+    """
+    if not is_active(owner):
+        return [obj]
+    dist = _dist()
+    group = _group_of(owner)
+    collective = _collective(owner, f"gathering {what}")
+    same_op, _ = _layouts_agree([], group, collective)
+    if not same_op:
+        _raise_different_collectives(collective, group)
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def _collective(owner: Any, action: str) -> str:

@@ -42,7 +42,7 @@ from storch import Node, OptionError, PlateError, UnsupportedDistributionError
 if TYPE_CHECKING:
     from .sum_and_sample_sequences import SequenceState as MemoryState
 
-__all__ = ["SequenceBuffer", "start", "step", "weights", "control_variate", "record_cost", "update"]
+__all__ = ["SequenceBuffer", "start", "step", "weights", "control_variate", "record_cost", "offers"]
 
 
 class SequenceBuffer:
@@ -565,11 +565,13 @@ def control_variate(est, node: Node, frame) -> Optional[torch.Tensor]:
     return torch.cat([a_slot, a], d)
 
 
-def update(est, node: Node) -> None:
-    """Offer every sequence of the graph (slots and samples) with its total cost to the buffer."""
+def offers(est, node: Node) -> list:
+    """The graph's sequences (slots and samples) with their total costs and log-probabilities, per key:
+    ``[(key, [(sequence, cost, log p), ...]), ...]``, what :meth:`SequenceBuffer.offer_many` takes (in the
+    order of the plate; slots that are not whole sequences left out). Empty where no cost reached the node."""
     c = node.state
     if not c.costs:
-        return
+        return []
     # every cost recorded in the step: one per (name, length), so the per-step costs of one name (the
     # documented pattern: add_cost(r_t, name="reward") at every step) all count. Keeping only each name's
     # latest length stored a sequence with 10 + 10 of per-token costs as 0 (found by porting a seq2seq model)
@@ -585,7 +587,7 @@ def update(est, node: Node) -> None:
     tokens = seq.transpose(0, 1).reshape(-1).tolist()
     tots, lps = total.t().reshape(-1).tolist(), lp.t().reshape(-1).tolist()
     wholes = whole.t().reshape(-1).tolist()
-    eos, offer_many = est.eos, est._buffer.offer_many
-    for p, key in enumerate(c.keys):
-        offer_many(key, [(_trim(tokens[(p * n + j) * length:(p * n + j + 1) * length], eos), float(tots[p * n + j]),
-                          float(lps[p * n + j])) for j in range(n) if j >= s or wholes[p * s + j]])
+    eos = est.eos
+    return [(key, [(_trim(tokens[(p * n + j) * length:(p * n + j + 1) * length], eos), float(tots[p * n + j]),
+                    float(lps[p * n + j])) for j in range(n) if j >= s or wholes[p * s + j]])
+            for p, key in enumerate(c.keys)]

@@ -9,6 +9,7 @@ import torch
 from torch.distributions import Distribution
 
 import storch
+import storch.distributed
 
 from storch import CostFrame, Estimator, Node, OptionError, PlateTensor
 from storch.extending import check_state_record, options, state_record, varying_total_count
@@ -256,9 +257,20 @@ class SumAndSampleSequences(Estimator):
     # -- the buffer --------------------------------------------------------------------------------
 
     def update_parameters(self, nodes: list[Node], loss: torch.Tensor) -> None:
-        """Offer the graph's sequences and their total costs to the buffer."""
-        for node in nodes:
-            _sequences.update(self, node)
+        """Offer the graph's sequences and their total costs to the buffer.
+
+        Under ``torch.distributed`` every rank offers every rank's sequences, in rank order
+        (``storch.distributed.all_gather_objects``): each rank then holds the buffer of the whole batch, the
+        one a single process on it would hold, so a data point keeps its memory when the sampler deals it to
+        another rank, and a checkpoint saved on rank 0 holds every key. A key first met in another rank's
+        offers is seeded first (``memory=``), as its own first step would have seeded it."""
+        offers = [item for node in nodes for item in _sequences.offers(self, node)]
+        buffer, seed = self._buffer, self._seed
+        for rank_offers in storch.distributed.all_gather_objects(offers, owner=self, what="the buffer's new sequences"):
+            for key, items in rank_offers:
+                if seed is not None and key not in buffer.entries:
+                    buffer.seed(key, seed(key))
+                buffer.offer_many(key, items)
 
     def get_extra_state(self) -> dict:
         # the buffer, and which estimator saved it with which buffer size and end token (refused where they differ)
