@@ -25,13 +25,13 @@ MEMORY = torch.tensor([[2, 2, 2, 2]])
 class Seq(torch.nn.Module):
     """Three tokens of vocabulary 3 per data point; the cost of a sequence depends on the data point."""
 
-    def __init__(self) -> None:
+    def __init__(self, buffer: int = 2) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.enc = torch.nn.Linear(6, 3)
         self.W = torch.nn.Parameter(torch.randn(3, 3))
         self.register_buffer("C", torch.randn(6, 27))
-        self.est = storch.estimator("sum_and_sample", plate="seq", buffer=2, n_samples=2, memory=MEMORY,
+        self.est = storch.estimator("sum_and_sample", plate="seq", buffer=buffer, n_samples=2, memory=MEMORY,
                                     baseline="leave_one_out")
 
     def forward(self, x: torch.Tensor, keys: torch.Tensor):

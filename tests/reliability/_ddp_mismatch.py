@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.distributions import Bernoulli
 
 import storch
+import _ddp_mapo
 from _ddp import Episode, Model, data
 
 SHARD = 4
@@ -55,6 +56,10 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         dist.barrier()
         # a score estimator on one rank, RELAX on the other
         out["relax"] = _outcome(lambda: _steps(Model("score", ma) if rank == 0 else Model("relax", {}), x, g))
+        dist.barrier()
+        # MAPO buffers of different sizes (rank 0 keeps 2 sequences per key, rank 1 keeps 3): each rank would keep
+        # another buffer from the same gathered offers
+        out["mapo_buffer"] = _outcome(lambda: _ddp_mapo.train(_ddp_mapo.Seq(buffer=2 + rank), [rank], world, range(1), [g]))
         dist.barrier()
         # an episode with no steps on rank 1 (T=3 on rank 0), first after two full episodes, then at the first step
         for key, first in (("no_costs", 2), ("no_costs_first", 0)):

@@ -34,6 +34,8 @@ def ranks(tmp_path_factory):
     ("nvil", "Score(baseline='moving_average')", "Score(baseline='learned')"),
     ("nvil_built", "Score(baseline='moving_average')", "Score(baseline='learned')"),
     ("relax", "Score(baseline='moving_average')", "Relax("),
+    # (before: no error, and the ranks' buffers differed from the first step)
+    ("mapo_buffer", "SumAndSampleSequences(buffer=2, eos=None)", "SumAndSampleSequences(buffer=3, eos=None)"),
 ])
 def test_different_estimators_raise_on_every_rank(ranks, case, first, second):
     for r in range(WORLD):
