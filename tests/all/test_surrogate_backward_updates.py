@@ -6,6 +6,8 @@ backward pass; a learned control variate (whose update differentiates the surrog
 refused with a clear error; `torch.autograd.grad` stays an evaluation pass.
 """
 
+import re
+
 import pytest
 import torch
 from torch.distributions import Bernoulli, Categorical, Normal
@@ -143,6 +145,44 @@ def test_learned_control_variate_is_refused_before_anything_is_backpropagated(na
         step(est, theta)
         storch.backward()
     assert theta.grad is not None and est.update_steps == 1
+
+
+@pytest.mark.parametrize("objective", ["maml", "penalty"])
+def test_learned_control_variate_reached_through_a_gradient_says_what_to_do(objective):
+    """A MAML inner step with rebar (g = grad(surrogate_loss(), θ, create_graph=True)) whose adapted θ - lr·g the
+    outer step uses: the outer step's storch.backward() reached the inner surrogate's update probe and was told
+    "surrogate_loss().backward() cannot train ...: Call storch.backward() instead" (found by porting MAML; the
+    outer step's own gradients had been accumulated, though it said "Nothing was backpropagated"). Likewise the
+    .backward() of a gradient penalty, which storch.backward() cannot express. The message names the pass and
+    the fix (update=False), which trains."""
+    data = torch.linspace(-1, 1, 20).reshape(5, 4)
+
+    def run(update):
+        torch.manual_seed(0)
+        enc, head = torch.nn.Linear(4, 3), torch.nn.Linear(3, 3)
+        inner = storch.estimator("rebar", plate="z", update=update)
+        with storch.Graph():
+            z = inner(Bernoulli(logits=enc(storch.denote_independent(data, 0, "data"))))
+            storch.add_cost(((z - 0.3) ** 2).sum(-1), name="c")
+            (g,) = torch.autograd.grad(storch.surrogate_loss(), enc.weight, create_graph=True)
+            if objective == "penalty":
+                (g ** 2).sum().backward()
+                return enc
+        outer = storch.estimator("score", plate="y", n_samples=2)
+        with storch.Graph():
+            x = storch.denote_independent(data, 0, "data")
+            y = outer(Bernoulli(logits=head(torch.nn.functional.linear(x, enc.weight - 0.1 * g, enc.bias))))
+            storch.add_cost(((y - 0.7) ** 2).sum(-1), name="c")
+            storch.backward()
+        return enc
+
+    with pytest.raises(storch.StorchError) as info:
+        run(update=True)
+    message = str(info.value)
+    assert "'rebar' (plate 'z')" in message and "No estimator state was changed" in message, message
+    assert re.search(r"objective built from the surrogate's gradient \(torch\.autograd\.grad\(\.\.\., "
+                     r"create_graph=True\).*MAML.*create that step's estimator with update=False", message), message
+    assert torch.isfinite(run(update=False).weight.grad).all()
 
 
 def test_an_estimator_whose_update_differentiates_its_own_regression_trains_with_surrogate_loss_backward():

@@ -123,7 +123,9 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
     with ``retain_graph=True``, of this or another of its surrogates, or ``storch.backward()``) accumulates
     its gradients again but updates nothing: estimator state advances one step per training step. An
     estimator whose update differentiates the loss again (a learned control variate: RELAX, LAX, REBAR) is refused there, before any gradient
-    is accumulated, with the advice to call ``storch.backward()``. Unlike ``storch.backward()``, the
+    is accumulated, with the advice to call ``storch.backward()`` (reached through the surrogate's gradient, by
+    the backward of a gradient penalty or a later step's ``storch.backward()`` through MAML's adapted parameters:
+    refused too, with the advice ``update=False``). Unlike ``storch.backward()``, the
     graph is not reset. A second-order training objective built from ``g = torch.autograd.grad(loss,
     params, create_graph=True)`` (a gradient penalty, a MAML outer step through ``params - lr * g``) runs
     the updates too when it is backpropagated with ``.backward()``: the loss is ``loss + loss · probe`` with a

@@ -63,13 +63,24 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
         learners = sorted({f"{n[0].estimator.name!r} (plate {n[0].plate.name!r})" for n in updating.values()
                            if getattr(n[0].estimator, "update_uses_loss_graph", False)})
         if learners:
+            # the pass is the surrogate's own .backward() (the probe is the root's input: stopped before any
+            # gradient accumulates) or one that reaches it through g = grad(loss, θ, create_graph=True): a gradient
+            # penalty, or the storch.backward() of a later step that uses MAML's adapted θ - lr·g (found by
+            # porting MAML: "call storch.backward() instead" was said to a storch.backward(), and the outer step's
+            # own gradients had accumulated)
             raise StorchError(
-                f"surrogate_loss().backward() cannot train the learned control variate of estimator "
-                f"{', '.join(learners)}: its update differentiates the surrogate again after the backward pass, "
-                "which needs the surrogate's graph then (storch cannot see whether this pass retains it). Nothing "
-                "was backpropagated. Call storch.backward() instead (it backpropagates, updates every estimator "
-                "and resets the graph; storch.backward(scale=scaler) with a torch.amp.GradScaler for loss scaling), "
-                "or create the estimator with update=False")
+                f"a backward pass reached storch.surrogate_loss() of a step with estimator {', '.join(learners)}, "
+                "whose update trains its learned control variate by differentiating that surrogate again after the "
+                "pass: it needs the surrogate's graph then (storch cannot see whether this pass retains it), so it "
+                "runs only in the step's own storch.backward(). No estimator state was changed. If the pass is "
+                "surrogate_loss().backward() (stopped before any gradient was accumulated), call storch.backward() "
+                "instead (it backpropagates, updates every estimator and resets the graph; "
+                "storch.backward(scale=scaler) with a torch.amp.GradScaler for loss scaling). If it is the backward "
+                "of an objective built from the surrogate's gradient (torch.autograd.grad(..., create_graph=True): "
+                "a gradient penalty, or a MAML inner step whose adapted parameters a later step's storch.backward() "
+                "reaches; gradients may have been accumulated in part: zero them), create that step's estimator "
+                "with update=False (est.parameters() are then yours to train) or use one without a learned control "
+                "variate there (score, whose baselines update in such a pass)")
         _check_finite(loss, graph)
 
     def run(todo):
