@@ -1183,6 +1183,19 @@ class Estimator(torch.nn.Module):
                     "or give the members a plate instead of vmap (storch.denote_independent(x, dim, 'data'): one "
                     "independent draw per data point, vectorised), or run the members in a Python loop "
                     f"(torch said: {str(e)[:200]})") from e
+            if isinstance(e, RuntimeError) and "same randomness with a batched tensor input" in str(e):
+                # the draw itself: torch's samplers that read their parameters (bernoulli, multinomial, normal with
+                # a tensor loc, poisson) have no "same" randomness for parameters that differ per member; torch
+                # said only "... Please file an issue with functorch"
+                dist = type(distribution).__name__
+                raise StorchError(
+                    f"estimator {self.name!r} (plate {self.plate!r}) cannot draw from {dist} inside "
+                    "torch.func.vmap(randomness='same') with parameters that differ between the vmapped members: "
+                    "torch's sampler for it cannot share one draw between members whose distributions differ. Use "
+                    "randomness='different' (each member draws its own samples: unbiased per-member results, e.g. "
+                    "torch.func.vmap(torch.func.grad(step), randomness='different')), or give the members a plate "
+                    "instead of vmap (storch.denote_independent(x, dim, 'data'): one independent draw per data "
+                    f"point, vectorised), or run the members in a Python loop (torch said: {str(e)[:200]})") from e
             if isinstance(e, RuntimeError) and str(e).startswith("vmap:") and _under_jacfwd():
                 raise StorchError(
                     f"estimator {self.name!r} (plate {self.plate!r}) cannot run inside torch.func.jacfwd or "
