@@ -52,8 +52,8 @@ def test_bad_arguments_are_usage_errors(argv, message, capsys):
     assert message in err and "Traceback" not in err, err
 
 
-@pytest.mark.parametrize("command, ignored", [("overhead", ("--estimators", "--samples")),
-                                              ("ops", ("--estimators", "--samples")),
+@pytest.mark.parametrize("command, ignored", [("overhead", ("--estimators", "--samples", "--seed")),
+                                              ("ops", ("--estimators", "--samples", "--seed")),
                                               ("ipd", ("--estimators", "--samples")),
                                               ("sequences", ("--samples",))])
 def test_help_lists_only_the_options_a_subcommand_reads(command, ignored):

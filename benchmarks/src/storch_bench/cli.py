@@ -118,11 +118,13 @@ def _estimators(p: argparse.ArgumentParser) -> None:
                    "(score with leave-one-out, unordered_set)")
 
 
-def _common(p: argparse.ArgumentParser, estimators: bool = True) -> None:
-    """The options every subcommand reads; ``--estimators``/``--samples`` only where they are used."""
+def _common(p: argparse.ArgumentParser, estimators: bool = True, seed: bool = True) -> None:
+    """The options every subcommand reads; ``--estimators``/``--samples`` and ``--seed`` only where they are used
+    (overhead and ops seed every measurement themselves: both sides draw the same samples)."""
     if estimators:
         _estimators(p)
-    p.add_argument("--seed", type=int, default=0)
+    if seed:
+        p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1: reproducible, and no "
                    "OpenMP spin-waits competing with other processes on small tensors)")
     p.add_argument("--out", type=Path, default=Path("results"), help="output folder (default results/)")
@@ -175,7 +177,7 @@ def _parser() -> argparse.ArgumentParser:
                    "see docs/comparison.md)")
     t.add_argument("--timing-reps", type=positive_int, default=100, help="single-estimate runs timed per estimator")
     o = sub.add_parser("overhead", help="storch vs hand-written torch: time and peak memory ratios")
-    _common(o, estimators=False)
+    _common(o, estimators=False, seed=False)
     o.add_argument("--batch-sizes", default="1,100", type=int_list(1), help="comma-separated (default 1,100)")
     o.add_argument("--n-samples", default="1,8,64", type=int_list(1), help="comma-separated sample counts (default 1,8,64)")
     o.add_argument("--problems", default="toy,vae", type=choice_list(OVERHEAD_PROBLEMS), help="toy, vae, cnn, rnn, ipd (episodes of the iterated prisoner's dilemma: REINFORCE and LOLA-DiCE "
@@ -196,7 +198,7 @@ def _parser() -> argparse.ArgumentParser:
                    "(columns: replayed storch / eager hand-written, and whether the replay's gradient is eager storch's)")
     ops = sub.add_parser("ops", help="single torch calls on plate tensors vs the same call on raw tensors: "
                          "the dispatcher's extra cost per call, slow paths marked")
-    _common(ops, estimators=False)
+    _common(ops, estimators=False, seed=False)
     ops.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     ops.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (cuda when available)")
     ops.add_argument("--min-time", type=positive_float, default=0.05, help="timing per call and side: 5 x this many "
@@ -221,13 +223,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--variance-reps", type=non_negative_int, default=16, help="gradient estimates for the variance at the start "
                    "and the end (0: skip)")
     i = sub.add_parser("ipd", help="LOLA-DiCE and naive learners on the iterated prisoner's dilemma (short run)")
-    _common(i, estimators=False)
+    _common(i, estimators=False)  # --seed: the default of --seeds, and the variance estimates' seed
     i.add_argument("--iterations", type=positive_int, default=30, help="updates per run (default 30; the example uses 200)")
     i.add_argument("--steps", type=positive_int, default=150, help="episode length")
     i.add_argument("--batch", type=positive_int, default=128, help="episodes per estimate")
     i.add_argument("--configs", default=None, type=choice_list(IPD_CONFIGS), help="subset of: LOLA-DiCE, LOLA-DiCE + baseline, naive")
     i.add_argument("--implementations", default="storch", type=choice_list(("storch", "torch")), help="storch, torch (hand-written) or both")
-    i.add_argument("--seeds", default="0", type=int_list(0), help="comma-separated seeds, one run each (default 0)")
+    i.add_argument("--seeds", default=None, type=int_list(0), help="comma-separated seeds, one run each (default: --seed)")
     i.add_argument("--variance-reps", type=non_negative_int, default=16, help="second-order estimates for the variance (0: skip)")
     return p
 

@@ -205,7 +205,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
     labels = [c.strip() for c in args.configs.split(",")] if args.configs else list(CONFIGS)
     implementations = [i.strip() for i in args.implementations.split(",")]
-    seeds = [int(x) for x in str(args.seeds).split(",")]
+    seeds = [int(x) for x in str(args.seeds).split(",") if x.strip()] if args.seeds else [args.seed]
     runs = [train(label, impl, args.iterations, args.batch, args.steps, seed=seed, progress=not args.no_progress)
             for impl in implementations for label in labels for seed in seeds]
     rows = _summary(runs, args.iterations)
@@ -215,7 +215,8 @@ def run_cli(args: argparse.Namespace) -> int:
     trained = [r for r in runs if r.label == "LOLA-DiCE + baseline"]
     if trained:
         thetas[f"after LOLA-DiCE + baseline (seed {trained[0].seed})"] = trained[0].theta
-    variance = variance_table(args.batch, args.steps, args.variance_reps, thetas) if args.variance_reps else []
+    variance = variance_table(args.batch, args.steps, args.variance_reps, thetas, seed=args.seed) \
+        if args.variance_reps else []
     write_csv(args.out / "ipd.csv", RESULT_HEADER, rows)
     setup = (f"batch {args.batch} episodes of {args.steps} steps, discount 0.96, Adam lr 0.2, lookahead lr 0.3, "
              f"seeds {','.join(map(str, seeds))}; average reward per step (undiscounted) is the exact value of the "
