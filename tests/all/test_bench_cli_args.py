@@ -32,6 +32,12 @@ EXAMPLE = "examples/which_estimator/hard_attention.py:step"
     (["toy", "--threads", "-3"], "argument --threads: must be >= 1, got -3"),
     (["ipd", "--configs", "nosuch"], "argument --configs: unknown 'nosuch'; choose from LOLA-DiCE"),
     (["ipd", "--seeds", "0,a"], "argument --seeds: 'a' is not an integer"),
+    # one estimate has no variance: sequences printed "nan -> nan", ipd "-"
+    (["ipd", "--iterations", "1", "--steps", "2", "--batch", "2", "--configs", "naive", "--variance-reps", "1"],
+     "argument --variance-reps: must be 0 (skip) or >= 2"),
+    (["sequences", "--steps", "1", "--k", "2", "--estimators", "score+loo", "--variance-reps", "1"],
+     "argument --variance-reps: must be 0 (skip) or >= 2"),
+    (["sequences", "--variance-reps", "-1"], "argument --variance-reps: must be >= 0, got -1"),
     (["toy", "--replicates", "0"], "argument --replicates: must be >= 500, got 0"),
     (["toy", "--replicates", "20"], "argument --replicates: must be >= 500, got 20"),
     (["sequences", "--estimators", "score@1"], "argument --estimators: unknown 'score@1'; choose from auto, "

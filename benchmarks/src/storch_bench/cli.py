@@ -43,7 +43,14 @@ def at_least(low: int) -> Callable[[str], int]:
 
 
 positive_int = at_least(1)
-non_negative_int = at_least(0)
+
+
+def variance_reps(text: str) -> int:
+    """An argparse ``type=``: 0 (skip the variance) or an int >= 2 (one estimate has no variance: nan)."""
+    value = at_least(0)(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("must be 0 (skip) or >= 2: the variance of 1 estimate is undefined")
+    return value
 
 
 def positive_float(text: str) -> float:
@@ -220,7 +227,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=positive_int, default=400, help="training steps (default 400; the first 5 are warm-up, not timed)")
     q.add_argument("--lr", type=positive_float, default=0.005)
     q.add_argument("--seeds", default=None, type=int_list(0), help="comma-separated seeds, one run each (default: --seed)")
-    q.add_argument("--variance-reps", type=non_negative_int, default=16, help="gradient estimates for the variance at the start "
+    q.add_argument("--variance-reps", type=variance_reps, default=16, help="gradient estimates for the variance at the start "
                    "and the end (0: skip)")
     i = sub.add_parser("ipd", help="LOLA-DiCE and naive learners on the iterated prisoner's dilemma (short run)")
     _common(i, estimators=False)  # --seed: the default of --seeds, and the variance estimates' seed
@@ -230,7 +237,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--configs", default=None, type=choice_list(IPD_CONFIGS), help="subset of: LOLA-DiCE, LOLA-DiCE + baseline, naive")
     i.add_argument("--implementations", default="storch", type=choice_list(("storch", "torch")), help="storch, torch (hand-written) or both")
     i.add_argument("--seeds", default=None, type=int_list(0), help="comma-separated seeds, one run each (default: --seed)")
-    i.add_argument("--variance-reps", type=non_negative_int, default=16, help="second-order estimates for the variance (0: skip)")
+    i.add_argument("--variance-reps", type=variance_reps, default=16, help="second-order estimates for the variance (0: skip)")
     return p
 
 
