@@ -121,3 +121,15 @@ def test_overhead_runs_the_ipd_rows_it_documents(tmp_path, monkeypatch):
                  "--out", str(tmp_path)]) == 0
     assert asked == [(("score",), 0.01)]
     assert "ipd reinforce T=50" in (tmp_path / "overhead.csv").read_text()
+
+
+@pytest.mark.parametrize("target, message", [
+    ("no/such/model.py:step", "argument FILE:FUNCTION: no such file 'no/such/model.py'"),
+    (EXAMPLE.replace(":step", ":stpe"), "has no function 'stpe'; write FILE:FUNCTION (functions there: "
+                                        "HardAttention, model, step)"),
+])
+def test_model_target_that_names_nothing_is_a_usage_error(target, message, tmp_path, capsys):
+    """`storch-compare model nosuch.py:step` ended in a traceback (FileNotFoundError / AttributeError, exit 1)."""
+    assert main(["model", target, "--no-progress", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err

@@ -18,20 +18,29 @@ from .model_compare import MIN_BIAS_ESTIMATES, BadReferenceError, Comparison, co
 from .report import header, markdown_table, text_table, write_csv
 from .roster import bad_spec_advice
 
-__all__ = ["load_step", "text", "markdown", "write", "plot_model", "run", "HEADER"]
+__all__ = ["load_step", "TargetError", "text", "markdown", "write", "plot_model", "run", "HEADER"]
 
 HEADER = ["estimator", "biased", "max_order", "variance", "rel. bias", "bias z", "ms/step", "peak MB",
           "cost evals", "variance x ms", "note"]
 
 
+class TargetError(LookupError):
+    """``FILE:FUNCTION`` names no file, or no function of that file: the command line is wrong, not the model
+    (an error raised while the file runs is the model's, and keeps its traceback)."""
+
+
 def load_step(target: str) -> Callable:
-    """``"path/to/file.py:step"`` -> the function ``step`` of that file (``:step`` may be omitted)."""
+    """``"path/to/file.py:step"`` -> the function ``step`` of that file (``:step`` may be omitted).
+
+    Raises:
+        TargetError: no such file, or no such function in it.
+    """
     path, sep, name = target.rpartition(":")
     if not sep or not path or "/" in name or "\\" in name or name.endswith(".py"):
         path, name = target, "step"
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"no such file {str(file)!r}; write storch-compare model path/to/model.py:step")
+        raise TargetError(f"no such file {str(file)!r}; write storch-compare model path/to/model.py:step")
     spec = importlib.util.spec_from_file_location(f"storch_compare_user_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(file.resolve().parent))  # the file may import its neighbours
@@ -43,7 +52,7 @@ def load_step(target: str) -> Callable:
     if not callable(fn):
         found = [k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
                  and getattr(v, "__module__", None) == module.__name__]
-        raise AttributeError(f"{file} has no function {name!r}; write FILE:FUNCTION (functions there: "
+        raise TargetError(f"{file} has no function {name!r}; write FILE:FUNCTION (functions there: "
                              f"{', '.join(found) or 'none'})")
     return fn
 
@@ -169,7 +178,11 @@ def add_arguments(p: argparse.ArgumentParser, at_least: Callable[[int], Callable
 
 
 def run(args: argparse.Namespace) -> int:
-    step = load_step(args.target)
+    try:
+        step = load_step(args.target)
+    except TargetError as e:
+        print(f"storch-compare model: error: argument FILE:FUNCTION: {e}", file=sys.stderr)
+        return 2
     try:
         c = compare_estimators(step, args.estimators, estimates=args.estimates, order=args.order,
                                warmup=args.warmup, reference=args.reference,
