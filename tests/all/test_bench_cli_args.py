@@ -29,6 +29,13 @@ EXAMPLE = "examples/which_estimator/hard_attention.py:step"
     (["overhead", "--n-samples", "2,x"], "argument --n-samples: 'x' is not an integer"),
     (["overhead", "--min-time", "0"], "argument --min-time: must be > 0, got 0"),
     (["overhead", "--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    # --backend: an unknown one failed every row's compile after the eager timings (exit 0); without --compile it
+    # was ignored (tiny sizes: the old code ran)
+    (["overhead", "--compile", "--backend", "nosuch", "--problems", "toy", "--configs", "score", "--batch-sizes", "1",
+      "--n-samples", "1", "--min-time", "0.001"], "argument --backend: unknown torch.compile backend 'nosuch'; "
+                                                  "choose from "),
+    (["overhead", "--backend", "eager", "--problems", "toy", "--configs", "score", "--batch-sizes", "1",
+      "--n-samples", "1", "--min-time", "0.001"], "argument --backend: 'eager' is read only with --compile"),
     (["toy", "--threads", "-3"], "argument --threads: must be >= 1, got -3"),
     (["ipd", "--configs", "nosuch"], "argument --configs: unknown 'nosuch'; choose from LOLA-DiCE"),
     (["ipd", "--seeds", "0,a"], "argument --seeds: 'a' is not an integer"),

@@ -159,6 +159,22 @@ def _check_out(parser: argparse.ArgumentParser, out: Path) -> None:
         parser.error(f"argument --out: cannot write to {str(out)!r} ({e.strerror or e}); choose another folder")
 
 
+def _check_backend(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``overhead --backend``: only with ``--compile`` (else nothing reads it), and a backend torch.compile knows,
+    checked before the run (an unknown one failed every row's compile, after the eager timings)."""
+    if args.backend is not None and not args.compile:
+        parser.error(f"argument --backend: {args.backend!r} is read only with --compile (the compiled columns; "
+                     "--replay traces without a compiler); add --compile or drop --backend")
+    args.backend = args.backend or "inductor"
+    if args.compile:
+        import torch._dynamo
+
+        if args.backend not in torch._dynamo.list_backends(exclude_tags=()):
+            parser.error(f"argument --backend: unknown torch.compile backend {args.backend!r}; choose from "
+                         f"{', '.join(torch._dynamo.list_backends())}, or a debug backend such as eager or aot_eager "
+                         "(torch._dynamo.list_backends(exclude_tags=()) lists them all)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="storch-compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -199,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
                    "the ipd rows run on the CPU")
     o.add_argument("--compile", action="store_true", help="also time both step functions through torch.compile "
                    "(columns: compiled storch / compiled hand-written, and the storch step's graph breaks)")
-    o.add_argument("--backend", default="inductor", help="torch.compile backend for --compile (default inductor)")
+    o.add_argument("--backend", default=None, help="torch.compile backend for --compile (default inductor)")
     o.add_argument("--replay", action="store_true", help="also time the storch loss traced once by "
                    "storch.compile(backend=None) and replayed without a compiler, against the eager hand-written loss "
                    "(columns: replayed storch / eager hand-written, and whether the replay's gradient is eager storch's)")
@@ -247,6 +263,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv = ["vae", *argv]
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "overhead":
+        _check_backend(parser, args)
     torch.set_num_threads(args.threads)
     _check_out(parser, args.out)
     if args.command == "vae":
