@@ -140,3 +140,23 @@ def test_model_target_that_names_nothing_is_a_usage_error(target, message, tmp_p
     assert main(["model", target, "--no-progress", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--problems", "nosuch"], "argument --problems: unknown 'nosuch'; choose from toy, vae, cnn, rnn"),
+    (["--problems", "toy", "--configs", "nosuch"], "argument --configs: unknown 'nosuch'; choose from score, loo"),
+    (["--problems", "toy", "--configs", "score", "--batch-sizes", "0", "--n-samples", "1"],
+     "argument --batch-sizes: must be >= 1, got 0"),
+    (["--problems", "toy", "--configs", "score", "--batch-sizes", "1", "--n-samples", "1", "--min-time", "0"],
+     "argument --min-time: must be > 0, got 0"),
+])
+def test_compiled_benchmark_arguments_are_usage_errors(argv, message, capsys):
+    """`python -m storch_bench.compiled` (docs/performance.md) read its options unchecked: an unknown problem or
+    config was a traceback (after the rows before it), batch 0 a PlateError row, --min-time 0 a row of inf."""
+    from storch_bench import compiled
+
+    with pytest.raises(SystemExit) as e:
+        compiled.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert message in err and "Traceback" not in err, err

@@ -192,20 +192,27 @@ def to_markdown(rows: list[CompiledRow]) -> str:
 
 
 def main(argv=None) -> list[CompiledRow]:
+    # storch-compare's argument types: a bad value is a usage error before any row (it was a traceback after the
+    # rows before it, or a row of nan / inf)
+    from .cli import choice_list, int_list, positive_float
+
     p = argparse.ArgumentParser(prog="python -m storch_bench.compiled", description=__doc__.split("\n\n")[0])
-    p.add_argument("--problems", default="toy,vae,cnn,rnn")
-    p.add_argument("--configs", default="loo")
-    p.add_argument("--batch-sizes", default="1,100")
-    p.add_argument("--n-samples", default="8")
-    p.add_argument("--min-time", type=float, default=0.2)
+    p.add_argument("--problems", default="toy,vae,cnn,rnn", type=choice_list(PROBLEMS))
+    p.add_argument("--configs", default="loo", type=choice_list(tuple(CONFIGS)))
+    p.add_argument("--batch-sizes", default="1,100", type=int_list(1))
+    p.add_argument("--n-samples", default="8", type=int_list(1))
+    p.add_argument("--min-time", type=positive_float, default=0.2)
     p.add_argument("--clock", choices=("wall", "cpu"), default="cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
-    for problem in args.problems.split(","):
-        for config in args.configs.split(","):
-            for batch in (int(b) for b in args.batch_sizes.split(",")):
-                for n in (int(k) for k in args.n_samples.split(",")):
+    def items(text: str) -> list[str]:
+        return [t.strip() for t in text.split(",") if t.strip()]
+
+    for problem in items(args.problems):
+        for config in items(args.configs):
+            for batch in map(int, items(args.batch_sizes)):
+                for n in map(int, items(args.n_samples)):
                     row = measure_compiled(problem, config, batch, n, args.min_time, args.clock)
                     rows.append(row)
                     print(to_markdown([row]).splitlines()[-1], flush=True)
