@@ -49,6 +49,7 @@ EXAMPLE = "examples/which_estimator/hard_attention.py:step"
     (["toy", "--replicates", "20"], "argument --replicates: must be >= 500, got 20"),
     (["sequences", "--estimators", "score@1"], "argument --estimators: unknown 'score@1'; choose from auto, "
                                                "score+loo, unordered_set, sum_and_sample"),
+    (["ops", "--cases", "exp,nosuch", "--min-time", "0.001"], "argument --cases: unknown 'nosuch'; choose from x + 1,"),
     # options a subcommand would ignore are not offered
     (["ops", "--estimators", "nosuch@1"], "unrecognized arguments: --estimators nosuch@1"),
     (["ops", "--samples", "0"], "unrecognized arguments: --samples 0"),

@@ -93,6 +93,13 @@ def choice_list(choices: Sequence[str]) -> Callable[[str], str]:
     return parse
 
 
+def ops_cases(text: str) -> str:
+    """An argparse ``type=``: comma-separated case names of ``storch-compare ops``; the text is kept."""
+    from .ops import CASES
+
+    return choice_list(tuple(c.name for c in CASES))(text)
+
+
 def estimator_specs(text: str) -> str:
     """An argparse ``type=``: a comma-separated list of estimator specs (or ``auto``); the text is kept."""
     from .roster import parse_specs
@@ -222,7 +229,7 @@ def _parser() -> argparse.ArgumentParser:
     ops = sub.add_parser("ops", help="single torch calls on plate tensors vs the same call on raw tensors: "
                          "the dispatcher's extra cost per call, slow paths marked")
     _common(ops, estimators=False, seed=False)
-    ops.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    ops.add_argument("--cases", default=None, type=ops_cases, help="comma-separated case names (default: all)")
     ops.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (cuda when available)")
     ops.add_argument("--min-time", type=positive_float, default=0.05, help="timing per call and side: 5 x this many "
                      "seconds, as storch-compare overhead's --min-time")
