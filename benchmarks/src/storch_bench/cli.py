@@ -182,6 +182,18 @@ def _check_backend(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
                          "(torch._dynamo.list_backends(exclude_tags=()) lists them all)")
 
 
+def _check_ipd_configs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``overhead --problems ...ipd`` with ``--configs`` naming neither score nor loo: the ipd rows would be left out
+    without a word (they measure those two only)."""
+    from .overhead_ipd import BASELINES
+
+    problems = [p.strip() for p in args.problems.split(",")]
+    configs = [c.strip() for c in (args.configs or "score").split(",")]
+    if "ipd" in problems and not set(configs) & set(BASELINES):
+        parser.error(f"argument --configs: the ipd rows measure {' and '.join(BASELINES)} only, and --configs "
+                     f"{args.configs!r} names neither; add one of them, or drop ipd from --problems")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="storch-compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -272,6 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "overhead":
         _check_backend(parser, args)
+        _check_ipd_configs(parser, args)
     torch.set_num_threads(args.threads)
     _check_out(parser, args.out)
     if args.command == "vae":

@@ -527,7 +527,10 @@ def run_overhead(problems, configs, batches, ns, threads: int = 1, min_time: flo
     if "ipd" in problems:  # episodes: their own sizes (storch_bench.overhead_ipd), on the CPU
         from .overhead_ipd import ipd_rows
 
-        rows += ipd_rows(Row, configs, min_time, replay=replay)
+        ipd = ipd_rows(Row, configs, min_time, replay=replay)
+        for row in ipd if compile else ():  # empty compiled columns say why
+            row.note = "; ".join(filter(None, [row.note, "not compiled (--compile: toy, vae, cnn, rnn)"]))
+        rows += ipd
     return rows
 
 

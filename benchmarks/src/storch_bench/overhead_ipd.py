@@ -169,5 +169,7 @@ def ipd_rows(row_cls, configs, min_time: float = 0.2, kinds=tuple(PAIRS), replay
                     f"; {1e6 * ts / steps:.0f} vs {1e6 * tt / steps:.0f} us/step" if kind != "lola" else "")
                 if replay and kind == "reinforce":
                     add_replay_columns(row, config, steps, min_time)
+                elif replay:  # empty replay columns say why
+                    row.note += "; not replayed (--replay: the ipd reinforce rows only)"
                 rows.append(row)
     return rows
