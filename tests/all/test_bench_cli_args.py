@@ -42,6 +42,13 @@ EXAMPLE = "examples/which_estimator/hard_attention.py:step"
     (["toy", "--threads", "-3"], "argument --threads: must be >= 1, got -3"),
     (["ipd", "--configs", "nosuch"], "argument --configs: unknown 'nosuch'; choose from LOLA-DiCE"),
     (["ipd", "--seeds", "0,a"], "argument --seeds: 'a' is not an integer"),
+    # a seed torch.manual_seed cannot take was a traceback (ValueError: Overflow when unpacking long long)
+    (["toy", "--seed", str(2**64), "--replicates", "500", "--timing-reps", "1", "--estimators", "score@1"],
+     "argument --seed: must be < 9223372036854775808, got 18446744073709551616"),
+    (["sequences", "--seeds", f"0,{2**64}", "--steps", "1", "--k", "2", "--estimators", "score+loo", "--variance-reps",
+      "0"], "argument --seeds: must be < 9223372036854775808"),
+    (["vae", "--seed", "-1", "--epochs", "1", "--max-train", "10", "--estimators", "score@1", "--models", "bernoulli"],
+     "argument --seed: must be >= 0, got -1"),
     # one estimate has no variance: sequences printed "nan -> nan", ipd "-"
     (["ipd", "--iterations", "1", "--steps", "2", "--batch", "2", "--configs", "naive", "--variance-reps", "1"],
      "argument --variance-reps: must be 0 (skip) or >= 2"),

@@ -26,8 +26,8 @@ __all__ = ["main"]
 COMMANDS = ("vae", "toy", "overhead", "ops", "model", "sequences", "ipd")
 
 
-def at_least(low: int) -> Callable[[str], int]:
-    """An argparse ``type=``: an int >= ``low`` (else argparse's usage error, exit 2)."""
+def at_least(low: int, below: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse ``type=``: an int >= ``low`` (and < ``below``), else argparse's usage error, exit 2."""
 
     def parse(text: str) -> int:
         try:
@@ -36,6 +36,8 @@ def at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be < {below}, got {value}")
         return value
 
     parse.__name__ = f"int >= {low}"
@@ -43,6 +45,8 @@ def at_least(low: int) -> Callable[[str], int]:
 
 
 positive_int = at_least(1)
+SEED_BELOW = 2**63  # torch.manual_seed takes less than 2**64; the runs add small offsets (seed + 1, + i)
+seed_int = at_least(0, SEED_BELOW)
 
 
 def variance_reps(text: str) -> int:
@@ -64,9 +68,10 @@ def positive_float(text: str) -> float:
     return value
 
 
-def int_list(low: int) -> Callable[[str], str]:
-    """An argparse ``type=``: comma-separated ints >= ``low``; the text is kept (the subcommand splits it)."""
-    one = at_least(low)
+def int_list(low: int, below: Optional[int] = None) -> Callable[[str], str]:
+    """An argparse ``type=``: comma-separated ints >= ``low`` (and < ``below``); the text is kept (the subcommand
+    splits it)."""
+    one = at_least(low, below)
 
     def parse(text: str) -> str:
         items = [t.strip() for t in text.split(",") if t.strip()]
@@ -138,7 +143,7 @@ def _common(p: argparse.ArgumentParser, estimators: bool = True, seed: bool = Tr
     if estimators:
         _estimators(p)
     if seed:
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1: reproducible, and no "
                    "OpenMP spin-waits competing with other processes on small tensors)")
     p.add_argument("--out", type=Path, default=Path("results"), help="output folder (default results/)")
@@ -261,7 +266,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--k", type=at_least(2), default=8, help="sequences per target and step (default 8)")
     q.add_argument("--steps", type=positive_int, default=400, help="training steps (default 400; the first 5 are warm-up, not timed)")
     q.add_argument("--lr", type=positive_float, default=0.005)
-    q.add_argument("--seeds", default=None, type=int_list(0), help="comma-separated seeds, one run each (default: --seed)")
+    q.add_argument("--seeds", default=None, type=int_list(0, SEED_BELOW), help="comma-separated seeds, one run each (default: --seed)")
     q.add_argument("--variance-reps", type=variance_reps, default=16, help="gradient estimates for the variance at the start "
                    "and the end (0: skip)")
     i = sub.add_parser("ipd", help="LOLA-DiCE and naive learners on the iterated prisoner's dilemma (short run)")
@@ -271,7 +276,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--batch", type=positive_int, default=128, help="episodes per estimate")
     i.add_argument("--configs", default=None, type=choice_list(IPD_CONFIGS), help="subset of: LOLA-DiCE, LOLA-DiCE + baseline, naive")
     i.add_argument("--implementations", default="storch", type=choice_list(("storch", "torch")), help="storch, torch (hand-written) or both")
-    i.add_argument("--seeds", default=None, type=int_list(0), help="comma-separated seeds, one run each (default: --seed)")
+    i.add_argument("--seeds", default=None, type=int_list(0, SEED_BELOW), help="comma-separated seeds, one run each (default: --seed)")
     i.add_argument("--variance-reps", type=variance_reps, default=16, help="second-order estimates for the variance (0: skip)")
     return p
 
