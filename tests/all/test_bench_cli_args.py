@@ -60,6 +60,9 @@ EXAMPLE = "examples/which_estimator/hard_attention.py:step"
     (["sequences", "--estimators", "score@1"], "argument --estimators: unknown 'score@1'; choose from auto, "
                                                "score+loo, unordered_set, sum_and_sample"),
     (["ops", "--cases", "exp,nosuch", "--min-time", "0.001"], "argument --cases: unknown 'nosuch'; choose from x + 1,"),
+    # a negative or nan threshold marked every call slow, or none
+    (["ops", "--cases", "exp", "--min-time", "0.001", "--threshold", "-1"], "argument --threshold: must be >= 0, got -1"),
+    (["ops", "--cases", "exp", "--min-time", "0.001", "--threshold", "nan"], "argument --threshold: must be >= 0, got nan"),
     # options a subcommand would ignore are not offered
     (["ops", "--estimators", "nosuch@1"], "unrecognized arguments: --estimators nosuch@1"),
     (["ops", "--samples", "0"], "unrecognized arguments: --samples 0"),

@@ -68,6 +68,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse ``type=``: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def int_list(low: int, below: Optional[int] = None) -> Callable[[str], str]:
     """An argparse ``type=``: comma-separated ints >= ``low`` (and < ``below``); the text is kept (the subcommand
     splits it)."""
@@ -250,7 +261,7 @@ def _parser() -> argparse.ArgumentParser:
     ops.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (cuda when available)")
     ops.add_argument("--min-time", type=positive_float, default=0.05, help="timing per call and side: 5 x this many "
                      "seconds, as storch-compare overhead's --min-time")
-    ops.add_argument("--threshold", type=float, default=5.0, help="extra microseconds above which a call is "
+    ops.add_argument("--threshold", type=non_negative_float, default=5.0, help="extra microseconds above which a call is "
                      "marked slow (the wrapper's floor is ~2-3 us on a CPU)")
     m = sub.add_parser("model", help="which estimator for MY model: rank the installed estimators on "
                        "FILE:FUNCTION (variance, bias, time, memory)")
