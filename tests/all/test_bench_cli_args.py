@@ -21,6 +21,11 @@ EXAMPLE = "examples/which_estimator/hard_attention.py:step"
     (["model", EXAMPLE, "--reference", "score[baseline"], "argument --reference: cannot read estimator spec"),
     (["vae", "--models", "nosuch"], "argument --models: unknown 'nosuch'; choose from bernoulli, categorical"),
     (["vae", "--samples", "0"], "argument --samples: must be >= 1, got 0"),
+    # a name given twice ran (and was reported) twice
+    (["vae", "--models", "bernoulli,bernoulli", "--epochs", "1", "--max-train", "10", "--estimators", "score@1",
+      "--variance-reps", "2"], "argument --models: names 'bernoulli' more than once"),
+    (["overhead", "--problems", "toy", "--configs", "score, score", "--batch-sizes", "1", "--n-samples", "1",
+      "--min-time", "0.001"], "argument --configs: names 'score' more than once"),
     (["vae", "--estimators", ""], "argument --estimators: names no estimator"),
     (["vae", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
     (["overhead", "--problems", "nosuch"], "argument --problems: unknown 'nosuch'; choose from toy, vae, cnn, rnn, ipd"),

@@ -104,6 +104,9 @@ def choice_list(choices: Sequence[str]) -> Callable[[str], str]:
         if bad or not items:
             raise argparse.ArgumentTypeError(f"{'unknown ' + ', '.join(map(repr, bad)) if bad else 'is empty'}; "
                                              f"choose from {', '.join(choices)}")
+        twice = sorted({t for t in items if items.count(t) > 1})
+        if twice:  # each would run (and be reported) twice
+            raise argparse.ArgumentTypeError(f"names {', '.join(map(repr, twice))} more than once")
         return text
 
     return parse
