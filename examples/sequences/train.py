@@ -1,6 +1,6 @@
 """Sequence estimators on a GRU decoder under a non-differentiable reward (examples/sequences).
 
-    python examples/sequences/train.py                       # 300 steps, k = 8, every estimator
+    python examples/sequences/train.py                       # 400 steps, k = 8, every estimator
     python examples/sequences/train.py --steps 100 --estimators score+loo,sum_and_sample
 
 A small GRU decoder learns to spell 8 target strings (given the target's index); the reward is the
