@@ -194,7 +194,7 @@ def to_markdown(rows: list[CompiledRow]) -> str:
 def main(argv=None) -> list[CompiledRow]:
     # storch-compare's argument types: a bad value is a usage error before any row (it was a traceback after the
     # rows before it, or a row of nan / inf)
-    from .cli import choice_list, int_list, positive_float
+    from .argtypes import choice_list, int_list, positive_float
 
     p = argparse.ArgumentParser(prog="python -m storch_bench.compiled", description=__doc__.split("\n\n")[0])
     p.add_argument("--problems", default="toy,vae,cnn,rnn", type=choice_list(PROBLEMS))
