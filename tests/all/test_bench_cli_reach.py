@@ -176,3 +176,19 @@ def test_tasks_py_passes_its_arguments_on(monkeypatch, tmp_path):
     assert calls == [["py", "-m", "tox", "-e", "demo", "--", "toy", "--replicates", "500"],
                      ["py", "-m", "tox", "-e", "docs", "--", "tests/docs", "-k", "comparison"],
                      ["py", "-m", "tox", "-p", "auto", "--parallel-live", "-e", "core"]]
+
+
+def test_overhead_refuses_the_cpu_clock_on_cuda(tmp_path, monkeypatch, capsys):
+    """--clock cpu with --device cuda timed the host thread only (the kernels run asynchronously): a wrong number
+    without a word. (The device is faked: the check runs before any measurement.)"""
+    import torch
+
+    import storch_bench.overhead as overhead
+
+    _stop_at(monkeypatch, overhead, "run_overhead")
+    monkeypatch.setattr(overhead, "select_device", lambda name: torch.device("cuda"))
+    assert main(["overhead", "--device", "auto", "--clock", "cpu", "--out", str(tmp_path)]) == 2
+    assert "--clock cpu with --device auto (cuda): thread CPU time does not count the GPU's kernels" in \
+        capsys.readouterr().err
+    args, _ = _reach(["overhead", "--device", "auto", "--clock", "wall", "--out", str(tmp_path)])
+    assert args[7:9] == ("wall", torch.device("cuda"))

@@ -167,7 +167,8 @@ def _parser() -> argparse.ArgumentParser:
                    "or moving_average (score with a moving-average baseline), gumbel_annealed (gumbel_softmax with "
                    "a temperature schedule); those only when named")
     o.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall: elapsed time (default); cpu: this thread's CPU time (steadier on a shared machine)")
+                   help="wall: elapsed time (default); cpu: this thread's CPU time (steadier on a shared machine; not on "
+                        "CUDA, whose kernels it does not count)")
     o.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (cuda when available); "
                    "the ipd rows run on the CPU")
     o.add_argument("--compile", action="store_true", help="also time both step functions through torch.compile "

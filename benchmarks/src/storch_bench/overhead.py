@@ -556,6 +556,11 @@ def run_cli(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"storch-compare overhead: {e}", file=sys.stderr)
         return 2
+    if device.type == "cuda" and clock == "cpu":
+        print(f"storch-compare overhead: --clock cpu with --device {args.device} ({device}): thread CPU time does not "
+              "count the GPU's kernels, which run asynchronously; use --clock wall (the default) on CUDA",
+              file=sys.stderr)
+        return 2
     rows = run_overhead(problems, configs, batches, ns, args.threads, args.min_time, not args.no_progress, clock,
                         device, compiled, getattr(args, "backend", "inductor"), replay)
     columns = HEADER[:-1] + (COMPILED_HEADER if compiled else []) + (REPLAY_HEADER if replay else []) + HEADER[-1:]
