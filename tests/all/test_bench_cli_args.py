@@ -68,6 +68,8 @@ EXAMPLE = "examples/which_estimator/hard_attention.py:step"
     # a negative or nan threshold marked every call slow, or none
     (["ops", "--cases", "exp", "--min-time", "0.001", "--threshold", "-1"], "argument --threshold: must be >= 0, got -1"),
     (["ops", "--cases", "exp", "--min-time", "0.001", "--threshold", "nan"], "argument --threshold: must be >= 0, got nan"),
+    # a misspelt subcommand said "unrecognized arguments: toyy"
+    (["toyy"], "unknown command 'toyy'; choose from vae, toy, overhead, ops, model, sequences, ipd (none: vae)"),
     # options a subcommand would ignore are not offered
     (["ops", "--estimators", "nosuch@1"], "unrecognized arguments: --estimators nosuch@1"),
     (["ops", "--samples", "0"], "unrecognized arguments: --samples 0"),

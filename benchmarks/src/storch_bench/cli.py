@@ -217,9 +217,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:  # vae takes no positional argument
+        parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)} (none: vae)")
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["vae", *argv]
-    parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "overhead":
         _check_backend(parser, args)
