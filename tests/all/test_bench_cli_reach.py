@@ -87,6 +87,10 @@ def test_vae_options_reach_the_config(tmp_path, monkeypatch):
     assert [(c.seed, c.budget) for c in cfgs] == [(0, None), (1, None), (2, None), (0, 24), (1, 24), (2, 24)]
     assert {(c.epochs, c.checkpoints, c.variance_reps, c.eval_samples) for c in cfgs} == {(2, 5, 32, 4)}
     assert [kw for _, kw in calls][0] == {"progress": True}
+    calls.clear()  # fewer training points than a batch: the report said "batch 50" and "a fixed batch of 100"
+    main(["vae", "--max-train", "10", "--estimators", "score@1", "--out", str(tmp_path)])
+    (cfg,), _ = calls[0]
+    assert (cfg.max_train, cfg.batch_size, cfg.variance_batch) == (10, 10, 10)
 
 
 def test_toy_options_reach_the_config(tmp_path, monkeypatch):

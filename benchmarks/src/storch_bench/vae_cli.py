@@ -32,6 +32,9 @@ def config_from_args(args: argparse.Namespace) -> VAEConfig:
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
+    if cfg.max_train is not None:  # what runs on fewer points (the same computation), so the report says so
+        cfg.batch_size = min(cfg.batch_size, cfg.max_train)
+        cfg.variance_batch = min(cfg.variance_batch, cfg.max_train)
     return cfg
 
 
