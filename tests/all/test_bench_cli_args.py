@@ -212,3 +212,11 @@ def test_compiled_benchmark_arguments_are_usage_errors(argv, message, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2, err
     assert message in err and "Traceback" not in err, err
+
+
+def test_model_report_says_when_memory_was_not_measured(tmp_path):
+    """`storch-compare model ... --no-memory` said "peak MB = torch CPU allocator peak ..." above a column of "-"."""
+    assert main(["model", EXAMPLE, "--estimators", "score@1", "--estimates", "4", "--warmup", "0", "--no-memory",
+                 "--no-progress", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "model.md").read_text()
+    assert "peak MB = not measured (measure_memory=False, --no-memory)" in text and "allocator peak" not in text, text

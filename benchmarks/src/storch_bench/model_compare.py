@@ -339,7 +339,8 @@ def compare_estimators(step: Step, estimators: Union[None, str, Sequence[Union[s
             row.note = "; ".join(notes)
             rows.append(row)
     rows.sort(key=_rank)
-    memory = ("torch.cuda.max_memory_allocated" if runner.cuda
+    memory = ("not measured (measure_memory=False, --no-memory)" if not measure_memory
+              else "torch.cuda.max_memory_allocated" if runner.cuda
               else "torch CPU allocator peak (torch.profiler, profile_memory=True)")
     return Comparison(rows, skipped, ref_label, None if ref is None else ref.mean(0),
                       0 if ref is None else len(ref), order, estimates,
