@@ -374,9 +374,12 @@ class PlateTensor(torch.Tensor):
             raise PlateError(foreign_trace_message(f"{func} on plate tensors"))
         raise PlateError(
             f"{func} reached a PlateTensor below __torch_function__: a sparse tensor (torch.sparse_coo_tensor), "
-            "a custom C++ operator or another code path that bypasses torch's Python dispatch. Plate tensors work "
+            "a custom C++ operator, a torch.func transform (torch.func.grad, jacrev, vjp, jvp, vmap) applied to a "
+            "plate tensor, or another code path that bypasses torch's Python dispatch. Plate tensors work "
             "with dense torch operations: build the dense tensor instead (index_add, scatter_add, a dense "
-            "adjacency mask), or pass `.tensor` explicitly and handle the plate dimensions (leading) yourself"
+            "adjacency mask); for a derivative in a sample use torch.autograd.grad(out, z, create_graph=True), "
+            "which gives each plate entry its own; or pass `.tensor` explicitly and handle the plate dimensions "
+            "(leading) yourself"
         )
 
 
