@@ -128,6 +128,14 @@ def test_torch_categoricals_on_one_layout_are_unwrapped_without_alignment():
                 # the same distribution as the general path: its draws' log-probabilities
                 v = raw.sample((2,))
                 torch.testing.assert_close(raw.log_prob(v), cls(logits=theta).log_prob(v), rtol=0, atol=0)
+        # where _as_raw declines (an attribute it does not know: a user's note on the distribution), the
+        # general path still takes the one-layout categorical without alignment, the same raw parameters
+        for cls in (OneHotCategorical, Categorical):
+            q = cls(logits=x)
+            (q._categorical if cls is OneHotCategorical else q).note = "a user's attribute"
+            (raw, plates), seen = calls(lambda: unwrap_distribution(q))
+            assert "_categorical_on_one_layout" in seen and not seen & GENERAL, sorted(seen)
+            assert plates == x.plates and type(raw) is cls and raw.logits is q.logits.tensor
         # the control: logits with a size-1 raw dim on the data plate (one value shared by the data
         # points) are expanded by the general path
         q = OneHotCategorical(logits=storch.PlateTensor(torch.randn(1, 3, 5), x.plates))
