@@ -8,6 +8,7 @@ import inspect
 import pytest
 
 import storch
+import storch.testing
 import storch_score
 
 
@@ -104,3 +105,71 @@ def test_a_score_subclass_forwarding_kwargs_says_did_you_mean(monkeypatch):
     assert (est.n_samples, est.baseline_kind, est.foo) == (3, "leave_one_out", 2)
     with pytest.raises(storch.OptionError, match=r"has no option 'n_samplez'\. Did you mean 'n_samples'\?"):
         storch.estimator("test_forwarding_score", plate="z", n_samplez=3)
+
+
+class Pairs(storch_score.Score):
+    """Sets ``n_samples`` itself, from its own option, and forwards the rest (review r-28: the testing kit passed it
+    ``n_samples=2`` and storch.estimator(..., n_samples=3) was Python's "multiple values" TypeError)."""
+
+    name = "test_pairs"
+
+    def __init__(self, plate: str, *, pairs: int = 2, **kwargs) -> None:
+        super().__init__(plate, n_samples=2 * pairs, **kwargs)
+
+
+class LeaveOneOutOnly(storch_score.Score):
+    name = None
+
+    def __init__(self, plate: str, **kwargs) -> None:
+        super().__init__(plate, baseline="leave_one_out", **kwargs)
+
+
+class Keeps(storch_score.Score):
+    """Keeps its ``**kwargs`` for itself (a network's), forwarding none (review r-28: storch.estimator(...,
+    baseline=...) built an estimator without the baseline)."""
+
+    name = "test_keeps"
+
+    def __init__(self, plate: str, n_samples: int = 1, **net_kwargs) -> None:
+        super().__init__(plate, n_samples=n_samples)
+        self._net_kwargs = net_kwargs
+
+
+def test_a_score_subclass_setting_n_samples_itself_is_checked_by_the_kit_and_refuses_n_samples(monkeypatch):
+    report = storch.testing.check_against_enumeration(Pairs, seed=0)  # (raises where an estimate is off)
+    assert report.ok and report.checks and not report.errors
+    assert Pairs.options() == ["pairs"]
+    monkeypatch.setattr(storch.registry, "get_estimator_class", lambda name: Pairs)
+    est = storch.estimator("test_pairs", plate="z", pairs=3, baseline="leave_one_out")
+    assert (est.n_samples, est.baseline_kind) == (6, "leave_one_out")
+    fixed = (r"^Pairs \(estimator 'test_pairs'\) has no option 'n_samples' to give: its constructor sets "
+             r"'n_samples' itself when it calls Score's \(from its options: pairs\)\. Leave 'n_samples' out")
+    with pytest.raises(storch.OptionError, match=fixed):
+        storch.estimator("test_pairs", plate="z", n_samples=3)
+    with pytest.raises(storch.OptionError, match=fixed):
+        Pairs("z", n_samples=3)
+    with pytest.raises(storch.OptionError, match=r"has no option 'n_sample'\. Its options are: pairs, baseline,"):
+        Pairs("z", n_sample=3)  # (no "Did you mean 'n_samples'": the constructor was seen to set it itself)
+    # an option the subclass passes its base itself is not advised to be given to a new estimator
+    with pytest.raises(storch.OptionError, match=r"Create a new estimator instead: LeaveOneOutOnly\(plate='z', \.\.\.\) "
+                                                 r"\(its constructor sets `baseline` from its options"):
+        setattr(LeaveOneOutOnly("z", n_samples=2), "baseline", "none")
+    with pytest.raises(storch.OptionError, match=r"with the option instead: Pairs\(plate='z', \.\.\., baseline='none'"):
+        setattr(Pairs("z"), "baseline", "none")  # (forwarded: it can be given)
+
+
+def test_a_score_subclass_keeping_its_kwargs_refuses_a_base_option_it_passes_to_no_constructor(monkeypatch):
+    monkeypatch.setattr(storch.registry, "get_estimator_class", lambda name: Keeps)
+    with pytest.raises(storch.OptionError, match=r"^estimator 'test_keeps' has no option 'baseline': the constructor "
+                                                 r"of Keeps takes it in its \*\*kwargs but passes it to no estimator's "
+                                                 r"constructor \(Score's takes 'baseline'\), so it would be ignored\. "
+                                                 r"Its options are: n_samples$"):
+        storch.estimator("test_keeps", plate="z", baseline="leave_one_out", n_samples=4)
+    est = storch.estimator("test_keeps", plate="z", n_samples=4, width=8)  # a keyword no base takes: its own
+    assert (est.n_samples, est._net_kwargs) == (4, {"width": 8})
+
+
+def test_the_kit_gives_n_samples_to_a_subclass_that_forwards_it_not_to_one_that_sets_it():
+    from storch.testing._resolve import resolve
+    assert resolve(ForwardingScore)[1].n_samples == 2
+    assert resolve(Pairs)[1].n_samples == 4

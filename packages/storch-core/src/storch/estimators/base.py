@@ -1076,15 +1076,13 @@ class Estimator(torch.nn.Module):
 
     @classmethod
     def options(cls) -> list[str]:
-        """Names of the constructor options (besides ``plate``). A constructor that takes ``**kwargs`` is taken to
-        forward them to its base's (``super().__init__(plate, **kwargs)``), whose options are then its options
-        too: ``storch.estimator(name, plate, n_samples=8)`` for such a subclass of ``score`` was refused as an
-        unknown option."""
+        """Names of the constructor's own options (besides ``plate``). Those of a base that a constructor taking
+        ``**kwargs`` may forward to are not listed: its signature cannot tell a forwarded one from one it sets
+        itself (``super().__init__(plate, n_samples=2 * pairs, **kwargs)``) or keeps (review r-28); the registry
+        and the errors still offer them (``_offered_options``)."""
         params = inspect.signature(cls.__init__).parameters
-        names = [p for p in params if p not in ("self", "plate") and params[p].kind not in (
+        return [p for p in params if p not in ("self", "plate") and params[p].kind not in (
             inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
-        base = _forwarded_to(cls)
-        return names + [p for p in base.options() if p not in names] if base is not None else names
 
     def extra_repr(self) -> str:
         return f"plate={self.plate!r}, n_samples={self.n_samples}"
@@ -1242,7 +1240,7 @@ def _option_names(cls: type) -> frozenset:
     ``n_samples`` from its own options still has it), and every name in ``cls.fixed_options``."""
     names = _OPTION_NAMES.get(cls)
     if names is None:
-        names = _OPTION_NAMES[cls] = frozenset(cls.options()) | _BASE_OPTIONS | frozenset(cls.fixed_options)
+        names = _OPTION_NAMES[cls] = frozenset(_offered_options(cls)) | _BASE_OPTIONS | frozenset(cls.fixed_options)
     return names
 
 
@@ -1263,11 +1261,12 @@ def _fixed_options(cls: type) -> dict:
     return fixed
 
 
-def unknown_option_message(cls: type, key: str, who: str) -> str:
+def unknown_option_message(cls: type, key: str, who: str, set_inside: Any = ()) -> str:
     """What ``cls(plate, **{key: ...})`` (``storch.estimator(name, plate, ...)``) says of an option ``cls`` does
     not take: the class's own hint (``unknown_option_hints``) or "Did you mean" the closest option, and its
-    options. ``who``: the estimator as the message names it."""
-    accepted = cls.options()
+    options (a constructor's that takes ``**kwargs``: its base's too, but for ``set_inside``, those it was seen to
+    set itself). ``who``: the estimator as the message names it."""
+    accepted = [k for k in _offered_options(cls) if k not in set_inside]
     told = cls.__dict__.get("unknown_option_hints", {}).get(key)  # the class's own words (not a subclass's)
     close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
     hint = told.strip() if told else f"Did you mean {close[0]!r}?" if close else ""
@@ -1320,7 +1319,8 @@ def _fixed_option_message(est: Estimator, name: str, value: Any, why: str) -> st
     cls = type(est)
     made = (f"storch.estimator({est.name!r}, plate={est.plate!r}, ...," if est.name and installed_classes().get(est.name) is cls
             else f"{cls.__qualname__}(plate={est.plate!r}, ...,")
-    if name in cls.options():
+    if name in cls.options() or (name in _offered_options(cls)
+                                 and name not in est.__dict__.get("_options_set_inside", ())):
         advice = f"Create a new estimator with the option instead: {made} {name}={shown[:80]})"
     else:  # (not a constructor option: n_samples computed from the estimator's own options, an attribute)
         advice = (f"Create a new estimator instead: {made[:-1]}) (its constructor sets `{name}` from its options: "
@@ -1330,24 +1330,40 @@ def _fixed_option_message(est: Estimator, name: str, value: Any, why: str) -> st
 
 
 
+_FORWARDS: "weakref.WeakKeyDictionary[type, Optional[type]]" = weakref.WeakKeyDictionary()
+
+
 def _forwarded_to(cls: type) -> Optional[type]:
     """The estimator class whose constructor ``cls``'s ``**kwargs`` go to (the next class in ``cls``'s MRO after
     the one that defines its ``__init__``), or ``None`` where that constructor takes no ``**kwargs``."""
+    if cls in _FORWARDS:
+        return _FORWARDS[cls]
+    base = None
     try:
         params = inspect.signature(cls.__init__).parameters.values()
     except (TypeError, ValueError):
-        return None
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    mro = cls.__mro__
-    definer = next(i for i, k in enumerate(mro) if "__init__" in k.__dict__)
-    return next((k for k in mro[definer + 1:] if issubclass(k, Estimator)), None)
+        params = ()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        mro = cls.__mro__
+        definer = next(i for i, k in enumerate(mro) if "__init__" in k.__dict__)
+        base = next((k for k in mro[definer + 1:] if issubclass(k, Estimator)), None)
+    _FORWARDS[cls] = base
+    return base
 
 
 def takes_more_options(cls: type) -> bool:
     """Whether ``cls``'s constructor takes ``**kwargs``: options besides those :meth:`Estimator.options` lists
     may be its own (popped before it forwards the rest), so only its construction can refuse a keyword."""
     return _forwarded_to(cls) is not None
+
+
+def _offered_options(cls: type) -> list[str]:
+    """:meth:`Estimator.options`, then those of the base a constructor taking ``**kwargs`` may forward them to: what
+    "Did you mean" offers and ``est.<option> = v`` checks. Not all of them need work (a subclass may set one
+    itself, or keep its ``**kwargs``): its construction tells (``_marking_construction``, :func:`kept_option`)."""
+    names = cls.options()
+    base = _forwarded_to(cls)
+    return names + [p for p in _offered_options(base) if p not in names] if base is not None else names
 
 
 def _unknown_keywords(init: Callable, kwargs: dict) -> list:
@@ -1361,23 +1377,82 @@ def _unknown_keywords(init: Callable, kwargs: dict) -> list:
     return [k for k in kwargs if k not in params or params[k].kind is inspect.Parameter.POSITIONAL_ONLY]
 
 
-def _named_keywords(init: Callable) -> frozenset:
-    """The parameters of ``init`` a keyword argument can name (not its ``**kwargs``)."""
+def _parameter_names(init: Callable) -> tuple[tuple, frozenset, bool]:
+    """The parameters of ``init`` an argument fills by position (after ``self``), those a keyword argument can
+    name (not its ``**kwargs``), and whether it takes ``**kwargs``."""
     try:
-        params = inspect.signature(init).parameters.values()
+        params = list(inspect.signature(init).parameters.values())
     except (TypeError, ValueError):
-        return frozenset()
-    return frozenset(p.name for p in params if p.kind in (
-        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+        return (), frozenset(), False
+    kinds = inspect.Parameter
+    return (tuple(p.name for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD))[1:],
+            frozenset(p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)),
+            any(p.kind is kinds.VAR_KEYWORD for p in params))
+
+
+def _who(cls: type) -> str:
+    return f"{cls.__qualname__} (estimator {cls.name!r})" if cls.name else cls.__qualname__
+
+
+def _collided_option(cls: type, named: frozenset, kwargs: dict, error: TypeError) -> Optional[str]:
+    """The option the user gave through ``**kwargs`` that the constructor also passes its base itself: Python's
+    "got multiple values for keyword argument" at ``super().__init__(plate, n_samples=2 * pairs, **kwargs)``
+    (review r-28: ``Pairs('z', n_samples=3)``)."""
+    base = _forwarded_to(cls)
+    if base is None:
+        return None
+    offered = _offered_options(base)
+    return next((k for k in kwargs if k not in named and k in offered
+                 and f"multiple values for keyword argument {k!r}" in str(error)), None)
+
+
+def kept_option(est: Estimator, options: dict) -> Optional[str]:
+    """What refuses the first of ``options`` (given to ``type(est)``'s constructor) that is an option of the base
+    its ``**kwargs`` may forward to yet reached no constructor: kept by the subclass (``def __init__(self, plate,
+    n_samples=1, **net_kwargs)`` given ``baseline=``), so the estimator would run without it (review r-28).
+    ``None`` where there is none; a keyword no base takes is the subclass's own (popped) and left to it."""
+    cls = type(est)
+    base = _forwarded_to(cls)
+    forwarded = est.__dict__.get("_forwarded_options")
+    if base is None or forwarded is None:
+        return None
+    own, offered = cls.options(), _offered_options(base)
+    key = next((k for k in options if k not in own and k in offered and k not in forwarded), None)
+    if key is None:
+        return None
+    return (f"estimator {cls.name!r} has no option {key!r}: the constructor of {cls.__qualname__} takes it in its "
+            f"**kwargs but passes it to no estimator's constructor ({base.__qualname__}'s takes {key!r}), so it "
+            f"would be ignored. Its options are: {', '.join(own) or 'none'}")
 
 
 def _marking_construction(init: Callable) -> Callable:
     """``init`` that marks the instance constructed when the outermost ``__init__`` returns (options set later
-    go through ``Estimator.__setattr__``'s checks; those the constructors set are theirs to check)."""
+    go through ``Estimator.__setattr__``'s checks; those the constructors set are theirs to check). Where the
+    outermost constructor takes ``**kwargs``, the options that the constructors it forwards them to receive (by name
+    or position) from their caller are recorded (not what a base passes its own base): ``_forwarded_options``, the
+    user's that reached one (:func:`kept_option` refuses the others), and ``_options_set_inside``, those a subclass
+    passes its base itself (``_fixed_option_message``)."""
+    names: list = []  # [_parameter_names(init)], at the first call that needs them
+
+    def parameter_names() -> tuple[tuple, frozenset, bool]:
+        if not names:
+            names.append(_parameter_names(init))
+        return names[0]
 
     @functools.wraps(init)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         depth = self.__dict__.get("_init_depth", 0)
+        received = self.__dict__.get("_init_received")
+        recording = self.__dict__.get("_init_recording", False)  # (whether the caller forwards its **kwargs here)
+        if depth == 0:
+            received = set() if _forwarded_to(type(self)) is not None else None
+            object.__setattr__(self, "_init_received", received)
+        elif received is not None and recording:
+            positional, named, _ = parameter_names()
+            received.update(positional[:len(args)])
+            received.update(k for k in kwargs if k in named)
+        if received is not None:
+            object.__setattr__(self, "_init_recording", parameter_names()[2])
         object.__setattr__(self, "_init_depth", depth + 1)
         try:
             init(self, *args, **kwargs)
@@ -1389,17 +1464,31 @@ def _marking_construction(init: Callable) -> Callable:
                 e._storch_unknown_keyword = unknown[0]  # type: ignore[attr-defined]
             elif depth == 0 and not unknown and kwargs:
                 key = getattr(e, "_storch_unknown_keyword", None)
-                if key in kwargs and key not in _named_keywords(init):  # (the user's keyword, through **kwargs)
+                named = parameter_names()[1]
+                if key in kwargs and key not in named:  # (the user's keyword, through **kwargs)
                     unknown = [key]
+                elif (key := _collided_option(type(self), named, kwargs, e)) is not None:
+                    cls, base = type(self), _forwarded_to(type(self))
+                    raise OptionError(
+                        f"{_who(cls)} has no option {key!r} to give: its constructor sets {key!r} itself when it "
+                        f"calls {getattr(base, '__qualname__', 'its base')}'s (from its options: "
+                        f"{', '.join(cls.options()) or 'none'}). Leave {key!r} out, or set it through those options"
+                    ) from None
             if unknown and depth == 0:  # Score("z", n_samplez=3): the registry's words, not Python's bare TypeError
-                cls = type(self)
-                raise OptionError(unknown_option_message(
-                    cls, unknown[0], f"{cls.__qualname__} (estimator {cls.name!r})" if cls.name else
-                    cls.__qualname__)) from None
+                raise OptionError(unknown_option_message(  # (less what a subclass passed its base itself)
+                    type(self), unknown[0], _who(type(self)), (received or set()) - kwargs.keys())) from None
             raise
         finally:
             object.__setattr__(self, "_init_depth", depth)
+            if depth == 0:
+                del self.__dict__["_init_received"]
+                self.__dict__.pop("_init_recording", None)
+            elif received is not None:
+                object.__setattr__(self, "_init_recording", recording)
         if depth == 0:
+            if received is not None:
+                object.__setattr__(self, "_forwarded_options", frozenset(received & kwargs.keys()))
+                object.__setattr__(self, "_options_set_inside", frozenset(received - kwargs.keys()))
             object.__setattr__(self, "_constructed", True)
 
     __init__._marks_construction = True  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch.distributions import Normal
 
-from ..estimators.base import Estimator
+from ..estimators.base import Estimator, _offered_options
 from ..node import Node
 from ..plates.tensor import PlateTensor
 from ..registry import estimator as _make_estimator
@@ -32,7 +32,7 @@ def resolve(estimator: EstimatorLike, options: Optional[dict[str, Any]] = None) 
     """
     if isinstance(estimator, str) or (isinstance(estimator, type) and issubclass(estimator, Estimator)):
         cls = get_estimator_class(estimator) if isinstance(estimator, str) else estimator
-        opts = dict(options) if options is not None else ({"n_samples": 2} if "n_samples" in cls.options() else {})
+        opts = dict(options) if options is not None else ({"n_samples": 2} if _takes_n_samples(cls) else {})
         if isinstance(estimator, str):
             def make(plate: str) -> Estimator:
                 return _make_estimator(estimator, plate, **opts)
@@ -61,6 +61,16 @@ def resolve(estimator: EstimatorLike, options: Optional[dict[str, Any]] = None) 
     if not isinstance(probe, Estimator):
         raise TypeError(f"the estimator factory returned {type(probe).__name__}, not a storch.Estimator")
     return make, probe
+
+
+def _takes_n_samples(cls: type[Estimator]) -> bool:
+    """Whether ``cls`` takes ``n_samples=``: named by its constructor, or forwarded through its ``**kwargs`` to a
+    base's that takes it unless it sets it itself, as a probe's construction shows (review r-28: ``Pairs``, whose
+    ``super().__init__(plate, n_samples=2 * pairs, **kwargs)`` refuses it)."""
+    if "n_samples" in cls.options():
+        return True
+    return "n_samples" in _offered_options(cls) and "n_samples" not in cls(plate="probe").__dict__.get(
+        "_options_set_inside", ())
 
 
 def default_orders(est: Estimator) -> tuple[int, ...]:
