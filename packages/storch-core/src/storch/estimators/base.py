@@ -1410,7 +1410,9 @@ def kept_option(est: Estimator, options: dict) -> Optional[str]:
     """What refuses the first of ``options`` (given to ``type(est)``'s constructor) that is an option of the base
     its ``**kwargs`` may forward to yet reached no constructor: kept by the subclass (``def __init__(self, plate,
     n_samples=1, **net_kwargs)`` given ``baseline=``), so the estimator would run without it (review r-28).
-    ``None`` where there is none; a keyword no base takes is the subclass's own (popped) and left to it."""
+    ``None`` where there is none; a keyword no base takes is the subclass's own (popped) and left to it. (One the
+    subclass pops and handles itself is refused too: it cannot be told from a kept one; naming it as a parameter
+    of the constructor makes it one of ``options()``.)"""
     cls = type(est)
     base = _forwarded_to(cls)
     forwarded = est.__dict__.get("_forwarded_options")
