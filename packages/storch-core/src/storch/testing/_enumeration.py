@@ -16,7 +16,7 @@ from ..registry import created_by_design
 from ..surrogate import value_surrogate
 from ..surrogate.loss import unchecked_surrogate_loss
 from ._models import EstimatorFactory, Model, models_to_run
-from ._resolve import EstimatorLike, default_orders, replicas, resolve
+from ._resolve import EstimatorLike, default_orders, is_factory, replicas, resolve
 from ._stats import UnbiasednessReport, per_replicate_derivatives, z_test
 from ._warmup import persistent, warm_up
 
@@ -387,7 +387,7 @@ def _check(estimator: EstimatorLike, orders: Optional[Sequence[int]], models: Op
     if not orders or min(orders) < 0 or max(orders) > 3:
         raise ValueError(f"orders must be a non-empty subset of 0..3, got {orders!r}")
     explicit = models is not None  # a model the test names must run: one that cannot is a failure
-    models, skipped, errors = models_to_run(probe, models)
+    models, skipped, errors = models_to_run(probe, models, is_factory(estimator))
     report = ConformanceReport(probe.name or type(probe).__name__, orders, skipped=skipped, errors=errors,
                                biased=bool(probe.biased))
     if models and probe.uniform_weights and type(probe).weighting_function is not Estimator.weighting_function:

@@ -22,7 +22,7 @@ from ..registry import created_by_design
 from ..surrogate.loss import unchecked_surrogate_loss
 from ._enumeration import ConformanceReport, _Recorder, exact_derivatives
 from ._models import EstimatorFactory, Model, models_to_run
-from ._resolve import EstimatorLike, default_orders, resolve
+from ._resolve import EstimatorLike, default_orders, is_factory, resolve
 from ._stats import _grad, replicate, z_test
 from ._warmup import persistent, warm_up
 
@@ -120,7 +120,7 @@ def check_leakage(
         if not orders or min(orders) < 0 or max(orders) > 2:
             raise ValueError(f"orders must be a non-empty subset of 0..2, got {orders!r}")
         explicit = models is not None  # a model the test names must run: one that cannot is a failure
-        models, skipped, errors = models_to_run(probe, models)
+        models, skipped, errors = models_to_run(probe, models, is_factory(estimator))
         report = ConformanceReport(probe.name or type(probe).__name__, orders, skipped=skipped, errors=errors)
         top = max(orders)
         for i, model in enumerate(models):

@@ -48,7 +48,8 @@ class Model:
             plate tensor of shape ``(d,)`` (one replicate's parameter).
         exact: ``exact(theta) -> E[total cost]`` (0-dim) in plain torch, differentiable in θ.
         distributions: example distributions of the model's nodes, used to decide whether an
-            estimator supports the model.
+            estimator supports the model (not for a factory's estimators, which may differ per node: they
+            decide when the model samples).
         may_refuse: a storch refusal (``OrderError`` at an order, ``UnsupportedDistributionError``
             when sampling) is an accepted outcome: the model is one where some estimators are
             biased (a kink of log p, a moving support), so storch must refuse them; the refused
@@ -566,13 +567,20 @@ def _independent(kind: type) -> Model:
     return Model(f"independent[{short}]", theta, build, exact, lambda: [dist(theta)])
 
 
-def models_to_run(estimator: Estimator, models: Optional[list[Model]]
+def models_to_run(estimator: Estimator, models: Optional[list[Model]], factory: bool = False
                   ) -> tuple[list[Model], dict[str, str], dict[str, str]]:
     """The models a check runs, the reasons it skips others, and the errors: ``models=None``: the kit's
     :func:`standard_models` (unsupported ones skipped); a list the test names: each must run, so one that the
-    estimator does not support is an error (skipped only with ``may_refuse``)."""
+    estimator does not support is an error (skipped only with ``may_refuse``).
+
+    ``factory``: ``estimator`` is only the probe ``make("probe")`` of a factory, which may make another
+    estimator for each node; ``model.distributions()`` does not say which node each distribution is at, so a
+    model the test names is not judged by the probe (a Bernoulli node's arm refusing the Normal of a node the
+    factory gives to reparameterization) but when it samples, where a refusal names the node and estimator."""
     if models is None:
         return (*standard_models(estimator), {})
+    if factory:
+        return list(models), {}, {}
     skipped: dict[str, str] = {}
     errors: dict[str, str] = {}
     for m in models:

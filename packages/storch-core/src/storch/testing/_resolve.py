@@ -16,7 +16,7 @@ from ..registry import estimator as _make_estimator
 from ..registry import get_estimator_class
 from ._models import EstimatorFactory
 
-__all__ = ["EstimatorLike", "resolve", "default_orders", "replicas"]
+__all__ = ["EstimatorLike", "resolve", "is_factory", "default_orders", "replicas"]
 
 EstimatorLike = Union[Callable[[str], Estimator], str, Estimator, type[Estimator]]
 """A registry name, an estimator instance, an estimator class, or a factory ``make(plate)``."""
@@ -71,6 +71,13 @@ def _takes_n_samples(cls: type[Estimator]) -> bool:
         return True
     return "n_samples" in _offered_options(cls) and "n_samples" not in cls(plate="probe").__dict__.get(
         "_options_set_inside", ())
+
+
+def is_factory(estimator: EstimatorLike) -> bool:
+    """Whether ``estimator`` is a factory ``make(plate)`` (which may make a different estimator per node), not a
+    name, class or instance (one estimator for every node)."""
+    return not (isinstance(estimator, (str, Estimator))
+                or (isinstance(estimator, type) and issubclass(estimator, Estimator)))
 
 
 def default_orders(est: Estimator) -> tuple[int, ...]:
