@@ -45,26 +45,25 @@ def variance_reps(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """An argparse ``type=``: a finite float > 0."""
+def _finite_float(text: str, zero_ok: bool) -> float:
+    """``text`` as a finite float > 0 (>= 0 where ``zero_ok``), else argparse's usage error."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not ((0 <= value if zero_ok else 0 < value) and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be {'>=' if zero_ok else '>'} 0, got {text}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type=``: a finite float > 0."""
+    return _finite_float(text, zero_ok=False)
 
 
 def non_negative_float(text: str) -> float:
     """An argparse ``type=``: a finite float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (0 <= value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+    return _finite_float(text, zero_ok=True)
 
 
 def int_list(low: int, below: Optional[int] = None) -> Callable[[str], str]:

@@ -1172,28 +1172,19 @@ class Estimator(torch.nn.Module):
                 # the draw itself: torch's rsample of some distributions (Normal, Laplace, ...) fills a new tensor
                 # of the sample's shape in place (normal_, uniform_), which vmap(randomness="different") cannot
                 # make different per member; nothing of storch reads a sample here
-                dist = type(distribution).__name__
-                raise StorchError(
-                    f"estimator {self.name!r} (plate {self.plate!r}) cannot draw from {dist} inside "
-                    "torch.func.vmap(randomness='different'): torch's sampler for it fills a new tensor with random "
-                    "numbers in place, which vmap can only do with one draw for every vmapped member. Use "
-                    "randomness='same' (the members share the draws: their per-member results are then correlated), "
-                    "or give the members a plate instead of vmap (storch.denote_independent(x, dim, 'data'): one "
-                    "independent draw per data point, vectorised), or run the members in a Python loop "
-                    f"(torch said: {str(e)[:200]})") from e
+                raise StorchError(_vmap_draw_message(
+                    self, distribution, "different", "torch's sampler for it fills a new tensor with random numbers "
+                    "in place, which vmap can only do with one draw for every vmapped member", "randomness='same' (the "
+                    "members share the draws: their per-member results are then correlated)", e)) from e
             if isinstance(e, RuntimeError) and "same randomness with a batched tensor input" in str(e):
                 # the draw itself: torch's samplers that read their parameters (bernoulli, multinomial, normal with
                 # a tensor loc, poisson) have no "same" randomness for parameters that differ per member; torch
                 # said only "... Please file an issue with functorch"
-                dist = type(distribution).__name__
-                raise StorchError(
-                    f"estimator {self.name!r} (plate {self.plate!r}) cannot draw from {dist} inside "
-                    "torch.func.vmap(randomness='same') with parameters that differ between the vmapped members: "
-                    "torch's sampler for it cannot share one draw between members whose distributions differ. Use "
+                raise StorchError(_vmap_draw_message(
+                    self, distribution, "same", "with parameters that differ between the vmapped members: torch's "
+                    "sampler for it cannot share one draw between members whose distributions differ",
                     "randomness='different' (each member draws its own samples: unbiased per-member results, e.g. "
-                    "torch.func.vmap(torch.func.grad(step), randomness='different')), or give the members a plate "
-                    "instead of vmap (storch.denote_independent(x, dim, 'data'): one independent draw per data "
-                    f"point, vectorised), or run the members in a Python loop (torch said: {str(e)[:200]})") from e
+                    "torch.func.vmap(torch.func.grad(step), randomness='different'))", e)) from e
             if isinstance(e, RuntimeError) and str(e).startswith("vmap:") and _under_jacfwd():
                 raise StorchError(
                     f"estimator {self.name!r} (plate {self.plate!r}) cannot run inside torch.func.jacfwd or "
@@ -1328,6 +1319,17 @@ def _fixed_option_message(est: Estimator, name: str, value: Any, why: str) -> st
     return (f"{est.name or cls.__qualname__}: est.{name} = {shown[:80]} after construction is not supported: "
             f"{why}. {advice}")
 
+
+
+def _vmap_draw_message(est: Estimator, distribution: Any, randomness: str, why: str, use: str, e: Exception) -> str:
+    """What an estimator says when torch cannot draw from ``distribution`` inside
+    ``torch.func.vmap(randomness=randomness)``: ``why`` (torch's sampler), ``use`` (the other randomness), and the
+    two ways around vmap."""
+    return (f"estimator {est.name!r} (plate {est.plate!r}) cannot draw from {type(distribution).__name__} inside "
+            f"torch.func.vmap(randomness={randomness!r}){':' if randomness == 'different' else ''} {why}. Use {use}, "
+            "or give the members a plate instead of vmap (storch.denote_independent(x, dim, 'data'): one independent "
+            "draw per data point, vectorised), or run the members in a Python loop "
+            f"(torch said: {str(e)[:200]})")
 
 
 _FORWARDS: "weakref.WeakKeyDictionary[type, Optional[type]]" = weakref.WeakKeyDictionary()
