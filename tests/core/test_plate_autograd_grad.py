@@ -61,7 +61,7 @@ def test_an_output_on_more_plates_than_the_input_is_refused():
     mu = torch.zeros(3, requires_grad=True)
     with storch.Graph():
         z = storch.estimator("reparameterization", plate="z", n_samples=2)(Normal(mu, 1.0))
-        b = storch.estimator("score", plate="b", n_samples=3)(Bernoulli(logits=torch.zeros(3, requires_grad=True)))
+        b = storch.estimator("expect", plate="b")(Bernoulli(logits=torch.zeros(3, requires_grad=True)))
         with pytest.raises(storch.PlateError, match=r"plates \('z', 'b'\).*feeds several entries"):
             torch.autograd.grad((z * b).sum(), z)
         storch.reset()
