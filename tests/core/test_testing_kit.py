@@ -544,6 +544,26 @@ def test_uniform_weights_claimed_for_weights_that_are_not_one_over_n_is_named():
         kit.check_against_enumeration(EnumerateOne, models=chain)
 
 
+def test_uniform_weights_of_a_node_that_a_factorys_probe_does_not_get_are_checked():
+    """The check was keyed on the factory's probe make("probe") (expect here), so a node whose estimator drops its
+    weights was not checked: the model failed with |z| = inf at every order without naming the node or
+    uniform_weights. Each model of a factory is checked at every node."""
+    chain = [m for m in kit.standard_models(EnumerateOne("z"))[0] if m.name.startswith("chain")]
+
+    def make(plate):
+        return EnumerateOne(plate) if plate == "x2" else storch.estimator("expect", plate=plate)
+
+    for raise_on_failure in (True, False):
+        with pytest.raises(AssertionError, match=r"test_enum_one: uniform_weights is True.*carry gradient.*1/N = 0.5 "
+                                                 r"\(node 'x2' of model chain\[Bernoulli\]\)"):
+            kit.check_against_enumeration(make, models=chain, orders=(0, 1), n_replicates=50,
+                                          raise_on_failure=raise_on_failure)
+    # the check does not stop at the first model of a factory: a later model's node is checked too
+    first = [m for m in kit.standard_models(EnumerateOne("z"))[0] if m.name == "bernoulli[3]"]
+    with pytest.raises(AssertionError, match=r"node 'x2' of model chain\[Bernoulli\]"):
+        kit.check_against_enumeration(make, models=first + chain, orders=(0,), n_replicates=50)
+
+
 def test_a_replicate_with_a_nan_estimate_is_a_failed_check_not_an_error():
     """The kit sums R independent replicates into one loss; a backward pass through a non-finite surrogate loss is
     refused (NonFiniteCostError, as storch.backward() refuses it), and a first version refused the kit's too, so one

@@ -387,14 +387,18 @@ def _check(estimator: EstimatorLike, orders: Optional[Sequence[int]], models: Op
     if not orders or min(orders) < 0 or max(orders) > 3:
         raise ValueError(f"orders must be a non-empty subset of 0..3, got {orders!r}")
     explicit = models is not None  # a model the test names must run: one that cannot is a failure
-    models, skipped, errors = models_to_run(probe, models, is_factory(estimator))
+    factory = is_factory(estimator)
+    models, skipped, errors = models_to_run(probe, models, factory)
     report = ConformanceReport(probe.name or type(probe).__name__, orders, skipped=skipped, errors=errors,
                                biased=bool(probe.biased))
-    if models and probe.uniform_weights and type(probe).weighting_function is not Estimator.weighting_function:
-        # (once: weights that uniform_weights makes the surrogate drop; on the first model the estimator samples)
+    if models and (factory or (probe.uniform_weights
+                               and type(probe).weighting_function is not Estimator.weighting_function)):
+        # weights that uniform_weights makes the surrogate drop: for one estimator, once, on the first model it
+        # samples; a factory's probe make("probe") need not be the estimator of any node (it may make one per
+        # node), so each model is checked at every node (a check keyed on the probe missed a node's estimator)
         for model in models:
             try:
-                if _check_uniform_weights(model, make):
+                if _check_uniform_weights(model, make) and not factory:
                     break
             except AssertionError:  # (the check's own finding: dropped weights)
                 raise
