@@ -532,7 +532,7 @@ def _independent(kind: type) -> Model:
         theta, shape = _t(0.2, -0.4, 0.9, 0.0, -1.1, 0.5), (2, 3)
 
     def dist(th) -> Distribution:
-        base = Normal(th, _S2) if kind is Normal else kind(logits=th.reshape(shape))
+        base = Normal(th, _S2) if issubclass(kind, Normal) else kind(logits=th.reshape(shape))
         return Independent(base, 1)
 
     def cost(x):
@@ -567,7 +567,7 @@ def _independent(kind: type) -> Model:
     return Model(f"independent[{short}]", theta, build, exact, lambda: [dist(theta)])
 
 
-def models_to_run(estimator: Estimator, models: Optional[list[Model]], factory: bool = False
+def models_to_run(estimator: Estimator, models: Optional[Sequence[Model]], factory: bool = False
                   ) -> tuple[list[Model], dict[str, str], dict[str, str]]:
     """The models a check runs, the reasons it skips others, and the errors: ``models=None``: the kit's
     :func:`standard_models` (unsupported ones skipped); a list the test names: each must run, so one that the

@@ -30,24 +30,28 @@ def resolve(estimator: EstimatorLike, options: Optional[dict[str, Any]] = None) 
     leave-one-out baselines) are exercised. An instance is deep-copied for each node, with
     its ``plate`` renamed.
     """
+    make: EstimatorFactory  # (called with the plate positionally; a user's factory may name its parameter freely)
     if isinstance(estimator, str) or (isinstance(estimator, type) and issubclass(estimator, Estimator)):
         cls = get_estimator_class(estimator) if isinstance(estimator, str) else estimator
         opts = dict(options) if options is not None else ({"n_samples": 2} if _takes_n_samples(cls) else {})
         if isinstance(estimator, str):
-            def make(plate: str) -> Estimator:
+            def by_name(plate: str) -> Estimator:
                 return _make_estimator(estimator, plate, **opts)
+            make = by_name
         else:
-            def make(plate: str) -> Estimator:
+            def by_class(plate: str) -> Estimator:
                 return cls(plate=plate, **opts)
+            make = by_class
     elif isinstance(estimator, Estimator):
         if options:
             raise TypeError("options are only used with an estimator name or class, not with an instance")
         proto = estimator
 
-        def make(plate: str) -> Estimator:
+        def by_copy(plate: str) -> Estimator:
             est = copy.deepcopy(proto)
             est.plate = plate
             return est
+        make = by_copy
     elif callable(estimator):
         if options:  # (they would be ignored: the factory builds the estimator)
             raise TypeError("options are only used with an estimator name or class, not with a factory make(plate): "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -74,7 +74,7 @@ class UnbiasednessReport:
     z: torch.Tensor
     n: int
     threshold: float
-    variance: torch.Tensor = field(default=None)
+    variance: Optional[torch.Tensor] = None  # per-component variance of the estimates (z_test fills it)
     atol: float = 1e-9
     dtype: Optional[torch.dtype] = None  # of the estimates as handed in (before the float64 comparison)
 
