@@ -1252,12 +1252,14 @@ def _fixed_options(cls: type) -> dict:
     return fixed
 
 
-def unknown_option_message(cls: type, key: str, who: str, set_inside: Any = ()) -> str:
+def unknown_option_message(cls: type, key: str, who: str) -> str:
     """What ``cls(plate, **{key: ...})`` (``storch.estimator(name, plate, ...)``) says of an option ``cls`` does
     not take: the class's own hint (``unknown_option_hints``) or "Did you mean" the closest option, and its
-    options (a constructor's that takes ``**kwargs``: its base's too, but for ``set_inside``, those it was seen to
-    set itself). ``who``: the estimator as the message names it."""
-    accepted = [k for k in _offered_options(cls) if k not in set_inside]
+    options (a constructor's that takes ``**kwargs``: its base's too. One a subclass passes its base itself is
+    offered as well: the constructor cannot tell it from one it defaults with ``kwargs.setdefault``, which can be
+    given (review r-29); giving the first gets the collision's own OptionError.) ``who``: the estimator as the
+    message names it."""
+    accepted = _offered_options(cls)
     told = cls.__dict__.get("unknown_option_hints", {}).get(key)  # the class's own words (not a subclass's)
     close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
     hint = told.strip() if told else f"Did you mean {close[0]!r}?" if close else ""
@@ -1310,8 +1312,7 @@ def _fixed_option_message(est: Estimator, name: str, value: Any, why: str) -> st
     cls = type(est)
     made = (f"storch.estimator({est.name!r}, plate={est.plate!r}, ...," if est.name and installed_classes().get(est.name) is cls
             else f"{cls.__qualname__}(plate={est.plate!r}, ...,")
-    if name in cls.options() or (name in _offered_options(cls)
-                                 and name not in est.__dict__.get("_options_set_inside", ())):
+    if name in _offered_options(cls):  # (a base's, through **kwargs: see unknown_option_message)
         advice = f"Create a new estimator with the option instead: {made} {name}={shown[:80]})"
     else:  # (not a constructor option: n_samples computed from the estimator's own options, an attribute)
         advice = (f"Create a new estimator instead: {made[:-1]}) (its constructor sets `{name}` from its options: "
@@ -1434,8 +1435,7 @@ def _marking_construction(init: Callable) -> Callable:
     go through ``Estimator.__setattr__``'s checks; those the constructors set are theirs to check). Where the
     outermost constructor takes ``**kwargs``, the options that the constructors it forwards them to receive (by name
     or position) from their caller are recorded (not what a base passes its own base): ``_forwarded_options``, the
-    user's that reached one (:func:`kept_option` refuses the others), and ``_options_set_inside``, those a subclass
-    passes its base itself (``_fixed_option_message``)."""
+    user's that reached one (:func:`kept_option` refuses the others)."""
     names: list = []  # [_parameter_names(init)], at the first call that needs them
 
     def parameter_names() -> tuple[tuple, frozenset, bool]:
@@ -1479,8 +1479,7 @@ def _marking_construction(init: Callable) -> Callable:
                         f"{', '.join(cls.options()) or 'none'}). Leave {key!r} out, or set it through those options"
                     ) from None
             if unknown and depth == 0:  # Score("z", n_samplez=3): the registry's words, not Python's bare TypeError
-                raise OptionError(unknown_option_message(  # (less what a subclass passed its base itself)
-                    type(self), unknown[0], _who(type(self)), (received or set()) - kwargs.keys())) from None
+                raise OptionError(unknown_option_message(type(self), unknown[0], _who(type(self)))) from None
             raise
         finally:
             object.__setattr__(self, "_init_depth", depth)
@@ -1492,7 +1491,6 @@ def _marking_construction(init: Callable) -> Callable:
         if depth == 0:
             if received is not None:
                 object.__setattr__(self, "_forwarded_options", frozenset(received & kwargs.keys()))
-                object.__setattr__(self, "_options_set_inside", frozenset(received - kwargs.keys()))
             object.__setattr__(self, "_constructed", True)
 
     __init__._marks_construction = True  # type: ignore[attr-defined]

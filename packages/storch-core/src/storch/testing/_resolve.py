@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch.distributions import Normal
 
+from ..errors import OptionError
 from ..estimators.base import Estimator, _offered_options
 from ..node import Node
 from ..plates.tensor import PlateTensor
@@ -70,11 +71,17 @@ def resolve(estimator: EstimatorLike, options: Optional[dict[str, Any]] = None) 
 def _takes_n_samples(cls: type[Estimator]) -> bool:
     """Whether ``cls`` takes ``n_samples=``: named by its constructor, or forwarded through its ``**kwargs`` to a
     base's that takes it unless it sets it itself, as a probe's construction shows (review r-28: ``Pairs``, whose
-    ``super().__init__(plate, n_samples=2 * pairs, **kwargs)`` refuses it)."""
+    ``super().__init__(plate, n_samples=2 * pairs, **kwargs)`` refuses it with an OptionError; one that only
+    defaults it, ``kwargs.setdefault("n_samples", 4)``, takes it: review r-29)."""
     if "n_samples" in cls.options():
         return True
-    return "n_samples" in _offered_options(cls) and "n_samples" not in cls(plate="probe").__dict__.get(
-        "_options_set_inside", ())
+    if "n_samples" not in _offered_options(cls):
+        return False
+    try:
+        cls(plate="probe", n_samples=2)
+    except OptionError:
+        return False
+    return True
 
 
 def is_factory(estimator: EstimatorLike) -> bool:
