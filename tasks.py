@@ -5,8 +5,11 @@
     python3 tasks.py test [ARGS]   # every test environment (tox -p auto ARGS: ARGS go to tox, e.g. -e core)
     python3 tasks.py docs [ARGS]   # the documentation site, built offline into site/ (tox -e docs -- ARGS)
 
-ARGS after demo go to storch-compare, after docs to the docs environment's command, after test to
-tox itself. Creates ./.venv with tox on first use; tox builds one environment per install set.
+ARGS after demo go to storch-compare, after docs to the docs environment's pytest, after test to
+tox itself. ARGS after docs replace that pytest's default paths (tests/docs and the tutorial
+examples/tutorials/writing_an_estimator.py), so name the paths with an option: `docs tests/docs -k
+comparison` (`docs -k comparison` alone collects every test of the repository). Creates ./.venv with
+tox on first use; tox builds one environment per install set.
 """
 
 import os
