@@ -61,6 +61,29 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         # another buffer from the same gathered offers
         out["mapo_buffer"] = _outcome(lambda: _ddp_mapo.train(_ddp_mapo.Seq(buffer=2 + rank), [rank], world, range(1), [g]))
         dist.barrier()
+        # options that change how the state evolves (before: no error, the ranks' states drifted apart silently):
+        # a moving average's decay, NVIL's lr (its network's broadcast is the first collective), RELAX's lr
+        out["decay"] = _outcome(lambda: _steps(Model("score", {**ma, "decay": 0.9 if rank == 0 else 0.5}), x, g))
+        dist.barrier()
+        learned = {"n_samples": 2, "baseline": "learned", "hidden": 4}
+        out["nvil_lr"] = _outcome(lambda: _steps(Model("score", {**learned, "lr": 0.01 * (rank + 1)}), x, g))
+        dist.barrier()
+        out["relax_lr"] = _outcome(lambda: _steps(Model("relax", {"lr": 0.01 * (rank + 1)}), x, g))
+        dist.barrier()
+        # update=False on rank 1 only (before: rank 0 waited in its moving average's collective, a hang), for a
+        # moving average and for RELAX once its network is built (its first collective is then its update's)
+        out["update_ma"] = _outcome(lambda: _steps(Model("score", {**ma, "update": rank == 0}), x, g))
+        dist.barrier()
+        relaxes = [Model("relax", {}), Model("relax", {"update": False})]
+        for m in relaxes:  # builds both networks (broadcast: the same collective on every rank)
+            with storch.Graph(generator=g):
+                m(x)
+        out["update_relax"] = _outcome(lambda: _steps(relaxes[rank], x, g))
+        dist.barrier()
+        # update=False on every rank: no error (one check, on the first step), and the averages stay unset
+        model = Model("score", {**ma, "update": False})
+        out["update_none"] = _outcome(lambda: (_steps(model, x, g), dict(model.est.moving_averages))[1])
+        dist.barrier()
         # an episode with no steps on rank 1 (T=3 on rank 0), first after two full episodes, then at the first step
         for key, first in (("no_costs", 2), ("no_costs_first", 0)):
             ep = Episode()

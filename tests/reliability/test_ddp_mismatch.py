@@ -30,12 +30,26 @@ def ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
+MA = "Score(baseline='moving_average', decay=0.9, update=True)"
+
+
 @pytest.mark.parametrize("case, first, second", [
-    ("nvil", "Score(baseline='moving_average')", "Score(baseline='learned')"),
-    ("nvil_built", "Score(baseline='moving_average')", "Score(baseline='learned')"),
-    ("relax", "Score(baseline='moving_average')", "Relax("),
+    ("nvil", MA, "Score(baseline='learned', decay=0.9, lr=0.01, update=True)"),
+    ("nvil_built", MA, "Score(baseline='learned', decay=0.9, lr=0.01, update=True)"),
+    ("relax", MA, "Relax("),
     # (before: no error, and the ranks' buffers differed from the first step)
     ("mapo_buffer", "SumAndSampleSequences(buffer=2, eos=None)", "SumAndSampleSequences(buffer=3, eos=None)"),
+    # options that change how the state evolves (before: no error, the ranks' states drifted apart)
+    ("decay", f"{MA} averaging moving averages", "Score(baseline='moving_average', decay=0.5, update=True) averaging"),
+    ("nvil_lr", "Score(baseline='learned', decay=0.9, lr=0.01, update=True) broadcasting",
+     "Score(baseline='learned', decay=0.9, lr=0.02, update=True) broadcasting"),
+    ("relax_lr", "Relax(control_variate='rebar+network', lr=0.01, update=True)",
+     "Relax(control_variate='rebar+network', lr=0.02, update=True)"),
+    # update=False on one rank (before: the other rank waited in its update's collective until the timeout)
+    ("update_ma", f"{MA} averaging moving averages",
+     "Score(baseline='moving_average', decay=0.9, update=False) skipping its update (update=False)"),
+    ("update_relax", "Relax(control_variate='rebar+network', lr=0.01, update=True) averaging",
+     "Relax(control_variate='rebar+network', lr=0.01, update=False) skipping its update"),
 ])
 def test_different_estimators_raise_on_every_rank(ranks, case, first, second):
     for r in range(WORLD):
@@ -45,12 +59,18 @@ def test_different_estimators_raise_on_every_rank(ranks, case, first, second):
         assert f"rank 0: {first}" in message and f"rank 1: {second}" in message, message
 
 
+def test_update_false_on_every_rank_is_no_error(ranks):
+    """Every rank skips its update: they agree (one check, on the first step), and no average is kept."""
+    assert ranks[0]["update_none"] == ranks[1]["update_none"] == ("ok", {}), (ranks[0]["update_none"],
+                                                                             ranks[1]["update_none"])
+
+
 @pytest.mark.parametrize("case", ["no_costs", "no_costs_first"])
 def test_a_rank_without_costs_raises_on_every_rank(ranks, case):
     kind, message = ranks[1][case]  # the rank without costs: its own error, saying why and what the others ran
     assert kind == "StorchError" and "the graph has no costs" in message, message
     assert "every rank must register costs in every step" in message, message
-    assert "rank 0: Score(baseline='moving_average') averaging moving averages" in message, message
+    assert f"rank 0: {MA} averaging moving averages" in message, message
     kind, message = ranks[0][case]  # the others: no longer waiting in their moving average's collective
     assert kind == "StorchError" and "rank 1: a step with no costs" in message, message
 

@@ -1,7 +1,8 @@
 """The lowest layer of storch.distributed: torch.distributed looked up once, and the check that precedes
 every storch collective (what each rank is about to run, and the values' layout), with which a step
-that has no costs or no data joins the others' check (``storch.graph`` and ``storch.surrogate`` call it
-where they refuse such a step; :mod:`storch.distributed` sits above them)."""
+that has no costs or no data, or an estimator built with ``update=False``, joins the others' check
+(``storch.graph`` and ``storch.surrogate`` call it where they refuse such a step or skip such an update;
+:mod:`storch.distributed` sits above them)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import functools
 from typing import Any, Optional
 
 import torch
+
+from .errors import StorchError
 
 __all__: list = []
 
@@ -55,6 +58,78 @@ def _gather_collectives(collective: str, group: Any) -> str:
     names: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(names, collective, group=group)
     return "; ".join(f"rank {r}: {n}" for r, n in enumerate(names))
+
+
+def _collective(owner: Any, action: str) -> str:
+    """Which collective a rank is about to run: the estimator (its class, the options that give its state its
+    meaning, ``_state_options()``: score's baseline kind, RELAX's control variate form, MAPO's buffer; and
+    those that change how the state evolves, ``_evolution_options()``: a moving average's decay, a learned
+    part's lr, update) and what it does. Ranks whose estimators differ run different sequences of collectives
+    (a moving average alone, or a moving average and then a learned baseline's gradients), or the same ones
+    and then hold different state (another decay or lr): the first collective where they differ is caught."""
+    if owner is None:
+        return f"storch.distributed {action}"
+    options: dict = _options_of(owner, "_state_options")
+    if not options and isinstance(getattr(owner, "baseline_kind", None), str):
+        options = {"baseline": owner.baseline_kind}
+    options = {**options, **_options_of(owner, "_evolution_options")}
+    args = ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
+    return f"{type(owner).__name__}({args}) {action}"
+
+
+def _options_of(owner: Any, method: str) -> dict:
+    """What ``owner.<method>()`` declares (``_state_options`` / ``_evolution_options``); {} where it has none."""
+    declared = getattr(owner, method, None)
+    if not callable(declared):
+        return {}
+    options: Any = declared()
+    return dict(options)
+
+
+def _raise_different_collectives(collective: str, group: Any) -> None:
+    """Every rank, once the fingerprints said the ranks run different collectives: gather what each runs
+    (every rank is here: each saw the same mismatch) and raise, on every rank, saying it."""
+    ranks = _gather_collectives(collective, group)
+    if _NO_COSTS in ranks:
+        advice = ("A rank whose step has no costs (an episode that ended at reset, an empty shard) cannot take "
+                  "part in the others' estimator updates: every rank must register costs in every step (pad "
+                  "the shard, use DistributedSampler(drop_last=True), or skip the step on every rank)")
+    else:
+        advice = ("The ranks use different estimators (a different class, baseline or option: decay, lr, "
+                  "update), or call them in a different order: build the same model, with the same estimators "
+                  "and options, on every rank; to use an estimator on one rank only, switch its "
+                  "synchronisation off with storch.distributed.synchronize(model, enabled=False)")
+    raise StorchError(f"storch.distributed: the ranks run different collectives ({ranks}). {advice}")
+
+
+_SKIPPED_UPDATE = "skipping its update (update=False)"
+
+
+def _skips_synced_update(est: Any) -> bool:
+    """Whether ``storch.backward()`` must have ``est`` join the ranks' check where it skips its update: an
+    estimator whose state would evolve (its ``_evolution_options()`` holds ``update``) built with
+    ``update=False``, synchronised over more than one process, and not yet checked. Where another rank built
+    it with ``update=True``, that rank waits in the update's collective, which this one would never join (a
+    hang): joining the check instead makes every rank raise. Once per estimator (update is fixed at
+    construction): ranks that all skip their updates pay one small collective, on their first step."""
+    dist = _dist()
+    if dist is None or not dist.is_initialized() or est.__dict__.get("_storch_skip_checked"):
+        return False  # (in one process: no attribute look-up of the estimator's)
+    if _options_of(est, "_evolution_options").get("update", True) is not False:
+        return False
+    group = getattr(est, "_storch_process_group", None)
+    return group is not False and dist.get_world_size(group) > 1
+
+
+def _join_skipped_update(est: Any) -> None:
+    """``est`` skips its update (:func:`_skips_synced_update`): take part in the check that precedes the
+    collective the other ranks' update would run; where they update, every rank raises."""
+    group = getattr(est, "_storch_process_group", None)
+    collective = _collective(est, _SKIPPED_UPDATE)
+    same_op, _ = _layouts_agree([], group, collective)
+    if not same_op:
+        _raise_different_collectives(collective, group)
+    est._storch_skip_checked = True
 
 
 def _announce_no_costs(owners: tuple = ()) -> Optional[str]:

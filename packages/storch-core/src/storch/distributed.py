@@ -16,11 +16,13 @@ at the one place where it changes:
 This happens automatically when ``torch.distributed`` is initialised with more than one
 process. It is a collective operation, inside ``storch.backward()``: ranks that call it a different
 number of times HANG (as under DDP); episodes of a partition may differ in length. Before each
-collective one small all_reduce checks what every rank is about to run (the estimator's class and
-the options that give its state its meaning, what it averages) and the values' layout: ranks with
-different estimators, a rank whose step has no costs or no data (it joins the check from
-``storch.backward()`` / ``denote_independent``) while the others update, and values of one name
-with different shapes or dtypes raise :class:`storch.StorchError` on every rank. Different cost
+collective one small all_reduce checks what every rank is about to run (the estimator's class, the
+options that give its state its meaning and those that change how it evolves: decay, lr, update; what
+it averages) and the values' layout: ranks with different estimators or such options, a rank whose
+step has no costs or no data (it joins the check from ``storch.backward()`` / ``denote_independent``)
+or whose estimator was built with ``update=False`` (it joins from ``storch.backward()``, once) while
+the others update, and values of one name with different shapes or dtypes raise
+:class:`storch.StorchError` on every rank. Different cost
 names are not an error: each name is averaged over the ranks that have it. Under DDP a rank that
 skips the step leaves the others in DDP's own gradient allreduce, which storch cannot join: give
 every rank data (``DistributedSampler(drop_last=True)``, or pad) and costs in every step.
@@ -55,7 +57,7 @@ from typing import Any, TypeVar, Union, overload
 
 import torch
 
-from ._ranks import _NO_COSTS, _comm_device, _dist, _gather_collectives, _layouts_agree
+from ._ranks import _collective, _comm_device, _dist, _layouts_agree, _raise_different_collectives
 from .errors import StorchError
 
 __all__ = ["is_active", "world_size", "synchronize", "all_reduce_mean", "all_gather_objects", "broadcast_",
@@ -215,37 +217,6 @@ def all_gather_objects(obj: Any, owner: Any = None, what: str = "objects") -> li
     out: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
-
-
-def _collective(owner: Any, action: str) -> str:
-    """Which collective a rank is about to run: the estimator (its class and the options that give its state
-    its meaning: score's baseline kind, RELAX's control variate form) and what it does. Ranks whose
-    estimators differ run different sequences of collectives (a moving average alone, or a moving average
-    and then a learned baseline's gradients): the first one where they differ is caught."""
-    if owner is None:
-        return f"storch.distributed {action}"
-    options = getattr(owner, "_state_options", None)
-    options = options() if callable(options) else {}
-    if not options and isinstance(getattr(owner, "baseline_kind", None), str):
-        options = {"baseline": owner.baseline_kind}
-    args = ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
-    return f"{type(owner).__name__}({args}) {action}"
-
-
-def _raise_different_collectives(collective: str, group: Any) -> None:
-    """Every rank, once the fingerprints said the ranks run different collectives: gather what each runs
-    (every rank is here: each saw the same mismatch) and raise, on every rank, saying it."""
-    ranks = _gather_collectives(collective, group)
-    if _NO_COSTS in ranks:
-        advice = ("A rank whose step has no costs (an episode that ended at reset, an empty shard) cannot take "
-                  "part in the others' estimator updates: every rank must register costs in every step (pad "
-                  "the shard, use DistributedSampler(drop_last=True), or skip the step on every rank)")
-    else:
-        advice = ("The ranks use different estimators (a different class or baseline), or call them in a "
-                  "different order: build the same model, with the same estimators, on every rank; to use an "
-                  "estimator on one rank only, switch its synchronisation off with "
-                  "storch.distributed.synchronize(model, enabled=False)")
-    raise StorchError(f"storch.distributed: the ranks run different collectives ({ranks}). {advice}")
 
 
 def _union_mean(values: dict, layout: list, group: Any) -> dict:

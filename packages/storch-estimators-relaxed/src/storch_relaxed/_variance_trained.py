@@ -213,6 +213,13 @@ class VarianceTrained(Estimator):
         estimator saved it (storch.extending.state_record): none here; RELAX's control variate form."""
         return {}
 
+    def _evolution_options(self) -> dict:
+        """The options that change how φ evolves: Adam's lr, and update. Not in a checkpoint's record (a resumed
+        run may train on with another lr); storch.distributed checks them with _state_options before each
+        collective: ranks with another lr would step φ apart from the first update on, silently, and a rank with
+        update=False would leave the others waiting in the update's collective."""
+        return {"lr": self.lr, "update": self.update}
+
     def get_extra_state(self) -> dict:
         # the optimizer's state with its parameters' names: loaded by name (load_own_optimizer); and which
         # estimator saved it (REBAR's η, λ and moments loaded into RELAX would train it: refused)

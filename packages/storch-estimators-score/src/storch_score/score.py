@@ -371,6 +371,18 @@ class Score(Estimator):
         shape check), n_samples, update."""
         return {"baseline": "learned" if isinstance(self.baseline_fn, LearnedBaseline) else self.baseline_kind}
 
+    def _evolution_options(self) -> dict:
+        """The options that change how the state evolves, for the baselines that have state: a running mean's
+        decay (the moving average, NVIL's c), a trained baseline's lr, and update. Not in a checkpoint's record
+        (a resumed run may go on with others, see _state_options); storch.distributed checks them with it before
+        each collective: ranks that differ in them would hold different baselines from the first update on,
+        silently, and a rank with update=False would leave the others waiting in the update's collective."""
+        if not self._baseline.trains(self):
+            return {}  # (a baseline without state: no collective)
+        learned = isinstance(self.baseline_fn, LearnedBaseline)
+        running = {"decay": self.decay} if learned or self.baseline_kind == "moving_average" else {}
+        return {**running, **({"lr": self.lr} if self.baseline_kind == "callable" else {}), "update": self.update}
+
     def get_extra_state(self) -> dict:
         return {"moving_averages": dict(self.moving_averages), "update_steps": self.update_steps,
                 "skipped_updates": self.skipped_updates,

@@ -19,7 +19,7 @@ from ..graph import Graph, current_graph, is_tracing
 from .finite import _check_finite
 from .loss import _surrogate_loss
 from .refusals import _batched
-from .updates import _updating
+from .updates import _run_updates, _updating
 
 
 @eager_only
@@ -130,10 +130,8 @@ def backward(graph: Optional[Graph] = None, *, order: int = 1,
                 "through it (torch.autograd.grad(storch.surrogate_loss(), ...) or loss.backward() without "
                 "retain_graph=True). Pass retain_graph=True to that earlier call, or build the step again; no "
                 "estimator state was changed") from e
-        ran = graph.step_updated or ()  # those a surrogate_loss().backward() of this step ran: once per step
-        for key, nodes in updating.items():
-            if key not in ran:
-                nodes[0].estimator.update_parameters(nodes, loss)
+        # (but those a surrogate_loss().backward() of this step ran: once per step)
+        _run_updates(graph, updating, loss, graph.step_updated or ())
         return loss.detach()
     except RuntimeError as e:
         _explain_ddp_error(e)

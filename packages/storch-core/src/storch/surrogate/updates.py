@@ -7,11 +7,12 @@ each replay); ``torch.autograd.grad`` never reaches it, so an evaluation pass ch
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import torch
 
 from .._order_guard import unbatched
+from .._ranks import _dist, _join_skipped_update, _skips_synced_update
 from ..errors import StorchError
 from ..estimators.step_state import mark_updated
 from ..graph import Graph, tracing_recorder
@@ -27,6 +28,33 @@ def _updating(graph: Graph) -> dict[int, list[Node]]:
         if node.estimator.has_update:
             updating.setdefault(id(node.estimator), []).append(node)
     return updating
+
+
+def _skipping(graph: Graph) -> dict[int, Any]:
+    """The estimators of the graph that skip their update (built with ``update=False``) and must join the
+    ranks' check there, by estimator (``storch._ranks._skips_synced_update``); empty in one process."""
+    dist = _dist()
+    if dist is None or not dist.is_initialized():
+        return {}
+    return {id(node.estimator): node.estimator for node in graph.nodes
+            if not node.estimator.has_update and _skips_synced_update(node.estimator)}
+
+
+def _run_updates(graph: Graph, updating: dict[int, list[Node]], loss: torch.Tensor, ran) -> None:
+    """``storch.backward()``'s updates: ``update_parameters`` of each estimator in ``updating`` (but those in
+    ``ran``), in the order of the graph's nodes; under torch.distributed an estimator that skips its update
+    joins the ranks' check at the place its update would run on a rank that has it (:func:`_skipping`)."""
+    skipping = _skipping(graph)
+    if not skipping:  # (the common path)
+        for key, nodes in updating.items():
+            if key not in ran:
+                nodes[0].estimator.update_parameters(nodes, loss)
+        return
+    for key in dict.fromkeys(id(node.estimator) for node in graph.nodes):
+        if key in updating and key not in ran:
+            updating[key][0].estimator.update_parameters(updating[key], loss)
+        elif key in skipping:
+            _join_skipped_update(skipping[key])
 
 
 def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
