@@ -71,7 +71,7 @@ def test_a_parameter_input_of_plate_outputs_is_refused():
     """d(per-sample output)/d(parameter) is one gradient per entry; one backward pass gives their sum."""
     w = torch.ones(3, requires_grad=True)
     with storch.Graph():
-        z = storch.estimator("reparameterization", plate="z", n_samples=2)(Normal(torch.zeros(3), 1.0))
+        z = storch.estimator("reparameterization", plate="z", n_samples=2)(Normal(torch.zeros(3, requires_grad=True), 1.0))
         with pytest.raises(storch.PlateError, match=r"not on their plates.*out\.tensor\.sum\(\)"):
             torch.autograd.grad((w * z).sum(), w)
         with pytest.raises(storch.PlateError, match=r"only for a scalar \(per sample\)"):
@@ -90,4 +90,55 @@ def test_a_torch_func_transform_of_a_plate_tensor_points_to_autograd_grad(transf
             f(z)
         (g,) = torch.autograd.grad(z.sin().sum(), z)
         torch.testing.assert_close(g.tensor, z.tensor.cos())
+        storch.reset()
+
+
+def test_a_grad_output_must_have_the_outputs_per_sample_shape():
+    """As torch on one sample ("Mismatch in shape"): a plain grad_output never spreads into plate dims (review r-29: a
+    (3, 2) tensor for a per-sample (2,) output on a data plate of 3 gave each data point its own row)."""
+    with storch.Graph():
+        x = storch.denote_independent(torch.randn(3, 2), 0, "data")
+        z = storch.estimator("reparameterization", plate="z", n_samples=2)(Normal(x.requires_grad_(), 1.0))
+        out = z * 2.0
+        for g in (torch.ones(3, 2), torch.ones(1), storch.PlateTensor(torch.ones(3, 1), x.plates)):
+            with pytest.raises(storch.PlateError, match=r"grad_output of per-sample shape .* for an output of "
+                                                        r"per-sample shape \(2,\); they must be equal"):
+                torch.autograd.grad(out, z, grad_outputs=g, retain_graph=True)
+        # the per-sample shape, plain or per entry, is taken
+        w = storch.PlateTensor(torch.arange(6.0).reshape(3, 2), x.plates)  # one per data point
+        (g,) = torch.autograd.grad(out, z, grad_outputs=w, retain_graph=True)
+        assert g.plates == z.plates and torch.equal(g.tensor, (2 * w.tensor).expand(2, 3, 2))
+        (g,) = torch.autograd.grad(out, z, grad_outputs=torch.tensor([1.0, -1.0]))
+        assert torch.equal(g.tensor, torch.tensor([2.0, -2.0]).expand(2, 3, 2))
+
+
+def test_a_sample_without_a_gradient_path_says_how_to_differentiate_in_it():
+    """An enumerated (or score-function) node's sample, or a pathwise one of constant parameters, does not require
+    grad: torch's "element 0 of tensors does not require grad" reached the user (review r-29). The advised detached
+    copy gives each entry its own derivative."""
+    with storch.Graph():
+        z = storch.estimator("reparameterization", plate="z", n_samples=3)(Normal(torch.zeros(2), 1.0))
+        with pytest.raises(storch.PlateError, match=r"does not require grad.*z\.detach\(\)\.requires_grad_\(\)"):
+            torch.autograd.grad((z ** 3).sum(), z)
+        b = storch.estimator("expect", plate="b")(Bernoulli(logits=torch.zeros(2, requires_grad=True)))
+        with pytest.raises(storch.PlateError, match=r"does not require grad"):
+            torch.autograd.grad((b ** 3).sum(), b)
+        zd = z.detach().requires_grad_()
+        (g,) = torch.autograd.grad((zd ** 3 / 3).sum(), zd)
+        assert g.plates == z.plates
+        torch.testing.assert_close(g.tensor, z.tensor ** 2)
+        storch.reset()
+
+
+def test_refusals_name_the_partition_step_and_the_jacobian_option():
+    mu = torch.zeros(2, requires_grad=True)
+    with storch.Graph():
+        est = storch.estimator("reparameterization", plate="w", n_samples=3)
+        z0 = est(Normal(mu, 1.0))
+        z1 = est(Normal(z0, 1.0))
+        with pytest.raises(storch.PlateError, match=r"output on plates \('w@1',\) with respect to an input on plates "
+                                                    r"\('w',\)"):
+            torch.autograd.grad((z1 ** 2).sum(), z0)
+        with pytest.raises(storch.PlateError, match=r"vectorize=False"):
+            torch.autograd.grad(z0 * 2, z0, grad_outputs=torch.ones(4, 2), is_grads_batched=True)
         storch.reset()

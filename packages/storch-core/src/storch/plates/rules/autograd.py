@@ -38,6 +38,13 @@ def _raw_grad_output(out, g):
                 "grad_outputs: as for a tensor, the gradient can be created implicitly only for a scalar (per "
                 "sample). Reduce it per sample first (`out.sum(-1)`) or pass grad_outputs")
         return torch.ones_like(raw)
+    if tuple(g.shape) != tuple(out.shape):
+        # as torch on one sample ("Mismatch in shape"): a plain tensor never spreads into plate dims (review r-29:
+        # a (3, 2) grad_output for a per-sample (2,) output on a data plate of 3 gave each data point its own row)
+        raise PlateError(
+            f"torch.autograd.grad: a grad_output of per-sample shape {tuple(g.shape)} for an output of per-sample "
+            f"shape {tuple(out.shape)}; they must be equal, as for one sample (a grad_output that differs per plate "
+            "entry is a plate tensor on the output's plates)")
     if type(g) is _PT:
         if not set(g._plates) <= set(out._plates):
             raise PlateError(
@@ -45,6 +52,12 @@ def _raw_grad_output(out, g):
                 f"{_names(out._plates)}; it must be on (some of) the output's plates")
         g = align(g._raw, g._plates, out._plates, pad_to=out.dim())
     return torch.as_tensor(g, dtype=raw.dtype, device=raw.device).expand(raw.shape)
+
+
+def _shown(plates) -> tuple:
+    """Plate names for a message, with the partition step where there is one (``w@1``: the same name, another
+    step)."""
+    return tuple(f"{p.name}@{p.step}" if p.step else p.name for p in plates)
 
 
 def _check_same_plates(outputs, inputs) -> None:
@@ -57,6 +70,14 @@ def _check_same_plates(outputs, inputs) -> None:
                 "backward pass gives their sum. For the gradient of the sum (or mean) of the entries, reduce "
                 "the raw values first: torch.autograd.grad(out.tensor.sum(), params); for the step's gradient, "
                 "differentiate storch.surrogate_loss()")
+        if not x._raw.requires_grad:
+            # (review r-29: a score-function or enumerating estimator's sample, or a pathwise sample of parameters
+            # that do not require grad, reached the raw call as torch's "element 0 of tensors does not require grad")
+            raise PlateError(
+                "torch.autograd.grad with respect to a plate tensor that does not require grad: no gradient path "
+                "leads to it (a score-function or enumerating estimator's sample, or a reparameterized sample of "
+                "parameters that do not require grad). To differentiate in the sample, compute the outputs from "
+                "`zd = z.detach().requires_grad_()` and differentiate with respect to zd")
         for p, size in zip(x._plates, x._raw.shape):
             if size != p.size:
                 raise PlateError(
@@ -67,8 +88,8 @@ def _check_same_plates(outputs, inputs) -> None:
         for o in outputs:
             if type(o) is _PT and set(o._plates) != set(x._plates):
                 raise PlateError(
-                    f"torch.autograd.grad of an output on plates {_names(o._plates)} with respect to an input on "
-                    f"plates {_names(x._plates)}: an entry of the input feeds several entries of the output (a "
+                    f"torch.autograd.grad of an output on plates {_shown(o._plates)} with respect to an input on "
+                    f"plates {_shown(x._plates)}: an entry of the input feeds several entries of the output (a "
                     "plate of a later node, another step of a partition), so one backward pass would sum their "
                     "derivatives. Differentiate outputs on the input's plates only (computed before the later "
                     "node's sample enters), or use plain torch on the raw tensors (`.tensor`) if the sum is what "
@@ -86,8 +107,10 @@ def _grad(func, args, kwargs):
     inputs = _as_tuple(args[1] if len(args) > 1 else kwargs.pop("inputs"))
     grad_outputs = args[2] if len(args) > 2 else kwargs.pop("grad_outputs", None)
     if kwargs.get("is_grads_batched"):
-        raise PlateError("torch.autograd.grad(..., is_grads_batched=True) of plate tensors: batch the grad_outputs "
-                         "along a plate instead (the plates are storch's batching)")
+        raise PlateError("torch.autograd.grad(..., is_grads_batched=True) of plate tensors (what "
+                         "torch.autograd.functional.jacobian/hessian(..., vectorize=True) call): pass vectorize=False "
+                         "there (one backward pass per output entry, exact), or batch the grad_outputs along a plate "
+                         "(the plates are storch's batching)")
     _check_same_plates(outputs, inputs)
     gs = _as_tuple(grad_outputs) if grad_outputs is not None else (None,) * len(outputs)
     raw_outputs = tuple(o._raw if type(o) is _PT else o for o in outputs)
