@@ -104,6 +104,8 @@ def test_a_grad_output_must_have_the_outputs_per_sample_shape():
             with pytest.raises(storch.PlateError, match=r"grad_output of per-sample shape .* for an output of "
                                                         r"per-sample shape \(2,\); they must be equal"):
                 torch.autograd.grad(out, z, grad_outputs=g, retain_graph=True)
+        with pytest.raises(TypeError, match=r"grad_outputs can be either Tensors or None, but got float"):
+            torch.autograd.grad(out, z, grad_outputs=(2.0,), retain_graph=True)  # (as torch says for a tensor)
         # the per-sample shape, plain or per entry, is taken
         w = storch.PlateTensor(torch.arange(6.0).reshape(3, 2), x.plates)  # one per data point
         (g,) = torch.autograd.grad(out, z, grad_outputs=w, retain_graph=True)

@@ -38,6 +38,8 @@ def _raw_grad_output(out, g):
                 "grad_outputs: as for a tensor, the gradient can be created implicitly only for a scalar (per "
                 "sample). Reduce it per sample first (`out.sum(-1)`) or pass grad_outputs")
         return torch.ones_like(raw)
+    if not isinstance(g, torch.Tensor):  # (torch's own words for a plain output)
+        raise TypeError(f"torch.autograd.grad: grad_outputs can be either Tensors or None, but got {type(g).__name__}")
     if tuple(g.shape) != tuple(out.shape):
         # as torch on one sample ("Mismatch in shape"): a plain tensor never spreads into plate dims (review r-29:
         # a (3, 2) grad_output for a per-sample (2,) output on a data plate of 3 gave each data point its own row)
@@ -51,7 +53,7 @@ def _raw_grad_output(out, g):
                 f"torch.autograd.grad: a grad_output on plates {_names(g._plates)} for an output on plates "
                 f"{_names(out._plates)}; it must be on (some of) the output's plates")
         g = align(g._raw, g._plates, out._plates, pad_to=out.dim())
-    return torch.as_tensor(g, dtype=raw.dtype, device=raw.device).expand(raw.shape)
+    return g.to(dtype=raw.dtype, device=raw.device).expand(raw.shape)
 
 
 def _shown(plates) -> tuple:
