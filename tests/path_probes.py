@@ -14,6 +14,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 
+def hooked(module, fn) -> tuple[object, int]:
+    """``fn()`` with a forward hook on ``module`` (its calls then take ``nn.Module.__call__``, the general path: the
+    control of a fast-path test), and how many calls the hook heard."""
+    heard: list = []
+    handle = module.register_forward_hook(lambda m, i, o: heard.append(1))
+    try:
+        return fn(), len(heard)
+    finally:
+        handle.remove()
+
+
 def calls(fn) -> tuple[object, set]:
     """``fn()`` and the names of the Python and builtin functions it called."""
     seen: set = set()

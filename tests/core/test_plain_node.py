@@ -12,7 +12,7 @@ import torch
 from torch.distributions import Bernoulli, Categorical, Normal
 
 import storch
-from path_probes import calls
+from path_probes import calls, hooked
 from storch.errors import UnsupportedDistributionError
 
 
@@ -79,20 +79,16 @@ def test_hooks_take_the_general_path():
     est = _Plain(plate="z", n_samples=5)
     ref = [_step(est, theta) for _ in range(2)]
     assert [r[0] for r in ref] == ["general", "plain"]
-    heard = []
-    handle = est.register_forward_hook(lambda m, i, o: heard.append(1))
-    try:
-        hooked = _step(est, theta)
-    finally:
-        handle.remove()
-    assert hooked[0] == "general" and heard == [1]
-    _same(ref[1], hooked)
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, i: heard.append(2))
+    general, heard = hooked(est, lambda: _step(est, theta))
+    assert general[0] == "general" and heard == 1
+    _same(ref[1], general)
+    pre = []  # a global forward pre-hook too
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, i: pre.append(2))
     try:
         assert _step(est, theta)[0] == "general"
     finally:
         handle.remove()
-    assert heard == [1, 2]
+    assert pre == [2]
     assert _step(est, theta)[0] == "plain"
 
 

@@ -13,7 +13,7 @@ import torch
 from torch.distributions import Bernoulli, Categorical, Normal, OneHotCategorical
 
 import storch
-from path_probes import calls
+from path_probes import calls, hooked
 
 
 class _Sequence(storch.Estimator):
@@ -61,15 +61,10 @@ def test_plain_step_is_taken_from_step_two_with_the_general_paths_values():
     second = _episode(est, theta)
     assert second[0] == first[0]
     # the control: a forward hook takes nn.Module.__call__ and the general path at every step; the same values
-    heard = []
-    handle = est.register_forward_hook(lambda m, i, o: heard.append(1))
-    try:
-        hooked = _episode(est, theta)
-    finally:
-        handle.remove()
-    assert hooked[0] == ["general"] * 5 and len(heard) == 5
-    _same(hooked, first)
-    _same(hooked, second)
+    general, heard = hooked(est, lambda: _episode(est, theta))
+    assert general[0] == ["general"] * 5 and heard == 5
+    _same(general, first)
+    _same(general, second)
 
 
 def test_plain_steps_keep_the_partitions_views_and_causal_credit():
@@ -149,14 +144,9 @@ def test_a_categorical_read_from_the_previous_sample_takes_the_plain_step(cls, b
     first = _categorical_episode(est, table, cls, by)
     assert first[0] == ["general", "general"] + ["plain"] * 4
     assert est.__dict__["_storch_plain"] == {cls: True}
-    heard = []
-    handle = est.register_forward_hook(lambda m, i, o: heard.append(1))  # the control: the general path
-    try:
-        hooked = _categorical_episode(est, table, cls, by)
-    finally:
-        handle.remove()
-    assert hooked[0] == ["general"] * 6 and len(heard) == 6
-    _same(hooked, first)
+    general, heard = hooked(est, lambda: _categorical_episode(est, table, cls, by))  # the control: the general path
+    assert general[0] == ["general"] * 6 and heard == 6
+    _same(general, first)
 
 
 def test_a_type_that_is_not_plain_and_eos_take_the_general_path():
