@@ -91,6 +91,10 @@ def test_vae_options_reach_the_config(tmp_path, monkeypatch):
     main(["vae", "--max-train", "10", "--estimators", "score@1", "--out", str(tmp_path)])
     (cfg,), _ = calls[0]
     assert (cfg.max_train, cfg.batch_size, cfg.variance_batch) == (10, 10, 10)
+    calls.clear()  # a batch above the training set (1797 digits less 360 for validation): it said "batch 5000"
+    main(["vae", "--batch-size", "5000", "--estimators", "score@1", "--out", str(tmp_path)])
+    (cfg,), _ = calls[0]
+    assert (cfg.max_train, cfg.batch_size, cfg.variance_batch) == (None, 1437, 100)
 
 
 def test_toy_options_reach_the_config(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import math
 from dataclasses import replace
 
 from .budget import aggregate
+from .data import load_binary_digits
 from .report import fmt, header, markdown_table, plot_vae, text_table, write_csv
 from .roster import bad_spec_advice, parse_specs
 from .vae import VAEConfig, run_vae
@@ -32,9 +33,13 @@ def config_from_args(args: argparse.Namespace) -> VAEConfig:
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
-    if cfg.max_train is not None:  # what runs on fewer points (the same computation), so the report says so
-        cfg.batch_size = min(cfg.batch_size, cfg.max_train)
-        cfg.variance_batch = min(cfg.variance_batch, cfg.max_train)
+    # a batch larger than the training points that run (--max-train, or the 1437 digits) is all of them: the
+    # report says what ran (the same computation), not what was asked
+    points = len(load_binary_digits(cfg.n_valid)[0])
+    if cfg.max_train is not None:
+        points = min(points, cfg.max_train)
+    cfg.batch_size = min(cfg.batch_size, points)
+    cfg.variance_batch = min(cfg.variance_batch, points)
     return cfg
 
 
