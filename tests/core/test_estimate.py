@@ -8,7 +8,7 @@ enumerated expectation); the score package's estimators are z-tested in tests/sc
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Normal, OneHotCategorical
+from torch.distributions import Bernoulli, Categorical, Normal, OneHotCategorical
 
 import storch
 
@@ -115,6 +115,25 @@ def test_in_place_write_into_a_plain_buffer_says_to_reduce_first(write):
     assert "storch.estimate(z)" in msg and "state kept across steps" in msg
     assert "For a value used in this step only, use the out-of-place version" in msg
 
+
+
+@pytest.mark.parametrize("buffer", [lambda k: torch.zeros(3), lambda k: torch.zeros(3) + 0.0 * k])
+def test_in_place_write_names_the_out_of_place_method(buffer):
+    # an MoE's or a GNN's combine into a zeros buffer, `out.index_add_(0, k, y)`: the advice names
+    # `out = out.index_add(...)`, not only `x = x + v`, into a plain buffer and into a plate tensor that lacks a plate
+    with storch.Graph():
+        k = storch.estimator("score", plate="k", n_samples=2)(Categorical(logits=torch.zeros(3)))
+        z = storch.estimator("score", plate="z", n_samples=2)(OneHotCategorical(logits=torch.zeros(3)))
+        out = buffer(k)
+        with pytest.raises(storch.PlateError) as info:
+            out.index_add_(0, torch.tensor([0, 1, 2]), z)
+        assert "out-of-place version (" in str(info.value) and "x = x.index_add(...) instead of x.index_add_(...)" in str(info.value)
+        with pytest.raises(storch.PlateError) as info:
+            out.add_(z)  # a pointwise in-place method names its own out-of-place form too
+        assert "x = x.add(...) instead of x.add_(...)" in str(info.value)
+        with pytest.raises(storch.PlateError) as info:
+            out += z
+        assert "x = x + v instead of x += v)" in str(info.value) and "x.__iadd__" not in str(info.value)
 
 def test_the_advice_then_works_across_steps():
     # the EMA update of the message, over two steps, against the enumerated expectation

@@ -727,8 +727,12 @@ def inplace_write_message(func: str, plates: Sequence[Plate], self: Any, shared:
     state kept across steps too (a module buffer, a running statistic: reduce over the plates first; assigned
     out of place it would become a plate tensor of this step's graph, refused in the next step)."""
     head = f"in-place {func} would write values that vary over plates {_names(plates)} into "
+    method = func.rsplit(".", 1)[-1]
+    # name the out-of-place method (x.index_add_ -> x = x.index_add(...): the usual combine into a zeros buffer)
+    out_of_place = (f"x = x.{method[:-1]}(...) instead of x.{method}(...), as x = x + v instead of x += v"
+                    if method.endswith("_") and not method.startswith("__") else "x = x + v instead of x += v")
     if isinstance(self, PlateTensor):
-        return head + f"{shared}; use the out-of-place version (e.g. x = x + v instead of x += v)"
+        return head + f"{shared}; use the out-of-place version (e.g. {out_of_place})"
     return head + (
         "a plain tensor (no plates), which holds one value for all the samples. For state kept across steps (a "
         "module buffer, a running statistic such as a VQ-VAE's EMA codebook counts), reduce over the plates "
@@ -738,7 +742,7 @@ def inplace_write_message(func: str, plates: Sequence[Plate], self: Any, shared:
         "sum_and_sample and score(baseline='greedy') it is silently wrong). Assigning out of place "
         "(`m.counts = 0.9 * m.counts + 0.1 * z`) would make the buffer a plate tensor of this step's graph, "
         "which the next step refuses. For a value used in this step only, use the out-of-place version "
-        "(x = x + v instead of x += v)")
+        f"({out_of_place})")
 
 
 def too_many_dims_message(n: int) -> str:
