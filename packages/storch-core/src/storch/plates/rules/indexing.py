@@ -35,7 +35,7 @@ from ...errors import PlateError
 from ..kit import dispatch, register, register_copy, wrap_same
 from .shape import _dim_handler, _full
 from .pointwise import broadcast, write_in_place
-from .vmap import vmap_call
+from .vmap import _recording, vmap_call
 from ..tensor import PlateTensor, align, sampled_index_advice, union_plates, write_plates
 
 _PT = PlateTensor
@@ -635,6 +635,15 @@ def _bincount(func, args, kwargs):
         if low < 0:
             raise RuntimeError("bincount only supports 1-d non-negative integral inputs.")
         length = max(minlength, long + 1)
+        if length > minlength and _recording():
+            # storch.compile: the program would keep this trace's length, max + 1, for every later draw (a draw
+            # whose largest value is smaller would get extra zero counts where eager storch gives a shorter result)
+            raise PlateError(
+                f"storch.compile cannot trace torch.bincount of a sampled input without a minlength that covers its "
+                f"values: its length, max(input) + 1 = {length} here (minlength={minlength}), depends on the draw, "
+                f"and the compiled program would keep this first draw's length for every later one. Pass "
+                f"minlength= greater than the largest value the input can take (the number of categories K: "
+                f"torch.bincount(i, minlength=K)), or count with F.one_hot(i, K).sum(0)")
         if max(minlength, short + 1) != length:
             raise PlateError(
                 f"torch.bincount's result has length max(input) + 1 (or minlength, if larger) per sample, so "

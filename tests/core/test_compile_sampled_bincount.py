@@ -1,0 +1,52 @@
+"""storch.compile of ``torch.bincount`` of a sampled index: its length must not be fixed to the first draw's.
+
+Found by porting a mixture-of-experts block (tests/models/test_moe_routing.py): a load-balancing cost from
+``torch.bincount(k)`` of the sampled experts, without ``minlength``. Eagerly its per-sample length is max(k) + 1
+(refused where the samples' lengths differ); under ``storch.compile`` the handler read the trace's values, so the
+program kept the first draw's length: a later draw whose largest value was smaller got extra zero counts, and the
+compiled step returned 7.0 where eager storch returns 5.0 (the test below), silently. The trace now refuses a
+length that comes from the values (not from ``minlength``), and says to pass ``minlength=K``, which traces.
+"""
+
+import pytest
+import torch
+from torch.distributions import Categorical
+
+import storch
+
+E = 3
+# first call: both tokens draw expert 2 (counts of length 3); second call: both draw expert 0 (length 1, eagerly)
+BIG = torch.tensor([[-30.0, -30.0, 30.0]] * 2)
+SMALL = torch.tensor([[30.0, -30.0, -30.0]] * 2)
+
+
+def _step(est, **bincount_options):
+    def step(logits):
+        with storch.Graph():
+            k = est(Categorical(logits=logits))  # two tokens, each routed to one of E experts
+            counts = torch.bincount(k, **bincount_options)
+            storch.add_cost((counts.double() ** 2).sum() + counts.shape[0], name="load")
+            return storch.surrogate_loss()
+
+    return step
+
+
+def test_a_length_from_the_drawn_values_is_refused_by_the_trace():
+    step = _step(storch.estimator("score", plate="k", n_samples=2))
+    torch.manual_seed(0)
+    assert float(step(SMALL)) == 5.0  # eagerly: counts (2,), length 1
+    with pytest.raises(storch.PlateError, match=r"(?s)storch\.compile cannot trace torch\.bincount.*max\(input\) \+ 1 = 3"
+                                                r".*minlength=0.*torch\.bincount\(i, minlength=K\)"):
+        storch.compile(step, backend=None)(BIG)
+
+
+def test_the_advised_minlength_traces_and_replays_every_draw():
+    est = storch.estimator("score", plate="k", n_samples=2)
+    step = _step(est, minlength=E)
+    compiled = storch.compile(step, backend=None)
+    for logits, want in [(BIG, 4.0 + 3), (SMALL, 4.0 + 3), (BIG, 4.0 + 3)]:
+        torch.manual_seed(0)
+        got = compiled(logits)
+        torch.manual_seed(0)
+        torch.testing.assert_close(got, step(logits).detach(), rtol=0, atol=0)
+        assert float(got) == want
