@@ -6,7 +6,8 @@ For one sequence of T tokens ``x (T, d)``: a router's logits ``x @ W_r`` ``(T, E
 Switch-Transformer gate, and a cost: squared error to a target plus a load-balancing term from the experts'
 token counts (``bincount``). The routing is written the ways people write it: the chosen expert's weights
 gathered by index (``W[k]``, ``index_select``), every expert's output stacked then picked (``gather``,
-``take_along_dim``, ``one_hot`` weights, a ``torch.where`` loop), and the gate picked by ``gather``; the
+``take_along_dim``, ``one_hot`` weights, a ``torch.where`` loop), the tokens sorted by expert (``argsort``) and
+combined back with ``index_add``, and the gate picked by ``gather``; the
 relaxed estimators get the same block written for one-hot routing vectors (``z @ W``).
 
 (a) the variants agree and equal a loop over plate entries; the data-dependent dispatch (``nonzero``,
@@ -60,6 +61,7 @@ ROUTES = {
     "take_along_dim": lambda we, x, k: torch.take_along_dim(all_experts(we, x), k[:, None, None], dim=1).squeeze(1),
     "one_hot": lambda we, x, k: (F.one_hot(k, E).to(x.dtype).unsqueeze(-1) * all_experts(we, x)).sum(1),
     "where": lambda we, x, k: _where_loop(we, x, k),
+    "sorted_index_add": lambda we, x, k: _sorted_dispatch(we, x, k),
 }
 
 
@@ -68,6 +70,13 @@ def _where_loop(we, x, k):
     for e in range(E):
         out = torch.where((k == e).unsqueeze(-1), torch.tanh(x @ we[e].T), out)
     return out
+
+
+def _sorted_dispatch(we, x, k):
+    """Tokens sorted by expert (grouped GEMM style), each group's outputs, combined back with index_add."""
+    order = torch.argsort(k, stable=True)
+    ys = expert_out(we[k[order]], x[order])
+    return torch.zeros_like(x).index_add(0, order, ys)
 
 
 def moe_cost(theta, k, route="index"):

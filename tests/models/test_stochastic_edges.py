@@ -3,9 +3,11 @@
 A PyG-style graph: node features ``x (N, d)``, a fixed ``edge_index (2, M)`` (source row, target row), node labels.
 Each edge is kept with probability σ(θ_e) (one Bernoulli node, its M elements sampled jointly); one message-passing
 layer sends ``b_e · x_src W`` along the kept edges, sums the messages at each target (``index_add``, ``scatter_add``,
-``scatter_reduce``, a dense adjacency built by ``index_put``), normalises by the sampled in-degree plus one
+``scatter_reduce``, a dense adjacency built by ``index_put``, or the kept edges' ids compacted by ``nonzero_static``
+into a padded list), normalises by the sampled in-degree plus one
 (``scatter_add`` / ``bincount(weights=)``), and a linear head classifies every node. Cost: the nodes' summed
-cross-entropy plus 0.1 per kept edge. Written once for one sample of the edges.
+cross-entropy plus 0.1 per kept edge. Written once for one sample of the edges; a batch of graphs goes on a data
+plate, with edge logits scored from the features of each edge's two nodes.
 
 (a) the aggregations agree and equal a loop over plate entries; selecting the kept edges (``edge_index[:, b.bool()]``,
 ``masked_select``, ``nonzero``) is refused with advice that works (the mask as a weight); (b) gradients z-tested
@@ -55,24 +57,41 @@ def _sum_scatter_reduce(msg, dst):
     return torch.zeros(N, D, dtype=msg.dtype).scatter_reduce(0, dst.unsqueeze(-1).expand(M, D), msg, reduce="sum")
 
 
+def _sum_kept_edges(msg, dst, b):
+    """The kept edges compacted to a fixed-size list (nonzero_static), padded with a dummy target N."""
+    kept = torch.nonzero_static(b, size=M, fill_value=M).squeeze(-1)  # kept edge ids, then M (padding)
+    dst_pad = torch.cat([dst, dst.new_tensor([N])])
+    msg_pad = torch.cat([msg, msg.new_zeros(1, D)])
+    return torch.zeros(N + 1, D, dtype=msg.dtype).index_add(0, dst_pad[kept], msg_pad[kept])[:N]
+
+
 AGGREGATE = {"index_add": _sum_index_add, "scatter_add": _sum_scatter_add, "scatter_reduce": _sum_scatter_reduce}
 
 
-def node_logits(theta, b, aggregate="index_add"):
+def node_logits(theta, b, aggregate="index_add", x=X):
     _, w, head = unpack(theta)
     src, dst = EDGE_INDEX
-    h = X @ w
+    h = x @ w
     if aggregate == "dense":  # A[dst, src] = b_e, then A @ h
         agg = torch.zeros(N, N, dtype=b.dtype).index_put((dst, src), b, accumulate=True) @ h
         degree = torch.bincount(dst, weights=b, minlength=N)
+    elif aggregate == "kept_edges":  # the unweighted messages of the kept edges only
+        agg = _sum_kept_edges(h[src], dst, b)
+        degree = torch.zeros(N, dtype=b.dtype).scatter_add(0, dst, b)
     else:
         agg = AGGREGATE[aggregate](b.unsqueeze(-1) * h[src], dst)
         degree = torch.zeros(N, dtype=b.dtype).scatter_add(0, dst, b)
     return torch.tanh((h + agg) / (1 + degree).unsqueeze(-1)) @ head
 
 
-def gnn_cost(theta, b, aggregate="index_add"):
-    return F.cross_entropy(node_logits(theta, b, aggregate), LABELS, reduction="sum") + PRICE * b.sum()
+def gnn_cost(theta, b, aggregate="index_add", x=X, labels=LABELS):
+    return F.cross_entropy(node_logits(theta, b, aggregate, x), labels, reduction="sum") + PRICE * b.sum()
+
+
+def edge_logits(theta, x):
+    """θ_e plus an edge score from the features of its two nodes (a batch of graphs: each its own logits)."""
+    src, dst = EDGE_INDEX
+    return unpack(theta)[0] + (x[src] * x[dst]).sum(-1)
 
 
 def exact(theta):
@@ -100,7 +119,7 @@ def test_aggregations_agree_and_equal_a_loop_over_plate_entries():
     torch.manual_seed(0)
     b = lift(torch.bernoulli(torch.full((3, 2, M), 0.5, dtype=F64)))
     theta = lift(THETA.expand(3, 2, -1).clone())
-    for aggregate in [*AGGREGATE, "dense"]:
+    for aggregate in [*AGGREGATE, "dense", "kept_edges"]:
         assert_per_entry(lambda th, bb, a=aggregate: gnn_cost(th, bb, a), theta, b, atol=1e-9, rtol=1e-9)
         torch.testing.assert_close(gnn_cost(theta, b, aggregate).tensor, gnn_cost(theta, b).tensor)
     # other aggregations a user writes: a mean over the in-edges, a max over the kept messages
@@ -136,10 +155,40 @@ def test_selecting_the_kept_edges_is_refused_with_advice_that_works():
         assert kept.plates == b.plates and padded.shape == (M,)
 
 
-@pytest.mark.parametrize("aggregate", [*AGGREGATE, "dense"])
+@pytest.mark.parametrize("aggregate", [*AGGREGATE, "dense", "kept_edges"])
 def test_score_leave_one_out_is_unbiased_at_orders_one_and_two(aggregate):
     kit.check_against_enumeration("score", models=[edge_model(aggregate)], orders=(0, 1, 2), n_replicates=2000,
                                   options={"n_samples": 3, "baseline": "leave_one_out"})
+
+
+# a batch of two graphs (same edges, their own features and labels) on a data plate, as a loader hands them
+XS = torch.randn(2, N, D, generator=_g, dtype=F64)
+YS = torch.tensor([[0, 1, 1], [1, 1, 0]])
+
+
+def exact_batch(theta):
+    total = theta.new_zeros(())
+    for x, y in zip(XS, YS):
+        for bs in itertools.product((0.0, 1.0), repeat=M):
+            b = torch.tensor(bs, dtype=F64)
+            p = Bernoulli(logits=edge_logits(theta, x)).log_prob(b).sum().exp()
+            total = total + p * gnn_cost(theta, b, "index_add", x, y)
+    return total / len(XS)  # a data plate is reduced by the mean
+
+
+def batch_model():
+    def build(make, theta):
+        x, y = storch.denote_independent((XS, YS), 0, "graphs")
+        b = make("edges")(Bernoulli(logits=edge_logits(theta, x)))
+        storch.add_cost(gnn_cost(theta, b, "index_add", x, y), name="nodes")
+
+    return kit.Model("gnn[batch]", THETA, build, exact_batch, lambda: [Bernoulli(logits=edge_logits(THETA, XS[0]))])
+
+
+@pytest.mark.parametrize("name, options, orders", [("score", {"n_samples": 3, "baseline": "leave_one_out"}, (0, 1, 2)),
+                                                   ("disarm", {}, (0, 1))])
+def test_a_batch_of_graphs_on_a_data_plate(name, options, orders):
+    kit.check_against_enumeration(name, models=[batch_model()], orders=orders, n_replicates=2000, options=options)
 
 
 @pytest.mark.parametrize("name, options", [("arm", {}), ("disarm", {}), ("mvd", {})])
