@@ -6,6 +6,9 @@ Found by porting a mixture-of-experts block (tests/models/test_moe_routing.py): 
 program kept the first draw's length: a later draw whose largest value was smaller got extra zero counts, and the
 compiled step returned 7.0 where eager storch returns 5.0 (the test below), silently. The trace now refuses a
 length that comes from the values (not from ``minlength``), and says to pass ``minlength=K``, which traces.
+The same port's GNN counted a sampled in-degree with ``torch.bincount(dst, weights=b, minlength=N)`` of an edge
+list the step computes: refused rightly, but with advice for masks ("use torch.where"); the refusal now says to
+count into a fixed length (``torch.zeros(K).scatter_add(0, i, w)``), which traces.
 """
 
 import pytest
@@ -50,3 +53,32 @@ def test_the_advised_minlength_traces_and_replays_every_draw():
         torch.manual_seed(0)
         torch.testing.assert_close(got, step(logits).detach(), rtol=0, atol=0)
         assert float(got) == want
+
+
+def test_a_plain_index_the_step_computes_gets_the_fixed_length_advice():
+    # a GNN's sampled in-degree: torch.bincount(dst, weights=b, minlength=N) of an edge list the step computes is
+    # refused (its length, max(dst) + 1, comes from values the trace would fix); the message said only "use
+    # torch.where", which does not count. The advised scatter_add into a fixed length traces and equals eager.
+    from torch.distributions import Bernoulli
+
+    edge_index = torch.tensor([[0, 1, 2, 0], [1, 2, 0, 2]])
+    est = storch.estimator("score", plate="edges", n_samples=3)
+
+    def step(logits, count):
+        with storch.Graph():
+            b = est(Bernoulli(logits=logits))
+            dst = edge_index[1] + 0  # computed in the step
+            storch.add_cost((count(dst, b) ** 2).sum(), name="degree")
+            return storch.surrogate_loss()
+
+    logits = torch.tensor([0.3, -0.2, 0.1, 0.5], requires_grad=True)
+    with pytest.raises(storch.StorchError, match=r"(?s)`bincount`.*torch\.zeros\(K\)\.scatter_add\(0, i, w\)"):
+        storch.compile(lambda lg: step(lg, lambda d, b: torch.bincount(d, weights=b, minlength=3)), backend=None)(logits)
+    advised = lambda d, b: torch.zeros(3).scatter_add(0, d, b)  # noqa: E731
+    compiled = storch.compile(lambda lg: step(lg, advised), backend=None)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        got = compiled(logits)
+        torch.manual_seed(seed)
+        want = step(logits, lambda d, b: torch.bincount(d, weights=b, minlength=3))  # eagerly, torch's bincount
+        torch.testing.assert_close(got, want.detach())

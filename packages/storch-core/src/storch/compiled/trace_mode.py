@@ -119,6 +119,12 @@ def _shape_message(fn, what: str) -> str:
             "eagerly")
 
 
+# a count into a fixed length: torch.bincount's length is max(input) + 1 when that exceeds minlength (a GNN's in-degree
+# torch.bincount(dst, weights=b, minlength=N) of an edge list the step computes)
+_BINCOUNT_ADVICE = (". For torch.bincount, count into a fixed length instead: torch.zeros(K).scatter_add(0, i, w) "
+                    "(torch.ones_like(i) as w without weights), or F.one_hot(i, K).sum(0)")
+
+
 class _TraceMode(torch.overrides.TorchFunctionMode):
     """Active while ``make_fx`` traces the step (only then: a mode routes every torch call through Python).
 
@@ -232,6 +238,8 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
                 self.fn, f"`{func.__name__}` of a tensor from outside the step (a buffer or parameter, whose "
                          "value changes between calls)"))
         shape = self._data_shape(func, args, kwargs)
+        if shape == "bincount":  # its length, max + 1, comes from the values even with minlength=
+            raise StorchError(_shape_message(self.fn, "`bincount`") + _BINCOUNT_ADVICE)
         if shape is not None:
             raise StorchError(_shape_message(self.fn, f"`{shape}`"))
         if func is _T.__getitem__ and len(args) > 1:
