@@ -3,7 +3,7 @@ and each subcommand offers only the options it reads."""
 
 import pytest
 
-from storch_bench.cli import _parser, main
+from storch_bench.cli import COMMANDS, _parser, main
 
 EXAMPLE = "examples/which_estimator/hard_attention.py:step"
 
@@ -84,6 +84,10 @@ def test_bad_arguments_are_usage_errors(argv, message, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2, err
     assert message in err and "Traceback" not in err, err
+    # the subcommand's usage line, also for errors found after parsing (--out, --backend, unrecognized
+    # arguments): they printed the top-level one, 'usage: storch-compare [-h] {vae,toy,...} ...'
+    if argv[0] in COMMANDS:  # (not the misspelt command, nor the default vae)
+        assert err.startswith(f"usage: storch-compare {argv[0]} "), err
 
 
 @pytest.mark.parametrize("command, ignored", [("overhead", ("--estimators", "--samples", "--seed")),

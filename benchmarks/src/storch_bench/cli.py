@@ -215,6 +215,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The subparser of ``command``: its ``error`` prints ``usage: storch-compare COMMAND ...``."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -222,12 +227,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)} (none: vae)")
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["vae", *argv]
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # errors found after parsing print the subcommand's usage line, as argparse's own do
+    command = _command_parser(parser, args.command)
+    if extra:
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "overhead":
-        _check_backend(parser, args)
-        _check_ipd_configs(parser, args)
+        _check_backend(command, args)
+        _check_ipd_configs(command, args)
     torch.set_num_threads(args.threads)
-    _check_out(parser, args.out)
+    _check_out(command, args.out)
     if args.command == "vae":
         from .vae_cli import run
 
