@@ -117,6 +117,16 @@ class Pairs(storch_score.Score):
         super().__init__(plate, n_samples=2 * pairs, **kwargs)
 
 
+class PairsByPosition(storch_score.Score):
+    """As :class:`Pairs`, passing ``n_samples`` to its base by position (review r-30: Python then says "multiple
+    values for argument", which was not read as the collision: a bare TypeError, and the kit's probe raised it)."""
+
+    name = None
+
+    def __init__(self, plate: str, *, pairs: int = 2, **kwargs) -> None:
+        super().__init__(plate, 2 * pairs, **kwargs)
+
+
 class LeaveOneOutOnly(storch_score.Score):
     name = None
 
@@ -196,3 +206,12 @@ def test_the_kit_gives_n_samples_to_a_subclass_that_forwards_it_not_to_one_that_
     assert resolve(ForwardingScore)[1].n_samples == 2
     assert resolve(Defaults)[1].n_samples == 2
     assert resolve(Pairs)[1].n_samples == 4
+    assert resolve(PairsByPosition)[1].n_samples == 4
+
+
+def test_a_subclass_passing_a_base_option_by_position_refuses_it_as_one_it_sets_itself():
+    with pytest.raises(storch.OptionError, match=r"^PairsByPosition has no option 'n_samples' to give: its constructor "
+                                                 r"sets 'n_samples' itself when it calls Score's \(from its options: "
+                                                 r"pairs\)"):
+        PairsByPosition("z", n_samples=3)
+    assert PairsByPosition("z", pairs=3, baseline="leave_one_out").n_samples == 6

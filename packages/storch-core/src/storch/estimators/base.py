@@ -1400,13 +1400,14 @@ def _who(cls: type) -> str:
 def _collided_option(cls: type, named: frozenset, kwargs: dict, error: TypeError) -> Optional[str]:
     """The option the user gave through ``**kwargs`` that the constructor also passes its base itself: Python's
     "got multiple values for keyword argument" at ``super().__init__(plate, n_samples=2 * pairs, **kwargs)``
-    (review r-28: ``Pairs('z', n_samples=3)``)."""
+    (review r-28: ``Pairs('z', n_samples=3)``), or "... for argument" where it passes it by position
+    (``super().__init__(plate, 2 * pairs, **kwargs)``: review r-30, a bare TypeError, also from the kit's probe)."""
     base = _forwarded_to(cls)
     if base is None:
         return None
-    offered = _offered_options(base)
+    offered, said = _offered_options(base), str(error)
     return next((k for k in kwargs if k not in named and k in offered
-                 and f"multiple values for keyword argument {k!r}" in str(error)), None)
+                 and any(f"multiple values for {by}argument {k!r}" in said for by in ("keyword ", ""))), None)
 
 
 def kept_option(est: Estimator, options: dict) -> Optional[str]:
