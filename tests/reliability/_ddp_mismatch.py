@@ -80,6 +80,19 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
                 m(x)
         out["update_relax"] = _outcome(lambda: _steps(relaxes[rank], x, g))
         dist.barrier()
+        # the same through storch.surrogate_loss().backward() (review r-30: its update probe ran only the updates, so
+        # rank 0 waited in its moving average's collective), order 1 (the one-node loss) and order 2 (the general one)
+        for order in (1, 2):
+            model = Model("score", {**ma, "update": rank == 0}, return_loss=False)
+
+            def surrogate_backward() -> None:
+                for _ in range(2):
+                    with storch.Graph(generator=g):
+                        model(x)
+                        storch.surrogate_loss(order=order).backward()
+
+            out[f"update_ma_surrogate{order}"] = _outcome(surrogate_backward)
+            dist.barrier()
         # update=False on every rank: no error (one check, on the first step), and the averages stay unset
         model = Model("score", {**ma, "update": False})
         out["update_none"] = _outcome(lambda: (_steps(model, x, g), dict(model.est.moving_averages))[1])

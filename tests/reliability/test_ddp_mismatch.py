@@ -48,6 +48,10 @@ MA = "Score(baseline='moving_average', decay=0.9, update=True)"
     # update=False on one rank (before: the other rank waited in its update's collective until the timeout)
     ("update_ma", f"{MA} averaging moving averages",
      "Score(baseline='moving_average', decay=0.9, update=False) skipping its update (update=False)"),
+    # the same through storch.surrogate_loss().backward() (before: a hang)
+    *[(f"update_ma_surrogate{order}", f"{MA} averaging moving averages",
+       "Score(baseline='moving_average', decay=0.9, update=False) skipping its update (update=False)")
+      for order in (1, 2)],
     ("update_relax", "Relax(control_variate='rebar+network', lr=0.01, update=True) averaging",
      "Relax(control_variate='rebar+network', lr=0.01, update=False) skipping its update"),
 ])

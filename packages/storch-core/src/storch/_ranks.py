@@ -106,7 +106,8 @@ _SKIPPED_UPDATE = "skipping its update (update=False)"
 
 
 def _skips_synced_update(est: Any) -> bool:
-    """Whether ``storch.backward()`` must have ``est`` join the ranks' check where it skips its update: an
+    """Whether ``storch.backward()`` (or the update probe of ``surrogate_loss().backward()``) must have ``est``
+    join the ranks' check where it skips its update: an
     estimator whose state would evolve (its ``_evolution_options()`` holds ``update``) built with
     ``update=False``, synchronised over more than one process, and not yet checked. Where another rank built
     it with ``update=True``, that rank waits in the update's collective, which this one would never join (a

@@ -20,7 +20,8 @@ collective one small all_reduce checks what every rank is about to run (the esti
 options that give its state its meaning and those that change how it evolves: decay, lr, update; what
 it averages) and the values' layout: ranks with different estimators or such options, a rank whose
 step has no costs or no data (it joins the check from ``storch.backward()`` / ``denote_independent``)
-or whose estimator was built with ``update=False`` (it joins from ``storch.backward()``, once) while
+or whose estimator was built with ``update=False`` (it joins from ``storch.backward()`` or
+``surrogate_loss().backward()``, once; not from a step compiled by ``storch.compile``) while
 the others update, and values of one name with different shapes or dtypes raise
 :class:`storch.StorchError` on every rank. Different cost
 names are not an error: each name is averaged over the ranks that have it. Under DDP a rank that

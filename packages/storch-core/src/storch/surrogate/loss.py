@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .._ranks import _skips_synced_update
 from ..cost import magic_box
 from ..eager import eager_only
 from ..errors import StorchError, UnusedSampleWarning
@@ -192,7 +193,8 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
             raise
         if loss is not None:
             graph.loss_built = True
-            if graph.nodes[0].estimator.has_update:  # (_updating: the one node's estimator)
+            est = graph.nodes[0].estimator
+            if est.has_update or _skips_synced_update(est):  # (_updating / _skipping: the one node's estimator)
                 loss = _updates_on_backward(loss, graph)
             refuse_on_backward(loss, graph)
             return loss

@@ -61,18 +61,20 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
     """``loss`` plus a zero leaf whose gradient accumulation (``.backward()`` reaches it first: the
     engine runs AccumulateGrad nodes before the others) checks the step and queues the estimators'
     updates for the end of the pass. ``torch.autograd.grad(loss, params)`` never accumulates into
-    it: evaluation passes change no estimator state."""
-    updating = _updating(graph)
-    if not updating:
+    it: evaluation passes change no estimator state. Under torch.distributed an estimator built with
+    ``update=False`` joins the ranks' check there, in the graph's order, as in ``storch.backward()``
+    (:func:`_run_updates`; review r-30: a rank with it left the others waiting in their update's collective)."""
+    updating, skipping = _updating(graph), _skipping(graph)
+    if not updating and not skipping:
         return loss
     recorder = tracing_recorder()
     if recorder is not None:  # storch.compile records the step: it attaches the probe to each replay
-        return recorder(loss, updating)
+        return recorder(loss, updating) if updating else loss
     if not loss.requires_grad:
         # under torch.func.vmap the batched loss reports requires_grad=False although the tensor it batches
         # takes part in the autograd outside vmap (vmap(step)(params).sum().backward()): that pass must not
         # silently skip the updates (it did), nor run them on batched values (one state would mix members)
-        if _batched(loss) and unbatched(loss).requires_grad:
+        if updating and _batched(loss) and unbatched(loss).requires_grad:
             return _refuse_updates_under_vmap(loss, updating)
         return loss
     # one zero leaf, one node: loss + loss · probe (addcmul) has the loss's value and derivatives in θ at
@@ -113,13 +115,18 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
 
     def run(todo):
         for key in todo:
+            if key in skipping:
+                _join_skipped_update(skipping[key])
+                continue
             nodes = updating[key]
             # the step's later surrogates (a second epoch on the batch, storch.backward() after this pass) read
             # the baselines as before this update: one that read the updated state would depend on the samples
             mark_updated(nodes)
             nodes[0].estimator.update_parameters(nodes, loss)
 
-    update_on_backward(probe, check, run, done, tuple(updating))
+    keys = tuple(updating) if not skipping else tuple(  # (in the graph's order, the skipped ones among them)
+        k for k in dict.fromkeys(id(node.estimator) for node in graph.nodes) if k in updating or k in skipping)
+    update_on_backward(probe, check, run, done, keys)
     return torch.addcmul(loss, loss, probe)
 
 
