@@ -144,3 +144,22 @@ def test_refusals_name_the_partition_step_and_the_jacobian_option():
         with pytest.raises(storch.PlateError, match=r"vectorize=False"):
             torch.autograd.grad(z0 * 2, z0, grad_outputs=torch.ones(4, 2), is_grads_batched=True)
         storch.reset()
+
+
+def test_jacobian_and_hessian_with_vectorize_false_are_per_entry():
+    """docs/plates.md says that torch.autograd.functional.jacobian/hessian work with vectorize=False (one
+    torch.autograd.grad per output entry) and the refusal of vectorize=True advises it: per entry, the entry's own
+    Jacobian and Hessian (diagonal here: 3 z² and 6 z), on the sample's plates."""
+    with storch.Graph():
+        x = storch.denote_independent(torch.tensor([[0.3, -0.5], [1.2, 0.1], [-0.7, 0.4]], requires_grad=True), 0,
+                                      "data")
+        z = storch.estimator("reparameterization", plate="z", n_samples=4)(Normal(x, 1.0))
+        jac = torch.autograd.functional.jacobian(lambda t: t ** 3, z, vectorize=False)
+        assert isinstance(jac, storch.PlateTensor) and jac.plates == z.plates and jac.shape == (2, 2)
+        torch.testing.assert_close(jac.tensor, torch.diag_embed(3 * z.tensor.detach() ** 2))
+        hess = torch.autograd.functional.hessian(lambda t: (t ** 3).sum(), z)
+        assert isinstance(hess, storch.PlateTensor) and hess.plates == z.plates and hess.shape == (2, 2)
+        torch.testing.assert_close(hess.tensor, torch.diag_embed(6 * z.tensor.detach()))
+        with pytest.raises(storch.PlateError, match=r"pass vectorize=False there"):
+            torch.autograd.functional.jacobian(lambda t: t ** 3, z, vectorize=True)
+        storch.reset()
