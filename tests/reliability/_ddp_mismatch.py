@@ -97,6 +97,13 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         model = Model("score", {**ma, "update": False})
         out["update_none"] = _outcome(lambda: (_steps(model, x, g), dict(model.est.moving_averages))[1])
         dist.barrier()
+        # ... whatever their decay or lr (no state evolves)
+        model = Model("score", {**ma, "update": False, "decay": 0.9 - 0.4 * rank})
+        out["update_none_decay"] = _outcome(lambda: (_steps(model, x, g), dict(model.est.moving_averages))[1])
+        dist.barrier()
+        model = Model("relax", {"update": False, "lr": 0.01 * (rank + 1)})
+        out["update_none_relax_lr"] = _outcome(lambda: (_steps(model, x, g), {})[1])
+        dist.barrier()
         # an episode with no steps on rank 1 (T=3 on rank 0), first after two full episodes, then at the first step
         for key, first in (("no_costs", 2), ("no_costs_first", 0)):
             ep = Episode()

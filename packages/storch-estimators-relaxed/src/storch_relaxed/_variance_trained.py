@@ -217,8 +217,9 @@ class VarianceTrained(Estimator):
         """The options that change how φ evolves: Adam's lr, and update. Not in a checkpoint's record (a resumed
         run may train on with another lr); storch.distributed checks them with _state_options before each
         collective: ranks with another lr would step φ apart from the first update on, silently, and a rank with
-        update=False would leave the others waiting in the update's collective."""
-        return {"lr": self.lr, "update": self.update}
+        update=False would leave the others waiting in the update's collective. With update=False φ never changes
+        here, so lr is left out: ranks that all skip the update agree whatever their lr."""
+        return {"lr": self.lr, "update": True} if self.update else {"update": False}
 
     def get_extra_state(self) -> dict:
         # the optimizer's state with its parameters' names: loaded by name (load_own_optimizer); and which

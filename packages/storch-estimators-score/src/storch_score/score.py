@@ -379,9 +379,11 @@ class Score(Estimator):
         silently, and a rank with update=False would leave the others waiting in the update's collective."""
         if not self._baseline.trains(self):
             return {}  # (a baseline without state: no collective)
+        if not self.update:
+            return {"update": False}  # (a state that never changes: decay and lr do not act on it)
         learned = isinstance(self.baseline_fn, LearnedBaseline)
         running = {"decay": self.decay} if learned or self.baseline_kind == "moving_average" else {}
-        return {**running, **({"lr": self.lr} if self.baseline_kind == "callable" else {}), "update": self.update}
+        return {**running, **({"lr": self.lr} if self.baseline_kind == "callable" else {}), "update": True}
 
     def get_extra_state(self) -> dict:
         return {"moving_averages": dict(self.moving_averages), "update_steps": self.update_steps,
