@@ -1,8 +1,9 @@
 """torch.distributed, ranks that disagree (tests/reliability/_ddp_mismatch.py runs them in two gloo processes).
 
 Each storch collective is preceded by one small check of what every rank is about to run (the estimator's
-class and the options that give its state its meaning, what it averages) and of the values' layout: ranks
-with different estimators, or a rank whose step has no costs or no data while the others update their
+class, the options that give its state its meaning and those that change how it evolves: decay, lr, update;
+what it averages) and of the values' layout: ranks with different estimators or such options, or a rank whose
+step has no costs or no data, or whose estimator was built with update=False, while the others update their
 estimators, raise a StorchError on EVERY rank; before, one rank raised or went on while the other waited
 forever in a collective. Different cost names are not an error (each is averaged over the ranks that have it).
 """
