@@ -122,8 +122,8 @@ def test_in_place_write_names_the_out_of_place_method(buffer):
     # an MoE's or a GNN's combine into a zeros buffer, `out.index_add_(0, k, y)`: the advice names
     # `out = out.index_add(...)`, not only `x = x + v`, into a plain buffer and into a plate tensor that lacks a plate
     with storch.Graph():
-        k = storch.estimator("score", plate="k", n_samples=2)(Categorical(logits=torch.zeros(3)))
-        z = storch.estimator("score", plate="z", n_samples=2)(OneHotCategorical(logits=torch.zeros(3)))
+        k = storch.estimator("expect", plate="k")(Categorical(logits=torch.zeros(3)))
+        z = storch.estimator("expect", plate="z")(OneHotCategorical(logits=torch.zeros(3)))
         out = buffer(k)
         with pytest.raises(storch.PlateError) as info:
             out.index_add_(0, torch.tensor([0, 1, 2]), z)
