@@ -7,6 +7,7 @@ that has no costs or no data, or an estimator built with ``update=False``, joins
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
@@ -62,27 +63,34 @@ def _gather_collectives(collective: str, group: Any) -> str:
 
 def _collective(owner: Any, action: str) -> str:
     """Which collective a rank is about to run: the estimator (its class, the options that give its state its
-    meaning, ``_state_options()``: score's baseline kind, RELAX's control variate form, MAPO's buffer; and
-    those that change how the state evolves, ``_evolution_options()``: a moving average's decay, a learned
-    part's lr, update) and what it does. Ranks whose estimators differ run different sequences of collectives
-    (a moving average alone, or a moving average and then a learned baseline's gradients), or the same ones
-    and then hold different state (another decay or lr): the first collective where they differ is caught."""
+    meaning, ``state_options()``: score's baseline kind, RELAX's control variate form, MAPO's buffer; and
+    those that change how the state evolves, ``update_options()``: a moving average's decay, a learned
+    part's lr, update; the public hooks of the estimator protocol, so a third-party estimator declares its own)
+    and what it does. Ranks whose estimators differ run different sequences of collectives (a moving average
+    alone, or a moving average and then a learned baseline's gradients), or the same ones and then hold
+    different state (another decay or lr): the first collective where they differ is caught."""
     if owner is None:
         return f"storch.distributed {action}"
-    options: dict = _options_of(owner, "_state_options")
+    options: dict = _options_of(owner, "state_options")
     if not options and isinstance(getattr(owner, "baseline_kind", None), str):
         options = {"baseline": owner.baseline_kind}
-    options = {**options, **_options_of(owner, "_evolution_options")}
+    options = {**options, **_options_of(owner, "update_options")}
     args = ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
     return f"{type(owner).__name__}({args}) {action}"
 
 
 def _options_of(owner: Any, method: str) -> dict:
-    """What ``owner.<method>()`` declares (``_state_options`` / ``_evolution_options``); {} where it has none."""
+    """What ``owner.<method>()`` declares (``state_options`` / ``update_options``; an owner that is no estimator
+    may have neither: {}). Refused unless a mapping from option names (str) to values: the check sorts and prints
+    them, and a bad return would otherwise surface as a TypeError inside a collective, on one rank."""
     declared = getattr(owner, method, None)
     if not callable(declared):
         return {}
     options: Any = declared()
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise StorchError(
+            f"{type(owner).__qualname__}.{method}() must return a dict from option names (str) to values, got "
+            f"{options!r:.80}: the ranks' check compares them by name")
     return dict(options)
 
 
@@ -108,15 +116,15 @@ _SKIPPED_UPDATE = "skipping its update (update=False)"
 def _skips_synced_update(est: Any) -> bool:
     """Whether ``storch.backward()`` (or the update probe of ``surrogate_loss().backward()``) must have ``est``
     join the ranks' check where it skips its update: an
-    estimator whose state would evolve (its ``_evolution_options()`` holds ``update``) built with
-    ``update=False``, synchronised over more than one process, and not yet checked. Where another rank built
+    estimator whose state would evolve (its ``update_options()`` say ``update=False``),
+    synchronised over more than one process, and not yet checked. Where another rank built
     it with ``update=True``, that rank waits in the update's collective, which this one would never join (a
     hang): joining the check instead makes every rank raise. Once per estimator (update is fixed at
     construction): ranks that all skip their updates pay one small collective, on their first step."""
     dist = _dist()
     if dist is None or not dist.is_initialized() or est.__dict__.get("_storch_skip_checked"):
         return False  # (in one process: no attribute look-up of the estimator's)
-    if _options_of(est, "_evolution_options").get("update", True) is not False:
+    if _options_of(est, "update_options").get("update", True) is not False:
         return False
     group = getattr(est, "_storch_process_group", None)
     return group is not False and dist.get_world_size(group) > 1

@@ -17,8 +17,9 @@ This happens automatically when ``torch.distributed`` is initialised with more t
 process. It is a collective operation, inside ``storch.backward()``: ranks that call it a different
 number of times HANG (as under DDP); episodes of a partition may differ in length. Before each
 collective one small all_reduce checks what every rank is about to run (the estimator's class, the
-options that give its state its meaning and those that change how it evolves: decay, lr, update; what
-it averages) and the values' layout: ranks with different estimators or such options, a rank whose
+options that give its state its meaning and those that change how it evolves: decay, lr, update, as its
+``state_options()`` and ``update_options()`` declare them; what it averages) and the values' layout:
+ranks with different estimators or such options, a rank whose
 step has no costs or no data (it joins the check from ``storch.backward()`` / ``denote_independent``)
 or whose estimator was built with ``update=False`` (it joins from ``storch.backward()`` or
 ``surrogate_loss().backward()``, once; not from a step compiled by ``storch.compile``) while

@@ -208,14 +208,14 @@ class VarianceTrained(Estimator):
 
     # -- state_dict: optimizer state and the step count are estimator state ------------------------
 
-    def _state_options(self) -> dict:
+    def state_options(self) -> dict:
         """The options that give the saved state (φ's Adam moments, the step count) its meaning, besides which
         estimator saved it (storch.extending.state_record): none here; RELAX's control variate form."""
         return {}
 
-    def _evolution_options(self) -> dict:
+    def update_options(self) -> dict:
         """The options that change how φ evolves: Adam's lr, and update. Not in a checkpoint's record (a resumed
-        run may train on with another lr); storch.distributed checks them with _state_options before each
+        run may train on with another lr); storch.distributed checks them with state_options before each
         collective: ranks with another lr would step φ apart from the first update on, silently, and a rank with
         update=False would leave the others waiting in the update's collective. With update=False φ never changes
         here, so lr is left out: ranks that all skip the update agree whatever their lr."""
@@ -226,12 +226,12 @@ class VarianceTrained(Estimator):
         # estimator saved it (REBAR's η, λ and moments loaded into RELAX would train it: refused)
         return {**own_optimizer_state(self._optimizer, self),
                 "update_steps": self.update_steps, "skipped_updates": self.skipped_updates,
-                **state_record(self, **self._state_options())}
+                **state_record(self, **self.state_options())}
 
     def set_extra_state(self, state: dict) -> None:
         # saved by another estimator (or form): refused (a checkpoint without the record loads as it did); also
         # checked by the load pre-hook, before torch copies the parameters (η, λ)
-        check_state_record(self, state, **self._state_options())
+        check_state_record(self, state, **self.state_options())
         # copied, as load_state_dict copies parameters; applied by _restore_training, once the
         # submodules (a lazily built network) are loaded
         self._loaded = state = copy.deepcopy(state)
@@ -240,7 +240,7 @@ class VarianceTrained(Estimator):
 
     @staticmethod
     def _check_saved_by(module: "VarianceTrained", state_dict, prefix: str, *args) -> None:
-        check_state_record(module, state_dict.get(prefix + "_extra_state"), **module._state_options())
+        check_state_record(module, state_dict.get(prefix + "_extra_state"), **module.state_options())
 
     @staticmethod
     def _restore_training(module: "VarianceTrained", incompatible_keys) -> None:

@@ -139,7 +139,7 @@ class Relax(RelaxedCost):
     def extra_repr(self) -> str:  # noqa: D102
         return f"{super().extra_repr()}, control_variate={self.control_variate_form!r}"
 
-    def _state_options(self) -> dict:
+    def state_options(self) -> dict:
         return {"control_variate": self.control_variate_form}  # (with or without η f(σ_λ(z)): other parameters)
 
 

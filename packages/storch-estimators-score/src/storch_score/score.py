@@ -363,7 +363,7 @@ class Score(Estimator):
 
     # -- state_dict: moving averages and a learned baseline's optimizer are estimator state ---------
 
-    def _state_options(self) -> dict:
+    def state_options(self) -> dict:
         """The options that give the saved state its meaning (storch.extending.state_record): the baseline's kind
         (the moving averages and the optimizer are its state; another kind ignores or misreads them). Not the
         decay (a saved average is an average of the costs whatever decay made it: a resumed run may average on
@@ -371,10 +371,10 @@ class Score(Estimator):
         shape check), n_samples, update."""
         return {"baseline": "learned" if isinstance(self.baseline_fn, LearnedBaseline) else self.baseline_kind}
 
-    def _evolution_options(self) -> dict:
+    def update_options(self) -> dict:
         """The options that change how the state evolves, for the baselines that have state: a running mean's
         decay (the moving average, NVIL's c), a trained baseline's lr, and update. Not in a checkpoint's record
-        (a resumed run may go on with others, see _state_options); storch.distributed checks them with it before
+        (a resumed run may go on with others, see state_options); storch.distributed checks them with it before
         each collective: ranks that differ in them would hold different baselines from the first update on,
         silently, and a rank with update=False would leave the others waiting in the update's collective."""
         if not self._baseline.trains(self):
@@ -391,12 +391,12 @@ class Score(Estimator):
                 # the optimizer's state with its parameters' names: loaded by name (load_own_optimizer)
                 **own_optimizer_state(self._optimizer, self.baseline_fn),
                 # which estimator saved it, with which baseline (refused by set_extra_state where they differ)
-                **state_record(self, **self._state_options())}
+                **state_record(self, **self.state_options())}
 
     def set_extra_state(self, state: dict) -> None:
         # saved by another estimator or baseline: refused before anything changes (a checkpoint without the
         # record, from before it was written, loads as it did)
-        check_state_record(self, state, **self._state_options())
+        check_state_record(self, state, **self.state_options())
         # copies, as load_state_dict copies parameters; the optimizer once the baseline's heads loaded
         state = copy.deepcopy(state)
         # in float32 at least (a checkpoint of an average kept in bfloat16 / float16 follows the costs again)

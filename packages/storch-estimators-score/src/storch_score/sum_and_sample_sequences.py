@@ -272,7 +272,7 @@ class SumAndSampleSequences(Estimator):
                     buffer.seed(key, seed(key))
                 buffer.offer_many(key, items)
 
-    def _state_options(self) -> dict:
+    def state_options(self) -> dict:
         """The options that give the buffer its meaning: its size and end token. In the record of a saved state
         (refused where they differ), and in what storch.distributed checks before gathering the ranks' new
         sequences (ranks whose buffers differ in size would each keep another buffer from the same offers)."""
@@ -280,12 +280,12 @@ class SumAndSampleSequences(Estimator):
 
     def get_extra_state(self) -> dict:
         # the buffer, and which estimator saved it with which buffer size and end token (refused where they differ)
-        return {**self._buffer.state(), **state_record(self, **self._state_options())}
+        return {**self._buffer.state(), **state_record(self, **self.state_options())}
 
     def set_extra_state(self, state: Optional[dict]) -> None:
         if state is None:  # None: a checkpoint of a one-step sum_and_sample (no buffer)
             return
-        check_state_record(self, state, **self._state_options())
+        check_state_record(self, state, **self.state_options())
         if state.get("capacity") != self.buffer:  # (a checkpoint from before the record: its size says it too)
             raise OptionError(
                 f"{NAME} (plate {self.plate!r}): the checkpoint's buffer keeps {state.get('capacity')!r} sequences per "

@@ -1056,6 +1056,41 @@ class Estimator(torch.nn.Module):
         """
         return {}
 
+    # -- what the state means and how it evolves (checkpoints, torch.distributed) ------------------
+
+    def state_options(self) -> dict[str, Any]:
+        """The options that give the estimator's state its meaning, ``{name: value}``: ``score``'s baseline kind
+        (its moving averages or learned baseline are that kind's state), RELAX's control variate form, MAPO's
+        buffer size. Default: none.
+
+        Under ``torch.distributed`` storch checks before each of the estimator's collectives
+        (``storch.distributed.all_reduce_mean`` and friends, with ``owner=self``) that every rank runs the same
+        estimator class with the same :meth:`state_options` and :meth:`update_options`: ranks that differ raise
+        :class:`storch.StorchError` on every rank, naming each rank's options, instead of one rank waiting in a
+        collective the others never run, or their states drifting apart silently. Pass them to
+        ``storch.extending.state_record(self, **self.state_options())`` in ``get_extra_state()`` too, so that a
+        checkpoint saved with other such options is refused. Values must print (``repr``) the same in every
+        process: numbers, strings, tuples of them (not an object or a callable: name its kind instead).
+        """
+        legacy = getattr(self, "_state_options", None)  # (the private name first-party estimators used before)
+        return dict(legacy()) if callable(legacy) else {}
+
+    def update_options(self) -> dict[str, Any]:
+        """The options that change how the state evolves in :meth:`update_parameters`, ``{name: value}``: a
+        running mean's ``decay``, a learned part's ``lr``, and ``update`` where an option can switch the update
+        off. Not part of a checkpoint's record (a resumed run may go on with another decay or lr); checked across
+        ranks with :meth:`state_options` (ranks with another decay would hold different averages from the first
+        update on). Default: none.
+
+        ``{"update": False}``: this instance never updates its state (built so, ``has_update`` False): where
+        another rank's instance updates, that rank waits in the update's collective; storch has this one join
+        the check there instead (once, in ``storch.backward()`` or ``surrogate_loss().backward()``), so every
+        rank raises. Return only ``{"update": False}`` then: decay and lr act on no state, so ranks that all skip
+        the update agree whatever theirs. An estimator without state returns ``{}`` (it runs no collective).
+        """
+        legacy = getattr(self, "_evolution_options", None)  # (the private name first-party estimators used before)
+        return dict(legacy()) if callable(legacy) else {}
+
     # -- metadata ------------------------------------------------------------------------------
 
     def info(self) -> "EstimatorInfo":

@@ -1,0 +1,100 @@
+"""The parts of test_ddp_declared_options.py: a per-rank worker (run by torch.multiprocessing.spawn, without DDP:
+only storch's own collectives) for the ranks' check of an estimator's declared options.
+
+- A third party's estimator with state (a running-mean baseline, averaged over the ranks with
+  ``storch.distributed.all_reduce_mean``) declares through the public hooks ``state_options()`` and
+  ``update_options()`` what gives its state its meaning and what changes how it evolves: ranks that differ in
+  them raise on every rank, naming the option (before the hooks were public, only first-party estimators had
+  them: the ranks' averages drifted apart silently, and a rank with ``update=False`` left the others waiting).
+
+Each case records, per rank, the error it raised (type and message) or what it computed; the group's timeout (20 s)
+turns a hang into an error, so no case waits forever."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.distributions import Bernoulli
+
+import storch
+from _ddp import data
+from _ddp_mismatch import SHARD, _outcome, _steps
+
+
+class RunningMeanScore(storch.Estimator):
+    """A third party's score function whose baseline is a running mean of the step's mean cost (its state).
+
+    Written with public storch names only, as a plugin would be. ``target``: which costs the mean follows (a
+    state option: a mean of other costs means something else); ``decay`` and ``update``: how it evolves."""
+
+    def __init__(self, plate: str, n_samples: int = 2, decay: float = 0.9, target: str = "total",
+                 update: bool = True) -> None:
+        super().__init__(plate, n_samples)
+        self.decay, self.target, self.update = decay, target, update
+        self.has_update = update
+        self.register_buffer("mean", torch.zeros(()))
+
+    def baseline(self, node, cost):
+        return self.mean if self.target in ("total", cost.name) else None
+
+    def update_parameters(self, nodes, loss) -> None:
+        costs = [frame.tensor.mean() for node in nodes for name, frame in node.frames.items()
+                 if self.target in ("total", name)]
+        mean = storch.distributed.all_reduce_mean(torch.stack(costs).mean().detach(), owner=self, what="mean costs")
+        self.mean.mul_(self.decay).add_((1 - self.decay) * mean)
+
+    def state_options(self) -> dict:
+        return {"target": self.target}
+
+    def update_options(self) -> dict:
+        return {"decay": self.decay, "update": True} if self.update else {"update": False}
+
+
+class ThirdPartyModel(torch.nn.Module):
+    """:class:`_ddp.Model` with a :class:`RunningMeanScore` estimator."""
+
+    def __init__(self, **options) -> None:
+        super().__init__()
+        torch.manual_seed(0)  # the same initialisation in every process
+        self.enc, self.dec = torch.nn.Linear(6, 4), torch.nn.Linear(4, 6)
+        self.est = RunningMeanScore("z", **options)
+
+    def forward(self, x: torch.Tensor) -> None:
+        x = storch.denote_independent(x, 0, "data")
+        z = self.est(Bernoulli(logits=self.enc(x)))
+        storch.add_cost(F.binary_cross_entropy_with_logits(self.dec(z), x, reduction="none").sum(), name="rec")
+
+
+def worker(rank: int, world: int, port: int, outdir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        x = data(world)[rank * SHARD:(rank + 1) * SHARD]
+        g = torch.Generator().manual_seed(10 + rank)
+        out = {}
+        # the same options on every rank: no error, and the ranks hold the same running mean
+        model = ThirdPartyModel()
+        out["same"] = _outcome(lambda: (_steps(model, x, g), float(model.est.mean),
+                                        storch.distributed.ranks_agree([model.est.mean], model.est))[1:])
+        dist.barrier()
+        # an option that changes how the state evolves (decay), and one that gives it its meaning (target)
+        out["decay"] = _outcome(lambda: _steps(ThirdPartyModel(decay=0.9 if rank == 0 else 0.5), x, g))
+        dist.barrier()
+        out["target"] = _outcome(lambda: _steps(ThirdPartyModel(target="total" if rank == 0 else "rec"), x, g))
+        dist.barrier()
+        # update=False on rank 1 only: it joins the check where its update would run (before: a hang)
+        out["update"] = _outcome(lambda: _steps(ThirdPartyModel(update=rank == 0), x, g))
+        dist.barrier()
+        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+        gc.collect()
+        dist.barrier()
+    finally:
+        gc.collect()
+        dist.destroy_process_group()

@@ -1,0 +1,60 @@
+"""torch.distributed: the ranks' check of an estimator's declared options (tests/reliability/_ddp_declared_options.py
+runs them in two gloo processes).
+
+Before each of its collectives storch checks that every rank runs the same estimator with the same
+``state_options()`` and ``update_options()``, the public hooks of the estimator protocol: a third party's
+estimator with state declares them as the first-party ones do, and ranks that differ raise a StorchError on EVERY
+rank naming the option (before, the hooks were private: a third party's ranks drifted apart silently, or one waited
+forever).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import _ddp
+import _ddp_declared_options
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("ddp_declared_options")
+    mp.spawn(_ddp_declared_options.worker, args=(WORLD, _ddp.free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _refused(ranks, case: str, first: str, second: str) -> None:
+    for r in range(WORLD):
+        kind, message = ranks[r][case]
+        assert kind == "StorchError", (r, kind, message)
+        assert "the ranks use different estimators" in message.lower(), message
+        assert f"rank 0: {first}" in message and f"rank 1: {second}" in message, message
+
+
+def test_a_third_party_estimator_with_the_same_declared_options_on_every_rank_is_averaged(ranks):
+    (k0, (mean0, agree0)), (k1, (mean1, agree1)) = ranks[0]["same"], ranks[1]["same"]
+    assert k0 == k1 == "ok" and agree0 and agree1, (ranks[0]["same"], ranks[1]["same"])
+    assert mean0 == mean1 != 0.0  # (averaged over the ranks, whose shards differ)
+
+
+@pytest.mark.parametrize("case, first, second", [
+    # update_options(): how the state evolves
+    ("decay", "RunningMeanScore(decay=0.9, target='total', update=True) averaging mean costs",
+     "RunningMeanScore(decay=0.5, target='total', update=True) averaging mean costs"),
+    # state_options(): what the state means
+    ("target", "RunningMeanScore(decay=0.9, target='total', update=True)",
+     "RunningMeanScore(decay=0.9, target='rec', update=True)"),
+    # update_options() == {"update": False}: the rank joins the check where its update would run
+    ("update", "RunningMeanScore(decay=0.9, target='total', update=True) averaging mean costs",
+     "RunningMeanScore(target='total', update=False) skipping its update (update=False)"),
+])
+def test_a_third_party_estimators_declared_options_that_differ_are_refused_on_every_rank(ranks, case, first, second):
+    _refused(ranks, case, first, second)
