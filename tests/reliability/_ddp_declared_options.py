@@ -6,22 +6,27 @@ only storch's own collectives) for the ranks' check of an estimator's declared o
   ``update_options()`` what gives its state its meaning and what changes how it evolves: ranks that differ in
   them raise on every rank, naming the option (before the hooks were public, only first-party estimators had
   them: the ranks' averages drifted apart silently, and a rank with ``update=False`` left the others waiting).
+- An estimator built with ``update=False`` that joined the check once, then copied (``copy.deepcopy``: a target
+  network, an EMA copy of the model; ``pickle``): the copy joins the check again (before, it carried the flag that
+  said "checked", skipped the check, and the other rank waited in its update's collective).
 
 Each case records, per rank, the error it raised (type and message) or what it computed; the group's timeout (20 s)
 turns a hang into an error, so no case waits forever."""
 
 from __future__ import annotations
 
+import copy
 import datetime
 import gc
 import os
+import pickle
 
 import torch
 import torch.nn.functional as F
 from torch.distributions import Bernoulli
 
 import storch
-from _ddp import data
+from _ddp import Model, data
 from _ddp_mismatch import SHARD, _outcome, _steps
 
 
@@ -92,6 +97,17 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         # update=False on rank 1 only: it joins the check where its update would run (before: a hang)
         out["update"] = _outcome(lambda: _steps(ThirdPartyModel(update=rank == 0), x, g))
         dist.barrier()
+        # copies of an estimator built with update=False that joined the check (every rank has it: no error), then
+        # copied on rank 1, while rank 0 builds one that updates: the copy joins the check again (before: it
+        # carried the flag, skipped the check, and rank 0 waited in its update's collective)
+        ma = {"n_samples": 2, "baseline": "moving_average"}
+        for case, copied in (("deepcopy", copy.deepcopy), ("pickle", lambda m: pickle.loads(pickle.dumps(m)))):
+            skipping = Model("score", {**ma, "update": False})
+            out[f"{case}_checked"] = _outcome(lambda: _steps(skipping, x, g, 1))
+            dist.barrier()
+            other = Model("score", ma) if rank == 0 else copied(skipping)
+            out[case] = _outcome(lambda: _steps(other, x, g, 1))
+            dist.barrier()
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
         gc.collect()
         dist.barrier()

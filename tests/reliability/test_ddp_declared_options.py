@@ -5,7 +5,8 @@ Before each of its collectives storch checks that every rank runs the same estim
 ``state_options()`` and ``update_options()``, the public hooks of the estimator protocol: a third party's
 estimator with state declares them as the first-party ones do, and ranks that differ raise a StorchError on EVERY
 rank naming the option (before, the hooks were private: a third party's ranks drifted apart silently, or one waited
-forever).
+forever). An estimator built with update=False joins the check once; a copy of it (copy.deepcopy, pickle) is
+another estimator and joins it again (before, the copy carried the "checked" flag: a hang).
 """
 
 from __future__ import annotations
@@ -58,3 +59,10 @@ def test_a_third_party_estimator_with_the_same_declared_options_on_every_rank_is
 ])
 def test_a_third_party_estimators_declared_options_that_differ_are_refused_on_every_rank(ranks, case, first, second):
     _refused(ranks, case, first, second)
+
+
+@pytest.mark.parametrize("case", ["deepcopy", "pickle"])
+def test_a_copy_of_a_checked_update_false_estimator_joins_the_check_again(ranks, case):
+    assert ranks[0][f"{case}_checked"] == ranks[1][f"{case}_checked"] == ("ok", None)
+    _refused(ranks, case, "Score(baseline='moving_average', decay=0.9, update=True) averaging moving averages",
+             "Score(baseline='moving_average', update=False) skipping its update (update=False)")

@@ -7,6 +7,7 @@ that has no costs or no data, or an estimator built with ``update=False``, joins
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -113,16 +114,24 @@ def _raise_different_collectives(collective: str, group: Any) -> None:
 _SKIPPED_UPDATE = "skipping its update (update=False)"
 
 
+# The estimators built with update=False that joined the ranks' check once (:func:`_join_skipped_update`), by
+# identity: not an attribute of theirs, which copy.deepcopy and pickle would carry into a copy (a target network or
+# an EMA copy of a model holding one), and the copy would then never join the check (a hang, where another rank
+# updates). Keyed by id() (an estimator class may define __eq__), weak: an estimator that is freed leaves it.
+_SKIP_CHECKED: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+
+
 def _skips_synced_update(est: Any) -> bool:
     """Whether ``storch.backward()`` (or the update probe of ``surrogate_loss().backward()``) must have ``est``
     join the ranks' check where it skips its update: an
     estimator whose state would evolve (its ``update_options()`` say ``update=False``),
     synchronised over more than one process, and not yet checked. Where another rank built
     it with ``update=True``, that rank waits in the update's collective, which this one would never join (a
-    hang): joining the check instead makes every rank raise. Once per estimator (update is fixed at
-    construction): ranks that all skip their updates pay one small collective, on their first step."""
+    hang): joining the check instead makes every rank raise. Once per estimator object (update is fixed at
+    construction; a copy is another object, checked again): ranks that all skip their updates pay one small
+    collective, on their first step."""
     dist = _dist()
-    if dist is None or not dist.is_initialized() or est.__dict__.get("_storch_skip_checked"):
+    if dist is None or not dist.is_initialized() or _SKIP_CHECKED.get(id(est)) is est:
         return False  # (in one process: no attribute look-up of the estimator's)
     if _options_of(est, "update_options").get("update", True) is not False:
         return False
@@ -138,7 +147,7 @@ def _join_skipped_update(est: Any) -> None:
     same_op, _ = _layouts_agree([], group, collective)
     if not same_op:
         _raise_different_collectives(collective, group)
-    est._storch_skip_checked = True
+    _SKIP_CHECKED[id(est)] = est
 
 
 def _announce_no_costs(owners: tuple = ()) -> Optional[str]:
