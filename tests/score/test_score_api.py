@@ -171,15 +171,30 @@ def test_a_score_subclass_setting_n_samples_itself_is_checked_by_the_kit_and_ref
         setattr(Pairs("z"), "baseline", "none")  # (forwarded: it can be given)
 
 
+_KEPT = (r"^Keeps \(estimator 'test_keeps'\) has no option 'baseline': its constructor takes it in its \*\*kwargs "
+         r"but passes it to no estimator's constructor \(Score's takes 'baseline'\), so it would be ignored\. Its "
+         r"options are: n_samples$")
+
+
 def test_a_score_subclass_keeping_its_kwargs_refuses_a_base_option_it_passes_to_no_constructor(monkeypatch):
     monkeypatch.setattr(storch.registry, "get_estimator_class", lambda name: Keeps)
-    with pytest.raises(storch.OptionError, match=r"^estimator 'test_keeps' has no option 'baseline': the constructor "
-                                                 r"of Keeps takes it in its \*\*kwargs but passes it to no estimator's "
-                                                 r"constructor \(Score's takes 'baseline'\), so it would be ignored\. "
-                                                 r"Its options are: n_samples$"):
+    with pytest.raises(storch.OptionError, match=_KEPT):
         storch.estimator("test_keeps", plate="z", baseline="leave_one_out", n_samples=4)
     est = storch.estimator("test_keeps", plate="z", n_samples=4, width=8)  # a keyword no base takes: its own
     assert (est.n_samples, est._net_kwargs) == (4, {"width": 8})
+
+
+def test_a_score_subclass_keeping_its_kwargs_refuses_the_base_option_when_constructed_directly_too():
+    """Was refused only by storch.estimator: Keeps("z", baseline=...) built a Score without a baseline, silently.
+    The outermost constructor refuses it now, as storch.estimator did (and still does, through it)."""
+    with pytest.raises(storch.OptionError, match=_KEPT):
+        Keeps("z", baseline="leave_one_out")
+    with pytest.raises(storch.OptionError, match=_KEPT):
+        Keeps("z", 4, baseline="moving_average")
+    est = Keeps("z", 4, width=8)  # a keyword no base takes: its own
+    assert (est.n_samples, est.baseline_kind, est._net_kwargs) == (4, "none", {"width": 8})
+    # a subclass that forwards its **kwargs passes the option on: taken (no false refusal)
+    assert Defaults("z", baseline="moving_average").baseline_kind == "moving_average"
 
 
 class Defaults(storch_score.Score):

@@ -27,7 +27,7 @@ import pluggy
 from importlib_metadata import PackageNotFoundError, distribution, entry_points
 
 from .errors import OptionError, PluginError, UnknownEstimatorError
-from .estimators.base import Estimator, capability_problem, kept_option, takes_more_options, unknown_option_message
+from .estimators.base import Estimator, capability_problem, takes_more_options, unknown_option_message
 from .estimators.catalog import EstimatorInfo, set_source, supporting_estimators
 from .graph import current_graph
 from .hookspecs import HookSpecs, hookimpl, hookspec
@@ -364,10 +364,7 @@ def _make_estimator(name: str, plate: str, options: dict):
         # construction says which keyword it does not take, as direct construction does
         if key not in accepted and not takes_more_options(cls):
             raise OptionError(unknown_option_message(cls, key, f"estimator {cls.name!r}"))
-    est = cls(plate=plate, **options)
-    kept = kept_option(est, options)  # (an option of the base that such a constructor took but passed on to none)
-    if kept is not None:
-        raise OptionError(kept)
+    est = cls(plate=plate, **options)  # (its construction refuses a base's option that reached no constructor)
     if est.has_update:
         _note_created(est)
     return est

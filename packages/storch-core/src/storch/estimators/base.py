@@ -1451,7 +1451,8 @@ def kept_option(est: Estimator, options: dict) -> Optional[str]:
     n_samples=1, **net_kwargs)`` given ``baseline=``), so the estimator would run without it (review r-28).
     ``None`` where there is none; a keyword no base takes is the subclass's own (popped) and left to it. (One the
     subclass pops and handles itself is refused too: it cannot be told from a kept one; naming it as a parameter
-    of the constructor makes it one of ``options()``.)"""
+    of the constructor makes it one of ``options()``.) Asked when the outermost constructor returns, so direct
+    construction (``Keeps("z", baseline=...)``) refuses it as ``storch.estimator`` does."""
     cls = type(est)
     base = _forwarded_to(cls)
     forwarded = est.__dict__.get("_forwarded_options")
@@ -1461,9 +1462,9 @@ def kept_option(est: Estimator, options: dict) -> Optional[str]:
     key = next((k for k in options if k not in own and k in offered and k not in forwarded), None)
     if key is None:
         return None
-    return (f"estimator {cls.name!r} has no option {key!r}: the constructor of {cls.__qualname__} takes it in its "
-            f"**kwargs but passes it to no estimator's constructor ({base.__qualname__}'s takes {key!r}), so it "
-            f"would be ignored. Its options are: {', '.join(own) or 'none'}")
+    return (f"{_who(cls)} has no option {key!r}: its constructor takes it in its **kwargs but passes it to no "
+            f"estimator's constructor ({base.__qualname__}'s takes {key!r}), so it would be ignored. Its options "
+            f"are: {', '.join(own) or 'none'}")
 
 
 def _marking_construction(init: Callable) -> Callable:
@@ -1527,6 +1528,9 @@ def _marking_construction(init: Callable) -> Callable:
         if depth == 0:
             if received is not None:
                 object.__setattr__(self, "_forwarded_options", frozenset(received & kwargs.keys()))
+                kept = kept_option(self, kwargs)  # (a base's option the user gave that reached no constructor)
+                if kept is not None:
+                    raise OptionError(kept)
             object.__setattr__(self, "_constructed", True)
 
     __init__._marks_construction = True  # type: ignore[attr-defined]
