@@ -40,7 +40,10 @@ class ConformanceReport:
             distribution an estimator does not support): failures, since a model the test names must be
             tested (the kit's own models that an estimator does not support are skipped instead); and,
             with ``raise_on_failure=False``, every model on which the estimator raised, with
-            ``"raised <type>: <message>"`` (with ``raise_on_failure=True`` the exception propagates).
+            ``"raised <type>: <message>"`` (with ``raise_on_failure=True`` the exception propagates), and every
+            model where a node's estimator says ``uniform_weights`` but its ``weighting_function`` gives weights
+            that are not 1/N (which the surrogate would drop), with ``"drops its weights: <what>"`` (not run;
+            with ``raise_on_failure=True`` an ``AssertionError``).
         hints: per model name, what a failure of that model most likely means (``Model.hint``).
         seconds: wall time of the whole check.
         biased: the estimator is declared biased (``biased = True``): a failed z-test is its bias, which the
@@ -71,7 +74,9 @@ class ConformanceReport:
         (``"does not match the exact values"``); models passed in ``models=[...]`` that could not run are named."""
         if self.ok:
             return
-        errors = ("could not run on some models" if any(why.startswith("raised ") for why in self.errors.values())
+        whys = self.errors.values()
+        errors = ("drops the weights of some nodes (uniform_weights)" if all(w.startswith(_DROPPED) for w in whys)
+                  else "could not run on some models" if any(w.startswith(("raised ", _DROPPED)) for w in whys)
                   else "could not run on models passed in models=[...]")
         what = (f"{failed}, and {errors}" if self.errors else failed) if self.failures else \
             f"{errors} (a model the test names must be tested)"
@@ -85,7 +90,7 @@ class ConformanceReport:
             verdict = "ok" if c.ok else "FAIL"
             rows.append(f"{c.name:<34} {c.n:>9} {c.z.numel():>10} {c.max_abs_z:>8.2f}  {verdict}")
         for name, why in self.errors.items():
-            rows.append(f"{name:<34} FAIL: {why}" if why.startswith("raised ") else
+            rows.append(f"{name:<34} FAIL: {why}" if why.startswith(("raised ", _DROPPED)) else
                         f"{name:<34} FAIL: passed in models=[...] but could not run: {why}")
         for name, why in self.skipped.items():
             rows.append(f"{name:<34} skipped: {why}")
@@ -236,11 +241,21 @@ def _without_plates(model: Model, make: EstimatorFactory, top: int) -> None:
         raise AssertionError(f"{model.name}: non-finite estimates of orders {bad} with a plain parameter (no plates)")
 
 
+class _DroppedWeights(AssertionError):
+    """:func:`_check_uniform_weights`' finding (an ``AssertionError``, as under ``raise_on_failure=True``): told
+    apart from an exception the estimator raised, so that ``raise_on_failure=False`` reports it."""
+
+
+# the start of a model's entry in ConformanceReport.errors for that finding
+_DROPPED = "drops its weights: "
+
+
 def _check_uniform_weights(model: Model, make: EstimatorFactory) -> bool:
     """An estimator that says ``uniform_weights`` and overrides ``weighting_function``: the surrogate never
     calls the weighting function then (it reduces the plate by its mean), so weights that are not 1/N,
-    or carry gradient, would be silently dropped. Built once with a plain θ; ``False`` where the estimator
-    refuses the model's distribution when sampling (the caller tries the next model)."""
+    or carry gradient, would be silently dropped (:class:`_DroppedWeights`). Built once with a plain θ;
+    ``False`` where the estimator refuses the model's distribution when sampling (the caller tries the next
+    model)."""
     leaf = model.theta.detach().clone().requires_grad_(True)
     with torch.random.fork_rng(devices=[]), Graph():
         torch.manual_seed(0)
@@ -256,7 +271,7 @@ def _check_uniform_weights(model: Model, make: EstimatorFactory) -> bool:
             n = node.plate.size
             if w.requires_grad or not torch.allclose(w.detach(), torch.full_like(w.detach(), 1.0 / n)):
                 values = w.detach().flatten()[:4].tolist()
-                raise AssertionError(
+                raise _DroppedWeights(
                     f"{est.name or type(est).__name__}: uniform_weights is True, but weighting_function (overridden) "
                     f"returns weights {values}{' ...' if w.numel() > 4 else ''}"
                     f"{' that carry gradient' if w.requires_grad else ''}, not 1/N = {1.0 / n:.4g} (node "
@@ -400,13 +415,19 @@ def _check(estimator: EstimatorLike, orders: Optional[Sequence[int]], models: Op
             try:
                 if _check_uniform_weights(model, make) and not factory:
                     break
-            except AssertionError:  # (the check's own finding: dropped weights)
-                raise
+            except _DroppedWeights as e:  # (the check's own finding: a failure of the check, reported as the others)
+                if raise_on_failure:
+                    raise
+                report.errors[model.name] = f"{_DROPPED}{e}"
+                if not factory:
+                    break
             except Exception:  # noqa: BLE001  (the estimator raised building this model: its own run below records
                 if raise_on_failure:  # it with raise_on_failure=False; review p-docs7)
                     raise
                 continue
     for i, model in enumerate(models):
+        if report.errors.get(model.name, "").startswith(_DROPPED):
+            continue  # (its estimates would miss the dropped weights: the finding says why it fails)
         if model.hint and (model.hint_applies is None or model.hint_applies(probe)):
             report.hints[model.name] = model.hint
         tested = orders
