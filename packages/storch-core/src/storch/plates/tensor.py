@@ -413,6 +413,13 @@ SAMPLED_SIZE = (
     "M and mask the entries past n, `z * (torch.arange(M) < n.unsqueeze(-1))` (or `torch.where` with that mask)")
 
 
+# a sampled choice among Python objects (ENAS-style architecture search: one of K candidate layers per layer)
+SAMPLED_CHOICE = ("Where it picks one of several layers or functions (`ops[int(k)](h)`, `ops[k](h)`), run "
+                  "every candidate and select with the tensor: `torch.stack([op(h) for op in ops])[k]`, or weight "
+                  "them by `F.one_hot(k, len(ops))`; a number read from `.tensor` would leave the plates, so a cost "
+                  "computed through it would get no credit from the estimators")
+
+
 # a sampled start or index where torch reads one Python number from it (a slice's start, `x[i:i + k]`; an int
 # argument of select_scatter / slice_scatter with plain tensors, which never reaches storch's handlers)
 SAMPLED_INDEX = ("Where it is a start with a fixed length k (`x[i:i + k]`, `x.narrow(d, i, k)`, "
@@ -428,7 +435,7 @@ def too_many_samples(x: PlateTensor, what: str) -> PlateError:
     one = (" (one entry here, but a Python number leaves the plates: a cost computed through it would get no "
            "credit from the estimators)" if n == 1 else "")
     size = ("" if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype is torch.bool
-            else ". " + SAMPLED_INDEX + ". " + SAMPLED_SIZE)
+            else ". " + SAMPLED_CHOICE + ". " + SAMPLED_INDEX + ". " + SAMPLED_SIZE)
     return PlateError(
         f"{what} needs a single value, but this PlateTensor holds one value per plate entry, {n} over plates "
         f"{_names(x._plates)}{one}. Keep computing with the tensor (index with it: `table[z]`), reduce over "

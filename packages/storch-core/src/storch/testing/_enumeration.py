@@ -257,6 +257,7 @@ def _check_uniform_weights(model: Model, make: EstimatorFactory) -> bool:
     ``False`` where the estimator refuses the model's distribution when sampling (the caller tries the next
     model)."""
     leaf = model.theta.detach().clone().requires_grad_(True)
+    make = persistent(make)  # one estimator per node, as the model's own run: a partition calls make(plate) per step
     with torch.random.fork_rng(devices=[]), Graph():
         torch.manual_seed(0)
         try:

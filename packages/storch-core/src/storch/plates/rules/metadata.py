@@ -262,11 +262,17 @@ def _control_flow(x, true: int = -1) -> PlateError:
            ": each sample may decide differently" + (" (one entry here, but the branch taken would leave the "
                                                     "plates and get no credit from the estimators). " if n == 1
                                                     else ". "))
-        + "Keep every sample going and write the decision as a mask, as one-sample "
-        "code: `done = done | (tok == EOS)`, then `tok = torch.where(done, EOS, tok)` and `cost = torch.where(done, "
-        "0.0, step_cost)` (for sequences, the estimators' `eos=` option does this: a finished sequence draws EOS "
-        "with probability 1). To leave a loop early once every sample is done, test all of them: "
-        f"`if bool(done.tensor.all()): break`.{check}")
+        + "Keep every sample going and write the decision as a mask, as one-sample code. A branch on a sample "
+        "(`if k == 0: h = f(h) else: h = g(h)`, `if b: h = h + f(h)`) computes both sides and selects: "
+        "`h = torch.where(k == 0, f(h), g(h))`, `h = h + b * f(h)`. A loop that stops (`if tok == EOS: break`, "
+        "`while not done:`) keeps a mask: `done = done | (tok == EOS)`, then `tok = torch.where(done, EOS, tok)`, "
+        "`h = torch.where(done, h, f(h))` and `cost = torch.where(done, 0.0, step_cost)` (for sequences, the "
+        "estimators' `eos=` option does this: a finished sequence draws EOS with probability 1). To leave such a "
+        "loop early once every sample is done, test all of them after the masked updates that read `done` and "
+        "before the next draw: `if bool(done.tensor.all()): break` at the top of the next step, after `h = "
+        "torch.where(done, h, f(h))`. Not right after the draw that set `done`: the state (`h`) would not carry "
+        "that draw's plate, so the costs computed from it would get no credit for it (a biased gradient)."
+        f"{check}")
 
 
 register(_T.item, _T.tolist, _T.numpy, _T.__bool__, _T.__int__, _T.__float__, _T.__index__,

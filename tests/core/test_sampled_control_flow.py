@@ -1,0 +1,70 @@
+"""Control flow on samples (p-flow): what the refusals of Python reads advise, and the kit on partitions.
+
+The refusal of ``bool()`` advises a ``torch.where`` for a branch on a sample and says where an early exit of a
+loop over masked samples keeps the gradient unbiased (tests/models/test_adaptive_computation.py measures both
+placements); the refusal of ``int()`` / an index advises selecting among candidate ops with the sample (ENAS,
+tests/models/test_architecture_search.py). ``storch.testing.check_against_enumeration`` runs a model that calls
+``make(plate)`` once per step of a partition (one estimator for the sequence, as docs/partitions.md writes it).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Categorical
+
+import storch
+import storch.testing as kit
+
+
+def _refusal(read):
+    est = storch.estimator("score", plate="k", n_samples=2)
+    with storch.Graph(), pytest.raises(storch.PlateError) as err:
+        read(est(Categorical(logits=torch.zeros(3))))
+    return str(err.value)
+
+
+def test_a_branch_on_a_sample_is_advised_a_where():
+    msg = _refusal(lambda k: 1 if k == 0 else 2)
+    assert "`h = torch.where(k == 0, f(h), g(h))`" in msg and "`h = h + b * f(h)`" in msg, msg
+
+
+def test_the_early_exit_is_advised_after_the_masked_updates_not_after_the_draw():
+    msg = _refusal(lambda k: not k)
+    assert "after the masked updates that read `done`" in msg and "before the next draw" in msg, msg
+    assert "Not right after the draw that set `done`" in msg and "biased" in msg, msg
+
+
+@pytest.mark.parametrize("read", [int, lambda k: [0, 1, 2][k]])
+def test_a_choice_among_ops_is_advised_to_select_with_the_sample(read):
+    assert "`torch.stack([op(h) for op in ops])[k]`" in _refusal(read)
+
+
+def _gates_in_a_partition() -> kit.Model:
+    """Two Bernoulli gates drawn by ONE estimator (a partition of two steps); cost (b0 + 2 b1 - 1)²."""
+
+    def build(make, theta):
+        b0 = make("gate")(Bernoulli(logits=theta[0]))
+        b1 = make("gate")(Bernoulli(logits=theta[1] + b0))
+        storch.add_cost((b0 + 2 * b1 - 1) ** 2)
+
+    def exact(theta):
+        total = 0
+        for b0 in (0.0, 1.0):
+            for b1 in (0.0, 1.0):
+                l1 = theta[1] + b0
+                p = torch.sigmoid(theta[0] if b0 else -theta[0]) * torch.sigmoid(l1 if b1 else -l1)
+                total = total + p * (b0 + 2 * b1 - 1) ** 2
+        return total
+
+    theta = torch.tensor([0.3, -0.5], dtype=torch.float64)
+    return kit.Model("gates[partition]", theta, build, exact, lambda: [Bernoulli(logits=theta[:1])])
+
+
+def test_the_kit_runs_a_partition_model_with_an_estimator_that_overrides_its_weights():
+    # the kit's uniform-weights check built the model with a new estimator per make(plate) call, so the
+    # partition's second step raised "plate name 'gate' is already used" (with raise_on_failure, the default)
+    report = kit.check_against_enumeration("score", models=[_gates_in_a_partition()], orders=(0, 1),
+                                           options={"n_samples": 2, "baseline": "leave_one_out"},
+                                           n_replicates=1000)
+    assert len(report.checks) == 2
