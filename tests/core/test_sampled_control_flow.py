@@ -9,6 +9,8 @@ tests/models/test_architecture_search.py). ``storch.testing.check_against_enumer
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch.distributions import Bernoulli, Categorical
@@ -68,3 +70,34 @@ def test_the_kit_runs_a_partition_model_with_an_estimator_that_overrides_its_wei
                                            options={"n_samples": 2, "baseline": "leave_one_out"},
                                            n_replicates=1000)
     assert len(report.checks) == 2
+
+
+def _halting(exit_after_draw: bool):
+    """Halt at step 1 for sure (logits -20, +20); the state h is updated under the mask of the draws so far."""
+    theta = torch.tensor([-20.0, 20.0, 0.0], requires_grad=True)
+    est = storch.estimator("score", plate="halt", n_samples=1)
+    with storch.Graph():
+        h, done = torch.tensor(0.5), torch.zeros((), dtype=torch.bool)
+        for t in range(3):
+            h = torch.where(done, h, torch.tanh(h + 1))
+            if not exit_after_draw and bool(getattr(done, "tensor", done).all()):
+                break
+            done = done | est(Bernoulli(logits=theta[t] + h)).bool()
+            if exit_after_draw and bool(done.tensor.all()):
+                break
+        storch.add_cost((h - 0.9) ** 2)
+        storch.surrogate_loss()
+
+
+def test_a_partition_whose_last_draw_reaches_no_cost_is_warned():
+    # the exit right after the draw that ended the loop: h was last updated under step 0's mask, so the cost
+    # carries step 0 only and step 1's draw gets no credit (a biased gradient, silent before)
+    with pytest.warns(storch.UnusedSampleWarning, match=r"partition 'halt' .* drew step 1 \(of 0-1\).*after the "
+                                                         r"masked updates"):
+        _halting(exit_after_draw=True)
+
+
+def test_the_advised_early_exit_is_not_warned():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", storch.UnusedSampleWarning)
+        _halting(exit_after_draw=False)

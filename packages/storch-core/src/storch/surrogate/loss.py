@@ -317,6 +317,8 @@ def _surrogate_loss(order: int, graph: Graph, common: bool = True) -> torch.Tens
     n = len(graph.nodes)
     if n and (reached == 0 or n > 1):  # one node and some cost upstream of it: nothing to look for
         _warn_unused(graph, per_cost + [(None, c, ns) for c, ns in plain])
+    if reached:
+        _warn_unreached_steps(graph, per_cost)
     renamed = _state_names(per_cost) if len(graph.costs) > 1 and n else None
     loss = None
     single, groups = [], {}
@@ -633,6 +635,44 @@ def _state_names(per_cost: list) -> Optional[dict]:
                         renamed = {}
                     renamed[id(cost)] = (state, split)
     return renamed
+
+
+def _warn_unreached_steps(graph: Graph, per_cost: list) -> None:
+    """Warn about a partition whose last steps no cost reaches: no cost carries its plate at those steps, so
+    their draws get no credit (their l_t is in no cost's L_t, causal credit, docs/partitions.md).
+
+    Every partition step drawn for a reason affects some later cost. Where the draws of the last steps reach none,
+    the usual cause is a loop left in Python (``if bool(done.tensor.all()): break``) right after the draw that
+    ended it: the state the costs read was last updated before that draw, so it does not carry its plate, and a
+    sample's halting decision goes uncredited whenever every sample halted at once (a halting model at
+    n_samples=1: z -75 against the exact gradient, tests/models/test_adaptive_computation.py). The partition's
+    whole node unused is :func:`_warn_unused`'s. Costs are scanned from the last added, which typically reaches
+    the last step (one cost a step): O(1) per partition there.
+    """
+    for node in graph.nodes:
+        log = node.step_log
+        if log is None:
+            continue
+        last, name, seen = len(log) - 1, node.plate.name, -1
+        for _, cost, nodes in reversed(per_cost):
+            for p in plates_of(cost):
+                if p.name == name:
+                    seen = max(seen, p.step)
+                    break
+            if seen == last:
+                break
+        if seen < 0 or seen == last or not any(lt.requires_grad for _, lt in log[seen + 1:]):
+            continue  # (unused as a whole: _warn_unused; no gradient in the late steps: nothing is lost)
+        late = f"step {last}" if seen + 1 == last else f"steps {seen + 1}-{last}"
+        warnings.warn(UnusedSampleWarning(
+            f"partition {name!r} (estimator {node.estimator.name!r}) drew {late} (of 0-{last}), but no cost carries "
+            f"its plate at a step after {seen}: those draws get no credit (causal credit: a cost is credited to the "
+            "steps up to its plate's step). If the costs depend on them through Python control flow, typically a "
+            "loop left once every sample is done (`if bool(done.tensor.all()): break`) right after the draw that "
+            "set `done`, the state they read does not carry that draw's plate and the gradient is biased: leave "
+            "the loop after the masked updates that read `done` (`h = torch.where(done, h, f(h))`), before the "
+            "next draw. A last draw that affects no cost can be left out, or drawn under torch.no_grad()"),
+            stacklevel=5)
 
 
 def _warn_unused(graph: Graph, per_cost: list) -> None:
