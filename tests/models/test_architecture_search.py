@@ -8,7 +8,7 @@ plates); the forms the refusals advise run: every candidate stacked and indexed 
 (``torch.stack([op(h) for op in ops])[k]``), a ``torch.where`` chain, a ``one_hot(k)`` mixture. (a) the refusals
 and their advice; (b) z-tests against enumeration of the K^2 architectures (the controller's logits and the
 child's weight, order 1, and order 2 where the estimator declares it), one estimator per layer and one partition
-over the layers; (c) training lowers the exact expected cost; (d) the step under ``storch.compile`` equals eager.
+over the layers (score, unordered_set; mvd, sum_and_sample, rebar and relax per layer); (c) training lowers the exact expected cost; (d) the step under ``storch.compile`` equals eager.
 """
 
 from __future__ import annotations
@@ -118,6 +118,17 @@ def test_gradients_against_enumeration(name, options, orders, warmup):
     report = kit.check_against_enumeration(name, models=MODELS, options=options, orders=orders,
                                            n_replicates=1000, warmup=warmup)
     assert len(report.checks) == len(MODELS) * len(orders)
+
+
+@pytest.mark.parametrize("name, options, orders, models", [
+    ("mvd", {}, (0, 1), [m for m in MODELS if "per-layer" in m.name]),  # (no partitions: one estimator a layer)
+    ("sum_and_sample", {"n_samples": 2}, (0, 1, 2), [m for m in MODELS if "per-layer" in m.name]),
+    ("rebar", {}, (0, 1), [enas("relaxed", False)]),  # the one-hot mixture: continuous in the relaxed sample
+    ("relax", {}, (0, 1), [enas("relaxed", False)]),
+])
+def test_gradients_of_per_layer_estimators_against_enumeration(name, options, orders, models):
+    report = kit.check_against_enumeration(name, models=models, options=options, orders=orders, n_replicates=1000)
+    assert len(report.checks) == len(models) * len(orders)
 
 
 def test_gumbel_straight_through_on_the_one_hot_mixture():
