@@ -97,6 +97,34 @@ def test_one_plate_tensor_with_non_tensor_options_is_one_raw_call(name):
     assert y.clamp_(min=0.0) is y and bool((y.tensor >= 0).all())
 
 
+def test_broadcast_tensors_of_one_plate_tensor_returns_it_without_the_generator_test():
+    """torch.distributions' broadcast_all of one parameter (Bernoulli(logits=x)): the tensor itself, as the test of
+    several tensors of equal plates and shape returns them, without that test's generator (issue 19: once a step)."""
+    import sys
+
+    from storch.plates.rules import pointwise
+
+    x = make(rnd(3, 2, 4), *ZD)
+    ran: list = []
+
+    def probe(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename == pointwise.__file__:
+            ran.append(frame.f_code.co_name)
+
+    for args in ((x,), (x, x)):
+        ran.clear()
+        sys.setprofile(probe)
+        try:
+            out = torch.broadcast_tensors(*args)
+        finally:
+            sys.setprofile(None)
+        assert type(out) is tuple and len(out) == len(args) and all(o is x for o in out)
+        if len(args) == 1:
+            assert ran == ["_broadcast_tensors"], ran
+        else:  # the control: two tensors take the test of equal plates and shapes
+            assert "<genexpr>" in ran, ran
+
+
 # -- losses ---------------------------------------------------------------------------------------
 
 

@@ -16,12 +16,12 @@ from torch.distributions import Distribution
 
 from ._order_guard import is_differentiated, unbatched
 from ._stacklevel import user_stacklevel
-from .eager import _compiler, _jit_tracing, eager_only, refuse_foreign_trace
+from .eager import _compiler, _jit_tracing, eager_only, mark_eager_only, refuse_foreign_trace, set_eval_frame
 from .errors import ConstantCostWarning, CostError, PlateError, StorchError
 from .generators import pop_generator, push_generator
 from .node import Node
 from .plates.integer_reads import MARKS, forget, record_of
-from .plates.tensor import Lineage, Plate, PlateTensor, _release, unpickled_message
+from .plates.tensor import Lineage, Plate, PlateTensor, _release, new_plate_tensor, unpickled_message
 
 if TYPE_CHECKING:
     from .estimators.base import Estimator
@@ -63,26 +63,30 @@ class Graph:
         self.costs: list[tuple[str, Any]] = []
         self.plates: dict[str, Any] = {}  # name -> Node or Plate (data plate)
         self.generator = generator
-        self.is_default = False  # the thread's default graph (set by _stack)
-        self._mode = None
-        self._finished = False
-        self._guard = _StepGuard(self)
         # {0: ident of the thread whose `with` block has this graph open} (claimed by one atomic setdefault, so of
-        # two threads entering at once one is refused), and how deep that thread has entered it (re-entry nests)
+        # two threads entering at once one is refused), and how deep that thread has entered it (re-entry nests:
+        # _depth)
         self._open_in: dict[int, int] = {}
-        self._depth = 0
         self.no_credit: set[int] = set()  # ids of the costs added with credit=False (storch.add_cost)
         # id(cost) -> the record of its mark (storch.plates.integer_reads), for the costs computed from an integer
         # read from a pathwise sample, kept when the step's marks end (_close): a surrogate built after the `with`
         # block still refuses them (storch.surrogate.pathwise._check_integer_reads)
         self.integer_costs: dict[int, tuple] = {}
-        self.loss_built = False  # surrogate_loss() was called in this step (for the messages below)
-        self.last_end: Optional[str] = None  # how the last step with costs ended (for the messages below)
-        # the step's update record (storch.surrogate.updates._updates_on_backward makes it at the step's first update
-        # probe; reset drops it): non-empty once a backward pass queued the step's estimator updates, and shared
-        # by every probe of the step, so they run once per step however many of its surrogates a pass reaches,
-        # or passes reach. Dropped, never cleared: a probe of an ended step keeps its own
-        self.step_updated: Optional[set] = None
+
+    # Defaults of the immutable state: class attributes, set on the instance when they change (a graph per step
+    # made them ten stores in every Graph())
+    is_default = False  # the thread's default graph (set by _stack)
+    _mode: Optional[bool] = None
+    _finished = False
+    _step_guard: Optional["_StepGuard"] = None  # (made when first asked: most steps never ask)
+    _depth = 0
+    loss_built = False  # surrogate_loss() was called in this step (for the messages below)
+    last_end: Optional[str] = None  # how the last step with costs ended (for the messages below)
+    # the step's update record (storch.surrogate.updates._updates_on_backward makes it at the step's first update
+    # probe; reset drops it): non-empty once a backward pass queued the step's estimator updates, and shared
+    # by every probe of the step, so they run once per step however many of its surrogates a pass reaches,
+    # or passes reach. Dropped, never cleared: a probe of an ended step keeps its own
+    step_updated: Optional[set] = None
 
     def __repr__(self) -> str:
         # active: the current graph of this thread (storch calls go to it); open: entered by a `with` block
@@ -95,40 +99,53 @@ class Graph:
         costs = [name for name, _ in self.costs[:8]] + (["..."] if len(self.costs) > 8 else [])
         return f"storch.Graph({kind}{state}, nodes=[{nodes}], costs={costs})"
 
-    @eager_only
+    # (__enter__ and __exit__ suspend dynamo themselves, as eager_only's wrapper would: a Python frame fewer each,
+    # once per step; storch.eager.mark_eager_only)
+    @mark_eager_only
     def __enter__(self) -> "Graph":
-        if _jit_tracing() or _compiler._is_exporting_flag:
-            refuse_foreign_trace("a storch.Graph block")
-        ident = _get_ident()
-        if self._open_in.setdefault(0, ident) != ident:  # open in another thread (a dict call and a comparison)
-            raise StorchError(_open_elsewhere_message(self._open_in.get(0)))
-        self._depth += 1
-        if self._finished:  # a graph object entered again starts a new step
-            self.reset()
-        self._finished = False
-        _stack().append(self)
-        if self.generator is not None:
-            push_generator(self.generator)  # storch.current_generator() in the block
-            self._mode = True
-        return self
+        prior = set_eval_frame(None)
+        try:
+            if _jit_tracing() or _compiler._is_exporting_flag:
+                refuse_foreign_trace("a storch.Graph block")
+            ident = _get_ident()
+            if self._open_in.setdefault(0, ident) != ident:  # open in another thread (a dict call and a comparison)
+                raise StorchError(_open_elsewhere_message(self._open_in.get(0)))
+            self._depth += 1
+            if self._finished:  # a graph object entered again starts a new step
+                self.reset()
+            self._finished = False
+            stack = _local.__dict__.get("stack")  # (_stack() inline)
+            (stack if stack is not None else _stack()).append(self)
+            if self.generator is not None:
+                push_generator(self.generator)  # storch.current_generator() in the block
+                self._mode = True
+            return self
+        finally:
+            if prior is not None:
+                set_eval_frame(prior)
 
-    @eager_only
+    @mark_eager_only
     def __exit__(self, *exc) -> None:
-        self._depth -= 1
-        if self._depth <= 0:  # its outermost block in the owning thread: another thread may enter it now
-            self._depth = 0
-            self._open_in.clear()
-        if self._mode is not None:
-            self._mode = None
-            pop_generator()
-        stack = _stack()
-        if stack and stack[-1] is self:
-            stack.pop()
-        if exc[0] is not None:
-            self.reset(f"discarded by an exception in its step ({exc[0].__name__})")
-        else:
-            self._close("finished (its `with storch.Graph():` block ended)")
-        self._finished = True
+        prior = set_eval_frame(None)
+        try:
+            self._depth -= 1
+            if self._depth <= 0:  # its outermost block in the owning thread: another thread may enter it now
+                self._depth = 0
+                self._open_in.clear()
+            if self._mode is not None:
+                self._mode = None
+                pop_generator()
+            stack = _local.__dict__.get("stack")
+            if stack and stack[-1] is self:
+                stack.pop()
+            if exc[0] is not None:
+                self.reset(f"discarded by an exception in its step ({exc[0].__name__})")
+            else:
+                self._close("finished (its `with storch.Graph():` block ended)")
+            self._finished = True
+        finally:
+            if prior is not None:
+                set_eval_frame(prior)
 
     @eager_only
     def reset(self, reason: str = "reset (storch.reset() or storch.backward())") -> None:
@@ -151,6 +168,13 @@ class Graph:
         nodes into the next one: ``with graph.guard(): ...``.
         """
         return self._guard
+
+    @property
+    def _guard(self) -> "_StepGuard":
+        guard = self._step_guard
+        if guard is None:
+            guard = self._step_guard = _StepGuard(self)
+        return guard
 
     def discard(self, error: BaseException) -> None:
         """A storch call in this graph raised ``error``: in the thread's default graph, end the step.
@@ -176,7 +200,8 @@ class Graph:
                     self.integer_costs[id(cost)] = record
             forget(self.nodes)
         for owner in self.plates.values():
-            lineage = _lineage_of(owner)
+            plate = owner.plate if isinstance(owner, Node) else owner  # (_lineage_of inline: a node or a data plate)
+            lineage = plate.lineage if plate is not None else None
             if lineage is not None and lineage.closed is None:
                 lineage.closed = reason
                 _release(lineage)  # nothing of the step is held after it (the plate caches)
@@ -524,9 +549,9 @@ class Graph:
             raise PlateError(_denote_in_backward_message(plate))
         if not isinstance(tensor, torch.Tensor):
             raise PlateError(f"denote_independent needs a tensor, got {type(tensor).__name__}")
-        if isinstance(dim, bool) or not isinstance(dim, int):
+        if type(dim) is not int and (isinstance(dim, bool) or not isinstance(dim, int)):  # (an int: one call)
             raise PlateError(f"denote_independent: dim must be an int, got {dim!r}")
-        if not isinstance(plate, str) or not plate:
+        if (type(plate) is not str and not isinstance(plate, str)) or not plate:
             raise PlateError(f"denote_independent: plate must be a non-empty string, got {plate!r}")
         if type(tensor) is PlateTensor:
             self.check_plates(tensor.plates, "the tensor passed to denote_independent")
@@ -541,14 +566,15 @@ class Graph:
             d = n + (dim if dim >= 0 else k + dim)
             raw, parents = tensor.tensor.movedim(d, 0), tensor.plates
         else:
-            if tensor.dim() == 0:
+            k = tensor.dim()
+            if k == 0:
                 raise PlateError(_no_dim_message("a 0-d tensor (shape ())"))
-            if not -tensor.dim() <= dim < tensor.dim():
+            if not -k <= dim < k:
                 raise PlateError(f"dim {dim} is out of range for a tensor of shape {tuple(tensor.shape)}; "
-                                 f"use a dim in [{-tensor.dim()}, {tensor.dim() - 1}]")
+                                 f"use a dim in [{-k}, {k - 1}]")
             # dim 0 (the usual batch dim) is already first: the tensor itself, no view (one
             # autograd node fewer, as by hand)
-            raw, parents = (tensor if dim == 0 or dim == -tensor.dim() else tensor.movedim(dim, 0)), ()
+            raw, parents = (tensor if dim == 0 or dim == -k else tensor.movedim(dim, 0)), ()
         if raw.shape[0] == 0:
             from ._ranks import _announce_no_costs
 
@@ -566,8 +592,10 @@ class Graph:
                 "sub-batches (labelled and unlabelled data points), skip that sub-batch's denote_independent and "
                 "its costs (`if x_lab.shape[0] > 0:`), not the whole step")
         p = Plate(plate, raw.shape[0], True, 0, Lineage())
-        self.claim_plate(plate, p)
-        return PlateTensor._wrap(raw, (p,) + parents)
+        if plate in self.plates:  # (claim_plate inline)
+            raise PlateError(self._reused_name(plate, p))
+        self.plates[plate] = p
+        return new_plate_tensor(raw, (p,) + parents)
 
     def _denote_several(self, tensors, dim: int, plate: str):
         """Several tensors (inputs and targets) on ONE data plate: entry i of each belongs together."""
@@ -778,7 +806,7 @@ def current_graph() -> Graph:
     return _stack()[-1]
 
 
-@eager_only
+@mark_eager_only
 def add_cost(cost: torch.Tensor, name: Optional[str] = None, *, credit: bool = True) -> None:
     """Register a cost (one number per sample) in the current graph.
 
@@ -796,12 +824,18 @@ def add_cost(cost: torch.Tensor, name: Optional[str] = None, *, credit: bool = T
     actions through differentiable dynamics trains the policy through ``s_t``. Detach the inputs
     (``V(s_t.detach())``) for a loss that must give the node no gradient at all.
     """
-    graph = _stack()[-1]  # Graph.add_cost without a second eager_only call
-    try:  # what `with graph.guard():` does, without its two method calls per cost
-        graph._add_cost(cost, name, credit)
-    except BaseException as e:
-        graph.discard(e)
-        raise
+    prior = set_eval_frame(None)  # (eager_only's suspension of dynamo inline: a Python frame fewer per cost)
+    try:
+        stack = _local.__dict__.get("stack")  # (_stack() inline)
+        graph = (stack if stack is not None else _stack())[-1]  # Graph.add_cost without eager_only's call
+        try:  # what `with graph.guard():` does, without its two method calls per cost
+            graph._add_cost(cost, name, credit)
+        except BaseException as e:
+            graph.discard(e)
+            raise
+    finally:
+        if prior is not None:
+            set_eval_frame(prior)
 
 
 @overload
@@ -812,7 +846,7 @@ def denote_independent(tensor: torch.Tensor, dim: int, plate: str) -> PlateTenso
 def denote_independent(tensor: Sequence[torch.Tensor], dim: int, plate: str) -> tuple[PlateTensor, ...]: ...
 
 
-@eager_only
+@mark_eager_only
 def denote_independent(tensor: Union[torch.Tensor, Sequence[torch.Tensor]], dim: int,
                        plate: str) -> Union[PlateTensor, tuple[PlateTensor, ...]]:
     """Declare ``dim`` of ``tensor`` an independent plate (data points; reduced by the mean).
@@ -822,16 +856,22 @@ def denote_independent(tensor: Union[torch.Tensor, Sequence[torch.Tensor]], dim:
     sizes along ``dim`` must agree. (Two calls with two plate names would instead pair every
     ``x`` with every ``y``; the same name twice is refused.)
     """
-    if _jit_tracing() or _compiler._is_exporting_flag:
-        refuse_foreign_trace(f"storch.denote_independent (plate {plate!r})")
-    graph = _stack()[-1]  # Graph.denote_independent without a second eager_only call
-    try:  # what `with graph.guard():` does, without its two method calls
-        if isinstance(tensor, (tuple, list)):
-            return graph._denote_several(tensor, dim, plate)
-        return graph._denote_independent(tensor, dim, plate)
-    except BaseException as e:
-        graph.discard(e)
-        raise
+    prior = set_eval_frame(None)  # (eager_only's suspension of dynamo inline: a Python frame fewer per step)
+    try:
+        if _jit_tracing() or _compiler._is_exporting_flag:
+            refuse_foreign_trace(f"storch.denote_independent (plate {plate!r})")
+        stack = _local.__dict__.get("stack")  # (_stack() inline)
+        graph = (stack if stack is not None else _stack())[-1]  # Graph.denote_independent without eager_only's call
+        try:  # what `with graph.guard():` does, without its two method calls
+            if isinstance(tensor, (tuple, list)):
+                return graph._denote_several(tensor, dim, plate)
+            return graph._denote_independent(tensor, dim, plate)
+        except BaseException as e:
+            graph.discard(e)
+            raise
+    finally:
+        if prior is not None:
+            set_eval_frame(prior)
 
 
 @eager_only

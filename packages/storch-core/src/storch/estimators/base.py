@@ -1905,7 +1905,7 @@ def _plain_node(est: Estimator, graph, raw: Distribution, parents: tuple[Plate, 
     """:meth:`Estimator._sample_node` of a plain node (:func:`_is_plain`; issue 19): the same node, value and
     errors, without the checks that are decided per (estimator, distribution type) and come out as no-ops (~20
     statements and calls a node: the step's Python runs cold, so the code it runs matters, not only each call)."""
-    own = raw.batch_shape + raw.event_shape
+    own = raw._batch_shape + raw._event_shape  # (a torch class, _is_plain: what its two shape properties return)
     if len(own) + 1 > MAX_DIMS:
         raise PlateError(f"estimator {est.name!r} (plate {est.plate!r}): " + too_many_dims_message(len(own) + 1))
     if inputs is not None:

@@ -281,6 +281,8 @@ def _broadcast_tensors(func, args, kwargs):
     # fast path (every distribution built from plate tensors calls this through broadcast_all):
     # plate tensors that already share plates and raw shape broadcast to themselves
     first = args[0] if args else None
+    if len(args) == 1 and not kwargs and type(first) is _PT:  # (Bernoulli(logits=x): the test below, of one tensor,
+        return tuple(args)  # without its generator's frames)
     if not kwargs and type(first) is _PT and all(
         type(a) is _PT and (a._plates is first._plates or a._plates == first._plates)
         and a._raw.shape == first._raw.shape for a in args
