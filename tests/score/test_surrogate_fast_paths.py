@@ -35,15 +35,23 @@ def test_single_node_one_cost_has_the_hand_written_graph(baseline, batch):
     n = 4
     theta = torch.linspace(-1.0, 1.0, 3).repeat(batch, 1).requires_grad_(True)
     est = storch.estimator("score", plate="z", n_samples=n, baseline=baseline)
-    torch.manual_seed(0)
-    with storch.Graph():
-        x = storch.denote_independent(theta, 0, "data")
-        z = est(Bernoulli(logits=x))
-        storch.add_cost(((z - 0.45) ** 2).sum(-1), name="f")
-        loss, seen = calls(storch.surrogate_loss)
-        assert "_one_node_surrogate" in seen
-        (g,) = torch.autograd.grad(loss, theta, create_graph=True)
-        (h,) = torch.autograd.grad(g.sum(), theta)
+    for step in range(2):  # (the estimator's first surrogate walks the sample's paths: the general path)
+        torch.manual_seed(0)
+        with storch.Graph():
+            x = storch.denote_independent(theta, 0, "data")
+            z = est(Bernoulli(logits=x))
+            storch.add_cost(((z - 0.45) ** 2).sum(-1), name="f")
+            loss, seen = calls(storch.surrogate_loss)
+            assert "_one_node_surrogate" in seen
+            if step == 0:
+                assert "_one_node_loss" in seen and "_cost_surrogate" in seen  # declined: the general path
+                continue
+            # _one_node_loss: MagicBox(l) built there (a cost of the node's own plates: no alignment), and a finite
+            # CPU loss read there (refuse_on_backward is for a loss it may hook: tests/reliability/test_nonfinite.py)
+            assert "_cost_surrogate" not in seen and "align" not in seen and "gradient_values" not in seen
+            assert "refuse_on_backward" not in seen
+            (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+            (h,) = torch.autograd.grad(g.sum(), theta)
     # by hand: the same samples, the DiCE objective
     torch.manual_seed(0)
     d = Bernoulli(logits=theta)

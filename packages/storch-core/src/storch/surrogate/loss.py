@@ -8,6 +8,7 @@ estimators' updates on backward (:mod:`.updates`).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -15,14 +16,14 @@ import torch
 
 from .._ranks import _skips_synced_update
 from ..cost import magic_box
-from ..eager import eager_only
+from ..eager import eager_only, mark_eager_only, set_eval_frame
 from ..errors import StorchError, UnusedSampleWarning
 from ..estimators.watch import is_pathwise
-from ..graph import Graph, current_graph, tracing_recorder
+from ..graph import Graph, _stack, current_graph, tracing_recorder
 from ..node import Node
 from ..plates.tensor import PlateTensor, align, plates_of, raw_of
 from ..score_conditions import KINK_FREE
-from .finite import refuse_on_backward
+from .finite import _is_wrapped, refuse_on_backward
 from .order import _check_order, _guard_low_order
 from .pathwise import _REACH_KEY, _check_compared, _check_integer_reads, _check_reaches, _check_smooth
 from .refusals import _PENDING, _check_mixed, _keep_counted
@@ -101,7 +102,7 @@ def _estimate(graph: Graph, x, event: int = 0) -> torch.Tensor:
         return _weighted_mean(plates, raw.detach(), nodes, event)
 
 
-@eager_only
+@mark_eager_only
 def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tensor:
     """The surrogate loss of the current graph (paper, Eq. 2).
 
@@ -182,28 +183,37 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
         StorchError: built with gradients enabled, a cost depends on a node that was sampled under
             ``torch.no_grad()`` from parameters that require grad (its gradient would be missing).
     """
-    graph = graph or current_graph()
-    # the commonest step (order 1, one node: _one_node_loss) without the general path's calls around it;
-    # storch.compile records the general path's loss and update probe
-    if type(order) is int and order == 1 and len(graph.nodes) == 1 and graph.costs and tracing_recorder() is None:
-        try:  # what `with graph.guard():` does: an error discards the step
-            loss = _one_node_loss(graph)
-        except BaseException as e:
-            graph.discard(e)
-            raise
-        if loss is not None:
-            graph.loss_built = True
-            est = graph.nodes[0].estimator
-            if est.has_update or _skips_synced_update(est):  # (_updating / _skipping: the one node's estimator)
-                loss = _updates_on_backward(loss, graph)
+    prior = set_eval_frame(None)  # (eager_only's suspension of dynamo inline: a Python frame fewer per step)
+    try:
+        graph = graph or _stack()[-1]  # (current_graph() without its call)
+        # the commonest step (order 1, one node: _one_node_loss) without the general path's calls around it;
+        # storch.compile records the general path's loss and update probe
+        if type(order) is int and order == 1 and len(graph.nodes) == 1 and graph.costs and tracing_recorder() is None:
+            try:  # what `with graph.guard():` does: an error discards the step
+                loss = _one_node_loss(graph)
+            except BaseException as e:
+                graph.discard(e)
+                raise
+            if loss is not None:
+                graph.loss_built = True
+                est = graph.nodes[0].estimator
+                if est.has_update or _skips_synced_update(est):  # (_updating / _skipping: the one node's estimator)
+                    loss = _updates_on_backward(loss, graph)
+                # refuse_on_backward's common case inline (a finite 0-dim loss on the CPU, outside torch.func: nothing
+                # to hook), a call fewer per step; anything else goes to it
+                if not _is_wrapped(loss) and loss.is_cpu and (loss.is_meta or math.isfinite(loss.item())):
+                    return loss
+                refuse_on_backward(loss, graph)
+                return loss
+            loss = _unchecked(order, graph, common=False)  # (not asked again: a pathwise node's step, a partition's)
+        else:
+            loss = _unchecked(order, graph)
+        if tracing_recorder() is None:  # (storch.compile checks its replays' losses itself)
             refuse_on_backward(loss, graph)
-            return loss
-        loss = _unchecked(order, graph, common=False)  # (not asked again: a pathwise node's step, a partition's)
-    else:
-        loss = _unchecked(order, graph)
-    if tracing_recorder() is None:  # (storch.compile checks its replays' losses itself)
-        refuse_on_backward(loss, graph)
-    return loss
+        return loss
+    finally:
+        if prior is not None:
+            set_eval_frame(prior)
 
 
 def unchecked_surrogate_loss(order: int, graph: Graph) -> torch.Tensor:
@@ -411,10 +421,17 @@ def _one_node_loss(graph: Graph) -> Optional[torch.Tensor]:
         name, cost = costs[0]
         if type(cost) is not PlateTensor or node.plate not in cost._plates:
             return None  # a cost of the data alone: the general path warns that no cost is downstream of the node
-        _ensure_weights(node)
-        if cost._raw.dtype is torch.float64:
+        uniform = est.uniform_weights  # (read once: _ensure_weights and _one_node_surrogate would read it again)
+        if not uniform:
+            _ensure_weights(node)
+        raw, plates = cost._raw, cost._plates
+        if raw.dtype is torch.float64:
             _widen_to_float64(graph.nodes)
-        loss = _one_node_surrogate(cost._raw, cost._plates, node, name)
+        # MagicBox(l) at the cost's plates, as _one_node_surrogate builds it, without its three calls: the node is
+        # no partition (its gradient_values are its l), and a cost of exactly its plates needs no alignment
+        l, own = node._gradient_values, (node.plate,) + node.parents
+        box = magic_box(l if plates == own else align(l, own, plates))
+        loss = _one_node_surrogate(raw, plates, node, name, box=box, uniform=uniform)
         return loss if loss.dim() == 0 else loss.reshape(())
     terms = _costs_at(costs, node.plate.name)
     if terms is None:

@@ -451,14 +451,15 @@ class _LiveInner:
 
 def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Optional[str],
                         order: int = 1, renamed: Optional[tuple] = None,
-                        box: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        box: Optional[torch.Tensor] = None, uniform: Optional[bool] = None) -> torch.Tensor:
     """:func:`_cost_surrogate` for a cost downstream of one node: the DiCE objective written by hand,
     mean over the plates of MagicBox(l) · C, and with the base class's control variate (a baseline b)
     ``lerp(⊥b, C, MagicBox(l))`` = MagicBox(l) · C + (1 - MagicBox(l)) · ⊥b in one autograd node
     (the same function, so the same derivatives at every order; its value is C exactly, as
     ``torch.lerp`` computes ``end - (end - start) · (1 - weight)`` at weight 1). ``box``: MagicBox(l) at
     ``plates`` where the surrogate's other costs of this node share it (built once for all of them, as by hand:
-    the same values; a gradient summed in another order)."""
+    the same values; a gradient summed in another order). ``uniform``: the estimator's ``uniform_weights``, where the
+    caller read it already."""
     est = node.estimator
     if box is None:
         box = magic_box(align(node.gradient_values, node.plates, plates))  # MagicBox(l), line 7
@@ -487,7 +488,7 @@ def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Opti
             inner = _with_control_variate(inner, est, node, frame, order)
     else:
         inner = box * raw
-    if not est.uniform_weights:
+    if not (est.uniform_weights if uniform is None else uniform):
         dim = plates.index(node.plate)
         w = align(node.weight_values, node.plates, plates)
         inner = (w * inner).sum(dim, keepdim=True)  # line 14: weight and sum over X_i
