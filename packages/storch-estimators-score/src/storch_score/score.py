@@ -534,7 +534,7 @@ class _LeaveOneOut(_Baseline):
 
     def value(self, est, node, cost):
         # b_j = 1/(n-1) Σ_{j' ≠ j} f(x_j') (paper, section 3.2.5); cost.tensor is detached
-        return leave_one_out(cost, node.n)
+        return leave_one_out(cost, node.plate.size)  # (node.n without its property call)
 
 
 class _MovingAverage(_Baseline):

@@ -74,7 +74,7 @@ from ..errors import (IndependentStepWarning, NonFiniteParameterError, OptionErr
                       UnsupportedDistributionError)
 from ..generators import drawing_with
 from .. import options
-from ..graph import current_graph, is_tracing
+from ..graph import _stack, current_graph, is_tracing
 from ..node import Node
 from ..plates.integer_reads import MARKS, marked_parameter
 from ..plates.tensor import MAX_DIMS, Lineage, Plate, PlateTensor, align, too_many_dims_message
@@ -1164,7 +1164,7 @@ class Estimator(torch.nn.Module):
         # discards the step, so it never leaks into the next.
         if _graph_task_id() != -1:  # (one C call: -1 outside a backward pass)
             raise StorchError(_in_backward_message(self))
-        graph = current_graph()
+        graph = _stack()[-1]  # (current_graph() without its call)
         try:
             if graph.generator is None and type(self).forward is _FORWARD:  # the lean path
                 if not args and (not kwargs or len(kwargs) == 1 and "inputs" in kwargs) and _no_module_hooks(self):
