@@ -22,8 +22,8 @@ options that give its state its meaning and those that change how it evolves: de
 ranks with different estimators or such options, a rank whose
 step has no costs or no data (it joins the check from ``storch.backward()`` / ``denote_independent``)
 or whose estimator was built with ``update=False`` (it joins from ``storch.backward()`` or
-``surrogate_loss().backward()``, once per estimator object: a copy joins again; not from a step compiled by
-``storch.compile``) while
+``surrogate_loss().backward()``, or the ``.backward()`` of a step compiled by ``storch.compile``, once per
+estimator object: a copy joins again) while
 the others update, and values of one name with different shapes or dtypes raise
 :class:`storch.StorchError` on every rank. Different cost
 names are not an error: each name is averaged over the ranks that have it. Under DDP a rank that

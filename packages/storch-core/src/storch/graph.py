@@ -740,7 +740,7 @@ class tracing_nodes:
     """Context (used by ``storch.compile``): collect every node added in this thread into ``nodes``.
 
     ``recorder``: while ``storch.compile`` records a step, the callable that ``surrogate_loss`` hands
-    a surrogate with estimator updates to (``recorder(loss, updating)``, see :func:`tracing_recorder`)
+    a surrogate with estimator updates to (``recorder(loss, updating, skipping, keys)``, see :func:`tracing_recorder`)
     instead of attaching its eager update probe; ``None`` on the eager runs of the traced paths."""
 
     def __init__(self, nodes: list, recorder: Optional[Callable] = None) -> None:

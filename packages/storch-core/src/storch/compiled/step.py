@@ -165,7 +165,7 @@ class CompiledStep(Generic[_P, _R]):
         (``state_tensors``, ``replays_update``) a :class:`_Stateful` that holds a trace per structure
         of that state."""
         trace = self._trace(leaves, spec, tensors)
-        if not trace.estimators:
+        if not trace.estimators and trace.probe is None:  # (a probe without estimators: skipped updates, _Recorder)
             return trace.gm, trace.program, trace.spec, trace.single, trace.refusal, trace.guard, trace.checked
         return _Stateful(trace.estimators, {trace.sig: trace})
 

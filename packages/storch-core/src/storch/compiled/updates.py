@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch
 import torch.utils._pytree as pytree
 
+from .._ranks import _join_skipped_update, _skips_synced_update
 from ..errors import NonFiniteCostError, StorchError
 from ..estimators.messages import updating_message
 from ..surrogate import update_on_backward
@@ -22,7 +23,13 @@ class _Recorder:
     estimators (storch.surrogate.updates._updates_on_backward): the loss gets the program's probe input
     added (a zero whose gradient accumulation, at each replay, queues the updates, as the eager
     probe does), and the program returns the loss and the estimators' ``update_inputs`` as extra
-    outputs. ``decided``: on the replay check (grad off), whether the trace recorded an update."""
+    outputs. ``decided``: on the replay check (grad off), whether the trace recorded an update.
+
+    Under torch.distributed the estimators built with ``update=False`` that must join the ranks' check where they
+    skip their update (``storch._ranks._skips_synced_update``) are kept too, in the graph's order among the
+    updates (a template of None): each replay's probe has them join it, as the eager probe does, where another
+    rank's update would run its collective (before, a compiled step left them out, and a rank that updated waited
+    there forever). A step whose only such estimators skip gets the probe all the same."""
 
     def __init__(self, fn, decided: Optional[bool] = None, replay_only: bool = True) -> None:
         self.fn, self.decided, self.replay_only = fn, decided, replay_only
@@ -41,14 +48,22 @@ class _Recorder:
         if self.refusal is None:
             self.refusal = message
 
-    def __call__(self, loss: torch.Tensor, updating: dict) -> torch.Tensor:
+    def __call__(self, loss: torch.Tensor, updating: dict, skipping: dict, keys: tuple) -> torch.Tensor:
+        """``updating``: each updating estimator's nodes, ``skipping``: the estimators that join the ranks' check
+        instead, by id; ``keys``: both, in the graph's order (storch.surrogate.updates._updates_on_backward)."""
         if not (loss.requires_grad if self.decided is None else self.decided):
             return loss  # eagerly too: no backward, no update
+        if self.loss is not None and not updating:
+            return loss  # (only skipped updates: the first surrogate's probe has them join the check)
         if self.loss is not None:
             raise StorchError(
                 f"storch.compile: {_name(self.fn)} builds more than one surrogate loss with estimators that update "
                 "their state on .backward(); a compiled step builds one: return it, and call .backward() on it")
-        for nodes in updating.values():
+        for key in keys:
+            if key in skipping:
+                self.updates.append((skipping[key], None, None))
+                continue
+            nodes = updating[key]
             est = nodes[0].estimator
             live = est.update_uses_loss_graph
             if not est.replays_update:
@@ -89,6 +104,8 @@ def _loss_graph_values(values: tuple, loss: torch.Tensor, updates: list) -> dict
     out = {}
     tensors = iter(values)
     for j, (est, spec, template) in enumerate(updates):
+        if template is None:  # a skipped update (see _Recorder)
+            continue
         leaves = [next(tensors) if v is None else v for v in template]
         if est.update_uses_loss_graph:
             out[j] = (est.loss_graph_values(loss, pytree.tree_unflatten(leaves, spec)) if loss.requires_grad
@@ -116,6 +133,10 @@ def _update_on_backward(probe: torch.Tensor, loss: torch.Tensor, values: tuple, 
     def run():
         tensors = iter(values)
         for j, (est, spec, template) in enumerate(updates):
+            if template is None:  # update=False under torch.distributed: the ranks' check, once per estimator
+                if _skips_synced_update(est):
+                    _join_skipped_update(est)
+                continue
             leaves = [next(tensors) if v is None else v for v in template]
             if computed and j in computed:  # loss_graph_values, computed after the call
                 if computed[j] is not _NO_UPDATE:

@@ -63,13 +63,17 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
     updates for the end of the pass. ``torch.autograd.grad(loss, params)`` never accumulates into
     it: evaluation passes change no estimator state. Under torch.distributed an estimator built with
     ``update=False`` joins the ranks' check there, in the graph's order, as in ``storch.backward()``
-    (:func:`_run_updates`; review r-30: a rank with it left the others waiting in their update's collective)."""
+    (:func:`_run_updates`; review r-30: a rank with it left the others waiting in their update's collective); in a
+    step that ``storch.compile`` records, at each replayed call's ``.backward()`` (the recorder keeps them)."""
     updating, skipping = _updating(graph), _skipping(graph)
     if not updating and not skipping:
         return loss
+    keys = tuple(updating) if not skipping else tuple(  # (in the graph's order, the skipped ones among them)
+        k for k in dict.fromkeys(id(node.estimator) for node in graph.nodes) if k in updating or k in skipping)
     recorder = tracing_recorder()
-    if recorder is not None:  # storch.compile records the step: it attaches the probe to each replay
-        return recorder(loss, updating) if updating else loss
+    if recorder is not None:  # storch.compile records the step: it attaches the probe to each replay, which
+        # joins the ranks' check for the skipped updates too (a rank with update=False left the others waiting)
+        return recorder(loss, updating, skipping, keys)
     if not loss.requires_grad:
         # under torch.func.vmap the batched loss reports requires_grad=False although the tensor it batches
         # takes part in the autograd outside vmap (vmap(step)(params).sum().backward()): that pass must not
@@ -124,8 +128,6 @@ def _updates_on_backward(loss: torch.Tensor, graph: Graph) -> torch.Tensor:
             mark_updated(nodes)
             nodes[0].estimator.update_parameters(nodes, loss)
 
-    keys = tuple(updating) if not skipping else tuple(  # (in the graph's order, the skipped ones among them)
-        k for k in dict.fromkeys(id(node.estimator) for node in graph.nodes) if k in updating or k in skipping)
     update_on_backward(probe, check, run, done, keys)
     return torch.addcmul(loss, loss, probe)
 

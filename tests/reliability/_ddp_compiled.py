@@ -1,0 +1,64 @@
+"""The parts of test_ddp_compiled.py: a per-rank worker (run by torch.multiprocessing.spawn, without DDP: only
+storch's own collectives) whose step is compiled by ``storch.compile(backend=None)`` and whose rank 1 built its
+estimator with ``update=False`` while rank 0 updates. Each replayed call's ``.backward()`` runs the updates; the
+skipping rank must join the ranks' check there, as the eager ``storch.backward()`` and
+``surrogate_loss().backward()`` have it do (before, the compile recorder kept only the updating estimators: rank 0
+waited in its update's collective). Each case records, per rank, the error it raised (type and message) or what it
+computed; the group's timeout (10 s) turns a hang into an error, so no case waits forever."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+
+import torch
+
+import storch
+from _ddp import Model, data
+from _ddp_mismatch import SHARD, _outcome
+
+
+def _compiled_steps(model, x, steps: int = 2) -> None:
+    @storch.compile(backend=None)
+    def step(x):
+        with storch.Graph():
+            return model(x)
+
+    for _ in range(steps):
+        step(x).backward()
+
+
+def worker(rank: int, world: int, port: int, outdir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=10))
+    try:
+        x = data(world)[rank * SHARD:(rank + 1) * SHARD]
+        torch.manual_seed(10 + rank)
+        out = {}
+        ma = {"n_samples": 2, "baseline": "moving_average"}
+        # update=False on rank 1: a moving average (its step has no estimator state to replay, only the skipped
+        # update: the program gets the probe for it) ...
+        out["update_ma"] = _outcome(lambda: _compiled_steps(Model("score", {**ma, "update": rank == 0}), x))
+        dist.barrier()
+        # ... and RELAX (its step replays the control variate's state on both ranks), both networks built eagerly first
+        # on every rank (a broadcast: the same collectives on every rank)
+        relaxes = [Model("relax", {}), Model("relax", {"update": False})]
+        for m in relaxes:
+            with storch.Graph():
+                m(x)
+        out["update_relax"] = _outcome(lambda: _compiled_steps(relaxes[rank], x))
+        dist.barrier()
+        # update=False on every rank: no error (one check, at the first call's backward), and no average is kept
+        model = Model("score", {**ma, "update": False})
+        out["update_none"] = _outcome(lambda: (_compiled_steps(model, x, 3), dict(model.est.moving_averages))[1])
+        dist.barrier()
+        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+        gc.collect()
+        dist.barrier()
+    finally:
+        gc.collect()
+        dist.destroy_process_group()

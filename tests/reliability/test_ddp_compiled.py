@@ -1,0 +1,49 @@
+"""torch.distributed and ``storch.compile``: a rank whose estimator was built with update=False, while the others
+update theirs (tests/reliability/_ddp_compiled.py runs them in two gloo processes).
+
+Each replayed call of a compiled step runs the estimators' updates at its ``.backward()``; a rank whose estimator
+skips its update joins the ranks' check there, in the graph's order, so that EVERY rank raises a StorchError that
+names what each ran. Before, the compile recorder kept only the updating estimators: the skipping rank never
+joined the check, and the other waited in its update's collective until the group's timeout.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import _ddp
+import _ddp_compiled
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("ddp_compiled")
+    mp.spawn(_ddp_compiled.worker, args=(WORLD, _ddp.free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("case, first, second", [
+    ("update_ma", "Score(baseline='moving_average', decay=0.9, update=True) averaging moving averages",
+     "Score(baseline='moving_average', update=False) skipping its update (update=False)"),
+    ("update_relax", "Relax(control_variate='rebar+network', lr=0.01, update=True) averaging",
+     "Relax(control_variate='rebar+network', update=False) skipping its update (update=False)"),
+])
+def test_update_false_on_one_rank_in_a_compiled_step_raises_on_every_rank(ranks, case, first, second):
+    for r in range(WORLD):
+        kind, message = ranks[r][case]
+        assert kind == "StorchError", (r, kind, message)
+        assert "the ranks use different estimators" in message.lower(), message
+        assert f"rank 0: {first}" in message and f"rank 1: {second}" in message, message
+
+
+def test_update_false_on_every_rank_in_a_compiled_step_is_no_error(ranks):
+    assert ranks[0]["update_none"] == ranks[1]["update_none"] == ("ok", {}), (ranks[0]["update_none"],
+                                                                             ranks[1]["update_none"])
