@@ -33,7 +33,8 @@ def ranks(tmp_path_factory):
 @pytest.mark.parametrize("case, first, second", [
     ("update_ma", "Score(baseline='moving_average', decay=0.9, update=True) averaging moving averages",
      "Score(baseline='moving_average', update=False) skipping its update (update=False)"),
-    ("update_relax", "Relax(control_variate='rebar+network', lr=0.01, update=True) averaging",
+    # (RELAX's first collective at its first update: rank 0's η, λ and network broadcast, test_ddp_initial_values.py)
+    ("update_relax", "Relax(control_variate='rebar+network', lr=0.01, update=True) broadcasting the trained parameters",
      "Relax(control_variate='rebar+network', update=False) skipping its update (update=False)"),
 ])
 def test_update_false_on_one_rank_in_a_compiled_step_raises_on_every_rank(ranks, case, first, second):

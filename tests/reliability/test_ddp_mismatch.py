@@ -53,7 +53,7 @@ MA = "Score(baseline='moving_average', decay=0.9, update=True)"
     *[(f"update_ma_surrogate{order}", f"{MA} averaging moving averages",
        "Score(baseline='moving_average', update=False) skipping its update (update=False)")
       for order in (1, 2)],
-    ("update_relax", "Relax(control_variate='rebar+network', lr=0.01, update=True) averaging",
+    ("update_relax", "Relax(control_variate='rebar+network', lr=0.01, update=True) broadcasting the trained parameters",
      "Relax(control_variate='rebar+network', update=False) skipping its update"),
 ])
 def test_different_estimators_raise_on_every_rank(ranks, case, first, second):

@@ -11,7 +11,10 @@ at the one place where it changes:
 - learned baselines (``score``'s ``"learned"``, NVIL, and trainable baseline modules) and learned
   control variates (``relax``, ``rebar``, ``lax``) average their gradient over the ranks before
   their optimizer step (as DDP averages model gradients), and a lazily built network is
-  broadcast from rank 0 when it is built, so their parameters stay identical.
+  broadcast from rank 0 when it is built, so their parameters stay identical; the learned control
+  variates also set every parameter their update trains (η, the temperature, a ``network=``) to rank
+  0's at their first update, as DDP does for a module's parameters when it wraps it (ranks built with
+  another ``temperature=`` or ``eta=`` start from rank 0's values).
 
 This happens automatically when ``torch.distributed`` is initialised with more than one
 process. It is a collective operation, inside ``storch.backward()``: ranks that call it a different
@@ -265,22 +268,26 @@ def _union_mean(values: dict, layout: list, group: Any) -> dict:
     return {key: out[key] for key in keys}
 
 
-def broadcast_(tensors: list[torch.Tensor], owner: Any = None, src: int = 0) -> None:
-    """Overwrite ``tensors`` in place with rank ``src``'s values (no-op without a process group)."""
+def broadcast_(tensors: list[torch.Tensor], owner: Any = None, src: int = 0,
+               what: str = "a built network's parameters") -> None:
+    """Overwrite ``tensors`` in place with rank ``src``'s values (no-op without a process group).
+
+    ``what``: what the tensors are, for the ranks' check and its error message (a lazily built network's
+    parameters; the parameters an estimator's update trains, set to rank 0's at its first update)."""
     if not is_active(owner):
         return
     dist = _dist()
     group = _group_of(owner)
     # the ranks broadcast the same tensors (a lazily built network: once)? The check that precedes every
     # storch collective: a rank whose estimator differs would otherwise wait in another collective forever
-    collective = _collective(owner, "broadcasting a built network's parameters")
+    collective = _collective(owner, f"broadcasting {what}")
     same_op, same_layout = _layouts_agree([(str(t.dtype), tuple(t.shape)) for t in tensors], group, collective)
     if not same_op:
         _raise_different_collectives(collective, group)
     if not same_layout:
         raise StorchError(
-            "storch.distributed: the ranks built networks of different shapes to broadcast; build the same "
-            "model, with the same estimators and inputs, on every rank")
+            f"storch.distributed: the ranks hold {what} of different shapes or dtypes to broadcast (this rank: "
+            f"{len(tensors)} tensors); build the same model, with the same estimators and inputs, on every rank")
     with torch.no_grad():
         for t in tensors:
             dist.broadcast(t.data, src=src, group=group)

@@ -1,0 +1,49 @@
+"""The parts of test_ddp_initial_values.py: a per-rank worker (run by torch.multiprocessing.spawn, without DDP: only
+storch's own collectives) whose ranks build REBAR / RELAX with other initial values of what the update trains: another
+``temperature=`` or ``eta=``, or a ``network=`` initialised from a per-rank seed. The update averages φ's gradient
+over the ranks, never φ: before, the ranks trained on from their own values without error (log λ -0.68 and -0.50
+after 3 steps); now every rank starts from rank 0's at the first update, as DDP does for a module's parameters.
+Each case records, per rank, the error it raised (type and message) or the estimator's parameters after one step;
+the group's timeout (10 s) turns a hang into an error, so no case waits forever."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+
+import torch
+
+from _ddp import Model, data
+from _ddp_mismatch import SHARD, _outcome, _steps
+
+
+def _trained(model, x, g) -> dict:
+    _steps(model, x, g, 1)
+    return {name: p.detach().clone() for name, p in model.est.named_parameters()}
+
+
+def worker(rank: int, world: int, port: int, outdir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=10))
+    try:
+        x = data(world)[rank * SHARD:(rank + 1) * SHARD]
+        g = torch.Generator().manual_seed(10 + rank)
+        out = {}
+        out["rebar_temperature"] = _outcome(lambda: _trained(Model("rebar", {"temperature": (0.5, 0.3)[rank]}), x, g))
+        dist.barrier()
+        out["relax_eta"] = _outcome(lambda: _trained(Model("relax", {"eta": (1.0, 2.0)[rank]}), x, g))
+        dist.barrier()
+        torch.manual_seed(20 + rank)  # a per-rank seed: each rank's network starts elsewhere
+        network = torch.nn.Linear(4, 1)
+        out["relax_network"] = _outcome(lambda: _trained(Model("relax", {"network": network}), x, g))
+        dist.barrier()
+        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+        gc.collect()
+        dist.barrier()
+    finally:
+        gc.collect()
+        dist.destroy_process_group()

@@ -1,0 +1,57 @@
+"""torch.distributed: REBAR / RELAX ranks built with other initial values of what their update trains
+(tests/reliability/_ddp_initial_values.py runs them in two gloo processes).
+
+``temperature=`` and ``eta=`` are initial values of parameters the update trains (a checkpoint's trained values
+replace them), so they are not compared across ranks as options are; a ``network=`` may be initialised from a per-rank
+seed. At its first update every rank's parameters become rank 0's (as DDP's broadcast at wrapping does for a module's),
+then the ranks take the same Adam step. Before, each rank trained on from its own values, silently.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import _ddp
+import _ddp_initial_values
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+
+WORLD = 2
+LR = 0.01  # the estimators' default: Adam's first step moves each parameter by at most about this
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("ddp_initial_values")
+    mp.spawn(_ddp_initial_values.worker, args=(WORLD, _ddp.free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _same_on_every_rank(ranks, case: str) -> dict:
+    (k0, p0), (k1, p1) = ranks[0][case], ranks[1][case]
+    assert k0 == k1 == "ok", (ranks[0][case], ranks[1][case])
+    assert p0.keys() == p1.keys()
+    for name in p0:
+        assert torch.equal(p0[name], p1[name]), (name, p0[name], p1[name])
+    return p0
+
+
+@pytest.mark.parametrize("case, name, rank_0s", [
+    ("rebar_temperature", "log_temperature", math.log(0.5)),  # rank 1: log(0.3)
+    ("relax_eta", "eta", 1.0),  # rank 1: 2.0
+])
+def test_a_trained_initial_value_that_differs_starts_from_rank_0s_on_every_rank(ranks, case, name, rank_0s):
+    params = _same_on_every_rank(ranks, case)
+    # rank 0's value, one Adam step on (rank 1's is 0.5 or 1.0 away)
+    assert abs(float(params[name]) - rank_0s) <= 1.01 * LR, float(params[name])
+
+
+def test_a_network_initialised_from_a_per_rank_seed_starts_from_rank_0s_on_every_rank(ranks):
+    params = _same_on_every_rank(ranks, "relax_network")
+    assert any(name.startswith("network.") for name in params), list(params)
