@@ -90,8 +90,6 @@ def _check(got, want, who):
 @pytest.mark.parametrize("traced_with", ["finite logits", "infinite logits"])
 @pytest.mark.parametrize("name, family", CASES)
 def test_infinite_logits_give_the_eager_result_or_are_refused(name, family, traced_with):
-    if name not in storch.available_estimators():  # (CI's models environment has no storch-estimators-mvd)
-        pytest.skip(f"{name!r} is not installed here")
     theta = torch.tensor([[0.3, -0.2, 0.5]] * 2, dtype=torch.float64, requires_grad=True)
     pins = PINS[family]
     step = _step(_estimator(name, family), family)
@@ -234,8 +232,6 @@ def test_spsa_holds_infinite_bits_on_the_traced_path():
     # path run eagerly, CompiledStep.eager, gives the eager result; coupled=False: the coupled draws are
     # refused on every traced path), and a compiled spsa step is refused for the true reason, at the trace:
     # its coupled draws cannot be replayed
-    if "spsa" not in storch.available_estimators():  # the models environment installs no mvd family
-        pytest.skip("spsa (storch-estimators-mvd) is not installed")
     theta = torch.tensor([[0.3, -0.2, 0.5]] * 2, dtype=torch.float64, requires_grad=True)
     step = _step(storch.estimator("spsa", plate="z", n_samples=4, coupled=False), "Bernoulli")
     compiled = storch.compile(step, backend=None)
@@ -271,8 +267,6 @@ _NAN_LOG_P = ["score", "arm", "disarm", "rebar", "relax"]
 @pytest.mark.parametrize("backend", [None, "aot_eager"])
 @pytest.mark.parametrize("name", _NAN_LOG_P)
 def test_compiled_backward_of_a_nan_loss_raises_as_storch_backward(name, backend):
-    if name not in storch.available_estimators():  # mvd: not installed in the models environment
-        pytest.skip(f"{name} is not installed")
     theta = torch.tensor([[0.3, -0.2, 0.5]] * 2, dtype=torch.float64, requires_grad=True)
     est = storch.estimator(name, plate="z", **({"update": False} if name in ("rebar", "relax") else {}))
     assert not est.has_update
