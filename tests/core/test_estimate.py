@@ -135,6 +135,27 @@ def test_in_place_write_names_the_out_of_place_method(buffer):
             out += z
         assert "x = x + v instead of x += v)" in str(info.value) and "x.__iadd__" not in str(info.value)
 
+
+@pytest.mark.parametrize("buffer", [lambda k: torch.zeros(3), lambda k: torch.zeros(3) + 0.0 * k])
+@pytest.mark.parametrize("method", ["copy_", "fill_"])
+def test_the_advice_for_copy_and_fill_names_a_form_that_exists(buffer, method):
+    # copy_ and fill_ have no out-of-place method (there is no Tensor.copy / Tensor.fill: the advice "x = x.copy(...)"
+    # failed with an AttributeError when followed); the advice given is run literally and gives the written values
+    with storch.Graph():
+        k = storch.estimator("expect", plate="k")(Categorical(logits=torch.zeros(3)))
+        z = storch.estimator("expect", plate="z")(OneHotCategorical(logits=torch.zeros(3)))
+        v = z if method == "copy_" else z.sum(-1) * 2.0
+        x = buffer(k)
+        with pytest.raises(storch.PlateError) as info:
+            getattr(x, method)(v)
+        msg = str(info.value)
+        assert f"x = torch.zeros_like(x) + v instead of x.{method}(v)" in msg and f"x.{method[:-1]}(" not in msg
+        x = torch.zeros_like(x) + v
+        assert {p.name for p in x.plates} >= {"z"}
+        # expect's exact weights: E[one-hot z] = 1/3 each (copy_), 2 * sum(z) = 2 everywhere (fill_)
+        expected = torch.full((3,), 1 / 3) if method == "copy_" else torch.full((3,), 2.0)
+        assert torch.allclose(storch.estimate(x), expected)
+
 def test_the_advice_then_works_across_steps():
     # the EMA update of the message, over two steps, against the enumerated expectation
     logits = torch.tensor([1.0, 0.0, -1.0])

@@ -735,9 +735,14 @@ def inplace_write_message(func: str, plates: Sequence[Plate], self: Any, shared:
     out of place it would become a plate tensor of this step's graph, refused in the next step)."""
     head = f"in-place {func} would write values that vary over plates {_names(plates)} into "
     method = func.rsplit(".", 1)[-1]
-    # name the out-of-place method (x.index_add_ -> x = x.index_add(...): the usual combine into a zeros buffer)
-    out_of_place = (f"x = x.{method[:-1]}(...) instead of x.{method}(...), as x = x + v instead of x += v"
-                    if method.endswith("_") and not method.startswith("__") else "x = x + v instead of x += v")
+    # name the out-of-place method (x.index_add_ -> x = x.index_add(...): the usual combine into a zeros buffer);
+    # copy_ and fill_ have none (no Tensor.copy / Tensor.fill): the value broadcast to x's shape is their result
+    if method in ("copy_", "fill_"):
+        out_of_place = f"x = torch.zeros_like(x) + v instead of x.{method}(v)"
+    elif method.endswith("_") and not method.startswith("__") and callable(getattr(torch.Tensor, method[:-1], None)):
+        out_of_place = f"x = x.{method[:-1]}(...) instead of x.{method}(...), as x = x + v instead of x += v"
+    else:
+        out_of_place = "x = x + v instead of x += v"
     if isinstance(self, PlateTensor):
         return head + f"{shared}; use the out-of-place version (e.g. {out_of_place})"
     return head + (
