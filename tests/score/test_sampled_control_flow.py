@@ -101,3 +101,41 @@ def test_the_advised_early_exit_is_not_warned():
     with warnings.catch_warnings():
         warnings.simplefilter("error", storch.UnusedSampleWarning)
         _halting(exit_after_draw=False)
+
+
+def _late_draw_unused():
+    # an RL loop that draws the next action at the end of its body (SARSA-style): the last draw reaches no cost
+    est = storch.estimator("score", plate="episode", n_samples=2, baseline="leave_one_out")
+    theta = torch.zeros(2, requires_grad=True)
+    a = est(Categorical(logits=theta))
+    for _ in range(2):
+        storch.add_cost((a.float() - 0.5) ** 2, name="r")
+        a = est(Categorical(logits=theta + a.float()))
+
+
+def _node_unused():
+    used = storch.estimator("score", plate="used", n_samples=2, baseline="leave_one_out")
+    storch.estimator("score", plate="unused", n_samples=2)(Bernoulli(logits=torch.zeros((), requires_grad=True)))
+    storch.add_cost(used(Bernoulli(logits=torch.zeros((), requires_grad=True))))
+
+
+def _two_costs_one_name():
+    b = storch.estimator("score", plate="b", n_samples=2, baseline="leave_one_out")(
+        Bernoulli(logits=torch.zeros((), requires_grad=True)))
+    storch.add_cost(b, name="c")
+    storch.add_cost(2 * b, name="c")
+
+
+@pytest.mark.parametrize("build, said", [(_late_draw_unused, "partition 'episode' (estimator 'score') drew step 2"),
+                                         (_node_unused, "node 'unused' (estimator 'score') is upstream of no cost"),
+                                         (_two_costs_one_name, "two costs named 'c' were added at the same step")])
+@pytest.mark.parametrize("step", ["backward", "surrogate_loss"])
+def test_the_surrogates_warnings_point_at_the_users_call(build, said, step):
+    # they used stacklevel=5: right from storch.backward(), but pointing into storch/eager.py from surrogate_loss()
+    with storch.Graph(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build()
+        storch.backward() if step == "backward" else storch.surrogate_loss()
+    ours = [w for w in caught if said in str(w.message)]
+    assert len(ours) == 1, [str(w.message)[:80] for w in caught]
+    assert ours[0].filename == __file__, (ours[0].filename, ours[0].lineno)

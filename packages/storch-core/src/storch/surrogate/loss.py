@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .._ranks import _skips_synced_update
+from .._stacklevel import user_stacklevel
 from ..cost import magic_box
 from ..eager import eager_only, mark_eager_only, set_eval_frame
 from ..errors import StorchError, UnusedSampleWarning
@@ -633,7 +634,7 @@ def _state_names(per_cost: list) -> Optional[dict]:
                     "but estimator state kept per cost (moving-average and learned baselines, sum_and_sample's "
                     "buffer) is kept by name, plates and step, so they share it and one replaces the other there. "
                     "Give each cost of a step its own name (the same name at different steps of a partition, or "
-                    "for costs of different plates such as one per layer, is fine)", UserWarning, stacklevel=5)
+                    "for costs of different plates such as one per layer, is fine)", UserWarning, stacklevel=user_stacklevel())
             seen.add(plates)
             kinds.setdefault(frozenset([p.name for p in plates]), []).append((cost, nodes))
         if len(kinds) < 2:  # (the steps of a partition: one kind)
@@ -689,7 +690,7 @@ def _warn_unreached_steps(graph: Graph, per_cost: list) -> None:
             "set `done`, the state they read does not carry that draw's plate and the gradient is biased: leave "
             "the loop after the masked updates that read `done` (`h = torch.where(done, h, f(h))`), before the "
             "next draw. A last draw that affects no cost can be left out, or drawn under torch.no_grad()"),
-            stacklevel=5)
+            stacklevel=user_stacklevel())
 
 
 def _warn_unused(graph: Graph, per_cost: list) -> None:
@@ -722,4 +723,4 @@ def _warn_unused(graph: Graph, per_cost: list) -> None:
                 "'reparameterization'; a multi-sample bound such as IWAE's is the cost of ONE sample that holds its K "
                 "draws: est(Bernoulli(logits=logits.expand(K, *logits.shape))), reduced over the first dim, or the "
                 "'vimco' estimator, see docs/plates.md). A node sampled on purpose without a cost can be sampled under "
-                "torch.no_grad() (or from detached parameters)"), stacklevel=5)
+                "torch.no_grad() (or from detached parameters)"), stacklevel=user_stacklevel())
