@@ -194,6 +194,55 @@ def test_each_thread_has_its_own_default_graph():
     assert errors == []
 
 
+def test_a_copied_or_unpickled_graph_guards_its_own_step_and_is_open_in_no_block():
+    """Graph() makes its step guard when first asked (issue 19); a copy (copy.copy, copy.deepcopy, pickle) then
+    carried the original's guard: the copy's guard discarded the original default graph's step, and pickling
+    failed (a weak reference) only once a guard had been asked for. A copy made inside the original's `with` block
+    is not open in it either: it can be entered from another thread, and leaving it leaves the original open."""
+    default = storch.current_graph()
+    assert default.is_default
+    default.guard()  # (asked: the guard is made)
+    est = storch.estimator("expect", plate="z")
+    for make in (copy.copy, copy.deepcopy, lambda g: pickle.loads(pickle.dumps(g))):
+        twin = make(default)
+        assert twin.guard().graph is twin
+        est(Bernoulli(logits=torch.zeros(2)))  # a step in the original default graph
+        with pytest.raises(RuntimeError):
+            with twin.guard():
+                raise RuntimeError("in the copy's step")
+        if make is not copy.copy:  # (a shallow copy shares the lists of the step: its reset clears them)
+            assert len(default.nodes) == 1  # the copy's error discarded the copy's step, not the original's
+        storch.reset()
+    g = storch.Graph(generator=torch.Generator().manual_seed(0))
+    with g:
+        twins = [copy.copy(g), copy.deepcopy(g), pickle.loads(pickle.dumps(g))]
+        entered = []
+
+        def enter(twin):
+            with twin:
+                entered.append(storch.current_graph() is twin)
+
+        for twin in twins:
+            t = threading.Thread(target=enter, args=(twin,))
+            t.start()
+            t.join()
+        assert entered == [True] * 3
+        refused = []
+
+        def enter_original():
+            try:
+                with g:
+                    pass
+            except storch.StorchError as e:
+                refused.append(str(e))
+
+        t = threading.Thread(target=enter_original)
+        t.start()
+        t.join()
+        assert len(refused) == 1 and "open in another thread" in refused[0], refused  # the original is still open
+        assert storch.current_graph() is g
+
+
 def test_credit_assignment_by_plate_membership():
     """A cost that does not depend on a node gets no gradient through that node's estimator."""
     torch.manual_seed(0)

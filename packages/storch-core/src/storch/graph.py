@@ -99,6 +99,18 @@ class Graph:
         costs = [name for name, _ in self.costs[:8]] + (["..."] if len(self.costs) > 8 else [])
         return f"storch.Graph({kind}{state}, nodes=[{nodes}], costs={costs})"
 
+    def __getstate__(self) -> dict:
+        # a copy (copy.copy, copy.deepcopy, pickle) makes its own step guard when first asked (the original's refers
+        # to the original: a copy of the default graph discarded the original's step; and its weak reference made
+        # pickling fail only once a guard had been asked for), and is open in no `with` block: the original's
+        # block (its thread and depth) is not the copy's, which would be refused in another thread and never closed
+        state = self.__dict__.copy()
+        state.pop("_step_guard", None)
+        state.pop("_depth", None)
+        state.pop("_mode", None)
+        state["_open_in"] = {}
+        return state
+
     # (__enter__ and __exit__ suspend dynamo themselves, as eager_only's wrapper would: a Python frame fewer each,
     # once per step; storch.eager.mark_eager_only)
     @mark_eager_only
