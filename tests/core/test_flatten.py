@@ -86,3 +86,17 @@ def test_torch_return_types_are_walked_without_a_cycle():
     finally:
         gc.enable()
     assert n == 0
+
+
+def test_the_torch_2_7_namedtuple_test_answers_as_pytree():
+    """torch 2.7 (the minimum) has no ``pytree.is_namedtuple_class``, and every flatten of a call's arguments failed
+    there (an AttributeError from any plate tensor's vmap route); storch._flatten then uses torch 2.7's own test,
+    ``_is_namedtuple_instance``, on the class. It answers as the installed pytree does."""
+    from storch._flatten import _namedtuple_class_2_7
+
+    point = collections.namedtuple("point", "x y")
+    structseq = type(torch.max(torch.ones(2, 2), 0))
+    for cls, expected in [(point, True), (tuple, False), (structseq, False), (torch.Size, False), (list, False)]:
+        assert _namedtuple_class_2_7(cls) is expected, cls
+        if hasattr(pytree, "is_namedtuple_class"):
+            assert pytree.is_namedtuple_class(cls) is expected, cls

@@ -26,6 +26,16 @@ __all__ = ["flatten", "unflatten"]
 _TUPLE, _LIST, _DICT, _RETURN = 0, 1, 2, 3
 
 
+def _namedtuple_class_2_7(cls: type) -> bool:
+    """torch 2.7's pytree test for a namedtuple node (``_is_namedtuple_instance``), on the class"""
+    fields = getattr(cls, "_fields", None)
+    return cls.__bases__ == (tuple,) and isinstance(fields, tuple) and all(type(f) is str for f in fields)
+
+
+# whether pytree flattens instances of a class as a namedtuple: its own test (torch 2.8+), else torch 2.7's
+_is_namedtuple_class = getattr(pytree, "is_namedtuple_class", None) or _namedtuple_class_2_7
+
+
 class _OtherNode(Exception):
     """A pytree container other than a tuple, list or dict: pytree's own flatten."""
 
@@ -68,7 +78,7 @@ def _walk(x: Any, leaves: list, is_leaf) -> Any:
         for v in x:
             children.append(_walk(v, leaves, is_leaf))
         return tuple(children)
-    if t in pytree.SUPPORTED_NODES or pytree.is_namedtuple_class(t):
+    if t in pytree.SUPPORTED_NODES or _is_namedtuple_class(t):
         raise _OtherNode
     leaves.append(x)
     return None

@@ -26,8 +26,17 @@ try:  # (functorch's primitives, as torch.func.vmap's _flat_vmap imports them in
         _vmap_increment_nesting,
         lazy_load_decompositions,
     )
-except ImportError:  # pragma: no cover  (another torch: torch.func.vmap itself, cycles and all)
-    _add_batch_dim = None
+except ImportError:  # (torch 2.7 and 2.8: the same primitives, as their _flat_vmap imports them)
+    try:
+        from torch._C._functorch import (
+            _add_batch_dim,
+            _remove_batch_dim,
+            _vmap_decrement_nesting,
+            _vmap_increment_nesting,
+        )
+        from torch._functorch.vmap import lazy_load_decompositions
+    except ImportError:  # pragma: no cover  (another torch: torch.func.vmap itself, cycles and all)
+        _add_batch_dim = None
 
 __all__ = ["vmap"]
 
