@@ -42,6 +42,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import smoothness
 from .._order_guard import unbatched
+from .._qualname import code_qualname
 from ..errors import ASSUMPTIONS
 from ..generators import current_generator
 from ..plates.dispatch import CASTS, INDEX_VALUES, JUMPS, casts_to_jump
@@ -622,7 +623,7 @@ class RsampleComparisons(TorchFunctionMode):
         if caller.partition(".")[0] not in _OWN_PACKAGES - {"torch"} and not self._in_log_prob(frame):
             code = frame.f_code
             self.jump = (f"{getattr(func, '__name__', str(func)).strip('_')} in "
-                         f"{getattr(code, 'co_qualname', code.co_name)}")
+                         f"{code_qualname(code, frame)}")
 
     def _watched_or_discrete(self, args, kwargs) -> bool:
         return any(self._watched(a) or id(a) in self._discrete for a in _flat_tensors(args, kwargs))
@@ -639,7 +640,7 @@ class RsampleComparisons(TorchFunctionMode):
         if caller.partition(".")[0] not in _OWN_PACKAGES and not self._in_log_prob(frame):
             code = frame.f_code
             self.found = (f"{getattr(func, '__name__', str(func)).strip('_')} in "
-                          f"{getattr(code, 'co_qualname', code.co_name)}")
+                          f"{code_qualname(code, frame)}")
 
     def _in_log_prob(self, frame) -> bool:
         """Whether the comparison is made (``frame``: its caller) under a log-density, between here and where

@@ -17,6 +17,7 @@ import torch
 from torch.distributions import Categorical, OneHotCategorical
 
 from .._order_guard import unbatched
+from .._qualname import code_qualname
 from ..node import Node
 from ..plates.dispatch import FINITENESS_TESTS, INDEX_VALUES, INDEXING, INTEGER_SOURCES, Caller
 from ..smoothness import _reaches
@@ -93,7 +94,7 @@ def _threshold_watch(node: Node, jumps: bool):
         if handed and _reaches([raw], handed):
             node.thresholded = getattr(func, "__name__", str(func))
             if code is not None:
-                node.thresholded_in = getattr(code, "co_qualname", code.co_name)
+                node.thresholded_in = code_qualname(code)
     watch.node = ref  # type: ignore[attr-defined]  # (read on an error path: storch.plates.rules.metadata)
     return watch
 
