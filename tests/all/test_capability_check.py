@@ -34,7 +34,8 @@ def _examples() -> dict[str, D.Distribution]:
         "Exponential": D.Exponential(_t(1.5)),
         "FisherSnedecor": D.FisherSnedecor(_t(3.0), _t(4.0)),
         "Gamma": D.Gamma(_t(2.0), _t(1.0)),
-        "GeneralizedPareto": D.GeneralizedPareto(_t(0.0), _t(1.0), _t(0.1)),
+        **({"GeneralizedPareto": D.GeneralizedPareto(_t(0.0), _t(1.0), _t(0.1))}  # (torch after 2.7)
+           if hasattr(D, "GeneralizedPareto") else {}),
         "Geometric": D.Geometric(probs=_t(0.3)),
         "Gumbel": D.Gumbel(_t(0.0), _t(1.0)),
         "HalfCauchy": D.HalfCauchy(_t(1.0)),

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from torch.distributions import Bernoulli, Categorical, Independent, LogNormal, Normal, OneHotCategorical
+from torch.torch_version import TorchVersion
 
 import storch
 from storch.extending import align, base_distribution, leave_one_out, options, plates_of, raw_of, step_guard
@@ -194,7 +195,9 @@ def test_nonsmooth_table_names_torchs_autograd_nodes():
     from storch.extending import nonsmooth_operations
 
     missing = [name for name in nonsmooth_operations() if not hasattr(torch._C._functions, name)]
-    assert not missing, missing  # a misspelt name would never match
+    # (torch before the pinned 2.13, down to the minimum 2.7, has no derivative node of aminmax)
+    newer = {"AminmaxBackward0"} if TorchVersion(torch.__version__) < "2.13" else set()
+    assert not set(missing) - newer, missing  # a misspelt name would never match
 
 
 @pytest.mark.parametrize("op", [

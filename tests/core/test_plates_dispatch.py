@@ -711,6 +711,8 @@ def test_docs_plates_md_is_generated_from_the_table():
     import importlib.util
     import pathlib
 
+    if not torch.__version__.startswith("2.13."):  # (the table lists the torch functions of the torch installed)
+        pytest.skip(f"docs/plates.md is generated against the pinned torch 2.13 (tox.ini), not {torch.__version__}")
     root = pathlib.Path(__file__).resolve().parents[2]
     spec = importlib.util.spec_from_file_location("gen_plates_doc", root / "packages/storch-core/scripts/gen_plates_doc.py")
     gen = importlib.util.module_from_spec(spec)
