@@ -45,6 +45,11 @@ def main(argv: list[str]) -> int:
             print(f"tasks.py: unknown command {argv[0]!r}; choose from {', '.join(VERBS)}", file=sys.stderr)
         print(__doc__)
         return 2
+    if sys.version_info < (3, 10):  # (the packages take 3.9; the pinned test and demo torch does not)
+        print(f"tasks.py: the test and demo environments pin torch 2.13.0, which has no wheel for Python "
+              f"{sys.version_info[0]}.{sys.version_info[1]}; run this file with Python 3.10 or newer (storch "
+              "itself installs on 3.9 with torch 2.7+: pip install ./packages/storch-core)", file=sys.stderr)
+        return 2
     py = ensure_tox()
     if argv[0] == "demo":
         return subprocess.call([str(py), "-m", "tox", "-e", "demo", "--", *argv[1:]], cwd=ROOT)

@@ -122,6 +122,26 @@ def test_tasks_py_names_an_unknown_verb(capsys):
     assert "The quick-start commands" in captured.out and "two quick-start" not in captured.out
 
 
+def test_tasks_py_refuses_a_python_the_pinned_torch_has_no_wheel_for(monkeypatch, capsys):
+    """On Python 3.9 (which the packages accept) `python3 tasks.py test` failed deep in tox's pip install of
+    torch==2.13.0, which has no wheel for it: the quick start says 3.10+, and tasks.py says why, first."""
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("storch_tasks_py39", Path(__file__).parents[2] / "tasks.py")
+    tasks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tasks)
+    monkeypatch.setattr(tasks, "sys", types.SimpleNamespace(version_info=(3, 9, 18), stderr=sys.stderr))
+    monkeypatch.setattr(tasks, "ensure_tox", lambda: pytest.fail("tox was set up on Python 3.9"))
+    for verb in ("test", "demo", "docs"):
+        assert tasks.main([verb]) == 2
+        assert "no wheel for Python 3.9; run this file with Python 3.10 or newer" in capsys.readouterr().err
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    assert "Needs only `python3` (3.10+" in text
+
+
 def test_readme_using_it_block_defines_its_data():
     """The README's "Using it" block failed with NameError: batches when copied (the data was in hidden setup)."""
     import re
