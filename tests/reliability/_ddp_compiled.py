@@ -13,6 +13,8 @@ import gc
 import os
 
 import torch
+import torch.nn.functional as F
+from torch.distributions import Bernoulli
 
 import storch
 from _ddp import Model, data
@@ -27,6 +29,27 @@ def _compiled_steps(model, x, steps: int = 2) -> None:
 
     for _ in range(steps):
         step(x).backward()
+
+
+class TwoSurrogates(torch.nn.Module):
+    """A step that builds a surrogate after its first estimator (``a``, update=False) and returns the one built after
+    its second (``b``): in one process the first records no update, and a compiled step records the second's."""
+
+    def __init__(self, b_updates: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc_a, self.enc_b = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
+        self.a = storch.estimator("score", plate="za", n_samples=2, baseline="moving_average", update=False)
+        self.b = storch.estimator("score", plate="zb", n_samples=2, baseline="moving_average", update=b_updates)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = storch.denote_independent(x, 0, "data")
+        za = self.a(Bernoulli(logits=self.enc_a(x)))
+        storch.add_cost(F.binary_cross_entropy_with_logits(za, x[..., :4], reduction="none").sum(), name="a")
+        storch.surrogate_loss()  # (a first surrogate: its estimators skip their updates)
+        zb = self.b(Bernoulli(logits=self.enc_b(x)))
+        storch.add_cost(F.binary_cross_entropy_with_logits(zb, x[..., 2:], reduction="none").sum(), name="b")
+        return storch.surrogate_loss()
 
 
 def worker(rank: int, world: int, port: int, outdir: str) -> None:
@@ -55,6 +78,14 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         # update=False on every rank: no error (one check, at the first call's backward), and no average is kept
         model = Model("score", {**ma, "update": False})
         out["update_none"] = _outcome(lambda: (_compiled_steps(model, x, 3), dict(model.est.moving_averages))[1])
+        dist.barrier()
+        # a step with two surrogates, the first after an update=False estimator only: the same on every rank (no
+        # error: the returned surrogate updates b, and a joins the check there) ...
+        two = TwoSurrogates(b_updates=True)
+        out["two_surrogates"] = _outcome(lambda: (_compiled_steps(two, x), dict(two.b.moving_averages))[1])
+        dist.barrier()
+        # ... and with b's update=False on rank 1 (the returned surrogate's skipped updates join the check)
+        out["two_surrogates_update_b"] = _outcome(lambda: _compiled_steps(TwoSurrogates(b_updates=rank == 0), x))
         dist.barrier()
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
         gc.collect()

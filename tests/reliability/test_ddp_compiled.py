@@ -36,6 +36,11 @@ def ranks(tmp_path_factory):
     # (RELAX's first collective at its first update: rank 0's η, λ and network broadcast, test_ddp_initial_values.py)
     ("update_relax", "Relax(control_variate='rebar+network', lr=0.01, update=True) broadcasting the trained parameters",
      "Relax(control_variate='rebar+network', update=False) skipping its update (update=False)"),
+    # a step with two surrogates, the first after an update=False estimator only (_ddp_compiled.TwoSurrogates): the
+    # returned one's record holds both estimators (before, the first's record was kept: rank 0 raised at its trace,
+    # "more than one surrogate loss", and rank 1's returned surrogate never reached the probe)
+    ("two_surrogates_update_b", "Score(baseline='moving_average', decay=0.9, update=True) averaging moving averages",
+     "Score(baseline='moving_average', update=False) skipping its update (update=False)"),
 ])
 def test_update_false_on_one_rank_in_a_compiled_step_raises_on_every_rank(ranks, case, first, second):
     for r in range(WORLD):
@@ -48,3 +53,12 @@ def test_update_false_on_one_rank_in_a_compiled_step_raises_on_every_rank(ranks,
 def test_update_false_on_every_rank_in_a_compiled_step_is_no_error(ranks):
     assert ranks[0]["update_none"] == ranks[1]["update_none"] == ("ok", {}), (ranks[0]["update_none"],
                                                                              ranks[1]["update_none"])
+
+
+def test_two_surrogates_the_first_with_skipped_updates_only_compile_as_in_one_process(ranks):
+    # the same model on both ranks (estimator a: update=False, b: update=True): one process compiles it (its first
+    # surrogate records nothing); before, two processes raised "builds more than one surrogate loss" at the trace
+    # (the first surrogate had recorded a's skipped update)
+    (k0, averages0), (k1, averages1) = ranks[0]["two_surrogates"], ranks[1]["two_surrogates"]
+    assert k0 == k1 == "ok", (ranks[0]["two_surrogates"], ranks[1]["two_surrogates"])
+    assert list(averages0) == ["b"] and torch.equal(averages0["b"], averages1["b"]), (averages0, averages1)

@@ -53,12 +53,16 @@ class _Recorder:
         instead, by id; ``keys``: both, in the graph's order (storch.surrogate.updates._updates_on_backward)."""
         if not (loss.requires_grad if self.decided is None else self.decided):
             return loss  # eagerly too: no backward, no update
-        if self.loss is not None and not updating:
-            return loss  # (only skipped updates: the first surrogate's probe has them join the check)
-        if self.loss is not None:
+        if self.loss is not None and any(template is not None for _, _, template in self.updates):
             raise StorchError(
                 f"storch.compile: {_name(self.fn)} builds more than one surrogate loss with estimators that update "
                 "their state on .backward(); a compiled step builds one: return it, and call .backward() on it")
+        if self.loss is not None:
+            # an earlier surrogate of the step recorded only skipped updates (update=False under torch.distributed):
+            # this one, over the graph as it is now, holds them too (and any estimator called since), so it is
+            # recorded instead. Keeping the earlier record refused a step that one process compiles (there the
+            # earlier surrogate records nothing), and a returned later surrogate never reached its probe
+            self.updates, self.values, self.live = [], [], None
         for key in keys:
             if key in skipping:
                 self.updates.append((skipping[key], None, None))
