@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from _ddp import Model, data
+from _ddp import Model, ScalarBaseline, data
 from _ddp_mismatch import SHARD, _outcome, _steps
 
 
@@ -40,6 +40,13 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         torch.manual_seed(20 + rank)  # a per-rank seed: each rank's network starts elsewhere
         network = torch.nn.Linear(4, 1)
         out["relax_network"] = _outcome(lambda: _trained(Model("relax", {"network": network}), x, g))
+        dist.barrier()
+        # score's baseline= module of the user's (outside DDP), initialised per rank: the same drift
+        baseline = ScalarBaseline()
+        with torch.no_grad():
+            baseline.b.fill_(float(rank))
+        out["score_module"] = _outcome(
+            lambda: _trained(Model("score", {"n_samples": 2, "baseline": baseline, "lr": 0.05}), x, g))
         dist.barrier()
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
         gc.collect()

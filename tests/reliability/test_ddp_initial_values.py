@@ -1,5 +1,5 @@
-"""torch.distributed: REBAR / RELAX ranks built with other initial values of what their update trains
-(tests/reliability/_ddp_initial_values.py runs them in two gloo processes).
+"""torch.distributed: REBAR / RELAX ranks built with other initial values of what their update trains, and score's
+``baseline=`` module initialised per rank (tests/reliability/_ddp_initial_values.py runs them in two gloo processes).
 
 ``temperature=`` and ``eta=`` are initial values of parameters the update trains (a checkpoint's trained values
 replace them), so they are not compared across ranks as options are; a ``network=`` may be initialised from a per-rank
@@ -55,3 +55,10 @@ def test_a_trained_initial_value_that_differs_starts_from_rank_0s_on_every_rank(
 def test_a_network_initialised_from_a_per_rank_seed_starts_from_rank_0s_on_every_rank(ranks):
     params = _same_on_every_rank(ranks, "relax_network")
     assert any(name.startswith("network.") for name in params), list(params)
+
+
+def test_a_score_baseline_module_initialised_per_rank_starts_from_rank_0s_on_every_rank(ranks):
+    # a user's baseline= module outside DDP, built at 0 on rank 0 and 1 on rank 1: the regression averages ψ's
+    # gradient, never ψ (before: 0.10 and 1.10 after two steps, one step 0.05 and 1.05)
+    params = _same_on_every_rank(ranks, "score_module")
+    assert abs(float(params["baseline_fn.b"])) <= 1.01 * 0.05, float(params["baseline_fn.b"])

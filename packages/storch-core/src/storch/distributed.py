@@ -14,7 +14,8 @@ at the one place where it changes:
   broadcast from rank 0 when it is built, so their parameters stay identical; the learned control
   variates also set every parameter their update trains (η, the temperature, a ``network=``) to rank
   0's at their first update, as DDP does for a module's parameters when it wraps it (ranks built with
-  another ``temperature=`` or ``eta=`` start from rank 0's values).
+  another ``temperature=`` or ``eta=`` start from rank 0's values), and so does ``score`` for a
+  ``baseline=`` module of yours.
 
 This happens automatically when ``torch.distributed`` is initialised with more than one
 process. It is a collective operation, inside ``storch.backward()``: ranks that call it a different

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -320,6 +321,8 @@ class Score(Estimator):
         loss = sum(errors) if errors else None
         grads = torch.autograd.grad(loss, params, allow_unused=True) if errors else (None,) * len(params)
         finite = all_finite([None if loss is None else loss.detach(), *grads])
+        if synced and not isinstance(self.baseline_fn, LearnedBaseline):  # (NVIL's heads: broadcast when built)
+            _start_from_rank_0(self)  # a baseline= module of yours: ψ as rank 0's, at the first update
         if synced:
             # torch.distributed: the gradient of the global batch's regression loss, the mean over the
             # ranks (as DDP averages model gradients), so ψ and Adam's moments stay identical everywhere
@@ -587,6 +590,31 @@ class _Callable(_Baseline):
 
     def update(self, est, frames):
         est._regress(frames)
+
+
+# The estimators whose baseline= module was set to rank 0's at their first update (:func:`_start_from_rank_0`), by
+# identity: a copy (copy.deepcopy, pickle) is another estimator and starts from rank 0's values again. Weak: an
+# estimator that is freed leaves it.
+_STARTED: "weakref.WeakValueDictionary[int, Score]" = weakref.WeakValueDictionary()
+
+
+def _start_from_rank_0(owner: Score) -> None:
+    """Every parameter of ``owner``'s ``baseline=`` module overwritten with rank 0's values at its first update under
+    torch.distributed, as DistributedDataParallel does to a module's parameters when it wraps it (no-op in one
+    process, and after the first time).
+
+    The regression averages ψ's gradient over the ranks, never ψ: ranks whose module was initialised from their
+    own seed (a per-rank seed is common) trained apart for good, silently (a scalar baseline built at 0 and 1:
+    0.10 and 1.10 after two steps), unless the estimator sits inside a module DDP wraps. NVIL's heads are broadcast
+    when they are built (storch_score.learned_baseline); the relaxed family does the same for its control variates.
+    At the first update, not the first step: a collective on every rank anyway, while a first forward may be an
+    evaluation on one rank alone. Ranks that loaded one checkpoint hold the same values, which the broadcast leaves
+    as they are; Adam's moments are not broadcast (zero at the start, or a checkpoint's that every rank loads)."""
+    if _STARTED.get(id(owner)) is owner:
+        return
+    storch.distributed.broadcast_(list(owner.baseline_fn.parameters()), owner=owner,
+                                  what="the trained parameters (rank 0's)")
+    _STARTED[id(owner)] = owner
 
 
 def _across_ranks(params: list, grads: tuple, finite: torch.Tensor, owner: Score) -> tuple[list, torch.Tensor]:
