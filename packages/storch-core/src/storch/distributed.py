@@ -273,7 +273,8 @@ def broadcast_(tensors: list[torch.Tensor], owner: Any = None, src: int = 0,
                what: str = "a built network's parameters") -> None:
     """Overwrite ``tensors`` in place with rank ``src``'s values (no-op without a process group).
 
-    ``what``: what the tensors are, for the ranks' check and its error message (a lazily built network's
+    ``src``: a rank of ``owner``'s process group (its first member by default; the group that
+    :func:`synchronize` set may leave out the world's rank 0). ``what``: what the tensors are, for the ranks' check and its error message (a lazily built network's
     parameters; the parameters an estimator's update trains, set to rank 0's at its first update)."""
     if not is_active(owner):
         return
@@ -289,9 +290,12 @@ def broadcast_(tensors: list[torch.Tensor], owner: Any = None, src: int = 0,
         raise StorchError(
             f"storch.distributed: the ranks hold {what} of different shapes or dtypes to broadcast (this rank: "
             f"{len(tensors)} tensors); build the same model, with the same estimators and inputs, on every rank")
+    # torch's src is a rank of the world: a group without the world's rank 0 (synchronize(model, group=g), one
+    # data-parallel replica group of several) refused it ("Global rank 0 is not part of group") at the first update
+    root = src if group is None else dist.get_global_rank(group, src)
     with torch.no_grad():
         for t in tensors:
-            dist.broadcast(t.data, src=src, group=group)
+            dist.broadcast(t.data, src=root, group=group)
 
 
 def ranks_agree(tensors: list[torch.Tensor], owner: Any = None) -> bool:

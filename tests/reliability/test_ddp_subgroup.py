@@ -1,0 +1,41 @@
+"""torch.distributed with estimators synchronised over a process group that leaves out the world's rank 0
+(tests/reliability/_ddp_subgroup.py runs three gloo processes; ranks 1 and 2 form the group).
+
+storch broadcasts from the group's first member: REBAR's trained parameters at its first update (ranks built with
+temperature 0.5 and 0.3 start from rank 1's), NVIL's heads when they are built. Before, both raised torch's
+ValueError "Global rank 0 is not part of group" on every member.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import _ddp
+import _ddp_subgroup
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+
+WORLD = 3
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("ddp_subgroup")
+    mp.spawn(_ddp_subgroup.worker, args=(WORLD, _ddp.free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("case", ["rebar", "nvil"])
+def test_a_group_without_the_worlds_rank_0_broadcasts_from_its_first_member(ranks, case):
+    assert ranks[0] == {}  # (not a member: it runs no step)
+    (k1, p1), (k2, p2) = ranks[1][case], ranks[2][case]
+    assert k1 == k2 == "ok", (ranks[1][case], ranks[2][case])
+    assert p1.keys() == p2.keys() and all(torch.equal(p1[n], p2[n]) for n in p1), (p1, p2)
+    if case == "rebar":  # rank 1's temperature (the group's first member), one Adam step on (lr 0.01)
+        assert abs(float(p1["log_temperature"]) - math.log(0.5)) <= 1.01 * 0.01, float(p1["log_temperature"])
