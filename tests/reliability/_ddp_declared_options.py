@@ -3,7 +3,7 @@ only storch's own collectives) for the ranks' check of an estimator's declared o
 
 - A third party's estimator with state (a running-mean baseline, averaged over the ranks with
   ``storch.distributed.all_reduce_mean``) declares through the public hooks ``state_options()`` and
-  ``update_options()`` what gives its state its meaning and what changes how it evolves: ranks that differ in
+  ``evolution_options()`` what gives its state its meaning and what changes how it evolves: ranks that differ in
   them raise on every rank, naming the option (before the hooks were public, only first-party estimators had
   them: the ranks' averages drifted apart silently, and a rank with ``update=False`` left the others waiting).
 - An estimator built with ``update=False`` that joined the check once, then copied (``copy.deepcopy``: a target
@@ -55,7 +55,7 @@ class RunningMeanScore(storch.Estimator):
     def state_options(self) -> dict:
         return {"target": self.target}
 
-    def update_options(self) -> dict:
+    def evolution_options(self) -> dict:
         return {"decay": self.decay, "update": True} if self.update else {"update": False}
 
 

@@ -2,7 +2,7 @@
 runs them in two gloo processes).
 
 Before each of its collectives storch checks that every rank runs the same estimator with the same
-``state_options()`` and ``update_options()``, the public hooks of the estimator protocol: a third party's
+``state_options()`` and ``evolution_options()``, the public hooks of the estimator protocol: a third party's
 estimator with state declares them as the first-party ones do, and ranks that differ raise a StorchError on EVERY
 rank naming the option (before, the hooks were private: a third party's ranks drifted apart silently, or one waited
 forever). An estimator built with update=False joins the check once; a copy of it (copy.deepcopy, pickle) is
@@ -47,13 +47,13 @@ def test_a_third_party_estimator_with_the_same_declared_options_on_every_rank_is
 
 
 @pytest.mark.parametrize("case, first, second", [
-    # update_options(): how the state evolves
+    # evolution_options(): how the state evolves
     ("decay", "RunningMeanScore(decay=0.9, target='total', update=True) averaging mean costs",
      "RunningMeanScore(decay=0.5, target='total', update=True) averaging mean costs"),
     # state_options(): what the state means
     ("target", "RunningMeanScore(decay=0.9, target='total', update=True)",
      "RunningMeanScore(decay=0.9, target='rec', update=True)"),
-    # update_options() == {"update": False}: the rank joins the check where its update would run
+    # evolution_options() == {"update": False}: the rank joins the check where its update would run
     ("update", "RunningMeanScore(decay=0.9, target='total', update=True) averaging mean costs",
      "RunningMeanScore(target='total', update=False) skipping its update (update=False)"),
 ])

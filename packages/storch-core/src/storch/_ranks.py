@@ -65,7 +65,7 @@ def _gather_collectives(collective: str, group: Any) -> str:
 def _collective(owner: Any, action: str) -> str:
     """Which collective a rank is about to run: the estimator (its class, the options that give its state its
     meaning, ``state_options()``: score's baseline kind, RELAX's control variate form, MAPO's buffer; and
-    those that change how the state evolves, ``update_options()``: a moving average's decay, a learned
+    those that change how the state evolves, ``evolution_options()``: a moving average's decay, a learned
     part's lr, update; the public hooks of the estimator protocol, so a third-party estimator declares its own)
     and what it does. Ranks whose estimators differ run different sequences of collectives (a moving average
     alone, or a moving average and then a learned baseline's gradients), or the same ones and then hold
@@ -75,13 +75,13 @@ def _collective(owner: Any, action: str) -> str:
     options: dict = _options_of(owner, "state_options")
     if not options and isinstance(getattr(owner, "baseline_kind", None), str):
         options = {"baseline": owner.baseline_kind}
-    options = {**options, **_options_of(owner, "update_options")}
+    options = {**options, **_options_of(owner, "evolution_options")}
     args = ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
     return f"{type(owner).__name__}({args}) {action}"
 
 
 def _options_of(owner: Any, method: str) -> dict:
-    """What ``owner.<method>()`` declares (``state_options`` / ``update_options``; an owner that is no estimator
+    """What ``owner.<method>()`` declares (``state_options`` / ``evolution_options``; an owner that is no estimator
     may have neither: {}). Refused unless a mapping from option names (str) to values: the check sorts and prints
     them, and a bad return would otherwise surface as a TypeError inside a collective, on one rank."""
     declared = getattr(owner, method, None)
@@ -124,7 +124,7 @@ _SKIP_CHECKED: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictio
 def _skips_synced_update(est: Any) -> bool:
     """Whether ``storch.backward()`` (or the update probe of ``surrogate_loss().backward()``) must have ``est``
     join the ranks' check where it skips its update: an
-    estimator whose state would evolve (its ``update_options()`` say ``update=False``),
+    estimator whose state would evolve (its ``evolution_options()`` say ``update=False``),
     synchronised over more than one process, and not yet checked. Where another rank built
     it with ``update=True``, that rank waits in the update's collective, which this one would never join (a
     hang): joining the check instead makes every rank raise. Once per estimator object (update is fixed at
@@ -133,7 +133,7 @@ def _skips_synced_update(est: Any) -> bool:
     dist = _dist()
     if dist is None or not dist.is_initialized() or _SKIP_CHECKED.get(id(est)) is est:
         return False  # (in one process: no attribute look-up of the estimator's)
-    if _options_of(est, "update_options").get("update", True) is not False:
+    if _options_of(est, "evolution_options").get("update", True) is not False:
         return False
     group = getattr(est, "_storch_process_group", None)
     return group is not False and dist.get_world_size(group) > 1

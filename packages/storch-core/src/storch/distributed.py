@@ -22,7 +22,7 @@ process. It is a collective operation, inside ``storch.backward()``: ranks that 
 number of times HANG (as under DDP); episodes of a partition may differ in length. Before each
 collective one small all_reduce checks what every rank is about to run (the estimator's class, the
 options that give its state its meaning and those that change how it evolves: decay, lr, update, as its
-``state_options()`` and ``update_options()`` declare them; what it averages) and the values' layout:
+``state_options()`` and ``evolution_options()`` declare them; what it averages) and the values' layout:
 ranks with different estimators or such options, a rank whose
 step has no costs or no data (it joins the check from ``storch.backward()`` / ``denote_independent``)
 or whose estimator was built with ``update=False`` (it joins from ``storch.backward()`` or
@@ -60,7 +60,8 @@ Example (``examples/distributed/train_ddp.py`` is a complete script)::
 
 from __future__ import annotations
 
-from typing import Any, TypeVar, Union, overload
+import weakref
+from typing import Any, Iterable, TypeVar, Union, overload
 
 import torch
 
@@ -68,6 +69,7 @@ from ._ranks import _collective, _comm_device, _dist, _layouts_agree, _raise_dif
 from .errors import StorchError
 
 __all__ = ["is_active", "world_size", "synchronize", "all_reduce_mean", "all_gather_objects", "broadcast_",
+           "broadcast_once_",
            "ranks_agree"]
 
 _UNSET = object()
@@ -296,6 +298,30 @@ def broadcast_(tensors: list[torch.Tensor], owner: Any = None, src: int = 0,
     with torch.no_grad():
         for t in tensors:
             dist.broadcast(t.data, src=root, group=group)
+
+
+
+# The owners that broadcast_once_ has run for, by identity: a copy (copy.deepcopy, pickle) is another estimator and
+# starts from rank 0's values again. Weak: an estimator that is freed leaves it.
+_BROADCAST_ONCE: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+
+
+def broadcast_once_(tensors: Iterable[torch.Tensor], owner: Any, what: str = "the trained parameters (rank 0's)") -> None:
+    """:func:`broadcast_` of rank 0's values the first time ``owner`` (an estimator) asks, and never again for that
+    object (no-op without a process group). For what an estimator's update trains (a baseline module, RELAX's η, λ
+    and network), called at its first update: DistributedDataParallel does the same to a module's parameters when
+    it wraps it, but only to the modules it wraps, and the update averages the parameters' gradients over the
+    ranks, never the parameters, so ranks built from their own seeds or options would train apart for good.
+
+    At the first update rather than the first step: that is a collective on every rank anyway, while a first
+    forward may be an evaluation on one rank alone. Values that are equal already (every rank loaded one
+    checkpoint) stay as they are; optimizer moments are not broadcast (zero at the start, or a checkpoint's that
+    every rank loads). ``tensors`` is read only when the broadcast runs (a generator such as
+    ``module.parameters()`` costs nothing in one process)."""
+    if not is_active(owner) or _BROADCAST_ONCE.get(id(owner)) is owner:
+        return
+    broadcast_(list(tensors), owner=owner, what=what)
+    _BROADCAST_ONCE[id(owner)] = owner
 
 
 def ranks_agree(tensors: list[torch.Tensor], owner: Any = None) -> bool:

@@ -4,7 +4,6 @@ gradient estimate (LAX, RELAX, REBAR; Grathwohl et al. 2018), and their per-node
 from __future__ import annotations
 
 import copy
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -171,7 +170,13 @@ class VarianceTrained(Estimator):
             raise StorchError(
                 f"{self.name}: {len(dphi)} gradients for {len(params)} trainable parameters (they changed between "
                 "the step and its update); call .clear() on a compiled step after changing the estimator")
-        _start_from_rank_0(self)  # torch.distributed: φ (η, λ, the network) as rank 0's, at the first update
+        # torch.distributed: φ (η, λ, the network) as rank 0's at the first update. Ranks built with another
+        # temperature= or eta= (or a network= from another seed) trained apart for good (REBAR at 0.5 and 0.3: log λ
+        # -0.683 and -1.194 after one step). Broadcast rather than refuse, as DDP does: refusing different values
+        # would refuse ranks that seed their network= differently, which DDP accepts, and comparing the options
+        # would refuse ranks that loaded one checkpoint (trained values, not the constructor's). The first step's
+        # surrogate used each rank's own η and λ: unbiased all the same (the control variate has mean zero for any φ)
+        storch.distributed.broadcast_once_(self.parameters(), self)
         # torch.distributed: the variance of the rank-averaged gradient, whose ĝ per data point is
         # ĝ_rank / W: ∂φ Σ_r |ĝ_r / W|² = W⁻¹ · mean_r ∂φ|ĝ_r|², the same step on every rank (_across_ranks),
         # and the same decision to skip it (one rank's non-finite Σ ĝ² skips it everywhere)
@@ -215,7 +220,7 @@ class VarianceTrained(Estimator):
         estimator saved it (storch.extending.state_record): none here; RELAX's control variate form."""
         return {}
 
-    def update_options(self) -> dict:
+    def evolution_options(self) -> dict:
         """The options that change how φ evolves: Adam's lr, and update. Not in a checkpoint's record (a resumed
         run may train on with another lr); storch.distributed checks them with state_options before each
         collective: ranks with another lr would step φ apart from the first update on, silently, and a rank with
@@ -252,35 +257,6 @@ class VarianceTrained(Estimator):
         # every parameter's moments matched by name, whatever is frozen now or was at saving
         module._optimizer = load_own_optimizer(state, module, module.lr, module.name)
 
-
-# The estimators whose parameters were set to rank 0's at their first update (:func:`_start_from_rank_0`), by
-# identity, as storch keeps the update=False estimators that joined the ranks' check: a copy (copy.deepcopy, pickle)
-# is another estimator and starts from rank 0's values again. Weak: an estimator that is freed leaves it.
-_STARTED: "weakref.WeakValueDictionary[int, VarianceTrained]" = weakref.WeakValueDictionary()
-
-
-def _start_from_rank_0(owner: VarianceTrained) -> None:
-    """Every parameter of ``owner`` (η, λ, a control variate network: what its update trains) overwritten with rank
-    0's values at its first update under torch.distributed, as DistributedDataParallel does to a module's parameters
-    when it wraps it (no-op in one process, and after the first time).
-
-    Ranks built with another ``temperature=`` or ``eta=`` (or a ``network=`` initialised from another seed: a
-    per-rank seed is common) would otherwise train apart for good: the update averages φ's gradient over the ranks,
-    never φ, so they kept their difference silently (REBAR built with temperature 0.5 and 0.3: log λ -0.683 and
-    -1.194 after one step). DDP's own broadcast
-    helps only where the estimator is inside the wrapped module. Broadcast rather than refuse, as DDP does:
-    refusing ranks whose values differ at the first collective would refuse ranks that seed their network=
-    differently, which DDP accepts, and the options cannot be compared instead (ranks that loaded the same
-    checkpoint hold trained values, not the constructor's: the same on every rank, and the broadcast leaves them
-    unchanged). At the first update, not the first step: that is a collective on every rank anyway, while a first
-    forward may be an evaluation on one rank alone (under torch.no_grad(), where storch runs no collective). The
-    first step's surrogate used each rank's own η and λ: its gradient is unbiased all the same (the control variate
-    has mean zero for any φ); the update then steps rank 0's φ along the ranks' mean gradient. Adam's moments are not
-    broadcast: they start at zero on every rank, or from a checkpoint that every rank loads."""
-    if not storch.distributed.is_active(owner) or _STARTED.get(id(owner)) is owner:
-        return
-    storch.distributed.broadcast_(list(owner.parameters()), owner=owner, what="the trained parameters (rank 0's)")
-    _STARTED[id(owner)] = owner
 
 
 def _across_ranks(grads: list[torch.Tensor], finite: torch.Tensor, owner) -> tuple[list[torch.Tensor], torch.Tensor]:

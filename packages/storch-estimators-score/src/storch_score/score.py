@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-import weakref
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -322,7 +321,10 @@ class Score(Estimator):
         grads = torch.autograd.grad(loss, params, allow_unused=True) if errors else (None,) * len(params)
         finite = all_finite([None if loss is None else loss.detach(), *grads])
         if synced and not isinstance(self.baseline_fn, LearnedBaseline):  # (NVIL's heads: broadcast when built)
-            _start_from_rank_0(self)  # a baseline= module of yours: ψ as rank 0's, at the first update
+            # a baseline= module of yours: ψ as rank 0's at the first update (ranks that initialised it from their own
+            # seeds, outside DDP, trained apart for good: 0.10 and 1.10 after two steps from 0 and 1); NVIL's heads
+            # are broadcast when they are built (learned_baseline)
+            storch.distributed.broadcast_once_(self.baseline_fn.parameters(), self)
         if synced:
             # torch.distributed: the gradient of the global batch's regression loss, the mean over the
             # ranks (as DDP averages model gradients), so ψ and Adam's moments stay identical everywhere
@@ -374,7 +376,7 @@ class Score(Estimator):
         shape check), n_samples, update."""
         return {"baseline": "learned" if isinstance(self.baseline_fn, LearnedBaseline) else self.baseline_kind}
 
-    def update_options(self) -> dict:
+    def evolution_options(self) -> dict:
         """The options that change how the state evolves, for the baselines that have state: a running mean's
         decay (the moving average, NVIL's c), a trained baseline's lr, and update. Not in a checkpoint's record
         (a resumed run may go on with others, see state_options); storch.distributed checks them with it before
@@ -591,30 +593,6 @@ class _Callable(_Baseline):
     def update(self, est, frames):
         est._regress(frames)
 
-
-# The estimators whose baseline= module was set to rank 0's at their first update (:func:`_start_from_rank_0`), by
-# identity: a copy (copy.deepcopy, pickle) is another estimator and starts from rank 0's values again. Weak: an
-# estimator that is freed leaves it.
-_STARTED: "weakref.WeakValueDictionary[int, Score]" = weakref.WeakValueDictionary()
-
-
-def _start_from_rank_0(owner: Score) -> None:
-    """Every parameter of ``owner``'s ``baseline=`` module overwritten with rank 0's values at its first update under
-    torch.distributed, as DistributedDataParallel does to a module's parameters when it wraps it (no-op in one
-    process, and after the first time).
-
-    The regression averages ψ's gradient over the ranks, never ψ: ranks whose module was initialised from their
-    own seed (a per-rank seed is common) trained apart for good, silently (a scalar baseline built at 0 and 1:
-    0.10 and 1.10 after two steps), unless the estimator sits inside a module DDP wraps. NVIL's heads are broadcast
-    when they are built (storch_score.learned_baseline); the relaxed family does the same for its control variates.
-    At the first update, not the first step: a collective on every rank anyway, while a first forward may be an
-    evaluation on one rank alone. Ranks that loaded one checkpoint hold the same values, which the broadcast leaves
-    as they are; Adam's moments are not broadcast (zero at the start, or a checkpoint's that every rank loads)."""
-    if _STARTED.get(id(owner)) is owner:
-        return
-    storch.distributed.broadcast_(list(owner.baseline_fn.parameters()), owner=owner,
-                                  what="the trained parameters (rank 0's)")
-    _STARTED[id(owner)] = owner
 
 
 def _across_ranks(params: list, grads: tuple, finite: torch.Tensor, owner: Score) -> tuple[list, torch.Tensor]:

@@ -1065,7 +1065,7 @@ class Estimator(torch.nn.Module):
 
         Under ``torch.distributed`` storch checks before each of the estimator's collectives
         (``storch.distributed.all_reduce_mean`` and friends, with ``owner=self``) that every rank runs the same
-        estimator class with the same :meth:`state_options` and :meth:`update_options`: ranks that differ raise
+        estimator class with the same :meth:`state_options` and :meth:`evolution_options`: ranks that differ raise
         :class:`storch.StorchError` on every rank, naming each rank's options, instead of one rank waiting in a
         collective the others never run, or their states drifting apart silently. Pass them to
         ``storch.extending.state_record(self, **self.state_options())`` in ``get_extra_state()`` too, so that a
@@ -1075,7 +1075,7 @@ class Estimator(torch.nn.Module):
         legacy = getattr(self, "_state_options", None)  # (the private name first-party estimators used before)
         return dict(legacy()) if callable(legacy) else {}
 
-    def update_options(self) -> dict[str, Any]:
+    def evolution_options(self) -> dict[str, Any]:
         """The options that change how the state evolves in :meth:`update_parameters`, ``{name: value}``: a
         running mean's ``decay``, a learned part's ``lr``, and ``update`` where an option can switch the update
         off. Not part of a checkpoint's record (a resumed run may go on with another decay or lr); checked across
