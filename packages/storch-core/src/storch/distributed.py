@@ -115,8 +115,8 @@ def synchronize(module: torch.nn.Module, enabled: bool = True, group: Any = None
         group: the ``torch.distributed`` process group (None: the default world group).
 
     Switching back on does not make the states agree again: a ``storch.backward()`` while it was off updated
-    this rank's state alone (even in ``model.eval()``); the trained parameters of an estimator that had not
-    updated before are set to rank 0's at its first synchronised update (:func:`broadcast_once_`), but moving
+    this rank's state alone (even in ``model.eval()``); an estimator's trained parameters are set to rank
+    0's only at its first synchronised update ever (:func:`broadcast_once_`), and moving
     averages, buffers and optimizer moments are not, and the ranks stay apart from then on. Evaluate under
     ``torch.no_grad()`` with ``storch.cost_estimates()`` (no update, no collective) instead.
     """
