@@ -85,6 +85,7 @@ def _called_by_storch() -> bool:
 # the descriptor of Tensor.grad: a read or write of a tensor's .grad reaches a torch function mode as its bound
 # __get__ / __set__ (an optimizer's zero_grad, model.zero_grad(), `p.grad = None`, a hand-written update)
 _GRAD = torch._C.TensorBase.__dict__.get("grad")
+_SET_GRAD_ENABLED = torch._C._set_grad_enabled
 
 
 def _generator_message(fn, func) -> str:
@@ -208,6 +209,8 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is _SET_GRAD_ENABLED:
+            return self._set_grad_enabled(func, args, kwargs)
         if _GRAD is not None and getattr(func, "__self__", None) is _GRAD:
             raise StorchError(_gradient_message(
                 self.fn, "it writes a tensor's `.grad`" if func.__name__ == "__set__" else "it reads a tensor's `.grad`"))
@@ -255,6 +258,18 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
         if "out" in kwargs:
             self._save(pytree.tree_leaves(kwargs["out"]))
         return func(*args, **kwargs)
+
+    @staticmethod
+    def _set_grad_enabled(func, args, kwargs):
+        """A grad-mode switch (``torch.no_grad()``, ``enable_grad``, ``set_grad_enabled``) in the step: make_fx's
+        pre-dispatch mode, below this one, records it in the program; torch below 2.9 records it without switching,
+        so the trace ran with grad enabled throughout and each ``no_grad`` exit recorded the mode it read then (a
+        nested block's exit, or ``Binomial.sample``'s inside storch's own, recorded True: the program differentiated
+        a value the step holds constant). Switched here too, as torch 2.9 and later do (the same value again there)."""
+        node = func(*args, **kwargs)
+        with torch._C.DisableTorchFunction():
+            func(*args, **kwargs)
+        return node
 
     def _save(self, values) -> None:
         from torch._C._functorch import is_functorch_wrapped_tensor
