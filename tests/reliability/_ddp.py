@@ -6,13 +6,14 @@ single-process reference trains on the whole batch in one graph, under :class:`S
 a TorchFunctionMode that draws every random tensor whose dim 1 is the data plate shard by shard,
 each shard from its rank's generator, and replays every other draw (a lazily built network's
 initialisation) on every rank's generator, keeping rank 0's result, as the ranks do (each
-builds the network, then rank 0's is broadcast)."""
+builds the network, then rank 0's is broadcast).
+
+The other DDP tests' workers share its model, data (:func:`shard`) and :func:`run_steps`, and their test modules
+:func:`assert_refused_on_every_rank`; the process harness (spawn, process group, record) is in ``_gloo``."""
 
 from __future__ import annotations
 
 import gc
-import os
-import socket
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +24,7 @@ import storch
 from storch.generators import RANDOM_FUNCTIONS
 
 import _ddp_mapo
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 for a process group's rendezvous (the DDP tests' workers)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _gloo import rank_process
 
 
 SCENARIOS = {
@@ -110,6 +105,29 @@ def data(world: int) -> torch.Tensor:
     return (torch.rand(world * SHARD, 6, generator=torch.Generator().manual_seed(3)) > 0.5).float()
 
 
+def shard(world: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s ``SHARD`` data points of :func:`data`."""
+    return data(world)[rank * SHARD:(rank + 1) * SHARD]
+
+
+def assert_refused_on_every_rank(ranks: list[dict], case: str, first: str, second: str) -> None:
+    """Every rank recorded (``_gloo.outcome``) for ``case`` the StorchError of ranks that use different estimators,
+    naming what rank 0 ran (``first``) and what rank 1 ran (``second``)."""
+    for r in range(len(ranks)):
+        kind, message = ranks[r][case]
+        assert kind == "StorchError", (r, kind, message)
+        assert "the ranks use different estimators" in message.lower(), message
+        assert f"rank 0: {first}" in message and f"rank 1: {second}" in message, message
+
+
+def run_steps(model, x: torch.Tensor, g: torch.Generator, n: int = 2) -> None:
+    """``n`` steps of ``model`` on ``x`` (no optimizer: only the estimators' updates and collectives run)."""
+    for _ in range(n):
+        with storch.Graph(generator=g):
+            model(x)
+            storch.backward()
+
+
 def estimator_state(model: Model) -> list[torch.Tensor]:
     est = model.est
     # Adam's moments: exp_avg is linear in the gradients the update stepped along (the parameters alone are
@@ -149,11 +167,8 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        x = data(world)[rank * SHARD:(rank + 1) * SHARD]
-        out = {}
+    with rank_process(rank, world, port, outdir) as out:
+        x = shard(world, rank)
         for key, (name, options, unused) in SCENARIOS.items():
             ddp = DDP(Model(name, options), find_unused_parameters=unused)
             grads = train(ddp, x, torch.Generator().manual_seed(100 + rank))
@@ -210,16 +225,7 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
             out["misuse"] = str(e)
         out["compiled"] = compiled(x, rank, world)
         out["mapo"] = _ddp_mapo.worker(rank, world)
-        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-        # the DDP reducers (held in reference cycles) go before the group does, and no rank tears
-        # the group down while another is still in a collective; otherwise gloo may abort a
-        # process at exit ("terminate called without an active exception")
-        del ddp, local
-        gc.collect()
-        dist.barrier()
-    finally:
-        gc.collect()
-        dist.destroy_process_group()
+        del ddp, local  # (DDP's reducers go before the group does: _gloo.rank_process)
 
 
 def compiled(x: torch.Tensor, rank: int, world: int) -> dict:

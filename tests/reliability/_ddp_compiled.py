@@ -8,17 +8,13 @@ computed; the group's timeout (10 s) turns a hang into an error, so no case wait
 
 from __future__ import annotations
 
-import datetime
-import gc
-import os
-
 import torch
 import torch.nn.functional as F
 from torch.distributions import Bernoulli
 
 import storch
-from _ddp import Model, data
-from _ddp_mismatch import SHARD, _outcome
+from _ddp import Model, shard
+from _gloo import outcome, rank_process
 
 
 def _compiled_steps(model, x, steps: int = 2) -> None:
@@ -55,17 +51,13 @@ class TwoSurrogates(torch.nn.Module):
 def worker(rank: int, world: int, port: int, outdir: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=10))
-    try:
-        x = data(world)[rank * SHARD:(rank + 1) * SHARD]
+    with rank_process(rank, world, port, outdir, timeout=10) as out:
+        x = shard(world, rank)
         torch.manual_seed(10 + rank)
-        out = {}
         ma = {"n_samples": 2, "baseline": "moving_average"}
         # update=False on rank 1: a moving average (its step has no estimator state to replay, only the skipped
         # update: the program gets the probe for it) ...
-        out["update_ma"] = _outcome(lambda: _compiled_steps(Model("score", {**ma, "update": rank == 0}), x))
+        out["update_ma"] = outcome(lambda: _compiled_steps(Model("score", {**ma, "update": rank == 0}), x))
         dist.barrier()
         # ... and RELAX (its step replays the control variate's state on both ranks), both networks built eagerly first
         # on every rank (a broadcast: the same collectives on every rank)
@@ -73,23 +65,17 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         for m in relaxes:
             with storch.Graph():
                 m(x)
-        out["update_relax"] = _outcome(lambda: _compiled_steps(relaxes[rank], x))
+        out["update_relax"] = outcome(lambda: _compiled_steps(relaxes[rank], x))
         dist.barrier()
         # update=False on every rank: no error (one check, at the first call's backward), and no average is kept
         model = Model("score", {**ma, "update": False})
-        out["update_none"] = _outcome(lambda: (_compiled_steps(model, x, 3), dict(model.est.moving_averages))[1])
+        out["update_none"] = outcome(lambda: (_compiled_steps(model, x, 3), dict(model.est.moving_averages))[1])
         dist.barrier()
         # a step with two surrogates, the first after an update=False estimator only: the same on every rank (no
         # error: the returned surrogate updates b, and a joins the check there) ...
         two = TwoSurrogates(b_updates=True)
-        out["two_surrogates"] = _outcome(lambda: (_compiled_steps(two, x), dict(two.b.moving_averages))[1])
+        out["two_surrogates"] = outcome(lambda: (_compiled_steps(two, x), dict(two.b.moving_averages))[1])
         dist.barrier()
         # ... and with b's update=False on rank 1 (the returned surrogate's skipped updates join the check)
-        out["two_surrogates_update_b"] = _outcome(lambda: _compiled_steps(TwoSurrogates(b_updates=rank == 0), x))
+        out["two_surrogates_update_b"] = outcome(lambda: _compiled_steps(TwoSurrogates(b_updates=rank == 0), x))
         dist.barrier()
-        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-        gc.collect()
-        dist.barrier()
-    finally:
-        gc.collect()
-        dist.destroy_process_group()

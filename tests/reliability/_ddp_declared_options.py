@@ -16,9 +16,6 @@ turns a hang into an error, so no case waits forever."""
 from __future__ import annotations
 
 import copy
-import datetime
-import gc
-import os
 import pickle
 
 import torch
@@ -26,8 +23,8 @@ import torch.nn.functional as F
 from torch.distributions import Bernoulli
 
 import storch
-from _ddp import Model, data
-from _ddp_mismatch import SHARD, _outcome, _steps
+from _ddp import Model, run_steps, shard
+from _gloo import outcome, rank_process
 
 
 class RunningMeanScore(storch.Estimator):
@@ -77,25 +74,21 @@ class ThirdPartyModel(torch.nn.Module):
 def worker(rank: int, world: int, port: int, outdir: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))
-    try:
-        x = data(world)[rank * SHARD:(rank + 1) * SHARD]
+    with rank_process(rank, world, port, outdir, timeout=20) as out:
+        x = shard(world, rank)
         g = torch.Generator().manual_seed(10 + rank)
-        out = {}
         # the same options on every rank: no error, and the ranks hold the same running mean
         model = ThirdPartyModel()
-        out["same"] = _outcome(lambda: (_steps(model, x, g), float(model.est.mean),
+        out["same"] = outcome(lambda: (run_steps(model, x, g), float(model.est.mean),
                                         storch.distributed.ranks_agree([model.est.mean], model.est))[1:])
         dist.barrier()
         # an option that changes how the state evolves (decay), and one that gives it its meaning (target)
-        out["decay"] = _outcome(lambda: _steps(ThirdPartyModel(decay=0.9 if rank == 0 else 0.5), x, g))
+        out["decay"] = outcome(lambda: run_steps(ThirdPartyModel(decay=0.9 if rank == 0 else 0.5), x, g))
         dist.barrier()
-        out["target"] = _outcome(lambda: _steps(ThirdPartyModel(target="total" if rank == 0 else "rec"), x, g))
+        out["target"] = outcome(lambda: run_steps(ThirdPartyModel(target="total" if rank == 0 else "rec"), x, g))
         dist.barrier()
         # update=False on rank 1 only: it joins the check where its update would run (before: a hang)
-        out["update"] = _outcome(lambda: _steps(ThirdPartyModel(update=rank == 0), x, g))
+        out["update"] = outcome(lambda: run_steps(ThirdPartyModel(update=rank == 0), x, g))
         dist.barrier()
         # copies of an estimator built with update=False that joined the check (every rank has it: no error), then
         # copied on rank 1, while rank 0 builds one that updates: the copy joins the check again (before: it
@@ -103,14 +96,8 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         ma = {"n_samples": 2, "baseline": "moving_average"}
         for case, copied in (("deepcopy", copy.deepcopy), ("pickle", lambda m: pickle.loads(pickle.dumps(m)))):
             skipping = Model("score", {**ma, "update": False})
-            out[f"{case}_checked"] = _outcome(lambda: _steps(skipping, x, g, 1))
+            out[f"{case}_checked"] = outcome(lambda: run_steps(skipping, x, g, 1))
             dist.barrier()
             other = Model("score", ma) if rank == 0 else copied(skipping)
-            out[case] = _outcome(lambda: _steps(other, x, g, 1))
+            out[case] = outcome(lambda: run_steps(other, x, g, 1))
             dist.barrier()
-        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-        gc.collect()
-        dist.barrier()
-    finally:
-        gc.collect()
-        dist.destroy_process_group()

@@ -8,49 +8,35 @@ the group's timeout (10 s) turns a hang into an error, so no case waits forever.
 
 from __future__ import annotations
 
-import datetime
-import gc
-import os
-
 import torch
 
-from _ddp import Model, ScalarBaseline, data
-from _ddp_mismatch import SHARD, _outcome, _steps
+from _ddp import Model, ScalarBaseline, run_steps, shard
+from _gloo import outcome, rank_process
 
 
 def _trained(model, x, g) -> dict:
-    _steps(model, x, g, 1)
+    run_steps(model, x, g, 1)
     return {name: p.detach().clone() for name, p in model.est.named_parameters()}
 
 
 def worker(rank: int, world: int, port: int, outdir: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=10))
-    try:
-        x = data(world)[rank * SHARD:(rank + 1) * SHARD]
+    with rank_process(rank, world, port, outdir, timeout=10) as out:
+        x = shard(world, rank)
         g = torch.Generator().manual_seed(10 + rank)
-        out = {}
-        out["rebar_temperature"] = _outcome(lambda: _trained(Model("rebar", {"temperature": (0.5, 0.3)[rank]}), x, g))
+        out["rebar_temperature"] = outcome(lambda: _trained(Model("rebar", {"temperature": (0.5, 0.3)[rank]}), x, g))
         dist.barrier()
-        out["relax_eta"] = _outcome(lambda: _trained(Model("relax", {"eta": (1.0, 2.0)[rank]}), x, g))
+        out["relax_eta"] = outcome(lambda: _trained(Model("relax", {"eta": (1.0, 2.0)[rank]}), x, g))
         dist.barrier()
         torch.manual_seed(20 + rank)  # a per-rank seed: each rank's network starts elsewhere
         network = torch.nn.Linear(4, 1)
-        out["relax_network"] = _outcome(lambda: _trained(Model("relax", {"network": network}), x, g))
+        out["relax_network"] = outcome(lambda: _trained(Model("relax", {"network": network}), x, g))
         dist.barrier()
         # score's baseline= module of the user's (outside DDP), initialised per rank: the same drift
         baseline = ScalarBaseline()
         with torch.no_grad():
             baseline.b.fill_(float(rank))
-        out["score_module"] = _outcome(
+        out["score_module"] = outcome(
             lambda: _trained(Model("score", {"n_samples": 2, "baseline": baseline, "lr": 0.05}), x, g))
         dist.barrier()
-        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-        gc.collect()
-        dist.barrier()
-    finally:
-        gc.collect()
-        dist.destroy_process_group()

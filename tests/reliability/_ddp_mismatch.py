@@ -5,80 +5,57 @@ what it computed; the group's timeout (20 s) turns a hang into an error, so no c
 
 from __future__ import annotations
 
-import datetime
-import gc
-import os
-
 import torch
 import torch.nn.functional as F
 from torch.distributions import Bernoulli
 
 import storch
 import _ddp_mapo
-from _ddp import Episode, Model, data
-
-SHARD = 4
-
-
-def _steps(model, x, g, steps: int = 2) -> None:
-    for _ in range(steps):
-        with storch.Graph(generator=g):
-            model(x)
-            storch.backward()
-
-
-def _outcome(fn) -> tuple:
-    try:
-        return ("ok", fn())
-    except Exception as e:  # (recorded: the test asserts its type and message)
-        return (type(e).__name__, str(e))
+from _ddp import Episode, Model, run_steps, shard
+from _gloo import outcome, rank_process
 
 
 def worker(rank: int, world: int, port: int, outdir: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))
-    try:
-        x = data(world)[rank * SHARD:(rank + 1) * SHARD]
+    with rank_process(rank, world, port, outdir, timeout=20) as out:
+        x = shard(world, rank)
         g = torch.Generator().manual_seed(10 + rank)
-        out = {}
         # different estimators: rank 0 a moving average, rank 1 NVIL (a lazily built network, broadcast, then
         # a moving average and the regression's gradients): used to hang in NVIL's collectives on one rank
         ma = {"n_samples": 2, "baseline": "moving_average"}
         other = {"n_samples": 2, "baseline": "learned", "hidden": 4} if rank == 1 else ma
-        out["nvil"] = _outcome(lambda: _steps(Model("score", other), x, g))
+        out["nvil"] = outcome(lambda: run_steps(Model("score", other), x, g))
         dist.barrier()
         # the same, once the network is built (NVIL's first collective is its moving average's)
         models = [Model("score", ma), Model("score", {"n_samples": 2, "baseline": "learned", "hidden": 4})]
-        out["nvil_built"] = _outcome(lambda: (_steps(models[1], x, g, 1), _steps(models[rank], x, g)))
+        out["nvil_built"] = outcome(lambda: (run_steps(models[1], x, g, 1), run_steps(models[rank], x, g)))
         dist.barrier()
         # a score estimator on one rank, RELAX on the other
-        out["relax"] = _outcome(lambda: _steps(Model("score", ma) if rank == 0 else Model("relax", {}), x, g))
+        out["relax"] = outcome(lambda: run_steps(Model("score", ma) if rank == 0 else Model("relax", {}), x, g))
         dist.barrier()
         # MAPO buffers of different sizes (rank 0 keeps 2 sequences per key, rank 1 keeps 3): each rank would keep
         # another buffer from the same gathered offers
-        out["mapo_buffer"] = _outcome(lambda: _ddp_mapo.train(_ddp_mapo.Seq(buffer=2 + rank), [rank], world, range(1), [g]))
+        out["mapo_buffer"] = outcome(lambda: _ddp_mapo.train(_ddp_mapo.Seq(buffer=2 + rank), [rank], world, range(1), [g]))
         dist.barrier()
         # options that change how the state evolves (before: no error, the ranks' states drifted apart silently):
         # a moving average's decay, NVIL's lr (its network's broadcast is the first collective), RELAX's lr
-        out["decay"] = _outcome(lambda: _steps(Model("score", {**ma, "decay": 0.9 if rank == 0 else 0.5}), x, g))
+        out["decay"] = outcome(lambda: run_steps(Model("score", {**ma, "decay": 0.9 if rank == 0 else 0.5}), x, g))
         dist.barrier()
         learned = {"n_samples": 2, "baseline": "learned", "hidden": 4}
-        out["nvil_lr"] = _outcome(lambda: _steps(Model("score", {**learned, "lr": 0.01 * (rank + 1)}), x, g))
+        out["nvil_lr"] = outcome(lambda: run_steps(Model("score", {**learned, "lr": 0.01 * (rank + 1)}), x, g))
         dist.barrier()
-        out["relax_lr"] = _outcome(lambda: _steps(Model("relax", {"lr": 0.01 * (rank + 1)}), x, g))
+        out["relax_lr"] = outcome(lambda: run_steps(Model("relax", {"lr": 0.01 * (rank + 1)}), x, g))
         dist.barrier()
         # update=False on rank 1 only (before: rank 0 waited in its moving average's collective, a hang), for a
         # moving average and for RELAX once its network is built (its first collective is then its update's)
-        out["update_ma"] = _outcome(lambda: _steps(Model("score", {**ma, "update": rank == 0}), x, g))
+        out["update_ma"] = outcome(lambda: run_steps(Model("score", {**ma, "update": rank == 0}), x, g))
         dist.barrier()
         relaxes = [Model("relax", {}), Model("relax", {"update": False})]
         for m in relaxes:  # builds both networks (broadcast: the same collective on every rank)
             with storch.Graph(generator=g):
                 m(x)
-        out["update_relax"] = _outcome(lambda: _steps(relaxes[rank], x, g))
+        out["update_relax"] = outcome(lambda: run_steps(relaxes[rank], x, g))
         dist.barrier()
         # the same through storch.surrogate_loss().backward() (review r-30: its update probe ran only the updates, so
         # rank 0 waited in its moving average's collective), order 1 (the one-node loss) and order 2 (the general one)
@@ -91,26 +68,26 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
                         model(x)
                         storch.surrogate_loss(order=order).backward()
 
-            out[f"update_ma_surrogate{order}"] = _outcome(surrogate_backward)
+            out[f"update_ma_surrogate{order}"] = outcome(surrogate_backward)
             dist.barrier()
         # update=False on every rank: no error (one check, on the first step), and the averages stay unset
         model = Model("score", {**ma, "update": False})
-        out["update_none"] = _outcome(lambda: (_steps(model, x, g), dict(model.est.moving_averages))[1])
+        out["update_none"] = outcome(lambda: (run_steps(model, x, g), dict(model.est.moving_averages))[1])
         dist.barrier()
         # ... whatever their decay or lr (no state evolves)
         model = Model("score", {**ma, "update": False, "decay": 0.9 - 0.4 * rank})
-        out["update_none_decay"] = _outcome(lambda: (_steps(model, x, g), dict(model.est.moving_averages))[1])
+        out["update_none_decay"] = outcome(lambda: (run_steps(model, x, g), dict(model.est.moving_averages))[1])
         dist.barrier()
         model = Model("relax", {"update": False, "lr": 0.01 * (rank + 1)})
-        out["update_none_relax_lr"] = _outcome(lambda: (_steps(model, x, g), {})[1])
+        out["update_none_relax_lr"] = outcome(lambda: (run_steps(model, x, g), {})[1])
         dist.barrier()
         # an episode with no steps on rank 1 (T=3 on rank 0), first after two full episodes, then at the first step
         for key, first in (("no_costs", 2), ("no_costs_first", 0)):
             ep = Episode()
-            out[key] = _outcome(lambda: (_steps(ep, 3, g, first), _steps(ep, 3 if rank == 0 else 0, g, 1)))
+            out[key] = outcome(lambda: (run_steps(ep, 3, g, first), run_steps(ep, 3 if rank == 0 else 0, g, 1)))
             dist.barrier()
         # no rank has costs: each raises the one-process error (nobody waits)
-        out["no_costs_all"] = _outcome(lambda: _steps(Episode(), 0, g, 1))
+        out["no_costs_all"] = outcome(lambda: run_steps(Episode(), 0, g, 1))
         dist.barrier()
         # single-rank use (synchronisation off): a step without costs on rank 0 alone raises there at once (its
         # estimators take part in no collective, so it joins none)
@@ -123,11 +100,11 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
                     local.est(Bernoulli(logits=local.enc(storch.denote_independent(x, 0, "data"))))
                     storch.backward()
 
-            out["no_costs_local"] = _outcome(uncosted)
+            out["no_costs_local"] = outcome(uncosted)
         dist.barrier()
         # an empty shard on rank 1
         model = Model("score", ma)
-        out["empty"] = _outcome(lambda: (_steps(model, x, g, 1), _steps(model, x if rank == 0 else x[:0], g, 1)))
+        out["empty"] = outcome(lambda: (run_steps(model, x, g, 1), run_steps(model, x if rank == 0 else x[:0], g, 1)))
         dist.barrier()
         # evaluation under no_grad with an empty shard on rank 1: no rank is in a collective, so rank 1 raises the
         # one-process error at once and rank 0 finishes its evaluation (joining a check there would wait forever)
@@ -141,7 +118,7 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
                                 name="rec")
                 return float(storch.cost_estimates()["rec"].mean())
 
-        out["empty_eval"] = _outcome(evaluate)
+        out["empty_eval"] = outcome(evaluate)
         dist.barrier()
         # different cost names: not an error, each name averaged over the ranks that have it
         model = Model("score", ma)
@@ -156,13 +133,7 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
                     storch.backward()
             return {k: v.clone() for k, v in model.est.moving_averages.items()}
 
-        out["names"] = _outcome(named)
+        out["names"] = outcome(named)
         # afterwards the ranks still agree on what they run: one more synchronised step of both
-        out["after"] = _outcome(lambda: (_steps(model, x, g, 1), storch.distributed.ranks_agree(
+        out["after"] = outcome(lambda: (run_steps(model, x, g, 1), storch.distributed.ranks_agree(
             [v for _, v in sorted(model.est.moving_averages.items())], model.est))[1])
-        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-        gc.collect()
-        dist.barrier()
-    finally:
-        gc.collect()
-        dist.destroy_process_group()

@@ -8,38 +8,24 @@ parameters after one step; the group's timeout (10 s) turns a hang into an error
 
 from __future__ import annotations
 
-import datetime
-import gc
-import os
-
 import torch
 
 import storch
-from _ddp import Model, data
+from _ddp import Model, shard
 from _ddp_initial_values import _trained
-from _ddp_mismatch import SHARD, _outcome
+from _gloo import outcome, rank_process
 
 
 def worker(rank: int, world: int, port: int, outdir: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=10))
-    try:
+    with rank_process(rank, world, port, outdir, timeout=10) as out:
         group = dist.new_group([1, 2])  # (every rank creates every group)
-        out = {}
         if rank in (1, 2):
-            x = data(world)[rank * SHARD:(rank + 1) * SHARD]
+            x = shard(world, rank)
             g = torch.Generator().manual_seed(10 + rank)
             for case, name, options in [("rebar", "rebar", {"temperature": (0.5, 0.3)[rank - 1]}),
                                         ("nvil", "score", {"n_samples": 2, "baseline": "learned", "hidden": 4})]:
                 model = Model(name, options)
                 storch.distributed.synchronize(model, group=group)
-                out[case] = _outcome(lambda: _trained(model, x, g))
-        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-        gc.collect()
-        dist.barrier()
-    finally:
-        gc.collect()
-        dist.destroy_process_group()
+                out[case] = outcome(lambda: _trained(model, x, g))

@@ -23,12 +23,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import storch
 
 import _ddp
 import _ddp_mapo
+import _gloo
 
 WORLD = 2
 
@@ -39,9 +39,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 def ranks(tmp_path_factory):
     if "score" not in storch.available_estimators() or "relax" not in storch.available_estimators():
         pytest.skip("needs the score and relaxed families")
-    out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_ddp.worker, args=(WORLD, _ddp.free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return _gloo.spawn(_ddp.worker, WORLD, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.mark.parametrize("key", sorted(_ddp.SCENARIOS))

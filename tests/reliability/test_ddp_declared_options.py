@@ -12,12 +12,11 @@ another estimator and joins it again (before, the copy carried the "checked" fla
 from __future__ import annotations
 
 import pytest
-import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import _ddp
 import _ddp_declared_options
+import _gloo
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 
@@ -26,18 +25,7 @@ WORLD = 2
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("ddp_declared_options")
-    mp.spawn(_ddp_declared_options.worker, args=(WORLD, _ddp.free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
-def _refused(ranks, case: str, first: str, second: str) -> None:
-    for r in range(WORLD):
-        kind, message = ranks[r][case]
-        assert kind == "StorchError", (r, kind, message)
-        assert "the ranks use different estimators" in message.lower(), message
-        assert f"rank 0: {first}" in message and f"rank 1: {second}" in message, message
+    return _gloo.spawn(_ddp_declared_options.worker, WORLD, tmp_path_factory.mktemp("ddp_declared_options"))
 
 
 def test_a_third_party_estimator_with_the_same_declared_options_on_every_rank_is_averaged(ranks):
@@ -58,11 +46,12 @@ def test_a_third_party_estimator_with_the_same_declared_options_on_every_rank_is
      "RunningMeanScore(target='total', update=False) skipping its update (update=False)"),
 ])
 def test_a_third_party_estimators_declared_options_that_differ_are_refused_on_every_rank(ranks, case, first, second):
-    _refused(ranks, case, first, second)
+    _ddp.assert_refused_on_every_rank(ranks, case, first, second)
 
 
 @pytest.mark.parametrize("case", ["deepcopy", "pickle"])
 def test_a_copy_of_a_checked_update_false_estimator_joins_the_check_again(ranks, case):
     assert ranks[0][f"{case}_checked"] == ranks[1][f"{case}_checked"] == ("ok", None)
-    _refused(ranks, case, "Score(baseline='moving_average', decay=0.9, update=True) averaging moving averages",
-             "Score(baseline='moving_average', update=False) skipping its update (update=False)")
+    _ddp.assert_refused_on_every_rank(
+        ranks, case, "Score(baseline='moving_average', decay=0.9, update=True) averaging moving averages",
+        "Score(baseline='moving_average', update=False) skipping its update (update=False)")

@@ -14,10 +14,9 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-import _ddp
 import _ddp_initial_values
+import _gloo
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 
@@ -27,10 +26,7 @@ LR = 0.01  # the estimators' default: Adam's first step moves each parameter by 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("ddp_initial_values")
-    mp.spawn(_ddp_initial_values.worker, args=(WORLD, _ddp.free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return _gloo.spawn(_ddp_initial_values.worker, WORLD, tmp_path_factory.mktemp("ddp_initial_values"))
 
 
 def _same_on_every_rank(ranks, case: str) -> dict:

@@ -13,10 +13,9 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-import _ddp
 import _ddp_subgroup
+import _gloo
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 
@@ -25,10 +24,7 @@ WORLD = 3
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("ddp_subgroup")
-    mp.spawn(_ddp_subgroup.worker, args=(WORLD, _ddp.free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return _gloo.spawn(_ddp_subgroup.worker, WORLD, tmp_path_factory.mktemp("ddp_subgroup"))
 
 
 @pytest.mark.parametrize("case", ["rebar", "nvil"])
