@@ -25,13 +25,14 @@ def test_a_value_computed_under_nested_no_grad_is_a_constant_in_the_compiled_gra
     est = storch.estimator("expect", plate="z")
 
     def step(theta):
-        z = est(Bernoulli(logits=theta)).to(theta.dtype)
-        with torch.no_grad():
+        with storch.Graph():  # (a step of its own: the thread's default graph is left as it was)
+            z = est(Bernoulli(logits=theta)).to(theta.dtype)
             with torch.no_grad():
-                pass
-            w = theta.exp()
-        storch.add_cost((w * z).sum())
-        return storch.surrogate_loss()
+                with torch.no_grad():
+                    pass
+                w = theta.exp()
+            storch.add_cost((w * z).sum())
+            return storch.surrogate_loss()
 
     theta = torch.tensor([0.3, -1.2], dtype=F64, requires_grad=True)
     s = torch.sigmoid(theta.detach())
@@ -41,4 +42,5 @@ def test_a_value_computed_under_nested_no_grad_is_a_constant_in_the_compiled_gra
         torch.testing.assert_close(torch.autograd.grad(compiled(theta), theta)[0], exact)
     torch.testing.assert_close(torch.autograd.grad(step(theta), theta)[0], exact)
     assert torch.is_grad_enabled()
+    assert not storch.current_graph().nodes  # (the eager call left no step in the default graph)
 

@@ -18,9 +18,10 @@ def test_go_on_a_binomial_compiles_and_its_gradient_is_unbiased():
     est = storch.estimator("go", plate="k", n_samples=16)
 
     def step(logits):
-        k = est(Binomial(n, logits=logits))
-        storch.add_cost((k ** 2).sum(-1))
-        return storch.surrogate_loss()
+        with storch.Graph():
+            k = est(Binomial(n, logits=logits))
+            storch.add_cost((k ** 2).sum(-1))
+            return storch.surrogate_loss()
 
     logits = torch.tensor([0.3, -0.5], dtype=F64, requires_grad=True)
     compiled = storch.compile(step, backend=None)
