@@ -146,6 +146,23 @@ def assert_trains(model: torch.nn.Module, opt: torch.optim.Optimizer, build: Cal
     assert all(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
 
 
+def train_exact(theta0: torch.Tensor, exact: Callable, build: Callable, steps: int = 30,
+                lr: float = 0.05) -> tuple[float, float, torch.Tensor]:
+    """``steps`` Adam steps on a copy of ``theta0``, each ``build(theta)`` (its costs) in a fresh ``storch.Graph``
+    then ``storch.backward()``: ``(before, after, theta)``, the exact expected cost ``exact(theta)`` (by
+    enumeration) before and after training, and the trained parameter (for the ported models' training tests)."""
+    theta = torch.nn.Parameter(theta0.detach().clone())
+    opt = torch.optim.Adam([theta], lr=lr)
+    before = float(exact(theta.detach()))
+    for _ in range(steps):
+        opt.zero_grad()
+        with storch.Graph():
+            build(theta)
+            storch.backward()
+        opt.step()
+    return before, float(exact(theta.detach())), theta
+
+
 class TrainableBaseline(torch.nn.Module):
     """A user's trainable baseline module for ``score(baseline=...)`` on 3 Bernoulli logits: b = a
     linear map of the (detached) logits, aligned to the cost. ``storch.compile`` refuses it (its

@@ -25,7 +25,7 @@ from torch.distributions import Categorical, OneHotCategorical
 
 import storch
 import storch.testing as kit
-from model_checks import assert_per_entry, lift
+from model_checks import assert_per_entry, lift, train_exact
 
 T, E, D = 2, 3, 2
 F64 = torch.float64
@@ -220,20 +220,16 @@ def test_relaxed_routing_runs_with_the_right_shapes(name):
 ])
 def test_training_lowers_the_expected_cost(name, options, one_hot):
     torch.manual_seed(0)
-    theta = THETA.clone().requires_grad_()
     est = storch.estimator(name, plate="route", **options)
-    opt = torch.optim.Adam([theta], lr=0.05)
-    before = float(exact(theta.detach()))
-    for _ in range(30):
-        opt.zero_grad()
-        with storch.Graph():
-            if one_hot:
-                storch.add_cost(moe_cost_one_hot(theta, _route(est, theta, OneHotCategorical)), name="moe")
-            else:
-                storch.add_cost(moe_cost(theta, _route(est, theta)), name="moe")
-            storch.backward()
-        opt.step()
-    assert float(exact(theta.detach())) < 0.8 * before
+
+    def build(theta):
+        if one_hot:
+            storch.add_cost(moe_cost_one_hot(theta, _route(est, theta, OneHotCategorical)), name="moe")
+        else:
+            storch.add_cost(moe_cost(theta, _route(est, theta)), name="moe")
+
+    before, after, theta = train_exact(THETA, exact, build)
+    assert after < 0.8 * before
     with torch.no_grad():  # inference: the router's top choice, by argmax or topk
         k = router(theta).argmax(-1)
         assert torch.equal(router(theta).topk(1, -1).indices.squeeze(-1), k)
