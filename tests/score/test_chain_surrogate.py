@@ -7,7 +7,9 @@ import torch
 from torch.distributions import Bernoulli
 
 import storch
+from storch.surrogate import estimates as estimates_module
 from storch.surrogate import loss as loss_module
+from storch.surrogate import one_node as one_node_module
 from storch.surrogate import order as order_module
 from storch.surrogate import pathwise as pathwise_module
 from storch.surrogate import terms as terms_module
@@ -30,7 +32,7 @@ def _chain(M, per_step, ests, a, seed=0):
 def _counted(monkeypatch, names):
     """Count the calls of the per (cost, node) functions of the surrogate (by wrapping them where they are used)."""
     count = {n: 0 for n in names}
-    for module in (loss_module, terms_module, pathwise_module, order_module):
+    for module in (loss_module, one_node_module, estimates_module, terms_module, pathwise_module, order_module):
         for n in names:
             f = getattr(module, n, None)
             if f is None:

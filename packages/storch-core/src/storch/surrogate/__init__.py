@@ -16,8 +16,12 @@ are reduced by the mean; the costs' surrogates are summed.
 The modules, each importing only those below it (the ``surrogate-layers`` contract in ``.importlinter``):
 
 - ``backprop``: ``storch.backward()``, the training step (backpropagate, update, reset the graph);
-- ``loss``: ``surrogate_loss``, ``value_surrogate``, ``cost_estimates``, ``estimate``: the checks, then the costs' terms summed;
+- ``loss``: ``surrogate_loss``, ``value_surrogate``: the checks, then the costs' terms summed (Eq. 2, Theorem 2);
+- ``one_node``: the commonest step's surrogate (one node at order 1), without the general path's loops;
 - ``steps``: the costs of a partition's steps stacked into one term;
+- ``estimates``: ``cost_estimates``, ``estimate``: a cost reduced as the surrogate reduces it, detached;
+- ``samples``: the samples drawn with gradient, not changed in place, each reaching a cost (the warnings);
+- ``state_names``: per-cost estimator state of costs of one name and different plates kept apart;
 - ``terms``: a cost's term of Eq. 2 / Theorem 2 (``cost_nodes``, the running sums L_j, control variates);
 - ``order``: each estimator unbiased at the requested order; the low-order nodes' terms guarded;
 - ``pathwise``: a pathwise node's cost smooth on the path from its sample, and reaching it at all;
@@ -30,7 +34,8 @@ from __future__ import annotations
 
 from . import blackbox  # noqa: F401  (installs the check of storch.PlateTensor(raw, plates): blackbox.py)
 from .backprop import backward
-from .loss import cost_estimates, estimate, surrogate_loss
+from .estimates import cost_estimates, estimate
+from .loss import surrogate_loss
 # the private names the rest of storch imports from here: storch.testing (value_surrogate), storch.extending
 # (_refuse_twice), storch.compile (update_on_backward); and tests/score/test_surrogate_fast_paths.py (terms)
 from .loss import value_surrogate  # noqa: F401
