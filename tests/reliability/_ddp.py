@@ -8,8 +8,8 @@ each shard from its rank's generator, and replays every other draw (a lazily bui
 initialisation) on every rank's generator, keeping rank 0's result, as the ranks do (each
 builds the network, then rank 0's is broadcast).
 
-The other DDP tests' workers share its model, data (:func:`shard`) and :func:`run_steps`, and their test modules
-:func:`assert_refused_on_every_rank`; the process harness (spawn, process group, record) is in ``_gloo``."""
+The other DDP tests' workers share its model, data (:func:`shard`; ``_ddp_mapo`` keys into :func:`data`) and
+:func:`run_steps`, and their test modules :func:`assert_refused_on_every_rank`; the process harness (spawn, process group, record) is in ``_gloo``."""
 
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from torch.overrides import TorchFunctionMode
 import storch
 from storch.generators import RANDOM_FUNCTIONS
 
-import _ddp_mapo
 from _gloo import rank_process
 
 
@@ -224,6 +223,8 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         except storch.StorchError as e:
             out["misuse"] = str(e)
         out["compiled"] = compiled(x, rank, world)
+        import _ddp_mapo  # (imported here: it reads this module's data)
+
         out["mapo"] = _ddp_mapo.worker(rank, world)
         del ddp, local  # (DDP's reducers go before the group does: _gloo.rank_process)
 

@@ -1,4 +1,4 @@
-"""The MAPO part of the DDP test (run inside ``_ddp.worker``): ``sum_and_sample`` with ``buffer=`` keeps per data
+"""The MAPO part of the DDP test (run inside ``_ddp.worker``, on its :func:`_ddp.data`): ``sum_and_sample`` with ``buffer=`` keeps per data
 point (key) the best sequences found so far; the sampler deals the keys to the ranks anew at every step (as
 ``DistributedSampler(shuffle=True)`` does per epoch), so a key's memory must be on whichever rank gets it.
 
@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch.distributions import Categorical
 
 import storch
+from _ddp import SHARD, data
 
-SHARD, STEPS, SAVE_AT = 4, 5, 3
+STEPS, SAVE_AT = 5, 3
 # seeds every key's buffer at its first step; longer than the episodes (3 tokens), it is never a whole sequence of
 # the graph, so never offered: a rank that meets a key first in another rank's offers must seed it itself
 MEMORY = torch.tensor([[2, 2, 2, 2]])
@@ -42,10 +43,6 @@ class Seq(torch.nn.Module):
         x2 = self.est(Categorical(logits=h + F.one_hot(x1, 3).float() @ self.W))
         storch.add_cost((F.one_hot(x0 * 9 + x1 * 3 + x2, 27).float() * (xs @ self.C)).sum(-1))
         return storch.surrogate_loss()
-
-
-def data(world: int) -> torch.Tensor:
-    return (torch.rand(world * SHARD, 6, generator=torch.Generator().manual_seed(3)) > 0.5).float()
 
 
 def keys_of(step: int, rank: int, world: int) -> torch.Tensor:

@@ -158,7 +158,7 @@ def test_mapo_buffers_agree_across_ranks_and_with_one_process(ranks):
     for step in range(_ddp_mapo.STEPS):
         buffers = [r["mapo"]["buffers"][step] for r in ranks]
         assert buffers[0] == buffers[1] == ref_buffers[step], step
-        assert sorted(buffers[0]) == list(range(WORLD * _ddp_mapo.SHARD))  # every key, on every rank
+        assert sorted(buffers[0]) == list(range(WORLD * _ddp.SHARD))  # every key, on every rank
         for g0, g1, g in zip(ranks[0]["mapo"]["grads"][step], ranks[1]["mapo"]["grads"][step], ref_grads[step]):
             assert torch.equal(g0, g1)
             worst = max(worst, (g0 - g).abs().max().item())
