@@ -103,13 +103,15 @@ def test_the_advised_early_exit_is_not_warned():
         _halting(exit_after_draw=False)
 
 
-def _late_draw_unused():
+def _late_draw_unused(extra_draws: int = 0):
     # an RL loop that draws the next action at the end of its body (SARSA-style): the last draw reaches no cost
     est = storch.estimator("score", plate="episode", n_samples=2, baseline="leave_one_out")
     theta = torch.zeros(2, requires_grad=True)
     a = est(Categorical(logits=theta))
     for _ in range(2):
         storch.add_cost((a.float() - 0.5) ** 2, name="r")
+        a = est(Categorical(logits=theta + a.float()))
+    for _ in range(extra_draws):
         a = est(Categorical(logits=theta + a.float()))
 
 
@@ -124,6 +126,34 @@ def _two_costs_one_name():
         Bernoulli(logits=torch.zeros((), requires_grad=True)))
     storch.add_cost(b, name="c")
     storch.add_cost(2 * b, name="c")
+
+
+def _late_draws_unused():
+    # two draws after the last cost: not the next-action pattern (one draw), so not UnusedLastDrawWarning
+    _late_draw_unused(extra_draws=1)
+
+
+def _unused_sample_warnings(build, ignore_last_draw: bool) -> list:
+    """The categories of the UnusedSampleWarnings of ``build``'s step, with the documented filter or without."""
+    with storch.Graph(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if ignore_last_draw:
+            warnings.filterwarnings("ignore", category=storch.UnusedLastDrawWarning)
+        build()
+        storch.backward()
+    return [w.category for w in caught if issubclass(w.category, storch.UnusedSampleWarning)]
+
+
+def test_a_harmless_unused_last_draw_can_be_filtered_alone():
+    # an RL loop drawing the next action at the end of its body leaves its last draw unused (harmless): that case is
+    # its own subclass, so `warnings.filterwarnings("ignore", category=storch.UnusedLastDrawWarning)` silences it and
+    # not the other UnusedSampleWarnings (before: one class, so the filter could only silence all of them)
+    assert issubclass(storch.UnusedLastDrawWarning, storch.UnusedSampleWarning)  # ("error" on the parent still catches)
+    assert _unused_sample_warnings(_late_draw_unused, False) == [storch.UnusedLastDrawWarning]
+    assert _unused_sample_warnings(_late_draw_unused, True) == []
+    assert _unused_sample_warnings(_late_draws_unused, False) == [storch.UnusedSampleWarning]
+    assert _unused_sample_warnings(_late_draws_unused, True) == [storch.UnusedSampleWarning]
+    assert _unused_sample_warnings(_node_unused, True) == [storch.UnusedSampleWarning]
 
 
 @pytest.mark.parametrize("build, said", [(_late_draw_unused, "partition 'episode' (estimator 'score') drew step 2"),

@@ -17,6 +17,7 @@ __all__ = [
     "NonFiniteParameterError",
     "PluginError",
     "UnusedSampleWarning",
+    "UnusedLastDrawWarning",
     "IndependentStepWarning",
     "PrecisionWarning",
     "ConstantCostWarning",
@@ -31,7 +32,19 @@ class StorchError(Exception):
 
 class UnusedSampleWarning(UserWarning):
     """A stochastic node whose gradient function carries gradient is upstream of no cost: its
-    distribution's parameters get no gradient from it (see ``storch.surrogate_loss``)."""
+    distribution's parameters get no gradient from it (see ``storch.surrogate_loss``); or a partition's
+    last draws reach no cost (docs/partitions.md, "Causal credit")."""
+
+
+class UnusedLastDrawWarning(UnusedSampleWarning):
+    """A partition's last draw, and only that one, reaches no cost: no cost carries its plate at the last step.
+
+    Its own class because a loop that draws the next action at the end of its body (SARSA-style) leaves exactly
+    this draw unused, which is harmless (it is in no cost's gradient function), so that a user whose loop does so
+    can silence it alone: ``warnings.filterwarnings("ignore", category=storch.UnusedLastDrawWarning)`` keeps every
+    other :class:`UnusedSampleWarning` (a node upstream of no cost, several last steps unreached). storch cannot
+    tell that loop from the harmful one that warns the same way: a loop left in Python right after the draw that
+    ended it, whose decision then gets no credit (docs/partitions.md, "Causal credit")."""
 
 
 class IndependentStepWarning(UserWarning):

@@ -1,7 +1,7 @@
 """The checks of a graph's samples before its surrogate is built: each node's samples drawn with gradient
 where a cost needs it, not changed in place where its estimator reads them, and reaching some cost (else its
 parameters get no gradient from it, and a partition's last draws that reach none get no credit:
-:class:`storch.UnusedSampleWarning`).
+:class:`storch.UnusedSampleWarning`; :class:`storch.UnusedLastDrawWarning` where that is the last draw alone).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 
 from .._stacklevel import user_stacklevel
-from ..errors import StorchError, UnusedSampleWarning
+from ..errors import StorchError, UnusedLastDrawWarning, UnusedSampleWarning
 from ..graph import Graph
 from ..node import Node
 from ..plates.tensor import plates_of
@@ -65,7 +65,9 @@ def _warn_unreached_steps(graph: Graph, per_cost: list) -> None:
     sample's halting decision goes uncredited whenever every sample halted at once (a halting model at
     n_samples=1: z -75 against the exact gradient, tests/models/test_adaptive_computation.py). The partition's
     whole node unused is :func:`_warn_unused`'s. Costs are scanned from the last added, which typically reaches
-    the last step (one cost a step): O(1) per partition there.
+    the last step (one cost a step): O(1) per partition there. The last draw alone unreached is also what a loop
+    that draws the next action at the end of its body leaves (harmless): warned as its subclass
+    :class:`UnusedLastDrawWarning`, which a user can filter without silencing the other cases.
     """
     for node in graph.nodes:
         log = node.step_log
@@ -81,15 +83,19 @@ def _warn_unreached_steps(graph: Graph, per_cost: list) -> None:
                 break
         if seen < 0 or seen == last or not any(lt.requires_grad for _, lt in log[seen + 1:]):
             continue  # (unused as a whole: _warn_unused; no gradient in the late steps: nothing is lost)
-        late = f"step {last}" if seen + 1 == last else f"steps {seen + 1}-{last}"
-        warnings.warn(UnusedSampleWarning(
+        one = seen + 1 == last
+        late = f"step {last}" if one else f"steps {seen + 1}-{last}"
+        warnings.warn((UnusedLastDrawWarning if one else UnusedSampleWarning)(
             f"partition {name!r} (estimator {node.estimator.name!r}) drew {late} (of 0-{last}), but no cost carries "
             f"its plate at a step after {seen}: those draws get no credit (causal credit: a cost is credited to the "
             "steps up to its plate's step). If the costs depend on them through Python control flow, typically a "
             "loop left once every sample is done (`if bool(done.tensor.all()): break`) right after the draw that "
             "set `done`, the state they read does not carry that draw's plate and the gradient is biased: leave "
             "the loop after the masked updates that read `done` (`h = torch.where(done, h, f(h))`), before the "
-            "next draw. A last draw that affects no cost can be left out, or drawn under torch.no_grad()"),
+            "next draw. A last draw that affects no cost can be left out, or drawn under torch.no_grad()"
+            + ("; where a loop draws the next action at the end of its body on purpose, "
+               "warnings.filterwarnings('ignore', category=storch.UnusedLastDrawWarning) silences this case alone"
+               if one else "")),
             stacklevel=user_stacklevel())
 
 
