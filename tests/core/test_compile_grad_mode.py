@@ -5,38 +5,60 @@ without switching, so the trace ran with grad enabled throughout and each ``no_g
 then. A ``no_grad`` block nested in another (``Binomial.sample``'s inside storch's own sampling) left the rest of the outer
 block recorded as grad-enabled: a value the step holds constant was differentiated (a silently wrong gradient), and
 GO on a Binomial failed at the replay's backward ("derivative for aten::binomial is not implemented"). storch's
-trace mode now switches too, as torch 2.9 and later do. On torch 2.13 both tests pass on the old code as well; on
-torch 2.7.1 and 2.8.0 they fail there (the first by a gradient 3.3 times the exact one, the second by torch's RuntimeError). The GO test is in
+trace mode now switches too, as torch 2.9 and later do. On torch 2.13 the first test passes on the old code as well; on
+torch 2.7.1 and 2.8.0 it fails there (by a gradient 3.3 times the exact one; the GO test by torch's RuntimeError). The
+second runs the trace as those torch versions run it (a mode below the trace's that does not make the switch), so it
+fails on the old code on the pinned torch too. The third: a ``torch.inference_mode()`` block, which no torch records
+in a trace, is refused. The GO test is in
 tests/relaxed/test_relaxed_compile_grad_mode.py (GO is in the relaxed family).
 """
 
+import pytest
 import torch
 from torch.distributions import Bernoulli
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 import storch
 
 F64 = torch.float64
 
 
-def test_a_value_computed_under_nested_no_grad_is_a_constant_in_the_compiled_gradient():
-    """``expect`` enumerates the Bernoulli, so the gradient is exact: w = exp(theta) is held constant by the outer
-    ``no_grad`` (after an inner one closes), d/dtheta E[w z] = w sigmoid'(theta), as eagerly. Differentiating
-    through w would add exp(theta) sigmoid(theta)."""
-    est = storch.estimator("expect", plate="z")
+class _RecordsWithoutSwitching(torch.overrides.TorchFunctionMode):
+    """torch 2.7 and 2.8's pre-dispatch trace on the torch installed: a grad-mode switch reaching this mode while
+    make_fx traces (from make_fx's pre-dispatch mode above it, which has recorded it) is not made. Below the trace's
+    own modes, it leaves the trace as those torch versions ran it; the replays and eager calls are untouched."""
 
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch._C._set_grad_enabled and get_proxy_mode() is not None:
+            return None
+        return func(*args, **(kwargs or {}))
+
+
+def _nested_no_grad_step(est, inner=torch.no_grad):
     def step(theta):
         with storch.Graph():  # (a step of its own: the thread's default graph is left as it was)
             z = est(Bernoulli(logits=theta)).to(theta.dtype)
             with torch.no_grad():
-                with torch.no_grad():
+                with inner():
                     pass
                 w = theta.exp()
             storch.add_cost((w * z).sum())
             return storch.surrogate_loss()
+    return step
 
-    theta = torch.tensor([0.3, -1.2], dtype=F64, requires_grad=True)
+
+def _exact(theta):
     s = torch.sigmoid(theta.detach())
-    exact = theta.detach().exp() * s * (1 - s)
+    return theta.detach().exp() * s * (1 - s)
+
+
+def test_a_value_computed_under_nested_no_grad_is_a_constant_in_the_compiled_gradient():
+    """``expect`` enumerates the Bernoulli, so the gradient is exact: w = exp(theta) is held constant by the outer
+    ``no_grad`` (after an inner one closes), d/dtheta E[w z] = w sigmoid'(theta), as eagerly. Differentiating
+    through w would add exp(theta) sigmoid(theta)."""
+    step = _nested_no_grad_step(storch.estimator("expect", plate="z"))
+    theta = torch.tensor([0.3, -1.2], dtype=F64, requires_grad=True)
+    exact = _exact(theta)
     compiled = storch.compile(step, backend=None)
     for _ in range(2):  # the trace's first call, then a replay
         torch.testing.assert_close(torch.autograd.grad(compiled(theta), theta)[0], exact)
@@ -44,3 +66,45 @@ def test_a_value_computed_under_nested_no_grad_is_a_constant_in_the_compiled_gra
     assert torch.is_grad_enabled()
     assert not storch.current_graph().nodes  # (the eager call left no step in the default graph)
 
+
+
+def test_the_trace_makes_the_switches_where_the_pre_dispatch_trace_only_records_them():
+    """The test above, with the trace run as torch 2.7 and 2.8 run it (their pre-dispatch mode records each switch
+    without making it), so that it fails without storch's own switch on the pinned torch too: the old trace_mode.py
+    gave 1.1054, 0.1233 here (3.3 times the exact gradient), the first call and every replay."""
+    theta = torch.tensor([0.3, -1.2], dtype=F64, requires_grad=True)
+    compiled = storch.compile(_nested_no_grad_step(storch.estimator("expect", plate="z")), backend=None)
+    with _RecordsWithoutSwitching():
+        first = torch.autograd.grad(compiled(theta), theta)[0]  # the trace, then the replay check
+    assert compiled.traces == 1
+    torch.testing.assert_close(first, _exact(theta))
+    torch.testing.assert_close(torch.autograd.grad(compiled(theta), theta)[0], _exact(theta))
+    assert torch.is_grad_enabled()
+
+
+def test_inference_mode_inside_a_compiled_step_is_refused_and_no_grad_as_advised_is_exact():
+    """torch.inference_mode() is no torch function: the trace does not record it, and the replayed calls ran its
+    block with gradients enabled (a silently wrong gradient: 1.1054, 0.1233 for the exact 0.3300, 0.0536, on the
+    old trace_mode.py). Refused; torch.no_grad(), as the message advises, is recorded and exact; a compiled step
+    called under inference_mode (evaluation) is fine."""
+    est = storch.estimator("expect", plate="z")
+
+    def step(theta):
+        with storch.Graph():
+            z = est(Bernoulli(logits=theta)).to(theta.dtype)
+            with torch.inference_mode():
+                w = theta.exp()
+            storch.add_cost((w.clone() * z).sum())
+            return storch.surrogate_loss()
+
+    theta = torch.tensor([0.3, -1.2], dtype=F64, requires_grad=True)
+    torch.testing.assert_close(torch.autograd.grad(step(theta), theta)[0], _exact(theta))  # (eagerly right)
+    with pytest.raises(storch.StorchError, match=r"under torch.inference_mode\(\).*Use torch.no_grad\(\) inside"):
+        storch.compile(step, backend=None)(theta)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    advised = storch.compile(_nested_no_grad_step(est, inner=torch.enable_grad), backend=None)
+    for _ in range(2):
+        torch.testing.assert_close(torch.autograd.grad(advised(theta), theta)[0], _exact(theta))
+    with torch.inference_mode():
+        loss = advised(theta)
+    assert not loss.requires_grad and advised.traces == 2  # (a trace of its own, under inference mode)

@@ -100,6 +100,10 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   registered at the trace only. The message says to register a hook on a parameter or input once, outside the
   step, or to run the step eagerly; forward hooks are traced as the rest of the module, and a hook added
   or removed on a module the trace called (or a global one) later traces again (:func:`guards._guard`);
+- a ``torch.inference_mode()`` block inside the step is refused (:class:`_TraceMode`): it is no torch function, so
+  the program does not record it and the replayed calls differentiated what it computed; ``torch.no_grad()`` and
+  ``enable_grad`` are recorded as they switch (the trace makes each switch: torch 2.7 and 2.8's ``pre_dispatch``
+  trace records it without making it). Calling the compiled step under ``inference_mode`` is fine;
 - differentiating inside the step (``torch.autograd.grad`` or ``.backward()`` on what it computed: a
   gradient penalty, a lookahead step) is refused: the backward pass reads tensors autograd saved in
   the forward pass, which a ``pre_dispatch`` trace cannot connect to the program (they would be fixed

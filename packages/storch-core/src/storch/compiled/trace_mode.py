@@ -97,6 +97,14 @@ def _generator_message(fn, func) -> str:
             "generator (seeded by torch.manual_seed: drop `generator=`), or run this step eagerly")
 
 
+def _inference_mode_message(fn) -> str:
+    return (f"storch.compile cannot trace {_name(fn)}: it runs code under torch.inference_mode(), which a trace does "
+            "not record (a program records the switches of torch.no_grad(), not inference mode): the replayed calls "
+            "would run that code with gradients enabled and differentiate what the step holds constant (a silently "
+            "wrong gradient). Use torch.no_grad() inside the step (calling the compiled step under "
+            "torch.inference_mode() is fine), or run this step eagerly")
+
+
 def _sample_read_message(fn, func) -> str:
     name = getattr(func, "__name__", None) or str(func)
     return (f"storch.compile cannot trace {_name(fn)}: some code reads the values of a plate tensor the step computes "
@@ -140,7 +148,10 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
       ``p.grad = None``, ``clip_grad_norm_``, another optimizer's update), which no replayed call would repeat,
       and draws with ``generator=`` of the step's own. So is the step's ``register_hook`` or
       ``register_post_accumulate_grad_hook`` on any tensor (storch's own hooks pass): the program records no
-      hook, and one on a parameter or argument would be registered at the trace only. (A global optimizer step pre-hook would see the step too,
+      hook, and one on a parameter or argument would be registered at the trace only. So is a
+      ``torch.inference_mode()`` block in the step (not a torch function: the program cannot record it, and the
+      replayed calls differentiated what it computed; seen as inference mode switched on at a torch call, where the
+      call of the compiled step was made outside it). (A global optimizer step pre-hook would see the step too,
       but registering and removing it while another thread's ``opt.step()`` iterates torch's dict of global
       hooks raises "OrderedDict mutated during iteration" there; a mode is per thread.)
     - The trace, and then the replay check, run the step's torch operations on the real tensors, so an
@@ -155,12 +166,14 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
         self.args = {id(t) for t in args}
         self.saved: dict = {}  # id -> [tensor, version after saving, value]
         self.tracer = None
+        self.inference = False  # whether the compiled step was called under torch.inference_mode()
 
     def __enter__(self):
         from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
         mode = get_proxy_mode()
         self.tracer = None if mode is None else mode.tracer
+        self.inference = torch.is_inference_mode_enabled()
         return super().__enter__()
 
     def _traced(self, t) -> bool:
@@ -211,6 +224,8 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if func is _SET_GRAD_ENABLED:
             return self._set_grad_enabled(func, args, kwargs)
+        if not self.inference and torch.is_inference_mode_enabled():
+            raise StorchError(_inference_mode_message(self.fn))
         if _GRAD is not None and getattr(func, "__self__", None) is _GRAD:
             raise StorchError(_gradient_message(
                 self.fn, "it writes a tensor's `.grad`" if func.__name__ == "__set__" else "it reads a tensor's `.grad`"))
