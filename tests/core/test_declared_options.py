@@ -33,6 +33,17 @@ class Legacy(storch.Estimator):
         return {"update": False}
 
 
+class LegacyOverride(Declares):
+    """A subclass of an estimator with the public hooks (as a third party's subclass of ``Score`` is), overriding
+    them under the private names of before (``Score`` itself had them until the hooks were public)."""
+
+    def _state_options(self) -> dict:
+        return {"kind": "mine"}
+
+    def _evolution_options(self) -> dict:
+        return {"update": False}
+
+
 class Bad(storch.Estimator):
     def evolution_options(self):
         return [("decay", 0.9)]
@@ -48,6 +59,16 @@ def test_the_private_names_of_before_are_still_read():
     est = Legacy("z")
     assert (est.state_options(), est.evolution_options()) == ({"kind": "legacy"}, {"update": False})
     assert _collective(est, "skipping") == "Legacy(kind='legacy', update=False) skipping"
+
+
+def test_the_private_names_of_before_override_a_base_classs_public_hooks():
+    """They were read only through Estimator's own defaults, which a base class's public hooks replace: the check
+    said 'LegacyOverride(decay=0.9, kind='running', update=True)' for an instance that never updates (a rank with
+    it would leave another's update waiting in its collective)."""
+    est = LegacyOverride("z")
+    assert (est.state_options(), est.evolution_options()) == ({"kind": "mine"}, {"update": False})
+    assert _collective(est, "skipping") == "LegacyOverride(kind='mine', update=False) skipping"
+    assert _collective(Declares("z"), "x") == "Declares(decay=0.9, kind='running', update=True) x"  # (the base's own)
 
 
 def test_a_declaration_that_is_not_a_dict_of_names_is_refused_naming_the_hook():

@@ -273,6 +273,9 @@ class Estimator(torch.nn.Module):
         init = cls.__dict__.get("__init__")
         if init is not None and not getattr(init, "_marks_construction", False):
             cls.__init__ = _marking_construction(init)  # type: ignore[method-assign]
+        for hook in _DECLARED_OPTIONS:
+            if "_" + hook in cls.__dict__ and hook not in cls.__dict__:
+                setattr(cls, hook, _declared_under_private_name(hook))
 
     # -- options set after construction (``est.temperature = 0.1``) --------------------------------
 
@@ -1072,8 +1075,7 @@ class Estimator(torch.nn.Module):
         checkpoint saved with other such options is refused. Values must print (``repr``) the same in every
         process: numbers, strings, tuples of them (not an object or a callable: name its kind instead).
         """
-        legacy = getattr(self, "_state_options", None)  # (the private name first-party estimators used before)
-        return dict(legacy()) if callable(legacy) else {}
+        return {}
 
     def evolution_options(self) -> dict[str, Any]:
         """The options that change how the state evolves in :meth:`update_parameters`, ``{name: value}``: a
@@ -1088,8 +1090,7 @@ class Estimator(torch.nn.Module):
         rank raises. Return only ``{"update": False}`` then: decay and lr act on no state, so ranks that all skip
         the update agree whatever theirs. An estimator without state returns ``{}`` (it runs no collective).
         """
-        legacy = getattr(self, "_evolution_options", None)  # (the private name first-party estimators used before)
-        return dict(legacy()) if callable(legacy) else {}
+        return {}
 
     # -- metadata ------------------------------------------------------------------------------
 
@@ -1465,6 +1466,26 @@ def kept_option(est: Estimator, options: dict) -> Optional[str]:
     return (f"{_who(cls)} has no option {key!r}: its constructor takes it in its **kwargs but passes it to no "
             f"estimator's constructor ({base.__qualname__}'s takes {key!r}), so it would be ignored. Its options "
             f"are: {', '.join(own) or 'none'}")
+
+
+# the hooks that declare an estimator's options to the ranks' check and checkpoints (Estimator.state_options,
+# Estimator.evolution_options); first-party estimators declared them as _state_options / _evolution_options before
+_DECLARED_OPTIONS = ("state_options", "evolution_options")
+
+
+def _declared_under_private_name(hook: str) -> Callable[[Any], dict]:
+    """The ``hook`` of a class that declares its options under the private name of before (``_state_options``,
+    ``_evolution_options``; a third party may have copied it): what that method returns. Set on the class that
+    defines the private name, so that it overrides a base class's public hook too (a subclass of ``Score`` that
+    overrode ``Score._evolution_options`` was read at Score's, its own options silently left out of the check)."""
+    private = "_" + hook
+
+    def declared(self) -> dict:
+        return dict(getattr(self, private)())
+
+    declared.__name__ = declared.__qualname__ = hook
+    declared.__doc__ = f"What ``{private}()`` declares (the private name of before)."
+    return declared
 
 
 def _marking_construction(init: Callable) -> Callable:
