@@ -100,3 +100,21 @@ def test_the_torch_2_7_namedtuple_test_answers_as_pytree():
         assert _namedtuple_class_2_7(cls) is expected, cls
         if hasattr(pytree, "is_namedtuple_class"):
             assert pytree.is_namedtuple_class(cls) is expected, cls
+
+
+def test_the_torch_2_7_fallbacks_are_not_taken_where_torch_has_its_own_names():
+    """d71bdc9's fallbacks (torch 2.7 and 2.8) are for torch without these names only: where torch has them (the
+    pinned 2.13), storch uses torch's own pytree test and functorch's pre-dispatch vmap primitives (those a
+    storch.compile trace records), not the stand-ins."""
+    import storch._flatten as flat
+    from storch.plates.rules import flat_vmap
+
+    if hasattr(pytree, "is_namedtuple_class"):
+        assert flat._is_namedtuple_class is pytree.is_namedtuple_class
+    try:
+        from torch._functorch import predispatch
+    except ImportError:
+        return
+    if hasattr(predispatch, "_add_batch_dim"):
+        for name in ("_add_batch_dim", "_remove_batch_dim", "_vmap_increment_nesting", "_vmap_decrement_nesting"):
+            assert getattr(flat_vmap, name) is getattr(predispatch, name), name
