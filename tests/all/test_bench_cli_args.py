@@ -135,11 +135,19 @@ def test_tasks_py_refuses_a_python_the_pinned_torch_has_no_wheel_for(monkeypatch
     spec.loader.exec_module(tasks)
     monkeypatch.setattr(tasks, "sys", types.SimpleNamespace(version_info=(3, 9, 18), stderr=sys.stderr))
     monkeypatch.setattr(tasks, "ensure_tox", lambda: pytest.fail("tox was set up on Python 3.9"))
+    import re
+
+    root = Path(__file__).parents[2]
+    pins = set(re.findall(r"torch==([0-9.]+)", (root / "tox.ini").read_text()))  # (the message and README name it)
+    assert len(pins) == 1, pins
+    pin = pins.pop()
     for verb in ("test", "demo", "docs"):
         assert tasks.main([verb]) == 2
-        assert "no wheel for Python 3.9; run this file with Python 3.10 or newer" in capsys.readouterr().err
-    text = (Path(__file__).parents[2] / "README.md").read_text()
-    assert "Needs only `python3` (3.10+" in text
+        err = capsys.readouterr().err
+        assert "no wheel for Python 3.9; run this file with Python 3.10 or newer" in err
+        assert f"environments pin torch {pin}," in err, (pin, err)
+    text = (root / "README.md").read_text()
+    assert f"Needs only `python3` (3.10+: the test and demo environments pin torch {pin}," in text
 
 
 def test_readme_using_it_block_defines_its_data():
