@@ -115,9 +115,11 @@ def synchronize(module: torch.nn.Module, enabled: bool = True, group: Any = None
         group: the ``torch.distributed`` process group (None: the default world group).
 
     Switching back on does not make the states agree again: a ``storch.backward()`` while it was off updated
-    this rank's state alone (even in ``model.eval()``); an estimator's trained parameters are set to rank
-    0's only at its first synchronised update ever (:func:`broadcast_once_`), and moving
-    averages, buffers and optimizer moments are not, and the ranks stay apart from then on. Evaluate under
+    this rank's state alone (even in ``model.eval()``); the parameters that relax, rebar and lax train and a
+    ``baseline=`` module of ``score``'s are set to rank 0's (the group's first member) only at the estimator's
+    first synchronised update ever (:func:`broadcast_once_`), the heads of ``score``'s ``baseline="learned"`` only
+    when each is built; moving averages, buffers and optimizer moments are not (each rank keeps what it updated
+    while it was off), and the ranks stay apart from then on. Evaluate under
     ``torch.no_grad()`` with ``storch.cost_estimates()`` (no update, no collective) instead.
     """
     from .estimators.base import Estimator
@@ -309,11 +311,12 @@ _BROADCAST_ONCE: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDict
 
 
 def broadcast_once_(tensors: Iterable[torch.Tensor], owner: Any, what: str = "the trained parameters (rank 0's)") -> None:
-    """:func:`broadcast_` of rank 0's values the first time ``owner`` (an estimator) asks, and never again for that
-    object (no-op without a process group). For what an estimator's update trains (a baseline module, RELAX's η, λ
-    and network), called at its first update: DistributedDataParallel does the same to a module's parameters when
-    it wraps it, but only to the modules it wraps, and the update averages the parameters' gradients over the
-    ranks, never the parameters, so ranks built from their own seeds or options would train apart for good.
+    """:func:`broadcast_` of rank 0's values (the first member of ``owner``'s group) the first time ``owner`` (an
+    estimator) asks while it is synchronised, and never again for that object (no-op without a process group). For
+    what an estimator's update trains (a baseline module, RELAX's η, λ and network), called at its first update:
+    DistributedDataParallel does the same to a module's parameters when it wraps it, but only to the modules it
+    wraps, and the update averages the parameters' gradients over the ranks, never the parameters, so ranks built
+    from their own seeds or options would train apart for good.
 
     At the first update rather than the first step: that is a collective on every rank anyway, while a first
     forward may be an evaluation on one rank alone. Values that are equal already (every rank loaded one
