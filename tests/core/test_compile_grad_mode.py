@@ -7,7 +7,8 @@ block recorded as grad-enabled: a value the step holds constant was differentiat
 GO on a Binomial failed at the replay's backward ("derivative for aten::binomial is not implemented"). storch's
 trace mode now switches too, as torch 2.9 and later do. On torch 2.13 the first test passes on the old code as well; on
 torch 2.7.1 and 2.8.0 it fails there (by a gradient 3.3 times the exact one; the GO test by torch's RuntimeError). The
-second runs the trace as those torch versions run it (a mode below the trace's that does not make the switch), so it
+second runs the trace as those torch versions run it (tests/old_trace.py: a mode below the trace's that does not
+make the switch), so it
 fails on the old code on the pinned torch too. The third: a ``torch.inference_mode()`` block, which no torch records
 in a trace, is refused. The GO test is in
 tests/relaxed/test_relaxed_compile_grad_mode.py (GO is in the relaxed family).
@@ -16,22 +17,11 @@ tests/relaxed/test_relaxed_compile_grad_mode.py (GO is in the relaxed family).
 import pytest
 import torch
 from torch.distributions import Bernoulli
-from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 import storch
+from old_trace import RecordsWithoutSwitching
 
 F64 = torch.float64
-
-
-class _RecordsWithoutSwitching(torch.overrides.TorchFunctionMode):
-    """torch 2.7 and 2.8's pre-dispatch trace on the torch installed: a grad-mode switch reaching this mode while
-    make_fx traces (from make_fx's pre-dispatch mode above it, which has recorded it) is not made. Below the trace's
-    own modes, it leaves the trace as those torch versions ran it; the replays and eager calls are untouched."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch._C._set_grad_enabled and get_proxy_mode() is not None:
-            return None
-        return func(*args, **(kwargs or {}))
 
 
 def _nested_no_grad_step(est, inner=torch.no_grad):
@@ -74,7 +64,7 @@ def test_the_trace_makes_the_switches_where_the_pre_dispatch_trace_only_records_
     gave 1.1054, 0.1233 here (3.3 times the exact gradient), the first call and every replay."""
     theta = torch.tensor([0.3, -1.2], dtype=F64, requires_grad=True)
     compiled = storch.compile(_nested_no_grad_step(storch.estimator("expect", plate="z")), backend=None)
-    with _RecordsWithoutSwitching():
+    with RecordsWithoutSwitching():
         first = torch.autograd.grad(compiled(theta), theta)[0]  # the trace, then the replay check
     assert compiled.traces == 1
     torch.testing.assert_close(first, _exact(theta))
