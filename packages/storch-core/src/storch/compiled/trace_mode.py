@@ -1,9 +1,10 @@
 """What the trace watches while ``make_fx`` records the step (:class:`_TraceMode`, a torch function mode active
 then only): Python reads of a traced or captured tensor's values or of a sample, selections whose shape depends
 on the data, reads and writes of a ``.grad`` (an optimizer's ``zero_grad``), a tensor's gradient hook
-(``register_hook``, ``register_post_accumulate_grad_hook``) and draws from a generator of the step's own are
-refused; a captured buffer or an argument about to be written in place is saved, and put back after the trace and
-the replay check."""
+(``register_hook``, ``register_post_accumulate_grad_hook``), draws from a generator of the step's own and a
+``torch.inference_mode()`` block are refused; each grad-mode switch (``no_grad``, ``enable_grad``) is made as well as
+recorded (torch 2.7 and 2.8's trace only records it); a captured buffer or an argument about to be written in place
+is saved, and put back after the trace and the replay check."""
 
 from __future__ import annotations
 
