@@ -82,3 +82,40 @@ def test_a_plain_index_the_step_computes_gets_the_fixed_length_advice():
         torch.manual_seed(seed)
         want = step(logits, lambda d, b: torch.bincount(d, weights=b, minlength=3))  # eagerly, torch's bincount
         torch.testing.assert_close(got, want.detach())
+
+
+def _minlength_step(est, index):
+    def step(logits):
+        with storch.Graph():
+            k = est(Categorical(logits=logits))
+            counts = torch.bincount(index(k), minlength=E - 1)  # below the 3 values k can take
+            storch.add_cost((counts.double() ** 2).sum(), name="load")
+            return storch.surrogate_loss()
+
+    return step
+
+
+def test_a_minlength_below_the_samples_support_is_refused_at_the_trace():
+    # the traced draw (expert 0) fits in minlength=2 counts, so the trace accepted it; a later draw of expert 2 failed
+    # in the replayed scatter_add with torch's bare "index 2 is out of bounds for dimension 1 with size 2"
+    step = _minlength_step(storch.estimator("score", plate="k", n_samples=2), lambda k: k)
+    with pytest.raises(storch.StorchError, match=r"(?s)torch\.bincount\(k, minlength=2\) of a sample whose distribution "
+                                                 r"can draw 3 values.*Pass minlength=3"):
+        storch.compile(step, backend=None)(SMALL)
+
+
+def test_a_minlength_below_a_computed_index_fails_at_the_replay_with_advice():
+    # an index computed from the sample (a table lookup): its range is not known at the trace, so the program checks
+    # every draw; eagerly the counts of the second draw are longer than minlength
+    table = torch.tensor([0, 1, 2])
+    est = storch.estimator("score", plate="k", n_samples=2)
+    step = _minlength_step(est, lambda k: table[k])
+    compiled = storch.compile(step, backend=None)
+    torch.manual_seed(0)
+    got = compiled(SMALL)
+    torch.manual_seed(0)
+    torch.testing.assert_close(got, step(SMALL).detach(), rtol=0, atol=0)  # a draw that fits: eager's value
+    with pytest.raises(storch.StorchError, match=r"(?s)torch\.bincount\(k, minlength=2\) of a sampled k.*drew a value "
+                                                 r">= 2.*torch\.bincount\(k, minlength=K\)"):
+        compiled(BIG)
+    assert float(step(BIG)) == 4.0  # eagerly: counts (0, 0, 2), of length 3

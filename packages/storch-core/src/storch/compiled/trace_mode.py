@@ -135,6 +135,57 @@ _BINCOUNT_ADVICE = (". For torch.bincount, count into a fixed length instead: to
                     "(torch.ones_like(i) as w without weights), or F.one_hot(i, K).sum(0)")
 
 
+def _support_size(x) -> tuple[bool, Optional[int]]:
+    """``(known, size)`` for a plate tensor ``x`` that is a node's sample as handed out (``k = est(Categorical(...))``):
+    the number of values its distribution can take, ``max + 1`` of an integer interval from 0 (``None``: unbounded,
+    a Poisson's or a Geometric's). ``known`` is False for anything else (a value computed from a sample, a bound
+    the step computes): the program then checks the drawn values at every call (storch.plates.rules.indexing)."""
+    from torch.distributions import constraints
+
+    from ..graph import current_graph
+
+    node = next((n for n in current_graph().nodes if n.value is x), None)
+    if node is None:
+        return False, None
+    support = getattr(node.original or node.distribution, "support", None)
+    if isinstance(support, constraints._IntegerGreaterThan) and support.lower_bound == 0:
+        return True, None
+    if not isinstance(support, constraints._IntegerInterval) or not isinstance(support.lower_bound, (int, float)) \
+            or support.lower_bound != 0:
+        return False, None
+    top = support.upper_bound
+    if isinstance(top, _T):
+        from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+        with disable_proxy_modes_tracing():  # (a read of the distribution's bound, recorded nowhere)
+            top = top.max().item() if top.numel() and not top.is_meta else None
+    return (True, int(top) + 1) if isinstance(top, (int, float)) else (False, None)
+
+
+def _bincount_minlength(fn, args, kwargs) -> None:
+    """Refuse ``torch.bincount(k, minlength=M)`` of a node's sample ``k`` whose distribution can draw ``M`` or more:
+    the traced draw fitted (the program keeps the length ``M``), and a later draw that does not would fail."""
+    x = args[0] if args else kwargs.get("input")
+    if type(x) is not PlateTensor:
+        return
+    minlength = args[2] if len(args) > 2 else kwargs.get("minlength", 0)
+    if not isinstance(minlength, int) or minlength <= 0:
+        return  # (without minlength the length is max(k) + 1 for every draw: the handler refuses that at the trace)
+    known, size = _support_size(x)
+    if not known or (size is not None and size <= minlength):
+        return
+    can = f"{size} values (0 to {size - 1})" if size is not None else "any value from 0 up (its support is unbounded)"
+    fix = (f"Pass minlength={size}, the distribution's support size (torch.bincount(k, minlength={size}))"
+           if size is not None else
+           "Count into a fixed length K of your choice with the larger values clamped or dropped "
+           "(torch.bincount(k.clamp(max=K - 1), minlength=K)), or run the step eagerly")
+    raise StorchError(
+        f"storch.compile cannot trace {_name(fn)}: torch.bincount(k, minlength={minlength}) of a sample whose "
+        f"distribution can draw {can}. The traced draw fitted in {minlength} counts, so the program keeps that "
+        f"length, and a later draw of a value >= {minlength} would not fit (eagerly the length is max(k) + 1). "
+        f"{fix}")
+
+
 class _TraceMode(torch.overrides.TorchFunctionMode):
     """Active while ``make_fx`` traces the step (only then: a mode routes every torch call through Python).
 
@@ -256,6 +307,8 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
             raise StorchError(_value_message(
                 self.fn, f"`{func.__name__}` of a tensor from outside the step (a buffer or parameter, whose "
                          "value changes between calls)"))
+        if func in _BINCOUNT:
+            _bincount_minlength(self.fn, args, kwargs)
         shape = self._data_shape(func, args, kwargs)
         if shape == "bincount":  # its length, max + 1, comes from the values even with minlength=
             raise StorchError(_shape_message(self.fn, "`bincount`") + _BINCOUNT_ADVICE)

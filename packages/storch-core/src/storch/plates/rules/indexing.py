@@ -31,7 +31,7 @@ import operator
 
 import torch
 
-from ...errors import PlateError
+from ...errors import ASSUMPTIONS, PlateError
 from ..kit import dispatch, register, register_copy, wrap_same
 from .shape import _dim_handler, _full
 from .pointwise import broadcast, write_in_place
@@ -590,6 +590,13 @@ def _bincount_dtype(weights) -> torch.dtype:
     return d
 
 
+def _bincount_replay_message(minlength: int) -> str:
+    return (f"torch.bincount(k, minlength={minlength}) of a sampled k in a step compiled by storch.compile drew a value "
+            f">= {minlength}: the program was traced with a draw that fitted, so its counts have length {minlength}, "
+            f"and eagerly this draw's counts would be longer (max(k) + 1). Pass minlength= the number of values k can "
+            f"take (the distribution's support size, K of a Categorical: torch.bincount(k, minlength=K))")
+
+
 @register(torch.bincount, _T.bincount)
 def _bincount(func, args, kwargs):
     """per sample (a scatter_add); refused where the length, max + 1, differs between samples: pass minlength= above the largest value
@@ -644,6 +651,12 @@ def _bincount(func, args, kwargs):
                 f"and the compiled program would keep this first draw's length for every later one. Pass "
                 f"minlength= greater than the largest value the input can take (the number of categories K: "
                 f"torch.bincount(i, minlength=K)), or count with F.one_hot(i, K).sum(0)")
+        if length == minlength and _recording() and type(x) is _PT:
+            # storch.compile: the program keeps the length minlength, which this draw fits; a later draw of a larger
+            # value would fail in scatter_add with torch's bare index error, so the program checks every draw
+            message = _bincount_replay_message(minlength)
+            ASSUMPTIONS.add(message)  # (storch.compile re-raises the failure as a StorchError with this message)
+            torch._assert_async((rx < minlength).all(), message)
         if max(minlength, short + 1) != length:
             raise PlateError(
                 f"torch.bincount's result has length max(input) + 1 (or minlength, if larger) per sample, so "
