@@ -24,7 +24,7 @@ from .draws import DRAWS, check_no_grad_call, watch_draw
 from .integer_reads import _INNER, MARKS, mark, spread
 from .kit import (_is_inplace, _operands, dispatch, register, scan, too_many_samples, unwrap, wrap, wrap_same,
                   write_through)
-from .rules import autograd, indexing, losses, metadata, shape  # noqa: F401  (register their handlers)
+from .rules import autograd, indexing, losses, metadata, scatter, shape  # noqa: F401  (register their handlers)
 from .rules.batch_first import batch_first
 from .rules.pointwise import broadcast, broadcast_inplace, random_pointwise
 from .rules.sparse import SPARSE_ADVICE

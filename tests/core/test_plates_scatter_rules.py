@@ -1,0 +1,145 @@
+"""index_reduce, nonzero_static and the in-place scatter_ on plate tensors: batched rules, not vmap's loop.
+
+torch has no batching rule for them, so the vmap fallback ran them once per plate entry (with torch's
+"performance drop" warning). The rules (storch.plates.rules.scatter) must give the fallback's values, per
+sample, and be taken: the probe sees the rule's function and the autograd graph holds one batched op
+(ScatterReduceBackward0), not a stack of per-entry IndexReduceBackward0. index_reduce's product with a gradient
+to take is a segmented product, differentiable twice where torch's refuses (two zeros meeting at one position).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Categorical, Normal
+
+import storch
+from path_probes import calls, graph_ops
+from storch.plates.rules.vmap import vmap_call
+
+
+def _samples():
+    torch.manual_seed(0)
+    theta = torch.randn(6, requires_grad=True)
+    b = storch.estimator("expect", plate="b")(Bernoulli(logits=torch.zeros(3)))
+    k = storch.estimator("expect", plate="k")(Categorical(logits=torch.zeros(4)))
+    z = storch.estimator("reparameterization", plate="z", n_samples=3)(Normal(theta, 1.0))
+    return theta, b, k, z
+
+
+def _fallback(func, args, kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's performance warning of its loop)
+        return vmap_call(func, args, kwargs)
+
+
+def _looped(fn) -> bool:
+    """Whether ``fn()`` ran torch's vmap fallback, which loops over the plate entries (it warns each time)."""
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        fn()
+    return any("performance drop" in str(w.message) for w in heard)
+
+
+def _same(got, want, exact=True):
+    assert [p.name for p in got.plates] == [p.name for p in want.plates]
+    if exact:
+        assert torch.equal(got.tensor.detach(), want.tensor.detach())
+    else:
+        torch.testing.assert_close(got.tensor.detach(), want.tensor.detach(), rtol=1e-6, atol=0)
+
+
+def _index_reduce_cases(z, k):
+    zr = torch.round(z.detach())
+    return [
+        (torch.index_reduce, (torch.ones(3), 0, torch.tensor([0, 1, 1, 2, 0, 0]), z)),
+        (torch.Tensor.index_reduce, (z.reshape(2, 3), 1, k.reshape(1) % 3, zr[:2].reshape(2, 1))),  # a sampled index
+        (torch.Tensor.index_reduce, (z.reshape(3, 2), 0, torch.tensor([2, 2, 0, 0]),
+                                     torch.stack([z[:2], zr[2:4], z[4:], zr[:2] * 0]))),  # zeros meeting
+    ]
+
+
+@pytest.mark.parametrize("reduce", ["prod", "mean", "amax", "amin"])
+@pytest.mark.parametrize("include_self", [True, False])
+def test_index_reduce_equals_the_fallback_and_takes_the_rule(reduce, include_self):
+    with storch.Graph():
+        _, _, k, z = _samples()
+        for func, args in _index_reduce_cases(z, k):
+            args = args + (reduce,)
+            kwargs = {"include_self": include_self}
+            want = _fallback(func, args, kwargs)
+            with torch.no_grad():
+                got, seen = calls(lambda: func(*args, **kwargs))
+            assert "_index_reduce" in seen and "_segment_prod" not in seen
+            _same(got, want)
+            got = func(*args, **kwargs)  # with the gradient: the segmented product for prod (rounding may differ)
+            _same(got, want, exact=reduce != "prod")
+            assert not _looped(lambda: func(*args, **kwargs))
+            assert _looped(lambda: vmap_call(func, args, kwargs))  # the control: the probe hears the loop
+            ops = graph_ops(got.tensor)
+            assert "IndexReduceBackward0" not in ops and "IndexReduceBackward0" in graph_ops(want.tensor)
+            if reduce != "prod":
+                assert ops["ScatterReduceBackward0"] == 1
+            # the first derivative equals the fallback's
+            grads = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            g = torch.autograd.grad(got.tensor.sum(), [x.tensor if isinstance(x, storch.PlateTensor) else x
+                                                      for x in grads], allow_unused=True)
+            h = torch.autograd.grad(want.tensor.sum(), [x.tensor if isinstance(x, storch.PlateTensor) else x
+                                                       for x in grads], allow_unused=True)
+            for a, c in zip(g, h):
+                assert (a is None) == (c is None)
+                if a is not None:
+                    torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-7)
+
+
+def test_index_reduce_prod_is_differentiated_twice_where_zeros_meet():
+    # torch's own product reduction: "Double backward is unsupported for source when >1 zeros in source are
+    # scattered to the same position" (a sampled mask times values, b * w); the segmented product's second
+    # derivative equals the one of the products written out
+    w = torch.tensor([0.5, -1.5, 2.0], dtype=torch.float64, requires_grad=True)
+    with storch.Graph():
+        b = storch.estimator("expect", plate="b")(Bernoulli(logits=torch.zeros(3, dtype=torch.float64)))
+        out = torch.ones(2, dtype=torch.float64).index_reduce(0, torch.tensor([0, 0, 1]), b * w, "prod")
+        by_hand = torch.stack(((b[0] * w[0]) * (b[1] * w[1]), b[2] * w[2]))
+        for got in (out, by_hand):
+            g, = torch.autograd.grad((got.tensor ** 2).sum(), w, create_graph=True)
+            hess = torch.stack([torch.autograd.grad(g[i], w, retain_graph=True)[0] for i in range(3)])
+            if got is out:
+                first = hess
+        torch.testing.assert_close(first, hess, rtol=0, atol=1e-12)
+        assert float(first.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("size, fill", [(2, 9), (5, -1), (0, 0)])
+def test_nonzero_static_equals_the_fallback_and_takes_the_rule(size, fill):
+    with storch.Graph():
+        _, b, _, z = _samples()
+        for x in (b, torch.round(z.detach()).reshape(2, 3)):
+            want = _fallback(torch.nonzero_static, (x,), {"size": size, "fill_value": fill})
+            got, seen = calls(lambda: torch.nonzero_static(x, size=size, fill_value=fill))
+            assert "_nonzero_static" in seen and "vmap_call" not in seen
+            assert _looped(lambda: vmap_call(torch.nonzero_static, (x,), {"size": size}))  # the control
+            _same(got, want)
+            assert got.dtype == torch.long
+
+
+def test_scatter_inplace_into_a_per_sample_buffer_equals_the_fallback_and_takes_the_rule():
+    with storch.Graph():
+        theta, _, _, z = _samples()
+        j = (z > 0).long()
+        for src in (1.0, z):
+            want = _fallback(torch.Tensor.scatter_, (torch.zeros_like(z), 0, j, src), {})
+            buf = torch.zeros_like(z)
+            out, seen = calls(lambda: buf.scatter_(0, j, src))
+            assert out is buf and "_scatter_inplace" in seen
+            _same(buf, want)
+            assert not _looped(lambda: torch.zeros_like(z).scatter_(0, j, src))
+            assert _looped(lambda: vmap_call(torch.Tensor.scatter_, (torch.zeros_like(z), 0, j, src), {}))
+        g, = torch.autograd.grad((buf.tensor ** 2).sum(), theta)  # the written values' gradient, as the loop's
+        h, = torch.autograd.grad((want.tensor ** 2).sum(), theta)
+        torch.testing.assert_close(g, h)
+        # a buffer that lacks the written values' plates is refused, naming the in-place function
+        with pytest.raises(storch.PlateError, match=r"scatter_"):
+            torch.zeros_like(theta).scatter_(0, j, z)
