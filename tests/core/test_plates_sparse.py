@@ -165,3 +165,28 @@ def test_sparse_products_torch_does_not_make_per_sample_are_refused_clearly(fn, 
     h = make(rnd(3, 2, 2, 4, 4), *ZD)
     with pytest.raises(storch.PlateError, match=what):
         fn(h)
+
+
+@pytest.mark.parametrize("sampled", ["indices", "values"])
+def test_a_sparse_constructor_of_sampled_indices_or_values_says_what_to_build_instead(sampled):
+    # torch.sparse_coo_tensor does not ask __torch_function__: its aten operator reached storch's dispatch guard, whose
+    # message spoke of custom operators and torch.func transforms; it now says what is unsupported and what to
+    # write, and the advised dense index_put equals each sample's sparse tensor made densely
+    edges = torch.tensor([[0, 1, 2, 2], [1, 2, 0, 0]])
+    with storch.Graph():
+        b = storch.estimator("expect", plate="b")(Bernoulli(logits=torch.zeros(4, dtype=D)))
+        k = storch.estimator("expect", plate="k")(torch.distributions.Categorical(logits=torch.zeros(3)))
+        idx = torch.stack((edges[0], torch.where(torch.arange(4) == 3, k, edges[1])))
+        values = b if sampled == "values" else torch.ones(4, dtype=D)
+        index = idx if sampled == "indices" else edges
+        with pytest.raises(storch.PlateError, match=r"(?s)torch\.sparse_coo_tensor.*sampled indices or values.*"
+                                                    r"unsupported.*index_put\(tuple\(indices\), values, accumulate=True\)"):
+            torch.sparse_coo_tensor(index, values, (3, 3))
+        dense = torch.zeros(3, 3, dtype=D).index_put(tuple(index), values, accumulate=True)  # the advice
+        names = [p.name for p in dense.plates]
+        for entry in range(dense.tensor.shape[0]):
+            ix = index.tensor[entry] if isinstance(index, PlateTensor) else index
+            vx = values.tensor[entry] if isinstance(values, PlateTensor) else values
+            want = torch.sparse_coo_tensor(ix, vx, (3, 3)).to_dense()
+            assert names == ["b" if sampled == "values" else "k"]
+            assert torch.equal(dense.tensor[entry], want)

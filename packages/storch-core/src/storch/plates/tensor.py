@@ -370,6 +370,9 @@ class PlateTensor(torch.Tensor):
                 "an index, a shift or a size): one number cannot hold every sample's value. Index with the "
                 "plate tensor instead (`x[i]`, `x[:, i]`, `torch.gather`), or keep the number a fixed constant. "
                 + SAMPLED_INDEX + ". " + SAMPLED_SIZE)
+        if getattr(func, "__name__", "").lstrip("_").startswith(_SPARSE_CONSTRUCTORS):
+            # (torch's sparse constructors do not ask __torch_function__: their aten operator is the first storch sees)
+            raise PlateError(SPARSE_CONSTRUCTOR)
         if under_jit_trace():  # (torch.jit.trace of plate tensors, without grad: its copy of them; p-ext3)
             raise PlateError(foreign_trace_message(f"{func} on plate tensors"))
         raise PlateError(
@@ -381,6 +384,21 @@ class PlateTensor(torch.Tensor):
             "which gives each plate entry its own; or pass `.tensor` explicitly and handle the plate dimensions "
             "(leading) yourself"
         )
+
+
+# the aten operators of torch.sparse_coo_tensor and of the compressed constructors (csr, csc, bsr, bsc)
+_SPARSE_CONSTRUCTORS = ("sparse_coo_tensor", "sparse_compressed_tensor", "sparse_csr_tensor", "sparse_csc_tensor",
+                        "sparse_bsr_tensor", "sparse_bsc_tensor")
+
+SPARSE_CONSTRUCTOR = (
+    "a sparse tensor (torch.sparse_coo_tensor, or a CSR / CSC / BSR / BSC constructor) was built from sampled "
+    "indices or values (plate tensors): that is one sparse tensor per sample, and storch holds a plate tensor's "
+    "samples in one dense tensor (plates leading) that no sparse layout can batch, so it is unsupported. Build the "
+    "dense tensor instead, per sample as your code sees it: from COO indices (d, nnz) and values (nnz,), "
+    "`A = torch.zeros(size).index_put(tuple(indices), values, accumulate=True)` (duplicate indices summed, as "
+    "coalescing sums them), or `torch.zeros(n).scatter_add(0, i, values)` for one index row; then `A @ h` in place "
+    "of the sparse product. A plain sparse matrix (a fixed graph) times per-sample dense values does run: S @ h, "
+    "torch.sparse.mm(S, h) (docs/plates.md, 'Sparse tensors')")
 
 
 def sampled_index_advice(dim: object = "d", k: object = "k", i: str = "i", read: bool = True,
