@@ -35,7 +35,7 @@ from ...errors import ASSUMPTIONS, PlateError
 from ..kit import dispatch, register, register_copy, wrap_same
 from .shape import _dim_handler, _full
 from .pointwise import broadcast, write_in_place
-from .vmap import _recording, vmap_call
+from .vmap import _recording, check_in_range, vmap_call
 from ..tensor import PlateTensor, align, sampled_index_advice, union_plates, write_plates
 
 _PT = PlateTensor
@@ -540,10 +540,9 @@ def _index_fill(func, args, kwargs):
     shape = tuple(x.shape) or (1,)
     i = i.reshape(-1)
     raw = i._raw if type(i) is _PT else i
-    out_of_range = (raw < -shape[d]) | (raw >= shape[d])
-    if not out_of_range.is_meta and bool(out_of_range.any()):  # torch's IndexError (scatter's would be a RuntimeError)
-        raise IndexError(f"index_fill: index {int(raw[out_of_range][0])} is out of bounds for dimension {d} with "
-                         f"size {shape[d]}")
+    # torch's IndexError (scatter's would be a RuntimeError, in the raw dims); under storch.compile, at every call
+    check_in_range((raw < -shape[d]) | (raw >= shape[d]), lambda v: f"index_fill: index {'(sampled)' if v is None else v} "
+                   f"is out of bounds for dimension {d} with size {shape[d]}", raw)
     i = torch.where(i < 0, i + shape[d], i)  # index_fill takes negative indices
     place = [1] * k
     place[d] = i.shape[0]

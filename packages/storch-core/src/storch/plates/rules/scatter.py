@@ -23,7 +23,7 @@ import torch
 from ..kit import register, wrap_same
 from ..tensor import PlateTensor
 from .pointwise import broadcast, write_in_place
-from .vmap import _recording, vmap_call
+from .vmap import check_in_range, vmap_call
 
 _PT = PlateTensor
 _T = torch.Tensor
@@ -55,11 +55,10 @@ def _index_reduce(func, args, kwargs):
     if x.shape[:d] != src.shape[:d] or x.shape[d + 1:] != src.shape[d + 1:] or src.shape[d] != i.shape[0]:
         return vmap_call(func, args, kwargs)  # torch's own error per sample
     raw = i._raw if type(i) is _PT else i
-    if not raw.is_meta and not _recording():  # (scatter_reduce's own check is a RuntimeError; torch's IndexError)
-        bad = (raw < 0) | (raw >= x.shape[d])
-        if bool(bad.any()):
-            raise IndexError(f"index_reduce: index {int(raw[bad][0])} is out of range for dimension {d} of size "
-                             f"{x.shape[d]} (index_reduce takes no negative indices)")
+    # torch's IndexError (scatter_reduce's would be a RuntimeError, in the raw dims); under storch.compile, at every call
+    check_in_range((raw < 0) | (raw >= x.shape[d]), lambda v: f"index_reduce: index {'(sampled)' if v is None else v} "
+                   f"is out of range for dimension {d} of size {x.shape[d]} (index_reduce takes no negative indices)",
+                   raw)
     place = [1] * k
     place[d] = i.shape[0]
     index = i.reshape(place).expand(src.shape)

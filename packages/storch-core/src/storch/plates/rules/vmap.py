@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..._flatten import flatten, unflatten
-from ...errors import PlateError, StorchError
+from ...errors import ASSUMPTIONS, PlateError, StorchError
 from ..kit import _from_torch, _is_inplace
 from ..tensor import PlateTensor, align, inplace_write_message, map_tensors, union_plates, write_plates
 from ..tensor import new_plate_tensor as _new
@@ -124,6 +124,22 @@ def _recording() -> bool:
     """Whether a ``make_fx(pre_dispatch=True)`` trace (``storch.compile``) is recording this call."""
     mode = getattr(torch._ops, "_get_dispatch_mode_pre_dispatch", None)  # (torch versions without it: never)
     return mode is not None and mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+
+
+def check_in_range(bad: torch.Tensor, message, values: torch.Tensor) -> None:
+    """Raise ``IndexError(message(v))`` where ``bad`` (a bool tensor: the entries of the index ``values`` out of
+    range) has an entry, ``v`` the first such value (one host sync). Under a ``storch.compile`` trace the values are
+    the trace's, which a later draw does not keep, and a Python read of them is refused: the program checks every
+    call instead (``torch._assert_async``, whose failure storch.compile re-raises as a StorchError with the message,
+    ``message(None)``), where the kernel would have raised torch's message in the raw dims (plates first)."""
+    if bad.is_meta:
+        return
+    if _recording():
+        text = message(None)
+        ASSUMPTIONS.add(text)
+        torch._assert_async(~bad.any(), text)
+    elif bool(bad.any()):
+        raise IndexError(message(int(values[bad][0])))
 
 
 def _recorded(call, raws, leaves, run, func):
