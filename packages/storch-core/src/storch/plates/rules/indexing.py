@@ -31,11 +31,11 @@ import operator
 
 import torch
 
-from ...errors import ASSUMPTIONS, PlateError
+from ...errors import PlateError
 from ..kit import dispatch, register, register_copy, wrap_same
 from .shape import _dim_handler, _full
 from .pointwise import broadcast, write_in_place
-from .vmap import _recording, check_in_range, vmap_call
+from .vmap import _recording, check_in_range, record_check, vmap_call
 from ..tensor import PlateTensor, align, sampled_index_advice, union_plates, write_plates
 
 _PT = PlateTensor
@@ -653,9 +653,7 @@ def _bincount(func, args, kwargs):
         if length == minlength and _recording() and type(x) is _PT:
             # storch.compile: the program keeps the length minlength, which this draw fits; a later draw of a larger
             # value would fail in scatter_add with torch's bare index error, so the program checks every draw
-            message = _bincount_replay_message(minlength)
-            ASSUMPTIONS.add(message)  # (storch.compile re-raises the failure as a StorchError with this message)
-            torch._assert_async((rx < minlength).all(), message)
+            record_check((rx < minlength).all(), _bincount_replay_message(minlength))
         if max(minlength, short + 1) != length:
             raise PlateError(
                 f"torch.bincount's result has length max(input) + 1 (or minlength, if larger) per sample, so "

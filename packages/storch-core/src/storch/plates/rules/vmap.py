@@ -126,6 +126,14 @@ def _recording() -> bool:
     return mode is not None and mode(torch._C._TorchDispatchModeKey.PROXY) is not None
 
 
+def record_check(ok: torch.Tensor, message: str) -> None:
+    """In a ``storch.compile`` trace: record in the program that ``ok`` (a 0-dim bool tensor computed from the draw)
+    must hold at every call, where the trace's own values would fix a check a later draw needs
+    (``torch._assert_async``: storch.compile re-raises its failure as a StorchError with ``message``)."""
+    ASSUMPTIONS.add(message)
+    torch._assert_async(ok, message)
+
+
 def check_in_range(bad: torch.Tensor, message, values: torch.Tensor) -> None:
     """Raise ``IndexError(message(v))`` where ``bad`` (a bool tensor: the entries of the index ``values`` out of
     range) has an entry, ``v`` the first such value (one host sync). Under a ``storch.compile`` trace the values are
@@ -135,9 +143,7 @@ def check_in_range(bad: torch.Tensor, message, values: torch.Tensor) -> None:
     if bad.is_meta:
         return
     if _recording():
-        text = message(None)
-        ASSUMPTIONS.add(text)
-        torch._assert_async(~bad.any(), text)
+        record_check(~bad.any(), message(None))
     elif bool(bad.any()):
         raise IndexError(message(int(values[bad][0])))
 
