@@ -89,6 +89,10 @@ def storch_estimators():
     return [First, Second]
 """
 
+# a third party's own implementation under a name another installed package has (storch-core's 'expect'): the
+# error said "uninstall one of them", not that renaming the new class is the fix, nor which classes clashed
+_RIVAL = _one_estimator_source("MyExpect", "expect")
+
 BROKEN = {
     "import": FakeEntryPoint("import_plugin", "storch-broken-import", _import_fails),
     "hook": FakeEntryPoint("hook_plugin", "storch-broken-hook",
@@ -116,6 +120,10 @@ LOOKUP = {
     "twins": ("twin_in_one_package", "claimed by two classes of plugin 'storch-broken-twins': twins_mod.First and "
                                      "twins_mod.Second"),
 }
+# plugins that load but take a name from another package (not broken: the other names all work)
+RIVALS = {
+    "rival": FakeEntryPoint("rival_plugin", "storch-rival-expect", lambda: _source_module("rival_mod", _RIVAL)),
+}
 
 
 @contextmanager
@@ -124,7 +132,7 @@ def installed(*kinds: str):
     real = _registry.entry_points
 
     def discover(**kw):
-        return [*real(**kw), *(BROKEN[k] for k in kinds)]
+        return [*real(**kw), *({**BROKEN, **RIVALS}[k] for k in kinds)]
 
     _registry.entry_points = discover
     storch.reload_estimators()

@@ -74,3 +74,17 @@ def test_two_classes_of_one_package_under_one_name_leave_the_name_unusable():
         assert "twin_in_one_package" not in storch.available_estimators()
         with pytest.raises(storch.PluginError, match="give each estimator class its own `name`"):
             storch.get_estimator_class("twin_in_one_package")
+
+
+def test_a_name_claimed_by_two_packages_says_to_rename_and_names_both_classes():
+    """A third party's own 'expect' (or 'vimco' next to storch-estimators-score) took neither: the error said
+    only "uninstall one of them", which for a first-party family means losing its other estimators; it now names
+    both classes, says that installing does not override a name, and that the classes work constructed directly."""
+    with installed("rival") as messages:
+        assert any("storch-rival-expect" in m for m in messages), messages
+        with pytest.raises(storch.PluginError) as e:
+            storch.estimator("expect", plate="z")
+        assert "reparameterization" in storch.available_estimators()  # the package's other names are unaffected
+    msg = str(e.value)
+    assert ("'storch-core' (storch.builtins.expect.Expect) and 'storch-rival-expect' (rival_mod.MyExpect)" in msg
+            and "give one class another `name`" in msg and "`MyExpect(plate=...)`" in msg), msg

@@ -162,10 +162,14 @@ class _Registry:
 
 
 def _clash_message(name: str, first: tuple[str, type], second: tuple[str, type]) -> str:
-    if first[0] != second[0]:
-        return (f"estimator name {name!r} is claimed by two plugins: {first[0]!r} and {second[0]!r}; uninstall one "
-                "of them")
     a, b = (f"{c.__module__}.{c.__qualname__}" for c in (first[1], second[1]))
+    if first[0] != second[0]:
+        # installing a package does not override a name (a first-party one included): the usual fix is a rename,
+        # since uninstalling a family to free one name loses its other estimators
+        return (f"estimator name {name!r} is claimed by two plugins: {first[0]!r} ({a}) and {second[0]!r} ({b}), "
+                "so neither gets it; give one class another `name` (no name is reserved or overridden by "
+                "installing a package), or uninstall one of them. Meanwhile each class works when constructed "
+                f"directly, e.g. `{second[1].__qualname__}(plate=...)`")
     return (f"estimator name {name!r} is claimed by two classes of plugin {first[0]!r}: {a} and {b}; give each "
             "estimator class its own `name` (and `aliases`)")
 
