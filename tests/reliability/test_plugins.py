@@ -88,3 +88,14 @@ def test_a_name_claimed_by_two_packages_says_to_rename_and_names_both_classes():
     msg = str(e.value)
     assert ("'storch-core' (storch.builtins.expect.Expect) and 'storch-rival-expect' (rival_mod.MyExpect)" in msg
             and "give one class another `name`" in msg and "`MyExpect(plate=...)`" in msg), msg
+
+
+def test_a_misspelling_of_a_name_two_packages_claim_does_not_offer_it_as_usable():
+    """"Did you mean 'expect'?" and "Installed: ..., expect, ..." offered a name that raises PluginError, while
+    available_estimators() left it out."""
+    with installed("rival"):
+        with pytest.raises(storch.UnknownEstimatorError) as e:
+            storch.estimator("expectt", plate="z")
+    msg = str(e.value)
+    assert "'expect' (claimed by two packages, so unusable" in msg, msg
+    assert "expect" not in msg.split("Installed:")[1].replace("expectt", ""), msg

@@ -293,17 +293,20 @@ def get_estimator_class(name: str) -> type[Estimator]:
         candidates = [k for k in dict.fromkeys(known + list(FIRST_PARTY)) if k != name]
         close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
         if close:
-            msg += f" Did you mean {' or '.join(_suggested(c, known) for c in close)}?"
+            msg += f" Did you mean {' or '.join(_suggested(c, known, reg.conflicts) for c in close)}?"
     elif dist != "storch-core":
         msg += f" {name!r} is provided by {dist}: `pip install {dist}`."
-    msg += f" Installed: {', '.join(sorted(reg.classes)) or 'none'}."
+    msg += f" Installed: {', '.join(k for k in sorted(reg.classes) if k not in reg.conflicts) or 'none'}."
     if not any(c in reg.classes for c in ("expect", "reparameterization")):
         msg += _no_core_hint()
     raise UnknownEstimatorError(msg)
 
 
-def _suggested(name: str, installed: list[str]) -> str:
-    """A name "Did you mean" offers: an installed one as it is, a first-party one with the package to install."""
+def _suggested(name: str, installed: list[str], conflicts: dict[str, str]) -> str:
+    """A name "Did you mean" offers: an installed one as it is, a first-party one with the package to install,
+    one that two packages claim with why it cannot be used (as available_estimators() leaves it out)."""
+    if name in conflicts:
+        return f"{name!r} (claimed by two packages, so unusable: `storch.get_estimator_class({name!r})` says which)"
     dist = FIRST_PARTY.get(name)
     if name in installed or dist is None or dist == "storch-core":
         return repr(name)
