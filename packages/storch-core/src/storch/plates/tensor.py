@@ -218,6 +218,24 @@ class Plate(NamedTuple):
 
 
 _make_wrapper = torch.Tensor._make_wrapper_subclass
+_func_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_func_level = torch._C._functorch.maybe_get_level
+_func_unwrapped = torch._C._functorch.get_unwrapped
+_FINISHED = -2  # torch.func's level of a wrapper whose transform has returned (maybe_get_level)
+
+
+def _outside_finished_transforms(raw: torch.Tensor) -> torch.Tensor:
+    """``raw`` at the level outside the torch.func transforms that have returned since it was computed.
+
+    A plate tensor in the aux of ``torch.func.grad(step, has_aux=True)`` (or ``grad_and_value``, ``vjp``,
+    ``jacrev``) leaves the transform as it is: torch unwraps the plain tensors of an aux, not the raw tensor a
+    wrapper subclass holds, which kept the finished transform's wrapper (``GradTrackingTensor(lvl=-2)``: torch.save
+    and pickle failed with "Cannot access storage of TensorWrapper"). Unwrapping it is what torch does for a
+    plain aux; a wrapper of a transform still running (a level >= 0) is kept.
+    """
+    while _func_wrapped(raw) and _func_level(raw) == _FINISHED:
+        raw = _func_unwrapped(raw)
+    return raw
 
 
 class PlateTensor(torch.Tensor):
@@ -272,7 +290,10 @@ class PlateTensor(torch.Tensor):
     @property
     def tensor(self) -> torch.Tensor:
         """The raw storage: one leading dim per plate (in the order of :attr:`plates`), then the per-sample dims."""
-        return self._raw
+        raw = self._raw
+        if _func_wrapped(raw):  # (one C call; a plate tensor out of a finished torch.func transform: its value outside)
+            raw = self._raw = _outside_finished_transforms(raw)
+        return raw
 
     @property
     def plate_names(self) -> tuple[str, ...]:
@@ -332,7 +353,7 @@ class PlateTensor(torch.Tensor):
         return torch.Tensor.size(self, dim)  # a named dim, or torch's own out-of-range error
 
     def __repr__(self, *args, **kwargs) -> str:  # noqa: D105
-        return f"PlateTensor(plates={_names(self._plates)}, tensor={self._raw!r})"
+        return f"PlateTensor(plates={_names(self._plates)}, tensor={self.tensor!r})"
 
     __str__ = __repr__
 
@@ -352,7 +373,7 @@ class PlateTensor(torch.Tensor):
         raise too_many_samples(self, "`round`")
 
     def __reduce_ex__(self, protocol):
-        return (PlateTensor, (self._raw, self._plates))
+        return (PlateTensor, (self.tensor, self._plates))
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
