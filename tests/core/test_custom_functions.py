@@ -173,6 +173,19 @@ def test_reentrant_checkpoint_on_data_without_grad_is_refused():
             checkpoint(lambda t: est(torch.distributions.Bernoulli(logits=enc(t))), _data(data), use_reentrant=True)
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_checkpoint_without_use_reentrant_says_that_torch_defaults_to_the_reentrant_form(sequential):
+    """A checkpoint called without ``use_reentrant`` (torch warns that it should be passed) is torch's reentrant
+    form: the refusal said "use_reentrant=True was called" to a user who had not written it (found by p-func)."""
+    enc = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh())
+    with storch.Graph():
+        x = _data(torch.randn(2, 4, requires_grad=True))
+        with pytest.warns(UserWarning, match="use_reentrant"):
+            with pytest.raises(storch.PlateError, match=r"torch's default where use_reentrant is not passed.*"
+                               r"use_reentrant=False\), which gives exact gradients"):
+                torch.utils.checkpoint.checkpoint_sequential(enc, 2, x) if sequential else checkpoint(enc, x)
+
+
 def test_custom_function_reaching_a_parameter_is_refused_also_under_no_grad_and_frozen_passes():
     """A user's Function whose forward reads a parameter that needs grad (the plate operand needs none) is
     refused; also under an outer torch.no_grad(), where nothing is lost but which the forward cannot tell from

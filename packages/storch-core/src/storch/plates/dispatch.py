@@ -537,8 +537,9 @@ def _check_custom_function(func, args, kwargs) -> None:
         raise PlateError(
             "torch.utils.checkpoint.checkpoint(..., use_reentrant=True) was called on plate tensors (storch's "
             "samples, data from storch.denote_independent, or values computed from them), and the checkpointed "
-            "function reaches tensors that need grad (a module's parameters, or the plate tensors themselves). "
-            f"A reentrant checkpoint is a custom torch.autograd.Function: {lost}. Use "
+            "function reaches tensors that need grad (a module's parameters, or the plate tensors themselves); "
+            "use_reentrant=True is torch's default where use_reentrant is not passed (in checkpoint_sequential "
+            f"too). A reentrant checkpoint is a custom torch.autograd.Function: {lost}. Use "
             "torch.utils.checkpoint.checkpoint(..., use_reentrant=False), which gives exact gradients on plate "
             "tensors; checkpoint the networks, not the sampling (keep estimator calls outside the checkpointed "
             "function). Under torch.no_grad(), where nothing is recomputed, call the function without checkpoint")
