@@ -367,3 +367,18 @@ def test_evaluation_passes_sample_change_no_state_and_refuse_backward(mode):
             assert torch.equal(model.dec[1](z).tensor, z.tensor)  # the model's dropout: the identity
             torch.testing.assert_close(bn(z).tensor, torch.stack([bn(z.tensor[i]) for i in range(3)]))
     assert torch.isfinite(estimate) and torch.equal(model.est.moving_averages["rec"], average)
+
+
+def test_batch_norm_without_running_statistics_normalises_each_sample_over_its_own_batch():
+    """Training-mode BatchNorm (``track_running_stats=False``) on a node sampled for the whole batch (per-sample
+    shape ``(B, C)``): each sample is normalised over its own B rows, as a run with one sample; not over the n·B
+    rows that stacking the samples into the batch would give (docs/plates.md, BatchNorm on plate tensors)."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(4, track_running_stats=False).double().train()
+    loc = torch.randn(6, 4, dtype=D, requires_grad=True)
+    with storch.Graph():
+        z = storch.estimator("reparameterization", plate="z", n_samples=3)(Normal(loc, 1.0))
+        h = bn(z)
+        raw = z.tensor.detach()
+        torch.testing.assert_close(h.tensor, torch.stack([bn(raw[i]) for i in range(3)]))
+        assert not torch.allclose(h.tensor, bn(raw.reshape(18, 4)).reshape(3, 6, 4))
