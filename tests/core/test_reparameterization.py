@@ -617,6 +617,31 @@ def test_torch_func_hessian_is_refused_with_what_works():
     assert torch.func.jacrev(torch.func.jacrev(f))(mu).shape == (2, 2)
 
 
+@pytest.mark.parametrize("call", ["jacobian", "hessian"])
+def test_vectorized_forward_mode_autograd_functional_is_refused_with_what_works(call):
+    """torch.autograd.functional.jacobian(f, x, vectorize=True, strategy="forward-mode") (and hessian with
+    outer_jacobian_strategy="forward-mode") run f under torch's older vmap, which refuses every random draw and
+    takes no randomness option. The message said the estimator reads its samples' values or builds a learned
+    part (neither is true of reparameterization) and advised a Python loop (found by p-func). It now names the
+    call and what works: the reverse-mode strategy, or torch.func.jacfwd(f, randomness="different")."""
+    est = storch.estimator("reparameterization", plate="x", n_samples=4)
+
+    def f(mu):
+        with storch.Graph():
+            x = est(Normal(mu, 1.0))
+            storch.add_cost((x ** 3).sum())
+            return storch.surrogate_loss(order=2)
+
+    mu = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    fn, option = ((torch.autograd.functional.jacobian, "strategy") if call == "jacobian"
+                  else (torch.autograd.functional.hessian, "outer_jacobian_strategy"))
+    with pytest.raises(storch.StorchError, match=r"'reparameterization'.*vectorize=True.*forward-mode.*reverse-mode"
+                       r".*torch.func.jacfwd\(f, randomness='different'\)") as info:
+        fn(f, mu, vectorize=True, **{option: "forward-mode"})
+    assert "reads the values of its samples" not in str(info.value)
+    assert fn(f, mu, vectorize=True).shape == ((2,) if call == "jacobian" else (2, 2))  # reverse mode works
+
+
 class ScoreFunction(storch.Estimator):
     """The base class's components: the plain score function (this test runs with storch-core alone)."""
 

@@ -1193,8 +1193,8 @@ class Estimator(torch.nn.Module):
             if isinstance(e, RuntimeError) and "randomness error mode" in str(e):
                 # torch's default randomness="error" refuses any random draw under vmap: the cause is the mode
                 # (the estimator's draws), not storch reading its samples
-                where = ("torch.func.jacfwd / torch.func.hessian (jacfwd's columns are a vmap) or "
-                         "torch.autograd.functional.jacobian(strategy='forward-mode')" if _under_jacfwd()
+                # (torch.autograd.functional's forward mode runs torch's older vmap: the branch below)
+                where = ("torch.func.jacfwd / torch.func.hessian (jacfwd's columns are a vmap)" if _under_jacfwd()
                          else "torch.func.vmap")
                 raise StorchError(
                     f"estimator {self.name!r} (plate {self.plate!r}) draws random samples inside {where}, whose "
@@ -1221,6 +1221,17 @@ class Estimator(torch.nn.Module):
                     "sampler for it cannot share one draw between members whose distributions differ",
                     "randomness='different' (each member draws its own samples: unbiased per-member results, e.g. "
                     "torch.func.vmap(torch.func.grad(step), randomness='different'))", e)) from e
+            if isinstance(e, RuntimeError) and "support calling random operations inside of vmap" in str(e):
+                # torch's older vmap (torch._vmap_internals), which torch.autograd.functional runs f under with
+                # vectorize=True and a forward-mode strategy: it refuses every random draw and has no randomness option
+                raise StorchError(
+                    f"estimator {self.name!r} (plate {self.plate!r}) draws random samples inside "
+                    "torch.autograd.functional.jacobian / hessian with vectorize=True and strategy='forward-mode' "
+                    "(hessian: outer_jacobian_strategy='forward-mode'), which runs the function under torch's older "
+                    "vmap: it refuses any random draw and takes no randomness option (and forward mode needs "
+                    "vectorize=True). Use the reverse-mode strategy (the default, vectorized or not), or "
+                    "torch.func.jacfwd(f, randomness='different') for forward-mode first derivatives (torch said: "
+                    f"{str(e)[:200]})") from e
             if isinstance(e, RuntimeError) and str(e).startswith("vmap:") and _under_jacfwd():
                 raise StorchError(
                     f"estimator {self.name!r} (plate {self.plate!r}) cannot run inside torch.func.jacfwd or "
