@@ -396,6 +396,17 @@ class PlateTensor(torch.Tensor):
             raise PlateError(SPARSE_CONSTRUCTOR)
         if under_jit_trace():  # (torch.jit.trace of plate tensors, without grad: its copy of them; p-ext3)
             raise PlateError(foreign_trace_message(f"{func} on plate tensors"))
+        if any(type(a) is PlateTensor and _func_wrapped(a._raw) for a in args):
+            # (p-func) torch.func unwrapping a transform's outputs: vmap's _remove_batch_dim expands a plate tensor
+            # whose raw tensor it batched (it sees the wrapper, not the raw); no torch.func level is visible here
+            raise PlateError(
+                f"{func} reached a PlateTensor below __torch_function__: a plate tensor computed inside a torch.func "
+                "transform (its raw tensor batched by vmap or tracked by grad) is among the transform's outputs "
+                "(e.g. a vmapped function returned it, or storch's samples fed to vmap(functional_call) over stacked "
+                "ensemble members), and torch.func cannot carry its plates out. Run the members in a Python loop "
+                "(`torch.stack([m(z) for m in models])`), run the whole storch step inside the transform "
+                "(parameters in, the surrogate out: `torch.func.vmap(torch.func.grad(step), "
+                "randomness='different')`), or return plain tensors (`z.tensor`, plate dims first)")
         raise PlateError(
             f"{func} reached a PlateTensor below __torch_function__: a sparse tensor (torch.sparse_coo_tensor), "
             "a custom C++ operator, a torch.func transform (torch.func.grad, jacrev, vjp, jvp, vmap) applied to a "
