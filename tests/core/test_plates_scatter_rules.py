@@ -1,4 +1,5 @@
-"""index_reduce, nonzero_static and the in-place scatter_ on plate tensors: batched rules, not vmap's loop.
+"""index_reduce, nonzero_static and the in-place scatter_ and index_reduce_ on plate tensors: batched rules, not
+vmap's loop.
 
 torch has no batching rule for them, so the vmap fallback ran them once per plate entry (with torch's
 "performance drop" warning). The rules (storch.plates.rules.scatter) must give the fallback's values, per
@@ -102,13 +103,16 @@ def test_index_reduce_prod_is_differentiated_twice_where_zeros_meet():
     with storch.Graph():
         b = storch.estimator("expect", plate="b")(Bernoulli(logits=torch.zeros(3, dtype=torch.float64)))
         out = torch.ones(2, dtype=torch.float64).index_reduce(0, torch.tensor([0, 0, 1]), b * w, "prod")
+        # in place, into a fresh per-sample buffer (the same rule, written)
+        written = torch.ones_like(b[:2]).index_reduce_(0, torch.tensor([0, 0, 1]), b * w, "prod")
         by_hand = torch.stack(((b[0] * w[0]) * (b[1] * w[1]), b[2] * w[2]))
-        for got in (out, by_hand):
+        hessians = []
+        for got in (out, written, by_hand):
             g, = torch.autograd.grad((got.tensor ** 2).sum(), w, create_graph=True)
-            hess = torch.stack([torch.autograd.grad(g[i], w, retain_graph=True)[0] for i in range(3)])
-            if got is out:
-                first = hess
+            hessians.append(torch.stack([torch.autograd.grad(g[i], w, retain_graph=True)[0] for i in range(3)]))
+        first, second, hess = hessians
         torch.testing.assert_close(first, hess, rtol=0, atol=1e-12)
+        torch.testing.assert_close(second, hess, rtol=0, atol=1e-12)
         assert float(first.abs().sum()) > 0
 
 
@@ -143,3 +147,64 @@ def test_scatter_inplace_into_a_per_sample_buffer_equals_the_fallback_and_takes_
         # a buffer that lacks the written values' plates is refused, naming the in-place function
         with pytest.raises(storch.PlateError, match=r"scatter_"):
             torch.zeros_like(theta).scatter_(0, j, z)
+
+
+
+def _index_reduce_inplace_cases(z, k):
+    """(fresh per-sample buffer, dim, index, source, whether torch's in-place loop runs): the buffer carries every
+    plate of what is written."""
+    zr = torch.round(z.detach())
+    by_k = torch.zeros_like(k, dtype=z.dtype)  # (0 per sample: gives a buffer the plate of a sampled index)
+    return [
+        (torch.ones_like(z[:3]), 0, torch.tensor([0, 1, 1, 2, 0, 0]), z, True),
+        # a sampled index and values without its plate: torch's in-place loop raises ("vmap: aten::index_reduce_
+        # ... is not possible ... use out-of-place operators")
+        (z.reshape(2, 3) * 1 + by_k, 1, k.reshape(1) % 3, zr[:2].reshape(2, 1), False),
+        (z.reshape(3, 2) * 1, 0, torch.tensor([2, 2, 0, 0]), torch.stack([z[:2], zr[2:4], z[4:], zr[:2] * 0]), True),
+    ]
+
+
+@pytest.mark.parametrize("reduce", ["prod", "mean", "amax", "amin"])
+@pytest.mark.parametrize("include_self", [True, False])
+def test_index_reduce_inplace_into_a_per_sample_buffer_equals_the_fallback_and_takes_the_rule(reduce, include_self):
+    # the in-place form on a fresh buffer: the out-of-place rule written into it, not vmap's loop
+    kwargs = {"include_self": include_self}
+    with storch.Graph():
+        theta, _, k, z = _samples()
+        for buf, d, i, src, loop_runs in _index_reduce_inplace_cases(z, k):
+            want = _fallback(torch.Tensor.index_reduce, (buf, d, i, src, reduce), kwargs)  # the out-of-place loop
+            with torch.no_grad():
+                fresh = buf.detach().clone()
+                out, seen = calls(lambda: fresh.index_reduce_(d, i, src.detach(), reduce, **kwargs))
+            assert out is fresh and "_index_reduce_inplace" in seen and "_index_reduce" in seen
+            _same(fresh, want)
+            got = buf.clone()
+            assert got.index_reduce_(d, i, src, reduce, **kwargs) is got
+            _same(got, want, exact=reduce != "prod")
+            assert not _looped(lambda: buf.clone().index_reduce_(d, i, src, reduce, **kwargs))
+            # one write of the batched result
+            ops = graph_ops(got.tensor)
+            assert ops["CopyBackwards"] == 1 and "CopySlices" not in ops and "IndexReduceBackward0" not in ops
+            if reduce != "prod":
+                assert ops["ScatterReduceBackward0"] == 1
+            # the first derivative (through the written values and, with include_self, the buffer's) is the
+            # out-of-place loop's
+            g, = torch.autograd.grad(got.tensor.sum(), theta, retain_graph=True)
+            h, = torch.autograd.grad(want.tensor.sum(), theta, retain_graph=True)
+            torch.testing.assert_close(g, h, rtol=1e-6, atol=1e-7)
+            if not loop_runs:
+                with pytest.raises(RuntimeError, match="use out-of-place operators"):
+                    _fallback(torch.Tensor.index_reduce_, (buf.clone(), d, i, src, reduce), kwargs)
+                continue
+            # the in-place loop (the control: the probe hears it) writes each plate entry (a CopySlices each), to the
+            # same values; its backward fails: each entry's write changes what the others' derivatives read
+            looped = buf.clone()
+            assert _looped(lambda: vmap_call(torch.Tensor.index_reduce_, (looped, d, i, src, reduce), kwargs))
+            _same(looped, got, exact=reduce != "prod")
+            assert graph_ops(looped.tensor)["CopySlices"] == 3
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                torch.autograd.grad(looped.tensor.sum(), theta, retain_graph=True)
+        # a buffer that lacks the written values' plates is refused, naming the in-place function
+        for plain in (torch.ones(3), torch.ones_like(k, dtype=z.dtype).expand(3).clone()):
+            with pytest.raises(storch.PlateError, match=r"index_reduce_"):
+                plain.index_reduce_(0, torch.tensor([0, 1, 1, 2, 0, 0]), z, reduce, **kwargs)

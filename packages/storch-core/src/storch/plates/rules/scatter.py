@@ -1,6 +1,7 @@
 """Scatter-like functions that torch's vmap runs one plate entry at a time: rules that run them batched.
 
-torch has no batching rule for ``index_reduce``, ``nonzero_static`` or the in-place ``scatter_``: its vmap
+torch has no batching rule for ``index_reduce``, ``nonzero_static`` or the in-place ``scatter_`` and
+``index_reduce_``: its vmap
 fallback loops over the plate entries (with a performance warning) and stacks the results. Each has a
 batched form with the same values per sample:
 
@@ -12,8 +13,9 @@ batched form with the same values per sample:
   sampled mask times values (``b * w``) makes at once;
 - ``torch.nonzero_static(x, size=S, fill_value=f)``: the positions of the nonzero elements in row-major order
   are a stable sort of the flat positions by "is zero", the first ``S`` of them unravelled, the rest ``f``;
-- ``x.scatter_(...)`` into a per-sample buffer (a plate tensor that carries the written values' plates): the
-  out-of-place ``scatter`` written into ``x`` (as ``index_fill_``'s sampled value is).
+- ``x.scatter_(...)`` and ``x.index_reduce_(...)`` into a per-sample buffer (a plate tensor that carries the
+  written values' plates): the out-of-place ``scatter`` or ``index_reduce`` written into ``x`` (as
+  ``index_fill_``'s sampled value is).
 """
 
 from __future__ import annotations
@@ -139,3 +141,29 @@ def _scatter_inplace(func, args, kwargs):
     rest = {k: v for k, v in kwargs.items() if k != "self"}
     out = torch.scatter(x, *args[1:], **rest)
     return broadcast(_WRITE_SCATTER, (x, out), {})
+
+
+_WRITE_INDEX_REDUCE = write_in_place("index_reduce_")
+
+
+@register(_T.index_reduce_)
+def _index_reduce_inplace(func, args, kwargs):
+    """per sample; the out-of-place index_reduce (the rule above) written into the per-sample buffer
+
+    (torch's vmap of the in-place ``index_reduce_`` loops over the plate entries.) ``x`` must carry every plate
+    of the written values (pointwise's in-place checks); the write is a copy of ``index_reduce``'s result (which
+    reads ``x`` where ``include_self``), so the derivatives are those of the in-place reduction, at every order
+    for ``prod`` too (the segmented product)."""
+    x = args[0] if args else kwargs.get("self")
+    if type(x) is not _PT or (not args and "self" not in kwargs):
+        return vmap_call(func, args, kwargs)
+    rest = {k: v for k, v in kwargs.items() if k != "self"}
+    src = args[3] if len(args) > 3 else rest.get("source")
+    if torch.is_grad_enabled() and (x.requires_grad or (isinstance(src, _T) and src.requires_grad)):
+        # the reduction's derivative may read x (a product, amax's ties, the mean's count with include_self):
+        # it reads a copy, since the write below changes x (autograd's "modified by an inplace operation")
+        x_read = x.clone()
+    else:
+        x_read = x
+    out = _index_reduce(_T.index_reduce, (x_read,) + tuple(args[1:]), rest)
+    return broadcast(_WRITE_INDEX_REDUCE, (x, out), {})
