@@ -411,6 +411,8 @@ def test_instance_class_factory_and_name_are_equivalent():
 def test_orders_models_and_errors():
     report = kit.check_against_enumeration("reparameterization", orders=[1])
     assert report.orders == (1,) and all(c.name.endswith("order 1") for c in report.checks)
+    # a sorted tuple without repeats, whatever sequence was passed (docs/storch-testing.md, ConformanceReport)
+    assert kit.check_against_enumeration("expect", orders=[1, 0, 1]).orders == (0, 1)
     models, skipped = kit.standard_models(storch.estimator("reparameterization", plate="z"))
     assert [m.name for m in models] == ["normal[2]", "chain[Normal]", "independent[Normal]", "global_latent[Normal]",
                                       "elbo[Normal]", "laplace[loc]", "uniform[high]"]

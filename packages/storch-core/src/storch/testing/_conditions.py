@@ -51,7 +51,8 @@ class ConditionsReport:
     Attributes:
         estimator: the estimator's registry name.
         distribution: the distribution's class name.
-        orders: the derivative orders that were tested.
+        orders: the derivative orders that were tested, a sorted tuple without repeats (``(0, 1, 2)`` for
+            ``orders=[2, 0, 1]``; the table prints it as a list): compare it with a tuple.
         checks: :class:`UnbiasednessReport` s named ``"condition k, order m"``.
         not_tested: ``"condition k, order m"`` -> why it was never exercised (the estimator has a
             control variate, but it returned ``None``: an untrained learned one does; pass

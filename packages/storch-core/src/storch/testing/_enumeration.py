@@ -30,7 +30,8 @@ class ConformanceReport:
     Attributes:
         estimator: the estimator's registry name; for a factory that made estimators of several kinds,
             which estimator ran at which node (``"factory (arm at R; score at C, S)"``).
-        orders: the derivative orders that were tested.
+        orders: the derivative orders that were tested, a sorted tuple without repeats (``(0, 1, 2)`` for
+            ``orders=[2, 0, 1]``; the table prints it as a list): compare it with a tuple.
         checks: one :class:`UnbiasednessReport` per (model, order), named ``"model, order m"``.
         skipped: models (or a model's orders, ``"model, order m"``) not run, with the reason: a
             distribution the estimator does not support (by its class attributes, or an
