@@ -41,6 +41,13 @@ def test_passes_the_conformance_kit():
             "elbo[Bernoulli], order 0"}  # (two costs of one frame on one node: log q and -log p)
 
 
+def test_its_names_are_its_own():
+    # a name or alias claimed by two installed packages (a first-party one included) is unusable for both:
+    # run with the first-party families installed too (docs/writing-an-estimator.md, section 4)
+    for name in (GumbelRao.name, *GumbelRao.aliases):
+        assert storch.get_estimator_class(name) is GumbelRao
+
+
 def test_forward_value_satisfies_condition_1():
     report = kit.check_conditions("gumbel_rao", lambda th: Bernoulli(logits=th), THETA,
                                   lambda x: ((x - T) ** 2).sum())
