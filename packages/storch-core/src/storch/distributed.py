@@ -60,6 +60,7 @@ Example (``examples/distributed/train_ddp.py`` is a complete script)::
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 from typing import Any, Iterable, TypeVar, Union, overload
 
@@ -330,13 +331,24 @@ def broadcast_once_(tensors: Iterable[torch.Tensor], owner: Any, what: str = "th
 
 
 def ranks_agree(tensors: list[torch.Tensor], owner: Any = None) -> bool:
-    """Whether every rank holds bitwise the same ``tensors`` (a check for tests and debugging)."""
+    """Whether every rank holds bitwise the same ``tensors`` (a check for tests and debugging): as many tensors, of the
+    same dtypes and shapes, with the same bytes.
+
+    One collective: each rank's digest of its tensors' bytes, compared with the check that precedes every storch
+    collective (ranks that are in another collective raise :class:`storch.StorchError`). Exact for every dtype: a
+    NaN equals a NaN of the same bits (a min/max comparison read equal tensors holding NaN as different), integers
+    are not rounded (in float64, int64 values above 2**53 that differ in their last bits read as equal), and 0.0
+    and -0.0 differ."""
     if not is_active(owner):
         return True
-    dist = _dist()
     group = _group_of(owner)
-    flat = torch.cat([t.detach().reshape(-1).double() for t in tensors]) if tensors else torch.zeros(1)
-    lo, hi = flat.clone(), flat.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
-    return bool(torch.equal(lo, hi))
+    digest = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        t = t.detach().resolve_conj().resolve_neg()  # (a lazy conjugate's or negation's bytes are not its values)
+        digest.update(repr((str(t.dtype), tuple(t.shape))).encode())
+        digest.update(t.reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    collective = _collective(owner, "comparing values (ranks_agree)")
+    same_op, same = _layouts_agree([digest.hexdigest()], group, collective)
+    if not same_op:
+        _raise_different_collectives(collective, group)
+    return same
