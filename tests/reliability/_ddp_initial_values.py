@@ -4,12 +4,14 @@ storch's own collectives) whose ranks build REBAR / RELAX with other initial val
 over the ranks, never φ: before, the ranks trained on from their own values without error (log λ -0.68 and -0.50
 after 3 steps); now every rank starts from rank 0's at the first update, as DDP does for a module's parameters.
 Each case records, per rank, the error it raised (type and message) or the estimator's parameters after one step;
-the group's timeout (10 s) turns a hang into an error, so no case waits forever."""
+the group's timeout (10 s) turns a hang into an error, so no case waits forever. The same for score's NVIL heads
+built while ``storch.distributed.synchronize`` was off (broadcast when built only while on)."""
 
 from __future__ import annotations
 
 import torch
 
+import storch
 from _ddp import Model, ScalarBaseline, run_steps, shard
 from _gloo import outcome, rank_process
 
@@ -39,4 +41,14 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
             baseline.b.fill_(float(rank))
         out["score_module"] = outcome(
             lambda: _trained(Model("score", {"n_samples": 2, "baseline": baseline, "lr": 0.05}), x, g))
+        dist.barrier()
+        # NVIL's heads built while synchronisation was off (from each rank's generator: not broadcast then), trained
+        # once it is on: before, the ranks trained on from their own heads
+        model = Model("score", {"n_samples": 2, "baseline": "learned", "hidden": 4, "lr": 0.05})
+        storch.distributed.synchronize(model, enabled=False)
+        with storch.Graph(generator=g):
+            model(x)
+        out["score_nvil_built"] = {name: p.detach().clone() for name, p in model.est.named_parameters()}
+        storch.distributed.synchronize(model)
+        out["score_nvil_unsynchronised"] = outcome(lambda: _trained(model, x, g))
         dist.barrier()

@@ -58,3 +58,16 @@ def test_a_score_baseline_module_initialised_per_rank_starts_from_rank_0s_on_eve
     # gradient, never ψ (before: 0.10 and 1.10 after two steps, one step 0.05 and 1.05)
     params = _same_on_every_rank(ranks, "score_module")
     assert abs(float(params["baseline_fn.b"])) <= 1.01 * 0.05, float(params["baseline_fn.b"])
+
+
+def test_nvil_heads_built_while_unsynchronised_start_from_rank_0s_on_every_rank(ranks):
+    # built from each rank's generator while storch.distributed.synchronize(model, enabled=False); NVIL's heads were
+    # broadcast only when built, so the ranks trained on from their own (before: the first layers differed after the
+    # first synchronised step by as much as they did when built)
+    built0, built1 = ranks[0]["score_nvil_built"], ranks[1]["score_nvil_built"]
+    assert any(name.startswith("baseline_fn.heads.") for name in built0), list(built0)
+    assert max(float((built0[n] - built1[n]).abs().max()) for n in built0) > 10 * 0.05  # they start apart
+    params = _same_on_every_rank(ranks, "score_nvil_unsynchronised")
+    # rank 0's heads, one Adam step on (lr 0.05)
+    for name in built0:
+        assert float((params[name] - built0[name]).abs().max()) <= 1.01 * 0.05, name

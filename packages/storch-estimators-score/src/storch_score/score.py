@@ -320,12 +320,12 @@ class Score(Estimator):
         loss = sum(errors) if errors else None
         grads = torch.autograd.grad(loss, params, allow_unused=True) if errors else (None,) * len(params)
         finite = all_finite([None if loss is None else loss.detach(), *grads])
-        if synced and not isinstance(self.baseline_fn, LearnedBaseline):  # (NVIL's heads: broadcast when built)
-            # a baseline= module of yours: ψ as rank 0's at the first update (ranks that initialised it from their own
-            # seeds, outside DDP, trained apart for good: 0.10 and 1.10 after two steps from 0 and 1); NVIL's heads
-            # are broadcast when they are built (learned_baseline)
-            storch.distributed.broadcast_once_(self.baseline_fn.parameters(), self)
         if synced:
+            # ψ as rank 0's at the first synchronised update: a baseline= module of yours (ranks that initialised it
+            # from their own seeds, outside DDP, trained apart for good: 0.10 and 1.10 after two steps from 0 and 1),
+            # and NVIL's heads, which are broadcast when built only while synchronised (a head built while
+            # storch.distributed.synchronize was off, or before the process group existed, stayed each rank's own)
+            storch.distributed.broadcast_once_(self.baseline_fn.parameters(), self)
             # torch.distributed: the gradient of the global batch's regression loss, the mean over the
             # ranks (as DDP averages model gradients), so ψ and Adam's moments stay identical everywhere
             grads, finite = _across_ranks(params, grads, finite, self)
