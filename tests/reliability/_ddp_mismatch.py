@@ -70,6 +70,25 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
 
             out[f"update_ma_surrogate{order}"] = outcome(surrogate_backward)
             dist.barrier()
+        # the baseline= module (or NVIL's heads) frozen on rank 1 alone (requires_grad False), before the first step or
+        # after one: before, rank 1 returned from the regression before the ranks' check and rank 0 waited in it
+        for key, options, before in (("frozen_module_first", {"baseline": "module"}, 0),
+                                     ("frozen_module", {"baseline": "module"}, 1),
+                                     ("frozen_nvil", learned, 1)):
+            model = Model("score", {"n_samples": 2, "lr": 0.05, **options})
+
+            def frozen_on_rank_1() -> None:
+                run_steps(model, x, g, before)
+                model.est.baseline_fn.requires_grad_(rank == 0)
+                run_steps(model, x, g, 1)
+
+            out[key] = outcome(frozen_on_rank_1)
+            dist.barrier()
+        # frozen on every rank: no error, and the baseline stays as it was
+        model = Model("score", {"n_samples": 2, "lr": 0.05, "baseline": "module"})
+        model.est.baseline_fn.requires_grad_(False)
+        out["frozen_everywhere"] = outcome(lambda: (run_steps(model, x, g), float(model.est.baseline_fn.b))[1])
+        dist.barrier()
         # update=False on every rank: no error (one check, on the first step), and the averages stay unset
         model = Model("score", {**ma, "update": False})
         out["update_none"] = outcome(lambda: (run_steps(model, x, g), dict(model.est.moving_averages))[1])

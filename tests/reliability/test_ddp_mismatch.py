@@ -57,6 +57,27 @@ def test_different_estimators_raise_on_every_rank(ranks, case, first, second):
     _ddp.assert_refused_on_every_rank(ranks, case, first, second)
 
 
+FROZEN = "averaging score's learned baseline gradients (frozen, requires_grad=False: "
+
+
+MODULE = "Score(baseline='callable', lr=0.05, update=True)"
+
+
+@pytest.mark.parametrize("case, kind, n", [("frozen_module_first", MODULE, 1), ("frozen_module", MODULE, 1),
+                                           ("frozen_nvil", "Score(baseline='learned', decay=0.9, lr=0.05, update=True)",
+                                            4)])
+def test_a_baseline_frozen_on_one_rank_raises_on_every_rank(ranks, case, kind, n):
+    """The baseline= module (or NVIL's heads) frozen on rank 1 alone: every rank raises, naming what each has frozen
+    (before: rank 1 skipped the regression before the ranks' check, and rank 0 waited in it until the timeout)."""
+    _ddp.assert_refused_on_every_rank(ranks, case, f"{kind} {FROZEN}none)", f"{kind} {FROZEN}all {n} parameters)")
+    assert "frozen with requires_grad=False" in ranks[0][case][1]
+
+
+def test_a_baseline_frozen_on_every_rank_is_no_error(ranks):
+    assert ranks[0]["frozen_everywhere"] == ranks[1]["frozen_everywhere"] == ("ok", 0.0), (
+        ranks[0]["frozen_everywhere"], ranks[1]["frozen_everywhere"])
+
+
 @pytest.mark.parametrize("case", ["update_none", "update_none_decay", "update_none_relax_lr"])
 def test_update_false_on_every_rank_is_no_error(ranks, case):
     """Every rank skips its update: they agree (one check, on the first step), and no average is kept. Their decay

@@ -105,8 +105,9 @@ def _raise_different_collectives(collective: str, group: Any) -> None:
                   "the shard, use DistributedSampler(drop_last=True), or skip the step on every rank)")
     else:
         advice = ("The ranks use different estimators (a different class, baseline or option: decay, lr, "
-                  "update), or call them in a different order: build the same model, with the same estimators "
-                  "and options, on every rank; to use an estimator on one rank only, switch its "
+                  "update; or other parameters of what they train frozen with requires_grad=False), or call them "
+                  "in a different order: build the same model, with the same estimators, options and frozen "
+                  "parameters, on every rank; to use an estimator on one rank only, switch its "
                   "synchronisation off with storch.distributed.synchronize(model, enabled=False)")
     raise StorchError(f"storch.distributed: the ranks run different collectives ({ranks}). {advice}")
 

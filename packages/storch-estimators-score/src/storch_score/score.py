@@ -313,12 +313,16 @@ class Score(Estimator):
         """One Adam step of the baseline's parameters on the sum of ``errors``; none (parameters and
         optimizer state unchanged, ``skipped_updates`` counts it, a RuntimeWarning says it) when the
         loss or a gradient is not finite: as a non-finite mean cost never enters the moving average."""
-        params = [p for p in self.baseline_fn.parameters() if p.requires_grad]
+        named = list(self.baseline_fn.named_parameters())
+        params = [p for _, p in named if p.requires_grad]
         synced = storch.distributed.is_active(self)
-        if not params or not (errors or synced):  # under torch.distributed every rank takes part
+        # under torch.distributed every rank takes part, one whose baseline is frozen (no trainable parameter) too:
+        # it joins the ranks' check, which raises on every rank where another rank trains it (it returned here and
+        # the others waited in the check forever)
+        if not named or not synced and not (params and errors):
             return
-        loss = sum(errors) if errors else None
-        grads = torch.autograd.grad(loss, params, allow_unused=True) if errors else (None,) * len(params)
+        loss = sum(errors) if errors and params else None
+        grads = torch.autograd.grad(loss, params, allow_unused=True) if loss is not None else (None,) * len(params)
         finite = all_finite([None if loss is None else loss.detach(), *grads])
         if synced:
             # ψ as rank 0's at the first synchronised update: a baseline= module of yours (ranks that initialised it
@@ -327,8 +331,10 @@ class Score(Estimator):
             # storch.distributed.synchronize was off, or before the process group existed, stayed each rank's own)
             storch.distributed.broadcast_once_(self.baseline_fn.parameters(), self)
             # torch.distributed: the gradient of the global batch's regression loss, the mean over the
-            # ranks (as DDP averages model gradients), so ψ and Adam's moments stay identical everywhere
-            grads, finite = _across_ranks(params, grads, finite, self)
+            # ranks (as DDP averages model gradients), so ψ and Adam's moments stay identical everywhere; the
+            # ranks' check compares which parameters are frozen (named in what is averaged)
+            frozen = [name for name, p in named if not p.requires_grad]
+            grads, finite = _across_ranks(params, grads, finite, self, named[0][1], frozen, len(named))
         # one host sync per update (update_from runs after the step)
         if skip_nonfinite_update(self, finite, "the baseline", "regression",
                                  "Check the costs and the baseline's inputs (est(distribution, inputs=h)) for "
@@ -382,8 +388,10 @@ class Score(Estimator):
         (a resumed run may go on with others, see state_options); storch.distributed checks them with it before
         each collective: ranks that differ in them would hold different baselines from the first update on,
         silently, and a rank with update=False would leave the others waiting in the update's collective."""
-        if not self._baseline.trains(self):
-            return {}  # (a baseline without state: no collective)
+        if not (self.has_update or self._baseline.trains(self)):
+            # (a baseline without state: no collective; a baseline= module frozen after construction still runs
+            # its update, whose check compares what is frozen: the same options as a rank where it is not)
+            return {}
         if not self.update:
             return {"update": False}  # (a state that never changes: decay and lr do not act on it)
         learned = isinstance(self.baseline_fn, LearnedBaseline)
@@ -595,18 +603,23 @@ class _Callable(_Baseline):
 
 
 
-def _across_ranks(params: list, grads: tuple, finite: torch.Tensor, owner: Score) -> tuple[list, torch.Tensor]:
+def _across_ranks(params: list, grads: tuple, finite: torch.Tensor, owner: Score, ref: torch.Tensor,
+                  frozen: list, n_params: int) -> tuple[list, torch.Tensor]:
     """The baseline's regression gradients averaged over the ranks, and whether they are finite on every rank.
 
     A rank where a parameter got no gradient (``None``: a head its costs did not use) adds zeros to the
     mean; a parameter no rank used keeps ``None`` (Adam leaves it alone, as in one process). One rank's
-    non-finite loss or gradient skips the update on every rank (the same decision everywhere).
+    non-finite loss or gradient skips the update on every rank (the same decision everywhere). ``frozen``: the
+    names of the baseline's parameters with requires_grad False (of ``n_params``), part of what the ranks' check
+    compares: ranks that freeze different ones (or all of them) raise on every rank, naming each rank's. ``ref``:
+    the baseline's first parameter (the flags' dtype and device: the same on every rank, whatever is frozen).
     """
-    ref = params[0]
     flags = torch.tensor([float(g is not None) for g in grads] + [float(not bool(finite.all()))],
-                         dtype=ref.dtype, device=ref.device)
+                         dtype=ref.dtype if ref.is_floating_point() else torch.get_default_dtype(), device=ref.device)
     values = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)] + [flags]
-    reduced = storch.distributed.all_reduce_mean(values, owner=owner, what="score's learned baseline gradients")
+    which = ("none" if not frozen else f"all {n_params} parameters" if len(frozen) == n_params else ", ".join(frozen))
+    reduced = storch.distributed.all_reduce_mean(
+        values, owner=owner, what=f"score's learned baseline gradients (frozen, requires_grad=False: {which})")
     used, bad = reduced[-1][:-1], reduced[-1][-1]
     grads = [g if bool(u > 0) else None for g, u in zip(reduced[:-1], used.tolist())]
     finite = torch.stack([bad == 0] + [torch.isfinite(g).all() for g in grads if g is not None])
