@@ -758,3 +758,62 @@ def test_many_costs_of_low_precision_are_summed_in_the_magic_box_dtype(dtype, mo
     monkeypatch.setattr(surrogate_module, "_one_node_loss", lambda graph: None)
     for s, (g, _) in zip(range(1, 9), fast):
         torch.testing.assert_close(g, grad(s)[0], rtol=1e-5, atol=1e-6)
+
+
+def _decoder_step(est, w, seed: int, cost_at: Optional[int] = None, dtype=torch.float32, steps: int = 4):
+    """A partition over a sequence (an autoregressive decoder: each token's Categorical read from the state the
+    previous token updated) and one cost of the final state (its last step: a reconstruction, a terminal reward);
+    ``cost_at``: the cost of the state after that step instead (earlier steps reach no cost)."""
+    torch.manual_seed(seed)
+    with storch.Graph():
+        x = storch.denote_independent(torch.linspace(-1.0, 1.0, 6).view(2, 3), 0, "data")
+        h = torch.tanh(x @ w[:3])
+        states = []
+        for _ in range(steps):
+            tok = est(torch.distributions.OneHotCategorical(logits=h))
+            h = torch.tanh(h + tok @ w[3:])
+            states.append(h)
+        final = states[-1 if cost_at is None else cost_at]
+        storch.add_cost(((final - 0.3) ** 2).sum(-1).to(dtype), name="rec")
+        loss, seen = calls(storch.surrogate_loss)
+        assert isinstance(loss, torch.Tensor)
+        (grad,) = torch.autograd.grad(loss, w)
+    return loss, grad, seen, graph_ops(loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("baseline", ["none", "leave_one_out", "moving_average"])
+def test_partition_with_one_cost_at_its_last_step_skips_the_general_loops(baseline, dtype, monkeypatch):
+    """A partition (one estimator called at every step of a sequence) with one cost at its last step (the GRU
+    decoder of `storch-compare overhead --problems rnn`): after the first step settles the estimator's checks, the
+    surrogate is built without the general path's per-cost and per-node loops (one_node._last_step_loss); the loss, its
+    gradient and its autograd graph are bitwise those of the general path (forced below). Controls: a cost of an
+    earlier step (the last steps reach no cost: the general path, and its warning), order 2."""
+    from storch.surrogate import one_node as surrogate_module
+
+    w = (0.5 * torch.randn(6, 3, generator=torch.Generator().manual_seed(1))).requires_grad_(True)
+    est = storch.estimator("score", plate="z", n_samples=4, baseline=baseline)
+    _, _, first, _ = _decoder_step(est, w, 0, dtype=dtype)
+    assert "_check_reaches" in first  # the first step settles the checks on the general path
+    loss, grad, seen, ops = _decoder_step(est, w, 1, dtype=dtype)
+    assert "_last_step_loss" in seen and "_one_node_surrogate" in seen
+    assert not seen & _GENERAL_SURROGATE, sorted(seen & _GENERAL_SURROGATE)
+    # controls: a cost of step 1 of 4 (steps 2-3 reach no cost: warned), order 2
+    with pytest.warns(storch.UnusedSampleWarning, match="no cost carries its plate at a step after 1"):
+        _, _, seen2, _ = _decoder_step(est, w, 2, cost_at=1, dtype=dtype)
+    assert {"_unchecked", "_at_cost", "_cost_surrogate"} <= seen2
+    with storch.Graph():
+        torch.manual_seed(3)
+        x = storch.denote_independent(torch.linspace(-1.0, 1.0, 6).view(2, 3), 0, "data")
+        tok = est(torch.distributions.OneHotCategorical(logits=torch.tanh(x @ w[:3])))
+        tok = est(torch.distributions.OneHotCategorical(logits=torch.tanh(tok @ w[3:])))
+        storch.add_cost((tok ** 2).sum(-1), name="rec")
+        _, seen3 = calls(lambda: storch.surrogate_loss(order=2))
+    assert {"_unchecked", "_check_order", "_guard_low_order"} <= seen3
+    # the same step through the general path: the same loss, gradient and autograd graph
+    monkeypatch.setattr(surrogate_module, "_last_step_loss", lambda graph, node, est: None)
+    loss_g, grad_g, seen_g, ops_g = _decoder_step(est, w, 1, dtype=dtype)
+    assert "_last_step_loss" not in seen_g and "_at_cost" in seen_g and "_cost_surrogate" in seen_g
+    if baseline != "moving_average":  # (a moving average moved between the steps: values differ, graphs not)
+        assert torch.equal(loss, loss_g) and torch.equal(grad, grad_g)
+    assert ops == ops_g
