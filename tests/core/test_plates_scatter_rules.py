@@ -208,3 +208,36 @@ def test_index_reduce_inplace_into_a_per_sample_buffer_equals_the_fallback_and_t
         for plain in (torch.ones(3), torch.ones_like(k, dtype=z.dtype).expand(3).clone()):
             with pytest.raises(storch.PlateError, match=r"index_reduce_"):
                 plain.index_reduce_(0, torch.tensor([0, 1, 1, 2, 0, 0]), z, reduce, **kwargs)
+
+
+def test_index_reduce_prod_with_a_gradient_keeps_the_plate_order_of_its_operands():
+    # a sampled index (plate k) and sampled values (plate z): scatter_reduce (no gradient to take) and torch's loop
+    # give plates (k, z), the operands' order; the segmented product (a gradient to take) gave (z, k), so .tensor's
+    # leading dims depended on whether a gradient was taken (review r-35)
+    with storch.Graph():
+        theta, _, k, z = _samples()
+        args = (torch.ones(2, 3), 1, torch.stack([k % 3, 2 - k % 3]), z[:4].reshape(2, 2), "prod")
+        want = _fallback(torch.Tensor.index_reduce, args, {})
+        with torch.no_grad():
+            plain = torch.Tensor.index_reduce(*args)
+        got, seen = calls(lambda: torch.Tensor.index_reduce(*args))
+        assert "_segment_prod" in seen
+        assert [p.name for p in want.plates] == ["k", "z"]
+        _same(plain, want)
+        _same(got, want, exact=False)  # the same plates, and so the same .tensor layout
+        g, = torch.autograd.grad((got.tensor ** 2).sum(), theta)
+        h, = torch.autograd.grad((want.tensor ** 2).sum(), theta)
+        torch.testing.assert_close(g, h, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("include_self", [True, False])
+@pytest.mark.parametrize("reduce", ["prod", "amax", "amin"])
+def test_index_reduce_of_bool_values_is_torchs(reduce, include_self):
+    # torch has no bool index_reduce ("index_reduce_func_exclude_input_init" / "index_func_" not implemented for
+    # 'Bool'); scatter_reduce, which the rule runs, has one: the rule gave values where torch refuses (review r-35)
+    with storch.Graph():
+        _, b, _, _ = _samples()
+        args = (torch.zeros(2, dtype=torch.bool), 0, torch.tensor([0, 0, 1]), b.bool(), reduce)
+        for run in (_fallback, lambda f, a, kw: f(*a, **kw)):  # torch's loop, and the call: torch's refusal
+            with pytest.raises(RuntimeError, match="not implemented for 'Bool'"):
+                run(torch.Tensor.index_reduce, args, {"include_self": include_self})

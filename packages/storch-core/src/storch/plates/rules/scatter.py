@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..kit import register, wrap_same
-from ..tensor import PlateTensor
+from ..tensor import PlateTensor, align, union_plates
 from .pointwise import broadcast, write_in_place
 from .vmap import check_in_range, vmap_call
 
@@ -48,8 +48,10 @@ def _index_reduce(func, args, kwargs):
     if (len(args) > 5 or set(b) - set(names) - {"include_self"} or not isinstance(d, int)
             or not all(isinstance(t, _T) for t in (x, i, src)) or reduce not in _REDUCES
             or type(include_self) is not bool or i.dim() != 1 or i.dtype != torch.long or src.dim() == 0
-            or src.dim() != x.dim() or src.dtype != x.dtype):
-        return vmap_call(func, args, kwargs)  # (torch's own checks and errors, per sample)
+            or src.dim() != x.dim() or src.dtype != x.dtype or x.dtype is torch.bool):
+        # (torch's own checks and errors, per sample; torch has no bool index_reduce, where scatter_reduce would
+        # give values)
+        return vmap_call(func, args, kwargs)
     k = src.dim()
     if not -k <= d < k:
         raise IndexError(f"Dimension out of range (expected to be in range of [{-k}, {k - 1}], but got {d})")
@@ -65,7 +67,13 @@ def _index_reduce(func, args, kwargs):
     place[d] = i.shape[0]
     index = i.reshape(place).expand(src.shape)
     if reduce == "prod" and torch.is_grad_enabled() and (x.requires_grad or src.requires_grad):
-        return _segment_prod(x, d, index, src, include_self)
+        out = _segment_prod(x, d, index, src, include_self)
+        # its plates in the order of the operands' (scatter_reduce's, torch's loop's): the segmented product's
+        # gathers put src's first, and .tensor's leading dims would follow whether a gradient is taken
+        plates = union_plates([t._plates for t in (x, index, src) if type(t) is _PT])
+        if type(out) is _PT and out._plates != plates:
+            out = wrap_same(align(out._raw, out._plates, plates), plates)
+        return out
     return torch.scatter_reduce(x, d, index, src, reduce, include_self=include_self)
 
 
