@@ -817,3 +817,46 @@ def test_partition_with_one_cost_at_its_last_step_skips_the_general_loops(baseli
     if baseline != "moving_average":  # (a moving average moved between the steps: values differ, graphs not)
         assert torch.equal(loss, loss_g) and torch.equal(grad, grad_g)
     assert ops == ops_g
+
+
+
+def _decoder_training_step(est, w, seed: int, dtype) -> tuple:
+    """:func:`_decoder_step` as a training step: ``loss.backward()`` (``torch.autograd.grad`` runs no estimator update),
+    so a moving average moves once per step."""
+    torch.manual_seed(seed)
+    w.grad = None
+    with storch.Graph():
+        x = storch.denote_independent(torch.linspace(-1.0, 1.0, 6).view(2, 3), 0, "data")
+        h = torch.tanh(x @ w[:3])
+        for _ in range(4):
+            h = torch.tanh(h + est(torch.distributions.OneHotCategorical(logits=h)) @ w[3:])
+        storch.add_cost(((h - 0.3) ** 2).sum(-1).to(dtype), name="rec")
+        loss, seen = calls(storch.surrogate_loss)
+        loss.backward()
+    return loss.detach(), w.grad.clone(), seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_partition_fast_path_moves_a_moving_average_as_the_general_path_does(dtype, monkeypatch):
+    """The test above compares a moving average's graph only (its estimator's baseline moves between the two steps it
+    compares). Two estimators in lockstep, one stepping through one_node._last_step_loss and one through the general
+    path, on the same draws: their losses and gradients equal bitwise at every step, so the baseline read and its
+    update (once per step, on the backward pass) are the general path's (review r-35)."""
+    from storch.surrogate import one_node
+
+    w = (0.5 * torch.randn(6, 3, generator=torch.Generator().manual_seed(1))).requires_grad_(True)
+    fast, general, frozen = (storch.estimator("score", plate="z", n_samples=4, baseline="moving_average")
+                             for _ in range(3))
+    real = one_node._last_step_loss
+    for seed in range(4):
+        loss, grad, seen = _decoder_training_step(fast, w, seed, dtype)
+        assert seed == 0 or "_last_step_loss" in seen
+        monkeypatch.setattr(one_node, "_last_step_loss", lambda graph, node, est: None)
+        loss_g, grad_g, seen_g = _decoder_training_step(general, w, seed, dtype)
+        monkeypatch.setattr(one_node, "_last_step_loss", real)
+        assert "_last_step_loss" not in seen_g and "_cost_surrogate" in seen_g
+        assert torch.equal(loss, loss_g) and torch.equal(grad, grad_g)
+    # the control: an estimator that stepped once (its average moved once) gives another gradient at the last draw,
+    # so an update too many or too few on either path shows above
+    _decoder_training_step(frozen, w, 0, dtype)
+    assert not torch.equal(grad, _decoder_training_step(frozen, w, seed, dtype)[1])
