@@ -623,7 +623,9 @@ def test_vectorized_forward_mode_autograd_functional_is_refused_with_what_works(
     outer_jacobian_strategy="forward-mode") run f under torch's older vmap, which refuses every random draw and
     takes no randomness option. The message said the estimator reads its samples' values or builds a learned
     part (neither is true of reparameterization) and advised a Python loop (found by p-func). It now names the
-    call and what works: the reverse-mode strategy, or torch.func.jacfwd(f, randomness="different")."""
+    call and what works: the reverse-mode strategy, or torch.func.jacfwd(f, randomness="same"), whose columns share
+    one draw (randomness="different", advised before, fails for Normal's rsample, which fills a tensor in place:
+    review r-35), equal to the reverse-mode Jacobian on the same draws."""
     est = storch.estimator("reparameterization", plate="x", n_samples=4)
 
     def f(mu):
@@ -636,10 +638,19 @@ def test_vectorized_forward_mode_autograd_functional_is_refused_with_what_works(
     fn, option = ((torch.autograd.functional.jacobian, "strategy") if call == "jacobian"
                   else (torch.autograd.functional.hessian, "outer_jacobian_strategy"))
     with pytest.raises(storch.StorchError, match=r"'reparameterization'.*vectorize=True.*forward-mode.*reverse-mode"
-                       r".*torch.func.jacfwd\(f, randomness='different'\)") as info:
+                       r".*torch.func.jacfwd\(f, randomness='same'\)") as info:
         fn(f, mu, vectorize=True, **{option: "forward-mode"})
     assert "reads the values of its samples" not in str(info.value)
     assert fn(f, mu, vectorize=True).shape == ((2,) if call == "jacobian" else (2, 2))  # reverse mode works
+    # the advised forward mode runs, and differentiates the draws reverse mode does; jacfwd without randomness= is
+    # refused with the same advice
+    with pytest.raises(storch.StorchError, match=r"torch.func.jacfwd\(f, randomness='same'\)"):
+        torch.func.jacfwd(f)(mu)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        reverse = torch.autograd.functional.jacobian(f, mu)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(torch.func.jacfwd(f, randomness="same")(mu), reverse, rtol=1e-12, atol=0)
 
 
 class ScoreFunction(storch.Estimator):

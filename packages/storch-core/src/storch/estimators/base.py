@@ -1194,14 +1194,22 @@ class Estimator(torch.nn.Module):
                 # torch's default randomness="error" refuses any random draw under vmap: the cause is the mode
                 # (the estimator's draws), not storch reading its samples
                 # (torch.autograd.functional's forward mode runs torch's older vmap: the branch below)
-                where = ("torch.func.jacfwd / torch.func.hessian (jacfwd's columns are a vmap)" if _under_jacfwd()
-                         else "torch.func.vmap")
+                if _under_jacfwd():
+                    # jacfwd's columns are one function's derivatives: they share its draw (randomness='different'
+                    # fails for samplers that fill a new tensor in place, Normal's rsample: review r-35)
+                    raise StorchError(
+                        f"estimator {self.name!r} (plate {self.plate!r}) draws random samples inside torch.func.jacfwd "
+                        "/ torch.func.hessian (jacfwd's columns are a vmap), whose default randomness='error' refuses "
+                        f"any random draw. For first derivatives use {_JACFWD}; torch.func.hessian takes no randomness "
+                        "option: for second derivatives use torch.func.jacrev(torch.func.jacrev(f)) or "
+                        "torch.autograd.functional.hessian(f, x) "
+                        f"(torch said: {str(e)[:200]})") from e
                 raise StorchError(
-                    f"estimator {self.name!r} (plate {self.plate!r}) draws random samples inside {where}, whose "
-                    "default randomness='error' refuses any random draw. Pass randomness='different' (each vmapped "
-                    "member draws its own samples: e.g. torch.func.vmap(torch.func.grad(step), "
-                    "randomness='different') gives unbiased per-example gradients; torch.func.jacfwd(f, "
-                    "randomness='different') for first derivatives); for second derivatives use "
+                    f"estimator {self.name!r} (plate {self.plate!r}) draws random samples inside torch.func.vmap, "
+                    "whose default randomness='error' refuses any random draw. Pass randomness='different' (each "
+                    "vmapped member draws its own samples: e.g. torch.func.vmap(torch.func.grad(step), "
+                    "randomness='different') gives unbiased per-example gradients); for first derivatives in "
+                    f"forward mode, {_JACFWD}; for second derivatives use "
                     "torch.func.jacrev(torch.func.jacrev(f)) or torch.autograd.functional.hessian(f, x) "
                     f"(torch said: {str(e)[:200]})") from e
             if isinstance(e, RuntimeError) and "different inplace randomness on an unbatched tensor" in str(e):
@@ -1229,8 +1237,8 @@ class Estimator(torch.nn.Module):
                     "torch.autograd.functional.jacobian / hessian with vectorize=True and strategy='forward-mode' "
                     "(hessian: outer_jacobian_strategy='forward-mode'), which runs the function under torch's older "
                     "vmap: it refuses any random draw and takes no randomness option (and forward mode needs "
-                    "vectorize=True). Use the reverse-mode strategy (the default, vectorized or not), or "
-                    "torch.func.jacfwd(f, randomness='different') for forward-mode first derivatives (torch said: "
+                    "vectorize=True). Use the reverse-mode strategy (the default, vectorized or not), or for "
+                    f"forward-mode first derivatives {_JACFWD} (torch said: "
                     f"{str(e)[:200]})") from e
             if isinstance(e, RuntimeError) and str(e).startswith("vmap:") and _under_jacfwd():
                 raise StorchError(
@@ -1249,6 +1257,12 @@ class Estimator(torch.nn.Module):
                     f"outside vmap first (torch said: {str(e)[:200]})") from e
             raise
 
+
+# what makes torch.func.jacfwd of a step draw: its columns (one per input direction) share the draw, so it computes
+# the Jacobian of one estimate, equal to torch.autograd.functional.jacobian's on the same draws; randomness='different'
+# (a draw per column) fails for samplers that fill a new tensor in place (Normal's rsample)
+_JACFWD = ("torch.func.jacfwd(f, randomness='same') (its columns then differentiate one draw: the Jacobian of one "
+           "estimate, as torch.autograd.functional.jacobian(f, x) computes it)")
 
 _WELL_FORMED: "weakref.WeakSet[type]" = weakref.WeakSet()
 
