@@ -119,3 +119,35 @@ def test_a_minlength_below_a_computed_index_fails_at_the_replay_with_advice():
                                                  r">= 2.*torch\.bincount\(k, minlength=K\)"):
         compiled(BIG)
     assert float(step(BIG)) == 4.0  # eagerly: counts (0, 0, 2), of length 3
+
+
+def test_the_fixed_length_advice_without_weights_runs():
+    # the refusal's advice for counts without weights was `torch.zeros(K).scatter_add(0, i, w)` with
+    # `torch.ones_like(i)` as w, which torch refuses (scatter(): Expected self.dtype to be equal to src.dtype: float
+    # zeros, int64 ones; review r-35). The advice now written out traces and equals eager bincount (values, int64)
+    from torch.distributions import Bernoulli
+
+    edge_index = torch.tensor([[0, 1, 2, 0], [1, 2, 0, 2]])
+    est = storch.estimator("score", plate="edges", n_samples=3)
+
+    def step(logits, count):
+        with storch.Graph():
+            b = est(Bernoulli(logits=logits))
+            degree = count(edge_index[1] + 0)  # an in-degree of an edge list the step computes
+            storch.add_cost(((degree * b[:3]) ** 2).sum(), name="degree")
+            return storch.surrogate_loss(), degree
+
+    logits = torch.tensor([0.3, -0.2, 0.1, 0.5], requires_grad=True)
+    with pytest.raises(storch.StorchError, match=r"torch\.zeros\(K, dtype=torch\.long\)\.scatter_add\(0, i, "
+                                                 r"torch\.ones_like\(i\)\)") as info:
+        storch.compile(lambda lg: step(lg, lambda d: torch.bincount(d, minlength=3)), backend=None)(logits)
+    assert "torch.ones_like(i) as w" not in str(info.value)
+    advised = lambda d: torch.zeros(3, dtype=torch.long).scatter_add(0, d, torch.ones_like(d))  # noqa: E731
+    compiled = storch.compile(lambda lg: step(lg, advised), backend=None)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        got, degree = compiled(logits)
+        torch.manual_seed(seed)
+        want, counts = step(logits, lambda d: torch.bincount(d, minlength=3))  # eagerly, torch's bincount
+        assert degree.dtype == counts.dtype == torch.int64 and torch.equal(degree, counts)
+        torch.testing.assert_close(got, want.detach())

@@ -131,8 +131,10 @@ def _shape_message(fn, what: str) -> str:
 
 # a count into a fixed length: torch.bincount's length is max(input) + 1 when that exceeds minlength (a GNN's in-degree
 # torch.bincount(dst, weights=b, minlength=N) of an edge list the step computes)
+# (without weights the counts are int64, as bincount's: a float torch.zeros(K) refuses scatter_add's int64 ones)
 _BINCOUNT_ADVICE = (". For torch.bincount, count into a fixed length instead: torch.zeros(K).scatter_add(0, i, w) "
-                    "(torch.ones_like(i) as w without weights), or F.one_hot(i, K).sum(0)")
+                    "with weights w; without, torch.zeros(K, dtype=torch.long).scatter_add(0, i, torch.ones_like(i)) "
+                    "(bincount's int64 counts), or F.one_hot(i, K).sum(0)")
 
 
 def _support_size(x) -> tuple[bool, Optional[int]]:
