@@ -92,6 +92,14 @@ def storch_estimators():
 # a third party's own implementation under a name another installed package has (storch-core's 'expect'): the
 # error said "uninstall one of them", not that renaming the new class is the fix, nor which classes clashed
 _RIVAL = _one_estimator_source("MyExpect", "expect")
+# a class of its own name whose alias another package has (storch-core's 'enumerate', Expect's alias): the class that
+# lost the alias was skipped whole, its own name and the other class's left "not installed"
+_RIVAL_ALIAS = ("import storch\nclass MyEnumeration(storch.Estimator):\n    name = 'my_enumeration'\n"
+                "    aliases = ('enumerate', 'my_enum')\n"
+                "@storch.hookimpl\ndef storch_estimators():\n    return [MyEnumeration]\n")
+# storch-core's 'expect' as a class's own name, with an alias of its own
+_RIVAL_NAMED = ("import storch\nclass MyExpect(storch.Estimator):\n    name = 'expect'\n    aliases = ('my_expect',)\n"
+                "@storch.hookimpl\ndef storch_estimators():\n    return [MyExpect]\n")
 
 BROKEN = {
     "import": FakeEntryPoint("import_plugin", "storch-broken-import", _import_fails),
@@ -123,16 +131,22 @@ LOOKUP = {
 # plugins that load but take a name from another package (not broken: the other names all work)
 RIVALS = {
     "rival": FakeEntryPoint("rival_plugin", "storch-rival-expect", lambda: _source_module("rival_mod", _RIVAL)),
+    "rival_alias": FakeEntryPoint("rival_alias_plugin", "storch-rival-alias",
+                                  lambda: _source_module("rival_alias_mod", _RIVAL_ALIAS)),
+    "rival_named": FakeEntryPoint("rival_named_plugin", "storch-rival-named",
+                                  lambda: _source_module("rival_named_mod", _RIVAL_NAMED)),
 }
 
 
 @contextmanager
-def installed(*kinds: str):
-    """The real entry points plus the broken plugins ``kinds``; yields the warnings of loading."""
+def installed(*kinds: str, first: bool = False):
+    """The real entry points plus the broken plugins ``kinds`` (after them, or before them with ``first``); yields
+    the warnings of loading."""
     real = _registry.entry_points
 
     def discover(**kw):
-        return [*real(**kw), *({**BROKEN, **RIVALS}[k] for k in kinds)]
+        fake = [{**BROKEN, **RIVALS}[k] for k in kinds]
+        return [*fake, *real(**kw)] if first else [*real(**kw), *fake]
 
     _registry.entry_points = discover
     storch.reload_estimators()

@@ -99,3 +99,30 @@ def test_a_misspelling_of_a_name_two_packages_claim_does_not_offer_it_as_usable(
     msg = str(e.value)
     assert "'expect' (claimed by two packages, so unusable" in msg, msg
     assert "expect" not in msg.split("Installed:")[1].replace("expectt", ""), msg
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_a_clash_on_one_alias_leaves_both_classes_their_other_names(first):
+    """A third party's class named 'my_enumeration' with the alias 'enumerate' (storch-core's Expect's): only
+    'enumerate' is unusable. The class that lost it was skipped whole, so which class lost every name depended on
+    the order of the entry points: loaded after storch-core, 'my_enumeration' and 'my_enum' were "not installed";
+    loaded before it, 'expect' was, with storch-core installed."""
+    with installed("rival_alias", first=first) as messages:
+        assert any("'enumerate' is claimed by two plugins" in m for m in messages), messages
+        names = storch.available_estimators()
+        assert "expect" in names and "my_enumeration" in names and "enumerate" not in names
+        assert storch.get_estimator_class("expect").__module__ == "storch.builtins.expect"
+        assert storch.get_estimator_class("my_enumeration").__name__ == "MyEnumeration"
+        assert storch.get_estimator_class("my_enum").__name__ == "MyEnumeration"
+        with pytest.raises(storch.PluginError, match="'enumerate' is claimed by two plugins"):
+            storch.get_estimator_class("enumerate")
+
+
+def test_the_alias_of_a_class_whose_name_is_claimed_twice_says_why_it_is_unusable():
+    """Its alias cannot resolve (the name is the other class's key): a PluginError naming the clash, where it said
+    "no estimator named 'my_expect' is installed"."""
+    with installed("rival_named"):
+        assert "my_expect" not in storch.available_estimators()
+        with pytest.raises(storch.PluginError, match=r"'my_expect' is an alias of rival_named_mod\.MyExpect, whose own "
+                                                     r"name is unusable: estimator name 'expect' is claimed by two"):
+            storch.get_estimator_class("my_expect")

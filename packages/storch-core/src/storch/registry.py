@@ -135,17 +135,29 @@ class _Registry:
             # of one distribution under one name are (the last one silently won)
             clash = [k for k in (cls.name, *cls.aliases) if k in owners and owners[k] != (dist, cls)]
             if clash:
-                # the name stays unusable (a clear error on lookup); other names keep working
+                # the name stays unusable (a clear error on lookup); other names keep working, this class's too (it
+                # was skipped whole: a third party's alias 'enumerate' loaded first left storch-core's 'expect'
+                # "not installed", and which class lost its names depended on the order of the entry points)
                 for k in clash:
                     self.conflicts[k] = _clash_message(k, owners[k], (dist, cls))
                 warnings.warn(f"storch: {self.conflicts[clash[0]]}", RuntimeWarning, stacklevel=4)
-                continue
+                if cls.name in clash:  # (its aliases would resolve to the other class, registered under that name)
+                    for a in cls.aliases:
+                        if a not in clash:
+                            owners[a] = (dist, cls)
+                            self.conflicts[a] = (f"estimator name {a!r} is an alias of {cls.__module__}."
+                                                 f"{cls.__qualname__}, whose own name is unusable: "
+                                                 f"{self.conflicts[cls.name]}")
+                    continue
             for k in (cls.name, *cls.aliases):
+                if k in clash:
+                    continue
                 owners[k] = (dist, cls)
             self.classes[cls.name] = cls
             self.infos[cls.name] = EstimatorInfo(cls.name, dist, ep_name, cls.max_order, cls.biased, cls.describe())
             for a in cls.aliases:
-                self.aliases[a] = cls.name
+                if a not in clash:
+                    self.aliases[a] = cls.name
         if problems:
             warnings.warn(f"storch: {'; '.join(problems)}", RuntimeWarning, stacklevel=4)
 
