@@ -44,6 +44,34 @@ class LegacyOverride(Declares):
         return {"update": False}
 
 
+class OptionsMixin:
+    """A mixin that is no estimator, declaring options under the private names of before."""
+
+    def _state_options(self) -> dict:
+        return {"kind": "mixed"}
+
+    def _evolution_options(self) -> dict:
+        return {"update": False}
+
+
+class Mixed(OptionsMixin, storch.Estimator):
+    pass
+
+
+class MixedOverride(OptionsMixin, Declares):
+    pass
+
+
+class Both(Legacy):
+    """The public hooks and the private names in one class: the public hooks are read."""
+
+    def _evolution_options(self) -> dict:
+        return {"update": False}
+
+    def evolution_options(self) -> dict:
+        return {"update": True}
+
+
 class Bad(storch.Estimator):
     def evolution_options(self):
         return [("decay", 0.9)]
@@ -74,3 +102,14 @@ def test_the_private_names_of_before_override_a_base_classs_public_hooks():
 def test_a_declaration_that_is_not_a_dict_of_names_is_refused_naming_the_hook():
     with pytest.raises(storch.StorchError, match=r"Bad\.evolution_options\(\) must return a dict from option names"):
         _collective(Bad("z"), "averaging x")
+
+
+def test_the_private_names_of_before_are_read_from_a_mixin_and_the_public_hook_wins_in_one_class():
+    """A mixin that is no estimator defines them (its __init_subclass__ is not Estimator's): they were read before the
+    hooks' defaults were emptied, then silently not ({} for both, a rank with update=False unchecked); before a base
+    class's public hooks too. A class defining both names keeps its public hook; subclasses inherit what is read."""
+    for cls in (Mixed, MixedOverride):
+        est = cls("z")
+        assert (est.state_options(), est.evolution_options()) == ({"kind": "mixed"}, {"update": False}), cls
+    assert Both("z").evolution_options() == {"update": True}
+    assert Both("z").state_options() == {"kind": "legacy"}  # (Legacy's private name, inherited)

@@ -274,7 +274,7 @@ class Estimator(torch.nn.Module):
         if init is not None and not getattr(init, "_marks_construction", False):
             cls.__init__ = _marking_construction(init)  # type: ignore[method-assign]
         for hook in _DECLARED_OPTIONS:
-            if "_" + hook in cls.__dict__ and hook not in cls.__dict__:
+            if _defined_before(cls, "_" + hook, hook):
                 setattr(cls, hook, _declared_under_private_name(hook))
 
     # -- options set after construction (``est.temperature = 0.1``) --------------------------------
@@ -1496,6 +1496,15 @@ def kept_option(est: Estimator, options: dict) -> Optional[str]:
 # the hooks that declare an estimator's options to the ranks' check and checkpoints (Estimator.state_options,
 # Estimator.evolution_options); first-party estimators declared them as _state_options / _evolution_options before
 _DECLARED_OPTIONS = ("state_options", "evolution_options")
+
+
+def _defined_before(cls: type, private: str, public: str) -> bool:
+    """Whether ``cls``'s method resolution order finds ``private`` in a class before (more derived than) the first
+    that defines ``public``: the class itself, or a mixin that is no estimator (``class Mine(OptionsMixin, Score)``),
+    whose ``__init_subclass__`` is not Estimator's. A class that defines both keeps its public hook."""
+    mro = cls.__mro__
+    at = {name: next((i for i, c in enumerate(mro) if name in c.__dict__), len(mro)) for name in (private, public)}
+    return at[private] < at[public]
 
 
 def _declared_under_private_name(hook: str) -> Callable[[Any], dict]:
