@@ -11,7 +11,7 @@ from torch.distributions import Bernoulli
 
 import storch
 import _ddp_mapo
-from _ddp import Episode, Model, run_steps, shard
+from _ddp import Episode, Model, ScalarBaseline, run_steps, shard
 from _gloo import outcome, rank_process
 
 
@@ -88,6 +88,16 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         model = Model("score", {"n_samples": 2, "lr": 0.05, "baseline": "module"})
         model.est.baseline_fn.requires_grad_(False)
         out["frozen_everywhere"] = outcome(lambda: (run_steps(model, x, g), float(model.est.baseline_fn.b))[1])
+        dist.barrier()
+        # update=False on every rank, the module frozen on rank 1 alone: no rank updates, so no error (before: rank 1
+        # declared no options and never joined the check of a skipped update that rank 0 waited in); and a module
+        # frozen at construction on rank 1 alone, which never updates (before: rank 0 waited in its update's check)
+        model = Model("score", {"n_samples": 2, "lr": 0.05, "baseline": "module", "update": False})
+        model.est.baseline_fn.requires_grad_(rank == 0)
+        out["frozen_update_none"] = outcome(lambda: run_steps(model, x, g, 1))
+        dist.barrier()
+        model = Model("score", {"n_samples": 2, "lr": 0.05, "baseline": ScalarBaseline().requires_grad_(rank == 0)})
+        out["frozen_at_construction"] = outcome(lambda: run_steps(model, x, g, 1))
         dist.barrier()
         # update=False on every rank: no error (one check, on the first step), and the averages stay unset
         model = Model("score", {**ma, "update": False})

@@ -73,6 +73,20 @@ def test_a_baseline_frozen_on_one_rank_raises_on_every_rank(ranks, case, kind, n
     assert "frozen with requires_grad=False" in ranks[0][case][1]
 
 
+def test_a_baseline_frozen_on_one_rank_with_update_false_everywhere_is_no_error(ranks):
+    # no rank updates, whatever is frozen (before: rank 0 alone in the check of a skipped update, until the timeout)
+    assert ranks[0]["frozen_update_none"] == ranks[1]["frozen_update_none"] == ("ok", None), (
+        ranks[0]["frozen_update_none"], ranks[1]["frozen_update_none"])
+
+
+def test_a_baseline_frozen_at_construction_on_one_rank_raises_on_every_rank(ranks):
+    # rank 1's estimator never updates (has_update False): it declares update=False and joins the check of a skipped
+    # update, where rank 0's update waits (before: rank 1 declared nothing and joined none; rank 0 waited until the
+    # timeout)
+    _ddp.assert_refused_on_every_rank(ranks, "frozen_at_construction", f"{MODULE} broadcasting",
+                                      "Score(baseline='callable', update=False) skipping")
+
+
 def test_a_baseline_frozen_on_every_rank_is_no_error(ranks):
     assert ranks[0]["frozen_everywhere"] == ranks[1]["frozen_everywhere"] == ("ok", 0.0), (
         ranks[0]["frozen_everywhere"], ranks[1]["frozen_everywhere"])

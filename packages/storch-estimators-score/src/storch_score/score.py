@@ -388,12 +388,16 @@ class Score(Estimator):
         (a resumed run may go on with others, see state_options); storch.distributed checks them with it before
         each collective: ranks that differ in them would hold different baselines from the first update on,
         silently, and a rank with update=False would leave the others waiting in the update's collective."""
-        if not (self.has_update or self._baseline.trains(self)):
-            # (a baseline without state: no collective; a baseline= module frozen after construction still runs
-            # its update, whose check compares what is frozen: the same options as a rank where it is not)
+        if not self._baseline.has_state(self):
+            # (a baseline without state: no collective. A baseline= module has state whatever is frozen: frozen after
+            # construction it still runs its update, whose check compares what is frozen; with update=False, frozen
+            # on one rank, its {} left the other rank alone in the check of a skipped update, until the timeout)
             return {}
-        if not self.update:
-            return {"update": False}  # (a state that never changes: decay and lr do not act on it)
+        if not self.has_update:
+            # (a state that never changes: decay and lr do not act on it. Built with update=False, or with a baseline=
+            # module frozen at construction: this rank then joins the check of a skipped update, where another
+            # rank's update would otherwise wait alone)
+            return {"update": False}
         learned = isinstance(self.baseline_fn, LearnedBaseline)
         running = {"decay": self.decay} if learned or self.baseline_kind == "moving_average" else {}
         return {**running, **({"lr": self.lr} if self.baseline_kind == "callable" else {}), "update": True}
@@ -538,6 +542,11 @@ class _Baseline:
         """Whether ``storch.backward()`` changes this baseline's state (``has_update``)."""
         return False
 
+    def has_state(self, est: Score) -> bool:
+        """Whether this baseline has state that an update would change, whatever its parameters' requires_grad
+        (a rank's choice): what :meth:`Score.evolution_options` declares options for."""
+        return self.trains(est)
+
     def update(self, est: Score, frames: list) -> None:
         """Learn from this step's cost frames (``update_parameters``; the only place state changes)."""
 
@@ -597,6 +606,11 @@ class _Callable(_Baseline):
         fn = est.baseline_fn
         return isinstance(fn, LearnedBaseline) or (
             isinstance(fn, torch.nn.Module) and any(p.requires_grad for p in fn.parameters()))
+
+    def has_state(self, est):
+        fn = est.baseline_fn
+        return isinstance(fn, LearnedBaseline) or (
+            isinstance(fn, torch.nn.Module) and next(iter(fn.parameters()), None) is not None)
 
     def update(self, est, frames):
         est._regress(frames)
