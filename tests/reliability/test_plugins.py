@@ -116,6 +116,11 @@ def test_a_clash_on_one_alias_leaves_both_classes_their_other_names(first):
         assert storch.get_estimator_class("my_enum").__name__ == "MyEnumeration"
         with pytest.raises(storch.PluginError, match="'enumerate' is claimed by two plugins"):
             storch.get_estimator_class("enumerate")
+        with pytest.raises(storch.PluginError) as e:
+            storch.get_estimator_class("enumerate")
+    # both classes named, whichever loaded first (it named only the second: storch-core's Expect where the third
+    # party's loaded first)
+    assert "`Expect(plate=...)`" in str(e.value) and "`MyEnumeration(plate=...)`" in str(e.value), str(e.value)
 
 
 def test_the_alias_of_a_class_whose_name_is_claimed_twice_says_why_it_is_unusable():

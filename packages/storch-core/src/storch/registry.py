@@ -181,7 +181,7 @@ def _clash_message(name: str, first: tuple[str, type], second: tuple[str, type])
         return (f"estimator name {name!r} is claimed by two plugins: {first[0]!r} ({a}) and {second[0]!r} ({b}), "
                 "so neither gets it; give one class another `name` (no name is reserved or overridden by "
                 "installing a package), or uninstall one of them. Meanwhile each class works when constructed "
-                f"directly, e.g. `{second[1].__qualname__}(plate=...)`")
+                f"directly: `{first[1].__qualname__}(plate=...)`, `{second[1].__qualname__}(plate=...)`")
     return (f"estimator name {name!r} is claimed by two classes of plugin {first[0]!r}: {a} and {b}; give each "
             "estimator class its own `name` (and `aliases`)")
 
