@@ -60,6 +60,7 @@ class _Registry:
         self.failed_plugins: dict[str, tuple[str, str]] = {}  # entry point -> (distribution, why)
         self.failed_names: dict[str, tuple[str, str]] = {}  # estimator name -> (distribution, why)
         self.conflicts: dict[str, str] = {}  # name -> why it is unusable (claimed twice)
+        self.unnamed: dict[str, type] = {}  # alias -> its class, whose own name is claimed twice (not in classes)
         self.invalid: dict[str, str] = {}
 
     def load(self) -> None:
@@ -141,13 +142,11 @@ class _Registry:
                 for k in clash:
                     self.conflicts[k] = _clash_message(k, owners[k], (dist, cls))
                 warnings.warn(f"storch: {self.conflicts[clash[0]]}", RuntimeWarning, stacklevel=4)
-                if cls.name in clash:  # (its aliases would resolve to the other class, registered under that name)
+                if cls.name in clash:  # (the other class is registered under that name: its aliases resolve to it)
                     for a in cls.aliases:
                         if a not in clash:
                             owners[a] = (dist, cls)
-                            self.conflicts[a] = (f"estimator name {a!r} is an alias of {cls.__module__}."
-                                                 f"{cls.__qualname__}, whose own name is unusable: "
-                                                 f"{self.conflicts[cls.name]}")
+                            self.unnamed[a] = cls
                     continue
             for k in (cls.name, *cls.aliases):
                 if k in clash:
@@ -284,7 +283,7 @@ def get_estimator_class(name: str) -> type[Estimator]:
     if name in reg.invalid:
         raise PluginError(reg.invalid[name])
     key = reg.aliases.get(name, name)
-    cls = reg.classes.get(key)
+    cls = reg.classes.get(key) or reg.unnamed.get(name)
     if cls is not None:
         return cls
     failure = reg.failure_of(name)
@@ -293,7 +292,7 @@ def get_estimator_class(name: str) -> type[Estimator]:
             f"estimator {name!r} is unavailable: the plugin of distribution {failure[0]!r} that provides it "
             f"failed to load ({failure[1]}); fix or reinstall {failure[0]} (`pip install --force-reinstall "
             f"{failure[0]}`), or uninstall it")
-    known = sorted(set(reg.classes) | set(reg.aliases))
+    known = sorted(set(reg.classes) | set(reg.aliases) | set(reg.unnamed))
     msg = f"no estimator named {name!r} is installed."
     if reg.failed_plugins:
         msg += " Plugins that failed to load (if it is theirs, that is why): " + "; ".join(
