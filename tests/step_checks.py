@@ -30,6 +30,27 @@ def garbage_after(step: Callable[[], object], warmups: int = 1) -> int:
         gc.enable()
 
 
+def unreachable_after(step: Callable[[], object], warmups: int = 2) -> tuple[int, dict]:
+    """As :func:`garbage_after` (default: two warm-ups), with the unreachable objects' types counted (for a
+    failure message): ``(number of objects gc.collect() frees after the step, {type name: count})``."""
+    for _ in range(warmups):
+        step()
+    gc.collect()
+    gc.disable()
+    try:
+        step()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        n = gc.collect()
+        kinds: dict = {}
+        for o in gc.garbage:
+            kinds[type(o).__name__] = kinds.get(type(o).__name__, 0) + 1
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(0)
+        gc.enable()
+    return n, kinds
+
+
 def pickle_round_trips(est, dist_of) -> None:
     """Pickle and torch.save round trips of a pathwise node's plate tensors (z, z.detach(), a cost of z), as a
     score node's pickle; an unpickled one mixed into a new step is refused as unpickled; deepcopy keeps the node's watch."""

@@ -10,8 +10,6 @@ step of a sequence, with per-step costs).
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 from torch.distributions import Categorical, Normal
@@ -19,27 +17,7 @@ from torch.distributions import Categorical, Normal
 import storch
 
 from _roster import cost, distribution, installed, options
-
-
-def _unreachable_after(step) -> tuple[int, dict]:
-    """Run ``step`` twice (warm-up: lazily built state), then once with the collector off; the
-    number of objects ``gc.collect()`` frees after it and their types (for the failure message)."""
-    step()
-    step()
-    gc.collect()
-    gc.disable()
-    try:
-        step()
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        n = gc.collect()
-        kinds: dict = {}
-        for o in gc.garbage:
-            kinds[type(o).__name__] = kinds.get(type(o).__name__, 0) + 1
-    finally:
-        gc.garbage.clear()
-        gc.set_debug(0)
-        gc.enable()
-    return n, kinds
+from step_checks import unreachable_after as _unreachable_after
 
 
 def _training_step(est, name: str, theta: torch.Tensor):
