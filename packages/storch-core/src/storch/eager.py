@@ -100,13 +100,23 @@ def _exporting() -> bool:
 
 def foreign_trace_message(where: str) -> str:
     tracer = "torch.export" if _exporting() else "torch.jit.trace"
-    return (f"{where} ran under {tracer}: torch.jit.trace, torch.jit.script and torch.export record the torch "
-            "operations of one call and replay them without storch's Python, so the traced program would skip "
-            "storch's per-step checks (a NaN cost, plates that do not match) and the estimators' state updates "
-            "(moving-average baselines, learned baselines and control variates, temperature schedules) and train "
-            "silently wrong. To compile a storch step use storch.compile(step), which traces storch's plate "
-            "program into plain torch and replays these checks and updates (backend=None: no compiler); run "
-            "the step eagerly otherwise")
+    return f"{where} ran under {tracer}: " + _FOREIGN_TRACE
+
+
+def scripted_estimator_message(what: str) -> str:
+    """The refusal of ``torch.jit.script`` of a module that holds the estimator ``what`` (a submodule)."""
+    return f"torch.jit.script was given a module that holds {what} as a submodule: " + _FOREIGN_TRACE
+
+
+_FOREIGN_TRACE = (
+    "torch.jit.trace, torch.jit.script and torch.export record the torch operations of one call and replay them "
+    "without storch's Python, so the traced program would skip storch's per-step checks (a NaN cost, plates that "
+    "do not match) and the estimators' state updates (moving-average baselines, learned baselines and control "
+    "variates, temperature schedules) and train silently wrong. To compile a storch step use storch.compile(step), "
+    "which traces storch's plate program into plain torch and replays these checks and updates (backend=None: no "
+    "compiler); run the step eagerly otherwise. To deploy a trained model, export (or script) its plain modules, "
+    "such as the decoder or the policy network, called on plain tensors, and draw or decode in plain torch "
+    "(`q.sample()`, `q.mode`): see 'Export and deployment' in docs/evaluation.md")
 
 
 def under_jit_trace() -> bool:

@@ -36,7 +36,9 @@ class Graph:
     of its ``with`` block (an exception leaving the block discards the step). In the thread's
     default graph, which has no block, a storch call that raises (an estimator call,
     ``add_cost``, ``denote_independent``, ``surrogate_loss``) discards the step at once. So an
-    exception never leaks a step's nodes into the next step. Plate tensors carry the identity of the graph that made
+    exception never leaks a step's nodes into the next step. An evaluation step in the default graph (built
+    under ``torch.no_grad()``, its costs read by ``storch.cost_estimates()``) needs no reset: the next step
+    ends it (docs/evaluation.md). Plate tensors carry the identity of the graph that made
     their plates (:class:`storch.Lineage`); using one after its graph ended, or in another graph,
     raises a :class:`storch.PlateError` that says so. A graph belongs to the thread whose ``with`` block has it
     open: entering it from another thread meanwhile raises a :class:`storch.StorchError` (use one
@@ -81,6 +83,9 @@ class Graph:
     _step_guard: Optional["_StepGuard"] = None  # (made when first asked: most steps never ask)
     _depth = 0
     loss_built = False  # surrogate_loss() was called in this step (for the messages below)
+    # how many of the step's costs storch.cost_estimates() or storch.surrogate_loss() last read: an evaluation step
+    # in the default graph whose costs were all read ends itself when the next one begins (_ends_evaluation)
+    costs_read = 0
     last_end: Optional[str] = None  # how the last step with costs ended (for the messages below)
     # the step's update record (storch.surrogate.updates._updates_on_backward makes it at the step's first update
     # probe; reset drops it): non-empty once a backward pass queued the step's estimator updates, and shared
@@ -166,6 +171,8 @@ class Graph:
         if self.costs:
             self.last_end = reason
         self.loss_built = False
+        if self.costs_read:
+            self.costs_read = 0
         self.step_updated = None
         self.no_credit.clear()
         self.integer_costs.clear()
@@ -220,9 +227,36 @@ class Graph:
 
     def claim_plate(self, name: str, owner: Any) -> None:
         """Reserve the plate name ``name`` for ``owner`` (a node or a data plate); a name already in use raises ``storch.PlateError``."""
-        if name in self.plates:
+        if name in self.plates and not (getattr(owner, "parents", None) == () and self._ends_evaluation(name)):
             raise PlateError(self._reused_name(name, owner))
         self.plates[name] = owner
+
+    def _ends_evaluation(self, name: str) -> bool:
+        """A call in the thread's default graph begins a new step (claims the plate name ``name`` again, or calls
+        an estimator again on a distribution that depends on nothing of the step) after an evaluation step that
+        was not ended: end that step here and return True.
+
+        An evaluation loop without ``with storch.Graph():`` and without ``storch.reset()`` then runs every batch
+        (it failed every second one: the first refusal discarded the step), and so does the training step after
+        it. Only a step that has nothing left to give is ended so: it sampled nodes or added costs, all without
+        grad (``torch.no_grad()``, ``torch.inference_mode()``: nothing for a backward pass or an estimator update),
+        and ``storch.cost_estimates()`` or ``storch.surrogate_loss()`` read all its costs (a step that only
+        sampled has none to read). Any other step is refused as before (a training step, a step of data plates
+        only, costs not read): there a reused name may be a mistake in the step itself.
+        """
+        if not self.is_default or self.costs_read != len(self.costs) or not (self.nodes or self.costs):
+            return False
+        for _, cost in self.costs:
+            if cost.requires_grad:
+                return False
+        for node in self.nodes:
+            if node.no_grad_step is None or _node_holds_grad(node):
+                return False
+        self.reset(f"ended by the next step in the thread's default graph (plate name {name!r} was used again "
+                   "after an evaluation step, built without grad, whose costs were all read). If both "
+                   "calls were meant for one step (inputs and targets on one data plate), pass the tensors to ONE "
+                   f"`storch.denote_independent((x, y), 0, {name!r})` call")
+        return True
 
     def _reused_name(self, name: str, owner: Any) -> str:
         """The message for a plate name claimed twice: what the graph knows of why, and what to do. (Where the
@@ -244,7 +278,7 @@ class Graph:
                         "default graph was never ended (an exception in your code interrupted it, or it was not ended "
                         "with storch.backward() or storch.reset()): call storch.reset() after catching such an "
                         "exception, or build each step inside `with storch.Graph():`, which discards a failed step "
-                        "itself. storch has now discarded the step: start it again")
+                        "itself. storch has now discarded the step: start it again" + _evaluation_hint())
         else:
             new_step = ("If this call begins a new step (a loop inside the block), enter a new `with storch.Graph():` "
                         "block for each step: a block is one step")
@@ -311,13 +345,14 @@ class Graph:
         plates = _distribution_plates(distribution)
         what = f"the distribution passed to estimator {estimator.name!r} (plate {estimator.plate!r})"
         self.check_plates(plates, what)
-        if self.is_default and not plates and self.partition_of(estimator) is not None:
+        if (self.is_default and not plates and self.partition_of(estimator) is not None
+                and not self._ends_evaluation(estimator.plate)):
             why = ("here the previous step built its surrogate loss but was not ended: storch.surrogate_loss() "
                    "(and its .backward()) does not end a step; end it with storch.backward() (backpropagates, "
                    "updates estimator state, resets), storch.reset(), or `with storch.Graph():` per step"
                    if self.loss_built else
                    "after catching an exception in your code, call storch.reset(), or use `with storch.Graph():` "
-                   "per step")
+                   "per step" + _evaluation_hint())
             raise PlateError(
                 f"estimator {estimator.name!r} (plate {estimator.plate!r}) was already called in the thread's "
                 f"default graph, and {what} depends on nothing sampled in it. In the default graph storch cannot "
@@ -605,7 +640,8 @@ class Graph:
                 "its costs (`if x_lab.shape[0] > 0:`), not the whole step")
         p = Plate(plate, raw.shape[0], True, 0, Lineage())
         if plate in self.plates:  # (claim_plate inline)
-            raise PlateError(self._reused_name(plate, p))
+            if parents or not self._ends_evaluation(plate):
+                raise PlateError(self._reused_name(plate, p))
         self.plates[plate] = p
         return new_plate_tensor(raw, (p,) + parents)
 
@@ -654,6 +690,24 @@ def _no_dim_message(what: str) -> str:
         f"denote_independent got {what}: it has no dim to denote as independent (a data plate indexes the data "
         "points along a dim). For one data point, unsqueeze it (tensor.unsqueeze(0): a data plate of size 1); a "
         "value shared by all data points (a scalar hyperparameter, a total) is not denoted: use it as it is")
+
+
+def _evaluation_hint() -> str:
+    """What a refused new step under ``torch.no_grad()`` needs (error path only; :meth:`Graph._ends_evaluation`
+    said the previous step was no evaluation step it can end)."""
+    if torch.is_grad_enabled():
+        return ""
+    return (". In an evaluation loop (under torch.no_grad() or torch.inference_mode()) storch ends the previous "
+            "step itself only when it was built without grad and storch.cost_estimates() (or storch.surrogate_loss())"
+            " read all its costs; otherwise end each batch with storch.reset() after reading its estimates, or "
+            "build it inside `with storch.Graph():`")
+
+
+def _node_holds_grad(node: Node) -> bool:
+    """Whether a node's sample or gradient function (a partition's, of any step) requires grad: a step a backward
+    pass could still differentiate (:meth:`Graph._ends_evaluation` ends only steps that hold none)."""
+    values = [node.sample, node._gradient_values] + [log[1] for log in node.step_log or ()]
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
 
 
 def _is_recompute_stop(error: BaseException) -> bool:

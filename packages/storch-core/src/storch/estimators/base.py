@@ -69,7 +69,7 @@ from ..distributions.support import _STRICT
 from ..distributions.rsample_kinks import RsampleComparisons
 from ..distributions.unwrap import _as_raw
 from .._stacklevel import user_stacklevel
-from ..eager import _compiler, _jit_tracing, eager_only, refuse_foreign_trace
+from ..eager import _compiler, _jit_tracing, eager_only, refuse_foreign_trace, scripted_estimator_message
 from ..errors import (IndependentStepWarning, NonFiniteParameterError, OptionError, PlateError, StorchError,
                       UnsupportedDistributionError)
 from ..generators import drawing_with
@@ -362,6 +362,8 @@ class Estimator(torch.nn.Module):
                             return _plain_step(self, node, distribution, same[0], same[1])
                     return self._extend_partition(graph, node, distribution, same, inputs)
         own = graph.check_call(self, distribution)
+        if node is not None and not graph.nodes:  # check_call ended an evaluation step (Graph._ends_evaluation)
+            node = None
         if node is not None:
             return self._extend_partition(graph, node, distribution, None, inputs, own)
         raw, parents = unwrap_distribution(distribution)
@@ -1155,6 +1157,14 @@ class Estimator(torch.nn.Module):
             options = dict(self._options_key)
             options[name] = key
             object.__setattr__(self, "_options_key", tuple(sorted(options.items())))
+
+    def __prepare_scriptable__(self) -> "Estimator":
+        """Refuse ``torch.jit.script`` of a module that holds this estimator (torch calls this hook on every
+        submodule before scripting): TorchScript cannot compile storch's Python (it failed on the first
+        property it met, naming neither storch nor what to do), and a scripted step would skip storch's checks and
+        updates as a traced one would. Script or export the plain modules instead."""
+        raise StorchError(scripted_estimator_message(
+            f"estimator {self.name or type(self).__qualname__!r} (plate {self.plate!r})"))
 
     # -- graph identity (issue 11) -------------------------------------------------------------
 

@@ -837,6 +837,9 @@ def _mixed_message(q: Plate, p: Plate) -> str:
         what = f"appears with sizes {q.size} and {p.size}"
     elif q.lineage is not p.lineage:
         what = "comes from two different graphs (or from before a reset)"
+        closed = next((r.lineage.closed for r in (q, p) if r.lineage is not None and r.lineage.closed), None)
+        if closed is not None:  # (why the older one ended: an evaluation step ended by the next says what to do)
+            what += f"; the older graph was {closed}"
     else:
         what = "appears both as a data plate and as a sample plate"
     return (

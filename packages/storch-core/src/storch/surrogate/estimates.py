@@ -46,6 +46,7 @@ def cost_estimates(graph: Optional[Graph] = None) -> dict[str, torch.Tensor]:
     for name, cost in graph.costs:
         value = _estimate(graph, cost).reshape(())
         out[name] = out[name] + value if name in out else value
+    graph.costs_read = len(graph.costs)  # (an evaluation step read: Graph._ends_evaluation)
     return out
 
 

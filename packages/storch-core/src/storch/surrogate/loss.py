@@ -127,6 +127,7 @@ def surrogate_loss(order: int = 1, graph: Optional[Graph] = None) -> torch.Tenso
                 raise
             if loss is not None:
                 graph.loss_built = True
+                graph.costs_read = len(graph.costs)  # (an evaluation step read: Graph._ends_evaluation)
                 est = graph.nodes[0].estimator
                 if est.has_update or _skips_synced_update(est):  # (_updating / _skipping: the one node's estimator)
                     loss = _updates_on_backward(loss, graph)
@@ -174,6 +175,7 @@ def _unchecked(order: int, graph: Graph, common: bool = True) -> torch.Tensor:
                     "operations through autograd (every order), or run the step eagerly")
         loss = _surrogate_loss(order, graph, common)
     graph.loss_built = True
+    graph.costs_read = len(graph.costs)  # (an evaluation step read: Graph._ends_evaluation)
     loss = _updates_on_backward(loss, graph)
     if order >= 2:
         _keep_counted(loss)
