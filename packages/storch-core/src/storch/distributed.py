@@ -17,7 +17,8 @@ at the one place where it changes:
   another ``temperature=`` or ``eta=`` start from rank 0's values), and so does ``score`` for a
   ``baseline=`` module of yours and NVIL's heads (a head built while :func:`synchronize` was off, or
   before the process group existed, is not broadcast when built). Ranks must freeze
-  (``requires_grad=False``) the same parameters of a ``score`` baseline: its check compares them.
+  (``requires_grad=False``) the same parameters of a ``score`` baseline or a learned control variate: the
+  check compares them (a rank whose step trains nothing, its costs all ``credit=False``, adds zeros).
 
 This happens automatically when ``torch.distributed`` is initialised with more than one
 process. It is a collective operation, inside ``storch.backward()``: ranks that call it a different

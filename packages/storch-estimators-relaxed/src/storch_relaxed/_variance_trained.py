@@ -161,11 +161,20 @@ class VarianceTrained(Estimator):
         unchanged, ``skipped_updates`` counts it, a RuntimeWarning says it) when Σ ĝ² or its gradient is
         not finite although the surrogate is: ĝ² of a large cost overflows (float32 from |ĝ| ~ 1e19,
         float16 from 256), and one step with it would write NaN into φ for good, after which every
-        step's surrogate is NaN and storch.backward() blames the (finite) costs."""
-        if not step:
+        step's surrogate is NaN and storch.backward() blames the (finite) costs. Under torch.distributed a step
+        with nothing to train (``()``) still joins the ranks' update, with zeros."""
+        synced = storch.distributed.is_active(self)
+        if not step and not synced:  # nothing to train in this step (no credited cost, or every parameter frozen)
             return
-        dphi, finite = step
         params = self._trainable()
+        if step:
+            dphi, finite = step
+        else:
+            # torch.distributed: this rank trains nothing in this step (every parameter frozen, or no cost credits
+            # its nodes: credit=False) but still takes part in the ranks' update, with zeros, as data points of the
+            # global batch that no credited cost reaches (∂φ Σ ĝ² = 0 there); it returned here, and the ranks that
+            # train waited in their collective forever. The ranks' check compares which parameters are frozen
+            dphi, finite = tuple(torch.zeros_like(p) for p in params), None
         if len(params) != len(dphi) or any(p.shape != g.shape for p, g in zip(params, dphi)):
             raise StorchError(
                 f"{self.name}: {len(dphi)} gradients for {len(params)} trainable parameters (they changed between "
@@ -179,8 +188,11 @@ class VarianceTrained(Estimator):
         storch.distributed.broadcast_once_(self.parameters(), self)
         # torch.distributed: the variance of the rank-averaged gradient, whose ĝ per data point is
         # ĝ_rank / W: ∂φ Σ_r |ĝ_r / W|² = W⁻¹ · mean_r ∂φ|ĝ_r|², the same step on every rank (_across_ranks),
-        # and the same decision to skip it (one rank's non-finite Σ ĝ² skips it everywhere)
-        dphi, finite = _across_ranks(list(dphi), finite, self)
+        # and the same decision to skip it (one rank's non-finite Σ ĝ² skips it everywhere), or to take none where
+        # no rank trained anything (as in one process)
+        dphi, finite, trained = _across_ranks(list(dphi), finite, self, trained=bool(step))
+        if not trained:
+            return
         # one host sync per update (update_from runs after the step)
         if skip_nonfinite_update(self, finite, "the control variate", "variance",
                                  f"Its parameters: {', '.join(n for n, p in self.named_parameters() if p.requires_grad)}. "
@@ -259,20 +271,37 @@ class VarianceTrained(Estimator):
 
 
 
-def _across_ranks(grads: list[torch.Tensor], finite: torch.Tensor, owner) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """φ-gradients averaged over the ranks and divided by the world size W, and whether Σ ĝ² and they are
-    finite on every rank (no-op in one process).
+def _across_ranks(grads: list[torch.Tensor], finite: Optional[torch.Tensor], owner,
+                  trained: bool = True) -> tuple[list[torch.Tensor], torch.Tensor, bool]:
+    """φ-gradients averaged over the ranks and divided by the world size W, whether Σ ĝ² and they are finite on
+    every rank, and whether any rank trained (no-op in one process).
 
     The division is not the NVIL regression's (``storch_score``'s ``_across_ranks`` averages only): that
     loss is a mean over the data, so the ranks' mean is the global batch's. Here the loss is Σ ĝ² over
     the data points, and each rank's ĝ per point is W times the global batch's (the surrogate averages
     over a rank's shard, 1/W of the batch): Σ_global ĝ² = W⁻² Σ_r Σ_rank ĝ_r² = W⁻¹ mean_r Σ_rank ĝ_r².
     tests/reliability/test_ddp.py compares φ and Adam's moments with one process on the combined batch.
+
+    ``trained`` False: this rank's step trained nothing (``grads`` zeros, ``finite`` None); it adds zeros to the mean,
+    and where no rank trained, none steps. The ranks' check compares which parameters each has frozen
+    (``requires_grad=False``, named in what is averaged): ranks that freeze different ones raise on every rank,
+    naming each rank's (one that froze them all returned before the check, and the others waited in it).
     """
-    if not storch.distributed.is_active(owner):
-        return grads, finite
+    if not storch.distributed.is_active(owner):  # (called with a step only: finite is given)
+        return grads, all_finite(grads) if finite is None else finite, trained
     world = storch.distributed.world_size(owner)
-    bad = (~finite).to(grads[0].dtype).reshape(1)  # > 0 after the mean where any rank's was not finite
-    *reduced, bad = storch.distributed.all_reduce_mean(grads + [bad], owner)
+    named = list(owner.named_parameters())
+    frozen = [name for name, p in named if not p.requires_grad]
+    which = "none" if not frozen else f"all {len(named)} parameters" if len(frozen) == len(named) else ", ".join(frozen)
+    # (the flags' dtype and device: the estimator's first parameter's, the same on every rank whatever is frozen)
+    ref = named[0][1] if named else torch.zeros(())
+    dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
+    bad = torch.zeros((), dtype=dtype, device=ref.device) if finite is None else (~finite).to(dtype).reshape(())
+    # > 0 after the mean where any rank trained / any rank's Σ ĝ² or gradient was not finite
+    flags = torch.stack([torch.tensor(float(trained), dtype=dtype, device=ref.device), bad])
+    *reduced, flags = storch.distributed.all_reduce_mean(
+        grads + [flags], owner, what=f"the control variate's variance gradients (frozen, requires_grad=False: {which})")
+    # (read on a rank that trained nothing only: one that trained knows the answer without a host sync)
+    trained = trained or bool(flags[0] > 0)
     reduced = [g / world for g in reduced]
-    return reduced, all_finite(reduced) & (bad == 0).all()
+    return reduced, all_finite(reduced) & (flags[1] == 0), trained

@@ -393,11 +393,14 @@ class Score(Estimator):
             # construction it still runs its update, whose check compares what is frozen; with update=False, frozen
             # on one rank, its {} left the other rank alone in the check of a skipped update, until the timeout)
             return {}
+        if not self.update:
+            return {"update": False}  # (a state that never changes: decay and lr do not act on it)
         if not self.has_update:
-            # (a state that never changes: decay and lr do not act on it. Built with update=False, or with a baseline=
-            # module frozen at construction: this rank then joins the check of a skipped update, where another
-            # rank's update would otherwise wait alone)
-            return {"update": False}
+            # a baseline= module with every parameter frozen (requires_grad=False) at construction: never trained
+            # (has_update is decided there), as with update=False, so it joins the ranks' check where it skips the
+            # update (storch.distributed), once: where another rank trains its module, every rank raises, saying
+            # this (it joined no check, and the others waited in their update's collective forever)
+            return {"frozen": "every parameter, at construction (never trained)", "update": False}
         learned = isinstance(self.baseline_fn, LearnedBaseline)
         running = {"decay": self.decay} if learned or self.baseline_kind == "moving_average" else {}
         return {**running, **({"lr": self.lr} if self.baseline_kind == "callable" else {}), "update": True}

@@ -1089,8 +1089,9 @@ class Estimator(torch.nn.Module):
         ``{"update": False}``: this instance never updates its state (built so, ``has_update`` False): where
         another rank's instance updates, that rank waits in the update's collective; storch has this one join
         the check there instead (once, in ``storch.backward()`` or ``surrogate_loss().backward()``), so every
-        rank raises. Return only ``{"update": False}`` then: decay and lr act on no state, so ranks that all skip
-        the update agree whatever theirs. An estimator without state returns ``{}`` (it runs no collective).
+        rank raises. Return ``{"update": False}`` without decay or lr then (they act on no state, so ranks that all
+        skip the update agree whatever theirs; a fixed value that says why may go with it). An estimator without
+        state returns ``{}`` (it runs no collective).
         """
         return {}
 
