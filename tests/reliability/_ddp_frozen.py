@@ -170,6 +170,28 @@ def score_frozen_apart(rank: int, x: torch.Tensor, g: torch.Generator) -> dict:
     return {"score_some": outcome(other_halves)}
 
 
+def score_uncredited_on_rank_1(rank: int, x: torch.Tensor, g: torch.Generator) -> dict:
+    """score's estimators with state, a step whose cost has credit=False on rank 1 alone: no early return there (the
+    moving average averages over the ranks that have the cost; NVIL's regression adds zeros): no error, and the
+    ranks hold the same state."""
+    import torch.distributed as dist
+
+    out = {}
+    for baseline in ("moving_average", "learned"):
+        model = Model("score", {"n_samples": 2, "baseline": baseline, "hidden": 4, "lr": 0.05})
+
+        def uncredited() -> bool:
+            run_steps(model, x, g, 1)
+            step(model, x, g, credit=rank == 0)
+            est = model.est
+            tensors = [v for _, v in sorted(est.moving_averages.items())] + [p.detach() for p in est.parameters()]
+            return storch.distributed.ranks_agree(tensors, est)
+
+        out[f"score_uncredited_{baseline}"] = outcome(uncredited)
+        dist.barrier()
+    return out
+
+
 CASES = (relaxed_frozen_on_rank_1, relaxed_frozen_apart, relaxed_frozen_everywhere, relaxed_uncredited_on_rank_1,
          relaxed_uncredited_everywhere, score_frozen_built_on_rank_1, score_frozen_built_everywhere,
-         score_frozen_apart)
+         score_frozen_apart, score_uncredited_on_rank_1)

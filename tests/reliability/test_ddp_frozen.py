@@ -120,3 +120,10 @@ def test_score_baselines_frozen_apart_raise_on_every_rank_naming_them(ranks):
     kind = "Score(baseline='callable', lr=0.05, update=True) averaging score's learned baseline gradients"
     _ddp.assert_refused_on_every_rank(ranks, "score_some", f"{kind} (frozen, requires_grad=False: a)",
                                       f"{kind} (frozen, requires_grad=False: c)")
+
+
+@pytest.mark.parametrize("baseline", ["moving_average", "learned"])
+def test_scores_state_with_a_rank_whose_step_trains_nothing(ranks, baseline):
+    # (score had no early return there: a control for the relaxed family's case)
+    case = f"score_uncredited_{baseline}"
+    assert ranks[0][case] == ranks[1][case] == ("ok", True), (ranks[0][case], ranks[1][case])
