@@ -80,11 +80,12 @@ def test_a_baseline_frozen_on_one_rank_with_update_false_everywhere_is_no_error(
 
 
 def test_a_baseline_frozen_at_construction_on_one_rank_raises_on_every_rank(ranks):
-    # rank 1's estimator never updates (has_update False): it declares update=False and joins the check of a skipped
-    # update, where rank 0's update waits (before: rank 1 declared nothing and joined none; rank 0 waited until the
-    # timeout)
-    _ddp.assert_refused_on_every_rank(ranks, "frozen_at_construction", f"{MODULE} broadcasting",
-                                      "Score(baseline='callable', update=False) skipping")
+    # rank 1's estimator never updates (has_update False): it declares update=False (and that its module was frozen
+    # at construction) and joins the check of a skipped update, where rank 0's update waits (before: rank 1 declared
+    # nothing and joined none; rank 0 waited until the timeout)
+    _ddp.assert_refused_on_every_rank(
+        ranks, "frozen_at_construction", f"{MODULE} broadcasting",
+        "Score(baseline='callable', frozen='every parameter, at construction (never trained)', update=False) skipping")
 
 
 def test_a_baseline_frozen_on_every_rank_is_no_error(ranks):
