@@ -223,3 +223,40 @@ def test_evaluation_leaves_the_state_built_in_training_untouched(baseline):
     step()
     storch.backward()
     assert not _same(_flat(est.state_dict()), trained)
+
+
+class _Holder(nn.Module):
+    """A model that scripts its plain modules and keeps its estimators beside them (sampling in Python methods)."""
+
+    __jit_ignored_attributes__ = ["est", "more"]
+
+    def __init__(self):
+        super().__init__()
+        self.dec = nn.Linear(3, 4)
+        self.est = storch.estimator("score", plate="z", n_samples=2)
+        self.more = nn.ModuleList([storch.estimator("score", plate="w", n_samples=2)])  # (an estimator one level down)
+
+    def forward(self, z):
+        return self.dec(z)
+
+
+class _Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.holder = _Holder()
+        self.est = storch.estimator("score", plate="y", n_samples=2)  # not ignored here: refused
+
+    def forward(self, z):
+        return self.holder(z)
+
+
+def test_scripting_a_model_that_ignores_its_estimators_is_not_refused():
+    """torch.jit.script calls __prepare_scriptable__ on every submodule, those named in __jit_ignored_attributes__ too
+    (which TorchScript never compiles): the estimator's refusal refused a model that scripted before it. Such a model
+    scripts, and its scripted forward is the plain one; an estimator that is not ignored is still refused, with the
+    advice to ignore it."""
+    model = _Holder()
+    z = torch.randn(5, 3)
+    assert torch.equal(torch.jit.script(model)(z), model(z))
+    with pytest.raises(storch.StorchError, match=r"estimator 'score' \(plate 'y'\).*__jit_ignored_attributes__"):
+        torch.jit.script(_Outer())

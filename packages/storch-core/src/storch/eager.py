@@ -105,7 +105,34 @@ def foreign_trace_message(where: str) -> str:
 
 def scripted_estimator_message(what: str) -> str:
     """The refusal of ``torch.jit.script`` of a module that holds the estimator ``what`` (a submodule)."""
-    return f"torch.jit.script was given a module that holds {what} as a submodule: " + _FOREIGN_TRACE
+    return (f"torch.jit.script was given a module that holds {what} as a submodule: " + _FOREIGN_TRACE
+            + ". A module whose scripted methods never call the estimator (it samples in Python methods of its own) "
+            "scripts with the estimator's attribute named in its class's `__jit_ignored_attributes__`")
+
+
+def ignored_by_script(module: torch.nn.Module) -> bool:
+    """Whether ``torch.jit.script`` is preparing ``module`` as (part of) an attribute that a module above it names in
+    ``__jit_ignored_attributes__``: TorchScript never compiles such an attribute (the holder's scripted methods do
+    not use it: a model that keeps its estimator beside the plain modules it scripts), but torch's
+    ``call_prepare_scriptable_func_impl`` calls ``__prepare_scriptable__`` on every submodule all the same, so the
+    estimator's refusal there refused a model that scripted fine. Read from the frames of that function (one per
+    module, the holder's above its submodule's: locals ``obj``, and ``k`` or ``name`` for the child); False where
+    they are not found (another torch: the refusal stands). Called only by ``__prepare_scriptable__``."""
+    prepare = getattr(getattr(torch.jit, "_script", None), "call_prepare_scriptable_func_impl", None)
+    code = getattr(prepare, "__code__", None)
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    while frame is not None and frame.f_code is code:  # this module's call, then its holders' (direct recursion)
+        holder = frame.f_back
+        if holder is None or holder.f_code is not code:
+            return False
+        local = holder.f_locals
+        key = local.get("k") if local.get("name") == "_modules" else local.get("name")
+        if key is not None and key in getattr(local.get("obj"), "__jit_ignored_attributes__", ()):
+            return True
+        frame = holder
+    return False
 
 
 _FOREIGN_TRACE = (

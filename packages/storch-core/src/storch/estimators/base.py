@@ -69,7 +69,8 @@ from ..distributions.support import _STRICT
 from ..distributions.rsample_kinks import RsampleComparisons
 from ..distributions.unwrap import _as_raw
 from .._stacklevel import user_stacklevel
-from ..eager import _compiler, _jit_tracing, eager_only, refuse_foreign_trace, scripted_estimator_message
+from ..eager import (_compiler, _jit_tracing, eager_only, ignored_by_script, refuse_foreign_trace,
+                     scripted_estimator_message)
 from ..errors import (IndependentStepWarning, NonFiniteParameterError, OptionError, PlateError, StorchError,
                       UnsupportedDistributionError)
 from ..generators import drawing_with
@@ -1163,7 +1164,10 @@ class Estimator(torch.nn.Module):
         """Refuse ``torch.jit.script`` of a module that holds this estimator (torch calls this hook on every
         submodule before scripting): TorchScript cannot compile storch's Python (it failed on the first
         property it met, naming neither storch nor what to do), and a scripted step would skip storch's checks and
-        updates as a traced one would. Script or export the plain modules instead."""
+        updates as a traced one would. Script or export the plain modules instead. A holder that names the
+        estimator in ``__jit_ignored_attributes__`` is not refused: TorchScript leaves such an attribute alone."""
+        if ignored_by_script(self):
+            return self
         raise StorchError(scripted_estimator_message(
             f"estimator {self.name or type(self).__qualname__!r} (plate {self.plate!r})"))
 
