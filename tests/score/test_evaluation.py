@@ -103,6 +103,26 @@ def test_a_second_data_plate_of_one_name_in_an_evaluation_step_says_what_happene
     storch.reset()
 
 
+def test_a_second_draw_of_an_estimator_in_an_evaluation_step_says_what_happened():
+    """Under no_grad, the estimator called again on a distribution that depends on nothing of the step (read costs)
+    ends that step; mixing the two draws names why, with the advice for a draw (a block), not the data plate's
+    one-call denote_independent advice (it named the estimator's plate as a data plate)."""
+    est = storch.estimator("score", plate="z", n_samples=2)
+    theta = torch.zeros(3)
+    with torch.no_grad():
+        for root in (True, False):  # the estimator's first call on a plain distribution, or on the data's plate
+            q = Bernoulli(logits=theta if root else storch.denote_independent(X[:, :3], 0, "data"))
+            z1 = est(q)
+            storch.add_cost(z1.sum(-1), name="c")
+            storch.cost_estimates()
+            z2 = est(Bernoulli(logits=theta))
+            with pytest.raises(storch.PlateError, match=r"ended by the next step") as info:
+                z1 + z2
+            assert "denote_independent" not in str(info.value)
+            assert "estimator 'score'" in str(info.value) and "with storch.Graph():" in str(info.value)
+            storch.reset()
+
+
 def test_a_log_likelihood_from_importance_samples_chunked_over_graphs():
     """log p(x) from K = 2000 importance samples drawn in 4 graphs of 500 (each a step of the default graph, no
     reset), combined with logsumexp: the mean weight is unbiased for p(x), z-tested against exact enumeration of

@@ -227,13 +227,14 @@ class Graph:
 
     def claim_plate(self, name: str, owner: Any) -> None:
         """Reserve the plate name ``name`` for ``owner`` (a node or a data plate); a name already in use raises ``storch.PlateError``."""
-        if name in self.plates and not (getattr(owner, "parents", None) == () and self._ends_evaluation(name)):
+        if name in self.plates and not (getattr(owner, "parents", None) == ()
+                                        and self._ends_evaluation(name, getattr(owner, "estimator", None))):
             raise PlateError(self._reused_name(name, owner))
         self.plates[name] = owner
 
-    def _ends_evaluation(self, name: str) -> bool:
+    def _ends_evaluation(self, name: str, estimator: Any = None) -> bool:
         """A call in the thread's default graph begins a new step (claims the plate name ``name`` again, or calls
-        an estimator again on a distribution that depends on nothing of the step) after an evaluation step that
+        ``estimator`` again on a distribution that depends on nothing of the step) after an evaluation step that
         was not ended: end that step here and return True.
 
         An evaluation loop without ``with storch.Graph():`` and without ``storch.reset()`` then runs every batch
@@ -252,10 +253,15 @@ class Graph:
         for node in self.nodes:
             if node.no_grad_step is None or _node_holds_grad(node):
                 return False
+        if estimator is None:
+            advice = ("If both calls were meant for one step (inputs and targets on one data plate), pass the tensors "
+                      f"to ONE `storch.denote_independent((x, y), 0, {name!r})` call")
+        else:  # (a data plate's one-call advice named the estimator's plate: wrong for a draw)
+            advice = (f"If both draws of estimator {estimator.name!r} were meant for one step (a second step of its "
+                      "partition), build that step inside `with storch.Graph():`: in the default graph an estimator "
+                      "called again on a distribution that depends on nothing of the step begins a new step")
         self.reset(f"ended by the next step in the thread's default graph (plate name {name!r} was used again "
-                   "after an evaluation step, built without grad, whose costs were all read). If both "
-                   "calls were meant for one step (inputs and targets on one data plate), pass the tensors to ONE "
-                   f"`storch.denote_independent((x, y), 0, {name!r})` call")
+                   f"after an evaluation step, built without grad, whose costs were all read). {advice}")
         return True
 
     def _reused_name(self, name: str, owner: Any) -> str:
@@ -346,7 +352,7 @@ class Graph:
         what = f"the distribution passed to estimator {estimator.name!r} (plate {estimator.plate!r})"
         self.check_plates(plates, what)
         if (self.is_default and not plates and self.partition_of(estimator) is not None
-                and not self._ends_evaluation(estimator.plate)):
+                and not self._ends_evaluation(estimator.plate, estimator)):
             why = ("here the previous step built its surrogate loss but was not ended: storch.surrogate_loss() "
                    "(and its .backward()) does not end a step; end it with storch.backward() (backpropagates, "
                    "updates estimator state, resets), storch.reset(), or `with storch.Graph():` per step"
