@@ -17,7 +17,10 @@ from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 
 import storch
 
-X = torch.linspace(-1, 1, 24).reshape(6, 4)
+# float64, as every test here runs (tests/score's modules leave torch's default float64 at collection, so a float32
+# X made at import met float64 modules in the folder's run: "mat1 and mat2 must have the same dtype")
+pytestmark = pytest.mark.usefixtures("float64_default")
+X = torch.linspace(-1, 1, 24, dtype=torch.float64).reshape(6, 4)
 
 
 def _vae_step(enc, dec, est, x):
@@ -130,7 +133,7 @@ def test_a_log_likelihood_from_importance_samples_chunked_over_graphs():
     torch.manual_seed(0)
     enc, dec = nn.Linear(6, 4), nn.Linear(4, 6)
     prior = Bernoulli(logits=torch.zeros(4))
-    x = (torch.rand(3, 6) < 0.5).float()
+    x = (torch.rand(3, 6) < 0.5).to(torch.get_default_dtype())
     est = storch.estimator("score", plate="z", n_samples=1)
     chunk, chunks = 500, 4
 
@@ -147,7 +150,7 @@ def test_a_log_likelihood_from_importance_samples_chunked_over_graphs():
             parts.append(log_w.tensor[0])  # (data, chunk): plain log-weights
         storch.reset()
         log_w = torch.cat(parts, -1).double()
-        codes = torch.tensor([[(i >> b) & 1 for b in range(4)] for i in range(16)], dtype=torch.float)
+        codes = torch.tensor([[(i >> b) & 1 for b in range(4)] for i in range(16)], dtype=torch.get_default_dtype())
         exact = torch.stack([log_joint(codes, row.expand(16, 6)).logsumexp(0) for row in x]).double()
     K = chunk * chunks
     w = (log_w - exact[:, None]).exp()  # p̂(x) / p(x) per draw: mean 1
