@@ -104,6 +104,32 @@ def test_a_minlength_below_the_samples_support_is_refused_at_the_trace():
         storch.compile(step, backend=None)(SMALL)
 
 
+def test_a_later_partition_steps_sample_gets_the_trace_time_refusal_too():
+    # the trace looked a sample up by node.value, which is a partition's first step's only: bincount of step 1's
+    # sample with a low minlength traced (the draw fitted) and failed at a later call, in the recorded check. Every
+    # step's handed-out sample is now recognised, and the trace refuses with the support size to pass
+    est = storch.estimator("score", plate="k", n_samples=2)
+
+    def step(logits, minlength):
+        with storch.Graph():
+            k0 = est(Categorical(logits=logits))
+            k1 = est(Categorical(logits=logits + 0 * k0.unsqueeze(-1)))  # step 1 of k's partition
+            counts = torch.bincount(k1, minlength=minlength)
+            storch.add_cost((counts.double() ** 2).sum(), name="load")
+            return storch.surrogate_loss()
+
+    with pytest.raises(storch.StorchError, match=r"(?s)torch\.bincount\(k, minlength=2\) of a sample whose distribution "
+                                                 r"can draw 3 values.*Pass minlength=3"):
+        storch.compile(lambda lg: step(lg, E - 1), backend=None)(SMALL)
+    compiled = storch.compile(lambda lg: step(lg, E), backend=None)  # the advised minlength traces and replays
+    for logits in (SMALL, BIG):
+        torch.manual_seed(0)
+        got = compiled(logits)
+        torch.manual_seed(0)
+        torch.testing.assert_close(got, step(logits, E).detach(), rtol=0, atol=0)
+        assert float(got) == 4.0
+
+
 def test_a_minlength_below_a_computed_index_fails_at_the_replay_with_advice():
     # an index computed from the sample (a table lookup): its range is not known at the trace, so the program checks
     # every draw; eagerly the counts of the second draw are longer than minlength

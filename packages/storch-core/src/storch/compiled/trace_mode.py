@@ -138,18 +138,18 @@ _BINCOUNT_ADVICE = (". For torch.bincount, count into a fixed length instead: to
 
 
 def _support_size(x) -> tuple[bool, Optional[int]]:
-    """``(known, size)`` for a plate tensor ``x`` that is a node's sample as handed out (``k = est(Categorical(...))``):
-    the number of values its distribution can take, ``max + 1`` of an integer interval from 0 (``None``: unbounded,
-    a Poisson's or a Geometric's). ``known`` is False for anything else (a value computed from a sample, a bound
+    """``(known, size)`` for a plate tensor ``x`` that is a node's sample as handed out (``k = est(Categorical(...))``,
+    at any step of a partition): the number of values its distribution can take, ``max + 1`` of an integer interval
+    from 0 (``None``: unbounded, a Poisson's or a Geometric's). ``known`` is False for anything else (a value computed from a sample, a bound
     the step computes): the program then checks the drawn values at every call (storch.plates.rules.indexing)."""
     from torch.distributions import constraints
 
     from ..graph import current_graph
 
-    node = next((n for n in current_graph().nodes if n.value is x), None)
-    if node is None:
+    distribution = _sampled_from(current_graph().nodes, x)
+    if distribution is None:
         return False, None
-    support = getattr(node.original or node.distribution, "support", None)
+    support = getattr(distribution, "support", None)
     if isinstance(support, constraints._IntegerGreaterThan) and support.lower_bound == 0:
         return True, None
     if not isinstance(support, constraints._IntegerInterval) or not isinstance(support.lower_bound, (int, float)) \
@@ -162,6 +162,19 @@ def _support_size(x) -> tuple[bool, Optional[int]]:
         with disable_proxy_modes_tracing():  # (a read of the distribution's bound, recorded nowhere)
             top = top.max().item() if top.numel() and not top.is_meta else None
     return (True, int(top) + 1) if isinstance(top, (int, float)) else (False, None)
+
+
+def _sampled_from(nodes, x):
+    """The distribution whose draw ``x`` is, as handed out by an estimator call (the user's, else the raw one), or
+    None: the first step of a node (``node.value``) or a later step of a partition (its ``step_draws``, which hold
+    each step's value and distributions: ``node.value`` is the first step's only)."""
+    for node in nodes:
+        if node.value is x:
+            return node.original or node.distribution
+        for _, distribution, original, value, _ in (node.step_draws or ())[1:]:
+            if value is x:
+                return original or distribution
+    return None
 
 
 def _bincount_minlength(fn, args, kwargs) -> None:
