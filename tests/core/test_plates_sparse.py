@@ -90,6 +90,16 @@ def test_a_plain_sparse_matrix_times_a_plate_tensor_equals_a_loop(name):
     torch.testing.assert_close(g, _loop_grad(fn, h.tensor, ZD))
 
 
+def test_plain_sparse_products_run_with_the_invariant_checks_on():
+    # the refusal of aten.is_pinned under torch's sparse invariant checks (a sparse_coo_tensor of sampled values) does
+    # not reach the products that work: a plain S (validated as it is built) times plate tensors
+    h = make(rnd(3, 2, 4, 2), *ZD)
+    with torch.sparse.check_sparse_tensor_invariants():
+        s = torch.sparse_coo_tensor(S_RECT.indices(), S_RECT.values(), S_RECT.shape)
+        for fn in (lambda h: s @ h, lambda h: torch.sparse.mm(s, h), lambda h: torch.addmm(h[:1] * 2, s, h)):
+            check(fn, h)
+
+
 def test_a_shared_plate_dim_and_a_learned_sparse_matrix():
     """h shared along one plate (raw size 1) keeps it shared; the sparse matrix's own gradient (torch.sparse.mm's
     backward to S, sparse) is the loop's."""
@@ -167,11 +177,14 @@ def test_sparse_products_torch_does_not_make_per_sample_are_refused_clearly(fn, 
         fn(h)
 
 
+@pytest.mark.parametrize("checks", ["", "check_invariants=True", "check_sparse_tensor_invariants()"])
 @pytest.mark.parametrize("sampled", ["indices", "values"])
-def test_a_sparse_constructor_of_sampled_indices_or_values_says_what_to_build_instead(sampled):
+def test_a_sparse_constructor_of_sampled_indices_or_values_says_what_to_build_instead(sampled, checks):
     # torch.sparse_coo_tensor does not ask __torch_function__: its aten operator reached storch's dispatch guard, whose
     # message spoke of custom operators and torch.func transforms; it now says what is unsupported and what to
-    # write, and the advised dense index_put equals each sample's sparse tensor made densely
+    # write, and the advised dense index_put equals each sample's sparse tensor made densely. With torch's invariant
+    # checks on, its validator's aten.is_pinned is the first operator storch sees (it got the generic message): it
+    # gets the same advice
     edges = torch.tensor([[0, 1, 2, 2], [1, 2, 0, 0]])
     with storch.Graph():
         b = storch.estimator("expect", plate="b")(Bernoulli(logits=torch.zeros(4, dtype=D)))
@@ -179,9 +192,11 @@ def test_a_sparse_constructor_of_sampled_indices_or_values_says_what_to_build_in
         idx = torch.stack((edges[0], torch.where(torch.arange(4) == 3, k, edges[1])))
         values = b if sampled == "values" else torch.ones(4, dtype=D)
         index = idx if sampled == "indices" else edges
+        options = {"check_invariants": True} if checks == "check_invariants=True" else {}
         with pytest.raises(storch.PlateError, match=r"(?s)torch\.sparse_coo_tensor.*sampled indices or values.*"
                                                     r"unsupported.*index_put\(tuple\(indices\), values, accumulate=True\)"):
-            torch.sparse_coo_tensor(index, values, (3, 3))
+            with torch.sparse.check_sparse_tensor_invariants(enable=checks == "check_sparse_tensor_invariants()"):
+                torch.sparse_coo_tensor(index, values, (3, 3), **options)
         dense = torch.zeros(3, 3, dtype=D).index_put(tuple(index), values, accumulate=True)  # the advice
         names = [p.name for p in dense.plates]
         for entry in range(dense.tensor.shape[0]):

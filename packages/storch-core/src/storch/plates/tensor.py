@@ -394,6 +394,13 @@ class PlateTensor(torch.Tensor):
         if getattr(func, "__name__", "").lstrip("_").startswith(_SPARSE_CONSTRUCTORS):
             # (torch's sparse constructors do not ask __torch_function__: their aten operator is the first storch sees)
             raise PlateError(SPARSE_CONSTRUCTOR)
+        if func is torch.ops.aten.is_pinned.default and torch.sparse.check_sparse_tensor_invariants.is_enabled():
+            # torch.sparse_coo_tensor(..., check_invariants=True) (or under torch.sparse.check_sparse_tensor_invariants)
+            # validates first: is_pinned of its indices and values, before its aten operator. Python's x.is_pinned()
+            # and pin_memory() ask __torch_function__, so a plate tensor reaches this aten call only from C++ code,
+            # which with the checks on is the sparse validator (the compressed constructors validate in their operator)
+            raise PlateError("torch's sparse invariant checks (check_invariants=True, or "
+                             "torch.sparse.check_sparse_tensor_invariants) read a plate tensor: " + SPARSE_CONSTRUCTOR)
         if under_jit_trace():  # (torch.jit.trace of plate tensors, without grad: its copy of them; p-ext3)
             raise PlateError(foreign_trace_message(f"{func} on plate tensors"))
         if any(type(a) is PlateTensor and _func_wrapped(a._raw) for a in args):
