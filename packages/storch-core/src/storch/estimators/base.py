@@ -1221,10 +1221,8 @@ class Estimator(torch.nn.Module):
                         f"(torch said: {str(e)[:200]})") from e
                 raise StorchError(
                     f"estimator {self.name!r} (plate {self.plate!r}) draws random samples inside torch.func.vmap, "
-                    "whose default randomness='error' refuses any random draw. Pass randomness='different' (each "
-                    "vmapped member draws its own samples: e.g. torch.func.vmap(torch.func.grad(step), "
-                    "randomness='different') gives unbiased per-example gradients); for first derivatives in "
-                    f"forward mode, {_JACFWD}; for second derivatives use "
+                    f"whose default randomness='error' refuses any random draw. Pass {_VMAP_RANDOMNESS}; for first "
+                    f"derivatives in forward mode, {_JACFWD}; for second derivatives use "
                     "torch.func.jacrev(torch.func.jacrev(f)) or torch.autograd.functional.hessian(f, x) "
                     f"(torch said: {str(e)[:200]})") from e
             if isinstance(e, RuntimeError) and "different inplace randomness on an unbatched tensor" in str(e):
@@ -1396,6 +1394,19 @@ def _fixed_option_message(est: Estimator, name: str, value: Any, why: str) -> st
     return (f"{est.name or cls.__qualname__}: est.{name} = {shown[:80]} after construction is not supported: "
             f"{why}. {advice}")
 
+
+
+# which randomness of torch.func.vmap runs an estimator's draw (tests/core/test_vmap_randomness.py): it depends on
+# torch's sampler, not on storch. A sampler that takes the distribution's parameters (torch.bernoulli, multinomial,
+# torch.normal(loc, scale)) draws per member, and "same" has no draw for parameters that differ per member; Normal's
+# rsample fills torch.empty(shape).normal_() in place, which vmap does only once for every member (review of round 12)
+_VMAP_RANDOMNESS = (
+    "randomness='different' (each vmapped member draws its own samples: unbiased, independent per-member results, e.g. "
+    "torch.func.vmap(torch.func.grad(step), randomness='different')) for a draw by a sampler that takes the "
+    "distribution's parameters (sample() of Bernoulli, Categorical, Normal: a score-function estimator's draws); "
+    "a sampler that fills a new tensor in place (Normal's rsample: a reparameterized draw) runs only with "
+    "randomness='same' (the members share the noise: each member's result unbiased, the members' correlated), which "
+    "in turn refuses a sampler of the first kind whose parameters differ between the members")
 
 
 def _vmap_draw_message(est: Estimator, distribution: Any, randomness: str, why: str, use: str, e: Exception) -> str:

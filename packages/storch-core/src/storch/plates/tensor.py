@@ -412,8 +412,11 @@ class PlateTensor(torch.Tensor):
                 "(e.g. a vmapped function returned it, or storch's samples fed to vmap(functional_call) over stacked "
                 "ensemble members), and torch.func cannot carry its plates out. Run the members in a Python loop "
                 "(`torch.stack([m(z) for m in models])`), run the whole storch step inside the transform "
-                "(parameters in, the surrogate out: `torch.func.vmap(torch.func.grad(step), "
-                "randomness='different')`), or return plain tensors (`z.tensor`, plate dims first)")
+                "(parameters in, the surrogate out: `torch.func.vmap(torch.func.grad(step), randomness=...)` with "
+                "randomness='different' for score-function draws (sample() of Bernoulli, Categorical, Normal), "
+                "randomness='same' for a reparameterized Normal (its rsample fills a tensor in place, which "
+                "'different' refuses; the members then share the noise): docs/plates.md, 'torch.func transforms of "
+                "a whole step'), or return plain tensors (`z.tensor`, plate dims first)")
         raise PlateError(
             f"{func} reached a PlateTensor below __torch_function__: a sparse tensor (torch.sparse_coo_tensor), "
             "a custom C++ operator, a torch.func transform (torch.func.grad, jacrev, vjp, jvp, vmap) applied to a "
