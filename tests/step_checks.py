@@ -19,15 +19,7 @@ import storch
 def garbage_after(step: Callable[[], object], warmups: int = 1) -> int:
     """Run ``step`` ``warmups`` times (first-call caches: lazy imports, decompositions), then once with the
     collector off: the number of objects ``gc.collect()`` frees after it (0: no reference cycles)."""
-    for _ in range(warmups):
-        step()
-    gc.collect()
-    gc.disable()
-    try:
-        step()
-        return gc.collect()
-    finally:
-        gc.enable()
+    return unreachable_after(step, warmups)[0]
 
 
 def unreachable_after(step: Callable[[], object], warmups: int = 2) -> tuple[int, dict]:

@@ -600,9 +600,9 @@ def test_functional_jvp_of_an_order_1_estimator_points_to_torch_func_jvp():
     assert_unbiased(d, 0.6, "d/dμ E[x²]")
 
 
-def test_torch_func_hessian_is_refused_with_what_works():
-    """torch.func.hessian (jacfwd(jacrev(f))) vmaps the random draws; the message spoke of a vmap the user
-    never called. It now names jacfwd / hessian and points to jacrev(jacrev(f)), which works."""
+def _cubic_order_two_step():
+    """A function of μ that runs a reparameterized step (E[x³], x ~ N(μ, 1)) and returns its order-2 surrogate, and
+    a μ: what the torch.func / autograd.functional refusals below are shown on."""
     est = storch.estimator("reparameterization", plate="x", n_samples=4)
 
     def f(mu):
@@ -611,7 +611,13 @@ def test_torch_func_hessian_is_refused_with_what_works():
             storch.add_cost((x ** 3).sum())
             return storch.surrogate_loss(order=2)
 
-    mu = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    return f, torch.tensor([0.3, -0.2], dtype=torch.float64)
+
+
+def test_torch_func_hessian_is_refused_with_what_works():
+    """torch.func.hessian (jacfwd(jacrev(f))) vmaps the random draws; the message spoke of a vmap the user
+    never called. It now names jacfwd / hessian and points to jacrev(jacrev(f)), which works."""
+    f, mu = _cubic_order_two_step()
     with pytest.raises(storch.StorchError, match=r"torch.func.hessian.*torch.func.jacrev\(torch.func.jacrev\(f\)\)"):
         torch.func.hessian(f)(mu)
     assert torch.func.jacrev(torch.func.jacrev(f))(mu).shape == (2, 2)
@@ -626,15 +632,7 @@ def test_vectorized_forward_mode_autograd_functional_is_refused_with_what_works(
     call and what works: the reverse-mode strategy, or torch.func.jacfwd(f, randomness="same"), whose columns share
     one draw (randomness="different", advised before, fails for Normal's rsample, which fills a tensor in place:
     review r-35), equal to the reverse-mode Jacobian on the same draws."""
-    est = storch.estimator("reparameterization", plate="x", n_samples=4)
-
-    def f(mu):
-        with storch.Graph():
-            x = est(Normal(mu, 1.0))
-            storch.add_cost((x ** 3).sum())
-            return storch.surrogate_loss(order=2)
-
-    mu = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    f, mu = _cubic_order_two_step()
     fn, option = ((torch.autograd.functional.jacobian, "strategy") if call == "jacobian"
                   else (torch.autograd.functional.hessian, "outer_jacobian_strategy"))
     with pytest.raises(storch.StorchError, match=r"'reparameterization'.*vectorize=True.*forward-mode.*reverse-mode"
