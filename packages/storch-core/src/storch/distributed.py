@@ -73,7 +73,7 @@ from ._ranks import _collective, _comm_device, _dist, _layouts_agree, _raise_dif
 from .errors import StorchError
 
 __all__ = ["is_active", "world_size", "synchronize", "all_reduce_mean", "all_gather_objects", "broadcast_",
-           "broadcast_once_",
+           "broadcast_once_", "frozen_parameters",
            "ranks_agree"]
 
 _UNSET = object()
@@ -331,6 +331,19 @@ def broadcast_once_(tensors: Iterable[torch.Tensor], owner: Any, what: str = "th
         return
     broadcast_(list(tensors), owner=owner, what=what)
     _BROADCAST_ONCE[id(owner)] = owner
+
+
+def frozen_parameters(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """Which of an estimator's trained parameters (``module.named_parameters()``) are frozen (``requires_grad=False``),
+    as the ranks' check compares it: ``"none"``, ``"all N parameters"``, or their names. Put it in the ``what`` of
+    the update's :func:`all_reduce_mean`, which every rank must reach, one that froze them all too: ranks that
+    freeze different ones then raise on every rank, naming each rank's, where they would train apart or leave the
+    others waiting in the collective (the relaxed family's control variates, ``score``'s trained baselines)."""
+    named = list(named)
+    frozen = [name for name, p in named if not p.requires_grad]
+    if not frozen:
+        return "none"
+    return f"all {len(named)} parameters" if len(frozen) == len(named) else ", ".join(frozen)
 
 
 def ranks_agree(tensors: list[torch.Tensor], owner: Any = None) -> bool:

@@ -291,8 +291,7 @@ def _across_ranks(grads: list[torch.Tensor], finite: Optional[torch.Tensor], own
         return grads, all_finite(grads) if finite is None else finite, trained
     world = storch.distributed.world_size(owner)
     named = list(owner.named_parameters())
-    frozen = [name for name, p in named if not p.requires_grad]
-    which = "none" if not frozen else f"all {len(named)} parameters" if len(frozen) == len(named) else ", ".join(frozen)
+    which = storch.distributed.frozen_parameters(named)
     # (the flags' dtype and device: the estimator's first parameter's, the same on every rank whatever is frozen)
     ref = named[0][1] if named else torch.zeros(())
     dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()

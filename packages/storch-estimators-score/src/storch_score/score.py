@@ -333,8 +333,8 @@ class Score(Estimator):
             # torch.distributed: the gradient of the global batch's regression loss, the mean over the
             # ranks (as DDP averages model gradients), so ψ and Adam's moments stay identical everywhere; the
             # ranks' check compares which parameters are frozen (named in what is averaged)
-            frozen = [name for name, p in named if not p.requires_grad]
-            grads, finite = _across_ranks(params, grads, finite, self, named[0][1], frozen, len(named))
+            grads, finite = _across_ranks(params, grads, finite, self, named[0][1],
+                                          storch.distributed.frozen_parameters(named))
         # one host sync per update (update_from runs after the step)
         if skip_nonfinite_update(self, finite, "the baseline", "regression",
                                  "Check the costs and the baseline's inputs (est(distribution, inputs=h)) for "
@@ -621,22 +621,22 @@ class _Callable(_Baseline):
 
 
 def _across_ranks(params: list, grads: tuple, finite: torch.Tensor, owner: Score, ref: torch.Tensor,
-                  frozen: list, n_params: int) -> tuple[list, torch.Tensor]:
+                  frozen: str) -> tuple[list, torch.Tensor]:
     """The baseline's regression gradients averaged over the ranks, and whether they are finite on every rank.
 
     A rank where a parameter got no gradient (``None``: a head its costs did not use) adds zeros to the
     mean; a parameter no rank used keeps ``None`` (Adam leaves it alone, as in one process). One rank's
-    non-finite loss or gradient skips the update on every rank (the same decision everywhere). ``frozen``: the
-    names of the baseline's parameters with requires_grad False (of ``n_params``), part of what the ranks' check
-    compares: ranks that freeze different ones (or all of them) raise on every rank, naming each rank's. ``ref``:
+    non-finite loss or gradient skips the update on every rank (the same decision everywhere). ``frozen``: which of
+    the baseline's parameters have requires_grad False (:func:`storch.distributed.frozen_parameters`), part of what
+    the ranks' check compares: ranks that freeze different ones (or all of them) raise on every rank, naming each
+    rank's. ``ref``:
     the baseline's first parameter (the flags' dtype and device: the same on every rank, whatever is frozen).
     """
     flags = torch.tensor([float(g is not None) for g in grads] + [float(not bool(finite.all()))],
                          dtype=ref.dtype if ref.is_floating_point() else torch.get_default_dtype(), device=ref.device)
     values = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)] + [flags]
-    which = ("none" if not frozen else f"all {n_params} parameters" if len(frozen) == n_params else ", ".join(frozen))
     reduced = storch.distributed.all_reduce_mean(
-        values, owner=owner, what=f"score's learned baseline gradients (frozen, requires_grad=False: {which})")
+        values, owner=owner, what=f"score's learned baseline gradients (frozen, requires_grad=False: {frozen})")
     used, bad = reduced[-1][:-1], reduced[-1][-1]
     grads = [g if bool(u > 0) else None for g, u in zip(reduced[:-1], used.tolist())]
     finite = torch.stack([bad == 0] + [torch.isfinite(g).all() for g in grads if g is not None])
