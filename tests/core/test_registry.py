@@ -66,6 +66,20 @@ def test_first_party_name_of_missing_family_says_what_to_install(name, dist, mod
     assert f"Did you mean '{name}'" not in str(e.value)  # never suggests the name back
 
 
+@pytest.mark.parametrize("name", ["leave_one_out", "moving_average", "batch_average"])
+def test_a_baseline_asked_for_as_an_estimator_says_which_estimator_takes_it(name):
+    """The README's `storch.estimator("score", ..., baseline="leave_one_out")` read as an estimator name: the error
+    said only "no estimator named 'leave_one_out' is installed" (no suggestion, no package), with or without the
+    score family. It now names the estimator and option, and the package where the family is missing."""
+    with pytest.raises(storch.UnknownEstimatorError) as e:
+        storch.estimator(name, plate="z")
+    msg = str(e.value)
+    assert f"{name!r} is a baseline of the 'score' estimator" in msg
+    assert "storch.estimator('score', plate=..." in msg and f"baseline={name!r})" in msg
+    score_installed = importlib.util.find_spec("storch_score") is not None
+    assert ("pip install storch-estimators-score" in msg) is not score_installed
+
+
 @pytest.mark.parametrize("metadata", [False, True])
 def test_no_core_estimators_says_how_to_install(monkeypatch, metadata):
     """With storch on sys.path (PYTHONPATH to the src folders) but not installed, no distribution metadata

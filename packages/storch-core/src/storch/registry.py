@@ -49,6 +49,9 @@ FIRST_PARTY = {
                      "disarm", "go"], "storch-estimators-relaxed"),
     **dict.fromkeys(["spsa", "mvd"], "storch-estimators-mvd"),
 }
+# baselines of the score estimator, asked for as estimator names (the README's `baseline="leave_one_out"` read as
+# an estimator): the error says which estimator and option take them, not only "no estimator named ..."
+SCORE_BASELINES = ("leave_one_out", "batch_average", "moving_average", "greedy", "learned")
 
 
 class _Registry:
@@ -298,7 +301,9 @@ def get_estimator_class(name: str) -> type[Estimator]:
         msg += " Plugins that failed to load (if it is theirs, that is why): " + "; ".join(
             f"{ep!r} of {dist!r}: {why}" for ep, (dist, why) in sorted(reg.failed_plugins.items())) + "."
     dist = FIRST_PARTY.get(name)
-    if dist is None:  # (a known name of a family not installed: no "did you mean", the package to install)
+    if name in SCORE_BASELINES:
+        msg += _baseline_hint(name, "score" in reg.classes)
+    elif dist is None:  # (a known name of a family not installed: no "did you mean", the package to install)
         # installed names, and the known names of the families not installed with the package to install
         # ("relax" without storch-estimators-relaxed suggested 'lax' or 'rebar', neither installed either)
         candidates = [k for k in dict.fromkeys(known + list(FIRST_PARTY)) if k != name]
@@ -311,6 +316,15 @@ def get_estimator_class(name: str) -> type[Estimator]:
     if not any(c in reg.classes for c in ("expect", "reparameterization")):
         msg += _no_core_hint()
     raise UnknownEstimatorError(msg)
+
+
+def _baseline_hint(name: str, score_installed: bool) -> str:
+    """``name`` is a baseline of the score estimator, not an estimator: how to ask for it (and, where the score
+    family is missing, what to install)."""
+    n = ", n_samples=8" if name in ("leave_one_out", "batch_average") else ""
+    return (f" {name!r} is a baseline of the 'score' estimator, not an estimator: storch.estimator('score', "
+            f"plate=...{n}, baseline={name!r})" + ("." if score_installed else
+                                                  " (not installed: `pip install storch-estimators-score`)."))
 
 
 def _suggested(name: str, installed: list[str], conflicts: dict[str, str]) -> str:
