@@ -130,6 +130,30 @@ def _check_ipd_configs(parser: argparse.ArgumentParser, args: argparse.Namespace
                      f"{args.configs!r} names neither; add one of them, or drop ipd from --problems")
 
 
+def _needed_estimators(args: argparse.Namespace) -> list[str]:
+    """The estimators ``sequences`` and ``ipd`` build by name (each one's runs need them all), in order."""
+    if args.command == "sequences":
+        names = [s.strip() for s in args.estimators.split(",") if s.strip()]
+        names = list(SEQUENCE_ESTIMATORS) if "auto" in names else names
+        return list(dict.fromkeys("score" if n == "score+loo" else n for n in names))
+    if args.command == "ipd" and "storch" in args.implementations.split(","):
+        return ["score"]  # every configuration's storch learner: storch.estimator("score", ...)
+    return []
+
+
+def _check_installed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``sequences`` and ``ipd`` without the estimator family they use: say what to install before the run (they
+    ended in a traceback of the first storch.estimator call)."""
+    import storch
+
+    for name in _needed_estimators(args):
+        try:
+            storch.get_estimator_class(name)
+        except (storch.UnknownEstimatorError, storch.PluginError) as e:
+            alternative = " Or run --implementations torch (the hand-written learners alone)." if args.command == "ipd" else ""
+            parser.error(f"{args.command} builds the estimator {name!r}: {e}{alternative}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="storch-compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -235,6 +259,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "overhead":
         _check_backend(command, args)
         _check_ipd_configs(command, args)
+    _check_installed(command, args)
     torch.set_num_threads(args.threads)
     _check_out(command, args.out)
     if args.command == "vae":

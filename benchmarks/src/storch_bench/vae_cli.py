@@ -6,6 +6,8 @@ import argparse
 import math
 from dataclasses import replace
 
+import storch
+
 from .budget import aggregate
 from .data import load_binary_digits
 from .report import fmt, header, markdown_table, plot_vae, text_table, write_csv
@@ -164,6 +166,11 @@ def _run_single(args: argparse.Namespace, cfg: VAEConfig, stem: str = "vae", wha
     return 1 if errors else 0
 
 
+def _families_installed() -> bool:
+    """Whether an estimator outside storch-core (a family, first- or third-party) is installed."""
+    return any(info.package != "storch-core" for info in storch.available_estimators().values())
+
+
 def _nothing_ran(skipped: list[tuple[str, str]]) -> int:
     """Say why no estimator ran, and the exit status: 2 where specs were wrong (fix the spec), else 1 (an
     estimator family is missing, or none of those named can train these models): an empty table is a failed run."""
@@ -177,6 +184,12 @@ def _nothing_ran(skipped: list[tuple[str, str]]) -> int:
         print("\nNothing ran. Install the missing estimator families (see \"Did not take part\"), e.g. "
               "`pip install storch-estimators-score storch-estimators-relaxed storch-estimators-mvd`, "
               "or name installed estimators with --estimators.")
+    elif not _families_installed():
+        # storch-core alone: `storch-compare` (auto) tried expect and reparameterization, which cannot train these
+        # models; naming others does not help either, installing a family does
+        print("\nNothing ran: only storch-core's estimators are installed, and they cannot train these models (see "
+              "\"Did not take part\"). Install an estimator family, e.g. `pip install storch-estimators-score "
+              "storch-estimators-relaxed storch-estimators-mvd`.")
     else:
         print("\nNothing ran: none of these estimators can train these models (each one's reason is under "
               "\"Did not take part\" above); name others with --estimators (auto: every installed one).")
