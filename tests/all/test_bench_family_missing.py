@@ -13,14 +13,28 @@ from storch import registry
 from storch_bench.cli import main
 
 
+def _only(monkeypatch, modules: tuple) -> None:
+    """The registry sees the entry points of these plugin modules only, as with the other packages uninstalled."""
+    real = registry.entry_points
+    monkeypatch.setattr(registry, "entry_points",
+                        lambda **kw: [ep for ep in real(**kw) if ep.value.split(":")[0] in modules])
+    storch.reload_estimators()
+
+
 @pytest.fixture
 def core_alone(monkeypatch):
     """Entry points of storch-core only: every family's estimators are unknown, as without their packages."""
-    real = registry.entry_points
-    monkeypatch.setattr(registry, "entry_points",
-                        lambda **kw: [ep for ep in real(**kw) if ep.value.split(":")[0] == "storch.builtins"])
-    storch.reload_estimators()
+    _only(monkeypatch, ("storch.builtins",))
     assert sorted(storch.available_estimators()) == ["expect", "reparameterization"]
+    yield
+    monkeypatch.undo()
+    storch.reload_estimators()
+
+
+@pytest.fixture
+def core_and_score(monkeypatch):
+    _only(monkeypatch, ("storch.builtins", "storch_score.plugin"))
+    assert "score" in storch.available_estimators() and "gumbel_softmax" not in storch.available_estimators()
     yield
     monkeypatch.undo()
     storch.reload_estimators()
@@ -61,3 +75,23 @@ def test_the_default_comparison_with_core_alone_says_to_install_a_family(core_al
     assert "Nothing ran: only storch-core's estimators are installed" in out, out
     assert "Install an estimator family, e.g. `pip install storch-estimators-score" in out, out
     assert "name others with --estimators" not in out, out
+
+
+def test_auto_names_the_families_it_leaves_out(core_and_score):
+    """`storch-compare` (auto) with storch-estimators-relaxed and -mvd missing printed its table without a word
+    about gumbel_softmax, relax, mvd and the rest."""
+    from storch_bench.cli import _missing_families
+
+    assert _missing_families() == ["storch-estimators-relaxed", "storch-estimators-mvd"]
+
+
+@pytest.mark.parametrize("estimators", ["auto", "expect@1"])
+def test_the_note_on_families_left_out_comes_with_auto_only(core_alone, tmp_path, capsys, estimators):
+    rc = main(["toy", "--estimators", estimators, "--replicates", "500", "--timing-reps", "1", "--no-progress",
+               "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    note = ("--estimators auto compares the installed estimators; not installed: storch-estimators-score, "
+            "storch-estimators-relaxed, storch-estimators-mvd (`pip install storch-estimators-score "
+            "storch-estimators-relaxed storch-estimators-mvd` to compare theirs too)")
+    assert (note in out) is (estimators == "auto"), out

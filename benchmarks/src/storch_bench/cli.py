@@ -141,6 +141,28 @@ def _needed_estimators(args: argparse.Namespace) -> list[str]:
     return []
 
 
+FAMILIES = ("storch-estimators-score", "storch-estimators-relaxed", "storch-estimators-mvd")
+
+
+def _missing_families() -> list[str]:
+    """The first-party estimator families none of whose estimators is installed, in FAMILIES' order."""
+    import storch
+
+    installed = {info.package for info in storch.available_estimators().values()}
+    return [f for f in FAMILIES if f not in installed]
+
+
+def _note_missing_families(args: argparse.Namespace) -> None:
+    """``--estimators auto`` compares the installed estimators only: say which families it leaves out and how to add
+    them (a run with storch-estimators-relaxed missing printed its table without a word about gumbel_softmax & co.)."""
+    if args.command not in ("vae", "toy", "model") or "auto" not in [s.strip() for s in args.estimators.split(",")]:
+        return
+    missing = _missing_families()
+    if missing:
+        print(f"--estimators auto compares the installed estimators; not installed: {', '.join(missing)} "
+              f"(`pip install {' '.join(missing)}` to compare theirs too)")
+
+
 def _check_installed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``sequences`` and ``ipd`` without the estimator family they use: say what to install before the run (they
     ended in a traceback of the first storch.estimator call)."""
@@ -262,6 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _check_installed(command, args)
     torch.set_num_threads(args.threads)
     _check_out(command, args.out)
+    _note_missing_families(args)
     if args.command == "vae":
         from .vae_cli import run
 
