@@ -3,8 +3,9 @@
 Checked from the sources (no build): every third-party module a package's source imports is one of its declared
 dependencies (an import walk; an undeclared one installs fine next to the editable checkouts the other suites use
 and fails for a user of the wheel alone), the first-party packages depend on the storch-core release they are
-built against, and the license is an SPDX expression (setuptools deprecated the ``{ text = ... }`` table and
-stops building it on 2027-02-18). tests/all/test_wheels.py builds and installs the wheels themselves.
+built against, the license is an SPDX expression (setuptools deprecated the ``{ text = ... }`` table and
+stops building it on 2027-02-18) whose text ships
+in each package's folder (the wheel's dist-info takes it). tests/all/test_wheels.py builds and installs the wheels.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def test_license_readme_and_version_are_declared(folder):
     project = _project(folder)["project"]
     assert project["license"] == "MIT", "an SPDX expression: license = \"MIT\" (PEP 639)"
     assert (ROOT / folder / project["readme"]).is_file()
+    # the MIT notice must ship with the software: setuptools puts the folder's LICENSE in the wheel's dist-info
+    assert (ROOT / folder / "LICENSE").read_text() == (ROOT / "LICENSE").read_text(), f"copy LICENSE into {folder}"
     assert project["version"] == _project("packages/storch-core")["project"]["version"]  # released together
     assert _project(folder)["build-system"]["requires"] == ["setuptools>=77"]  # the first to take the SPDX form
 
