@@ -5,11 +5,14 @@ over the ranks, never φ: before, the ranks trained on from their own values wit
 after 3 steps); now every rank starts from rank 0's at the first update, as DDP does for a module's parameters.
 Each case records, per rank, the error it raised (type and message) or the estimator's parameters after one step;
 the group's timeout (10 s) turns a hang into an error, so no case waits forever. The same for score's NVIL heads
-built while ``storch.distributed.synchronize`` was off (broadcast when built only while on)."""
+built while ``storch.distributed.synchronize`` was off (broadcast when built only while on), before the first
+synchronised update or after it (a head for a new cost)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.distributions import Bernoulli
 
 import storch
 from _ddp import Model, ScalarBaseline, run_steps, shard
@@ -52,3 +55,57 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         storch.distributed.synchronize(model)
         out["score_nvil_unsynchronised"] = outcome(lambda: _trained(model, x, g))
         dist.barrier()
+        out.update(late_head(rank, x, g))
+        dist.barrier()
+
+
+def _two_costs(model, x: torch.Tensor, g: torch.Generator, backward: bool = True) -> None:
+    """A step with the costs "rec" and "extra" (each with its own NVIL head); without ``backward``: its surrogate only
+    (an evaluation that builds the heads and updates nothing)."""
+    with storch.Graph(generator=g):
+        xs = storch.denote_independent(x, 0, "data")
+        z = model.est(Bernoulli(logits=model.enc(xs)))
+        bce = F.binary_cross_entropy_with_logits(model.dec(z), xs, reduction="none")
+        storch.add_cost(bce.sum(), name="rec")
+        storch.add_cost(bce[..., :3].sum() * 2, name="extra")
+        if backward:
+            storch.backward()
+        else:
+            storch.surrogate_loss()
+
+
+def late_head(rank: int, x: torch.Tensor, g: torch.Generator) -> dict:
+    """NVIL's head for a new cost built while synchronisation is off, after the first synchronised update (an evaluation
+    on every rank with an extra cost): before, broadcast_once_ had run for the estimator, so the head stayed each rank's
+    own and the ranks trained apart silently. The broadcasts of trained parameters are counted at each later update
+    (a spy on storch.distributed.broadcast_): one for the new head's 4 tensors, then none (no collective per step)."""
+    import storch.distributed as sd
+
+    model = Model("score", {"n_samples": 2, "baseline": "learned", "hidden": 4, "lr": 0.05})
+    run_steps(model, x, g, 1)  # head "rec": built and broadcast, then the first synchronised update
+    sd.synchronize(model, enabled=False)
+    _two_costs(model, x, g, backward=False)  # builds head "extra" from each rank's generator, not broadcast
+    sd.synchronize(model)
+    est = model.est
+    out = {"late_head_built": {n: p.detach().clone() for n, p in est.named_parameters() if ".cost_extra." in n}}
+    counted, broadcast = [], sd.broadcast_
+
+    def spy(tensors, owner=None, src=0, what="a built network's parameters"):
+        counted[-1].append((len(tensors), what))
+        return broadcast(tensors, owner, src, what)
+
+    def trained() -> list:
+        sd.broadcast_ = spy
+        try:
+            for _ in range(2):
+                counted.append([])
+                _two_costs(model, x, g)
+        finally:
+            sd.broadcast_ = broadcast
+        opt = est._optimizer
+        moments = [v for p in est.parameters() for _, v in sorted(opt.state[p].items()) if torch.is_tensor(v)]
+        return [sd.ranks_agree([p.detach() for p in est.parameters()] + moments, est), counted]
+
+    out["late_head"] = outcome(trained)
+    return out
+

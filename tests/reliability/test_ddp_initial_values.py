@@ -71,3 +71,18 @@ def test_nvil_heads_built_while_unsynchronised_start_from_rank_0s_on_every_rank(
     # rank 0's heads, one Adam step on (lr 0.05)
     for name in built0:
         assert float((params[name] - built0[name]).abs().max()) <= 1.01 * 0.05, name
+
+
+def test_an_nvil_head_built_while_unsynchronised_after_the_first_update_starts_from_rank_0s(ranks):
+    # a head for a new cost, built while synchronisation was off after the estimator's first synchronised update (an
+    # evaluation on every rank): set to rank 0's at the next update (before: broadcast_once_ had run for the estimator,
+    # and the ranks trained their own heads apart, silently); the broadcast runs once, for the head's 4 tensors
+    built0, built1 = ranks[0]["late_head_built"], ranks[1]["late_head_built"]
+    assert len(built0) == 4 and max(float((built0[n] - built1[n]).abs().max()) for n in built0) > 10 * 0.05
+    for r in range(WORLD):
+        kind, result = ranks[r]["late_head"]
+        assert kind == "ok", result
+        agree, counted = result
+        assert agree
+        assert counted == [[(4, "the trained parameters (rank 0's)")], []], counted
+

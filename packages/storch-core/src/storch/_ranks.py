@@ -62,20 +62,21 @@ def _gather_collectives(collective: str, group: Any) -> str:
     return "; ".join(f"rank {r}: {n}" for r, n in enumerate(names))
 
 
-def _collective(owner: Any, action: str) -> str:
+def _collective(owner: Any, action: str, evolution: bool = True) -> str:
     """Which collective a rank is about to run: the estimator (its class, the options that give its state its
     meaning, ``state_options()``: score's baseline kind, RELAX's control variate form, MAPO's buffer; and
     those that change how the state evolves, ``evolution_options()``: a moving average's decay, a learned
     part's lr, update; the public hooks of the estimator protocol, so a third-party estimator declares its own)
     and what it does. Ranks whose estimators differ run different sequences of collectives (a moving average
     alone, or a moving average and then a learned baseline's gradients), or the same ones and then hold
-    different state (another decay or lr): the first collective where they differ is caught."""
+    different state (another decay or lr): the first collective where they differ is caught. ``evolution`` False:
+    of an estimator that skips its update, whose evolution options act on nothing (only ``update=False`` kept)."""
     if owner is None:
         return f"storch.distributed {action}"
     options: dict = _options_of(owner, "state_options")
     if not options and isinstance(getattr(owner, "baseline_kind", None), str):
         options = {"baseline": owner.baseline_kind}
-    options = {**options, **_options_of(owner, "evolution_options")}
+    options = {**options, **(_options_of(owner, "evolution_options") if evolution else {"update": False})}
     args = ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
     return f"{type(owner).__name__}({args}) {action}"
 
@@ -142,10 +143,14 @@ def _skips_synced_update(est: Any) -> bool:
 
 def _join_skipped_update(est: Any) -> None:
     """``est`` skips its update (:func:`_skips_synced_update`): take part in the check that precedes the
-    collective the other ranks' update would run; where they update, every rank raises."""
+    collective the other ranks' update would run; where they update, every rank raises. Ranks that all skip agree
+    whatever else their evolution options say (``decay``, ``lr``, score's note of a baseline module frozen at
+    construction): those act on no state, as nothing is updated; only the state options and ``update=False`` are
+    compared (a module frozen at construction on one rank and one built with ``update=False`` on another were
+    refused, although neither trains). The error names each rank's options in full."""
     group = getattr(est, "_storch_process_group", None)
     collective = _collective(est, _SKIPPED_UPDATE)
-    same_op, _ = _layouts_agree([], group, collective)
+    same_op, _ = _layouts_agree([], group, _collective(est, _SKIPPED_UPDATE, evolution=False))
     if not same_op:
         _raise_different_collectives(collective, group)
     _SKIP_CHECKED[id(est)] = est

@@ -16,9 +16,12 @@ at the one place where it changes:
   0's at their first update, as DDP does for a module's parameters when it wraps it (ranks built with
   another ``temperature=`` or ``eta=`` start from rank 0's values), and so does ``score`` for a
   ``baseline=`` module of yours and NVIL's heads (a head built while :func:`synchronize` was off, or
-  before the process group existed, is not broadcast when built). Ranks must freeze
+  before the process group existed, is not broadcast when built: it is at the next synchronised update,
+  one built after the first included, :func:`broadcast_once_`). Ranks must freeze
   (``requires_grad=False``) the same parameters of a ``score`` baseline or a learned control variate: the
-  check compares them (a rank whose step trains nothing, its costs all ``credit=False``, adds zeros).
+  check compares them (a rank whose step trains nothing, its costs all ``credit=False``, adds zeros to a
+  control variate's Σ ĝ²; NVIL's heads average over the ranks whose costs credit them, the global batch's
+  regression being a mean over its credited data points).
 
 This happens automatically when ``torch.distributed`` is initialised with more than one
 process. It is a collective operation, inside ``storch.backward()``: ranks that call it a different
@@ -26,7 +29,8 @@ number of times HANG (as under DDP); episodes of a partition may differ in lengt
 collective one small all_reduce checks what every rank is about to run (the estimator's class, the
 options that give its state its meaning and those that change how it evolves: decay, lr, update, as its
 ``state_options()`` and ``evolution_options()`` declare them; what it averages) and the values' layout:
-ranks with different estimators or such options, a rank whose
+ranks with different estimators or such options (ranks that all skip their update are compared on
+``update=False`` and the state options only: the others act on nothing), a rank whose
 step has no costs or no data (it joins the check from ``storch.backward()`` / ``denote_independent``)
 or whose estimator was built with ``update=False`` (it joins from ``storch.backward()`` or
 ``surrogate_loss().backward()``, or the ``.backward()`` of a step compiled by ``storch.compile``, once per
@@ -121,8 +125,9 @@ def synchronize(module: torch.nn.Module, enabled: bool = True, group: Any = None
     Switching back on does not make the states agree again: a ``storch.backward()`` while it was off updated
     this rank's state alone (even in ``model.eval()``); the parameters that relax, rebar and lax train and a
     ``baseline=`` module of ``score``'s are set to rank 0's (the group's first member) only at the estimator's
-    first synchronised update ever (:func:`broadcast_once_`), the heads of ``score``'s ``baseline="learned"`` only
-    when each is built; moving averages, buffers and optimizer moments are not (each rank keeps what it updated
+    first synchronised update ever (:func:`broadcast_once_`), and a parameter built later (a head of ``score``'s
+    ``baseline="learned"`` for a new cost) at the first synchronised update after it appears, the heads also when
+    each is built while synchronised; moving averages, buffers and optimizer moments are not (each rank keeps what it updated
     while it was off), and the ranks stay apart from then on. Evaluate under
     ``torch.no_grad()`` with ``storch.cost_estimates()`` (no update, no collective) instead.
     """
@@ -309,28 +314,49 @@ def broadcast_(tensors: list[torch.Tensor], owner: Any = None, src: int = 0,
 
 
 
-# The owners that broadcast_once_ has run for, by identity: a copy (copy.deepcopy, pickle) is another estimator and
-# starts from rank 0's values again. Weak: an estimator that is freed leaves it.
-_BROADCAST_ONCE: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+# Per owner (an estimator, by id(): a class may define __eq__; a copy (copy.deepcopy, pickle) is another estimator
+# and starts from rank 0's values again): a weak reference to it, and the parameters broadcast_once_ has set to rank
+# 0's, id -> a weak reference, read as the same tensor only while it is alive (the id of a freed tensor may be taken
+# by a new one). An estimator that is freed leaves it (weakref.finalize).
+_BROADCAST_ONCE: "dict[int, tuple[weakref.ref, dict[int, weakref.ref]]]" = {}
 
 
 def broadcast_once_(tensors: Iterable[torch.Tensor], owner: Any, what: str = "the trained parameters (rank 0's)") -> None:
-    """:func:`broadcast_` of rank 0's values (the first member of ``owner``'s group) the first time ``owner`` (an
-    estimator) asks while it is synchronised, and never again for that object (no-op without a process group). For
-    what an estimator's update trains (a baseline module, RELAX's η, λ and network), called at its first update:
-    DistributedDataParallel does the same to a module's parameters when it wraps it, but only to the modules it
-    wraps, and the update averages the parameters' gradients over the ranks, never the parameters, so ranks built
-    from their own seeds or options would train apart for good.
+    """:func:`broadcast_` of rank 0's values (the first member of ``owner``'s group) of those of ``tensors`` that
+    ``owner`` (an estimator) has not asked for while it was synchronised, and never again for them (no-op without a
+    process group). For what an estimator's update trains (a baseline module, RELAX's η, λ and network), called at
+    each update: DistributedDataParallel does the same to a module's parameters when it wraps it, but only to the
+    modules it wraps, and the update averages the parameters' gradients over the ranks, never the parameters, so
+    ranks built from their own seeds or options would train apart for good.
 
     At the first update rather than the first step: that is a collective on every rank anyway, while a first
-    forward may be an evaluation on one rank alone. Values that are equal already (every rank loaded one
-    checkpoint) stay as they are; optimizer moments are not broadcast (zero at the start, or a checkpoint's that
-    every rank loads). ``tensors`` is read only when the broadcast runs (a generator such as
-    ``module.parameters()`` costs nothing in one process)."""
-    if not is_active(owner) or _BROADCAST_ONCE.get(id(owner)) is owner:
+    forward may be an evaluation on one rank alone. A parameter that appears later (a head of NVIL's built for a new
+    cost while :func:`synchronize` was off, after the first synchronised update; a parameter replaced by
+    ``load_state_dict(assign=True)``) is broadcast at the next update: the tensors are told apart by identity, with no
+    collective where none is new (a dict look-up per tensor). Every rank must then hold the same new tensors; a rank
+    that built a head the others did not raises :class:`storch.StorchError` on every rank (it runs this broadcast,
+    they do not). Values that are equal already (every rank loaded one checkpoint) stay as they are; optimizer
+    moments are not broadcast (zero at the start, or a checkpoint's that every rank loads). ``tensors`` is read only
+    while ``owner`` is synchronised (a generator such as ``module.parameters()`` costs nothing in one process)."""
+    if not is_active(owner):
         return
-    broadcast_(list(tensors), owner=owner, what=what)
-    _BROADCAST_ONCE[id(owner)] = owner
+    entry = _BROADCAST_ONCE.get(id(owner))
+    if entry is None or entry[0]() is not owner:
+        entry = _BROADCAST_ONCE[id(owner)] = (weakref.ref(owner), {})
+        weakref.finalize(owner, _forget_broadcasts, id(owner), entry[0])
+    seen = entry[1]
+    new = [t for t in tensors if (ref := seen.get(id(t))) is None or ref() is not t]
+    if not new:
+        return
+    broadcast_(new, owner=owner, what=what)
+    seen.update((id(t), weakref.ref(t)) for t in new)
+
+
+def _forget_broadcasts(key: int, ref: weakref.ref) -> None:
+    """An owner of :func:`broadcast_once_` was freed: drop its entry (unless a new owner with its id took it)."""
+    entry = _BROADCAST_ONCE.get(key)
+    if entry is not None and entry[0] is ref:
+        del _BROADCAST_ONCE[key]
 
 
 def frozen_parameters(named: Iterable[tuple[str, torch.Tensor]]) -> str:

@@ -145,9 +145,9 @@ class LearnedBaseline(torch.nn.Module):
     The heads are created at the first node (their input width is h's), with a zero output layer,
     so the untrained baseline is 0 (no baseline), and a first layer drawn from the generator of
     ``storch.Graph(generator=g)`` (torch's global one without it); under ``torch.distributed`` they
-    are broadcast from rank 0 when built (while synchronised) and at the estimator's first synchronised update
-    (heads built while ``storch.distributed.synchronize`` was off), and the regression's gradients are averaged
-    over the ranks. A step
+    are broadcast from rank 0 when built (while synchronised) and at the estimator's next synchronised update
+    (heads built while ``storch.distributed.synchronize`` was off, before its first update or after), and each
+    head's regression gradient is averaged over the ranks whose costs credit it. A step
     traced by ``storch.compile`` cannot create them (run one step eagerly first, or load a state_dict).
 
     Args:

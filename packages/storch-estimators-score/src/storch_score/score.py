@@ -328,11 +328,12 @@ class Score(Estimator):
             # ψ as rank 0's at the first synchronised update: a baseline= module of yours (ranks that initialised it
             # from their own seeds, outside DDP, trained apart for good: 0.10 and 1.10 after two steps from 0 and 1),
             # and NVIL's heads, which are broadcast when built only while synchronised (a head built while
-            # storch.distributed.synchronize was off, or before the process group existed, stayed each rank's own)
+            # storch.distributed.synchronize was off, or before the process group existed, stayed each rank's own);
+            # a head built later, while it was off, at the next update (broadcast_once_ keys on the parameters)
             storch.distributed.broadcast_once_(self.baseline_fn.parameters(), self)
             # torch.distributed: the gradient of the global batch's regression loss, the mean over the
-            # ranks (as DDP averages model gradients), so ψ and Adam's moments stay identical everywhere; the
-            # ranks' check compares which parameters are frozen (named in what is averaged)
+            # ranks that regressed each parameter (as DDP averages model gradients), so ψ and Adam's moments stay
+            # identical everywhere; the ranks' check compares which parameters are frozen (named in what is averaged)
             grads, finite = _across_ranks(params, grads, finite, self, named[0][1],
                                           storch.distributed.frozen_parameters(named))
         # one host sync per update (update_from runs after the step)
@@ -399,7 +400,8 @@ class Score(Estimator):
             # a baseline= module with every parameter frozen (requires_grad=False) at construction: never trained
             # (has_update is decided there), as with update=False, so it joins the ranks' check where it skips the
             # update (storch.distributed), once: where another rank trains its module, every rank raises, saying
-            # this (it joined no check, and the others waited in their update's collective forever)
+            # this (it joined no check, and the others waited in their update's collective forever); a rank built
+            # with update=False agrees (the check of a skipped update compares update=False and the state options)
             return {"frozen": "every parameter, at construction (never trained)", "update": False}
         learned = isinstance(self.baseline_fn, LearnedBaseline)
         running = {"decay": self.decay} if learned or self.baseline_kind == "moving_average" else {}
@@ -624,8 +626,13 @@ def _across_ranks(params: list, grads: tuple, finite: torch.Tensor, owner: Score
                   frozen: str) -> tuple[list, torch.Tensor]:
     """The baseline's regression gradients averaged over the ranks, and whether they are finite on every rank.
 
-    A rank where a parameter got no gradient (``None``: a head its costs did not use) adds zeros to the
-    mean; a parameter no rank used keeps ``None`` (Adam leaves it alone, as in one process). One rank's
+    A parameter's gradient is the mean over the ranks where it got one: a rank where it got none (``None``: a head
+    its costs did not use, or a step whose costs all have ``credit=False``) has no data point in that head's
+    regression, whose loss over the global batch is a mean over the credited data points (of equal shards: the
+    mean of the ranks' means over the ranks that have some), so it is left out of the mean (the flags that say
+    which ranks used it travel in the same collective; a baseline module that routes by cost, as NVIL's heads do,
+    is read right; one whose graph leaves a parameter out for some data but not others is not what "used" tells
+    apart). A parameter no rank used keeps ``None`` (Adam leaves it alone, as in one process). One rank's
     non-finite loss or gradient skips the update on every rank (the same decision everywhere). ``frozen``: which of
     the baseline's parameters have requires_grad False (:func:`storch.distributed.frozen_parameters`), part of what
     the ranks' check compares: ranks that freeze different ones (or all of them) raise on every rank, naming each
@@ -638,7 +645,10 @@ def _across_ranks(params: list, grads: tuple, finite: torch.Tensor, owner: Score
     reduced = storch.distributed.all_reduce_mean(
         values, owner=owner, what=f"score's learned baseline gradients (frozen, requires_grad=False: {frozen})")
     used, bad = reduced[-1][:-1], reduced[-1][-1]
-    grads = [g if bool(u > 0) else None for g, u in zip(reduced[:-1], used.tolist())]
+    # the mean over the ranks that regressed the parameter (a fraction u of them): the global batch's loss is a mean
+    # over its credited data points, of which a rank whose costs did not reach the head (credit=False, another cost
+    # name) has none; its zeros halved the head's step on two ranks (u = 1 where every rank used it: g / 1.0 is g)
+    grads = [g / u if u > 0 else None for g, u in zip(reduced[:-1], used.tolist())]
     finite = torch.stack([bad == 0] + [torch.isfinite(g).all() for g in grads if g is not None])
     return grads, finite
 
