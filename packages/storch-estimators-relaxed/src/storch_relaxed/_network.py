@@ -59,6 +59,15 @@ class ControlVariateNet(torch.nn.Module):
         storch.distributed.broadcast_(list(self.net.parameters()), owner=self._owner)
         _warn_untrained(self._owner)
 
+    def requires_grad_(self, requires_grad: bool = True) -> "ControlVariateNet":
+        """Also for the layers built later: before the estimator's first node there are none, so
+        ``est.requires_grad_(False)`` froze nothing and ``storch.backward()`` trained the layers built at that node
+        (as torch's lazy modules, whose uninitialised parameters keep the flag, the request is kept for them)."""
+        self._requires_grad = requires_grad
+        return super().requires_grad_(requires_grad)
+
+    _requires_grad = True  # the last requires_grad_() request, applied to the layers when they are built
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.build(x)
         dtype = self.net[0].weight.dtype  # x may be autocast's bfloat16, read outside the autocast block
@@ -68,7 +77,7 @@ class ControlVariateNet(torch.nn.Module):
         with drawing_with(storch.current_generator()):  # storch.Graph(generator=g): g initialises
             self.net = torch.nn.Sequential(
                 torch.nn.Linear(features, self.hidden), torch.nn.Tanh(), torch.nn.Linear(self.hidden, 1)
-            ).to(dtype=dtype, device=device)
+            ).to(dtype=dtype, device=device).requires_grad_(self._requires_grad)
 
     _owner = None  # the estimator whose process group the broadcast uses (set by it)
 

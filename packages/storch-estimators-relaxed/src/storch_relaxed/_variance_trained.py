@@ -117,6 +117,15 @@ class VarianceTrained(Estimator):
         if isinstance(self.network, ControlVariateNet):
             object.__setattr__(self.network, "_owner", self)  # not a submodule: no cycle in .modules()
 
+    def requires_grad_(self, requires_grad: bool = True) -> "VarianceTrained":
+        """torch's, and kept for the default network's layers if they are not built yet (built at the first node:
+        ``est.requires_grad_(False)`` before it left them trainable, and ``storch.backward()`` trained them)."""
+        super().requires_grad_(requires_grad)
+        network = getattr(self, "network", None)  # rebar has none
+        if isinstance(network, ControlVariateNet):
+            network.requires_grad_(requires_grad)
+        return self
+
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

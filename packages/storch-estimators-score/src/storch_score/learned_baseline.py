@@ -179,6 +179,7 @@ class LearnedBaseline(torch.nn.Module):
                                           torch.nn.Linear(self.hidden, 1)).to(dtype=learned_dtype(h), device=h.device)
                 torch.nn.init.zeros_(net[2].weight)
                 torch.nn.init.zeros_(net[2].bias)
+            net.requires_grad_(self._requires_grad)  # est.requires_grad_(False) before this head existed
             # every process must start from the same ψ (DDP broadcasts only what exists at wrapping)
             storch.distributed.broadcast_(list(net.parameters()), owner=self._owner)
             self.heads[key] = net
@@ -216,10 +217,20 @@ class LearnedBaseline(torch.nn.Module):
             if m and m.group(1) not in self.heads:
                 self.heads[m.group(1)] = torch.nn.Sequential(
                     torch.nn.Linear(weight.shape[1], self.hidden), torch.nn.Tanh(),
-                    torch.nn.Linear(self.hidden, 1)).to(dtype=weight.dtype, device=weight.device)
+                    torch.nn.Linear(self.hidden, 1)).to(dtype=weight.dtype, device=weight.device
+                                                        ).requires_grad_(self._requires_grad)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     _owner = None  # the estimator whose process group the broadcast uses (set by it)
+
+    def requires_grad_(self, requires_grad: bool = True) -> "LearnedBaseline":
+        """Also for the heads built later: a head is built at the first node of its cost, so
+        ``est.requires_grad_(False)`` before it froze nothing and ``storch.backward()`` trained the head (as torch's
+        lazy modules, whose uninitialised parameters keep the flag, the request is kept for them)."""
+        self._requires_grad = requires_grad
+        return super().requires_grad_(requires_grad)
+
+    _requires_grad = True  # the last requires_grad_() request, applied to the heads when they are built
 
     def forward(self, node: Node, cost: CostFrame) -> torch.Tensor:
         h, plates = baseline_features(node)

@@ -309,6 +309,14 @@ class Score(Estimator):
                 errors.append(((b - f) ** 2).mean())
         self._adam(errors)
 
+    def requires_grad_(self, requires_grad: bool = True) -> "Score":
+        """torch's, and kept for the heads of ``baseline="learned"`` not built yet (each is built at its cost's first
+        node: ``est.requires_grad_(False)`` before it left the head trainable, and ``storch.backward()`` trained it)."""
+        super().requires_grad_(requires_grad)
+        if isinstance(self.baseline_fn, LearnedBaseline):
+            self.baseline_fn.requires_grad_(requires_grad)
+        return self
+
     def _adam(self, errors: list) -> None:
         """One Adam step of the baseline's parameters on the sum of ``errors``; none (parameters and
         optimizer state unchanged, ``skipped_updates`` counts it, a RuntimeWarning says it) when the
