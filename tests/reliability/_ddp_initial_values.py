@@ -57,6 +57,8 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         dist.barrier()
         out.update(late_head(rank, x, g))
         dist.barrier()
+        out.update(heads_met_apart(rank, x, g))
+        dist.barrier()
 
 
 def _two_costs(model, x: torch.Tensor, g: torch.Generator, backward: bool = True) -> None:
@@ -109,3 +111,45 @@ def late_head(rank: int, x: torch.Tensor, g: torch.Generator) -> dict:
     out["late_head"] = outcome(trained)
     return out
 
+
+
+def _costs(model, x: torch.Tensor, g: torch.Generator, names: tuple, backward: bool = True) -> None:
+    """A step with a cost of each of ``names`` (each with its own NVIL head, of one shape)."""
+    with storch.Graph(generator=g):
+        xs = storch.denote_independent(x, 0, "data")
+        z = model.est(Bernoulli(logits=model.enc(xs)))
+        bce = F.binary_cross_entropy_with_logits(model.dec(z), xs, reduction="none")
+        for k, name in enumerate(names):
+            storch.add_cost(bce[..., k:].sum(), name=name)
+        if backward:
+            storch.backward()
+        else:
+            storch.surrogate_loss()
+
+
+def heads_met_apart(rank: int, x: torch.Tensor, g: torch.Generator) -> dict:
+    """NVIL's heads are kept in the order each rank first met their costs. ``apart_order``: built while
+    synchronisation is off, "a" then "b" on rank 0 and "b" then "a" on rank 1, then two synchronised updates: before,
+    broadcast_once_ and the gradients' mean went by position, so rank 1's head "b" was set to rank 0's "a" and averaged
+    with it (no error; the ranks held different heads by name). ``apart_costs``: while synchronised, rank 0's first
+    step has cost "a" alone and rank 1's "b" alone (a terminal cost that differs): before, rank 1's head "b" was set
+    to rank 0's "a" and their gradients averaged, silently; now every rank raises, naming each rank's head."""
+    import storch.distributed as sd
+
+    out = {}
+    model = Model("score", {"n_samples": 2, "baseline": "learned", "hidden": 4, "lr": 0.05})
+    sd.synchronize(model, enabled=False)
+    for names in ((("a",), ("b",)), (("b",), ("a",)))[rank]:
+        _costs(model, x, g, names, backward=False)
+    sd.synchronize(model)
+
+    def trained() -> bool:
+        for _ in range(2):
+            _costs(model, x, g, ("a", "b"))
+        named = sorted(model.est.named_parameters(), key=lambda item: item[0])
+        return sd.ranks_agree([p.detach() for _, p in named], model.est)
+
+    out["apart_order"] = outcome(trained)
+    model = Model("score", {"n_samples": 2, "baseline": "learned", "hidden": 4, "lr": 0.05})
+    out["apart_costs"] = outcome(lambda: _costs(model, x, g, (("a",), ("b",))[rank]))
+    return out

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import _ddp
 import _ddp_initial_values
 import _gloo
 
@@ -86,3 +87,19 @@ def test_an_nvil_head_built_while_unsynchronised_after_the_first_update_starts_f
         assert agree
         assert counted == [[(4, "the trained parameters (rank 0's)")], []], counted
 
+
+
+def test_nvil_heads_built_in_another_order_on_each_rank_are_matched_by_cost(ranks):
+    # built while unsynchronised, "a" then "b" on rank 0 and "b" then "a" on rank 1: the broadcast and the gradients'
+    # mean go by name (before: by ModuleDict position, rank 1's "b" was set to rank 0's "a", silently apart by name)
+    for r in range(WORLD):
+        assert ranks[r]["apart_order"] == ("ok", True), ranks[r]["apart_order"]
+
+
+def test_nvil_heads_built_for_different_costs_on_each_rank_raise_on_every_rank(ranks):
+    # rank 0's first step has cost "a" alone, rank 1's "b" alone: before, rank 1's head "b" was set to rank 0's "a"
+    # and their gradients averaged, no error
+    kind = "Score(baseline='learned', decay=0.9, lr=0.05, update=True)"
+    _ddp.assert_refused_on_every_rank(ranks, "apart_costs",
+                                      f"{kind} broadcasting the learned baseline's new head for cost 'a'",
+                                      f"{kind} broadcasting the learned baseline's new head for cost 'b'")

@@ -63,13 +63,14 @@ FROZEN = "averaging score's learned baseline gradients (frozen, requires_grad=Fa
 MODULE = "Score(baseline='callable', lr=0.05, update=True)"
 
 
-@pytest.mark.parametrize("case, kind, n", [("frozen_module_first", MODULE, 1), ("frozen_module", MODULE, 1),
-                                           ("frozen_nvil", "Score(baseline='learned', decay=0.9, lr=0.05, update=True)",
-                                            4)])
-def test_a_baseline_frozen_on_one_rank_raises_on_every_rank(ranks, case, kind, n):
+@pytest.mark.parametrize("case, kind, n, heads", [
+    ("frozen_module_first", MODULE, 1, ""), ("frozen_module", MODULE, 1, ""),
+    ("frozen_nvil", "Score(baseline='learned', decay=0.9, lr=0.05, update=True)", 4, "; heads: cost_rec")])
+def test_a_baseline_frozen_on_one_rank_raises_on_every_rank(ranks, case, kind, n, heads):
     """The baseline= module (or NVIL's heads) frozen on rank 1 alone: every rank raises, naming what each has frozen
     (before: rank 1 skipped the regression before the ranks' check, and rank 0 waited in it until the timeout)."""
-    _ddp.assert_refused_on_every_rank(ranks, case, f"{kind} {FROZEN}none)", f"{kind} {FROZEN}all {n} parameters)")
+    _ddp.assert_refused_on_every_rank(ranks, case, f"{kind} {FROZEN}none{heads})",
+                                      f"{kind} {FROZEN}all {n} parameters{heads})")
     assert "frozen with requires_grad=False" in ranks[0][case][1]
 
 

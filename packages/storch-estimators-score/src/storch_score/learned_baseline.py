@@ -181,7 +181,9 @@ class LearnedBaseline(torch.nn.Module):
                 torch.nn.init.zeros_(net[2].bias)
             net.requires_grad_(self._requires_grad)  # est.requires_grad_(False) before this head existed
             # every process must start from the same ψ (DDP broadcasts only what exists at wrapping)
-            storch.distributed.broadcast_(list(net.parameters()), owner=self._owner)
+            # (the head's cost named in the ranks' check: ranks that first met different costs build different heads)
+            storch.distributed.broadcast_(list(net.parameters()), owner=self._owner,
+                                          what=f"the learned baseline's new head for cost {name!r}")
             self.heads[key] = net
             self._warn_untrained(name)
         return self.heads[key]

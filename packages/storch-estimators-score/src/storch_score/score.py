@@ -338,12 +338,12 @@ class Score(Estimator):
             # and NVIL's heads, which are broadcast when built only while synchronised (a head built while
             # storch.distributed.synchronize was off, or before the process group existed, stayed each rank's own);
             # a head built later, while it was off, at the next update (broadcast_once_ keys on the parameters)
-            storch.distributed.broadcast_once_(self.baseline_fn.parameters(), self)
+            # by name (as the collectives below): NVIL's heads are in the order each rank first met their costs
+            storch.distributed.broadcast_once_((p for _, p in _by_name(self.baseline_fn.named_parameters())), self)
             # torch.distributed: the gradient of the global batch's regression loss, the mean over the
             # ranks that regressed each parameter (as DDP averages model gradients), so ψ and Adam's moments stay
             # identical everywhere; the ranks' check compares which parameters are frozen (named in what is averaged)
-            grads, finite = _across_ranks(params, grads, finite, self, named[0][1],
-                                          storch.distributed.frozen_parameters(named))
+            grads, finite = _across_ranks(named, grads, finite, self, storch.distributed.frozen_parameters(named))
         # one host sync per update (update_from runs after the step)
         if skip_nonfinite_update(self, finite, "the baseline", "regression",
                                  "Check the costs and the baseline's inputs (est(distribution, inputs=h)) for "
@@ -630,7 +630,11 @@ class _Callable(_Baseline):
 
 
 
-def _across_ranks(params: list, grads: tuple, finite: torch.Tensor, owner: Score, ref: torch.Tensor,
+def _by_name(named: Any) -> list:
+    return sorted(named, key=lambda item: item[0])
+
+
+def _across_ranks(named: list, grads: tuple, finite: torch.Tensor, owner: Score,
                   frozen: str) -> tuple[list, torch.Tensor]:
     """The baseline's regression gradients averaged over the ranks, and whether they are finite on every rank.
 
@@ -644,19 +648,32 @@ def _across_ranks(params: list, grads: tuple, finite: torch.Tensor, owner: Score
     non-finite loss or gradient skips the update on every rank (the same decision everywhere). ``frozen``: which of
     the baseline's parameters have requires_grad False (:func:`storch.distributed.frozen_parameters`), part of what
     the ranks' check compares: ranks that freeze different ones (or all of them) raise on every rank, naming each
-    rank's. ``ref``:
-    the baseline's first parameter (the flags' dtype and device: the same on every rank, whatever is frozen).
+    rank's. ``named``: the baseline's ``named_parameters()``, ``grads`` those of its trained ones, in that order.
+
+    The gradients travel in the order of the parameters' names, and NVIL's heads are named in what the ranks' check
+    compares: the heads are built in the order each rank first met their costs (ModuleDict order), so ranks that
+    first met "win" and "lose" apart averaged one head's gradient with the other's, of one shape, silently; ranks that
+    built heads for different costs raise on every rank, naming each rank's heads.
     """
-    flags = torch.tensor([float(g is not None) for g in grads] + [float(not bool(finite.all()))],
+    ref = named[0][1]  # the flags' dtype and device: the same on every rank, whatever is frozen
+    trained = [(n, p) for n, p in named if p.requires_grad]
+    order = sorted(range(len(trained)), key=lambda i: trained[i][0])
+    flags = torch.tensor([float(grads[i] is not None) for i in order] + [float(not bool(finite.all()))],
                          dtype=ref.dtype if ref.is_floating_point() else torch.get_default_dtype(), device=ref.device)
-    values = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)] + [flags]
+    values = [torch.zeros_like(trained[i][1]) if grads[i] is None else grads[i] for i in order] + [flags]
+    heads = owner.baseline_fn.heads if isinstance(owner.baseline_fn, LearnedBaseline) else None
+    built = "" if heads is None else f"; heads: {', '.join(sorted(heads)) or 'none'}"
     reduced = storch.distributed.all_reduce_mean(
-        values, owner=owner, what=f"score's learned baseline gradients (frozen, requires_grad=False: {frozen})")
+        values, owner=owner,
+        what=f"score's learned baseline gradients (frozen, requires_grad=False: {frozen}{built})")
     used, bad = reduced[-1][:-1], reduced[-1][-1]
     # the mean over the ranks that regressed the parameter (a fraction u of them): the global batch's loss is a mean
     # over its credited data points, of which a rank whose costs did not reach the head (credit=False, another cost
     # name) has none; its zeros halved the head's step on two ranks (u = 1 where every rank used it: g / 1.0 is g)
-    grads = [g / u if u > 0 else None for g, u in zip(reduced[:-1], used.tolist())]
+    averaged = [g / u if u > 0 else None for g, u in zip(reduced[:-1], used.tolist())]
+    grads = [None] * len(order)
+    for k, i in enumerate(order):  # back in the parameters' order
+        grads[i] = averaged[k]
     finite = torch.stack([bad == 0] + [torch.isfinite(g).all() for g in grads if g is not None])
     return grads, finite
 
