@@ -145,6 +145,9 @@ class Score(Estimator):
         self.register_load_state_dict_post_hook(Score._restore_optimizer)
         # state that storch.backward() updates: the moving average, a learned baseline's parameters
         self.has_update = update and self._baseline.trains(self)
+        # a baseline= module with every parameter frozen at construction: never trained (has_update False); one
+        # unfrozen afterwards would stay untrained silently, so its step raises (_call_baseline)
+        self._frozen_at_construction = update and not self.has_update and self._baseline.has_state(self)
         # storch.compile replays the moving average's update (from the step's mean costs, returned by
         # the compiled program) and NVIL's regression (from b_ψ's detached inputs and the costs); a
         # user's trainable callable it cannot (its inputs are whatever it reads)
@@ -241,7 +244,17 @@ class Score(Estimator):
         if isinstance(self.baseline_fn, LearnedBaseline):  # b_ψ conditions on them: checked at every step
             check_inputs(inputs, self.plate, step)
 
+    _frozen_at_construction = False
+
     def _call_baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
+        if self._frozen_at_construction and any(p.requires_grad for p in self.baseline_fn.parameters()):
+            raise OptionError(
+                f"score (plate {self.plate!r}): the baseline module {type(self.baseline_fn).__name__} had every "
+                "parameter frozen (requires_grad=False) when the estimator was built, so storch.backward() never "
+                "trains it (has_update is decided at construction), and it now has parameters with "
+                "requires_grad=True: they would stay untrained. Build the estimator after unfreezing the module (load "
+                "this one's state_dict() into it to keep its state), or keep it frozen; to train it with your own "
+                "optimizer, build the estimator with update=False and add the regression as a cost with credit=False")
         if node.distribution is not node.first_distribution:
             node = _before_sequence(node)
         b = self.baseline_fn(node, cost)

@@ -1,10 +1,15 @@
 """``est.requires_grad_(False)`` before a cost's first node freezes NVIL's head for that cost (``baseline="learned"``),
 which is built at that node: there was none to freeze then, and storch trained it (4 parameters with
 requires_grad=True after one step, moved by the next). The request is kept for the heads, as torch's lazy modules keep
-it, also for those a state_dict builds; ``requires_grad_(True)`` makes them trainable again."""
+it, also for those a state_dict builds; ``requires_grad_(True)`` makes them trainable again.
+
+A ``baseline=`` module frozen at construction is never trained (``has_update`` is decided there); unfrozen afterwards
+it stayed untrained with no word (b 0.0 and update_steps 0 after three steps): its step now raises, saying what to do.
+"""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.distributions import Bernoulli
 
@@ -51,3 +56,25 @@ def test_the_request_reaches_heads_a_state_dict_builds_and_can_be_undone():
     _step(fresh)
     assert all(p.requires_grad for p in fresh.parameters())
     assert any(not torch.equal(before[n], p) for n, p in fresh.named_parameters())
+
+
+class _Scalar(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, node, cost):
+        return self.b
+
+
+def test_a_baseline_module_frozen_at_construction_and_unfrozen_later_raises():
+    baseline = _Scalar().requires_grad_(False)
+    est = storch.estimator("score", plate="x", n_samples=2, baseline=baseline)
+    _step(est)  # frozen: never trained, no error
+    assert est.update_steps == 0 and not est.has_update
+    baseline.requires_grad_(True)
+    with pytest.raises(storch.OptionError, match="frozen .* when the estimator was built.*update=False"):
+        _step(est)
+    # built after unfreezing (or with update=False, trained by the user): no error
+    _step(storch.estimator("score", plate="x", n_samples=2, baseline=baseline, lr=0.1))
+    _step(storch.estimator("score", plate="x", n_samples=2, baseline=baseline, update=False))
