@@ -364,9 +364,11 @@ def frozen_parameters(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     as the ranks' check compares it: ``"none"``, ``"all N parameters"``, or their names. Put it in the ``what`` of
     the update's :func:`all_reduce_mean`, which every rank must reach, one that froze them all too: ranks that
     freeze different ones then raise on every rank, naming each rank's, where they would train apart or leave the
-    others waiting in the collective (the relaxed family's control variates, ``score``'s trained baselines)."""
+    others waiting in the collective (the relaxed family's control variates, ``score``'s trained baselines). The names
+    are sorted: the set is what is compared, not the order of ``named_parameters()`` (NVIL's heads are in the order
+    each rank first met their costs)."""
     named = list(named)
-    frozen = [name for name, p in named if not p.requires_grad]
+    frozen = sorted(name for name, p in named if not p.requires_grad)
     if not frozen:
         return "none"
     return f"all {len(named)} parameters" if len(frozen) == len(named) else ", ".join(frozen)
