@@ -530,19 +530,21 @@ def test_pathwise_nodes_are_passive_in_each_costs_term_and_asked_once(monkeypatc
     function adds only the mean over its plate to a cost's term, decided once per node in a surrogate (not for
     each (cost, node): M²/2); the loss and its gradient are bitwise those of the full loop (a score node in the
     middle of the chain keeps its L and baseline)."""
-    from storch.surrogate import terms
+    from storch.surrogate import running_sums, terms
 
     m = 8
     layers, step = _pathwise_chain(m, False, score=4)
     asked = []
     real = terms._passive
-    monkeypatch.setattr(terms, "_passive", lambda node: asked.append(node) or real(node))
+    for module in (running_sums, terms):  # (asked by the running sums' settle and by the cost's term)
+        monkeypatch.setattr(module, "_passive", lambda node: asked.append(node) or real(node))
     torch.manual_seed(1)
     loss = step()
     grads = torch.autograd.grad(loss, [layers[0].weight, layers[-1].weight])
     assert len(asked) == m and len({id(n) for n in asked}) == m
     assert [real(n) for n in asked] == [i != 4 for i in range(m)]
-    monkeypatch.setattr(terms, "_passive", lambda node: False)  # every node through the general loop
+    for module in (running_sums, terms):  # every node through the general loop
+        monkeypatch.setattr(module, "_passive", lambda node: False)
     torch.manual_seed(1)
     loss_all = step()
     assert torch.equal(loss, loss_all)

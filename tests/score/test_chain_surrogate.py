@@ -7,11 +7,14 @@ import torch
 from torch.distributions import Bernoulli
 
 import storch
+from storch.surrogate import control_variates as control_variates_module
 from storch.surrogate import estimates as estimates_module
+from storch.surrogate import grouped_baselines as grouped_module
 from storch.surrogate import loss as loss_module
 from storch.surrogate import one_node as one_node_module
 from storch.surrogate import order as order_module
 from storch.surrogate import pathwise as pathwise_module
+from storch.surrogate import running_sums as running_sums_module
 from storch.surrogate import terms as terms_module
 
 
@@ -32,7 +35,8 @@ def _chain(M, per_step, ests, a, seed=0):
 def _counted(monkeypatch, names):
     """Count the calls of the per (cost, node) functions of the surrogate (by wrapping them where they are used)."""
     count = {n: 0 for n in names}
-    for module in (loss_module, one_node_module, estimates_module, terms_module, pathwise_module, order_module):
+    for module in (loss_module, one_node_module, estimates_module, terms_module, running_sums_module, grouped_module,
+                   control_variates_module, pathwise_module, order_module):
         for n in names:
             f = getattr(module, n, None)
             if f is None:
@@ -71,7 +75,7 @@ def test_chain_surrogate_asks_each_node_once(monkeypatch, per_step):
 
 def _general(monkeypatch):
     """Make the surrogate take the general per (cost, node) path: no settled node facts, every node checked."""
-    monkeypatch.setattr(terms_module._Sums, "settle", lambda self, nodes: None)
+    monkeypatch.setattr(running_sums_module._Sums, "settle", lambda self, nodes: None)
     monkeypatch.setattr(loss_module, "_needy_nodes", lambda graph: {id(n) for n in graph.nodes})
 
 

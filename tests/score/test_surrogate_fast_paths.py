@@ -375,17 +375,17 @@ def _chain(K, name="score", B=4):
 
 def _surrogate_aligns(monkeypatch):
     """storch.surrogate_loss(), and how many times the surrogate aligned a tensor to a cost's plates."""
-    from storch.surrogate import estimates, one_node, steps, terms  # the modules of the surrogate that align
+    from storch.surrogate import estimates, grouped_baselines, one_node, running_sums, steps, terms  # (those that align)
     count = [0]
     align = terms.align
 
     def counted(*args, **kwargs):
         count[0] += 1
         return align(*args, **kwargs)
-    for module in (terms, steps, one_node, estimates):
+    for module in (terms, running_sums, grouped_baselines, steps, one_node, estimates):
         monkeypatch.setattr(module, "align", counted)
     out = storch.surrogate_loss()
-    for module in (terms, steps, one_node, estimates):
+    for module in (terms, running_sums, grouped_baselines, steps, one_node, estimates):
         monkeypatch.setattr(module, "align", align)
     return out, count[0]
 

@@ -22,7 +22,10 @@ The modules, each importing only those below it (the ``surrogate-layers`` contra
 - ``estimates``: ``cost_estimates``, ``estimate``: a cost reduced as the surrogate reduces it, detached;
 - ``samples``: the samples drawn with gradient, not changed in place, each reaching a cost (the warnings);
 - ``state_names``: per-cost estimator state of costs of one name and different plates kept apart;
-- ``terms``: a cost's term of Eq. 2 / Theorem 2 (``cost_nodes``, the running sums L_j, control variates);
+- ``terms``: a cost's term of Eq. 2 / Theorem 2 (``cost_nodes``, causal credit, the weights);
+- ``grouped_baselines``: the costs' baselines summed by node (one control variate term per node);
+- ``running_sums``: the running sums L_j of the cost's nodes' gradient functions, shared by the costs;
+- ``control_variates``: a node's control variate in a term (the estimator's own, or the baseline's);
 - ``order``: each estimator unbiased at the requested order; the low-order nodes' terms guarded;
 - ``pathwise``: a pathwise node's cost smooth on the path from its sample, and reaching it at all;
 - ``updates``: the estimators' updates on a backward pass of the surrogate (the probe);
@@ -40,8 +43,8 @@ from .loss import surrogate_loss
 # (_refuse_twice), storch.compile (update_on_backward); and tests/score/test_surrogate_fast_paths.py (terms)
 from .loss import value_surrogate  # noqa: F401
 from .refusals import _refuse_twice  # noqa: F401
-from .terms import (_BASE_CONTROL_VARIATE, _at_cost, _baseline_term, _cost_surrogate,  # noqa: F401
-                    _one_node_surrogate, cost_nodes)
+from .control_variates import _BASE_CONTROL_VARIATE, _baseline_term  # noqa: F401
+from .terms import _at_cost, _cost_surrogate, _one_node_surrogate, cost_nodes  # noqa: F401
 from .updates import update_on_backward  # noqa: F401
 
 __all__ = ["surrogate_loss", "backward", "cost_nodes", "cost_estimates", "estimate"]

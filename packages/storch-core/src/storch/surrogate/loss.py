@@ -22,14 +22,16 @@ from ..graph import Graph, _stack, tracing_recorder
 from ..plates.tensor import raw_of
 from .estimates import _plain_surrogate
 from .finite import _is_wrapped, refuse_on_backward
+from .grouped_baselines import _grouped_terms
 from .one_node import _one_node_loss, _widen_to_float64
 from .order import _check_order, _guard_low_order
 from .pathwise import _REACH_KEY, _check_compared, _check_integer_reads, _check_reaches, _check_smooth
 from .refusals import _PENDING, _check_mixed, _keep_counted
+from .running_sums import _Sums
 from .samples import _changed_in_place, _check_sampled_with_grad, _reads_its_samples, _warn_unreached_steps, _warn_unused
 from .state_names import _state_names
 from .steps import _step_group, _steps_surrogate
-from .terms import _grouped_terms, _Sums, _cost_surrogate, cost_nodes
+from .terms import _cost_surrogate, cost_nodes
 from .updates import _updates_on_backward
 
 
@@ -284,7 +286,7 @@ def _surrogate_loss(order: int, graph: Graph, common: bool = True) -> torch.Tens
     sums = _Sums()  # the running sums of the gradient functions, shared by the costs
     if len(single) > 1:
         sums.settle(graph.nodes)  # (what each cost would ask its nodes, asked once per node)
-        sums.groups = {}  # (the costs' control variates summed by node: see terms._grouped_cost)
+        sums.groups = {}  # (the costs' control variates summed by node: see grouped_baselines._grouped_cost)
     for name, cost, nodes in single:
         s = _cost_surrogate(cost, nodes, name, order, renamed and renamed.get(id(cost)), sums)
         loss = s if loss is None else loss + s

@@ -14,7 +14,7 @@ import torch
 from ..cost import CostFrame
 from ..node import Node
 from ..plates.tensor import Plate, align, plates_of, raw_of
-from .terms import _BASE_CONTROL_VARIATE, _baseline_term, _has_control_variate, _with_control_variate
+from .control_variates import _BASE_CONTROL_VARIATE, _baseline_term, _has_control_variate, _with_control_variate
 
 
 _STEPS = "(steps)"
