@@ -733,11 +733,13 @@ def test_a_cut_is_looked_for_once_per_estimator_and_cost(monkeypatch):
     """The walk of the cost's graph to the sample runs at the first step of each estimator and cost name (at
     any order): later steps walk nothing; a refused cost is checked again at the next step. One more walk, at
     the estimator's first step only: whether the value it handed out is a path from its parameters."""
-    from storch.surrogate import pathwise
+    from storch.surrogate import integer_reads, pathwise
+    from storch.surrogate import reaches as reaches_module
 
     walks = []
     reaches = pathwise._reaches
-    monkeypatch.setattr(pathwise, "_reaches", lambda *a: walks.append(1) or reaches(*a))
+    for module in (pathwise, reaches_module, integer_reads):  # (the modules that walk)
+        monkeypatch.setattr(module, "_reaches", lambda *a: walks.append(1) or reaches(*a))
     mu = torch.zeros(3, requires_grad=True)
     est = storch.estimator("reparameterization", plate="x", n_samples=2)
     for order in (1, 1, 2, 1):
@@ -1012,7 +1014,7 @@ def test_an_evaluation_only_leaf_with_gradient_is_not_pathwise(cost, monkeypatch
     smooth one (∇f(x̄) != 0). The estimator is marked never pathwise at its first step: later steps take the
     cut check's fast path (no walk). With frozen parameters it is undecided (refused, not remembered). The
     same estimator handing out x̄ with the graph of p is refused."""
-    from storch.surrogate import pathwise
+    from storch.surrogate import reaches
     from storch.testing import exact_derivatives, exact_expectation, z_test
 
     torch.manual_seed(3)
@@ -1030,7 +1032,7 @@ def test_an_evaluation_only_leaf_with_gradient_is_not_pathwise(cost, monkeypatch
             assert report.ok, report.table()
         assert est.__dict__["_storch_reach_checked"] is None
     walks = []
-    monkeypatch.setattr(pathwise, "_pathwise", lambda node: walks.append(1) or True)
+    monkeypatch.setattr(reaches, "_pathwise", lambda node: walks.append(1) or True)
     with storch.Graph():
         storch.add_cost(f(est(torch.distributions.Bernoulli(logits=theta.clone().requires_grad_()))), name="c")
         storch.backward()

@@ -10,10 +10,12 @@ import storch
 from storch.surrogate import control_variates as control_variates_module
 from storch.surrogate import estimates as estimates_module
 from storch.surrogate import grouped_baselines as grouped_module
+from storch.surrogate import integer_reads as integer_reads_module
 from storch.surrogate import loss as loss_module
 from storch.surrogate import one_node as one_node_module
 from storch.surrogate import order as order_module
 from storch.surrogate import pathwise as pathwise_module
+from storch.surrogate import reaches as reaches_module
 from storch.surrogate import running_sums as running_sums_module
 from storch.surrogate import terms as terms_module
 
@@ -36,7 +38,7 @@ def _counted(monkeypatch, names):
     """Count the calls of the per (cost, node) functions of the surrogate (by wrapping them where they are used)."""
     count = {n: 0 for n in names}
     for module in (loss_module, one_node_module, estimates_module, terms_module, running_sums_module, grouped_module,
-                   control_variates_module, pathwise_module, order_module):
+                   control_variates_module, pathwise_module, reaches_module, integer_reads_module, order_module):
         for n in names:
             f = getattr(module, n, None)
             if f is None:

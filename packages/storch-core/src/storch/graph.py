@@ -72,7 +72,7 @@ class Graph:
         self.no_credit: set[int] = set()  # ids of the costs added with credit=False (storch.add_cost)
         # id(cost) -> the record of its mark (storch.plates.integer_reads), for the costs computed from an integer
         # read from a pathwise sample, kept when the step's marks end (_close): a surrogate built after the `with`
-        # block still refuses them (storch.surrogate.pathwise._check_integer_reads)
+        # block still refuses them (storch.surrogate.integer_reads._check_integer_reads)
         self.integer_costs: dict[int, tuple] = {}
 
     # Defaults of the immutable state: class attributes, set on the instance when they change (a graph per step

@@ -52,7 +52,7 @@ def _threshold_watch(node: Node, jumps: bool):
     and common: ``x - x.max(-1, keepdim=True).values``), but its indices are an argmax of the relaxed sample: the
     watch returns a record ``(node reference, name, operand or None)``, with which the dispatcher marks the indices
     (:mod:`storch.plates.integer_reads`), and a cost computed from them is refused
-    (``storch.surrogate.pathwise._check_integer_reads``; found by review: REBAR's gradient of
+    (``storch.surrogate.integer_reads._check_integer_reads``; found by review: REBAR's gradient of
     ``w[m.max(-1).indices] + 0.1 * (m * v).sum(-1)`` was that of the smooth term alone, -0.0056 for -0.288)."""
     ref = weakref.ref(node)
 
@@ -157,7 +157,7 @@ def _compare_watch(node: Node):
         if not integer and finite_test(func, raw):
             return None  # (a NaN guard of a finite value: constant, no jump)
         # an integer value read from the sample (l.long(), argmax, topk's indices): marked, its walk deferred to
-        # the surrogate of a cost that carries the mark (storch.surrogate.pathwise._check_integer_reads)
+        # the surrogate of a cost that carries the mark (storch.surrogate.integer_reads._check_integer_reads)
         record = (ref, _name(func), None if plates is not None else raw) if integer else None
         if node.compared is not None or func in INDEX_VALUES:
             return record

@@ -8,7 +8,7 @@ integer value computed from that sample (a cast, an argmax, the indices of ``max
 (:mod:`storch.smoothness`) cannot see it, so the value is marked here when it is made
 (:func:`storch.estimators.watch._compare_watch` says which results), the mark follows every plate tensor computed
 from it (the dispatcher: :func:`spread`), and the surrogate refuses a cost that carries it
-(:func:`storch.surrogate.pathwise._check_integer_reads`). A bool mask (``x > 0``) is not marked: a continuous
+(:func:`storch.surrogate.integer_reads._check_integer_reads`). A bool mask (``x > 0``) is not marked: a continuous
 function selected by it (``torch.where(x > 0, x, 0)``) is unbiased at order 1; nor an integer cast of a bool or
 integer value (``(x > 0).long()`` is such a mask; an integer computed from a mark is marked by spreading).
 The indices of max / topk / sort of a REBAR or RELAX node's relaxed sample are marked too

@@ -27,7 +27,9 @@ The modules, each importing only those below it (the ``surrogate-layers`` contra
 - ``running_sums``: the running sums L_j of the cost's nodes' gradient functions, shared by the costs;
 - ``control_variates``: a node's control variate in a term (the estimator's own, or the baseline's);
 - ``order``: each estimator unbiased at the requested order; the low-order nodes' terms guarded;
-- ``pathwise``: a pathwise node's cost smooth on the path from its sample, and reaching it at all;
+- ``pathwise``: a pathwise node's cost smooth on the path from its sample;
+- ``reaches``: a pathwise node's cost reaching its sample at all (not cut by a comparison, ``.long()``, ``detach``);
+- ``integer_reads``: a pathwise node's cost computed from an integer value read from its sample (refused);
 - ``updates``: the estimators' updates on a backward pass of the surrogate (the probe);
 - ``refusals``: refusing a derivative beyond the surrogate's order (hooks; torch.func counted);
 - ``finite``: a non-finite loss refused before anything changes.

@@ -18,7 +18,7 @@ from ..errors import OrderError
 from ..graph import current_graph
 from ..node import Node
 from ..plates.tensor import install_wrap_check
-from .pathwise import _REACH_KEY, _pathwise
+from .reaches import _REACH_KEY, _pathwise
 
 
 def check_wrapped(raw: torch.Tensor, plates: tuple) -> None:
@@ -54,7 +54,7 @@ def check_wrapped(raw: torch.Tensor, plates: tuple) -> None:
 
 def _differentiates_cost(node: Node) -> bool:
     """Whether ``node``'s estimator gets its gradient through the sample it hands out (the test of
-    ``pathwise._check_reaches``, read from its record where an earlier surrogate decided it): a value it handed
+    ``reaches._check_reaches``, read from its record where an earlier surrogate decided it): a value it handed
     out requires grad, and is a path from the distribution's parameters (not MuProp's leaf of its own)."""
     est = node.estimator
     seen = est.__dict__.get(_REACH_KEY, ())

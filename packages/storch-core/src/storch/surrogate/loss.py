@@ -1,6 +1,6 @@
 """The surrogate loss (paper, Eq. 2) of a graph: ``surrogate_loss``, and its value alone (``value_surrogate``).
 
-``_surrogate_loss`` checks each cost's nodes (:mod:`.order`, :mod:`.pathwise`) and the samples (:mod:`.samples`:
+``_surrogate_loss`` checks each cost's nodes (:mod:`.order`, :mod:`.pathwise`, :mod:`.reaches`, :mod:`.integer_reads`) and the samples (:mod:`.samples`:
 drawn with gradient, not changed in place, each reaching a cost), then sums the costs' terms of Theorem 2:
 stacked per partition (:mod:`.steps`), one by one (:mod:`.terms`), or as written (``credit=False``,
 :mod:`.estimates`); the commonest step (one node) takes :mod:`.one_node` instead. ``surrogate_loss`` adds the
@@ -23,9 +23,11 @@ from ..plates.tensor import raw_of
 from .estimates import _plain_surrogate
 from .finite import _is_wrapped, refuse_on_backward
 from .grouped_baselines import _grouped_terms
+from .integer_reads import _check_integer_reads
 from .one_node import _one_node_loss, _widen_to_float64
 from .order import _check_order, _guard_low_order
-from .pathwise import _REACH_KEY, _check_compared, _check_integer_reads, _check_reaches, _check_smooth
+from .pathwise import _check_compared, _check_smooth
+from .reaches import _REACH_KEY, _check_reaches
 from .refusals import _PENDING, _check_mixed, _keep_counted
 from .running_sums import _Sums
 from .samples import _changed_in_place, _check_sampled_with_grad, _reads_its_samples, _warn_unreached_steps, _warn_unused

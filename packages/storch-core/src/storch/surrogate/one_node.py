@@ -17,7 +17,7 @@ from ..graph import Graph
 from ..node import Node
 from ..plates.tensor import PlateTensor, align
 from ..score_conditions import KINK_FREE
-from .pathwise import _REACH_KEY
+from .reaches import _REACH_KEY
 from .terms import _ensure_weights, _one_node_surrogate
 
 
