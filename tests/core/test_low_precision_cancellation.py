@@ -10,7 +10,7 @@ import torch
 from torch.distributions import Bernoulli, Normal
 
 import storch
-from storch.estimators.base import _LOG_P_GRADIENT
+from storch.estimators.capabilities import _LOG_P_GRADIENT
 
 
 class _LeaveOneOut(storch.Estimator):

@@ -1,4 +1,4 @@
-"""score's nodes on the plain-node path (issue 19, ``storch.estimators.base._plain_node``): taken from the second
+"""score's nodes on the plain-node path (issue 19, ``storch.estimators.nodes._plain_node``): taken from the second
 step with no baseline, leave-one-out, a moving average and a learned baseline (whose update counter, set every
 step, keeps the decision), with the general path's gradients and moving averages bitwise; not taken with the greedy baseline
 (its extra evaluation entry has weight 0: the weights are not uniform)."""
@@ -66,7 +66,7 @@ def test_greedy_baseline_is_not_plain():
 
 def _episode(est, theta, seed, force_general, steps=6):
     """A policy's episode (one score call per step, the next logits read from the last action, a cost per step):
-    the paths of its steps (``storch.estimators.base._plain_step`` or not) and the gradient."""
+    the paths of its steps (``storch.estimators.partition_steps._plain_step`` or not) and the gradient."""
     if force_general:
         est.__dict__["_storch_plain"] = {Bernoulli: False}
     torch.manual_seed(seed)

@@ -154,17 +154,17 @@ class Node:
     no_grad_step: Optional[int] = None  # set by the estimator's call (Estimator._no_grad)
     no_grad_cut = False
     branch_warned = False  # a partition step got an IndependentStepWarning (base._warn_independent_step): once
-    thresholded: Optional[str] = None  # set by the node's Lineage.watch (base._threshold_watch)
+    thresholded: Optional[str] = None  # set by the node's Lineage.watch (watch._threshold_watch)
     thresholded_in: Optional[str] = None  # (the same watch)
     compared: Optional[str] = None  # set by storch.estimators.watch.compared (a pathwise node's comparisons)
     _compared_pending: Optional[list] = None  # (func, raw) recorded by its Lineage.watch, not walked yet
-    max_order: float = math.inf  # lowered by Estimator.max_order_for (Estimator._sample_node)
-    rsample_kinks: Optional[tuple] = None  # set by storch.estimators.base.note_rsample (lowers max_order)
+    max_order: float = math.inf  # lowered by Estimator.max_order_for (estimators.nodes._sample_node)
+    rsample_kinks: Optional[tuple] = None  # set by storch.estimators.checks.note_rsample (lowers max_order)
     # (record of storch.plates.integer_reads, parameter path, step): a parameter of its distribution was computed
     # from an integer value read from a pathwise sample (set by the estimator's call while a mark is live)
     integer_parameter: Optional[tuple] = None
     rsample_noted = False  # set by note_rsample: this step's rsample was noted (by a proposal: LAX's, of x not ⊥x)
-    preimages: tuple = ()  # set by the estimator's call (base._keep_preimages)
+    preimages: tuple = ()  # set by the estimator's call (nodes._keep_preimages)
     _views: Optional[dict] = None
     # the step's baselines as read before its estimator's update, and whether that update ran (storch.estimators.
     # step_state): a surrogate built after the update reads the kept ones

@@ -16,7 +16,7 @@ import torch
 from .._order_guard import unbatched
 from ..distributions import RSAMPLE_ORDER_NOTE, rsample_kinks_note, rsample_max_order
 from ..errors import OrderError
-from ..estimators.base import _is_score_node
+from ..estimators.capabilities import _is_score_node
 from ..estimators.catalog import installed_classes, supporting_estimators
 from ..graph import Graph
 from ..node import Node

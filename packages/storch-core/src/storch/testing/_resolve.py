@@ -10,7 +10,8 @@ import torch
 from torch.distributions import Normal
 
 from ..errors import OptionError
-from ..estimators.base import Estimator, _offered_options
+from ..estimators.base import Estimator
+from ..estimators.options import _offered_options
 from ..node import Node
 from ..plates.tensor import PlateTensor
 from ..registry import estimator as _make_estimator
