@@ -49,7 +49,6 @@ def _vmap_draw_message(est: Estimator, distribution: Any, randomness: str, why: 
             f"(torch said: {str(e)[:200]})")
 
 
-
 _graph_task_id = torch._C._current_graph_task_id
 
 
@@ -62,7 +61,6 @@ def _in_backward_message(est: "Estimator") -> str:
         "the sampling: checkpoint the module that computes the distribution's parameters "
         "(`logits = checkpoint(enc, x, use_reentrant=False)`) and call the estimator outside the checkpointed "
         "function (the same holds for an estimator called from a tensor hook or a custom Function's backward)")
-
 
 
 _module = sys.modules[torch.nn.Module.__module__]  # torch.nn.modules.module: the global module hooks it keeps
@@ -126,7 +124,6 @@ def _no_module_hooks(est: Estimator) -> bool:
                 or _module._global_forward_hooks
                 or _module._global_forward_pre_hooks or _module._global_backward_hooks
                 or _module._global_backward_pre_hooks or _get_tracing_state())
-
 
 
 def _call_failed(est: Estimator, distribution: Any, e: BaseException) -> None:

@@ -47,6 +47,7 @@ class _instance_or_class(Generic[_P, _R]):
     def __get__(self, obj: Any, cls: Any = None) -> Callable[_P, _R]:
         return types.MethodType(self.__func__, cls if obj is None else obj)
 
+
 _REPLAY_FLAGS = ("replays_update", "update_uses_loss_graph")
 
 
@@ -97,8 +98,6 @@ def capability_problem(cls: type) -> Optional[str]:
                 "State needs one (node.state = State() is made for each node before proposal fills it), "
                 "e.g. `kappa: Optional[torch.Tensor] = None`")
     return None
-
-
 
 
 _BASE_SUPPORTS: dict[type, bool] = {}

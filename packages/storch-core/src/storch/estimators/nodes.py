@@ -121,6 +121,7 @@ def _keep_preimages(node: Node, preimages: list) -> None:
     if grad:
         node.preimages = node.preimages + grad
 
+
 def _gradient_function_failed(est: Estimator, raw: Distribution, sample: torch.Tensor, own: tuple,
                               e: BaseException) -> None:
     """Raise storch's explanation of the error ``e`` of a node's first gradient function where there is one (the
@@ -199,6 +200,7 @@ def _first_node(est: Estimator, graph, raw: Distribution, parents: tuple[Plate, 
         known[kind] = _is_plain(est, raw)
     return value
 
+
 def _add_scored_node(est: Estimator, graph, node: Node, raw: Distribution, parents: tuple[Plate, ...],
                      sample: torch.Tensor, own: tuple) -> tuple[Plate, tuple[Plate, ...]]:
     """A node's first step once its sample is drawn and checked (:func:`_sample_node` and
@@ -271,6 +273,7 @@ def _watched_draw(node: Node, raw: Distribution, params: Optional[list], draw: C
     note_compared(node, raw, watch.found, watch.jump)
     return made
 
+
 _grad_enabled = torch.is_grad_enabled
 
 
@@ -282,8 +285,6 @@ def _float_dtype(node: Node) -> torch.dtype:
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             return v.dtype
     return torch.get_default_dtype()
-
-
 
 
 def _note_integer_parameter(node: Node, distribution: Distribution, step: int) -> None:

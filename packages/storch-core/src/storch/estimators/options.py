@@ -14,7 +14,6 @@ import types
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-
 from ..errors import OptionError
 from .catalog import installed_classes
 from .capabilities import _instance_or_class
@@ -140,6 +139,7 @@ def _fixed_option_message(est: Estimator, name: str, value: Any, why: str) -> st
                   f"{', '.join(cls.options()) or 'none'})")
     return (f"{est.name or cls.__qualname__}: est.{name} = {shown[:80]} after construction is not supported: "
             f"{why}. {advice}")
+
 
 _FORWARDS: "weakref.WeakKeyDictionary[type, Optional[type]]" = weakref.WeakKeyDictionary()
 
@@ -337,8 +337,6 @@ def _marking_construction(init: Callable) -> Callable:
 
     __init__._marks_construction = True  # type: ignore[attr-defined]
     return __init__
-
-
 
 
 class _ByIdentity:
