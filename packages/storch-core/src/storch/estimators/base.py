@@ -149,17 +149,18 @@ class Estimator(torch.nn.Module):
             differentiates the loss after each call of a step replayed with ``backend=None`` (the
             only backend that can: a compiled program is one autograd node). Without those methods:
             a ``StorchError`` at registration or first instantiation (a class attribute), or where an
-            instance sets the flag (:func:`replay_problem`).
+            instance sets the flag (:func:`~storch.estimators.capabilities.replay_problem`).
         State: the dataclass of the per-node record ``node.state`` (``None``: no record).
         supports_partitions: whether calling one instance several times in a graph (a loop) makes
             one partition (paper, section 3.2; docs/partitions.md). A later step is made by
             :meth:`extend` where the class overrides a partition hook (``extend``,
             ``step_gradient_function``, ``draw``), else, where it overrides components, from its own
-            ``proposal``, ``gradient_function`` and ``output`` (:func:`~storch.estimators.partition_steps._components_step`). With a hook,
-            each overridden component needs its hook overridden in the same class or a subclass
-            (``gradient_function``: ``step_gradient_function`` or ``extend``; ``proposal``: ``draw`` or
-            ``extend``; ``output`` and ``weighting_function``: ``extend``), else the second call in a
-            graph (step 1) is refused (:func:`_partition_path`).
+            ``proposal``, ``gradient_function`` and ``output``
+            (:func:`~storch.estimators.partition_steps._components_step`). With a hook, each overridden
+            component needs its hook overridden in the same class or a subclass (``gradient_function``:
+            ``step_gradient_function`` or ``extend``; ``proposal``: ``draw`` or ``extend``; ``output`` and
+            ``weighting_function``: ``extend``), else the second call in a graph (step 1) is refused
+            (:func:`~storch.estimators.partition_steps._partition_path`).
         causal_credit: for partitions: a cost computed at step t is credited to steps <= t only
             (True: weights are the same at every step, e.g. sampling with replacement); False:
             costs are moved to the last step and credited to the whole sequence (sampling without
@@ -314,8 +315,8 @@ class Estimator(torch.nn.Module):
                 same = _as_raw(distribution, log[-1][0] if log else node.plates)
                 if same is not None and graph.owns(same[1]):
                     if plain and inputs is None:
-                        # a plain step (partition_steps._plain_step): decided per (estimator, distribution type) with the
-                        # node's plain decision, with the per-call conditions of _first_node and a partition
+                        # a plain step (partition_steps._plain_step): decided per (estimator, distribution type)
+                        # with the node's plain decision, with the per-call conditions of _first_node and a partition
                         # already started (its log and path set by its step 1 on the general path)
                         known = self.__dict__.get("_storch_plain")
                         if (known is not None and known.get(type(same[0])) and log is not None
@@ -867,7 +868,8 @@ _WELL_FORMED: "weakref.WeakSet[type]" = weakref.WeakSet()
 
 # the helper modules below this one read the class itself at call time (the base class's methods, which a subclass's
 # are compared with): they cannot import it (no import circles), so it is bound in them here, once
-capabilities.Estimator = estimator_options.Estimator = nodes.Estimator = partition_steps.Estimator = Estimator  # type: ignore[misc]
+for _helper in (capabilities, estimator_options, nodes, partition_steps):
+    _helper.Estimator = Estimator  # type: ignore[attr-defined]
 
 Estimator.__init__ = _marking_construction(Estimator.__init__)  # type: ignore[method-assign]
 

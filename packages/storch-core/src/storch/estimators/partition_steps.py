@@ -50,7 +50,7 @@ def _extend_partition(est: Estimator, graph, node: Node, distribution: Distribut
 
     ``unwrapped``: ``(raw, plates)`` already built by :meth:`Estimator.forward` (``plates`` are the
     partition's plates at its last step, checked against the graph), or ``None``. ``inputs``:
-    the step's ``inputs=`` (checked by :meth:`check_inputs`, as at the first step), kept in
+    the step's ``inputs=`` (checked by :meth:`Estimator.check_inputs`, as at the first step), kept in
     ``node.step_inputs``; ``node.inputs`` becomes them. ``own``: the plates of the plate tensors
     ``distribution`` holds (``Graph.check_call``), or ``None`` where ``unwrapped`` says they are the
     partition's plates at its last step: a step that carries none of the partition's plates (depends on
