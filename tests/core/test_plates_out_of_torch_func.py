@@ -72,8 +72,9 @@ def test_samples_fed_to_a_vmapped_ensemble_are_refused_with_what_works():
         with pytest.raises(storch.PlateError, match=r"computed inside a torch.func transform.*among the transform's "
                            r"outputs.*Python loop \(`torch.stack\(\[m\(z\) for m in models\]\)`\)"):
             vmap(lambda p, b, h: functional_call(base, (p, b), (h,)), in_dims=(0, 0, None))(params, buffers, z)
-        with pytest.raises(storch.PlateError, match=r"randomness='different' for score-function draws.*"
-                                                    r"randomness='same' for a reparameterized Normal"):
+        with pytest.raises(storch.PlateError, match=r"randomness='different' for a sampler that takes the "
+                                                    r"parameters.*randomness='same' for one that fills a tensor in "
+                                                    r"place \(rsample\(\) of Normal"):
             # (this step's Normal is reparameterized: the advice said randomness='different', which refuses its draw)
             vmap(lambda t: z * t)(torch.ones(2, dtype=D))
         with pytest.raises(storch.PlateError, match=r"among the transform's outputs"):

@@ -25,17 +25,21 @@ _JACFWD = ("torch.func.jacfwd(f, randomness='same') (its columns then differenti
            "estimate, as torch.autograd.functional.jacobian(f, x) computes it)")
 
 
-# which randomness of torch.func.vmap runs an estimator's draw (tests/core/test_vmap_randomness.py): it depends on
-# torch's sampler, not on storch. A sampler that takes the distribution's parameters (torch.bernoulli, multinomial,
-# torch.normal(loc, scale)) draws per member, and "same" has no draw for parameters that differ per member; Normal's
-# rsample fills torch.empty(shape).normal_() in place, which vmap does only once for every member (review of round 12)
+# which randomness of torch.func.vmap runs an estimator's draw (tests/core/test_vmap_randomness.py, docs/plates.md's
+# table): it depends on torch's sampler, not on storch. A sampler that takes the distribution's parameters
+# (torch.bernoulli, multinomial, torch.normal(loc, scale), _standard_gamma) draws per member, and "same" has no draw
+# for parameters that differ per member; one that fills torch.empty(shape) in place (normal_, uniform_, cauchy_,
+# exponential_) draws once for every member, so only "same" runs it (review of round 12); torch.rand(shape) (Uniform,
+# Gumbel) runs under both; Beta and Dirichlet's autograd.Function under neither
 _VMAP_RANDOMNESS = (
     "randomness='different' (each vmapped member draws its own samples: unbiased, independent per-member results, e.g. "
     "torch.func.vmap(torch.func.grad(step), randomness='different')) for a draw by a sampler that takes the "
-    "distribution's parameters (sample() of Bernoulli, Categorical, Normal: a score-function estimator's draws); "
-    "a sampler that fills a new tensor in place (Normal's rsample: a reparameterized draw) runs only with "
-    "randomness='same' (the members share the noise: each member's result unbiased, the members' correlated), which "
-    "in turn refuses a sampler of the first kind whose parameters differ between the members")
+    "distribution's parameters (sample() of Bernoulli, Categorical, Normal, LogNormal, sample() and rsample() of "
+    "Gamma), which randomness='same' runs only where the members' parameters are equal; a sampler that fills a new "
+    "tensor in place (rsample() of Normal and LogNormal, sample() and rsample() of Laplace, Cauchy, Exponential, "
+    "MultivariateNormal) runs only with randomness='same' (the members share the noise: each member's result "
+    "unbiased, the members' correlated); Uniform and Gumbel (torch.rand) run with either ('same': shared noise); Beta "
+    "and Dirichlet with neither (torch samples them through an autograd.Function torch.func cannot run)")
 
 
 def _vmap_draw_message(est: Estimator, distribution: Any, randomness: str, why: str, use: str, e: Exception) -> str:
@@ -174,6 +178,18 @@ def _call_failed(est: Estimator, distribution: Any, e: BaseException) -> None:
             "sampler for it cannot share one draw between members whose distributions differ",
             "randomness='different' (each member draws its own samples: unbiased per-member results, e.g. "
             "torch.func.vmap(torch.func.grad(step), randomness='different'))", e)) from e
+    if isinstance(e, RuntimeError) and "autograd.Function with functorch transforms" in str(e):
+        # torch draws Beta and Dirichlet through torch.distributions.dirichlet._Dirichlet, an
+        # autograd.Function without setup_context, which no torch.func transform runs (grad, vmap under any
+        # randomness); torch's own message asks the user to override a method of torch's class
+        raise StorchError(
+            f"estimator {est.name!r} (plate {est.plate!r}) cannot draw from {type(distribution).__name__} "
+            "inside a torch.func transform (torch.func.grad, jacrev, vmap, ...): torch's sampler or log_prob "
+            "for it is an autograd.Function that torch.func cannot run (Beta and Dirichlet: torch's "
+            "_Dirichlet), under any randomness. For derivatives use torch.autograd.grad or "
+            "torch.autograd.functional.jacobian / hessian; for per-member results give the members a plate "
+            "instead of vmap (storch.denote_independent(x, dim, 'data')), or run them in a Python loop "
+            f"(torch said: {str(e)[:200]})") from e
     if isinstance(e, RuntimeError) and "support calling random operations inside of vmap" in str(e):
         # torch's older vmap (torch._vmap_internals), which torch.autograd.functional runs f under with
         # vectorize=True and a forward-mode strategy: it refuses every random draw and has no randomness option

@@ -413,10 +413,10 @@ class PlateTensor(torch.Tensor):
                 "ensemble members), and torch.func cannot carry its plates out. Run the members in a Python loop "
                 "(`torch.stack([m(z) for m in models])`), run the whole storch step inside the transform "
                 "(parameters in, the surrogate out: `torch.func.vmap(torch.func.grad(step), randomness=...)` with "
-                "randomness='different' for score-function draws (sample() of Bernoulli, Categorical, Normal), "
-                "randomness='same' for a reparameterized Normal (its rsample fills a tensor in place, which "
-                "'different' refuses; the members then share the noise): docs/plates.md, 'torch.func transforms of "
-                "a whole step'), or return plain tensors (`z.tensor`, plate dims first)")
+                "randomness='different' for a sampler that takes the parameters (sample() of Bernoulli, Categorical, "
+                "Normal), randomness='same' for one that fills a tensor in place (rsample() of Normal, Laplace, "
+                "...: 'different' refuses it; the members then share the noise): docs/plates.md, 'torch.func "
+                "transforms of a whole step', has the table), or return plain tensors (`z.tensor`, plate dims first)")
         raise PlateError(
             f"{func} reached a PlateTensor below __torch_function__: a sparse tensor (torch.sparse_coo_tensor), "
             "a custom C++ operator, a torch.func transform (torch.func.grad, jacrev, vjp, jvp, vmap) applied to a "
