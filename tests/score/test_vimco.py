@@ -19,7 +19,7 @@ from torch.distributions import Bernoulli, Categorical, Poisson
 
 import storch
 from path_probes import Allocations
-from storch_score.vimco import _leave_one_out_baselines
+from storch.extending import leave_one_out_log_baselines
 
 K, D = 3, 2
 THETA = torch.tensor([0.3, -0.5], dtype=torch.float64)
@@ -458,14 +458,14 @@ def test_vimco_linear_baselines_equal_the_k_by_k_formula():
             log_w[..., 0] += 200.0
         if seed % 7 == 0:
             log_w[..., -1] = log_w[..., 0]
-        want, got = k_by_k_baselines(log_w), _leave_one_out_baselines(log_w)
+        want, got = k_by_k_baselines(log_w), leave_one_out_log_baselines(log_w)
         assert torch.equal(want == 0, got == 0), (seed, log_w, want, got)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for row in ([math.inf, 1.0, 2.0], [math.inf, -math.inf, 2.0], [math.nan, 1.0, 2.0], [math.inf, math.inf, 0.0],
                 [-math.inf] * 3, [math.inf, -math.inf, -math.inf], [0.0, -math.inf], [-math.inf, 5.0, -math.inf]):
         log_w = torch.tensor(row, dtype=torch.float64)
-        assert torch.isfinite(_leave_one_out_baselines(log_w)).all(), row
-        torch.testing.assert_close(_leave_one_out_baselines(log_w), k_by_k_baselines(log_w), rtol=1e-12, atol=0)
+        assert torch.isfinite(leave_one_out_log_baselines(log_w)).all(), row
+        torch.testing.assert_close(leave_one_out_log_baselines(log_w), k_by_k_baselines(log_w), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -477,13 +477,13 @@ def test_vimco_linear_baselines_of_a_far_dominating_draw(dtype):
     far = 800.0 if dtype == torch.float64 else 120.0
     log_w = torch.tensor([0.0, -far, -far - 10, -far - 20], dtype=dtype)
     want = k_by_k_baselines(log_w.double())
-    got = _leave_one_out_baselines(log_w)
+    got = leave_one_out_log_baselines(log_w)
     assert float(want[0]) > far  # the reference is finite and large
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-4)
     gen = torch.Generator().manual_seed(3)
     log_w = torch.randn(8, 1000, generator=gen, dtype=torch.float64) * 300 - 60
     want = k_by_k_baselines(log_w)
-    torch.testing.assert_close(_leave_one_out_baselines(log_w.to(dtype)).double(), want, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(leave_one_out_log_baselines(log_w.to(dtype)).double(), want, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -493,8 +493,8 @@ def test_vimco_linear_baselines_keep_the_dtype_and_its_precision(dtype):
     precisions are computed in float32 (K log-weights of -60 sum past float16's 65504) and rounded once."""
     gen = torch.Generator().manual_seed(1)
     log_w = torch.randn(16, 1000, generator=gen, dtype=torch.float64) * 12.5 - 60
-    want = _leave_one_out_baselines(log_w)
-    got = _leave_one_out_baselines(log_w.to(dtype))
+    want = leave_one_out_log_baselines(log_w)
+    got = leave_one_out_log_baselines(log_w.to(dtype))
     assert got.dtype == dtype
     rel = float(((got.double() - want).abs() / want.abs()).max())
     eps = torch.finfo(dtype).eps

@@ -6,6 +6,7 @@ Sits between the graph (nodes, plates) and the estimators, which read a cost thr
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Callable, Optional, Union
 
@@ -14,7 +15,7 @@ import torch
 from .node import Node
 from .plates.tensor import Plate, align
 
-__all__ = ["CostFrame", "magic_box", "leave_one_out"]
+__all__ = ["CostFrame", "magic_box", "leave_one_out", "leave_one_out_log_baselines"]
 
 
 def magic_box(x: torch.Tensor) -> torch.Tensor:
@@ -151,3 +152,79 @@ def _leave_one_out_of(t: torch.Tensor, d: int, n: int, start: int = 0) -> torch.
     smp = t.narrow(d, start, n - start)
     b = (smp.sum(d, keepdim=True) - smp) / (n - start - 1)
     return torch.cat([torch.zeros_like(t.narrow(d, 0, start)), b], d)
+
+
+def leave_one_out_log_baselines(log_weights: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The per-draw baselines of a multi-sample bound L = -(log Σ_k w_k - log K): VIMCO's (Mnih & Rezende, 2016,
+    Eq. 9-10), for estimators of such a bound (the first-party ``vimco``, a third party's own).
+
+    b_k is L with log w_k replaced by the mean of the other draws' log-weights (their geometric mean):
+    b_k = -(log(Σ_{j≠k} w_j + exp(mean_{j≠k} log w_j)) - log K). It depends on the other draws only, so
+    Σ_k (1 - MagicBox(l_k)) ⊥b_k is a zero-mean control variate at every order (appendix C).
+
+    O(K) time and memory per set (no K x K tensor): with m = max_j log w_j and e_j = exp(log w_j - m),
+    Σ_{j≠k} w_j = exp(m) Σ_{j≠k} e_j, the total less e_k, except at the largest weight (where that difference
+    would cancel; it is summed again without it, shifted by the largest other log-weight, so that other draws
+    far below the top do not underflow); the mean of the others is the total of the log-weights less log w_k.
+    float16 / bfloat16 log-weights are summed in float32 (K log-weights of ~-50 overflow float16).
+
+    Impossible draws (log w_j = -inf: p(x, z_j) = 0, or a masked draw) make the geometric mean of the others
+    0 (their mean -inf) where another draw is impossible, instead of the NaN of -inf - (-inf). A b_k that is
+    not finite (every other draw impossible: +inf, which the control variate's factor 1 - MagicBox(l_k), of
+    value 0, would turn into NaN) is 0, and so is a b_k whose other draws hold +inf or NaN (the bound itself
+    is then not finite): any baseline that is a function of the other draws keeps the estimate unbiased.
+
+    Args:
+        log_weights: the K per-draw log-weights log w_k (detached: a baseline carries no gradient), along ``dim``.
+        dim: the dim of the K draws (K >= 2).
+
+    Returns:
+        b, the shape of ``log_weights``: b_k at the position of draw k.
+
+    Example:
+        >>> b = leave_one_out_log_baselines(torch.tensor([0.0, -1.0, -2.0]))
+        >>> # b[0] = -(logsumexp([-1.5, -1.0, -2.0]) - log 3): draw 0's log-weight replaced by mean(-1, -2)
+    """
+    if log_weights.dim() == 0 or log_weights.shape[dim] < 2:
+        raise ValueError(f"leave_one_out_log_baselines needs K >= 2 draws along dim {dim} (each draw's baseline "
+                         f"averages the others), got log-weights of shape {tuple(log_weights.shape)}")
+    if dim not in (-1, log_weights.dim() - 1):
+        return _log_baselines(log_weights.movedim(dim, -1)).movedim(-1, dim)
+    return _log_baselines(log_weights)
+
+
+def _log_baselines(log_w: torch.Tensor) -> torch.Tensor:
+    """:func:`leave_one_out_log_baselines` along the last dim."""
+    if log_w.dtype in _REDUCED:  # the sum of K log-weights of ~-50 overflows float16
+        return _log_baselines(log_w.float()).to(log_w.dtype)
+    k = log_w.shape[-1]
+    finite = torch.isfinite(log_w)
+    ninf = torch.full((), -math.inf, dtype=log_w.dtype, device=log_w.device)
+    zero = torch.zeros((), dtype=log_w.dtype, device=log_w.device)
+    x = torch.where(finite, log_w, ninf)  # +inf and NaN handled below (their other draws get b = 0)
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, zero)  # all -inf: e = 0 below
+    e = torch.exp(x - m)
+    rest = e.sum(-1, keepdim=True) - e  # Σ_{j≠k} e_j >= e_top = 1 for k != top: no cancellation
+    xf = torch.where(finite, log_w, zero)
+    others = (xf.sum(-1, keepdim=True) - xf) / (k - 1)  # the mean of the finite others (Eq. 10)
+    impossible = log_w == -math.inf
+    others = torch.where(_at_another_draw(impossible), ninf, others)  # the geometric mean of weights with a zero
+    lse = m + torch.log(rest + torch.exp(others - m))
+    # the largest draw's own entry is shifted by the largest of the OTHER log-weights, m2 (its mean of the others
+    # is <= m2): shifted by m, every term of it is exp(x_j - m), which underflows to 0 once all other draws lie
+    # ~103 nats below the top in float32 (745 in float64) and gave b = +inf, then 0 (a review: log w [0, -120,
+    # -130, -140] gave b_top 0 for 121.39); the K x K form shifted each row by its own maximum
+    top = e.argmax(-1, keepdim=True)
+    x2 = x.scatter(-1, top, -math.inf)
+    m2 = x2.amax(-1, keepdim=True)
+    m2 = torch.where(torch.isfinite(m2), m2, zero)
+    lse_top = m2 + torch.log(torch.exp(x2 - m2).sum(-1, keepdim=True) + torch.exp(others.gather(-1, top) - m2))
+    b = -(lse.scatter(-1, top, lse_top) - math.log(k))  # Eq. 9 with w_k replaced
+    return torch.where(torch.isfinite(b) & ~_at_another_draw(~finite & ~impossible), b, zero)
+
+
+def _at_another_draw(mask: torch.Tensor) -> torch.Tensor:
+    """[..., k]: whether mask holds at some j != k (last dim)."""
+    n = mask.sum(-1, keepdim=True)
+    return n - mask.to(n.dtype) > 0

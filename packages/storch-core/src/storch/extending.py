@@ -81,6 +81,9 @@ Learned parts:
 
 Baselines:
     :func:`leave_one_out` is the leave-one-out baseline of a node's samples from its cost frame.
+    :func:`leave_one_out_log_baselines` are the per-draw baselines of a multi-sample bound
+    -log (1/K Σ_k w_k) (VIMCO's: log w_k replaced by the mean of the others), from its K log-weights,
+    with impossible draws (log w = -inf) handled; the first-party ``vimco`` uses it.
 
 Smoothness (pathwise terms at order n >= 2):
     :func:`require_smooth` refuses (``storch.OrderError``) when an output is differentiated through
@@ -159,7 +162,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Iterable, Optional
 import torch
 
 from . import options
-from .cost import leave_one_out
+from .cost import leave_one_out, leave_one_out_log_baselines
 from .distributions import (base_distribution, differentiated_total_count, given_by_probs, grad_parameters, parameters,
                             rebuild, rekey_transform_cache, rsample_kinks, rsample_max_order, rsample_params,
                             rsample_walked, varying_total_count)
@@ -191,6 +194,7 @@ __all__ = [
     "load_own_optimizer", "refuse_lazy_build", "rsample_kinks", "rsample_walked", "rsample_params", "grad_parameters", "note_rsample",
     "check_precision", "unbatched",
     "state_record", "check_state_record", "differentiated_total_count", "varying_total_count",
+    "leave_one_out_log_baselines",
 ]
 
 

@@ -13,7 +13,8 @@ from torch.distributions import Distribution
 import storch
 from storch import (CostError, CostFrame, Estimator, Node, PlateError, PlateTensor, StorchError,
                     UnsupportedDistributionError, magic_box)
-from storch.extending import grad_parameters, is_differentiated, options, step_guard, strict_support, unbatched
+from storch.extending import (grad_parameters, is_differentiated, leave_one_out_log_baselines, options, step_guard,
+                              strict_support, unbatched)
 
 __all__ = ["Vimco", "VimcoState"]
 
@@ -193,7 +194,7 @@ class Vimco(Estimator):
         if any(name == cost.name and c is not s.bound for name, c in costs):
             raise CostError(f"vimco (plate {self.plate!r}): the bound shares its cost name {cost.name!r} with "
                             "another cost; give it a name of its own")
-        b = _leave_one_out_baselines(s.log_w)  # detached (bound() kept ⊥log w); O(K) per set
+        b = leave_one_out_log_baselines(s.log_w)  # Eq. 9-10, detached (bound() kept ⊥log w); O(K) per set
         l_k = cost.align(s.log_q, node.plates)
         # Σ_k (1 - MagicBox(l_k)) ⊥b_k: zero-mean at every order, as b_k does not depend on z_k (appendix C)
         return ((1.0 - magic_box(l_k)) * cost.align(b, s.log_w_plates)).sum(-1)
@@ -232,51 +233,3 @@ def _shape_hint(log_w: PlateTensor, k: int) -> str:
             "a data plate (x = storch.denote_independent(x, 0, 'data')) and write the model for one data point: "
             "summing over it would make one bound of the whole batch, not one per data point. vimco makes the K "
             "copies of q itself: pass q of one draw (not logits.expand(K, ...))")
-
-
-def _leave_one_out_baselines(log_w: torch.Tensor) -> torch.Tensor:
-    """b_k = -(log Σ_j w'_j - log K), w' = w with log w_k replaced by mean_{j≠k} log w_j; last dim K -> K.
-
-    O(K) time and memory per set (no K x K tensor): with m = max_j log w_j and e_j = exp(log w_j - m),
-    Σ_j w'_j = exp(m) (Σ_{j≠k} e_j + exp(mean_{j≠k} log w_j - m)). Σ_{j≠k} e_j is the total less e_k, except at
-    the largest weight (where that difference would cancel: it is summed again without it); the mean of
-    the others is the total of the log-weights less log w_k. Both are accurate to a few ulps of the values.
-
-    Every other draw impossible (log w_j = -inf for j != k): b_k would be +inf although the bound is finite,
-    and (1 - MagicBox(l_k)) · b_k would be 0 · inf = NaN. Any baseline that is a function of the other draws
-    keeps the estimate unbiased, so such a b_k is 0 (no baseline for that draw); so is a b_k whose other
-    draws hold a log-weight of +inf or NaN (the bound itself is then not finite).
-    """
-    if log_w.dtype in (torch.float16, torch.bfloat16):  # the sum of K log-weights of ~-50 overflows float16
-        return _leave_one_out_baselines(log_w.float()).to(log_w.dtype)
-    k = log_w.shape[-1]
-    finite = torch.isfinite(log_w)
-    ninf = torch.full((), -math.inf, dtype=log_w.dtype, device=log_w.device)
-    zero = torch.zeros((), dtype=log_w.dtype, device=log_w.device)
-    x = torch.where(finite, log_w, ninf)  # +inf and NaN handled below (their other draws get b = 0)
-    m = x.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, zero)  # all -inf: e = 0 below
-    e = torch.exp(x - m)
-    rest = e.sum(-1, keepdim=True) - e  # Σ_{j≠k} e_j >= e_top = 1 for k != top: no cancellation
-    xf = torch.where(finite, log_w, zero)
-    others = (xf.sum(-1, keepdim=True) - xf) / (k - 1)  # the mean of the finite others
-    impossible = log_w == -math.inf
-    others = torch.where(_at_another_draw(impossible), ninf, others)  # the geometric mean of weights with a zero
-    lse = m + torch.log(rest + torch.exp(others - m))
-    # the largest draw's own entry is shifted by the largest of the OTHER log-weights, m2 (its mean of the others
-    # is <= m2): shifted by m, every term of it is exp(x_j - m), which underflows to 0 once all other draws lie
-    # ~103 nats below the top in float32 (745 in float64) and gave b = +inf, then 0 (a review: log w [0, -120,
-    # -130, -140] gave b_top 0 for 121.39); the K x K form shifted each row by its own maximum
-    top = e.argmax(-1, keepdim=True)
-    x2 = x.scatter(-1, top, -math.inf)
-    m2 = x2.amax(-1, keepdim=True)
-    m2 = torch.where(torch.isfinite(m2), m2, zero)
-    lse_top = m2 + torch.log(torch.exp(x2 - m2).sum(-1, keepdim=True) + torch.exp(others.gather(-1, top) - m2))
-    b = -(lse.scatter(-1, top, lse_top) - math.log(k))
-    return torch.where(torch.isfinite(b) & ~_at_another_draw(~finite & ~impossible), b, zero)
-
-
-def _at_another_draw(mask: torch.Tensor) -> torch.Tensor:
-    """[..., k]: whether mask holds at some j != k (last dim)."""
-    n = mask.sum(-1, keepdim=True)
-    return n - mask.to(n.dtype) > 0
