@@ -17,6 +17,7 @@ from storch.surrogate import order as order_module
 from storch.surrogate import pathwise as pathwise_module
 from storch.surrogate import reaches as reaches_module
 from storch.surrogate import running_sums as running_sums_module
+from storch.surrogate import steps as steps_module
 from storch.surrogate import terms as terms_module
 
 
@@ -37,8 +38,9 @@ def _chain(M, per_step, ests, a, seed=0):
 def _counted(monkeypatch, names):
     """Count the calls of the per (cost, node) functions of the surrogate (by wrapping them where they are used)."""
     count = {n: 0 for n in names}
-    for module in (loss_module, one_node_module, estimates_module, terms_module, running_sums_module, grouped_module,
-                   control_variates_module, pathwise_module, reaches_module, integer_reads_module, order_module):
+    for module in (loss_module, one_node_module, estimates_module, steps_module, terms_module, running_sums_module,
+                   grouped_module, control_variates_module, pathwise_module, reaches_module, integer_reads_module,
+                   order_module):
         for n in names:
             f = getattr(module, n, None)
             if f is None:

@@ -497,7 +497,7 @@ def test_shared_running_sums_keep_the_surrogate_and_its_derivatives(order):
 def test_first_party_partition_steps_take_their_own_extend(name, options):
     # the partition estimators of this family override extend with their components written into it
     # (greedy decoding, stochastic beam search): a later step runs it, not the path made from the
-    # components that an estimator without partition hooks gets (Estimator._components_step)
+    # components that an estimator without partition hooks gets (storch.estimators.partition_steps._components_step)
     theta = torch.tensor([0.3, -0.5], requires_grad=True)
     est = storch.estimator(name, plate="a", n_samples=3, **options)
     with storch.Graph():

@@ -469,7 +469,4 @@ def _warn_independent_step(est: Estimator, node: Node, own: tuple[Plate, ...], s
         "the labelled and the unlabelled data of a semi-supervised VAE), create one estimator per branch, "
         f"storch.estimator(...) for each, with plates of their own (plate='{q}_a', plate='{q}_b'). If a sequence is "
         "meant, silence this with warnings.filterwarnings('ignore', category=storch.IndependentStepWarning) "
-        "(docs/partitions.md)"), stacklevel=_user_stacklevel())
-
-
-_user_stacklevel = user_stacklevel  # (storch._stacklevel: the first frame outside storch and torch)
+        "(docs/partitions.md)"), stacklevel=user_stacklevel())
