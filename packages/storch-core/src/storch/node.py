@@ -153,7 +153,7 @@ class Node:
     finished: Optional[torch.Tensor] = None  # partitions with eos: sequences that have ended
     no_grad_step: Optional[int] = None  # set by the estimator's call (Estimator._no_grad)
     no_grad_cut = False
-    branch_warned = False  # a partition step got an IndependentStepWarning (estimators.partition_steps._warn_independent_step): once
+    branch_warned = False  # a partition step got an IndependentStepWarning (partition_steps._warn_independent_step)
     thresholded: Optional[str] = None  # set by the node's Lineage.watch (watch._threshold_watch)
     thresholded_in: Optional[str] = None  # (the same watch)
     compared: Optional[str] = None  # set by storch.estimators.watch.compared (a pathwise node's comparisons)
