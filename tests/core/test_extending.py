@@ -175,7 +175,8 @@ def test_supports_reads_an_instances_capabilities():
     assert est.supports(b) and not NeedsRsample.supports(b)
     est.check_distribution(b)
     assert NeedsRsample.requirements() == ["a distribution with rsample (has_rsample=True) that reparameterises its samples "
-                                           "(not OneHotCategoricalStraightThrough's straight-through rsample)"]
+                                           "(not OneHotCategoricalStraightThrough's straight-through rsample, nor torch's "
+                                           "Wishart.rsample, which autograd cannot differentiate)"]
     assert est.requirements() == []
 
 

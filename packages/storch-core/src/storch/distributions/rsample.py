@@ -1,6 +1,6 @@
 """What torch's ``rsample`` can be differentiated to: the order of its derivatives (the gamma
-family's implicit reparameterisation: first order only), and a straight-through ``rsample`` that is no
-reparameterisation at all.
+family's implicit reparameterisation: first order only), a straight-through ``rsample`` that is no
+reparameterisation at all, and one that autograd cannot differentiate at the sample shapes storch draws.
 """
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ from __future__ import annotations
 import math
 
 from torch.distributions import (Dirichlet, Distribution, Gamma, Independent, OneHotCategoricalStraightThrough,
-    TransformedDistribution)
+    TransformedDistribution, Wishart)
 
-__all__ = ["rsample_max_order", "straight_through_rsample", "RSAMPLE_ORDER_NOTE"]
+__all__ = ["rsample_max_order", "straight_through_rsample", "undifferentiable_rsample", "RSAMPLE_ORDER_NOTE",
+           "UNDIFFERENTIABLE_RSAMPLE_NOTE"]
 
 
 def rsample_max_order(d: Distribution) -> float:
@@ -46,6 +47,28 @@ def straight_through_rsample(d: Distribution) -> bool:
         d = d.base_dist
     return isinstance(d, OneHotCategoricalStraightThrough)
 
+
+def undifferentiable_rsample(d: Distribution) -> bool:
+    """Whether autograd cannot differentiate ``d.rsample(sample_shape)`` for the sample shapes storch draws.
+
+    torch's ``Wishart.rsample`` (seen in torch 2.13) tests its Bartlett draw with ``support.check`` where it
+    means "not in the support", so it takes every valid draw for a singular one ("Singular sample detected")
+    and redraws it in place (``sample[is_singular] = ...``), then updates the boolean mask in place too. With a
+    sample shape (storch draws ``(n_samples,)``), that mask was saved for the backward of the indexed
+    assignment, and the first backward raises "one of the variables needed for gradient computation has been
+    modified by an inplace operation" (a bare RuntimeError from the user's ``backward``). A pathwise estimator
+    refuses it up front instead. Looks under ``Independent`` and ``TransformedDistribution`` wrappers.
+    ``tests/all/test_distribution_zoo.py`` checks that torch still fails, so the refusal can go when it does not.
+    """
+    while isinstance(d, (Independent, TransformedDistribution)):
+        d = d.base_dist
+    return isinstance(d, Wishart)
+
+
+UNDIFFERENTIABLE_RSAMPLE_NOTE = (
+    "torch's Wishart.rsample cannot be differentiated at a sample shape: it takes every draw for a singular one "
+    "and redraws it in place, so the first backward raises (an in-place modification of a tensor saved for "
+    "backward). Use 'score' for this node (Wishart has log_prob; baseline='leave_one_out' for less variance)")
 
 RSAMPLE_ORDER_NOTE = (
     "torch's rsample of the gamma family (Gamma, Chi2, Beta, Dirichlet, and StudentT, FisherSnedecor, "

@@ -43,7 +43,8 @@ from torch.distributions import Distribution, Independent
 
 from ..cost import CostFrame, magic_box
 from ..distributions import (check_enumeration, raw_log_prob, raw_sample, rsample_max_order, straight_through_rsample,
-                             unwrap_distribution)
+                             undifferentiable_rsample, unwrap_distribution)
+from ..distributions.rsample import UNDIFFERENTIABLE_RSAMPLE_NOTE
 from ..distributions.unwrap import _as_raw
 from ..eager import (_compiler, _jit_tracing, eager_only, ignored_by_script, refuse_foreign_trace,
                      scripted_estimator_message)
@@ -488,7 +489,8 @@ class Estimator(torch.nn.Module):
             need.append("one of " + ", ".join(t.__name__ for t in cls.distributions))
         if cls.requires_rsample:
             need.append("a distribution with rsample (has_rsample=True) that reparameterises its samples "
-                        "(not OneHotCategoricalStraightThrough's straight-through rsample)")
+                        "(not OneHotCategoricalStraightThrough's straight-through rsample, nor torch's Wishart.rsample, "
+                        "which autograd cannot differentiate)")
         if cls.requires_enumerate_support:
             need.append("a distribution whose finite support torch can enumerate (has_enumerate_support=True: "
                         "Bernoulli, Categorical, OneHotCategorical, Binomial; torch does not enumerate a Multinomial's "
@@ -587,6 +589,8 @@ class Estimator(torch.nn.Module):
                     "with the derivative of probs), not a reparameterisation, so a pathwise gradient through it is "
                     "biased. For an unbiased gradient use a OneHotCategorical with score, rebar or relax; for the "
                     "straight-through estimator itself, 'gumbel_straight_through'." + hint)
+        if self.requires_rsample and d.has_rsample and undifferentiable_rsample(d):
+            hint = f" {UNDIFFERENTIABLE_RSAMPLE_NOTE}." + hint
         return (f"estimator {self.name!r} does not support {type(d).__name__}; it needs "
                 f"{' and '.join(self.requirements())}.{hint}")
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generic, Optional, TypeVar
 import torch
 from torch.distributions import Distribution, Independent, TransformedDistribution
 
-from ..distributions import base_distribution, holds_grad, straight_through_rsample
+from ..distributions import base_distribution, holds_grad, straight_through_rsample, undifferentiable_rsample
 from ..errors import UnsupportedDistributionError
 from ..graph import is_tracing
 from ..node import Node
@@ -230,8 +230,8 @@ def _meets_requirements(est, d: Distribution) -> bool:
     """The type requirements of :meth:`Estimator.supports` (``est``: an instance or a class)."""
     if est.distributions is not None and not isinstance(base_distribution(d), est.distributions):
         return False
-    if est.requires_rsample and (not d.has_rsample or straight_through_rsample(d)):
-        return False  # (a straight-through rsample is no pathwise derivative: a biased estimate)
+    if est.requires_rsample and (not d.has_rsample or straight_through_rsample(d) or undifferentiable_rsample(d)):
+        return False  # (a straight-through rsample is no pathwise derivative: a biased estimate; Wishart's raises)
     if est.requires_expand and not implements_expand(d):
         return False
     return not est.requires_enumerate_support or d.has_enumerate_support
