@@ -158,6 +158,10 @@ def zoo() -> list[Member]:
         M("OneHotCategorical", _t(0.2, -0.3, 0.5), lambda t: D.OneHotCategorical(logits=t[0:3])),
         M("OneHotCategoricalStraightThrough", _t(0.2, -0.3, 0.5), lambda t: D.OneHotCategoricalStraightThrough(logits=t[0:3])),
         M("Binomial", _t(0.2, -0.4), lambda t: D.Binomial(4, logits=t[0:2])),
+        # a logit of exactly 0 (probs 0.5, a zero-initialised parameter): torch's Binomial.log_prob has a second
+        # derivative of 0 there instead of -n/4 (its softplus written with abs and clamp)
+        M("Binomial(logit 0)", _t(0.0, -0.4), lambda t: D.Binomial(4, logits=t[0:2])),
+        M("Binomial(probs 0.5)", _t(0.0, 0.3), lambda t: D.Binomial(_t(3.0, 4.0), probs=torch.sigmoid(t[0:2]))),
         M("Multinomial", _t(0.2, -0.3, 0.5), lambda t: D.Multinomial(3, logits=t[0:3])),
         M("Poisson", _t(0.3, 0.1), lambda t: D.Poisson(t[0:2].exp())),
         M("Geometric", _t(0.3, -0.2), lambda t: D.Geometric(logits=t[0:2])),

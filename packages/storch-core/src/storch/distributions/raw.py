@@ -1,13 +1,14 @@
 """A node's log-probability and draw on its raw distribution: torch's kernels, without the Python
-checks a raw copy does not need (a Bernoulli), and a Poisson's log p with finite derivatives at a zero rate.
+checks a raw copy does not need (a Bernoulli), a Poisson's log p with finite derivatives at a zero rate, and
+a Binomial's with the right second derivative at a logit of 0.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.distributions import Bernoulli, Distribution, Independent, Poisson
+from torch.distributions import Bernoulli, Binomial, Distribution, Independent, Poisson
 
-from .support import _poisson_log_prob
+from .support import _binomial_log_prob, _poisson_log_prob
 
 __all__ = ["raw_log_prob", "raw_sample"]
 
@@ -23,10 +24,15 @@ def raw_log_prob(d: Distribution, value: torch.Tensor) -> torch.Tensor:
     Python checks and a second view for the value): the same kernel (called directly, not through
     ``F.binary_cross_entropy_with_logits``), values and derivatives. A ``Poisson`` (or an ``Independent`` of
     one) is computed by :func:`_poisson_log_prob`: torch's values, and finite derivatives where a rate
-    is exactly 0 (torch's are NaN there). Any other case (and any other distribution) calls
-    ``d.log_prob``.
+    is exactly 0 (torch's are NaN there). A ``Binomial`` by :func:`_binomial_log_prob`: torch's values, and
+    the right second derivative where a logit is exactly 0 (torch's is 0 there). Any other case (and any
+    other distribution) calls ``d.log_prob``.
     """
     t = type(d)
+    if t is Binomial:
+        if d._validate_args:
+            d._validate_sample(value)
+        return _binomial_log_prob(d.total_count, d.logits, value)
     if t is Poisson:
         if d._validate_args:
             d._validate_sample(value)

@@ -161,9 +161,8 @@ class _StrictBinomial(Binomial):
         """log p(value) for counts 0..total_count."""
         if not given_by_probs(self):
             n = self.total_count
-            return _infinite_logits_log_prob(self.logits, value, n,
-                                             lambda logits: Binomial(n, logits=logits, validate_args=False).log_prob(value))
-        lp = Binomial.log_prob(self, value)
+            return _infinite_logits_log_prob(self.logits, value, n, lambda logits: _binomial_log_prob(n, logits, value))
+        lp = _binomial_log_prob(self.total_count, self.logits, value)  # (torch's, smooth at a logit of 0)
         p = self.probs
         never = ((p == 0) & (value > 0)) | ((p == 1) & (value < self.total_count))
         return lp.masked_fill(never, -math.inf)
@@ -195,6 +194,21 @@ def _poisson_log_prob(rate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """
     safe = torch.where(rate > 0, rate, value == 0)  # (a bool promoted to the rate's dtype: 1 or 0)
     return value.xlogy(safe) - rate - (value + 1).lgamma()
+
+
+def _binomial_log_prob(total_count: torch.Tensor, logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """log p(value) of a Binomial: torch's formula, k·logits - n·softplus(logits) + log C(n, k), with the
+    softplus written ``logaddexp(0, logits)``.
+
+    torch writes it ``clamp(logits, min=0) + log1p(exp(-|logits|))`` (its ``_clamp_by_zero``): the two kinks
+    cancel in the value and the first derivative, but autograd differentiates abs and clamp at exactly 0
+    as constants, so its second derivative there is 0 instead of -n/4. A logit of exactly 0 (probs 0.5, a
+    parameter initialised at zero) then got every order-2 estimate of a score function wrong, ``expect``'s
+    exact enumeration included (|z| 32 for score, 58 for vimco, ``tests/all/test_distribution_zoo.py``).
+    ``logaddexp`` computes the same max-shifted value, and its derivatives of every order are analytic.
+    """
+    return (value * logits - total_count * torch.logaddexp(torch.zeros_like(logits), logits)
+            + torch.lgamma(total_count + 1) - torch.lgamma(value + 1) - torch.lgamma(total_count - value + 1))
 
 
 def _infinite_logits_log_prob(logits: torch.Tensor, value: torch.Tensor, top: torch.Tensor,
@@ -235,12 +249,14 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     A ``Poisson`` with a rate of exactly 0 (a zero-inflated Poisson ``Poisson(lam * z)``) has torch's
     values (log p(0) = 0 there, -inf above 0) but NaN derivatives (``value.xlogy(rate)``: 0 / 0), which
     made the gradient of every parameter upstream NaN (``importance`` reads this log_prob).
-    A ``Binomial`` whose ``total_count`` differs between entries (checked by value) gets the copy too:
-    ``expect`` enumerates 0..max(total_count) (:func:`enumeration_support`), and the copy's ``log_prob``
-    is ``-inf`` above an entry's own total (computed at count 0 there: no NaN in any derivative) where
-    torch's, which validates its arguments by default, raised.
+    A ``Binomial`` always gets the copy: its ``log_prob`` (:func:`_binomial_log_prob`) has the right second
+    derivative at a logit of exactly 0 (probs 0.5, a parameter initialised at zero), where torch's is 0;
+    and where ``total_count`` differs between entries, ``expect`` enumerates 0..max(total_count)
+    (:func:`enumeration_support`), and the copy's ``log_prob`` is ``-inf`` above an entry's own total
+    (computed at count 0 there: no NaN in any derivative) where torch's, which validates its arguments by
+    default, raised.
 
-    Returns ``d`` itself unless it is (an ``Independent`` of) one of those four, given by ``probs``,
+    Returns ``d`` itself unless it is a ``Binomial`` or (an ``Independent`` of) one of those four, given by ``probs``,
     with a probability that is exactly 0 (checked by value; with ``traced``, which
     ``storch.extending.strict_support`` passes while ``storch.compile`` records the step: whenever it
     is given by ``probs``, so that the program does not depend on the values), or a ``Bernoulli`` /
@@ -274,11 +290,12 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
         return d
     inner = d._categorical if t is OneHotCategorical else d
     strict = _STRICT.get(t)
-    if t is Binomial and not traced and _count_varies(d):
-        # a total_count per entry: expect enumerates 0..max(total_count), and a count above an entry's own
-        # total is an impossible value there (torch's log_prob, which validates, refused it). Not read while
-        # traced (a value read, which storch.compile's trace refuses: go's compiled Binomial step): the copy
-        # below is then made whatever the values, the same class
+    if t is Binomial:
+        # always the copy: its log_prob is smooth at a logit of exactly 0 (_binomial_log_prob; torch's second
+        # derivative is 0 there), which no value check can skip. It also covers a total_count per entry:
+        # expect enumerates 0..max(total_count), and a count above an entry's own total is an impossible
+        # value there (torch's log_prob, which validates, refused it); no value is read (storch.compile's
+        # trace refuses a value read: go's compiled Binomial step)
         new = strict.__new__(strict)
         new.__dict__.update(d.__dict__)
         new._validate_args = False
