@@ -210,6 +210,10 @@ def zoo() -> list[Member]:
     if hasattr(D, "GeneralizedPareto"):  # (torch after 2.7)
         members.append(M("GeneralizedPareto", _t(0.3, 0.2),
                          lambda t: D.GeneralizedPareto(_t(0.0), _sp(t[0]) + 0.5, 0.1 * torch.tanh(t[1]))))
+        # a concentration of exactly 0 (initialised there): torch's icdf takes its exponential branch, whose
+        # derivative in the concentration is 0; a pathwise estimator must refuse it (OrderError), not return 0
+        members.append(M("GeneralizedPareto(concentration 0)", _t(0.3, 0.0),
+                         lambda t: D.GeneralizedPareto(_t(0.0), _sp(t[0]) + 0.5, 0.1 * torch.tanh(t[1]))))
     return members
 
 

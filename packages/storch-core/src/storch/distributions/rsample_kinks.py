@@ -18,7 +18,8 @@ class or transform, ``AbsTransform`` (a kink wherever the base sample's sign mov
 ``HalfNormal`` and ``HalfCauchy`` fold a base centred at a constant 0, which is smooth, and are known by class),
 ``CumulativeDistributionTransform`` (the cdf of a ``Uniform`` clamps); of a ``TransformedDistribution``, only
 those parts (:func:`rsample_kinks`). ``ContinuousBernoulli`` is smooth outside its unstable region, where torch's
-rsample does not depend on ``probs``: its values are read.
+rsample does not depend on ``probs``: its values are read; so are a ``GeneralizedPareto``'s, whose rsample does not
+depend on its concentration where that is within ``torch.isclose`` of 0.
 """
 
 from __future__ import annotations
@@ -98,6 +99,11 @@ _INHERITS = frozenset({
 # default, its numerically unstable region): the sample does not depend on probs there (the pathwise gradient
 # is 0, for an exact d E[x]/dp = 1/3 at p = 0.5); found per instance, by the values (the op named in the note)
 _UNSTABLE_OP = "ContinuousBernoulli.icdf"
+# GeneralizedPareto.rsample is icdf(u), which switches to the exponential formula loc - scale·log(1 - u) where
+# torch.isclose(concentration, 0) (|concentration| <= 1e-8): that branch does not depend on the concentration, so
+# the pathwise derivative in it is 0 there (exact: scale·log(1 - u)²/2, 10.85 on 5 draws); found as above
+_GPD_OP = "GeneralizedPareto.icdf"
+_GPD = getattr(torch.distributions, "GeneralizedPareto", None)  # (torch after 2.7)
 
 
 def _smooth_ancestor(cls: type) -> Optional[type]:
@@ -121,7 +127,7 @@ def _class_verdict(cls: type) -> int:
     if v is None:
         smooth = _smooth_ancestor(cls)
         if smooth is not None:
-            v = _UNSTABLE if smooth is ContinuousBernoulli else _SMOOTH
+            v = _UNSTABLE if smooth is ContinuousBernoulli or (_GPD is not None and smooth is _GPD) else _SMOOTH
         elif issubclass(cls, Independent) and cls.rsample is Independent.rsample:
             v = _INDEPENDENT
         elif issubclass(cls, TransformedDistribution) and cls.rsample is TransformedDistribution.rsample:
@@ -317,6 +323,8 @@ def _torch_transform(t, depth: int = 0) -> bool:
 
 
 def _unstable(d: Distribution, tracing: bool) -> dict[str, int]:
+    if not isinstance(d, ContinuousBernoulli):
+        return _near_zero_concentration(d, tracing)
     p = d.__dict__.get("probs")
     p = unbatched(d.probs if p is None else p)
     if not p.requires_grad:
@@ -331,6 +339,21 @@ def _unstable(d: Distribution, tracing: bool) -> dict[str, int]:
     if bool(inside.any()):
         return {_UNSTABLE_OP: 0}
     return {}
+
+
+def _near_zero_concentration(d: Distribution, tracing: bool) -> dict[str, int]:
+    """A GeneralizedPareto whose concentration requires grad and is within torch.isclose of 0 (its icdf's
+    exponential branch there: a pathwise derivative of 0 in the concentration) gives ``{"GeneralizedPareto.icdf": 0}``."""
+    c = unbatched(d.concentration)  # type: ignore[attr-defined]
+    if not c.requires_grad:
+        return {}
+    near = torch.isclose(c, torch.zeros_like(c))  # (the test torch's icdf makes)
+    if tracing:
+        message = "storch: " + rsample_kinks_note("GeneralizedPareto", {_GPD_OP: 0})
+        ASSUMPTIONS.add(message)
+        torch._assert_async(~near.any(), message)
+        return {}
+    return {_GPD_OP: 0} if bool(near.any()) else {}
 
 
 def _parts(t, depth: int = 0) -> list:
@@ -664,6 +687,12 @@ def rsample_kinks_note(name: str, found: dict, where: Optional[dict] = None) -> 
                 "= 1/3). Keep probs out of that interval (logits at least 0.004 away from 0: initialise them away "
                 "from 0), or use an estimator that does not differentiate through the sample for this node "
                 "('score')")
+    if _GPD_OP in found:
+        return (f"the rsample of {name} draws from a GeneralizedPareto whose concentration (which requires grad) is "
+                "within torch.isclose of 0: there torch's rsample (icdf) takes the exponential formula, which does not "
+                "depend on the concentration, so its pathwise derivative is 0 (it is not: d x / d concentration = "
+                "scale·log(1 - u)²/2). Initialise the concentration away from 0 (|concentration| > 1e-7), or use an "
+                "estimator that does not differentiate through the sample for this node")
     where = where or {}
 
     def inside(op: str) -> str:
