@@ -1,4 +1,4 @@
-"""storch._flatten: the leaves of torch's pytree, in its order, without its per-call reference cycle (issue 19)."""
+"""storch._util.flatten: the leaves of torch's pytree, in its order, without its per-call reference cycle (issue 19)."""
 
 import collections
 import gc
@@ -6,7 +6,7 @@ import gc
 import torch
 import torch.utils._pytree as pytree
 
-from storch._flatten import flatten, unflatten
+from storch._util.flatten import flatten, unflatten
 
 t = torch.zeros(2)
 CASES = [
@@ -90,9 +90,9 @@ def test_torch_return_types_are_walked_without_a_cycle():
 
 def test_the_torch_2_7_namedtuple_test_answers_as_pytree():
     """torch 2.7 (the minimum) has no ``pytree.is_namedtuple_class``, and every flatten of a call's arguments failed
-    there (an AttributeError from any plate tensor's vmap route); storch._flatten then uses torch 2.7's own test,
+    there (an AttributeError from any plate tensor's vmap route); storch._util.flatten then uses torch 2.7's own test,
     ``_is_namedtuple_instance``, on the class. It answers as the installed pytree does."""
-    from storch._flatten import _namedtuple_class_2_7
+    from storch._util.flatten import _namedtuple_class_2_7
 
     point = collections.namedtuple("point", "x y")
     structseq = type(torch.max(torch.ones(2, 2), 0))
@@ -106,7 +106,7 @@ def test_the_torch_2_7_fallbacks_are_not_taken_where_torch_has_its_own_names():
     """d71bdc9's fallbacks (torch 2.7 and 2.8) are for torch without these names only: where torch has them (the
     pinned 2.13), storch uses torch's own pytree test and functorch's pre-dispatch vmap primitives (those a
     storch.compile trace records), not the stand-ins."""
-    import storch._flatten as flat
+    import storch._util.flatten as flat
     from storch.plates.rules import flat_vmap
 
     if hasattr(pytree, "is_namedtuple_class"):

@@ -178,7 +178,7 @@ from ._own_optimizer import state_dtype as _step_dtype
 from ._state_record import check_state_record, state_record
 from .score_conditions import moving_support, same_support
 from .smoothness import nonsmooth_operations, require_smooth
-from ._table_cache import table_cache
+from ._util.table_cache import table_cache
 from .surrogate import _refuse_twice
 
 if TYPE_CHECKING:

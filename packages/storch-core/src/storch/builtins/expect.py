@@ -15,7 +15,7 @@ from .. import options
 from ..errors import UnsupportedDistributionError
 from ..estimators.base import Estimator
 from ..estimators.nodes import _float_dtype
-from .._table_cache import table_cache
+from .._util.table_cache import table_cache
 from ..graph import is_tracing
 from ..node import Node
 

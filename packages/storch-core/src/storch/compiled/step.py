@@ -15,7 +15,7 @@ from typing import Any, Callable, Generic, Optional, TypeVar, Union, overload
 import torch
 import torch.utils._pytree as pytree
 
-from .._flatten import flatten, unflatten
+from .._util.flatten import flatten, unflatten
 from ..errors import StorchError, assumption_failed
 from ..graph import Graph, tracing_nodes, tracing_recorder
 from ..plates.tensor import PlateTensor

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ..._flatten import flatten, unflatten
+from ..._util.flatten import flatten, unflatten
 from ...errors import ASSUMPTIONS, PlateError, StorchError
 from ..kit import _from_torch, _is_inplace
 from ..tensor import PlateTensor, align, inplace_write_message, map_tensors, union_plates, write_plates
