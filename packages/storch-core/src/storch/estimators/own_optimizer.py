@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .errors import StorchError
+from ..errors import StorchError
 
 __all__ = ["own_optimizer", "own_optimizer_state", "load_own_optimizer", "hide_frozen_grads", "state_dtype"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import OptionError
+from ..errors import OptionError
 
 __all__ = ["state_record", "check_state_record", "RECORD_KEY"]
 
