@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 import storch
-from storch._ranks import _collective
+from storch.distributed.ranks import _collective
 
 
 class Declares(storch.Estimator):

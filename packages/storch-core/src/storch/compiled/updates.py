@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 import torch.utils._pytree as pytree
 
-from .._ranks import _join_skipped_update, _skips_synced_update
+from ..distributed.ranks import _join_skipped_update, _skips_synced_update
 from ..errors import NonFiniteCostError, StorchError
 from ..estimators.messages import updating_message
 from ..surrogate import update_on_backward
@@ -26,7 +26,7 @@ class _Recorder:
     outputs. ``decided``: on the replay check (grad off), whether the trace recorded an update.
 
     Under torch.distributed the estimators built with ``update=False`` that must join the ranks' check where they
-    skip their update (``storch._ranks._skips_synced_update``) are kept too, in the graph's order among the
+    skip their update (``storch.distributed.ranks._skips_synced_update``) are kept too, in the graph's order among the
     updates (a template of None): each replay's probe has them join it, as the eager probe does, where another
     rank's update would run its collective (before, a compiled step left them out, and a rank that updated waited
     there forever). A step whose only such estimators skip gets the probe all the same."""

@@ -65,7 +65,7 @@ class _DataPlates(_Identity):
             # autograd node fewer, as by hand)
             raw, parents = (tensor if dim == 0 or dim == -k else tensor.movedim(dim, 0)), ()
         if raw.shape[0] == 0:
-            from .._ranks import _announce_no_costs
+            from ..distributed.ranks import _announce_no_costs
 
             # under torch.distributed: every rank raises where the others are in storch's collectives
             others = _announce_no_costs()

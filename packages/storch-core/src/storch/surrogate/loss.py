@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .._ranks import _skips_synced_update
+from ..distributed.ranks import _skips_synced_update
 from ..eager import mark_eager_only, set_eval_frame
 from ..errors import StorchError
 from ..estimators.watch import is_pathwise
@@ -210,7 +210,7 @@ def _surrogate_loss(order: int, graph: Graph, common: bool = True) -> torch.Tens
         ended = ("" if graph.nodes or graph.last_end is None else
                  f" (its last step was {graph.last_end}: storch.backward() ends the step and resets the graph, "
                  "so call it once per step, after the step's costs)")
-        from .._ranks import _announce_no_costs
+        from ..distributed.ranks import _announce_no_costs
 
         # under torch.distributed the other ranks may be in their estimators' collectives: join their check,
         # so that every rank raises instead of theirs waiting forever (nothing in one process)

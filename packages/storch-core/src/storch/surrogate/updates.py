@@ -12,7 +12,7 @@ from typing import Any, Callable, Union
 import torch
 
 from .._order_guard import unbatched
-from .._ranks import _dist, _join_skipped_update, _skips_synced_update
+from ..distributed.ranks import _dist, _join_skipped_update, _skips_synced_update
 from ..errors import StorchError
 from ..estimators.step_state import mark_updated
 from ..graph import Graph, tracing_recorder
@@ -32,7 +32,7 @@ def _updating(graph: Graph) -> dict[int, list[Node]]:
 
 def _skipping(graph: Graph) -> dict[int, Any]:
     """The estimators of the graph that skip their update (built with ``update=False``) and must join the
-    ranks' check there, by estimator (``storch._ranks._skips_synced_update``); empty in one process."""
+    ranks' check there, by estimator (``storch.distributed.ranks._skips_synced_update``); empty in one process."""
     dist = _dist()
     if dist is None or not dist.is_initialized():
         return {}

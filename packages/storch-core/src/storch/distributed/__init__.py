@@ -73,8 +73,8 @@ from typing import Any, Iterable, TypeVar, Union, overload
 
 import torch
 
-from ._ranks import _collective, _comm_device, _dist, _layouts_agree, _raise_different_collectives
-from .errors import StorchError
+from .ranks import _collective, _comm_device, _dist, _layouts_agree, _raise_different_collectives
+from ..errors import StorchError
 
 __all__ = ["is_active", "world_size", "synchronize", "all_reduce_mean", "all_gather_objects", "broadcast_",
            "broadcast_once_", "frozen_parameters",
@@ -131,7 +131,7 @@ def synchronize(module: torch.nn.Module, enabled: bool = True, group: Any = None
     while it was off), and the ranks stay apart from then on. Evaluate under
     ``torch.no_grad()`` with ``storch.cost_estimates()`` (no update, no collective) instead.
     """
-    from .estimators.base import Estimator
+    from ..estimators.base import Estimator
 
     for m in module.modules():
         if isinstance(m, Estimator):

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from .errors import StorchError
+from ..errors import StorchError
 
 __all__: list = []
 
