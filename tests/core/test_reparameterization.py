@@ -1363,3 +1363,24 @@ def test_plate_tensors_pickle():
     from step_checks import pickle_round_trips
 
     pickle_round_trips(est, lambda loc: Normal(loc, 1.0))
+
+
+def test_a_prior_built_with_zeros_like_of_the_sample_is_named_in_the_refusal():
+    """A VAE's analytic KL against a prior built from the sample's shape, Normal(zeros_like(z), ones_like(z)),
+    carries z's plate without reading z, so the cut check refuses it (it cannot tell a shape-only dependence from
+    a thresholded one). The message named comparisons, detach() and no_grad, none of which the user wrote (seen
+    porting the M2 VAE); it now names zeros_like and the fix, a prior built without the sample."""
+    mu = torch.zeros(3, requires_grad=True)
+    with storch.Graph():
+        q = Normal(mu, 1.0)
+        z = storch.estimator("reparameterization", plate="z")(q)
+        prior = Normal(torch.zeros_like(z), torch.ones_like(z))
+        storch.add_cost(torch.distributions.kl_divergence(q, prior).sum(), name="kl")
+        with pytest.raises(storch.OrderError, match=r"zeros_like\(z\)(.|\n)*Normal\(torch.zeros\(d\), torch.ones\(d\)\)"):
+            storch.surrogate_loss()
+    with storch.Graph():  # the fix the message gives: the same KL, accepted, with the exact gradient (mu = 0: 0)
+        q = Normal(mu, 1.0)
+        storch.estimator("reparameterization", plate="z")(q)
+        storch.add_cost(torch.distributions.kl_divergence(q, Normal(torch.zeros(3), torch.ones(3))).sum(), name="kl")
+        (g,) = torch.autograd.grad(storch.surrogate_loss(), mu)
+    assert torch.equal(g, torch.zeros(3))
