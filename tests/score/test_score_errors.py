@@ -307,6 +307,29 @@ def test_bad_eos(name):
         est(Categorical(logits=torch.zeros(4, 3)))  # four tokens at once: no single end token
 
 
+@pytest.mark.parametrize("name", ["score", "unordered_set"])
+def test_an_infinite_cost_read_after_eos_names_the_ended_sequences(name):
+    """Porting RLOO fine-tuning: a per-token KL penalty read from the user's own top-k policy after eos is
+    log p(eos) = -inf where top-k cut eos (the estimator draws eos there with log-probability 0). The error
+    named the cost only; it now says that sequences ended and how to mask the cost of finished ones."""
+    theta = torch.tensor([3.0, 0.5, -0.5], requires_grad=True)  # eos likely at step 0
+    est = storch.estimator(name, plate="seq", n_samples=3, eos=0)
+    torch.manual_seed(0)
+    with storch.Graph():
+        kl = 0.0
+        for t in range(4):
+            logits = theta if t == 0 else torch.tensor([-math.inf, 0.0, 0.0]) + theta  # eos cut after step 0
+            d = Categorical(logits=logits)
+            tok = est(d)
+            kl = kl + d.log_prob(tok) - math.log(1 / 3)  # not masked after eos
+        assert bool(torch.isinf(kl.tensor).any()) and not bool(torch.isinf(kl.tensor).all())
+        storch.add_cost(kl, name="kl")
+        with pytest.raises(storch.NonFiniteCostError,
+                           match=r"(?s)cost 'kl' is not finite.*partition with eos= on plate 'seq'.*"
+                                 r"live = live & \(token != eos\)"):
+            storch.backward()
+
+
 @pytest.mark.parametrize("q", [lambda: Categorical(probs=torch.ones(3) / 3),
                                lambda: Categorical(probs=torch.tensor([0.5, 0.5, 0.0, 0.0])),
                                lambda: OneHotCategorical(probs=torch.tensor([0.0, 0.4, 0.3, 0.3]))],

@@ -37,7 +37,8 @@ def _message(costs: list, nodes: list, after: str = _AFTER) -> str:
     if bad:
         return (f"cost {', '.join(repr(b) for b in bad)} is not finite (NaN or inf), so its gradient would be too: "
                 f"{after}Find where the non-finite value comes from (e.g. log(0), NaN parameters, a diverging "
-                "learning rate), or catch storch.NonFiniteCostError to skip the batch" + _some_entries(costs, bad))
+                "learning rate), or catch storch.NonFiniteCostError to skip the batch" + _some_entries(costs, bad)
+                + _ended_sequences(nodes))
     culprits = _nonfinite_components(nodes)
     if culprits:
         return (f"the surrogate loss is not finite although every cost is: {'; '.join(culprits)}. "
@@ -86,6 +87,25 @@ def _some_entries(costs: list, bad: list) -> str:
             "before adding the cost, c = torch.where(torch.isfinite(c), c, penalty) (a finite number worse than any "
             "valid cost); in torch, remove the NaN at its source (torch.where's gradient through a NaN branch is NaN "
             "too)")
+
+
+def _ended_sequences(nodes: list) -> str:
+    """For :func:`_message` (error path only): the partitions with ``eos=`` whose sequences have ended. After eos
+    the estimator draws eos with log-probability 0, but a cost that user code computes from its own distribution
+    there (a per-token KL penalty to a reference model, log p(token)) reads log p(eos) of the distribution the user
+    built: -inf where eos is masked out (top-k truncation, a mask), so the cost is inf in exactly those entries."""
+    found = []
+    for n in nodes:
+        finished = n.finished if isinstance(n.finished, torch.Tensor) else None
+        finished = None if finished is None else _outside(finished.detach())
+        if finished is not None and bool(finished.any()):
+            found.append(f"{n.plate.name!r} ({int(finished.sum())} of {finished.numel()} sequences)")
+    if not found:
+        return ""
+    return (f". Sequences of the partition with eos= on plate {', '.join(found)} have ended: after eos the "
+            "estimator draws eos with log-probability 0, but your own distribution's log_prob there is log p(eos), "
+            "-inf where eos is masked out (top-k, a mask). If the cost reads it (a per-token KL penalty), compute it "
+            "for live sequences only: live = live & (token != eos) after each step, c = torch.where(live, c, 0)")
 
 
 def _nonfinite_components(nodes: list) -> list[str]:
