@@ -1,4 +1,4 @@
-"""storch._qualname: the class-qualified name of a function for messages ("OneHotCategorical.log_prob applied max",
+"""storch._util.qualname: the class-qualified name of a function for messages ("OneHotCategorical.log_prob applied max",
 "masked_fill in MyDist.rsample"). Python 3.9 and 3.10 have no ``code.co_qualname``; there the messages said only
 "log_prob" (tests/relaxed/test_relaxed_errors.py failed on Python 3.9). The name found without ``co_qualname`` is
 checked here against ``co_qualname`` itself where Python has it."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, Normal, OneHotCategorical
 
-from storch._qualname import _found_qualname, code_qualname
+from storch._util.qualname import _found_qualname, code_qualname
 
 
 class _Mine(Normal):

@@ -43,7 +43,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import smoothness
 from .._order_guard import unbatched
-from .._qualname import code_qualname
+from .._util.qualname import code_qualname
 from ..errors import ASSUMPTIONS
 from ..generators import current_generator
 from ..plates.dispatch import CASTS, INDEX_VALUES, JUMPS, casts_to_jump

@@ -48,7 +48,7 @@ from ..distributions.rsample import UNDIFFERENTIABLE_RSAMPLE_NOTE
 from ..distributions.unwrap import _as_raw
 from ..eager import (_compiler, _jit_tracing, eager_only, ignored_by_script, refuse_foreign_trace,
                      scripted_estimator_message)
-from .._stacklevel import user_stacklevel
+from .._util.stacklevel import user_stacklevel
 from ..errors import OptionError, PlateError, StorchError, UnsupportedDistributionError
 from ..generators import drawing_with
 from .. import options

@@ -92,7 +92,7 @@ def warn_precision(est: Estimator, distribution: Distribution, sample: torch.Ten
     makes it a refusal, ``"ignore"`` silences it for a bounded cost). The same limits and costs as
     :func:`check_precision`: every draw on the CPU until it warned, the first per distribution class and dtype on an
     accelerator; nothing while tracing or under a torch.func transform. ``stacklevel``: called here, the level
-    that points the warning at the user's estimator call (``storch._stacklevel.user_stacklevel``)."""
+    that points the warning at the user's estimator call (``storch._util.stacklevel.user_stacklevel``)."""
     found = precision_checked(distribution)
     if found is None or found[0] != "unit" or est.__dict__.get("_storch_precision_warned") or is_tracing() \
             or sample.is_meta or _is_wrapped(sample):

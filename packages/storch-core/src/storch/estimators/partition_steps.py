@@ -16,7 +16,7 @@ from ..cost import _lead, _widened
 from ..distributions import rekey_transform_cache, rsample_params, strict_support, unwrap_distribution
 from ..distributions.precision import precision_checked
 from ..distributions.support import _STRICT
-from .._stacklevel import user_stacklevel
+from .._util.stacklevel import user_stacklevel
 from ..errors import IndependentStepWarning, OptionError, PlateError, StorchError, UnsupportedDistributionError
 from ..graph import is_tracing
 from ..node import Node

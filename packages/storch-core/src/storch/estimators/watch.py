@@ -17,7 +17,7 @@ import torch
 from torch.distributions import Categorical, OneHotCategorical
 
 from .._order_guard import unbatched
-from .._qualname import code_qualname
+from .._util.qualname import code_qualname
 from ..node import Node
 from ..plates.dispatch import FINITENESS_TESTS, INDEX_VALUES, INDEXING, INTEGER_SOURCES, Caller
 from ..smoothness import _reaches

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .._order_guard import is_differentiated, unbatched
-from .._stacklevel import user_stacklevel
+from .._util.stacklevel import user_stacklevel
 from ..eager import eager_only
 from ..errors import ConstantCostWarning, CostError
 from ..node import Node

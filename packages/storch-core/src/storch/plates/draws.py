@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from .._stacklevel import user_stacklevel
+from .._util.stacklevel import user_stacklevel
 from ..errors import UntrackedDrawWarning
 from .tensor import PlateTensor
 from .treatments import describe

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 
-from .._stacklevel import user_stacklevel
+from .._util.stacklevel import user_stacklevel
 from ..errors import StorchError, UnusedLastDrawWarning, UnusedSampleWarning
 from ..graph import Graph
 from ..node import Node

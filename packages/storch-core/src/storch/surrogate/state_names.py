@@ -8,7 +8,7 @@ from __future__ import annotations
 import warnings
 from typing import Optional
 
-from .._stacklevel import user_stacklevel
+from .._util.stacklevel import user_stacklevel
 from ..plates.tensor import plates_of
 
 

@@ -9,8 +9,9 @@ import torch
 
 __all__ = ["user_stacklevel"]
 
-# storch's and torch's own files: frames a warning skips to reach the user's call
-_OWN_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+# storch's and torch's own files: frames a warning skips to reach the user's call (this module is in storch/_util/:
+# two dirnames up is the whole storch package, not only _util/)
+_OWN_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
              os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
 
 

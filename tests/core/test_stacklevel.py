@@ -1,0 +1,31 @@
+"""storch._util.stacklevel: a storch warning points at the user's call, not at a frame inside storch.
+
+The helper lives in storch/_util/; the frames it skips must be the whole storch package (every layer a warning is
+issued from: graph/, plates/, estimators/, surrogate/), not only the folder the helper is in.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+import storch
+from storch._util import stacklevel
+
+
+def test_the_skipped_files_are_the_whole_storch_package_and_torch():
+    assert os.path.dirname(os.path.abspath(storch.__file__)) + os.sep in stacklevel._OWN_DIRS
+    assert os.path.dirname(os.path.abspath(torch.__file__)) + os.sep in stacklevel._OWN_DIRS
+
+
+def test_a_warning_from_the_graph_points_at_the_users_add_cost():
+    """graph/costs.py warns of a constant cost (storch.ConstantCostWarning) with user_stacklevel(): the warning's
+    file is this test file, the caller of storch.add_cost, not storch/graph/costs.py."""
+    with storch.Graph(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        storch.add_cost(torch.tensor(1.0), name="constant")
+    found = [w for w in caught if issubclass(w.category, storch.ConstantCostWarning)]
+    assert len(found) == 1
+    assert found[0].filename == __file__, found[0].filename
