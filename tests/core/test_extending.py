@@ -297,7 +297,7 @@ _SWEEP = {  # op of a sample z of 3 entries -> order of its first discontinuous 
 def test_single_node_operations_are_classified_by_their_first_discontinuous_derivative(name):
     """Each operation as torch records it (one autograd node, or a decomposition): the lowest order found on the
     path (None: smooth). A renamed node in a future torch, or a new ord / mode it saves, fails here."""
-    from storch.smoothness import _nonsmooth_on_path
+    from storch.conditions.smoothness import _nonsmooth_on_path
 
     op, expected = _SWEEP[name]
     z = torch.sigmoid(torch.tensor([0.3, -1.2, 0.8], requires_grad=True)) * 2 - 1  # a relaxed sample

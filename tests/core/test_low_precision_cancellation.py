@@ -10,7 +10,7 @@ import torch
 from torch.distributions import Bernoulli, Normal
 
 import storch
-from storch import score_conditions
+from storch.conditions import score as score_conditions
 from storch.estimators import nodes as estimator_nodes
 from storch.estimators.capabilities import _LOG_P_GRADIENT
 

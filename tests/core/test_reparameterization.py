@@ -117,7 +117,7 @@ def test_a_jump_on_the_samples_path_is_refused_at_order_1_once_per_cost(monkeypa
     is not (found by porting a stochastic-depth gate through round / nearest grid_sample): refused with
     OrderError at order 1. The walk of the cost's graph runs at the first step of each estimator and cost
     name only (a smooth cost is not walked again), and a refused cost is checked again at the next step."""
-    import storch.smoothness as smoothness
+    import storch.conditions.smoothness as smoothness
 
     mu = torch.zeros(3, requires_grad=True)
     est = storch.estimator("reparameterization", plate="x", n_samples=2)
@@ -160,7 +160,7 @@ def test_order_1_surrogate_with_a_kink_differentiated_twice_is_refused(how):
 
 
 # a ReLU (and a leaky one) written with a bool mask: the comparison has no autograd history, so the walk of the
-# autograd graph for kinks (storch.smoothness) does not see it; the plate dispatcher's watch does
+# autograd graph for kinks (storch.conditions.smoothness) does not see it; the plate dispatcher's watch does
 _MASKED = {
     "where": lambda x: torch.where(x > 0, x, torch.zeros_like(x)),
     "mask_product": lambda x: x * (x > 0).double(),
@@ -1063,7 +1063,7 @@ def test_an_episode_checks_each_steps_cost_and_names_the_step(monkeypatch):
     -0.01 against 1.0 (z -55) silently (found by porting sequence models). Now per name and step. A kink
     in the downstream node's logits at step 3 is refused naming that step. The walks of one surrogate share
     one memo per node and order (each autograd node expanded once: linear in T, was T²)."""
-    from storch import smoothness
+    from storch.conditions import smoothness
 
     made = []
     real = smoothness.PathMemo
@@ -1274,7 +1274,7 @@ def test_vmap_of_the_order_1_surrogate_is_unbiased_at_first_order():
         assert_unbiased(gs[:, i], exact[i], f"d/dμ_{i} E[relu(z)]")
 
 
-_ORDER_2_KINKS = {  # first discontinuous derivative of order 2 (storch.smoothness): allowed at order 2, not at 3
+_ORDER_2_KINKS = {  # first discontinuous derivative of order 2 (storch.conditions.smoothness): allowed at order 2, not at 3
     "elu": lambda x: torch.nn.functional.elu(x),
     "celu": lambda x: torch.nn.functional.celu(x),
     "huber": lambda x: torch.nn.functional.huber_loss(x, torch.zeros_like(x), reduction="none", delta=1.0),

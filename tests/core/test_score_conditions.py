@@ -27,7 +27,7 @@ from torch.distributions import (
 )
 
 import storch
-from storch import score_conditions
+from storch.conditions import score as score_conditions
 from storch.extending import moving_support, same_support
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
 

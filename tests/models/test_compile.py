@@ -422,7 +422,7 @@ def test_a_compiler_backend_refuses_a_second_derivative_of_the_step():
 @pytest.mark.parametrize("case", ["arm", "relu"])
 def test_order1_surrogate_differentiated_twice_is_refused_as_eagerly(case, backend):
     # eagerly the order-1 surrogate's terms that a second differentiation biases (an order-1 estimator, a kink
-    # on a pathwise path) are hooked to refuse a create_graph pass (storch._order_guard); the hooks are not
+    # on a pathwise path) are hooked to refuse a create_graph pass (storch.conditions.order_guard); the hooks are not
     # part of the traced program, so the replay gave a silently biased Hessian (ARM: z = 21.8, ReLU: 0 against
     # 0.391) and aot_eager torch's "appears to not have been used in the graph". Each replay's loss is hooked
     theta = torch.tensor([0.3], requires_grad=True)

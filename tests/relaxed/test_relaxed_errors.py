@@ -406,7 +406,7 @@ def test_smoothness_walk_at_order_1_runs_once_per_cost_name(name, monkeypatch):
     the check for jumps runs at the first step of the estimator, plate and cost name (rebar: the cost from
     σ_λ(z), σ_λ(z̃); relax: that and its network from z, z̃; lax: its network from x, and the core's check of
     the cost of a requires_rsample node); later order-1 steps walk nothing; order 2 walks at every surrogate."""
-    import storch.smoothness as ext
+    import storch.conditions.smoothness as ext
 
     calls = []
     walk = ext._nonsmooth_on_path
@@ -548,7 +548,7 @@ def test_a_jump_on_the_relaxed_path_is_refused_at_order_1(case, monkeypatch):
     z-test (R = 4000) against the exact gradient with the walk switched off (|z| ≈ 10 to 50). So the order-1
     surrogate refuses it (OrderError naming the estimator, the plate and the operation), once per step until
     it is fixed (a refused cost is checked again)."""
-    import storch.smoothness as ext
+    import storch.conditions.smoothness as ext
     from relaxed_problems import estimates, exact_derivatives
 
     make, model, exact, op = _JUMPS[case]

@@ -172,12 +172,12 @@ from .estimators.checks import check_precision, note_rsample
 from .generators import drawing_with
 from .graph import current_graph, is_tracing
 from .plates.tensor import align, plates_of, raw_of
-from ._order_guard import estimator_create_graph, estimator_own_pass, is_differentiated, unbatched
+from .conditions.order_guard import estimator_create_graph, estimator_own_pass, is_differentiated, unbatched
 from .estimators.own_optimizer import hide_frozen_grads, load_own_optimizer, own_optimizer, own_optimizer_state
 from .estimators.own_optimizer import state_dtype as _step_dtype
 from .estimators.state_record import check_state_record, state_record
-from .score_conditions import moving_support, same_support
-from .smoothness import nonsmooth_operations, require_smooth
+from .conditions.score import moving_support, same_support
+from .conditions.smoothness import nonsmooth_operations, require_smooth
 from ._util.table_cache import table_cache
 from .surrogate import _refuse_twice
 

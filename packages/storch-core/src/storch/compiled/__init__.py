@@ -109,7 +109,7 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   the forward pass, which a ``pre_dispatch`` trace cannot connect to the program (they would be fixed
   to the first call's values);
 - an order-1 surrogate whose eager hooks refuse a second differentiation (an order-1 estimator, a kink
-  on a pathwise path: storch._order_guard) is refused the same way: each call's outputs are hooked
+  on a pathwise path: storch.conditions.order_guard) is refused the same way: each call's outputs are hooked
   (so any create_graph pass through them is refused, outside ``estimator_create_graph``);
 - with a compiler backend (not ``backend=None``) every output is hooked so: torch's compiled program cannot
   be differentiated twice, and ``torch.autograd.functional.hessian`` of it returned zeros silently. The

@@ -4,7 +4,7 @@ computed from them) refuse a backward pass through a non-finite value, as ``stor
 
 from __future__ import annotations
 
-from ..smoothness import _reaches
+from ..conditions.smoothness import _reaches
 from ..surrogate.finite import hook_unless_finite
 from .refusals import _name
 

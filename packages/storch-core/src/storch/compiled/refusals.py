@@ -19,8 +19,8 @@ import torch
 
 from ..errors import StorchError
 from ..estimators.base import Estimator
-from .._order_guard import CountedRefusal, keep_counted_view, refuse_create_graph
-from ..smoothness import inspecting_saved
+from ..conditions.order_guard import CountedRefusal, keep_counted_view, refuse_create_graph
+from ..conditions.smoothness import inspecting_saved
 
 
 def _name(fn) -> str:
@@ -54,7 +54,7 @@ def _compiled_twice_message(fn, eager: Optional[Callable[[], str]]) -> Callable[
 
 def _refuse_twice(outs, message: Callable[[], str]) -> Any:
     """Hook a replayed call's outputs (the surrogate loss) with the traced step's refusal of a second
-    differentiation (storch._order_guard): a backward pass with ``create_graph=True`` through them raises
+    differentiation (storch.conditions.order_guard): a backward pass with ``create_graph=True`` through them raises
     storch's OrderError, as the eager step's hooks on the terms inside do (outside
     ``estimator_create_graph``). With a compiler backend the program is one autograd node whose outputs
     cannot be differentiated twice anyway (torch said only that a tensor "appears to not have been used

@@ -19,7 +19,7 @@ from .._util.flatten import flatten, unflatten
 from ..errors import StorchError, assumption_failed
 from ..graph import Graph, tracing_nodes, tracing_recorder
 from ..plates.tensor import PlateTensor
-from ..smoothness import saved_values_unread
+from ..conditions.smoothness import saved_values_unread
 from .checks import _check_constants, _check_nodes, _check_python_random, _check_replay, _python_random_state
 from .finite import _finite_on_backward, _losses_among
 from .guards import _guard, _reached, _reached_modules

@@ -13,7 +13,7 @@ from torch.distributions import Binomial, Distribution, Independent, Multinomial
 from torch.distributions.transforms import Transform
 from torch.distributions.utils import lazy_property
 
-from .._order_guard import is_differentiated, unbatched
+from ..conditions.order_guard import is_differentiated, unbatched
 from ..plates.tensor import Plate, PlateTensor, raw_of
 
 _is_batched = torch._C._functorch.is_batchedtensor

@@ -1,6 +1,6 @@
 """Kinks and jumps inside a distribution's own ``rsample``: between its parameters and the sample.
 
-A pathwise estimator differentiates c(g(ε, θ)) in θ. :mod:`storch.smoothness` walks the path from the sample to
+A pathwise estimator differentiates c(g(ε, θ)) in θ. :mod:`storch.conditions.smoothness` walks the path from the sample to
 the cost; the reparameterisation g itself may hold a non-smooth operation of the noise and the parameters too:
 torch's folded normal ``TransformedDistribution(Normal(μ, 1), [AbsTransform()])`` (|μ + ε|), a hard-concrete
 gate's stretch-and-clamp, a rounding in a user's ``rsample``. Autograd loses the delta of its next derivative
@@ -41,8 +41,8 @@ from torch.distributions.relaxed_categorical import ExpRelaxedCategorical
 
 from torch.overrides import TorchFunctionMode
 
-from .. import smoothness
-from .._order_guard import unbatched
+from ..conditions import smoothness
+from ..conditions.order_guard import unbatched
 from .._util.qualname import code_qualname
 from ..errors import ASSUMPTIONS
 from ..generators import current_generator

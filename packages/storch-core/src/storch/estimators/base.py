@@ -56,7 +56,7 @@ from ..graph import _stack, current_graph, is_tracing
 from ..node import Node
 from ..plates.integer_reads import MARKS
 from ..plates.tensor import Plate, PlateTensor, align
-from ..score_conditions import moving_support, support_is_fixed
+from ..conditions.score import moving_support, support_is_fixed
 from .catalog import EstimatorInfo, available, supporting_estimators
 from .checks import check_in_frame, check_precision, warn_precision
 from .messages import _no_update_message, updating_message

@@ -20,7 +20,7 @@ from ..distributions import base_distribution, holds_grad, straight_through_rsam
 from ..errors import UnsupportedDistributionError
 from ..graph import is_tracing
 from ..node import Node
-from ..score_conditions import moving_support
+from ..conditions.score import moving_support
 
 if sys.version_info >= (3, 10):
     from typing import Concatenate, ParamSpec

@@ -14,7 +14,7 @@ import torch
 from torch.distributions import Distribution
 
 from ..cost import CostFrame, _lead
-from .._order_guard import unbatched
+from ..conditions.order_guard import unbatched
 from ..distributions import rsample_kinks, rsample_params
 from ..distributions.precision import location_scale_problem, precision_checked, unit_interval_problem
 from ..distributions.rsample_kinks import COMPARISON, STRAIGHT_THROUGH

@@ -19,7 +19,7 @@ from ..graph import is_tracing
 from ..node import Node
 from ..plates.integer_reads import MARKS, marked_parameter
 from ..plates.tensor import MAX_DIMS, Lineage, Plate, PlateTensor, too_many_dims_message
-from ..score_conditions import KINK_FREE, support_is_fixed
+from ..conditions.score import KINK_FREE, support_is_fixed
 from .checks import _check_sample_entries, _checked_lead, note_compared, note_rsample
 from .messages import _output_shape_message, _plate_tensor_draw_message, _sample_dtype_message, _sample_shape_message
 from .watch import _CATEGORIES, _both, _compare_watch, _threshold_watch, is_pathwise

@@ -16,11 +16,11 @@ from typing import Optional
 import torch
 from torch.distributions import Categorical, OneHotCategorical
 
-from .._order_guard import unbatched
+from ..conditions.order_guard import unbatched
 from .._util.qualname import code_qualname
 from ..node import Node
 from ..plates.dispatch import FINITENESS_TESTS, INDEX_VALUES, INDEXING, INTEGER_SOURCES, Caller
-from ..smoothness import _reaches
+from ..conditions.smoothness import _reaches
 
 
 def finite_test(func, raw: torch.Tensor) -> bool:
@@ -125,7 +125,7 @@ def _compare_watch(node: Node):
     kept on ``node._compared_pending`` as a candidate; :func:`compared` walks them when a surrogate asks (at
     order >= 2, or for the order-1 surrogate's refusal of a second derivative). Its result, a bool mask, has no
     autograd history, so a piecewise cost selected by it (``torch.where(x > 0, x, 0)``, ``x * (x > 0)``, a
-    leaky ReLU written so) has a kink the walk of the autograd graph (storch.smoothness) cannot see. The
+    leaky ReLU written so) has a kink the walk of the autograd graph (storch.conditions.smoothness) cannot see. The
     comparisons torch.distributions makes (argument validation, formula branches) are not counted, nor
     ``max`` with a dim (its indices: see :data:`~storch.plates.dispatch.INDEX_VALUES`; its values are in the
     graph). Recording is a list append (no walk at order 1); at most ``_PENDING_MAX`` candidates are kept,

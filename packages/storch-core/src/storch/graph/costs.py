@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .._order_guard import is_differentiated, unbatched
+from ..conditions.order_guard import is_differentiated, unbatched
 from .._util.stacklevel import user_stacklevel
 from ..eager import eager_only
 from ..errors import ConstantCostWarning, CostError

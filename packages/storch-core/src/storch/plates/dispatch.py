@@ -230,7 +230,7 @@ def _floor_divisions() -> dict:
     ``torch.div(..., rounding_mode="floor")``, with the original's name. On a plate tensor it is computed so:
     torch's ``floor_divide`` has no derivative (autograd raises its own RuntimeError in backward, after the
     surrogate was built), while the division with a rounding mode is recorded as ``DivBackward`` with its mode,
-    which :mod:`storch.smoothness` counts as a jump (a pathwise node's cost is refused at order 1, as ``floor``
+    which :mod:`storch.conditions.smoothness` counts as a jump (a pathwise node's cost is refused at order 1, as ``floor``
     is). The values are torch's: ``floor_divide`` rounds towards -inf, as the floor division does."""
     def rfloor(a, b):
         return torch.div(b if isinstance(b, torch.Tensor) else torch.as_tensor(b, device=a.device), a,

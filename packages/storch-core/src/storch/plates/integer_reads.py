@@ -5,7 +5,7 @@ integer value computed from that sample (a cast, an argmax, the indices of ``max
 ``bucketize``) jumps where the sample crosses a threshold, and it has no autograd history: a cost that reads it
 (``img[l.long()] + l ** 2``) gets the gradient of its smooth part alone, the jump's term is lost without a word
 (found by porting: a gradient of 0.460 for 0.511, z = -10.5). The walk of the autograd graph
-(:mod:`storch.smoothness`) cannot see it, so the value is marked here when it is made
+(:mod:`storch.conditions.smoothness`) cannot see it, so the value is marked here when it is made
 (:func:`storch.estimators.watch._compare_watch` says which results), the mark follows every plate tensor computed
 from it (the dispatcher: :func:`spread`), and the surrogate refuses a cost that carries it
 (:func:`storch.surrogate.integer_reads._check_integer_reads`). A bool mask (``x > 0``) is not marked: a continuous

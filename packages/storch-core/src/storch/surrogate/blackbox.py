@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .._order_guard import is_differentiated, unbatched
+from ..conditions.order_guard import is_differentiated, unbatched
 from ..errors import OrderError
 from ..graph import current_graph
 from ..node import Node

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .._order_guard import unbatched
+from ..conditions.order_guard import unbatched
 from ..distributions.precision import exact_draws_hint, precision_checked
 from ..errors import NonFiniteCostError
 from ..estimators.base import Estimator

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .._order_guard import unbatched
+from ..conditions.order_guard import unbatched
 from ..errors import OrderError
 from ..node import Node
 from ..plates.integer_reads import MARKS, record_of
-from ..smoothness import _reaches
+from ..conditions.smoothness import _reaches
 
 
 def _check_integer_reads(name: str, cost, nodes: list[Node], order: int, closed: Optional[dict] = None) -> None:

@@ -16,7 +16,7 @@ from ..cost import magic_box
 from ..graph import Graph
 from ..node import Node
 from ..plates.tensor import PlateTensor, align
-from ..score_conditions import KINK_FREE
+from ..conditions.score import KINK_FREE
 from .reaches import _REACH_KEY
 from .terms import _ensure_weights, _one_node_surrogate
 

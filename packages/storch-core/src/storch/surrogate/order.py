@@ -13,14 +13,14 @@ from typing import Callable, Optional
 
 import torch
 
-from .._order_guard import unbatched
+from ..conditions.order_guard import unbatched
 from ..distributions import RSAMPLE_ORDER_NOTE, rsample_kinks_note, rsample_max_order
 from ..errors import OrderError
 from ..estimators.capabilities import _is_score_node
 from ..estimators.catalog import installed_classes, supporting_estimators
 from ..graph import Graph
 from ..node import Node
-from ..score_conditions import KINK_FREE, log_prob_kinks
+from ..conditions.score import KINK_FREE, log_prob_kinks
 from .refusals import _AGAIN, _again, _refuse_twice
 
 
@@ -38,7 +38,7 @@ def _check_order(nodes: list[Node], order: int) -> None:
 def _check_log_prob_smooth(node: Node, order: int) -> None:
     """An estimator whose gradient function is the score log p (score, importance, LAX) is unbiased at order
     n >= 2 only where log p's derivatives of order < n are continuous in the parameters: refuse a kink
-    (Laplace's |x - loc|; storch.score_conditions.log_prob_kinks, a walk cached per distribution structure and
+    (Laplace's |x - loc|; storch.conditions.score.log_prob_kinks, a walk cached per distribution structure and
     learned parameters). A partition is checked by its first step's distribution and log-probability."""
     lp = node.step_log[0][1] if node.step_log is not None else node.gradient_values
     if not isinstance(lp, torch.Tensor):

@@ -1,7 +1,7 @@
 """What a pathwise node (one whose gradient flows through the sample it handed out) needs of a cost: a smooth path.
 
 A smooth path (``_check_smooth``): no jump on the path from the sample to the cost at order 1, no kink at
-order >= 2 (storch.smoothness), an order-1 surrogate whose cost has a kink hooked against a second derivative;
+order >= 2 (storch.conditions.smoothness), an order-1 surrogate whose cost has a kink hooked against a second derivative;
 at order >= 2 no comparison of the sample in user code (``_check_compared``: a kink the walk cannot see).
 A path at all is :mod:`.reaches`; an integer value read from the sample, a jump autograd does not see,
 :mod:`.integer_reads`.
@@ -14,14 +14,14 @@ from typing import Optional
 
 import torch
 
-from .. import smoothness
-from .._order_guard import forward_level_open, has_tangent, is_differentiated, unbatched, unwrapped
+from ..conditions import smoothness
+from ..conditions.order_guard import forward_level_open, has_tangent, is_differentiated, unbatched, unwrapped
 from ..errors import OrderError
 from ..estimators.watch import compared, is_pathwise
 from ..node import Node
 from ..plates.tensor import plates_of, raw_of
-from ..score_conditions import smooth_log_prob_parameters
-from ..smoothness import _reaches, require_smooth
+from ..conditions.score import smooth_log_prob_parameters
+from ..conditions.smoothness import _reaches, require_smooth
 from .refusals import _AGAIN, _again, _batched, _refuse_twice
 
 
@@ -36,16 +36,16 @@ def _check_smooth(name: str, cost: torch.Tensor, nodes: list[Node], order: int,
     whose objective is the relaxed one; :func:`~storch.estimators.watch.is_pathwise`: the cost is differentiated
     through the sample itself) is unbiased at order n only for a cost whose derivatives of order < n are continuous in its
     sample: refuse an operation on a path from a value it handed out to the cost that breaks this
-    (storch.smoothness). At order >= 2, a kink (ReLU, abs, clamp, max) or a jump, at every surrogate; at
+    (storch.conditions.smoothness). At order >= 2, a kink (ReLU, abs, clamp, max) or a jump, at every surrogate; at
     order 1 only a jump (round, sign, floor, nearest grid_sample: the pathwise gradient is 0 where the
     expectation's is not), checked at the first step of each estimator, cost name and partition step of
     the cost (a walk of the cost's graph per step would cost the common case time; a model's operations
     rarely change between steps; an episode's costs of one name differ per step). That walk also records
     the kinks: an order-1 surrogate whose cost has one is refused when it is differentiated again (its
-    cost hooked: :mod:`storch._order_guard`); so is one whose node's sample was compared in user code in a step
+    cost hooked: :mod:`storch.conditions.order_guard`); so is one whose node's sample was compared in user code in a step
     (``Node.compared``, :func:`storch.estimators.watch.compared`: the mask of ``torch.where(x > 0, x, 0)``, a kink
     outside the autograd graph; at order >= 2 :func:`_check_compared` refuses it). ``memos``: per pathwise node, what the walks of this
-    surrogate learned (:class:`storch.smoothness.PathMemo`): each autograd node is expanded once."""
+    surrogate learned (:class:`storch.conditions.smoothness.PathMemo`): each autograd node is expanded once."""
     if order < 1:  # the value alone: surrogate_loss(order=0) is detached, nothing differentiated
         return
     key = None  # (name, the cost's partition steps): computed once per cost, for its first pathwise node

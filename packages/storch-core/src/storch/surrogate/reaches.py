@@ -15,7 +15,7 @@ from ..distributions import base_distribution, grad_parameters
 from ..errors import OrderError
 from ..node import Node
 from ..plates.tensor import raw_of
-from ..smoothness import _reaches
+from ..conditions.smoothness import _reaches
 
 
 # estimator -> the cost names checked by _check_reaches (None: never pathwise: it hands out samples without

@@ -1,6 +1,6 @@
 """Refusing to differentiate a surrogate more times than its order allows (the bottom of the package).
 
-A term whose higher derivatives would be biased is hooked (:mod:`storch._order_guard`): ``_refuse_twice`` for the
+A term whose higher derivatives would be biased is hooked (:mod:`storch.conditions.order_guard`): ``_refuse_twice`` for the
 order-1 surrogate differentiated again, ``_refuse_beyond`` for an (n+1)-th derivative of the order-n surrogate;
 under torch.func, whose hooks cannot tell, the transforms are counted when the surrogate is built
 (``_check_mixed``); and the advice a refusal gives (``_again``). Imports nothing else of the package.
@@ -13,7 +13,7 @@ import weakref
 
 import torch
 
-from .._order_guard import (FORWARD_OVER_REVERSE, FUNCTORCH_OVER_OUTER, CountedRefusal, differentiating_transforms,
+from ..conditions.order_guard import (FORWARD_OVER_REVERSE, FUNCTORCH_OVER_OUTER, CountedRefusal, differentiating_transforms,
                             forward_level_open, has_tangent, is_differentiated, outer_requires_grad,
                             refuse_create_graph, unbatched)
 from ..errors import OrderError
@@ -25,7 +25,7 @@ def _batched(t) -> bool:
 
 
 def _refuse_twice(tensor, message, order: int = 1) -> None:
-    """Refuse a second differentiation of the order-1 surrogate through ``tensor`` (:mod:`storch._order_guard`):
+    """Refuse a second differentiation of the order-1 surrogate through ``tensor`` (:mod:`storch.conditions.order_guard`):
     a hook, or under torch.func (whose hooks cannot tell) an OrderError now if two transforms differentiate, or
     one does and the term takes part in the autograd outside it (a gradient of the transform's result, e.g. of
     a torch.func.jvp tangent or a torch.func.grad, is a second derivative). ``order`` >= 2: an (order + 1)-th
@@ -68,7 +68,7 @@ def _refuse_twice(tensor, message, order: int = 1) -> None:
 
 def _refuse_beyond(tensor, message, order: int) -> None:
     """Refuse an (order + 1)-th differentiation of the order-``order`` surrogate through ``tensor``: a hook that
-    counts the create_graph passes (storch._order_guard._Count), kept alive with the loss (_keep_counted). Under
+    counts the create_graph passes (storch.conditions.order_guard._Count), kept alive with the loss (_keep_counted). Under
     torch.func, whose hooks run with grad mode on and cannot count, the transforms are counted when the surrogate
     is built: more than ``order`` refused, and so is a term that takes part in the autograd outside them (the
     passes there are not counted: a conservative refusal); under forward mode (a tangent), likewise."""

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .._order_guard import is_differentiated
+from ..conditions.order_guard import is_differentiated
 from ..node import Node
 from ..plates.tensor import align
 from .control_variates import _has_control_variate

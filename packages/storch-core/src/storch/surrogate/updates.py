@@ -11,7 +11,7 @@ from typing import Any, Callable, Union
 
 import torch
 
-from .._order_guard import unbatched
+from ..conditions.order_guard import unbatched
 from ..distributed.ranks import _dist, _join_skipped_update, _skips_synced_update
 from ..errors import StorchError
 from ..estimators.step_state import mark_updated

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ..._order_guard import in_estimator_own_pass
+from ...conditions.order_guard import in_estimator_own_pass
 from ...errors import OrderError, PlateError
 from ..kit import _from_torch, _operands, dispatch, register, too_many_samples, wrap_same
 from .pointwise import broadcast

@@ -58,7 +58,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.autograd.forward_ad as _fwAD
 
-from .errors import OrderError
+from ..errors import OrderError
 
 __all__ = ["estimator_create_graph", "estimator_own_pass", "in_estimator_own_pass", "refuse_create_graph", "differentiating_transforms", "is_differentiated",
            "has_tangent", "forward_level_open", "outer_requires_grad", "FORWARD_OVER_REVERSE",

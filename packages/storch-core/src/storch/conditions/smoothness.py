@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .errors import OrderError
+from ..errors import OrderError
 
 __all__ = ["nonsmooth_operations", "require_smooth"]
 

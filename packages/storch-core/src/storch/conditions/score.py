@@ -36,9 +36,9 @@ from torch.distributions import (
     constraints,
 )
 
-from .distributions.support import _STRICT
+from ..distributions.support import _STRICT
 from .smoothness import _nonsmooth_on_path
-from ._order_guard import is_differentiated, unbatched
+from .order_guard import is_differentiated, unbatched
 
 __all__ = ["moving_support", "log_prob_kinks", "same_support"]
 
@@ -221,7 +221,7 @@ def same_support(a: Union[constraints.Constraint, Distribution, None],
 # -- a smooth log p: the score's derivatives of order >= 2 ------------------------------------------------
 
 # How to tell a kink of log p in the parameters. The walk of the autograd graph of the node's log p (its
-# gradient values) from the parameters, with the table of storch.smoothness, rather than a table of
+# gradient values) from the parameters, with the table of storch.conditions.smoothness, rather than a table of
 # distributions: the walk also sees user distributions (and Independent / Transformed wrappers of
 # torch's), and it sees which parameters are learned (a Laplace with a learned scale only is smooth:
 # -|x - loc| / b - log 2b is smooth in b). It is cached per (distribution type, the parameters that require
