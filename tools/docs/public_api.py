@@ -17,12 +17,12 @@ from typing import Any, Iterator
 from marked import between, write_between  # tools/docs/, on sys.path for this module's users
 
 #: The modules whose ``__all__`` is public API, in the order of the reference pages.
-MODULES = ["storch", "storch.testing", "storch.distributed", "storch.extending", "storch.options",
+MODULES = ["storch", "storch.testing", "storch.distributed", "storch.extending", "storch.estimators.validators",
            "storch.builtins", "storch_score", "storch_relaxed", "storch_mvd"]
 
 
-#: modules documented under another public path (``storch.extending.options`` is ``storch.options``)
-DOCUMENTED_AS = {"storch.options": "storch.extending.options"}
+#: modules documented under another public path (``storch.extending.options`` is ``storch.estimators.validators``)
+DOCUMENTED_AS = {"storch.estimators.validators": "storch.extending.options"}
 
 
 def public_modules() -> list[str]:

@@ -161,7 +161,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Iterable, Optional
 
 import torch
 
-from . import options
+from .estimators import validators as options  # public as storch.extending.options
 from .cost import leave_one_out, leave_one_out_log_baselines
 from .distributions import (base_distribution, differentiated_total_count, given_by_probs, grad_parameters, parameters,
                             rebuild, rekey_transform_cache, rsample_kinks, rsample_max_order, rsample_params,

@@ -11,7 +11,7 @@ import torch
 from torch.distributions import Categorical, OneHotCategorical
 
 from ..distributions import enumeration_support
-from .. import options
+from ..estimators import validators
 from ..errors import UnsupportedDistributionError
 from ..estimators.base import Estimator
 from ..estimators.nodes import _float_dtype
@@ -73,7 +73,7 @@ class Expect(Estimator):
 
     def check_option(self, name: str, value: Any) -> Any:
         if name == "budget":
-            return options.integer("expect", "budget", value, minimum=1)  # NumPy's integers too, as an int
+            return validators.integer("expect", "budget", value, minimum=1)  # NumPy's integers too, as an int
         return super().check_option(name, value)
 
     def proposal(self, node: Node) -> torch.Tensor:

@@ -51,7 +51,7 @@ from ..eager import (_compiler, _jit_tracing, eager_only, ignored_by_script, ref
 from .._util.stacklevel import user_stacklevel
 from ..errors import OptionError, PlateError, StorchError, UnsupportedDistributionError
 from ..generators import drawing_with
-from .. import options
+from . import validators
 from ..graph import _stack, current_graph, is_tracing
 from ..node import Node
 from ..plates.integer_reads import MARKS
@@ -259,7 +259,7 @@ class Estimator(torch.nn.Module):
         estimator (an option not in :attr:`fixed_options`); a subclass checks its own options and calls
         ``super().check_option(name, value)`` for the others."""
         if name == "n_samples":
-            return options.integer(self.name, "n_samples", value, minimum=1,
+            return validators.integer(self.name, "n_samples", value, minimum=1,
                                    what="an int >= 1 (the number of samples)", hint="; pass an int such as n_samples=4")
         if name == "plate" and (not isinstance(value, str) or not value):
             raise OptionError(f"plate must be a non-empty string, got {value!r}")

@@ -19,7 +19,7 @@ import numbers
 import operator
 from typing import Any, Collection, Optional, TypeVar, Union
 
-from .errors import OptionError
+from ..errors import OptionError
 
 __all__ = ["integer", "number", "flag", "choice", "optional_index", "fail"]
 
