@@ -2,7 +2,7 @@
 float32 cost of 300 + 0.1 · signal (an RL-like reward): the surrogate's MagicBox(l) · C and (1 - MagicBox(l)) · ⊥b
 were differentiated as separate terms whose gradients autograd rounded to l's dtype before adding them, so the
 small difference C - b was lost (exactly 0, or a bias; found by a tester). The core now widens l once to float32
-(``storch.cost._widened``). z-tests over independent estimates against the exact gradient of the logits the model
+(``storch.graph.cost_frame._widened``). z-tests over independent estimates against the exact gradient of the logits the model
 computes (the float32 logits rounded to its dtype)."""
 
 from __future__ import annotations

@@ -423,7 +423,7 @@ def test_pathwise_chain_adds_no_gradient_functions(monkeypatch):
 def _old_cost_surrogate(cost, nodes, name, order):
     """The surrogate's term of one cost as it was written before the running sums: every node's l (zeros
     included) added again for this cost at its plates, L_{i-1} for each node (the reference)."""
-    from storch.cost import CostFrame, magic_box
+    from storch.graph.cost_frame import CostFrame, magic_box
     from storch.plates.tensor import align, plates_of, raw_of
     from storch.surrogate import _BASE_CONTROL_VARIATE, _at_cost, _baseline_term, _one_node_surrogate
     plates, raw, nodes = _at_cost(plates_of(cost), raw_of(cost), nodes)

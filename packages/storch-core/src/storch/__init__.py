@@ -24,8 +24,8 @@ from .errors import (
 )
 from .plates import Lineage, Plate, PlateTensor, ancestor_index  # importing storch.plates installs its dispatcher
 from .plates.treatments import Entry, Treatment, refuse, register_plate_handler, treatment_of
-from .cost import CostFrame, magic_box
-from .node import Node
+from .graph.cost_frame import CostFrame, magic_box
+from .graph.node import Node
 from .graph import Graph, add_cost, current_graph, denote_independent, reset
 from .estimators.base import Estimator
 from .registry import (

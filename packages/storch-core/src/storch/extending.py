@@ -162,7 +162,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Iterable, Optional
 import torch
 
 from .estimators import validators as options  # public as storch.extending.options
-from .cost import leave_one_out, leave_one_out_log_baselines
+from .graph.cost_frame import leave_one_out, leave_one_out_log_baselines
 from .distributions import (base_distribution, differentiated_total_count, given_by_probs, grad_parameters, parameters,
                             rebuild, rekey_transform_cache, rsample_kinks, rsample_max_order, rsample_params,
                             rsample_walked, varying_total_count)

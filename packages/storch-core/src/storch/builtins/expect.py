@@ -17,7 +17,7 @@ from ..estimators.base import Estimator
 from ..estimators.nodes import _float_dtype
 from .._util.table_cache import table_cache
 from ..graph import is_tracing
-from ..node import Node
+from ..graph.node import Node
 
 __all__ = ["Expect"]
 

@@ -6,7 +6,7 @@ import torch
 from torch.distributions import Distribution
 
 from ..estimators.base import Estimator
-from ..node import Node
+from ..graph.node import Node
 
 __all__ = ["Reparameterization"]
 

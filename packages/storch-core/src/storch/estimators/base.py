@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 import torch
 from torch.distributions import Distribution, Independent
 
-from ..cost import CostFrame, magic_box
+from ..graph.cost_frame import CostFrame, magic_box
 from ..distributions import (check_enumeration, raw_log_prob, raw_sample, rsample_max_order, straight_through_rsample,
                              undifferentiable_rsample, unwrap_distribution)
 from ..distributions.rsample import UNDIFFERENTIABLE_RSAMPLE_NOTE
@@ -53,7 +53,7 @@ from ..errors import OptionError, PlateError, StorchError, UnsupportedDistributi
 from ..generators import drawing_with
 from . import validators
 from ..graph import _stack, current_graph, is_tracing
-from ..node import Node
+from ..graph.node import Node
 from ..plates.integer_reads import MARKS
 from ..plates.tensor import Plate, PlateTensor, align
 from ..conditions.score import moving_support, support_is_fixed

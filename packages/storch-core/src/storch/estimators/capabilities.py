@@ -19,7 +19,7 @@ from torch.distributions import Distribution, Independent, TransformedDistributi
 from ..distributions import base_distribution, holds_grad, straight_through_rsample, undifferentiable_rsample
 from ..errors import UnsupportedDistributionError
 from ..graph import is_tracing
-from ..node import Node
+from ..graph.node import Node
 from ..conditions.score import moving_support
 
 if sys.version_info >= (3, 10):

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 from torch.distributions import Distribution
 
-from ..cost import CostFrame, _lead
+from ..graph.cost_frame import CostFrame, _lead
 from ..conditions.order_guard import unbatched
 from ..distributions import rsample_kinks, rsample_params
 from ..distributions.precision import location_scale_problem, precision_checked, unit_interval_problem
 from ..distributions.rsample_kinks import COMPARISON, STRAIGHT_THROUGH
 from ..errors import PlateError, PrecisionWarning, StorchError, UnsupportedDistributionError
 from ..graph import is_tracing
-from ..node import Node
+from ..graph.node import Node
 from ..plates.tensor import Plate, PlateTensor
 from .messages import _step
 

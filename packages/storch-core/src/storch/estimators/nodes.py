@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 from torch.distributions import Distribution, Independent, TransformedDistribution
 
-from ..cost import _widened
+from ..graph.cost_frame import _widened
 from ..distributions import base_distribution, holds_grad, rekey_transform_cache, rsample_params, strict_support
 from ..distributions.precision import precision_checked
 from ..distributions.rsample_kinks import RsampleComparisons
 from ..errors import PlateError, StorchError, UnsupportedDistributionError
 from ..graph import is_tracing
-from ..node import Node
+from ..graph.node import Node
 from ..plates.integer_reads import MARKS, marked_parameter
 from ..plates.tensor import MAX_DIMS, Lineage, Plate, PlateTensor, too_many_dims_message
 from ..conditions.score import KINK_FREE, support_is_fixed

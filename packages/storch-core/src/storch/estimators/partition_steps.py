@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch.distributions import Bernoulli, Categorical, Distribution, OneHotCategorical
 
-from ..cost import _lead, _widened
+from ..graph.cost_frame import _lead, _widened
 from ..distributions import rekey_transform_cache, rsample_params, strict_support, unwrap_distribution
 from ..distributions.precision import precision_checked
 from ..distributions.support import _STRICT
 from .._util.stacklevel import user_stacklevel
 from ..errors import IndependentStepWarning, OptionError, PlateError, StorchError, UnsupportedDistributionError
 from ..graph import is_tracing
-from ..node import Node
+from ..graph.node import Node
 from ..plates.integer_reads import MARKS
 from ..plates.tensor import Lineage, Plate, PlateTensor, align
 from .checks import _checked_lead, note_rsample

@@ -19,8 +19,8 @@ import torch
 from ..errors import StorchError
 
 if TYPE_CHECKING:
-    from ..cost import CostFrame
-    from ..node import Node
+    from ..graph.cost_frame import CostFrame
+    from ..graph.node import Node
 
 
 def step_baseline(est, node: Node, frame: CostFrame) -> Optional[torch.Tensor]:

@@ -18,7 +18,7 @@ from torch.distributions import Categorical, OneHotCategorical
 
 from ..conditions.order_guard import unbatched
 from .._util.qualname import code_qualname
-from ..node import Node
+from ..graph.node import Node
 from ..plates.dispatch import FINITENESS_TESTS, INDEX_VALUES, INDEXING, INTEGER_SOURCES, Caller
 from ..conditions.smoothness import _reaches
 

@@ -16,7 +16,7 @@ built from the parts (``_Steps`` < ``_Identity`` < ``_Costs``, ``_DataPlates``),
 
 from __future__ import annotations
 
-from ..node import Node
+from .node import Node
 # the private names the rest of storch imports from here: storch.estimators (_stack), storch.compile (tracing_nodes,
 # tracing_recorder) and the surrogate (_stack, is_tracing, tracing_recorder)
 from .context import (Graph, _stack, add_cost, current_graph, denote_independent, is_tracing, reset,  # noqa: F401

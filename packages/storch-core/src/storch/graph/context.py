@@ -13,7 +13,7 @@ import torch
 from ..eager import _compiler, _jit_tracing, eager_only, mark_eager_only, refuse_foreign_trace, set_eval_frame
 from ..errors import StorchError
 from ..generators import pop_generator, push_generator
-from ..node import Node
+from .node import Node
 from ..plates.tensor import PlateTensor
 from .costs import _Costs
 from .data_plates import _DataPlates

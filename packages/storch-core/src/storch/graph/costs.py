@@ -14,7 +14,7 @@ from ..conditions.order_guard import is_differentiated, unbatched
 from .._util.stacklevel import user_stacklevel
 from ..eager import eager_only
 from ..errors import ConstantCostWarning, CostError
-from ..node import Node
+from .node import Node
 from ..plates.tensor import PlateTensor
 from .identity import _Identity
 from .steps import _graph_task_id

@@ -10,7 +10,7 @@ import torch
 from torch.distributions import Distribution
 
 from ..errors import PlateError
-from ..node import Node
+from .node import Node
 from ..plates.tensor import Lineage, Plate, PlateTensor, unpickled_message
 from .steps import _DATA_PLATE_OUTSIDE, _evaluation_hint, _Steps
 

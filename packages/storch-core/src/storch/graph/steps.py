@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from ..eager import eager_only
-from ..node import Node
+from .node import Node
 from ..plates.integer_reads import MARKS, forget, record_of
 from ..plates.tensor import Plate, _release
 

@@ -16,7 +16,7 @@ import torch
 from ..conditions.order_guard import is_differentiated, unbatched
 from ..errors import OrderError
 from ..graph import current_graph
-from ..node import Node
+from ..graph.node import Node
 from ..plates.tensor import install_wrap_check
 from .reaches import _REACH_KEY, _pathwise
 

@@ -12,11 +12,11 @@ from typing import Optional
 
 import torch
 
-from ..cost import CostFrame, magic_box
+from ..graph.cost_frame import CostFrame, magic_box
 from ..estimators.base import Estimator
 from ..estimators.checks import check_in_frame
 from ..estimators.step_state import step_baseline
-from ..node import Node
+from ..graph.node import Node
 from .order import _guard_control_variate
 
 

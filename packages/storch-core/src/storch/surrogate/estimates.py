@@ -13,7 +13,7 @@ import torch
 
 from ..eager import eager_only
 from ..graph import Graph, current_graph
-from ..node import Node
+from ..graph.node import Node
 from ..plates.tensor import PlateTensor, align, plates_of, raw_of
 from .terms import _at_cost, cost_nodes
 

@@ -13,10 +13,10 @@ from typing import Optional
 
 import torch
 
-from ..cost import CostFrame, magic_box
+from ..graph.cost_frame import CostFrame, magic_box
 from ..estimators.checks import check_in_frame
 from ..estimators.step_state import step_baseline
-from ..node import Node
+from ..graph.node import Node
 from ..plates.tensor import align
 from .control_variates import _BASE_CONTROL_VARIATE, _has_control_variate
 from .order import _low_order

@@ -9,7 +9,7 @@ from typing import Optional
 
 from ..conditions.order_guard import unbatched
 from ..errors import OrderError
-from ..node import Node
+from ..graph.node import Node
 from ..plates.integer_reads import MARKS, record_of
 from ..conditions.smoothness import _reaches
 

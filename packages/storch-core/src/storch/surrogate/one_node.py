@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
-from ..cost import magic_box
+from ..graph.cost_frame import magic_box
 from ..graph import Graph
-from ..node import Node
+from ..graph.node import Node
 from ..plates.tensor import PlateTensor, align
 from ..conditions.score import KINK_FREE
 from .reaches import _REACH_KEY

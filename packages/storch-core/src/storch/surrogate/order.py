@@ -19,7 +19,7 @@ from ..errors import OrderError
 from ..estimators.capabilities import _is_score_node
 from ..estimators.catalog import installed_classes, supporting_estimators
 from ..graph import Graph
-from ..node import Node
+from ..graph.node import Node
 from ..conditions.score import KINK_FREE, log_prob_kinks
 from .refusals import _AGAIN, _again, _refuse_twice
 

@@ -18,7 +18,7 @@ from ..conditions import smoothness
 from ..conditions.order_guard import forward_level_open, has_tangent, is_differentiated, unbatched, unwrapped
 from ..errors import OrderError
 from ..estimators.watch import compared, is_pathwise
-from ..node import Node
+from ..graph.node import Node
 from ..plates.tensor import plates_of, raw_of
 from ..conditions.score import smooth_log_prob_parameters
 from ..conditions.smoothness import _reaches, require_smooth

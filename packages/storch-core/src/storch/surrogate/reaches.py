@@ -13,7 +13,7 @@ from torch.distributions import Categorical, OneHotCategorical
 
 from ..distributions import base_distribution, grad_parameters
 from ..errors import OrderError
-from ..node import Node
+from ..graph.node import Node
 from ..plates.tensor import raw_of
 from ..conditions.smoothness import _reaches
 

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..conditions.order_guard import is_differentiated
-from ..node import Node
+from ..graph.node import Node
 from ..plates.tensor import align
 from .control_variates import _has_control_variate
 

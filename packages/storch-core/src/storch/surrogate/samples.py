@@ -11,7 +11,7 @@ import warnings
 from .._util.stacklevel import user_stacklevel
 from ..errors import StorchError, UnusedLastDrawWarning, UnusedSampleWarning
 from ..graph import Graph
-from ..node import Node
+from ..graph.node import Node
 from ..plates.tensor import plates_of
 
 

@@ -11,8 +11,8 @@ from typing import Optional
 
 import torch
 
-from ..cost import CostFrame
-from ..node import Node
+from ..graph.cost_frame import CostFrame
+from ..graph.node import Node
 from ..plates.tensor import Plate, align, plates_of, raw_of
 from .control_variates import _BASE_CONTROL_VARIATE, _baseline_term, _has_control_variate, _with_control_variate
 

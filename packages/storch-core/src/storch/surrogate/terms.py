@@ -15,11 +15,11 @@ from typing import Optional
 
 import torch
 
-from ..cost import CostFrame, _lead, magic_box
+from ..graph.cost_frame import CostFrame, _lead, magic_box
 from ..estimators.checks import check_in_frame
 from ..estimators.step_state import step_baseline
 from ..graph import Graph
-from ..node import Node
+from ..graph.node import Node
 from ..plates.tensor import align, plates_of, raw_of
 from .control_variates import _BASE_CONTROL_VARIATE, _baseline_term, _has_control_variate, _with_control_variate
 from .grouped_baselines import _all_groupable, _grouped_cost

@@ -16,7 +16,7 @@ from ..distributed.ranks import _dist, _join_skipped_update, _skips_synced_updat
 from ..errors import StorchError
 from ..estimators.step_state import mark_updated
 from ..graph import Graph, tracing_recorder
-from ..node import Node
+from ..graph.node import Node
 from .finite import _check_finite
 from .refusals import _batched
 

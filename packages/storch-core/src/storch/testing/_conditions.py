@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.distributions import Distribution, Normal
 
-from ..cost import CostFrame, magic_box
+from ..graph.cost_frame import CostFrame, magic_box
 from ..graph import Graph, add_cost
 from ..plates.tensor import PlateTensor, align
 from ..registry import created_by_design

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, Sequence, Union, overload
 
 import torch
 
-from ..cost import _lead
+from ..graph.cost_frame import _lead
 from ..errors import OrderError, UnsupportedDistributionError
 from ..estimators.base import Estimator
 from ..graph import Graph, current_graph

@@ -12,7 +12,7 @@ from torch.distributions import Normal
 from ..errors import OptionError
 from ..estimators.base import Estimator
 from ..estimators.options import _offered_options
-from ..node import Node
+from ..graph.node import Node
 from ..plates.tensor import PlateTensor
 from ..registry import estimator as _make_estimator
 from ..registry import get_estimator_class

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch.distributions import Distribution
 
-from .distributions import raw_log_prob
-from .errors import StorchError, _OutsideSupportError
-from .plates.tensor import Plate, PlateTensor, align
+from ..distributions import raw_log_prob
+from ..errors import StorchError, _OutsideSupportError
+from ..plates.tensor import Plate, PlateTensor, align
 
 if TYPE_CHECKING:
-    from .cost import CostFrame
-    from .estimators.base import Estimator
+    from .cost_frame import CostFrame
+    from ..estimators.base import Estimator
 
 __all__ = ["Node"]
 

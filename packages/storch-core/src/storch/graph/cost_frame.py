@@ -13,7 +13,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from .node import Node
-from .plates.tensor import Plate, align
+from ..plates.tensor import Plate, align
 
 __all__ = ["CostFrame", "magic_box", "leave_one_out", "leave_one_out_log_baselines"]
 
