@@ -21,7 +21,7 @@ from torch.distributions import Bernoulli
 from torch.overrides import TorchFunctionMode
 
 import storch
-from storch.generators import RANDOM_FUNCTIONS
+from storch.runtime.generators import RANDOM_FUNCTIONS
 
 from _gloo import rank_process
 

@@ -38,7 +38,7 @@ from .registry import (
     reload_estimators,
 )
 from .surrogate import backward, cost_estimates, estimate, surrogate_loss
-from .generators import current_generator
+from .runtime.generators import current_generator
 from .compiled import CompiledStep, compile
 from . import distributed  # noqa: F401  (storch.distributed: estimator state under torch.distributed)
 from ._old_paths import install as _install_old_paths

@@ -16,7 +16,9 @@ __all__ = ["OLD_PATHS", "install"]
 # old private module -> the module that holds its contents now
 OLD_PATHS = {
     "_errors": "errors",
-    "_random": "generators",
+    "_random": "runtime.generators",
+    # public in docs/reliability.md before the move (storch.generators.RANDOM_FUNCTIONS), now under runtime/
+    "generators": "runtime.generators",
     "_plates": "plates.tensor",
     "_treatments": "plates.treatments",
     "_treatments_doc": "plates.table_doc",

@@ -169,7 +169,7 @@ from .distributions import (base_distribution, differentiated_total_count, given
 from .distributions import strict_support as _strict_support
 from .errors import ASSUMPTIONS, StorchError
 from .estimators.checks import check_precision, note_rsample
-from .generators import drawing_with
+from .runtime.generators import drawing_with
 from .graph import current_graph, is_tracing
 from .plates.tensor import align, plates_of, raw_of
 from .conditions.order_guard import estimator_create_graph, estimator_own_pass, is_differentiated, unbatched

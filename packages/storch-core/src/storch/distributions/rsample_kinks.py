@@ -45,7 +45,7 @@ from ..conditions import smoothness
 from ..conditions.order_guard import unbatched
 from .._util.qualname import code_qualname
 from ..errors import ASSUMPTIONS
-from ..generators import current_generator
+from ..runtime.generators import current_generator
 from ..plates.dispatch import CASTS, INDEX_VALUES, JUMPS, casts_to_jump
 from .parameters import grad_parameters
 

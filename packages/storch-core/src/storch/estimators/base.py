@@ -46,11 +46,11 @@ from ..distributions import (check_enumeration, raw_log_prob, raw_sample, rsampl
                              undifferentiable_rsample, unwrap_distribution)
 from ..distributions.rsample import UNDIFFERENTIABLE_RSAMPLE_NOTE
 from ..distributions.unwrap import _as_raw
-from ..eager import (_compiler, _jit_tracing, eager_only, ignored_by_script, refuse_foreign_trace,
+from ..runtime.eager import (_compiler, _jit_tracing, eager_only, ignored_by_script, refuse_foreign_trace,
                      scripted_estimator_message)
 from .._util.stacklevel import user_stacklevel
 from ..errors import OptionError, PlateError, StorchError, UnsupportedDistributionError
-from ..generators import drawing_with
+from ..runtime.generators import drawing_with
 from . import validators
 from ..graph import _stack, current_graph, is_tracing
 from ..graph.node import Node

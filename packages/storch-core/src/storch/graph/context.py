@@ -10,9 +10,9 @@ from typing import Any, Callable, Optional, Sequence, Union, overload
 
 import torch
 
-from ..eager import _compiler, _jit_tracing, eager_only, mark_eager_only, refuse_foreign_trace, set_eval_frame
+from ..runtime.eager import _compiler, _jit_tracing, eager_only, mark_eager_only, refuse_foreign_trace, set_eval_frame
 from ..errors import StorchError
-from ..generators import pop_generator, push_generator
+from ..runtime.generators import pop_generator, push_generator
 from .node import Node
 from ..plates.tensor import PlateTensor
 from .costs import _Costs
@@ -109,7 +109,7 @@ class Graph(_DataPlates, _Costs):
         return state
 
     # (__enter__ and __exit__ suspend dynamo themselves, as eager_only's wrapper would: a Python frame fewer each,
-    # once per step; storch.eager.mark_eager_only)
+    # once per step; storch.runtime.eager.mark_eager_only)
     @mark_eager_only
     def __enter__(self) -> "Graph":
         prior = set_eval_frame(None)

@@ -12,7 +12,7 @@ import torch
 
 from ..conditions.order_guard import is_differentiated, unbatched
 from .._util.stacklevel import user_stacklevel
-from ..eager import eager_only
+from ..runtime.eager import eager_only
 from ..errors import ConstantCostWarning, CostError
 from .node import Node
 from ..plates.tensor import PlateTensor

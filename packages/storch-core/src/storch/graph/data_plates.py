@@ -8,7 +8,7 @@ from typing import Sequence, Union, overload
 
 import torch
 
-from ..eager import eager_only
+from ..runtime.eager import eager_only
 from ..errors import PlateError
 from ..plates.tensor import Lineage, Plate, PlateTensor, new_plate_tensor
 from .identity import _Identity

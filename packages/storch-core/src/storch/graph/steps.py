@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from ..eager import eager_only
+from ..runtime.eager import eager_only
 from .node import Node
 from ..plates.integer_reads import MARKS, forget, record_of
 from ..plates.tensor import Plate, _release

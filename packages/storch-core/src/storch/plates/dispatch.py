@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ..eager import foreign_trace_message, mark_eager_only, set_eval_frame, under_jit_trace
+from ..runtime.eager import foreign_trace_message, mark_eager_only, set_eval_frame, under_jit_trace
 from ..errors import OrderError, PlateError, plate_error_from
 from .draws import DRAWS, check_no_grad_call, watch_draw
 from .integer_reads import _INNER, MARKS, mark, spread
@@ -666,7 +666,7 @@ def _torch_function(cls, func, types, args=(), kwargs=None):
     # decided once (storch.plates.treatments) and cached; the most common case (one plate tensor
     # through an elementwise function: sigmoid, tanh, exp, ...) runs inline.
     prior = set_eval_frame(None)
-    if prior is not None:  # called from code compiled by torch.compile: run eagerly (storch.eager)
+    if prior is not None:  # called from code compiled by torch.compile: run eagerly (storch.runtime.eager)
         try:
             return _torch_function(cls, func, types, args, kwargs)
         finally:

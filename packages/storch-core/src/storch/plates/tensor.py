@@ -17,7 +17,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 
-from ..eager import foreign_trace_message, under_jit_trace
+from ..runtime.eager import foreign_trace_message, under_jit_trace
 from ..errors import PlateError
 
 __all__ = [
@@ -581,7 +581,7 @@ def _direct_operator(name: str, torch_function):
 
     operator.__name__ = operator.__qualname__ = name
     operator.__doc__ = base.__doc__
-    # dynamo does not inline it: the dispatcher runs eagerly under torch.compile (storch.eager)
+    # dynamo does not inline it: the dispatcher runs eagerly under torch.compile (storch.runtime.eager)
     operator._torchdynamo_disable = True  # type: ignore[attr-defined]
     return operator
 

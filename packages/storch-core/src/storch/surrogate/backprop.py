@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..eager import eager_only
+from ..runtime.eager import eager_only
 from ..errors import OrderError, StorchError
 from ..estimators.base import Estimator
 from ..graph import Graph, current_graph, is_tracing

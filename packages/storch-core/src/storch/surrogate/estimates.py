@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..eager import eager_only
+from ..runtime.eager import eager_only
 from ..graph import Graph, current_graph
 from ..graph.node import Node
 from ..plates.tensor import PlateTensor, align, plates_of, raw_of

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..distributed.ranks import _skips_synced_update
-from ..eager import mark_eager_only, set_eval_frame
+from ..runtime.eager import mark_eager_only, set_eval_frame
 from ..errors import StorchError
 from ..estimators.watch import is_pathwise
 from ..graph import Graph, _stack, tracing_recorder

@@ -219,7 +219,7 @@ def _made_by_user() -> bool:
     f = sys._getframe(2)
     while f is not None:
         name = f.f_globals.get("__name__", "")
-        if name.startswith("storch.plates") or name == "storch.eager" or name.startswith(_PASSING):
+        if name.startswith("storch.plates") or name == "storch.runtime.eager" or name.startswith(_PASSING):
             f = f.f_back
             continue
         return not (name.startswith(_OWN) or name in ("storch", "storch_score", "storch_relaxed", "storch_mvd"))

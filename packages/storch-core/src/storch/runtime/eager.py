@@ -26,7 +26,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from .errors import StorchError
+from ..errors import StorchError
 
 __all__ = ["eager_only", "mark_eager_only", "set_eval_frame"]
 
