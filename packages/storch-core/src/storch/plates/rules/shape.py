@@ -208,7 +208,9 @@ _ANY_DIM: frozenset = frozenset(
 _BATCH_MEANS: frozenset = frozenset(f for n in ("sum", "mean", "nansum", "nanmean") for f in _both(n))
 
 # the modules between a user's call and the dispatcher (torch's Python wrappers that hand over to
-# __torch_function__: F.softmax, Tensor.norm, torch.norm), skipped when looking for who made the call
+# __torch_function__: F.softmax, Tensor.norm, torch.norm), skipped when looking for who made the call. (No
+# storch.runtime.eager frame sits there: the dispatcher suspends dynamo inline, without eager_only's wrapper, also
+# under torch.compile and storch.compile.)
 _PASSING = ("torch.overrides", "torch.nn.functional", "torch.functional", "torch._tensor", "torch.linalg")
 
 
@@ -219,7 +221,7 @@ def _made_by_user() -> bool:
     f = sys._getframe(2)
     while f is not None:
         name = f.f_globals.get("__name__", "")
-        if name.startswith("storch.plates") or name == "storch.runtime.eager" or name.startswith(_PASSING):
+        if name.startswith("storch.plates") or name.startswith(_PASSING):
             f = f.f_back
             continue
         return not (name.startswith(_OWN) or name in ("storch", "storch_score", "storch_relaxed", "storch_mvd"))
