@@ -641,6 +641,25 @@ def test_torch_errors_are_reraised_with_per_sample_shapes_and_plates():
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
+def test_reraised_torch_errors_have_public_names():
+    """A torch error re-raised in per-sample terms is shown in the traceback by its class's name: it was
+    storch.errors._PlateRuntimeError (a private name users cannot catch by) for ``torch.topk(z, k)`` with k larger
+    than a sample's dim; now storch.PlateRuntimeError (and PlateIndexError, PlateTypeError), a PlateError that
+    still is torch's kind of error."""
+    x = make(rnd(4, 3), ("z", 4))
+    with pytest.raises(storch.PlateRuntimeError, match="torch.topk failed on plate tensors") as info:
+        torch.topk(x, 5)
+    assert type(info.value) is storch.PlateRuntimeError and "._" not in info.typename
+    with pytest.raises(storch.PlateIndexError, match="__getitem__ failed on plate tensors") as info:
+        x[7]
+    assert type(info.value) is storch.PlateIndexError and isinstance(info.value, IndexError)
+    from storch.errors import plate_error_from
+
+    assert type(plate_error_from(TypeError("t"), "m")) is storch.PlateTypeError
+    for cls in (storch.PlateRuntimeError, storch.PlateIndexError, storch.PlateTypeError):
+        assert issubclass(cls, storch.PlateError) and not cls.__name__.startswith("_") and cls.__name__ in storch.__all__
+
+
 # -- gradients through every treatment ------------------------------------------------------------
 
 GRAD_CASES = {

@@ -355,7 +355,7 @@ def test_select_with_a_sampled_index_is_indexing():
 
 def test_select_and_slice_scatter_at_a_sampled_index_name_the_index_write():
     """p-attn (memory writes): torch.select_scatter(x, src, 0, i) with a sampled i gave vmap's '.item()' text in a
-    _PlateRuntimeError, slice_scatter(..., start=i) and x[i:i + 2] the variable-length advice (a fixed maximum
+    PlateRuntimeError, slice_scatter(..., start=i) and x[i:i + 2] the variable-length advice (a fixed maximum
     length and a mask). A sampled index, or start with a fixed length, is an index: the messages name the write
     (index_copy / index_put) and read (index_select) with i + arange(k), which give each sample's scatter."""
     a = _sampled([2, 0, 1], A_)

@@ -8,6 +8,9 @@ from typing import Optional
 __all__ = [
     "StorchError",
     "PlateError",
+    "PlateRuntimeError",
+    "PlateIndexError",
+    "PlateTypeError",
     "OrderError",
     "UnknownEstimatorError",
     "UnsupportedDistributionError",
@@ -123,22 +126,24 @@ class _OutsideSupportError(StorchError, ValueError):
     naming the estimator; still a ValueError, so that code that tells such values apart by it keeps working."""
 
 
-class _PlateRuntimeError(PlateError, RuntimeError):
-    """A torch RuntimeError inside a plate call, re-raised in per-sample terms."""
+class PlateRuntimeError(PlateError, RuntimeError):
+    """A torch RuntimeError inside a plate call (``torch.topk(z, k)`` with ``k`` larger than a sample's dim),
+    re-raised in per-sample terms: a :class:`PlateError` that still is a RuntimeError, so that code catching
+    torch's error keeps working."""
 
 
-class _PlateIndexError(PlateError, IndexError):
-    """A torch IndexError inside a plate call, re-raised in per-sample terms."""
+class PlateIndexError(PlateError, IndexError):
+    """A torch IndexError inside a plate call, re-raised in per-sample terms (still an IndexError)."""
 
 
-class _PlateTypeError(PlateError, TypeError):
+class PlateTypeError(PlateError, TypeError):
     """A TypeError inside a plate call, re-raised in per-sample terms (still a TypeError, so that
     Python's reflected operators keep working)."""
 
 
 def plate_error_from(exc: BaseException, message: str) -> PlateError:
     """A PlateError with ``message`` that is also an instance of ``exc``'s kind."""
-    for base, cls in ((IndexError, _PlateIndexError), (TypeError, _PlateTypeError), (RuntimeError, _PlateRuntimeError)):
+    for base, cls in ((IndexError, PlateIndexError), (TypeError, PlateTypeError), (RuntimeError, PlateRuntimeError)):
         if isinstance(exc, base):
             return cls(message)
     return PlateError(message)
