@@ -45,7 +45,12 @@ def test_base_distribution_unwraps_independent_once_and_nothing_else():
     (options.choice, ("est", "baseline", "loo", ("none", "leave_one_out")),
      "est: baseline='loo' is not accepted; use one of 'none', 'leave_one_out'"),
     (options.choice, ("est", "baseline", [], ("none",)), "est: baseline=[] is not accepted; use one of 'none'"),
-    (options.optional_index, ("est", "eos", -1), "est: eos must be None or an int >= 0, got -1"),
+    (options.optional_index, ("est", "eos", -1), "est: eos must be None or an int >= 0, got -1; an index counts "
+     "from the first value, and a negative one (counting from the end) is not accepted: write the index itself, "
+     "eos=n - 1 for the last of n values (e.g. eos=vocab - 1)"),
+    (options.optional_index, ("est", "eos", torch.tensor(0)), "est: eos must be None or an int >= 0, got tensor(0); "
+     "a tensor or array is not accepted (an option is a Python number, not data): write eos=int(t)"),
+    (options.optional_index, ("est", "eos", 1.0), "est: eos must be None or an int >= 0, got 1.0"),
 ])
 def test_option_validators_name_the_option_the_value_and_what_is_accepted(check, args, message):
     kwargs = {"minimum": 1} if check is options.integer else {}

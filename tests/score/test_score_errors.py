@@ -299,6 +299,11 @@ def test_unordered_set_more_than_16_samples_only_for_the_whole_support():
 def test_bad_eos(name):
     with pytest.raises(storch.OptionError, match="eos must be None or the index"):
         storch.estimator(name, plate="z", n_samples=2, eos="end")
+    # the near misses say what to write: a negative index (the last token) and a tensor (a token read from data)
+    with pytest.raises(storch.OptionError, match=r"got -1; .*negative one .* not accepted.*eos=vocab - 1"):
+        storch.estimator(name, plate="z", n_samples=2, eos=-1)
+    with pytest.raises(storch.OptionError, match=r"got tensor\(0\); a tensor .* not accepted.*eos=int\(t\)"):
+        storch.estimator(name, plate="z", n_samples=2, eos=torch.tensor(0))
     est = storch.estimator(name, plate="z", n_samples=2, eos=5)
     with storch.Graph(), pytest.raises(storch.OptionError, match="eos=5 is not an index"):
         est(Categorical(logits=torch.zeros(3)))

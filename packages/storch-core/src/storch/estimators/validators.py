@@ -100,5 +100,16 @@ def choice(owner: str, name: str, value: Any, choices: Collection[_Choice], hint
 
 def optional_index(owner: str, name: str, value: Any, what: str = "None or an int >= 0") -> Optional[int]:
     """``value`` if it is ``None`` or an int >= 0 (an index, e.g. ``eos``; a NumPy integer as a Python
-    int); else an :class:`OptionError`."""
-    return None if value is None else integer(owner, name, value, minimum=0, what=what)
+    int); else an :class:`OptionError`, which says what to write for the two near misses: a negative index
+    (Python's count from the end, which an option does not take: ``eos=-1`` for the last token) and a tensor
+    (``eos=torch.tensor(0)``; an option is a number, not data)."""
+    if value is None:
+        return None
+    hint = ""
+    n = _integral(value)
+    if n is not None and n < 0:
+        hint = (f"; an index counts from the first value, and a negative one (counting from the end) is not "
+                f"accepted: write the index itself, {name}=n - 1 for the last of n values (e.g. {name}=vocab - 1)")
+    elif n is None and getattr(value, "ndim", None) == 0 and not isinstance(value, bool):
+        hint = f"; a tensor or array is not accepted (an option is a Python number, not data): write {name}=int(t)"
+    return integer(owner, name, value, minimum=0, what=what, hint=hint)
