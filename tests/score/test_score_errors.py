@@ -331,8 +331,30 @@ def test_an_infinite_cost_read_after_eos_names_the_ended_sequences(name):
         storch.add_cost(kl, name="kl")
         with pytest.raises(storch.NonFiniteCostError,
                            match=r"(?s)cost 'kl' is not finite.*partition with eos= on plate 'seq'.*"
-                                 r"live = live & \(token != eos\)"):
+                                 r"live = live & \(token != eos\)") as info:
             storch.backward()
+    # the likelier cause, said before the generic advice (find the source, a finite penalty)
+    message = str(info.value)
+    assert message.index("ended sequences") < message.index("find where") < message.index("finite penalty")
+
+
+@pytest.mark.parametrize("name", ["score", "unordered_set"])
+def test_an_infinite_cost_in_live_sequences_only_does_not_blame_the_ended_ones(name):
+    """The eos hint was given whenever sequences had ended, also where the non-finite entries were live ones
+    (whose cost has another cause): now only where some non-finite entry is in an ended sequence."""
+    theta = torch.zeros(3, requires_grad=True)  # eos at a step with probability 1/3
+    est = storch.estimator(name, plate="seq", n_samples=8, eos=0)
+    torch.manual_seed(0)
+    with storch.Graph():
+        live = None
+        for t in range(3):
+            tok = est(Categorical(logits=theta))
+            live = (tok != 0) if live is None else live & (tok != 0)
+        assert bool(live.tensor.any()) and not bool(live.tensor.all())  # some ended, some live
+        storch.add_cost(torch.where(live, math.inf, 0.0) + tok.double() * 0, name="r")
+        with pytest.raises(storch.NonFiniteCostError, match="cost 'r' is not finite") as info:
+            storch.backward()
+    assert "eos" not in str(info.value) and "Find where" in str(info.value)
 
 
 @pytest.mark.parametrize("q", [lambda: Categorical(probs=torch.ones(3) / 3),

@@ -13,7 +13,7 @@ from ..distributions.precision import exact_draws_hint, precision_checked
 from ..errors import NonFiniteCostError
 from ..estimators.base import Estimator
 from ..graph import Graph
-from ..plates.tensor import raw_of
+from ..plates.tensor import align, raw_of
 
 
 def _check_finite(loss: torch.Tensor, graph: Graph) -> None:
@@ -35,10 +35,11 @@ def _message(costs: list, nodes: list, after: str = _AFTER) -> str:
         what = f"cost {', '.join(repr(b) for b in bad)} is" if bad else "the surrogate loss is"
         return f"{what} not finite (NaN or inf): {exact} {after}Catch storch.NonFiniteCostError to skip the batch"
     if bad:
+        ended = _ended_sequences(costs, bad, nodes)  # the likelier cause where it applies: said first
         return (f"cost {', '.join(repr(b) for b in bad)} is not finite (NaN or inf), so its gradient would be too: "
-                f"{after}Find where the non-finite value comes from (e.g. log(0), NaN parameters, a diverging "
-                "learning rate), or catch storch.NonFiniteCostError to skip the batch" + _some_entries(costs, bad)
-                + _ended_sequences(nodes))
+                f"{after}{ended}{'Otherwise, find' if ended else 'Find'} where the non-finite value comes from (e.g. "
+                "log(0), NaN parameters, a diverging learning rate), or catch storch.NonFiniteCostError to skip the "
+                "batch" + _some_entries(costs, bad))
     culprits = _nonfinite_components(nodes)
     if culprits:
         return (f"the surrogate loss is not finite although every cost is: {'; '.join(culprits)}. "
@@ -89,23 +90,44 @@ def _some_entries(costs: list, bad: list) -> str:
             "too)")
 
 
-def _ended_sequences(nodes: list) -> str:
-    """For :func:`_message` (error path only): the partitions with ``eos=`` whose sequences have ended. After eos
-    the estimator draws eos with log-probability 0, but a cost that user code computes from its own distribution
-    there (a per-token KL penalty to a reference model, log p(token)) reads log p(eos) of the distribution the user
-    built: -inf where eos is masked out (top-k truncation, a mask), so the cost is inf in exactly those entries."""
+def _ended_sequences(costs: list, bad: list, nodes: list) -> str:
+    """For :func:`_message` (error path only): the partitions with ``eos=`` whose ended sequences hold non-finite
+    entries of the costs ``bad``. After eos the estimator draws eos with log-probability 0, but a cost that user
+    code computes from its own distribution there (a per-token KL penalty to a reference model, log p(token)) reads
+    log p(eos) of the distribution the user built: -inf where eos is masked out (top-k truncation, a mask), so the
+    cost is inf in exactly those entries. Said only where some non-finite entry is in an ended sequence (a NaN in
+    live ones has another cause); a cost whose plates do not hold the partition's last step is not matched."""
     found = []
     for n in nodes:
         finished = n.finished if isinstance(n.finished, torch.Tensor) else None
         finished = None if finished is None else _outside(finished.detach())
-        if finished is not None and bool(finished.any()):
-            found.append(f"{n.plate.name!r} ({int(finished.sum())} of {finished.numel()} sequences)")
+        if finished is None or not bool(finished.any()):
+            continue
+        hit = total = 0
+        for name, cost in costs:
+            raw = _outside(raw_of(cost).detach()) if name in bad else None
+            plates = tuple(getattr(cost, "plates", ()))
+            if raw is None or raw.dim() < len(plates):
+                continue
+            nonfinite = ~torch.isfinite(raw)
+            if raw.dim() > len(plates):
+                nonfinite = nonfinite.flatten(len(plates)).any(-1)  # per entry of the cost's plates
+            try:
+                ended = align(finished, (n.plate,) + n.parents, plates).bool()
+            except Exception:  # (the cost does not carry the partition's last step: not matched)
+                continue
+            hit += int((nonfinite & ended).sum())
+            total += int(nonfinite.sum())
+        if hit:
+            found.append(f"non-finite cost entries ({hit} of {total}) are in ended sequences of the partition with "
+                         f"eos= on plate {n.plate.name!r} ({int(finished.sum())} of {finished.numel()} sequences have "
+                         "ended)")
     if not found:
         return ""
-    return (f". Sequences of the partition with eos= on plate {', '.join(found)} have ended: after eos the "
-            "estimator draws eos with log-probability 0, but your own distribution's log_prob there is log p(eos), "
-            "-inf where eos is masked out (top-k, a mask). If the cost reads it (a per-token KL penalty), compute it "
-            "for live sequences only: live = live & (token != eos) after each step, c = torch.where(live, c, 0)")
+    return ("; ".join(found) + ": after eos the estimator draws eos with log-probability 0, but your own "
+            "distribution's log_prob there is log p(eos), -inf where eos is masked out (top-k, a mask). If the cost "
+            "reads it (a per-token KL penalty), compute it for live sequences only: live = live & (token != eos) after "
+            "each step, c = torch.where(live, c, 0). ")
 
 
 def _nonfinite_components(nodes: list) -> list[str]:
