@@ -91,6 +91,21 @@ def test_license_readme_and_version_are_declared(folder):
     assert _project(folder)["build-system"]["requires"] == ["setuptools>=77"]  # the first to take the SPDX form
 
 
+# a Markdown link or image target, inline ([text](target), ![alt](target)) or a reference definition ([id]: target)
+_LINK = re.compile(r"\]\(\s*<?([^)\s>]+)|^\s*\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)", re.M)
+
+
+@pytest.mark.parametrize("folder", list(PACKAGES))
+def test_readme_links_work_on_pypi(folder):
+    """The readme is the package's long description on PyPI, where a relative link (``../storch-core``,
+    ``../../README.md``: the family readmes had them) points nowhere: link targets are absolute URLs (or
+    in-page anchors)."""
+    text = (ROOT / folder / _project(folder)["project"]["readme"]).read_text()
+    targets = [a or b for a, b in _LINK.findall(text)]
+    relative = [t for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:|#", t)]
+    assert relative == [], f"{folder}'s readme links to {relative}: use an absolute URL (https://pypi.org/project/...)"
+
+
 @pytest.mark.parametrize("folder", FIRST_PARTY)
 def test_first_party_packages_depend_on_the_core_release_they_are_built_against(folder):
     """An unbounded `storch-core` let a family of this release install next to a later core whose
