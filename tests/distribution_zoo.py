@@ -196,6 +196,9 @@ def zoo() -> list[Member]:
           lambda t: D.LowRankMultivariateNormal(t[0:2], _t(0.5, -0.3).reshape(2, 1) * t[2], _t(0.6, 0.9) * _sp(t[2]))),
         M("Independent(Normal)", _t(0.3, -0.2, 0.1), lambda t: D.Independent(D.Normal(t[0:2], _sp(t[2])), 1)),
         M("Independent(Bernoulli)", _t(0.3, -0.6), lambda t: D.Independent(D.Bernoulli(logits=t[0:2]), 1)),
+        # torch's Binomial.log_prob under an Independent (storch.distributions.raw_log_prob reads it there too): the
+        # second derivative at a logit of exactly 0 must be -n/4 as for a bare Binomial
+        M("Independent(Binomial(logit 0))", _t(0.0, -0.4), lambda t: D.Independent(D.Binomial(4, logits=t[0:2]), 1)),
         M("Independent(Gamma)", _t(0.3, -0.6), lambda t: D.Independent(D.Gamma(2 + t[0:2].exp(), _t(1.0)), 1)),
         M("TransformedDistribution", _t(0.1, -0.5),
           lambda t: D.TransformedDistribution(D.Normal(t[0], _sp(t[1]) * 0.2), [D.AffineTransform(0.5, 2.0), D.ExpTransform()]),

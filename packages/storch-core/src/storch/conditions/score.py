@@ -36,7 +36,7 @@ from torch.distributions import (
     constraints,
 )
 
-from ..distributions.support import _STRICT
+from ..distributions.support import _STRICT, _changes_only_init
 from .smoothness import _nonsmooth_on_path
 from .order_guard import is_differentiated, unbatched
 
@@ -229,13 +229,18 @@ def same_support(a: Union[constraints.Constraint, Distribution, None],
 # log_of_abs: the log|det J| of affine and power transforms, ContinuousBernoulli's normaliser). What the walk
 # cannot tell is listed here: torch distributions whose graph holds a listed operation but whose log p is
 # smooth in the parameters.
+# Not Binomial: torch's log_prob writes softplus(logits) as clamp(logits, min=0) + log1p(exp(-|logits|)), whose
+# kinks cancel in the value and the first derivative only (autograd's second derivative at a logit of exactly 0
+# is 0, not -n/4). storch computes a Binomial's log p smoothly itself (distributions.support._binomial_log_prob:
+# a Binomial, a subclass changing only __init__, an Independent of either, the strict copy), whose graph the
+# walk finds kink-free; where torch's formula is still read (a MixtureSameFamily of Binomials) the walk finds
+# its abs and clamp and order 2 is refused, not estimated with the wrong derivative.
 _SMOOTH_LOG_PROB: dict[type, str] = {
-    Binomial: "log_prob writes softplus(logits) as clamp(logits, min=0) + log1p(exp(-|logits|)): the two kinks "
-              "cancel",
     # x·logits - softplus(logits), smooth in the logits (and in probs, through logit(p)). Eager torch computes
     # it with the fused binary_cross_entropy_with_logits, whose graph the walk finds kink-free; under a
     # torch.func transform (grad, jacrev, vmap) that op is decomposed into clamp_min(-x, 0) +
-    # log(exp(-m) + exp(-x - m)) (softplus's max-shift), whose two kinks cancel as Binomial's do
+    # log(exp(-m) + exp(-x - m)) (softplus's max-shift): the value does not depend on m, so m's kink
+    # cancels at every order (unlike torch's Binomial, whose abs is of the logit itself)
     Bernoulli: "log_prob is -binary_cross_entropy_with_logits, smooth in the logits; under torch.func it is "
                "decomposed into clamp_min + log(exp + exp): the kinks cancel",
     # -binary_cross_entropy_with_logits (as Bernoulli) + the log normaliser log|2 atanh(1 - 2p) / (1 - 2p)|
@@ -248,7 +253,10 @@ _KINKS: dict = {}  # (structure(d), names of its tensors that require grad) -> {
 # so later calls skip even building the cache key (the common step: Bernoulli / Categorical logits); the
 # types whose log p is known smooth start there. A bare type is put here only for a type that fixes its
 # structure (_FIXED), so `type(d) in KINK_FREE` is a sound fast path (the surrogate's order-1 guard uses it).
-KINK_FREE: set = set(_SMOOTH_LOG_PROB)
+# torch's Binomial itself: storch reads its log p only through _binomial_log_prob (raw_log_prob, strict_support),
+# kink-free; not on the smooth list above, which would pass torch's formula too (a MixtureSameFamily of them).
+# (Without it a Binomial step looked its walk up every step: +54 Python calls of ~1090 for a score step.)
+KINK_FREE: set = set(_SMOOTH_LOG_PROB) | {Binomial}
 _ALL_ORDERS = 1 << 30
 
 # The generic wrappers: what an instance wraps (base distribution, components, transforms) is its
@@ -258,9 +266,6 @@ _ALL_ORDERS = 1 << 30
 _WRAPPERS = (Independent, MixtureSameFamily, TransformedDistribution)
 _FIXED: dict[type, bool] = {}  # distribution type -> whether the type alone fixes what it holds
 _LISTED: dict[type, bool] = {}  # type -> on the smooth list (a listed type, a subclass changing only __init__)
-# a class's own members that are bookkeeping, not behaviour
-_BOOKKEEPING = frozenset(("__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
-                          "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__", "__init__"))
 
 
 # storch's strict copies (storch.distributions.strict_support: what the enumerating estimators' nodes hold
@@ -318,15 +323,6 @@ def _part(v, depth: int):
         if _fixed(t):
             return t
     return _structure(v, depth + 1)
-
-
-def _changes_only_init(t: type, base: type) -> bool:
-    """Whether the classes from ``t`` up to ``base`` redefine no member of ``base`` but ``__init__`` (which
-    only sets the tensors that log p reads, from where the walk would start)."""
-    for c in t.__mro__[:t.__mro__.index(base)]:
-        if any(k not in _BOOKKEEPING and hasattr(base, k) for k in vars(c)):
-            return False
-    return True
 
 
 def _listed(t: type) -> bool:
@@ -398,8 +394,8 @@ def log_prob_kinks(d: Distribution, log_prob: torch.Tensor, order: int) -> tuple
 def smooth_log_prob_parameters(d: Distribution, order: int) -> Optional[list[torch.Tensor]]:
     """``d``'s tensors that require grad (its parameters, under vmap the tensors they batch) where its log p is
     known to have no operation whose derivative of order < ``order`` is discontinuous on a path from them,
-    without walking: a structure on the smooth list (Binomial, whose graph holds torch's clamp and abs of a
-    softplus; Bernoulli, ContinuousBernoulli), or one whose walk by :func:`log_prob_kinks` is cached (kink-free,
+    without walking: a structure on the smooth list (Bernoulli and ContinuousBernoulli, whose graphs hold
+    softplus's max-shift), or one whose walk by :func:`log_prob_kinks` is cached (kink-free,
     or kinks only of order >= ``order``). ``None`` where that is not known (never walked: the caller keeps its
     own, conservative, verdict)."""
     named = _grad_tensors(d, "", 0)

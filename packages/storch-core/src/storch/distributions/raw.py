@@ -6,9 +6,9 @@ a Binomial's with the right second derivative at a logit of 0.
 from __future__ import annotations
 
 import torch
-from torch.distributions import Bernoulli, Binomial, Distribution, Independent, Poisson
+from torch.distributions import Bernoulli, Distribution, Independent, Poisson
 
-from .support import _binomial_log_prob, _poisson_log_prob
+from .support import _BINOMIAL_LIKE, _binomial_log_prob, _poisson_log_prob, binomial_like
 
 __all__ = ["raw_log_prob", "raw_sample"]
 
@@ -24,12 +24,16 @@ def raw_log_prob(d: Distribution, value: torch.Tensor) -> torch.Tensor:
     Python checks and a second view for the value): the same kernel (called directly, not through
     ``F.binary_cross_entropy_with_logits``), values and derivatives. A ``Poisson`` (or an ``Independent`` of
     one) is computed by :func:`_poisson_log_prob`: torch's values, and finite derivatives where a rate
-    is exactly 0 (torch's are NaN there). A ``Binomial`` by :func:`_binomial_log_prob`: torch's values, and
+    is exactly 0 (torch's are NaN there). A ``Binomial`` (a subclass changing only ``__init__``, or an ``Independent`` of
+    either) by :func:`_binomial_log_prob`: torch's values, and
     the right second derivative where a logit is exactly 0 (torch's is 0 there). Any other case (and any
     other distribution) calls ``d.log_prob``.
     """
     t = type(d)
-    if t is Binomial:
+    like = _BINOMIAL_LIKE.get(t)  # (a Binomial, or a subclass changing only __init__; one lookup once cached)
+    if like is None:
+        like = binomial_like(t)
+    if like:
         if d._validate_args:
             d._validate_sample(value)
         return _binomial_log_prob(d.total_count, d.logits, value)
@@ -37,7 +41,7 @@ def raw_log_prob(d: Distribution, value: torch.Tensor) -> torch.Tensor:
         if d._validate_args:
             d._validate_sample(value)
         return _poisson_log_prob(d.rate, value)
-    if t is Independent and type(d.base_dist) is Poisson:
+    if t is Independent and (type(d.base_dist) is Poisson or binomial_like(type(d.base_dist))):
         lp, n = raw_log_prob(d.base_dist, value), d.reinterpreted_batch_ndims
         return lp.sum(tuple(range(-n, 0))) if n else lp
     if t is Bernoulli and not d._validate_args and type(value) is torch.Tensor:

@@ -230,6 +230,35 @@ def _infinite_logits_log_prob(logits: torch.Tensor, value: torch.Tensor, top: to
 _STRICT = {Bernoulli: _StrictBernoulli, Binomial: _StrictBinomial, Poisson: _StrictPoisson}
 _STRICT_CLASSES = frozenset(_STRICT.values())
 
+# a class's own members that are bookkeeping, not behaviour
+_BOOKKEEPING = frozenset(("__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
+                          "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__", "__init__"))
+
+
+def _changes_only_init(t: type, base: type) -> bool:
+    """Whether the classes from ``t`` up to ``base`` redefine no member of ``base`` but ``__init__`` (which
+    only sets the tensors that log p reads, from where the walk would start)."""
+    for c in t.__mro__[:t.__mro__.index(base)]:
+        if any(k not in _BOOKKEEPING and hasattr(base, k) for k in vars(c)):
+            return False
+    return True
+
+
+_BINOMIAL_LIKE: dict[type, bool] = {Binomial: True}
+
+
+def binomial_like(t: type) -> bool:
+    """Whether ``t`` is torch's ``Binomial`` or a user's subclass of it that changes only ``__init__`` (a
+    ``Binomial`` of a fixed count, say): its log p is torch's, which storch computes by
+    :func:`_binomial_log_prob` instead (torch's second derivative at a logit of exactly 0 is 0). A subclass
+    read as torch's own class got every order-2 estimate wrong there (|z| 32 for score and importance, expect's
+    exact enumeration too). Cached per type."""
+    v = _BINOMIAL_LIKE.get(t)
+    if v is None:
+        v = _BINOMIAL_LIKE[t] = (issubclass(t, Binomial) and t not in _STRICT_CLASSES
+                                 and _changes_only_init(t, Binomial))
+    return v
+
 
 def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     """``d`` with ``log_prob = -inf`` on every value it never draws: probabilities that are exactly 0.
@@ -286,6 +315,8 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
         new.__dict__.update(d.__dict__)
         new._validate_args = False
         return new
+    if t is not Binomial and binomial_like(t):  # (a user's subclass changing only __init__: the same as a Binomial)
+        t = Binomial
     if t not in (Bernoulli, Binomial, Categorical, OneHotCategorical):
         return d
     inner = d._categorical if t is OneHotCategorical else d
