@@ -63,3 +63,26 @@ def test_leave_one_out_log_baselines_along_another_dim():
 def test_leave_one_out_log_baselines_need_two_draws(shape, dim):
     with pytest.raises(ValueError, match=r"needs K >= 2 draws along dim"):
         leave_one_out_log_baselines(torch.zeros(shape), dim)
+
+
+def test_leave_one_out_log_baselines_carry_no_gradient():
+    """Log-weights with their gradient (a third party's estimator that did not detach them) give baselines without
+    one: (1 - MagicBox(l)) b with b's gradient adds -2 ∇l ∇b to the order-2 estimate; with b detached,
+    d²/dθ² (1 - exp(θ - ⊥θ)) b = -b."""
+    theta = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    log_w = torch.stack([3 * theta, torch.tensor(-1.0, dtype=torch.float64), 2 * theta])
+    b = leave_one_out_log_baselines(log_w)
+    assert not b.requires_grad
+    assert torch.equal(b, leave_one_out_log_baselines(log_w.detach()))
+    cv = (1 - torch.exp(theta - theta.detach())) * b[1]  # (b[1]: draw 1's baseline, a function of 3θ and 2θ)
+    g, = torch.autograd.grad(cv, theta, create_graph=True)
+    h, = torch.autograd.grad(g, theta)
+    assert h.item() == pytest.approx(-b[1].item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("log_w, dim, what", [
+    (torch.zeros(2, 3), 2, "dim=2"), (torch.zeros(2, 3), -3, "dim=-3"), (torch.tensor([1, 2, 3]), -1, "torch.int64")])
+def test_leave_one_out_log_baselines_refuse_a_dim_out_of_range_or_integer_weights(log_w, dim, what):
+    with pytest.raises(ValueError, match="floating-point log-weights") as info:
+        leave_one_out_log_baselines(log_w, dim=dim)
+    assert what in str(info.value) and "log_w.float()" in str(info.value)

@@ -175,16 +175,27 @@ def leave_one_out_log_baselines(log_weights: torch.Tensor, dim: int = -1) -> tor
     is then not finite): any baseline that is a function of the other draws keeps the estimate unbiased.
 
     Args:
-        log_weights: the K per-draw log-weights log w_k (detached: a baseline carries no gradient), along ``dim``.
+        log_weights: the K per-draw log-weights log w_k (floating point), along ``dim``. Read detached: a
+            baseline carries no gradient (one with the log-weights' gradient, whose control variate
+            (1 - MagicBox(l_k)) b_k is 0 in value and first derivative, adds -2 ∇l_k ∇b_k to every order-2
+            estimate).
         dim: the dim of the K draws (K >= 2).
 
     Returns:
-        b, the shape of ``log_weights``: b_k at the position of draw k.
+        b, the shape of ``log_weights``: b_k at the position of draw k, without gradient.
+
+    Raises:
+        ValueError: fewer than 2 draws along ``dim``, ``dim`` out of range, or log-weights not floating point.
 
     Example:
         >>> b = leave_one_out_log_baselines(torch.tensor([0.0, -1.0, -2.0]))
         >>> # b[0] = -(logsumexp([-1.5, -1.0, -2.0]) - log 3): draw 0's log-weight replaced by mean(-1, -2)
     """
+    if log_weights.dim() and not (log_weights.is_floating_point() and -log_weights.dim() <= dim < log_weights.dim()):
+        raise ValueError(f"leave_one_out_log_baselines takes floating-point log-weights with the K draws along a dim "
+                         f"they have, got {log_weights.dtype} log-weights of shape {tuple(log_weights.shape)} and "
+                         f"dim={dim}: pass log_w.float() (log w_k = log p(x, z_k) - log q(z_k)) and the draws' dim")
+    log_weights = log_weights.detach()  # (a baseline carries no gradient: see log_weights above)
     if log_weights.dim() == 0 or log_weights.shape[dim] < 2:
         raise ValueError(f"leave_one_out_log_baselines needs K >= 2 draws along dim {dim} (each draw's baseline "
                          f"averages the others), got log-weights of shape {tuple(log_weights.shape)}")
