@@ -34,6 +34,23 @@ OLD_PATHS = {
     "_estimator": "estimators.base",
     "_surrogate": "surrogate",
     "_registry": "registry",
+    # moved from the top level into the layer folders in this release: node.py, cost.py, options.py,
+    # eager.py, score_conditions.py and smoothness.py had no underscore, so a plugin may import them
+    # (from storch.node import Node, storch.score_conditions.KINK_FREE)
+    "node": "graph.node",
+    "cost": "graph.cost_frame",
+    "options": "estimators.validators",
+    "eager": "runtime.eager",
+    "score_conditions": "conditions.score",
+    "smoothness": "conditions.smoothness",
+    "_order_guard": "conditions.order_guard",
+    "_ranks": "distributed.ranks",
+    "_own_optimizer": "estimators.own_optimizer",
+    "_state_record": "estimators.state_record",
+    "_stacklevel": "_util.stacklevel",
+    "_qualname": "_util.qualname",
+    "_flatten": "_util.flatten",
+    "_table_cache": "_util.table_cache",
 }
 
 
