@@ -89,3 +89,33 @@ def test_storch_own_comparison_of_all_entries_still_tells_the_outside_of_the_sup
     storch.add_cost(z.sum(-1), name="c")
     storch.backward()
     assert high.grad is not None
+
+
+def test_reraised_errors_have_public_names():
+    """The outside-support error of node.log_prob and a failed ``storch.extending.assume`` of a compiled step were
+    shown in users' tracebacks as storch.errors._OutsideSupportError / _AssumptionError (private names one cannot
+    catch by); now storch.OutsideSupportError (still a ValueError) and storch.AssumptionError (still a
+    RuntimeError), exported like storch.PlateRuntimeError."""
+    with pytest.raises(storch.OutsideSupportError, match="outside the support") as info:
+        _step(_MeanPointAll("z", n_samples=2))
+    assert type(info.value) is storch.OutsideSupportError and "._" not in info.typename
+    assert isinstance(info.value, ValueError)
+
+    message = "test: the scale must stay below 2 (checked at every call of the step storch.compile traced)"
+    est = storch.estimator("score", plate="z", n_samples=2)
+
+    def step(scale):
+        with storch.Graph():
+            storch.extending.assume(scale < 2, message)
+            z = est(torch.distributions.Bernoulli(logits=scale))
+            storch.add_cost(z, name="c")
+            return storch.surrogate_loss()
+
+    compiled = storch.compile(step, backend=None)
+    assert torch.isfinite(compiled(torch.tensor(1.0, requires_grad=True)))
+    with pytest.raises(storch.AssumptionError, match="the scale must stay below 2") as info:
+        compiled(torch.tensor(3.0, requires_grad=True))  # a replay
+    assert type(info.value) is storch.AssumptionError and "._" not in info.typename
+    assert isinstance(info.value, RuntimeError)
+    for cls in (storch.OutsideSupportError, storch.AssumptionError):
+        assert issubclass(cls, storch.StorchError) and not cls.__name__.startswith("_") and cls.__name__ in storch.__all__

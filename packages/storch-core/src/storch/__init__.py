@@ -5,11 +5,13 @@ differentiate ``storch.surrogate_loss(order=n)``.
 """
 
 from .errors import (
+    AssumptionError,
     CostError,
     NonFiniteCostError,
     NonFiniteParameterError,
     OptionError,
     OrderError,
+    OutsideSupportError,
     PlateError,
     PlateIndexError,
     PlateRuntimeError,
@@ -57,6 +59,7 @@ __all__ = [
     "hookimpl", "hookspec", "StorchError", "PlateError", "PlateRuntimeError",
     "PlateIndexError", "PlateTypeError", "OrderError", "UnknownEstimatorError",
     "UnsupportedDistributionError", "OptionError", "CostError", "NonFiniteCostError", "NonFiniteParameterError", "PluginError",
+    "OutsideSupportError", "AssumptionError",
     "UnusedSampleWarning", "UnusedLastDrawWarning", "IndependentStepWarning", "PrecisionWarning", "ConstantCostWarning",
     "UntrackedDrawWarning",
     "register_plate_handler", "refuse", "treatment_of", "Treatment", "Entry",

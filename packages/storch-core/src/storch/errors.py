@@ -19,6 +19,8 @@ __all__ = [
     "NonFiniteCostError",
     "NonFiniteParameterError",
     "PluginError",
+    "OutsideSupportError",
+    "AssumptionError",
     "UnusedSampleWarning",
     "UnusedLastDrawWarning",
     "IndependentStepWarning",
@@ -121,9 +123,10 @@ class PluginError(StorchError, RuntimeError):
     """A plugin is malformed or two plugins claim the same estimator name."""
 
 
-class _OutsideSupportError(StorchError, ValueError):
-    """``node.log_prob`` of values outside the distribution's support (torch's argument validation), re-raised
-    naming the estimator; still a ValueError, so that code that tells such values apart by it keeps working."""
+class OutsideSupportError(StorchError, ValueError):
+    """``node.log_prob`` of values outside the distribution's support (torch's argument validation; an estimator
+    scoring an evaluation-only entry such as a Bernoulli's mean), re-raised naming the estimator and what to do;
+    still a ValueError, so that code that tells such values apart by it keeps working."""
 
 
 class PlateRuntimeError(PlateError, RuntimeError):
@@ -149,12 +152,14 @@ def plate_error_from(exc: BaseException, message: str) -> PlateError:
     return PlateError(message)
 
 
-class _AssumptionError(StorchError, RuntimeError):
-    """A check a step traced by ``storch.compile`` makes at every call (``storch.extending.assume``) failed: torch
-    raised it as a RuntimeError (``torch._assert_async``); re-raised as a StorchError that still is one."""
+class AssumptionError(StorchError, RuntimeError):
+    """A check a step traced by ``storch.compile`` makes at every call (``storch.extending.assume``: a proposal
+    that puts no mass on values p can draw, non-finite log-probabilities) failed: torch raised it as a
+    RuntimeError (``torch._assert_async``); re-raised with the check's message as a StorchError that still is a
+    RuntimeError, so that code catching torch's error keeps working."""
 
 
-# the messages storch.extending.assume was given (what storch.compile re-raises as _AssumptionError)
+# the messages storch.extending.assume was given (what storch.compile re-raises as AssumptionError)
 ASSUMPTIONS: set = set()
 
 
@@ -164,5 +169,5 @@ def assumption_failed(exc: BaseException) -> Optional[StorchError]:
         text = str(exc)
         for message in ASSUMPTIONS:
             if message in text:
-                return _AssumptionError(message)
+                return AssumptionError(message)
     return None

@@ -17,7 +17,7 @@ import torch
 from torch.distributions import Distribution
 
 from ..distributions import raw_log_prob
-from ..errors import StorchError, _OutsideSupportError
+from ..errors import StorchError, OutsideSupportError
 from ..plates.tensor import Plate, PlateTensor, align
 
 if TYPE_CHECKING:
@@ -376,7 +376,7 @@ class Node:
         except ValueError as exc:  # (no cost on the ordinary path: the except runs only on an error)
             if "within the support" not in str(exc):  # torch's argument validation (_validate_sample)
                 raise
-            raise _OutsideSupportError(_outside_support_message(self, d, sys._getframe(1).f_code.co_name, exc)) from exc
+            raise OutsideSupportError(_outside_support_message(self, d, sys._getframe(1).f_code.co_name, exc)) from exc
         k = len(self.distribution.batch_shape) - len(self.distribution_plates)  # self.batch_ndims
         lp = lp if k <= 0 else lp.sum(-1) if k == 1 else lp.sum(tuple(range(-k, 0)))
         before = self._eos_before
