@@ -178,6 +178,32 @@ def test_multinomial_keeps_its_total_count():
     print(assert_unbiased(v, value(theta), "spsa forward value, Multinomial(4)").table())
 
 
+class _CountOf4(Binomial):
+    def __init__(self, logits):  # fixes total_count: storch cannot call _CountOf4(logits=, total_count=)
+        super().__init__(4, logits=logits)
+
+
+def test_supports_agrees_with_the_refusal_of_a_class_it_cannot_rebuild():
+    """A Binomial subclass whose __init__ takes only logits: spsa.supports said True, then the call failed where the
+    perturbed copies are rebuilt (CountOf4(logits=..., total_count=...)). Now check_distribution rebuilds the
+    distribution from its own parameters first, so supports() says False and the refusal names spsa's rebuild and
+    what to do (a constructor that takes the parameters as keywords, or a Binomial itself); Binomial(4) is
+    supported, and a subclass that keeps Binomial's constructor too."""
+    theta = torch.tensor([0.4, -0.2], dtype=torch.float64, requires_grad=True)
+    spsa = storch.get_estimator_class("spsa")
+    assert spsa.supports(Binomial(4, logits=theta)) and not spsa.supports(_CountOf4(theta))
+
+    class _SameConstructor(Binomial):
+        pass
+
+    assert spsa.supports(_SameConstructor(4, logits=theta))
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError,
+                                       match=r"(?s)spsa draws from copies of _CountOf4 built again from perturbed "
+                                             r"parameters, but storch cannot rebuild _CountOf4.*'total_count'.*"
+                                             r"build a Binomial itself with them"):
+        storch.estimator("spsa", plate="b")(_CountOf4(theta))
+
+
 def _tanh_value(t: torch.Tensor) -> torch.Tensor:
     """E[(tanh x − 0.5)²], x ~ N(t₀, exp(t₁)²), by 80-point Gauss–Hermite quadrature (float64)."""
     z, w = np.polynomial.hermite_e.hermegauss(80)

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
-from torch.distributions import Bernoulli, Categorical, Poisson
+from torch.distributions import Bernoulli, Binomial, Categorical, Poisson
 
 import storch
 from path_probes import Allocations
@@ -371,11 +371,39 @@ class _SummedLogProb(Bernoulli):
 def test_vimco_refuses_distributions_it_cannot_copy_or_score_per_draw():
     theta = THETA.clone().requires_grad_(True)
     with storch.Graph():
-        with pytest.raises(storch.UnsupportedDistributionError, match="_NoExpand.expand, which is not implemented"):
+        with pytest.raises(storch.UnsupportedDistributionError, match="_NoExpand.expand, which raised NotImplemented"):
             storch.estimator("vimco", plate="z", n_draws=K)(_NoExpand(theta))
     with storch.Graph():
         with pytest.raises(storch.UnsupportedDistributionError, match="one value per batch entry"):
             storch.estimator("vimco", plate="z", n_draws=K)(_SummedLogProb(logits=theta))
+
+
+class _CountOf4(Binomial):
+    def __init__(self, logits):  # fixes total_count: torch's Binomial.expand cannot build it
+        super().__init__(4, logits=logits)
+
+
+class _CountOf4WithExpand(_CountOf4):
+    def expand(self, batch_shape, _instance=None):
+        return _CountOf4WithExpand(self.logits.expand(batch_shape))
+
+
+def test_vimco_supports_agrees_with_its_refusal_of_a_subclass_torch_cannot_expand():
+    """A Binomial subclass with an __init__ of its own (total_count fixed at 4): vimco.supports said True (its class
+    has Binomial.expand), then the call failed in torch's expand ("must also define a custom .expand() method"),
+    with a message that said expand was not implemented. Now supports() says False, and the refusal gives torch's
+    reason and what to do: define expand, or build a Binomial itself. With an expand of its own it is supported."""
+    theta = THETA.clone().requires_grad_(True)
+    vimco = storch.get_estimator_class("vimco")
+    assert vimco.supports(Binomial(4, logits=theta)) and not vimco.supports(_CountOf4(theta))
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError,
+                                       match=r"(?s)_CountOf4.expand, which raised NotImplementedError.*custom "
+                                             r"\.expand\(\) method.*define _CountOf4.expand \(or.*build a Binomial itself"):
+        storch.estimator("vimco", plate="z", n_draws=K)(_CountOf4(theta))
+    assert vimco.supports(_CountOf4WithExpand(theta))
+    with storch.Graph():
+        z = storch.estimator("vimco", plate="z", n_draws=K)(_CountOf4WithExpand(theta))
+        assert z.shape == (K, D)  # the K copies ahead of the batch dims
 
 
 def test_a_finished_vimco_step_leaves_no_cycles():

@@ -155,6 +155,21 @@ class Spsa(Estimator):
                 "gradient would be silently missing. Give the trainable tensors as parameters of the distribution "
                 "(e.g. TransformedDistribution(Normal(loc, scale), [TanhTransform()]) rather than in a transform), "
                 f"or use another estimator.{_others(d)}")
+        for leaf in _leaves(d):
+            # the perturbed copies are built again from the parameters (proposal): a class storch cannot
+            # rebuild (a Binomial subclass whose __init__ takes only logits) was said to be supported, then failed.
+            # (torch's own classes always rebuild: not checked, no cost per step)
+            if type(leaf).__module__.startswith("torch.distributions."):
+                continue
+            free, fixed = _split_parameters(leaf)
+            if free:
+                try:
+                    with torch.no_grad():
+                        rebuild(leaf, {**{k: v.detach() for k, v in free.items()}, **fixed})
+                except UnsupportedDistributionError as e:
+                    raise UnsupportedDistributionError(
+                        f"spsa draws from copies of {type(leaf).__name__} built again from perturbed parameters, "
+                        f"but {e}.{_others(d)}") from e
         super().check_distribution(d)
 
     def proposal(self, node: Node) -> torch.Tensor:

@@ -106,11 +106,18 @@ class Vimco(Estimator):
         if isinstance(distribution, Distribution):
             try:  # the K copies of q are the node's first own batch dim, after its plates
                 distribution = distribution.expand(torch.Size((self.n_draws,)) + distribution.batch_shape)
-            except NotImplementedError:
+            except NotImplementedError as e:
+                # torch's own reason where it gives one: a subclass of a torch class with an __init__ of its own
+                # (class CountOf4(Binomial)) inherits an expand that cannot build it
+                name = type(distribution).__name__
+                torch_class = next(c for c in type(distribution).__mro__ if c.__module__.startswith("torch."))
+                itself = (f" (or, where it only fixes constructor arguments, build a {torch_class.__name__} itself "
+                          "with them)" if torch_class not in (type(distribution), Distribution) else "")
                 raise UnsupportedDistributionError(
                     f"estimator 'vimco' (plate {self.plate!r}) makes its K={self.n_draws} draws with "
-                    f"{type(distribution).__name__}.expand, which is not implemented; implement expand, or use "
-                    "'score' on a distribution that holds the K copies yourself") from None
+                    f"{name}.expand, which raised NotImplementedError ({e or 'not implemented'}); define "
+                    f"{name}.expand{itself}, or use 'score' on a distribution that holds the K copies yourself"
+                ) from None
         return super().forward(distribution, inputs)
 
     def gradient_function(self, node: Node) -> torch.Tensor:

@@ -54,7 +54,7 @@ def _rebuilt(d: Distribution, raw: dict, plates: torch.Size) -> Distribution:
             f"{' and constructor arguments ' + str(sorted(extra)) if extra else ''} ({e}); use a distribution "
             "whose constructor takes its arg_constraints as keywords and a validate_args keyword (storch calls "
             f"{type(d).__name__}(**parameters, validate_args=False)), and keeps each other constructor "
-            "argument in an attribute of the same name"
+            f"argument in an attribute of the same name{_torch_class_hint(type(d))}"
         ) from e
     if known is None:  # a class storch does not know: the rebuilt copy must be the user's distribution
         _check_rebuilt(d, new, raw, extra, plates)
@@ -132,6 +132,16 @@ _TORCH_EXTRA_ARGUMENTS: dict[type, dict[str, str]] = {
 _OWNER: dict = {}
 _SIGNATURE: dict = {}
 _LAZY: dict = {}
+
+
+def _torch_class_hint(cls: type) -> str:
+    """For a subclass of a torch distribution with a constructor of its own (``class CountOf4(Binomial)`` whose
+    ``__init__(self, logits)`` fixes ``total_count=4``): build the torch class itself."""
+    base = next((k for k in cls.__mro__ if k.__module__.startswith("torch.distributions.")), Distribution)
+    if base is Distribution or _torch_owner(cls) is not None:
+        return ""
+    return (f", or, where {cls.__name__}'s constructor only fixes some of {base.__name__}'s arguments, build a "
+            f"{base.__name__} itself with them")
 
 
 def _torch_owner(cls: type) -> Optional[type]:

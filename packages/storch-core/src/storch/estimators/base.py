@@ -497,7 +497,8 @@ class Estimator(torch.nn.Module):
                         "support, which is finite too)")
         if cls.requires_expand:
             need.append("a distribution that implements expand (torch's default Distribution.expand raises "
-                        "NotImplementedError)")
+                        "NotImplementedError, and so does a torch class's expand inherited by a subclass with an "
+                        "__init__ of its own: define expand there, or build the torch class itself)")
         return need
 
     def _check_draw_precision(self, raw: Distribution, sample: torch.Tensor) -> None:

@@ -239,12 +239,18 @@ def _meets_requirements(est, d: Distribution) -> bool:
 
 def implements_expand(d: Distribution) -> bool:
     """Whether ``d.expand`` is implemented: its class (or, under torch's ``Independent`` and
-    ``TransformedDistribution``, which expand their base, the base's) overrides ``Distribution.expand``."""
+    ``TransformedDistribution``, which expand their base, the base's) overrides ``Distribution.expand``, and
+    not by inheriting a torch class's ``expand`` with an ``__init__`` of its own (``class CountOf4(Binomial)``
+    whose ``__init__(self, logits)`` calls ``Binomial(4, logits=logits)``): torch's ``expand`` then raises
+    NotImplementedError, as it cannot build the subclass (``_get_checked_instance``); vimco said it
+    supported such a class and then failed at its call."""
     while True:
-        f = getattr(type(d), "expand", None)
-        if f is None or f is Distribution.expand:
+        owner = next((c for c in type(d).__mro__ if "expand" in c.__dict__), Distribution)
+        if owner is Distribution:
             return False
-        if f is Independent.expand or f is TransformedDistribution.expand:
+        if owner.__module__.startswith("torch.distributions") and type(d).__init__ is not owner.__init__:
+            return False  # (torch's test in _get_checked_instance)
+        if owner is Independent or owner is TransformedDistribution:
             d = d.base_dist
             continue
         return True
