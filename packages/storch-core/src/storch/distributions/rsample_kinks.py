@@ -341,6 +341,15 @@ def _unstable(d: Distribution, tracing: bool) -> dict[str, int]:
     return {}
 
 
+def gpd_concentration_bound(dtype: torch.dtype) -> float:
+    """The |concentration| above which a GeneralizedPareto's pathwise derivative in it is accurate in ``dtype`` (to
+    about 1e-3 relative): torch's icdf loc + scale·expm1(c·L)/c (L = -log(1 - u)) differentiates to terms of size
+    L/c that cancel to scale·L²/2, losing digits as eps/|c| (measured on the mean over draws in float32: 1.65 off at
+    c = 1e-7, 6% at 1e-6, 1% at 1e-5, below 1e-3 at 1.2e-4 = 1000 eps). Not below 1e-7, well outside torch.isclose's
+    1e-8, where it takes the exponential formula (refused; tests/core/test_rsample_kinks.py checks the bound)."""
+    return max(1e-7, 1000 * torch.finfo(dtype).eps)
+
+
 def _near_zero_concentration(d: Distribution, tracing: bool) -> dict[str, int]:
     """A GeneralizedPareto whose concentration requires grad and is within torch.isclose of 0 (its icdf's
     exponential branch there: a pathwise derivative of 0 in the concentration) gives ``{"GeneralizedPareto.icdf": 0}``."""
@@ -691,8 +700,11 @@ def rsample_kinks_note(name: str, found: dict, where: Optional[dict] = None) -> 
         return (f"the rsample of {name} draws from a GeneralizedPareto whose concentration (which requires grad) is "
                 "within torch.isclose of 0: there torch's rsample (icdf) takes the exponential formula, which does not "
                 "depend on the concentration, so its pathwise derivative is 0 (it is not: d x / d concentration = "
-                "scale·log(1 - u)²/2). Initialise the concentration away from 0 (|concentration| > 1e-7), or use an "
-                "estimator that does not differentiate through the sample for this node")
+                f"scale·log(1 - u)²/2). Initialise the concentration away from 0: |concentration| > "
+                f"{gpd_concentration_bound(torch.float64):.0e} in float64, > {gpd_concentration_bound(torch.float32):.1e} "
+                "in float32 (nearer 0, the formula (pow(1 - u, -c) - 1) / c loses digits of its derivative: 6% off at "
+                "1e-6 in float32), and in float16 / bfloat16 compute the distribution in float32; or use an estimator that "
+                "does not differentiate through the sample for this node")
     where = where or {}
 
     def inside(op: str) -> str:
