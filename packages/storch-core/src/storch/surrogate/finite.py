@@ -112,9 +112,8 @@ def _ended_sequences(costs: list, bad: list, nodes: list) -> str:
             nonfinite = ~torch.isfinite(raw)
             if raw.dim() > len(plates):
                 nonfinite = nonfinite.flatten(len(plates)).any(-1)  # per entry of the cost's plates
-            try:
-                ended = align(finished, (n.plate,) + n.parents, plates).bool()
-            except Exception:  # (the cost does not carry the partition's last step: not matched)
+            ended = _quietly(lambda: align(finished, (n.plate,) + n.parents, plates).bool())
+            if not isinstance(ended, torch.Tensor):  # (the cost does not carry the partition's last step: not matched)
                 continue
             hit += int((nonfinite & ended).sum())
             total += int(nonfinite.sum())
