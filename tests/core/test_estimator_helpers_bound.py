@@ -25,12 +25,12 @@ def test_every_helper_that_reads_the_base_class_has_it_bound():
         if "Estimator" in vars(module):
             assert module.Estimator is storch.Estimator, f"{name}.Estimator is {module.Estimator!r}"
             readers.append(name.rpartition(".")[2])
-    assert {"capabilities", "nodes", "options", "partition_steps"} <= set(readers)
+    assert {"capabilities", "construction", "first_steps", "partition_paths", "partition_steps"} <= set(readers)
 
 
 def test_a_helper_imported_first_is_bound():
     # importing a helper imports the storch package first, whose __init__ defines the class and binds it
-    code = ("import storch.estimators.partition_steps as p, storch.estimators.nodes as n, storch; "
+    code = ("import storch.estimators.partition_steps as p, storch.estimators.first_steps as n, storch; "
             "assert p.Estimator is n.Estimator is storch.Estimator, (p.Estimator, n.Estimator)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

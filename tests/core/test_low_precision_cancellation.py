@@ -11,7 +11,7 @@ from torch.distributions import Bernoulli, Normal
 
 import storch
 from storch.conditions import score as score_conditions
-from storch.estimators import nodes as estimator_nodes
+from storch.estimators import first_steps as estimator_nodes
 from storch.estimators.capabilities import _LOG_P_GRADIENT
 
 

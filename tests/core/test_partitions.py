@@ -862,7 +862,7 @@ def test_eos_support_reads_the_users_class_and_counts_categories_without_enumera
     from torch.distributions import Bernoulli, OneHotCategorical
 
     from storch.distributions.support import strict_support
-    from storch.estimators.partition_steps import _eos_support
+    from storch.estimators.step_checks import _eos_support
 
     plain = Bernoulli(logits=torch.zeros(2))
     saturated = strict_support(Bernoulli(logits=torch.tensor([float("inf"), 0.0])))

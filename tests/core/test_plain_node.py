@@ -1,5 +1,5 @@
 """The plain node (issue 19): a node of a torch distribution with an estimator whose per-type checks all come out as
-no-ops is sampled by ``storch.estimators.nodes._plain_node``, decided once per (estimator, distribution type) and
+no-ops is sampled by ``storch.estimators.first_steps._plain_node``, decided once per (estimator, distribution type) and
 cached on the estimator. These tests assert the path (not a time): taken in the plain case from the second call on,
 with the general path's samples, log-probabilities, loss and gradients bitwise; not taken where an option was set
 since, a hook runs, the distribution or the estimator is a subclass that changes what is checked, a parent plate is

@@ -1,5 +1,5 @@
 """The plain partition step (issue 19): step t of a partition whose estimator and distribution type were found plain
-(the node's decision, ``storch.estimators.nodes._is_plain``) is made by ``storch.estimators.partition_steps._plain_step``,
+(the node's decision, ``storch.estimators.first_steps._is_plain``) is made by ``storch.estimators.partition_steps._plain_step``,
 without the per-step checks that come out as no-ops for it (a policy's episode: one estimator call per step). These
 tests assert the path (not a time): taken from step 2 of a partition on the lean call, with the general path's
 samples, gradient functions, loss and gradients bitwise; not taken at the steps that need the general path (the

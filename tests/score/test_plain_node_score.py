@@ -1,4 +1,4 @@
-"""score's nodes on the plain-node path (issue 19, ``storch.estimators.nodes._plain_node``): taken from the second
+"""score's nodes on the plain-node path (issue 19, ``storch.estimators.first_steps._plain_node``): taken from the second
 step with no baseline, leave-one-out, a moving average and a learned baseline (whose update counter, set every
 step, keeps the decision), with the general path's gradients and moving averages bitwise; not taken with the greedy baseline
 (its extra evaluation entry has weight 0: the weights are not uniform)."""

@@ -509,7 +509,7 @@ def test_first_party_partition_steps_take_their_own_extend(name, options):
 def test_no_first_party_partition_estimator_is_refused_or_made_from_its_components():
     # the per-component rule (each overridden component paired with its own partition hook in the same class
     # or a subclass) keeps every installed first-party estimator with partitions on its own extend
-    from storch.estimators.partition_steps import _BY_EXTEND, _partition_path
+    from storch.estimators.partition_paths import _BY_EXTEND, _partition_path
 
     classes = {storch.get_estimator_class(name) for name in storch.available_estimators()}
     partitions = sorted((c for c in classes if c.supports_partitions), key=lambda c: c.name)

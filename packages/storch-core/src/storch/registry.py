@@ -29,7 +29,7 @@ from importlib_metadata import PackageNotFoundError, distribution, entry_points
 from .errors import OptionError, PluginError, UnknownEstimatorError
 from .estimators.base import Estimator
 from .estimators.capabilities import capability_problem
-from .estimators.options import takes_more_options, unknown_option_message
+from .estimators.construction import takes_more_options, unknown_option_message
 from .estimators.catalog import EstimatorInfo, set_source, supporting_estimators
 from .graph import current_graph
 from .hookspecs import HookSpecs, hookimpl, hookspec
@@ -405,7 +405,7 @@ def _make_estimator(name: str, plate: str, options: dict):
 
 
 # The latest instance made by storch.estimator per (class, plate) of an estimator with state (moving averages,
-# learned parts, schedules), as [nodes it drew (estimators.nodes._sample_node counts them), instances in a row that each
+# learned parts, schedules), as [nodes it drew (estimators.first_steps._sample_node counts them), instances in a row that each
 # replaced one that drew exactly one node]. An estimator made anew in every training step (inside the loop or the
 # model's forward) starts from scratch each time: no moving average is ever applied, nothing learned is trained,
 # and the user silently gets the plain estimator (found by a tester reading the docs as a new user)

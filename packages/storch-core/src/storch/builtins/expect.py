@@ -14,7 +14,7 @@ from ..distributions import enumeration_support
 from ..estimators import validators
 from ..errors import UnsupportedDistributionError
 from ..estimators.base import Estimator
-from ..estimators.nodes import _float_dtype
+from ..estimators.first_steps import _float_dtype
 from .._util.table_cache import table_cache
 from ..graph import is_tracing
 from ..graph.node import Node
@@ -77,7 +77,7 @@ class Expect(Estimator):
         return super().check_option(name, value)
 
     def proposal(self, node: Node) -> torch.Tensor:
-        d = node.distribution  # (probabilities of exactly 0 have log p = -inf: estimators.nodes._sample_node)
+        d = node.distribution  # (probabilities of exactly 0 have log p = -inf: estimators.first_steps._sample_node)
         # (K, 1, ..., 1, *event); a Binomial's total_count per data point: 0..max, -inf above an entry's own
         support = enumeration_support(d)
         k = support.shape[0]

@@ -47,7 +47,7 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   replayed call would never update or zero the gradients (``opt.step()`` at the start of the step trained
   nothing, silently). Step outside: ``loss = f(x); loss.backward(); opt.step(); opt.zero_grad()``;
 - an estimator with state (``has_update`` or ``state_tensors``) made anew at every call of the step is refused
-  (created again in the replay check's eager run, the step's second call: :func:`storch.estimators.options.creation_mark`):
+  (created again in the replay check's eager run, the step's second call: :func:`storch.estimators.construction.creation_mark`):
   eagerly it starts from scratch at every call, the replay would keep the traced instance; create it once, outside
   the step (one created at the first call and kept, ``if self.est is None: self.est = ...``, is fine);
 - estimators that update their own state (``has_update``) are refused unless the update can be

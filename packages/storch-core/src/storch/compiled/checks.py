@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from ..errors import StorchError
-from ..estimators.options import created_after, creation_mark
+from ..estimators.construction import created_after, creation_mark
 from ..estimators.messages import updating_message
 from ..graph import Graph, tracing_nodes
 from .refusals import _created_in_step_message, _name, _replay_only_message
@@ -109,7 +109,7 @@ def _check_python_random(before: tuple, fn) -> None:
 
 def _check_created(nodes: list, fn, mark: int) -> None:
     """No estimator with state among ``nodes`` (those of a run of the step after its trace) was created during that
-    run (after ``mark``: :func:`storch.estimators.options.creation_mark`): the step makes it anew at every call, so
+    run (after ``mark``: :func:`storch.estimators.construction.creation_mark`): the step makes it anew at every call, so
     eagerly it would start from scratch each time, while the replay would keep the traced instance."""
     for node in nodes:
         est = node.estimator

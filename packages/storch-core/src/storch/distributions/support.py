@@ -269,7 +269,7 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     float32) while ``sample`` never draws it. An estimator that enumerates the support or samples it
     without replacement (``expect``, ``unordered_set``, ``sum_and_sample``) reads those log
     probabilities to decide which values exist: the base class passes every estimator with
-    ``requires_enumerate_support`` its distribution through this (``storch.estimators.nodes._sample_node``,
+    ``requires_enumerate_support`` its distribution through this (``storch.estimators.first_steps._sample_node``,
     ``storch.estimators.partition_steps._extend_partition``), so such values are impossible (``-inf``) there as they are with ``-inf``
     logits, and the user's cost never sees them. A ``Bernoulli`` or ``Binomial`` given by ``logits``
     with an infinite logit (``logits + mask``, mask ``-inf`` on a masked bit) needs the same: torch's

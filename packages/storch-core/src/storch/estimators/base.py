@@ -63,12 +63,14 @@ from .messages import _no_update_message, updating_message
 from .step_state import step_baseline
 from .capabilities import (_REPLAY_FLAGS, _accepted_by_check, _base_supports, _instance_or_class, _is_score_function,
                            _meets_requirements, _supports_unconsulted, capability_problem, replay_problem)
-from .options import (_ByIdentity, _CREATED, _DECLARED_OPTIONS, _check_new_attribute, _declared_under_private_name,
-                      _defined_before, _fixed_option_message, _fixed_options, _marking_construction, _option_names)
+from .construction import (_ByIdentity, _CREATED, _DECLARED_OPTIONS, _check_new_attribute,
+                           _declared_under_private_name, _defined_before, _fixed_option_message, _fixed_options,
+                           _marking_construction, _option_names)
 from .calls import _call_failed, _check_call_arguments, _graph_task_id, _in_backward_message, _no_module_hooks
-from .nodes import _PLAIN_KEEPS, _first_node, _float_dtype, _grad_enabled, _sample_node
-from .partition_steps import _BY_EXTEND, _STEP_PATH, _extend_partition, _plain_step
-from . import capabilities, nodes, options as estimator_options, partition_steps
+from .first_steps import _PLAIN_KEEPS, _first_node, _float_dtype, _grad_enabled, _sample_node
+from .partition_paths import _BY_EXTEND, _STEP_PATH
+from .partition_steps import _extend_partition, _plain_step
+from . import capabilities, construction, first_steps, partition_paths, partition_steps
 
 __all__ = ["Estimator", "CostFrame", "magic_box"]
 
@@ -161,7 +163,7 @@ class Estimator(torch.nn.Module):
             component needs its hook overridden in the same class or a subclass (``gradient_function``:
             ``step_gradient_function`` or ``extend``; ``proposal``: ``draw`` or ``extend``; ``output`` and
             ``weighting_function``: ``extend``), else the second call in a graph (step 1) is refused
-            (:func:`~storch.estimators.partition_steps._partition_path`).
+            (:func:`~storch.estimators.partition_paths._partition_path`).
         causal_credit: for partitions: a cost computed at step t is credited to steps <= t only
             (True: weights are the same at every step, e.g. sampling with replacement); False:
             costs are moved to the last step and credited to the whole sequence (sampling without
@@ -283,7 +285,7 @@ class Estimator(torch.nn.Module):
         the module-level ``_draw_node``, so a subclass's own method of this name is never called in its place
         (review r-twentyone: a subclass helper named ``_forward`` was). ``plain``: called by ``Estimator.__call__``'s
         lean path (no hooks, generator, overriding forward, compiled module or jit trace), where a plain node may
-        take :func:`~storch.estimators.nodes._plain_node`."""
+        take :func:`~storch.estimators.first_steps._plain_node`."""
         if _jit_tracing() or _compiler._is_exporting_flag:
             refuse_foreign_trace(f"estimator {self.name!r} (plate {self.plate!r})")
         if self.has_update and not self.replays_update:  # (False on the common path: one attribute read)
@@ -873,7 +875,7 @@ _WELL_FORMED: "weakref.WeakSet[type]" = weakref.WeakSet()
 
 # the helper modules below this one read the class itself at call time (the base class's methods, which a subclass's
 # are compared with): they cannot import it (no import circles), so it is bound in them here, once
-for _helper in (capabilities, estimator_options, nodes, partition_steps):
+for _helper in (capabilities, construction, first_steps, partition_paths, partition_steps):
     _helper.Estimator = Estimator  # type: ignore[attr-defined]
 
 Estimator.__init__ = _marking_construction(Estimator.__init__)  # type: ignore[method-assign]

@@ -1,32 +1,32 @@
-"""A partition's later steps (paper, section 3.2: calling one estimator several times in a graph): how a class's
-step t is made (:func:`_partition_path`: by ``extend`` or by its components), the general step
-(:func:`_extend_partition`), the plain step (issue 19: :func:`_plain_step`), and the checks of a step (its
-sample, ``eos=``, a step independent of the earlier ones)."""
+"""A partition's later steps (paper, section 3.2: calling one estimator several times in a graph): the general step
+(:func:`_extend_partition`), a step made from the estimator's components (:func:`_components_step`) or by its
+``extend`` (:func:`_extended`), and the plain step (issue 19: :func:`_plain_step`). How a class's step t is made is
+decided in :mod:`storch.estimators.partition_paths`; the checks of a step (its sample, ``eos=``, a step independent
+of the earlier ones) are in :mod:`storch.estimators.step_checks`."""
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from torch.distributions import Bernoulli, Categorical, Distribution, OneHotCategorical
+from torch.distributions import Distribution
 
 from ..graph.cost_frame import _lead, _widened
 from ..distributions import rekey_transform_cache, rsample_params, strict_support, unwrap_distribution
 from ..distributions.precision import precision_checked
-from ..distributions.support import _STRICT
-from .._util.stacklevel import user_stacklevel
-from ..errors import IndependentStepWarning, OptionError, PlateError, StorchError, UnsupportedDistributionError
+from ..errors import PlateError, StorchError
 from ..graph import is_tracing
 from ..graph.node import Node
 from ..plates.integer_reads import MARKS
 from ..plates.tensor import Lineage, Plate, PlateTensor, align
 from .checks import _checked_lead, note_rsample
-from .messages import _output_shape_message, _plate_tensor_draw_message, _sample_shape_message
+from .messages import _output_shape_message, _sample_shape_message
 from .watch import _compare_watch, is_pathwise
 from .capabilities import _lowers_order
-from .nodes import _MAY_CACHE, _keep_preimages, _note_integer_parameter, _sampled_without_grad, _watched_draw
+from .first_steps import _MAY_CACHE, _keep_preimages, _note_integer_parameter, _sampled_without_grad, _watched_draw
+from .partition_paths import _BY_COMPONENTS, _BY_EXTEND, _BY_EXTEND_OUTPUT, _STEP_PATH, _depth, _partition_path
+from .step_checks import _check_eos_step, _check_step_sample, _warn_independent_step
 
 if TYPE_CHECKING:
     from .base import Estimator
@@ -259,116 +259,6 @@ def _components_step(est: Estimator, node: Node, raw: Distribution, plates: tupl
     return sample, lp, out
 
 
-# The partition hooks: what a later step of a partition calls (Estimator.extend draws with draw and scores with
-# step_gradient_function), each with the components it stands in for at a later step. The base class's hooks are
-# written for its own components (a draw from p, l = log p, the sample handed out); an estimator that overrides
-# components and no hook has its later steps made from its components (_components_step)
-_PARTITION_HOOKS = ("extend", "step_gradient_function", "draw")
-_HOOKS_OF = {"gradient_function": ("step_gradient_function", "extend"), "proposal": ("draw", "extend"),
-             "output": ("extend",), "weighting_function": ("extend",)}
-_DOES = {"gradient_function": "scored", "proposal": "drawn", "output": "handed out", "weighting_function": "weighted"}
-# how a later step of a class is made (per class, computed at its first step 1): by extend; by extend, which must
-# return the output (the class overrides output); by its components; or a str: why it is refused
-_BY_EXTEND, _BY_EXTEND_OUTPUT, _BY_COMPONENTS = 0, 1, 2
-_STEP_PATH: dict[type, Any] = {}
-
-
-def _depth(cls: type, name: str) -> int:
-    """The position in ``cls.__mro__`` of the class that defines ``name`` (smaller: more derived)."""
-    return next(i for i, k in enumerate(cls.__mro__) if name in k.__dict__)
-
-
-def _partition_path(cls: type) -> Any:
-    """How a later step of a partition of ``cls`` is made (cached in ``_STEP_PATH``): ``_BY_COMPONENTS`` if it
-    overrides no partition hook (below :class:`Estimator`); else by ``extend`` (``_BY_EXTEND_OUTPUT`` if it
-    overrides ``output``, which extend must then return), provided every component it overrides at MRO depth d
-    has one of its hooks (``_HOOKS_OF``) overridden at depth <= d (the same class or a subclass: written with the
-    component in view); else a str, the end of the message that refuses step 1 (a silently wrong step: e.g. a
-    class overriding draw and gradient_function together got l_t = log p from the base step_gradient_function).
-    Checked at step 1, not at the class: a subclass used only for single nodes is fine."""
-    base = cls.__mro__.index(Estimator)
-    depth = {n: _depth(cls, n) for n in _PARTITION_HOOKS + tuple(_HOOKS_OF)}
-    if all(depth[h] >= base for h in _PARTITION_HOOKS):
-        how = _BY_COMPONENTS if any(depth[c] < base for c in _HOOKS_OF) else _BY_EXTEND
-    else:
-        late = [c for c, hooks in _HOOKS_OF.items() if depth[c] < base and min(depth[h] for h in hooks) > depth[c]]
-        if late:
-            def where(n):
-                return f"{cls.__mro__[depth[n]].__qualname__}.{n}"
-
-            def owner(c):
-                k = cls.__mro__[depth[c]].__qualname__
-                return k if k == cls.__qualname__ else f"{cls.__qualname__} (in {k})"
-            parts = "; and ".join(
-                f"{owner(c)} overrides {c} without {' or '.join(_HOOKS_OF[c])} in that class or a subclass: a "
-                f"later step would be {_DOES[c]} by {' / '.join(where(h) for h in _HOOKS_OF[c])}, written without "
-                f"it, not by {c}" for c in late)
-            how = (f"{parts}. storch cannot tell whether step t >= 1 made that way is what your components would "
-                   "make (where they differ, a silently wrong gradient or value). Override extend(node, "
-                   "distribution, plates) in that class or a subclass, returning step t's (sample, l_t), or "
-                   "(sample, l_t, output) where output is overridden, made with your components (or override "
-                   "step_gradient_function(node, distribution, sample, plates) if only the gradient function "
-                   "differs, draw(distribution, shape) if only the proposal does); where the base class's hook is "
-                   "right for your component (a proposal of n i.i.d. draws from p, as Estimator.draw makes them: "
-                   "rsample with requires_rsample, else sample), say so in the class: `draw = storch.Estimator.draw`. "
-                   "Or set supports_partitions = False, or create one estimator per stochastic node "
-                   "(docs/partitions.md, 'For estimator authors')")
-        else:
-            how = _BY_EXTEND_OUTPUT if depth["output"] < base else _BY_EXTEND
-    _STEP_PATH[cls] = how
-    return how
-
-
-_STRICT_BASES = {strict: base for base, strict in _STRICT.items()}  # storch's strict copies -> the user's class
-
-
-def _eos_support(d: Distribution) -> tuple:
-    """What ``eos=`` reads of a step's distribution: its class (the user's: a saturated Bernoulli that
-    storch.extending.strict_support copied is still a Bernoulli), event shape and number of values (of a
-    Categorical / OneHotCategorical read from its parameters: enumerating a OneHotCategorical's support builds
-    eye(K), K x K per step; review r-eighteen)."""
-    kind = _STRICT_BASES.get(type(d), type(d))
-    if isinstance(d, Categorical):
-        n = d._num_events
-    elif isinstance(d, OneHotCategorical):
-        n = d._categorical._num_events
-    elif isinstance(d, Bernoulli):
-        n = 2
-    else:
-        n = d.enumerate_support(expand=False).shape[0] if d.has_enumerate_support else None
-    return kind, tuple(d.event_shape), n
-
-
-def _describe_support(d: Distribution) -> str:
-    kind, event, n = _eos_support(d)
-    values = "no finite support" if n is None else f"{n} values"
-    return f"{kind.__name__} ({values}, event shape {event})"
-
-
-def _check_eos_step(est: Estimator, node: Node, raw: Distribution, t: int) -> None:
-    """Refuse step t of a partition with ``eos=`` whose distribution has another support than its first
-    step's (another class, event shape or number of values): eos applies to every step, so such a step
-    (an environment transition drawn by the policy's estimator) would be forced to the value at index
-    ``eos`` once a sequence ended, even where it has probability 0, and drawing that value would end the
-    sequence (found by porting an RL loop with a stopping action). A step with the same support cannot
-    be told apart from a token of the sequence (docs/partitions.md, 'Variable length: eos=')."""
-    first = node.distribution
-    if _eos_support(raw) == _eos_support(first):
-        return
-    name = est.name or type(est).__qualname__
-    raise OptionError(
-        f"estimator {name!r} (plate {est.plate!r}) has eos={est.eos}, and step {t} of its partition draws from "
-        f"{_describe_support(raw)}, its first step from {_describe_support(first)}. eos= ends the whole "
-        f"sequence: once an entry drew the value at index {est.eos}, EVERY later step of the partition draws "
-        f"that value again with log-probability 0, whatever its distribution, and any step that draws it ends "
-        "the sequence. A step of another kind, such as an environment transition drawn by the policy's estimator "
-        "(docs/partitions.md, 'Stochastic environments and options', option 2), would be forced to that value "
-        "(even where it has probability 0) and would end episodes. With eos=, draw environment transitions with "
-        "plain torch, s = Categorical(probs=P[s, a]).sample() (option 1), or by an estimator created anew per "
-        "segment (option 3); or leave out eos= and mask the costs of finished episodes yourself "
-        "(docs/partitions.md, 'Variable length: eos=')")
-
-
 def _extended(est: "Estimator", made: tuple, plates: tuple, t: int, how: object) -> tuple:
     """``(sample, l_t, output)`` of a partition step from what ``est.extend`` returned: a third element is the
     step's output (of the sample's plates); an estimator that overrides ``output`` must return it (``how`` is
@@ -392,17 +282,6 @@ def _extended(est: "Estimator", made: tuple, plates: tuple, t: int, how: object)
             "(docs/partitions.md, 'For estimator authors')")
     sample, lp = made
     return sample, lp, sample
-
-
-def _check_step_sample(est: "Estimator", sample: Any, raw: Any, distribution: Any, t: int) -> None:
-    """A partition step's draw: a raw tensor (not a plate tensor) with the step distribution's own shape after the
-    leading plate dim."""
-    if type(sample) is PlateTensor:
-        raise UnsupportedDistributionError(_plate_tensor_draw_message(est, distribution, f"extend (step {t})"))
-    # (raw's first dim: the partition's plate at step t-1; every torch Distribution sets these two in __init__)
-    own = raw._batch_shape[1:] + raw._event_shape
-    if sample.shape[1:len(own) + 1] != own:
-        raise StorchError(_sample_shape_message(est, "extend", sample.shape, own, t))
 
 
 def _plain_step(est: Estimator, node: Node, distribution: Distribution, raw: Distribution,
@@ -435,38 +314,3 @@ def _plain_step(est: Estimator, node: Node, distribution: Distribution, raw: Dis
     value = PlateTensor._wrap(out, new)
     draws.append((sample, raw, distribution, value, node.finished))
     return value
-
-
-def _warn_independent_step(est: Estimator, node: Node, own: tuple[Plate, ...], step: int) -> None:
-    """Warn (once per partition) when step ``step`` of ``node``'s partition draws from a distribution that
-    carries none of the partition's plates (it depends on no earlier step's sample) and lacks parent plates
-    the partition already has (it is drawn for every entry of them): the signature of two independent
-    branches of a model sharing one estimator (found by porting M2: the labelled z, drawn after the
-    unlabelled one by the same estimator, got the unlabelled data's and the labels' plates, 12x the work).
-    A sequence whose steps do not depend on each other but share their plates (i.i.d. pulls of a bandit,
-    a gate per block, actions given one option) lacks none and is not reported. One pass over plates."""
-    q = est.plate
-    names = set()
-    for o in own:
-        if o.name == q:  # (any step of the partition): the step depends on an earlier one
-            return
-        names.add(o.name)
-    missing = [p for p in node.parents if p.name not in names]
-    size = 1
-    for p in missing:
-        size *= p.size
-    if size <= 1:
-        return
-    node.branch_warned = True
-    have = ", ".join(repr(o.name) for o in own) or "none"
-    extra = ", ".join(f"{p.name!r} (size {p.size})" for p in missing)
-    warnings.warn(IndependentStepWarning(
-        f"estimator {est.name or type(est).__qualname__!r} (plate {q!r}) is called again in this graph (step {step} "
-        "of its partition: calling one estimator several times in a graph makes its calls ONE partition, a "
-        f"sequence), but this call's distribution depends on no earlier call (its plates: {have}; none is {q!r}) "
-        f"and lacks the plates {extra} of the earlier calls: it is drawn for every entry of them, {size}x the "
-        "samples it needs (gradients stay unbiased). If the calls are independent branches of your model (e.g. "
-        "the labelled and the unlabelled data of a semi-supervised VAE), create one estimator per branch, "
-        f"storch.estimator(...) for each, with plates of their own (plate='{q}_a', plate='{q}_b'). If a sequence is "
-        "meant, silence this with warnings.filterwarnings('ignore', category=storch.IndependentStepWarning) "
-        "(docs/partitions.md)"), stacklevel=user_stacklevel())

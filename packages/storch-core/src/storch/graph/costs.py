@@ -16,11 +16,11 @@ from ..runtime.eager import eager_only
 from ..errors import ConstantCostWarning, CostError
 from .node import Node
 from ..plates.tensor import PlateTensor
-from .identity import _Identity
+from .ownership import _Ownership
 from .steps import _graph_task_id
 
 
-class _Costs(_Identity):
+class _Costs(_Ownership):
     """A :class:`~storch.graph.Graph`'s costs (one of its parts, on the plates' identity)."""
 
     @eager_only

@@ -11,11 +11,11 @@ import torch
 from ..runtime.eager import eager_only
 from ..errors import PlateError
 from ..plates.tensor import Lineage, Plate, PlateTensor, new_plate_tensor
-from .identity import _Identity
+from .ownership import _Ownership
 from .steps import _graph_task_id
 
 
-class _DataPlates(_Identity):
+class _DataPlates(_Ownership):
     """A :class:`~storch.graph.Graph`'s data plates (one of its parts, on the plates' identity)."""
 
     @overload

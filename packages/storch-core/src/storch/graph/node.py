@@ -153,12 +153,12 @@ class Node:
     finished: Optional[torch.Tensor] = None  # partitions with eos: sequences that have ended
     no_grad_step: Optional[int] = None  # set by the estimator's call (Estimator._no_grad)
     no_grad_cut = False
-    branch_warned = False  # a partition step got an IndependentStepWarning (partition_steps._warn_independent_step)
+    branch_warned = False  # a partition step got an IndependentStepWarning (step_checks._warn_independent_step)
     thresholded: Optional[str] = None  # set by the node's Lineage.watch (watch._threshold_watch)
     thresholded_in: Optional[str] = None  # (the same watch)
     compared: Optional[str] = None  # set by storch.estimators.watch.compared (a pathwise node's comparisons)
     _compared_pending: Optional[list] = None  # (func, raw) recorded by its Lineage.watch, not walked yet
-    max_order: float = math.inf  # lowered by Estimator.max_order_for (estimators.nodes._sample_node)
+    max_order: float = math.inf  # lowered by Estimator.max_order_for (estimators.first_steps._sample_node)
     rsample_kinks: Optional[tuple] = None  # set by storch.estimators.checks.note_rsample (lowers max_order)
     # (record of storch.plates.integer_reads, parameter path, step): a parameter of its distribution was computed
     # from an integer value read from a pathwise sample (set by the estimator's call while a mark is live)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 class _Steps:
     """The life cycle of a :class:`~storch.graph.Graph`'s step: the first of the parts the graph is built from
-    (:class:`~storch.graph.identity._Identity` on it, then the costs and the data plates)."""
+    (:class:`~storch.graph.ownership._Ownership` on it, then the costs and the data plates)."""
 
     # the graph's attributes that its parts read (declared for readers and type checkers; set in Graph.__init__, or
     # Graph's class-level defaults)

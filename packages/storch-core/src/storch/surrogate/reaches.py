@@ -194,7 +194,7 @@ _ONE_HOT_LOG_PROB = (
 
 def _index_read_message(node: Node, name: str) -> str:
     """A relaxed or straight-through Categorical / OneHotCategorical sample read as indices by torch.distributions
-    (estimators.nodes._sample_node's watch): its log_prob of that sample."""
+    (estimators.first_steps._sample_node's watch): its log_prob of that sample."""
     est = node.estimator
     p = node.plate.name
     return (

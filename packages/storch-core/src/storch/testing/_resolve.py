@@ -11,7 +11,7 @@ from torch.distributions import Normal
 
 from ..errors import OptionError
 from ..estimators.base import Estimator
-from ..estimators.options import _offered_options
+from ..estimators.construction import _offered_options
 from ..graph.node import Node
 from ..plates.tensor import PlateTensor
 from ..registry import estimator as _make_estimator

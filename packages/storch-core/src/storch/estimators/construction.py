@@ -1,7 +1,9 @@
 """An estimator's constructor options: the options set after construction (checked, or refused where fixed), the
 unknown-option and misspelled-option messages, the options a constructor taking ``**kwargs`` forwards to its
 base, the declared options under their private names of before, the marking of construction
-(:func:`_marking_construction`) and the estimators' creation order (:func:`creation_mark`)."""
+(:func:`_marking_construction`) and the estimators' creation order (:func:`creation_mark`). What construction does
+with the options, not whether a value is accepted: that is :mod:`storch.estimators.validators` (public as
+``storch.extending.options``), which an estimator's ``check_option`` calls."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Graph identity: the plate names a graph's nodes and data plates own, and which graph a plate tensor belongs to
+"""Plate ownership: the plate names a graph's nodes and data plates own, and which graph a plate tensor belongs to
 (one of an ended graph, or of another graph, is refused: a stale tensor is never silently merged).
 """
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..estimators.base import Estimator
 
 
-class _Identity(_Steps):
+class _Ownership(_Steps):
     """A :class:`~storch.graph.Graph`'s plates and what they belong to (one of its parts, on its step's life cycle)."""
 
     def claim_plate(self, name: str, owner: Any) -> None:
