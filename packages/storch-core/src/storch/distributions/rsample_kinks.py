@@ -19,7 +19,8 @@ class or transform, ``AbsTransform`` (a kink wherever the base sample's sign mov
 ``CumulativeDistributionTransform`` (the cdf of a ``Uniform`` clamps); of a ``TransformedDistribution``, only
 those parts (:func:`rsample_kinks`). ``ContinuousBernoulli`` is smooth outside its unstable region, where torch's
 rsample does not depend on ``probs``: its values are read; so are a ``GeneralizedPareto``'s, whose rsample does not
-depend on its concentration where that is within ``torch.isclose`` of 0.
+depend on its concentration where that is within ``torch.isclose`` of 0 (and loses the digits of its derivative
+nearer 0 than 1000 eps of its dtype).
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ _UNSTABLE_OP = "ContinuousBernoulli.icdf"
 # the pathwise derivative in it is 0 there (exact: scale·log(1 - u)²/2, 10.85 on 5 draws); found as above
 _GPD_OP = "GeneralizedPareto.icdf"
 _GPD = getattr(torch.distributions, "GeneralizedPareto", None)  # (torch after 2.7)
+_GPD_EPS = 1000  # (|concentration| in eps of its dtype below which the pathwise derivative in it is refused)
 
 
 def _smooth_ancestor(cls: type) -> Optional[type]:
@@ -347,16 +349,20 @@ def gpd_concentration_bound(dtype: torch.dtype) -> float:
     L/c that cancel to scale·L²/2, losing digits as eps/|c| (measured on the mean over draws in float32: 1.65 off at
     c = 1e-7, 6% at 1e-6, 1% at 1e-5, below 1e-3 at 1.2e-4 = 1000 eps). Not below 1e-7, well outside torch.isclose's
     1e-8, where it takes the exponential formula (refused; tests/core/test_rsample_kinks.py checks the bound)."""
-    return max(1e-7, 1000 * torch.finfo(dtype).eps)
+    return max(1e-7, _GPD_EPS * torch.finfo(dtype).eps)
 
 
 def _near_zero_concentration(d: Distribution, tracing: bool) -> dict[str, int]:
     """A GeneralizedPareto whose concentration requires grad and is within torch.isclose of 0 (its icdf's
-    exponential branch there: a pathwise derivative of 0 in the concentration) gives ``{"GeneralizedPareto.icdf": 0}``."""
+    exponential branch there: a pathwise derivative of 0 in the concentration), or nearer 0 than 1000 eps of its
+    dtype (the derivative loses digits as eps/|c|: 7% off at 1e-6 in float32, where torch.isclose does not fire),
+    gives ``{"GeneralizedPareto.icdf": 0}``. Not the floor of :func:`gpd_concentration_bound` (1e-7): float64's
+    derivative is accurate to 1e-8 relative from torch.isclose's 1e-8 up, so it is refused within isclose only."""
     c = unbatched(d.concentration)  # type: ignore[attr-defined]
     if not c.requires_grad:
         return {}
-    near = torch.isclose(c, torch.zeros_like(c))  # (the test torch's icdf makes)
+    # (the test torch's icdf makes; and gpd_concentration_bound without its floor)
+    near = torch.isclose(c, torch.zeros_like(c)) | (c.abs() < _GPD_EPS * torch.finfo(c.dtype).eps)
     if tracing:
         message = "storch: " + rsample_kinks_note("GeneralizedPareto", {_GPD_OP: 0})
         ASSUMPTIONS.add(message)
@@ -698,12 +704,13 @@ def rsample_kinks_note(name: str, found: dict, where: Optional[dict] = None) -> 
                 "('score')")
     if _GPD_OP in found:
         return (f"the rsample of {name} draws from a GeneralizedPareto whose concentration (which requires grad) is "
-                "within torch.isclose of 0: there torch's rsample (icdf) takes the exponential formula, which does not "
-                "depend on the concentration, so its pathwise derivative is 0 (it is not: d x / d concentration = "
-                f"scale·log(1 - u)²/2). Initialise the concentration away from 0: |concentration| > "
+                "too near 0 for its pathwise derivative: within torch.isclose of 0 (|concentration| <= 1e-8) torch's "
+                "rsample (icdf) takes the exponential formula, which does not depend on the concentration, so its "
+                "pathwise derivative is 0 (it is not: d x / d concentration = scale·log(1 - u)²/2); nearer 0 than 1000 "
+                "eps of its dtype, the formula expm1(c·L) / c loses digits of that derivative as eps / |c| (7% off at "
+                "1e-6 in float32). Initialise the concentration away from 0: |concentration| > "
                 f"{gpd_concentration_bound(torch.float64):.0e} in float64, > {gpd_concentration_bound(torch.float32):.1e} "
-                "in float32 (nearer 0, the formula (pow(1 - u, -c) - 1) / c loses digits of its derivative: 6% off at "
-                "1e-6 in float32), and in float16 / bfloat16 compute the distribution in float32; or use an estimator that "
+                "in float32, and in float16 / bfloat16 compute the distribution in float32; or use an estimator that "
                 "does not differentiate through the sample for this node")
     where = where or {}
 
