@@ -232,9 +232,11 @@ def same_support(a: Union[constraints.Constraint, Distribution, None],
 # Not Binomial: torch's log_prob writes softplus(logits) as clamp(logits, min=0) + log1p(exp(-|logits|)), whose
 # kinks cancel in the value and the first derivative only (autograd's second derivative at a logit of exactly 0
 # is 0, not -n/4). storch computes a Binomial's log p smoothly itself (distributions.support._binomial_log_prob:
-# a Binomial, a subclass changing only __init__, an Independent of either, the strict copy), whose graph the
-# walk finds kink-free; where torch's formula is still read (a MixtureSameFamily of Binomials) the walk finds
-# its abs and clamp and order 2 is refused, not estimated with the wrong derivative.
+# a Binomial, a subclass changing only __init__, an Independent of either, the strict copy, and the components of
+# torch's MixtureSameFamily of them: raw_log_prob and strict_support alike, as the verdict below is cached per
+# structure for every estimator), whose graph the walk finds kink-free; where torch's formula is still read (a
+# user's subclass of MixtureSameFamily) the walk finds its abs and clamp and order 2 is refused, not estimated
+# with the wrong derivative.
 _SMOOTH_LOG_PROB: dict[type, str] = {
     # x·logits - softplus(logits), smooth in the logits (and in probs, through logit(p)). Eager torch computes
     # it with the fused binary_cross_entropy_with_logits, whose graph the walk finds kink-free; under a

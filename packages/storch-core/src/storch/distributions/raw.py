@@ -1,14 +1,14 @@
 """A node's log-probability and draw on its raw distribution: torch's kernels, without the Python
 checks a raw copy does not need (a Bernoulli), a Poisson's log p with finite derivatives at a zero rate, and
-a Binomial's with the right second derivative at a logit of 0.
+a Binomial's with the right second derivative at a logit of 0 (alone, or as a mixture's components).
 """
 
 from __future__ import annotations
 
 import torch
-from torch.distributions import Bernoulli, Distribution, Independent, Poisson
+from torch.distributions import Bernoulli, Distribution, Independent, MixtureSameFamily, Poisson
 
-from .support import _BINOMIAL_LIKE, _binomial_log_prob, _poisson_log_prob, binomial_like
+from .support import _BINOMIAL_LIKE, _binomial_log_prob, _poisson_log_prob, binomial_components, binomial_like
 
 __all__ = ["raw_log_prob", "raw_sample"]
 
@@ -26,8 +26,8 @@ def raw_log_prob(d: Distribution, value: torch.Tensor) -> torch.Tensor:
     one) is computed by :func:`_poisson_log_prob`: torch's values, and finite derivatives where a rate
     is exactly 0 (torch's are NaN there). A ``Binomial`` (a subclass changing only ``__init__``, or an ``Independent`` of
     either) by :func:`_binomial_log_prob`: torch's values, and
-    the right second derivative where a logit is exactly 0 (torch's is 0 there). Any other case (and any
-    other distribution) calls ``d.log_prob``.
+    the right second derivative where a logit is exactly 0 (torch's is 0 there); a ``MixtureSameFamily`` of
+    such Binomials (:func:`binomial_components`) by torch's mixture formula over theirs (:func:`_mixture_log_prob`). Any other case (and any other distribution) calls ``d.log_prob``.
     """
     t = type(d)
     like = _BINOMIAL_LIKE.get(t)  # (a Binomial, or a subclass changing only __init__; one lookup once cached)
@@ -56,7 +56,22 @@ def raw_log_prob(d: Distribution, value: torch.Tensor) -> torch.Tensor:
             # torch's kernel as F.binary_cross_entropy_with_logits calls it (reduction "none" = 0), without that
             # Python wrapper's checks (plain tensors of equal shapes here: its size check passes)
             return -_bce_with_logits(logits, value, None, None, 0)
+    if t is MixtureSameFamily and binomial_components(d.component_distribution):  # (an identity test on the common path)
+        return _mixture_log_prob(d, value)
     return d.log_prob(value)
+
+
+def _mixture_log_prob(d: MixtureSameFamily, value: torch.Tensor) -> torch.Tensor:
+    """``MixtureSameFamily.log_prob`` (torch's formula, logsumexp of the components' log p plus the mixture's
+    log-softmax) with the components' log p from :func:`raw_log_prob`: a mixture of Binomials through torch's
+    own was refused at order 2 (its softplus's clamp and abs: a second derivative of 0 at a logit of exactly 0)."""
+    if d._validate_args:
+        d._validate_sample(value)
+    comp = d.component_distribution
+    x = value.unsqueeze(-1 - len(d.event_shape))  # (torch's _pad: the components' dim)
+    if comp._validate_args:
+        comp._validate_sample(x)
+    return torch.logsumexp(raw_log_prob(comp, x) + torch.log_softmax(d.mixture_distribution.logits, dim=-1), dim=-1)
 
 
 def raw_sample(d: Distribution, sample_shape: tuple = ()) -> torch.Tensor:

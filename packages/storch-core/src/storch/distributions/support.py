@@ -9,7 +9,8 @@ import math
 from typing import Callable, Optional
 
 import torch
-from torch.distributions import Bernoulli, Binomial, Categorical, Distribution, Independent, OneHotCategorical, Poisson
+from torch.distributions import (Bernoulli, Binomial, Categorical, Distribution, Independent, MixtureSameFamily,
+    OneHotCategorical, Poisson)
 
 from ..errors import UnsupportedDistributionError
 from ..plates.tensor import raw_of
@@ -260,6 +261,12 @@ def binomial_like(t: type) -> bool:
     return v
 
 
+def binomial_components(c: Distribution) -> bool:
+    """Whether a mixture's component distribution ``c`` is :func:`binomial_like` or an ``Independent`` of such: its
+    log p is computed by :func:`_binomial_log_prob` (``raw_log_prob``, :func:`strict_support`), not torch's."""
+    return binomial_like(type(c.base_dist if type(c) is Independent else c))
+
+
 def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     """``d`` with ``log_prob = -inf`` on every value it never draws: probabilities that are exactly 0.
 
@@ -315,6 +322,13 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
         new.__dict__.update(d.__dict__)
         new._validate_args = False
         return new
+    if t is MixtureSameFamily:
+        # Binomial components are always copied (their smooth log p): the mixture over the copies, so that its log p
+        # (importance's and vimco's read it here) is raw_log_prob's (the score walk caches one verdict for both)
+        comp = d.component_distribution
+        if not binomial_components(comp):
+            return d
+        return MixtureSameFamily(d.mixture_distribution, strict_support(comp, traced), validate_args=False)
     if t is not Binomial and binomial_like(t):  # (a user's subclass changing only __init__: the same as a Binomial)
         t = Binomial
     if t not in (Bernoulli, Binomial, Categorical, OneHotCategorical):
