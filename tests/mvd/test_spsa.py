@@ -507,3 +507,37 @@ def test_a_user_distribution_is_perturbed(batched):
     g, v = estimates(torch.tensor([mu], dtype=torch.float64), model, 4000)
     print(assert_unbiased(g, expected, f"spsa E[ĝ], user Normal ({'data plate' if batched else 'scalar'})").table())
     print(assert_unbiased(v, sum(moment3(m, sigma) for m in locs) / len(locs), "spsa forward value, user Normal").table())
+
+
+def test_the_rebuild_check_of_a_users_class_is_done_once_per_kind_of_leaf(monkeypatch):
+    """check_distribution rebuilt a user's leaf from its parameters at every call (~9 us of a step, to refuse a class
+    storch cannot rebuild up front). Now once per kind of leaf (class, shapes, perturbed parameters, attributes as the
+    rebuild compares them): a second step's leaf of the same kind is not rebuilt; a changed constructor argument is
+    checked afresh, and one the rebuild refuses (a plate tensor) is still refused."""
+    import storch_mvd.spsa as spsa_module
+
+    calls = []
+    real = spsa_module.rebuild
+
+    def counting(d, *args, **kwargs):
+        calls.append(type(d))
+        return real(d, *args, **kwargs)
+
+    monkeypatch.setattr(spsa_module, "rebuild", counting)
+
+    class Fresh(UserNormal):  # (a class of this test's own: no acceptance kept from other tests)
+        pass
+
+    theta = torch.tensor([0.4, -0.2], dtype=torch.float64, requires_grad=True)
+    est = storch.estimator("spsa", plate="x")
+    est.check_distribution(Fresh(theta, 2.0))
+    est.check_distribution(Fresh(theta * 1, 2.0))  # (another step: a new leaf of the same kind)
+    assert calls == [Fresh]
+    est.check_distribution(Fresh(theta, 3.0))  # a changed constructor argument: checked again
+    assert calls == [Fresh, Fresh]
+    with storch.Graph():
+        scale = storch.denote_independent(torch.full((3, 1), 2.0, dtype=torch.float64), 0, "data")
+        with pytest.raises(storch.UnsupportedDistributionError, match=r"built again from perturbed parameters.*"
+                                                                      r"'scale' holds a plate tensor"):
+            est.check_distribution(Fresh(theta, scale))
+    assert calls == [Fresh, Fresh, Fresh]

@@ -37,6 +37,7 @@ from storch.extending import (
     strict_support,
 )
 
+from ._rebuild_cache import known_rebuildable, rebuild_key, remember_rebuildable
 from ._state import PrecomputedState
 
 __all__ = ["Spsa"]
@@ -163,6 +164,9 @@ class Spsa(Estimator):
                 continue
             free, fixed = _split_parameters(leaf)
             if free:
+                key = rebuild_key(leaf, free)
+                if known_rebuildable(leaf, key):  # (a leaf of this kind was rebuilt before: not at every step)
+                    continue
                 try:
                     with torch.no_grad():
                         rebuild(leaf, {**{k: v.detach() for k, v in free.items()}, **fixed})
@@ -170,6 +174,7 @@ class Spsa(Estimator):
                     raise UnsupportedDistributionError(
                         f"spsa draws from copies of {type(leaf).__name__} built again from perturbed parameters, "
                         f"but {e}.{_others(d)}") from e
+                remember_rebuildable(leaf, key)
         super().check_distribution(d)
 
     def proposal(self, node: Node) -> torch.Tensor:
