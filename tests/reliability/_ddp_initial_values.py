@@ -152,4 +152,7 @@ def heads_met_apart(rank: int, x: torch.Tensor, g: torch.Generator) -> dict:
     out["apart_order"] = outcome(trained)
     model = Model("score", {"n_samples": 2, "baseline": "learned", "hidden": 4, "lr": 0.05})
     out["apart_costs"] = outcome(lambda: _costs(model, x, g, (("a",), ("b",))[rank]))
+    model = Model("score", {"n_samples": 2, "baseline": "learned", "hidden": 4, "lr": 0.05})
+    # the same costs, added in another order on each rank within the first step (each head is broadcast as built)
+    out["order_in_step"] = outcome(lambda: _costs(model, x, g, (("a", "b"), ("b", "a"))[rank]))
     return out

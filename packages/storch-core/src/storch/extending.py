@@ -23,7 +23,9 @@ Distributions:
     holds a value the model cannot produce.
     :func:`parameters` are the parameter tensors a distribution was built from (the form given:
     ``probs`` or ``logits``), and :func:`rebuild` builds a distribution's class again from new parameter tensors, with the
-    constructor arguments it keeps outside its arg_constraints (a Multinomial's ``total_count``).
+    constructor arguments it keeps outside its arg_constraints (a Multinomial's ``total_count``);
+    :func:`torch_class_hint` ends a refusal of a torch subclass with a constructor of its own that cannot be
+    rebuilt or expanded (build the torch class itself).
     :func:`given_by_probs` says whether a ``Bernoulli`` / ``Categorical`` was built from ``probs``
     (its ``logits`` then come from clamped probabilities).
     :func:`rekey_transform_cache` lets ``log_prob`` of a value derived from a sample (detached, wrapped)
@@ -165,7 +167,7 @@ from .estimators import validators as options  # public as storch.extending.opti
 from .graph.cost_frame import leave_one_out, leave_one_out_log_baselines
 from .distributions import (base_distribution, differentiated_total_count, given_by_probs, grad_parameters, parameters,
                             rebuild, rekey_transform_cache, rsample_kinks, rsample_max_order, rsample_params,
-                            rsample_walked, varying_total_count)
+                            rsample_walked, torch_class_hint, varying_total_count)
 from .distributions import strict_support as _strict_support
 from .errors import ASSUMPTIONS, StorchError
 from .estimators.checks import check_precision, note_rsample
@@ -187,7 +189,7 @@ if TYPE_CHECKING:
 __all__ = [
     "align", "plates_of", "raw_of", "base_distribution", "drawing_with", "leave_one_out", "options", "step_guard",
     "match_optimizer_state", "optimizer_step", "all_finite", "skip_nonfinite_update", "warn_untrained_part",
-    "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild", "parameters",
+    "is_tracing", "assume", "strict_support", "rsample_max_order", "given_by_probs", "learned_dtype", "rebuild", "torch_class_hint", "parameters",
     "rekey_transform_cache", "require_smooth", "nonsmooth_operations", "moving_support", "same_support", "estimator_create_graph",
     "estimator_own_pass",
     "refuse_create_graph", "is_differentiated", "table_cache", "own_optimizer", "hide_frozen_grads", "own_optimizer_state",

@@ -14,7 +14,7 @@ import storch
 from storch import (CostError, CostFrame, Estimator, Node, PlateError, PlateTensor, StorchError,
                     UnsupportedDistributionError, magic_box)
 from storch.extending import (grad_parameters, is_differentiated, leave_one_out_log_baselines, options, step_guard,
-                              strict_support, unbatched)
+                              strict_support, torch_class_hint, unbatched)
 
 __all__ = ["Vimco", "VimcoState"]
 
@@ -110,13 +110,10 @@ class Vimco(Estimator):
                 # torch's own reason where it gives one: a subclass of a torch class with an __init__ of its own
                 # (class CountOf4(Binomial)) inherits an expand that cannot build it
                 name = type(distribution).__name__
-                torch_class = next(c for c in type(distribution).__mro__ if c.__module__.startswith("torch."))
-                itself = (f" (or, where it only fixes constructor arguments, build a {torch_class.__name__} itself "
-                          "with them)" if torch_class not in (type(distribution), Distribution) else "")
                 raise UnsupportedDistributionError(
                     f"estimator 'vimco' (plate {self.plate!r}) makes its K={self.n_draws} draws with "
                     f"{name}.expand, which raised NotImplementedError ({e or 'not implemented'}); define "
-                    f"{name}.expand{itself}, or use 'score' on a distribution that holds the K copies yourself"
+                    f"{name}.expand{torch_class_hint(type(distribution))}, or use 'score' on a distribution that holds the K copies yourself"
                 ) from None
         return super().forward(distribution, inputs)
 

@@ -7,6 +7,7 @@ that has no costs or no data, or an estimator built with ``update=False``, joins
 from __future__ import annotations
 
 import functools
+import re
 import weakref
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -54,12 +55,28 @@ def _layouts_agree(layout: list, group: Any, collective: str = "") -> tuple[bool
     return same_op, same_op and int(t[2]) == fp and int(t[3]) == -fp
 
 
-def _gather_collectives(collective: str, group: Any) -> str:
-    """What each rank runs, "rank 0: ...; rank 1: ..." (every rank calls it: a collective)."""
+def _gather_collectives(collective: str, group: Any) -> list:
+    """What each rank runs, by rank (every rank calls it: a collective)."""
     dist = _dist()
     names: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(names, collective, group=group)
+    return names
+
+
+def _listed(names: list) -> str:
     return "; ".join(f"rank {r}: {n}" for r, n in enumerate(names))
+
+
+_FOR_COST = re.compile(r" for cost (.+)$")  # the name as repr() writes it
+
+
+def _costs_met_apart(names: list) -> str:
+    """Where the ranks run the same collective for different costs (a learned part built per cost name, NVIL's
+    heads, broadcast as each rank first meets its cost): which cost each rank met, else ``""``."""
+    found = [_FOR_COST.search(n) for n in names]
+    if not all(found) or len({n[:m.start()] for n, m in zip(names, found)}) != 1:
+        return ""
+    return ", ".join(f"rank {r} {'' if r else 'first met '}cost {m.group(1)}" for r, m in enumerate(found))
 
 
 def _collective(owner: Any, action: str, evolution: bool = True) -> str:
@@ -99,11 +116,17 @@ def _options_of(owner: Any, method: str) -> dict:
 def _raise_different_collectives(collective: str, group: Any) -> None:
     """Every rank, once the fingerprints said the ranks run different collectives: gather what each runs
     (every rank is here: each saw the same mismatch) and raise, on every rank, saying it."""
-    ranks = _gather_collectives(collective, group)
+    names = _gather_collectives(collective, group)
+    ranks, met = _listed(names), _costs_met_apart(names)
     if _NO_COSTS in ranks:
         advice = ("A rank whose step has no costs (an episode that ended at reset, an empty shard) cannot take "
                   "part in the others' estimator updates: every rank must register costs in every step (pad "
                   "the shard, use DistributedSampler(drop_last=True), or skip the step on every rank)")
+    elif met:
+        advice = (f"The ranks met different costs first ({met}): a part learned per cost name (NVIL's head) is "
+                  "built, and broadcast from rank 0, at the first node of its cost, and every rank must build the "
+                  "same one at the same time. Register the same costs (storch.add_cost names) in the same order on "
+                  "every rank, e.g. sorted by name; a cost that only some ranks have in a step cannot be matched")
     else:
         advice = ("The ranks use different estimators (a different class, baseline or option: decay, lr, "
                   "update; or other parameters of what they train frozen with requires_grad=False), or call them "
@@ -181,4 +204,4 @@ def _announce_no_costs(owners: tuple = ()) -> Optional[str]:
     if getattr(DistributedDataParallel, "_active_ddp_module", None) is not None:
         return ""
     same_op, _ = _layouts_agree([], None, _NO_COSTS)
-    return "" if same_op else _gather_collectives(_NO_COSTS, None)
+    return "" if same_op else _listed(_gather_collectives(_NO_COSTS, None))

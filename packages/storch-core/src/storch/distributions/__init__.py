@@ -17,7 +17,7 @@ distribution), ``raw`` (a node's log p and draw on it).
 from .parameters import (base_distribution, differentiated_total_count, given_by_probs, grad_parameters, holds_grad,
                          parameters)
 from .raw import raw_log_prob, raw_sample
-from .rebuild import rebuild
+from .rebuild import rebuild, torch_class_hint
 from .rsample import (RSAMPLE_ORDER_NOTE, UNDIFFERENTIABLE_RSAMPLE_NOTE, rsample_max_order, straight_through_rsample,
                       undifferentiable_rsample)
 from .rsample_kinks import rsample_kinks, rsample_kinks_note, rsample_params, rsample_walked
@@ -28,6 +28,6 @@ from .unwrap import unwrap_distribution
 __all__ = ["base_distribution", "unwrap_distribution", "raw_log_prob", "raw_sample", "strict_support",
            "rsample_max_order", "RSAMPLE_ORDER_NOTE", "enumeration_support", "check_enumeration", "rekey_transform_cache",
            "straight_through_rsample", "undifferentiable_rsample", "UNDIFFERENTIABLE_RSAMPLE_NOTE", "parameters",
-           "rebuild", "given_by_probs", "holds_grad", "grad_parameters",
+           "rebuild", "torch_class_hint", "given_by_probs", "holds_grad", "grad_parameters",
            "rsample_kinks", "rsample_kinks_note", "rsample_params", "rsample_walked", "differentiated_total_count",
            "varying_total_count"]

@@ -20,7 +20,7 @@ from ..errors import UnsupportedDistributionError
 from ..plates.tensor import PlateTensor
 from .parameters import _holds_plate_tensor, _plain_property
 
-__all__ = ["rebuild"]
+__all__ = ["rebuild", "torch_class_hint"]
 
 
 def rebuild(d: Distribution, params: dict, leading: torch.Size = torch.Size()) -> Distribution:
@@ -54,7 +54,7 @@ def _rebuilt(d: Distribution, raw: dict, plates: torch.Size) -> Distribution:
             f"{' and constructor arguments ' + str(sorted(extra)) if extra else ''} ({e}); use a distribution "
             "whose constructor takes its arg_constraints as keywords and a validate_args keyword (storch calls "
             f"{type(d).__name__}(**parameters, validate_args=False)), and keeps each other constructor "
-            f"argument in an attribute of the same name{_torch_class_hint(type(d))}"
+            f"argument in an attribute of the same name{torch_class_hint(type(d))}"
         ) from e
     if known is None:  # a class storch does not know: the rebuilt copy must be the user's distribution
         _check_rebuilt(d, new, raw, extra, plates)
@@ -134,9 +134,10 @@ _SIGNATURE: dict = {}
 _LAZY: dict = {}
 
 
-def _torch_class_hint(cls: type) -> str:
-    """For a subclass of a torch distribution with a constructor of its own (``class CountOf4(Binomial)`` whose
-    ``__init__(self, logits)`` fixes ``total_count=4``): build the torch class itself."""
+def torch_class_hint(cls: type) -> str:
+    """The end of a refusal of ``cls``, a subclass of a torch distribution with a constructor of its own
+    (``class CountOf4(Binomial)`` whose ``__init__(self, logits)`` fixes ``total_count=4``), which storch cannot
+    rebuild or expand: ``", or, where ..., build a Binomial itself with them"``; ``""`` for any other class."""
     base = next((k for k in cls.__mro__ if k.__module__.startswith("torch.distributions.")), Distribution)
     if base is Distribution or _torch_owner(cls) is not None:
         return ""
