@@ -26,7 +26,10 @@ class ControlVariateNet(torch.nn.Module):
     """c_φ(z): a two-layer MLP on the node's (relaxed) sample, flattened; one number per entry.
 
     The layers are created on the first call, with the input's size, dtype and device, so their
-    parameters appear in ``.parameters()`` after the estimator's first node.
+    parameters appear in ``.parameters()`` after the estimator's first node. They are built frozen
+    (``requires_grad=False``) after ``requires_grad_(False)`` on the network or its estimator, and, with no such
+    request, where every parameter the estimator had before them is frozen (RELAX's η and λ, frozen by a parent's
+    ``model.requires_grad_(False)``): see :meth:`_built_requires_grad`.
 
     Args:
         hidden: width of the hidden layer.
@@ -66,7 +69,22 @@ class ControlVariateNet(torch.nn.Module):
         self._requires_grad = requires_grad
         return super().requires_grad_(requires_grad)
 
-    _requires_grad = True  # the last requires_grad_() request, applied to the layers when they are built
+    # the last requires_grad_() request, applied to the layers when they are built; None: none was made
+    _requires_grad: Optional[bool] = None
+
+    def _built_requires_grad(self) -> bool:
+        """``requires_grad`` of layers built now: the last request to this network (or its estimator), else that of
+        the estimator's parameters from construction (RELAX's η and λ): frozen where all of them are frozen.
+
+        A parent's ``model.requires_grad_(False)`` loops over the parameters that exist when it is called (torch's
+        ``Module.requires_grad_``) and never reaches this network's own ``requires_grad_``: before the first node
+        it froze η and λ, and storch built and trained the layers. Where the estimator has no parameters before
+        the layers (LAX, RELAX's ``control_variate="network"``) there is nothing to follow: freeze the estimator
+        itself (``est.requires_grad_(False)``) or after the first step."""
+        if self._requires_grad is not None:
+            return self._requires_grad
+        owned = [] if self._owner is None else list(self._owner.parameters())  # the layers are not built yet
+        return not owned or any(p.requires_grad for p in owned)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.build(x)
@@ -77,7 +95,7 @@ class ControlVariateNet(torch.nn.Module):
         with drawing_with(storch.current_generator()):  # storch.Graph(generator=g): g initialises
             self.net = torch.nn.Sequential(
                 torch.nn.Linear(features, self.hidden), torch.nn.Tanh(), torch.nn.Linear(self.hidden, 1)
-            ).to(dtype=dtype, device=device).requires_grad_(self._requires_grad)
+            ).to(dtype=dtype, device=device).requires_grad_(self._built_requires_grad())
 
     _owner = None  # the estimator whose process group the broadcast uses (set by it)
 

@@ -80,7 +80,9 @@ class Relax(RelaxedCost):
         control_variate: ``"rebar+network"`` (η f(σ_λ(z)) + r_ρ(z), the default) or ``"network"``
             (r_ρ(z) only).
         network: r_ρ, a module mapping ``(..., F)`` (z with own dims flattened) to ``(...)``;
-            default: a tanh MLP with ``hidden`` units, built at the first node. At order n >= 2 it
+            default: a tanh MLP with ``hidden`` units, built at the first node: frozen there where η and λ
+            are both frozen then (a parent's ``model.requires_grad_(False)`` reaches them, not the layers not
+            built yet), unless ``est.network.requires_grad_(True)`` asked otherwise. At order n >= 2 it
             must be n times differentiable (no ReLU; see max_order).
         hidden: hidden width of the default network.
         temperature: initial λ > 0 (``"rebar+network"``).
