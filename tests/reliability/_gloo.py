@@ -4,7 +4,8 @@ A test module's fixture runs its worker in ``world`` gloo processes on this mach
 what each rank recorded. A worker runs inside :func:`rank_process`, which makes the rank's process group, saves the
 rank's record when the worker's block ends and tears the group down so that no rank exits while another is still in a
 collective. :func:`outcome` records a case's result or its error, so that one case that raises (or hangs until the
-group's timeout turns the hang into an error) does not stop the cases after it."""
+group's timeout turns the hang into an error) does not stop the cases after it. A test module takes its setup from
+here: ``pytestmark = _gloo.needs_distributed`` and ``ranks = _gloo.ranks_fixture(worker, WORLD, "name")``."""
 
 from __future__ import annotations
 
@@ -15,8 +16,14 @@ import os
 import socket
 from typing import Callable, Iterator, Optional
 
+import pytest
 import torch
+import torch.distributed
 import torch.multiprocessing as mp
+
+# every DDP test module's mark: its workers need torch.distributed (gloo)
+needs_distributed = pytest.mark.skipif(not torch.distributed.is_available(),
+                                       reason="torch.distributed is not built in")
 
 
 def free_port() -> int:
@@ -31,6 +38,23 @@ def spawn(worker: Callable[[int, int, int, str], None], world: int, outdir) -> l
     torch.set_num_threads(1)
     mp.spawn(worker, args=(world, free_port(), str(outdir)), nprocs=world, join=True)
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def ranks_fixture(worker: Callable[[int, int, int, str], None], world: int, name: str, needs: tuple = ()):
+    """The module's ``ranks`` fixture: every rank's record of ``worker`` run once in ``world`` processes
+    (:func:`spawn`, in a temporary folder named after ``name``), shared by the module's tests; skipped where an
+    estimator of ``needs`` is not installed."""
+
+    @pytest.fixture(scope="module", name="ranks")
+    def ranks(tmp_path_factory) -> list[dict]:
+        import storch
+
+        missing = [n for n in needs if n not in storch.available_estimators()]
+        if missing:
+            pytest.skip(f"needs the estimators {', '.join(needs)} ({', '.join(missing)} not installed)")
+        return spawn(worker, world, tmp_path_factory.mktemp(name))
+
+    return ranks
 
 
 @contextlib.contextmanager

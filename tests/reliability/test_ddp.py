@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import storch
 
@@ -32,14 +31,10 @@ import _gloo
 
 WORLD = 2
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+pytestmark = _gloo.needs_distributed
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    if "score" not in storch.available_estimators() or "relax" not in storch.available_estimators():
-        pytest.skip("needs the score and relaxed families")
-    return _gloo.spawn(_ddp.worker, WORLD, tmp_path_factory.mktemp("ddp"))
+ranks = _gloo.ranks_fixture(_ddp.worker, WORLD, "ddp", needs=("score", "relax"))
 
 
 @pytest.mark.parametrize("key", sorted(_ddp.SCENARIOS))

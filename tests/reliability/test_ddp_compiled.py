@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import _ddp
 import _ddp_compiled
 import _gloo
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+pytestmark = _gloo.needs_distributed
 
 WORLD = 2
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    return _gloo.spawn(_ddp_compiled.worker, WORLD, tmp_path_factory.mktemp("ddp_compiled"))
+ranks = _gloo.ranks_fixture(_ddp_compiled.worker, WORLD, "ddp_compiled")
 
 
 @pytest.mark.parametrize("case, first, second", [

@@ -12,20 +12,17 @@ another estimator and joins it again (before, the copy carried the "checked" fla
 from __future__ import annotations
 
 import pytest
-import torch.distributed as dist
 
 import _ddp
 import _ddp_declared_options
 import _gloo
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+pytestmark = _gloo.needs_distributed
 
 WORLD = 2
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    return _gloo.spawn(_ddp_declared_options.worker, WORLD, tmp_path_factory.mktemp("ddp_declared_options"))
+ranks = _gloo.ranks_fixture(_ddp_declared_options.worker, WORLD, "ddp_declared_options")
 
 
 def test_a_third_party_estimator_with_the_same_declared_options_on_every_rank_is_averaged(ranks):

@@ -16,21 +16,18 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import _ddp
 import _ddp_frozen
 import _gloo
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+pytestmark = _gloo.needs_distributed
 
 WORLD = 2
 BETA1 = 0.9  # Adam's (the estimators' own optimizer): exp_avg = β1·m + (1 - β1)·gradient
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    return _gloo.spawn(_ddp_frozen.worker, WORLD, tmp_path_factory.mktemp("ddp_frozen"))
+ranks = _gloo.ranks_fixture(_ddp_frozen.worker, WORLD, "ddp_frozen")
 
 
 VARIANCE = "averaging the control variate's variance gradients (frozen, requires_grad=False: "

@@ -13,20 +13,17 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import _ddp_initial_values
 import _gloo
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+pytestmark = _gloo.needs_distributed
 
 WORLD = 2
 LR = 0.01  # the estimators' default: Adam's first step moves each parameter by at most about this
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    return _gloo.spawn(_ddp_initial_values.worker, WORLD, tmp_path_factory.mktemp("ddp_initial_values"))
+ranks = _gloo.ranks_fixture(_ddp_initial_values.worker, WORLD, "ddp_initial_values")
 
 
 def _same_on_every_rank(ranks, case: str) -> dict:

@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import _ddp
 import _ddp_mismatch
 import _gloo
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+pytestmark = _gloo.needs_distributed
 
 WORLD = 2
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    return _gloo.spawn(_ddp_mismatch.worker, WORLD, tmp_path_factory.mktemp("ddp_mismatch"))
+ranks = _gloo.ranks_fixture(_ddp_mismatch.worker, WORLD, "ddp_mismatch")
 
 
 MA = "Score(baseline='moving_average', decay=0.9, update=True)"

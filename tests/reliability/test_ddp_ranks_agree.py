@@ -9,19 +9,16 @@ collective, the check that precedes every storch collective)."""
 from __future__ import annotations
 
 import pytest
-import torch.distributed as dist
 
 import _ddp_ranks_agree
 import _gloo
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+pytestmark = _gloo.needs_distributed
 
 WORLD = 2
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    return _gloo.spawn(_ddp_ranks_agree.worker, WORLD, tmp_path_factory.mktemp("ddp_ranks_agree"))
+ranks = _gloo.ranks_fixture(_ddp_ranks_agree.worker, WORLD, "ddp_ranks_agree")
 
 
 @pytest.mark.parametrize("case, agree", [

@@ -12,19 +12,16 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import _ddp_subgroup
 import _gloo
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+pytestmark = _gloo.needs_distributed
 
 WORLD = 3
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    return _gloo.spawn(_ddp_subgroup.worker, WORLD, tmp_path_factory.mktemp("ddp_subgroup"))
+ranks = _gloo.ranks_fixture(_ddp_subgroup.worker, WORLD, "ddp_subgroup")
 
 
 @pytest.mark.parametrize("case", ["rebar", "nvil"])
