@@ -10,12 +10,14 @@ from torch.distributions import (
     Bernoulli,
     Binomial,
     Categorical,
+    Distribution,
     Geometric,
     MixtureSameFamily,
     Multinomial,
     Normal,
     OneHotCategorical,
     TransformedDistribution,
+    constraints,
 )
 from torch.distributions.transforms import TanhTransform
 
@@ -541,3 +543,41 @@ def test_the_rebuild_check_of_a_users_class_is_done_once_per_kind_of_leaf(monkey
                                                                       r"'scale' holds a plate tensor"):
             est.check_distribution(Fresh(theta, scale))
     assert calls == [Fresh, Fresh, Fresh]
+
+
+class _DividedLoc(Distribution):
+    """Keeps ``loc / temperature`` with a tensor ``temperature`` outside arg_constraints: rebuilt from its kept loc,
+    the copy divides again, which is the same distribution only for a temperature of 1."""
+
+    arg_constraints = {"loc": constraints.real}
+    support = constraints.real
+
+    def __init__(self, loc, temperature, validate_args=None):
+        self.temperature = temperature
+        self.loc = loc / temperature
+        super().__init__(batch_shape=self.loc.shape, validate_args=validate_args)
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return self.loc.expand(self._extended_shape(sample_shape)).clone()
+
+    def log_prob(self, x):
+        return -0.5 * (x - self.loc) ** 2
+
+
+def test_a_tensor_constructor_argument_is_checked_by_its_value_at_every_call():
+    """Whether the rebuild divides again harmlessly depends on the temperature's value (idempotent at 1), which a
+    cache key of dtypes and shapes cannot see: on int14 a leaf with temperature 0.5 hit the acceptance of one with 1
+    (check_distribution and supports accepted it; only the perturbed copies' rebuild refused it)."""
+    theta = torch.tensor([0.4, -0.2], dtype=torch.float64, requires_grad=True)
+    est = storch.estimator("spsa", plate="x")
+
+    def leaf(t):
+        return _DividedLoc(theta, torch.tensor(t, dtype=torch.float64))
+
+    est.check_distribution(leaf(1.0))
+    assert type(est).supports(leaf(1.0))
+    with pytest.raises(storch.UnsupportedDistributionError, match=r"built again from perturbed parameters.*"
+                                                                  r"does not keep 'loc' as it was given"):
+        est.check_distribution(leaf(0.5))
+    assert not type(est).supports(leaf(0.5))
