@@ -209,6 +209,11 @@ def zoo() -> list[Member]:
         # has a second derivative of 0 at a logit of exactly 0, and the score's order 2 was refused for it
         M("MixtureSameFamily(Binomial, logit 0)", _t(0.3, 0.0, -0.4),
           lambda t: D.MixtureSameFamily(D.Categorical(logits=t[0:2]), D.Binomial(4, logits=t[1:3]))),
+        # under an Independent: strict_support copied its components (smooth) while raw_log_prob read torch's, and the
+        # kink verdict one path cached was taken by the other (a wrong Hessian)
+        M("Independent(MixtureSameFamily(Binomial, logit 0))", _t(0.3, 0.0, -0.4),
+          lambda t: D.Independent(D.MixtureSameFamily(D.Categorical(logits=t[0:2].expand(2, 2)),
+                                                      D.Binomial(4, logits=t[1:3].expand(2, 2))), 1)),
         M("FisherSnedecor", _t(0.3), lambda t: D.FisherSnedecor(4 + t[0].exp(), _t(12.0))),
         M("InverseGamma", _t(0.3, 0.1), lambda t: D.InverseGamma(5 + t[0].exp(), 1 + _sp(t[1]))),
         M("LogisticNormal", _t(0.3, 0.2), lambda t: D.LogisticNormal(t[0:1], _sp(t[1:2])), _logistic_normal, True),
