@@ -8,6 +8,8 @@ after the first step (``test_relaxed_frozen_before_build.py`` covers the estimat
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch.distributions import Bernoulli, Normal
@@ -41,7 +43,8 @@ def _trainable(module) -> list:
 def test_relax_network_built_under_a_parent_frozen_before_the_first_step_is_frozen():
     torch.manual_seed(0)
     model = _Model("relax").requires_grad_(False)
-    model.step()
+    with pytest.warns(RuntimeWarning, match="built now frozen"):  # (as η and λ: said, as their freeze may be on purpose)
+        model.step()
     assert any(n.startswith("est.network.net.") for n, _ in model.named_parameters())  # built at the first node
     assert _trainable(model) == []
     before = _values(model)
@@ -102,3 +105,27 @@ def test_the_documented_ways_freeze_the_network_built_at_the_first_step(name, ho
     assert _trainable(model) == []
     assert model.est.update_steps == steps
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_relax_network_frozen_by_following_eta_and_lambda_says_so():
+    """η and λ frozen on purpose (a fixed REBAR part, the residual learned alone) look like a parent's freeze: the
+    network was built frozen and never trained, in silence. The build now warns, naming the request that trains it;
+    an explicit request either way (the documented est.requires_grad_(False)) is not warned about."""
+    torch.manual_seed(0)
+    model = _Model("relax")
+    model.est.eta.requires_grad_(False)
+    model.est.log_temperature.requires_grad_(False)
+    with pytest.warns(RuntimeWarning, match=r"built now frozen.*est\.network\.requires_grad_\(True\)"):
+        model.step()
+    assert _trainable(model.est) == []
+    for explicit in (False, True):
+        model = _Model("relax")
+        model.est.eta.requires_grad_(False)
+        model.est.log_temperature.requires_grad_(False)
+        if explicit:
+            model.est.network.requires_grad_(True)
+        else:
+            model.est.requires_grad_(False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            model.step()

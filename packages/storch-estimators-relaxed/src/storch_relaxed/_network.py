@@ -3,6 +3,7 @@ z̃ term of REBAR and RELAX."""
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Callable, Optional
 
@@ -61,6 +62,8 @@ class ControlVariateNet(torch.nn.Module):
         # every process must start from the same φ (DDP broadcasts only what exists at wrapping)
         storch.distributed.broadcast_(list(self.net.parameters()), owner=self._owner)
         _warn_untrained(self._owner)
+        if self._requires_grad is None and not self.net[0].weight.requires_grad and torch.is_grad_enabled():
+            _warn_followed_freeze(self._owner)
 
     def requires_grad_(self, requires_grad: bool = True) -> "ControlVariateNet":
         """Also for the layers built later: before the estimator's first node there are none, so
@@ -118,6 +121,19 @@ def _width_message(owner, built: int, now: int) -> str:
             "one width: a Categorical over another number of values, latents of another size, or one estimator "
             "shared by models of different sizes need their own. Create one estimator per model (per width), or "
             "pass network= a module that takes every width you use (e.g. one that pools over the entries)")
+
+
+def _warn_followed_freeze(owner) -> None:
+    """The layers were built frozen in a training step because η and λ were (:meth:`ControlVariateNet._built_requires_grad`),
+    with no request to the network or its estimator. That is a parent's ``model.requires_grad_(False)``, or η and λ
+    frozen on purpose to learn the residual alone (RELAX with a fixed REBAR part): the two cannot be told apart, and
+    in the second the network silently never trained. Said once; an explicit request either way silences it."""
+    warnings.warn(
+        f"{_who(owner)}: its default control-variate network was built now frozen (requires_grad=False), as η and λ "
+        "are both frozen and no requires_grad_ request reached the network or the estimator (a parent's "
+        "model.requires_grad_(False) reaches only the parameters that exist when it is called). To train the "
+        "network alone with η and λ fixed, call est.network.requires_grad_(True); to freeze the estimator and "
+        "silence this, call est.requires_grad_(False)", RuntimeWarning, stacklevel=4)
 
 
 def _warn_untrained(owner) -> None:
