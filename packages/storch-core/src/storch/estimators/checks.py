@@ -151,7 +151,7 @@ def note_rsample(node: Node, x: torch.Tensor, distribution: Optional[Distributio
     calls it on the rsample itself: ``storch.extending.note_rsample(node, x)`` (after the draw: the
     parameters are read then), or with ``params=`` taken before it."""
     d = node.distribution if distribution is None else distribution
-    node.rsample_noted = True  # (nodes._sample_node does not note the proposal's value again: LAX's ⊥x)
+    node.rsample_noted = True  # (first_steps._sample_node does not note the proposal's value again: LAX's ⊥x)
     if params is None:
         params = rsample_params(d)
         if params is None:

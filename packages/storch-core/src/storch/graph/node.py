@@ -164,7 +164,7 @@ class Node:
     # from an integer value read from a pathwise sample (set by the estimator's call while a mark is live)
     integer_parameter: Optional[tuple] = None
     rsample_noted = False  # set by note_rsample: this step's rsample was noted (by a proposal: LAX's, of x not ⊥x)
-    preimages: tuple = ()  # set by the estimator's call (nodes._keep_preimages)
+    preimages: tuple = ()  # set by the estimator's call (first_steps._keep_preimages)
     _views: Optional[dict] = None
     # the step's baselines as read before its estimator's update, and whether that update ran (storch.estimators.
     # step_state): a surrogate built after the update reads the kept ones
