@@ -1136,3 +1136,19 @@ def test_a_float64_generalized_pareto_concentration_outside_isclose_is_accepted_
     L = torch.log1p(c * x / 2.0) / c  # (x = 2·expm1(c·L)/c)
     exact = 2.0 * _gpd_series_derivative(c, L).mean()
     assert abs(float(got) - float(exact)) < 1e-7 * abs(float(exact)), (float(got), float(exact))
+
+
+@pytest.mark.skipif(not hasattr(torch.distributions, "GeneralizedPareto"), reason="torch after 2.7")
+def test_a_half_precision_generalized_pareto_refusal_names_its_bound_once_and_calls_it_no_jump():
+    """bfloat16's bound (1000 eps = 7.8) refuses a concentration of 0.3, which the message called 'too near 0' with
+    only float64's and float32's bounds, said 'or use an estimator that does not differentiate through the sample'
+    twice (the note and the caller both added it) and ended with '(a jump: its pathwise derivative is 0 ...)', which a
+    cancellation at 0.3 is not. It now names the half-precision bounds, says the advice once, and no jump."""
+    GPD = torch.distributions.GeneralizedPareto
+    bf16 = torch.bfloat16
+    with pytest.raises(storch.OrderError) as refused:
+        _surrogate(lambda m: GPD(torch.zeros((), dtype=bf16), m[0].exp().to(bf16), (m[1] * 0 + 0.3).to(bf16)), 1)
+    message = str(refused.value)
+    assert "in float16 / bfloat16 the bound is 1000 eps = 0.98 / 7.8" in message
+    assert message.count("does not differentiate through the sample") == 1
+    assert "a jump" not in message

@@ -106,6 +106,8 @@ _UNSTABLE_OP = "ContinuousBernoulli.icdf"
 _GPD_OP = "GeneralizedPareto.icdf"
 _GPD = getattr(torch.distributions, "GeneralizedPareto", None)  # (torch after 2.7)
 _GPD_EPS = 1000  # (|concentration| in eps of its dtype below which the pathwise derivative in it is refused)
+# (what the two notes above end with where no caller adds it: a traced step's assertion message)
+_INSTEAD = "; or use an estimator that does not differentiate through the sample for this node (e.g. 'score')"
 
 
 def _smooth_ancestor(cls: type) -> Optional[type]:
@@ -334,7 +336,7 @@ def _unstable(d: Distribution, tracing: bool) -> dict[str, int]:
     lo, hi = d._lims  # type: ignore[attr-defined]
     inside = (p > lo) & (p <= hi)  # (torch's unstable region: _outside_unstable_region is p <= lo or p > hi)
     if tracing:  # storch.compile: no value read; the replayed step checks it at every call
-        message = "storch: " + rsample_kinks_note("ContinuousBernoulli", {_UNSTABLE_OP: 0})
+        message = "storch: " + rsample_kinks_note("ContinuousBernoulli", {_UNSTABLE_OP: 0}) + _INSTEAD
         ASSUMPTIONS.add(message)
         torch._assert_async(~inside.any(), message)
         return {}
@@ -364,7 +366,7 @@ def _near_zero_concentration(d: Distribution, tracing: bool) -> dict[str, int]:
     # (the test torch's icdf makes; and gpd_concentration_bound without its floor)
     near = torch.isclose(c, torch.zeros_like(c)) | (c.abs() < _GPD_EPS * torch.finfo(c.dtype).eps)
     if tracing:
-        message = "storch: " + rsample_kinks_note("GeneralizedPareto", {_GPD_OP: 0})
+        message = "storch: " + rsample_kinks_note("GeneralizedPareto", {_GPD_OP: 0}) + _INSTEAD
         ASSUMPTIONS.add(message)
         torch._assert_async(~near.any(), message)
         return {}
@@ -700,8 +702,7 @@ def rsample_kinks_note(name: str, found: dict, where: Optional[dict] = None) -> 
                 "(0.499, 0.501) (its _lims): there torch's rsample (icdf) returns the uniform noise unchanged, so the "
                 "sample does not depend on probs and the pathwise gradient is 0 (exact at probs 0.5: d E[x] / d probs "
                 "= 1/3). Keep probs out of that interval (logits at least 0.004 away from 0: initialise them away "
-                "from 0), or use an estimator that does not differentiate through the sample for this node "
-                "('score')")
+                "from 0)")
     if _GPD_OP in found:
         return (f"the rsample of {name} draws from a GeneralizedPareto whose concentration (which requires grad) is "
                 "too near 0 for its pathwise derivative: within torch.isclose of 0 (|concentration| <= 1e-8) torch's "
@@ -710,8 +711,9 @@ def rsample_kinks_note(name: str, found: dict, where: Optional[dict] = None) -> 
                 "eps of its dtype, the formula expm1(c·L) / c loses digits of that derivative as eps / |c| (7% off at "
                 "1e-6 in float32). Initialise the concentration away from 0: |concentration| > "
                 f"{gpd_concentration_bound(torch.float64):.0e} in float64, > {gpd_concentration_bound(torch.float32):.1e} "
-                "in float32, and in float16 / bfloat16 compute the distribution in float32; or use an estimator that "
-                "does not differentiate through the sample for this node")
+                "in float32 (in float16 / bfloat16 the bound is 1000 eps = "
+                f"{gpd_concentration_bound(torch.float16):.2g} / {gpd_concentration_bound(torch.bfloat16):.2g}, nearly "
+                "every concentration: compute the distribution in float32)")
     where = where or {}
 
     def inside(op: str) -> str:
