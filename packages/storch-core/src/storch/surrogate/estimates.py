@@ -2,24 +2,33 @@
 
 A cost is reduced as the surrogate (paper, Eq. 2) reduces it: over each sampling plate by the weights of the
 node that owns it (1/N for uniform ones), over the data plates by the mean. A cost added with ``credit=False``
-enters the surrogate so reduced too, with its graph (``_plain_surrogate``).
+enters the surrogate so reduced too, with its graph (``_plain_surrogate``). ``keep_data`` keeps data plates
+instead of averaging them (per-data-point estimates: ``_kept_names``, ``_per_data_point``); the weights are
+the same, so the mean of a per-data-point estimate over its data dims is the full estimate.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 
 from ..runtime.eager import eager_only
 from ..graph import Graph, current_graph
+from ..errors import PlateError
 from ..graph.node import Node
-from ..plates.tensor import PlateTensor, align, plates_of, raw_of
+from ..plates.tensor import Plate, PlateTensor, align, plates_of, raw_of
 from .terms import _at_cost, cost_nodes
 
 
+KeepData = Union[bool, str, Sequence[str]]
+"""``keep_data`` of :func:`estimate` and :func:`cost_estimates`: ``False`` (average every data plate), ``True``
+(keep every data plate the tensor carries), a data plate's name, or a sequence of names."""
+
+
 @eager_only
-def cost_estimates(graph: Optional[Graph] = None) -> dict[str, torch.Tensor]:
+def cost_estimates(graph: Optional[Graph] = None, *, keep_data: KeepData = False) -> dict[str, torch.Tensor]:
     """The estimate of the expectation of each cost, by name (detached; for logging).
 
     Each cost is reduced as the surrogate reduces it: sampling plates by their estimators'
@@ -40,9 +49,20 @@ def cost_estimates(graph: Optional[Graph] = None) -> dict[str, torch.Tensor]:
     To evaluate a model, sample discrete values in the evaluation step (``score``, or ``expect`` for small
     supports), or in plain torch outside storch, as the validation −ELBO of the README's demo does
     (docs/estimators/gumbel_softmax.md).
+
+    ``keep_data``: per-data-point estimates (a per-example ELBO), as :func:`estimate`'s ``keep_data``; each value
+    then has one dim per kept data plate. With ``True``, costs of one name must carry the same data plates
+    (name the plates to give them one shape: a cost that lacks one is constant along it).
+
+    Raises:
+        PlateError: ``keep_data`` is not ``True``, ``False``, a data plate's name or a sequence of names; it names
+            a plate that is not a data plate of the graph; or (``True``) costs of one name carry different data
+            plates.
     """
     graph = graph or current_graph()
     out: dict[str, torch.Tensor] = {}
+    if keep_data is not False:
+        return _cost_estimates_per_data_point(graph, keep_data)
     for name, cost in graph.costs:
         value = _estimate(graph, cost).reshape(())
         out[name] = out[name] + value if name in out else value
@@ -51,7 +71,7 @@ def cost_estimates(graph: Optional[Graph] = None) -> dict[str, torch.Tensor]:
 
 
 @eager_only
-def estimate(x: torch.Tensor, graph: Optional[Graph] = None) -> torch.Tensor:
+def estimate(x: torch.Tensor, graph: Optional[Graph] = None, *, keep_data: KeepData = False) -> torch.Tensor:
     """The estimate of E[x] for a plate tensor ``x`` of any per-sample shape (detached; a plain tensor).
 
     ``x`` is reduced as :func:`cost_estimates` reduces a cost: over the sampling plates by their
@@ -65,15 +85,30 @@ def estimate(x: torch.Tensor, graph: Optional[Graph] = None) -> torch.Tensor:
     ``gumbel_softmax`` node ``x`` is computed from relaxed samples: the estimate is of E_z[x(z)], not E_b[x(b)]
     (see :func:`cost_estimates`).
 
+    ``keep_data`` gives an estimate per data point (a posterior predictive p(y | x_i) per test point, a
+    per-example bound): the sampling plates are reduced by the same weights, but the kept data plates are not
+    averaged. ``True`` keeps every data plate ``x`` carries, in the order of their ``storch.denote_independent``
+    calls (documents, then the words nested in them); a name or a sequence of names keeps those, in that
+    order, and averages the others; a named plate that ``x`` does not carry (``x`` does not depend on it) is
+    a dim along which the estimate is constant. The result's shape is the kept plates' sizes, then
+    ``x.shape``; its mean over those dims is ``estimate(x)``. A tensor under no data plate keeps none.
+
     Raises:
         PlateError: ``x`` has a plate that is not part of ``graph`` (the current graph by default): a
-            tensor of an earlier step or of another graph.
+            tensor of an earlier step or of another graph; ``keep_data`` is not ``True``, ``False``, a data
+            plate's name or a sequence of names, or names a plate that is not a data plate of the graph.
     """
     if type(x) is not PlateTensor:
-        return x
+        if keep_data is False:
+            return x
+        graph = graph or current_graph()
+        return _per_data_point(graph, x, _kept_names(graph, (), keep_data, "storch.estimate"), x.dim())
     graph = graph or current_graph()
     if not graph.owns(x._plates):
         graph.check_plates(x._plates, "storch.estimate's tensor")
+    if keep_data is not False:
+        names = _kept_names(graph, x._plates, keep_data, "storch.estimate")
+        return _per_data_point(graph, x, names, x._raw.dim() - len(x._plates))
     return _estimate(graph, x, x._raw.dim() - len(x._plates))
 
 
@@ -109,3 +144,79 @@ def _weighted_mean(plates: tuple, inner: torch.Tensor, nodes: list[Node], event:
     if event:
         return inner.mean(tuple(range(len(plates)))) if plates else inner
     return inner.mean() if inner.dim() else inner
+
+
+def _data_plates(graph: Graph) -> list[str]:
+    """The graph's data plates, in the order of their ``denote_independent`` calls."""
+    return [name for name, owner in graph.plates.items() if type(owner) is Plate and owner.independent]
+
+
+def _kept_names(graph: Graph, plates: tuple, keep_data, what: str) -> tuple[str, ...]:
+    """The data plates ``keep_data`` keeps of a tensor with ``plates``, checked against the graph."""
+    data = _data_plates(graph)
+    if keep_data is True:
+        carried = {p.name for p in plates}
+        return tuple(name for name in data if name in carried)
+    names = (keep_data,) if isinstance(keep_data, str) else keep_data
+    usage = (f"{what}: keep_data takes True (every data plate the tensor carries), False (the mean over them), "
+             "a data plate's name or a sequence of names")
+    if not isinstance(names, (tuple, list)) or not all(isinstance(n, str) for n in names):
+        raise PlateError(f"{usage}; got {keep_data!r}")
+    if len(set(names)) != len(names):
+        raise PlateError(f"{usage}; got {keep_data!r}, which names a plate twice")
+    for name in names:
+        if name not in data:
+            kind = ("the sample plate of a stochastic node (reduced by its estimator's weights, never kept)"
+                    if name in graph.plates else "not a plate of the graph")
+            raise PlateError(f"{usage}; {name!r} is {kind}. The graph's data plates (storch.denote_independent) "
+                             f"are {tuple(data)}")
+    return tuple(names)
+
+
+def _per_data_point(graph: Graph, x, names: tuple[str, ...], event: int) -> torch.Tensor:
+    """``x`` reduced as :func:`_estimate` reduces it, but with the data plates ``names`` kept: leading dims in
+    that order (expanded to the plates' sizes where ``x`` is constant along them), then the ``event`` dims."""
+    nodes = cost_nodes(graph, x) if type(x) is PlateTensor else []
+    with torch.enable_grad():  # (as _estimate: the cached partition views are built with grad)
+        plates, raw, nodes = _at_cost(plates_of(x), raw_of(x), nodes)
+    with torch.no_grad():
+        inner = raw.detach()
+        for node in reversed(nodes):  # the weights of _weighted_mean
+            dim = plates.index(node.plate)
+            if node.estimator.uniform_weights:
+                inner = inner.mean(dim, keepdim=True)
+            else:
+                inner = (align(node.weight_values.detach(), node.plates, plates, pad_to=event) * inner).sum(
+                    dim, keepdim=True)
+        where = {p.name: i for i, p in enumerate(plates)}
+        kept = [where[n] for n in names if n in where]
+        other = [i for i in range(len(plates)) if i not in kept]
+        if other:  # (the sampling plates are size 1 by now; the data plates not kept: their mean)
+            inner = inner.mean(other, keepdim=True)
+        inner = inner.permute(kept + other + list(range(len(plates), inner.dim())))
+        inner = inner.reshape(inner.shape[:len(kept)] + inner.shape[len(plates):])
+        for i, name in enumerate(names):
+            if name not in where:  # x is the same for every entry of it
+                inner = inner.unsqueeze(i)
+        sizes = tuple(graph.plates[n].size for n in names)
+        return inner.expand(sizes + inner.shape[len(names):]).contiguous()
+
+
+def _cost_estimates_per_data_point(graph: Graph, keep_data) -> dict[str, torch.Tensor]:
+    """:func:`cost_estimates` with ``keep_data``: each cost per data point, the costs of one name summed."""
+    out: dict[str, torch.Tensor] = {}
+    kept: dict[str, tuple[str, ...]] = {}
+    for name, cost in graph.costs:
+        names = _kept_names(graph, plates_of(cost), keep_data, "storch.cost_estimates")
+        value = _per_data_point(graph, cost, names, raw_of(cost).dim() - len(plates_of(cost)))
+        value = value.reshape(value.shape[:len(names)])  # (a cost is one number per sample)
+        if name in out:
+            if kept[name] != names:
+                raise PlateError(
+                    f"storch.cost_estimates(keep_data=True): the costs named {name!r} carry different data plates, "
+                    f"{kept[name]} and {names}; name the plates to keep (keep_data={tuple(_data_plates(graph))!r}: "
+                    "a cost is constant along a plate it does not carry) or give the costs different names")
+            value = out[name] + value
+        out[name], kept[name] = value, names
+    graph.costs_read = len(graph.costs)  # (an evaluation step read: Graph._ends_evaluation)
+    return out
