@@ -55,6 +55,9 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   gumbel_softmax's and gumbel_straight_through's temperature schedule; learned control variates
   (relax, rebar, lax) with ``backend=None`` only; a user's trainable baseline module and
   sum_and_sample's buffer of sequences are refused), see below;
+- no custom ``torch.autograd.Function`` on the path to the step's outputs (a user's, or the ``_Dirichlet`` of torch's
+  Dirichlet and Beta ``rsample``): the trace records its forward's operations, not its backward (refused at the
+  trace: :func:`storch.compiled.checks._check_custom_functions`); draw a Dirichlet as normalised Gammas;
 - tensors the step reads but does not receive as arguments are captured: ``nn.Parameter``s by
   reference (gradients and optimizer updates work as usual); any other captured tensor that
   requires grad is refused (pass it as an argument); other captured tensors are read live (same

@@ -14,7 +14,7 @@ from ..errors import StorchError
 from ..estimators.construction import created_after, creation_mark
 from ..estimators.messages import updating_message
 from ..graph import Graph, tracing_nodes
-from .refusals import _created_in_step_message, _name, _replay_only_message
+from .refusals import _created_in_step_message, _custom_function_message, _name, _replay_only_message
 from .updates import _Recorder
 
 
@@ -126,6 +126,26 @@ def _check_nodes(nodes: list, fn, replay_only: bool = False) -> None:
             raise StorchError(updating_message(est))
         if est.has_update and est.update_uses_loss_graph and not replay_only:
             raise StorchError(_replay_only_message(est))
+
+
+def _check_custom_functions(outs: list, fn) -> None:
+    """No custom ``torch.autograd.Function`` (a user's, or torch's ``_Dirichlet`` that Dirichlet's and Beta's
+    rsample apply) on the autograd path to the step's outputs, walked in the trace's own (eager) autograd graph. The
+    trace records the operations its forward runs, not its backward: replayed, the program differentiated them as
+    written (a Function doubling the gradient gave half of eager's, silently; Dirichlet's rsample failed at backward
+    with torch's "derivative for aten::_sample_dirichlet is not implemented"). storch's own Functions (the order
+    guards) are not the step's."""
+    stack = [o.grad_fn for o in outs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+    seen: set = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        cls = getattr(node, "_forward_cls", None)  # set on the backward node of a custom Function
+        if cls is not None and not cls.__module__.startswith("storch."):
+            raise StorchError(_custom_function_message(fn, cls))
+        stack.extend(n for n, _ in node.next_functions)
 
 
 def _check_constants(gm: torch.fx.GraphModule, fn) -> None:

@@ -315,3 +315,19 @@ def _created_in_step_message(fn, est) -> str:
             "each time (eagerly its variance reduction never applies), while the compiled step would replay the "
             "traced instance. Create the estimator once, outside the step (in your module's __init__, or before the "
             "training loop), and call it in the step")
+
+
+def _custom_function_message(fn, cls: type) -> str:
+    """The refusal of a custom ``torch.autograd.Function`` on the path to the step's outputs (:func:`_check_custom_functions`)."""
+    dirichlet = cls.__module__ == "torch.distributions.dirichlet"
+    what = (f"torch's {cls.__name__} (the rsample of Dirichlet and Beta: an implicit reparameterisation with a backward "
+            "of its own)" if dirichlet else f"the custom torch.autograd.Function {cls.__module__}.{cls.__qualname__}")
+    advice = (" For a Dirichlet, draw Gammas and normalise them, which traces: `g = storch.estimator("
+              "'reparameterization', plate=...)(Gamma(concentration, 1.0))`, `x = g / g.sum(-1, keepdim=True)` (the same "
+              "distribution, an exact pathwise gradient; a Beta(a, b) is the first entry of a Dirichlet of (a, b))"
+              if dirichlet else "")
+    return (f"storch.compile cannot trace {_name(fn)}: its result is differentiated through {what}. A trace records "
+            "the operations of the Function's forward, not its backward: the compiled program would differentiate "
+            "those operations as written (a wrong gradient, silently; or torch's 'derivative ... is not implemented' "
+            "at backward). Run this step eagerly, or compute that value from differentiable torch operations."
+            + advice)

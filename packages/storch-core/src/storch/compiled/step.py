@@ -20,7 +20,7 @@ from ..errors import StorchError, assumption_failed
 from ..graph import Graph, tracing_nodes, tracing_recorder
 from ..plates.tensor import PlateTensor
 from ..conditions.smoothness import saved_values_unread
-from .checks import _check_constants, _check_nodes, _check_python_random, _check_replay, _python_random_state
+from .checks import _check_constants, _check_custom_functions, _check_nodes, _check_python_random, _check_replay, _python_random_state
 from .finite import _finite_on_backward, _losses_among
 from .guards import _guard, _reached, _reached_modules
 from .keys import _WATCHED_ARGUMENTS, _aliasing, _python_state_of, _signature, _watched, _watched_argument
@@ -295,6 +295,7 @@ class CompiledStep(Generic[_P, _R]):
                         f"{_name(self.fn)} returned a {type(o).__name__}; a compiled step returns tensors "
                         "(e.g. storch.surrogate_loss()), whose values change from call to call")
             if not out_spec:  # (the trace; flat runs again in the replay check)
+                _check_custom_functions(outs, self.fn)
                 checked.extend(_losses_among(outs, recorder.losses))
             out_spec.append(s)
             return (*outs, *recorder.extras())
