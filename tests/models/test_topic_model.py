@@ -89,11 +89,15 @@ def _flat(gs):
     return torch.cat([g.flatten() for g in gs])
 
 
-def estimate(name, opts, k, seed, length=3, pad=0, order=1, direction=None):
-    """One estimate of the gradient (order 1) or of the Hessian-vector product along ``direction`` (order 2)."""
+def estimate(name, opts, k, seed, length=3, pad=0, order=1, direction=None, minibatch=None):
+    """One estimate of the gradient (order 1) or of the Hessian-vector product along ``direction`` (order 2);
+    ``minibatch``: a minibatch of that many documents drawn uniformly (scaled by the same N)."""
     encoder, beta, params = _model(k)
     tokens, mask = _padded(length, pad)
     torch.manual_seed(seed)
+    if minibatch is not None:
+        rows = torch.randperm(len(DOCS))[:minibatch]
+        tokens, mask = tokens[rows], mask[rows]
     with storch.Graph():
         # order 2: torch's Dirichlet rsample has no second derivative (storch refuses it): θ by score
         est_theta = storch.estimator("score", plate="theta", n_samples=4, baseline="leave_one_out") if order > 1 else None
@@ -196,3 +200,12 @@ def test_a_categorical_of_theta_alone_draws_one_topic_per_document():
     expected = (theta ** 2).sum(-1).double()
     se = (expected * (1 - expected) / 2000) ** 0.5
     assert bool(((agree - expected).abs() < 4 * se).all()), (agree, expected)
+
+
+def test_a_minibatch_of_one_document_scaled_by_n_is_unbiased():
+    """plates.md's minibatch rule on the nested plates: one document of the two per step, each cost scaled by N as
+    for the whole batch: the expected gradient is the full objective's. (With B = 1, Pyro's N / B is the same factor:
+    tests/core/test_minibatch_scaling.py tells the two apart.)"""
+    est = torch.stack([estimate("score", dict(n_samples=4, baseline="leave_one_out"), 2, seed, minibatch=1)
+                       for seed in range(REPEATS)])
+    assert float(z_scores(est, exact(2)).abs().max()) < 4
