@@ -229,7 +229,8 @@ def strict_support(d: torch.distributions.Distribution) -> torch.distributions.D
     ``sample`` never draws it. An estimator with ``requires_enumerate_support`` gets its distributions
     through this already; call it where other code reads log-probabilities to decide which values exist
     (enumerating the support, sampling without replacement), so that such values are impossible as
-    they are with ``-inf`` logits. A ``Poisson`` with a rate of exactly 0 gets a ``log_prob`` with finite
+    they are with ``-inf`` logits; so are a ``Categorical``'s finite logits whose probability underflows to 0
+    (a ``-1e9`` mask). A ``Poisson`` with a rate of exactly 0 gets a ``log_prob`` with finite
     derivatives there (torch's are NaN: 0 / 0). Returns ``d`` itself when nothing changes; see
     ``storch.distributions.strict_support``.
     """

@@ -292,6 +292,9 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     (computed at count 0 there: no NaN in any derivative) where torch's, which validates its arguments by
     default, raised.
 
+    A ``Categorical`` or ``OneHotCategorical`` given by ``logits`` whose probability is exactly 0 at a finite
+    logit (a ``-1e9`` mask, whose ``exp`` underflows; checked by value, not while traced) gets ``-inf`` there.
+
     Returns ``d`` itself unless it is a ``Binomial`` or (an ``Independent`` of) one of those four, given by ``probs``,
     with a probability that is exactly 0 (checked by value; with ``traced``, which
     ``storch.extending.strict_support`` passes while ``storch.compile`` records the step: whenever it
@@ -351,7 +354,7 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
         # NaN on the others (checked by value; while traced, the copy always: the program must not depend
         # on values, and the copy's log_prob is exact at finite and infinite logits alike)
         if strict is None:
-            return d
+            return _underflowed_logits(d, inner, t, traced)
         logits = inner.logits
         if not traced and (logits.is_meta or not bool(torch.isinf(logits).any())):
             return d
@@ -368,9 +371,33 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
         new.__dict__.update(d.__dict__)
         new._validate_args = False
         return new
+    return _without(d, inner, t, never)
+
+
+def _underflowed_logits(d: Distribution, inner: Categorical, t: type, traced: bool) -> Distribution:
+    """A ``Categorical`` / ``OneHotCategorical`` given by logits, with ``-inf`` logits where a finite logit's
+    probability is exactly 0 in its dtype: a mask written with a large negative number,
+    ``logits.masked_fill(mask, -1e9)``, whose ``exp`` underflows, so torch's ``sample`` never draws the value,
+    as with a ``-inf`` logit. Its ``log_prob`` is finite (-1e9), so an enumerating estimator counted it
+    possible: ``unordered_set`` with more samples than possible tours handed tours that visit a city twice to
+    the cost (weight 0), and ``sum_and_sample`` replayed a remembered sequence through a masked token.
+    ``d`` itself where no logit underflows, and while ``storch.compile`` traces (no value is read there)."""
+    logits = inner.logits
+    if traced or logits.is_meta:
+        return d
+    with torch.no_grad():
+        never = torch.isfinite(logits) & (logits.exp() == 0)
+        if not bool(never.any()):
+            return d
+    return _without(d, inner, t, never)
+
+
+def _without(d: Distribution, inner: Categorical, t: type, never: torch.Tensor) -> Distribution:
+    """A copy of the ``Categorical`` (or ``OneHotCategorical``) ``d`` whose logits are ``-inf`` where ``never``."""
+    logits = inner.logits
     c = Categorical.__new__(Categorical)
     c.__dict__.update(inner.__dict__)
-    c.logits = torch.where(never, torch.full((), -math.inf, dtype=p.dtype, device=p.device), inner.logits)
+    c.logits = torch.where(never, torch.full((), -math.inf, dtype=logits.dtype, device=logits.device), logits)
     c._validate_args = False
     if t is Categorical:
         return c
