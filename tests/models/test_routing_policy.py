@@ -227,3 +227,15 @@ def test_unordered_set_with_every_feasible_tour_is_exact(kind, k, how):
     torch.testing.assert_close(derivs[0], g.expand_as(derivs[0]), rtol=1e-9, atol=1e-12)
     if kind == "depot":  # the instance with 2 feasible tours pads its set with weight-0 repeats
         assert len(seen) == 4 * 2 * 6
+
+
+def test_unordered_set_with_its_baseline_refuses_order_2():
+    """Its built-in baseline is zero-mean at order 1 only: a Hessian of the tour length is refused, with the
+    estimator named (baseline=False is unbiased at every order, tested above)."""
+    xy, _, _ = _instances("free start")
+    theta = torch.zeros(N_THETA, dtype=torch.float64, requires_grad=True)
+    est = storch.estimator("unordered_set", plate="tour", n_samples=4)
+    with storch.Graph():
+        route(est, theta, xy)
+        with pytest.raises(storch.OrderError, match="unordered_set"):
+            storch.surrogate_loss(order=2)
