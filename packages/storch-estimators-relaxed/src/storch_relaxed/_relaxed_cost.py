@@ -5,6 +5,12 @@ control variate c(z) - ⊥c(z) - MagicBox(l) c(z̃) + ⊥c(z̃) with REBAR's rel
 With the relaxed-cost term, the node's plate holds 3 blocks of n entries: b, σ_λ(z) and σ_λ(z̃)
 (σ_λ(z) = σ(z/λ), or softmax(z/λ) for categoricals), so that user code evaluates the cost f at
 the relaxed inputs too; only the b block is weighted (1/n), the relaxed blocks are evaluation only.
+
+With ``plain_direct_gradient=True`` it holds 5 blocks: also ⊥σ_λ(z) and ⊥σ_λ(z̃), the same points detached,
+where the cost has only its direct paths (its own parameters: a decoder, log q). The control variate then
+subtracts c(⊥σ_λ(z)) - ⊥c(z) and adds c(⊥σ_λ(z̃)) - ⊥c(z̃) (:meth:`RelaxedCost.control_variate`): its derivatives
+in a parameter the cost reads only directly are exactly 0 (that parameter gets the plain ∇f(b), Tucker et al.'s),
+those through the sample are REBAR's, and it stays zero-mean at every order (z and z̃ have the same law).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Optional
 import torch
 from torch.distributions import Bernoulli
 
-from storch import CostFrame, Node, PlateError
+from storch import CostFrame, Node, PlateError, current_graph
 from storch.extending import base_distribution, options, require_smooth
 
 from ._categorical import OneHotForCategorical
@@ -51,6 +57,7 @@ class RelaxedCost(OneHotForCategorical, VarianceTrained):
     """
 
     relaxed_cost: bool = True
+    plain_direct_gradient: bool = False  # the ⊥σ_λ(z), ⊥σ_λ(z̃) blocks (see the module's docstring)
     # the cost is differentiated at σ_λ(z): a comparison of the relaxed sample (m > 0.5) makes it jump,
     # and η ∇f(σ_λ(z)) misses the jump's delta (refused: storch.Estimator.jump_free)
     jump_free: bool = True
@@ -60,6 +67,8 @@ class RelaxedCost(OneHotForCategorical, VarianceTrained):
         **VarianceTrained.fixed_options,
         "temperature": "it is the initial value of λ, a parameter (log_temperature) trained from then on; set "
                        "est.log_temperature.data instead to move the trained value",
+        "plain_direct_gradient": "it decides the node's plate layout (3 or 5 blocks of n entries) at construction; "
+                                 "create another estimator for the other form",
         "eta": "it is the initial value of η, a parameter (eta) trained from then on; set est.eta.data instead to move "
                "the trained value",
     }
@@ -85,16 +94,22 @@ class RelaxedCost(OneHotForCategorical, VarianceTrained):
         upstream = ", ".join(f"{p.name!r} ({p.size})" for p in chain)
         raise PlateError(
             f"{self.name} (plate {self.plate!r}): this node would hold {entries} entries per data point: its plate "
-            f"holds 3 blocks of n_samples={self.n_samples} (b, σ_λ(z), σ_λ(z̃)), {size} entries, and it depends on "
+            f"holds {self.blocks} blocks of n_samples={self.n_samples} ({self._block_names()}), {size} entries, and it depends on "
             f"{len(chain)} earlier relaxed node(s) whose plates hold such blocks too ({upstream}). Each node is "
             f"sampled for every entry of the plates it depends on, the relaxed ones included, so every relaxed node "
-            f"of a chain multiplies the entries downstream by 3 n ((3 n)^M for M chained nodes), here more than "
+            f"of a chain multiplies the entries downstream by {self.blocks} n (({self.blocks} n)^M for M chained nodes), here more than "
             f"max_chain_entries={self.max_chain_entries}. Time and memory grow with it (a chain of 8 Bernoulli "
             f"nodes with n_samples=1: 1.3 s a step, of 10: 12 s; of 20: out of memory). Use relax with control_variate='network' "
             f"(a plate of n entries, no relaxed blocks), a score-function estimator with a baseline "
             f"(storch.estimator('score', plate=..., baseline='moving_average')) for the inner nodes, or fewer "
             f"chained relaxed nodes; or pass a larger max_chain_entries if the step fits in time and memory "
             f"(docs/estimators/relax.md, \"Chained nodes\")")
+
+    def _block_names(self) -> str:
+        return "b, σ_λ(z), σ_λ(z̃)" + (", ⊥σ_λ(z), ⊥σ_λ(z̃)" if self.blocks == 5 else "")
+
+    def _init_plain_direct_gradient(self, plain_direct_gradient: bool) -> None:
+        self.plain_direct_gradient = options.flag(self.name, "plain_direct_gradient", plain_direct_gradient)
 
     def _init_relaxed_cost(self, temperature: float, eta: float) -> None:
         options.number(self.name, "temperature", temperature, above=0, finite=True)
@@ -105,7 +120,9 @@ class RelaxedCost(OneHotForCategorical, VarianceTrained):
 
     @property
     def blocks(self) -> int:
-        return 3 if self.relaxed_cost else 1
+        if not self.relaxed_cost:
+            return 1
+        return 5 if self.plain_direct_gradient else 3
 
     @property
     def uniform_weights(self) -> bool:
@@ -129,12 +146,17 @@ class RelaxedCost(OneHotForCategorical, VarianceTrained):
         # the relaxations in the model's dtype, as b
         soft, soft_tilde = to_model(soft, hard.dtype), to_model(soft_tilde, hard.dtype)
         s.relaxed = (soft, soft_tilde)  # what the cost is differentiated through (require_smooth: smoothness_due)
-        return torch.cat([hard, soft, soft_tilde], 0)  # b (one-hot for categoricals), σ_λ(z), σ_λ(z̃)
+        entries = [hard, soft, soft_tilde]  # b (one-hot for categoricals), σ_λ(z), σ_λ(z̃)
+        if self.blocks == 5:
+            # ⊥σ_λ(z), ⊥σ_λ(z̃): detached from θ, λ (and upstream samples), so the cost there differentiates
+            # only along its direct paths, which the control variate cancels (plain_direct_gradient)
+            entries += [soft.detach(), soft_tilde.detach()]
+        return torch.cat(entries, 0)
 
     def weighting_function(self, node: Node) -> torch.Tensor:
         if not self.relaxed_cost:
             return super().weighting_function(node)
-        return blocks_weights(node, self.n_samples, 3)
+        return blocks_weights(node, self.n_samples, self.blocks)
 
     def evaluation_from(self, node: Node) -> Optional[int]:
         # the relaxed blocks σ_λ(z), σ_λ(z̃) are the control variate's evaluation points: a user's gradient hook
@@ -155,6 +177,7 @@ class RelaxedCost(OneHotForCategorical, VarianceTrained):
         n, s = self.n_samples, node.state
         c_z: Optional[torch.Tensor] = None
         c_zt: Optional[torch.Tensor] = None
+        direct: Optional[tuple] = None  # η f(⊥σ_λ(z)), η f(⊥σ_λ(z̃)) (plain_direct_gradient)
         # the cost at σ_λ(z) (and the network at z) with derivatives of order < n continuous there: a jump
         # matters from order 1 on, a kink from order 2 on (checked at order 1 once per plate and cost name)
         check = smoothness_due(self, node, cost)
@@ -170,6 +193,9 @@ class RelaxedCost(OneHotForCategorical, VarianceTrained):
                 refuse_twice_on_kinks(self, node, cost_what(cost), RELAXED_THROUGH, found["cost"], live)
             eta = self.eta.clone().to(live)  # live's dtype and device  # clone: see _network.param_clones
             c_z, c_zt = eta * block(live, cost, n, 1), eta * block(live, cost, n, 2)  # η f(σ_λ(·))
+            if self.blocks == 5 and not _sampled_from(node, cost):
+                # η f(⊥σ_λ(·)): the same values, derivatives along the cost's direct paths only
+                direct = (eta * block(live, cost, n, 3), eta * block(live, cost, n, 4))
         r_z, r_zt = self.residual(node, s.z), self.residual(node, s.z_tilde)
         if r_z is not None:
             if check:
@@ -186,4 +212,28 @@ class RelaxedCost(OneHotForCategorical, VarianceTrained):
         # Grathwohl et al. 2018, Eq. 6 in Storchastic's form (appendix D.2.4, see tilde_term):
         # a = c(z) - ⊥c(z) - MagicBox(l) c(z̃) + ⊥c(z̃), which evaluates to 0
         a = c_z - c_z.detach() + self._tilde_term(c_zt, cost.align(s.l))
+        if direct is not None:
+            d_z, d_zt = direct
+            # plain_direct_gradient: - (c(⊥σ_λ(z)) - ⊥c(z)) + (c(⊥σ_λ(z̃)) - ⊥c(z̃)) evaluates to 0, and cancels the
+            # direct-path derivatives of c(z) and MagicBox(l) c(z̃) above (MagicBox(l) = 1, free of the cost's
+            # own parameters): a parameter the cost reads only directly gets ∇f(b) alone. Zero-mean at every order:
+            # its derivatives are F(⊥σ_λ(z̃)) - F(⊥σ_λ(z)) for one function F, and z̃ has z's law
+            a = a - (d_z - d_z.detach()) + (d_zt - d_zt.detach())
         return pad_blocks(a, self.blocks, cost.dim)
+
+
+def _sampled_from(node: Node, cost: CostFrame) -> bool:
+    """Whether ``cost`` reads a stochastic node sampled from this node's entries (its parents hold the node's plate).
+
+    That node draws anew for the ⊥ blocks, so f(⊥σ_λ(z)) is not f(σ_λ(z)) with its sample paths cut: its direct
+    derivatives differ from those of f(σ_λ(z)) by the later draws' noise, and subtracting them would add that noise
+    where it was to remove some. Such a cost keeps the 3-block control variate (plain_direct_gradient leaves it).
+    """
+    graph, own = current_graph(), node.plate.name
+    for p in cost.plates:
+        if p.independent or p.name == own:
+            continue
+        later = graph.node_of(p.name)
+        if later is not None and any(q.name == own for q in later.parents):
+            return True
+    return False

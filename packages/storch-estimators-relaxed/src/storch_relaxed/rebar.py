@@ -46,13 +46,21 @@ class Rebar(RelaxedCost):
     raises ``storch.OrderError`` as order 2 does. Use a smooth activation (softplus, GELU, SiLU, tanh),
     order 1 (for a kink), or a score-family estimator.
 
+    With ``plain_direct_gradient=True`` the plate holds 5 blocks: also ⊥σ_λ(z), ⊥σ_λ(z̃) (the same points,
+    detached), and a adds -(c(⊥σ_λ(z)) - ⊥c(z)) + (c(⊥σ_λ(z̃)) - ⊥c(z̃)): 0 in value, it cancels the control
+    variate's derivatives along the cost's direct paths, so a parameter the cost reads directly (a decoder,
+    log q) gets the plain ∇f(b) (Tucker et al.'s), without η (∇f(σ_λ(z)) - ∇f(σ_λ(z̃))), zero-mean noise that
+    is uncorrelated with ∇f(b). max_order: ∞ as above: the added term's derivatives are F(⊥σ_λ(z̃)) - F(⊥σ_λ(z))
+    for one function F, and z̃ has z's law. A cost that reads the node through a stochastic node sampled from
+    its entries keeps the 3-block form (that node draws anew for the ⊥ blocks; docs/estimators/rebar.md).
+
     λ (as log λ) and η are trained by ``storch.backward()`` to minimise the variance of
     ∂loss/∂(distribution parameters) (Adam, ``lr``, one step in ``update_parameters``);
     ``update=False`` leaves ``est.parameters()`` to you. The components are shared with ``relax``
     (``storch_relaxed._relaxed_cost``), which adds a learned residual to c.
 
     Args:
-        plate: name of the node's plate (its size is 3 n).
+        plate: name of the node's plate (its size is 3 n; 5 n with ``plain_direct_gradient``).
         n_samples: number of real samples n.
         temperature: initial λ > 0.
         eta: initial η.
@@ -64,6 +72,8 @@ class Rebar(RelaxedCost):
             the sizes of the plates of the REBAR / RELAX nodes with relaxed blocks it depends on (each is
             sampled for every entry upstream, the relaxed ones included, so M chained nodes hold (3 n)^M).
             Above it the node is refused (``storch.PlateError``) before its draw; default 32768 (see ``relax``).
+        plain_direct_gradient: give the parameters the cost reads directly the plain ∇f(b) (5 blocks of n
+            entries; see above); fixed at construction.
 
     Example:
         >>> est = storch.estimator("rebar", plate="b", temperature=0.5)
@@ -80,8 +90,9 @@ class Rebar(RelaxedCost):
 
     def __init__(self, plate: str, n_samples: int = 1, temperature: float = 0.5, eta: float = 1.0,
                  lr: float = 1e-2, update: bool = True, categorical: str = "refuse",
-                 max_chain_entries: int = MAX_CHAIN_ENTRIES) -> None:
+                 max_chain_entries: int = MAX_CHAIN_ENTRIES, plain_direct_gradient: bool = False) -> None:
         super().__init__(plate, n_samples)
+        self._init_plain_direct_gradient(plain_direct_gradient)
         self._init_chain_limit(max_chain_entries)
         self.categorical = categorical
         self._init_relaxed_cost(temperature, eta)

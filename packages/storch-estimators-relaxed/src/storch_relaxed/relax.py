@@ -67,6 +67,10 @@ class Relax(RelaxedCost):
     ``torch.autograd.functional.hessian``) raises ``storch.OrderError`` as order 2 does. Use a smooth
     activation (softplus, GELU, SiLU, tanh), order 1 (for a kink), or a score-family estimator.
 
+    ``plain_direct_gradient=True`` (``"rebar+network"``): the plate holds 5 blocks, and the parameters the cost
+    reads directly get the plain ∇f(b), as for ``rebar`` (see there); max_order ∞ as above. r_ρ does not read
+    the cost, so it is unchanged; with ``"network"`` the option has no effect.
+
     η, λ and ρ are trained by ``storch.backward()`` to minimise the variance of ∂loss/∂(distribution
     parameters) (Adam, ``lr``, one step in ``update_parameters``); ``update=False`` leaves
     ``est.parameters()`` to you. The default residual network starts at 0, so an untrained RELAX
@@ -75,7 +79,8 @@ class Relax(RelaxedCost):
     several costs, the control variate enters once per cost.
 
     Args:
-        plate: name of the node's plate (its size is 3 n, or n with ``control_variate="network"``).
+        plate: name of the node's plate (its size is 3 n, 5 n with ``plain_direct_gradient``, or n with
+            ``control_variate="network"``).
         n_samples: number of real samples n.
         control_variate: ``"rebar+network"`` (η f(σ_λ(z)) + r_ρ(z), the default) or ``"network"``
             (r_ρ(z) only).
@@ -98,6 +103,8 @@ class Relax(RelaxedCost):
             nodes hold (3 n)^M). Above it the node is refused (``storch.PlateError``) before its draw;
             default 32768 (9 chained nodes of n = 1 run, 10 are refused: 12 s a step, 20 run out of memory);
             a node in no chain is never refused.
+        plain_direct_gradient: with ``"rebar+network"``, give the parameters the cost reads directly the plain
+            ∇f(b) (5 blocks of n entries; see ``rebar``); fixed at construction.
 
     Example:
         >>> est = storch.estimator("relax", plate="b")
@@ -114,7 +121,7 @@ class Relax(RelaxedCost):
     def __init__(self, plate: str, n_samples: int = 1, control_variate: str = "rebar+network",
                  network: Optional[Callable] = None, hidden: int = 32, temperature: float = 0.5,
                  eta: float = 1.0, lr: float = 1e-2, update: bool = True, categorical: str = "refuse",
-                 max_chain_entries: int = MAX_CHAIN_ENTRIES) -> None:
+                 max_chain_entries: int = MAX_CHAIN_ENTRIES, plain_direct_gradient: bool = False) -> None:
         super().__init__(plate, n_samples)
         if control_variate not in _FORMS:
             raise OptionError(f"relax: control_variate={control_variate!r} is not accepted; use "
@@ -125,6 +132,7 @@ class Relax(RelaxedCost):
         self._takes_index = "" if self.relaxed_cost else "control_variate='network'"
         self.categorical = categorical
         self.jump_free = self.relaxed_cost  # "network": the cost is evaluated at b only (see RelaxedCost)
+        self._init_plain_direct_gradient(plain_direct_gradient)  # (no effect with "network": c has no cost term)
         self._init_chain_limit(max_chain_entries)
         self._init_network(network, hidden, zero_output=self.relaxed_cost)
         if self.relaxed_cost:

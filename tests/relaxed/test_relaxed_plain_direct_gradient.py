@@ -1,0 +1,158 @@
+"""rebar / relax with plain_direct_gradient=True: the control variate's derivatives in the cost's own parameters
+(read by the cost directly, not through the sample: a decoder, log q) are exactly 0, so they get the plain ∇f(b);
+the form stays unbiased (z-tests against enumeration at orders 1 and 2, θ and φ together)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.distributions import Bernoulli
+
+import storch
+from storch.testing import per_replicate_derivatives, replicate
+
+from relaxed_problems import (CAT_THETA, CHAIN_THETA, cat_exact, cat_model, chain_exact, chain_model, estimates,
+                              exact_derivatives)
+from test_relaxed_unbiased import _elbo_exact, _PRIOR, check
+
+# θ: 3 logits, φ: 3 parameters the cost reads directly
+THETA_PHI = torch.tensor([0.3, -0.5, 1.0, 0.2, -0.4, 0.7], dtype=torch.float64)
+
+
+def _direct_cost(b, phi):
+    # smooth in b (order 2) and in φ, with cross terms φ_j b_j
+    return (phi.exp() * (b - 0.45) ** 2).sum(-1) + torch.tanh((phi * b).sum(-1))
+
+
+def _direct_exact(x):
+    theta, phi = x[:3], x[3:]
+    total = x.new_zeros(())
+    for v in itertools.product([0.0, 1.0], repeat=3):
+        b = x.new_tensor(v)
+        total = total + Bernoulli(logits=theta).log_prob(b).sum().exp() * _direct_cost(b, phi)
+    return total
+
+
+def _direct_model(est, x):
+    storch.add_cost(_direct_cost(est(Bernoulli(logits=x[:3])), x[3:]))
+
+
+@pytest.mark.parametrize("name", ["rebar", "relax"])
+def test_unbiased_in_theta_and_phi_at_orders_1_and_2(name):
+    torch.manual_seed(40)
+    est = storch.estimator(name, plate="b", plain_direct_gradient=True)
+    check(f"{name} plain direct", lambda x: _direct_model(est, x), _direct_exact, THETA_PHI, 2)
+
+
+@pytest.mark.parametrize("name", ["rebar", "relax"])
+def test_unbiased_with_a_cost_that_reads_theta_directly(name):
+    """A sampled ELBO (log q(b) in the cost): θ is read through the sample and directly; orders 1 and 2."""
+    torch.manual_seed(41)
+    est = storch.estimator(name, plate="b", plain_direct_gradient=True)
+
+    def model(x):
+        b = est(Bernoulli(logits=x))
+        q, prior = Bernoulli(logits=x, validate_args=False), Bernoulli(logits=_PRIOR, validate_args=False)
+        storch.add_cost((q.log_prob(b) - prior.log_prob(b) + (b - 0.45) ** 2).sum(), name="elbo")
+
+    check(f"{name} plain direct ELBO", model, _elbo_exact, THETA_PHI[:3], 2)
+
+
+def test_unbiased_on_one_hot_categories_and_in_a_chain():
+    """OneHotCategorical; and a chain whose second cost reads b1 through the node b2 sampled from b1's entries (that
+    cost keeps the 3-block form), both nodes with the option; orders 1 and 2."""
+    torch.manual_seed(42)
+    est = storch.estimator("rebar", plate="x", plain_direct_gradient=True)
+    check("rebar plain direct K=5", lambda x: cat_model(est, x, "onehot"), cat_exact, CAT_THETA, 2)
+    e1, e2 = (storch.estimator("relax", plate=p, plain_direct_gradient=True) for p in ("b1", "b2"))
+    check("relax plain direct chain", lambda x: chain_model(e1, e2, x), chain_exact, CHAIN_THETA, 2)
+
+
+W_AT = torch.tensor([0.4, 1.0], dtype=torch.float64)  # (logit α, cost weight w): the reproducer of the SBN port
+
+
+def _w_gradients(name, n=20000, **options):
+    """Per-replicate ∂/∂(α, w) of E[w (b - 0.3)^2], b ~ Bernoulli(σ(α)) (w: a parameter the cost reads directly)."""
+    torch.manual_seed(43)
+    est = storch.estimator(name, plate="b", **options)
+    with storch.Graph():
+        leaf, x = replicate(W_AT, n)
+        b = est(Bernoulli(logits=x[0]))
+        assert b.tensor.shape[0] == (5 if options else 3 if name in ("rebar", "relax") else 1)  # the blocks
+        storch.add_cost(x[1] * (b - 0.3) ** 2)
+        return per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)[0]
+
+
+@pytest.mark.parametrize("name", ["rebar", "relax"])
+def test_the_cost_parameter_gets_the_plain_gradient_with_its_variance(name):
+    """Each estimate of ∂/∂w is (b - 0.3)^2 exactly, 0.49 or 0.09 (the cancellation path: no control-variate part),
+    so its variance is score's, p (1 - p) 0.4^2 = 0.0385, where the 3-block form measured 0.065; ∂/∂α is the
+    3-block form's, estimate for estimate (the same draws)."""
+    new, old, score = (_w_gradients(name, plain_direct_gradient=True), _w_gradients(name), _w_gradients("score"))
+    dw = new[:, 1]
+    assert bool(((dw - 0.49).abs() < 1e-12).logical_or((dw - 0.09).abs() < 1e-12).all())
+    torch.testing.assert_close(new[:, 0], old[:, 0], rtol=0, atol=1e-12)
+    p = float(torch.sigmoid(W_AT[0]))
+    exact_var = p * (1 - p) * 0.16
+    # the variance of n Bernoulli-valued estimates: standard error sqrt((μ4 - σ^4) / n) with μ4 = σ^2 (1 - 3 p (1 - p)) 0.4^2
+    se = (exact_var * (1 - 3 * p * (1 - p)) * 0.16 - exact_var ** 2) ** 0.5 / len(dw) ** 0.5
+    assert abs(float(dw.var()) - exact_var) < 4 * se
+    assert float(dw.var()) < float(score[:, 1].var()) + 8 * se  # score's (its estimates are (b - 0.3)^2 too)
+    assert float(old[:, 1].var()) > exact_var + 20 * se  # what the option removes (0.065 measured)
+
+
+def test_a_kinked_cost_at_order_2_is_still_refused():
+    """max_order: the form differentiates the cost at σ_λ(z) as the 3-block one: a ReLU there is refused at order 2."""
+    est = storch.estimator("rebar", plate="b", plain_direct_gradient=True)
+    with storch.Graph():
+        x = THETA_PHI[:3].clone().requires_grad_()
+        storch.add_cost(torch.relu(est(Bernoulli(logits=x)) - 0.3).sum())
+        with pytest.raises(storch.OrderError, match="ReluBackward0"):
+            storch.surrogate_loss(order=2)
+
+
+def test_the_option_is_checked_and_fixed():
+    with pytest.raises(storch.OptionError, match="plain_direct_gradient"):
+        storch.estimator("relax", plate="b", plain_direct_gradient="yes")
+    est = storch.estimator("rebar", plate="b")
+    with pytest.raises(storch.OptionError, match="plain_direct_gradient"):
+        est.plain_direct_gradient = True
+
+
+def test_relax_network_form_is_unchanged():
+    """control_variate='network' has no cost term: the option changes nothing there (n entries, unbiased)."""
+    torch.manual_seed(44)
+    est = storch.estimator("relax", plate="x", control_variate="network", plain_direct_gradient=True)
+    got = estimates(lambda x: cat_model(est, x, "categorical"), CAT_THETA, 1)
+    assert est.blocks == 1
+    storch.testing.assert_unbiased(got[0], exact_derivatives(cat_exact, CAT_THETA, 1)[0], "relax network")
+
+
+CHAIN_PHI = torch.tensor([0.4, -0.3, -0.2, 0.6, 1.0, 1.0], dtype=torch.float64)  # CHAIN_THETA, then φ1, φ2
+
+
+def _chain_phi_gradients(option: bool) -> torch.Tensor:
+    torch.manual_seed(45)
+    e1 = storch.estimator("rebar", plate="b1", plain_direct_gradient=option)
+    e2 = storch.estimator("score", plate="b2")
+    with storch.Graph():
+        leaf, x = replicate(CHAIN_PHI, 4000)
+        b1 = e1(Bernoulli(logits=x[:2]))
+        b2 = e2(Bernoulli(logits=x[2:4] + 1.5 * b1 - 0.5))
+        storch.add_cost(x[4] * ((b1 - 0.45) ** 2).sum(-1), name="first")
+        storch.add_cost(x[5] * ((b2 - 0.3 * b1 - 0.2) ** 2).sum(-1), name="second")
+        return per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)[0]
+
+
+def test_a_cost_read_through_a_node_sampled_from_the_entries_keeps_the_3_block_form():
+    """The cost 'second' reads b1 through b2, drawn anew for the ⊥ blocks: its f(⊥σ_λ(z)) is not f(σ_λ(z)) with
+    the sample paths cut, and subtracting it added noise (∂φ2 variance 0.35 against 0.22 for the 3-block form,
+    20000 estimates). That cost keeps the 3-block control variate, estimate for estimate (the same draws of b2 on
+    the first blocks), while 'first' gets the plain gradient (each ∂φ1 is Σ (b1 - 0.45)^2: 0.405, 0.505 or 0.605)."""
+    new, old = _chain_phi_gradients(True), _chain_phi_gradients(False)
+    torch.testing.assert_close(new[:, 5], old[:, 5], rtol=0, atol=1e-12)
+    plain = torch.tensor([0.405, 0.505, 0.605], dtype=torch.float64)
+    assert bool(((new[:, 4, None] - plain).abs() < 1e-12).any(-1).all())
+    assert not bool(((old[:, 4, None] - plain).abs() < 1e-12).any(-1).all())
