@@ -130,10 +130,13 @@ def _plain_surrogate(cost, nodes: list[Node]) -> torch.Tensor:
     return _weighted_mean(*_at_cost(plates_of(cost), raw_of(cost), nodes))
 
 
-def _weighted_mean(plates: tuple, inner: torch.Tensor, nodes: list[Node], event: int = 0) -> torch.Tensor:
+def _weighted_mean(plates: tuple, inner: torch.Tensor, nodes: list[Node], event: int = 0,
+                   data: bool = False) -> torch.Tensor:
     """``inner`` (leading dims ``plates``) reduced over the nodes' sampling plates by their weights
     (detached: not differentiated; 1/N as a mean for uniform ones), then the mean over what is left;
-    ``event`` > 0: ``inner`` has that many per-sample dims after the plates, which are kept."""
+    ``event`` > 0: ``inner`` has that many per-sample dims after the plates, which are kept. ``data``: the
+    mean is not taken (every plate's dim stays, the sampling plates' of size 1: :func:`_per_data_point`
+    keeps data plates; a keyword, not a second function, so the default path makes no extra call)."""
     for node in reversed(nodes):
         dim = plates.index(node.plate)
         if node.estimator.uniform_weights:
@@ -141,6 +144,8 @@ def _weighted_mean(plates: tuple, inner: torch.Tensor, nodes: list[Node], event:
         else:
             inner = (align(node.weight_values.detach(), node.plates, plates, pad_to=event) * inner).sum(
                 dim, keepdim=True)
+    if data:
+        return inner
     if event:
         return inner.mean(tuple(range(len(plates)))) if plates else inner
     return inner.mean() if inner.dim() else inner
@@ -180,14 +185,7 @@ def _per_data_point(graph: Graph, x, names: tuple[str, ...], event: int) -> torc
     with torch.enable_grad():  # (as _estimate: the cached partition views are built with grad)
         plates, raw, nodes = _at_cost(plates_of(x), raw_of(x), nodes)
     with torch.no_grad():
-        inner = raw.detach()
-        for node in reversed(nodes):  # the weights of _weighted_mean
-            dim = plates.index(node.plate)
-            if node.estimator.uniform_weights:
-                inner = inner.mean(dim, keepdim=True)
-            else:
-                inner = (align(node.weight_values.detach(), node.plates, plates, pad_to=event) * inner).sum(
-                    dim, keepdim=True)
+        inner = _weighted_mean(plates, raw.detach(), nodes, event, data=True)
         where = {p.name: i for i, p in enumerate(plates)}
         kept = [where[n] for n in names if n in where]
         other = [i for i in range(len(plates)) if i not in kept]
