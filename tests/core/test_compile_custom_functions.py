@@ -103,3 +103,72 @@ def test_the_gamma_route_compiles_with_an_unbiased_gradient():
     exact = torch.autograd.grad((c / c.sum() * weights).sum(), c)[0]
     z = (g.mean(0) - exact) / (g.std(0) / len(grads) ** 0.5)
     assert float(z.abs().max()) < 4, z
+
+
+def _checkpointed_step(reentrant):
+    lin = torch.nn.Linear(1, 1)
+
+    def step(mu):
+        with storch.Graph():
+            h = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(lin(t)), mu.reshape(1, 1),
+                                                  use_reentrant=reentrant)
+            z = storch.estimator("reparameterization", plate="z", n_samples=2)(Normal(h.squeeze(), 1.0))
+            storch.add_cost(z ** 2, name="cost")
+            return storch.surrogate_loss()
+    return step, lin
+
+
+def test_a_reentrant_checkpoint_is_refused_with_use_reentrant_false_as_the_fix():
+    """A reentrant checkpoint (torch's CheckpointFunction) on plain tensors: its forward runs without autograd, the
+    trace would record no path to the module's weights. The message names the fix (use_reentrant=False), which
+    compiles with eager's gradient."""
+    mu = torch.tensor(0.5, requires_grad=True)
+    step, _ = _checkpointed_step(True)
+    with pytest.raises(StorchError, match=r"CheckpointFunction.*pass use_reentrant=False"):
+        storch.compile(step, backend=None)(mu)
+    step, lin = _checkpointed_step(False)
+    compiled = storch.compile(step, backend=None)
+    for seed in range(2):
+        torch.manual_seed(seed)
+        eager = torch.autograd.grad(step(mu), [mu, lin.weight])
+        torch.manual_seed(seed)
+        for a, b in zip(torch.autograd.grad(compiled(mu), [mu, lin.weight]), eager):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("where", ["credit_false", "score_parameters"])
+def test_a_function_reached_through_a_plain_cost_or_a_nodes_parameters_is_refused(where):
+    """The walk follows every path to the outputs: a cost added with credit=False (its graph enters the surrogate),
+    and a score node's parameters (reached through its log-probability, not its sample)."""
+    w = torch.tensor(1.5, requires_grad=True)
+
+    def step(mu, w):
+        with storch.Graph():
+            if where == "credit_false":
+                z = storch.estimator("reparameterization", plate="z", n_samples=2)(Normal(mu, 1.0))
+                storch.add_cost(Doubled.apply(w) ** 2, name="plain", credit=False)
+            else:
+                z = storch.estimator("score", plate="z", n_samples=2)(Normal(Doubled.apply(w), 1.0))
+            storch.add_cost((z - mu) ** 2, name="cost")
+            return storch.surrogate_loss()
+    with pytest.raises(StorchError, match="custom torch.autograd.Function .*Doubled"):
+        storch.compile(step, backend=None)(torch.tensor(0.5, requires_grad=True), w)
+
+
+def test_the_walk_runs_once_per_trace(monkeypatch):
+    """The walk over the autograd graph is paid at the trace, not at each call (nor in the replay check)."""
+    import storch.compiled.step as step_module
+    walks = []
+    walk = step_module._check_custom_functions
+    monkeypatch.setattr(step_module, "_check_custom_functions", lambda outs, fn: walks.append(1) or walk(outs, fn))
+    est = storch.estimator("reparameterization", plate="z", n_samples=2)
+
+    def step(mu):
+        with storch.Graph():
+            storch.add_cost((est(Normal(mu, 1.0)) ** 2).sum(), name="cost")
+            return storch.surrogate_loss()
+    compiled = storch.compile(step, backend=None)
+    for _ in range(4):
+        compiled(torch.tensor(0.5, requires_grad=True))
+    compiled(torch.zeros(3, requires_grad=True))  # another shape: a second trace
+    assert compiled.traces == 2 and len(walks) == 2, (compiled.traces, walks)

@@ -326,6 +326,10 @@ def _custom_function_message(fn, cls: type) -> str:
               "'reparameterization', plate=...)(Gamma(concentration, 1.0))`, `x = g / g.sum(-1, keepdim=True)` (the same "
               "distribution, an exact pathwise gradient; a Beta(a, b) is the first entry of a Dirichlet of (a, b))"
               if dirichlet else "")
+    if cls.__module__ == "torch.utils.checkpoint":  # CheckpointFunction: use_reentrant=True (torch's default)
+        advice = (" A reentrant checkpoint is such a Function (torch.utils.checkpoint.checkpoint with "
+                  "use_reentrant=True, torch's default where it is not passed, in checkpoint_sequential too): pass "
+                  "use_reentrant=False, which compiles with the exact gradient")
     return (f"storch.compile cannot trace {_name(fn)}: its result is differentiated through {what}. A trace records "
             "the operations of the Function's forward, not its backward: the compiled program would differentiate "
             "those operations as written (a wrong gradient, silently; or torch's 'derivative ... is not implemented' "
