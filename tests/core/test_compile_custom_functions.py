@@ -172,3 +172,48 @@ def test_the_walk_runs_once_per_trace(monkeypatch):
         compiled(torch.tensor(0.5, requires_grad=True))
     compiled(torch.zeros(3, requires_grad=True))  # another shape: a second trace
     assert compiled.traces == 2 and len(walks) == 2, (compiled.traces, walks)
+
+
+@torch.library.custom_op("storch_tests::doubled", mutates_args=())
+def _doubled_op(x: torch.Tensor) -> torch.Tensor:
+    """A custom op (torch.library), the identity; its registered backward doubles the gradient."""
+    return x.clone()
+
+
+_doubled_op.register_fake(lambda x: torch.empty_like(x))
+_doubled_op.register_autograd(lambda ctx, grad: 2 * grad, setup_context=lambda ctx, inputs, output: None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_custom_op_with_a_registered_backward_compiles_with_that_backward(backend):
+    """torch.library.custom_op with register_autograd applies a torch-generated autograd.Function, but its forward
+    runs the op below autograd: the trace records the op, and the replay runs its registered backward again. It is
+    not refused (int15 refused it), and the compiled gradient is eager's (the doubled one: 2 (w - z) d/dw)."""
+    w = torch.tensor(1.5, requires_grad=True)
+
+    def step(mu, w):
+        with storch.Graph():
+            z = storch.estimator("reparameterization", plate="z", n_samples=2)(Normal(mu, 1.0))
+            storch.add_cost((z - _doubled_op(w)) ** 2, name="cost")
+            return storch.surrogate_loss()
+    compiled = storch.compile(step, backend=backend)
+    for seed in range(2):
+        mu = torch.tensor(0.5 + seed, requires_grad=True)
+        torch.manual_seed(seed)
+        eager = torch.autograd.grad(step(mu, w), [mu, w])
+        torch.manual_seed(seed)
+        for a, b in zip(torch.autograd.grad(compiled(mu, w), [mu, w]), eager):
+            torch.testing.assert_close(a, b)
+    assert compiled.traces == 1
+    # the doubled backward is what eager gave: the gradient of w is twice that of the plain identity
+    with storch.Graph():
+        torch.manual_seed(0)
+        z = storch.estimator("reparameterization", plate="z", n_samples=2)(Normal(torch.tensor(0.5), 1.0))
+        storch.add_cost((z - _doubled_op(w)) ** 2, name="cost")
+        doubled = torch.autograd.grad(storch.surrogate_loss(), w)[0]
+    with storch.Graph():
+        torch.manual_seed(0)
+        z = storch.estimator("reparameterization", plate="z", n_samples=2)(Normal(torch.tensor(0.5), 1.0))
+        storch.add_cost((z - w) ** 2, name="cost")
+        plain = torch.autograd.grad(storch.surrogate_loss(), w)[0]
+    torch.testing.assert_close(doubled, 2 * plain)

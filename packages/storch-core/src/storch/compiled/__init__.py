@@ -57,7 +57,8 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   sum_and_sample's buffer of sequences are refused), see below;
 - no custom ``torch.autograd.Function`` on the path to the step's outputs (a user's, or the ``_Dirichlet`` of torch's
   Dirichlet and Beta ``rsample``): the trace records its forward's operations, not its backward (refused at the
-  trace: :func:`storch.compiled.checks._check_custom_functions`); draw a Dirichlet as normalised Gammas;
+  trace: :func:`storch.compiled.checks._check_custom_functions`); draw a Dirichlet as normalised Gammas; a
+  ``torch.library.custom_op`` with ``register_autograd`` is recorded as the op and keeps its backward;
 - tensors the step reads but does not receive as arguments are captured: ``nn.Parameter``s by
   reference (gradients and optimizer updates work as usual); any other captured tensor that
   requires grad is refused (pass it as an argument); other captured tensors are read live (same

@@ -128,13 +128,18 @@ def _check_nodes(nodes: list, fn, replay_only: bool = False) -> None:
             raise StorchError(_replay_only_message(est))
 
 
+_REPLAYED_FUNCTIONS = ("storch.", "torch._library.autograd")  # (the modules of Functions a replay runs again)
+
+
 def _check_custom_functions(outs: list, fn) -> None:
     """No custom ``torch.autograd.Function`` (a user's, or torch's ``_Dirichlet`` that Dirichlet's and Beta's
     rsample apply) on the autograd path to the step's outputs, walked in the trace's own (eager) autograd graph. The
     trace records the operations its forward runs, not its backward: replayed, the program differentiated them as
     written (a Function doubling the gradient gave half of eager's, silently; Dirichlet's rsample failed at backward
     with torch's "derivative for aten::_sample_dirichlet is not implemented"). storch's own Functions (the order
-    guards) are not the step's."""
+    guards) are not the step's. Nor is the Function torch generates for a ``torch.library.custom_op`` with
+    ``register_autograd``: its forward runs the op below autograd, so the trace records the op itself, whose
+    autograd kernel (that Function, with its backward) runs again in the replay (eager's gradient)."""
     stack = [o.grad_fn for o in outs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
     seen: set = set()
     while stack:
@@ -143,7 +148,7 @@ def _check_custom_functions(outs: list, fn) -> None:
             continue
         seen.add(node)
         cls = getattr(node, "_forward_cls", None)  # set on the backward node of a custom Function
-        if cls is not None and not cls.__module__.startswith("storch."):
+        if cls is not None and not cls.__module__.startswith(_REPLAYED_FUNCTIONS):
             raise StorchError(_custom_function_message(fn, cls))
         stack.extend(n for n, _ in node.next_functions)
 
