@@ -123,3 +123,23 @@ def test_the_per_data_point_estimate_is_unbiased(name, options, seed):
 
     assert z(kept).abs().max() < 4, (torch.stack(kept).mean(0), exact, z(kept))
     assert z(naive).abs().max() > 8, z(naive)
+
+
+def test_a_partition_over_a_sequence_per_data_point_is_the_enumerated_expectation():
+    # unordered_set with k = 4 over sequences of two binary steps holds every sequence with its exact weight: the
+    # per-data-point estimate at each step (step 1: its causal view; step 2: the whole sequence) is E[x | data
+    # point] exactly, so a weight of the wrong data point or step shows (the mean-over-data check above cannot)
+    logits = torch.tensor([[0.3, -0.5], [1.0, 0.9], [-1.2, 0.4]], dtype=torch.float64)
+    est = storch.estimator("unordered_set", plate="seq", n_samples=4)
+    torch.manual_seed(0)
+    with storch.Graph():
+        d = storch.denote_independent(logits, 0, "data")
+        a = est(Categorical(logits=d))
+        b = est(Categorical(logits=d + 2.0 * a.to(torch.float64)))
+        first = storch.estimate(a.to(torch.float64) * 3 + 1, keep_data=True)
+        both = storch.estimate((4 * a + b).to(torch.float64), keep_data=True)
+    pa = logits.softmax(-1)
+    exact_both = sum(pa[:, i] * (logits + 2.0 * i).softmax(-1)[:, j] * (4 * i + j)
+                     for i, j in itertools.product(range(2), range(2)))
+    torch.testing.assert_close(first, pa[:, 0] + 4 * pa[:, 1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(both, exact_both, rtol=1e-12, atol=1e-12)
