@@ -239,3 +239,57 @@ def test_unordered_set_with_its_baseline_refuses_order_2():
         route(est, theta, xy)
         with pytest.raises(storch.OrderError, match="unordered_set"):
             storch.surrogate_loss(order=2)
+
+
+def _compiled_step(name, kind, how):
+    """A step for storch.compile: the tour (one estimator per city, as ``expect`` needs), its length, and a
+    cost that is infinite on a tour visiting a city twice (any value handed to the cost at weight 0 there
+    makes the loss NaN)."""
+    xy, served, _ = _instances(kind)
+    options = {"n_samples": 2} if name != "expect" else {}
+    ests = [storch.estimator(name, plate=f"city{i}", **options) for i in range(xy.shape[-2])]
+
+    def step(theta, xy):
+        calls = iter(ests)
+        with storch.Graph():
+            if served is None:
+                tours = route(lambda d: next(calls)(d), theta, xy, None, how)
+            else:
+                x, s = storch.denote_independent((xy, served), 0, "instance")
+                tours = route(lambda d: next(calls)(d), theta, x, s, how)
+            twice = (sum(F.one_hot(a, xy.shape[-2]) for a in tours) > 1).any(-1)
+            storch.add_cost(torch.where(twice, torch.full((), math.inf, dtype=xy.dtype),
+                                        torch.zeros((), dtype=xy.dtype)), name="visits a city twice")
+            return storch.surrogate_loss()
+    return step, xy
+
+
+@pytest.mark.parametrize("how", MASKS)
+@pytest.mark.parametrize("kind", ["free start", "depot"])
+def test_compiled_expect_never_hands_the_cost_a_masked_tour(kind, how):
+    """Under storch.compile a -1e9 mask is -inf as eagerly (strict_support's traced copy, its mask by tensor
+    ops): expect's compiled step gives the eager loss and gradient, finite with a cost infinite on the masked
+    tours (the old trace handed them to the cost at weight 0: NaN), and the exact gradient of E[length]."""
+    theta = torch.randn(N_THETA, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
+    step, xy = _compiled_step("expect", kind, how)
+    eager = step(theta, xy)
+    compiled = storch.compile(step, backend=None)
+    for call in range(2):  # the trace, then a replay
+        loss = compiled(theta, xy)
+        assert torch.isfinite(loss), f"call {call}: {loss}"
+        torch.testing.assert_close(loss, eager, rtol=1e-12, atol=0)
+        (g,) = torch.autograd.grad(loss, theta)
+        torch.testing.assert_close(g, torch.autograd.grad(_exact(theta, kind), theta)[0], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", MASKS)
+@pytest.mark.parametrize("name", ["unordered_set", "sum_and_sample"])
+def test_compiled_sampling_without_replacement_refuses_a_masked_step_as_with_inf(name, how):
+    """Which values are possible decides how many distinct samples a step without replacement has, which a
+    traced program cannot depend on: a -1e9 mask is refused as a -inf one is, saying to run the step eagerly
+    (the old trace ran sum_and_sample through the masked values, NaN with this cost, and refused
+    unordered_set with a value-read error)."""
+    theta = torch.randn(N_THETA, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
+    step, xy = _compiled_step(name, "free start", how)
+    with pytest.raises(storch.AssumptionError, match="eagerly"):
+        storch.compile(step, backend=None)(theta, xy)

@@ -293,7 +293,8 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     default, raised.
 
     A ``Categorical`` or ``OneHotCategorical`` given by ``logits`` whose probability is exactly 0 at a finite
-    logit (a ``-1e9`` mask, whose ``exp`` underflows; checked by value, not while traced) gets ``-inf`` there.
+    logit (a ``-1e9`` mask, whose ``exp`` underflows; checked by value; with ``traced``, the copy always, its
+    mask by tensor ops) gets ``-inf`` there.
 
     Returns ``d`` itself unless it is a ``Binomial`` or (an ``Independent`` of) one of those four, given by ``probs``,
     with a probability that is exactly 0 (checked by value; with ``traced``, which
@@ -381,13 +382,16 @@ def _underflowed_logits(d: Distribution, inner: Categorical, t: type, traced: bo
     as with a ``-inf`` logit. Its ``log_prob`` is finite (-1e9), so an enumerating estimator counted it
     possible: ``unordered_set`` with more samples than possible tours handed tours that visit a city twice to
     the cost (weight 0), and ``sum_and_sample`` replayed a remembered sequence through a masked token.
-    ``d`` itself where no logit underflows, and while ``storch.compile`` traces (no value is read there)."""
+    ``d`` itself where no logit underflows (checked by value). While ``storch.compile`` traces, the copy always,
+    its mask computed by tensor ops (no value read), so that the program does not depend on the values: a
+    compiled step skipped the check and handed the cost the masked values at weight 0 (a cost infinite there,
+    NaN), where the eager step never did."""
     logits = inner.logits
-    if traced or logits.is_meta:
+    if not traced and logits.is_meta:
         return d
     with torch.no_grad():
         never = torch.isfinite(logits) & (logits.exp() == 0)
-        if not bool(never.any()):
+        if not traced and not bool(never.any()):
             return d
     return _without(d, inner, t, never)
 
