@@ -7,6 +7,7 @@ and a buffer larger than the slots summed per step (importance-sampled slot).
 """
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -481,3 +482,39 @@ def test_leave_one_out_with_noise_drawn_per_plate_entry_between_the_steps(shift)
     fn = lambda th: _noisy_exact(th, shift)  # noqa: E731
     assert_unbiased(g, torch.autograd.functional.jacobian(fn, t), f"shift {shift} gradient")
     assert_unbiased(h, torch.autograd.functional.hessian(fn, t), f"shift {shift} Hessian")
+
+
+def _keyed_steps(est, batches):
+    """One graph per batch of memory keys, each followed by storch.backward() (which fills the buffer)."""
+    theta = THETA.clone().requires_grad_(True)
+    for ids in batches:
+        with storch.Graph():
+            th = storch.denote_independent(theta.expand(len(ids), 21), 0, "data")
+            model(th, est, memory_key=torch.tensor(ids))
+            storch.backward()
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_buffer_warns_once_when_no_memory_key_ever_comes_again(fresh):
+    """A routing user keyed every step's new instances afresh: the buffer grew by every key's sequences and was
+    never read (each step ran with an empty memory). Past FRESH_KEYS_WARNING keys none of which came again,
+    one RuntimeWarning names the estimators to use instead; keys that repeat (dataset indices) never warn."""
+    from storch_score._sequences import FRESH_KEYS_WARNING
+    torch.manual_seed(0)
+    est = storch.estimator("mapo", plate="seq", buffer=2, n_samples=2)
+    half = FRESH_KEYS_WARNING // 2
+    first = [list(range(i * half, (i + 1) * half)) for i in range(2)]  # FRESH_KEYS_WARNING keys, none met again
+    _keyed_steps(est, first)
+    assert len(est._buffer.entries) == FRESH_KEYS_WARNING
+    later = [list(range(2 * half, 2 * half + 8)), list(range(2 * half + 8, 2 * half + 16))] if fresh else first[:1] * 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _keyed_steps(est, later)
+    ours = [w for w in caught if "memory_key" in str(w.message)]
+    if not fresh:
+        assert not ours, [str(w.message) for w in ours]
+        return
+    assert len(ours) == 1, [str(w.message) for w in ours]  # once, not at every step
+    message = str(ours[0].message)
+    assert ours[0].category is RuntimeWarning and ours[0].filename == __file__
+    assert f"{FRESH_KEYS_WARNING} memory keys" in message and "unordered_set" in message and "repeats" in message

@@ -30,6 +30,9 @@ cost seen (slots and samples), with their last log-probabilities (the next propo
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -37,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical, OneHotCategorical
 
+import storch
 from storch import Node, OptionError, PlateError, UnsupportedDistributionError
 
 if TYPE_CHECKING:
@@ -45,13 +49,24 @@ if TYPE_CHECKING:
 __all__ = ["SequenceBuffer", "start", "step", "weights", "control_variate", "record_cost", "offers"]
 
 
+# Keys held by a buffer none of which a first step has met again, above which :func:`start` warns (once per
+# estimator) that the buffer only grows: memory keys that are fresh every step (a routing model given new
+# instances each step) are never read back. A dataset of more keys than this warns once in its first pass.
+FRESH_KEYS_WARNING = 10_000
+
+
 class SequenceBuffer:
-    """Per key, the best distinct sequences: ``{key: {sequence: [cost, log p]}}`` (cost None: seeded)."""
+    """Per key, the best distinct sequences: ``{key: {sequence: [cost, log p]}}`` (cost None: seeded).
+
+    ``met_again``: whether a first step has ever met a key the buffer already held (its sequences were read
+    back); ``warned``: whether :func:`start` has warned that none was."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.entries: dict[int, dict[tuple, list]] = {}
         self.rejected = 0  # offers turned away without ranking the book (offer_many's shortcut; for tests)
+        self.met_again = False
+        self.warned = False
 
     def seed(self, key: int, seqs: list[tuple]) -> None:
         book = self.entries.setdefault(key, {})
@@ -88,6 +103,8 @@ class SequenceBuffer:
     def load(self, state: dict) -> None:
         self.capacity = state["capacity"]
         self.entries = {int(k): {tuple(s): list(v) for s, v in book.items()} for k, book in state["entries"].items()}
+        # a resumed run is read as having met its keys again (no warning: its keys may come later in the epoch)
+        self.met_again = True
 
 
 def _bar(book: dict, capacity: int) -> float:
@@ -163,6 +180,14 @@ def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
     if len(keys) != n_par:
         raise OptionError(f"{est.name}: memory_key has {len(keys)} entries; the first step has {n_par} parent "
                           f"entries (plates {[p.name for p in node.parents]}, shape {parents})")
+    buffer = est._buffer
+    if not buffer.met_again:
+        entries = buffer.entries
+        if any(k in entries for k in keys):
+            buffer.met_again = True
+        elif not buffer.warned and len(entries) >= FRESH_KEYS_WARNING:
+            buffer.warned = True
+            _warn_fresh_keys(est, len(entries))
     if est._seed is not None:
         for k in keys:
             if k not in est._buffer.entries:
@@ -234,6 +259,34 @@ def start(est, node: Node, keys: Optional[torch.Tensor]) -> torch.Tensor:
     c.parents, c.names = parents, tuple(p.name for p in node.parents)
     value, c.l0 = _advance(est, node, d, drawn, parents)
     return _one_hot(value, one_hot, d.logits)
+
+
+def _warn_fresh_keys(est, n_keys: int) -> None:
+    """Warn that the buffer holds ``n_keys`` keys none of which came back: it grows by every new key's
+    sequences and is never read (a fresh key has an empty memory, as without ``buffer=``)."""
+    warnings.warn(
+        f"{est.name} (plate {est.plate!r}) with buffer={est.buffer}: its buffer holds the sequences of {n_keys} "
+        "memory keys, and no first step has met any of them again: a key's memory is only read back when the "
+        "same memory_key comes again (a data point of a dataset in a later epoch), so with fresh keys every step "
+        "(new instances) the buffer only grows and every step runs with an empty memory. Use "
+        "storch.estimator('unordered_set', ...) or 'score' with baseline='leave_one_out' for fresh instances, or "
+        "pass a memory_key that repeats (the dataset index). If the keys are dataset indices and the first pass "
+        "over the data is not over, they will come again and this warning does not apply "
+        "(docs/estimators/sum_and_sample.md)", RuntimeWarning, stacklevel=_user_stacklevel())
+
+
+# storch's, this package's and torch's files: the frames the warning skips to point at the user's call
+_OWN_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (storch, torch)) + (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` (for a warning issued by this function's caller) of the first frame outside storch,
+    storch_score and torch: the user's estimator call, whichever path led to it."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _n_values(d) -> int:
