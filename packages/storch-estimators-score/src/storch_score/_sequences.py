@@ -30,8 +30,6 @@ cost seen (slots and samples), with their last log-probabilities (the next propo
 from __future__ import annotations
 
 import math
-import os
-import sys
 import warnings
 from typing import TYPE_CHECKING, Optional
 
@@ -40,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical, OneHotCategorical
 
-import storch
 from storch import Node, OptionError, PlateError, UnsupportedDistributionError
+
+from ._stacklevel import user_stacklevel
 
 if TYPE_CHECKING:
     from .sum_and_sample_sequences import SequenceState as MemoryState
@@ -272,21 +271,8 @@ def _warn_fresh_keys(est, n_keys: int) -> None:
         "storch.estimator('unordered_set', ...) or 'score' with baseline='leave_one_out' for fresh instances, or "
         "pass a memory_key that repeats (the dataset index). If the keys are dataset indices and the first pass "
         "over the data is not over, they will come again and this warning does not apply "
-        "(docs/estimators/sum_and_sample.md)", RuntimeWarning, stacklevel=_user_stacklevel())
+        "(docs/estimators/sum_and_sample.md)", RuntimeWarning, stacklevel=user_stacklevel())
 
-
-# storch's, this package's and torch's files: the frames the warning skips to point at the user's call
-_OWN_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (storch, torch)) + (
-    os.path.dirname(os.path.abspath(__file__)) + os.sep,)
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` (for a warning issued by this function's caller) of the first frame outside storch,
-    storch_score and torch: the user's estimator call, whichever path led to it."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _n_values(d) -> int:
