@@ -5,6 +5,8 @@ is kept for heads built later, ``test_score_frozen_baselines.py``) and freezing 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch.distributions import Bernoulli
@@ -57,3 +59,60 @@ def test_without_either_way_the_head_would_train():
     before = _values(model)
     model.step()
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n.startswith("nvil."))
+
+
+class _TwoCosts(_Model):
+    def step(self, costs=("d",)) -> None:
+        theta = self.encoder(torch.ones(1)).detach().requires_grad_()
+        with storch.Graph():
+            y = self.nvil(Bernoulli(logits=theta))
+            for name in costs:  # one head per cost name, built at its first node
+                storch.add_cost(((y - 0.4) ** 2).sum(), name=name)
+            storch.backward()
+
+
+def _head_flags(model) -> dict:
+    return {n: p.requires_grad for n, p in model.named_parameters() if n.startswith("nvil.baseline_fn.heads.")}
+
+
+@pytest.mark.parametrize("parent_frozen", [True, False])
+def test_a_head_for_a_cost_first_met_after_the_freeze_follows_the_frozen_heads(parent_frozen):
+    """model.requires_grad_(False) after the first step froze the head of cost 'd'; the head of cost 'e', first met
+    later, was built trainable and storch.backward() trained it. Where every earlier head is frozen (and no request
+    reached the estimator) it is now built frozen, with one RuntimeWarning; where they are trainable it is too."""
+    torch.manual_seed(0)
+    model = _TwoCosts()
+    model.step()
+    if parent_frozen:
+        model.requires_grad_(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.step(("d", "e"))
+        model.step(("d", "e", "f"))  # a third head: frozen too, and no second warning
+    ours = [w for w in caught if "built now frozen" in str(w.message)]
+    flags = _head_flags(model)
+    assert {n.split(".")[3] for n in flags} == {"cost_d", "cost_e", "cost_f"}
+    if not parent_frozen:
+        assert all(flags.values()) and not ours
+        return
+    assert not any(flags.values()), flags
+    assert len(ours) == 1 and ours[0].category is RuntimeWarning and ours[0].filename == __file__
+    assert "'cost_e'" in str(ours[0].message) and "est.requires_grad_(False)" in str(ours[0].message)
+    before = _values(model)
+    model.step(("d", "e", "f"))  # nothing moves: a trained head would (its output layer starts at zero)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("request_", [False, True])
+def test_an_explicit_request_decides_a_later_head_and_silences_the_warning(request_):
+    """est.requires_grad_(...) after the parent's freeze: the new head takes the request, with no warning."""
+    torch.manual_seed(0)
+    model = _TwoCosts()
+    model.step()
+    model.requires_grad_(False)
+    model.nvil.requires_grad_(request_)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.step(("d", "e"))
+    assert not [w for w in caught if "built now frozen" in str(w.message)]
+    assert _head_flags(model)["nvil.baseline_fn.heads.cost_e.0.weight"] is request_

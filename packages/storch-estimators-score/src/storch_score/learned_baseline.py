@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -14,6 +15,8 @@ import storch.distributed
 from storch import CostFrame, Node, OptionError, Plate, PlateTensor, StorchError, current_generator
 from storch.extending import (base_distribution, drawing_with, learned_dtype, options, parameters, refuse_lazy_build,
                                warn_untrained_part)
+
+from ._stacklevel import user_stacklevel
 
 __all__ = ["LearnedBaseline", "baseline_features", "check_inputs", "in_frame"]
 
@@ -179,14 +182,46 @@ class LearnedBaseline(torch.nn.Module):
                                           torch.nn.Linear(self.hidden, 1)).to(dtype=learned_dtype(h), device=h.device)
                 torch.nn.init.zeros_(net[2].weight)
                 torch.nn.init.zeros_(net[2].bias)
-            net.requires_grad_(self._requires_grad)  # est.requires_grad_(False) before this head existed
+            follows = self._requires_grad is None  # no request: the existing heads' (a parent's freeze reached them)
+            net.requires_grad_(self._built_requires_grad())  # est.requires_grad_(False) before this head existed
             # every process must start from the same ψ (DDP broadcasts only what exists at wrapping)
             # (the head's cost named in the ranks' check: ranks that first met different costs build different heads)
             storch.distributed.broadcast_(list(net.parameters()), owner=self._owner,
                                           what=f"the learned baseline's new head for cost {name!r}")
             self.heads[key] = net
             self._warn_untrained(name)
+            if follows and not net[0].weight.requires_grad and torch.is_grad_enabled():
+                self._warn_followed_freeze(name, key)
         return self.heads[key]
+
+    def _built_requires_grad(self) -> bool:
+        """``requires_grad`` of a head built now: the last request to this baseline (or its estimator), else that
+        of the heads built before: frozen where they all are (RELAX's network follows η and λ the same way).
+
+        A parent's ``model.requires_grad_(False)`` loops over the parameters that exist when it is called
+        (torch's ``Module.requires_grad_``) and never reaches this module's own ``requires_grad_``: after the
+        first step it froze the heads of the costs met so far, and storch built and trained the head of a cost
+        first met later. With no head yet there is nothing to follow: the head is trainable (freeze the
+        estimator itself, ``est.requires_grad_(False)``, to freeze it)."""
+        if self._requires_grad is not None:
+            return self._requires_grad
+        built = list(self.heads.parameters())
+        return not built or any(p.requires_grad for p in built)
+
+    def _warn_followed_freeze(self, name: Optional[str], key: str) -> None:
+        """The head was built frozen in a training step because every earlier head was, with no request to the
+        baseline or its estimator: a parent's ``model.requires_grad_(False)``, or those heads frozen on purpose
+        (the new cost's head meant to train). The two cannot be told apart; said once, and an explicit request
+        either way silences it."""
+        if self._warned_follow:
+            return
+        self._warned_follow = True
+        warnings.warn(
+            f"{self._who()}: the learned baseline's network for cost {name!r} was built now frozen "
+            "(requires_grad=False), as every head built before it is frozen and no requires_grad_ request reached "
+            "the estimator (a parent's model.requires_grad_(False) reaches only the parameters that exist when it "
+            f"is called). To train the new head, call est.baseline_fn.heads[{key!r}].requires_grad_(True); to freeze the estimator and silence this, call est.requires_grad_(False)",
+            RuntimeWarning, stacklevel=user_stacklevel())
 
     def _who(self) -> str:
         return "baseline='learned'" if self._owner is None else f"{self._owner.name} (plate {self._owner.plate!r})"
@@ -220,7 +255,7 @@ class LearnedBaseline(torch.nn.Module):
                 self.heads[m.group(1)] = torch.nn.Sequential(
                     torch.nn.Linear(weight.shape[1], self.hidden), torch.nn.Tanh(),
                     torch.nn.Linear(self.hidden, 1)).to(dtype=weight.dtype, device=weight.device
-                                                        ).requires_grad_(self._requires_grad)
+                                                        ).requires_grad_(self._built_requires_grad())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     _owner = None  # the estimator whose process group the broadcast uses (set by it)
@@ -232,7 +267,9 @@ class LearnedBaseline(torch.nn.Module):
         self._requires_grad = requires_grad
         return super().requires_grad_(requires_grad)
 
-    _requires_grad = True  # the last requires_grad_() request, applied to the heads when they are built
+    # the last requires_grad_() request, applied to the heads when they are built; None: none was made
+    _requires_grad: Optional[bool] = None
+    _warned_follow = False  # (the one-time warning of _warn_followed_freeze)
 
     def forward(self, node: Node, cost: CostFrame) -> torch.Tensor:
         h, plates = baseline_features(node)
