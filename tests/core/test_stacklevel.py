@@ -29,3 +29,15 @@ def test_a_warning_from_the_graph_points_at_the_users_add_cost():
     found = [w for w in caught if issubclass(w.category, storch.ConstantCostWarning)]
     assert len(found) == 1
     assert found[0].filename == __file__, found[0].filename
+
+
+def test_user_stacklevel_skips_the_frames_of_the_packages_a_family_names():
+    """storch.extending.user_stacklevel(pkg) skips pkg's folder too (a family passes its own package, so that its
+    warnings point at the user's line; the score family had a private copy of the frame walk for it). Named with
+    this test's own module, the walk leaves this folder's frames: the level is above the caller's own (1)."""
+    import sys
+
+    from storch.extending import user_stacklevel
+
+    assert user_stacklevel() == 1
+    assert user_stacklevel(sys.modules[__name__]) > 1

@@ -73,6 +73,8 @@ Learned parts:
     in float32 for float16 / bfloat16 parameters), rolled back where it overflows their dtype.
     :func:`warn_untrained_part` warns once that a part of an ``update=False`` estimator was built lazily in
     a training step (an optimizer built before it does not hold it).
+    :func:`user_stacklevel` is the ``stacklevel`` at which a family's warning points at the user's line
+    (skipping storch's, torch's and the family's own frames, whichever path led to it).
     :func:`own_optimizer`, :func:`hide_frozen_grads`, :func:`own_optimizer_state` and
     :func:`load_own_optimizer` keep an estimator's own Adam over every parameter of its learned part
     (frozen ones included, never stepped) and save and load its state matched by parameter name, so a
@@ -181,6 +183,7 @@ from .estimators.state_record import check_state_record, state_record
 from .conditions.score import moving_support, same_support
 from .conditions.smoothness import nonsmooth_operations, require_smooth
 from ._util.table_cache import table_cache
+from ._util.stacklevel import user_stacklevel
 from .surrogate import _refuse_twice
 
 if TYPE_CHECKING:
@@ -196,7 +199,7 @@ __all__ = [
     "load_own_optimizer", "refuse_lazy_build", "rsample_kinks", "rsample_walked", "rsample_params", "grad_parameters", "note_rsample",
     "check_precision", "unbatched",
     "state_record", "check_state_record", "differentiated_total_count", "varying_total_count",
-    "leave_one_out_log_baselines",
+    "leave_one_out_log_baselines", "user_stacklevel",
 ]
 
 

@@ -30,6 +30,7 @@ cost seen (slots and samples), with their last log-probabilities (the next propo
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from typing import TYPE_CHECKING, Optional
 
@@ -39,8 +40,8 @@ import torch.nn.functional as F
 from torch.distributions import Categorical, OneHotCategorical
 
 from storch import Node, OptionError, PlateError, UnsupportedDistributionError
+from storch.extending import user_stacklevel
 
-from ._stacklevel import user_stacklevel
 
 if TYPE_CHECKING:
     from .sum_and_sample_sequences import SequenceState as MemoryState
@@ -271,7 +272,7 @@ def _warn_fresh_keys(est, n_keys: int) -> None:
         "storch.estimator('unordered_set', ...) or 'score' with baseline='leave_one_out' for fresh instances, or "
         "pass a memory_key that repeats (the dataset index). If the keys are dataset indices and the first pass "
         "over the data is not over, they will come again and this warning does not apply "
-        "(docs/estimators/sum_and_sample.md)", RuntimeWarning, stacklevel=user_stacklevel())
+        "(docs/estimators/sum_and_sample.md)", RuntimeWarning, stacklevel=user_stacklevel(sys.modules[__name__]))
 
 
 

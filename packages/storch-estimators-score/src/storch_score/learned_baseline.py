@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import sys
 import warnings
 from typing import Any, Optional
 
@@ -12,11 +13,11 @@ import torch
 from torch.distributions import Distribution, Independent, MixtureSameFamily, OneHotCategorical, TransformedDistribution
 
 import storch.distributed
+from storch.extending import user_stacklevel
 from storch import CostFrame, Node, OptionError, Plate, PlateTensor, StorchError, current_generator
 from storch.extending import (base_distribution, drawing_with, learned_dtype, options, parameters, refuse_lazy_build,
                                warn_untrained_part)
 
-from ._stacklevel import user_stacklevel
 
 __all__ = ["LearnedBaseline", "baseline_features", "check_inputs", "in_frame"]
 
@@ -221,7 +222,7 @@ class LearnedBaseline(torch.nn.Module):
             "(requires_grad=False), as every head built before it is frozen and no requires_grad_ request reached "
             "the estimator (a parent's model.requires_grad_(False) reaches only the parameters that exist when it "
             f"is called). To train the new head, call est.baseline_fn.heads[{key!r}].requires_grad_(True); to freeze the estimator and silence this, call est.requires_grad_(False)",
-            RuntimeWarning, stacklevel=user_stacklevel())
+            RuntimeWarning, stacklevel=user_stacklevel(sys.modules[__name__]))
 
     def _who(self) -> str:
         return "baseline='learned'" if self._owner is None else f"{self._owner.name} (plate {self._owner.plate!r})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from types import ModuleType
 
 import torch
 
@@ -15,10 +16,17 @@ _OWN_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.se
              os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
 
 
-def user_stacklevel() -> int:
+def user_stacklevel(*modules: ModuleType) -> int:
     """The ``stacklevel`` of a warning issued by the caller of this function that points at the first frame
-    outside storch and torch (the user's call, whichever of storch's paths led to it)."""
+    outside storch and torch (the user's call, whichever of storch's paths led to it).
+
+    ``modules``: modules whose folders' frames are skipped too: an estimator family passes one of its own
+    (``warnings.warn(..., stacklevel=storch.extending.user_stacklevel(sys.modules[__name__]))`` in a module at
+    its package's top level), so that a warning issued deep in its code points at the user's line, not at the
+    family's or storch's frames in between.
+    """
+    own = _OWN_DIRS + tuple(os.path.dirname(os.path.abspath(str(m.__file__))) + os.sep for m in modules)
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIRS):
+    while frame is not None and frame.f_code.co_filename.startswith(own):
         frame, level = frame.f_back, level + 1
     return level
