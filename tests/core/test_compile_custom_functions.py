@@ -8,7 +8,7 @@ Gammas (the message's advice) compiles, with an unbiased gradient; a Function on
 
 import pytest
 import torch
-from torch.distributions import Beta, Dirichlet, Gamma, Normal
+from torch.distributions import Bernoulli, Beta, Dirichlet, Gamma, Normal
 
 import storch
 from storch.errors import StorchError
@@ -136,10 +136,11 @@ def test_a_reentrant_checkpoint_is_refused_with_use_reentrant_false_as_the_fix()
             torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("where", ["credit_false", "score_parameters"])
+@pytest.mark.parametrize("where", ["credit_false", "expect_parameters"])
 def test_a_function_reached_through_a_plain_cost_or_a_nodes_parameters_is_refused(where):
     """The walk follows every path to the outputs: a cost added with credit=False (its graph enters the surrogate),
-    and a score node's parameters (reached through its log-probability, not its sample)."""
+    and an expect node's parameters (reached through its probability weights, not its sample; tests/core runs with
+    the core's estimators only)."""
     w = torch.tensor(1.5, requires_grad=True)
 
     def step(mu, w):
@@ -148,7 +149,7 @@ def test_a_function_reached_through_a_plain_cost_or_a_nodes_parameters_is_refuse
                 z = storch.estimator("reparameterization", plate="z", n_samples=2)(Normal(mu, 1.0))
                 storch.add_cost(Doubled.apply(w) ** 2, name="plain", credit=False)
             else:
-                z = storch.estimator("score", plate="z", n_samples=2)(Normal(Doubled.apply(w), 1.0))
+                z = storch.estimator("expect", plate="z")(Bernoulli(logits=Doubled.apply(w)))
             storch.add_cost((z - mu) ** 2, name="cost")
             return storch.surrogate_loss()
     with pytest.raises(StorchError, match="custom torch.autograd.Function .*Doubled"):
