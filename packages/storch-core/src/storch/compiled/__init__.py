@@ -112,6 +112,11 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   gradient penalty, a lookahead step) is refused: the backward pass reads tensors autograd saved in
   the forward pass, which a ``pre_dispatch`` trace cannot connect to the program (they would be fixed
   to the first call's values);
+- a ``torch.func`` transform opened inside the step (``vmap``, ``jvp``, ``jacfwd``, ``hessian``: :class:`_TraceMode`
+  sees a torch call at a deeper functorch level than the step's call) is refused by name: the pre-dispatch trace records
+  above functorch, so it baked vmap's batched wrappers into the program as constants cut off from the arguments
+  (refused before only as "a tensor ... neither an argument nor an nn.Parameter", or by functorch's "escaped"
+  error in the replay check); ``grad``, ``vjp``, ``jacrev`` are refused as a differentiation inside the step;
 - an order-1 surrogate whose eager hooks refuse a second differentiation (an order-1 estimator, a kink
   on a pathwise path: storch.conditions.order_guard) is refused the same way: each call's outputs are hooked
   (so any create_graph pass through them is refused, outside ``estimator_create_graph``);

@@ -88,6 +88,31 @@ def _func_transform_message(fn, component: Optional[str] = None) -> str:
             f"this step, {todo}.")
 
 
+# how the refusal below names a torch.func transform opened inside the step (by its functorch interpreter's kind)
+_TRANSFORM_NAMES = {"Vmap": "torch.func.vmap (or torch.vmap, or jacfwd or hessian, which run under it)",
+                    "Jvp": "torch.func.jvp (or jacfwd, linearize)", "Grad": "torch.func.grad (or vjp, jacrev)",
+                    "Functionalize": "torch.func.functionalize"}
+
+
+def _transform_in_step_message(fn, kind: str) -> str:
+    """The refusal of a ``torch.func`` transform opened inside the step (seen by :class:`_TraceMode` at the first
+    torch call under it). ``make_fx(pre_dispatch=True)`` records above functorch: under the transform it sees
+    the transform's wrappers (vmap's batched tensors), not tensors of the program, and bakes them in as
+    constants cut off from the step's arguments. That was refused only by the check that the program captures
+    no tensor requiring grad, as "a tensor ... that is neither an argument nor an nn.Parameter" (a reviewer found
+    it misleading: the tensor came from an argument), and where nothing required grad the replay check failed
+    with functorch's "your tensor may have escaped" error."""
+    name = _TRANSFORM_NAMES.get(kind, f"a torch.func transform ({kind})")
+    return (f"storch.compile cannot trace {_name(fn)}: it calls {name} inside the step. storch.compile's trace "
+            "records the step's torch operations above torch.func's transforms, so it cannot see through one: the "
+            "transform's inputs and results would be fixed into the program as the traced call's values, cut off "
+            "from the step's arguments and parameters (no gradient would reach them). Write that part without the "
+            "transform (torch operations broadcast over leading dims: call the function on the whole batch, or "
+            "loop over the entries and torch.stack the results; a derivative in closed form with torch "
+            "operations), or run this step eagerly (without storch.compile). storch's own plate operations "
+            "need no torch.func: they are compiled as usual")
+
+
 def _backward_message(fn, component: Optional[str] = None) -> str:
     if component is not None:
         # the backward pass runs inside an estimator's component, not in the user's code

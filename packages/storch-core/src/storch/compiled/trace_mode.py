@@ -2,9 +2,10 @@
 then only): Python reads of a traced or captured tensor's values or of a sample, selections whose shape depends
 on the data, reads and writes of a ``.grad`` (an optimizer's ``zero_grad``), a tensor's gradient hook
 (``register_hook``, ``register_post_accumulate_grad_hook``), draws from a generator of the step's own and a
-``torch.inference_mode()`` block are refused; each grad-mode switch (``no_grad``, ``enable_grad``) is made as well as
-recorded (torch 2.7 and 2.8's trace only records it); a captured buffer or an argument about to be written in place
-is saved, and put back after the trace and the replay check."""
+``torch.inference_mode()`` block are refused, and so is a torch.func transform (vmap, jvp) opened in the step;
+each grad-mode switch (``no_grad``, ``enable_grad``) is made as well as recorded (torch 2.7 and 2.8's trace only
+records it); a captured buffer or an argument about to be written in place is saved, and put back after the trace
+and the replay check."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch.utils._pytree as pytree
 
 from ..errors import StorchError
 from ..plates.tensor import PlateTensor
-from .refusals import _gradient_message, _name, _optimizer_message, _tensor_hook_message
+from .refusals import _gradient_message, _name, _optimizer_message, _tensor_hook_message, _transform_in_step_message
 
 _T = torch.Tensor
 
@@ -71,6 +72,9 @@ _HOOKS = frozenset((_T.register_hook, _T.register_post_accumulate_grad_hook))
 
 _STORCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # storch's package folder
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+_functorch_level = torch._C._functorch.maybe_current_level  # the innermost torch.func transform's level, or None
 
 
 def _called_by_storch() -> bool:
@@ -234,6 +238,7 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
         self.saved: dict = {}  # id -> [tensor, version after saving, value]
         self.tracer = None
         self.inference = False  # whether the compiled step was called under torch.inference_mode()
+        self.level = None  # the torch.func level the compiled step was called at (None: under no transform)
 
     def __enter__(self):
         from torch.fx.experimental.proxy_tensor import get_proxy_mode
@@ -241,6 +246,7 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
         mode = get_proxy_mode()
         self.tracer = None if mode is None else mode.tracer
         self.inference = torch.is_inference_mode_enabled()
+        self.level = _functorch_level()
         return super().__enter__()
 
     def _traced(self, t) -> bool:
@@ -264,6 +270,20 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
         if mode is None or mode.tracer is not self.tracer:
             return False  # a nested trace, or proxy tracing switched off (torch's own bookkeeping)
         return isinstance(t, torch.nn.Parameter) or not has_proxy_slot(t, self.tracer)
+
+    def _transform_opened(self) -> None:
+        """Refuse a torch.func transform that the step opened (a torch call at another functorch level than the
+        step's call), unless a nested trace records it: storch's vmap rule traces its own vmapped calls on
+        their own (storch.plates.rules.vmap._recorded), and proxy tracing is off or another trace's there."""
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+        mode = get_proxy_mode()
+        if self.tracer is None or mode is None or mode.tracer is not self.tracer:
+            return
+        stack = torch._C._functorch.get_interpreter_stack() or []
+        depth = 0 if self.level is None else len(stack) - (_functorch_level() - self.level)
+        kind = stack[depth].key().name if 0 <= depth < len(stack) else "unknown"
+        raise StorchError(_transform_in_step_message(self.fn, kind))
 
     def _data_shape(self, func, args, kwargs) -> Optional[str]:
         """The name of a call whose output shape depends on its input's values (beyond _DATA_SHAPES), or None."""
@@ -289,6 +309,8 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _functorch_level() != self.level:
+            self._transform_opened()
         if func is _SET_GRAD_ENABLED:
             return self._set_grad_enabled(func, args, kwargs)
         if not self.inference and torch.is_inference_mode_enabled():
