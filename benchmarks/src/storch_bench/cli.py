@@ -83,7 +83,7 @@ def _common(p: argparse.ArgumentParser, estimators: bool = True, seed: bool = Tr
 
 # names the subcommands accept (checked when the arguments are read, not after a long run)
 VAE_MODELS = ("bernoulli", "categorical")
-OVERHEAD_PROBLEMS = ("toy", "vae", "cnn", "rnn", "ipd")
+OVERHEAD_PROBLEMS = ("toy", "vae", "cnn", "rnn", "sbn", "ipd")
 OVERHEAD_CONFIGS = ("score", "loo", "unordered_set", "gumbel_softmax", "sum_and_sample", "moving_average",
                     "gumbel_annealed")
 IPD_CONFIGS = ("LOLA-DiCE", "LOLA-DiCE + baseline", "naive")
@@ -206,7 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(o, estimators=False, seed=False)
     o.add_argument("--batch-sizes", default="1,100", type=int_list(1), help="comma-separated (default 1,100)")
     o.add_argument("--n-samples", default="1,8,64", type=int_list(1), help="comma-separated sample counts (default 1,8,64)")
-    o.add_argument("--problems", default="toy,vae", type=choice_list(OVERHEAD_PROBLEMS), help="toy, vae, cnn, rnn, ipd (episodes of the iterated prisoner's dilemma: REINFORCE and LOLA-DiCE "
+    o.add_argument("--problems", default="toy,vae", type=choice_list(OVERHEAD_PROBLEMS), help="toy, vae, cnn, rnn, sbn (two nodes, the second in the first's plate), ipd (episodes of the iterated prisoner's dilemma: REINFORCE and LOLA-DiCE "
                    "updates, on the CPU; comma-separated; default toy,vae)")
     o.add_argument("--min-time", type=positive_float, default=0.2, help="seconds of timing per measurement")
     o.add_argument("--configs", default=None, type=choice_list(OVERHEAD_CONFIGS), help="subset of score,loo,unordered_set,gumbel_softmax,sum_and_sample (default: all of them), "

@@ -12,6 +12,9 @@ batch sizes 1 and 100 and n = 1, 8, 64, on two problems:
   8 steps of 8-way tokens, one estimator instance over the steps = one partition); only
   estimators that support partitions run it (sum_and_sample with a memory buffer of one sequence
   per image: ``PARTITION_OPTIONS``).
+- ``sbn``: one training step of a two-layer sigmoid belief network (:mod:`storch_bench.sbn`: two
+  Bernoulli nodes of 16 units, the second in the first's plate, one estimator each; score, loo and
+  moving_average have a hand-written version, whose gradients are compared);
 - ``ipd``: policy gradients over episodes of the iterated prisoner's dilemma (REINFORCE updates
   and the surrogate alone at T = 50, 150, 500 steps, one LOLA-DiCE iteration; score and loo
   only; see :mod:`storch_bench.overhead_ipd`).
@@ -39,7 +42,7 @@ from torch.distributions import Bernoulli, RelaxedBernoulli
 
 import storch
 
-from . import conv_vae, gru_decoder
+from . import conv_vae, gru_decoder, sbn
 from .data import load_binary_digits
 from .handwritten import gumbel_topk_bernoulli, score_surrogate, unordered_set_surrogate
 from .measure import peak_memory
@@ -322,13 +325,46 @@ def rnn_pair(config: str, est, batch: int, n: int, device: torch.device = _CPU):
     return with_storch, by_hand, lambda: model_t.load_state_dict(model_s.state_dict())
 
 
+# configs of the two-node SBN written by hand: config -> the hand-written baseline of each node
+SBN_BASELINES = {"score": "none", "loo": "leave_one_out", "moving_average": "moving_average"}
+
+
+def sbn_pair(config: str, est, batch: int, n: int, device: torch.device = _CPU):
+    """One training step of the two-layer sigmoid belief network (:mod:`storch_bench.sbn`): ``est`` for z1, a
+    second estimator of the same config for z2 (in z1's plate), Adam on both sides."""
+    train, _ = load_binary_digits()
+    x = train[:batch].to(device)
+    name, options, _ = CONFIGS[config]
+    e2 = storch.estimator(name, plate="z2", n_samples=est.n_samples, **options).to(device)
+    torch.manual_seed(0)
+    model_s = sbn.SBN().to(device)
+    model_t = copy.deepcopy(model_s)
+    opt_s = torch.optim.Adam(model_s.parameters(), lr=1e-3)
+    opt_t = torch.optim.Adam(model_t.parameters(), lr=1e-3)
+    step = _step(model_s, opt_s, lambda: sbn.storch_surrogate(model_s, est, e2, x))
+
+    def with_storch():
+        step()
+        return model_s.q1.weight.grad
+
+    def by_hand():
+        if config not in SBN_BASELINES:
+            raise NotImplementedError(f"{config}: no hand-written version")
+        opt_t.zero_grad(set_to_none=True)
+        sbn.hand_surrogate(model_t, x, n, SBN_BASELINES[config], est, e2).backward()
+        opt_t.step()
+        return model_t.q1.weight.grad
+
+    return with_storch, by_hand, lambda: model_t.load_state_dict(model_s.state_dict())
+
+
 def memory_key(est, batch: int, device: torch.device = _CPU) -> Optional[torch.Tensor]:
     """The data points' ids for the first token's ``memory_key=`` where the estimator keeps a memory per
     data point (sum_and_sample with ``buffer=``): the batch is fixed, so its positions; else ``None``."""
     return torch.arange(batch, device=device) if getattr(est, "buffer", None) is not None else None
 
 
-PROBLEMS = {"toy": toy_pair, "vae": vae_pair, "cnn": cnn_pair, "rnn": rnn_pair}
+PROBLEMS = {"toy": toy_pair, "vae": vae_pair, "cnn": cnn_pair, "rnn": rnn_pair, "sbn": sbn_pair}
 PARTITION_PROBLEMS = ("rnn",)  # one estimator instance called at every step
 PARTITION_CONFIGS = ("score", "loo", "unordered_set", "sum_and_sample")
 # options added on partitions: over sequences sum_and_sample is MAPO's, with a memory buffer. buffer=1 with
