@@ -28,7 +28,7 @@ EXAMPLE = "examples/which_estimator/hard_attention.py:step"
       "--min-time", "0.001"], "argument --configs: names 'score' more than once"),
     (["vae", "--estimators", ""], "argument --estimators: names no estimator"),
     (["vae", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
-    (["overhead", "--problems", "nosuch"], "argument --problems: unknown 'nosuch'; choose from toy, vae, cnn, rnn, ipd"),
+    (["overhead", "--problems", "nosuch"], "argument --problems: unknown 'nosuch'; choose from toy, vae, cnn, rnn, sbn, ipd"),
     (["overhead", "--configs", "nosuch"], "argument --configs: unknown 'nosuch'; choose from score, loo"),
     (["overhead", "--batch-sizes", "0"], "argument --batch-sizes: must be >= 1, got 0"),
     (["overhead", "--n-samples", "2,x"], "argument --n-samples: 'x' is not an integer"),
