@@ -22,6 +22,7 @@ import torch
 from torch.distributions import Bernoulli
 
 import storch
+import storch_score
 from path_probes import calls, graph_ops
 
 
@@ -860,3 +861,64 @@ def test_partition_fast_path_moves_a_moving_average_as_the_general_path_does(dty
     # so an update too many or too few on either path shows above
     _decoder_training_step(frozen, w, 0, dtype)
     assert not torch.equal(grad, _decoder_training_step(frozen, w, seed, dtype)[1])
+
+
+class _ControlVariateOverridden(storch_score.Score):
+    """The base class's control variate (1 - MagicBox(l)) ⊥b through an override: the surrogate's general path."""
+
+    reads_baseline_option = True
+
+    def control_variate(self, node, cost):
+        return storch.Estimator.control_variate(self, node, cost)
+
+
+def _two_node_step(theta, first, options, order):
+    """z2 in z1's plate, one baseline each (z1's estimator of class ``first``); the surrogate, its gradient (and
+    Hessian), the calls it made and its autograd graph."""
+    e1 = first(plate="z1", n_samples=3, **options)
+    e2 = storch_score.Score(plate="z2", n_samples=2, **options)
+    for step in range(2):  # the moving average's first step sets it; the second reads it
+        torch.manual_seed(11 + step)
+        with storch.Graph():
+            x = storch.denote_independent(torch.tensor([0.0, 1.0, 1.0, 0.0]), 0, "data")
+            z1 = e1(Bernoulli(logits=theta[0] + theta[1] * x))
+            z2 = e2(Bernoulli(logits=theta[2] * z1 - theta[3]))
+            storch.add_cost((z1 + 2 * z2 - 0.7 * x) ** 2, name="f")
+            if step == 0:
+                storch.backward()
+                continue
+            loss, seen = calls(lambda: storch.surrogate_loss(order=order))
+            (g,) = torch.autograd.grad(loss, theta, create_graph=order > 1)
+            h = (torch.stack([torch.autograd.grad(g[i], theta, retain_graph=True)[0] for i in range(4)])
+                 if order > 1 else None)
+            return loss.detach(), g.detach(), h, seen, graph_ops(loss)
+
+
+@pytest.mark.parametrize("baseline", ["leave_one_out", "moving_average"])
+def test_two_nodes_with_baselines_share_the_first_nodes_magic_box(baseline):
+    # z2 in z1's plate, each with the base class's control variate: z2's term reads MagicBox(L_1) = MagicBox(l_1),
+    # z1's own (1 - MagicBox(l_1)) ⊥b the same function of the same tensor; at order 1 built once (two MagicBoxes,
+    # not three: a view, a sub and an exp fewer, forward and backward). The same values and gradients, bitwise, as
+    # the general path (z1's estimator overrides control_variate with the base formula: its own MagicBox)
+    theta = torch.tensor([0.3, -0.8, 1.1, 0.4], requires_grad=True)
+    options = {"baseline": baseline}
+    loss, g, _, seen, ops = _two_node_step(theta, storch_score.Score, options, 1)
+    loss_r, g_r, _, seen_r, ops_r = _two_node_step(theta, _ControlVariateOverridden, options, 1)
+    assert "_base_control_variate" in seen and "_shared_box" in seen
+    assert "_base_control_variate" not in seen_r and "control_variate" in seen_r  # the control: general path
+    assert ops["ExpBackward0"] == 2 and ops_r["ExpBackward0"] == 3
+    assert ops_r - ops == {"ExpBackward0": 1, "SubBackward0": 1, "UnsqueezeBackward0": 1} and not ops - ops_r
+    assert torch.equal(loss, loss_r) and torch.equal(g, g_r) and g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("baseline", ["leave_one_out", "moving_average"])
+def test_two_nodes_with_baselines_at_order_2_keep_both_magic_boxes(baseline):
+    # at order 2 the shared box would give the same Hessian up to the order of a sum (the last bit): the general
+    # path's graph is kept, so the derivatives are those of before, bitwise
+    theta = torch.tensor([0.3, -0.8, 1.1, 0.4], requires_grad=True)
+    options = {"baseline": baseline}
+    loss, g, h, seen, ops = _two_node_step(theta, storch_score.Score, options, 2)
+    loss_r, g_r, h_r, _, ops_r = _two_node_step(theta, _ControlVariateOverridden, options, 2)
+    assert "_base_control_variate" not in seen and "_shared_box" not in seen
+    assert ops == ops_r and ops["ExpBackward0"] == 3
+    assert torch.equal(loss, loss_r) and torch.equal(g, g_r) and torch.equal(h, h_r) and h.abs().sum() > 0

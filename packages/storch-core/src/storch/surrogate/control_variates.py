@@ -40,15 +40,30 @@ def _with_control_variate(inner: torch.Tensor, est, node: Node, frame: CostFrame
 
 
 def _baseline_term(inner: torch.Tensor, est, node: Node, frame: CostFrame, box: torch.Tensor,
-                   prefix: Optional[torch.Tensor]) -> torch.Tensor:
+                   prefix: Optional[torch.Tensor], outer: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``inner`` plus the base class's control variate of the innermost node, MagicBox(L_{k-1}) ·
     (1 - MagicBox(l_k)) ⊥b = (MagicBox(L_{k-1}) - MagicBox(L_k)) ⊥b (a product of MagicBoxes is the
     MagicBox of the sum), with MagicBox(L_k) the cost's own ``box``: the same values and derivatives
-    at every order, without computing that MagicBox a second time."""
+    at every order, without computing that MagicBox a second time. ``outer``: MagicBox(L_{k-1}) where the
+    surrogate has it already (L_{k-1} = l of one node: the box that node's own control variate reads)."""
     b = step_baseline(est, node, frame)
     if b is None:
         return inner
     if type(b) is not torch.Tensor or (b.shape != frame.tensor.shape and b.dim()):  # (a scalar: no call)
         check_in_frame(est, "baseline", b, frame)
-    outer = 1.0 if prefix is None else magic_box(prefix)
+    if outer is None:
+        outer = 1.0 if prefix is None else magic_box(prefix)
     return inner + (outer - box) * b.detach()
+
+
+def _base_control_variate(est, node: Node, frame: CostFrame, box: torch.Tensor) -> Optional[torch.Tensor]:
+    """``Estimator.control_variate`` (the base class's (1 - MagicBox(l)) ⊥b) with MagicBox(l) at the frame's
+    plates given: the box the surrogate shares with the next node's term, whose MagicBox(L_{k-1}) is the same
+    function of the same tensor (two nodes, the second in the first's plate, each with a baseline: one MagicBox
+    of l_1 where there were two; the same ops otherwise, so the same values and gradients)."""
+    b = step_baseline(est, node, frame)  # (as before the step's update, where it has one)
+    if b is None:
+        return None
+    if type(b) is not torch.Tensor or (b.shape != frame.tensor.shape and b.dim()):  # (a scalar: no call)
+        check_in_frame(est, "baseline", b, frame)
+    return (1.0 - box) * b.detach()  # b must not carry gradient: appendix D.2.1

@@ -21,10 +21,11 @@ from ..estimators.step_state import step_baseline
 from ..graph import Graph
 from ..graph.node import Node
 from ..plates.tensor import align, plates_of, raw_of
-from .control_variates import _BASE_CONTROL_VARIATE, _baseline_term, _has_control_variate, _with_control_variate
+from .control_variates import (_BASE_CONTROL_VARIATE, _base_control_variate, _baseline_term, _has_control_variate,
+                               _with_control_variate)
 from .grouped_baselines import _all_groupable, _grouped_cost
 from .order import _guard_control_variate
-from .running_sums import _passive, _running_sums, _sum_at, _Sums
+from .running_sums import _constant, _passive, _running_sums, _sum_at, _Sums
 
 
 def cost_nodes(graph: Graph, cost) -> list[Node]:
@@ -153,8 +154,22 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
             node.frames[frame.key] = frame  # what update_parameters trains on
             j = at[i]  # L_{i-1}: the sum of the non-passive nodes' l before node i (a passive one's is constant)
             prefix = _sum_at(levels[j - 1], plates) if j and levels is not None else None
-            if i == last and box is not None and type(est).control_variate is _BASE_CONTROL_VARIATE:
-                inner = _baseline_term(inner, est, node, frame, box, prefix)
+            base = type(est).control_variate is _BASE_CONTROL_VARIATE
+            if i == last and box is not None and base:
+                # L_{k-1} = l of the first active node alone: its MagicBox is the one that node's own control
+                # variate reads (below), built once (_shared_box). At order 1 only: there the gradients are the
+                # same bitwise (the MagicBox is 1: its backward multiplies by 1); a Hessian summed in another order
+                # may differ in the last bit, so higher orders keep the general path's graph
+                outer = (_shared_box(sums, active[0], plates) if order == 1 and j == 1 and prefix is not None
+                         and active[0].history is None else None)
+                inner = _baseline_term(inner, est, node, frame, box, prefix, outer)
+            elif (base and order == 1 and prefix is None and node.history is None
+                  and not _constant(l := node.gradient_values)
+                  and l.dim() >= len(node.plates)):  # (else CostFrame.align's _lead: the general path)
+                a = _base_control_variate(est, node, frame, _shared_box(sums, node, plates))  # line 11
+                _guard_control_variate(a, node, order)
+                if a is not None:
+                    inner = inner + a
             else:
                 a = est.control_variate(node, frame)  # line 11
                 if a is not None and (type(a) is not torch.Tensor or (a.shape != frame.tensor.shape and a.dim())):
@@ -171,6 +186,20 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
             inner = (w * inner).sum(dim, keepdim=True)  # line 14: weight and sum over X_i
     # what is left are independent plates (and size-1 dims): the mean over data points
     return inner.mean() if inner.dim() else inner
+
+
+def _shared_box(sums: _Sums, node: Node, plates: tuple) -> torch.Tensor:
+    """MagicBox(l) of ``node`` (not a partition's view) at ``plates``, built once per surrogate (``sums.boxes``):
+    the same tensor for its own control variate, the next node's MagicBox(L_{k-1}) and the one-node costs."""
+    boxes = sums.boxes
+    if boxes is None:
+        boxes = sums.boxes = {}
+    key = (id(node), plates)
+    box = boxes.get(key)
+    if box is None:
+        box = boxes[key] = magic_box(align(node.gradient_values, node.plates, plates))
+    return box
+
 
 def _one_node_surrogate(raw: torch.Tensor, plates: tuple, node: Node, name: Optional[str],
                         order: int = 1, renamed: Optional[tuple] = None,
