@@ -771,3 +771,20 @@ def test_leave_one_out_of_many_reduced_precision_costs_is_summed_in_float32(dtyp
     b = (f.sum() - f) / (n - 1)
     want = ((f - b)[:, None] * x).mean(0)  # d log N(x; mu, 1)/d mu = x - mu, mu = 0
     torch.testing.assert_close(g.double(), want, rtol=0.05, atol=0.1)
+
+
+def test_importance_refuses_a_proposal_on_an_earlier_graphs_plate():
+    """A proposal callable that reads a behaviour policy computed in an earlier step (the docs' dict recipe with
+    the dict not updated in this step) was lined up with the node's data plate by name and silently used the
+    earlier step's μ (its data points'); it is refused, naming the plate and the finished graph."""
+    behaviour = {}
+    est = storch.estimator("importance", plate="a", n_samples=2, proposal=lambda p: Categorical(probs=behaviour["mu"]))
+    with storch.Graph():
+        x = storch.denote_independent(CONTEXTS, 0, "data")
+        behaviour["mu"] = BANDIT_MU[x]
+        est(Categorical(logits=BANDIT_THETA[x]))
+    with storch.Graph():
+        x = storch.denote_independent(CONTEXTS.flip(0), 0, "data")  # the next step's data; behaviour not updated
+        with pytest.raises(storch.OptionError, match=r"parameter 'probs' is on plate 'data', but that plate comes "
+                           r"from a graph that was finished.*Compute the proposal's parameters in this step's graph"):
+            est(Categorical(logits=BANDIT_THETA[x]))

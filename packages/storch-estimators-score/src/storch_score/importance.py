@@ -12,7 +12,7 @@ from torch.distributions import (
     Categorical, Distribution, Independent, MixtureSameFamily, Multinomial, Transform, TransformedDistribution, constraints, transform_to,
 )
 
-from storch import Estimator, Node, OptionError, StorchError
+from storch import Estimator, Node, OptionError, Plate, StorchError
 from storch.extending import align, assume, base_distribution, is_tracing, parameters, plates_of, raw_of, rebuild, same_support, strict_support
 
 __all__ = ["Importance", "ImportanceState"]
@@ -371,7 +371,7 @@ def _on_parent_plates(q: Distribution, node: Node) -> Distribution:
                 "Normal(m[x], s), Independent(Normal(...), 1)), or from raw tensors whose leading dims are the "
                 f"node's parent plates {[pl.name for pl in node.parents]}, in that order (x.tensor)")
         return q
-    names = {pl.name for pl in node.parents}
+    names = {pl.name: pl for pl in node.parents}
     for n, v in plated.items():
         extra = [pl.name for pl in plates_of(v) if pl.name not in names]
         if extra:
@@ -379,11 +379,31 @@ def _on_parent_plates(q: Distribution, node: Node) -> Distribution:
                 f"importance: the proposal's parameter {n!r} is on plates {extra} that the node's distribution is "
                 f"not on (its plates: {sorted(names)}); a proposal may depend only on what p depends on (data, "
                 "earlier nodes that p's parameters carry)")
+        for pl in plates_of(v):
+            _check_same_plate(n, pl, names[pl.name])
     raw = {n: align(raw_of(v), plates_of(v), node.parents) if n in plated else v for n, v in params.items()}
     # the plate tensors are aligned to the node's parent plates, which lead the copy's batch dims (review
     # r-twentythree: a user's class was refused for its batch shape)
     unplated = rebuild(base, raw, torch.Size(pl.size for pl in node.parents) if plated else torch.Size())
     return Independent(unplated, q.reinterpreted_batch_ndims) if base is not q else unplated
+
+
+def _check_same_plate(param: str, pl: Plate, own: Plate) -> None:
+    """Refuse a proposal parameter whose plate has p's plate's name but is another plate: one of an earlier
+    graph (a proposal callable that reads a tensor computed in an earlier step, a dict not updated in this
+    one) would be lined up by name and silently give that step's behaviour policy."""
+    # (a partition's plate at another step is the same plate: one lineage; align re-indexes it)
+    if pl.lineage is own.lineage and pl.size == own.size and pl.independent == own.independent:
+        return
+    closed = pl.lineage.closed if pl.lineage is not None else None
+    why = (f"comes from a graph that was {closed}" if closed is not None else
+           f"has size {pl.size} where the node's has {own.size}" if pl.size != own.size else
+           "is another plate of that name (another graph's, or one built by hand)")
+    raise OptionError(
+        f"importance: the proposal's parameter {param!r} is on plate {pl.name!r}, but that plate {why}: it is not "
+        f"the node's plate {pl.name!r}, and lining them up by name would give the proposal of another step (its "
+        "data points, its behaviour policy). Compute the proposal's parameters in this step's graph (a callable "
+        "p -> q that reads a value set in the step must have it set in every step, evaluation steps included)")
 
 
 def _holds_plates(d, depth: int = 0) -> bool:
