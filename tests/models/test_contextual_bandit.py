@@ -6,7 +6,9 @@ model of the context), learned on-policy and off-policy from logs of a behaviour
   gradient and a Hessian-vector product are z-tested against the exact sum over the K actions (4 standard errors).
 - Off-policy: logged (x, a, μ(a | x), r) are data, not a stochastic node: the recipe of
   docs/estimators/importance.md, "A replay buffer" (the logs on a data plate, the cost -(π(a|x) / μ(a|x)) r).
-  IPS is unbiased for E_π[r] at every order when μ has full support; clipping the ratio is not (z > 4 shows it).
+  IPS is unbiased for E_π[r] at every order when μ has full support; clipping the ratio is not (z > 10 shows it).
+  Doubly robust (a reward model's direct method enumerated with ``expect``, plus IPS of the residual) is unbiased
+  too, with less variance.
 - Learning from 20k logged interactions: the policy value of the learned π, computed exactly from the known
   reward, against μ's and the optimal policy's.
 """
@@ -118,6 +120,30 @@ def test_ips_from_logged_propensities_is_unbiased_at_orders_1_and_2():
     exact_g, exact_hv = exact_derivatives()
     assert_unbiased(grads, exact_g, "IPS gradient")
     assert_unbiased(hvps, exact_hv, "IPS Hessian-vector product")
+
+
+def test_doubly_robust_with_expect_is_unbiased_and_has_less_variance():
+    """Doubly robust: the direct method Σ_a π(a|x) q̂(x, a) of an imperfect reward model q̂, enumerated by
+    ``expect`` on the logs' plate, plus IPS of the residual r - q̂(x, a). Unbiased at orders 1 and 2 for any q̂,
+    and (q̂ close to r̄) with a lower variance than IPS on the same logs."""
+    q_hat = U + 0.3 * torch.randn(d, K, generator=torch.Generator().manual_seed(6), dtype=D)
+    direct = storch.estimator("expect", plate="dm")
+
+    def step(w):
+        x, a, propensity, r = storch.denote_independent(logs(2, gen), 0, "logs")
+        pi = Categorical(logits=x @ w)
+        a_dm = direct(pi)
+        storch.add_cost(-(x @ q_hat + C).gather(-1, a_dm.unsqueeze(-1)).squeeze(-1), name="direct")
+        residual = r - (x @ q_hat + C).gather(-1, a.unsqueeze(-1)).squeeze(-1)
+        storch.add_cost(-pi.log_prob(a).exp() / propensity * residual, name="correction")
+
+    gen = torch.Generator().manual_seed(7)
+    grads, hvps = estimates(step, 300)
+    exact_g, exact_hv = exact_derivatives()
+    assert_unbiased(grads, exact_g, "doubly robust gradient")
+    assert_unbiased(hvps, exact_hv, "doubly robust Hessian-vector product")
+    ips, _ = estimates(ips_step(torch.Generator().manual_seed(7)), 300)
+    assert grads.var(0).sum() < 0.5 * ips.var(0).sum()
 
 
 def test_clipped_ips_is_biased():
