@@ -390,7 +390,12 @@ def _underflowed_logits(d: Distribution, inner: Categorical, t: type, traced: bo
     if not traced and logits.is_meta:
         return d
     with torch.no_grad():
-        never = torch.isfinite(logits) & (logits.exp() == 0)
+        # torch's own probabilities (Categorical.probs is softmax(logits), what sample draws from), not exp(logits):
+        # the two round differently near the underflow (a float32 logit of -97.065 beside 1000 zeros has
+        # probability 1.4e-45 by softmax and exp 0; in float16 one of -10.42 the reverse), and a value torch can
+        # draw must not get log p = -inf. Computed here, not read from the lazy ``probs`` (no_grad: the cached
+        # tensor would be detached)
+        never = torch.isfinite(logits) & (torch.softmax(logits, -1) == 0)
         if not traced and not bool(never.any()):
             return d
     return _without(d, inner, t, never)
