@@ -89,7 +89,7 @@ def test_a_head_for_a_cost_first_met_after_the_freeze_follows_the_frozen_heads(p
         warnings.simplefilter("always")
         model.step(("d", "e"))
         model.step(("d", "e", "f"))  # a third head: frozen too, and no second warning
-    ours = [w for w in caught if "built now frozen" in str(w.message)]
+    ours = [w for w in caught if "was built frozen" in str(w.message)]
     flags = _head_flags(model)
     assert {n.split(".")[3] for n in flags} == {"cost_d", "cost_e", "cost_f"}
     if not parent_frozen:
@@ -114,5 +114,41 @@ def test_an_explicit_request_decides_a_later_head_and_silences_the_warning(reque
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.step(("d", "e"))
-    assert not [w for w in caught if "built now frozen" in str(w.message)]
+    assert not [w for w in caught if "was built frozen" in str(w.message)]
     assert _head_flags(model)["nvil.baseline_fn.heads.cost_e.0.weight"] is request_
+
+
+def _validate(model, costs) -> None:
+    """A validation pass under no_grad that meets ``costs`` (builds their heads)."""
+    with torch.no_grad():
+        theta = model.encoder(torch.ones(1))
+        with storch.Graph():
+            y = model.nvil(Bernoulli(logits=theta))
+            for name in costs:
+                storch.add_cost(((y - 0.4) ** 2).sum(), name=name)
+            storch.surrogate_loss()
+
+
+@pytest.mark.parametrize("request_", [None, True])
+def test_a_head_first_built_in_a_no_grad_pass_warns_at_its_first_training_step(request_):
+    """The head of cost 'e', first met in a no_grad validation pass after the parent's freeze, was built frozen with
+    no warning (none in a no_grad pass), and stayed frozen in training with none either. The warning now comes at the
+    first training step that uses it; an explicit request in between decides the head's flag and silences it."""
+    torch.manual_seed(0)
+    model = _TwoCosts()
+    model.step()
+    model.requires_grad_(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _validate(model, ("d", "e"))
+        assert not [w for w in caught if "was built frozen" in str(w.message)]  # no warning in validation
+        if request_ is not None:
+            model.nvil.requires_grad_(request_)
+        model.step(("d", "e"))
+        model.step(("d", "e"))
+    ours = [w for w in caught if "was built frozen" in str(w.message)]
+    if request_ is not None:
+        assert not ours and _head_flags(model)["nvil.baseline_fn.heads.cost_e.0.weight"] is request_
+        return
+    assert not _head_flags(model)["nvil.baseline_fn.heads.cost_e.0.weight"]
+    assert len(ours) == 1 and ours[0].filename == __file__ and "'cost_e'" in str(ours[0].message)

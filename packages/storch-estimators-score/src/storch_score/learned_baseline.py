@@ -191,7 +191,13 @@ class LearnedBaseline(torch.nn.Module):
                                           what=f"the learned baseline's new head for cost {name!r}")
             self.heads[key] = net
             self._warn_untrained(name)
-            if follows and not net[0].weight.requires_grad and torch.is_grad_enabled():
+            if follows and not net[0].weight.requires_grad:
+                # said at the first training step that uses it: a head first built in a no_grad validation
+                # pass stayed frozen in training with no word (the warning was only given at the build)
+                self._followed = self._followed | {key}
+        if key in self._followed and torch.is_grad_enabled():
+            self._followed = self._followed - {key}
+            if self._requires_grad is None and not self.heads[key][0].weight.requires_grad:
                 self._warn_followed_freeze(name, key)
         return self.heads[key]
 
@@ -210,7 +216,7 @@ class LearnedBaseline(torch.nn.Module):
         return not built or any(p.requires_grad for p in built)
 
     def _warn_followed_freeze(self, name: Optional[str], key: str) -> None:
-        """The head was built frozen in a training step because every earlier head was, with no request to the
+        """The head was built frozen (met now in a training step) because every earlier head was, with no request to the
         baseline or its estimator: a parent's ``model.requires_grad_(False)``, or those heads frozen on purpose
         (the new cost's head meant to train). The two cannot be told apart; said once, and an explicit request
         either way silences it."""
@@ -218,7 +224,7 @@ class LearnedBaseline(torch.nn.Module):
             return
         self._warned_follow = True
         warnings.warn(
-            f"{self._who()}: the learned baseline's network for cost {name!r} was built now frozen "
+            f"{self._who()}: the learned baseline's network for cost {name!r} was built frozen "
             "(requires_grad=False), as every head built before it is frozen and no requires_grad_ request reached "
             "the estimator (a parent's model.requires_grad_(False) reaches only the parameters that exist when it "
             f"is called). To train the new head, call est.baseline_fn.heads[{key!r}].requires_grad_(True); to freeze the estimator and silence this, call est.requires_grad_(False)",
@@ -271,6 +277,7 @@ class LearnedBaseline(torch.nn.Module):
     # the last requires_grad_() request, applied to the heads when they are built; None: none was made
     _requires_grad: Optional[bool] = None
     _warned_follow = False  # (the one-time warning of _warn_followed_freeze)
+    _followed: frozenset = frozenset()  # keys of heads built frozen by following, not yet used in a training step
 
     def forward(self, node: Node, cost: CostFrame) -> torch.Tensor:
         h, plates = baseline_features(node)
