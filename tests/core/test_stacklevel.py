@@ -41,3 +41,25 @@ def test_user_stacklevel_skips_the_frames_of_the_packages_a_family_names():
 
     assert user_stacklevel() == 1
     assert user_stacklevel(sys.modules[__name__]) > 1
+
+
+def test_user_stacklevel_refuses_a_module_without_a_file(tmp_path, monkeypatch):
+    """A namespace package (``__file__`` None) was read as the path 'None' in the working directory, so the walk
+    skipped every frame under it, the user's own script's included; such a module is refused with what to pass."""
+    import importlib
+    import sys
+
+    import pytest
+
+    from storch.extending import user_stacklevel
+
+    (tmp_path / "nsfamily").mkdir()  # no __init__.py: a namespace package
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(os.path.dirname(__file__))  # the working directory holds this test's file
+    ns = importlib.import_module("nsfamily")
+    try:
+        assert ns.__file__ is None
+        with pytest.raises(TypeError, match=r"namespace package.*sys\.modules\[__name__\]"):
+            user_stacklevel(ns)
+    finally:
+        sys.modules.pop("nsfamily", None)

@@ -25,8 +25,21 @@ def user_stacklevel(*modules: ModuleType) -> int:
     its package's top level), so that a warning issued deep in its code points at the user's line, not at the
     family's or storch's frames in between.
     """
-    own = _OWN_DIRS + tuple(os.path.dirname(os.path.abspath(str(m.__file__))) + os.sep for m in modules)
+    own = _OWN_DIRS + tuple(_folder(m) for m in modules)
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith(own):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _folder(module: ModuleType) -> str:
+    """The folder of ``module``'s file. A module without one (a namespace package's ``__file__`` is None) is
+    refused: ``str(None)`` read as a relative path named the working directory, and the walk skipped the user's
+    own frames there."""
+    file = getattr(module, "__file__", None)
+    if not isinstance(module, ModuleType) or not isinstance(file, str):
+        raise TypeError(
+            f"storch.extending.user_stacklevel: {module!r} is not a module loaded from a file (a namespace package "
+            "has no __file__); pass a module of your package, e.g. sys.modules[__name__] from a module at its top "
+            "level")
+    return os.path.dirname(os.path.abspath(file)) + os.sep
