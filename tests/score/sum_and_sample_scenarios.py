@@ -142,9 +142,9 @@ def _sequences(options: dict, graphs: int = 3, data: int = 0, keys=None, one_hot
 
 
 def _buffer(est) -> dict:
-    """The buffer in the estimator's extra state, without the record of who saved it (written since the
-    reference values: storch.extending.state_record)."""
-    return {k: v for k, v in est.state_dict()["_extra_state"].items() if k != "saved_by"}
+    """The buffer in the estimator's extra state, without the record of who saved it and whether a key came again
+    (written since the reference values: storch.extending.state_record; the fresh-keys warning's flag)."""
+    return {k: v for k, v in est.state_dict()["_extra_state"].items() if k not in ("saved_by", "met_again")}
 
 
 MEMORY_2 = torch.tensor([[1, 2, 0], [2, 2, 2]])

@@ -518,3 +518,24 @@ def test_buffer_warns_once_when_no_memory_key_ever_comes_again(fresh):
     message = str(ours[0].message)
     assert ours[0].category is RuntimeWarning and ours[0].filename == __file__
     assert f"{FRESH_KEYS_WARNING} memory keys" in message and "unordered_set" in message and "repeats" in message
+
+
+@pytest.mark.parametrize("met", [False, True])
+def test_a_resumed_buffer_keeps_whether_a_key_came_again(met):
+    """state_dict round trip: a run of fresh keys saved and resumed in a new estimator still warns when more fresh
+    keys come (int15 read every loaded buffer as having met its keys, so a resumed routing run never warned); a run
+    that had met a key again does not."""
+    from storch_score._sequences import FRESH_KEYS_WARNING
+    torch.manual_seed(0)
+    est = storch.estimator("mapo", plate="seq", buffer=2, n_samples=2)
+    half = FRESH_KEYS_WARNING // 2
+    batches = [list(range(i * half, (i + 1) * half)) for i in range(2)]
+    _keyed_steps(est, batches + (batches[:1] if met else []))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = storch.estimator("mapo", plate="seq", buffer=2, n_samples=2)
+        resumed.load_state_dict(est.state_dict())
+        assert len(resumed._buffer.entries) == FRESH_KEYS_WARNING
+        _keyed_steps(resumed, [list(range(2 * half, 2 * half + 8))])
+    ours = [w for w in caught if "memory_key" in str(w.message)]
+    assert len(ours) == (0 if met else 1), [str(w.message) for w in ours]

@@ -146,7 +146,8 @@ def test_checkpoints_written_before_the_split_load() -> None:
     book = {"capacity": 2, "entries": {5: {(1, 2): [0.25, -1.5]}}}  # SequenceBuffer.state(), unchanged
     seq = storch.estimator("mapo", plate="s", buffer=2)
     seq.load_state_dict({"_extra_state": book})  # (a checkpoint from before the record of who saved it)
-    record = {"saved_by": {"estimator": "sum_and_sample", "buffer": 2, "eos": None}}  # (written since)
+    record = {"saved_by": {"estimator": "sum_and_sample", "buffer": 2, "eos": None},  # (written since)
+              "met_again": True}  # (written since too; a checkpoint without it reads as having met its keys)
     assert seq.state_dict()["_extra_state"] == {**book, **record}
     seq.load_state_dict({"_extra_state": None})  # a one-step checkpoint leaves the buffer as it is (as before)
     assert seq.state_dict()["_extra_state"] == {**book, **record}

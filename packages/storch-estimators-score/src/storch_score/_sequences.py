@@ -98,13 +98,15 @@ class SequenceBuffer:
             bar = _bar(book, capacity)
 
     def state(self) -> dict:
-        return {"capacity": self.capacity, "entries": {k: dict(v) for k, v in self.entries.items()}}
+        return {"capacity": self.capacity, "entries": {k: dict(v) for k, v in self.entries.items()},
+                "met_again": self.met_again}
 
     def load(self, state: dict) -> None:
         self.capacity = state["capacity"]
         self.entries = {int(k): {tuple(s): list(v) for s, v in book.items()} for k, book in state["entries"].items()}
-        # a resumed run is read as having met its keys again (no warning: its keys may come later in the epoch)
-        self.met_again = True
+        # whether the saved run had met a key again: a run of fresh keys resumed (or a checkpoint saved before any
+        # step, an empty buffer) still warns; a checkpoint from before the field is read as having met its keys
+        self.met_again = bool(state.get("met_again", True))
 
 
 def _bar(book: dict, capacity: int) -> float:
