@@ -158,3 +158,43 @@ def test_a_cost_read_through_a_node_sampled_from_the_entries_keeps_the_3_block_f
     plain = torch.tensor([0.405, 0.505, 0.605], dtype=torch.float64)
     assert bool(((new[:, 4, None] - plain).abs() < 1e-12).any(-1).all())
     assert not bool(((old[:, 4, None] - plain).abs() < 1e-12).any(-1).all())
+
+
+DATA = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)  # a data plate of 3 points
+TWO_COSTS_AT = torch.tensor([0.3, -0.6, 0.8, -0.4], dtype=torch.float64)  # θ0, θ1 (logit θ0 + θ1 x), φ0, φ1
+
+
+def _two_costs(b, x, data):
+    """'c1' reads θ directly (φ1 log q(b)) and through b; 'c2' reads b, θ0 and φ through a smooth function."""
+    logits = x[..., 0:1] + x[..., 1:2] * data
+    q = Bernoulli(logits=logits, validate_args=False)
+    c1 = x[..., 2:3].exp() * (b - 0.4) ** 2 * data + x[..., 3:4] * q.log_prob(b)
+    c2 = torch.tanh(x[..., 3:4] * b + x[..., 0:1] + 0.3 * torch.sigmoid(x[..., 2:3] * data))
+    return logits, c1, c2
+
+
+def _two_costs_exact(x):
+    total = x.new_zeros(())
+    for i in range(len(DATA)):
+        for v in (0.0, 1.0):
+            b = x.new_tensor([v])
+            logits, c1, c2 = _two_costs(b, x, DATA[i:i + 1])
+            total = total + (Bernoulli(logits=logits).log_prob(b).exp() * (c1 + c2)).sum()
+    return total / len(DATA)  # the mean over the data plate
+
+
+def test_unbiased_with_two_costs_on_a_data_plate():
+    """Two costs on a data plate, one reading θ directly and through b: orders 1 and 2 (rebar; relax shares the
+    control variate's code)."""
+    torch.manual_seed(46)
+    est = storch.estimator("rebar", plate="b", plain_direct_gradient=True)
+
+    def model(x):
+        data = storch.denote_independent(DATA, 0, "data")
+        logits = x[0] + x[1] * data
+        b = est(Bernoulli(logits=logits))
+        q = Bernoulli(logits=logits, validate_args=False)
+        storch.add_cost(x[2].exp() * (b - 0.4) ** 2 * data + x[3] * q.log_prob(b), name="c1")
+        storch.add_cost(torch.tanh(x[3] * b + x[0] + 0.3 * torch.sigmoid(x[2] * data)), name="c2")
+
+    check("rebar plain direct, two costs on a data plate", model, _two_costs_exact, TWO_COSTS_AT, 2)
