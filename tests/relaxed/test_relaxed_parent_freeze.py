@@ -43,7 +43,7 @@ def _trainable(module) -> list:
 def test_relax_network_built_under_a_parent_frozen_before_the_first_step_is_frozen():
     torch.manual_seed(0)
     model = _Model("relax").requires_grad_(False)
-    with pytest.warns(RuntimeWarning, match="built now frozen"):  # (as η and λ: said, as their freeze may be on purpose)
+    with pytest.warns(RuntimeWarning, match="was built frozen"):  # (as η and λ: said, as their freeze may be on purpose)
         model.step()
     assert any(n.startswith("est.network.net.") for n, _ in model.named_parameters())  # built at the first node
     assert _trainable(model) == []
@@ -115,7 +115,7 @@ def test_relax_network_frozen_by_following_eta_and_lambda_says_so():
     model = _Model("relax")
     model.est.eta.requires_grad_(False)
     model.est.log_temperature.requires_grad_(False)
-    with pytest.warns(RuntimeWarning, match=r"built now frozen.*est\.network\.requires_grad_\(True\)"):
+    with pytest.warns(RuntimeWarning, match=r"was built frozen.*est\.network\.requires_grad_\(True\)"):
         model.step()
     assert _trainable(model.est) == []
     for explicit in (False, True):
@@ -129,3 +129,25 @@ def test_relax_network_frozen_by_following_eta_and_lambda_says_so():
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
             model.step()
+
+
+def test_relax_network_first_built_in_a_no_grad_pass_warns_at_its_first_training_step():
+    """η and λ frozen on purpose, and the layers first built in a no_grad validation pass: they were built frozen
+    with no warning and stayed frozen in training with none either. The warning now comes at the first training step
+    (once), pointing at the user's file."""
+    torch.manual_seed(0)
+    model = _Model("relax")
+    model.est.eta.requires_grad_(False)
+    model.est.log_temperature.requires_grad_(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad(), storch.Graph():
+            z = model.est(Bernoulli(logits=model.encoder(torch.ones(1))))
+            storch.add_cost(((z - 0.4) ** 2).sum(), name="c")
+            storch.surrogate_loss()
+        assert not [w for w in caught if "was built frozen" in str(w.message)]  # none in validation
+        model.step()
+        model.step()
+    ours = [w for w in caught if "was built frozen" in str(w.message)]
+    assert _trainable(model.est) == []
+    assert len(ours) == 1 and ours[0].filename == __file__, [(str(w.message)[:60], w.filename) for w in ours]

@@ -3,6 +3,7 @@ z̃ term of REBAR and RELAX."""
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from typing import Callable, Optional
@@ -12,7 +13,7 @@ import torch
 import storch.distributed
 from storch import StorchError, magic_box
 from storch.extending import (drawing_with, learned_dtype, refuse_create_graph, refuse_lazy_build, require_smooth,
-                               warn_untrained_part)
+                               user_stacklevel, warn_untrained_part)
 
 __all__ = ["ControlVariateNet", "param_clones", "flat", "evaluate_network", "tilde_term", "smooth_network",
            "smooth_who", "cost_what", "smoothness_due", "smoothness_checked", "order_1_kinks",
@@ -62,8 +63,9 @@ class ControlVariateNet(torch.nn.Module):
         # every process must start from the same φ (DDP broadcasts only what exists at wrapping)
         storch.distributed.broadcast_(list(self.net.parameters()), owner=self._owner)
         _warn_untrained(self._owner)
-        if self._requires_grad is None and not self.net[0].weight.requires_grad and torch.is_grad_enabled():
-            _warn_followed_freeze(self._owner)
+        # said at the first training step that uses the layers (forward): layers first built in a no_grad
+        # validation pass stayed frozen in training with no word (the warning was only given at the build)
+        self._followed = self._requires_grad is None and not self.net[0].weight.requires_grad
 
     def requires_grad_(self, requires_grad: bool = True) -> "ControlVariateNet":
         """Also for the layers built later: before the estimator's first node there are none, so
@@ -89,8 +91,14 @@ class ControlVariateNet(torch.nn.Module):
         owned = [] if self._owner is None else list(self._owner.parameters())  # the layers are not built yet
         return not owned or any(p.requires_grad for p in owned)
 
+    _followed = False  # built frozen by following η and λ, not yet used in a training step
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.build(x)
+        if self._followed and torch.is_grad_enabled():
+            self._followed = False
+            if self._requires_grad is None and not self.net[0].weight.requires_grad:
+                _warn_followed_freeze(self._owner)
         dtype = self.net[0].weight.dtype  # x may be autocast's bfloat16, read outside the autocast block
         return self.net(x if x.dtype == dtype else x.to(dtype))
 
@@ -124,16 +132,17 @@ def _width_message(owner, built: int, now: int) -> str:
 
 
 def _warn_followed_freeze(owner) -> None:
-    """The layers were built frozen in a training step because η and λ were (:meth:`ControlVariateNet._built_requires_grad`),
+    """The layers were built frozen (said at their first training step) because η and λ were (:meth:`ControlVariateNet._built_requires_grad`),
     with no request to the network or its estimator. That is a parent's ``model.requires_grad_(False)``, or η and λ
     frozen on purpose to learn the residual alone (RELAX with a fixed REBAR part): the two cannot be told apart, and
     in the second the network silently never trained. Said once; an explicit request either way silences it."""
     warnings.warn(
-        f"{_who(owner)}: its default control-variate network was built now frozen (requires_grad=False), as η and λ "
+        f"{_who(owner)}: its default control-variate network was built frozen (requires_grad=False), as η and λ "
         "are both frozen and no requires_grad_ request reached the network or the estimator (a parent's "
         "model.requires_grad_(False) reaches only the parameters that exist when it is called). To train the "
         "network alone with η and λ fixed, call est.network.requires_grad_(True); to freeze the estimator and "
-        "silence this, call est.requires_grad_(False)", RuntimeWarning, stacklevel=4)
+        "silence this, call est.requires_grad_(False)", RuntimeWarning,
+        stacklevel=user_stacklevel(sys.modules[__name__]))
 
 
 def _warn_untrained(owner) -> None:
