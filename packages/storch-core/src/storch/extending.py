@@ -224,7 +224,7 @@ def refuse_create_graph(tensor: torch.Tensor, message: Callable[[], str]) -> Non
     _refuse_twice(tensor, message)
 
 
-def strict_support(d: torch.distributions.Distribution) -> torch.distributions.Distribution:
+def strict_support(d: torch.distributions.Distribution, drawn_only: bool = False) -> torch.distributions.Distribution:
     """``d`` with ``log_prob = -inf`` on the values it never draws (probabilities given as exactly 0).
 
     torch computes ``log_prob`` of a ``Bernoulli``, ``Binomial``, ``Categorical`` or ``OneHotCategorical`` given by
@@ -236,8 +236,13 @@ def strict_support(d: torch.distributions.Distribution) -> torch.distributions.D
     (a ``-1e9`` mask). A ``Poisson`` with a rate of exactly 0 gets a ``log_prob`` with finite
     derivatives there (torch's are NaN: 0 / 0). Returns ``d`` itself when nothing changes; see
     ``storch.distributions.strict_support``.
+
+    ``drawn_only=True`` where the caller reads log p only at values ``d`` drew (a score term at the sample): a
+    ``Categorical``'s underflowed logits are then left as they are (such a value is never drawn), which saves a
+    softmax and a value read per call; the other copies (a ``Poisson``'s zero rate, infinite ``Bernoulli``
+    logits, a ``Binomial``'s smooth log p) are made as without it.
     """
-    return _strict_support(d, is_tracing())
+    return _strict_support(d, is_tracing(), drawn_only)
 
 
 def assume(condition: torch.Tensor, message: str) -> None:

@@ -217,7 +217,7 @@ class Spsa(Estimator):
             with torch.no_grad():
                 for i, (leaf, (f, fixed)) in enumerate(zip(leaves, split)):
                     if not f:  # one per perturbation too, so that a MixtureSameFamily's parts line up
-                        new.append(strict_support(leaf.expand((n,) + leaf.batch_shape)))
+                        new.append(strict_support(leaf.expand((n,) + leaf.batch_shape), drawn_only=True))
                         continue
                     # p itself from its own parameters (T(T⁻¹(θ)) may round off θ), p± from the rounded
                     # θ± whose realised step divides the finite difference below
@@ -230,7 +230,7 @@ class Spsa(Estimator):
                     # torch's log-probabilities elsewhere
                     # (n,): the perturbation dim the parameters carry ahead of the leaf's batch dims (a user's
                     # class was refused for its batch shape (n, ...) without it)
-                    new.append(strict_support(rebuild(leaf, {**params, **fixed}, torch.Size((n,)))))
+                    new.append(strict_support(rebuild(leaf, {**params, **fixed}, torch.Size((n,))), drawn_only=True))
                 return new, _assemble(core, iter(new))
 
         # p itself, rebuilt without argument validation

@@ -119,7 +119,7 @@ class Vimco(Estimator):
 
     def gradient_function(self, node: Node) -> torch.Tensor:
         try:  # strict_support: a Poisson rate of exactly 0 (Poisson(lam * mask)) gets finite derivatives (torch's: NaN)
-            lp = strict_support(node.distribution).log_prob(node.sample)
+            lp = strict_support(node.distribution, drawn_only=True).log_prob(node.sample)
         except NotImplementedError:
             lp = None
         want = node.sample.shape[:1] + node.distribution.batch_shape

@@ -267,7 +267,7 @@ def binomial_components(c: Distribution) -> bool:
     return binomial_like(type(c.base_dist if type(c) is Independent else c))
 
 
-def strict_support(d: Distribution, traced: bool = False) -> Distribution:
+def strict_support(d: Distribution, traced: bool = False, drawn_only: bool = False) -> Distribution:
     """``d`` with ``log_prob = -inf`` on every value it never draws: probabilities that are exactly 0.
 
     ``torch.distributions`` computes ``log_prob`` of a ``Bernoulli``, ``Binomial``, ``Categorical`` or
@@ -294,7 +294,8 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
 
     A ``Categorical`` or ``OneHotCategorical`` given by ``logits`` whose probability is exactly 0 at a finite
     logit (a ``-1e9`` mask, whose ``exp`` underflows; checked by value; with ``traced``, the copy always, its
-    mask by tensor ops) gets ``-inf`` there.
+    mask by tensor ops) gets ``-inf`` there, unless ``drawn_only``: a caller that reads log p only at values ``d``
+    drew (vimco, go, spsa), where the copy changes nothing, skips that check (a softmax and a value read per call).
 
     Returns ``d`` itself unless it is a ``Binomial`` or (an ``Independent`` of) one of those four, given by ``probs``,
     with a probability that is exactly 0 (checked by value; with ``traced``, which
@@ -314,7 +315,7 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
     """
     t = type(d)
     if t is Independent:
-        base = strict_support(d.base_dist, traced)
+        base = strict_support(d.base_dist, traced, drawn_only)
         return d if base is d.base_dist else Independent(base, d.reinterpreted_batch_ndims, validate_args=False)
     if t is Poisson:
         # a rate of exactly 0: torch's log_prob has the right values but NaN derivatives (checked by value;
@@ -332,7 +333,7 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
         comp = d.component_distribution
         if not binomial_components(comp):
             return d
-        return MixtureSameFamily(d.mixture_distribution, strict_support(comp, traced), validate_args=False)
+        return MixtureSameFamily(d.mixture_distribution, strict_support(comp, traced, drawn_only), validate_args=False)
     if t is not Binomial and binomial_like(t):  # (a user's subclass changing only __init__: the same as a Binomial)
         t = Binomial
     if t not in (Bernoulli, Binomial, Categorical, OneHotCategorical):
@@ -355,7 +356,8 @@ def strict_support(d: Distribution, traced: bool = False) -> Distribution:
         # NaN on the others (checked by value; while traced, the copy always: the program must not depend
         # on values, and the copy's log_prob is exact at finite and infinite logits alike)
         if strict is None:
-            return _underflowed_logits(d, inner, t, traced)
+            # (drawn_only: log p read at drawn values only, which an underflowed logit never is: no value read)
+            return d if drawn_only else _underflowed_logits(d, inner, t, traced)
         logits = inner.logits
         if not traced and (logits.is_meta or not bool(torch.isinf(logits).any())):
             return d
