@@ -737,3 +737,14 @@ def test_torch_log_prob_of_a_relaxed_category_is_refused_for_any_estimator(cls):
         storch.add_cost((z * theta.log_softmax(-1)).sum(-1) - lik + (z * w).sum() ** 2, name="c")
         g, = torch.autograd.grad(storch.surrogate_loss(), theta)
     assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("dtype, expected", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                             (torch.float32, torch.float32), (torch.float64, torch.float64),
+                                             (torch.int64, torch.int64)])
+def test_learned_dtype_is_at_least_full_precision_for_a_float_input(dtype, expected):
+    """storch.extending.learned_dtype: reduced-precision floats (autocast's) give the default dtype; full-precision
+    and integer dtypes are kept (it now reads the dtype's itemsize instead of calling torch.finfo per step)."""
+    from storch.extending import learned_dtype
+
+    assert learned_dtype(torch.zeros(2, dtype=dtype)) is expected
