@@ -51,3 +51,97 @@ def test_a_transform_opened_in_the_step_is_refused_by_name(case, requires_grad, 
                                           r"the step's arguments.*run this step eagerly") as info:
         storch.compile(step, backend=backend)(mu)
     assert "neither an argument" not in str(info.value)
+
+
+# A compiled step called inside a torch.func transform (found by a reviewer): torch.func.grad around its first call
+# was refused with the message above, for a transform *inside* the step, and vmap around any call failed in the
+# replay check with torch's raw "vmap over torch.allclose isn't supported yet" (both backends; the step runs under
+# vmap eagerly). Now refused up front, at the first call and at a replay, saying the transform is around the step.
+AROUND = {
+    "grad": ("torch.func.grad", lambda f, mu: torch.func.grad(f)(mu)),
+    "vmap": ("torch.func.vmap", lambda f, mu: torch.func.vmap(f, randomness="same")(mu.detach().expand(3))),
+    "jvp": ("torch.func.jvp", lambda f, mu: torch.func.jvp(f, (mu.detach(),), (torch.ones(()),))),
+    "jacrev": ("torch.func.grad .*jacrev", lambda f, mu: torch.func.jacrev(f)(mu)),
+}
+
+
+def _plain_step(mu):
+    with storch.Graph():
+        z = storch.estimator("reparameterization", plate="z", n_samples=2)(Normal(mu, 1.0))
+        storch.add_cost((z - torch.sin(mu)) ** 2, name="cost")
+        return storch.surrogate_loss()
+
+
+@pytest.fixture(scope="module", params=BACKENDS, ids=["backend_None", "inductor"])
+def traced(request):
+    """A compiled step traced once outside any transform (at the argument signatures each transform calls it
+    with: a 0-dim argument, requiring grad and not): what follows under a transform is a replay."""
+    step = storch.compile(_plain_step, backend=request.param)
+    step(torch.tensor(0.5))
+    step(torch.tensor(0.5, requires_grad=True))
+    return step
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(AROUND))
+def test_a_transform_around_the_compiled_steps_first_call_is_refused(case, backend):
+    named, transform = AROUND[case]
+    mu = torch.tensor(0.5)
+    step = storch.compile(_plain_step, backend=backend)
+    with pytest.raises(StorchError, match=rf"cannot run _plain_step under {named}.*: the transform is around the "
+                                          r"compiled step.*Call the step eagerly under the transform.*differentiate "
+                                          r"the compiled step's result with torch.autograd outside the transform") as info:
+        transform(step, mu)
+    assert "inside the step" not in str(info.value)
+    assert step.traces == 0  # refused before the trace
+
+
+@pytest.mark.parametrize("case", list(AROUND))
+def test_a_transform_around_a_replayed_call_is_refused(case, traced):
+    named, transform = AROUND[case]
+    with pytest.raises(StorchError, match=rf"cannot run _plain_step under {named}.*: the transform is around the "
+                                          r"compiled step"):
+        transform(traced, torch.tensor(0.5))
+    assert traced.traces == 2  # nothing traced again
+    assert torch.isfinite(traced(torch.tensor(0.5)))  # and outside the transform it still runs
+
+
+def test_graph_module_under_a_transform_is_refused():
+    step = storch.compile(_plain_step, backend=None)
+
+    def program_of(m):
+        step.graph_module(m)
+        return m
+
+    with pytest.raises(StorchError, match="the transform is around the compiled step"):
+        torch.func.vmap(program_of)(torch.ones(3))
+
+
+def test_a_plain_call_checks_the_level_once_and_builds_no_message(monkeypatch):
+    """The check on every call is one C call (torch's functorch level); the interpreter stack is read only to
+    name the transform of a refused call."""
+    import storch.compiled.step as module
+
+    step = storch.compile(_plain_step, backend=None)
+    step(torch.tensor(0.5))
+    calls = []
+    level = module._functorch_level
+    monkeypatch.setattr(module, "_functorch_level", lambda: calls.append(1) or level())
+    monkeypatch.setattr(module, "_transform_around_step_message", lambda fn: pytest.fail("message built"))
+    for _ in range(3):
+        step(torch.tensor(0.5))
+    assert len(calls) == 3 and step.traces == 1
+
+
+def test_what_the_message_advises_gives_the_eager_transforms_gradient():
+    """torch.autograd.grad of the compiled step's result, outside the transform: the gradient torch.func.grad of
+    the eager step gives, from the same seed (backend=None replays eager's draws)."""
+    mu = torch.tensor(0.5)
+    torch.manual_seed(3)
+    eager = torch.func.grad(_plain_step)(mu)
+    step = storch.compile(_plain_step, backend=None)
+    m = mu.clone().requires_grad_()
+    step(m)  # (the trace: its check runs the step again, so the seed is set for the replay below)
+    torch.manual_seed(3)
+    (compiled,) = torch.autograd.grad(step(m), m)
+    torch.testing.assert_close(compiled, eager)

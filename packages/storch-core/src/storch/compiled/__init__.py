@@ -117,6 +117,11 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   above functorch, so it baked vmap's batched wrappers into the program as constants cut off from the arguments
   (refused before only as "a tensor ... neither an argument nor an nn.Parameter", or by functorch's "escaped"
   error in the replay check); ``grad``, ``vjp``, ``jacrev`` are refused as a differentiation inside the step;
+- a compiled step called inside a ``torch.func`` transform (``vmap``, ``grad``, ``jvp`` around it) is refused at
+  every call, its first and its replays (one C call: the functorch level, None outside every transform): its trace
+  would see the transform's wrappers, and its replay check failed with torch's raw "vmap over torch.allclose isn't
+  supported yet". Call the uncompiled step under the transform, or differentiate the compiled result with
+  ``torch.autograd`` outside it;
 - an order-1 surrogate whose eager hooks refuse a second differentiation (an order-1 estimator, a kink
   on a pathwise path: storch.conditions.order_guard) is refused the same way: each call's outputs are hooked
   (so any create_graph pass through them is refused, outside ``estimator_create_graph``);

@@ -113,6 +113,27 @@ def _transform_in_step_message(fn, kind: str) -> str:
             "need no torch.func: they are compiled as usual")
 
 
+def _transform_around_step_message(fn) -> str:
+    """The refusal of a compiled step called inside a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``... around
+    it; checked at every call, one C call: :meth:`CompiledStep.__call__`). The trace would see the transform's
+    wrappers, not the arguments, and a replay runs a program whose storch hooks (the refused second
+    differentiation, the finite check, the replayed estimator update) are plain autograd: torch.func.grad around a
+    first call was refused with the message for a transform *inside* the step, and vmap around any call failed in the
+    replay check with torch's raw "vmap over torch.allclose isn't supported yet"."""
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    kind = stack[-1].key().name if stack else "unknown"  # the innermost transform: the one the step is called in
+    name = _TRANSFORM_NAMES.get(kind, f"a torch.func transform ({kind})")
+    return (f"storch.compile cannot run {_name(fn)} under {name}: the transform is around the compiled step (the "
+            "compiled step is called inside it). A compiled step replays a program traced on plain tensors, with "
+            "storch's checks and estimator updates hooked onto its results by autograd; under a transform its "
+            "trace and replays would see the transform's wrapped tensors, not the step's arguments. Call the step "
+            "eagerly under the transform (the uncompiled function, the compiled step's `.fn`: storch runs under "
+            "torch.func transforms eagerly), or differentiate the compiled step's result with torch.autograd "
+            "outside the transform (`loss = compiled(x)`, then `loss.backward()` or `torch.autograd.grad(loss, "
+            "inputs)`); for a batch, pass it whole instead of vmapping the step, its batch dim named as a plate "
+            "(`storch.denote_independent(x, 0, \"data\")`)")
+
+
 def _backward_message(fn, component: Optional[str] = None) -> str:
     if component is not None:
         # the backward pass runs inside an estimator's component, not in the user's code

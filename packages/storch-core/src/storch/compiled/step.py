@@ -27,9 +27,9 @@ from .keys import _WATCHED_ARGUMENTS, _aliasing, _python_state_of, _signature, _
 from .program import _TRACING, _Trace, _compile_graph, _compiled_by_inductor, _drop_identity_views, _dynamo_lock, \
     _fold_batch_views, _run
 from .refusals import _backward_message, _binomial_support_message, _compiled_twice_message, _func_transform_message, _name, \
-    _no_backward_in_trace, _no_data_parallel_in_trace, _refuse_twice, _traceback_component
+    _no_backward_in_trace, _no_data_parallel_in_trace, _refuse_twice, _traceback_component, _transform_around_step_message
 from .state import _lift_state, _state_of, _Stateful, _stateful
-from .trace_mode import _TraceMode
+from .trace_mode import _functorch_level, _TraceMode
 from .updates import _loss_graph_values, _Recorder, _update_on_backward
 
 if sys.version_info >= (3, 10):
@@ -75,6 +75,8 @@ class CompiledStep(Generic[_P, _R]):
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if _functorch_level() is not None:  # called inside torch.func.vmap / grad / jvp: refused (one C call)
+            raise StorchError(_transform_around_step_message(self.fn))
         try:  # (not a wrapper calling the body: a frame more cost ~0.5 us a call)
             if not kwargs and all(type(a) is _T for a in args):
                 # the common call, plain tensors only: a cheaper key (no pytree), its own cache entry
@@ -258,6 +260,8 @@ class CompiledStep(Generic[_P, _R]):
         _WATCHED_ARGUMENTS.clear()
 
     def _trace(self, leaves: list, spec, tensors: list) -> "_Trace":
+        if _functorch_level() is not None:  # (graph_module or program_inputs under a transform: see __call__)
+            raise StorchError(_transform_around_step_message(self.fn))
         while True:  # one trace at a time in the process: torch's tracing state is global (see program._TRACING)
             dynamo = _dynamo_lock()
             with dynamo if dynamo is not None else contextlib.nullcontext(), _TRACING:
@@ -433,7 +437,9 @@ def compile(fn: Optional[Callable[_P, _R]] = None, *, backend: Any = "inductor",
             reads or writes a ``.grad`` (``zero_grad``: step outside, after ``loss.backward()``), draws with a
             generator of its own, creates an estimator with state (create it once, outside the step), registers
             a gradient hook (``register_hook``, ``register_post_accumulate_grad_hook``) or calls a module with
-            a backward hook (register hooks on parameters once, outside the step, or run it eagerly).
+            a backward hook (register hooks on parameters once, outside the step, or run it eagerly), or when the
+            compiled step is called inside a ``torch.func`` transform (vmap, grad, jvp: call the uncompiled step
+            under the transform, or differentiate the compiled step's result with torch.autograd outside it).
 
     Example:
         >>> est = storch.estimator("score", plate="z", n_samples=8, baseline="leave_one_out")
