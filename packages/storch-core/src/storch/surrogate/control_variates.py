@@ -60,7 +60,8 @@ def _base_control_variate(est, node: Node, frame: CostFrame, box: torch.Tensor) 
     """``Estimator.control_variate`` (the base class's (1 - MagicBox(l)) ⊥b) with MagicBox(l) at the frame's
     plates given: the box the surrogate shares with the next node's term, whose MagicBox(L_{k-1}) is the same
     function of the same tensor (two nodes, the second in the first's plate, each with a baseline: one MagicBox
-    of l_1 where there were two; the same ops otherwise, so the same values and gradients)."""
+    of l_1 where there were two; the same ops otherwise, so the same values, and the same gradients up to the
+    order in which l_1's uses are summed: the last bit in float32)."""
     b = step_baseline(est, node, frame)  # (as before the step's update, where it has one)
     if b is None:
         return None

@@ -157,9 +157,10 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
             base = type(est).control_variate is _BASE_CONTROL_VARIATE
             if i == last and box is not None and base:
                 # L_{k-1} = l of the first active node alone: its MagicBox is the one that node's own control
-                # variate reads (below), built once (_shared_box). At order 1 only: there the gradients are the
-                # same bitwise (the MagicBox is 1: its backward multiplies by 1); a Hessian summed in another order
-                # may differ in the last bit, so higher orders keep the general path's graph
+                # variate reads (below), built once (_shared_box). At order 1 only: the values are the same
+                # bitwise (the MagicBox is 1: its backward multiplies by 1), the gradient up to the order of a sum
+                # (l_1's three uses are added as a + (b + c), not (a + b) + c: 1 ulp in float32, review r-44);
+                # higher orders keep the general path's graph
                 outer = (_shared_box(sums, active[0], plates) if order == 1 and j == 1 and prefix is not None
                          and active[0].history is None else None)
                 inner = _baseline_term(inner, est, node, frame, box, prefix, outer)
