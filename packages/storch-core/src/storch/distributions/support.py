@@ -294,8 +294,10 @@ def strict_support(d: Distribution, traced: bool = False, drawn_only: bool = Fal
 
     A ``Categorical`` or ``OneHotCategorical`` given by ``logits`` whose probability is exactly 0 at a finite
     logit (a ``-1e9`` mask, whose ``exp`` underflows; checked by value; with ``traced``, the copy always, its
-    mask by tensor ops) gets ``-inf`` there, unless ``drawn_only``: a caller that reads log p only at values ``d``
-    drew (vimco, go, spsa), where the copy changes nothing, skips that check (a softmax and a value read per call).
+    mask by tensor ops) gets ``-inf`` there, unless ``drawn_only``: a caller that reads log p only at values drawn
+    by ``d`` or by a distribution with the same underflowed logits (vimco at its draws; spsa's perturbed leaves at
+    their siblings' draws, whose logits differ by a small step), where the copy changes nothing, skips that check
+    (a softmax and a value read per call). go and importance keep it: they read values beside or not from draws.
 
     Returns ``d`` itself unless it is a ``Binomial`` or (an ``Independent`` of) one of those four, given by ``probs``,
     with a probability that is exactly 0 (checked by value; with ``traced``, which
