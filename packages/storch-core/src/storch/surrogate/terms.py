@@ -190,8 +190,10 @@ def _cost_surrogate(cost, nodes: list[Node], name: Optional[str] = None, order: 
 
 
 def _shared_box(sums: _Sums, node: Node, plates: tuple) -> torch.Tensor:
-    """MagicBox(l) of ``node`` (not a partition's view) at ``plates``, built once per surrogate (``sums.boxes``):
-    the same tensor for its own control variate, the next node's MagicBox(L_{k-1}) and the one-node costs."""
+    """MagicBox(l) of ``node`` at ``plates``, built once per surrogate (``sums.boxes``): the same tensor for its own
+    control variate, the next node's MagicBox(L_{k-1}) and the one-node costs. A partition's view of a step
+    reaches it too (its ``gradient_values`` are its L_t; views are cached on the node, so ``id`` is stable). The
+    one-node cost path in :func:`_cost_surrogate` does the same inline (one call fewer on the common path)."""
     boxes = sums.boxes
     if boxes is None:
         boxes = sums.boxes = {}
