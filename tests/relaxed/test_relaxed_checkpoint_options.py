@@ -65,3 +65,20 @@ def test_the_same_estimator_loads_and_a_checkpoint_without_the_record_loads_as_b
     relax = storch.estimator("relax", plate="z", n_samples=2)
     relax.load_state_dict(old)
     assert torch.equal(relax.eta.detach(), rebar.eta.detach())
+
+
+@pytest.mark.parametrize("name", ["rebar", "relax"])
+def test_a_checkpoint_loads_into_the_other_plain_direct_gradient_form(name):
+    """plain_direct_gradient is not in state_options(): η, λ (and ρ) and their Adam moments mean the same in both
+    forms (c = η f(σ_λ(z)) [+ r_ρ]; the option changes the plate's blocks and the direct-path part only), so a run
+    may resume in the other form and train on."""
+    trained = _trained(name)
+    other = storch.estimator(name, plate="z", n_samples=2, plain_direct_gradient=True)
+    other.load_state_dict(trained.state_dict())
+    assert torch.equal(other.eta.detach(), trained.eta.detach()) and other.update_steps == 3
+    theta = torch.zeros(3, requires_grad=True)
+    with storch.Graph():
+        z = other(Bernoulli(logits=theta))
+        storch.add_cost(((z - 0.3) ** 2).sum(), name="c")
+        storch.backward()
+    assert other.update_steps == 4

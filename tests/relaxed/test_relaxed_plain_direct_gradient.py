@@ -135,16 +135,33 @@ def test_relax_network_form_is_unchanged():
 CHAIN_PHI = torch.tensor([0.4, -0.3, -0.2, 0.6, 1.0, 1.0], dtype=torch.float64)  # CHAIN_THETA, then φ1, φ2
 
 
-def _chain_phi_gradients(option: bool) -> torch.Tensor:
+def _chain_phi_model(e1, e2, x) -> None:
+    b1 = e1(Bernoulli(logits=x[:2]))
+    b2 = e2(Bernoulli(logits=x[2:4] + 1.5 * b1 - 0.5))
+    storch.add_cost(x[4] * ((b1 - 0.45) ** 2).sum(-1), name="first")
+    storch.add_cost(x[5] * ((b2 - 0.3 * b1 - 0.2) ** 2).sum(-1), name="second")
+
+
+def _chain_phi_exact(x):
+    total = x.new_zeros(())
+    for v1 in itertools.product([0.0, 1.0], repeat=2):
+        b1 = x.new_tensor(v1)
+        p1 = Bernoulli(logits=x[:2]).log_prob(b1).sum().exp()
+        for v2 in itertools.product([0.0, 1.0], repeat=2):
+            b2 = x.new_tensor(v2)
+            p2 = Bernoulli(logits=x[2:4] + 1.5 * b1 - 0.5).log_prob(b2).sum().exp()
+            total = total + p1 * p2 * (x[4] * ((b1 - 0.45) ** 2).sum() + x[5] * ((b2 - 0.3 * b1 - 0.2) ** 2).sum())
+    return total
+
+
+def _chain_phi_gradients(option: bool, second: str = "arm") -> torch.Tensor:
+    # (any estimator for b2 but expect: the relaxed family's environment has no 'score')
     torch.manual_seed(45)
     e1 = storch.estimator("rebar", plate="b1", plain_direct_gradient=option)
-    e2 = storch.estimator("arm", plate="b2")  # (any estimator for b2: the relaxed family's environment has no 'score')
+    e2 = storch.estimator(second, plate="b2")
     with storch.Graph():
         leaf, x = replicate(CHAIN_PHI, 4000)
-        b1 = e1(Bernoulli(logits=x[:2]))
-        b2 = e2(Bernoulli(logits=x[2:4] + 1.5 * b1 - 0.5))
-        storch.add_cost(x[4] * ((b1 - 0.45) ** 2).sum(-1), name="first")
-        storch.add_cost(x[5] * ((b2 - 0.3 * b1 - 0.2) ** 2).sum(-1), name="second")
+        _chain_phi_model(e1, e2, x)
         return per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)[0]
 
 
@@ -198,3 +215,36 @@ def test_unbiased_with_two_costs_on_a_data_plate():
         storch.add_cost(torch.tanh(x[3] * b + x[0] + 0.3 * torch.sigmoid(x[2] * data)), name="c2")
 
     check("rebar plain direct, two costs on a data plate", model, _two_costs_exact, TWO_COSTS_AT, 2)
+
+
+def _second_given_b1() -> torch.Tensor:
+    """E[∂φ2 'second' | b1] = Σ_j E[(b2_j - 0.3 b1_j - 0.2)^2 | b1_j], for each of the 4 values of b1."""
+    out = []
+    for v1 in itertools.product([0.0, 1.0], repeat=2):
+        b1 = torch.tensor(v1, dtype=torch.float64)
+        p = torch.sigmoid(CHAIN_PHI[2:4] + 1.5 * b1 - 0.5)
+        out.append((p * (0.8 - 0.3 * b1) ** 2 + (1 - p) * (0.3 * b1 + 0.2) ** 2).sum())
+    return torch.stack(out)
+
+
+def test_a_cost_read_through_an_expect_node_gets_the_plain_gradient():
+    """'second' reads b1 through b2 enumerated by expect, which draws nothing (``deterministic_proposal``): its
+    values at a ⊥ entry are those at the entry they copy, so the cost is a deterministic function of b1 and gets the
+    5-block cancellation. Each ∂φ2 is E[(b2 - 0.3 b1 - 0.2)^2 | b1] exactly (one of 4 values), as each ∂φ1 is
+    Σ (b1 - 0.45)^2; before, that cost kept the 3-block form, whose ∂φ2 carries the control variate's noise."""
+    new, old = _chain_phi_gradients(True, "expect"), _chain_phi_gradients(False, "expect")
+    plain = _second_given_b1()
+    assert bool(((new[:, 5, None] - plain).abs() < 1e-12).any(-1).all())
+    assert not bool(((old[:, 5, None] - plain).abs() < 1e-12).any(-1).all())
+    assert float(new[:, 5].var()) < float(old[:, 5].var())
+    first = torch.tensor([0.405, 0.505, 0.605], dtype=torch.float64)
+    assert bool(((new[:, 4, None] - first).abs() < 1e-12).any(-1).all())
+
+
+@pytest.mark.parametrize("name", ["rebar", "relax"])
+def test_unbiased_with_a_cost_read_through_an_expect_node(name):
+    """The same chain (θ and φ, orders 1 and 2) with b2 enumerated: the cost 'second' now has the 5-block form."""
+    torch.manual_seed(47)
+    e1 = storch.estimator(name, plate="b1", plain_direct_gradient=True)
+    e2 = storch.estimator("expect", plate="b2")
+    check(f"{name} plain direct through expect", lambda x: _chain_phi_model(e1, e2, x), _chain_phi_exact, CHAIN_PHI, 2)

@@ -38,6 +38,11 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         network = torch.nn.Linear(4, 1)
         out["relax_network"] = outcome(lambda: _trained(Model("relax", {"network": network}), x, g))
         dist.barrier()
+        # plain_direct_gradient on rank 0 only: in neither state_options() nor evolution_options() (φ's step is the
+        # ranks' mean, so their φ stays one; each rank's estimate is unbiased)
+        out["rebar_plain_direct"] = outcome(
+            lambda: _trained(Model("rebar", {"plain_direct_gradient": (True, False)[rank]}), x, g))
+        dist.barrier()
         # score's baseline= module of the user's (outside DDP), initialised per rank: the same drift
         baseline = ScalarBaseline()
         with torch.no_grad():

@@ -50,6 +50,14 @@ def test_a_network_initialised_from_a_per_rank_seed_starts_from_rank_0s_on_every
     assert any(name.startswith("network.") for name in params), list(params)
 
 
+def test_ranks_that_differ_in_plain_direct_gradient_train_one_phi(ranks):
+    # the option changes the plate layout (5 or 3 blocks) and the direct-path part of the control variate, neither
+    # the meaning of η, λ and their moments (state_options) nor their step, the ranks' mean of ∂φ Σ ĝ² with one lr
+    # (evolution_options): the ranks run the same collectives and hold the same φ, one Adam step from η = 1
+    params = _same_on_every_rank(ranks, "rebar_plain_direct")
+    assert 0 < abs(float(params["eta"]) - 1.0) <= 1.01 * LR, float(params["eta"])
+
+
 def test_a_score_baseline_module_initialised_per_rank_starts_from_rank_0s_on_every_rank(ranks):
     # a user's baseline= module outside DDP, built at 0 on rank 0 and 1 on rank 1: the regression averages ψ's
     # gradient, never ψ (before: 0.10 and 1.10 after two steps, one step 0.05 and 1.05)

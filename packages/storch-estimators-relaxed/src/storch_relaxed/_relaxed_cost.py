@@ -58,6 +58,8 @@ class RelaxedCost(OneHotForCategorical, VarianceTrained):
 
     relaxed_cost: bool = True
     plain_direct_gradient: bool = False  # the ⊥σ_λ(z), ⊥σ_λ(z̃) blocks (see the module's docstring)
+    # (in neither state_options() nor evolution_options(): η, λ and their moments mean the same in both forms, and
+    # under torch.distributed their step is the ranks' mean with one lr, so ranks that differ hold one φ)
     # the cost is differentiated at σ_λ(z): a comparison of the relaxed sample (m > 0.5) makes it jump,
     # and η ∇f(σ_λ(z)) misses the jump's delta (refused: storch.Estimator.jump_free)
     jump_free: bool = True
@@ -228,12 +230,15 @@ def _sampled_from(node: Node, cost: CostFrame) -> bool:
     That node draws anew for the ⊥ blocks, so f(⊥σ_λ(z)) is not f(σ_λ(z)) with its sample paths cut: its direct
     derivatives differ from those of f(σ_λ(z)) by the later draws' noise, and subtracting them would add that noise
     where it was to remove some. Such a cost keeps the 3-block control variate (plain_direct_gradient leaves it).
+    A node whose estimator draws nothing (``deterministic_proposal``: ``expect``) is not such a node: its values at
+    a ⊥ entry are those at the entry it copies, so the cost read through it is a deterministic function of the
+    sample as any other (a node sampled from that node's entries is still found: its parents hold this plate too).
     """
     graph, own = current_graph(), node.plate.name
     for p in cost.plates:
         if p.independent or p.name == own:
             continue
         later = graph.node_of(p.name)
-        if later is not None and any(q.name == own for q in later.parents):
+        if later is not None and not later.estimator.deterministic_proposal and any(q.name == own for q in later.parents):
             return True
     return False

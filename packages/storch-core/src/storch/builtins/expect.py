@@ -63,6 +63,7 @@ class Expect(Estimator):
     name = "expect"
     aliases = ("enumerate",)
     requires_enumerate_support = True
+    deterministic_proposal = True  # q is a δ over the support: nothing is drawn
     State = ExpectState
     fixed_options = {"n_samples": "expect enumerates every value of the support (its plate holds all of them, "
                                   "whatever n_samples is); `budget` caps how many"}

@@ -120,6 +120,10 @@ class Estimator(torch.nn.Module):
             ``storch.extending.strict_support`` (``node.distribution`` and a partition step's): values of
             probability exactly 0 given by ``probs`` have log p = -inf, as with ``-inf`` logits, so an
             estimator that reads the support's log-probabilities never takes them for possible values.
+        deterministic_proposal: the proposal q draws nothing: the values handed out are a function of the node's
+            distribution alone (``expect``: every value of the support), so parent entries of equal values give
+            equal values. An estimator upstream may rely on it: rebar's and relax's ``plain_direct_gradient`` treat
+            a cost read through such a node as a deterministic function of their sample. False by default.
         requires_expand: a capability requirement: the distribution implements ``expand`` (vimco makes its K
             draws with it); a distribution without it (torch's default ``Distribution.expand`` raises
             ``NotImplementedError``) is not supported, so the estimator is left out of the lists of estimators
@@ -200,6 +204,7 @@ class Estimator(torch.nn.Module):
     requires_rsample: ClassVar[bool] = False
     pathwise: ClassVar[bool] = False
     requires_enumerate_support: ClassVar[bool] = False
+    deterministic_proposal: ClassVar[bool] = False
     requires_expand: ClassVar[bool] = False
     has_update: bool = False
     update_uses_loss_graph: Optional[bool] = None
