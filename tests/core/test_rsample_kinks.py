@@ -596,6 +596,21 @@ def test_continuous_bernoulli_inside_its_unstable_region_is_refused_at_order_1()
     assert_unbiased(g, exact, "gradient")
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_the_continuous_bernoulli_refusal_ends_with_its_advice_once_and_calls_it_no_jump(order):
+    """Review r-45: in the unstable region the refusal said 'use an estimator that does not differentiate through
+    the sample' once but then ended with '(a jump: its pathwise derivative is 0 ...)': the sample there does not
+    depend on probs (torch's icdf returns the noise), which is no jump. It now ends with the advice, as the
+    GeneralizedPareto refusal does."""
+    with pytest.raises(storch.OrderError) as refused:
+        _surrogate(lambda m: ContinuousBernoulli(logits=m - torch.tensor([MU, -0.5], dtype=D)), order)
+    message = str(refused.value)
+    assert "(0.499, 0.501)" in message
+    assert message.count("does not differentiate through the sample") == 1
+    assert "a jump" not in message and message.endswith("'score' (it needs log_prob; baseline='leave_one_out' for "
+                                                        "less variance)"), message
+
+
 def test_a_continuous_bernoulli_under_storch_compile_is_checked_by_its_values_at_every_call():
     """Found by review: while storch.compile traces, the values cannot be read, and every ContinuousBernoulli whose
     probs require grad was refused (with a message saying they lie in (0.499, 0.501)). It is now an assumption of

@@ -15,7 +15,7 @@ import torch
 
 from ..conditions.order_guard import unbatched
 from ..distributions import RSAMPLE_ORDER_NOTE, rsample_kinks_note, rsample_max_order
-from ..distributions.rsample_kinks import _GPD_OP as GPD_OP
+from ..distributions.rsample_kinks import _GPD_OP as GPD_OP, _UNSTABLE_OP as UNSTABLE_OP
 from ..errors import OrderError
 from ..estimators.capabilities import _is_score_node
 from ..estimators.catalog import installed_classes, supporting_estimators
@@ -215,7 +215,8 @@ def _node_order_message(node: Node, order: int) -> str:
     if kinks and min(kinks.values()) < order:
         lowest = min(kinks.values())
         lower = (f"; or differentiate at most {lowest} time(s) (storch.surrogate_loss(order={lowest}))" if lowest
-                 else "" if set(kinks) <= {GPD_OP}  # (inaccurate near 0, not a jump: its note says why)
+                 else "" if set(kinks) <= {GPD_OP, UNSTABLE_OP}  # (inaccurate near 0; the sample not depending
+                 # on probs in ContinuousBernoulli's (0.499, 0.501): no jump, and each note says why)
                  else " (a jump: its pathwise derivative is 0 where the expectation's is not, at every order)")
         return (f"estimator {est.name!r} on plate {node.plate.name!r}: the order-{order} surrogate differentiates "
                 f"through the sample of {kinked}, but {rsample_kinks_note(kinked, kinks, where)}; or use an estimator that "
