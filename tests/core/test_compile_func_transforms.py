@@ -145,3 +145,22 @@ def test_what_the_message_advises_gives_the_eager_transforms_gradient():
     torch.manual_seed(3)
     (compiled,) = torch.autograd.grad(step(m), m)
     torch.testing.assert_close(compiled, eager)
+
+
+def _forward_mode_call(step):
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        return fwAD.unpack_dual(step(fwAD.make_dual(torch.tensor(0.5), torch.tensor(1.0)))).tangent
+
+
+def test_forward_mode_around_the_compiled_step_is_refused(traced):
+    """Review r-45: torch.autograd.forward_ad.dual_level (forward mode without torch.func: no functorch level) around
+    a replay passed the check above; with inductor the result came back without the dual argument's tangent
+    (unpack_dual(...).tangent None), with no error. Refused at the first call and at a replay, by name."""
+    for step in (storch.compile(_plain_step, backend=None), traced):
+        before = step.traces
+        with pytest.raises(StorchError, match=r"cannot run _plain_step under torch.autograd.forward_ad.dual_level"
+                                              r".*the transform is around the compiled step"):
+            _forward_mode_call(step)
+        assert step.traces == before  # nothing traced

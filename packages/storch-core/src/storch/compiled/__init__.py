@@ -117,7 +117,8 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   above functorch, so it baked vmap's batched wrappers into the program as constants cut off from the arguments
   (refused before only as "a tensor ... neither an argument nor an nn.Parameter", or by functorch's "escaped"
   error in the replay check); ``grad``, ``vjp``, ``jacrev`` are refused as a differentiation inside the step;
-- a compiled step called inside a ``torch.func`` transform (``vmap``, ``grad``, ``jvp`` around it) is refused at
+- a compiled step called inside a ``torch.func`` transform (``vmap``, ``grad``, ``jvp`` around it) or a
+  ``torch.autograd.forward_ad.dual_level()`` (with inductor a replay dropped the dual argument's tangent) is refused at
   every call, its first and its replays (one C call: the functorch level, None outside every transform): its trace
   would see the transform's wrappers, and its replay check failed with torch's raw "vmap over torch.allclose isn't
   supported yet". Call the uncompiled step under the transform, or differentiate the compiled result with

@@ -119,10 +119,13 @@ def _transform_around_step_message(fn) -> str:
     wrappers, not the arguments, and a replay runs a program whose storch hooks (the refused second
     differentiation, the finite check, the replayed estimator update) are plain autograd: torch.func.grad around a
     first call was refused with the message for a transform *inside* the step, and vmap around any call failed in the
-    replay check with torch's raw "vmap over torch.allclose isn't supported yet"."""
+    replay check with torch's raw "vmap over torch.allclose isn't supported yet". Forward mode opened without
+    torch.func (``torch.autograd.forward_ad.dual_level``, no functorch level) is refused too: with inductor a replay
+    returned a result without the dual argument's tangent (unpack_dual(...).tangent None), silently."""
     stack = torch._C._functorch.get_interpreter_stack() or []
     kind = stack[-1].key().name if stack else "unknown"  # the innermost transform: the one the step is called in
-    name = _TRANSFORM_NAMES.get(kind, f"a torch.func transform ({kind})")
+    name = (_TRANSFORM_NAMES.get(kind, f"a torch.func transform ({kind})") if stack else
+            "torch.autograd.forward_ad.dual_level (forward mode: make_dual)")
     return (f"storch.compile cannot run {_name(fn)} under {name}: the transform is around the compiled step (the "
             "compiled step is called inside it). A compiled step replays a program traced on plain tensors, with "
             "storch's checks and estimator updates hooked onto its results by autograd; under a transform its "

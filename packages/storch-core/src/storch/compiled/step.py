@@ -13,6 +13,7 @@ import warnings
 from typing import Any, Callable, Generic, Optional, TypeVar, Union, overload
 
 import torch
+import torch.autograd.forward_ad as _fwAD
 import torch.utils._pytree as pytree
 
 from .._util.flatten import flatten, unflatten
@@ -75,7 +76,9 @@ class CompiledStep(Generic[_P, _R]):
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        if _functorch_level() is not None:  # called inside torch.func.vmap / grad / jvp: refused (one C call)
+        if _functorch_level() is not None or _fwAD._current_level >= 0:
+            # called inside torch.func.vmap / grad / jvp, or a torch.autograd.forward_ad.dual_level (one C call, one
+            # int read): refused
             raise StorchError(_transform_around_step_message(self.fn))
         try:  # (not a wrapper calling the body: a frame more cost ~0.5 us a call)
             if not kwargs and all(type(a) is _T for a in args):
@@ -260,7 +263,7 @@ class CompiledStep(Generic[_P, _R]):
         _WATCHED_ARGUMENTS.clear()
 
     def _trace(self, leaves: list, spec, tensors: list) -> "_Trace":
-        if _functorch_level() is not None:  # (graph_module or program_inputs under a transform: see __call__)
+        if _functorch_level() is not None or _fwAD._current_level >= 0:  # (graph_module, program_inputs: __call__)
             raise StorchError(_transform_around_step_message(self.fn))
         while True:  # one trace at a time in the process: torch's tracing state is global (see program._TRACING)
             dynamo = _dynamo_lock()
