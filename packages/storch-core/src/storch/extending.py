@@ -237,9 +237,10 @@ def strict_support(d: torch.distributions.Distribution, drawn_only: bool = False
     derivatives there (torch's are NaN: 0 / 0). Returns ``d`` itself when nothing changes; see
     ``storch.distributions.strict_support``.
 
-    ``drawn_only=True`` where the caller reads log p only at values ``d`` drew (a score term at the sample): a
-    ``Categorical``'s underflowed logits are then left as they are (such a value is never drawn), which saves a
-    softmax and a value read per call; the other copies (a ``Poisson``'s zero rate, infinite ``Bernoulli``
+    ``drawn_only=True`` where the caller reads log p only at values ``d`` drew (a score term at the sample), or
+    values drawn by a distribution with the same underflowed logits (spsa reads each perturbed copy at its
+    siblings' draws): a ``Categorical``'s underflowed logits are then left as they are (such a value is never
+    drawn), which saves a softmax and a value read per call; the other copies (a ``Poisson``'s zero rate, infinite ``Bernoulli``
     logits, a ``Binomial``'s smooth log p) are made as without it.
     """
     return _strict_support(d, is_tracing(), drawn_only)
