@@ -1189,3 +1189,71 @@ def test_a_cost_added_after_the_steps_update_is_warned():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             storch.add_cost(z.sum(-1), name="B")
+
+
+# -- a finished step's plate tensor used in a later step ----------------------------------------------------
+
+
+def _finished_step(est):
+    """One step (sampled, costed, ended by storch.backward()); returns its sample, kept by the user."""
+    theta = torch.tensor([0.3, -0.2], requires_grad=True)
+    z = est(Bernoulli(logits=theta))
+    storch.add_cost(z.sum(), name="c")
+    storch.backward()
+    return z
+
+
+_STALE = r"plate 'z' from a graph that was reset .*stale tensor.*storch\.estimate\(t\).*t\.tensor\.detach\(\)"
+
+
+@pytest.mark.parametrize("use", ["add_cost", "cost_estimates", "estimate", "expect", "with_new_data",
+                                 "with_new_sample"])
+@pytest.mark.parametrize("block", [False, True])
+def test_a_finished_steps_plate_tensor_alone_in_a_later_step_is_refused_with_how_to_carry_it(use, block):
+    """A sample z kept from step 1 and used alone in step 2 (no node of step 2 in it, or with step 2's data only) is
+    refused where ownership is checked (add_cost, storch.estimate, an estimator's distribution), naming z's plate, and
+    the message says how to carry a value across steps (also where it meets a new sample of the same plate name): a plain tensor taken in step 1 (storch.estimate(z), as
+    docs/plates.md's state kept across steps, or z.tensor.detach(), as reparameterization.md's logged index).
+    Before, the refusal said only to recompute the tensor in its step."""
+    import contextlib
+
+    est = storch.estimator("expect", plate="z")
+    z = _finished_step(est)
+    data = torch.tensor([1.0, 2.0, 3.0])
+    with storch.Graph() if block else contextlib.nullcontext():
+        if use == "with_new_sample":  # the same plate name, step 2's own node: refused where they meet
+            z2 = est(Bernoulli(logits=torch.zeros(2)))
+            with pytest.raises(storch.PlateError, match=r"plate 'z' comes from two different graphs.*"
+                                                        r"storch\.estimate\(t\).*t\.tensor\.detach\(\)"):
+                z + z2
+        else:
+            with pytest.raises(storch.PlateError, match=_STALE):
+                if use == "with_new_data":  # (z * x is computed: the plates differ; the cost is refused)
+                    storch.add_cost(z.sum() * storch.denote_independent(data, 0, "data"), name="late")
+                elif use == "add_cost":
+                    storch.add_cost(z.sum() ** 2, name="late")
+                elif use == "cost_estimates":
+                    storch.add_cost(z.sum() ** 2, name="late")
+                    storch.cost_estimates()
+                elif use == "estimate":
+                    storch.estimate(z)
+                else:
+                    storch.estimator("expect", plate="y")(Bernoulli(logits=z))
+    storch.reset()
+
+
+def test_a_value_carried_across_steps_as_the_message_says_is_accepted_and_exact():
+    """What the refusal recommends works: storch.estimate(z) in step 1 is the exact E[z] (expect enumerates), a plain
+    tensor that step 2 uses without a refusal; z.tensor.detach() holds the samples."""
+    est = storch.estimator("expect", plate="z")
+    theta = torch.tensor([0.3, -0.2], requires_grad=True)
+    z = est(Bernoulli(logits=theta))
+    storch.add_cost(z.sum(), name="c")
+    mean, samples = storch.estimate(z), z.tensor.detach()
+    storch.backward()
+    assert type(mean) is torch.Tensor and not mean.requires_grad
+    torch.testing.assert_close(mean, torch.sigmoid(theta).detach())
+    assert type(samples) is torch.Tensor and samples.shape[-1] == 2
+    w = est(Bernoulli(logits=theta + mean))
+    storch.add_cost((w * samples.mean(0)).sum(), name="c")
+    storch.backward()

@@ -11,7 +11,7 @@ from torch.distributions import Distribution
 
 from ..errors import PlateError
 from .node import Node
-from ..plates.tensor import Lineage, Plate, PlateTensor, unpickled_message
+from ..plates.tensor import CARRY_ACROSS_STEPS, Lineage, Plate, PlateTensor, unpickled_message
 from .steps import _DATA_PLATE_OUTSIDE, _evaluation_hint, _Steps
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ class _Ownership(_Steps):
                     f"{what} has plate {p.name!r} from a graph that was {lineage.closed}: a stale tensor. "
                     "Compute every tensor of a step inside that step's graph (after storch.backward() "
                     "or storch.reset(), recompute it from its inputs, e.g. denote_independent the "
-                    "next batch again)")
+                    "next batch again)" + CARRY_ACROSS_STEPS)
             raise PlateError(
                 f"{what} has plate {p.name!r} of another graph (a graph that is still open, e.g. an "
                 "enclosing `with storch.Graph():` block or another thread's graph); tensors cannot "

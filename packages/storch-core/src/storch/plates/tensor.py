@@ -839,10 +839,18 @@ def unpickled_message(what: str, name: str) -> str:
         "returned")
 
 
+# How a value crosses steps (docs/reliability.md, "Stale tensors"): the end of every refusal of a tensor of an ended graph
+CARRY_ACROSS_STEPS = (
+    ". To carry a value into a later step (a logged sample, a running statistic, the next step's input), keep a "
+    "plain tensor, taken before its step ends: storch.estimate(t) (its estimate of E[t]) or t.tensor.detach() "
+    "(the samples, plate dims first)")
+
+
 def _mixed_message(q: Plate, p: Plate) -> str:
     for r in (q, p):
         if r.lineage is not None and r.lineage.unpickled:
             return unpickled_message("a tensor", r.name)
+    closed = None
     if q.size != p.size:
         what = f"appears with sizes {q.size} and {p.size}"
     elif q.lineage is not p.lineage:
@@ -856,6 +864,7 @@ def _mixed_message(q: Plate, p: Plate) -> str:
         f"plate {p.name!r} {what}: tensors from different graphs (or an old graph) were mixed. "
         "Compute every tensor of a step inside that step's graph; storch.backward() and "
         "storch.reset() end a graph, after which its plate tensors cannot be used"
+        + (CARRY_ACROSS_STEPS if closed is not None else "")
     )
 
 
