@@ -63,3 +63,56 @@ def test_user_stacklevel_refuses_a_module_without_a_file(tmp_path, monkeypatch):
             user_stacklevel(ns)
     finally:
         sys.modules.pop("nsfamily", None)
+
+
+# -- a warning of storch's issued under a third-party estimator's method ------------------------------------
+
+
+def _lines(fn) -> dict:
+    """The warnings ``fn`` issues, by (file, line) of where they point."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return {(w.filename, w.lineno): str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)}
+
+
+def test_a_warning_under_a_third_party_estimators_method_points_at_the_users_call():
+    """storch.extending's helpers (warn_untrained_part, skip_nonfinite_update) warn with user_stacklevel(), which skips
+    the frames of the estimator's methods and of its family's module: the warnings point at this file's est(...) and
+    storch.backward() lines. A fixed stacklevel pointed into storch's own first_steps.py and surrogate/updates.py
+    (where storch calls the family) or, one frame less deep, into the family's file."""
+    from third_party_family import Lazy
+
+    import inspect
+    from torch.distributions import Normal
+
+    est = Lazy("z")
+    mu = torch.tensor(0.5, requires_grad=True)
+    line = inspect.currentframe().f_lineno
+
+    def step():
+        with storch.Graph():
+            z = est(Normal(mu, 1.0))  # line + 4
+            storch.add_cost(z ** 2)
+            storch.backward()  # line + 6
+
+    found = _lines(step)
+    assert set(found) == {(__file__, line + 4), (__file__, line + 6)}, found
+    assert "its part was built now" in found[(__file__, line + 4)]
+    assert "the part's regression loss" in found[(__file__, line + 6)]
+
+
+def test_user_code_an_estimator_calls_is_where_its_warnings_point():
+    """A frame of other code that an estimator's method calls (the user's callback, in this file: not the family's
+    module, not an estimator's method) stops the walk: user_stacklevel() there is 1, the callback's own frame."""
+    from third_party_family import Lazy
+
+    from storch.extending import user_stacklevel
+    from torch.distributions import Normal
+
+    levels = []
+    est = Lazy("z", callback=lambda: levels.append(user_stacklevel()))
+    with storch.Graph(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est(Normal(torch.tensor(0.5), 1.0))
+    assert levels == [1]

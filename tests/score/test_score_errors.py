@@ -757,3 +757,32 @@ def test_sum_and_sample_takes_inputs_and_memory_key_as_keywords_only():
         x = torch.ones(3)
         est(Bernoulli(logits=theta), inputs=x)
         assert graph.nodes[0].inputs is x
+
+
+def test_the_learned_baselines_warnings_point_at_the_users_lines():
+    """storch.extending's helpers warn for the score family's learned baseline (its network built lazily with
+    update=False, where the surrogate is built; a regression step skipped, non-finite): both warnings point at this
+    file's storch.backward() line. With fixed stacklevels they pointed into storch_score's learned_baseline.py and
+    score.py (the frames a level of 3 or 4 reached under the family's methods)."""
+    import inspect
+
+    theta = torch.zeros(3, requires_grad=True)
+    lazy = storch.estimator("score", plate="a", n_samples=2, baseline="learned", update=False)
+    diverging = storch.estimator("score", plate="b", n_samples=2, baseline="learned")
+    line = inspect.currentframe().f_lineno
+
+    def step(est, scale):
+        with storch.Graph():
+            a = est(Categorical(logits=theta))
+            storch.add_cost(scale * (1.0 + (a == 1).to(theta.dtype)), name="c")
+            storch.backward()  # line + 6
+
+    torch.manual_seed(82)
+    step(diverging, 1.0)  # builds the head and its optimizer
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step(lazy, 1.0)
+        step(diverging, torch.finfo(theta.dtype).max ** 0.75)  # a finite cost whose (b - f)² overflows: skipped
+    found = [(w.filename, w.lineno, str(w.message)) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert [(f, n) for f, n, _ in found] == [(__file__, line + 6)] * 2, found
+    assert "update=False" in found[0][2] and "update was skipped" in found[1][2]

@@ -400,7 +400,7 @@ def optimizer_step(owner: Estimator, optimizer: torch.optim.Optimizer, part: str
 
 
 def warn_untrained_part(owner: Optional[Estimator], who: str, part: str, parameters: str, own: str,
-                        stacklevel: int = 3) -> None:
+                        stacklevel: Optional[int] = None) -> None:
     """Warn once per estimator that a learned part was built lazily in a training step of an ``update=False``
     estimator (the user trains it): an optimizer built before this step (as usual) does not hold it, so it
     would never be trained. Not for a build in an evaluation pass (grad off: the recipe the message gives),
@@ -412,6 +412,9 @@ def warn_untrained_part(owner: Optional[Estimator], who: str, part: str, paramet
         part: what was built (``"its default control-variate network"``).
         parameters: the expression that gives its parameters (``"est.network.parameters()"``).
         own: the option that takes the user's own module instead (``"network="``).
+        stacklevel: where the warning points; ``None`` (the default): the user's line (:func:`user_stacklevel`,
+            which skips the estimator's family code under its method: a fixed level pointed into the family or
+            into storch, depending on how deep the family's call was).
     """
     if owner is None or owner.update or getattr(owner, "_warned_lazy", False) or not torch.is_grad_enabled():
         return
@@ -422,7 +425,7 @@ def warn_untrained_part(owner: Optional[Estimator], who: str, part: str, paramet
         "Build it before you create your optimizer: one evaluation pass first (under torch.no_grad(): your model's "
         "forward with every cost, storch.surrogate_loss(), storch.reset()), or load a state_dict that holds it; or "
         f"pass {own} your own module; or add it to your optimizer now: opt.add_param_group({{'params': "
-        f"{parameters}}})", RuntimeWarning, stacklevel=stacklevel)
+        f"{parameters}}})", RuntimeWarning, stacklevel=user_stacklevel() if stacklevel is None else stacklevel)
 
 
 def all_finite(tensors: Iterable[Optional[torch.Tensor]]) -> torch.Tensor:
@@ -459,4 +462,4 @@ def _count_skip(owner: Estimator, what: str, why: str, part: str, advice: str) -
     warnings.warn(
         f"{owner.name} (plate {owner.plate!r}): {what} ({why}{owner.skipped_updates} update(s) skipped so far): this "
         f"update was skipped, {part}'s parameters and optimizer state are unchanged. {advice}",
-        RuntimeWarning, stacklevel=4)
+        RuntimeWarning, stacklevel=user_stacklevel())  # (a fixed 4 pointed into storch's call of the family)

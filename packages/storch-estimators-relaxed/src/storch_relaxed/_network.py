@@ -148,7 +148,7 @@ def _warn_followed_freeze(owner) -> None:
 def _warn_untrained(owner) -> None:
     """update=False: the user trains φ (storch.extending.warn_untrained_part)."""
     warn_untrained_part(owner, _who(owner), "its default control-variate network (input width: the sample's)",
-                        "est.network.parameters()", "network=", stacklevel=3)
+                        "est.network.parameters()", "network=")
 
 
 def param_clones(module: torch.nn.Module) -> dict[str, torch.Tensor]:

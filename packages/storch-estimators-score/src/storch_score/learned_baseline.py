@@ -245,7 +245,7 @@ class LearnedBaseline(torch.nn.Module):
     def _warn_untrained(self, name: Optional[str]) -> None:
         # update=False: the user trains ψ (storch.extending.warn_untrained_part)
         warn_untrained_part(self._owner, self._who(), f"the learned baseline's network for cost {name!r} (input width: "
-                            "h's)", "est.baseline_fn.parameters()", "baseline=", stacklevel=3)
+                            "h's)", "est.baseline_fn.parameters()", "baseline=")
 
     def predict(self, name: Optional[str], h: torch.Tensor) -> torch.Tensor:
         """The head of cost ``name`` on features ``h``, ``(..., 1)``; ``h`` is cast to the head's dtype (a

@@ -48,7 +48,7 @@ from ..distributions.rsample import UNDIFFERENTIABLE_RSAMPLE_NOTE
 from ..distributions.unwrap import _as_raw
 from ..runtime.eager import (_compiler, _jit_tracing, eager_only, ignored_by_script, refuse_foreign_trace,
                      scripted_estimator_message)
-from .._util.stacklevel import user_stacklevel
+from .._util.stacklevel import skip_methods_of, user_stacklevel
 from ..errors import OptionError, PlateError, StorchError, UnsupportedDistributionError
 from ..runtime.generators import drawing_with
 from . import validators
@@ -891,3 +891,4 @@ _BASE_UPDATE = Estimator.update_parameters
 
 _FORWARD = Estimator.forward
 _draw_node = Estimator._storch_forward  # (not self._storch_forward: a subclass may define that name)
+skip_methods_of(Estimator)  # a warning issued under an estimator's method points past its family's code
