@@ -164,3 +164,131 @@ def test_forward_mode_around_the_compiled_step_is_refused(traced):
                                               r".*the transform is around the compiled step"):
             _forward_mode_call(step)
         assert step.traces == before  # nothing traced
+
+
+# Forward mode opened *inside* the step without torch.func (`with torch.autograd.forward_ad.dual_level(): make_dual
+# ... unpack_dual`): the trace recorded make_dual and unpack_dual at the level's index but not the level itself, so
+# the replay check ran them at a level that no longer existed and torch raised its raw "Trying to access a forward
+# AD level with an invalid index" (both backends, at every call: nothing was cached). Now refused by name, before
+# anything is traced, with the fix.
+def _tangent_of_sin(mu):
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(mu.detach(), torch.ones_like(mu))
+        return fwAD.unpack_dual(torch.sin(dual)).tangent  # cos(mu)
+
+
+def _dual_in_cost(mu, forward_mode=True):
+    with storch.Graph():
+        z = storch.estimator("reparameterization", plate="z", n_samples=2)(Normal(mu, 1.0))
+        target = _tangent_of_sin(mu) if forward_mode else torch.cos(mu)
+        storch.add_cost((z - target) ** 2, name="cost")
+        return storch.surrogate_loss()
+
+
+def _dual_returned(mu):
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():  # the tangent of mu * sin(mu) along 1, differentiable in mu: sin(mu) + mu * cos(mu)
+        return fwAD.unpack_dual(mu * torch.sin(fwAD.make_dual(mu, torch.ones_like(mu)))).tangent
+
+
+DUAL_STEPS = {"tangent_in_a_cost": _dual_in_cost, "tangent_returned": _dual_returned}
+_DUAL_REFUSAL = (r"cannot trace _dual_\w+: it opens torch.autograd.forward_ad.dual_level inside the step.*Compute that "
+                 r"derivative outside the compiled step.*or run this step eagerly")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(DUAL_STEPS))
+def test_a_dual_level_opened_in_the_step_is_refused_by_name(case, backend):
+    step = DUAL_STEPS[case]
+    mu = torch.tensor(0.5, requires_grad=True)
+    assert torch.isfinite(step(mu))  # eagerly: fine
+    compiled = storch.compile(step, backend=backend)
+    for _ in range(2):  # at the first call, and again at the next (nothing was kept)
+        with pytest.raises(StorchError, match=_DUAL_REFUSAL):
+            compiled(mu)
+        assert compiled.traces == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_dual_level_on_a_new_path_of_a_traced_step_is_refused(backend):
+    """A step traced on a path without forward mode replays; the path that opens a dual level (another value of a
+    Python argument: a new trace) is refused, and the traced path still replays."""
+    compiled = storch.compile(_dual_in_cost, backend=backend)
+    mu = torch.tensor(0.5, requires_grad=True)
+    assert torch.isfinite(compiled(mu, False))
+    with pytest.raises(StorchError, match=_DUAL_REFUSAL):
+        compiled(mu, True)
+    assert compiled.traces == 1
+    assert torch.isfinite(compiled(mu, False)) and compiled.traces == 1
+
+
+def test_a_jvp_opened_in_the_step_is_still_named_as_torch_func():
+    """torch.func.jvp opens a dual level too: its refusal names torch.func.jvp, as before."""
+    with pytest.raises(StorchError, match=r"it calls torch.func.jvp"):
+        storch.compile(_step(TRANSFORMS["jvp"][1]), backend=None)(torch.tensor(0.5))
+
+
+# A vectorized Jacobian of a compiled step (torch.autograd.functional.jacobian(..., vectorize=True), its
+# is_grads_batched backward pass, or torch.func.vmap over torch.autograd.grad): the forward runs outside vmap, the
+# backward under it. With inductor the compiled backward failed on the batched gradients with torch's raw "Cannot
+# access data pointer of Tensor that doesn't have storage". Now refused by name at that backward pass (the first
+# call's and a replay's); backend=None replays the traced operations through autograd, which vmap batches: the
+# Jacobian is eager's (pinned below).
+def _vector_step(mu):
+    with storch.Graph():
+        m = storch.denote_independent(mu, 0, "data")
+        z = storch.estimator("reparameterization", plate="z", n_samples=2)(Normal(m, 1.0))
+        storch.add_cost((z - torch.sin(m)) ** 2, name="cost")
+        return storch.surrogate_loss()
+
+
+def _jacobian(f, x):
+    return torch.autograd.functional.jacobian(f, x, vectorize=True)
+
+
+def _grads_batched(f, x):
+    x = x.clone().requires_grad_()
+    loss = f(x)
+    return torch.autograd.grad(loss, x, torch.ones(3, *loss.shape), is_grads_batched=True)[0]
+
+
+def _vmapped_grad(f, x):
+    x = x.clone().requires_grad_()
+    loss = f(x)
+    return torch.func.vmap(lambda v: torch.autograd.grad(loss, x, v, retain_graph=True)[0])(torch.ones(3))
+
+
+BATCHED = {"jacobian_vectorize": _jacobian, "is_grads_batched": _grads_batched, "func_vmap": _vmapped_grad}
+
+
+@pytest.mark.parametrize("case", list(BATCHED))
+def test_a_batched_backward_through_an_inductor_program_is_refused(case):
+    batched = BATCHED[case]
+    x = torch.tensor([0.5, 1.0, 2.0])
+    compiled = storch.compile(_vector_step)
+    for _ in range(2):  # the first call (traced in it) and a replay
+        with pytest.raises(StorchError, match=r"_vector_step, compiled by storch.compile with inductor, is "
+                                              r"differentiated with batched gradients.*Pass vectorize=False.*"
+                                              r"backend=None"):
+            batched(compiled, x)
+        assert compiled.traces == 1
+    torch.manual_seed(4)
+    eager = torch.autograd.functional.jacobian(_vector_step, x)
+    torch.manual_seed(4)  # what the message advises: a backward pass per row, the eager Jacobian
+    torch.testing.assert_close(torch.autograd.functional.jacobian(compiled, x, vectorize=False), eager)
+
+
+@pytest.mark.parametrize("case", list(BATCHED))
+def test_a_batched_backward_with_backend_none_gives_the_eager_result(case):
+    batched = BATCHED[case]
+    x = torch.tensor([0.5, 1.0, 2.0])
+    compiled = storch.compile(_vector_step, backend=None)
+    compiled(x.clone().requires_grad_())  # the trace (its check runs the step again: the seed is set after it)
+    torch.manual_seed(5)
+    eager = batched(_vector_step, x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(batched(compiled, x), eager)
+    assert compiled.traces == 1

@@ -116,7 +116,10 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   sees a torch call at a deeper functorch level than the step's call) is refused by name: the pre-dispatch trace records
   above functorch, so it baked vmap's batched wrappers into the program as constants cut off from the arguments
   (refused before only as "a tensor ... neither an argument nor an nn.Parameter", or by functorch's "escaped"
-  error in the replay check); ``grad``, ``vjp``, ``jacrev`` are refused as a differentiation inside the step;
+  error in the replay check); ``grad``, ``vjp``, ``jacrev`` are refused as a differentiation inside the step; so
+  is forward mode opened in the step without torch.func (``with torch.autograd.forward_ad.dual_level():``, seen as a
+  torch call in a dual level the step's call was not in): the trace records ``make_dual`` and ``unpack_dual`` but not
+  the level, so the replay check failed with torch's raw "invalid forward AD level" (both backends);
 - a compiled step called inside a ``torch.func`` transform (``vmap``, ``grad``, ``jvp`` around it) or a
   ``torch.autograd.forward_ad.dual_level()`` (with inductor a replay dropped the dual argument's tangent) is refused at
   every call, its first and its replays (one C call: the functorch level, None outside every transform): its trace
@@ -128,7 +131,11 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   (so any create_graph pass through them is refused, outside ``estimator_create_graph``);
 - with a compiler backend (not ``backend=None``) every output is hooked so: torch's compiled program cannot
   be differentiated twice, and ``torch.autograd.functional.hessian`` of it returned zeros silently. The
-  replay (``backend=None``) differentiates to every order (``surrogate_loss(order=2)`` in the step);
+  replay (``backend=None``) differentiates to every order (``surrogate_loss(order=2)`` in the step). With
+  inductor the hook also refuses a batched backward pass (``jacobian(..., vectorize=True)``,
+  ``is_grads_batched=True``, ``torch.func.vmap`` over ``torch.autograd.grad``), whose batched gradients inductor's
+  compiled backward failed on with torch's raw "Cannot access data pointer" (``backend=None`` batches it: eager's
+  Jacobian);
 - on the first call the step also runs eagerly and its trace runs from the same random state; if they
   disagree (the result depends on Python or generator state the trace cannot see: SPSA's coupled
   draws replay the random state) it is refused. A draw with a generator of its own (``generator=g`` of a

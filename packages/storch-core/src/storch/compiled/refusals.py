@@ -34,7 +34,45 @@ def _replay_only_message(est) -> str:
             "node. Use storch.compile(step, backend=None), or run the step eagerly")
 
 
-def _compiled_twice_message(fn, eager: Optional[Callable[[], str]]) -> Callable[[], str]:
+class _CompiledRefusal:
+    """The refusal hooked on every output of a compiler backend's program (see :func:`_compiled_twice_message`):
+    called, its message; ``check``, for inductor, the refusal of a batched backward pass (:func:`_batched_check`),
+    run in the same hook (storch.conditions.order_guard's ``check``)."""
+
+    __slots__ = ("message", "check")
+
+    def __init__(self, message: Callable[[], str], check: Optional[Callable[[torch.Tensor], None]]) -> None:
+        self.message = message
+        self.check = check
+
+    def __call__(self) -> str:
+        return self.message()
+
+
+def _batched_backward_message(fn) -> str:
+    return (f"{_name(fn)}, compiled by storch.compile with inductor, is differentiated with batched gradients (a "
+            "vmapped backward pass: torch.autograd.functional.jacobian(..., vectorize=True), "
+            "torch.autograd.grad(..., is_grads_batched=True), torch.func.vmap over torch.autograd.grad): inductor's "
+            "compiled backward runs on plain tensors, not on vmap's batched ones (torch's \"Cannot access data "
+            "pointer of Tensor that doesn't have storage\"). Pass vectorize=False (or is_grads_batched=False: a "
+            "backward pass per row of the Jacobian), or use storch.compile(step, backend=None), whose replay runs the "
+            "traced operations through autograd (vectorized there), or run the step eagerly")
+
+
+def _batched_check(fn) -> Callable[[torch.Tensor], None]:
+    """The check of a gradient reaching an output of an inductor program: a batched one (torch's legacy vmap of
+    ``jacobian(vectorize=True)`` and ``is_grads_batched``, or torch.func.vmap's) is refused, before inductor's
+    backward fails on it with a raw RuntimeError. (backend=None and torch.compile's aot_eager run the backward as
+    torch operations, which vmap batches: the Jacobian is eager's.)"""
+    functorch = torch._C._functorch
+
+    def check(grad: torch.Tensor) -> None:
+        if functorch.is_legacy_batchedtensor(grad) or functorch.is_batchedtensor(grad):
+            raise StorchError(_batched_backward_message(fn))
+    return check
+
+
+def _compiled_twice_message(fn, eager: Optional[Callable[[], str]], inductor: bool = False) -> _CompiledRefusal:
     """The refusal hooked on every output of a compiler backend's program (see :func:`_refuse_twice`): torch's
     compiled program is one autograd node that cannot be differentiated twice, and
     ``torch.autograd.functional.hessian`` of it gave zeros silently (its second pass found no graph; a
@@ -49,7 +87,7 @@ def _compiled_twice_message(fn, eager: Optional[Callable[[], str]]) -> Callable[
                 "through autograd (return storch.surrogate_loss(order=n) from the step for derivatives of order n), "
                 "or run the step eagerly")
         return text if eager is None else f"{text}. Besides, {eager()}"
-    return message
+    return _CompiledRefusal(message, _batched_check(fn) if inductor else None)
 
 
 def _refuse_twice(outs, message: Callable[[], str]) -> Any:
@@ -60,9 +98,10 @@ def _refuse_twice(outs, message: Callable[[], str]) -> Any:
     cannot be differentiated twice anyway (torch said only that a tensor "appears to not have been used
     in the graph"), so the error says what was wrong there too."""
     if not isinstance(message, CountedRefusal):
+        check = message.check if type(message) is _CompiledRefusal else None
         for o in outs:
             if o.grad_fn is not None:  # (an input returned as it is holds no term: hooked, it got a hook per call)
-                refuse_create_graph(o, message)
+                refuse_create_graph(o, message, check=check)
         return outs
     # an order-n refusal (n >= 2) counts the passes with a hook that holds its tensor weakly: the caller gets a
     # view of each hooked output whose autograd node keeps it (a result used in an expression, `step(x) + reg`,
@@ -111,6 +150,21 @@ def _transform_in_step_message(fn, kind: str) -> str:
             "loop over the entries and torch.stack the results; a derivative in closed form with torch "
             "operations), or run this step eagerly (without storch.compile). storch's own plate operations "
             "need no torch.func: they are compiled as usual")
+
+
+def _dual_level_in_step_message(fn) -> str:
+    """The refusal of forward mode opened inside the step without torch.func (``with
+    torch.autograd.forward_ad.dual_level(): make_dual ... unpack_dual``; seen by :class:`_TraceMode` at the first
+    torch call in the level): the trace records ``make_dual`` and ``unpack_dual`` with the level's index, not the
+    level's opening and closing, so the replay check ran a program whose level did not exist and torch raised its
+    raw "Trying to access a forward AD level with an invalid index" (both backends)."""
+    return (f"storch.compile cannot trace {_name(fn)}: it opens torch.autograd.forward_ad.dual_level inside the step "
+            "(forward mode: make_dual, unpack_dual). A trace records the step's torch operations, not the dual level "
+            "opened around them, so the program would make duals at a level that does not exist when it runs (torch's "
+            "\"invalid forward AD level\" at every call). Compute that derivative outside the compiled step (run the "
+            "forward-mode part eagerly and pass its tangent to the compiled step as a tensor argument), or in closed "
+            "form with torch operations (e.g. the derivative of sin(x) along v as cos(x) * v), or run this step "
+            "eagerly (without storch.compile)")
 
 
 def _transform_around_step_message(fn) -> str:

@@ -382,7 +382,8 @@ class CompiledStep(Generic[_P, _R]):
         trace.updates, trace.estimators, trace.sig = recorder.updates, estimators, sig
         trace.live_loss = recorder.live is not None
         trace.refusal = (recorder.refusal if recorder.replay_only
-                         else _compiled_twice_message(self.fn, recorder.refusal))
+                         else _compiled_twice_message(self.fn, recorder.refusal,
+                                                      self.compile_options.get("backend") == "inductor"))
         arguments = tuple(a for a in leaves if not isinstance(a, torch.Tensor))
         trace.guard = _guard(gm, *_reached(self.fn, arguments), _compiled_by_inductor(self.compile_options),
                              tuple(called.values()))

@@ -2,7 +2,8 @@
 then only): Python reads of a traced or captured tensor's values or of a sample, selections whose shape depends
 on the data, reads and writes of a ``.grad`` (an optimizer's ``zero_grad``), a tensor's gradient hook
 (``register_hook``, ``register_post_accumulate_grad_hook``), draws from a generator of the step's own and a
-``torch.inference_mode()`` block are refused, and so is a torch.func transform (vmap, jvp) opened in the step;
+``torch.inference_mode()`` block are refused, and so is a torch.func transform (vmap, jvp) or a
+``torch.autograd.forward_ad.dual_level`` opened in the step;
 each grad-mode switch (``no_grad``, ``enable_grad``) is made as well as recorded (torch 2.7 and 2.8's trace only
 records it); a captured buffer or an argument about to be written in place is saved, and put back after the trace
 and the replay check."""
@@ -14,11 +15,12 @@ import sys
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _fwAD
 import torch.utils._pytree as pytree
 
 from ..errors import StorchError
 from ..plates.tensor import PlateTensor
-from .refusals import _gradient_message, _name, _optimizer_message, _tensor_hook_message, _transform_in_step_message
+from .refusals import _dual_level_in_step_message, _gradient_message, _name, _optimizer_message, _tensor_hook_message, _transform_in_step_message
 
 _T = torch.Tensor
 
@@ -239,6 +241,7 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
         self.tracer = None
         self.inference = False  # whether the compiled step was called under torch.inference_mode()
         self.level = None  # the torch.func level the compiled step was called at (None: under no transform)
+        self.dual = -1  # the forward-AD level (torch.autograd.forward_ad.dual_level) it was called at
 
     def __enter__(self):
         from torch.fx.experimental.proxy_tensor import get_proxy_mode
@@ -247,6 +250,7 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
         self.tracer = None if mode is None else mode.tracer
         self.inference = torch.is_inference_mode_enabled()
         self.level = _functorch_level()
+        self.dual = _fwAD._current_level  # (-1: a compiled step is not called in one: CompiledStep.__call__)
         return super().__enter__()
 
     def _traced(self, t) -> bool:
@@ -311,6 +315,8 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if _functorch_level() != self.level:
             self._transform_opened()
+        if _fwAD._current_level != self.dual:  # a dual level opened in the step (a torch.func.jvp's: refused above)
+            raise StorchError(_dual_level_in_step_message(self.fn))
         if func is _SET_GRAD_ENABLED:
             return self._set_grad_enabled(func, args, kwargs)
         if not self.inference and torch.is_inference_mode_enabled():

@@ -53,7 +53,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.autograd.forward_ad as _fwAD
@@ -251,13 +251,16 @@ class _Refuse:
     """A tensor hook that raises OrderError in a backward pass that builds a graph (``create_graph=True``)
     or whose gradients carry forward tangents (forward-over-reverse; ``always``: the hooked tensor carried a
     tangent, so every backward pass through it does). The message is built only when it is raised (the
-    hook is registered at every step)."""
+    hook is registered at every step). ``check``: called last with the gradient (storch.compile's refusal of a
+    batched backward pass through an inductor program, in the same hook: one hook per output and call)."""
 
-    __slots__ = ("message", "always")
+    __slots__ = ("message", "always", "check")
 
-    def __init__(self, message: Callable[[], str], always: bool = False) -> None:
+    def __init__(self, message: Callable[[], str], always: bool = False,
+                 check: Optional[Callable[[torch.Tensor], None]] = None) -> None:
         self.message = message
         self.always = always
+        self.check = check
 
     def __call__(self, grad: torch.Tensor) -> None:
         if _OWN.active():
@@ -266,6 +269,8 @@ class _Refuse:
             raise OrderError(self.message() + _OWN.hint())
         if (self.always and _fwAD._current_level >= 0) or has_tangent(grad):
             raise OrderError(self.message() + FORWARD_OVER_REVERSE)
+        if self.check is not None:
+            self.check(grad)
 
 
 FORWARD_OVER_REVERSE = (". Here the order-1 surrogate is differentiated in reverse mode over forward-mode tangents (a "
@@ -375,16 +380,17 @@ class _Depth(torch.autograd.Function):
         return grad, _Depth.apply(zero, anchor, depth + 1, refusal), None, None
 
 
-def refuse_create_graph(tensor, message: Callable[[], str], order: int = 1) -> None:
+def refuse_create_graph(tensor, message: Callable[[], str], order: int = 1,
+                        check: Optional[Callable[[torch.Tensor], None]] = None) -> None:
     """Hook ``tensor`` (if it carries gradient) to raise ``OrderError(message())`` when a backward pass with
     ``create_graph=True``, or one over forward tangents, reaches it; for an order-``order`` surrogate
     (``order`` >= 2, or a :class:`CountedRefusal`), the ``order``-th create_graph pass through it (the one that
-    builds the graph of an (order + 1)-th derivative)."""
+    builds the graph of an (order + 1)-th derivative). ``check`` (order 1 only): see :class:`_Refuse`."""
     if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
         if isinstance(message, CountedRefusal):
             order = message.order
         if order <= 1:
-            tensor.register_hook(_Refuse(message, has_tangent(tensor)))
+            tensor.register_hook(_Refuse(message, has_tangent(tensor), check))
         else:
             refusal = message if isinstance(message, CountedRefusal) else CountedRefusal(message, order)
             tensor.register_hook(_Count(refusal, tensor))
