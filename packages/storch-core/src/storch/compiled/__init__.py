@@ -116,7 +116,9 @@ What a trace fixes, and what a step may not do (each raises a clear error where 
   sees a torch call at a deeper functorch level than the step's call) is refused by name: the pre-dispatch trace records
   above functorch, so it baked vmap's batched wrappers into the program as constants cut off from the arguments
   (refused before only as "a tensor ... neither an argument nor an nn.Parameter", or by functorch's "escaped"
-  error in the replay check); ``grad``, ``vjp``, ``jacrev`` are refused as a differentiation inside the step; so
+  error in the replay check); ``grad``, ``vjp``, ``jacrev`` are refused as a differentiation inside the step.
+  ``flex_attention`` (torch.nn.attention), which outside torch.compile calls its ``score_mod`` under vmap, is refused
+  by its own name (it never reaches the check of its autograd Function's backward); so
   is forward mode opened in the step without torch.func (``with torch.autograd.forward_ad.dual_level():``, seen as a
   torch call in a dual level the step's call was not in): the trace records ``make_dual`` and ``unpack_dual`` but not
   the level, so the replay check failed with torch's raw "invalid forward AD level" (both backends);

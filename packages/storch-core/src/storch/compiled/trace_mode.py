@@ -95,6 +95,37 @@ _GRAD = torch._C.TensorBase.__dict__.get("grad")
 _SET_GRAD_ENABLED = torch._C._set_grad_enabled
 
 
+# torch's FlexAttention: its Python API and its higher-order op, whose implementation outside torch.compile (the
+# reference, "math" one, on every device) calls score_mod and mask_mod under torch.func.vmap
+_FLEX_ATTENTION = tuple(os.path.join(_TORCH, *parts) for parts in (("nn", "attention", "flex_attention.py"),
+                                                                    ("_higher_order_ops", "flex_attention.py")))
+
+
+def _in_flex_attention() -> bool:
+    """Whether torch's flex_attention is on the stack (read only to name a refused transform)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename in _FLEX_ATTENTION:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _flex_attention_message(fn) -> str:
+    """The refusal of ``torch.nn.attention.flex_attention.flex_attention`` in the step, seen as the torch.func.vmap it
+    opens (:meth:`_TraceMode._transform_opened`), which the generic message named without saying where it came
+    from. Refused on every device and backend before its autograd Function (FlexAttentionAutogradOp, a backward of its
+    own) reaches the check of custom Functions (storch.compiled.checks._check_custom_functions)."""
+    return (f"storch.compile cannot trace {_name(fn)}: it calls torch.nn.attention.flex_attention.flex_attention, "
+            "which outside torch.compile runs its reference implementation with score_mod and mask_mod under "
+            "torch.func.vmap, and storch.compile's trace cannot see through a torch.func transform (its values would "
+            "be fixed into the program as the traced call's, cut off from the step's arguments). Write the attention "
+            "with torch operations, which storch.compile traces: `s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5`, "
+            "a score_mod as a torch expression on s (a sampled hard mask as `s.masked_fill(~mask, -1e4)`), "
+            "then `s.softmax(-1) @ v`; or run this step eagerly (without storch.compile). (torch 2.13's FlexAttention "
+            "has no backward on CPU either.)")
+
+
 def _generator_message(fn, func) -> str:
     name = getattr(func, "__name__", None) or str(func)
     return (f"storch.compile cannot trace {_name(fn)}: it draws from a generator of its own (`{name}(..., "
@@ -287,6 +318,8 @@ class _TraceMode(torch.overrides.TorchFunctionMode):
         stack = torch._C._functorch.get_interpreter_stack() or []
         depth = 0 if self.level is None else len(stack) - (_functorch_level() - self.level)
         kind = stack[depth].key().name if 0 <= depth < len(stack) else "unknown"
+        if _in_flex_attention():
+            raise StorchError(_flex_attention_message(self.fn))
         raise StorchError(_transform_in_step_message(self.fn, kind))
 
     def _data_shape(self, func, args, kwargs) -> Optional[str]:
