@@ -62,12 +62,13 @@ def _batched_backward_message(fn) -> str:
 def _batched_check(fn) -> Callable[[torch.Tensor], None]:
     """The check of a gradient reaching an output of an inductor program: a batched one (torch's legacy vmap of
     ``jacobian(vectorize=True)`` and ``is_grads_batched``, or torch.func.vmap's) is refused, before inductor's
-    backward fails on it with a raw RuntimeError. (backend=None and torch.compile's aot_eager run the backward as
-    torch operations, which vmap batches: the Jacobian is eager's.)"""
+    backward fails on it with a raw RuntimeError. (backend=None runs the backward as torch operations, which vmap
+    batches: the Jacobian is eager's; so does aot_eager, for torch's legacy vmap only.)"""
     functorch = torch._C._functorch
 
-    def check(grad: torch.Tensor) -> None:
-        if functorch.is_legacy_batchedtensor(grad) or functorch.is_batchedtensor(grad):
+    def check(grad: Optional[torch.Tensor]) -> None:
+        # (None: an output whose gradient autograd left undefined, e.g. an annealed step's output the loss does not use)
+        if grad is not None and (functorch.is_legacy_batchedtensor(grad) or functorch.is_batchedtensor(grad)):
             raise StorchError(_batched_backward_message(fn))
     return check
 
@@ -98,7 +99,7 @@ def _refuse_twice(outs, message: Callable[[], str]) -> Any:
     cannot be differentiated twice anyway (torch said only that a tensor "appears to not have been used
     in the graph"), so the error says what was wrong there too."""
     if not isinstance(message, CountedRefusal):
-        check = message.check if type(message) is _CompiledRefusal else None
+        check = message.check if isinstance(message, _CompiledRefusal) else None
         for o in outs:
             if o.grad_fn is not None:  # (an input returned as it is holds no term: hooked, it got a hook per call)
                 refuse_create_graph(o, message, check=check)
