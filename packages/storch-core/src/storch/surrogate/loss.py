@@ -232,6 +232,8 @@ def _surrogate_loss(order: int, graph: Graph, common: bool = True) -> torch.Tens
     # at order 1, the nodes on which the per-cost checks below may act, asked once per node (a chain of M score
     # nodes with a cost per step asked each cost's nodes: M²/2 calls); a cost with none of them skips the checks
     needy = _needy_nodes(graph) if order == 1 else None
+    wide: dict = {}  # id(node) -> node, upstream of a float64 cost: widened once, after the loop (per cost, a
+    # partition's T per-step costs each walked its T logged l_t: O(T²), 4.8 s at T = 2000, p-hmm15)
     for name, cost in graph.costs:
         nodes = cost_nodes(graph, cost)
         if no_credit and id(cost) in no_credit:
@@ -249,8 +251,10 @@ def _surrogate_loss(order: int, graph: Graph, common: bool = True) -> torch.Tens
                 _check_compared(name, nodes, order)
             reached += len(nodes)
         if nodes and raw_of(cost).dtype is torch.float64:
-            _widen_to_float64(nodes)
+            wide.update((id(node), node) for node in nodes)
         per_cost.append((name, cost, nodes))
+    if wide:
+        _widen_to_float64(list(wide.values()))
     grad = None
     for node in graph.nodes:
         for raw, version in node.handed:
