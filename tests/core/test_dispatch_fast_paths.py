@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributions import OneHotCategorical
+from torch.distributions import Categorical, OneHotCategorical
 
 import storch
 from storch import PlateTensor
@@ -58,6 +58,23 @@ def test_an_int_dim_takes_the_fast_path_and_equals_a_loop(name, dim):
     # the control: no dim (over all per-sample dims) takes the general path
     _, seen = calls(lambda: x.sum())
     assert "_get_dim" in seen
+
+
+@pytest.mark.parametrize("dim", [0, -1])
+def test_unsqueeze_of_a_0_dim_sample_is_one_raw_call(dim):
+    """A token per plate entry (a Categorical's sample): ``Categorical.log_prob`` unsqueezes it at every step
+    of a sequence; it is one raw unsqueeze after the plate dims, not a call per entry (vmap)."""
+    x = make(rnd(3, 2), *ZD)
+    check(lambda a: a.unsqueeze(dim), x)
+    out, seen = calls(lambda: x.unsqueeze(dim))
+    assert tuple(out.tensor.shape) == (3, 2, 1) and not seen & GENERAL, sorted(seen)
+    with pytest.raises(storch.PlateError, match="out of range"):
+        x.unsqueeze(1)
+    logits = make(rnd(3, 2, 4), *ZD)
+    token = make(torch.tensor([[0, 3], [1, 2], [2, 0]]), *ZD)
+    _, seen = calls(lambda: Categorical(logits=logits).log_prob(token))
+    assert "vmap_call" not in seen, sorted(seen)
+    check(lambda lg, tk: Categorical(logits=lg).log_prob(tk), logits, token)
 
 
 def test_an_int_dim_out_of_range_or_with_a_sampled_operand_is_not_fast():

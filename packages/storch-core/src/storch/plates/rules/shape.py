@@ -118,7 +118,7 @@ def _dim_handler(pos: int, default=None, extra: int = 0, reduce_all: bool = Fals
                     pos == 1 or not any(type(a) is _PT for a in args[1:pos])):
                 n = len(x._plates)
                 k = x._raw.dim() - n
-                if k > 0:
+                if k + extra > 0:  # (unsqueeze of a 0-dim sample too: Categorical.log_prob of a token, p-hmm15)
                     if -(k + extra) <= d < 0:
                         return wrap_same(func(x._raw, *args[1:], **kwargs), x._plates)
                     if 0 <= d < k + extra:
