@@ -1180,6 +1180,20 @@ def test_arm_on_an_independent_categorical_does_not_advise_passing_the_categoric
     assert "pass the Categorical itself" not in msg, msg
 
 
+@pytest.mark.parametrize("name", ["gumbel_softmax", "gumbel_straight_through"])
+def test_relaxation_eos_option_says_how_to_write_a_variable_length_message(name):
+    """A port of EGG's Gumbel-softmax sender writes storch.estimator(name, eos=0) as for score: the refusal
+    said only that there is no option 'eos' and listed the options; it now says why (no partitions) and how
+    (one estimator per position, eos masked by hand; tests/models/test_signaling_game.py), and which estimators
+    take eos=."""
+    with pytest.raises(storch.OptionError) as info:
+        storch.estimator(name, plate="m", eos=0)
+    msg = str(info.value)
+    assert msg.startswith(f"estimator {name!r} has no option 'eos'. eos= ends the sequences of a partition"), msg
+    assert "one estimator per position" in msg and "live = live * (1 - b[eos])" in msg, msg
+    assert "score, unordered_set. Its options are: n_samples, temperature, categorical" in msg, msg
+
+
 def test_gumbel_softmax_hard_option_points_to_gumbel_straight_through():
     """torch's F.gumbel_softmax(hard=True) users write storch.estimator("gumbel_softmax", hard=True): the
     refusal names "gumbel_straight_through" (it only listed the options); gumbel_straight_through itself

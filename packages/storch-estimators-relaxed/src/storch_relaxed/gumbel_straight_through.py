@@ -9,7 +9,7 @@ from torch.distributions import Bernoulli
 from storch import Node
 from storch.extending import base_distribution
 
-from .gumbel_softmax import GumbelSoftmax
+from .gumbel_softmax import EOS_HINT, GumbelSoftmax
 
 __all__ = ["GumbelStraightThrough"]
 
@@ -59,6 +59,7 @@ class GumbelStraightThrough(GumbelSoftmax):
     unknown_option_hints = {
         "hard": "This estimator is already hard (a discrete forward value, the relaxed sample's gradient, as torch's "
                 "F.gumbel_softmax(hard=True)): drop the option",
+        "eos": EOS_HINT,
     }
     # ∇f(H(z)) ∂z/∂θ is the derivative of no objective: no kink or jump of f makes it more biased than it is by
     # design, so the cost's path is not checked as gumbel_softmax's is
