@@ -468,6 +468,24 @@ def test_packed_sequences_are_refused():
         lstm(packed, (h, h))
 
 
+def test_packed_sequences_refusal_gives_the_padded_recipe_for_the_state_at_length():
+    """An EGG receiver reads a message up to its eos with pack_padded_sequence: the refusal said only "pad", whose
+    final state reads past the end (a silently different model). It now says to take the padded run's output at
+    length - 1, and that recipe, with a sampled length per plate entry, is the packed RNN's final state."""
+    gru = nn.GRU(4, 5).double()
+    x = make(rnd(3, 6, 4), ("z", 3))                                   # per sample: (L, H_in), unbatched
+    length = make(torch.tensor([6, 2, 4]), ("z", 3))
+    with pytest.raises(storch.PlateError) as info:
+        nn.utils.rnn.pack_padded_sequence(x, length, enforce_sorted=False)
+    assert "out, _ = rnn(padded); h = out[length - 1]" in str(info.value), str(info.value)
+    out, _ = gru(x)
+    h = out[length - 1]
+    for i in range(3):
+        packed = nn.utils.rnn.pack_padded_sequence(x.tensor[i, :, None], length.tensor[i:i + 1], enforce_sorted=False)
+        _, expected = gru(packed)
+        torch.testing.assert_close(h.tensor[i], expected[0, 0])
+
+
 # -- randomness -----------------------------------------------------------------------------------
 
 

@@ -294,7 +294,12 @@ _DATA_DEPENDENT = (
     "have different shapes; {instead}"
 )
 PACKED_SEQUENCES = ("packed sequences (nn.utils.rnn.PackedSequence) are not supported on plate tensors; pad "
-                    "the sequences and pass the padded tensor (the per-sample code stays the same)")
+                    "the sequences and pass the padded tensor (the per-sample code stays the same). A packed RNN "
+                    "stops at each sequence's length (its final state is the one at length - 1, e.g. a message read "
+                    "up to its eos); the padded run goes on over the padding, so take its output there instead of "
+                    "its final state: out, _ = rnn(padded); h = out[length - 1] (per sample, unbatched input; "
+                    "length may be a sampled plate tensor), or step a cell and keep the state past the end, "
+                    "h = torch.where(t < length, cell(x[t], h), h)")
 
 REFUSALS = {
     # name (looked up on torch and torch.Tensor) -> what to do instead
