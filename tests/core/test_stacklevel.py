@@ -7,6 +7,7 @@ issued from: graph/, plates/, estimators/, surrogate/), not only the folder the 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import torch
@@ -116,3 +117,66 @@ def test_user_code_an_estimator_calls_is_where_its_warnings_point():
         warnings.simplefilter("ignore")
         est(Normal(torch.tensor(0.5), 1.0))
     assert levels == [1]
+
+
+def test_a_family_whose_estimator_is_defined_in_its_packages_init(tmp_path, monkeypatch):
+    """A family package whose estimator class is in ``__init__.py`` (module name without a dot) and whose helper module
+    warns: the family is the package's folder, not ``__init__.py`` alone (which pointed the warning into the helper)."""
+    import inspect
+    from torch.distributions import Normal
+
+    pkg = tmp_path / "initfamily"
+    pkg.mkdir()
+    (pkg / "_helper.py").write_text(
+        "from storch.extending import warn_untrained_part\n\n\ndef built_lazily(est):\n"
+        "    warn_untrained_part(est, 'x', 'its part', 'est.parameters()', 'part=')\n")
+    (pkg / "__init__.py").write_text(
+        "import storch\nfrom ._helper import built_lazily\n\n\nclass Lazy(storch.Estimator):\n"
+        "    name = 'test_init_family_lazy'\n    max_order = 1\n    requires_rsample = True\n\n"
+        "    def __init__(self, plate):\n        super().__init__(plate, 2)\n        self.update = False\n\n"
+        "    def proposal(self, node):\n        built_lazily(self)\n        return node.distribution.rsample((2,))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        from initfamily import Lazy
+
+        est, mu = Lazy("z"), torch.tensor(0.5, requires_grad=True)
+        line = inspect.currentframe().f_lineno
+
+        def step():
+            with storch.Graph():
+                storch.add_cost(est(Normal(mu, 1.0)) ** 2)  # line + 4
+                storch.reset()
+
+        assert set(_lines(step)) == {(__file__, line + 4)}
+    finally:
+        sys.modules.pop("initfamily", None)
+        sys.modules.pop("initfamily._helper", None)
+
+
+def test_the_walk_keeps_no_locals_of_a_users_method_alive():
+    """The walk reads ``f_locals`` only of estimator methods' frames: reading it of a user's method on the stack (a
+    training loop ``Trainer.fit(self)``) left a snapshot of its locals on the frame (Python < 3.13), which kept that
+    iteration's objects alive after the loop rebound them."""
+    import gc
+    import weakref
+
+    from third_party_family import Lazy
+    from torch.distributions import Normal
+
+    class Batch:
+        pass
+
+    class Trainer:
+        def fit(self) -> bool:
+            batch = Batch()
+            alive = weakref.ref(batch)
+            with warnings.catch_warnings(record=True):
+                warnings.simplefilter("always")
+                with storch.Graph():
+                    storch.add_cost(Lazy("z")(Normal(torch.tensor(0.5, requires_grad=True), 1.0)) ** 2)
+                    storch.reset()
+            batch = None  # noqa: F841 (the next iteration's)
+            gc.collect()
+            return alive() is None
+
+    assert Trainer().fit()

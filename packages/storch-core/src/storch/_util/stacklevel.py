@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from types import CodeType, FrameType, ModuleType
 
 import torch
@@ -49,10 +50,10 @@ def user_stacklevel(*modules: ModuleType) -> int:
     frame, level = sys._getframe(1), 1
     inner = _estimator_frames(frame) if _OWNERS else None
     if inner is not None:
-        outermost, family = inner
+        outermost, family, codes = inner
         family = own + family
         while frame is not None:
-            if not (frame.f_code.co_filename.startswith(family) or _owner_of(frame) is not None):
+            if not (frame.f_code.co_filename.startswith(family) or _owner_of(frame, codes) is not None):
                 return level  # other code an estimator called (a user's callable)
             last = frame is outermost
             frame, level = frame.f_back, level + 1
@@ -63,42 +64,68 @@ def user_stacklevel(*modules: ModuleType) -> int:
     return level
 
 
-# id(code object) -> (the code object, whether its first argument is named self): co_varnames builds a tuple at each
-# read and a code object's hash reads it too (~0.5 us, per frame of the walk); the entry holds its code object, so an
-# id is not reused while it is a key; bounded (a run's code objects are few)
-_TAKES_SELF: dict[int, tuple[CodeType, bool]] = {}
+def _method_codes() -> set[int]:
+    """The ids of the code objects of the functions defined in the classes of every estimator class's MRO (torch's
+    own classes left out: nn.Module's ``_call_impl`` runs every user model too), ``__wrapped__`` followed. Only a
+    frame running one of them can be an estimator's method, so only its ``f_locals`` is read: reading a frame's
+    ``f_locals`` (before Python 3.13) leaves a snapshot of its locals on the frame until it returns, and a user's
+    training loop (``Trainer.fit(self)``) then kept that iteration's tensors alive. Each class's codes are cached weakly
+    (classes come and go in a long-running process: an entry goes with its class)."""
+    ids: set[int] = set()
+    todo, seen = list(_OWNERS), set()
+    while todo:
+        cls = todo.pop()
+        if cls not in seen:
+            seen.add(cls)
+            todo.extend(cls.__subclasses__())
+            codes = _CODES.get(cls)
+            if codes is None:
+                codes = _CODES[cls] = _codes_of(cls)
+            ids.update(map(id, codes))
+    return ids
 
 
-def _takes_self(code: CodeType) -> bool:
-    entry = _TAKES_SELF.get(id(code))
-    if entry is None:
-        if len(_TAKES_SELF) > 4096:
-            _TAKES_SELF.clear()
-        entry = _TAKES_SELF[id(code)] = (code, code.co_argcount > 0 and code.co_varnames[0] == "self")
-    return entry[1]
+# estimator class -> the code objects of the functions of its MRO (weak keys: a class that is gone drops its entry)
+_CODES: "weakref.WeakKeyDictionary[type, tuple[CodeType, ...]]" = weakref.WeakKeyDictionary()
 
 
-def _owner_of(frame: FrameType) -> object:
+def _codes_of(cls: type) -> tuple[CodeType, ...]:
+    out = []
+    for c in cls.__mro__:
+        if c is object or c.__module__.partition(".")[0] == "torch":
+            continue
+        for v in vars(c).values():
+            for f in (v, getattr(v, "__func__", None), getattr(v, "fget", None)):
+                for _ in range(8):  # (a chain of functools.wraps decorators)
+                    code = getattr(f, "__code__", None)
+                    if not isinstance(code, CodeType):
+                        break
+                    out.append(code)
+                    f = getattr(f, "__wrapped__", None)
+    return tuple(out)
+
+
+def _owner_of(frame: FrameType, codes: set[int]) -> object:
     """The estimator whose method ``frame`` runs (its first argument, ``self``), or None."""
-    if not _takes_self(frame.f_code):
+    code = frame.f_code
+    if id(code) not in codes or code.co_argcount == 0:
         return None
-    owner = frame.f_locals.get("self")
+    owner = frame.f_locals.get(code.co_varnames[0])
     return owner if isinstance(owner, tuple(_OWNERS)) else None
 
 
-def _estimator_frames(frame: FrameType | None) -> tuple[FrameType, tuple[str, ...]] | None:
-    """The outermost frame of an estimator's method from ``frame`` outward, and the files or folders of the
-    families of the estimators met on the way; None where no estimator's method is on the stack."""
-    outermost, family, owners, get = None, [], tuple(_OWNERS), _TAKES_SELF.get
+def _estimator_frames(frame: FrameType | None) -> tuple[FrameType, tuple[str, ...], set[int]] | None:
+    """The outermost frame of an estimator's method from ``frame`` outward, the files or folders of the families of
+    the estimators met on the way, and the ids of the estimator methods' code objects; None where no estimator's
+    method is on the stack."""
+    outermost, family, codes = None, [], _method_codes()
     while frame is not None:
-        entry = get(id(frame.f_code))  # (inline: a function call per frame was most of the walk's time)
-        if entry[1] if entry is not None else _takes_self(frame.f_code):
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, owners):
-                outermost = frame
-                family.extend(_family_paths(type(owner)))
+        owner = _owner_of(frame, codes)
+        if owner is not None:
+            outermost = frame
+            family.extend(_family_paths(type(owner)))
         frame = frame.f_back
-    return None if outermost is None else (outermost, tuple(family))
+    return None if outermost is None else (outermost, tuple(family), codes)
 
 
 def _family_paths(cls: type) -> list[str]:
@@ -110,10 +137,13 @@ def _family_paths(cls: type) -> list[str]:
             continue
         name = c.__module__
         top = sys.modules.get(name.partition(".")[0])
-        file = getattr(top, "__file__", None)
-        if not isinstance(file, str):
+        folders = getattr(top, "__path__", None)  # a package (its classes may be in __init__.py) or a namespace one
+        if folders is not None:
+            out.extend(os.path.abspath(f) + os.sep for f in folders if isinstance(f, str))
             continue
-        out.append(os.path.dirname(os.path.abspath(file)) + os.sep if "." in name else os.path.abspath(file))
+        file = getattr(top, "__file__", None)
+        if isinstance(file, str):
+            out.append(os.path.abspath(file))
     return out
 
 
