@@ -24,7 +24,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.distributions import Independent, OneHotCategorical, kl_divergence
 
 import storch
-from model_checks import assert_same_step, step_value_and_grads
+from model_checks import assert_same_step, assert_trains, step_value_and_grads
 from storch.testing import Model, assert_unbiased, check_against_enumeration, per_replicate_derivatives, replicate
 
 
@@ -142,6 +142,24 @@ def test_straight_through_equals_hand_written_with_the_same_draws(alpha):
     assert (g_hand[-3] - swapped[-3]).abs().max() > 1e-3  # the prior's bias
 
 
+def test_a_sequence_too_long_for_one_estimator_per_step_names_the_estimators_that_take_it():
+    # DreamerV3's 64-step sequences: one straight-through estimator per step adds a plate dim per step, past torch's
+    # 64 at step 61. The refusal said to create ONE estimator and call it at every step, which gumbel_straight_through
+    # refuses (it does not support partitions); it now names those that do and accept the distribution
+    torch.manual_seed(0)
+    model = WorldModel().double()
+    x, a = environment(2, 64)
+    ests = [storch.estimator("gumbel_straight_through", plate=f"z{t}") for t in range(64)]
+    with storch.Graph(), pytest.raises(storch.PlateError) as info:
+        storch_step(model, ests, x, a)
+    message = str(info.value)
+    assert "'gumbel_straight_through' does not support partitions" in message and "(score)" in message
+    assert "create ONE estimator" not in message
+    # and calling it again (the advice followed) names them too
+    with storch.Graph(), pytest.raises(storch.PlateError, match=r"supports partitions and this distribution \(score\)"):
+        storch_step(model, ests[0], x[:, :2], a[:, :2])
+
+
 def _exact_loss(model, x, a, offsets):
     """E[Σ_t KL_t + reconstruction_t] by enumerating every latent sequence (G = 1), batch mean, with the
     stop-gradients as the balanced KL writes them: its gradient is the one the balanced KL means."""
@@ -185,6 +203,17 @@ def test_score_leave_one_out_over_the_steps_is_unbiased():
     torch.testing.assert_close(exact[c:], 0.8 * full[c:])
 
 
+@pytest.mark.parametrize("estimator", ["gumbel_straight_through", "score"])
+def test_trains_with_either_estimator(estimator):
+    # the estimator switched by name (straight-through needs one per step: it does not support partitions)
+    torch.manual_seed(3)
+    model = WorldModel().double()
+    x, a = environment(4, 6, seed=2)
+    est = ([storch.estimator(estimator, plate=f"z{t}") for t in range(6)] if estimator == "gumbel_straight_through"
+           else storch.estimator(estimator, plate="z", n_samples=3, baseline="leave_one_out"))
+    assert_trains(model, torch.optim.Adam(model.parameters(), lr=1e-2), lambda graph: storch_step(model, est, x, a))
+
+
 def _unimix_model():
     """One node: a unimix Independent(OneHotCategorical) of 2 groups x 3 classes, a quadratic cost."""
     groups, classes, unimix = 2, 3, 0.01
@@ -223,7 +252,7 @@ def test_unimix_independent_one_hot_refused_by_the_enumerating_estimators(name):
     assert "pass the OneHotCategorical itself" in report.errors[_unimix_model().name]
 
 
-def _compile_case(estimator, steps=4):
+def _compile_case(estimator, steps=2):
     torch.manual_seed(0)
     model = WorldModel().double()
     if estimator == "gumbel_straight_through":

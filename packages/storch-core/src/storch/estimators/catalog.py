@@ -51,3 +51,14 @@ def supporting_estimators(d) -> list[str]:
     except Exception:  # noqa: BLE001  (only for an error message: a broken registry lists none)
         return []
     return [name for name, cls in sorted(classes.items()) if cls.supports(d)]
+
+
+def partition_estimators(d) -> list[str]:
+    """Names of installed estimators that accept ``d`` and support partitions (``supports_partitions``): the
+    advice for a sequence of nodes of an estimator that does not (one plate dim per node, at most 64 dims)."""
+    try:
+        classes = installed_classes()
+    except Exception:  # noqa: BLE001  (only for an error message: a broken registry lists none)
+        return []
+    return [name for name, cls in sorted(classes.items())
+            if getattr(cls, "supports_partitions", False) and cls.supports(d)]

@@ -23,6 +23,7 @@ from ..conditions.score import KINK_FREE, support_is_fixed
 from .checks import _check_sample_entries, _checked_lead, note_compared, note_rsample
 from .messages import _output_shape_message, _plate_tensor_draw_message, _sample_dtype_message, _sample_shape_message
 from .watch import _CATEGORIES, _both, _compare_watch, _threshold_watch, is_pathwise
+from .catalog import partition_estimators
 from .capabilities import _detect_log_p_gradient, _is_score_function, _lowers_order
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def _sample_node(est: Estimator, graph, raw: Distribution, parents: tuple[Plate,
     own = raw.batch_shape + raw.event_shape  # (torch.Size: parents, own batch, event)
     ndims = 1 + len(own)  # the sample: plate, batch, event
     if ndims > MAX_DIMS:
-        raise PlateError(f"estimator {est.name!r} (plate {est.plate!r}): " + too_many_dims_message(ndims))
+        raise PlateError(_too_many_dims(est, raw, ndims))
     if inputs is not None:
         est.check_inputs(inputs, parents, 0)
     node = Node(est, raw, parents, original=distribution, inputs=inputs)
@@ -228,7 +229,7 @@ def _plain_node(est: Estimator, graph, raw: Distribution, parents: tuple[Plate, 
     statements and calls a node: the step's Python runs cold, so the code it runs matters, not only each call)."""
     own = raw._batch_shape + raw._event_shape  # (a torch class, _is_plain: what its two shape properties return)
     if len(own) + 1 > MAX_DIMS:
-        raise PlateError(f"estimator {est.name!r} (plate {est.plate!r}): " + too_many_dims_message(len(own) + 1))
+        raise PlateError(_too_many_dims(est, raw, len(own) + 1))
     if inputs is not None:
         est.check_inputs(inputs, parents, 0)
     node = Node(est, raw, parents, original=distribution, inputs=inputs)
@@ -294,3 +295,22 @@ def _note_integer_parameter(node: Node, distribution: Distribution, step: int) -
     found = marked_parameter(distribution)
     if found is not None:
         node.integer_parameter = (found[1], found[0], step)
+
+
+def _too_many_dims(est: Estimator, raw: Distribution, n: int) -> str:
+    """The refusal of a node that would need ``n`` > 64 dims. Its advice, one estimator called at every step (a
+    partition), is for an estimator that supports partitions; for one that does not (the Gumbel relaxations: a
+    DreamerV2 world model with one straight-through estimator per step of a 64-step sequence), it names the installed
+    estimators that do and accept the distribution, rather than the call that this estimator refuses."""
+    head = f"estimator {est.name!r} (plate {est.plate!r}): "
+    if est.supports_partitions:
+        return head + too_many_dims_message(n)
+    others = partition_estimators(raw)
+    return head + (
+        f"this needs a tensor with {n} dims, but torch supports at most {MAX_DIMS}: every stochastic node adds a "
+        f"plate dim, and {est.name!r} does not support partitions (one estimator called at every step of a "
+        "sequence, one plate dim for the whole sequence; docs/partitions.md), so each of its nodes adds one. For a "
+        "longer sequence, use one estimator that supports partitions and this distribution, created outside the "
+        "loop and called at every step"
+        + (f" ({', '.join(others)})" if others else " (none installed accepts this distribution)")
+        + ", or cut the sequence into shorter segments, each in a graph of its own")

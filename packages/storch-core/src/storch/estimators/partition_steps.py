@@ -24,6 +24,7 @@ from .checks import _checked_lead, note_rsample
 from .messages import _output_shape_message, _sample_shape_message
 from .watch import _compare_watch, is_pathwise
 from .capabilities import _lowers_order
+from .catalog import partition_estimators
 from .first_steps import _MAY_CACHE, _keep_preimages, _note_integer_parameter, _sampled_without_grad, _watched_draw
 from .partition_paths import _BY_COMPONENTS, _BY_EXTEND, _BY_EXTEND_OUTPUT, _STEP_PATH, _depth, _partition_path
 from .step_checks import _check_eos_step, _check_step_sample, _warn_independent_step
@@ -60,11 +61,14 @@ def _extend_partition(est: Estimator, graph, node: Node, distribution: Distribut
     :meth:`Estimator.forward` takes it: it leaves out the checks that are no-ops for a plain node's later steps.)
     """
     if not est.supports_partitions:
+        others = partition_estimators(distribution)
         raise PlateError(
             f"estimator {est.name!r} (plate {est.plate!r}) was already used in this graph. Calling one "
             "estimator several times makes its calls one partition (a sequence with one plate), which "
-            f"{est.name!r} does not support. Create one estimator per stochastic node, or start each "
-            "step with a new graph (storch.backward() / storch.reset())"
+            f"{est.name!r} does not support. Create one estimator per stochastic node (each adds a plate dim, "
+            "torch allows 64 in all), or, for a sequence, one estimator that supports partitions"
+            + (f" and this distribution ({', '.join(others)})" if others else "")
+            + ", or start each step with a new graph (storch.backward() / storch.reset())"
             + (f". {est.partition_hint}" if est.partition_hint else "")
         )
     how = _STEP_PATH.get(type(est))  # (one dict lookup per step: the class's path, computed at its first step 1)
