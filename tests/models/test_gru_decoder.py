@@ -2,9 +2,8 @@
 
 The model (``storch_bench.gru_decoder``) is written once for one image and one sequence: an
 ``nn.GRU`` called one step at a time with unbatched ``(1, embed)`` input. (a) its layers on plate
-tensors equal a loop over the plate entries; (b) it trains with score + leave-one-out (the
-relaxations do not support partitions); (c) one step's gradient equals the hand-written batched
-model's with the same token samples.
+tensors equal a loop over the plate entries; (b) it trains with score + leave-one-out; (c) one step's
+gradient equals the hand-written batched model's with the same token samples.
 """
 
 import torch

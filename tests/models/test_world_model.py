@@ -24,7 +24,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.distributions import Independent, OneHotCategorical, kl_divergence
 
 import storch
-from model_checks import assert_same_step, assert_trains, step_value_and_grads
+from model_checks import assert_same_step, assert_trains, layout, step_value_and_grads
 from storch.testing import Model, assert_unbiased, check_against_enumeration, per_replicate_derivatives, replicate
 
 
@@ -75,9 +75,10 @@ def environment(batch, steps, x_dim=3, a_dim=1, seed=0):
     return torch.stack(xs, 1), actions
 
 
-def storch_step(model, est, x, a, offsets=(0.0, 0.0)):
+def storch_step(model, est, x, a, offsets=(0.0, 0.0), costs=None):
     """The world model's loss for a batch of sequences, with storch. ``est``: one estimator (a partition
-    over the steps) or a list of one per step. Returns the posterior samples z_t."""
+    over the steps) or a list of one per step. Returns the posterior samples z_t (and appends the costs to
+    ``costs`` if given)."""
     xs, acts = storch.denote_independent((x, a), 0, "data")
     h = torch.zeros(model.h_dim, dtype=x.dtype)
     z = torch.zeros(model.groups, model.classes, dtype=x.dtype)
@@ -86,8 +87,11 @@ def storch_step(model, est, x, a, offsets=(0.0, 0.0)):
         h, q, p = model.step(h, z, acts[t], xs[t], *offsets)
         z = (est[t] if isinstance(est, list) else est)(model.dist(q))
         samples.append(z)
-        storch.add_cost(model.kl(q, p), name="kl")
-        storch.add_cost(model.reconstruction(h, z, xs[t]), name="reconstruction")
+        kl, rec = model.kl(q, p), model.reconstruction(h, z, xs[t])
+        storch.add_cost(kl, name="kl")
+        storch.add_cost(rec, name="reconstruction")
+        if costs is not None:
+            costs += [kl, rec]
     return samples
 
 
@@ -116,11 +120,14 @@ def _params(model):
 
 
 @pytest.mark.parametrize("alpha", [0.8, 0.3])
-def test_straight_through_equals_hand_written_with_the_same_draws(alpha):
+@pytest.mark.parametrize("partition", [False, True])
+def test_straight_through_equals_hand_written_with_the_same_draws(alpha, partition):
+    # one estimator per step (a plate each) or one over the steps (a partition, one plate)
     torch.manual_seed(0)
     model = WorldModel(alpha=alpha).double()
     x, a = environment(3, 10)
-    ests = [storch.estimator("gumbel_straight_through", plate=f"z{t}") for t in range(10)]
+    ests = (storch.estimator("gumbel_straight_through", plate="z") if partition
+            else [storch.estimator("gumbel_straight_through", plate=f"z{t}") for t in range(10)])
     torch.manual_seed(1)
     with storch.Graph():
         zs = storch_step(model, ests, x, a)
@@ -142,21 +149,48 @@ def test_straight_through_equals_hand_written_with_the_same_draws(alpha):
     assert (g_hand[-3] - swapped[-3]).abs().max() > 1e-3  # the prior's bias
 
 
+@pytest.mark.parametrize("name", ["gumbel_straight_through", "gumbel_softmax"])
+def test_relaxed_partition_keeps_one_plate_and_draws_from_p(name):
+    # one relaxed estimator over 64 steps (DreamerV3's sequence length): one plate of n entries at every step (one
+    # estimator per step stopped at torch's 64 dims); the hard values continue each sequence with a draw from p,
+    # so the estimate of E[total cost] (order 0) is unbiased: z-tested against enumerating every sequence
+    torch.manual_seed(4)
+    model = WorldModel(groups=1, classes=3).double()
+    x, a = environment(2, 64, seed=3)
+    est = storch.estimator(name, plate="z", n_samples=2)
+    with storch.Graph():
+        zs = storch_step(model, est, x, a)
+        assert [(p.name, p.size, p.step) for p in zs[-1].plates] == [("z", 2, 63), ("data", 2, 0)]
+        storch.backward()
+    if name == "gumbel_softmax":
+        return  # its costs are of relaxed samples: biased by design
+    steps, r = 3, 4000
+    x, a = environment(1, steps, seed=5)
+    with storch.Graph():
+        costs = []
+        storch_step(model, est, x.expand(r, -1, -1), a.expand(r, -1, -1), costs=costs)
+        estimates = layout(sum(costs), ("z", "data")).mean(0)  # each data point's estimate: the mean of its 2 sequences
+    assert_unbiased(estimates.detach(), _exact_loss(model, x, a, (0.0, 0.0)).detach(), "E[total cost]")
+
+
 def test_a_sequence_too_long_for_one_estimator_per_step_names_the_estimators_that_take_it():
-    # DreamerV3's 64-step sequences: one straight-through estimator per step adds a plate dim per step, past torch's
-    # 64 at step 61. The refusal said to create ONE estimator and call it at every step, which gumbel_straight_through
-    # refuses (it does not support partitions); it now names those that do and accept the distribution
+    # one estimator per step adds a plate dim per step, past torch's 64 at step 61 of a 64-step sequence. The
+    # refusal said to create ONE estimator and call it at every step, which an estimator without partitions
+    # (importance with one sample, gumbel_straight_through before it had them) refuses; it now names those that
+    # support partitions and accept the distribution
     torch.manual_seed(0)
     model = WorldModel().double()
     x, a = environment(2, 64)
-    ests = [storch.estimator("gumbel_straight_through", plate=f"z{t}") for t in range(64)]
+    uniform = model.dist(torch.full((2, 3), 1 / 3, dtype=torch.float64))
+    ests = [storch.estimator("importance", plate=f"z{t}", proposal=uniform) for t in range(64)]
     with storch.Graph(), pytest.raises(storch.PlateError) as info:
         storch_step(model, ests, x, a)
     message = str(info.value)
-    assert "'gumbel_straight_through' does not support partitions" in message and "(score)" in message
-    assert "create ONE estimator" not in message
+    assert "'importance' does not support partitions" in message and "create ONE estimator" not in message
+    assert "(gumbel_softmax, gumbel_straight_through, score)" in message
     # and calling it again (the advice followed) names them too
-    with storch.Graph(), pytest.raises(storch.PlateError, match=r"supports partitions and this distribution \(score\)"):
+    with storch.Graph(), pytest.raises(storch.PlateError, match=r"supports partitions and this distribution "
+                                                               r"\(gumbel_softmax, gumbel_straight_through, score\)"):
         storch_step(model, ests[0], x[:, :2], a[:, :2])
 
 
@@ -205,12 +239,12 @@ def test_score_leave_one_out_over_the_steps_is_unbiased():
 
 @pytest.mark.parametrize("estimator", ["gumbel_straight_through", "score"])
 def test_trains_with_either_estimator(estimator):
-    # the estimator switched by name (straight-through needs one per step: it does not support partitions)
+    # the estimator switched by name, one instance over the steps (a partition)
     torch.manual_seed(3)
     model = WorldModel().double()
     x, a = environment(4, 6, seed=2)
-    est = ([storch.estimator(estimator, plate=f"z{t}") for t in range(6)] if estimator == "gumbel_straight_through"
-           else storch.estimator(estimator, plate="z", n_samples=3, baseline="leave_one_out"))
+    options = {"baseline": "leave_one_out"} if estimator == "score" else {}
+    est = storch.estimator(estimator, plate="z", n_samples=3, **options)
     assert_trains(model, torch.optim.Adam(model.parameters(), lr=1e-2), lambda graph: storch_step(model, est, x, a))
 
 
@@ -255,8 +289,10 @@ def test_unimix_independent_one_hot_refused_by_the_enumerating_estimators(name):
 def _compile_case(estimator, steps=2):
     torch.manual_seed(0)
     model = WorldModel().double()
-    if estimator == "gumbel_straight_through":
-        est = [storch.estimator(estimator, plate=f"z{t}") for t in range(steps)]
+    if estimator == "gumbel_straight_through per step":
+        est = [storch.estimator("gumbel_straight_through", plate=f"z{t}") for t in range(steps)]
+    elif estimator == "gumbel_straight_through":
+        est = storch.estimator(estimator, plate="z", n_samples=2)
     else:
         est = storch.estimator(estimator, plate="z", n_samples=3, baseline="leave_one_out")
 
@@ -269,7 +305,7 @@ def _compile_case(estimator, steps=2):
 
 
 @pytest.mark.usefixtures("restore_validation")  # conftest
-@pytest.mark.parametrize("estimator", ["gumbel_straight_through", "score"])
+@pytest.mark.parametrize("estimator", ["gumbel_straight_through per step", "gumbel_straight_through", "score"])
 def test_compiled_step_is_one_graph_with_eager_gradients(estimator):
     loss, params, args = _compile_case(estimator)
     counter = CompileCounterWithBackend("aot_eager")

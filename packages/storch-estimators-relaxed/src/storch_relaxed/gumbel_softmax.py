@@ -101,6 +101,10 @@ class GumbelSoftmax(OneHotForCategorical, Estimator):
     # where the path from z to the cost is smooth (a kink from order 2, a jump at order 1: refused by the surrogate)
     pathwise = True
     has_update = True  # only to advance an annealing schedule: per instance, see the temperature setter
+    # one instance called at every step of a sequence (a world model's latent per step, a decoder) is one partition
+    # with one plate: each step is drawn by proposal (the core's components path: l = 0, uniform weights), where one
+    # estimator per step added a plate dim per step and stopped at torch's 64 (a DreamerV3 sequence of 64 steps)
+    supports_partitions = True
     replays_update = True  # that update is replayed by storch.compile (update_from; τ in state_tensors)
 
     def __init__(self, plate: str, n_samples: int = 1, temperature: Temperature = 1.0,

@@ -299,8 +299,8 @@ def _note_integer_parameter(node: Node, distribution: Distribution, step: int) -
 
 def _too_many_dims(est: Estimator, raw: Distribution, n: int) -> str:
     """The refusal of a node that would need ``n`` > 64 dims. Its advice, one estimator called at every step (a
-    partition), is for an estimator that supports partitions; for one that does not (the Gumbel relaxations: a
-    DreamerV2 world model with one straight-through estimator per step of a 64-step sequence), it names the installed
+    partition), is for an estimator that supports partitions; for one that does not (importance; the Gumbel
+    relaxations before they supported partitions, in a DreamerV3 world model's 64-step sequence), it names the installed
     estimators that do and accept the distribution, rather than the call that this estimator refuses."""
     head = f"estimator {est.name!r} (plate {est.plate!r}): "
     if est.supports_partitions:
