@@ -184,12 +184,76 @@ def _getitem(func, args, kwargs):
             register_copy(out, x, (idx,), _read)  # (a plain table: only a marker, a write through it is refused)
         return out
     idx = _index_tuple(idx)
-    if type(x) is _PT and _simple(x, idx):
-        return wrap_same(x._raw[(slice(None),) * len(x._plates) + idx], x._plates)
+    if type(x) is _PT:
+        if _simple(x, idx):
+            return wrap_same(x._raw[(slice(None),) * len(x._plates) + idx], x._plates)
+    elif type(idx) is tuple and len(idx) <= x.dim():
+        out = _table_lookup(x, idx)
+        if out is not None:
+            return out
     out, r = _general_read(x, idx)
     if not r:
         # every tensor index is one integer per sample, which torch reads as an int: for one sample the
         # result is a view of x, here a gather (a copy); writes through it are written back to x
+        register_copy(out, x, idx, _read)
+    return out
+
+
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _table_lookup(x, idx: tuple):
+    """``x[idx]`` for a plain table ``x`` (a parameter, an embedding) indexed by sampled indices and ints only
+    (``logA[z_prev, z]``, ``logB[z, x_t]``, ``logB[z, x]`` with ``x`` a data-plate tensor), else None.
+
+    The fast path of a structured model's lookups (an HMM step's transition and emission rows: a quarter of
+    its time on the general path, p-hmm15). With the tensor indices first and nothing but ints between them,
+    torch puts their broadcast block first, for one sample and for the raw index tensors that carry the plate
+    dims alike: the result is the raw advanced index of the table by the aligned raw indices (what
+    ``_general`` builds for such an index, without its normalisation). Everything else goes the general way:
+    slices, None, Ellipsis, lists, boolean masks, Python bools, floating-point indices (whose error carries the
+    hint), plate-tensor tables. Out-of-range indices raise torch's IndexError from the same raw call as there;
+    negative ones wrap, as for one sample."""
+    groups = []
+    r = 0
+    for i in idx:
+        t = type(i)
+        if t is _PT:
+            raw = i._raw
+            if raw.dtype not in _INDEX_DTYPES:
+                return None
+            groups.append(i._plates)
+            k = raw.dim() - len(i._plates)
+        elif t is _T:
+            if i.dtype not in _INDEX_DTYPES:
+                return None
+            k = i.dim()
+        elif t is int:
+            continue
+        else:
+            return None
+        if k > r:
+            r = k
+    if not groups:
+        return None
+    plates = groups[0]
+    for g in groups[1:]:
+        if g is not plates:
+            plates = union_plates(groups)  # (z_prev and z of two steps: the later step, z_prev re-indexed)
+            break
+    n = len(plates) + r  # the raw index's dims: plates, then the per-sample broadcast block
+    raw_idx = []
+    for i in idx:
+        t = type(i)
+        if t is _PT:
+            raw = i._raw
+            raw_idx.append(raw if i._plates is plates and raw.dim() == n else align(raw, i._plates, plates, r))
+        elif t is _T and i.dim():
+            raw_idx.append(i.reshape((1,) * (n - i.dim()) + tuple(i.shape)))
+        else:
+            raw_idx.append(i)  # ints and 0-dim tensors: as for one sample
+    out = wrap_same(x[tuple(raw_idx)], plates)
+    if not r:  # one integer per sample in each index: a view for one sample, a copy here (as _getitem's)
         register_copy(out, x, idx, _read)
     return out
 
@@ -389,6 +453,8 @@ def _index_select(func, args, kwargs):
         raise IndexError(f"Dimension out of range (expected to be in range of [{lo}, {hi}], but got {d})")
     if k == 0 and i.numel() != 1:
         raise IndexError(f"index_select(): Index to scalar can have only 1 value, got {i.numel()} value(s)")
+    if type(x) is not _PT and k:
+        return _table_select(x, d % k, i)
     # per sample x.index_select(d, i) is x.gather(d, I) with I the index (as a vector) placed at d and
     # expanded over x's other dims; the gather refuses indices out of range, as index_select does (and
     # negative ones, which an advanced index would wrap); a 0-dim x is read as a vector of one element
@@ -410,6 +476,21 @@ def _index_select(func, args, kwargs):
     if x.dim() == 0:
         out = out.squeeze(-1)
     return wrap_same(out, plates)
+
+
+def _table_select(x: torch.Tensor, d: int, i: PlateTensor) -> PlateTensor:
+    """``index_select(x, d, i)`` of a plain table ``x`` (at least 1-d) by a sampled index (0-dim or 1-d per
+    sample, checked): one index_select of the table by every entry's indices, flattened, then the plate dims
+    moved first. It is the fast path of ``emb.index_select(0, z)``: no expanded table, no gather index; torch's
+    own index_select refuses indices out of range, negative ones included, as it does for one sample."""
+    raw = i._raw
+    n = len(i._plates)
+    out = torch.index_select(x, d, raw.reshape(-1))
+    lead = tuple(raw.shape[:n])
+    out = out.reshape(tuple(x.shape[:d]) + lead + (-1,) + tuple(x.shape[d + 1:]))
+    if d and n:
+        out = out.movedim(tuple(range(d, d + n)), tuple(range(n)))
+    return wrap_same(out, i._plates)
 
 
 def _sampled(*values) -> bool:

@@ -649,6 +649,14 @@ def _gather(func, args, kwargs):
         px, n = x._plates, len(x._plates)
         if (index._plates is px or index._plates == px) and x._raw.shape[:n] == index._raw.shape[:n]:
             return wrap_same(torch.gather(x._raw, tdim(d, n, x._raw.dim() - n), index._raw), px)
+    elif (not take and type(x) is not _PT and isinstance(x, _T) and type(index) is _PT and type(d) is int
+          and not kwargs.get("sparse_grad")):
+        # fast path (a plain table at sampled indices: table.gather(0, z)): the table viewed with the index's
+        # plate dims (expanded, no copy), one gather on the raw tensors
+        n = len(index._plates)
+        raw_i = index._raw
+        raw_x = x.expand(tuple(raw_i.shape[:n]) + tuple(x.shape))
+        return wrap_same(torch.gather(raw_x, tdim(d, n, x.dim()), raw_i), index._plates)
     plates = union_plates(scan((x, index), {}))
     k = x._raw.dim() - len(x._plates) if type(x) is _PT else x.dim()
     raw_x, raw_i = _full(x, plates), _full(index, plates)

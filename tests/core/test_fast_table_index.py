@@ -1,0 +1,171 @@
+"""A plain parameter table indexed by sampled indices (p-hmm15: an HMM's ``logA[z_prev, z]``, ``logB[z, x]``):
+the fast paths are taken (a ``sys.setprofile`` probe), their values and gradients equal the general path's
+and a loop over the plate entries, their errors stay torch's, and the other forms still go the general way."""
+
+import pytest
+import torch
+from torch.distributions import Categorical
+
+import storch
+from storch.plates.rules import indexing
+
+from path_probes import calls
+from test_plates_dispatch import check_grads, make, rnd
+
+S, V, E = 3, 4, 5
+_G = torch.Generator().manual_seed(11)
+
+
+def _ints(high, *shape):
+    return torch.randint(0, high, shape, generator=_G)
+
+
+def _tables():
+    """The float tables (leaves) and the lookups' tables computed from them: no gradient path is lost."""
+    A, B = rnd(S, S, seed=1).requires_grad_(True), rnd(S, V, seed=2).requires_grad_(True)
+    emb = rnd(S, E, seed=3).requires_grad_(True)
+    return A, B, emb
+
+
+# index layouts: one plate; a sample plate and a data plate (batch 1 and 4); z_prev and z of two nodes
+_LAYOUTS = {
+    "one plate": ((("z", 3),), (("z", 3),)),
+    "z, batch 1": ((("z", 3), ("batch", 1)), (("z", 3), ("batch", 1))),
+    "z, batch 4": ((("z", 3), ("batch", 4)), (("z", 3), ("batch", 4))),
+    "two nodes": ((("z1", 3), ("batch", 4)), (("z2", 2), ("batch", 4))),
+}
+
+
+def _indices(layout):
+    pa, pb = _LAYOUTS[layout]
+    zp = make(_ints(S, *[s for _, s in pa]), *pa)
+    z = make(_ints(S, *[s for _, s in pb]), *pb)
+    return zp, z
+
+
+def _lookups(A, B, emb):
+    """(name, fn of (zp, z, x), its fast path, its leaf): the forms of a structured model's lookups (the
+    tables computed in fn from the leaves, so that the loop's gradients run through their own graph)."""
+    def logA():
+        return torch.log_softmax(A, -1)
+
+    def logB():
+        return torch.log_softmax(B, -1)
+
+    return [
+        ("logA[zp, z]", lambda zp, z, x: logA()[zp, z], "_table_lookup", A),
+        ("logA[(z,)]", lambda zp, z, x: logA()[(z,)], "_table_lookup", A),
+        ("logB[z, 2]", lambda zp, z, x: logB()[z, 2], "_table_lookup", B),
+        ("logB[z, -1]", lambda zp, z, x: logB()[z, -1], "_table_lookup", B),
+        ("logB[z, x_t]", lambda zp, z, x: logB()[z, torch.tensor(3)], "_table_lookup", B),
+        ("logB[z, x]", lambda zp, z, x: logB()[z, x], "_table_lookup", B),
+        ("A[zp, z 1-d]", lambda zp, z, x: A[zp.unsqueeze(-1), z.unsqueeze(-1).expand(2)], "_table_lookup", A),
+        ("B[z, plain 2-d]", lambda zp, z, x: B[z, torch.tensor([[0, 3, 1]])], "_table_lookup", B),
+        ("index_select 0", lambda zp, z, x: torch.index_select(emb, 0, z), "_table_select", emb),
+        ("index_select 1", lambda zp, z, x: emb.index_select(1, torch.stack([z, z + 2])), "_table_select", emb),
+        ("index_select -1", lambda zp, z, x: emb.t().index_select(-1, z), "_table_select", emb),
+        ("gather", lambda zp, z, x: emb.gather(1, torch.stack([z, z + 1]).unsqueeze(-1)), "_gather", emb),
+    ]
+
+
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+def test_sampled_lookups_of_a_plain_table_take_the_fast_path_and_equal_a_loop(layout):
+    A, B, emb = _tables()
+    zp, z = _indices(layout)
+    batch = dict(_LAYOUTS[layout][0]).get("batch", 2)
+    x = make(_ints(V, batch), ("batch", batch))  # the observed symbols: a data-plate tensor
+    for name, fn, fast, leaf in _lookups(A, B, emb):
+        # values, and gradients to the table's leaf (the loop over the plates of the indices the form reads)
+        if name.endswith(", x]"):
+            check_grads(lambda z_, x_: fn(None, z_, x_), (z, x), (leaf,))
+        elif "zp" in name:
+            check_grads(lambda zp_, z_: fn(zp_, z_, None), (zp, z), (leaf,))
+        else:
+            check_grads(lambda z_: fn(None, z_, None), (z,), (leaf,))
+        _, seen = calls(lambda: fn(zp, z, x))
+        assert fast in seen and not seen & {"_general", "_normalise", "_full", "vmap_call"}, (name, sorted(seen))
+
+
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+def test_the_fast_lookup_equals_the_general_path(layout):
+    """The same raw values and gradients as ``_general_read``, the path these lookups took before."""
+    A, B, _ = _tables()
+    zp, z = _indices(layout)
+    logA = torch.log_softmax(A, -1)
+    for idx in ((zp, z), (z, 1), (zp, z.unsqueeze(-1).expand(3)), (torch.tensor(2), z)):
+        fast = logA[idx]
+        general, _ = indexing._general_read(logA, idx)
+        assert fast.plates == general.plates and fast.shape == general.shape
+        assert torch.equal(fast.tensor, general.tensor), idx
+        w = rnd(*fast.tensor.shape, seed=4)
+        g1, = torch.autograd.grad((fast.tensor * w).sum(), A, retain_graph=True)
+        g2, = torch.autograd.grad((general.tensor * w).sum(), A, retain_graph=True)
+        assert torch.equal(g1, g2)
+
+
+def test_a_chain_of_steps_indexes_the_previous_step_as_the_general_path_does():
+    """z_prev and z of one estimator's partition at two steps (the HMM's ``W[z_prev]``, ``logA[z_prev, z]``): the
+    earlier step's sample is re-indexed to the later step (its plates), as the general path aligns it."""
+    A = rnd(S, S, seed=5).requires_grad_(True)
+    torch.manual_seed(0)
+    est = storch.estimator("score", plate="z", n_samples=3)
+    with storch.Graph():
+        z_prev = est(Categorical(logits=A[0]))
+        z = est(Categorical(logits=A[z_prev]))
+        assert z.plates != z_prev.plates  # the same plate at a later step
+        out, seen = calls(lambda: A[z_prev, z])
+        general, _ = indexing._general_read(A, (z_prev, z))
+        assert "_table_lookup" in seen and "_general" not in seen
+        assert out.plates == general.plates == z.plates and torch.equal(out.tensor, general.tensor)
+
+
+def test_out_of_range_and_negative_sampled_indices():
+    A, _, emb = _tables()
+    z = make(torch.tensor([[0, 1], [2, 3], [1, 0]]), ("z", 3), ("batch", 2))  # 3 is out of range for S = 3
+    ok = make(torch.tensor([[0, 1], [2, 2], [1, 0]]), ("z", 3), ("batch", 2))
+    for fn in (lambda: A[ok, z], lambda: A[z, 0], lambda: torch.index_select(emb, 0, z)):
+        with pytest.raises(storch.PlateError, match="out of (bounds|range)") as e:
+            calls(fn)
+        assert isinstance(e.value, IndexError)
+    # negative indices: an advanced index wraps them, as for one sample; index_select refuses them, as torch does
+    neg = make(torch.tensor([[0, -1], [-3, 2], [-2, 0]]), ("z", 3), ("batch", 2))
+    check_grads(lambda i, j: A[i, j], (neg, ok), (A,))
+    _, seen = calls(lambda: A[neg, ok])
+    assert "_table_lookup" in seen
+    with pytest.raises(storch.PlateError, match="index out of range in self"):
+        torch.index_select(emb, 0, neg)
+
+
+def test_a_write_into_a_looked_up_entry_is_still_refused():
+    """``A[zp, z]`` is a view of the plain table for one sample: a write into storch's copy is refused."""
+    A = torch.zeros(S, S)
+    zp, z = _indices("z, batch 4")
+    with pytest.raises(storch.PlateError, match="plain tensor"):
+        A[zp, z].fill_(1.0)
+    with pytest.raises(storch.PlateError, match="plain tensor"):
+        A[zp, 2].add_(1.0)
+    assert not A.any()
+
+
+def test_other_index_forms_and_plate_tensor_tables_take_the_general_path():
+    A, B, emb = _tables()
+    zp, z = _indices("z, batch 4")
+    logA = torch.log_softmax(A, -1)
+    table = make(rnd(4, S, S, seed=6), ("batch", 4))  # a plate-tensor table (a parameter per data point)
+    forms = {"A[:, z]": lambda: logA[:, z], "A[z, :]": lambda: logA[z, :], "A[z, None]": lambda: logA[z, None],
+             "A[..., z]": lambda: logA[..., z], "A[[0, 2], z]": lambda: logA[[0, 2], z], "A[z, True]": lambda: logA[z, True],
+             "table[zp, z]": lambda: table[zp, z]}
+    for name, fn in forms.items():
+        _, seen = calls(fn)
+        assert "_general" in seen, (name, sorted(seen))  # (_table_lookup looked at the index and declined)
+    check_grads(lambda i: torch.log_softmax(A, -1)[:, i], (z,), (A,))  # (the general path: a loop over entries)
+    # a boolean mask and a floating-point index are refused with their messages
+    with pytest.raises(storch.PlateError, match="boolean mask that varies"):
+        logA[z > 0, zp]
+    with pytest.raises(storch.PlateError, match="one-hot"):
+        logA[z.double(), zp]
+    # index_select / gather of a plate-tensor table: the general path
+    _, seen = calls(lambda: torch.index_select(table, 0, z))
+    assert "_table_select" not in seen and "_full" in seen
+    _, seen = calls(lambda: table.gather(1, z.reshape(1, 1)))
+    assert "union_plates" in seen
