@@ -169,3 +169,15 @@ def test_other_index_forms_and_plate_tensor_tables_take_the_general_path():
     assert "_table_select" not in seen and "_full" in seen
     _, seen = calls(lambda: table.gather(1, z.reshape(1, 1)))
     assert "union_plates" in seen
+
+
+@pytest.mark.parametrize("padding_idx", [None, 1])
+def test_embedding_of_a_plain_table_with_scale_grad_by_freq_counts_per_sample(padding_idx):
+    """``F.embedding(z, emb, scale_grad_by_freq=True)`` divides a row's gradient by its count in one sample's
+    indices; on the raw indices torch counted it over every plate entry (row 0 of ``[[0, 0], [0, 1]]`` got 1
+    where the entries' sum is 2: a silently wrong gradient)."""
+    emb = rnd(S, E, seed=8).requires_grad_(True)
+    z = make(torch.tensor([[[0, 0, 2], [0, 1, 1]], [[2, 2, 2], [1, 0, 1]]]), ("z", 2), ("batch", 2))
+    check_grads(lambda i: torch.nn.functional.embedding(i, emb, padding_idx, scale_grad_by_freq=True), (z,), (emb,))
+    check_grads(lambda i: torch.nn.functional.embedding(i, emb, scale_grad_by_freq=True, padding_idx=padding_idx),
+                (z,), (emb,))

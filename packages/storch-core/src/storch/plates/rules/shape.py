@@ -890,7 +890,9 @@ def _layer_norm(func, args, kwargs):
 @register(F.embedding)
 def _embedding(func, args, kwargs):
     """indices of any shape: the table is looked up per element; a per-sample table is gathered per sample"""
-    if type(args[1] if len(args) > 1 else kwargs.get("weight")) is _PT:
+    if type(args[1] if len(args) > 1 else kwargs.get("weight")) is _PT or (
+            (args[5] if len(args) > 5 else kwargs.get("scale_grad_by_freq")) is True and type(args[0]) is _PT):
+        # (scale_grad_by_freq on the raw indices would count a row over all plate entries, not per sample)
         return _embedding_table(func, args, kwargs)
     if type(args[0]) is not _PT or any(type(a) is _PT for a in list(args[1:]) + list(kwargs.values())):
         return vmap_call(func, args, kwargs)
@@ -902,7 +904,8 @@ _EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "s
 
 
 def _embedding_table(func, args, kwargs):
-    """F.embedding with a per-sample table: ``weight[input]`` per sample, by advanced indexing of the raw tables.
+    """F.embedding with a per-sample table (or a plain one with ``scale_grad_by_freq``): ``weight[input]`` per sample,
+    by advanced indexing of the raw tables.
 
     torch's vmap rule is wrong when the table and the indices are both batched (the padding row got a
     gradient). Here the padding row's value is read and its gradient stopped (``torch.where`` with the
@@ -921,7 +924,7 @@ def _embedding_table(func, args, kwargs):
     n = w.shape[0]
     plates = union_plates(scan((idx, w), {}))
     m = len(plates)
-    wr = align(w._raw, w._plates, plates)  # (plates or 1, n, D)
+    wr = align(w._raw, w._plates, plates) if type(w) is _PT else w.reshape((1,) * m + tuple(w.shape))  # (plates or 1, n, D)
     ir = align(idx._raw, idx._plates, plates) if type(idx) is _PT else idx.reshape((1,) * m + idx.shape)
     shape = ir.shape[m:]  # the per-sample index shape
     sizes = tuple(max(a, c) for a, c in zip(wr.shape[:m], ir.shape[:m]))
