@@ -18,6 +18,16 @@ import storch
 from storch.errors import StorchError
 
 BACKENDS = [None, "inductor"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_argument_validation():
+    """flex_attention called eagerly compiles its reference implementation with torch.compile, whose first compile in
+    a process turns torch.distributions argument validation off for the whole process
+    (torch._dynamo.eval_frame.TorchPatcher): the tests after this module expect it on (tests/models' restore_validation)."""
+    validate = torch.distributions.Distribution._validate_args
+    yield
+    torch.distributions.Distribution.set_default_validate_args(validate)
 L, D = 4, 2
 
 
