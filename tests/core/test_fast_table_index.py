@@ -4,7 +4,6 @@ and a loop over the plate entries, their errors stay torch's, and the other form
 
 import pytest
 import torch
-from torch.distributions import Categorical
 
 import storch
 from storch.plates.rules import indexing
@@ -101,22 +100,6 @@ def test_the_fast_lookup_equals_the_general_path(layout):
         g1, = torch.autograd.grad((fast.tensor * w).sum(), A, retain_graph=True)
         g2, = torch.autograd.grad((general.tensor * w).sum(), A, retain_graph=True)
         assert torch.equal(g1, g2)
-
-
-def test_a_chain_of_steps_indexes_the_previous_step_as_the_general_path_does():
-    """z_prev and z of one estimator's partition at two steps (the HMM's ``W[z_prev]``, ``logA[z_prev, z]``): the
-    earlier step's sample is re-indexed to the later step (its plates), as the general path aligns it."""
-    A = rnd(S, S, seed=5).requires_grad_(True)
-    torch.manual_seed(0)
-    est = storch.estimator("score", plate="z", n_samples=3)
-    with storch.Graph():
-        z_prev = est(Categorical(logits=A[0]))
-        z = est(Categorical(logits=A[z_prev]))
-        assert z.plates != z_prev.plates  # the same plate at a later step
-        out, seen = calls(lambda: A[z_prev, z])
-        general, _ = indexing._general_read(A, (z_prev, z))
-        assert "_table_lookup" in seen and "_general" not in seen
-        assert out.plates == general.plates == z.plates and torch.equal(out.tensor, general.tensor)
 
 
 def test_out_of_range_and_negative_sampled_indices():
