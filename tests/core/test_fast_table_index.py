@@ -164,3 +164,26 @@ def test_embedding_of_a_plain_table_with_scale_grad_by_freq_counts_per_sample(pa
     check_grads(lambda i: torch.nn.functional.embedding(i, emb, padding_idx, scale_grad_by_freq=True), (z,), (emb,))
     check_grads(lambda i: torch.nn.functional.embedding(i, emb, scale_grad_by_freq=True, padding_idx=padding_idx),
                 (z,), (emb,))
+
+
+def test_embedding_of_a_plain_table_with_scale_grad_by_freq_and_max_norm_renormalises_as_per_sample():
+    """``max_norm`` with ``scale_grad_by_freq`` on a plain table went to vmap, which cannot renormalise in place (a
+    PlateRuntimeError where one call per entry works): the rows any entry reads are renormalised once (a row's
+    renorm is idempotent), then the per-sample lookup; values, the renormalised table and gradients equal a loop."""
+    F = torch.nn.functional
+    z = make(torch.tensor([[[0, 0, 2], [0, 1, 1]], [[2, 2, 2], [1, 0, 1]]]), ("z", 2), ("batch", 2))
+    leaf = (3 * rnd(4, E, seed=9)).requires_grad_(True)  # row 3 is read by no entry: it keeps its norm
+    emb, ref = leaf * 1, leaf * 1
+    out = F.embedding(z, emb, max_norm=1.0, norm_type=2.0, scale_grad_by_freq=True)
+    w = rnd(*out.tensor.shape, seed=10)
+    got, = torch.autograd.grad((out.tensor * w).sum(), leaf)
+    want = 0
+    for a in range(2):
+        for c in range(2):
+            want = want + (F.embedding(z.tensor[a, c], ref, max_norm=1.0, scale_grad_by_freq=True) * w[a, c]).sum()
+            torch.testing.assert_close(out.tensor[a, c], F.embedding(z.tensor[a, c], ref, max_norm=1.0))
+    torch.testing.assert_close(emb, ref)  # the same rows renormalised in place
+    assert emb[:3].norm(dim=-1).max() <= 1.0 + 1e-9 and emb[3].norm() > 1.0
+    torch.testing.assert_close(got, torch.autograd.grad(want, leaf)[0])
+    with pytest.raises(storch.PlateError, match="out of range"):
+        F.embedding(make(torch.tensor([0, 4]), ("z", 2)), leaf * 1, max_norm=1.0, scale_grad_by_freq=True)

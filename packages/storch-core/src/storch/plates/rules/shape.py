@@ -912,16 +912,24 @@ def _embedding_table(func, args, kwargs):
     detached lookup); with ``scale_grad_by_freq`` the tables are laid out one after another (one per
     plate entry) and torch's own embedding runs on them with offset indices, so each row's gradient is
     divided by its count in that entry's indices, as per sample. ``max_norm`` (renormalises the table
-    in place) and torch's own errors go to vmap."""
+    in place) of a per-sample table and torch's own errors go to vmap."""
     b = dict(zip(_EMBEDDING_ARGS, args))
     b.update(kwargs)
     idx, w, pad = b.get("input"), b.get("weight"), b.get("padding_idx")
     scale = b.get("scale_grad_by_freq", False)
-    if (set(b) - set(_EMBEDDING_ARGS) or b.get("max_norm") is not None or not isinstance(idx, torch.Tensor)
-            or idx.dtype not in (torch.long, torch.int) or w.dim() != 2 or not isinstance(scale, bool)
+    if (set(b) - set(_EMBEDDING_ARGS) or (b.get("max_norm") is not None and type(w) is _PT)
+            or not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.long, torch.int) or w.dim() != 2 or not isinstance(scale, bool)
             or not (pad is None or (type(pad) is int and -w.shape[0] <= pad < w.shape[0]))):
         return vmap_call(func, args, kwargs)
     n = w.shape[0]
+    if b.get("max_norm") is not None:
+        # a plain table (with scale_grad_by_freq) is renormalised in place as F.embedding does, once for the rows
+        # any entry reads: what one call per entry does (a row's renorm is idempotent); vmap cannot
+        raw = idx._raw.contiguous()
+        if not raw.is_meta and bool(((raw < 0) | (raw >= n)).any()):
+            raise IndexError("index out of range in self")  # (before the table is written)
+        with torch.no_grad():
+            torch.embedding_renorm_(w.detach(), raw, b["max_norm"], b.get("norm_type", 2.0))
     plates = union_plates(scan((idx, w), {}))
     m = len(plates)
     wr = align(w._raw, w._plates, plates) if type(w) is _PT else w.reshape((1,) * m + tuple(w.shape))  # (plates or 1, n, D)
