@@ -486,6 +486,32 @@ def test_packed_sequences_refusal_gives_the_padded_recipe_for_the_state_at_lengt
         torch.testing.assert_close(h.tensor[i], expected[0, 0])
 
 
+def test_packed_sequences_refusal_names_the_batched_and_bidirectional_forms():
+    """``out[length - 1]`` is right for a unidirectional rnn on one unbatched sequence only: on a per-sample batch it
+    indexes the batch dim (silently a (B, B, H) result), and a bidirectional run's backward half starts in the
+    padding. The refusal names the batched index and the masked cell run backwards; both equal the packed rnn."""
+    with pytest.raises(storch.PlateError) as info:
+        nn.utils.rnn.pack_padded_sequence(make(rnd(3, 6, 2, 4), ("z", 3)), make(torch.tensor([[6, 1], [2, 3], [4, 4]]),
+                                                                                ("z", 3)))
+    msg = str(info.value)
+    assert "batched, out[length - 1, torch.arange(B)]" in msg and "t from the end for a bidirectional rnn" in msg, msg
+    gru = nn.GRU(4, 5, bidirectional=True).double()
+    x, length = make(rnd(3, 6, 2, 4), ("z", 3)), make(torch.tensor([[6, 1], [2, 3], [4, 4]]), ("z", 3))
+    out, _ = gru(x)
+    fwd = out[length - 1, torch.arange(2)][..., :5]  # the batched index, the forward half
+    cell = nn.GRUCell(4, 5).double()
+    cell.weight_ih, cell.weight_hh = gru.weight_ih_l0_reverse, gru.weight_hh_l0_reverse
+    cell.bias_ih, cell.bias_hh = gru.bias_ih_l0_reverse, gru.bias_hh_l0_reverse
+    h = torch.zeros(2, 5, dtype=torch.double)
+    for t in reversed(range(6)):  # the masked cell, backwards: the state stays 0 in the padding
+        h = torch.where((t < length).unsqueeze(-1), cell(x[t], h), h)
+    for i in range(3):
+        packed = nn.utils.rnn.pack_padded_sequence(x.tensor[i], length.tensor[i], enforce_sorted=False)
+        _, expected = gru(packed)
+        torch.testing.assert_close(fwd.tensor[i], expected[0])
+        torch.testing.assert_close(h.tensor[i], expected[1])
+
+
 # -- randomness -----------------------------------------------------------------------------------
 
 
