@@ -776,6 +776,42 @@ MAX_DIMS = 64  # torch's limit on the number of dims of a tensor
 MAX_COMBINED_ENTRIES = 2 ** 24
 
 
+# ... and a value computed on a chain's plates holds its per-sample size for each of those entries: a world model
+# with one 'go' estimator per step (a plate of 3 entries each) under a GRU was killed by the OS at about step 13
+# (918 MB for one gru_cell output) while its samples, a few values each, stayed below the chain limits of
+# storch.estimators.checks; such a chain holds ~20 tensors of its latest state's size (the earlier steps' and
+# autograd's: 1.8 GB of RSS at a 80 MB state, H=64, 16 data points). A value of sample plates spread over another
+# sample plate (where the next tensor of the chain is computed: align) is refused past this many bytes (a peak of
+# ~5 GB for such a chain), before torch allocates it; a single node, or a data value spread over samples, is not.
+MAX_CHAIN_TENSOR_BYTES = 2 ** 28
+
+
+def chain_tensor_message(plates: Sequence[Plate], target: Sequence[Plate], inserts: Sequence[int], entries: int,
+                         per: int, raw: torch.Tensor) -> str:
+    """The error for a value on sample ``plates`` spread over the sample plates ``target[i]`` (``i`` in
+    ``inserts``) into a tensor of ``entries`` x ``per`` elements of ``raw``'s dtype, past ``MAX_CHAIN_TENSOR_BYTES``."""
+    sampled = [p for p in target if not p.independent and p.size > 1]
+    shown = ", ".join(f"{p.name}={p.size}" for p in sampled[:8]) + (
+        f", ... ({len(sampled)} sample plates)" if len(sampled) > 8 else "")
+    new = ", ".join(f"{target[i].name}={target[i].size}" for i in inserts if not target[i].independent)
+    data = [f"{p.name}={p.size}" for p in target if p.independent and p.size > 1]
+    shown += f"; data plates {', '.join(data)}" if data else ""
+    size = entries * per * raw.element_size()
+    return (f"this operation would spread a value of {per} elements per sample, which varies over the samples of "
+            f"{len([p for p in plates if not p.independent and p.size > 1])} earlier node(s), over the samples of "
+            f"plates {new}: the tensor computed would hold {entries} entries (sample plates {shown}) x {per} "
+            f"elements ({size / 2 ** 20:.0f} MiB of {raw.dtype}), above storch's limit of "
+            f"{MAX_CHAIN_TENSOR_BYTES // 2 ** 20} MiB for one tensor of a chain (its earlier steps and autograd hold "
+            "many such tensors: the process would run out of memory). Each node's samples are drawn for every "
+            "sample of the nodes before it, so the entries multiply along a chain. For a sequence of stochastic steps "
+            "(an episode, a recurrent state), create ONE estimator outside the loop and call it at every step, with "
+            "an estimator that supports partitions (storch.estimators.catalog.partition_estimators(d) lists those "
+            "that accept the distribution d): its calls make one plate (docs/partitions.md). Otherwise give each "
+            "node one sample (n_samples=1; an estimator whose plate holds more than its samples, such as 'go' or "
+            "'spsa', multiplies even then: use 'score' or 'reparameterization' for some nodes), use fewer chained "
+            "steps, or a smaller per-sample value or batch")
+
+
 def too_many_combinations_message(plates: Sequence[Plate], entries: int) -> str:
     """The error for a value whose sample plates would hold more than ``MAX_COMBINED_ENTRIES`` combinations."""
     sampled = [f"{p.name}={p.size}" for p in plates if not p.independent]
@@ -886,7 +922,14 @@ def _plan(plates: tuple[Plate, ...], target: tuple[Plate, ...]):
         # plates of a partition at an earlier step than the target's: re-indexed by the parents
         steps = tuple([(i, plates[pos[p.name]].step, p) for i, p in enumerate(target)
                        if p.name in pos and plates[pos[p.name]].step != p.step])
-        plan = (None if order == list(range(n)) else tuple(order), inserts, steps)
+        # a value that varies over sample plates spread over another sample plate (the next node of a chain, or
+        # an independent node joined to it): the entries of the target, which the tensor computed from it holds
+        # per element of one sample (0: not such a value, never checked)
+        chain = 0
+        if any(not p.independent and p.size > 1 for p in plates) and any(
+                not target[i].independent and target[i].size > 1 for i in inserts):
+            chain = math.prod(p.size for p in target)
+        plan = (None if order == list(range(n)) else tuple(order), inserts, steps, chain)
         _remember(_PLANS, key, plan)
     return plan
 
@@ -941,7 +984,11 @@ def align(raw: torch.Tensor, plates: tuple[Plate, ...], target: tuple[Plate, ...
     Only views are taken: no copies.
     """
     if plates is not target and plates != target and later_step(plates, target) is not target:
-        order, inserts, steps = _plan(plates, target)
+        order, inserts, steps, chain = _plan(plates, target)
+        if chain:  # (a chain's plates only: a sample of earlier nodes spread over another node's samples)
+            per = raw.shape[len(plates):].numel()
+            if chain * per * raw.element_size() > MAX_CHAIN_TENSOR_BYTES:
+                raise PlateError(chain_tensor_message(plates, target, inserts, chain, per, raw))
         if order is not None:
             raw = raw.permute(*order, *range(len(plates), raw.dim()))
         if len(inserts) == 1 or (inserts and not raw.is_contiguous()):

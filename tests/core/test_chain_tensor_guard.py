@@ -1,0 +1,79 @@
+"""A chain of nodes whose values are computed on every earlier node's samples: the entries multiply along the
+chain, and so does each per-sample value computed on them (a recurrent state of H values), not only the samples.
+The chain guards counted the samples (their entries and values), so a world model with one 'go' estimator per
+step under a GRU (3 entries per node, a state of 400 values per sample) was killed by the OS at step 13, far below
+them. A value of sample plates spread over another node's samples is now refused past
+``MAX_CHAIN_TENSOR_BYTES`` before the tensor is made; a single node (no chain) and a spread over data plates
+are never refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributions import Normal
+
+import storch
+import storch.plates.tensor as plate_tensor
+from path_probes import Allocations
+
+DATA, H, N = 4, 32, 3
+
+
+@pytest.fixture(autouse=True)
+def _clean_graph():
+    yield
+    storch.reset()
+
+
+def _chain(steps, w, done):
+    """h_t = tanh(h_{t-1} w + z_t), z_t ~ Normal(mean of h_{t-1}, 1): one estimator of N samples per step;
+    ``done`` collects the steps that ran."""
+    h = storch.denote_independent(torch.linspace(-1, 1, DATA * H, dtype=torch.float64).reshape(DATA, H), 0, "data")
+    for t in range(steps):
+        z = storch.estimator("reparameterization", plate=f"z{t}", n_samples=N)(Normal(h.mean(-1), 1.0))
+        h = torch.tanh(h * w + z.unsqueeze(-1))  # h_{t-1} (plates z0..z{t-1}) spread over z_t's samples
+        storch.add_cost((h ** 2).sum(), name=f"c{t}")
+        done.append(t)
+    return h
+
+
+def test_a_chain_whose_state_would_pass_the_bound_is_refused_before_the_tensor_is_made(monkeypatch):
+    # step t makes N^(t+1) x DATA entries x H float64 values: step 3 13 KiB x 8 = 81 KiB, step 4 243 KiB
+    monkeypatch.setattr(plate_tensor, "MAX_CHAIN_TENSOR_BYTES", 2 ** 17, raising=False)
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    done: list = []
+    probe = Allocations()
+    with storch.Graph(), pytest.raises(storch.PlateError) as info, probe:
+        _chain(8, w, done)
+    assert done == [0, 1, 2, 3]  # refused at step 4: the first past 2^17 bytes (the samples stay tiny)
+    msg = str(info.value)
+    assert ("spread a value of 32 elements per sample, which varies over the samples of 4 earlier node(s), over "
+            "the samples of plates z4=3: the tensor computed would hold 972 entries (sample plates z4=3, z3=3, z2=3, "
+            "z1=3, z0=3; data plates data=4) x 32 elements") in msg
+    for fix in ("create ONE estimator outside the loop", "supports partitions", "partition_estimators",
+                "n_samples=1", "fewer chained steps"):
+        assert fix in msg
+    # before the allocation: no tensor of the refused size (972 x 32 elements) was made
+    assert probe.largest < N ** 5 * DATA * H
+
+
+def test_a_chain_under_the_bound_a_single_node_and_a_data_spread_still_run(monkeypatch):
+    monkeypatch.setattr(plate_tensor, "MAX_CHAIN_TENSOR_BYTES", 2 ** 17, raising=False)
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    with storch.Graph():  # 4 steps: at most 81 KiB per tensor
+        _chain(4, w, [])
+        storch.backward()
+    assert w.grad is not None and torch.isfinite(w.grad)
+    # one node of many samples and a large per-sample value (8 MiB, far past the bound): the user's batch, no chain
+    mu = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    with storch.Graph():
+        big = storch.denote_independent(torch.ones(DATA, 64, dtype=torch.float64), 0, "data")
+        z = storch.estimator("reparameterization", plate="z", n_samples=4096)(Normal(mu, 1.0))
+        v = z * big  # big (data) spread over z's samples: 4096 x 4 x 64 values
+        assert v.tensor.numel() * 8 == 2 ** 23
+        assert plate_tensor._plan(big._plates, v._plates)[3] == 0  # the path: a data value spread: never checked
+        assert plate_tensor._plan(z._plates, v._plates)[3] == 0  # nothing spread over a sample plate
+        storch.add_cost(v.sum())
+        storch.backward()
+    # E[sum z * 1] = 64 mu per data point: its derivative is 64, exactly (pathwise, linear in z)
+    torch.testing.assert_close(mu.grad, torch.tensor(64.0, dtype=torch.float64))
