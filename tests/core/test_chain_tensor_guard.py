@@ -2,9 +2,10 @@
 chain, and so does each per-sample value computed on them (a recurrent state of H values), not only the samples.
 The chain guards counted the samples (their entries and values), so a world model with one 'go' estimator per
 step under a GRU (3 entries per node, a state of 400 values per sample) was killed by the OS at step 13, far below
-them. A value of sample plates spread over another node's samples is now refused past
-``MAX_CHAIN_TENSOR_BYTES`` before the tensor is made; a single node (no chain) and a spread over data plates
-are never refused."""
+them. A value of sample plates spread over another node's samples is now refused, before the tensor is made, past
+1/32 of its device's memory (read once per device; the tests fake it, never this machine's) or past
+``MAX_CHAIN_TENSOR_BYTES`` where the user set it (the tests lower it); a single node (no chain) and a spread over
+data plates are never refused."""
 
 from __future__ import annotations
 
@@ -77,3 +78,79 @@ def test_a_chain_under_the_bound_a_single_node_and_a_data_spread_still_run(monke
         storch.backward()
     # E[sum z * 1] = 64 mu per data point: its derivative is 64, exactly (pathwise, linear in z)
     torch.testing.assert_close(mu.grad, torch.tensor(64.0, dtype=torch.float64))
+
+
+def _fake_memory(monkeypatch, total):
+    """The device's memory read as ``total`` bytes (never this machine's), from an empty per-device cache; returns
+    the list of devices read."""
+    reads: list = []
+
+    def memory(device):
+        reads.append((device.type, device.index))
+        return total
+
+    monkeypatch.setattr(plate_tensor, "MAX_CHAIN_TENSOR_BYTES", None, raising=False)
+    monkeypatch.setattr(plate_tensor, "_DEVICE_CHAIN_BOUNDS", {}, raising=False)
+    monkeypatch.setattr(plate_tensor, "_device_memory", memory, raising=False)
+    return reads
+
+
+def test_the_bound_is_the_devices_memory_over_32_read_once_per_device(monkeypatch):
+    # a device of 4 MiB: 128 KiB per chain tensor, refused at step 4 as above (a fixed 2^28 would admit it)
+    reads = _fake_memory(monkeypatch, 2 ** 22)
+    asked: list = []
+    bound = plate_tensor.chain_tensor_bound
+    monkeypatch.setattr(plate_tensor, "chain_tensor_bound", lambda device: asked.append(device) or bound(device),
+                        raising=False)
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    done: list = []
+    with storch.Graph(), pytest.raises(storch.PlateError) as info:
+        _chain(8, w, done)
+    assert done == [0, 1, 2, 3]
+    assert ("(243.0 KiB of torch.float64), above storch's limit of 128.0 KiB for one tensor of a chain on cpu "
+            "(1/32 of its 4.0 MiB;") in str(info.value)
+    assert "set storch.plates.tensor.MAX_CHAIN_TENSOR_BYTES to a larger number of bytes" in str(info.value)
+    # steps 1-4 checked their spread state against the bound; the memory was read once, then the cache answered
+    assert len(asked) >= 4 and reads == [("cpu", None)]
+    assert plate_tensor._DEVICE_CHAIN_BOUNDS[("cpu", None)][0] == 2 ** 17
+    # a device of 128 MiB (bound 4 MiB): the same chain runs past step 4
+    reads = _fake_memory(monkeypatch, 2 ** 27)
+    with storch.Graph():
+        _chain(6, w, [])  # step 5: 3^6 x 4 x 32 float64 = 729 KiB
+        storch.backward()
+    assert reads == [("cpu", None)] and w.grad is not None and torch.isfinite(w.grad)
+
+
+def test_the_module_attribute_overrides_the_device_bound(monkeypatch):
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    reads = _fake_memory(monkeypatch, 2 ** 40)  # 32 GiB per tensor: the override alone refuses
+    monkeypatch.setattr(plate_tensor, "MAX_CHAIN_TENSOR_BYTES", 2 ** 17)
+    done: list = []
+    with storch.Graph(), pytest.raises(storch.PlateError) as info:
+        _chain(8, w, done)
+    assert done == [0, 1, 2, 3] and reads == []  # never read: the user's bound wins
+    assert ("above storch's limit of 128.0 KiB for one tensor of a chain on cpu (set by "
+            "storch.plates.tensor.MAX_CHAIN_TENSOR_BYTES;") in str(info.value)
+    _fake_memory(monkeypatch, 2 ** 10)  # 32 bytes per tensor: the override alone admits the chain
+    monkeypatch.setattr(plate_tensor, "MAX_CHAIN_TENSOR_BYTES", 2 ** 30)
+    with storch.Graph():
+        _chain(5, w, [])
+        storch.backward()
+    assert w.grad is not None and torch.isfinite(w.grad)
+
+
+def test_the_memory_read_for_cpu_and_a_fixed_bound_where_it_cannot_be_read(monkeypatch):
+    pages = {"SC_PHYS_PAGES": 3 * 2 ** 20, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(plate_tensor.os, "sysconf", lambda name: pages[name])
+    assert plate_tensor._device_memory(torch.device("cpu")) == 12 * 2 ** 30
+    monkeypatch.setattr(plate_tensor, "_DEVICE_CHAIN_BOUNDS", {})
+    assert plate_tensor.chain_tensor_bound(torch.device("cpu")) == 12 * 2 ** 30 // 32
+
+    def no_sysconf(name):
+        raise ValueError(f"unrecognized configuration name {name}")
+    monkeypatch.setattr(plate_tensor.os, "sysconf", no_sysconf)
+    monkeypatch.setattr(plate_tensor, "_DEVICE_CHAIN_BOUNDS", {})
+    assert plate_tensor._device_memory(torch.device("cpu")) is None
+    assert plate_tensor.chain_tensor_bound(torch.device("cpu")) == 2 ** 28
+    assert plate_tensor._device_memory(torch.device("meta")) is None  # another device: the fixed bound
+    assert plate_tensor.chain_tensor_bound(torch.device("meta")) == 2 ** 28

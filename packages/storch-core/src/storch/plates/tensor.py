@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
+import os
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -778,18 +779,73 @@ MAX_COMBINED_ENTRIES = 2 ** 24
 
 # ... and a value computed on a chain's plates holds its per-sample size for each of those entries: a world model
 # with one 'go' estimator per step (a plate of 3 entries each) under a GRU was killed by the OS at about step 13
-# (918 MB for one gru_cell output) while its samples, a few values each, stayed below the chain limits of
-# storch.estimators.checks; such a chain holds ~20 tensors of its latest state's size (the earlier steps' and
-# autograd's: 1.8 GB of RSS at a 80 MB state, H=64, 16 data points). A value of sample plates spread over another
-# sample plate (where the next tensor of the chain is computed: align) is refused past this many bytes (a peak of
-# ~5 GB for such a chain), before torch allocates it; a single node, or a data value spread over samples, is not.
-MAX_CHAIN_TENSOR_BYTES = 2 ** 28
+# (918 MB for one gru_cell output, on a 23 GiB machine) while its samples, a few values each, stayed below the chain
+# limits of storch.estimators.checks; such a chain holds ~20-22 tensors of its latest state's size (the earlier
+# steps' and autograd's: 1.8 GB of RSS at a 80 MB state, H=64, 16 data points). A value of sample plates spread
+# over another sample plate (where the next tensor of the chain is computed: align) is refused, before torch
+# allocates it, past a bound on its bytes that scales with the memory of the device it is on: that memory / 32
+# (CHAIN_TENSOR_FRACTION), so that ~22 such tensors (a chain's peak) stay under ~70% of it, with room for the model,
+# the data and the rest of the process; the 918 MB state is refused on a 23 GiB machine (bound ~790 MB, where the
+# step before it, 306 MB, runs), and an 80 GB GPU admits 2.5 GB (a two-level VAE's 64-channel 28x28 feature map
+# spread over the second level's 8 x 8 samples at batch 64: ~820 MB). CUDA: the device's total_memory; CPU: the
+# physical memory (not a container's cgroup limit); where it cannot be read, or on another device, the fixed
+# DEFAULT_CHAIN_TENSOR_BYTES. A single node, or a data value spread over samples, is never checked.
+#
+# MAX_CHAIN_TENSOR_BYTES, when set to an int, overrides the computed bound on every device (raise it where the
+# chain is meant to be that large and fits, lower it to fail earlier), as storch.estimators.checks.MAX_DRAW_ENTRIES
+# is set: ``storch.plates.tensor.MAX_CHAIN_TENSOR_BYTES = 2 ** 31``; None (the default) uses the device's bound.
+MAX_CHAIN_TENSOR_BYTES: Optional[int] = None
+DEFAULT_CHAIN_TENSOR_BYTES = 2 ** 28
+CHAIN_TENSOR_FRACTION = 32
+_DEVICE_CHAIN_BOUNDS: dict = {}  # (device type, index) -> (bytes, where from): each device's memory read once
+
+
+def _device_memory(device: torch.device) -> Optional[int]:
+    """The total memory of ``device`` in bytes, or None where storch cannot read it (a device other than CUDA and
+    CPU, or a platform without ``os.sysconf``)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "cpu":
+        try:
+            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+            return None
+        return total if total > 0 else None
+    return None
+
+
+def chain_tensor_bound(device: torch.device) -> int:
+    """The bytes one tensor of a chain may hold on ``device``: ``MAX_CHAIN_TENSOR_BYTES`` where the user set it,
+    else the device's memory / ``CHAIN_TENSOR_FRACTION`` (read once per device: align only asks for a value already
+    known to be a chain's, from the cached plan), else ``DEFAULT_CHAIN_TENSOR_BYTES``."""
+    if MAX_CHAIN_TENSOR_BYTES is not None:
+        return MAX_CHAIN_TENSOR_BYTES
+    known = _DEVICE_CHAIN_BOUNDS.get((device.type, device.index))
+    return (known if known is not None else _read_chain_bound(device))[0]
+
+
+def _read_chain_bound(device: torch.device) -> tuple[int, str]:
+    """``device``'s bound and where it comes from (for the message), read and cached: once per device."""
+    total = _device_memory(device)
+    if total is None:
+        known = (DEFAULT_CHAIN_TENSOR_BYTES, "a fixed bound: storch cannot read this device's memory")
+    else:
+        known = (total // CHAIN_TENSOR_FRACTION, f"1/{CHAIN_TENSOR_FRACTION} of its {_in_bytes(total)}")
+    _DEVICE_CHAIN_BOUNDS[(device.type, device.index)] = known
+    return known
+
+
+def _in_bytes(n: int) -> str:
+    """``n`` bytes for a message: in the largest of KiB, MiB, GiB that keeps it at 1 or more."""
+    unit = next((u for u in (3, 2, 1) if n >= 2 ** (10 * u)), 0)
+    return f"{n / 2 ** (10 * unit):.{1 if unit else 0}f} {('B', 'KiB', 'MiB', 'GiB')[unit]}"
 
 
 def chain_tensor_message(plates: Sequence[Plate], target: Sequence[Plate], inserts: Sequence[int], entries: int,
-                         per: int, raw: torch.Tensor) -> str:
+                         per: int, raw: torch.Tensor, bound: int) -> str:
     """The error for a value on sample ``plates`` spread over the sample plates ``target[i]`` (``i`` in
-    ``inserts``) into a tensor of ``entries`` x ``per`` elements of ``raw``'s dtype, past ``MAX_CHAIN_TENSOR_BYTES``."""
+    ``inserts``) into a tensor of ``entries`` x ``per`` elements of ``raw``'s dtype, past ``bound`` bytes
+    (``chain_tensor_bound`` of ``raw``'s device)."""
     sampled = [p for p in target if not p.independent and p.size > 1]
     shown = ", ".join(f"{p.name}={p.size}" for p in sampled[:8]) + (
         f", ... ({len(sampled)} sample plates)" if len(sampled) > 8 else "")
@@ -797,19 +853,26 @@ def chain_tensor_message(plates: Sequence[Plate], target: Sequence[Plate], inser
     data = [f"{p.name}={p.size}" for p in target if p.independent and p.size > 1]
     shown += f"; data plates {', '.join(data)}" if data else ""
     size = entries * per * raw.element_size()
+    if MAX_CHAIN_TENSOR_BYTES is not None:
+        source = "set by storch.plates.tensor.MAX_CHAIN_TENSOR_BYTES"
+    else:
+        known = _DEVICE_CHAIN_BOUNDS.get((raw.device.type, raw.device.index))
+        source = (known if known is not None else _read_chain_bound(raw.device))[1]
     return (f"this operation would spread a value of {per} elements per sample, which varies over the samples of "
             f"{len([p for p in plates if not p.independent and p.size > 1])} earlier node(s), over the samples of "
             f"plates {new}: the tensor computed would hold {entries} entries (sample plates {shown}) x {per} "
-            f"elements ({size / 2 ** 20:.0f} MiB of {raw.dtype}), above storch's limit of "
-            f"{MAX_CHAIN_TENSOR_BYTES // 2 ** 20} MiB for one tensor of a chain (its earlier steps and autograd hold "
-            "many such tensors: the process would run out of memory). Each node's samples are drawn for every "
-            "sample of the nodes before it, so the entries multiply along a chain. For a sequence of stochastic steps "
+            f"elements ({_in_bytes(size)} of {raw.dtype}), above storch's limit of "
+            f"{_in_bytes(bound)} for one tensor of a chain on {raw.device} ({source}; its earlier steps and "
+            "autograd hold many such tensors: the process would run out of memory). Each node's samples are drawn "
+            "for every sample of the nodes before it, so the entries multiply along a chain. For a sequence of stochastic steps "
             "(an episode, a recurrent state), create ONE estimator outside the loop and call it at every step, with "
             "an estimator that supports partitions (storch.estimators.catalog.partition_estimators(d) lists those "
             "that accept the distribution d): its calls make one plate (docs/partitions.md). Otherwise give each "
             "node one sample (n_samples=1; an estimator whose plate holds more than its samples, such as 'go' or "
             "'spsa', multiplies even then: use 'score' or 'reparameterization' for some nodes), use fewer chained "
-            "steps, or a smaller per-sample value or batch")
+            "steps, or a smaller per-sample value or batch. Where the chain is meant to be this large and fits in "
+            "memory, set storch.plates.tensor.MAX_CHAIN_TENSOR_BYTES to a larger number of bytes (None: the device's "
+            "bound)")
 
 
 def too_many_combinations_message(plates: Sequence[Plate], entries: int) -> str:
@@ -987,8 +1050,9 @@ def align(raw: torch.Tensor, plates: tuple[Plate, ...], target: tuple[Plate, ...
         order, inserts, steps, chain = _plan(plates, target)
         if chain:  # (a chain's plates only: a sample of earlier nodes spread over another node's samples)
             per = raw.shape[len(plates):].numel()
-            if chain * per * raw.element_size() > MAX_CHAIN_TENSOR_BYTES:
-                raise PlateError(chain_tensor_message(plates, target, inserts, chain, per, raw))
+            bound = chain_tensor_bound(raw.device)
+            if chain * per * raw.element_size() > bound:
+                raise PlateError(chain_tensor_message(plates, target, inserts, chain, per, raw, bound))
         if order is not None:
             raw = raw.permute(*order, *range(len(plates), raw.dim()))
         if len(inserts) == 1 or (inserts and not raw.is_contiguous()):
