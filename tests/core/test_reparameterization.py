@@ -1098,7 +1098,8 @@ def test_a_straight_through_rsample_is_not_a_reparameterisation():
     assert est.supports(Normal(theta, 1.0))
     assert not est.supports(OneHotCategorical(logits=theta))  # no rsample at all: refused as before
     assert "reparameterization" not in storch.registry.supporting_estimators(OneHotCategoricalStraightThrough(logits=theta))
-    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError, match="straight-through estimator"):
+    with storch.Graph(), pytest.raises(storch.UnsupportedDistributionError,
+                                       match="straight-through estimator itself, 'straight_through' on it"):
         est(OneHotCategoricalStraightThrough(logits=theta))
 
 

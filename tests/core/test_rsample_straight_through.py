@@ -92,7 +92,7 @@ def test_a_straight_through_rsample_is_refused_at_order_1(case):
         storch.add_cost((x * torch.tensor([1.0, 2.0, 4.0], dtype=D)).sum(-1), name="c")
         with pytest.raises(storch.OrderError, match=r"order-1 surrogate.*rsample of GumbelST .*piecewise constant in "
                                                     r"its parameters.*biased at order 1.*'score'.*"
-                                                    r"'gumbel_straight_through'"):
+                                                    r"'straight_through' estimator \(hard \+ p - ⊥p\) or 'gumbel_straight_through'"):
             storch.surrogate_loss()
 
 

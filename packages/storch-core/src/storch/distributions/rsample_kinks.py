@@ -737,8 +737,9 @@ def rsample_kinks_note(name: str, found: dict, where: Optional[dict] = None) -> 
             "biased at order 1 already. For an unbiased gradient draw the discrete variable from a distribution "
             "with log_prob and use a score-function estimator on it ('score' with baseline='leave_one_out', or "
             "'rebar' / 'relax' for a Bernoulli or OneHotCategorical); for the biased straight-through gradient "
-            "itself, use storch's 'gumbel_straight_through' estimator on a Bernoulli or OneHotCategorical (biased "
-            "by design, and marked so); or return the soft (relaxed) value alone from rsample, a continuous "
+            "itself, use storch's 'straight_through' estimator (hard + p - ⊥p) or 'gumbel_straight_through' (a "
+            "Gumbel-softmax sample's derivative) on a Bernoulli or OneHotCategorical (biased by design, and "
+            "marked so); or return the soft (relaxed) value alone from rsample, a continuous "
             "relaxation whose pathwise gradient is exact for the relaxed objective")
     if kinks:
         ops = ", ".join(f"{op} ({inside(op)}its derivative of order {found[op]} is discontinuous)" for op in kinks)

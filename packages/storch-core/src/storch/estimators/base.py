@@ -596,7 +596,9 @@ class Estimator(torch.nn.Module):
             hint = (" OneHotCategoricalStraightThrough's rsample is the straight-through estimator (a hard sample "
                     "with the derivative of probs), not a reparameterisation, so a pathwise gradient through it is "
                     "biased. For an unbiased gradient use a OneHotCategorical with score, rebar or relax; for the "
-                    "straight-through estimator itself, 'gumbel_straight_through'." + hint)
+                    "straight-through estimator itself, 'straight_through' on it (the same hard sample and "
+                    "derivative of probs, declared biased), or 'gumbel_straight_through' (a Gumbel-softmax "
+                    "sample's derivative)." + hint)
         if self.requires_rsample and d.has_rsample and undifferentiable_rsample(d):
             hint = f" {UNDIFFERENTIABLE_RSAMPLE_NOTE}." + hint
         return (f"estimator {self.name!r} does not support {type(d).__name__}; it needs "
