@@ -22,8 +22,8 @@ import storch.testing as kit
 FIRST_PARTY = {
     **dict.fromkeys(["expect", "reparameterization"], "storch-core"),
     **dict.fromkeys(["score", "importance", "sum_and_sample", "unordered_set", "vimco"], "storch-estimators-score"),
-    **dict.fromkeys(["gumbel_softmax", "gumbel_straight_through", "lax", "relax", "rebar", "arm", "disarm", "go"],
-                    "storch-estimators-relaxed"),
+    **dict.fromkeys(["gumbel_softmax", "gumbel_straight_through", "straight_through", "lax", "relax", "rebar", "arm",
+                     "disarm", "go"], "storch-estimators-relaxed"),
     **dict.fromkeys(["spsa", "mvd"], "storch-estimators-mvd"),
 }
 
@@ -77,6 +77,9 @@ PLANS = {
         "objective, so there is no exact value to compare with; its bias is measured in tests/relaxed",
         lambda n: storch.available_estimators()[n].biased and _relaxed(n), run=False),
     "gumbel_straight_through": Plan(
+        "biased gradient (declared), but the forward value is the exact discrete sample: order 0 is checked",
+        _biased_with_discrete_forward, orders=(0,)),
+    "straight_through": Plan(
         "biased gradient (declared), but the forward value is the exact discrete sample: order 0 is checked",
         _biased_with_discrete_forward, orders=(0,)),
     "spsa": Plan(

@@ -4,9 +4,9 @@ h_t = GRU(h_{t-1}, z_{t-1}, a_{t-1}); a posterior q(z_t | h_t, x_t) and a prior 
 of C-way categoricals (``Independent(OneHotCategorical, 1)``) with "unimix" (0.99 softmax + 0.01 uniform);
 costs: the reconstruction of x_t and the balanced KL, alpha KL(sg(q) || p) + (1 - alpha) KL(q || sg(p)).
 The model is written for one data point and one sample. Checked: (1) the detach-in-KL pattern gives the
-gradient the balanced KL means: straight-through (``gumbel_straight_through``, one estimator per step: it
-does not support partitions) equals a hand-written batched torch step with the same Gumbel draws, exactly
-in float64; score + leave-one-out over the steps (one partition) is z-tested against enumerating every
+gradient the balanced KL means: straight-through (``gumbel_straight_through``, and DreamerV2's own,
+``straight_through``: the derivative of the unimix probabilities; one estimator per step or one partition) equals a
+hand-written batched torch step with the same draws, exactly in float64; score + leave-one-out over the steps (one partition) is z-tested against enumerating every
 latent sequence; (2) a unimix ``Independent(OneHotCategorical)`` is accepted, unbiased, by the estimators
 that support it and refused, with the fix, by those that enumerate; (3) ``storch.compile`` of the step:
 one graph, no graph breaks, eager's gradients.
@@ -115,19 +115,38 @@ def hand_straight_through(model, x, a, temperature=1.0):
     return total.mean(), samples
 
 
+def hand_plain_straight_through(model, x, a):
+    """The same step with DreamerV2's straight-through written out, ``sample + probs - probs.detach()`` of the
+    unimix probabilities (storch's ``straight_through``), the sample drawn as storch draws it (one
+    ``sample((1,))`` per step). Returns the loss and the hard samples."""
+    batch, steps = x.shape[:2]
+    h = torch.zeros(batch, model.h_dim, dtype=x.dtype)
+    z = torch.zeros(batch, model.groups, model.classes, dtype=x.dtype)
+    total, samples = 0.0, []
+    for t in range(steps):
+        h, q, p = model.step(h, z, a[:, t], x[:, t])
+        z = model.dist(q).sample((1,))[0] + (q - q.detach())
+        samples.append(z.detach())
+        total = total + model.kl(q, p) + model.reconstruction(h, z, x[:, t])
+    return total.mean(), samples
+
+
 def _params(model):
     return list(model.parameters())
 
 
+@pytest.mark.parametrize("name", ["gumbel_straight_through", "straight_through"])
 @pytest.mark.parametrize("alpha", [0.8, 0.3])
 @pytest.mark.parametrize("partition", [False, True])
-def test_straight_through_equals_hand_written_with_the_same_draws(alpha, partition):
-    # one estimator per step (a plate each) or one over the steps (a partition, one plate)
+def test_straight_through_equals_hand_written_with_the_same_draws(alpha, partition, name):
+    # one estimator per step (a plate each) or one over the steps (a partition, one plate); the Gumbel
+    # straight-through or DreamerV2's own, the derivative of the unimix probabilities (straight_through)
     torch.manual_seed(0)
     model = WorldModel(alpha=alpha).double()
     x, a = environment(3, 10)
-    ests = (storch.estimator("gumbel_straight_through", plate="z") if partition
-            else [storch.estimator("gumbel_straight_through", plate=f"z{t}") for t in range(10)])
+    ests = (storch.estimator(name, plate="z") if partition
+            else [storch.estimator(name, plate=f"z{t}") for t in range(10)])
+    hand_straight = hand_straight_through if name == "gumbel_straight_through" else hand_plain_straight_through
     torch.manual_seed(1)
     with storch.Graph():
         zs = storch_step(model, ests, x, a)
@@ -135,7 +154,7 @@ def test_straight_through_equals_hand_written_with_the_same_draws(alpha, partiti
         g_storch = torch.autograd.grad(loss, _params(model))
         got = [z.tensor.reshape(3, model.groups, model.classes) for z in zs]
     torch.manual_seed(1)
-    hand, want = hand_straight_through(model, x, a)
+    hand, want = hand_straight(model, x, a)
     g_hand = torch.autograd.grad(hand, _params(model))
     for t, (zs_, zh) in enumerate(zip(got, want)):
         assert torch.equal(zs_, zh), f"step {t}: not the same draws"
@@ -145,11 +164,11 @@ def test_straight_through_equals_hand_written_with_the_same_draws(alpha, partiti
     # the control: KL without the stop-gradients (or with the halves swapped) has another gradient
     model.alpha = 1 - alpha
     torch.manual_seed(1)
-    swapped = torch.autograd.grad(hand_straight_through(model, x, a)[0], _params(model))
+    swapped = torch.autograd.grad(hand_straight(model, x, a)[0], _params(model))
     assert (g_hand[-3] - swapped[-3]).abs().max() > 1e-3  # the prior's bias
 
 
-@pytest.mark.parametrize("name", ["gumbel_straight_through", "gumbel_softmax"])
+@pytest.mark.parametrize("name", ["gumbel_straight_through", "straight_through", "gumbel_softmax"])
 def test_relaxed_partition_keeps_one_plate_and_draws_from_p(name):
     # one relaxed estimator over 64 steps (DreamerV3's sequence length): one plate of n entries at every step (one
     # estimator per step stopped at torch's 64 dims); the hard values continue each sequence with a draw from p,

@@ -13,13 +13,13 @@ from torch.distributions import Bernoulli, Categorical, Independent, Laplace, No
 
 import storch
 from storch.testing import assert_unbiased
-from storch_relaxed import Arm, DisArm, Go, GumbelSoftmax, GumbelStraightThrough, Lax, Rebar, Relax
+from storch_relaxed import Arm, DisArm, Go, GumbelSoftmax, GumbelStraightThrough, Lax, Rebar, Relax, StraightThrough
 from twice import differentiate_twice
 
 from relaxed_problems import TOY_THETA, toy_exact, toy_model
 
 ALL = {"gumbel_softmax": (GumbelSoftmax, math.inf, True), "gumbel_straight_through": (GumbelStraightThrough, math.inf, True),
-       "lax": (Lax, math.inf, False), "relax": (Relax, math.inf, False), "rebar": (Rebar, math.inf, False),
+       "straight_through": (StraightThrough, math.inf, True), "lax": (Lax, math.inf, False), "relax": (Relax, math.inf, False), "rebar": (Rebar, math.inf, False),
        "arm": (Arm, 1, False), "disarm": (DisArm, 1, False), "go": (Go, 1, False)}
 
 

@@ -18,6 +18,7 @@ ROSTER = {
     "unordered_set": ("categorical", {"n_samples": 2}),
     "gumbel_softmax": ("categorical", {"n_samples": 2}),
     "gumbel_straight_through": ("categorical", {"n_samples": 2}),
+    "straight_through": ("categorical", {"n_samples": 2}),
     "lax": ("normal", {}),
     "relax": ("bernoulli", {"n_samples": 2}),
     "rebar": ("bernoulli", {"n_samples": 2}),

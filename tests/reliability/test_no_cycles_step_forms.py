@@ -23,7 +23,7 @@ from step_checks import distribution_validation_kept, unreachable_after  # noqa:
 
 NAMES = installed()
 # pathwise estimators: a sample no cost uses gets no UnusedSampleWarning (no score term to lose)
-PATHWISE = {"reparameterization", "gumbel_softmax", "gumbel_straight_through"}
+PATHWISE = {"reparameterization", "gumbel_softmax", "gumbel_straight_through", "straight_through"}
 
 
 def _theta() -> torch.Tensor:

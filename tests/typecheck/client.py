@@ -19,12 +19,13 @@ import storch.testing as kit
 from storch.extending import align, base_distribution, drawing_with, leave_one_out, options, plates_of, raw_of
 from storch import CostFrame, Estimator, Node, PlateTensor
 from storch_mvd import Mvd, Spsa
-from storch_relaxed import Arm, DisArm, Go, GumbelSoftmax, GumbelStraightThrough, Lax, Rebar, Relax
+from storch_relaxed import Arm, DisArm, Go, GumbelSoftmax, GumbelStraightThrough, Lax, Rebar, Relax, StraightThrough
 from storch_score import Importance, Score, SumAndSample, UnorderedSet, Vimco
 from typing_extensions import assert_type
 
 FAMILY_CLASSES: list[type[Estimator]] = [Score, Importance, SumAndSample, UnorderedSet, GumbelSoftmax,
-                                         GumbelStraightThrough, Lax, Relax, Rebar, Arm, DisArm, Go, Spsa, Mvd]
+                                         GumbelStraightThrough, StraightThrough, Lax, Relax, Rebar, Arm, DisArm, Go, Spsa,
+                                         Mvd]
 
 
 def vae_step(encoder: torch.nn.Linear, decoder: torch.nn.Linear, data: torch.Tensor,

@@ -49,6 +49,7 @@ CONFIGS = [
     ("score", "baseline='learned'", {"baseline": "learned"}, "bernoulli"),
     ("score", "baseline='greedy'", {"baseline": "greedy"}, "normal"),
     ("spsa", "", {}, "bernoulli"),
+    ("straight_through", "", {}, "bernoulli"),
     ("sum_and_sample", "", {}, "bernoulli"),
     ("unordered_set", "", {}, "bernoulli"),
 ]

@@ -47,8 +47,8 @@ FIRST_PARTY = {
     **dict.fromkeys(["score", "reinforce", "importance", "sum_and_sample", "mapo", "unordered_set",
                      "vimco"],
                     "storch-estimators-score"),
-    **dict.fromkeys(["gumbel_softmax", "gumbel_straight_through", "lax", "relax", "rebar", "arm",
-                     "disarm", "go"], "storch-estimators-relaxed"),
+    **dict.fromkeys(["gumbel_softmax", "gumbel_straight_through", "straight_through", "lax", "relax", "rebar",
+                     "arm", "disarm", "go"], "storch-estimators-relaxed"),
     **dict.fromkeys(["spsa", "mvd"], "storch-estimators-mvd"),
 }
 # baselines of the score estimator, asked for as estimator names (the README's `baseline="leave_one_out"` read as

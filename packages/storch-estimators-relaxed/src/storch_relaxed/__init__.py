@@ -14,12 +14,13 @@ from .gumbel_straight_through import GumbelStraightThrough
 from .lax import Lax
 from .rebar import Rebar
 from .relax import Relax
+from .straight_through import StraightThrough
 
-__all__ = ["GumbelSoftmax", "GumbelStraightThrough", "Lax", "Relax", "Rebar", "Arm", "DisArm", "Go",
+__all__ = ["GumbelSoftmax", "GumbelStraightThrough", "StraightThrough", "Lax", "Relax", "Rebar", "Arm", "DisArm", "Go",
            "storch_estimators"]
 
 
 @hookimpl
 def storch_estimators() -> list[type]:
     """The plugin hook: this family's estimator classes."""
-    return [GumbelSoftmax, GumbelStraightThrough, Lax, Relax, Rebar, Arm, DisArm, Go]
+    return [GumbelSoftmax, GumbelStraightThrough, StraightThrough, Lax, Relax, Rebar, Arm, DisArm, Go]

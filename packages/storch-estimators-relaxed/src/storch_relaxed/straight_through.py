@@ -1,0 +1,115 @@
+"""The plain straight-through estimator: the hard sample forward, the probabilities' derivative backward."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.distributions import Bernoulli, Categorical, Distribution, Independent, OneHotCategorical
+
+from storch import Estimator, Node
+from storch.extending import base_distribution
+
+from ._categorical import DEFAULT_DISTRIBUTIONS, OneHotForCategorical
+from .gumbel_softmax import EOS_HINT
+
+__all__ = ["StraightThrough"]
+
+
+class StraightThrough(OneHotForCategorical, Estimator):
+    """Straight-through: an exact discrete sample forward, the derivative of its probabilities backward (biased).
+
+    Components:
+        q(X | x<i) = n i.i.d. samples b ~ p, handed out as x = b + (p - ⊥p): Bernoulli: b in {0, 1},
+            p = σ(α); categorical: b = one_hot(k), p the vector of probabilities (torch's
+            ``OneHotCategoricalStraightThrough.rsample``, what DreamerV2 writes by hand);
+        w(x) = 1/n;
+        l(x) = 0;
+        a = 0.
+
+    The forward value is exactly b (p - ⊥p evaluates to 0): 0/1 for Bernoulli, a one-hot vector (shape
+    ``(..., K)``) for OneHotCategorical. No noise is relaxed and there is no temperature: the gradient is
+    ∇_b f(b)ᵀ ∂p/∂θ (Bengio et al. 2013, section 4), where ``gumbel_straight_through`` differentiates a
+    Gumbel-softmax sample at τ instead.
+
+    Requires: Bernoulli or OneHotCategorical (a Categorical only with ``categorical="one_hot"``: its node then
+    hands out one-hot vectors, not indices, as ``gumbel_straight_through``'s does), or an Independent of
+    them; a cost differentiable in the value handed out. A continuous distribution is refused: with
+    ``rsample`` its pathwise gradient is exact (``reparameterization``).
+
+    max_order: ∞: the estimate of every order is defined (the derivatives of f(b + p - ⊥p)), but it is
+    ``biased`` from order 1: E[∇_b f(b)]ᵀ ∂p/∂θ is ∇E[f(b)] only where f is linear in each variable on its
+    own (multilinear in independent Bernoulli or one-hot coordinates: then E[f(b)] = f(p), and the
+    derivatives of every order are unbiased, as each mixed partial of f is free of the variables it
+    differentiates). For f(b) = (b - t)² its expected gradient is 2(p - t) p' where the exact one is
+    (1 - 2t) p': a bias of (2p - 1) p' at order 1, and the order-2 estimate 2p'² + 2(p - t) p'' against
+    (1 - 2t) p''. Order 2 is no more biased than order 1 where order 1 is exact, so the order is not lowered.
+
+    Args:
+        plate: name of the node's plate.
+        n_samples: number of samples.
+        categorical: ``"refuse"`` (the default) or ``"one_hot"``: take a Categorical node too, handing out
+            one-hot vectors of shape ``(..., K)`` for it, not indices (see ``gumbel_softmax``).
+
+    Example:
+        >>> est = storch.estimator("straight_through", plate="z")
+        >>> logits = torch.zeros(32, requires_grad=True)
+        >>> z = est(OneHotCategorical(probs=0.99 * logits.softmax(-1) + 0.01 / 32))   # one-hot; unimix (DreamerV3)
+
+    References:
+        [1] Estimating or Propagating Gradients Through Stochastic Neurons for Conditional Computation
+            (Bengio et al., 2013)
+        [2] Mastering Atari with Discrete World Models (Hafner et al., 2021)
+    """
+
+    name = "straight_through"
+    #: read by ``storch.estimator`` when it refuses an option this class does not take (this class's only)
+    unknown_option_hints = {
+        "temperature": "This estimator relaxes nothing (the gradient is that of the probabilities, as torch's "
+                       "OneHotCategoricalStraightThrough): drop the option, or, for the gradient of a Gumbel-softmax "
+                       "sample at a temperature, use the estimator \"gumbel_straight_through\"",
+        "hard": "This estimator is already hard (the exact sample forward, the probabilities' gradient): drop the "
+                "option",
+        "eos": EOS_HINT,
+    }
+    biased = True
+    distributions = DEFAULT_DISTRIBUTIONS  # a Categorical only with categorical="one_hot" (_categorical)
+    # ∇_b f(b) ∂p/∂θ is the derivative of no objective: no kink of f makes it more biased than it is by design, so
+    # the cost's path is not checked as a relaxation's is (as gumbel_straight_through)
+    pathwise = False
+    # one instance called at every step (a world model's latent per step) is one partition with one plate: each
+    # step drawn by proposal (the core's components path: l = 0, uniform weights), as gumbel_softmax's
+    supports_partitions = True
+
+    def __init__(self, plate: str, n_samples: int = 1, categorical: str = "refuse") -> None:
+        super().__init__(plate, n_samples)
+        self.categorical = categorical
+
+    def proposal(self, node: Node) -> torch.Tensor:
+        d = base_distribution(node.distribution)
+        hard = super().proposal(node)  # n exact samples of p, no gradient (appendix D.2.1's draw)
+        probs = d.probs
+        if isinstance(d, Categorical):  # an index (categorical="one_hot"): its one-hot vector, as p is one per class
+            hard = F.one_hot(hard, probs.shape[-1])
+        hard = hard.to(probs.dtype)
+        # x = b + (p - ⊥p) (Bengio et al. 2013): the forward value is exactly b, the gradient that of p
+        return hard + (probs - probs.detach())
+
+    def gradient_function(self, node: Node) -> torch.Tensor:
+        return torch.zeros((1,), dtype=node.sample.dtype, device=node.sample.device)  # l = 0: pathwise through x
+
+    def _unsupported_message(self, d: Distribution) -> str:
+        message = super()._unsupported_message(d)
+        inner = d
+        while isinstance(inner, Independent):
+            inner = inner.base_dist
+        if d.has_rsample and not isinstance(inner, (Bernoulli, Categorical, OneHotCategorical)):
+            # before the list of the estimators that support it, which ends the message
+            head, sep, tail = message.partition(" Estimators that support it:")
+            message = (f"{head} {type(d).__name__} has rsample: its pathwise gradient is exact, use "
+                       "'reparameterization' for this node (straight-through is for discrete samples, whose value "
+                       f"has no derivative).{sep}{tail}")
+        return message
+
+    def extra_repr(self) -> str:
+        extra = f", categorical={self.categorical!r}" if self.categorical != "refuse" else ""
+        return f"{super().extra_repr()}{extra}"
