@@ -192,6 +192,62 @@ def test_relaxed_partition_keeps_one_plate_and_draws_from_p(name):
     assert_unbiased(estimates.detach(), _exact_loss(model, x, a, (0.0, 0.0)).detach(), "E[total cost]")
 
 
+def hand_relaxed(model, x, a, n, hard):
+    """n sequences per data point in batched torch, Gumbel-softmax (``hard``: straight-through) written out,
+    each step's noise one ``torch.rand`` of the logits' shape (n, batch, G, C): one draw per sequence given its
+    own prefix. Returns the loss (mean over sequences and data of the summed costs) and the samples."""
+    batch, steps = x.shape[:2]
+    h = torch.zeros(n * batch, model.h_dim, dtype=x.dtype)
+    z = torch.zeros(n * batch, model.groups, model.classes, dtype=x.dtype)
+    total, samples, eps = 0.0, [], torch.finfo(x.dtype).eps
+    for t in range(steps):
+        xt = x[:, t].expand(n, -1, -1).flatten(0, 1)
+        h, q, p = model.step(h, z, a[:, t].expand(n, -1, -1).flatten(0, 1), xt)
+        logits = OneHotCategorical(probs=q).logits.unflatten(0, (n, batch))
+        u = torch.rand(logits.shape, dtype=x.dtype).clamp_(eps, 1 - eps)
+        soft = torch.softmax(logits - torch.log(-torch.log(u)), -1)
+        z = F.one_hot(soft.argmax(-1), model.classes).to(x.dtype) + (soft - soft.detach()) if hard else soft
+        samples.append(z.detach())
+        z = z.flatten(0, 1)
+        total = total + model.kl(q, p) + model.reconstruction(h, z, xt)
+    return total.mean(), samples
+
+
+@pytest.mark.parametrize("name", ["gumbel_straight_through", "gumbel_softmax"])
+def test_relaxed_partition_of_n_sequences_equals_hand_written_with_the_same_draws(name, monkeypatch):
+    # n = 3 sequences per data point over 5 steps: each step of sequence i is drawn given sequence i's own earlier
+    # samples (the values and the gradients equal the hand-written loop's exactly in float64), with one draw per
+    # sequence and step: the relaxations' draw hook, where the core's components path drew n per prefix (n x n)
+    # and kept the diagonal
+    import storch_relaxed.gumbel_softmax as module
+    drawn = []
+    noise = module.gumbel_noise
+    monkeypatch.setattr(module, "gumbel_noise", lambda shape, like: drawn.append(tuple(shape)) or noise(shape, like))
+    torch.manual_seed(0)
+    model = WorldModel().double()
+    n, batch, steps = 3, 2, 5
+    x, a = environment(batch, steps)
+    est = storch.estimator(name, plate="z", n_samples=n)
+    torch.manual_seed(1)
+    with storch.Graph():
+        zs = storch_step(model, est, x, a)
+        assert [(p.name, p.size, p.step) for p in zs[-1].plates] == [("z", n, steps - 1), ("data", batch, 0)]
+        loss = storch.surrogate_loss()
+        g_storch = torch.autograd.grad(loss, _params(model))
+        got = [layout(z, ("z", "data")) for z in zs]
+    assert drawn == [(n, batch, model.groups, model.classes)] * steps
+    torch.manual_seed(1)
+    hand, want = hand_relaxed(model, x, a, n, hard=name == "gumbel_straight_through")
+    g_hand = torch.autograd.grad(hand, _params(model))
+    for t, (zs_, zh) in enumerate(zip(got, want)):
+        torch.testing.assert_close(zs_, zh, rtol=0, atol=1e-15, msg=lambda m: f"step {t}: {m}")
+    # the sequences' hard samples differ (which prefix a step continues changes its logits)
+    assert any(not torch.equal(z[0].argmax(-1), z[1].argmax(-1)) for z in want[:-1])
+    torch.testing.assert_close(loss, hand, rtol=1e-12, atol=1e-12)
+    for (pname, _), gs, gh in zip(model.named_parameters(), g_storch, g_hand):
+        torch.testing.assert_close(gs, gh, rtol=1e-10, atol=1e-12, msg=lambda m: f"gradient of {pname}: {m}")
+
+
 def test_a_sequence_too_long_for_one_estimator_per_step_names_the_estimators_that_take_it():
     # one estimator per step adds a plate dim per step, past torch's 64 at step 61 of a 64-step sequence. The
     # refusal said to create ONE estimator and call it at every step, which an estimator without partitions

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.distributions import Bernoulli
+from torch.distributions import Bernoulli, Distribution
 
-from storch import Node
 from storch.extending import base_distribution
 
 from .gumbel_softmax import EOS_HINT, GumbelSoftmax
@@ -65,10 +64,10 @@ class GumbelStraightThrough(GumbelSoftmax):
     # design, so the cost's path is not checked as gumbel_softmax's is
     pathwise = False
 
-    def proposal(self, node: Node) -> torch.Tensor:
-        soft, z = self.relaxed(node)
+    def draw(self, distribution: Distribution, shape: tuple) -> torch.Tensor:
+        soft, z = self._relaxed(distribution, shape)
         z = z.detach()  # H(z) carries no gradient
-        if isinstance(base_distribution(node.distribution), Bernoulli):
+        if isinstance(base_distribution(distribution), Bernoulli):
             hard = (z > 0).to(soft.dtype)  # = 1[σ(z/τ) > 1/2] (z: float32 for a bfloat16 model, soft: its dtype)
         else:
             hard = F.one_hot(z.argmax(-1), z.shape[-1]).to(soft.dtype)
