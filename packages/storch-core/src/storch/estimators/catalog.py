@@ -55,10 +55,13 @@ def supporting_estimators(d) -> list[str]:
 
 def partition_estimators(d) -> list[str]:
     """Names of installed estimators that accept ``d`` and support partitions (``supports_partitions``): the
-    advice for a sequence of nodes of an estimator that does not (one plate dim per node, at most 64 dims)."""
+    advice for a sequence of nodes of an estimator that does not (one plate dim per node, at most 64 dims). Each
+    with what a partition of it needs (``partition_options``), as the order refusal names them: sum_and_sample
+    refuses a second call without ``buffer=`` and, with it, a step with batch dims of its own (a token per call),
+    so named bare it was advice that the next call refuses."""
     try:
         classes = installed_classes()
     except Exception:  # noqa: BLE001  (only for an error message: a broken registry lists none)
         return []
-    return [name for name, cls in sorted(classes.items())
-            if getattr(cls, "supports_partitions", False) and cls.supports(d)]
+    return [name + (f" (a partition needs {cls.partition_options})" if getattr(cls, "partition_options", "") else "")
+            for name, cls in sorted(classes.items()) if getattr(cls, "supports_partitions", False) and cls.supports(d)]
