@@ -5,8 +5,9 @@ of C-way categoricals (``Independent(OneHotCategorical, 1)``) with "unimix" (0.9
 costs: the reconstruction of x_t and the balanced KL, alpha KL(sg(q) || p) + (1 - alpha) KL(q || sg(p)).
 The model is written for one data point and one sample. Checked: (1) the detach-in-KL pattern gives the
 gradient the balanced KL means: straight-through (``gumbel_straight_through``, and DreamerV2's own,
-``straight_through``: the derivative of the unimix probabilities; one estimator per step or one partition) equals a
-hand-written batched torch step with the same draws, exactly in float64; score + leave-one-out over the steps (one partition) is z-tested against enumerating every
+``straight_through``: the derivative of the unimix probabilities; one estimator per step or one over the steps, a
+partition) equals a hand-written batched torch step with the same draws, exactly in float64; score +
+leave-one-out over the steps (one partition) is z-tested against enumerating every
 latent sequence; (2) a unimix ``Independent(OneHotCategorical)`` is accepted, unbiased, by the estimators
 that support it and refused, with the fix, by those that enumerate; (3) ``storch.compile`` of the step:
 one graph, no graph breaks, eager's gradients.

@@ -22,10 +22,11 @@ __all__ = ["GumbelSoftmax"]
 _plain_setattr = object.__setattr__  # an attribute that is no parameter, buffer or submodule
 
 
-#: the refusal of ``eos=`` by the relaxations (no partitions): a message of relaxed symbols, as EGG's Gumbel-softmax
-#: sender, is written with an estimator per position (tests/models/test_signaling_game.py)
-EOS_HINT = ("eos= ends the sequences of a partition (one estimator called at every step), which this estimator does "
-            "not support: make one estimator per position (plate=f\"m{t}\"; n_samples=1, or the samples multiply "
+#: the refusal of ``eos=`` by the relaxations (they support partitions, not the end of a sequence at a value): a
+#: message of relaxed symbols, as EGG's Gumbel-softmax sender, is written with an estimator per position
+#: (tests/models/test_signaling_game.py)
+EOS_HINT = ("eos= ends the sequences of a partition (one estimator called at every step) at a value, which this "
+            "estimator does not do: make one estimator per position (plate=f\"m{t}\"; n_samples=1, or the samples multiply "
             "with every position) and mask what follows eos yourself, live = live * (1 - b[eos]) after each "
             "position (docs/partitions.md, \"Variable length\"); or use an estimator that takes eos=: score, "
             "unordered_set")
