@@ -263,10 +263,10 @@ def test_a_sequence_too_long_for_one_estimator_per_step_names_the_estimators_tha
         storch_step(model, ests, x, a)
     message = str(info.value)
     assert "'importance' does not support partitions" in message and "create ONE estimator" not in message
-    assert "(gumbel_softmax, gumbel_straight_through, score)" in message
+    assert "(gumbel_softmax, gumbel_straight_through, score, straight_through)" in message
     # and calling it again (the advice followed) names them too
     with storch.Graph(), pytest.raises(storch.PlateError, match=r"supports partitions and this distribution "
-                                                               r"\(gumbel_softmax, gumbel_straight_through, score\)"):
+                                                               r"\(gumbel_softmax, gumbel_straight_through, score, straight_through\)"):
         storch_step(model, ests[0], x[:, :2], a[:, :2])
 
 

@@ -113,6 +113,9 @@ def test_straight_through_partition_gradient_is_the_hand_written_loop(case):
     u = (0.5 * torch.randn(6, 6, generator=torch.Generator().manual_seed(5), dtype=D)).requires_grad_(True)
     dist = Bernoulli if case == "bernoulli" else OneHotCategorical
     est = storch.estimator("straight_through", plate="z", n_samples=n)
+    shapes = []  # the path: a later step draws one value per sequence (the draw hook, shape ()), not n per prefix
+    draw = est.draw
+    est.draw = lambda d, shape: (shapes.append((tuple(shape), tuple(d.batch_shape))), draw(d, shape))[1]
     torch.manual_seed(1)
     with storch.Graph():
         x = storch.denote_independent(X, 0, "data")
@@ -121,6 +124,8 @@ def test_straight_through_partition_gradient_is_the_hand_written_loop(case):
             prev = est(dist(logits=x @ w + prev @ u))
             drawn.append(prev.tensor.detach().clone())
             storch.add_cost(_cost(prev), name="c")
+        batch = (6,) if case == "bernoulli" else ()
+        assert shapes == [((n,), (4,) + batch)] + [((), (n, 4) + batch)] * (steps - 1)
         assert [(p.name, p.size, p.step) for p in prev.plates] == [("z", n, steps - 1), ("data", 4, 0)]
         loss = storch.surrogate_loss()
         g_storch = torch.autograd.grad(loss, (w, u))

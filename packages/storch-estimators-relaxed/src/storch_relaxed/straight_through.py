@@ -85,8 +85,15 @@ class StraightThrough(OneHotForCategorical, Estimator):
         self.categorical = categorical
 
     def proposal(self, node: Node) -> torch.Tensor:
-        d = base_distribution(node.distribution)
-        hard = super().proposal(node)  # n exact samples of p, no gradient (appendix D.2.1's draw)
+        return self.draw(node.distribution, (self.n_samples,))
+
+    def draw(self, distribution: Distribution, shape: tuple) -> torch.Tensor:
+        """``shape`` exact samples of ``distribution`` (appendix D.2.1's draw, no gradient), handed out as
+        b + (p - ⊥p). At a later step of a partition (``Estimator.extend``: ``shape`` is ``()``) each sequence
+        continues with one draw given its own prefix, as gumbel_softmax's hook does (the core's components path
+        would draw n per prefix and keep the diagonal)."""
+        d = base_distribution(distribution)
+        hard = distribution.sample(shape)  # (torch.no_grad: sample draws no graph)
         probs = d.probs
         if isinstance(d, Categorical):  # an index (categorical="one_hot"): its one-hot vector, as p is one per class
             hard = F.one_hot(hard, probs.shape[-1])
@@ -96,6 +103,11 @@ class StraightThrough(OneHotForCategorical, Estimator):
 
     def gradient_function(self, node: Node) -> torch.Tensor:
         return torch.zeros((1,), dtype=node.sample.dtype, device=node.sample.device)  # l = 0: pathwise through x
+
+    def step_gradient_function(self, node: Node, distribution: Distribution, sample: torch.Tensor,
+                               plates: tuple) -> torch.Tensor:
+        """l_t = 0 (the gradient flows through b + (p - ⊥p)), broadcast over the plates as at step 0."""
+        return torch.zeros((1,), dtype=sample.dtype, device=sample.device)
 
     def _unsupported_message(self, d: Distribution) -> str:
         message = super()._unsupported_message(d)
