@@ -35,7 +35,7 @@ _COST = torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64)
 # the compile table's estimators on the families they support (lax and reparameterization: continuous
 # only; the relaxations' Categorical sample is a one-hot vector, so they are tested on OneHotCategorical)
 _ALL = ["expect", "go", "importance", "mvd", "score", "spsa", "sum_and_sample", "unordered_set"]
-_RELAXED = ["gumbel_softmax", "gumbel_straight_through", "rebar", "relax"]
+_RELAXED = ["gumbel_softmax", "gumbel_straight_through", "straight_through", "rebar", "relax"]
 CASES = ([(n, "Bernoulli") for n in _ALL + _RELAXED + ["arm", "disarm"]]
          + [(n, "Categorical") for n in _ALL]
          + [(n, "OneHotCategorical") for n in _ALL + _RELAXED])

@@ -32,8 +32,8 @@ ALPHA = [5.0, -4.0, 6.5]  # exact in bfloat16; the logistic noise reached at mos
 LOGITS = [0.0, -3.5, 2.0]  # p = (0.119, 0.0036, 0.878): the rare category's Gumbel noise was truncated
 
 # the real samples come first (rebar, relax: then σ_λ(z), σ_λ(z̃); arm, disarm: then the antithetic x̃)
-BERNOULLI = ["relax", "rebar", "gumbel_straight_through", "gumbel_softmax", "arm", "disarm"]
-CATEGORICAL = ["relax", "rebar", "gumbel_straight_through", "gumbel_softmax"]
+BERNOULLI = ["relax", "rebar", "gumbel_straight_through", "straight_through", "gumbel_softmax", "arm", "disarm"]
+CATEGORICAL = ["relax", "rebar", "gumbel_straight_through", "straight_through", "gumbel_softmax"]
 
 
 def _logits(values, mode: str) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch.distributions import Bernoulli, Categorical, Independent, OneHotCateg
 
 import storch
 
-ONE_HOT = ["gumbel_softmax", "gumbel_straight_through", "rebar", "relax"]
+ONE_HOT = ["gumbel_softmax", "gumbel_straight_through", "straight_through", "rebar", "relax"]
 LOGITS = torch.tensor([[0.2, -0.3, 0.5]] * 4, dtype=torch.float64)  # 4 categoricals, K = 3
 VALUES = torch.arange(3, dtype=torch.float64)  # category k has value k
 

@@ -25,8 +25,9 @@ from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
 
 DRAWS = 4000
 
-HARD = ["gumbel_straight_through", "rebar", "relax", "arm", "disarm"]  # hand out discrete values
-KINDS = {"gumbel_straight_through": ("bernoulli", "categorical", "onehot"), "rebar": ("bernoulli", "categorical", "onehot"),
+HARD = ["gumbel_straight_through", "straight_through", "rebar", "relax", "arm", "disarm"]  # hand out discrete values
+KINDS = {"gumbel_straight_through": ("bernoulli", "categorical", "onehot"),
+         "straight_through": ("bernoulli", "categorical", "onehot"), "rebar": ("bernoulli", "categorical", "onehot"),
          "relax": ("bernoulli", "categorical", "onehot"), "arm": ("bernoulli",), "disarm": ("bernoulli",),
          "gumbel_softmax": ("bernoulli", "categorical", "onehot")}
 CASES = [(name, kind) for name, kinds in KINDS.items() for kind in kinds]

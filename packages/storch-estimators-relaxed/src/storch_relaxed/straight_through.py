@@ -7,12 +7,20 @@ import torch.nn.functional as F
 from torch.distributions import Bernoulli, Categorical, Distribution, Independent, OneHotCategorical
 
 from storch import Estimator, Node
-from storch.extending import base_distribution
+from storch.extending import base_distribution, given_by_probs
 
 from ._categorical import DEFAULT_DISTRIBUTIONS, OneHotForCategorical
+from ._precision import REDUCED
 from .gumbel_softmax import EOS_HINT
 
 __all__ = ["StraightThrough"]
+
+
+def _given(d: Distribution) -> torch.Tensor:
+    """The tensor a Bernoulli, Categorical or OneHotCategorical was built from (its probs or its logits), read
+    without computing the other (torch caches a computed ``probs`` on ``d``)."""
+    inner = d._categorical if isinstance(d, OneHotCategorical) else d
+    return inner.probs if given_by_probs(inner) else inner.logits
 
 
 class StraightThrough(OneHotForCategorical, Estimator):
@@ -38,10 +46,10 @@ class StraightThrough(OneHotForCategorical, Estimator):
 
     max_order: ∞: the estimate of every order is defined (the derivatives of f(b + p - ⊥p)), but it is
     ``biased`` from order 1: E[∇_b f(b)]ᵀ ∂p/∂θ is ∇E[f(b)] only where f is linear in each variable on its
-    own (multilinear in independent Bernoulli or one-hot coordinates: then E[f(b)] = f(p), and the
-    derivatives of every order are unbiased, as each mixed partial of f is free of the variables it
-    differentiates). For f(b) = (b - t)² its expected gradient is 2(p - t) p' where the exact one is
-    (1 - 2t) p': a bias of (2p - 1) p' at order 1, and the order-2 estimate 2p'² + 2(p - t) p'' against
+    own (multilinear in the independent variables, a Bernoulli or a one-hot vector as a whole: then
+    E[f(b)] = f(p), and the derivatives of every order are unbiased, as each mixed partial of f is free of
+    the variables it differentiates; x₀x₁ of ONE one-hot x is not: E[x₀x₁] = 0, f(p) = p₀p₁). For
+    f(b) = (b - t)² its expected gradient is 2(p - t) p' where the exact one is (1 - 2t) p': a bias of (2p - 1) p' at order 1, and the order-2 estimate 2p'² + 2(p - t) p'' against
     (1 - 2t) p''. Order 2 is no more biased than order 1 where order 1 is exact, so the order is not lowered.
 
     Args:
@@ -93,13 +101,29 @@ class StraightThrough(OneHotForCategorical, Estimator):
         continues with one draw given its own prefix, as gumbel_softmax's hook does (the core's components path
         would draw n per prefix and keep the diagonal)."""
         d = base_distribution(distribution)
-        hard = distribution.sample(shape)  # (torch.no_grad: sample draws no graph)
+        # float16 / bfloat16: from float32 probabilities
+        hard = self._draw_in_float32(d, shape) if _given(d).dtype in REDUCED else distribution.sample(shape)
         probs = d.probs
         if isinstance(d, Categorical):  # an index (categorical="one_hot"): its one-hot vector, as p is one per class
             hard = F.one_hot(hard, probs.shape[-1])
         hard = hard.to(probs.dtype)
         # x = b + (p - ⊥p) (Bengio et al. 2013): the forward value is exactly b, the gradient that of p
         return hard + (probs - probs.detach())
+
+    def _draw_in_float32(self, d: Distribution, shape: tuple) -> torch.Tensor:
+        """n samples of a float16 / bfloat16 ``d`` drawn from its probabilities computed in float32 (the
+        relaxed family's precision, ``_precision``): torch's own draw computes σ(α) in bfloat16, where σ(6.5) =
+        0.9985 rounds to 1 (b = 0 was never drawn) and σ(5) = 0.9933 to 0.9922. Given by ``probs``: those
+        probabilities, widened exactly; by ``logits``: σ / softmax of the logits, widened exactly."""
+        shape = tuple(shape)
+        if isinstance(d, Bernoulli):
+            p = d.probs.detach().float() if given_by_probs(d) else torch.sigmoid(d.logits.detach().float())
+            return torch.bernoulli(p.expand(shape + p.shape))
+        cat = d._categorical if isinstance(d, OneHotCategorical) else d
+        wide = (Categorical(probs=cat.probs.detach().float(), validate_args=False) if given_by_probs(cat)
+                else Categorical(logits=cat.logits.detach().float(), validate_args=False))
+        index = wide.sample(shape)
+        return F.one_hot(index, _given(d).shape[-1]) if isinstance(d, OneHotCategorical) else index
 
     def gradient_function(self, node: Node) -> torch.Tensor:
         return torch.zeros((1,), dtype=node.sample.dtype, device=node.sample.device)  # l = 0: pathwise through x
