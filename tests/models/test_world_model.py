@@ -367,7 +367,7 @@ def _compile_case(estimator, steps=2):
     model = WorldModel().double()
     if estimator == "gumbel_straight_through per step":
         est = [storch.estimator("gumbel_straight_through", plate=f"z{t}") for t in range(steps)]
-    elif estimator == "gumbel_straight_through":
+    elif estimator in ("gumbel_straight_through", "straight_through"):
         est = storch.estimator(estimator, plate="z", n_samples=2)
     else:
         est = storch.estimator(estimator, plate="z", n_samples=3, baseline="leave_one_out")
@@ -381,7 +381,8 @@ def _compile_case(estimator, steps=2):
 
 
 @pytest.mark.usefixtures("restore_validation")  # conftest
-@pytest.mark.parametrize("estimator", ["gumbel_straight_through per step", "gumbel_straight_through", "score"])
+@pytest.mark.parametrize("estimator", ["gumbel_straight_through per step", "gumbel_straight_through", "straight_through",
+                                       "score"])
 def test_compiled_step_is_one_graph_with_eager_gradients(estimator):
     loss, params, args = _compile_case(estimator)
     counter = CompileCounterWithBackend("aot_eager")

@@ -354,3 +354,63 @@ def test_straight_through_one_hot_of_a_categorical_index():
         raw = z.tensor.detach()
     torch.manual_seed(3)
     assert torch.equal(raw, F.one_hot(Categorical(logits=theta).sample((6,)), 4).to(D))
+
+
+# -- review (r-49): orders 1-3 with a shared parameter; the limit of "multilinear"; the float-index hint ------------
+
+def _p1(t):
+    return torch.sigmoid(2 * t - 0.3)
+
+
+def _p2(t):
+    return torch.sigmoid(t ** 2 + 0.1 * t - 0.5)
+
+
+def _shared_cost(b1, b2):
+    return b1 * b2 - 0.7 * b1 + 1.3 * b2
+
+
+@pytest.mark.parametrize("one_estimator", [False, True], ids=["two_plates", "one_partition"])
+def test_straight_through_two_bernoullis_sharing_a_parameter_unbiased_at_orders_1_to_3(one_estimator):
+    """b1 ~ σ(2θ - 0.3), b2 ~ σ(θ² + 0.1θ - 0.5), f = b1 b2 - 0.7 b1 + 1.3 b2 (multilinear). The surrogate's second
+    derivative is p1'' x2 + 2 p1' p2' + x1 p2'' - 0.7 p1'' + 1.3 p2'' at x = b, whose expectation is p1'' p2 +
+    2 p1' p2' + p1 p2'' - ..., the second derivative of E[f] = f(p1, p2); likewise at order 3."""
+    theta = torch.tensor([0.4], dtype=D)
+
+    def exact(t):
+        return _shared_cost(_p1(t), _p2(t)).sum()
+
+    want = [torch.func.grad(exact)(theta), torch.func.hessian(exact)(theta).reshape(1, 1),
+            torch.func.jacfwd(torch.func.hessian(exact))(theta).reshape(1, 1)]
+    torch.manual_seed(12)
+    with storch.Graph():
+        leaf, x = replicate(theta, 2 * R)
+        e1 = storch.estimator("straight_through", plate="a", n_samples=2)
+        e2 = e1 if one_estimator else storch.estimator("straight_through", plate="b", n_samples=2)
+        b1, b2 = e1(Bernoulli(logits=2 * x - 0.3)), e2(Bernoulli(logits=x ** 2 + 0.1 * x - 0.5))
+        storch.add_cost(_shared_cost(b1, b2).sum(-1))
+        got = per_replicate_derivatives(storch.surrogate_loss(order=3), leaf, 3)
+    for order, (est, exact_value) in enumerate(zip(got, want), 1):
+        assert est.var(0).max() > 1e-3 and exact_value.abs().min() > 0.1
+        assert_unbiased(est, exact_value, f"order {order}")
+
+
+def test_straight_through_product_of_two_coordinates_of_one_one_hot_vector_is_biased():
+    """Multilinear means linear in each independent variable: a Bernoulli, or a one-hot vector AS A WHOLE. x0 x1 of
+    one one-hot x is linear in each coordinate but not in x (E[x0 x1] = 0, not p0 p1): E[ST] = ∇(p0 p1) ≠ 0."""
+    theta = torch.tensor([0.2, -0.4, 0.9], dtype=D)
+    problem = Problem(theta, _categorical, lambda v: v[0][..., 0] * v[0][..., 1])
+    torch.manual_seed(13)
+    g, = problem.estimates(order=1)
+    exact = problem.derivatives(problem.exact)[0]
+    st = problem.derivatives(problem.straight_through)[0]
+    assert exact.abs().max() < 1e-12 and (st - exact).abs().max() > 0.04
+    assert_unbiased(g, st, "against E[straight-through]")
+    assert z_test(g, exact, "against the exact gradient 0").max_abs_z > 10
+
+
+def test_straight_through_sample_used_as_an_index_names_it_in_the_hint():
+    with storch.Graph():
+        z = storch.estimator("straight_through", plate="z")(OneHotCategorical(logits=torch.zeros(3, requires_grad=True)))
+        with pytest.raises(storch.PlateError, match=r"floating-point sample used as an index.*\bstraight_through\b"):
+            torch.nn.Embedding(3, 2)(z)

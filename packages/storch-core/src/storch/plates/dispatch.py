@@ -48,8 +48,8 @@ def refused(message: str):
 
 _FLOAT_INDEX_HINT = (
     ". A floating-point sample used as an index: the relaxed estimators (gumbel_softmax, gumbel_straight_through, "
-    "rebar, relax) hand out one-hot vectors (or relaxed ones), not indices, for a OneHotCategorical node and for a "
-    "Categorical they take with categorical='one_hot'; write the lookup "
+    "straight_through, rebar, relax) hand out one-hot vectors (or relaxed ones), not indices, for a "
+    "OneHotCategorical node and for a Categorical they take with categorical='one_hot'; write the lookup "
     "for one-hot inputs (z @ emb.weight instead of emb(z), (z * values).sum(-1) instead of values[z]), or use an "
     "estimator that hands out indices (score, unordered_set, expect, ...)")
 
