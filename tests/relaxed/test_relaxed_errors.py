@@ -1183,7 +1183,7 @@ def test_arm_on_an_independent_categorical_does_not_advise_passing_the_categoric
 @pytest.mark.parametrize("name", ["gumbel_softmax", "gumbel_straight_through"])
 def test_relaxation_eos_option_says_how_to_write_a_variable_length_message(name):
     """A port of EGG's Gumbel-softmax sender writes storch.estimator(name, eos=0) as for score: the refusal
-    said only that there is no option 'eos' and listed the options; it now says why (no partitions) and how
+    said only that there is no option 'eos' and listed the options; it now says why (they take no eos=: no variable-length partition) and how
     (one estimator per position, eos masked by hand; tests/models/test_signaling_game.py), and which estimators
     take eos=."""
     with pytest.raises(storch.OptionError) as info:
