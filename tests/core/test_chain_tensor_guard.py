@@ -3,7 +3,8 @@ chain, and so does each per-sample value computed on them (a recurrent state of 
 The chain guards counted the samples (their entries and values), so a world model with one 'go' estimator per
 step under a GRU (3 entries per node, a state of 400 values per sample) was killed by the OS at step 13, far below
 them. A value of sample plates spread over another node's samples is now refused, before the tensor is made, past
-1/32 of its device's memory (read once per device; the tests fake it, never this machine's) or past
+1/32 of its device's memory (on CPU the lower of the physical memory and a container's cgroup limit; read once
+per device; the tests fake both, never this machine's) or past
 ``MAX_CHAIN_TENSOR_BYTES`` where the user set it (the tests lower it); a single node (no chain) and a spread over
 data plates are never refused."""
 
@@ -87,7 +88,7 @@ def _fake_memory(monkeypatch, total):
 
     def memory(device):
         reads.append((device.type, device.index))
-        return total
+        return total, "memory"
 
     monkeypatch.setattr(plate_tensor, "MAX_CHAIN_TENSOR_BYTES", None, raising=False)
     monkeypatch.setattr(plate_tensor, "_DEVICE_CHAIN_BOUNDS", {}, raising=False)
@@ -139,18 +140,79 @@ def test_the_module_attribute_overrides_the_device_bound(monkeypatch):
     assert w.grad is not None and torch.isfinite(w.grad)
 
 
-def test_the_memory_read_for_cpu_and_a_fixed_bound_where_it_cannot_be_read(monkeypatch):
-    pages = {"SC_PHYS_PAGES": 3 * 2 ** 20, "SC_PAGE_SIZE": 4096}
-    monkeypatch.setattr(plate_tensor.os, "sysconf", lambda name: pages[name])
-    assert plate_tensor._device_memory(torch.device("cpu")) == 12 * 2 ** 30
+def _fake_machine(monkeypatch, tmp_path, physical, v2=None, v1=None):
+    """This machine's memory read as ``physical`` bytes (None: no sysconf) and its cgroup files as ``v2``, ``v1``
+    (None: no such file), never this machine's; an empty per-device cache."""
+    def sysconf(name):
+        if physical is None:
+            raise ValueError(f"unrecognized configuration name {name}")
+        return {"SC_PHYS_PAGES": physical // 4096, "SC_PAGE_SIZE": 4096}[name]
+    monkeypatch.setattr(plate_tensor.os, "sysconf", sysconf)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for attribute, text in (("CGROUP_V2_MEMORY_MAX", v2), ("CGROUP_V1_MEMORY_LIMIT", v1)):
+        path = tmp_path / attribute
+        if text is not None:
+            path.write_text(text + "\n")
+        monkeypatch.setattr(plate_tensor, attribute, str(path))
+    monkeypatch.setattr(plate_tensor, "MAX_CHAIN_TENSOR_BYTES", None)
     monkeypatch.setattr(plate_tensor, "_DEVICE_CHAIN_BOUNDS", {})
-    assert plate_tensor.chain_tensor_bound(torch.device("cpu")) == 12 * 2 ** 30 // 32
 
-    def no_sysconf(name):
-        raise ValueError(f"unrecognized configuration name {name}")
-    monkeypatch.setattr(plate_tensor.os, "sysconf", no_sysconf)
-    monkeypatch.setattr(plate_tensor, "_DEVICE_CHAIN_BOUNDS", {})
+
+def test_the_memory_read_for_cpu_and_a_fixed_bound_where_it_cannot_be_read(monkeypatch, tmp_path):
+    _fake_machine(monkeypatch, tmp_path, 12 * 2 ** 30)  # no cgroup file: the physical memory
+    assert plate_tensor._device_memory(torch.device("cpu")) == (12 * 2 ** 30, "memory")
+    assert plate_tensor.chain_tensor_bound(torch.device("cpu")) == 12 * 2 ** 30 // 32
+    _fake_machine(monkeypatch, tmp_path / "none", None)
     assert plate_tensor._device_memory(torch.device("cpu")) is None
     assert plate_tensor.chain_tensor_bound(torch.device("cpu")) == 2 ** 28
     assert plate_tensor._device_memory(torch.device("meta")) is None  # another device: the fixed bound
     assert plate_tensor.chain_tensor_bound(torch.device("meta")) == 2 ** 28
+
+
+GiB = 2 ** 30
+HOST = 256 * GiB  # a host's physical memory, where os.sysconf reads it even inside a container
+
+
+@pytest.mark.parametrize("v2, v1, memory", [
+    (str(8 * GiB), None, (8 * GiB, "cgroup limit")),  # cgroup v2, capped at 8 GiB
+    ("max", str(4 * GiB), (HOST, "memory")),  # v2 without a limit (v1's file is not asked where v2's is there)
+    (str(2 ** 62), None, (HOST, "memory")),  # v2: a huge number is no limit
+    (None, str(8 * GiB), (8 * GiB, "cgroup limit")),  # cgroup v1, capped at 8 GiB
+    (None, str(2 ** 63 - 4096), (HOST, "memory")),  # v1 without a limit: near 2^63
+    (str(512 * GiB), None, (HOST, "memory")),  # a limit above the physical memory: the physical memory
+    (None, None, (HOST, "memory")),  # neither file: no cgroup
+    ("garbage", None, (HOST, "memory")),  # a file storch does not understand: no limit
+])
+def test_cpu_memory_is_the_lower_of_the_physical_memory_and_the_cgroup_limit(monkeypatch, tmp_path, v2, v1, memory):
+    _fake_machine(monkeypatch, tmp_path, HOST, v2=v2, v1=v1)
+    assert plate_tensor._device_memory(torch.device("cpu")) == memory
+    assert plate_tensor.chain_tensor_bound(torch.device("cpu")) == memory[0] // 32
+
+
+def test_an_unreadable_cgroup_file_is_no_limit(monkeypatch, tmp_path):
+    _fake_machine(monkeypatch, tmp_path, HOST, v1=str(8 * GiB))
+    monkeypatch.setattr(plate_tensor, "CGROUP_V2_MEMORY_MAX", str(tmp_path))  # a directory: open() raises
+    assert plate_tensor._device_memory(torch.device("cpu")) == (8 * GiB, "cgroup limit")  # then v1's file
+    (tmp_path / "binary").write_bytes(b"\xff\xfe")
+    monkeypatch.setattr(plate_tensor, "CGROUP_V2_MEMORY_MAX", str(tmp_path / "binary"))
+    monkeypatch.setattr(plate_tensor, "CGROUP_V1_MEMORY_LIMIT", str(tmp_path))
+    assert plate_tensor._device_memory(torch.device("cpu")) == (HOST, "memory")
+    _fake_machine(monkeypatch, tmp_path / "nosysconf", None, v2=str(8 * GiB))  # no sysconf: the cgroup limit alone
+    assert plate_tensor._device_memory(torch.device("cpu")) == (8 * GiB, "cgroup limit")
+
+
+def test_a_cgroup_limit_bounds_the_chain_read_once_and_the_message_names_it(monkeypatch, tmp_path):
+    # a container capped at 4 MiB on a 256 GiB host: 128 KiB per chain tensor, refused at step 4 (from the host's
+    # memory the bound would be 8 GiB: the chain would run until the container is killed)
+    _fake_machine(monkeypatch, tmp_path, HOST, v2=str(2 ** 22))
+    opened: list = []
+    read = plate_tensor._read_limit
+    monkeypatch.setattr(plate_tensor, "_read_limit", lambda path: opened.append(path) or read(path))
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    done: list = []
+    with storch.Graph(), pytest.raises(storch.PlateError) as info:
+        _chain(8, w, done)
+    assert done == [0, 1, 2, 3]
+    assert ("above storch's limit of 128.0 KiB for one tensor of a chain on cpu (1/32 of its cgroup limit of "
+            "4.0 MiB;") in str(info.value)
+    assert opened == [plate_tensor.CGROUP_V2_MEMORY_MAX]  # read once (the cache), v2's file only

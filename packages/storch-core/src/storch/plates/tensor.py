@@ -788,8 +788,9 @@ MAX_COMBINED_ENTRIES = 2 ** 24
 # the data and the rest of the process; the 918 MB state is refused on a 23 GiB machine (bound ~790 MB, where the
 # step before it, 306 MB, runs), and an 80 GB GPU admits 2.5 GB (a two-level VAE's 64-channel 28x28 feature map
 # spread over the second level's 8 x 8 samples at batch 64: ~820 MB). CUDA: the device's total_memory; CPU: the
-# physical memory (not a container's cgroup limit); where it cannot be read, or on another device, the fixed
-# DEFAULT_CHAIN_TENSOR_BYTES. A single node, or a data value spread over samples, is never checked.
+# physical memory, or the container's cgroup memory limit where one is set and lower (a container capped at 8 GB on
+# a 256 GB host was killed by the OS before a bound from 256 GB fired); where neither can be read, or on another
+# device, the fixed DEFAULT_CHAIN_TENSOR_BYTES. A single node, or a data value spread over samples, is never checked.
 #
 # MAX_CHAIN_TENSOR_BYTES, when set to an int, overrides the computed bound on every device (raise it where the
 # chain is meant to be that large and fits, lower it to fail earlier), as storch.estimators.checks.MAX_DRAW_ENTRIES
@@ -800,17 +801,51 @@ CHAIN_TENSOR_FRACTION = 32
 _DEVICE_CHAIN_BOUNDS: dict = {}  # (device type, index) -> (bytes, where from): each device's memory read once
 
 
-def _device_memory(device: torch.device) -> Optional[int]:
-    """The total memory of ``device`` in bytes, or None where storch cannot read it (a device other than CUDA and
-    CPU, or a platform without ``os.sysconf``)."""
+# the process's memory limit: cgroup v2's file ("max": none), else cgroup v1's (no limit reads as ~2^63)
+CGROUP_V2_MEMORY_MAX = "/sys/fs/cgroup/memory.max"
+CGROUP_V1_MEMORY_LIMIT = "/sys/fs/cgroup/memory/memory.limit_in_bytes"
+_NO_CGROUP_LIMIT = 2 ** 60  # at or above: no limit (v1 writes 2^63 - page size; no machine has an EiB)
+
+
+def _read_limit(path: str) -> Optional[str]:
+    """The text of a cgroup limit file, or None where it cannot be read (no such file: no cgroup of that version)."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _cgroup_memory_limit() -> Optional[int]:
+    """The memory limit of the process's cgroup in bytes, or None where none is set or it cannot be read: cgroup
+    v2's ``memory.max`` where that file is there (``max``: no limit), else cgroup v1's ``memory.limit_in_bytes``. A
+    container's limit is far below the host's physical memory, which is what ``os.sysconf`` reads in it."""
+    text = _read_limit(CGROUP_V2_MEMORY_MAX)
+    if text is None:
+        text = _read_limit(CGROUP_V1_MEMORY_LIMIT)
+    try:
+        limit = int(text) if text is not None else None
+    except ValueError:  # "max" (v2: no limit), or a file storch does not understand: no limit
+        return None
+    return limit if limit is not None and 0 < limit < _NO_CGROUP_LIMIT else None
+
+
+def _device_memory(device: torch.device) -> Optional[tuple[int, str]]:
+    """The memory ``device`` may use in bytes and what it is (``"memory"``, ``"cgroup limit"``), or None where storch
+    cannot read it (a device other than CUDA and CPU, or a platform without ``os.sysconf`` and no cgroup limit). On
+    CPU the lower of the physical memory and the process's cgroup limit: in a container, the memory it may use."""
     if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
+        return int(torch.cuda.get_device_properties(device).total_memory), "memory"
     if device.type == "cpu":
         try:
-            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            total: Optional[int] = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
-            return None
-        return total if total > 0 else None
+            total = None
+        total = total if total is not None and total > 0 else None
+        limit = _cgroup_memory_limit()
+        if limit is not None and (total is None or limit < total):
+            return limit, "cgroup limit"
+        return (total, "memory") if total is not None else None
     return None
 
 
@@ -826,11 +861,13 @@ def chain_tensor_bound(device: torch.device) -> int:
 
 def _read_chain_bound(device: torch.device) -> tuple[int, str]:
     """``device``'s bound and where it comes from (for the message), read and cached: once per device."""
-    total = _device_memory(device)
-    if total is None:
+    memory = _device_memory(device)
+    if memory is None:
         known = (DEFAULT_CHAIN_TENSOR_BYTES, "a fixed bound: storch cannot read this device's memory")
     else:
-        known = (total // CHAIN_TENSOR_FRACTION, f"1/{CHAIN_TENSOR_FRACTION} of its {_in_bytes(total)}")
+        total, what = memory
+        known = (total // CHAIN_TENSOR_FRACTION, f"1/{CHAIN_TENSOR_FRACTION} of its "
+                 + (f"cgroup limit of {_in_bytes(total)}" if what == "cgroup limit" else _in_bytes(total)))
     _DEVICE_CHAIN_BOUNDS[(device.type, device.index)] = known
     return known
 
