@@ -44,13 +44,25 @@ def available() -> dict:
     return _infos() if _infos is not None else {}
 
 
-def supporting_estimators(d) -> list[str]:
-    """Names of installed estimators whose capabilities accept distribution ``d`` (``Estimator.supports``)."""
+def _supporting(d) -> list[tuple[str, type]]:
+    """Installed estimators whose capabilities accept distribution ``d`` (``Estimator.supports``), by name."""
     try:
         classes = installed_classes()
     except Exception:  # noqa: BLE001  (only for an error message: a broken registry lists none)
         return []
-    return [name for name, cls in sorted(classes.items()) if cls.supports(d)]
+    return [(name, cls) for name, cls in sorted(classes.items()) if cls.supports(d)]
+
+
+def supporting_estimators(d) -> list[str]:
+    """Names of installed estimators whose capabilities accept distribution ``d`` (``Estimator.supports``)."""
+    return [name for name, _ in _supporting(d)]
+
+
+def partition_needs(cls) -> str:
+    """What a partition of estimator class ``cls`` needs (``partition_options``), for a message that offers it for
+    a sequence: `` (a partition needs ...)``, or nothing."""
+    options = getattr(cls, "partition_options", "")
+    return f" (a partition needs {options})" if options else ""
 
 
 def partition_estimators(d) -> list[str]:
@@ -59,9 +71,4 @@ def partition_estimators(d) -> list[str]:
     with what a partition of it needs (``partition_options``), as the order refusal names them: sum_and_sample
     refuses a second call without ``buffer=`` and, with it, a step with batch dims of its own (a token per call),
     so named bare it was advice that the next call refuses."""
-    try:
-        classes = installed_classes()
-    except Exception:  # noqa: BLE001  (only for an error message: a broken registry lists none)
-        return []
-    return [name + (f" (a partition needs {cls.partition_options})" if getattr(cls, "partition_options", "") else "")
-            for name, cls in sorted(classes.items()) if getattr(cls, "supports_partitions", False) and cls.supports(d)]
+    return [name + partition_needs(cls) for name, cls in _supporting(d) if getattr(cls, "supports_partitions", False)]

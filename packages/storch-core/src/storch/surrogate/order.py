@@ -18,7 +18,7 @@ from ..distributions import RSAMPLE_ORDER_NOTE, rsample_kinks_note, rsample_max_
 from ..distributions.rsample_kinks import _GPD_OP as GPD_OP, _UNSTABLE_OP as UNSTABLE_OP
 from ..errors import OrderError
 from ..estimators.capabilities import _is_score_node
-from ..estimators.catalog import installed_classes, supporting_estimators
+from ..estimators.catalog import installed_classes, partition_needs, supporting_estimators
 from ..graph import Graph
 from ..graph.node import Node
 from ..conditions.score import KINK_FREE, log_prob_kinks
@@ -72,8 +72,8 @@ def _order_message(node: Node, order: int) -> str:
     classes = [(n, c) for n in supporting_estimators(d) if (c := _installed_class(n)) is not None]
     unbiased = [(n, c) for n, c in classes if not c.biased and c.max_order >= order]
     partition = node.step > 0  # one estimator at several steps: only those supporting partitions take its place
-    higher = [n + _cost_form(c) + (f" (a partition needs {c.partition_options})" if partition and c.partition_options
-                                   else "") for n, c in unbiased if not partition or c.supports_partitions]
+    higher = [n + _cost_form(c) + (partition_needs(c) if partition else "")
+              for n, c in unbiased if not partition or c.supports_partitions]
     per_step = [n + _cost_form(c) for n, c in unbiased if partition and not c.supports_partitions]
     others = (f" (installed, unbiased at order {order} for this node's {type(d).__name__}"
               f"{' and for a partition' if partition else ''}: {', '.join(higher)}"
