@@ -855,8 +855,13 @@ def chain_tensor_bound(device: torch.device) -> int:
     known to be a chain's, from the cached plan), else ``DEFAULT_CHAIN_TENSOR_BYTES``."""
     if MAX_CHAIN_TENSOR_BYTES is not None:
         return MAX_CHAIN_TENSOR_BYTES
+    return _device_chain_bound(device)[0]
+
+
+def _device_chain_bound(device: torch.device) -> tuple[int, str]:
+    """``device``'s bound and where it comes from (for the message): cached, else read."""
     known = _DEVICE_CHAIN_BOUNDS.get((device.type, device.index))
-    return (known if known is not None else _read_chain_bound(device))[0]
+    return known if known is not None else _read_chain_bound(device)
 
 
 def _read_chain_bound(device: torch.device) -> tuple[int, str]:
@@ -893,8 +898,7 @@ def chain_tensor_message(plates: Sequence[Plate], target: Sequence[Plate], inser
     if MAX_CHAIN_TENSOR_BYTES is not None:
         source = "set by storch.plates.tensor.MAX_CHAIN_TENSOR_BYTES"
     else:
-        known = _DEVICE_CHAIN_BOUNDS.get((raw.device.type, raw.device.index))
-        source = (known if known is not None else _read_chain_bound(raw.device))[1]
+        source = _device_chain_bound(raw.device)[1]
     return (f"this operation would spread a value of {per} elements per sample, which varies over the samples of "
             f"{len([p for p in plates if not p.independent and p.size > 1])} earlier node(s), over the samples of "
             f"plates {new}: the tensor computed would hold {entries} entries (sample plates {shown}) x {per} "
