@@ -1346,6 +1346,31 @@ def test_refuses_black_box_costs_read_through_memory(route):
         storch.compile(step, backend=None)()
 
 
+def test_a_zero_dim_index_is_refused_with_the_slice_that_traces():
+    """Observations indexed by ``x[t]`` (a particle filter's ``U[:, x[t]]``): torch reads a 0-dim integer index as a
+    Python int, which the trace cannot record. The refusal named only ``.item()`` and value checks, which the step
+    has none of; it says which index form traces, and that form replays the eager step's values."""
+    est = storch.estimator("score", plate="z", n_samples=2)
+    U = torch.nn.Parameter(torch.randn(2, 3, generator=torch.Generator().manual_seed(0)))
+
+    def step(x, sliced):
+        with storch.Graph():
+            logits = U[:, x[1:2]].squeeze(1) if sliced else U[:, x[1]]
+            z = est(torch.distributions.Categorical(logits=logits))
+            storch.add_cost(z.float() * logits.sum(), name="c")
+            return storch.surrogate_loss()
+
+    x = torch.tensor([0, 2, 1])
+    with pytest.raises(storch.StorchError, match=r"reads a tensor's value.*0-dim integer tensor as an index"):
+        storch.compile(lambda x: step(x, False), backend=None)(x)
+    compiled = storch.compile(lambda x: step(x, True), backend=None)
+    for x in (torch.tensor([0, 2, 1]), torch.tensor([0, 1, 3]), torch.tensor([1, 0, 0])):
+        torch.manual_seed(1)
+        want = step(x, True)
+        torch.manual_seed(1)
+        torch.testing.assert_close(compiled(x), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("route", ["np.from_dlpack", "data_ptr", "pickle"])
 def test_refuses_memory_reads_of_captured_tensors(route):
     # a table held in a buffer that changes between calls (`table.fill_`) would be read once, at the trace
