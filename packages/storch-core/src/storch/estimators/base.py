@@ -601,6 +601,12 @@ class Estimator(torch.nn.Module):
                     "sample's derivative)." + hint)
         if self.requires_rsample and d.has_rsample and undifferentiable_rsample(d):
             hint = f" {UNDIFFERENTIABLE_RSAMPLE_NOTE}." + hint
+        if (self.requires_enumerate_support and not d.has_enumerate_support
+                and not type(d).__module__.startswith("torch.distributions")):
+            # the requirement names torch's classes: a user's class (permutations, a grid) can enumerate too
+            hint = (f" {type(d).__name__} is a class of your own: set has_enumerate_support = True and define "
+                    "enumerate_support(expand=True), which returns every value, shape (K, *batch_shape, *event_shape) "
+                    "(docs/your-own-distribution.md)." + hint)
         return (f"estimator {self.name!r} does not support {type(d).__name__}; it needs "
                 f"{' and '.join(self.requirements())}.{hint}")
 
