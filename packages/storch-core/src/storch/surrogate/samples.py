@@ -31,7 +31,8 @@ def _check_sampled_with_grad(node: Node, per_cost: list) -> None:
     :class:`UnusedSampleWarning`), and so may every node of an evaluation pass under no_grad. A cost added
     with ``credit=False`` is differentiated as written (no score term), and as written it reads a sample
     drawn without gradient: not refused (a world model trained on the actions of a policy sampled under
-    no_grad)."""
+    no_grad). The message points a SeqGAN port (rollouts drawn under no_grad for a value estimate) at its
+    recipe: ``credit=False`` on the rollout's own cost would silently leave the rollouts out of the gradient."""
     if not any(n is node for _, _, nodes in per_cost for n in nodes):
         return
     step = f" (step {node.no_grad_step} of its partition)" if node.step_log is not None else ""
@@ -43,7 +44,10 @@ def _check_sampled_with_grad(node: Node, per_cost: list) -> None:
         "(est(distribution) outside the no_grad block); use torch.no_grad() only for evaluation steps (sampling, "
         "storch.cost_estimates() and the surrogate all under no_grad) or for nodes without costs; a loss that "
         "should give this node no score-function gradient (a world model trained on its samples) can be added "
-        "with storch.add_cost(..., credit=False): differentiated as written, without score-function credit")
+        "with storch.add_cost(..., credit=False): differentiated as written, without score-function credit. "
+        "Rollouts that only estimate a sequence's value (SeqGAN's Q(t), the mean reward of continuations of a "
+        "prefix) are neither: their value weighs one step's log-probability, see 'Values estimated by rollouts' "
+        "in docs/partitions.md")
 
 
 def _changed_in_place(node: Node) -> None:
