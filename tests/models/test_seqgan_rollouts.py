@@ -223,3 +223,32 @@ def test_no_grad_rollout_costs_without_credit_leave_the_rollouts_out():
         h = CELL(EMB(seqs[:, t]), h)
     (g_hand,) = torch.autograd.grad((TABLE[tuple(seqs.T)] * logp).mean(), c)
     torch.testing.assert_close(g_storch, g_hand)
+
+
+def test_compiled_seqgan_step_redraws_the_rollouts(forbid_storch):
+    # storch.compile (replay, backend=None) of SeqGAN's step with plain-torch rollouts inside: after the trace no
+    # storch code runs, and the replays draw fresh tokens and rollouts (a frozen Q would be biased): z-tested
+    est = storch.estimator("score", plate="seq", n_samples=N)
+
+    def step(copies):
+        with storch.Graph():
+            h, tokens = torch.tanh(storch.denote_independent(copies, 0, "replicate")), []
+            for t in range(T):
+                dist = Categorical(logits=OUT(h))
+                y = est(dist)
+                tokens.append(y)
+                h = _step(y, h)
+                q = _d(tokens) if t == T - 1 else _rollout_value(tokens, h, y)
+                storch.add_cost(q * dist.log_prob(y), name="seqgan", credit=False)
+            return storch.surrogate_loss()
+
+    compiled, r, estimates = storch.compile(step, backend=None), 500, []
+    torch.manual_seed(3)
+    for i in range(8):
+        leaf = C.expand(r, H).clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(compiled(leaf), leaf)
+        estimates.append(grad * r)
+        if i == 0:
+            forbid_storch()
+    assert compiled.traces == 1
+    assert_unbiased(torch.cat(estimates), _exact((1.0,) * T).reshape(-1), "compiled SeqGAN")
