@@ -13,6 +13,8 @@ part of ∇E[D] = Σ_s g_s.
 - Q(t) as the cost of step t: causal credit gives Σ_s ∇l_s Σ_{t>=s} Q(t), whose mean Σ_s (T - s) g_s is neither;
 - rollouts drawn by storch estimators, D(rollout) the cost: each cost is differentiated through its rollout too,
   the gradient of Σ_t E[D] = T E[D];
+- with ``eos=``, SeqGAN's term masked for finished sequences (``dist.log_prob`` reads the user's distribution,
+  not the forced eos's log-probability 0): ∇E[D]; unmasked it is biased;
 - rollouts drawn by storch under ``torch.no_grad()``: refused, and the message points at the recipe, where the
   distributions were built with grad; from distributions built under no_grad, as Q(t) as the cost of step t.
 """
@@ -252,3 +254,68 @@ def test_compiled_seqgan_step_redraws_the_rollouts(forbid_storch):
             forbid_storch()
     assert compiled.traces == 1
     assert_unbiased(torch.cat(estimates), _exact((1.0,) * T).reshape(-1), "compiled SeqGAN")
+
+
+EOS = 0
+
+
+def _exact_with_eos():
+    """∇E[D] when token EOS ends a sequence (later tokens are EOS with probability 1), by enumeration."""
+
+    def f(c):
+        total = 0.0
+        for seq in itertools.product(range(V), repeat=T):
+            if any(a == EOS and b != EOS for a, b in zip(seq, seq[1:])):
+                continue
+            h, logp = torch.tanh(c), 0.0
+            for s, y in enumerate(seq):
+                if s == 0 or seq[s - 1] != EOS:
+                    logp = logp + torch.log_softmax(OUT(h), -1)[y]
+                h = _step(torch.tensor(y), h)
+            total = total + logp.exp() * TABLE[seq]
+        return total
+
+    return torch.autograd.functional.jacobian(f, C)
+
+
+def _rollout_value_with_eos(tokens, h, y):
+    raw, state = [(x + 0 * y).tensor for x in tokens], (h + 0 * y).tensor
+    with torch.no_grad():
+        plates = state.shape[:-1]
+        state = state.unsqueeze(0).expand(M, *state.shape).reshape(-1, H)
+        seq = [x.unsqueeze(0).expand(M, *plates).reshape(-1) for x in raw]
+        finished = torch.stack(seq).eq(EOS).any(0)
+        while len(seq) < T:
+            seq.append(torch.where(finished, EOS, Categorical(logits=OUT(state)).sample()))
+            finished = finished | seq[-1].eq(EOS)
+            state = CELL(EMB(seq[-1]), state)
+        value = TABLE[tuple(seq)].view(M, *plates).mean(0)
+    return storch.PlateTensor(value, y.plates)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_seqgan_term_with_eos_needs_the_live_mask(masked):
+    # with eos=, a finished sequence's later tokens are eos with log-probability 0 to the estimator, but
+    # dist.log_prob(y) reads the distribution the user built: the term must be masked (|z| = 16 unmasked)
+    est = storch.estimator("score", plate="seq", n_samples=N, eos=EOS)
+    torch.manual_seed(4)
+    with storch.Graph():
+        leaf, c = replicate(C, 8000)
+        h, tokens, live = torch.tanh(c), [], torch.ones((), dtype=torch.bool)
+        for t in range(T):
+            dist = Categorical(logits=OUT(h))
+            y = est(dist)
+            tokens.append(y)
+            h = _step(y, h)
+            q = _d(tokens) if t == T - 1 else _rollout_value_with_eos(tokens, h, y)
+            term = q * dist.log_prob(y)
+            if masked:
+                term = torch.where(live, term, torch.zeros_like(term))
+            storch.add_cost(term, name="seqgan", credit=False)
+            live = live & (y != EOS)
+        (estimates,) = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+    exact = _exact_with_eos().reshape(-1)
+    if masked:
+        assert_unbiased(estimates, exact, "SeqGAN with eos, masked")
+    else:
+        assert _far_from(estimates, exact) > 8
