@@ -21,6 +21,15 @@ from storch.extending import (base_distribution, drawing_with, learned_dtype, op
 
 __all__ = ["LearnedBaseline", "baseline_features", "check_inputs", "in_frame"]
 
+# what a refused per-step state value should become (a user porting actor-critic meets the refusal first): TD residuals
+# as the costs telescope to the return minus V(s_0), so step s gets the baseline γ^s V(s_s), unbiased for any V
+STATE_VALUE_CRITIC = (
+    "For a critic V(s_t) of the state (actor-critic), add TD residuals as the step costs instead, with V detached: "
+    "-gamma**t * (r_t + gamma * V(s_{t+1}) - V(s_t)) at step t (V = 0 after the last step); they sum to "
+    "the return minus V(s_0), so the critic is the per-step baseline of every step, unbiased for any V; train V with "
+    "its own regression, storch.add_cost((V(s_t) - return_t.detach()) ** 2, name='critic', credit=False) "
+    "(docs/partitions.md, 'A critic trained in the same step')")
+
 
 def _finite_logits(v: torch.Tensor) -> torch.Tensor:
     """Logits with impossible values (``-inf``, and ``+inf`` of a Bernoulli with p = 1) at ±log(eps)."""
@@ -104,7 +113,8 @@ def check_inputs(inputs: Any, partition: str, step: int) -> None:
             "the cost's step: a cost at step t gets (1 - MagicBox(l_0 + ... + l_t)) b, which is biased when b "
             "depends on x_0..x_t (e.g. on a state computed from earlier actions). Pass inputs that do not depend "
             f"on the partition (data, upstream values; the first step's inputs serve every step), or use "
-            "baseline='leave_one_out' or 'moving_average' (per-time-step baselines of the cost-to-go)")
+            "baseline='leave_one_out' or 'moving_average' (per-time-step baselines of the cost-to-go). "
+            + STATE_VALUE_CRITIC)
 
 
 def baseline_features(node: Node) -> tuple[torch.Tensor, tuple[Plate, ...]]:

@@ -16,7 +16,7 @@ from storch.extending import (all_finite, assume, base_distribution, hide_frozen
                                own_optimizer_state, skip_nonfinite_update, state_record, check_state_record)
 
 from ._option_reads import reads_option
-from .learned_baseline import LearnedBaseline, baseline_features, check_inputs, in_frame
+from .learned_baseline import STATE_VALUE_CRITIC, LearnedBaseline, baseline_features, check_inputs, in_frame
 
 __all__ = ["Score"]
 
@@ -272,7 +272,8 @@ class Score(Estimator):
                     "sample it is a baseline for, nor, in a partition, on the sequence's samples of any step: the "
                     "control variate (1 - MagicBox(L_t)) b is then biased (for b = the cost, the gradient is 0). "
                     "Use baseline='leave_one_out' (the other samples' costs), 'moving_average', or a function of "
-                    "values computed before the node (before the sequence's first step)")
+                    "values computed before the node (before the sequence's first step)"
+                    + (f". {STATE_VALUE_CRITIC}" if step else ""))
             if b.dim() != 0:
                 raise OptionError(
                     f"score: the baseline callable returned a PlateTensor with per-sample shape "
