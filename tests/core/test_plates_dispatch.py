@@ -470,46 +470,64 @@ def test_packed_sequences_are_refused():
 
 def test_packed_sequences_refusal_gives_the_padded_recipe_for_the_state_at_length():
     """An EGG receiver reads a message up to its eos with pack_padded_sequence: the refusal said only "pad", whose
-    final state reads past the end (a silently different model). It now says to take the padded run's output at
-    length - 1, and that recipe, with a sampled length per plate entry, is the packed RNN's final state."""
+    final state reads past the end (a silently different model). It says to take the padded run's output at
+    length - 1, and that recipe, with a sampled length per plate entry, is the packed RNN's final state. A sampled
+    length of 0 (a message that is all eos) took out[-1], the last padded position, silently: torch's packing
+    refuses a length of 0, and the recipe as written gives the initial state there (a run of no steps)."""
     gru = nn.GRU(4, 5).double()
-    x = make(rnd(3, 6, 4), ("z", 3))                                   # per sample: (L, H_in), unbatched
-    length = make(torch.tensor([6, 2, 4]), ("z", 3))
+    x = make(rnd(4, 6, 4), ("z", 4))                                   # per sample: (L, H_in), unbatched
+    length = make(torch.tensor([6, 0, 2, 4]), ("z", 4))
     with pytest.raises(storch.PlateError) as info:
         nn.utils.rnn.pack_padded_sequence(x, length, enforce_sorted=False)
-    assert "out, _ = rnn(padded); h = out[length - 1]" in str(info.value), str(info.value)
-    out, _ = gru(x)
-    h = out[length - 1]
-    for i in range(3):
+    recipe = "out, _ = rnn(padded); h = torch.where(length > 0, out[(length - 1).clamp(min=0)], h0)"
+    assert recipe in str(info.value), str(info.value)
+    h0 = rnd(5, seed=7)                                                 # a passed initial state, not zeros
+    out, _ = gru(x, h0[None])
+    h = torch.where(length > 0, out[(length - 1).clamp(min=0)], h0)    # the recipe as written
+    assert (out[length - 1].tensor[1] - h0).abs().max() > 0.01         # the old recipe: out[-1], not h0
+    with pytest.raises(RuntimeError, match="greater than 0"):          # torch refuses a length of 0
+        nn.utils.rnn.pack_padded_sequence(x.tensor[1, :, None], length.tensor[1:2], enforce_sorted=False)
+    for i in range(4):
+        if length.tensor[i] == 0:
+            torch.testing.assert_close(h.tensor[i], h0)
+            continue
         packed = nn.utils.rnn.pack_padded_sequence(x.tensor[i, :, None], length.tensor[i:i + 1], enforce_sorted=False)
-        _, expected = gru(packed)
+        _, expected = gru(packed, h0[None, None])
         torch.testing.assert_close(h.tensor[i], expected[0, 0])
 
 
 def test_packed_sequences_refusal_names_the_batched_and_bidirectional_forms():
     """``out[length - 1]`` is right for a unidirectional rnn on one unbatched sequence only: on a per-sample batch it
     indexes the batch dim (silently a (B, B, H) result), and a bidirectional run's backward half starts in the
-    padding. The refusal names the batched index and the masked cell run backwards; both equal the packed rnn."""
+    padding. The refusal names the batched index and the masked cell run backwards; both equal the packed rnn per
+    sequence, and give the initial state (zeros) for a length of 0, which torch's packing refuses."""
     with pytest.raises(storch.PlateError) as info:
         nn.utils.rnn.pack_padded_sequence(make(rnd(3, 6, 2, 4), ("z", 3)), make(torch.tensor([[6, 1], [2, 3], [4, 4]]),
                                                                                 ("z", 3)))
     msg = str(info.value)
-    assert "batched, out[length - 1, torch.arange(B)]" in msg and "t from the end for a bidirectional rnn" in msg, msg
+    batched = "batched, torch.where((length > 0).unsqueeze(-1), out[(length - 1).clamp(min=0), torch.arange(B)], h0)"
+    assert batched in msg and "t from the end for a bidirectional rnn" in msg, msg
     gru = nn.GRU(4, 5, bidirectional=True).double()
-    x, length = make(rnd(3, 6, 2, 4), ("z", 3)), make(torch.tensor([[6, 1], [2, 3], [4, 4]]), ("z", 3))
+    x, length = make(rnd(3, 6, 2, 4), ("z", 3)), make(torch.tensor([[6, 1], [0, 3], [4, 0]]), ("z", 3))
     out, _ = gru(x)
-    fwd = out[length - 1, torch.arange(2)][..., :5]  # the batched index, the forward half
+    h0 = torch.zeros(2, 5, dtype=torch.double)
+    fwd = torch.where((length > 0).unsqueeze(-1), out[(length - 1).clamp(min=0), torch.arange(2)][..., :5], h0)
     cell = nn.GRUCell(4, 5).double()
     cell.weight_ih, cell.weight_hh = gru.weight_ih_l0_reverse, gru.weight_hh_l0_reverse
     cell.bias_ih, cell.bias_hh = gru.bias_ih_l0_reverse, gru.bias_hh_l0_reverse
-    h = torch.zeros(2, 5, dtype=torch.double)
-    for t in reversed(range(6)):  # the masked cell, backwards: the state stays 0 in the padding
+    h = h0
+    for t in reversed(range(6)):  # the masked cell, backwards: the state stays h0 in the padding
         h = torch.where((t < length).unsqueeze(-1), cell(x[t], h), h)
-    for i in range(3):
-        packed = nn.utils.rnn.pack_padded_sequence(x.tensor[i], length.tensor[i], enforce_sorted=False)
+    for i, b in itertools.product(range(3), range(2)):
+        n = length.tensor[i, b]
+        if n == 0:
+            torch.testing.assert_close(fwd.tensor[i, b], h0[b])
+            torch.testing.assert_close(h.tensor[i, b], h0[b])
+            continue
+        packed = nn.utils.rnn.pack_padded_sequence(x.tensor[i, :, b:b + 1], n[None], enforce_sorted=False)
         _, expected = gru(packed)
-        torch.testing.assert_close(fwd.tensor[i], expected[0])
-        torch.testing.assert_close(h.tensor[i], expected[1])
+        torch.testing.assert_close(fwd.tensor[i, b], expected[0, 0])
+        torch.testing.assert_close(h.tensor[i, b], expected[1, 0])
 
 
 # -- randomness -----------------------------------------------------------------------------------

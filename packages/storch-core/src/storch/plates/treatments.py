@@ -297,8 +297,11 @@ PACKED_SEQUENCES = ("packed sequences (nn.utils.rnn.PackedSequence) are not supp
                     "the sequences and pass the padded tensor (the per-sample code stays the same). A packed RNN "
                     "stops at each sequence's length (its final state is the one at length - 1, e.g. a message read "
                     "up to its eos); the padded run goes on over the padding, so take its output there instead of "
-                    "its final state: out, _ = rnn(padded); h = out[length - 1] (a unidirectional rnn, per sample, "
-                    "unbatched input; batched, out[length - 1, torch.arange(B)]; length may be a sampled plate "
+                    "its final state: out, _ = rnn(padded); h = torch.where(length > 0, out[(length - 1).clamp("
+                    "min=0)], h0) (a unidirectional rnn, per sample, unbatched input; h0 is the initial state, of "
+                    "the last layer, zeros unless passed: a length of 0 takes no step, and out[length - 1] alone "
+                    "would read out[-1], the last padded position; batched, torch.where((length > 0).unsqueeze(-1), "
+                    "out[(length - 1).clamp(min=0), torch.arange(B)], h0); length may be a sampled plate "
                     "tensor), or step a cell and keep the state past the end, h = torch.where(t < length, "
                     "cell(x[t], h), h) (also with t from the end for a bidirectional rnn, whose padded run's "
                     "backward half starts in the padding)")
