@@ -27,6 +27,8 @@ from torch.distributions import Categorical, OneHotCategorical
 import storch
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate
 
+from step_checks import storch_unreachable
+
 S, V = 3, 4
 SHAPES = (("w0", (S,)), ("W", (S, S)), ("U", (S, V)), ("pi", (S,)), ("A", (S, S)), ("B", (S, V)))
 N_Q = S + S * S + S * V  # the first coordinates of theta are q's (w0, W, U), the rest p's
@@ -301,26 +303,9 @@ def test_a_training_step_at_T200_frees_its_graph():
             storch.backward()
         assert theta.grad is not None and theta.grad.abs().sum() > 0
         assert all(r() is None for r in refs), sum(r() is not None for r in refs)
-        # no reference cycle of this step's: after tests/models/test_compile.py in the same process, torch.compile's
-        # own objects (dynamo's fake tensors and frame summaries, 1941 of them) became garbage during this step, so
-        # the collector's count is checked for storch's objects, tensors and storch's frames and functions
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        n = gc.collect()
-        ours = [type(o).__qualname__ for o in gc.garbage if _storch_object(o)]
-        assert ours == [], (n, ours[:20])
+        # no reference cycle of this step's (counted for storch's objects: torch.compile's own may become garbage
+        # during the step after tests/models/test_compile.py in the same process; see step_checks)
+        n, ours = storch_unreachable()
+        assert n == 0, ours
     finally:
-        gc.garbage.clear()
-        gc.set_debug(0)
         gc.enable()
-
-
-def _storch_object(o) -> bool:
-    """Whether garbage ``o`` is storch's: an object of a storch class, a tensor that is not torch.compile's fake one,
-    or a frame or function of storch's code."""
-    module = type(o).__module__ or ""
-    if module.startswith("storch"):
-        return True
-    if isinstance(o, torch.Tensor):
-        return not module.startswith("torch._subclasses")
-    code = getattr(o, "f_code", None) or getattr(o, "__code__", None)
-    return code is not None and "storch" in code.co_filename.replace("\\", "/").split("/site-packages/")[-1]

@@ -19,6 +19,7 @@ from torch.distributions import Bernoulli, Binomial, Categorical, Poisson
 
 import storch
 from path_probes import Allocations
+from step_checks import unreachable_after
 from storch.extending import leave_one_out_log_baselines
 
 K, D = 3, 2
@@ -408,8 +409,6 @@ def test_vimco_supports_agrees_with_its_refusal_of_a_subclass_torch_cannot_expan
 
 def test_a_finished_vimco_step_leaves_no_cycles():
     """Its per-node record holds the bound and a weak reference to the graph: freed by reference counting."""
-    import gc
-
     est = storch.estimator("vimco", plate="z", n_draws=K)
     theta = THETA.clone().requires_grad_(True)
 
@@ -419,14 +418,8 @@ def test_a_finished_vimco_step_leaves_no_cycles():
         storch.add_cost(est.bound(bernoulli_log_w(z, theta + x, x)), name="bound")
         storch.backward()
 
-    step()
-    gc.collect()
-    gc.disable()
-    try:
-        step()
-        assert gc.collect() == 0
-    finally:
-        gc.enable()
+    n, kinds = unreachable_after(step, warmups=1)
+    assert n == 0, kinds
 
 
 def test_vimco_a_set_with_every_other_draw_impossible_has_a_finite_gradient():
