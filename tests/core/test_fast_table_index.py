@@ -166,6 +166,35 @@ def test_embedding_of_a_plain_table_with_scale_grad_by_freq_counts_per_sample(pa
                 (z,), (emb,))
 
 
+@pytest.mark.parametrize("padding_idx", [None, 1, -1])
+def test_sparse_embedding_of_a_plain_table_with_scale_grad_by_freq_is_refused_as_torch_refuses_it(padding_idx):
+    """``F.embedding(z, emb, sparse=True, scale_grad_by_freq=True)``: torch's backward refuses the pair ("not supported
+    with sparse gradients"), per entry as on one sample. The per-sample counting laid the tables out one after another
+    and silently gave the table a dense gradient instead (which SparseAdam then refused, far from the cause): the
+    values are torch's per entry, and the backward raises torch's own error; without a gradient to the table, the
+    lookup works as in torch."""
+    F = torch.nn.functional
+    emb = rnd(S, E, seed=8).requires_grad_(True)
+    z = make(torch.tensor([[[0, 0, 2], [0, 1, 1]], [[2, 2, 2], [1, 0, 1]]]), ("z", 2), ("batch", 2))
+    out = F.embedding(z, emb, padding_idx, sparse=True, scale_grad_by_freq=True)
+    for a in range(2):
+        for c in range(2):
+            one = F.embedding(z.tensor[a, c], emb, padding_idx, sparse=True, scale_grad_by_freq=True)
+            torch.testing.assert_close(out.tensor[a, c], one)
+            with pytest.raises(RuntimeError, match="scale_grad_by_freq not supported with sparse gradients"):
+                one.sum().backward()  # torch, on one sample
+    with pytest.raises(RuntimeError, match="scale_grad_by_freq not supported with sparse gradients"):
+        out.tensor.sum().backward()
+    module = torch.nn.Embedding(S, E, padding_idx, sparse=True, scale_grad_by_freq=True)  # (sparse passed positionally)
+    with pytest.raises(RuntimeError, match="scale_grad_by_freq not supported with sparse gradients"):
+        module(z).tensor.sum().backward()
+    assert emb.grad is None and module.weight.grad is None
+    frozen = F.embedding(z, emb.detach(), padding_idx, sparse=True, scale_grad_by_freq=True)
+    torch.testing.assert_close(frozen.tensor, out.tensor.detach())
+    with pytest.raises(IndexError, match="out of range"):  # torch's error
+        F.embedding(make(torch.tensor([0, 4]), ("z", 2)), emb, sparse=True, scale_grad_by_freq=True)
+
+
 def test_embedding_of_a_plain_table_with_scale_grad_by_freq_and_max_norm_renormalises_as_per_sample():
     """``max_norm`` with ``scale_grad_by_freq`` on a plain table went to vmap, which cannot renormalise in place (a
     PlateRuntimeError where one call per entry works): the rows any entry reads are renormalised once (a row's

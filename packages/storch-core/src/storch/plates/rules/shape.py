@@ -891,8 +891,11 @@ def _layer_norm(func, args, kwargs):
 def _embedding(func, args, kwargs):
     """indices of any shape: the table is looked up per element; a per-sample table is gathered per sample"""
     if type(args[1] if len(args) > 1 else kwargs.get("weight")) is _PT or (
-            (args[5] if len(args) > 5 else kwargs.get("scale_grad_by_freq")) is True and type(args[0]) is _PT):
-        # (scale_grad_by_freq on the raw indices would count a row over all plate entries, not per sample)
+            (args[5] if len(args) > 5 else kwargs.get("scale_grad_by_freq")) is True and type(args[0]) is _PT
+            and (args[6] if len(args) > 6 else kwargs.get("sparse")) is not True):
+        # (scale_grad_by_freq on the raw indices would count a row over all plate entries, not per sample; with
+        # sparse=True torch's own backward refuses the pair, "scale_grad_by_freq not supported with sparse
+        # gradients": the raw call below keeps that refusal, where the laid-out tables gave a dense gradient)
         return _embedding_table(func, args, kwargs)
     if type(args[0]) is not _PT or any(type(a) is _PT for a in list(args[1:]) + list(kwargs.values())):
         return vmap_call(func, args, kwargs)
