@@ -119,6 +119,112 @@ def test_out_of_range_and_negative_sampled_indices():
         torch.index_select(emb, 0, neg)
 
 
+def _amortised(layout, broadcast=False):
+    """A table per data point (an amortised one: plates ("batch",), made of a leaf), of the layout's batch size (4
+    where the layout has none); with ``broadcast``, one raw table for every point (a size-1 raw plate dim)."""
+    batch = dict(_LAYOUTS[layout][0]).get("batch", 4)
+    leaf = rnd(1 if broadcast else batch, S, V, seed=12).requires_grad_(True)
+    return leaf, make(leaf.clone(), ("batch", batch))  # (a graph that gradients can run through twice)
+
+
+def _amortised_lookups():
+    """(name, fn of (table, zp, z, x)): the lookups of a table on a data plate by sampled indices."""
+    return [
+        ("W[z]", lambda w, zp, z, x: w[z]),
+        ("W[(z,)]", lambda w, zp, z, x: w[(z,)]),
+        ("W[z, 2]", lambda w, zp, z, x: w[z, 2]),
+        ("W[z, -1]", lambda w, zp, z, x: w[z, -1]),
+        ("W[1, z]", lambda w, zp, z, x: w[1, z]),
+        ("W[z, x_t]", lambda w, zp, z, x: w[z, torch.tensor(3)]),
+        ("W[z, x]", lambda w, zp, z, x: w[z, x]),
+        ("W[zp, z]", lambda w, zp, z, x: w[zp, z]),
+        ("W[z, plain 2-d]", lambda w, zp, z, x: w[z, torch.tensor([[0, 3, 1]])]),
+    ]
+
+
+@pytest.mark.parametrize("broadcast", [False, True])
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+def test_sampled_lookups_of_a_table_on_a_data_plate_take_the_fast_path_and_equal_a_loop(layout, broadcast):
+    """An amortised table (``W[z]``, W one table per data point) took the general path (its normalisation and an
+    expanded view of the table, ~2x a plain table's lookup); it is the plain table's raw index with the table's plate
+    dims indexed by aranges. Values and gradients to the leaf equal a loop over the plate entries, and the fast path
+    is taken; the index's plates may lack the table's (layout "one plate": the result has both)."""
+    leaf, table = _amortised(layout, broadcast)
+    zp, z = _indices(layout)
+    batch = dict(_LAYOUTS[layout][0]).get("batch", 4)
+    x = make(_ints(V, batch), ("batch", batch))  # the observed symbols: a data-plate tensor
+    for name, fn in _amortised_lookups():
+        if name == "W[zp, z]":
+            check_grads(lambda w, zp_, z_: fn(w, zp_ % S, z_, None), (table, zp, z), (leaf,))
+        else:
+            check_grads(lambda w, z_, x_: fn(w, None, z_, x_), (table, z, x), (leaf,))
+        _, seen = calls(lambda: fn(table, zp, z, x))
+        assert "_table_lookup" in seen and not seen & {"_general", "_normalise", "_full", "vmap_call"}, (
+            name, sorted(seen))
+
+
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+def test_the_fast_lookup_of_a_table_on_a_data_plate_equals_the_general_path(layout):
+    """The same plates, raw values and gradients as ``_general_read``, the path these lookups took before; also for
+    a table of the index's own plates (a per-sample table) and a broadcast one."""
+    zp, z = _indices(layout)
+    batch = dict(_LAYOUTS[layout][0]).get("batch", 4)
+    x = make(_ints(V, batch), ("batch", batch))
+    for broadcast in (False, True):
+        leaf, table = _amortised(layout, broadcast)
+        per_sample = table * (1.0 + z.double()).unsqueeze(-1).unsqueeze(-1)  # plates: z's and the table's
+        for w in (table, per_sample):
+            for idx in ((z,), (z, 2), (zp, z), (z, x), (torch.tensor(2), z), (z, torch.tensor([[0, 3, 1]]))):
+                _, seen = calls(lambda: w[idx])
+                assert "_table_lookup" in seen and "_general" not in seen, (idx, sorted(seen))
+                fast = w[idx]
+                general, _ = indexing._general_read(w, idx)
+                assert fast.plates == general.plates and fast.shape == general.shape
+                # (a broadcast table's result stays broadcast where the index is: a size-1 raw plate dim)
+                assert torch.equal(fast.tensor.expand(general.tensor.shape), general.tensor), idx
+                g = rnd(*general.tensor.shape, seed=4)
+                g1, = torch.autograd.grad((fast.tensor * g).sum(), leaf, retain_graph=True)
+                g2, = torch.autograd.grad((general.tensor * g).sum(), leaf, retain_graph=True)
+                if broadcast:  # (summed over the points in another order: the last bits)
+                    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
+                else:
+                    assert torch.equal(g1, g2)
+
+
+def test_a_table_on_a_data_plate_keeps_the_general_path_s_errors_and_writes():
+    """Out-of-range indices raise the general path's error; negative ones wrap; a boolean or floating-point index
+    still gets its message; too many indices torch's IndexError. A write into a looked-up entry (one integer per
+    sample: a view for one sample) is written back to a per-sample table, and refused for a table that does not vary
+    over the index's sample plate."""
+    leaf, table = _amortised("z, batch 4")
+    bad = make(torch.tensor([[0, 1, 2, 3]] * 3), ("z", 3), ("batch", 4))  # 3 is out of range for S = 3
+    with pytest.raises(storch.PlateError, match="out of (bounds|range)") as fast:
+        table[bad]
+    with pytest.raises(IndexError, match="out of (bounds|range)") as general:
+        indexing._general_read(table, (bad,))  # (the handler's raw error, which the dispatcher wraps)
+    assert isinstance(fast.value, IndexError) and str(general.value) in str(fast.value), (fast.value, general.value)
+    neg = make(torch.tensor([[0, -1, -3, 2]] * 3), ("z", 3), ("batch", 4))
+    check_grads(lambda w, i: w[i], (table, neg), (leaf,))
+    zp, z = _indices("z, batch 4")
+    with pytest.raises(storch.PlateError, match="boolean mask that varies"):
+        table[z > 0]
+    with pytest.raises(storch.PlateError, match="one-hot"):
+        table[z.double()]
+    with pytest.raises(IndexError, match="too many indices"):
+        table[z, 0, 1]
+    w = make(torch.zeros(4, S, V), ("batch", 4))
+    with pytest.raises(storch.PlateError, match=r"varies over plates \['z'\]"):
+        w[z, 2].fill_(1.0)  # one table per point, a row per sample: refused (the table would have to vary over z)
+    assert not w.tensor.any()
+    w = make(torch.zeros(3, 4, S, V), ("z", 3), ("batch", 4))  # a per-sample table: the copy is written back
+    w[z, 2].fill_(1.0)
+    want = torch.zeros(3, 4, S, V)
+    for a in range(3):
+        for c in range(4):
+            want[a, c, z.tensor[a, c], 2] = 1.0
+    assert torch.equal(w.tensor, want)
+
+
 def test_a_write_into_a_looked_up_entry_is_still_refused():
     """``A[zp, z]`` is a view of the plain table for one sample: a write into storch's copy is refused."""
     A = torch.zeros(S, S)
@@ -137,7 +243,7 @@ def test_other_index_forms_and_plate_tensor_tables_take_the_general_path():
     table = make(rnd(4, S, S, seed=6), ("batch", 4))  # a plate-tensor table (a parameter per data point)
     forms = {"A[:, z]": lambda: logA[:, z], "A[z, :]": lambda: logA[z, :], "A[z, None]": lambda: logA[z, None],
              "A[..., z]": lambda: logA[..., z], "A[[0, 2], z]": lambda: logA[[0, 2], z], "A[z, True]": lambda: logA[z, True],
-             "table[zp, z]": lambda: table[zp, z]}
+             "table[:, z]": lambda: table[:, z], "table[z, None]": lambda: table[z, None]}
     for name, fn in forms.items():
         _, seen = calls(fn)
         assert "_general" in seen, (name, sorted(seen))  # (_table_lookup looked at the index and declined)

@@ -187,6 +187,10 @@ def _getitem(func, args, kwargs):
     if type(x) is _PT:
         if _simple(x, idx):
             return wrap_same(x._raw[(slice(None),) * len(x._plates) + idx], x._plates)
+        if len(idx) <= x._raw.dim() - len(x._plates):
+            out = _table_lookup(x, idx)  # (an amortised table: one per data point, W[z])
+            if out is not None:
+                return out
     elif type(idx) is tuple and len(idx) <= x.dim():
         out = _table_lookup(x, idx)
         if out is not None:
@@ -212,9 +216,14 @@ def _table_lookup(x, idx: tuple):
     dims alike: the result is the raw advanced index of the table by the aligned raw indices (what
     ``_general`` builds for such an index, without its normalisation). Everything else goes the general way:
     slices, None, Ellipsis, lists, boolean masks, Python bools, floating-point indices (whose error carries the
-    hint), plate-tensor tables. Out-of-range indices raise torch's IndexError from the same raw call as there;
-    negative ones wrap, as for one sample."""
-    groups = []
+    hint). Out-of-range indices raise torch's IndexError from the same raw call as there; negative ones wrap, as
+    for one sample.
+
+    A plate-tensor table (an amortised one: a table per data point, ``W[z]``) is the same lookup with its plate
+    dims indexed first by aranges (size 1 where its raw dim is broadcast), after it is aligned to the index's
+    plates: the general path's raw index, without its normalisation and its expanded view of the table."""
+    xp = x._plates if type(x) is _PT else None
+    groups = [] if xp is None else [xp]
     r = 0
     for i in idx:
         t = type(i)
@@ -234,7 +243,7 @@ def _table_lookup(x, idx: tuple):
             return None
         if k > r:
             r = k
-    if not groups:
+    if len(groups) == (0 if xp is None else 1):
         return None
     plates = groups[0]
     for g in groups[1:]:
@@ -243,6 +252,10 @@ def _table_lookup(x, idx: tuple):
             break
     n = len(plates) + r  # the raw index's dims: plates, then the per-sample broadcast block
     raw_idx = []
+    table = x
+    if xp is not None:
+        table = x._raw if xp is plates else align(x._raw, xp, plates)
+        raw_idx.extend(_arange(table.shape[j], j, n, table.device) for j in range(len(plates)))
     for i in idx:
         t = type(i)
         if t is _PT:
@@ -252,7 +265,7 @@ def _table_lookup(x, idx: tuple):
             raw_idx.append(i.reshape((1,) * (n - i.dim()) + tuple(i.shape)))
         else:
             raw_idx.append(i)  # ints and 0-dim tensors: as for one sample
-    out = wrap_same(x[tuple(raw_idx)], plates)
+    out = wrap_same(table[tuple(raw_idx)], plates)
     if not r:  # one integer per sample in each index: a view for one sample, a copy here (as _getitem's)
         register_copy(out, x, idx, _read)
     return out
