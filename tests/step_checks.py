@@ -59,13 +59,17 @@ def storch_unreachable() -> tuple[int, dict]:
 
 def storch_object(o) -> bool:
     """Whether garbage ``o`` is storch's: an object of a storch class (storch and its families), a tensor that is not
-    torch.compile's fake or functional one, or a frame or function of storch's code."""
+    torch.compile's fake or functional one, an autograd graph node (a grad_fn, a custom Function's context: a cycle
+    through one holds its saved tensors, which live in C++ and are never Python garbage), or a frame or function of
+    storch's code."""
     # by type, never by the object's attributes: a dead weakref.proxy among the garbage raises on any access
     module = type(o).__module__ or ""
     if module.startswith("storch"):
         return True
     if issubclass(type(o), torch.Tensor):
         return not module.startswith("torch._subclasses")
+    if issubclass(type(o), torch.autograd.graph.Node):
+        return True
     if type(o) is types.FrameType:
         code = o.f_code
     elif type(o) is types.FunctionType:

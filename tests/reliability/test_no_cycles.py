@@ -204,6 +204,41 @@ def test_the_count_still_catches_a_cycle_holding_a_sample(held):
     assert n > 0 and kinds.get("PlateTensor" if held == "sample" else "Tensor", 0) > 0, kinds
 
 
+def test_the_count_catches_a_cycle_through_an_autograd_node():
+    """A cycle through the autograd graph (a hook on a cost's grad_fn that holds that grad_fn, as a pre-hook storch
+    registers on a node could) keeps the graph's saved tensors, the sample's among them, alive until the collector
+    runs; those tensors live in C++ and are never Python garbage, and the hook here is a bound method of a plain
+    object: the count saw nothing of storch's in it (0) while gc.collect() freed the cycle. Autograd nodes count."""
+    est = storch.estimator("reparameterization", plate="z", n_samples=2)
+    theta = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+
+    class _Hook:
+        def __call__(self, grad_outputs):
+            return None
+
+    def step():
+        x = storch.denote_independent(theta.expand(4, 3), 0, "data")
+        z = est(Normal(x, 1.0))
+        c = (z * z).sum(-1)  # (the sample's raw tensor: saved by the product, in C++ only)
+        hook = _Hook()
+        hook.node = c.tensor.grad_fn.next_functions[0][0]
+        hook.node.register_prehook(hook.__call__)  # node -> its hooks -> bound method -> hook -> node
+        storch.add_cost(c, name="c")
+        storch.backward()
+
+    step()
+    gc.collect()
+    gc.disable()
+    try:
+        step()
+        control = gc.collect()
+    finally:
+        gc.enable()
+    assert control > 0, "the planted cycle is no longer garbage: this test no longer covers it"
+    n, kinds = _unreachable_after(step)
+    assert n > 0 and any(k.endswith("Backward0") for k in kinds), kinds
+
+
 def test_the_count_leaves_torch_compile_s_garbage_out():
     """After a test that compiled in the same process (tests/models/test_compile.py), torch.compile's own objects
     (fake tensors, FX nodes, dynamo's variable trackers) became garbage during a step and failed these tests: they
