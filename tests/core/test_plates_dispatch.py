@@ -468,32 +468,41 @@ def test_packed_sequences_are_refused():
         lstm(packed, (h, h))
 
 
-def test_packed_sequences_refusal_gives_the_padded_recipe_for_the_state_at_length():
+@pytest.mark.parametrize("kind", ["gru", "gru 2 layers", "lstm 2 layers"])
+def test_packed_sequences_refusal_gives_the_padded_recipe_for_the_state_at_length(kind):
     """An EGG receiver reads a message up to its eos with pack_padded_sequence: the refusal said only "pad", whose
     final state reads past the end (a silently different model). It says to take the padded run's output at
     length - 1, and that recipe, with a sampled length per plate entry, is the packed RNN's final state. A sampled
     length of 0 (a message that is all eos) took out[-1], the last padded position, silently: torch's packing
-    refuses a length of 0, and the recipe as written gives the initial state there (a run of no steps)."""
-    gru = nn.GRU(4, 5).double()
+    refuses a length of 0, and the recipe as written gives the initial state there (a run of no steps). Its h0 is
+    the one passed to the rnn, h0[-1] the last layer's (an LSTM's h): the whole h0, (num_layers, H), silently
+    broadcast the result to (num_layers, H)."""
+    layers = 1 if kind == "gru" else 2
+    rnn = (nn.LSTM if kind.startswith("lstm") else nn.GRU)(4, 5, num_layers=layers).double()
     x = make(rnd(4, 6, 4), ("z", 4))                                   # per sample: (L, H_in), unbatched
     length = make(torch.tensor([6, 0, 2, 4]), ("z", 4))
     with pytest.raises(storch.PlateError) as info:
         nn.utils.rnn.pack_padded_sequence(x, length, enforce_sorted=False)
-    recipe = "out, _ = rnn(padded); h = torch.where(length > 0, out[(length - 1).clamp(min=0)], h0)"
+    recipe = "out, _ = rnn(padded); h = torch.where(length > 0, out[(length - 1).clamp(min=0)], h0[-1])"
     assert recipe in str(info.value), str(info.value)
-    h0 = rnd(5, seed=7)                                                 # a passed initial state, not zeros
-    out, _ = gru(x, h0[None])
-    h = torch.where(length > 0, out[(length - 1).clamp(min=0)], h0)    # the recipe as written
-    assert (out[length - 1].tensor[1] - h0).abs().max() > 0.01         # the old recipe: out[-1], not h0
+    h0 = rnd(layers, 5, seed=7)                                         # a passed initial state, not zeros
+    state = (h0, rnd(layers, 5, seed=8)) if kind.startswith("lstm") else h0
+    out, _ = rnn(x, state)
+    h = torch.where(length > 0, out[(length - 1).clamp(min=0)], h0[-1])    # the recipe as written
+    assert h.shape == (5,)
+    if layers > 1:  # the whole h0: a (num_layers, H) result per sample
+        assert torch.where(length > 0, out[(length - 1).clamp(min=0)], h0).shape == (layers, 5)
+    assert (out[length - 1].tensor[1] - h0[-1]).abs().max() > 0.01     # the old recipe: out[-1], not h0
     with pytest.raises(RuntimeError, match="greater than 0"):          # torch refuses a length of 0
         nn.utils.rnn.pack_padded_sequence(x.tensor[1, :, None], length.tensor[1:2], enforce_sorted=False)
     for i in range(4):
         if length.tensor[i] == 0:
-            torch.testing.assert_close(h.tensor[i], h0)
+            torch.testing.assert_close(h.tensor[i], h0[-1])
             continue
         packed = nn.utils.rnn.pack_padded_sequence(x.tensor[i, :, None], length.tensor[i:i + 1], enforce_sorted=False)
-        _, expected = gru(packed, h0[None, None])
-        torch.testing.assert_close(h.tensor[i], expected[0, 0])
+        _, expected = rnn(packed, tuple(t[:, None] for t in state) if isinstance(state, tuple) else state[:, None])
+        expected = expected[0] if isinstance(expected, tuple) else expected  # (an LSTM's (h, c))
+        torch.testing.assert_close(h.tensor[i], expected[-1, 0])
 
 
 def test_packed_sequences_refusal_names_the_batched_and_bidirectional_forms():
@@ -505,7 +514,8 @@ def test_packed_sequences_refusal_names_the_batched_and_bidirectional_forms():
         nn.utils.rnn.pack_padded_sequence(make(rnd(3, 6, 2, 4), ("z", 3)), make(torch.tensor([[6, 1], [2, 3], [4, 4]]),
                                                                                 ("z", 3)))
     msg = str(info.value)
-    batched = "batched, torch.where((length > 0).unsqueeze(-1), out[(length - 1).clamp(min=0), torch.arange(B)], h0)"
+    batched = ("batched, batch_first=False, torch.where((length > 0).unsqueeze(-1), out[(length - 1).clamp(min=0), "
+               "torch.arange(B)], h0[-1])")
     assert batched in msg and "t from the end for a bidirectional rnn" in msg, msg
     gru = nn.GRU(4, 5, bidirectional=True).double()
     x, length = make(rnd(3, 6, 2, 4), ("z", 3)), make(torch.tensor([[6, 1], [0, 3], [4, 0]]), ("z", 3))
