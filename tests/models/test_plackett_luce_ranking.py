@@ -249,6 +249,28 @@ def test_a_set_estimator_tells_a_class_of_ones_own_to_enumerate(name):
             storch.estimator(name, plate="rank")(NotEnumerated(item_scores(scorer())))
 
 
+class _MyNormal(torch.distributions.Normal):
+    """A user's subclass of a continuous torch class: it cannot enumerate, whatever it defines."""
+
+
+class _ContinuousOwn(torch.distributions.Distribution):
+    support = torch.distributions.constraints.real
+    arg_constraints: dict = {}
+
+
+@pytest.mark.parametrize("name", ["expect", "unordered_set", "sum_and_sample"])
+@pytest.mark.parametrize("make", [lambda: _MyNormal(torch.zeros(()), torch.ones(())),
+                                  lambda: _ContinuousOwn(validate_args=False)], ids=["subclass-of-normal", "real-support"])
+def test_a_continuous_class_of_ones_own_is_not_told_to_enumerate(name, make):
+    """The hint to define enumerate_support fired for any class outside torch.distributions, a subclass of Normal or a
+    class declaring a continuous support included, where it cannot be followed: such classes get the plain refusal."""
+    with storch.Graph():
+        with pytest.raises(storch.UnsupportedDistributionError, match=r"it needs a distribution whose finite support") \
+                as info:
+            storch.estimator(name, plate="z", **({} if name == "expect" else {"n_samples": 2}))(make())
+    assert "class of your own" not in str(info.value), str(info.value)
+
+
 def test_training_the_scorer_raises_the_expected_ndcg():
     net = scorer()
     opt = torch.optim.SGD(net.parameters(), lr=1.0)

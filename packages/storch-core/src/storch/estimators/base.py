@@ -59,7 +59,7 @@ from ..plates.tensor import Plate, PlateTensor, align
 from ..conditions.score import moving_support, support_is_fixed
 from .catalog import EstimatorInfo, available, supporting_estimators
 from .checks import check_in_frame, check_precision, warn_precision
-from .messages import _no_update_message, updating_message
+from .messages import _could_enumerate, _no_update_message, updating_message
 from .step_state import step_baseline
 from .capabilities import (_REPLAY_FLAGS, _accepted_by_check, _base_supports, _instance_or_class, _is_score_function,
                            _meets_requirements, _supports_unconsulted, capability_problem, replay_problem)
@@ -601,8 +601,7 @@ class Estimator(torch.nn.Module):
                     "sample's derivative)." + hint)
         if self.requires_rsample and d.has_rsample and undifferentiable_rsample(d):
             hint = f" {UNDIFFERENTIABLE_RSAMPLE_NOTE}." + hint
-        if (self.requires_enumerate_support and not d.has_enumerate_support
-                and not type(d).__module__.startswith("torch.distributions")):
+        if self.requires_enumerate_support and not d.has_enumerate_support and _could_enumerate(d):
             # the requirement names torch's classes: a user's class (permutations, a grid) can enumerate too
             hint = (f" {type(d).__name__} is a class of your own: set has_enumerate_support = True and define "
                     "enumerate_support(expand=True), which returns every value, shape (K, *batch_shape, *event_shape) "

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from torch.distributions import Distribution
+from torch.distributions import Distribution, ExponentialFamily
 
 from ..distributions import base_distribution
 from ..plates.tensor import PlateTensor
@@ -160,3 +160,18 @@ def _nonfinite_parameters(d) -> list[str]:
     except Exception:  # noqa: BLE001  (only for a better message: never hide the original error)
         return []
     return out
+
+
+def _could_enumerate(d: Distribution) -> bool:
+    """Whether ``d`` is a user's class that could define ``enumerate_support`` (permutations, a grid): not one of
+    torch's classes nor a subclass of one (a ``MyNormal(Normal)`` has a continuous support, so telling it to
+    enumerate would be wrong), and with a support that is discrete or not declared."""
+    bases = type(d).__mro__
+    if any(b.__module__.startswith("torch.distributions") and b not in (Distribution, ExponentialFamily)
+           for b in bases):
+        return False
+    try:
+        support = d.support
+    except NotImplementedError:
+        return True
+    return bool(getattr(support, "is_discrete", True))
