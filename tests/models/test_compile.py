@@ -10,6 +10,7 @@ traced program runs as recorded, so the samples are eager's): compile time is CP
 from __future__ import annotations
 
 import math
+import re
 import sys
 import warnings
 
@@ -1369,6 +1370,33 @@ def test_a_zero_dim_index_is_refused_with_the_slice_that_traces():
         want = step(x, True)
         torch.manual_seed(1)
         torch.testing.assert_close(compiled(x), want, rtol=0, atol=0)
+
+
+def test_the_zero_dim_index_refusal_suggests_forms_equal_to_the_index():
+    """Each rewrite the refusal suggests, evaluated as written, has the values, shape and gradient of ``w[:, x[t]]``
+    eagerly (``w.index_select(1, x[t:t + 1])`` alone kept a size-1 dim: logits of shape (2, 1), one category)."""
+    est = storch.estimator("score", plate="z", n_samples=2)
+
+    def step(x):
+        with storch.Graph():
+            z = est(torch.distributions.Categorical(logits=U[:, x[1]]))
+            storch.add_cost(z.float(), name="c")
+            return storch.surrogate_loss()
+
+    U = torch.nn.Parameter(torch.randn(2, 3, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(storch.StorchError) as info:
+        storch.compile(step, backend=None)(torch.tensor([0, 2, 1]))
+    forms = re.findall(r"`(w[^`]*x\[t:t \+ 1\][^`]*)`", str(info.value))
+    assert len(forms) == 2, str(info.value)
+    x, t = torch.tensor([0, 2, 1]), 1
+    weights = torch.randn(2, generator=torch.Generator().manual_seed(1))
+    w = U
+    (want,) = torch.autograd.grad((w[:, x[t]] * weights).sum(), w)
+    for form in forms:
+        got = eval(form)
+        torch.testing.assert_close(got, w[:, x[t]], rtol=0, atol=0, msg=form)
+        (grad,) = torch.autograd.grad((got * weights).sum(), w)
+        torch.testing.assert_close(grad, want, rtol=0, atol=0, msg=form)
 
 
 @pytest.mark.parametrize("route", ["np.from_dlpack", "data_ptr", "pickle"])

@@ -337,7 +337,7 @@ class CompiledStep(Generic[_P, _R]):
                     "Run this step eagerly, or move that check out of the step. torch's indexing reads one too: a 0-dim "
                     "integer tensor as an index (`w[:, x[t]]`, `w[x[t]]` with `x` a tensor) is read as a Python int; "
                     "keep it a tensor with a 1-element slice (`w[:, x[t:t + 1]].squeeze(1)`, "
-                    f"`w.index_select(1, x[t:t + 1])`), or index with a Python int. torch said: {e}") from e
+                    f"`w.index_select(1, x[t:t + 1]).squeeze(1)`), or index with a Python int. torch said: {e}") from e
             if "don't yet support saved tensor hooks" in str(e):  # torch.func refuses the trace's hooks
                 raise StorchError(_func_transform_message(self.fn, _traceback_component(e.__traceback__))
                                   + f" torch said: {e}") from e
