@@ -134,6 +134,50 @@ def test_seqgan_forms_are_unbiased_for_the_exact_gradient(form):
     assert_unbiased(_estimates(form, 4000), exact.reshape(-1), form)
 
 
+def _exact_hessian():
+    """The Hessian of E[D] w.r.t. C, by enumeration."""
+
+    def f(c):
+        total = 0.0
+        for seq in itertools.product(range(V), repeat=T):
+            h, logp = torch.tanh(c), 0.0
+            for y in seq:
+                logp = logp + torch.log_softmax(OUT(h), -1)[y]
+                h = _step(torch.tensor(y), h)
+            total = total + logp.exp() * TABLE[seq]
+        return total
+
+    return torch.autograd.functional.hessian(f, C)
+
+
+@pytest.mark.parametrize("form", ["seqgan", "telescoping"])
+def test_only_the_telescoped_costs_give_the_hessian(form):
+    """docs/partitions.md: SeqGAN's credit=False term is first order only (differentiated twice it lacks the score
+    terms' cross products); the telescoped costs are credited, so storch's second derivative is unbiased."""
+    torch.manual_seed(1)
+    est = storch.estimator("score", plate="seq", n_samples=N)
+    with storch.Graph():
+        leaf, c = replicate(C, 4000)
+        h, tokens, previous = torch.tanh(c), [], None
+        for t in range(T):
+            dist = Categorical(logits=OUT(h))
+            y = est(dist)
+            tokens.append(y)
+            h = _step(y, h)
+            q = _d(tokens) if t == T - 1 else _rollout_value(tokens, h, y)
+            if form == "seqgan":
+                storch.add_cost(q * dist.log_prob(y), name="seqgan", credit=False)
+            else:
+                storch.add_cost(q if previous is None else q - previous, name="dq")
+            previous = q
+        _, hessians = per_replicate_derivatives(storch.surrogate_loss(), leaf, 2)
+    exact = _exact_hessian().reshape(-1)
+    if form == "telescoping":
+        assert_unbiased(hessians.reshape(len(hessians), -1), exact, "telescoped costs, Hessian")
+    else:
+        assert _far_from(hessians.reshape(len(hessians), -1), exact) > 8
+
+
 @pytest.mark.parametrize("form", ["values", "no_grad_rollouts"])
 def test_values_as_step_costs_get_reward_to_go_credit(form):
     # Σ_s ∇l_s Σ_{t>=s} Q(t): the mean is Σ_s (T - s) g_s, and at this size it is told from ∇E[D]. So is a
