@@ -131,7 +131,8 @@ def _far_from(estimates, exact) -> float:
 def test_seqgan_forms_are_unbiased_for_the_exact_gradient(form):
     exact = _exact((1.0,) * T)
     assert float(exact.abs().max()) > 0.2
-    assert_unbiased(_estimates(form, 4000), exact.reshape(-1), form)
+    # 20000 estimates: a gradient 15% off fails (|z| >= 4.5; at 4000 it passed, |z| 3.8)
+    assert_unbiased(_estimates(form, 20000), exact.reshape(-1), form)
 
 
 def _exact_hessian():
