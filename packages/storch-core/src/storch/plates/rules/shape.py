@@ -191,7 +191,8 @@ _UNBIASED = set(_both("std") + _both("var"))
 ACROSS_SAMPLES: frozenset = frozenset(
     f for n in ("sum", "mean", "nansum", "nanmean", "prod", "amax", "amin", "max", "min", "median", "nanmedian",
                 "logsumexp", "argmax", "argmin", "std", "var", "norm", "softmax", "log_softmax", "cumsum", "cumprod",
-                "logcumsumexp", "cummax", "cummin")
+                "logcumsumexp", "cummax", "cummin", "sort", "argsort", "topk", "kthvalue", "quantile", "nanquantile",
+                "mode", "msort")
     for f in _both(n)) | {F.softmax, F.log_softmax, F.softmin, F.normalize, torch.linalg.vector_norm,
                           torch.linalg.norm}
 
@@ -262,7 +263,9 @@ def _refuse_reduction_of_one_value(func, x, d) -> None:
         "z = est(Bernoulli(logits=logits.expand(K, *logits.shape))), and the bound reduces over z's first "
         "per-sample dim, log_w(z).logsumexp(0) (docs/plates.md, Pitfalls, '.tensor'); or use the 'vimco' "
         "estimator, which draws the K copies itself and gives each its own baseline (docs/estimators/vimco.md). "
-        "For a baseline from the other samples use the estimator's baseline='leave_one_out'. "
+        "For a baseline from the other samples use the estimator's baseline='leave_one_out'; for one that ranks "
+        "the samples' costs (a quantile: a risk-seeking policy gradient), a callable baseline(node, cost) that "
+        "reads cost.tensor along cost.dim (docs/estimators/score.md, 'Baselines that read the batch'). "
         "A reduction of a sample's own value needs no dim: sum() / mean(). If the dim was your batch (a data "
         "plate), drop the reduction: storch averages a cost over its data plates")
 # reductions that take a tuple of any number of dims (the others reduce a flattened view; not norm:
@@ -311,6 +314,21 @@ def _spread(func, args, kwargs):
     """dim counts per-sample dims; without dim, over all of a sample's dims; refused (a PlateError) where a sample holds one value, but over a given dim without the correction (0)"""
     _refuse_one_value(func, args, kwargs)
     return _spread_dim(func, args, kwargs)
+
+
+@register(*_both("quantile"), *_both("nanquantile"), *_both("mode"), *_both("msort"))
+def _order_statistic(func, args, kwargs):
+    """per sample (vmap); over dim 0 of a sample of one value (batched code's samples dim), refused (a PlateError)
+
+    A quantile or rank over the samples written as in batched code (a risk-seeking baseline's (1 - eps)-quantile of
+    the batch's rewards, ``torch.quantile(r, 1 - eps, dim=0)``) would be each sample's own value: a weight of 0 for
+    every sample, a zero gradient, silently (found by porting DSR's policy gradient)."""
+    x = args[0] if args else kwargs.get("input")
+    if type(x) is _PT and x._raw.dim() == len(x._plates):
+        name = func.__name__
+        d = 0 if name == "msort" else _get_dim(args, kwargs, 1 if name == "mode" else 2)[0]
+        _refuse_reduction_of_one_value(func, x, d)
+    return vmap_call(func, args, kwargs)
 
 
 @register(torch.std_mean, torch.var_mean)
