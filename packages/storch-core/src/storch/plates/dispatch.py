@@ -29,7 +29,8 @@ from .rules.batch_first import batch_first
 from .rules.pointwise import broadcast, broadcast_inplace, random_pointwise
 from .rules.sparse import SPARSE_ADVICE
 from .rules.vmap import vmap_call
-from .tensor import PlateTensor, _names, align, install_dispatcher, too_many_dims_message, union_plates
+from .tensor import (SAMPLED_SIZE, PlateTensor, _names, align, install_dispatcher, too_many_dims_message,
+                     union_plates)
 from .tensor import new_plate_tensor as _new
 from .treatments import _LISTENERS, Entry, Treatment, describe, treatment_of
 
@@ -54,6 +55,12 @@ _FLOAT_INDEX_HINT = (
     "estimator that hands out indices (score, unordered_set, expect, ...)")
 
 
+# torch's words where it read one Python number from a tensor argument: vmap's (torch.zeros(n), F.pad, diff(n=...)
+# under the vmap treatment) and the argument parser's (topk(x, k), view(n), full_like(x, v))
+_NUMBER_READ = ("calling .item() on a Tensor", "must be int, not", "must be Number, not", "iterable of 'int'",
+                "must be tuple of ints")
+
+
 def user_error(func, args, kwargs, e: BaseException) -> PlateError:
     """A PlateError (of the original exception's kind) that describes the call in per-sample terms."""
     if under_jit_trace():
@@ -76,6 +83,11 @@ def user_error(func, args, kwargs, e: BaseException) -> PlateError:
     elif any((a._raw if type(a) is _PT else a).layout is not torch.strided
              for a in _operands(args, kwargs or {}) if isinstance(a, _T)):
         hint = ". A sparse operand: " + SPARSE_ADVICE
+    elif any(m in str(e) for m in _NUMBER_READ) and any(  # (a factory's size is its first argument: torch.zeros(n))
+            type(a) is _PT for a in _operands(args if _NUMBER_READ[0] in str(e) else args[1:], kwargs or {})):
+        hint = (". A PlateTensor (a sample) was passed where torch takes a Python number (a size, a count, a bound, "
+                "a fill value): one number cannot hold every sample's value (a sampled fill value: `torch.zeros_like(x) + v`). "
+                + SAMPLED_SIZE)
     elif "refers to a single memory location" in str(e):
         hint = (". The written-to tensor is a broadcast view (a sample that is the same for several plate "
                 "entries, as expect's enumerated values are, or an expanded tensor): compute a new tensor instead "

@@ -15,13 +15,13 @@ from typing import Callable
 import torch
 
 from ..errors import PlateError
-from .tensor import Plate, PlateTensor, align, map_tensors, too_many_samples
+from .tensor import SAMPLED_SIZE, Plate, PlateTensor, align, map_tensors, too_many_samples
 from .tensor import new_plate_tensor as _new
 from .treatments import register_plate_handler
 
 __all__ = [
     "dispatch", "register", "check_leading", "wrap", "wrap_same", "scan", "unwrap", "too_many_samples",
-    "plates_or_empty", "register_copy", "write_through",
+    "plates_or_empty", "register_copy", "write_through", "refuse_sampled_size",
 ]
 
 _PT = PlateTensor
@@ -115,6 +115,19 @@ def _operands(args, kwargs):
         else:
             yield a
     yield from kwargs.values()
+
+
+def refuse_sampled_size(what: str, sizes) -> None:
+    """Refuse a plate tensor among ``sizes`` (the shape argument of view / reshape / expand / repeat / new_zeros):
+    torch reads one Python number from it, and a sampled size would give every plate entry its own shape (a
+    variable length, as ``repeat_interleave`` with sampled repeats). Without this, the handler would pass the plate
+    tensor on to torch with the raw tensor, and the call would come back to storch with a plain first operand."""
+    for s in sizes:
+        if type(s) is _PT:
+            raise PlateError(
+                f"{what} got a sampled size (a PlateTensor over plates {tuple(p.name for p in s._plates)}) where "
+                "torch takes a Python number: one number cannot hold every sample's value, and each sample would "
+                "have its own shape. " + SAMPLED_SIZE)
 
 
 # -- generic handlers ----------------------------------------------------------------------

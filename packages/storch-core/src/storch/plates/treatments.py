@@ -315,7 +315,10 @@ REFUSALS = {
     "argwhere": _DATA_DEPENDENT.format(instead="use a mask with torch.where(mask, x, other)"),
     "masked_select": _DATA_DEPENDENT.format(instead="use torch.where(mask, x, 0) and reduce with a sum, "
                                                     "or keep the mask as a weight"),
-    "unique": _DATA_DEPENDENT.format(instead="compare against a fixed set of values (x == values[:, None])"),
+    "unique": _DATA_DEPENDENT.format(instead="compare against a fixed set of values (x == values[:, None]), and "
+                                             "count each with torch.bincount(x, minlength=K) for integers in 0..K-1 "
+                                             "((x == values[:, None]).sum(-1) for others) in place of "
+                                             "return_counts"),
     "unique_consecutive": _DATA_DEPENDENT.format(instead="work with a mask of x[1:] != x[:-1]"),
     "equal": "it returns one Python bool for all plate entries; use (a == b).all(-1) per sample, or "
              "compare the raw `.tensor`s",

@@ -573,8 +573,14 @@ def _repeat_interleave(func, args, kwargs):
         raise PlateError(
             "repeat_interleave with sampled repeats: the length of its result is the sum of the repeats, "
             "which depends on the sample, so the plate entries would have different shapes (as x[mask]). Keep "
-            "a fixed shape: repeat by the largest count R and mask the rest, e.g. `y = x.repeat_interleave(R, 0)` "
-            "with `keep = torch.arange(R) < repeats.unsqueeze(-1)` as a weight or in torch.where")
+            "a fixed length M (at least the largest sum) and mask the padding. The rows in order, padded at the "
+            "end (a duration model's frames): find each position's row from the cumulative repeats, "
+            "`end = repeats.cumsum(0)`, `row = torch.searchsorted(end, torch.arange(M), right=True)"
+            ".clamp(max=len(repeats) - 1)`, `y = x[row]`, `valid = torch.arange(M) < end[-1]` (or the alignment "
+            "matrix `t = torch.arange(M)[:, None]`, `A = (t >= end - repeats) & (t < end)`, `y = A.to(x.dtype) @ x`); "
+            "or each row repeated by the largest count R, the rest masked where it stands: "
+            "`y = x.repeat_interleave(R, 0)` with `keep = (torch.arange(R) < repeats.unsqueeze(-1)).flatten()` "
+            "as a weight or in torch.where")
     return vmap_call(func, args, kwargs)
 
 

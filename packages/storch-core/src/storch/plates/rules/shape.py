@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import PlateError
-from ..kit import dispatch, register, scan, wrap, wrap_same
+from ..kit import dispatch, refuse_sampled_size, register, scan, wrap, wrap_same
 from .pointwise import broadcast
 from .sparse import is_sparse, sparse_matmul
 from .vmap import vmap_call
+from ..treatments import describe
 from ..tensor import SAMPLED_SIZE, PlateTensor, align, sampled_index_advice, union_plates
 
 _PT = PlateTensor
@@ -551,6 +552,7 @@ def _reshape(func, args, kwargs):
     if len(args) == 2 and isinstance(args[1], torch.dtype) or "dtype" in kwargs:
         return wrap(func(x._raw, *args[1:], **kwargs), x._plates)  # view(dtype): the last dim
     shape = _shape_arg(args, kwargs, "shape")
+    refuse_sampled_size(describe(func), shape)
     raw = x._raw
     new = raw.shape[: len(x._plates)] + shape
     # plate dims may be non-contiguous views after alignment; reshape copies only if needed
@@ -570,6 +572,7 @@ def _expand(func, args, kwargs):
     """the target shape is per sample; plate dims keep their size"""
     x = args[0]
     sizes = _shape_arg(args, kwargs, "size")
+    refuse_sampled_size(describe(func), sizes)
     raw = _pad_raw(x, len(sizes))
     try:
         return wrap(raw.expand(*([-1] * len(x._plates)), *sizes), x._plates)
@@ -595,6 +598,7 @@ def _repeat(func, args, kwargs):
     """repeats per-sample dims; plate dims are not repeated"""
     x = args[0]
     sizes = _shape_arg(args, kwargs, "repeats")
+    refuse_sampled_size(describe(func), sizes)
     return wrap(_pad_raw(x, len(sizes)).repeat(*([1] * len(x._plates)), *sizes), x._plates)
 
 
