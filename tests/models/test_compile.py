@@ -286,6 +286,32 @@ def test_batch_views_folded_for_convolutions():
                 and tuple(n.args[0].meta["val"].shape) == tuple(n.meta["val"].shape)]
 
 
+def test_replay_drops_casts_to_the_same_dtype():
+    # the path is taken: Categorical.log_prob's `value.long()` of a drawn (int64) sample records
+    # aten.to.dtype to the sample's own dtype, which returns its input itself; the replayed program has none
+    # left (they cost ~5 us each through OpOverload._op), while a cast that changes the dtype (z.float())
+    # stays. The replay's values, draws and gradients are eager storch's, bit for bit
+    from torch.distributions import Categorical
+
+    est = storch.estimator("score", plate="z", n_samples=3, baseline="leave_one_out")
+    logits = torch.randn(4, 3, requires_grad=True)
+
+    def loss(logits):
+        with storch.Graph():
+            q = Categorical(logits=storch.denote_independent(logits, 0, "data"))
+            z = est(q)
+            storch.add_cost((z.float() - 1.0) ** 2 - q.log_prob(z), name="f")
+            return storch.surrogate_loss()
+
+    compiled = storch.compile(loss, backend=None)
+    for seed in range(3):
+        value, grads = _grads(compiled, [logits], (logits,), seed)
+        value_eager, grads_eager = _grads(loss, [logits], (logits,), seed)
+        assert torch.equal(value, value_eager) and torch.equal(grads[0], grads_eager[0])
+    casts = [n for n in compiled.graph_module(logits).graph.nodes if n.target is torch.ops.aten.to.dtype]
+    assert casts and all(n.args[0].meta["val"].dtype != n.args[1] for n in casts)
+
+
 def test_new_shape_traces_again():
     loss, params, args = _toy()
     compiled = storch.compile(loss, backend="aot_eager")
