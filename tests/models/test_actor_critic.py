@@ -4,7 +4,8 @@ gradient of the finite-horizon MDP (dynamic programming over state distributions
 The MDP: 4 states, 2 actions, stochastic transitions P[s, a, s'], rewards R[s, a], γ = 0.9, T = 6, s_0 = 0, a tabular
 softmax policy θ[s] and a tabular critic V[s]. The objective is J = E[Σ_t γ^t (r_t + β H(π(·|s_t)))].
 
-How a user gives storch a state-dependent, per-step baseline (docs/partitions.md, "A critic trained in the same step"):
+How a user gives storch a state-dependent, per-step baseline (docs/partitions.md, "Actor-critic: a critic as the
+per-step baseline"):
 a callable ``baseline=`` returning V(s_t) and ``baseline="learned"`` with ``inputs=`` one_hot(s_t) are refused (s_t
 depends on the episode's own actions); TD residuals as the costs, ``-γ^t (r_t + γ V(s_{t+1}) - V(s_t))`` with the
 critic detached, telescope to the return minus V(s_0): the critic is the baseline γ^s V(s_s) of step s (GAE with
@@ -20,7 +21,9 @@ Measured (4000 estimates, seeds 1-5): gradient variance (trace) of an estimate f
 stays unbiased but multiplies the variance by ~7 (n = 1). GAE's exact relative bias |E[ĝ] - ∇J| / |∇J| with the
 wrong critic: 0 (λ = 1), 2.1% (λ = 0.95), 24% (λ = 0.5), 54% (λ = 0); with V_0: at most 0.3%; with V_t: 0. The common
 A2C entropy bonus, ∇H at the visited states only (``credit=False``), misses the score term of the states'
-distribution: |z| = 15 against ∇ E[Σ γ^t H].
+distribution: |z| = 15 against ∇ E[Σ γ^t H]. Episodes that end early (a 5-state MDP with a terminal state and a stop
+action, with and without ``eos=``): the TD cost of the last step with V(terminal) = 0 and the costs after it masked is
+unbiased for a critic whose terminal value is 5; keeping that value is biased (|z| = 22, 54% of the gradient's norm).
 """
 
 import gc
@@ -45,29 +48,29 @@ WRONG_V = 5 * torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=D)  # a critic far from
 N_EST = 4000
 
 
-def state_distributions(pi):
-    """d_t(s) = P(s_t = s) for t = 0..T-1 under policy probabilities ``pi`` (S, A)."""
-    d = torch.zeros(S, dtype=D)
+def state_distributions(pi, trans=P):
+    """d_t(s) = P(s_t = s) for t = 0..T-1 under policy probabilities ``pi`` (S, A) and transitions ``trans``."""
+    d = torch.zeros(len(pi), dtype=D)
     d[0] = 1.0
     out = []
     for _ in range(T):
         out.append(d)
-        d = torch.einsum("s,sa,sab->b", d, pi, P)
+        d = torch.einsum("s,sa,sab->b", d, pi, trans)
     return out
 
 
-def objective(theta, reward=1.0, beta=BETA):
+def objective(theta, reward=1.0, beta=BETA, trans=P, rewards=R):
     """J(θ) = Σ_t γ^t Σ_s d_t(s) (Σ_a π(a|s) reward r(s, a) + β H(π(·|s))), exact and differentiable."""
     pi = theta.softmax(-1)
     entropy = -(pi * pi.log()).sum(-1)
-    per_state = reward * (pi * R).sum(-1) + beta * entropy
-    return sum(GAMMA ** t * (d @ per_state) for t, d in enumerate(state_distributions(pi)))
+    per_state = reward * (pi * rewards).sum(-1) + beta * entropy
+    return sum(GAMMA ** t * (d @ per_state) for t, d in enumerate(state_distributions(pi, trans)))
 
 
-def exact_gradient(reward=1.0, beta=BETA):
-    """∇θ of the expected cost -J at THETA."""
-    theta = THETA.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(-objective(theta, reward, beta), theta)
+def exact_gradient(reward=1.0, beta=BETA, theta=THETA, trans=P, rewards=R):
+    """∇θ of the expected cost -J at ``theta`` (THETA)."""
+    theta = theta.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(-objective(theta, reward, beta, trans, rewards), theta)
     return g
 
 
@@ -336,6 +339,18 @@ def test_a_state_value_baseline_option_is_refused_and_points_to_td_costs(kind):
         storch.backward()
     message = str(info.value)
     assert "r_t + gamma * V(s_{t+1})" in message and "credit=False" in message, message
+    assert "terminal state" in message, message
+    assert_names_a_section(message)
+
+
+def assert_names_a_section(message):
+    """The section the message names (docs/PAGE.md, 'Title') is a heading of that page (not a paragraph's words)."""
+    import re
+    from pathlib import Path
+
+    page, title = re.search(r"\((docs/[\w/-]+\.md), '([^']+)'\)", message).groups()
+    text = (Path(__file__).resolve().parents[2] / page).read_text(encoding="utf-8")
+    assert title in re.findall(r"^#+ (.+)$", text, re.M), (page, title)
 
 
 def test_a_callable_baseline_with_gradient_is_detached():
@@ -349,3 +364,54 @@ def test_a_callable_baseline_with_gradient_is_detached():
         loss = storch.surrogate_loss()
     (g,) = torch.autograd.grad(loss, [w], allow_unused=True)
     assert g is None, g
+
+
+# Episodes that end early (docs/partitions.md, "Actor-critic"): state END is terminal (absorbing, reward 0) and action
+# STOP goes there; the other actions reach it too, by chance. Ended at step τ (s_{τ+1} = END), the TD cost of τ must
+# read V(END) = 0 and the costs after τ are masked: then the costs from step s ≤ τ sum to Σ_{t=s..τ} γ^t r_t - γ^s V(s_s)
+# (the return-to-go minus the baseline). Keeping γ V(s_{τ+1}) = γ V(END) in the cost of τ adds γ^{τ+1} V(END) to every
+# step's cost-to-go: a reward for ending at τ, which the actions decide, so the gradient is that of
+# E[Σ γ^t r_t + γ^{τ+1} V(END)] (biased unless V(END) = 0; a critic regressed on the live steps never learns V(END)).
+SE, AE, END, STOP = 5, 3, 4, 2
+_ge = torch.Generator().manual_seed(2)
+PE = torch.rand(SE, AE, SE, generator=_ge, dtype=D) ** 2
+PE[:, STOP] = F.one_hot(torch.tensor(END), SE).to(D)
+PE[END] = F.one_hot(torch.tensor(END), SE).to(D)
+PE = PE / PE.sum(-1, keepdim=True)
+RE = torch.randn(SE, AE, generator=_ge, dtype=D)
+RE[END] = 0.0
+THETA_E = 0.5 * torch.randn(SE, AE, generator=_ge, dtype=D)
+CRITIC_E = 5 * torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0], dtype=D)  # V(END) = 5: what a critic never trained there holds
+
+
+def ending_estimates(end_value_zero, eos=None, seed=0):
+    """A2C estimates on the MDP with a terminal state, the TD costs with the critic detached and masked after the
+    end; ``end_value_zero``: V(s_{t+1}) = 0 when s_{t+1} is terminal (the recipe), else the critic's V(END)."""
+    torch.manual_seed(seed)
+    est = storch.estimator("score", plate="ep", n_samples=2, **({} if eos is None else {"eos": eos}))
+    with storch.Graph():
+        leaf, th = replicate(THETA_E, N_EST)
+        v = CRITIC_E
+        s, live = torch.tensor(0), torch.ones((), dtype=torch.bool)
+        for t in range(T):
+            a = est(Categorical(logits=th[s]))
+            s_next = Categorical(probs=PE[s, a]).sample()
+            done = s_next == END
+            v_next = (torch.where(done, 0.0, v[s_next]) if end_value_zero else v[s_next]) if t < T - 1 else 0.0
+            storch.add_cost(-GAMMA ** t * live * (RE[s, a] + GAMMA * v_next - v[s]), name="td")
+            live = live & ~done
+            s = s_next
+        (g,) = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+    return g.reshape(-1, SE, AE)
+
+
+@pytest.mark.parametrize("eos", [None, STOP])
+def test_a2c_with_an_episode_ending_early_is_unbiased_with_a_zero_terminal_value(eos):
+    exact = exact_gradient(beta=0.0, theta=THETA_E, trans=PE, rewards=RE)
+    assert exact[:END].abs().max() > 0.1 and (exact[END] == 0).all()
+    assert_unbiased(ending_estimates(True, eos), exact, f"A2C, terminal state, V(END) = 0 (eos={eos})")
+
+
+def test_a2c_keeping_the_critics_terminal_value_is_biased():
+    exact = exact_gradient(beta=0.0, theta=THETA_E, trans=PE, rewards=RE)
+    assert not z_test(ending_estimates(False, seed=1), exact, "A2C, terminal state, V(END) = 5").ok

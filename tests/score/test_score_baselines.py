@@ -747,8 +747,11 @@ def test_a_subclass_s_baseline_of_earlier_steps_samples_is_refused():
             storch.add_cost((a - 0.5) ** 2, name=f"r{t}")
             s = a
         with pytest.raises(storch.StorchError, match=r"baseline returned a value that depends on the samples of "
-                                                     r"plate 'p'.*must not depend"):
+                                                     r"plate 'p'.*must not depend") as info:
             storch.surrogate_loss()
+    # the recipe for a critic V(s_t): TD residuals as the costs (docs/partitions.md, "Actor-critic")
+    assert "r_t + gamma * V(s_{t+1}) - V(s_t)" in str(info.value), str(info.value)
+    assert "(docs/partitions.md, 'Actor-critic: a critic as the per-step baseline')" in str(info.value)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -25,10 +25,11 @@ __all__ = ["LearnedBaseline", "baseline_features", "check_inputs", "in_frame"]
 # as the costs telescope to the return minus V(s_0), so step s gets the baseline γ^s V(s_s), unbiased for any V
 STATE_VALUE_CRITIC = (
     "For a critic V(s_t) of the state (actor-critic), add TD residuals as the step costs instead, with V detached: "
-    "-gamma**t * (r_t + gamma * V(s_{t+1}) - V(s_t)) at step t (V = 0 after the last step); they sum to "
+    "-gamma**t * (r_t + gamma * V(s_{t+1}) - V(s_t)) at step t (V = 0 after the last step, and at a terminal state: "
+    "an episode that ends early reads V(s_{t+1}) = 0 at its last step and masks the costs after it); they sum to "
     "the return minus V(s_0), so the critic is the per-step baseline of every step, unbiased for any V; train V with "
     "its own regression, storch.add_cost((V(s_t) - return_t.detach()) ** 2, name='critic', credit=False) "
-    "(docs/partitions.md, 'A critic trained in the same step')")
+    "(docs/partitions.md, 'Actor-critic: a critic as the per-step baseline')")
 
 
 def _finite_logits(v: torch.Tensor) -> torch.Tensor:

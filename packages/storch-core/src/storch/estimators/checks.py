@@ -277,7 +277,10 @@ def check_in_frame(est: Estimator, component: str, t: Any, frame: CostFrame) -> 
                 "partition, on the sequence's samples of any step (a state value V(s_t) of earlier actions): the "
                 "control variate (1 - MagicBox(L_t)) b is then biased. Compute it from values before the node (before "
                 "the sequence's first step), or from the other samples' costs (storch.extending.leave_one_out), or "
-                "use a control variate that corrects for the dependence")
+                "use a control variate that corrects for the dependence. For a critic V(s_t) of an episode's state "
+                "(actor-critic), add TD residuals as the step costs instead, -gamma**t * (r_t + gamma * V(s_{t+1}) - "
+                "V(s_t)) with V detached: they sum to the return minus V(s_0), the critic as every step's baseline "
+                "(docs/partitions.md, 'Actor-critic: a critic as the per-step baseline')")
         raise StorchError(
             f"{who} returned a PlateTensor (per-sample shape {tuple(t.shape)}, plates "
             f"{[p.name for p in t.plates]}), but it must return a plain tensor laid out as {layout}: "
