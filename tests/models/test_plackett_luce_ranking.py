@@ -193,15 +193,20 @@ def test_log_prob_of_a_sampled_permutation_on_plate_tensors_is_per_entry():
         assert torch.equal(lp.tensor, PlackettLuce(scores).log_prob(perm.tensor))
 
 
-def test_padding_with_minus_infinity_is_refused():
+@pytest.mark.parametrize("name, n", [("score", 3), ("expect", None), ("unordered_set", 3)])
+def test_padding_with_minus_infinity_is_refused(name, n):
     """Scores padded with -inf (as logits are masked) make this log_prob NaN (-inf - -inf): refused at the
-    surrogate, not a NaN gradient; a very low finite score (PAD) is what works."""
+    surrogate, not a NaN gradient, with a message that names the infinite parameter and the fix; a very low finite
+    score (PAD) is what works."""
     scores = item_scores(scorer()).detach().masked_fill(~MASK, float("-inf")).requires_grad_()
     with storch.Graph():
-        with pytest.raises(storch.NonFiniteCostError, match="the weights or gradient-function values of an estimator"):
-            _surrogate(storch.estimator("score", plate="rank", n_samples=3), scores)
+        with pytest.raises(storch.NonFiniteCostError, match="the weights or gradient-function values of an estimator") \
+                as info:
+            _surrogate(storch.estimator(name, plate="rank", **({} if n is None else {"n_samples": n})), scores)
             storch.backward()
     assert scores.grad is None
+    assert f"Infinite parameters at '{name}' (plate 'rank', a PlackettLuce: scores)" in str(info.value), str(info.value)
+    assert "very low finite value" in str(info.value)
 
 
 def test_the_hessian_under_expect_is_exact():

@@ -9,6 +9,7 @@ from typing import Callable, Optional
 import torch
 
 from ..conditions.order_guard import unbatched
+from ..distributions.parameters import parameters
 from ..distributions.precision import exact_draws_hint, precision_checked
 from ..errors import NonFiniteCostError
 from ..estimators.base import Estimator
@@ -51,7 +52,8 @@ def _message(costs: list, nodes: list, after: str = _AFTER) -> str:
             f"an estimator are (estimators in this graph: {', '.join(names) or 'none'}; e.g. log p(x) = -inf, or "
             f"diverged parameters; a tanh-squashed distribution whose sample saturated at ±1, where "
             f"TanhTransform's inverse is infinite: use TanhTransform(cache_size=1) so log_prob reuses the "
-            f"pre-tanh sample){_infinite_logits_hint(nodes)}: {after}Catch storch.NonFiniteCostError to skip the batch")
+            f"pre-tanh sample){_infinite_logits_hint(nodes)}{_infinite_parameters_hint(nodes)}: {after}Catch "
+            "storch.NonFiniteCostError to skip the batch")
 
 
 def _exact_draws(nodes: list) -> str:
@@ -260,6 +262,35 @@ def _infinite_logits_hint(nodes: list) -> str:
             "gradient, and score trains; in bfloat16 that eps, 2^-7, would zero the gradient of any logit above "
             "~4.8), or an estimator that "
             f"handles infinite logits ({', '.join(INFINITE_LOGITS_ESTIMATORS)})")
+
+
+def _infinite_parameters_hint(nodes: list) -> str:
+    """For :func:`_check_finite`'s message (error path only): the nodes whose gradient-function values or weights hold
+    a NaN and whose distribution has an infinite parameter (Bernoulli and Binomial aside: :func:`_infinite_logits_hint`). A
+    class of your own padded with -inf, as logits are masked (Plackett-Luce scores of a shorter ranking), computes
+    -inf - -inf = NaN in its log_prob (tests/models/test_plackett_luce_ranking.py)."""
+    found = []
+    for n in nodes:
+        d = n.original if n.original is not None else n.distribution
+        while isinstance(d, (torch.distributions.Independent, torch.distributions.TransformedDistribution)):
+            d = d.base_dist
+        if isinstance(d, (torch.distributions.Bernoulli, torch.distributions.Binomial)):
+            continue
+        values = (_quietly(lambda n=n: n.gradient_values), _quietly(lambda n=n: n.weight_values))
+        if not any(isinstance(v, torch.Tensor) and _holds(raw_of(v), torch.isnan) for v in values):
+            continue
+        params = _quietly(lambda d=d: parameters(d))
+        names = [k for k, v in (params if isinstance(params, dict) else {}).items()
+                 if isinstance(v, torch.Tensor) and _holds(raw_of(v), torch.isinf)]
+        if names:
+            found.append(f"{n.estimator.name!r} (plate {n.plate.name!r}, a {type(d).__name__}: "
+                         f"{', '.join(names)})")
+    if not found:
+        return ""
+    return (f". Infinite parameters at {', '.join(found)}, whose log-probabilities are NaN: a log_prob that meets "
+            "-inf - -inf (entries padded or masked with -inf, as logits are masked) is NaN there. Pad or mask with a "
+            "very low finite value instead (e.g. -1e4: its exp is 0, so a padded entry changes no term and gets no "
+            "gradient), or mask inside log_prob (docs/your-own-distribution.md)")
 
 
 #: the estimators that take a Bernoulli / Binomial with infinite logits (a pinned bit: log p = 0 on the value it
