@@ -851,3 +851,34 @@ def test_reflected_operators_with_a_tensor_keep_the_tensors_operator():
     assert (t / x).tensor.grad_fn.name() == "DivBackward0"
     with pytest.raises(TypeError, match="unsupported operand"):
         x ** "2"
+
+
+# -- a sampled size is refused on the error path only ------------------------------------------------------------
+
+
+def test_shape_calls_with_plain_sizes_do_not_look_for_a_sampled_size():
+    """view / reshape / expand / repeat / new_zeros & co. refuse a sampled size (a PlateTensor where torch takes a
+    Python number), but only once the call has failed: with plain sizes they neither scan the sizes nor name the
+    call (review r-52: the refusal's describe(func) ran on every view / reshape / expand, 1-2 us each)."""
+    x = make(rnd(3, 2, 4, 5), *ZD)
+    n = PlateTensor(torch.tensor([2, 3, 2]), [storch.Plate("z", 3)])
+    for fn in (lambda: x.view(-1), lambda: x.view(20), lambda: x.reshape(x.shape[0], -1),
+               lambda: torch.reshape(x, (5, 4)), lambda: x[:1].expand(3, 5), lambda: x.expand(size=(2, 4, 5)),
+               lambda: x.repeat(2, 1), lambda: x.new_zeros(x.shape), lambda: x.new_full((2,), 1.0),
+               lambda: x.new_empty_strided((2, 3), (3, 1)), lambda: x.new_tensor([1.0, 2.0])):
+        fn()  # warm-up
+        out, seen = calls(fn)
+        assert "refuse_sampled_size" not in seen and "describe" not in seen, fn
+        assert type(out) in (PlateTensor, torch.Tensor)
+    assert x.view(-1).shape == (20,) and x.reshape(x.shape[0], -1).shape == (4, 5)
+    assert torch.equal(x[:1].expand(3, 5).tensor, x.tensor[:, :, :1].expand(3, 2, 3, 5))
+    assert x.new_zeros(x.shape).shape == (4, 5) and type(x.new_zeros(3)) is torch.Tensor
+    # the control: a sampled size fails, and the refusal names the call and what to write
+    for fn, what in ((lambda: x.view(n, -1), "Tensor.view"), (lambda: x.reshape([n, -1]), "Tensor.reshape"),
+                     (lambda: x[:1].expand(size=(n, 5)), "Tensor.expand"), (lambda: x.repeat(n, 1), "Tensor.repeat"),
+                     (lambda: x.new_zeros(n), "Tensor.new_zeros"), (lambda: x.new_full((n,), 1.0), "Tensor.new_full"),
+                     (lambda: x.new_empty_strided((n,), (1,)), "Tensor.new_empty_strided")):
+        with pytest.raises(storch.PlateError, match=f"{what} got a sampled size .*keep a fixed maximum length"):
+            fn()
+    with pytest.raises(storch.PlateError, match=r"data\.detach\(\)\.clone\(\)"):
+        x.new_tensor(n)

@@ -17,7 +17,7 @@ import torch
 from ..errors import PlateError
 from .tensor import SAMPLED_SIZE, Plate, PlateTensor, align, map_tensors, too_many_samples
 from .tensor import new_plate_tensor as _new
-from .treatments import register_plate_handler
+from .treatments import describe, register_plate_handler
 
 __all__ = [
     "dispatch", "register", "check_leading", "wrap", "wrap_same", "scan", "unwrap", "too_many_samples",
@@ -117,15 +117,17 @@ def _operands(args, kwargs):
     yield from kwargs.values()
 
 
-def refuse_sampled_size(what: str, sizes) -> None:
+def refuse_sampled_size(func, sizes) -> None:
     """Refuse a plate tensor among ``sizes`` (the shape argument of view / reshape / expand / repeat / new_zeros):
     torch reads one Python number from it, and a sampled size would give every plate entry its own shape (a
     variable length, as ``repeat_interleave`` with sampled repeats). Without this, the handler would pass the plate
-    tensor on to torch with the raw tensor, and the call would come back to storch with a plain first operand."""
+    tensor on to torch with the raw tensor, and the call would come back to storch with a plain first operand.
+    Called where the handler's call failed, so that a call with plain sizes pays nothing for it (review r-52:
+    naming the call on every view / reshape / expand cost 1-2 us each)."""
     for s in sizes:
         if type(s) is _PT:
             raise PlateError(
-                f"{what} got a sampled size (a PlateTensor over plates {tuple(p.name for p in s._plates)}) where "
+                f"{describe(func)} got a sampled size (a PlateTensor over plates {tuple(p.name for p in s._plates)}) where "
                 "torch takes a Python number: one number cannot hold every sample's value, and each sample would "
                 "have its own shape. " + SAMPLED_SIZE)
 

@@ -282,14 +282,17 @@ register(_T.item, _T.tolist, _T.numpy, _T.__bool__, _T.__int__, _T.__float__, _T
 @register(_T.new_zeros, _T.new_ones, _T.new_full, _T.new_empty, _T.new_tensor, _T.new_empty_strided)
 def _no_plates(func, args, kwargs):
     """a new plain tensor of the given per-sample shape (it holds no plates)"""
-    name = func.__name__
-    if name == "new_tensor" and any(type(a) is _PT for a in _operands(args[1:], kwargs)):
+    if func is _T.new_tensor and any(type(a) is _PT for a in _operands(args[1:], kwargs)):
         raise PlateError("Tensor.new_tensor(data) with a PlateTensor as data makes a plain tensor, which cannot hold a "
                          "value per sample: copy the plate tensor itself (`data.detach().clone()`, `data.to(dtype)`)")
-    rest = args[1:] if name in ("new_zeros", "new_ones", "new_empty") else args[1:2]  # (*size) or (size, ...)
-    refuse_sampled_size(f"Tensor.{name}", [s for a in (*rest, kwargs.get("size", ()))
-                                           for s in (a if isinstance(a, (tuple, list)) else (a,))])
-    return func(args[0]._raw, *args[1:], **kwargs)
+    try:
+        return func(args[0]._raw, *args[1:], **kwargs)
+    except Exception:  # (a sampled size fails: looking for it costs nothing on the normal path)
+        name = func.__name__
+        rest = args[1:] if name in ("new_zeros", "new_ones", "new_empty") else args[1:2]  # (*size) or (size, ...)
+        refuse_sampled_size(func, [s for a in (*rest, kwargs.get("size", ()))
+                                   for s in (a if isinstance(a, (tuple, list)) else (a,))])
+        raise
 
 
 @register(_T.new)

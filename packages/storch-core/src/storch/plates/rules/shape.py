@@ -21,7 +21,6 @@ from ..kit import dispatch, refuse_sampled_size, register, scan, wrap, wrap_same
 from .pointwise import broadcast
 from .sparse import is_sparse, sparse_matmul
 from .vmap import vmap_call
-from ..treatments import describe
 from ..tensor import SAMPLED_SIZE, PlateTensor, align, sampled_index_advice, union_plates
 
 _PT = PlateTensor
@@ -552,9 +551,12 @@ def _reshape(func, args, kwargs):
     if len(args) == 2 and isinstance(args[1], torch.dtype) or "dtype" in kwargs:
         return wrap(func(x._raw, *args[1:], **kwargs), x._plates)  # view(dtype): the last dim
     shape = _shape_arg(args, kwargs, "shape")
-    refuse_sampled_size(describe(func), shape)
     raw = x._raw
-    new = raw.shape[: len(x._plates)] + shape
+    try:
+        new = raw.shape[: len(x._plates)] + shape
+    except TypeError:  # (torch.Size of a sampled size: "takes an iterable of 'int'")
+        refuse_sampled_size(func, shape)
+        raise
     # plate dims may be non-contiguous views after alignment; reshape copies only if needed
     return wrap_same(raw.reshape(new), x._plates)
 
@@ -572,11 +574,13 @@ def _expand(func, args, kwargs):
     """the target shape is per sample; plate dims keep their size"""
     x = args[0]
     sizes = _shape_arg(args, kwargs, "size")
-    refuse_sampled_size(describe(func), sizes)
     raw = _pad_raw(x, len(sizes))
     try:
         return wrap(raw.expand(*([-1] * len(x._plates)), *sizes), x._plates)
-    except RuntimeError:
+    except Exception as e:
+        refuse_sampled_size(func, sizes)  # (a sampled size reaches storch again with the raw tensor: it fails)
+        if not isinstance(e, RuntimeError):
+            raise
         # torch's message for one sample (the raw call's shows the plate dims, and counts them in its dim
         # numbers and sizes): the same call on a stand-in of the per-sample shape (zero strides, no memory)
         func(torch.zeros((), dtype=x.dtype, device=x.device).expand(tuple(x.shape)), *args[1:], **kwargs)
@@ -598,8 +602,11 @@ def _repeat(func, args, kwargs):
     """repeats per-sample dims; plate dims are not repeated"""
     x = args[0]
     sizes = _shape_arg(args, kwargs, "repeats")
-    refuse_sampled_size(describe(func), sizes)
-    return wrap(_pad_raw(x, len(sizes)).repeat(*([1] * len(x._plates)), *sizes), x._plates)
+    try:
+        return wrap(_pad_raw(x, len(sizes)).repeat(*([1] * len(x._plates)), *sizes), x._plates)
+    except Exception:
+        refuse_sampled_size(func, sizes)  # (as in _expand: on the error path only)
+        raise
 
 
 def _full(x, plates, k=None):
