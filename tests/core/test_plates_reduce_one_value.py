@@ -41,6 +41,15 @@ FORMS = {
     "norm": lambda lw: lw.norm(dim=0),
     "vector_norm": lambda lw: torch.linalg.vector_norm(lw, dim=0),
     "F.normalize": lambda lw: F.normalize(lw, dim=0),
+    # review r-52: these ran per sample silently (nanmedian was listed with median, but had no handler)
+    "nanmedian": lambda lw: lw.nanmedian(0).values,
+    "torch.nanmedian": lambda lw: torch.nanmedian(lw, dim=0)[0],
+    "aminmax": lambda lw: torch.aminmax(lw, dim=0).max,
+    "Tensor.aminmax": lambda lw: lw.aminmax(dim=0, keepdim=True).min,
+    "special.logsumexp": lambda lw: torch.special.logsumexp(lw, 0),
+    "special.logsumexp_-1": lambda lw: torch.special.logsumexp(lw, -1),
+    "special.softmax": lambda lw: torch.special.softmax(lw, 0),
+    "special.log_softmax": lambda lw: torch.special.log_softmax(lw, dim=-1),
 }
 
 
@@ -83,6 +92,13 @@ def test_without_a_dim_and_on_a_per_sample_vector_the_reductions_run_per_sample(
         for name in ("logsumexp", "mean", "softmax", "cumsum", "amax"):
             out = getattr(v, name)(0)
             torch.testing.assert_close(out.tensor, getattr(v.tensor, name)(1))
+        for f, raw in ((lambda t: t.nanmedian(0).values, lambda r: r.nanmedian(1).values),
+                       (lambda t: torch.aminmax(t, dim=0).max, lambda r: torch.aminmax(r, dim=1).max),
+                       (lambda t: torch.special.logsumexp(t, 0), lambda r: torch.special.logsumexp(r, 1)),
+                       (lambda t: torch.special.softmax(t, -1), lambda r: torch.special.softmax(r, -1)),
+                       (lambda t: t.nanmedian(), lambda r: r.nanmedian(1).values)):
+            torch.testing.assert_close(f(v).tensor, raw(v.tensor))
+        torch.testing.assert_close(lw.nanmedian().tensor, lw.tensor)  # no dim: the sample's own value
 
 
 def test_a_reduction_over_the_last_dim_of_a_per_sample_scalar_runs_as_torch_does():

@@ -192,9 +192,10 @@ ACROSS_SAMPLES: frozenset = frozenset(
     f for n in ("sum", "mean", "nansum", "nanmean", "prod", "amax", "amin", "max", "min", "median", "nanmedian",
                 "logsumexp", "argmax", "argmin", "std", "var", "norm", "softmax", "log_softmax", "cumsum", "cumprod",
                 "logcumsumexp", "cummax", "cummin", "sort", "argsort", "topk", "kthvalue", "quantile", "nanquantile",
-                "mode", "msort")
+                "mode", "msort", "aminmax")
     for f in _both(n)) | {F.softmax, F.log_softmax, F.softmin, F.normalize, torch.linalg.vector_norm,
-                          torch.linalg.norm}
+                          torch.linalg.norm, torch.special.logsumexp, torch.special.softmax,
+                          torch.special.log_softmax}
 
 # of those, the ones whose result on one value is a constant or the value itself whatever the dim (softmax: 1,
 # log_softmax: 0, normalize: the sign, logsumexp: the value): refused at any dim. The others only at dim 0, the
@@ -202,7 +203,8 @@ ACROSS_SAMPLES: frozenset = frozenset(
 # samples, run on a Categorical's scalar ones) is a reduction over the sample's own value, as torch does it.
 _ANY_DIM: frozenset = frozenset(
     f for n in ("logsumexp", "softmax", "log_softmax", "logcumsumexp") for f in _both(n)) | {
-        F.softmax, F.log_softmax, F.softmin, F.normalize}
+        F.softmax, F.log_softmax, F.softmin, F.normalize, torch.special.logsumexp, torch.special.softmax,
+        torch.special.log_softmax}
 
 # of the others, those that agree with storch's averaging of a data plate (up to a scale) where dim 0 was the batch
 # of the ported code; max / min / prod / ... over it there were a hand-written logsumexp's (review r-25): refused
@@ -316,18 +318,34 @@ def _spread(func, args, kwargs):
     return _spread_dim(func, args, kwargs)
 
 
-@register(*_both("quantile"), *_both("nanquantile"), *_both("mode"), *_both("msort"))
+_DIM_AFTER_Q = frozenset(_both("quantile") + _both("nanquantile"))
+
+
+@register(*_both("quantile"), *_both("nanquantile"), *_both("mode"), *_both("msort"), *_both("nanmedian"),
+          *_both("aminmax"))
 def _order_statistic(func, args, kwargs):
     """per sample (vmap); over dim 0 of a sample of one value (batched code's samples dim), refused (a PlateError)
 
     A quantile or rank over the samples written as in batched code (a risk-seeking baseline's (1 - eps)-quantile of
     the batch's rewards, ``torch.quantile(r, 1 - eps, dim=0)``) would be each sample's own value: a weight of 0 for
-    every sample, a zero gradient, silently (found by porting DSR's policy gradient)."""
+    every sample, a zero gradient, silently (found by porting DSR's policy gradient). nanmedian and aminmax too
+    (review r-52: ``r.nanmedian(0)`` ran, though nanmedian was listed with median)."""
     x = args[0] if args else kwargs.get("input")
     if type(x) is _PT and x._raw.dim() == len(x._plates):
-        name = func.__name__
-        d = 0 if name == "msort" else _get_dim(args, kwargs, 1 if name == "mode" else 2)[0]
+        d = 0 if func.__name__ == "msort" else _get_dim(args, kwargs, 2 if func in _DIM_AFTER_Q else 1)[0]
         _refuse_reduction_of_one_value(func, x, d)
+    return vmap_call(func, args, kwargs)
+
+
+@register(torch.special.logsumexp, torch.special.softmax, torch.special.log_softmax)
+def _special_normalisation(func, args, kwargs):
+    """per sample (vmap); on a sample of one value, refused at any dim (a PlateError), as torch.logsumexp / softmax
+
+    torch.special's logsumexp and softmax are functions of their own, not torch's: on a per-sample scalar they
+    returned the value (or 1, 0) per sample silently where torch.logsumexp(lw, 0) is refused (review r-52)."""
+    x = args[0] if args else kwargs.get("input")
+    if type(x) is _PT and x._raw.dim() == len(x._plates):
+        _refuse_reduction_of_one_value(func, x, _get_dim(args, kwargs, 1)[0])
     return vmap_call(func, args, kwargs)
 
 
