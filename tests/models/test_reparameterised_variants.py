@@ -6,8 +6,8 @@ The oracle is a linear-Gaussian model, p(z) = N(0, I), p(x | z) = N(Wz + b, s^2 
 on a data plate of two points: the ELBO, its gradient and its Hessian in closed form; IWAE's expected gradient
 from a large hand-written Monte Carlo (torch.func, 20000 sets of K draws).
 (a) the ELBO's gradient (order 1) and two rows of its Hessian (order 2) are unbiased: z-tested (|z| < 4, seeded);
-(b) STL is unbiased for the ELBO's gradient; at the exact posterior its encoder gradient has zero variance
-    (Roeder et al.'s claim) where the plain ELBO's does not; at order 2 it is unbiased for the Hessian of what
+(b) STL is unbiased for the ELBO's gradient; at the exact posterior its encoder gradient (and DReG's) has zero
+    variance (Roeder et al.'s, Tucker et al.'s claim) where the plain ELBO's (IWAE's) does not; at order 2 it is unbiased for the Hessian of what
     was written (q's detached parameters constants): the ELBO's less the Fisher term, not the ELBO's;
 (c) IWAE and DReG are unbiased for IWAE's gradient (DReG's encoder term has the same expectation); DReG written
     with a hook on the sample equals DReG as two costs; DReG's encoder gradient has a lower variance and higher
@@ -139,14 +139,19 @@ def test_elbo_and_stl_gradients_are_unbiased_for_the_exact_elbo_gradient(stl):
     _assert_unbiased(reps, exact)
 
 
-def test_stl_encoder_gradient_has_zero_variance_at_the_exact_posterior():
+def test_stl_and_dreg_encoder_gradients_have_zero_variance_at_the_exact_posterior():
+    """There log w = log p(x) for every z: the path derivatives vanish draw by draw (measured: STL's and DReG's
+    largest entry 2e-6 and 7e-8; the plain ELBO's per-coordinate std 0.64-3.0, IWAE_16's 0.21-0.82)."""
     X, enc, dec = _model(exact_posterior=True)
     exact = _flat_grad(lambda: exact_negative_elbo(X, *enc, *dec), enc)
     assert exact.abs().max() < 1e-5  # the ELBO is maximal in q there
     stl = _replicates(lambda: elbo_loss(X, enc, dec, stl=True), enc, 50, seed=2)
     plain = _replicates(lambda: elbo_loss(X, enc, dec, stl=False), enc, 50, seed=2)
-    assert plain.std(0).min() > 0.05
+    dreg = _replicates(lambda: iwae_loss(X, enc, dec, 16, "dreg"), enc, 50, seed=2)
+    iwae = _replicates(lambda: iwae_loss(X, enc, dec, 16), enc, 50, seed=2)
+    assert plain.std(0).min() > 0.1 and iwae.std(0).min() > 0.1
     assert stl.abs().max() < 1e-4, stl.abs().max()
+    assert dreg.abs().max() < 1e-4, dreg.abs().max()
 
 
 @pytest.mark.parametrize("stl", [False, True], ids=["elbo", "stl"])
