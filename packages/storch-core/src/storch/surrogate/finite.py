@@ -268,8 +268,11 @@ def _infinite_parameters_hint(nodes: list) -> str:
     """For :func:`_check_finite`'s message (error path only): the nodes whose gradient-function values or weights hold
     a NaN and whose distribution has an infinite parameter (Bernoulli and Binomial aside: :func:`_infinite_logits_hint`). A
     class of your own padded with -inf, as logits are masked (Plackett-Luce scores of a shorter ranking), computes
-    -inf - -inf = NaN in its log_prob (tests/models/test_plackett_luce_ranking.py)."""
-    found = []
+    -inf - -inf = NaN in its log_prob (tests/models/test_plackett_luce_ranking.py). A distribution whose parameters
+    hold a NaN is named for that instead (a diverged model, or -inf - -inf already computed in its constructor): its
+    -inf entries may be a Categorical's masked logits, which are fine (review r-53: only the padding advice was given
+    for a diverged, masked Categorical)."""
+    found, nan = [], []
     for n in nodes:
         d = n.original if n.original is not None else n.distribution
         while isinstance(d, (torch.distributions.Independent, torch.distributions.TransformedDistribution)):
@@ -280,17 +283,27 @@ def _infinite_parameters_hint(nodes: list) -> str:
         if not any(isinstance(v, torch.Tensor) and _holds(raw_of(v), torch.isnan) for v in values):
             continue
         params = _quietly(lambda d=d: parameters(d))
-        names = [k for k, v in (params if isinstance(params, dict) else {}).items()
-                 if isinstance(v, torch.Tensor) and _holds(raw_of(v), torch.isinf)]
-        if names:
-            found.append(f"{n.estimator.name!r} (plate {n.plate.name!r}, a {type(d).__name__}: "
-                         f"{', '.join(names)})")
-    if not found:
-        return ""
-    return (f". Infinite parameters at {', '.join(found)}, whose log-probabilities are NaN: a log_prob that meets "
-            "-inf - -inf (entries padded or masked with -inf, as logits are masked) is NaN there. Pad or mask with a "
-            "very low finite value instead (e.g. -1e4: its exp is 0, so a padded entry changes no term and gets no "
-            "gradient), or mask inside log_prob (docs/your-own-distribution.md)")
+        tensors = {k: raw_of(v) for k, v in (params if isinstance(params, dict) else {}).items()
+                   if isinstance(v, torch.Tensor)}
+        where = f"{n.estimator.name!r} (plate {n.plate.name!r}, a {type(d).__name__}: "
+        nans = [k for k, v in tensors.items() if _holds(v, torch.isnan)]
+        names = [k for k, v in tensors.items() if _holds(v, torch.isinf)]
+        if nans:
+            nan.append(f"{where}{', '.join(nans)})")
+        elif names:
+            found.append(f"{where}{', '.join(names)})")
+    text = ""
+    if nan:
+        text += (f". NaN parameters at {', '.join(nan)}: the model's outputs diverged or its inputs hold NaN, or a "
+                 "parameter was computed from -inf entries (-inf - -inf: a Categorical normalizes logits that are -inf "
+                 "in a whole row to NaN; keep one entry finite, or pad with a very low finite value); torch's argument "
+                 "validation, on by default, refuses them where the distribution is built")
+    if found:
+        text += (f". Infinite parameters at {', '.join(found)}, whose log-probabilities are NaN: a log_prob that "
+                 "meets -inf - -inf (entries padded or masked with -inf, as logits are masked) is NaN there. Pad or "
+                 "mask with a very low finite value instead (e.g. -1e4: its exp is 0, so a padded entry changes no "
+                 "term and gets no gradient), or mask inside log_prob (docs/your-own-distribution.md)")
+    return text
 
 
 #: the estimators that take a Bernoulli / Binomial with infinite logits (a pinned bit: log p = 0 on the value it
