@@ -209,6 +209,22 @@ def test_padding_with_minus_infinity_is_refused(name, n):
     assert "very low finite value" in str(info.value)
 
 
+def test_padding_with_minus_infinity_is_refused_under_compile_with_the_padding_hint():
+    """The compiled step's refusal of the NaN loss (its backward hook) names -inf padding too, not only a Bernoulli's
+    infinite logit (review r-53: it named the Bernoulli alone)."""
+    est = storch.estimator("score", plate="rank", n_samples=3)
+
+    def step(scores):
+        with storch.Graph():
+            return _surrogate(est, scores)
+
+    scores = item_scores(scorer()).detach().masked_fill(~MASK, float("-inf")).requires_grad_()
+    loss = storch.compile(step, backend=None)(scores)
+    with pytest.raises(storch.NonFiniteCostError, match=r"padded or masked with -inf.*very low finite value"):
+        loss.backward()
+    assert scores.grad is None
+
+
 def test_the_hessian_under_expect_is_exact():
     scores = item_scores(scorer()).detach().requires_grad_()
     with storch.Graph():
