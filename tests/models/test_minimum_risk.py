@@ -87,17 +87,24 @@ def exact_mrt(src, alpha=1.0, eos=None):
     return (p_set * (torch.softmax(alpha * lp[combos], 1) * DELTA[combos]).sum(1)).sum()
 
 
-def mrt_loss(lp, cost, codes, alpha=1.0, plate="seq"):
+def mrt_loss(lp, cost, pad, alpha=1.0, plate="seq"):
     """The user's MRT loss over the sampled set: Q ∝ p^α renormalised over the set, one value per
-    data point. An entry that repeats an earlier entry's sequence is the estimator's padding (a data
-    point with fewer possible sequences than S) and is left out of Q."""
+    data point. The estimator's padding (``storch.padding``: a data point with fewer possible sequences
+    than S repeats one at weight 0) is left out of Q."""
     i = [p.name for p in lp.plates].index(plate)
-    a, c, k = (v.movedim(i, -1) for v in torch.broadcast_tensors(lp.tensor, (cost + 0 * lp).tensor, (codes + 0 * lp).tensor))
-    first = ~(k.unsqueeze(-1) == k.unsqueeze(-2)).tril(-1).any(-1)
-    q = torch.softmax((alpha * a).masked_fill(~first, -math.inf), -1)
+    a, c, m = (v.movedim(i, -1) for v in torch.broadcast_tensors(lp.tensor, (cost + 0 * lp).tensor, (pad + 0 * lp).tensor))
+    q = torch.softmax((alpha * a).masked_fill(m > 0, -math.inf), -1)
     rest = [p for p in lp.plates if p.name != plate]
     loss = (q * c).sum(-1)
     return storch.PlateTensor(loss, rest) if rest else loss
+
+
+def repeats(lp, codes, plate="seq"):
+    """By hand: the entries whose sequence (its code) repeats an earlier entry's, plate ``plate`` last,
+    in ``lp``'s layout (what docs/partitions.md's recipe compared before ``storch.padding``)."""
+    i = [p.name for p in lp.plates].index(plate)
+    k = (codes + 0 * lp).tensor.movedim(i, -1)
+    return (k.unsqueeze(-1) == k.unsqueeze(-2)).tril(-1).any(-1)
 
 
 def decode(est, src, eos=None, detach=False, mask=None, first=None):
@@ -135,7 +142,7 @@ def mrt_estimates(seed, alpha=1.0, eos=None):
     with storch.Graph():
         leaf, src = replicate(SRC, R)
         tokens, lp, codes = decode(est, src, eos, detach=True)
-        storch.add_cost(mrt_loss(lp, risk(tokens), codes, alpha), name="mrt", credit=False)
+        storch.add_cost(mrt_loss(lp, risk(tokens), storch.padding(tokens[-1]), alpha), name="mrt", credit=False)
         return per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)[0], codes
 
 
@@ -218,7 +225,13 @@ def test_masked_tokens_and_tokens_after_eos_never_appear_and_padding_is_left_out
     with storch.Graph():
         s, m = storch.denote_independent((src, masks), 0, "data")
         tokens, lp, codes = decode(est, s, eos=0, detach=True, mask=[m[t] for t in range(T)])
-        loss = mrt_loss(lp, risk(tokens), codes)
+        pad = storch.padding(tokens[-1])
+        i = [p.name for p in lp.plates].index("seq")
+        by_storch = (pad + 0 * lp).tensor.movedim(i, -1) > 0
+        assert torch.equal(by_storch, repeats(lp, codes))  # the padding is the repeats, nothing else
+        assert by_storch.sum(-1).tolist() == [1, 0]  # source 0: 2 possible sequences in a set of 3
+        assert all(pad.tensor.equal(storch.padding(tok).tensor) for tok in tokens)  # any step's value names the node
+        loss = mrt_loss(lp, risk(tokens), pad)
         storch.add_cost(loss, name="mrt", credit=False)
         seqs = torch.stack([(tok + 0 * codes).tensor for tok in tokens], -1)  # (seq, data, T) or (data, seq, T)
         names = [p.name for p in codes.plates]
@@ -239,6 +252,50 @@ def test_masked_tokens_and_tokens_after_eos_never_appear_and_padding_is_left_out
     assert src.grad is not None and torch.isfinite(src.grad).all()
 
 
+def test_mrt_padding_under_storch_compile():
+    # fixed-length sequences compile; the replay gives the eager step's loss and padding on the traced paths
+    # (every child possible: no padding), and a masked call, whose set would be padded, is refused
+    est = storch.estimator("unordered_set", plate="seq", n_samples=S)
+
+    def step(src, mask):
+        with storch.Graph():
+            s, m = storch.denote_independent((src, mask), 0, "data")
+            tokens, lp, _ = decode(est, s, detach=True, mask=[m[t] for t in range(T)])
+            pad = storch.padding(tokens[-1])
+            storch.add_cost(mrt_loss(lp, risk(tokens), pad), name="mrt", credit=False)
+            return storch.surrogate_loss(), (pad + 0 * lp).tensor
+
+    compiled = storch.compile(step, backend=None)
+    src, free = torch.stack([SRC, -SRC]).requires_grad_(True), torch.zeros(2, T, V, dtype=torch.float64)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        loss, pad = compiled(src, free)
+        torch.manual_seed(seed)
+        want_loss, want_pad = compiled.eager(src, free)
+        assert torch.equal(pad, want_pad) and not pad.any()
+        assert torch.allclose(loss, want_loss)
+    assert compiled.traces == 1
+    masked = free.clone()
+    masked[0, :, 2] = -math.inf  # source 0: token 2 masked at every step
+    masked[0, 1:, 1] = -math.inf  # and token 1 after the first: 2 possible sequences, fewer than S
+    with pytest.raises(storch.AssumptionError, match="eagerly"):
+        compiled(src, masked)
+
+
+def test_padding_refuses_what_is_not_a_sample():
+    est = storch.estimator("unordered_set", plate="seq", n_samples=S, eos=0)
+    with storch.Graph():
+        _, src = replicate(SRC, 2)
+        tokens, lp, codes = decode(est, src, eos=0, detach=True)
+        for bad in (codes, lp, tokens[0].tensor):
+            with pytest.raises(storch.PlateError, match=r"storch.padding takes a sample.*storch.padding\(z\)"):
+                storch.padding(bad)
+        x = tokens[-1]
+    with storch.Graph():  # a sample of another graph
+        with pytest.raises(storch.PlateError, match="no estimator of this graph returned"):
+            storch.padding(x)
+
+
 def test_no_garbage_cycles_after_an_mrt_step():
     params = [*EMB.parameters(), *CELL.parameters(), *OUT.parameters()]
     opt = torch.optim.SGD(params, lr=0.0)
@@ -247,8 +304,8 @@ def test_no_garbage_cycles_after_an_mrt_step():
     def step():
         with storch.Graph():
             _, src = replicate(SRC, 4)
-            tokens, lp, codes = decode(est, src, eos=0, detach=True)
-            storch.add_cost(mrt_loss(lp, risk(tokens), codes), name="mrt", credit=False)
+            tokens, lp, _ = decode(est, src, eos=0, detach=True)
+            storch.add_cost(mrt_loss(lp, risk(tokens), storch.padding(tokens[-1])), name="mrt", credit=False)
             opt.zero_grad()
             storch.backward()
             opt.step()

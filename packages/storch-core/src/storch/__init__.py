@@ -42,7 +42,7 @@ from .registry import (
     hookspec,
     reload_estimators,
 )
-from .surrogate import backward, cost_estimates, estimate, surrogate_loss
+from .surrogate import backward, cost_estimates, estimate, padding, surrogate_loss
 from .runtime.generators import current_generator
 from .compiled import CompiledStep, compile
 from . import distributed  # noqa: F401  (storch.distributed: estimator state under torch.distributed)
@@ -53,7 +53,7 @@ del _install_old_paths
 
 __all__ = [
     "Plate", "Lineage", "PlateTensor", "ancestor_index", "Graph", "Node", "Estimator", "CostFrame", "EstimatorInfo",
-    "add_cost", "denote_independent", "reset", "current_graph", "surrogate_loss", "backward", "cost_estimates", "estimate",
+    "add_cost", "denote_independent", "reset", "current_graph", "surrogate_loss", "backward", "cost_estimates", "estimate", "padding",
     "compile", "CompiledStep",
     "magic_box", "estimator", "available_estimators", "get_estimator_class", "reload_estimators",
     "hookimpl", "hookspec", "StorchError", "PlateError", "PlateRuntimeError",

@@ -442,6 +442,19 @@ class SumAndSample(Estimator, metaclass=ABCMeta):
         l_smp = torch.where(empty, torch.zeros_like(lp[k:]), lp[k:] - torch.where(empty, torch.zeros_like(log_rest), log_rest))
         return _model_dtype(torch.cat([l_mem, l_smp], 0), node)
 
+    def padding(self, node: Node) -> Optional[torch.Tensor]:
+        # a repeated memory value (an entry with fewer possible values than k', or a repeat in the user's memory)
+        # is counted once (weight 0 on the others), and where the memory holds every possible value the samples
+        # are draws from p at weight p(x ∉ M) = 0; the samples of a non-empty remainder are drawn, not padding
+        c = node.state
+        _, _, empty = self._parts(node)  # (cached by the weights)
+        shape = tuple(p.size for p in node.parents)
+        mem = c.first.new_zeros((c.k,) + shape) if c.sure else ~c.first.expand((c.k,) + shape)
+        if not c.m:
+            return mem
+        smp = empty.expand(shape) if empty is not None else mem.new_zeros(shape)
+        return torch.cat([mem, smp.unsqueeze(0).expand((c.m,) + shape)], 0)
+
     def baseline(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         if not self.leave_one_out or not node.state.m:
             return None

@@ -251,6 +251,16 @@ class SumAndSampleSequences(Estimator):
     def gradient_function(self, node: Node) -> torch.Tensor:
         return node.state.l0
 
+    def padding(self, node: Node) -> Optional[torch.Tensor]:
+        # a slot its key does not use (fewer buffered sequences than slots) follows the first sample at weight 0;
+        # a remembered sequence that became impossible (log p = -inf) holds the most probable tokens at weight 0
+        c = node.state
+        if not c.n_slots:
+            return None
+        dead = ~c.slot_ok | torch.isneginf(_sequences._slot_logp(c, len(c.tokens)).detach())  # (S, P)
+        pad = torch.cat([dead, dead.new_zeros((c.m,) + dead.shape[1:])], 0)
+        return _sequences.to_layout(pad.reshape((c.n_slots + c.m,) + c.parents), node)
+
     def control_variate(self, node: Node, cost: CostFrame) -> Optional[torch.Tensor]:
         return _sequences.control_variate(self, node, cost)
 

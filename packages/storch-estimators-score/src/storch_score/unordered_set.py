@@ -244,6 +244,12 @@ class UnorderedSet(Estimator):
         keep = torch.isfinite(step_lp) if pad is None else torch.isfinite(step_lp) & ~pad
         return sample, torch.where(keep, step_lp, torch.zeros_like(step_lp))
 
+    def padding(self, node: Node) -> Optional[torch.Tensor]:
+        # a padding entry (fewer possible values or prefixes than k) repeats a possible one with log p(s) = -inf
+        # (proposal, extend: the beam's scores after a step); exact: the sampler found k possible values
+        c = node.state
+        return None if c.exact else torch.isneginf(c.lp.detach())
+
     def _set_probabilities(self, node: Node) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(w, A)``: the weights w(s) = p(s) R(S, s), shape ``(k, *parents)`` in the model's dtype, and (with
         the baseline) its coefficients A[s, s'] = p(s') R^{D∖s}(S, s'), ``(k, k, *parents)`` in lp's dtype;

@@ -118,6 +118,10 @@ class Expect(Estimator):
             return p - p.detach() * (s - s.detach())
         return lp.exp()
 
+    def padding(self, node: Node) -> Optional[torch.Tensor]:
+        # an impossible value's entry holds the most probable value instead, with log p = -inf (weight 0: proposal)
+        return torch.isneginf(node.state.lp.detach())
+
     def gradient_function(self, node: Node) -> torch.Tensor:
         return torch.zeros((1,), dtype=_float_dtype(node), device=node.sample.device)
 

@@ -628,6 +628,19 @@ class Estimator(torch.nn.Module):
         derivative of its value (read from ``cost.live()``) and the control variate zero-mean."""
         return None
 
+    def padding(self, node: Node) -> Optional[torch.Tensor]:
+        """Which entries of the node's plate are padding, bool, broadcastable to ``node.plates`` (for a partition: of
+        the sequences as its last step left them); ``None`` (the default): none is.
+
+        Padding is an entry that is not a member of the estimator's sample: where an entry of the parents has fewer
+        possible values than the plate has entries (a ``-inf`` mask, finished sequences), an estimator that draws
+        distinct values (``unordered_set``, ``expect``, ``sum_and_sample``'s memory) fills the rest with repeats of
+        a possible value at weight 0 and l = 0. Storch's estimate leaves them out; a user's loss of the whole set
+        (minimum risk training's Q ∝ p^α over the plate, a ranking loss) reads them through
+        :func:`storch.padding`, which calls this after the node's last step. Entries that are drawn but get weight
+        0 (``sum_and_sample``'s rejected samples, ``score(baseline="greedy")``'s greedy entry) are not padding."""
+        return None
+
     # -- the four components (paper, section 3.2) --------------------------------------------
 
     def proposal(self, node: Node) -> torch.Tensor:

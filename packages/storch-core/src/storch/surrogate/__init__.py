@@ -19,7 +19,7 @@ The modules, each importing only those below it (the ``surrogate-layers`` contra
 - ``loss``: ``surrogate_loss``, ``value_surrogate``: the checks, then the costs' terms summed (Eq. 2, Theorem 2);
 - ``one_node``: the commonest step's surrogate (one node at order 1), without the general path's loops;
 - ``steps``: the costs of a partition's steps stacked into one term;
-- ``estimates``: ``cost_estimates``, ``estimate``: a cost reduced as the surrogate reduces it, detached;
+- ``estimates``: ``cost_estimates``, ``estimate``: a cost reduced as the surrogate reduces it, detached; ``padding``;
 - ``samples``: the samples drawn with gradient, not changed in place, each reaching a cost (the warnings);
 - ``state_names``: per-cost estimator state of costs of one name and different plates kept apart;
 - ``terms``: a cost's term of Eq. 2 / Theorem 2 (``cost_nodes``, causal credit, the weights);
@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from . import blackbox  # noqa: F401  (installs the check of storch.PlateTensor(raw, plates): blackbox.py)
 from .backprop import backward
-from .estimates import cost_estimates, estimate
+from .estimates import cost_estimates, estimate, padding
 from .loss import surrogate_loss
 # the private names the rest of storch imports from here: storch.testing (value_surrogate), storch.extending
 # (_refuse_twice), storch.compile (update_on_backward); and tests/score/test_surrogate_fast_paths.py (terms)
@@ -49,4 +49,4 @@ from .control_variates import _BASE_CONTROL_VARIATE, _baseline_term  # noqa: F40
 from .terms import _at_cost, _cost_surrogate, _one_node_surrogate, cost_nodes  # noqa: F401
 from .updates import update_on_backward  # noqa: F401
 
-__all__ = ["surrogate_loss", "backward", "cost_nodes", "cost_estimates", "estimate"]
+__all__ = ["surrogate_loss", "backward", "cost_nodes", "cost_estimates", "estimate", "padding"]

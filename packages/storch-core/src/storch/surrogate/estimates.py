@@ -1,4 +1,5 @@
-"""The estimates of a graph's costs (detached; for logging and statistics): ``cost_estimates``, ``estimate``.
+"""The estimates of a graph's costs (detached; for logging and statistics): ``cost_estimates``, ``estimate``; and
+``padding``, the entries of a sample's plate that the estimate leaves out as its estimator's padding.
 
 A cost is reduced as the surrogate (paper, Eq. 2) reduces it: over each sampling plate by the weights of the
 node that owns it (1/N for uniform ones), over the data plates by the mean. A cost added with ``credit=False``
@@ -110,6 +111,62 @@ def estimate(x: torch.Tensor, graph: Optional[Graph] = None, *, keep_data: KeepD
         names = _kept_names(graph, x._plates, keep_data, "storch.estimate")
         return _per_data_point(graph, x, names, x._raw.dim() - len(x._plates))
     return _estimate(graph, x, x._raw.dim() - len(x._plates))
+
+
+def padding(sample: torch.Tensor, graph: Optional[Graph] = None) -> PlateTensor:
+    """Which entries of a sample's plate are the estimator's padding: a bool plate tensor on the node's plates.
+
+    Where an entry of the parents (a data point) has fewer possible values than the plate has entries (a
+    ``-inf`` mask, sequences that end early with ``eos``), ``unordered_set``, ``expect`` and ``sum_and_sample``
+    (its memory, and its buffer's unused slots with ``buffer=``) fill the rest of the plate with repeats of a
+    possible value, at weight 0 and l = 0 (:meth:`storch.Estimator.padding`). Storch's estimates leave them out;
+    a loss of the whole set written by the user (minimum risk training's Q ∝ p^α renormalised over the plate,
+    a ranking loss, a normaliser of its own) counts them twice unless it masks them:
+    ``torch.where(storch.padding(x), float("-inf"), alpha * log_p)``. False everywhere for an estimator that
+    does not pad (``score``, the relaxations, ...). Entries that are drawn but get weight 0 (``sum_and_sample``'s
+    rejected samples) are not padding.
+
+    For a partition (one estimator called at every step of a sequence), any step's value names it and the
+    result is that of the whole sequences as the last step so far left them (plates of that step): call it
+    after the loop.
+
+    Args:
+        sample: a value an estimator returned, ``est(distribution)``, as returned (not a tensor computed from it).
+        graph: the graph it belongs to (default: the current one).
+
+    Raises:
+        PlateError: ``sample`` is not a value an estimator of ``graph`` returned (a tensor computed from one, a
+            plain tensor, a sample of an earlier step or of another graph).
+    """
+    graph = graph or current_graph()
+    node = _node_of(graph, sample) if type(sample) is PlateTensor else None
+    if node is None:
+        raise PlateError(_not_a_sample_message(sample))
+    mask = node.estimator.padding(node)
+    shape = tuple(p.size for p in node.plates)
+    if mask is None:
+        mask = torch.zeros((), dtype=torch.bool, device=node.sample.device)
+    elif mask.dtype is not torch.bool:
+        raise PlateError(f"estimator {node.estimator.name!r} (plate {node.plate.name!r}): padding() must return a "
+                         f"bool tensor (True on padding) or None, got dtype {mask.dtype}")
+    return PlateTensor._wrap(mask.detach().expand(shape), node.plates)
+
+
+def _node_of(graph: Graph, sample: PlateTensor) -> Optional[Node]:
+    """The node of ``graph`` that handed out ``sample`` (at any step of a partition), ``None`` if none did."""
+    for node in graph.nodes:
+        if sample is node.value or (node.step_draws is not None and any(sample is d[3] for d in node.step_draws)):
+            return node
+    return None
+
+
+def _not_a_sample_message(x) -> str:
+    what = (f"a plate tensor with plates {tuple(p.name for p in x.plates)} that no estimator of this graph returned "
+            "(a tensor computed from a sample, or a sample of an earlier step or of another graph)"
+            if type(x) is PlateTensor else f"a {type(x).__name__}, not a plate tensor")
+    return (f"storch.padding takes a sample, the value an estimator returned (z = est(distribution)), as it was "
+            f"returned; got {what}. Pass the sample itself, inside the graph that drew it: "
+            "storch.padding(z), then mask the tensors computed from it with the result")
 
 
 def _estimate(graph: Graph, x, event: int = 0) -> torch.Tensor:
