@@ -588,6 +588,9 @@ def test_an_error_on_masked_logits_is_not_reported_as_diverged_parameters():
             _Failing("z")(Categorical(logits=torch.tensor([0.0, bad, 0.5]), validate_args=False))
     with pytest.raises(storch.NonFiniteParameterError, match="'probs' hold NaN"):
         _Failing("z")(Categorical(probs=torch.tensor([0.5, math.nan, 0.5]), validate_args=False))
+    # a parameter that holds -inf and no NaN (a padded entry): named as padding, with the fix, not as a divergence
+    with pytest.raises(storch.NonFiniteParameterError, match="'loc' hold -inf and no NaN.*very low finite value"):
+        _Failing("z")(torch.distributions.Normal(torch.tensor([0.0, -math.inf]), 1.0, validate_args=False))
 
 
 def test_skip_nonfinite_update_counts_and_warns_only_when_not_finite():

@@ -225,6 +225,17 @@ def test_padding_with_minus_infinity_is_refused_under_compile_with_the_padding_h
     assert scores.grad is None
 
 
+def test_padding_with_minus_infinity_under_sum_and_sample_names_the_padding():
+    """sum_and_sample draws from log_prob over the support, NaN there: its draw is refused, and the message names
+    the -inf padding and its fix (it blamed diverged model outputs or NaN inputs, which a padded batch is not)."""
+    scores = item_scores(scorer()).detach().masked_fill(~MASK, float("-inf")).requires_grad_()
+    with storch.Graph():
+        with pytest.raises(storch.NonFiniteParameterError, match=r"'scores' hold -inf and no NaN, as entries padded "
+                           r"or masked with -inf") as info:
+            _surrogate(storch.estimator("sum_and_sample", plate="rank", n_samples=2), scores)
+    assert "very low finite value" in str(info.value) and "diverged" not in str(info.value), str(info.value)
+
+
 def test_the_hessian_under_expect_is_exact():
     scores = item_scores(scorer()).detach().requires_grad_()
     with storch.Graph():

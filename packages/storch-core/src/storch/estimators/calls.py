@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from ..errors import NonFiniteParameterError, OptionError, StorchError
-from .messages import _nonfinite_parameters, _under_jacfwd
+from .messages import PAD_WITH_FINITE, _minus_inf_only, _nonfinite_parameters, _under_jacfwd
 
 if TYPE_CHECKING:
     from .base import Estimator
@@ -135,6 +135,12 @@ def _call_failed(est: Estimator, distribution: Any, e: BaseException) -> None:
     ``e`` otherwise): torch's own errors of a draw say neither why nor what to do."""
     bad = _nonfinite_parameters(distribution) if isinstance(e, Exception) and not isinstance(
         e, StorchError) else None
+    if bad and _minus_inf_only(distribution, bad):  # deliberate padding, not a divergence
+        raise NonFiniteParameterError(
+            f"estimator {est.name!r} (plate {est.plate!r}) could not sample: the distribution's "
+            f"{', '.join(repr(b) for b in bad)} hold -inf and no NaN, as entries padded or masked with -inf "
+            "(as logits are masked) do: a log_prob or sampler that meets -inf - -inf computes "
+            f"NaN there, which this draw cannot take. {PAD_WITH_FINITE}. ({type(e).__name__}: {e})") from e
     if bad:  # torch's own error (e.g. "Expected p_in >= 0 && p_in <= 1") does not say why
         raise NonFiniteParameterError(
             f"estimator {est.name!r} (plate {est.plate!r}) could not sample: the distribution's "

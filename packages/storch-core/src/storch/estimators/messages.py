@@ -140,6 +140,26 @@ def _under_jacfwd() -> bool:
     return any(a == t.Vmap and b == t.Jvp for a, b in zip(kinds, kinds[1:]))
 
 
+#: the fix for a distribution's parameters padded or masked with -inf, as logits are masked (the Plackett-Luce scores
+#: of a shorter ranking), whose log_prob meets -inf - -inf = NaN: shared by the refused draw (calls._call_failed)
+#: and the NonFiniteCostError, eager (surrogate.finite) and compiled (compiled.finite, compiled.updates)
+PAD_WITH_FINITE = ("Pad or mask with a very low finite value instead (e.g. -1e4: its exp is 0, so a padded entry "
+                   "changes no term and gets no gradient), or mask inside log_prob (docs/your-own-distribution.md)")
+
+
+def _minus_inf_only(d, names: list[str]) -> bool:
+    """Whether ``d``'s parameters ``names`` (from :func:`_nonfinite_parameters`) are non-finite only by -inf
+    entries (deliberate padding or masking, not a divergence: no NaN, no +inf); for error messages only."""
+    try:
+        base = base_distribution(d)
+        raws = [base.__dict__.get(name) for name in names]
+        raws = [v.tensor if type(v) is PlateTensor else v for v in raws]
+        return bool(raws) and all(isinstance(r, torch.Tensor) and not bool(
+            (torch.isnan(r) | torch.isposinf(r)).any()) for r in raws)
+    except Exception:  # noqa: BLE001  (only for a better message: never hide the original error)
+        return False
+
+
 def _nonfinite_parameters(d) -> list[str]:
     """Names of ``d``'s floating-point parameters that hold NaN or inf (for error messages only).
 

@@ -13,6 +13,7 @@ from ..distributions.parameters import parameters
 from ..distributions.precision import exact_draws_hint, precision_checked
 from ..errors import NonFiniteCostError
 from ..estimators.base import Estimator
+from ..estimators.messages import PAD_WITH_FINITE
 from ..graph import Graph
 from ..plates.tensor import align, raw_of
 
@@ -300,9 +301,8 @@ def _infinite_parameters_hint(nodes: list) -> str:
                  "validation, on by default, refuses them where the distribution is built")
     if found:
         text += (f". Infinite parameters at {', '.join(found)}, whose log-probabilities are NaN: a log_prob that "
-                 "meets -inf - -inf (entries padded or masked with -inf, as logits are masked) is NaN there. Pad or "
-                 "mask with a very low finite value instead (e.g. -1e4: its exp is 0, so a padded entry changes no "
-                 "term and gets no gradient), or mask inside log_prob (docs/your-own-distribution.md)")
+                 f"meets -inf - -inf (entries padded or masked with -inf, as logits are masked) is NaN there. "
+                 f"{PAD_WITH_FINITE}")
     return text
 
 
