@@ -209,20 +209,24 @@ def test_padding_with_minus_infinity_is_refused(name, n):
     assert "very low finite value" in str(info.value)
 
 
-def test_padding_with_minus_infinity_is_refused_under_compile_with_the_padding_hint():
-    """The compiled step's refusal of the NaN loss (its backward hook) names -inf padding too, not only a Bernoulli's
-    infinite logit (review r-53: it named the Bernoulli alone)."""
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_padding_with_minus_infinity_under_storch_compile_names_the_fix(backend):
+    """A compiled step's .backward() refuses the NaN loss too; its message (which cannot read the distributions)
+    names -inf padding among the causes, with the eager message's fix (it named only a Bernoulli's infinite logit)."""
     est = storch.estimator("score", plate="rank", n_samples=3)
 
     def step(scores):
         with storch.Graph():
             return _surrogate(est, scores)
 
+    compiled = storch.compile(step, backend=backend)
+    compiled(item_scores(scorer()).detach().requires_grad_()).backward()  # finite: no error
     scores = item_scores(scorer()).detach().masked_fill(~MASK, float("-inf")).requires_grad_()
-    loss = storch.compile(step, backend=None)(scores)
-    with pytest.raises(storch.NonFiniteCostError, match=r"padded or masked with -inf.*very low finite value"):
-        loss.backward()
+    with pytest.raises(storch.NonFiniteCostError, match="compiled step") as info:
+        compiled(scores).backward()
     assert scores.grad is None
+    assert "a parameter padded or masked with -inf" in str(info.value), str(info.value)
+    assert "Pad or mask with a very low finite value instead" in str(info.value)
 
 
 def test_padding_with_minus_infinity_under_sum_and_sample_names_the_padding():

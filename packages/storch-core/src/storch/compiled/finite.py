@@ -5,6 +5,7 @@ computed from them) refuse a backward pass through a non-finite value, as ``stor
 from __future__ import annotations
 
 from ..conditions.smoothness import _reaches
+from ..estimators.messages import PADDED_WITH_MINUS_INF
 from ..surrogate.finite import hook_unless_finite
 from .refusals import _name
 
@@ -46,7 +47,6 @@ def _message(fn) -> str:
             "or its logits (score, arm, disarm, rebar, relax), which is NaN for the value such a bit always "
             "takes: use a large finite logit (±30), give it by probs in float32 (Bernoulli(probs=torch.sigmoid(logits.float()))), "
             "or an estimator that handles infinite logits (expect, sum_and_sample, go; eagerly also "
-            "unordered_set, importance, mvd and spsa). Another: parameters padded or masked with -inf (the scores "
-            "of a shorter ranking), whose log_prob meets -inf - -inf = NaN: pad with a very low finite value "
-            "(docs/your-own-distribution.md). Run the step eagerly with storch.backward() to see which "
-            "cost is not finite, or catch storch.NonFiniteCostError to skip the batch")
+            f"unordered_set, importance, mvd and spsa). Another: {PADDED_WITH_MINUS_INF}. Run the step eagerly "
+            "with storch.backward() to see which cost is not finite, or catch storch.NonFiniteCostError to skip the "
+            "batch")

@@ -142,9 +142,13 @@ def _under_jacfwd() -> bool:
 
 #: the fix for a distribution's parameters padded or masked with -inf, as logits are masked (the Plackett-Luce scores
 #: of a shorter ranking), whose log_prob meets -inf - -inf = NaN: shared by the refused draw (calls._call_failed)
-#: and the NonFiniteCostError, eager (surrogate.finite) and compiled (compiled.finite, compiled.updates)
+#: and the NonFiniteCostError, eager (surrogate.finite) and compiled (compiled.finite, by PADDED_WITH_MINUS_INF)
 PAD_WITH_FINITE = ("Pad or mask with a very low finite value instead (e.g. -1e4: its exp is 0, so a padded entry "
                    "changes no term and gets no gradient), or mask inside log_prob (docs/your-own-distribution.md)")
+
+#: that cause, where a message cannot read the distributions (a compiled step's replay: compiled.finite)
+PADDED_WITH_MINUS_INF = ("a parameter padded or masked with -inf, as logits are masked (a distribution of your own "
+                         f"whose log_prob meets -inf - -inf, NaN there: Plackett-Luce scores). {PAD_WITH_FINITE}")
 
 
 def _minus_inf_only(d, names: list[str]) -> bool:
