@@ -35,6 +35,35 @@ def test_a_node_upstream_of_no_cost_warns(name, options):
             storch.surrogate_loss()
 
 
+def test_a_set_level_loss_is_told_to_draw_from_detached_parameters():
+    """Minimum risk training (docs/partitions.md) with the set drawn from live logits: the loss of the whole set,
+    added with credit=False, carries no plate, so the node warns. The advice names both cases: a per-sample cost
+    computed from the plate tensor, and for a set-level loss the detached draw (the advice was only the former,
+    which pushed an MRT port toward a wrong per-entry cost). Drawn from detached logits, nothing warns."""
+    from torch.distributions import Categorical
+
+    logits = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+
+    def mrt(draw_from):
+        x = storch.estimator("unordered_set", plate="seq", n_samples=2)(Categorical(logits=draw_from))
+        lp = Categorical(logits=logits).log_prob(x)
+        i = [p.name for p in lp.plates].index("seq")
+        q = torch.softmax(lp.tensor.movedim(i, -1), -1)
+        storch.add_cost((q * (x != 1).float().tensor.movedim(i, -1)).sum(-1), name="mrt", credit=False)
+        return storch.surrogate_loss()
+
+    with storch.Graph(), pytest.warns(storch.UnusedSampleWarning, match="upstream of no cost") as seen:
+        mrt(logits)
+    text = str(seen[0].message)
+    assert "For a cost per sample" in text and "compute it from the plate tensor itself" in text, text
+    assert "For a loss of the whole set" in text and "credit=False" in text, text
+    assert "est(Categorical(logits=logits.detach()))" in text, text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", storch.UnusedSampleWarning)
+        with storch.Graph():
+            assert mrt(logits.detach()).requires_grad
+
+
 def test_a_second_node_upstream_of_no_cost_warns_when_the_first_has_two_costs():
     theta = torch.zeros(3, requires_grad=True)
     with storch.Graph():

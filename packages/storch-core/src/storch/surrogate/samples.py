@@ -126,11 +126,12 @@ def _warn_unused(graph: Graph, per_cost: list) -> None:
             warnings.warn(UnusedSampleWarning(
                 f"node {node.plate.name!r} (estimator {node.estimator.name!r}) is upstream of no cost: no cost carries "
                 f"its plate {node.plate.name!r}, so its distribution's parameters get no gradient from its estimator. "
-                "If a cost was computed from its samples outside storch's plates (z.tensor, .item(), numpy, or a "
-                "reduction over the sample plate such as an IWAE bound), storch cannot see that dependence: compute "
-                "the cost from the plate tensor itself, one value per sample (a reduction over the samples is not a "
-                "cost storch can differentiate with a score function; a continuous node can use "
-                "'reparameterization'; a multi-sample bound such as IWAE's is the cost of ONE sample that holds its K "
-                "draws: est(Bernoulli(logits=logits.expand(K, *logits.shape))), reduced over the first dim, or the "
-                "'vimco' estimator, see docs/plates.md). A node sampled on purpose without a cost can be sampled under "
-                "torch.no_grad() (or from detached parameters)"), stacklevel=user_stacklevel())
+                "A cost computed from its samples outside storch's plates (z.tensor, .item(), numpy, a reduction "
+                "over the sample plate) is invisible to storch. For a cost per sample, whose sampling is to be "
+                "differentiated: compute it from the plate tensor itself, one value per sample (a continuous node can "
+                "use 'reparameterization'; a multi-sample bound such as IWAE's is the cost of ONE sample that holds "
+                "its K draws: est(Bernoulli(logits=logits.expand(K, *logits.shape))), reduced over the first dim, or "
+                "the 'vimco' estimator, see docs/plates.md). For a loss of the whole set, whose sampling is not "
+                "differentiated (minimum risk training's, added with credit=False; docs/partitions.md), or a node "
+                "sampled on purpose without a cost: draw it from detached parameters "
+                "(est(Categorical(logits=logits.detach()))) or under torch.no_grad()"), stacklevel=user_stacklevel())
