@@ -202,6 +202,14 @@ RANDOM = {
 }
 
 
+def _public_name(space: str, name: str, f) -> str:
+    """The name ``f`` has in ``torch.<space>``: torch's C bindings of torch.special, torch.linalg and torch.fft are
+    named with the space as a prefix (``torch.special.logsumexp.__name__`` is ``special_logsumexp``), which the
+    generated table of docs/plates.md and the messages showed as ``torch.special.special_logsumexp``."""
+    public = name[len(space) + 1:] if name.startswith(f"{space}_") else name
+    return public if getattr(getattr(torch, space), public, None) is f else name
+
+
 def _qualname(f) -> str:
     mod = getattr(f, "__module__", None) or ""
     name = getattr(f, "__qualname__", None) or getattr(f, "__name__", None) or repr(f)
@@ -214,12 +222,9 @@ def _qualname(f) -> str:
         return name
     if mod.startswith("torch.nn.functional") or mod == "torch._C._nn":
         return f"F.{name}"
-    if mod.startswith("torch._C._special") or mod == "torch.special":
-        return f"torch.special.{name}"
-    if mod.startswith("torch._C._linalg") or mod == "torch.linalg":
-        return f"torch.linalg.{name}"
-    if mod.startswith("torch._C._fft") or mod == "torch.fft":
-        return f"torch.fft.{name}"
+    for space in ("special", "linalg", "fft"):
+        if mod.startswith(f"torch._C._{space}") or mod == f"torch.{space}":
+            return f"torch.{space}.{_public_name(space, name, f)}"
     if mod in ("torch", "torch._C._VariableFunctions", "torch.functional", "") and not name.startswith("<"):
         return f"torch.{name}"
     if mod.startswith("torch"):
