@@ -210,6 +210,7 @@ def test_padding_with_minus_infinity_is_refused(name, n):
 
 
 @pytest.mark.parametrize("backend", [None, "aot_eager"])
+@pytest.mark.usefixtures("restore_validation")  # aot_eager: dynamo turns validation off process-wide
 def test_padding_with_minus_infinity_under_storch_compile_names_the_fix(backend):
     """A compiled step's .backward() refuses the NaN loss too; its message (which cannot read the distributions)
     names -inf padding among the causes, with the eager message's fix (it named only a Bernoulli's infinite logit)."""
