@@ -90,12 +90,27 @@ def test_a_set_loss_with_the_padding_left_out_is_exact_on_a_whole_support():
         assert not torch.allclose((torch.softmax(lp, -1) * f[z.long()]).sum(-1)[0], exact)
 
 
-@pytest.mark.parametrize("name", ["score", "importance", "gumbel_softmax"])
+def test_importance_pads_the_draws_it_replaced():
+    # q draws value 2, which p masks: the entry holds p's mode at weight 0 instead (a stand-in, not q's draw)
+    torch.manual_seed(0)
+    est = storch.estimator("importance", plate="z", n_samples=50,
+                           proposal=Categorical(logits=torch.zeros(3, 5, dtype=torch.float64)))
+    with storch.Graph():
+        x = storch.denote_independent(LOGITS, 0, "data")
+        z = est(Categorical(logits=x))
+        pad = storch.padding(z)
+        node = storch.current_graph().nodes[-1]
+        names = [p.name for p in pad.plates]
+        pad = pad.tensor.permute(names.index("data"), names.index("z"))
+    assert pad[0].sum() > 0 and pad[2].sum() == 0  # data point 0 masks 3 of 5 values; data point 2 none
+    assert torch.equal(pad, node.state.impossible.permute(1, 0))
+
+
+@pytest.mark.parametrize("name", ["score", "gumbel_softmax"])
 def test_estimators_that_do_not_pad_say_false(name):
     if name == "gumbel_softmax":
         pytest.importorskip("storch_relaxed")
-    options = {"proposal": Categorical(logits=torch.zeros(3, 5, dtype=torch.float64))} if name == "importance" else {}
-    est = storch.estimator(name, plate="z", n_samples=4, **options)
+    est = storch.estimator(name, plate="z", n_samples=4)
     with storch.Graph():
         x = storch.denote_independent(LOGITS, 0, "data")
         z = est(OneHotCategorical(logits=x) if name == "gumbel_softmax" else Categorical(logits=x))

@@ -159,6 +159,12 @@ class Importance(Estimator):
         # ⊥(p/q): the importance weights are detached (appendix D.2.2, condition 3 of Theorem 1)
         return log_ratio.exp() / node.n
 
+    def padding(self, node: Node) -> Optional[torch.Tensor]:
+        # a draw of q that p cannot produce was replaced by a value p can produce, at weight 0: the user's value
+        # there is a stand-in, not q's draw (a self-normalised loss of the user's, log p(z) - log q(z) over the
+        # plate, would count it as a draw)
+        return node.state.impossible
+
     def gradient_function(self, node: Node) -> torch.Tensor:
         """l(x) = log p(x | x<i); 0 (any finite value: the weight is 0) where q drew a value p cannot produce."""
         c = node.state

@@ -122,7 +122,8 @@ def padding(sample: torch.Tensor, graph: Optional[Graph] = None) -> PlateTensor:
     possible value, at weight 0 and l = 0 (:meth:`storch.Estimator.padding`). Storch's estimates leave them out;
     a loss of the whole set written by the user (minimum risk training's Q ∝ p^α renormalised over the plate,
     a ranking loss, a normaliser of its own) counts them twice unless it masks them:
-    ``torch.where(storch.padding(x), float("-inf"), alpha * log_p)``. False everywhere for an estimator that
+    ``torch.where(storch.padding(x), float("-inf"), alpha * log_p)``. ``importance`` pads the entries whose draw
+    of q it replaced by a value p can produce (weight 0). False everywhere for an estimator that
     does not pad (``score``, the relaxations, ...). Entries that are drawn but get weight 0 (``sum_and_sample``'s
     rejected samples) are not padding.
 
@@ -136,11 +137,14 @@ def padding(sample: torch.Tensor, graph: Optional[Graph] = None) -> PlateTensor:
 
     Raises:
         PlateError: ``sample`` is not a value an estimator of ``graph`` returned (a tensor computed from one, a
-            plain tensor, a sample of an earlier step or of another graph).
+            plain tensor, a sample of another graph, or of one already ended by ``storch.backward()``: call it
+            before); the estimator's ``padding()`` returned a tensor that is not bool or not of the plates' shape.
     """
     graph = graph or current_graph()
     node = _node_of(graph, sample) if type(sample) is PlateTensor else None
     if node is None:
+        if type(sample) is PlateTensor and not graph.owns(sample._plates):
+            graph.check_plates(sample._plates, "storch.padding's sample")  # (an ended graph: call it before backward)
         raise PlateError(_not_a_sample_message(sample))
     mask = node.estimator.padding(node)
     shape = tuple(p.size for p in node.plates)
@@ -149,6 +153,13 @@ def padding(sample: torch.Tensor, graph: Optional[Graph] = None) -> PlateTensor:
     elif mask.dtype is not torch.bool:
         raise PlateError(f"estimator {node.estimator.name!r} (plate {node.plate.name!r}): padding() must return a "
                          f"bool tensor (True on padding) or None, got dtype {mask.dtype}")
+    # leading dims are the plates (as a gradient function's: (N, *parents), trailing size-1 dims added), not
+    # torch's trailing broadcast, which would read an (N,) mask as one over the last parent plate
+    elif mask.dim() > len(shape) or any(m not in (1, s) for m, s in zip(mask.shape, shape)):
+        raise PlateError(f"estimator {node.estimator.name!r} (plate {node.plate.name!r}): padding() must return a "
+                         f"bool tensor of shape (plates' sizes) {shape}, or leading dims of it with size-1 dims "
+                         f"where constant, one value per entry of the plates; got shape {tuple(mask.shape)}")
+    mask = mask.reshape(mask.shape + (1,) * (len(shape) - mask.dim()))
     return PlateTensor._wrap(mask.detach().expand(shape), node.plates)
 
 
