@@ -59,6 +59,10 @@ def test_a_leading_dims_mask_is_read_along_the_plate_and_a_wrong_shape_is_refuse
             est.mask = bad
             with pytest.raises(storch.PlateError, match=r"padding\(\) must return a bool tensor of shape"):
                 storch.padding(z)
+        for bad, got in ((torch.zeros(3, dtype=torch.uint8), "dtype torch.uint8"), ([False, True, False], "a list")):
+            est.mask = bad
+            with pytest.raises(storch.PlateError, match=rf"padding\(\) must return a bool tensor .* got {got}"):
+                storch.padding(z)
 
 
 def test_a_sample_of_an_ended_graph_is_refused_as_stale():

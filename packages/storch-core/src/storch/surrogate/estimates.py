@@ -150,9 +150,10 @@ def padding(sample: torch.Tensor, graph: Optional[Graph] = None) -> PlateTensor:
     shape = tuple(p.size for p in node.plates)
     if mask is None:
         mask = torch.zeros((), dtype=torch.bool, device=node.sample.device)
-    elif mask.dtype is not torch.bool:
+    elif not isinstance(mask, torch.Tensor) or mask.dtype is not torch.bool:
+        got = f"dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else f"a {type(mask).__name__}"
         raise PlateError(f"estimator {node.estimator.name!r} (plate {node.plate.name!r}): padding() must return a "
-                         f"bool tensor (True on padding) or None, got dtype {mask.dtype}")
+                         f"bool tensor (True on padding) or None, got {got}")
     # leading dims are the plates (as a gradient function's: (N, *parents), trailing size-1 dims added), not
     # torch's trailing broadcast, which would read an (N,) mask as one over the last parent plate
     elif mask.dim() > len(shape) or any(m not in (1, s) for m, s in zip(mask.shape, shape)):
