@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Categorical, OneHotCategorical
+from torch.distributions import Categorical
 
 import storch
 
@@ -106,14 +106,12 @@ def test_importance_pads_the_draws_it_replaced():
     assert torch.equal(pad, node.state.impossible.permute(1, 0))
 
 
-@pytest.mark.parametrize("name", ["score", "gumbel_softmax"])
-def test_estimators_that_do_not_pad_say_false(name):
-    if name == "gumbel_softmax":
-        pytest.importorskip("storch_relaxed")
-    est = storch.estimator(name, plate="z", n_samples=4)
+def test_estimators_that_do_not_pad_say_false():
+    # (the relaxed family's: tests/relaxed/test_relaxed_padding.py)
+    est = storch.estimator("score", plate="z", n_samples=4)
     with storch.Graph():
         x = storch.denote_independent(LOGITS, 0, "data")
-        z = est(OneHotCategorical(logits=x) if name == "gumbel_softmax" else Categorical(logits=x))
+        z = est(Categorical(logits=x))
         pad = storch.padding(z)
     assert pad.dtype == torch.bool and not pad.tensor.any() and pad.shape == ()
     assert [p.name for p in pad.plates] == ["z", "data"]
