@@ -13,6 +13,8 @@ import torch
 from torch.distributions import Bernoulli, Categorical, Normal, OneHotCategorical
 
 import storch
+from storch.graph.node import StepDraw
+from storch.plates.tensor import PlateTensor
 from path_probes import calls, hooked
 
 
@@ -85,6 +87,59 @@ def test_plain_steps_keep_the_partitions_views_and_causal_credit():
             view = node.at(t)
             assert torch.equal(view.sample, a.tensor) and view.value is a and a.plates[0].step == t
         assert [p.step for p, *_ in (plates for plates, _ in node.step_log)] == [0, 1, 2, 3]
+
+
+def _draws_of(est, theta, steps=4):
+    """One episode's user distributions, handed-out values, step paths and node (its graph left open)."""
+    s, users, values, paths = theta[0], [], [], []
+    for _ in range(steps):
+        d = Bernoulli(logits=s)
+        a, seen = calls(lambda: est(d))
+        paths.append("plain" if "_plain_step" in seen else "general")
+        users.append(d)
+        values.append(a)
+        s = theta[1] + theta[2] * a
+    return users, values, paths, storch.current_graph().nodes[0]
+
+
+def test_every_steps_draw_record_has_one_layout_on_each_path():
+    """node.step_draws: step 0's record is made from the node's attributes (``node.distribution`` the raw
+    distribution, ``node.original`` the user's), a later step's from the step's locals (``raw`` the drawn one,
+    ``distribution`` the user's), on the general and the plain path. A reviewer read the two as two layouts of
+    one positional tuple: they are one, named (StepDraw), and node.at(t), node.steps, storch.padding's and the
+    compiled trace's readers read each field as what it is (review f-steps16)."""
+    theta = torch.randn(3)
+    est = _Sequence(plate="episode", n_samples=4)
+    _draws_of(est, theta)  # (outside a graph of its own: the class's step path decided)
+    for eos in (None, 1):
+        if eos is not None:
+            est = _Sequence(plate="episode", n_samples=8)
+            est.eos = eos  # (every step masks the finished entries: the general path, `finished` recorded)
+        torch.manual_seed(0)
+        with storch.Graph():
+            users, values, paths, node = _draws_of(est, theta)
+            assert paths == (["general", "general", "plain", "plain"] if eos is None else ["general"] * 4)
+            assert len(node.step_draws) == 4
+            done = None
+            for t, draw in enumerate(node.step_draws):
+                assert type(draw) is StepDraw
+                assert draw.original is users[t] and draw.value is values[t] and draw.sample is values[t].tensor
+                # the raw distribution: plain tensors (the user's holds plate tensors from step 1 on), the one
+                # the step's sample was drawn from and scored by (l_t)
+                assert type(draw.distribution) is Bernoulli and type(draw.distribution.logits) is torch.Tensor
+                if t:
+                    assert type(draw.original.logits) is PlateTensor and draw.distribution is not draw.original
+                view = node.at(t)
+                assert all(x is y for x, y in zip((view.sample, view.distribution, view.original, view.value,
+                                                   view.finished), draw))
+                if eos is None:
+                    assert draw.finished is None
+                else:  # `finished` after step t: an entry drew eos at some step <= t
+                    done = (draw.sample == eos) if done is None else done | (draw.sample == eos)
+                    assert torch.equal(draw.finished, done)
+            assert all(x is v.tensor for x, v in zip(node.steps, values[1:], strict=True))
+            if eos is not None:  # (the record was read where it matters: entries finished at different steps)
+                assert not bool(node.step_draws[0].finished.all()) and bool(done.any())
 
 
 def test_steps_that_need_the_general_path_take_it():

@@ -756,8 +756,7 @@ def _before_sequence(view: Node) -> Node:
     node = Node.__new__(Node)
     node.__dict__.update(view.__dict__)
     node.distribution, node.distribution_plates = view.first_distribution, view.first_parents
-    first = view.step_draws[0]
-    node.original = first[2]
+    node.original = view.step_draws[0].original  # (the user's distribution of step 0)
     return node
 
 

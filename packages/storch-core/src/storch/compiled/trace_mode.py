@@ -208,9 +208,9 @@ def _sampled_from(nodes, x):
     for node in nodes:
         if node.value is x:
             return node.original or node.distribution
-        for _, distribution, original, value, _ in (node.step_draws or ())[1:]:
-            if value is x:
-                return original or distribution
+        for draw in (node.step_draws or ())[1:]:
+            if draw.value is x:
+                return draw.original or draw.distribution
     return None
 
 

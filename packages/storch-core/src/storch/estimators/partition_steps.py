@@ -17,7 +17,7 @@ from ..distributions import rekey_transform_cache, rsample_params, strict_suppor
 from ..distributions.precision import precision_checked
 from ..errors import PlateError, StorchError
 from ..graph import is_tracing
-from ..graph.node import Node
+from ..graph.node import Node, StepDraw
 from ..plates.integer_reads import MARKS
 from ..plates.tensor import Lineage, Plate, PlateTensor, align
 from .checks import _checked_lead, note_rsample
@@ -152,7 +152,7 @@ def _extend_partition(est: Estimator, graph, node: Node, distribution: Distribut
         log = node.step_log = [(node.plates, node.gradient_values)]
         node._history = [log[0]]
         # step 0's draw, for node.at(0): the node itself goes on to hold the last step's sample
-        node.step_draws = [(node.sample, node.distribution, node.original, node.value, node.finished)]
+        node.step_draws = [StepDraw(node.sample, node.distribution, node.original, node.value, node.finished)]
     params = rsample_params(raw) if est.requires_rsample else None
     if params is not None:
         node.rsample_noted = False  # (set again where the step's draw notes its own rsample)
@@ -193,8 +193,8 @@ def _extend_partition(est: Estimator, graph, node: Node, distribution: Distribut
         prev.lineage.watch = _compare_watch(node)  # (the first step's sample had no gradient: see _sample_node)
     value = PlateTensor._wrap(out, new)
     # the step's own draw for node.at(t) (references, no copies): what a control variate of a cost
-    # at step t reads (node.sample, node.distribution of step t)
-    node.step_draws.append((sample, raw, distribution, value, node.finished))
+    # at step t reads (node.sample, node.distribution of step t: the raw one, `raw`; `distribution` is the user's)
+    node.step_draws.append(StepDraw(sample, raw, distribution, value, node.finished))
     if isinstance(raw, _MAY_CACHE):  # (as above)
         _keep_preimages(node, rekey_transform_cache(raw, out, value, lambda r: PlateTensor._wrap(r, new),
                                                     distribution))
@@ -316,5 +316,5 @@ def _plain_step(est: Estimator, node: Node, distribution: Distribution, raw: Dis
     if not out.is_inference():
         node.handed.append((out, out._version))
     value = PlateTensor._wrap(out, new)
-    draws.append((sample, raw, distribution, value, node.finished))
+    draws.append(StepDraw(sample, raw, distribution, value, node.finished))
     return value

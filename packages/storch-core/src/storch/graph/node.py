@@ -11,7 +11,7 @@ import math
 import sys
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import torch
 from torch.distributions import Distribution
@@ -24,7 +24,21 @@ if TYPE_CHECKING:
     from .cost_frame import CostFrame
     from ..estimators.base import Estimator
 
-__all__ = ["Node"]
+__all__ = ["Node", "StepDraw"]
+
+
+class StepDraw(NamedTuple):
+    """One step's draw of a partition, an entry of ``Node.step_draws`` (what :meth:`Node.at` gives the view of
+    the step). One layout for every step, with named fields: step 0's record is made from the node's own
+    attributes (``node.distribution`` the raw distribution, ``node.original`` the user's), a later step's from
+    the step's locals (``raw`` the raw one, ``distribution`` the user's); as a positional tuple the two sites
+    read as two layouts (review f-steps16: they were one), the names say which field is which."""
+
+    sample: torch.Tensor  # the raw sample (plate dim first), ``node.sample`` of the step
+    distribution: Distribution  # the raw distribution it was drawn from (``Node.distribution``)
+    original: Optional[Distribution]  # the distribution the user built (``Node.original``; None: made by hand)
+    value: Optional[PlateTensor]  # the value handed to user code
+    finished: Optional[torch.Tensor]  # ``Node.finished`` after the step (eos), None without eos
 
 
 class Node:
@@ -75,9 +89,9 @@ class Node:
         frames: the :class:`storch.CostFrame` the surrogate built for this node, by cost key (filled
             by ``storch.surrogate_loss`` for estimators with a control variate; what
             ``update_parameters`` trains on). Shared by a partition's node and its views.
-        step_draws: for a partition with more than one step, ``(sample, distribution, original, value,
-            finished)`` of each step (its raw sample, raw distribution, the user's distribution, the
-            value handed to user code, ``finished`` after it); ``None`` otherwise. ``at(t)`` reads it.
+        step_draws: for a partition with more than one step, a :class:`StepDraw` ``(sample, distribution,
+            original, value, finished)`` of each step (its raw sample, raw distribution, the user's distribution,
+            the value handed to user code, ``finished`` after it); ``None`` otherwise. ``at(t)`` reads it.
         steps: the samples of the later steps of a partition (steps 1, 2, ...), in call order.
         handed: ``(raw value, its version)`` of every value handed to user code, all steps (shared by
             the views): in-place changes of them are refused.
@@ -139,8 +153,8 @@ class Node:
     # the instance only when they change, so a node's __init__ stays within CPython's key-sharing instance dicts
     # (at most 30 keys: one more and every Node.__init__ builds a full dict, +1.3 us per estimator call)
     step_inputs: Optional[list] = None
-    # a partition: (sample, distribution, original, value, finished) per step, made at its second step
-    step_draws: Optional[list] = None
+    # a partition: a StepDraw (sample, distribution, original, value, finished) per step, made at its second step
+    step_draws: Optional[list[StepDraw]] = None
     index = -1
     step = 0
     _history: Optional[list] = None  # (plates_t, L_t) of the steps computed so far
@@ -273,7 +287,7 @@ class Node:
             # distribution); a later step's distribution is drawn per prefix: led by the plate of step-1
             view.sample, view.distribution, view.original, view.value, view.finished = self.step_draws[step]
             view.distribution_plates = (self.step_log[step - 1][0][0],) + plates[1:] if step else self.first_parents
-            finished = self.step_draws[step - 1][4] if step else None
+            finished = self.step_draws[step - 1].finished if step else None
             if finished is not None:
                 # sequences that ended before step t drew eos with log-probability 0 (mask_after_eos):
                 # view.log_prob agrees with l_t there (the step's draw is a point mass at eos)
@@ -294,7 +308,7 @@ class Node:
     def steps(self) -> list:
         """The samples of the later steps of a partition (steps 1, 2, ...), in call order."""
         draws = self.step_draws
-        return [] if draws is None else [d[0] for d in draws[1:]]
+        return [] if draws is None else [d.sample for d in draws[1:]]
 
     @property
     def weight_values(self) -> Any:

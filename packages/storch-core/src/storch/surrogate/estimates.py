@@ -167,7 +167,7 @@ def padding(sample: torch.Tensor, graph: Optional[Graph] = None) -> PlateTensor:
 def _node_of(graph: Graph, sample: PlateTensor) -> Optional[Node]:
     """The node of ``graph`` that handed out ``sample`` (at any step of a partition), ``None`` if none did."""
     for node in graph.nodes:
-        if sample is node.value or (node.step_draws is not None and any(sample is d[3] for d in node.step_draws)):
+        if sample is node.value or (node.step_draws is not None and any(sample is d.value for d in node.step_draws)):
             return node
     return None
 
