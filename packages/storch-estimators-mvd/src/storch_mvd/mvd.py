@@ -122,7 +122,7 @@ class Mvd(Estimator):
         # entry (k, s, j) replaces element j of x₀ and nothing else
         eye = torch.eye(e, dtype=torch.bool, device=x0.device)
         eye = eye.reshape((1, 1, 1, e) + (1,) * npar + (e,) + (1,) * len(event))
-        samples, weights, grads = [], [], []
+        samples, weights, grads, actives = [], [], [], []
         for part in dec.parts(base, n, self.coupled):
             k = part.plus.shape[1]
             xs = torch.stack([part.plus, part.minus], 2)  # (n, K, 2, *batch, *event)
@@ -159,9 +159,11 @@ class Mvd(Estimator):
                 term = sign * c.detach() * (theta - theta.detach()) / n
                 w = w + torch.where(outside, term, torch.zeros((), dtype=term.dtype, device=term.device))
             weights.append(w.reshape((n, k * 2 * e) + parents))
+            actives.append((None if part.active is None else active, k * 2 * e))
             grads.append((theta * coef).reshape((n, k * 2 * e) + parents))
         node.state.weights = torch.cat(weights, 1).flatten(0, 1)
         node.state.gradient = torch.cat(grads, 1).flatten(0, 1)
+        node.state.active = actives
         out = torch.cat(samples, 1).flatten(0, 1)
         return out if reduced is None or not out.is_floating_point() else out.to(reduced)
 
@@ -170,6 +172,22 @@ class Mvd(Estimator):
 
     def gradient_function(self, node: Node) -> torch.Tensor:
         return node.state.gradient
+
+    def padding(self, node: Node) -> Optional[torch.Tensor]:
+        """The inactive slots (a p^± outside G_e: a Categorical's p⁺_k = δ_k at p_k = 0, its p⁻_k at p_k = 1, a
+        Bernoulli's δ₁ at probs 0): each holds a stand-in, a possible value at weight 0 and l = 0, not a draw of
+        its p^±, so a loss of the whole set written by the user must leave it out. ``None`` where no part has
+        inactive slots (every family but Bernoulli and Categorical)."""
+        actives = node.state.active
+        if actives is None or all(a is None for a, _ in actives):
+            return None
+        n = self.n_samples
+        # the parents' dims as the distribution's batch has them (size 1 where it broadcasts over a plate)
+        parents = next(a for a, _ in actives if a is not None).shape[4:]
+        device = node.sample.device
+        masks = [torch.zeros((n, size) + parents, dtype=torch.bool, device=device) if a is None
+                 else (~a).expand((n,) + a.shape[1:]).reshape((n, size) + parents) for a, size in actives]
+        return torch.cat(masks, 1).flatten(0, 1)
 
     def extra_repr(self) -> str:
         return f"plate={self.plate!r}, n_samples={self.n_samples}, coupled={self.coupled}"

@@ -123,7 +123,8 @@ def padding(sample: torch.Tensor, graph: Optional[Graph] = None) -> PlateTensor:
     a loss of the whole set written by the user (minimum risk training's Q ∝ p^α renormalised over the plate,
     a ranking loss, a normaliser of its own) counts them twice unless it masks them:
     ``torch.where(storch.padding(x), float("-inf"), alpha * log_p)``. ``importance`` pads the entries whose draw
-    of q it replaced by a value p can produce (weight 0). False everywhere for an estimator that
+    of q it replaced by a value p can produce (weight 0); ``mvd`` its inactive slots (a Categorical's p⁺_k = δ_k at
+    p_k = 0: a stand-in at weight 0). False everywhere for an estimator that
     does not pad (``score``, the relaxations, ...). Entries that are drawn but get weight 0 (``sum_and_sample``'s
     rejected samples) are not padding.
 
