@@ -158,6 +158,42 @@ def test_onehot_gradient_matches_plain_straight_through_in_expectation():
     assert (rao.var(0) <= plain.var(0)).all()
 
 
+def test_infinite_bernoulli_logits_are_pinned_bits():
+    # logit -inf: the bit is always 0, +inf: always 1 (torch's sample); its relaxation is its sample, so its value is
+    # the bit and its gradient 0 (as gumbel_softmax's); the free bit's gradient is the one it has alone. Before:
+    # log_softmax((0, inf)) is NaN, and the -inf bit's noise inf - inf: the samples were NaN
+    theta = torch.tensor([-math.inf, 0.3, math.inf], dtype=F64)
+    torch.manual_seed(0)
+    with storch.Graph():
+        leaf, th = kit.replicate(theta, 4000)
+        b = GumbelRao("z", temperature=0.5, n_gumbels=4)(Bernoulli(logits=th))
+        assert b.tensor.numel() == 3 * 4000 and (b.tensor[..., 0] == 0).all() and (b.tensor[..., 2] == 1).all()
+        storch.add_cost(((b - T) ** 2).sum())
+        (g,) = kit.per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+    assert torch.equal(g[:, [0, 2]], torch.zeros(4000, 2, dtype=F64))
+    kit.assert_unbiased(g[:, 1:2], _st_expected_gradient(theta[1:2], 0.5), "gumbel_rao, the free bit")
+
+
+def test_masked_onehot_logits_are_never_drawn_and_get_no_gradient():
+    # a -inf logit (masked_fill): never the sample, its perturbed logit stays -inf (no NaN noise), gradient 0; the
+    # others' gradient has plain straight-through Gumbel-softmax's expectation (which is 0 at the masked logit too)
+    logits = torch.tensor([-math.inf, 0.2, -0.4, 0.9], dtype=F64)
+    v = torch.tensor([5.0, -0.5, 2.0, 0.3], dtype=F64)
+    torch.manual_seed(1)
+    plain = _plain_straight_through(logits, v, 0.7, 20000)
+    torch.manual_seed(2)
+    with storch.Graph():
+        leaf, th = kit.replicate(logits, 20000)
+        x = GumbelRao("z", temperature=0.7, n_gumbels=4)(OneHotCategorical(logits=th))
+        assert torch.isfinite(x.tensor).all() and (x.tensor[..., 0] == 0).all()
+        storch.add_cost(((x * v).sum() - 0.4) ** 2)
+        (rao,) = kit.per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
+    assert torch.equal(rao[:, 0], torch.zeros(20000, dtype=F64)) and torch.isfinite(rao).all()
+    z = (rao.mean(0) - plain.mean(0))[1:] / (rao.var(0) / len(rao) + plain.var(0) / len(plain))[1:].sqrt()
+    print(f"\ntwo-sample z per free logit: {z.tolist()}")
+    assert (z.abs() < 4).all()
+
+
 # -- the forward value, the metadata, the errors -----------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 import torch
+import torch.nn.functional as F
 from torch.distributions import Bernoulli, OneHotCategorical
 
 import storch
@@ -26,6 +27,9 @@ def conditional_gumbels(logp: torch.Tensor, hard: torch.Tensor, m: int) -> torch
         hard: the one-hot value of the argmax, shape ``(..., K)`` (broadcast with ``logp``).
         m: the number of draws.
 
+    A category of probability exactly 0 (``logp = -inf``: a masked logit, a pinned Bernoulli bit) has U_k = -inf
+    whatever its noise, so any finite G_k gives log p_k + G_k = U_k: it gets G_k = 0 (U_k - log p_k would be NaN).
+
     Returns:
         G, shape ``(m, ..., K)``, without gradient.
     """
@@ -36,7 +40,7 @@ def conditional_gumbels(logp: torch.Tensor, hard: torch.Tensor, m: int) -> torch
         # log(E_k / p_k + E_i), computed in log space so that tiny p_k cannot overflow
         others = -torch.logaddexp(log_e - logp, log_ei)
         u = torch.where(hard.bool(), -log_ei, others)
-        return u - logp
+        return torch.where(torch.isneginf(logp), torch.zeros((), dtype=u.dtype, device=u.device), u - logp)
 
 
 class GumbelRao(storch.Estimator):
@@ -100,12 +104,13 @@ class GumbelRao(storch.Estimator):
         # the parameters are on the wrapped distribution of an Independent (supports() matches
         # `distributions` against it); its reinterpreted dims are elementwise here like batch dims
         d, x = base_distribution(node.distribution), node.sample
-        if isinstance(d, Bernoulli):  # a Bernoulli is a 2-category distribution with logits (0, ℓ)
-            logits = torch.stack([torch.zeros_like(d.logits), d.logits], -1)
+        if isinstance(d, Bernoulli):  # a Bernoulli is a 2-category distribution, log p = (log σ(-ℓ), log σ(ℓ))
+            # (not log_softmax of (0, ℓ): at ℓ = +inf that is inf - inf = NaN; an infinite logit is a pinned bit,
+            # log p = (0, -inf) or (-inf, 0), whose relaxation is its sample with no gradient, as gumbel_softmax's)
+            logp = torch.stack([F.logsigmoid(-d.logits), F.logsigmoid(d.logits)], -1)
             hard = torch.stack([1 - x, x], -1)
         else:
-            logits, hard = d.logits, x
-        logp = torch.log_softmax(logits, -1)
+            logp, hard = torch.log_softmax(d.logits, -1), x
         g = conditional_gumbels(logp.detach(), hard, self.n_gumbels)
         # ⊥G: the gradient is the straight-through one for fixed noise, averaged over the M draws
         relaxed = torch.softmax((logp + g) / self.temperature, -1).mean(0)
