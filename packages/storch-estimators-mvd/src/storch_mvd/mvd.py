@@ -132,6 +132,7 @@ class Mvd(Estimator):
             samples.append(x.reshape((n, k * 2 * e) + batch + event))
             # balance-heuristic importance weight, detached (appendix D.2.2): Σ_{q∈G_e} q w = p/(nE)
             w = 1.0 / (n * e * ratio)  # (n, K, 2, E, *parents)
+            active: Optional[torch.Tensor] = None  # (1, K, 2, E, *parents) where the part has inactive slots
             if part.active is not None:
                 # a slot outside G_e (its c is 0; e.g. p⁺_k = δ_k at p_k = 0) holds a stand-in: weight 0
                 active = part.active.reshape((k, 2) + parents + (e,)).movedim(-1, 2).unsqueeze(0)
@@ -153,13 +154,13 @@ class Mvd(Estimator):
             # order, as the rest). A check per part (always while traced, and on the meta device: no
             # value-dependent branch, and no value to read)
             outside = torch.isinf(ratio) & (c != 0)
-            if part.active is not None:
+            if active is not None:
                 outside = outside & active
             if is_tracing() or outside.is_meta or bool(outside.any()):
                 term = sign * c.detach() * (theta - theta.detach()) / n
                 w = w + torch.where(outside, term, torch.zeros((), dtype=term.dtype, device=term.device))
             weights.append(w.reshape((n, k * 2 * e) + parents))
-            actives.append((None if part.active is None else active, k * 2 * e))
+            actives.append((active, k * 2 * e))
             grads.append((theta * coef).reshape((n, k * 2 * e) + parents))
         node.state.weights = torch.cat(weights, 1).flatten(0, 1)
         node.state.gradient = torch.cat(grads, 1).flatten(0, 1)
