@@ -636,7 +636,8 @@ class Estimator(torch.nn.Module):
         Padding is an entry that is not a member of the estimator's sample: where an entry of the parents has fewer
         possible values than the plate has entries (a ``-inf`` mask, finished sequences), an estimator that draws
         distinct values (``unordered_set``, ``expect``, ``sum_and_sample``'s memory) fills the rest with repeats of
-        a possible value at weight 0 and l = 0 (``importance`` replaces a draw p cannot produce likewise). Storch's estimate leaves them out; a user's loss of the whole set
+        a possible value at weight 0 and l = 0 (``importance`` replaces a draw p cannot produce likewise, ``mvd`` fills an
+        inactive part's slots). Storch's estimate leaves them out; a user's loss of the whole set
         (minimum risk training's Q ∝ p^α over the plate, a ranking loss) reads them through
         :func:`storch.padding`, which calls this after the node's last step. Entries that are drawn but get weight
         0 (``sum_and_sample``'s rejected samples, ``score(baseline="greedy")``'s greedy entry) are not padding."""
