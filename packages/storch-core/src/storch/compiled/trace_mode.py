@@ -19,6 +19,7 @@ import torch.autograd.forward_ad as _fwAD
 import torch.utils._pytree as pytree
 
 from ..errors import StorchError
+from ..graph.node import draw_of
 from ..plates.tensor import PlateTensor
 from .refusals import _dual_level_in_step_message, _gradient_message, _name, _optimizer_message, _tensor_hook_message, _transform_in_step_message
 
@@ -205,13 +206,12 @@ def _sampled_from(nodes, x):
     """The distribution whose draw ``x`` is, as handed out by an estimator call (the user's, else the raw one), or
     None: the first step of a node (``node.value``) or a later step of a partition (its ``step_draws``, which hold
     each step's value and distributions: ``node.value`` is the first step's only)."""
-    for node in nodes:
-        if node.value is x:
-            return node.original or node.distribution
-        for draw in (node.step_draws or ())[1:]:
-            if draw.value is x:
-                return draw.original or draw.distribution
-    return None
+    found = draw_of(nodes, x)
+    if found is None:
+        return None
+    node, t = found
+    draw = node if t == 0 else node.step_draws[t]
+    return draw.original or draw.distribution
 
 
 def _bincount_minlength(fn, args, kwargs) -> None:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .cost_frame import CostFrame
     from ..estimators.base import Estimator
 
-__all__ = ["Node", "StepDraw"]
+__all__ = ["Node", "StepDraw", "draw_of"]
 
 
 class StepDraw(NamedTuple):
@@ -402,6 +402,18 @@ class Node:
     def __repr__(self) -> str:
         name = self.plate.name if self.plate else "?"
         return f"Node({self.estimator.name!r}, plate={name!r}, parents={[p.name for p in self.parents]})"
+
+
+def draw_of(nodes, x) -> Optional[tuple[Node, int]]:
+    """The node of ``nodes`` that handed ``x`` out (an estimator call's value, by identity, as returned) and the step
+    it did so at (0: ``node.value``; t >= 1: a partition's ``node.step_draws[t]``), or None."""
+    for node in nodes:
+        if node.value is x:
+            return node, 0
+        for t, draw in enumerate((node.step_draws or ())[1:], 1):
+            if draw.value is x:
+                return node, t
+    return None
 
 
 def _outside_support_message(node: Node, d: Distribution, caller: str, exc: ValueError) -> str:

@@ -18,7 +18,7 @@ import torch
 from ..runtime.eager import eager_only
 from ..graph import Graph, current_graph
 from ..errors import PlateError
-from ..graph.node import Node
+from ..graph.node import Node, draw_of
 from ..plates.tensor import Plate, PlateTensor, align, plates_of, raw_of
 from .terms import _at_cost, cost_nodes
 
@@ -167,10 +167,8 @@ def padding(sample: torch.Tensor, graph: Optional[Graph] = None) -> PlateTensor:
 
 def _node_of(graph: Graph, sample: PlateTensor) -> Optional[Node]:
     """The node of ``graph`` that handed out ``sample`` (at any step of a partition), ``None`` if none did."""
-    for node in graph.nodes:
-        if sample is node.value or (node.step_draws is not None and any(sample is d.value for d in node.step_draws)):
-            return node
-    return None
+    found = draw_of(graph.nodes, sample)
+    return found[0] if found is not None else None
 
 
 def _not_a_sample_message(x) -> str:

@@ -240,14 +240,21 @@ def _outside(t: torch.Tensor) -> Optional[torch.Tensor]:
     return None if _is_wrapped(t) else t
 
 
+def _user_base(n) -> torch.distributions.Distribution:
+    """Node ``n``'s distribution as the user built it, under its ``Independent`` and ``TransformedDistribution``
+    wrappers (the one that holds the parameters: logits, scores), for the hints below."""
+    d = n.original if n.original is not None else n.distribution
+    while isinstance(d, (torch.distributions.Independent, torch.distributions.TransformedDistribution)):
+        d = d.base_dist
+    return d
+
+
 def _infinite_logits_hint(nodes: list) -> str:
     """For :func:`_check_finite`'s message (error path only): the nodes whose Bernoulli / Binomial has infinite
     logits, where torch's log_prob is NaN (inf - inf) for the value the bit always takes."""
     found = []
     for n in nodes:
-        d = n.original if n.original is not None else n.distribution
-        while isinstance(d, (torch.distributions.Independent, torch.distributions.TransformedDistribution)):
-            d = d.base_dist
+        d = _user_base(n)
         logits = d.__dict__.get("logits") if isinstance(d, (torch.distributions.Bernoulli,
                                                             torch.distributions.Binomial)) else None
         if isinstance(logits, torch.Tensor) and _holds(raw_of(logits), torch.isinf):
@@ -275,9 +282,7 @@ def _infinite_parameters_hint(nodes: list) -> str:
     for a diverged, masked Categorical)."""
     found, nan = [], []
     for n in nodes:
-        d = n.original if n.original is not None else n.distribution
-        while isinstance(d, (torch.distributions.Independent, torch.distributions.TransformedDistribution)):
-            d = d.base_dist
+        d = _user_base(n)
         if isinstance(d, (torch.distributions.Bernoulli, torch.distributions.Binomial)):
             continue
         values = (_quietly(lambda n=n: n.gradient_values), _quietly(lambda n=n: n.weight_values))
