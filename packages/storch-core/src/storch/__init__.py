@@ -27,7 +27,7 @@ from .errors import (
     UnknownEstimatorError,
     UnsupportedDistributionError,
 )
-from .plates import Lineage, Plate, PlateTensor, ancestor_index  # importing storch.plates installs its dispatcher
+from .plates import Lineage, Plate, PlateTensor, aligned, ancestor_index  # importing storch.plates installs its dispatcher
 from .plates.treatments import Entry, Treatment, refuse, register_plate_handler, treatment_of
 from .graph.cost_frame import CostFrame, magic_box
 from .graph.node import Node
@@ -52,7 +52,7 @@ _install_old_paths()
 del _install_old_paths
 
 __all__ = [
-    "Plate", "Lineage", "PlateTensor", "ancestor_index", "Graph", "Node", "Estimator", "CostFrame", "EstimatorInfo",
+    "Plate", "Lineage", "PlateTensor", "ancestor_index", "aligned", "Graph", "Node", "Estimator", "CostFrame", "EstimatorInfo",
     "add_cost", "denote_independent", "reset", "current_graph", "surrogate_loss", "backward", "cost_estimates", "estimate", "padding",
     "compile", "CompiledStep",
     "magic_box", "estimator", "available_estimators", "get_estimator_class", "reload_estimators",

@@ -1,0 +1,127 @@
+"""Raw values in a plate order the caller chooses: :func:`aligned`, for a computation over a plate in plain torch.
+
+A loss of a whole set of samples (minimum risk training's Q ∝ p^α renormalised over the plate), a rollout
+simulator, a black box: code that leaves storch reads raw tensors, one dim per plate. ``x.tensor`` has
+``x``'s plates in ``x``'s order, and the plates of a torch result follow its operands (``(a + 0 * b).plates``
+is ``a``'s order where ``a`` has as many plates as ``b``), so two ``.tensor``\\ s paired by hand line up only
+where the two values happen to carry the same plates in the same order. :func:`aligned` lines the values up
+by plate name, to one order the caller names, as the dispatcher lines up a torch function's operands.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ..errors import PlateError
+from .tensor import Plate, PlateTensor, align, plates_of, union_plates
+
+__all__ = ["aligned"]
+
+
+def aligned(*values: torch.Tensor, plates: Optional[Sequence[Union[str, Plate]]] = None
+            ) -> tuple[tuple[torch.Tensor, ...], tuple[Plate, ...]]:
+    """The raw tensors of ``values``, each with exactly ``plates`` as its leading dims, in that order.
+
+    For a computation that leaves storch (a loss of the whole set of samples, reduced over a plate; a
+    simulator; numpy): read the values with one call, compute on the raw tensors, and wrap the result on the
+    plates it still has, ``storch.PlateTensor(result, plates)``. Where ``.tensor``\\ s are paired by hand the
+    plate dims line up only if the values carry the same plates in the same order, and nothing checks it:
+    ``(a + 0 * b).tensor`` has ``a``'s order where ``a`` has as many plates as ``b``, and ``b.tensor`` lacks
+    a plate ``a`` has (torch then broadcasts it against a per-sample or another plate's dim).
+
+    Each value is lined up by plate name, as a torch function's operands are:
+
+    - its dims are ``plates`` in the order given, then its own per-sample dims (``value.shape``), unchanged;
+    - a plate the value does not carry is broadcast: an expanded view of the plate's size (no copy);
+    - a partition's plate is taken at the latest step any value (or a :class:`storch.Plate` in ``plates``)
+      is at, and a value of an earlier step is re-indexed by the parents, as ``x + 0 * y`` re-indexes it:
+      entry ``i`` of every result belongs to the same sequence;
+    - a plain tensor is one value for every entry of the plates (its dims are per-sample dims).
+
+    The results are views of the values (or gathers, for a re-indexed step) and keep their autograd graph.
+
+    Args:
+        *values: plate tensors (or plain tensors) of one graph.
+        plates: the order of the leading dims: the names of the plates (or :class:`storch.Plate` objects,
+            e.g. ``x.plates``; a partition's plate is then taken at least at that plate's step). Every plate
+            of every value must be listed, each once. ``None`` (the default): the order a torch function of
+            the values gives its result (``torch.stack(values).plates``: the first of the longest values'
+            plates, then the plates the others add), which the returned plates say.
+
+    Returns:
+        ``(tensors, plates)``: one raw tensor per value, of shape ``(*[p.size for p in plates],
+        *value.shape)``, and the :class:`storch.Plate` of each leading dim, in order. A result computed from the
+        tensors with the same leading dims is put back on the plates with ``storch.PlateTensor(result,
+        plates)``; one reduced over the last ``k`` plate dims (list those last) with ``plates[:-k]``.
+
+    Raises:
+        PlateError: a value that is not a tensor; ``plates`` names a plate no value carries, names one twice,
+            or omits a plate a value carries (list it, at the position wanted: a loss reduced over a plate
+            must still say where the other plates go); values of different graphs.
+
+    Example (minimum risk training: Q ∝ p^α over the sampled set, plate ``seq`` last)::
+
+        (a, d, m), plates = storch.aligned(lp, delta, pad, plates=("data", "seq"))
+        q = torch.softmax((alpha * a).masked_fill(m, float("-inf")), -1)
+        storch.add_cost(storch.PlateTensor((q * d).sum(-1), plates[:-1]), name="mrt", credit=False)
+    """
+    if not values:
+        raise PlateError("storch.aligned needs at least one value: storch.aligned(x, y, plates=(...))")
+    groups = []
+    for k, v in enumerate(values):
+        if not isinstance(v, torch.Tensor):
+            raise PlateError(
+                f"storch.aligned: value {k} is a {type(v).__name__}, not a tensor: pass plate tensors (values storch "
+                "computed) or plain tensors; make a number or an array one first, e.g. torch.as_tensor(v)")
+        groups.append(plates_of(v))
+    if plates is None:
+        target = union_plates(groups)
+    else:
+        target = _requested(plates, groups)
+    shape = tuple(p.size for p in target)
+    out = []
+    for v, g in zip(values, groups):
+        raw = align(v.tensor if type(v) is PlateTensor else v, g, target)
+        out.append(raw.expand(shape + raw.shape[len(target):]))
+    return tuple(out), target
+
+
+def _requested(plates: Sequence[Union[str, Plate]], groups: list[tuple[Plate, ...]]) -> tuple[Plate, ...]:
+    """The plates of the values in the order ``plates`` names them, each at its latest step; refusals."""
+    if isinstance(plates, (str, Plate)):
+        raise PlateError(f"storch.aligned: plates= takes a sequence of plate names, got {plates!r}: pass "
+                         f"plates=({_name(plates)!r},)")
+    names, given = [], []
+    for p in plates:
+        if isinstance(p, Plate):
+            given.append(p)
+        elif not isinstance(p, str):
+            raise PlateError(f"storch.aligned: plates= takes plate names (or storch.Plate objects, e.g. x.plates), got "
+                             f"a {type(p).__name__}: {p!r}")
+        names.append(_name(p))
+    carried = {q.name for g in groups for q in g}
+    seen: set = set()
+    for n in names:
+        if n in seen:
+            raise PlateError(f"storch.aligned: plates= names plate {n!r} twice; name each plate once, at the position "
+                             "its dim takes")
+        seen.add(n)
+        if n not in carried:
+            raise PlateError(
+                f"storch.aligned: no value carries a plate {n!r} (the values' plates: {sorted(carried)}); name only "
+                "plates of the values, or pass a value that carries it (the sample of that plate, e.g. the current "
+                "step's)")
+    left = [n for n in sorted(carried) if n not in seen]
+    if left:
+        raise PlateError(
+            f"storch.aligned: the values carry plates {left} that plates= does not list (it lists {names}); list "
+            "every plate of the values, at the position its dim should take (e.g. plates=x.plates for x's order, "
+            "the plate you reduce over last)")
+    by_name = {q.name: q for q in union_plates(groups + ([tuple(given)] if given else []))}
+    return tuple(by_name[n] for n in names)
+
+
+def _name(p: Union[str, Plate]) -> str:
+    return p.name if isinstance(p, Plate) else str(p)
