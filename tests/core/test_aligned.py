@@ -59,9 +59,9 @@ def _mrt_old(lp, delta, pad, alpha=1.0, plate="z"):
     return (q * d).sum(-1)
 
 
-def _mrt_new(lp, delta, pad, data, alpha=1.0, plate="z"):
+def _mrt_new(lp, delta, pad, alpha=1.0, plate="z"):
     """The recipe with storch.aligned: the plate reduced over last, the result put back on the others."""
-    (a, d, m), plates = storch.aligned(lp, delta, pad, plates=(data, plate))
+    (a, d, m), plates = storch.aligned(lp, delta, pad, plates=(..., plate))
     q = torch.softmax((alpha * a).masked_fill(m, -math.inf), -1)
     return storch.PlateTensor((q * d).sum(-1), plates[:-1])
 
@@ -83,7 +83,7 @@ def test_the_old_mrt_recipe_is_wrong_where_the_risk_has_a_data_plate_that_log_p_
         zs, logp = z.tensor, torch.log_softmax(theta, -1)
         loop = torch.stack([sum(torch.softmax(logp[zs], -1)[k] * float(zs[k] != r) for k in range(3))
                             for r in refs])                                     # per data point, per entry
-        new = _mrt_new(lp, delta, pad, "data")
+        new = _mrt_new(lp, delta, pad)
         assert _names(new) == ("data",)
         assert torch.allclose(new.tensor, loop, atol=1e-12, rtol=0)
         if len(refs) == 3:
@@ -116,6 +116,11 @@ def test_a_data_plate_in_another_order_and_a_plain_tensor():
                 assert torch.equal(rw[d, i], w)
         # views, no copies: a plate a value lacks is broadcast with stride 0
         assert rz.data_ptr() == zt.data_ptr() and rw.data_ptr() == w.data_ptr() and rw.stride()[:2] == (0, 0)
+        # ...: the plates not listed, where it stands (in plates=None's order)
+        (rz2,), plates = storch.aligned(z, plates=(..., "data"))
+        assert [p.name for p in plates] == ["z", "data"] and torch.equal(rz2, zt)
+        (rv2, rz2), plates = storch.aligned(v, z, plates=("data", ...))
+        assert [p.name for p in plates] == ["data", "z"] and torch.equal(rv2, rv) and torch.equal(rz2, rz)
         # plates=None: the order a torch function of the values gives (torch.stack's), returned
         (rx, rv2), plates = storch.aligned(x, v)
         assert plates == (v + 0 * x).plates and torch.equal(rv2, v.tensor)
@@ -151,11 +156,12 @@ def test_steps_of_a_partition_are_re_indexed_by_the_parents_as_an_operand_is():
     (lambda a, b: storch.aligned(a, b, plates=("x",)), r"carry plates \['y'\] that plates= does not list"),
     (lambda a, b: storch.aligned(a, plates=("x", "y", "w")), r"no value carries a plate 'w'"),
     (lambda a, b: storch.aligned(a, plates=("x", "x", "y")), r"names plate 'x' twice"),
+    (lambda a, b: storch.aligned(a, plates=(..., "x", ...)), r"holds \.\.\. twice"),
     (lambda a, b: storch.aligned(a, plates="x"), r"a sequence of plate names.*plates=\('x',\)"),
     (lambda a, b: storch.aligned(a, plates=("x", 1)), r"takes plate names .* got a int"),
     (lambda a, b: storch.aligned(a, 3.0), r"value 1 is a float, not a tensor.*torch.as_tensor"),
     (lambda a, b: storch.aligned(), r"at least one value"),
-], ids=["unlisted plate", "unknown plate", "twice", "a string", "not a name", "a number", "nothing"])
+], ids=["unlisted plate", "unknown plate", "twice", "two ...", "a string", "not a name", "a number", "nothing"])
 def test_bad_input_is_refused_with_what_to_do(call, match):
     with storch.Graph():
         x, y = _two_nodes()

@@ -16,10 +16,7 @@ def test_expect_pads_the_entries_of_impossible_values():
     with storch.Graph():
         x = storch.denote_independent(LOGITS, 0, "data")
         z = storch.estimator("expect", plate="z")(Categorical(logits=x))
-        pad = storch.padding(z)
-        names = [p.name for p in pad.plates]
-        z = (z + 0 * pad.float()).tensor.permute(names.index("data"), names.index("z"))
-        pad = pad.tensor.permute(names.index("data"), names.index("z"))
+        (z, pad), _ = storch.aligned(z, storch.padding(z), plates=("data", "z"))
     repeats = (z.unsqueeze(-1) == z.unsqueeze(-2)).tril(-1).any(-1)  # by hand: a repeat of an earlier entry
     assert torch.equal(pad, repeats) and pad.tolist() == [[False, False, True], [False, False, False]]
 

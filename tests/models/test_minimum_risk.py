@@ -90,20 +90,16 @@ def exact_mrt(src, alpha=1.0, eos=None):
 def mrt_loss(lp, cost, pad, alpha=1.0, plate="seq"):
     """The user's MRT loss over the sampled set: Q ∝ p^α renormalised over the set, one value per
     data point. The estimator's padding (``storch.padding``: a data point with fewer possible sequences
-    than S repeats one at weight 0) is left out of Q."""
-    i = [p.name for p in lp.plates].index(plate)
-    a, c, m = (v.movedim(i, -1) for v in torch.broadcast_tensors(lp.tensor, (cost + 0 * lp).tensor, (pad + 0 * lp).tensor))
-    q = torch.softmax((alpha * a).masked_fill(m > 0, -math.inf), -1)
-    rest = [p for p in lp.plates if p.name != plate]
-    loss = (q * c).sum(-1)
-    return storch.PlateTensor(loss, rest) if rest else loss
+    than S repeats one at weight 0) is left out of Q. The raw values are read with storch.aligned, plate
+    ``plate`` last (docs/partitions.md's recipe)."""
+    (a, c, m), plates = storch.aligned(lp, cost, pad, plates=(..., plate))
+    q = torch.softmax((alpha * a).masked_fill(m, -math.inf), -1)
+    return storch.PlateTensor((q * c).sum(-1), plates[:-1])
 
 
-def repeats(lp, codes, plate="seq"):
-    """By hand: the entries whose sequence (its code) repeats an earlier entry's, plate ``plate`` last,
-    in ``lp``'s layout (what docs/partitions.md's recipe compared before ``storch.padding``)."""
-    i = [p.name for p in lp.plates].index(plate)
-    k = (codes + 0 * lp).tensor.movedim(i, -1)
+def repeats(k):
+    """By hand: the entries whose sequence (its code, raw, the plate last) repeats an earlier entry's (what
+    docs/partitions.md's recipe compared before ``storch.padding``)."""
     return (k.unsqueeze(-1) == k.unsqueeze(-2)).tril(-1).any(-1)
 
 
@@ -206,9 +202,8 @@ def test_mrt_as_a_per_entry_cost_on_the_plate_is_biased_for_the_risk():
     with storch.Graph():
         leaf, src = replicate(SRC, R)
         tokens, lp, _ = decode(est, src)
-        i = [p.name for p in lp.plates].index("seq")
-        q = torch.softmax(lp.tensor, i)
-        storch.add_cost(storch.PlateTensor(q * (risk(tokens) + 0 * lp).tensor, lp.plates), name="mrt")
+        (a, c), plates = storch.aligned(lp, risk(tokens), plates=(..., "seq"))
+        storch.add_cost(storch.PlateTensor(torch.softmax(a, -1) * c, plates), name="mrt")
         (g,) = per_replicate_derivatives(storch.surrogate_loss(), leaf, 1)
     assert not z_test(g, _grad(exact_risk), "∇E_p[Δ]").ok
 
@@ -226,16 +221,13 @@ def test_masked_tokens_and_tokens_after_eos_never_appear_and_padding_is_left_out
         s, m = storch.denote_independent((src, masks), 0, "data")
         tokens, lp, codes = decode(est, s, eos=0, detach=True, mask=[m[t] for t in range(T)])
         pad = storch.padding(tokens[-1])
-        i = [p.name for p in lp.plates].index("seq")
-        by_storch = (pad + 0 * lp).tensor.movedim(i, -1) > 0
-        assert torch.equal(by_storch, repeats(lp, codes))  # the padding is the repeats, nothing else
+        (by_storch, k), _ = storch.aligned(pad, codes, plates=("data", "seq"))
+        assert torch.equal(by_storch, repeats(k))  # the padding is the repeats, nothing else
         assert by_storch.sum(-1).tolist() == [1, 0]  # source 0: 2 possible sequences in a set of 3
         assert all(pad.tensor.equal(storch.padding(tok).tensor) for tok in tokens)  # any step's value names the node
         loss = mrt_loss(lp, risk(tokens), pad)
         storch.add_cost(loss, name="mrt", credit=False)
-        seqs = torch.stack([(tok + 0 * codes).tensor for tok in tokens], -1)  # (seq, data, T) or (data, seq, T)
-        names = [p.name for p in codes.plates]
-        seqs = seqs.permute(names.index("data"), names.index("seq"), 2)
+        seqs = torch.stack(storch.aligned(*tokens, plates=("data", "seq"))[0], -1)  # (data, seq, T)
         raw_loss = loss.tensor
         storch.backward()
     for d, rows in enumerate(seqs.tolist()):
@@ -263,7 +255,7 @@ def test_mrt_padding_under_storch_compile():
             tokens, lp, _ = decode(est, s, detach=True, mask=[m[t] for t in range(T)])
             pad = storch.padding(tokens[-1])
             storch.add_cost(mrt_loss(lp, risk(tokens), pad), name="mrt", credit=False)
-            return storch.surrogate_loss(), (pad + 0 * lp).tensor
+            return storch.surrogate_loss(), storch.aligned(pad, lp, plates=("data", "seq"))[0][0]
 
     compiled = storch.compile(step, backend=None)
     src, free = torch.stack([SRC, -SRC]).requires_grad_(True), torch.zeros(2, T, V, dtype=torch.float64)

@@ -76,7 +76,7 @@ def _exact(weights):
 
 def _rollout_value(tokens, h, y):
     """Q(t) in plain torch, outside storch: the mean of D over M continuations of each prefix, no gradient."""
-    raw, state = [(x + 0 * y).tensor for x in tokens], (h + 0 * y).tensor
+    (*raw, state), on = storch.aligned(*tokens, h, plates=y.plates)  # raw, in y's plates
     with torch.no_grad():
         plates = state.shape[:-1]
         state = state.unsqueeze(0).expand(M, *state.shape).reshape(-1, H)
@@ -85,7 +85,7 @@ def _rollout_value(tokens, h, y):
             seq.append(Categorical(logits=OUT(state)).sample())
             state = CELL(EMB(seq[-1]), state)
         value = TABLE[tuple(seq)].view(M, *plates).mean(0)
-    return storch.PlateTensor(value, y.plates)
+    return storch.PlateTensor(value, on)
 
 
 def _estimates(form: str, replicates: int, seed: int = 1) -> torch.Tensor:
@@ -324,7 +324,7 @@ def _exact_with_eos():
 
 
 def _rollout_value_with_eos(tokens, h, y):
-    raw, state = [(x + 0 * y).tensor for x in tokens], (h + 0 * y).tensor
+    (*raw, state), on = storch.aligned(*tokens, h, plates=y.plates)  # raw, in y's plates
     with torch.no_grad():
         plates = state.shape[:-1]
         state = state.unsqueeze(0).expand(M, *state.shape).reshape(-1, H)
@@ -335,7 +335,7 @@ def _rollout_value_with_eos(tokens, h, y):
             finished = finished | seq[-1].eq(EOS)
             state = CELL(EMB(seq[-1]), state)
         value = TABLE[tuple(seq)].view(M, *plates).mean(0)
-    return storch.PlateTensor(value, y.plates)
+    return storch.PlateTensor(value, on)
 
 
 @pytest.mark.parametrize("masked", [True, False])

@@ -269,6 +269,24 @@ def typed_results(theta: torch.Tensor) -> bool:
     return Estimator.supports(d) and bool(avg.sum() + rec > 0) and info.max_order == math.inf
 
 
+def set_loss(theta: torch.Tensor) -> torch.Tensor:
+    """docs/partitions.md, minimum risk training: raw values lined up with storch.aligned, the loss put back."""
+    est = storch.estimator("expect", plate="seq")
+    with storch.Graph():
+        x = est(Categorical(logits=theta.detach()))
+        lp = Categorical(logits=theta).log_prob(x)
+        delta = (x != 1).float()
+        raws, plates = storch.aligned(lp, delta, storch.padding(x), plates=(..., "seq"))
+        assert_type(raws, tuple[torch.Tensor, ...])
+        assert_type(plates, tuple[storch.Plate, ...])
+        a, d, m = raws
+        q = torch.softmax(a.masked_fill(m, -math.inf), -1)
+        storch.add_cost(storch.PlateTensor((q * d).sum(-1), plates[:-1]), name="mrt", credit=False)
+        (same,), _ = storch.aligned(lp, plates=x.plates)
+        assert torch.equal(same, lp.tensor)
+        return storch.backward()
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     enc, dec = torch.nn.Linear(6, 12), torch.nn.Linear(12, 6)
@@ -290,4 +308,5 @@ if __name__ == "__main__":
     documented_attributes(torch.zeros(3, requires_grad=True))
     assert plate_handlers().treatment == storch.Treatment.REFUSED
     assert typed_results(torch.zeros(2, requires_grad=True))
+    set_loss(torch.zeros(3, requires_grad=True))
     print("ok")

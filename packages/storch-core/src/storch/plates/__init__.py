@@ -4,7 +4,7 @@ Layers, lowest first (each module imports only from those before it; checked by 
 
 1. ``tensor``: :class:`Plate`, :class:`PlateTensor`, lineages, alignment of plates by name;
 2. ``treatments``: the table that says how each torch function runs on plate tensors
-   (``table_doc`` renders it for ``docs/plates.md``); beside it, ``aligned``: raw values read in a plate
+   (``table_doc`` renders it for ``docs/plates.md``); beside it, ``raw_values``: raw values read in a plate
    order the caller names (``storch.aligned``), for code that leaves storch;
 3. ``kit``: the helpers every rule uses (wrap, unwrap, walk operands, re-enter dispatch);
 4. ``rules``: the treatments grouped by kind (pointwise, vmap, batch-first, metadata, shape,
@@ -15,6 +15,6 @@ Layers, lowest first (each module imports only from those before it; checked by 
 
 from . import dispatch  # noqa: F401  (installs the dispatcher on PlateTensor)
 from .tensor import Lineage, Plate, PlateTensor, ancestor_index
-from .aligned import aligned
+from .raw_values import aligned
 
 __all__ = ["Lineage", "Plate", "PlateTensor", "ancestor_index", "aligned"]

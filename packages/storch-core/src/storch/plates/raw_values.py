@@ -1,16 +1,16 @@
-"""Raw values in a plate order the caller chooses: :func:`aligned`, for a computation over a plate in plain torch.
+"""Raw values in a plate order the caller chooses (``storch.aligned``), for a computation in plain torch.
 
 A loss of a whole set of samples (minimum risk training's Q ∝ p^α renormalised over the plate), a rollout
 simulator, a black box: code that leaves storch reads raw tensors, one dim per plate. ``x.tensor`` has
 ``x``'s plates in ``x``'s order, and the plates of a torch result follow its operands (``(a + 0 * b).plates``
-is ``a``'s order where ``a`` has as many plates as ``b``), so two ``.tensor``\\ s paired by hand line up only
-where the two values happen to carry the same plates in the same order. :func:`aligned` lines the values up
-by plate name, to one order the caller names, as the dispatcher lines up a torch function's operands.
+is ``a``'s order where ``a`` has as many plates as ``b``), so raw tensors paired by hand line up only where
+the values happen to carry the same plates in the same order. :func:`aligned` lines the values up by plate
+name, to one order the caller names, as the dispatcher lines up a torch function's operands.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -20,13 +20,14 @@ from .tensor import Plate, PlateTensor, align, plates_of, union_plates
 __all__ = ["aligned"]
 
 
-def aligned(*values: torch.Tensor, plates: Optional[Sequence[Union[str, Plate]]] = None
+# (``ellipsis``: the type of ``...`` as typeshed names it; types.EllipsisType from Python 3.10)
+def aligned(*values: torch.Tensor, plates: Optional[Sequence[Union[str, Plate, "ellipsis"]]] = None  # noqa: F821
             ) -> tuple[tuple[torch.Tensor, ...], tuple[Plate, ...]]:
     """The raw tensors of ``values``, each with exactly ``plates`` as its leading dims, in that order.
 
     For a computation that leaves storch (a loss of the whole set of samples, reduced over a plate; a
     simulator; numpy): read the values with one call, compute on the raw tensors, and wrap the result on the
-    plates it still has, ``storch.PlateTensor(result, plates)``. Where ``.tensor``\\ s are paired by hand the
+    plates it still has, ``storch.PlateTensor(result, plates)``. Where raw tensors are paired by hand, the
     plate dims line up only if the values carry the same plates in the same order, and nothing checks it:
     ``(a + 0 * b).tensor`` has ``a``'s order where ``a`` has as many plates as ``b``, and ``b.tensor`` lacks
     a plate ``a`` has (torch then broadcasts it against a per-sample or another plate's dim).
@@ -46,24 +47,26 @@ def aligned(*values: torch.Tensor, plates: Optional[Sequence[Union[str, Plate]]]
         *values: plate tensors (or plain tensors) of one graph.
         plates: the order of the leading dims: the names of the plates (or :class:`storch.Plate` objects,
             e.g. ``x.plates``; a partition's plate is then taken at least at that plate's step). Every plate
-            of every value must be listed, each once. ``None`` (the default): the order a torch function of
-            the values gives its result (``torch.stack(values).plates``: the first of the longest values'
-            plates, then the plates the others add), which the returned plates say.
+            of every value must be listed, each once, or stand under one ``...``: ``plates=(..., "seq")`` puts
+            ``seq`` last and the plates not listed first, in the order ``None`` gives them. ``None`` (the
+            default): the order a torch function of the values gives its result (``torch.stack(values).plates``:
+            the first of the longest values' plates, then the plates the others add), which the returned
+            plates say.
 
     Returns:
-        ``(tensors, plates)``: one raw tensor per value, of shape ``(*[p.size for p in plates],
-        *value.shape)``, and the :class:`storch.Plate` of each leading dim, in order. A result computed from the
-        tensors with the same leading dims is put back on the plates with ``storch.PlateTensor(result,
-        plates)``; one reduced over the last ``k`` plate dims (list those last) with ``plates[:-k]``.
+        tensors: one raw tensor per value, of shape ``(*[p.size for p in plates], *value.shape)``.
+        plates: the :class:`storch.Plate` of each leading dim, in order. A result computed from the tensors with
+            the same leading dims is put back on the plates with ``storch.PlateTensor(result, plates)``; one
+            reduced over the last ``k`` plate dims (list those last) with ``plates[:-k]``.
 
     Raises:
         PlateError: a value that is not a tensor; ``plates`` names a plate no value carries, names one twice,
-            or omits a plate a value carries (list it, at the position wanted: a loss reduced over a plate
-            must still say where the other plates go); values of different graphs.
+            or omits a plate a value carries without a ``...`` (list it at the position wanted, or write
+            ``...`` where the others go); values of different graphs.
 
-    Example (minimum risk training: Q ∝ p^α over the sampled set, plate ``seq`` last)::
+    Example (minimum risk training: Q ∝ p^α over the sampled set; ``seq`` last, any data plate before it)::
 
-        (a, d, m), plates = storch.aligned(lp, delta, pad, plates=("data", "seq"))
+        (a, d, m), plates = storch.aligned(lp, delta, pad, plates=(..., "seq"))
         q = torch.softmax((alpha * a).masked_fill(m, float("-inf")), -1)
         storch.add_cost(storch.PlateTensor((q * d).sum(-1), plates[:-1]), name="mrt", credit=False)
     """
@@ -88,18 +91,23 @@ def aligned(*values: torch.Tensor, plates: Optional[Sequence[Union[str, Plate]]]
     return tuple(out), target
 
 
-def _requested(plates: Sequence[Union[str, Plate]], groups: list[tuple[Plate, ...]]) -> tuple[Plate, ...]:
+def _requested(plates: Sequence[Any], groups: list[tuple[Plate, ...]]) -> tuple[Plate, ...]:
     """The plates of the values in the order ``plates`` names them, each at its latest step; refusals."""
     if isinstance(plates, (str, Plate)):
         raise PlateError(f"storch.aligned: plates= takes a sequence of plate names, got {plates!r}: pass "
                          f"plates=({_name(plates)!r},)")
-    names, given = [], []
+    names, given, rest = [], [], None
     for p in plates:
+        if p is Ellipsis:
+            if rest is not None:
+                raise PlateError("storch.aligned: plates= holds ... twice; one ... stands for every plate not listed")
+            rest = len(names)
+            continue
         if isinstance(p, Plate):
             given.append(p)
         elif not isinstance(p, str):
-            raise PlateError(f"storch.aligned: plates= takes plate names (or storch.Plate objects, e.g. x.plates), got "
-                             f"a {type(p).__name__}: {p!r}")
+            raise PlateError(f"storch.aligned: plates= takes plate names (or storch.Plate objects, e.g. x.plates, and "
+                             f"one ... for the plates not listed), got a {type(p).__name__}: {p!r}")
         names.append(_name(p))
     carried = {q.name for g in groups for q in g}
     seen: set = set()
@@ -113,13 +121,16 @@ def _requested(plates: Sequence[Union[str, Plate]], groups: list[tuple[Plate, ..
                 f"storch.aligned: no value carries a plate {n!r} (the values' plates: {sorted(carried)}); name only "
                 "plates of the values, or pass a value that carries it (the sample of that plate, e.g. the current "
                 "step's)")
-    left = [n for n in sorted(carried) if n not in seen]
-    if left:
+    union = union_plates(groups + ([tuple(given)] if given else []))
+    left = [q.name for q in union if q.name not in seen]
+    if rest is not None:
+        names[rest:rest] = left
+    elif left:
         raise PlateError(
             f"storch.aligned: the values carry plates {left} that plates= does not list (it lists {names}); list "
-            "every plate of the values, at the position its dim should take (e.g. plates=x.plates for x's order, "
-            "the plate you reduce over last)")
-    by_name = {q.name: q for q in union_plates(groups + ([tuple(given)] if given else []))}
+            "every plate of the values, at the position its dim should take (e.g. plates=x.plates for x's order), "
+            "or put ... where the plates not listed go (plates=(..., 'seq'): the plate reduced over last)")
+    by_name = {q.name: q for q in union}
     return tuple(by_name[n] for n in names)
 
 
