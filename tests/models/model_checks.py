@@ -8,11 +8,14 @@
 - :func:`assert_same_grads`: two lists of gradients are equal (tight tolerances).
 - :func:`step_value_and_grads`, :func:`assert_same_step`: a (compiled or eager) step's value and gradients from a
   seed, and two of them equal (the compile tests' comparison with eager storch).
+- :func:`assert_names_a_section`: the docs section an error message names is a heading of that page.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -20,7 +23,7 @@ import torch
 import storch
 
 __all__ = ["lift", "layout", "assert_per_entry", "assert_same_grads", "grads", "PLATES", "step_value_and_grads",
-           "assert_same_step"]
+           "assert_same_step", "assert_names_a_section"]
 
 # a sample plate and a data plate, sizes chosen different so that mixed-up dims show
 PLATES = (storch.Plate("z", 3), storch.Plate("data", 2, True))
@@ -189,3 +192,13 @@ def assert_same_step(got, want) -> None:
     assert len(got[1]) == len(want[1])
     for g, e in zip(got[1], want[1]):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def assert_names_a_section(message: str) -> None:
+    """The section an error message names, ``(docs/PAGE.md, 'Title')`` (the first such reference), is a heading
+    of that page (not a paragraph's words)."""
+    found = re.search(r"\((docs/[\w/-]+\.md), '([^']+)'\)", message)
+    assert found is not None, message
+    page, title = found.groups()
+    text = (Path(__file__).resolve().parents[2] / page).read_text(encoding="utf-8")
+    assert title in re.findall(r"^#+ (.+)$", text, re.M), (page, title)

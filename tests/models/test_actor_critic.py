@@ -33,6 +33,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from storch.testing import assert_unbiased, per_replicate_derivatives, replicate, z_test
+from model_checks import assert_names_a_section
 from torch.distributions import Categorical
 
 import storch
@@ -341,16 +342,6 @@ def test_a_state_value_baseline_option_is_refused_and_points_to_td_costs(kind):
     assert "r_t + gamma * V(s_{t+1})" in message and "credit=False" in message, message
     assert "terminal state" in message, message
     assert_names_a_section(message)
-
-
-def assert_names_a_section(message):
-    """The section the message names (docs/PAGE.md, 'Title') is a heading of that page (not a paragraph's words)."""
-    import re
-    from pathlib import Path
-
-    page, title = re.search(r"\((docs/[\w/-]+\.md), '([^']+)'\)", message).groups()
-    text = (Path(__file__).resolve().parents[2] / page).read_text(encoding="utf-8")
-    assert title in re.findall(r"^#+ (.+)$", text, re.M), (page, title)
 
 
 def test_a_callable_baseline_with_gradient_is_detached():

@@ -80,6 +80,12 @@ class Importance(Estimator):
     """
 
     name = "importance"
+    partition_hint = ("For an episode drawn now from a behaviour policy (off-policy), create one importance estimator "
+                      "per step before the loop (plate=f'a{t}', n_samples=1: a plate of one draw per step, whose "
+                      "weights p/q multiply into the costs of the later steps), or draw it as a partition of 'score' "
+                      "from the detached behaviour policy with the per-decision ratios in the costs; episodes stored "
+                      "earlier (a replay buffer) are data, not draws: put them on a data plate with the ratios in "
+                      "the costs (docs/estimators/importance.md, 'Episodes from a behaviour policy (off-policy)')")
     score_function = True  # l = log p (its override only zeroes draws outside p's support)
     State = ImportanceState
 

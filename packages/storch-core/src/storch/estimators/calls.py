@@ -96,8 +96,9 @@ def _call_signature(cls: type) -> tuple[bool, Optional[frozenset]]:
 
 def _check_call_arguments(est: Estimator, args: tuple, kwargs: dict) -> None:
     """Refuse a positional argument after the distribution (``est(d, x)``: taken for ``inputs``, which only an
-    input-dependent baseline or network reads, so an observed value meant as Pyro's ``obs=`` would be silently
-    ignored and the node sampled) and a keyword the estimator's ``forward`` does not take (``obs=``)."""
+    input-dependent baseline or network reads, so an observed value meant as Pyro's ``obs=``, or a stored action
+    meant for a policy-gradient update, would be silently ignored and the node sampled) and a keyword the
+    estimator's ``forward`` does not take (``obs=``, ``value=``)."""
     if "forward" in est.__dict__:  # a forward set on the instance reads its own arguments (review r-25)
         return
     positional, keywords = _call_signature(type(est))
@@ -114,7 +115,11 @@ def _check_call_arguments(est: Estimator, args: tuple, kwargs: dict) -> None:
         f"estimator {est.name or type(est).__qualname__!r} (plate {est.plate!r}) was called with {what}; it takes "
         f"the distribution{' and the keyword ' + takes if takes else ''} only. {inputs}An OBSERVED value (Pyro's "
         "pyro.sample(..., obs=x)) is not an estimator call: nothing is sampled for it, its log-likelihood is a "
-        "cost: storch.add_cost(-d.log_prob(x_obs), name='likelihood') (docs/coming-from-pyro.md)")
+        "cost: storch.add_cost(-d.log_prob(x_obs), name='likelihood') (docs/coming-from-pyro.md). Nor is a STORED "
+        "action (drawn earlier, by an older or another policy: PPO's epochs on one rollout, a replay buffer): nothing "
+        "is drawn for it now either. Keep it with its behaviour log-probability log_q as plain tensors, put them on a "
+        "data plate (storch.denote_independent) and write the ratio exp(d.log_prob(a) - log_q) into the cost "
+        "(docs/tutorials/policy-gradients.md, 'PPO on an MDP: a stored rollout and minibatches')")
 
 
 def _no_module_hooks(est: Estimator) -> bool:
