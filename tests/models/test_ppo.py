@@ -436,3 +436,26 @@ def test_a_generator_reset_replays_storchs_draws_but_not_the_environments():
                 s = Categorical(probs=P[s, a]).sample()
             runs.append(torch.stack(states, -1).tensor)
     assert torch.equal(runs[0][:, 0], runs[1][:, 0]) and not torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("update", ["storch.backward", "surrogate_loss().backward"])
+def test_epochs_in_one_graph_fail_loudly(update):
+    """A graph's surrogate holds every cost added in it, so epochs written in ONE graph would count the earlier
+    epochs' costs again. Neither form passes silently: storch.backward() ends the graph (the next epoch's cost is a
+    stale tensor), and a second surrogate_loss().backward() fails in torch's autograd (the first pass freed the
+    first epoch's graph). One graph per update (the tutorial)."""
+    torch.manual_seed(8)
+    theta = torch.nn.Parameter(THETA.clone())
+    opt = torch.optim.SGD([theta], lr=0.1)
+    est = storch.estimator("score", plate="ep", n_samples=8)
+    error = storch.PlateError if update == "storch.backward" else RuntimeError
+    with storch.Graph(), pytest.raises(error, match="stale" if error is storch.PlateError else "second time"):
+        old = Categorical(logits=theta.detach()[0])
+        a = est(old)
+        log_old = old.log_prob(a)
+        for epoch in range(2):
+            ratio = (Categorical(logits=theta[0]).log_prob(a) - log_old).exp()
+            storch.add_cost(-ratio * R[0, a], name=f"ppo{epoch}")
+            opt.zero_grad()
+            storch.backward() if update == "storch.backward" else storch.surrogate_loss().backward()
+            opt.step()
