@@ -61,3 +61,24 @@ def test_partition_steps_are_contiguous():
             assert y.tensor.is_contiguous(), (tuple(y.tensor.shape), y.tensor.stride())
             h = h + y.unsqueeze(-1).float()
 
+
+
+@pytest.mark.parametrize("name", ["score", "importance"])
+def test_iid_categorical_draws_are_contiguous(name):
+    """torch's ``Categorical.sample((n,))`` is a transposed view of its ``multinomial`` draw (strides ``(1, n)`` for
+    ``(n, data)``): the estimators that draw i.i.d. through ``storch.distributions.raw_sample`` (score, importance
+    with its own proposal, a partition's later steps) hand out a plain batch. A sampled index in the transposed layout
+    broke ``storch.compile(..., backend="aot_eager")`` of ``A[s] @ h`` (torch's meta for ``aten.index`` ignores the
+    index's strides: tests/models/test_switching_state_space.py)."""
+    torch.manual_seed(2)
+    kw = {"proposal": lambda p: Categorical(logits=torch.zeros(p.logits.shape))} if name == "importance" else {}
+    est = storch.estimator(name, plate="z", n_samples=4, **kw)
+    with storch.Graph():
+        x = storch.denote_independent(_data(3), 0, "data")
+        s = est(Categorical(logits=x[..., :2]))
+        assert s.plate_names == ("z", "data")
+        assert s.tensor.is_contiguous(), (tuple(s.tensor.shape), s.tensor.stride())
+        if name == "score":  # later steps of a partition (drawn by Estimator.draw)
+            for _ in range(2):
+                s = est(Categorical(logits=x[..., :2] + s.unsqueeze(-1).float()))
+                assert s.tensor.is_contiguous(), (tuple(s.tensor.shape), s.tensor.stride())

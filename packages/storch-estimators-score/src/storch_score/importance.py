@@ -147,7 +147,7 @@ class Importance(Estimator):
 
     def proposal(self, node: Node) -> torch.Tensor:
         q = self._sampler(node)
-        x = q.sample((self.n_samples,))
+        x = q.sample((self.n_samples,)).contiguous()  # (a Categorical's draw is a transposed view: as raw_sample)
         with torch.no_grad():  # q's own draws (inside its support); only the detached weights read it
             log_q = node.log_prob(x, q)
         x = _as_values_of(node.distribution, q, x)

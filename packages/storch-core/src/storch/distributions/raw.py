@@ -98,7 +98,13 @@ def raw_sample(d: Distribution, sample_shape: tuple = ()) -> torch.Tensor:
     numbers and values, without the lazy property's grad mode (torch computes the probabilities with
     gradient and caches them on ``d``), a ``no_grad`` block (the parameters are detached) and
     ``_extended_shape``. The probabilities computed here are not cached on ``d`` (reading ``d.probs``
-    computes them again). Any other case calls ``d.sample(sample_shape)``.
+    computes them again). Any other case calls ``d.sample(sample_shape)``, laid out contiguously: torch's
+    ``Categorical`` (and what draws through it) returns a transposed view ``(n, *batch)`` of its
+    ``multinomial`` draw, and an advanced index by such a sample (``A[s]``) has strides that torch's meta
+    function for ``aten.index`` does not predict (it follows the indexed tensor's only), so under
+    ``storch.compile`` with an AOT backend that runs eager kernels (``aot_eager``) the view a later ``matmul``
+    was compiled with failed ("view size is not compatible with input tensor's size and stride";
+    tests/models/test_switching_state_space.py).
     """
     if type(d) is Bernoulli and not d._validate_args:
         state = d.__dict__
@@ -112,4 +118,4 @@ def raw_sample(d: Distribution, sample_shape: tuple = ()) -> torch.Tensor:
             # context costs ~1 us, a policy's step draws once per step)
             p = torch.sigmoid(logits.detach()) if p is None else p.detach()  # logits_to_probs(is_binary=True)
             return torch.bernoulli(p if p.shape == shape else p.expand(shape))
-    return d.sample(sample_shape) if sample_shape else d.sample()
+    return (d.sample(sample_shape) if sample_shape else d.sample()).contiguous()  # (itself when contiguous)
