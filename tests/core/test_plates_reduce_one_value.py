@@ -141,14 +141,93 @@ def test_a_batch_reduction_on_a_data_plate_runs_and_user_modules_named_storch_ar
             scope["bound"](_log_weights())
 
 
-def test_one_sample_and_a_data_plate_are_not_refused():
-    """A plate of size 1, or a data plate alone: no samples to couple."""
+def test_one_sample_and_a_data_plate_of_one_point_are_not_refused():
+    """A plate of size 1 (one sample, a batch of one data point): nothing to combine."""
     torch.manual_seed(2)
     with storch.Graph():
         lw = _log_weights(n=1)
         torch.testing.assert_close(torch.logsumexp(lw, 0).tensor, lw.tensor)
-        x = storch.denote_independent(torch.randn(5, dtype=torch.float64), 0, "data")
+        x = storch.denote_independent(torch.randn(1, dtype=torch.float64), 0, "data")
         torch.testing.assert_close(x.logsumexp(0).tensor, x.tensor)
+        torch.testing.assert_close(torch.quantile(x, 0.9, dim=0).tensor, x.tensor)
+
+
+# batched code's statistics over the batch (dim 0) of a per-data-point scalar: on a data plate alone they were each
+# data point's own value, silently (f-silent17: a risk-seeking threshold r - quantile(r, q, 0) of 0 for every point)
+_BATCH_STATISTICS = {
+    "quantile": lambda r: torch.quantile(r, 0.9, dim=0),
+    "Tensor.quantile": lambda r: r.quantile(0.9, 0, keepdim=True),
+    "nanquantile": lambda r: torch.nanquantile(r, 0.5, 0),
+    "sort": lambda r: r.sort(0).values,
+    "argsort": lambda r: r.argsort(0),
+    "msort": torch.msort,
+    "topk": lambda r: r.topk(1, 0).values,
+    "kthvalue": lambda r: r.kthvalue(1, 0).values,
+    "median": lambda r: r.median(0).values,
+    "nanmedian": lambda r: r.nanmedian(0).values,
+    "mode": lambda r: r.mode(0).values,
+    "max": lambda r: r.max(0).values,
+    "amin": lambda r: r.amin(0),
+    "prod": lambda r: r.prod(0),
+    "cumsum": lambda r: r.cumsum(0),
+    "norm": lambda r: r.norm(dim=0),
+    "logsumexp": lambda r: r.logsumexp(0),
+    "softmax_-1": lambda r: F.softmax(r, -1),
+    "special.logsumexp": lambda r: torch.special.logsumexp(r, 0),
+}
+
+
+@pytest.mark.parametrize("form", list(_BATCH_STATISTICS))
+def test_a_statistic_over_dim_0_of_a_per_data_point_scalar_is_refused(form):
+    """On a data plate alone (no sample plate) the call's dim 0 was the ported code's batch: storch gave each data
+    point its own value (what torch gives one data point, but a statistic of the batch is what the line computes in
+    the code it came from), now refused with the raw tensor's recipe, as it is with a sample plate beside it."""
+    raw = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with storch.Graph():
+        r = storch.denote_independent(raw, 0, "data")
+        assert r.shape == () and r.plate_names == ("data",)
+        with pytest.raises(storch.PlateError,
+                           match=r"(?s)per-sample shape \(\).*data plate\(s\) 'data' \(size 6\).*reduces nothing"
+                                 r".*mixes the data points.*r\.tensor, q, dim=0"):
+            _BATCH_STATISTICS[form](r)
+
+
+def test_the_refused_risk_seeking_threshold_and_its_advised_form():
+    """The brief's case: ``torch.quantile(r, q, dim=0)`` on per-data-point rewards. storch computed each point's own
+    reward (a per-entry loop's value: r - q was 0 at every point, where the batch's threshold leaves only the top
+    points positive); refused now, and the advised form, the quantile of the raw tensor along the data plate's dim as a
+    plain tensor, is the batched code's threshold, shared by every point, with its gradient."""
+    theta = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+    with storch.Graph():
+        r = storch.denote_independent(theta * 2.0, 0, "data")
+        with pytest.raises(storch.PlateError, match="quantile with dim=0 .* data plate"):
+            torch.quantile(r, 0.75, dim=0)
+        threshold = torch.quantile(r.tensor, 0.75, dim=0)  # the advice: a plain tensor
+        margin = r - threshold
+        assert margin.plate_names == ("data",)
+        want = theta * 2.0 - torch.quantile(theta * 2.0, 0.75, dim=0)
+        torch.testing.assert_close(margin.tensor, want)
+        assert int((margin.tensor > 0).sum()) == 2  # above the 0.75-quantile of 6 points (the old r - q: 0 everywhere)
+        got, = torch.autograd.grad(margin.tensor.square().sum(), theta)
+    ref, = torch.autograd.grad(want.square().sum(), theta)
+    torch.testing.assert_close(got, ref)
+
+
+def test_on_a_data_plate_alone_a_batch_mean_a_dimless_reduction_and_a_vector_run_per_data_point():
+    """What stays accepted on a data plate alone, equal to a loop over the data points: mean(0) / sum(0) (storch
+    averages the data plate itself, review r-24), a reduction without a dim or over the last dim (the point's own
+    value), and any dim of a per-data-point vector (a dim of the point)."""
+    raw = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with storch.Graph():
+        v = storch.denote_independent(raw, 0, "data")
+        r = v[0]
+        forms = (lambda t: t.mean(0), lambda t: t.sum(0), lambda t: torch.quantile(t, 0.3),
+                 lambda t: t.amax(-1), lambda t: t.median())
+        for f in forms:
+            torch.testing.assert_close(f(r).tensor, torch.stack([f(row[0]) for row in raw]))
+        for f in (lambda t: torch.quantile(t, 0.3, dim=0), lambda t: t.sort(0).values, lambda t: t.logsumexp(0),
+                  lambda t: t.softmax(-1)):
+            torch.testing.assert_close(f(v).tensor, torch.stack([f(row) for row in raw]))
 
 
 def test_torch_distributions_own_reductions_of_a_per_sample_scalar_are_not_refused():

@@ -11,7 +11,7 @@ import functools
 import math
 import sys
 import warnings
-from typing import Optional
+from typing import NoReturn, Optional
 
 import torch
 import torch.nn.functional as F
@@ -248,11 +248,18 @@ def _refuse_reduction_of_one_value(func, x, d) -> None:
         # dim 0 was the batch in the ported code (`rec.mean(0)`, `kld.sum(1).mean(0)`): storch averages the
         # data plates itself, so the reduction of the per-point value is right (found by review r-24)
         return
-    sampled = [p for p in x._plates if not p.independent and p.size > 1 and p.lineage is not None]
-    if not sampled or not _made_by_user():
+    # a data plate alone is refused too (f-silent17): storch's value, each data point's own number (a quantile's
+    # baseline r - q of 0, a softmax of 1), is what torch gives one data point, but no code written for one data point
+    # asks for dim 0 of a scalar; the line is batched code's statistic over the batch, which mixes the data points
+    # (and with a sample plate beside the data plate the same line was refused already)
+    lined = [p for p in x._plates if p.size > 1 and p.lineage is not None]
+    if not lined or not _made_by_user():
         return
     name = getattr(func, "__name__", str(func))
     dim = "its implicit dim" if callable(d) else f"dim={d!r}"
+    sampled = [p for p in lined if not p.independent]
+    if not sampled:
+        _refuse_batch_statistic(name, dim, x, lined)
     plates = ", ".join(f"{p.name!r} (size {p.size})" for p in sampled)
     raise PlateError(
         f"{name} with {dim} on a plate tensor of per-sample shape () that carries the sample plate(s) {plates}: "
@@ -270,6 +277,25 @@ def _refuse_reduction_of_one_value(func, x, d) -> None:
         "reads cost.tensor along cost.dim (docs/estimators/score.md, 'Baselines that read the batch'). "
         "A reduction of a sample's own value needs no dim: sum() / mean(). If the dim was your batch (a data "
         "plate), drop the reduction: storch averages a cost over its data plates")
+
+
+def _refuse_batch_statistic(name: str, dim: str, x, data) -> NoReturn:
+    """The refusal of :func:`_refuse_reduction_of_one_value` for a per-data-point scalar on data plates only (no
+    sample plate): the user's dim 0 was the batch of the ported code."""
+    plates = ", ".join(f"{p.name!r} (size {p.size})" for p in data)
+    at = x._plates.index(data[0])
+    raise PlateError(
+        f"{name} with {dim} on a plate tensor of per-sample shape () that carries the data plate(s) {plates}: "
+        "the data plate is not a dim of the per-data-point tensor (your code sees one data point, whose value is a "
+        f"single number), so torch's {name} over dim 0 / -1 of it reduces nothing and returns that value (or 1, 0) "
+        "per data point: it does not combine the data points, as the same line does in batched code whose dim 0 "
+        "is the batch. A statistic over the batch (a quantile or ranking of the batch's values, a softmax or "
+        "normalisation over the data points) mixes the data points, which per-data-point code does not express "
+        "(docs/plates.md, 'A cost that mixes data points'): compute it on the plain batch before "
+        "storch.denote_independent, or from the raw tensor, whose leading dims are the plates "
+        f"(e.g. `torch.quantile(r.tensor, q, dim={at})`, {data[0].name!r} being dim {at} of `r.tensor`), and use the result as a "
+        "plain tensor, shared by every data point. A reduction of a data point's own value needs no dim: sum() / "
+        "mean(); a sum or mean over the batch needs none either: storch averages a cost over its data plates")
 # reductions that take a tuple of any number of dims (the others reduce a flattened view; not norm:
 # its default p='fro' refuses more than two dims)
 _TUPLE_DIMS = set(sum((_both(n) for n in ("sum", "mean", "nansum", "nanmean", "amax", "amin", "logsumexp", "std",
@@ -324,7 +350,7 @@ _DIM_AFTER_Q = frozenset(_both("quantile") + _both("nanquantile"))
 @register(*_both("quantile"), *_both("nanquantile"), *_both("mode"), *_both("msort"), *_both("nanmedian"),
           *_both("aminmax"))
 def _order_statistic(func, args, kwargs):
-    """per sample (vmap); over dim 0 of a sample of one value (batched code's samples dim), refused (a PlateError)
+    """per sample (vmap); over dim 0 of a sample of one value (batched code's samples or batch), refused (a PlateError)
 
     A quantile or rank over the samples written as in batched code (a risk-seeking baseline's (1 - eps)-quantile of
     the batch's rewards, ``torch.quantile(r, 1 - eps, dim=0)``) would be each sample's own value: a weight of 0 for
