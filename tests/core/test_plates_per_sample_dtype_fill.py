@@ -246,6 +246,80 @@ def test_embedding_with_a_per_sample_table(padding_idx, scale, layout):
     check_loop(fn, [mu], [idx, W])
 
 
+def _sampled_table_and_index(mu):
+    """A table per entry of plate w (mu times 1, 2) and an index per entry of i and the data plate."""
+    W_, I_ = Plate("w", 2), Plate("i", 3)
+    W = PlateTensor(mu * torch.tensor([1.0, 2.0], dtype=torch.float64).reshape(2, 1, 1, 1), (W_, DATA))
+    r = torch.randint(0, 4, (3, 2, 5), generator=torch.Generator().manual_seed(1))
+    r[..., :2] = 0  # row 0 read twice per entry (a count of 2)
+    return W, PlateTensor(r, (I_, DATA))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_sparse_embedding_of_a_per_sample_table_with_scale_grad_by_freq_is_refused_as_torch_refuses_it(padding_idx):
+    """``F.embedding(z, W, sparse=True, scale_grad_by_freq=True)`` with a per-sample table W: torch's backward refuses
+    the pair on one sample ("not supported with sparse gradients"); storch gave the laid-out tables a dense gradient
+    silently (f-silent17). The values are torch's per entry, the backward raises torch's own error, and without a
+    gradient to the table the lookup works as in torch."""
+    mu = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    W, idx = _sampled_table_and_index(mu)
+    out = F.embedding(idx, W, padding_idx, sparse=True, scale_grad_by_freq=True)
+    for a in assignments(idx, W):
+        one = F.embedding(entry(idx, a), entry(W, a), padding_idx, sparse=True, scale_grad_by_freq=True)
+        torch.testing.assert_close(entry(out, a), one)
+        with pytest.raises(RuntimeError, match="scale_grad_by_freq not supported with sparse gradients"):
+            one.sum().backward(retain_graph=True)  # torch, on one entry
+    with pytest.raises(RuntimeError, match="scale_grad_by_freq not supported with sparse gradients"):
+        out.tensor.sum().backward()
+    assert mu.grad is None
+    frozen = F.embedding(idx, W.detach(), padding_idx, sparse=True, scale_grad_by_freq=True)
+    torch.testing.assert_close(frozen.tensor, out.tensor.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(F.embedding(idx, W, padding_idx, sparse=True, scale_grad_by_freq=True).tensor,
+                                   out.tensor.detach())
+
+
+def test_sparse_embedding_of_a_per_sample_table_is_refused_and_the_advised_forms_keep_torchs_gradient():
+    """``F.embedding(z, W, sparse=True)`` with a per-sample table that needs a gradient: torch gives one entry's
+    table a sparse gradient, which cannot flow back through the plates' broadcast (sparse tensors have no views);
+    storch gave a dense one silently (f-silent17), now refuses with the advice. The advised forms equal a loop over
+    the entries: sparse=False (the same values, dense), and the rows looked up in the plain table with sparse=True
+    (torch's sparse gradient, per entry summed); without a gradient to the table, sparse=True runs as torch does."""
+    mu = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    W, idx = _sampled_table_and_index(mu)
+    with pytest.raises(storch.PlateError, match=r"(?s)sparse=True of a table on the plates 'w' \(size 2\).*"
+                                                r"sparse=False.*SparseAdam.*plain table"):
+        F.embedding(idx, W, sparse=True)
+    with pytest.raises(storch.PlateError, match="sparse=True"):  # nn.Embedding(sparse=True) with a sampled weight
+        torch.func.functional_call(torch.nn.Embedding(4, 2, sparse=True), {"weight": W}, (idx,))
+    # sparse=False: the values and gradient per entry (the per-entry loop's gradient is sparse, its values equal)
+    check_loop(lambda i, w: F.embedding(i, w), [mu], [idx, W])
+    W, idx = _sampled_table_and_index(mu)
+    dense, = torch.autograd.grad(F.embedding(idx, W).tensor.sum(), mu, retain_graph=True)
+    ref = 0
+    for a in assignments(idx, W):  # each entry's table made from mu (a slice of W's raw tensor passes no sparse grad)
+        ref = ref + F.embedding(entry(idx, a), mu * (1.0 + a["w"]), sparse=True).sum()
+    sparse_ref, = torch.autograd.grad(ref, mu)
+    assert sparse_ref.is_sparse and not dense.is_sparse
+    torch.testing.assert_close(dense, sparse_ref.to_dense())
+    # the plain table with a sampled index, scaled after the lookup: torch's sparse gradient
+    scale = PlateTensor(torch.tensor([1.0, 2.0], dtype=torch.float64).reshape(2, 1), (Plate("w", 2), DATA))
+    looked = F.embedding(idx, mu, sparse=True) * scale
+    torch.testing.assert_close(looked.tensor, F.embedding(idx, W).tensor.detach().expand_as(looked.tensor))
+    grad, = torch.autograd.grad(looked.tensor.sum(), mu)
+    assert grad.is_sparse
+    torch.testing.assert_close(grad.to_dense(), sparse_ref.to_dense())
+    # no gradient to the table (detached, or under no_grad): sparse=True runs, the entries' values
+    for out in (F.embedding(idx, W.detach(), sparse=True), _no_grad(lambda: F.embedding(idx, W, sparse=True))):
+        for a in assignments(idx, W):
+            torch.testing.assert_close(entry(out, a), F.embedding(entry(idx, a), entry(W, a).detach()))
+
+
+def _no_grad(fn):
+    with torch.no_grad():
+        return fn()
+
+
 def test_embedding_per_sample_table_rejects_bad_indices():
     W = PlateTensor(torch.randn(2, 4, 3), (Plate("w", 2),))
     for bad in (torch.tensor([4]), torch.tensor([-1])):

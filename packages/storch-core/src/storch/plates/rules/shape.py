@@ -976,6 +976,20 @@ def _embedding(func, args, kwargs):
     return wrap(func(x._raw, *args[1:], **kwargs), x._plates)
 
 
+def _refuse_sparse_table(w) -> NoReturn:
+    """F.embedding(..., sparse=True) of a table on plates whose gradient is needed: refused (a PlateError)."""
+    plates = ", ".join(f"{p.name!r} (size {p.size})" for p in w._plates)
+    raise PlateError(
+        f"F.embedding with sparse=True of a table on the plates {plates} (one table per plate entry, e.g. a sampled "
+        "table): torch gives one sample's table a sparse gradient, which storch cannot give here: the plates' raw "
+        "tables are made of your plain tensors broadcast over the plates, and a sparse gradient cannot flow back "
+        "through that broadcast (torch has no view of a sparse tensor), so the gradient would be a dense one "
+        "silently. Pass sparse=False (the same gradient values, dense: optimise with a dense optimizer such as "
+        "Adam, not SparseAdam); or look the rows up in a plain table, where storch keeps torch's sparse gradient, "
+        "and make them per-sample after the lookup (for a table mu + sigma * eps: F.embedding(z, mu, sparse=True) "
+        "+ F.embedding(z, sigma, sparse=True) * eps[z]); or detach the table if it needs no gradient")
+
+
 _EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
 
 
@@ -993,6 +1007,9 @@ def _embedding_table(func, args, kwargs):
     b.update(kwargs)
     idx, w, pad = b.get("input"), b.get("weight"), b.get("padding_idx")
     scale = b.get("scale_grad_by_freq", False)
+    sparse = b.get("sparse") is True
+    if sparse and not scale and type(w) is _PT and w.requires_grad and torch.is_grad_enabled():
+        _refuse_sparse_table(w)
     if (set(b) - set(_EMBEDDING_ARGS) or (b.get("max_norm") is not None and type(w) is _PT)
             or not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.long, torch.int) or w.dim() != 2 or not isinstance(scale, bool)
             or not (pad is None or (type(pad) is int and -w.shape[0] <= pad < w.shape[0]))):
@@ -1018,7 +1035,9 @@ def _embedding_table(func, args, kwargs):
         count = math.prod(sizes)
         tables = wr.expand(sizes + wr.shape[m:]).reshape(count * n, wr.shape[-1])
         offsets = torch.arange(0, count * n, n, device=ir.device).reshape(sizes + (1,) * len(shape))
-        out = torch.embedding(tables, ir + offsets, -1, True, False)
+        # sparse=True: torch's backward refuses the pair, as on one sample ("scale_grad_by_freq not supported
+        # with sparse gradients"), where the laid-out tables' dense gradient was given silently (f-silent17)
+        out = torch.embedding(tables, ir + offsets, -1, True, sparse)
     else:
         ir_ok = torch.where(ir < 0, n, ir)  # negative indices are out of range for embedding (indexing raises)
         at = [torch.arange(wr.shape[j], device=ir.device).reshape((1,) * j + (-1,) + (1,) * (m - j - 1 + len(shape)))
