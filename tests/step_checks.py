@@ -4,12 +4,17 @@ counting), the pickle round trips of a pathwise node's plate tensors, and the lo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import io
+import os
 import pickle
+import sys
+import sysconfig
+import tracemalloc
 import types
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -26,42 +31,119 @@ def garbage_after(step: Callable[[], object], warmups: int = 1) -> int:
 
 def unreachable_after(step: Callable[[], object], warmups: int = 2) -> tuple[int, dict]:
     """As :func:`garbage_after` (default: two warm-ups), with the unreachable objects' types counted (for a
-    failure message): ``(number of storch's objects gc.collect() frees after the step, {type name: count})``."""
+    failure message): ``(number of storch's objects gc.collect() frees after the step, {type name: count})``.
+    The step's allocations are traced (:func:`allocations_traced`; not the warm-ups', which may compile: tracing
+    slows torch.compile's tracing several times), so a cycle of containers that storch's code allocated in the step
+    is counted though it holds no tensor."""
     for _ in range(warmups):
         step()
     gc.collect()
     gc.disable()
     try:
-        step()
-        return storch_unreachable()
+        with allocations_traced():
+            step()
+            return storch_unreachable()
     finally:
         gc.enable()
 
 
+# frames kept per traced allocation: enough to pass the standard library's frames (dataclasses' generated __init__,
+# functools, contextlib, copy) between the allocation and the code that asked for it
+_TRACED_FRAMES = 12
+
+
+@contextlib.contextmanager
+def allocations_traced():
+    """Trace allocations (``tracemalloc``) in the block, for :func:`storch_unreachable` to tell a cycle that storch's
+    code allocated (a dict or a list that holds no tensor, f-silent17) from other garbage; where tracing is on already
+    (``python -X tracemalloc``), it is left as it is."""
+    if tracemalloc.is_tracing():
+        yield
+        return
+    tracemalloc.start(_TRACED_FRAMES)
+    try:
+        yield
+    finally:
+        tracemalloc.stop()
+
+
 def storch_unreachable() -> tuple[int, dict]:
     """Collect (the collector switched off since before the step) and count the unreachable objects that are
-    storch's (:func:`storch_object`): ``(number, {type name: count})``. Not every unreachable object: a step can run
+    storch's (:func:`storch_garbage`): ``(number, {kind: count})``. Not every unreachable object: a step can run
     after a test that compiled in the same process, and torch.compile's own objects (dynamo's fake tensors, FX nodes,
     frame summaries: 1941 of them after tests/models/test_compile.py) become garbage whenever their caches let go,
-    during the step too; a cycle of storch's holds a node, a plate tensor, a tensor or one of storch's frames."""
+    during the step too."""
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
         gc.collect()
-        kinds: dict = {}
-        for o in gc.garbage:
-            if storch_object(o):
-                kinds[type(o).__qualname__] = kinds.get(type(o).__qualname__, 0) + 1
+        return storch_garbage(gc.garbage)
     finally:
         gc.garbage.clear()
         gc.set_debug(0)
+
+
+def storch_garbage(objects) -> tuple[int, dict]:
+    """How many of ``objects`` (unreachable ones) are storch's, by kind: ``(number, {kind: count})``. An object is
+    storch's if it is one by type (:func:`storch_object`: a node, a plate tensor, a tensor, an autograd node, a frame
+    or function of storch's code; kind: the type's name), or if storch's code allocated it (a dict, a list, any
+    object: the nearest frame of its allocation outside the standard library is in one of storch's packages, while
+    :func:`allocations_traced` traces; kind: ``"dict from storch/graph/node.py:120"``). A cycle of containers made by
+    storch holds no tensor, and torch.compile's garbage is allocated by torch's code, not storch's."""
+    roots = _storch_roots()
+    kinds: dict = {}
+    for o in objects:
+        if storch_object(o, roots):
+            kind = type(o).__qualname__
+        else:
+            where = _allocated_by_storch(o, roots)
+            if where is None:
+                continue
+            kind = f"{type(o).__qualname__} from {where}"
+        kinds[kind] = kinds.get(kind, 0) + 1
     return sum(kinds.values()), kinds
 
 
-def storch_object(o) -> bool:
-    """Whether garbage ``o`` is storch's: an object of a storch class (storch and its families), a tensor that is not
-    torch.compile's fake or functional one, an autograd graph node (a grad_fn, a custom Function's context: a cycle
-    through one holds its saved tensors, which live in C++ and are never Python garbage), or a frame or function of
-    storch's code."""
+def _storch_roots() -> tuple:
+    """The folders of storch's imported packages (storch, storch_score, ..., each with a trailing separator)."""
+    roots = []
+    for name, module in list(sys.modules.items()):
+        if "." in name or not (name == "storch" or name.startswith("storch_")):
+            continue
+        path = getattr(module, "__file__", None)
+        if path:
+            roots.append(os.path.join(os.path.dirname(os.path.abspath(path)), ""))
+    return tuple(roots)
+
+
+_STDLIB = os.path.join(os.path.abspath(sysconfig.get_paths()["stdlib"]), "")
+_SITE = tuple(os.path.join(os.path.abspath(sysconfig.get_paths()[k]), "") for k in ("purelib", "platlib"))
+
+
+def _passing(filename: str) -> bool:
+    """A frame that does not decide whose an allocation is: the standard library's, or code without a file (a
+    dataclass's generated __init__, ``<frozen importlib._bootstrap>``)."""
+    return filename.startswith("<") or (filename.startswith(_STDLIB) and not filename.startswith(_SITE))
+
+
+def _allocated_by_storch(o, roots: tuple):
+    """``"path:line"`` (from storch's package folder on) where storch's code allocated ``o``, or None (allocated by
+    other code, before tracing, or not traced)."""
+    trace = tracemalloc.get_object_traceback(o)
+    for frame in reversed(trace or ()):  # the allocation first
+        if _passing(frame.filename):
+            continue
+        root = next((r for r in roots if frame.filename.startswith(r)), None)
+        if root is None:
+            return None
+        return f"{frame.filename[len(os.path.dirname(root[:-1])) + 1:]}:{frame.lineno}"
+    return None
+
+
+def storch_object(o, roots: Optional[tuple] = None) -> bool:
+    """Whether garbage ``o`` is storch's by type: an object of a storch class (storch and its families), a tensor that
+    is not torch.compile's fake or functional one, an autograd graph node (a grad_fn, a custom Function's context: a
+    cycle through one holds its saved tensors, which live in C++ and are never Python garbage), or a frame or function
+    of storch's code (in one of ``roots``, storch's package folders: :func:`_storch_roots` by default)."""
     # by type, never by the object's attributes: a dead weakref.proxy among the garbage raises on any access
     module = type(o).__module__ or ""
     if module.startswith("storch"):
@@ -76,7 +158,7 @@ def storch_object(o) -> bool:
         code = o.__code__
     else:
         return False
-    return "storch" in code.co_filename.replace("\\", "/").split("/site-packages/")[-1]
+    return code.co_filename.startswith(_storch_roots() if roots is None else roots)
 
 
 def pickle_round_trips(est, dist_of) -> None:
