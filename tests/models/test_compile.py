@@ -699,6 +699,29 @@ def test_torch_compile_never_compiles_storch_code():
             torch.testing.assert_close(got.tensor, want.tensor)
 
 
+def test_torch_compile_runs_storch_aligned_eagerly():
+    # storch.aligned is one of storch's entry points: dynamo does not inline it, as it does not inline the
+    # dispatcher (before: dynamo traced aligned's bytecode, storch's alignment code, into a frame of its own guarded
+    # on plate objects, as it once did the dispatcher's fragments: issue 19)
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as cache_entries
+
+    assert storch.aligned._torchdynamo_disable
+
+    def user(u, v):  # user code on the raw values: what dynamo may compile
+        (a, b), plates = storch.aligned(u, v, plates=("y", "x"))
+        return a * 100 + b
+
+    compiled = torch.compile(user, backend="eager")
+    for step in range(3):
+        with storch.Graph():
+            x = storch.estimator("reparameterization", plate="x", n_samples=3)(Normal(torch.tensor(0.0), 1.0))
+            y = storch.estimator("reparameterization", plate="y", n_samples=2)(Normal(torch.tensor(0.0), 1.0))
+            u, v = (x + 0 * y, y + 0 * x) if step % 2 else (y + 0 * x, x + 0 * y)  # both plate orders
+            torch.testing.assert_close(compiled(u, v), user(u, v), rtol=0, atol=0)
+    assert cache_entries(user.__code__)  # the user's code was compiled; storch's was not
+    assert not cache_entries(storch.plates.raw_values.aligned.__wrapped__.__code__)
+
+
 def test_refuses_steps_that_replay_random_state():
     # SPSA's coupled draws replay torch's random state (fork_rng): the trace records the draws, not the
     # replay, so the compiled step would draw differently; the check at trace time refuses it

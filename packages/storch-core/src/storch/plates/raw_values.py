@@ -15,12 +15,15 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from ..errors import PlateError
+from ..runtime.eager import eager_only
 from .tensor import Plate, PlateTensor, align, plates_of, union_plates
 
 __all__ = ["aligned"]
 
 
-# (``ellipsis``: the type of ``...`` as typeshed names it; types.EllipsisType from Python 3.10)
+# (``ellipsis``: the type of ``...`` as typeshed names it; types.EllipsisType from Python 3.10). eager_only: an entry
+# point of storch, which torch.compile does not inline (storch.runtime.eager)
+@eager_only
 def aligned(*values: torch.Tensor, plates: Optional[Sequence[Union[str, Plate, "ellipsis"]]] = None  # noqa: F821
             ) -> tuple[tuple[torch.Tensor, ...], tuple[Plate, ...]]:
     """The raw tensors of ``values``, each with exactly ``plates`` as its leading dims, in that order.
