@@ -126,10 +126,9 @@ def test_a_data_plate_in_another_order_and_a_plain_tensor():
         assert plates == (v + 0 * x).plates and torch.equal(rv2, v.tensor)
 
 
-def test_steps_of_a_partition_are_re_indexed_by_the_parents_as_an_operand_is():
-    # one beam per data point: parents per entry of the data plate (a hand-built lineage, as a beam search's).
-    # The idiom (h0 + 0 * y2).tensor is right here: the dispatcher re-indexes an earlier step to the later one;
-    # storch.aligned does the same, in the order asked
+def _beam():
+    """One beam per data point: parents per entry of the data plate (a hand-built lineage, as a beam search's); a
+    value of step 0 without the data plate, one of step 2 with it, and the loop: h0 read at step 2, (data, z)."""
     lin = storch.Lineage()
     data = storch.Plate("data", 2, True, 0, storch.Lineage())
     p1 = torch.tensor([[1, 0], [1, 1], [0, 0]])                      # (entries at step 1, data): parent at step 0
@@ -140,6 +139,13 @@ def test_steps_of_a_partition_are_re_indexed_by_the_parents_as_an_operand_is():
     h0 = storch.PlateTensor(torch.tensor([10.0, 11.0]), (s0,))      # step 0, no data plate
     y2 = storch.PlateTensor(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), (s2, data))
     loop = torch.tensor([[float(h0.tensor[p1[p2[i, d], d]]) for i in range(2)] for d in range(2)])  # (data, z)
+    return data, s0, s2, h0, y2, loop
+
+
+def test_steps_of_a_partition_are_re_indexed_by_the_parents_as_an_operand_is():
+    # The idiom (h0 + 0 * y2).tensor is right here: the dispatcher re-indexes an earlier step to the later one;
+    # storch.aligned does the same, in the order asked
+    data, s0, s2, h0, y2, loop = _beam()
     (r0, r2), plates = storch.aligned(h0, y2, plates=("data", "z"))
     assert plates == (data, s2) and torch.equal(r0, loop) and torch.equal(r2, y2.tensor.t())
     old = h0 + 0 * y2
@@ -150,6 +156,33 @@ def test_steps_of_a_partition_are_re_indexed_by_the_parents_as_an_operand_is():
     assert plates == y2.plates and torch.equal(r0, loop.t())
     (r0,), plates = storch.aligned(h0, plates=("z",))                # no later step named: step 0 as it is
     assert plates == (s0,) and torch.equal(r0, h0.tensor)
+
+
+def test_a_plate_in_plates_that_no_value_carries_and_the_plate_a_beam_chose_its_parents_per():
+    # before: plates=y2.plates with h0 alone was refused ("no value carries a plate 'data'"; the test above passes a
+    # value of zeros on the data plate to carry it), and the partition's plate alone, plates=(s2,) (or (..., s2)),
+    # failed inside the alignment: "partition 'z' chose its parents per entry of plates ['data'], which the tensor's
+    # plates ('z',) do not have"
+    data, s0, s2, h0, y2, loop = _beam()
+    (r0,), plates = storch.aligned(h0, plates=y2.plates)
+    assert plates == y2.plates and torch.equal(r0, loop.t())
+    # h0 read at step 2 differs per data point: the data plate is one of the results' plates, where ... stands
+    (r0,), plates = storch.aligned(h0, plates=(..., s2))
+    assert plates == (data, s2) and torch.equal(r0, loop)
+    (r0,), plates = storch.aligned(h0, plates=("data", s2))
+    assert plates == (data, s2) and torch.equal(r0, loop)
+    with pytest.raises(storch.PlateError, match=r"partition 'z' chose the parents of its entries at step 2 per entry "
+                                                r"of plate 'data'.*list \['data'\]"):
+        storch.aligned(h0, plates=(s2,))
+    # plates=None: a (hand-built) value of step 2 without the data plate; h0 re-indexed to step 2 gains it
+    (r0, r2), plates = storch.aligned(h0, storch.PlateTensor(torch.zeros(2), (s2,)))
+    assert plates == (s2, data) and torch.equal(r0, loop.t()) and r2.shape == (2, 2)
+    # a plate of plates= that no value carries, at the values' step: broadcast over (a view)
+    (r0,), plates = storch.aligned(h0, plates=(data, s0))
+    assert plates == (data, s0) and torch.equal(r0, h0.tensor.expand(2, 2)) and r0.stride() == (0, 1)
+    # a name (not a storch.Plate) no value carries is still refused: its size is unknown
+    with pytest.raises(storch.PlateError, match="no value carries a plate 'w'"):
+        storch.aligned(h0, plates=("w", s0))
 
 
 @pytest.mark.parametrize("call, match", [

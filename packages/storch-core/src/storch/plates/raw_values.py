@@ -41,7 +41,8 @@ def aligned(*values: torch.Tensor, plates: Optional[Sequence[Union[str, Plate, "
     - a plate the value does not carry is broadcast: an expanded view of the plate's size (no copy);
     - a partition's plate is taken at the latest step any value (or a :class:`storch.Plate` in ``plates``)
       is at, and a value of an earlier step is re-indexed by the parents, as ``x + 0 * y`` re-indexes it:
-      entry ``i`` of every result belongs to the same sequence;
+      entry ``i`` of every result belongs to the same sequence; where the parents are chosen per entry of
+      another plate (a beam per data point), that plate is one of the results' plates too;
     - a plain tensor is one value for every entry of the plates (its dims are per-sample dims).
 
     The results are views of the values (or gathers, for a re-indexed step) and keep their autograd graph.
@@ -49,8 +50,9 @@ def aligned(*values: torch.Tensor, plates: Optional[Sequence[Union[str, Plate, "
     Args:
         *values: plate tensors (or plain tensors) of one graph.
         plates: the order of the leading dims: the names of the plates (or :class:`storch.Plate` objects,
-            e.g. ``x.plates``; a partition's plate is then taken at least at that plate's step). Every plate
-            of every value must be listed, each once, or stand under one ``...``: ``plates=(..., "seq")`` puts
+            e.g. ``x.plates``; a partition's plate is then taken at least at that plate's step, and a plate
+            no value carries is broadcast over). Every plate of every value must be listed, each once, or
+            stand under one ``...``: ``plates=(..., "seq")`` puts
             ``seq`` last and the plates not listed first, in the order ``None`` gives them. ``None`` (the
             default): the order a torch function of the values gives its result (``torch.stack(values).plates``:
             the first of the longest values' plates, then the plates the others add), which the returned
@@ -63,8 +65,9 @@ def aligned(*values: torch.Tensor, plates: Optional[Sequence[Union[str, Plate, "
             reduced over the last ``k`` plate dims (list those last) with ``plates[:-k]``.
 
     Raises:
-        PlateError: a value that is not a tensor; ``plates`` names a plate no value carries, names one twice,
-            or omits a plate a value carries without a ``...`` (list it at the position wanted, or write
+        PlateError: a value that is not a tensor; ``plates`` names a plate that neither a value nor a
+            :class:`storch.Plate` in ``plates`` carries, names one twice, or omits a plate of the values (or one
+            a partition's parents are chosen per) without a ``...`` (list it at the position wanted, or write
             ``...`` where the others go); values of different graphs.
 
     Example (minimum risk training: Q ∝ p^α over the sampled set; ``seq`` last, any data plate before it)::
@@ -84,6 +87,7 @@ def aligned(*values: torch.Tensor, plates: Optional[Sequence[Union[str, Plate, "
         groups.append(plates_of(v))
     if plates is None:
         target = union_plates(groups)
+        target += tuple(r for r, _ in _parent_plates(target, groups))
     else:
         target = _requested(plates, groups)
     shape = tuple(p.size for p in target)
@@ -112,7 +116,10 @@ def _requested(plates: Sequence[Any], groups: list[tuple[Plate, ...]]) -> tuple[
             raise PlateError(f"storch.aligned: plates= takes plate names (or storch.Plate objects, e.g. x.plates, and "
                              f"one ... for the plates not listed), got a {type(p).__name__}: {p!r}")
         names.append(_name(p))
-    carried = {q.name for g in groups for q in g}
+    union = union_plates(groups + ([tuple(given)] if given else []))
+    gained = _parent_plates(union, groups)
+    union += tuple(r for r, _ in gained)
+    carried = {q.name for q in union}
     seen: set = set()
     for n in names:
         if n in seen:
@@ -121,20 +128,46 @@ def _requested(plates: Sequence[Any], groups: list[tuple[Plate, ...]]) -> tuple[
         seen.add(n)
         if n not in carried:
             raise PlateError(
-                f"storch.aligned: no value carries a plate {n!r} (the values' plates: {sorted(carried)}); name only "
+                f"storch.aligned: no value carries a plate {n!r} (the plates of the values and of plates=: "
+                f"{sorted(carried)}); name only "
                 "plates of the values, or pass a value that carries it (the sample of that plate, e.g. the current "
-                "step's)")
-    union = union_plates(groups + ([tuple(given)] if given else []))
+                "step's) or its storch.Plate (plates=x.plates)")
     left = [q.name for q in union if q.name not in seen]
     if rest is not None:
         names[rest:rest] = left
     elif left:
+        why = [(r.name, p) for r, p in gained if r.name in left]
+        if why:
+            n, p = why[0]
+            raise PlateError(
+                f"storch.aligned: partition {p.name!r} chose the parents of its entries at step {p.step} per entry of "
+                f"plate {n!r} (a beam per data point), so a value of an earlier step read at step {p.step} differs "
+                f"per entry of {n!r}, which plates= does not list (it lists {names}); list "
+                f"{[m for m, _ in why]} at the position their dims should take, or put ... where they go")
         raise PlateError(
             f"storch.aligned: the values carry plates {left} that plates= does not list (it lists {names}); list "
             "every plate of the values, at the position its dim should take (e.g. plates=x.plates for x's order), "
             "or put ... where the plates not listed go (plates=(..., 'seq'): the plate reduced over last)")
     by_name = {q.name: q for q in union}
     return tuple(by_name[n] for n in names)
+
+
+def _parent_plates(union: tuple[Plate, ...], groups: list[tuple[Plate, ...]]) -> list[tuple[Plate, Plate]]:
+    """The plates ``union`` lacks that a value of an earlier step of one of its partitions gains when it is re-indexed
+    to the union's step (parents chosen per entry of a data plate: a beam per data point), each with that partition's
+    plate; a value re-indexed without them could not be gathered (``align``)."""
+    have = {q.name for q in union}
+    out = []
+    for p in union:
+        lin = p.lineage
+        if lin is None or not lin.parents:
+            continue
+        for step in sorted({q.step for g in groups for q in g if q.name == p.name and q.step < p.step}):
+            for r in lin.index_plates_of(step, p.step):
+                if r.name not in have:
+                    have.add(r.name)
+                    out.append((r, p))
+    return out
 
 
 def _name(p: Union[str, Plate]) -> str:
