@@ -209,3 +209,11 @@ def test_values_of_two_graphs_are_refused():
         x2, _ = _two_nodes()
         with pytest.raises(storch.PlateError, match="different graphs"):
             storch.aligned(x, x2, plates=("x",))
+
+
+def test_the_signature_resolves_at_run_time():
+    # typing.get_type_hints (typeguard, pydantic, sphinx's autodoc) raised NameError: name 'ellipsis' is not defined
+    import typing
+
+    hints = typing.get_type_hints(storch.aligned)
+    assert type(...) in typing.get_args(typing.get_args(typing.get_args(hints["plates"])[0])[0])

@@ -10,7 +10,7 @@ name, to one order the caller names, as the dispatcher lines up a torch function
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 
@@ -20,11 +20,13 @@ from .tensor import Plate, PlateTensor, align, plates_of, union_plates
 
 __all__ = ["aligned"]
 
+if not TYPE_CHECKING:  # ``ellipsis``: the type of ``...`` as typeshed names it (types.EllipsisType from Python 3.10),
+    ellipsis = type(Ellipsis)  # bound at run time too, so that typing.get_type_hints(storch.aligned) resolves it
 
-# (``ellipsis``: the type of ``...`` as typeshed names it; types.EllipsisType from Python 3.10). eager_only: an entry
-# point of storch, which torch.compile does not inline (storch.runtime.eager)
+
+# eager_only: an entry point of storch, which torch.compile does not inline (storch.runtime.eager)
 @eager_only
-def aligned(*values: torch.Tensor, plates: Optional[Sequence[Union[str, Plate, "ellipsis"]]] = None  # noqa: F821
+def aligned(*values: torch.Tensor, plates: Optional[Sequence[Union[str, Plate, ellipsis]]] = None
             ) -> tuple[tuple[torch.Tensor, ...], tuple[Plate, ...]]:
     """The raw tensors of ``values``, each with exactly ``plates`` as its leading dims, in that order.
 
