@@ -426,16 +426,22 @@ def test_a_generator_reset_replays_storchs_draws_but_not_the_environments():
     g = torch.Generator().manual_seed(0)
     start = g.get_state()
     runs = []
-    for epoch in range(2):
-        g.set_state(start)
+    for epoch in range(3):
+        if epoch < 2:  # the third epoch: no reset (the control)
+            g.set_state(start)
         with storch.Graph(generator=g):
-            s, states = torch.tensor(0), []
+            s, states, actions = torch.tensor(0), [], []
             for _ in range(T):
                 a = est(Categorical(logits=THETA[s]))
                 states.append(s)
+                actions.append(a)
                 s = Categorical(probs=P[s, a]).sample()
-            runs.append(torch.stack(states, -1).tensor)
-    assert torch.equal(runs[0][:, 0], runs[1][:, 0]) and not torch.equal(runs[0], runs[1])
+            runs.append((torch.stack(states, -1).tensor, torch.stack(actions, -1).tensor))
+    (s0, a0), (s1, a1), (_, a2) = runs
+    # storch's first draws are replayed (and would differ without the reset); the environment's are not: the states
+    # of step 1 differ (those of step 0 are the start state, s_0 = 0, in every run)
+    assert torch.equal(a0[:, 0], a1[:, 0]) and not torch.equal(a0[:, 0], a2[:, 0])
+    assert not torch.equal(s0[:, 1], s1[:, 1])
 
 
 @pytest.mark.parametrize("update", ["storch.backward", "surrogate_loss().backward"])
