@@ -49,7 +49,7 @@ class _Costs(_Ownership):
         if not self.owns(plates):
             self.check_plates(plates, f"cost {label!r}")
         if credit is True and plates:
-            self._check_node_plates(label, plates)
+            self._check_node_plates(label, raw, plates)
         # (one attribute read if it needs grad; a cost on a sample plate, which comes first, is no constant either:
         # a score-function cost such as the toy's, of samples that need no grad, skips the warning's call)
         if not raw.requires_grad and credit is True and (not plates or plates[0].independent) and (
@@ -63,19 +63,31 @@ class _Costs(_Ownership):
             self._warn_late_cost(label, plates)
         self.costs.append((name or f"cost{len(self.costs)}", cost))
 
-    def _check_node_plates(self, label, plates: tuple) -> None:
+    def _check_node_plates(self, label, raw: torch.Tensor, plates: tuple) -> None:
         """Refuse a cost that carries a node's sample plate but not every plate of that node's sample: a data
         plate (or an upstream node's sample plate) reduced by hand (``.tensor.sum(i)`` rewrapped with
         ``storch.PlateTensor``). The node's score term is per entry of all its plates, and such a cost has no
         entry per data point (or per upstream sample) to credit: the surrogate failed deep inside with a
         PlateError naming neither the cost nor the node (a porting test). A partition's node is left to the
-        surrogate (its steps may have other plates)."""
+        surrogate (its steps may have other plates).
+
+        Refuse too a cost whose raw tensor holds one value for all the entries of a node's sample plate (size 1,
+        or expanded: stride 0, along that plate's dim of size > 1): a value of the whole set of samples (a
+        multi-sample bound reduced over the plate, ``keepdim=True`` or broadcast back), which each entry would be
+        credited with as its own cost (biased: z = 16 against the IWAE bound's gradient; with leave-one-out the
+        score term cancelled, z = 152, or the baseline failed on the size-1 dim)."""
         get = self.plates.get
-        for p in plates:
+        for i, p in enumerate(plates):
             if p.independent:
                 continue
             owner = get(p.name)
-            if not isinstance(owner, Node) or owner.step_log is not None:
+            if not isinstance(owner, Node):
+                continue
+            # (a stride-0 dim of size > 1 makes the tensor non-contiguous: one cheap test first; sparse has none)
+            if p.size > 1 and (raw.shape[i] == 1 or not raw.is_contiguous() and raw.layout == torch.strided
+                               and raw.stride(i) == 0):
+                raise CostError(_set_value_message(label, p, owner, plates))
+            if owner.step_log is not None:
                 continue
             for q in owner.parents:
                 if q not in plates:  # (the same Plate objects, as a rule: found by identity) then by name
@@ -133,7 +145,7 @@ class _Costs(_Ownership):
 
     def _shape_message(self, label, cost: torch.Tensor, raw: torch.Tensor, plates: tuple) -> str:
         """A cost that is not one number per sample (error path only)."""
-        hint = self._per_entry_hint(raw) if not plates else _data_plate_hint(cost, plates)
+        hint = (self._per_entry_hint(raw) or self._set_value_hint(raw)) if not plates else _data_plate_hint(cost, plates)
         # a black-box cost of several nodes wrapped on one node's plates: after the common advice (a forgotten
         # .sum(-1) whose event size equals another plate's size matches too: review r-twenty)
         after = self._other_plates_hint(cost, plates) if plates else ""
@@ -184,6 +196,31 @@ class _Costs(_Ownership):
                         "cut it from the samples and drop its credit). ")
         return ""
 
+    def _set_value_hint(self, raw: torch.Tensor) -> str:
+        """Where ``raw``'s dims have the sizes of the plates of a live node's sample other than its own sample plate
+        (a value of the whole set of samples, reduced over that plate: ``log_w.tensor.logsumexp(i)``): the advice to
+        put it back on those plates (error path only). storch.denote_independent, which the generic advice names,
+        would refuse the data plate's name, or make a second data plate of the same data points."""
+        for node in self.nodes:
+            value = node.value
+            if type(value) is not PlateTensor:
+                continue
+            rest = tuple(p for p in value._plates if p.name != node.plate.name)
+            if rest and len(rest) < len(value._plates) and tuple(raw.shape) == tuple(p.size for p in rest):
+                names = tuple(p.name for p in rest)
+                return (f"Its dims {tuple(raw.shape)} have the sizes of the plates {names} that the sample of node "
+                        f"{node.plate.name!r} carries besides its sample plate {node.plate.name!r}: if it is a value "
+                        "of the whole set of samples, reduced over that plate's dim of .tensor (a multi-sample bound, "
+                        "reweighted wake-sleep's wake losses), put it back on those plates, `storch.PlateTensor(r, "
+                        f"plates)` with plates the Plate objects of {names} in that order (from the tensor you reduced:"
+                        f" `tuple(p for p in log_w.plates if p.name != {node.plate.name!r})`), and add it with "
+                        "credit=False where its sampling is not to be differentiated (reweighted wake-sleep, minimum "
+                        "risk training: docs/estimators/vimco.md, 'Reweighted wake-sleep'). A bound whose sampling is "
+                        "to be differentiated (IWAE under a score-function estimator) is the cost of ONE sample that "
+                        "holds its K draws (est(dist.expand((K, *dist.batch_shape)))), reduced over that dim, or the "
+                        "'vimco' estimator (docs/plates.md). ")
+        return ""
+
     def _other_plates_hint(self, cost: torch.Tensor, plates: tuple) -> str:
         """Where the leading per-sample dims of ``cost`` have the sizes of live sample plates that ``plates`` lack
         (a black-box cost of two nodes wrapped on one node's plates): the advice to wrap it on the plates of a
@@ -228,6 +265,25 @@ def _data_plate_hint(cost: torch.Tensor, plates: tuple) -> str:
             f"a plain tensor of one value per data point (a weight w in w * c), every data point's cost became a "
             f"vector over all of them, and .sum(-1) would weight each point by w.sum(); put that tensor on the data "
             f"plate with the data (storch.denote_independent((x, w), 0, {name!r})). ")
+
+
+def _set_value_message(label, plate, node: Node, plates: tuple) -> str:
+    """The refusal of a credited cost that holds one value for all the entries of a node's sample plate (error path
+    only)."""
+    return (
+        f"cost {label!r} holds one value for all {plate.size} entries of the sample plate {plate.name!r} of node "
+        f"{node.plate.name!r} (estimator {node.estimator.name!r}): its raw tensor has size 1, or is expanded (stride "
+        f"0), along that plate's dim {plates.index(plate)}. It was computed from the whole set of samples (reduced "
+        "over the plate, e.g. `log_w.tensor.logsumexp(i, keepdim=True)`, and broadcast back) or from none of them. "
+        "Each entry of a sample plate is credited with its own entry's cost, so a value of the whole set gets a "
+        "biased gradient (the score term of a multi-sample bound, or none at all under a leave-one-out baseline). "
+        "For a multi-sample bound whose sampling is to be differentiated (IWAE), hold the K draws in ONE sample, "
+        "est(dist.expand((K, *dist.batch_shape))), and reduce over that dim, or use the 'vimco' estimator "
+        "(docs/plates.md, Pitfalls, '.tensor'). For a loss of the set whose sampling is not differentiated "
+        "(reweighted wake-sleep's wake losses, minimum risk training), reduce without keepdim, put the result on the "
+        f"other plates, `storch.PlateTensor(r, tuple(p for p in log_w.plates if p.name != {plate.name!r}))`, and "
+        "add it with credit=False (docs/estimators/vimco.md, 'Reweighted wake-sleep'). A value that does not depend "
+        f"on the samples needs no plate {plate.name!r}: add it without that plate")
 
 
 def _in_backward_message(label) -> str:

@@ -132,6 +132,7 @@ def _warn_unused(graph: Graph, per_cost: list) -> None:
                 "use 'reparameterization'; a multi-sample bound such as IWAE's is the cost of ONE sample that holds "
                 "its K draws: est(Bernoulli(logits=logits.expand(K, *logits.shape))), reduced over the first dim, or "
                 "the 'vimco' estimator, see docs/plates.md). For a loss of the whole set, whose sampling is not "
-                "differentiated (minimum risk training's, added with credit=False; docs/partitions.md), or a node "
+                "differentiated (reweighted wake-sleep's wake losses, minimum risk training's; added with credit=False: "
+                "docs/estimators/vimco.md, docs/partitions.md), or a node "
                 "sampled on purpose without a cost: draw it from detached parameters "
                 "(est(Categorical(logits=logits.detach()))) or under torch.no_grad()"), stacklevel=user_stacklevel())
