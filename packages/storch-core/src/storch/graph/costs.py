@@ -75,18 +75,22 @@ class _Costs(_Ownership):
         or expanded: stride 0, along that plate's dim of size > 1): a value of the whole set of samples (a
         multi-sample bound reduced over the plate, ``keepdim=True`` or broadcast back), which each entry would be
         credited with as its own cost (biased: z = 16 against the IWAE bound's gradient; with leave-one-out the
-        score term cancelled, z = 152, or the baseline failed on the size-1 dim)."""
+        score term cancelled, z = 152, or the baseline failed on the size-1 dim). Only where the node's estimator
+        reads its samples (:meth:`_set_value_refused`): a pathwise node's gradient of such a value is exact, and so
+        is ``expect``'s; a value of an enumerated node, expanded over an upstream node's plate, is no set value.
+        Strides tell a broadcast value from a computed one, not whether it was computed from the samples: a value
+        that does not depend on them, broadcast onto the plate (``storch.aligned``, ``expand_as``), is refused too
+        (its score term is pure noise: the message says to add it without the plate)."""
         get = self.plates.get
-        for i, p in enumerate(plates):
+        full, carries_node = 1, False
+        for p in plates:
+            full *= p.size
             if p.independent:
                 continue
             owner = get(p.name)
             if not isinstance(owner, Node):
                 continue
-            # (a stride-0 dim of size > 1 makes the tensor non-contiguous: one cheap test first; sparse has none)
-            if p.size > 1 and (raw.shape[i] == 1 or not raw.is_contiguous() and raw.layout == torch.strided
-                               and raw.stride(i) == 0):
-                raise CostError(_set_value_message(label, p, owner, plates))
+            carries_node = True
             if owner.step_log is not None:
                 continue
             for q in owner.parents:
@@ -96,6 +100,42 @@ class _Costs(_Ownership):
                     if missing:
                         raise CostError(self._missing_plates_message(label, plates, owner, missing))
                     break
+        # (two C calls: a cost's dims are its plates', each of the plate's size or 1, so a size-1 dim makes fewer
+        # entries than the plates have; a stride-0 dim of size > 1 makes the tensor non-contiguous)
+        if carries_node and (raw.numel() != full or not raw.is_contiguous()):
+            self._check_set_value(label, raw, plates)
+
+    def _check_set_value(self, label, raw: torch.Tensor, plates: tuple) -> None:
+        """The refusal of a cost that holds one value for all the entries of a node's sample plate, for a cost with
+        a size-1 plate dim or a non-contiguous one (off the common path: a permuted one comes here too)."""
+        get = self.plates.get
+        shape, strided = raw.shape, raw.layout == torch.strided  # (sparse tensors have no strides)
+        for i, p in enumerate(plates):
+            if p.independent or p.size == 1:
+                continue
+            owner = get(p.name)
+            if (isinstance(owner, Node) and (shape[i] != p.size or strided and raw.stride(i) == 0)
+                    and self._set_value_refused(owner, p, plates)):
+                raise CostError(_set_value_message(label, p, owner, plates))
+
+    def _set_value_refused(self, owner: Node, plate, plates: tuple) -> bool:
+        """Whether a credited cost that holds one value for all the entries of ``plate`` (``owner``'s sample plate)
+        is refused (error path only). Not where the entries' credit is exact for it: a node whose estimator does not
+        read its samples (:meth:`Node.reads_its_samples`: reparameterization, gumbel_softmax; the plate's mean of
+        one value is that value, differentiated through every sample), or one whose values are a function of its
+        distribution (``deterministic_proposal``: ``expect``'s weights sum to 1 over the support it enumerates).
+        Nor where the cost also carries the plate of a node downstream of ``owner`` whose weights are not uniform
+        (``expect`` under an upstream sample plate): what each entry of ``plate`` is credited with is the cost
+        weighted by them, which varies along ``plate`` (the enumerated sample itself, expanded over it)."""
+        if owner.estimator.deterministic_proposal or not owner.reads_its_samples():
+            return False
+        get = self.plates.get
+        for q in plates:
+            other = get(q.name)
+            if (q is not plate and isinstance(other, Node) and not other.estimator.uniform_weights
+                    and any(r.name == plate.name for r in other.parents)):
+                return False
+        return True
 
     def _missing_plates_message(self, label, plates: tuple, node: Node, missing: list) -> str:
         """The refusal of :meth:`_check_node_plates` (error path only)."""

@@ -362,6 +362,15 @@ class Node:
             if _narrow(w):
                 node._weight_values = w.to(torch.float64)
 
+    def reads_its_samples(self) -> bool:
+        """Whether the node's estimator reads the values it drew (a gradient function or weights that carry
+        gradient, a control variate). A pathwise node (reparameterization, a relaxation without control
+        variate) does not: its cost is differentiated through the samples only, so autograd follows an in-place
+        change of a sample as of any tensor, and a cost of the whole set of samples (one value for every entry)
+        gets its gradient through each of them."""
+        est = self.estimator
+        return bool(self.gradient_values.requires_grad or not est.uniform_weights or est.has_control_variate())
+
     @property
     def plates(self) -> tuple[Plate, ...]:
         """The node's plates: its own plate first, then its parents'."""

@@ -30,7 +30,7 @@ from .pathwise import _check_compared, _check_smooth
 from .reaches import _REACH_KEY, _check_reaches
 from .refusals import _PENDING, _check_mixed, _keep_counted
 from .running_sums import _Sums
-from .samples import _changed_in_place, _check_sampled_with_grad, _reads_its_samples, _warn_unreached_steps, _warn_unused
+from .samples import _changed_in_place, _check_sampled_with_grad, _warn_unreached_steps, _warn_unused
 from .state_names import _state_names
 from .steps import _step_group, _steps_surrogate
 from .terms import _cost_surrogate, cost_nodes
@@ -258,7 +258,7 @@ def _surrogate_loss(order: int, graph: Graph, common: bool = True) -> torch.Tens
     grad = None
     for node in graph.nodes:
         for raw, version in node.handed:
-            if raw._version != version and _reads_its_samples(node):
+            if raw._version != version and node.reads_its_samples():
                 _changed_in_place(node)
         if node.no_grad_cut:
             if grad is None:

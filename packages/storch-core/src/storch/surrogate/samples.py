@@ -15,14 +15,6 @@ from ..graph.node import Node
 from ..plates.tensor import plates_of
 
 
-def _reads_its_samples(node: Node) -> bool:
-    """Whether the node's estimator reads the values it drew (a gradient function or weights that carry
-    gradient, a control variate). A pathwise node (reparameterization, a relaxation without control
-    variate) does not: autograd follows an in-place change of its sample as of any tensor."""
-    est = node.estimator
-    return bool(node.gradient_values.requires_grad or not est.uniform_weights or est.has_control_variate())
-
-
 def _check_sampled_with_grad(node: Node, per_cost: list) -> None:
     """Refuse a node sampled under ``torch.no_grad()`` from parameters that require grad when a cost
     reaches it and the surrogate is built with grad: its gradient function (and a pathwise sample)
