@@ -17,7 +17,8 @@ vectors, 120 at K = 3; cross-checked against the 512 ordered triples), so they a
 
 The storch code (``rws_wake``): the K samples are the estimator's plate (``n_samples=K``), drawn from q's parameters
 detached (the sampling is not differentiated); the IWAE bound and the wake-φ loss are values of the whole set,
-reduced over the plate's dim of the raw values and added with ``credit=False`` on the plates left (the data plate).
+reduced over the plate's dim of the raw values (read with ``storch.aligned``, the plate last) and added with
+``credit=False`` on the plates left (the data plate).
 Its gradients are the hand-written RWS gradients bit for bit at the same seed, and so are those of the other layout
 (one sample holding the K draws: docs/estimators/vimco.md's recipe).
 
@@ -140,13 +141,10 @@ def rws_wake(est, params, K: int) -> None:
     z = est(Bernoulli(logits=logits.detach()))  # the sampling is not differentiated
     log_q = Bernoulli(logits=logits).log_prob(z).sum(-1)
     log_w = log_joint(p, x, z) - log_q.detach()
-    both = torch.stack([log_w, log_q], -1)  # one tensor: the two raw values in one plate order
-    i = both.plate_names.index("z")
-    rest = tuple(q for q in both.plates if q.name != "z")  # the plates left after reducing over z's dim
-    lw, lq = both.tensor.unbind(-1)
-    w = torch.softmax(lw.detach(), i)
-    storch.add_cost(-storch.PlateTensor(lw.logsumexp(i) - math.log(K), rest), name="wake_theta", credit=False)
-    storch.add_cost(-storch.PlateTensor((w * lq).sum(i), rest), name="wake_phi", credit=False)
+    (lw, lq), plates = storch.aligned(log_w, log_q, plates=(..., "z"))  # the raw values, z's plate last
+    w = torch.softmax(lw.detach(), -1)
+    storch.add_cost(-storch.PlateTensor(lw.logsumexp(-1) - math.log(K), plates[:-1]), name="wake_theta", credit=False)
+    storch.add_cost(-storch.PlateTensor((w * lq).sum(-1), plates[:-1]), name="wake_phi", credit=False)
 
 
 def rws_wake_in_one_sample(est, params, K: int) -> None:
@@ -470,13 +468,10 @@ def test_a_live_log_q_in_the_wake_theta_bound_cancels_wake_phi():
             z = est(Bernoulli(logits=logits.detach()))
             log_q = Bernoulli(logits=logits).log_prob(z).sum(-1)
             log_w = log_joint(p, x, z) - (log_q if live else log_q.detach())
-            both = torch.stack([log_w, log_q], -1)
-            i = both.plate_names.index("z")
-            rest = tuple(q for q in both.plates if q.name != "z")
-            lw, lq = both.tensor.unbind(-1)
-            w = torch.softmax(lw.detach(), i)
-            storch.add_cost(-storch.PlateTensor(lw.logsumexp(i), rest), name="wake_theta", credit=False)
-            storch.add_cost(-storch.PlateTensor((w * lq).sum(i), rest), name="wake_phi", credit=False)
+            (lw, lq), plates = storch.aligned(log_w, log_q, plates=(..., "z"))
+            w = torch.softmax(lw.detach(), -1)
+            storch.add_cost(-storch.PlateTensor(lw.logsumexp(-1), plates[:-1]), name="wake_theta", credit=False)
+            storch.add_cost(-storch.PlateTensor((w * lq).sum(-1), plates[:-1]), name="wake_phi", credit=False)
             (g,) = torch.autograd.grad(storch.surrogate_loss(), params)
         assert (float(g[PHI].abs().max()) < 1e-12) == live, (live, g[PHI])
 

@@ -253,7 +253,9 @@ class _Costs(_Ownership):
                         "of the whole set of samples, reduced over that plate's dim of .tensor (a multi-sample bound, "
                         "reweighted wake-sleep's wake losses), put it back on those plates, `storch.PlateTensor(r, "
                         f"plates)` with plates the Plate objects of {names} in that order (from the tensor you reduced:"
-                        f" `tuple(p for p in log_w.plates if p.name != {node.plate.name!r})`), and add it with "
+                        f" `tuple(p for p in log_w.plates if p.name != {node.plate.name!r})`; or read its raw values "
+                        f"with the plate last, `(lw,), plates = storch.aligned(log_w, plates=(..., "
+                        f"{node.plate.name!r}))`, reduce over dim -1 and pass plates[:-1]), and add it with "
                         "credit=False where its sampling is not to be differentiated (reweighted wake-sleep, minimum "
                         "risk training: docs/estimators/vimco.md, 'Reweighted wake-sleep'). A bound whose sampling is "
                         "to be differentiated (IWAE under a score-function estimator) is the cost of ONE sample that "
@@ -320,8 +322,9 @@ def _set_value_message(label, plate, node: Node, plates: tuple) -> str:
         "For a multi-sample bound whose sampling is to be differentiated (IWAE), hold the K draws in ONE sample, "
         "est(dist.expand((K, *dist.batch_shape))), and reduce over that dim, or use the 'vimco' estimator "
         "(docs/plates.md, Pitfalls, '.tensor'). For a loss of the set whose sampling is not differentiated "
-        "(reweighted wake-sleep's wake losses, minimum risk training), reduce without keepdim, put the result on the "
-        f"other plates, `storch.PlateTensor(r, tuple(p for p in log_w.plates if p.name != {plate.name!r}))`, and "
+        "(reweighted wake-sleep's wake losses, minimum risk training), read the raw values with the plate last, "
+        f"`(lw,), plates = storch.aligned(log_w, plates=(..., {plate.name!r}))`, reduce over that dim without "
+        "keepdim, put the result on the plates left, `storch.PlateTensor(lw.logsumexp(-1), plates[:-1])`, and "
         "add it with credit=False (docs/estimators/vimco.md, 'Reweighted wake-sleep'). A value that does not depend "
         f"on the samples needs no plate {plate.name!r}: add it without that plate")
 
