@@ -217,3 +217,22 @@ def test_the_signature_resolves_at_run_time():
 
     hints = typing.get_type_hints(storch.aligned)
     assert type(...) in typing.get_args(typing.get_args(typing.get_args(hints["plates"])[0])[0])
+
+
+def test_a_cost_of_raw_values_in_another_plate_order_added_unwrapped_is_told_the_plates():
+    """A per-entry cost computed from raw values lined up in an order of the user's (the data plate first) and added
+    as a plain tensor: refused for its shape, as before, but the advice was only to reduce it or use
+    storch.denote_independent (both cut it from the samples); now it names the plates to wrap it on (review r-57)."""
+    est = storch.estimator("reparameterization", plate="z", n_samples=3)
+    with storch.Graph():
+        x = storch.denote_independent(torch.randn(2, 4), 0, "data")
+        z = est(Normal(x, 1.0))
+        c = ((z - x) ** 2).sum(-1)
+        assert c.plate_names == ("z", "data")
+        (r,), plates = storch.aligned(c, plates=("data", "z"))
+        with pytest.raises(storch.CostError) as info:
+            storch.add_cost(r * 2.0, name="c")
+        message = str(info.value)
+        assert "have the sizes of the plates ('z', 'data') of the sample of node 'z', in another order" in message
+        assert "storch.PlateTensor(r, plates)" in message
+        storch.add_cost(storch.PlateTensor(r * 2.0, plates), name="c")  # the advice, taken

@@ -185,7 +185,8 @@ class _Costs(_Ownership):
 
     def _shape_message(self, label, cost: torch.Tensor, raw: torch.Tensor, plates: tuple) -> str:
         """A cost that is not one number per sample (error path only)."""
-        hint = (self._per_entry_hint(raw) or self._set_value_hint(raw)) if not plates else _data_plate_hint(cost, plates)
+        hint = ((self._per_entry_hint(raw) or self._set_value_hint(raw) or self._permuted_hint(raw)) if not plates
+                else _data_plate_hint(cost, plates))
         # a black-box cost of several nodes wrapped on one node's plates: after the common advice (a forgotten
         # .sum(-1) whose event size equals another plate's size matches too: review r-twenty)
         after = self._other_plates_hint(cost, plates) if plates else ""
@@ -234,6 +235,28 @@ class _Costs(_Ownership):
                         "`storch.PlateTensor(r, z.plates)` with z that sample (the black-box recipe in docs/plates.md;"
                         " reducing it with .sum() or putting it on a data plate with storch.denote_independent would "
                         "cut it from the samples and drop its credit). ")
+        return ""
+
+    def _permuted_hint(self, raw: torch.Tensor) -> str:
+        """Where ``raw``'s leading dims have the sizes of the plates of a live node's sample in another order (raw
+        values lined up in an order of the user's, with ``storch.aligned(..., plates=...)`` or a transpose): the
+        advice to wrap it on the plates in that order (error path only). The generic advice, to reduce it or use
+        storch.denote_independent, would cut it from the samples."""
+        for node in self.nodes:
+            value = node.value
+            if type(value) is not PlateTensor or len(value._plates) < 2:
+                continue
+            vp = value._plates
+            lead = tuple(raw.shape[:len(vp)])
+            if raw.dim() >= len(vp) and sorted(lead) == sorted(p.size for p in vp):
+                names = tuple(p.name for p in vp)
+                return (f"Its leading dims {lead} have the sizes of the plates {names} of the sample of node "
+                        f"{node.plate.name!r}, in another order: if it holds one value per entry of that sample "
+                        "computed from raw values in an order of your own (storch.aligned(..., plates=...), a "
+                        "transpose of .tensor), wrap it back on the plates in the order of its dims, "
+                        "`storch.PlateTensor(r, plates)` (storch.aligned returns those plates with the raw values); "
+                        "reducing it or putting it on a data plate with storch.denote_independent would cut it from "
+                        "the samples and drop its credit. ")
         return ""
 
     def _set_value_hint(self, raw: torch.Tensor) -> str:
