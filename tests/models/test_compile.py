@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
-from torch.distributions import Bernoulli, Distribution, Normal
+from torch.distributions import Bernoulli, Categorical, Distribution, Normal
 
 import storch
 from model_checks import TrainableBaseline, assert_same_step, step_value_and_grads
@@ -720,6 +720,69 @@ def test_torch_compile_runs_storch_aligned_eagerly():
             torch.testing.assert_close(compiled(u, v), user(u, v), rtol=0, atol=0)
     assert cache_entries(user.__code__)  # the user's code was compiled; storch's was not
     assert not cache_entries(storch.plates.raw_values.aligned.__wrapped__.__code__)
+
+
+def _traced_storch_functions() -> list:
+    """The functions of storch's plate tensor module (``PlateTensor``'s own included) and of storch.padding's module
+    that dynamo compiled into frames of their own (code objects with cache entries)."""
+    import inspect
+
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as cache_entries
+
+    from storch.plates import tensor as plate_tensor
+    from storch.surrogate import estimates
+
+    found = []
+    members = [(f"PlateTensor.{k}", v) for k, v in vars(storch.PlateTensor).items()]
+    for name, f in members + list(vars(plate_tensor).items()) + list(vars(estimates).items()):
+        f = getattr(f, "fget", None) or getattr(f, "__func__", None) or f  # a property's getter, a staticmethod's
+        code = getattr(inspect.unwrap(f) if callable(f) else f, "__code__", None)
+        if code is not None and code.co_filename in (plate_tensor.__file__, estimates.__file__) and cache_entries(code):
+            found.append(name)
+    return found
+
+
+def _reparameterized(step: int):
+    # a plate size and a per-sample rank that change at every step
+    z = storch.estimator("reparameterization", plate="x", n_samples=2 + step)(Normal(torch.zeros((2,) * step), 1.0))
+    return (z,)
+
+
+def _beam(step: int):
+    est = storch.estimator("unordered_set", plate="seq", n_samples=3)
+    x0 = est(Categorical(logits=torch.zeros(3 + step % 2, dtype=torch.float64)))
+    return (est(Categorical(logits=torch.randn(3 + step % 2, 3 + step % 2, dtype=torch.float64)[x0])),)
+
+
+@pytest.mark.parametrize("entry, user, inputs", [
+    ("tensor", lambda z: z.tensor * 2, _reparameterized),
+    ("PlateTensor", lambda z: storch.PlateTensor(z.tensor * 2, z.plates), _reparameterized),
+    ("padding", lambda z: storch.padding(z), _reparameterized),
+    ("ancestor_index", lambda z: storch.ancestor_index(z, "seq"), _beam),
+], ids=["tensor", "PlateTensor", "padding", "ancestor_index"])
+def test_torch_compile_runs_storchs_plate_tensor_entry_points_eagerly(entry, user, inputs):
+    # The entry points user code calls on plate tensors are eager_only, as storch.aligned and the dispatcher are:
+    # under torch.compile each is a graph break that runs as eagerly. Before, dynamo traced their code into frames
+    # of their own, guarded on the raw tensor's rank (`.tensor`: 8 entries over 8 ranks, then torch's
+    # "hit config.recompile_limit (8)"), on the size of the graph's plate, read from storch's graph stack
+    # (storch.padding: one per plate size, the same limit), on the plates (storch.PlateTensor's checks and
+    # _wrap, ancestor_index)
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as cache_entries
+
+    public = {"tensor": storch.PlateTensor.tensor.fget, "PlateTensor": storch.PlateTensor.__new__,
+              "padding": storch.padding, "ancestor_index": storch.ancestor_index}[entry]
+    assert public._torchdynamo_disable
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    compiled = torch.compile(user, backend="eager")
+    for step in range(10):
+        with storch.Graph():
+            args = inputs(step)
+            got, want = compiled(*args), user(*args)
+            assert type(got) is type(want) and storch.aligned(got)[1] == storch.aligned(want)[1]
+            torch.testing.assert_close(storch.aligned(got)[0][0], storch.aligned(want)[0][0], rtol=0, atol=0)
+    assert _traced_storch_functions() == []
+    assert len(cache_entries(user.__code__)) <= 1  # no recompiles of the user's code either
 
 
 def test_refuses_steps_that_replay_random_state():

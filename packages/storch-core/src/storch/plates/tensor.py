@@ -18,7 +18,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 
-from ..runtime.eager import foreign_trace_message, under_jit_trace
+from ..runtime.eager import eager_only, foreign_trace_message, under_jit_trace
 from ..errors import PlateError
 
 __all__ = [
@@ -255,7 +255,11 @@ class PlateTensor(torch.Tensor):
     _raw: torch.Tensor
     _plates: tuple[Plate, ...]
 
+    # eager_only (storch.runtime.eager), as ``.tensor`` below and storch's public functions on plate tensors: user code
+    # under torch.compile that calls it takes a graph break there, and dynamo never traces its checks into a frame of
+    # its own (a cache entry per plate size and raw rank, guarded on storch's own objects)
     @staticmethod
+    @eager_only
     def __new__(cls, tensor: torch.Tensor, plates: Sequence[Plate]):
         if not isinstance(tensor, torch.Tensor):
             raise PlateError(
@@ -289,6 +293,7 @@ class PlateTensor(torch.Tensor):
         return self._plates
 
     @property
+    @eager_only
     def tensor(self) -> torch.Tensor:
         """The raw storage: one leading dim per plate (in the order of :attr:`plates`), then the per-sample dims."""
         raw = self._raw
@@ -591,6 +596,7 @@ def _names(plates: Sequence[Plate]) -> tuple[str, ...]:
     return tuple(p.name for p in plates)
 
 
+@eager_only
 def ancestor_index(x: "PlateTensor", plate: str, step: Optional[int] = None) -> "PlateTensor":
     """Which entry of an earlier step of a partition each entry of ``x`` continues.
 

@@ -5,7 +5,8 @@ worse, when it compiles fragments of storch's dispatcher between graph breaks, i
 see everything those fragments depend on, and a later call reused a fragment for plates it was not
 traced for (a silently wrong value, issue 19: a categorical VAE's KL came out per latent instead of
 per sample). So storch's entry points (every torch call on a plate tensor, graph and cost
-bookkeeping, estimator calls, the surrogate) are marked :func:`eager_only`: inside
+bookkeeping, estimator calls, the surrogate, and the public functions on plate tensors: the constructor,
+``.tensor``, ``aligned``, ``ancestor_index``, ``padding``) are marked :func:`eager_only`: inside
 ``torch.compile`` each is a graph break and runs exactly as it does eagerly, nested calls included.
 To compile a storch step into one graph, use :func:`storch.compile`, which traces storch's plate
 program into plain torch first.

@@ -113,6 +113,7 @@ def estimate(x: torch.Tensor, graph: Optional[Graph] = None, *, keep_data: KeepD
     return _estimate(graph, x, x._raw.dim() - len(x._plates))
 
 
+@eager_only
 def padding(sample: torch.Tensor, graph: Optional[Graph] = None) -> PlateTensor:
     """Which entries of a sample's plate are the estimator's padding: a bool plate tensor on the node's plates.
 
