@@ -192,14 +192,31 @@ def test_a_plate_in_plates_that_no_value_carries_and_the_plate_a_beam_chose_its_
     (lambda a, b: storch.aligned(a, plates=(..., "x", ...)), r"holds \.\.\. twice"),
     (lambda a, b: storch.aligned(a, plates="x"), r"a sequence of plate names.*plates=\('x',\)"),
     (lambda a, b: storch.aligned(a, plates=("x", 1)), r"takes plate names .* got a int"),
+    (lambda a, b: storch.aligned(a, plates=b"xy"), r"a sequence of plate names, got b'xy': pass plates=\('xy',\)"),
+    (lambda a, b: storch.aligned(a, plates=("x", b"y")), r"got a bytes: b'y'; pass the name as a str, 'y'"),
+    # a hand-built storch.Plate (no lineage) said "plate 'x' comes from two different graphs"
+    (lambda a, b: storch.aligned(a, plates=(storch.Plate("x", 3), "y")),
+     r"Plate\(name='x'.* built by hand \(lineage=None\), not one of this graph's plates.*taken from a value of this "
+     r"graph.*Pass the plate's name, 'x', in its place"),
+    (lambda a, b: storch.aligned(a, plates=(..., storch.Plate("w", 2))),
+     r"built by hand.*No value carries a plate 'w': pass the Plate of a value of this graph that has it"),
     (lambda a, b: storch.aligned(a, 3.0), r"value 1 is a float, not a tensor.*torch.as_tensor"),
     (lambda a, b: storch.aligned(), r"at least one value"),
-], ids=["unlisted plate", "unknown plate", "twice", "two ...", "a string", "not a name", "a number", "nothing"])
+], ids=["unlisted plate", "unknown plate", "twice", "two ...", "a string", "not a name", "bytes", "a bytes name",
+        "a hand-built Plate", "a hand-built Plate no value carries", "a number", "nothing"])
 def test_bad_input_is_refused_with_what_to_do(call, match):
     with storch.Graph():
         x, y = _two_nodes()
         with pytest.raises(storch.PlateError, match=match):
             call(x + y, y)
+
+
+def test_a_plate_of_a_hand_built_value_is_its_own():
+    # a Plate without lineage that a value carries (a plate tensor built by hand on hand-built plates) is that value's
+    x, y = storch.Plate("x", 2), storch.Plate("y", 3)
+    v = storch.PlateTensor(torch.arange(6.0).reshape(2, 3), (x, y))
+    (r,), plates = storch.aligned(v, plates=(y, x))
+    assert plates == (y, x) and torch.equal(r, v.tensor.t())
 
 
 def test_values_of_two_graphs_are_refused():

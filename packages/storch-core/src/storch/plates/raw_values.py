@@ -51,8 +51,8 @@ def aligned(*values: torch.Tensor, plates: Optional[Sequence[Union[str, Plate, e
 
     Args:
         *values: plate tensors (or plain tensors) of one graph.
-        plates: the order of the leading dims: the names of the plates (or :class:`storch.Plate` objects,
-            e.g. ``x.plates``; a partition's plate is then taken at least at that plate's step, and a plate
+        plates: the order of the leading dims: the names of the plates (or :class:`storch.Plate` objects
+            taken from values of this graph, e.g. ``x.plates``; a partition's plate is then taken at least at that plate's step, and a plate
             no value carries is broadcast over). Every plate of every value must be listed, each once, or
             stand under one ``...``: ``plates=(..., "seq")`` puts
             ``seq`` last and the plates not listed first, in the order ``None`` gives them. ``None`` (the
@@ -67,10 +67,11 @@ def aligned(*values: torch.Tensor, plates: Optional[Sequence[Union[str, Plate, e
             reduced over the last ``k`` plate dims (list those last) with ``plates[:-k]``.
 
     Raises:
-        PlateError: a value that is not a tensor; ``plates`` names a plate that neither a value nor a
-            :class:`storch.Plate` in ``plates`` carries, names one twice, or omits a plate of the values (or one
-            a partition's parents are chosen per) without a ``...`` (list it at the position wanted, or write
-            ``...`` where the others go); values of different graphs.
+        PlateError: a value that is not a tensor; ``plates`` is a string or bytes (not a sequence of names),
+            names a plate that neither a value nor a :class:`storch.Plate` in ``plates`` carries, names one twice,
+            or omits a plate of the values (or one a partition's parents are chosen per) without a ``...`` (list
+            it at the position wanted, or write ``...`` where the others go); a :class:`storch.Plate` in
+            ``plates`` built by hand (``lineage=None``) rather than taken from a value; values of different graphs.
 
     Example (minimum risk training: Q ∝ p^α over the sampled set; ``seq`` last, any data plate before it)::
 
@@ -102,7 +103,7 @@ def aligned(*values: torch.Tensor, plates: Optional[Sequence[Union[str, Plate, e
 
 def _requested(plates: Sequence[Any], groups: list[tuple[Plate, ...]]) -> tuple[Plate, ...]:
     """The plates of the values in the order ``plates`` names them, each at its latest step; refusals."""
-    if isinstance(plates, (str, Plate)):
+    if isinstance(plates, (str, bytes, bytearray, Plate)):  # (bytes iterate as ints: b"x" gave "got a int: 120")
         raise PlateError(f"storch.aligned: plates= takes a sequence of plate names, got {plates!r}: pass "
                          f"plates=({_name(plates)!r},)")
     names, given, rest = [], [], None
@@ -116,8 +117,13 @@ def _requested(plates: Sequence[Any], groups: list[tuple[Plate, ...]]) -> tuple[
             given.append(p)
         elif not isinstance(p, str):
             raise PlateError(f"storch.aligned: plates= takes plate names (or storch.Plate objects, e.g. x.plates, and "
-                             f"one ... for the plates not listed), got a {type(p).__name__}: {p!r}")
+                             f"one ... for the plates not listed), got a {type(p).__name__}: {p!r}"
+                             + (f"; pass the name as a str, {_name(p)!r}" if isinstance(p, (bytes, bytearray)) else ""))
         names.append(_name(p))
+    carried_plates = {q for g in groups for q in g}
+    for p in given:
+        if p.lineage is None and p not in carried_plates:  # (before: "comes from two different graphs")
+            raise PlateError(_hand_built_message(p, any(q.name == p.name for q in carried_plates)))
     union = union_plates(groups + ([tuple(given)] if given else []))
     gained = _parent_plates(union, groups)
     union += tuple(r for r, _ in gained)
@@ -172,5 +178,18 @@ def _parent_plates(union: tuple[Plate, ...], groups: list[tuple[Plate, ...]]) ->
     return out
 
 
-def _name(p: Union[str, Plate]) -> str:
+def _hand_built_message(p: Plate, carried: bool) -> str:
+    """The refusal of a :class:`Plate` built by hand (no lineage) in ``plates=``, which no value carries."""
+    fix = (f"Pass the plate's name, {p.name!r}, in its place (a value carries it)" if carried else
+           f"No value carries a plate {p.name!r}: pass the Plate of a value of this graph that has it in its place "
+           f"(y.plates[i], y the sample of that plate or a value computed from it), or pass such a value too")
+    return (f"storch.aligned: plates= holds {p!r}, a storch.Plate built by hand (lineage=None), not one of this graph's "
+            "plates: a Plate in plates= must be taken from a value of this graph (x.plates[i], or the plates an "
+            "earlier storch.aligned returned), whose lineage says which graph it belongs to and, for a partition, "
+            f"at which step. {fix}")
+
+
+def _name(p: Union[str, bytes, bytearray, Plate]) -> str:
+    if isinstance(p, (bytes, bytearray)):
+        return bytes(p).decode(errors="replace")
     return p.name if isinstance(p, Plate) else str(p)
