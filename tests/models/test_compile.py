@@ -2068,3 +2068,52 @@ def test_options_are_keyed_by_value_and_held():
     key = est._options_key
     del schedule
     assert any(getattr(v, "value", None) is est.temperature for _, v in key)  # the key holds the value
+
+
+def _transposed_index_step():
+    """A step whose index has a transposed layout (the draws of a Categorical, as torch's ``sample((n,))`` gave them
+    before storch made raw samples contiguous): ``A[idx] @ v`` under ``backend="aot_eager"`` fails inside torch's
+    compiler (its meta for aten.index ignores the index's strides, the matmul's view does not fit the eager
+    kernel's output)."""
+    est = storch.estimator("score", plate="z", n_samples=3)
+    table = torch.nn.Parameter(torch.randn(2, 2, 2, dtype=torch.float64))
+
+    def step(logits, v):
+        with storch.Graph():
+            s = est(Categorical(logits=storch.denote_independent(logits, 0, "data")))
+            idx = storch.PlateTensor(s.tensor.t().contiguous().t(), s.plates)  # s's draws, laid out transposed
+            storch.add_cost((table[idx] @ v).sum() + 0.0 * s, name="c")
+            return storch.surrogate_loss()
+
+    return step, (torch.zeros(4, 2, dtype=torch.float64, requires_grad=True), torch.randn(2, 1, dtype=torch.float64))
+
+
+def test_a_compiler_failure_says_what_torch_said_and_what_to_do():
+    # Before: dynamo's "Attempt to trace generator" alone (torch.compile re-raises it with the RuntimeError that
+    # happened as a suppressed context, which Python's traceback does not show), nothing about backend=None
+    step, args = _transposed_index_step()
+    with pytest.raises(storch.StorchError, match=(
+            r"storch.compile\(.*step, backend='aot_eager'\): torch's compiler failed on the program storch traced from "
+            r".*step \(.* torch said: torch._dynamo.exc.Unsupported: Attempt to trace generator; caused by RuntimeError: "
+            r"view size is not compatible .*\.contiguous\(\)` it before indexing\)\. Use "
+            r"storch.compile\(step, backend=None\)")) as caught:
+        storch.compile(step, backend="aot_eager")(*args)
+    assert isinstance(caught.value, RuntimeError)  # (torch's error was one: code that catches it still does)
+    # what it advises works: backend=None runs the traced program as recorded, eager's value from one seed
+    torch.manual_seed(0)
+    want = step(*args)
+    torch.manual_seed(0)
+    torch.testing.assert_close(storch.compile(step, backend=None)(*args), want, rtol=0, atol=0)
+
+
+def test_a_failing_custom_backend_is_named_with_its_error():
+    def broken(gm, example_inputs):
+        raise NotImplementedError("this backend lowers no aten.index")
+
+    step, args = _transposed_index_step()
+    with pytest.raises(storch.StorchError, match=(
+            r"backend=<function .*broken.*torch said: torch._dynamo.exc.BackendCompilerFailed: .*"
+            r"NotImplementedError: this backend lowers no aten.index.*backend=None")):
+        storch.compile(step, backend=broken)(*args)
+    with pytest.raises(torch._dynamo.exc.InvalidBackend):  # a name torch does not know: torch's own error
+        storch.compile(step, backend="no such backend")(*args)

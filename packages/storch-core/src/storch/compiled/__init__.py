@@ -35,7 +35,11 @@ assumption is checked at every call. With ``buffer=`` (sequences) its memory is 
 With ``backend=None`` nothing is compiled: later calls run the traced program as recorded (an FX
 graph of the plain torch calls, in Python). That is the eager cost of the same step written by
 hand, without storch's per-call dispatch and bookkeeping and without a compiler's first-call time
-(a trace takes about a second); the limits below are the same.
+(a trace takes about a second); the limits below are the same. Where a compiler backend fails on the traced
+program (dynamo, AOT autograd, inductor, a custom backend: an exception of ``torch._dynamo`` or ``torch._inductor``
+at a trace's first call), the error is storch's: it names the step and the backend, gives torch's exceptions
+down the chain (the RuntimeError dynamo's "Attempt to trace generator" hid as a suppressed context among them)
+and says to use ``backend=None``, another backend, or the eager step (``refusals._compiler_failure``).
 
 What a trace fixes, and what a step may not do (each raises a clear error where it can be seen):
 

@@ -91,6 +91,49 @@ def _compiled_twice_message(fn, eager: Optional[Callable[[], str]], inductor: bo
     return _CompiledRefusal(message, _batched_check(fn) if inductor else None)
 
 
+class CompilerError(StorchError, RuntimeError):
+    """torch's compiler (dynamo, AOT autograd, inductor, a custom backend) failed on the program storch traced from a
+    step: a StorchError that still is a RuntimeError (torch's errors were), raised from torch's."""
+
+
+def _compiler_failure(exc: BaseException, fn, backend: Any) -> Optional[CompilerError]:
+    """storch's error for a failure of the compiler backend on the traced program, or None (not one).
+
+    torch raises the compiler's failures as exceptions of ``torch._dynamo`` or ``torch._inductor``, and what it says
+    first can hide what happened: a RuntimeError of a kernel while dynamo traced the program ("view size is not
+    compatible with input tensor's size and stride", from an index whose raw sample was a transposed view) came
+    out as dynamo's "Attempt to trace generator", re-raised with the RuntimeError's context suppressed (Python's
+    traceback did not show it). The error names the
+    step and the backend, says the failure is the compiler's on a plain torch program (storch's checks passed:
+    the trace and its replay ran), gives each exception of the chain, and what to do: ``backend=None`` (the
+    program run as recorded, no compiler), another backend, or the eager step. ``InvalidBackend`` (a backend name
+    torch does not know) is left as torch says it."""
+    module = type(exc).__module__
+    if not module.startswith(("torch._dynamo", "torch._inductor")) or type(exc).__name__ == "InvalidBackend":
+        return None
+    chain, seen = [], set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen and len(chain) < 4:
+        seen.add(id(e))
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        kind = type(e).__qualname__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__qualname__}"
+        chain.append(f"{kind}: {first}")
+        e = e.__cause__ or e.__context__  # (the context too where torch suppressed it: dynamo re-raises `from None`)
+    said = (chain[0] + "".join(f"; caused by {c}" for c in chain[1:])).rstrip(".")
+    if "view size is not compatible" in said:  # (the compiler predicted another layout than the kernel gave)
+        said += (" (a view of a tensor whose strides the compiler predicted otherwise: an index or a value with a "
+                 "transposed layout, e.g. taken from `.t()` or `.mT`; `.contiguous()` it before indexing)")
+    short = getattr(fn, "__name__", None) or "step"
+    return CompilerError(
+        f"storch.compile({_name(fn)}, backend={backend!r}): torch's compiler failed on the program storch traced from "
+        f"{_name(fn)} (plain torch operations, which ran as recorded in storch's replay check: "
+        f"storch.compile(...).graph_module(*args) shows them), so it is this backend that cannot compile the step, "
+        f"not storch that refuses it. torch said: {said}. Use storch.compile({short}, backend=None), which runs "
+        "the traced program as recorded without a compiler (storch's per-call cost gone, torch's eager kernels), or "
+        "another backend (the default, 'inductor'; 'aot_eager' runs eager kernels on the layouts the compiler "
+        "predicted), or call the step eagerly")
+
+
 def _refuse_twice(outs, message: Callable[[], str]) -> Any:
     """Hook a replayed call's outputs (the surrogate loss) with the traced step's refusal of a second
     differentiation (storch.conditions.order_guard): a backward pass with ``create_graph=True`` through them raises

@@ -28,7 +28,8 @@ from .keys import _WATCHED_ARGUMENTS, _aliasing, _python_state_of, _signature, _
 from .program import _TRACING, _Trace, _compile_graph, _compiled_by_inductor, _drop_identity_views, _dynamo_lock, \
     _fold_batch_views, _run
 from .refusals import _backward_message, _binomial_support_message, _compiled_twice_message, _func_transform_message, _name, \
-    _no_backward_in_trace, _no_data_parallel_in_trace, _refuse_twice, _traceback_component, _transform_around_step_message
+    _compiler_failure, _no_backward_in_trace, _no_data_parallel_in_trace, _refuse_twice, _traceback_component, \
+    _transform_around_step_message
 from .state import _lift_state, _state_of, _Stateful, _stateful
 from .trace_mode import _functorch_level, _TraceMode
 from .updates import _loss_graph_values, _Recorder, _update_on_backward
@@ -129,7 +130,8 @@ class CompiledStep(Generic[_P, _R]):
                 _finite_on_backward(outs, entry[6], self.fn)
             return pytree.tree_unflatten(list(outs), entry[2])
         except RuntimeError as e:  # a check of storch.extending.assume (at the trace's first run too): a StorchError
-            failed = assumption_failed(e)
+            # (and a failure of the compiler backend, at a trace's first run: storch's error names the cause and the fix)
+            failed = assumption_failed(e) or _compiler_failure(e, self.fn, self.compile_options.get("backend"))
             if failed is None:
                 raise
             raise failed from e
