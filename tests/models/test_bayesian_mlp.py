@@ -127,8 +127,7 @@ def test_the_weights_of_each_sample_are_its_own():
         raw1, raw2 = w1.tensor, w2.tensor.expand(4, 1, 3)
         assert not torch.equal(raw1[0], raw1[1])
         by_hand = torch.einsum("sij,sjk,dk->sdi", raw2, raw1, XS) + torch.einsum("sij,j->si", raw2, b1)[:, None]
-        names = [p.name for p in out.plates]
-        got = out.tensor.permute(names.index("w"), names.index("data"), 2).expand(4, 2, 1)
+        (got,), _ = storch.aligned(out, plates=("w", "data"))  # (w, data, 1), as by_hand
         torch.testing.assert_close(got, by_hand)
 
 

@@ -142,8 +142,8 @@ def add_cost(kind, cost):
     if kind == "standardised":
         # an advantage that mixes the samples: a raw-tensor cost along the sample plate's dim (docs/plates.md,
         # "Each entry's cost from that entry alone": storch cannot see that it reads the other samples)
-        d = [p.name for p in cost.plates].index("x")
-        cost = storch.PlateTensor(standardised(cost.tensor.detach(), d), cost.plates)
+        (c,), plates = storch.aligned(cost, plates=("x", ...))  # the plate "x" as dim 0, any other plate after it
+        cost = storch.PlateTensor(standardised(c.detach(), 0), plates)
     storch.add_cost(cost, name="neg_reward")
 
 
