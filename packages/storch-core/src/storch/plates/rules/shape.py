@@ -186,8 +186,8 @@ _UNBIASED = set(_both("std") + _both("var"))
 # logsumexp(lw, 0), lw.mean(0), lw.softmax(0), lw.max(0)). On a per-sample tensor of one value (per-sample
 # shape ()) torch accepts dim 0 and -1 and reduces nothing: each entry's "bound" is its own value, and the
 # objective is silently another one (found by a tester: an IWAE_4 written so trained on the ELBO, mean cost 3.71
-# where E[-IWAE_4] is 1.86). Such a call, in user code, on a tensor that carries a sample plate is refused
-# (:func:`_refuse_reduction_of_one_value`); only these functions on 0-dim samples pay for the check.
+# where E[-IWAE_4] is 1.86). Such a call, in user code, on a tensor that carries a sample plate (or a data plate) is
+# refused (:func:`_refuse_reduction_of_one_value`); only these functions on 0-dim samples pay for the check.
 ACROSS_SAMPLES: frozenset = frozenset(
     f for n in ("sum", "mean", "nansum", "nanmean", "prod", "amax", "amin", "max", "min", "median", "nanmedian",
                 "logsumexp", "argmax", "argmin", "std", "var", "norm", "softmax", "log_softmax", "cumsum", "cumprod",
@@ -237,9 +237,10 @@ _OWN = ("storch.", "storch_score.", "storch_relaxed.", "storch_mvd.", "torch.dis
 
 def _refuse_reduction_of_one_value(func, x, d) -> None:
     """Refuse (a PlateError) ``func`` with a dim (or softmax's implicit one) on ``x``, a plate tensor of per-sample
-    shape (), where it carries a sample plate (a node's, of size > 1: not a data plate, nor a plate built by hand,
-    which has no lineage) and the call is the user's: it reduces nothing, where the user meant to reduce over
-    the samples."""
+    shape (), where it carries a plate of size > 1 made by storch (a node's sample plate, or a data plate: not a plate
+    built by hand, which has no lineage) and the call is the user's: it reduces nothing, where the user meant to
+    reduce over the samples or the batch (on data plates alone: :func:`_refuse_batch_statistic`; their sum / mean
+    over dim 0 is accepted)."""
     if d is None or (type(d) in (tuple, list) and not d):
         return  # sum(), sum(dim=()): over every per-sample dim, which torch does on one value too
     if func not in _ANY_DIM and (not (d == 0 if type(d) is int else type(d) in (tuple, list) and 0 in d)
