@@ -277,3 +277,25 @@ def test_a_real_size_one_dim_with_a_per_sample_scalar_runs_as_torch_runs_it(redu
         out = reduce(y * (w * x) - (w * x).exp())
         expected = torch.stack([reduce(y * (wi * x) - (wi * x).exp()) for wi in w.tensor])
         assert torch.equal(out.tensor, expected)
+
+
+def test_the_batch_statistic_advice_beside_a_sample_plate_of_size_one():
+    """With a sample plate of size 1 beside the data plate (score's n_samples=1, a risk-seeking policy gradient's
+    setup), ``r.tensor`` has a size-1 dim besides the data plate's: the advice ``torch.quantile(r.tensor, q, dim=k)``
+    gave a plain tensor of shape (1,), whose difference with r has a per-sample dim (a CostError at add_cost; review
+    r-56). The message now gives the flattened form, which is the batch's threshold and a valid cost."""
+    theta = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).requires_grad_(True)
+    est = storch.estimator("reparameterization", plate="z", n_samples=1)
+    with storch.Graph():
+        mu = storch.denote_independent(theta, 0, "data")
+        r = est(torch.distributions.Normal(mu, 1.0)) * 2.0
+        assert r.shape == () and set(r.plate_names) == {"data", "z"}
+        with pytest.raises(storch.PlateError, match=r"(?s)data plate.*torch\.quantile\(r\.tensor\.flatten\(\), q\)"):
+            torch.quantile(r, 0.75, dim=0)
+        threshold = torch.quantile(r.tensor.flatten(), 0.75)  # the advice, a 0-dim plain tensor
+        margin = r - threshold
+        assert margin.shape == () and set(margin.plate_names) == {"data", "z"}
+        torch.testing.assert_close(margin.tensor.flatten(), r.tensor.flatten() - torch.quantile(r.tensor.flatten(), 0.75))
+        storch.add_cost(margin.relu(), name="risk")  # a valid cost (the old advice's shape (1,) made a CostError)
+        storch.backward()
+    assert theta.grad is not None and bool(torch.isfinite(theta.grad).all())

@@ -290,6 +290,15 @@ def _refuse_batch_statistic(name: str, dim: str, x, data) -> NoReturn:
     sample plate): the user's dim 0 was the batch of the ported code."""
     plates = ", ".join(f"{p.name!r} (size {p.size})" for p in data)
     at = x._plates.index(data[0])
+    if len(x._plates) == 1:
+        example = f"e.g. `torch.quantile(r.tensor, q, dim={at})`"
+    else:  # other plates too (a sample plate of size 1: score with n_samples=1): dim=at would keep their dims, and a
+        # plain tensor of shape (1,) beside a per-sample scalar gives the cost a per-sample dim (review r-56)
+        others = ", ".join(repr(p.name) for p in x._plates if p is not data[0])
+        example = (f"e.g. `torch.quantile(r.tensor.flatten(), q)`, one number over every entry of `r.tensor` (the data "
+                   f"points and the plates {others}; or along {data[0].name!r} alone, dim={at} of `r.tensor`, which "
+                   "keeps the other plates' dims: put that result back on them, "
+                   f"`storch.PlateTensor(result, plates)`, with plates the tensor's plates other than {data[0].name!r})")
     raise PlateError(
         f"{name} with {dim} on a plate tensor of per-sample shape () that carries the data plate(s) {plates}: "
         "the data plate is not a dim of the per-data-point tensor (your code sees one data point, whose value is a "
@@ -298,9 +307,8 @@ def _refuse_batch_statistic(name: str, dim: str, x, data) -> NoReturn:
         "is the batch. A statistic over the batch (a quantile or ranking of the batch's values, a softmax or "
         "normalisation over the data points) mixes the data points, which per-data-point code does not express "
         "(docs/plates.md, 'A cost that mixes data points'): compute it on the plain batch before "
-        "storch.denote_independent, or from the raw tensor, whose leading dims are the plates "
-        f"(e.g. `torch.quantile(r.tensor, q, dim={at})`, {data[0].name!r} being dim {at} of `r.tensor`), and use the result as a "
-        "plain tensor, shared by every data point. A reduction of a data point's own value needs no dim: sum() / "
+        f"storch.denote_independent, or from the raw tensor, whose leading dims are the plates, {example}, and use "
+        "the result as a plain tensor, shared by every data point. A reduction of a data point's own value needs no dim: sum() / "
         "mean(); a sum or mean over the batch needs none either: storch averages a cost over its data plates")
 # reductions that take a tuple of any number of dims (the others reduce a flattened view; not norm:
 # its default p='fro' refuses more than two dims)
